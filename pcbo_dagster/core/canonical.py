@@ -1,0 +1,65 @@
+"""RFC 8785 (JCS) canonical JSON and the digests built on it.
+
+`rfc8785` is the reference implementation used for everything. `record_digest` has a fast path for
+the common case (ASCII-only, no floats, no large integers) where `json.dumps` with sorted keys and
+compact separators produces exactly the RFC 8785 bytes; a property test holds the two equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import rfc8785
+
+CanonicalizationError = rfc8785.CanonicalizationError
+
+
+def jcs(value: Any) -> bytes:
+    """RFC 8785 canonical bytes of a JSON value."""
+    return rfc8785.dumps(value)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def prefixed(hex_digest: str) -> str:
+    """`sha256:<hex>`, the digest notation of every output."""
+    return "sha256:" + hex_digest
+
+
+def digest_of(value: Any) -> str:
+    """`sha256:` + hex SHA-256 of the JCS form of `value`."""
+    return prefixed(sha256_hex(jcs(value)))
+
+
+def fast_jcs(value: Any) -> bytes:
+    """JCS bytes for values known to hold no floats and no integer beyond +-(2**53 - 1).
+
+    For such values, `json.dumps(sort_keys, compact)` equals RFC 8785 whenever the text is ASCII
+    (key order by code point equals order by UTF-16 code unit; escapes are the same). Anything else
+    goes through `rfc8785`.
+    """
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    if text.isascii():
+        return text.encode("ascii")
+    return rfc8785.dumps(value)
+
+
+def record_digests(records: list[Any], may_hold_floats_or_big_ints: bool) -> list[str]:
+    """Hex SHA-256 of the JCS form of each record (the planHash `records` entries, unsorted).
+
+    Raises `rfc8785.CanonicalizationError` (with the record index in `args`) for a record RFC 8785
+    cannot express: lone surrogates, integers beyond +-(2**53 - 1), NaN or infinities.
+    """
+    sha = hashlib.sha256
+    out: list[str] = []
+    canon = rfc8785.dumps if may_hold_floats_or_big_ints else fast_jcs
+    for index, record in enumerate(records):
+        try:
+            out.append(sha(canon(record)).hexdigest())
+        except (rfc8785.CanonicalizationError, UnicodeEncodeError, ValueError) as exc:
+            raise rfc8785.CanonicalizationError(index, str(exc)) from exc
+    return out

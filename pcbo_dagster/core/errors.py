@@ -1,0 +1,38 @@
+"""Errors that map to the CLI's exit statuses (CONTRACT section 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PcboError(Exception):
+    """Base class. `exit_status` is what the CLI exits with."""
+
+    exit_status = 1
+
+
+class InvalidInput(PcboError):
+    """Bad input: exit status 2, nothing written. `field` names the offending field (a JSON path)."""
+
+    exit_status = 2
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class Blocked(PcboError):
+    """A gate held: exit status 3, nothing written. `document` is printed as the command output."""
+
+    exit_status = 3
+
+    def __init__(self, message: str, document: dict[str, Any]) -> None:
+        self.document = document
+        super().__init__(message)
+
+
+class IntegrityError(PcboError):
+    """A post-write check or verification failed: exit status 1."""
+
+    exit_status = 1

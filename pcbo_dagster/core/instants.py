@@ -1,0 +1,86 @@
+"""Instants: ISO-8601 extended form with an explicit offset, kept to the microsecond, in UTC.
+
+One parser serves both request fields and record columns: `parse_instants` works column-wise on an
+Arrow string array; `parse_instant` runs it on a one-element array, so the two can never disagree.
+Instants are carried as integers: microseconds since the Unix epoch, UTC.
+
+Accepted: `YYYY-MM-DDTHH:MM:SS[.f+](Z|+hh:mm|-hh:mm)`, upper-case `T` and `Z`, a real calendar date
+(year 0001-9999), hours 00-23, no leap second; offsets up to +-23:59. Fraction digits past the
+sixth are truncated (the instant is kept to the microsecond).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_PATTERN = (
+    r"^(?P<base>(?P<year>\d{4})-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})"
+    r"(?:\.(?P<frac>\d+))?(?P<off>Z|[+-](?P<offh>\d{2}):(?P<offm>\d{2}))$"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US_PER_S = 1_000_000
+_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z
+_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
+
+
+def parse_instants(values: pa.Array) -> pa.Array:
+    """Parse a string array; returns int64 microseconds since the epoch, null where not a valid instant."""
+    values = values.cast(pa.string())
+    parts = pc.extract_regex(values, _PATTERN)
+    base = pc.struct_field(parts, "base")
+    naive = pc.strptime(base, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
+    # Arrow's strptime rolls 2024-02-30 over to March: a round trip rejects what is not a real date.
+    round_trip = pc.equal(pc.strftime(naive, format="%Y-%m-%dT%H:%M:%S"), base)
+    year_ok = pc.not_equal(pc.struct_field(parts, "year"), "0000")
+    frac = pc.utf8_slice_codeunits(pc.utf8_rpad(pc.struct_field(parts, "frac"), 6, "0"), 0, 6)
+    frac_us = pc.cast(frac, pa.int64())
+    offh = pc.struct_field(parts, "offh")
+    offm = pc.struct_field(parts, "offm")
+    is_z = pc.equal(pc.struct_field(parts, "off"), "Z")
+    offh_i = pc.cast(pc.if_else(is_z, "00", offh), pa.int64())
+    offm_i = pc.cast(pc.if_else(is_z, "00", offm), pa.int64())
+    off_ok = pc.and_(pc.less_equal(offh_i, 23), pc.less_equal(offm_i, 59))
+    negative = pc.starts_with(pc.struct_field(parts, "off"), "-")
+    off_s = pc.add(pc.multiply(offh_i, 3600), pc.multiply(offm_i, 60))
+    off_s = pc.if_else(negative, pc.negate(off_s), off_s)
+    micros = pc.add(pc.multiply(pc.cast(naive, pa.int64()), _US_PER_S), frac_us)
+    micros = pc.subtract(micros, pc.multiply(off_s, _US_PER_S))
+    in_range = pc.and_(pc.greater_equal(micros, _MIN_US), pc.less_equal(micros, _MAX_US))
+    ok = parts.is_valid()
+    for check in (round_trip, year_ok, off_ok, in_range):
+        ok = pc.and_kleene(ok, check)
+    return pc.if_else(pc.fill_null(ok, False), micros, pa.scalar(None, pa.int64()))
+
+
+def parse_instant(text: object) -> int | None:
+    """Microseconds since the epoch for one instant, or None when `text` is not a valid instant."""
+    if not isinstance(text, str):
+        return None
+    if not text.isascii():
+        return None
+    return parse_instants(pa.array([text], pa.string()))[0].as_py()
+
+
+def format_instant(micros: int) -> str:
+    """`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`, the fraction only when not zero."""
+    m = _EPOCH + timedelta(microseconds=micros)
+    text = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
+    if m.microsecond:
+        text += f".{m.microsecond:06d}"
+    return text + "Z"
+
+
+def format_key(micros: int) -> str:
+    """Partition key: `YYYYMMDDTHHMMSS[.ffffff]Z`."""
+    m = _EPOCH + timedelta(microseconds=micros)
+    text = f"{m.year:04d}{m.month:02d}{m.day:02d}T{m.hour:02d}{m.minute:02d}{m.second:02d}"
+    if m.microsecond:
+        text += f".{m.microsecond:06d}"
+    return text + "Z"
+
+
+def to_datetime(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
