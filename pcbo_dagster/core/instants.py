@@ -32,8 +32,12 @@ def parse_instants(values: pa.Array) -> pa.Array:
     parts = pc.extract_regex(values, _PATTERN)
     base = pc.struct_field(parts, "base")
     naive = pc.strptime(base, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
-    # Arrow's strptime rolls 2024-02-30 over to March: a round trip rejects what is not a real date.
-    round_trip = pc.equal(pc.strftime(naive, format="%Y-%m-%dT%H:%M:%S"), base)
+    # Arrow's strptime rolls 2024-02-30 over to March 1 and 10:59:60 to 11:00:00: reading each field
+    # back from the parsed value rejects what is not a real date and time.
+    round_trip = pc.is_valid(naive)
+    for func, lo in ((pc.month, 5), (pc.day, 8), (pc.hour, 11), (pc.minute, 14), (pc.second, 17)):
+        given = pc.cast(pc.utf8_slice_codeunits(base, lo, lo + 2), pa.int64())
+        round_trip = pc.and_(round_trip, pc.equal(pc.cast(func(naive), pa.int64()), given))
     year_ok = pc.not_equal(pc.struct_field(parts, "year"), "0000")
     frac = pc.utf8_slice_codeunits(pc.utf8_rpad(pc.struct_field(parts, "frac"), 6, "0"), 0, 6)
     frac_us = pc.cast(frac, pa.int64())

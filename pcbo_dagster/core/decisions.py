@@ -1,0 +1,264 @@
+"""Record decisions (CONTRACT section 2), evaluated column-wise with pyarrow compute.
+
+The only per-record Python work is pulling the five known fields out of the JSON objects into
+columns (and writing a `detail` text for the rare invalid record); every rule runs on Arrow arrays.
+Input order never matters: outputs are sorted, and duplicate handling depends on canonical forms,
+not positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pcbo_dagster.core.canonical import fast_jcs, prefixed, sha256_hex
+from pcbo_dagster.core.instants import parse_instants
+from pcbo_dagster.core.plan import Partition, Plan, normalize_jurisdictions
+
+DECISIONS_VERSION = "pcbo.decisions/1"
+INVALID_RECORD = "INVALID_RECORD"
+OUT_OF_WINDOW = "OUT_OF_WINDOW"
+CONSENT_MISSING = "CONSENT_MISSING"
+JURISDICTION_NOT_ALLOWED = "JURISDICTION_NOT_ALLOWED"
+RETENTION_EXPIRED = "RETENTION_EXPIRED"
+ALREADY_PRESENT = "ALREADY_PRESENT"
+DUPLICATE_ID = "DUPLICATE_ID"
+#: Partition-level omission reasons in their fixed order; bit i of a mask is REASONS[i].
+REASONS = (CONSENT_MISSING, JURISDICTION_NOT_ALLOWED, RETENTION_EXPIRED, ALREADY_PRESENT, DUPLICATE_ID)
+POLICY_REASONS = REASONS[:3]
+_POLICY_MASK = 0b111
+_REASONS_BY_MASK = [[r for bit, r in enumerate(REASONS) if mask >> bit & 1] for mask in range(32)]
+# Joined with "," (below every character of a reason name) the strings sort exactly as the lists do.
+_REASON_KEYS = pa.array([",".join(reasons) for reasons in _REASONS_BY_MASK], pa.string())
+
+
+@dataclass
+class PartitionDecision:
+    partition: Partition
+    add: list[str]
+    add_indices: np.ndarray
+    omit: list[dict[str, Any]]
+    counts: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.partition.to_json(), "add": self.add, "omit": self.omit, "counts": self.counts}
+
+
+@dataclass
+class Decisions:
+    plan: Plan
+    partitions: list[PartitionDecision]
+    unplaced: list[dict[str, Any]]
+    totals: dict[str, Any]
+    breaches: list[dict[str, Any]] = field(default_factory=list)
+    decision_hash: str = ""
+    #: Per input record: occurredAt and retentionExpiresAt in microseconds (null where absent/invalid).
+    occurred_us: pa.Array | None = None
+    retention_us: pa.Array | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The dry-run document."""
+        plan = self.plan.to_json()
+        return {
+            "runId": plan["runId"],
+            "dataset": plan["dataset"],
+            "versionLabel": plan["versionLabel"],
+            "planHash": plan["planHash"],
+            "decisionHash": self.decision_hash,
+            "partitions": [p.to_json() for p in self.partitions],
+            "unplaced": self.unplaced,
+            "totals": self.totals,
+        }
+
+
+def _known_columns(records: list[Any]) -> dict[str, Any]:
+    """Pull the known fields into typed columns; anything of the wrong JSON type becomes null."""
+    objs = [r if type(r) is dict else None for r in records]
+    raw_ids = [o.get("id") if o is not None else None for o in objs]
+    raw_occ = [o.get("occurredAt") if o is not None else None for o in objs]
+    raw_ret = [o.get("retentionExpiresAt") if o is not None else None for o in objs]
+    return {
+        "is_object": pa.array([o is not None for o in objs], pa.bool_()),
+        "raw_ids": raw_ids,
+        "raw_occ": raw_occ,
+        "id": pa.array([v if type(v) is str and v else None for v in raw_ids], pa.string()),
+        "occ_str": pa.array([v if type(v) is str else None for v in raw_occ], pa.string()),
+        "ret_str": pa.array([v if type(v) is str else None for v in raw_ret], pa.string()),
+        "ret_given": pa.array([v is not None for v in raw_ret], pa.bool_()),
+        "consent": pa.array([o is not None and o.get("consentGranted") is True for o in objs], pa.bool_()),
+        "jurisdiction": pa.array(
+            [v if type(v) is str else None
+             for v in (o.get("jurisdiction") if o is not None else None for o in objs)],
+            pa.string(),
+        ),
+    }
+
+
+def _invalid_detail(is_object: bool, raw_id: Any, raw_occ: Any, occ_ok: bool, ret_bad: bool) -> str:
+    if not is_object:
+        return "record is not a JSON object"
+    problems = []
+    if raw_id is None:
+        problems.append("id is missing")
+    elif type(raw_id) is not str:
+        problems.append("id is not a string")
+    elif raw_id == "":
+        problems.append("id is empty")
+    if raw_occ is None:
+        problems.append("occurredAt is missing")
+    elif type(raw_occ) is not str:
+        problems.append("occurredAt is not a string")
+    elif not occ_ok:
+        problems.append("occurredAt is not an ISO-8601 instant with seconds and an explicit offset")
+    if ret_bad:
+        problems.append("retentionExpiresAt is not an ISO-8601 instant with seconds and an explicit offset")
+    return "; ".join(problems)
+
+
+def _bit(condition: pa.Array, bit: int) -> pa.Array:
+    return pc.multiply(pc.cast(pc.fill_null(condition, True), pa.int32()), 1 << bit)
+
+
+def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
+    """True for copies that get DUPLICATE_ID: every copy when the occurrences differ; all but one
+    (the lowest index, arbitrary since they are equal) when they are the same record."""
+    n = len(ids)
+    table = pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)), "id": ids, "digest": digests})
+    table = table.filter(pc.is_valid(ids))
+    grouped = table.group_by("id").aggregate(
+        [("idx", "count"), ("idx", "min"), ("digest", "count_distinct")]
+    )
+    grouped = grouped.filter(pc.greater(grouped["idx_count"], 1))
+    flags = np.zeros(n, dtype=bool)
+    if grouped.num_rows:
+        joined = table.join(grouped, keys="id", join_type="inner")
+        differ = pc.greater(joined["digest_count_distinct"], 1)
+        not_first = pc.not_equal(joined["idx"], joined["idx_min"])
+        dup = pc.or_(differ, not_first)
+        flags[joined["idx"].to_numpy()[dup.to_numpy(zero_copy_only=False)]] = True
+    return pa.array(flags)
+
+
+def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_ids: list[str]) -> Decisions:
+    """Evaluate every record against the plan's window and policies."""
+    cols = _known_columns(records)
+    n = len(records)
+    occ_us = parse_instants(cols["occ_str"])
+    ret_us = parse_instants(cols["ret_str"])
+    ret_bad = pc.and_(cols["ret_given"], pc.is_null(ret_us))
+    valid = pc.and_(pc.and_(cols["is_object"], pc.is_valid(cols["id"])), pc.is_valid(occ_us))
+    valid = pc.and_(valid, pc.invert(ret_bad))
+    in_window = pc.and_(
+        pc.greater_equal(occ_us, plan.start_us), pc.less(occ_us, plan.end_us)
+    )
+    placed = pc.fill_null(pc.and_(valid, in_window), False)
+
+    policies = plan.policies
+    mask = pa.array(np.zeros(n, dtype=np.int32))
+    if policies.require_consent:
+        mask = pc.add(mask, _bit(pc.invert(cols["consent"]), 0))
+    if policies.allowed_jurisdictions is not None:
+        allowed = pa.array(list(policies.allowed_jurisdictions), pa.string())
+        ok = pc.is_in(normalize_jurisdictions(cols["jurisdiction"]), value_set=allowed)
+        mask = pc.add(mask, _bit(pc.invert(ok), 1))
+    if policies.retention_cutoff_us is not None:
+        mask = pc.add(mask, _bit(pc.less_equal(ret_us, pa.scalar(policies.retention_cutoff_us, pa.int64())), 2))
+    if existing_ids:
+        present = pc.is_in(cols["id"], value_set=pa.array(existing_ids, pa.string()))
+        mask = pc.add(mask, pc.multiply(pc.cast(pc.fill_null(present, False), pa.int32()), 1 << 3))
+    digests = pa.array(record_digests, pa.string())
+    mask = pc.add(mask, pc.multiply(pc.cast(_duplicate_flags(cols["id"], digests), pa.int32()), 1 << 4))
+
+    # Unplaced records, by input index.
+    unplaced: list[dict[str, Any]] = []
+    valid_np = pc.fill_null(valid, False).to_numpy(zero_copy_only=False)
+    placed_np = placed.to_numpy(zero_copy_only=False)
+    occ_ok_np = pc.is_valid(occ_us).to_numpy(zero_copy_only=False)
+    is_object_np = cols["is_object"].to_numpy(zero_copy_only=False)
+    ret_bad_np = ret_bad.to_numpy(zero_copy_only=False)
+    for index in np.flatnonzero(~placed_np).tolist():
+        raw_id = cols["raw_ids"][index]
+        entry_id = raw_id if type(raw_id) is str else None
+        if valid_np[index]:
+            unplaced.append({"index": index, "id": entry_id, "reasons": [OUT_OF_WINDOW],
+                             "detail": "occurredAt is outside [start, end)"})
+        else:
+            detail = _invalid_detail(bool(is_object_np[index]), raw_id, cols["raw_occ"][index],
+                                     bool(occ_ok_np[index]), bool(ret_bad_np[index]))
+            unplaced.append({"index": index, "id": entry_id, "reasons": [INVALID_RECORD], "detail": detail})
+
+    # Placed records: sort by partition, id bytes, then reasons.
+    chunk = pa.scalar(plan.chunk_us, pa.int64())
+    table = pa.table({
+        "idx": pa.array(np.arange(n, dtype=np.int64)),
+        "pidx": pc.divide(pc.subtract(occ_us, pa.scalar(plan.start_us, pa.int64())), chunk),
+        "id": cols["id"],
+        "mask": mask,
+    }).filter(placed)
+    table = table.append_column("reason_key", pc.take(_REASON_KEYS, table["mask"]))
+    table = table.sort_by([("pidx", "ascending"), ("id", "ascending"), ("reason_key", "ascending")])
+    pidx = table["pidx"].to_numpy()
+    masks = table["mask"].to_numpy()
+    ids = table["id"].to_pylist()
+    idxs = table["idx"].to_numpy()
+    n_parts = len(plan.partitions)
+    bounds = np.searchsorted(pidx, np.arange(n_parts + 1))
+    by_reason_counts = {
+        reason: np.bincount(pidx[(masks >> bit & 1).astype(bool)], minlength=n_parts)
+        for bit, reason in enumerate(REASONS)
+    }
+
+    partitions: list[PartitionDecision] = []
+    breaches: list[dict[str, Any]] = []
+    for part in plan.partitions:
+        lo, hi = int(bounds[part.index]), int(bounds[part.index + 1])
+        part_masks = masks[lo:hi]
+        adds_sel = part_masks == 0
+        add_ids = [ids[i] for i in np.flatnonzero(adds_sel) + lo]
+        omit = [{"id": ids[i], "reasons": _REASONS_BY_MASK[masks[i]]} for i in (np.flatnonzero(~adds_sel) + lo)]
+        for i in np.flatnonzero(part_masks & _POLICY_MASK) + lo:
+            breaches.append({"partition": part.key, "id": ids[i],
+                             "reasons": [r for r in _REASONS_BY_MASK[masks[i]] if r in POLICY_REASONS]})
+        partitions.append(PartitionDecision(
+            partition=part,
+            add=add_ids,
+            add_indices=idxs[lo:hi][adds_sel],
+            omit=omit,
+            counts={
+                "source": hi - lo,
+                "add": len(add_ids),
+                "omit": len(omit),
+                "byReason": {reason: int(by_reason_counts[reason][part.index]) for reason in REASONS},
+            },
+        ))
+
+    totals = {
+        "records": n,
+        "placed": int(placed_np.sum()),
+        "add": sum(p.counts["add"] for p in partitions),
+        "omit": sum(p.counts["omit"] for p in partitions),
+        "unplaced": len(unplaced),
+        "byReason": {
+            INVALID_RECORD: sum(1 for u in unplaced if u["reasons"][0] == INVALID_RECORD),
+            OUT_OF_WINDOW: sum(1 for u in unplaced if u["reasons"][0] == OUT_OF_WINDOW),
+            **{reason: int(by_reason_counts[reason].sum()) for reason in REASONS},
+        },
+    }
+    decisions = Decisions(plan=plan, partitions=partitions, unplaced=unplaced, totals=totals, breaches=breaches,
+                          occurred_us=occ_us, retention_us=ret_us)
+    decisions.decision_hash = decision_hash(decisions)
+    return decisions
+
+
+def decision_hash(decisions: Decisions) -> str:
+    document = {
+        "v": DECISIONS_VERSION,
+        "planHash": decisions.plan.plan_hash,
+        "partitions": [{"key": p.partition.key, "add": p.add, "omit": p.omit} for p in decisions.partitions],
+        "unplaced": [{"index": u["index"], "id": u["id"], "reasons": u["reasons"]} for u in decisions.unplaced],
+    }
+    return prefixed(sha256_hex(fast_jcs(document)))

@@ -1,0 +1,82 @@
+"""How records become Arrow rows (CONTRACT section 7; the mapping the README documents).
+
+Columns: `id` (string), `occurredAt` and `retentionExpiresAt` (timestamp[us, UTC]), then every other
+field of the run's added records, sorted by name (UTF-8 bytes). A field's type is decided once per
+run from the JSON types of its values over all added records, so every partition of a run has the
+same schema:
+
+- only booleans -> bool; only integers -> int64; integers and/or floats -> float64;
+- only strings -> string; only nulls (or absent) -> string (all null);
+- anything else (objects, arrays, or a mix such as strings and numbers) -> string holding the RFC 8785
+  canonical JSON of each value.
+
+A field missing from a record is null in its row.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pcbo_dagster.core.canonical import jcs
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+ID = "id"
+OCCURRED_AT = "occurredAt"
+RETENTION_EXPIRES_AT = "retentionExpiresAt"
+_FIXED = (ID, OCCURRED_AT, RETENTION_EXPIRES_AT)
+_NONE = type(None)
+
+
+def column_type(values: list[Any]) -> pa.DataType | None:
+    """The Arrow type for a field's values, or None when they are stored as canonical JSON text."""
+    kinds = set(map(type, values))
+    kinds.discard(_NONE)
+    if not kinds or kinds == {str}:
+        return pa.string()
+    if kinds == {bool}:
+        return pa.bool_()
+    if kinds == {int}:
+        return pa.int64()
+    if kinds <= {int, float}:
+        return pa.float64()
+    return None
+
+
+def run_schema(rows: list[dict[str, Any]]) -> tuple[pa.Schema, dict[str, bool]]:
+    """The run's schema and, per extra field, whether it is stored as canonical JSON text."""
+    names: set[str] = set()
+    for row in rows:
+        names.update(row)
+    fields = [pa.field(ID, pa.string(), nullable=False), pa.field(OCCURRED_AT, TIMESTAMP, nullable=False),
+              pa.field(RETENTION_EXPIRES_AT, TIMESTAMP)]
+    as_json: dict[str, bool] = {}
+    for name in sorted(names.difference(_FIXED)):
+        arrow_type = column_type([row.get(name) for row in rows])
+        as_json[name] = arrow_type is None
+        fields.append(pa.field(name, arrow_type or pa.string()))
+    return pa.schema(fields), as_json
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else jcs(value).decode("utf-8")
+
+
+def build_table(rows: list[dict[str, Any]], ids: list[str], occurred_us: np.ndarray,
+                retention_us: pa.Array, schema: pa.Schema, as_json: dict[str, bool]) -> pa.Table:
+    """Arrow table for `rows` (already in output order) with the run's schema."""
+    arrays: list[pa.Array] = [
+        pa.array(ids, pa.string()),
+        pa.array(occurred_us, pa.int64()).cast(TIMESTAMP),
+        retention_us.cast(pa.int64()).cast(TIMESTAMP),
+    ]
+    for field in schema:
+        if field.name in _FIXED:
+            continue
+        values = [row.get(field.name) for row in rows]
+        if as_json[field.name]:
+            values = [_json_text(v) for v in values]
+        arrays.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)

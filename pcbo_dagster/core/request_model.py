@@ -1,0 +1,234 @@
+"""The backfill request (CONTRACT section 1): strict JSON parsing and a pydantic model.
+
+Parsing is strict on purpose: a typo must not silently disable a policy. Unknown fields, duplicate
+object keys, NaN/Infinity, floats in metadata, lone surrogates and timestamps without an offset are
+all refused with an `InvalidInput` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.instants import parse_instant
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_PARTITIONS = 100_000
+_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+_BIG_INT = re.compile(rb"\d{16}")
+
+
+def _instant(value: str) -> str:
+    if parse_instant(value) is None:
+        raise ValueError(
+            "must be an ISO-8601 instant with seconds and an explicit offset, e.g. 2024-01-01T00:00:00Z"
+        )
+    return value
+
+
+def _utf8(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
+
+def _metadata_value(value: Any, path: str = "") -> Any:
+    if value is None or isinstance(value, bool | int):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53 - 1:
+            raise ValueError(f"{path or 'value'}: integers must be within +-(2**53 - 1)")
+        return value
+    if isinstance(value, str):
+        return _utf8(value)
+    if isinstance(value, list):
+        return [_metadata_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        return {_utf8(k): _metadata_value(v, f"{path}.{k}" if path else k) for k, v in value.items()}
+    raise ValueError(f"{path or 'value'}: only strings, integers, booleans, null, objects and arrays "
+                     f"are allowed (no floats), got {type(value).__name__}")
+
+
+Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
+Instant = Annotated[StrictStr, AfterValidator(_instant)]
+Text = Annotated[StrictStr, AfterValidator(_utf8)]
+
+
+class Policies(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requireConsent: StrictBool = True
+    allowedJurisdictions: list[Text] | None = None
+    retentionCutoff: Instant | None = None
+    onViolation: Literal["omit", "block"] = "omit"
+
+
+class SourceRef(BaseModel):
+    """Records stored elsewhere: a file (or, later, an object-store URI) and its format."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uri: Annotated[StrictStr, Field(min_length=1)]
+    format: Literal["jsonl", "parquet", "csv"] | None = None
+
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        lowered = self.uri.lower()
+        for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"), (".csv", "csv")):
+            if lowered.endswith(suffix):
+                return fmt
+        raise InvalidInput("source.format", "cannot be inferred from the URI; give jsonl, parquet or csv")
+
+
+class BackfillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    runId: Name
+    dataset: Name
+    versionLabel: Name = "v1"
+    start: Instant
+    end: Instant
+    chunkSeconds: Annotated[StrictInt, Field(ge=1, le=10**12)] = 3600
+    policies: Policies = Policies()
+    sourceRecords: list[Any] | None = None
+    source: SourceRef | None = None
+    existingTargetIds: list[Text] = []
+    expectedDecisionHash: Annotated[StrictStr, Field(pattern=_DIGEST_PATTERN)] | None = None
+    metadata: dict[Text, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> BackfillRequest:
+        if (self.sourceRecords is None) == (self.source is None):
+            raise _FieldError("sourceRecords", "give exactly one of sourceRecords (inline) and source")
+        for key, value in self.metadata.items():
+            try:
+                _metadata_value(value, key)
+            except ValueError as exc:
+                raise _FieldError("metadata", str(exc)) from None
+        if self.end_us <= self.start_us:
+            raise _FieldError("end", "must be later than start")
+        span = self.end_us - self.start_us
+        chunk = self.chunkSeconds * 1_000_000
+        count = -(-span // chunk)
+        if count > MAX_PARTITIONS:
+            raise _FieldError(
+                "chunkSeconds",
+                f"the window would make {count} partitions; the limit is {MAX_PARTITIONS}",
+            )
+        return self
+
+    @property
+    def start_us(self) -> int:
+        return parse_instant(self.start)  # type: ignore[return-value]
+
+    @property
+    def end_us(self) -> int:
+        return parse_instant(self.end)  # type: ignore[return-value]
+
+    @property
+    def chunk_us(self) -> int:
+        return self.chunkSeconds * 1_000_000
+
+    @property
+    def retention_cutoff_us(self) -> int | None:
+        cutoff = self.policies.retentionCutoff
+        return None if cutoff is None else parse_instant(cutoff)
+
+
+class _FieldError(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(message)
+
+
+class ParsedJson:
+    """The JSON document plus what the strict parser noticed (floats or long integers present)."""
+
+    def __init__(self, value: Any, may_hold_floats_or_big_ints: bool) -> None:
+        self.value = value
+        self.may_hold_floats_or_big_ints = may_hold_floats_or_big_ints
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r} in an object")
+            seen.add(key)
+    return result
+
+
+def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
+    """Parse JSON refusing NaN/Infinity and duplicate keys; note whether floats or long ints occur."""
+    floats_seen = False
+
+    def _float(text: str) -> float:
+        nonlocal floats_seen
+        floats_seen = True
+        return float(text)
+
+    try:
+        value = json.loads(
+            raw,
+            parse_float=_float,
+            parse_constant=_reject_constant,
+            object_pairs_hook=_pairs_without_duplicates,
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(what, f"not valid JSON: {exc}") from None
+    raw_bytes = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    return ParsedJson(value, floats_seen or bool(_BIG_INT.search(raw_bytes)))
+
+
+def _loc_to_field(loc: tuple[Any, ...]) -> str:
+    field = ""
+    for part in loc:
+        if isinstance(part, int):
+            field += f"[{part}]"
+        elif str(part).startswith(("function-", "constrained-")):
+            continue
+        else:
+            field += ("." if field else "") + str(part)
+    return field or "request"
+
+
+def validate_request(document: Any) -> BackfillRequest:
+    """Validate a parsed JSON document into a `BackfillRequest`, or raise `InvalidInput`."""
+    if not isinstance(document, dict):
+        raise InvalidInput("request", "must be a JSON object")
+    try:
+        return BackfillRequest.model_validate(document)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        ctx_error = (error.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _FieldError):
+            raise InvalidInput(ctx_error.field, ctx_error.message) from None
+        field = _loc_to_field(tuple(error["loc"]))
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (a typo must not silently disable a policy)"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        raise InvalidInput(field, message) from None

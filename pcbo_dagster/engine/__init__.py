@@ -1,0 +1,1 @@
+"""The one engine: plan, dry-run, execute, verify, proof and rollback, used by the CLI and Dagster."""

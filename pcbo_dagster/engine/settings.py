@@ -1,0 +1,48 @@
+"""Where the engine reads and writes (CONTRACT section 7), from flags, then environment, then defaults.
+
+| setting        | flag               | variable              | default                          |
+|----------------|--------------------|-----------------------|----------------------------------|
+| home           | `--home`           | `PCBO_HOME`           | `./.pcbo`                        |
+| lake           | `--lake`           | `PCBO_LAKE_URL`       | `$PCBO_HOME/lake`                |
+| catalog        | `--catalog`        | `PCBO_CATALOG_URL`    | `sqlite:///$PCBO_HOME/catalog.db`|
+| audit backup   | `--audit-dir`      | `PCBO_AUDIT_DIR`      | `$PCBO_HOME/pas`                 |
+| audit endpoint | `--audit-endpoint` | `PCBO_AUDIT_ENDPOINT` | none (local backup only)         |
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    lake_url: str
+    catalog_url: str
+    audit_dir: Path
+    audit_endpoint: str | None = None
+    audit_attempts: int = 3
+    audit_initial_wait: float = 0.5
+
+    @classmethod
+    def resolve(cls, home: str | None = None, lake: str | None = None, catalog: str | None = None,
+                audit_dir: str | None = None, audit_endpoint: str | None = None,
+                env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        home_path = Path(home or env.get("PCBO_HOME") or ".pcbo").expanduser().resolve()
+        lake_url = lake or env.get("PCBO_LAKE_URL") or str(home_path / "lake")
+        catalog_url = catalog or env.get("PCBO_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
+        audit = Path(audit_dir or env.get("PCBO_AUDIT_DIR") or home_path / "pas").expanduser().resolve()
+        endpoint = audit_endpoint or env.get("PCBO_AUDIT_ENDPOINT") or None
+        attempts = int(env.get("PCBO_AUDIT_ATTEMPTS", "3"))
+        wait = float(env.get("PCBO_AUDIT_INITIAL_WAIT", "0.5"))
+        return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait)
+
+
+def redact_url(url: str) -> str:
+    """A URL with any password (and query string) removed: safe for logs and outputs."""
+    url = re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", url)
+    return url.split("?", 1)[0]

@@ -1,0 +1,1 @@
+"""The parquet lake: storage through fsspec, the partition layout, parquet encoding and manifests."""
