@@ -13,8 +13,9 @@ import random
 from datetime import UTC, datetime, timedelta
 
 
-def make_request(records: int = 200_000, partitions: int = 720, seed: int = 7,
-                 run_id: str = "bench-run-001") -> dict:
+def make_request(
+    records: int = 200_000, partitions: int = 720, seed: int = 7, run_id: str = "bench-run-001"
+) -> dict:
     rng = random.Random(seed)
     start = datetime(2024, 1, 1, tzinfo=UTC)
     span_s = partitions * 3600
@@ -24,7 +25,9 @@ def make_request(records: int = 200_000, partitions: int = 720, seed: int = 7,
         roll = rng.random()
         rec = {
             "id": f"rec-{i:08d}",
-            "occurredAt": at.strftime("%Y-%m-%dT%H:%M:%S") + (f".{at.microsecond:06d}" if at.microsecond else "") + "Z",
+            "occurredAt": at.strftime("%Y-%m-%dT%H:%M:%S")
+            + (f".{at.microsecond:06d}" if at.microsecond else "")
+            + "Z",
             "jurisdiction": rng.choice(("US", "CA", " us", "ca ")),
             "consentGranted": True,
             "retentionExpiresAt": "2026-01-01T00:00:00Z",

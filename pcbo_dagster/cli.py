@@ -63,8 +63,13 @@ def _read_input(path: str) -> tuple[bytes, Path | None]:
 def _settings(args: argparse.Namespace) -> Any:
     from pcbo_dagster.engine.settings import Settings
 
-    return Settings.resolve(home=args.home, lake=args.lake, catalog=args.catalog, audit_dir=args.audit_dir,
-                            audit_endpoint=getattr(args, "audit_endpoint", None))
+    return Settings.resolve(
+        home=args.home,
+        lake=args.lake,
+        catalog=args.catalog,
+        audit_dir=args.audit_dir,
+        audit_endpoint=getattr(args, "audit_endpoint", None),
+    )
 
 
 @contextmanager
@@ -104,12 +109,17 @@ def cmd_dry_run(args: argparse.Namespace) -> dict[str, Any]:
 def _progress_bar(total: int) -> Any:
     if not sys.stderr.isatty() or total < 2:
         return None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from rich.console import Console
-
-    progress = Progress(TextColumn("execute"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=Console(file=sys.stderr), transient=True)
+    progress = Progress(
+        TextColumn("execute"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    )
     return progress
 
 
@@ -145,8 +155,9 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
     if args.from_version is not None or args.to_version is not None:
         if args.from_version is None or args.to_version is None:
             raise InvalidInput("--from-version", "a consistency proof needs --from-version and --to-version")
-        return proofs.consistency(lake, args.dataset, args.version_label, args.partition, args.from_version,
-                                  args.to_version)
+        return proofs.consistency(
+            lake, args.dataset, args.version_label, args.partition, args.from_version, args.to_version
+        )
     if args.id is None:
         raise InvalidInput("--id", "give the id to prove (or --from-version/--to-version)")
     return proofs.inclusion(lake, args.dataset, args.version_label, args.partition, args.id)
@@ -166,8 +177,14 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.rollback import rollback
 
     with _environment(args) as env:
-        return rollback(env, args.dataset, args.version_label, run_id=args.run_id,
-                        partition_key=args.partition, reason=args.reason)
+        return rollback(
+            env,
+            args.dataset,
+            args.version_label,
+            run_id=args.run_id,
+            partition_key=args.partition,
+            reason=args.reason,
+        )
 
 
 class _Findings(Exception):
@@ -184,7 +201,9 @@ def _name(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pcbo", description="Policy-constrained backfills into a parquet lake.")
+    parser = argparse.ArgumentParser(
+        prog="pcbo", description="Policy-constrained backfills into a parquet lake."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, where: bool = True) -> None:
@@ -192,12 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
         if where:
             p.add_argument("--home", help="PCBO_HOME (default ./.pcbo)")
             p.add_argument("--lake", help="lake URL or path (PCBO_LAKE_URL; default $PCBO_HOME/lake)")
-            p.add_argument("--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)")
-            p.add_argument("--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)")
+            p.add_argument(
+                "--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)"
+            )
+            p.add_argument(
+                "--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)"
+            )
 
-    for name, func, help_text in (("plan", cmd_plan, "print the partition plan and its hash"),
-                                  ("dry-run", cmd_dry_run, "print every decision; write nothing"),
-                                  ("execute", cmd_execute, "write, prove, audit and reconcile every partition")):
+    for name, func, help_text in (
+        ("plan", cmd_plan, "print the partition plan and its hash"),
+        ("dry-run", cmd_dry_run, "print every decision; write nothing"),
+        ("execute", cmd_execute, "write, prove, audit and reconcile every partition"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--input", required=True, help="the request JSON file ('-' for stdin)")
         common(p, where=name == "execute")

@@ -26,7 +26,9 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     return pa.nulls(table.num_rows)
 
 
-def violations(table: pa.Table, policies: NormalizedPolicies, existing_ids: list[str]) -> list[dict[str, Any]]:
+def violations(
+    table: pa.Table, policies: NormalizedPolicies, existing_ids: list[str]
+) -> list[dict[str, Any]]:
     """Rows that the policy would not have added: `[{id, reasons}]`, sorted by id."""
     n = table.num_rows
     if n == 0:

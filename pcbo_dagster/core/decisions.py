@@ -91,8 +91,10 @@ def _known_columns(records: list[Any]) -> dict[str, Any]:
         "ret_given": pa.array([v is not None for v in raw_ret], pa.bool_()),
         "consent": pa.array([o is not None and o.get("consentGranted") is True for o in objs], pa.bool_()),
         "jurisdiction": pa.array(
-            [v if type(v) is str else None
-             for v in (o.get("jurisdiction") if o is not None else None for o in objs)],
+            [
+                v if type(v) is str else None
+                for v in (o.get("jurisdiction") if o is not None else None for o in objs)
+            ],
             pa.string(),
         ),
     }
@@ -129,9 +131,7 @@ def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
     n = len(ids)
     table = pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)), "id": ids, "digest": digests})
     table = table.filter(pc.is_valid(ids))
-    grouped = table.group_by("id").aggregate(
-        [("idx", "count"), ("idx", "min"), ("digest", "count_distinct")]
-    )
+    grouped = table.group_by("id").aggregate([("idx", "count"), ("idx", "min"), ("digest", "count_distinct")])
     grouped = grouped.filter(pc.greater(grouped["idx_count"], 1))
     flags = np.zeros(n, dtype=bool)
     if grouped.num_rows:
@@ -152,9 +152,7 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
     ret_bad = pc.and_(cols["ret_given"], pc.is_null(ret_us))
     valid = pc.and_(pc.and_(cols["is_object"], pc.is_valid(cols["id"])), pc.is_valid(occ_us))
     valid = pc.and_(valid, pc.invert(ret_bad))
-    in_window = pc.and_(
-        pc.greater_equal(occ_us, plan.start_us), pc.less(occ_us, plan.end_us)
-    )
+    in_window = pc.and_(pc.greater_equal(occ_us, plan.start_us), pc.less(occ_us, plan.end_us))
     placed = pc.fill_null(pc.and_(valid, in_window), False)
 
     policies = plan.policies
@@ -166,7 +164,9 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
         ok = pc.is_in(normalize_jurisdictions(cols["jurisdiction"]), value_set=allowed)
         mask = pc.add(mask, _bit(pc.invert(ok), 1))
     if policies.retention_cutoff_us is not None:
-        mask = pc.add(mask, _bit(pc.less_equal(ret_us, pa.scalar(policies.retention_cutoff_us, pa.int64())), 2))
+        mask = pc.add(
+            mask, _bit(pc.less_equal(ret_us, pa.scalar(policies.retention_cutoff_us, pa.int64())), 2)
+        )
     if existing_ids:
         present = pc.is_in(cols["id"], value_set=pa.array(existing_ids, pa.string()))
         mask = pc.add(mask, pc.multiply(pc.cast(pc.fill_null(present, False), pa.int32()), 1 << 3))
@@ -184,21 +184,34 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
         raw_id = cols["raw_ids"][index]
         entry_id = raw_id if type(raw_id) is str else None
         if valid_np[index]:
-            unplaced.append({"index": index, "id": entry_id, "reasons": [OUT_OF_WINDOW],
-                             "detail": "occurredAt is outside [start, end)"})
+            unplaced.append(
+                {
+                    "index": index,
+                    "id": entry_id,
+                    "reasons": [OUT_OF_WINDOW],
+                    "detail": "occurredAt is outside [start, end)",
+                }
+            )
         else:
-            detail = _invalid_detail(bool(is_object_np[index]), raw_id, cols["raw_occ"][index],
-                                     bool(occ_ok_np[index]), bool(ret_bad_np[index]))
+            detail = _invalid_detail(
+                bool(is_object_np[index]),
+                raw_id,
+                cols["raw_occ"][index],
+                bool(occ_ok_np[index]),
+                bool(ret_bad_np[index]),
+            )
             unplaced.append({"index": index, "id": entry_id, "reasons": [INVALID_RECORD], "detail": detail})
 
     # Placed records: sort by partition, id bytes, then reasons.
     chunk = pa.scalar(plan.chunk_us, pa.int64())
-    table = pa.table({
-        "idx": pa.array(np.arange(n, dtype=np.int64)),
-        "pidx": pc.divide(pc.subtract(occ_us, pa.scalar(plan.start_us, pa.int64())), chunk),
-        "id": cols["id"],
-        "mask": mask,
-    }).filter(placed)
+    table = pa.table(
+        {
+            "idx": pa.array(np.arange(n, dtype=np.int64)),
+            "pidx": pc.divide(pc.subtract(occ_us, pa.scalar(plan.start_us, pa.int64())), chunk),
+            "id": cols["id"],
+            "mask": mask,
+        }
+    ).filter(placed)
     table = table.append_column("reason_key", pc.take(_REASON_KEYS, table["mask"]))
     table = table.sort_by([("pidx", "ascending"), ("id", "ascending"), ("reason_key", "ascending")])
     pidx = table["pidx"].to_numpy()
@@ -219,22 +232,31 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
         part_masks = masks[lo:hi]
         adds_sel = part_masks == 0
         add_ids = [ids[i] for i in np.flatnonzero(adds_sel) + lo]
-        omit = [{"id": ids[i], "reasons": _REASONS_BY_MASK[masks[i]]} for i in (np.flatnonzero(~adds_sel) + lo)]
+        omit = [
+            {"id": ids[i], "reasons": _REASONS_BY_MASK[masks[i]]} for i in (np.flatnonzero(~adds_sel) + lo)
+        ]
         for i in np.flatnonzero(part_masks & _POLICY_MASK) + lo:
-            breaches.append({"partition": part.key, "id": ids[i],
-                             "reasons": [r for r in _REASONS_BY_MASK[masks[i]] if r in POLICY_REASONS]})
-        partitions.append(PartitionDecision(
-            partition=part,
-            add=add_ids,
-            add_indices=idxs[lo:hi][adds_sel],
-            omit=omit,
-            counts={
-                "source": hi - lo,
-                "add": len(add_ids),
-                "omit": len(omit),
-                "byReason": {reason: int(by_reason_counts[reason][part.index]) for reason in REASONS},
-            },
-        ))
+            breaches.append(
+                {
+                    "partition": part.key,
+                    "id": ids[i],
+                    "reasons": [r for r in _REASONS_BY_MASK[masks[i]] if r in POLICY_REASONS],
+                }
+            )
+        partitions.append(
+            PartitionDecision(
+                partition=part,
+                add=add_ids,
+                add_indices=idxs[lo:hi][adds_sel],
+                omit=omit,
+                counts={
+                    "source": hi - lo,
+                    "add": len(add_ids),
+                    "omit": len(omit),
+                    "byReason": {reason: int(by_reason_counts[reason][part.index]) for reason in REASONS},
+                },
+            )
+        )
 
     totals = {
         "records": n,
@@ -248,8 +270,15 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
             **{reason: int(by_reason_counts[reason].sum()) for reason in REASONS},
         },
     }
-    decisions = Decisions(plan=plan, partitions=partitions, unplaced=unplaced, totals=totals, breaches=breaches,
-                          occurred_us=occ_us, retention_us=ret_us)
+    decisions = Decisions(
+        plan=plan,
+        partitions=partitions,
+        unplaced=unplaced,
+        totals=totals,
+        breaches=breaches,
+        occurred_us=occ_us,
+        retention_us=ret_us,
+    )
     decisions.decision_hash = decision_hash(decisions)
     return decisions
 
@@ -259,6 +288,8 @@ def decision_hash(decisions: Decisions) -> str:
         "v": DECISIONS_VERSION,
         "planHash": decisions.plan.plan_hash,
         "partitions": [{"key": p.partition.key, "add": p.add, "omit": p.omit} for p in decisions.partitions],
-        "unplaced": [{"index": u["index"], "id": u["id"], "reasons": u["reasons"]} for u in decisions.unplaced],
+        "unplaced": [
+            {"index": u["index"], "id": u["id"], "reasons": u["reasons"]} for u in decisions.unplaced
+        ],
     }
     return prefixed(sha256_hex(fast_jcs(document)))

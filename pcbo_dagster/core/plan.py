@@ -41,9 +41,11 @@ class NormalizedPolicies:
     def to_json(self) -> dict[str, Any]:
         return {
             "requireConsent": self.require_consent,
-            "allowedJurisdictions": None if self.allowed_jurisdictions is None
+            "allowedJurisdictions": None
+            if self.allowed_jurisdictions is None
             else list(self.allowed_jurisdictions),
-            "retentionCutoff": None if self.retention_cutoff_us is None
+            "retentionCutoff": None
+            if self.retention_cutoff_us is None
             else format_instant(self.retention_cutoff_us),
             "onViolation": self.on_violation,
         }

@@ -50,8 +50,11 @@ def run_schema(rows: list[dict[str, Any]]) -> tuple[pa.Schema, dict[str, bool]]:
     names: set[str] = set()
     for row in rows:
         names.update(row)
-    fields = [pa.field(ID, pa.string(), nullable=False), pa.field(OCCURRED_AT, TIMESTAMP, nullable=False),
-              pa.field(RETENTION_EXPIRES_AT, TIMESTAMP)]
+    fields = [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(OCCURRED_AT, TIMESTAMP, nullable=False),
+        pa.field(RETENTION_EXPIRES_AT, TIMESTAMP),
+    ]
     as_json: dict[str, bool] = {}
     for name in sorted(names.difference(_FIXED)):
         arrow_type = column_type([row.get(name) for row in rows])
@@ -64,8 +67,14 @@ def _json_text(value: Any) -> str | None:
     return None if value is None else jcs(value).decode("utf-8")
 
 
-def build_table(rows: list[dict[str, Any]], ids: list[str], occurred_us: np.ndarray,
-                retention_us: pa.Array, schema: pa.Schema, as_json: dict[str, bool]) -> pa.Table:
+def build_table(
+    rows: list[dict[str, Any]],
+    ids: list[str],
+    occurred_us: np.ndarray,
+    retention_us: pa.Array,
+    schema: pa.Schema,
+    as_json: dict[str, bool],
+) -> pa.Table:
     """Arrow table for `rows` (already in output order) with the run's schema."""
     arrays: list[pa.Array] = [
         pa.array(ids, pa.string()),

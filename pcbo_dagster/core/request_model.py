@@ -59,8 +59,10 @@ def _metadata_value(value: Any, path: str = "") -> Any:
         return [_metadata_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, dict):
         return {_utf8(k): _metadata_value(v, f"{path}.{k}" if path else k) for k, v in value.items()}
-    raise ValueError(f"{path or 'value'}: only strings, integers, booleans, null, objects and arrays "
-                     f"are allowed (no floats), got {type(value).__name__}")
+    raise ValueError(
+        f"{path or 'value'}: only strings, integers, booleans, null, objects and arrays "
+        f"are allowed (no floats), got {type(value).__name__}"
+    )
 
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
@@ -89,7 +91,12 @@ class SourceRef(BaseModel):
         if self.format:
             return self.format
         lowered = self.uri.lower()
-        for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".parquet", "parquet"), (".csv", "csv")):
+        for suffix, fmt in (
+            (".jsonl", "jsonl"),
+            (".ndjson", "jsonl"),
+            (".parquet", "parquet"),
+            (".csv", "csv"),
+        ):
             if lowered.endswith(suffix):
                 return fmt
         raise InvalidInput("source.format", "cannot be inferred from the URI; give jsonl, parquet or csv")
@@ -230,5 +237,5 @@ def validate_request(document: Any) -> BackfillRequest:
         if error["type"] == "extra_forbidden":
             message = "unknown field (a typo must not silently disable a policy)"
         elif message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+            message = message[len("Value error, ") :]
         raise InvalidInput(field, message) from None

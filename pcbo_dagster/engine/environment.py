@@ -31,8 +31,11 @@ class Environment:
         backup = AuditBackup(settings.audit_dir)
         delivery = None
         if settings.audit_endpoint:
-            delivery = HttpDelivery(settings.audit_endpoint, attempts=settings.audit_attempts,
-                                    initial_wait=settings.audit_initial_wait)
+            delivery = HttpDelivery(
+                settings.audit_endpoint,
+                attempts=settings.audit_attempts,
+                initial_wait=settings.audit_initial_wait,
+            )
         return cls(settings, LakeStorage(settings.lake_url), catalog, AuditLog(backup, catalog, delivery))
 
     def close(self) -> None:

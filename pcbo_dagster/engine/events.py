@@ -45,10 +45,14 @@ def commit_body(manifest: dict[str, Any], manifest_checksum: str, lake: LakeStor
         "decision_hash": manifest["decisionHash"],
         "merkle_root": manifest["merkleRoot"],
         "record_count": manifest["recordCount"],
-        "manifest": {"uri": lake.uri(layout.manifest(dataset, version_label, key)),
-                     "version_uri": lake.uri(layout.version_manifest(dataset, version_label, key, version)),
-                     "checksum": manifest_checksum},
-        "rollback_manifest": {"uri": lake.uri(layout.rollback_manifest(dataset, version_label, key, version))},
+        "manifest": {
+            "uri": lake.uri(layout.manifest(dataset, version_label, key)),
+            "version_uri": lake.uri(layout.version_manifest(dataset, version_label, key, version)),
+            "checksum": manifest_checksum,
+        },
+        "rollback_manifest": {
+            "uri": lake.uri(layout.rollback_manifest(dataset, version_label, key, version))
+        },
         "tables": {
             f["path"].rsplit("/", 1)[-1]: {
                 "checksum": f["checksum"],
@@ -58,14 +62,23 @@ def commit_body(manifest: dict[str, Any], manifest_checksum: str, lake: LakeStor
             }
             for f in manifest["files"]
         },
-        "counts": {"source": counts["source"], "add": counts["add"], "omit": counts["omit"],
-                   "by_reason": dict(counts["byReason"])},
+        "counts": {
+            "source": counts["source"],
+            "add": counts["add"],
+            "omit": counts["omit"],
+            "by_reason": dict(counts["byReason"]),
+        },
         "producer": PRODUCER,
     }
 
 
-def rollback_body(manifest: dict[str, Any], manifest_checksum: str, restored_version: int | None,
-                  reason: str, run_id: str | None) -> dict[str, Any]:
+def rollback_body(
+    manifest: dict[str, Any],
+    manifest_checksum: str,
+    restored_version: int | None,
+    reason: str,
+    run_id: str | None,
+) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "partition": _partition(manifest),

@@ -37,22 +37,40 @@ def check_gates(loaded: LoadedRequest, decisions: Decisions) -> None:
     if request.expectedDecisionHash is not None and request.expectedDecisionHash != decisions.decision_hash:
         raise Blocked(
             "expectedDecisionHash does not match the decisions evaluated now",
-            {"status": "blocked", "gate": "expectedDecisionHash", "runId": request.runId,
-             "expectedDecisionHash": request.expectedDecisionHash, "decisionHash": decisions.decision_hash,
-             "planHash": decisions.plan.plan_hash},
+            {
+                "status": "blocked",
+                "gate": "expectedDecisionHash",
+                "runId": request.runId,
+                "expectedDecisionHash": request.expectedDecisionHash,
+                "decisionHash": decisions.decision_hash,
+                "planHash": decisions.plan.plan_hash,
+            },
         )
     if request.policies.onViolation == "block" and decisions.breaches:
         raise Blocked(
-            f"{len(decisions.breaches)} record(s) breach a policy and onViolation is \"block\"",
-            {"status": "blocked", "gate": "onViolation", "runId": request.runId,
-             "planHash": decisions.plan.plan_hash, "decisionHash": decisions.decision_hash,
-             "breaches": decisions.breaches},
+            f'{len(decisions.breaches)} record(s) breach a policy and onViolation is "block"',
+            {
+                "status": "blocked",
+                "gate": "onViolation",
+                "runId": request.runId,
+                "planHash": decisions.plan.plan_hash,
+                "decisionHash": decisions.decision_hash,
+                "breaches": decisions.breaches,
+            },
         )
 
 
-def build_manifest(plan: Plan, decisions: Decisions, pd: PartitionDecision, file_entry: dict[str, Any],
-                   merkle_root: str, version: int, previous: dict[str, Any] | None,
-                   previous_checksum: str | None, schema: pa.Schema) -> dict[str, Any]:
+def build_manifest(
+    plan: Plan,
+    decisions: Decisions,
+    pd: PartitionDecision,
+    file_entry: dict[str, Any],
+    merkle_root: str,
+    version: int,
+    previous: dict[str, Any] | None,
+    previous_checksum: str | None,
+    schema: pa.Schema,
+) -> dict[str, Any]:
     return {
         "kind": manifests.MANIFEST_KIND,
         "dataset": plan.dataset,
@@ -74,8 +92,14 @@ def build_manifest(plan: Plan, decisions: Decisions, pd: PartitionDecision, file
     }
 
 
-def _rollback_manifest(plan: Plan, key: str, version: int, manifest_checksum: str,
-                       previous: dict[str, Any] | None, file_paths: list[str]) -> dict[str, Any]:
+def _rollback_manifest(
+    plan: Plan,
+    key: str,
+    version: int,
+    manifest_checksum: str,
+    previous: dict[str, Any] | None,
+    file_paths: list[str],
+) -> dict[str, Any]:
     kept = {f["path"] for f in previous["files"]} if previous else set()
     return {
         "kind": manifests.ROLLBACK_KIND,
@@ -85,8 +109,11 @@ def _rollback_manifest(plan: Plan, key: str, version: int, manifest_checksum: st
         "undoesVersion": version,
         "undoesManifestChecksum": manifest_checksum,
         "restoreVersion": previous["partitionVersion"] if previous else None,
-        "restoreManifest": layout.version_manifest(plan.dataset, plan.version_label, key,
-                                                   previous["partitionVersion"]) if previous else None,
+        "restoreManifest": layout.version_manifest(
+            plan.dataset, plan.version_label, key, previous["partitionVersion"]
+        )
+        if previous
+        else None,
         "removeFiles": sorted(p for p in file_paths if p not in kept),
     }
 
@@ -99,8 +126,9 @@ class PostWriteCheckFailed(IntegrityError):
         super().__init__(message)
 
 
-def post_write_check(env: Environment, plan: Plan, manifest: dict[str, Any], expected_ids: list[str],
-                     existing_ids: list[str]) -> dict[str, Any]:
+def post_write_check(
+    env: Environment, plan: Plan, manifest: dict[str, Any], expected_ids: list[str], existing_ids: list[str]
+) -> dict[str, Any]:
     """Read the committed file back from the lake: checksum, rows vs decisions, root, policy."""
     findings: list[str] = []
     ids: list[str] = []
@@ -137,8 +165,13 @@ def post_write_check(env: Environment, plan: Plan, manifest: dict[str, Any], exp
     }
 
 
-def execute(env: Environment, loaded: LoadedRequest, plan: Plan, decisions: Decisions,
-            progress: Progress | None = None) -> dict[str, Any]:
+def execute(
+    env: Environment,
+    loaded: LoadedRequest,
+    plan: Plan,
+    decisions: Decisions,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Execute the request; the caller has evaluated it and checked the gates."""
     request = loaded.request
     ckey = chain_key(plan.dataset, plan.version_label)
@@ -151,12 +184,19 @@ def execute(env: Environment, loaded: LoadedRequest, plan: Plan, decisions: Deci
     failure: str | None = None
     with env.dataset_lock(plan.dataset, plan.version_label):
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
-        env.catalog.start_run(request.runId, plan.dataset, plan.version_label, plan.plan_hash,
-                              decisions.decision_hash, dict(request.metadata))
+        env.catalog.start_run(
+            request.runId,
+            plan.dataset,
+            plan.version_label,
+            plan.plan_hash,
+            decisions.decision_hash,
+            dict(request.metadata),
+        )
         index = ChainIndex(env.audit.backup.read_chain(ckey))
         for pd in decisions.partitions:
-            outcome, check = _commit_partition(env, loaded, plan, decisions, pd, schema, as_json, index,
-                                               existing)
+            outcome, check = _commit_partition(
+                env, loaded, plan, decisions, pd, schema, as_json, index, existing
+            )
             results.append(outcome)
             reconciliation.append(check)
             if outcome["status"] in ("committed",):
@@ -165,16 +205,25 @@ def execute(env: Environment, loaded: LoadedRequest, plan: Plan, decisions: Deci
                 progress(1)
             if check["status"] != "ok":
                 failure = f"post-write check failed for partition {pd.partition.key}: " + "; ".join(
-                    check["findings"])
-                env.catalog.record_discrepancy(run_id=request.runId, dataset=plan.dataset,
-                                               version_label=plan.version_label,
-                                               partition_key=pd.partition.key, kind="post_write_check",
-                                               detail=check)
+                    check["findings"]
+                )
+                env.catalog.record_discrepancy(
+                    run_id=request.runId,
+                    dataset=plan.dataset,
+                    version_label=plan.version_label,
+                    partition_key=pd.partition.key,
+                    kind="post_write_check",
+                    detail=check,
+                )
                 break
         final = "failed" if failure else status
-        summary = {"partitions": len(results), "committed": sum(r["status"] == "committed" for r in results),
-                   "unchanged": sum(r["status"] == "unchanged" for r in results),
-                   "healed": sum(bool(r.get("healed")) for r in results), "failure": failure}
+        summary = {
+            "partitions": len(results),
+            "committed": sum(r["status"] == "committed" for r in results),
+            "unchanged": sum(r["status"] == "unchanged" for r in results),
+            "healed": sum(bool(r.get("healed")) for r in results),
+            "failure": failure,
+        }
         env.catalog.finish_run(request.runId, final, summary)
     delivery = env.audit.deliver_pending(ckey)
     document = {
@@ -203,9 +252,17 @@ def execute(env: Environment, loaded: LoadedRequest, plan: Plan, decisions: Deci
     return document
 
 
-def _commit_partition(env: Environment, loaded: LoadedRequest, plan: Plan, decisions: Decisions,
-                      pd: PartitionDecision, schema: pa.Schema, as_json: dict[str, bool], index: ChainIndex,
-                      existing: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _commit_partition(
+    env: Environment,
+    loaded: LoadedRequest,
+    plan: Plan,
+    decisions: Decisions,
+    pd: PartitionDecision,
+    schema: pa.Schema,
+    as_json: dict[str, bool],
+    index: ChainIndex,
+    existing: list[str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
     lake = env.lake
     key = pd.partition.key
     dataset, version_label = plan.dataset, plan.version_label
@@ -216,8 +273,12 @@ def _commit_partition(env: Environment, loaded: LoadedRequest, plan: Plan, decis
     data = parquet_files.encode(table)
     file_hex = sha256_hex(data)
     file_rel = layout.data_file(dataset, version_label, key, file_hex)
-    file_entry = {"path": file_rel, "checksum": prefixed(file_hex), "rowCount": table.num_rows,
-                  "byteSize": len(data)}
+    file_entry = {
+        "path": file_rel,
+        "checksum": prefixed(file_hex),
+        "rowCount": table.num_rows,
+        "byteSize": len(data),
+    }
     merkle_root = merkle.root_hex(pd.add)
 
     manifest_rel = layout.manifest(dataset, version_label, key)
@@ -226,16 +287,20 @@ def _commit_partition(env: Environment, loaded: LoadedRequest, plan: Plan, decis
         previous_bytes = lake.read(manifest_rel)
         previous, previous_checksum = manifests.decode(previous_bytes), manifests.checksum(previous_bytes)
     version = max(index.max_version.get(key, 0), previous["partitionVersion"] if previous else 0) + 1
-    manifest = build_manifest(plan, decisions, pd, file_entry, merkle_root, version, previous,
-                              previous_checksum, schema)
+    manifest = build_manifest(
+        plan, decisions, pd, file_entry, merkle_root, version, previous, previous_checksum, schema
+    )
     healed = False
     if previous is not None and manifests.same_content(previous, manifest):
         manifest, manifest_checksum, status = previous, previous_checksum, "unchanged"
         version = previous["partitionVersion"]
         event = index.commits.get((key, manifest_checksum))
         if event is None:
-            event = env.audit.append(chain_key(dataset, version_label), PARTITION_COMMITTED,
-                                     commit_body(manifest, manifest_checksum, lake))
+            event = env.audit.append(
+                chain_key(dataset, version_label),
+                PARTITION_COMMITTED,
+                commit_body(manifest, manifest_checksum, lake),
+            )
             index.add(event)
             healed = True
     else:
@@ -245,40 +310,69 @@ def _commit_partition(env: Environment, loaded: LoadedRequest, plan: Plan, decis
         manifest_bytes = manifests.encode(manifest)
         manifest_checksum = manifests.checksum(manifest_bytes)
         lake.write_atomic(layout.version_manifest(dataset, version_label, key, version), manifest_bytes)
-        lake.write_atomic(layout.rollback_manifest(dataset, version_label, key, version), manifests.encode(
-            _rollback_manifest(plan, key, version, manifest_checksum, previous, [file_rel])))
+        lake.write_atomic(
+            layout.rollback_manifest(dataset, version_label, key, version),
+            manifests.encode(_rollback_manifest(plan, key, version, manifest_checksum, previous, [file_rel])),
+        )
         failpoints.reached("before_commit", pd.partition.index)
         lake.write_atomic(manifest_rel, manifest_bytes)
         failpoints.reached("after_commit", pd.partition.index)
-        event = env.audit.append(chain_key(dataset, version_label), PARTITION_COMMITTED,
-                                 commit_body(manifest, manifest_checksum, lake))
+        event = env.audit.append(
+            chain_key(dataset, version_label),
+            PARTITION_COMMITTED,
+            commit_body(manifest, manifest_checksum, lake),
+        )
         index.add(event)
         failpoints.reached("after_event", pd.partition.index)
 
     check = post_write_check(env, plan, manifest, pd.add, existing)
     if check["status"] != "ok":
         if status == "committed":
-            undo_current_version(env, dataset, version_label, key, reason="post_write_check_failed",
-                                 run_id=plan.run_id, expected_checksum=manifest_checksum)
+            undo_current_version(
+                env,
+                dataset,
+                version_label,
+                key,
+                reason="post_write_check_failed",
+                run_id=plan.run_id,
+                expected_checksum=manifest_checksum,
+            )
         status = "failed"
     else:
         row = env.catalog.current_partition(dataset, version_label, key)
         if row is None or row["version"] != version or row["manifest_checksum"] != manifest_checksum:
             env.catalog.record_partition_version(
-                dataset=dataset, version_label=version_label, partition_key=key, version=version,
-                run_id=manifest["runId"], manifest_uri=lake.uri(manifest_rel), manifest_checksum=manifest_checksum,
-                merkle_root=manifest["merkleRoot"], record_count=manifest["recordCount"],
-                event_hash=event["chain"]["event_hash"], files=manifest["files"], source_uri=loaded.source_uri,
-                source_kind=loaded.source_kind, plan_hash=manifest["planHash"],
-                decision_hash=manifest["decisionHash"])
+                dataset=dataset,
+                version_label=version_label,
+                partition_key=key,
+                version=version,
+                run_id=manifest["runId"],
+                manifest_uri=lake.uri(manifest_rel),
+                manifest_checksum=manifest_checksum,
+                merkle_root=manifest["merkleRoot"],
+                record_count=manifest["recordCount"],
+                event_hash=event["chain"]["event_hash"],
+                files=manifest["files"],
+                source_uri=loaded.source_uri,
+                source_kind=loaded.source_kind,
+                plan_hash=manifest["planHash"],
+                decision_hash=manifest["decisionHash"],
+            )
             healed = healed or status == "unchanged"
         failpoints.reached("after_catalog", pd.partition.index)
     outcome = {
         **pd.partition.to_json(),
         "status": status,
         "version": version,
-        "files": [{"uri": lake.uri(f["path"]), "checksum": f["checksum"], "rowCount": f["rowCount"],
-                   "byteSize": f["byteSize"]} for f in manifest["files"]],
+        "files": [
+            {
+                "uri": lake.uri(f["path"]),
+                "checksum": f["checksum"],
+                "rowCount": f["rowCount"],
+                "byteSize": f["byteSize"],
+            }
+            for f in manifest["files"]
+        ],
         "recordCount": manifest["recordCount"],
         "merkleRoot": manifest["merkleRoot"],
         "manifest": lake.uri(manifest_rel),

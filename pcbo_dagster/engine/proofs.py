@@ -23,7 +23,7 @@ def _unhex(value: object, field: str) -> bytes:
     if not isinstance(value, str) or not value.startswith("sha256:"):
         raise InvalidInput(field, "must be a sha256:<64 hex> digest")
     try:
-        raw = bytes.fromhex(value[len("sha256:"):])
+        raw = bytes.fromhex(value[len("sha256:") :])
     except ValueError:
         raise InvalidInput(field, "must be a sha256:<64 hex> digest") from None
     if len(raw) != 32:
@@ -32,8 +32,11 @@ def _unhex(value: object, field: str) -> bytes:
 
 
 def _manifest(lake: LakeStorage, dataset: str, version_label: str, key: str, version: int | None) -> dict:
-    rel = (layout.manifest(dataset, version_label, key) if version is None
-           else layout.version_manifest(dataset, version_label, key, version))
+    rel = (
+        layout.manifest(dataset, version_label, key)
+        if version is None
+        else layout.version_manifest(dataset, version_label, key, version)
+    )
     if not lake.exists(rel):
         what = "committed version" if version is None else f"version {version}"
         raise InvalidInput("partition", f"{dataset}/{version_label}/{key} has no {what}")
@@ -47,7 +50,9 @@ def _ids(lake: LakeStorage, manifest: dict) -> list[str]:
     return ids
 
 
-def inclusion(lake: LakeStorage, dataset: str, version_label: str, key: str, record_id: str) -> dict[str, Any]:
+def inclusion(
+    lake: LakeStorage, dataset: str, version_label: str, key: str, record_id: str
+) -> dict[str, Any]:
     manifest = _manifest(lake, dataset, version_label, key, None)
     ids = _ids(lake, manifest)
     position = bisect.bisect_left(ids, record_id)
@@ -69,14 +74,18 @@ def inclusion(lake: LakeStorage, dataset: str, version_label: str, key: str, rec
     }
 
 
-def consistency(lake: LakeStorage, dataset: str, version_label: str, key: str, old_version: int,
-                new_version: int) -> dict[str, Any]:
+def consistency(
+    lake: LakeStorage, dataset: str, version_label: str, key: str, old_version: int, new_version: int
+) -> dict[str, Any]:
     old_ids = _ids(lake, _manifest(lake, dataset, version_label, key, old_version))
     new_manifest = _manifest(lake, dataset, version_label, key, new_version)
     new_ids = _ids(lake, new_manifest)
-    if not old_ids or new_ids[:len(old_ids)] != old_ids:
-        raise InvalidInput("fromVersion", f"version {new_version} does not extend version {old_version} "
-                           "(its sorted ids must start with all of the older version's ids)")
+    if not old_ids or new_ids[: len(old_ids)] != old_ids:
+        raise InvalidInput(
+            "fromVersion",
+            f"version {new_version} does not extend version {old_version} "
+            "(its sorted ids must start with all of the older version's ids)",
+        )
     tree = merkle.MerkleTree(merkle.id_leaves(new_ids))
     return {
         "kind": CONSISTENCY_KIND,
@@ -107,13 +116,25 @@ def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
         reasons = []
         if "leafHash" in document and _unhex(document["leafHash"], "leafHash") != leaf:
             reasons.append("leafHash is not the hash of id")
-        if not merkle.verify_inclusion(leaf, document.get("leafIndex"), document.get("treeSize"), path, trusted):
+        if not merkle.verify_inclusion(
+            leaf, document.get("leafIndex"), document.get("treeSize"), path, trusted
+        ):
             reasons.append("the audit path does not lead to the root")
-        return {"valid": not reasons, "kind": INCLUSION_KIND, "id": record_id, "merkleRoot": _hex(trusted),
-                "reasons": reasons}
+        return {
+            "valid": not reasons,
+            "kind": INCLUSION_KIND,
+            "id": record_id,
+            "merkleRoot": _hex(trusted),
+            "reasons": reasons,
+        }
     root2 = _unhex(root or document.get("root2"), "root2")
     root1 = _unhex(document.get("root1"), "root1")
     proof = [_unhex(h, f"proof[{i}]") for i, h in enumerate(document.get("proof") or [])]
     ok = merkle.verify_consistency(document.get("size1"), document.get("size2"), root1, root2, proof)
-    return {"valid": ok, "kind": CONSISTENCY_KIND, "root1": _hex(root1), "root2": _hex(root2),
-            "reasons": [] if ok else ["the proof does not show root2's tree extends root1's"]}
+    return {
+        "valid": ok,
+        "kind": CONSISTENCY_KIND,
+        "root1": _hex(root1),
+        "root2": _hex(root2),
+        "reasons": [] if ok else ["the proof does not show root2's tree extends root1's"],
+    }

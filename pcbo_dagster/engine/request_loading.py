@@ -31,8 +31,13 @@ def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
         records, risky, uri = load_records(request.source, base_dir)
         kind, field = request.source.resolved_format(), "source"
     else:
-        records, risky, uri, kind, field = request.sourceRecords or [], parsed.may_hold_floats_or_big_ints, \
-            "inline", "inline", "sourceRecords"
+        records, risky, uri, kind, field = (
+            request.sourceRecords or [],
+            parsed.may_hold_floats_or_big_ints,
+            "inline",
+            "inline",
+            "sourceRecords",
+        )
     try:
         digests = record_digests(records, risky)
     except CanonicalizationError as exc:

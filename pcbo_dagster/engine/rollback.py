@@ -16,8 +16,16 @@ from pcbo_dagster.engine.events import PARTITION_ROLLED_BACK, ChainIndex, chain_
 from pcbo_dagster.lake import layout, manifests
 
 
-def undo_current_version(env: Environment, dataset: str, version_label: str, key: str, *, reason: str,
-                         run_id: str | None, expected_checksum: str | None = None) -> dict[str, Any]:
+def undo_current_version(
+    env: Environment,
+    dataset: str,
+    version_label: str,
+    key: str,
+    *,
+    reason: str,
+    run_id: str | None,
+    expected_checksum: str | None = None,
+) -> dict[str, Any]:
     """Undo the partition's current version; returns what was done (`status`: rolled_back or noop)."""
     lake = env.lake
     manifest_rel = layout.manifest(dataset, version_label, key)
@@ -37,36 +45,67 @@ def undo_current_version(env: Environment, dataset: str, version_label: str, key
         lake.delete(manifest_rel)
     for rel in plan["removeFiles"]:
         lake.delete(rel)
-    event = env.audit.append(chain_key(dataset, version_label), PARTITION_ROLLED_BACK,
-                             rollback_body(current, checksum, restore, reason, run_id))
-    env.catalog.mark_partition_rolled_back(dataset=dataset, version_label=version_label, partition_key=key,
-                                           version=version, restored_version=restore)
-    return {"key": key, "status": "rolled_back", "version": version, "restoredVersion": restore,
-            "eventHash": event["chain"]["event_hash"]}
+    event = env.audit.append(
+        chain_key(dataset, version_label),
+        PARTITION_ROLLED_BACK,
+        rollback_body(current, checksum, restore, reason, run_id),
+    )
+    env.catalog.mark_partition_rolled_back(
+        dataset=dataset,
+        version_label=version_label,
+        partition_key=key,
+        version=version,
+        restored_version=restore,
+    )
+    return {
+        "key": key,
+        "status": "rolled_back",
+        "version": version,
+        "restoredVersion": restore,
+        "eventHash": event["chain"]["event_hash"],
+    }
 
 
-def rollback(env: Environment, dataset: str, version_label: str, *, run_id: str | None = None,
-             partition_key: str | None = None, reason: str = "requested") -> dict[str, Any]:
+def rollback(
+    env: Environment,
+    dataset: str,
+    version_label: str,
+    *,
+    run_id: str | None = None,
+    partition_key: str | None = None,
+    reason: str = "requested",
+) -> dict[str, Any]:
     """Roll back every partition whose current version run `run_id` wrote, or one partition."""
     if run_id is None and partition_key is None:
         raise InvalidInput("runId", "give a run id or a partition key to roll back")
     results = []
     with env.dataset_lock(dataset, version_label):
         _heal_rollbacks(env, dataset, version_label)
-        keys = [layout.split_manifest_path(rel)[2] for rel in env.lake.find(layout.MANIFEST, f"{dataset}/"
-                                                                             f"{version_label}")]
+        keys = [
+            layout.split_manifest_path(rel)[2]
+            for rel in env.lake.find(layout.MANIFEST, f"{dataset}/{version_label}")
+        ]
         for key in keys:
             if partition_key is not None and key != partition_key:
                 continue
             manifest = manifests.decode(env.lake.read(layout.manifest(dataset, version_label, key)))
             if run_id is not None and manifest.get("runId") != run_id:
                 continue
-            results.append(undo_current_version(env, dataset, version_label, key, reason=reason, run_id=run_id))
+            results.append(
+                undo_current_version(env, dataset, version_label, key, reason=reason, run_id=run_id)
+            )
     if partition_key is not None and not results:
         results.append({"key": partition_key, "status": "noop", "detail": "no committed version"})
     done = sum(1 for r in results if r["status"] == "rolled_back")
-    return {"status": "rolled_back" if done else "noop", "dataset": dataset, "versionLabel": version_label,
-            "runId": run_id, "partitionKey": partition_key, "rolledBack": done, "partitions": results}
+    return {
+        "status": "rolled_back" if done else "noop",
+        "dataset": dataset,
+        "versionLabel": version_label,
+        "runId": run_id,
+        "partitionKey": partition_key,
+        "rolledBack": done,
+        "partitions": results,
+    }
 
 
 def _heal_rollbacks(env: Environment, dataset: str, version_label: str) -> None:
@@ -76,6 +115,10 @@ def _heal_rollbacks(env: Environment, dataset: str, version_label: str) -> None:
         version = event["partition"]["version"]
         row = env.catalog.current_partition(dataset, version_label, key)
         if row is not None and row["version"] == version:
-            env.catalog.mark_partition_rolled_back(dataset=dataset, version_label=version_label,
-                                                   partition_key=key, version=version,
-                                                   restored_version=event.get("restored_version"))
+            env.catalog.mark_partition_rolled_back(
+                dataset=dataset,
+                version_label=version_label,
+                partition_key=key,
+                version=version,
+                restored_version=event.get("restored_version"),
+            )

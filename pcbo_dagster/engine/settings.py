@@ -28,9 +28,15 @@ class Settings:
     audit_initial_wait: float = 0.5
 
     @classmethod
-    def resolve(cls, home: str | None = None, lake: str | None = None, catalog: str | None = None,
-                audit_dir: str | None = None, audit_endpoint: str | None = None,
-                env: dict[str, str] | None = None) -> Settings:
+    def resolve(
+        cls,
+        home: str | None = None,
+        lake: str | None = None,
+        catalog: str | None = None,
+        audit_dir: str | None = None,
+        audit_endpoint: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Settings:
         env = dict(os.environ if env is None else env)
         home_path = Path(home or env.get("PCBO_HOME") or ".pcbo").expanduser().resolve()
         lake_url = lake or env.get("PCBO_LAKE_URL") or str(home_path / "lake")

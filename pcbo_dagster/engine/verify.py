@@ -36,8 +36,12 @@ def _policies(manifest: dict[str, Any]) -> NormalizedPolicies:
     p = manifest["policies"]
     cutoff = p.get("retentionCutoff")
     allowed = p.get("allowedJurisdictions")
-    return NormalizedPolicies(p["requireConsent"], None if allowed is None else tuple(allowed),
-                              None if cutoff is None else parse_instant(cutoff), p["onViolation"])
+    return NormalizedPolicies(
+        p["requireConsent"],
+        None if allowed is None else tuple(allowed),
+        None if cutoff is None else parse_instant(cutoff),
+        p["onViolation"],
+    )
 
 
 def _check_partition(env: Environment, rel: str, findings: list[dict[str, Any]]) -> tuple[dict, str] | None:
@@ -57,29 +61,62 @@ def _check_partition(env: Environment, rel: str, findings: list[dict[str, Any]])
             continue
         blob = env.lake.read(where)
         if len(blob) != entry["byteSize"]:
-            findings.append({"kind": "file_size_mismatch", "where": where,
-                             "detail": f"{len(blob)} bytes, manifest says {entry['byteSize']}"})
+            findings.append(
+                {
+                    "kind": "file_size_mismatch",
+                    "where": where,
+                    "detail": f"{len(blob)} bytes, manifest says {entry['byteSize']}",
+                }
+            )
         if prefixed(sha256_hex(blob)) != entry["checksum"]:
-            findings.append({"kind": "file_checksum_mismatch", "where": where,
-                             "detail": "the file's SHA-256 differs from its manifest"})
+            findings.append(
+                {
+                    "kind": "file_checksum_mismatch",
+                    "where": where,
+                    "detail": "the file's SHA-256 differs from its manifest",
+                }
+            )
             continue
         table = parquet_files.decode(blob)
         if table.num_rows != entry["rowCount"]:
-            findings.append({"kind": "row_count_mismatch", "where": where,
-                             "detail": f"{table.num_rows} rows, manifest says {entry['rowCount']}"})
+            findings.append(
+                {
+                    "kind": "row_count_mismatch",
+                    "where": where,
+                    "detail": f"{table.num_rows} rows, manifest says {entry['rowCount']}",
+                }
+            )
         ids.extend(table[ID].to_pylist())
         for v in violations(table, _policies(manifest), []):
-            findings.append({"kind": "policy_violation", "where": where,
-                             "detail": f"row {v['id']!r}: {', '.join(v['reasons'])}"})
+            findings.append(
+                {
+                    "kind": "policy_violation",
+                    "where": where,
+                    "detail": f"row {v['id']!r}: {', '.join(v['reasons'])}",
+                }
+            )
     if ids != sorted(set(ids)):
-        findings.append({"kind": "ids_not_sorted_unique", "where": rel, "detail": "ids must be unique and sorted"})
+        findings.append(
+            {"kind": "ids_not_sorted_unique", "where": rel, "detail": "ids must be unique and sorted"}
+        )
     if len(ids) != manifest.get("recordCount"):
-        findings.append({"kind": "record_count_mismatch", "where": rel,
-                         "detail": f"{len(ids)} rows, manifest says {manifest.get('recordCount')}"})
+        findings.append(
+            {
+                "kind": "record_count_mismatch",
+                "where": rel,
+                "detail": f"{len(ids)} rows, manifest says {manifest.get('recordCount')}",
+            }
+        )
     if merkle.root_hex(sorted(ids)) != manifest.get("merkleRoot") and not any(
-            f["where"] in {e["path"] for e in files} for f in findings if f["kind"] == "file_checksum_mismatch"):
-        findings.append({"kind": "merkle_root_mismatch", "where": rel,
-                         "detail": "the root recomputed from the rows differs from the manifest"})
+        f["where"] in {e["path"] for e in files} for f in findings if f["kind"] == "file_checksum_mismatch"
+    ):
+        findings.append(
+            {
+                "kind": "merkle_root_mismatch",
+                "where": rel,
+                "detail": "the root recomputed from the rows differs from the manifest",
+            }
+        )
     return manifest, checksum
 
 
@@ -105,27 +142,51 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
             if repair:
                 event = env.audit.append(ckey, PARTITION_COMMITTED, commit_body(manifest, checksum, env.lake))
                 index.add(event)
-                repaired.append({"kind": "audit_event_appended", "where": f"{ckey}/{key}",
-                                 "eventHash": event["chain"]["event_hash"]})
+                repaired.append(
+                    {
+                        "kind": "audit_event_appended",
+                        "where": f"{ckey}/{key}",
+                        "eventHash": event["chain"]["event_hash"],
+                    }
+                )
             else:
-                findings.append({"kind": "audit_event_missing", "where": f"{ckey}/{key}",
-                                 "detail": f"no partition_committed event for manifest {checksum}"})
+                findings.append(
+                    {
+                        "kind": "audit_event_missing",
+                        "where": f"{ckey}/{key}",
+                        "detail": f"no partition_committed event for manifest {checksum}",
+                    }
+                )
         row = env.catalog.current_partition(dataset, version_label, key)
         if row is None or row["manifest_checksum"] != checksum:
             event = index.commits.get((key, checksum))
             if repair and event is not None:
                 env.catalog.record_partition_version(
-                    dataset=dataset, version_label=version_label, partition_key=key,
-                    version=manifest["partitionVersion"], run_id=manifest["runId"],
+                    dataset=dataset,
+                    version_label=version_label,
+                    partition_key=key,
+                    version=manifest["partitionVersion"],
+                    run_id=manifest["runId"],
                     manifest_uri=env.lake.uri(layout.manifest(dataset, version_label, key)),
-                    manifest_checksum=checksum, merkle_root=manifest["merkleRoot"],
-                    record_count=manifest["recordCount"], event_hash=event["chain"]["event_hash"],
-                    files=manifest["files"], source_uri=None, source_kind="repair",
-                    plan_hash=manifest["planHash"], decision_hash=manifest["decisionHash"])
+                    manifest_checksum=checksum,
+                    merkle_root=manifest["merkleRoot"],
+                    record_count=manifest["recordCount"],
+                    event_hash=event["chain"]["event_hash"],
+                    files=manifest["files"],
+                    source_uri=None,
+                    source_kind="repair",
+                    plan_hash=manifest["planHash"],
+                    decision_hash=manifest["decisionHash"],
+                )
                 repaired.append({"kind": "catalog_row_recorded", "where": f"{ckey}/{key}"})
             else:
-                findings.append({"kind": "catalog_mismatch", "where": f"{ckey}/{key}",
-                                 "detail": "the catalog's current version is not the lake's committed manifest"})
+                findings.append(
+                    {
+                        "kind": "catalog_mismatch",
+                        "where": f"{ckey}/{key}",
+                        "detail": "the catalog's current version is not the lake's committed manifest",
+                    }
+                )
 
     # Catalog rows that claim a committed partition the lake does not have; interrupted rollbacks.
     for row in env.catalog.partition_versions():
@@ -142,20 +203,38 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
             if not rolled:
                 undone = manifests.decode(env.lake.read(layout.version_manifest(*ident, row["version"])))
                 restored = committed[ident][0]["partitionVersion"] if ident in committed else None
-                event = env.audit.append(ckey, PARTITION_ROLLED_BACK, rollback_body(
-                    undone, row["manifest_checksum"], restored, "interrupted_rollback_completed", None))
+                event = env.audit.append(
+                    ckey,
+                    PARTITION_ROLLED_BACK,
+                    rollback_body(
+                        undone, row["manifest_checksum"], restored, "interrupted_rollback_completed", None
+                    ),
+                )
                 index.add(event)
-                repaired.append({"kind": "rollback_event_appended", "where": where,
-                                 "eventHash": event["chain"]["event_hash"]})
+                repaired.append(
+                    {
+                        "kind": "rollback_event_appended",
+                        "where": where,
+                        "eventHash": event["chain"]["event_hash"],
+                    }
+                )
             env.catalog.mark_partition_rolled_back(
-                dataset=row["dataset"], version_label=row["version_label"], partition_key=row["partition_key"],
+                dataset=row["dataset"],
+                version_label=row["version_label"],
+                partition_key=row["partition_key"],
                 version=row["version"],
-                restored_version=committed[ident][0]["partitionVersion"] if ident in committed else None)
+                restored_version=committed[ident][0]["partitionVersion"] if ident in committed else None,
+            )
             repaired.append({"kind": "catalog_row_rolled_back", "where": where})
         elif ident not in committed:
-            findings.append({"kind": "catalog_partition_not_in_lake", "where": where,
-                             "detail": f"catalog says version {row['version']} is committed; the lake has no "
-                                       "committed manifest"})
+            findings.append(
+                {
+                    "kind": "catalog_partition_not_in_lake",
+                    "where": where,
+                    "detail": f"catalog says version {row['version']} is committed; the lake has no "
+                    "committed manifest",
+                }
+            )
 
     # Audit chains: recompute every hash, check every link, compare with the catalog's mirror.
     if repaired:
@@ -169,12 +248,22 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
         mirror = env.catalog.audit_events(ckey)
         backup_hashes = [e.get("chain", {}).get("event_hash") for e in events]
         mirror_hashes = [e["chain"]["event_hash"] for e in mirror]
-        if backup_hashes[:len(mirror_hashes)] != mirror_hashes:
-            findings.append({"kind": "audit_catalog_mismatch", "where": ckey,
-                             "detail": "the catalog's copy of the chain differs from the local backup"})
+        if backup_hashes[: len(mirror_hashes)] != mirror_hashes:
+            findings.append(
+                {
+                    "kind": "audit_catalog_mismatch",
+                    "where": ckey,
+                    "detail": "the catalog's copy of the chain differs from the local backup",
+                }
+            )
         elif len(mirror_hashes) < len(backup_hashes):
-            findings.append({"kind": "audit_catalog_behind", "where": ckey,
-                             "detail": f"the catalog holds {len(mirror_hashes)} of {len(backup_hashes)} events"})
+            findings.append(
+                {
+                    "kind": "audit_catalog_behind",
+                    "where": ckey,
+                    "detail": f"the catalog holds {len(mirror_hashes)} of {len(backup_hashes)} events",
+                }
+            )
         chains_checked[ckey] = len(events)
 
     return {

@@ -29,6 +29,8 @@ def checksum(data: bytes) -> str:
 
 def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Two manifests commit the same content: same files (by checksum) and the same Merkle root."""
+
     def files(m: dict[str, Any]) -> list[tuple[str, str]]:
         return sorted((f["path"], f["checksum"]) for f in m.get("files", []))
+
     return files(a) == files(b) and a.get("merkleRoot") == b.get("merkleRoot")

@@ -71,11 +71,11 @@ class LakeStorage:
             return []
         prefix = self.root + "/"
         found = [p for p in self.fs.find(base) if p.rsplit("/", 1)[-1] == name]
-        return sorted(p[len(prefix):] if p.startswith(prefix) else p for p in found)
+        return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
 
     def list_files(self, under: str) -> list[str]:
         base = self._path(under)
         if not self.fs.exists(base):
             return []
         prefix = self.root + "/"
-        return sorted(p[len(prefix):] for p in self.fs.find(base))
+        return sorted(p[len(prefix) :] for p in self.fs.find(base))

@@ -1,0 +1,289 @@
+"""Remote delivery of PAS events against a real HTTP receiver on loopback."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import rfc8785
+
+from pcbo_dagster.audit import AuditBackup, AuditLog, HttpDelivery, read_cursor
+from pcbo_dagster.audit.delivery import redact_url
+from pcbo_dagster.core.audit_chain import verify_chain
+
+KEY = "events/v1"
+
+
+class Receiver:
+    """A loopback PAS receiver. `down` answers `fail_status` to everything; `fail_next` answers it to
+    the next N requests; `accept_budget` (when not None) accepts that many more, then fails."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.accepted: list[bytes] = []
+        self.down = False
+        self.fail_next = 0
+        self.fail_status = 503
+        self.accept_budget: int | None = None
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.lock:
+                    if receiver.down or receiver.fail_next:
+                        receiver.fail_next = max(0, receiver.fail_next - 1)
+                        status = receiver.fail_status
+                    elif receiver.accept_budget is not None and receiver.accept_budget <= 0:
+                        status = 503
+                    else:
+                        status = 200
+                        if receiver.accept_budget is not None:
+                            receiver.accept_budget -= 1
+                        receiver.accepted.append(body)
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers),
+                                              "body": body, "status": status})
+                self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                       daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/pas/events"
+
+    def accepted_seqs(self) -> list[int]:
+        return [json.loads(b)["chain"]["seq"] for b in self.accepted]
+
+    def request_seqs(self) -> list[int]:
+        return [json.loads(r["body"])["chain"]["seq"] for r in self.requests]
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    r.thread.start()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+class FixedClock:
+    def __init__(self) -> None:
+        self.now = datetime(2024, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+def fast(endpoint: str, attempts: int = 3) -> HttpDelivery:
+    return HttpDelivery(endpoint, attempts=attempts, initial_wait=0.01, max_wait=0.02, timeout=5.0)
+
+
+def test_events_wait_while_down_then_deliver_in_order(tmp_path, receiver):
+    receiver.down = True
+    log = AuditLog(AuditBackup(tmp_path), delivery=fast(receiver.url), clock=FixedClock())
+    events = []
+    for i in range(3):
+        events.append(log.append(KEY, "partition_committed", {"n": i}))
+        report = log.deliver_pending(KEY)
+        assert report is not None
+        assert (report.delivered, report.pending, report.last_delivered_seq) == (0, i + 1, None)
+        assert "HTTP 503" in report.last_error and not report.ok
+    # Each call retried the first pending event 3 times and never skipped ahead.
+    assert receiver.request_seqs() == [0] * 9
+    assert receiver.accepted == []
+    assert verify_chain(log.backup.read_chain(KEY), KEY) == []
+    assert read_cursor(log.backup, KEY) is None
+
+    receiver.down = False
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending, report.last_delivered_seq, report.last_error) == (3, 0, 2, None)
+    assert report.ok
+    assert receiver.accepted == [rfc8785.dumps(e) for e in events]
+    assert read_cursor(log.backup, KEY) == (2, events[2]["chain"]["event_hash"])
+
+    events += [log.append(KEY, "partition_committed", {"n": i}) for i in (3, 4)]
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending) == (2, 0)
+    assert receiver.accepted_seqs() == [0, 1, 2, 3, 4]
+    assert log.deliver_pending(KEY).delivered == 0  # nothing left: no request sent
+    assert receiver.accepted_seqs() == [0, 1, 2, 3, 4]
+    assert verify_chain([json.loads(b) for b in receiver.accepted], KEY) == []
+    request = receiver.requests[-1]
+    assert request["path"] == "/pas/events"
+    assert request["headers"]["Content-Type"] == "application/json"
+
+
+def test_transient_failures_are_retried(tmp_path, receiver):
+    log = AuditLog(AuditBackup(tmp_path), delivery=fast(receiver.url, attempts=3))
+    log.append(KEY, "a", {})
+    receiver.fail_next = 2
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending, report.last_error) == (1, 0, None)
+    assert [r["status"] for r in receiver.requests] == [503, 503, 200]
+
+
+def test_retries_stop_after_the_configured_attempts(tmp_path, receiver):
+    log = AuditLog(AuditBackup(tmp_path), delivery=fast(receiver.url, attempts=4))
+    log.append(KEY, "a", {})
+    receiver.fail_status = 429
+    receiver.fail_next = 10
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending) == (0, 1)
+    assert "HTTP 429" in report.last_error
+    assert len(receiver.requests) == 4
+
+
+def test_failure_mid_chain_resumes_without_gaps_or_duplicates(tmp_path, receiver):
+    log = AuditLog(AuditBackup(tmp_path), delivery=fast(receiver.url, attempts=2), clock=FixedClock())
+    for i in range(5):
+        log.append(KEY, "a", {"n": i})
+    receiver.accept_budget = 2
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending, report.last_delivered_seq) == (2, 3, 1)
+    assert receiver.request_seqs() == [0, 1, 2, 2]
+    receiver.accept_budget = None
+    # A new delivery object (a new process) resumes from the persisted cursor.
+    resumed = HttpDelivery(receiver.url, attempts=2, initial_wait=0.01)
+    report = resumed.deliver_pending(AuditBackup(tmp_path), KEY)
+    assert (report.delivered, report.pending, report.last_delivered_seq) == (3, 0, 4)
+    assert receiver.accepted_seqs() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("status", [400, 404, 302])
+def test_permanent_answers_are_not_retried_and_redirects_not_followed(tmp_path, receiver, status):
+    log = AuditLog(AuditBackup(tmp_path), delivery=fast(receiver.url, attempts=3))
+    log.append(KEY, "a", {})
+    receiver.down = True
+    receiver.fail_status = status
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending) == (0, 1)
+    assert f"HTTP {status}" in report.last_error
+    assert len(receiver.requests) == 1
+    assert all(r["path"] == "/pas/events" for r in receiver.requests)
+
+
+def test_closed_port_leaves_events_pending(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = AuditLog(AuditBackup(tmp_path), delivery=fast(f"http://127.0.0.1:{port}/pas"))
+    log.append(KEY, "a", {})
+    log.append(KEY, "a", {})
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending, report.last_delivered_seq) == (0, 2, None)
+    assert "connection failed" in report.last_error
+    assert verify_chain(log.backup.read_chain(KEY), KEY) == []
+    log.append(KEY, "a", {})  # appends go on regardless
+    assert log.deliver_pending(KEY).pending == 3
+
+
+def test_credentials_never_appear_in_reports_or_logs(tmp_path, receiver, caplog):
+    caplog.set_level(logging.DEBUG)
+    host, port = receiver.server.server_address[:2]
+    endpoint = f"http://pas-writer:s3cr3t-p%40ss@{host}:{port}/pas/events?token=tok-abc123&x=1"
+    delivery = HttpDelivery(endpoint, attempts=2, initial_wait=0.01,
+                            headers={"X-Api-Key": "header-key-777"})
+    log = AuditLog(AuditBackup(tmp_path), delivery=delivery)
+    log.append(KEY, "a", {})
+    receiver.down = True
+    failed = log.deliver_pending(KEY)
+    assert failed.pending == 1 and failed.last_error
+    receiver.down = False
+    ok = log.deliver_pending(KEY)
+    assert ok.delivered == 1
+    secrets = ["s3cr3t", "p%40ss", "p@ss", "tok-abc123", "token=", "pas-writer:", "header-key-777",
+               base64.b64encode(b"pas-writer:s3cr3t-p@ss").decode()]
+    visible = " ".join([caplog.text, repr(failed), repr(ok), str(failed.to_dict()), repr(delivery),
+                        delivery.endpoint])
+    assert "retrying" in caplog.text  # the retry was logged ...
+    for secret in secrets:
+        assert secret not in visible, secret  # ... without any secret
+    assert failed.endpoint == f"http://{host}:{port}/pas/events?[redacted]"
+    # The credentials are still used: HTTP Basic, the query string and the extra header are sent.
+    sent = receiver.requests[-1]
+    assert sent["path"] == "/pas/events?token=tok-abc123&x=1"
+    assert sent["headers"]["Authorization"] == "Basic " + base64.b64encode(b"pas-writer:s3cr3t-p@ss").decode()
+    assert sent["headers"]["X-Api-Key"] == "header-key-777"
+
+
+def test_redact_url():
+    assert redact_url("https://u:p@example.com:8443/a/b?k=v#f") == "https://example.com:8443/a/b?[redacted]"
+    assert redact_url("http://example.com") == "http://example.com"
+    with pytest.raises(ValueError, match="http"):
+        HttpDelivery("ftp://user:secretpw@example.com/x")
+    with pytest.raises(ValueError) as info:
+        HttpDelivery("http://user:secretpw@example.com:notaport/x")
+    assert "secretpw" not in str(info.value)
+
+
+def test_a_broken_local_chain_is_not_delivered_past_the_break(tmp_path, receiver):
+    backup = AuditBackup(tmp_path)
+    log = AuditLog(backup, delivery=fast(receiver.url), clock=FixedClock())
+    for i in range(4):
+        log.append(KEY, "a", {"n": i})
+    path = backup.paths(KEY).events
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"n":2', b'"n":9')  # tampered after the fact
+    path.write_bytes(b"".join(lines))
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending, report.last_delivered_seq) == (2, 2, 1)
+    assert "broken at position 2" in report.last_error
+    assert receiver.accepted_seqs() == [0, 1]
+
+
+def test_a_cursor_that_does_not_match_the_backup_stops_delivery(tmp_path, receiver):
+    backup = AuditBackup(tmp_path)
+    log = AuditLog(backup, delivery=fast(receiver.url))
+    log.append(KEY, "a", {})
+    log.append(KEY, "a", {})
+    wrong = {"chain_key": KEY, "seq": 0, "event_hash": "sha256:" + "0" * 64}
+    backup.paths(KEY).delivered.write_text(json.dumps(wrong))
+    report = log.deliver_pending(KEY)
+    assert (report.delivered, report.pending) == (0, 1)
+    assert "does not match" in report.last_error
+    backup.paths(KEY).delivered.write_text("{oops")
+    assert "not JSON" in log.deliver_pending(KEY).last_error
+    assert receiver.requests == []
+
+
+def test_concurrent_deliverers_never_duplicate_or_reorder(tmp_path, receiver):
+    log = AuditLog(AuditBackup(tmp_path), clock=FixedClock())
+    for i in range(20):
+        log.append(KEY, "a", {"n": i})
+    reports = []
+
+    def deliver() -> None:
+        reports.append(fast(receiver.url).deliver_pending(AuditBackup(tmp_path), KEY))
+
+    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.delivered for r in reports) == 20
+    assert receiver.accepted_seqs() == list(range(20))
+
+
+def test_no_delivery_configured(tmp_path):
+    log = AuditLog(AuditBackup(tmp_path))
+    log.append(KEY, "a", {})
+    assert log.deliver_pending(KEY) is None
