@@ -8,9 +8,9 @@ compact separators produces exactly the RFC 8785 bytes; a property test holds th
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
+import orjson
 import rfc8785
 
 CanonicalizationError = rfc8785.CanonicalizationError
@@ -38,13 +38,16 @@ def digest_of(value: Any) -> str:
 def fast_jcs(value: Any) -> bytes:
     """JCS bytes for values known to hold no floats and no integer beyond +-(2**53 - 1).
 
-    For such values, `json.dumps(sort_keys, compact)` equals RFC 8785 whenever the text is ASCII
-    (key order by code point equals order by UTF-16 code unit; escapes are the same). Anything else
-    goes through `rfc8785`.
+    For such values, orjson's compact output with sorted keys equals RFC 8785 whenever it is ASCII
+    (key order by code point equals order by UTF-16 code unit; string escapes are the same). Anything
+    else goes through `rfc8785`. A property test holds the two equal.
     """
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    if text.isascii():
-        return text.encode("ascii")
+    try:
+        data = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        return rfc8785.dumps(value)
+    if data.isascii():
+        return data
     return rfc8785.dumps(value)
 
 

@@ -1,0 +1,1 @@
+"""Alembic environment of the catalog, run programmatically by `CatalogStore.migrate`."""

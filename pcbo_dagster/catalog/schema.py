@@ -1,0 +1,190 @@
+"""SQLAlchemy Core tables of the catalog (the migrations in `migrations/versions` create them)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+metadata = MetaData()
+
+PARTITION_STATUSES = ("committed", "rolled_back", "superseded")
+APPEND_ONLY_TABLES = ("audit_events", "discrepancy_events")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC instant on every backend (SQLite stores it naive, in UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+Name = String(255)
+Digest = String(128)
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("first_seen_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("dataset", "version_label", name="pk_datasets"),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", Name, nullable=False),
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("plan_hash", Digest, nullable=False),
+    Column("decision_hash", Digest, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("metadata", Text, nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    Column("summary", Text, nullable=True),
+    PrimaryKeyConstraint("run_id", name="pk_runs"),
+    ForeignKeyConstraint(
+        ["dataset", "version_label"], ["datasets.dataset", "datasets.version_label"], name="fk_runs_datasets"
+    ),
+)
+
+partitions = Table(
+    "partitions",
+    metadata,
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("partition_key", Name, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("run_id", Name, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("manifest_uri", Text, nullable=False),
+    Column("manifest_checksum", Digest, nullable=False),
+    Column("merkle_root", Digest, nullable=False),
+    Column("record_count", BigInteger, nullable=False),
+    Column("event_hash", Digest, nullable=True),
+    Column("files", Text, nullable=False),
+    Column("committed_at", UTCDateTime(), nullable=False),
+    Column("rolled_back_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("dataset", "version_label", "partition_key", "version", name="pk_partitions"),
+    ForeignKeyConstraint(
+        ["dataset", "version_label"],
+        ["datasets.dataset", "datasets.version_label"],
+        name="fk_partitions_datasets",
+    ),
+    CheckConstraint("status IN ('committed', 'rolled_back', 'superseded')", name="ck_partitions_status"),
+)
+# At most one committed version per partition, enforced by the database.
+Index(
+    "ux_partitions_one_committed",
+    partitions.c.dataset,
+    partitions.c.version_label,
+    partitions.c.partition_key,
+    unique=True,
+    sqlite_where=text("status = 'committed'"),
+    postgresql_where=text("status = 'committed'"),
+)
+Index("ix_partitions_run_id", partitions.c.run_id)
+
+lineage = Table(
+    "lineage",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("run_id", Name, nullable=False),
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("partition_key", Name, nullable=False),
+    Column("partition_version", Integer, nullable=False),
+    # '' stands for "no source URI" (NULLs never collide in a unique constraint).
+    Column("source_uri", Text, nullable=False),
+    Column("source_kind", String(64), nullable=False),
+    Column("plan_hash", Digest, nullable=False),
+    Column("decision_hash", Digest, nullable=False),
+    PrimaryKeyConstraint("id", name="pk_lineage"),
+    UniqueConstraint(
+        "dataset",
+        "version_label",
+        "partition_key",
+        "partition_version",
+        "source_uri",
+        name="uq_lineage_partition_source",
+    ),
+    ForeignKeyConstraint(
+        ["dataset", "version_label", "partition_key", "partition_version"],
+        ["partitions.dataset", "partitions.version_label", "partitions.partition_key", "partitions.version"],
+        name="fk_lineage_partitions",
+    ),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("chain_key", Name, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("event_hash", Digest, nullable=False),
+    Column("prev_event_hash", Digest, nullable=True),
+    Column("event_type", String(128), nullable=False),
+    Column("event_json", Text, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("chain_key", "seq", name="pk_audit_events"),
+    UniqueConstraint("event_hash", name="uq_audit_events_event_hash"),
+)
+
+audit_chain_heads = Table(
+    "audit_chain_heads",
+    metadata,
+    Column("chain_key", Name, nullable=False),
+    # seq -1 / event_hash '' is the placeholder of an empty chain (the lock row).
+    Column("seq", BigInteger, nullable=False),
+    Column("event_hash", Digest, nullable=False),
+    PrimaryKeyConstraint("chain_key", name="pk_audit_chain_heads"),
+)
+
+discrepancy_events = Table(
+    "discrepancy_events",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("run_id", Name, nullable=False),
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("partition_key", Name, nullable=True),
+    Column("kind", String(128), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_discrepancy_events"),
+)
+Index("ix_discrepancy_events_run_id", discrepancy_events.c.run_id)

@@ -1,0 +1,589 @@
+"""CatalogStore on SQLite (a temp file) and on a real PostgreSQL server (tests marked `postgres`)."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pcbo_dagster.catalog import CatalogStore, default_catalog_url
+
+SPAWN = multiprocessing.get_context("spawn")
+DS, VL = "events", "v1"
+CHAIN = f"{DS}/{VL}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def catalog_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return default_catalog_url(tmp_path / "home")
+    return request.getfixturevalue("fresh_postgres_url")
+
+
+@pytest.fixture
+def store(catalog_url: str):
+    s = CatalogStore(catalog_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def _event(seq: int, prev: str | None, tag: str, chain_key: str = CHAIN) -> dict:
+    digest = "sha256:" + hashlib.sha256(f"{chain_key}|{seq}|{tag}".encode()).hexdigest()
+    return {
+        "version": "1",
+        "event_type": "partition_committed",
+        "event_id": f"{chain_key}#{seq}",
+        "timestamp": "2024-01-01T00:00:00Z",
+        "payload": {"tag": tag, "text": "héllo"},
+        "chain": {"chain_key": chain_key, "seq": seq, "prev_event_hash": prev, "event_hash": digest},
+    }
+
+
+def _append_next(store: CatalogStore, chain_key: str, tag: str) -> None:
+    with store.locked_chain(chain_key) as tx:
+        head = tx.head()
+        seq, prev = (head[0] + 1, head[1]) if head else (0, None)
+        tx.append([_event(seq, prev, tag, chain_key)])
+
+
+def _record(
+    store: CatalogStore, version: int, checksum: str | None = None, key: str = "20240101T000000Z", **kw
+):
+    args = {
+        "dataset": DS,
+        "version_label": VL,
+        "partition_key": key,
+        "version": version,
+        "run_id": "run-1",
+        "manifest_uri": f"file:///lake/{key}/v{version}/_manifest.json",
+        "manifest_checksum": checksum or f"sha256:m{version}",
+        "merkle_root": f"sha256:r{version}",
+        "record_count": 10 * version,
+        "event_hash": f"sha256:e{version}",
+        "files": [{"uri": f"part-{version}.parquet", "checksum": "sha256:f", "rowCount": 10, "byteSize": 99}],
+        "source_uri": None,
+        "source_kind": "inline",
+        "plan_hash": "sha256:plan",
+        "decision_hash": "sha256:dec",
+    }
+    args.update(kw)
+    store.record_partition_version(**args)
+
+
+def _statuses(store: CatalogStore, key: str = "20240101T000000Z") -> dict[int, str]:
+    return {r["version"]: r["status"] for r in store.partition_versions(DS, VL) if r["partition_key"] == key}
+
+
+# -- processes (module level: spawn pickles them by reference) ---------------------------------
+
+
+def _migrate_worker(url: str, barrier) -> None:
+    barrier.wait(timeout=60)
+    store = CatalogStore(url)
+    store.migrate()
+    store.close()
+
+
+def _chain_worker(url: str, chain_key: str, worker: int, count: int, barrier) -> None:
+    store = CatalogStore(url)
+    barrier.wait(timeout=60)
+    for i in range(count):
+        _append_next(store, chain_key, f"w{worker}-{i}")
+    store.close()
+
+
+def _run_processes(target, args_list: list[tuple]) -> None:
+    barrier = SPAWN.Barrier(len(args_list))
+    procs = [SPAWN.Process(target=target, args=(*args, barrier)) for args in args_list]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert codes == [0] * len(procs), f"worker exit codes {codes}"
+
+
+# -- URLs and migrations ----------------------------------------------------------------------
+
+
+def test_default_catalog_url(tmp_path: Path) -> None:
+    assert default_catalog_url(tmp_path) == f"sqlite:///{tmp_path.resolve()}/catalog.db"
+    assert default_catalog_url(str(tmp_path / "x")).endswith("/x/catalog.db")
+
+
+def test_postgresql_url_maps_to_psycopg() -> None:
+    store = CatalogStore("postgresql://u:p@db.example:5432/cat")
+    assert store.url == "postgresql://u:p@db.example:5432/cat"
+    assert store.engine.url.drivername == "postgresql+psycopg"
+    assert CatalogStore("postgresql+psycopg://u@h/db").engine.url.drivername == "postgresql+psycopg"
+    with pytest.raises(ValueError):
+        CatalogStore("mysql://u@h/db")
+
+
+def test_sqlite_in_memory_works() -> None:
+    store = CatalogStore("sqlite://")
+    store.migrate()
+    store.start_run("r", DS, VL, "p", "d", {})
+    _append_next(store, CHAIN, "a")
+    assert store.get_run("r")["status"] == "running"
+    assert store.chain_heads()[CHAIN][0] == 0
+
+
+def test_sqlite_pragmas(tmp_path: Path) -> None:
+    store = CatalogStore(default_catalog_url(tmp_path / "new" / "home"))  # parent dirs created
+    store.migrate()
+    with store.engine.connect() as conn:
+        pragma = {n: conn.exec_driver_sql(f"PRAGMA {n}").scalar() for n in ("journal_mode", "busy_timeout")}
+        pragma["foreign_keys"] = conn.exec_driver_sql("PRAGMA foreign_keys").scalar()
+        pragma["synchronous"] = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+    assert pragma == {"journal_mode": "wal", "busy_timeout": 30000, "foreign_keys": 1, "synchronous": 1}
+
+
+def _schema_state(store: CatalogStore) -> tuple[set[str], list[str]]:
+    with store.engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        versions = [r[0] for r in conn.execute(sa.text("SELECT version_num FROM alembic_version"))]
+    return tables, versions
+
+
+EXPECTED_TABLES = {
+    "alembic_version",
+    "datasets",
+    "runs",
+    "partitions",
+    "lineage",
+    "audit_events",
+    "audit_chain_heads",
+    "discrepancy_events",
+}
+
+
+def test_migrate_twice_is_idempotent(catalog_url: str) -> None:
+    store = CatalogStore(catalog_url)
+    store.migrate()
+    store.start_run("r", DS, VL, "p", "d", {"k": "v"})
+    store.migrate()
+    store.close()
+    again = CatalogStore(catalog_url)
+    again.migrate()
+    assert _schema_state(again) == (EXPECTED_TABLES, ["0001"])
+    assert again.get_run("r")["metadata"] == {"k": "v"}
+    again.close()
+
+
+def test_migrate_from_concurrent_processes(catalog_url: str) -> None:
+    _run_processes(_migrate_worker, [(catalog_url,) for _ in range(4)])
+    store = CatalogStore(catalog_url)
+    assert _schema_state(store) == (EXPECTED_TABLES, ["0001"])
+    store.migrate()
+    store.close()
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def test_run_round_trip(store: CatalogStore) -> None:
+    assert store.get_run("nope") is None
+    store.start_run("run-1", DS, VL, "sha256:p", "sha256:d", {"initiator": "ops", "n": [1, True, None]})
+    run = store.get_run("run-1")
+    assert run["status"] == "running" and run["finished_at"] is None and run["summary"] is None
+    assert run["metadata"] == {"initiator": "ops", "n": [1, True, None]}
+    assert (run["dataset"], run["version_label"], run["plan_hash"], run["decision_hash"]) == (
+        DS,
+        VL,
+        "sha256:p",
+        "sha256:d",
+    )
+    assert run["started_at"].tzinfo is not None and run["started_at"].utcoffset().total_seconds() == 0
+    assert abs((datetime.now(UTC) - run["started_at"]).total_seconds()) < 60
+    store.finish_run("run-1", "succeeded", {"partitions": 3, "ids": ["ä"]})
+    run = store.get_run("run-1")
+    assert run["status"] == "succeeded" and run["summary"] == {"partitions": 3, "ids": ["ä"]}
+    assert run["finished_at"] >= run["started_at"]
+    store.start_run("run-1", DS, VL, "sha256:p", "sha256:d", {"initiator": "ops", "n": [1, True, None]})
+    run = store.get_run("run-1")
+    assert run["status"] == "running" and run["finished_at"] is None
+    with pytest.raises(KeyError):
+        store.finish_run("unknown", "failed", {})
+    assert [(d["dataset"], d["version_label"]) for d in store.datasets()] == [(DS, VL)]
+    store.ensure_dataset(DS, VL)
+    store.ensure_dataset(DS, "v2")
+    assert [(d["dataset"], d["version_label"]) for d in store.datasets()] == [(DS, VL), (DS, "v2")]
+
+
+# -- partitions and lineage -------------------------------------------------------------------
+
+
+def test_partition_round_trip_and_idempotence(store: CatalogStore) -> None:
+    store.start_run("run-1", DS, VL, "sha256:plan", "sha256:dec", {})
+    _record(store, 1, source_uri="s3://bucket/in.jsonl", source_kind="uri")
+    _record(store, 1, source_uri="s3://bucket/in.jsonl", source_kind="uri")  # idempotent
+    rows = store.partition_versions()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["status"] == "committed" and row["rolled_back_at"] is None
+    assert row["files"] == [{"uri": "part-1.parquet", "checksum": "sha256:f", "rowCount": 10, "byteSize": 99}]
+    assert (row["manifest_checksum"], row["merkle_root"], row["record_count"], row["event_hash"]) == (
+        "sha256:m1",
+        "sha256:r1",
+        10,
+        "sha256:e1",
+    )
+    assert row["committed_at"].utcoffset().total_seconds() == 0
+    assert store.current_partition(DS, VL, "20240101T000000Z") == row
+    assert store.current_partition(DS, VL, "other") is None
+    lineage = store.lineage()
+    assert len(lineage) == 1
+    assert lineage[0]["source_uri"] == "s3://bucket/in.jsonl" and lineage[0]["partition_version"] == 1
+    # no source URI: still idempotent (stored as '' so the unique constraint holds)
+    _record(store, 2)
+    _record(store, 2)
+    assert [(r["partition_version"], r["source_uri"]) for r in store.lineage()] == [
+        (1, "s3://bucket/in.jsonl"),
+        (2, None),
+    ]
+    with pytest.raises(ValueError, match="already"):
+        _record(store, 2, checksum="sha256:different")
+    assert store.partition_versions(DS, "v-other") == []
+    assert len(store.partition_versions(DS)) == 2
+
+
+def test_partition_versions_order(store: CatalogStore) -> None:
+    for key in ("20240101T020000Z", "20240101T000000Z", "20240101T010000Z"):
+        for version in (2, 1):
+            _record(store, version, key=key)
+    _record(store, 1, key="20240101T000000Z", dataset="alpha")
+    rows = store.partition_versions()
+    got = [(r["dataset"], r["partition_key"], r["version"]) for r in rows]
+    assert got == sorted(got)
+    assert got[0][0] == "alpha"
+
+
+def test_supersede_and_rollback_transitions(store: CatalogStore) -> None:
+    _record(store, 1)
+    _record(store, 2)
+    assert _statuses(store) == {1: "superseded", 2: "committed"}
+    assert store.current_partition(DS, VL, "20240101T000000Z")["version"] == 2
+    # undo version 2, restoring version 1
+    store.mark_partition_rolled_back(
+        dataset=DS, version_label=VL, partition_key="20240101T000000Z", version=2, restored_version=1
+    )
+    assert _statuses(store) == {1: "committed", 2: "rolled_back"}
+    rows = {r["version"]: r for r in store.partition_versions()}
+    assert (
+        rows[2]["rolled_back_at"] is not None and rows[2]["rolled_back_at"].utcoffset().total_seconds() == 0
+    )
+    assert rows[1]["rolled_back_at"] is None
+    first_rollback_at = rows[2]["rolled_back_at"]
+    # repeating it changes nothing
+    store.mark_partition_rolled_back(
+        dataset=DS, version_label=VL, partition_key="20240101T000000Z", version=2, restored_version=1
+    )
+    assert {r["version"]: r for r in store.partition_versions()}[2]["rolled_back_at"] == first_rollback_at
+    # version 3 supersedes 1; rolling 3 back with nothing to restore leaves no committed version
+    _record(store, 3)
+    assert _statuses(store) == {1: "superseded", 2: "rolled_back", 3: "committed"}
+    store.mark_partition_rolled_back(
+        dataset=DS, version_label=VL, partition_key="20240101T000000Z", version=3, restored_version=None
+    )
+    assert _statuses(store) == {1: "superseded", 2: "rolled_back", 3: "rolled_back"}
+    assert store.current_partition(DS, VL, "20240101T000000Z") is None
+    # re-recording a rolled-back version with the same manifest commits it again
+    _record(store, 3)
+    assert _statuses(store) == {1: "superseded", 2: "rolled_back", 3: "committed"}
+    with pytest.raises(KeyError):
+        store.mark_partition_rolled_back(
+            dataset=DS, version_label=VL, partition_key="20240101T000000Z", version=9, restored_version=None
+        )
+    with pytest.raises(KeyError):
+        store.mark_partition_rolled_back(
+            dataset=DS, version_label=VL, partition_key="20240101T000000Z", version=3, restored_version=8
+        )
+    # the failed call rolled back: version 3 is still committed
+    assert _statuses(store)[3] == "committed"
+
+
+def test_database_allows_one_committed_version(store: CatalogStore) -> None:
+    _record(store, 1)
+    with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO partitions (dataset, version_label, partition_key, version, run_id, status, "
+                "manifest_uri, manifest_checksum, merkle_root, record_count, files, committed_at) VALUES "
+                "(:d, :v, '20240101T000000Z', 5, 'r', 'committed', 'u', 'c', 'm', 0, '[]', :t)"
+            ),
+            {"d": DS, "v": VL, "t": datetime.now(UTC)},
+        )
+    with pytest.raises(sa.exc.IntegrityError), store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE partitions SET status = 'bogus'"))
+
+
+# -- discrepancies and append-only tables -----------------------------------------------------
+
+
+def test_discrepancy_round_trip(store: CatalogStore) -> None:
+    store.record_discrepancy(
+        run_id="run-1", dataset=DS, version_label=VL, partition_key="k", kind="MISSING_EVENT", detail={"a": 1}
+    )
+    store.record_discrepancy(
+        run_id="run-2", dataset=DS, version_label=VL, partition_key=None, kind="EXTRA_FILE", detail={"f": "x"}
+    )
+    rows = store.discrepancies()
+    assert [(r["run_id"], r["partition_key"], r["kind"], r["detail"]) for r in rows] == [
+        ("run-1", "k", "MISSING_EVENT", {"a": 1}),
+        ("run-2", None, "EXTRA_FILE", {"f": "x"}),
+    ]
+    assert rows[0]["recorded_at"].utcoffset().total_seconds() == 0
+    assert [r["kind"] for r in store.discrepancies("run-2")] == ["EXTRA_FILE"]
+    assert store.discrepancies("none") == []
+
+
+@pytest.mark.parametrize(
+    ("table", "statement"),
+    [
+        ("audit_events", "UPDATE audit_events SET event_type = 'forged'"),
+        ("audit_events", "UPDATE audit_events SET event_json = '{}' WHERE seq = 0"),
+        ("audit_events", "DELETE FROM audit_events"),
+        ("audit_events", "DELETE FROM audit_events WHERE seq = 1"),
+        ("discrepancy_events", "UPDATE discrepancy_events SET kind = 'forged'"),
+        ("discrepancy_events", "DELETE FROM discrepancy_events"),
+    ],
+)
+def test_triggers_refuse_update_and_delete(store: CatalogStore, table: str, statement: str) -> None:
+    _append_next(store, CHAIN, "a")
+    _append_next(store, CHAIN, "b")
+    store.record_discrepancy(
+        run_id="r", dataset=DS, version_label=VL, partition_key=None, kind="K", detail={}
+    )
+
+    def snapshot() -> list[tuple]:
+        with store.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1, 2"))]
+
+    before = snapshot()
+    assert before
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), store.engine.begin() as conn:
+        conn.execute(sa.text(statement))
+    assert snapshot() == before
+    # inserts still work
+    _append_next(store, CHAIN, "c")
+    store.record_discrepancy(
+        run_id="r", dataset=DS, version_label=VL, partition_key=None, kind="K", detail={}
+    )
+    assert len(snapshot()) == len(before) + 1
+
+
+@pytest.mark.postgres
+def test_postgres_refuses_truncate(fresh_postgres_url: str) -> None:
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    _append_next(store, CHAIN, "a")
+    for table in ("audit_events", "discrepancy_events"):
+        with pytest.raises(sa.exc.DBAPIError, match="append-only"), store.engine.begin() as conn:
+            conn.execute(sa.text(f"TRUNCATE {table}"))
+    assert len(store.audit_events(CHAIN)) == 1
+    store.close()
+
+
+@pytest.mark.postgres
+def test_plain_postgresql_url_is_accepted(fresh_postgres_url: str) -> None:
+    plain = fresh_postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    store = CatalogStore(plain)
+    store.migrate()
+    store.start_run("r", DS, VL, "p", "d", {})
+    assert store.get_run("r")["status"] == "running"
+    store.close()
+
+
+# -- audit chain mirror -----------------------------------------------------------------------
+
+
+def test_chain_append_head_and_events(store: CatalogStore) -> None:
+    assert store.chain_heads() == {}
+    with store.locked_chain(CHAIN) as tx:
+        assert tx.head() is None
+        assert tx.events_after(-1) == []
+        e0, e1 = _event(0, None, "a"), None
+        e1 = _event(1, e0["chain"]["event_hash"], "b")
+        tx.append([e0, e1])
+        assert tx.head() == (1, e1["chain"]["event_hash"])
+        assert tx.events_after(0) == [e1]
+    assert store.chain_heads() == {CHAIN: (1, e1["chain"]["event_hash"])}
+    assert store.audit_events(CHAIN) == [e0, e1]
+    assert store.audit_events("other/v1") == []
+    # event_json is the exact sorted, compact, non-ASCII-preserving text
+    with store.engine.connect() as conn:
+        stored = conn.execute(
+            sa.text("SELECT event_json, event_type, prev_event_hash FROM audit_events")
+        ).all()
+    assert stored[0][0].startswith('{"chain":{"chain_key":"events/v1","event_hash":')
+    assert "héllo" in stored[0][0]
+    assert stored[1][1:] == ("partition_committed", e0["chain"]["event_hash"])
+    # an empty chain that was only locked is not reported as a head
+    with store.locked_chain("empty/v1") as tx:
+        assert tx.head() is None
+    assert set(store.chain_heads()) == {CHAIN}
+
+
+def test_chain_append_refuses_bad_links(store: CatalogStore) -> None:
+    _append_next(store, CHAIN, "a")
+    head_hash = store.chain_heads()[CHAIN][1]
+    bad = [
+        _event(2, head_hash, "skip"),  # seq gap
+        _event(0, None, "again"),  # seq repeated
+        _event(1, "sha256:" + "0" * 64, "wrong-prev"),  # wrong prev hash
+        _event(1, None, "null-prev"),
+        _event(1, head_hash, "other-chain", chain_key="other/v1"),
+    ]
+    for event in bad:
+        with pytest.raises(ValueError), store.locked_chain(CHAIN) as tx:
+            tx.append([event])
+    # the second event of a batch must link to the first
+    good = _event(1, head_hash, "b")
+    with pytest.raises(ValueError), store.locked_chain(CHAIN) as tx:
+        tx.append([good, _event(2, head_hash, "c")])
+    assert store.chain_heads()[CHAIN] == (0, head_hash)
+    assert len(store.audit_events(CHAIN)) == 1
+    # a duplicate event_hash (same event in another chain) is refused as ValueError too
+    dup = _event(0, None, "a")
+    dup["chain"]["chain_key"] = "other/v1"
+    with pytest.raises(ValueError), store.locked_chain("other/v1") as tx:
+        tx.append([dup])
+
+
+def test_locked_chain_rolls_back_on_error(store: CatalogStore) -> None:
+    _append_next(store, CHAIN, "a")
+    with pytest.raises(RuntimeError), store.locked_chain(CHAIN) as tx:
+        head = tx.head()
+        tx.append([_event(1, head[1], "b")])
+        raise RuntimeError("boom")
+    assert store.chain_heads()[CHAIN][0] == 0
+    assert len(store.audit_events(CHAIN)) == 1
+
+
+def _check_chain(store: CatalogStore, chain_key: str, total: int, tags: dict[str, int]) -> None:
+    events = store.audit_events(chain_key)
+    assert [e["chain"]["seq"] for e in events] == list(range(total))
+    prev = None
+    for e in events:
+        assert e["chain"]["prev_event_hash"] == prev
+        prev = e["chain"]["event_hash"]
+    assert store.chain_heads()[chain_key] == (total - 1, prev)
+    counts: dict[str, int] = {}
+    for e in events:
+        worker = e["payload"]["tag"].split("-")[0]
+        counts[worker] = counts.get(worker, 0) + 1
+    assert counts == tags
+
+
+def test_locked_chain_serialises_processes(catalog_url: str) -> None:
+    store = CatalogStore(catalog_url)
+    store.migrate()
+    _run_processes(_chain_worker, [(catalog_url, CHAIN, w, 25) for w in range(4)])
+    _check_chain(store, CHAIN, 100, {f"w{w}": 25 for w in range(4)})
+    store.close()
+
+
+def test_locked_chain_serialises_threads(store: CatalogStore) -> None:
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for i in range(15):
+                _append_next(store, "threads/v1", f"t{worker}-{i}")
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert errors == []
+    _check_chain(store, "threads/v1", 60, {f"t{w}": 15 for w in range(4)})
+
+
+# -- model-based check of the partition status machine ----------------------------------------
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("record"), st.integers(1, 4)),
+        st.tuples(st.just("rollback"), st.integers(1, 4), st.one_of(st.none(), st.integers(1, 4))),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops)
+def test_partition_status_machine(ops: list[tuple]) -> None:
+    store = CatalogStore("sqlite://")
+    store.migrate()
+    model: dict[int, str] = {}
+    for op in ops:
+        if op[0] == "record":
+            for v, s in model.items():
+                if s == "committed" and v != op[1]:
+                    model[v] = "superseded"
+            model[op[1]] = "committed"
+            _record(store, op[1])
+            continue
+        _, version, restored = op
+        expect_error = version not in model or (
+            restored is not None and (restored == version or restored not in model)
+        )
+        try:
+            store.mark_partition_rolled_back(
+                dataset=DS,
+                version_label=VL,
+                partition_key="20240101T000000Z",
+                version=version,
+                restored_version=restored,
+            )
+        except (KeyError, ValueError):
+            assert expect_error
+            continue
+        assert not expect_error
+        model[version] = "rolled_back"
+        if restored is not None:
+            for v, s in model.items():
+                if s == "committed" and v != restored:
+                    model[v] = "superseded"
+            model[restored] = "committed"
+    assert _statuses(store) == model
+    assert list(model.values()).count("committed") <= 1
+    current = store.current_partition(DS, VL, "20240101T000000Z")
+    committed = [v for v, s in model.items() if s == "committed"]
+    assert (current["version"] if current else None) == (committed[0] if committed else None)
+    store.close()
+
+
+# -- the PostgreSQL test plugin itself ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_postgres_plugin_without_binaries(monkeypatch: pytest.MonkeyPatch, ci: str | None) -> None:
+    from pcbo_dagster_tests import postgres_server
+
+    monkeypatch.setattr(postgres_server, "_find_bindir", lambda: None)
+    monkeypatch.delenv("PCBO_TEST_POSTGRES_URL", raising=False)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+        with pytest.raises(pytest.skip.Exception, match="PostgreSQL not available"):
+            postgres_server._Server().start()
+    else:
+        monkeypatch.setenv("CI", ci)
+        with pytest.raises(pytest.fail.Exception, match="required in CI"):
+            postgres_server._Server().start()
