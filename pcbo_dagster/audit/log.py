@@ -152,15 +152,26 @@ class AuditLog:
         ValueError for an invalid chain_key, event_type or body (floats, reserved keys);
         ChainDivergence when the backup and the head store hold different chains.
         """
+        return self.append_many(chain_key, [(event_type, body)])[0]
+
+    def append_many(self, chain_key: str, items: list[tuple[str, dict]]) -> list[dict]:
+        """Append several events in order under one lock: one backup write and fsync, one head-store
+        transaction (a group commit). Returns the events; all or none reach the backup."""
+        if not items:
+            return []
         timestamp = format_timestamp(self.clock())
         with self._session(chain_key) as (txn, state):
             seq, prev = (0, None) if state.head is None else (state.head[0] + 1, state.head[1])
-            event = build_event(chain_key=chain_key, seq=seq, prev_event_hash=prev, event_type=event_type,
-                                timestamp=timestamp, body=body)
-            self.backup.append(chain_key, [event], fsync=True)
+            events = []
+            for event_type, body in items:
+                event = build_event(chain_key=chain_key, seq=seq, prev_event_hash=prev, event_type=event_type,
+                                    timestamp=timestamp, body=body)
+                events.append(event)
+                seq, prev = seq + 1, event["chain"]["event_hash"]
+            self.backup.append(chain_key, events, fsync=True)
             if txn is not None:
-                txn.append([event])
-        return event
+                txn.append(events)
+        return events
 
     def head(self, chain_key: str) -> tuple[int, str] | None:
         """(seq, event_hash) of the chain's last event in the backup, or None."""

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select, text, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from pcbo_dagster.catalog import schema as t
@@ -31,6 +31,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Key of the PostgreSQL advisory lock taken around migrations ("pcbo" + "migr" as ASCII).
 MIGRATION_LOCK_KEY = 0x7063626F6D696772
+#: The newest Alembic revision in migrations/versions (a test holds it equal to Alembic's head).
+HEAD_REVISION = "0001"
 _BEGIN_OPTION = "pcbo_sqlite_begin"
 
 
@@ -138,6 +140,13 @@ class ChainTransaction:
         )
 
 
+def _group_by_dataset(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["version_label"]), []).append(row)
+    return groups
+
+
 def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any], keys: list[str]) -> bool:
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when a row was inserted."""
     dialect = pg_dialect if conn.dialect.name == "postgresql" else sqlite_dialect
@@ -234,8 +243,19 @@ class CatalogStore:
 
     # -- migrations ---------------------------------------------------------------------------
 
+    def at_head(self) -> bool:
+        """True when the schema is already at HEAD_REVISION (a cheap check that skips Alembic)."""
+        try:
+            with self._read() as conn:
+                row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+        except SQLAlchemyError:
+            return False
+        return row is not None and row[0] == HEAD_REVISION
+
     def migrate(self) -> None:
         """Upgrade the schema to the newest revision; idempotent and safe to run concurrently."""
+        if self.at_head():
+            return
         from alembic import command
         from alembic.config import Config
 
@@ -354,6 +374,162 @@ class CatalogStore:
         Idempotent for the same (partition, version, manifest_checksum); a different checksum for an
         existing version raises ValueError.
         """
+        with self._write() as conn:
+            self._record_partition_version(
+                conn,
+                dataset=dataset,
+                version_label=version_label,
+                partition_key=partition_key,
+                version=version,
+                run_id=run_id,
+                manifest_uri=manifest_uri,
+                manifest_checksum=manifest_checksum,
+                merkle_root=merkle_root,
+                record_count=record_count,
+                event_hash=event_hash,
+                files=files,
+                source_uri=source_uri,
+                source_kind=source_kind,
+                plan_hash=plan_hash,
+                decision_hash=decision_hash,
+            )
+
+    def record_partition_versions(self, rows: list[dict[str, Any]]) -> None:
+        """`record_partition_version` for many partitions in one transaction (keyword dicts).
+
+        Versions not yet recorded go in with a few multi-row statements; the rare re-recording of an
+        existing (partition, version) takes the one-by-one path with its checks.
+        """
+        if not rows:
+            return
+        p = t.partitions
+        with self._write() as conn:
+            fresh: list[dict[str, Any]] = []
+            for (dataset, version_label), group in _group_by_dataset(rows).items():
+                self._ensure_dataset(conn, dataset, version_label)
+                for row in group:
+                    self._lock_partition(conn, dataset, version_label, row["partition_key"])
+                recorded = {
+                    (r.partition_key, r.version)
+                    for r in conn.execute(
+                        select(p.c.partition_key, p.c.version).where(
+                            p.c.dataset == dataset,
+                            p.c.version_label == version_label,
+                            p.c.partition_key.in_([r["partition_key"] for r in group]),
+                        )
+                    )
+                }
+                for row in group:
+                    if (row["partition_key"], row["version"]) in recorded:
+                        self._record_partition_version(conn, **row)
+                    else:
+                        fresh.append(row)
+            if not fresh:
+                return
+            conn.execute(
+                update(p)
+                .where(
+                    p.c.dataset == bindparam("b_dataset"),
+                    p.c.version_label == bindparam("b_version_label"),
+                    p.c.partition_key == bindparam("b_partition_key"),
+                    p.c.status == "committed",
+                )
+                .values(status="superseded"),
+                [
+                    {
+                        "b_dataset": r["dataset"],
+                        "b_version_label": r["version_label"],
+                        "b_partition_key": r["partition_key"],
+                    }
+                    for r in fresh
+                ],
+            )
+            now = _now()
+            conn.execute(
+                p.insert(),
+                [
+                    {
+                        "dataset": r["dataset"],
+                        "version_label": r["version_label"],
+                        "partition_key": r["partition_key"],
+                        "version": r["version"],
+                        "run_id": r["run_id"],
+                        "status": "committed",
+                        "manifest_uri": r["manifest_uri"],
+                        "manifest_checksum": r["manifest_checksum"],
+                        "merkle_root": r["merkle_root"],
+                        "record_count": r["record_count"],
+                        "event_hash": r["event_hash"],
+                        "files": _dumps(r["files"]),
+                        "committed_at": now,
+                        "rolled_back_at": None,
+                    }
+                    for r in fresh
+                ],
+            )
+            dialect = pg_dialect if conn.dialect.name == "postgresql" else sqlite_dialect
+            conn.execute(
+                dialect.insert(t.lineage).on_conflict_do_nothing(
+                    index_elements=[
+                        "dataset",
+                        "version_label",
+                        "partition_key",
+                        "partition_version",
+                        "source_uri",
+                    ]
+                ),
+                [
+                    {
+                        "dataset": r["dataset"],
+                        "version_label": r["version_label"],
+                        "partition_key": r["partition_key"],
+                        "run_id": r["run_id"],
+                        "partition_version": r["version"],
+                        "source_uri": r["source_uri"] or "",
+                        "source_kind": r["source_kind"],
+                        "plan_hash": r["plan_hash"],
+                        "decision_hash": r["decision_hash"],
+                    }
+                    for r in fresh
+                ],
+            )
+
+    def current_partitions(self, dataset: str, version_label: str) -> dict[str, dict[str, Any]]:
+        """The 'committed' row of every partition of a dataset version, by partition key."""
+        p = t.partitions
+        with self._read() as conn:
+            rows = conn.execute(
+                select(p).where(
+                    p.c.dataset == dataset, p.c.version_label == version_label, p.c.status == "committed"
+                )
+            ).all()
+        return {row.partition_key: self._partition_row(row) for row in rows}
+
+    def _record_partition_version(
+        self,
+        conn: Connection,
+        *,
+        dataset: str,
+        version_label: str,
+        partition_key: str,
+        version: int,
+        run_id: str,
+        manifest_uri: str,
+        manifest_checksum: str,
+        merkle_root: str,
+        record_count: int,
+        event_hash: str | None,
+        files: list[dict[str, Any]],
+        source_uri: str | None,
+        source_kind: str,
+        plan_hash: str,
+        decision_hash: str,
+    ) -> None:
+        """Commit a partition version: supersede the other committed one, insert it and its lineage.
+
+        Idempotent for the same (partition, version, manifest_checksum); a different checksum for an
+        existing version raises ValueError.
+        """
         pk = {"dataset": dataset, "version_label": version_label, "partition_key": partition_key}
         p = t.partitions
         where_partition = (
@@ -361,61 +537,60 @@ class CatalogStore:
             p.c.version_label == version_label,
             p.c.partition_key == partition_key,
         )
-        with self._write() as conn:
-            self._lock_partition(conn, dataset, version_label, partition_key)
-            self._ensure_dataset(conn, dataset, version_label)
-            existing = conn.execute(
-                select(p.c.manifest_checksum, p.c.status).where(*where_partition, p.c.version == version)
-            ).first()
-            if existing is not None and existing.manifest_checksum != manifest_checksum:
-                raise ValueError(
-                    f"partition {dataset}/{version_label}/{partition_key} version {version} is already "
-                    f"recorded with manifest checksum {existing.manifest_checksum}, not {manifest_checksum}"
-                )
+        self._lock_partition(conn, dataset, version_label, partition_key)
+        self._ensure_dataset(conn, dataset, version_label)
+        existing = conn.execute(
+            select(p.c.manifest_checksum, p.c.status).where(*where_partition, p.c.version == version)
+        ).first()
+        if existing is not None and existing.manifest_checksum != manifest_checksum:
+            raise ValueError(
+                f"partition {dataset}/{version_label}/{partition_key} version {version} is already "
+                f"recorded with manifest checksum {existing.manifest_checksum}, not {manifest_checksum}"
+            )
+        conn.execute(
+            update(p)
+            .where(*where_partition, p.c.version != version, p.c.status == "committed")
+            .values(status="superseded")
+        )
+        if existing is None:
             conn.execute(
-                update(p)
-                .where(*where_partition, p.c.version != version, p.c.status == "committed")
-                .values(status="superseded")
-            )
-            if existing is None:
-                conn.execute(
-                    p.insert().values(
-                        **pk,
-                        version=version,
-                        run_id=run_id,
-                        status="committed",
-                        manifest_uri=manifest_uri,
-                        manifest_checksum=manifest_checksum,
-                        merkle_root=merkle_root,
-                        record_count=record_count,
-                        event_hash=event_hash,
-                        files=_dumps(files),
-                        committed_at=_now(),
-                        rolled_back_at=None,
-                    )
-                )
-            else:
-                values: dict[str, Any] = {}
-                if existing.status != "committed":
-                    values["status"] = "committed"
-                if event_hash is not None:
-                    values["event_hash"] = event_hash
-                if values:
-                    conn.execute(update(p).where(*where_partition, p.c.version == version).values(**values))
-            _insert_ignore(
-                conn,
-                t.lineage,
-                {
+                p.insert().values(
                     **pk,
-                    "run_id": run_id,
-                    "partition_version": version,
-                    "source_uri": source_uri or "",
-                    "source_kind": source_kind,
-                    "plan_hash": plan_hash,
-                    "decision_hash": decision_hash,
-                },
-                ["dataset", "version_label", "partition_key", "partition_version", "source_uri"],
+                    version=version,
+                    run_id=run_id,
+                    status="committed",
+                    manifest_uri=manifest_uri,
+                    manifest_checksum=manifest_checksum,
+                    merkle_root=merkle_root,
+                    record_count=record_count,
+                    event_hash=event_hash,
+                    files=_dumps(files),
+                    committed_at=_now(),
+                    rolled_back_at=None,
+                )
             )
+        else:
+            values: dict[str, Any] = {}
+            if existing.status != "committed":
+                values["status"] = "committed"
+            if event_hash is not None:
+                values["event_hash"] = event_hash
+            if values:
+                conn.execute(update(p).where(*where_partition, p.c.version == version).values(**values))
+        _insert_ignore(
+            conn,
+            t.lineage,
+            {
+                **pk,
+                "run_id": run_id,
+                "partition_version": version,
+                "source_uri": source_uri or "",
+                "source_kind": source_kind,
+                "plan_hash": plan_hash,
+                "decision_hash": decision_hash,
+            },
+            ["dataset", "version_label", "partition_key", "partition_version", "source_uri"],
+        )
 
     def mark_partition_rolled_back(
         self,

@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from pcbo_dagster.core.canonical import CanonicalizationError, jcs
+from pcbo_dagster.core.canonical import CanonicalizationError, fast_jcs, jcs
 
 PAS_VERSION = "pcbo.pas/1"
 
@@ -96,13 +96,17 @@ def event_hash(event: dict) -> str:
     chain = dict(event["chain"])
     chain.pop("event_hash", None)
     stripped["chain"] = chain
-    return "sha256:" + hashlib.sha256(jcs(stripped)).hexdigest()
+    # Without floats or large integers orjson's sorted output is the RFC 8785 form (fast_jcs checks
+    # the rest); anything else, e.g. a tampered event holding a float, goes through rfc8785.
+    canonical = jcs(stripped) if json_problems(stripped) else fast_jcs(stripped)
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def event_id_for(chain_key: str, seq: int, event_type: str, prev_event_hash: str | None) -> str:
     """`evt_` + the first 32 hex digits of SHA-256(JCS({chain_key, seq, event_type, prev_event_hash}))."""
     ident = {"chain_key": chain_key, "seq": seq, "event_type": event_type, "prev_event_hash": prev_event_hash}
-    return "evt_" + hashlib.sha256(jcs(ident)).hexdigest()[:32]
+    canonical = jcs(ident) if json_problems(ident) else fast_jcs(ident)
+    return "evt_" + hashlib.sha256(canonical).hexdigest()[:32]
 
 
 def build_event(

@@ -8,7 +8,6 @@ all refused with an `InvalidInput` naming the field.
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -29,7 +28,6 @@ from pcbo_dagster.core.instants import parse_instant
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PARTITIONS = 100_000
 _DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
-_BIG_INT = re.compile(rb"\d{16}")
 
 
 def _instant(value: str) -> str:
@@ -196,17 +194,23 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
         floats_seen = True
         return float(text)
 
+    def _int(text: str) -> int:
+        nonlocal floats_seen
+        if len(text) > 15:  # may lie beyond +-(2**53 - 1): let rfc8785 judge
+            floats_seen = True
+        return int(text)
+
     try:
         value = json.loads(
             raw,
             parse_float=_float,
+            parse_int=_int,
             parse_constant=_reject_constant,
             object_pairs_hook=_pairs_without_duplicates,
         )
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(what, f"not valid JSON: {exc}") from None
-    raw_bytes = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    return ParsedJson(value, floats_seen or bool(_BIG_INT.search(raw_bytes)))
+    return ParsedJson(value, floats_seen)
 
 
 def _loc_to_field(loc: tuple[Any, ...]) -> str:

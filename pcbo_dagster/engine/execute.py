@@ -10,6 +10,7 @@ event or catalog row, those are completed now ("healed").
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -20,15 +21,17 @@ from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
 from pcbo_dagster.core.errors import Blocked, IntegrityError
 from pcbo_dagster.core.plan import Plan
-from pcbo_dagster.core.record_table import ID, build_table, run_schema
+from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table, run_schema
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, chain_key, commit_body
 from pcbo_dagster.engine.request_loading import LoadedRequest
-from pcbo_dagster.engine.rollback import undo_current_version
+from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_version
 from pcbo_dagster.lake import layout, manifests, parquet_files
 
 Progress = Callable[[int], None]
+#: The columns the post-write check reads back (the rest of a row plays no part in the policy).
+CHECKED_COLUMNS = (ID, "consentGranted", "jurisdiction", RETENTION_EXPIRES_AT)
 
 
 def check_gates(loaded: LoadedRequest, decisions: Decisions) -> None:
@@ -127,25 +130,45 @@ class PostWriteCheckFailed(IntegrityError):
 
 
 def post_write_check(
-    env: Environment, plan: Plan, manifest: dict[str, Any], expected_ids: list[str], existing_ids: list[str]
+    env: Environment,
+    plan: Plan,
+    manifest: dict[str, Any],
+    expected_ids: list[str],
+    existing_ids: list[str],
+    full: bool = True,
 ) -> dict[str, Any]:
-    """Read the committed file back from the lake: checksum, rows vs decisions, root, policy."""
+    """Read the committed file back from the lake: checksum, rows vs decisions, root, policy.
+
+    `full=False` (a partition left unchanged, already checked when it was committed) checks the file
+    bytes against the manifest's checksum and the decided adds against the manifest's Merkle root,
+    without decoding the rows again.
+    """
     findings: list[str] = []
     ids: list[str] = []
     violating: list[dict[str, Any]] = []
+    rows = 0
     for entry in manifest["files"]:
         data = env.lake.read(entry["path"])
         if prefixed(sha256_hex(data)) != entry["checksum"]:
             findings.append(f"{entry['path']}: checksum differs from the manifest")
             continue
-        table = parquet_files.decode(data)
+        if not full:
+            rows += entry["rowCount"]
+            continue
+        table = parquet_files.decode(data, columns=CHECKED_COLUMNS)
+        rows += table.num_rows
         if table.num_rows != entry["rowCount"]:
             findings.append(f"{entry['path']}: {table.num_rows} rows, manifest says {entry['rowCount']}")
         ids.extend(table[ID].to_pylist())
         violating.extend(violations(table, plan.policies, existing_ids))
-    root = merkle.root_hex(ids)
-    if ids != expected_ids:
-        findings.append(f"rows written ({len(ids)}) differ from the decided adds ({len(expected_ids)})")
+    if full:
+        root = merkle.root_hex(ids)
+        ids_match = ids == expected_ids
+    else:
+        root = manifest["merkleRoot"]
+        ids_match = rows == len(expected_ids) and merkle.root_hex(expected_ids) == root
+    if not ids_match:
+        findings.append(f"rows written ({rows}) differ from the decided adds ({len(expected_ids)})")
     if root != manifest["merkleRoot"]:
         findings.append("the Merkle root recomputed from the written file differs from the manifest")
     if violating:
@@ -153,16 +176,40 @@ def post_write_check(
     return {
         "key": manifest["partition"]["key"],
         "decidedAdds": len(expected_ids),
-        "rowsWritten": len(ids),
-        "idsMatch": ids == expected_ids,
+        "rowsWritten": rows,
+        "idsMatch": ids_match,
         "merkleRoot": manifest["merkleRoot"],
         "rootRecomputed": root,
         "rootMatches": root == manifest["merkleRoot"],
         "policyViolations": violating[:20],
         "policyViolationCount": len(violating),
+        "checked": "rows" if full else "checksum",
         "status": "ok" if not findings else "failed",
         "findings": findings,
     }
+
+
+#: Partitions committed together: one sync of their data files, one of their commit points, one
+#: audit append (group commit) and one catalog transaction per batch.
+COMMIT_BATCH = 32
+
+
+@dataclass
+class _Staged:
+    """One partition on its way through a commit batch."""
+
+    pd: PartitionDecision
+    manifest: dict[str, Any]
+    manifest_checksum: str
+    manifest_bytes: bytes | None  # None when the partition is unchanged
+    version: int
+    event: dict[str, Any] | None = None
+    healed: bool = False
+    check: dict[str, Any] | None = None
+
+    @property
+    def status(self) -> str:
+        return "unchanged" if self.manifest_bytes is None else "committed"
 
 
 def execute(
@@ -180,7 +227,6 @@ def execute(
     schema, as_json = run_schema([loaded.records[i] for i in all_adds])
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
-    status = "unchanged"
     failure: str | None = None
     with env.dataset_lock(plan.dataset, plan.version_label):
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
@@ -193,29 +239,22 @@ def execute(
             dict(request.metadata),
         )
         index = ChainIndex(env.audit.backup.read_chain(ckey))
-        for pd in decisions.partitions:
-            outcome, check = _commit_partition(
-                env, loaded, plan, decisions, pd, schema, as_json, index, existing
-            )
-            results.append(outcome)
-            reconciliation.append(check)
-            if outcome["status"] in ("committed",):
-                status = "committed"
+        catalog_rows = env.catalog.current_partitions(plan.dataset, plan.version_label)
+        parts = decisions.partitions
+        for lo in range(0, len(parts), COMMIT_BATCH):
+            batch = [
+                _stage(env, loaded, plan, decisions, pd, schema, as_json, index)
+                for pd in parts[lo : lo + COMMIT_BATCH]
+            ]
+            failure = _commit_batch(env, loaded, plan, batch, index, catalog_rows, existing)
+            for st in batch:
+                results.append(_outcome(env, st))
+                reconciliation.append(st.check)
             if progress:
-                progress(1)
-            if check["status"] != "ok":
-                failure = f"post-write check failed for partition {pd.partition.key}: " + "; ".join(
-                    check["findings"]
-                )
-                env.catalog.record_discrepancy(
-                    run_id=request.runId,
-                    dataset=plan.dataset,
-                    version_label=plan.version_label,
-                    partition_key=pd.partition.key,
-                    kind="post_write_check",
-                    detail=check,
-                )
+                progress(len(batch))
+            if failure:
                 break
+        status = "committed" if any(r["status"] == "committed" for r in results) else "unchanged"
         final = "failed" if failure else status
         summary = {
             "partitions": len(results),
@@ -252,7 +291,7 @@ def execute(
     return document
 
 
-def _commit_partition(
+def _stage(
     env: Environment,
     loaded: LoadedRequest,
     plan: Plan,
@@ -261,8 +300,9 @@ def _commit_partition(
     schema: pa.Schema,
     as_json: dict[str, bool],
     index: ChainIndex,
-    existing: list[str],
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> _Staged:
+    """Encode the partition; when its content is new, write its data file, version manifest and
+    rollback manifest (not yet durable, not yet committed)."""
     lake = env.lake
     key = pd.partition.key
     dataset, version_label = plan.dataset, plan.version_label
@@ -280,90 +320,140 @@ def _commit_partition(
         "byteSize": len(data),
     }
     merkle_root = merkle.root_hex(pd.add)
-
-    manifest_rel = layout.manifest(dataset, version_label, key)
     previous = previous_checksum = None
-    if lake.exists(manifest_rel):
-        previous_bytes = lake.read(manifest_rel)
+    previous_bytes = lake.read_if_exists(layout.manifest(dataset, version_label, key))
+    if previous_bytes is not None:
         previous, previous_checksum = manifests.decode(previous_bytes), manifests.checksum(previous_bytes)
     version = max(index.max_version.get(key, 0), previous["partitionVersion"] if previous else 0) + 1
     manifest = build_manifest(
         plan, decisions, pd, file_entry, merkle_root, version, previous, previous_checksum, schema
     )
-    healed = False
     if previous is not None and manifests.same_content(previous, manifest):
-        manifest, manifest_checksum, status = previous, previous_checksum, "unchanged"
-        version = previous["partitionVersion"]
-        event = index.commits.get((key, manifest_checksum))
-        if event is None:
-            event = env.audit.append(
-                chain_key(dataset, version_label),
-                PARTITION_COMMITTED,
-                commit_body(manifest, manifest_checksum, lake),
-            )
-            index.add(event)
-            healed = True
-    else:
-        status = "committed"
-        lake.write_atomic(file_rel, data)
-        failpoints.reached("after_data_files", pd.partition.index)
-        manifest_bytes = manifests.encode(manifest)
-        manifest_checksum = manifests.checksum(manifest_bytes)
-        lake.write_atomic(layout.version_manifest(dataset, version_label, key, version), manifest_bytes)
-        lake.write_atomic(
-            layout.rollback_manifest(dataset, version_label, key, version),
-            manifests.encode(_rollback_manifest(plan, key, version, manifest_checksum, previous, [file_rel])),
-        )
-        failpoints.reached("before_commit", pd.partition.index)
-        lake.write_atomic(manifest_rel, manifest_bytes)
-        failpoints.reached("after_commit", pd.partition.index)
-        event = env.audit.append(
-            chain_key(dataset, version_label),
-            PARTITION_COMMITTED,
-            commit_body(manifest, manifest_checksum, lake),
-        )
-        index.add(event)
-        failpoints.reached("after_event", pd.partition.index)
+        return _Staged(pd, previous, previous_checksum, None, previous["partitionVersion"])
+    if previous is not None:
+        # a crash after its commit point may have left the version being superseded unaudited
+        ensure_commit_recorded(env, previous, previous_checksum, index)
+    manifest_bytes = manifests.encode(manifest)
+    manifest_checksum = manifests.checksum(manifest_bytes)
+    lake.write(file_rel, data)
+    lake.write(layout.version_manifest(dataset, version_label, key, version), manifest_bytes)
+    lake.write(
+        layout.rollback_manifest(dataset, version_label, key, version),
+        manifests.encode(_rollback_manifest(plan, key, version, manifest_checksum, previous, [file_rel])),
+    )
+    return _Staged(pd, manifest, manifest_checksum, manifest_bytes, version)
 
-    check = post_write_check(env, plan, manifest, pd.add, existing)
-    if check["status"] != "ok":
-        if status == "committed":
-            undo_current_version(
-                env,
-                dataset,
-                version_label,
-                key,
-                reason="post_write_check_failed",
+
+def _commit_batch(
+    env: Environment,
+    loaded: LoadedRequest,
+    plan: Plan,
+    batch: list[_Staged],
+    index: ChainIndex,
+    catalog_rows: dict[str, dict[str, Any]],
+    existing: list[str],
+) -> str | None:
+    """Commit points, audit events, post-write checks and catalog rows of a staged batch.
+    Returns the failure text of the first partition whose post-write check failed, if any."""
+    lake = env.lake
+    dataset, version_label = plan.dataset, plan.version_label
+    ckey = chain_key(dataset, version_label)
+    indexes = [st.pd.partition.index for st in batch]
+    lake.sync()  # data files and manifests are durable before any commit point names them
+    _reached("after_data_files", indexes)
+    _reached("before_commit", indexes)
+    for st in batch:
+        if st.manifest_bytes is not None:
+            lake.write_atomic(layout.manifest(dataset, version_label, st.pd.partition.key), st.manifest_bytes)
+    lake.sync()  # commit points are durable before their audit events
+    _reached("after_commit", indexes)
+    pending = [st for st in batch if (st.pd.partition.key, st.manifest_checksum) not in index.commits]
+    events = env.audit.append_many(
+        ckey, [(PARTITION_COMMITTED, commit_body(st.manifest, st.manifest_checksum, lake)) for st in pending]
+    )
+    for st, event in zip(pending, events, strict=True):
+        index.add(event)
+        st.healed = st.status == "unchanged"
+    for st in batch:
+        st.event = index.commits[(st.pd.partition.key, st.manifest_checksum)]
+    _reached("after_event", indexes)
+
+    failure = None
+    recorded = []
+    for st in batch:
+        st.check = post_write_check(
+            env, plan, st.manifest, st.pd.add, existing, full=st.status == "committed"
+        )
+        key = st.pd.partition.key
+        if st.check["status"] != "ok":
+            if st.status == "committed":
+                undo_current_version(
+                    env,
+                    dataset,
+                    version_label,
+                    key,
+                    reason="post_write_check_failed",
+                    run_id=plan.run_id,
+                    expected_checksum=st.manifest_checksum,
+                )
+            env.catalog.record_discrepancy(
                 run_id=plan.run_id,
-                expected_checksum=manifest_checksum,
-            )
-        status = "failed"
-    else:
-        row = env.catalog.current_partition(dataset, version_label, key)
-        if row is None or row["version"] != version or row["manifest_checksum"] != manifest_checksum:
-            env.catalog.record_partition_version(
                 dataset=dataset,
                 version_label=version_label,
                 partition_key=key,
-                version=version,
-                run_id=manifest["runId"],
-                manifest_uri=lake.uri(manifest_rel),
-                manifest_checksum=manifest_checksum,
-                merkle_root=manifest["merkleRoot"],
-                record_count=manifest["recordCount"],
-                event_hash=event["chain"]["event_hash"],
-                files=manifest["files"],
-                source_uri=loaded.source_uri,
-                source_kind=loaded.source_kind,
-                plan_hash=manifest["planHash"],
-                decision_hash=manifest["decisionHash"],
+                kind="post_write_check",
+                detail=st.check,
             )
-            healed = healed or status == "unchanged"
-        failpoints.reached("after_catalog", pd.partition.index)
+            failure = failure or f"post-write check failed for partition {key}: " + "; ".join(
+                st.check["findings"]
+            )
+            continue
+        row = catalog_rows.get(key)
+        if row is None or row["version"] != st.version or row["manifest_checksum"] != st.manifest_checksum:
+            m = st.manifest
+            recorded.append(
+                {
+                    "dataset": dataset,
+                    "version_label": version_label,
+                    "partition_key": key,
+                    "version": st.version,
+                    "run_id": m["runId"],
+                    "manifest_uri": lake.uri(layout.manifest(dataset, version_label, key)),
+                    "manifest_checksum": st.manifest_checksum,
+                    "merkle_root": m["merkleRoot"],
+                    "record_count": m["recordCount"],
+                    "event_hash": st.event["chain"]["event_hash"],
+                    "files": m["files"],
+                    "source_uri": loaded.source_uri,
+                    "source_kind": loaded.source_kind,
+                    "plan_hash": m["planHash"],
+                    "decision_hash": m["decisionHash"],
+                }
+            )
+            st.healed = st.healed or st.status == "unchanged"
+    env.catalog.record_partition_versions(recorded)
+    for row in recorded:
+        catalog_rows[row["partition_key"]] = {
+            "version": row["version"],
+            "manifest_checksum": row["manifest_checksum"],
+        }
+    _reached("after_catalog", indexes)
+    return failure
+
+
+def _reached(point: str, indexes: list[int]) -> None:
+    for i in indexes:
+        failpoints.reached(point, i)
+
+
+def _outcome(env: Environment, st: _Staged) -> dict[str, Any]:
+    lake, m = env.lake, st.manifest
+    dataset, version_label, key = m["dataset"], m["versionLabel"], st.pd.partition.key
+    failed = st.check is not None and st.check["status"] != "ok"
     outcome = {
-        **pd.partition.to_json(),
-        "status": status,
-        "version": version,
+        **st.pd.partition.to_json(),
+        "status": "failed" if failed else st.status,
+        "version": st.version,
         "files": [
             {
                 "uri": lake.uri(f["path"]),
@@ -371,15 +461,15 @@ def _commit_partition(
                 "rowCount": f["rowCount"],
                 "byteSize": f["byteSize"],
             }
-            for f in manifest["files"]
+            for f in m["files"]
         ],
-        "recordCount": manifest["recordCount"],
-        "merkleRoot": manifest["merkleRoot"],
-        "manifest": lake.uri(manifest_rel),
-        "manifestChecksum": manifest_checksum,
-        "rollbackManifest": lake.uri(layout.rollback_manifest(dataset, version_label, key, version)),
-        "eventHash": event["chain"]["event_hash"],
+        "recordCount": m["recordCount"],
+        "merkleRoot": m["merkleRoot"],
+        "manifest": lake.uri(layout.manifest(dataset, version_label, key)),
+        "manifestChecksum": st.manifest_checksum,
+        "rollbackManifest": lake.uri(layout.rollback_manifest(dataset, version_label, key, st.version)),
+        "eventHash": st.event["chain"]["event_hash"] if st.event else None,
     }
-    if healed:
+    if st.healed:
         outcome["healed"] = True
-    return outcome, check
+    return outcome

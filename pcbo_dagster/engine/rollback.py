@@ -12,8 +12,53 @@ from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.events import PARTITION_ROLLED_BACK, ChainIndex, chain_key, rollback_body
+from pcbo_dagster.engine.events import (
+    PARTITION_COMMITTED,
+    PARTITION_ROLLED_BACK,
+    ChainIndex,
+    chain_key,
+    commit_body,
+    rollback_body,
+)
 from pcbo_dagster.lake import layout, manifests
+
+
+def ensure_commit_recorded(
+    env: Environment, manifest: dict[str, Any], checksum: str, index: ChainIndex | None = None
+) -> None:
+    """Give a committed manifest its `partition_committed` event and catalog row if a crash after
+    its commit point left it without them, before it is superseded or undone: the chain must show
+    every version readers could see, and the catalog must know the version it marks rolled back."""
+    dataset, version_label = manifest["dataset"], manifest["versionLabel"]
+    key, version = manifest["partition"]["key"], manifest["partitionVersion"]
+    row = env.catalog.current_partition(dataset, version_label, key)
+    if row is not None and row["version"] == version and row["manifest_checksum"] == checksum:
+        return
+    ckey = chain_key(dataset, version_label)
+    if index is None:
+        index = ChainIndex(env.audit.backup.read_chain(ckey))
+    event = index.commits.get((key, checksum))
+    if event is None:
+        event = env.audit.append(ckey, PARTITION_COMMITTED, commit_body(manifest, checksum, env.lake))
+        index.add(event)
+    if row is None or row["version"] < version:
+        env.catalog.record_partition_version(
+            dataset=dataset,
+            version_label=version_label,
+            partition_key=key,
+            version=version,
+            run_id=manifest["runId"],
+            manifest_uri=env.lake.uri(layout.manifest(dataset, version_label, key)),
+            manifest_checksum=checksum,
+            merkle_root=manifest["merkleRoot"],
+            record_count=manifest["recordCount"],
+            event_hash=event["chain"]["event_hash"],
+            files=manifest["files"],
+            source_uri=None,
+            source_kind="repair",
+            plan_hash=manifest["planHash"],
+            decision_hash=manifest["decisionHash"],
+        )
 
 
 def undo_current_version(
@@ -36,11 +81,12 @@ def undo_current_version(
     checksum = manifests.checksum(current_bytes)
     if expected_checksum is not None and checksum != expected_checksum:
         return {"key": key, "status": "noop", "detail": "the current version is not the one to undo"}
+    ensure_commit_recorded(env, current, checksum)
     version = current["partitionVersion"]
     plan = manifests.decode(lake.read(layout.rollback_manifest(dataset, version_label, key, version)))
     restore = plan.get("restoreVersion")
     if restore is not None:
-        lake.write_atomic(manifest_rel, lake.read(plan["restoreManifest"]))
+        lake.write_atomic(manifest_rel, lake.read(plan["restoreManifest"]), durable=True)
     else:
         lake.delete(manifest_rel)
     for rel in plan["removeFiles"]:

@@ -28,5 +28,10 @@ def encode(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def decode(data: bytes) -> pa.Table:
-    return pq.read_table(pa.BufferReader(data))
+def decode(data: bytes, columns: tuple[str, ...] | None = None) -> pa.Table:
+    """Read parquet bytes; with `columns`, only those of them the file has."""
+    if columns is None:
+        return pq.read_table(pa.BufferReader(data))
+    reader = pq.ParquetFile(pa.BufferReader(data))
+    present = set(reader.schema_arrow.names)
+    return reader.read(columns=[c for c in columns if c in present])

@@ -27,6 +27,7 @@ class LakeStorage:
         self.fs, root = fsspec.core.url_to_fs(self.url)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
+        self._made_dirs: set[str] = set()
 
     def uri(self, rel: str) -> str:
         return f"{self.url}/{rel}"
@@ -34,24 +35,56 @@ class LakeStorage:
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
-    def write_atomic(self, rel: str, data: bytes) -> None:
-        path = self._path(rel)
-        if self.is_local:
-            directory = os.path.dirname(path)
+    def _local_dir(self, path: str) -> None:
+        directory = os.path.dirname(path)
+        if directory not in self._made_dirs:
             os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
+            self._made_dirs.add(directory)
+
+    def write(self, rel: str, data: bytes) -> None:
+        """Write a file that nothing reads until a later commit point names it (data files, version
+        and rollback manifests): a crash may leave it partial, and the next run rewrites it whole.
+        Durable only after `sync()`."""
+        path = self._path(rel)
+        if not self.is_local:
+            self.fs.pipe_file(path, data)
+            return
+        self._local_dir(path)
+        with open(path, "wb") as fh:
+            fh.write(data)
+
+    def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
+        """Replace a file all-or-nothing (a temporary file renamed into place; a single PUT on an
+        object store). `durable=True` fsyncs it before the rename; otherwise call `sync()` later."""
+        path = self._path(rel)
+        if not self.is_local:
+            self.fs.pipe_file(path, data)
+            return
+        self._local_dir(path)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                if durable:
                     fh.flush()
                     os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-        else:
-            self.fs.pipe_file(path, data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def sync(self) -> None:
+        """Make every write so far durable (local disks: one sync of the file systems; object stores
+        are durable on PUT)."""
+        if self.is_local:
+            os.sync()
+
+    def read_if_exists(self, rel: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self._path(rel))
+        except FileNotFoundError:
+            return None
 
     def read(self, rel: str) -> bytes:
         return self.fs.cat_file(self._path(rel))
