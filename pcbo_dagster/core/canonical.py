@@ -58,11 +58,23 @@ def record_digests(records: list[Any], may_hold_floats_or_big_ints: bool) -> lis
     cannot express: lone surrogates, integers beyond +-(2**53 - 1), NaN or infinities.
     """
     sha = hashlib.sha256
-    out: list[str] = []
-    canon = rfc8785.dumps if may_hold_floats_or_big_ints else fast_jcs
-    for index, record in enumerate(records):
+    if not may_hold_floats_or_big_ints:
+        dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
         try:
-            out.append(sha(canon(record)).hexdigest())
-        except (rfc8785.CanonicalizationError, UnicodeEncodeError, ValueError) as exc:
-            raise rfc8785.CanonicalizationError(index, str(exc)) from exc
-    return out
+            blobs = [dumps(record, option=sort_keys) for record in records]
+        except (orjson.JSONEncodeError, TypeError):
+            pass  # some record needs rfc8785's judgement: take the careful path below
+        else:
+            # ASCII output is the RFC 8785 form; anything else is re-done by rfc8785 (see fast_jcs).
+            return [
+                sha(blob).hexdigest() if blob.isascii() else _careful_digest(records[i], i)
+                for i, blob in enumerate(blobs)
+            ]
+    return [_careful_digest(record, i) for i, record in enumerate(records)]
+
+
+def _careful_digest(record: Any, index: int) -> str:
+    try:
+        return hashlib.sha256(rfc8785.dumps(record)).hexdigest()
+    except (rfc8785.CanonicalizationError, UnicodeEncodeError, ValueError) as exc:
+        raise rfc8785.CanonicalizationError(index, str(exc)) from exc

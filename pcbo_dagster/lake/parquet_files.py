@@ -31,7 +31,7 @@ def encode(table: pa.Table) -> bytes:
 def decode(data: bytes, columns: tuple[str, ...] | None = None) -> pa.Table:
     """Read parquet bytes; with `columns`, only those of them the file has."""
     if columns is None:
-        return pq.read_table(pa.BufferReader(data))
+        return pq.read_table(pa.BufferReader(data), use_threads=False)
     reader = pq.ParquetFile(pa.BufferReader(data))
     present = set(reader.schema_arrow.names)
-    return reader.read(columns=[c for c in columns if c in present])
+    return reader.read(columns=[c for c in columns if c in present], use_threads=False)

@@ -1,0 +1,126 @@
+"""Run the `pcbo` command line as a real subprocess, the way a user or a script does.
+
+`run_pcbo(["execute", "--input", "req.json"], home=tmp / "home")` returns a `PcboRun`
+`(status, document, stderr)`: the exit status, stdout parsed as JSON (None when stdout is empty or
+not JSON) and stderr. Every `PCBO_*` variable of the calling environment is dropped so a stray
+setting (a failpoint, an endpoint) never leaks into a test; pass what a test needs in `env`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class PcboRun(NamedTuple):
+    status: int
+    document: Any
+    stderr: str
+
+
+def pcbo_env(
+    home: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment a `pcbo` subprocess gets: ours without `PCBO_*`, plus PCBO_HOME and `env`."""
+    result = {k: v for k, v in os.environ.items() if not k.startswith("PCBO_")}
+    result["PYTHONUNBUFFERED"] = "1"
+    if home is not None:
+        result["PCBO_HOME"] = os.fspath(home)
+    result.update(env or {})
+    return result
+
+
+def run_pcbo(
+    args: Sequence[str | os.PathLike[str]],
+    home: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = 120.0,
+) -> PcboRun:
+    """Run `python -m pcbo_dagster.cli *args` with PCBO_HOME=`home` and `env` added."""
+    if cwd is None:
+        # Never let a default ./.pcbo land in the repository.
+        cwd = Path(home).parent if home is not None else Path.cwd()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pcbo_dagster.cli", *map(os.fspath, args)],
+        env=pcbo_env(home, env),
+        cwd=cwd,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    stdout = proc.stdout.decode("utf-8", errors="replace")
+    try:
+        document = json.loads(stdout) if stdout.strip() else None
+    except ValueError:
+        document = None
+    return PcboRun(proc.returncode, document, proc.stderr.decode("utf-8", errors="replace"))
+
+
+def load_generator() -> Any:
+    """`benchmarks/generate_request.py` as a module (it is not part of the installed package)."""
+    import importlib.util
+
+    path = REPO_ROOT / "benchmarks" / "generate_request.py"
+    spec = importlib.util.spec_from_file_location("pcbo_generate_request", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_request(path: Path, request: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(request, indent=1), encoding="utf-8")
+    return path
+
+
+# -- reading what a home holds, without going through pcbo ------------------------------------------
+
+
+def lake_dir(home: Path) -> Path:
+    return Path(home) / "lake"
+
+
+def lake_files(home: Path) -> dict[str, bytes]:
+    """Every file under `$home/lake` (relative posix path -> bytes)."""
+    root = lake_dir(home)
+    if not root.is_dir():
+        return {}
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def lake_snapshot(home: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `$home/lake` -> (size, mtime_ns): any rewrite shows as a changed mtime."""
+    root = lake_dir(home)
+    result = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            result[p.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
+    return result
+
+
+def backup_file(home: Path, dataset: str = "events", version_label: str = "v1") -> Path:
+    return Path(home) / "pas" / dataset / f"{version_label}.jsonl"
+
+
+def backup_lines(home: Path, dataset: str = "events", version_label: str = "v1") -> list[bytes]:
+    """The audit backup's lines (without their newlines)."""
+    path = backup_file(home, dataset, version_label)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    assert data == b"" or data.endswith(b"\n"), "the audit backup must end with a newline"
+    return data.splitlines()
+
+
+def backup_events(home: Path, dataset: str = "events", version_label: str = "v1") -> list[dict[str, Any]]:
+    return [json.loads(line) for line in backup_lines(home, dataset, version_label)]

@@ -1,0 +1,269 @@
+"""Crash safety (CONTRACT section 4): `PCBO_FAILPOINT=<point>@<partition>` kills execute abruptly at
+each step of a middle partition's commit; what is left must be consistent, and the next run (or
+`pcbo verify --repair`) must finish the job exactly as an uninterrupted run would have."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster_tests.cli_runner import (
+    backup_events,
+    lake_dir,
+    lake_files,
+    load_generator,
+    run_pcbo,
+    write_request,
+)
+
+pytestmark = pytest.mark.slow
+
+CRASH_STATUS = 86
+PARTITIONS = 5
+MIDDLE = 2
+KEYS = [f"20240101T0{h}0000Z" for h in range(PARTITIONS)]
+
+#: point -> is the crashed partition (committed, audited, catalogued) when the process dies.
+#: The engine may commit several partitions together (a batch), so other partitions of the batch can
+#: be a step ahead of or behind it; the checks below hold for any batching.
+MIDDLE_STATE: dict[str, tuple[bool, bool, bool]] = {
+    "after_data_files": (False, False, False),  # data file written, no commit point: invisible
+    "before_commit": (False, False, False),  # version and rollback manifests written too
+    "after_commit": (True, False, False),  # committed, no audit event, no catalog row
+    "after_event": (True, True, False),  # committed and audited, no catalog row
+    "after_catalog": (True, True, True),  # all done but the run's summary
+}
+
+
+def make_request() -> dict[str, Any]:
+    return load_generator().make_request(records=150, partitions=PARTITIONS, seed=5, run_id="crash-run-001")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("crash")
+
+
+@pytest.fixture(scope="module")
+def request_file(work: Path) -> Path:
+    return write_request(work / "request.json", make_request())
+
+
+@pytest.fixture(scope="module")
+def reference_home(work: Path, request_file: Path) -> Path:
+    """An uninterrupted run. Tests must not modify it: copy it."""
+    home = work / "reference"
+    status, document, stderr = run_pcbo(["execute", "--input", request_file], home=home)
+    assert status == 0, stderr
+    assert [p["key"] for p in document["partitions"]] == KEYS
+    return home
+
+
+@pytest.fixture(scope="module")
+def reference(reference_home: Path) -> dict[str, bytes]:
+    """The lake of an uninterrupted run."""
+    return lake_files(reference_home)
+
+
+@pytest.fixture(scope="module")
+def changed_request_file(work: Path) -> Path:
+    """The request with one more record in the middle partition, under another run id."""
+    request = make_request()
+    request["runId"] = "crash-run-002"
+    request["sourceRecords"].append(
+        {
+            "id": "zz-late-0001",
+            "occurredAt": "2024-01-01T02:30:00Z",
+            "jurisdiction": "US",
+            "consentGranted": True,
+            "retentionExpiresAt": "2026-01-01T00:00:00Z",
+            "amount": 5,
+            "channel": "web",
+            "converted": True,
+        }
+    )
+    return write_request(work / "changed.json", request)
+
+
+def _verify(home: Path, *extra: str) -> dict[str, Any]:
+    status, document, stderr = run_pcbo(["verify", *extra], home=home)
+    assert document is not None, stderr
+    assert status == (0 if document["status"] == "clean" else 1), (status, document)
+    return document
+
+
+def _commits(home: Path, key: str) -> list[tuple[str, int]]:
+    events = backup_events(home)
+    return [(e["event_type"], e["partition"]["version"]) for e in events if e["partition"]["key"] == key]
+
+
+def _catalog_versions(home: Path, key: str) -> list[tuple[int, str]]:
+    with sqlite3.connect(home / "catalog.db") as db:
+        return db.execute(
+            "SELECT version, status FROM partitions WHERE partition_key = ? ORDER BY version", (key,)
+        ).fetchall()
+
+
+def _crash(home: Path, request_file: Path, point: str) -> None:
+    status, document, stderr = run_pcbo(
+        ["execute", "--input", request_file], home=home, env={"PCBO_FAILPOINT": f"{point}@{MIDDLE}"}
+    )
+    assert status == CRASH_STATUS, (status, stderr)
+    assert document is None, "a crashed execute printed its document"
+
+
+def _state(home: Path) -> tuple[set[str], set[str], set[str]]:
+    """(committed, audited, catalogued) partition keys: a `_manifest.json`, a commit event, a
+    committed catalog row. Checks that no committed partition is half written."""
+    lake = lake_dir(home) / "events" / "v1"
+    committed = {p.parent.name for p in lake.rglob("_manifest.json")}
+    for key in committed:
+        manifest = json.loads((lake / key / "_manifest.json").read_bytes())
+        assert manifest["files"]
+        for entry in manifest["files"]:
+            data = (lake_dir(home) / entry["path"]).read_bytes()
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == entry["checksum"], f"{key} half written"
+            assert len(data) == entry["byteSize"]
+    audited = {e["partition"]["key"] for e in backup_events(home)}
+    with sqlite3.connect(home / "catalog.db") as db:
+        rows = db.execute("SELECT partition_key FROM partitions WHERE status = 'committed'").fetchall()
+    catalogued = {key for (key,) in rows}
+    return committed, audited, catalogued
+
+
+def _assert_one_commit_event_per_partition(home: Path) -> None:
+    events = backup_events(home)
+    assert [e["chain"]["seq"] for e in events] == list(range(len(events)))
+    assert all(e["event_type"] == "partition_committed" for e in events)
+    assert sorted(e["partition"]["key"] for e in events) == KEYS, "lost or duplicated commit events"
+
+
+@pytest.mark.parametrize("point", list(MIDDLE_STATE))
+def test_crash_then_rerun_matches_an_uninterrupted_run(work, request_file, reference, point):
+    home = work / f"home-{point}"
+    _crash(home, request_file, point)
+
+    # (a) what the crash left is consistent: only the findings the crash point explains
+    committed, audited, catalogued = _state(home)
+    assert catalogued <= audited <= committed <= set(KEYS)
+    assert (KEYS[MIDDLE] in committed, KEYS[MIDDLE] in audited, KEYS[MIDDLE] in catalogued) == (
+        MIDDLE_STATE[point]
+    )
+    assert list((lake_dir(home) / "events" / "v1" / KEYS[MIDDLE]).glob("part-*.parquet")), (
+        "the crashed partition's data file was written before the crash"
+    )
+    document = _verify(home)
+    assert document["checked"]["partitions"] == len(committed)
+    found = sorted((f["kind"], f["where"]) for f in document["findings"])
+    expected = sorted(
+        [("audit_event_missing", f"events/v1/{k}") for k in committed - audited]
+        + [("catalog_mismatch", f"events/v1/{k}") for k in committed - catalogued]
+    )
+    assert found == expected, document["findings"]
+
+    # (b) the next run completes the job, byte for byte like an uninterrupted run
+    status, result, stderr = run_pcbo(["execute", "--input", request_file], home=home)
+    assert status == 0, stderr
+    assert [p["key"] for p in result["partitions"]] == KEYS
+    assert [p["status"] for p in result["partitions"]] == [
+        "unchanged" if k in committed else "committed" for k in KEYS
+    ]
+    healed = {p["key"] for p in result["partitions"] if p.get("healed")}
+    assert healed == committed - (audited & catalogued)
+    assert all(p["version"] == 1 for p in result["partitions"])
+
+    document = _verify(home)
+    assert document["status"] == "clean", document["findings"]
+    assert document["checked"]["partitions"] == PARTITIONS
+    assert lake_files(home) == reference
+    _assert_one_commit_event_per_partition(home)
+
+
+def test_crash_after_commit_is_healed_by_verify_repair(work, request_file, reference):
+    home = work / "home-repair"
+    _crash(home, request_file, "after_commit")
+
+    document = _verify(home, "--repair")
+    assert document["status"] == "clean", document["findings"]
+    repaired = {(r["kind"], r["where"]) for r in document["repaired"]}
+    assert ("audit_event_appended", f"events/v1/{KEYS[MIDDLE]}") in repaired
+    committed, audited, catalogued = _state(home)
+    assert committed == audited == catalogued and KEYS[MIDDLE] in committed
+    events = backup_events(home)
+    assert len(events) == len(committed)
+    last = next(e for e in events if e["partition"]["key"] == KEYS[MIDDLE])
+    manifest_bytes = (lake_dir(home) / "events" / "v1" / KEYS[MIDDLE] / "_manifest.json").read_bytes()
+    assert last["event_type"] == "partition_committed"
+    assert last["partition"]["key"] == KEYS[MIDDLE]
+    assert last["manifest"]["checksum"] == "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    assert last["merkle_root"] == json.loads(manifest_bytes)["merkleRoot"]
+
+    document = _verify(home)
+    assert document["status"] == "clean", document["findings"]
+
+    # the next run neither duplicates the repaired event nor misses the rest
+    status, result, stderr = run_pcbo(["execute", "--input", request_file], home=home)
+    assert status == 0, stderr
+    assert [p["status"] for p in result["partitions"]] == [
+        "unchanged" if k in committed else "committed" for k in KEYS
+    ]
+    assert not any(p.get("healed") for p in result["partitions"])
+    assert lake_files(home) == reference
+    _assert_one_commit_event_per_partition(home)
+
+
+def test_a_crashed_unaudited_version_is_audited_before_a_new_version_supersedes_it(
+    work, request_file, changed_request_file
+):
+    """Crash after the middle partition's commit point, then run a request that changes that
+    partition: version 1 was visible to readers, so the chain and the catalog must record it (commit
+    event, then version 2's), and rolling back version 2 must restore a version the catalog knows."""
+    home = work / "home-superseded"
+    key = KEYS[MIDDLE]
+    _crash(home, request_file, "after_commit")
+    status, result, stderr = run_pcbo(["execute", "--input", changed_request_file], home=home)
+    assert status == 0, stderr
+    assert [(p["status"], p["version"]) for p in result["partitions"]][MIDDLE] == ("committed", 2)
+
+    assert _commits(home, key) == [("partition_committed", 1), ("partition_committed", 2)]
+    assert _catalog_versions(home, key) == [(1, "superseded"), (2, "committed")]
+    document = _verify(home)
+    assert document["status"] == "clean", document["findings"]
+
+    status, rolled, stderr = run_pcbo(
+        ["rollback", "--dataset", "events", "--partition", key], home=home
+    )
+    assert status == 0, stderr
+    assert [(p["version"], p["restoredVersion"]) for p in rolled["partitions"]] == [(2, 1)]
+    assert _catalog_versions(home, key) == [(1, "committed"), (2, "rolled_back")]
+    document = _verify(home)
+    assert document["status"] == "clean", document["findings"]
+
+
+def test_rollback_of_a_crashed_unaudited_version(work, reference_home, changed_request_file):
+    """Version 2 committed, then a crash before its event: rolling it back records its commit first,
+    then its rollback, restores version 1 and leaves everything consistent."""
+    home = work / "home-rollback-unaudited"
+    shutil.copytree(reference_home, home)
+    key = KEYS[MIDDLE]
+    _crash(home, changed_request_file, "after_commit")
+    version_1 = (lake_dir(home) / "events" / "v1" / key / "_versions" / "v000001.json").read_bytes()
+
+    status, rolled, stderr = run_pcbo(["rollback", "--dataset", "events", "--partition", key], home=home)
+    assert status == 0, stderr
+    assert [(p["version"], p["restoredVersion"]) for p in rolled["partitions"]] == [(2, 1)]
+    assert (lake_dir(home) / "events" / "v1" / key / "_manifest.json").read_bytes() == version_1
+    assert _commits(home, key) == [
+        ("partition_committed", 1),
+        ("partition_committed", 2),
+        ("partition_rolled_back", 2),
+    ]
+    assert _catalog_versions(home, key) == [(1, "committed"), (2, "rolled_back")]
+    document = _verify(home)
+    assert document["status"] == "clean", document["findings"]
