@@ -75,28 +75,34 @@ class Decisions:
         }
 
 
+def _strings(values: list[Any]) -> pa.Array:
+    """A string array of `values`, null where a value is not a JSON string."""
+    try:
+        return pa.array(values, pa.string())  # the common case: all strings (or null), in C
+    except (pa.ArrowException, TypeError, ValueError):
+        return pa.array([v if type(v) is str else None for v in values], pa.string())
+
+
 def _known_columns(records: list[Any]) -> dict[str, Any]:
     """Pull the known fields into typed columns; anything of the wrong JSON type becomes null."""
-    objs = [r if type(r) is dict else None for r in records]
-    raw_ids = [o.get("id") if o is not None else None for o in objs]
-    raw_occ = [o.get("occurredAt") if o is not None else None for o in objs]
-    raw_ret = [o.get("retentionExpiresAt") if o is not None else None for o in objs]
+    all_objects = all(type(r) is dict for r in records)
+    objs = records if all_objects else [r if type(r) is dict else {} for r in records]
+    raw_ids = [o.get("id") for o in objs]
+    raw_occ = [o.get("occurredAt") for o in objs]
+    raw_ret = [o.get("retentionExpiresAt") for o in objs]
+    ids = _strings(raw_ids)
+    ids = pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
     return {
-        "is_object": pa.array([o is not None for o in objs], pa.bool_()),
+        "is_object": pa.array([True] * len(records) if all_objects else [type(r) is dict for r in records],
+                              pa.bool_()),
         "raw_ids": raw_ids,
         "raw_occ": raw_occ,
-        "id": pa.array([v if type(v) is str and v else None for v in raw_ids], pa.string()),
-        "occ_str": pa.array([v if type(v) is str else None for v in raw_occ], pa.string()),
-        "ret_str": pa.array([v if type(v) is str else None for v in raw_ret], pa.string()),
+        "id": ids,
+        "occ_str": _strings(raw_occ),
+        "ret_str": _strings(raw_ret),
         "ret_given": pa.array([v is not None for v in raw_ret], pa.bool_()),
-        "consent": pa.array([o is not None and o.get("consentGranted") is True for o in objs], pa.bool_()),
-        "jurisdiction": pa.array(
-            [
-                v if type(v) is str else None
-                for v in (o.get("jurisdiction") if o is not None else None for o in objs)
-            ],
-            pa.string(),
-        ),
+        "consent": pa.array([o.get("consentGranted") is True for o in objs], pa.bool_()),
+        "jurisdiction": _strings([o.get("jurisdiction") for o in objs]),
     }
 
 
@@ -130,7 +136,10 @@ def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
     (the lowest index, arbitrary since they are equal) when they are the same record."""
     n = len(ids)
     table = pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)), "id": ids, "digest": digests})
-    table = table.filter(pc.is_valid(ids))
+    # Most ids are unique: keep only those seen more than once before grouping.
+    counts = pc.value_counts(ids.drop_null())
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    table = table.filter(pc.is_in(ids, value_set=repeated))
     grouped = table.group_by("id").aggregate([("idx", "count"), ("idx", "min"), ("digest", "count_distinct")])
     grouped = grouped.filter(pc.greater(grouped["idx_count"], 1))
     flags = np.zeros(n, dtype=bool)
@@ -235,13 +244,10 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
         omit = [
             {"id": ids[i], "reasons": _REASONS_BY_MASK[masks[i]]} for i in (np.flatnonzero(~adds_sel) + lo)
         ]
-        for i in np.flatnonzero(part_masks & _POLICY_MASK) + lo:
-            breaches.append(
-                {
-                    "partition": part.key,
-                    "id": ids[i],
-                    "reasons": [r for r in _REASONS_BY_MASK[masks[i]] if r in POLICY_REASONS],
-                }
+        if policies.on_violation == "block":  # the breaches are listed only where they block
+            breaches.extend(
+                {"partition": part.key, "id": ids[i], "reasons": _REASONS_BY_MASK[masks[i] & _POLICY_MASK]}
+                for i in np.flatnonzero(part_masks & _POLICY_MASK) + lo
             )
         partitions.append(
             PartitionDecision(

@@ -29,6 +29,14 @@ _MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 def parse_instants(values: pa.Array) -> pa.Array:
     """Parse a string array; returns int64 microseconds since the epoch, null where not a valid instant."""
     values = values.cast(pa.string())
+    if len(values) > 1024:
+        encoded = pc.dictionary_encode(values)
+        if len(encoded.dictionary) * 2 < len(values):  # many repeats (e.g. retention dates): parse once
+            return pc.take(_parse(encoded.dictionary), encoded.indices)
+    return _parse(values)
+
+
+def _parse(values: pa.Array) -> pa.Array:
     parts = pc.extract_regex(values, _PATTERN)
     base = pc.struct_field(parts, "base")
     naive = pc.strptime(base, format="%Y-%m-%dT%H:%M:%S", unit="s", error_is_null=True)
