@@ -83,6 +83,11 @@ def _strings(values: list[Any]) -> pa.Array:
         return pa.array([v if type(v) is str else None for v in values], pa.string())
 
 
+def _integers(values: list[Any]) -> pa.Array:
+    """An int64 array of `values`, null where a value is not a JSON integer (booleans are not)."""
+    return pa.array([v if type(v) is int and -(2**63) <= v < 2**63 else None for v in values], pa.int64())
+
+
 def _known_columns(records: list[Any]) -> dict[str, Any]:
     """Pull the known fields into typed columns; anything of the wrong JSON type becomes null."""
     all_objects = all(type(r) is dict for r in records)
@@ -93,8 +98,10 @@ def _known_columns(records: list[Any]) -> dict[str, Any]:
     ids = _strings(raw_ids)
     ids = pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
     return {
-        "is_object": pa.array([True] * len(records) if all_objects else [type(r) is dict for r in records],
-                              pa.bool_()),
+        "objects": objs,
+        "is_object": pa.array(
+            [True] * len(records) if all_objects else [type(r) is dict for r in records], pa.bool_()
+        ),
         "raw_ids": raw_ids,
         "raw_occ": raw_occ,
         "id": ids,
@@ -106,7 +113,9 @@ def _known_columns(records: list[Any]) -> dict[str, Any]:
     }
 
 
-def _invalid_detail(is_object: bool, raw_id: Any, raw_occ: Any, occ_ok: bool, ret_bad: bool) -> str:
+def _invalid_detail(
+    is_object: bool, raw_id: Any, raw_occ: Any, occ_ok: bool, ret_bad: bool, ledger_problem: str | None = None
+) -> str:
     if not is_object:
         return "record is not a JSON object"
     problems = []
@@ -124,6 +133,8 @@ def _invalid_detail(is_object: bool, raw_id: Any, raw_occ: Any, occ_ok: bool, re
         problems.append("occurredAt is not an ISO-8601 instant with seconds and an explicit offset")
     if ret_bad:
         problems.append("retentionExpiresAt is not an ISO-8601 instant with seconds and an explicit offset")
+    if ledger_problem:
+        problems.append(ledger_problem)
     return "; ".join(problems)
 
 
@@ -161,7 +172,14 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
     ret_bad = pc.and_(cols["ret_given"], pc.is_null(ret_us))
     valid = pc.and_(pc.and_(cols["is_object"], pc.is_valid(cols["id"])), pc.is_valid(occ_us))
     valid = pc.and_(valid, pc.invert(ret_bad))
-    in_window = pc.and_(pc.greater_equal(occ_us, plan.start_us), pc.less(occ_us, plan.end_us))
+    position = occ_us
+    if plan.ledger_field is not None:
+        position = _integers([o.get(plan.ledger_field) for o in cols["objects"]])
+        valid = pc.and_(valid, pc.is_valid(position))
+    in_window = pc.and_(
+        pc.greater_equal(position, pa.scalar(plan.start, pa.int64())),
+        pc.less(position, pa.scalar(plan.end, pa.int64())),
+    )
     placed = pc.fill_null(pc.and_(valid, in_window), False)
 
     policies = plan.policies
@@ -189,6 +207,10 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
     occ_ok_np = pc.is_valid(occ_us).to_numpy(zero_copy_only=False)
     is_object_np = cols["is_object"].to_numpy(zero_copy_only=False)
     ret_bad_np = ret_bad.to_numpy(zero_copy_only=False)
+    position_ok_np = pc.is_valid(position).to_numpy(zero_copy_only=False)
+    outside = "occurredAt is outside [start, end)"
+    if plan.ledger_field is not None:
+        outside = f"{plan.ledger_field} is outside the ledger range"
     for index in np.flatnonzero(~placed_np).tolist():
         raw_id = cols["raw_ids"][index]
         entry_id = raw_id if type(raw_id) is str else None
@@ -198,7 +220,7 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
                     "index": index,
                     "id": entry_id,
                     "reasons": [OUT_OF_WINDOW],
-                    "detail": "occurredAt is outside [start, end)",
+                    "detail": outside,
                 }
             )
         else:
@@ -208,15 +230,16 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
                 cols["raw_occ"][index],
                 bool(occ_ok_np[index]),
                 bool(ret_bad_np[index]),
+                None if position_ok_np[index] else f"{plan.ledger_field} is missing or not an integer",
             )
             unplaced.append({"index": index, "id": entry_id, "reasons": [INVALID_RECORD], "detail": detail})
 
     # Placed records: sort by partition, id bytes, then reasons.
-    chunk = pa.scalar(plan.chunk_us, pa.int64())
+    width = pa.scalar(plan.width, pa.int64())
     table = pa.table(
         {
             "idx": pa.array(np.arange(n, dtype=np.int64)),
-            "pidx": pc.divide(pc.subtract(occ_us, pa.scalar(plan.start_us, pa.int64())), chunk),
+            "pidx": pc.divide(pc.subtract(position, pa.scalar(plan.start, pa.int64())), width),
             "id": cols["id"],
             "mask": mask,
         }

@@ -1,4 +1,9 @@
-"""The partition plan and its hash (CONTRACT sections 1 and 3)."""
+"""The partition plan and its hash (CONTRACT sections 1 and 3).
+
+A plan cuts a window of positions into partitions of equal width (the last may be shorter). For a
+time window the positions are microseconds since the epoch (`occurredAt`); for a ledger range (an
+extension, see the README) they are ledger sequence numbers read from a record field.
+"""
 
 from __future__ import annotations
 
@@ -19,15 +24,18 @@ PLAN_VERSION = "pcbo.plan/1"
 class Partition:
     index: int
     key: str
-    start_us: int
-    end_us: int
+    start: int  # first position (inclusive): microseconds, or a ledger sequence
+    end: int  # last position (exclusive)
+    ledger: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        if self.ledger:
+            return {"index": self.index, "key": self.key, "start": self.start, "end": self.end}
         return {
             "index": self.index,
             "key": self.key,
-            "start": format_instant(self.start_us),
-            "end": format_instant(self.end_us),
+            "start": format_instant(self.start),
+            "end": format_instant(self.end),
         }
 
 
@@ -56,15 +64,14 @@ class Plan:
     run_id: str
     dataset: str
     version_label: str
-    start_us: int
-    end_us: int
-    chunk_us: int
+    start: int  # window start position (inclusive)
+    end: int  # window end position (exclusive)
+    width: int  # partition width in positions
     policies: NormalizedPolicies
     partitions: tuple[Partition, ...]
     plan_hash: str
-
-    def partition_of(self, occurred_us: int) -> int:
-        return (occurred_us - self.start_us) // self.chunk_us
+    #: None for a time window (positions are `occurredAt`); else the record field with the ledger sequence.
+    ledger_field: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -97,38 +104,48 @@ def normalize_policies(request: BackfillRequest) -> NormalizedPolicies:
     )
 
 
-def partitions_for(start_us: int, end_us: int, chunk_us: int) -> tuple[Partition, ...]:
-    count = -(-(end_us - start_us) // chunk_us)
+def partitions_for(start: int, end: int, width: int, ledger: bool = False) -> tuple[Partition, ...]:
+    count = -(-(end - start) // width)
     parts = []
     for index in range(count):
-        p_start = start_us + index * chunk_us
-        parts.append(Partition(index, format_key(p_start), p_start, min(p_start + chunk_us, end_us)))
+        lo = start + index * width
+        hi = min(lo + width, end)
+        key = f"range={lo}-{hi - 1}" if ledger else format_key(lo)
+        parts.append(Partition(index, key, lo, hi, ledger))
     return tuple(parts)
 
 
 def build_plan(request: BackfillRequest, record_digests: list[str]) -> Plan:
     """The plan of a request; `record_digests` are the hex SHA-256 of JCS(record) of every record."""
     policies = normalize_policies(request)
-    start_us, end_us, chunk_us = request.start_us, request.end_us, request.chunk_us
-    document = {
+    ledger = request.ledgerRange
+    document: dict[str, Any] = {
         "v": PLAN_VERSION,
         "dataset": request.dataset,
         "versionLabel": request.versionLabel,
-        "start": format_instant(start_us),
-        "end": format_instant(end_us),
-        "chunkSeconds": request.chunkSeconds,
-        "policies": policies.to_json(),
-        "records": sorted(record_digests),
-        "existingTargetIds": sorted(set(request.existingTargetIds)),
     }
+    if ledger is None:
+        start, end, width = request.start_us, request.end_us, request.chunk_us
+        document.update(
+            start=format_instant(start), end=format_instant(end), chunkSeconds=request.chunkSeconds
+        )
+    else:
+        start, end, width = ledger.first, ledger.end, ledger.partitionSize
+        document["ledgerRange"] = {"field": ledger.field, "first": start, "end": end, "partitionSize": width}
+    document.update(
+        policies=policies.to_json(),
+        records=sorted(record_digests),
+        existingTargetIds=sorted(set(request.existingTargetIds)),
+    )
     return Plan(
         run_id=request.runId,
         dataset=request.dataset,
         version_label=request.versionLabel,
-        start_us=start_us,
-        end_us=end_us,
-        chunk_us=chunk_us,
+        start=start,
+        end=end,
+        width=width,
         policies=policies,
-        partitions=partitions_for(start_us, end_us, chunk_us),
+        partitions=partitions_for(start, end, width, ledger is not None),
         plan_hash=prefixed(sha256_hex(fast_jcs(document))),
+        ledger_field=None if ledger is None else ledger.field,
     )

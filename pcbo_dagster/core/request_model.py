@@ -100,14 +100,28 @@ class SourceRef(BaseModel):
         raise InvalidInput("source.format", "cannot be inferred from the URI; give jsonl, parquet or csv")
 
 
+class LedgerRange(BaseModel):
+    """Partitioning by ledger sequence instead of time (an extension; see the README): partition i
+    holds the records whose `field` is in [first + i*partitionSize, min(first + (i+1)*partitionSize,
+    end)); its key is `range=<first ledger>-<last ledger>` like a bronze layer's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: Annotated[StrictStr, Field(pattern=NAME_PATTERN)] = "ledgerSequence"
+    first: Annotated[StrictInt, Field(ge=0, le=2**53 - 1)]
+    end: Annotated[StrictInt, Field(ge=1, le=2**53 - 1)]
+    partitionSize: Annotated[StrictInt, Field(ge=1, le=2**32)]
+
+
 class BackfillRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     runId: Name
     dataset: Name
     versionLabel: Name = "v1"
-    start: Instant
-    end: Instant
+    start: Instant | None = None
+    end: Instant | None = None
+    ledgerRange: LedgerRange | None = None
     chunkSeconds: Annotated[StrictInt, Field(ge=1, le=10**12)] = 3600
     policies: Policies = Policies()
     sourceRecords: list[Any] | None = None
@@ -125,15 +139,28 @@ class BackfillRequest(BaseModel):
                 _metadata_value(value, key)
             except ValueError as exc:
                 raise _FieldError("metadata", str(exc)) from None
-        if self.end_us <= self.start_us:
-            raise _FieldError("end", "must be later than start")
-        span = self.end_us - self.start_us
-        chunk = self.chunkSeconds * 1_000_000
+        if self.ledgerRange is not None:
+            for name in ("start", "end", "chunkSeconds"):
+                if name in self.model_fields_set:
+                    raise _FieldError(name, "does not apply to a ledgerRange request")
+            if self.ledgerRange.end <= self.ledgerRange.first:
+                raise _FieldError("ledgerRange.end", "must be greater than ledgerRange.first")
+            span, chunk, field = (
+                self.ledgerRange.end - self.ledgerRange.first,
+                self.ledgerRange.partitionSize,
+                "ledgerRange.partitionSize",
+            )
+        else:
+            for name in ("start", "end"):
+                if getattr(self, name) is None:
+                    raise _FieldError(name, "is required (or give a ledgerRange)")
+            if self.end_us <= self.start_us:
+                raise _FieldError("end", "must be later than start")
+            span, chunk, field = self.end_us - self.start_us, self.chunkSeconds * 1_000_000, "chunkSeconds"
         count = -(-span // chunk)
         if count > MAX_PARTITIONS:
             raise _FieldError(
-                "chunkSeconds",
-                f"the window would make {count} partitions; the limit is {MAX_PARTITIONS}",
+                field, f"the window would make {count} partitions; the limit is {MAX_PARTITIONS}"
             )
         return self
 
