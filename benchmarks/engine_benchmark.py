@@ -1,0 +1,209 @@
+"""End-to-end timing of `pcbo dry-run` / `pcbo execute` against a minimal pyarrow pipeline.
+
+`python benchmarks/engine_benchmark.py [--records 200000 --partitions 720 --repeat 3] [--save]`
+
+Every step runs as a real subprocess (process start included; wall time by `time.perf_counter`
+around `subprocess.run`), `--repeat` times, each engine run with a fresh empty PCBO_HOME:
+dry-run, execute, re-execute (same home again: the idempotent "unchanged" path) and
+`minimal_pipeline.py` (the floor: the same essential work with no product features).
+Peak RSS per step comes from `/usr/bin/time -v` when present, else from getrusage(RUSAGE_CHILDREN).
+With `--save` the figures are also written to `benchmarks/results/engine-<date>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+from generate_request import make_request
+
+HERE = Path(__file__).resolve().parent
+MINIMAL = HERE / "minimal_pipeline.py"
+TARGET_RATIO = 1.3
+GNU_TIME = "/usr/bin/time"
+STEPS = ("dry-run", "execute", "re-execute", "minimal")
+
+
+def gnu_time_works() -> bool:
+    if not os.access(GNU_TIME, os.X_OK):
+        return False
+    probe = subprocess.run([GNU_TIME, "-v", "true"], capture_output=True, text=True)
+    return probe.returncode == 0 and "Maximum resident set size" in probe.stderr
+
+
+def pcbo_command() -> list[str]:
+    exe = shutil.which("pcbo")
+    return [exe] if exe else [sys.executable, "-m", "pcbo_dagster.cli"]
+
+
+def clean_env(home: Path) -> dict[str, str]:
+    """The caller's environment without any PCBO_* override, with a PCBO_HOME of our own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PCBO_")}
+    env["PCBO_HOME"] = str(home)
+    return env
+
+
+def timed(cmd: list[str], env: dict[str, str], scratch: Path, use_gnu_time: bool) -> tuple[float, float, str]:
+    """Run `cmd`; return (wall seconds, peak RSS in MiB, stdout). Exits on failure."""
+    rss_file = scratch / "rss.txt"
+    full = [GNU_TIME, "-v", "-o", str(rss_file), *cmd] if use_gnu_time else cmd
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(full, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
+    if use_gnu_time:
+        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", rss_file.read_text())
+        rss_kib = int(match.group(1)) if match else 0
+    else:
+        # The high-water mark over all children so far: exact when it rose, an upper bound otherwise.
+        rss_kib = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    return seconds, rss_kib / 1024, proc.stdout
+
+
+def engine_added(output: Path) -> tuple[str, int]:
+    doc = json.loads(output.read_text())
+    return doc["status"], sum(p["recordCount"] for p in doc["partitions"])
+
+
+def run(args: argparse.Namespace) -> dict:
+    use_gnu_time = gnu_time_works()
+    pcbo = pcbo_command()
+    times: dict[str, list[float]] = {s: [] for s in STEPS}
+    rss: dict[str, list[float]] = {s: [] for s in STEPS}
+    counts: dict[str, int] = {}
+    with tempfile.TemporaryDirectory(prefix="pcbo-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        req = tmp / "req.json"
+        t0 = time.perf_counter()
+        req.write_text(json.dumps(make_request(args.records, args.partitions, args.seed)), encoding="utf-8")
+        print(
+            f"request: {args.records:,} records, {args.partitions} partitions, "
+            f"{req.stat().st_size / 2**20:.1f} MiB, generated in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+        out = tmp / "out.json"
+
+        def step(name: str, cmd: list[str], home: Path) -> str:
+            seconds, peak, stdout = timed(cmd, clean_env(home), tmp, use_gnu_time)
+            times[name].append(seconds)
+            rss[name].append(peak)
+            print(f"  {name:<11} {seconds:7.2f}s  {peak:7.0f} MiB", flush=True)
+            return stdout
+
+        for rep in range(1, args.repeat + 1):
+            print(f"repeat {rep}/{args.repeat}", flush=True)
+            dry_home, home, min_out = tmp / f"dry-{rep}", tmp / f"home-{rep}", tmp / f"minimal-{rep}"
+            io_args = ["--input", str(req), "--output", str(out)]
+            step("dry-run", [*pcbo, "dry-run", *io_args], dry_home)
+            counts["dry-run"] = json.loads(out.read_text())["totals"]["add"]
+            step("execute", [*pcbo, "execute", *io_args], home)
+            status, counts["execute"] = engine_added(out)
+            if status != "committed":
+                sys.exit(f"execute into an empty home returned status {status!r}")
+            step("re-execute", [*pcbo, "execute", *io_args], home)
+            status, _ = engine_added(out)
+            if status != "unchanged":
+                sys.exit(f"re-execute returned status {status!r}, expected 'unchanged'")
+            minimal = [sys.executable, str(MINIMAL), "--input", str(req), "--out-dir", str(min_out)]
+            stdout = step("minimal", minimal, home)
+            counts["minimal"] = json.loads(stdout)["rows"]
+            for path in (dry_home, home, min_out):
+                shutil.rmtree(path, ignore_errors=True)
+
+    summary = {}
+    for name in STEPS:
+        med = statistics.median(times[name])
+        summary[name] = {
+            "medianSeconds": round(med, 3),
+            "minSeconds": round(min(times[name]), 3),
+            "recordsPerSecond": round(args.records / med),
+            "peakRssMiB": round(max(rss[name]), 1),
+            "seconds": [round(t, 3) for t in times[name]],
+        }
+    execute, minimal = summary["execute"], summary["minimal"]
+    return {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "records": args.records,
+        "partitions": args.partitions,
+        "repeat": args.repeat,
+        "seed": args.seed,
+        "rssSource": "/usr/bin/time -v" if use_gnu_time else "getrusage(RUSAGE_CHILDREN) high-water mark",
+        "host": {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "steps": summary,
+        "addedRows": {"engine": counts["execute"], "dryRun": counts["dry-run"], "minimal": counts["minimal"]},
+        "ratio": {
+            "executeOverMinimalMedian": round(execute["medianSeconds"] / minimal["medianSeconds"], 2),
+            "executeOverMinimalMin": round(execute["minSeconds"] / minimal["minSeconds"], 2),
+            "target": TARGET_RATIO,
+        },
+    }
+
+
+def print_table(result: dict) -> None:
+    records = result["records"]
+    print()
+    print(f"{records:,} input records, {result['partitions']} partitions, {result['repeat']} runs each")
+    header = f"{'step':<12}{'median s':>10}{'min s':>10}{'records/s':>12}{'peak RSS MiB':>14}"
+    print(header)
+    print("-" * len(header))
+    for name, s in result["steps"].items():
+        print(
+            f"{name:<12}{s['medianSeconds']:>10.2f}{s['minSeconds']:>10.2f}"
+            f"{s['recordsPerSecond']:>12,}{s['peakRssMiB']:>14.0f}"
+        )
+    print("-" * len(header))
+    ratio = result["ratio"]
+    verdict = "meets" if ratio["executeOverMinimalMedian"] <= ratio["target"] else "misses"
+    print(
+        f"execute / minimal: {ratio['executeOverMinimalMedian']:.2f}x median, "
+        f"{ratio['executeOverMinimalMin']:.2f}x min (target {ratio['target']}x: {verdict})"
+    )
+    added = result["addedRows"]
+    diff = (added["minimal"] - added["engine"]) / added["engine"] * 100 if added["engine"] else 0.0
+    print(
+        f"added rows: engine {added['engine']:,} (dry-run {added['dryRun']:,}), "
+        f"minimal {added['minimal']:,} ({diff:+.2f}%)"
+    )
+    print(f"peak RSS from {result['rssSource']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--partitions", type=int, default=720)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/engine-<date>.json")
+    args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    result = run(args)
+    print_table(result)
+    if args.save:
+        results = HERE / "results"
+        results.mkdir(exist_ok=True)
+        path = results / f"engine-{datetime.now():%Y-%m-%d}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
