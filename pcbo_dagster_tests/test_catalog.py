@@ -166,6 +166,7 @@ EXPECTED_TABLES = {
     "audit_events",
     "audit_chain_heads",
     "discrepancy_events",
+    "dataset_leases",
 }
 
 
@@ -177,7 +178,7 @@ def test_migrate_twice_is_idempotent(catalog_url: str) -> None:
     store.close()
     again = CatalogStore(catalog_url)
     again.migrate()
-    assert _schema_state(again) == (EXPECTED_TABLES, ["0001"])
+    assert _schema_state(again) == (EXPECTED_TABLES, ["0002"])
     assert again.get_run("r")["metadata"] == {"k": "v"}
     again.close()
 
@@ -185,7 +186,7 @@ def test_migrate_twice_is_idempotent(catalog_url: str) -> None:
 def test_migrate_from_concurrent_processes(catalog_url: str) -> None:
     _run_processes(_migrate_worker, [(catalog_url,) for _ in range(4)])
     store = CatalogStore(catalog_url)
-    assert _schema_state(store) == (EXPECTED_TABLES, ["0001"])
+    assert _schema_state(store) == (EXPECTED_TABLES, ["0002"])
     store.migrate()
     store.close()
 

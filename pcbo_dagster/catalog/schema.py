@@ -188,3 +188,15 @@ discrepancy_events = Table(
     PrimaryKeyConstraint("id", name="pk_discrepancy_events"),
 )
 Index("ix_discrepancy_events_run_id", discrepancy_events.c.run_id)
+
+# Who is writing a dataset version right now (migration 0002). One row while a run holds the lease.
+dataset_leases = Table(
+    "dataset_leases",
+    metadata,
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("holder", Text, nullable=False),
+    Column("acquired_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("dataset", "version_label", name="pk_dataset_leases"),
+)

@@ -32,7 +32,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Key of the PostgreSQL advisory lock taken around migrations ("pcbo" + "migr" as ASCII).
 MIGRATION_LOCK_KEY = 0x7063626F6D696772
 #: The newest Alembic revision in migrations/versions (a test holds it equal to Alembic's head).
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 _BEGIN_OPTION = "pcbo_sqlite_begin"
 
 
@@ -492,6 +492,67 @@ class CatalogStore:
                     }
                     for r in fresh
                 ],
+            )
+
+    # -- dataset write leases -------------------------------------------------------------------
+
+    def try_acquire_lease(
+        self,
+        dataset: str,
+        version_label: str,
+        holder: str,
+        ttl_seconds: float,
+        is_stale: Any = None,
+    ) -> dict[str, Any] | None:
+        """Take the write lease of a dataset version for `holder`. Returns None when taken (or
+        renewed, when `holder` already has it), else the current holder's row. A lease past its
+        expiry, or one `is_stale(holder_text)` says is dead, is taken over."""
+        lease = t.dataset_leases
+        now = _now()
+        expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
+        where = (lease.c.dataset == dataset, lease.c.version_label == version_label)
+        with self._write() as conn:
+            self._ensure_dataset(conn, dataset, version_label)
+            row = conn.execute(select(lease).where(*where)).first()
+            if row is None:
+                conn.execute(
+                    lease.insert().values(
+                        dataset=dataset,
+                        version_label=version_label,
+                        holder=holder,
+                        acquired_at=now,
+                        expires_at=expires,
+                    )
+                )
+                return None
+            current = dict(row._mapping)
+            takeover = (
+                current["holder"] == holder
+                or current["expires_at"] <= now
+                or (is_stale is not None and is_stale(current["holder"]))
+            )
+            if not takeover:
+                return current
+            conn.execute(
+                update(lease)
+                .where(*where, lease.c.holder == current["holder"])
+                .values(
+                    holder=holder,
+                    acquired_at=now if current["holder"] != holder else current["acquired_at"],
+                    expires_at=expires,
+                )
+            )
+            return None
+
+    def release_lease(self, dataset: str, version_label: str, holder: str) -> None:
+        lease = t.dataset_leases
+        with self._write() as conn:
+            conn.execute(
+                lease.delete().where(
+                    lease.c.dataset == dataset,
+                    lease.c.version_label == version_label,
+                    lease.c.holder == holder,
+                )
             )
 
     def current_partitions(self, dataset: str, version_label: str) -> dict[str, dict[str, Any]]:

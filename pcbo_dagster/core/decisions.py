@@ -230,7 +230,9 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
                 cols["raw_occ"][index],
                 bool(occ_ok_np[index]),
                 bool(ret_bad_np[index]),
-                None if position_ok_np[index] else f"{plan.ledger_field} is missing or not an integer",
+                None
+                if plan.ledger_field is None or position_ok_np[index]
+                else f"{plan.ledger_field} is missing or not an integer",
             )
             unplaced.append({"index": index, "id": entry_id, "reasons": [INVALID_RECORD], "detail": detail})
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import socket
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,8 +16,68 @@ from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import HttpDelivery
 from pcbo_dagster.audit.log import AuditLog
 from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake.storage import LakeStorage
+
+LEASE_TTL_SECONDS = 300.0
+
+
+class DatasetBusy(PcboError):
+    """Another run holds the dataset version's write lease (exit status 1)."""
+
+
+def _holder_is_dead(holder_text: str) -> bool:
+    """A lease held by a process of this host that no longer exists is stale (a crashed run)."""
+    try:
+        holder = json.loads(holder_text)
+    except ValueError:
+        return False
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class DatasetLease:
+    """The catalog's write lease on a dataset version, held for a run and renewed as it goes."""
+
+    def __init__(self, catalog: CatalogStore, dataset: str, version_label: str, run_id: str | None) -> None:
+        self.catalog, self.dataset, self.version_label = catalog, dataset, version_label
+        self.holder = json.dumps(
+            {"run": run_id, "pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex},
+            sort_keys=True,
+        )
+
+    def acquire(self, wait_seconds: float) -> None:
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            current = self.catalog.try_acquire_lease(
+                self.dataset, self.version_label, self.holder, LEASE_TTL_SECONDS, _holder_is_dead
+            )
+            if current is None:
+                return
+            if time.monotonic() >= deadline:
+                holder = json.loads(current["holder"])
+                raise DatasetBusy(
+                    f"{self.dataset}/{self.version_label} is being written by run {holder.get('run')!r} "
+                    f"(pid {holder.get('pid')} on {holder.get('host')}) "
+                    f"since {current['acquired_at']:%Y-%m-%dT%H:%M:%SZ}"
+                    f"; waited {wait_seconds:g} s (PCBO_LEASE_WAIT_SECONDS)"
+                )
+            time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+
+    def renew(self) -> None:
+        if self.catalog.try_acquire_lease(self.dataset, self.version_label, self.holder, LEASE_TTL_SECONDS):
+            raise DatasetBusy(f"{self.dataset}/{self.version_label}: the write lease was taken over")
+
+    def release(self) -> None:
+        self.catalog.release_lease(self.dataset, self.version_label, self.holder)
 
 
 @dataclass
@@ -42,14 +106,23 @@ class Environment:
         self.catalog.close()
 
     @contextmanager
-    def dataset_lock(self, dataset: str, version_label: str) -> Iterator[None]:
-        """Serialises executes and rollbacks of one dataset version that share this audit backup."""
+    def dataset_lock(
+        self, dataset: str, version_label: str, run_id: str | None = None
+    ) -> Iterator[DatasetLease]:
+        """Only one run writes a dataset version at a time: a file lock for the runs sharing this audit
+        backup, then the catalog's lease for runs anywhere (other hosts sharing a PostgreSQL catalog).
+        Waits up to `PCBO_LEASE_WAIT_SECONDS` (default 600) for another run's lease."""
         directory = self.settings.audit_dir / dataset
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(directory / f"{version_label}.run.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            lease = DatasetLease(self.catalog, dataset, version_label, run_id)
+            lease.acquire(float(os.environ.get("PCBO_LEASE_WAIT_SECONDS", "600")))
+            try:
+                yield lease
+            finally:
+                lease.release()
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -228,7 +228,7 @@ def execute(
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
     failure: str | None = None
-    with env.dataset_lock(plan.dataset, plan.version_label):
+    with env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease:
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
         env.catalog.start_run(
             request.runId,
@@ -254,6 +254,7 @@ def execute(
                 progress(len(batch))
             if failure:
                 break
+            lease.renew()
         status = "committed" if any(r["status"] == "committed" for r in results) else "unchanged"
         final = "failed" if failure else status
         summary = {

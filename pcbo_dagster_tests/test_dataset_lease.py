@@ -1,0 +1,79 @@
+"""The catalog's write lease: no two runs write one dataset version at once, across hosts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.catalog.store import HEAD_REVISION, MIGRATIONS_DIR
+from pcbo_dagster_tests.cli_runner import run_pcbo
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    if request.param == "postgres":
+        url = request.getfixturevalue("fresh_postgres_url")
+    catalog = CatalogStore(url)
+    catalog.migrate()
+    yield catalog
+    catalog.close()
+
+
+def test_head_revision_constant_is_alembic_head() -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    assert ScriptDirectory.from_config(config).get_current_head() == HEAD_REVISION
+
+
+def test_a_held_lease_is_refused_to_others_until_released(store: CatalogStore) -> None:
+    assert store.try_acquire_lease("events", "v1", "A", 60) is None
+    held = store.try_acquire_lease("events", "v1", "B", 60)
+    assert held is not None and held["holder"] == "A"
+    assert store.try_acquire_lease("events", "v1", "A", 60) is None  # renewal by the holder
+    assert store.try_acquire_lease("events", "v2", "B", 60) is None  # another version is free
+    store.release_lease("events", "v1", "B")  # not B's: no effect
+    assert store.try_acquire_lease("events", "v1", "B", 60)["holder"] == "A"
+    store.release_lease("events", "v1", "A")
+    assert store.try_acquire_lease("events", "v1", "B", 60) is None
+
+
+def test_an_expired_or_dead_holder_is_taken_over(store: CatalogStore) -> None:
+    assert store.try_acquire_lease("events", "v1", "A", -1) is None  # already expired
+    assert store.try_acquire_lease("events", "v1", "B", 60) is None
+    assert store.try_acquire_lease("events", "v1", "C", 60)["holder"] == "B"
+    assert store.try_acquire_lease("events", "v1", "C", 60, is_stale=lambda holder: holder == "B") is None
+    assert store.try_acquire_lease("events", "v1", "B", 60)["holder"] == "C"
+
+
+@pytest.mark.slow
+def test_execute_waits_for_another_hosts_run_then_refuses_writing_nothing(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from generate_request import make_request
+
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps(make_request(records=60, partitions=3, run_id="lease-run")))
+    home = tmp_path / "home"
+    catalog = CatalogStore(f"sqlite:///{home / 'catalog.db'}")
+    catalog.migrate()
+    other = json.dumps({"run": "other-run", "pid": 1, "host": "another-host", "token": "x"}, sort_keys=True)
+    assert catalog.try_acquire_lease("events", "v1", other, 600) is None
+
+    busy = run_pcbo(["execute", "--input", str(request)], home=home, env={"PCBO_LEASE_WAIT_SECONDS": "1"})
+    assert busy.status == 1
+    assert "other-run" in busy.stderr and "another-host" in busy.stderr
+    assert not list(home.rglob("_manifest.json"))
+    assert not (home / "pas" / "events" / "v1.jsonl").exists()
+
+    catalog.release_lease("events", "v1", other)
+    done = run_pcbo(["execute", "--input", str(request)], home=home)
+    assert done.status == 0, done.stderr
+    assert done.document["status"] == "committed"
+    assert catalog.try_acquire_lease("events", "v1", "probe", 1) is None  # released after the run
+    catalog.close()
