@@ -1,4 +1,6 @@
-"""The `pcbo` command line: plan, dry-run, execute, verify, proof, verify-proof, rollback.
+"""The `pcbo` command line: plan, dry-run, execute, verify, proof, verify-proof, rollback; and for the
+Dagster code location: validate-config, demo-data and `execute --dagster URL` (run a request on a
+Dagster webserver as a `pcbo_request` run).
 
 Every command prints one JSON document (stdout, or `--output FILE`). Exit status: 0 done; 2 invalid
 input (a message naming the field on stderr, nothing written); 3 blocked by a gate (nothing
@@ -126,6 +128,8 @@ def _progress_bar(total: int) -> Any:
 def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.execute import check_gates, execute
 
+    if getattr(args, "dagster", None):
+        return _execute_on_dagster(args)
     loaded, plan, decisions = _load(args)
     check_gates(loaded, decisions)
     bar = _progress_bar(len(plan.partitions))
@@ -187,6 +191,154 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
         )
 
 
+# -- the Dagster code location ---------------------------------------------------------------------
+
+#: The example datasets config (the code location's default, like `PCBO_DATASETS_CONFIG` unset).
+DEFAULT_DATASETS_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "datasets.yaml"
+#: Where `pcbo demo-data` writes by default: beside the example config, where it looks for its sources.
+DEFAULT_DEMO_DIR = DEFAULT_DATASETS_CONFIG.parent / "demo_data"
+
+
+def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate and gate the request here (nothing is submitted when it fails), then run it on Dagster."""
+    from pcbo_dagster.engine.execute import check_gates
+
+    for flag in ("home", "lake", "catalog", "audit_dir", "audit_endpoint"):
+        if getattr(args, flag, None):
+            raise InvalidInput(
+                f"--{flag.replace('_', '-')}",
+                "does not apply with --dagster: the code location's pcbo resource decides where runs write",
+            )
+    if args.dagster_timeout <= 0:
+        raise InvalidInput("--dagster-timeout", "must be a positive number of seconds")
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    raw, base_dir = _read_input(args.input)
+    loaded = load_request(raw, base_dir)
+    _, decisions = evaluate(loaded)
+    check_gates(loaded, decisions)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("--input", "must be UTF-8 JSON to be submitted to Dagster") from None
+    from pcbo_dagster.dagster_defs.remote import submit_request
+
+    request = loaded.request
+    return submit_request(
+        args.dagster,
+        text,
+        base_dir,
+        tags={"pcbo/run_id": request.runId, "pcbo/dataset": f"{request.dataset}/{request.versionLabel}"},
+        timeout=args.dagster_timeout,
+        location=args.dagster_location,
+    )
+
+
+def _count_time_windows(partitioning: Any) -> tuple[int | None, str | None, str | None]:
+    """(count, first key, last key) of a closed time window; (None, ...) when it is open-ended."""
+    from pcbo_dagster.core.instants import format_key, to_datetime
+
+    end_us = partitioning.end_us
+    if end_us is None:
+        return None, format_key(partitioning.start_us), None
+    seconds = partitioning.fixed_window_seconds
+    if seconds is not None:
+        width = seconds * 1_000_000
+        count = (end_us - partitioning.start_us) // width
+        last = format_key(partitioning.start_us + (count - 1) * width) if count else None
+        return count, format_key(partitioning.start_us) if count else None, last
+    try:
+        from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
+    except ImportError:  # the dagster extra is not installed: irregular crons are not counted
+        return None, None, None
+    keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
+    return len(keys), keys[0] if keys else None, keys[-1] if keys else None
+
+
+def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
+    partitioning = dataset.partitioning
+    if partitioning.kind == "time_window":
+        count, first, last = _count_time_windows(partitioning)
+        open_ended = partitioning.end is None
+    else:
+        open_ended = partitioning.lastLedger is None
+        if open_ended:
+            count, first, last = None, None, None
+        else:
+            size, lo, hi = partitioning.partitionSize, partitioning.firstLedger, partitioning.lastLedger
+            count = -(-(hi - lo + 1) // size)
+            first = f"range={lo}-{min(lo + size - 1, hi)}"
+            last = f"range={lo + (count - 1) * size}-{hi}"
+    source = config.source_uri(dataset)
+    return {
+        "name": dataset.name,
+        "versionLabel": dataset.versionLabel,
+        "assetName": dataset.asset_name,
+        "chainKey": dataset.chain_key,
+        "partitioning": partitioning.model_dump(),
+        "partitionCount": count,
+        "openEnded": open_ended,
+        "firstPartition": first,
+        "lastPartition": last,
+        "source": {
+            "uri": source,
+            "format": dataset.source.resolved_format(),
+            "present": Path(source).exists() if "://" not in source else None,
+        },
+        "backfillPolicy": dataset.backfillPolicy.model_dump(),
+        "pool": dataset.pool_name,
+        "checkGranularity": dataset.checkGranularity,
+    }
+
+
+def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.datasets_config import load_datasets_config
+
+    path = Path(args.file or os.environ.get("PCBO_DATASETS_CONFIG") or DEFAULT_DATASETS_CONFIG)
+    try:
+        config = load_datasets_config(path)
+    except InvalidInput as exc:
+        raise InvalidInput(exc.field, f"{exc.message} (datasets config {path})") from None
+    datasets = [_dataset_summary(config, d) for d in config.datasets]
+    counts = [d["partitionCount"] for d in datasets]
+    return {
+        "status": "valid",
+        "config": str(path.resolve()),
+        "datasets": datasets,
+        "totals": {
+            "datasets": len(datasets),
+            "partitions": None if None in counts else sum(counts),
+        },
+    }
+
+
+def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
+    import hashlib
+
+    from pcbo_dagster.demo_data import generate_demo_data
+
+    directory = Path(args.dir) if args.dir else DEFAULT_DEMO_DIR
+    try:
+        paths = generate_demo_data(directory)
+    except OSError as exc:
+        raise InvalidInput(
+            "--dir", f"cannot write the demo sources to {directory}: {exc.strerror or exc}"
+        ) from None
+    files = []
+    for path in paths:
+        data = path.read_bytes()
+        files.append(
+            {
+                "path": str(path.resolve()),
+                "name": path.name,
+                "records": data.count(b"\n"),
+                "byteSize": len(data),
+                "checksum": "sha256:" + hashlib.sha256(data).hexdigest(),
+            }
+        )
+    return {"directory": str(directory.resolve()), "files": files}
+
+
 class _Findings(Exception):
     def __init__(self, document: dict[str, Any]) -> None:
         self.document = document
@@ -228,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
         common(p, where=name == "execute")
         if name == "execute":
             p.add_argument("--audit-endpoint", help="HTTP endpoint for audit events (PCBO_AUDIT_ENDPOINT)")
+            p.add_argument(
+                "--dagster",
+                metavar="URL",
+                help="run the request on the Dagster webserver at URL as a pcbo_request run "
+                "(validated and gated here first; the code location's resources decide where it writes)",
+            )
+            p.add_argument(
+                "--dagster-timeout",
+                type=float,
+                default=600.0,
+                metavar="SECONDS",
+                help="how long to wait for the Dagster run to finish (default 600)",
+            )
+            p.add_argument(
+                "--dagster-location", help="the code location serving pcbo_request (default: the only one)"
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser("verify", help="re-check the lake, catalog and audit chains")
@@ -260,6 +428,21 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--partition")
     p.add_argument("--reason", default="requested")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("validate-config", help="validate a datasets config and list its datasets")
+    p.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="the datasets YAML (default $PCBO_DATASETS_CONFIG, else examples/datasets.yaml)",
+    )
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_validate_config)
+
+    p = sub.add_parser("demo-data", help="write the deterministic demo sources of the example config")
+    p.add_argument("--dir", help="target directory (default examples/demo_data, beside the example config)")
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_demo_data)
     return parser
 
 

@@ -21,6 +21,9 @@ datasets:
                                       # run: one per check and run (fewer events for big backfills)
   - name: ledgers
     partitioning: {kind: ledger_range, firstLedger: 2, partitionSize: 64, lastLedger: 641}
+                                      # field: ledgerSequence (the integer record field, default);
+                                      # without lastLedger the range is open-ended: a sensor adds
+                                      # a range=START-END key for each full partition in the source
     ...
 ```
 
@@ -166,6 +169,8 @@ class TimeWindowPartitioning(_Strict):
 
 class LedgerRangePartitioning(_Strict):
     kind: Literal["ledger_range"]
+    #: The integer record field holding the ledger sequence (the request's `ledgerRange.field`).
+    field: Name = "ledgerSequence"
     firstLedger: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)]
     partitionSize: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)]
     lastLedger: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)] | None = None

@@ -245,7 +245,7 @@ def test_time_partition_keys_are_engine_keys_and_irregular_crons_split_requests(
 def test_resource_binds_the_variables_that_are_set():
     resource = PcboEngineResource.from_env({"PCBO_HOME": "/x", "PCBO_AUDIT_ENDPOINT": ""})
     assert isinstance(resource.home, dg.EnvVar) and resource.home.env_var_name == "PCBO_HOME"
-    assert resource.lake is None and resource.audit_endpoint is None
+    assert resource.lake.url is None and resource.audit.endpoint is None
 
 
 # --- materialization ----------------------------------------------------------------------------
@@ -395,18 +395,19 @@ def test_a_blocking_policy_fails_the_run_and_writes_nothing(workdir, engine):
     assert not (Path(engine.home) / "lake" / "events").exists()
 
 
-def test_ledger_ranges_are_declared_but_not_yet_materialized(workdir, engine):
+def test_ledger_ranges_materialize_through_the_engine(workdir, engine):
+    """Ledger ranges are materialized like time windows (more in test_dagster_ledgers_and_resources)."""
     config = load_datasets_config(workdir / "datasets.yaml")
     asset, checks = _asset_and_checks(config, "ledgers")
     assert asset.partitions_def.get_partition_keys()[-1] == "range=578-641"
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [asset],
+            [asset, *checks],
             instance=instance,
             resources={"pcbo": engine},
             partition_key="range=2-65",
-            raise_on_error=False,
         )
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "cannot be materialized yet" in failure.step_failure_data.user_failure_data.description
+    assert result.success
+    [mat] = result.asset_materializations_for_node("ledgers")
+    assert mat.partition == "range=2-65" and mat.metadata["status"].value == "committed"
+    assert (mat.metadata["ledger_first"].value, mat.metadata["ledger_last"].value) == (2, 65)

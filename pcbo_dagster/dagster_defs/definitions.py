@@ -9,8 +9,11 @@ Per dataset: the partitioned asset (`assets/backfill_assets.py`), its checks
 (re-verification without rewriting). Dagster 1.13 gives a checks-only job no partitions of its own:
 launch it with the tags `dagster/asset_partition_range_start` / `_end` (start = end for one
 partition); launched without them, it re-checks every committed partition of the dataset.
-One `pcbo` resource (`PcboEngineResource`) is bound to the `PCBO_*` variables that are set; the
-rest take the engine's embedded defaults.
+An open-ended ledger dataset (no `lastLedger`) also gets a sensor adding its `range=` partition keys
+(`sensors/ledger_partitions_sensor.py`). The `pcbo_request` job (`jobs/request_job.py`) runs any
+request JSON through the engine (from the launchpad, or `pcbo execute --dagster URL`).
+One `pcbo` resource (`PcboEngineResource`, composing the catalog, lake, audit and sources resources)
+is bound to the `PCBO_*` variables that are set; the rest take the engine's embedded defaults.
 
     dagster definitions validate -m pcbo_dagster.dagster_defs.definitions
     dagster dev -m pcbo_dagster.dagster_defs.definitions        # or -w workspace.yaml
@@ -25,8 +28,10 @@ import dagster as dg
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.assets import build_dataset_asset, build_dataset_checks
+from pcbo_dagster.dagster_defs.jobs import build_request_job
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.datasets_config import DatasetsConfig, load_datasets_config
+from pcbo_dagster.dagster_defs.sensors import build_ledger_partitions_sensor
+from pcbo_dagster.datasets_config import DatasetsConfig, LedgerRangePartitioning, load_datasets_config
 
 CONFIG_ENV = "PCBO_DATASETS_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "datasets.yaml"
@@ -52,11 +57,15 @@ def build_definitions(
         config = load_config(config)
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
-    jobs = []
+    jobs: list = [build_request_job(config.base_dir)]
+    sensors: list[dg.SensorDefinition] = []
     for dataset in config.datasets:
         asset = build_dataset_asset(config, dataset)
         assets.append(asset)
         checks.extend(build_dataset_checks(config, dataset, asset))
+        partitioning = dataset.partitioning
+        if isinstance(partitioning, LedgerRangePartitioning) and partitioning.lastLedger is None:
+            sensors.append(build_ledger_partitions_sensor(config, dataset, asset))
         jobs.append(
             dg.define_asset_job(
                 f"{dataset.asset_name}_checks",
@@ -68,6 +77,7 @@ def build_definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
+        sensors=sensors,
         resources={"pcbo": resource or PcboEngineResource.from_env()},
     )
 

@@ -5,12 +5,16 @@
   for a window start on a whole second (every cron tick is): a Dagster partition key and the lake's
   partition directory are the same string.
 - Ledger ranges: `StaticPartitionsDefinition` of `range=START-END` keys (END inclusive) when
-  `lastLedger` is given; an open-ended range becomes a `DynamicPartitionsDefinition` whose keys a
-  sensor is to add as ledgers close (not built yet).
+  `lastLedger` is given; an open-ended range becomes a `DynamicPartitionsDefinition` whose keys the
+  dataset's sensor (`sensors/ledger_partitions_sensor.py`) adds for every full partition the source
+  holds. Keys sit on the grid `firstLedger + i*partitionSize`, exactly the engine's `ledgerRange`
+  partitions (`core.plan.partitions_for`), so a Dagster key and the lake's partition directory are
+  again the same string; only the last key of a closed range may be shorter (cut at `lastLedger`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +42,31 @@ class Window:
         return self.end_us - self.start_us
 
 
+@dataclass(frozen=True)
+class LedgerSpan:
+    """One Dagster ledger-range partition: its key and ledgers [first, end) (end exclusive)."""
+
+    key: str
+    first: int
+    end: int
+
+    @property
+    def last(self) -> int:
+        return self.end - 1
+
+    @property
+    def length(self) -> int:
+        return self.end - self.first
+
+
+#: A ledger-range partition key: `range=<first ledger>-<last ledger>` (both inclusive, decimal).
+LEDGER_KEY = re.compile(r"^range=(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
+
+
+def ledger_key(first: int, last: int) -> str:
+    return f"range={first}-{last}"
+
+
 def to_micros(moment: datetime) -> int:
     return (moment.astimezone(UTC) - _EPOCH) // _MICROSECOND
 
@@ -53,11 +82,16 @@ def time_window_partitions_def(partitioning: TimeWindowPartitioning) -> dg.TimeW
     )
 
 
+def dynamic_partitions_name(dataset: DatasetConfig) -> str:
+    """The name of an open-ended ledger dataset's `DynamicPartitionsDefinition` (keys in the instance)."""
+    return f"pcbo_{dataset.asset_name}_ledger_ranges"
+
+
 def ledger_range_partitions_def(
     dataset: DatasetConfig, partitioning: LedgerRangePartitioning
 ) -> dg.PartitionsDefinition:
     if partitioning.lastLedger is None:
-        return dg.DynamicPartitionsDefinition(name=f"pcbo_{dataset.asset_name}_ledger_ranges")
+        return dg.DynamicPartitionsDefinition(name=dynamic_partitions_name(dataset))
     return dg.StaticPartitionsDefinition(partitioning.keys())
 
 
@@ -101,3 +135,85 @@ def request_groups(windows: list[Window], max_partitions: int) -> list[list[Wind
                 continue
         groups.append([window])
     return groups
+
+
+def ledger_spans_for_keys(partitioning: LedgerRangePartitioning, keys: list[str]) -> list[LedgerSpan]:
+    """The ledger spans of `keys`, in ledger order, each checked to be a partition of the dataset's grid.
+
+    A key off the grid (a dynamic key added by hand, say `range=3-66` for firstLedger 2) would make the
+    engine plan other partitions than Dagster's: it is refused with a `ValueError` naming it.
+    """
+    first_ledger, size, last_ledger = (
+        partitioning.firstLedger,
+        partitioning.partitionSize,
+        partitioning.lastLedger,
+    )
+    spans = []
+    for key in keys:
+        match = LEDGER_KEY.match(key)
+        if match is None:
+            raise ValueError(f"partition key {key!r} is not of the form range=FIRST-LAST")
+        first, last = int(match.group(1)), int(match.group(2))
+        expected_last = first + size - 1
+        if last_ledger is not None:
+            expected_last = min(expected_last, last_ledger)
+        on_grid = first >= first_ledger and (first - first_ledger) % size == 0
+        if not on_grid or last != expected_last or (last_ledger is not None and first > last_ledger):
+            raise ValueError(
+                f"partition key {key!r} is not a partition of this dataset (firstLedger {first_ledger}, "
+                f"partitionSize {size}, lastLedger {last_ledger}); its partition starting at or before "
+                f"{first} is {ledger_key(*_grid_bounds(partitioning, first))!r}"
+            )
+        spans.append(LedgerSpan(key, first, last + 1))
+    return sorted(spans, key=lambda s: s.first)
+
+
+def _grid_bounds(partitioning: LedgerRangePartitioning, ledger: int) -> tuple[int, int]:
+    size = partitioning.partitionSize
+    index = max(0, (ledger - partitioning.firstLedger) // size)
+    first = partitioning.firstLedger + index * size
+    last = first + size - 1
+    if partitioning.lastLedger is not None:
+        last = min(last, partitioning.lastLedger)
+    return first, last
+
+
+def ledger_request_groups(
+    spans: list[LedgerSpan], partition_size: int, max_partitions: int
+) -> list[list[LedgerSpan]]:
+    """Split spans into runs of contiguous spans, one engine `ledgerRange` request each.
+
+    Within a group every span but the last is `partition_size` ledgers long (the last may be shorter:
+    the final partition of a range cut by `lastLedger`, which the engine plans as its last partition),
+    so `first` = the first span's first ledger, `end` = the last span's end and `partitionSize` =
+    `partition_size` reproduce exactly these keys. A gap (partitions not selected) starts a new group.
+    """
+    groups: list[list[LedgerSpan]] = []
+    for span in spans:
+        if groups:
+            group = groups[-1]
+            last = group[-1]
+            if last.end == span.first and last.length == partition_size and len(group) < max_partitions:
+                group.append(span)
+                continue
+        groups.append([span])
+    return groups
+
+
+def full_ledger_keys(partitioning: LedgerRangePartitioning, max_ledger: int | None) -> list[str]:
+    """The keys of every full partition up to `max_ledger` (the highest ledger the source holds).
+
+    A partition is full when its last ledger (`first + partitionSize - 1`) is at most `max_ledger`
+    (ledgers close in order: once the source holds ledger N, ledgers up to N are complete). With a
+    `lastLedger`, keys stop there.
+    """
+    if max_ledger is None or max_ledger < partitioning.firstLedger:
+        return []
+    size = partitioning.partitionSize
+    top = max_ledger if partitioning.lastLedger is None else min(max_ledger, partitioning.lastLedger)
+    keys = []
+    first = partitioning.firstLedger
+    while first + size - 1 <= top:
+        keys.append(ledger_key(first, first + size - 1))
+        first += size
+    return keys

@@ -2,7 +2,9 @@
 
 A run covers one partition or a range of them (a backfill with `BackfillPolicy.single_run()` or
 `multi_run(N)` from the config). The asset turns its partition range into engine requests (one
-per run of contiguous, equal-length windows: a single request for hourly or daily ranges) and runs
+per run of contiguous, equal-length windows: a single request for hourly or daily ranges; for a
+ledger-range dataset one `ledgerRange` request per run of contiguous `range=S-E` keys, `first` = S
+of the first key, `end` = E+1 of the last, `partitionSize` from the config) and runs
 the engine's steps through the `pcbo` resource: policy gate (`load_request`, `evaluate`,
 `check_gates`), then `execute` (parquet emission, commit, audit chain append, post-write
 reconciliation, catalog). It writes its own parquet through the engine, never through an IO manager,
@@ -28,18 +30,28 @@ from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.dagster_defs.partitions import (
+    LedgerSpan,
     Window,
+    ledger_request_groups,
+    ledger_spans_for_keys,
     partitions_def_for,
     request_groups,
     windows_for_keys,
 )
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig, TimeWindowPartitioning
+from pcbo_dagster.datasets_config import (
+    DatasetConfig,
+    DatasetsConfig,
+    LedgerRangePartitioning,
+    TimeWindowPartitioning,
+)
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.execute import PostWriteCheckFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
 
 GROUP_NAME = "pcbo"
+#: The asset's context, or the request job's op context (the loggers below only use `context.log`).
+AnyContext = dg.AssetExecutionContext | dg.OpExecutionContext
 
 
 def engine_run_id(dagster_run_id: str, group_index: int, group_count: int) -> str:
@@ -63,6 +75,36 @@ def build_request(
         "start": format_instant(windows[0].start_us),
         "end": format_instant(windows[-1].end_us),
         "chunkSeconds": windows[0].length_us // 1_000_000,
+        **_request_tail(dataset, source_uri, metadata),
+    }
+
+
+def build_ledger_request(
+    dataset: DatasetConfig,
+    source_uri: str,
+    run_id: str,
+    spans: list[LedgerSpan],
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """The engine `ledgerRange` request covering `spans` (contiguous; all full but maybe the last)."""
+    partitioning = dataset.partitioning
+    assert isinstance(partitioning, LedgerRangePartitioning)
+    return {
+        "runId": run_id,
+        "dataset": dataset.name,
+        "versionLabel": dataset.versionLabel,
+        "ledgerRange": {
+            "field": partitioning.field,
+            "first": spans[0].first,
+            "end": spans[-1].end,
+            "partitionSize": partitioning.partitionSize,
+        },
+        **_request_tail(dataset, source_uri, metadata),
+    }
+
+
+def _request_tail(dataset: DatasetConfig, source_uri: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    return {
         "policies": dataset.policies.model_dump(),
         "source": {"uri": source_uri, "format": dataset.source.resolved_format()},
         "existingTargetIds": list(dataset.existingTargetIds),
@@ -84,8 +126,7 @@ def partition_metadata(
         "dagster/row_count": dg.MetadataValue.int(outcome["recordCount"]),
         "status": dg.MetadataValue.text(outcome["status"]),
         "partition_version": dg.MetadataValue.int(outcome["version"]),
-        "window_start": dg.MetadataValue.text(outcome["start"]),
-        "window_end": dg.MetadataValue.text(outcome["end"]),
+        **_bounds_metadata(dataset, outcome),
         "source_count": dg.MetadataValue.int(counts["source"]),
         "add_count": dg.MetadataValue.int(counts["add"]),
         "omit_count": dg.MetadataValue.int(counts["omit"]),
@@ -115,12 +156,27 @@ def partition_metadata(
     return metadata
 
 
+def _bounds_metadata(dataset: DatasetConfig, outcome: dict[str, Any]) -> dict[str, Any]:
+    """A time partition's window (instants), or a ledger partition's ledgers (integers, both inclusive)."""
+    partitioning = dataset.partitioning
+    if isinstance(partitioning, LedgerRangePartitioning):
+        return {
+            "ledger_field": dg.MetadataValue.text(partitioning.field),
+            "ledger_first": dg.MetadataValue.int(outcome["start"]),
+            "ledger_last": dg.MetadataValue.int(outcome["end"] - 1),
+        }
+    return {
+        "window_start": dg.MetadataValue.text(outcome["start"]),
+        "window_end": dg.MetadataValue.text(outcome["end"]),
+    }
+
+
 def _reasons_text(by_reason: dict[str, int]) -> str:
     parts = [f"{reason} {count}" for reason, count in by_reason.items() if count]
     return ", ".join(parts) if parts else "none"
 
 
-def _log_policy_gate(context: dg.AssetExecutionContext, decisions: Decisions, keys: list[str]) -> None:
+def log_policy_gate(context: AnyContext, decisions: Decisions, keys: list[str]) -> None:
     totals = decisions.totals
     by_reason = totals["byReason"]
     partition_reasons = {r: by_reason.get(r, 0) for r in REASONS}
@@ -134,7 +190,7 @@ def _log_policy_gate(context: dg.AssetExecutionContext, decisions: Decisions, ke
     )
 
 
-def _log_execution(context: dg.AssetExecutionContext, document: dict[str, Any]) -> None:
+def log_execution(context: AnyContext, document: dict[str, Any]) -> None:
     partitions = document["partitions"]
     totals = document["totals"]
     files = [f for p in partitions for f in p["files"]]
@@ -161,7 +217,7 @@ def _log_execution(context: dg.AssetExecutionContext, document: dict[str, Any]) 
     )
 
 
-def _progress_logger(context: dg.AssetExecutionContext, total: int) -> Callable[[int], None]:
+def progress_logger(context: AnyContext, total: int) -> Callable[[int], None]:
     """The engine's progress callback: a debug line about every tenth of the partitions."""
     step = max(1, total // 10)
     done = 0
@@ -175,12 +231,11 @@ def _progress_logger(context: dg.AssetExecutionContext, total: int) -> Callable[
     return progress
 
 
-def _failure_for_invalid_input(exc: InvalidInput, source_uri: str) -> dg.Failure:
+def failure_for_invalid_input(exc: InvalidInput, source_uri: str) -> dg.Failure:
     description = f"invalid input: {exc}"
     if exc.field == "source.uri":
         description += (
-            f" ({source_uri}; for the example config, generate the demo sources with "
-            "`python -m pcbo_dagster.demo_data examples/demo_data`)"
+            f" ({source_uri}; for the example config, generate the demo sources with `pcbo demo-data`)"
         )
     return dg.Failure(
         description=description,
@@ -189,7 +244,7 @@ def _failure_for_invalid_input(exc: InvalidInput, source_uri: str) -> dg.Failure
     )
 
 
-def _failure_for_gate(exc: Blocked) -> dg.Failure:
+def failure_for_gate(exc: Blocked) -> dg.Failure:
     document = exc.document
     breaches = document.get("breaches", [])
     return dg.Failure(
@@ -211,9 +266,9 @@ def _engine_errors(source_uri: str) -> Iterator[None]:
     try:
         yield
     except InvalidInput as exc:
-        raise _failure_for_invalid_input(exc, source_uri) from exc
+        raise failure_for_invalid_input(exc, source_uri) from exc
     except Blocked as exc:
-        raise _failure_for_gate(exc) from exc
+        raise failure_for_gate(exc) from exc
     except PostWriteCheckFailed as exc:
         reconciliation = exc.document.get("reconciliation", {})
         raise dg.Failure(
@@ -223,16 +278,22 @@ def _engine_errors(source_uri: str) -> Iterator[None]:
         ) from exc
 
 
+Span = Window | LedgerSpan
+#: Builds the engine request of one group of partitions: (dataset, source, runId, group, metadata).
+RequestBuilder = Callable[[DatasetConfig, str, str, list[Any], dict[str, Any]], dict[str, Any]]
+
+
 def _evaluate_group(
     context: dg.AssetExecutionContext,
     dataset: DatasetConfig,
     source_uri: str,
     run_id: str,
-    group: list[Window],
+    group: list[Span],
+    make_request: RequestBuilder,
 ) -> tuple[LoadedRequest, Plan, Decisions]:
     """Load and evaluate one request, log its policy gate and check its gates (nothing written)."""
     keys = [w.key for w in group]
-    request = build_request(
+    request = make_request(
         dataset,
         source_uri,
         run_id,
@@ -253,43 +314,61 @@ def _evaluate_group(
             "the partition keys do not line up",
             allow_retries=False,
         )
-    _log_policy_gate(context, decisions, keys)
+    log_policy_gate(context, decisions, keys)
     check_gates(loaded, decisions)
     return loaded, plan, decisions
 
 
-def _materialize_time_windows(
+def _groups(
+    context: dg.AssetExecutionContext, dataset: DatasetConfig
+) -> tuple[list[list[Span]], RequestBuilder]:
+    """The run's partition keys as groups of partitions, one engine request each, and their builder."""
+    keys = list(context.partition_keys)
+    partitioning = dataset.partitioning
+    if isinstance(partitioning, TimeWindowPartitioning):
+        partitions_def = context.assets_def.partitions_def
+        assert isinstance(partitions_def, dg.TimeWindowPartitionsDefinition)
+        return request_groups(windows_for_keys(partitions_def, keys), MAX_PARTITIONS), build_request
+    try:
+        spans = ledger_spans_for_keys(partitioning, keys)
+    except ValueError as exc:
+        raise dg.Failure(description=f"{dataset.name}: {exc}", allow_retries=False) from None
+    groups = ledger_request_groups(spans, partitioning.partitionSize, MAX_PARTITIONS)
+    return groups, build_ledger_request  # type: ignore[return-value]
+
+
+def _materialize(
     context: dg.AssetExecutionContext,
     dataset: DatasetConfig,
     source_uri: str,
     lake: str | None,
     pcbo: PcboEngineResource,
 ) -> dg.MaterializeResult:
-    partitions_def = context.assets_def.partitions_def
-    assert isinstance(partitions_def, dg.TimeWindowPartitionsDefinition)
-    keys = list(context.partition_keys)
-    groups = request_groups(windows_for_keys(partitions_def, keys), MAX_PARTITIONS)
+    groups, make_request = _groups(context, dataset)
+    keys = [span.key for group in groups for span in group]
     run_ids = [engine_run_id(context.run.run_id, i, len(groups)) for i in range(len(groups))]
     context.log.info(
         f"{dataset.name}: {len(keys)} partition(s) {keys[0]}..{keys[-1]} as {len(groups)} engine "
-        f"request(s); engine {json.dumps(pcbo.describe(lake))}"
+        f"request(s); source {source_uri}; engine {json.dumps(pcbo.describe(lake))}"
     )
     with _engine_errors(source_uri):
         if len(groups) > 1:
             # Gates hold before anything is written: check every request's before executing any.
             for run_id, group in zip(run_ids, groups, strict=True):
-                _evaluate_group(context, dataset, source_uri, run_id, group)
+                _evaluate_group(context, dataset, source_uri, run_id, group, make_request)
             context.log.info(f"gates passed for all {len(groups)} requests")
         with pcbo.environment(lake) as env:
             for run_id, group in zip(run_ids, groups, strict=True):
-                loaded, plan, decisions = _evaluate_group(context, dataset, source_uri, run_id, group)
+                loaded, plan, decisions = _evaluate_group(
+                    context, dataset, source_uri, run_id, group, make_request
+                )
                 context.log.info(
                     f"gates passed (onViolation={dataset.policies.onViolation}): "
                     f"writing {len(group)} partition(s)"
                 )
-                progress = _progress_logger(context, len(group))
+                progress = progress_logger(context, len(group))
                 document = execute(env, loaded, plan, decisions, progress=progress)
-                _log_execution(context, document)
+                log_execution(context, document)
                 counts = {pd.partition.key: pd.counts for pd in decisions.partitions}
                 for outcome in document["partitions"]:
                     context.add_asset_metadata(
@@ -321,16 +400,9 @@ def build_dataset_asset(config: DatasetsConfig, dataset: DatasetConfig) -> dg.As
     description = dataset.description or f"pcbo dataset {dataset.name}"
 
     def compute(context: dg.AssetExecutionContext, pcbo: PcboEngineResource) -> dg.MaterializeResult:
-        if isinstance(partitioning, TimeWindowPartitioning):
-            return _materialize_time_windows(context, dataset, source_uri, lake, pcbo)
-        raise dg.Failure(
-            description=(
-                f"{dataset.name}: ledger-range partitions ({context.partition_keys[0]}...) are declared "
-                "but cannot be materialized yet: the engine partitions records by occurredAt time "
-                "windows only and needs a ledger-sequence partitioning first"
-            ),
-            allow_retries=False,
-        )
+        # Relative source paths resolve against the sources resource's base_dir, else the config's dir.
+        source = pcbo.sources.resolve(dataset.source.uri, config.base_dir)
+        return _materialize(context, dataset, source, lake, pcbo)
 
     with warnings.catch_warnings():
         # `backfill_policy` is beta in Dagster 1.13: known and intended, not a warning on every load.

@@ -1,0 +1,229 @@
+"""`pcbo execute --dagster URL`: submit a request to a running Dagster webserver and wait for its outcome.
+
+The request runs as a `pcbo_request` run (`jobs/request_job.py`) of the code location served at URL,
+submitted through `dagster_graphql.DagsterGraphQLClient`; the run is polled with `get_run_status`
+until it finishes, then its event log is read through the webserver's GraphQL API: the step output's
+`execute_document` metadata (success) or the step failure's metadata (`pcbo_outcome`, `field`,
+`message`, `document`) becomes what a local `pcbo execute` would have printed and exited with:
+
+| run outcome                               | raised here (CLI exit)                                  |
+|-------------------------------------------|---------------------------------------------------------|
+| success                                   | returns the execute document (0)                        |
+| `pcbo_outcome=invalid_input`              | `InvalidInput(field, message)` (2)                      |
+| `pcbo_outcome=blocked`                    | `Blocked` with the gate document (3)                    |
+| `post_write_check_failed` / other failure | `RemoteRunFailed` with the document when there is one (1) |
+| not finished within the timeout           | `RemoteRunFailed` naming the run (1); the run goes on   |
+
+Dagster is imported only when this module is used, so `pcbo` works without the dagster extra.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
+
+#: Kept in step with `jobs/request_job.py` (not imported from it: that would import Dagster's core).
+JOB_NAME = "pcbo_request"
+OP_NAME = "execute_request"
+DOCUMENT_ENTRY = "execute_document"
+OUTCOME_ENTRY = "pcbo_outcome"
+_TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+
+_EVENTS_QUERY = """
+query PcboRunEvents($runId: ID!, $cursor: String) {
+  logsForRun(runId: $runId, afterCursor: $cursor) {
+    __typename
+    ... on EventConnection {
+      cursor
+      hasMore
+      events {
+        __typename
+        ... on MessageEvent { message }
+        ... on ExecutionStepOutputEvent {
+          stepKey
+          metadataEntries { ...entry }
+        }
+        ... on ExecutionStepFailureEvent {
+          stepKey
+          error { message }
+          failureMetadata {
+            description
+            metadataEntries { ...entry }
+          }
+        }
+      }
+    }
+    ... on PythonError { message }
+    ... on RunNotFoundError { message }
+  }
+}
+
+fragment entry on MetadataEntry {
+  label
+  ... on JsonMetadataEntry { jsonString }
+  ... on TextMetadataEntry { text }
+}
+"""
+
+
+class RemoteRunFailed(PcboError):
+    """The Dagster run failed (or did not finish in time); `document` is printed when there is one."""
+
+    exit_status = 1
+
+    def __init__(self, message: str, document: dict[str, Any] | None = None) -> None:
+        self.document = document
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Webserver:
+    """Where the Dagster webserver listens, parsed from a URL such as `http://127.0.0.1:3000/prefix`."""
+
+    host: str
+    port: int | None
+    https: bool
+    path_prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> Webserver:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput("--dagster", f"must be an http(s) URL of the Dagster webserver, got {url!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise InvalidInput("--dagster", f"has an invalid port: {url!r}") from None
+        return cls(parts.hostname, port, parts.scheme == "https", parts.path.rstrip("/"))
+
+    @property
+    def base_url(self) -> str:
+        port = f":{self.port}" if self.port else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.https else 'http'}://{host}{port}{self.path_prefix}"
+
+    def client(self) -> Any:
+        from dagster_graphql import DagsterGraphQLClient
+
+        return DagsterGraphQLClient(
+            self.host, port_number=self.port, use_https=self.https, path_prefix=self.path_prefix
+        )
+
+    def graphql(self, query: str, variables: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        body = json.dumps({"query": query, "variables": variables}).encode("utf-8")
+        request = urllib.request.Request(
+            f"{self.base_url}/graphql", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
+            answer = json.loads(response.read())
+        if answer.get("errors"):
+            raise RemoteRunFailed(f"Dagster GraphQL error: {answer['errors'][0].get('message')}")
+        return answer["data"]
+
+
+def _entries(entries: list[dict[str, Any]] | None) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for entry in entries or []:
+        if "jsonString" in entry:
+            result[entry["label"]] = json.loads(entry["jsonString"])
+        elif "text" in entry:
+            result[entry["label"]] = entry["text"]
+    return result
+
+
+def run_events(server: Webserver, run_id: str) -> list[dict[str, Any]]:
+    """Every event of the run's log, in order."""
+    events: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        data = server.graphql(_EVENTS_QUERY, {"runId": run_id, "cursor": cursor})["logsForRun"]
+        if data["__typename"] != "EventConnection":
+            raise RemoteRunFailed(f"cannot read the events of run {run_id}: {data.get('message')}")
+        events.extend(data["events"])
+        if not data["hasMore"]:
+            return events
+        cursor = data["cursor"]
+
+
+def outcome_of(run_id: str, status: str, events: list[dict[str, Any]], run_url: str) -> dict[str, Any]:
+    """The execute document of a finished run, or the exception its failure maps to."""
+    for event in events:
+        if event["__typename"] == "ExecutionStepOutputEvent" and event.get("stepKey") == OP_NAME:
+            entries = _entries(event["metadataEntries"])
+            if DOCUMENT_ENTRY in entries and status == "SUCCESS":
+                return entries[DOCUMENT_ENTRY]
+    for event in events:
+        if event["__typename"] != "ExecutionStepFailureEvent":
+            continue
+        failure = event.get("failureMetadata") or {}
+        entries = _entries(failure.get("metadataEntries"))
+        outcome = entries.get(OUTCOME_ENTRY)
+        description = failure.get("description") or (event.get("error") or {}).get("message") or ""
+        if outcome == "invalid_input":
+            raise InvalidInput(str(entries.get("field", "request")), str(entries.get("message", description)))
+        if outcome == "blocked":
+            raise Blocked(description, entries.get("document") or {})
+        raise RemoteRunFailed(f"run {run_id} failed: {description} ({run_url})", entries.get("document"))
+    messages = [e.get("message") for e in events if e["__typename"] in ("RunFailureEvent", "EngineEvent")]
+    detail = next((m for m in reversed(messages) if m), "no step failure recorded")
+    raise RemoteRunFailed(f"run {run_id} ended {status}: {detail} ({run_url})")
+
+
+def submit_request(
+    url: str,
+    request_text: str,
+    base_dir: Path | None,
+    tags: dict[str, str],
+    timeout: float = 600.0,
+    location: str | None = None,
+    poll_interval: float = 0.5,
+) -> dict[str, Any]:
+    """Run the request as a `pcbo_request` run at `url`; the execute document when it succeeds."""
+    from dagster_graphql import DagsterGraphQLClientError
+
+    server = Webserver.parse(url)
+    client = server.client()
+    config: dict[str, Any] = {"request_json": request_text}
+    if base_dir is not None:
+        config["base_dir"] = str(base_dir)
+    try:
+        run_id = client.submit_job_execution(
+            JOB_NAME,
+            repository_location_name=location,
+            run_config={"ops": {OP_NAME: {"config": config}}},
+            tags=tags,
+        )
+    except DagsterGraphQLClientError as exc:
+        raise RemoteRunFailed(f"cannot submit {JOB_NAME} to Dagster at {server.base_url}: {exc}") from None
+    except (OSError, urllib.error.URLError) as exc:
+        raise RemoteRunFailed(f"cannot reach Dagster at {server.base_url}: {exc}") from None
+    run_url = f"{server.base_url}/runs/{run_id}"
+    deadline = time.monotonic() + timeout
+    status = "QUEUED"
+    while True:
+        try:
+            status = client.get_run_status(run_id).value
+        except DagsterGraphQLClientError as exc:
+            raise RemoteRunFailed(f"cannot read the status of run {run_id}: {exc} ({run_url})") from None
+        if status in _TERMINAL:
+            break
+        if time.monotonic() >= deadline:
+            hint = (
+                " (a queued run starts when the dagster-daemon dequeues it: is the daemon running?)"
+                if status == "QUEUED"
+                else ""
+            )
+            raise RemoteRunFailed(
+                f"run {run_id} did not finish within {timeout:g} s (status {status}){hint}; "
+                f"it goes on: {run_url}"
+            )
+        time.sleep(poll_interval)
+    return outcome_of(run_id, status, run_events(server, run_id), run_url)

@@ -1,0 +1,497 @@
+"""A real Dagster deployment for the slow tests: `dagster-webserver` and `dagster-daemon` as
+subprocesses on loopback, over a throw-away DAGSTER_HOME and PCBO_HOME, driven through GraphQL.
+
+`deployment(tmp_path)` writes the datasets config beside generated demo data, a workspace file that
+loads `pcbo_dagster.dagster_defs.definitions`, and a `dagster.yaml` made from the repository's (its
+run retries and concurrency pools kept; the default QueuedRunCoordinator dequeues the runs). The
+daemon's backfill loop ticks every 30 s (fixed in Dagster 1.13): a backfill takes ~30-60 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pcbo_dagster.demo_data import generate_demo_data
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = REPO_ROOT / "examples" / "datasets.yaml"
+REPO_INSTANCE = REPO_ROOT / "dagster.yaml"
+BIN = Path(sys.executable).parent
+EVENTS = ["events"]
+#: Terminal backfill states (BulkActionStatus).
+BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def executable(name: str) -> str:
+    beside = BIN / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    assert found, f"{name} is not installed"
+    return found
+
+
+def hourly_keys(first_hour: int, count: int, day: int = 1) -> list[str]:
+    return [f"202401{day:02d}T{h:02d}0000Z" for h in range(first_hour, first_hour + count)]
+
+
+def write_workdir(root: Path) -> Path:
+    """The example datasets config with freshly generated demo sources beside it (paths resolve)."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "datasets.yaml"
+    shutil.copy(EXAMPLE_CONFIG, config)
+    generate_demo_data(root / "demo_data")
+    return config
+
+
+def write_instance(home: Path, storage: dict[str, Any] | None = None) -> Path:
+    """`$DAGSTER_HOME/dagster.yaml`: the repository's settings (SQLite unless `storage` is given)."""
+    home.mkdir(parents=True, exist_ok=True)
+    settings = yaml.safe_load(REPO_INSTANCE.read_text())
+    if storage is not None:
+        settings["storage"] = storage
+    path = home / "dagster.yaml"
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def write_workspace(path: Path) -> Path:
+    workspace = {
+        "load_from": [
+            {
+                "python_module": {
+                    "module_name": "pcbo_dagster.dagster_defs.definitions",
+                    "location_name": "pcbo",
+                }
+            }
+        ]
+    }
+    path.write_text(yaml.safe_dump(workspace, sort_keys=False))
+    return path
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def tail(self, chars: int = 6000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"----- {self.name} ({self.log}) -----\n{text[-chars:]}"
+
+    def stop(self) -> None:
+        """SIGTERM to the process group (the daemon's code server and run workers too), then SIGKILL."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # leftovers of the group (gRPC server, workers)
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@dataclass
+class Deployment:
+    root: Path
+    config: Path
+    workspace: Path
+    dagster_home: Path
+    pcbo_home: Path
+    env: dict[str, str]
+    port: int = 0
+    processes: list[Process] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> Process:
+        log = self.root / f"{name}.log"
+        handle = log.open("wb")
+        popen = subprocess.Popen(
+            argv,
+            cwd=self.root,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        handle.close()
+        process = Process(name, popen, log)
+        self.processes.append(process)
+        return process
+
+    def start_webserver(self, timeout: float = 120) -> None:
+        self.port = free_port()
+        web = self._spawn(
+            "webserver",
+            [
+                executable("dagster-webserver"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-w",
+                str(self.workspace),
+            ],
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if web.popen.poll() is not None:
+                raise AssertionError(f"dagster-webserver exited ({web.popen.returncode})\n{web.tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/server_info", timeout=5) as response:
+                    if response.status == 200:
+                        info = json.loads(response.read())
+                        assert "dagster_webserver_version" in info, info
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError(
+                f"dagster-webserver did not answer /server_info in {timeout} s\n{web.tail()}"
+            )
+        # The code location is loaded (not an error) before anything is launched.
+        entries = self.graphql(
+            """{ workspaceOrError { __typename ... on Workspace { locationEntries {
+                 name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+        )["workspaceOrError"]["locationEntries"]
+        assert [(e["name"], e["loadStatus"]) for e in entries] == [("pcbo", "LOADED")], entries
+        assert entries[0]["locationOrLoadError"]["__typename"] == "RepositoryLocation", entries
+
+    def start_code_server(self, workspace: dict[str, Any] | None = None, timeout: float = 120) -> int:
+        """`dagster code-server start` on a loopback port (as the compose file's `codeserver` service);
+        the workspace then loads the location from it (`grpc_server`), as the compose file's does.
+        `workspace` is a workspace document whose grpc_server host/port are set here."""
+        from dagster._grpc.client import DagsterGrpcClient
+
+        port = free_port()
+        server = self._spawn(
+            "codeserver",
+            [
+                executable("dagster"),
+                "code-server",
+                "start",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-m",
+                "pcbo_dagster.dagster_defs.definitions",
+                "--location-name",
+                "pcbo",
+            ],
+        )
+        client = DagsterGrpcClient(port=port, host="127.0.0.1")
+        deadline = time.monotonic() + timeout
+
+        def serving() -> bool:
+            try:  # (the client prints every refused connection: ask it only once the port is open)
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                return False
+            return client.health_check_query() == "SERVING"
+
+        while not serving():
+            if server.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the code server is not serving on {port}\n{server.tail()}")
+            time.sleep(0.5)
+        workspace = workspace or {
+            "load_from": [{"grpc_server": {"host": "127.0.0.1", "port": port, "location_name": "pcbo"}}]
+        }
+        for entry in workspace["load_from"]:
+            entry["grpc_server"].update(host="127.0.0.1", port=port)
+        self.workspace.write_text(yaml.safe_dump(workspace, sort_keys=False))
+        return port
+
+    def start_daemon(self) -> None:
+        self._spawn("daemon", [executable("dagster-daemon"), "run", "-w", str(self.workspace)])
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            process.stop()
+
+    def logs(self) -> str:
+        return "\n".join(p.tail() for p in self.processes)
+
+    def assert_alive(self) -> None:
+        for process in self.processes:
+            if process.popen.poll() is not None:
+                raise AssertionError(f"{process.name} exited ({process.popen.returncode})\n{self.logs()}")
+
+    # --- GraphQL (what the UI sends) --------------------------------------------------------------
+
+    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/graphql", data=body, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                document = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[-4000:]
+            raise AssertionError(f"POST /graphql: HTTP {exc.code}: {detail}\nquery: {query}") from None
+        assert not document.get("errors"), document["errors"]
+        return document["data"]
+
+    def launch_backfill(self, asset: list[str], start: str, end: str, title: str | None = None) -> str:
+        """A partition-range backfill of one asset, as the asset page's "Materialize" dialog sends it."""
+        data = self.graphql(
+            """mutation Launch($params: LaunchBackfillParams!) {
+                 launchPartitionBackfill(backfillParams: $params) {
+                   __typename
+                   ... on LaunchBackfillSuccess { backfillId }
+                   ... on PythonError { message stack }
+                   ... on PartitionKeysNotFoundError { message }
+                   ... on UnauthorizedError { message }
+                   ... on InvalidSubsetError { message }
+                 } }""",
+            {
+                "params": {
+                    "partitionsByAssets": [
+                        {"assetKey": {"path": asset}, "partitions": {"range": {"start": start, "end": end}}}
+                    ],
+                    "title": title,
+                }
+            },
+        )["launchPartitionBackfill"]
+        assert data["__typename"] == "LaunchBackfillSuccess", data
+        return data["backfillId"]
+
+    def backfill(self, backfill_id: str) -> dict[str, Any]:
+        return self.graphql(
+            """query Backfill($id: String!) {
+                 partitionBackfillOrError(backfillId: $id) {
+                   __typename
+                   ... on PartitionBackfill {
+                     id status isAssetBackfill numPartitions
+                     runs { runId status tags { key value } }
+                     error { message }
+                   }
+                   ... on PythonError { message }
+                 } }""",
+            {"id": backfill_id},
+        )["partitionBackfillOrError"]
+
+    def wait_for_backfills(self, backfill_ids: list[str], timeout: float = 240) -> dict[str, dict[str, Any]]:
+        """Poll until every backfill is in a final state and its runs are finished."""
+        deadline = time.monotonic() + timeout
+        states: dict[str, dict[str, Any]] = {}
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            states = {b: self.backfill(b) for b in backfill_ids}
+            if all(
+                s["status"] in BACKFILL_DONE
+                and all(r["status"] in {"SUCCESS", "FAILURE", "CANCELED"} for r in s["runs"])
+                for s in states.values()
+            ):
+                return states
+            time.sleep(2)
+        raise AssertionError(f"backfills not finished in {timeout} s: {states}\n{self.logs()}")
+
+    def materializations(self, asset: list[str], partitions: list[str]) -> list[dict[str, Any]]:
+        return self.graphql(
+            """query Mats($key: AssetKeyInput!, $partitions: [String!]) {
+                 assetOrError(assetKey: $key) {
+                   __typename
+                   ... on Asset {
+                     assetMaterializations(partitions: $partitions) {
+                       partition runId stepKey timestamp
+                       metadataEntries {
+                         __typename label
+                         ... on IntMetadataEntry { intValue }
+                         ... on TextMetadataEntry { text }
+                         ... on UrlMetadataEntry { url }
+                         ... on JsonMetadataEntry { jsonString }
+                       }
+                     }
+                   }
+                 } }""",
+            {"key": {"path": asset}, "partitions": partitions},
+        )["assetOrError"]["assetMaterializations"]
+
+    def check_executions(self, asset: list[str], check: str, limit: int = 200) -> list[dict[str, Any]]:
+        return self.graphql(
+            """query Checks($key: AssetKeyInput!, $check: String!, $limit: Int!) {
+                 assetCheckExecutions(assetKey: $key, checkName: $check, limit: $limit) {
+                   runId status partition
+                   evaluation { success partition severity
+                     metadataEntries { __typename label ... on IntMetadataEntry { intValue } } }
+                 } }""",
+            {"key": {"path": asset}, "check": check, "limit": limit},
+        )["assetCheckExecutions"]
+
+    def run_events(self, run_id: str) -> list[dict[str, Any]]:
+        """Every event of a run (type, step, timestamp in ms), paged like the run page."""
+        events: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            data = self.graphql(
+                """query Logs($runId: ID!, $cursor: String) {
+                     logsForRun(runId: $runId, afterCursor: $cursor, limit: 1000) {
+                       __typename
+                       ... on EventConnection {
+                         cursor hasMore
+                         events { __typename ... on MessageEvent { eventType stepKey timestamp message } }
+                       }
+                       ... on PythonError { message }
+                     } }""",
+                {"runId": run_id, "cursor": cursor},
+            )["logsForRun"]
+            assert data["__typename"] == "EventConnection", data
+            events.extend(data["events"])
+            cursor = data["cursor"]
+            if not data["hasMore"]:
+                return events
+
+
+def metadata_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """GraphQL metadata entries as {label: value}."""
+    out: dict[str, Any] = {}
+    for entry in entries:
+        for name in ("intValue", "text", "url", "jsonString"):
+            if name in entry:
+                out[entry["label"]] = entry[name]
+                break
+        else:
+            out[entry["label"]] = None
+    return out
+
+
+def pcbo_env(pcbo_home: Path, config: Path, dagster_home: Path, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PCBO_", "DAGSTER_")) or key == "PCBO_SHARED_DIR"
+    }
+    env.update(
+        {
+            "PCBO_HOME": str(pcbo_home),
+            "PCBO_DATASETS_CONFIG": str(config),
+            "DAGSTER_HOME": str(dagster_home),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def pcbo_verify(env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """`pcbo verify` as an operator runs it (same PCBO_* variables as the code location)."""
+    done = subprocess.run(
+        [executable("pcbo"), "verify"], env=env, cwd=cwd, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, f"pcbo verify exit {done.returncode}\n{done.stdout[-4000:]}\n{done.stderr}"
+    return json.loads(done.stdout)
+
+
+@contextmanager
+def deployment(
+    root: Path, extra_env: dict[str, str] | None = None, instance: dict[str, Any] | None = None
+) -> Iterator[Deployment]:
+    """Webserver and daemon (and a code server) over a fresh home: the processes' groups are killed on
+    exit, their logs printed on failure. `instance` replaces the repository's dagster.yaml settings."""
+    config = write_workdir(root / "work")
+    dagster_home = root / "dagster_home"
+    if instance is None:
+        write_instance(dagster_home)
+    else:
+        dagster_home.mkdir(parents=True)
+        (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(instance, sort_keys=False))
+    workspace = write_workspace(root / "workspace.yaml")
+    pcbo_home = root / "pcbo"
+    env = pcbo_env(pcbo_home, config, dagster_home, **(extra_env or {}))
+    dep = Deployment(root, config, workspace, dagster_home, pcbo_home, env)
+    try:
+        yield dep
+    except BaseException:
+        print(dep.logs())
+        raise
+    finally:
+        dep.stop()
+
+
+# --- the audit chain, read straight from the local backup (no engine code) ---------------------------
+
+
+def chain_events(pcbo_home: Path, dataset: str = "events", version_label: str = "v1") -> list[dict[str, Any]]:
+    path = pcbo_home / "pas" / dataset / f"{version_label}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_chain_never_forks(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """One linear chain (seq 0..n-1, each event linked to the one before), and per partition exactly one
+    `partition_committed` event per content version (manifest checksum), versions numbered 1, 2, ...
+    Returns the commit events by partition key."""
+    previous = None
+    for seq, event in enumerate(events):
+        chain = event["chain"]
+        assert chain["seq"] == seq, f"event {seq} has seq {chain['seq']}"
+        assert chain["prev_event_hash"] == previous, f"event {seq} does not link to event {seq - 1}"
+        previous = chain["event_hash"]
+    hashes = [e["chain"]["event_hash"] for e in events]
+    assert len(set(hashes)) == len(hashes), "an event hash appears twice"
+    commits: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        if event["event_type"] == "partition_committed":
+            commits.setdefault(event["partition"]["key"], []).append(event)
+    for key, found in commits.items():
+        checksums = [e["manifest"]["checksum"] for e in found]
+        assert len(set(checksums)) == len(checksums), f"{key}: one content version committed twice"
+        versions = [e["partition"]["version"] for e in found]
+        assert versions == list(range(1, len(found) + 1)), f"{key}: versions {versions}"
+    return commits
+
+
+def materialize_range(config: Path, asset: str, start: str, end: str, instance: Any) -> Any:
+    """One in-process range run of `asset` and its checks, from the code location's own `Definitions`
+    (resources bound to the PCBO_* variables of this process), as a range backfill run tags it."""
+    import dagster as dg
+
+    from pcbo_dagster.dagster_defs.definitions import build_definitions
+
+    defs = build_definitions(config)
+    return dg.materialize(
+        [*defs.assets, *(defs.asset_checks or [])],
+        selection=dg.AssetSelection.assets(asset),
+        resources=defs.resources,
+        instance=instance,
+        tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end},
+        raise_on_error=False,
+    )
