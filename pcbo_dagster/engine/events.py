@@ -72,6 +72,35 @@ def commit_body(manifest: dict[str, Any], manifest_checksum: str, lake: LakeStor
     }
 
 
+def catalog_row(
+    manifest: dict[str, Any],
+    manifest_checksum: str,
+    lake: LakeStorage,
+    event_hash: str,
+    source_uri: str | None = None,
+    source_kind: str = "repair",
+) -> dict[str, Any]:
+    """The catalog's record of a committed manifest (`CatalogStore.record_partition_version` fields)."""
+    dataset, version_label, key = manifest["dataset"], manifest["versionLabel"], manifest["partition"]["key"]
+    return {
+        "dataset": dataset,
+        "version_label": version_label,
+        "partition_key": key,
+        "version": manifest["partitionVersion"],
+        "run_id": manifest["runId"],
+        "manifest_uri": lake.uri(layout.manifest(dataset, version_label, key)),
+        "manifest_checksum": manifest_checksum,
+        "merkle_root": manifest["merkleRoot"],
+        "record_count": manifest["recordCount"],
+        "event_hash": event_hash,
+        "files": manifest["files"],
+        "source_uri": source_uri,
+        "source_kind": source_kind,
+        "plan_hash": manifest["planHash"],
+        "decision_hash": manifest["decisionHash"],
+    }
+
+
 def rollback_body(
     manifest: dict[str, Any],
     manifest_checksum: str,

@@ -24,7 +24,7 @@ from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table, run_schema
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, chain_key, commit_body
+from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, catalog_row, chain_key, commit_body
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_version
 from pcbo_dagster.lake import layout, manifests, parquet_files
@@ -411,25 +411,15 @@ def _commit_batch(
             continue
         row = catalog_rows.get(key)
         if row is None or row["version"] != st.version or row["manifest_checksum"] != st.manifest_checksum:
-            m = st.manifest
             recorded.append(
-                {
-                    "dataset": dataset,
-                    "version_label": version_label,
-                    "partition_key": key,
-                    "version": st.version,
-                    "run_id": m["runId"],
-                    "manifest_uri": lake.uri(layout.manifest(dataset, version_label, key)),
-                    "manifest_checksum": st.manifest_checksum,
-                    "merkle_root": m["merkleRoot"],
-                    "record_count": m["recordCount"],
-                    "event_hash": st.event["chain"]["event_hash"],
-                    "files": m["files"],
-                    "source_uri": loaded.source_uri,
-                    "source_kind": loaded.source_kind,
-                    "plan_hash": m["planHash"],
-                    "decision_hash": m["decisionHash"],
-                }
+                catalog_row(
+                    st.manifest,
+                    st.manifest_checksum,
+                    lake,
+                    st.event["chain"]["event_hash"],
+                    loaded.source_uri,
+                    loaded.source_kind,
+                )
             )
             st.healed = st.healed or st.status == "unchanged"
     env.catalog.record_partition_versions(recorded)

@@ -16,6 +16,7 @@ from pcbo_dagster.engine.events import (
     PARTITION_COMMITTED,
     PARTITION_ROLLED_BACK,
     ChainIndex,
+    catalog_row,
     chain_key,
     commit_body,
     rollback_body,
@@ -43,21 +44,7 @@ def ensure_commit_recorded(
         index.add(event)
     if row is None or row["version"] < version:
         env.catalog.record_partition_version(
-            dataset=dataset,
-            version_label=version_label,
-            partition_key=key,
-            version=version,
-            run_id=manifest["runId"],
-            manifest_uri=env.lake.uri(layout.manifest(dataset, version_label, key)),
-            manifest_checksum=checksum,
-            merkle_root=manifest["merkleRoot"],
-            record_count=manifest["recordCount"],
-            event_hash=event["chain"]["event_hash"],
-            files=manifest["files"],
-            source_uri=None,
-            source_kind="repair",
-            plan_hash=manifest["planHash"],
-            decision_hash=manifest["decisionHash"],
+            **catalog_row(manifest, checksum, env.lake, event["chain"]["event_hash"])
         )
 
 

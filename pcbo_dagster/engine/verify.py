@@ -25,6 +25,7 @@ from pcbo_dagster.engine.events import (
     PARTITION_COMMITTED,
     PARTITION_ROLLED_BACK,
     ChainIndex,
+    catalog_row,
     chain_key,
     commit_body,
     rollback_body,
@@ -162,21 +163,7 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
             event = index.commits.get((key, checksum))
             if repair and event is not None:
                 env.catalog.record_partition_version(
-                    dataset=dataset,
-                    version_label=version_label,
-                    partition_key=key,
-                    version=manifest["partitionVersion"],
-                    run_id=manifest["runId"],
-                    manifest_uri=env.lake.uri(layout.manifest(dataset, version_label, key)),
-                    manifest_checksum=checksum,
-                    merkle_root=manifest["merkleRoot"],
-                    record_count=manifest["recordCount"],
-                    event_hash=event["chain"]["event_hash"],
-                    files=manifest["files"],
-                    source_uri=None,
-                    source_kind="repair",
-                    plan_hash=manifest["planHash"],
-                    decision_hash=manifest["decisionHash"],
+                    **catalog_row(manifest, checksum, env.lake, event["chain"]["event_hash"])
                 )
                 repaired.append({"kind": "catalog_row_recorded", "where": f"{ckey}/{key}"})
             else:
