@@ -374,25 +374,14 @@ class CatalogStore:
         Idempotent for the same (partition, version, manifest_checksum); a different checksum for an
         existing version raises ValueError.
         """
-        with self._write() as conn:
-            self._record_partition_version(
-                conn,
-                dataset=dataset,
-                version_label=version_label,
-                partition_key=partition_key,
-                version=version,
-                run_id=run_id,
-                manifest_uri=manifest_uri,
-                manifest_checksum=manifest_checksum,
-                merkle_root=merkle_root,
-                record_count=record_count,
-                event_hash=event_hash,
-                files=files,
-                source_uri=source_uri,
-                source_kind=source_kind,
-                plan_hash=plan_hash,
-                decision_hash=decision_hash,
-            )
+        row = {
+            "dataset": dataset, "version_label": version_label, "partition_key": partition_key,
+            "version": version, "run_id": run_id, "manifest_uri": manifest_uri,
+            "manifest_checksum": manifest_checksum, "merkle_root": merkle_root, "record_count": record_count,
+            "event_hash": event_hash, "files": files, "source_uri": source_uri, "source_kind": source_kind,
+            "plan_hash": plan_hash, "decision_hash": decision_hash,
+        }  # fmt: skip
+        self.record_partition_versions([row])
 
     def record_partition_versions(self, rows: list[dict[str, Any]]) -> None:
         """`record_partition_version` for many partitions in one transaction (keyword dicts).
@@ -421,7 +410,7 @@ class CatalogStore:
                 }
                 for row in group:
                     if (row["partition_key"], row["version"]) in recorded:
-                        self._record_partition_version(conn, **row)
+                        self._record_partition_version(conn, row)
                     else:
                         fresh.append(row)
             if not fresh:
@@ -566,31 +555,14 @@ class CatalogStore:
             ).all()
         return {row.partition_key: self._partition_row(row) for row in rows}
 
-    def _record_partition_version(
-        self,
-        conn: Connection,
-        *,
-        dataset: str,
-        version_label: str,
-        partition_key: str,
-        version: int,
-        run_id: str,
-        manifest_uri: str,
-        manifest_checksum: str,
-        merkle_root: str,
-        record_count: int,
-        event_hash: str | None,
-        files: list[dict[str, Any]],
-        source_uri: str | None,
-        source_kind: str,
-        plan_hash: str,
-        decision_hash: str,
-    ) -> None:
+    def _record_partition_version(self, conn: Connection, row: dict[str, Any]) -> None:
         """Commit a partition version: supersede the other committed one, insert it and its lineage.
 
         Idempotent for the same (partition, version, manifest_checksum); a different checksum for an
         existing version raises ValueError.
         """
+        dataset, version_label, partition_key = row["dataset"], row["version_label"], row["partition_key"]
+        version, manifest_checksum, event_hash = row["version"], row["manifest_checksum"], row["event_hash"]
         pk = {"dataset": dataset, "version_label": version_label, "partition_key": partition_key}
         p = t.partitions
         where_partition = (
@@ -618,14 +590,14 @@ class CatalogStore:
                 p.insert().values(
                     **pk,
                     version=version,
-                    run_id=run_id,
+                    run_id=row["run_id"],
                     status="committed",
-                    manifest_uri=manifest_uri,
+                    manifest_uri=row["manifest_uri"],
                     manifest_checksum=manifest_checksum,
-                    merkle_root=merkle_root,
-                    record_count=record_count,
+                    merkle_root=row["merkle_root"],
+                    record_count=row["record_count"],
                     event_hash=event_hash,
-                    files=_dumps(files),
+                    files=_dumps(row["files"]),
                     committed_at=_now(),
                     rolled_back_at=None,
                 )
@@ -643,12 +615,12 @@ class CatalogStore:
             t.lineage,
             {
                 **pk,
-                "run_id": run_id,
+                "run_id": row["run_id"],
                 "partition_version": version,
-                "source_uri": source_uri or "",
-                "source_kind": source_kind,
-                "plan_hash": plan_hash,
-                "decision_hash": decision_hash,
+                "source_uri": row["source_uri"] or "",
+                "source_kind": row["source_kind"],
+                "plan_hash": row["plan_hash"],
+                "decision_hash": row["decision_hash"],
             },
             ["dataset", "version_label", "partition_key", "partition_version", "source_uri"],
         )
