@@ -1,0 +1,264 @@
+"""Build small SEP-54 ("Galexie") ledger archives for tests, with stellar-sdk's XDR types.
+
+`write_archive(root, first=2, last=21, ledgers_per_file=4, files_per_partition=2)` writes
+`root/<%08X--pStart-pEnd>/<%08X--start-end>.xdr.zst` files, each a zstd-compressed
+`LedgerCloseMetaBatch`, and returns a `BuiltArchive` with what every ledger should read back as.
+Partitions and batches are aligned on multiples of their size from 0, as Galexie aligns them, so the
+first partition and batch may start before `first` (their earlier ledgers are simply absent: a
+batch always holds exactly its named range, so `first` is rounded down to a batch boundary).
+
+Ledgers are real: each header's `previousLedgerHash` is the hash of the ledger before, and a
+ledger's hash is the SHA-256 of its header XDR, as stellar-core computes it. Ledger `seq` holds
+`1 + seq % 3` transactions; transaction `t` has `1 + (seq + t) % 4` operations; every third ledger's
+last transaction is a fee bump. `version` picks the LedgerCloseMeta arm: 0 (TransactionSet, the
+simplest), 1 (GeneralizedTransactionSet, one classic phase) or 2 (a classic phase plus a Soroban
+parallel phase holding the same transactions split over two stages).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+from stellar_sdk import Account, Keypair, Network, TransactionBuilder
+from stellar_sdk import xdr as x
+
+from pcbo_dagster.sources.ledger_archives import batch_name, partition_name
+
+PROTOCOL = 21
+GENESIS_CLOSE_TIME = 1_700_000_000  # 2023-11-14T22:13:20Z
+CLOSE_SECONDS = 5
+_PASSPHRASE = Network.TESTNET_NETWORK_PASSPHRASE
+_SOURCE = Keypair.from_raw_ed25519_seed(bytes(range(32)))
+_FEE_SOURCE = Keypair.from_raw_ed25519_seed(bytes(range(1, 33)))
+
+
+@dataclass
+class BuiltLedger:
+    sequence: int
+    close_time: int
+    ledger_hash: bytes
+    previous_hash: bytes
+    protocol: int
+    transaction_count: int
+    operation_count: int
+    xdr: bytes  # this ledger's LedgerCloseMeta XDR
+    path: Path | None = None  # the batch file holding it
+
+
+@dataclass
+class BuiltArchive:
+    root: Path
+    ledgers: dict[int, BuiltLedger] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def file_of(self, sequence: int) -> Path:
+        path = self.ledgers[sequence].path
+        assert path is not None
+        return path
+
+
+def _hash(value: bytes) -> x.Hash:
+    return x.Hash(value)
+
+
+def transactions_for(sequence: int) -> list[x.TransactionEnvelope]:
+    """The deterministic, signed transaction envelopes of ledger `sequence`."""
+    envelopes = []
+    count = 1 + sequence % 3
+    for t in range(count):
+        builder = TransactionBuilder(Account(_SOURCE.public_key, sequence * 10 + t), _PASSPHRASE, 100)
+        builder.add_time_bounds(0, 0)  # no wall clock
+        for o in range(1 + (sequence + t) % 4):
+            builder.append_manage_data_op(f"k{sequence}-{t}-{o}", b"v")
+        tx = builder.build()
+        tx.sign(_SOURCE)
+        if sequence % 3 == 0 and t == count - 1:
+            bump = TransactionBuilder.build_fee_bump_transaction(_FEE_SOURCE, 200, tx, _PASSPHRASE)
+            bump.sign(_FEE_SOURCE)
+            envelopes.append(bump.to_xdr_object())
+        else:
+            envelopes.append(tx.to_xdr_object())
+    return envelopes
+
+
+def expected_operations(sequence: int) -> int:
+    return sum(1 + (sequence + t) % 4 for t in range(1 + sequence % 3))
+
+
+def ledger_header(sequence: int, previous_hash: bytes, close_time: int, protocol: int) -> x.LedgerHeader:
+    zero = _hash(bytes(32))
+    return x.LedgerHeader(
+        ledger_version=x.Uint32(protocol),
+        previous_ledger_hash=_hash(previous_hash),
+        scp_value=x.StellarValue(
+            tx_set_hash=_hash(hashlib.sha256(b"txset-%d" % sequence).digest()),
+            close_time=x.TimePoint(x.Uint64(close_time)),
+            upgrades=[],
+            ext=x.StellarValueExt(v=x.StellarValueType.STELLAR_VALUE_BASIC),
+        ),
+        tx_set_result_hash=zero,
+        bucket_list_hash=zero,
+        ledger_seq=x.Uint32(sequence),
+        total_coins=x.Int64(1_000_000_000_000_000_000),
+        fee_pool=x.Int64(0),
+        inflation_seq=x.Uint32(0),
+        id_pool=x.Uint64(0),
+        base_fee=x.Uint32(100),
+        base_reserve=x.Uint32(5_000_000),
+        max_tx_set_size=x.Uint32(1000),
+        skip_list=[zero, zero, zero, zero],
+        ext=x.LedgerHeaderExt(v=0),
+    )
+
+
+def _classic_phase(envelopes: list[x.TransactionEnvelope]) -> x.TransactionPhase:
+    component = x.TxSetComponent(
+        type=x.TxSetComponentType.TXSET_COMP_TXS_MAYBE_DISCOUNTED_FEE,
+        txs_maybe_discounted_fee=x.TxSetComponentTxsMaybeDiscountedFee(base_fee=None, txs=envelopes),
+    )
+    return x.TransactionPhase(v=0, v0_components=[component])
+
+
+def _parallel_phase(envelopes: list[x.TransactionEnvelope]) -> x.TransactionPhase:
+    half = len(envelopes) // 2
+    stages = [
+        x.ParallelTxExecutionStage([x.DependentTxCluster(envelopes[:half])]),
+        x.ParallelTxExecutionStage([x.DependentTxCluster(envelopes[half:]), x.DependentTxCluster([])]),
+    ]
+    return x.TransactionPhase(
+        v=1, parallel_txs_component=x.ParallelTxsComponent(base_fee=x.Int64(100), execution_stages=stages)
+    )
+
+
+def ledger_close_meta(
+    sequence: int,
+    previous_hash: bytes,
+    *,
+    version: int = 0,
+    close_time: int | None = None,
+    protocol: int = PROTOCOL,
+) -> tuple[x.LedgerCloseMeta, BuiltLedger]:
+    if close_time is None:
+        close_time = GENESIS_CLOSE_TIME + sequence * CLOSE_SECONDS
+    header = ledger_header(sequence, previous_hash, close_time, protocol)
+    ledger_hash = hashlib.sha256(header.to_xdr_bytes()).digest()
+    entry = x.LedgerHeaderHistoryEntry(
+        hash=_hash(ledger_hash), header=header, ext=x.LedgerHeaderHistoryEntryExt(v=0)
+    )
+    envelopes = transactions_for(sequence)
+    prev = _hash(previous_hash)
+    if version == 0:
+        meta = x.LedgerCloseMeta(
+            v=0,
+            v0=x.LedgerCloseMetaV0(
+                ledger_header=entry,
+                tx_set=x.TransactionSet(previous_ledger_hash=prev, txs=envelopes),
+                tx_processing=[],
+                upgrades_processing=[],
+                scp_info=[],
+            ),
+        )
+        tx_count = len(envelopes)
+        op_count = expected_operations(sequence)
+    else:
+        phases = [_classic_phase(envelopes)]
+        tx_count, op_count = len(envelopes), expected_operations(sequence)
+        if version == 2:
+            phases.append(_parallel_phase(envelopes))
+            tx_count, op_count = 2 * tx_count, 2 * op_count
+        tx_set = x.GeneralizedTransactionSet(v=1, v1_tx_set=x.TransactionSetV1(prev, phases))
+        common: dict[str, Any] = {
+            "ext": x.LedgerCloseMetaExt(v=0),
+            "ledger_header": entry,
+            "tx_set": tx_set,
+            "tx_processing": [],
+            "upgrades_processing": [],
+            "scp_info": [],
+            "total_byte_size_of_live_soroban_state": x.Uint64(0),
+            "evicted_keys": [],
+        }
+        if version == 1:
+            meta = x.LedgerCloseMeta(v=1, v1=x.LedgerCloseMetaV1(**common, unused=[]))
+        elif version == 2:
+            meta = x.LedgerCloseMeta(v=2, v2=x.LedgerCloseMetaV2(**common))
+        else:
+            raise ValueError(f"LedgerCloseMeta v{version} is not built here")
+    built = BuiltLedger(
+        sequence=sequence,
+        close_time=close_time,
+        ledger_hash=ledger_hash,
+        previous_hash=previous_hash,
+        protocol=protocol,
+        transaction_count=tx_count,
+        operation_count=op_count,
+        xdr=meta.to_xdr_bytes(),
+    )
+    return meta, built
+
+
+def compress(data: bytes, *, streaming: bool) -> bytes:
+    """zstd: `streaming` writes a frame WITHOUT a content size (as a streaming writer does)."""
+    if not streaming:
+        return zstandard.ZstdCompressor(write_content_size=True).compress(data)
+    compressor = zstandard.ZstdCompressor().compressobj()
+    return compressor.compress(data) + compressor.flush()
+
+
+def frame_has_content_size(data: bytes) -> bool:
+    return zstandard.get_frame_parameters(data).content_size != zstandard.CONTENTSIZE_UNKNOWN
+
+
+def batch_bytes(start: int, end: int, metas: list[x.LedgerCloseMeta]) -> bytes:
+    return x.LedgerCloseMetaBatch(x.Uint32(start), x.Uint32(end), metas).to_xdr_bytes()
+
+
+def write_archive(
+    root: Path,
+    first: int,
+    last: int,
+    *,
+    ledgers_per_file: int = 1,
+    files_per_partition: int = 4,
+    version: int = 0,
+    streaming: Callable[[int], bool] = lambda index: index % 2 == 0,
+    legacy_suffix: Callable[[int], bool] = lambda index: index % 3 == 1,
+) -> BuiltArchive:
+    """Write the ledgers `first`..`last` (rounded out to whole batches) under `root`.
+
+    `streaming(i)` / `legacy_suffix(i)` decide, for the i-th batch file written (from 0), whether its
+    frame lacks a content size and whether it is named `.xdr.zstd` instead of `.xdr.zst`. With
+    `files_per_partition == 1` there are no partition folders (Galexie's layout for that case)."""
+    root.mkdir(parents=True, exist_ok=True)
+    archive = BuiltArchive(root)
+    batch_start = first - first % ledgers_per_file
+    partition_size = ledgers_per_file * files_per_partition
+    previous_hash = hashlib.sha256(b"genesis-%d" % batch_start).digest()
+    index = 0
+    while batch_start <= last:
+        batch_end = batch_start + ledgers_per_file - 1
+        metas, built = [], []
+        for sequence in range(batch_start, batch_end + 1):
+            meta, ledger = ledger_close_meta(sequence, previous_hash, version=version)
+            previous_hash = ledger.ledger_hash
+            metas.append(meta)
+            built.append(ledger)
+        folder = root
+        if files_per_partition > 1:
+            p_start = batch_start - batch_start % partition_size
+            folder = root / partition_name(p_start, p_start + partition_size - 1)
+            folder.mkdir(exist_ok=True)
+        suffix = ".xdr.zstd" if legacy_suffix(index) else ".xdr.zst"
+        path = folder / batch_name(batch_start, batch_end, suffix)
+        path.write_bytes(compress(batch_bytes(batch_start, batch_end, metas), streaming=streaming(index)))
+        archive.files.append(path)
+        for ledger in built:
+            ledger.path = path
+            archive.ledgers[ledger.sequence] = ledger
+        batch_start = batch_end + 1
+        index += 1
+    return archive

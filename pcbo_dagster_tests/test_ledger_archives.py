@@ -1,0 +1,366 @@
+"""SEP-54 ("Galexie") ledger archives: key names, batch decoding, range cuts, pruning, errors, and a
+ledgerRange request built from an archive's records, end to end."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("stellar_sdk")
+pytest.importorskip("zstandard")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from stellar_sdk import xdr as x  # noqa: E402
+
+from pcbo_dagster.core.errors import InvalidInput  # noqa: E402
+from pcbo_dagster.engine.request_loading import evaluate, load_request  # noqa: E402
+from pcbo_dagster.sources import ledger_archives as la  # noqa: E402
+from pcbo_dagster_tests import ledger_archive_builder as b  # noqa: E402
+from pcbo_dagster_tests.cli_runner import lake_dir, run_pcbo, write_request  # noqa: E402
+
+# -- names ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "start", "end"),
+    [
+        ("FFFFFFFF--0-63999", 0, 63999),
+        ("FFFFFFFD--2-65", 2, 65),
+        ("FFFF05FF--64000-127999", 64000, 127999),
+        ("00000000--4294967295-4294967295", 4294967295, 4294967295),
+    ],
+)
+def test_partition_folder_names_parse(name, start, end):
+    key = la.parse_partition_name(name)
+    assert (key.start, key.end) == (start, end)
+    assert la.partition_name(start, end) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "start", "end", "suffix"),
+    [
+        ("FFFFFFFD--2.xdr.zst", 2, 2, ".xdr.zst"),
+        ("FFFFFFFD--2.xdr.zstd", 2, 2, ".xdr.zstd"),
+        ("FFFFFFBF--64-127.xdr.zst", 64, 127, ".xdr.zst"),
+        ("FF8F9EBF--7364928-7364991.xdr.zstd", 7364928, 7364991, ".xdr.zstd"),
+    ],
+)
+def test_batch_file_names_parse(name, start, end, suffix):
+    key = la.parse_batch_name(name)
+    assert (key.start, key.end, key.suffix) == (start, end, suffix)
+    assert la.batch_name(start, end, suffix) == name
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("FFFFFFFE--2.xdr.zst", "should be FFFFFFFD"),  # prefix not 0xFFFFFFFF - start
+        ("fffffffd--2.xdr.zst", "not a SEP-54 batch file name"),  # Go's %08X is upper case
+        ("FFFFFFD--2.xdr.zst", "not a SEP-54 batch file name"),  # 7 hex digits
+        ("FFFFFFFD--02.xdr.zst", "not a SEP-54 batch file name"),  # leading zero
+        ("FFFFFFFD-2.xdr.zst", "not a SEP-54 batch file name"),
+        ("FFFFFFFD--2.xdr", "not a SEP-54 batch file name"),
+        ("FFFFFFFD--2.xdr.gz", "not a SEP-54 batch file name"),
+        ("FFFFFFFD--2.xdr.zst.tmp", "not a SEP-54 batch file name"),
+        ("FFFFFFFD--2-1.xdr.zst", "ends (1) before it starts (2)"),
+        ("FFFFFFFD--2-4294967296.xdr.zst", "32-bit"),
+        ("FFFFFFFD--2-65", "not a SEP-54 batch file name"),  # a folder name is not a file name
+    ],
+)
+def test_malformed_batch_names_are_refused(name, reason):
+    with pytest.raises(la.LedgerArchiveError, match=re.escape(reason)) as info:
+        la.parse_batch_name(name)
+    assert name in str(info.value) and info.value.exit_status == 2
+
+
+@pytest.mark.parametrize(
+    "name", ["FFFFFFFE--2-65", "FFFFFFFD--2", "FFFFFFFD--2-65.xdr.zst", "FFFFFFFD--65-2", "ledgers"]
+)
+def test_malformed_partition_names_are_refused(name):
+    with pytest.raises(la.LedgerArchiveError, match=name):
+        la.parse_partition_name(name)
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+
+def _expected(archive: b.BuiltArchive, sequence: int) -> dict[str, Any]:
+    """The record of a built ledger, computed independently (hashlib, base64) from the builder."""
+    ledger = archive.ledgers[sequence]
+    return {
+        "id": f"ledger-{sequence:010d}",
+        "ledgerSequence": sequence,
+        "occurredAt": _instant(ledger.close_time),
+        "ledgerHash": ledger.ledger_hash.hex(),
+        "previousLedgerHash": ledger.previous_hash.hex(),
+        "protocolVersion": ledger.protocol,
+        "transactionCount": ledger.transaction_count,
+        "operationCount": ledger.operation_count,
+        "lcmXdrBase64": base64.b64encode(ledger.xdr).decode(),
+        "lcmXdrSha256": "sha256:" + hashlib.sha256(ledger.xdr).hexdigest(),
+        "consentGranted": True,
+    }
+
+
+def _instant(seconds: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def test_the_builder_writes_what_stellar_sdk_reads_back(tmp_path):
+    archive = b.write_archive(tmp_path, 2, 21, ledgers_per_file=4, files_per_partition=2)
+    import zstandard
+
+    with_size = [b.frame_has_content_size(p.read_bytes()) for p in archive.files]
+    assert True in with_size and False in with_size  # both kinds of frame are exercised
+    assert {p.name.split(".", 1)[1] for p in archive.files} == {"xdr.zst", "xdr.zstd"}
+    for path in archive.files:
+        key = la.parse_batch_name(path.name)
+        raw = zstandard.ZstdDecompressor().stream_reader(path.read_bytes()).read()
+        batch = x.LedgerCloseMetaBatch.from_xdr_bytes(raw)
+        assert (batch.start_sequence.uint32, batch.end_sequence.uint32) == (key.start, key.end)
+        assert [m.to_xdr_bytes() for m in batch.ledger_close_metas] == [
+            archive.ledgers[s].xdr for s in range(key.start, key.end + 1)
+        ]
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_every_ledger_of_multi_ledger_batches_is_decoded_in_order(tmp_path, version):
+    archive = b.write_archive(tmp_path, 0, 23, ledgers_per_file=4, files_per_partition=2, version=version)
+    records = list(la.iter_ledger_records(str(tmp_path), 0, 24, require_complete=True))
+    assert [r["ledgerSequence"] for r in records] == list(range(24))
+    assert records == [_expected(archive, s) for s in range(24)]
+    for record in records:  # the XDR kept is the ledger's own LedgerCloseMeta, exactly
+        xdr = base64.b64decode(record["lcmXdrBase64"])
+        assert record["lcmXdrSha256"] == "sha256:" + hashlib.sha256(xdr).hexdigest()
+        meta = x.LedgerCloseMeta.from_xdr_bytes(xdr)
+        assert meta.v == version
+        assert la.ledger_header_entry(meta).header.ledger_seq.uint32 == record["ledgerSequence"]
+    # Counts: fee bumps count their inner operations; v2 also walks the Soroban parallel stages.
+    assert records[3]["transactionCount"] == (1 + 3 % 3) * (2 if version == 2 else 1)
+    assert records[5]["operationCount"] == b.expected_operations(5) * (2 if version == 2 else 1)
+    assert len({r["ledgerHash"] for r in records}) == 24
+    assert all(r["previousLedgerHash"] == p["ledgerHash"] for p, r in zip(records, records[1:], strict=False))
+    json.dumps(records)  # JSON-able
+
+
+@pytest.mark.parametrize(("first", "end"), [(5, 19), (4, 20), (7, 8), (6, 7), (0, 3), (22, 24)])
+def test_a_range_boundary_cutting_through_a_batch_yields_only_the_ledgers_inside(tmp_path, first, end):
+    archive = b.write_archive(tmp_path, 0, 23, ledgers_per_file=4, files_per_partition=3)
+    records = list(la.iter_ledger_records(str(tmp_path), first, end, require_complete=True))
+    assert [r["ledgerSequence"] for r in records] == list(range(first, end))
+    assert records == [_expected(archive, s) for s in range(first, end)]
+
+
+def test_single_ledger_files_and_a_flat_layout_without_partition_folders(tmp_path):
+    archive = b.write_archive(tmp_path, 10, 17, ledgers_per_file=1, files_per_partition=1, version=1)
+    assert all(p.parent == tmp_path and "-" not in p.name.split("--")[1] for p in archive.files)
+    (tmp_path / ".config.json").write_text("{}")  # SEP-54's config file is not a batch
+    records = list(la.iter_ledger_records(str(tmp_path), 12, 16))
+    assert records == [_expected(archive, s) for s in range(12, 16)]
+
+
+def test_files_and_partitions_outside_the_range_are_never_opened(tmp_path, monkeypatch):
+    archive = b.write_archive(tmp_path, 0, 47, ledgers_per_file=4, files_per_partition=2)
+    first, end = 13, 27  # batches 12-15 .. 24-27; partitions 8-15 .. 24-31
+    inside = {archive.file_of(s) for s in range(first, end)}
+    for path in archive.files:
+        if path not in inside:
+            path.write_bytes(b"not zstd at all")  # any read of these would fail
+    # A partition folder outside the range holding a malformed name: never even listed.
+    (tmp_path / la.partition_name(40, 47) / "junk.txt").write_text("x")
+    opened: list[str] = []
+    real = la.read_batch_bytes
+    monkeypatch.setattr(la, "read_batch_bytes", lambda uri: opened.append(uri) or real(uri))
+    records = list(la.iter_ledger_records(str(tmp_path), first, end))
+    assert [r["ledgerSequence"] for r in records] == list(range(first, end))
+    assert sorted(opened) == sorted(str(p) for p in inside)
+    assert [b.start for b in la.list_batch_files(str(tmp_path), first, end)] == [12, 16, 20, 24]
+
+
+def test_a_malformed_name_inside_the_range_is_refused_naming_it(tmp_path):
+    b.write_archive(tmp_path, 0, 15, ledgers_per_file=4, files_per_partition=2)
+    bad = tmp_path / la.partition_name(0, 7) / "FFFFFFFB--4-7.xdr.zst.partial"
+    bad.write_bytes(b"")
+    with pytest.raises(la.LedgerArchiveError, match="not a SEP-54 batch file name") as info:
+        la.list_batch_files(str(tmp_path), 0, 16)
+    assert str(bad) in str(info.value)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(la.LedgerArchiveError, match="not a SEP-54 partition folder name"):
+        la.list_batch_files(str(tmp_path), 100, 200)
+
+
+def _rewrite(path: Path, start: int, end: int, metas: list[x.LedgerCloseMeta]) -> None:
+    path.write_bytes(b.compress(b.batch_bytes(start, end, metas), streaming=True))
+
+
+def _metas(first: int, last: int) -> list[x.LedgerCloseMeta]:
+    metas, previous = [], bytes(32)
+    for sequence in range(first, last + 1):
+        meta, built = b.ledger_close_meta(sequence, previous)
+        metas.append(meta)
+        previous = built.ledger_hash
+    return metas
+
+
+def test_a_corrupt_zstd_frame_is_an_error_naming_the_file(tmp_path):
+    archive = b.write_archive(tmp_path, 0, 15, ledgers_per_file=4, files_per_partition=2)
+    path = archive.file_of(9)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)  # zero the second half of the frame
+    path.write_bytes(bytes(data))
+    records: list[dict[str, Any]] = []
+    with pytest.raises(la.LedgerArchiveError, match="not a valid zstd stream") as info:
+        records.extend(la.iter_ledger_records(str(tmp_path), 0, 16))
+    assert str(path) in str(info.value) and isinstance(info.value, InvalidInput)
+    assert [r["ledgerSequence"] for r in records] == list(range(8))  # streamed file by file
+    path.write_bytes(b"\x28\xb5\x2f\xfd")  # a truncated frame: magic only
+    with pytest.raises(la.LedgerArchiveError, match="zstd|not an XDR") as info:
+        list(la.iter_ledger_records(str(tmp_path), 8, 12))
+    assert str(path) in str(info.value)
+
+
+def test_a_batch_whose_sequences_disagree_with_its_name_is_an_error_naming_the_file(tmp_path):
+    archive = b.write_archive(tmp_path, 0, 15, ledgers_per_file=4, files_per_partition=2)
+    path = archive.file_of(4)  # named 4-7
+    cases = [
+        ((8, 11, _metas(8, 11)), "holds startSequence 8 and endSequence 11, its name says 4-7"),
+        ((4, 8, _metas(4, 8)), "holds startSequence 4 and endSequence 8"),
+        ((4, 7, _metas(4, 6)), "holds 3 ledgers, not 4"),
+        ((4, 7, _metas(5, 8)), "ledger 1 of the batch 4-7 has sequence 5, not 4"),
+        ((4, 7, [*_metas(4, 5), *_metas(7, 8)]), "ledger 3 of the batch 4-7 has sequence 7, not 6"),
+    ]
+    for (start, end, metas), message in cases:
+        _rewrite(path, start, end, metas)
+        with pytest.raises(la.LedgerArchiveError, match=message) as info:
+            list(la.iter_ledger_records(str(tmp_path), 4, 8))
+        assert str(path) in str(info.value)
+    # Trailing bytes after the last ledger, and XDR that is not a batch at all.
+    path.write_bytes(b.compress(b.batch_bytes(4, 7, _metas(4, 7)) + b"\0\0\0\0", streaming=False))
+    with pytest.raises(la.LedgerArchiveError, match="4 unexpected bytes"):
+        list(la.iter_ledger_records(str(tmp_path), 4, 8))
+    path.write_bytes(b.compress(b.batch_bytes(4, 7, _metas(4, 7))[:100], streaming=False))
+    with pytest.raises(la.LedgerArchiveError, match="not valid LedgerCloseMeta XDR") as info:
+        list(la.iter_ledger_records(str(tmp_path), 4, 8))
+    assert str(path) in str(info.value)
+
+
+def test_a_ledger_whose_hash_or_chain_is_wrong_is_an_error(tmp_path):
+    archive = b.write_archive(tmp_path, 0, 7, ledgers_per_file=4, files_per_partition=2)
+    metas = _metas(4, 7)
+    metas[1].v0.ledger_header.hash = x.Hash(bytes(32))
+    _rewrite(archive.file_of(4), 4, 7, metas)
+    with pytest.raises(la.LedgerArchiveError, match="ledger 5: its hash is not the SHA-256 of its header"):
+        list(la.iter_ledger_records(str(tmp_path), 4, 8))
+    _rewrite(archive.file_of(4), 4, 7, _metas(4, 7))  # a valid batch from another chain
+    with pytest.raises(la.LedgerArchiveError, match="ledger 4: previousLedgerHash does not match"):
+        list(la.iter_ledger_records(str(tmp_path), 0, 8))
+    assert len(list(la.iter_ledger_records(str(tmp_path), 4, 8))) == 4  # alone it is consistent
+
+
+def test_overlaps_misplaced_batches_gaps_and_missing_archives(tmp_path):
+    archive = b.write_archive(tmp_path, 0, 15, ledgers_per_file=4, files_per_partition=2)
+    part = archive.file_of(4).parent
+    twin = part / la.batch_name(4, 7, ".xdr.zstd" if archive.file_of(4).name.endswith("zst") else ".xdr.zst")
+    twin.write_bytes(archive.file_of(4).read_bytes())
+    with pytest.raises(la.LedgerArchiveError, match="overlaps"):
+        la.list_batch_files(str(tmp_path), 0, 16)
+    twin.unlink()
+    stray = part / la.batch_name(8, 11)
+    stray.write_bytes(b"")
+    with pytest.raises(la.LedgerArchiveError, match="outside its partition 0-7") as info:
+        la.list_batch_files(str(tmp_path), 0, 16)
+    assert str(stray) in str(info.value)
+    stray.unlink()
+    archive.file_of(9).unlink()
+    assert [r["ledgerSequence"] for r in la.iter_ledger_records(str(tmp_path), 6, 14)] == [6, 7, 12, 13]
+    with pytest.raises(la.LedgerArchiveError, match="ledgers 8-11 are missing"):
+        list(la.iter_ledger_records(str(tmp_path), 6, 14, require_complete=True))
+    with pytest.raises(la.LedgerArchiveError, match="ledgers 16-19 are missing"):
+        list(la.iter_ledger_records(str(tmp_path), 12, 20, require_complete=True))
+    with pytest.raises(la.LedgerArchiveError, match="no such archive folder"):
+        list(la.iter_ledger_records(str(tmp_path / "nope"), 0, 4))
+    with pytest.raises(InvalidInput, match="ledgerRange"):
+        list(la.iter_ledger_records(str(tmp_path), 5, 5))
+
+
+def test_an_fsspec_url_is_read_like_a_local_folder(tmp_path):
+    fsspec = pytest.importorskip("fsspec")
+    archive = b.write_archive(tmp_path, 0, 11, ledgers_per_file=4, files_per_partition=2)
+    memory = fsspec.filesystem("memory")
+    for path in archive.files:
+        memory.pipe(f"/archive-test/{path.relative_to(tmp_path).as_posix()}", path.read_bytes())
+    try:
+        records = list(la.iter_ledger_records("memory://archive-test", 2, 10))
+        assert records == [_expected(archive, s) for s in range(2, 10)]
+        assert all(f.uri.startswith("memory://") for f in la.list_batch_files("memory://archive-test", 2, 10))
+    finally:
+        memory.rm("/archive-test", recursive=True)
+
+
+# -- end to end: an archive's records as a ledgerRange request ----------------------------------------
+
+FIRST, END, SIZE = 5, 27, 8  # partitions 5-12, 13-20, 21-26: each cuts through 4-ledger batches
+KEYS = ["range=5-12", "range=13-20", "range=21-26"]
+
+
+@pytest.fixture
+def archive_request(tmp_path) -> tuple[b.BuiltArchive, dict[str, Any]]:
+    archive = b.write_archive(tmp_path / "archive", 0, 31, ledgers_per_file=4, files_per_partition=2)
+    records = list(la.iter_ledger_records(str(tmp_path / "archive"), FIRST, END))
+    request = la.ledger_range_request(
+        records, run_id="lcm-0001", dataset="ledgers_lcm_raw", first=FIRST, end=END, partition_size=SIZE
+    )
+    return archive, request
+
+
+def test_an_archive_becomes_a_ledger_range_request(archive_request):
+    _, request = archive_request
+    loaded = load_request(json.dumps(request).encode())
+    plan, decisions = evaluate(loaded)
+    assert [p.partition.key for p in decisions.partitions] == KEYS
+    for part, (lo, hi) in zip(decisions.partitions, [(5, 13), (13, 21), (21, 27)], strict=True):
+        assert part.add == [f"ledger-{s:010d}" for s in range(lo, hi)]
+        assert part.omit == []
+    assert decisions.unplaced == []
+
+
+@pytest.mark.slow
+def test_pcbo_execute_writes_the_ledgers_of_each_range_partition(tmp_path, archive_request):
+    archive, request = archive_request
+    request_file = write_request(tmp_path / "request.json", request)
+    status, document, stderr = run_pcbo(["execute", "--input", request_file], home=tmp_path / "home")
+    assert status == 0, stderr
+    root = lake_dir(tmp_path / "home") / "ledgers_lcm_raw" / "v1"
+    assert sorted(p.name for p in root.iterdir()) == sorted(KEYS)
+    for key, (lo, hi) in zip(KEYS, [(5, 13), (13, 21), (21, 27)], strict=True):
+        manifest = json.loads((root / key / "_manifest.json").read_bytes())
+        [entry] = manifest["files"]  # one data file, the one the commit point names
+        table = pq.read_table(lake_dir(tmp_path / "home") / entry["path"])
+        schema = table.schema
+        assert schema.field("id").type == pa.string()
+        assert schema.field("occurredAt").type == pa.timestamp("us", tz="UTC")
+        for name in ("ledgerSequence", "protocolVersion", "transactionCount", "operationCount"):
+            assert schema.field(name).type == pa.int64(), name
+        for name in ("ledgerHash", "previousLedgerHash", "lcmXdrBase64", "lcmXdrSha256"):
+            assert schema.field(name).type == pa.string(), name
+        assert schema.field("consentGranted").type == pa.bool_()
+        rows = table.to_pylist()
+        assert [r["ledgerSequence"] for r in rows] == list(range(lo, hi))
+        for row in rows:
+            expected = _expected(archive, row["ledgerSequence"])
+            for name in ("ledgerHash", "previousLedgerHash", "lcmXdrBase64", "lcmXdrSha256"):
+                assert row[name] == expected[name]
+            assert row["transactionCount"] == expected["transactionCount"]
+            assert row["operationCount"] == expected["operationCount"]
+            assert _instant(int(row["occurredAt"].timestamp())) == expected["occurredAt"]
+            xdr = base64.b64decode(row["lcmXdrBase64"])
+            assert row["lcmXdrSha256"] == "sha256:" + hashlib.sha256(xdr).hexdigest()
