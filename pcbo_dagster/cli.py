@@ -191,6 +191,13 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
         )
 
 
+def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.garbage_collection import collect_garbage
+
+    with _environment(args) as env:
+        return collect_garbage(env, dry_run=args.dry_run)
+
+
 # -- the Dagster code location ---------------------------------------------------------------------
 
 #: The example datasets config (the code location's default, like `PCBO_DATASETS_CONFIG` unset).
@@ -428,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--partition")
     p.add_argument("--reason", default="requested")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")
+    common(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("validate-config", help="validate a datasets config and list its datasets")
     p.add_argument(

@@ -18,4 +18,4 @@ def shared_vectors() -> Path:
     if not vectors.is_dir():
         pytest.skip(f"shared test vectors not found at {vectors}")
     return vectors
-pytest_plugins = ["pcbo_dagster_tests.postgres_server"]
+pytest_plugins = ["pcbo_dagster_tests.postgres_server", "pcbo_dagster_tests.object_store_servers"]

@@ -2,6 +2,16 @@
 
 Every write is all-or-nothing under its final name: locally a temporary file renamed into place,
 on object stores a single PUT. Paths given to the methods are relative to the lake root.
+
+Object stores take their endpoints and credentials from the environment only (never from a file,
+never logged):
+- `s3://`: `PCBO_S3_ENDPOINT_URL` (else `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL`) for an
+  S3-compatible server; credentials and region through botocore's own variables (`AWS_ACCESS_KEY_ID`,
+  `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_DEFAULT_REGION`, ...).
+- `gs://`: `STORAGE_EMULATOR_HOST` for an emulator (then anonymous access, and gcsfs's gRPC
+  bucket-type probe is turned off unless `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT` says otherwise);
+  otherwise Google's default credentials (`GOOGLE_APPLICATION_CREDENTIALS`, ...), project from
+  `GOOGLE_CLOUD_PROJECT`.
 """
 
 from __future__ import annotations
@@ -14,6 +24,50 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
+def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, object]:
+    """fsspec options for `url` from the environment (endpoints; credentials stay with the SDKs)."""
+    env = dict(os.environ if env is None else env)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    if scheme in ("s3", "s3a"):
+        endpoint = (
+            env.get("PCBO_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        )
+        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    if scheme in ("gs", "gcs"):
+        options: dict[str, object] = {}
+        emulator = env.get("STORAGE_EMULATOR_HOST", "")
+        if emulator not in ("", "default"):
+            if not env.get("GOOGLE_APPLICATION_CREDENTIALS"):
+                options["token"] = "anon"
+        project = env.get("GOOGLE_CLOUD_PROJECT") or env.get("GCSFS_DEFAULT_PROJECT")
+        if project:
+            options["project"] = project
+        return options
+    return {}
+
+
+def _gcs_probe_off(env: dict[str, str]) -> bool:
+    """gcsfs probes each bucket's type over gRPC (its "experimental" file system, on by default); an
+    emulator does not answer that probe and every open stalls about a minute. Off when an emulator is
+    set, unless `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT` says otherwise; off whenever that variable is false."""
+    flag = env.get("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+    if flag is not None:
+        return flag.lower() not in ("true", "1")
+    return env.get("STORAGE_EMULATOR_HOST", "") not in ("", "default")
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(file system, path inside it) for a URL or local path, configured from the environment."""
+    options = storage_options(url)
+    if url.split("://", 1)[0].lower() in ("gs", "gcs") and _gcs_probe_off(dict(os.environ)):
+        # the plain GCSFileSystem, whatever gcsfs chose at import time
+        from gcsfs.core import GCSFileSystem
+
+        fs = GCSFileSystem(**options)
+        return fs, fs._strip_protocol(url)
+    return fsspec.core.url_to_fs(url, **options)
+
+
 def normalize_lake_url(url: str | os.PathLike[str]) -> str:
     text = os.fspath(url)
     if "://" not in text:
@@ -24,7 +78,7 @@ def normalize_lake_url(url: str | os.PathLike[str]) -> str:
 class LakeStorage:
     def __init__(self, url: str | os.PathLike[str]) -> None:
         self.url = normalize_lake_url(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.fs, root = filesystem(self.url)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._made_dirs: set[str] = set()
@@ -97,18 +151,32 @@ class LakeStorage:
         if self.fs.exists(path):
             self.fs.rm_file(path)
 
+    def _relative(self, paths: list[str]) -> list[str]:
+        """Lake-relative forms of the paths `fs.find` returned (with or without a protocol; a bucket
+        root lists as `bucket/key`)."""
+        prefix = self.fs._strip_protocol(self.root).rstrip("/") + "/"
+        result = []
+        for p in paths:
+            p = self.fs._strip_protocol(p)
+            if p.startswith(prefix):
+                result.append(p[len(prefix) :])
+        return sorted(result)
+
+    def _find(self, base: str) -> list[str]:
+        """Files below the directory `base` (never a sibling that merely shares its prefix)."""
+        inside = self.fs._strip_protocol(base).rstrip("/") + "/"
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        return [p for p in found if self.fs._strip_protocol(p).startswith(inside)]
+
     def find(self, name: str, under: str = "") -> list[str]:
         """Relative paths of every file called `name` below `under`, sorted."""
         base = self._path(under) if under else self.root
-        if not self.fs.exists(base):
-            return []
-        prefix = self.root + "/"
-        found = [p for p in self.fs.find(base) if p.rsplit("/", 1)[-1] == name]
-        return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
+        return [p for p in self._relative(self._find(base)) if p.rsplit("/", 1)[-1] == name]
 
-    def list_files(self, under: str) -> list[str]:
-        base = self._path(under)
-        if not self.fs.exists(base):
-            return []
-        prefix = self.root + "/"
-        return sorted(p[len(prefix) :] for p in self.fs.find(base))
+    def list_files(self, under: str = "") -> list[str]:
+        """Relative paths of every file below `under` (the whole lake when empty), sorted."""
+        base = self._path(under) if under else self.root
+        return self._relative(self._find(base))

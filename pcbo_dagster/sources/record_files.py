@@ -1,23 +1,39 @@
-"""Record files named by a request's `source`: JSONL (one JSON object a line) or parquet.
+"""Record files named by a request's `source`: JSONL (one JSON object a line), CSV or parquet.
 
-Relative paths resolve against the directory of the request file. Records read from a file are
-treated exactly as if they had been given inline, so the plan and decision hashes are the same.
+Local paths, `file://`, `s3://` and `gs://` URIs (object stores configured from the environment
+as for lakes: `pcbo_dagster.lake.storage`). Relative paths resolve against the directory of the
+request file. Records read from a file are treated exactly as if they had been given inline, so the
+plan and decision hashes are the same as those of the equivalent inline request.
+
+CSV (RFC 4180: comma, double quotes, UTF-8 with an optional BOM): the first row names the fields;
+each later row is one record (blank lines skipped), values mapped deterministically:
+- an empty cell means the field is absent;
+- `consentGranted`: `true` and `false` become JSON booleans; any other text stays a string (and
+  so is not consent);
+- a column other than `id`, `occurredAt`, `retentionExpiresAt`, `jurisdiction` and
+  `consentGranted` whose every non-empty cell is a canonical integer (`0` or `-?[1-9][0-9]*`, within
+  +-(2^53-1)) becomes integers; otherwise every value of the column is a string;
+- everything else is a string. A row with more cells than the header is invalid input.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import datetime as dt
 import decimal
+import io
+import re
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow.parquet as pq
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.core.request_model import SourceRef, parse_json_strict
+from pcbo_dagster.engine.settings import redact_url
+from pcbo_dagster.lake.storage import filesystem
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -49,16 +65,80 @@ def _jsonable(value: Any, column: str) -> Any:
     raise InvalidInput(f"source.{column}", f"values of type {type(value).__name__} cannot be read as JSON")
 
 
+#: CSV columns that always stay strings (the known fields other than consent).
+CSV_STRING_COLUMNS = frozenset({"id", "occurredAt", "retentionExpiresAt", "jurisdiction"})
+CSV_BOOLEAN_COLUMN = "consentGranted"
+_CSV_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
+_MAX_SAFE = 2**53 - 1
+
+
+def _is_safe_integer(text: str) -> bool:
+    return _CSV_INTEGER.fullmatch(text) is not None and abs(int(text)) <= _MAX_SAFE
+
+
+def parse_csv(data: bytes) -> list[dict[str, Any]]:
+    """Records of a CSV file (the mapping in this module's docstring)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("source.uri", f"CSV is not UTF-8 (byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        if any(not name for name in header):
+            raise InvalidInput("source", "CSV header row has an empty column name")
+        if len(set(header)) != len(header):
+            raise InvalidInput("source", "CSV header row names a column twice")
+        rows: list[list[str]] = []
+        for row in reader:
+            if not row or (len(row) == 1 and row[0] == ""):
+                continue
+            if len(row) > len(header):
+                raise InvalidInput(
+                    "source", f"CSV line {reader.line_num}: {len(row)} cells, the header has {len(header)}"
+                )
+            rows.append(row)
+    except csv.Error as exc:
+        raise InvalidInput("source", f"CSV line {reader.line_num}: {exc}") from None
+    integer_columns = set()
+    for i, name in enumerate(header):
+        if name in CSV_STRING_COLUMNS or name == CSV_BOOLEAN_COLUMN:
+            continue
+        cells = [row[i] for row in rows if i < len(row) and row[i] != ""]
+        if cells and all(_is_safe_integer(c) for c in cells):
+            integer_columns.add(name)
+    records: list[dict[str, Any]] = []
+    for row in rows:
+        record: dict[str, Any] = {}
+        for name, cell in zip(header, row, strict=False):
+            if cell == "":
+                continue
+            if name == CSV_BOOLEAN_COLUMN and cell in ("true", "false"):
+                record[name] = cell == "true"
+            elif name in integer_columns:
+                record[name] = int(cell)
+            else:
+                record[name] = cell
+        records.append(record)
+    return records
+
+
 def load_records(ref: SourceRef, base_dir: Path | None) -> tuple[list[Any], bool, str]:
     """(records, may_hold_floats_or_big_ints, resolved uri)."""
     uri = resolve_uri(ref.uri, base_dir)
     fmt = ref.resolved_format()
     try:
-        with fsspec.open(uri, "rb") as fh:
-            data = fh.read()
+        fs, path = filesystem(uri)
+        data = fs.cat_file(path)
     except FileNotFoundError:
-        raise InvalidInput("source.uri", f"no such file: {ref.uri}") from None
-    except OSError as exc:
+        raise InvalidInput("source.uri", f"no such file: {redact_url(ref.uri)}") from None
+    except ImportError as exc:
+        raise InvalidInput(
+            "source.uri", f"needs the optional package {exc.name} (pip install 'pcbo_dagster[lakes]')"
+        ) from None
+    except (OSError, ValueError) as exc:
         raise InvalidInput("source.uri", f"cannot be read: {exc.__class__.__name__}") from None
     if fmt == "jsonl":
         records: list[Any] = []
@@ -80,4 +160,6 @@ def load_records(ref: SourceRef, base_dir: Path | None) -> tuple[list[Any], bool
         rows = table.to_pylist()
         records = [{k: _jsonable(v, k) for k, v in row.items()} for row in rows]
         return records, True, uri
-    raise InvalidInput("source.format", f"{fmt} sources are not supported yet; use jsonl or parquet")
+    if fmt == "csv":
+        return parse_csv(data), False, uri
+    raise InvalidInput("source.format", f"{fmt} sources are not supported; use jsonl, csv or parquet")

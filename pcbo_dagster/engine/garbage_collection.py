@@ -1,0 +1,138 @@
+"""`gc`: remove the files a crash left in the lake that nothing can ever use.
+
+A crash before a partition's commit point leaves its new data file and its version and rollback
+manifests behind, named by no commit point (readers and `verify` ignore them; the next run of the
+same request rewrites them). `gc` removes, per partition `<dataset>/<versionLabel>/<key>/`:
+
+- `_versions/vN.json` and `_rollback/vN.json` of a version N newer than the committed one (0 when
+  nothing is committed) that no audit event and no catalog row names: never committed;
+- `part-*.parquet` files named by no kept version manifest, not by the commit point, not by any
+  audit event's tables and not by any catalog row;
+- `.tmp-*` files (a local rename that never happened).
+
+Conservative: anything a committed manifest, a previous (restorable) version, an audit event or the
+catalog refers to stays; a partition whose commit point or a version manifest cannot be read, or a
+chain whose backup has unreadable lines, is skipped (and reported); files of any other shape are
+left alone. Runs under each dataset version's write lock, so it never races an execute or rollback.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any
+
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.settings import redact_url
+from pcbo_dagster.lake import layout, manifests
+
+_VERSION_FILE = re.compile(r"_(versions|rollback)/v(\d+)\.json")
+_DATA_FILE = re.compile(r"part-[0-9a-f]+\.parquet")
+
+
+def _partition_plan(
+    env: Environment,
+    pdir: str,
+    files: list[str],
+    event_versions: set[int],
+    event_files: set[str],
+    catalog_versions: set[int],
+    catalog_files: set[str],
+) -> tuple[list[dict[str, Any]], str | None]:
+    """(removable files with their reasons, skip reason) of one partition directory."""
+    names = {rel[len(pdir) + 1 :]: rel for rel in files}
+    committed = 0
+    keep_data: set[str] = set(event_files) | set(catalog_files)
+    if layout.MANIFEST in names:
+        try:
+            current = manifests.decode(env.lake.read(names[layout.MANIFEST]))
+            committed = int(current["partitionVersion"])
+            keep_data.update(f["path"] for f in current["files"])
+        except (ValueError, KeyError, TypeError):
+            return [], "the commit point is unreadable"
+    removable: list[dict[str, Any]] = []
+    kept_versions: dict[int, str] = {}
+    for name, rel in names.items():
+        m = _VERSION_FILE.fullmatch(name)
+        if m is None:
+            continue
+        version = int(m.group(2))
+        if version > committed and version not in event_versions and version not in catalog_versions:
+            removable.append({"path": rel, "reason": "uncommitted_version"})
+        elif m.group(1) == "versions":
+            kept_versions[version] = rel
+    for _version, rel in sorted(kept_versions.items()):
+        try:
+            manifest = manifests.decode(env.lake.read(rel))
+            keep_data.update(f["path"] for f in manifest["files"])
+        except (ValueError, KeyError, TypeError):
+            return [], f"version manifest {rel} is unreadable"
+    for name, rel in names.items():
+        if _DATA_FILE.fullmatch(name) and rel not in keep_data:
+            removable.append({"path": rel, "reason": "unreferenced_data_file"})
+        elif name.rsplit("/", 1)[-1].startswith(".tmp-"):
+            removable.append({"path": rel, "reason": "temporary_file"})
+    return sorted(removable, key=lambda r: r["path"]), None
+
+
+def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
+    by_dataset: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for rel in env.lake.list_files():
+        parts = rel.split("/")
+        if len(parts) < 4:
+            continue  # not inside a partition directory: not ours to judge
+        by_dataset[(parts[0], parts[1])][layout.partition_dir(*parts[:3])].append(rel)
+
+    removed: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    partitions_checked = 0
+    for (dataset, version_label), partitions in sorted(by_dataset.items()):
+        ckey = chain_key(dataset, version_label)
+        with env.dataset_lock(dataset, version_label):
+            events, problems = env.audit.backup.read_chain_with_problems(ckey)
+            if problems:
+                skipped.append({"where": ckey, "reason": "the audit backup has unreadable lines"})
+                continue
+            event_versions: dict[str, set[int]] = defaultdict(set)
+            event_files: dict[str, set[str]] = defaultdict(set)
+            for event in events:
+                part = event.get("partition")
+                if not isinstance(part, dict) or "key" not in part:
+                    continue
+                key = part["key"]
+                if isinstance(part.get("version"), int):
+                    event_versions[key].add(part["version"])
+                for name in (event.get("tables") or {}).keys():
+                    event_files[key].add(f"{layout.partition_dir(dataset, version_label, key)}/{name}")
+            catalog_versions: dict[str, set[int]] = defaultdict(set)
+            catalog_files: dict[str, set[str]] = defaultdict(set)
+            for row in env.catalog.partition_versions(dataset, version_label):
+                catalog_versions[row["partition_key"]].add(int(row["version"]))
+                catalog_files[row["partition_key"]].update(f["path"] for f in row["files"] or [])
+            for pdir, files in sorted(partitions.items()):
+                key = pdir.rsplit("/", 1)[-1]
+                partitions_checked += 1
+                removable, skip = _partition_plan(
+                    env,
+                    pdir,
+                    files,
+                    event_versions[key],
+                    event_files[key],
+                    catalog_versions[key],
+                    catalog_files[key],
+                )
+                if skip is not None:
+                    skipped.append({"where": pdir, "reason": skip})
+                    continue
+                for entry in removable:
+                    if not dry_run:
+                        env.lake.delete(entry["path"])
+                    removed.append({**entry, "uri": redact_url(env.lake.uri(entry["path"]))})
+    return {
+        "status": "dry_run" if dry_run else ("removed" if removed else "clean"),
+        "dryRun": dry_run,
+        "removed": removed,
+        "skipped": skipped,
+        "totals": {"partitions": partitions_checked, "removed": len(removed), "skipped": len(skipped)},
+    }
