@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import verify_chain
-from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.plan import NormalizedPolicies
-from pcbo_dagster.core.record_table import ID
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import (
     PARTITION_COMMITTED,
@@ -30,7 +27,8 @@ from pcbo_dagster.engine.events import (
     commit_body,
     rollback_body,
 )
-from pcbo_dagster.lake import layout, manifests, parquet_files
+from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.lake import layout, manifests
 
 
 def _policies(manifest: dict[str, Any]) -> NormalizedPolicies:
@@ -46,79 +44,24 @@ def _policies(manifest: dict[str, Any]) -> NormalizedPolicies:
 
 
 def _check_partition(env: Environment, rel: str, findings: list[dict[str, Any]]) -> tuple[dict, str] | None:
-    data = env.lake.read(rel)
-    checksum = manifests.checksum(data)
-    try:
-        manifest = manifests.decode(data)
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        findings.append({"kind": "manifest_unreadable", "where": rel, "detail": "not a pcbo manifest"})
+    reading = read_partition(env.lake, *layout.split_manifest_path(rel))
+    findings.extend(reading.findings)
+    if reading.manifest is None:
         return None
-    ids: list[str] = []
-    for entry in files:
-        where = entry["path"]
-        if not env.lake.exists(where):
-            findings.append({"kind": "file_missing", "where": where, "detail": f"named by {rel}"})
-            continue
-        blob = env.lake.read(where)
-        if len(blob) != entry["byteSize"]:
-            findings.append(
-                {
-                    "kind": "file_size_mismatch",
-                    "where": where,
-                    "detail": f"{len(blob)} bytes, manifest says {entry['byteSize']}",
-                }
-            )
-        if prefixed(sha256_hex(blob)) != entry["checksum"]:
-            findings.append(
-                {
-                    "kind": "file_checksum_mismatch",
-                    "where": where,
-                    "detail": "the file's SHA-256 differs from its manifest",
-                }
-            )
-            continue
-        table = parquet_files.decode(blob)
-        if table.num_rows != entry["rowCount"]:
-            findings.append(
-                {
-                    "kind": "row_count_mismatch",
-                    "where": where,
-                    "detail": f"{table.num_rows} rows, manifest says {entry['rowCount']}",
-                }
-            )
-        ids.extend(table[ID].to_pylist())
-        for v in violations(table, _policies(manifest), []):
+    for table, entry in zip(
+        reading.tables,
+        [f for f in reading.manifest["files"] if f["path"] not in reading.unreadable],
+        strict=True,
+    ):
+        for v in violations(table, _policies(reading.manifest), []):
             findings.append(
                 {
                     "kind": "policy_violation",
-                    "where": where,
+                    "where": entry["path"],
                     "detail": f"row {v['id']!r}: {', '.join(v['reasons'])}",
                 }
             )
-    if ids != sorted(set(ids)):
-        findings.append(
-            {"kind": "ids_not_sorted_unique", "where": rel, "detail": "ids must be unique and sorted"}
-        )
-    if len(ids) != manifest.get("recordCount"):
-        findings.append(
-            {
-                "kind": "record_count_mismatch",
-                "where": rel,
-                "detail": f"{len(ids)} rows, manifest says {manifest.get('recordCount')}",
-            }
-        )
-    if merkle.root_hex(sorted(ids)) != manifest.get("merkleRoot") and not any(
-        f["where"] in {e["path"] for e in files} for f in findings if f["kind"] == "file_checksum_mismatch"
-    ):
-        findings.append(
-            {
-                "kind": "merkle_root_mismatch",
-                "where": rel,
-                "detail": "the root recomputed from the rows differs from the manifest",
-            }
-        )
-    return manifest, checksum
+    return reading.manifest, reading.manifest_checksum
 
 
 def verify(env: Environment, repair: bool = False) -> dict[str, Any]:

@@ -37,16 +37,15 @@ import pyarrow as pa
 
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import verify_chain
-from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies, normalize_policies
-from pcbo_dagster.core.record_table import ID
 from pcbo_dagster.core.request_model import BackfillRequest
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import ChainIndex
-from pcbo_dagster.lake import layout, manifests, parquet_files
+from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.lake import layout, manifests
 
 RECONCILIATION = "reconciliation"
 POLICY_COMPLIANCE = "policy_compliance"
@@ -75,44 +74,21 @@ class CommittedPartition:
 
 
 def read_committed(env: Environment, dataset: DatasetConfig, key: str) -> CommittedPartition:
-    """Re-read one committed partition; `findings` lists every way it differs from its manifest."""
-    part = CommittedPartition(key)
-    rel = layout.manifest(dataset.name, dataset.versionLabel, key)
-    if not env.lake.exists(rel):
-        part.findings.append(f"no committed manifest at {env.lake.uri(rel)}")
-        return part
-    data = env.lake.read(rel)
-    try:
-        manifest = manifests.decode(data)
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        part.findings.append(f"{env.lake.uri(rel)} is not a pcbo manifest")
-        return part
-    part.manifest, part.manifest_checksum = manifest, manifests.checksum(data)
-    for entry in files:
-        where = env.lake.uri(entry["path"])
-        if not env.lake.exists(entry["path"]):
-            part.findings.append(f"{where}: missing")
-            part.unreadable.append(where)
-            continue
-        blob = env.lake.read(entry["path"])
-        part.bytes_read += len(blob)
-        if len(blob) != entry["byteSize"]:
-            part.findings.append(f"{where}: {len(blob)} bytes, the manifest says {entry['byteSize']}")
-        if prefixed(sha256_hex(blob)) != entry["checksum"]:
-            part.findings.append(f"{where}: SHA-256 differs from the manifest's checksum")
-            part.unreadable.append(where)
-            continue
-        try:
-            table = parquet_files.decode(blob)
-        except (pa.ArrowException, OSError) as exc:
-            part.findings.append(f"{where}: not readable as parquet: {exc}")
-            part.unreadable.append(where)
-            continue
-        if table.num_rows != entry["rowCount"]:
-            part.findings.append(f"{where}: {table.num_rows} rows, the manifest says {entry['rowCount']}")
-        part.tables.append(table)
-        part.ids.extend(table[ID].to_pylist())
+    """Re-read one committed partition (the engine's reading, shared with `pcbo verify`);
+    `findings` lists every way it differs from its manifest."""
+    reading = read_partition(env.lake, dataset.name, dataset.versionLabel, key)
+    part = CommittedPartition(
+        key,
+        manifest=reading.manifest,
+        manifest_checksum=reading.manifest_checksum,
+        tables=reading.tables,
+        ids=reading.ids,
+        findings=[f"{env.lake.uri(f['where'])}: {f['detail']}" for f in reading.findings],
+        unreadable=[env.lake.uri(where) for where in reading.unreadable],
+        bytes_read=reading.bytes_read,
+    )
+    if reading.manifest is None and not part.findings:
+        part.findings.append(f"no committed manifest at {env.lake.uri(reading.rel)}")
     return part
 
 
@@ -137,20 +113,12 @@ def reconcile(part: CommittedPartition) -> tuple[bool, dict[str, Any]]:
     metadata: dict[str, Any] = {"committed": part.committed, "bytes_read": part.bytes_read}
     if part.manifest is not None:
         manifest = part.manifest
-        root = merkle.root_hex(part.ids)
-        if part.ids != sorted(set(part.ids)):
-            findings.append("ids are not unique and sorted")
-        if len(part.ids) != manifest.get("recordCount"):
-            findings.append(
-                f"{len(part.ids)} rows read, the manifest's record count is {manifest.get('recordCount')}"
-            )
+        root = merkle.root_hex(part.ids)  # ids order, uniqueness, count and root: in part.findings
         decided = (manifest.get("counts") or {}).get("add")
         if decided is not None and decided != manifest.get("recordCount"):
             findings.append(
                 f"the manifest records {manifest.get('recordCount')} rows for {decided} decided adds"
             )
-        if not part.unreadable and root != manifest.get("merkleRoot"):
-            findings.append("the Merkle root recomputed from the rows differs from the manifest's")
         metadata.update(
             {
                 "rows_read": len(part.ids),
