@@ -364,3 +364,28 @@ def test_pcbo_execute_writes_the_ledgers_of_each_range_partition(tmp_path, archi
             assert _instant(int(row["occurredAt"].timestamp())) == expected["occurredAt"]
             xdr = base64.b64decode(row["lcmXdrBase64"])
             assert row["lcmXdrSha256"] == "sha256:" + hashlib.sha256(xdr).hexdigest()
+
+
+def test_an_archive_named_as_the_request_source_decides_like_the_inline_records(tmp_path, archive_request):
+    _, inline = archive_request
+    by_reference = {k: v for k, v in inline.items() if k != "sourceRecords"}
+    by_reference["source"] = {"uri": "archive", "format": "ledger_archive"}  # relative to the request
+    loaded = load_request(json.dumps(by_reference).encode(), base_dir=tmp_path)
+    assert loaded.source_kind == "ledger_archive"
+    plan, decisions = evaluate(loaded)
+    inline_plan, inline_decisions = evaluate(load_request(json.dumps(inline).encode()))
+    assert plan.plan_hash == inline_plan.plan_hash
+    assert decisions.decision_hash == inline_decisions.decision_hash
+
+
+def test_a_ledger_archive_source_needs_a_ledger_range_request(tmp_path):
+    request = {
+        "runId": "r",
+        "dataset": "d",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-02T00:00:00Z",
+        "source": {"uri": "archive", "format": "ledger_archive"},
+    }
+    with pytest.raises(InvalidInput) as refused:
+        load_request(json.dumps(request).encode(), base_dir=tmp_path)
+    assert refused.value.field == "source.format"

@@ -83,7 +83,7 @@ class SourceRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uri: Annotated[StrictStr, Field(min_length=1)]
-    format: Literal["jsonl", "parquet", "csv"] | None = None
+    format: Literal["jsonl", "parquet", "csv", "ledger_archive"] | None = None
 
     def resolved_format(self) -> str:
         if self.format:
@@ -132,6 +132,8 @@ class BackfillRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> BackfillRequest:
+        if self.source is not None and self.source.format == "ledger_archive" and self.ledgerRange is None:
+            raise _FieldError("source.format", "a ledger_archive source needs a ledgerRange request")
         if (self.sourceRecords is None) == (self.source is None):
             raise _FieldError("sourceRecords", "give exactly one of sourceRecords (inline) and source")
         for key, value in self.metadata.items():

@@ -11,7 +11,8 @@ from pcbo_dagster.core.decisions import Decisions, decide
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
-from pcbo_dagster.sources.record_files import load_records
+from pcbo_dagster.sources.ledger_archives import iter_ledger_records
+from pcbo_dagster.sources.record_files import load_records, resolve_uri
 
 
 @dataclass
@@ -27,7 +28,12 @@ def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input."""
     parsed = parse_json_strict(raw)
     request = validate_request(parsed.value)
-    if request.source is not None:
+    if request.source is not None and request.source.format == "ledger_archive":
+        uri = resolve_uri(request.source.uri, base_dir)
+        span = request.ledgerRange
+        records, risky = list(iter_ledger_records(uri, span.first, span.end)), False
+        kind, field = "ledger_archive", "source"
+    elif request.source is not None:
         records, risky, uri = load_records(request.source, base_dir)
         kind, field = request.source.resolved_format(), "source"
     else:
