@@ -14,12 +14,12 @@ import json
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pcbo_dagster.atomic_files import replace_file
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import NAME_PATTERN, parse_json_strict
 
@@ -40,16 +40,7 @@ def _write_output(document: dict[str, Any], output: str | None) -> None:
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
         return
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, text.encode("utf-8"), prefix=f".{path.name}.")
 
 
 def _read_input(path: str) -> tuple[bytes, Path | None]:

@@ -20,10 +20,10 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from pcbo_dagster.atomic_files import replace_file
 from pcbo_dagster.core.instants import format_instant, parse_instant
 
 SEED = "pcbo-demo-data/1"
@@ -146,26 +146,14 @@ def _jsonl(records: list[dict[str, Any]]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def generate_demo_data(directory: str | os.PathLike[str]) -> list[Path]:
     """Write the demo sources into `directory` (created if needed); returns their paths."""
     target = Path(directory)
     written = []
     for name, records in ((EVENTS_FILE, demo_events()), (LEDGERS_FILE, demo_ledgers())):
         path = target / name
-        _write_atomic(path, _jsonl(records))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(path, _jsonl(records))
         written.append(path)
     return written
 

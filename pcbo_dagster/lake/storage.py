@@ -17,11 +17,12 @@ never logged):
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pcbo_dagster.atomic_files import replace_file
 
 
 def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -115,18 +116,7 @@ class LakeStorage:
             self.fs.pipe_file(path, data)
             return
         self._local_dir(path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                if durable:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        replace_file(path, data, durable=durable)
 
     def sync(self) -> None:
         """Make every write so far durable (local disks: one sync of the file systems; object stores

@@ -1,0 +1,27 @@
+"""Replacing a local file all-or-nothing: a temporary file beside it, renamed into place."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def replace_file(
+    path: str | os.PathLike[str], data: bytes, *, durable: bool = False, prefix: str = ".tmp-"
+) -> None:
+    """Write `data` to a temporary file in `path`'s directory and rename it over `path`, so a reader
+    sees the old bytes or the new ones, never a part. `durable=True` fsyncs before the rename. The
+    temporary file is removed if anything fails."""
+    directory = os.path.dirname(os.fspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
