@@ -40,8 +40,8 @@ class PartitionReading:
         self.findings.append({"kind": kind, "where": where, "detail": detail})
 
 
-def read_partition(lake: LakeStorage, dataset: str, version_label: str, key: str) -> PartitionReading:
-    """Re-read a partition's commit point and files; `committed` is False when it has none."""
+def read_commit_point(lake: LakeStorage, dataset: str, version_label: str, key: str) -> PartitionReading:
+    """Only the partition's `_manifest.json` (no data files): `committed` is False when it has none."""
     rel = layout.manifest(dataset, version_label, key)
     data = lake.read_if_exists(rel)
     reading = PartitionReading(rel)
@@ -49,16 +49,24 @@ def read_partition(lake: LakeStorage, dataset: str, version_label: str, key: str
         return reading
     try:
         manifest = manifests.decode(data)
-        files = manifest["files"]
+        manifest["files"]  # noqa: B018 - a pcbo manifest names its files
     except (ValueError, KeyError, TypeError):
         reading._find("manifest_unreadable", rel, "not a pcbo manifest")
         return reading
     reading.manifest, reading.manifest_checksum = manifest, manifests.checksum(data)
-    for entry in files:
+    return reading
+
+
+def read_partition(lake: LakeStorage, dataset: str, version_label: str, key: str) -> PartitionReading:
+    """Re-read a partition's commit point and files; `committed` is False when it has none."""
+    reading = read_commit_point(lake, dataset, version_label, key)
+    if reading.manifest is None:
+        return reading
+    for entry in reading.manifest["files"]:
         where = entry["path"]
         blob = lake.read_if_exists(where)
         if blob is None:
-            reading._find("file_missing", where, f"named by {rel}")
+            reading._find("file_missing", where, f"named by {reading.rel}")
             reading.unreadable.append(where)
             continue
         reading.bytes_read += len(blob)

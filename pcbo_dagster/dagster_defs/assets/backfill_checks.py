@@ -44,8 +44,8 @@ from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import ChainIndex
-from pcbo_dagster.engine.partition_reading import read_partition
-from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.engine.partition_reading import PartitionReading, read_commit_point, read_partition
+from pcbo_dagster.lake import layout
 
 RECONCILIATION = "reconciliation"
 POLICY_COMPLIANCE = "policy_compliance"
@@ -73,11 +73,9 @@ class CommittedPartition:
         return self.manifest is not None
 
 
-def read_committed(env: Environment, dataset: DatasetConfig, key: str) -> CommittedPartition:
-    """Re-read one committed partition (the engine's reading, shared with `pcbo verify`);
-    `findings` lists every way it differs from its manifest."""
-    reading = read_partition(env.lake, dataset.name, dataset.versionLabel, key)
-    part = CommittedPartition(
+def _as_committed(env: Environment, key: str, reading: PartitionReading) -> CommittedPartition:
+    """The checks' view of an engine reading: findings as text naming full URIs."""
+    return CommittedPartition(
         key,
         manifest=reading.manifest,
         manifest_checksum=reading.manifest_checksum,
@@ -87,6 +85,13 @@ def read_committed(env: Environment, dataset: DatasetConfig, key: str) -> Commit
         unreadable=[env.lake.uri(where) for where in reading.unreadable],
         bytes_read=reading.bytes_read,
     )
+
+
+def read_committed(env: Environment, dataset: DatasetConfig, key: str) -> CommittedPartition:
+    """Re-read one committed partition (the engine's reading, shared with `pcbo verify`);
+    `findings` lists every way it differs from its manifest."""
+    reading = read_partition(env.lake, dataset.name, dataset.versionLabel, key)
+    part = _as_committed(env, key, reading)
     if reading.manifest is None and not part.findings:
         part.findings.append(f"no committed manifest at {env.lake.uri(reading.rel)}")
     return part
@@ -94,17 +99,7 @@ def read_committed(env: Environment, dataset: DatasetConfig, key: str) -> Commit
 
 def read_manifest_only(env: Environment, dataset: DatasetConfig, key: str) -> CommittedPartition:
     """The partition's committed manifest without its files (what the audit check needs)."""
-    part = CommittedPartition(key)
-    rel = layout.manifest(dataset.name, dataset.versionLabel, key)
-    if env.lake.exists(rel):
-        data = env.lake.read(rel)
-        try:
-            part.manifest = manifests.decode(data)
-        except ValueError:
-            part.findings.append(f"{env.lake.uri(rel)} is not a pcbo manifest")
-            return part
-        part.manifest_checksum = manifests.checksum(data)
-    return part
+    return _as_committed(env, key, read_commit_point(env.lake, dataset.name, dataset.versionLabel, key))
 
 
 def reconcile(part: CommittedPartition) -> tuple[bool, dict[str, Any]]:
