@@ -19,6 +19,11 @@ datasets:
     pool: null                        # Dagster pool; default pcbo-<name>
     checkGranularity: partition       # partition: one check evaluation per partition key;
                                       # run: one per check and run (fewer events for big backfills)
+    rollout:                          # optional: staged rollout (staging and production assets)
+      stagingLake: null               # default: the staging environment's lake
+      throttle: {partitionsPerMinute: 20, recordsPerMinute: null}
+      soak: {windowMinutes: 360}      # the soak monitor watches staging this long
+      businessMetric: {name: conversion_rate, expression: "mean(converted)", atLeast: 0.85}
   - name: ledgers
     partitioning: {kind: ledger_range, firstLedger: 2, partitionSize: 64, lastLedger: 641}
                                       # field: ledgerSequence (the integer record field, default);
@@ -55,7 +60,7 @@ from pydantic import (
 )
 
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.instants import format_key, parse_instant
 from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, Text
 from pcbo_dagster.sources.record_files import resolve_uri
 
@@ -166,6 +171,15 @@ class TimeWindowPartitioning(_Strict):
         """Window length when every window of this cron has the same length (hourly, daily)."""
         return REGULAR_CRON_SECONDS.get(self.cron)
 
+    def keys(self) -> list[str]:
+        """The partition keys (`format_key` of each window start) of a closed hourly or daily range."""
+        seconds = self.fixed_window_seconds
+        if seconds is None or self.end_us is None:
+            raise ValueError("only a closed hourly or daily range has a fixed key list here")
+        step = seconds * 1_000_000
+        first = -(-self.start_us // step) * step  # Dagster's first window starts on a cron tick
+        return [format_key(start) for start in range(first, self.end_us - step + 1, step)]
+
 
 class LedgerRangePartitioning(_Strict):
     kind: Literal["ledger_range"]
@@ -229,6 +243,54 @@ class BackfillPolicyConfig(_Strict):
         return self
 
 
+class ThrottleConfig(_Strict):
+    """How fast a rollout's staging apply may go; unset limits do not apply."""
+
+    partitionsPerMinute: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    recordsPerMinute: Annotated[float, Field(gt=0, le=1_000_000_000)] | None = None
+
+
+class SoakConfig(_Strict):
+    #: How long a rollout's staging output is watched before it may be promoted (default 6 hours).
+    windowMinutes: Annotated[float, Field(gt=0, le=60 * 24 * 90)] = 360
+
+
+class BusinessMetricConfig(_Strict):
+    """A number computed from the rollout's staging rows, held against a baseline every soak tick.
+
+    `expression` is a small arithmetic language over the output's columns (`rollout/business_metric.py`):
+    `mean(converted)`, `count(status == "paid") / count()`, `sum(amount) / count()`.
+    """
+
+    name: Name
+    expression: Annotated[StrictStr, Field(min_length=1, max_length=2000)]
+    atLeast: float | None = None
+    atMost: float | None = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> BusinessMetricConfig:
+        if self.atLeast is None and self.atMost is None:
+            raise _FieldError("atLeast", "give a baseline: atLeast and/or atMost")
+        try:  # parsed now so a typo is refused when the config loads, not at the first soak tick
+            from pcbo_dagster.rollout.business_metric import parse_metric
+
+            parse_metric(self.expression)
+        except ImportError:  # pragma: no cover - during the module's own bootstrap
+            pass
+        except ValueError as exc:
+            raise _FieldError("expression", str(exc)) from None
+        return self
+
+
+class RolloutConfig(_Strict):
+    """A dataset with `rollout` gets staging and production assets instead of one (staged rollout)."""
+
+    stagingLake: Annotated[StrictStr, Field(min_length=1)] | None = None
+    throttle: ThrottleConfig = ThrottleConfig()
+    soak: SoakConfig = SoakConfig()
+    businessMetric: BusinessMetricConfig | None = None
+
+
 class DatasetConfig(_Strict):
     name: Name
     description: Text | None = None
@@ -242,6 +304,21 @@ class DatasetConfig(_Strict):
     pool: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
     checkGranularity: Literal["partition", "run"] = "partition"
     auditChainKey: StrictStr | None = None
+    rollout: RolloutConfig | None = None
+
+    @model_validator(mode="after")
+    def _rollout(self) -> DatasetConfig:
+        partitioning = self.partitioning
+        if self.rollout is None:
+            return self
+        if isinstance(partitioning, TimeWindowPartitioning):
+            if partitioning.fixed_window_seconds is None or partitioning.end is None:
+                raise _FieldError(
+                    "rollout", "staged rollouts need hourly or daily windows with an end (a fixed key list)"
+                )
+        elif partitioning.lastLedger is None:
+            raise _FieldError("rollout", "staged rollouts need a closed ledger range (lastLedger)")
+        return self
 
     @model_validator(mode="after")
     def _chain(self) -> DatasetConfig:
@@ -301,6 +378,11 @@ class DatasetsConfig(_Strict):
     def lake_url(self, dataset: DatasetConfig) -> str | None:
         """The dataset's own lake, a relative path resolved like a source; None: the engine's lake."""
         return None if dataset.lake is None else resolve_uri(dataset.lake, self._base_dir)
+
+    def staging_lake_url(self, dataset: DatasetConfig) -> str | None:
+        """A rollout dataset's own staging lake; None: the staging environment's lake."""
+        lake = dataset.rollout.stagingLake if dataset.rollout else None
+        return None if lake is None else resolve_uri(lake, self._base_dir)
 
     def dataset(self, name: str) -> DatasetConfig:
         for dataset in self.datasets:

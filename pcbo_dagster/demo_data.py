@@ -6,6 +6,9 @@
   consent, jurisdiction and retention violations, jurisdictions that need trimming/upper-casing,
   ids also listed in the example's `existingTargetIds`, exact and conflicting duplicates, and a
   few invalid records (they end up `unplaced`).
+- `sessions.jsonl`: one day of checkout sessions (2024-01-01 UTC), about ten an hour, about 90%
+  of them `converted` (the staged-rollout example's business metric holds it at 85% or more), with a
+  few consent and jurisdiction omissions.
 - `ledgers.jsonl`: one record per ledger for ledgers 2-641 (five seconds apart from
   2024-01-01T00:00:00Z), each with its `ledgerSequence`, for the ledger-range example dataset.
 
@@ -29,6 +32,9 @@ from pcbo_dagster.core.instants import format_instant, parse_instant
 SEED = "pcbo-demo-data/1"
 EVENTS_FILE = "events.jsonl"
 LEDGERS_FILE = "ledgers.jsonl"
+SESSIONS_FILE = "sessions.jsonl"
+SESSIONS_HOURS = 24
+SESSIONS_PER_HOUR = 10
 EVENTS_START = "2024-01-01T00:00:00Z"
 EVENTS_HOURS = 72
 EVENTS_PER_HOUR = 50
@@ -141,6 +147,31 @@ def demo_ledgers() -> list[dict[str, Any]]:
     return records
 
 
+def demo_sessions() -> list[dict[str, Any]]:
+    """The records of `sessions.jsonl`, in time order."""
+    start_us = _start_us()
+    records = []
+    number = 0
+    for hour in range(SESSIONS_HOURS):
+        for _ in range(SESSIONS_PER_HOUR - 2 + _draw("sessions-per-hour", hour) % 5):
+            offset_ms = _draw("session-offset", number) % 3_600_000
+            records.append(
+                {
+                    "id": f"ses-{number:06d}",
+                    "occurredAt": format_instant(start_us + hour * 3600 * _US_PER_S + offset_ms * 1000),
+                    "jurisdiction": _pick(["US"] * 12 + ["CA"] * 3 + ["DE"], "session-jurisdiction", number),
+                    "consentGranted": _percent("session-consent", number) >= 4,
+                    "retentionExpiresAt": "2030-01-01T00:00:00Z",
+                    "converted": _percent("session-converted", number) < 90,
+                    "pages": 1 + _draw("session-pages", number) % 12,
+                    "durationSeconds": 5 + _draw("session-duration", number) % 900,
+                }
+            )
+            number += 1
+    records.sort(key=lambda r: (r["occurredAt"], r["id"]))
+    return records
+
+
 def _jsonl(records: list[dict[str, Any]]) -> bytes:
     lines = [json.dumps(r, sort_keys=True, separators=(",", ":"), ensure_ascii=False) for r in records]
     return ("\n".join(lines) + "\n").encode("utf-8")
@@ -150,7 +181,8 @@ def generate_demo_data(directory: str | os.PathLike[str]) -> list[Path]:
     """Write the demo sources into `directory` (created if needed); returns their paths."""
     target = Path(directory)
     written = []
-    for name, records in ((EVENTS_FILE, demo_events()), (LEDGERS_FILE, demo_ledgers())):
+    sources = ((EVENTS_FILE, demo_events()), (LEDGERS_FILE, demo_ledgers()), (SESSIONS_FILE, demo_sessions()))
+    for name, records in sources:
         path = target / name
         path.parent.mkdir(parents=True, exist_ok=True)
         replace_file(path, _jsonl(records))

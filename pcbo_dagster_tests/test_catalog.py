@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pcbo_dagster.catalog import CatalogStore, default_catalog_url
+from pcbo_dagster.catalog.store import HEAD_REVISION
 
 SPAWN = multiprocessing.get_context("spawn")
 DS, VL = "events", "v1"
@@ -167,6 +168,11 @@ EXPECTED_TABLES = {
     "audit_chain_heads",
     "discrepancy_events",
     "dataset_leases",
+    "rollouts",
+    "rollout_log",
+    "rollout_approvals",
+    "soak_evaluations",
+    "alerts",
 }
 
 
@@ -178,7 +184,7 @@ def test_migrate_twice_is_idempotent(catalog_url: str) -> None:
     store.close()
     again = CatalogStore(catalog_url)
     again.migrate()
-    assert _schema_state(again) == (EXPECTED_TABLES, ["0002"])
+    assert _schema_state(again) == (EXPECTED_TABLES, [HEAD_REVISION])
     assert again.get_run("r")["metadata"] == {"k": "v"}
     again.close()
 
@@ -186,7 +192,7 @@ def test_migrate_twice_is_idempotent(catalog_url: str) -> None:
 def test_migrate_from_concurrent_processes(catalog_url: str) -> None:
     _run_processes(_migrate_worker, [(catalog_url,) for _ in range(4)])
     store = CatalogStore(catalog_url)
-    assert _schema_state(store) == (EXPECTED_TABLES, ["0002"])
+    assert _schema_state(store) == (EXPECTED_TABLES, [HEAD_REVISION])
     store.migrate()
     store.close()
 

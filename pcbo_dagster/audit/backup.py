@@ -217,8 +217,9 @@ class AuditBackup:
         if chain.get("chain_key") != chain_key:
             raise ValueError(f"event chain_key {chain.get('chain_key')!r} is not {chain_key!r}")
         if chain.get("seq") != seq or isinstance(chain.get("seq"), bool):
-            raise ValueError(f"{chain_key}: event seq {chain.get('seq')!r} does not continue the chain "
-                             f"(expected {seq})")
+            raise ValueError(
+                f"{chain_key}: event seq {chain.get('seq')!r} does not continue the chain (expected {seq})"
+            )
         if chain.get("prev_event_hash") != prev:
             raise ValueError(f"{chain_key}: event seq {seq} prev_event_hash does not link to the chain head")
         problems = json_problems(event, "event")
@@ -332,8 +333,13 @@ class AuditBackup:
                     continue
                 singles.setdefault(key, []).append((event["chain"].get("seq"), rel, event))
         for key, items in singles.items():
-            items.sort(key=lambda item: (not isinstance(item[0], int), item[0] if isinstance(item[0], int)
-                                         else 0, item[1]))
+            items.sort(
+                key=lambda item: (
+                    not isinstance(item[0], int),
+                    item[0] if isinstance(item[0], int) else 0,
+                    item[1],
+                )
+            )
             known = seen.setdefault(key, set())
             for _, _, event in items:
                 canon = _canonical_or_none(event)

@@ -234,7 +234,12 @@ class HttpDelivery:
             wait = state.next_action.sleep if state.next_action else 0.0
             logger.warning(
                 "audit delivery to %s: seq %s attempt %d/%d failed (%s); retrying in %.2f s",
-                self.endpoint, seq, state.attempt_number, self.attempts, self._scrub(str(exc)), wait,
+                self.endpoint,
+                seq,
+                state.attempt_number,
+                self.attempts,
+                self._scrub(str(exc)),
+                wait,
             )
 
         retrying = tenacity.Retrying(
@@ -277,8 +282,10 @@ class HttpDelivery:
                     or anchor_chain.get("seq") != cursor[0]
                     or anchor_chain.get("event_hash") != cursor[1]
                 ):
-                    error = (f"delivery cursor (seq {cursor[0]}) does not match the local backup of "
-                             f"{chain_key}; nothing delivered")
+                    error = (
+                        f"delivery cursor (seq {cursor[0]}) does not match the local backup of "
+                        f"{chain_key}; nothing delivered"
+                    )
                     return self._report(chain_key, 0, max(0, len(events) - start), last_seq, error)
             error: str | None = None
             for index in range(start, len(events)):
@@ -291,16 +298,22 @@ class HttpDelivery:
                     or chain.get("prev_event_hash") != prev
                     or chain.get("event_hash") != _safe_hash(event)
                 ):
-                    error = (f"local backup of {chain_key} is broken at position {index}; "
-                             "delivery stopped (run verify)")
+                    error = (
+                        f"local backup of {chain_key} is broken at position {index}; "
+                        "delivery stopped (run verify)"
+                    )
                     logger.error("audit delivery: %s", error)
                     return self._report(chain_key, delivered, len(events) - index, last_seq, error)
                 try:
                     self.send(event)
                 except RuntimeError as exc:
                     error = str(exc)
-                    logger.warning("audit delivery: %s; %d event(s) of %s left pending",
-                                   error, len(events) - index, chain_key)
+                    logger.warning(
+                        "audit delivery: %s; %d event(s) of %s left pending",
+                        error,
+                        len(events) - index,
+                        chain_key,
+                    )
                     return self._report(chain_key, delivered, len(events) - index, last_seq, error)
                 _write_cursor(backup, chain_key, index, chain["event_hash"])
                 delivered += 1
@@ -308,8 +321,9 @@ class HttpDelivery:
                 prev = chain["event_hash"]
             return self._report(chain_key, delivered, 0, last_seq, None)
 
-    def _report(self, chain_key: str, delivered: int, pending: int, last_seq: int | None,
-                error: str | None) -> DeliveryReport:
+    def _report(
+        self, chain_key: str, delivered: int, pending: int, last_seq: int | None, error: str | None
+    ) -> DeliveryReport:
         return DeliveryReport(
             chain_key=chain_key,
             endpoint=self.endpoint,

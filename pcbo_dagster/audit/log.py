@@ -121,8 +121,10 @@ class AuditLog:
             missing = txn.events_after(backup_seq)
             expected = list(range(backup_seq + 1, store_seq + 1))
             if [e.get("chain", {}).get("seq") for e in missing] != expected:
-                raise ChainDivergence(f"{chain_key}: head store events after seq {backup_seq} are not "
-                                      f"seqs {backup_seq + 1}..{store_seq}")
+                raise ChainDivergence(
+                    f"{chain_key}: head store events after seq {backup_seq} are not "
+                    f"seqs {backup_seq + 1}..{store_seq}"
+                )
             if missing[-1]["chain"]["event_hash"] != store_head[1]:
                 raise ChainDivergence(f"{chain_key}: head store events do not end at its head")
             try:
@@ -164,8 +166,14 @@ class AuditLog:
             seq, prev = (0, None) if state.head is None else (state.head[0] + 1, state.head[1])
             events = []
             for event_type, body in items:
-                event = build_event(chain_key=chain_key, seq=seq, prev_event_hash=prev, event_type=event_type,
-                                    timestamp=timestamp, body=body)
+                event = build_event(
+                    chain_key=chain_key,
+                    seq=seq,
+                    prev_event_hash=prev,
+                    event_type=event_type,
+                    timestamp=timestamp,
+                    body=body,
+                )
                 events.append(event)
                 seq, prev = seq + 1, event["chain"]["event_hash"]
             self.backup.append(chain_key, events, fsync=True)

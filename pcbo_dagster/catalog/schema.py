@@ -200,3 +200,104 @@ dataset_leases = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     PrimaryKeyConstraint("dataset", "version_label", name="pk_dataset_leases"),
 )
+
+# --- staged rollouts (migration 0003) ---------------------------------------------------------
+
+ROLLOUT_STATUSES = (
+    "applying",  # staging apply running (or interrupted: `pcbo rollout apply` resumes it)
+    "paused",  # staging apply waiting between partitions until resumed
+    "cancelled",  # staging apply stopped for good (what it committed stays until rolled back)
+    "soaking",  # staging applied; halted for review while the soak monitor evaluates it
+    "promoted",  # production holds every partition of the rollout at its approved decision hash
+    "rolled_back",  # undone through the rollback manifests
+)
+ROLLOUT_CONTROLS = ("run", "pause", "cancel")
+APPROVAL_DECISIONS = ("approved", "rejected")
+#: Append-only like the audit mirror: history is added to, never edited.
+ROLLOUT_APPEND_ONLY_TABLES = ("rollout_log", "rollout_approvals", "soak_evaluations")
+
+# One row per rollout: a named range of partitions of a dataset on its way to production.
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("name", Name, nullable=False),
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("first_key", Name, nullable=False),
+    Column("last_key", Name, nullable=False),
+    Column("partition_keys", Text, nullable=False),  # JSON list
+    Column("throttle", Text, nullable=False),  # JSON {partitionsPerMinute, recordsPerMinute}
+    Column("soak_window_seconds", Integer, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("control", String(16), nullable=False),
+    Column("plan_hash", Digest, nullable=True),
+    Column("decision_hash", Digest, nullable=True),
+    Column("staging_run_id", Name, nullable=True),
+    Column("staged_at", UTCDateTime(), nullable=True),
+    Column("created_by", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("name", name="pk_rollouts"),
+)
+
+# What happened to a rollout, step by step (append-only).
+rollout_log = Table(
+    "rollout_log",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("rollout", Name, nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("actor", Text, nullable=True),
+    Column("detail", Text, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_rollout_log"),
+)
+Index("ix_rollout_log_rollout", rollout_log.c.rollout)
+
+# Approvals and rejections (append-only): the newest one for a rollout is in force.
+rollout_approvals = Table(
+    "rollout_approvals",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("rollout", Name, nullable=False),
+    Column("decision", String(16), nullable=False),
+    Column("decision_hash", Digest, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("event_hash", Digest, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_rollout_approvals"),
+)
+Index("ix_rollout_approvals_rollout", rollout_approvals.c.rollout)
+
+# Soak monitor evaluations of a rollout's staging output (append-only).
+soak_evaluations = Table(
+    "soak_evaluations",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("rollout", Name, nullable=False),
+    Column("passed", Integer, nullable=False),  # 1 / 0
+    Column("detail", Text, nullable=False),
+    Column("evaluated_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_soak_evaluations"),
+)
+Index("ix_soak_evaluations_rollout", soak_evaluations.c.rollout)
+
+# Alerts raised for failed checks and runs, and their webhook delivery.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("alert_key", String(512), nullable=False),  # what it is about; raised once
+    Column("kind", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("raised_at", UTCDateTime(), nullable=False),
+    Column("delivery_status", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("id", name="pk_alerts"),
+    UniqueConstraint("alert_key", name="uq_alerts_alert_key"),
+)

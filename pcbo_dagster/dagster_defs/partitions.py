@@ -14,53 +14,18 @@
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
 from pcbo_dagster.core.instants import format_key, to_datetime
+from pcbo_dagster.dataset_requests import LEDGER_KEY, LedgerSpan, Window
 from pcbo_dagster.datasets_config import DatasetConfig, LedgerRangePartitioning, TimeWindowPartitioning
 
 #: Dagster's key format for time windows; renders a window start as the engine's partition key.
 KEY_FORMAT = "%Y%m%dT%H%M%SZ"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-
-
-@dataclass(frozen=True)
-class Window:
-    """One Dagster time partition: its key and bounds in microseconds since the epoch (UTC)."""
-
-    key: str
-    start_us: int
-    end_us: int
-
-    @property
-    def length_us(self) -> int:
-        return self.end_us - self.start_us
-
-
-@dataclass(frozen=True)
-class LedgerSpan:
-    """One Dagster ledger-range partition: its key and ledgers [first, end) (end exclusive)."""
-
-    key: str
-    first: int
-    end: int
-
-    @property
-    def last(self) -> int:
-        return self.end - 1
-
-    @property
-    def length(self) -> int:
-        return self.end - self.first
-
-
-#: A ledger-range partition key: `range=<first ledger>-<last ledger>` (both inclusive, decimal).
-LEDGER_KEY = re.compile(r"^range=(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
 
 
 def ledger_key(first: int, last: int) -> str:

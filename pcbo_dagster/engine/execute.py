@@ -30,6 +30,9 @@ from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_ve
 from pcbo_dagster.lake import layout, manifests, parquet_files
 
 Progress = Callable[[int], None]
+#: Called before each partition is written when given (a staged rollout's throttle, pause and
+#: cancel): False stops the run there, after the partitions before it have been committed.
+Pace = Callable[[PartitionDecision], bool]
 #: The columns the post-write check reads back (the rest of a row plays no part in the policy).
 CHECKED_COLUMNS = (ID, "consentGranted", "jurisdiction", RETENTION_EXPIRES_AT)
 
@@ -218,8 +221,13 @@ def execute(
     plan: Plan,
     decisions: Decisions,
     progress: Progress | None = None,
+    pace: Pace | None = None,
 ) -> dict[str, Any]:
-    """Execute the request; the caller has evaluated it and checked the gates."""
+    """Execute the request; the caller has evaluated it and checked the gates.
+
+    With `pace`, partitions are committed one at a time, each after `pace` allowed it; a `pace`
+    returning False ends the run early with status `stopped` (what was committed stays committed).
+    """
     request = loaded.request
     ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
@@ -228,6 +236,8 @@ def execute(
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
     failure: str | None = None
+    stopped = False
+    batch_size = 1 if pace is not None else COMMIT_BATCH
     with env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease:
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
         env.catalog.start_run(
@@ -241,10 +251,13 @@ def execute(
         index = ChainIndex(env.audit.backup.read_chain(ckey))
         catalog_rows = env.catalog.current_partitions(plan.dataset, plan.version_label)
         parts = decisions.partitions
-        for lo in range(0, len(parts), COMMIT_BATCH):
+        for lo in range(0, len(parts), batch_size):
+            if pace is not None and not pace(parts[lo]):
+                stopped = True
+                break
             batch = [
                 _stage(env, loaded, plan, decisions, pd, schema, as_json, index)
-                for pd in parts[lo : lo + COMMIT_BATCH]
+                for pd in parts[lo : lo + batch_size]
             ]
             failure = _commit_batch(env, loaded, plan, batch, index, catalog_rows, existing)
             for st in batch:
@@ -256,13 +269,14 @@ def execute(
                 break
             lease.renew()
         status = "committed" if any(r["status"] == "committed" for r in results) else "unchanged"
-        final = "failed" if failure else status
+        final = "failed" if failure else "stopped" if stopped else status
         summary = {
             "partitions": len(results),
             "committed": sum(r["status"] == "committed" for r in results),
             "unchanged": sum(r["status"] == "unchanged" for r in results),
             "healed": sum(bool(r.get("healed")) for r in results),
             "failure": failure,
+            "stopped": stopped,
         }
         env.catalog.finish_run(request.runId, final, summary)
     delivery = env.audit.deliver_pending(ckey)

@@ -26,7 +26,6 @@ import dagster as dg
 
 from pcbo_dagster.core.decisions import REASONS, Decisions
 from pcbo_dagster.core.errors import Blocked, InvalidInput
-from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.dagster_defs.partitions import (
@@ -39,6 +38,7 @@ from pcbo_dagster.dagster_defs.partitions import (
     windows_for_keys,
 )
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
+from pcbo_dagster.dataset_requests import build_ledger_request, build_request
 from pcbo_dagster.datasets_config import (
     DatasetConfig,
     DatasetsConfig,
@@ -58,58 +58,6 @@ def engine_run_id(dagster_run_id: str, group_index: int, group_count: int) -> st
     """The engine's runId for one request of a Dagster run (`[A-Za-z0-9][A-Za-z0-9._-]{0,127}`)."""
     base = f"dagster-{dagster_run_id}"
     return base if group_count == 1 else f"{base}.{group_index}"
-
-
-def build_request(
-    dataset: DatasetConfig,
-    source_uri: str,
-    run_id: str,
-    windows: list[Window],
-    metadata: dict[str, Any],
-) -> dict[str, Any]:
-    """The engine request (CONTRACT section 1) covering `windows` (contiguous, equal length)."""
-    return {
-        "runId": run_id,
-        "dataset": dataset.name,
-        "versionLabel": dataset.versionLabel,
-        "start": format_instant(windows[0].start_us),
-        "end": format_instant(windows[-1].end_us),
-        "chunkSeconds": windows[0].length_us // 1_000_000,
-        **_request_tail(dataset, source_uri, metadata),
-    }
-
-
-def build_ledger_request(
-    dataset: DatasetConfig,
-    source_uri: str,
-    run_id: str,
-    spans: list[LedgerSpan],
-    metadata: dict[str, Any],
-) -> dict[str, Any]:
-    """The engine `ledgerRange` request covering `spans` (contiguous; all full but maybe the last)."""
-    partitioning = dataset.partitioning
-    assert isinstance(partitioning, LedgerRangePartitioning)
-    return {
-        "runId": run_id,
-        "dataset": dataset.name,
-        "versionLabel": dataset.versionLabel,
-        "ledgerRange": {
-            "field": partitioning.field,
-            "first": spans[0].first,
-            "end": spans[-1].end,
-            "partitionSize": partitioning.partitionSize,
-        },
-        **_request_tail(dataset, source_uri, metadata),
-    }
-
-
-def _request_tail(dataset: DatasetConfig, source_uri: str, metadata: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "policies": dataset.policies.model_dump(),
-        "source": {"uri": source_uri, "format": dataset.source.resolved_format()},
-        "existingTargetIds": list(dataset.existingTargetIds),
-        "metadata": metadata,
-    }
 
 
 def partition_metadata(

@@ -1,0 +1,98 @@
+"""Staging and production: two engine environments per rollout dataset, one decision engine.
+
+Production is the engine's usual environment (`PCBO_HOME`, `PCBO_LAKE_URL`, `PCBO_CATALOG_URL`,
+`PCBO_AUDIT_DIR`, a dataset's own `lake`). Staging is a second, separate one: its own lake, catalog
+and audit backup, so nothing staging writes can be mistaken for production and the audit chains of
+the two never mix. The rollout records (rollouts, approvals, soak evaluations, alerts) live in the
+production catalog.
+
+| staging setting | variable                     | default                                 |
+|-----------------|------------------------------|-----------------------------------------|
+| home            | `PCBO_STAGING_HOME`          | `$PCBO_HOME/staging`                    |
+| lake            | `PCBO_STAGING_LAKE_URL`      | `$PCBO_STAGING_HOME/lake` (`rollout.stagingLake` wins) |
+| catalog         | `PCBO_STAGING_CATALOG_URL`   | `sqlite:///$PCBO_STAGING_HOME/catalog.db` |
+| audit backup    | `PCBO_STAGING_AUDIT_DIR`     | `$PCBO_STAGING_HOME/pas`                |
+| audit endpoint  | `PCBO_STAGING_AUDIT_ENDPOINT`| none (local backup only)                |
+
+Staging never falls back to a production variable: an unset staging setting takes its staging default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.rollout.store import RolloutStore
+
+STAGING = "staging"
+PRODUCTION = "production"
+STAGES = (STAGING, PRODUCTION)
+STAGING_VARIABLES = {
+    "home": "PCBO_STAGING_HOME",
+    "lake": "PCBO_STAGING_LAKE_URL",
+    "catalog": "PCBO_STAGING_CATALOG_URL",
+    "audit_dir": "PCBO_STAGING_AUDIT_DIR",
+    "audit_endpoint": "PCBO_STAGING_AUDIT_ENDPOINT",
+}
+
+
+def staging_settings(
+    production: Settings, lake: str | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """The staging settings beside `production`; `lake` (a dataset's `rollout.stagingLake`) wins."""
+    environ = dict(os.environ if environ is None else environ)
+    home = environ.get(STAGING_VARIABLES["home"]) or str(production.home / STAGING)
+    return Settings.resolve(
+        home=home,
+        lake=lake or environ.get(STAGING_VARIABLES["lake"]) or None,
+        catalog=environ.get(STAGING_VARIABLES["catalog"]) or None,
+        audit_dir=environ.get(STAGING_VARIABLES["audit_dir"]) or None,
+        audit_endpoint=environ.get(STAGING_VARIABLES["audit_endpoint"]) or None,
+        env={k: v for k, v in environ.items() if k in ("PCBO_AUDIT_ATTEMPTS", "PCBO_AUDIT_INITIAL_WAIT")},
+    )
+
+
+def dataset_settings(
+    config: DatasetsConfig, dataset: DatasetConfig, base: Settings, environ: dict[str, str] | None = None
+) -> dict[str, Settings]:
+    """{"staging": ..., "production": ...} for a rollout dataset, its own lakes applied."""
+    production = replace(base, lake_url=config.lake_url(dataset) or base.lake_url)
+    return {
+        STAGING: staging_settings(base, config.staging_lake_url(dataset), environ),
+        PRODUCTION: production,
+    }
+
+
+@dataclass
+class RolloutEnvironments:
+    """Both open environments of a rollout dataset and the rollout records."""
+
+    staging: Environment
+    production: Environment
+    store: RolloutStore
+
+    def stage(self, name: str) -> Environment:
+        if name == STAGING:
+            return self.staging
+        if name == PRODUCTION:
+            return self.production
+        raise ValueError(f"unknown stage {name!r}: staging or production")
+
+
+@contextmanager
+def open_environments(settings: dict[str, Settings]) -> Iterator[RolloutEnvironments]:
+    """Open staging and production (catalogs migrated); closed on exit."""
+    production = Environment.open(settings[PRODUCTION])
+    try:
+        staging = Environment.open(settings[STAGING])
+        try:
+            yield RolloutEnvironments(staging, production, RolloutStore(production.catalog))
+        finally:
+            staging.close()
+    finally:
+        production.close()

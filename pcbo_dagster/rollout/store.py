@@ -1,0 +1,370 @@
+"""`RolloutStore`: rollouts, their step log, approvals, soak evaluations and alerts in the catalog.
+
+The tables live in the production catalog (migration 0003), next to the runs and partitions they
+govern. `rollout_log`, `rollout_approvals` and `soak_evaluations` are append-only (database
+triggers); a rollout's row holds only its current status and the operator's control request
+(`run`, `pause`, `cancel`), which the staging apply reads between partitions.
+
+Every method that records a moment takes `now` (default: the wall clock), so tests drive rollouts
+with a controlled clock. These moments are operational records: none goes into a data file or a
+digest.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from pcbo_dagster.catalog import schema as t
+from pcbo_dagster.catalog.store import CatalogStore
+from pcbo_dagster.core.errors import InvalidInput
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _rollout_row(row: Any) -> dict[str, Any]:
+    out = dict(row._mapping)
+    out["partition_keys"] = json.loads(out["partition_keys"])
+    out["throttle"] = json.loads(out["throttle"])
+    return out
+
+
+def _with_detail(row: Any) -> dict[str, Any]:
+    out = dict(row._mapping)
+    out["detail"] = json.loads(out["detail"])
+    return out
+
+
+class RolloutStore:
+    """Rollout records on a `CatalogStore` (migrated to revision 0003 or later)."""
+
+    def __init__(self, catalog: CatalogStore) -> None:
+        self.catalog = catalog
+
+    # -- rollouts ---------------------------------------------------------------------------------
+
+    def create_rollout(
+        self,
+        *,
+        name: str,
+        dataset: str,
+        version_label: str,
+        partition_keys: list[str],
+        throttle: dict[str, Any],
+        soak_window_seconds: int,
+        actor: str,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Record a new rollout (status `applying`); `InvalidInput` on `rollout` when the name is taken
+        by a different range or dataset. Creating the same rollout again returns the existing one."""
+        now = now or utc_now()
+        if not partition_keys:
+            raise InvalidInput("partitions", "a rollout needs at least one partition")
+        values = {
+            "name": name,
+            "dataset": dataset,
+            "version_label": version_label,
+            "first_key": partition_keys[0],
+            "last_key": partition_keys[-1],
+            "partition_keys": _dumps(partition_keys),
+            "throttle": _dumps(throttle),
+            "soak_window_seconds": soak_window_seconds,
+            "status": "applying",
+            "control": "run",
+            "created_by": actor,
+            "created_at": now,
+            "updated_at": now,
+        }
+        existing = self.get(name)
+        if existing is None:
+            try:
+                with self.catalog._write() as conn:
+                    conn.execute(t.rollouts.insert().values(**values))
+                    self._log(
+                        conn,
+                        name,
+                        "created",
+                        actor,
+                        {
+                            "dataset": dataset,
+                            "versionLabel": version_label,
+                            "partitions": len(partition_keys),
+                            "firstKey": partition_keys[0],
+                            "lastKey": partition_keys[-1],
+                            "throttle": throttle,
+                            "soakWindowSeconds": soak_window_seconds,
+                        },
+                        now,
+                    )
+            except IntegrityError:  # created concurrently
+                pass
+            existing = self.get(name)
+            assert existing is not None
+        if (existing["dataset"], existing["version_label"], existing["partition_keys"]) != (
+            dataset,
+            version_label,
+            partition_keys,
+        ):
+            raise InvalidInput(
+                "rollout",
+                f"rollout {name!r} already exists for {existing['dataset']}/{existing['version_label']} "
+                f"{existing['first_key']}..{existing['last_key']}: choose another name",
+            )
+        return existing
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self.catalog._read() as conn:
+            row = conn.execute(select(t.rollouts).where(t.rollouts.c.name == name)).first()
+        return None if row is None else _rollout_row(row)
+
+    def require(self, name: str) -> dict[str, Any]:
+        """The rollout, or `InvalidInput` on `rollout` naming the unknown name."""
+        rollout = self.get(name)
+        if rollout is None:
+            raise InvalidInput("rollout", f"no rollout named {name!r}")
+        return rollout
+
+    def list(
+        self, dataset: str | None = None, statuses: tuple[str, ...] | None = None
+    ) -> list[dict[str, Any]]:
+        """Rollouts, oldest first, optionally of one dataset and in some statuses."""
+        r = t.rollouts
+        stmt = select(r).order_by(r.c.created_at, r.c.name)
+        if dataset is not None:
+            stmt = stmt.where(r.c.dataset == dataset)
+        if statuses is not None:
+            stmt = stmt.where(r.c.status.in_(statuses))
+        with self.catalog._read() as conn:
+            return [_rollout_row(row) for row in conn.execute(stmt)]
+
+    def set_status(
+        self,
+        name: str,
+        status: str,
+        *,
+        actor: str | None = None,
+        detail: dict[str, Any] | None = None,
+        now: datetime | None = None,
+        **fields: Any,
+    ) -> None:
+        """Move a rollout to `status` (and set other columns: decision_hash, staged_at, ...), logged."""
+        if status not in t.ROLLOUT_STATUSES:
+            raise ValueError(f"unknown rollout status {status!r}")
+        now = now or utc_now()
+        with self.catalog._write() as conn:
+            conn.execute(
+                update(t.rollouts)
+                .where(t.rollouts.c.name == name)
+                .values(status=status, updated_at=now, **fields)
+            )
+            self._log(conn, name, status, actor, detail or {}, now)
+
+    def request_control(
+        self, name: str, control: str, *, actor: str, reason: str = "", now: datetime | None = None
+    ) -> dict[str, Any]:
+        """Ask the staging apply to pause, resume (`run`) or cancel; logged with who and why."""
+        if control not in t.ROLLOUT_CONTROLS:
+            raise InvalidInput("action", f"must be pause, resume or cancel, not {control!r}")
+        now = now or utc_now()
+        rollout = self.require(name)
+        with self.catalog._write() as conn:
+            conn.execute(
+                update(t.rollouts).where(t.rollouts.c.name == name).values(control=control, updated_at=now)
+            )
+            kind = {"run": "resume_requested", "pause": "pause_requested", "cancel": "cancel_requested"}[
+                control
+            ]
+            self._log(conn, name, kind, actor, {"reason": reason, "statusWas": rollout["status"]}, now)
+        return self.require(name)
+
+    def control(self, name: str) -> str:
+        with self.catalog._read() as conn:
+            return str(
+                conn.execute(select(t.rollouts.c.control).where(t.rollouts.c.name == name)).scalar_one()
+            )
+
+    # -- log --------------------------------------------------------------------------------------
+
+    def log(
+        self,
+        name: str,
+        kind: str,
+        detail: dict[str, Any],
+        *,
+        actor: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        with self.catalog._write() as conn:
+            self._log(conn, name, kind, actor, detail, now or utc_now())
+
+    @staticmethod
+    def _log(
+        conn: Any, name: str, kind: str, actor: str | None, detail: dict[str, Any], now: datetime
+    ) -> None:
+        conn.execute(
+            t.rollout_log.insert().values(
+                rollout=name, kind=kind, actor=actor, detail=_dumps(detail), recorded_at=now
+            )
+        )
+
+    def history(self, name: str) -> list[dict[str, Any]]:
+        """The rollout's log, oldest first."""
+        stmt = select(t.rollout_log).where(t.rollout_log.c.rollout == name).order_by(t.rollout_log.c.id)
+        with self.catalog._read() as conn:
+            return [_with_detail(row) for row in conn.execute(stmt)]
+
+    # -- approvals --------------------------------------------------------------------------------
+
+    def record_approval(
+        self,
+        *,
+        name: str,
+        decision: str,
+        decision_hash: str,
+        actor: str,
+        reason: str,
+        event_hash: str,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        if decision not in t.APPROVAL_DECISIONS:
+            raise ValueError(f"unknown approval decision {decision!r}")
+        now = now or utc_now()
+        with self.catalog._write() as conn:
+            conn.execute(
+                t.rollout_approvals.insert().values(
+                    rollout=name,
+                    decision=decision,
+                    decision_hash=decision_hash,
+                    actor=actor,
+                    reason=reason,
+                    event_hash=event_hash,
+                    recorded_at=now,
+                )
+            )
+            self._log(
+                conn,
+                name,
+                decision,
+                actor,
+                {"decisionHash": decision_hash, "reason": reason, "eventHash": event_hash},
+                now,
+            )
+        latest = self.latest_approval(name)
+        assert latest is not None
+        return latest
+
+    def approvals(self, name: str) -> list[dict[str, Any]]:
+        a = t.rollout_approvals
+        with self.catalog._read() as conn:
+            return [
+                dict(r._mapping) for r in conn.execute(select(a).where(a.c.rollout == name).order_by(a.c.id))
+            ]
+
+    def latest_approval(self, name: str) -> dict[str, Any] | None:
+        """The approval or rejection in force (the newest), or None."""
+        found = self.approvals(name)
+        return found[-1] if found else None
+
+    # -- soak evaluations -------------------------------------------------------------------------
+
+    def record_soak_evaluation(
+        self, name: str, passed: bool, detail: dict[str, Any], now: datetime | None = None
+    ) -> dict[str, Any]:
+        now = now or utc_now()
+        with self.catalog._write() as conn:
+            conn.execute(
+                t.soak_evaluations.insert().values(
+                    rollout=name, passed=1 if passed else 0, detail=_dumps(detail), evaluated_at=now
+                )
+            )
+        return {"rollout": name, "passed": passed, "detail": detail, "evaluated_at": now}
+
+    def soak_evaluations(self, name: str) -> list[dict[str, Any]]:
+        """The rollout's soak evaluations, oldest first (`passed` as a bool, `detail` parsed)."""
+        s = t.soak_evaluations
+        with self.catalog._read() as conn:
+            rows = [
+                _with_detail(r) for r in conn.execute(select(s).where(s.c.rollout == name).order_by(s.c.id))
+            ]
+        for row in rows:
+            row["passed"] = bool(row["passed"])
+        return rows
+
+    # -- alerts -----------------------------------------------------------------------------------
+
+    def raise_alert(
+        self,
+        *,
+        alert_key: str,
+        kind: str,
+        severity: str,
+        subject: str,
+        detail: dict[str, Any],
+        now: datetime | None = None,
+    ) -> dict[str, Any] | None:
+        """Record an alert (delivery `pending`); None when `alert_key` was already raised."""
+        now = now or utc_now()
+        try:
+            with self.catalog._write() as conn:
+                conn.execute(
+                    t.alerts.insert().values(
+                        alert_key=alert_key,
+                        kind=kind,
+                        severity=severity,
+                        subject=subject,
+                        detail=_dumps(detail),
+                        raised_at=now,
+                        delivery_status="pending",
+                        attempts=0,
+                    )
+                )
+        except IntegrityError:
+            return None
+        return self.alert(alert_key)
+
+    def alert(self, alert_key: str) -> dict[str, Any] | None:
+        with self.catalog._read() as conn:
+            row = conn.execute(select(t.alerts).where(t.alerts.c.alert_key == alert_key)).first()
+        return None if row is None else _with_detail(row)
+
+    def alerts(self, delivery_status: str | None = None) -> list[dict[str, Any]]:
+        a = t.alerts
+        stmt = select(a).order_by(a.c.id)
+        if delivery_status is not None:
+            stmt = stmt.where(a.c.delivery_status == delivery_status)
+        with self.catalog._read() as conn:
+            return [_with_detail(r) for r in conn.execute(stmt)]
+
+    def record_delivery(
+        self,
+        alert_id: int,
+        *,
+        delivered: bool,
+        attempts: int,
+        error: str | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """After a delivery attempt: `delivered`, or still `pending` with the error (retried later)."""
+        now = now or utc_now()
+        a = t.alerts
+        with self.catalog._write() as conn:
+            conn.execute(
+                update(a)
+                .where(a.c.id == alert_id)
+                .values(
+                    delivery_status="delivered" if delivered else "pending",
+                    attempts=a.c.attempts + attempts,
+                    last_error=error,
+                    delivered_at=now if delivered else None,
+                )
+            )
