@@ -62,6 +62,7 @@ def _settings(args: argparse.Namespace) -> Any:
         catalog=args.catalog,
         audit_dir=args.audit_dir,
         audit_endpoint=getattr(args, "audit_endpoint", None),
+        parallel=getattr(args, "parallel", None),
     )
 
 
@@ -379,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "execute":
             p.add_argument("--audit-endpoint", help="HTTP endpoint for audit events (PCBO_AUDIT_ENDPOINT)")
             p.add_argument(
+                "--parallel",
+                type=int,
+                metavar="N",
+                help="partitions read, encoded and written at once "
+                "(PCBO_PARALLEL; default 4; 1: one at a time)",
+            )
+            p.add_argument(
                 "--dagster",
                 metavar="URL",
                 help="run the request on the Dagster webserver at URL as a pcbo_request run "
@@ -446,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", help="target directory (default examples/demo_data, beside the example config)")
     p.add_argument("--output")
     p.set_defaults(func=cmd_demo_data)
+
+    from pcbo_dagster.rollout_cli import add_rollout_commands
+
+    add_rollout_commands(sub, common)
     return parser
 
 

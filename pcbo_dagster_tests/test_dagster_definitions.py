@@ -71,7 +71,11 @@ def _config_with(workdir: Path, text: str) -> DatasetsConfig:
 def test_example_config_declares_one_dataset_of_each_kind():
     config = load_datasets_config(EXAMPLE)
     kinds = {d.name: d.partitioning.kind for d in config.datasets}
-    assert kinds == {"events": "time_window", "ledgers": "ledger_range"}
+    assert kinds == {"events": "time_window", "ledgers": "ledger_range", "sessions": "time_window"}
+    # sessions is the staged-rollout example: staging and production assets
+    rollout = config.dataset("sessions").rollout
+    assert rollout is not None and rollout.businessMetric is not None
+    assert config.dataset("events").rollout is None
     events = config.dataset("events")
     assert events.partitioning.cron == "0 * * * *"
     assert events.chain_key == "events/v1" and events.pool_name == "pcbo-events"
@@ -210,7 +214,7 @@ def test_dagster_definitions_validate_passes_and_refuses(tmp_path):
 def test_demo_data_is_deterministic(tmp_path):
     first = generate_demo_data(tmp_path / "a")
     second = generate_demo_data(tmp_path / "b")
-    assert [p.name for p in first] == ["events.jsonl", "ledgers.jsonl"]
+    assert [p.name for p in first] == ["events.jsonl", "ledgers.jsonl", "sessions.jsonl"]
     for a, b in zip(first, second, strict=True):
         assert a.read_bytes() == b.read_bytes()
     lines = first[0].read_text().splitlines()
@@ -329,7 +333,7 @@ def test_rematerializing_is_unchanged_irregular_crons_split_and_checks_summarize
         workdir,
         (workdir / "datasets.yaml")
         .read_text()
-        .replace("cron: hourly", 'cron: "0 0,6 * * *"')
+        .replace("cron: hourly", 'cron: "0 0,6 * * *"', 1)
         .replace("kind: multi_run\n      maxPartitionsPerRun: 24", "kind: single_run")
         .replace("checkGranularity: partition", "checkGranularity: run"),
     )

@@ -284,13 +284,13 @@ def test_validate_config_lists_datasets_and_partition_counts(workdir, tmp_path, 
     assert summary["ledgers"]["partitionCount"] == 10
     assert summary["ledgers"]["lastPartition"] == "range=578-641"
     assert summary["events"]["source"]["present"] is True
-    assert document["totals"] == {"datasets": 2, "partitions": 82}
+    assert document["totals"] == {"datasets": 3, "partitions": 106}
 
     # The default file: PCBO_DATASETS_CONFIG, else the example. An irregular cron and open ends.
     text = (workdir / "datasets.yaml").read_text()
     other = tmp_path / "other.yaml"
     other.write_text(
-        re.sub(r"\n *lastLedger: 641[^\n]*", "", text.replace("cron: hourly", 'cron: "0 0,6 * * *"'))
+        re.sub(r"\n *lastLedger: 641[^\n]*", "", text.replace("cron: hourly", 'cron: "0 0,6 * * *"', 1))
     )
     monkeypatch.setenv("PCBO_DATASETS_CONFIG", str(other))
     status, document, err = _run_cli(["validate-config"], capsys)
@@ -330,7 +330,7 @@ def test_demo_data_is_deterministic_and_lands_beside_the_example_config(tmp_path
     )
     assert first[0] == 0 and second[0] == 0
     second_document = json.loads((tmp_path / "b.json").read_text())
-    assert [f["name"] for f in first[1]["files"]] == ["events.jsonl", "ledgers.jsonl"]
+    assert [f["name"] for f in first[1]["files"]] == ["events.jsonl", "ledgers.jsonl", "sessions.jsonl"]
     assert [(f["name"], f["checksum"], f["byteSize"], f["records"]) for f in first[1]["files"]] == [
         (f["name"], f["checksum"], f["byteSize"], f["records"]) for f in second_document["files"]
     ]

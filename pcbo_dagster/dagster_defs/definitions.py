@@ -28,10 +28,17 @@ import dagster as dg
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.assets import build_dataset_asset, build_dataset_checks
+from pcbo_dagster.dagster_defs.assets.rollout_assets import build_production_asset, build_staging_asset
+from pcbo_dagster.dagster_defs.assets.soak_checks import build_soak_check
 from pcbo_dagster.dagster_defs.jobs import build_request_job
+from pcbo_dagster.dagster_defs.jobs.rollout_jobs import build_rollout_jobs
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
+from pcbo_dagster.dagster_defs.schedules import build_soak_monitor
 from pcbo_dagster.dagster_defs.sensors import build_ledger_partitions_sensor
+from pcbo_dagster.dagster_defs.sensors.alerts_sensor import build_alerts_sensor
+from pcbo_dagster.dagster_defs.sensors.promotion_sensor import build_promotion_sensor, promotion_job_name
 from pcbo_dagster.datasets_config import DatasetsConfig, LedgerRangePartitioning, load_datasets_config
+from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 
 CONFIG_ENV = "PCBO_DATASETS_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "datasets.yaml"
@@ -51,15 +58,37 @@ def load_config(path: str | Path) -> DatasetsConfig:
 
 
 def build_definitions(
-    config: DatasetsConfig | str | Path, resource: PcboEngineResource | None = None
+    config: DatasetsConfig | str | Path,
+    resource: PcboEngineResource | None = None,
+    clock: Clock = REAL_CLOCK,
 ) -> dg.Definitions:
+    """The code location. `clock` (tests: a `ManualClock`) is what rollouts measure soak windows,
+    throttles and approvals on."""
     if not isinstance(config, DatasetsConfig):
         config = load_config(config)
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
     jobs: list = [build_request_job(config.base_dir)]
-    sensors: list[dg.SensorDefinition] = []
+    sensors: list[dg.SensorDefinition] = [build_alerts_sensor()]
+    schedules: list[dg.ScheduleDefinition] = []
+    soak_checks: list[dg.AssetChecksDefinition] = []
+    promotion_jobs: list = []
     for dataset in config.datasets:
+        if dataset.rollout is not None:
+            staging = build_staging_asset(config, dataset, clock)
+            production = build_production_asset(config, dataset, staging, clock)
+            assets += [staging, production]
+            checks += build_dataset_checks(config, dataset, staging, stage="staging")
+            checks += build_dataset_checks(config, dataset, production)
+            soak_checks.append(build_soak_check(config, dataset, staging, clock))
+            promotion_jobs.append(
+                dg.define_asset_job(
+                    promotion_job_name(dataset.asset_name),
+                    selection=dg.AssetSelection.assets(production),
+                    description=f"Promote a rollout of {dataset.name} to production (by rollout_promotion)",
+                )
+            )
+            continue
         asset = build_dataset_asset(config, dataset)
         assets.append(asset)
         checks.extend(build_dataset_checks(config, dataset, asset))
@@ -73,11 +102,18 @@ def build_definitions(
                 description=f"Re-run the checks of {dataset.name} over a partition range (no writes)",
             )
         )
+    if soak_checks:
+        soak_job, soak_schedule = build_soak_monitor(soak_checks)
+        checks += soak_checks
+        jobs += [soak_job, *promotion_jobs, *build_rollout_jobs(config, clock)]
+        schedules.append(soak_schedule)
+        sensors.append(build_promotion_sensor(config, promotion_jobs, clock))
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
         sensors=sensors,
+        schedules=schedules,
         resources={"pcbo": resource or PcboEngineResource.from_env()},
     )
 

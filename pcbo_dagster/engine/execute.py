@@ -5,11 +5,20 @@ rollback manifests, then `_manifest.json` (the commit point), then the audit eve
 post-write check that reads the committed file back from the lake, then the catalog. A partition
 already committed with identical content is left as it is; if a crash had left it without its audit
 event or catalog row, those are completed now ("healed").
+
+Partitions are committed in batches. With `parallel` > 1 (`--parallel`, `PCBO_PARALLEL`, default 4)
+up to that many partitions of a batch are read, encoded and written at once by worker threads
+(pyarrow, zstd, hashlib and the object-store clients release the GIL), and so are the batch's commit
+points and post-write checks. Everything that appends to the audit chain or writes the catalog stays
+on the calling thread, one partition after another in partition order, so the chain, the catalog and
+the lake are byte-for-byte what a `parallel=1` run (one partition at a time) writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +28,7 @@ from pcbo_dagster.core import merkle
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
-from pcbo_dagster.core.errors import Blocked, IntegrityError
+from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table, run_schema
 from pcbo_dagster.engine import failpoints
@@ -222,23 +231,35 @@ def execute(
     decisions: Decisions,
     progress: Progress | None = None,
     pace: Pace | None = None,
+    parallel: int | None = None,
+    schema_from: Decisions | None = None,
 ) -> dict[str, Any]:
     """Execute the request; the caller has evaluated it and checked the gates.
 
     With `pace`, partitions are committed one at a time, each after `pace` allowed it; a `pace`
     returning False ends the run early with status `stopped` (what was committed stays committed).
+    `parallel`: partitions staged at once (default: the environment's `Settings.parallel`); 1 stages
+    them one after another on this thread. The outputs are the same either way.
+    `schema_from`: the decisions whose adds fix the parquet schema, when `decisions` holds only some
+    of a request's partitions (a promotion of part of a rollout writes the bytes the whole would).
     """
+    workers = env.settings.parallel if parallel is None else parallel
+    if workers < 1:
+        raise InvalidInput("parallel", f"must be at least 1, not {workers}")
     request = loaded.request
     ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
-    all_adds = [i for pd in decisions.partitions for i in pd.add_indices.tolist()]
+    all_adds = [i for pd in (schema_from or decisions).partitions for i in pd.add_indices.tolist()]
     schema, as_json = run_schema([loaded.records[i] for i in all_adds])
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
     failure: str | None = None
     stopped = False
     batch_size = 1 if pace is not None else COMMIT_BATCH
-    with env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease:
+    with (
+        env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease,
+        _worker_pool(workers) as pool,
+    ):
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
         env.catalog.start_run(
             request.runId,
@@ -255,11 +276,10 @@ def execute(
             if pace is not None and not pace(parts[lo]):
                 stopped = True
                 break
-            batch = [
-                _stage(env, loaded, plan, decisions, pd, schema, as_json, index)
-                for pd in parts[lo : lo + batch_size]
-            ]
-            failure = _commit_batch(env, loaded, plan, batch, index, catalog_rows, existing)
+            batch = _stage_batch(
+                pool, env, loaded, plan, decisions, parts[lo : lo + batch_size], schema, as_json, index
+            )
+            failure = _commit_batch(pool, env, loaded, plan, batch, index, catalog_rows, existing)
             for st in batch:
                 results.append(_outcome(env, st))
                 reconciliation.append(st.check)
@@ -306,7 +326,47 @@ def execute(
     return document
 
 
-def _stage(
+@contextmanager
+def _worker_pool(workers: int) -> Iterator[ThreadPoolExecutor | None]:
+    """Threads for staging and checking partitions; None (this thread does it all) for 1. On the way
+    out, queued work is dropped and running work finished, so nothing writes once the run has left."""
+    if workers <= 1:
+        yield None
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pcbo-execute")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_order(
+    pool: ThreadPoolExecutor | None, fn: Callable[[Any], Any], items: Iterable[Any]
+) -> Iterator[Any]:
+    """`fn` of each item, in the items' order: on the pool's threads (up to its size at once) when
+    there is a pool and more than one item, else lazily on this thread, one item after another."""
+    items = list(items)
+    if pool is None or len(items) < 2:
+        return map(fn, items)
+    return pool.map(fn, items)
+
+
+@dataclass
+class _Prepared:
+    """A partition encoded and compared with its commit point, its files not yet written."""
+
+    staged: _Staged
+    previous: dict[str, Any] | None
+    previous_checksum: str | None
+    files: list[tuple[str, bytes]]  # (lake path, bytes) in write order; none when unchanged
+
+    @property
+    def supersedes(self) -> bool:
+        """A new version replacing a committed one (whose audit event a crash may have left out)."""
+        return self.previous is not None and self.staged.manifest_bytes is not None
+
+
+def _prepare(
     env: Environment,
     loaded: LoadedRequest,
     plan: Plan,
@@ -314,10 +374,11 @@ def _stage(
     pd: PartitionDecision,
     schema: pa.Schema,
     as_json: dict[str, bool],
-    index: ChainIndex,
-) -> _Staged:
-    """Encode the partition; when its content is new, write its data file, version manifest and
-    rollback manifest (not yet durable, not yet committed)."""
+    known_version: int,
+) -> _Prepared:
+    """Encode the partition and read its commit point; when its content is new, build its version and
+    rollback manifests. `known_version`: the highest version the audit chain names for the partition.
+    Reads only: safe on a worker thread."""
     lake = env.lake
     key = pd.partition.key
     dataset, version_label = plan.dataset, plan.version_label
@@ -339,27 +400,73 @@ def _stage(
     previous_bytes = lake.read_if_exists(layout.manifest(dataset, version_label, key))
     if previous_bytes is not None:
         previous, previous_checksum = manifests.decode(previous_bytes), manifests.checksum(previous_bytes)
-    version = max(index.max_version.get(key, 0), previous["partitionVersion"] if previous else 0) + 1
+    version = max(known_version, previous["partitionVersion"] if previous else 0) + 1
     manifest = build_manifest(
         plan, decisions, pd, file_entry, merkle_root, version, previous, previous_checksum, schema
     )
     if previous is not None and manifests.same_content(previous, manifest):
-        return _Staged(pd, previous, previous_checksum, None, previous["partitionVersion"])
-    if previous is not None:
-        # a crash after its commit point may have left the version being superseded unaudited
-        ensure_commit_recorded(env, previous, previous_checksum, index)
+        staged = _Staged(pd, previous, previous_checksum, None, previous["partitionVersion"])
+        return _Prepared(staged, previous, previous_checksum, [])
     manifest_bytes = manifests.encode(manifest)
     manifest_checksum = manifests.checksum(manifest_bytes)
-    lake.write(file_rel, data)
-    lake.write(layout.version_manifest(dataset, version_label, key, version), manifest_bytes)
-    lake.write(
-        layout.rollback_manifest(dataset, version_label, key, version),
-        manifests.encode(_rollback_manifest(plan, key, version, manifest_checksum, previous, [file_rel])),
+    rollback_bytes = manifests.encode(
+        _rollback_manifest(plan, key, version, manifest_checksum, previous, [file_rel])
     )
-    return _Staged(pd, manifest, manifest_checksum, manifest_bytes, version)
+    files = [
+        (file_rel, data),
+        (layout.version_manifest(dataset, version_label, key, version), manifest_bytes),
+        (layout.rollback_manifest(dataset, version_label, key, version), rollback_bytes),
+    ]
+    staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version)
+    return _Prepared(staged, previous, previous_checksum, files)
+
+
+def _write_files(env: Environment, prepared: _Prepared) -> None:
+    """Write a prepared partition's data file, version and rollback manifests (not yet durable, not
+    yet committed), then let go of their bytes."""
+    for rel, data in prepared.files:
+        env.lake.write(rel, data)
+    prepared.files = []
+
+
+def _stage_batch(
+    pool: ThreadPoolExecutor | None,
+    env: Environment,
+    loaded: LoadedRequest,
+    plan: Plan,
+    decisions: Decisions,
+    pds: list[PartitionDecision],
+    schema: pa.Schema,
+    as_json: dict[str, bool],
+    index: ChainIndex,
+) -> list[_Staged]:
+    """Stage a batch's partitions (encode; when new, write the data file, version manifest and rollback
+    manifest), in partition order.
+
+    Without a pool, one partition after another, each complete before the next. With one, workers
+    prepare and write up to the pool's size of partitions at once, and this thread takes their results
+    in partition order and records, one at a time, any superseded version a crash had left without its
+    audit event (`ensure_commit_recorded`): the chain is appended to in the same order either way.
+    """
+    known = {pd.partition.key: index.max_version.get(pd.partition.key, 0) for pd in pds}
+
+    def prepare_and_write(pd: PartitionDecision) -> _Prepared:
+        prepared = _prepare(env, loaded, plan, decisions, pd, schema, as_json, known[pd.partition.key])
+        if pool is not None:
+            _write_files(env, prepared)
+        return prepared
+
+    staged = []
+    for prepared in _in_order(pool, prepare_and_write, pds):
+        if prepared.supersedes:
+            ensure_commit_recorded(env, prepared.previous, prepared.previous_checksum, index)
+        _write_files(env, prepared)  # without a pool: after the healing, as ever; else nothing left
+        staged.append(prepared.staged)
+    return staged
 
 
 def _commit_batch(
+    pool: ThreadPoolExecutor | None,
     env: Environment,
     loaded: LoadedRequest,
     plan: Plan,
@@ -369,7 +476,10 @@ def _commit_batch(
     existing: list[str],
 ) -> str | None:
     """Commit points, audit events, post-write checks and catalog rows of a staged batch.
-    Returns the failure text of the first partition whose post-write check failed, if any."""
+    Returns the failure text of the first partition whose post-write check failed, if any.
+
+    With a pool, the batch's commit points are written, and its post-write checks run, up to the pool's
+    size at once; audit events, undos, discrepancies and catalog rows follow in partition order."""
     lake = env.lake
     dataset, version_label = plan.dataset, plan.version_label
     ckey = chain_key(dataset, version_label)
@@ -377,9 +487,9 @@ def _commit_batch(
     lake.sync()  # data files and manifests are durable before any commit point names them
     _reached("after_data_files", indexes)
     _reached("before_commit", indexes)
-    for st in batch:
-        if st.manifest_bytes is not None:
-            lake.write_atomic(layout.manifest(dataset, version_label, st.pd.partition.key), st.manifest_bytes)
+    commits = [st for st in batch if st.manifest_bytes is not None]
+    for _ in _in_order(pool, lambda st: _write_commit_point(env, plan, st), commits):
+        pass
     lake.sync()  # commit points are durable before their audit events
     _reached("after_commit", indexes)
     pending = [st for st in batch if (st.pd.partition.key, st.manifest_checksum) not in index.commits]
@@ -395,10 +505,12 @@ def _commit_batch(
 
     failure = None
     recorded = []
-    for st in batch:
-        st.check = post_write_check(
-            env, plan, st.manifest, st.pd.add, existing, full=st.status == "committed"
-        )
+
+    def check(st: _Staged) -> dict[str, Any]:
+        return post_write_check(env, plan, st.manifest, st.pd.add, existing, full=st.status == "committed")
+
+    for st, result in zip(batch, _in_order(pool, check, batch), strict=True):
+        st.check = result
         key = st.pd.partition.key
         if st.check["status"] != "ok":
             if st.status == "committed":
@@ -444,6 +556,11 @@ def _commit_batch(
         }
     _reached("after_catalog", indexes)
     return failure
+
+
+def _write_commit_point(env: Environment, plan: Plan, st: _Staged) -> None:
+    key = st.pd.partition.key
+    env.lake.write_atomic(layout.manifest(plan.dataset, plan.version_label, key), st.manifest_bytes)
 
 
 def _reached(point: str, indexes: list[int]) -> None:

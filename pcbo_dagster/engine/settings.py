@@ -7,6 +7,10 @@
 | catalog        | `--catalog`        | `PCBO_CATALOG_URL`    | `sqlite:///$PCBO_HOME/catalog.db`|
 | audit backup   | `--audit-dir`      | `PCBO_AUDIT_DIR`      | `$PCBO_HOME/pas`                 |
 | audit endpoint | `--audit-endpoint` | `PCBO_AUDIT_ENDPOINT` | none (local backup only)         |
+| parallel       | `--parallel`       | `PCBO_PARALLEL`       | 4 (1: one partition at a time)   |
+
+`parallel` is how many partitions `execute` reads, encodes and writes at once (audit events are
+still appended one after another, in partition order).
 """
 
 from __future__ import annotations
@@ -15,6 +19,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from pcbo_dagster.core.errors import InvalidInput
+
+#: Partitions `execute` stages at once unless `--parallel` / `PCBO_PARALLEL` say otherwise.
+DEFAULT_PARALLEL = 4
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class Settings:
     audit_endpoint: str | None = None
     audit_attempts: int = 3
     audit_initial_wait: float = 0.5
+    parallel: int = DEFAULT_PARALLEL
 
     @classmethod
     def resolve(
@@ -36,6 +46,7 @@ class Settings:
         audit_dir: str | None = None,
         audit_endpoint: str | None = None,
         env: dict[str, str] | None = None,
+        parallel: int | None = None,
     ) -> Settings:
         env = dict(os.environ if env is None else env)
         home_path = Path(home or env.get("PCBO_HOME") or ".pcbo").expanduser().resolve()
@@ -45,7 +56,23 @@ class Settings:
         endpoint = audit_endpoint or env.get("PCBO_AUDIT_ENDPOINT") or None
         attempts = int(env.get("PCBO_AUDIT_ATTEMPTS", "3"))
         wait = float(env.get("PCBO_AUDIT_INITIAL_WAIT", "0.5"))
-        return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait)
+        workers = parallel if parallel is not None else parse_parallel(env.get("PCBO_PARALLEL"))
+        if workers < 1:
+            raise InvalidInput("--parallel", f"must be at least 1, not {workers}")
+        return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait, workers)
+
+
+def parse_parallel(text: str | None) -> int:
+    """`PCBO_PARALLEL`: a positive integer; unset or empty means the default."""
+    if text is None or not text.strip():
+        return DEFAULT_PARALLEL
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput("PCBO_PARALLEL", f"must be a positive integer, not {text!r}") from None
+    if value < 1:
+        raise InvalidInput("PCBO_PARALLEL", f"must be at least 1, not {value}")
+    return value
 
 
 def redact_url(url: str) -> str:

@@ -29,6 +29,7 @@ once for all its partitions; the step yields one `AssetCheckEvaluation` per part
 
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,10 +257,14 @@ def _keys_of_step(
     return _committed_keys(env, dataset)
 
 
+#: Opens the environment a dataset asset's checks read (production, or a rollout's staging).
+OpenEnvironment = Callable[[PcboEngineResource], AbstractContextManager[Environment]]
+
+
 def _partition_check(
     asset: dg.AssetsDefinition,
     dataset: DatasetConfig,
-    lake: str | None,
+    open_env: OpenEnvironment,
     name: str,
     description: str,
     factory: VerdictFactory,
@@ -279,7 +284,7 @@ def _partition_check(
                 description=description,
             )
             def partitioned(context: dg.AssetCheckExecutionContext, pcbo: PcboEngineResource):  # noqa: ANN201
-                with pcbo.environment(lake) as env:
+                with open_env(pcbo) as env:
                     verdict = factory(env)
                     for key in _keys_of_step(context, env, dataset):
                         passed, metadata = verdict(key)
@@ -291,7 +296,7 @@ def _partition_check(
     @dg.asset_check(asset=asset, name=name, blocking=blocking, description=description)
     def summary(context: dg.AssetCheckExecutionContext, pcbo: PcboEngineResource) -> dg.AssetCheckResult:
         failed: dict[str, dict[str, Any]] = {}
-        with pcbo.environment(lake) as env:
+        with open_env(pcbo) as env:
             keys = _keys_of_step(context, env, dataset)
             verdict = factory(env)
             for key in keys:
@@ -337,14 +342,18 @@ def _audit_chain(dataset: DatasetConfig) -> VerdictFactory:
 
 
 def build_dataset_checks(
-    config: DatasetsConfig, dataset: DatasetConfig, asset: dg.AssetsDefinition
+    config: DatasetsConfig, dataset: DatasetConfig, asset: dg.AssetsDefinition, stage: str | None = None
 ) -> list[dg.AssetChecksDefinition]:
+    """The dataset asset's checks; `stage="staging"` reads a rollout dataset's staging environment."""
     partitions_def = asset.partitions_def
-    lake = config.lake_url(dataset)
+
+    def open_env(pcbo: PcboEngineResource) -> AbstractContextManager[Environment]:
+        return pcbo.environment_for(config, dataset, stage)
+
     reconciliation_check = _partition_check(
         asset,
         dataset,
-        lake,
+        open_env,
         RECONCILIATION,
         "Committed files re-read: checksums, row counts, ids, Merkle root vs the manifest",
         _reconciliation(dataset),
@@ -353,7 +362,7 @@ def build_dataset_checks(
     compliance_check = _partition_check(
         asset,
         dataset,
-        lake,
+        open_env,
         POLICY_COMPLIANCE,
         "No written row breaks the configured policies or is an existing target id",
         _compliance(dataset),
@@ -362,7 +371,7 @@ def build_dataset_checks(
     audit_chain_check = _partition_check(
         asset,
         dataset,
-        lake,
+        open_env,
         AUDIT_CHAIN,
         "The audit chain verifies offline and holds each partition's commit event",
         _audit_chain(dataset),
@@ -379,7 +388,7 @@ def build_dataset_checks(
     ) -> dg.AssetCheckResult:
         assert partitions_def is not None
         keys = list(partitions_def.get_partition_keys(dynamic_partitions_store=context.instance))
-        with pcbo.environment(lake) as env:
+        with open_env(pcbo) as env:
             passed, metadata, text = coverage(env, dataset, keys)
         return dg.AssetCheckResult(
             passed=passed, metadata=metadata, severity=dg.AssetCheckSeverity.WARN, description=text

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import dagster as dg
@@ -35,8 +35,10 @@ from pcbo_dagster.dagster_defs.resources.adapters import (
     LakeResource,
     SourcesResource,
 )
+from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.settings import Settings, redact_url
+from pcbo_dagster.rollout.environments import staging_settings
 
 #: Field path of `PcboEngineResource` -> the environment variable bound to it when set.
 ENV_VARS: dict[str, str] = {
@@ -106,7 +108,21 @@ class PcboEngineResource(dg.ConfigurableResource):
     @contextmanager
     def environment(self, lake: str | None = None) -> Iterator[Environment]:
         """An open engine `Environment` (catalog migrated), closed on exit."""
-        env = Environment.open(self.settings(lake))
+        with self._open(self.settings(lake)) as env:
+            yield env
+
+    def environment_for(
+        self, config: DatasetsConfig, dataset: DatasetConfig, stage: str | None = None
+    ) -> AbstractContextManager[Environment]:
+        """The open environment of a configured dataset: its production lake, or (`stage="staging"`)
+        the staging environment of a rollout dataset (`rollout/environments.py`)."""
+        if stage == "staging":
+            return self._open(staging_settings(self.settings(), config.staging_lake_url(dataset)))
+        return self.environment(config.lake_url(dataset))
+
+    @contextmanager
+    def _open(self, settings: Settings) -> Iterator[Environment]:
+        env = Environment.open(settings)
         try:
             yield env
         finally:

@@ -1,0 +1,398 @@
+"""Alerts: recorded in the catalog (`RolloutStore.raise_alert`), then POSTed to a webhook with retries.
+
+An alert is raised once per `alert_key` (the catalog's unique key), with delivery status `pending`.
+`deliver_pending` POSTs every pending alert, oldest first (catalog id order), as one JSON object:
+
+    {"version": "pcbo.alert/1", "alert_key", "kind", "severity", "subject", "detail", "raised_at"}
+
+(`raised_at` in `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`). A 2xx answer marks the alert `delivered`.
+Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff
+(tenacity); other answers (3xx: redirects are not followed, 4xx) are not retried. An alert that
+still fails stays `pending` with a redacted `last_error` and is sent again by the next call. After
+an alert whose retries are exhausted (the webhook looks down) the call stops, so a down webhook
+costs one alert's retries per call rather than every alert's; after a 4xx it goes on with the next
+alert (that answer is about the alert, or about the configuration, and the others may pass).
+Delivery is at least once: a receiver deduplicates by `alert_key`.
+
+The webhook comes from `PCBO_ALERT_WEBHOOK_URL` (none: alerts are only recorded) and an optional
+bearer token from `PCBO_ALERT_WEBHOOK_TOKEN` (`AlertWebhook.from_env`). Credentials in the URL
+(`https://user:pass@host/...`) are sent as HTTP Basic authorization unless a token is given. The
+URL's userinfo and query string, the token and the Authorization header never appear in reports,
+`last_error`, exceptions or logs (`AlertWebhook.endpoint` is the redacted URL).
+
+No Dagster import here: the Dagster sensor (`dagster_defs/sensors/alerts_sensor.py`) finds what to
+alert on and calls `raise_and_deliver`.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import tenacity
+
+from pcbo_dagster.audit.delivery import redact_url
+from pcbo_dagster.rollout.store import RolloutStore
+
+logger = logging.getLogger(__name__)
+
+ALERT_VERSION = "pcbo.alert/1"
+WEBHOOK_URL_ENV = "PCBO_ALERT_WEBHOOK_URL"
+WEBHOOK_TOKEN_ENV = "PCBO_ALERT_WEBHOOK_TOKEN"
+SEVERITIES = ("info", "warning", "error", "critical")
+
+_RETRYABLE_STATUS = frozenset({408, 425, 429})
+# scheme://userinfo@ and ?query of URLs inside free text (error messages that go into an alert).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#]+@")
+_URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s?#'\"<>]*)\?(?:[^\s#'\"<>]*[^\s#'\"<>.,;:)\]])?")
+
+
+def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without URL userinfo and query strings (`scheme://[redacted]@host/path?[redacted]`)
+    and without any of `secrets`. For free text that goes into an alert or a log."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    text = _URL_USERINFO.sub(r"\1[redacted]@", text)
+    return _URL_QUERY.sub(r"\1?[redacted]", text)
+
+
+def format_timestamp(moment: datetime) -> str:
+    """`YYYY-MM-DDTHH:MM:SS[.ffffff]Z` (UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    text = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return (text[:-7] if text.endswith(".000000") else text) + "Z"
+
+
+def json_safe(value: Any, max_text: int = 2000) -> Any:
+    """`value` as something `json.dumps(allow_nan=False)` accepts: non-finite floats and unknown
+    types become (bounded) strings, mapping keys strings."""
+    if value is None or isinstance(value, bool | int | str):
+        return value[:max_text] if isinstance(value, str) else value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, max_text) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v, max_text) for v in value]
+    return str(value)[:max_text]
+
+
+def alert_payload(alert: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON object POSTed for an alert row of `RolloutStore.alerts()`."""
+    return {
+        "version": ALERT_VERSION,
+        "alert_key": alert["alert_key"],
+        "kind": alert["kind"],
+        "severity": alert["severity"],
+        "subject": alert["subject"],
+        "detail": alert["detail"],
+        "raised_at": format_timestamp(alert["raised_at"]),
+    }
+
+
+class _Retryable(Exception):
+    pass
+
+
+class _Permanent(Exception):
+    pass
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        return None  # a 3xx answer becomes an HTTPError (not delivered)
+
+
+class AlertWebhook:
+    """POSTs alerts to `url` (http or https) with retries and exponential backoff.
+
+    `attempts` tries per alert; waits start at `initial_wait` seconds and double up to `max_wait`;
+    `timeout` bounds each request. `token` is sent as `Authorization: Bearer <token>`. Neither the
+    token, the URL's userinfo or query, nor any header value is ever reported or logged.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        attempts: int = 3,
+        initial_wait: float = 0.5,
+        max_wait: float = 5.0,
+        timeout: float = 10.0,
+    ) -> None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise ValueError(f"invalid alert webhook URL {redact_url(url)}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the alert webhook must be an http(s) URL with a host: {redact_url(url)}")
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        if initial_wait < 0 or max_wait < 0 or timeout <= 0:
+            raise ValueError("initial_wait and max_wait must be >= 0 and timeout > 0")
+        self.attempts = attempts
+        self.initial_wait = initial_wait
+        self.max_wait = max_wait
+        self.timeout = timeout
+        self.endpoint = redact_url(url)
+        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        self._url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        self._headers = {"Content-Type": "application/json", "User-Agent": "pcbo-alerts/1"}
+        secrets = [url, parts.query, parts.netloc if "@" in parts.netloc else ""]
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+            secrets += [token, self._headers["Authorization"]]
+        elif parts.username is not None or parts.password is not None:
+            user = urllib.parse.unquote(parts.username or "")
+            password = urllib.parse.unquote(parts.password or "")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            self._headers["Authorization"] = f"Basic {basic}"
+            secrets += [basic, self._headers["Authorization"]]
+        if parts.password is not None:
+            secrets += [parts.password, urllib.parse.unquote(parts.password), parts.netloc.rpartition("@")[0]]
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+        self._opener = urllib.request.build_opener(_NoRedirect())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> AlertWebhook | None:
+        """The webhook of `PCBO_ALERT_WEBHOOK_URL` (with `PCBO_ALERT_WEBHOOK_TOKEN` when set), or None
+        when no URL is configured. `options` go to the constructor (attempts, timeout, ...)."""
+        env = os.environ if environ is None else environ
+        url = (env.get(WEBHOOK_URL_ENV) or "").strip()
+        if not url:
+            return None
+        token = (env.get(WEBHOOK_TOKEN_ENV) or "").strip() or None
+        return cls(url, token=token, **options)
+
+    def __repr__(self) -> str:
+        return f"AlertWebhook({self.endpoint!r}, attempts={self.attempts})"
+
+    def scrub(self, text: str) -> str:
+        """`text` without this webhook's secrets nor any URL userinfo or query string."""
+        return scrub_text(text, self._secrets)
+
+    def _post_once(self, body: bytes) -> None:
+        request = urllib.request.Request(self._url, data=body, method="POST", headers=self._headers)
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                status = response.status
+                response.read()
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            exc.close()
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            raise _Retryable(f"connection failed: {type(reason).__name__}: {reason}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
+        if 200 <= status < 300:
+            return
+        if status >= 500 or status in _RETRYABLE_STATUS:
+            raise _Retryable(f"HTTP {status}")
+        raise _Permanent(f"HTTP {status} (not retried)")
+
+    def send(self, payload: Mapping[str, Any]) -> int:
+        """POST one alert, retrying; the number of attempts made.
+
+        Raises `AlertDeliveryError` (a redacted message, `retryable` telling whether the retries
+        ran out or the answer was not retryable) when it still fails."""
+        body = json.dumps(
+            payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+        key = payload.get("alert_key")
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            logger.warning(
+                "alert delivery to %s: %s attempt %d/%d failed (%s); retrying in %.2f s",
+                self.endpoint,
+                key,
+                state.attempt_number,
+                self.attempts,
+                self.scrub(str(exc)),
+                wait,
+            )
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_exponential(multiplier=self.initial_wait, max=self.max_wait),
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            retrying(self._post_once, body)
+        except (_Retryable, _Permanent) as exc:
+            attempts = retrying.statistics.get("attempt_number", 1)
+            message = self.scrub(f"{self.endpoint}: {exc} after {attempts} attempt(s)")
+            raise AlertDeliveryError(message, attempts, isinstance(exc, _Retryable)) from None
+        return int(retrying.statistics.get("attempt_number", 1))
+
+
+class AlertDeliveryError(RuntimeError):
+    """An alert that still failed after its retries; the message holds no secret."""
+
+    def __init__(self, message: str, attempts: int, retryable: bool) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.retryable = retryable
+
+
+def _webhook(
+    webhook: AlertWebhook | str,
+    token: str | None,
+    attempts: int,
+    initial_wait: float,
+    max_wait: float,
+    timeout: float,
+) -> AlertWebhook:
+    if isinstance(webhook, AlertWebhook):
+        return webhook
+    return AlertWebhook(
+        webhook,
+        token=token,
+        attempts=attempts,
+        initial_wait=initial_wait,
+        max_wait=max_wait,
+        timeout=timeout,
+    )
+
+
+def deliver_pending(
+    store: RolloutStore,
+    webhook: AlertWebhook | str,
+    *,
+    token: str | None = None,
+    attempts: int = 3,
+    initial_wait: float = 0.5,
+    max_wait: float = 5.0,
+    timeout: float = 10.0,
+    budget_seconds: float | None = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """POST every pending alert, oldest first; a report (camelCase keys, no secrets).
+
+    `webhook` is an `AlertWebhook` or a URL (then `token`, `attempts`, `initial_wait`, `max_wait`
+    and `timeout` build one). Stops after an alert whose retries ran out (the webhook looks down),
+    and before starting an alert once `budget_seconds` have passed; what is left stays pending for
+    the next call. Never raises for delivery failures.
+
+    Report: `endpoint` (redacted), `pending` (before the call), `delivered`, `left` (still
+    pending), `errors` (`[{"alertKey", "error"}]`), `lastError`, `stopped` (why it stopped
+    early, or None), `ok` (nothing left).
+    """
+    hook = _webhook(webhook, token, attempts, initial_wait, max_wait, timeout)
+    started = time.monotonic()
+    pending = store.alerts("pending")
+    delivered = 0
+    errors: list[dict[str, str]] = []
+    stopped: str | None = None
+    for index, alert in enumerate(pending):
+        if budget_seconds is not None and time.monotonic() - started >= budget_seconds:
+            stopped = f"time budget of {budget_seconds:g} s used up"
+            break
+        try:
+            made = hook.send(alert_payload(alert))
+        except AlertDeliveryError as exc:
+            error = str(exc)
+            store.record_delivery(alert["id"], delivered=False, attempts=exc.attempts, error=error, now=now)
+            errors.append({"alertKey": alert["alert_key"], "error": error})
+            logger.warning("alert delivery of %s failed: %s", alert["alert_key"], error)
+            if exc.retryable:
+                if index + 1 < len(pending):
+                    stopped = "the webhook is not answering; the remaining alerts wait for the next call"
+                break
+            continue
+        store.record_delivery(alert["id"], delivered=True, attempts=made, now=now)
+        delivered += 1
+    left = len(pending) - delivered
+    report = {
+        "endpoint": hook.endpoint,
+        "pending": len(pending),
+        "delivered": delivered,
+        "left": left,
+        "errors": errors,
+        "lastError": errors[-1]["error"] if errors else None,
+        "stopped": stopped,
+        "ok": left == 0,
+    }
+    if pending:
+        log = logger.info if left == 0 else logger.warning
+        log("alert delivery to %s: %d delivered, %d left pending", hook.endpoint, delivered, left)
+    return report
+
+
+def raise_alerts(
+    store: RolloutStore, alerts: Iterable[Mapping[str, Any]], now: datetime | None = None
+) -> list[str]:
+    """Record each alert (`alert_key`, `kind`, `severity`, `subject`, optional `detail`); the keys
+    newly raised (a key raised before is skipped)."""
+    alerts = list(alerts)
+    for alert in alerts:
+        if alert.get("severity") not in SEVERITIES:
+            raise ValueError(
+                f"alert {alert.get('alert_key')}: severity must be one of {', '.join(SEVERITIES)}, "
+                f"not {alert.get('severity')!r}"
+            )
+    raised: list[str] = []
+    for alert in alerts:
+        key = alert["alert_key"]
+        if store.alert(key) is not None:  # a cheap read first: no write transaction for a repeat
+            continue
+        row = store.raise_alert(
+            alert_key=key,
+            kind=alert["kind"],
+            severity=alert["severity"],
+            subject=alert["subject"],
+            detail=json_safe(dict(alert.get("detail") or {})),
+            now=now,
+        )
+        if row is not None:
+            raised.append(key)
+            logger.info("alert raised: %s (%s, %s)", key, alert["kind"], alert["severity"])
+    return raised
+
+
+def raise_and_deliver(
+    store: RolloutStore,
+    alerts: Iterable[Mapping[str, Any]],
+    webhook: AlertWebhook | str | None,
+    now: datetime | None = None,
+    **delivery: Any,
+) -> dict[str, Any]:
+    """Record `alerts` (each once), then deliver every pending alert (these and earlier ones whose
+    delivery failed) when a webhook is configured.
+
+    Report: `raised` (the keys newly raised), `delivery` (`deliver_pending`'s report, or None
+    without a webhook: the alerts are only recorded). `delivery` options go to `deliver_pending`.
+    """
+    raised = raise_alerts(store, alerts, now)
+    report: dict[str, Any] = {"raised": raised, "delivery": None}
+    if webhook is None:
+        if raised:
+            logger.info(
+                "%d alert(s) recorded; no webhook (%s unset), so none is delivered",
+                len(raised),
+                WEBHOOK_URL_ENV,
+            )
+        return report
+    report["delivery"] = deliver_pending(store, webhook, now=now, **delivery)
+    return report

@@ -1,0 +1,91 @@
+"""The approval gate: a person approves or rejects a rollout, naming the decision hash they judged.
+
+An approval is written twice, audit chain first: a `rollout_approved` / `rollout_rejected` event on
+the dataset's production chain (`<dataset>/<versionLabel>`, in the production audit backup, so
+anyone verifying the chain offline sees who approved what), then a row of the append-only
+`rollout_approvals` table holding that event's hash. The newest row is the decision in force; a
+rejection can be followed by an approval (of a re-staged rollout) and vice versa, and nothing is
+ever edited.
+
+Refused with `InvalidInput` (exit 2, nothing written): an unknown rollout, a rollout not halted for
+review (status `soaking`), an empty `by` or `reason`, or a `decisionHash` that is not the one the
+rollout staged (an approver approves exactly what was staged and soaked).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.engine.events import PRODUCER, chain_key
+from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
+from pcbo_dagster.rollout.environments import RolloutEnvironments
+
+ROLLOUT_APPROVED = "rollout_approved"
+ROLLOUT_REJECTED = "rollout_rejected"
+DECISIONS = {"approve": "approved", "reject": "rejected"}
+
+
+def record_decision(
+    envs: RolloutEnvironments,
+    name: str,
+    action: str,
+    *,
+    by: str,
+    reason: str,
+    decision_hash: str | None = None,
+    clock: Clock = REAL_CLOCK,
+) -> dict[str, Any]:
+    """Approve (`action="approve"`) or reject a rollout; returns the recorded approval row."""
+    if action not in DECISIONS:
+        raise InvalidInput("decision", f"must be approve or reject, not {action!r}")
+    by, reason = (by or "").strip(), (reason or "").strip()
+    if not by:
+        raise InvalidInput("by", "say who approves or rejects (a name or an e-mail address)")
+    if not reason:
+        raise InvalidInput("reason", "say why")
+    rollout = envs.store.require(name)
+    if rollout["status"] != "soaking":
+        raise InvalidInput(
+            "rollout",
+            f"rollout {name!r} is {rollout['status']}: only a rollout applied to staging and halted for "
+            "review (soaking) can be approved or rejected",
+        )
+    staged = rollout["decision_hash"]
+    if decision_hash is not None and decision_hash != staged:
+        raise InvalidInput(
+            "decisionHash",
+            f"{decision_hash} is not the decision hash rollout {name!r} staged ({staged}); "
+            "approve what was staged and soaked",
+        )
+    decision = DECISIONS[action]
+    event = envs.production.audit.append(
+        chain_key(rollout["dataset"], rollout["version_label"]),
+        ROLLOUT_APPROVED if decision == "approved" else ROLLOUT_REJECTED,
+        {
+            "rollout": {
+                "name": name,
+                "dataset": rollout["dataset"],
+                "version_label": rollout["version_label"],
+                "first_key": rollout["first_key"],
+                "last_key": rollout["last_key"],
+                "partition_count": len(rollout["partition_keys"]),
+                "staging_run_id": rollout["staging_run_id"],
+            },
+            "decision": decision,
+            "decision_hash": staged,
+            "plan_hash": rollout["plan_hash"],
+            "by": by,
+            "reason": reason,
+            "producer": PRODUCER,
+        },
+    )
+    return envs.store.record_approval(
+        name=name,
+        decision=decision,
+        decision_hash=staged,
+        actor=by,
+        reason=reason,
+        event_hash=event["chain"]["event_hash"],
+        now=clock.now(),
+    )

@@ -1,0 +1,334 @@
+"""Every rollout action, from the datasets config and the engine settings: what the `pcbo rollout`
+commands and the Dagster rollout jobs, schedule and sensors call (one code path for both).
+
+Each function opens the rollout dataset's staging and production environments
+(`environments.open_environments`), does one thing, and returns a JSON-able document. Moments come
+from `clock` (real by default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pcbo_dagster.catalog.store import CatalogStore
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.dataset_requests import key_range
+from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.rollout import approvals, promotion, staging_apply
+from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
+from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
+from pcbo_dagster.rollout.store import RolloutStore
+
+Log = Callable[[str], None]
+
+
+def rollout_dataset(config: DatasetsConfig, name: str) -> DatasetConfig:
+    """The configured dataset `name`, which must have a `rollout` block (`InvalidInput` on `dataset`)."""
+    try:
+        dataset = config.dataset(name)
+    except KeyError:
+        raise InvalidInput("dataset", f"no dataset {name!r} in the datasets config") from None
+    if dataset.rollout is None:
+        raise InvalidInput(
+            "dataset", f"{name} has no rollout block: staged rollouts are not configured for it"
+        )
+    return dataset
+
+
+@contextmanager
+def dataset_environments(
+    config: DatasetsConfig, dataset: DatasetConfig, base: Settings
+) -> Iterator[RolloutEnvironments]:
+    with open_environments(dataset_settings(config, dataset, base)) as envs:
+        yield envs
+
+
+def find_rollout(base: Settings, name: str) -> dict[str, Any]:
+    """The rollout's row, read from the production catalog (`InvalidInput` on `rollout` if unknown)."""
+    catalog = CatalogStore(base.catalog_url)
+    try:
+        catalog.migrate()
+        return RolloutStore(catalog).require(name)
+    finally:
+        catalog.close()
+
+
+@contextmanager
+def rollout_environments(
+    config: DatasetsConfig, base: Settings, name: str
+) -> Iterator[tuple[DatasetConfig, RolloutEnvironments]]:
+    rollout = find_rollout(base, name)
+    dataset = rollout_dataset(config, rollout["dataset"])
+    with dataset_environments(config, dataset, base) as envs:
+        yield dataset, envs
+
+
+def start(
+    config: DatasetsConfig,
+    base: Settings,
+    dataset_name: str,
+    first_key: str,
+    last_key: str,
+    *,
+    by: str,
+    name: str | None = None,
+    throttle: dict[str, Any] | None = None,
+    clock: Clock = REAL_CLOCK,
+    log: Log = lambda _m: None,
+    poll_seconds: float = 1.0,
+    metadata: dict[str, Any] | None = None,
+    on_partition: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Create (or resume) a rollout and apply it to staging."""
+    dataset = rollout_dataset(config, dataset_name)
+    keys = key_range(dataset, first_key, last_key)
+    name = name or staging_apply.default_rollout_name(dataset, keys)
+    with dataset_environments(config, dataset, base) as envs:
+        return staging_apply.apply_to_staging(
+            config,
+            dataset,
+            envs,
+            name,
+            keys,
+            actor=by,
+            throttle=throttle,
+            clock=clock,
+            log=log,
+            poll_seconds=poll_seconds,
+            metadata=metadata,
+            on_partition=on_partition,
+        )
+
+
+def control(
+    base: Settings, name: str, action: str, *, by: str, reason: str = "", clock: Clock = REAL_CLOCK
+) -> dict[str, Any]:
+    """Pause, resume or cancel a rollout's staging apply (takes effect between partitions)."""
+    controls = {"pause": "pause", "resume": "run", "cancel": "cancel"}
+    if action not in controls:
+        raise InvalidInput("action", f"must be pause, resume or cancel, not {action!r}")
+    if not (by or "").strip():
+        raise InvalidInput("by", "say who asks")
+    catalog = CatalogStore(base.catalog_url)
+    try:
+        catalog.migrate()
+        store = RolloutStore(catalog)
+        rollout = store.require(name)
+        if rollout["status"] not in ("applying", "paused"):
+            raise InvalidInput(
+                "rollout",
+                f"rollout {name!r} is {rollout['status']}: only a staging apply in progress can be {action}d",
+            )
+        row = store.request_control(name, controls[action], actor=by.strip(), reason=reason, now=clock.now())
+    finally:
+        catalog.close()
+    return {"rollout": name, "action": action, "control": row["control"], "status": row["status"], "by": by}
+
+
+def decide(
+    config: DatasetsConfig,
+    base: Settings,
+    name: str,
+    action: str,
+    *,
+    by: str,
+    reason: str,
+    decision_hash: str | None = None,
+    clock: Clock = REAL_CLOCK,
+) -> dict[str, Any]:
+    """Approve or reject a rollout (recorded append-only and on the audit chain)."""
+    with rollout_environments(config, base, name) as (_dataset, envs):
+        row = approvals.record_decision(
+            envs, name, action, by=by, reason=reason, decision_hash=decision_hash, clock=clock
+        )
+    return {
+        "rollout": name,
+        "decision": row["decision"],
+        "decisionHash": row["decision_hash"],
+        "by": row["actor"],
+        "reason": row["reason"],
+        "auditEventHash": row["event_hash"],
+    }
+
+
+def gate(
+    config: DatasetsConfig,
+    base: Settings,
+    name: str,
+    *,
+    clock: Clock = REAL_CLOCK,
+    failed_checks: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    with rollout_environments(config, base, name) as (dataset, envs):
+        return promotion.promotion_gate(config, dataset, envs, name, clock=clock, failed_checks=failed_checks)
+
+
+def promote(
+    config: DatasetsConfig,
+    base: Settings,
+    name: str,
+    *,
+    clock: Clock = REAL_CLOCK,
+    keys: list[str] | None = None,
+    failed_checks: dict[str, list[str]] | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    with rollout_environments(config, base, name) as (dataset, envs):
+        return promotion.promote_rollout(
+            config, dataset, envs, name, clock=clock, keys=keys, failed_checks=failed_checks, run_id=run_id
+        )
+
+
+def status(config: DatasetsConfig, base: Settings, name: str, *, clock: Clock = REAL_CLOCK) -> dict[str, Any]:
+    """Everything about a rollout: its row, history, approvals, soak state and promotion gate."""
+    from pcbo_dagster.rollout.soak import soak_status
+
+    with rollout_environments(config, base, name) as (dataset, envs):
+        rollout = envs.store.require(name)
+        gate_now = promotion.promotion_gate(config, dataset, envs, name, clock=clock)
+        return {
+            "rollout": _plain(rollout),
+            "soak": _plain(soak_status(envs.store, rollout, clock.now())),
+            "gate": _plain(gate_now),
+            "approvals": [_plain(a) for a in envs.store.approvals(name)],
+            "history": [_plain(h) for h in envs.store.history(name)],
+        }
+
+
+def list_rollouts(base: Settings, dataset: str | None = None) -> dict[str, Any]:
+    catalog = CatalogStore(base.catalog_url)
+    try:
+        catalog.migrate()
+        rows = RolloutStore(catalog).list(dataset)
+    finally:
+        catalog.close()
+    return {
+        "rollouts": [
+            _plain(
+                {
+                    k: r[k]
+                    for k in (
+                        "name",
+                        "dataset",
+                        "version_label",
+                        "first_key",
+                        "last_key",
+                        "status",
+                        "control",
+                        "decision_hash",
+                        "staged_at",
+                    )
+                }
+            )
+            for r in rows
+        ]
+    }
+
+
+def rollback(
+    config: DatasetsConfig,
+    base: Settings,
+    stage: str,
+    *,
+    by: str,
+    reason: str,
+    name: str | None = None,
+    dataset_name: str | None = None,
+    first_key: str | None = None,
+    last_key: str | None = None,
+    clock: Clock = REAL_CLOCK,
+) -> dict[str, Any]:
+    """Roll back a rollout, or a partition range of a rollout dataset, in staging or production."""
+    from pcbo_dagster.rollout.rollout_rollback import rollback_rollout
+
+    if name is not None:
+        with rollout_environments(config, base, name) as (dataset, envs):
+            return rollback_rollout(
+                config, dataset, envs, stage, rollout=name, actor=by, reason=reason, now=clock.now()
+            )
+    if dataset_name is None or first_key is None or last_key is None:
+        raise InvalidInput("rollout", "give a rollout name, or a dataset with --from and --to")
+    dataset = rollout_dataset(config, dataset_name)
+    keys = key_range(dataset, first_key, last_key)
+    with dataset_environments(config, dataset, base) as envs:
+        return rollback_rollout(
+            config, dataset, envs, stage, keys=keys, actor=by, reason=reason, now=clock.now()
+        )
+
+
+def health(
+    config: DatasetsConfig,
+    base: Settings,
+    dataset_name: str,
+    *,
+    launch: bool = False,
+    by: str = "health-check",
+    clock: Clock = REAL_CLOCK,
+) -> dict[str, Any]:
+    """The production health check of a rollout dataset; with `launch`, its mini backfill is run."""
+    from pcbo_dagster.rollout.health import run_health_check
+
+    dataset = rollout_dataset(config, dataset_name)
+    with dataset_environments(config, dataset, base) as envs:
+
+        def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
+            return mini_backfill(config, dataset, envs, plan, clock=clock)
+
+        return run_health_check(config, dataset, envs, clock.now(), launch=run_plan if launch else None)
+
+
+def mini_backfill(
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    envs: RolloutEnvironments,
+    plan: dict[str, Any],
+    *,
+    clock: Clock = REAL_CLOCK,
+) -> dict[str, Any]:
+    """Re-promote the partitions of a health check's plan, rollout by rollout, at each rollout's
+    approved decision hash (the gate's approval must still match the decisions now)."""
+    by_rollout: dict[str, list[str]] = {}
+    for entry in plan["partitions"]:
+        by_rollout.setdefault(entry["rollout"], []).append(entry["key"])
+    results = []
+    for name, keys in sorted(by_rollout.items()):
+        rollout = envs.store.require(name)
+        approval = envs.store.latest_approval(name)
+        if approval is None or approval["decision"] != "approved":
+            results.append(
+                {"rollout": name, "keys": keys, "status": "skipped", "reason": "no approval in force"}
+            )
+            continue
+        run_id = promotion.production_run_id(name, "repair-" + plan["planId"].split(":")[-1][:12])
+        document = promotion.promote_keys(
+            config, dataset, envs, rollout, keys, decision_hash=approval["decision_hash"], run_id=run_id
+        )
+        envs.store.log(
+            name, "mini_backfill", {"runId": run_id, "keys": keys, "planId": plan["planId"]}, now=clock.now()
+        )
+        results.append({"rollout": name, "keys": keys, "status": document["status"], "runId": run_id})
+    return {"planId": plan["planId"], "results": results}
+
+
+def soak(
+    config: DatasetsConfig, base: Settings, *, names: list[str] | None = None, clock: Clock = REAL_CLOCK
+) -> list[dict[str, Any]]:
+    from pcbo_dagster.rollout.soak import run_soak_monitor
+
+    return run_soak_monitor(config, base, clock.now(), rollouts=names)
+
+
+def _plain(value: Any) -> Any:
+    """Datetimes as ISO text, recursively (for JSON documents)."""
+    from datetime import datetime
+
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,198 @@
+"""Promotion to production, behind the gate.
+
+`promotion_gate` says whether a rollout may be promoted now, and if not, every reason why:
+
+- the rollout is applied to staging and halted for review (status `soaking`);
+- its staging partitions passed their checks: each is committed in the staging lake and re-reads
+  clean (checksums, rows, Merkle root), no post-write discrepancy was logged for the staging run,
+  and no failed asset check was reported for them (`failed_checks`, from the Dagster instance);
+- its soak passed (`soak.soak_status`: the window elapsed with every evaluation passing);
+- the approval in force is an approval (not a rejection) and names the decision hash the rollout's
+  range evaluates to *now*. A changed source or policy changes that hash, which makes the approval
+  stale: re-stage and approve again.
+
+`promote_keys` writes production partitions: it evaluates the rollout's whole range (so every
+production manifest carries the approved decision hash, and each partition's rows and parquet bytes
+are those staging got), refuses (exit 3, nothing written) when the hash is not the approved one, and
+runs the engine into the production environment for the requested keys only. The production health
+check uses it for its mini backfills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.dataset_requests import evaluate_keys
+from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.engine.execute import check_gates, execute
+from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
+from pcbo_dagster.rollout.environments import RolloutEnvironments
+from pcbo_dagster.rollout.soak import soak_status
+
+
+def production_run_id(rollout: str, attempt: str | None = None) -> str:
+    return f"rollout-{rollout}-production" + (f"-{attempt}" if attempt else "")
+
+
+def current_decision_hash(config: DatasetsConfig, dataset: DatasetConfig, rollout: dict[str, Any]) -> str:
+    """The decision hash the rollout's range evaluates to now (nothing written)."""
+    _, _, decisions = evaluate_keys(config, dataset, rollout["partition_keys"], f"gate-{rollout['name']}")
+    return decisions.decision_hash
+
+
+def promotion_gate(
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    envs: RolloutEnvironments,
+    name: str,
+    *,
+    clock: Clock = REAL_CLOCK,
+    failed_checks: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """`{"open": bool, "reasons": [...], ...}` for rollout `name`; see the module doc."""
+    rollout = envs.store.require(name)
+    reasons: list[str] = []
+    gate: dict[str, Any] = {
+        "rollout": name,
+        "status": rollout["status"],
+        "stagedDecisionHash": rollout["decision_hash"],
+    }
+    if rollout["status"] != "soaking":
+        reasons.append(
+            f"status is {rollout['status']}"
+            + (
+                ": already in production"
+                if rollout["status"] == "promoted"
+                else ": not halted for review after a staging apply"
+            )
+        )
+        return {**gate, "open": False, "reasons": reasons}
+    bad: list[str] = []
+    for key in rollout["partition_keys"]:
+        reading = read_partition(envs.staging.lake, rollout["dataset"], rollout["version_label"], key)
+        if not reading.committed:
+            bad.append(f"{key}: not committed in staging")
+        elif reading.findings:
+            bad.append(f"{key}: " + "; ".join(f["detail"] for f in reading.findings[:3]))
+    discrepancies = [d for d in envs.staging.catalog.discrepancies(rollout["staging_run_id"])]
+    bad += [f"{d['partition_key']}: post-write check failed in staging" for d in discrepancies]
+    for key, checks in sorted((failed_checks or {}).items()):
+        bad.append(f"{key}: failed asset check(s) {', '.join(sorted(checks))}")
+    if bad:
+        reasons.append(f"staging checks failed for {len(bad)} partition(s): " + "; ".join(bad[:5]))
+    soak = soak_status(envs.store, rollout, clock.now())
+    gate["soak"] = {"state": soak["state"], "reason": soak["reason"]}
+    if soak["state"] != "passed":
+        reasons.append(f"soak {soak['state']}: {soak['reason']}")
+    approval = envs.store.latest_approval(name)
+    now_hash = current_decision_hash(config, dataset, rollout)
+    gate["decisionHashNow"] = now_hash
+    if approval is None:
+        reasons.append(
+            f"no approval yet: `pcbo approve {name} --by NAME --reason TEXT` or the rollout_approval job"
+        )
+    else:
+        gate["approval"] = {
+            k: approval[k] for k in ("decision", "actor", "reason", "decision_hash", "event_hash")
+        }
+        if approval["decision"] == "rejected":
+            reasons.append(f"rejected by {approval['actor']}: {approval['reason']}")
+        elif approval["decision_hash"] != now_hash:
+            reasons.append(
+                f"stale approval: {approval['actor']} approved decisions {approval['decision_hash']} but the "
+                f"range evaluates to {now_hash} now (source or policy changed): roll back staging, apply "
+                "again and approve the new decisions"
+            )
+    return {**gate, "open": not reasons, "reasons": reasons}
+
+
+def promote_keys(
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    envs: RolloutEnvironments,
+    rollout: dict[str, Any],
+    keys: list[str],
+    *,
+    decision_hash: str,
+    run_id: str,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Write `keys` (partitions of `rollout`) to production at the approved `decision_hash`."""
+    unknown = [k for k in keys if k not in set(rollout["partition_keys"])]
+    if unknown:
+        raise InvalidInput("partitions", f"{unknown[:3]} are not partitions of rollout {rollout['name']!r}")
+    loaded, plan, decisions = evaluate_keys(
+        config,
+        dataset,
+        rollout["partition_keys"],
+        run_id,
+        {"rollout": rollout["name"], "stage": "production"},
+    )
+    if decisions.decision_hash != decision_hash:
+        raise Blocked(
+            "the rollout's decisions changed since they were approved",
+            {
+                "status": "blocked",
+                "gate": "approvedDecisionHash",
+                "runId": run_id,
+                "approvedDecisionHash": decision_hash,
+                "decisionHash": decisions.decision_hash,
+            },
+        )
+    check_gates(loaded, decisions)
+    wanted = set(keys)
+    subset = replace(decisions, partitions=[pd for pd in decisions.partitions if pd.partition.key in wanted])
+    document = execute(envs.production, loaded, plan, subset, progress=progress, schema_from=decisions)
+    document["counts"] = {pd.partition.key: pd.counts for pd in subset.partitions}
+    return document
+
+
+def promote_rollout(
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    envs: RolloutEnvironments,
+    name: str,
+    *,
+    clock: Clock = REAL_CLOCK,
+    keys: list[str] | None = None,
+    failed_checks: dict[str, list[str]] | None = None,
+    run_id: str | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Check the gate and promote the rollout (or `keys` of it); `Blocked` (exit 3) with every reason
+    when the gate holds. The rollout is `promoted` once all its partitions are in production."""
+    gate = promotion_gate(config, dataset, envs, name, clock=clock, failed_checks=failed_checks)
+    if not gate["open"]:
+        envs.store.log(name, "promotion_blocked", {"reasons": gate["reasons"]}, now=clock.now())
+        raise Blocked(
+            f"rollout {name!r} may not be promoted: " + "; ".join(gate["reasons"]),
+            {"status": "blocked", "gate": "promotion", "rollout": name, "reasons": gate["reasons"]},
+        )
+    rollout = envs.store.require(name)
+    approval = gate["approval"]
+    document = promote_keys(
+        config,
+        dataset,
+        envs,
+        rollout,
+        keys or rollout["partition_keys"],
+        decision_hash=approval["decision_hash"],
+        run_id=run_id or production_run_id(name),
+        progress=progress,
+    )
+    detail = {
+        "runId": document["runId"],
+        "decisionHash": document["decisionHash"],
+        "approvedBy": approval["actor"],
+        "approvalEventHash": approval["event_hash"],
+        "partitions": len(document["partitions"]),
+        "committed": document["totals"]["committed"],
+    }
+    if keys is None or set(keys) >= set(rollout["partition_keys"]):
+        envs.store.set_status(name, "promoted", now=clock.now(), detail=detail)
+    else:
+        envs.store.log(name, "partially_promoted", {**detail, "keys": keys}, now=clock.now())
+    return {"status": "promoted", "rollout": name, "gate": gate, "execute": document}

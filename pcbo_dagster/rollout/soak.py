@@ -1,0 +1,561 @@
+"""The soak: a rollout's staging output watched for a while before it may be promoted.
+
+Each soak evaluation re-reads the rollout's staging output (the committed partitions of the staging
+lake for the rollout's dataset, version and keys) and checks it, then records the result in the
+production catalog (`soak_evaluations`, append-only):
+
+- `policy_violations`: no row of the output breaks the dataset's policies (consent, jurisdictions,
+  retention, existing target ids);
+- `duplicate_ids`: no id appears twice in the whole output;
+- `rows_match_decisions`: every partition is committed and holds exactly the ids the engine decides
+  to add *now* (the source evaluated again);
+- `checksums`: re-reading every partition (files, sizes, SHA-256, row counts, Merkle root) finds
+  nothing;
+- `business_metric` (with `rollout.businessMetric`): the metric over all the output's rows is
+  within its baseline.
+
+Each check is `{passed, observed, expected, message, partitions}`; `partitions` lists only the
+partitions with findings (at most `MAX_FINDINGS` findings each, and their `count`). The evaluation's
+detail also holds `decision_hash` (the staging apply's) and `decision_hash_now` (the source evaluated
+now): a changed source shows there even when the ids it decides did not change.
+
+`soak_status` turns the evaluations into a state: `not_started` (not staged yet), `soaking`,
+`passed` (the window is over, an evaluation was made at or after its end, and every evaluation since
+staging passed) or `failed` (any evaluation since staging failed). Nothing here reads the wall
+clock: every function takes `now`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from pcbo_dagster.core.compliance import violations
+from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.plan import NormalizedPolicies, normalize_jurisdictions
+from pcbo_dagster.dataset_requests import evaluate_keys
+from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.rollout.business_metric import parse_metric
+from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
+from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
+from pcbo_dagster.rollout.store import RolloutStore
+
+POLICY_VIOLATIONS = "policy_violations"
+DUPLICATE_IDS = "duplicate_ids"
+ROWS_MATCH_DECISIONS = "rows_match_decisions"
+CHECKSUMS = "checksums"
+BUSINESS_METRIC = "business_metric"
+CHECKS = (POLICY_VIOLATIONS, DUPLICATE_IDS, ROWS_MATCH_DECISIONS, CHECKSUMS, BUSINESS_METRIC)
+#: Findings kept per partition and check (their total is in `count`).
+MAX_FINDINGS = 20
+SOAK_REPORT = "soak_report"
+STATES = ("not_started", "soaking", "passed", "failed")
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A moment as ISO 8601 UTC text (`...Z`); a naive datetime is taken as UTC."""
+    if moment is None:
+        return None
+    return _utc(moment).isoformat().replace("+00:00", "Z")
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+# --- one evaluation --------------------------------------------------------------------------------
+
+
+def evaluate_soak(
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    envs: RolloutEnvironments,
+    rollout: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    """Evaluate the rollout's staging output once, record it (`soak_evaluations`) and return the record
+    (`{rollout, passed, detail, evaluated_at}`)."""
+    if rollout["dataset"] != dataset.name:
+        raise ValueError(f"rollout {rollout['name']!r} is of {rollout['dataset']!r}, not {dataset.name!r}")
+    keys = list(rollout["partition_keys"])
+    version_label = rollout["version_label"]
+    readings = {key: read_partition(envs.staging.lake, dataset.name, version_label, key) for key in keys}
+    decided, decision_hash_now, problem = _decisions_now(config, dataset, rollout)
+    checks: dict[str, dict[str, Any]] = {
+        POLICY_VIOLATIONS: _policy_check(dataset, readings),
+        DUPLICATE_IDS: _duplicate_check(readings),
+        ROWS_MATCH_DECISIONS: _decisions_check(readings, decided, problem),
+        CHECKSUMS: _checksum_check(readings),
+    }
+    metric = dataset.rollout.businessMetric if dataset.rollout else None
+    if metric is not None:
+        checks[BUSINESS_METRIC] = _metric_check(metric, readings)
+    failed = [name for name in CHECKS if name in checks and not checks[name]["passed"]]
+    detail = {
+        "dataset": dataset.name,
+        "version_label": version_label,
+        "partitions": len(keys),
+        "first_key": keys[0] if keys else None,
+        "last_key": keys[-1] if keys else None,
+        "rows": sum(len(r.ids) for r in readings.values()),
+        "decision_hash": rollout.get("decision_hash"),
+        "decision_hash_now": decision_hash_now,
+        # None when the source could not be evaluated now.
+        "decision_hash_changed": None
+        if decision_hash_now is None
+        else decision_hash_now != rollout.get("decision_hash"),
+        "checks": checks,
+        "failed_checks": failed,
+    }
+    return envs.store.record_soak_evaluation(rollout["name"], not failed, detail, now=now)
+
+
+def _decisions_now(
+    config: DatasetsConfig, dataset: DatasetConfig, rollout: dict[str, Any]
+) -> tuple[dict[str, list[str]] | None, str | None, str | None]:
+    """{key: decided ids} and the decision hash of the source evaluated now, or a problem."""
+    if rollout["version_label"] != dataset.versionLabel:
+        return (
+            None,
+            None,
+            f"the datasets config now has versionLabel {dataset.versionLabel!r}, "
+            f"the rollout {rollout['version_label']!r}",
+        )
+    run_id = rollout.get("staging_run_id") or f"soak-{rollout['name']}"
+    try:
+        _, _, decisions = evaluate_keys(config, dataset, list(rollout["partition_keys"]), run_id)
+    except (PcboError, OSError, ValueError) as exc:
+        return None, None, f"the source could not be evaluated: {exc.__class__.__name__}: {exc}"
+    decided = {pd.partition.key: list(pd.add) for pd in decisions.partitions}
+    return decided, decisions.decision_hash, None
+
+
+def dataset_policies(dataset: DatasetConfig) -> NormalizedPolicies:
+    """The dataset's policies as the engine normalises them (`core.plan.normalize_policies`)."""
+    policies = dataset.policies
+    allowed = None
+    if policies.allowedJurisdictions is not None:
+        normalized = normalize_jurisdictions(pa.array(policies.allowedJurisdictions, pa.string()))
+        allowed = tuple(sorted(set(normalized.to_pylist())))
+    return NormalizedPolicies(
+        require_consent=policies.requireConsent,
+        allowed_jurisdictions=allowed,
+        retention_cutoff_us=None
+        if policies.retentionCutoff is None
+        else parse_instant(policies.retentionCutoff),
+        on_violation=policies.onViolation,
+    )
+
+
+def _check(
+    passed: bool, observed: Any, expected: Any, message: str, partitions: list[dict[str, Any]]
+) -> dict:
+    return {
+        "passed": passed,
+        "observed": observed,
+        "expected": expected,
+        "message": message,
+        "partitions": partitions,
+    }
+
+
+def _partition_entry(key: str, findings: list[Any]) -> dict[str, Any]:
+    return {"key": key, "count": len(findings), "findings": findings[:MAX_FINDINGS]}
+
+
+def _keys_text(entries: list[dict[str, Any]]) -> str:
+    keys = [e["key"] for e in entries]
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _policy_check(dataset: DatasetConfig, readings: dict[str, PartitionReading]) -> dict[str, Any]:
+    policies = dataset_policies(dataset)
+    existing = list(dataset.existingTargetIds)
+    entries = []
+    for key, reading in readings.items():
+        found = [v for table in reading.tables for v in violations(table, policies, existing)]
+        if found:
+            entries.append(_partition_entry(key, found))
+    total = sum(e["count"] for e in entries)
+    message = (
+        "no row breaks a policy" if not total else f"{total} row(s) break a policy, in {_keys_text(entries)}"
+    )
+    return _check(total == 0, total, 0, message, entries)
+
+
+def _duplicate_check(readings: dict[str, PartitionReading]) -> dict[str, Any]:
+    where: dict[str, list[str]] = defaultdict(list)
+    for key, reading in readings.items():
+        for row_id in reading.ids:
+            where[row_id].append(key)
+    duplicated = sorted(row_id for row_id, keys in where.items() if len(keys) > 1)
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row_id in duplicated:
+        for key in sorted(set(where[row_id])):
+            by_key[key].append(
+                {"id": row_id, "rows": len(where[row_id]), "partitions": sorted(set(where[row_id]))}
+            )
+    entries = [_partition_entry(key, by_key[key]) for key in readings if key in by_key]
+    message = (
+        "every id appears once"
+        if not duplicated
+        else f"{len(duplicated)} id(s) appear more than once (e.g. {duplicated[0]!r}) "
+        f"in {_keys_text(entries)}"
+    )
+    return _check(not duplicated, len(duplicated), 0, message, entries)
+
+
+def _decisions_check(
+    readings: dict[str, PartitionReading], decided: dict[str, list[str]] | None, problem: str | None
+) -> dict[str, Any]:
+    if decided is None:
+        return _check(False, None, 0, problem or "no decisions", [])
+    entries = []
+    decided_rows = written_rows = 0
+    for key, reading in readings.items():
+        findings: list[dict[str, Any]] = []
+        want = decided.get(key)
+        decided_rows += len(want or [])
+        written_rows += len(reading.ids)
+        if want is None:
+            findings.append(
+                {"kind": "not_decided", "detail": "the source evaluated now has no such partition"}
+            )
+        if not reading.committed:
+            findings.append({"kind": "not_committed", "detail": f"no commit point at {reading.rel}"})
+        elif want is not None:
+            if reading.unreadable:
+                findings.append({"kind": "unreadable_files", "files": list(reading.unreadable)})
+            written, wanted = set(reading.ids), set(want)
+            missing, unexpected = sorted(wanted - written), sorted(written - wanted)
+            if missing:
+                findings.append(
+                    {"kind": "missing_rows", "count": len(missing), "ids": missing[:MAX_FINDINGS]}
+                )
+            if unexpected:
+                findings.append(
+                    {"kind": "unexpected_rows", "count": len(unexpected), "ids": unexpected[:MAX_FINDINGS]}
+                )
+        if findings:
+            entries.append(_partition_entry(key, findings))
+    if entries:
+        message = (
+            f"{len(entries)} partition(s) differ from the decisions evaluated now "
+            f"({decided_rows} row(s) decided, {written_rows} written), in {_keys_text(entries)}"
+        )
+    else:
+        message = f"every partition holds exactly its decided ids ({decided_rows} row(s))"
+    check = _check(not entries, len(entries), 0, message, entries)
+    check.update(decided_rows=decided_rows, written_rows=written_rows)
+    return check
+
+
+def _checksum_check(readings: dict[str, PartitionReading]) -> dict[str, Any]:
+    entries = [_partition_entry(key, r.findings) for key, r in readings.items() if r.findings]
+    total = sum(e["count"] for e in entries)
+    if total:
+        kinds = sorted({f["kind"] for e in entries for f in e["findings"]})
+        message = f"{total} finding(s) ({', '.join(kinds)}) in {_keys_text(entries)}"
+    else:
+        message = "every committed partition re-reads as its manifest says"
+    return _check(total == 0, total, 0, message, entries)
+
+
+def _metric_check(metric: Any, readings: dict[str, PartitionReading]) -> dict[str, Any]:
+    expected = {"atLeast": metric.atLeast, "atMost": metric.atMost}
+    bounds = " and ".join(
+        text
+        for text in (
+            None if metric.atLeast is None else f">= {metric.atLeast:g}",
+            None if metric.atMost is None else f"<= {metric.atMost:g}",
+        )
+        if text
+    )
+    tables = [table for reading in readings.values() for table in reading.tables]
+    value: float | None = None
+    problem = None
+    if not tables:
+        problem = "the staging output has no readable rows"
+    else:
+        try:
+            parsed = parse_metric(metric.expression)
+            table = pa.concat_tables(tables, promote_options="permissive")
+            value = parsed.evaluate(table)
+            if value is None:
+                problem = f"no value: {parsed.explain_unavailable(table)}"
+        except (ValueError, pa.ArrowException) as exc:
+            problem = str(exc)
+    holds = (
+        value is not None
+        and (metric.atLeast is None or value >= metric.atLeast)
+        and (metric.atMost is None or value <= metric.atMost)
+    )
+    shown = "no value" if value is None else f"{value:.6g}"
+    message = f"{metric.name} = {metric.expression} = {shown}, expected {bounds}"
+    if problem:
+        message += f" ({problem})"
+    check = _check(bool(holds), value, expected, message, [])
+    check.update(name=metric.name, expression=metric.expression, rows=sum(t.num_rows for t in tables))
+    return check
+
+
+# --- the state of a soak ---------------------------------------------------------------------------
+
+
+def soak_status(store: RolloutStore, rollout: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The rollout's soak state at `now`, from its evaluations since it was staged (up to `now`):
+    `{state, reason, staged_at, window_ends_at, evaluations, failed_evaluations, last_evaluated_at,
+    as_of}` (moments as ISO text, evaluations as counts)."""
+    now = _utc(now)
+    staged_at = rollout.get("staged_at")
+    status: dict[str, Any] = {
+        "rollout": rollout["name"],
+        "as_of": iso(now),
+        "staged_at": iso(staged_at),
+        "window_seconds": rollout["soak_window_seconds"],
+        "window_ends_at": None,
+        "evaluations": 0,
+        "failed_evaluations": 0,
+        "last_evaluated_at": None,
+    }
+    if staged_at is None:
+        return {**status, "state": "not_started", "reason": "the staging apply has not finished yet"}
+    staged_at = _utc(staged_at)
+    window_end = staged_at + timedelta(seconds=rollout["soak_window_seconds"])
+    evaluations = [
+        e for e in store.soak_evaluations(rollout["name"]) if staged_at <= _utc(e["evaluated_at"]) <= now
+    ]
+    failed = [e for e in evaluations if not e["passed"]]
+    status.update(
+        window_ends_at=iso(window_end),
+        evaluations=len(evaluations),
+        failed_evaluations=len(failed),
+        last_evaluated_at=iso(evaluations[-1]["evaluated_at"]) if evaluations else None,
+    )
+    if failed:
+        first = failed[0]
+        reason = f"the evaluation at {iso(first['evaluated_at'])} failed: {failure_text(first['detail'])}"
+        if len(failed) > 1:
+            reason += f" ({len(failed)} of {len(evaluations)} evaluations failed)"
+        return {**status, "state": "failed", "reason": reason}
+    after_end = [e for e in evaluations if _utc(e["evaluated_at"]) >= window_end]
+    if now >= window_end and after_end:
+        return {
+            **status,
+            "state": "passed",
+            "reason": f"the window ended at {iso(window_end)}; all {len(evaluations)} evaluation(s) passed",
+        }
+    if now >= window_end:
+        reason = (
+            f"the window ended at {iso(window_end)}; waiting for an evaluation at or after it "
+            f"({len(evaluations)} so far, all passing)"
+        )
+    else:
+        reason = f"window ends at {iso(window_end)}, {len(evaluations)} evaluation(s) so far, all passing"
+    return {**status, "state": "soaking", "reason": reason}
+
+
+def failure_text(detail: dict[str, Any]) -> str:
+    """The failed checks of an evaluation and why, in one line."""
+    checks = detail.get("checks", {})
+    failed = detail.get("failed_checks") or [n for n, c in checks.items() if not c.get("passed")]
+    return (
+        "; ".join(f"{name}: {checks.get(name, {}).get('message', 'failed')}" for name in failed) or "failed"
+    )
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def _evaluation_summary(evaluation: dict[str, Any]) -> dict[str, Any]:
+    detail = evaluation["detail"]
+    return {
+        "evaluated_at": iso(evaluation["evaluated_at"]),
+        "passed": bool(evaluation["passed"]),
+        "failed_checks": detail.get("failed_checks", []),
+        "decision_hash_now": detail.get("decision_hash_now"),
+        "decision_hash_changed": detail.get("decision_hash_changed"),
+        "rows": detail.get("rows"),
+        "checks": {
+            name: {k: check.get(k) for k in ("passed", "observed", "expected", "message")}
+            for name, check in detail.get("checks", {}).items()
+        },
+    }
+
+
+def _observed_cell(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return "-"
+    value = check.get("observed")
+    shown = "no value" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+    return f"{shown} {'ok' if check.get('passed') else 'FAILED'}"
+
+
+def write_soak_report(
+    settings: Settings, rollout: dict[str, Any], evaluations: list[dict[str, Any]], status: dict[str, Any]
+) -> dict[str, str]:
+    """Write `soak_report.json` and `.md` into the rollout's reports directory (under the production
+    `settings`): every evaluation over time, each check's observed value, the state and its reason.
+    Returns the paths (`json`, `markdown`)."""
+    name = rollout["name"]
+    summaries = [_evaluation_summary(e) for e in evaluations]
+    failing = [e for e in evaluations if not e["passed"]]
+    keys = list(rollout["partition_keys"])
+    document = {
+        "rollout": name,
+        "dataset": rollout["dataset"],
+        "version_label": rollout["version_label"],
+        "partitions": {
+            "count": len(keys),
+            "first": keys[0] if keys else None,
+            "last": keys[-1] if keys else None,
+        },
+        "decision_hash": rollout.get("decision_hash"),
+        "staging_run_id": rollout.get("staging_run_id"),
+        "staged_at": iso(rollout.get("staged_at")),
+        "soak_window_seconds": rollout["soak_window_seconds"],
+        "status": status,
+        "evaluations": summaries,
+        "latest_evaluation": None if not evaluations else _jsonable(evaluations[-1]),
+        "first_failed_evaluation": None if not failing else _jsonable(failing[0]),
+    }
+    names = [c for c in CHECKS if any(c in s["checks"] for s in summaries)]
+    lines = [
+        f"# Soak report: {name}",
+        "",
+        f"- Dataset: `{rollout['dataset']}/{rollout['version_label']}`, "
+        f"{len(keys)} partition(s) {keys[0] if keys else ''} .. {keys[-1] if keys else ''}",
+        f"- Staging run: `{rollout.get('staging_run_id')}`, decision hash `{rollout.get('decision_hash')}`",
+        f"- Staged at: {iso(rollout.get('staged_at')) or 'not yet'}; soak window "
+        f"{rollout['soak_window_seconds']} s, ends at {status.get('window_ends_at') or '-'}",
+        f"- State: **{status.get('state')}** ({status.get('reason')})",
+        "",
+        f"## Evaluations ({len(summaries)})",
+        "",
+    ]
+    if summaries:
+        rows = [
+            [s["evaluated_at"], "yes" if s["passed"] else "NO"]
+            + [_observed_cell(s["checks"].get(c)) for c in names]
+            + [("changed " if s["decision_hash_changed"] else "") + str(s["decision_hash_now"] or "-")[:19]]
+            for s in summaries
+        ]
+        lines.append(markdown_table(["evaluated at", "passed", *names, "decision hash now"], rows))
+    else:
+        lines += ["No evaluation yet.", ""]
+    if failing:
+        lines += ["## Failed evaluations", ""]
+        for evaluation in failing:
+            lines.append(f"### {iso(evaluation['evaluated_at'])}")
+            lines.append("")
+            detail = evaluation["detail"]
+            for check_name in detail.get("failed_checks", []):
+                check = detail["checks"][check_name]
+                lines.append(f"- **{check_name}**: {check.get('message')}")
+                for entry in check.get("partitions", [])[:10]:
+                    lines.append(f"  - `{entry['key']}`: {entry['count']} finding(s)")
+            lines.append("")
+    return write_report(
+        rollout_reports_dir(settings, name), SOAK_REPORT, document, "\n".join(lines).rstrip() + "\n"
+    )
+
+
+def _jsonable(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation record with its moment as ISO text (for JSON documents and outputs)."""
+    out = {k: v for k, v in evaluation.items() if k != "evaluated_at"}
+    out["evaluated_at"] = iso(evaluation["evaluated_at"])
+    return out
+
+
+# --- the monitor -----------------------------------------------------------------------------------
+
+
+def run_soak_monitor(
+    config: DatasetsConfig,
+    base: Settings,
+    now: datetime,
+    rollouts: Iterable[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every soaking rollout of a dataset in `config` (or only the ones named), write its
+    soak report and return, per rollout, `{rollout, dataset, evaluation, status, report}`;
+    `{rollout, dataset, skipped}` for a named rollout that is not soaking or whose dataset is not in
+    the config; `{rollout, dataset, error}` when its evaluation raised (the others still run).
+    `InvalidInput` (field `rollout`) for a named rollout that does not exist.
+
+    `base` is the production engine settings (`Settings.resolve(...)`); each dataset's staging and
+    production environments are opened with `dataset_settings(config, dataset, base, environ)`.
+    """
+    names = None if rollouts is None else list(dict.fromkeys(rollouts))
+    production = Environment.open(base)
+    try:
+        store = RolloutStore(production.catalog)
+        if names is None:
+            candidates = store.list(statuses=("soaking",))
+        else:
+            candidates = [store.require(name) for name in names]
+    finally:
+        production.close()
+    configured = {d.name for d in config.datasets}
+    results: list[dict[str, Any]] = []
+    todo: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rollout in candidates:
+        if rollout["dataset"] not in configured:
+            if names is not None:
+                results.append(
+                    _skipped(rollout, f"dataset {rollout['dataset']!r} is not in the datasets config")
+                )
+            continue
+        if rollout["status"] != "soaking":
+            results.append(_skipped(rollout, f"status is {rollout['status']}, not soaking"))
+            continue
+        todo[rollout["dataset"]].append(rollout)
+    done: dict[str, dict[str, Any]] = {}
+    for dataset_name, group in todo.items():
+        dataset = config.dataset(dataset_name)
+        with open_environments(dataset_settings(config, dataset, base, environ)) as envs:
+            for rollout in group:
+                done[rollout["name"]] = _monitor_one(config, dataset, envs, rollout, now)
+    results += list(done.values())
+    order = {r["name"]: i for i, r in enumerate(candidates)}
+    return sorted(results, key=lambda r: order[r["rollout"]])
+
+
+def _skipped(rollout: dict[str, Any], reason: str) -> dict[str, Any]:
+    return {"rollout": rollout["name"], "dataset": rollout["dataset"], "skipped": reason}
+
+
+def _monitor_one(
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    envs: RolloutEnvironments,
+    rollout: dict[str, Any],
+    now: datetime,
+) -> dict[str, Any]:
+    try:
+        evaluation = evaluate_soak(config, dataset, envs, rollout, now)
+        status = soak_status(envs.store, rollout, now)
+        report = write_soak_report(
+            envs.production.settings, rollout, envs.store.soak_evaluations(rollout["name"]), status
+        )
+    except Exception as exc:  # noqa: BLE001 - one rollout's failure must not stop the others' soak
+        return {
+            "rollout": rollout["name"],
+            "dataset": rollout["dataset"],
+            "error": f"{exc.__class__.__name__}: {exc}",
+        }
+    return {
+        "rollout": rollout["name"],
+        "dataset": rollout["dataset"],
+        "evaluation": _jsonable(evaluation),
+        "status": status,
+        "report": report,
+    }

@@ -1,0 +1,330 @@
+"""The guarded staging apply of a rollout: throttled, pausable, cancellable, then halted for review.
+
+`apply_to_staging` creates the rollout (or picks up one that was interrupted, paused or not yet
+applied), evaluates the decisions of its whole range once, checks the gates (nothing is written when
+one holds), then runs the engine into the staging environment one partition at a time. Before each
+partition it:
+
+1. reads the operator's control request from the catalog: `pause` holds the step there (status
+   `paused`, polling every `poll_seconds`) until `resume`; `cancel` ends the apply (status
+   `cancelled`; what was committed stays, roll it back with `pcbo rollout rollback`);
+2. waits for the throttle (`throttle.py`), in slices of at most `poll_seconds` so a pause or cancel
+   requested during a long wait takes effect promptly.
+
+Each wait and each partition is logged. When every partition is committed the rollout halts for
+review (status `soaking`, `staged_at` set: the soak window starts) and the backfill summary is written
+(`backfill_summary.json` / `.md`): what was added and omitted, by reason, per partition, with the
+run's plan and decision hashes and each partition's Merkle root, manifest checksum and audit event
+hash. Applying a rollout again after that writes nothing new (the engine finds identical content).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from pcbo_dagster.core.decisions import REASONS, PartitionDecision
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.dataset_requests import evaluate_keys
+from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.engine.execute import check_gates, execute
+from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
+from pcbo_dagster.rollout.environments import RolloutEnvironments
+from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
+from pcbo_dagster.rollout.throttle import Throttle
+
+Log = Callable[[str], None]
+
+
+def staging_run_id(rollout: str) -> str:
+    return f"rollout-{rollout}-staging"
+
+
+def default_rollout_name(dataset: DatasetConfig, keys: list[str]) -> str:
+    """A name for a rollout nobody named: the dataset and its key range (valid as a run id part)."""
+
+    def short(key: str) -> str:
+        return key.replace("range=", "")
+
+    return f"{dataset.asset_name}-{short(keys[0])}-{short(keys[-1])}"
+
+
+def throttle_for(dataset: DatasetConfig, override: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dataset's configured throttle with any given override (None values keep the config's)."""
+    base = dataset.rollout.throttle.model_dump() if dataset.rollout else {}
+    for key, value in (override or {}).items():
+        if value is not None:
+            base[key] = value
+    return base
+
+
+def apply_to_staging(
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    envs: RolloutEnvironments,
+    name: str,
+    keys: list[str],
+    *,
+    actor: str,
+    throttle: dict[str, Any] | None = None,
+    clock: Clock = REAL_CLOCK,
+    log: Log = lambda _m: None,
+    poll_seconds: float = 1.0,
+    metadata: dict[str, Any] | None = None,
+    on_partition: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Apply the rollout `name` (partition `keys` of `dataset`) to staging; see the module doc."""
+    if dataset.rollout is None:
+        raise InvalidInput("dataset", f"{dataset.name} has no rollout block in the datasets config")
+    store = envs.store
+    limits = throttle_for(dataset, throttle)
+    rollout = store.create_rollout(
+        name=name,
+        dataset=dataset.name,
+        version_label=dataset.versionLabel,
+        partition_keys=keys,
+        throttle=limits,
+        soak_window_seconds=int(dataset.rollout.soak.windowMinutes * 60),
+        actor=actor,
+        now=clock.now(),
+    )
+    if rollout["status"] == "cancelled":
+        raise InvalidInput("rollout", f"rollout {name!r} was cancelled; roll it back and start a new one")
+    if rollout["status"] not in ("applying", "paused"):
+        log(f"rollout {name}: already applied to staging (status {rollout['status']}); nothing to do")
+        return {"status": rollout["status"], "rollout": name, "applied": False}
+    run_id = staging_run_id(name)
+    loaded, plan, decisions = evaluate_keys(
+        config, dataset, keys, run_id, {"rollout": name, "stage": "staging", **(metadata or {})}
+    )
+    check_gates(loaded, decisions)
+    limiter = Throttle.from_config(rollout["throttle"])
+    log(
+        f"rollout {name}: applying {len(keys)} partition(s) {keys[0]}..{keys[-1]} of {dataset.name} to "
+        f"staging at {limiter.describe()}; plan {plan.plan_hash}, decisions {decisions.decision_hash}"
+    )
+    pacing = _Pacing(store, name, limiter, clock, log, poll_seconds, on_partition)
+    document = execute(envs.staging, loaded, plan, decisions, pace=pacing)
+    document["counts"] = {pd.partition.key: pd.counts for pd in decisions.partitions}
+    document["throttle"] = {"describe": limiter.describe(), "waitedSeconds": round(pacing.waited_seconds, 3)}
+    if document["status"] == "stopped":
+        store.set_status(
+            name,
+            "cancelled",
+            actor=pacing.cancelled_by,
+            now=clock.now(),
+            detail={
+                "committed": document["totals"]["committed"],
+                "unchanged": document["totals"]["unchanged"],
+            },
+        )
+        summary = write_backfill_summary(envs, name, dataset, decisions, document, pacing, final="cancelled")
+        log(f"rollout {name}: cancelled after {len(document['partitions'])} partition(s)")
+        return {
+            "status": "cancelled",
+            "rollout": name,
+            "applied": True,
+            "summary": summary,
+            "execute": document,
+        }
+    staged_at = clock.now()
+    store.set_status(
+        name,
+        "soaking",
+        now=staged_at,
+        detail={"decisionHash": decisions.decision_hash, "planHash": plan.plan_hash, "runId": run_id},
+        plan_hash=plan.plan_hash,
+        decision_hash=decisions.decision_hash,
+        staging_run_id=run_id,
+        staged_at=staged_at,
+    )
+    summary = write_backfill_summary(envs, name, dataset, decisions, document, pacing, final="soaking")
+    log(
+        f"rollout {name}: staging applied; halted for review (soak window "
+        f"{dataset.rollout.soak.windowMinutes:g} min from {staged_at.isoformat()}); "
+        f"summary {summary['markdown']}"
+    )
+    return {"status": "soaking", "rollout": name, "applied": True, "summary": summary, "execute": document}
+
+
+class _Pacing:
+    """The engine's `pace` hook: the operator's control request, then the throttle."""
+
+    def __init__(
+        self,
+        store: Any,
+        name: str,
+        limiter: Throttle,
+        clock: Clock,
+        log: Log,
+        poll_seconds: float,
+        on_partition: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        self.store, self.name, self.limiter, self.clock, self.log = store, name, limiter, clock, log
+        self.poll_seconds = poll_seconds
+        self.on_partition = on_partition
+        self.waited_seconds = 0.0
+        self.paused_seconds = 0.0
+        self.cancelled_by: str | None = None
+        self.partitions = 0
+
+    def _control(self) -> str:
+        """`run` or `cancel`, after sitting out any pause."""
+        paused = False
+        while True:
+            control = self.store.control(self.name)
+            if control != "pause":
+                break
+            if not paused:
+                paused = True
+                self.store.set_status(
+                    self.name, "paused", now=self.clock.now(), detail={"afterPartitions": self.partitions}
+                )
+                self.log(
+                    f"rollout {self.name}: paused after {self.partitions} partition(s); waiting for resume"
+                )
+            self.clock.sleep(self.poll_seconds)
+            self.paused_seconds += self.poll_seconds
+        if paused and control == "run":
+            self.store.set_status(self.name, "applying", now=self.clock.now(), detail={"resumed": True})
+            self.log(f"rollout {self.name}: resumed")
+        if control == "cancel":
+            history = [h for h in self.store.history(self.name) if h["kind"] == "cancel_requested"]
+            self.cancelled_by = history[-1]["actor"] if history else None
+        return control
+
+    def __call__(self, pd: PartitionDecision) -> bool:
+        if self._control() == "cancel":
+            self.log(f"rollout {self.name}: cancel requested; stopping before {pd.partition.key}")
+            return False
+        delay = self.limiter.delay(self.clock.now())
+        if delay > 0:
+            self.log(
+                f"rollout {self.name}: throttle ({self.limiter.describe()}): "
+                f"waiting {delay:.1f}s before {pd.partition.key}"
+            )
+        while delay > 0:
+            step = min(delay, self.poll_seconds)
+            self.clock.sleep(step)
+            self.waited_seconds += step
+            delay -= step
+            if self.store.control(self.name) != "run":
+                if self._control() == "cancel":
+                    self.log(f"rollout {self.name}: cancel requested; stopping before {pd.partition.key}")
+                    return False
+                delay = self.limiter.delay(self.clock.now())
+        self.limiter.started(self.clock.now(), len(pd.add))
+        self.partitions += 1
+        self.log(
+            f"rollout {self.name}: staging {pd.partition.key} ({len(pd.add)} to add, {len(pd.omit)} omitted)"
+        )
+        if self.on_partition is not None:
+            self.on_partition(
+                {"key": pd.partition.key, "add": len(pd.add), "omit": len(pd.omit), "index": self.partitions}
+            )
+        return True
+
+
+def write_backfill_summary(
+    envs: RolloutEnvironments,
+    name: str,
+    dataset: DatasetConfig,
+    decisions: Any,
+    document: dict[str, Any],
+    pacing: _Pacing,
+    final: str,
+) -> dict[str, str]:
+    """`backfill_summary.json` / `.md`: added and omitted by reason per partition, with the hashes."""
+    counts = {pd.partition.key: pd.counts for pd in decisions.partitions}
+    partitions = []
+    for outcome in document["partitions"]:
+        c = counts[outcome["key"]]
+        partitions.append(
+            {
+                "key": outcome["key"],
+                "status": outcome["status"],
+                "source": c["source"],
+                "added": c["add"],
+                "omitted": c["omit"],
+                "omittedByReason": {r: int(c["byReason"].get(r, 0)) for r in REASONS},
+                "merkleRoot": outcome["merkleRoot"],
+                "manifestChecksum": outcome["manifestChecksum"],
+                "eventHash": outcome["eventHash"],
+                "files": [{"checksum": f["checksum"], "rowCount": f["rowCount"]} for f in outcome["files"]],
+            }
+        )
+    not_applied = [pd.partition.key for pd in decisions.partitions][len(partitions) :]
+    totals = {
+        "partitions": len(decisions.partitions),
+        "applied": len(partitions),
+        "added": sum(p["added"] for p in partitions),
+        "omitted": sum(p["omitted"] for p in partitions),
+        "omittedByReason": {r: sum(p["omittedByReason"][r] for p in partitions) for r in REASONS},
+        "unplaced": decisions.totals["unplaced"],
+    }
+    summary = {
+        "kind": "pcbo.backfill_summary/1",
+        "rollout": name,
+        "dataset": dataset.name,
+        "versionLabel": dataset.versionLabel,
+        "stage": "staging",
+        "status": final,
+        "runId": document["runId"],
+        "planHash": document["planHash"],
+        "decisionHash": document["decisionHash"],
+        "throttle": {
+            "limits": {
+                "partitionsPerMinute": pacing.limiter.partitions_per_minute,
+                "recordsPerMinute": pacing.limiter.records_per_minute,
+            },
+            "waitedSeconds": round(pacing.waited_seconds, 3),
+            "pausedSeconds": round(pacing.paused_seconds, 3),
+        },
+        "totals": totals,
+        "partitions": partitions,
+        "notApplied": not_applied,
+    }
+    rows = [
+        [
+            p["key"],
+            p["status"],
+            p["source"],
+            p["added"],
+            p["omitted"],
+            ", ".join(f"{r} {n}" for r, n in p["omittedByReason"].items() if n) or "-",
+            p["merkleRoot"][:23] + "…",
+            p["eventHash"][:23] + "…" if p["eventHash"] else "-",
+        ]
+        for p in partitions
+    ]
+    by_reason = ", ".join(f"{r} {n}" for r, n in totals["omittedByReason"].items() if n) or "none"
+    markdown = (
+        f"# Backfill summary: rollout `{name}` ({dataset.name}/{dataset.versionLabel}, staging)\n\n"
+        f"- status: **{final}**\n- run: `{document['runId']}`\n- plan hash: `{document['planHash']}`\n"
+        f"- decision hash: `{document['decisionHash']}`\n"
+        f"- partitions applied: {totals['applied']} of {totals['partitions']}\n"
+        f"- added: {totals['added']}; omitted: {totals['omitted']} ({by_reason}); "
+        f"outside the range or invalid (unplaced): {totals['unplaced']}\n"
+        f"- throttle: {pacing.limiter.describe()}; waited {pacing.waited_seconds:.1f}s, "
+        f"paused {pacing.paused_seconds:.1f}s\n\n"
+        + markdown_table(
+            [
+                "partition",
+                "status",
+                "source",
+                "added",
+                "omitted",
+                "omitted by reason",
+                "Merkle root",
+                "audit event",
+            ],
+            rows,
+        )
+        + (f"\nNot applied (cancelled before them): {', '.join(not_applied)}\n" if not_applied else "")
+        + "\nNext: the soak monitor evaluates staging; then `pcbo rollout approve` or `reject`.\n"
+    )
+    paths = write_report(
+        rollout_reports_dir(envs.production.settings, name), "backfill_summary", summary, markdown
+    )
+    envs.store.log(name, "backfill_summary_written", {"paths": paths, "status": final, "totals": totals})
+    return paths

@@ -1,0 +1,459 @@
+"""Alerts: recorded in the catalog, delivered to a real HTTP receiver on loopback with retries, and
+raised by the `pcbo_alerts` sensor for failed asset checks (blocking or not) and failed runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import dagster as dg
+import pytest
+
+from pcbo_dagster.catalog.store import CatalogStore, default_catalog_url
+from pcbo_dagster.dagster_defs.resources import PcboEngineResource
+from pcbo_dagster.dagster_defs.sensors.alerts_sensor import SENSOR_NAME, alert_store, build_alerts_sensor
+from pcbo_dagster.rollout.alerts import (
+    ALERT_VERSION,
+    WEBHOOK_TOKEN_ENV,
+    WEBHOOK_URL_ENV,
+    AlertWebhook,
+    alert_payload,
+    deliver_pending,
+    raise_and_deliver,
+    scrub_text,
+)
+from pcbo_dagster.rollout.store import RolloutStore
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+class Receiver:
+    """A loopback alert webhook. `down` answers `fail_status` to everything; `fail_next` answers it
+    to the next N requests; otherwise 200 (the body is kept in `accepted`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.accepted: list[dict] = []
+        self.down = False
+        self.fail_next = 0
+        self.fail_status = 500
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.lock:
+                    if receiver.down or receiver.fail_next:
+                        receiver.fail_next = max(0, receiver.fail_next - 1)
+                        status = receiver.fail_status
+                    else:
+                        status = 200
+                        receiver.accepted.append(json.loads(body))
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
+                    )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/hooks/pcbo"
+
+    def accepted_keys(self) -> list[str]:
+        return [a["alert_key"] for a in self.accepted]
+
+    def request_keys(self) -> list[str]:
+        return [json.loads(r["body"])["alert_key"] for r in self.requests]
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    r.thread.start()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    catalog = CatalogStore(default_catalog_url(tmp_path))
+    catalog.migrate()
+    yield RolloutStore(catalog)
+    catalog.close()
+
+
+def alert(n: int, **extra) -> dict:
+    return {
+        "alert_key": f"test:{n}",
+        "kind": "run_failed",
+        "severity": "error",
+        "subject": f"thing {n} failed",
+        "detail": {"n": n, **extra},
+    }
+
+
+def fast(url: str, **options) -> AlertWebhook:
+    return AlertWebhook(url, attempts=options.pop("attempts", 3), initial_wait=0.01, max_wait=0.02, **options)
+
+
+# -- delivery -------------------------------------------------------------------------------------
+
+
+def test_delivery_retries_while_the_receiver_fails_then_recovers(store, receiver):
+    receiver.fail_next = 2
+    report = raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW)
+    assert report["raised"] == ["test:1"]
+    delivery = report["delivery"]
+    assert (delivery["pending"], delivery["delivered"], delivery["left"], delivery["ok"]) == (1, 1, 0, True)
+    assert delivery["errors"] == [] and delivery["lastError"] is None
+    assert [r["status"] for r in receiver.requests] == [500, 500, 200]
+    assert receiver.accepted == [
+        {
+            "version": ALERT_VERSION,
+            "alert_key": "test:1",
+            "kind": "run_failed",
+            "severity": "error",
+            "subject": "thing 1 failed",
+            "detail": {"n": 1},
+            "raised_at": "2026-03-01T12:00:00Z",
+        }
+    ]
+    assert receiver.requests[-1]["headers"]["Content-Type"] == "application/json"
+    row = store.alert("test:1")
+    assert (row["delivery_status"], row["attempts"], row["last_error"]) == ("delivered", 3, None)
+    assert row["delivered_at"] == NOW
+
+
+def test_alert_stays_pending_while_down_and_a_later_call_delivers_in_order(store, receiver):
+    receiver.down = True
+    hook = fast(receiver.url)
+    report = raise_and_deliver(store, [alert(1), alert(2)], hook, now=NOW)
+    delivery = report["delivery"]
+    assert (delivery["pending"], delivery["delivered"], delivery["left"], delivery["ok"]) == (2, 0, 2, False)
+    assert "HTTP 500" in delivery["lastError"] and "3 attempt(s)" in delivery["lastError"]
+    assert delivery["stopped"]  # the second alert waited: a down webhook costs one alert's retries
+    assert receiver.request_keys() == ["test:1"] * 3
+    first = store.alert("test:1")
+    assert (first["delivery_status"], first["attempts"]) == ("pending", 3)
+    assert "HTTP 500" in first["last_error"]
+    assert store.alert("test:2")["attempts"] == 0
+
+    # Raising the same alert again is a no-op; a new one joins the queue behind the pending ones.
+    report = raise_and_deliver(store, [alert(1), alert(3)], hook, now=NOW)
+    assert report["raised"] == ["test:3"]
+    assert report["delivery"]["delivered"] == 0 and report["delivery"]["left"] == 3
+
+    receiver.down = False
+    report = deliver_pending(store, hook)
+    assert (report["pending"], report["delivered"], report["left"], report["ok"]) == (3, 3, 0, True)
+    assert receiver.accepted_keys() == ["test:1", "test:2", "test:3"]
+    assert store.alerts("pending") == []
+    assert [a["attempts"] for a in store.alerts()] == [7, 1, 1]
+    assert all(a["last_error"] is None for a in store.alerts())
+
+    # Nothing pending: nothing sent.
+    sent = len(receiver.requests)
+    assert deliver_pending(store, hook)["pending"] == 0
+    assert len(receiver.requests) == sent
+
+
+def test_a_4xx_is_not_retried_and_later_alerts_still_go(store, receiver):
+    raise_and_deliver(store, [alert(1), alert(2)], None, now=NOW)
+    receiver.fail_next, receiver.fail_status = 1, 400
+    report = deliver_pending(store, fast(receiver.url))
+    assert (report["delivered"], report["left"], report["stopped"]) == (1, 1, None)
+    assert "HTTP 400 (not retried)" in report["lastError"]
+    assert receiver.request_keys() == ["test:1", "test:2"]
+    assert store.alert("test:1")["delivery_status"] == "pending"
+    assert store.alert("test:2")["delivery_status"] == "delivered"
+    assert deliver_pending(store, fast(receiver.url))["delivered"] == 1
+    assert receiver.accepted_keys() == ["test:2", "test:1"]
+
+
+def test_without_a_webhook_alerts_are_only_recorded(store, monkeypatch):
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    assert AlertWebhook.from_env() is None
+    report = raise_and_deliver(store, [alert(1), alert(1)], AlertWebhook.from_env(), now=NOW)
+    assert report == {"raised": ["test:1"], "delivery": None}
+    assert [a["alert_key"] for a in store.alerts("pending")] == ["test:1"]
+    with pytest.raises(ValueError, match="severity"):
+        raise_and_deliver(store, [dict(alert(2), severity="loud")], None)
+    assert store.alert("test:2") is None
+
+
+def test_the_payload_is_plain_json_even_for_odd_details(store, receiver):
+    odd = alert(1, ratio=float("nan"), big=2**70, when=NOW)
+    raise_and_deliver(store, [odd], fast(receiver.url), now=NOW)
+    (got,) = receiver.accepted
+    assert got["detail"] == {"n": 1, "ratio": "nan", "big": 2**70, "when": str(NOW)}
+    assert got == alert_payload(store.alert("test:1"))
+
+
+def test_secrets_never_reach_last_error_reports_or_logs(store, receiver, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    host, port = receiver.server.server_address[:2]
+    password, query_secret, token = "pw-Zq81xK", "qs-Yt55bB", "tok-Hs93kP"
+    url = f"http://alerter:{password}@{host}:{port}/hooks/pcbo?signature={query_secret}"
+    monkeypatch.setenv(WEBHOOK_URL_ENV, url)
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, token)
+    hook = AlertWebhook.from_env(initial_wait=0.01, max_wait=0.02)
+    assert hook.endpoint == f"http://{host}:{port}/hooks/pcbo?[redacted]"
+    assert password not in repr(hook) and token not in repr(hook)
+
+    receiver.down = True
+    report = raise_and_deliver(store, [alert(1)], hook, now=NOW)
+    # The receiver got the token as a bearer header, and the query string.
+    assert receiver.requests[0]["headers"]["Authorization"] == f"Bearer {token}"
+    assert receiver.requests[0]["path"] == f"/hooks/pcbo?signature={query_secret}"
+    receiver.down = False
+    assert deliver_pending(store, hook)["delivered"] == 1
+
+    # Without a token, credentials in the URL are sent as HTTP Basic authorization.
+    raise_and_deliver(store, [alert(2)], fast(url), now=NOW)
+    assert receiver.requests[-1]["headers"]["Authorization"].startswith("Basic ")
+
+    # A webhook that refuses connections (nothing listens on the port).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    dead = f"http://alerter:{password}@127.0.0.1:{closed_port}/hooks?signature={query_secret}"
+    raise_and_deliver(store, [alert(3)], fast(dead, token=token), now=NOW)
+    dead_report = deliver_pending(store, fast(dead, token=token))
+    assert "connection failed" in dead_report["lastError"]
+    with pytest.raises(ValueError) as bad:
+        AlertWebhook(f"ftp://alerter:{password}@{host}/x?signature={query_secret}")
+
+    texts = [
+        caplog.text,
+        json.dumps(report),
+        json.dumps(dead_report),
+        str(bad.value),
+        *(a["last_error"] or "" for a in store.alerts()),
+    ]
+    assert any("HTTP 500" in t for t in texts)
+    for text in texts:
+        for secret in (password, query_secret, token, "alerter:"):
+            assert secret not in text, (secret, text)
+        assert "Authorization" not in text and "Bearer" not in text
+
+
+def test_scrub_text_removes_url_credentials_and_queries():
+    text = "failed: postgresql://u:secretpw@db:5432/x?sslkey=zz and https://h/p?token=abc, ok"
+    assert (
+        scrub_text(text)
+        == "failed: postgresql://[redacted]@db:5432/x?[redacted] and https://h/p?[redacted], ok"
+    )
+    assert scrub_text("the token is tok-123", ["tok-123"]) == "the token is [redacted]"
+
+
+# -- the sensor, on a real Dagster instance ----------------------------------------------------------
+
+letters = dg.StaticPartitionsDefinition(["a", "b"])
+
+
+@dg.asset(partitions_def=letters)
+def lettered() -> int:
+    return 1
+
+
+@dg.asset_check(asset=lettered, blocking=False, description="warns only")
+def lettered_rows() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN,
+        description="3 rows missing",
+        metadata={"missing": 3, "dsn": "postgresql://u:chkpw-777@db/x"},
+    )
+
+
+@dg.asset_check(asset=lettered)
+def lettered_fine() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=True)
+
+
+@dg.asset
+def gated() -> int:
+    return 1
+
+
+@dg.asset_check(asset=gated, blocking=True)
+def gated_gate() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, description="gate closed")
+
+
+@dg.op
+def explode() -> None:
+    raise RuntimeError("could not reach postgresql://svc:runpw-4242@db.internal/pcbo?sslpassword=x1")
+
+
+@dg.job
+def doomed() -> None:
+    explode()
+
+
+@pytest.fixture
+def pcbo_env(monkeypatch, tmp_path):
+    for name in ("PCBO_HOME", "PCBO_CATALOG_URL", "PCBO_LAKE_URL", "PCBO_AUDIT_DIR", "PCBO_AUDIT_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(WEBHOOK_TOKEN_ENV, raising=False)
+    return PcboEngineResource(home=str(tmp_path / "home"))
+
+
+def tick(sensor: dg.SensorDefinition, instance, pcbo, cursor):
+    with dg.build_sensor_context(instance=instance, resources={"pcbo": pcbo}, cursor=cursor) as context:
+        result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    assert not result.run_requests
+    return result
+
+
+def test_sensor_alerts_once_per_failed_check_and_failed_run(pcbo_env, receiver, monkeypatch, tmp_path):
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, "tok-sensor-991")
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01)
+    assert sensor.name == SENSOR_NAME == "pcbo_alerts"
+    assert sensor.minimum_interval_seconds == 30
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+    with dg.instance_for_test() as instance:
+        ok = dg.materialize(
+            [lettered, lettered_rows, lettered_fine],
+            instance=instance,
+            partition_key="a",
+            raise_on_error=False,
+        )
+        assert ok.success  # a failed non-blocking check does not fail the run
+        gate = dg.materialize([gated, gated_gate], instance=instance, raise_on_error=False)
+        assert not gate.success
+        boom = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        assert not boom.success
+
+        receiver.fail_next = 2  # the webhook fails first, then recovers within the retries
+        first = tick(sensor, instance, pcbo_env, None)
+        expected = {
+            f"check:{ok.run_id}:lettered:lettered_rows:",
+            f"check:{gate.run_id}:gated:gated_gate:",
+            f"run:{gate.run_id}",
+            f"run:{boom.run_id}",
+        }
+        assert sorted(receiver.accepted_keys()) == sorted(expected)
+        assert [r["status"] for r in receiver.requests][:2] == [500, 500]
+        assert all(r["headers"]["Authorization"] == "Bearer tok-sensor-991" for r in receiver.requests)
+        reason = first.skip_reason.skip_message
+        assert "raised 4 alert(s) (2 failed check(s), 2 failed run(s))" in reason
+        assert "delivered 4 of 4" in reason and "FAILED" not in reason
+
+        by_key = {a["alert_key"]: a for a in receiver.accepted}
+        warn = by_key[f"check:{ok.run_id}:lettered:lettered_rows:"]
+        assert warn["kind"] == "asset_check_failed" and warn["severity"] == "warning"
+        assert warn["detail"]["assetKey"] == "lettered" and warn["detail"]["checkName"] == "lettered_rows"
+        assert warn["detail"]["blocking"] is False and warn["detail"]["runId"] == ok.run_id
+        assert warn["detail"]["description"] == "3 rows missing"
+        assert warn["detail"]["metadata"]["missing"] == 3
+        assert warn["detail"]["runTags"]["partition"] == "a"
+        blocking = by_key[f"check:{gate.run_id}:gated:gated_gate:"]
+        assert blocking["severity"] == "error" and blocking["detail"]["blocking"] is True
+        run_alert = by_key[f"run:{boom.run_id}"]
+        assert run_alert["kind"] == "run_failed" and run_alert["detail"]["jobName"] == "doomed"
+        assert "could not reach" in run_alert["detail"]["error"]
+        assert run_alert["detail"]["failedSteps"][0]["step"] == "explode"
+        assert "could not reach" in run_alert["detail"]["failedSteps"][0]["error"]
+        payloads = json.dumps(receiver.accepted)
+        for secret in ("runpw-4242", "chkpw-777", "sslpassword=x1"):
+            assert secret not in payloads
+
+        # Recorded in the catalog of the `pcbo` resource, all delivered.
+        with alert_store(pcbo_env) as store:
+            rows = store.alerts()
+        assert sorted(a["alert_key"] for a in rows) == sorted(expected)
+        assert {a["delivery_status"] for a in rows} == {"delivered"}
+
+        # A second tick raises nothing new and sends nothing.
+        sent = len(receiver.requests)
+        second = tick(sensor, instance, pcbo_env, first.cursor)
+        assert "raised 0 alert(s)" in second.skip_reason.skip_message
+        assert len(receiver.requests) == sent
+        # Even without its cursor (lost), nothing is raised twice.
+        again = tick(sensor, instance, pcbo_env, None)
+        assert "raised 0 alert(s)" in again.skip_reason.skip_message
+        assert len(receiver.requests) == sent
+
+        # A new failure after the cursor is raised by the next tick.
+        later = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        third = tick(sensor, instance, pcbo_env, second.cursor)
+        assert "raised 1 alert(s) (0 failed check(s), 1 failed run(s))" in third.skip_reason.skip_message
+        assert receiver.accepted_keys()[-1] == f"run:{later.run_id}"
+        assert len(receiver.accepted) == 5
+
+
+def test_sensor_keeps_alerts_pending_while_the_webhook_is_down(pcbo_env, receiver, monkeypatch, caplog):
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url.replace("http://", "http://hookuser:hookpw-3141@"))
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01)
+    with dg.instance_for_test() as instance:
+        boom = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        checked = dg.materialize(
+            [lettered, lettered_rows], instance=instance, partition_key="b", raise_on_error=False
+        )
+        receiver.down = True
+        first = tick(sensor, instance, pcbo_env, None)
+        reason = first.skip_reason.skip_message
+        assert "raised 2 alert(s)" in reason
+        assert "DELIVERY FAILED: 2 alert(s) left pending" in reason and "HTTP 500" in reason
+        assert receiver.accepted == []
+        with alert_store(pcbo_env) as store:
+            pending = store.alerts("pending")
+        # The first one used its retries; the other waits (the webhook looked down).
+        assert len(pending) == 2 and "HTTP 500" in pending[0]["last_error"]
+        assert (pending[0]["attempts"], pending[1]["attempts"]) == (3, 0)
+
+        receiver.down = False
+        second = tick(sensor, instance, pcbo_env, first.cursor)
+        reason2 = second.skip_reason.skip_message
+        assert "raised 0 alert(s)" in reason2 and "delivered 2 of 2" in reason2
+        assert sorted(receiver.accepted_keys()) == sorted(
+            [f"run:{boom.run_id}", f"check:{checked.run_id}:lettered:lettered_rows:"]
+        )
+        with alert_store(pcbo_env) as store:
+            assert store.alerts("pending") == []
+        for text in (reason, reason2, caplog.text, pending[0]["last_error"]):
+            assert "hookpw-3141" not in text and "hookuser" not in text
+
+
+def test_sensor_without_a_webhook_only_records(pcbo_env, monkeypatch):
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    sensor = build_alerts_sensor()
+    with dg.instance_for_test() as instance:
+        doomed.execute_in_process(instance=instance, raise_on_error=False)
+        result = tick(sensor, instance, pcbo_env, None)
+        assert "raised 1 alert(s)" in result.skip_reason.skip_message
+        assert f"{WEBHOOK_URL_ENV} unset" in result.skip_reason.skip_message
+        with alert_store(pcbo_env) as store:
+            assert [a["kind"] for a in store.alerts("pending")] == ["run_failed"]
+
+
+def test_sensor_loads_in_definitions_with_the_pcbo_resource(pcbo_env, monkeypatch):
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    defs = dg.Definitions(sensors=[build_alerts_sensor()], resources={"pcbo": pcbo_env})
+    dg.Definitions.validate_loadable(defs)
+    sensor = defs.get_sensor_def(SENSOR_NAME)
+    with dg.instance_for_test() as instance:
+        # An unreadable cursor counts as none (the look-back window is read again).
+        result = tick(sensor, instance, pcbo_env, "not json")
+        assert "raised 0 alert(s)" in result.skip_reason.skip_message
+        assert set(json.loads(result.cursor)) == {"since", "runEnds", "runless"}

@@ -1,0 +1,253 @@
+"""`pcbo rollout` from the command line, as an operator drives it: a throttled staging apply running
+in one process, paused, resumed and cancelled from another; the gate refusing promotion; approvals
+and their refusals. Real processes, real time (a throttle of 30 partitions a minute: 2 s a partition).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster_tests.cli_runner import pcbo_env, run_pcbo
+
+KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
+CONFIG = """
+version: 1
+datasets:
+  - name: sessions
+    partitioning:
+      {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T04:00:00Z"}
+    source: {uri: sessions.jsonl, format: jsonl}
+    policies: {requireConsent: true, allowedJurisdictions: [US], onViolation: omit}
+    rollout:
+      throttle: {partitionsPerMinute: 30}
+      soak: {windowMinutes: 30}
+"""
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    records = [
+        {
+            "id": f"s-{h}-{n}",
+            "occurredAt": f"2024-01-01T{h:02d}:{n * 10:02d}:00Z",
+            "jurisdiction": "US",
+            "consentGranted": n != 3,
+        }
+        for h in range(4)
+        for n in range(5)
+    ]
+    (tmp_path / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "datasets.yaml").write_text(CONFIG)
+    return tmp_path
+
+
+def pcbo(workdir: Path, *args: str) -> Any:
+    return run_pcbo([*args], home=workdir / "home", cwd=workdir)
+
+
+def start(workdir: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pcbo_dagster.cli",
+            "rollout",
+            "start",
+            "--config",
+            "datasets.yaml",
+            "--dataset",
+            "sessions",
+            "--from",
+            KEYS[0],
+            "--to",
+            KEYS[-1],
+            "--name",
+            name,
+            "--by",
+            "ana",
+            "--poll-seconds",
+            "0.1",
+        ],
+        cwd=workdir,
+        env=pcbo_env(workdir / "home"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def committed(workdir: Path) -> int:
+    return len(list((workdir / "home" / "staging" / "lake").rglob("_manifest.json")))
+
+
+def wait_for(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def status_of(workdir: Path, name: str) -> dict[str, Any]:
+    result = pcbo(workdir, "rollout", "status", name, "--config", "datasets.yaml")
+    assert result.status == 0, result.stderr
+    return result.document
+
+
+def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
+    proc = start(workdir, "r1")
+    try:
+        wait_for(lambda: committed(workdir) >= 1)
+        paused = pcbo(workdir, "rollout", "pause", "r1", "--by", "bo", "--reason", "look at the first hour")
+        assert paused.status == 0, paused.stderr
+        assert paused.document["control"] == "pause"
+        wait_for(lambda: status_of(workdir, "r1")["rollout"]["status"] == "paused")
+        held = committed(workdir)
+        time.sleep(2.5)  # longer than the throttle's gap: a paused apply writes nothing
+        assert committed(workdir) == held < 4
+        resumed = pcbo(workdir, "rollout", "resume", "r1", "--by", "bo")
+        assert resumed.status == 0, resumed.stderr
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    document = json.loads(out)
+    assert document["status"] == "soaking" and committed(workdir) == 4
+    log = err.decode()
+    assert "throttle (30 partitions/min): waiting" in log and "paused after" in log and "resumed" in log
+    history = [h["kind"] for h in status_of(workdir, "r1")["history"]]
+    for kind in ("created", "pause_requested", "paused", "resume_requested", "applying", "soaking"):
+        assert kind in history
+    assert history.index("pause_requested") < history.index("paused") < history.index("resume_requested")
+
+    # The gate holds: soak not passed, no approval (exit 3, every reason in the document).
+    blocked = pcbo(workdir, "rollout", "promote", "r1", "--config", "datasets.yaml")
+    assert blocked.status == 3
+    reasons = " ".join(blocked.document["reasons"])
+    assert "soak" in reasons and "no approval yet" in reasons
+    assert not list((workdir / "home" / "lake").rglob("_manifest.json"))
+
+    # Approvals: the wrong decision hash and missing fields are refused (exit 2, field named).
+    wrong = pcbo(
+        workdir,
+        "approve",
+        "r1",
+        "--by",
+        "cy",
+        "--reason",
+        "ok",
+        "--decision-hash",
+        "sha256:" + "0" * 64,
+        "--config",
+        "datasets.yaml",
+    )
+    assert wrong.status == 2 and "decisionHash" in wrong.stderr
+    blank = pcbo(workdir, "approve", "r1", "--by", " ", "--reason", "ok", "--config", "datasets.yaml")
+    assert blank.status == 2 and "by" in blank.stderr
+    unknown = pcbo(workdir, "reject", "nope", "--by", "cy", "--reason", "x", "--config", "datasets.yaml")
+    assert unknown.status == 2 and "rollout" in unknown.stderr
+    staged = status_of(workdir, "r1")["rollout"]["decision_hash"]
+    approved = pcbo(
+        workdir,
+        "approve",
+        "r1",
+        "--by",
+        "cy",
+        "--reason",
+        "numbers reviewed",
+        "--decision-hash",
+        staged,
+        "--config",
+        "datasets.yaml",
+    )
+    assert approved.status == 0, approved.stderr
+    assert approved.document["decision"] == "approved" and approved.document["decisionHash"] == staged
+    again = pcbo(workdir, "rollout", "promote", "r1", "--config", "datasets.yaml")
+    assert again.status == 3 and not any("approval" in r for r in again.document["reasons"])
+
+
+def test_cancel_then_roll_back(workdir: Path) -> None:
+    proc = start(workdir, "r2")
+    try:
+        wait_for(lambda: committed(workdir) >= 1)
+        cancelled = pcbo(workdir, "rollout", "cancel", "r2", "--by", "bo", "--reason", "wrong range")
+        assert cancelled.status == 0, cancelled.stderr
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode()
+    document = json.loads(out)
+    assert document["status"] == "cancelled"
+    applied = len(document["execute"]["partitions"])
+    assert 1 <= applied < 4 and committed(workdir) == applied
+    summary = json.loads(
+        (workdir / "home" / "reports" / "rollouts" / "r2" / "backfill_summary.json").read_text()
+    )
+    assert summary["status"] == "cancelled" and len(summary["notApplied"]) == 4 - applied
+    # A cancelled rollout cannot be resumed or approved; it can be rolled back (idempotently).
+    assert pcbo(workdir, "rollout", "resume", "r2", "--by", "bo").status == 2
+    assert (
+        pcbo(workdir, "approve", "r2", "--by", "cy", "--reason", "x", "--config", "datasets.yaml").status == 2
+    )
+    for _ in range(2):
+        rolled = pcbo(
+            workdir,
+            "rollout",
+            "rollback",
+            "r2",
+            "--stage",
+            "staging",
+            "--by",
+            "bo",
+            "--reason",
+            "cancelled",
+            "--config",
+            "datasets.yaml",
+        )
+        assert rolled.status == 0, rolled.stderr
+    assert committed(workdir) == 0
+    verified = run_pcbo(["verify"], home=workdir / "home" / "staging", cwd=workdir)
+    assert verified.status == 0 and verified.document["findings"] == []
+
+
+def test_bad_range_is_refused_naming_the_field(workdir: Path) -> None:
+    result = pcbo(
+        workdir,
+        "rollout",
+        "start",
+        "--config",
+        "datasets.yaml",
+        "--dataset",
+        "sessions",
+        "--from",
+        "20240101T050000Z",
+        "--to",
+        KEYS[-1],
+        "--by",
+        "ana",
+    )
+    assert result.status == 2 and "from" in result.stderr
+    assert not (workdir / "home" / "staging" / "lake").exists() or committed(workdir) == 0
+    backwards = pcbo(
+        workdir,
+        "rollout",
+        "start",
+        "--config",
+        "datasets.yaml",
+        "--dataset",
+        "sessions",
+        "--from",
+        KEYS[2],
+        "--to",
+        KEYS[0],
+        "--by",
+        "ana",
+    )
+    assert backwards.status == 2 and "to" in backwards.stderr
+    no_rollout = pcbo(workdir, "rollout", "health", "--config", "datasets.yaml", "--dataset", "nope")
+    assert no_rollout.status == 2 and "dataset" in no_rollout.stderr
