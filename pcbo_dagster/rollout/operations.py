@@ -80,7 +80,6 @@ def start(
     log: Log = lambda _m: None,
     poll_seconds: float = 1.0,
     metadata: dict[str, Any] | None = None,
-    on_partition: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Create (or resume) a rollout and apply it to staging."""
     dataset = rollout_dataset(config, dataset_name)
@@ -99,7 +98,6 @@ def start(
             log=log,
             poll_seconds=poll_seconds,
             metadata=metadata,
-            on_partition=on_partition,
         )
 
 

@@ -71,7 +71,6 @@ def apply_to_staging(
     log: Log = lambda _m: None,
     poll_seconds: float = 1.0,
     metadata: dict[str, Any] | None = None,
-    on_partition: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Apply the rollout `name` (partition `keys` of `dataset`) to staging; see the module doc."""
     if dataset.rollout is None:
@@ -103,7 +102,7 @@ def apply_to_staging(
         f"rollout {name}: applying {len(keys)} partition(s) {keys[0]}..{keys[-1]} of {dataset.name} to "
         f"staging at {limiter.describe()}; plan {plan.plan_hash}, decisions {decisions.decision_hash}"
     )
-    pacing = _Pacing(store, name, limiter, clock, log, poll_seconds, on_partition)
+    pacing = _Pacing(store, name, limiter, clock, log, poll_seconds)
     document = execute(envs.staging, loaded, plan, decisions, pace=pacing)
     document["counts"] = {pd.partition.key: pd.counts for pd in decisions.partitions}
     document["throttle"] = {"describe": limiter.describe(), "waitedSeconds": round(pacing.waited_seconds, 3)}
@@ -158,11 +157,9 @@ class _Pacing:
         clock: Clock,
         log: Log,
         poll_seconds: float,
-        on_partition: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         self.store, self.name, self.limiter, self.clock, self.log = store, name, limiter, clock, log
         self.poll_seconds = poll_seconds
-        self.on_partition = on_partition
         self.waited_seconds = 0.0
         self.paused_seconds = 0.0
         self.cancelled_by: str | None = None
@@ -218,10 +215,6 @@ class _Pacing:
         self.log(
             f"rollout {self.name}: staging {pd.partition.key} ({len(pd.add)} to add, {len(pd.omit)} omitted)"
         )
-        if self.on_partition is not None:
-            self.on_partition(
-                {"key": pd.partition.key, "add": len(pd.add), "omit": len(pd.omit), "index": self.partitions}
-            )
         return True
 
 
