@@ -16,31 +16,25 @@ blocks appends.
 
 Credentials in the endpoint URL (`https://user:pass@host/...`) are sent as HTTP Basic
 authorization; the userinfo and the query string never appear in reports, exceptions or logs.
+The POST, its retries and the redaction are `pcbo_dagster.http_delivery.JsonPoster`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
 import logging
 import os
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import tenacity
 
 from pcbo_dagster.audit.backup import AuditBackup, file_lock
 from pcbo_dagster.core.audit_chain import event_hash, is_event_hash
 from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.http_delivery import JsonPoster
+from pcbo_dagster.http_delivery import redact_url as redact_url  # re-exported
 
 logger = logging.getLogger(__name__)
-
-_RETRYABLE_STATUS = frozenset({408, 425, 429})
 
 
 @dataclass(frozen=True)
@@ -69,36 +63,6 @@ class DeliveryReport:
             "lastDeliveredSeq": self.last_delivered_seq,
             "lastError": self.last_error,
         }
-
-
-class _Retryable(Exception):
-    pass
-
-
-class _Permanent(Exception):
-    pass
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
-        return None  # a 3xx answer becomes an HTTPError (not delivered)
-
-
-def redact_url(url: str) -> str:
-    """`scheme://host[:port]/path`, without userinfo, query or fragment (a `?[redacted]` marker
-    shows that a query existed)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-    except ValueError:
-        return "[unparseable endpoint]"
-    text = f"{parts.scheme}://{host}{port}{parts.path}"
-    if parts.query:
-        text += "?[redacted]"
-    return text
 
 
 def read_cursor(backup: AuditBackup, chain_key: str) -> tuple[int, str] | None:
@@ -145,12 +109,12 @@ def _write_cursor(backup: AuditBackup, chain_key: str, seq: int, digest: str) ->
         os.close(dfd)
 
 
-class HttpDelivery:
+class HttpDelivery(JsonPoster):
     """POST events to `endpoint` (http or https) with retries and exponential backoff.
 
     `attempts` tries per event; waits start at `initial_wait` seconds and double up to `max_wait`;
     `timeout` bounds each request. `headers` are added to every request (e.g. a bearer token);
-    their values are never reported.
+    their values are never reported. The HTTP part is `JsonPoster`'s (`pcbo_dagster.http_delivery`).
     """
 
     def __init__(
@@ -163,97 +127,26 @@ class HttpDelivery:
         timeout: float = 5.0,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        try:
-            parts = urllib.parse.urlsplit(endpoint)
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-        except ValueError as exc:
-            raise ValueError(f"invalid audit endpoint {redact_url(endpoint)}") from exc
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"audit endpoint must be an http(s) URL with a host: {redact_url(endpoint)}")
-        if attempts < 1:
-            raise ValueError("attempts must be >= 1")
-        if initial_wait < 0 or max_wait < 0 or timeout <= 0:
-            raise ValueError("initial_wait and max_wait must be >= 0 and timeout > 0")
-        self.attempts = attempts
-        self.initial_wait = initial_wait
-        self.max_wait = max_wait
-        self.timeout = timeout
-        self.endpoint = redact_url(endpoint)
-        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        self._url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        self._headers = {"Content-Type": "application/json", "User-Agent": "pcbo-audit-delivery/1"}
-        self._headers.update(headers or {})
-        secrets = [endpoint, parts.query, parts.netloc if "@" in parts.netloc else ""]
-        secrets += list((headers or {}).values())
-        if parts.username is not None or parts.password is not None:
-            user = urllib.parse.unquote(parts.username or "")
-            password = urllib.parse.unquote(parts.password or "")
-            token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-            self._headers["Authorization"] = f"Basic {token}"
-            secrets += [parts.password or "", password, token, parts.netloc.rpartition("@")[0]]
-        self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        super().__init__(
+            endpoint,
+            name="audit endpoint",
+            label="audit delivery",
+            user_agent="pcbo-audit-delivery/1",
+            headers=headers,
+            attempts=attempts,
+            initial_wait=initial_wait,
+            max_wait=max_wait,
+            timeout=timeout,
+            logger=logger,
+        )
 
     def __repr__(self) -> str:
         return f"HttpDelivery({self.endpoint!r}, attempts={self.attempts})"
 
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "[redacted]")
-        return text
-
-    def _post_once(self, body: bytes) -> None:
-        request = urllib.request.Request(self._url, data=body, method="POST", headers=self._headers)
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                status = response.status
-                response.read()
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            exc.close()
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            raise _Retryable(f"connection failed: {type(reason).__name__}: {reason}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
-        if 200 <= status < 300:
-            return
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {status}")
-        raise _Permanent(f"HTTP {status} (not retried)")
-
     def send(self, event: dict) -> None:
-        """Deliver one event, retrying; raises RuntimeError (a redacted message) when it still fails."""
-        body = jcs(event)
-        seq = event.get("chain", {}).get("seq")
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            wait = state.next_action.sleep if state.next_action else 0.0
-            logger.warning(
-                "audit delivery to %s: seq %s attempt %d/%d failed (%s); retrying in %.2f s",
-                self.endpoint,
-                seq,
-                state.attempt_number,
-                self.attempts,
-                self._scrub(str(exc)),
-                wait,
-            )
-
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.attempts),
-            wait=tenacity.wait_exponential(multiplier=self.initial_wait, max=self.max_wait),
-            retry=tenacity.retry_if_exception_type(_Retryable),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        try:
-            retrying(self._post_once, body)
-        except (_Retryable, _Permanent) as exc:
-            message = self._scrub(f"{self.endpoint}: seq {seq}: {exc}")
-            raise RuntimeError(message) from None
+        """Deliver one event (its JCS bytes), retrying; raises RuntimeError (`DeliveryFailed`, a
+        redacted `<endpoint>: seq <n>: <reason>` message) when it still fails."""
+        self.post(jcs(event), f"seq {event.get('chain', {}).get('seq')}")
 
     def deliver_pending(self, backup: AuditBackup, chain_key: str) -> DeliveryReport:
         """Deliver, in seq order, every backed-up event after the chain's cursor.
@@ -330,7 +223,7 @@ class HttpDelivery:
             delivered=delivered,
             pending=pending,
             last_delivered_seq=last_seq,
-            last_error=None if error is None else self._scrub(error),
+            last_error=None if error is None else self.scrub(error),
         )
 
 

@@ -26,24 +26,17 @@ alert on and calls `raise_and_deliver`.
 
 from __future__ import annotations
 
-import base64
-import http.client
 import json
 import logging
 import math
 import os
-import re
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import tenacity
-
-from pcbo_dagster.audit.delivery import redact_url
+from pcbo_dagster.http_delivery import DeliveryFailed, JsonPoster
+from pcbo_dagster.http_delivery import scrub_text as scrub_text  # re-exported
 from pcbo_dagster.rollout.store import RolloutStore
 
 logger = logging.getLogger(__name__)
@@ -52,20 +45,6 @@ ALERT_VERSION = "pcbo.alert/1"
 WEBHOOK_URL_ENV = "PCBO_ALERT_WEBHOOK_URL"
 WEBHOOK_TOKEN_ENV = "PCBO_ALERT_WEBHOOK_TOKEN"
 SEVERITIES = ("info", "warning", "error", "critical")
-
-_RETRYABLE_STATUS = frozenset({408, 425, 429})
-# scheme://userinfo@ and ?query of URLs inside free text (error messages that go into an alert).
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^/\s@?#]+@")
-_URL_QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s?#'\"<>]*)\?(?:[^\s#'\"<>]*[^\s#'\"<>.,;:)\]])?")
-
-
-def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` without URL userinfo and query strings (`scheme://[redacted]@host/path?[redacted]`)
-    and without any of `secrets`. For free text that goes into an alert or a log."""
-    for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
-    text = _URL_USERINFO.sub(r"\1[redacted]@", text)
-    return _URL_QUERY.sub(r"\1?[redacted]", text)
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -103,25 +82,13 @@ def alert_payload(alert: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class _Retryable(Exception):
-    pass
-
-
-class _Permanent(Exception):
-    pass
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
-        return None  # a 3xx answer becomes an HTTPError (not delivered)
-
-
-class AlertWebhook:
+class AlertWebhook(JsonPoster):
     """POSTs alerts to `url` (http or https) with retries and exponential backoff.
 
     `attempts` tries per alert; waits start at `initial_wait` seconds and double up to `max_wait`;
     `timeout` bounds each request. `token` is sent as `Authorization: Bearer <token>`. Neither the
-    token, the URL's userinfo or query, nor any header value is ever reported or logged.
+    token, the URL's userinfo or query, nor any header value is ever reported or logged. The HTTP
+    part, and `scrub`, are `JsonPoster`'s (`pcbo_dagster.http_delivery`).
     """
 
     def __init__(
@@ -134,41 +101,18 @@ class AlertWebhook:
         max_wait: float = 5.0,
         timeout: float = 10.0,
     ) -> None:
-        try:
-            parts = urllib.parse.urlsplit(url)
-            parts.port  # noqa: B018 - raises ValueError for a bad port
-        except ValueError:
-            raise ValueError(f"invalid alert webhook URL {redact_url(url)}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"the alert webhook must be an http(s) URL with a host: {redact_url(url)}")
-        if attempts < 1:
-            raise ValueError("attempts must be >= 1")
-        if initial_wait < 0 or max_wait < 0 or timeout <= 0:
-            raise ValueError("initial_wait and max_wait must be >= 0 and timeout > 0")
-        self.attempts = attempts
-        self.initial_wait = initial_wait
-        self.max_wait = max_wait
-        self.timeout = timeout
-        self.endpoint = redact_url(url)
-        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        self._url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        self._headers = {"Content-Type": "application/json", "User-Agent": "pcbo-alerts/1"}
-        secrets = [url, parts.query, parts.netloc if "@" in parts.netloc else ""]
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-            secrets += [token, self._headers["Authorization"]]
-        elif parts.username is not None or parts.password is not None:
-            user = urllib.parse.unquote(parts.username or "")
-            password = urllib.parse.unquote(parts.password or "")
-            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-            self._headers["Authorization"] = f"Basic {basic}"
-            secrets += [basic, self._headers["Authorization"]]
-        if parts.password is not None:
-            secrets += [parts.password, urllib.parse.unquote(parts.password), parts.netloc.rpartition("@")[0]]
-        self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        super().__init__(
+            url,
+            name="alert webhook",
+            label="alert delivery",
+            user_agent="pcbo-alerts/1",
+            token=token,
+            attempts=attempts,
+            initial_wait=initial_wait,
+            max_wait=max_wait,
+            timeout=timeout,
+            logger=logger,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> AlertWebhook | None:
@@ -184,30 +128,6 @@ class AlertWebhook:
     def __repr__(self) -> str:
         return f"AlertWebhook({self.endpoint!r}, attempts={self.attempts})"
 
-    def scrub(self, text: str) -> str:
-        """`text` without this webhook's secrets nor any URL userinfo or query string."""
-        return scrub_text(text, self._secrets)
-
-    def _post_once(self, body: bytes) -> None:
-        request = urllib.request.Request(self._url, data=body, method="POST", headers=self._headers)
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                status = response.status
-                response.read()
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            exc.close()
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            raise _Retryable(f"connection failed: {type(reason).__name__}: {reason}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
-        if 200 <= status < 300:
-            return
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {status}")
-        raise _Permanent(f"HTTP {status} (not retried)")
-
     def send(self, payload: Mapping[str, Any]) -> int:
         """POST one alert, retrying; the number of attempts made.
 
@@ -216,35 +136,11 @@ class AlertWebhook:
         body = json.dumps(
             payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode("utf-8")
-        key = payload.get("alert_key")
-
-        def before_sleep(state: tenacity.RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            wait = state.next_action.sleep if state.next_action else 0.0
-            logger.warning(
-                "alert delivery to %s: %s attempt %d/%d failed (%s); retrying in %.2f s",
-                self.endpoint,
-                key,
-                state.attempt_number,
-                self.attempts,
-                self.scrub(str(exc)),
-                wait,
-            )
-
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.attempts),
-            wait=tenacity.wait_exponential(multiplier=self.initial_wait, max=self.max_wait),
-            retry=tenacity.retry_if_exception_type(_Retryable),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
         try:
-            retrying(self._post_once, body)
-        except (_Retryable, _Permanent) as exc:
-            attempts = retrying.statistics.get("attempt_number", 1)
-            message = self.scrub(f"{self.endpoint}: {exc} after {attempts} attempt(s)")
-            raise AlertDeliveryError(message, attempts, isinstance(exc, _Retryable)) from None
-        return int(retrying.statistics.get("attempt_number", 1))
+            return self.post(body, str(payload.get("alert_key")))
+        except DeliveryFailed as exc:
+            message = self.scrub(f"{self.endpoint}: {exc.reason} after {exc.attempts} attempt(s)")
+            raise AlertDeliveryError(message, exc.attempts, exc.retryable) from None
 
 
 class AlertDeliveryError(RuntimeError):
