@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -145,7 +146,7 @@ def _boto_credentials() -> dict[str, str]:
     }
 
 
-def upload(kind: str, env: dict[str, str], local: Path, url: str) -> None:
+def upload(env: dict[str, str], local: Path, url: str) -> None:
     saved = dict(os.environ)
     os.environ.update(env)
     try:
@@ -204,6 +205,32 @@ def run_execute(request: Path, home: Path, lake_url: str, parallel: int, env: di
     return wall, float(timing.read_text()), usage.ru_maxrss / 1024, document
 
 
+def measure(kind: str, parallel: int, generated: dict[str, Any], source: Path, tmp: Path):
+    """One run into a fresh lake; an object-store lake on a freshly started server (an empty store:
+    the emulators slow down as they fill, which would favour whichever run came first)."""
+    run_id = uuid.uuid4().hex
+    home = tmp / f"home-{run_id}"
+    if kind == "file":
+        request = tmp / f"request-{run_id}.json"
+        request.write_text(json.dumps({**generated, "source": {"uri": source.as_uri(), "format": "parquet"}}))
+        try:
+            return run_execute(request, home, (tmp / f"lake-{run_id}").as_uri(), parallel, {}, tmp)
+        finally:
+            shutil.rmtree(tmp / f"lake-{run_id}", ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
+    server, env = start_server(kind)
+    try:
+        source_uri = f"{kind}://{BUCKET}/source/records.parquet"
+        upload(env, source, source_uri)
+        request = tmp / f"request-{run_id}.json"
+        request.write_text(json.dumps({**generated, "source": {"uri": source_uri, "format": "parquet"}}))
+        return run_execute(request, home, f"{kind}://{BUCKET}/lake", parallel, env, tmp)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def digest(document: dict[str, Any]) -> list[tuple[str, list[str], str]]:
     return [(p["key"], [f["checksum"] for f in p["files"]], p["merkleRoot"]) for p in document["partitions"]]
 
@@ -224,60 +251,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         for kind in lakes:
-            server, env = (None, {}) if kind == "file" else start_server(kind)
-            try:
-                if kind == "file":
-                    source_uri = source.as_uri()
-                else:
-                    source_uri = f"{kind}://{BUCKET}/source-{uuid.uuid4().hex}/records.parquet"
-                    upload(kind, env, source, source_uri)
-                request = tmp / f"request-{kind}.json"
-                request.write_text(
-                    json.dumps({**generated, "source": {"uri": source_uri, "format": "parquet"}})
-                )
-                results: dict[int, list[tuple[float, float, float]]] = {p: [] for p in PARALLELS}
-                for rep in range(1, args.repeat + 1):
-                    for parallel in PARALLELS:  # alternate, so drifting load hits both alike
-                        run_id = uuid.uuid4().hex
-                        home = tmp / f"home-{run_id}"
-                        if kind == "file":
-                            lake_url = (tmp / f"lake-{run_id}").as_uri()
-                        else:
-                            lake_url = f"{kind}://{BUCKET}/lake-{run_id}"
-                        wall, seconds, rss, document = run_execute(
-                            request, home, lake_url, parallel, env, tmp
-                        )
-                        if reference is None:
-                            reference = digest(document)
-                        elif digest(document) != reference:
-                            sys.exit(
-                                f"{kind} --parallel {parallel}: different files or roots than the first run"
-                            )
-                        results[parallel].append((wall, seconds, rss))
-                        print(
-                            f"  {kind:<4} --parallel {parallel}  run {rep}: wall {wall:6.2f}s  "
-                            f"execute() {seconds:6.2f}s  peak RSS {rss:5.0f} MiB",
-                            flush=True,
-                        )
-                for parallel in PARALLELS:
-                    walls = [r[0] for r in results[parallel]]
-                    execs = [r[1] for r in results[parallel]]
-                    rows.append(
-                        {
-                            "lake": kind,
-                            "parallel": parallel,
-                            "wallSeconds": round(statistics.median(walls), 3),
-                            "executeSeconds": round(statistics.median(execs), 3),
-                            "recordsPerSecond": round(args.records / statistics.median(walls)),
-                            "executeRecordsPerSecond": round(args.records / statistics.median(execs)),
-                            "peakRssMiB": round(max(r[2] for r in results[parallel]), 1),
-                            "runs": [[round(x, 3) for x in r] for r in results[parallel]],
-                        }
+            results: dict[int, list[tuple[float, float, float]]] = {p: [] for p in PARALLELS}
+            for rep in range(1, args.repeat + 1):
+                for parallel in PARALLELS:  # alternate, so drifting load hits both alike
+                    wall, seconds, rss, document = measure(kind, parallel, generated, source, tmp)
+                    if reference is None:
+                        reference = digest(document)
+                    elif digest(document) != reference:
+                        sys.exit(f"{kind} --parallel {parallel}: different files or roots than the first run")
+                    results[parallel].append((wall, seconds, rss))
+                    print(
+                        f"  {kind:<4} --parallel {parallel}  run {rep}: wall {wall:6.2f}s  "
+                        f"execute() {seconds:6.2f}s  peak RSS {rss:5.0f} MiB  "
+                        f"(load {os.getloadavg()[0]:.1f})",
+                        flush=True,
                     )
-            finally:
-                if server is not None:
-                    server.terminate()
-                    server.wait(timeout=30)
+            for parallel in PARALLELS:
+                walls = [r[0] for r in results[parallel]]
+                execs = [r[1] for r in results[parallel]]
+                rows.append(
+                    {
+                        "lake": kind,
+                        "parallel": parallel,
+                        "wallSeconds": round(statistics.median(walls), 3),
+                        "executeSeconds": round(statistics.median(execs), 3),
+                        "recordsPerSecond": round(args.records / statistics.median(walls)),
+                        "executeRecordsPerSecond": round(args.records / statistics.median(execs)),
+                        "peakRssMiB": round(max(r[2] for r in results[parallel]), 1),
+                        "runs": [[round(x, 3) for x in r] for r in results[parallel]],
+                    }
+                )
         source_mib = source.stat().st_size / 2**20
     return {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),

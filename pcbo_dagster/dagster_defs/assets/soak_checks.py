@@ -60,8 +60,10 @@ def build_soak_check(
         failed = []
         summary = {}
         for result in results:
+            if "skipped" in result:
+                continue
             evaluation = result.get("evaluation") or {}
-            status = result.get("status") or {}
+            status = result.get("status") or {"state": "error", "reason": result.get("error")}
             context.op_execution_context.log_event(
                 dg.AssetObservation(asset_key=staging_asset.key, metadata=_observation_metadata(result))
             )

@@ -14,6 +14,7 @@ from typing import Any
 
 import dagster as dg
 
+from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.dagster_defs.assets.rollout_assets import ROLLOUT_TAG
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets_config import DatasetsConfig
@@ -69,9 +70,13 @@ def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock
         for row in operations.list_rollouts(base)["rollouts"]:
             if row["dataset"] not in datasets or row["status"] != "soaking":
                 continue
-            rollout = operations.find_rollout(base, row["name"])
-            failed = failed_staging_checks(context.instance, _staging_dagster_run(config, base, rollout))
-            gate = operations.gate(config, base, row["name"], clock=clock, failed_checks=failed)
+            try:
+                rollout = operations.find_rollout(base, row["name"])
+                failed = failed_staging_checks(context.instance, _staging_dagster_run(config, base, rollout))
+                gate = operations.gate(config, base, row["name"], clock=clock, failed_checks=failed)
+            except PcboError as exc:  # one rollout's bad source must not stop the others' promotion
+                waiting.append(f"{row['name']}: the gate cannot be evaluated: {exc}")
+                continue
             if not gate["open"]:
                 waiting.append(f"{row['name']}: " + "; ".join(gate["reasons"]))
                 continue
