@@ -7,11 +7,13 @@ The request is `generate_request.py`'s (fixed seed) with its records written to 
 named by `source` instead of inline. For an object-store lake the source sits in the same store
 (the run reads it from there); for the file lake it is a local file. The S3 lake is moto's server and
 the GCS lake gcp-storage-emulator (in memory), each in a process of its own on 127.0.0.1, set up as
-the tests set them up (`pcbo_dagster_tests/object_store_servers.py`): both share the machine's CPUs
-with the run they serve, so their figures measure the engine plus a local emulator, not a cloud.
+the tests set them up (`pcbo_dagster_tests/object_store_servers.py`) and started afresh for every run
+(gcp-storage-emulator slows down as it fills up, which would favour whichever run came first). They share the
+machine's CPUs with the run they serve, so their figures measure the engine plus a local emulator,
+not a cloud.
 
 Every run is `python -m pcbo_dagster.cli execute` in a fresh process with a fresh `PCBO_HOME` and a
-fresh lake (a new prefix in the bucket). Per run:
+fresh lake (on an object store: a fresh server). Per run:
 - **wall**: `time.perf_counter` around the process (interpreter start, imports, reading and
   evaluating the source, executing, writing the output);
 - **execute**: the `execute()` call alone (staging, commit points, audit, post-write checks,
