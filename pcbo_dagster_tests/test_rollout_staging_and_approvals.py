@@ -1,0 +1,133 @@
+"""The staging apply's throttle and gates, and the approval records, through `rollout/operations.py`
+on a controlled clock (no Dagster, no sleeping)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.catalog.store import CatalogStore
+from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.datasets_config import parse_datasets_config
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.rollout import operations
+from pcbo_dagster.rollout.clock import ManualClock
+from pcbo_dagster.rollout.store import RolloutStore
+from pcbo_dagster.rollout.throttle import Throttle
+
+T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z"]
+
+
+def _config(tmp_path: Path, on_violation: str = "omit", throttle: str = "{recordsPerMinute: 60}") -> object:
+    records = [
+        {
+            "id": f"r-{h}-{n}",
+            "occurredAt": f"2024-01-01T{h:02d}:{n:02d}:00Z",
+            "jurisdiction": "US",
+            "consentGranted": not (h == 1 and n == 0),
+        }
+        for h in range(3)
+        for n in range(h + 2)  # 2, 3 and 4 records
+    ]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = f"""
+datasets:
+  - name: sessions
+    partitioning:
+      {{kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}}
+    source: {{uri: s.jsonl}}
+    policies: {{requireConsent: true, onViolation: {on_violation}}}
+    rollout:
+      throttle: {throttle}
+      soak: {{windowMinutes: 5}}
+"""
+    return parse_datasets_config(text, base_dir=tmp_path)
+
+
+def test_throttle_arithmetic() -> None:
+    both = Throttle(partitions_per_minute=20, records_per_minute=600)
+    assert both.delay(T0) == 0.0  # the first partition starts at once
+    both.started(T0, records=300)  # 300 records at 600/min: the next waits 30 s (more than 3 s)
+    assert both.delay(T0) == pytest.approx(30.0)
+    small = Throttle(partitions_per_minute=20, records_per_minute=600)
+    small.started(T0, records=10)  # 1 s of records, but 20 partitions/min: 3 s
+    assert small.delay(T0) == pytest.approx(3.0)
+    assert Throttle().delay(T0) == 0.0 and Throttle().describe() == "unthrottled"
+
+
+def test_records_per_minute_paces_the_apply_by_the_records_written(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    result = operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    assert result["status"] == "soaking"
+    # 60 records a minute: after 2 adds wait 2 s, after 2 adds (one omitted) wait 2 s (1 s slices).
+    assert clock.slept == pytest.approx([1.0, 1.0, 1.0, 1.0])
+    summary = json.loads((tmp_path / "home/reports/rollouts/r/backfill_summary.json").read_text())
+    assert [p["added"] for p in summary["partitions"]] == [2, 2, 4]
+    assert summary["partitions"][1]["omittedByReason"]["CONSENT_MISSING"] == 1
+    assert summary["throttle"]["waitedSeconds"] == pytest.approx(4.0)
+    # Applying again writes nothing and keeps the rollout halted for review.
+    again = operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    assert again == {"status": "soaking", "rollout": "r", "applied": False}
+    # The same name for another range is refused, naming the field.
+    with pytest.raises(InvalidInput) as exc:
+        operations.start(config, base, "sessions", KEYS[0], KEYS[1], by="ana", name="r", clock=clock)
+    assert exc.value.field == "rollout"
+
+
+def test_a_blocking_policy_gate_writes_nothing(tmp_path: Path) -> None:
+    config = _config(tmp_path, on_violation="block")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    with pytest.raises(Blocked) as exc:
+        operations.start(
+            config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=ManualClock(T0)
+        )
+    assert exc.value.document["gate"] == "onViolation"
+    assert not list((tmp_path / "home").rglob("*.parquet"))
+
+
+def test_approvals_are_append_only_and_on_the_production_chain(tmp_path: Path) -> None:
+    config = _config(tmp_path, throttle="{}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    staged = operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    assert clock.slept == []  # no throttle configured: no waits
+    rejected = operations.decide(config, base, "r", "reject", by="bo", reason="too early", clock=clock)
+    approved = operations.decide(config, base, "r", "approve", by="cy", reason="fine now", clock=clock)
+    decision_hash = staged["execute"]["decisionHash"]
+    assert rejected["decisionHash"] == approved["decisionHash"] == decision_hash
+    chain = AuditBackup(base.audit_dir).read_chain("sessions/v1")
+    assert verify_chain(chain, "sessions/v1") == []
+    events = [e for e in chain if e["event_type"].startswith("rollout_")]
+    assert [(e["event_type"], e["by"], e["reason"]) for e in events] == [
+        ("rollout_rejected", "bo", "too early"),
+        ("rollout_approved", "cy", "fine now"),
+    ]
+    assert [e["chain"]["event_hash"] for e in events] == [
+        rejected["auditEventHash"],
+        approved["auditEventHash"],
+    ]
+    # The history tables refuse edits (database triggers).
+    catalog = CatalogStore(base.catalog_url)
+    RolloutStore(catalog).record_soak_evaluation("r", True, {"checks": {}}, now=clock.now())
+    try:
+        for statement in (
+            "UPDATE rollout_approvals SET actor = 'mallory'",
+            "DELETE FROM rollout_approvals",
+            "DELETE FROM rollout_log",
+            "UPDATE soak_evaluations SET passed = 1",
+        ):
+            with pytest.raises(sa.exc.DatabaseError), catalog.engine.begin() as conn:
+                conn.execute(sa.text(statement))
+    finally:
+        catalog.close()
+    status = operations.status(config, base, "r", clock=clock)
+    assert status["gate"]["open"] is False and status["approvals"][-1]["actor"] == "cy"
