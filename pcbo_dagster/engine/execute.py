@@ -30,7 +30,7 @@ from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
 from pcbo_dagster.core.plan import Plan
-from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table, run_schema
+from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, catalog_row, chain_key, commit_body
@@ -250,7 +250,7 @@ def execute(
     ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
     all_adds = [i for pd in (schema_from or decisions).partitions for i in pd.add_indices.tolist()]
-    schema, as_json = run_schema([loaded.records[i] for i in all_adds])
+    schema, as_json = loaded.schema_of(all_adds)
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
     failure: str | None = None
@@ -382,7 +382,7 @@ def _prepare(
     lake = env.lake
     key = pd.partition.key
     dataset, version_label = plan.dataset, plan.version_label
-    rows = [loaded.records[i] for i in pd.add_indices.tolist()]
+    rows = loaded.fetch(pd.add_indices)
     take = pa.array(pd.add_indices, pa.int64())
     occurred = decisions.occurred_us.take(take).to_numpy(zero_copy_only=False)
     table = build_table(rows, pd.add, occurred, decisions.retention_us.take(take), schema, as_json)
