@@ -132,13 +132,13 @@ def test_csv_quoted_newlines_and_offsets(tmp_path: Path, monkeypatch: pytest.Mon
     """A quoted cell spanning lines, CR-only and CRLF line ends: rows are re-read from their offsets."""
     monkeypatch.setenv("PCBO_SOURCE_BATCH", "2")
     data = (
-        "id,occurredAt,consentGranted,note,n\r\n"
-        'a,2024-01-01T01:00:00Z,true,"two\nlines",1\r'
-        "b,2024-01-02T01:00:00Z,true,plain,2\n"
-        "\n"
-        'c,2024-01-03T01:00:00Z,true,"with ""quotes"", and comma",x\r\n'
-        "d,2024-01-03T02:00:00Z,true,,3\n"
-    ).encode()
+        b"id,occurredAt,consentGranted,note,n\r\n"
+        b'a,2024-01-01T01:00:00Z,true,"two\nlines",1\r'
+        b"b,2024-01-02T01:00:00Z,true,plain,2\n"
+        b"\n"
+        b'c,2024-01-03T01:00:00Z,true,"with ""quotes"", and comma",x\r\n'
+        b"d,2024-01-03T02:00:00Z,true,,3\n"
+    )
     path = tmp_path / "s.csv"
     path.write_bytes(data)
     policies = {"requireConsent": True, "onViolation": "omit"}
