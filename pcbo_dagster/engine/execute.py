@@ -37,6 +37,7 @@ from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, catalog_
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_version
 from pcbo_dagster.lake import layout, manifests, parquet_files
+from pcbo_dagster.sources.streaming import source_batch_size
 
 Progress = Callable[[int], None]
 #: Called before each partition is written when given (a staged rollout's throttle, pause and
@@ -382,10 +383,7 @@ def _prepare(
     lake = env.lake
     key = pd.partition.key
     dataset, version_label = plan.dataset, plan.version_label
-    rows = loaded.fetch(pd.add_indices)
-    take = pa.array(pd.add_indices, pa.int64())
-    occurred = decisions.occurred_us.take(take).to_numpy(zero_copy_only=False)
-    table = build_table(rows, pd.add, occurred, decisions.retention_us.take(take), schema, as_json)
+    table = _partition_table(loaded, decisions, pd, schema, as_json)
     data = parquet_files.encode(table)
     file_hex = sha256_hex(data)
     file_rel = layout.data_file(dataset, version_label, key, file_hex)
@@ -419,6 +417,33 @@ def _prepare(
     ]
     staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version)
     return _Prepared(staged, previous, previous_checksum, files)
+
+
+def _partition_table(
+    loaded: LoadedRequest,
+    decisions: Decisions,
+    pd: PartitionDecision,
+    schema: pa.Schema,
+    as_json: dict[str, bool],
+) -> pa.Table:
+    """The partition's added rows as one Arrow table, built a source batch of records at a time (the
+    chunks joined into single arrays, so the encoded file is the one a single build gives)."""
+    take = pa.array(pd.add_indices, pa.int64())
+    occurred = decisions.occurred_us.take(take).to_numpy(zero_copy_only=False)
+    retention = decisions.retention_us.take(take)
+    tables = []
+    lo = 0
+    for rows in loaded.fetch_chunks(pd.add_indices, source_batch_size()):
+        hi = lo + len(rows)
+        tables.append(
+            build_table(rows, pd.add[lo:hi], occurred[lo:hi], retention.slice(lo, hi - lo), schema, as_json)
+        )
+        lo = hi
+    if not tables:
+        return build_table([], [], occurred, retention, schema, as_json)
+    if len(tables) == 1:
+        return tables[0]
+    return pa.concat_tables(tables).combine_chunks()
 
 
 def _write_files(env: Environment, prepared: _Prepared) -> None:

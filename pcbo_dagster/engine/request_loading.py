@@ -7,6 +7,7 @@ record's digest and decision columns are kept; the records a run writes are read
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
 from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
 from pcbo_dagster.sources.ledger_archives import iter_ledger_records
 from pcbo_dagster.sources.record_files import resolve_uri
-from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
+from pcbo_dagster.sources.streaming import RecordSource, open_source, release_memory, source_batch_size
 
 
 @dataclass
@@ -49,6 +50,15 @@ class LoadedRequest:
             return [self.records[i] for i in np.asarray(indices, dtype=np.int64).tolist()]
         return self.source.fetch(np.asarray(indices, dtype=np.int64))
 
+    def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
+        """`fetch(indices)`, `size` records at a time."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.source is not None:
+            yield from self.source.fetch_chunks(indices, size)
+            return
+        for lo in range(0, len(indices), size):
+            yield self.fetch(indices[lo : lo + size])
+
     def schema_of(self, indices: list[int]) -> tuple[pa.Schema, dict[str, bool]]:
         """`run_schema` of the records at `indices` (a batch at a time for a streamed source)."""
         if self.source is None:
@@ -67,21 +77,23 @@ def _digest_error(field: str, exc: CanonicalizationError) -> InvalidInput:
 def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequest:
     """Pass 1 over a record file: digests and decision columns a batch at a time."""
     ledger_field = request.ledgerRange.field if request.ledgerRange is not None else None
-    digests: list[bytes] = []
+    digests = bytearray()
     parts: list[RecordColumns] = []
     first = 0
     error: InvalidInput | None = None
     for records, risky in source.batches(source_batch_size()):
         if error is None:  # the first record RFC 8785 cannot express, once every line has parsed
             try:
-                digests.append(record_digest_bytes(records, risky, first))
+                digests += record_digest_bytes(records, risky, first)
                 parts.append(known_columns(records, ledger_field))
             except CanonicalizationError as exc:
                 error = _digest_error("source", exc)
         first += len(records)
+        records.clear()  # the batch is done with (the reader holds it until its next batch)
+        release_memory()
     if error is not None:
         raise error
-    joined = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(first, 32)
+    joined = np.frombuffer(digests, dtype=np.uint8).reshape(first, 32)
     return LoadedRequest(
         request,
         None,
@@ -131,4 +143,6 @@ def evaluate(loaded: LoadedRequest) -> tuple[Plan, Decisions]:
     array = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(32), len(digests), [None, pa.py_buffer(np.ascontiguousarray(digests))]
     )
-    return plan, decide_columns(plan, loaded.columns, array, existing)
+    decisions = decide_columns(plan, loaded.columns, array, existing)
+    release_memory()
+    return plan, decisions

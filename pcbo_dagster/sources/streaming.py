@@ -1,7 +1,7 @@
 """Record files read in batches, so that memory stays bounded whatever the source size.
 
 A `RecordSource` (JSONL, CSV or parquet; local, `file://`, `s3://` or `gs://`) is read once in
-batches of `source_batch_size()` records (`PCBO_SOURCE_BATCH`, default 32,768) by `load_request`,
+batches of `source_batch_size()` records (`PCBO_SOURCE_BATCH`, default 8,192) by `load_request`,
 which keeps, per record, only its digest and its decision columns (`core.decisions.RecordColumns`),
 and no Python object. Records are read again later by position: `fetch(indices)` (the adds of a
 partition being written) and `scan(indices)` (the adds of the run, for the schema). The records
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import array
 import csv
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,13 +37,13 @@ from pcbo_dagster.engine.settings import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.record_files import csv_integer_columns, csv_record, is_safe_integer, jsonable_row
 
-DEFAULT_BATCH = 32_768
+DEFAULT_BATCH = 8_192
 _BLOCK = 1 << 22  # bytes read at a time from a text source
 _BOM = b"\xef\xbb\xbf"
 
 
 def source_batch_size() -> int:
-    """Records a batch (`PCBO_SOURCE_BATCH`, default 32,768)."""
+    """Records a batch (`PCBO_SOURCE_BATCH`, default 8,192)."""
     text = os.environ.get("PCBO_SOURCE_BATCH", "").strip()
     if not text:
         return DEFAULT_BATCH
@@ -52,6 +54,24 @@ def source_batch_size() -> int:
     if size < 1:
         raise InvalidInput("PCBO_SOURCE_BATCH", f"must be at least 1, not {size}")
     return size
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_memory() -> None:
+    """Hand the memory freed by a batch back to the system (glibc's heap, Arrow's pool), so that
+    what a batch freed does not stay resident, pinned by a few long-lived allocations."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    pa.default_memory_pool().release_unused()
 
 
 @contextmanager
@@ -110,6 +130,11 @@ class RecordSource:
     def fetch(self, indices: np.ndarray) -> list[Any]:
         """The records at `indices` (positions in the source), in that order."""
         raise NotImplementedError
+
+    def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
+        """`fetch(indices)`, `size` records at a time."""
+        for lo in range(0, len(indices), size):
+            yield self.fetch(indices[lo : lo + size])
 
     def scan(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
         """The records at `indices` (sorted), a batch at a time: by default, one more pass."""
@@ -291,11 +316,15 @@ class ParquetSource(RecordSource):
             for batch in pf.iter_batches(batch_size=size, use_threads=False):
                 yield [jsonable_row(row) for row in batch.to_pylist()], True
 
-    def fetch(self, indices: np.ndarray) -> list[Any]:
+    def _take(self, indices: np.ndarray) -> pa.Table:
+        """The rows at `indices`, in that order, as Arrow (a record batch of a row group at a time
+        decoded)."""
         indices = np.asarray(indices, dtype=np.int64)
-        out: list[Any] = [None] * len(indices)
         groups = np.searchsorted(self.group_starts, indices, side="right") - 1
+        pieces: list[pa.Table] = []
+        where: list[np.ndarray] = []
         with self._file() as pf:
+            schema = pf.schema_arrow
             for group in np.unique(groups).tolist():
                 positions = np.flatnonzero(groups == group)
                 local = indices[positions] - self.group_starts[group]
@@ -303,11 +332,22 @@ class ParquetSource(RecordSource):
                 for batch in pf.iter_batches(batch_size=DEFAULT_BATCH, row_groups=[group], use_threads=False):
                     hit = (local >= first) & (local < first + batch.num_rows)
                     if hit.any():
-                        rows = batch.take(pa.array(local[hit] - first)).to_pylist()
-                        for k, row in zip(positions[hit].tolist(), rows, strict=True):
-                            out[k] = jsonable_row(row)
+                        pieces.append(pa.Table.from_batches([batch.take(pa.array(local[hit] - first))]))
+                        where.append(positions[hit])
                     first += batch.num_rows
-        return out
+        if not pieces:
+            return schema.empty_table()
+        table = pa.concat_tables(pieces)
+        order = np.argsort(np.concatenate(where), kind="stable")
+        return table.take(pa.array(order))
+
+    def fetch(self, indices: np.ndarray) -> list[Any]:
+        return [jsonable_row(row) for row in self._take(indices).to_pylist()]
+
+    def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
+        table = self._take(indices)
+        for lo in range(0, table.num_rows, size):
+            yield [jsonable_row(row) for row in table.slice(lo, size).to_pylist()]
 
 
 def open_source(uri: str, shown: str, fmt: str) -> RecordSource:
