@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from pcbo_dagster.core.canonical import fast_jcs, prefixed, sha256_hex
 from pcbo_dagster.core.instants import parse_instants
+from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Partition, Plan, normalize_jurisdictions
 
 DECISIONS_VERSION = "pcbo.decisions/1"
@@ -215,16 +216,27 @@ def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
     """True for copies that get DUPLICATE_ID: every copy when the occurrences differ; all but one
     (the lowest index, arbitrary since they are equal) when they are the same record."""
     n = len(ids)
-    table = pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)), "id": ids, "digest": digests})
-    # Most ids are unique: keep only those seen more than once before grouping.
-    counts = pc.value_counts(ids.drop_null())
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    table = table.filter(pc.is_in(ids, value_set=repeated))
+    flags = np.zeros(n, dtype=bool)
+    if n < 2:
+        return pa.array(flags)
+    # Most ids are unique: find those seen more than once by sorting (neighbours equal), which needs
+    # far less memory than hashing every id, then group only those.
+    order = pc.sort_indices(ids)
+    sorted_ids = ids.take(order)
+    equal = pc.fill_null(pc.equal(sorted_ids.slice(1), sorted_ids.slice(0, n - 1)), False)
+    equal_np = equal.to_numpy(zero_copy_only=False)
+    del sorted_ids, equal
+    repeated = np.zeros(n, dtype=bool)
+    repeated[1:] |= equal_np
+    repeated[:-1] |= equal_np
+    picked = pa.array(np.sort(order.to_numpy()[repeated]), pa.int64())
+    if not len(picked):
+        return pa.array(flags)
+    table = pa.table({"idx": picked, "id": ids.take(picked), "digest": digests.take(picked)})
     if pa.types.is_fixed_size_binary(table.schema.field("digest").type):
         table = table.set_column(2, "digest", table["digest"].cast(pa.binary()))
     grouped = table.group_by("id").aggregate([("idx", "count"), ("idx", "min"), ("digest", "count_distinct")])
     grouped = grouped.filter(pc.greater(grouped["idx_count"], 1))
-    flags = np.zeros(n, dtype=bool)
     if grouped.num_rows:
         joined = table.join(grouped, keys="id", join_type="inner")
         differ = pc.greater(joined["digest_count_distinct"], 1)
@@ -270,6 +282,7 @@ def decide_columns(plan: Plan, cols: RecordColumns, digests: pa.Array, existing_
         present = pc.is_in(ids, value_set=pa.array(existing_ids, pa.string()))
         mask = pc.add(mask, pc.multiply(pc.cast(pc.fill_null(present, False), pa.int32()), 1 << 3))
     mask = pc.add(mask, pc.multiply(pc.cast(_duplicate_flags(ids, digests), pa.int32()), 1 << 4))
+    release_memory()  # the hash tables of the duplicate search, before the Python work below
 
     # Unplaced records, by input index.
     outside = "occurredAt is outside [start, end)"

@@ -37,7 +37,7 @@ from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, catalog_
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_version
 from pcbo_dagster.lake import layout, manifests, parquet_files
-from pcbo_dagster.sources.streaming import source_batch_size
+from pcbo_dagster.sources.streaming import release_memory, source_batch_size
 
 Progress = Callable[[int], None]
 #: Called before each partition is written when given (a staged rollout's throttle, pause and
@@ -443,7 +443,15 @@ def _partition_table(
         return build_table([], [], occurred, retention, schema, as_json)
     if len(tables) == 1:
         return tables[0]
-    return pa.concat_tables(tables).combine_chunks()
+    # One column at a time, each column's pieces let go of once joined: the partition is held about
+    # once, not twice.
+    pieces = [[t.column(i).chunk(0) for t in tables] for i in range(len(schema))]
+    del tables
+    arrays = []
+    for i in range(len(pieces)):
+        arrays.append(pa.concat_arrays(pieces[i]))
+        pieces[i] = []
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _write_files(env: Environment, prepared: _Prepared) -> None:
@@ -479,6 +487,8 @@ def _stage_batch(
         prepared = _prepare(env, loaded, plan, decisions, pd, schema, as_json, known[pd.partition.key])
         if pool is not None:
             _write_files(env, prepared)
+        if loaded.source is not None:
+            release_memory()  # the partition's records and table, freed on this thread
         return prepared
 
     staged = []

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import array
 import csv
-import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.memory import release_memory  # noqa: F401  (re-exported)
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.engine.settings import redact_url
 from pcbo_dagster.lake.storage import filesystem
@@ -54,24 +53,6 @@ def source_batch_size() -> int:
     if size < 1:
         raise InvalidInput("PCBO_SOURCE_BATCH", f"must be at least 1, not {size}")
     return size
-
-
-def _load_malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
-
-
-def release_memory() -> None:
-    """Hand the memory freed by a batch back to the system (glibc's heap, Arrow's pool), so that
-    what a batch freed does not stay resident, pinned by a few long-lived allocations."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-    pa.default_memory_pool().release_unused()
 
 
 @contextmanager
