@@ -1,6 +1,7 @@
 """Peak memory of `pcbo dry-run` and `pcbo execute` on a multi-GB JSONL source (streamed sources).
 
-`python benchmarks/memory_benchmark.py [--records 1500000 --text-bytes 1000 --days 30] [--keep DIR]`
+`python benchmarks/memory_benchmark.py [--records 1500000 --text-bytes 1000 --days 30] [--parallel N]
+[--keep DIR [--reuse]]`
 
 Writes (streaming, never holding it in memory) a JSONL source of `--records` records, each with a
 `--text-bytes` text field (the default makes about 1.6 GB), and a request naming it with daily
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="work here and keep the files (default: a temp dir)")
+    parser.add_argument("--parallel", type=int, help="PCBO_PARALLEL for execute (default: the engine's, 4)")
     parser.add_argument("--reuse", action="store_true", help="keep a source.jsonl already in --keep")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="pcbo-memory-"))
@@ -110,6 +112,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PCBO_")}
     env["PCBO_HOME"] = str(work / "home")
     shutil.rmtree(work / "home", ignore_errors=True)
+    if args.parallel is not None:
+        env["PCBO_PARALLEL"] = str(args.parallel)
     steps = {
         "dry-run": measure("dry-run", ["--input", str(request_path)], env),
         "execute": measure("execute", ["--input", str(request_path)], env),
@@ -121,6 +125,7 @@ def main() -> None:
                 "sourceBytes": size,
                 "sourceGiB": round(size / 2**30, 2),
                 "partitions": args.days,
+                "parallel": args.parallel or 4,
                 "generateSeconds": round(generated, 1),
                 "steps": steps,
                 "python": sys.version.split()[0],
