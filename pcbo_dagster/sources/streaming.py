@@ -8,12 +8,13 @@ partition being written) and `scan(indices)` (the adds of the run, for the schem
 are exactly those of `record_files.load_records` (the same values in the same order), so plans,
 decisions and written files are the same as for the whole file read at once.
 
-Memory bound (measured by `benchmarks/memory_benchmark.py`): about 150 bytes a record (32-byte
-digest, ~60 bytes of decision columns plus the id and jurisdiction texts, an 8-byte position for
-JSONL and CSV), plus the dry-run document (every added id is listed in it), plus one batch of
-records as Python objects, plus the partitions in flight in `execute` (one commit batch of
-`COMMIT_BATCH` partitions' encoded files, with up to `parallel` partitions' records as Python
-objects at once). For parquet, one record batch of a row group is decoded at a time.
+Memory bound (measured by `benchmarks/memory_benchmark.py`, figures in the README): what is kept
+from the read is about 84 bytes a record (32-byte digest, decision columns with ids of 13
+characters, an 8-byte offset for JSONL and CSV); the decisions built from them (every added id a
+Python string) and the dry-run document bring a run to about 360 bytes a record, over about 120 MiB
+of program. On top: one batch of records as Python objects, and in `execute` the partitions in
+flight, about 2 KiB per record of each partition being encoded, times `parallel`. For parquet, one
+record batch of a row group is decoded at a time.
 """
 
 from __future__ import annotations
