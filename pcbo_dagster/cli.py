@@ -10,6 +10,7 @@ written; the document says why); 1 anything else (including verify findings and 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import stat
@@ -25,9 +26,17 @@ from pcbo_dagster.core.request_model import NAME_PATTERN, parse_json_strict
 
 
 def _write_output(document: dict[str, Any], output: str | None) -> None:
-    text = json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    # The text json.dumps(document, indent=2, ensure_ascii=False) gives, encoded as it is made: a
+    # document listing millions of ids never exists as millions of separate pieces at once.
+    buffer = io.BytesIO()
+    writer = io.TextIOWrapper(buffer, encoding="utf-8", newline="\n", write_through=False)
+    json.dump(document, writer, indent=2, ensure_ascii=False)
+    writer.write("\n")
+    writer.flush()
+    data = buffer.getvalue()
+    writer.detach()
     if output is None or output == "-":
-        sys.stdout.write(text)
+        sys.stdout.write(data.decode("utf-8"))
         sys.stdout.flush()
         return
     path = Path(output)
@@ -37,10 +46,10 @@ def _write_output(document: dict[str, Any], output: str | None) -> None:
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
         # /dev/stdout, a pipe, a device: write to it, never rename over it.
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with open(path, "wb") as fh:
+            fh.write(data)
         return
-    replace_file(path, text.encode("utf-8"), prefix=f".{path.name}.")
+    replace_file(path, data, prefix=f".{path.name}.")
 
 
 def _read_input(path: str) -> tuple[bytes, Path | None]:

@@ -57,6 +57,16 @@ def record_digests(records: list[Any], may_hold_floats_or_big_ints: bool) -> lis
     Raises `rfc8785.CanonicalizationError` (with the record index in `args`) for a record RFC 8785
     cannot express: lone surrogates, integers beyond +-(2**53 - 1), NaN or infinities.
     """
+    return [h.hexdigest() for h in _record_hashes(records, may_hold_floats_or_big_ints, 0)]
+
+
+def record_digest_bytes(records: list[Any], may_hold_floats_or_big_ints: bool, first_index: int = 0) -> bytes:
+    """The raw 32-byte SHA-256 digests of `record_digests`, concatenated (a streamed source keeps
+    these, 32 bytes a record). Error indexes count from `first_index`."""
+    return b"".join(h.digest() for h in _record_hashes(records, may_hold_floats_or_big_ints, first_index))
+
+
+def _record_hashes(records: list[Any], may_hold_floats_or_big_ints: bool, first_index: int) -> list[Any]:
     sha = hashlib.sha256
     if not may_hold_floats_or_big_ints:
         dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
@@ -67,14 +77,14 @@ def record_digests(records: list[Any], may_hold_floats_or_big_ints: bool) -> lis
         else:
             # ASCII output is the RFC 8785 form; anything else is re-done by rfc8785 (see fast_jcs).
             return [
-                sha(blob).hexdigest() if blob.isascii() else _careful_digest(records[i], i)
+                sha(blob) if blob.isascii() else _careful_hash(records[i], first_index + i)
                 for i, blob in enumerate(blobs)
             ]
-    return [_careful_digest(record, i) for i, record in enumerate(records)]
+    return [_careful_hash(record, first_index + i) for i, record in enumerate(records)]
 
 
-def _careful_digest(record: Any, index: int) -> str:
+def _careful_hash(record: Any, index: int) -> Any:
     try:
-        return hashlib.sha256(rfc8785.dumps(record)).hexdigest()
+        return hashlib.sha256(rfc8785.dumps(record))
     except (rfc8785.CanonicalizationError, UnicodeEncodeError, ValueError) as exc:
         raise rfc8785.CanonicalizationError(index, str(exc)) from exc

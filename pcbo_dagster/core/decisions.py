@@ -8,7 +8,7 @@ not positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from pcbo_dagster.core.canonical import fast_jcs, prefixed, sha256_hex
 from pcbo_dagster.core.instants import parse_instants
+from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Partition, Plan, normalize_jurisdictions
 
 DECISIONS_VERSION = "pcbo.decisions/1"
@@ -88,29 +89,98 @@ def _integers(values: list[Any]) -> pa.Array:
     return pa.array([v if type(v) is int and -(2**63) <= v < 2**63 else None for v in values], pa.int64())
 
 
-def _known_columns(records: list[Any]) -> dict[str, Any]:
-    """Pull the known fields into typed columns; anything of the wrong JSON type becomes null."""
+@dataclass
+class RecordColumns:
+    """What `decide` needs of each record, as Arrow arrays (one entry a record, in input order).
+
+    Built from a list of records by `known_columns`, one batch at a time for a streamed source, and
+    joined with `concat`: about 60 bytes a record plus the id and jurisdiction texts.
+    """
+
+    is_object: pa.Array  # bool
+    id_str: pa.Array  # string: the id where it is a JSON string, else null
+    occ_us: pa.Array  # int64 microseconds, null where absent or invalid
+    ret_us: pa.Array  # int64 microseconds, null where absent or invalid
+    consent: pa.Array  # bool
+    jurisdiction: pa.Array  # string
+    position: pa.Array | None  # int64 ledger sequence (None for a time window)
+    valid: pa.Array  # bool
+    detail: pa.Array  # string: why an invalid record is invalid, null for valid ones
+
+    def __len__(self) -> int:
+        return len(self.is_object)
+
+    @staticmethod
+    def concat(parts: list[RecordColumns], ledger_field: str | None = None) -> RecordColumns:
+        if not parts:
+            parts = [known_columns([], ledger_field)]
+        if len(parts) == 1:
+            return parts[0]
+        names = [f.name for f in fields(RecordColumns)]
+        joined = {}
+        for name in names:
+            arrays = [getattr(p, name) for p in parts]
+            joined[name] = None if arrays[0] is None else pa.concat_arrays(arrays)
+        return RecordColumns(**joined)
+
+
+def _non_empty(ids: pa.Array) -> pa.Array:
+    return pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
+
+
+def known_columns(records: list[Any], ledger_field: str | None = None) -> RecordColumns:
+    """Pull the known fields into typed columns (anything of the wrong JSON type becomes null),
+    judge validity, and write the detail of each invalid record."""
     all_objects = all(type(r) is dict for r in records)
     objs = records if all_objects else [r if type(r) is dict else {} for r in records]
     raw_ids = [o.get("id") for o in objs]
     raw_occ = [o.get("occurredAt") for o in objs]
     raw_ret = [o.get("retentionExpiresAt") for o in objs]
-    ids = _strings(raw_ids)
-    ids = pc.if_else(pc.equal(ids, ""), pa.scalar(None, pa.string()), ids)
-    return {
-        "objects": objs,
-        "is_object": pa.array(
-            [True] * len(records) if all_objects else [type(r) is dict for r in records], pa.bool_()
-        ),
-        "raw_ids": raw_ids,
-        "raw_occ": raw_occ,
-        "id": ids,
-        "occ_str": _strings(raw_occ),
-        "ret_str": _strings(raw_ret),
-        "ret_given": pa.array([v is not None for v in raw_ret], pa.bool_()),
-        "consent": pa.array([o.get("consentGranted") is True for o in objs], pa.bool_()),
-        "jurisdiction": _strings([o.get("jurisdiction") for o in objs]),
-    }
+    id_str = _strings(raw_ids)
+    is_object = pa.array(
+        [True] * len(records) if all_objects else [type(r) is dict for r in records], pa.bool_()
+    )
+    occ_us = parse_instants(_strings(raw_occ))
+    ret_us = parse_instants(_strings(raw_ret))
+    ret_given = pa.array([v is not None for v in raw_ret], pa.bool_())
+    ret_bad = pc.and_(ret_given, pc.is_null(ret_us))
+    valid = pc.and_(pc.and_(is_object, pc.is_valid(_non_empty(id_str))), pc.is_valid(occ_us))
+    valid = pc.and_(valid, pc.invert(ret_bad))
+    position = None
+    if ledger_field is not None:
+        position = _integers([o.get(ledger_field) for o in objs])
+        valid = pc.and_(valid, pc.is_valid(position))
+    valid = pc.fill_null(valid, False)
+    valid_np = valid.to_numpy(zero_copy_only=False)
+    details: list[str | None] = [None] * len(records)
+    invalid = np.flatnonzero(~valid_np).tolist()
+    if invalid:
+        occ_ok_np = pc.is_valid(occ_us).to_numpy(zero_copy_only=False)
+        is_object_np = is_object.to_numpy(zero_copy_only=False)
+        ret_bad_np = ret_bad.to_numpy(zero_copy_only=False)
+        position_ok_np = None if position is None else pc.is_valid(position).to_numpy(zero_copy_only=False)
+        for index in invalid:
+            details[index] = _invalid_detail(
+                bool(is_object_np[index]),
+                raw_ids[index],
+                raw_occ[index],
+                bool(occ_ok_np[index]),
+                bool(ret_bad_np[index]),
+                None
+                if position_ok_np is None or position_ok_np[index]
+                else f"{ledger_field} is missing or not an integer",
+            )
+    return RecordColumns(
+        is_object=is_object,
+        id_str=id_str,
+        occ_us=occ_us,
+        ret_us=ret_us,
+        consent=pa.array([o.get("consentGranted") is True for o in objs], pa.bool_()),
+        jurisdiction=_strings([o.get("jurisdiction") for o in objs]),
+        position=position,
+        valid=valid,
+        detail=pa.array(details, pa.string()),
+    )
 
 
 def _invalid_detail(
@@ -146,14 +216,27 @@ def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
     """True for copies that get DUPLICATE_ID: every copy when the occurrences differ; all but one
     (the lowest index, arbitrary since they are equal) when they are the same record."""
     n = len(ids)
-    table = pa.table({"idx": pa.array(np.arange(n, dtype=np.int64)), "id": ids, "digest": digests})
-    # Most ids are unique: keep only those seen more than once before grouping.
-    counts = pc.value_counts(ids.drop_null())
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    table = table.filter(pc.is_in(ids, value_set=repeated))
+    flags = np.zeros(n, dtype=bool)
+    if n < 2:
+        return pa.array(flags)
+    # Most ids are unique: find those seen more than once by sorting (neighbours equal), which needs
+    # far less memory than hashing every id, then group only those.
+    order = pc.sort_indices(ids)
+    sorted_ids = ids.take(order)
+    equal = pc.fill_null(pc.equal(sorted_ids.slice(1), sorted_ids.slice(0, n - 1)), False)
+    equal_np = equal.to_numpy(zero_copy_only=False)
+    del sorted_ids, equal
+    repeated = np.zeros(n, dtype=bool)
+    repeated[1:] |= equal_np
+    repeated[:-1] |= equal_np
+    picked = pa.array(np.sort(order.to_numpy()[repeated]), pa.int64())
+    if not len(picked):
+        return pa.array(flags)
+    table = pa.table({"idx": picked, "id": ids.take(picked), "digest": digests.take(picked)})
+    if pa.types.is_fixed_size_binary(table.schema.field("digest").type):
+        table = table.set_column(2, "digest", table["digest"].cast(pa.binary()))
     grouped = table.group_by("id").aggregate([("idx", "count"), ("idx", "min"), ("digest", "count_distinct")])
     grouped = grouped.filter(pc.greater(grouped["idx_count"], 1))
-    flags = np.zeros(n, dtype=bool)
     if grouped.num_rows:
         joined = table.join(grouped, keys="id", join_type="inner")
         differ = pc.greater(joined["digest_count_distinct"], 1)
@@ -165,17 +248,18 @@ def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
 
 def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_ids: list[str]) -> Decisions:
     """Evaluate every record against the plan's window and policies."""
-    cols = _known_columns(records)
-    n = len(records)
-    occ_us = parse_instants(cols["occ_str"])
-    ret_us = parse_instants(cols["ret_str"])
-    ret_bad = pc.and_(cols["ret_given"], pc.is_null(ret_us))
-    valid = pc.and_(pc.and_(cols["is_object"], pc.is_valid(cols["id"])), pc.is_valid(occ_us))
-    valid = pc.and_(valid, pc.invert(ret_bad))
-    position = occ_us
-    if plan.ledger_field is not None:
-        position = _integers([o.get(plan.ledger_field) for o in cols["objects"]])
-        valid = pc.and_(valid, pc.is_valid(position))
+    return decide_columns(
+        plan, known_columns(records, plan.ledger_field), pa.array(record_digests, pa.string()), existing_ids
+    )
+
+
+def decide_columns(plan: Plan, cols: RecordColumns, digests: pa.Array, existing_ids: list[str]) -> Decisions:
+    """`decide` on the records' columns; `digests` (string or fixed-size binary) identify equal records."""
+    n = len(cols)
+    occ_us, ret_us = cols.occ_us, cols.ret_us
+    ids = _non_empty(cols.id_str)
+    valid = cols.valid
+    position = occ_us if plan.ledger_field is None else cols.position
     in_window = pc.and_(
         pc.greater_equal(position, pa.scalar(plan.start, pa.int64())),
         pc.less(position, pa.scalar(plan.end, pa.int64())),
@@ -185,56 +269,42 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
     policies = plan.policies
     mask = pa.array(np.zeros(n, dtype=np.int32))
     if policies.require_consent:
-        mask = pc.add(mask, _bit(pc.invert(cols["consent"]), 0))
+        mask = pc.add(mask, _bit(pc.invert(cols.consent), 0))
     if policies.allowed_jurisdictions is not None:
         allowed = pa.array(list(policies.allowed_jurisdictions), pa.string())
-        ok = pc.is_in(normalize_jurisdictions(cols["jurisdiction"]), value_set=allowed)
+        ok = pc.is_in(normalize_jurisdictions(cols.jurisdiction), value_set=allowed)
         mask = pc.add(mask, _bit(pc.invert(ok), 1))
     if policies.retention_cutoff_us is not None:
         mask = pc.add(
             mask, _bit(pc.less_equal(ret_us, pa.scalar(policies.retention_cutoff_us, pa.int64())), 2)
         )
     if existing_ids:
-        present = pc.is_in(cols["id"], value_set=pa.array(existing_ids, pa.string()))
+        present = pc.is_in(ids, value_set=pa.array(existing_ids, pa.string()))
         mask = pc.add(mask, pc.multiply(pc.cast(pc.fill_null(present, False), pa.int32()), 1 << 3))
-    digests = pa.array(record_digests, pa.string())
-    mask = pc.add(mask, pc.multiply(pc.cast(_duplicate_flags(cols["id"], digests), pa.int32()), 1 << 4))
+    mask = pc.add(mask, pc.multiply(pc.cast(_duplicate_flags(ids, digests), pa.int32()), 1 << 4))
+    release_memory()  # the hash tables of the duplicate search, before the Python work below
 
     # Unplaced records, by input index.
-    unplaced: list[dict[str, Any]] = []
-    valid_np = pc.fill_null(valid, False).to_numpy(zero_copy_only=False)
-    placed_np = placed.to_numpy(zero_copy_only=False)
-    occ_ok_np = pc.is_valid(occ_us).to_numpy(zero_copy_only=False)
-    is_object_np = cols["is_object"].to_numpy(zero_copy_only=False)
-    ret_bad_np = ret_bad.to_numpy(zero_copy_only=False)
-    position_ok_np = pc.is_valid(position).to_numpy(zero_copy_only=False)
     outside = "occurredAt is outside [start, end)"
     if plan.ledger_field is not None:
         outside = f"{plan.ledger_field} is outside the ledger range"
-    for index in np.flatnonzero(~placed_np).tolist():
-        raw_id = cols["raw_ids"][index]
-        entry_id = raw_id if type(raw_id) is str else None
-        if valid_np[index]:
-            unplaced.append(
-                {
-                    "index": index,
-                    "id": entry_id,
-                    "reasons": [OUT_OF_WINDOW],
-                    "detail": outside,
-                }
-            )
-        else:
-            detail = _invalid_detail(
-                bool(is_object_np[index]),
-                raw_id,
-                cols["raw_occ"][index],
-                bool(occ_ok_np[index]),
-                bool(ret_bad_np[index]),
-                None
-                if plan.ledger_field is None or position_ok_np[index]
-                else f"{plan.ledger_field} is missing or not an integer",
-            )
-            unplaced.append({"index": index, "id": entry_id, "reasons": [INVALID_RECORD], "detail": detail})
+    placed_np = placed.to_numpy(zero_copy_only=False)
+    unplaced_idx = np.flatnonzero(~placed_np)
+    take = pa.array(unplaced_idx, pa.int64())
+    unplaced = [
+        {
+            "index": index,
+            "id": entry_id,
+            "reasons": [INVALID_RECORD] if detail is not None else [OUT_OF_WINDOW],
+            "detail": detail if detail is not None else outside,
+        }
+        for index, entry_id, detail in zip(
+            unplaced_idx.tolist(),
+            cols.id_str.take(take).to_pylist(),
+            cols.detail.take(take).to_pylist(),
+            strict=True,
+        )
+    ]
 
     # Placed records: sort by partition, id bytes, then reasons.
     width = pa.scalar(plan.width, pa.int64())
@@ -242,7 +312,7 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
         {
             "idx": pa.array(np.arange(n, dtype=np.int64)),
             "pidx": pc.divide(pc.subtract(position, pa.scalar(plan.start, pa.int64())), width),
-            "id": cols["id"],
+            "id": ids,
             "mask": mask,
         }
     ).filter(placed)

@@ -7,9 +7,11 @@ extension, see the README) they are ledger sequence numbers read from a record f
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -115,8 +117,34 @@ def partitions_for(start: int, end: int, width: int, ledger: bool = False) -> tu
     return tuple(parts)
 
 
-def build_plan(request: BackfillRequest, record_digests: list[str]) -> Plan:
-    """The plan of a request; `record_digests` are the hex SHA-256 of JCS(record) of every record."""
+def sorted_digest_order(digests: np.ndarray) -> np.ndarray:
+    """Indices that sort an (n, 32) uint8 array of raw digests bytewise (as their hex texts sort)."""
+    words = digests.view(">u8").reshape(len(digests), 4)
+    return np.lexsort((words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
+
+
+def _streamed_hash(document: dict[str, Any], digests: np.ndarray) -> str:
+    """SHA-256 of `fast_jcs(document)` with `records` the sorted hex texts of `digests`, without
+    building them all: the canonical text around an empty `records` array is hashed, and the
+    sorted digests are hashed between, a chunk at a time. (No string value can hold the marker:
+    its quotes would be escaped.)"""
+    text = fast_jcs({**document, "records": []})
+    marker = b'"records":['
+    at = text.index(marker) + len(marker)
+    sha = hashlib.sha256(text[:at])
+    order = sorted_digest_order(digests)
+    chunk = 65_536
+    for lo in range(0, len(order), chunk):
+        hexes = digests[order[lo : lo + chunk]].tobytes().hex()
+        body = '","'.join(hexes[i : i + 64] for i in range(0, len(hexes), 64))
+        sha.update((("," if lo else "") + '"' + body + '"').encode("ascii"))
+    sha.update(text[at:])
+    return sha.hexdigest()
+
+
+def build_plan(request: BackfillRequest, record_digests: list[str] | np.ndarray) -> Plan:
+    """The plan of a request; `record_digests` are the hex SHA-256 of JCS(record) of every record,
+    or (a streamed source) the raw digests as an (n, 32) uint8 array: the hash is the same."""
     policies = normalize_policies(request)
     ledger = request.ledgerRange
     document: dict[str, Any] = {
@@ -132,11 +160,11 @@ def build_plan(request: BackfillRequest, record_digests: list[str]) -> Plan:
     else:
         start, end, width = ledger.first, ledger.end, ledger.partitionSize
         document["ledgerRange"] = {"field": ledger.field, "first": start, "end": end, "partitionSize": width}
-    document.update(
-        policies=policies.to_json(),
-        records=sorted(record_digests),
-        existingTargetIds=sorted(set(request.existingTargetIds)),
-    )
+    document.update(policies=policies.to_json(), existingTargetIds=sorted(set(request.existingTargetIds)))
+    if isinstance(record_digests, np.ndarray):
+        plan_hex = _streamed_hash(document, record_digests)
+    else:
+        plan_hex = sha256_hex(fast_jcs({**document, "records": sorted(record_digests)}))
     return Plan(
         run_id=request.runId,
         dataset=request.dataset,
@@ -146,6 +174,6 @@ def build_plan(request: BackfillRequest, record_digests: list[str]) -> Plan:
         width=width,
         policies=policies,
         partitions=partitions_for(start, end, width, ledger is not None),
-        plan_hash=prefixed(sha256_hex(fast_jcs(document))),
+        plan_hash=prefixed(plan_hex),
         ledger_field=None if ledger is None else ledger.field,
     )

@@ -30,10 +30,8 @@ _FIXED = (ID, OCCURRED_AT, RETENTION_EXPIRES_AT)
 _NONE = type(None)
 
 
-def column_type(values: list[Any]) -> pa.DataType | None:
-    """The Arrow type for a field's values, or None when they are stored as canonical JSON text."""
-    kinds = set(map(type, values))
-    kinds.discard(_NONE)
+def _type_of_kinds(kinds: set[type]) -> pa.DataType | None:
+    kinds = kinds - {_NONE}
     if not kinds or kinds == {str}:
         return pa.string()
     if kinds == {bool}:
@@ -45,22 +43,45 @@ def column_type(values: list[Any]) -> pa.DataType | None:
     return None
 
 
+def column_type(values: list[Any]) -> pa.DataType | None:
+    """The Arrow type for a field's values, or None when they are stored as canonical JSON text."""
+    return _type_of_kinds(set(map(type, values)))
+
+
+class SchemaBuilder:
+    """`run_schema` a batch of rows at a time: the JSON types seen per field, merged."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, set[type]] = {}
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        kinds = self.kinds
+        for row in rows:
+            for name, value in row.items():
+                seen = kinds.get(name)
+                if seen is None:
+                    kinds[name] = seen = set()
+                seen.add(type(value))
+
+    def result(self) -> tuple[pa.Schema, dict[str, bool]]:
+        fields = [
+            pa.field(ID, pa.string(), nullable=False),
+            pa.field(OCCURRED_AT, TIMESTAMP, nullable=False),
+            pa.field(RETENTION_EXPIRES_AT, TIMESTAMP),
+        ]
+        as_json: dict[str, bool] = {}
+        for name in sorted(set(self.kinds).difference(_FIXED)):
+            arrow_type = _type_of_kinds(self.kinds[name])
+            as_json[name] = arrow_type is None
+            fields.append(pa.field(name, arrow_type or pa.string()))
+        return pa.schema(fields), as_json
+
+
 def run_schema(rows: list[dict[str, Any]]) -> tuple[pa.Schema, dict[str, bool]]:
     """The run's schema and, per extra field, whether it is stored as canonical JSON text."""
-    names: set[str] = set()
-    for row in rows:
-        names.update(row)
-    fields = [
-        pa.field(ID, pa.string(), nullable=False),
-        pa.field(OCCURRED_AT, TIMESTAMP, nullable=False),
-        pa.field(RETENTION_EXPIRES_AT, TIMESTAMP),
-    ]
-    as_json: dict[str, bool] = {}
-    for name in sorted(names.difference(_FIXED)):
-        arrow_type = column_type([row.get(name) for row in rows])
-        as_json[name] = arrow_type is None
-        fields.append(pa.field(name, arrow_type or pa.string()))
-    return pa.schema(fields), as_json
+    builder = SchemaBuilder()
+    builder.add(rows)
+    return builder.result()
 
 
 def _json_text(value: Any) -> str | None:

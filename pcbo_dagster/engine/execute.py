@@ -30,13 +30,14 @@ from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
 from pcbo_dagster.core.plan import Plan
-from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table, run_schema
+from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, catalog_row, chain_key, commit_body
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_version
 from pcbo_dagster.lake import layout, manifests, parquet_files
+from pcbo_dagster.sources.streaming import release_memory, source_batch_size
 
 Progress = Callable[[int], None]
 #: Called before each partition is written when given (a staged rollout's throttle, pause and
@@ -250,7 +251,7 @@ def execute(
     ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
     all_adds = [i for pd in (schema_from or decisions).partitions for i in pd.add_indices.tolist()]
-    schema, as_json = run_schema([loaded.records[i] for i in all_adds])
+    schema, as_json = loaded.schema_of(all_adds)
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
     failure: str | None = None
@@ -382,10 +383,7 @@ def _prepare(
     lake = env.lake
     key = pd.partition.key
     dataset, version_label = plan.dataset, plan.version_label
-    rows = [loaded.records[i] for i in pd.add_indices.tolist()]
-    take = pa.array(pd.add_indices, pa.int64())
-    occurred = decisions.occurred_us.take(take).to_numpy(zero_copy_only=False)
-    table = build_table(rows, pd.add, occurred, decisions.retention_us.take(take), schema, as_json)
+    table = _partition_table(loaded, decisions, pd, schema, as_json)
     data = parquet_files.encode(table)
     file_hex = sha256_hex(data)
     file_rel = layout.data_file(dataset, version_label, key, file_hex)
@@ -421,6 +419,41 @@ def _prepare(
     return _Prepared(staged, previous, previous_checksum, files)
 
 
+def _partition_table(
+    loaded: LoadedRequest,
+    decisions: Decisions,
+    pd: PartitionDecision,
+    schema: pa.Schema,
+    as_json: dict[str, bool],
+) -> pa.Table:
+    """The partition's added rows as one Arrow table, built a source batch of records at a time (the
+    chunks joined into single arrays, so the encoded file is the one a single build gives)."""
+    take = pa.array(pd.add_indices, pa.int64())
+    occurred = decisions.occurred_us.take(take).to_numpy(zero_copy_only=False)
+    retention = decisions.retention_us.take(take)
+    tables = []
+    lo = 0
+    for rows in loaded.fetch_chunks(pd.add_indices, source_batch_size()):
+        hi = lo + len(rows)
+        tables.append(
+            build_table(rows, pd.add[lo:hi], occurred[lo:hi], retention.slice(lo, hi - lo), schema, as_json)
+        )
+        lo = hi
+    if not tables:
+        return build_table([], [], occurred, retention, schema, as_json)
+    if len(tables) == 1:
+        return tables[0]
+    # One column at a time, each column's pieces let go of once joined: the partition is held about
+    # once, not twice.
+    pieces = [[t.column(i).chunk(0) for t in tables] for i in range(len(schema))]
+    del tables
+    arrays = []
+    for i in range(len(pieces)):
+        arrays.append(pa.concat_arrays(pieces[i]))
+        pieces[i] = []
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def _write_files(env: Environment, prepared: _Prepared) -> None:
     """Write a prepared partition's data file, version and rollback manifests (not yet durable, not
     yet committed), then let go of their bytes."""
@@ -454,6 +487,8 @@ def _stage_batch(
         prepared = _prepare(env, loaded, plan, decisions, pd, schema, as_json, known[pd.partition.key])
         if pool is not None:
             _write_files(env, prepared)
+        if loaded.source is not None:
+            release_memory()  # the partition's records and table, freed on this thread
         return prepared
 
     staged = []

@@ -72,7 +72,7 @@ _CSV_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
 _MAX_SAFE = 2**53 - 1
 
 
-def _is_safe_integer(text: str) -> bool:
+def is_safe_integer(text: str) -> bool:
     return _CSV_INTEGER.fullmatch(text) is not None and abs(int(text)) <= _MAX_SAFE
 
 
@@ -102,27 +102,42 @@ def parse_csv(data: bytes) -> list[dict[str, Any]]:
             rows.append(row)
     except csv.Error as exc:
         raise InvalidInput("source", f"CSV line {reader.line_num}: {exc}") from None
-    integer_columns = set()
-    for i, name in enumerate(header):
-        if name in CSV_STRING_COLUMNS or name == CSV_BOOLEAN_COLUMN:
-            continue
-        cells = [row[i] for row in rows if i < len(row) and row[i] != ""]
-        if cells and all(_is_safe_integer(c) for c in cells):
-            integer_columns.add(name)
-    records: list[dict[str, Any]] = []
+    flags: dict[int, bool] = {}
     for row in rows:
-        record: dict[str, Any] = {}
-        for name, cell in zip(header, row, strict=False):
-            if cell == "":
-                continue
-            if name == CSV_BOOLEAN_COLUMN and cell in ("true", "false"):
-                record[name] = cell == "true"
-            elif name in integer_columns:
-                record[name] = int(cell)
-            else:
-                record[name] = cell
-        records.append(record)
-    return records
+        for i, cell in enumerate(row):
+            if cell != "" and flags.get(i, True):
+                flags[i] = is_safe_integer(cell)
+    integer_columns = csv_integer_columns(header, flags)
+    return [csv_record(header, row, integer_columns) for row in rows]
+
+
+def csv_integer_columns(header: list[str], all_integer: dict[int, bool]) -> set[str]:
+    """The columns read as integers; `all_integer[i]`: column i has a non-empty cell and every
+    non-empty cell of it is a safe integer (absent: no non-empty cell)."""
+    return {
+        name
+        for i, name in enumerate(header)
+        if name not in CSV_STRING_COLUMNS and name != CSV_BOOLEAN_COLUMN and all_integer.get(i, False)
+    }
+
+
+def csv_record(header: list[str], row: list[str], integer_columns: set[str]) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for name, cell in zip(header, row, strict=False):
+        if cell == "":
+            continue
+        if name == CSV_BOOLEAN_COLUMN and cell in ("true", "false"):
+            record[name] = cell == "true"
+        elif name in integer_columns:
+            record[name] = int(cell)
+        else:
+            record[name] = cell
+    return record
+
+
+def jsonable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A parquet row as the JSON record it stands for."""
+    return {k: _jsonable(v, k) for k, v in row.items()}
 
 
 def load_records(ref: SourceRef, base_dir: Path | None) -> tuple[list[Any], bool, str]:
@@ -158,7 +173,7 @@ def load_records(ref: SourceRef, base_dir: Path | None) -> tuple[list[Any], bool
         except pa.ArrowException as exc:
             raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
         rows = table.to_pylist()
-        records = [{k: _jsonable(v, k) for k, v in row.items()} for row in rows]
+        records = [jsonable_row(row) for row in rows]
         return records, True, uri
     if fmt == "csv":
         return parse_csv(data), False, uri

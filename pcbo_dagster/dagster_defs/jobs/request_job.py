@@ -130,7 +130,7 @@ def build_request_job(default_base_dir: str | os.PathLike[str] | None = None) ->
         keys = [p.key for p in plan.partitions]
         context.log.info(
             f"request {request.runId}: {request.dataset}/{request.versionLabel}, {len(keys)} partition(s), "
-            f"{len(loaded.records)} record(s) from {loaded.source_kind} source"
+            f"{loaded.record_count} record(s) from {loaded.source_kind} source"
         )
         log_policy_gate(context, decisions, keys)
         try:

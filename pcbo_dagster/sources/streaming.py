@@ -1,0 +1,342 @@
+"""Record files read in batches, so that memory stays bounded whatever the source size.
+
+A `RecordSource` (JSONL, CSV or parquet; local, `file://`, `s3://` or `gs://`) is read once in
+batches of `source_batch_size()` records (`PCBO_SOURCE_BATCH`, default 8,192) by `load_request`,
+which keeps, per record, only its digest and its decision columns (`core.decisions.RecordColumns`),
+and no Python object. Records are read again later by position: `fetch(indices)` (the adds of a
+partition being written) and `scan(indices)` (the adds of the run, for the schema). The records
+are exactly those of `record_files.load_records` (the same values in the same order), so plans,
+decisions and written files are the same as for the whole file read at once.
+
+Memory bound (measured by `benchmarks/memory_benchmark.py`, figures in the README): what is kept
+from the read is about 84 bytes a record (32-byte digest, decision columns with ids of 13
+characters, an 8-byte offset for JSONL and CSV); the decisions built from them (every added id a
+Python string) and the dry-run document bring a run to about 360 bytes a record, over about 120 MiB
+of program. On top: one batch of records as Python objects, and in `execute` the partitions in
+flight, about 2 KiB per record of each partition being encoded, times `parallel`. For parquet, one
+record batch of a row group is decoded at a time.
+"""
+
+from __future__ import annotations
+
+import array
+import csv
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.memory import release_memory  # noqa: F401  (re-exported)
+from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.engine.settings import redact_url
+from pcbo_dagster.lake.storage import filesystem
+from pcbo_dagster.sources.record_files import csv_integer_columns, csv_record, is_safe_integer, jsonable_row
+
+DEFAULT_BATCH = 8_192
+_BLOCK = 1 << 22  # bytes read at a time from a text source
+_BOM = b"\xef\xbb\xbf"
+
+
+def source_batch_size() -> int:
+    """Records a batch (`PCBO_SOURCE_BATCH`, default 8,192)."""
+    text = os.environ.get("PCBO_SOURCE_BATCH", "").strip()
+    if not text:
+        return DEFAULT_BATCH
+    try:
+        size = int(text)
+    except ValueError:
+        raise InvalidInput("PCBO_SOURCE_BATCH", f"not an integer: {text!r}") from None
+    if size < 1:
+        raise InvalidInput("PCBO_SOURCE_BATCH", f"must be at least 1, not {size}")
+    return size
+
+
+@contextmanager
+def _opened(uri: str, shown: str) -> Iterator[IO[bytes]]:
+    try:
+        fs, path = filesystem(uri)
+        fh = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise InvalidInput("source.uri", f"no such file: {redact_url(shown)}") from None
+    except ImportError as exc:
+        raise InvalidInput(
+            "source.uri", f"needs the optional package {exc.name} (pip install 'pcbo_dagster[lakes]')"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInput("source.uri", f"cannot be read: {exc.__class__.__name__}") from None
+    with fh:
+        yield fh
+
+
+def _lines(fh: IO[bytes], offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line with its ending) from the file's current position (at `offset`), lines
+    split as `bytes.splitlines` splits them (at \\n, \\r and \\r\\n)."""
+    rest = b""
+    while True:
+        block = fh.read(_BLOCK)
+        if not block:
+            break
+        block = rest + block if rest else block
+        cut = block.rfind(b"\n")
+        if cut < 0:
+            rest = block
+            continue
+        head, rest = block[: cut + 1], block[cut + 1 :]
+        for part in head.splitlines(keepends=True):
+            yield offset, part
+            offset += len(part)
+    for part in rest.splitlines(keepends=True):
+        yield offset, part
+        offset += len(part)
+
+
+class RecordSource:
+    """A record file read in batches; `count` once `batches` has gone through it."""
+
+    kind = ""
+
+    def __init__(self, uri: str, shown: str) -> None:
+        self.uri = uri
+        self.shown = shown
+        self.count = 0
+
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
+        """(records, may_hold_floats_or_big_ints) of each batch, in order (pass 1)."""
+        raise NotImplementedError
+
+    def fetch(self, indices: np.ndarray) -> list[Any]:
+        """The records at `indices` (positions in the source), in that order."""
+        raise NotImplementedError
+
+    def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
+        """`fetch(indices)`, `size` records at a time."""
+        for lo in range(0, len(indices), size):
+            yield self.fetch(indices[lo : lo + size])
+
+    def scan(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
+        """The records at `indices` (sorted), a batch at a time: by default, one more pass."""
+        wanted = np.zeros(self.count, dtype=bool)
+        wanted[indices] = True
+        first = 0
+        for records, _ in self.batches(size):
+            picked = np.flatnonzero(wanted[first : first + len(records)]).tolist()
+            if picked:
+                yield [records[i] for i in picked]
+            first += len(records)
+
+
+class JsonlSource(RecordSource):
+    kind = "jsonl"
+
+    def __init__(self, uri: str, shown: str) -> None:
+        super().__init__(uri, shown)
+        self.offsets = array.array("q")  # byte offset of each record's line
+
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
+        offsets = array.array("q")
+        records: list[Any] = []
+        risky = False
+        with _opened(self.uri, self.shown) as fh:
+            for number, (offset, line) in enumerate(_lines(fh), start=1):
+                if not line.strip():
+                    continue
+                parsed = parse_json_strict(line.rstrip(b"\r\n"), what=f"source line {number}")
+                records.append(parsed.value)
+                offsets.append(offset)
+                risky = risky or parsed.may_hold_floats_or_big_ints
+                if len(records) >= size:
+                    yield records, risky
+                    records, risky = [], False
+        if records:
+            yield records, risky
+        self.offsets, self.count = offsets, len(offsets)
+
+    def fetch(self, indices: np.ndarray) -> list[Any]:
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        out: list[Any] = [None] * len(indices)
+        offsets = np.frombuffer(self.offsets, dtype=np.int64) if len(self.offsets) else np.zeros(0, np.int64)
+        with _opened(self.uri, self.shown) as fh:
+            for k, offset in zip(order.tolist(), offsets[indices[order]].tolist(), strict=True):
+                fh.seek(offset)
+                line = fh.readline().splitlines()[0]
+                out[k] = parse_json_strict(line, what="source line").value
+        return out
+
+    def scan(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
+        for lo in range(0, len(indices), size):
+            yield self.fetch(indices[lo : lo + size])
+
+
+class CsvSource(RecordSource):
+    kind = "csv"
+
+    def __init__(self, uri: str, shown: str) -> None:
+        super().__init__(uri, shown)
+        self.offsets = array.array("q")  # byte offset of each record's first line
+        self.header: list[str] | None = None
+        self.integer_columns: set[str] = set()
+
+    def _text_lines(self, fh: IO[bytes], offset: int, starts: list[int]) -> Iterator[str]:
+        for at, line in _lines(fh, offset):
+            skipped = 0
+            if at == 0 and line.startswith(_BOM):
+                skipped, line = len(_BOM), line[len(_BOM) :]
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                # counted as in the text after the byte-order mark, as when the file is decoded whole
+                position = at + skipped - (len(_BOM) if self._has_bom else 0) + exc.start
+                raise InvalidInput("source.uri", f"CSV is not UTF-8 (byte {position})") from None
+            starts.append(at)
+            yield text
+
+    _has_bom = False
+
+    def _rows(self, fh: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
+        """(offset, row) of each data row; checks the header and the cell counts."""
+        starts: list[int] = []
+        lines = self._text_lines(fh, 0, starts)
+        reader = csv.reader(lines, strict=True)
+        try:
+            try:
+                header = next(reader, None)
+                if header is None:
+                    self.header = []
+                    return
+                if any(not name for name in header):
+                    raise InvalidInput("source", "CSV header row has an empty column name")
+                if len(set(header)) != len(header):
+                    raise InvalidInput("source", "CSV header row names a column twice")
+                self.header = header
+                starts.clear()
+                for row in reader:
+                    start = starts[0]
+                    starts.clear()
+                    if not row or (len(row) == 1 and row[0] == ""):
+                        continue
+                    if len(row) > len(header):
+                        raise InvalidInput(
+                            "source",
+                            f"CSV line {reader.line_num}: {len(row)} cells, the header has {len(header)}",
+                        )
+                    yield start, row
+            except csv.Error as exc:
+                raise InvalidInput("source", f"CSV line {reader.line_num}: {exc}") from None
+        except InvalidInput:
+            for _ in lines:  # a file that is not UTF-8 is reported as such first, as when read whole
+                pass
+            raise
+
+    def _prepare(self) -> None:
+        """The header and the integer columns (a first pass: they depend on every row)."""
+        with _opened(self.uri, self.shown) as fh:
+            self._has_bom = fh.read(len(_BOM)) == _BOM
+            fh.seek(0)
+            cells: dict[int, bool] = {}
+            for _, row in self._rows(fh):
+                for i, cell in enumerate(row):
+                    if cell != "" and cells.get(i, True):
+                        cells[i] = is_safe_integer(cell)
+            header = self.header or []
+            self.integer_columns = csv_integer_columns(header, cells)
+
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
+        self._prepare()
+        header = self.header or []
+        offsets = array.array("q")
+        records: list[Any] = []
+        with _opened(self.uri, self.shown) as fh:
+            for start, row in self._rows(fh):
+                records.append(csv_record(header, row, self.integer_columns))
+                offsets.append(start)
+                if len(records) >= size:
+                    yield records, False
+                    records = []
+        if records:
+            yield records, False
+        self.offsets, self.count = offsets, len(offsets)
+
+    def fetch(self, indices: np.ndarray) -> list[Any]:
+        indices = np.asarray(indices, dtype=np.int64)
+        offsets = np.frombuffer(self.offsets, dtype=np.int64) if len(self.offsets) else np.zeros(0, np.int64)
+        header = self.header or []
+        out = []
+        with _opened(self.uri, self.shown) as fh:
+            for offset in offsets[indices].tolist():
+                fh.seek(offset)
+                row = next(csv.reader(self._text_lines(fh, offset, []), strict=True))
+                out.append(csv_record(header, row, self.integer_columns))
+        return out
+
+
+class ParquetSource(RecordSource):
+    kind = "parquet"
+
+    def __init__(self, uri: str, shown: str) -> None:
+        super().__init__(uri, shown)
+        self.group_starts = np.zeros(1, dtype=np.int64)  # first record of each row group, then the count
+
+    @contextmanager
+    def _file(self) -> Iterator[pq.ParquetFile]:
+        with _opened(self.uri, self.shown) as fh:
+            try:
+                yield pq.ParquetFile(fh)
+            except pa.ArrowException as exc:
+                raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
+
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
+        with self._file() as pf:
+            rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+            self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+            self.count = int(self.group_starts[-1])
+            for batch in pf.iter_batches(batch_size=size, use_threads=False):
+                yield [jsonable_row(row) for row in batch.to_pylist()], True
+
+    def _take(self, indices: np.ndarray) -> pa.Table:
+        """The rows at `indices`, in that order, as Arrow (a record batch of a row group at a time
+        decoded)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        groups = np.searchsorted(self.group_starts, indices, side="right") - 1
+        pieces: list[pa.Table] = []
+        where: list[np.ndarray] = []
+        with self._file() as pf:
+            schema = pf.schema_arrow
+            for group in np.unique(groups).tolist():
+                positions = np.flatnonzero(groups == group)
+                local = indices[positions] - self.group_starts[group]
+                first = 0
+                for batch in pf.iter_batches(batch_size=DEFAULT_BATCH, row_groups=[group], use_threads=False):
+                    hit = (local >= first) & (local < first + batch.num_rows)
+                    if hit.any():
+                        pieces.append(pa.Table.from_batches([batch.take(pa.array(local[hit] - first))]))
+                        where.append(positions[hit])
+                    first += batch.num_rows
+        if not pieces:
+            return schema.empty_table()
+        table = pa.concat_tables(pieces)
+        order = np.argsort(np.concatenate(where), kind="stable")
+        return table.take(pa.array(order))
+
+    def fetch(self, indices: np.ndarray) -> list[Any]:
+        return [jsonable_row(row) for row in self._take(indices).to_pylist()]
+
+    def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
+        table = self._take(indices)
+        for lo in range(0, table.num_rows, size):
+            yield [jsonable_row(row) for row in table.slice(lo, size).to_pylist()]
+
+
+def open_source(uri: str, shown: str, fmt: str) -> RecordSource:
+    if fmt == "jsonl":
+        return JsonlSource(uri, shown)
+    if fmt == "csv":
+        return CsvSource(uri, shown)
+    if fmt == "parquet":
+        return ParquetSource(uri, shown)
+    raise InvalidInput("source.format", f"{fmt} sources are not supported; use jsonl, csv or parquet")
