@@ -24,6 +24,8 @@ import datetime as dt
 import decimal
 import io
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,22 @@ from pcbo_dagster.engine.settings import redact_url
 from pcbo_dagster.lake.storage import filesystem
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@contextmanager
+def source_read_errors(shown: str) -> Iterator[None]:
+    """Opening or reading a source: a missing file, a missing fsspec backend or an unreadable store
+    as `InvalidInput` on `source.uri` (the URI shown without credentials)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InvalidInput("source.uri", f"no such file: {redact_url(shown)}") from None
+    except ImportError as exc:
+        raise InvalidInput(
+            "source.uri", f"needs the optional package {exc.name} (pip install 'pcbo_dagster[lakes]')"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInput("source.uri", f"cannot be read: {exc.__class__.__name__}") from None
 
 
 def resolve_uri(uri: str, base_dir: Path | None) -> str:
@@ -144,17 +162,9 @@ def load_records(ref: SourceRef, base_dir: Path | None) -> tuple[list[Any], bool
     """(records, may_hold_floats_or_big_ints, resolved uri)."""
     uri = resolve_uri(ref.uri, base_dir)
     fmt = ref.resolved_format()
-    try:
+    with source_read_errors(ref.uri):
         fs, path = filesystem(uri)
         data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise InvalidInput("source.uri", f"no such file: {redact_url(ref.uri)}") from None
-    except ImportError as exc:
-        raise InvalidInput(
-            "source.uri", f"needs the optional package {exc.name} (pip install 'pcbo_dagster[lakes]')"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise InvalidInput("source.uri", f"cannot be read: {exc.__class__.__name__}") from None
     if fmt == "jsonl":
         records: list[Any] = []
         risky = False

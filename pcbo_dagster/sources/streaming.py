@@ -33,9 +33,14 @@ import pyarrow.parquet as pq
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.memory import release_memory  # noqa: F401  (re-exported)
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.engine.settings import redact_url
 from pcbo_dagster.lake.storage import filesystem
-from pcbo_dagster.sources.record_files import csv_integer_columns, csv_record, is_safe_integer, jsonable_row
+from pcbo_dagster.sources.record_files import (
+    csv_integer_columns,
+    csv_record,
+    is_safe_integer,
+    jsonable_row,
+    source_read_errors,
+)
 
 DEFAULT_BATCH = 8_192
 _BLOCK = 1 << 22  # bytes read at a time from a text source
@@ -58,17 +63,9 @@ def source_batch_size() -> int:
 
 @contextmanager
 def _opened(uri: str, shown: str) -> Iterator[IO[bytes]]:
-    try:
+    with source_read_errors(shown):
         fs, path = filesystem(uri)
         fh = fs.open(path, "rb")
-    except FileNotFoundError:
-        raise InvalidInput("source.uri", f"no such file: {redact_url(shown)}") from None
-    except ImportError as exc:
-        raise InvalidInput(
-            "source.uri", f"needs the optional package {exc.name} (pip install 'pcbo_dagster[lakes]')"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise InvalidInput("source.uri", f"cannot be read: {exc.__class__.__name__}") from None
     with fh:
         yield fh
 
