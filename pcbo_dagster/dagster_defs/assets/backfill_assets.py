@@ -179,9 +179,9 @@ def progress_logger(context: AnyContext, total: int) -> Callable[[int], None]:
     return progress
 
 
-def failure_for_invalid_input(exc: InvalidInput, source_uri: str) -> dg.Failure:
+def failure_for_invalid_input(exc: InvalidInput, source_uri: str | None = None) -> dg.Failure:
     description = f"invalid input: {exc}"
-    if exc.field == "source.uri":
+    if exc.field == "source.uri" and source_uri is not None:
         description += (
             f" ({source_uri}; for the example config, generate the demo sources with `pcbo demo-data`)"
         )
@@ -195,22 +195,26 @@ def failure_for_invalid_input(exc: InvalidInput, source_uri: str) -> dg.Failure:
 def failure_for_gate(exc: Blocked) -> dg.Failure:
     document = exc.document
     breaches = document.get("breaches", [])
+    metadata = {
+        "gate": dg.MetadataValue.text(str(document.get("gate"))),
+        "breach_count": dg.MetadataValue.int(len(breaches)),
+        "breaches (first 50)": dg.MetadataValue.json(breaches[:50]),
+        "plan_hash": dg.MetadataValue.text(str(document.get("planHash"))),
+        "decision_hash": dg.MetadataValue.text(str(document.get("decisionHash"))),
+    }
+    if "reasons" in document:  # a rollout's promotion gate: every reason it holds
+        metadata["reasons"] = dg.MetadataValue.json(document["reasons"])
     return dg.Failure(
         description=f"blocked by the {document.get('gate')} gate, nothing written: {exc}",
-        metadata={
-            "gate": dg.MetadataValue.text(str(document.get("gate"))),
-            "breach_count": dg.MetadataValue.int(len(breaches)),
-            "breaches (first 50)": dg.MetadataValue.json(breaches[:50]),
-            "plan_hash": dg.MetadataValue.text(str(document.get("planHash"))),
-            "decision_hash": dg.MetadataValue.text(str(document.get("decisionHash"))),
-        },
+        metadata=metadata,
         allow_retries=False,
     )
 
 
 @contextmanager
-def _engine_errors(source_uri: str) -> Iterator[None]:
-    """Engine outcomes as Dagster failures (none of them is worth retrying)."""
+def engine_errors(source_uri: str | None = None) -> Iterator[None]:
+    """Engine outcomes as Dagster failures (none of them is worth retrying); `source_uri` is named
+    in the failure when the source cannot be read."""
     try:
         yield
     except InvalidInput as exc:
@@ -299,7 +303,7 @@ def _materialize(
         f"{dataset.name}: {len(keys)} partition(s) {keys[0]}..{keys[-1]} as {len(groups)} engine "
         f"request(s); source {source_uri}; engine {json.dumps(pcbo.describe(lake))}"
     )
-    with _engine_errors(source_uri):
+    with engine_errors(source_uri):
         if len(groups) > 1:
             # Gates hold before anything is written: check every request's before executing any.
             for run_id, group in zip(run_ids, groups, strict=True):

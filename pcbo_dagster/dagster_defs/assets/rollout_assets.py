@@ -20,18 +20,16 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.assets.backfill_assets import (
     GROUP_NAME,
-    failure_for_gate,
-    failure_for_invalid_input,
+    engine_errors,
     log_execution,
     partition_metadata,
 )
 from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
-from pcbo_dagster.engine.execute import PostWriteCheckFailed
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import Clock
 
@@ -72,35 +70,6 @@ def _record(
         context.add_asset_metadata({**metadata, **extra}, partition_key=outcome["key"])
 
 
-def _failures(source_uri: str) -> Any:
-    """Engine outcomes as Dagster failures (none is worth retrying)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def guard():  # noqa: ANN202
-        try:
-            yield
-        except InvalidInput as exc:
-            raise failure_for_invalid_input(exc, source_uri) from exc
-        except Blocked as exc:
-            reasons = exc.document.get("reasons")
-            if reasons:
-                raise dg.Failure(
-                    description=f"gate closed, nothing written: {exc}",
-                    metadata={"reasons": dg.MetadataValue.json(reasons)},
-                    allow_retries=False,
-                ) from exc
-            raise failure_for_gate(exc) from exc
-        except PostWriteCheckFailed as exc:
-            raise dg.Failure(
-                description=f"post-write reconciliation failed; the partition was rolled back: {exc}",
-                metadata={"reconciliation": dg.MetadataValue.json(exc.document.get("reconciliation", {}))},
-                allow_retries=False,
-            ) from exc
-
-    return guard()
-
-
 def build_staging_asset(config: DatasetsConfig, dataset: DatasetConfig, clock: Clock) -> dg.AssetsDefinition:
     assert dataset.rollout is not None
     source_uri = config.source_uri(dataset)
@@ -114,7 +83,7 @@ def build_staging_asset(config: DatasetsConfig, dataset: DatasetConfig, clock: C
             "partitionsPerMinute": config.partitions_per_minute,
             "recordsPerMinute": config.records_per_minute,
         }
-        with _failures(source_uri):
+        with engine_errors(source_uri):
             result = operations.start(
                 datasets,
                 pcbo.settings(),
@@ -169,7 +138,7 @@ def build_production_asset(
         base = pcbo.settings()
         name = context.run.tags.get(ROLLOUT_TAG) or _rollout_covering(base, dataset, keys)
         context.log.info(f"production: {len(keys)} partition(s) {keys[0]}..{keys[-1]} of rollout {name}")
-        with _failures(source_uri):
+        with engine_errors(source_uri):
             rollout = operations.find_rollout(base, name)
             if rollout["status"] == "promoted":
                 document = _repair(config, dataset, base, rollout, keys, context.run.run_id)

@@ -14,36 +14,17 @@ nothing written.
 """
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
 
-from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.dagster_defs.assets.backfill_assets import engine_errors
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets_config import DatasetsConfig
 from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import Clock
-
-
-@contextmanager
-def _as_failure() -> Iterator[None]:
-    try:
-        yield
-    except InvalidInput as exc:
-        raise dg.Failure(
-            description=f"invalid input: {exc}",
-            metadata={"field": dg.MetadataValue.text(exc.field)},
-            allow_retries=False,
-        ) from exc
-    except Blocked as exc:
-        raise dg.Failure(
-            description=f"blocked: {exc}",
-            metadata={"document": dg.MetadataValue.json(exc.document)},
-            allow_retries=False,
-        ) from exc
 
 
 def _document(context: dg.OpExecutionContext, title: str, document: Any) -> dict[str, Any]:
@@ -90,7 +71,7 @@ def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefin
     def control_op(
         context: dg.OpExecutionContext, config: RolloutControlConfig, pcbo: PcboEngineResource
     ) -> dict:
-        with _as_failure():
+        with engine_errors():
             result = operations.control(
                 pcbo.settings(),
                 config.rollout,
@@ -105,7 +86,7 @@ def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefin
     def approval_op(
         context: dg.OpExecutionContext, config: RolloutApprovalConfig, pcbo: PcboEngineResource
     ) -> dict:
-        with _as_failure():
+        with engine_errors():
             result = operations.decide(
                 datasets,
                 pcbo.settings(),
@@ -122,7 +103,7 @@ def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefin
     def rollback_op(
         context: dg.OpExecutionContext, config: RolloutRollbackConfig, pcbo: PcboEngineResource
     ) -> dict:
-        with _as_failure():
+        with engine_errors():
             result = operations.rollback(
                 datasets,
                 pcbo.settings(),
@@ -143,7 +124,7 @@ def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefin
     ) -> dict:
         names = [config.dataset] if config.dataset else rollout_datasets
         results = {}
-        with _as_failure():
+        with engine_errors():
             for name in names:
                 results[name] = operations.health(
                     datasets, pcbo.settings(), name, launch=config.launch, clock=clock
