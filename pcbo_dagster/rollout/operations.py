@@ -152,18 +152,6 @@ def decide(
     }
 
 
-def gate(
-    config: DatasetsConfig,
-    base: Settings,
-    name: str,
-    *,
-    clock: Clock = REAL_CLOCK,
-    failed_checks: dict[str, list[str]] | None = None,
-) -> dict[str, Any]:
-    with rollout_environments(config, base, name) as (dataset, envs):
-        return promotion.promotion_gate(config, dataset, envs, name, clock=clock, failed_checks=failed_checks)
-
-
 def promote(
     config: DatasetsConfig,
     base: Settings,

@@ -88,8 +88,6 @@ def promotion_gate(
     if soak["state"] != "passed":
         reasons.append(f"soak {soak['state']}: {soak['reason']}")
     approval = envs.store.latest_approval(name)
-    now_hash = current_decision_hash(config, dataset, rollout)
-    gate["decisionHashNow"] = now_hash
     if approval is None:
         reasons.append(
             f"no approval yet: `pcbo approve {name} --by NAME --reason TEXT` or the rollout_approval job"
@@ -100,12 +98,15 @@ def promotion_gate(
         }
         if approval["decision"] == "rejected":
             reasons.append(f"rejected by {approval['actor']}: {approval['reason']}")
-        elif approval["decision_hash"] != now_hash:
-            reasons.append(
-                f"stale approval: {approval['actor']} approved decisions {approval['decision_hash']} but the "
-                f"range evaluates to {now_hash} now (source or policy changed): roll back staging, apply "
-                "again and approve the new decisions"
-            )
+        else:  # re-reading the source is the gate's costliest step: only an approval can be stale
+            now_hash = current_decision_hash(config, dataset, rollout)
+            gate["decisionHashNow"] = now_hash
+            if now_hash != approval["decision_hash"]:
+                reasons.append(
+                    f"stale approval: {approval['actor']} approved decisions {approval['decision_hash']} but "
+                    f"the range evaluates to {now_hash} now (source or policy changed): roll back staging, "
+                    "apply again and approve the new decisions"
+                )
     return {**gate, "open": not reasons, "reasons": reasons}
 
 

@@ -18,7 +18,7 @@ from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.dagster_defs.assets.rollout_assets import ROLLOUT_TAG
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets_config import DatasetsConfig
-from pcbo_dagster.rollout import operations
+from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import Clock
 
 SENSOR_NAME = "rollout_promotion"
@@ -42,13 +42,6 @@ def failed_staging_checks(instance: dg.DagsterInstance, dagster_run_id: str | No
     return failed
 
 
-def _staging_dagster_run(config: DatasetsConfig, base: Any, rollout: dict[str, Any]) -> str | None:
-    dataset = config.dataset(rollout["dataset"])
-    with operations.dataset_environments(config, dataset, base) as envs:
-        run = envs.staging.catalog.get_run(rollout["staging_run_id"]) if rollout["staging_run_id"] else None
-    return (run or {}).get("metadata", {}).get("dagsterRunId")
-
-
 def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock) -> dg.SensorDefinition:
     """The sensor; `jobs` are the promotion jobs (`promote_<asset>`) it launches."""
     datasets = {d.name: d for d in config.datasets if d.rollout is not None}
@@ -70,17 +63,23 @@ def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock
         for row in operations.list_rollouts(base)["rollouts"]:
             if row["dataset"] not in datasets or row["status"] != "soaking":
                 continue
+            dataset = datasets[row["dataset"]]
             try:
-                rollout = operations.find_rollout(base, row["name"])
-                failed = failed_staging_checks(context.instance, _staging_dagster_run(config, base, rollout))
-                gate = operations.gate(config, base, row["name"], clock=clock, failed_checks=failed)
+                with operations.dataset_environments(config, dataset, base) as envs:
+                    rollout = envs.store.require(row["name"])
+                    staging_run = envs.staging.catalog.get_run(rollout["staging_run_id"] or "") or {}
+                    failed = failed_staging_checks(
+                        context.instance, staging_run.get("metadata", {}).get("dagsterRunId")
+                    )
+                    gate = promotion.promotion_gate(
+                        config, dataset, envs, row["name"], clock=clock, failed_checks=failed
+                    )
             except PcboError as exc:  # one rollout's bad source must not stop the others' promotion
                 waiting.append(f"{row['name']}: the gate cannot be evaluated: {exc}")
                 continue
             if not gate["open"]:
                 waiting.append(f"{row['name']}: " + "; ".join(gate["reasons"]))
                 continue
-            dataset = datasets[row["dataset"]]
             keys = rollout["partition_keys"]
             requests.append(
                 dg.RunRequest(
