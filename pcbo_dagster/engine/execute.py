@@ -29,6 +29,7 @@ from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
+from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
 from pcbo_dagster.engine import failpoints
@@ -37,7 +38,7 @@ from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, catalog_
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_version
 from pcbo_dagster.lake import layout, manifests, parquet_files
-from pcbo_dagster.sources.streaming import release_memory, source_batch_size
+from pcbo_dagster.sources.streaming import source_batch_size
 
 Progress = Callable[[int], None]
 #: Called before each partition is written when given (a staged rollout's throttle, pause and

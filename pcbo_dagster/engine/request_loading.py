@@ -18,12 +18,13 @@ import pyarrow as pa
 from pcbo_dagster.core.canonical import CanonicalizationError, record_digest_bytes, record_digests
 from pcbo_dagster.core.decisions import Decisions, RecordColumns, decide, decide_columns, known_columns
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
 from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
 from pcbo_dagster.sources.ledger_archives import iter_ledger_records
 from pcbo_dagster.sources.record_files import resolve_uri
-from pcbo_dagster.sources.streaming import RecordSource, open_source, release_memory, source_batch_size
+from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
 
 
 @dataclass

@@ -62,17 +62,23 @@ class Settings:
         return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait, workers)
 
 
-def parse_parallel(text: str | None) -> int:
-    """`PCBO_PARALLEL`: a positive integer; unset or empty means the default."""
+def positive_int(variable: str, text: str | None, default: int) -> int:
+    """A whole-number setting of at least 1 from its variable's text; unset or blank: `default`.
+    Anything else is `InvalidInput` naming the variable."""
     if text is None or not text.strip():
-        return DEFAULT_PARALLEL
+        return default
     try:
         value = int(text)
     except ValueError:
-        raise InvalidInput("PCBO_PARALLEL", f"must be a positive integer, not {text!r}") from None
+        raise InvalidInput(variable, f"must be a positive integer, not {text!r}") from None
     if value < 1:
-        raise InvalidInput("PCBO_PARALLEL", f"must be at least 1, not {value}")
+        raise InvalidInput(variable, f"must be at least 1, not {value}")
     return value
+
+
+def parse_parallel(text: str | None) -> int:
+    """`PCBO_PARALLEL`: a positive integer; unset or empty means the default."""
+    return positive_int("PCBO_PARALLEL", text, DEFAULT_PARALLEL)
 
 
 def redact_url(url: str) -> str:

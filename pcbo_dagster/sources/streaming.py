@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.core.memory import release_memory  # noqa: F401  (re-exported)
 from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.engine.settings import positive_int
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.record_files import (
     csv_integer_columns,
@@ -49,16 +49,7 @@ _BOM = b"\xef\xbb\xbf"
 
 def source_batch_size() -> int:
     """Records a batch (`PCBO_SOURCE_BATCH`, default 8,192)."""
-    text = os.environ.get("PCBO_SOURCE_BATCH", "").strip()
-    if not text:
-        return DEFAULT_BATCH
-    try:
-        size = int(text)
-    except ValueError:
-        raise InvalidInput("PCBO_SOURCE_BATCH", f"not an integer: {text!r}") from None
-    if size < 1:
-        raise InvalidInput("PCBO_SOURCE_BATCH", f"must be at least 1, not {size}")
-    return size
+    return positive_int("PCBO_SOURCE_BATCH", os.environ.get("PCBO_SOURCE_BATCH"), DEFAULT_BATCH)
 
 
 @contextmanager
