@@ -251,3 +251,18 @@ def test_bad_range_is_refused_naming_the_field(workdir: Path) -> None:
     assert backwards.status == 2 and "to" in backwards.stderr
     no_rollout = pcbo(workdir, "rollout", "health", "--config", "datasets.yaml", "--dataset", "nope")
     assert no_rollout.status == 2 and "dataset" in no_rollout.stderr
+
+
+def test_an_unknown_rollout_is_refused_and_nothing_is_written(workdir: Path) -> None:
+    home = workdir / "fresh-home"
+    for args in (
+        ["reject", "nope", "--by", "cy", "--reason", "x", "--config", "datasets.yaml"],
+        ["rollout", "pause", "nope", "--by", "bo"],
+        ["rollout", "soak", "nope", "--config", "datasets.yaml"],
+        ["rollout", "status", "nope", "--config", "datasets.yaml"],
+    ):
+        result = run_pcbo(args, home=home, cwd=workdir)
+        assert result.status == 2 and "rollout" in result.stderr, (args, result.stderr)
+    listed = run_pcbo(["rollout", "list"], home=home, cwd=workdir)
+    assert listed.status == 0 and listed.document == {"rollouts": []}
+    assert not home.exists()

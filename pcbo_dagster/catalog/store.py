@@ -241,6 +241,16 @@ class CatalogStore:
                 self._engine.dispose()
                 self._engine = None
 
+    def is_missing_sqlite_file(self) -> bool:
+        """True for a SQLite catalog whose file does not exist yet (opening it would create it)."""
+        database = self._url.database
+        return (
+            self.dialect == "sqlite"
+            and not _is_sqlite_memory(self._url)
+            and bool(database)
+            and not Path(database).expanduser().exists()
+        )
+
     # -- migrations ---------------------------------------------------------------------------
 
     def at_head(self) -> bool:

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pcbo_dagster.catalog.store import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dataset_requests import key_range
 from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
@@ -20,7 +19,7 @@ from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import approvals, promotion, staging_apply
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
-from pcbo_dagster.rollout.store import RolloutStore
+from pcbo_dagster.rollout.store import RolloutStore, open_rollout_store
 
 Log = Callable[[str], None]
 
@@ -46,14 +45,16 @@ def dataset_environments(
         yield envs
 
 
+def _require(store: RolloutStore | None, name: str) -> dict[str, Any]:
+    if store is None:
+        raise InvalidInput("rollout", f"no rollout named {name!r}")
+    return store.require(name)
+
+
 def find_rollout(base: Settings, name: str) -> dict[str, Any]:
     """The rollout's row, read from the production catalog (`InvalidInput` on `rollout` if unknown)."""
-    catalog = CatalogStore(base.catalog_url)
-    try:
-        catalog.migrate()
-        return RolloutStore(catalog).require(name)
-    finally:
-        catalog.close()
+    with open_rollout_store(base.catalog_url) as store:
+        return _require(store, name)
 
 
 @contextmanager
@@ -110,19 +111,15 @@ def control(
         raise InvalidInput("action", f"must be pause, resume or cancel, not {action!r}")
     if not (by or "").strip():
         raise InvalidInput("by", "say who asks")
-    catalog = CatalogStore(base.catalog_url)
-    try:
-        catalog.migrate()
-        store = RolloutStore(catalog)
-        rollout = store.require(name)
+    with open_rollout_store(base.catalog_url) as store:
+        rollout = _require(store, name)
+        assert store is not None
         if rollout["status"] not in ("applying", "paused"):
             raise InvalidInput(
                 "rollout",
                 f"rollout {name!r} is {rollout['status']}: only a staging apply in progress can be {action}d",
             )
         row = store.request_control(name, controls[action], actor=by.strip(), reason=reason, now=clock.now())
-    finally:
-        catalog.close()
     return {"rollout": name, "action": action, "control": row["control"], "status": row["status"], "by": by}
 
 
@@ -185,12 +182,8 @@ def status(config: DatasetsConfig, base: Settings, name: str, *, clock: Clock = 
 
 
 def list_rollouts(base: Settings, dataset: str | None = None) -> dict[str, Any]:
-    catalog = CatalogStore(base.catalog_url)
-    try:
-        catalog.migrate()
-        rows = RolloutStore(catalog).list(dataset)
-    finally:
-        catalog.close()
+    with open_rollout_store(base.catalog_url) as store:
+        rows = [] if store is None else store.list(dataset)
     return {
         "rollouts": [
             _plain(

@@ -35,18 +35,17 @@ from typing import Any
 import pyarrow as pa
 
 from pcbo_dagster.core.compliance import violations
-from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.plan import NormalizedPolicies, normalize_jurisdictions
 from pcbo_dagster.dataset_requests import evaluate_keys
 from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
-from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.business_metric import parse_metric
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
-from pcbo_dagster.rollout.store import RolloutStore
+from pcbo_dagster.rollout.store import RolloutStore, open_rollout_store
 
 POLICY_VIOLATIONS = "policy_violations"
 DUPLICATE_IDS = "duplicate_ids"
@@ -495,15 +494,15 @@ def run_soak_monitor(
     production environments are opened with `dataset_settings(config, dataset, base, environ)`.
     """
     names = None if rollouts is None else list(dict.fromkeys(rollouts))
-    production = Environment.open(base)
-    try:
-        store = RolloutStore(production.catalog)
-        if names is None:
+    with open_rollout_store(base.catalog_url) as store:
+        if store is None:  # no catalog yet: nothing is soaking, and a named rollout is unknown
+            if names:
+                raise InvalidInput("rollout", f"no rollout named {names[0]!r}")
+            candidates = []
+        elif names is None:
             candidates = store.list(statuses=("soaking",))
         else:
             candidates = [store.require(name) for name in names]
-    finally:
-        production.close()
     configured = {d.name for d in config.datasets}
     results: list[dict[str, Any]] = []
     todo: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -13,6 +13,8 @@ digest.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,6 +45,22 @@ def _with_detail(row: Any) -> dict[str, Any]:
     out = dict(row._mapping)
     out["detail"] = json.loads(out["detail"])
     return out
+
+
+@contextmanager
+def open_rollout_store(catalog_url: str) -> Iterator[RolloutStore | None]:
+    """The rollout records of the catalog at `catalog_url` (migrated), closed on exit; None when it is
+    an embedded SQLite catalog whose file does not exist yet (nothing was ever rolled out there), so
+    that looking up an unknown rollout writes nothing."""
+    catalog = CatalogStore(catalog_url)
+    try:
+        if catalog.is_missing_sqlite_file():
+            yield None
+            return
+        catalog.migrate()
+        yield RolloutStore(catalog)
+    finally:
+        catalog.close()
 
 
 class RolloutStore:
