@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
 
 
-def replace_file(
-    path: str | os.PathLike[str], data: bytes, *, durable: bool = False, prefix: str = ".tmp-"
-) -> None:
-    """Write `data` to a temporary file in `path`'s directory and rename it over `path`, so a reader
-    sees the old bytes or the new ones, never a part. `durable=True` fsyncs before the rename. The
-    temporary file is removed if anything fails."""
+@contextmanager
+def replacing(
+    path: str | os.PathLike[str], *, durable: bool = False, prefix: str = ".tmp-"
+) -> Iterator[BinaryIO]:
+    """A temporary file in `path`'s directory to write, renamed over `path` when the block ends without
+    an exception, so a reader sees the old bytes or the new ones, never a part. `durable=True` fsyncs
+    before the rename. The temporary file is removed if anything fails."""
     directory = os.path.dirname(os.fspath(path)) or "."
     fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -25,3 +29,11 @@ def replace_file(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def replace_file(
+    path: str | os.PathLike[str], data: bytes, *, durable: bool = False, prefix: str = ".tmp-"
+) -> None:
+    """Write `data` to `path` through `replacing`."""
+    with replacing(path, durable=durable, prefix=prefix) as fh:
+        fh.write(data)

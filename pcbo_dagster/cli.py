@@ -20,23 +20,44 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pcbo_dagster.atomic_files import replace_file
+from pcbo_dagster.atomic_files import replacing
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import NAME_PATTERN, parse_json_strict
 
 
+def json_text(value: Any, level: int = 0) -> Iterator[str]:
+    """The text `json.dumps(value, indent=2, ensure_ascii=False)` gives, in pieces, where any
+    iterable that is not a str, list, tuple or dict (a generator) is written as a list as it is
+    iterated: a dry-run listing millions of ids never exists whole in memory."""
+    if isinstance(value, dict):
+        items: Iterator[tuple[str, Any]] = iter(value.items())
+        open_, close = "{", "}"
+    elif isinstance(value, list | tuple) or (
+        not isinstance(value, str | bytes | int | float | bool | type(None)) and hasattr(value, "__iter__")
+    ):
+        items = ((None, v) for v in value)  # type: ignore[misc]
+        open_, close = "[", "]"
+    else:
+        yield json.dumps(value, ensure_ascii=False)
+        return
+    inner = "\n" + "  " * (level + 1)
+    first = True
+    for key, item in items:
+        yield (open_ if first else ",") + inner
+        first = False
+        if key is not None:
+            yield json.dumps(key, ensure_ascii=False) + ": "
+        yield from json_text(item, level + 1)
+    yield open_ + close if first else "\n" + "  " * level + close
+
+
 def _write_output(document: dict[str, Any], output: str | None) -> None:
-    # The text json.dumps(document, indent=2, ensure_ascii=False) gives, encoded as it is made: a
-    # document listing millions of ids never exists as millions of separate pieces at once.
-    buffer = io.BytesIO()
-    writer = io.TextIOWrapper(buffer, encoding="utf-8", newline="\n", write_through=False)
-    json.dump(document, writer, indent=2, ensure_ascii=False)
-    writer.write("\n")
-    writer.flush()
-    data = buffer.getvalue()
-    writer.detach()
+    """Write `document` as indented JSON (`json_text`), to stdout or `output`; a regular file is
+    replaced all-or-nothing, anything else (/dev/stdout, a pipe) written to."""
     if output is None or output == "-":
-        sys.stdout.write(data.decode("utf-8"))
+        for piece in json_text(document):
+            sys.stdout.write(piece)
+        sys.stdout.write("\n")
         sys.stdout.flush()
         return
     path = Path(output)
@@ -46,10 +67,20 @@ def _write_output(document: dict[str, Any], output: str | None) -> None:
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
         # /dev/stdout, a pipe, a device: write to it, never rename over it.
-        with open(path, "wb") as fh:
-            fh.write(data)
+        with open(path, "wb") as raw:
+            _write_text(document, raw)
         return
-    replace_file(path, data, prefix=f".{path.name}.")
+    with replacing(path, prefix=f".{path.name}.") as raw:
+        _write_text(document, raw)
+
+
+def _write_text(document: dict[str, Any], raw: Any) -> None:
+    writer = io.TextIOWrapper(raw, encoding="utf-8", newline="\n", write_through=False)
+    for piece in json_text(document):
+        writer.write(piece)
+    writer.write("\n")
+    writer.flush()
+    writer.detach()
 
 
 def _read_input(path: str) -> tuple[bytes, Path | None]:
@@ -96,17 +127,15 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
-    from pcbo_dagster.core.plan import build_plan
     from pcbo_dagster.engine.request_loading import load_request
 
     raw, base_dir = _read_input(args.input)
-    loaded = load_request(raw, base_dir)
-    return build_plan(loaded.request, loaded.digests).to_json()
+    return load_request(raw, base_dir).plan().to_json()
 
 
 def cmd_dry_run(args: argparse.Namespace) -> dict[str, Any]:
     _, _, decisions = _load(args)
-    return decisions.to_json()
+    return decisions.to_json(lazy=True)
 
 
 def _progress_bar(total: int) -> Any:

@@ -8,6 +8,8 @@ not positions.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -41,9 +43,14 @@ _REASON_KEYS = pa.array([",".join(reasons) for reasons in _REASONS_BY_MASK], pa.
 class PartitionDecision:
     partition: Partition
     add: list[str]
-    add_indices: np.ndarray
+    add_indices: np.ndarray  # the adds' input positions, in `add` order
     omit: list[dict[str, Any]]
     counts: dict[str, Any]
+    #: What the source reads the adds back by (`LoadedRequest.fetch`): input positions for records
+    #: held in memory, a streamed source's locators otherwise.
+    add_locators: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    add_occurred_us: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    add_retention_us: pa.Array = field(default_factory=lambda: pa.array([], pa.int64()))
 
     def to_json(self) -> dict[str, Any]:
         return {**self.partition.to_json(), "add": self.add, "omit": self.omit, "counts": self.counts}
@@ -52,26 +59,29 @@ class PartitionDecision:
 @dataclass
 class Decisions:
     plan: Plan
-    partitions: list[PartitionDecision]
-    unplaced: list[dict[str, Any]]
+    #: A list, or for a streamed source a sequence that reads each partition's decision from the
+    #: decision spill when it is asked for (`engine.decision_spill`).
+    partitions: Sequence[PartitionDecision]
+    #: Likewise a list, or a sequence read from the spill (iterate it; do not keep it whole).
+    unplaced: Sequence[dict[str, Any]]
     totals: dict[str, Any]
     breaches: list[dict[str, Any]] = field(default_factory=list)
     decision_hash: str = ""
-    #: Per input record: occurredAt and retentionExpiresAt in microseconds (null where absent/invalid).
-    occurred_us: pa.Array | None = None
-    retention_us: pa.Array | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """The dry-run document."""
+    def to_json(self, lazy: bool = False) -> dict[str, Any]:
+        """The dry-run document; `lazy`: its `partitions` and `unplaced` as iterators, each entry made
+        when it is reached (for a streamed source, read from its spill), for a writer that streams."""
         plan = self.plan.to_json()
+        partitions = (p.to_json() for p in self.partitions)
+        unplaced = iter(self.unplaced)
         return {
             "runId": plan["runId"],
             "dataset": plan["dataset"],
             "versionLabel": plan["versionLabel"],
             "planHash": plan["planHash"],
             "decisionHash": self.decision_hash,
-            "partitions": [p.to_json() for p in self.partitions],
-            "unplaced": self.unplaced,
+            "partitions": partitions if lazy else list(partitions),
+            "unplaced": unplaced if lazy else list(unplaced),
             "totals": self.totals,
         }
 
@@ -253,19 +263,26 @@ def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_i
     )
 
 
-def decide_columns(plan: Plan, cols: RecordColumns, digests: pa.Array, existing_ids: list[str]) -> Decisions:
-    """`decide` on the records' columns; `digests` (string or fixed-size binary) identify equal records."""
+@dataclass
+class RecordMasks:
+    """The per-record outcome of the rules that need no other record (everything but DUPLICATE_ID)."""
+
+    placed: np.ndarray  # bool: valid and inside the window
+    pidx: np.ndarray  # int64 partition index (meaningless where not placed)
+    mask: np.ndarray  # int32 reason bits 0-3 (REASONS), DUPLICATE_ID not yet set
+    ids: pa.Array  # string: the id where it is a non-empty string, else null (for DUPLICATE_ID)
+
+
+def record_masks(plan: Plan, cols: RecordColumns, existing_ids: list[str]) -> RecordMasks:
+    """Placement and the per-record reasons of `cols` (all records, or one batch of a streamed source)."""
     n = len(cols)
-    occ_us, ret_us = cols.occ_us, cols.ret_us
     ids = _non_empty(cols.id_str)
-    valid = cols.valid
-    position = occ_us if plan.ledger_field is None else cols.position
+    position = cols.occ_us if plan.ledger_field is None else cols.position
     in_window = pc.and_(
         pc.greater_equal(position, pa.scalar(plan.start, pa.int64())),
         pc.less(position, pa.scalar(plan.end, pa.int64())),
     )
-    placed = pc.fill_null(pc.and_(valid, in_window), False)
-
+    placed = pc.fill_null(pc.and_(cols.valid, in_window), False).to_numpy(zero_copy_only=False)
     policies = plan.policies
     mask = pa.array(np.zeros(n, dtype=np.int32))
     if policies.require_consent:
@@ -276,28 +293,115 @@ def decide_columns(plan: Plan, cols: RecordColumns, digests: pa.Array, existing_
         mask = pc.add(mask, _bit(pc.invert(ok), 1))
     if policies.retention_cutoff_us is not None:
         mask = pc.add(
-            mask, _bit(pc.less_equal(ret_us, pa.scalar(policies.retention_cutoff_us, pa.int64())), 2)
+            mask, _bit(pc.less_equal(cols.ret_us, pa.scalar(policies.retention_cutoff_us, pa.int64())), 2)
         )
     if existing_ids:
         present = pc.is_in(ids, value_set=pa.array(existing_ids, pa.string()))
         mask = pc.add(mask, pc.multiply(pc.cast(pc.fill_null(present, False), pa.int32()), 1 << 3))
-    mask = pc.add(mask, pc.multiply(pc.cast(_duplicate_flags(ids, digests), pa.int32()), 1 << 4))
+    offsets = pc.subtract(pc.fill_null(position, plan.start), pa.scalar(plan.start, pa.int64()))
+    width = pa.scalar(plan.width, pa.int64())
+    pidx = pc.divide(pc.max_element_wise(offsets, pa.scalar(0, pa.int64())), width)
+    return RecordMasks(
+        placed=placed,
+        pidx=pidx.to_numpy(zero_copy_only=False).astype(np.int64, copy=False),
+        mask=mask.to_numpy(zero_copy_only=False).astype(np.int32, copy=False),
+        ids=ids,
+    )
+
+
+def out_of_window_detail(plan: Plan) -> str:
+    if plan.ledger_field is not None:
+        return f"{plan.ledger_field} is outside the ledger range"
+    return "occurredAt is outside [start, end)"
+
+
+def unplaced_entry(index: int, entry_id: str | None, detail: str | None, outside: str) -> dict[str, Any]:
+    """One `unplaced` entry: INVALID_RECORD with its detail, else OUT_OF_WINDOW."""
+    return {
+        "index": index,
+        "id": entry_id,
+        "reasons": [INVALID_RECORD] if detail is not None else [OUT_OF_WINDOW],
+        "detail": detail if detail is not None else outside,
+    }
+
+
+def sort_placed(table: pa.Table) -> pa.Table:
+    """Placed records (`pidx`, `id`, `mask`, ...) in output order: partition, id bytes, then reasons."""
+    table = table.append_column("reason_key", pc.take(_REASON_KEYS, table["mask"]))
+    return table.sort_by([("pidx", "ascending"), ("id", "ascending"), ("reason_key", "ascending")])
+
+
+def partition_decision(
+    part: Partition,
+    ids: list[str],
+    masks: np.ndarray,
+    idxs: np.ndarray,
+    locators: np.ndarray,
+    occurred_us: np.ndarray,
+    retention_us: pa.Array,
+    on_violation: str,
+) -> tuple[PartitionDecision, list[dict[str, Any]]]:
+    """A partition's decision from its placed records in output order (`sort_placed`), and its
+    breaches (listed only where they block)."""
+    adds_sel = masks == 0
+    add_at = np.flatnonzero(adds_sel)
+    add_ids = [ids[i] for i in add_at.tolist()]
+    omit = [{"id": ids[i], "reasons": _REASONS_BY_MASK[masks[i]]} for i in np.flatnonzero(~adds_sel).tolist()]
+    breaches: list[dict[str, Any]] = []
+    if on_violation == "block":
+        breaches = [
+            {"partition": part.key, "id": ids[i], "reasons": _REASONS_BY_MASK[masks[i] & _POLICY_MASK]}
+            for i in np.flatnonzero(masks & _POLICY_MASK).tolist()
+        ]
+    by_reason = {reason: int(np.count_nonzero(masks >> bit & 1)) for bit, reason in enumerate(REASONS)}
+    take = pa.array(add_at, pa.int64())
+    decision = PartitionDecision(
+        partition=part,
+        add=add_ids,
+        add_indices=idxs[adds_sel],
+        omit=omit,
+        counts={"source": len(ids), "add": len(add_ids), "omit": len(omit), "byReason": by_reason},
+        add_locators=locators[adds_sel],
+        add_occurred_us=occurred_us[adds_sel],
+        add_retention_us=retention_us.take(take),
+    )
+    return decision, breaches
+
+
+def make_totals(
+    records: int, placed: int, partitions: list[dict[str, Any]], invalid: int, out_of_window: int
+) -> dict[str, Any]:
+    """The dry-run `totals` from the partitions' `counts` and the unplaced counts."""
+    return {
+        "records": records,
+        "placed": placed,
+        "add": sum(c["add"] for c in partitions),
+        "omit": sum(c["omit"] for c in partitions),
+        "unplaced": invalid + out_of_window,
+        "byReason": {
+            INVALID_RECORD: invalid,
+            OUT_OF_WINDOW: out_of_window,
+            **{reason: sum(c["byReason"][reason] for c in partitions) for reason in REASONS},
+        },
+    }
+
+
+def decide_columns(plan: Plan, cols: RecordColumns, digests: pa.Array, existing_ids: list[str]) -> Decisions:
+    """`decide` on the records' columns; `digests` (string or fixed-size binary) identify equal records."""
+    n = len(cols)
+    occ_us, ret_us = cols.occ_us, cols.ret_us
+    masks = record_masks(plan, cols, existing_ids)
+    duplicates = _duplicate_flags(masks.ids, digests).to_numpy(zero_copy_only=False)
+    mask = masks.mask | duplicates.astype(np.int32) << 4
     release_memory()  # the hash tables of the duplicate search, before the Python work below
 
     # Unplaced records, by input index.
-    outside = "occurredAt is outside [start, end)"
-    if plan.ledger_field is not None:
-        outside = f"{plan.ledger_field} is outside the ledger range"
-    placed_np = placed.to_numpy(zero_copy_only=False)
+    outside = out_of_window_detail(plan)
+    placed_np = masks.placed
     unplaced_idx = np.flatnonzero(~placed_np)
     take = pa.array(unplaced_idx, pa.int64())
     unplaced = [
-        {
-            "index": index,
-            "id": entry_id,
-            "reasons": [INVALID_RECORD] if detail is not None else [OUT_OF_WINDOW],
-            "detail": detail if detail is not None else outside,
-        }
+        unplaced_entry(index, entry_id, detail, outside)
         for index, entry_id, detail in zip(
             unplaced_idx.tolist(),
             cols.id_str.take(take).to_pylist(),
@@ -307,81 +411,89 @@ def decide_columns(plan: Plan, cols: RecordColumns, digests: pa.Array, existing_
     ]
 
     # Placed records: sort by partition, id bytes, then reasons.
-    width = pa.scalar(plan.width, pa.int64())
-    table = pa.table(
-        {
-            "idx": pa.array(np.arange(n, dtype=np.int64)),
-            "pidx": pc.divide(pc.subtract(position, pa.scalar(plan.start, pa.int64())), width),
-            "id": ids,
-            "mask": mask,
-        }
-    ).filter(placed)
-    table = table.append_column("reason_key", pc.take(_REASON_KEYS, table["mask"]))
-    table = table.sort_by([("pidx", "ascending"), ("id", "ascending"), ("reason_key", "ascending")])
+    placed = pa.array(placed_np)
+    table = sort_placed(
+        pa.table(
+            {
+                "idx": pa.array(np.arange(n, dtype=np.int64)),
+                "pidx": pa.array(masks.pidx),
+                "id": masks.ids,
+                "mask": pa.array(mask),
+            }
+        ).filter(placed)
+    )
     pidx = table["pidx"].to_numpy()
-    masks = table["mask"].to_numpy()
+    sorted_masks = table["mask"].to_numpy()
     ids = table["id"].to_pylist()
     idxs = table["idx"].to_numpy()
-    n_parts = len(plan.partitions)
-    bounds = np.searchsorted(pidx, np.arange(n_parts + 1))
-    by_reason_counts = {
-        reason: np.bincount(pidx[(masks >> bit & 1).astype(bool)], minlength=n_parts)
-        for bit, reason in enumerate(REASONS)
-    }
+    order = pa.array(idxs, pa.int64())
+    occurred = occ_us.take(order).to_numpy(zero_copy_only=False)
+    retention = ret_us.take(order)
+    bounds = np.searchsorted(pidx, np.arange(len(plan.partitions) + 1))
 
     partitions: list[PartitionDecision] = []
     breaches: list[dict[str, Any]] = []
     for part in plan.partitions:
         lo, hi = int(bounds[part.index]), int(bounds[part.index + 1])
-        part_masks = masks[lo:hi]
-        adds_sel = part_masks == 0
-        add_ids = [ids[i] for i in np.flatnonzero(adds_sel) + lo]
-        omit = [
-            {"id": ids[i], "reasons": _REASONS_BY_MASK[masks[i]]} for i in (np.flatnonzero(~adds_sel) + lo)
-        ]
-        if policies.on_violation == "block":  # the breaches are listed only where they block
-            breaches.extend(
-                {"partition": part.key, "id": ids[i], "reasons": _REASONS_BY_MASK[masks[i] & _POLICY_MASK]}
-                for i in np.flatnonzero(part_masks & _POLICY_MASK) + lo
-            )
-        partitions.append(
-            PartitionDecision(
-                partition=part,
-                add=add_ids,
-                add_indices=idxs[lo:hi][adds_sel],
-                omit=omit,
-                counts={
-                    "source": hi - lo,
-                    "add": len(add_ids),
-                    "omit": len(omit),
-                    "byReason": {reason: int(by_reason_counts[reason][part.index]) for reason in REASONS},
-                },
-            )
+        decision, blocking = partition_decision(
+            part,
+            ids[lo:hi],
+            sorted_masks[lo:hi],
+            idxs[lo:hi],
+            idxs[lo:hi],
+            occurred[lo:hi],
+            retention.slice(lo, hi - lo),
+            plan.policies.on_violation,
         )
+        partitions.append(decision)
+        breaches.extend(blocking)
 
-    totals = {
-        "records": n,
-        "placed": int(placed_np.sum()),
-        "add": sum(p.counts["add"] for p in partitions),
-        "omit": sum(p.counts["omit"] for p in partitions),
-        "unplaced": len(unplaced),
-        "byReason": {
-            INVALID_RECORD: sum(1 for u in unplaced if u["reasons"][0] == INVALID_RECORD),
-            OUT_OF_WINDOW: sum(1 for u in unplaced if u["reasons"][0] == OUT_OF_WINDOW),
-            **{reason: int(by_reason_counts[reason].sum()) for reason in REASONS},
-        },
-    }
+    invalid = sum(1 for u in unplaced if u["reasons"][0] == INVALID_RECORD)
     decisions = Decisions(
         plan=plan,
         partitions=partitions,
         unplaced=unplaced,
-        totals=totals,
+        totals=make_totals(
+            n, int(placed_np.sum()), [p.counts for p in partitions], invalid, len(unplaced) - invalid
+        ),
         breaches=breaches,
-        occurred_us=occ_us,
-        retention_us=ret_us,
     )
     decisions.decision_hash = decision_hash(decisions)
     return decisions
+
+
+class DecisionHasher:
+    """`decision_hash` fed a partition and an unplaced entry at a time (a streamed source's decisions
+    are never all in memory): the canonical text of the document is hashed as it is made (JCS is
+    compositional: an object's text is its members' texts, keys sorted)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256(b'{"partitions":[')
+        self._stage = "partitions"
+        self._first = True
+
+    def _item(self, value: Any) -> None:
+        self._sha.update(fast_jcs(value) if self._first else b"," + fast_jcs(value))
+        self._first = False
+
+    def add_partition(self, pd: PartitionDecision) -> None:
+        assert self._stage == "partitions"
+        self._item({"key": pd.partition.key, "add": pd.add, "omit": pd.omit})
+
+    def start_unplaced(self, plan_hash: str) -> None:
+        assert self._stage == "partitions"
+        self._sha.update(b'],"planHash":' + fast_jcs(plan_hash) + b',"unplaced":[')
+        self._stage, self._first = "unplaced", True
+
+    def add_unplaced(self, entry: dict[str, Any]) -> None:
+        assert self._stage == "unplaced"
+        self._item({"index": entry["index"], "id": entry["id"], "reasons": entry["reasons"]})
+
+    def result(self) -> str:
+        assert self._stage == "unplaced"
+        self._sha.update(b'],"v":' + fast_jcs(DECISIONS_VERSION) + b"}")
+        self._stage = "done"
+        return prefixed(self._sha.hexdigest())
 
 
 def decision_hash(decisions: Decisions) -> str:

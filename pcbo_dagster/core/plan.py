@@ -8,6 +8,7 @@ extension, see the README) they are ledger sequence numbers read from a record f
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,34 +118,31 @@ def partitions_for(start: int, end: int, width: int, ledger: bool = False) -> tu
     return tuple(parts)
 
 
-def sorted_digest_order(digests: np.ndarray) -> np.ndarray:
-    """Indices that sort an (n, 32) uint8 array of raw digests bytewise (as their hex texts sort)."""
-    words = digests.view(">u8").reshape(len(digests), 4)
-    return np.lexsort((words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
-
-
-def _streamed_hash(document: dict[str, Any], digests: np.ndarray) -> str:
-    """SHA-256 of `fast_jcs(document)` with `records` the sorted hex texts of `digests`, without
-    building them all: the canonical text around an empty `records` array is hashed, and the
-    sorted digests are hashed between, a chunk at a time. (No string value can hold the marker:
-    its quotes would be escaped.)"""
+def _streamed_hash(document: dict[str, Any], sorted_digests: Iterable[np.ndarray]) -> str:
+    """SHA-256 of `fast_jcs(document)` with `records` the hex texts of `sorted_digests` (raw digests
+    in byte order, in (k, 32) uint8 chunks), without building them all: the canonical text around an
+    empty `records` array is hashed, and the digests are hashed between, a chunk at a time. (No string
+    value can hold the marker: its quotes would be escaped.)"""
     text = fast_jcs({**document, "records": []})
     marker = b'"records":['
     at = text.index(marker) + len(marker)
     sha = hashlib.sha256(text[:at])
-    order = sorted_digest_order(digests)
-    chunk = 65_536
-    for lo in range(0, len(order), chunk):
-        hexes = digests[order[lo : lo + chunk]].tobytes().hex()
+    first = True
+    for chunk in sorted_digests:
+        if not len(chunk):
+            continue
+        hexes = np.ascontiguousarray(chunk).tobytes().hex()
         body = '","'.join(hexes[i : i + 64] for i in range(0, len(hexes), 64))
-        sha.update((("," if lo else "") + '"' + body + '"').encode("ascii"))
+        sha.update((("" if first else ",") + '"' + body + '"').encode("ascii"))
+        first = False
     sha.update(text[at:])
     return sha.hexdigest()
 
 
-def build_plan(request: BackfillRequest, record_digests: list[str] | np.ndarray) -> Plan:
+def build_plan(request: BackfillRequest, record_digests: list[str] | Iterator[np.ndarray]) -> Plan:
     """The plan of a request; `record_digests` are the hex SHA-256 of JCS(record) of every record,
-    or (a streamed source) the raw digests as an (n, 32) uint8 array: the hash is the same."""
+    or (a streamed source) an iterator of the raw digests in byte order, in (k, 32) uint8 chunks: the
+    hash is the same."""
     policies = normalize_policies(request)
     ledger = request.ledgerRange
     document: dict[str, Any] = {
@@ -161,7 +159,7 @@ def build_plan(request: BackfillRequest, record_digests: list[str] | np.ndarray)
         start, end, width = ledger.first, ledger.end, ledger.partitionSize
         document["ledgerRange"] = {"field": ledger.field, "first": start, "end": end, "partitionSize": width}
     document.update(policies=policies.to_json(), existingTargetIds=sorted(set(request.existingTargetIds)))
-    if isinstance(record_digests, np.ndarray):
+    if not isinstance(record_digests, list):
         plan_hex = _streamed_hash(document, record_digests)
     else:
         plan_hex = sha256_hex(fast_jcs({**document, "records": sorted(record_digests)}))

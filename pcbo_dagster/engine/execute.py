@@ -206,6 +206,8 @@ def post_write_check(
 #: Partitions committed together: one sync of their data files, one of their commit points, one
 #: audit append (group commit) and one catalog transaction per batch.
 COMMIT_BATCH = 32
+#: A commit batch also ends once its partitions hold this many placed records.
+COMMIT_BATCH_RECORDS = 65_536
 
 
 @dataclass
@@ -251,8 +253,7 @@ def execute(
     request = loaded.request
     ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
-    all_adds = [i for pd in (schema_from or decisions).partitions for i in pd.add_indices.tolist()]
-    schema, as_json = loaded.schema_of(all_adds)
+    schema, as_json = loaded.schema_of((schema_from or decisions).partitions)
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
     failure: str | None = None
@@ -273,14 +274,12 @@ def execute(
         )
         index = ChainIndex(env.audit.backup.read_chain(ckey))
         catalog_rows = env.catalog.current_partitions(plan.dataset, plan.version_label)
-        parts = decisions.partitions
-        for lo in range(0, len(parts), batch_size):
-            if pace is not None and not pace(parts[lo]):
+        for pds in _commit_batches(decisions.partitions, batch_size):
+            if pace is not None and not pace(pds[0]):
                 stopped = True
                 break
-            batch = _stage_batch(
-                pool, env, loaded, plan, decisions, parts[lo : lo + batch_size], schema, as_json, index
-            )
+            batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, index)
+            del pds
             failure = _commit_batch(pool, env, loaded, plan, batch, index, catalog_rows, existing)
             for st in batch:
                 results.append(_outcome(env, st))
@@ -326,6 +325,22 @@ def execute(
     if failure:
         raise PostWriteCheckFailed(failure, document)
     return document
+
+
+def _commit_batches(partitions: Iterable[PartitionDecision], size: int) -> Iterator[list[PartitionDecision]]:
+    """The partitions in commit batches of up to `size`, a batch also ending once it holds
+    `COMMIT_BATCH_RECORDS` placed records (a streamed source's partitions are read from its spill as
+    the batches are taken, so only a batch's decisions are in memory)."""
+    batch: list[PartitionDecision] = []
+    weight = 0
+    for pd in partitions:
+        batch.append(pd)
+        weight += pd.counts["source"]
+        if len(batch) >= size or weight >= COMMIT_BATCH_RECORDS:
+            yield batch
+            batch, weight = [], 0
+    if batch:
+        yield batch
 
 
 @contextmanager
@@ -429,12 +444,11 @@ def _partition_table(
 ) -> pa.Table:
     """The partition's added rows as one Arrow table, built a source batch of records at a time (the
     chunks joined into single arrays, so the encoded file is the one a single build gives)."""
-    take = pa.array(pd.add_indices, pa.int64())
-    occurred = decisions.occurred_us.take(take).to_numpy(zero_copy_only=False)
-    retention = decisions.retention_us.take(take)
+    occurred = pd.add_occurred_us
+    retention = pd.add_retention_us
     tables = []
     lo = 0
-    for rows in loaded.fetch_chunks(pd.add_indices, source_batch_size()):
+    for rows in loaded.fetch_chunks(pd.add_locators, source_batch_size()):
         hi = lo + len(rows)
         tables.append(
             build_table(rows, pd.add[lo:hi], occurred[lo:hi], retention.slice(lo, hi - lo), schema, as_json)

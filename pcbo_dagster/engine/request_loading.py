@@ -1,13 +1,14 @@
 """From request bytes to a plan and its decisions: the evaluation shared by every command.
 
 Inline records (`sourceRecords`) and ledger archives are held in memory. A record file (`source`:
-JSONL, CSV or parquet) is streamed (`sources.streaming`): it is read in batches and only each
-record's digest and decision columns are kept; the records a run writes are read again by position.
+JSONL, CSV or parquet) is streamed (`sources.streaming`): it is read once in batches, each record's
+decision state goes to a decision spill on local disk (`engine.decision_spill`), and the records a
+run writes are read again by their locators, a partition at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,13 @@ import numpy as np
 import pyarrow as pa
 
 from pcbo_dagster.core.canonical import CanonicalizationError, record_digest_bytes, record_digests
-from pcbo_dagster.core.decisions import Decisions, RecordColumns, decide, decide_columns, known_columns
+from pcbo_dagster.core.decisions import Decisions, PartitionDecision, decide, known_columns
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
 from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
+from pcbo_dagster.engine.decision_spill import DecisionSpill
 from pcbo_dagster.sources.ledger_archives import iter_ledger_records
 from pcbo_dagster.sources.record_files import resolve_uri
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
@@ -32,41 +34,51 @@ class LoadedRequest:
     request: BackfillRequest
     #: The records, in memory (inline records, ledger archives); None for a streamed source.
     records: list[Any] | None
-    #: Hex digests of `records`; for a streamed source an (n, 32) uint8 array of raw digests.
-    digests: list[str] | np.ndarray
+    #: Hex digests of `records`; None for a streamed source (its spill holds them).
+    digests: list[str] | None
     source_uri: str
     source_kind: str
-    #: A streamed source, and its records' decision columns.
+    #: A streamed source, and the decision spill pass 1 filled.
     source: RecordSource | None = None
-    columns: RecordColumns | None = None
+    spill: DecisionSpill | None = None
 
     @property
     def record_count(self) -> int:
-        return len(self.digests)
+        return self.spill.count if self.spill is not None else len(self.digests or [])
 
-    def fetch(self, indices: np.ndarray | list[int]) -> list[Any]:
-        """The records at `indices`, in that order (read from the source when it is streamed)."""
+    def plan(self) -> Plan:
+        """The request's plan (its hash over every record's digest)."""
+        if self.spill is not None:
+            return build_plan(self.request, self.spill.sorted_digests())
+        assert self.digests is not None
+        return build_plan(self.request, self.digests)
+
+    def fetch(self, locators: np.ndarray | list[int]) -> list[Any]:
+        """The records at `locators` (`PartitionDecision.add_locators`: input positions for records in
+        memory, else the streamed source's locators), in that order."""
         if self.source is None:
             assert self.records is not None
-            return [self.records[i] for i in np.asarray(indices, dtype=np.int64).tolist()]
-        return self.source.fetch(np.asarray(indices, dtype=np.int64))
+            return [self.records[i] for i in np.asarray(locators, dtype=np.int64).tolist()]
+        return self.source.fetch(np.asarray(locators, dtype=np.int64))
 
-    def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
-        """`fetch(indices)`, `size` records at a time."""
-        indices = np.asarray(indices, dtype=np.int64)
+    def fetch_chunks(self, locators: np.ndarray, size: int) -> Iterator[list[Any]]:
+        """`fetch(locators)`, `size` records at a time."""
+        locators = np.asarray(locators, dtype=np.int64)
         if self.source is not None:
-            yield from self.source.fetch_chunks(indices, size)
+            yield from self.source.fetch_chunks(locators, size)
             return
-        for lo in range(0, len(indices), size):
-            yield self.fetch(indices[lo : lo + size])
+        for lo in range(0, len(locators), size):
+            yield self.fetch(locators[lo : lo + size])
 
-    def schema_of(self, indices: list[int]) -> tuple[pa.Schema, dict[str, bool]]:
-        """`run_schema` of the records at `indices` (a batch at a time for a streamed source)."""
+    def schema_of(self, partitions: Iterable[PartitionDecision]) -> tuple[pa.Schema, dict[str, bool]]:
+        """`run_schema` of the records `partitions` add (read a partition and a batch at a time for a
+        streamed source)."""
         if self.source is None:
-            return run_schema(self.fetch(indices))
+            return run_schema(self.fetch([i for pd in partitions for i in pd.add_locators.tolist()]))
         builder = SchemaBuilder()
-        for rows in self.source.scan(np.sort(np.asarray(indices, dtype=np.int64)), source_batch_size()):
-            builder.add(rows)
+        for pd in partitions:
+            for rows in self.fetch_chunks(pd.add_locators, source_batch_size()):
+                builder.add(rows)
         return builder.result()
 
 
@@ -76,34 +88,29 @@ def _digest_error(field: str, exc: CanonicalizationError) -> InvalidInput:
 
 
 def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequest:
-    """Pass 1 over a record file: digests and decision columns a batch at a time."""
+    """Pass 1 over a record file: each batch's digests and decision state into a decision spill."""
     ledger_field = request.ledgerRange.field if request.ledgerRange is not None else None
-    digests = bytearray()
-    parts: list[RecordColumns] = []
-    first = 0
-    error: InvalidInput | None = None
-    for records, risky in source.batches(source_batch_size()):
-        if error is None:  # the first record RFC 8785 cannot express, once every line has parsed
-            try:
-                digests += record_digest_bytes(records, risky, first)
-                parts.append(known_columns(records, ledger_field))
-            except CanonicalizationError as exc:
-                error = _digest_error("source", exc)
-        first += len(records)
-        records.clear()  # the batch is done with (the reader holds it until its next batch)
-        release_memory()
-    if error is not None:
-        raise error
-    joined = np.frombuffer(digests, dtype=np.uint8).reshape(first, 32)
-    return LoadedRequest(
-        request,
-        None,
-        joined,
-        source.uri,
-        source.kind,
-        source=source,
-        columns=RecordColumns.concat(parts, ledger_field),
-    )
+    spill = DecisionSpill(build_plan(request, []), list(request.existingTargetIds))
+    try:
+        first = 0
+        error: InvalidInput | None = None
+        for records, risky, locators in source.batches(source_batch_size()):
+            if error is None:  # the first record RFC 8785 cannot express, once every line has parsed
+                try:
+                    digests = record_digest_bytes(records, risky, first)
+                    spill.add_batch(digests, locators, known_columns(records, ledger_field))
+                except CanonicalizationError as exc:
+                    error = _digest_error("source", exc)
+            first += len(records)
+            records.clear()  # the batch is done with (the reader holds it until its next batch)
+            release_memory()
+        if error is not None:
+            raise error
+        spill.finish()
+    except BaseException:
+        spill.close()
+        raise
+    return LoadedRequest(request, None, None, source.uri, source.kind, source=source, spill=spill)
 
 
 def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
@@ -135,15 +142,10 @@ def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
 
 
 def evaluate(loaded: LoadedRequest) -> tuple[Plan, Decisions]:
-    plan = build_plan(loaded.request, loaded.digests)
-    existing = list(loaded.request.existingTargetIds)
-    if loaded.columns is None:
-        assert loaded.records is not None and isinstance(loaded.digests, list)
-        return plan, decide(plan, loaded.records, loaded.digests, existing)
-    digests = loaded.digests
-    array = pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(32), len(digests), [None, pa.py_buffer(np.ascontiguousarray(digests))]
-    )
-    decisions = decide_columns(plan, loaded.columns, array, existing)
-    release_memory()
-    return plan, decisions
+    plan = loaded.plan()
+    if loaded.spill is not None:
+        decisions = loaded.spill.decisions(plan)
+        release_memory()
+        return plan, decisions
+    assert loaded.records is not None and loaded.digests is not None
+    return plan, decide(plan, loaded.records, loaded.digests, list(loaded.request.existingTargetIds))

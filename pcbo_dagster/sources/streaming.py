@@ -84,7 +84,11 @@ def _lines(fh: IO[bytes], offset: int = 0) -> Iterator[tuple[int, bytes]]:
 
 
 class RecordSource:
-    """A record file read in batches; `count` once `batches` has gone through it."""
+    """A record file read in batches; `count` once `batches` has gone through it.
+
+    Each batch comes with its records' locators (int64, one a record): what `fetch` takes to read
+    them again (a byte offset for JSONL and CSV, a row position for parquet). The source keeps none
+    of them: whoever wants records again keeps their locators (the decision spill does)."""
 
     kind = ""
 
@@ -93,42 +97,28 @@ class RecordSource:
         self.shown = shown
         self.count = 0
 
-    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
-        """(records, may_hold_floats_or_big_ints) of each batch, in order (pass 1)."""
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        """(records, may_hold_floats_or_big_ints, locators) of each batch, in order (pass 1)."""
         raise NotImplementedError
 
-    def fetch(self, indices: np.ndarray) -> list[Any]:
-        """The records at `indices` (positions in the source), in that order."""
+    def fetch(self, locators: np.ndarray) -> list[Any]:
+        """The records at `locators` (from `batches`), in that order."""
         raise NotImplementedError
 
-    def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
-        """`fetch(indices)`, `size` records at a time."""
-        for lo in range(0, len(indices), size):
-            yield self.fetch(indices[lo : lo + size])
-
-    def scan(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
-        """The records at `indices` (sorted), a batch at a time: by default, one more pass."""
-        wanted = np.zeros(self.count, dtype=bool)
-        wanted[indices] = True
-        first = 0
-        for records, _ in self.batches(size):
-            picked = np.flatnonzero(wanted[first : first + len(records)]).tolist()
-            if picked:
-                yield [records[i] for i in picked]
-            first += len(records)
+    def fetch_chunks(self, locators: np.ndarray, size: int) -> Iterator[list[Any]]:
+        """`fetch(locators)`, `size` records at a time."""
+        for lo in range(0, len(locators), size):
+            yield self.fetch(locators[lo : lo + size])
 
 
 class JsonlSource(RecordSource):
     kind = "jsonl"
 
-    def __init__(self, uri: str, shown: str) -> None:
-        super().__init__(uri, shown)
-        self.offsets = array.array("q")  # byte offset of each record's line
-
-    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         offsets = array.array("q")
         records: list[Any] = []
         risky = False
+        count = 0
         with _opened(self.uri, self.shown) as fh:
             for number, (offset, line) in enumerate(_lines(fh), start=1):
                 if not line.strip():
@@ -138,27 +128,24 @@ class JsonlSource(RecordSource):
                 offsets.append(offset)
                 risky = risky or parsed.may_hold_floats_or_big_ints
                 if len(records) >= size:
-                    yield records, risky
-                    records, risky = [], False
+                    count += len(records)
+                    yield records, risky, np.array(offsets, dtype=np.int64)
+                    records, risky, offsets = [], False, array.array("q")
         if records:
-            yield records, risky
-        self.offsets, self.count = offsets, len(offsets)
+            count += len(records)
+            yield records, risky, np.array(offsets, dtype=np.int64)
+        self.count = count
 
-    def fetch(self, indices: np.ndarray) -> list[Any]:
-        indices = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(indices, kind="stable")
-        out: list[Any] = [None] * len(indices)
-        offsets = np.frombuffer(self.offsets, dtype=np.int64) if len(self.offsets) else np.zeros(0, np.int64)
+    def fetch(self, locators: np.ndarray) -> list[Any]:
+        offsets = np.asarray(locators, dtype=np.int64)
+        order = np.argsort(offsets, kind="stable")
+        out: list[Any] = [None] * len(offsets)
         with _opened(self.uri, self.shown) as fh:
-            for k, offset in zip(order.tolist(), offsets[indices[order]].tolist(), strict=True):
+            for k, offset in zip(order.tolist(), offsets[order].tolist(), strict=True):
                 fh.seek(offset)
                 line = fh.readline().splitlines()[0]
                 out[k] = parse_json_strict(line, what="source line").value
         return out
-
-    def scan(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
-        for lo in range(0, len(indices), size):
-            yield self.fetch(indices[lo : lo + size])
 
 
 class CsvSource(RecordSource):
@@ -166,7 +153,6 @@ class CsvSource(RecordSource):
 
     def __init__(self, uri: str, shown: str) -> None:
         super().__init__(uri, shown)
-        self.offsets = array.array("q")  # byte offset of each record's first line
         self.header: list[str] | None = None
         self.integer_columns: set[str] = set()
 
@@ -234,29 +220,30 @@ class CsvSource(RecordSource):
             header = self.header or []
             self.integer_columns = csv_integer_columns(header, cells)
 
-    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         self._prepare()
         header = self.header or []
         offsets = array.array("q")
         records: list[Any] = []
+        count = 0
         with _opened(self.uri, self.shown) as fh:
             for start, row in self._rows(fh):
                 records.append(csv_record(header, row, self.integer_columns))
                 offsets.append(start)
                 if len(records) >= size:
-                    yield records, False
-                    records = []
+                    count += len(records)
+                    yield records, False, np.array(offsets, dtype=np.int64)
+                    records, offsets = [], array.array("q")
         if records:
-            yield records, False
-        self.offsets, self.count = offsets, len(offsets)
+            count += len(records)
+            yield records, False, np.array(offsets, dtype=np.int64)
+        self.count = count
 
-    def fetch(self, indices: np.ndarray) -> list[Any]:
-        indices = np.asarray(indices, dtype=np.int64)
-        offsets = np.frombuffer(self.offsets, dtype=np.int64) if len(self.offsets) else np.zeros(0, np.int64)
+    def fetch(self, locators: np.ndarray) -> list[Any]:
         header = self.header or []
         out = []
         with _opened(self.uri, self.shown) as fh:
-            for offset in offsets[indices].tolist():
+            for offset in np.asarray(locators, dtype=np.int64).tolist():
                 fh.seek(offset)
                 row = next(csv.reader(self._text_lines(fh, offset, []), strict=True))
                 out.append(csv_record(header, row, self.integer_columns))
@@ -278,13 +265,16 @@ class ParquetSource(RecordSource):
             except pa.ArrowException as exc:
                 raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
 
-    def batches(self, size: int) -> Iterator[tuple[list[Any], bool]]:
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         with self._file() as pf:
             rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
             self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
             self.count = int(self.group_starts[-1])
+            first = 0
             for batch in pf.iter_batches(batch_size=size, use_threads=False):
-                yield [jsonable_row(row) for row in batch.to_pylist()], True
+                positions = np.arange(first, first + batch.num_rows, dtype=np.int64)
+                first += batch.num_rows
+                yield [jsonable_row(row) for row in batch.to_pylist()], True, positions
 
     def _take(self, indices: np.ndarray) -> pa.Table:
         """The rows at `indices`, in that order, as Arrow (a record batch of a row group at a time

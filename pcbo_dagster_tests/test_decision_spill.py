@@ -1,0 +1,179 @@
+"""A streamed source's decisions come from a decision spill on disk (`engine.decision_spill`): they
+must be exactly the in-memory decisions of the same records given inline — every partition, the
+unplaced entries, totals, breaches, and the plan and decision hashes — and the spill's directory
+must go away with it, on success and on bad input alike. Also: the dry-run writer that streams
+(`cli.json_text`) writes exactly the text `json.dumps(indent=2)` would."""
+
+from __future__ import annotations
+
+import gc
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster.cli import json_text
+from pcbo_dagster.core.decisions import DecisionHasher, decision_hash
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.engine.decision_spill import SpilledPartitions
+from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+
+def _request(source: dict[str, Any], on_violation: str = "omit") -> dict[str, Any]:
+    return {
+        "runId": "spill-run",
+        "dataset": "events",
+        "versionLabel": "v1",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-03T00:00:00Z",
+        "chunkSeconds": 3600,
+        "policies": {
+            "requireConsent": True,
+            "allowedJurisdictions": ["US", "FR"],
+            "retentionCutoff": "2024-06-01T00:00:00Z",
+            "onViolation": on_violation,
+        },
+        "existingTargetIds": ["id-7", "id-70"],
+        **source,
+    }
+
+
+def _random_records(seed: int, n: int) -> list[Any]:
+    """Records over 2 days and a little beyond, ids drawn from a small pool (so many repeat: some as
+    the very same record, some differing, some placed in one partition and unplaced elsewhere),
+    invalid ones and non-objects among them."""
+    rng = random.Random(seed)
+    records: list[Any] = []
+    for i in range(n):
+        if rng.random() < 0.1 and records:
+            records.append(rng.choice(records))  # the same record again
+            continue
+        day = rng.choice([31, 1, 1, 2, 2, 3]) if rng.random() < 0.2 else rng.choice([1, 2])
+        month = 12 if day == 31 else 1
+        year = 2023 if day == 31 else 2024
+        record: dict[str, Any] = {
+            "id": f"id-{rng.randrange(n // 2)}",
+            "occurredAt": f"{year}-{month:02d}-{day:02d}T{rng.randrange(24):02d}:{rng.randrange(60):02d}:00Z",
+            "consentGranted": rng.random() < 0.85,
+            "jurisdiction": rng.choice(["US", "fr", " us", "DE", None]),
+            "n": i,
+        }
+        if rng.random() < 0.3:
+            record["retentionExpiresAt"] = rng.choice(
+                ["2030-01-01T00:00:00Z", "2024-01-01T00:00:00Z", "soon"]
+            )
+        if rng.random() < 0.03:
+            record["id"] = rng.choice(["", 5, None])
+        records.append(record)
+        if rng.random() < 0.01:
+            records.append(["not", "an", "object"])
+    return records
+
+
+def _evaluate(request: dict[str, Any], base: Path) -> tuple[Any, Any, Any]:
+    loaded = load_request(json.dumps(request).encode(), base)
+    plan, decisions = evaluate(loaded)
+    return loaded, plan, decisions
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("on_violation", ["omit", "block"])
+def test_spilled_decisions_equal_in_memory_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, on_violation: str
+) -> None:
+    monkeypatch.setenv("PCBO_SOURCE_BATCH", "13")
+    monkeypatch.setenv("PCBO_SPILL_DIR", str(tmp_path / "spills"))
+    records = _random_records(seed, 700)
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, inline_plan, inline = _evaluate(_request({"sourceRecords": records}, on_violation), tmp_path)
+    loaded, plan, spilled = _evaluate(
+        _request({"source": {"uri": "records.jsonl", "format": "jsonl"}}, on_violation), tmp_path
+    )
+    assert loaded.spill is not None and isinstance(spilled.partitions, SpilledPartitions)
+    assert plan.plan_hash == inline_plan.plan_hash
+    assert spilled.decision_hash == inline.decision_hash
+    assert spilled.to_json() == inline.to_json()
+    assert spilled.totals == inline.totals
+    assert spilled.breaches == inline.breaches
+    assert (len(spilled.breaches) > 0) == (on_violation == "block")
+    assert inline.totals["byReason"]["DUPLICATE_ID"] > 0 and inline.totals["unplaced"] > 0
+    # Each partition read from the spill: the same adds, at the same input positions, read back by
+    # their locators to the very records, with the same instants.
+    for got, want in zip(spilled.partitions, inline.partitions, strict=True):
+        assert got.add == want.add and got.omit == want.omit and got.counts == want.counts
+        assert got.add_indices.tolist() == want.add_indices.tolist()
+        assert loaded.fetch(got.add_locators) == [records[i] for i in want.add_indices.tolist()]
+        assert got.add_occurred_us.tolist() == want.add_occurred_us.tolist()
+        assert got.add_retention_us.to_pylist() == want.add_retention_us.to_pylist()
+    # The streamed hash is the in-memory construction.
+    hasher = DecisionHasher()
+    for pd in inline.partitions:
+        hasher.add_partition(pd)
+    hasher.start_unplaced(inline_plan.plan_hash)
+    for entry in inline.unplaced:
+        hasher.add_unplaced(entry)
+    assert hasher.result() == decision_hash(inline)
+
+
+def test_spilled_partitions_are_a_sequence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PCBO_SPILL_DIR", str(tmp_path / "spills"))
+    records = _random_records(9, 200)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    _, plan, decisions = _evaluate(_request({"source": {"uri": "r.jsonl"}}), tmp_path)
+    parts = decisions.partitions
+    assert len(parts) == len(plan.partitions) == 48
+    assert parts[-1].partition.key == parts[47].partition.key == plan.partitions[47].key
+    assert [p.partition.index for p in parts[3:9:2]] == [3, 5, 7]
+    with pytest.raises(IndexError):
+        parts[48]
+    assert len(decisions.unplaced) == decisions.totals["unplaced"] == len(list(decisions.unplaced))
+
+
+def test_spill_directory_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spills = tmp_path / "spills"
+    monkeypatch.setenv("PCBO_SPILL_DIR", str(spills))
+    records = _random_records(4, 100)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded, _, decisions = _evaluate(_request({"source": {"uri": "r.jsonl"}}), tmp_path)
+    (directory,) = spills.iterdir()
+    assert directory.name.startswith("pcbo-spill-") and (directory / "spill.sqlite").exists()
+    loaded.spill.close()
+    assert list(spills.iterdir()) == []
+    loaded.spill.close()  # twice is fine
+
+    _evaluate(_request({"source": {"uri": "r.jsonl"}}), tmp_path)  # dropped at once
+    gc.collect()
+    assert list(spills.iterdir()) == []
+
+    # Bad input found in pass 1 (line 60 is not JSON): InvalidInput, and no spill left behind.
+    lines = [json.dumps(r) for r in records]
+    lines[59] = "{not json"
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidInput) as caught:
+        load_request(json.dumps(_request({"source": {"uri": "bad.jsonl"}})).encode(), tmp_path)
+    assert "line 60" in str(caught.value)
+    del caught
+    gc.collect()
+    assert list(spills.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {},
+        [],
+        {"a": [], "b": {}, "c": [1, [2, []], {"d": None}], "é": 'ünï\u2028"q"\n', "f": 1.5, "t": True},
+        [[[]], {"x": [{}]}, "s", -3, 2.0e-7, False],
+    ],
+)
+def test_json_text_is_json_dumps_indent_2(document: Any) -> None:
+    assert "".join(json_text(document)) == json.dumps(document, indent=2, ensure_ascii=False)
+
+
+def test_json_text_streams_iterators_as_lists() -> None:
+    document = {"empty": iter([]), "ids": (f"id-{i}" for i in range(3)), "nested": map(dict, [{"a": 1}])}
+    expected = {"empty": [], "ids": ["id-0", "id-1", "id-2"], "nested": [{"a": 1}]}
+    assert "".join(json_text(document)) == json.dumps(expected, indent=2, ensure_ascii=False)
