@@ -111,9 +111,12 @@ def build_ledger_request(
 
 
 def _request_tail(dataset: DatasetConfig, source_uri: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    source: dict[str, Any] = {"uri": source_uri, "format": dataset.source.resolved_format()}
+    if not dataset.source.prune:  # only when off: requests (and their hashes) stay as they were
+        source["prune"] = False
     return {
         "policies": dataset.policies.model_dump(),
-        "source": {"uri": source_uri, "format": dataset.source.resolved_format()},
+        "source": source,
         "existingTargetIds": list(dataset.existingTargetIds),
         "metadata": metadata,
     }

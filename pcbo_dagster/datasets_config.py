@@ -10,7 +10,8 @@ datasets:
       start: "2024-01-01T00:00:00Z"   # ISO instant with an explicit offset
       end: "2024-01-04T00:00:00Z"     # optional, exclusive
       timezone: UTC                   # UTC only
-    source: {uri: demo_data/events.jsonl, format: jsonl}   # relative to this file
+    source: {uri: demo_data/events.jsonl, format: jsonl}   # relative to this file; a directory
+                                      # too (give format), with prune: false to read every file
     lake: null                        # optional lake URL for this dataset
     policies: {requireConsent: true, allowedJurisdictions: [US, CA],
                retentionCutoff: "2024-06-01T00:00:00Z", onViolation: omit}
@@ -52,6 +53,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StrictBool,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -217,6 +219,9 @@ Partitioning = Annotated[TimeWindowPartitioning | LedgerRangePartitioning, Field
 class SourceConfig(_Strict):
     uri: Annotated[StrictStr, Field(min_length=1)]
     format: Literal["jsonl", "parquet"] | None = None
+    #: For a directory source: skip files whose hive partition lies outside the requested window
+    #: (default true); passed into requests only when false, so existing requests do not change.
+    prune: StrictBool = True
 
     @model_validator(mode="after")
     def _format(self) -> SourceConfig:

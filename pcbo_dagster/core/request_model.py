@@ -78,14 +78,25 @@ class Policies(BaseModel):
 
 
 class SourceRef(BaseModel):
-    """Records stored elsewhere: a file (or, later, an object-store URI) and its format."""
+    """Records stored elsewhere: a file or a directory of files (local, `file://`, `s3://`, `gs://`)
+    and its format.
+
+    For a directory (`sources.hive_directories`) `format` may be left out (inferred from the files'
+    extensions, which must agree), and `prune` says whether files whose hive partition path
+    (`dt=`, `date=`, `year=/month=/day=/hour=`) lies outside the request's time window are skipped
+    unread (default true; ignored for a single file and for a ledgerRange request)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uri: Annotated[StrictStr, Field(min_length=1)]
     format: Literal["jsonl", "parquet", "csv", "ledger_archive"] | None = None
+    #: Skip a directory's files whose hive partition lies outside the time window (default true).
+    prune: StrictBool = True
 
     def resolved_format(self) -> str:
+        """The format of a single-file source: `format`, else inferred from the URI's extension.
+        Not for a directory (whose format is `format` or inferred from its files); nothing calls
+        this while validating a request, so a directory without `format` is valid input."""
         if self.format:
             return self.format
         lowered = self.uri.lower()

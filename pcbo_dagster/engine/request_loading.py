@@ -24,8 +24,10 @@ from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
 from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill
+from pcbo_dagster.lake.storage import filesystem
+from pcbo_dagster.sources.hive_directories import open_directory_source
 from pcbo_dagster.sources.ledger_archives import iter_ledger_records
-from pcbo_dagster.sources.record_files import resolve_uri
+from pcbo_dagster.sources.record_files import resolve_uri, source_read_errors
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
 
 
@@ -113,6 +115,20 @@ def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequ
     return LoadedRequest(request, None, None, source.uri, source.kind, source=source, spill=spill)
 
 
+def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
+    """The streamed source a request names: a record file, or a directory of them (pruned by the
+    request's time window unless `source.prune` is false)."""
+    ref = request.source
+    assert ref is not None
+    with source_read_errors(ref.uri):
+        fs, path = filesystem(uri)
+        is_directory = fs.isdir(path)
+    if is_directory:
+        window = None if request.ledgerRange is not None else (request.start_us, request.end_us)
+        return open_directory_source(uri, ref.uri, ref.format, window, ref.prune)
+    return open_source(uri, ref.uri, ref.resolved_format())
+
+
 def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input."""
     parsed = parse_json_strict(raw)
@@ -123,9 +139,7 @@ def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
         records, risky = list(iter_ledger_records(uri, span.first, span.end)), False
         kind, field = "ledger_archive", "source"
     elif request.source is not None:
-        uri = resolve_uri(request.source.uri, base_dir)
-        fmt = request.source.resolved_format()
-        return _load_streamed(request, open_source(uri, request.source.uri, fmt))
+        return _load_streamed(request, _record_source(request, resolve_uri(request.source.uri, base_dir)))
     else:
         records, risky, uri, kind, field = (
             request.sourceRecords or [],

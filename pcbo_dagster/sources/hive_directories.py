@@ -1,0 +1,457 @@
+"""A directory of record files (hive-partitioned or not) read as one source, pruned by time.
+
+A request's `source.uri` may name a directory (local path, `file://`, `s3://` or `gs://`) instead
+of one file. Its records are the rows of every data file below it, recursively, files taken in the
+order of their paths relative to the directory (sorted as strings, i.e. by code point, which is the
+bytewise order of their UTF-8), each file read as `sources.streaming` reads a single file. So a
+directory gives exactly the records of its files concatenated in that order, and the plan and
+decision hashes are those of one file holding them.
+
+- Skipped: any path whose relative path has a component starting with `_` or `.` (`_SUCCESS`,
+  `_temporary/`, `.part-0.parquet.crc`, `.tmp`), and files whose extension is not a data format's.
+- Format: `source.format` if given (then only files of that format's extensions are read: `.jsonl`
+  and `.ndjson`, `.csv`, `.parquet`, any case); otherwise inferred from the extensions, and every
+  data file must have the same format (else invalid input on `source.format`).
+- CSV: every file must have the same header row (an empty file, without one, is allowed), and the
+  integer columns are decided over all the files read (a column has one type in the whole run).
+- Hive partition values (`name=value` path components) are NOT added to the records: records are
+  the files' rows as they are, and carry their own `occurredAt`. The partition values are used only
+  to skip files (below).
+
+Pruning (`prune`, default true; only for a time request, whose window is [start, end)): from the
+directory components of a file's relative path, the time interval the file can hold is derived,
+and a file whose interval does not meet the window is not read at all. Recognised keys (any case;
+values URL-decoded, `%3A` -> `:`), read as UTC:
+- `dt` / `date`: `YYYY-MM-DD` or `YYYYMMDD` (that day), `YYYY-MM-DDTHH` or `YYYY-MM-DD HH` (that
+  hour); a value with minutes (`YYYY-MM-DD[T ]HH:MM[:SS[.ffffff]]`, optional `Z`/`+hh:mm`) is taken
+  as the start of its partition only, a lower bound (the width of such a partition is unknown);
+- `year`, `month`, `day`, `hour` (integers): the longest chain year, year/month, year/month/day,
+  year/month/day/hour, where the date keys fill in the coarser parts (`dt=2024-01-02/hour=05` is
+  that hour); a finer key without the coarser ones (`hour` alone) means nothing.
+Any other key is ignored; a recognised key with a value that does not parse, or keys that
+disagree (`dt=2024-01-02/day=03`), make the file read whatever the window (never prune on a
+guess). Pruned files' records are not part of the request at all: they are not counted as
+out-of-window, and ids in them are not seen by the duplicate check. A file holding records
+outside its partition's interval, or partitions labelled in another time zone, need `prune: false`.
+
+Locators: a record's locator is `file number << 40 | its locator in the file` (byte offset or row
+position), so a file may be up to 2**40 bytes (or rows) and a directory may hold 2**23 read files.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import unquote
+
+import numpy as np
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.engine.settings import redact_url
+from pcbo_dagster.lake.storage import filesystem
+from pcbo_dagster.sources.record_files import csv_integer_columns, is_safe_integer, source_read_errors
+from pcbo_dagster.sources.streaming import CsvSource, JsonlSource, ParquetSource, RecordSource
+
+LOCATOR_BITS = 40
+MAX_FILES = 1 << (63 - LOCATOR_BITS)
+_LOCAL_MASK = (1 << LOCATOR_BITS) - 1
+
+#: Extensions (lower case) of each format.
+EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "jsonl": (".jsonl", ".ndjson"),
+    "csv": (".csv",),
+    "parquet": (".parquet",),
+}
+
+_US_PER_DAY = 86_400_000_000
+_US_PER_HOUR = 3_600_000_000
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
+
+_DAY = r"(?P<year>\d{4})-(?P<month>\d{2})-(?P<day>\d{2})"
+_DATE_FORMS = (
+    re.compile(_DAY),
+    re.compile(r"(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})"),
+    re.compile(_DAY + r"[T ](?P<hour>\d{2})"),
+)
+_INSTANT_FORM = re.compile(
+    _DAY + r"[T ](?P<hour>\d{2}):(?P<minute>\d{2})(?::(?P<second>\d{2})(?:\.(?P<fraction>\d{1,6}))?)?"
+    r"(?P<offset>Z|[+-]\d{2}:\d{2})?"
+)
+_BOM = b"\xef\xbb\xbf"
+_INTEGER_FORMS = {
+    "year": re.compile(r"\d{4}"),
+    "month": re.compile(r"\d{1,2}"),
+    "day": re.compile(r"\d{1,2}"),
+    "hour": re.compile(r"\d{1,2}"),
+}
+_CHAIN = ("year", "month", "day", "hour")
+
+
+def format_of(name: str) -> str | None:
+    """The data format of a file name by its extension (any case), or None."""
+    lowered = name.lower()
+    for fmt, suffixes in EXTENSIONS.items():
+        if lowered.endswith(suffixes):
+            return fmt
+    return None
+
+
+def _day_us(year: int, month: int, day: int) -> int:
+    return (dt.date(year, month, day).toordinal() - _EPOCH_ORDINAL) * _US_PER_DAY
+
+
+def _instant_us(match: re.Match[str]) -> int | None:
+    """Microseconds since the epoch of a `_INSTANT_FORM` match (naive: UTC), or None if invalid."""
+    try:
+        moment = dt.datetime(
+            int(match["year"]),
+            int(match["month"]),
+            int(match["day"]),
+            int(match["hour"]),
+            int(match["minute"]),
+            int(match["second"] or 0),
+            int((match["fraction"] or "0").ljust(6, "0")),
+        )
+    except ValueError:
+        return None
+    offset = match["offset"]
+    seconds = 0
+    if offset and offset != "Z":
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+        if hours > 23 or minutes > 59:
+            return None
+        seconds = (1 if offset[0] == "+" else -1) * (hours * 3600 + minutes * 60)
+    delta = moment - dt.datetime(1970, 1, 1)
+    return (delta.days * 86_400 + delta.seconds - seconds) * 1_000_000 + delta.microseconds
+
+
+def _date_fields(value: str) -> dict[str, int] | int | None:
+    """A `dt`/`date` value: calendar fields (a day or an hour), a lower bound in microseconds (an
+    instant with minutes), or None (not a form this module reads)."""
+    for form in _DATE_FORMS:
+        match = form.fullmatch(value)
+        if match:
+            return {k: int(v) for k, v in match.groupdict().items()}
+    match = _INSTANT_FORM.fullmatch(value)
+    if match:
+        return _instant_us(match)
+    return None
+
+
+def time_interval(directories: list[str]) -> tuple[int, int | None] | None:
+    """The interval [lo, hi) (microseconds since the epoch, UTC; hi None: unbounded) that a file
+    below these hive path components (`name=value`, URL-encoded) can hold, or None when nothing can
+    be said (no recognised key, an unreadable value, keys that disagree). See the module docstring."""
+    fields: dict[str, int] = {}
+    lower_bound: int | None = None
+    for component in directories:
+        name, sep, raw = component.partition("=")
+        if not sep:
+            continue
+        key, value = unquote(name).strip().lower(), unquote(raw)
+        found: dict[str, int]
+        if key in ("dt", "date"):
+            parsed = _date_fields(value)
+            if parsed is None:
+                return None
+            if isinstance(parsed, int):
+                if lower_bound is not None and lower_bound != parsed:
+                    return None
+                lower_bound = parsed
+                continue
+            found = parsed
+        elif key in _INTEGER_FORMS:
+            if not _INTEGER_FORMS[key].fullmatch(value):
+                return None
+            found = {key: int(value)}
+        else:
+            continue
+        for field, number in found.items():
+            if fields.setdefault(field, number) != number:
+                return None
+    chain = []
+    for field in _CHAIN:
+        if field not in fields:
+            break
+        chain.append(fields[field])
+    if not chain and lower_bound is None:
+        return None
+    if not chain:
+        return lower_bound, None
+    chain_lo, chain_hi = _chain_interval(chain)
+    if chain_lo is None or chain_hi is None:
+        return None
+    lo = chain_lo if lower_bound is None else max(lower_bound, chain_lo)
+    if lo >= chain_hi:  # an instant after its date's interval: inconsistent
+        return None
+    return lo, chain_hi
+
+
+def _chain_interval(chain: list[int]) -> tuple[int | None, int | None]:
+    """[lo, hi) of (year[, month[, day[, hour]]]); (None, None) if the values are out of range."""
+    year = chain[0]
+    if not 1 <= year <= 9999:
+        return None, None
+    if len(chain) == 1:
+        start = _day_us(year, 1, 1)
+        return start, start + (366 if calendar.isleap(year) else 365) * _US_PER_DAY
+    month = chain[1]
+    if not 1 <= month <= 12:
+        return None, None
+    days_in_month = calendar.monthrange(year, month)[1]
+    if len(chain) == 2:
+        start = _day_us(year, month, 1)
+        return start, start + days_in_month * _US_PER_DAY
+    day = chain[2]
+    if not 1 <= day <= days_in_month:
+        return None, None
+    start = _day_us(year, month, day)
+    if len(chain) == 3:
+        return start, start + _US_PER_DAY
+    hour = chain[3]
+    if not 0 <= hour <= 23:
+        return None, None
+    start += hour * _US_PER_HOUR
+    return start, start + _US_PER_HOUR
+
+
+def may_hold(interval: tuple[int, int | None] | None, window_us: tuple[int, int]) -> bool:
+    """Whether a file of `interval` (None: unknown) may hold records of [start, end)."""
+    if interval is None:
+        return True
+    lo, hi = interval
+    start, end = window_us
+    return lo < end and (hi is None or hi > start)
+
+
+@contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Errors reading one file of the directory name that file."""
+    try:
+        yield
+    except InvalidInput as exc:
+        if path in exc.message:
+            raise
+        raise InvalidInput(exc.field, f"{path}: {exc.message}") from None
+
+
+class _CsvFile(CsvSource):
+    """One CSV file of a directory: header and integer columns decided by the directory."""
+
+    def prepare_alone(self) -> dict[int, bool]:
+        """Read the file once: sets `header` (`[]` for an empty file) and returns, per column index,
+        whether every non-empty cell is a safe integer (as `CsvSource._prepare`, without deciding)."""
+        cells: dict[int, bool] = {}
+        with source_read_errors(self.shown):
+            fs, path = filesystem(self.uri)
+            fh = fs.open(path, "rb")
+        with fh:
+            self._has_bom = fh.read(len(_BOM)) == _BOM
+            fh.seek(0)
+            for _, row in self._rows(fh):
+                for i, cell in enumerate(row):
+                    if cell != "" and cells.get(i, True):
+                        cells[i] = is_safe_integer(cell)
+        if self.header is None:
+            self.header = []
+        return cells
+
+    def _prepare(self) -> None:
+        """Already done by the directory (`DirectorySource._prepare_csv`)."""
+
+
+class _ParquetFile(ParquetSource):
+    """One parquet file of a directory; `fetch` works before `batches` too."""
+
+    _groups_known = False
+
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        for item in super().batches(size):
+            self._groups_known = True  # ParquetSource.batches sets group_starts before its first batch
+            yield item
+
+    def _take(self, indices: np.ndarray) -> Any:
+        if not self._groups_known:
+            with self._file() as pf:
+                rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+            self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+            self._groups_known = True
+        return super()._take(indices)
+
+
+_FILE_CLASSES: dict[str, type[RecordSource]] = {
+    "jsonl": JsonlSource,
+    "csv": _CsvFile,
+    "parquet": _ParquetFile,
+}
+
+
+class DirectorySource(RecordSource):
+    """The data files of a directory read in order as one source (see the module docstring).
+
+    `files`: the relative paths read (a record's file number is its index here); `pruned`: those
+    skipped because their partition lies outside the window; `ignored`: other files below the
+    directory that are not read (other extensions; not counting `_`/`.` paths)."""
+
+    def __init__(
+        self,
+        uri: str,
+        shown: str,
+        fmt: str,
+        files: list[tuple[str, str]],
+        pruned: list[str] | None = None,
+        ignored: list[str] | None = None,
+    ) -> None:
+        """`files`: (relative path, URI) of each file to read, in order."""
+        super().__init__(uri, shown)
+        if len(files) > MAX_FILES:
+            raise InvalidInput(
+                "source.uri",
+                f"{redact_url(shown)} holds {len(files)} files to read; the limit is {MAX_FILES}",
+            )
+        self.kind = fmt
+        self.files = [path for path, _ in files]
+        self.pruned = list(pruned or [])
+        self.ignored = list(ignored or [])
+        base = shown.rstrip("/")
+        self._sources = [_FILE_CLASSES[fmt](file_uri, f"{base}/{path}") for path, file_uri in files]
+        self._prepared = fmt != "csv"
+        self._lock = threading.Lock()
+
+    def _prepare_csv(self) -> None:
+        """One pass over every CSV file: the common header and the integer columns of the run."""
+        header: list[str] | None = None
+        first = ""
+        cells: dict[int, bool] = {}
+        for path, source in zip(self.files, self._sources, strict=True):
+            assert isinstance(source, _CsvFile)
+            with _naming(path):
+                found = source.prepare_alone()
+            if source.header == []:
+                continue  # an empty file: no header, no rows
+            if header is None:
+                header, first = source.header, path
+            elif source.header != header:
+                raise InvalidInput(
+                    "source", f"{path}: CSV header {source.header} differs from that of {first} ({header})"
+                )
+            for i, flag in found.items():
+                cells[i] = cells.get(i, True) and flag
+        integer_columns = csv_integer_columns(header or [], cells)
+        for source in self._sources:
+            assert isinstance(source, _CsvFile)
+            source.integer_columns = integer_columns
+        self._prepared = True
+
+    def _ensure_prepared(self) -> None:
+        if not self._prepared:
+            with self._lock:
+                if not self._prepared:
+                    self._prepare_csv()
+
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        """The files' batches in order, joined into batches of about `size` records (a batch never
+        holds more than `size` records plus those of the batch of one file)."""
+        self._ensure_prepared()
+        records: list[Any] = []
+        locators: list[np.ndarray] = []
+        risky = False
+        count = 0
+        for number, (path, source) in enumerate(zip(self.files, self._sources, strict=True)):
+            with _naming(path):
+                for part, part_risky, local in source.batches(size):
+                    if len(local) and (int(local.max()) > _LOCAL_MASK or int(local.min()) < 0):
+                        raise InvalidInput(
+                            "source.uri",
+                            f"a file of a directory source may hold up to 2**{LOCATOR_BITS} bytes or rows",
+                        )
+                    records.extend(part)
+                    locators.append(local | np.int64(number << LOCATOR_BITS))
+                    risky = risky or part_risky
+                    if len(records) >= size:
+                        count += len(records)
+                        yield records, risky, np.concatenate(locators)
+                        records, locators, risky = [], [], False
+        if records:
+            count += len(records)
+            yield records, risky, np.concatenate(locators)
+        self.count = count
+
+    def fetch(self, locators: np.ndarray) -> list[Any]:
+        """The records at `locators`, in that order: one read of each file they fall in."""
+        self._ensure_prepared()
+        locators = np.asarray(locators, dtype=np.int64)
+        numbers = locators >> LOCATOR_BITS
+        local = locators & _LOCAL_MASK
+        if len(locators) and (int(numbers.min()) < 0 or int(numbers.max()) >= len(self._sources)):
+            raise ValueError("locator names no file of this directory source")
+        out: list[Any] = [None] * len(locators)
+        order = np.argsort(numbers, kind="stable")
+        sorted_numbers = numbers[order]
+        cuts = np.flatnonzero(np.diff(sorted_numbers)) + 1
+        for positions in np.split(order, cuts):
+            if not len(positions):
+                continue
+            number = int(numbers[positions[0]])
+            with _naming(self.files[number]):
+                found = self._sources[number].fetch(local[positions])
+            for k, record in zip(positions.tolist(), found, strict=True):
+                out[k] = record
+        return out
+
+
+def _relative(root: str, path: str) -> str:
+    return path[len(root) :].lstrip("/") if path.startswith(root) else path
+
+
+def open_directory_source(
+    uri: str, shown: str, fmt: str | None, window_us: tuple[int, int] | None, prune: bool = True
+) -> RecordSource:
+    """The source of the directory at `uri` (`shown`: as the user gave it, for messages): its data
+    files of format `fmt` (None: inferred, all files must agree), those whose hive partition lies
+    outside `window_us` ([start, end) microseconds since the epoch, UTC) skipped when `prune`."""
+    if fmt is not None and fmt not in EXTENSIONS:
+        raise InvalidInput(
+            "source.format", f"{fmt} sources are not supported for a directory; use jsonl, csv or parquet"
+        )
+    with source_read_errors(shown):
+        fs, root = filesystem(uri)
+        fs.invalidate_cache(root)  # a long-lived process (Dagster) must see the files of now
+        if not fs.isdir(root):
+            raise InvalidInput("source.uri", f"not a directory: {redact_url(shown)}")
+        root = root.rstrip("/")
+        found = sorted(_relative(root, p) for p in fs.find(root, withdirs=False))
+    by_format: dict[str, list[str]] = {}
+    ignored: list[str] = []
+    for path in found:
+        parts = path.split("/")
+        if not path or any(part.startswith(("_", ".")) for part in parts):
+            continue
+        file_format = format_of(parts[-1])
+        if file_format is None or (fmt is not None and file_format != fmt):
+            ignored.append(path)
+        else:
+            by_format.setdefault(file_format, []).append(path)
+    if not by_format:
+        wanted = fmt or "jsonl/csv/parquet"
+        raise InvalidInput("source.uri", f"{redact_url(shown)} holds no {wanted} files")
+    if len(by_format) > 1:
+        examples = ", ".join(f"{paths[0]} ({name})" for name, paths in sorted(by_format.items()))
+        raise InvalidInput(
+            "source.format",
+            f"{redact_url(shown)} holds files of several formats ({examples}); give source.format",
+        )
+    chosen, paths = next(iter(by_format.items()))
+    read: list[tuple[str, str]] = []
+    pruned: list[str] = []
+    for path in paths:
+        if prune and window_us is not None and not may_hold(time_interval(path.split("/")[:-1]), window_us):
+            pruned.append(path)
+        else:
+            read.append((path, fs.unstrip_protocol(f"{root}/{path}")))
+    return DirectorySource(uri, shown, chosen, read, pruned, ignored)
