@@ -2,19 +2,13 @@
 
 A `RecordSource` (JSONL, CSV or parquet; local, `file://`, `s3://` or `gs://`) is read once in
 batches of `source_batch_size()` records (`PCBO_SOURCE_BATCH`, default 8,192) by `load_request`,
-which keeps, per record, only its digest and its decision columns (`core.decisions.RecordColumns`),
-and no Python object. Records are read again later by position: `fetch(indices)` (the adds of a
-partition being written) and `scan(indices)` (the adds of the run, for the schema). The records
-are exactly those of `record_files.load_records` (the same values in the same order), so plans,
-decisions and written files are the same as for the whole file read at once.
-
-Memory bound (measured by `benchmarks/memory_benchmark.py`, figures in the README): what is kept
-from the read is about 84 bytes a record (32-byte digest, decision columns with ids of 13
-characters, an 8-byte offset for JSONL and CSV); the decisions built from them (every added id a
-Python string) and the dry-run document bring a run to about 360 bytes a record, over about 120 MiB
-of program. On top: one batch of records as Python objects, and in `execute` the partitions in
-flight, about 2 KiB per record of each partition being encoded, times `parallel`. For parquet, one
-record batch of a row group is decoded at a time.
+which hands each batch's decision state to the decision spill (`engine.decision_spill`) and keeps
+nothing of it. Each batch comes with its records' locators (a byte offset for JSONL and CSV, a row
+position for parquet), which the spill keeps on disk; records are read again by locator: `fetch`
+(the adds of a partition being written, and of every partition once for the run's schema). The
+records are exactly those of `record_files.load_records` (the same values in the same order), so
+plans, decisions and written files are the same as for the whole file read at once. For parquet,
+one record batch of a row group is decoded at a time.
 """
 
 from __future__ import annotations
