@@ -1,14 +1,15 @@
 """Peak memory of `pcbo dry-run` and `pcbo execute` on a multi-GB JSONL source (streamed sources).
 
-`python benchmarks/memory_benchmark.py [--records 1500000 --text-bytes 1000 --days 30] [--parallel N]
-[--keep DIR [--reuse]]`
+`python benchmarks/memory_benchmark.py [--records 3000000 --text-bytes 1000 --days 30
+--chunk-seconds 3600] [--parallel N] [--keep DIR [--reuse]]`
 
 Writes (streaming, never holding it in memory) a JSONL source of `--records` records, each with a
-`--text-bytes` text field (the default makes about 1.6 GB), and a request naming it with daily
-partitions, then runs `python -m pcbo_dagster.cli dry-run` and `execute` on it as subprocesses, each
-alone in its own process, reporting wall time and peak resident memory (getrusage RUSAGE_CHILDREN
-ru_maxrss: the maximum over the children waited for so far, so each step runs in a fresh helper
-process). Prints one JSON document.
+`--text-bytes` text field (the default makes about 3.1 GiB), spread evenly over `--days` days, and a
+request naming it with partitions of `--chunk-seconds` (default hourly: 720), then runs
+`python -m pcbo_dagster.cli dry-run` and `execute` on it as subprocesses, each alone in its own
+process, reporting wall time and peak resident memory (getrusage RUSAGE_CHILDREN ru_maxrss: the
+maximum over the children waited for so far, so each step runs in a fresh helper process). Prints
+one JSON document.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def measure(step: str, args: list[str], env: dict[str, str]) -> dict[str, float 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--records", type=int, default=1_500_000)
+    parser.add_argument("--records", type=int, default=3_000_000)
     parser.add_argument("--text-bytes", type=int, default=1000)
     parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--chunk-seconds", type=int, default=3600)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="work here and keep the files (default: a temp dir)")
     parser.add_argument("--parallel", type=int, help="PCBO_PARALLEL for execute (default: the engine's, 4)")
@@ -103,7 +105,7 @@ def main() -> None:
         "versionLabel": "v1",
         "start": START,
         "end": end,
-        "chunkSeconds": 86_400,
+        "chunkSeconds": args.chunk_seconds,
         "policies": {"requireConsent": True, "onViolation": "omit"},
         "source": {"uri": str(source), "format": "jsonl"},
     }
@@ -124,7 +126,7 @@ def main() -> None:
                 "records": args.records,
                 "sourceBytes": size,
                 "sourceGiB": round(size / 2**30, 2),
-                "partitions": args.days,
+                "partitions": -(-args.days * 86_400 // args.chunk_seconds),
                 "parallel": args.parallel or 4,
                 "generateSeconds": round(generated, 1),
                 "steps": steps,

@@ -173,12 +173,17 @@ class DecisionSpill:
     # -- reading -----------------------------------------------------------------------------------
 
     def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> Iterator[list[tuple[Any, ...]]]:
-        """Rows of a query, `_FETCH` at a time (the cursor is read under the spill's lock)."""
+        """Rows of a query, `_FETCH` at a time. The connection is used under the spill's lock, taken
+        for each step and never held across a `yield`: queries may interleave, from any thread."""
         assert self._finished
         with self._lock:
             cursor = self._db.execute(sql, args)
-            while rows := cursor.fetchmany(_FETCH):
-                yield rows
+        while True:
+            with self._lock:
+                rows = cursor.fetchmany(_FETCH)
+            if not rows:
+                return
+            yield rows
 
     def sorted_digests(self) -> Iterator[np.ndarray]:
         """Every record's raw digest in byte order, as (k, 32) uint8 chunks (the plan hash)."""
