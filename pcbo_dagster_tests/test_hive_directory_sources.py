@@ -6,8 +6,6 @@ for a `source.uri` that is a directory)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import uuid
 from pathlib import Path
@@ -30,6 +28,7 @@ from pcbo_dagster.sources.hive_directories import (
     time_interval,
 )
 from pcbo_dagster.sources.streaming import RecordSource, open_source
+from pcbo_dagster_tests.csv_files import csv_bytes
 
 WINDOW = (parse_instant("2024-01-01T00:00:00Z"), parse_instant("2024-01-03T00:00:00Z"))
 
@@ -54,20 +53,11 @@ def _records(tag: str, n: int = 5, day: str = "2024-01-01") -> list[dict[str, An
     ]
 
 
+COLUMNS = ["id", "occurredAt", "consentGranted", "jurisdiction", "amount", "note"]
+
+
 def _csv_bytes(records: list[dict[str, Any]], columns: list[str] | None = None) -> bytes:
-    columns = columns or ["id", "occurredAt", "consentGranted", "jurisdiction", "amount", "note"]
-    out = io.StringIO(newline="")
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(columns)
-    for record in records:
-        cells = []
-        for name in columns:
-            value = record.get(name)
-            cells.append(
-                "" if value is None else ("true" if value is True else "false" if value is False else value)
-            )
-        writer.writerow(cells)
-    return out.getvalue().encode("utf-8")
+    return csv_bytes(records, columns or COLUMNS)
 
 
 def _file_bytes(fmt: str, records: list[dict[str, Any]]) -> bytes:

@@ -6,8 +6,6 @@ orphans; and CSV / remote JSONL sources against the equivalent inline request.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import uuid
 from pathlib import Path
@@ -16,6 +14,7 @@ from typing import Any
 import pytest
 
 from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
+from pcbo_dagster_tests.csv_files import csv_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -182,16 +181,7 @@ def test_commit_protocol_on_each_lake(lake, tmp_path):
 
 def _csv_bytes(records: list[dict[str, Any]]) -> bytes:
     columns = ["id", "occurredAt", "jurisdiction", "consentGranted", "retentionExpiresAt", "amount", "note"]
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(columns)
-    for r in records:
-        row = []
-        for c in columns:
-            v = r.get(c)
-            row.append("" if v is None else ("true" if v is True else "false" if v is False else str(v)))
-        writer.writerow(row)
-    return out.getvalue().encode()
+    return csv_bytes(records, columns)
 
 
 def _hashes(req: Path, env: dict[str, str]) -> tuple[str, str]:
