@@ -376,6 +376,13 @@ def test_an_archive_named_as_the_request_source_decides_like_the_inline_records(
     inline_plan, inline_decisions = evaluate(load_request(json.dumps(inline).encode()))
     assert plan.plan_hash == inline_plan.plan_hash
     assert decisions.decision_hash == inline_decisions.decision_hash
+    # Streamed: each partition's ledgers are read again from the archive by sequence, as they were.
+    assert loaded.records is None and loaded.spill is not None
+    inline_records = inline["sourceRecords"]
+    for pd, inline_pd in zip(decisions.partitions, inline_decisions.partitions, strict=True):
+        expected = [inline_records[i] for i in inline_pd.add_indices.tolist()]
+        assert loaded.fetch(pd.add_locators) == expected
+        assert pd.add_locators.tolist() == [r["ledgerSequence"] for r in expected] != []
 
 
 def test_a_ledger_archive_source_needs_a_ledger_range_request(tmp_path):

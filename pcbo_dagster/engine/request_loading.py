@@ -1,9 +1,10 @@
 """From request bytes to a plan and its decisions: the evaluation shared by every command.
 
-Inline records (`sourceRecords`) and ledger archives are held in memory. A record file (`source`:
-JSONL, CSV or parquet) is streamed (`sources.streaming`): it is read once in batches, each record's
-decision state goes to a decision spill on local disk (`engine.decision_spill`), and the records a
-run writes are read again by their locators, a partition at a time.
+Inline records (`sourceRecords`) are held in memory. A `source` (a JSONL, CSV or parquet file, a
+directory of them, or a ledger archive) is streamed (`sources.streaming`): it is read once in
+batches, each record's decision state goes to a decision spill on local disk
+(`engine.decision_spill`), and the records a run writes are read again by their locators, a
+partition at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, 
 from pcbo_dagster.engine.decision_spill import DecisionSpill
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.hive_directories import open_directory_source
-from pcbo_dagster.sources.ledger_archives import iter_ledger_records
+from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
 from pcbo_dagster.sources.record_files import resolve_uri, source_read_errors
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
 
@@ -116,10 +117,14 @@ def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequ
 
 
 def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
-    """The streamed source a request names: a record file, or a directory of them (pruned by the
-    request's time window unless `source.prune` is false)."""
+    """The streamed source a request names: a ledger archive, a record file, or a directory of them
+    (pruned by the request's time window unless `source.prune` is false)."""
     ref = request.source
     assert ref is not None
+    if ref.format == "ledger_archive":
+        span = request.ledgerRange
+        assert span is not None  # validate_request refuses an archive without a ledger range
+        return LedgerArchiveSource(uri, ref.uri, span.first, span.end)
     with source_read_errors(ref.uri):
         fs, path = filesystem(uri)
         is_directory = fs.isdir(path)
@@ -133,26 +138,14 @@ def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input."""
     parsed = parse_json_strict(raw)
     request = validate_request(parsed.value)
-    if request.source is not None and request.source.format == "ledger_archive":
-        uri = resolve_uri(request.source.uri, base_dir)
-        span = request.ledgerRange
-        records, risky = list(iter_ledger_records(uri, span.first, span.end)), False
-        kind, field = "ledger_archive", "source"
-    elif request.source is not None:
+    if request.source is not None:
         return _load_streamed(request, _record_source(request, resolve_uri(request.source.uri, base_dir)))
-    else:
-        records, risky, uri, kind, field = (
-            request.sourceRecords or [],
-            parsed.may_hold_floats_or_big_ints,
-            "inline",
-            "inline",
-            "sourceRecords",
-        )
+    records = request.sourceRecords or []
     try:
-        digests = record_digests(records, risky)
+        digests = record_digests(records, parsed.may_hold_floats_or_big_ints)
     except CanonicalizationError as exc:
-        raise _digest_error(field, exc) from None
-    return LoadedRequest(request, records, digests, uri, kind)
+        raise _digest_error("sourceRecords", exc) from None
+    return LoadedRequest(request, records, digests, "inline", "inline")
 
 
 def evaluate(loaded: LoadedRequest) -> tuple[Plan, Decisions]:

@@ -44,9 +44,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import numpy as np
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
+from pcbo_dagster.sources.streaming import RecordSource
 
 MAX_UINT32 = 0xFFFFFFFF
 SUFFIXES = (".xdr.zst", ".xdr.zstd")
@@ -411,3 +413,50 @@ def ledger_range_request(
         "policies": {"requireConsent": True},
         "sourceRecords": records,
     }
+
+
+#: A batch of ledger records also ends once it holds this many bytes of ledger XDR (ledgers are large).
+LEDGER_BATCH_BYTES = 64 << 20
+
+
+class LedgerArchiveSource(RecordSource):
+    """The ledgers [first, end) of an archive as a streamed source (`engine.request_loading`): read in
+    batches of up to `size` ledgers or `LEDGER_BATCH_BYTES` of XDR, a record's locator its ledger
+    sequence; `fetch` reads the archive again over the span of the sequences asked for (a partition's
+    ledgers are one span)."""
+
+    kind = "ledger_archive"
+
+    def __init__(self, uri: str, shown: str, first: int, end: int) -> None:
+        super().__init__(uri, shown)
+        self.first, self.end = first, end
+
+    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        records: list[Any] = []
+        held = 0
+        self.count = 0
+        for record in iter_ledger_records(self.uri, self.first, self.end):
+            records.append(record)
+            held += len(record["lcmXdrBase64"])
+            if len(records) >= size or held >= LEDGER_BATCH_BYTES:
+                self.count += len(records)
+                yield records, False, np.array([r["ledgerSequence"] for r in records], dtype=np.int64)
+                records, held = [], 0
+        if records:
+            self.count += len(records)
+            yield records, False, np.array([r["ledgerSequence"] for r in records], dtype=np.int64)
+
+    def fetch(self, locators: np.ndarray) -> list[Any]:
+        sequences = np.asarray(locators, dtype=np.int64)
+        if not len(sequences):
+            return []
+        where: dict[int, list[int]] = {}
+        for k, sequence in enumerate(sequences.tolist()):
+            where.setdefault(sequence, []).append(k)
+        out: list[Any] = [None] * len(sequences)
+        for record in iter_ledger_records(self.uri, int(sequences.min()), int(sequences.max()) + 1):
+            for k in where.pop(record["ledgerSequence"], []):
+                out[k] = record
+        if where:
+            raise LedgerArchiveError(self.shown, f"ledgers {sorted(where)[:5]} are no longer in the archive")
+        return out
