@@ -147,3 +147,22 @@ def test_csv_quoted_newlines_and_offsets(tmp_path: Path, monkeypatch: pytest.Mon
     inline = _run(tmp_path, "inline", {**base, "sourceRecords": parse_csv(data)})
     assert streamed == inline
     assert streamed[0]["totals"]["add"] == 4
+
+
+def test_parquet_batches_say_when_they_need_careful_hashing() -> None:
+    """A parquet batch takes the fast RFC 8785 path unless it may hold a float or an integer beyond
+    +-(2**53 - 1) (or a nested or dictionary column, which is not looked into)."""
+    from pcbo_dagster.sources.streaming import _may_hold_floats_or_big_ints as risky
+
+    def batch(**columns: Any) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pydict(columns)
+
+    assert not risky(
+        batch(id=["a", "b"], n=[1, -(2**53 - 1)], ok=[True, None], at=pa.array([0, 1], pa.timestamp("us")))
+    )
+    assert not risky(batch(n=pa.array([None, None], pa.int64())))
+    assert risky(batch(n=[1, 2**53]))
+    assert risky(batch(n=[-(2**53), 0]))
+    assert risky(batch(x=[1.0, 2.0]))
+    assert risky(batch(tags=[[1], [2]]))
+    assert risky(batch(kind=pa.array(["a", "b"]).dictionary_encode()))

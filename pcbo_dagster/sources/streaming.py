@@ -7,8 +7,9 @@ nothing of it. Each batch comes with its records' locators (a byte offset for JS
 position for parquet), which the spill keeps on disk; records are read again by locator: `fetch`
 (the adds of a partition being written, and of every partition once for the run's schema). The
 records are exactly those of `record_files.load_records` (the same values in the same order), so
-plans, decisions and written files are the same as for the whole file read at once. For parquet,
-one record batch of a row group is decoded at a time.
+plans, decisions and written files are the same as for the whole file read at once. Parquet is
+re-read a row group at a time: row groups of up to `PARQUET_CACHE_BYTES` (64 MiB uncompressed) are
+kept decoded, least recently used first let go of, within that budget.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from __future__ import annotations
 import array
 import csv
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pcbo_dagster.core.errors import InvalidInput
@@ -37,6 +41,8 @@ from pcbo_dagster.sources.record_files import (
 )
 
 DEFAULT_BATCH = 8_192
+#: Decoded parquet row groups kept for re-reads (bytes of Arrow data).
+PARQUET_CACHE_BYTES = 64 << 20
 _BLOCK = 1 << 22  # bytes read at a time from a text source
 _BOM = b"\xef\xbb\xbf"
 
@@ -244,12 +250,33 @@ class CsvSource(RecordSource):
         return out
 
 
+_SAFE_INTEGER = 2**53 - 1
+
+
+def _may_hold_floats_or_big_ints(batch: pa.RecordBatch) -> bool:
+    """Whether a parquet batch's rows (as `jsonable_row` makes them) may hold a float or an integer
+    beyond +-(2**53 - 1), which RFC 8785 hashing must take the careful way: a floating-point or a
+    nested column may; an integer column only if its values reach that far."""
+    for column in batch.columns:
+        kind = column.type
+        if pa.types.is_floating(kind) or pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
+            return True
+        if pa.types.is_integer(kind) and column.null_count < len(column):
+            low, high = pc.min_max(column).values()
+            if low.as_py() < -_SAFE_INTEGER or high.as_py() > _SAFE_INTEGER:
+                return True
+    return False
+
+
 class ParquetSource(RecordSource):
     kind = "parquet"
 
     def __init__(self, uri: str, shown: str) -> None:
         super().__init__(uri, shown)
         self.group_starts = np.zeros(1, dtype=np.int64)  # first record of each row group, then the count
+        self._cache: OrderedDict[int, list[pa.RecordBatch]] = OrderedDict()
+        self._cached_bytes = 0
+        self._cache_lock = threading.Lock()
 
     @contextmanager
     def _file(self) -> Iterator[pq.ParquetFile]:
@@ -268,11 +295,45 @@ class ParquetSource(RecordSource):
             for batch in pf.iter_batches(batch_size=size, use_threads=False):
                 positions = np.arange(first, first + batch.num_rows, dtype=np.int64)
                 first += batch.num_rows
-                yield [jsonable_row(row) for row in batch.to_pylist()], True, positions
+                yield (
+                    [jsonable_row(row) for row in batch.to_pylist()],
+                    _may_hold_floats_or_big_ints(batch),
+                    positions,
+                )
+
+    def _group_batches(self, pf: pq.ParquetFile, group: int, last: int) -> Iterator[pa.RecordBatch]:
+        """The record batches of row group `group`, up to the one holding its row `last`. A group whose
+        uncompressed size fits `PARQUET_CACHE_BYTES` is decoded whole once and kept (least recently
+        used groups let go of beyond that), so a partition after partition taking rows from one
+        large group does not decode it again each time; a larger group is decoded each time, only as
+        far as needed."""
+        with self._cache_lock:
+            cached = self._cache.get(group)
+            if cached is not None:
+                self._cache.move_to_end(group)
+        if cached is not None:
+            yield from cached
+            return
+        batches = pf.iter_batches(batch_size=DEFAULT_BATCH, row_groups=[group], use_threads=False)
+        if pf.metadata.row_group(group).total_byte_size > PARQUET_CACHE_BYTES:
+            first = 0
+            for batch in batches:
+                yield batch
+                first += batch.num_rows
+                if first > last:
+                    return
+            return
+        decoded = list(batches)
+        with self._cache_lock:
+            self._cache[group] = decoded
+            self._cached_bytes += sum(b.nbytes for b in decoded)
+            while self._cached_bytes > PARQUET_CACHE_BYTES and len(self._cache) > 1:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_bytes -= sum(b.nbytes for b in dropped)
+        yield from decoded
 
     def _take(self, indices: np.ndarray) -> pa.Table:
-        """The rows at `indices`, in that order, as Arrow (a record batch of a row group at a time
-        decoded)."""
+        """The rows at `indices`, in that order, as Arrow (`_group_batches` of each row group hit)."""
         indices = np.asarray(indices, dtype=np.int64)
         groups = np.searchsorted(self.group_starts, indices, side="right") - 1
         pieces: list[pa.Table] = []
@@ -283,7 +344,7 @@ class ParquetSource(RecordSource):
                 positions = np.flatnonzero(groups == group)
                 local = indices[positions] - self.group_starts[group]
                 first = 0
-                for batch in pf.iter_batches(batch_size=DEFAULT_BATCH, row_groups=[group], use_threads=False):
+                for batch in self._group_batches(pf, group, int(local.max())):
                     hit = (local >= first) & (local < first + batch.num_rows)
                     if hit.any():
                         pieces.append(pa.Table.from_batches([batch.take(pa.array(local[hit] - first))]))
