@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
 from pcbo_dagster.cli import json_text
@@ -198,3 +199,43 @@ def test_spill_reads_interleave(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         part = decisions.partitions[k % len(decisions.partitions)]
         assert part.add == inline.partitions[k % len(inline.partitions)].add
     assert seen == inline.unplaced and len(seen) > 4
+
+
+@pytest.mark.parametrize("differing", [False, True])
+def test_the_run_schema_from_pass_1_is_the_re_read_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, differing: bool
+) -> None:
+    """Pass 1 gathers the run's schema over the records added but for DUPLICATE_ID; it is used only
+    when no differing copies (all omitted, their fields not in the run) were among them."""
+    monkeypatch.setenv("PCBO_SPILL_DIR", str(tmp_path / "spills"))
+    monkeypatch.setenv("PCBO_SOURCE_BATCH", "2")
+    at = "2024-01-01T05:00:00Z"
+    allowed = {"jurisdiction": "US", "retentionExpiresAt": "2030-01-01T00:00:00Z"}
+    records: list[dict[str, Any]] = [
+        {"id": "a", "occurredAt": at, "consentGranted": True, "n": 1},
+        {"id": "b", "occurredAt": at, "consentGranted": True, "n": 2, "note": "x"},
+        {"id": "b", "occurredAt": at, "consentGranted": True, "n": 2, "note": "x"},  # the same again
+        {"id": "c", "occurredAt": at, "consentGranted": False, "n": "not added, not in the schema"},
+    ]
+    if differing:  # two differing copies of "d": both omitted, so "extra" is not a column of the run
+        records += [
+            {"id": "d", "occurredAt": at, "consentGranted": True, "extra": 1},
+            {"id": "d", "occurredAt": at, "consentGranted": True, "extra": "two"},
+        ]
+    records = [{**r, **allowed} for r in records]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded, _, decisions = _evaluate(_request({"source": {"uri": "r.jsonl"}}), tmp_path)
+    inline_loaded, _, inline = _evaluate(_request({"sourceRecords": records}), tmp_path)
+    assert loaded.spill.schema_exact is not differing
+    schema, as_json = loaded.schema_of(decisions.partitions)
+    assert (schema, as_json) == inline_loaded.schema_of(inline.partitions)
+    assert schema.names == [
+        "id",
+        "occurredAt",
+        "retentionExpiresAt",
+        "consentGranted",
+        "jurisdiction",
+        "n",
+        "note",
+    ]
+    assert schema.field("n").type == pa.int64() and not any(as_json.values())

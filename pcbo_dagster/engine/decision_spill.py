@@ -45,6 +45,7 @@ from pcbo_dagster.core.decisions import (
     unplaced_entry,
 )
 from pcbo_dagster.core.plan import Plan
+from pcbo_dagster.core.record_table import SchemaBuilder
 
 #: SQLite page cache of the spill (KiB); sorts beyond it go to temporary files beside the database.
 SPILL_CACHE_KIB = 32_768
@@ -113,19 +114,27 @@ class DecisionSpill:
         self.invalid = 0
         self.out_of_window = 0
         self._finished = False
+        #: The JSON types of the fields of the records added but for DUPLICATE_ID (the run's schema
+        #: without a re-read, when `schema_exact`).
+        self.schema = SchemaBuilder()
+        self.schema_exact = False
 
     def close(self) -> None:
         self._finalizer()
 
     # -- pass 1 ------------------------------------------------------------------------------------
 
-    def add_batch(self, digests: bytes, locators: np.ndarray, cols: RecordColumns) -> None:
-        """One batch of records, in input order: their raw digests (32 bytes each), the locators the
-        source reads them back by, and their decision columns."""
+    def add_batch(
+        self, records: list[Any], digests: bytes, locators: np.ndarray, cols: RecordColumns
+    ) -> None:
+        """One batch of records, in input order: the records, their raw digests (32 bytes each), the
+        locators the source reads them back by, and their decision columns."""
         n = len(cols)
         first = self.count
         masks = record_masks(self._window, cols, self._existing)
         placed = masks.placed
+        # The run's schema over the records added unless DUPLICATE_ID omits them (see `finish`).
+        self.schema.add([records[i] for i in np.flatnonzero(placed & (masks.mask == 0)).tolist()])
         idx = range(first, first + n)
         pidx = [p if ok else None for p, ok in zip(masks.pidx.tolist(), placed.tolist(), strict=True)]
         digest_list = [digests[i : i + 32] for i in range(0, 32 * n, 32)]
@@ -168,6 +177,13 @@ class DecisionSpill:
                FROM records WHERE id IS NOT NULL GROUP BY id HAVING COUNT(*) > 1"""
         )
         db.execute("CREATE UNIQUE INDEX repeated_by_id ON repeated (id)")
+        (differing,) = db.execute(
+            """SELECT COUNT(*) FROM records r JOIN repeated d ON d.id = r.id
+               WHERE r.pidx IS NOT NULL AND r.mask = 0 AND d.kinds > 1"""
+        ).fetchone()
+        # `schema` saw every record added but for DUPLICATE_ID: exact unless some of those are copies
+        # that differ (all omitted); equal copies left out have the kept copy's types.
+        self.schema_exact = differing == 0
         self._finished = True
 
     # -- reading -----------------------------------------------------------------------------------
@@ -260,7 +276,7 @@ class SpilledPartitions(Sequence[PartitionDecision]):
     """A plan's partition decisions, each read from the spill when it is asked for (not kept)."""
 
     def __init__(self, spill: DecisionSpill, plan: Plan) -> None:
-        self._spill = spill
+        self.spill = spill
         self._plan = plan
 
     def __len__(self) -> int:
@@ -279,7 +295,7 @@ class SpilledPartitions(Sequence[PartitionDecision]):
             item += len(self)
         if not 0 <= item < len(self):
             raise IndexError(item)
-        return self._spill.partition(self._plan, item)[0]
+        return self.spill.partition(self._plan, item)[0]
 
     def __iter__(self) -> Iterator[PartitionDecision]:
         for i in range(len(self)):

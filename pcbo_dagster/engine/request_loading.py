@@ -24,7 +24,7 @@ from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
 from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
-from pcbo_dagster.engine.decision_spill import DecisionSpill
+from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.hive_directories import open_directory_source
 from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
@@ -78,6 +78,9 @@ class LoadedRequest:
         streamed source)."""
         if self.source is None:
             return run_schema(self.fetch([i for pd in partitions for i in pd.add_locators.tolist()]))
+        spill = self.spill
+        if isinstance(partitions, SpilledPartitions) and partitions.spill is spill and spill.schema_exact:
+            return spill.schema.result()  # every partition of the request: seen in pass 1
         builder = SchemaBuilder()
         for pd in partitions:
             for rows in self.fetch_chunks(pd.add_locators, source_batch_size()):
@@ -101,7 +104,7 @@ def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequ
             if error is None:  # the first record RFC 8785 cannot express, once every line has parsed
                 try:
                     digests = record_digest_bytes(records, risky, first)
-                    spill.add_batch(digests, locators, known_columns(records, ledger_field))
+                    spill.add_batch(records, digests, locators, known_columns(records, ledger_field))
                 except CanonicalizationError as exc:
                     error = _digest_error("source", exc)
             first += len(records)
