@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -166,3 +167,30 @@ def test_parquet_batches_say_when_they_need_careful_hashing() -> None:
     assert risky(batch(x=[1.0, 2.0]))
     assert risky(batch(tags=[[1], [2]]))
     assert risky(batch(kind=pa.array(["a", "b"]).dictionary_encode()))
+
+
+def test_parquet_re_reads_keep_decoded_row_groups_within_one_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row groups decoded for re-reads are kept, least recently used let go of beyond one budget for
+    the whole process; what `fetch` returns does not depend on what is kept."""
+    from pcbo_dagster.sources import streaming
+
+    records = [{"id": f"r-{i}", "n": i, "text": "x" * 50} for i in range(4_000)]
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=1_000)
+    expected = [jsonable_row(r) for r in pa.Table.from_pylist(records).to_pylist()]
+    one_group = pa.Table.from_pylist(records[:1000]).nbytes
+    for budget in (10 * one_group, int(1.5 * one_group), 1):  # all kept, about one, none but the last
+        groups = streaming._DecodedGroups(budget)
+        monkeypatch.setattr(streaming, "_DECODED_GROUPS", groups)
+        monkeypatch.setattr(streaming, "PARQUET_CACHE_BYTES", max(budget, 2 * one_group))
+        source = streaming.ParquetSource(str(path), "groups.parquet")
+        _, _, locators = zip(*source.batches(512), strict=True)
+        positions = np.concatenate(locators)
+        picked = np.random.default_rng(3).permutation(positions)[:1500]
+        for lo in range(0, len(picked), 100):  # as partitions would take them
+            chunk = picked[lo : lo + 100]
+            assert source.fetch(chunk) == [expected[i] for i in chunk.tolist()]
+            assert groups.held <= max(budget, 1.2 * one_group)
+        assert groups.held > 0

@@ -9,13 +9,14 @@ position for parquet), which the spill keeps on disk; records are read again by 
 records are exactly those of `record_files.load_records` (the same values in the same order), so
 plans, decisions and written files are the same as for the whole file read at once. Parquet is
 re-read a row group at a time: row groups of up to `PARQUET_CACHE_BYTES` (64 MiB uncompressed) are
-kept decoded, least recently used first let go of, within that budget.
+kept decoded, least recently used first let go of, within that budget for the whole process.
 """
 
 from __future__ import annotations
 
 import array
 import csv
+import itertools
 import os
 import threading
 from collections import OrderedDict
@@ -250,6 +251,40 @@ class CsvSource(RecordSource):
         return out
 
 
+class _DecodedGroups:
+    """Decoded parquet row groups of every source in the process, least recently used let go of
+    beyond `budget` bytes (a directory of many parquet files shares the one budget)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._groups: OrderedDict[tuple[int, int], list[pa.RecordBatch]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[int, int]) -> list[pa.RecordBatch] | None:
+        with self._lock:
+            batches = self._groups.get(key)
+            if batches is not None:
+                self._groups.move_to_end(key)
+            return batches
+
+    def put(self, key: tuple[int, int], batches: list[pa.RecordBatch]) -> None:
+        with self._lock:
+            if key in self._groups:
+                return
+            self._groups[key] = batches
+            self._bytes += sum(b.nbytes for b in batches)
+            while self._bytes > self.budget and len(self._groups) > 1:
+                _, dropped = self._groups.popitem(last=False)
+                self._bytes -= sum(b.nbytes for b in dropped)
+
+    @property
+    def held(self) -> int:
+        return self._bytes
+
+
+_DECODED_GROUPS = _DecodedGroups(PARQUET_CACHE_BYTES)
+_SERIALS = itertools.count()
 _SAFE_INTEGER = 2**53 - 1
 
 
@@ -274,9 +309,7 @@ class ParquetSource(RecordSource):
     def __init__(self, uri: str, shown: str) -> None:
         super().__init__(uri, shown)
         self.group_starts = np.zeros(1, dtype=np.int64)  # first record of each row group, then the count
-        self._cache: OrderedDict[int, list[pa.RecordBatch]] = OrderedDict()
-        self._cached_bytes = 0
-        self._cache_lock = threading.Lock()
+        self._serial = next(_SERIALS)  # this source's key in `_DECODED_GROUPS`
 
     @contextmanager
     def _file(self) -> Iterator[pq.ParquetFile]:
@@ -303,14 +336,11 @@ class ParquetSource(RecordSource):
 
     def _group_batches(self, pf: pq.ParquetFile, group: int, last: int) -> Iterator[pa.RecordBatch]:
         """The record batches of row group `group`, up to the one holding its row `last`. A group whose
-        uncompressed size fits `PARQUET_CACHE_BYTES` is decoded whole once and kept (least recently
-        used groups let go of beyond that), so a partition after partition taking rows from one
-        large group does not decode it again each time; a larger group is decoded each time, only as
-        far as needed."""
-        with self._cache_lock:
-            cached = self._cache.get(group)
-            if cached is not None:
-                self._cache.move_to_end(group)
+        uncompressed size fits `PARQUET_CACHE_BYTES` is decoded whole once and kept in the process's
+        `_DECODED_GROUPS`, so partition after partition taking rows from one large group does not
+        decode it again each time; a larger group is decoded each time, only as far as needed."""
+        key = (self._serial, group)
+        cached = _DECODED_GROUPS.get(key)
         if cached is not None:
             yield from cached
             return
@@ -324,12 +354,7 @@ class ParquetSource(RecordSource):
                     return
             return
         decoded = list(batches)
-        with self._cache_lock:
-            self._cache[group] = decoded
-            self._cached_bytes += sum(b.nbytes for b in decoded)
-            while self._cached_bytes > PARQUET_CACHE_BYTES and len(self._cache) > 1:
-                _, dropped = self._cache.popitem(last=False)
-                self._cached_bytes -= sum(b.nbytes for b in dropped)
+        _DECODED_GROUPS.put(key, decoded)
         yield from decoded
 
     def _take(self, indices: np.ndarray) -> pa.Table:
