@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +242,29 @@ def test_the_run_schema_from_pass_1_is_the_re_read_one(
         "note",
     ]
     assert schema.field("n").type == pa.int64() and not any(as_json.values())
+
+
+def test_a_spill_left_by_a_killed_process_is_removed_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spills = tmp_path / "spills"
+    monkeypatch.setenv("PCBO_SPILL_DIR", str(spills))
+    records = _random_records(6, 50)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    request = json.dumps(_request({"source": {"uri": "r.jsonl"}}))
+    script = (
+        "import os, sys, json, pathlib\n"
+        "from pcbo_dagster.engine.request_loading import load_request\n"
+        "loaded = load_request(sys.argv[1].encode(), pathlib.Path(sys.argv[2]))\n"
+        "os._exit(0)  # killed outright: no clean-up runs\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, request, str(tmp_path)], check=True)
+    assert done.returncode == 0
+    (left,) = spills.iterdir()
+    assert left.name.startswith("pcbo-spill-") and (left / "spill.sqlite").exists()
+    running = spills / f"pcbo-spill-{os.getpid()}-mine"  # a live process's spill is never touched
+    running.mkdir()
+    loaded = load_request(request.encode(), tmp_path)
+    names = sorted(p.name for p in spills.iterdir())
+    assert left.name not in names and running.name in names and len(names) == 2
+    loaded.spill.close()

@@ -12,10 +12,10 @@ the same `core.decisions.partition_decision` the in-memory path uses, when it is
 the partitions being written are ever in memory.
 
 The database lives in a temporary directory under `PCBO_SPILL_DIR` (default: the system's temporary
-directory), named `pcbo-spill-*`, removed when the spill is closed or garbage collected, or when the
-process exits. Its page cache is capped at `SPILL_CACHE_KIB`; SQLite's own sort files go where it
-puts temporary files (`SQLITE_TMPDIR`, `TMPDIR`, else /var/tmp or /tmp). A process killed outright
-leaves the directory behind (nothing in it is needed again).
+directory), named `pcbo-spill-<pid>-*`, removed when the spill is closed or garbage collected, or when
+the process exits; one that a process killed outright left behind is removed by the next spill made
+there once that pid is no longer running. Its page cache is capped at `SPILL_CACHE_KIB`; SQLite's
+own sort files go where it puts temporary files (`SQLITE_TMPDIR`, `TMPDIR`, else /var/tmp or /tmp).
 """
 
 from __future__ import annotations
@@ -75,6 +75,36 @@ def spill_root() -> str | None:
     return os.environ.get("PCBO_SPILL_DIR") or None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_spills(root: str | None) -> list[str]:
+    """Remove the spill directories under `root` (None: the system's temporary directory) whose
+    process (the pid in their name, `pcbo-spill-<pid>-*`) is no longer running: what a process killed
+    outright left behind. Returns the paths removed."""
+    base = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-")
+        if len(parts) < 4 or parts[:2] != ["pcbo", "spill"] or not parts[2].isdigit():
+            continue
+        if int(parts[2]) != os.getpid() and not _alive(int(parts[2])):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            removed.append(os.path.join(base, name))
+    return removed
+
+
 def _close(connection: sqlite3.Connection, directory: str) -> None:
     try:
         connection.close()
@@ -93,7 +123,8 @@ class DecisionSpill:
         root = spill_root()
         if root is not None:
             os.makedirs(root, exist_ok=True)
-        self.directory = tempfile.mkdtemp(prefix="pcbo-spill-", dir=root)
+        remove_stale_spills(root)
+        self.directory = tempfile.mkdtemp(prefix=f"pcbo-spill-{os.getpid()}-", dir=root)
         self._db = sqlite3.connect(
             os.path.join(self.directory, "spill.sqlite"), check_same_thread=False, isolation_level=None
         )
