@@ -181,10 +181,16 @@ def test_parquet_re_reads_keep_decoded_row_groups_within_one_budget(
     pq.write_table(pa.Table.from_pylist(records), path, row_group_size=1_000)
     expected = [jsonable_row(r) for r in pa.Table.from_pylist(records).to_pylist()]
     one_group = pa.Table.from_pylist(records[:1000]).nbytes
-    for budget in (10 * one_group, int(1.5 * one_group), 1):  # all kept, about one, none but the last
+    # all kept; about one; none but the last; groups too large to keep (decoded each time, in part)
+    for budget, limit in (
+        (10 * one_group, 20 * one_group),
+        (int(1.5 * one_group), 2 * one_group),
+        (1, 2 * one_group),
+        (1, 1),
+    ):
         groups = streaming._DecodedGroups(budget)
         monkeypatch.setattr(streaming, "_DECODED_GROUPS", groups)
-        monkeypatch.setattr(streaming, "PARQUET_CACHE_BYTES", max(budget, 2 * one_group))
+        monkeypatch.setattr(streaming, "PARQUET_CACHE_BYTES", limit)
         source = streaming.ParquetSource(str(path), "groups.parquet")
         _, _, locators = zip(*source.batches(512), strict=True)
         positions = np.concatenate(locators)
@@ -193,4 +199,4 @@ def test_parquet_re_reads_keep_decoded_row_groups_within_one_budget(
             chunk = picked[lo : lo + 100]
             assert source.fetch(chunk) == [expected[i] for i in chunk.tolist()]
             assert groups.held <= max(budget, 1.2 * one_group)
-        assert groups.held > 0
+        assert (groups.held > 0) == (limit > 1)

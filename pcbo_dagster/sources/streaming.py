@@ -20,8 +20,8 @@ import itertools
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import IO, Any
 
 import numpy as np
@@ -257,26 +257,26 @@ class _DecodedGroups:
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
-        self._groups: OrderedDict[tuple[int, int], list[pa.RecordBatch]] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[int, int]) -> list[pa.RecordBatch] | None:
+    def get(self, key: tuple[int, int]) -> pa.Table | None:
         with self._lock:
-            batches = self._groups.get(key)
-            if batches is not None:
+            table = self._groups.get(key)
+            if table is not None:
                 self._groups.move_to_end(key)
-            return batches
+            return table
 
-    def put(self, key: tuple[int, int], batches: list[pa.RecordBatch]) -> None:
+    def put(self, key: tuple[int, int], table: pa.Table) -> None:
         with self._lock:
             if key in self._groups:
                 return
-            self._groups[key] = batches
-            self._bytes += sum(b.nbytes for b in batches)
+            self._groups[key] = table
+            self._bytes += table.nbytes
             while self._bytes > self.budget and len(self._groups) > 1:
                 _, dropped = self._groups.popitem(last=False)
-                self._bytes -= sum(b.nbytes for b in dropped)
+                self._bytes -= dropped.nbytes
 
     @property
     def held(self) -> int:
@@ -310,6 +310,7 @@ class ParquetSource(RecordSource):
         super().__init__(uri, shown)
         self.group_starts = np.zeros(1, dtype=np.int64)  # first record of each row group, then the count
         self._serial = next(_SERIALS)  # this source's key in `_DECODED_GROUPS`
+        self._schema: pa.Schema | None = None
 
     @contextmanager
     def _file(self) -> Iterator[pq.ParquetFile]:
@@ -324,6 +325,7 @@ class ParquetSource(RecordSource):
             rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
             self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
             self.count = int(self.group_starts[-1])
+            self._schema = pf.schema_arrow
             first = 0
             for batch in pf.iter_batches(batch_size=size, use_threads=False):
                 positions = np.arange(first, first + batch.num_rows, dtype=np.int64)
@@ -334,49 +336,57 @@ class ParquetSource(RecordSource):
                     positions,
                 )
 
-    def _group_batches(self, pf: pq.ParquetFile, group: int, last: int) -> Iterator[pa.RecordBatch]:
-        """The record batches of row group `group`, up to the one holding its row `last`. A group whose
-        uncompressed size fits `PARQUET_CACHE_BYTES` is decoded whole once and kept in the process's
-        `_DECODED_GROUPS`, so partition after partition taking rows from one large group does not
-        decode it again each time; a larger group is decoded each time, only as far as needed."""
+    def _rows_of_group(self, pf: Callable[[], pq.ParquetFile], group: int, local: np.ndarray) -> pa.Table:
+        """Rows `local` (positions in row group `group`, in that order). A group whose uncompressed
+        size fits `PARQUET_CACHE_BYTES` is decoded whole once and kept in the process's
+        `_DECODED_GROUPS`, so partition after partition taking rows from one group neither decodes it
+        again nor opens the file; a larger group is decoded a record batch at a time, as far as
+        needed, each time. `pf()` opens the file when it is needed."""
         key = (self._serial, group)
-        cached = _DECODED_GROUPS.get(key)
-        if cached is not None:
-            yield from cached
-            return
-        batches = pf.iter_batches(batch_size=DEFAULT_BATCH, row_groups=[group], use_threads=False)
-        if pf.metadata.row_group(group).total_byte_size > PARQUET_CACHE_BYTES:
-            first = 0
-            for batch in batches:
-                yield batch
-                first += batch.num_rows
-                if first > last:
-                    return
-            return
-        decoded = list(batches)
-        _DECODED_GROUPS.put(key, decoded)
-        yield from decoded
+        table = _DECODED_GROUPS.get(key)
+        if table is None:
+            if pf().metadata.row_group(group).total_byte_size > PARQUET_CACHE_BYTES:
+                return self._rows_of_large_group(pf(), group, local)
+            table = pf().read_row_group(group, use_threads=False)
+            _DECODED_GROUPS.put(key, table)
+        return table.take(pa.array(local))
+
+    @staticmethod
+    def _rows_of_large_group(pf: pq.ParquetFile, group: int, local: np.ndarray) -> pa.Table:
+        pieces: list[pa.Table] = []
+        where: list[np.ndarray] = []
+        first, last = 0, int(local.max())
+        for batch in pf.iter_batches(batch_size=DEFAULT_BATCH, row_groups=[group], use_threads=False):
+            hit = (local >= first) & (local < first + batch.num_rows)
+            if hit.any():
+                pieces.append(pa.Table.from_batches([batch.take(pa.array(local[hit] - first))]))
+                where.append(np.flatnonzero(hit))
+            first += batch.num_rows
+            if first > last:
+                break
+        table = pa.concat_tables(pieces)
+        return table.take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
 
     def _take(self, indices: np.ndarray) -> pa.Table:
-        """The rows at `indices`, in that order, as Arrow (`_group_batches` of each row group hit)."""
+        """The rows at `indices`, in that order, as Arrow (`_rows_of_group` of each row group hit)."""
         indices = np.asarray(indices, dtype=np.int64)
         groups = np.searchsorted(self.group_starts, indices, side="right") - 1
         pieces: list[pa.Table] = []
         where: list[np.ndarray] = []
-        with self._file() as pf:
-            schema = pf.schema_arrow
+        with ExitStack() as stack:
+            opened: list[pq.ParquetFile] = []
+
+            def pf() -> pq.ParquetFile:
+                if not opened:
+                    opened.append(stack.enter_context(self._file()))
+                return opened[0]
+
             for group in np.unique(groups).tolist():
                 positions = np.flatnonzero(groups == group)
-                local = indices[positions] - self.group_starts[group]
-                first = 0
-                for batch in self._group_batches(pf, group, int(local.max())):
-                    hit = (local >= first) & (local < first + batch.num_rows)
-                    if hit.any():
-                        pieces.append(pa.Table.from_batches([batch.take(pa.array(local[hit] - first))]))
-                        where.append(positions[hit])
-                    first += batch.num_rows
-        if not pieces:
-            return schema.empty_table()
+                pieces.append(self._rows_of_group(pf, group, indices[positions] - self.group_starts[group]))
+                where.append(positions)
+            if not pieces:
+                return (self._schema or pf().schema_arrow).empty_table()
         table = pa.concat_tables(pieces)
         order = np.argsort(np.concatenate(where), kind="stable")
         return table.take(pa.array(order))
