@@ -7,6 +7,7 @@ must go away with it, on success and on bad input alike. Also: the dry-run write
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import random
@@ -17,9 +18,9 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+import rfc8785
 
 from pcbo_dagster.cli import json_text
-from pcbo_dagster.core.decisions import DecisionHasher, decision_hash
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.decision_spill import SpilledPartitions
 from pcbo_dagster.engine.request_loading import evaluate, load_request
@@ -114,14 +115,16 @@ def test_spilled_decisions_equal_in_memory_ones(
         assert loaded.fetch(got.add_locators) == [records[i] for i in want.add_indices.tolist()]
         assert got.add_occurred_us.tolist() == want.add_occurred_us.tolist()
         assert got.add_retention_us.to_pylist() == want.add_retention_us.to_pylist()
-    # The streamed hash is the in-memory construction.
-    hasher = DecisionHasher()
-    for pd in inline.partitions:
-        hasher.add_partition(pd)
-    hasher.start_unplaced(inline_plan.plan_hash)
-    for entry in inline.unplaced:
-        hasher.add_unplaced(entry)
-    assert hasher.result() == decision_hash(inline)
+    # The hash made a piece at a time is CONTRACT section 3's, over the whole document at once.
+    document = {
+        "v": "pcbo.decisions/1",
+        "planHash": plan.plan_hash,
+        "partitions": [
+            {"key": p["key"], "add": p["add"], "omit": p["omit"]} for p in inline.to_json()["partitions"]
+        ],
+        "unplaced": [{"index": u["index"], "id": u["id"], "reasons": u["reasons"]} for u in inline.unplaced],
+    }
+    assert spilled.decision_hash == "sha256:" + hashlib.sha256(rfc8785.dumps(document)).hexdigest()
 
 
 def test_spilled_partitions_are_a_sequence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pcbo_dagster.core.canonical import fast_jcs, prefixed, sha256_hex
+from pcbo_dagster.core.canonical import fast_jcs, prefixed
 from pcbo_dagster.core.instants import parse_instants
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Partition, Plan, normalize_jurisdictions
@@ -497,12 +497,11 @@ class DecisionHasher:
 
 
 def decision_hash(decisions: Decisions) -> str:
-    document = {
-        "v": DECISIONS_VERSION,
-        "planHash": decisions.plan.plan_hash,
-        "partitions": [{"key": p.partition.key, "add": p.add, "omit": p.omit} for p in decisions.partitions],
-        "unplaced": [
-            {"index": u["index"], "id": u["id"], "reasons": u["reasons"]} for u in decisions.unplaced
-        ],
-    }
-    return prefixed(sha256_hex(fast_jcs(document)))
+    """CONTRACT section 3's `decisionHash` of `decisions`, through `DecisionHasher`."""
+    hasher = DecisionHasher()
+    for pd in decisions.partitions:
+        hasher.add_partition(pd)
+    hasher.start_unplaced(decisions.plan.plan_hash)
+    for entry in decisions.unplaced:
+        hasher.add_unplaced(entry)
+    return hasher.result()
