@@ -54,7 +54,7 @@ import numpy as np
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.settings import redact_url
 from pcbo_dagster.lake.storage import filesystem
-from pcbo_dagster.sources.record_files import csv_integer_columns, is_safe_integer, source_read_errors
+from pcbo_dagster.sources.record_files import csv_integer_columns, source_read_errors
 from pcbo_dagster.sources.streaming import CsvSource, JsonlSource, ParquetSource, RecordSource
 
 LOCATOR_BITS = 40
@@ -82,7 +82,6 @@ _INSTANT_FORM = re.compile(
     _DAY + r"[T ](?P<hour>\d{2}):(?P<minute>\d{2})(?::(?P<second>\d{2})(?:\.(?P<fraction>\d{1,6}))?)?"
     r"(?P<offset>Z|[+-]\d{2}:\d{2})?"
 )
-_BOM = b"\xef\xbb\xbf"
 _INTEGER_FORMS = {
     "year": re.compile(r"\d{4}"),
     "month": re.compile(r"\d{1,2}"),
@@ -241,53 +240,17 @@ def _naming(path: str) -> Iterator[None]:
 
 
 class _CsvFile(CsvSource):
-    """One CSV file of a directory: header and integer columns decided by the directory."""
-
-    def prepare_alone(self) -> dict[int, bool]:
-        """Read the file once: sets `header` (`[]` for an empty file) and returns, per column index,
-        whether every non-empty cell is a safe integer (as `CsvSource._prepare`, without deciding)."""
-        cells: dict[int, bool] = {}
-        with source_read_errors(self.shown):
-            fs, path = filesystem(self.uri)
-            fh = fs.open(path, "rb")
-        with fh:
-            self._has_bom = fh.read(len(_BOM)) == _BOM
-            fh.seek(0)
-            for _, row in self._rows(fh):
-                for i, cell in enumerate(row):
-                    if cell != "" and cells.get(i, True):
-                        cells[i] = is_safe_integer(cell)
-        if self.header is None:
-            self.header = []
-        return cells
+    """One CSV file of a directory: header and integer columns decided by the directory, over all its
+    files (`DirectorySource._prepare_csv`, from each file's `integer_cells`)."""
 
     def _prepare(self) -> None:
-        """Already done by the directory (`DirectorySource._prepare_csv`)."""
-
-
-class _ParquetFile(ParquetSource):
-    """One parquet file of a directory; `fetch` works before `batches` too."""
-
-    _groups_known = False
-
-    def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
-        for item in super().batches(size):
-            self._groups_known = True  # ParquetSource.batches sets group_starts before its first batch
-            yield item
-
-    def _take(self, indices: np.ndarray) -> Any:
-        if not self._groups_known:
-            with self._file() as pf:
-                rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
-            self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
-            self._groups_known = True
-        return super()._take(indices)
+        """Already done by the directory."""
 
 
 _FILE_CLASSES: dict[str, type[RecordSource]] = {
     "jsonl": JsonlSource,
     "csv": _CsvFile,
-    "parquet": _ParquetFile,
+    "parquet": ParquetSource,
 }
 
 
@@ -331,7 +294,7 @@ class DirectorySource(RecordSource):
         for path, source in zip(self.files, self._sources, strict=True):
             assert isinstance(source, _CsvFile)
             with _naming(path):
-                found = source.prepare_alone()
+                found = source.integer_cells()
             if source.header == []:
                 continue  # an empty file: no header, no rows
             if header is None:

@@ -208,18 +208,25 @@ class CsvSource(RecordSource):
                 pass
             raise
 
-    def _prepare(self) -> None:
-        """The header and the integer columns (a first pass: they depend on every row)."""
+    def integer_cells(self) -> dict[int, bool]:
+        """Read the file once: sets `header` (`[]` for an empty file) and returns, per column index,
+        whether every non-empty cell of it is a safe integer."""
+        cells: dict[int, bool] = {}
         with _opened(self.uri, self.shown) as fh:
             self._has_bom = fh.read(len(_BOM)) == _BOM
             fh.seek(0)
-            cells: dict[int, bool] = {}
             for _, row in self._rows(fh):
                 for i, cell in enumerate(row):
                     if cell != "" and cells.get(i, True):
                         cells[i] = is_safe_integer(cell)
-            header = self.header or []
-            self.integer_columns = csv_integer_columns(header, cells)
+        if self.header is None:
+            self.header = []
+        return cells
+
+    def _prepare(self) -> None:
+        """The header and the integer columns (a first pass: they depend on every row)."""
+        cells = self.integer_cells()
+        self.integer_columns = csv_integer_columns(self.header or [], cells)
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         self._prepare()
@@ -320,12 +327,16 @@ class ParquetSource(RecordSource):
             except pa.ArrowException as exc:
                 raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
 
+    def _read_layout(self, pf: pq.ParquetFile) -> None:
+        """The row groups' first rows and the schema, from the file's metadata."""
+        rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+        self._schema = pf.schema_arrow
+
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         with self._file() as pf:
-            rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
-            self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+            self._read_layout(pf)
             self.count = int(self.group_starts[-1])
-            self._schema = pf.schema_arrow
             first = 0
             for batch in pf.iter_batches(batch_size=size, use_threads=False):
                 positions = np.arange(first, first + batch.num_rows, dtype=np.int64)
@@ -370,7 +381,6 @@ class ParquetSource(RecordSource):
     def _take(self, indices: np.ndarray) -> pa.Table:
         """The rows at `indices`, in that order, as Arrow (`_rows_of_group` of each row group hit)."""
         indices = np.asarray(indices, dtype=np.int64)
-        groups = np.searchsorted(self.group_starts, indices, side="right") - 1
         pieces: list[pa.Table] = []
         where: list[np.ndarray] = []
         with ExitStack() as stack:
@@ -380,6 +390,10 @@ class ParquetSource(RecordSource):
                 if not opened:
                     opened.append(stack.enter_context(self._file()))
                 return opened[0]
+
+            if self._schema is None:  # a source that has not been read (`batches`) yet
+                self._read_layout(pf())
+            groups = np.searchsorted(self.group_starts, indices, side="right") - 1
 
             for group in np.unique(groups).tolist():
                 positions = np.flatnonzero(groups == group)
