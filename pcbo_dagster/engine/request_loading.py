@@ -25,10 +25,9 @@ from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
 from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
-from pcbo_dagster.lake.storage import filesystem
-from pcbo_dagster.sources.hive_directories import open_directory_source
+from pcbo_dagster.sources.hive_directories import is_directory, open_directory_source
 from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
-from pcbo_dagster.sources.record_files import resolve_uri, source_read_errors
+from pcbo_dagster.sources.record_files import resolve_uri
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
 
 
@@ -128,10 +127,7 @@ def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
         span = request.ledgerRange
         assert span is not None  # validate_request refuses an archive without a ledger range
         return LedgerArchiveSource(uri, ref.uri, span.first, span.end)
-    with source_read_errors(ref.uri):
-        fs, path = filesystem(uri)
-        is_directory = fs.isdir(path)
-    if is_directory:
+    if is_directory(uri, ref.uri):
         window = None if request.ledgerRange is not None else (request.start_us, request.end_us)
         return open_directory_source(uri, ref.uri, ref.format, window, ref.prune)
     return open_source(uri, ref.uri, ref.resolved_format())

@@ -372,6 +372,15 @@ def _relative(root: str, path: str) -> str:
     return path[len(root) :].lstrip("/") if path.startswith(root) else path
 
 
+def is_directory(uri: str, shown: str) -> bool:
+    """Whether `uri` names a directory now (the file system's listing cache dropped first: a
+    long-lived process, Dagster's, must see what is there now, not what was)."""
+    with source_read_errors(shown):
+        fs, path = filesystem(uri)
+        fs.invalidate_cache(path)
+        return bool(fs.isdir(path))
+
+
 def open_directory_source(
     uri: str, shown: str, fmt: str | None, window_us: tuple[int, int] | None, prune: bool = True
 ) -> RecordSource:
@@ -382,11 +391,10 @@ def open_directory_source(
         raise InvalidInput(
             "source.format", f"{fmt} sources are not supported for a directory; use jsonl, csv or parquet"
         )
+    if not is_directory(uri, shown):
+        raise InvalidInput("source.uri", f"not a directory: {redact_url(shown)}")
     with source_read_errors(shown):
         fs, root = filesystem(uri)
-        fs.invalidate_cache(root)  # a long-lived process (Dagster) must see the files of now
-        if not fs.isdir(root):
-            raise InvalidInput("source.uri", f"not a directory: {redact_url(shown)}")
         root = root.rstrip("/")
         found = sorted(_relative(root, p) for p in fs.find(root, withdirs=False))
     by_format: dict[str, list[str]] = {}
