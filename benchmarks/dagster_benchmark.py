@@ -64,7 +64,7 @@ def loadavg() -> list[float]:
 
 def pcbo_command() -> list[str]:
     exe = shutil.which("pcbo")
-    return [exe] if exe else [sys.executable, "-m", "pcbo_dagster.cli"]
+    return [exe] if exe else [sys.executable, "-m", "pcbo_dagster.cli.main"]
 
 
 def dagster_command() -> list[str]:
@@ -200,9 +200,10 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "noop":
         selection, resources, asset_key = [_noop_asset(args.partitions)], {}, dg.AssetKey("noop")
     else:
-        from pcbo_dagster.dagster_defs.definitions import build_definitions, config_path
+        from pcbo_dagster.dagster_defs.definitions import build_definitions
+        from pcbo_dagster.datasets.config import load_datasets_config_from_env
 
-        defs = build_definitions(config_path())
+        defs = build_definitions(load_datasets_config_from_env())
         selection = [*defs.assets, *defs.asset_checks]
         resources = dict(defs.resources or {})
         asset_key = dg.AssetKey(DATASET)

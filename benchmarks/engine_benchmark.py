@@ -45,7 +45,7 @@ def gnu_time_works() -> bool:
 
 def pcbo_command() -> list[str]:
     exe = shutil.which("pcbo")
-    return [exe] if exe else [sys.executable, "-m", "pcbo_dagster.cli"]
+    return [exe] if exe else [sys.executable, "-m", "pcbo_dagster.cli.main"]
 
 
 def clean_env(home: Path) -> dict[str, str]:

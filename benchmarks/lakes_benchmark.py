@@ -12,7 +12,7 @@ the tests set them up (`pcbo_dagster_tests/object_store_servers.py`) and started
 machine's CPUs with the run they serve, so their figures measure the engine plus a local emulator,
 not a cloud.
 
-Every run is `python -m pcbo_dagster.cli execute` in a fresh process with a fresh `PCBO_HOME` and a
+Every run is `python -m pcbo_dagster.cli.main execute` in a fresh process with a fresh `PCBO_HOME` and a
 fresh lake (on an object store: a fresh server). Per run:
 - **wall**: `time.perf_counter` around the process (interpreter start, imports, reading and
   evaluating the source, executing, writing the output);

@@ -6,7 +6,7 @@
 Writes (streaming, never holding it in memory) a JSONL source of `--records` records, each with a
 `--text-bytes` text field (the default makes about 3.1 GiB), spread evenly over `--days` days, and a
 request naming it with partitions of `--chunk-seconds` (default hourly: 720), then runs
-`python -m pcbo_dagster.cli dry-run` and `execute` on it as subprocesses, each alone in its own
+`python -m pcbo_dagster.cli.main dry-run` and `execute` on it as subprocesses, each alone in its own
 process, reporting wall time and peak resident memory (getrusage RUSAGE_CHILDREN ru_maxrss: the
 maximum over the children waited for so far, so each step runs in a fresh helper process). Prints
 one JSON document.
@@ -66,7 +66,7 @@ def measure(step: str, args: list[str], env: dict[str, str]) -> dict[str, float 
         "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
         "print(json.dumps({'status': p.returncode, 'seconds': wall, 'peakRssKiB': rss}))\n"
     )
-    cmd = [sys.executable, "-c", helper, sys.executable, "-m", "pcbo_dagster.cli", step, *args]
+    cmd = [sys.executable, "-c", helper, sys.executable, "-m", "pcbo_dagster.cli.main", step, *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
     if result["status"] not in (0,):

@@ -44,12 +44,12 @@ def run_pcbo(
     cwd: str | os.PathLike[str] | None = None,
     timeout: float = 120.0,
 ) -> PcboRun:
-    """Run `python -m pcbo_dagster.cli *args` with PCBO_HOME=`home` and `env` added."""
+    """Run `python -m pcbo_dagster.cli.main *args` with PCBO_HOME=`home` and `env` added."""
     if cwd is None:
         # Never let a default ./.pcbo land in the repository.
         cwd = Path(home).parent if home is not None else Path.cwd()
     proc = subprocess.run(
-        [sys.executable, "-m", "pcbo_dagster.cli", *map(os.fspath, args)],
+        [sys.executable, "-m", "pcbo_dagster.cli.main", *map(os.fspath, args)],
         env=pcbo_env(home, env),
         cwd=cwd,
         capture_output=True,

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from pcbo_dagster.demo_data import generate_demo_data
+from pcbo_dagster.datasets.demo_data import generate_demo_data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = REPO_ROOT / "examples" / "datasets.yaml"

@@ -13,10 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import dagster as dg
 import pytest
 
-from pcbo_dagster.catalog.store import CatalogStore, default_catalog_url
-from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.dagster_defs.sensors.alerts_sensor import SENSOR_NAME, alert_store, build_alerts_sensor
-from pcbo_dagster.rollout.alerts import (
+from pcbo_dagster.alerts.webhook import (
     ALERT_VERSION,
     WEBHOOK_TOKEN_ENV,
     WEBHOOK_URL_ENV,
@@ -24,9 +21,12 @@ from pcbo_dagster.rollout.alerts import (
     alert_payload,
     deliver_pending,
     raise_and_deliver,
-    scrub_text,
 )
-from pcbo_dagster.rollout.store import RolloutStore
+from pcbo_dagster.catalog.rollouts import RolloutStore
+from pcbo_dagster.catalog.store import CatalogStore, default_catalog_url
+from pcbo_dagster.dagster_defs.alerts.sensors import SENSOR_NAME, alert_store, build_alerts_sensor
+from pcbo_dagster.dagster_defs.resources import PcboEngineResource
+from pcbo_dagster.io.redaction import scrub_text
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

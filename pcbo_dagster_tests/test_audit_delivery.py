@@ -14,8 +14,8 @@ import pytest
 import rfc8785
 
 from pcbo_dagster.audit import AuditBackup, AuditLog, HttpDelivery, read_cursor
-from pcbo_dagster.audit.delivery import redact_url
 from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.io.redaction import redact_url
 
 KEY = "events/v1"
 

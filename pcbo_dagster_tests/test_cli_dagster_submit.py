@@ -27,8 +27,8 @@ import pytest
 pytest.importorskip("dagster_webserver")
 pytest.importorskip("dagster_graphql")
 
-from pcbo_dagster import cli  # noqa: E402
-from pcbo_dagster.demo_data import generate_demo_data  # noqa: E402
+from pcbo_dagster.cli import main as cli  # noqa: E402
+from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "datasets.yaml"
@@ -181,7 +181,7 @@ def test_execute_dagster_runs_the_request_on_a_webserver(tmp_path, capsys):
 
         def pcbo(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(
-                [sys.executable, "-m", "pcbo_dagster.cli", *args],
+                [sys.executable, "-m", "pcbo_dagster.cli.main", *args],
                 env=_env(tmp_path),
                 cwd=tmp_path,
                 capture_output=True,

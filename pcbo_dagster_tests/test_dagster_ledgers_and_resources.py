@@ -10,8 +10,12 @@ import pytest
 
 dg = pytest.importorskip("dagster")
 
-from pcbo_dagster.dagster_defs.assets import build_dataset_asset, build_dataset_checks  # noqa: E402
-from pcbo_dagster.dagster_defs.assets.backfill_assets import build_ledger_request  # noqa: E402
+from pcbo_dagster.dagster_defs.backfill.assets import (  # noqa: E402
+    build_dataset_asset,
+    build_ledger_request,
+)
+from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks  # noqa: E402
+from pcbo_dagster.dagster_defs.backfill.sensors import build_ledger_partitions_sensor, max_ledger_in_source  # noqa: E402
 from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
 from pcbo_dagster.dagster_defs.partitions import (  # noqa: E402
     dynamic_partitions_name,
@@ -26,9 +30,8 @@ from pcbo_dagster.dagster_defs.resources import (  # noqa: E402
     PcboEngineResource,
     SourcesResource,
 )
-from pcbo_dagster.dagster_defs.sensors import build_ledger_partitions_sensor, max_ledger_in_source  # noqa: E402
-from pcbo_dagster.datasets_config import DatasetsConfig, load_datasets_config  # noqa: E402
-from pcbo_dagster.demo_data import demo_ledgers, generate_demo_data  # noqa: E402
+from pcbo_dagster.datasets.config import DatasetsConfig, load_datasets_config  # noqa: E402
+from pcbo_dagster.datasets.demo_data import demo_ledgers, generate_demo_data  # noqa: E402
 from pcbo_dagster.engine.request_loading import evaluate, load_request  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
 
@@ -395,7 +398,7 @@ def test_resources_resolve_variables_at_run_time_and_never_log_a_password(tmp_pa
         assert described["lake"] == str(tmp_path / "lake-elsewhere")
         assert described["catalog"] == f"sqlite:///{home / 'catalog.db'}"  # the engine's default
         assert described["audit_dir"] == str(tmp_path / "audit-elsewhere")
-        assert described["audit_endpoint"] == "http://127.0.0.1:9/events"  # query string removed
+        assert described["audit_endpoint"] == "http://127.0.0.1:9/events?[redacted]"  # query string removed
         logs = [e.message for e in instance.all_logs(result.run_id)]
         assert any("lake-elsewhere" in m for m in logs)
         assert not any("t0ken" in m for m in logs)
@@ -416,5 +419,5 @@ def test_resources_resolve_variables_at_run_time_and_never_log_a_password(tmp_pa
         )
         assert not failed.success
         text = json.dumps([str(e.dagster_event) + e.message for e in instance.all_logs(failed.run_id)])
-        assert "pcbo:***@127.0.0.1:1/pcbo" in text
+        assert "postgresql+psycopg://127.0.0.1:1/pcbo?[redacted]" in text  # no userinfo, no query
         assert "s3cret" not in text

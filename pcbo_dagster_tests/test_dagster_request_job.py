@@ -11,21 +11,21 @@ import pytest
 
 dg = pytest.importorskip("dagster")
 
-from pcbo_dagster import cli  # noqa: E402
-from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
-from pcbo_dagster.dagster_defs.jobs.request_job import (  # noqa: E402
+from pcbo_dagster.cli import main as cli  # noqa: E402
+from pcbo_dagster.dagster_defs.backfill.jobs import (  # noqa: E402
     DOCUMENT_ENTRY,
     JOB_NAME,
     OP_NAME,
     pcbo_request_job,
 )
+from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
 from pcbo_dagster.dagster_defs.remote import (  # noqa: E402
     RemoteRunFailed,
     Webserver,
     outcome_of,
 )
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
-from pcbo_dagster.demo_data import generate_demo_data  # noqa: E402
+from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO_ROOT / "examples" / "datasets.yaml"

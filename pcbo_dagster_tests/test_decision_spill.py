@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 import rfc8785
 
-from pcbo_dagster.cli import json_text
+from pcbo_dagster.cli.common import json_text
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.decision_spill import SpilledPartitions
 from pcbo_dagster.engine.request_loading import evaluate, load_request

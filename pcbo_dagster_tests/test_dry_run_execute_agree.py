@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pcbo_dagster.cli import main
+from pcbo_dagster.cli.main import main
 
 START_US = 1_704_067_200_000_000  # 2024-01-01T00:00:00Z
 IDS = ["a", "b", "B", "é", "😀", "\uff21", "z-9", "legacy"]

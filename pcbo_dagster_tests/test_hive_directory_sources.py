@@ -19,8 +19,8 @@ import pytest
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.request_model import validate_request
-from pcbo_dagster.dataset_requests import request_for_keys
-from pcbo_dagster.datasets_config import parse_datasets_config
+from pcbo_dagster.datasets.config import parse_datasets_config
+from pcbo_dagster.datasets.requests import request_for_keys
 from pcbo_dagster.sources.hive_directories import (
     LOCATOR_BITS,
     DirectorySource,

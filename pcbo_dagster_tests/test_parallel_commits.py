@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pcbo_dagster import cli
+from pcbo_dagster.cli import main as cli
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine import execute as execute_module
 from pcbo_dagster.engine.environment import Environment

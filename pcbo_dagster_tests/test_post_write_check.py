@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pcbo_dagster import cli
 from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.cli import main as cli
 from pcbo_dagster.engine import execute as execute_module
 
 REQUEST = {

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.dataset_requests import evaluate_keys
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig, parse_datasets_config
-from pcbo_dagster.demo_data import demo_sessions
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, parse_datasets_config
+from pcbo_dagster.datasets.demo_data import demo_sessions
+from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.rollback import rollback
@@ -30,7 +30,7 @@ from pcbo_dagster.rollout.health import (
     plan_id,
     run_health_check,
 )
-from pcbo_dagster.rollout.rollout_rollback import range_log_name, rollback_rollout, run_owner
+from pcbo_dagster.rollout.rollback import range_log_name, rollback_rollout, run_owner
 
 T0 = datetime(2024, 2, 1, 12, 0, tzinfo=UTC)
 KEYS = [f"20240101T{h:02d}0000Z" for h in range(4)]

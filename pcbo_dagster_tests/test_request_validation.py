@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pcbo_dagster.cli import main
+from pcbo_dagster.cli.main import main
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.engine.request_loading import load_request
 
@@ -610,7 +610,7 @@ def _pcbo_command() -> list[str]:
     found = shutil.which("pcbo")
     if found:
         return [found]
-    return [sys.executable, "-m", "pcbo_dagster.cli"]
+    return [sys.executable, "-m", "pcbo_dagster.cli.main"]
 
 
 SUBPROCESS_CASES = [

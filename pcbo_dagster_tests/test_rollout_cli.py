@@ -57,7 +57,7 @@ def start(workdir: Path, name: str) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "pcbo_dagster.cli",
+            "pcbo_dagster.cli.main",
             "rollout",
             "start",
             "--config",

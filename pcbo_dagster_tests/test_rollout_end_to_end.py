@@ -21,16 +21,16 @@ import pytest
 
 dg = pytest.importorskip("dagster")
 
+from pcbo_dagster.catalog.rollouts import RolloutStore  # noqa: E402
 from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
-from pcbo_dagster.datasets_config import parse_datasets_config  # noqa: E402
+from pcbo_dagster.datasets.config import parse_datasets_config  # noqa: E402
 from pcbo_dagster.engine.environment import Environment  # noqa: E402
 from pcbo_dagster.engine.rollback import rollback  # noqa: E402
 from pcbo_dagster.engine.settings import Settings  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
 from pcbo_dagster.rollout.clock import ManualClock  # noqa: E402
 from pcbo_dagster.rollout.environments import staging_settings  # noqa: E402
-from pcbo_dagster.rollout.store import RolloutStore  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]

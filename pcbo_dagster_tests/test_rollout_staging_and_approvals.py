@@ -11,14 +11,14 @@ import pytest
 import sqlalchemy as sa
 
 from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.catalog.store import CatalogStore
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import Blocked, InvalidInput
-from pcbo_dagster.datasets_config import parse_datasets_config
+from pcbo_dagster.datasets.config import parse_datasets_config
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import ManualClock
-from pcbo_dagster.rollout.store import RolloutStore
 from pcbo_dagster.rollout.throttle import Throttle
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)

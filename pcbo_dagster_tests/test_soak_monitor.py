@@ -9,14 +9,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.dataset_requests import evaluate_keys
-from pcbo_dagster.datasets_config import parse_datasets_config
+from pcbo_dagster.datasets.config import parse_datasets_config
+from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_reading import PartitionReading
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake import layout, manifests
-from pcbo_dagster.rollout.business_metric import parse_metric
 from pcbo_dagster.rollout.environments import dataset_settings, open_environments
 from pcbo_dagster.rollout.soak import (
     _duplicate_check,

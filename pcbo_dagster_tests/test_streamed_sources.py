@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pcbo_dagster.cli import main
+from pcbo_dagster.cli.main import main
 from pcbo_dagster.sources.record_files import jsonable_row, parse_csv
 
 BASE = {

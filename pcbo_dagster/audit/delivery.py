@@ -16,7 +16,7 @@ blocks appends.
 
 Credentials in the endpoint URL (`https://user:pass@host/...`) are sent as HTTP Basic
 authorization; the userinfo and the query string never appear in reports, exceptions or logs.
-The POST, its retries and the redaction are `pcbo_dagster.http_delivery.JsonPoster`'s.
+The POST, its retries and the redaction are `pcbo_dagster.io.http_delivery.JsonPoster`'s.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pcbo_dagster.audit.backup import AuditBackup, file_lock
 from pcbo_dagster.core.audit_chain import event_hash, is_event_hash
 from pcbo_dagster.core.canonical import jcs
-from pcbo_dagster.http_delivery import JsonPoster
-from pcbo_dagster.http_delivery import redact_url as redact_url  # re-exported
+from pcbo_dagster.io.http_delivery import JsonPoster
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +113,7 @@ class HttpDelivery(JsonPoster):
 
     `attempts` tries per event; waits start at `initial_wait` seconds and double up to `max_wait`;
     `timeout` bounds each request. `headers` are added to every request (e.g. a bearer token);
-    their values are never reported. The HTTP part is `JsonPoster`'s (`pcbo_dagster.http_delivery`).
+    their values are never reported. The HTTP part is `JsonPoster`'s (`pcbo_dagster.io.http_delivery`).
     """
 
     def __init__(

@@ -1,8 +1,9 @@
-"""The Dagster layer: one partitioned asset per configured dataset, its checks and resources.
+"""The Dagster layer: wiring only. Every write goes through the engine (`pcbo_dagster.engine`); this
+layer plans nothing and writes nothing itself.
 
-Laid out by concern (dagster-open-platform style): `resources/` (the engine's adapters as
-ConfigurableResources), `partitions.py` (datasets' partitioning as Dagster partitions), `assets/`
-(the backfill assets and, beside them, their checks) and one `definitions.py` that builds the
-`Definitions` from the datasets config file. Every write goes through the engine
-(`pcbo_dagster.engine`): this layer plans nothing and writes nothing itself.
+Grouped by domain, as dagster-io/dagster-open-platform is: `backfill/`, `rollout/` and `alerts/`,
+each with its assets, checks, jobs, sensors and schedules side by side; `partitions.py` (datasets'
+partitioning as Dagster partitions) and `resources.py` (the engine's adapters as
+ConfigurableResources) serve them all; `definitions.py` merges them into the code location;
+`remote.py` submits a request to a webserver (`pcbo execute --dagster`).
 """

@@ -1,19 +1,18 @@
 """The pcbo code location: `Definitions` built from the datasets config file.
 
-The file is named by `PCBO_DATASETS_CONFIG` (default: the repository's `examples/datasets.yaml`);
-relative source and lake paths in it resolve against its directory. A bad file refuses to load:
-the code location shows the `InvalidInput` naming the field (`datasets[1].partitioning.cron: ...`).
+The file is named by `PCBO_DATASETS_CONFIG` (default: the datasets config shipped with the package,
+`pcbo_dagster/datasets/examples/datasets.yaml`); relative source and lake paths in it resolve against
+its directory. A bad file refuses to load: the code location shows the `InvalidInput` naming the field
+(`datasets[1].partitioning.cron: ...`).
 
-Per dataset: the partitioned asset (`assets/backfill_assets.py`), its checks
-(`assets/backfill_checks.py`) and a `<asset>_checks` job that re-runs only the checks
-(re-verification without rewriting). Dagster 1.13 gives a checks-only job no partitions of its own:
-launch it with the tags `dagster/asset_partition_range_start` / `_end` (start = end for one
-partition); launched without them, it re-checks every committed partition of the dataset.
-An open-ended ledger dataset (no `lastLedger`) also gets a sensor adding its `range=` partition keys
-(`sensors/ledger_partitions_sensor.py`). The `pcbo_request` job (`jobs/request_job.py`) runs any
-request JSON through the engine (from the launchpad, or `pcbo execute --dagster URL`).
-One `pcbo` resource (`PcboEngineResource`, composing the catalog, lake, audit and sources resources)
-is bound to the `PCBO_*` variables that are set; the rest take the engine's embedded defaults.
+Grouped by domain, each with its assets, checks, jobs, sensors and schedules side by side, merged here
+with the one `pcbo` resource (`PcboEngineResource`, bound to the `PCBO_*` variables that are set):
+- `backfill/`: per dataset the partitioned asset, its checks and a `<asset>_checks` job that re-runs
+  only the checks; the open-ended ledger partitions sensor; the `pcbo_request` job (any request JSON
+  through the engine, from the launchpad or `pcbo execute --dagster URL`).
+- `rollout/`: per rollout dataset the staging and production assets and their checks, the soak check
+  and schedule, the promotion job and sensor, the rollout control / approval / rollback / health jobs.
+- `alerts/`: the sensor raising an alert for every failed check and run.
 
     dagster definitions validate -m pcbo_dagster.dagster_defs.definitions
     dagster dev -m pcbo_dagster.dagster_defs.definitions        # or -w workspace.yaml
@@ -21,40 +20,27 @@ is bound to the `PCBO_*` variables that are set; the rest take the engine's embe
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
-from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.dagster_defs.assets import build_dataset_asset, build_dataset_checks
-from pcbo_dagster.dagster_defs.assets.rollout_assets import build_production_asset, build_staging_asset
-from pcbo_dagster.dagster_defs.assets.soak_checks import build_soak_check
-from pcbo_dagster.dagster_defs.jobs import build_request_job
-from pcbo_dagster.dagster_defs.jobs.rollout_jobs import build_rollout_jobs
+from pcbo_dagster.dagster_defs.alerts.sensors import build_alerts_sensor
+from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset
+from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks
+from pcbo_dagster.dagster_defs.backfill.jobs import build_request_job
+from pcbo_dagster.dagster_defs.backfill.sensors import build_ledger_partitions_sensor
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.dagster_defs.schedules import build_soak_monitor
-from pcbo_dagster.dagster_defs.sensors import build_ledger_partitions_sensor
-from pcbo_dagster.dagster_defs.sensors.alerts_sensor import build_alerts_sensor
-from pcbo_dagster.dagster_defs.sensors.promotion_sensor import build_promotion_sensor, promotion_job_name
-from pcbo_dagster.datasets_config import DatasetsConfig, LedgerRangePartitioning, load_datasets_config
+from pcbo_dagster.dagster_defs.rollout.assets import build_production_asset, build_staging_asset
+from pcbo_dagster.dagster_defs.rollout.checks import build_soak_check
+from pcbo_dagster.dagster_defs.rollout.jobs import build_rollout_jobs
+from pcbo_dagster.dagster_defs.rollout.schedules import build_soak_monitor
+from pcbo_dagster.dagster_defs.rollout.sensors import build_promotion_sensor, promotion_job_name
+from pcbo_dagster.datasets.config import (
+    DatasetsConfig,
+    LedgerRangePartitioning,
+    load_datasets_config_from_env,
+)
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
-
-CONFIG_ENV = "PCBO_DATASETS_CONFIG"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "datasets.yaml"
-
-
-def config_path(environ: dict[str, str] | None = None) -> Path:
-    environ = dict(os.environ if environ is None else environ)
-    return Path(environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
-
-
-def load_config(path: str | Path) -> DatasetsConfig:
-    """The datasets config, or `InvalidInput` naming the field and the file."""
-    try:
-        return load_datasets_config(path)
-    except InvalidInput as exc:
-        raise InvalidInput(exc.field, f"{exc.message} (datasets config {path})") from None
 
 
 def build_definitions(
@@ -65,7 +51,7 @@ def build_definitions(
     """The code location. `clock` (tests: a `ManualClock`) is what rollouts measure soak windows,
     throttles and approvals on."""
     if not isinstance(config, DatasetsConfig):
-        config = load_config(config)
+        config = load_datasets_config_from_env(config)
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
     jobs: list = [build_request_job(config.base_dir)]
@@ -120,4 +106,4 @@ def build_definitions(
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return build_definitions(config_path())
+    return build_definitions(load_datasets_config_from_env())

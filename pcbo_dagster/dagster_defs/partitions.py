@@ -6,7 +6,7 @@
   partition directory are the same string.
 - Ledger ranges: `StaticPartitionsDefinition` of `range=START-END` keys (END inclusive) when
   `lastLedger` is given; an open-ended range becomes a `DynamicPartitionsDefinition` whose keys the
-  dataset's sensor (`sensors/ledger_partitions_sensor.py`) adds for every full partition the source
+  dataset's sensor (`backfill/sensors.py`) adds for every full partition the source
   holds. Keys sit on the grid `firstLedger + i*partitionSize`, exactly the engine's `ledgerRange`
   partitions (`core.plan.partitions_for`), so a Dagster key and the lake's partition directory are
   again the same string; only the last key of a closed range may be shorter (cut at `lastLedger`).
@@ -19,8 +19,8 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from pcbo_dagster.core.instants import format_key, to_datetime
-from pcbo_dagster.dataset_requests import LEDGER_KEY, LedgerSpan, Window
-from pcbo_dagster.datasets_config import DatasetConfig, LedgerRangePartitioning, TimeWindowPartitioning
+from pcbo_dagster.datasets.config import DatasetConfig, LedgerRangePartitioning, TimeWindowPartitioning
+from pcbo_dagster.datasets.requests import LEDGER_KEY, LedgerSpan, Window
 
 #: Dagster's key format for time windows; renders a window start as the engine's partition key.
 KEY_FORMAT = "%Y%m%dT%H%M%SZ"

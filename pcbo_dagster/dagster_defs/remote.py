@@ -1,6 +1,6 @@
 """`pcbo execute --dagster URL`: submit a request to a running Dagster webserver and wait for its outcome.
 
-The request runs as a `pcbo_request` run (`jobs/request_job.py`) of the code location served at URL,
+The request runs as a `pcbo_request` run (`backfill/jobs.py`) of the code location served at URL,
 submitted through `dagster_graphql.DagsterGraphQLClient`; the run is polled with `get_run_status`
 until it finishes, then its event log is read through the webserver's GraphQL API: the step output's
 `execute_document` metadata (success) or the step failure's metadata (`pcbo_outcome`, `field`,
@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 
-#: Kept in step with `jobs/request_job.py` (not imported from it: that would import Dagster's core).
+#: Kept in step with `backfill/jobs.py` (not imported from it: that would import Dagster's core).
 JOB_NAME = "pcbo_request"
 OP_NAME = "execute_request"
 DOCUMENT_ENTRY = "execute_document"

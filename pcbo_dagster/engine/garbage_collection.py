@@ -24,7 +24,7 @@ from typing import Any
 
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
-from pcbo_dagster.engine.settings import redact_url
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake import layout, manifests
 
 _VERSION_FILE = re.compile(r"_(versions|rollback)/v(\d+)\.json")

@@ -16,11 +16,11 @@ still appended one after another, in partition order).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.io.env_vars import positive_int
 
 #: Partitions `execute` stages at once unless `--parallel` / `PCBO_PARALLEL` say otherwise.
 DEFAULT_PARALLEL = 4
@@ -62,26 +62,6 @@ class Settings:
         return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait, workers)
 
 
-def positive_int(variable: str, text: str | None, default: int) -> int:
-    """A whole-number setting of at least 1 from its variable's text; unset or blank: `default`.
-    Anything else is `InvalidInput` naming the variable."""
-    if text is None or not text.strip():
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidInput(variable, f"must be a positive integer, not {text!r}") from None
-    if value < 1:
-        raise InvalidInput(variable, f"must be at least 1, not {value}")
-    return value
-
-
 def parse_parallel(text: str | None) -> int:
     """`PCBO_PARALLEL`: a positive integer; unset or empty means the default."""
     return positive_int("PCBO_PARALLEL", text, DEFAULT_PARALLEL)
-
-
-def redact_url(url: str) -> str:
-    """A URL with any password (and query string) removed: safe for logs and outputs."""
-    url = re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", url)
-    return url.split("?", 1)[0]

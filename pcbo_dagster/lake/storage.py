@@ -22,7 +22,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pcbo_dagster.atomic_files import replace_file
+from pcbo_dagster.io.atomic_files import replace_file
 
 
 def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, object]:

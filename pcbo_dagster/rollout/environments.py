@@ -24,10 +24,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.catalog.rollouts import RolloutStore
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.settings import Settings
-from pcbo_dagster.rollout.store import RolloutStore
 
 STAGING = "staging"
 PRODUCTION = "production"

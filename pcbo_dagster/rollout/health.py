@@ -42,12 +42,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pcbo_dagster.atomic_files import replace_file
 from pcbo_dagster.core.canonical import digest_of
 from pcbo_dagster.core.errors import PcboError
-from pcbo_dagster.dataset_requests import dataset_keys, evaluate_keys
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.requests import dataset_keys, evaluate_keys
 from pcbo_dagster.engine.partition_reading import read_commit_point, read_partition
+from pcbo_dagster.io.atomic_files import replace_file
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.reports import markdown_table, reports_dir, write_report
 

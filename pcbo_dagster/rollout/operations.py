@@ -12,14 +12,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from pcbo_dagster.catalog.rollouts import RolloutStore, open_rollout_store
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.dataset_requests import key_range
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.requests import key_range
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import approvals, promotion, staging_apply
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
-from pcbo_dagster.rollout.store import RolloutStore, open_rollout_store
 
 Log = Callable[[str], None]
 
@@ -221,7 +221,7 @@ def rollback(
     clock: Clock = REAL_CLOCK,
 ) -> dict[str, Any]:
     """Roll back a rollout, or a partition range of a rollout dataset, in staging or production."""
-    from pcbo_dagster.rollout.rollout_rollback import rollback_rollout
+    from pcbo_dagster.rollout.rollback import rollback_rollout
 
     if name is not None:
         with rollout_environments(config, base, name) as (dataset, envs):

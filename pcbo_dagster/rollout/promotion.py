@@ -24,8 +24,8 @@ from dataclasses import replace
 from typing import Any
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput
-from pcbo_dagster.dataset_requests import evaluate_keys
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_reading import read_partition
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pcbo_dagster.atomic_files import replace_file
 from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.io.atomic_files import replace_file
 
 
 def reports_dir(settings: Settings, environ: dict[str, str] | None = None) -> Path:

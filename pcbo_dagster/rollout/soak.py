@@ -34,18 +34,18 @@ from typing import Any
 
 import pyarrow as pa
 
+from pcbo_dagster.catalog.rollouts import RolloutStore, open_rollout_store
+from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.plan import NormalizedPolicies, normalize_jurisdictions
-from pcbo_dagster.dataset_requests import evaluate_keys
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
-from pcbo_dagster.rollout.business_metric import parse_metric
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
-from pcbo_dagster.rollout.store import RolloutStore, open_rollout_store
 
 POLICY_VIOLATIONS = "policy_violations"
 DUPLICATE_IDS = "duplicate_ids"

@@ -25,8 +25,8 @@ from typing import Any
 
 from pcbo_dagster.core.decisions import REASONS, PartitionDecision
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.dataset_requests import evaluate_keys
-from pcbo_dagster.datasets_config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments

@@ -52,7 +52,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.engine.settings import redact_url
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.record_files import csv_integer_columns, source_read_errors
 from pcbo_dagster.sources.streaming import CsvSource, JsonlSource, ParquetSource, RecordSource

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.core.request_model import SourceRef, parse_json_strict
-from pcbo_dagster.engine.settings import redact_url
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

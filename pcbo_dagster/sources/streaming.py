@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.engine.settings import positive_int
+from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.record_files import (
     csv_integer_columns,

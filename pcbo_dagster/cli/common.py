@@ -1,0 +1,140 @@
+"""What the `pcbo` commands share: the common options, reading `--input`, writing the JSON document,
+the engine settings and environment from the flags, and the datasets config."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import stat
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.request_model import NAME_PATTERN
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
+from pcbo_dagster.io.atomic_files import replacing
+
+
+def json_text(value: Any, level: int = 0) -> Iterator[str]:
+    """The text `json.dumps(value, indent=2, ensure_ascii=False)` gives, in pieces, where any
+    iterable that is not a str, list, tuple or dict (a generator) is written as a list as it is
+    iterated: a dry-run listing millions of ids never exists whole in memory."""
+    if isinstance(value, dict):
+        items: Iterator[tuple[str, Any]] = iter(value.items())
+        open_, close = "{", "}"
+    elif isinstance(value, list | tuple) or (
+        not isinstance(value, str | bytes | int | float | bool | type(None)) and hasattr(value, "__iter__")
+    ):
+        items = ((None, v) for v in value)  # type: ignore[misc]
+        open_, close = "[", "]"
+    else:
+        yield json.dumps(value, ensure_ascii=False)
+        return
+    inner = "\n" + "  " * (level + 1)
+    first = True
+    for key, item in items:
+        yield (open_ if first else ",") + inner
+        first = False
+        if key is not None:
+            yield json.dumps(key, ensure_ascii=False) + ": "
+        yield from json_text(item, level + 1)
+    yield open_ + close if first else "\n" + "  " * level + close
+
+
+def write_output(document: dict[str, Any], output: str | None) -> None:
+    """Write `document` as indented JSON (`json_text`), to stdout or `output`; a regular file is
+    replaced all-or-nothing, anything else (/dev/stdout, a pipe) written to."""
+    if output is None or output == "-":
+        for piece in json_text(document):
+            sys.stdout.write(piece)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        return
+    path = Path(output)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        # /dev/stdout, a pipe, a device: write to it, never rename over it.
+        with open(path, "wb") as raw:
+            _write_text(document, raw)
+        return
+    with replacing(path, prefix=f".{path.name}.") as raw:
+        _write_text(document, raw)
+
+
+def _write_text(document: dict[str, Any], raw: Any) -> None:
+    writer = io.TextIOWrapper(raw, encoding="utf-8", newline="\n", write_through=False)
+    for piece in json_text(document):
+        writer.write(piece)
+    writer.write("\n")
+    writer.flush()
+    writer.detach()
+
+
+def read_input(path: str) -> tuple[bytes, Path | None]:
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(), Path.cwd()
+        file = Path(path)
+        return file.read_bytes(), file.resolve().parent
+    except OSError as exc:
+        raise InvalidInput("--input", f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def engine_settings(args: argparse.Namespace) -> Any:
+    from pcbo_dagster.engine.settings import Settings
+
+    return Settings.resolve(
+        home=args.home,
+        lake=args.lake,
+        catalog=args.catalog,
+        audit_dir=args.audit_dir,
+        audit_endpoint=getattr(args, "audit_endpoint", None),
+        parallel=getattr(args, "parallel", None),
+    )
+
+
+@contextmanager
+def open_environment(args: argparse.Namespace) -> Iterator[Any]:
+    from pcbo_dagster.engine.environment import Environment
+
+    env = Environment.open(engine_settings(args))
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+#: Where `pcbo demo-data` writes by default: beside the example config, where it looks for its sources.
+DEFAULT_DEMO_DIR = DEFAULT_DATASETS_CONFIG.parent / "demo_data"
+
+
+class Findings(Exception):
+    def __init__(self, document: dict[str, Any]) -> None:
+        self.document = document
+
+
+def name_arg(value: str) -> str:
+    import re
+
+    if not re.match(NAME_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"must match {NAME_PATTERN}")
+    return value
+
+
+def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
+    """`--output`, and (`where`) the flags saying where the engine reads and writes."""
+    p.add_argument("--output", help="write the JSON document here instead of stdout")
+    if where:
+        p.add_argument("--home", help="PCBO_HOME (default ./.pcbo)")
+        p.add_argument("--lake", help="lake URL or path (PCBO_LAKE_URL; default $PCBO_HOME/lake)")
+        p.add_argument(
+            "--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)"
+        )
+        p.add_argument("--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)")

@@ -1,0 +1,406 @@
+"""The `pcbo` command line: plan, dry-run, execute, verify, proof, verify-proof, rollback; and for the
+Dagster code location: validate-config, demo-data and `execute --dagster URL` (run a request on a
+Dagster webserver as a `pcbo_request` run).
+
+Every command prints one JSON document (stdout, or `--output FILE`). Exit status: 0 done; 2 invalid
+input (a message naming the field on stderr, nothing written); 3 blocked by a gate (nothing
+written; the document says why); 1 anything else (including verify findings and invalid proofs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from pcbo_dagster.cli.common import (
+    DEFAULT_DEMO_DIR,
+    Findings,
+    add_common_options,
+    engine_settings,
+    name_arg,
+    open_environment,
+    read_input,
+    write_output,
+)
+from pcbo_dagster.cli.rollout_commands import add_rollout_commands
+from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
+from pcbo_dagster.core.request_model import parse_json_strict
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    raw, base_dir = read_input(args.input)
+    loaded = load_request(raw, base_dir)
+    plan, decisions = evaluate(loaded)
+    return loaded, plan, decisions
+
+
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.request_loading import load_request
+
+    raw, base_dir = read_input(args.input)
+    return load_request(raw, base_dir).plan().to_json()
+
+
+def cmd_dry_run(args: argparse.Namespace) -> dict[str, Any]:
+    _, _, decisions = _load(args)
+    return decisions.to_json(lazy=True)
+
+
+def _progress_bar(total: int) -> Any:
+    if not sys.stderr.isatty() or total < 2:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("execute"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=sys.stderr),
+        transient=True,
+    )
+    return progress
+
+
+def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.execute import check_gates, execute
+
+    if getattr(args, "dagster", None):
+        return _execute_on_dagster(args)
+    loaded, plan, decisions = _load(args)
+    check_gates(loaded, decisions)
+    bar = _progress_bar(len(plan.partitions))
+    with open_environment(args) as env:
+        if bar is None:
+            return execute(env, loaded, plan, decisions)
+        with bar:
+            task = bar.add_task("execute", total=len(plan.partitions))
+            return execute(env, loaded, plan, decisions, progress=lambda n: bar.advance(task, n))
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.verify import verify
+
+    with open_environment(args) as env:
+        document = verify(env, repair=args.repair)
+    if document["status"] != "clean":
+        raise Findings(document)
+    return document
+
+
+def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine import proofs
+    from pcbo_dagster.lake.storage import LakeStorage
+
+    lake = LakeStorage(engine_settings(args).lake_url)
+    if args.from_version is not None or args.to_version is not None:
+        if args.from_version is None or args.to_version is None:
+            raise InvalidInput("--from-version", "a consistency proof needs --from-version and --to-version")
+        return proofs.consistency(
+            lake, args.dataset, args.version_label, args.partition, args.from_version, args.to_version
+        )
+    if args.id is None:
+        raise InvalidInput("--id", "give the id to prove (or --from-version/--to-version)")
+    return proofs.inclusion(lake, args.dataset, args.version_label, args.partition, args.id)
+
+
+def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.proofs import verify_proof
+
+    raw, _ = read_input(args.proof)
+    document = verify_proof(parse_json_strict(raw, what="proof").value, root=args.root)
+    if not document["valid"]:
+        raise Findings(document)
+    return document
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.rollback import rollback
+
+    with open_environment(args) as env:
+        return rollback(
+            env,
+            args.dataset,
+            args.version_label,
+            run_id=args.run_id,
+            partition_key=args.partition,
+            reason=args.reason,
+        )
+
+
+def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.garbage_collection import collect_garbage
+
+    with open_environment(args) as env:
+        return collect_garbage(env, dry_run=args.dry_run)
+
+
+# -- the Dagster code location ---------------------------------------------------------------------
+
+
+def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate and gate the request here (nothing is submitted when it fails), then run it on Dagster."""
+    from pcbo_dagster.engine.execute import check_gates
+
+    for flag in ("home", "lake", "catalog", "audit_dir", "audit_endpoint"):
+        if getattr(args, flag, None):
+            raise InvalidInput(
+                f"--{flag.replace('_', '-')}",
+                "does not apply with --dagster: the code location's pcbo resource decides where runs write",
+            )
+    if args.dagster_timeout <= 0:
+        raise InvalidInput("--dagster-timeout", "must be a positive number of seconds")
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    raw, base_dir = read_input(args.input)
+    loaded = load_request(raw, base_dir)
+    _, decisions = evaluate(loaded)
+    check_gates(loaded, decisions)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("--input", "must be UTF-8 JSON to be submitted to Dagster") from None
+    from pcbo_dagster.dagster_defs.remote import submit_request
+
+    request = loaded.request
+    return submit_request(
+        args.dagster,
+        text,
+        base_dir,
+        tags={"pcbo/run_id": request.runId, "pcbo/dataset": f"{request.dataset}/{request.versionLabel}"},
+        timeout=args.dagster_timeout,
+        location=args.dagster_location,
+    )
+
+
+def _count_time_windows(partitioning: Any) -> tuple[int | None, str | None, str | None]:
+    """(count, first key, last key) of a closed time window; (None, ...) when it is open-ended."""
+    from pcbo_dagster.core.instants import format_key, to_datetime
+
+    end_us = partitioning.end_us
+    if end_us is None:
+        return None, format_key(partitioning.start_us), None
+    seconds = partitioning.fixed_window_seconds
+    if seconds is not None:
+        width = seconds * 1_000_000
+        count = (end_us - partitioning.start_us) // width
+        last = format_key(partitioning.start_us + (count - 1) * width) if count else None
+        return count, format_key(partitioning.start_us) if count else None, last
+    try:
+        from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
+    except ImportError:  # the dagster extra is not installed: irregular crons are not counted
+        return None, None, None
+    keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
+    return len(keys), keys[0] if keys else None, keys[-1] if keys else None
+
+
+def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
+    partitioning = dataset.partitioning
+    if partitioning.kind == "time_window":
+        count, first, last = _count_time_windows(partitioning)
+        open_ended = partitioning.end is None
+    else:
+        open_ended = partitioning.lastLedger is None
+        if open_ended:
+            count, first, last = None, None, None
+        else:
+            size, lo, hi = partitioning.partitionSize, partitioning.firstLedger, partitioning.lastLedger
+            count = -(-(hi - lo + 1) // size)
+            first = f"range={lo}-{min(lo + size - 1, hi)}"
+            last = f"range={lo + (count - 1) * size}-{hi}"
+    source = config.source_uri(dataset)
+    return {
+        "name": dataset.name,
+        "versionLabel": dataset.versionLabel,
+        "assetName": dataset.asset_name,
+        "chainKey": dataset.chain_key,
+        "partitioning": partitioning.model_dump(),
+        "partitionCount": count,
+        "openEnded": open_ended,
+        "firstPartition": first,
+        "lastPartition": last,
+        "source": {
+            "uri": source,
+            "format": dataset.source.resolved_format(),
+            "present": Path(source).exists() if "://" not in source else None,
+        },
+        "backfillPolicy": dataset.backfillPolicy.model_dump(),
+        "pool": dataset.pool_name,
+        "checkGranularity": dataset.checkGranularity,
+    }
+
+
+def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.datasets.config import datasets_config_path, load_datasets_config_from_env
+
+    path = datasets_config_path(args.file)
+    config = load_datasets_config_from_env(path)
+    datasets = [_dataset_summary(config, d) for d in config.datasets]
+    counts = [d["partitionCount"] for d in datasets]
+    return {
+        "status": "valid",
+        "config": str(path.resolve()),
+        "datasets": datasets,
+        "totals": {
+            "datasets": len(datasets),
+            "partitions": None if None in counts else sum(counts),
+        },
+    }
+
+
+def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
+    import hashlib
+
+    from pcbo_dagster.datasets.demo_data import generate_demo_data
+
+    directory = Path(args.dir) if args.dir else DEFAULT_DEMO_DIR
+    try:
+        paths = generate_demo_data(directory)
+    except OSError as exc:
+        raise InvalidInput(
+            "--dir", f"cannot write the demo sources to {directory}: {exc.strerror or exc}"
+        ) from None
+    files = []
+    for path in paths:
+        data = path.read_bytes()
+        files.append(
+            {
+                "path": str(path.resolve()),
+                "name": path.name,
+                "records": data.count(b"\n"),
+                "byteSize": len(data),
+                "checksum": "sha256:" + hashlib.sha256(data).hexdigest(),
+            }
+        )
+    return {"directory": str(directory.resolve()), "files": files}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcbo", description="Policy-constrained backfills into a parquet lake."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, func, help_text in (
+        ("plan", cmd_plan, "print the partition plan and its hash"),
+        ("dry-run", cmd_dry_run, "print every decision; write nothing"),
+        ("execute", cmd_execute, "write, prove, audit and reconcile every partition"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--input", required=True, help="the request JSON file ('-' for stdin)")
+        add_common_options(p, where=name == "execute")
+        if name == "execute":
+            p.add_argument("--audit-endpoint", help="HTTP endpoint for audit events (PCBO_AUDIT_ENDPOINT)")
+            p.add_argument(
+                "--parallel",
+                type=int,
+                metavar="N",
+                help="partitions read, encoded and written at once "
+                "(PCBO_PARALLEL; default 4; 1: one at a time)",
+            )
+            p.add_argument(
+                "--dagster",
+                metavar="URL",
+                help="run the request on the Dagster webserver at URL as a pcbo_request run "
+                "(validated and gated here first; the code location's resources decide where it writes)",
+            )
+            p.add_argument(
+                "--dagster-timeout",
+                type=float,
+                default=600.0,
+                metavar="SECONDS",
+                help="how long to wait for the Dagster run to finish (default 600)",
+            )
+            p.add_argument(
+                "--dagster-location", help="the code location serving pcbo_request (default: the only one)"
+            )
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("verify", help="re-check the lake, catalog and audit chains")
+    add_common_options(p)
+    p.add_argument("--repair", action="store_true", help="append events missing after a crash")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("proof", help="inclusion proof of an id, or consistency proof between versions")
+    add_common_options(p)
+    p.add_argument("--dataset", required=True, type=name_arg)
+    p.add_argument("--version-label", default="v1", type=name_arg)
+    p.add_argument("--partition", required=True, help="partition key, e.g. 20240101T000000Z")
+    p.add_argument("--id")
+    p.add_argument("--from-version", type=int)
+    p.add_argument("--to-version", type=int)
+    p.set_defaults(func=cmd_proof)
+
+    p = sub.add_parser("verify-proof", help="check a proof offline (no lake access)")
+    p.add_argument("--proof", required=True, help="the proof JSON file ('-' for stdin)")
+    p.add_argument("--root", help="the Merkle root you trust (default: the one in the proof)")
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_verify_proof)
+
+    p = sub.add_parser("rollback", help="undo the partitions a run wrote, or one partition")
+    add_common_options(p)
+    p.add_argument("--dataset", required=True, type=name_arg)
+    p.add_argument("--version-label", default="v1", type=name_arg)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run-id", type=name_arg)
+    target.add_argument("--partition")
+    p.add_argument("--reason", default="requested")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")
+    add_common_options(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("validate-config", help="validate a datasets config and list its datasets")
+    p.add_argument(
+        "file",
+        nargs="?",
+        metavar="FILE",
+        help="the datasets YAML (default $PCBO_DATASETS_CONFIG, else examples/datasets.yaml)",
+    )
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_validate_config)
+
+    p = sub.add_parser("demo-data", help="write the deterministic demo sources of the example config")
+    p.add_argument("--dir", help="target directory (default examples/demo_data, beside the example config)")
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_demo_data)
+
+    add_rollout_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        document = args.func(args)
+    except InvalidInput as exc:
+        print(f"pcbo {args.command}: invalid input: {exc}", file=sys.stderr)
+        return 2
+    except Blocked as exc:
+        write_output(exc.document, args.output)
+        print(f"pcbo {args.command}: blocked: {exc}", file=sys.stderr)
+        return 3
+    except Findings as exc:
+        write_output(exc.document, args.output)
+        print(f"pcbo {args.command}: not valid; see the findings", file=sys.stderr)
+        return 1
+    except PcboError as exc:
+        document = getattr(exc, "document", None)
+        if document is not None:
+            write_output(document, args.output)
+        print(f"pcbo {args.command}: {exc}", file=sys.stderr)
+        return 1
+    write_output(document, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

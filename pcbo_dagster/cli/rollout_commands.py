@@ -1,0 +1,208 @@
+"""The staged-rollout commands of `pcbo` (wired into `cli.build_parser`):
+
+    pcbo rollout start    --dataset D --from KEY --to KEY --by WHO [--name R] [--partitions-per-minute N]
+                          [--records-per-minute N]        apply to staging (throttled), halt for review
+    pcbo rollout pause|resume|cancel R --by WHO [--reason TEXT]   between partitions of a running apply
+    pcbo rollout status R     the rollout, its history, soak state and promotion gate
+    pcbo rollout list [--dataset D]
+    pcbo rollout soak [R ...]                 one soak-monitor evaluation now (what the schedule runs)
+    pcbo rollout promote R                    promote to production if the gate is open (exit 3 if not)
+    pcbo rollout rollback (R | --dataset D --from KEY --to KEY) --stage staging|production
+                          --by WHO --reason TEXT
+    pcbo rollout health --dataset D [--launch]  production health report and mini backfill plan
+    pcbo approve R --by WHO --reason TEXT [--decision-hash H]
+    pcbo reject  R --by WHO --reason TEXT
+
+The datasets config is `--config`, else `PCBO_DATASETS_CONFIG`, else `examples/datasets.yaml`; the
+engine settings (`--home`, `--catalog`, ...) are the production environment's, and staging sits beside
+it (`rollout/environments.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pcbo_dagster.cli.common import add_common_options, engine_settings
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from pcbo_dagster.datasets.config import load_datasets_config_from_env
+
+    return load_datasets_config_from_env(args.config)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    throttle = {
+        "partitionsPerMinute": args.partitions_per_minute,
+        "recordsPerMinute": args.records_per_minute,
+    }
+    return operations.start(
+        _config(args),
+        engine_settings(args),
+        args.dataset,
+        args.first,
+        args.last,
+        by=args.by,
+        name=args.name,
+        throttle=throttle,
+        log=_log,
+        poll_seconds=args.poll_seconds,
+    )
+
+
+def cmd_control(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    return operations.control(
+        engine_settings(args), args.rollout, args.action, by=args.by, reason=args.reason
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    return operations.status(_config(args), engine_settings(args), args.rollout)
+
+
+def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    return operations.list_rollouts(engine_settings(args), args.dataset)
+
+
+def cmd_soak(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    results = operations.soak(_config(args), engine_settings(args), names=args.rollouts or None)
+    return {"evaluated": len(results), "results": operations._plain(results)}
+
+
+def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    return operations.promote(_config(args), engine_settings(args), args.rollout)
+
+
+def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    return operations.rollback(
+        _config(args),
+        engine_settings(args),
+        args.stage,
+        by=args.by,
+        reason=args.reason,
+        name=args.rollout,
+        dataset_name=args.dataset,
+        first_key=args.first,
+        last_key=args.last,
+    )
+
+
+def cmd_health(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    return operations.health(_config(args), engine_settings(args), args.dataset, launch=args.launch)
+
+
+def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.rollout import operations
+
+    return operations.decide(
+        _config(args),
+        engine_settings(args),
+        args.rollout,
+        args.command,
+        by=args.by,
+        reason=args.reason,
+        decision_hash=getattr(args, "decision_hash", None),
+    )
+
+
+def add_rollout_commands(sub: Any) -> None:
+    """Add `rollout`, `approve` and `reject` to the `pcbo` parser."""
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        add_common_options(p)
+        p.add_argument(
+            "--config", help="the datasets YAML (PCBO_DATASETS_CONFIG; default examples/datasets.yaml)"
+        )
+        return p
+
+    rollout = sub.add_parser(
+        "rollout", help="staged rollout: staging apply, soak, promotion, rollback, health"
+    )
+    actions = rollout.add_subparsers(dest="rollout_command", required=True)
+
+    p = with_config(actions.add_parser("start", help="apply a range of partitions to staging (throttled)"))
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--from", dest="first", required=True, metavar="KEY", help="first partition key")
+    p.add_argument("--to", dest="last", required=True, metavar="KEY", help="last partition key (included)")
+    p.add_argument("--name", help="rollout name (default <dataset>-<from>-<to>)")
+    p.add_argument("--by", required=True, help="who starts it")
+    p.add_argument("--partitions-per-minute", type=float, help="override the dataset's throttle")
+    p.add_argument("--records-per-minute", type=float, help="override the dataset's throttle")
+    p.add_argument(
+        "--poll-seconds", type=float, default=1.0, help="how often a paused apply checks for resume"
+    )
+    p.set_defaults(func=cmd_start)
+
+    for action in ("pause", "resume", "cancel"):
+        p = actions.add_parser(action, help=f"{action} a running staging apply (between partitions)")
+        add_common_options(p)
+        p.add_argument("rollout")
+        p.add_argument("--by", required=True)
+        p.add_argument("--reason", default="")
+        p.set_defaults(func=cmd_control, action=action)
+
+    p = with_config(actions.add_parser("status", help="a rollout's state, history, soak and gate"))
+    p.add_argument("rollout")
+    p.set_defaults(func=cmd_status)
+
+    p = actions.add_parser("list", help="all rollouts")
+    add_common_options(p)
+    p.add_argument("--dataset")
+    p.set_defaults(func=cmd_list)
+
+    p = with_config(actions.add_parser("soak", help="evaluate soaking rollouts now (what the schedule runs)"))
+    p.add_argument("rollouts", nargs="*", metavar="ROLLOUT")
+    p.set_defaults(func=cmd_soak)
+
+    p = with_config(actions.add_parser("promote", help="promote to production when the gate is open"))
+    p.add_argument("rollout")
+    p.set_defaults(func=cmd_promote)
+
+    p = with_config(actions.add_parser("rollback", help="roll back a rollout or a partition range"))
+    p.add_argument("rollout", nargs="?")
+    p.add_argument("--dataset")
+    p.add_argument("--from", dest="first", metavar="KEY")
+    p.add_argument("--to", dest="last", metavar="KEY")
+    p.add_argument("--stage", required=True, choices=("staging", "production"))
+    p.add_argument("--by", required=True)
+    p.add_argument("--reason", required=True)
+    p.set_defaults(func=cmd_rollback)
+
+    p = with_config(actions.add_parser("health", help="production health check and mini backfill plan"))
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--launch", action="store_true", help="run the mini backfill it plans")
+    p.set_defaults(func=cmd_health)
+
+    for command, help_text in (
+        ("approve", "approve a rollout for production"),
+        ("reject", "reject a rollout"),
+    ):
+        p = with_config(sub.add_parser(command, help=help_text))
+        p.add_argument("rollout")
+        p.add_argument("--by", required=True, help="who decides")
+        p.add_argument("--reason", required=True, help="why")
+        if command == "approve":
+            p.add_argument("--decision-hash", help="the decision hash you approve (default: the staged one)")
+        p.set_defaults(func=cmd_decide)

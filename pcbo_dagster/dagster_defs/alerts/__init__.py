@@ -1,0 +1,1 @@
+"""The alerts domain: the sensor raising an alert for every failed check and run."""

@@ -1,0 +1,160 @@
+"""Rollout jobs launchable from the UI's launchpad with config (the same actions as `pcbo rollout`).
+
+- `rollout_control` (`rollout`, `action` pause/resume/cancel, `by`, `reason`): pause, resume or cancel
+  a running staging apply (takes effect between partitions).
+- `rollout_approval` (`rollout`, `decision` approve/reject, `by`, `reason`, `decision_hash`): record
+  an approval or a rejection (append-only, on the audit chain).
+- `rollout_rollback` (`stage`, `rollout` or `dataset` + `from_key` + `to_key`, `by`, `reason`): roll
+  back through the rollback manifests; idempotent; audited.
+- `production_health_check` (`dataset`, empty for every rollout dataset; `launch`): the health report
+  and mini backfill plan; with `launch`, the plan is run.
+
+Each is one op calling `rollout/operations.py`. Bad config fails the run with the field named and
+nothing written.
+"""
+
+import json
+from collections.abc import Callable
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from pcbo_dagster.dagster_defs.backfill.assets import engine_errors
+from pcbo_dagster.dagster_defs.resources import PcboEngineResource
+from pcbo_dagster.datasets.config import DatasetsConfig
+from pcbo_dagster.rollout import operations
+from pcbo_dagster.rollout.clock import Clock
+
+
+def _document(context: dg.OpExecutionContext, title: str, document: Any) -> dict[str, Any]:
+    plain = operations._plain(document)
+    context.log.info(f"{title}: {json.dumps(plain, sort_keys=True)[:4000]}")
+    context.add_output_metadata({"result": dg.MetadataValue.json(plain)})
+    return plain
+
+
+class RolloutControlConfig(dg.Config):
+    rollout: str = Field(description="The rollout's name")
+    action: Literal["pause", "resume", "cancel"] = Field(description="pause, resume or cancel")
+    by: str = Field(description="Who asks")
+    reason: str = Field(default="", description="Why")
+
+
+class RolloutApprovalConfig(dg.Config):
+    rollout: str = Field(description="The rollout's name")
+    decision: Literal["approve", "reject"] = Field(description="approve or reject")
+    by: str = Field(description="Who decides (a name or an e-mail address)")
+    reason: str = Field(description="Why")
+    decision_hash: str = Field(default="", description="The decision hash approved (default: the staged one)")
+
+
+class RolloutRollbackConfig(dg.Config):
+    stage: Literal["staging", "production"] = Field(description="staging or production")
+    rollout: str = Field(default="", description="Roll back this rollout's partitions ...")
+    dataset: str = Field(default="", description="... or a partition range of this dataset")
+    from_key: str = Field(default="", description="First partition key of the range")
+    to_key: str = Field(default="", description="Last partition key of the range (included)")
+    by: str = Field(description="Who asks")
+    reason: str = Field(description="Why")
+
+
+class HealthCheckConfig(dg.Config):
+    dataset: str = Field(default="", description="A rollout dataset; empty: every rollout dataset")
+    launch: bool = Field(default=False, description="Run the mini backfill the check plans")
+
+
+def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefinition]:
+    rollout_datasets = [d.name for d in config.datasets if d.rollout is not None]
+
+    @dg.op(name="rollout_control_op")
+    def control_op(
+        context: dg.OpExecutionContext, config: RolloutControlConfig, pcbo: PcboEngineResource
+    ) -> dict:
+        with engine_errors():
+            result = operations.control(
+                pcbo.settings(),
+                config.rollout,
+                config.action,
+                by=config.by,
+                reason=config.reason,
+                clock=clock,
+            )
+        return _document(context, f"rollout {config.rollout}: {config.action} requested", result)
+
+    @dg.op(name="rollout_approval_op")
+    def approval_op(
+        context: dg.OpExecutionContext, config: RolloutApprovalConfig, pcbo: PcboEngineResource
+    ) -> dict:
+        with engine_errors():
+            result = operations.decide(
+                datasets,
+                pcbo.settings(),
+                config.rollout,
+                config.decision,
+                by=config.by,
+                reason=config.reason,
+                decision_hash=config.decision_hash or None,
+                clock=clock,
+            )
+        return _document(context, f"rollout {config.rollout}: {result['decision']} by {result['by']}", result)
+
+    @dg.op(name="rollout_rollback_op")
+    def rollback_op(
+        context: dg.OpExecutionContext, config: RolloutRollbackConfig, pcbo: PcboEngineResource
+    ) -> dict:
+        with engine_errors():
+            result = operations.rollback(
+                datasets,
+                pcbo.settings(),
+                config.stage,
+                by=config.by,
+                reason=config.reason,
+                name=config.rollout or None,
+                dataset_name=config.dataset or None,
+                first_key=config.from_key or None,
+                last_key=config.to_key or None,
+                clock=clock,
+            )
+        return _document(context, f"rollback in {config.stage}", result)
+
+    @dg.op(name="production_health_check_op")
+    def health_op(
+        context: dg.OpExecutionContext, config: HealthCheckConfig, pcbo: PcboEngineResource
+    ) -> dict:
+        names = [config.dataset] if config.dataset else rollout_datasets
+        results = {}
+        with engine_errors():
+            for name in names:
+                results[name] = operations.health(
+                    datasets, pcbo.settings(), name, launch=config.launch, clock=clock
+                )
+        return _document(context, "production health", results)
+
+    datasets = config
+
+    def job(name: str, op: Callable, description: str) -> dg.JobDefinition:
+        @dg.job(name=name, description=description)
+        def _job() -> None:
+            op()
+
+        return _job
+
+    return [
+        job("rollout_control", control_op, "Pause, resume or cancel a rollout's staging apply"),
+        job(
+            "rollout_approval",
+            approval_op,
+            "Approve or reject a rollout for production (append-only, audited)",
+        ),
+        job(
+            "rollout_rollback",
+            rollback_op,
+            "Roll back a rollout or a partition range in staging or production",
+        ),
+        job(
+            "production_health_check",
+            health_op,
+            "Find missing, failed, stale or drifted production partitions",
+        ),
+    ]

@@ -1,0 +1,531 @@
+"""Datasets as configuration: the YAML file that declares what the Dagster code location serves.
+
+```yaml
+datasets:
+  - name: events                      # [A-Za-z0-9][A-Za-z0-9._-]{0,127}, like a request's dataset
+    versionLabel: v1                  # default v1; the audit chain key is <name>/<versionLabel>
+    partitioning:                     # time windows ...
+      kind: time_window
+      cron: hourly                    # hourly | daily | any 5-field cron ("0 */6 * * *")
+      start: "2024-01-01T00:00:00Z"   # ISO instant with an explicit offset
+      end: "2024-01-04T00:00:00Z"     # optional, exclusive
+      timezone: UTC                   # UTC only
+    source: {uri: demo_data/events.jsonl, format: jsonl}   # relative to this file; a directory
+                                      # too (give format), with prune: false to read every file
+    lake: null                        # optional lake URL for this dataset
+    policies: {requireConsent: true, allowedJurisdictions: [US, CA],
+               retentionCutoff: "2024-06-01T00:00:00Z", onViolation: omit}
+    existingTargetIds: []
+    backfillPolicy: {kind: multi_run, maxPartitionsPerRun: 500}   # or {kind: single_run}
+    pool: null                        # Dagster pool; default pcbo-<name>
+    checkGranularity: partition       # partition: one check evaluation per partition key;
+                                      # run: one per check and run (fewer events for big backfills)
+    rollout:                          # optional: staged rollout (staging and production assets)
+      stagingLake: null               # default: the staging environment's lake
+      throttle: {partitionsPerMinute: 20, recordsPerMinute: null}
+      soak: {windowMinutes: 360}      # the soak monitor watches staging this long
+      businessMetric: {name: conversion_rate, expression: "mean(converted)", atLeast: 0.85}
+  - name: ledgers
+    partitioning: {kind: ledger_range, firstLedger: 2, partitionSize: 64, lastLedger: 641}
+                                      # field: ledgerSequence (the integer record field, default);
+                                      # without lastLedger the range is open-ended: a sensor adds
+                                      # a range=START-END key for each full partition in the source
+    ...
+```
+
+The file is read strictly, like a request: unknown fields, duplicate keys and timestamps without an
+offset are refused with `InvalidInput` naming the field (`datasets[1].partitioning.cron`). YAML 1.1
+surprises are switched off: only `true`/`false` are booleans (so `NO` stays Norway) and timestamps
+stay strings (quoting them is still advised). `pcbo validate-config FILE` validates a
+file (exit 2 and the field on stderr when it is bad).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.instants import format_key, parse_instant
+from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, Text
+from pcbo_dagster.sources.record_files import resolve_uri
+
+#: Cron shortcuts accepted in `partitioning.cron`.
+CRON_SHORTCUTS = {"hourly": "0 * * * *", "daily": "0 0 * * *"}
+#: Fixed-length crons: their windows are all this many seconds long (one engine request per range).
+REGULAR_CRON_SECONDS = {"0 * * * *": 3600, "0 0 * * *": 86400}
+
+_CRON_BOUNDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+_CRON_NAMES = (
+    {},
+    {},
+    {},
+    {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())},
+    {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())},
+)
+_CRON_FIELD_NAMES = ("minute", "hour", "day of month", "month", "day of week")
+
+
+def _cron_value(text: str, index: int) -> int:
+    names = _CRON_NAMES[index]
+    if text.lower() in names:
+        return names[text.lower()]
+    if not text.isdigit():
+        raise ValueError(f"{_CRON_FIELD_NAMES[index]} field: {text!r} is not a number")
+    value = int(text)
+    lo, hi = _CRON_BOUNDS[index]
+    if not lo <= value <= hi:
+        raise ValueError(f"{_CRON_FIELD_NAMES[index]} field: {value} is outside {lo}-{hi}")
+    return value
+
+
+def normalize_cron(cron: str) -> str:
+    """A cron shortcut resolved, then the 5-field expression checked; `ValueError` says what is wrong."""
+    expression = CRON_SHORTCUTS.get(cron.strip().lower(), cron.strip())
+    fields = expression.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"must be hourly, daily or a 5-field cron expression (minute hour day month weekday), "
+            f"got {len(fields)} field(s)"
+        )
+    for index, text in enumerate(fields):
+        for item in text.split(","):
+            base, _, step = item.partition("/")
+            if step and (not step.isdigit() or int(step) < 1):
+                raise ValueError(
+                    f"{_CRON_FIELD_NAMES[index]} field: step {step!r} must be a positive integer"
+                )
+            if base == "*":
+                continue
+            lo_text, dash, hi_text = base.partition("-")
+            lo = _cron_value(lo_text, index)
+            if dash and _cron_value(hi_text, index) < lo:
+                raise ValueError(f"{_CRON_FIELD_NAMES[index]} field: range {base!r} runs backwards")
+    try:  # Dagster's own check, when Dagster is installed (it also refuses e.g. February 30th)
+        from dagster._utils.schedules import is_valid_cron_string
+    except ImportError:  # pragma: no cover - the dagster extra is not installed
+        return expression
+    if not is_valid_cron_string(expression):
+        raise ValueError(f"{expression!r} is not a cron expression Dagster accepts")
+    return expression
+
+
+def asset_name_for(dataset: str) -> str:
+    """Dagster asset names allow [A-Za-z0-9_]: other characters of a dataset name become `_`."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", dataset)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeWindowPartitioning(_Strict):
+    kind: Literal["time_window"]
+    cron: Annotated[StrictStr, Field(min_length=1)] = "hourly"
+    start: Instant
+    end: Instant | None = None
+    timezone: Literal["UTC"] = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return normalize_cron(value)
+
+    @model_validator(mode="after")
+    def _window(self) -> TimeWindowPartitioning:
+        if self.end is not None and self.end_us <= self.start_us:
+            raise _FieldError("end", "must be later than start")
+        seconds = self.fixed_window_seconds
+        if seconds is not None and self.end is not None:
+            count = (self.end_us - self.start_us) // (seconds * 1_000_000)
+            if count > MAX_PARTITIONS:
+                raise _FieldError(
+                    "end", f"the window would make {count} partitions; the limit is {MAX_PARTITIONS}"
+                )
+        return self
+
+    @property
+    def start_us(self) -> int:
+        return parse_instant(self.start)  # type: ignore[return-value]
+
+    @property
+    def end_us(self) -> int | None:
+        return None if self.end is None else parse_instant(self.end)
+
+    @property
+    def fixed_window_seconds(self) -> int | None:
+        """Window length when every window of this cron has the same length (hourly, daily)."""
+        return REGULAR_CRON_SECONDS.get(self.cron)
+
+    def keys(self) -> list[str]:
+        """The partition keys (`format_key` of each window start) of a closed hourly or daily range."""
+        seconds = self.fixed_window_seconds
+        if seconds is None or self.end_us is None:
+            raise ValueError("only a closed hourly or daily range has a fixed key list here")
+        step = seconds * 1_000_000
+        first = -(-self.start_us // step) * step  # Dagster's first window starts on a cron tick
+        return [format_key(start) for start in range(first, self.end_us - step + 1, step)]
+
+
+class LedgerRangePartitioning(_Strict):
+    kind: Literal["ledger_range"]
+    #: The integer record field holding the ledger sequence (the request's `ledgerRange.field`).
+    field: Name = "ledgerSequence"
+    firstLedger: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)]
+    partitionSize: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)]
+    lastLedger: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> LedgerRangePartitioning:
+        if self.lastLedger is not None:
+            if self.lastLedger < self.firstLedger:
+                raise _FieldError("lastLedger", "must not be smaller than firstLedger")
+            count = -(-(self.lastLedger - self.firstLedger + 1) // self.partitionSize)
+            if count > MAX_PARTITIONS:
+                raise _FieldError(
+                    "partitionSize", f"the range would make {count} partitions; the limit is {MAX_PARTITIONS}"
+                )
+        return self
+
+    def keys(self) -> list[str]:
+        """`range=START-END` keys (END inclusive), the last one cut at `lastLedger`."""
+        if self.lastLedger is None:
+            raise ValueError("an open-ended ledger range has no fixed key list")
+        return [
+            f"range={start}-{min(start + self.partitionSize - 1, self.lastLedger)}"
+            for start in range(self.firstLedger, self.lastLedger + 1, self.partitionSize)
+        ]
+
+
+Partitioning = Annotated[TimeWindowPartitioning | LedgerRangePartitioning, Field(discriminator="kind")]
+
+
+class SourceConfig(_Strict):
+    uri: Annotated[StrictStr, Field(min_length=1)]
+    format: Literal["jsonl", "parquet"] | None = None
+    #: For a directory source: skip files whose hive partition lies outside the requested window
+    #: (default true); passed into requests only when false, so existing requests do not change.
+    prune: StrictBool = True
+
+    @model_validator(mode="after")
+    def _format(self) -> SourceConfig:
+        if self.format is None and not self.uri.lower().endswith((".jsonl", ".ndjson", ".parquet")):
+            raise _FieldError("format", "cannot be inferred from the URI; give jsonl or parquet")
+        return self
+
+    def resolved_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        return "parquet" if self.uri.lower().endswith(".parquet") else "jsonl"
+
+
+class BackfillPolicyConfig(_Strict):
+    kind: Literal["single_run", "multi_run"] = "single_run"
+    maxPartitionsPerRun: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _max(self) -> BackfillPolicyConfig:
+        if self.kind == "multi_run" and self.maxPartitionsPerRun is None:
+            raise _FieldError("maxPartitionsPerRun", "is required when kind is multi_run")
+        if self.kind == "single_run" and self.maxPartitionsPerRun is not None:
+            raise _FieldError("maxPartitionsPerRun", "only applies when kind is multi_run")
+        return self
+
+
+class ThrottleConfig(_Strict):
+    """How fast a rollout's staging apply may go; unset limits do not apply."""
+
+    partitionsPerMinute: Annotated[float, Field(gt=0, le=1_000_000)] | None = None
+    recordsPerMinute: Annotated[float, Field(gt=0, le=1_000_000_000)] | None = None
+
+
+class SoakConfig(_Strict):
+    #: How long a rollout's staging output is watched before it may be promoted (default 6 hours).
+    windowMinutes: Annotated[float, Field(gt=0, le=60 * 24 * 90)] = 360
+
+
+class BusinessMetricConfig(_Strict):
+    """A number computed from the rollout's staging rows, held against a baseline every soak tick.
+
+    `expression` is a small arithmetic language over the output's columns (`core/business_metric.py`):
+    `mean(converted)`, `count(status == "paid") / count()`, `sum(amount) / count()`.
+    """
+
+    name: Name
+    expression: Annotated[StrictStr, Field(min_length=1, max_length=2000)]
+    atLeast: float | None = None
+    atMost: float | None = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> BusinessMetricConfig:
+        if self.atLeast is None and self.atMost is None:
+            raise _FieldError("atLeast", "give a baseline: atLeast and/or atMost")
+        try:  # parsed now so a typo is refused when the config loads, not at the first soak tick
+            from pcbo_dagster.core.business_metric import parse_metric
+
+            parse_metric(self.expression)
+        except ImportError:  # pragma: no cover - during the module's own bootstrap
+            pass
+        except ValueError as exc:
+            raise _FieldError("expression", str(exc)) from None
+        return self
+
+
+class RolloutConfig(_Strict):
+    """A dataset with `rollout` gets staging and production assets instead of one (staged rollout)."""
+
+    stagingLake: Annotated[StrictStr, Field(min_length=1)] | None = None
+    throttle: ThrottleConfig = ThrottleConfig()
+    soak: SoakConfig = SoakConfig()
+    businessMetric: BusinessMetricConfig | None = None
+
+
+class DatasetConfig(_Strict):
+    name: Name
+    description: Text | None = None
+    versionLabel: Name = "v1"
+    partitioning: Partitioning
+    source: SourceConfig
+    lake: Annotated[StrictStr, Field(min_length=1)] | None = None
+    policies: Policies = Policies()
+    existingTargetIds: list[Text] = []
+    backfillPolicy: BackfillPolicyConfig = BackfillPolicyConfig()
+    pool: Annotated[StrictStr, Field(min_length=1, max_length=200)] | None = None
+    checkGranularity: Literal["partition", "run"] = "partition"
+    auditChainKey: StrictStr | None = None
+    rollout: RolloutConfig | None = None
+
+    @model_validator(mode="after")
+    def _rollout(self) -> DatasetConfig:
+        partitioning = self.partitioning
+        if self.rollout is None:
+            return self
+        if isinstance(partitioning, TimeWindowPartitioning):
+            if partitioning.fixed_window_seconds is None or partitioning.end is None:
+                raise _FieldError(
+                    "rollout", "staged rollouts need hourly or daily windows with an end (a fixed key list)"
+                )
+        elif partitioning.lastLedger is None:
+            raise _FieldError("rollout", "staged rollouts need a closed ledger range (lastLedger)")
+        return self
+
+    @model_validator(mode="after")
+    def _chain(self) -> DatasetConfig:
+        if self.auditChainKey is not None and self.auditChainKey != self.chain_key:
+            raise _FieldError(
+                "auditChainKey",
+                f"must be {self.chain_key!r}: the engine keys each audit chain by <name>/<versionLabel>",
+            )
+        return self
+
+    @property
+    def chain_key(self) -> str:
+        return f"{self.name}/{self.versionLabel}"
+
+    @property
+    def asset_name(self) -> str:
+        return asset_name_for(self.name)
+
+    @property
+    def pool_name(self) -> str:
+        return self.pool or f"pcbo-{self.name}"
+
+
+class DatasetsConfig(_Strict):
+    version: Literal[1] = 1
+    datasets: Annotated[list[DatasetConfig], Field(min_length=1)]
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _unique(self) -> DatasetsConfig:
+        seen: dict[str, int] = {}
+        assets: dict[str, int] = {}
+        for index, dataset in enumerate(self.datasets):
+            if dataset.name in seen:
+                raise _FieldError(
+                    f"datasets[{index}].name",
+                    f"{dataset.name!r} is already declared by datasets[{seen[dataset.name]}]",
+                )
+            if dataset.asset_name in assets:
+                raise _FieldError(
+                    f"datasets[{index}].name",
+                    f"{dataset.name!r} gives the same Dagster asset name ({dataset.asset_name}) as "
+                    f"datasets[{assets[dataset.asset_name]}]",
+                )
+            seen[dataset.name] = assets[dataset.asset_name] = index
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory relative source paths are resolved against (the config file's)."""
+        return self._base_dir
+
+    def source_uri(self, dataset: DatasetConfig) -> str:
+        """The dataset's source URI, a relative path resolved against the config file's directory."""
+        return resolve_uri(dataset.source.uri, self._base_dir)
+
+    def lake_url(self, dataset: DatasetConfig) -> str | None:
+        """The dataset's own lake, a relative path resolved like a source; None: the engine's lake."""
+        return None if dataset.lake is None else resolve_uri(dataset.lake, self._base_dir)
+
+    def staging_lake_url(self, dataset: DatasetConfig) -> str | None:
+        """A rollout dataset's own staging lake; None: the staging environment's lake."""
+        lake = dataset.rollout.stagingLake if dataset.rollout else None
+        return None if lake is None else resolve_uri(lake, self._base_dir)
+
+    def dataset(self, name: str) -> DatasetConfig:
+        for dataset in self.datasets:
+            if dataset.name == name:
+                return dataset
+        raise KeyError(name)
+
+
+class _FieldError(ValueError):
+    """A validation failure that knows its field, relative to the model raising it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(message)
+
+
+# --- strict YAML ------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader refusing duplicate keys, with YAML 1.2-like scalars (no yes/no/on/off, no dates)."""
+
+
+_YAML_11_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML_11_ONLY]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in result:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        result[key] = loader.construct_object(value_node, deep=deep)
+    return result
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _loc_to_field(loc: tuple[Any, ...]) -> str:
+    field = ""
+    for position, part in enumerate(loc):
+        if isinstance(part, int):
+            field += f"[{part}]"
+            continue
+        text = str(part)
+        if text.startswith(("function-", "constrained-")):
+            continue
+        # Discriminated unions add the tag ("time_window") to the location: not a field.
+        if position > 0 and loc[position - 1] == "partitioning" and text in ("time_window", "ledger_range"):
+            continue
+        field += ("." if field else "") + text
+    return field or "config"
+
+
+def _invalid_input(exc: ValidationError) -> InvalidInput:
+    error = exc.errors(include_url=False)[0]
+    field = _loc_to_field(tuple(error["loc"]))
+    ctx_error = (error.get("ctx") or {}).get("error")
+    if isinstance(ctx_error, _FieldError):
+        field = f"{field}.{ctx_error.field}" if field != "config" else ctx_error.field
+        return InvalidInput(field, ctx_error.message)
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown field (a typo must not silently disable a policy)"
+    elif error["type"] == "union_tag_invalid":
+        message = "kind must be time_window or ledger_range"
+        field = f"{field}.kind"
+    elif error["type"] == "union_tag_not_found":
+        message = "kind is required: time_window or ledger_range"
+        field = f"{field}.kind"
+    elif message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if error["type"] in ("string_type", "int_type") and isinstance(error.get("input"), bool):
+        message += " (YAML reads an unquoted true/false as a boolean: quote it)"
+    return InvalidInput(field, message)
+
+
+def parse_datasets_config(text: str | bytes, base_dir: Path | None = None) -> DatasetsConfig:
+    """Validate the YAML text of a datasets config; `InvalidInput` naming the field when it is bad."""
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InvalidInput("config", f"not valid YAML{where}: {problem}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput("config", "must be a YAML mapping with a datasets list")
+    try:
+        config = DatasetsConfig.model_validate(document)
+    except ValidationError as exc:
+        raise _invalid_input(exc) from None
+    config._base_dir = (base_dir or Path.cwd()).resolve()
+    return config
+
+
+#: The variable naming the datasets config the CLI and the Dagster code location load.
+CONFIG_ENV = "PCBO_DATASETS_CONFIG"
+#: The example datasets config, used when neither a file nor `PCBO_DATASETS_CONFIG` is given.
+DEFAULT_DATASETS_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "datasets.yaml"
+
+
+def datasets_config_path(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """`path`, else `PCBO_DATASETS_CONFIG`, else the example datasets config."""
+    environ = os.environ if environ is None else environ
+    return Path(path or environ.get(CONFIG_ENV) or DEFAULT_DATASETS_CONFIG)
+
+
+def load_datasets_config_from_env(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> DatasetsConfig:
+    """The datasets config at `datasets_config_path(path, environ)`; `InvalidInput` naming the field
+    and the file when it is bad."""
+    where = datasets_config_path(path, environ)
+    try:
+        return load_datasets_config(where)
+    except InvalidInput as exc:
+        raise InvalidInput(exc.field, f"{exc.message} (datasets config {where})") from None
+
+
+def load_datasets_config(path: str | Path) -> DatasetsConfig:
+    """Read and validate a datasets config file; relative sources resolve against its directory."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidInput("config", f"no such file: {path}") from None
+    except OSError as exc:
+        raise InvalidInput("config", f"cannot be read: {exc.__class__.__name__}: {path}") from None
+    return parse_datasets_config(text, path.resolve().parent)

@@ -1,0 +1,185 @@
+"""POST a JSON body to an HTTP endpoint with tenacity retries; errors and logs are redacted.
+
+Shared by audit event delivery (`audit/delivery.py`) and alert webhooks (`alerts/webhook.py`).
+
+`JsonPoster(url, ...).post(body, what)` sends one POST (`Content-Type: application/json`) and
+returns the number of attempts it took. A 2xx answer is success. Connection errors, timeouts, 408,
+425, 429 and 5xx are retried with exponential backoff (tenacity); other answers (3xx: a redirect
+is not followed, it would turn the POST into a GET; 4xx) fail at once. A POST that still fails
+raises `DeliveryFailed` (`attempts`, `retryable`, a scrubbed message).
+
+Credentials: a `token` is sent as `Authorization: Bearer <token>`; otherwise credentials in the
+URL (`https://user:pass@host/...`) are sent as HTTP Basic authorization. The URL's userinfo and
+query string, the token, the Authorization header and any extra header value never appear in
+`endpoint` (the redacted URL), exceptions or logs: `scrub` removes them, and any URL userinfo or
+query string, from a text (`scrub_text`).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+
+import tenacity
+
+from pcbo_dagster.io.redaction import redact_url, scrub_text
+
+_logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+"""Besides 5xx and connection errors, the answers that are retried."""
+
+
+class DeliveryFailed(RuntimeError):
+    """A POST that still failed after its retries. The message (`<endpoint>: <what>: <reason>`) and
+    `reason` hold no secret; `retryable` says whether the retries ran out (True) or the answer was
+    not retryable (False)."""
+
+    def __init__(self, message: str, reason: str, attempts: int, retryable: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.attempts = attempts
+        self.retryable = retryable
+
+
+class _Retryable(Exception):
+    pass
+
+
+class _Permanent(Exception):
+    pass
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        return None  # a 3xx answer becomes an HTTPError (not delivered)
+
+
+class JsonPoster:
+    """POSTs JSON bodies to `url` (http or https) with retries and exponential backoff.
+
+    `attempts` tries per body; waits start at `initial_wait` seconds and double up to `max_wait`;
+    `timeout` bounds each request. `headers` are added to every request; `token` is sent as a
+    bearer token (else URL userinfo as HTTP Basic). `name` names the endpoint in `ValueError`s for a
+    bad URL (e.g. "audit endpoint"); `label` starts the retry log lines (e.g. "audit delivery"),
+    written to `logger` (default: this module's).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "endpoint",
+        label: str = "delivery",
+        user_agent: str = "pcbo/1",
+        headers: Mapping[str, str] | None = None,
+        token: str | None = None,
+        attempts: int = 3,
+        initial_wait: float = 0.5,
+        max_wait: float = 5.0,
+        timeout: float = 5.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            raise ValueError(f"invalid {name} {redact_url(url)}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{name} must be an http(s) URL with a host: {redact_url(url)}")
+        if attempts < 1:
+            raise ValueError("attempts must be >= 1")
+        if initial_wait < 0 or max_wait < 0 or timeout <= 0:
+            raise ValueError("initial_wait and max_wait must be >= 0 and timeout > 0")
+        self.attempts = attempts
+        self.initial_wait = initial_wait
+        self.max_wait = max_wait
+        self.timeout = timeout
+        self.endpoint = redact_url(url)
+        self._label = label
+        self._logger = logger or _logger
+        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+        self._url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        self._headers = {"Content-Type": "application/json", "User-Agent": user_agent}
+        self._headers.update(headers or {})
+        secrets = [url, parts.query, *(headers or {}).values()]
+        if "@" in parts.netloc:
+            secrets += [parts.netloc, parts.netloc.rpartition("@")[0]]
+        if parts.password is not None:
+            secrets += [parts.password, urllib.parse.unquote(parts.password)]
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+            secrets += [token, self._headers["Authorization"]]
+        elif parts.username is not None or parts.password is not None:
+            user = urllib.parse.unquote(parts.username or "")
+            password = urllib.parse.unquote(parts.password or "")
+            basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+            self._headers["Authorization"] = f"Basic {basic}"
+            secrets += [basic, self._headers["Authorization"]]
+        self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
+        self._opener = urllib.request.build_opener(_NoRedirect())
+
+    def scrub(self, text: str) -> str:
+        """`text` without this endpoint's secrets nor any URL userinfo or query string."""
+        return scrub_text(text, self._secrets)
+
+    def _post_once(self, body: bytes) -> None:
+        request = urllib.request.Request(self._url, data=body, method="POST", headers=self._headers)
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                status = response.status
+                response.read()
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            exc.close()
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            raise _Retryable(f"connection failed: {type(reason).__name__}: {reason}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
+        if 200 <= status < 300:
+            return
+        if status >= 500 or status in RETRYABLE_STATUS:
+            raise _Retryable(f"HTTP {status}")
+        raise _Permanent(f"HTTP {status} (not retried)")
+
+    def post(self, body: bytes, what: str) -> int:
+        """POST `body` (JSON bytes), retrying; the number of attempts made. `what` names the body in
+        log lines and in the error (e.g. "seq 3"). Raises `DeliveryFailed` when it still fails."""
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            self._logger.warning(
+                "%s to %s: %s attempt %d/%d failed (%s); retrying in %.2f s",
+                self._label,
+                self.endpoint,
+                what,
+                state.attempt_number,
+                self.attempts,
+                self.scrub(str(exc)),
+                wait,
+            )
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=tenacity.wait_exponential(multiplier=self.initial_wait, max=self.max_wait),
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            retrying(self._post_once, body)
+        except (_Retryable, _Permanent) as exc:
+            attempts = int(retrying.statistics.get("attempt_number", 1))
+            reason = self.scrub(str(exc))
+            message = self.scrub(f"{self.endpoint}: {what}: {reason}")
+            raise DeliveryFailed(message, reason, attempts, isinstance(exc, _Retryable)) from None
+        return int(retrying.statistics.get("attempt_number", 1))

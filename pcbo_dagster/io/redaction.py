@@ -1,0 +1,57 @@
+"""Secrets out of everything shown or stored: the one redaction of URLs, and of URLs inside free text.
+
+`redact_url` is used wherever a source URI, lake URL, catalog URL or endpoint is logged, written into
+the catalog, an audit event, an asset's metadata or an error message. It keeps what tells a reader
+*where* (scheme, host, port, path) and removes what could be a credential:
+
+- the whole userinfo (`user:password@`, and a user-only `token@`), even when the password holds `/`,
+  `@`, `:` or `?` (the userinfo runs to the last `@` before the query);
+- the query string and the fragment, replaced by a `?[redacted]` marker that shows one existed.
+
+Local paths (no `scheme://`) are returned as they are. `scrub_text` applies the same rules to every
+URL inside a text (driver errors, tracebacks, alert details) and removes any given secret strings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+REDACTED = "[redacted]"
+
+_SCHEME = re.compile(r"(?i)^([a-z][a-z0-9+.\-]*)://")
+# scheme://userinfo@ and ?query / #fragment of URLs inside free text. A query that is already
+# `?[redacted]` (e.g. in a `redact_url` result) is left as it is.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s@?#'\"<>]+@")
+_URL_QUERY = re.compile(
+    r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s?#'\"<>]*)[?#]"
+    r"(?!\[redacted\][.,;:)\]]*(?:[\s#'\"<>]|$))"
+    r"(?:[^\s'\"<>]*[^\s'\"<>.,;:)\]])?"
+)
+
+
+def redact_url(url: str) -> str:
+    """`scheme://host[:port]/path` (plus `?[redacted]` when the URL had a query or fragment): no
+    userinfo, no query, no fragment. A local path (no `scheme://`) is returned unchanged."""
+    text = url.strip()
+    match = _SCHEME.match(text)
+    if match is None:
+        return url
+    rest = text[match.end() :]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    had_query = cut < len(rest)
+    before = rest[:cut]
+    at = before.rfind("@")
+    if at >= 0:
+        before = before[at + 1 :]
+    return f"{match.group(1)}://{before}" + (f"?{REDACTED}" if had_query else "")
+
+
+def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without URL userinfo, query strings and fragments (`scheme://[redacted]@host/path?
+    [redacted]`) and without any of `secrets`. For free text that goes into a report, an alert, an
+    error message or a log."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
+    return _URL_QUERY.sub(rf"\1?{REDACTED}", text)
