@@ -24,14 +24,11 @@ from sqlalchemy.exc import IntegrityError
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.store import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.json_documents import compact_text
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _rollout_row(row: Any) -> dict[str, Any]:
@@ -94,8 +91,8 @@ class RolloutStore:
             "version_label": version_label,
             "first_key": partition_keys[0],
             "last_key": partition_keys[-1],
-            "partition_keys": _dumps(partition_keys),
-            "throttle": _dumps(throttle),
+            "partition_keys": compact_text(partition_keys),
+            "throttle": compact_text(throttle),
             "soak_window_seconds": soak_window_seconds,
             "status": "applying",
             "control": "run",
@@ -231,7 +228,7 @@ class RolloutStore:
     ) -> None:
         conn.execute(
             t.rollout_log.insert().values(
-                rollout=name, kind=kind, actor=actor, detail=_dumps(detail), recorded_at=now
+                rollout=name, kind=kind, actor=actor, detail=compact_text(detail), recorded_at=now
             )
         )
 
@@ -302,7 +299,7 @@ class RolloutStore:
         with self.catalog._write() as conn:
             conn.execute(
                 t.soak_evaluations.insert().values(
-                    rollout=name, passed=1 if passed else 0, detail=_dumps(detail), evaluated_at=now
+                    rollout=name, passed=1 if passed else 0, detail=compact_text(detail), evaluated_at=now
                 )
             )
         return {"rollout": name, "passed": passed, "detail": detail, "evaluated_at": now}
@@ -340,7 +337,7 @@ class RolloutStore:
                         kind=kind,
                         severity=severity,
                         subject=subject,
-                        detail=_dumps(detail),
+                        detail=compact_text(detail),
                         raised_at=now,
                         delivery_status="pending",
                         attempts=0,

@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from pcbo_dagster.catalog import schema as t
+from pcbo_dagster.core.json_documents import compact_text
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -43,10 +44,6 @@ def default_catalog_url(home: str | os.PathLike[str]) -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _normalise_url(url: str) -> URL:
@@ -121,7 +118,7 @@ class ChainTransaction:
                     "event_hash": ev_hash,
                     "prev_event_hash": prev,
                     "event_type": ev_type,
-                    "event_json": _dumps(ev),
+                    "event_json": compact_text(ev),
                     "recorded_at": _now(),
                 }
             )
@@ -324,7 +321,7 @@ class CatalogStore:
                     "plan_hash": plan_hash,
                     "decision_hash": decision_hash,
                     "status": "running",
-                    "metadata": _dumps(metadata),
+                    "metadata": compact_text(metadata),
                     "started_at": _now(),
                     "finished_at": None,
                     "summary": None,
@@ -342,7 +339,7 @@ class CatalogStore:
             result = conn.execute(
                 update(t.runs)
                 .where(t.runs.c.run_id == run_id)
-                .values(status=status, summary=_dumps(summary), finished_at=_now())
+                .values(status=status, summary=compact_text(summary), finished_at=_now())
             )
             if result.rowcount != 1:
                 raise KeyError(f"unknown run {run_id!r}")
@@ -459,7 +456,7 @@ class CatalogStore:
                         "merkle_root": r["merkle_root"],
                         "record_count": r["record_count"],
                         "event_hash": r["event_hash"],
-                        "files": _dumps(r["files"]),
+                        "files": compact_text(r["files"]),
                         "committed_at": now,
                         "rolled_back_at": None,
                     }
@@ -607,7 +604,7 @@ class CatalogStore:
                     merkle_root=row["merkle_root"],
                     record_count=row["record_count"],
                     event_hash=event_hash,
-                    files=_dumps(row["files"]),
+                    files=compact_text(row["files"]),
                     committed_at=_now(),
                     rolled_back_at=None,
                 )
@@ -689,7 +686,7 @@ class CatalogStore:
         if self.dialect == "postgresql":
             conn.execute(
                 text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                {"k": _dumps(["pcbo.partition", dataset, version_label, partition_key])},
+                {"k": compact_text(["pcbo.partition", dataset, version_label, partition_key])},
             )
 
     @staticmethod
@@ -762,7 +759,7 @@ class CatalogStore:
                     version_label=version_label,
                     partition_key=partition_key,
                     kind=kind,
-                    detail=_dumps(detail),
+                    detail=compact_text(detail),
                     recorded_at=_now(),
                 )
             )
