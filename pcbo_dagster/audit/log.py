@@ -19,6 +19,7 @@ from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
 from pcbo_dagster.core.audit_chain import build_event, split_chain_key, verify_chain
 from pcbo_dagster.core.errors import IntegrityError
+from pcbo_dagster.io.clock import utc_now
 
 
 class ChainDivergence(IntegrityError):
@@ -56,11 +57,6 @@ class ReconcileResult:
     to_backup: int
     to_head_store: int
     head: tuple[int, str] | None
-
-
-def utc_now() -> datetime:
-    """The default clock."""
-    return datetime.now(UTC)
 
 
 def format_timestamp(moment: datetime) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
@@ -25,10 +25,7 @@ from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.store import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import compact_text
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
+from pcbo_dagster.io.clock import utc_now
 
 
 def _rollout_row(row: Any) -> dict[str, Any]:

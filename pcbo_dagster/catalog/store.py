@@ -27,6 +27,7 @@ from sqlalchemy.pool import StaticPool
 
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.io.clock import utc_now
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -40,10 +41,6 @@ _BEGIN_OPTION = "pcbo_sqlite_begin"
 def default_catalog_url(home: str | os.PathLike[str]) -> str:
     """`sqlite:///<absolute home>/catalog.db`."""
     return f"sqlite:///{Path(home).resolve() / 'catalog.db'}"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _normalise_url(url: str) -> URL:
@@ -119,7 +116,7 @@ class ChainTransaction:
                     "prev_event_hash": prev,
                     "event_type": ev_type,
                     "event_json": compact_text(ev),
-                    "recorded_at": _now(),
+                    "recorded_at": utc_now(),
                 }
             )
             seq, prev = ev_seq, ev_hash
@@ -289,7 +286,7 @@ class CatalogStore:
         _insert_ignore(
             conn,
             t.datasets,
-            {"dataset": dataset, "version_label": version_label, "first_seen_at": _now()},
+            {"dataset": dataset, "version_label": version_label, "first_seen_at": utc_now()},
             ["dataset", "version_label"],
         )
 
@@ -322,7 +319,7 @@ class CatalogStore:
                     "decision_hash": decision_hash,
                     "status": "running",
                     "metadata": compact_text(metadata),
-                    "started_at": _now(),
+                    "started_at": utc_now(),
                     "finished_at": None,
                     "summary": None,
                 },
@@ -339,7 +336,7 @@ class CatalogStore:
             result = conn.execute(
                 update(t.runs)
                 .where(t.runs.c.run_id == run_id)
-                .values(status=status, summary=compact_text(summary), finished_at=_now())
+                .values(status=status, summary=compact_text(summary), finished_at=utc_now())
             )
             if result.rowcount != 1:
                 raise KeyError(f"unknown run {run_id!r}")
@@ -440,7 +437,7 @@ class CatalogStore:
                     for r in fresh
                 ],
             )
-            now = _now()
+            now = utc_now()
             conn.execute(
                 p.insert(),
                 [
@@ -504,7 +501,7 @@ class CatalogStore:
         renewed, when `holder` already has it), else the current holder's row. A lease past its
         expiry, or one `is_stale(holder_text)` says is dead, is taken over."""
         lease = t.dataset_leases
-        now = _now()
+        now = utc_now()
         expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
         where = (lease.c.dataset == dataset, lease.c.version_label == version_label)
         with self._write() as conn:
@@ -605,7 +602,7 @@ class CatalogStore:
                     record_count=row["record_count"],
                     event_hash=event_hash,
                     files=compact_text(row["files"]),
-                    committed_at=_now(),
+                    committed_at=utc_now(),
                     rolled_back_at=None,
                 )
             )
@@ -658,7 +655,7 @@ class CatalogStore:
                 conn.execute(
                     update(p)
                     .where(*where_partition, p.c.version == version)
-                    .values(status="rolled_back", rolled_back_at=_now())
+                    .values(status="rolled_back", rolled_back_at=utc_now())
                 )
             if restored_version is None:
                 return
@@ -760,7 +757,7 @@ class CatalogStore:
                     partition_key=partition_key,
                     kind=kind,
                     detail=compact_text(detail),
-                    recorded_at=_now(),
+                    recorded_at=utc_now(),
                 )
             )
 
