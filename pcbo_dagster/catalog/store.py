@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select, text, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
@@ -813,11 +813,6 @@ class CatalogStore:
         with self._read() as conn:
             rows = conn.execute(select(h.c.chain_key, h.c.seq, h.c.event_hash).where(h.c.seq >= 0))
             return {r.chain_key: (int(r.seq), str(r.event_hash)) for r in rows}
-
-    def count_rows(self, table: str) -> int:
-        """Number of rows of a catalog table (for checks and tests)."""
-        with self._read() as conn:
-            return int(conn.execute(select(func.count()).select_from(t.metadata.tables[table])).scalar_one())
 
 
 def _retry_locked(fn: Any, attempts: int = 50, delay: float = 0.1) -> Any:
