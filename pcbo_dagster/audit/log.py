@@ -182,7 +182,7 @@ class AuditLog:
         return _head_of(self.backup.last_event(chain_key))
 
     def sync_to_catalog(self, chain_key: str) -> ReconcileResult:
-        """Reconcile the backup and the head store without appending (used by repair)."""
+        """Reconcile the backup and the head store without appending an event."""
         with self._session(chain_key) as (_, state):
             return state
 
