@@ -316,14 +316,9 @@ KEYS = ["range=5-12", "range=13-20", "range=21-26"]
 def archive_request(tmp_path) -> tuple[b.BuiltArchive, dict[str, Any]]:
     archive = b.write_archive(tmp_path / "archive", 0, 31, ledgers_per_file=4, files_per_partition=2)
     records = list(la.iter_ledger_records(str(tmp_path / "archive"), FIRST, END))
-    request = {
-        "runId": "lcm-0001",
-        "dataset": "ledgers_lcm_raw",
-        "versionLabel": "v1",
-        "ledgerRange": {"field": "ledgerSequence", "first": FIRST, "end": END, "partitionSize": SIZE},
-        "policies": {"requireConsent": True},
-        "sourceRecords": records,
-    }
+    request = b.ledger_range_request(
+        records, run_id="lcm-0001", dataset="ledgers_lcm_raw", first=FIRST, end=END, partition_size=SIZE
+    )
     return archive, request
 
 
