@@ -425,7 +425,7 @@ def test_rollback_by_run_id_restores_the_previous_version_then_removes(work, hom
     home = copy_home(home_v2[0], work / "home-rb-run")
     key = KEYS[CHANGED]
     v1, v2 = manifest_of(home, key, 1), manifest_of(home, key, 2)
-    events_before = len(backup_lines(home))
+    events_before = len(backup_events(home))
 
     document = _rollback(home, "--run-id", "e2e-run-002")
     assert document["status"] == "rolled_back" and document["rolledBack"] == 1
@@ -465,7 +465,7 @@ def test_rollback_by_partition_removes_its_files(work, home_a):
     manifest = manifest_of(home, key)
     data_file = lake_dir(home) / manifest["files"][0]["path"]
     assert data_file.is_file()
-    events_before = len(backup_lines(home))
+    events_before = len(backup_events(home))
 
     document = _rollback(home, "--partition", key)
     assert document["rolledBack"] == 1
@@ -619,7 +619,7 @@ def test_independent_rfc6962_roots_and_rfc8785_event_hashes(work, request_file, 
             assert chain["prev_event_hash"] == prev
             assert chain["event_hash"] == independent_event_hash(event)
             prev = chain["event_hash"]
-        committed = {e["partition"]["key"]: e for e in map(json.loads, lines)}
+        committed = {e["partition"]["key"]: e for e in backup_events(home)}
         for key, event in committed.items():
             current = manifest_of(home, key)
             assert event["merkle_root"] == current["merkleRoot"]

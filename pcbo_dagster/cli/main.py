@@ -10,14 +10,18 @@ written; the document says why); 1 anything else (including verify findings and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from pcbo_dagster.cli.common import (
     DEFAULT_DEMO_DIR,
     Findings,
     add_common_options,
+    check_output_target,
     engine_settings,
     name_arg,
     open_environment,
@@ -27,6 +31,7 @@ from pcbo_dagster.cli.common import (
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.io.redaction import scrub_text
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -86,7 +91,7 @@ def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.verify import verify
 
-    with open_environment(args) as env:
+    with open_environment(args, create=False) as env:
         document = verify(env, repair=args.repair)
     if document["status"] != "clean":
         raise Findings(document)
@@ -95,8 +100,13 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine import proofs
+    from pcbo_dagster.lake.layout import OutsidePartition, check_partition
     from pcbo_dagster.lake.storage import LakeStorage
 
+    try:
+        check_partition(args.dataset, args.version_label, args.partition)
+    except OutsidePartition as exc:
+        raise InvalidInput("--partition", str(exc)) from None
     lake = LakeStorage(engine_settings(args).lake_url)
     if args.from_version is not None or args.to_version is not None:
         if args.from_version is None or args.to_version is None:
@@ -122,13 +132,14 @@ def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.rollback import rollback
 
-    with open_environment(args) as env:
+    with open_environment(args, create=False) as env:
         return rollback(
             env,
             args.dataset,
             args.version_label,
             run_id=args.run_id,
             partition_key=args.partition,
+            version=args.version,
             reason=args.reason,
         )
 
@@ -136,7 +147,7 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.garbage_collection import collect_garbage
 
-    with open_environment(args) as env:
+    with open_environment(args, create=False) as env:
         return collect_garbage(env, dry_run=args.dry_run)
 
 
@@ -348,8 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-label", default="v1", type=name_arg)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", type=name_arg)
-    target.add_argument("--partition")
-    p.add_argument("--reason", default="requested")
+    target.add_argument("--partition", help="the partition key whose current version is undone")
+    p.add_argument(
+        "--version",
+        type=int,
+        help="with --partition: undo this version, when it is current (how to roll back further on purpose: "
+        "a second --partition alone is a no-op)",
+    )
+    p.add_argument("--reason", default="requested", help="why (recorded in the audit event)")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")
@@ -377,29 +394,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and the documented exit status (no
+    traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output_target(args.output)
         document = args.func(args)
+        return _emit(document, args.output, 0)
     except InvalidInput as exc:
         print(f"pcbo {args.command}: invalid input: {exc}", file=sys.stderr)
         return exc.exit_status
     except Blocked as exc:
-        write_output(exc.document, args.output)
         print(f"pcbo {args.command}: blocked: {exc}", file=sys.stderr)
-        return exc.exit_status
+        return _emit(exc.document, args.output, exc.exit_status)
     except Findings as exc:
-        write_output(exc.document, args.output)
         print(f"pcbo {args.command}: not valid; see the findings", file=sys.stderr)
-        return 1
+        return _emit(exc.document, args.output, 1)
     except PcboError as exc:
+        print(f"pcbo {args.command}: {scrub_text(str(exc))}", file=sys.stderr)
         document = getattr(exc, "document", None)
-        if document is not None:
-            write_output(document, args.output)
-        print(f"pcbo {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_status
-    write_output(document, args.output)
-    return 0
+        return _emit(document, args.output, exc.exit_status) if document is not None else exc.exit_status
+    except BrokenPipeError:
+        return _closed_pipe(1)
+    except (OSError, SQLAlchemyError) as exc:
+        if os.environ.get("PCBO_DEBUG"):
+            raise
+        print(f"pcbo {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _emit(document: Any, output: str | None, status: int) -> int:
+    """Write the command's document; a reader that went away (`pcbo verify | head`) is no error."""
+    try:
+        write_output(document, output)
+    except BrokenPipeError:
+        return _closed_pipe(status)
+    return status
+
+
+def _closed_pipe(status: int) -> int:
+    # Whatever is still buffered for the closed pipe goes nowhere, and Python's exit flush stays quiet.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return status
+
+
+def _one_line(exc: BaseException) -> str:
+    """An I/O or database error as one line without secrets: a full disk, a read-only lake, a locked
+    catalog, a server that went away."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return scrub_text(text)
 
 
 if __name__ == "__main__":

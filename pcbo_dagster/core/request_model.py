@@ -250,6 +250,8 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
         )
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(what, f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(what, "nested too deeply (arrays and objects nest at most ~900 levels)") from None
     return ParsedJson(value, floats_seen)
 
 

@@ -46,7 +46,7 @@ from pcbo_dagster.datasets.config import (
 )
 from pcbo_dagster.datasets.requests import build_ledger_request, build_request
 from pcbo_dagster.engine.events import chain_key
-from pcbo_dagster.engine.execute import PostWriteCheckFailed, check_gates, execute
+from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
 
 GROUP_NAME = "pcbo"
@@ -221,7 +221,7 @@ def engine_errors(source_uri: str | None = None) -> Iterator[None]:
         raise failure_for_invalid_input(exc, source_uri) from exc
     except Blocked as exc:
         raise failure_for_gate(exc) from exc
-    except PostWriteCheckFailed as exc:
+    except ExecuteFailed as exc:
         reconciliation = exc.document.get("reconciliation", {})
         raise dg.Failure(
             description=f"post-write reconciliation failed; the partition was rolled back: {exc}",

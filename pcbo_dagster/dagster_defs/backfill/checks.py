@@ -38,13 +38,14 @@ import pyarrow as pa
 
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.core.chain_state import ChainState as ReplayedChain
+from pcbo_dagster.core.chain_state import replay
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies, normalize_policies
 from pcbo_dagster.core.request_model import BackfillRequest
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.events import ChainIndex
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_commit_point, read_partition
 from pcbo_dagster.lake import layout
 
@@ -159,7 +160,7 @@ def compliance(part: CommittedPartition, dataset: DatasetConfig) -> tuple[bool, 
 @dataclass
 class ChainState:
     findings: list[str]
-    index: ChainIndex
+    replayed: ReplayedChain
     length: int
     head: str | None
 
@@ -171,17 +172,23 @@ def read_chain(env: Environment, dataset: DatasetConfig) -> ChainState:
     expected_head = env.catalog.chain_heads().get(key)
     findings = list(problems) + verify_chain(events, key, expected_head=expected_head)
     head = events[-1].get("chain", {}).get("event_hash") if events else None
-    return ChainState(findings, ChainIndex(events), len(events), head)
+    replayed = replay(events)
+    return ChainState(findings + replayed.findings, replayed, len(events), head)
 
 
 def chain_verdict(part: CommittedPartition, chain: ChainState) -> tuple[bool, dict[str, Any]]:
     findings = list(chain.findings)
     metadata: dict[str, Any] = {"chain_length": chain.length, "chain_head": chain.head or "none"}
     if part.manifest is not None:
-        event = chain.index.commits.get((part.key, part.manifest_checksum or ""))
-        if event is None:
-            findings.append(f"no partition_committed event for manifest {part.manifest_checksum}")
+        history = chain.replayed.get(part.key)
+        current = history.current_version if history is not None else None
+        if current is None or current.manifest_checksum != part.manifest_checksum:
+            findings.append(
+                f"the commit point {part.manifest_checksum} is not the version the audit chain says is "
+                "current"
+            )
         else:
+            event = current.event
             metadata["event_hash"] = event["chain"]["event_hash"]
             metadata["event_seq"] = event["chain"]["seq"]
             if event.get("merkle_root") != part.manifest.get("merkleRoot"):
