@@ -180,22 +180,20 @@ def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
 
 def _count_time_windows(partitioning: Any) -> tuple[int | None, str | None, str | None]:
     """(count, first key, last key) of a closed time window; (None, ...) when it is open-ended."""
-    from pcbo_dagster.core.instants import format_key, to_datetime
+    from pcbo_dagster.core.instants import to_datetime
+    from pcbo_dagster.core.partition_keys import format_time_key
 
     end_us = partitioning.end_us
     if end_us is None:
-        return None, format_key(partitioning.start_us), None
-    seconds = partitioning.fixed_window_seconds
-    if seconds is not None:
-        width = seconds * 1_000_000
-        count = (end_us - partitioning.start_us) // width
-        last = format_key(partitioning.start_us + (count - 1) * width) if count else None
-        return count, format_key(partitioning.start_us) if count else None, last
-    try:
-        from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
-    except ImportError:  # the dagster extra is not installed: irregular crons are not counted
-        return None, None, None
-    keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
+        return None, format_time_key(partitioning.start_us), None
+    if partitioning.fixed_window_seconds is not None:
+        keys = partitioning.keys()
+    else:
+        try:
+            from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
+        except ImportError:  # the dagster extra is not installed: irregular crons are not counted
+            return None, None, None
+        keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
     return len(keys), keys[0] if keys else None, keys[-1] if keys else None
 
 
@@ -209,10 +207,8 @@ def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
         if open_ended:
             count, first, last = None, None, None
         else:
-            size, lo, hi = partitioning.partitionSize, partitioning.firstLedger, partitioning.lastLedger
-            count = -(-(hi - lo + 1) // size)
-            first = f"range={lo}-{min(lo + size - 1, hi)}"
-            last = f"range={lo + (count - 1) * size}-{hi}"
+            keys = partitioning.keys()
+            count, first, last = len(keys), keys[0], keys[-1]
     source = config.source_uri(dataset)
     return {
         "name": dataset.name,

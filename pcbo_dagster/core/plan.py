@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pcbo_dagster.core.canonical import fast_jcs, prefixed, sha256_hex
-from pcbo_dagster.core.instants import format_instant, format_key
+from pcbo_dagster.core.instants import format_instant
+from pcbo_dagster.core.partition_keys import LedgerGrid, format_time_key
 from pcbo_dagster.core.request_model import BackfillRequest
 
 PLAN_VERSION = "pcbo.plan/1"
@@ -108,13 +109,16 @@ def normalize_policies(request: BackfillRequest) -> NormalizedPolicies:
 
 
 def partitions_for(start: int, end: int, width: int, ledger: bool = False) -> tuple[Partition, ...]:
+    """[start, end) cut into partitions of `width` positions, the last one cut at `end`: time windows
+    keyed by their start (`format_time_key`), or the ledger grid's partitions (`LedgerGrid`)."""
+    if ledger:
+        spans = LedgerGrid.of_request(start, end, width).spans()
+        return tuple(Partition(i, s.key, s.first, s.end, True) for i, s in enumerate(spans))
     count = -(-(end - start) // width)
     parts = []
     for index in range(count):
         lo = start + index * width
-        hi = min(lo + width, end)
-        key = f"range={lo}-{hi - 1}" if ledger else format_key(lo)
-        parts.append(Partition(index, key, lo, hi, ledger))
+        parts.append(Partition(index, format_time_key(lo), lo, min(lo + width, end)))
     return tuple(parts)
 
 

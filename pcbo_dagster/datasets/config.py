@@ -63,7 +63,8 @@ from pydantic import (
 )
 
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.core.instants import format_key, parse_instant
+from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.partition_keys import LedgerGrid, format_time_key
 from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, Text
 from pcbo_dagster.sources.record_files import resolve_uri
 
@@ -175,13 +176,13 @@ class TimeWindowPartitioning(_Strict):
         return REGULAR_CRON_SECONDS.get(self.cron)
 
     def keys(self) -> list[str]:
-        """The partition keys (`format_key` of each window start) of a closed hourly or daily range."""
+        """The partition keys (`format_time_key` of each window start) of a closed hourly or daily range."""
         seconds = self.fixed_window_seconds
         if seconds is None or self.end_us is None:
             raise ValueError("only a closed hourly or daily range has a fixed key list here")
         step = seconds * 1_000_000
         first = -(-self.start_us // step) * step  # Dagster's first window starts on a cron tick
-        return [format_key(start) for start in range(first, self.end_us - step + 1, step)]
+        return [format_time_key(start) for start in range(first, self.end_us - step + 1, step)]
 
 
 class LedgerRangePartitioning(_Strict):
@@ -197,21 +198,22 @@ class LedgerRangePartitioning(_Strict):
         if self.lastLedger is not None:
             if self.lastLedger < self.firstLedger:
                 raise _FieldError("lastLedger", "must not be smaller than firstLedger")
-            count = -(-(self.lastLedger - self.firstLedger + 1) // self.partitionSize)
+            count = self.grid.partition_count()
             if count > MAX_PARTITIONS:
                 raise _FieldError(
                     "partitionSize", f"the range would make {count} partitions; the limit is {MAX_PARTITIONS}"
                 )
         return self
 
+    @property
+    def grid(self) -> LedgerGrid:
+        """The dataset's ledger grid: its partitions, their keys and the keys' checks."""
+        return LedgerGrid(self.firstLedger, self.partitionSize, self.lastLedger)
+
     def keys(self) -> list[str]:
-        """`range=START-END` keys (END inclusive), the last one cut at `lastLedger`."""
-        if self.lastLedger is None:
-            raise ValueError("an open-ended ledger range has no fixed key list")
-        return [
-            f"range={start}-{min(start + self.partitionSize - 1, self.lastLedger)}"
-            for start in range(self.firstLedger, self.lastLedger + 1, self.partitionSize)
-        ]
+        """`range=START-END` keys (END inclusive), the last one cut at `lastLedger`; `ValueError`
+        for an open-ended range."""
+        return self.grid.keys()
 
 
 Partitioning = Annotated[TimeWindowPartitioning | LedgerRangePartitioning, Field(discriminator="kind")]
