@@ -21,6 +21,7 @@ from pcbo_dagster.cli.common import (
     engine_settings,
     name_arg,
     open_environment,
+    partition_key_arg,
     read_input,
     write_output,
 )
@@ -326,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--dataset", required=True, type=name_arg)
     p.add_argument("--version-label", default="v1", type=name_arg)
-    p.add_argument("--partition", required=True, help="partition key, e.g. 20240101T000000Z")
+    p.add_argument(
+        "--partition", required=True, type=partition_key_arg, help="partition key, e.g. 20240101T000000Z"
+    )
     p.add_argument("--id")
     p.add_argument("--from-version", type=int)
     p.add_argument("--to-version", type=int)
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-label", default="v1", type=name_arg)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", type=name_arg)
-    target.add_argument("--partition")
+    target.add_argument("--partition", type=partition_key_arg, help="partition key, e.g. range=2-65")
     p.add_argument("--reason", default="requested")
     p.set_defaults(func=cmd_rollback)
 
