@@ -15,7 +15,6 @@ from typing import Any
 
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.compliance import violations
-from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import (
@@ -31,18 +30,6 @@ from pcbo_dagster.engine.partition_reading import read_partition
 from pcbo_dagster.lake import layout, manifests
 
 
-def _policies(manifest: dict[str, Any]) -> NormalizedPolicies:
-    p = manifest["policies"]
-    cutoff = p.get("retentionCutoff")
-    allowed = p.get("allowedJurisdictions")
-    return NormalizedPolicies(
-        p["requireConsent"],
-        None if allowed is None else tuple(allowed),
-        None if cutoff is None else parse_instant(cutoff),
-        p["onViolation"],
-    )
-
-
 def _check_partition(env: Environment, rel: str, findings: list[dict[str, Any]]) -> tuple[dict, str] | None:
     reading = read_partition(env.lake, *layout.split_manifest_path(rel))
     findings.extend(reading.findings)
@@ -53,7 +40,7 @@ def _check_partition(env: Environment, rel: str, findings: list[dict[str, Any]])
         [f for f in reading.manifest["files"] if f["path"] not in reading.unreadable],
         strict=True,
     ):
-        for v in violations(table, _policies(reading.manifest), []):
+        for v in violations(table, NormalizedPolicies.from_json(reading.manifest["policies"]), []):
             findings.append(
                 {
                     "kind": "policy_violation",

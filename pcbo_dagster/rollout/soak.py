@@ -38,8 +38,7 @@ from pcbo_dagster.catalog.rollouts import RolloutStore, open_rollout_store
 from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.errors import InvalidInput, PcboError
-from pcbo_dagster.core.instants import parse_instant
-from pcbo_dagster.core.plan import NormalizedPolicies, normalize_jurisdictions
+from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
@@ -137,23 +136,6 @@ def _decisions_now(
     return decided, decisions.decision_hash, None
 
 
-def dataset_policies(dataset: DatasetConfig) -> NormalizedPolicies:
-    """The dataset's policies as the engine normalises them (`core.plan.normalize_policies`)."""
-    policies = dataset.policies
-    allowed = None
-    if policies.allowedJurisdictions is not None:
-        normalized = normalize_jurisdictions(pa.array(policies.allowedJurisdictions, pa.string()))
-        allowed = tuple(sorted(set(normalized.to_pylist())))
-    return NormalizedPolicies(
-        require_consent=policies.requireConsent,
-        allowed_jurisdictions=allowed,
-        retention_cutoff_us=None
-        if policies.retentionCutoff is None
-        else parse_instant(policies.retentionCutoff),
-        on_violation=policies.onViolation,
-    )
-
-
 def _check(
     passed: bool, observed: Any, expected: Any, message: str, partitions: list[dict[str, Any]]
 ) -> dict:
@@ -176,7 +158,7 @@ def _keys_text(entries: list[dict[str, Any]]) -> str:
 
 
 def _policy_check(dataset: DatasetConfig, readings: dict[str, PartitionReading]) -> dict[str, Any]:
-    policies = dataset_policies(dataset)
+    policies = NormalizedPolicies.from_policies(dataset.policies)
     existing = list(dataset.existingTargetIds)
     entries = []
     for key, reading in readings.items():

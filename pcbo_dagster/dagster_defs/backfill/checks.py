@@ -39,8 +39,7 @@ import pyarrow as pa
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.compliance import violations
-from pcbo_dagster.core.plan import NormalizedPolicies, normalize_policies
-from pcbo_dagster.core.request_model import BackfillRequest
+from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
@@ -131,13 +130,8 @@ def reconcile(part: CommittedPartition) -> tuple[bool, dict[str, Any]]:
     return not findings, metadata
 
 
-def configured_policies(dataset: DatasetConfig) -> NormalizedPolicies:
-    """The dataset's policies normalised exactly as the engine normalises a request's."""
-    return normalize_policies(BackfillRequest.model_construct(policies=dataset.policies))
-
-
 def compliance(part: CommittedPartition, dataset: DatasetConfig) -> tuple[bool, dict[str, Any]]:
-    policies = configured_policies(dataset)
+    policies = NormalizedPolicies.from_policies(dataset.policies)
     found: list[dict[str, Any]] = []
     for table in part.tables:
         found.extend(violations(table, policies, list(dataset.existingTargetIds)))
