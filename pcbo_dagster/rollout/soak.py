@@ -5,7 +5,8 @@ lake for the rollout's dataset, version and keys) and checks it, then records th
 production catalog (`soak_evaluations`, append-only):
 
 - `policy_violations`: no row of the output breaks the dataset's policies (consent, jurisdictions,
-  retention, existing target ids);
+  retention, existing target ids; `engine.partition_checks.policy_violations`, as the Dagster
+  `policy_compliance` check);
 - `duplicate_ids`: no id appears twice in the whole output;
 - `rows_match_decisions`: every partition is committed and holds exactly the ids the engine decides
   to add *now* (the source evaluated again);
@@ -36,11 +37,11 @@ import pyarrow as pa
 
 from pcbo_dagster.catalog.rollouts import RolloutStore, open_rollout_store
 from pcbo_dagster.core.business_metric import parse_metric
-from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
+from pcbo_dagster.engine.partition_checks import policy_violations
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
@@ -162,7 +163,7 @@ def _policy_check(dataset: DatasetConfig, readings: dict[str, PartitionReading])
     existing = list(dataset.existingTargetIds)
     entries = []
     for key, reading in readings.items():
-        found = [v for table in reading.tables for v in violations(table, policies, existing)]
+        found = policy_violations(reading.tables, policies, existing)
         if found:
             entries.append(_partition_entry(key, found))
     total = sum(e["count"] for e in entries)
