@@ -2,11 +2,12 @@
 
 The one place where "these partition keys of this dataset" become engine requests (CONTRACT
 section 1): the Dagster assets, the staged rollout and the CLI's rollout commands all come through
-here. Keys are parsed by `core.partition_keys` (a key off the dataset's grid is refused), then
-grouped: a time-window request covers contiguous, equal-length windows (`start`, `end`,
-`chunkSeconds`); a ledger request covers contiguous `range=S-E` keys (`ledgerRange` with `first` =
-S of the first key, `end` = E+1 of the last, `partitionSize` from the config), every one full but
-maybe the last. The engine then plans exactly these keys.
+here. Keys are parsed by `core.partition_keys` and checked to be the dataset's (on its ledger grid,
+among its hourly or daily windows), then grouped: a time-window request covers contiguous,
+equal-length windows (`start`, `end`, `chunkSeconds`); a ledger request covers contiguous
+`range=S-E` keys (`ledgerRange` with `first` = S of the first key, `end` = E+1 of the last,
+`partitionSize` from the config), every one full but maybe the last. The engine then plans exactly
+these keys.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
-from pcbo_dagster.core.partition_keys import LedgerSpan, PartitionKeyError, Window, window_for_key
+from pcbo_dagster.core.partition_keys import LedgerSpan, PartitionKeyError, Window
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.datasets.config import (
     DatasetConfig,
@@ -117,12 +118,10 @@ def key_range(dataset: DatasetConfig, first_key: str, last_key: str) -> list[str
 
 
 def time_windows_for_keys(partitioning: TimeWindowPartitioning, keys: list[str]) -> list[Window]:
-    """The windows of `keys` of an hourly or daily dataset, in time order; `PartitionKeyError` for a
-    key that is not a time key. (Dagster's own windows, for any cron: `dagster_defs.partitions`.)"""
-    seconds = partitioning.fixed_window_seconds
-    if seconds is None:
-        raise ValueError("only hourly or daily windows have a fixed length")
-    return sorted((window_for_key(key, seconds) for key in keys), key=lambda w: w.start_us)
+    """The windows of `keys` of an hourly or daily dataset, in time order, each checked to be one of
+    the dataset's windows (`PartitionKeyError` naming it). (Dagster's own windows, for any cron:
+    `dagster_defs.partitions.windows_for_keys`.)"""
+    return sorted((partitioning.window_of_key(key) for key in keys), key=lambda w: w.start_us)
 
 
 def ledger_spans_for_keys(partitioning: LedgerRangePartitioning, keys: list[str]) -> list[LedgerSpan]:
