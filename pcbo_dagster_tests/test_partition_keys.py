@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pcbo_dagster.core.instants import parse_instant, to_micros
@@ -40,6 +40,7 @@ def test_time_keys_are_the_contracts_format() -> None:
     assert parse_time_key("19700101T000000Z") == 0
 
 
+@settings(deadline=None)  # timing varies on a loaded machine; the properties do not
 @given(st.integers(min_value=MIN_US, max_value=MAX_US))
 def test_time_keys_round_trip(start_us: int) -> None:
     key = format_time_key(start_us)
@@ -47,6 +48,7 @@ def test_time_keys_round_trip(start_us: int) -> None:
     assert validate_partition_key(key) == key
 
 
+@settings(deadline=None)
 @given(st.datetimes(min_value=datetime(1000, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59)))
 def test_dagsters_key_format_renders_whole_seconds_as_time_keys(moment: datetime) -> None:
     moment = moment.replace(microsecond=0, tzinfo=UTC)
@@ -92,6 +94,7 @@ def test_a_window_starts_at_its_key() -> None:
 # --- ledger keys -----------------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(st.integers(min_value=0, max_value=MAX_LEDGER_END - 1), st.integers(min_value=0, max_value=10**6))
 def test_ledger_keys_round_trip(first: int, length: int) -> None:
     last = min(first + length, MAX_LEDGER_END - 1)
@@ -208,16 +211,18 @@ def test_full_partitions() -> None:
     assert len(LedgerGrid(2, 64).full_keys(10_000)) == (10_000 - 1) // 64
 
 
+@settings(deadline=None)
 @given(
     st.integers(min_value=0, max_value=10**6),
     st.integers(min_value=1, max_value=500),
-    st.integers(min_value=1, max_value=5_000),
+    st.integers(min_value=1, max_value=2_000),
 )
 def test_the_engine_plans_the_grids_keys(first: int, size: int, ledgers: int) -> None:
     grid = LedgerGrid.of_request(first, first + ledgers, size)
+    spans = grid.spans()
     planned = partitions_for(first, first + ledgers, size, ledger=True)
-    assert [(p.key, p.start, p.end) for p in planned] == [(s.key, s.first, s.end) for s in grid.spans()]
+    assert [(p.key, p.start, p.end) for p in planned] == [(s.key, s.first, s.end) for s in spans]
     assert [p.index for p in planned] == list(range(len(planned)))
-    for span in grid.spans():
+    for span in spans:
         assert grid.span_of_key(span.key) == span
         assert grid.span_at(span.first) == span == grid.span_at(span.last)
