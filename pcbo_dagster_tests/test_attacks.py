@@ -59,7 +59,10 @@ def _request(run_id: str, changed: bool = False) -> dict[str, Any]:
 def pcbo(home: Path, *args: str) -> tuple[int, Any]:
     """`pcbo *args --home home` in this process; (exit status, the JSON document or None)."""
     out = home.parent / f"out-{uuid.uuid4().hex}.json"
-    status = cli.main([*args, "--home", str(home), "--output", str(out)])
+    try:
+        status = cli.main([*args, "--home", str(home), "--output", str(out)])
+    except SystemExit as exc:  # argparse refusing a flag's value
+        status = int(exc.code or 0)
     document = json.loads(out.read_text()) if out.exists() else None
     out.unlink(missing_ok=True)
     return status, document

@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import rfc8785
 
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.engine import proofs
+from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import (
     backup_events,
     backup_file,
@@ -410,6 +413,27 @@ def test_inclusion_proof_verifies_offline_and_rejects_tampering(work, home_a):
     assert status == 1 and document["valid"] is False
     assert document["merkleRoot"] == other_root
     assert not home.exists(), "verify-proof created a home"
+
+
+def test_a_partition_key_that_is_not_exactly_a_key_never_reaches_the_lake(work, home_a):
+    home = copy_home(home_a[0], work / "home-bad-key")
+    key = KEYS[3]
+    # A manifest planted one level up: `--partition ..` would have read it as a partition's.
+    planted = lake_dir(home) / DATASET / "_manifest.json"
+    planted.write_bytes((part_dir(home, key) / "_manifest.json").read_bytes())
+    record_id = parquet_ids((lake_dir(home) / manifest_of(home, key)["files"][0]["path"]).read_bytes())[0]
+    chain = backup_file(home).read_bytes()
+    for bad in ("..", f"{key}/..", f"../v1/{key}", f"{key}\n", "range=2-65/.."):
+        status, out, stderr = run_pcbo(
+            ["proof", "--dataset", DATASET, "--partition", bad, "--id", record_id], home=home
+        )
+        assert status == 2 and out is None and "partition key" in stderr, (bad, stderr)
+        status, out, stderr = run_pcbo(["rollback", "--dataset", DATASET, "--partition", bad], home=home)
+        assert status == 2 and out is None and "partition key" in stderr, (bad, stderr)
+    assert backup_file(home).read_bytes() == chain
+    # The engine refuses it too, whoever calls it.
+    with pytest.raises(InvalidInput, match="partition key"):
+        proofs.inclusion(LakeStorage(str(lake_dir(home))), DATASET, "v1", "..", record_id)
 
 
 # -- rollback ----------------------------------------------------------------------------------

@@ -113,9 +113,20 @@ class Findings(Exception):
 def name_arg(value: str) -> str:
     import re
 
-    if not re.match(NAME_PATTERN, value):
+    if not re.fullmatch(NAME_PATTERN, value):  # fullmatch: `$` alone would let a trailing newline in
         raise argparse.ArgumentTypeError(f"must match {NAME_PATTERN}")
     return value
+
+
+def partition_key_arg(value: str) -> str:
+    """A partition key given on the command line: exactly a time or ledger key (it names a lake
+    directory, so nothing else gets near a path)."""
+    from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
+
+    try:
+        return validate_partition_key(value)
+    except PartitionKeyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:

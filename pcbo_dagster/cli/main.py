@@ -25,6 +25,7 @@ from pcbo_dagster.cli.common import (
     engine_settings,
     name_arg,
     open_environment,
+    partition_key_arg,
     read_input,
     write_output,
 )
@@ -100,13 +101,8 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine import proofs
-    from pcbo_dagster.lake.layout import OutsidePartition, check_partition
     from pcbo_dagster.lake.storage import LakeStorage
 
-    try:
-        check_partition(args.dataset, args.version_label, args.partition)
-    except OutsidePartition as exc:
-        raise InvalidInput("--partition", str(exc)) from None
     lake = LakeStorage(engine_settings(args).lake_url)
     if args.from_version is not None or args.to_version is not None:
         if args.from_version is None or args.to_version is None:
@@ -191,22 +187,20 @@ def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
 
 def _count_time_windows(partitioning: Any) -> tuple[int | None, str | None, str | None]:
     """(count, first key, last key) of a closed time window; (None, ...) when it is open-ended."""
-    from pcbo_dagster.core.instants import format_key, to_datetime
+    from pcbo_dagster.core.instants import to_datetime
+    from pcbo_dagster.core.partition_keys import format_time_key
 
     end_us = partitioning.end_us
     if end_us is None:
-        return None, format_key(partitioning.start_us), None
-    seconds = partitioning.fixed_window_seconds
-    if seconds is not None:
-        width = seconds * 1_000_000
-        count = (end_us - partitioning.start_us) // width
-        last = format_key(partitioning.start_us + (count - 1) * width) if count else None
-        return count, format_key(partitioning.start_us) if count else None, last
-    try:
-        from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
-    except ImportError:  # the dagster extra is not installed: irregular crons are not counted
-        return None, None, None
-    keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
+        return None, format_time_key(partitioning.start_us), None
+    if partitioning.fixed_window_seconds is not None:
+        keys = partitioning.keys()
+    else:
+        try:
+            from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
+        except ImportError:  # the dagster extra is not installed: irregular crons are not counted
+            return None, None, None
+        keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
     return len(keys), keys[0] if keys else None, keys[-1] if keys else None
 
 
@@ -220,10 +214,8 @@ def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
         if open_ended:
             count, first, last = None, None, None
         else:
-            size, lo, hi = partitioning.partitionSize, partitioning.firstLedger, partitioning.lastLedger
-            count = -(-(hi - lo + 1) // size)
-            first = f"range={lo}-{min(lo + size - 1, hi)}"
-            last = f"range={lo + (count - 1) * size}-{hi}"
+            keys = partitioning.keys()
+            count, first, last = len(keys), keys[0], keys[-1]
     source = config.source_uri(dataset)
     return {
         "name": dataset.name,
@@ -341,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--dataset", required=True, type=name_arg)
     p.add_argument("--version-label", default="v1", type=name_arg)
-    p.add_argument("--partition", required=True, help="partition key, e.g. 20240101T000000Z")
+    p.add_argument(
+        "--partition", required=True, type=partition_key_arg, help="partition key, e.g. 20240101T000000Z"
+    )
     p.add_argument("--id")
     p.add_argument("--from-version", type=int)
     p.add_argument("--to-version", type=int)
@@ -359,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-label", default="v1", type=name_arg)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", type=name_arg)
-    target.add_argument("--partition", help="the partition key whose current version is undone")
+    target.add_argument(
+        "--partition", type=partition_key_arg, help="the partition key whose current version is undone"
+    )
     p.add_argument(
         "--version",
         type=int,

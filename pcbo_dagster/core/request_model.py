@@ -189,11 +189,6 @@ class BackfillRequest(BaseModel):
     def chunk_us(self) -> int:
         return self.chunkSeconds * 1_000_000
 
-    @property
-    def retention_cutoff_us(self) -> int | None:
-        cutoff = self.policies.retentionCutoff
-        return None if cutoff is None else parse_instant(cutoff)
-
 
 class _FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:

@@ -36,7 +36,6 @@ from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_ch
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, PartitionHistory, replay
 from pcbo_dagster.core.compliance import violations
-from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.engine.crash_windows import (
     LakeVsChain,
@@ -66,18 +65,6 @@ class _Report:
     def healable(self, kind: str, where: str, detail: str) -> None:
         """A finding `--repair` heals (reported as found when not repairing)."""
         self.findings.append({"kind": kind, "where": where, "detail": detail})
-
-
-def _policies(manifest: dict[str, Any]) -> NormalizedPolicies:
-    p = manifest["policies"]
-    cutoff = p.get("retentionCutoff")
-    allowed = p.get("allowedJurisdictions")
-    return NormalizedPolicies(
-        p["requireConsent"],
-        None if allowed is None else tuple(allowed),
-        None if cutoff is None else parse_instant(cutoff),
-        p["onViolation"],
-    )
 
 
 def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
@@ -312,7 +299,7 @@ def _check_current(env: Environment, report: _Report, dataset: str, version_labe
         return
     readable = [f for f in reading.manifest["files"] if f["path"] not in reading.unreadable]
     try:
-        policies = _policies(reading.manifest)
+        policies = NormalizedPolicies.from_json(reading.manifest["policies"])
     except (KeyError, TypeError, ValueError) as exc:
         report.find("manifest_policies_unreadable", reading.rel, str(exc))
         return

@@ -20,10 +20,10 @@ from __future__ import annotations
 import re
 
 from pcbo_dagster.core.errors import IntegrityError
+from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
 
 MANIFEST = "_manifest.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_KEY = re.compile(r"\d{8}T\d{6}(\.\d{6})?Z|range=(0|[1-9]\d{0,18})-(0|[1-9]\d{0,18})")
 _DATA_FILE = re.compile(r"part-[0-9a-f]{32}\.parquet")
 
 
@@ -37,8 +37,10 @@ def check_partition(dataset: str, version_label: str, key: str) -> None:
     for what, value in (("dataset", dataset), ("versionLabel", version_label)):
         if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
             raise OutsidePartition(f"{what} {value!r} is not a plain name")
-    if not isinstance(key, str) or not _KEY.fullmatch(key):
-        raise OutsidePartition(f"partition key {key!r} is not a time key (YYYYMMDDTHHMMSSZ) or range=A-B")
+    try:
+        validate_partition_key(key)
+    except PartitionKeyError as exc:
+        raise OutsidePartition(str(exc)) from None
 
 
 def data_file_path(dataset: str, version_label: str, key: str, path: object) -> str:
