@@ -28,10 +28,11 @@ pytest.importorskip("dagster_webserver")
 pytest.importorskip("dagster_graphql")
 
 from pcbo_dagster.cli import main as cli  # noqa: E402
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO_ROOT / "examples" / "datasets.yaml"
+EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
 STARTUP_SECONDS = 120
 
 REQUEST = {

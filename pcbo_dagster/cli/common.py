@@ -15,7 +15,6 @@ from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import NAME_PATTERN
-from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.io.atomic_files import replacing
 
 
@@ -109,10 +108,6 @@ def open_environment(args: argparse.Namespace) -> Iterator[Any]:
         yield env
     finally:
         env.close()
-
-
-#: Where `pcbo demo-data` writes by default: beside the example config, where it looks for its sources.
-DEFAULT_DEMO_DIR = DEFAULT_DATASETS_CONFIG.parent / "demo_data"
 
 
 class Findings(Exception):

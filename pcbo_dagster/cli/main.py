@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.cli.common import (
-    DEFAULT_DEMO_DIR,
     Findings,
     add_common_options,
     engine_settings,
@@ -245,6 +244,7 @@ def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "status": "valid",
         "config": str(path.resolve()),
+        "sourcesDir": str(config.sources_dir),
         "datasets": datasets,
         "totals": {
             "datasets": len(datasets),
@@ -256,9 +256,9 @@ def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
     import hashlib
 
-    from pcbo_dagster.datasets.demo_data import generate_demo_data
+    from pcbo_dagster.datasets.demo_data import example_sources_dir, generate_demo_data
 
-    directory = Path(args.dir) if args.dir else DEFAULT_DEMO_DIR
+    directory = Path(args.dir) if args.dir else example_sources_dir()
     try:
         paths = generate_demo_data(directory)
     except OSError as exc:
@@ -362,13 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
         "file",
         nargs="?",
         metavar="FILE",
-        help="the datasets YAML (default $PCBO_DATASETS_CONFIG, else examples/datasets.yaml)",
+        help="the datasets YAML (default $PCBO_DATASETS_CONFIG, else the example shipped in the package)",
     )
     p.add_argument("--output")
     p.set_defaults(func=cmd_validate_config)
 
     p = sub.add_parser("demo-data", help="write the deterministic demo sources of the example config")
-    p.add_argument("--dir", help="target directory (default examples/demo_data, beside the example config)")
+    p.add_argument(
+        "--dir",
+        help="target directory (default: where the packaged example config reads them, "
+        "$PCBO_SOURCES_DIR/demo_data, else $PCBO_HOME/demo_data)",
+    )
     p.add_argument("--output")
     p.set_defaults(func=cmd_demo_data)
 

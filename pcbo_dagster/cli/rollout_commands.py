@@ -13,7 +13,7 @@
     pcbo approve R --by WHO --reason TEXT [--decision-hash H]
     pcbo reject  R --by WHO --reason TEXT
 
-The datasets config is `--config`, else `PCBO_DATASETS_CONFIG`, else `examples/datasets.yaml`; the
+The datasets config is `--config`, else `PCBO_DATASETS_CONFIG`, else the example shipped in the package; the
 engine settings (`--home`, `--catalog`, ...) are the production environment's, and staging sits beside
 it (`rollout/environments.py`).
 """
@@ -133,7 +133,8 @@ def add_rollout_commands(sub: Any) -> None:
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_common_options(p)
         p.add_argument(
-            "--config", help="the datasets YAML (PCBO_DATASETS_CONFIG; default examples/datasets.yaml)"
+            "--config",
+            help="the datasets YAML (PCBO_DATASETS_CONFIG; default the example shipped in the package)",
         )
         return p
 
