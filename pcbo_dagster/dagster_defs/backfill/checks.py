@@ -118,6 +118,7 @@ def reconcile(part: CommittedPartition) -> tuple[bool, dict[str, Any]]:
         metadata.update(
             {
                 "rows_read": len(part.ids),
+                "unreadable_files": len(part.unreadable),
                 "record_count": manifest.get("recordCount"),
                 "merkle_root": manifest.get("merkleRoot"),
                 "merkle_root_recomputed": root,
