@@ -202,7 +202,11 @@ def test_invalid_requests_and_gates_fail_the_job_naming_the_field_and_write_noth
 def test_remote_outcomes_map_to_the_cli_contract():
     ok = {"__typename": "ExecutionStepOutputEvent", "stepKey": OP_NAME}
     ok["metadataEntries"] = [{"label": DOCUMENT_ENTRY, "jsonString": '{"status": "committed"}'}]
-    assert outcome_of("r", "SUCCESS", [ok], "u") == {"status": "committed"}
+    # Every document names the Dagster run it came from.
+    assert outcome_of("r", "SUCCESS", [ok], "u") == {
+        "status": "committed",
+        "dagsterRun": {"runId": "r", "url": "u"},
+    }
 
     def failed(entries: list[dict[str, str]], description: str = "boom") -> dict[str, Any]:
         return {
@@ -221,13 +225,13 @@ def test_remote_outcomes_map_to_the_cli_contract():
     )
     with pytest.raises(cli.InvalidInput) as info:
         outcome_of("r", "FAILURE", [invalid], "u")
-    assert (info.value.field, info.value.message) == ("policies.x", "unknown field")
+    assert (info.value.field, info.value.message) == ("policies.x", "unknown field (Dagster run r)")
     gate = failed(
         [{"label": "pcbo_outcome", "text": "blocked"}, {"label": "document", "jsonString": '{"gate": "g"}'}]
     )
     with pytest.raises(cli.Blocked) as blocked:
         outcome_of("r", "FAILURE", [gate], "u")
-    assert blocked.value.document == {"gate": "g"}
+    assert blocked.value.document == {"gate": "g", "dagsterRun": {"runId": "r", "url": "u"}}
     with pytest.raises(RemoteRunFailed, match="boom"):
         outcome_of("r", "FAILURE", [failed([])], "u")
     with pytest.raises(RemoteRunFailed, match="ended CANCELED: stopped"):
