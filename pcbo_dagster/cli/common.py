@@ -76,14 +76,16 @@ def _write_text(document: dict[str, Any], raw: Any) -> None:
     writer.detach()
 
 
-def read_input(path: str) -> tuple[bytes, Path | None]:
+def read_input(path: str, flag: str = "--input") -> tuple[bytes, Path | None]:
+    """The bytes of the file `flag` names (`-`: stdin) and its directory; `InvalidInput` naming
+    `flag` when it cannot be read."""
     try:
         if path == "-":
             return sys.stdin.buffer.read(), Path.cwd()
         file = Path(path)
         return file.read_bytes(), file.resolve().parent
     except OSError as exc:
-        raise InvalidInput("--input", f"cannot read {path}: {exc.strerror or exc}") from None
+        raise InvalidInput(flag, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def engine_settings(args: argparse.Namespace) -> Any:
@@ -133,3 +135,11 @@ def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
             "--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)"
         )
         p.add_argument("--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)")
+
+
+def add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """`--dataset` and `--version-label`: which dataset version's partitions a command works on."""
+    p.add_argument("--dataset", required=True, type=name_arg, help="the dataset name")
+    p.add_argument(
+        "--version-label", default="v1", type=name_arg, help="the dataset's version label (default v1)"
+    )

@@ -10,6 +10,7 @@ written; the document says why); 1 anything else (including verify findings and 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from pcbo_dagster.cli.common import (
     Findings,
     add_common_options,
+    add_dataset_options,
     engine_settings,
     name_arg,
     open_environment,
@@ -111,7 +113,7 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.proofs import verify_proof
 
-    raw, _ = read_input(args.proof)
+    raw, _ = read_input(args.proof, flag="--proof")
     document = verify_proof(parse_json_strict(raw, what="proof").value, root=args.root)
     if not document["valid"]:
         raise Findings(document)
@@ -328,28 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("proof", help="inclusion proof of an id, or consistency proof between versions")
     add_common_options(p)
-    p.add_argument("--dataset", required=True, type=name_arg)
-    p.add_argument("--version-label", default="v1", type=name_arg)
+    add_dataset_options(p)
     p.add_argument("--partition", required=True, help="partition key, e.g. 20240101T000000Z")
-    p.add_argument("--id")
-    p.add_argument("--from-version", type=int)
-    p.add_argument("--to-version", type=int)
+    p.add_argument("--id", help="the record id whose inclusion to prove")
+    p.add_argument("--from-version", type=int, metavar="N", help="older version (consistency proof)")
+    p.add_argument("--to-version", type=int, metavar="N", help="newer version (consistency proof)")
     p.set_defaults(func=cmd_proof)
 
     p = sub.add_parser("verify-proof", help="check a proof offline (no lake access)")
     p.add_argument("--proof", required=True, help="the proof JSON file ('-' for stdin)")
     p.add_argument("--root", help="the Merkle root you trust (default: the one in the proof)")
-    p.add_argument("--output")
+    add_common_options(p, where=False)
     p.set_defaults(func=cmd_verify_proof)
 
     p = sub.add_parser("rollback", help="undo the partitions a run wrote, or one partition")
     add_common_options(p)
-    p.add_argument("--dataset", required=True, type=name_arg)
-    p.add_argument("--version-label", default="v1", type=name_arg)
+    add_dataset_options(p)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--run-id", type=name_arg)
-    target.add_argument("--partition")
-    p.add_argument("--reason", default="requested")
+    target.add_argument("--run-id", type=name_arg, help="undo every partition this run committed")
+    target.add_argument("--partition", help="undo this partition key's current version")
+    p.add_argument("--reason", default="requested", help="why (recorded on the audit chain)")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")
@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the datasets YAML (default $PCBO_DATASETS_CONFIG, else the example shipped in the package)",
     )
-    p.add_argument("--output")
+    add_common_options(p, where=False)
     p.set_defaults(func=cmd_validate_config)
 
     p = sub.add_parser("demo-data", help="write the deterministic demo sources of the example config")
@@ -373,11 +373,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="target directory (default: where the packaged example config reads them, "
         "$PCBO_SOURCES_DIR/demo_data, else $PCBO_HOME/demo_data)",
     )
-    p.add_argument("--output")
+    add_common_options(p, where=False)
     p.set_defaults(func=cmd_demo_data)
 
     add_rollout_commands(sub)
     return parser
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command `args` was parsed for (`pcbo rollout promote`: promote's)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return _chosen_parser(chosen, args)
+    return parser
+
+
+def flag_for_field(parser: argparse.ArgumentParser, args: argparse.Namespace, field: str) -> str:
+    """The flag the user gave for an engine's input field (`by` -> `--by`, `decisionHash` ->
+    `--decision-hash`, `root` -> `--root`), so an error names what was typed; the field unchanged
+    when no flag of the command was given for it (a field of a request or config file)."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", field).lower()
+    candidates = {f"--{field}", "--" + snake.replace("_", "-")}
+    for action in _chosen_parser(parser, args)._actions:
+        given = getattr(args, action.dest, None)
+        if candidates & set(action.option_strings) and given is not None and given != action.default:
+            return action.option_strings[-1]
+    return field
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         document = args.func(args)
     except InvalidInput as exc:
-        print(f"pcbo {args.command}: invalid input: {exc}", file=sys.stderr)
+        flag = flag_for_field(parser, args, exc.field) if exc.field else exc.field
+        where = f"{flag}: " if flag else ""
+        print(f"pcbo {args.command}: invalid input: {where}{exc.message}", file=sys.stderr)
         return 2
     except Blocked as exc:
         write_output(exc.document, args.output)
