@@ -172,3 +172,20 @@ def test_a_tampered_parquet_file_is_reported_unreadable_not_as_zero_rows(execute
     findings = [f for f in gone.document["findings"] if FIRST_KEY in f["where"]]
     assert [f["kind"] for f in findings] == ["file_missing"] and "unreadable" in findings[0]["detail"]
     assert _proof(home, "--id", added).status == 1
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`pcbo dry-run ... | head`: no traceback when stdout closes early."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pcbo_dagster.cli.main", "dry-run", "--input", str(DEMO_REQUEST)],
+        env=pcbo_env(tmp_path / "home"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the document is written
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    assert "the output was closed before the whole document was written" in stderr

@@ -10,6 +10,7 @@ written; the document says why); 1 anything else (including verify findings and 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -406,6 +407,18 @@ def flag_for_field(parser: argparse.ArgumentParser, args: argparse.Namespace, fi
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except BrokenPipeError:
+        # The reader went away (`pcbo dry-run ... | head`): stop quietly, not with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        message = "the output was closed before the whole document was written"
+        print(f"pcbo {args.command}: {message}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command; print its document (or the error) and return the exit status."""
     try:
         document = args.func(args)
     except InvalidInput as exc:
