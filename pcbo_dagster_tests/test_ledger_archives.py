@@ -316,7 +316,7 @@ KEYS = ["range=5-12", "range=13-20", "range=21-26"]
 def archive_request(tmp_path) -> tuple[b.BuiltArchive, dict[str, Any]]:
     archive = b.write_archive(tmp_path / "archive", 0, 31, ledgers_per_file=4, files_per_partition=2)
     records = list(la.iter_ledger_records(str(tmp_path / "archive"), FIRST, END))
-    request = la.ledger_range_request(
+    request = b.ledger_range_request(
         records, run_id="lcm-0001", dataset="ledgers_lcm_raw", first=FIRST, end=END, partition_size=SIZE
     )
     return archive, request

@@ -425,11 +425,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         flag = flag_for_field(parser, args, exc.field) if exc.field else exc.field
         where = f"{flag}: " if flag else ""
         print(f"pcbo {args.command}: invalid input: {where}{exc.message}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except Blocked as exc:
         write_output(exc.document, args.output)
         print(f"pcbo {args.command}: blocked: {exc}", file=sys.stderr)
-        return 3
+        return exc.exit_status
     except Findings as exc:
         write_output(exc.document, args.output)
         print(f"pcbo {args.command}: not valid; see the findings", file=sys.stderr)
@@ -439,7 +439,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if document is not None:
             write_output(document, args.output)
         print(f"pcbo {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
     write_output(document, args.output)
     return 0
 

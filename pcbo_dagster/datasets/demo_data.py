@@ -23,7 +23,6 @@ Python version. `python -m pcbo_dagster.datasets.demo_data [DIRECTORY]` does the
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.core.instants import format_instant, parse_instant
+from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG, load_datasets_config
 from pcbo_dagster.io.atomic_files import replace_file
 
@@ -178,7 +178,7 @@ def demo_sessions() -> list[dict[str, Any]]:
 
 
 def _jsonl(records: list[dict[str, Any]]) -> bytes:
-    lines = [json.dumps(r, sort_keys=True, separators=(",", ":"), ensure_ascii=False) for r in records]
+    lines = [compact_text(r) for r in records]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 

@@ -51,7 +51,6 @@ from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.sources.streaming import RecordSource
 
 MAX_UINT32 = 0xFFFFFFFF
-SUFFIXES = (".xdr.zst", ".xdr.zstd")
 _MAX_CLOSE_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant pcbo can write
 _NUMBER = r"(0|[1-9][0-9]{0,9})"  # decimal as Go's %d writes it: no sign, no leading zeros
 _PARTITION_RE = re.compile(rf"^(?P<hex>[0-9A-F]{{8}})--(?P<start>{_NUMBER})-(?P<end>{_NUMBER})$")
@@ -387,32 +386,6 @@ def iter_ledger_records(
         del data
     if require_complete and expected < end:
         raise LedgerArchiveError(uri, f"ledgers {expected}-{end - 1} are missing")
-
-
-def ledger_range_request(
-    records: list[dict[str, Any]],
-    *,
-    run_id: str,
-    dataset: str,
-    first: int,
-    end: int,
-    partition_size: int,
-    version_label: str = "v1",
-) -> dict[str, Any]:
-    """A `ledgerRange` backfill request carrying `records` inline (consent required)."""
-    return {
-        "runId": run_id,
-        "dataset": dataset,
-        "versionLabel": version_label,
-        "ledgerRange": {
-            "field": "ledgerSequence",
-            "first": first,
-            "end": end,
-            "partitionSize": partition_size,
-        },
-        "policies": {"requireConsent": True},
-        "sourceRecords": records,
-    }
 
 
 #: A batch of ledger records also ends once it holds this many bytes of ledger XDR (ledgers are large).
