@@ -27,10 +27,11 @@ from typing import Any
 
 import yaml
 
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.datasets.demo_data import generate_demo_data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_CONFIG = REPO_ROOT / "examples" / "datasets.yaml"
+EXAMPLE_CONFIG = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
 REPO_INSTANCE = REPO_ROOT / "dagster.yaml"
 BIN = Path(sys.executable).parent
 EVENTS = ["events"]

@@ -162,8 +162,8 @@ def test_a_lake_that_cannot_be_written_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
-def test_a_closed_pipe_is_no_error(tmp_path):
-    """`pcbo dry-run | head -c 10`: the reader goes away; pcbo exits with its own status, quietly."""
+def test_a_closed_pipe_is_one_line_and_exit_1(tmp_path):
+    """`pcbo dry-run | head -c 10`: the reader goes away; pcbo stops with one line and exit 1."""
     request = _request(tmp_path)
     proc = subprocess.run(
         [
@@ -178,8 +178,9 @@ def test_a_closed_pipe_is_no_error(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.stdout.endswith(" 0\n"), (proc.stdout, proc.stderr)
+    assert proc.stdout.endswith(" 1\n"), (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "output was closed" in proc.stderr
 
 
 # -- secrets stay secret -------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ pytest.importorskip("dagster_webserver")
 pytest.importorskip("dagster_graphql")
 
 from pcbo_dagster.cli import main as cli  # noqa: E402
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO_ROOT / "examples" / "datasets.yaml"
+EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
 STARTUP_SECONDS = 120
 
 REQUEST = {
@@ -87,7 +88,8 @@ def _stop(process: subprocess.Popen) -> None:
             process.wait(timeout=10)
 
 
-def _run_count(url: str) -> int:
+def _run_ids(url: str) -> list[str]:
+    """The ids of the webserver's runs (all of which must have succeeded)."""
     query = "{ runsOrError { __typename ... on Runs { results { runId status } } } }"
     body = json.dumps({"query": query}).encode()
     request = urllib.request.Request(
@@ -96,7 +98,11 @@ def _run_count(url: str) -> int:
     with urllib.request.urlopen(request, timeout=30) as response:
         runs = json.loads(response.read())["data"]["runsOrError"]["results"]
     assert all(r["status"] == "SUCCESS" for r in runs), runs
-    return len(runs)
+    return [r["runId"] for r in runs]
+
+
+def _run_count(url: str) -> int:
+    return len(_run_ids(url))
 
 
 def _comparable(document: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +199,9 @@ def test_execute_dagster_runs_the_request_on_a_webserver(tmp_path, capsys):
         assert done.returncode == 0, done.stderr[-3000:] + log.read_text()[-3000:]
         remote = json.loads(done.stdout)
         assert _comparable(remote) == _comparable(local)
+        # The document names the Dagster run that did the work.
+        assert _run_ids(url) == [remote["dagsterRun"]["runId"]]
+        assert remote["dagsterRun"]["url"] == f"{url}/runs/{remote['dagsterRun']['runId']}"
         assert remote["runId"] == "submitted-001" and remote["status"] == "committed"
         assert [p["key"] for p in remote["partitions"]] == [
             "range=2-65",
@@ -214,6 +223,8 @@ def test_execute_dagster_runs_the_request_on_a_webserver(tmp_path, capsys):
         assert again.returncode == 0, again.stderr[-3000:]
         document = json.loads((tmp_path / "again.json").read_text())
         assert document["status"] == "unchanged"
+        assert document["dagsterRun"]["runId"] in _run_ids(url)
+        assert document["dagsterRun"]["runId"] != remote["dagsterRun"]["runId"]
         assert _comparable(document)["planHash"] == local["planHash"]
 
         # Invalid input is refused here, exit 2 naming the field, and nothing is submitted.

@@ -124,8 +124,10 @@ def test_services_images_and_commands(compose):
     for name in APP_SERVICES:
         build = services[name]["build"]
         assert build["context"] == "."
-        assert 'pip install --no-cache-dir -e ".[dagster]"' in build["dockerfile_inline"]
+        # A regular (not editable) install: the example datasets config is package data.
+        assert 'pip install --no-cache-dir ".[dagster]"' in build["dockerfile_inline"]
         assert "COPY pcbo_dagster" in build["dockerfile_inline"]
+        assert "examples" not in build["dockerfile_inline"]
 
     code = services["codeserver"]["command"]
     assert code[:3] == ["dagster", "code-server", "start"]
@@ -205,13 +207,17 @@ def test_environment_wiring(compose, configs):
     )
     assert postgres_env == {"POSTGRES_USER": "u", "POSTGRES_PASSWORD": "s3cret", "POSTGRES_DB": "d"}
 
-    # Runs execute in the code server: it holds PCBO_HOME (a volume) and the datasets config.
+    # Runs execute in the code server: it holds PCBO_HOME (a volume), where the packaged example
+    # config (PCBO_DATASETS_CONFIG empty unless set) finds the sources `pcbo demo-data` writes.
     code = services["codeserver"]
     env = interpolate(_env(compose, "codeserver"), full)
     volumes = {v.split(":")[1]: v.split(":")[0] for v in code["volumes"]}
     assert volumes[env["PCBO_HOME"]] == "pcbo-home" and "pcbo-home" in compose["volumes"]
-    examples_dir = next(target for target, source in volumes.items() if source == "./examples")
-    assert env["PCBO_DATASETS_CONFIG"].startswith(examples_dir + "/")
+    assert env["PCBO_DATASETS_CONFIG"] == ""
+    assert "./examples" not in volumes.values()
+    assert interpolate(_env(compose, "codeserver"), {**full, "PCBO_DATASETS_CONFIG": "/etc/d.yaml"})[
+        "PCBO_DATASETS_CONFIG"
+    ] == "/etc/d.yaml"
 
 
 def test_health_checks_and_start_order(compose):

@@ -20,6 +20,7 @@ from pcbo_dagster.dagster_defs.partitions import partitions_def_for, windows_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
 from pcbo_dagster.datasets.config import (  # noqa: E402
     CONFIG_ENV,  # noqa: E402
+    DEFAULT_DATASETS_CONFIG,  # noqa: E402
     DatasetsConfig,
     load_datasets_config,
     parse_datasets_config,
@@ -29,7 +30,7 @@ from pcbo_dagster.datasets.requests import request_groups  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO_ROOT / "examples" / "datasets.yaml"
+EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
 RANGE_START, RANGE_END = "20240101T000000Z", "20240101T050000Z"
 SIX_HOURS = [f"20240101T{h:02d}0000Z" for h in range(6)]
 CHECKS = {"reconciliation", "policy_compliance", "audit_chain"}
@@ -67,8 +68,8 @@ def _config_with(workdir: Path, text: str) -> DatasetsConfig:
 # --- the config file ----------------------------------------------------------------------------
 
 
-def test_example_config_declares_one_dataset_of_each_kind():
-    config = load_datasets_config(EXAMPLE)
+def test_example_config_declares_one_dataset_of_each_kind(tmp_path):
+    config = load_datasets_config(EXAMPLE, {"PCBO_HOME": str(tmp_path / "home")})
     kinds = {d.name: d.partitioning.kind for d in config.datasets}
     assert kinds == {"events": "time_window", "ledgers": "ledger_range", "sessions": "time_window"}
     # sessions is the staged-rollout example: staging and production assets
@@ -78,7 +79,20 @@ def test_example_config_declares_one_dataset_of_each_kind():
     events = config.dataset("events")
     assert events.partitioning.cron == "0 * * * *"
     assert events.chain_key == "events/v1" and events.pool_name == "pcbo-events"
-    assert config.source_uri(events) == str(EXAMPLE.parent / "demo_data" / "events.jsonl")
+    # The packaged example reads its sources under PCBO_HOME (never inside the installed package),
+    # or PCBO_SOURCES_DIR; its relative lakes (none) would resolve against its own directory.
+    assert config.source_uri(events) == str(tmp_path / "home" / "demo_data" / "events.jsonl")
+    assert config.base_dir == EXAMPLE.parent
+    moved = load_datasets_config(EXAMPLE, {"PCBO_SOURCES_DIR": str(tmp_path / "src")})
+    assert moved.source_uri(events) == str(tmp_path / "src" / "demo_data" / "events.jsonl")
+    # A copy of it elsewhere is an ordinary config: sources beside the copy, unless PCBO_SOURCES_DIR.
+    copy = tmp_path / "copy" / "datasets.yaml"
+    copy.parent.mkdir()
+    copy.write_bytes(EXAMPLE.read_bytes())
+    beside = load_datasets_config(copy, {})
+    assert beside.source_uri(events) == str(copy.parent / "demo_data" / "events.jsonl")
+    redirected = load_datasets_config(copy, {"PCBO_SOURCES_DIR": str(tmp_path / "src")})
+    assert redirected.source_uri(events) == str(tmp_path / "src" / "demo_data" / "events.jsonl")
     assert config.dataset("ledgers").partitioning.keys()[:2] == ["range=2-65", "range=66-129"]
 
 

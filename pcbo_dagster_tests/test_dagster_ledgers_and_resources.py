@@ -22,7 +22,11 @@ from pcbo_dagster.dagster_defs.resources import (  # noqa: E402
     PcboEngineResource,
     SourcesResource,
 )
-from pcbo_dagster.datasets.config import DatasetsConfig, load_datasets_config  # noqa: E402
+from pcbo_dagster.datasets.config import (  # noqa: E402
+    DEFAULT_DATASETS_CONFIG,  # noqa: E402
+    DatasetsConfig,
+    load_datasets_config,
+)
 from pcbo_dagster.datasets.demo_data import demo_ledgers, generate_demo_data  # noqa: E402
 from pcbo_dagster.datasets.requests import (  # noqa: E402
     build_ledger_request,
@@ -33,7 +37,7 @@ from pcbo_dagster.engine.request_loading import evaluate, load_request  # noqa: 
 from pcbo_dagster.engine.verify import verify  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO_ROOT / "examples" / "datasets.yaml"
+EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
 LEDGER_KEYS = [f"range={2 + 64 * i}-{65 + 64 * i}" for i in range(10)]
 CHECKS = {"reconciliation", "policy_compliance", "audit_chain"}
 PCBO_VARS = (

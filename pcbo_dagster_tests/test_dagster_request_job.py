@@ -25,10 +25,12 @@ from pcbo_dagster.dagster_defs.remote import (  # noqa: E402
     outcome_of,
 )
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
+from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO_ROOT / "examples" / "datasets.yaml"
+EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
 
 EVENTS_REQUEST = {
     "runId": "job-run-001",
@@ -200,7 +202,11 @@ def test_invalid_requests_and_gates_fail_the_job_naming_the_field_and_write_noth
 def test_remote_outcomes_map_to_the_cli_contract():
     ok = {"__typename": "ExecutionStepOutputEvent", "stepKey": OP_NAME}
     ok["metadataEntries"] = [{"label": DOCUMENT_ENTRY, "jsonString": '{"status": "committed"}'}]
-    assert outcome_of("r", "SUCCESS", [ok], "u") == {"status": "committed"}
+    # Every document names the Dagster run it came from.
+    assert outcome_of("r", "SUCCESS", [ok], "u") == {
+        "status": "committed",
+        "dagsterRun": {"runId": "r", "url": "u"},
+    }
 
     def failed(entries: list[dict[str, str]], description: str = "boom") -> dict[str, Any]:
         return {
@@ -219,13 +225,13 @@ def test_remote_outcomes_map_to_the_cli_contract():
     )
     with pytest.raises(cli.InvalidInput) as info:
         outcome_of("r", "FAILURE", [invalid], "u")
-    assert (info.value.field, info.value.message) == ("policies.x", "unknown field")
+    assert (info.value.field, info.value.message) == ("policies.x", "unknown field (Dagster run r)")
     gate = failed(
         [{"label": "pcbo_outcome", "text": "blocked"}, {"label": "document", "jsonString": '{"gate": "g"}'}]
     )
     with pytest.raises(cli.Blocked) as blocked:
         outcome_of("r", "FAILURE", [gate], "u")
-    assert blocked.value.document == {"gate": "g"}
+    assert blocked.value.document == {"gate": "g", "dagsterRun": {"runId": "r", "url": "u"}}
     with pytest.raises(RemoteRunFailed, match="boom"):
         outcome_of("r", "FAILURE", [failed([])], "u")
     with pytest.raises(RemoteRunFailed, match="ended CANCELED: stopped"):
@@ -323,7 +329,7 @@ def test_validate_config_refuses_a_bad_file_naming_the_field(workdir, capsys, ch
     assert status == 2 and "no such file" in err
 
 
-def test_demo_data_is_deterministic_and_lands_beside_the_example_config(tmp_path, capsys):
+def test_demo_data_is_deterministic(tmp_path, capsys):
     first = _run_cli(["demo-data", "--dir", str(tmp_path / "a")], capsys)
     second = _run_cli(
         ["demo-data", "--dir", str(tmp_path / "b"), "--output", str(tmp_path / "b.json")], capsys
@@ -340,4 +346,35 @@ def test_demo_data_is_deterministic_and_lands_beside_the_example_config(tmp_path
             path.parent == tmp_path / "a" and path.read_bytes() == (tmp_path / "b" / path.name).read_bytes()
         )
     assert first[1]["files"][1]["records"] == 640
-    assert cli.DEFAULT_DEMO_DIR == EXAMPLE.parent / "demo_data"
+
+
+def test_demo_data_lands_where_the_packaged_example_config_reads_it(tmp_path):
+    """Without --dir: $PCBO_HOME/demo_data (PCBO_SOURCES_DIR moves it), where the packaged config looks."""
+    home = tmp_path / "home"
+    before = run_pcbo(["validate-config"], home=home, cwd=tmp_path)
+    assert before.status == 0, before.stderr
+    assert before.document["config"] == str(EXAMPLE) and before.document["sourcesDir"] == str(home)
+    assert [d["source"]["present"] for d in before.document["datasets"]] == [False, False, False]
+
+    written = run_pcbo(["demo-data"], home=home, cwd=tmp_path)
+    assert written.status == 0, written.stderr
+    assert written.document["directory"] == str(home / "demo_data")
+    after = run_pcbo(["validate-config"], home=home, cwd=tmp_path)
+    sources = {d["source"]["uri"] for d in after.document["datasets"]}
+    assert sources == {f["path"] for f in written.document["files"]}
+    assert all(d["source"]["present"] for d in after.document["datasets"])
+    assert not (EXAMPLE.parent / "demo_data").exists()
+
+    elsewhere = tmp_path / "sources"
+    moved = run_pcbo(["demo-data"], home=home, cwd=tmp_path, env={"PCBO_SOURCES_DIR": str(elsewhere)})
+    assert moved.document["directory"] == str(elsewhere / "demo_data")
+    checked = run_pcbo(["validate-config"], home=home, cwd=tmp_path, env={"PCBO_SOURCES_DIR": str(elsewhere)})
+    assert checked.document["sourcesDir"] == str(elsewhere)
+    assert all(d["source"]["present"] for d in checked.document["datasets"])
+
+    # Unwritable: exit 2 naming --dir, no traceback.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    refused = run_pcbo(["demo-data", "--dir", str(blocker / "demo")], home=home, cwd=tmp_path)
+    assert refused.status == 2 and "invalid input: --dir: " in refused.stderr
+    assert "Traceback" not in refused.stderr and refused.document is None

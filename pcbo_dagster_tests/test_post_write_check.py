@@ -75,3 +75,26 @@ def test_a_bad_written_partition_is_undone_audited_and_fails_the_run(tmp_path: P
     assert cli.main(["verify", "--home", str(home), "--output", str(tmp_path / "v.json")]) == 0
     assert cli.main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)]) == 0
     assert (lake / "20240101T010000Z" / "_manifest.json").exists()
+
+
+def test_a_file_read_back_damaged_is_unreadable_not_zero_rows(tmp_path: Path, monkeypatch) -> None:
+    from pcbo_dagster.lake.storage import LakeStorage
+
+    real_read = LakeStorage.read
+
+    def damaging_read(self, rel):  # the storage hands back other bytes than were written
+        data = real_read(self, rel)
+        return data[:-8] + b"\0" * 8 if "20240101T010000Z/part-" in rel else data
+
+    monkeypatch.setattr(LakeStorage, "read", damaging_read)
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps(REQUEST))
+    out = tmp_path / "out.json"
+    home = tmp_path / "home"
+    status = cli.main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)])
+    assert status == 1
+    checks = json.loads(out.read_text())["reconciliation"]["partitions"]
+    check = next(c for c in checks if c["key"] == "20240101T010000Z")
+    assert check["status"] == "failed"
+    assert len(check["findings"]) == 1 and "unreadable: its checksum differs" in check["findings"][0]
+    assert not any("rows written (0)" in f for f in check["findings"])

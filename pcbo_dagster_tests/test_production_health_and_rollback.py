@@ -502,7 +502,7 @@ def test_bad_rollback_requests(world: World) -> None:
         rollback_rollout(
             world.config, world.dataset, world.envs, "production", rollout="r1", actor="", reason="x", now=T0
         )
-    assert caught.value.field == "actor"
+    assert caught.value.field == "by"  # the flag and the rollback job config call it by
     assert verify(world.envs.production)["findings"] == []
     assert world.chain_events(world.envs.production, "partition_rolled_back") == []
 

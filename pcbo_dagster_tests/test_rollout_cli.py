@@ -126,7 +126,7 @@ def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
     assert history.index("pause_requested") < history.index("paused") < history.index("resume_requested")
 
     # The gate holds: soak not passed, no approval (exit 3, every reason in the document).
-    blocked = pcbo(workdir, "rollout", "promote", "r1", "--config", "datasets.yaml")
+    blocked = pcbo(workdir, "rollout", "promote", "r1", "--by", "dee", "--config", "datasets.yaml")
     assert blocked.status == 3
     reasons = " ".join(blocked.document["reasons"])
     assert "soak" in reasons and "no approval yet" in reasons
@@ -146,9 +146,10 @@ def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
         "--config",
         "datasets.yaml",
     )
-    assert wrong.status == 2 and "decisionHash" in wrong.stderr
+    # Errors name the flag the user typed.
+    assert wrong.status == 2 and "invalid input: --decision-hash: " in wrong.stderr
     blank = pcbo(workdir, "approve", "r1", "--by", " ", "--reason", "ok", "--config", "datasets.yaml")
-    assert blank.status == 2 and "by" in blank.stderr
+    assert blank.status == 2 and "invalid input: --by: " in blank.stderr
     unknown = pcbo(workdir, "reject", "nope", "--by", "cy", "--reason", "x", "--config", "datasets.yaml")
     assert unknown.status == 2 and "rollout" in unknown.stderr
     staged = status_of(workdir, "r1")["rollout"]["decision_hash"]
@@ -167,7 +168,7 @@ def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
     )
     assert approved.status == 0, approved.stderr
     assert approved.document["decision"] == "approved" and approved.document["decisionHash"] == staged
-    again = pcbo(workdir, "rollout", "promote", "r1", "--config", "datasets.yaml")
+    again = pcbo(workdir, "rollout", "promote", "r1", "--by", "dee", "--config", "datasets.yaml")
     assert again.status == 3 and not any("approval" in r for r in again.document["reasons"])
 
 
@@ -231,7 +232,7 @@ def test_bad_range_is_refused_naming_the_field(workdir: Path) -> None:
         "--by",
         "ana",
     )
-    assert result.status == 2 and "from" in result.stderr
+    assert result.status == 2 and "invalid input: --from: " in result.stderr
     assert not (workdir / "home" / "staging" / "lake").exists() or committed(workdir) == 0
     backwards = pcbo(
         workdir,
@@ -248,9 +249,9 @@ def test_bad_range_is_refused_naming_the_field(workdir: Path) -> None:
         "--by",
         "ana",
     )
-    assert backwards.status == 2 and "to" in backwards.stderr
+    assert backwards.status == 2 and "invalid input: --to: " in backwards.stderr
     no_rollout = pcbo(workdir, "rollout", "health", "--config", "datasets.yaml", "--dataset", "nope")
-    assert no_rollout.status == 2 and "dataset" in no_rollout.stderr
+    assert no_rollout.status == 2 and "invalid input: --dataset: " in no_rollout.stderr
 
 
 def test_an_unknown_rollout_is_refused_and_nothing_is_written(workdir: Path) -> None:
@@ -266,3 +267,57 @@ def test_an_unknown_rollout_is_refused_and_nothing_is_written(workdir: Path) -> 
     listed = run_pcbo(["rollout", "list"], home=home, cwd=workdir)
     assert listed.status == 0 and listed.document == {"rollouts": []}
     assert not home.exists()
+
+
+QUICK_SOAK_CONFIG = CONFIG.replace("throttle: {partitionsPerMinute: 30}", "throttle: {}").replace(
+    "soak: {windowMinutes: 30}", "soak: {windowMinutes: 0.02}"
+)
+
+
+def test_promote_records_who_promoted_and_the_summary_names_real_commands(workdir: Path) -> None:
+    """`rollout promote --by` like approve: who promoted is on the audit chain and in the rollout log;
+    every command the backfill summary tells the operator to run is one `pcbo` accepts."""
+    import shlex
+
+    from pcbo_dagster.cli.main import build_parser
+
+    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    config = ("--config", "datasets.yaml")
+    window = ("--from", KEYS[0], "--to", KEYS[-1])
+    started = pcbo(
+        workdir, "rollout", "start", *config, "--dataset", "sessions", *window, "--name", "r3", "--by", "ana"
+    )
+    assert started.status == 0, started.stderr
+    summary = (workdir / "home" / "reports" / "rollouts" / "r3" / "backfill_summary.md").read_text()
+    commands = [c for c in summary.split("`") if c.startswith("pcbo ")]
+    assert any(c.startswith("pcbo approve r3 ") for c in commands), summary
+    assert any(c.startswith("pcbo rollout promote r3 ") for c in commands), summary
+    for command in commands:  # argparse exits (SystemExit) on a command it does not know
+        build_parser().parse_args(shlex.split(command)[1:])
+
+    time.sleep(1.3)  # the soak window (0.02 minutes) ends; one evaluation after it passes the soak
+    assert pcbo(workdir, "rollout", "soak", "r3", *config).status == 0
+    approved = pcbo(workdir, "approve", "r3", "--by", "cy", "--reason", "numbers reviewed", *config)
+    assert approved.status == 0, approved.stderr
+
+    unnamed = pcbo(workdir, "rollout", "promote", "r3", *config)
+    assert unnamed.status == 2 and "--by" in unnamed.stderr and "Traceback" not in unnamed.stderr
+    blank = pcbo(workdir, "rollout", "promote", "r3", "--by", " ", *config)
+    assert blank.status == 2 and "invalid input: --by: " in blank.stderr
+    assert not list((workdir / "home" / "lake").rglob("_manifest.json"))
+
+    promoted = pcbo(workdir, "rollout", "promote", "r3", "--by", "dee", *config)
+    assert promoted.status == 0, promoted.stderr
+    assert promoted.document["by"] == "dee" and promoted.document["status"] == "promoted"
+    assert len(list((workdir / "home" / "lake").rglob("_manifest.json"))) == 4
+    entry = next(h for h in status_of(workdir, "r3")["history"] if h["kind"] == "promoted")
+    assert entry["actor"] == "dee" and entry["detail"]["promotedBy"] == "dee"
+    assert entry["detail"]["approvedBy"] == "cy"
+    chain = [json.loads(line) for line in (workdir / "home" / "pas" / "sessions" / "v1.jsonl").open()]
+    event = chain[-1]
+    assert event["event_type"] == "rollout_promoted" and event["by"] == "dee"
+    assert event["approved_by"] == "cy" and event["complete"] is True
+    assert event["chain"]["event_hash"] == promoted.document["auditEventHash"]
+    assert event["partition_keys"] == KEYS and event["rollout"]["name"] == "r3"
+    verified = run_pcbo(["verify"], home=workdir / "home", cwd=workdir)
+    assert verified.status == 0 and verified.document["findings"] == []

@@ -205,7 +205,7 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
     staging_files = {p.name: p.read_bytes() for p in (d.home / "staging" / "lake").rglob("*.parquet")}
     production_files = {p.name: p.read_bytes() for p in (d.home / "lake").rglob("*.parquet")}
     assert staging_files == production_files and len(production_files) == 4
-    # The production audit chain records who rejected and who approved what.
+    # The production audit chain records who rejected, who approved and who promoted what.
     chain = env.audit.backup.read_chain("sessions/v1")
     decisions = [
         (e["event_type"], e.get("by"), e.get("decision_hash"))
@@ -215,7 +215,9 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
     assert decisions == [
         ("rollout_rejected", "bo", rollout["decision_hash"]),
         ("rollout_approved", "cy", rollout["decision_hash"]),
+        ("rollout_promoted", "sensor rollout_promotion", rollout["decision_hash"]),
     ]
+    assert store.history("r1")[-1]["actor"] == "sensor rollout_promotion"
     assert _skip_text(d.tick()) == "no rollout is halted for review"
 
     # 6. Production health: a deliberately removed partition is found and planned, exactly it.

@@ -169,7 +169,7 @@ def test_a_row_in_rollout_approvals_alone_opens_no_gate(tmp_path: Path, before: 
     assert any(expected in reason for reason in gate["reasons"]), gate["reasons"]
     assert "mallory" not in json.dumps(gate)
     with pytest.raises(Blocked):
-        operations.promote(config, base, "r", clock=clock)
+        operations.promote(config, base, "r", by="cy", clock=clock)
 
 
 def _approved_rollout(tmp_path: Path) -> tuple[object, Settings, ManualClock]:
@@ -185,7 +185,7 @@ def _approved_rollout(tmp_path: Path) -> tuple[object, Settings, ManualClock]:
 
 def _promote_until(config: object, base: Settings, clock: ManualClock, failpoint: str) -> None:
     os.environ["PCBO_FAILPOINT"] = failpoint
-    operations.promote(config, base, "r", clock=clock)
+    operations.promote(config, base, "r", by="cy", clock=clock)
 
 
 @pytest.mark.slow
@@ -198,7 +198,7 @@ def test_a_promotion_killed_at_any_step_is_completed_by_promoting_again(tmp_path
     reference = tmp_path / "reference"
     reference.mkdir()
     config, base, clock = _approved_rollout(reference)
-    operations.promote(config, base, "r", clock=clock)
+    operations.promote(config, base, "r", by="cy", clock=clock)
     expected = lake_files(base.home)
 
     crashed = tmp_path / "crashed"
@@ -210,7 +210,7 @@ def test_a_promotion_killed_at_any_step_is_completed_by_promoting_again(tmp_path
     child.start()
     child.join(timeout=300)
     assert child.exitcode == 86
-    result = operations.promote(config, base, "r", clock=clock)
+    result = operations.promote(config, base, "r", by="cy", clock=clock)
     assert result["status"] == "promoted"
     assert lake_files(base.home) == expected
     assert run_pcbo(["verify"], home=base.home).status == 0

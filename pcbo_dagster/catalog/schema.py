@@ -231,7 +231,7 @@ dataset_leases = Table(
 # --- staged rollouts (migration 0003) ---------------------------------------------------------
 
 ROLLOUT_STATUSES = (
-    "applying",  # staging apply running (or interrupted: `pcbo rollout apply` resumes it)
+    "applying",  # staging apply running (or interrupted: `pcbo rollout start` of it resumes it)
     "paused",  # staging apply waiting between partitions until resumed
     "cancelled",  # staging apply stopped for good (what it committed stays until rolled back)
     "soaking",  # staging applied; halted for review while the soak monitor evaluates it

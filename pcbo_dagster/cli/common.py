@@ -15,7 +15,6 @@ from typing import Any
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import streamed_text
 from pcbo_dagster.core.request_model import NAME_PATTERN
-from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.io.atomic_files import replacing
 from pcbo_dagster.io.env_vars import plain_path
 
@@ -65,14 +64,16 @@ def _write_text(document: dict[str, Any], raw: Any) -> None:
     writer.detach()
 
 
-def read_input(path: str) -> tuple[bytes, Path | None]:
+def read_input(path: str, flag: str = "--input") -> tuple[bytes, Path | None]:
+    """The bytes of the file `flag` names (`-`: stdin) and its directory; `InvalidInput` naming
+    `flag` when it cannot be read."""
     try:
         if path == "-":
             return sys.stdin.buffer.read(), Path.cwd()
         file = Path(path)
         return file.read_bytes(), file.resolve().parent
     except OSError as exc:
-        raise InvalidInput("--input", f"cannot read {path}: {exc.strerror or exc}") from None
+        raise InvalidInput(flag, f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def engine_settings(args: argparse.Namespace) -> Any:
@@ -99,10 +100,6 @@ def open_environment(args: argparse.Namespace, create: bool = True) -> Iterator[
         yield env
     finally:
         env.close()
-
-
-#: Where `pcbo demo-data` writes by default: beside the example config, where it looks for its sources.
-DEFAULT_DEMO_DIR = DEFAULT_DATASETS_CONFIG.parent / "demo_data"
 
 
 class Findings(Exception):
@@ -139,3 +136,11 @@ def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
             "--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)"
         )
         p.add_argument("--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)")
+
+
+def add_dataset_options(p: argparse.ArgumentParser) -> None:
+    """`--dataset` and `--version-label`: which dataset version's partitions a command works on."""
+    p.add_argument("--dataset", required=True, type=name_arg, help="the dataset name")
+    p.add_argument(
+        "--version-label", default="v1", type=name_arg, help="the dataset's version label (default v1)"
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from pcbo_dagster.cli.common import (
-    DEFAULT_DEMO_DIR,
     Findings,
     add_common_options,
+    add_dataset_options,
     check_output_target,
     engine_settings,
     name_arg,
@@ -118,7 +119,7 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.proofs import verify_proof
 
-    raw, _ = read_input(args.proof)
+    raw, _ = read_input(args.proof, flag="--proof")
     document = verify_proof(parse_json_strict(raw, what="proof").value, root=args.root)
     if not document["valid"]:
         raise Findings(document)
@@ -248,6 +249,7 @@ def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "status": "valid",
         "config": str(path.resolve()),
+        "sourcesDir": str(config.sources_dir),
         "datasets": datasets,
         "totals": {
             "datasets": len(datasets),
@@ -259,9 +261,9 @@ def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
     import hashlib
 
-    from pcbo_dagster.datasets.demo_data import generate_demo_data
+    from pcbo_dagster.datasets.demo_data import example_sources_dir, generate_demo_data
 
-    directory = Path(args.dir) if args.dir else DEFAULT_DEMO_DIR
+    directory = Path(args.dir) if args.dir else example_sources_dir()
     try:
         paths = generate_demo_data(directory)
     except OSError as exc:
@@ -331,30 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("proof", help="inclusion proof of an id, or consistency proof between versions")
     add_common_options(p)
-    p.add_argument("--dataset", required=True, type=name_arg)
-    p.add_argument("--version-label", default="v1", type=name_arg)
+    add_dataset_options(p)
     p.add_argument(
         "--partition", required=True, type=partition_key_arg, help="partition key, e.g. 20240101T000000Z"
     )
-    p.add_argument("--id")
-    p.add_argument("--from-version", type=int)
-    p.add_argument("--to-version", type=int)
+    p.add_argument("--id", help="the record id whose inclusion to prove")
+    p.add_argument("--from-version", type=int, metavar="N", help="older version (consistency proof)")
+    p.add_argument("--to-version", type=int, metavar="N", help="newer version (consistency proof)")
     p.set_defaults(func=cmd_proof)
 
     p = sub.add_parser("verify-proof", help="check a proof offline (no lake access)")
     p.add_argument("--proof", required=True, help="the proof JSON file ('-' for stdin)")
     p.add_argument("--root", help="the Merkle root you trust (default: the one in the proof)")
-    p.add_argument("--output")
+    add_common_options(p, where=False)
     p.set_defaults(func=cmd_verify_proof)
 
     p = sub.add_parser("rollback", help="undo the partitions a run wrote, or one partition")
     add_common_options(p)
-    p.add_argument("--dataset", required=True, type=name_arg)
-    p.add_argument("--version-label", default="v1", type=name_arg)
+    add_dataset_options(p)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--run-id", type=name_arg)
+    target.add_argument("--run-id", type=name_arg, help="undo every partition this run committed")
     target.add_argument(
-        "--partition", type=partition_key_arg, help="the partition key whose current version is undone"
+        "--partition", type=partition_key_arg, help="undo this partition key's current version"
     )
     p.add_argument(
         "--version",
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --partition: undo this version, when it is current (how to roll back further on purpose: "
         "a second --partition alone is a no-op)",
     )
-    p.add_argument("--reason", default="requested", help="why (recorded in the audit event)")
+    p.add_argument("--reason", default="requested", help="why (recorded on the audit chain)")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")
@@ -375,65 +375,95 @@ def build_parser() -> argparse.ArgumentParser:
         "file",
         nargs="?",
         metavar="FILE",
-        help="the datasets YAML (default $PCBO_DATASETS_CONFIG, else examples/datasets.yaml)",
+        help="the datasets YAML (default $PCBO_DATASETS_CONFIG, else the example shipped in the package)",
     )
-    p.add_argument("--output")
+    add_common_options(p, where=False)
     p.set_defaults(func=cmd_validate_config)
 
     p = sub.add_parser("demo-data", help="write the deterministic demo sources of the example config")
-    p.add_argument("--dir", help="target directory (default examples/demo_data, beside the example config)")
-    p.add_argument("--output")
+    p.add_argument(
+        "--dir",
+        help="target directory (default: where the packaged example config reads them, "
+        "$PCBO_SOURCES_DIR/demo_data, else $PCBO_HOME/demo_data)",
+    )
+    add_common_options(p, where=False)
     p.set_defaults(func=cmd_demo_data)
 
     add_rollout_commands(sub)
     return parser
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command `args` was parsed for (`pcbo rollout promote`: promote's)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return _chosen_parser(chosen, args)
+    return parser
+
+
+def flag_for_field(parser: argparse.ArgumentParser, args: argparse.Namespace, field: str) -> str:
+    """The flag the user gave for an engine's input field (`by` -> `--by`, `decisionHash` ->
+    `--decision-hash`, `root` -> `--root`), so an error names what was typed; the field unchanged
+    when no flag of the command was given for it (a field of a request or config file)."""
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", field).lower()
+    candidates = {f"--{field}", "--" + snake.replace("_", "-")}
+    for action in _chosen_parser(parser, args)._actions:
+        given = getattr(args, action.dest, None)
+        if candidates & set(action.option_strings) and given is not None and given != action.default:
+            return action.option_strings[-1]
+    return field
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and the documented exit status (no
-    traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else."""
+    traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else. A reader
+    that goes away (`pcbo verify | head`) ends the command with one line and exit status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        return _run(parser, args)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more goes to it
+        message = "the output was closed before the whole document was written"
+        print(f"pcbo {args.command}: {message}", file=sys.stderr)
+        return 1
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command; print its document (or the error) and return the exit status."""
+    try:
         check_output_target(args.output)
         document = args.func(args)
-        return _emit(document, args.output, 0)
+        write_output(document, args.output)
+        return 0
     except InvalidInput as exc:
-        print(f"pcbo {args.command}: invalid input: {exc}", file=sys.stderr)
+        flag = flag_for_field(parser, args, exc.field) if exc.field else exc.field
+        where = f"{flag}: " if flag else ""
+        print(f"pcbo {args.command}: invalid input: {where}{exc.message}", file=sys.stderr)
         return exc.exit_status
     except Blocked as exc:
         print(f"pcbo {args.command}: blocked: {exc}", file=sys.stderr)
-        return _emit(exc.document, args.output, exc.exit_status)
+        write_output(exc.document, args.output)
+        return exc.exit_status
     except Findings as exc:
         print(f"pcbo {args.command}: not valid; see the findings", file=sys.stderr)
-        return _emit(exc.document, args.output, 1)
+        write_output(exc.document, args.output)
+        return 1
     except PcboError as exc:
         print(f"pcbo {args.command}: {scrub_text(str(exc))}", file=sys.stderr)
         document = getattr(exc, "document", None)
-        return _emit(document, args.output, exc.exit_status) if document is not None else exc.exit_status
+        if document is not None:
+            write_output(document, args.output)
+        return exc.exit_status
     except BrokenPipeError:
-        return _closed_pipe(1)
+        raise
     except (OSError, SQLAlchemyError) as exc:
         if os.environ.get("PCBO_DEBUG"):
             raise
         print(f"pcbo {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
-
-
-def _emit(document: Any, output: str | None, status: int) -> int:
-    """Write the command's document; a reader that went away (`pcbo verify | head`) is no error."""
-    try:
-        write_output(document, output)
-    except BrokenPipeError:
-        return _closed_pipe(status)
-    return status
-
-
-def _closed_pipe(status: int) -> int:
-    # Whatever is still buffered for the closed pipe goes nowhere, and Python's exit flush stays quiet.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return status
 
 
 def _one_line(exc: BaseException) -> str:

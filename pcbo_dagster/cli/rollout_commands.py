@@ -6,14 +6,14 @@
     pcbo rollout status R     the rollout, its history, soak state and promotion gate
     pcbo rollout list [--dataset D]
     pcbo rollout soak [R ...]                 one soak-monitor evaluation now (what the schedule runs)
-    pcbo rollout promote R                    promote to production if the gate is open (exit 3 if not)
+    pcbo rollout promote R --by WHO           promote to production if the gate is open (exit 3 if not)
     pcbo rollout rollback (R | --dataset D --from KEY --to KEY) --stage staging|production
                           --by WHO --reason TEXT
     pcbo rollout health --dataset D [--launch]  production health report and mini backfill plan
     pcbo approve R --by WHO --reason TEXT [--decision-hash H]
     pcbo reject  R --by WHO --reason TEXT
 
-The datasets config is `--config`, else `PCBO_DATASETS_CONFIG`, else `examples/datasets.yaml`; the
+The datasets config is `--config`, else `PCBO_DATASETS_CONFIG`, else the example shipped in the package; the
 engine settings (`--home`, `--catalog`, ...) are the production environment's, and staging sits beside
 it (`rollout/environments.py`).
 """
@@ -88,7 +88,7 @@ def cmd_soak(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.rollout import operations
 
-    return operations.promote(_config(args), engine_settings(args), args.rollout)
+    return operations.promote(_config(args), engine_settings(args), args.rollout, by=args.by)
 
 
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,13 +127,22 @@ def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _rollout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("rollout", metavar="ROLLOUT", help="the rollout's name (see `pcbo rollout list`)")
+
+
+def _by(p: argparse.ArgumentParser, who: str) -> None:
+    p.add_argument("--by", required=True, help=f"who {who} (a name or an e-mail address; recorded)")
+
+
 def add_rollout_commands(sub: Any) -> None:
     """Add `rollout`, `approve` and `reject` to the `pcbo` parser."""
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         add_common_options(p)
         p.add_argument(
-            "--config", help="the datasets YAML (PCBO_DATASETS_CONFIG; default examples/datasets.yaml)"
+            "--config",
+            help="the datasets YAML (PCBO_DATASETS_CONFIG; default the example shipped in the package)",
         )
         return p
 
@@ -143,11 +152,11 @@ def add_rollout_commands(sub: Any) -> None:
     actions = rollout.add_subparsers(dest="rollout_command", required=True)
 
     p = with_config(actions.add_parser("start", help="apply a range of partitions to staging (throttled)"))
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="the configured dataset (it must have a rollout block)")
     p.add_argument("--from", dest="first", required=True, metavar="KEY", help="first partition key")
     p.add_argument("--to", dest="last", required=True, metavar="KEY", help="last partition key (included)")
     p.add_argument("--name", help="rollout name (default <dataset>-<from>-<to>)")
-    p.add_argument("--by", required=True, help="who starts it")
+    _by(p, "starts it")
     p.add_argument("--partitions-per-minute", type=float, help="override the dataset's throttle")
     p.add_argument("--records-per-minute", type=float, help="override the dataset's throttle")
     p.add_argument(
@@ -158,40 +167,45 @@ def add_rollout_commands(sub: Any) -> None:
     for action in ("pause", "resume", "cancel"):
         p = actions.add_parser(action, help=f"{action} a running staging apply (between partitions)")
         add_common_options(p)
-        p.add_argument("rollout")
-        p.add_argument("--by", required=True)
-        p.add_argument("--reason", default="")
+        _rollout_arg(p)
+        _by(p, f"asks to {action}")
+        p.add_argument("--reason", default="", help="why (recorded in the rollout log)")
         p.set_defaults(func=cmd_control, action=action)
 
     p = with_config(actions.add_parser("status", help="a rollout's state, history, soak and gate"))
-    p.add_argument("rollout")
+    _rollout_arg(p)
     p.set_defaults(func=cmd_status)
 
     p = actions.add_parser("list", help="all rollouts")
     add_common_options(p)
-    p.add_argument("--dataset")
+    p.add_argument("--dataset", help="only this dataset's rollouts")
     p.set_defaults(func=cmd_list)
 
     p = with_config(actions.add_parser("soak", help="evaluate soaking rollouts now (what the schedule runs)"))
-    p.add_argument("rollouts", nargs="*", metavar="ROLLOUT")
+    p.add_argument(
+        "rollouts", nargs="*", metavar="ROLLOUT", help="the rollouts to evaluate (default: every soaking one)"
+    )
     p.set_defaults(func=cmd_soak)
 
     p = with_config(actions.add_parser("promote", help="promote to production when the gate is open"))
-    p.add_argument("rollout")
+    _rollout_arg(p)
+    _by(p, "promotes")
     p.set_defaults(func=cmd_promote)
 
     p = with_config(actions.add_parser("rollback", help="roll back a rollout or a partition range"))
-    p.add_argument("rollout", nargs="?")
-    p.add_argument("--dataset")
-    p.add_argument("--from", dest="first", metavar="KEY")
-    p.add_argument("--to", dest="last", metavar="KEY")
-    p.add_argument("--stage", required=True, choices=("staging", "production"))
-    p.add_argument("--by", required=True)
-    p.add_argument("--reason", required=True)
+    p.add_argument(
+        "rollout", nargs="?", metavar="ROLLOUT", help="the rollout to roll back (or --dataset --from --to)"
+    )
+    p.add_argument("--dataset", help="roll back a partition range of this dataset instead of a rollout")
+    p.add_argument("--from", dest="first", metavar="KEY", help="first partition key of the range")
+    p.add_argument("--to", dest="last", metavar="KEY", help="last partition key of the range (included)")
+    p.add_argument("--stage", required=True, choices=("staging", "production"), help="which environment")
+    _by(p, "rolls back")
+    p.add_argument("--reason", required=True, help="why (recorded on the audit chain)")
     p.set_defaults(func=cmd_rollback)
 
     p = with_config(actions.add_parser("health", help="production health check and mini backfill plan"))
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="the rollout dataset to check in production")
     p.add_argument("--launch", action="store_true", help="run the mini backfill it plans")
     p.set_defaults(func=cmd_health)
 
@@ -200,9 +214,9 @@ def add_rollout_commands(sub: Any) -> None:
         ("reject", "reject a rollout"),
     ):
         p = with_config(sub.add_parser(command, help=help_text))
-        p.add_argument("rollout")
-        p.add_argument("--by", required=True, help="who decides")
-        p.add_argument("--reason", required=True, help="why")
+        _rollout_arg(p)
+        _by(p, "decides")
+        p.add_argument("--reason", required=True, help="why (recorded on the audit chain)")
         if command == "approve":
             p.add_argument("--decision-hash", help="the decision hash you approve (default: the staged one)")
         p.set_defaults(func=cmd_decide)

@@ -1,9 +1,10 @@
 """The pcbo code location: `Definitions` built from the datasets config file.
 
 The file is named by `PCBO_DATASETS_CONFIG` (default: the datasets config shipped with the package,
-`pcbo_dagster/datasets/examples/datasets.yaml`); relative source and lake paths in it resolve against
-its directory. A bad file refuses to load: the code location shows the `InvalidInput` naming the field
-(`datasets[1].partitioning.cron: ...`).
+`pcbo_dagster/datasets/examples/datasets.yaml`); relative lake paths in it resolve against its
+directory, relative source paths against its `sources_dir` (`datasets/config.py`: `PCBO_SOURCES_DIR`,
+else the file's directory, or `PCBO_HOME` for the packaged example). A bad file refuses to load:
+the code location shows the `InvalidInput` naming the field (`datasets[1].partitioning.cron: ...`).
 
 Grouped by domain, each with its assets, checks, jobs, sensors and schedules side by side, merged here
 with the one `pcbo` resource (`PcboEngineResource`, bound to the `PCBO_*` variables that are set):
@@ -54,7 +55,7 @@ def build_definitions(
         config = load_datasets_config_from_env(config)
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
-    jobs: list = [build_request_job(config.base_dir)]
+    jobs: list = [build_request_job(config.sources_dir)]
     sensors: list[dg.SensorDefinition] = [build_alerts_sensor()]
     schedules: list[dg.ScheduleDefinition] = []
     soak_checks: list[dg.AssetChecksDefinition] = []

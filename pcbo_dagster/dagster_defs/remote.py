@@ -4,7 +4,8 @@ The request runs as a `pcbo_request` run (`backfill/jobs.py`) of the code locati
 submitted through `dagster_graphql.DagsterGraphQLClient`; the run is polled with `get_run_status`
 until it finishes, then its event log is read through the webserver's GraphQL API: the step output's
 `execute_document` metadata (success) or the step failure's metadata (`pcbo_outcome`, `field`,
-`message`, `document`) becomes what a local `pcbo execute` would have printed and exited with:
+`message`, `document`) becomes what a local `pcbo execute` would have printed and exited with, plus
+`dagsterRun: {runId, url}` naming the run (the run id is also in every error message):
 
 | run outcome                               | raised here (CLI exit)                                  |
 |-------------------------------------------|---------------------------------------------------------|
@@ -154,12 +155,14 @@ def run_events(server: Webserver, run_id: str) -> list[dict[str, Any]]:
 
 
 def outcome_of(run_id: str, status: str, events: list[dict[str, Any]], run_url: str) -> dict[str, Any]:
-    """The execute document of a finished run, or the exception its failure maps to."""
+    """The execute document of a finished run, or the exception its failure maps to. Every document
+    (done, blocked or failed) names the run: `dagsterRun: {runId, url}`."""
+    run = {"dagsterRun": {"runId": run_id, "url": run_url}}
     for event in events:
         if event["__typename"] == "ExecutionStepOutputEvent" and event.get("stepKey") == OP_NAME:
             entries = _entries(event["metadataEntries"])
             if DOCUMENT_ENTRY in entries and status == "SUCCESS":
-                return entries[DOCUMENT_ENTRY]
+                return {**entries[DOCUMENT_ENTRY], **run}
     for event in events:
         if event["__typename"] != "ExecutionStepFailureEvent":
             continue
@@ -167,11 +170,14 @@ def outcome_of(run_id: str, status: str, events: list[dict[str, Any]], run_url: 
         entries = _entries(failure.get("metadataEntries"))
         outcome = entries.get(OUTCOME_ENTRY)
         description = failure.get("description") or (event.get("error") or {}).get("message") or ""
+        document = entries.get("document")
         if outcome == "invalid_input":
-            raise InvalidInput(str(entries.get("field", "request")), str(entries.get("message", description)))
+            message = str(entries.get("message", description))
+            raise InvalidInput(str(entries.get("field", "request")), f"{message} (Dagster run {run_id})")
         if outcome == "blocked":
-            raise Blocked(description, entries.get("document") or {})
-        raise RemoteRunFailed(f"run {run_id} failed: {description} ({run_url})", entries.get("document"))
+            raise Blocked(description, {**(document or {}), **run})
+        failed = None if document is None else {**document, **run}
+        raise RemoteRunFailed(f"run {run_id} failed: {description} ({run_url})", failed)
     messages = [e.get("message") for e in events if e["__typename"] in ("RunFailureEvent", "EngineEvent")]
     detail = next((m for m in reversed(messages) if m), "no step failure recorded")
     raise RemoteRunFailed(f"run {run_id} ended {status}: {detail} ({run_url})")

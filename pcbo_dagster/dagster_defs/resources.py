@@ -30,8 +30,11 @@ goes through `redact_url` (`describe()`).
 | `LakeResource`    | `url`          | `PCBO_LAKE_URL`        | `$PCBO_HOME/lake` (a dataset's `lake` wins) |
 | `AuditResource`   | `directory`    | `PCBO_AUDIT_DIR`       | `$PCBO_HOME/pas`                         |
 |                   | `endpoint`     | `PCBO_AUDIT_ENDPOINT`  | none (local backup only)                 |
-| `SourcesResource` | `base_dir`     | `PCBO_SOURCES_DIR`     | the datasets config file's directory     |
-|                   | `config_path`  | `PCBO_DATASETS_CONFIG` | `examples/datasets.yaml` (informational) |
+| `SourcesResource` | `base_dir`     | `PCBO_SOURCES_DIR`     | the datasets config's `sources_dir`      |
+|                   | `config_path`  | `PCBO_DATASETS_CONFIG` | the packaged example (informational)     |
+
+A config's `sources_dir` is its file's directory, or `PCBO_HOME` for the packaged example
+(`datasets/config.py`, `sources_dir_for`).
 """
 
 from __future__ import annotations
@@ -107,15 +110,16 @@ class AuditResource(dg.ConfigurableResource):
 class SourcesResource(dg.ConfigurableResource):
     """Where the records come from: relative source URIs resolve against `base_dir`.
 
-    `base_dir` unset: the directory of the datasets config file (for the configured datasets) or of
-    the request (`pcbo execute --dagster` sends it) for the request job. `config_path` records the
+    `base_dir` unset: the datasets config's `sources_dir` (its file's directory; `PCBO_HOME` for the
+    packaged example), and for the request job the request's directory (`pcbo execute --dagster`
+    sends it) when known. `config_path` records the
     datasets config the code location loaded (the definitions are built from it at load time).
     """
 
     base_dir: str | None = Field(
         default=None,
         description="Directory relative source URIs resolve against (PCBO_SOURCES_DIR); "
-        "default the datasets config file's directory",
+        "default the datasets config's directory (PCBO_HOME for the packaged example)",
     )
     config_path: str | None = Field(
         default=None, description="The datasets config file (PCBO_DATASETS_CONFIG), informational"

@@ -10,7 +10,7 @@ datasets:
       start: "2024-01-01T00:00:00Z"   # ISO instant with an explicit offset
       end: "2024-01-04T00:00:00Z"     # optional, exclusive
       timezone: UTC                   # UTC only
-    source: {uri: demo_data/events.jsonl, format: jsonl}   # relative to this file; a directory
+    source: {uri: demo_data/events.jsonl, format: jsonl}   # relative: see below; a directory
                                       # too (give format), with prune: false to read every file
     lake: null                        # optional lake URL for this dataset
     policies: {requireConsent: true, allowedJurisdictions: [US, CA],
@@ -38,6 +38,14 @@ offset are refused with `InvalidInput` naming the field (`datasets[1].partitioni
 surprises are switched off: only `true`/`false` are booleans (so `NO` stays Norway) and timestamps
 stay strings (quoting them is still advised). `pcbo validate-config FILE` validates a
 file (exit 2 and the field on stderr when it is bad).
+
+Which file: the one named (`validate-config FILE`, the rollout commands' `--config FILE`), else
+`PCBO_DATASETS_CONFIG`, else the example shipped in the package
+(`pcbo_dagster/datasets/examples/datasets.yaml`, so an installed wheel has it). Relative `lake` paths
+resolve against the file's directory; relative `source.uri` paths against `PCBO_SOURCES_DIR` when it
+is set, else against the file's directory, except for the packaged example: its sources
+(`demo_data/*.jsonl`) resolve against `PCBO_HOME` (default `./.pcbo`), where `pcbo demo-data` writes
+them (`sources_dir_for`).
 """
 
 from __future__ import annotations
@@ -385,6 +393,7 @@ class DatasetsConfig(_Strict):
     version: Literal[1] = 1
     datasets: Annotated[list[DatasetConfig], Field(min_length=1)]
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _sources_dir: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _unique(self) -> DatasetsConfig:
@@ -407,12 +416,18 @@ class DatasetsConfig(_Strict):
 
     @property
     def base_dir(self) -> Path:
-        """The directory relative source paths are resolved against (the config file's)."""
+        """The config file's directory: relative `lake` and `stagingLake` paths resolve against it."""
         return self._base_dir
 
+    @property
+    def sources_dir(self) -> Path:
+        """The directory relative source paths resolve against (`sources_dir_for`); the config
+        file's directory unless the loader said otherwise."""
+        return self._sources_dir or self._base_dir
+
     def source_uri(self, dataset: DatasetConfig) -> str:
-        """The dataset's source URI, a relative path resolved against the config file's directory."""
-        return resolve_uri(dataset.source.uri, self._base_dir)
+        """The dataset's source URI, a relative path resolved against `sources_dir`."""
+        return resolve_uri(dataset.source.uri, self.sources_dir)
 
     def lake_url(self, dataset: DatasetConfig) -> str | None:
         """The dataset's own lake, a relative path resolved like a source; None: the engine's lake."""
@@ -509,8 +524,12 @@ def _invalid_input(exc: ValidationError) -> InvalidInput:
     return InvalidInput(field, message)
 
 
-def parse_datasets_config(text: str | bytes, base_dir: Path | None = None) -> DatasetsConfig:
-    """Validate the YAML text of a datasets config; `InvalidInput` naming the field when it is bad."""
+def parse_datasets_config(
+    text: str | bytes, base_dir: Path | None = None, sources_dir: Path | None = None
+) -> DatasetsConfig:
+    """Validate the YAML text of a datasets config; `InvalidInput` naming the field when it is bad.
+    Relative lakes resolve against `base_dir` (default the working directory), relative sources
+    against `sources_dir` (default `base_dir`)."""
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
@@ -525,19 +544,39 @@ def parse_datasets_config(text: str | bytes, base_dir: Path | None = None) -> Da
     except ValidationError as exc:
         raise _invalid_input(exc) from None
     config._base_dir = (base_dir or Path.cwd()).resolve()
+    config._sources_dir = None if sources_dir is None else sources_dir.resolve()
     return config
 
 
 #: The variable naming the datasets config the CLI and the Dagster code location load.
 CONFIG_ENV = "PCBO_DATASETS_CONFIG"
-#: The example datasets config, used when neither a file nor `PCBO_DATASETS_CONFIG` is given.
-DEFAULT_DATASETS_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "datasets.yaml"
+#: The variable naming the directory relative source paths of a datasets config resolve against.
+SOURCES_DIR_ENV = "PCBO_SOURCES_DIR"
+#: The example datasets config shipped in the package (so it works from an installed wheel too):
+#: used when neither a file nor `PCBO_DATASETS_CONFIG` is given.
+DEFAULT_DATASETS_CONFIG = Path(__file__).resolve().parent / "examples" / "datasets.yaml"
 
 
 def datasets_config_path(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
-    """`path`, else `PCBO_DATASETS_CONFIG`, else the example datasets config."""
+    """`path`, else `PCBO_DATASETS_CONFIG`, else the packaged example datasets config."""
     environ = os.environ if environ is None else environ
     return Path(path or environ.get(CONFIG_ENV) or DEFAULT_DATASETS_CONFIG)
+
+
+def sources_dir_for(config_file: Path, environ: Mapping[str, str] | None = None) -> Path:
+    """The directory relative source paths of `config_file` resolve against: `PCBO_SOURCES_DIR` when
+    set; else, for the packaged example config, `PCBO_HOME` (default `./.pcbo`, so its
+    `demo_data/*.jsonl` sources are looked for in a writable place, never inside the installed
+    package); else the config file's own directory."""
+    from pcbo_dagster.engine.settings import home_dir
+
+    environ = os.environ if environ is None else environ
+    explicit = environ.get(SOURCES_DIR_ENV)
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    if config_file.resolve() == DEFAULT_DATASETS_CONFIG:
+        return home_dir(env=environ)
+    return config_file.resolve().parent
 
 
 def load_datasets_config_from_env(
@@ -547,13 +586,14 @@ def load_datasets_config_from_env(
     and the file when it is bad."""
     where = datasets_config_path(path, environ)
     try:
-        return load_datasets_config(where)
+        return load_datasets_config(where, environ)
     except InvalidInput as exc:
         raise InvalidInput(exc.field, f"{exc.message} (datasets config {where})") from None
 
 
-def load_datasets_config(path: str | Path) -> DatasetsConfig:
-    """Read and validate a datasets config file; relative sources resolve against its directory."""
+def load_datasets_config(path: str | Path, environ: Mapping[str, str] | None = None) -> DatasetsConfig:
+    """Read and validate a datasets config file: relative lakes resolve against its directory,
+    relative sources against `sources_dir_for(path, environ)`."""
     path = Path(path)
     try:
         text = path.read_bytes()
@@ -561,4 +601,4 @@ def load_datasets_config(path: str | Path) -> DatasetsConfig:
         raise InvalidInput("config", f"no such file: {path}") from None
     except OSError as exc:
         raise InvalidInput("config", f"cannot be read: {exc.__class__.__name__}: {path}") from None
-    return parse_datasets_config(text, path.resolve().parent)
+    return parse_datasets_config(text, path.resolve().parent, sources_dir_for(path, environ))

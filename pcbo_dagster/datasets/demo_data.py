@@ -1,6 +1,8 @@
-"""Deterministic demo sources for `examples/datasets.yaml`, so `dagster dev` works on a fresh clone.
+"""Deterministic demo sources for the packaged example datasets config, so `dagster dev` works on a
+fresh clone or a fresh `pip install`.
 
-`generate_demo_data(directory)` writes:
+`generate_demo_data(directory)` writes (`example_sources_dir()`: where the example config reads them,
+`$PCBO_HOME/demo_data` unless `PCBO_SOURCES_DIR` says otherwise):
 
 - `events.jsonl`: three days of events (2024-01-01 to 2024-01-04 UTC), about 50 an hour, with
   consent, jurisdiction and retention violations, jurisdictions that need trimming/upper-casing,
@@ -14,7 +16,8 @@
 
 Every value comes from SHA-256 of a fixed seed and the record's position (no `random`, no wall
 clock), and the files are written with sorted keys: the bytes are the same on every machine and
-Python version. `python -m pcbo_dagster.datasets.demo_data DIRECTORY` does the same as `pcbo demo-data`.
+Python version. `python -m pcbo_dagster.datasets.demo_data [DIRECTORY]` does the same as
+`pcbo demo-data [--dir DIRECTORY]`.
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.core.instants import format_instant, parse_instant
 from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG, load_datasets_config
 from pcbo_dagster.io.atomic_files import replace_file
 
 SEED = "pcbo-demo-data/1"
@@ -177,6 +182,16 @@ def _jsonl(records: list[dict[str, Any]]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
+def example_sources_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The directory the packaged example config reads its sources from (`config.sources_dir_for`:
+    `$PCBO_SOURCES_DIR/demo_data`, else `$PCBO_HOME/demo_data`): where the demo data belongs."""
+    config = load_datasets_config(DEFAULT_DATASETS_CONFIG, environ)
+    directories = {Path(config.source_uri(dataset)).parent for dataset in config.datasets}
+    if len(directories) != 1:  # pragma: no cover - the packaged example keeps its sources together
+        raise ValueError(f"the example config's sources are in several directories: {sorted(directories)}")
+    return directories.pop()
+
+
 def generate_demo_data(directory: str | os.PathLike[str]) -> list[Path]:
     """Write the demo sources into `directory` (created if needed); returns their paths."""
     target = Path(directory)
@@ -192,10 +207,10 @@ def generate_demo_data(directory: str | os.PathLike[str]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m pcbo_dagster.datasets.demo_data DIRECTORY", file=sys.stderr)
+    if len(args) > 1:
+        print("usage: python -m pcbo_dagster.datasets.demo_data [DIRECTORY]", file=sys.stderr)
         return 2
-    for path in generate_demo_data(args[0]):
+    for path in generate_demo_data(args[0] if args else example_sources_dir()):
         print(path)
     return 0
 

@@ -234,10 +234,10 @@ def evaluate_keys(
     source_base: Path | None = None,
 ) -> tuple[LoadedRequest, Plan, Decisions]:
     """Load and evaluate the one engine request covering `keys` (nothing written). The source URI
-    resolves against `source_base`, else the datasets config's directory."""
+    resolves against `source_base`, else the datasets config's `sources_dir`."""
     from pcbo_dagster.engine.request_loading import evaluate, load_request
 
-    source_uri = resolve_uri(dataset.source.uri, source_base or config.base_dir)
+    source_uri = resolve_uri(dataset.source.uri, source_base or config.sources_dir)
     request = request_for_keys(dataset, source_uri, run_id, keys, metadata or {})
     loaded = load_request(json.dumps(request).encode("utf-8"))
     plan, decisions = evaluate(loaded)

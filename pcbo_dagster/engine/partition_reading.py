@@ -1,9 +1,13 @@
 """Re-reading a committed partition from the lake, and what can be wrong with it.
 
-One reading serves `pcbo verify` and the Dagster reconciliation/compliance checks: the commit point
-(`_manifest.json`), each file it names (present, size, SHA-256, readable parquet, row count), then
-the content (ids unique and sorted, the record count, the Merkle root recomputed from the rows).
-Findings are `{"kind", "where", "detail"}`; `where` is the lake-relative path.
+One reading serves `pcbo verify`, `pcbo proof` and the Dagster reconciliation/compliance checks: the
+commit point (`_manifest.json`, or a retained `_versions/vNNNNNN.json`), each file it names (present,
+size, SHA-256, readable parquet, row count), then the content (ids unique and sorted, the record
+count, the Merkle root recomputed from the rows). Findings are `{"kind", "where", "detail"}`; `where`
+is the lake-relative path. A file that is missing, differs from its manifest's SHA-256 (tampered or
+corrupted) or is not parquet is *unreadable*: its rows are not read, it is reported once as such, and
+no count or root is compared over the rows that could be read (they would only repeat the finding
+as a wrong number of rows).
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ class PartitionReading:
 
 def read_commit_point(lake: LakeStorage, dataset: str, version_label: str, key: str) -> PartitionReading:
     """Only the partition's `_manifest.json` (no data files): `committed` is False when it has none."""
-    rel = layout.manifest(dataset, version_label, key)
+    return _read_manifest(lake, layout.manifest(dataset, version_label, key))
+
+
+def _read_manifest(lake: LakeStorage, rel: str) -> PartitionReading:
     data = lake.read_if_exists(rel)
     reading = PartitionReading(rel)
     if data is None:
@@ -59,7 +66,24 @@ def read_commit_point(lake: LakeStorage, dataset: str, version_label: str, key: 
 
 def read_partition(lake: LakeStorage, dataset: str, version_label: str, key: str) -> PartitionReading:
     """Re-read a partition's commit point and files; `committed` is False when it has none."""
-    reading = read_commit_point(lake, dataset, version_label, key)
+    return _read_files(
+        lake, read_commit_point(lake, dataset, version_label, key), dataset, version_label, key
+    )
+
+
+def read_version(
+    lake: LakeStorage, dataset: str, version_label: str, key: str, version: int
+) -> PartitionReading:
+    """Re-read a retained version of a partition (`_versions/vNNNNNN.json` and its files);
+    `committed` is False when the partition has no such version."""
+    rel = layout.version_manifest(dataset, version_label, key, version)
+    return _read_files(lake, _read_manifest(lake, rel), dataset, version_label, key)
+
+
+def _read_files(
+    lake: LakeStorage, reading: PartitionReading, dataset: str, version_label: str, key: str
+) -> PartitionReading:
+    """The files `reading`'s manifest names (each one of the partition's own data files, or a finding)."""
     if reading.manifest is None:
         return reading
     for entry in reading.manifest["files"]:
@@ -72,7 +96,7 @@ def read_partition(lake: LakeStorage, dataset: str, version_label: str, key: str
             continue
         blob = lake.read_if_exists(where)
         if blob is None:
-            reading._find("file_missing", where, f"named by {reading.rel}")
+            reading._find("file_missing", where, f"unreadable: missing, though {reading.rel} names it")
             reading.unreadable.append(where)
             continue
         reading.bytes_read += len(blob)
@@ -81,13 +105,18 @@ def read_partition(lake: LakeStorage, dataset: str, version_label: str, key: str
                 "file_size_mismatch", where, f"{len(blob)} bytes, manifest says {entry['byteSize']}"
             )
         if prefixed(sha256_hex(blob)) != entry["checksum"]:
-            reading._find("file_checksum_mismatch", where, "the file's SHA-256 differs from its manifest")
+            reading._find(
+                "file_checksum_mismatch",
+                where,
+                "unreadable: the file's SHA-256 differs from its manifest (tampered or corrupted); "
+                "its rows are not read",
+            )
             reading.unreadable.append(where)
             continue
         try:
             table = parquet_files.decode(blob)
         except (pa.ArrowException, OSError) as exc:
-            reading._find("file_unreadable", where, f"not readable as parquet: {exc}")
+            reading._find("file_unreadable", where, f"unreadable: not readable as parquet: {exc}")
             reading.unreadable.append(where)
             continue
         if table.num_rows != entry["rowCount"]:
@@ -105,11 +134,13 @@ def _content_findings(reading: PartitionReading) -> None:
     assert manifest is not None
     if ids != sorted(set(ids)):
         reading._find("ids_not_sorted_unique", rel, "ids must be unique and sorted")
+    if reading.unreadable:
+        return  # the rows read are not the partition's: counting or hashing them says nothing more
     if len(ids) != manifest.get("recordCount"):
         reading._find(
             "record_count_mismatch", rel, f"{len(ids)} rows, manifest says {manifest.get('recordCount')}"
         )
-    if not reading.unreadable and merkle.root_hex(sorted(ids)) != manifest.get("merkleRoot"):
+    if merkle.root_hex(sorted(ids)) != manifest.get("merkleRoot"):
         reading._find(
             "merkle_root_mismatch", rel, "the root recomputed from the rows differs from the manifest"
         )

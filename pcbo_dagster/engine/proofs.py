@@ -1,4 +1,10 @@
-"""Inclusion and consistency proofs of committed partitions, and their offline verification."""
+"""Inclusion and consistency proofs of committed partitions, and their offline verification.
+
+A proof is made from a partition re-read exactly as `pcbo verify` reads it (`partition_reading`):
+a file that is missing, tampered with or not parquet refuses the proof (exit 1, naming the file) — a
+proof is only ever made from the rows the manifest commits to. An id the partition did not add gets
+an explanation from what the lake keeps (`_not_added`), not a bare "not found".
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,9 @@ import bisect
 from typing import Any
 
 from pcbo_dagster.core import merkle
-from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
-from pcbo_dagster.core.record_table import ID
-from pcbo_dagster.lake import layout, manifests, parquet_files
+from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition, read_version
 from pcbo_dagster.lake.storage import LakeStorage
 
 INCLUSION_KIND = "pcbo.inclusion-proof/1"
@@ -32,37 +37,69 @@ def _unhex(value: object, field: str) -> bytes:
     return raw
 
 
-def _manifest(lake: LakeStorage, dataset: str, version_label: str, key: str, version: int | None) -> dict:
+def _reading(
+    lake: LakeStorage, dataset: str, version_label: str, key: str, version: int | None, field: str
+) -> PartitionReading:
+    """The partition's committed version (`version` None) or a retained one, re-read and checked
+    like `pcbo verify` checks it: `InvalidInput` on `field` when there is no such version,
+    `IntegrityError` when its manifest or files are unreadable or differ from each other (a proof
+    is only made from the rows the manifest commits to)."""
     try:
         validate_partition_key(key)  # it names a lake directory: nothing but a key gets near a path
     except PartitionKeyError as exc:
         raise InvalidInput("partition", str(exc)) from None
-    rel = (
-        layout.manifest(dataset, version_label, key)
+    reading = (
+        read_partition(lake, dataset, version_label, key)
         if version is None
-        else layout.version_manifest(dataset, version_label, key, version)
+        else read_version(lake, dataset, version_label, key, version)
     )
-    if not lake.exists(rel):
+    where = f"{dataset}/{version_label}/{key}" + ("" if version is None else f" version {version}")
+    if reading.findings:
+        problems = "; ".join(f"{f['where']}: {f['detail']}" for f in reading.findings[:5])
+        raise IntegrityError(
+            f"cannot prove anything from {where}: {problems} (`pcbo verify` lists every finding)"
+        )
+    if reading.manifest is None:
         what = "committed version" if version is None else f"version {version}"
-        raise InvalidInput("partition", f"{dataset}/{version_label}/{key} has no {what}")
-    return manifests.decode(lake.read(rel))
+        raise InvalidInput(field, f"{dataset}/{version_label}/{key} has no {what}")
+    return reading
 
 
-def _ids(lake: LakeStorage, manifest: dict) -> list[str]:
-    ids: list[str] = []
-    for entry in manifest["files"]:
-        ids.extend(parquet_files.decode(lake.read(entry["path"]))[ID].to_pylist())
-    return ids
+def _not_added(manifest: dict[str, Any], record_id: str, tree_size: int) -> str:
+    """Why `record_id` has no inclusion proof in this partition, as far as the lake can tell: it keeps
+    the ids a partition added and only the counts of those it omitted."""
+    part, counts = manifest["partition"], manifest.get("counts") or {}
+    window = f"[{part['start']}, {part['end']})"
+    text = (
+        f"{record_id!r} is not among the {tree_size} id(s) partition {part['key']} added (window {window}, "
+        f"version {manifest['partitionVersion']}, run {manifest['runId']}), so it has no inclusion proof"
+    )
+    omitted = counts.get("omit", 0)
+    if not omitted:
+        return (
+            f"{text}. The partition omitted no record, so no valid record with this id fell into its "
+            "window: it belongs to another partition, was outside the request's window or invalid "
+            "(unplaced), or was not in the source"
+        )
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted((counts.get("byReason") or {}).items()) if n)
+    return (
+        f"{text}. The partition omitted {omitted} record(s) ({reasons}), but the lake keeps the ids it "
+        "added, not the ones it omitted: if this record's occurredAt is in the window, it was omitted "
+        "for one of those reasons; otherwise it was placed in another partition, unplaced, or not in "
+        "the request at all. `pcbo dry-run` of the "
+        f"run's request (decision hash {manifest['decisionHash']}) lists every omitted id with its reasons"
+    )
 
 
 def inclusion(
     lake: LakeStorage, dataset: str, version_label: str, key: str, record_id: str
 ) -> dict[str, Any]:
-    manifest = _manifest(lake, dataset, version_label, key, None)
-    ids = _ids(lake, manifest)
+    reading = _reading(lake, dataset, version_label, key, None, "partition")
+    manifest, ids = reading.manifest, reading.ids
+    assert manifest is not None
     position = bisect.bisect_left(ids, record_id)
     if position >= len(ids) or ids[position] != record_id:
-        raise InvalidInput("id", f"{record_id!r} is not in partition {key}")
+        raise InvalidInput("id", _not_added(manifest, record_id, len(ids)))
     tree = merkle.MerkleTree(merkle.id_leaves(ids))
     return {
         "kind": INCLUSION_KIND,
@@ -82,9 +119,10 @@ def inclusion(
 def consistency(
     lake: LakeStorage, dataset: str, version_label: str, key: str, old_version: int, new_version: int
 ) -> dict[str, Any]:
-    old_ids = _ids(lake, _manifest(lake, dataset, version_label, key, old_version))
-    new_manifest = _manifest(lake, dataset, version_label, key, new_version)
-    new_ids = _ids(lake, new_manifest)
+    old_ids = _reading(lake, dataset, version_label, key, old_version, "fromVersion").ids
+    new_reading = _reading(lake, dataset, version_label, key, new_version, "toVersion")
+    new_manifest, new_ids = new_reading.manifest, new_reading.ids
+    assert new_manifest is not None
     if not old_ids or new_ids[: len(old_ids)] != old_ids:
         raise InvalidInput(
             "fromVersion",
@@ -108,7 +146,10 @@ def consistency(
 
 
 def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
-    """Check a proof document offline. `root` (optional) is the root the verifier trusts."""
+    """Check a proof document offline. `root` (optional) is the root the verifier trusts, in place of
+    the document's own (`merkleRoot` of an inclusion proof, `root2` of a consistency proof); a
+    malformed `root` is `InvalidInput` on `root`, one in the document on the document's field."""
+    trusted_root = None if root is None else _unhex(root, "root")
     if not isinstance(document, dict) or document.get("kind") not in (INCLUSION_KIND, CONSISTENCY_KIND):
         raise InvalidInput("kind", f"must be {INCLUSION_KIND!r} or {CONSISTENCY_KIND!r}")
     if document["kind"] == INCLUSION_KIND:
@@ -116,7 +157,7 @@ def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
         if not isinstance(record_id, str):
             raise InvalidInput("id", "must be a string")
         leaf = merkle.leaf_hash(record_id.encode("utf-8"))
-        trusted = _unhex(root or document.get("merkleRoot"), "merkleRoot")
+        trusted = trusted_root or _unhex(document.get("merkleRoot"), "merkleRoot")
         path = [_unhex(h, f"auditPath[{i}]") for i, h in enumerate(document.get("auditPath") or [])]
         reasons = []
         if "leafHash" in document and _unhex(document["leafHash"], "leafHash") != leaf:
@@ -132,7 +173,7 @@ def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
             "merkleRoot": _hex(trusted),
             "reasons": reasons,
         }
-    root2 = _unhex(root or document.get("root2"), "root2")
+    root2 = trusted_root or _unhex(document.get("root2"), "root2")
     root1 = _unhex(document.get("root1"), "root1")
     proof = [_unhex(h, f"proof[{i}]") for i, h in enumerate(document.get("proof") or [])]
     ok = merkle.verify_consistency(document.get("size1"), document.get("size2"), root1, root2, proof)

@@ -16,6 +16,7 @@ still appended one after another, in partition order).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,12 @@ from pcbo_dagster.io.env_vars import plain_path, positive_int, positive_number
 
 #: Partitions `execute` stages at once unless `--parallel` / `PCBO_PARALLEL` say otherwise.
 DEFAULT_PARALLEL = 4
+
+
+def home_dir(home: str | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """`home`, else `PCBO_HOME`, else `./.pcbo`: the root of the embedded defaults, made absolute."""
+    env = os.environ if env is None else env
+    return Path(home or env.get("PCBO_HOME") or ".pcbo").expanduser().resolve()
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class Settings:
                 return plain_path(flag, value)
             return plain_path(variable, env.get(variable) or None)
 
-        home_path = Path(given("--home", home, "PCBO_HOME") or ".pcbo").expanduser().resolve()
+        home_path = home_dir(given("--home", home, "PCBO_HOME"), {})
         lake_url = given("--lake", lake, "PCBO_LAKE_URL") or str(home_path / "lake")
         catalog_url = (
             given("--catalog", catalog, "PCBO_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"

@@ -29,6 +29,19 @@ ROLLOUT_REJECTED = "rollout_rejected"
 DECISIONS = {"approve": "approved", "reject": "rejected"}
 
 
+def rollout_subject(rollout: dict[str, Any]) -> dict[str, Any]:
+    """The rollout as the audit events about it (approval, rejection, promotion) name it."""
+    return {
+        "name": rollout["name"],
+        "dataset": rollout["dataset"],
+        "version_label": rollout["version_label"],
+        "first_key": rollout["first_key"],
+        "last_key": rollout["last_key"],
+        "partition_count": len(rollout["partition_keys"]),
+        "staging_run_id": rollout["staging_run_id"],
+    }
+
+
 def record_decision(
     envs: RolloutEnvironments,
     name: str,
@@ -67,15 +80,7 @@ def record_decision(
         ckey,
         ROLLOUT_APPROVED if decision == "approved" else ROLLOUT_REJECTED,
         {
-            "rollout": {
-                "name": name,
-                "dataset": rollout["dataset"],
-                "version_label": rollout["version_label"],
-                "first_key": rollout["first_key"],
-                "last_key": rollout["last_key"],
-                "partition_count": len(rollout["partition_keys"]),
-                "staging_run_id": rollout["staging_run_id"],
-            },
+            "rollout": rollout_subject(rollout),
             "decision": decision,
             "decision_hash": staged,
             "plan_hash": rollout["plan_hash"],

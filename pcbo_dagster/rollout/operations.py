@@ -154,14 +154,24 @@ def promote(
     base: Settings,
     name: str,
     *,
+    by: str,
     clock: Clock = REAL_CLOCK,
     keys: list[str] | None = None,
     failed_checks: dict[str, list[str]] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
+    """Promote a rollout to production on behalf of `by`, if its gate is open (`Blocked` if not)."""
     with rollout_environments(config, base, name) as (dataset, envs):
         return promotion.promote_rollout(
-            config, dataset, envs, name, clock=clock, keys=keys, failed_checks=failed_checks, run_id=run_id
+            config,
+            dataset,
+            envs,
+            name,
+            by=by,
+            clock=clock,
+            keys=keys,
+            failed_checks=failed_checks,
+            run_id=run_id,
         )
 
 

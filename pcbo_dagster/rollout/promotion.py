@@ -18,6 +18,11 @@ production manifest carries the approved decision hash, and each partition's row
 are those staging got), refuses (exit 3, nothing written) when the hash is not the approved one, and
 runs the engine into the production environment for the requested keys only. The production health
 check uses it for its mini backfills.
+
+`promote_rollout` names who promotes (`by`, like an approval): a `rollout_promoted` event on the
+dataset's production audit chain (who, the decision hash, the approval it relied on, the run), the
+rollout log's `promoted` / `partially_promoted` entry (actor and `promotedBy`), and the production
+run's metadata in the catalog. A promotion the gate refuses is logged with who asked.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from typing import Any
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
+from pcbo_dagster.engine.events import PRODUCER, chain_key
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_reading import read_partition
-from pcbo_dagster.rollout.approvals import decision_in_force
+from pcbo_dagster.rollout.approvals import decision_in_force, rollout_subject
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.soak import soak_status
+
+ROLLOUT_PROMOTED = "rollout_promoted"
 
 
 def production_run_id(rollout: str, attempt: str | None = None) -> str:
@@ -127,18 +135,17 @@ def promote_keys(
     decision_hash: str,
     run_id: str,
     progress: Any = None,
+    by: str | None = None,
 ) -> dict[str, Any]:
-    """Write `keys` (partitions of `rollout`) to production at the approved `decision_hash`."""
+    """Write `keys` (partitions of `rollout`) to production at the approved `decision_hash`; `by`
+    (who promotes) goes into the production run's metadata."""
     unknown = [k for k in keys if k not in set(rollout["partition_keys"])]
     if unknown:
         raise InvalidInput("partitions", f"{unknown[:3]} are not partitions of rollout {rollout['name']!r}")
-    loaded, plan, decisions = evaluate_keys(
-        config,
-        dataset,
-        rollout["partition_keys"],
-        run_id,
-        {"rollout": rollout["name"], "stage": "production"},
-    )
+    metadata = {"rollout": rollout["name"], "stage": "production"}
+    if by is not None:
+        metadata["promotedBy"] = by
+    loaded, plan, decisions = evaluate_keys(config, dataset, rollout["partition_keys"], run_id, metadata)
     if decisions.decision_hash != decision_hash:
         raise Blocked(
             "the rollout's decisions changed since they were approved",
@@ -164,17 +171,24 @@ def promote_rollout(
     envs: RolloutEnvironments,
     name: str,
     *,
+    by: str,
     clock: Clock = REAL_CLOCK,
     keys: list[str] | None = None,
     failed_checks: dict[str, list[str]] | None = None,
     run_id: str | None = None,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """Check the gate and promote the rollout (or `keys` of it); `Blocked` (exit 3) with every reason
-    when the gate holds. The rollout is `promoted` once all its partitions are in production."""
+    """Check the gate and promote the rollout (or `keys` of it) on behalf of `by`; `Blocked` (exit 3)
+    with every reason when the gate holds. The rollout is `promoted` once all its partitions are in
+    production."""
+    by = (by or "").strip()
+    if not by:
+        raise InvalidInput("by", "say who promotes (a name or an e-mail address)")
     gate = promotion_gate(config, dataset, envs, name, clock=clock, failed_checks=failed_checks)
     if not gate["open"]:
-        envs.store.log(name, "promotion_blocked", {"reasons": gate["reasons"]}, now=clock.now())
+        envs.store.log(
+            name, "promotion_blocked", {"reasons": gate["reasons"], "by": by}, actor=by, now=clock.now()
+        )
         raise Blocked(
             f"rollout {name!r} may not be promoted: " + "; ".join(gate["reasons"]),
             {"status": "blocked", "gate": "promotion", "rollout": name, "reasons": gate["reasons"]},
@@ -190,17 +204,43 @@ def promote_rollout(
         decision_hash=approval["decision_hash"],
         run_id=run_id or production_run_id(name),
         progress=progress,
+        by=by,
+    )
+    complete = keys is None or set(keys) >= set(rollout["partition_keys"])
+    event = envs.production.audit.append(
+        chain_key(rollout["dataset"], rollout["version_label"]),
+        ROLLOUT_PROMOTED,
+        {
+            "rollout": rollout_subject(rollout),
+            "by": by,
+            "decision_hash": document["decisionHash"],
+            "approved_by": approval["actor"],
+            "approval_event_hash": approval["event_hash"],
+            "run_id": document["runId"],
+            "partition_keys": sorted(pd["key"] for pd in document["partitions"]),
+            "complete": complete,
+            "producer": PRODUCER,
+        },
     )
     detail = {
         "runId": document["runId"],
         "decisionHash": document["decisionHash"],
+        "promotedBy": by,
         "approvedBy": approval["actor"],
         "approvalEventHash": approval["event_hash"],
+        "auditEventHash": event["chain"]["event_hash"],
         "partitions": len(document["partitions"]),
         "committed": document["totals"]["committed"],
     }
-    if keys is None or set(keys) >= set(rollout["partition_keys"]):
-        envs.store.set_status(name, "promoted", now=clock.now(), detail=detail)
+    if complete:
+        envs.store.set_status(name, "promoted", actor=by, now=clock.now(), detail=detail)
     else:
-        envs.store.log(name, "partially_promoted", {**detail, "keys": keys}, now=clock.now())
-    return {"status": "promoted", "rollout": name, "gate": gate, "execute": document}
+        envs.store.log(name, "partially_promoted", {**detail, "keys": keys}, actor=by, now=clock.now())
+    return {
+        "status": "promoted",
+        "rollout": name,
+        "by": by,
+        "auditEventHash": event["chain"]["event_hash"],
+        "gate": gate,
+        "execute": document,
+    }

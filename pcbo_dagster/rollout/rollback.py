@@ -192,7 +192,7 @@ def rollback_rollout(
     if (rollout is None) == (keys is None):
         raise InvalidInput("rollout", "give either a rollout or partition keys to roll back")
     if not isinstance(actor, str) or not actor.strip():
-        raise InvalidInput("actor", "say who rolls back")
+        raise InvalidInput("by", "say who rolls back")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidInput("reason", "give a reason for the rollback")
     if not any(d.name == dataset.name for d in config.datasets):

@@ -311,7 +311,10 @@ def write_backfill_summary(
             rows,
         )
         + (f"\nNot applied (cancelled before them): {', '.join(not_applied)}\n" if not_applied else "")
-        + "\nNext: the soak monitor evaluates staging; then `pcbo rollout approve` or `reject`.\n"
+        + f"\nNext: the soak monitor evaluates staging (now: `pcbo rollout soak {name}`); then "
+        f"`pcbo approve {name} --by NAME --reason TEXT` (or `pcbo reject {name} --by NAME --reason TEXT`), "
+        f"and `pcbo rollout promote {name} --by NAME` once the gate is open "
+        f"(`pcbo rollout status {name}` says why it is not).\n"
     )
     paths = write_report(
         rollout_reports_dir(envs.production.settings, name), "backfill_summary", summary, markdown

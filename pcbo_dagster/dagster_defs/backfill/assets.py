@@ -338,8 +338,8 @@ def build_dataset_asset(config: DatasetsConfig, dataset: DatasetConfig) -> dg.As
     description = dataset.description or f"pcbo dataset {dataset.name}"
 
     def compute(context: dg.AssetExecutionContext, pcbo: PcboEngineResource) -> dg.MaterializeResult:
-        # Relative source paths resolve against the sources resource's base_dir, else the config's dir.
-        source = pcbo.sources.resolve(dataset.source.uri, config.base_dir)
+        # Relative source paths resolve against the sources resource's base_dir, else the config's.
+        source = pcbo.sources.resolve(dataset.source.uri, config.sources_dir)
         return _materialize(context, dataset, source, lake, pcbo)
 
     with warnings.catch_warnings():

@@ -32,7 +32,8 @@ metadata `pcbo_outcome=invalid_input`, `field`, `message`; a gate -> `Failure` w
 check -> `Failure` with `pcbo_outcome=post_write_check_failed` and the execute document.
 
 `base_dir` (where a relative `source.uri` resolves) defaults to the `pcbo` resource's
-`sources.base_dir`, else the directory of the datasets config file the code location loaded.
+`sources.base_dir`, else the `sources_dir` of the datasets config the code location loaded (its
+file's directory; `PCBO_HOME` for the packaged example).
 """
 
 import json
@@ -70,7 +71,7 @@ class PcboRequestConfig(dg.Config):
     base_dir: str | None = Field(
         default=None,
         description="Directory a relative source.uri resolves against (default: the pcbo resource's "
-        "sources.base_dir, else the datasets config file's directory)",
+        "sources.base_dir, else the datasets config's sources directory)",
     )
 
 

@@ -95,7 +95,7 @@ def build_ledger_partitions_sensor(
     def ledger_partitions(
         context: dg.SensorEvaluationContext, pcbo: PcboEngineResource
     ) -> dg.SensorResult | dg.SkipReason:
-        uri = pcbo.sources.resolve(dataset.source.uri, config.base_dir)
+        uri = pcbo.sources.resolve(dataset.source.uri, config.sources_dir)
         try:
             top = max_ledger_in_source(uri, fmt, partitioning.field)
         except FileNotFoundError:

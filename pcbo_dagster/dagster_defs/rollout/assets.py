@@ -8,7 +8,8 @@
 - `production/<dataset>`: materialized by the promotion sensor (`rollout/sensors.py`) for a
   rollout whose gate is open, or by hand for partitions of a promoted rollout (a repair). Either way
   the run goes through the same gate or approval check and writes with the approved decision hash;
-  a closed gate fails the run with every reason, nothing written.
+  a closed gate fails the run with every reason, nothing written. Who promotes is the run's
+  `pcbo/promoted_by` tag (the sensor sets it), else `dagster run <run id>`.
 
 Both use the engine through the `pcbo` resource and the rollout operations (`rollout/operations.py`),
 the same code the `pcbo rollout` commands run.
@@ -36,6 +37,8 @@ from pcbo_dagster.rollout.clock import Clock
 STAGING_PREFIX = "staging"
 PRODUCTION_PREFIX = "production"
 ROLLOUT_TAG = "pcbo/rollout"
+#: The run tag naming who promotes (recorded on the audit chain and in the rollout log).
+PROMOTED_BY_TAG = "pcbo/promoted_by"
 
 
 def staging_key(dataset: DatasetConfig) -> dg.AssetKey:
@@ -144,7 +147,13 @@ def build_production_asset(
                 document = _repair(config, dataset, base, rollout, keys, context.run.run_id)
             else:
                 result = operations.promote(
-                    config, base, name, clock=clock, keys=keys, run_id=promotion.production_run_id(name)
+                    config,
+                    base,
+                    name,
+                    by=context.run.tags.get(PROMOTED_BY_TAG) or f"dagster run {context.run.run_id}",
+                    clock=clock,
+                    keys=keys,
+                    run_id=promotion.production_run_id(name),
                 )
                 gate = result["gate"]
                 context.log.info(

@@ -16,7 +16,7 @@ import dagster as dg
 
 from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.dagster_defs.rollout.assets import ROLLOUT_TAG
+from pcbo_dagster.dagster_defs.rollout.assets import PROMOTED_BY_TAG, ROLLOUT_TAG
 from pcbo_dagster.datasets.config import DatasetsConfig
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import Clock
@@ -90,6 +90,7 @@ def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock
                         "dagster/asset_partition_range_start": keys[0],
                         "dagster/asset_partition_range_end": keys[-1],
                         "pcbo/approved_by": gate["approval"]["actor"],
+                        PROMOTED_BY_TAG: f"sensor {SENSOR_NAME}",
                         "pcbo/decision_hash": gate["decisionHashNow"],
                     },
                 )
