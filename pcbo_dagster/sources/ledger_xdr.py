@@ -241,12 +241,36 @@ def parse_definitions(text: str) -> dict[str, Node]:
 class _Compiler:
     """Writes one skip function per struct, union and typedef whose size is not a constant."""
 
-    def __init__(self, types: dict[str, Node]) -> None:
+    def __init__(self, types: dict[str, Node], observed: frozenset[str] = frozenset()) -> None:
         self.types = types
+        self.observed = observed
+        self.carriers = self._carriers()
+        self.inlined: set[str] = set()  # small types written in place instead of called
         self.lines: list[str] = []
         self.names: dict[str, object] = {"XdrError": XdrError, "_depth": _depth_error}
         self.counter = 0
         self._fixed: dict[int, tuple[int, int] | None] = {}
+
+    def _carriers(self) -> set[str]:
+        """The named types whose values may hold an observed type's: their functions take `seen`."""
+
+        def named_parts(kind: str | Node | None) -> set[str]:
+            node = kind if isinstance(kind, Node) else None
+            if node is None:
+                return {kind} if isinstance(kind, str) and kind in self.types else set()
+            decls = node.fields + [d for _, d in node.arms if d is not None]
+            if isinstance(node.default, Decl):
+                decls.append(node.default)
+            return set().union(*(named_parts(d.kind) for d in decls)) if decls else set()
+
+        parts = {name: named_parts(node) for name, node in self.types.items()}
+        self.recursive = {name for name in parts if name in _closure(name, parts)}
+        carriers: set[str] = set()
+        while True:
+            more = {n for n, p in parts.items() if n not in carriers and p & (self.observed | carriers)}
+            if not more:
+                return carriers
+            carriers |= more
 
     # What a type is: a constant size (words, and the deepest class level inside), or read.
 
@@ -314,7 +338,8 @@ class _Compiler:
         self.pending = 0
         self.node(node, 0, 1, conditional=False)
         self.flush(1)
-        head = [f"def skip_{node.name}(w, i, d):"]
+        seen = ", seen" if node.name in self.carriers else ""
+        head = [f"def skip_{node.name}(w, i, d{seen}):"]
         head.append(f"    if d <= {self.entry_level}: _depth()")
         self.lines += head + self.body + ["    return i", ""]
 
@@ -452,11 +477,31 @@ class _Compiler:
             self.require(level + deepest, indent, conditional)
             self.pending += words
             return
-        if not node.name:
+        if not node.name or node.name in self.inlined:
             self.node(node, level, indent, conditional)
             return
         self.flush(indent)
-        self.emit(indent, f"i = skip_{node.name}(w, i, d - {level})")
+        if node.name in self.observed:
+            self.emit(indent, "seen.append(i)")
+        seen = ", seen" if node.name in self.carriers else ""
+        self.emit(indent, f"i = skip_{node.name}(w, i, d - {level}{seen})")
+
+
+def _closure(name: str, parts: dict[str, set[str]]) -> set[str]:
+    """The named types a value of `name` may hold, at any depth (itself only if it is recursive)."""
+    found: set[str] = set()
+    todo = list(parts[name])
+    while todo:
+        part = todo.pop()
+        if part not in found:
+            found.add(part)
+            todo.extend(parts[part])
+    return found
+
+
+#: Types whose own code is at most this many lines are written in place where they are used (a
+#: Python call costs more than the few lines it would run).
+INLINE_LINES = 12
 
 
 def _depth_error() -> None:
@@ -466,23 +511,37 @@ def _depth_error() -> None:
 @dataclass(frozen=True)
 class Walker:
     """The compiled skip functions by type name, the words of the types of constant size, and the
-    source the functions were compiled from."""
+    source the functions were compiled from. The functions of the types in `carriers` take a fourth
+    argument, a list to which the index of every value of an observed type they pass is appended."""
 
-    skippers: dict[str, Skipper]
+    skippers: dict[str, Callable[..., int]]
     fixed_words: dict[str, int]
+    carriers: frozenset[str]
     source: str
 
     def skip(self, name: str, words: Any, i: int, depth: int = MAX_DEPTH) -> int:
         """The word index where the `name` value at `i` ends (entered at stellar-sdk's `depth`)."""
+        if name in self.carriers:
+            return self.skippers[name](words, i, depth, [])
         return self.skippers[name](words, i, depth)
 
 
-def compile_walker(text: str) -> Walker:
-    """Skip functions for every type of the definitions `text`."""
+def compile_walker(text: str, observed: frozenset[str] = frozenset()) -> Walker:
+    """Skip functions for every type of the definitions `text`; the functions of types that may hold
+    an `observed` type note where each of its values starts."""
     types = parse_definitions(text)
-    compiler = _Compiler(types)
+    compiler = _Compiler(types, observed)
+    small = []
+    for name, node in types.items():  # a first pass, to measure each type's own code
+        if node.kind != "enum" and compiler.fixed_node(node) is None:
+            before = len(compiler.lines)
+            compiler.function(node)
+            if len(compiler.lines) - before - 3 <= INLINE_LINES and name not in compiler.recursive:
+                small.append(name)
+    compiler.lines = []
+    compiler.inlined = {n for n in small if n not in compiler.carriers and n not in observed}
     fixed_words: dict[str, int] = {}
-    skippers: dict[str, Skipper] = {}
+    skippers: dict[str, Callable[..., int]] = {}
     for name in sorted(types):
         node = types[name]
         if node.kind == "enum":
@@ -497,7 +556,7 @@ def compile_walker(text: str) -> Walker:
     exec(compile(source, "<ledger_xdr>", "exec"), namespace)  # noqa: S102 - compiled from the definitions
     for name in types:
         skippers.setdefault(name, namespace.get(f"skip_{name}"))  # type: ignore[arg-type]
-    return Walker(skippers, fixed_words, source)
+    return Walker(skippers, fixed_words, frozenset(compiler.carriers), source)
 
 
 def _constant_skipper(words: int, deepest: int) -> Skipper:
@@ -523,4 +582,73 @@ def stellar_walker() -> Walker:
     """The walker of Stellar's ledger XDR (compiled once per process, on first use)."""
     from pcbo_dagster.sources.ledger_xdr_definitions import DEFINITIONS
 
-    return compile_walker(DEFINITIONS)
+    return compile_walker(DEFINITIONS, observed=frozenset({"TransactionEnvelope"}))
+
+
+# -- a LedgerCloseMeta, walked for what a ledger's record needs -------------------------------------
+
+
+@dataclass(frozen=True)
+class LedgerFacts:
+    """What one walk of a LedgerCloseMeta (v0, v1 or v2) finds; positions are word indices."""
+
+    version: int
+    start: int  # the LedgerCloseMeta's words are [start, end)
+    end: int
+    header_start: int  # its LedgerHeader's words are [header_start, header_end); its hash the 8 before
+    header_end: int
+    sequence: int
+    close_time: int
+    protocol: int
+    transaction_count: int  # the envelopes of its transaction set
+    operation_count: int  # their operations (a fee bump's: its inner transaction's)
+
+
+def walk_ledger(words: Any, i: int) -> LedgerFacts:
+    """Walk the LedgerCloseMeta at `i`, checking all of it as stellar-sdk's `unpack` would (entered at
+    its top depth, as `LedgerCloseMeta.unpack` is). Raises `XdrError` or `IndexError`; a value ending
+    beyond the words raises `EOFError`."""
+    walker = stellar_walker()
+    skippers = walker.skippers
+    envelopes: list[int] = []
+    end = skippers["LedgerCloseMeta"](words, i, MAX_DEPTH, envelopes)
+    if end > len(words):
+        raise EOFError
+    version = words[i]
+    entry = i + 1 if version == 0 else skippers["LedgerCloseMetaExt"](words, i + 1, MAX_DEPTH)
+    header = entry + 8  # LedgerHeaderHistoryEntry {Hash hash; LedgerHeader header; ...}
+    # LedgerHeader {uint32 ledgerVersion; Hash previousLedgerHash; StellarValue scpValue; Hash
+    # txSetResultHash; Hash bucketListHash; uint32 ledgerSeq; ...}; StellarValue {Hash txSetHash;
+    # TimePoint closeTime; ...}
+    after_scp_value = skippers["StellarValue"](words, header + 9, MAX_DEPTH)
+    return LedgerFacts(
+        version=version,
+        start=i,
+        end=end,
+        header_start=header,
+        header_end=skippers["LedgerHeader"](words, header, MAX_DEPTH),
+        sequence=words[after_scp_value + 16],
+        close_time=words[header + 17] << 32 | words[header + 18],
+        protocol=words[header],
+        transaction_count=len(envelopes),
+        operation_count=sum(_operations(words, e, skippers) for e in envelopes),
+    )
+
+
+_ENVELOPE_TX_V0, _ENVELOPE_TX, _ENVELOPE_TX_FEE_BUMP = 0, 2, 5
+
+
+def _operations(words: Any, i: int, skippers: dict[str, Callable[..., int]]) -> int:
+    """The operation count of the (already checked) TransactionEnvelope at `i`."""
+    kind = words[i]
+    if kind == _ENVELOPE_TX_V0:  # TransactionV0 {uint256 source; uint32 fee; SequenceNumber seqNum;
+        i += 12  # TimeBounds* timeBounds; Memo memo; Operation operations<100>; ...}
+        i += 5 if words[i] else 1
+        return words[skippers["Memo"](words, i, MAX_DEPTH)]
+    if kind == _ENVELOPE_TX_FEE_BUMP:  # FeeBumpTransaction {MuxedAccount feeSource; int64 fee;
+        i = skippers["MuxedAccount"](words, i + 1, MAX_DEPTH) + 2  # union {ENVELOPE_TYPE_TX: ...} innerTx
+    # Transaction {MuxedAccount source; uint32 fee; SequenceNumber seqNum; Preconditions cond; Memo memo;
+    # Operation operations<100>; ...}
+    i = skippers["MuxedAccount"](words, i + 1, MAX_DEPTH) + 3
+    i = skippers["Preconditions"](words, i, MAX_DEPTH)
+    return words[skippers["Memo"](words, i, MAX_DEPTH)]
