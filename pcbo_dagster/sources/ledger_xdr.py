@@ -22,6 +22,7 @@ from __future__ import annotations
 import array
 import re
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
@@ -335,6 +336,7 @@ class _Compiler:
     def function(self, node: Node) -> None:
         self.body: list[str] = []
         self.entry_level = 0
+        self.proven = 0  # on the path being written, d > proven is known (checked already)
         self.pending = 0
         self.node(node, 0, 1, conditional=False)
         self.flush(1)
@@ -354,7 +356,9 @@ class _Compiler:
     def require(self, level: int, indent: int, conditional: bool) -> None:
         """stellar-sdk refuses a class at depth <= 0: one `level` classes below needs d > level."""
         if conditional:
-            self.emit(indent, f"if d <= {level}: _depth()")
+            if level > max(self.proven, self.entry_level):
+                self.emit(indent, f"if d <= {level}: _depth()")
+                self.proven = level
         else:
             self.entry_level = max(self.entry_level, level)
 
@@ -380,6 +384,11 @@ class _Compiler:
                 key = repr(decl)
                 groups.setdefault(key, []).append(value & 0xFFFFFFFF)
                 arms[key] = decl
+        invalid = f"raise XdrError('{node.name or 'union'}: discriminant %d' % t)"
+        if len(groups) > TREE_ARMS and node.default is False:
+            by_value = sorted((v, key) for key, values in groups.items() for v in values)
+            self.tree([(v, arms[key]) for v, key in by_value], level, indent, invalid)
+            return
         first = True
         for key, values in groups.items():
             test = (
@@ -396,16 +405,32 @@ class _Compiler:
                 self.emit(indent, "else:")
             self.arm(node.default if isinstance(node.default, Decl) else None, level, indent + 1)
             if enum is not None:
-                self.emit(indent, f"else: raise XdrError('{node.name or 'union'}: discriminant %d' % t)")
+                self.emit(indent, f"else: {invalid}")
         else:
-            self.emit(indent, f"else: raise XdrError('{node.name or 'union'}: discriminant %d' % t)")
+            self.emit(indent, f"else: {invalid}")
+
+    def tree(self, arms: list[tuple[int, Decl | None]], level: int, indent: int, invalid: str) -> None:
+        """Arms chosen by halving the sorted discriminants (a few comparisons, not one per arm)."""
+        if len(arms) <= 3:
+            for k, (value, decl) in enumerate(arms):
+                self.emit(indent, f"{'elif' if k else 'if'} t == {value}:")
+                self.arm(decl, level, indent + 1)
+            self.emit(indent, f"else: {invalid}")
+            return
+        middle = len(arms) // 2
+        self.emit(indent, f"if t < {arms[middle][0]}:")
+        self.tree(arms[:middle], level, indent + 1, invalid)
+        self.emit(indent, "else:")
+        self.tree(arms[middle:], level, indent + 1, invalid)
 
     def arm(self, decl: Decl | None, level: int, indent: int) -> None:
         if decl is None:
             self.emit(indent, "pass")
             return
+        proven = self.proven  # what a branch checks is not known after it
         self.decl(decl, level, indent, conditional=True)
         self.flush(indent)
+        self.proven = proven
 
     def decl(self, decl: Decl, level: int, indent: int, conditional: bool) -> None:
         """The code of a declaration held by a class `level` levels below the function's."""
@@ -432,8 +457,10 @@ class _Compiler:
         if decl.mode == "optional":
             self.emit(indent, "i += 1")
             self.emit(indent, "if w[i - 1]:")
+            proven = self.proven
             self.one(node, level + 1, indent + 1, conditional=True)
             self.flush(indent + 1)
+            self.proven = proven
             return
         if decl.mode == "var":
             self.counter += 1
@@ -451,7 +478,9 @@ class _Compiler:
         if element is not None:  # a run of constant-size values
             words, deepest = element
             self.emit(indent, f"if {count}:")
+            proven = self.proven
             self.require(level + deepest, indent + 1, conditional=True)
+            self.proven = proven
             self.emit(indent + 1, f"i += {count} * {words}")
             return
         if node.kind == "enum":
@@ -460,8 +489,10 @@ class _Compiler:
             self.emit(indent, f"i += {count}")
             return
         self.emit(indent, f"for _ in range({count}):")
+        proven = self.proven
         self.one(node, level + 1, indent + 1, conditional=True)
         self.flush(indent + 1)
+        self.proven = proven
 
     def one(self, node: Node, level: int, indent: int, conditional: bool) -> None:
         """One value of `node`, a class at `level`: an enum checked, an anonymous type written in
@@ -499,6 +530,9 @@ def _closure(name: str, parts: dict[str, set[str]]) -> set[str]:
     return found
 
 
+#: Unions of more arms than this choose theirs by halving (`_Compiler.tree`).
+TREE_ARMS = 6
+
 #: Types whose own code is at most this many lines are written in place where they are used (a
 #: Python call costs more than the few lines it would run).
 INLINE_LINES = 12
@@ -508,22 +542,52 @@ def _depth_error() -> None:
     raise XdrError("Maximum decoding depth reached")
 
 
-@dataclass(frozen=True)
 class Walker:
-    """The compiled skip functions by type name, the words of the types of constant size, and the
-    source the functions were compiled from. The functions of the types in `carriers` take a fourth
-    argument, a list to which the index of every value of an observed type they pass is appended."""
+    """Skip functions by type name (`skipper`), the words of the types of constant size, and the
+    source of the functions compiled. The functions of the types in `carriers` take a fourth
+    argument, a list to which the index of every value of an observed type they pass is appended.
+    A small type is written in place where it is used; its own function is compiled when asked for."""
 
-    skippers: dict[str, Callable[..., int]]
-    fixed_words: dict[str, int]
-    carriers: frozenset[str]
-    source: str
+    def __init__(self, compiler: _Compiler, namespace: dict[str, Any], source: str) -> None:
+        self._compiler = compiler
+        self._namespace = namespace
+        self._lock = threading.Lock()
+        self.source = source
+        self.carriers = frozenset(compiler.carriers)
+        self.fixed_words: dict[str, int] = {}
+        self._skippers: dict[str, Callable[..., int]] = {}
+        for name, node in compiler.types.items():
+            if node.kind == "enum":
+                self._skippers[name] = _enum_skipper(compiler.enum_values(node), name)
+            elif (fixed := compiler.fixed_node(node)) is not None:
+                self.fixed_words[name] = fixed[0]
+                self._skippers[name] = _constant_skipper(*fixed)
+            elif f"skip_{name}" in namespace:
+                self._skippers[name] = namespace[f"skip_{name}"]
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._compiler.types)
+
+    def skipper(self, name: str) -> Callable[..., int]:
+        """The skip function of `name`: `(words, i, depth[, seen]) -> end`."""
+        found = self._skippers.get(name)
+        if found is None:
+            with self._lock:
+                compiler = self._compiler
+                compiler.lines = []
+                compiler.function(compiler.types[name])
+                source = "\n".join(compiler.lines)
+                self._namespace.update(compiler.names)  # the constants its code names
+                exec(compile(source, f"<ledger_xdr {name}>", "exec"), self._namespace)  # noqa: S102
+                found = self._skippers[name] = self._namespace[f"skip_{name}"]
+        return found
 
     def skip(self, name: str, words: Any, i: int, depth: int = MAX_DEPTH) -> int:
         """The word index where the `name` value at `i` ends (entered at stellar-sdk's `depth`)."""
         if name in self.carriers:
-            return self.skippers[name](words, i, depth, [])
-        return self.skippers[name](words, i, depth)
+            return self.skipper(name)(words, i, depth, [])
+        return self.skipper(name)(words, i, depth)
 
 
 def compile_walker(text: str, observed: frozenset[str] = frozenset()) -> Walker:
@@ -540,23 +604,14 @@ def compile_walker(text: str, observed: frozenset[str] = frozenset()) -> Walker:
                 small.append(name)
     compiler.lines = []
     compiler.inlined = {n for n in small if n not in compiler.carriers and n not in observed}
-    fixed_words: dict[str, int] = {}
-    skippers: dict[str, Callable[..., int]] = {}
-    for name in sorted(types):
+    for name in sorted(types):  # the functions the others call (a small type's when asked for)
         node = types[name]
-        if node.kind == "enum":
-            skippers[name] = _enum_skipper(compiler.enum_values(node), name)
-        elif (fixed := compiler.fixed_node(node)) is not None:
-            fixed_words[name] = fixed[0]
-            skippers[name] = _constant_skipper(*fixed)
-        else:
+        if node.kind != "enum" and compiler.fixed_node(node) is None and name not in compiler.inlined:
             compiler.function(node)
     source = "\n".join(compiler.lines)
     namespace = dict(compiler.names)
     exec(compile(source, "<ledger_xdr>", "exec"), namespace)  # noqa: S102 - compiled from the definitions
-    for name in types:
-        skippers.setdefault(name, namespace.get(f"skip_{name}"))  # type: ignore[arg-type]
-    return Walker(skippers, fixed_words, frozenset(compiler.carriers), source)
+    return Walker(compiler, namespace, source)
 
 
 def _constant_skipper(words: int, deepest: int) -> Skipper:
@@ -608,8 +663,7 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
     """Walk the LedgerCloseMeta at `i`, checking all of it as stellar-sdk's `unpack` would (entered at
     its top depth, as `LedgerCloseMeta.unpack` is). Raises `XdrError` or `IndexError`; a value ending
     beyond the words raises `EOFError`."""
-    walker = stellar_walker()
-    skippers = walker.skippers
+    skippers = _ledger_skippers()
     envelopes: list[int] = []
     end = skippers["LedgerCloseMeta"](words, i, MAX_DEPTH, envelopes)
     if end > len(words):
@@ -636,6 +690,13 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
 
 
 _ENVELOPE_TX_V0, _ENVELOPE_TX, _ENVELOPE_TX_FEE_BUMP = 0, 2, 5
+
+
+@cache
+def _ledger_skippers() -> dict[str, Callable[..., int]]:
+    walker = stellar_walker()
+    names = ("LedgerCloseMeta", "LedgerCloseMetaExt", "StellarValue", "LedgerHeader")
+    return {name: walker.skipper(name) for name in (*names, "MuxedAccount", "Preconditions", "Memo")}
 
 
 def _operations(words: Any, i: int, skippers: dict[str, Callable[..., int]]) -> int:
