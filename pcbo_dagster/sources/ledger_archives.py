@@ -400,7 +400,8 @@ LEDGER_BATCH_BYTES = 64 << 20
 class LedgerIndex:
     """Where pass 1 found each ledger it read (its batch file, bytes in the decompressed batch, the
     offset of its header) and what walking it gave (transaction and operation counts, the SHA-256
-    of its XDR): 56 bytes a ledger, so that a ledger read again is sliced, not walked again."""
+    of its XDR): 68 bytes a ledger (and each batch file once), so that a ledger read again is sliced
+    from its batch, not walked again."""
 
     def __init__(self) -> None:
         self.files: list[BatchFile] = []
