@@ -395,11 +395,7 @@ def metadata_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def pcbo_env(pcbo_home: Path, config: Path, dagster_home: Path, **extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PCBO_", "DAGSTER_")) or key == "PCBO_SHARED_DIR"
-    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PCBO_", "DAGSTER_"))}
     env.update(
         {
             "PCBO_HOME": str(pcbo_home),

@@ -262,3 +262,29 @@ def write_archive(
         batch_start = batch_end + 1
         index += 1
     return archive
+
+
+def ledger_range_request(
+    records: list[dict[str, Any]],
+    *,
+    run_id: str,
+    dataset: str,
+    first: int,
+    end: int,
+    partition_size: int,
+    version_label: str = "v1",
+) -> dict[str, Any]:
+    """A `ledgerRange` backfill request carrying `records` inline (consent required)."""
+    return {
+        "runId": run_id,
+        "dataset": dataset,
+        "versionLabel": version_label,
+        "ledgerRange": {
+            "field": "ledgerSequence",
+            "first": first,
+            "end": end,
+            "partitionSize": partition_size,
+        },
+        "policies": {"requireConsent": True},
+        "sourceRecords": records,
+    }

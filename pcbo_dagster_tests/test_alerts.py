@@ -22,8 +22,8 @@ from pcbo_dagster.alerts.webhook import (
     deliver_pending,
     raise_and_deliver,
 )
+from pcbo_dagster.catalog import CatalogStore, default_catalog_url
 from pcbo_dagster.catalog.rollouts import RolloutStore
-from pcbo_dagster.catalog.store import CatalogStore, default_catalog_url
 from pcbo_dagster.dagster_defs.alerts.sensors import SENSOR_NAME, alert_store, build_alerts_sensor
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.io.redaction import scrub_text

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pcbo_dagster.catalog import CatalogStore, default_catalog_url
-from pcbo_dagster.catalog.store import HEAD_REVISION
+from pcbo_dagster.catalog.database import HEAD_REVISION
 
 SPAWN = multiprocessing.get_context("spawn")
 DS, VL = "events", "v1"

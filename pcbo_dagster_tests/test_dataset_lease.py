@@ -11,7 +11,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from pcbo_dagster.catalog import CatalogStore
-from pcbo_dagster.catalog.store import HEAD_REVISION, MIGRATIONS_DIR
+from pcbo_dagster.catalog.database import HEAD_REVISION, MIGRATIONS_DIR
 from pcbo_dagster_tests.cli_runner import run_pcbo
 
 

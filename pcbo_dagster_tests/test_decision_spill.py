@@ -2,7 +2,7 @@
 must be exactly the in-memory decisions of the same records given inline — every partition, the
 unplaced entries, totals, breaches, and the plan and decision hashes — and the spill's directory
 must go away with it, on success and on bad input alike. Also: the dry-run writer that streams
-(`cli.json_text`) writes exactly the text `json.dumps(indent=2)` would."""
+(`core.json_documents.streamed_text`) writes exactly the text `json.dumps(indent=2)` would."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pytest
 import rfc8785
 
-from pcbo_dagster.cli.common import json_text
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.json_documents import streamed_text
 from pcbo_dagster.engine.decision_spill import SpilledPartitions
 from pcbo_dagster.engine.request_loading import evaluate, load_request
 
@@ -178,14 +178,14 @@ def test_spill_directory_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         [[[]], {"x": [{}]}, "s", -3, 2.0e-7, False],
     ],
 )
-def test_json_text_is_json_dumps_indent_2(document: Any) -> None:
-    assert "".join(json_text(document)) == json.dumps(document, indent=2, ensure_ascii=False)
+def test_streamed_text_is_json_dumps_indent_2(document: Any) -> None:
+    assert "".join(streamed_text(document)) == json.dumps(document, indent=2, ensure_ascii=False)
 
 
-def test_json_text_streams_iterators_as_lists() -> None:
+def test_streamed_text_streams_iterators_as_lists() -> None:
     document = {"empty": iter([]), "ids": (f"id-{i}" for i in range(3)), "nested": map(dict, [{"a": 1}])}
     expected = {"empty": [], "ids": ["id-0", "id-1", "id-2"], "nested": [{"a": 1}]}
-    assert "".join(json_text(document)) == json.dumps(expected, indent=2, ensure_ascii=False)
+    assert "".join(streamed_text(document)) == json.dumps(expected, indent=2, ensure_ascii=False)
 
 
 def test_spill_reads_interleave(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

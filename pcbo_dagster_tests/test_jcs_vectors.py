@@ -1,4 +1,5 @@
-"""RFC 8785 (JCS) canonicalization against the shared vectors, and `fast_jcs` against `rfc8785`.
+"""RFC 8785 (JCS) canonicalization against the cyberphone vectors (`vectors/jcs`), and `fast_jcs`
+against `rfc8785`.
 
 The vector outputs are the exact expected bytes (no trailing newline); inputs are parsed with `json`.
 """
@@ -6,7 +7,6 @@ The vector outputs are the exact expected bytes (no trailing newline); inputs ar
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,30 +15,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pcbo_dagster.core.canonical import digest_of, fast_jcs, jcs, sha256_hex
-from pcbo_dagster_tests.conftest import SHARED_DIR
+from pcbo_dagster_tests.conftest import VECTORS_DIR
 
 
 def _jcs_files() -> list[str]:
-    base = SHARED_DIR / "vectors" / "jcs" / "input"
-    if not base.is_dir():
-        return []
-    return sorted(p.name for p in base.glob("*.json"))
+    return sorted(p.name for p in (VECTORS_DIR / "jcs" / "input").glob("*.json"))
 
 
 JCS_FILES = _jcs_files()
 
 
-def test_jcs_vector_set_is_paired(shared_vectors: Path) -> None:
-    inputs = sorted(p.name for p in (shared_vectors / "jcs" / "input").iterdir())
-    outputs = sorted(p.name for p in (shared_vectors / "jcs" / "output").iterdir())
+def test_jcs_vector_set_is_paired() -> None:
+    inputs = sorted(p.name for p in (VECTORS_DIR / "jcs" / "input").iterdir())
+    outputs = sorted(p.name for p in (VECTORS_DIR / "jcs" / "output").iterdir())
     assert inputs == outputs == JCS_FILES
     assert len(JCS_FILES) >= 6
 
 
 @pytest.mark.parametrize("name", JCS_FILES)
-def test_jcs_vector(shared_vectors: Path, name: str) -> None:
-    source = (shared_vectors / "jcs" / "input" / name).read_bytes()
-    expected = (shared_vectors / "jcs" / "output" / name).read_bytes()
+def test_jcs_vector(name: str) -> None:
+    source = (VECTORS_DIR / "jcs" / "input" / name).read_bytes()
+    expected = (VECTORS_DIR / "jcs" / "output" / name).read_bytes()
     value = json.loads(source)
     out = jcs(value)
     assert out == expected

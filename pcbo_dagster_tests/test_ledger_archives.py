@@ -318,7 +318,7 @@ KEYS = ["range=5-12", "range=13-20", "range=21-26"]
 def archive_request(tmp_path) -> tuple[b.BuiltArchive, dict[str, Any]]:
     archive = b.write_archive(tmp_path / "archive", 0, 31, ledgers_per_file=4, files_per_partition=2)
     records = list(la.iter_ledger_records(str(tmp_path / "archive"), FIRST, END))
-    request = la.ledger_range_request(
+    request = b.ledger_range_request(
         records, run_id="lcm-0001", dataset="ledgers_lcm_raw", first=FIRST, end=END, partition_size=SIZE
     )
     return archive, request
@@ -455,7 +455,7 @@ def test_a_streamed_archive_is_walked_once_and_decides_and_fetches_like_the_full
     monkeypatch.setattr(
         ledger_decoding, "walk_ledger", lambda words, i: walks.append(i) or real_walk(words, i)
     )
-    inline = la.ledger_range_request(
+    inline = b.ledger_range_request(
         realistic_archive[2][first - REAL_FIRST : end - REAL_FIRST],
         run_id="walk-0001", dataset="ledgers", first=first, end=end, partition_size=16,
     )  # fmt: skip
@@ -522,7 +522,7 @@ def test_pcbo_execute_writes_the_bytes_the_full_decoding_writes(realistic_archiv
 
     root = realistic_archive[1]
     first, end = REAL_FIRST + 1, REAL_FIRST + 71
-    request = la.ledger_range_request(
+    request = b.ledger_range_request(
         [], run_id="walk-0002", dataset="ledgers", first=first, end=end, partition_size=24
     )
     del request["sourceRecords"]

@@ -1,7 +1,8 @@
-"""RFC 6962 Merkle trees against the shared vectors (CONTRACT section 5) and exhaustive round trips.
+"""RFC 6962 Merkle trees against the transparency-dev vectors (CONTRACT section 5) and exhaustive round
+trips.
 
-Vector files are discovered under the shared directory at collection time so each file is its own test
-id; the tests themselves read through the `shared_vectors` fixture, which skips when it is absent.
+Vector files are discovered under `pcbo_dagster_tests/vectors/rfc6962` at collection time, so each file
+is its own test id.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,15 +28,13 @@ from pcbo_dagster.core.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from pcbo_dagster_tests.conftest import SHARED_DIR
+from pcbo_dagster_tests.conftest import VECTORS_DIR
 
 RFC6962 = "rfc6962"
 
 
 def _vector_files(kind: str) -> list[str]:
-    base = SHARED_DIR / "vectors" / RFC6962 / kind
-    if not base.is_dir():
-        return []
+    base = VECTORS_DIR / RFC6962 / kind
     return sorted(p.relative_to(base).as_posix() for p in base.rglob("*.json"))
 
 
@@ -50,8 +48,8 @@ def _b64(value: str) -> bytes:
     return base64.b64decode(value, validate=True)
 
 
-def _load(vectors: Path, kind: str, rel: str) -> dict[str, Any]:
-    return json.loads((vectors / RFC6962 / kind / rel).read_bytes())
+def _load(kind: str, rel: str) -> dict[str, Any]:
+    return json.loads((VECTORS_DIR / RFC6962 / kind / rel).read_bytes())
 
 
 def _proof(case: dict[str, Any]) -> list[bytes]:
@@ -59,8 +57,8 @@ def _proof(case: dict[str, Any]) -> list[bytes]:
     return [_b64(p) for p in case["proof"] or []]
 
 
-def _roots_vector(vectors: Path) -> tuple[list[bytes], list[bytes]]:
-    data = json.loads((vectors / RFC6962 / "roots.json").read_bytes())
+def _roots_vector() -> tuple[list[bytes], list[bytes]]:
+    data = json.loads((VECTORS_DIR / RFC6962 / "roots.json").read_bytes())
     leaves = [bytes.fromhex(h) for h in data["leaves_hex"]]
     roots = [bytes.fromhex(h) for h in data["roots_hex_by_tree_size"]]
     return leaves, roots
@@ -116,8 +114,8 @@ def _leaves(n: int) -> list[bytes]:
 # --- the vector set itself ----------------------------------------------------------------------------
 
 
-def test_vector_set_is_present_and_complete(shared_vectors: Path) -> None:
-    base = shared_vectors / RFC6962
+def test_vector_set_is_present_and_complete() -> None:
+    base = VECTORS_DIR / RFC6962
     assert (base / "roots.json").is_file()
     assert len(INCLUSION_FILES) >= 50 and len(CONSISTENCY_FILES) >= 50
     assert len(HAPPY_INCLUSION) == 5 and len(HAPPY_CONSISTENCY) == 5
@@ -127,13 +125,13 @@ def test_vector_set_is_present_and_complete(shared_vectors: Path) -> None:
         ("consistency", CONSISTENCY_FILES, {"size1", "size2", "root1", "root2", "proof", "wantErr"}),
     ):
         for rel in files:
-            case = _load(shared_vectors, kind, rel)
+            case = _load(kind, rel)
             assert keys <= case.keys(), rel
             assert isinstance(case["wantErr"], bool), rel
 
 
-def test_roots_for_sizes_0_to_8(shared_vectors: Path) -> None:
-    leaves, roots = _roots_vector(shared_vectors)
+def test_roots_for_sizes_0_to_8() -> None:
+    leaves, roots = _roots_vector()
     assert len(leaves) == 8 and len(roots) == 9
     assert roots[0] == EMPTY_ROOT == hashlib.sha256(b"").digest()
     for size, expected in enumerate(roots):
@@ -143,8 +141,8 @@ def test_roots_for_sizes_0_to_8(shared_vectors: Path) -> None:
 
 
 @pytest.mark.parametrize("rel", INCLUSION_FILES)
-def test_inclusion_vector(shared_vectors: Path, rel: str) -> None:
-    case = _load(shared_vectors, "inclusion", rel)
+def test_inclusion_vector(rel: str) -> None:
+    case = _load("inclusion", rel)
     ok = verify_inclusion(
         _b64(case["leafHash"]), case["leafIdx"], case["treeSize"], _proof(case), _b64(case["root"])
     )
@@ -152,8 +150,8 @@ def test_inclusion_vector(shared_vectors: Path, rel: str) -> None:
 
 
 @pytest.mark.parametrize("rel", CONSISTENCY_FILES)
-def test_consistency_vector(shared_vectors: Path, rel: str) -> None:
-    case = _load(shared_vectors, "consistency", rel)
+def test_consistency_vector(rel: str) -> None:
+    case = _load("consistency", rel)
     ok = verify_consistency(
         case["size1"], case["size2"], _b64(case["root1"]), _b64(case["root2"]), _proof(case)
     )
@@ -161,10 +159,10 @@ def test_consistency_vector(shared_vectors: Path, rel: str) -> None:
 
 
 @pytest.mark.parametrize("rel", HAPPY_INCLUSION)
-def test_inclusion_proof_reproduces_vector(shared_vectors: Path, rel: str) -> None:
+def test_inclusion_proof_reproduces_vector(rel: str) -> None:
     """The happy-path trees are prefixes of the roots.json leaves, so our proofs must match exactly."""
-    leaves, roots = _roots_vector(shared_vectors)
-    case = _load(shared_vectors, "inclusion", rel)
+    leaves, roots = _roots_vector()
+    case = _load("inclusion", rel)
     size, index = case["treeSize"], case["leafIdx"]
     assert _b64(case["root"]) == roots[size]
     assert leaf_hash(leaves[index]) == _b64(case["leafHash"])
@@ -172,9 +170,9 @@ def test_inclusion_proof_reproduces_vector(shared_vectors: Path, rel: str) -> No
 
 
 @pytest.mark.parametrize("rel", HAPPY_CONSISTENCY)
-def test_consistency_proof_reproduces_vector(shared_vectors: Path, rel: str) -> None:
-    leaves, roots = _roots_vector(shared_vectors)
-    case = _load(shared_vectors, "consistency", rel)
+def test_consistency_proof_reproduces_vector(rel: str) -> None:
+    leaves, roots = _roots_vector()
+    case = _load("consistency", rel)
     size1, size2 = case["size1"], case["size2"]
     assert _b64(case["root1"]) == roots[size1]
     assert _b64(case["root2"]) == roots[size2]

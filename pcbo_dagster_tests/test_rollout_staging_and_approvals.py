@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.catalog.rollouts import RolloutStore
-from pcbo_dagster.catalog.store import CatalogStore
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.datasets.config import parse_datasets_config

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pcbo_dagster.cli.main import main
-from pcbo_dagster.sources.record_files import jsonable_row, parse_csv
+from pcbo_dagster.sources.record_files import jsonable_row
+from pcbo_dagster_tests.csv_files import parse_csv
 
 BASE = {
     "runId": "streamed-run",

@@ -26,7 +26,6 @@ alert on and calls `raise_and_deliver`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutStore
+from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.http_delivery import DeliveryFailed, JsonPoster
 
 logger = logging.getLogger(__name__)
@@ -132,9 +132,7 @@ class AlertWebhook(JsonPoster):
 
         Raises `AlertDeliveryError` (a redacted message, `retryable` telling whether the retries
         ran out or the answer was not retryable) when it still fails."""
-        body = json.dumps(
-            payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
+        body = compact_text(payload).encode("utf-8")
         try:
             return self.post(body, str(payload.get("alert_key")))
         except DeliveryFailed as exc:

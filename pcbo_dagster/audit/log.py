@@ -19,6 +19,7 @@ from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
 from pcbo_dagster.core.audit_chain import build_event, split_chain_key, verify_chain
 from pcbo_dagster.core.errors import IntegrityError
+from pcbo_dagster.io.clock import utc_now
 
 
 class ChainDivergence(IntegrityError):
@@ -56,11 +57,6 @@ class ReconcileResult:
     to_backup: int
     to_head_store: int
     head: tuple[int, str] | None
-
-
-def utc_now() -> datetime:
-    """The default clock."""
-    return datetime.now(UTC)
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -186,7 +182,7 @@ class AuditLog:
         return _head_of(self.backup.last_event(chain_key))
 
     def sync_to_catalog(self, chain_key: str) -> ReconcileResult:
-        """Reconcile the backup and the head store without appending (used by repair)."""
+        """Reconcile the backup and the head store without appending an event."""
         with self._session(chain_key) as (_, state):
             return state
 

@@ -15,23 +15,17 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.store import CatalogStore
+from pcbo_dagster.catalog.database import Database
 from pcbo_dagster.core.errors import InvalidInput
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.io.clock import utc_now
 
 
 def _rollout_row(row: Any) -> dict[str, Any]:
@@ -52,7 +46,7 @@ def open_rollout_store(catalog_url: str) -> Iterator[RolloutStore | None]:
     """The rollout records of the catalog at `catalog_url` (migrated), closed on exit; None when it is
     an embedded SQLite catalog whose file does not exist yet (nothing was ever rolled out there), so
     that looking up an unknown rollout writes nothing."""
-    catalog = CatalogStore(catalog_url)
+    catalog = Database(catalog_url)
     try:
         if catalog.is_missing_sqlite_file():
             yield None
@@ -64,9 +58,10 @@ def open_rollout_store(catalog_url: str) -> Iterator[RolloutStore | None]:
 
 
 class RolloutStore:
-    """Rollout records on a `CatalogStore` (migrated to revision 0003 or later)."""
+    """Rollout records on the catalog database (a `CatalogStore` or any `Database`, migrated to
+    revision 0003 or later), through its `write()` and `read()` transactions."""
 
-    def __init__(self, catalog: CatalogStore) -> None:
+    def __init__(self, catalog: Database) -> None:
         self.catalog = catalog
 
     # -- rollouts ---------------------------------------------------------------------------------
@@ -94,8 +89,8 @@ class RolloutStore:
             "version_label": version_label,
             "first_key": partition_keys[0],
             "last_key": partition_keys[-1],
-            "partition_keys": _dumps(partition_keys),
-            "throttle": _dumps(throttle),
+            "partition_keys": compact_text(partition_keys),
+            "throttle": compact_text(throttle),
             "soak_window_seconds": soak_window_seconds,
             "status": "applying",
             "control": "run",
@@ -106,7 +101,7 @@ class RolloutStore:
         existing = self.get(name)
         if existing is None:
             try:
-                with self.catalog._write() as conn:
+                with self.catalog.write() as conn:
                     conn.execute(t.rollouts.insert().values(**values))
                     self._log(
                         conn,
@@ -141,7 +136,7 @@ class RolloutStore:
         return existing
 
     def get(self, name: str) -> dict[str, Any] | None:
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             row = conn.execute(select(t.rollouts).where(t.rollouts.c.name == name)).first()
         return None if row is None else _rollout_row(row)
 
@@ -162,7 +157,7 @@ class RolloutStore:
             stmt = stmt.where(r.c.dataset == dataset)
         if statuses is not None:
             stmt = stmt.where(r.c.status.in_(statuses))
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             return [_rollout_row(row) for row in conn.execute(stmt)]
 
     def set_status(
@@ -179,7 +174,7 @@ class RolloutStore:
         if status not in t.ROLLOUT_STATUSES:
             raise ValueError(f"unknown rollout status {status!r}")
         now = now or utc_now()
-        with self.catalog._write() as conn:
+        with self.catalog.write() as conn:
             conn.execute(
                 update(t.rollouts)
                 .where(t.rollouts.c.name == name)
@@ -195,7 +190,7 @@ class RolloutStore:
             raise InvalidInput("action", f"must be pause, resume or cancel, not {control!r}")
         now = now or utc_now()
         rollout = self.require(name)
-        with self.catalog._write() as conn:
+        with self.catalog.write() as conn:
             conn.execute(
                 update(t.rollouts).where(t.rollouts.c.name == name).values(control=control, updated_at=now)
             )
@@ -206,7 +201,7 @@ class RolloutStore:
         return self.require(name)
 
     def control(self, name: str) -> str:
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             return str(
                 conn.execute(select(t.rollouts.c.control).where(t.rollouts.c.name == name)).scalar_one()
             )
@@ -222,7 +217,7 @@ class RolloutStore:
         actor: str | None = None,
         now: datetime | None = None,
     ) -> None:
-        with self.catalog._write() as conn:
+        with self.catalog.write() as conn:
             self._log(conn, name, kind, actor, detail, now or utc_now())
 
     @staticmethod
@@ -231,14 +226,14 @@ class RolloutStore:
     ) -> None:
         conn.execute(
             t.rollout_log.insert().values(
-                rollout=name, kind=kind, actor=actor, detail=_dumps(detail), recorded_at=now
+                rollout=name, kind=kind, actor=actor, detail=compact_text(detail), recorded_at=now
             )
         )
 
     def history(self, name: str) -> list[dict[str, Any]]:
         """The rollout's log, oldest first."""
         stmt = select(t.rollout_log).where(t.rollout_log.c.rollout == name).order_by(t.rollout_log.c.id)
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             return [_with_detail(row) for row in conn.execute(stmt)]
 
     # -- approvals --------------------------------------------------------------------------------
@@ -257,7 +252,7 @@ class RolloutStore:
         if decision not in t.APPROVAL_DECISIONS:
             raise ValueError(f"unknown approval decision {decision!r}")
         now = now or utc_now()
-        with self.catalog._write() as conn:
+        with self.catalog.write() as conn:
             conn.execute(
                 t.rollout_approvals.insert().values(
                     rollout=name,
@@ -283,7 +278,7 @@ class RolloutStore:
 
     def approvals(self, name: str) -> list[dict[str, Any]]:
         a = t.rollout_approvals
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             return [
                 dict(r._mapping) for r in conn.execute(select(a).where(a.c.rollout == name).order_by(a.c.id))
             ]
@@ -299,10 +294,10 @@ class RolloutStore:
         self, name: str, passed: bool, detail: dict[str, Any], now: datetime | None = None
     ) -> dict[str, Any]:
         now = now or utc_now()
-        with self.catalog._write() as conn:
+        with self.catalog.write() as conn:
             conn.execute(
                 t.soak_evaluations.insert().values(
-                    rollout=name, passed=1 if passed else 0, detail=_dumps(detail), evaluated_at=now
+                    rollout=name, passed=1 if passed else 0, detail=compact_text(detail), evaluated_at=now
                 )
             )
         return {"rollout": name, "passed": passed, "detail": detail, "evaluated_at": now}
@@ -310,7 +305,7 @@ class RolloutStore:
     def soak_evaluations(self, name: str) -> list[dict[str, Any]]:
         """The rollout's soak evaluations, oldest first (`passed` as a bool, `detail` parsed)."""
         s = t.soak_evaluations
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             rows = [
                 _with_detail(r) for r in conn.execute(select(s).where(s.c.rollout == name).order_by(s.c.id))
             ]
@@ -333,14 +328,14 @@ class RolloutStore:
         """Record an alert (delivery `pending`); None when `alert_key` was already raised."""
         now = now or utc_now()
         try:
-            with self.catalog._write() as conn:
+            with self.catalog.write() as conn:
                 conn.execute(
                     t.alerts.insert().values(
                         alert_key=alert_key,
                         kind=kind,
                         severity=severity,
                         subject=subject,
-                        detail=_dumps(detail),
+                        detail=compact_text(detail),
                         raised_at=now,
                         delivery_status="pending",
                         attempts=0,
@@ -351,7 +346,7 @@ class RolloutStore:
         return self.alert(alert_key)
 
     def alert(self, alert_key: str) -> dict[str, Any] | None:
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             row = conn.execute(select(t.alerts).where(t.alerts.c.alert_key == alert_key)).first()
         return None if row is None else _with_detail(row)
 
@@ -360,7 +355,7 @@ class RolloutStore:
         stmt = select(a).order_by(a.c.id)
         if delivery_status is not None:
             stmt = stmt.where(a.c.delivery_status == delivery_status)
-        with self.catalog._read() as conn:
+        with self.catalog.read() as conn:
             return [_with_detail(r) for r in conn.execute(stmt)]
 
     def record_delivery(
@@ -375,7 +370,7 @@ class RolloutStore:
         """After a delivery attempt: `delivered`, or still `pending` with the error (retried later)."""
         now = now or utc_now()
         a = t.alerts
-        with self.catalog._write() as conn:
+        with self.catalog.write() as conn:
             conn.execute(
                 update(a)
                 .where(a.c.id == alert_id)

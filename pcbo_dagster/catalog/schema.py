@@ -26,9 +26,6 @@ from sqlalchemy.types import TypeDecorator
 
 metadata = MetaData()
 
-PARTITION_STATUSES = ("committed", "rolled_back", "superseded")
-APPEND_ONLY_TABLES = ("audit_events", "discrepancy_events")
-
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC instant on every backend (SQLite stores it naive, in UTC)."""
@@ -213,8 +210,6 @@ ROLLOUT_STATUSES = (
 )
 ROLLOUT_CONTROLS = ("run", "pause", "cancel")
 APPROVAL_DECISIONS = ("approved", "rejected")
-#: Append-only like the audit mirror: history is added to, never edited.
-ROLLOUT_APPEND_ONLY_TABLES = ("rollout_log", "rollout_approvals", "soak_evaluations")
 
 # One row per rollout: a named range of partitions of a dataset on its way to production.
 rollouts = Table(

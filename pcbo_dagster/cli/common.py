@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import stat
 import sys
 from collections.abc import Iterator
@@ -14,42 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.json_documents import streamed_text
 from pcbo_dagster.core.request_model import NAME_PATTERN
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.io.atomic_files import replacing
 
 
-def json_text(value: Any, level: int = 0) -> Iterator[str]:
-    """The text `json.dumps(value, indent=2, ensure_ascii=False)` gives, in pieces, where any
-    iterable that is not a str, list, tuple or dict (a generator) is written as a list as it is
-    iterated: a dry-run listing millions of ids never exists whole in memory."""
-    if isinstance(value, dict):
-        items: Iterator[tuple[str, Any]] = iter(value.items())
-        open_, close = "{", "}"
-    elif isinstance(value, list | tuple) or (
-        not isinstance(value, str | bytes | int | float | bool | type(None)) and hasattr(value, "__iter__")
-    ):
-        items = ((None, v) for v in value)  # type: ignore[misc]
-        open_, close = "[", "]"
-    else:
-        yield json.dumps(value, ensure_ascii=False)
-        return
-    inner = "\n" + "  " * (level + 1)
-    first = True
-    for key, item in items:
-        yield (open_ if first else ",") + inner
-        first = False
-        if key is not None:
-            yield json.dumps(key, ensure_ascii=False) + ": "
-        yield from json_text(item, level + 1)
-    yield open_ + close if first else "\n" + "  " * level + close
-
-
 def write_output(document: dict[str, Any], output: str | None) -> None:
-    """Write `document` as indented JSON (`json_text`), to stdout or `output`; a regular file is
+    """Write `document` as indented JSON (`streamed_text`), to stdout or `output`; a regular file is
     replaced all-or-nothing, anything else (/dev/stdout, a pipe) written to."""
     if output is None or output == "-":
-        for piece in json_text(document):
+        for piece in streamed_text(document):
             sys.stdout.write(piece)
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -70,7 +44,7 @@ def write_output(document: dict[str, Any], output: str | None) -> None:
 
 def _write_text(document: dict[str, Any], raw: Any) -> None:
     writer = io.TextIOWrapper(raw, encoding="utf-8", newline="\n", write_through=False)
-    for piece in json_text(document):
+    for piece in streamed_text(document):
         writer.write(piece)
     writer.write("\n")
     writer.flush()

@@ -383,11 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         document = args.func(args)
     except InvalidInput as exc:
         print(f"pcbo {args.command}: invalid input: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except Blocked as exc:
         write_output(exc.document, args.output)
         print(f"pcbo {args.command}: blocked: {exc}", file=sys.stderr)
-        return 3
+        return exc.exit_status
     except Findings as exc:
         write_output(exc.document, args.output)
         print(f"pcbo {args.command}: not valid; see the findings", file=sys.stderr)
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         if document is not None:
             write_output(document, args.output)
         print(f"pcbo {args.command}: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_status
     write_output(document, args.output)
     return 0
 

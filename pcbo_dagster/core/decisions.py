@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,6 @@ ALREADY_PRESENT = "ALREADY_PRESENT"
 DUPLICATE_ID = "DUPLICATE_ID"
 #: Partition-level omission reasons in their fixed order; bit i of a mask is REASONS[i].
 REASONS = (CONSENT_MISSING, JURISDICTION_NOT_ALLOWED, RETENTION_EXPIRED, ALREADY_PRESENT, DUPLICATE_ID)
-POLICY_REASONS = REASONS[:3]
 _POLICY_MASK = 0b111
 _REASONS_BY_MASK = [[r for bit, r in enumerate(REASONS) if mask >> bit & 1] for mask in range(32)]
 # Joined with "," (below every character of a reason name) the strings sort exactly as the lists do.
@@ -103,8 +102,8 @@ def _integers(values: list[Any]) -> pa.Array:
 class RecordColumns:
     """What `decide` needs of each record, as Arrow arrays (one entry a record, in input order).
 
-    Built from a list of records by `known_columns`, one batch at a time for a streamed source, and
-    joined with `concat`: about 60 bytes a record plus the id and jurisdiction texts.
+    Built from a list of records by `known_columns` (one batch at a time for a streamed source):
+    about 60 bytes a record plus the id and jurisdiction texts.
     """
 
     is_object: pa.Array  # bool
@@ -119,19 +118,6 @@ class RecordColumns:
 
     def __len__(self) -> int:
         return len(self.is_object)
-
-    @staticmethod
-    def concat(parts: list[RecordColumns], ledger_field: str | None = None) -> RecordColumns:
-        if not parts:
-            parts = [known_columns([], ledger_field)]
-        if len(parts) == 1:
-            return parts[0]
-        names = [f.name for f in fields(RecordColumns)]
-        joined = {}
-        for name in names:
-            arrays = [getattr(p, name) for p in parts]
-            joined[name] = None if arrays[0] is None else pa.concat_arrays(arrays)
-        return RecordColumns(**joined)
 
 
 def _non_empty(ids: pa.Array) -> pa.Array:

@@ -43,11 +43,6 @@ def _type_of_kinds(kinds: set[type]) -> pa.DataType | None:
     return None
 
 
-def column_type(values: list[Any]) -> pa.DataType | None:
-    """The Arrow type for a field's values, or None when they are stored as canonical JSON text."""
-    return _type_of_kinds(set(map(type, values)))
-
-
 class SchemaBuilder:
     """`run_schema` a batch of rows at a time: the JSON types seen per field, merged."""
 

@@ -142,18 +142,6 @@ class SourcesResource(dg.ConfigurableResource):
         }
 
 
-#: Field path of `PcboEngineResource` -> the environment variable bound to it when set.
-ENV_VARS: dict[str, str] = {
-    "home": "PCBO_HOME",
-    "lake.url": ADAPTER_ENV_VARS["LakeResource"]["url"],
-    "catalog.url": ADAPTER_ENV_VARS["CatalogResource"]["url"],
-    "audit.directory": ADAPTER_ENV_VARS["AuditResource"]["directory"],
-    "audit.endpoint": ADAPTER_ENV_VARS["AuditResource"]["endpoint"],
-    "sources.base_dir": ADAPTER_ENV_VARS["SourcesResource"]["base_dir"],
-    "sources.config_path": ADAPTER_ENV_VARS["SourcesResource"]["config_path"],
-}
-
-
 class PcboEngineResource(dg.ConfigurableResource):
     """The lake, the catalog, the audit emitter and the sources the engine uses (one `Environment`)."""
 

@@ -20,13 +20,13 @@ Python version. `python -m pcbo_dagster.datasets.demo_data DIRECTORY` does the s
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.core.instants import format_instant, parse_instant
+from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.atomic_files import replace_file
 
 SEED = "pcbo-demo-data/1"
@@ -173,7 +173,7 @@ def demo_sessions() -> list[dict[str, Any]]:
 
 
 def _jsonl(records: list[dict[str, Any]]) -> bytes:
-    lines = [json.dumps(r, sort_keys=True, separators=(",", ":"), ensure_ascii=False) for r in records]
+    lines = [compact_text(r) for r in records]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 

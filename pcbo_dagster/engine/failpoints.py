@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-POINTS = ("after_data_files", "before_commit", "after_commit", "after_event", "after_catalog")
 CRASH_EXIT_STATUS = 86
 
 

@@ -10,13 +10,15 @@ import json
 from typing import Any
 
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
+from pcbo_dagster.core.json_documents import sorted_document
 
 MANIFEST_KIND = "pcbo.manifest/1"
 ROLLBACK_KIND = "pcbo.rollback/1"
 
 
 def encode(document: dict[str, Any]) -> bytes:
-    return (json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    """The manifest's bytes (`sorted_document`; they are hashed, so they never change)."""
+    return sorted_document(document)
 
 
 def decode(data: bytes) -> dict[str, Any]:

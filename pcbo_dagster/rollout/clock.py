@@ -8,12 +8,14 @@ No moment read from it goes into a data file or a digest.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+
+from pcbo_dagster.io.clock import utc_now
 
 
 class Clock:
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return utc_now()
 
     def sleep(self, seconds: float) -> None:
         if seconds > 0:

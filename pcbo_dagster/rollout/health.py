@@ -44,6 +44,7 @@ from typing import Any
 
 from pcbo_dagster.core.canonical import digest_of
 from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.core.json_documents import sorted_document, sorted_text
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import dataset_keys, evaluate_keys
 from pcbo_dagster.engine.partition_reading import read_commit_point, read_partition
@@ -248,10 +249,6 @@ def plan_id(plan: dict[str, Any]) -> str:
     return digest_of({k: v for k, v in plan.items() if k != "planId"})
 
 
-def encode_plan(plan: dict[str, Any]) -> bytes:
-    return (json.dumps(plan, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 # -- the check ----------------------------------------------------------------------------------
 
 
@@ -305,7 +302,7 @@ def _markdown(report: dict[str, Any]) -> str:
             "## Launch",
             "",
             "```json",
-            json.dumps(launch, sort_keys=True, indent=2, ensure_ascii=False),
+            sorted_text(launch),
             "```",
             "",
         ]
@@ -369,7 +366,7 @@ def check_production_health(
     directory = health_dir(envs, dataset)
     directory.mkdir(parents=True, exist_ok=True)
     plan_path = directory / PLAN_FILE
-    replace_file(plan_path, encode_plan(plan))
+    replace_file(plan_path, sorted_document(plan))
 
     counts = {status: 0 for status in (HEALTHY, *PROBLEMS)}
     for p in partitions:

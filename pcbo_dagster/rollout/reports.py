@@ -9,11 +9,11 @@ byte-identical when written again.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from pcbo_dagster.core.json_documents import sorted_document
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.io.atomic_files import replace_file
 
@@ -31,8 +31,7 @@ def write_report(directory: Path, stem: str, document: dict[str, Any], markdown:
     """Write `<stem>.json` and `<stem>.md` into `directory`; returns their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
-    text = json.dumps(document, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-    replace_file(json_path, text.encode("utf-8"))
+    replace_file(json_path, sorted_document(document))
     replace_file(md_path, markdown.encode("utf-8"))
     return {"json": str(json_path), "markdown": str(md_path)}
 

@@ -56,7 +56,6 @@ CHECKS = (POLICY_VIOLATIONS, DUPLICATE_IDS, ROWS_MATCH_DECISIONS, CHECKSUMS, BUS
 #: Findings kept per partition and check (their total is in `count`).
 MAX_FINDINGS = 20
 SOAK_REPORT = "soak_report"
-STATES = ("not_started", "soaking", "passed", "failed")
 
 
 def iso(moment: datetime | None) -> str | None:

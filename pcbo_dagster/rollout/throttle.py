@@ -25,10 +25,6 @@ class Throttle:
     def from_config(cls, throttle: dict[str, Any]) -> Throttle:
         return cls(throttle.get("partitionsPerMinute"), throttle.get("recordsPerMinute"))
 
-    @property
-    def limited(self) -> bool:
-        return self.partitions_per_minute is not None or self.records_per_minute is not None
-
     def describe(self) -> str:
         parts = []
         if self.partitions_per_minute is not None:

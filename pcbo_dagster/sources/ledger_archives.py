@@ -71,7 +71,6 @@ from pcbo_dagster.sources.ledger_decoding import (
 from pcbo_dagster.sources.streaming import RecordSource
 
 MAX_UINT32 = 0xFFFFFFFF
-SUFFIXES = (".xdr.zst", ".xdr.zstd")
 _NUMBER = r"(0|[1-9][0-9]{0,9})"  # decimal as Go's %d writes it: no sign, no leading zeros
 _PARTITION_RE = re.compile(rf"^(?P<hex>[0-9A-F]{{8}})--(?P<start>{_NUMBER})-(?P<end>{_NUMBER})$")
 _BATCH_RE = re.compile(
@@ -365,32 +364,6 @@ def iter_ledger_records(
     finally:
         if own:
             pool.close()
-
-
-def ledger_range_request(
-    records: list[dict[str, Any]],
-    *,
-    run_id: str,
-    dataset: str,
-    first: int,
-    end: int,
-    partition_size: int,
-    version_label: str = "v1",
-) -> dict[str, Any]:
-    """A `ledgerRange` backfill request carrying `records` inline (consent required)."""
-    return {
-        "runId": run_id,
-        "dataset": dataset,
-        "versionLabel": version_label,
-        "ledgerRange": {
-            "field": "ledgerSequence",
-            "first": first,
-            "end": end,
-            "partitionSize": partition_size,
-        },
-        "policies": {"requireConsent": True},
-        "sourceRecords": records,
-    }
 
 
 #: A batch of ledger records also ends once it holds this many bytes of ledger XDR (ledgers are large).

@@ -1,4 +1,6 @@
-"""Record files named by a request's `source`: JSONL (one JSON object a line), CSV or parquet.
+"""Record files named by a request's `source`: JSONL (one JSON object a line), CSV or parquet. What
+their readers (`streaming`, `hive_directories`) share: where a URI points, read errors, the CSV
+mapping and a parquet row as JSON.
 
 Local paths, `file://`, `s3://` and `gs://` URIs (object stores configured from the environment
 as for lakes: `pcbo_dagster.lake.storage`). Relative paths resolve against the directory of the
@@ -19,23 +21,17 @@ each later row is one record (blank lines skipped), values mapped deterministica
 from __future__ import annotations
 
 import base64
-import csv
 import datetime as dt
 import decimal
-import io
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
-from pcbo_dagster.core.request_model import SourceRef, parse_json_strict
 from pcbo_dagster.io.redaction import redact_url
-from pcbo_dagster.lake.storage import filesystem
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -94,41 +90,6 @@ def is_safe_integer(text: str) -> bool:
     return _CSV_INTEGER.fullmatch(text) is not None and abs(int(text)) <= _MAX_SAFE
 
 
-def parse_csv(data: bytes) -> list[dict[str, Any]]:
-    """Records of a CSV file (the mapping in this module's docstring)."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput("source.uri", f"CSV is not UTF-8 (byte {exc.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    try:
-        header = next(reader, None)
-        if header is None:
-            return []
-        if any(not name for name in header):
-            raise InvalidInput("source", "CSV header row has an empty column name")
-        if len(set(header)) != len(header):
-            raise InvalidInput("source", "CSV header row names a column twice")
-        rows: list[list[str]] = []
-        for row in reader:
-            if not row or (len(row) == 1 and row[0] == ""):
-                continue
-            if len(row) > len(header):
-                raise InvalidInput(
-                    "source", f"CSV line {reader.line_num}: {len(row)} cells, the header has {len(header)}"
-                )
-            rows.append(row)
-    except csv.Error as exc:
-        raise InvalidInput("source", f"CSV line {reader.line_num}: {exc}") from None
-    flags: dict[int, bool] = {}
-    for row in rows:
-        for i, cell in enumerate(row):
-            if cell != "" and flags.get(i, True):
-                flags[i] = is_safe_integer(cell)
-    integer_columns = csv_integer_columns(header, flags)
-    return [csv_record(header, row, integer_columns) for row in rows]
-
-
 def csv_integer_columns(header: list[str], all_integer: dict[int, bool]) -> set[str]:
     """The columns read as integers; `all_integer[i]`: column i has a non-empty cell and every
     non-empty cell of it is a safe integer (absent: no non-empty cell)."""
@@ -156,35 +117,3 @@ def csv_record(header: list[str], row: list[str], integer_columns: set[str]) -> 
 def jsonable_row(row: dict[str, Any]) -> dict[str, Any]:
     """A parquet row as the JSON record it stands for."""
     return {k: _jsonable(v, k) for k, v in row.items()}
-
-
-def load_records(ref: SourceRef, base_dir: Path | None) -> tuple[list[Any], bool, str]:
-    """(records, may_hold_floats_or_big_ints, resolved uri)."""
-    uri = resolve_uri(ref.uri, base_dir)
-    fmt = ref.resolved_format()
-    with source_read_errors(ref.uri):
-        fs, path = filesystem(uri)
-        data = fs.cat_file(path)
-    if fmt == "jsonl":
-        records: list[Any] = []
-        risky = False
-        for number, line in enumerate(data.splitlines(), start=1):
-            if not line.strip():
-                continue
-            parsed = parse_json_strict(line, what=f"source line {number}")
-            records.append(parsed.value)
-            risky = risky or parsed.may_hold_floats_or_big_ints
-        return records, risky, uri
-    if fmt == "parquet":
-        import pyarrow as pa
-
-        try:
-            table = pq.read_table(pa.BufferReader(data))
-        except pa.ArrowException as exc:
-            raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
-        rows = table.to_pylist()
-        records = [jsonable_row(row) for row in rows]
-        return records, True, uri
-    if fmt == "csv":
-        return parse_csv(data), False, uri
-    raise InvalidInput("source.format", f"{fmt} sources are not supported; use jsonl, csv or parquet")

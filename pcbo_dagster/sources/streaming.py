@@ -6,8 +6,9 @@ which hands each batch's decision state to the decision spill (`engine.decision_
 nothing of it. Each batch comes with its records' locators (a byte offset for JSONL and CSV, a row
 position for parquet), which the spill keeps on disk; records are read again by locator: `fetch`
 (the adds of a partition being written, and of every partition once for the run's schema). The
-records are exactly those of `record_files.load_records` (the same values in the same order), so
-plans, decisions and written files are the same as for the whole file read at once. Parquet is
+records are exactly those of the whole file read at once (the same values in the same order; the
+tests hold them to a whole-file reader and to the equivalent inline request), so plans, decisions
+and written files are the same. Parquet is
 re-read a row group at a time: row groups of up to `PARQUET_CACHE_BYTES` (64 MiB uncompressed) are
 kept decoded, least recently used first let go of, within that budget for the whole process.
 """

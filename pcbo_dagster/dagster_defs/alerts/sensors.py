@@ -41,8 +41,8 @@ from typing import Any
 import dagster as dg
 
 from pcbo_dagster.alerts.webhook import WEBHOOK_URL_ENV, AlertWebhook, raise_and_deliver
+from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.catalog.rollouts import RolloutStore
-from pcbo_dagster.catalog.store import CatalogStore
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.io.redaction import scrub_text
 

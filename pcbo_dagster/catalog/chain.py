@@ -1,0 +1,140 @@
+"""The catalog's mirror of the audit chains: every event, and each chain's head (seq, event_hash).
+
+The audit log (`audit.log`) appends to the local backup first and then here, inside
+`locked_chain`: one transaction per chain holding its head row, so concurrent writers of one chain
+(threads, processes, hosts on PostgreSQL) serialise and never fork it. `audit_events` is append-only
+(database triggers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError
+
+from pcbo_dagster.catalog import schema as t
+from pcbo_dagster.catalog.database import Database, insert_ignore, upsert
+from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.io.clock import utc_now
+
+
+class ChainTransaction:
+    """The open transaction of `ChainMirror.locked_chain`, holding the chain's head lock."""
+
+    def __init__(self, conn: Connection, chain_key: str) -> None:
+        self._conn = conn
+        self.chain_key = chain_key
+
+    def head(self) -> tuple[int, str] | None:
+        """(seq, event_hash) of the last stored event; None when the chain is empty."""
+        row = self._conn.execute(
+            select(t.audit_chain_heads.c.seq, t.audit_chain_heads.c.event_hash).where(
+                t.audit_chain_heads.c.chain_key == self.chain_key
+            )
+        ).first()
+        if row is None or row.seq < 0:
+            return None
+        return int(row.seq), str(row.event_hash)
+
+    def events_after(self, seq: int) -> list[dict[str, Any]]:
+        """Parsed events with seq > `seq`, in seq order."""
+        return _events_after(self._conn, self.chain_key, seq)
+
+    def append(self, events: list[dict[str, Any]]) -> None:
+        """Store events that extend the head, in order, and move the head (ValueError on a bad link)."""
+        head = self.head()
+        seq, prev = (head[0], head[1]) if head is not None else (-1, None)
+        rows = []
+        for ev in events:
+            chain = ev.get("chain") if isinstance(ev, Mapping) else None
+            if not isinstance(chain, Mapping):
+                raise ValueError("event has no 'chain' object")
+            if chain.get("chain_key") != self.chain_key:
+                raise ValueError(f"event chain_key {chain.get('chain_key')!r} is not {self.chain_key!r}")
+            ev_seq = chain.get("seq")
+            if type(ev_seq) is not int or ev_seq != seq + 1:
+                raise ValueError(f"event seq {ev_seq!r} does not follow head seq {seq} of {self.chain_key!r}")
+            if chain.get("prev_event_hash") != prev:
+                raise ValueError(
+                    f"event seq {ev_seq} prev_event_hash {chain.get('prev_event_hash')!r} "
+                    f"is not the head's event_hash {prev!r}"
+                )
+            ev_hash = chain.get("event_hash")
+            if not isinstance(ev_hash, str) or not ev_hash:
+                raise ValueError(f"event seq {ev_seq} has no event_hash")
+            ev_type = ev.get("event_type")
+            if not isinstance(ev_type, str) or not ev_type:
+                raise ValueError(f"event seq {ev_seq} has no event_type")
+            rows.append(
+                {
+                    "chain_key": self.chain_key,
+                    "seq": ev_seq,
+                    "event_hash": ev_hash,
+                    "prev_event_hash": prev,
+                    "event_type": ev_type,
+                    "event_json": compact_text(ev),
+                    "recorded_at": utc_now(),
+                }
+            )
+            seq, prev = ev_seq, ev_hash
+        if not rows:
+            return
+        try:
+            with self._conn.begin_nested():
+                self._conn.execute(t.audit_events.insert(), rows)
+        except IntegrityError as exc:
+            raise ValueError(
+                f"event refused by the catalog (duplicate seq or event_hash): {exc.orig}"
+            ) from exc
+        upsert(self._conn, t.audit_chain_heads, {"chain_key": self.chain_key, "seq": seq, "event_hash": prev})
+
+
+class ChainMirror(Database):
+    """The `audit_events` and `audit_chain_heads` tables."""
+
+    @contextlib.contextmanager
+    def locked_chain(self, chain_key: str) -> Iterator[ChainTransaction]:
+        """One transaction holding the chain's head lock; commits on normal exit, rolls back on error.
+
+        Concurrent writers of one chain (threads, processes, hosts on PostgreSQL) serialise here. On
+        SQLite this holds the database write lock: do not open another write on this store inside it.
+        """
+        with self.write() as conn:
+            insert_ignore(
+                conn,
+                t.audit_chain_heads,
+                {"chain_key": chain_key, "seq": -1, "event_hash": ""},
+                ["chain_key"],
+            )
+            if self.dialect == "postgresql":
+                conn.execute(
+                    select(t.audit_chain_heads.c.seq)
+                    .where(t.audit_chain_heads.c.chain_key == chain_key)
+                    .with_for_update()
+                )
+            yield ChainTransaction(conn, chain_key)
+
+    def audit_events(self, chain_key: str) -> list[dict[str, Any]]:
+        """Parsed events of a chain, in seq order."""
+        with self.read() as conn:
+            return _events_after(conn, chain_key, -1)
+
+    def chain_heads(self) -> dict[str, tuple[int, str]]:
+        """{chain_key: (seq, event_hash)} of every non-empty chain."""
+        h = t.audit_chain_heads
+        with self.read() as conn:
+            rows = conn.execute(select(h.c.chain_key, h.c.seq, h.c.event_hash).where(h.c.seq >= 0))
+            return {r.chain_key: (int(r.seq), str(r.event_hash)) for r in rows}
+
+
+def _events_after(conn: Connection, chain_key: str, seq: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        select(t.audit_events.c.event_json)
+        .where(t.audit_events.c.chain_key == chain_key, t.audit_events.c.seq > seq)
+        .order_by(t.audit_events.c.seq)
+    )
+    return [json.loads(r.event_json) for r in rows]

@@ -1,0 +1,213 @@
+"""The catalog database: the engine on a SQLAlchemy URL, its transactions and its migrations.
+
+SQLite (the embedded default) and PostgreSQL. `Database.write()` and `Database.read()` are the
+connection API every table module uses: one transaction each, committed on a normal exit and rolled
+back on an exception. On SQLite write transactions start with `BEGIN IMMEDIATE`, so writers queue on
+the database lock (busy timeout 30 s) instead of failing on a read-to-write lock upgrade.
+`insert_ignore`, `insert_ignore_many` and `upsert` are the dialect's `ON CONFLICT` statements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Key of the PostgreSQL advisory lock taken around migrations ("pcbo" + "migr" as ASCII).
+MIGRATION_LOCK_KEY = 0x7063626F6D696772
+#: The newest Alembic revision in migrations/versions (a test holds it equal to Alembic's head).
+HEAD_REVISION = "0003"
+_BEGIN_OPTION = "pcbo_sqlite_begin"
+
+
+def default_catalog_url(home: str | os.PathLike[str]) -> str:
+    """`sqlite:///<absolute home>/catalog.db`."""
+    return f"sqlite:///{Path(home).resolve() / 'catalog.db'}"
+
+
+def _normalise_url(url: str) -> URL:
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _is_sqlite_memory(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and (
+        url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+    )
+
+
+class Database:
+    """The catalog database on a SQLAlchemy URL. One instance per process (do not share across fork)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._url = _normalise_url(url)
+        self.dialect = self._url.get_backend_name()
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"unsupported catalog URL {self._url.render_as_string()!r}: sqlite or postgresql"
+            )
+        self._lock = threading.Lock()
+        self._engine: Engine | None = None
+
+    # -- engine -------------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (created on first use)."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._create_engine()
+            return self._engine
+
+    def _create_engine(self) -> Engine:
+        if self.dialect == "postgresql":
+            return create_engine(self._url, pool_pre_ping=True)
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
+        memory = _is_sqlite_memory(self._url)
+        if memory:
+            kwargs["poolclass"] = StaticPool
+            kwargs["connect_args"]["check_same_thread"] = False
+        elif self._url.database:
+            Path(self._url.database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(self._url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+                if not memory:
+                    _retry_locked(lambda: cur.execute("PRAGMA journal_mode = WAL"))
+                cur.execute("PRAGMA synchronous = NORMAL")
+                cur.execute("PRAGMA foreign_keys = ON")
+            finally:
+                cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE); commits on success, rolls back on error."""
+        with self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                conn = conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read transaction (SQLite: BEGIN DEFERRED)."""
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    def close(self) -> None:
+        """Dispose of the engine's connections (the store can be used again afterwards)."""
+        with self._lock:
+            if self._engine is not None:
+                self._engine.dispose()
+                self._engine = None
+
+    def is_missing_sqlite_file(self) -> bool:
+        """True for a SQLite catalog whose file does not exist yet (opening it would create it)."""
+        database = self._url.database
+        return (
+            self.dialect == "sqlite"
+            and not _is_sqlite_memory(self._url)
+            and bool(database)
+            and not Path(database).expanduser().exists()
+        )
+
+    # -- migrations ---------------------------------------------------------------------------
+
+    def at_head(self) -> bool:
+        """True when the schema is already at HEAD_REVISION (a cheap check that skips Alembic)."""
+        try:
+            with self.read() as conn:
+                row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+        except SQLAlchemyError:
+            return False
+        return row is not None and row[0] == HEAD_REVISION
+
+    def migrate(self) -> None:
+        """Upgrade the schema to the newest revision; idempotent and safe to run concurrently."""
+        if self.at_head():
+            return
+        from alembic import command
+        from alembic.config import Config
+
+        with self.write() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            cfg = Config()
+            cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+            cfg.set_main_option(
+                "sqlalchemy.url", self._url.render_as_string(hide_password=False).replace("%", "%%")
+            )
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+
+# -- statements both dialects write as ON CONFLICT ----------------------------------------------
+
+
+def _insert(conn: Connection, table: Table) -> Any:
+    dialect = pg_dialect if conn.dialect.name == "postgresql" else sqlite_dialect
+    return dialect.insert(table)
+
+
+def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> bool:
+    """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was inserted."""
+    stmt = _insert(conn, table).values(**values).on_conflict_do_nothing(index_elements=keys)
+    return conn.execute(stmt).rowcount == 1
+
+
+def insert_ignore_many(conn: Connection, table: Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """`insert_ignore` of many rows in one statement."""
+    conn.execute(_insert(conn, table).on_conflict_do_nothing(index_elements=keys), rows)
+
+
+def upsert(conn: Connection, table: Table, values: dict[str, Any]) -> None:
+    """INSERT, or UPDATE the columns of `values` beyond the primary key when the row exists."""
+    keys = [c.name for c in table.primary_key.columns]
+    stmt = _insert(conn, table).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=keys, set_={k: stmt.excluded[k] for k in values if k not in keys}
+    )
+    conn.execute(stmt)
+
+
+def _retry_locked(fn: Callable[[], Any], attempts: int = 50, delay: float = 0.1) -> Any:
+    """Call `fn`, retrying while SQLite says the database is locked or busy."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except (sqlite3.OperationalError, OperationalError) as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or i == attempts - 1:
+                raise
+            time.sleep(delay)
+    return None

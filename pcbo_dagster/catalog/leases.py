@@ -1,0 +1,82 @@
+"""Dataset write leases: one writer of a dataset version at a time, across processes and hosts.
+
+A lease has a holder (an opaque text), the moment it was taken and an expiry; the holder renews it
+as its run goes on, and a lease past its expiry (or whose holder is known to be dead) is taken over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from pcbo_dagster.catalog import schema as t
+from pcbo_dagster.catalog.database import Database
+from pcbo_dagster.catalog.runs import register_dataset
+from pcbo_dagster.io.clock import utc_now
+
+
+class DatasetLeases(Database):
+    """The `dataset_leases` table."""
+
+    def try_acquire_lease(
+        self,
+        dataset: str,
+        version_label: str,
+        holder: str,
+        ttl_seconds: float,
+        is_stale: Callable[[str], bool] | None = None,
+    ) -> dict[str, Any] | None:
+        """Take the write lease of a dataset version for `holder`. Returns None when taken (or
+        renewed, when `holder` already has it), else the current holder's row. A lease past its
+        expiry, or one `is_stale(holder_text)` says is dead, is taken over."""
+        lease = t.dataset_leases
+        now = utc_now()
+        expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
+        where = (lease.c.dataset == dataset, lease.c.version_label == version_label)
+        with self.write() as conn:
+            register_dataset(conn, dataset, version_label)
+            row = conn.execute(select(lease).where(*where)).first()
+            if row is None:
+                conn.execute(
+                    lease.insert().values(
+                        dataset=dataset,
+                        version_label=version_label,
+                        holder=holder,
+                        acquired_at=now,
+                        expires_at=expires,
+                    )
+                )
+                return None
+            current = dict(row._mapping)
+            takeover = (
+                current["holder"] == holder
+                or current["expires_at"] <= now
+                or (is_stale is not None and is_stale(current["holder"]))
+            )
+            if not takeover:
+                return current
+            conn.execute(
+                update(lease)
+                .where(*where, lease.c.holder == current["holder"])
+                .values(
+                    holder=holder,
+                    acquired_at=now if current["holder"] != holder else current["acquired_at"],
+                    expires_at=expires,
+                )
+            )
+            return None
+
+    def release_lease(self, dataset: str, version_label: str, holder: str) -> None:
+        """Give the lease up, if `holder` still has it."""
+        lease = t.dataset_leases
+        with self.write() as conn:
+            conn.execute(
+                lease.delete().where(
+                    lease.c.dataset == dataset,
+                    lease.c.version_label == version_label,
+                    lease.c.holder == holder,
+                )
+            )

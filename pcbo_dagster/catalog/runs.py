@@ -1,0 +1,95 @@
+"""Datasets and runs: the registered (dataset, version_label) pairs and one row per run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from pcbo_dagster.catalog import schema as t
+from pcbo_dagster.catalog.database import Database, insert_ignore
+from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.io.clock import utc_now
+
+
+def register_dataset(conn: Connection, dataset: str, version_label: str) -> None:
+    """Register (dataset, version_label) in this transaction if it is new (the rows of runs,
+    partitions and leases refer to it)."""
+    insert_ignore(
+        conn,
+        t.datasets,
+        {"dataset": dataset, "version_label": version_label, "first_seen_at": utc_now()},
+        ["dataset", "version_label"],
+    )
+
+
+class RunRecords(Database):
+    """The `datasets` and `runs` tables."""
+
+    def ensure_dataset(self, dataset: str, version_label: str) -> None:
+        """Register (dataset, version_label) if it is new."""
+        with self.write() as conn:
+            register_dataset(conn, dataset, version_label)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """All registered (dataset, version_label) rows."""
+        with self.read() as conn:
+            rows = conn.execute(select(t.datasets).order_by(t.datasets.c.dataset, t.datasets.c.version_label))
+            return [dict(r._mapping) for r in rows]
+
+    def start_run(
+        self,
+        run_id: str,
+        dataset: str,
+        version_label: str,
+        plan_hash: str,
+        decision_hash: str,
+        metadata: dict[str, Any],
+    ) -> None:
+        """Insert the run as 'running'; a known run_id is set 'running' again (finished_at cleared)."""
+        with self.write() as conn:
+            register_dataset(conn, dataset, version_label)
+            inserted = insert_ignore(
+                conn,
+                t.runs,
+                {
+                    "run_id": run_id,
+                    "dataset": dataset,
+                    "version_label": version_label,
+                    "plan_hash": plan_hash,
+                    "decision_hash": decision_hash,
+                    "status": "running",
+                    "metadata": compact_text(metadata),
+                    "started_at": utc_now(),
+                    "finished_at": None,
+                    "summary": None,
+                },
+                ["run_id"],
+            )
+            if not inserted:
+                conn.execute(
+                    update(t.runs).where(t.runs.c.run_id == run_id).values(status="running", finished_at=None)
+                )
+
+    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        """Set the run's final status, summary and finished_at (KeyError for an unknown run)."""
+        with self.write() as conn:
+            result = conn.execute(
+                update(t.runs)
+                .where(t.runs.c.run_id == run_id)
+                .values(status=status, summary=compact_text(summary), finished_at=utc_now())
+            )
+            if result.rowcount != 1:
+                raise KeyError(f"unknown run {run_id!r}")
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """The run row (metadata and summary parsed), or None."""
+        with self.read() as conn:
+            row = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).first()
+        if row is None:
+            return None
+        out = dict(row._mapping)
+        out["metadata"] = json.loads(out["metadata"])
+        out["summary"] = None if out["summary"] is None else json.loads(out["summary"])
+        return out

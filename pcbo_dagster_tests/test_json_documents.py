@@ -1,0 +1,104 @@
+"""The JSON encodings of `core.json_documents` write exactly the bytes they always have: manifests are
+hashed (their checksums are in audit events and the catalog), so one changed byte would make every
+committed partition look tampered with. (`streamed_text` is held to `json.dumps` in
+test_decision_spill.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster.core.json_documents import compact_text, sorted_document, sorted_text
+from pcbo_dagster.lake import manifests
+from pcbo_dagster.rollout.reports import write_report
+
+MANIFEST: dict[str, Any] = {
+    "kind": "pcbo.manifest/1",
+    "dataset": "events",
+    "versionLabel": "v1",
+    "runId": "retro-run-001",
+    "partition": {
+        "index": 0,
+        "key": "20240101T000000Z",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-01T01:00:00Z",
+    },
+    "partitionVersion": 2,
+    "previousVersion": 1,
+    "previousManifestChecksum": "sha256:" + "ab" * 32,
+    "planHash": "sha256:" + "01" * 32,
+    "decisionHash": "sha256:" + "02" * 32,
+    "policies": {
+        "requireConsent": True,
+        "allowedJurisdictions": ["CA", "US"],
+        "retentionCutoff": None,
+        "onViolation": "omit",
+    },
+    "files": [
+        {
+            "path": "events/v1/20240101T000000Z/part-0123456789ab.parquet",
+            "checksum": "sha256:" + "cd" * 32,
+            "rowCount": 3,
+            "byteSize": 1234,
+        }
+    ],
+    "recordCount": 3,
+    "merkleRoot": "sha256:" + "ef" * 32,
+    "counts": {"source": 5, "add": 3, "omit": 2, "byReason": {"CONSENT_MISSING": 1, "DUPLICATE_ID": 1}},
+    "schema": [
+        {"name": "id", "type": "string"},
+        {"name": "note \u00fcn\u00efc\u00f6d\u00e9", "type": "string"},
+        {"name": "empty", "type": "null"},
+    ],
+    "writer": {"format": "parquet", "compression": "zstd", "nested": {}, "list": []},
+}
+
+#: The bytes `lake.manifests.encode` gave for MANIFEST before the encoders had one home (and its checksum).
+MANIFEST_BYTES = (
+    '{\n  "counts": {\n    "add": 3,\n    "byReason": {\n      "CONSENT_MISSING": 1,\n'
+    '      "DUPLICATE_ID": 1\n    },\n    "omit": 2,\n    "source": 5\n  },\n  "dataset": "events",\n'
+    '  "decisionHash": "sha256:0202020202020202020202020202020202020202020202020202020202020202",\n'
+    '  "files": [\n    {\n      "byteSize": 1234,\n'
+    '      "checksum": "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",\n'
+    '      "path": "events/v1/20240101T000000Z/part-0123456789ab.parquet",\n      "rowCount": 3\n'
+    '    }\n  ],\n  "kind": "pcbo.manifest/1",\n'
+    '  "merkleRoot": "sha256:efefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef",\n'
+    '  "partition": {\n    "end": "2024-01-01T01:00:00Z",\n    "index": 0,\n'
+    '    "key": "20240101T000000Z",\n    "start": "2024-01-01T00:00:00Z"\n  },\n'
+    '  "partitionVersion": 2,\n'
+    '  "planHash": "sha256:0101010101010101010101010101010101010101010101010101010101010101",\n'
+    '  "policies": {\n    "allowedJurisdictions": [\n      "CA",\n      "US"\n    ],\n'
+    '    "onViolation": "omit",\n    "requireConsent": true,\n    "retentionCutoff": null\n  },\n'
+    '  "previousManifestChecksum": '
+    '"sha256:abababababababababababababababababababababababababababababababab",\n'
+    '  "previousVersion": 1,\n  "recordCount": 3,\n  "runId": "retro-run-001",\n  "schema": [\n'
+    '    {\n      "name": "id",\n      "type": "string"\n    },\n'
+    '    {\n      "name": "note \u00fcn\u00efc\u00f6d\u00e9",\n      "type": "string"\n    },\n'
+    '    {\n      "name": "empty",\n      "type": "null"\n    }\n  ],\n  "versionLabel": "v1",\n'
+    '  "writer": {\n    "compression": "zstd",\n    "format": "parquet",\n    "list": [],\n'
+    '    "nested": {}\n  }\n}\n'
+).encode("utf-8")
+MANIFEST_SHA256 = "5785a7b00b60178a6cc548e18e4fa72c32e6878953ac43d76a528e05e42b0e94"
+
+
+def test_a_manifest_encodes_to_the_same_bytes_as_before() -> None:
+    assert hashlib.sha256(MANIFEST_BYTES).hexdigest() == MANIFEST_SHA256
+    assert manifests.encode(MANIFEST) == MANIFEST_BYTES
+    assert manifests.checksum(manifests.encode(MANIFEST)) == "sha256:" + MANIFEST_SHA256
+    assert manifests.decode(MANIFEST_BYTES) == MANIFEST
+
+
+def test_reports_and_plans_are_written_as_manifests_are(tmp_path: Path) -> None:
+    paths = write_report(tmp_path, "summary", MANIFEST, "# summary\n")
+    assert Path(paths["json"]).read_bytes() == sorted_document(MANIFEST) == MANIFEST_BYTES
+    assert sorted_text(MANIFEST) + "\n" == MANIFEST_BYTES.decode("utf-8")
+
+
+def test_compact_text_is_sorted_and_has_no_whitespace() -> None:
+    value = {"b": [1, {"d": None, "c": "\u00e9"}], "a": True}
+    assert compact_text(value) == '{"a":true,"b":[1,{"c":"\u00e9","d":null}]}'
+    with pytest.raises(ValueError):
+        compact_text({"x": float("nan")})
