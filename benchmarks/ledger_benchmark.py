@@ -10,6 +10,7 @@ included):
   `PCBO_LEDGER_WORKERS` processes, default: the CPUs, at most 4);
 - `execute` (defaults: `--parallel 4`, the default worker processes);
 - `dry-run` (defaults): pass 1 alone (every ledger read, walked and hashed, no partition written);
+- with `--one-process`: `execute --parallel 1` with `PCBO_LEDGER_WORKERS=1` (all in one process);
 - with `--reference N`, once: `execute --parallel 1` through the full stellar-sdk decoding that the
   walker replaced (`pcbo_dagster_tests/reference_ledger_decoder.py`) over the first N ledgers.
 
@@ -140,6 +141,9 @@ def main() -> None:
         "--archive", type=Path, help="where the archive is (or is generated); default: a temp dir"
     )
     parser.add_argument("--reference", type=int, default=0, help="also run the full decoding on N ledgers")
+    parser.add_argument(
+        "--one-process", action="store_true", help="also run execute --parallel 1 with PCBO_LEDGER_WORKERS=1"
+    )
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/ledgers-<date>.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pcbo-ledger-bench-") as tmp:
@@ -147,15 +151,15 @@ def main() -> None:
         root = args.archive or scratch / "archive"
         ledgers, xdr_bytes = ensure_archive(root, args)
         request = write_request(scratch / "request.json", root, ledgers, args.partition_size)
-        cases = [
-            (
-                "execute --parallel 1",
-                "pcbo_dagster.cli.main",
-                ["execute", "--input", str(request), "--parallel", "1"],
-            ),
-            ("execute (defaults)", "pcbo_dagster.cli.main", ["execute", "--input", str(request)]),
-            ("dry-run (defaults)", "pcbo_dagster.cli.main", ["dry-run", "--input", str(request)]),
+        execute = ["execute", "--input", str(request)]
+        cases: list[tuple[str, list[str], dict[str, str]]] = [
+            ("execute --parallel 1", [*execute, "--parallel", "1"], {}),
+            ("execute (defaults)", execute, {}),
+            ("dry-run (defaults)", ["dry-run", "--input", str(request)], {}),
         ]
+        if args.one_process:
+            one = {"PCBO_LEDGER_WORKERS": "1"}
+            cases.append(("execute --parallel 1, PCBO_LEDGER_WORKERS=1", [*execute, "--parallel", "1"], one))
         print(
             f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}; "
             f"{ledgers} ledgers, "
@@ -164,9 +168,9 @@ def main() -> None:
         )
         results: dict[str, Any] = {}
         for repeat in range(args.repeat):
-            for name, module, cmd in cases:
+            for name, cmd, env in cases:
                 before = load()
-                wall, rss, document = run(module, cmd, scratch, {})
+                wall, rss, document = run("pcbo_dagster.cli.main", cmd, scratch, env)
                 if name.startswith("execute"):
                     rows = sum(p["recordCount"] for p in document["partitions"])
                     if document["status"] != "committed" or rows != ledgers:
@@ -175,7 +179,7 @@ def main() -> None:
                         )
                 results.setdefault(name, []).append({"wall": wall, "rss": rss, "load": before})
                 print(
-                    f"  run {repeat + 1} {name:22s} {wall:7.2f} s  {ledgers / wall:6.1f} ledgers/s  "
+                    f"  run {repeat + 1} {name:44s} {wall:7.2f} s  {ledgers / wall:6.1f} ledgers/s  "
                     f"peak RSS {rss:5.0f} MiB  load {before} -> {load()}",
                     flush=True,
                 )
