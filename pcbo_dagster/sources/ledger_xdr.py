@@ -370,9 +370,6 @@ class _Compiler:
                 self.decl(decl, level, indent, conditional)
             return
         assert node.kind == "union" and node.discriminant is not None
-        self.flush(indent)
-        self.emit(indent, "t = w[i]")
-        self.emit(indent, "i += 1")
         discriminant = self.node_of(node.discriminant.kind)
         enum = discriminant if discriminant is not None and discriminant.kind == "enum" else None
         groups: dict[str, list[int]] = {}
@@ -384,6 +381,28 @@ class _Compiler:
                 key = repr(decl)
                 groups.setdefault(key, []).append(value & 0xFFFFFFFF)
                 arms[key] = decl
+        sizes = {(0, 0) if d is None else self.fixed_decl(d) for d in arms.values()}
+        if node.default is False and len(sizes) == 1 and None not in sizes:
+            # Every arm is void or of one constant size (an `ext` union, a result code, a key type):
+            # check the discriminant in place and skip the arm, without a branch.
+            ((words, deepest),) = sizes  # type: ignore[misc]
+            valid = sorted(v for values in groups.values() for v in values)
+            where = f"w[i + {self.pending}]"
+            test = (
+                f"{where} != {valid[0]}"
+                if len(valid) == 1
+                else f"{where} not in {self.constant(frozenset(valid), 'arm')}"
+            )
+            self.emit(
+                indent, f"if {test}: raise XdrError('{node.name or 'union'}: discriminant %d' % {where})"
+            )
+            if deepest:
+                self.require(level + deepest, indent, conditional)
+            self.pending += 1 + words
+            return
+        self.flush(indent)
+        self.emit(indent, "t = w[i]")
+        self.emit(indent, "i += 1")
         invalid = f"raise XdrError('{node.name or 'union'}: discriminant %d' % t)"
         if len(groups) > TREE_ARMS and node.default is False:
             by_value = sorted((v, key) for key, values in groups.items() for v in values)
