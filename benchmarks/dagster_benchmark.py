@@ -40,6 +40,8 @@ from typing import Any
 
 from generate_request import make_request
 
+from pcbo_dagster.core.partition_keys import TIME_KEY_STRFTIME
+
 HERE = Path(__file__).resolve().parent
 DATASET = "events"
 DEFS_MODULE = "pcbo_dagster.dagster_defs.definitions"
@@ -54,8 +56,8 @@ GRANULARITIES = ("run", "partition")
 
 
 def partition_keys(partitions: int) -> list[str]:
-    """The hourly keys (`%Y%m%dT%H%M%SZ`, the engine's partition key) from 2024-01-01."""
-    return [(START + timedelta(hours=i)).strftime("%Y%m%dT%H%M%SZ") for i in range(partitions)]
+    """The hourly keys (the engine's partition key) from 2024-01-01."""
+    return [(START + timedelta(hours=i)).strftime(TIME_KEY_STRFTIME) for i in range(partitions)]
 
 
 def loadavg() -> list[float]:
@@ -165,8 +167,6 @@ def _noop_asset(partitions: int) -> Any:
 
     import dagster as dg
 
-    from pcbo_dagster.dagster_defs.partitions import KEY_FORMAT
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=dg.BetaWarning)
 
@@ -176,7 +176,7 @@ def _noop_asset(partitions: int) -> Any:
                 start=START,
                 end=START + timedelta(hours=partitions),
                 cron_schedule="0 * * * *",
-                fmt=KEY_FORMAT,
+                fmt=TIME_KEY_STRFTIME,
                 timezone="UTC",
             ),
             backfill_policy=dg.BackfillPolicy.single_run(),

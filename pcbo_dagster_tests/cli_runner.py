@@ -122,5 +122,13 @@ def backup_lines(home: Path, dataset: str = "events", version_label: str = "v1")
     return data.splitlines()
 
 
-def backup_events(home: Path, dataset: str = "events", version_label: str = "v1") -> list[dict[str, Any]]:
-    return [json.loads(line) for line in backup_lines(home, dataset, version_label)]
+INTENT_EVENT_TYPES = ("partition_commit_intent", "partition_rollback_intent")
+
+
+def backup_events(
+    home: Path, dataset: str = "events", version_label: str = "v1", intents: bool = False
+) -> list[dict[str, Any]]:
+    """The chain's events from the local backup; without the intents (recorded before each commit
+    batch and rollback) unless `intents`."""
+    events = [json.loads(line) for line in backup_lines(home, dataset, version_label)]
+    return events if intents else [e for e in events if e["event_type"] not in INTENT_EVENT_TYPES]

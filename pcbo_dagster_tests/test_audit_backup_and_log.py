@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 import rfc8785
 
 import pcbo_dagster.audit.backup as backup_module
 from pcbo_dagster.audit import AuditBackup, AuditBackupCorrupt, AuditLog, ChainDivergence
+from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.audit_chain import build_event, verify_chain
 
 KEY = "events/v1"
@@ -33,83 +34,38 @@ class FixedClock:
         return self.now
 
 
-# -- an in-test SQLite implementation of the ChainHeadStore protocol ---------------------------------
+# -- the real catalog (SQLite) as the head store ----------------------------------------------------
 
 
-class SqliteTxn:
-    def __init__(self, conn: sqlite3.Connection, chain_key: str) -> None:
-        self.conn = conn
-        self.chain_key = chain_key
-
-    def head(self) -> tuple[int, str] | None:
-        row = self.conn.execute(
-            "SELECT seq, event_hash FROM pas_events WHERE chain_key = ? ORDER BY seq DESC LIMIT 1",
-            (self.chain_key,),
-        ).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def events_after(self, seq: int) -> list[dict]:
-        rows = self.conn.execute(
-            "SELECT event FROM pas_events WHERE chain_key = ? AND seq > ? ORDER BY seq", (self.chain_key, seq)
-        ).fetchall()
-        return [json.loads(r[0]) for r in rows]
-
-    def append(self, events: list[dict]) -> None:
-        self.conn.executemany(
-            "INSERT INTO pas_events (chain_key, seq, event_hash, event) VALUES (?, ?, ?, ?)",
-            [(self.chain_key, e["chain"]["seq"], e["chain"]["event_hash"], rfc8785.dumps(e).decode())
-             for e in events],
-        )
-
-
-class SqliteHeadStore:
-    def __init__(self, path: str | Path) -> None:
-        self.path = str(path)
-        with sqlite3.connect(self.path) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS pas_events (chain_key TEXT NOT NULL, seq INTEGER NOT NULL, "
-                "event_hash TEXT NOT NULL, event TEXT NOT NULL, PRIMARY KEY (chain_key, seq))"
-            )
-
-    @contextmanager
-    def locked_chain(self, chain_key: str) -> Iterator[SqliteTxn]:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield SqliteTxn(conn, chain_key)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
-
-    def all_events(self, chain_key: str) -> list[dict]:
-        with self.locked_chain(chain_key) as txn:
-            return txn.events_after(-1)
-
-
-class FailingHeadStore(SqliteHeadStore):
-    """Fails the next `fail_appends` appends (after the backup write), like a catalog outage."""
+class Catalog(CatalogStore):
+    """The catalog on a SQLite file, migrated. `fail_appends` makes the next appends to the mirror
+    fail (after the backup write, or while reconciling), like a catalog outage."""
 
     fail_appends = 0
 
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(f"sqlite:///{path}")
+        self.migrate()
+
+    def all_events(self, chain_key: str) -> list[dict]:
+        return self.audit_events(chain_key)
+
     @contextmanager
-    def locked_chain(self, chain_key: str) -> Iterator[SqliteTxn]:
+    def locked_chain(self, chain_key: str) -> Iterator[Any]:
         with super().locked_chain(chain_key) as txn:
-            store = self
             original = txn.append
 
             def append(events: list[dict]) -> None:
-                if store.fail_appends:
-                    store.fail_appends -= 1
+                if self.fail_appends:
+                    self.fail_appends -= 1
                     raise RuntimeError("catalog unavailable")
                 original(events)
 
             txn.append = append  # type: ignore[method-assign]
             yield txn
+
+
+SqliteHeadStore = FailingHeadStore = Catalog
 
 
 # -- workers for the multi-process tests (top level: spawn imports them) ---------------------------
@@ -235,24 +191,29 @@ def test_fsync_false_then_sync(tmp_path):
     assert backup.read_chain(KEY) == [event]
 
 
-def test_torn_tail_is_skipped_and_reported(tmp_path):
+def test_torn_tail_is_skipped_then_set_aside_and_reported(tmp_path):
     backup = AuditBackup(tmp_path)
     log = AuditLog(backup, clock=FixedClock())
     log.append(KEY, "a", {})
     second = log.append(KEY, "a", {})
     path = backup.paths(KEY).events
+    fragment = b'{"chain":{"chain_key":"events/v1","se'
     with open(path, "ab") as f:
-        f.write(b'{"chain":{"chain_key":"events/v1","se')  # a crash in the middle of a write
+        f.write(fragment)  # a crash in the middle of a write
     assert backup.last_event(KEY) == second
+    _, problems = backup.read_chain_with_problems(KEY)
+    assert len(problems) == 1 and "v1.jsonl:3: incomplete last line (torn write)" in problems[0]
     third = log.append(KEY, "a", {})
     assert third["chain"]["seq"] == 2
     assert third["chain"]["prev_event_hash"] == second["chain"]["event_hash"]
     events, problems = backup.read_chain_with_problems(KEY)
     assert [e["chain"]["seq"] for e in events] == [0, 1, 2]
     assert verify_chain(events, KEY) == []
-    assert len(problems) == 1 and "v1.jsonl:3: unparseable line" in problems[0]
+    # The chain file holds whole events again; the fragment is kept, byte for byte, and reported.
+    assert problems == [] and path.read_bytes().count(b"\n") == 3
+    assert backup.set_aside_fragments() == {KEY: fragment + b"\n"}
     chains, all_problems = backup.read_all_with_problems()
-    assert chains[KEY] == events and len(all_problems) == 1
+    assert chains[KEY] == events and all_problems == []
 
 
 def test_whole_event_missing_only_its_newline_counts(tmp_path):
@@ -414,17 +375,19 @@ def test_head_store_receives_the_same_events(tmp_path):
     assert nxt["chain"]["seq"] == 5 and nxt["chain"]["prev_event_hash"] == written[-1]["chain"]["event_hash"]
 
 
-def test_backup_behind_catalog_is_filled_from_the_catalog(tmp_path):
+def test_a_backup_behind_the_catalog_is_refused_not_filled(tmp_path):
+    """Events the catalog alone holds (a missing or stale backup, or rows inserted by hand) are never
+    adopted into the backup, and nothing is appended on top of them (no second commit event)."""
     store = SqliteHeadStore(tmp_path / "catalog.db")
     first = AuditLog(AuditBackup(tmp_path / "pas-old"), head_store=store, clock=FixedClock())
     written = [first.append(KEY, "a", {"n": i}) for i in range(3)]
     fresh = AuditLog(AuditBackup(tmp_path / "pas-new"), head_store=store, clock=FixedClock())
-    nxt = fresh.append(KEY, "a", {"n": 3})
-    assert nxt["chain"]["seq"] == 3
-    events = fresh.backup.read_chain(KEY)
-    assert events[:3] == written and events[3] == nxt
-    assert verify_chain(events, KEY) == []
-    assert store.all_events(KEY) == events
+    with pytest.raises(ChainDivergence, match="the local audit backup .* lacks"):
+        fresh.append(KEY, "a", {"n": 3})
+    with pytest.raises(ChainDivergence):
+        fresh.sync_to_catalog(KEY)
+    assert fresh.backup.read_chain(KEY) == []
+    assert store.all_events(KEY) == written
 
 
 def test_catalog_behind_backup_is_filled_from_the_backup(tmp_path):
@@ -455,15 +418,48 @@ def test_catalog_behind_backup_is_filled_from_the_backup(tmp_path):
     assert verify_chain(store.all_events(KEY), KEY) == []
 
 
-def test_empty_catalog_gets_the_whole_backup(tmp_path):
-    log = AuditLog(AuditBackup(tmp_path / "pas"), clock=FixedClock())
-    written = [log.append(KEY, "a", {"n": i}) for i in range(3)]
+def test_events_the_backup_alone_holds_are_not_adopted(tmp_path):
+    """Well-formed events appended to the backup alone (no pending batch in the catalog names them)
+    stay out of the catalog: the append and the sync refuse, and the catalog is unchanged."""
     store = SqliteHeadStore(tmp_path / "catalog.db")
-    with_store = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store)
-    result = with_store.sync_to_catalog(KEY)
-    assert (result.to_backup, result.to_head_store) == (0, 3)
-    assert result.head == (2, written[-1]["chain"]["event_hash"])
+    log = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store, clock=FixedClock())
+    written = [log.append(KEY, "a", {"n": i}) for i in range(2)]
+    forged = build_event(chain_key=KEY, seq=2, prev_event_hash=written[-1]["chain"]["event_hash"],
+                         event_type="partition_committed", timestamp="2024-01-01T00:00:09Z", body={"n": 9})
+    AuditBackup(tmp_path / "pas").append(KEY, [forged])
+    with pytest.raises(ChainDivergence, match="never recorded as pending"):
+        log.append(KEY, "a", {"n": 2})
+    with pytest.raises(ChainDivergence, match="never recorded as pending"):
+        log.sync_to_catalog(KEY)
     assert store.all_events(KEY) == written
+    # A backup written without any catalog is no more adopted than one event.
+    alone = AuditLog(AuditBackup(tmp_path / "alone"), clock=FixedClock())
+    for i in range(3):
+        alone.append(KEY, "a", {"n": i})
+    attached = AuditLog(AuditBackup(tmp_path / "alone"), head_store=SqliteHeadStore(tmp_path / "other.db"))
+    with pytest.raises(ChainDivergence):
+        attached.sync_to_catalog(KEY)
+
+
+def test_a_batch_torn_in_the_backup_is_completed_from_the_pending_batch(tmp_path):
+    """A crash in the middle of the backup write (a torn last line) and before the catalog's part:
+    the next append completes the batch from the catalog's pending copy, with no fragment left."""
+    store = SqliteHeadStore(tmp_path / "catalog.db")
+    log = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store, clock=FixedClock())
+    log.append(KEY, "a", {"n": 0})
+    store.fail_appends = 1
+    with pytest.raises(RuntimeError, match="catalog unavailable"):
+        log.append_many(KEY, [("a", {"n": 1}), ("a", {"n": 2})])
+    path = log.backup.paths(KEY).events
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 3
+    path.write_bytes(b"".join(lines[:2]) + lines[2][:17])  # the second event of the batch torn
+    nxt = log.append(KEY, "a", {"n": 3})
+    assert nxt["chain"]["seq"] == 3
+    events, problems = log.backup.read_chain_with_problems(KEY)
+    assert problems == [] and [e["n"] for e in events] == [0, 1, 2, 3]
+    assert store.all_events(KEY) == events and verify_chain(events, KEY) == []
+    assert log.backup.set_aside_fragments() == {}
 
 
 def test_diverged_backup_and_catalog_are_refused(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 import rfc8785
 
 from pcbo_dagster_tests.cli_runner import (
+    backup_events,
     backup_file,
     backup_lines,
     load_generator,
@@ -137,13 +138,14 @@ def test_events_wait_for_the_endpoint_then_arrive_in_order_exactly_once(tmp_path
     document = _execute(home, first_request, receiver.url)
     delivery = document["auditDelivery"]
     assert delivery["chainKey"] == "events/v1"
-    assert delivery["delivered"] == 0 and delivery["pending"] == PARTITIONS
+    assert delivery["delivered"] == 0 and delivery["pending"] == len(backup_lines(home))
     assert delivery["lastDeliveredSeq"] is None and delivery["lastError"]
     assert receiver.accepted == []
     if outage == "answers_503":
         # retried (2 attempts), and never past the first undelivered event
         assert [json.loads(b)["chain"]["seq"] for b in receiver.refused] == [0, 0]
-    assert len(backup_lines(home)) == PARTITIONS, "events must be backed up whatever the endpoint does"
+    assert len(backup_events(home)) == PARTITIONS, "events must be backed up whatever the endpoint does"
+    assert len(backup_lines(home)) == PARTITIONS + 1, "with the batch's commit intent"
     status, verified, stderr = run_pcbo(["verify"], home=home)
     assert status == 0 and verified["status"] == "clean", (stderr, verified)
 
@@ -154,7 +156,7 @@ def test_events_wait_for_the_endpoint_then_arrive_in_order_exactly_once(tmp_path
     document = _execute(home, second_request, receiver.url)
     assert [p["status"] for p in document["partitions"]] == ["unchanged", "committed", "unchanged"]
     lines = backup_lines(home)
-    assert len(lines) == PARTITIONS + 1
+    assert len(backup_events(home)) == PARTITIONS + 1 and len(lines) == PARTITIONS + 3
     delivery = document["auditDelivery"]
     assert delivery["delivered"] == len(lines) and delivery["pending"] == 0
     assert delivery["lastDeliveredSeq"] == len(lines) - 1 and delivery["lastError"] is None

@@ -172,6 +172,7 @@ EXPECTED_TABLES = {
     "rollout_log",
     "rollout_approvals",
     "soak_evaluations",
+    "audit_pending_batches",
     "alerts",
 }
 

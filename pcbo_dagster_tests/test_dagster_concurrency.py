@@ -109,7 +109,7 @@ def test_two_overlapping_backfills_queue_on_the_dataset_pool(tmp_path):
         _assert_one_commit_per_partition(dep.pcbo_home)
         report = pcbo_verify(dep.env, dep.root)
         assert report["status"] == "clean", report["findings"]
-        assert (report["checked"]["partitions"], report["checked"]["chains"]) == (9, {"events/v1": 9})
+        assert report["checked"]["partitions"] == 9 and set(report["checked"]["chains"]) == {"events/v1"}
 
 
 _RUN_ONE = """

@@ -16,11 +16,7 @@ from pcbo_dagster.core.errors import InvalidInput  # noqa: E402
 from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset  # noqa: E402
 from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks  # noqa: E402
 from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
-from pcbo_dagster.dagster_defs.partitions import (  # noqa: E402
-    partitions_def_for,
-    request_groups,
-    windows_for_keys,
-)
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for, windows_for_keys  # noqa: E402
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
 from pcbo_dagster.datasets.config import (  # noqa: E402
     CONFIG_ENV,  # noqa: E402
@@ -29,6 +25,7 @@ from pcbo_dagster.datasets.config import (  # noqa: E402
     parse_datasets_config,
 )
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
+from pcbo_dagster.datasets.requests import request_groups  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

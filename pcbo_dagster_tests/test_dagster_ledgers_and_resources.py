@@ -10,19 +10,11 @@ import pytest
 
 dg = pytest.importorskip("dagster")
 
-from pcbo_dagster.dagster_defs.backfill.assets import (  # noqa: E402
-    build_dataset_asset,
-    build_ledger_request,
-)
+from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset  # noqa: E402
 from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks  # noqa: E402
 from pcbo_dagster.dagster_defs.backfill.sensors import build_ledger_partitions_sensor, max_ledger_in_source  # noqa: E402
 from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
-from pcbo_dagster.dagster_defs.partitions import (  # noqa: E402
-    dynamic_partitions_name,
-    full_ledger_keys,
-    ledger_request_groups,
-    ledger_spans_for_keys,
-)
+from pcbo_dagster.dagster_defs.partitions import dynamic_partitions_name  # noqa: E402
 from pcbo_dagster.dagster_defs.resources import (  # noqa: E402
     AuditResource,
     CatalogResource,
@@ -32,6 +24,11 @@ from pcbo_dagster.dagster_defs.resources import (  # noqa: E402
 )
 from pcbo_dagster.datasets.config import DatasetsConfig, load_datasets_config  # noqa: E402
 from pcbo_dagster.datasets.demo_data import demo_ledgers, generate_demo_data  # noqa: E402
+from pcbo_dagster.datasets.requests import (  # noqa: E402
+    build_ledger_request,
+    ledger_request_groups,
+    ledger_spans_for_keys,
+)
 from pcbo_dagster.engine.request_loading import evaluate, load_request  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
 
@@ -136,8 +133,8 @@ def test_ledger_keys_group_into_requests_whose_engine_keys_are_the_dagster_keys(
     for bad in ("range=3-66", "range=2-64", "range=578-641", "ledger=2-65", "range=642-705"):
         with pytest.raises(ValueError, match=bad):
             ledger_spans_for_keys(partitioning, [bad])
-    assert full_ledger_keys(partitioning, 200) == keys[:3]
-    assert full_ledger_keys(partitioning, 10_000) == keys[:-1]  # the short last one is never "full"
+    assert partitioning.grid.full_keys(200) == keys[:3]
+    assert partitioning.grid.full_keys(10_000) == keys[:-1]  # the short last one is never "full"
 
 
 def test_a_ledger_range_backfill_runs_the_engine_and_its_checks(workdir, engine):

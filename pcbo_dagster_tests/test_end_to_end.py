@@ -20,6 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import rfc8785
 
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.engine import proofs
+from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import (
     backup_events,
     backup_file,
@@ -412,6 +415,27 @@ def test_inclusion_proof_verifies_offline_and_rejects_tampering(work, home_a):
     assert not home.exists(), "verify-proof created a home"
 
 
+def test_a_partition_key_that_is_not_exactly_a_key_never_reaches_the_lake(work, home_a):
+    home = copy_home(home_a[0], work / "home-bad-key")
+    key = KEYS[3]
+    # A manifest planted one level up: `--partition ..` would have read it as a partition's.
+    planted = lake_dir(home) / DATASET / "_manifest.json"
+    planted.write_bytes((part_dir(home, key) / "_manifest.json").read_bytes())
+    record_id = parquet_ids((lake_dir(home) / manifest_of(home, key)["files"][0]["path"]).read_bytes())[0]
+    chain = backup_file(home).read_bytes()
+    for bad in ("..", f"{key}/..", f"../v1/{key}", f"{key}\n", "range=2-65/.."):
+        status, out, stderr = run_pcbo(
+            ["proof", "--dataset", DATASET, "--partition", bad, "--id", record_id], home=home
+        )
+        assert status == 2 and out is None and "partition key" in stderr, (bad, stderr)
+        status, out, stderr = run_pcbo(["rollback", "--dataset", DATASET, "--partition", bad], home=home)
+        assert status == 2 and out is None and "partition key" in stderr, (bad, stderr)
+    assert backup_file(home).read_bytes() == chain
+    # The engine refuses it too, whoever calls it.
+    with pytest.raises(InvalidInput, match="partition key"):
+        proofs.inclusion(LakeStorage(str(lake_dir(home))), DATASET, "v1", "..", record_id)
+
+
 # -- rollback ----------------------------------------------------------------------------------
 
 
@@ -425,7 +449,7 @@ def test_rollback_by_run_id_restores_the_previous_version_then_removes(work, hom
     home = copy_home(home_v2[0], work / "home-rb-run")
     key = KEYS[CHANGED]
     v1, v2 = manifest_of(home, key, 1), manifest_of(home, key, 2)
-    events_before = len(backup_lines(home))
+    events_before = len(backup_events(home))
 
     document = _rollback(home, "--run-id", "e2e-run-002")
     assert document["status"] == "rolled_back" and document["rolledBack"] == 1
@@ -465,7 +489,7 @@ def test_rollback_by_partition_removes_its_files(work, home_a):
     manifest = manifest_of(home, key)
     data_file = lake_dir(home) / manifest["files"][0]["path"]
     assert data_file.is_file()
-    events_before = len(backup_lines(home))
+    events_before = len(backup_events(home))
 
     document = _rollback(home, "--partition", key)
     assert document["rolledBack"] == 1
@@ -619,7 +643,7 @@ def test_independent_rfc6962_roots_and_rfc8785_event_hashes(work, request_file, 
             assert chain["prev_event_hash"] == prev
             assert chain["event_hash"] == independent_event_hash(event)
             prev = chain["event_hash"]
-        committed = {e["partition"]["key"]: e for e in map(json.loads, lines)}
+        committed = {e["partition"]["key"]: e for e in backup_events(home)}
         for key, event in committed.items():
             current = manifest_of(home, key)
             assert event["merkle_root"] == current["merkleRoot"]

@@ -11,6 +11,7 @@ import pyarrow as pa
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.cli import main as cli
 from pcbo_dagster.engine import execute as execute_module
+from pcbo_dagster_tests.cli_runner import backup_events
 
 REQUEST = {
     "runId": "pwc-run",
@@ -59,7 +60,7 @@ def test_a_bad_written_partition_is_undone_audited_and_fails_the_run(tmp_path: P
     assert not (lake / "20240101T010000Z" / "_manifest.json").exists()
     assert (lake / "20240101T000000Z" / "_manifest.json").exists()
     # The chain shows the commit and then its rollback, never an edit.
-    events = [json.loads(line) for line in (home / "pas" / "events" / "v1.jsonl").read_text().splitlines()]
+    events = backup_events(home)
     bad_events = [e["event_type"] for e in events if e["partition"]["key"] == "20240101T010000Z"]
     assert bad_events == ["partition_committed", "partition_rolled_back"]
     assert events[-1]["reason"] == "post_write_check_failed"

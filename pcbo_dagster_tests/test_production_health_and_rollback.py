@@ -22,6 +22,8 @@ from pcbo_dagster.engine.rollback import rollback
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.verify import verify
 from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.rollout.approvals import record_decision
+from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
 from pcbo_dagster.rollout.health import (
     PLAN_FILE,
@@ -281,14 +283,15 @@ def test_approved_rollouts_are_checked_and_rejected_ones_are_not(world: World) -
     )
     store.set_status("r1", "soaking", now=T0, decision_hash=staged["decisionHash"])
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
-    approval = {"name": "r1", "decision_hash": staged["decisionHash"], "actor": "carol", "reason": "ok"}
-    store.record_approval(decision="approved", event_hash="sha256:" + "a" * 64, now=T0, **approval)
+    # Decisions through the approval gate (on the production chain); a bare approval row would count
+    # for nothing.
+    record_decision(world.envs, "r1", "approve", by="carol", reason="ok", clock=ManualClock(T0))
     report = check_production_health(world.config, world.dataset, world.envs, T0)
     assert [(p["key"], p["status"]) for p in report["partitions"]] == [
         (KEYS[0], "missing"),
         (KEYS[1], "missing"),
     ]
-    store.record_approval(decision="rejected", event_hash="sha256:" + "b" * 64, now=T0, **approval)
+    record_decision(world.envs, "r1", "reject", by="carol", reason="not yet", clock=ManualClock(T0))
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
 
 

@@ -4,6 +4,8 @@ on a controlled clock (no Dagster, no sleeping)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster.rollout.throttle import Throttle
+from pcbo_dagster_tests.cli_runner import backup_events, lake_files, run_pcbo
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z"]
@@ -131,3 +134,89 @@ def test_approvals_are_append_only_and_on_the_production_chain(tmp_path: Path) -
         catalog.close()
     status = operations.status(config, base, "r", clock=clock)
     assert status["gate"]["open"] is False and status["approvals"][-1]["actor"] == "cy"
+
+
+@pytest.mark.parametrize("before", ["rejected", "nothing"])
+def test_a_row_in_rollout_approvals_alone_opens_no_gate(tmp_path: Path, before: str) -> None:
+    """The gate reads approvals from the production audit chain: an approval row inserted into the
+    catalog by hand (no event on the chain) counts for nothing, whether a real rejection is in force
+    or no decision was ever made. A real approval of another rollout does not count either."""
+    config = _config(tmp_path, throttle="{}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    staged = operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    if before == "rejected":
+        operations.decide(config, base, "r", "reject", by="bo", reason="no", clock=clock)
+    catalog = CatalogStore(base.catalog_url)
+    try:
+        RolloutStore(catalog).record_approval(
+            name="r",
+            decision="approved",
+            decision_hash=staged["execute"]["decisionHash"],
+            actor="mallory",
+            reason="forged row",
+            event_hash="sha256:" + "0" * 64,
+            now=clock.now(),
+        )
+    finally:
+        catalog.close()
+    clock.advance(600)  # past the soak window
+    operations.soak(config, base, clock=clock)
+    gate = operations.status(config, base, "r", clock=clock)["gate"]
+    assert gate["soak"]["state"] == "passed", gate
+    assert gate["open"] is False
+    expected = "rejected by bo" if before == "rejected" else "no approval yet"
+    assert any(expected in reason for reason in gate["reasons"]), gate["reasons"]
+    assert "mallory" not in json.dumps(gate)
+    with pytest.raises(Blocked):
+        operations.promote(config, base, "r", clock=clock)
+
+
+def _approved_rollout(tmp_path: Path) -> tuple[object, Settings, ManualClock]:
+    config = _config(tmp_path, throttle="{}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(600)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", by="cy", reason="fine", clock=clock)
+    return config, base, clock
+
+
+def _promote_until(config: object, base: Settings, clock: ManualClock, failpoint: str) -> None:
+    os.environ["PCBO_FAILPOINT"] = failpoint
+    operations.promote(config, base, "r", clock=clock)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point", ["after_data_files", "before_commit", "after_commit", "after_event", "after_catalog"]
+)
+def test_a_promotion_killed_at_any_step_is_completed_by_promoting_again(tmp_path: Path, point: str) -> None:
+    """Production ends byte for byte where an uninterrupted promotion leaves it, `verify` is clean,
+    and each partition has exactly one commit event."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    config, base, clock = _approved_rollout(reference)
+    operations.promote(config, base, "r", clock=clock)
+    expected = lake_files(base.home)
+
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    config, base, clock = _approved_rollout(crashed)
+    child = multiprocessing.get_context("fork").Process(
+        target=_promote_until, args=(config, base, clock, f"{point}@1")
+    )
+    child.start()
+    child.join(timeout=300)
+    assert child.exitcode == 86
+    result = operations.promote(config, base, "r", clock=clock)
+    assert result["status"] == "promoted"
+    assert lake_files(base.home) == expected
+    assert run_pcbo(["verify"], home=base.home).status == 0
+    commits = [
+        e["partition"]["key"]
+        for e in backup_events(base.home, "sessions")
+        if e["event_type"] == "partition_committed"
+    ]
+    assert sorted(commits) == KEYS

@@ -6,12 +6,17 @@ Layout under the backup directory, for chain_key `<dataset>/<versionLabel>`:
     <dataset>/<versionLabel>.lock       flock target serialising writers of the chain
     <dataset>/<versionLabel>.delivered  remote delivery cursor (see `pcbo_dagster.audit.delivery`)
 
-Lines are only ever appended (O_APPEND, one write per line); nothing is rewritten or truncated.
-A crash in the middle of a write can leave a final fragment without its newline. A fragment that
-is a whole event (only the newline is missing) counts as written; any other fragment was never a
-committed event: `last_event` ignores it, and the next append starts a fresh line after it, so the
-fragment stays visible as an unparseable line to `read_all_with_problems` (and to verification).
-Lines are parsed strictly: duplicate object keys make a line unparseable.
+    <dataset>/<versionLabel>.torn       fragments of torn writes set aside (see below)
+
+Lines are only ever appended (O_APPEND, one write per line); no event is ever rewritten.
+A crash (or a full disk) in the middle of a write can leave a final fragment without its newline. A
+fragment that is a whole event (only the newline is missing) counts as written; any other fragment
+was never an event: `last_event` ignores it, and before the next append it is cut off the end of the
+file (`remove_torn_tail`) so the chain file holds only whole events again. The audit log does that
+while reconciling with the catalog: a fragment of the batch the catalog holds pending is dropped
+(the batch is then written whole), any other fragment is set aside, byte for byte, in the chain's
+`.torn` file, which `pcbo verify` reports. Lines are parsed strictly: duplicate object keys make a
+line unparseable.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class ChainPaths:
     lock: Path
     delivered: Path
     delivery_lock: Path
+    torn: Path
 
 
 class _ChainLock:
@@ -147,6 +153,7 @@ class AuditBackup:
             lock=folder / f"{label}.lock",
             delivered=folder / f"{label}.delivered",
             delivery_lock=folder / f"{label}.delivery-lock",
+            torn=folder / f"{label}.torn",
         )
 
     @contextmanager
@@ -178,11 +185,12 @@ class AuditBackup:
                 lines.append(jcs(event) + b"\n")
                 seq, prev = event["chain"]["seq"], event["chain"]["event_hash"]
             paths.directory.mkdir(parents=True, exist_ok=True)
+            self.remove_torn_tail(chain_key, set_aside=True)
             created = not paths.events.exists()
             fd = os.open(paths.events, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 if not created and self._ends_torn(fd):
-                    # Keep a torn fragment on its own line instead of gluing the next event to it.
+                    # A whole event that only lacks its newline: end its line first.
                     lines[0] = b"\n" + lines[0]
                 for line in lines:
                     _write_all(fd, line)
@@ -192,6 +200,56 @@ class AuditBackup:
                 os.close(fd)
             if created and fsync:
                 _fsync_dir(paths.directory)
+
+    def torn_tail(self, chain_key: str) -> bytes | None:
+        """The final fragment of the chain file when it is not a whole event (a torn write), else None."""
+        path = self.paths(chain_key).events
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            end = os.fstat(fd).st_size
+            if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+                return None
+            start = _rfind_newline(fd, end) + 1
+            fragment = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+        return None if _event_or_none(fragment) is not None else fragment
+
+    def remove_torn_tail(self, chain_key: str, *, set_aside: bool) -> bytes | None:
+        """Cut a torn final fragment (`torn_tail`) off the chain file, first appending it to the
+        chain's `.torn` file when `set_aside`; returns the fragment (None when there was none)."""
+        paths = self.paths(chain_key)
+        with self.locked(chain_key):
+            fragment = self.torn_tail(chain_key)
+            if fragment is None:
+                return None
+            if set_aside:
+                fd = os.open(paths.torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                try:
+                    _write_all(fd, fragment + b"\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            size = paths.events.stat().st_size
+            fd = os.open(paths.events, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, size - len(fragment))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return fragment
+
+    def set_aside_fragments(self) -> dict[str, bytes]:
+        """{chain_key: the bytes of its `.torn` file} for every chain with torn fragments set aside."""
+        found: dict[str, bytes] = {}
+        for key in self.chain_keys():
+            torn = self.paths(key).torn
+            if torn.exists():
+                found[key] = torn.read_bytes()
+        return found
 
     def sync(self, chain_key: str) -> None:
         """fsync the chain file (after appends made with `fsync=False`)."""

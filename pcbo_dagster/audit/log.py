@@ -1,10 +1,25 @@
 """The chain writer: appends PAS events to the local backup and, optionally, a chain-head store.
 
-Writers of one chain are serialised by the backup's chain lock (flock, across processes) and,
-when a head store (the catalog) is configured, by its own per-chain transaction as well; the lock
-order is always backup, then head store. The next event is built from the head both agree on
-after reconciliation, written to the backup (fsync) before anything else, then to the head store.
-Remote delivery is never done here: `deliver_pending` is called by the engine between partitions.
+With a head store (the catalog's mirror of the chain), an append is three steps, so that a crash at
+any instant is recognisable afterwards and nothing else is:
+
+1. in a head-store transaction: reconcile the two stores (below), build the events on the head they
+   agree on, and record them as the chain's *pending batch*;
+2. write them to the backup (one write, fsync);
+3. in a second transaction: store them in the mirror, move its head, clear the pending batch.
+
+Reconciling (at the start of every append, and by `sync_to_catalog` for repair): when the backup
+holds events after the mirror's head, they are adopted into the mirror only if they are exactly (a
+prefix of) the pending batch: a crash between steps 2 and 3; the rest of the batch is then written to
+the backup too, and a torn fragment of it dropped. Anything else is `ChainDivergence`: events one
+store alone holds (appended to the backup by hand, or a backup behind the mirror) are never adopted,
+so the run stops and `pcbo verify` reports them. A torn fragment that is not part of the pending
+batch is set aside in the chain's `.torn` file (which `pcbo verify` reports).
+
+Writers of one chain are serialised by the backup's chain lock (flock, across processes) and the head
+store's writer lock (across hosts on PostgreSQL), held for all three steps; the lock order is always
+backup, then head store. Remote delivery is never done here: `deliver_pending` is called by the
+engine between partitions.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ from typing import Protocol
 from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
 from pcbo_dagster.core.audit_chain import build_event, split_chain_key, verify_chain
+from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.io.clock import utc_now
 
@@ -41,12 +57,26 @@ class ChainHeadTxn(Protocol):
         """Store events continuing the chain (committed when the transaction ends cleanly)."""
         ...
 
+    def pending(self) -> tuple[int, list[dict]] | None:
+        """(first seq, events) of the batch recorded as about to be appended, or None."""
+        ...
+
+    def set_pending(self, first_seq: int, events: list[dict]) -> None:
+        """Record the batch about to be appended."""
+        ...
+
+    def clear_pending(self) -> None: ...
+
 
 class ChainHeadStore(Protocol):
     """Where chain heads live besides the backup (the catalog)."""
 
     def locked_chain(self, chain_key: str) -> AbstractContextManager[ChainHeadTxn]:
         """Exclusive transaction over one chain: commit on normal exit, roll back on an exception."""
+        ...
+
+    def chain_writer_lock(self, chain_key: str) -> AbstractContextManager[None]:
+        """Held across a whole append (several transactions) by the chain's writer."""
         ...
 
 
@@ -76,6 +106,10 @@ def _head_of(event: dict | None) -> tuple[int, str] | None:
     return event["chain"]["seq"], event["chain"]["event_hash"]
 
 
+def _seq_of(event: dict | None) -> int:
+    return -1 if event is None else int(event["chain"]["seq"])
+
+
 class AuditLog:
     """Append events to PAS chains: local backup first, then the optional head store."""
 
@@ -92,57 +126,70 @@ class AuditLog:
         self.clock = clock
 
     @contextmanager
-    def _session(self, chain_key: str) -> Iterator[tuple[ChainHeadTxn | None, ReconcileResult]]:
+    def _writer(self, chain_key: str) -> Iterator[None]:
         split_chain_key(chain_key)
         with self.backup.locked(chain_key):
             if self.head_store is None:
-                yield None, ReconcileResult(0, 0, _head_of(self.backup.last_event(chain_key)))
+                yield
                 return
-            with self.head_store.locked_chain(chain_key) as txn:
-                yield txn, self._reconcile(chain_key, txn)
+            with self.head_store.chain_writer_lock(chain_key):
+                yield
 
     def _reconcile(self, chain_key: str, txn: ChainHeadTxn) -> ReconcileResult:
-        backup_head = _head_of(self.backup.last_event(chain_key))
+        """Bring the backup and the head store to one chain, or raise `ChainDivergence` (module doc)."""
         store_head = txn.head()
-        if backup_head == store_head:
-            return ReconcileResult(0, 0, backup_head)
-        backup_seq = -1 if backup_head is None else backup_head[0]
+        pending = txn.pending()
         store_seq = -1 if store_head is None else store_head[0]
+        pending_events = pending[1] if pending is not None and pending[0] == store_seq + 1 else []
+        fragment = self.backup.torn_tail(chain_key)
+        if fragment is not None:
+            backup_seq = _seq_of(self.backup.last_event(chain_key))
+            lines = [jcs(e) for e in pending_events]
+            k = backup_seq - store_seq  # the pending event the fragment would begin
+            ours = 0 <= k < len(lines) and lines[k].startswith(fragment)
+            self.backup.remove_torn_tail(chain_key, set_aside=not ours)
+        backup_head = _head_of(self.backup.last_event(chain_key))
+        backup_seq = -1 if backup_head is None else backup_head[0]
+        if backup_seq < store_seq:
+            raise ChainDivergence(
+                f"{chain_key}: the catalog holds events up to seq {store_seq} that the local audit backup "
+                f"(up to seq {backup_seq}) lacks; events one store alone holds are not adopted. Restore the "
+                "backup from a copy; `pcbo verify` shows the difference"
+            )
         if backup_seq == store_seq:
-            raise ChainDivergence(
-                f"{chain_key}: backup and head store disagree at seq {backup_seq}: "
-                f"{backup_head[1] if backup_head else None} vs {store_head[1] if store_head else None}"
-            )
-        if store_seq > backup_seq:
-            missing = txn.events_after(backup_seq)
-            expected = list(range(backup_seq + 1, store_seq + 1))
-            if [e.get("chain", {}).get("seq") for e in missing] != expected:
+            if backup_head != store_head:
                 raise ChainDivergence(
-                    f"{chain_key}: head store events after seq {backup_seq} are not "
-                    f"seqs {backup_seq + 1}..{store_seq}"
+                    f"{chain_key}: backup and head store disagree at seq {backup_seq}: "
+                    f"{backup_head[1] if backup_head else None} vs {store_head[1] if store_head else None}"
                 )
-            if missing[-1]["chain"]["event_hash"] != store_head[1]:
-                raise ChainDivergence(f"{chain_key}: head store events do not end at its head")
-            try:
-                self.backup.append(chain_key, missing, fsync=True)
-            except ValueError as exc:
-                raise ChainDivergence(
-                    f"{chain_key}: head store events do not continue the backup: {exc}"
-                ) from exc
-            return ReconcileResult(len(missing), 0, store_head)
+            if pending is not None:
+                txn.clear_pending()  # recorded, never written to the backup
+            return ReconcileResult(0, 0, backup_head)
         events = self.backup.read_chain(chain_key)
+        extra = events[store_seq + 1 :]
         findings = verify_chain(events, chain_key, expected_head=backup_head)
+        if (
+            not findings
+            and store_head is not None
+            and events[store_seq]["chain"]["event_hash"] != store_head[1]
+        ):
+            findings = [f"the head store's seq {store_seq} is not the backup's event at that seq"]
         if findings:
+            raise ChainDivergence(f"{chain_key}: the local backup does not verify: {'; '.join(findings[:5])}")
+        if len(extra) > len(pending_events) or [jcs(e) for e in extra] != [
+            jcs(e) for e in pending_events[: len(extra)]
+        ]:
             raise ChainDivergence(
-                f"{chain_key}: the local backup does not verify: " + "; ".join(findings[:5])
+                f"{chain_key}: the local audit backup holds {len(extra)} event(s) after seq {store_seq} "
+                "that the catalog never recorded as pending: events appended to one store alone are not "
+                "adopted; `pcbo verify` shows them"
             )
-        if store_head is not None and events[store_seq]["chain"]["event_hash"] != store_head[1]:
-            raise ChainDivergence(
-                f"{chain_key}: head store head seq {store_seq} is not the backup's event at that seq"
-            )
-        missing = events[store_seq + 1 :]
-        txn.append(missing)
-        return ReconcileResult(0, len(missing), backup_head)
+        rest = pending_events[len(extra) :]
+        if rest:
+            self.backup.append(chain_key, rest, fsync=True)
+        txn.append(pending_events)
+        txn.clear_pending()
+        return ReconcileResult(len(rest), len(pending_events), _head_of(pending_events[-1]))
 
     def append(self, chain_key: str, event_type: str, body: dict) -> dict:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
@@ -153,28 +200,46 @@ class AuditLog:
         return self.append_many(chain_key, [(event_type, body)])[0]
 
     def append_many(self, chain_key: str, items: list[tuple[str, dict]]) -> list[dict]:
-        """Append several events in order under one lock: one backup write and fsync, one head-store
-        transaction (a group commit). Returns the events; all or none reach the backup."""
+        """Append several events in order under one lock: one backup write and fsync, two head-store
+        transactions (a group commit; see the module doc). Returns the events; all or none reach the
+        backup."""
         if not items:
             return []
         timestamp = format_timestamp(self.clock())
-        with self._session(chain_key) as (txn, state):
-            seq, prev = (0, None) if state.head is None else (state.head[0] + 1, state.head[1])
-            events = []
-            for event_type, body in items:
-                event = build_event(
-                    chain_key=chain_key,
-                    seq=seq,
-                    prev_event_hash=prev,
-                    event_type=event_type,
-                    timestamp=timestamp,
-                    body=body,
-                )
-                events.append(event)
-                seq, prev = seq + 1, event["chain"]["event_hash"]
+        with self._writer(chain_key):
+            if self.head_store is None:
+                events = self._build(chain_key, _head_of(self.backup.last_event(chain_key)), items, timestamp)
+                self.backup.append(chain_key, events, fsync=True)
+                return events
+            with self.head_store.locked_chain(chain_key) as txn:
+                state = self._reconcile(chain_key, txn)
+                events = self._build(chain_key, state.head, items, timestamp)
+                txn.set_pending(events[0]["chain"]["seq"], events)
             self.backup.append(chain_key, events, fsync=True)
-            if txn is not None:
+            with self.head_store.locked_chain(chain_key) as txn:
+                if txn.head() != state.head:
+                    raise ChainDivergence(f"{chain_key}: the head store's chain moved during an append")
                 txn.append(events)
+                txn.clear_pending()
+        return events
+
+    @staticmethod
+    def _build(
+        chain_key: str, head: tuple[int, str] | None, items: list[tuple[str, dict]], timestamp: str
+    ) -> list[dict]:
+        seq, prev = (0, None) if head is None else (head[0] + 1, head[1])
+        events = []
+        for event_type, body in items:
+            event = build_event(
+                chain_key=chain_key,
+                seq=seq,
+                prev_event_hash=prev,
+                event_type=event_type,
+                timestamp=timestamp,
+                body=body,
+            )
+            events.append(event)
+            seq, prev = seq + 1, event["chain"]["event_hash"]
         return events
 
     def head(self, chain_key: str) -> tuple[int, str] | None:
@@ -182,9 +247,13 @@ class AuditLog:
         return _head_of(self.backup.last_event(chain_key))
 
     def sync_to_catalog(self, chain_key: str) -> ReconcileResult:
-        """Reconcile the backup and the head store without appending an event."""
-        with self._session(chain_key) as (_, state):
-            return state
+        """Reconcile the backup and the head store without appending (used by repair): completes a
+        batch a crash left pending; `ChainDivergence` for anything else (see the module doc)."""
+        with self._writer(chain_key):
+            if self.head_store is None:
+                return ReconcileResult(0, 0, self.head(chain_key))
+            with self.head_store.locked_chain(chain_key) as txn:
+                return self._reconcile(chain_key, txn)
 
     def deliver_pending(self, chain_key: str) -> DeliveryReport | None:
         """Deliver the chain's undelivered events remotely; None when no delivery is configured."""

@@ -3,7 +3,9 @@
 The audit log (`audit.log`) appends to the local backup first and then here, inside
 `locked_chain`: one transaction per chain holding its head row, so concurrent writers of one chain
 (threads, processes, hosts on PostgreSQL) serialise and never fork it. `audit_events` is append-only
-(database triggers).
+(database triggers). The batch an append is about to write is recorded first in
+`audit_pending_batches` (`ChainTransaction.set_pending`), so a crash between the backup and the mirror
+can be told from events appended to one store alone (`audit.log`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
 from sqlalchemy.exc import IntegrityError
 
 from pcbo_dagster.catalog import schema as t
@@ -92,6 +94,31 @@ class ChainTransaction:
             ) from exc
         upsert(self._conn, t.audit_chain_heads, {"chain_key": self.chain_key, "seq": seq, "event_hash": prev})
 
+    def pending(self) -> tuple[int, list[dict[str, Any]]] | None:
+        """(first seq, events) of the batch recorded as about to be appended, or None."""
+        p = t.audit_pending_batches
+        row = self._conn.execute(
+            select(p.c.first_seq, p.c.events_json).where(p.c.chain_key == self.chain_key)
+        ).first()
+        return None if row is None else (int(row.first_seq), json.loads(row.events_json))
+
+    def set_pending(self, first_seq: int, events: list[dict[str, Any]]) -> None:
+        """Record the batch about to be appended (replacing any earlier one)."""
+        upsert(
+            self._conn,
+            t.audit_pending_batches,
+            {
+                "chain_key": self.chain_key,
+                "first_seq": first_seq,
+                "events_json": compact_text(events),
+                "recorded_at": utc_now(),
+            },
+        )
+
+    def clear_pending(self) -> None:
+        p = t.audit_pending_batches
+        self._conn.execute(p.delete().where(p.c.chain_key == self.chain_key))
+
 
 class ChainMirror(Database):
     """The `audit_events` and `audit_chain_heads` tables."""
@@ -117,6 +144,35 @@ class ChainMirror(Database):
                     .with_for_update()
                 )
             yield ChainTransaction(conn, chain_key)
+
+    @contextlib.contextmanager
+    def chain_writer_lock(self, chain_key: str) -> Iterator[None]:
+        """Held by a chain's writer across its whole append (pending batch, backup, mirror): on
+        PostgreSQL a session advisory lock, so writers on different hosts take turns; on SQLite
+        nothing (a SQLite catalog has one host, whose writers share the backup's file lock)."""
+        if self.dialect != "postgresql":
+            yield
+            return
+        key = compact_text(["pcbo.chain", chain_key])
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), {"k": key})
+                conn.commit()
+
+    def audit_event_rows(self, chain_key: str) -> list[dict[str, Any]]:
+        """The mirror's rows of a chain as stored (columns and the unparsed `event_json`), in seq order."""
+        e = t.audit_events
+        with self.read() as conn:
+            rows = conn.execute(
+                select(e.c.seq, e.c.event_hash, e.c.prev_event_hash, e.c.event_type, e.c.event_json)
+                .where(e.c.chain_key == chain_key)
+                .order_by(e.c.seq)
+            )
+            return [dict(r._mapping) for r in rows]
 
     def audit_events(self, chain_key: str) -> list[dict[str, Any]]:
         """Parsed events of a chain, in seq order."""

@@ -30,7 +30,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Key of the PostgreSQL advisory lock taken around migrations ("pcbo" + "migr" as ASCII).
 MIGRATION_LOCK_KEY = 0x7063626F6D696772
 #: The newest Alembic revision in migrations/versions (a test holds it equal to Alembic's head).
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"
 _BEGIN_OPTION = "pcbo_sqlite_begin"
 
 
@@ -131,6 +131,15 @@ class Database:
             if self._engine is not None:
                 self._engine.dispose()
                 self._engine = None
+
+    def trigger_names(self) -> set[str]:
+        """Names of the triggers defined on the catalog's tables (to find a dropped append-only one)."""
+        if self.dialect == "sqlite":
+            query = text("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        else:
+            query = text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+        with self.read() as conn:
+            return {str(r[0]) for r in conn.execute(query)}
 
     def is_missing_sqlite_file(self) -> bool:
         """True for a SQLite catalog whose file does not exist yet (opening it would create it)."""

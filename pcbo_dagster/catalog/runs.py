@@ -87,9 +87,21 @@ class RunRecords(Database):
         """The run row (metadata and summary parsed), or None."""
         with self.read() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id)).first()
-        if row is None:
-            return None
-        out = dict(row._mapping)
-        out["metadata"] = json.loads(out["metadata"])
-        out["summary"] = None if out["summary"] is None else json.loads(out["summary"])
-        return out
+        return None if row is None else _run_row(row)
+
+    def runs(self, dataset: str | None = None, version_label: str | None = None) -> list[dict[str, Any]]:
+        """Run rows (metadata and summary parsed), by run id."""
+        stmt = select(t.runs).order_by(t.runs.c.run_id)
+        if dataset is not None:
+            stmt = stmt.where(t.runs.c.dataset == dataset)
+        if version_label is not None:
+            stmt = stmt.where(t.runs.c.version_label == version_label)
+        with self.read() as conn:
+            return [_run_row(r) for r in conn.execute(stmt)]
+
+
+def _run_row(row: Any) -> dict[str, Any]:
+    out = dict(row._mapping)
+    out["metadata"] = json.loads(out["metadata"])
+    out["summary"] = None if out["summary"] is None else json.loads(out["summary"])
+    return out

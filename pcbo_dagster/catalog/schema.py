@@ -27,6 +27,24 @@ from sqlalchemy.types import TypeDecorator
 metadata = MetaData()
 
 
+#: Tables whose rows are only ever added (database triggers refuse UPDATE, DELETE, REPLACE and, on
+#: PostgreSQL, TRUNCATE: migrations 0001, 0003, 0004). `pcbo verify` reports a dropped trigger.
+APPEND_ONLY_TABLES = (
+    "audit_events",
+    "discrepancy_events",
+    "rollout_log",
+    "rollout_approvals",
+    "soak_evaluations",
+)
+
+
+def append_only_trigger_names(dialect: str, tables: tuple[str, ...] = APPEND_ONLY_TABLES) -> list[str]:
+    """The triggers the migrations create to keep `tables` append-only on `dialect`."""
+    if dialect == "sqlite":
+        return [f"{t}_{action}" for t in tables for action in ("no_update", "no_delete", "no_replace")]
+    return [f"{t}_{action}" for t in tables for action in ("append_only", "no_truncate")]
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timezone-aware UTC instant on every backend (SQLite stores it naive, in UTC)."""
 
@@ -185,6 +203,18 @@ discrepancy_events = Table(
     PrimaryKeyConstraint("id", name="pk_discrepancy_events"),
 )
 Index("ix_discrepancy_events_run_id", discrepancy_events.c.run_id)
+
+# The batch of events the audit log is about to append to a chain (migration 0004): written before
+# the local backup, removed once the mirror holds them (see `audit/log.py`).
+audit_pending_batches = Table(
+    "audit_pending_batches",
+    metadata,
+    Column("chain_key", Name, nullable=False),
+    Column("first_seq", BigInteger, nullable=False),
+    Column("events_json", Text, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("chain_key", name="pk_audit_pending_batches"),
+)
 
 # Who is writing a dataset version right now (migration 0002). One row while a run holds the lease.
 dataset_leases = Table(

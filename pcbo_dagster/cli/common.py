@@ -17,6 +17,20 @@ from pcbo_dagster.core.json_documents import streamed_text
 from pcbo_dagster.core.request_model import NAME_PATTERN
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.io.atomic_files import replacing
+from pcbo_dagster.io.env_vars import plain_path
+
+
+def check_output_target(output: str | None) -> None:
+    """`--output` must be writable where it points before any work is done (so a bad one costs
+    nothing and writes nothing): its directory exists, and it is not a directory itself."""
+    if output is None or output == "-":
+        return
+    plain_path("--output", output)
+    path = Path(output)
+    if path.is_dir():
+        raise InvalidInput("--output", f"{output} is a directory")
+    if not path.parent.is_dir():
+        raise InvalidInput("--output", f"the directory {path.parent} does not exist")
 
 
 def write_output(document: dict[str, Any], output: str | None) -> None:
@@ -75,10 +89,12 @@ def engine_settings(args: argparse.Namespace) -> Any:
 
 
 @contextmanager
-def open_environment(args: argparse.Namespace) -> Iterator[Any]:
+def open_environment(args: argparse.Namespace, create: bool = True) -> Iterator[Any]:
+    """The engine environment the flags name; `create=False` for commands that only look at or undo
+    what is there (nothing is created when there is nothing)."""
     from pcbo_dagster.engine.environment import Environment
 
-    env = Environment.open(engine_settings(args))
+    env = Environment.open(engine_settings(args), create=create)
     try:
         yield env
     finally:
@@ -97,9 +113,20 @@ class Findings(Exception):
 def name_arg(value: str) -> str:
     import re
 
-    if not re.match(NAME_PATTERN, value):
+    if not re.fullmatch(NAME_PATTERN, value):  # fullmatch: `$` alone would let a trailing newline in
         raise argparse.ArgumentTypeError(f"must match {NAME_PATTERN}")
     return value
+
+
+def partition_key_arg(value: str) -> str:
+    """A partition key given on the command line: exactly a time or ledger key (it names a lake
+    directory, so nothing else gets near a path)."""
+    from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
+
+    try:
+        return validate_partition_key(value)
+    except PartitionKeyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:

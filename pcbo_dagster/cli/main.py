@@ -10,23 +10,29 @@ written; the document says why); 1 anything else (including verify findings and 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from pcbo_dagster.cli.common import (
     DEFAULT_DEMO_DIR,
     Findings,
     add_common_options,
+    check_output_target,
     engine_settings,
     name_arg,
     open_environment,
+    partition_key_arg,
     read_input,
     write_output,
 )
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.io.redaction import scrub_text
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -86,7 +92,7 @@ def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.verify import verify
 
-    with open_environment(args) as env:
+    with open_environment(args, create=False) as env:
         document = verify(env, repair=args.repair)
     if document["status"] != "clean":
         raise Findings(document)
@@ -122,13 +128,14 @@ def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.rollback import rollback
 
-    with open_environment(args) as env:
+    with open_environment(args, create=False) as env:
         return rollback(
             env,
             args.dataset,
             args.version_label,
             run_id=args.run_id,
             partition_key=args.partition,
+            version=args.version,
             reason=args.reason,
         )
 
@@ -136,7 +143,7 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.garbage_collection import collect_garbage
 
-    with open_environment(args) as env:
+    with open_environment(args, create=False) as env:
         return collect_garbage(env, dry_run=args.dry_run)
 
 
@@ -180,22 +187,20 @@ def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
 
 def _count_time_windows(partitioning: Any) -> tuple[int | None, str | None, str | None]:
     """(count, first key, last key) of a closed time window; (None, ...) when it is open-ended."""
-    from pcbo_dagster.core.instants import format_key, to_datetime
+    from pcbo_dagster.core.instants import to_datetime
+    from pcbo_dagster.core.partition_keys import format_time_key
 
     end_us = partitioning.end_us
     if end_us is None:
-        return None, format_key(partitioning.start_us), None
-    seconds = partitioning.fixed_window_seconds
-    if seconds is not None:
-        width = seconds * 1_000_000
-        count = (end_us - partitioning.start_us) // width
-        last = format_key(partitioning.start_us + (count - 1) * width) if count else None
-        return count, format_key(partitioning.start_us) if count else None, last
-    try:
-        from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
-    except ImportError:  # the dagster extra is not installed: irregular crons are not counted
-        return None, None, None
-    keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
+        return None, format_time_key(partitioning.start_us), None
+    if partitioning.fixed_window_seconds is not None:
+        keys = partitioning.keys()
+    else:
+        try:
+            from pcbo_dagster.dagster_defs.partitions import time_window_partitions_def
+        except ImportError:  # the dagster extra is not installed: irregular crons are not counted
+            return None, None, None
+        keys = time_window_partitions_def(partitioning).get_partition_keys(current_time=to_datetime(end_us))
     return len(keys), keys[0] if keys else None, keys[-1] if keys else None
 
 
@@ -209,10 +214,8 @@ def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
         if open_ended:
             count, first, last = None, None, None
         else:
-            size, lo, hi = partitioning.partitionSize, partitioning.firstLedger, partitioning.lastLedger
-            count = -(-(hi - lo + 1) // size)
-            first = f"range={lo}-{min(lo + size - 1, hi)}"
-            last = f"range={lo + (count - 1) * size}-{hi}"
+            keys = partitioning.keys()
+            count, first, last = len(keys), keys[0], keys[-1]
     source = config.source_uri(dataset)
     return {
         "name": dataset.name,
@@ -330,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(p)
     p.add_argument("--dataset", required=True, type=name_arg)
     p.add_argument("--version-label", default="v1", type=name_arg)
-    p.add_argument("--partition", required=True, help="partition key, e.g. 20240101T000000Z")
+    p.add_argument(
+        "--partition", required=True, type=partition_key_arg, help="partition key, e.g. 20240101T000000Z"
+    )
     p.add_argument("--id")
     p.add_argument("--from-version", type=int)
     p.add_argument("--to-version", type=int)
@@ -348,8 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-label", default="v1", type=name_arg)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id", type=name_arg)
-    target.add_argument("--partition")
-    p.add_argument("--reason", default="requested")
+    target.add_argument(
+        "--partition", type=partition_key_arg, help="the partition key whose current version is undone"
+    )
+    p.add_argument(
+        "--version",
+        type=int,
+        help="with --partition: undo this version, when it is current (how to roll back further on purpose: "
+        "a second --partition alone is a no-op)",
+    )
+    p.add_argument("--reason", default="requested", help="why (recorded in the audit event)")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")
@@ -377,29 +390,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and the documented exit status (no
+    traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_output_target(args.output)
         document = args.func(args)
+        return _emit(document, args.output, 0)
     except InvalidInput as exc:
         print(f"pcbo {args.command}: invalid input: {exc}", file=sys.stderr)
         return exc.exit_status
     except Blocked as exc:
-        write_output(exc.document, args.output)
         print(f"pcbo {args.command}: blocked: {exc}", file=sys.stderr)
-        return exc.exit_status
+        return _emit(exc.document, args.output, exc.exit_status)
     except Findings as exc:
-        write_output(exc.document, args.output)
         print(f"pcbo {args.command}: not valid; see the findings", file=sys.stderr)
-        return 1
+        return _emit(exc.document, args.output, 1)
     except PcboError as exc:
+        print(f"pcbo {args.command}: {scrub_text(str(exc))}", file=sys.stderr)
         document = getattr(exc, "document", None)
-        if document is not None:
-            write_output(document, args.output)
-        print(f"pcbo {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_status
-    write_output(document, args.output)
-    return 0
+        return _emit(document, args.output, exc.exit_status) if document is not None else exc.exit_status
+    except BrokenPipeError:
+        return _closed_pipe(1)
+    except (OSError, SQLAlchemyError) as exc:
+        if os.environ.get("PCBO_DEBUG"):
+            raise
+        print(f"pcbo {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _emit(document: Any, output: str | None, status: int) -> int:
+    """Write the command's document; a reader that went away (`pcbo verify | head`) is no error."""
+    try:
+        write_output(document, output)
+    except BrokenPipeError:
+        return _closed_pipe(status)
+    return status
+
+
+def _closed_pipe(status: int) -> int:
+    # Whatever is still buffered for the closed pipe goes nowhere, and Python's exit flush stays quiet.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return status
+
+
+def _one_line(exc: BaseException) -> str:
+    """An I/O or database error as one line without secrets: a full disk, a read-only lake, a locked
+    catalog, a server that went away."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{exc.strerror}{where}"
+    else:
+        text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return scrub_text(text)
 
 
 if __name__ == "__main__":

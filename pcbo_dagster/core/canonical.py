@@ -66,6 +66,27 @@ def record_digest_bytes(records: list[Any], may_hold_floats_or_big_ints: bool, f
     return b"".join(h.digest() for h in _record_hashes(records, may_hold_floats_or_big_ints, first_index))
 
 
+def mismatched_digests(records: list[Any], expected: list[bytes]) -> list[int]:
+    """Positions of the records whose RFC 8785 SHA-256 is not `expected[i]` (raw digests): records
+    read again that are no longer the ones that were decided on. A record RFC 8785 cannot express
+    counts as a mismatch."""
+    try:
+        fast = [h.digest() for h in _record_hashes(records, False, 0)]
+    except rfc8785.CanonicalizationError:
+        fast = [b""] * len(records)
+    wrong = []
+    for i, digest in enumerate(fast):
+        if digest == expected[i]:
+            continue
+        try:  # the fast path's guess may be wrong for floats or large integers: ask rfc8785
+            careful = hashlib.sha256(rfc8785.dumps(records[i])).digest()
+        except (rfc8785.CanonicalizationError, UnicodeError, ValueError, TypeError):
+            careful = b""
+        if careful != expected[i]:
+            wrong.append(i)
+    return wrong
+
+
 def _record_hashes(records: list[Any], may_hold_floats_or_big_ints: bool, first_index: int) -> list[Any]:
     sha = hashlib.sha256
     if not may_hold_floats_or_big_ints:

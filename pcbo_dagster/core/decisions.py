@@ -50,6 +50,9 @@ class PartitionDecision:
     add_locators: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     add_occurred_us: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     add_retention_us: pa.Array = field(default_factory=lambda: pa.array([], pa.int64()))
+    #: The adds' raw SHA-256 digests as pass 1 took them, when the records are read again from a
+    #: streamed source (which may change under the run): the records written must still have them.
+    add_digests: list[bytes] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {**self.partition.to_json(), "add": self.add, "omit": self.omit, "counts": self.counts}
@@ -326,6 +329,7 @@ def partition_decision(
     occurred_us: np.ndarray,
     retention_us: pa.Array,
     on_violation: str,
+    digests: list[bytes] | None = None,
 ) -> tuple[PartitionDecision, list[dict[str, Any]]]:
     """A partition's decision from its placed records in output order (`sort_placed`), and its
     breaches (listed only where they block)."""
@@ -350,6 +354,7 @@ def partition_decision(
         add_locators=locators[adds_sel],
         add_occurred_us=occurred_us[adds_sel],
         add_retention_us=retention_us.take(take),
+        add_digests=None if digests is None else [digests[i] for i in add_at.tolist()],
     )
     return decision, breaches
 

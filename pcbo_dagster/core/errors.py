@@ -36,3 +36,8 @@ class IntegrityError(PcboError):
     """A post-write check or verification failed: exit status 1."""
 
     exit_status = 1
+
+
+class SourceChanged(IntegrityError):
+    """Records read again to be written are not the ones that were decided on: the source changed
+    during the run (exit status 1; nothing is committed from the change on)."""

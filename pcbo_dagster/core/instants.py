@@ -85,14 +85,11 @@ def format_instant(micros: int) -> str:
     return text + "Z"
 
 
-def format_key(micros: int) -> str:
-    """Partition key: `YYYYMMDDTHHMMSS[.ffffff]Z`."""
-    m = _EPOCH + timedelta(microseconds=micros)
-    text = f"{m.year:04d}{m.month:02d}{m.day:02d}T{m.hour:02d}{m.minute:02d}{m.second:02d}"
-    if m.microsecond:
-        text += f".{m.microsecond:06d}"
-    return text + "Z"
-
-
 def to_datetime(micros: int) -> datetime:
+    """Microseconds since the epoch as an aware UTC datetime."""
     return _EPOCH + timedelta(microseconds=micros)
+
+
+def to_micros(moment: datetime) -> int:
+    """An aware datetime as microseconds since the epoch (the inverse of `to_datetime`)."""
+    return (moment.astimezone(UTC) - _EPOCH) // timedelta(microseconds=1)

@@ -8,7 +8,7 @@ extension, see the README) they are ledger sequence numbers read from a record f
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pcbo_dagster.core.canonical import fast_jcs, prefixed, sha256_hex
-from pcbo_dagster.core.instants import format_instant, format_key
-from pcbo_dagster.core.request_model import BackfillRequest
+from pcbo_dagster.core.instants import format_instant, parse_instant
+from pcbo_dagster.core.partition_keys import LedgerGrid, format_time_key
+from pcbo_dagster.core.request_model import BackfillRequest, Policies
 
 PLAN_VERSION = "pcbo.plan/1"
 
@@ -44,10 +45,41 @@ class Partition:
 
 @dataclass(frozen=True)
 class NormalizedPolicies:
+    """Policies as the engine applies them and the plan hash carries them (CONTRACT section 3)."""
+
     require_consent: bool
     allowed_jurisdictions: tuple[str, ...] | None
     retention_cutoff_us: int | None
     on_violation: str
+
+    @classmethod
+    def from_policies(cls, policies: Policies) -> NormalizedPolicies:
+        """A request's or a dataset config's `policies`: jurisdictions trimmed, upper-cased
+        (`normalize_jurisdictions`), unique and sorted; the retention cutoff as an instant."""
+        allowed: tuple[str, ...] | None = None
+        if policies.allowedJurisdictions is not None:
+            normalized = normalize_jurisdictions(pa.array(policies.allowedJurisdictions, pa.string()))
+            allowed = tuple(sorted(set(normalized.to_pylist())))
+        cutoff = policies.retentionCutoff
+        return cls(
+            require_consent=policies.requireConsent,
+            allowed_jurisdictions=allowed,
+            retention_cutoff_us=None if cutoff is None else parse_instant(cutoff),
+            on_violation=policies.onViolation,
+        )
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> NormalizedPolicies:
+        """Policies as `to_json` wrote them (a manifest's `policies`): already normalised, so taken
+        as they are (a `KeyError` when a field is missing)."""
+        allowed = document.get("allowedJurisdictions")
+        cutoff = document.get("retentionCutoff")
+        return cls(
+            require_consent=document["requireConsent"],
+            allowed_jurisdictions=None if allowed is None else tuple(allowed),
+            retention_cutoff_us=None if cutoff is None else parse_instant(cutoff),
+            on_violation=document["onViolation"],
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,27 +126,17 @@ def normalize_jurisdictions(values: pa.Array) -> pa.Array:
     return pc.utf8_upper(pc.utf8_trim_whitespace(values.cast(pa.string())))
 
 
-def normalize_policies(request: BackfillRequest) -> NormalizedPolicies:
-    allowed = request.policies.allowedJurisdictions
-    normalized: tuple[str, ...] | None = None
-    if allowed is not None:
-        normalized = tuple(sorted(set(normalize_jurisdictions(pa.array(allowed, pa.string())).to_pylist())))
-    return NormalizedPolicies(
-        require_consent=request.policies.requireConsent,
-        allowed_jurisdictions=normalized,
-        retention_cutoff_us=request.retention_cutoff_us,
-        on_violation=request.policies.onViolation,
-    )
-
-
 def partitions_for(start: int, end: int, width: int, ledger: bool = False) -> tuple[Partition, ...]:
+    """[start, end) cut into partitions of `width` positions, the last one cut at `end`: time windows
+    keyed by their start (`format_time_key`), or the ledger grid's partitions (`LedgerGrid`)."""
+    if ledger:
+        spans = LedgerGrid.of_request(start, end, width).spans()
+        return tuple(Partition(i, s.key, s.first, s.end, True) for i, s in enumerate(spans))
     count = -(-(end - start) // width)
     parts = []
     for index in range(count):
         lo = start + index * width
-        hi = min(lo + width, end)
-        key = f"range={lo}-{hi - 1}" if ledger else format_key(lo)
-        parts.append(Partition(index, key, lo, hi, ledger))
+        parts.append(Partition(index, format_time_key(lo), lo, min(lo + width, end)))
     return tuple(parts)
 
 
@@ -143,7 +165,7 @@ def build_plan(request: BackfillRequest, record_digests: list[str] | Iterator[np
     """The plan of a request; `record_digests` are the hex SHA-256 of JCS(record) of every record,
     or (a streamed source) an iterator of the raw digests in byte order, in (k, 32) uint8 chunks: the
     hash is the same."""
-    policies = normalize_policies(request)
+    policies = NormalizedPolicies.from_policies(request.policies)
     ledger = request.ledgerRange
     document: dict[str, Any] = {
         "v": PLAN_VERSION,

@@ -189,11 +189,6 @@ class BackfillRequest(BaseModel):
     def chunk_us(self) -> int:
         return self.chunkSeconds * 1_000_000
 
-    @property
-    def retention_cutoff_us(self) -> int | None:
-        cutoff = self.policies.retentionCutoff
-        return None if cutoff is None else parse_instant(cutoff)
-
 
 class _FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
@@ -250,6 +245,8 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
         )
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(what, f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(what, "nested too deeply (arrays and objects nest at most ~900 levels)") from None
     return ParsedJson(value, floats_seen)
 
 

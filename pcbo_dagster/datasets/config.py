@@ -63,7 +63,14 @@ from pydantic import (
 )
 
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.core.instants import format_key, parse_instant
+from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.partition_keys import (
+    LedgerGrid,
+    PartitionKeyError,
+    Window,
+    format_time_key,
+    window_for_key,
+)
 from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, Text
 from pcbo_dagster.sources.record_files import resolve_uri
 
@@ -174,14 +181,39 @@ class TimeWindowPartitioning(_Strict):
         """Window length when every window of this cron has the same length (hourly, daily)."""
         return REGULAR_CRON_SECONDS.get(self.cron)
 
+    def _first_window_start_us(self, step: int) -> int:
+        """Dagster's first window of a fixed-length cron starts on the first tick at or after `start`."""
+        return -(-self.start_us // step) * step
+
     def keys(self) -> list[str]:
-        """The partition keys (`format_key` of each window start) of a closed hourly or daily range."""
+        """The partition keys (`format_time_key` of each window start) of a closed hourly or daily range."""
         seconds = self.fixed_window_seconds
         if seconds is None or self.end_us is None:
             raise ValueError("only a closed hourly or daily range has a fixed key list here")
         step = seconds * 1_000_000
-        first = -(-self.start_us // step) * step  # Dagster's first window starts on a cron tick
-        return [format_key(start) for start in range(first, self.end_us - step + 1, step)]
+        first = self._first_window_start_us(step)
+        return [format_time_key(start) for start in range(first, self.end_us - step + 1, step)]
+
+    def window_of_key(self, key: str) -> Window:
+        """The hourly or daily window whose key is `key`; `PartitionKeyError` naming the key when it
+        is not a time key or not one of this dataset's windows (off the cron's ticks, before `start`,
+        past `end`)."""
+        seconds = self.fixed_window_seconds
+        if seconds is None:
+            raise ValueError("only hourly or daily windows have a fixed length")
+        window = window_for_key(key, seconds)
+        step = window.length_us
+        end_us = self.end_us
+        if (
+            window.start_us % step
+            or window.start_us < self._first_window_start_us(step)
+            or (end_us is not None and window.end_us > end_us)
+        ):
+            raise PartitionKeyError(
+                f"partition key {key!r} is not a window of this dataset ({self.cron} from {self.start}"
+                f"{'' if self.end is None else f' to {self.end}'})"
+            )
+        return window
 
 
 class LedgerRangePartitioning(_Strict):
@@ -197,21 +229,22 @@ class LedgerRangePartitioning(_Strict):
         if self.lastLedger is not None:
             if self.lastLedger < self.firstLedger:
                 raise _FieldError("lastLedger", "must not be smaller than firstLedger")
-            count = -(-(self.lastLedger - self.firstLedger + 1) // self.partitionSize)
+            count = self.grid.partition_count()
             if count > MAX_PARTITIONS:
                 raise _FieldError(
                     "partitionSize", f"the range would make {count} partitions; the limit is {MAX_PARTITIONS}"
                 )
         return self
 
+    @property
+    def grid(self) -> LedgerGrid:
+        """The dataset's ledger grid: its partitions, their keys and the keys' checks."""
+        return LedgerGrid(self.firstLedger, self.partitionSize, self.lastLedger)
+
     def keys(self) -> list[str]:
-        """`range=START-END` keys (END inclusive), the last one cut at `lastLedger`."""
-        if self.lastLedger is None:
-            raise ValueError("an open-ended ledger range has no fixed key list")
-        return [
-            f"range={start}-{min(start + self.partitionSize - 1, self.lastLedger)}"
-            for start in range(self.firstLedger, self.lastLedger + 1, self.partitionSize)
-        ]
+        """`range=START-END` keys (END inclusive), the last one cut at `lastLedger`; `ValueError`
+        for an open-ended range."""
+        return self.grid.keys()
 
 
 Partitioning = Annotated[TimeWindowPartitioning | LedgerRangePartitioning, Field(discriminator="kind")]

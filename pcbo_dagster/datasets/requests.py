@@ -1,23 +1,26 @@
 """Engine requests for partitions of a configured dataset (no Dagster here).
 
-The Dagster assets, the staged rollout and the CLI's rollout commands all turn "these partition keys
-of this dataset" into the engine request of CONTRACT section 1 through these functions: one data
-path. A time-window request covers contiguous, equal-length windows (`start`, `end`,
-`chunkSeconds`); a ledger request covers contiguous `range=S-E` keys (`ledgerRange` with `first` =
-S of the first key, `end` = E+1 of the last, `partitionSize` from the config).
+The one place where "these partition keys of this dataset" become engine requests (CONTRACT
+section 1): the Dagster assets, the staged rollout and the CLI's rollout commands all come through
+here. Keys are parsed by `core.partition_keys` and checked to be the dataset's (on its ledger grid,
+among its hourly or daily windows), then grouped: a time-window request covers contiguous,
+equal-length windows (`start`, `end`, `chunkSeconds`); a ledger request covers contiguous
+`range=S-E` keys (`ledgerRange` with `first` = S of the first key, `end` = E+1 of the last,
+`partitionSize` from the config), every one full but maybe the last. The engine then plans exactly
+these keys.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
+from pcbo_dagster.core.partition_keys import LedgerSpan, PartitionKeyError, Window
+from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.datasets.config import (
     DatasetConfig,
     DatasetsConfig,
@@ -31,40 +34,8 @@ if TYPE_CHECKING:
     from pcbo_dagster.core.plan import Plan
     from pcbo_dagster.engine.request_loading import LoadedRequest
 
-
-@dataclass(frozen=True)
-class Window:
-    """One time partition: its key and bounds in microseconds since the epoch (UTC)."""
-
-    key: str
-    start_us: int
-    end_us: int
-
-    @property
-    def length_us(self) -> int:
-        return self.end_us - self.start_us
-
-
-@dataclass(frozen=True)
-class LedgerSpan:
-    """One ledger-range partition: its key and ledgers [first, end) (end exclusive)."""
-
-    key: str
-    first: int
-    end: int
-
-    @property
-    def last(self) -> int:
-        return self.end - 1
-
-    @property
-    def length(self) -> int:
-        return self.end - self.first
-
-
-#: A ledger-range partition key: `range=<first ledger>-<last ledger>` (both inclusive, decimal).
-LEDGER_KEY = re.compile(r"^range=(0|[1-9][0-9]*)-(0|[1-9][0-9]*)$")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: A partition of either kind, with its key and bounds.
+Span = Window | LedgerSpan
 
 
 def build_request(
@@ -146,28 +117,112 @@ def key_range(dataset: DatasetConfig, first_key: str, last_key: str) -> list[str
     return keys[lo : hi + 1]
 
 
+def time_windows_for_keys(partitioning: TimeWindowPartitioning, keys: list[str]) -> list[Window]:
+    """The windows of `keys` of an hourly or daily dataset, in time order, each checked to be one of
+    the dataset's windows (`PartitionKeyError` naming it). (Dagster's own windows, for any cron:
+    `dagster_defs.partitions.windows_for_keys`.)"""
+    return sorted((partitioning.window_of_key(key) for key in keys), key=lambda w: w.start_us)
+
+
+def ledger_spans_for_keys(partitioning: LedgerRangePartitioning, keys: list[str]) -> list[LedgerSpan]:
+    """The ledger spans of `keys`, in ledger order, each checked to be a partition of the dataset's grid.
+
+    A key off the grid (a dynamic key added by hand, say `range=3-66` for firstLedger 2) would make the
+    engine plan other partitions than Dagster's: it is refused with a `PartitionKeyError` naming it.
+    """
+    grid = partitioning.grid
+    return sorted((grid.span_of_key(key) for key in keys), key=lambda s: s.first)
+
+
+def request_groups(windows: list[Window], max_partitions: int) -> list[list[Window]]:
+    """Split windows into runs of contiguous, equal-length windows (at most `max_partitions` each).
+
+    Each group is one engine request with `chunkSeconds` = the window length: hourly and daily
+    ranges are one group; an irregular cron (weekdays, months) makes a group per run of equal
+    windows, down to one request per window.
+    """
+    groups: list[list[Window]] = []
+    for window in windows:
+        if groups:
+            group = groups[-1]
+            last = group[-1]
+            if (
+                last.end_us == window.start_us
+                and last.length_us == window.length_us
+                and len(group) < max_partitions
+            ):
+                group.append(window)
+                continue
+        groups.append([window])
+    return groups
+
+
+def ledger_request_groups(
+    spans: list[LedgerSpan], partition_size: int, max_partitions: int
+) -> list[list[LedgerSpan]]:
+    """Split spans into runs of contiguous spans, one engine `ledgerRange` request each.
+
+    Within a group every span but the last is `partition_size` ledgers long (the last may be shorter:
+    the final partition of a range cut by `lastLedger`, which the engine plans as its last partition),
+    so `first` = the first span's first ledger, `end` = the last span's end and `partitionSize` =
+    `partition_size` reproduce exactly these keys. A gap (partitions not selected) starts a new group.
+    """
+    groups: list[list[LedgerSpan]] = []
+    for span in spans:
+        if groups:
+            group = groups[-1]
+            last = group[-1]
+            if last.end == span.first and last.length == partition_size and len(group) < max_partitions:
+                group.append(span)
+                continue
+        groups.append([span])
+    return groups
+
+
+def partition_groups(
+    dataset: DatasetConfig, spans: Sequence[Span], max_partitions: int = MAX_PARTITIONS
+) -> list[list[Window]] | list[list[LedgerSpan]]:
+    """A dataset's partitions (in order: windows, or ledger spans) as groups, one engine request
+    each (`request_for_group`)."""
+    partitioning = dataset.partitioning
+    if isinstance(partitioning, LedgerRangePartitioning):
+        spans = cast(list[LedgerSpan], spans)
+        return ledger_request_groups(spans, partitioning.partitionSize, max_partitions)
+    return request_groups(cast(list[Window], spans), max_partitions)
+
+
+def request_for_group(
+    dataset: DatasetConfig, source_uri: str, run_id: str, group: Sequence[Span], metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """The engine request of one group of `partition_groups`."""
+    if isinstance(dataset.partitioning, LedgerRangePartitioning):
+        return build_ledger_request(dataset, source_uri, run_id, cast(list[LedgerSpan], group), metadata)
+    return build_request(dataset, source_uri, run_id, cast(list[Window], group), metadata)
+
+
 def request_for_keys(
     dataset: DatasetConfig, source_uri: str, run_id: str, keys: list[str], metadata: dict[str, Any]
 ) -> dict[str, Any]:
-    """One engine request covering `keys`, contiguous keys of a closed hourly/daily or ledger dataset."""
+    """One engine request covering `keys`, contiguous keys of a closed hourly/daily or ledger dataset;
+    `InvalidInput` naming `partitions` for a key that is not one of the dataset's or keys that are
+    not one contiguous range."""
     partitioning = dataset.partitioning
-    if isinstance(partitioning, TimeWindowPartitioning):
-        seconds = partitioning.fixed_window_seconds
-        if seconds is None:
-            raise InvalidInput("dataset", f"{dataset.name}: only hourly or daily windows have one request")
-        windows = []
-        for key in keys:
-            start = datetime.strptime(key, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-            start_us = (start - _EPOCH) // timedelta(microseconds=1)
-            windows.append(Window(key, start_us, start_us + seconds * 1_000_000))
-        return build_request(dataset, source_uri, run_id, windows, metadata)
-    spans = []
-    for key in keys:
-        match = LEDGER_KEY.match(key)
-        if match is None:
-            raise InvalidInput("partitions", f"{key!r} is not of the form range=FIRST-LAST")
-        spans.append(LedgerSpan(key, int(match.group(1)), int(match.group(2)) + 1))
-    return build_ledger_request(dataset, source_uri, run_id, spans, metadata)
+    if isinstance(partitioning, TimeWindowPartitioning) and partitioning.fixed_window_seconds is None:
+        raise InvalidInput("dataset", f"{dataset.name}: only hourly or daily windows have one request")
+    try:
+        spans: Sequence[Span] = (
+            time_windows_for_keys(partitioning, keys)
+            if isinstance(partitioning, TimeWindowPartitioning)
+            else ledger_spans_for_keys(partitioning, keys)
+        )
+    except PartitionKeyError as exc:
+        raise InvalidInput("partitions", str(exc)) from None
+    groups = partition_groups(dataset, spans, len(spans))
+    if len(groups) != 1:
+        raise InvalidInput(
+            "partitions", f"{dataset.name}: the keys are not one contiguous range of partitions"
+        )
+    return request_for_group(dataset, source_uri, run_id, groups[0], metadata)
 
 
 def evaluate_keys(

@@ -242,12 +242,14 @@ class DecisionSpill:
         rows: list[tuple[Any, ...]] = []
         for chunk in self._rows(
             """SELECT r.idx, r.id, r.mask | (CASE WHEN d.id IS NOT NULL AND (d.kinds > 1 OR r.idx != d.first)
-                      THEN 16 ELSE 0 END), r.locator, r.occurred, r.retention
+                      THEN 16 ELSE 0 END), r.locator, r.occurred, r.retention, r.digest
                FROM records r LEFT JOIN repeated d ON d.id = r.id WHERE r.pidx = ?""",
             (index,),
         ):
             rows.extend(chunk)
-        idx, ids, masks, locators, occurred, retention = zip(*rows, strict=True) if rows else ([],) * 6
+        idx, ids, masks, locators, occurred, retention, digests = (
+            zip(*rows, strict=True) if rows else ([],) * 7
+        )
         table = sort_placed(
             pa.table(
                 {
@@ -269,6 +271,7 @@ class DecisionSpill:
             np.asarray(occurred, dtype=np.int64)[order],
             pa.array(retention, pa.int64()).take(pa.array(order)),
             plan.policies.on_violation,
+            [bytes(digests[i]) for i in order.tolist()],
         )
 
     def unplaced_entries(self) -> Iterator[dict[str, Any]]:

@@ -16,8 +16,9 @@ from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import HttpDelivery
 from pcbo_dagster.audit.log import AuditLog
 from pcbo_dagster.catalog import CatalogStore
-from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.io.env_vars import positive_number
 from pcbo_dagster.lake.storage import LakeStorage
 
 LEASE_TTL_SECONDS = 300.0
@@ -88,9 +89,16 @@ class Environment:
     audit: AuditLog
 
     @classmethod
-    def open(cls, settings: Settings) -> Environment:
-        settings.home.mkdir(parents=True, exist_ok=True)
+    def open(cls, settings: Settings, create: bool = True) -> Environment:
+        """Open the lake, catalog and audit log; `create=False` (commands that only look at or undo
+        what is there) refuses, with nothing created, an embedded catalog that does not exist yet."""
         catalog = CatalogStore(settings.catalog_url)
+        if not create and catalog.is_missing_sqlite_file():
+            raise InvalidInput(
+                "--home",
+                f"nothing here: no pcbo catalog at {catalog.url}  (run an execute first, or say where it is)",
+            )
+        settings.home.mkdir(parents=True, exist_ok=True)
         catalog.migrate()
         backup = AuditBackup(settings.audit_dir)
         delivery = None
@@ -118,7 +126,9 @@ class Environment:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             lease = DatasetLease(self.catalog, dataset, version_label, run_id)
-            lease.acquire(float(os.environ.get("PCBO_LEASE_WAIT_SECONDS", "600")))
+            lease.acquire(
+                positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
+            )
             try:
                 yield lease
             finally:

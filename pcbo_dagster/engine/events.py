@@ -1,7 +1,8 @@
-"""Audit event bodies (PAS, snake_case) for partition commits and rollbacks.
+"""Audit event bodies (PAS, snake_case) for partition commits and rollbacks and their intents.
 
 A commit event is derived from the committed manifest alone, so `verify --repair` can append the
-event of a partition committed just before a crash exactly as execute would have.
+event of a partition committed just before a crash exactly as execute would have. The event types and
+what the chain makes of them are `core/chain_state.py`'s.
 """
 
 from __future__ import annotations
@@ -9,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from pcbo_dagster import __version__
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake import layout
 from pcbo_dagster.lake.storage import LakeStorage
 
-PARTITION_COMMITTED = "partition_committed"
-PARTITION_ROLLED_BACK = "partition_rolled_back"
 PRODUCER = {"name": "pcbo_dagster", "version": __version__}
 
 
@@ -21,7 +21,8 @@ def chain_key(dataset: str, version_label: str) -> str:
     return f"{dataset}/{version_label}"
 
 
-def _partition(manifest: dict[str, Any]) -> dict[str, Any]:
+def partition_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The `partition` object of an event about a version, from its manifest."""
     part = manifest["partition"]
     return {
         "dataset": manifest["dataset"],
@@ -40,11 +41,15 @@ def commit_body(manifest: dict[str, Any], manifest_checksum: str, lake: LakeStor
     counts = manifest["counts"]
     return {
         "run_id": manifest["runId"],
-        "partition": _partition(manifest),
+        "partition": partition_of(manifest),
         "plan_hash": manifest["planHash"],
         "decision_hash": manifest["decisionHash"],
         "merkle_root": manifest["merkleRoot"],
         "record_count": manifest["recordCount"],
+        "previous": {
+            "version": manifest["previousVersion"],
+            "manifest_checksum": manifest["previousManifestChecksum"],
+        },
         "manifest": {
             "uri": lake.uri(layout.manifest(dataset, version_label, key)),
             "version_uri": lake.uri(layout.version_manifest(dataset, version_label, key, version)),
@@ -94,48 +99,77 @@ def catalog_row(
         "record_count": manifest["recordCount"],
         "event_hash": event_hash,
         "files": manifest["files"],
-        "source_uri": source_uri,
+        "source_uri": None if source_uri is None else redact_url(source_uri),
         "source_kind": source_kind,
         "plan_hash": manifest["planHash"],
         "decision_hash": manifest["decisionHash"],
     }
 
 
+def commit_intent_entry(manifest: dict[str, Any], manifest_checksum: str) -> dict[str, Any]:
+    """One partition of a `partition_commit_intent`: the manifest about to become its commit point."""
+    return {
+        "key": manifest["partition"]["key"],
+        "version": manifest["partitionVersion"],
+        "manifest_checksum": manifest_checksum,
+        "previous_version": manifest["previousVersion"],
+        "previous_manifest_checksum": manifest["previousManifestChecksum"],
+    }
+
+
+def commit_intent_body(run_id: str | None, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"run_id": run_id, "partitions": entries, "producer": PRODUCER}
+
+
+def rollback_intent_entry(
+    key: str,
+    version: int,
+    manifest_checksum: str,
+    restore_version: int | None,
+    restore_manifest_checksum: str | None,
+) -> dict[str, Any]:
+    """One partition of a `partition_rollback_intent`: the version to undo and the one to restore."""
+    return {
+        "key": key,
+        "version": version,
+        "manifest_checksum": manifest_checksum,
+        "restore_version": restore_version,
+        "restore_manifest_checksum": restore_manifest_checksum,
+    }
+
+
+def rollback_intent_body(run_id: str | None, reason: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"run_id": run_id, "reason": reason, "partitions": entries, "producer": PRODUCER}
+
+
 def rollback_body(
-    manifest: dict[str, Any],
+    partition: dict[str, Any],
     manifest_checksum: str,
     restored_version: int | None,
+    restored_manifest_checksum: str | None,
     reason: str,
     run_id: str | None,
 ) -> dict[str, Any]:
     return {
         "run_id": run_id,
-        "partition": _partition(manifest),
+        "partition": partition,
         "undone_manifest_checksum": manifest_checksum,
         "restored_version": restored_version,
+        "restored_manifest_checksum": restored_manifest_checksum,
         "reason": reason,
         "producer": PRODUCER,
     }
 
 
-class ChainIndex:
-    """What a dataset's chain says about its partitions: commit events by (key, manifest checksum),
-    and the highest version any event names per key (so a new version never reuses a number)."""
-
-    def __init__(self, events: list[dict[str, Any]]) -> None:
-        self.commits: dict[tuple[str, str], dict[str, Any]] = {}
-        self.rollbacks: dict[tuple[str, str], dict[str, Any]] = {}
-        self.max_version: dict[str, int] = {}
-        for event in events:
-            self.add(event)
-
-    def add(self, event: dict[str, Any]) -> None:
-        part = event.get("partition")
-        if not isinstance(part, dict) or "key" not in part:
-            return
-        key = part["key"]
-        self.max_version[key] = max(self.max_version.get(key, 0), int(part.get("version", 0)))
-        if event.get("event_type") == PARTITION_COMMITTED:
-            self.commits[(key, event["manifest"]["checksum"])] = event
-        elif event.get("event_type") == PARTITION_ROLLED_BACK:
-            self.rollbacks[(key, event["undone_manifest_checksum"])] = event
+def restoration_body(
+    partition: dict[str, Any], manifest_checksum: str, finding: dict[str, Any] | None, run_id: str | None
+) -> dict[str, Any]:
+    """`partition_restored`: the lake disagreed with the chain (`finding`) and a run put the chain's
+    current version back, byte for byte."""
+    return {
+        "run_id": run_id,
+        "partition": partition,
+        "manifest_checksum": manifest_checksum,
+        "finding": finding,
+        "producer": PRODUCER,
+    }

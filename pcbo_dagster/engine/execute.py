@@ -1,10 +1,14 @@
 """`execute`: write each partition of a plan to the lake, prove it, audit it, reconcile it.
 
 Per partition, in this order (CONTRACT section 4): data file (content-addressed), the version and
-rollback manifests, then `_manifest.json` (the commit point), then the audit event, then a
-post-write check that reads the committed file back from the lake, then the catalog. A partition
-already committed with identical content is left as it is; if a crash had left it without its audit
-event or catalog row, those are completed now ("healed").
+rollback manifests, then the intent (a `partition_commit_intent` event naming the exact manifest
+checksum about to be committed), then `_manifest.json` (the commit point), then the audit event, then
+a post-write check that reads the committed file back from the lake, then the catalog. Each
+partition's commit point is first compared with what the audit chain says it must be
+(`engine/crash_windows.py`): a commit or rollback a crash interrupted is completed ("healed"), and a
+partition whose lake disagrees with its chain in any other way stops the run before anything is
+written to it. A partition already committed with identical content is left as it is; if a crash had
+left it without its catalog row, that is completed now.
 
 Partitions are committed in batches. With `parallel` > 1 (`--parallel`, `PCBO_PARALLEL`, default 4)
 up to that many partitions of a batch are read, encoded and written at once by worker threads
@@ -25,18 +29,34 @@ from typing import Any
 import pyarrow as pa
 
 from pcbo_dagster.core import merkle
-from pcbo_dagster.core.canonical import prefixed, sha256_hex
+from pcbo_dagster.core.canonical import mismatched_digests, prefixed, sha256_hex
+from pcbo_dagster.core.chain_state import (
+    PARTITION_COMMIT_INTENT,
+    PARTITION_COMMITTED,
+    PARTITION_RESTORED,
+    ChainState,
+    PartitionHistory,
+    replay,
+)
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
-from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
+from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput, SourceChanged
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
 from pcbo_dagster.engine import failpoints
+from pcbo_dagster.engine.crash_windows import LakeDisagreesWithChain, LakeVsChain, compare, heal
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.events import PARTITION_COMMITTED, ChainIndex, catalog_row, chain_key, commit_body
+from pcbo_dagster.engine.events import (
+    catalog_row,
+    chain_key,
+    commit_body,
+    commit_intent_body,
+    commit_intent_entry,
+    restoration_body,
+)
 from pcbo_dagster.engine.request_loading import LoadedRequest
-from pcbo_dagster.engine.rollback import ensure_commit_recorded, undo_current_version
+from pcbo_dagster.engine.rollback import apply_undos, plan_undo
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.sources.streaming import source_batch_size
 
@@ -135,8 +155,10 @@ def _rollback_manifest(
     }
 
 
-class PostWriteCheckFailed(IntegrityError):
-    """The run stopped at a partition whose written rows did not match its decisions or policy."""
+class ExecuteFailed(IntegrityError):
+    """The run stopped at a partition: its written rows did not match its decisions or policy (the
+    post-write check), or its commit point disagrees with its audit chain. `document` is the execute
+    document of what was done."""
 
     def __init__(self, message: str, document: dict[str, Any]) -> None:
         self.document = document
@@ -150,18 +172,23 @@ def post_write_check(
     expected_ids: list[str],
     existing_ids: list[str],
     full: bool = True,
+    read: bool = True,
 ) -> dict[str, Any]:
     """Read the committed file back from the lake: checksum, rows vs decisions, root, policy.
 
     `full=False` (a partition left unchanged, already checked when it was committed) checks the file
     bytes against the manifest's checksum and the decided adds against the manifest's Merkle root,
-    without decoding the rows again.
+    without decoding the rows again; with `read=False` too, the file bytes were already checked (or
+    restored) while staging and are not read again.
     """
     findings: list[str] = []
     ids: list[str] = []
     violating: list[dict[str, Any]] = []
     rows = 0
     for entry in manifest["files"]:
+        if not full and not read:
+            rows += entry["rowCount"]
+            continue
         data = env.lake.read(entry["path"])
         if prefixed(sha256_hex(data)) != entry["checksum"]:
             findings.append(f"{entry['path']}: checksum differs from the manifest")
@@ -222,10 +249,17 @@ class _Staged:
     event: dict[str, Any] | None = None
     healed: bool = False
     check: dict[str, Any] | None = None
+    #: What was wrong with the partition in the lake when this run restored it to the chain's bytes.
+    restored: dict[str, Any] | None = None
+    #: The committed files were read and checked against the manifest while staging.
+    files_verified: bool = False
 
     @property
     def status(self) -> str:
-        return "unchanged" if self.manifest_bytes is None else "committed"
+        """committed (a new version), restored (put back to the chain's current version) or unchanged."""
+        if self.manifest_bytes is not None:
+            return "committed"
+        return "unchanged" if self.restored is None else "restored"
 
 
 def execute(
@@ -272,15 +306,39 @@ def execute(
             decisions.decision_hash,
             dict(request.metadata),
         )
-        index = ChainIndex(env.audit.backup.read_chain(ckey))
+        env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
+        state = replay(env.audit.backup.read_chain(ckey))
         catalog_rows = env.catalog.current_partitions(plan.dataset, plan.version_label)
         for pds in _commit_batches(decisions.partitions, batch_size):
             if pace is not None and not pace(pds[0]):
                 stopped = True
                 break
-            batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, index)
+            try:
+                batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state)
+            except LakeDisagreesWithChain as exc:
+                failure = str(exc)
+                env.catalog.record_discrepancy(
+                    run_id=plan.run_id,
+                    dataset=plan.dataset,
+                    version_label=plan.version_label,
+                    partition_key=exc.comparison.where.rsplit("/", 1)[-1],
+                    kind="lake_disagrees_with_chain",
+                    detail=exc.comparison.finding(),
+                )
+                break
+            except SourceChanged as exc:
+                failure = str(exc)
+                env.catalog.record_discrepancy(
+                    run_id=plan.run_id,
+                    dataset=plan.dataset,
+                    version_label=plan.version_label,
+                    partition_key=None,
+                    kind="source_changed",
+                    detail={"detail": failure},
+                )
+                break
             del pds
-            failure = _commit_batch(pool, env, loaded, plan, batch, index, catalog_rows, existing)
+            failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing)
             for st in batch:
                 results.append(_outcome(env, st))
                 reconciliation.append(st.check)
@@ -289,13 +347,16 @@ def execute(
             if failure:
                 break
             lease.renew()
-        status = "committed" if any(r["status"] == "committed" for r in results) else "unchanged"
+        status = (
+            "committed" if any(r["status"] in ("committed", "restored") for r in results) else "unchanged"
+        )
         final = "failed" if failure else "stopped" if stopped else status
         summary = {
             "partitions": len(results),
             "committed": sum(r["status"] == "committed" for r in results),
             "unchanged": sum(r["status"] == "unchanged" for r in results),
             "healed": sum(bool(r.get("healed")) for r in results),
+            "restored": sum(r["status"] == "restored" for r in results),
             "failure": failure,
             "stopped": stopped,
         }
@@ -323,7 +384,7 @@ def execute(
         "auditDelivery": delivery.to_dict() if delivery is not None else None,
     }
     if failure:
-        raise PostWriteCheckFailed(failure, document)
+        raise ExecuteFailed(failure, document)
     return document
 
 
@@ -372,15 +433,9 @@ def _in_order(
 class _Prepared:
     """A partition encoded and compared with its commit point, its files not yet written."""
 
-    staged: _Staged
-    previous: dict[str, Any] | None
-    previous_checksum: str | None
+    staged: _Staged | None  # None when the commit point disagrees with the chain (`lake`)
+    lake: LakeVsChain
     files: list[tuple[str, bytes]]  # (lake path, bytes) in write order; none when unchanged
-
-    @property
-    def supersedes(self) -> bool:
-        """A new version replacing a committed one (whose audit event a crash may have left out)."""
-        return self.previous is not None and self.staged.manifest_bytes is not None
 
 
 def _prepare(
@@ -391,14 +446,19 @@ def _prepare(
     pd: PartitionDecision,
     schema: pa.Schema,
     as_json: dict[str, bool],
-    known_version: int,
+    history: PartitionHistory | None,
 ) -> _Prepared:
-    """Encode the partition and read its commit point; when its content is new, build its version and
-    rollback manifests. `known_version`: the highest version the audit chain names for the partition.
-    Reads only: safe on a worker thread."""
+    """Read the partition's commit point and compare it with its chain `history`, encode the partition
+    and, when its content is new, build its version and rollback manifests. A partition whose lake
+    disagrees with its chain is restored to the chain's current version when its bytes can be had
+    exactly (`_restoration`); otherwise nothing is prepared (`staged` None). Reads only: safe on a
+    worker thread."""
     lake = env.lake
     key = pd.partition.key
     dataset, version_label = plan.dataset, plan.version_label
+    previous_bytes = lake.read_if_exists(layout.manifest(dataset, version_label, key))
+    against_chain = compare(history, dataset, version_label, key, previous_bytes)
+    known_version = history.max_version if history is not None else 0
     table = _partition_table(loaded, decisions, pd, schema, as_json)
     data = parquet_files.encode(table)
     file_hex = sha256_hex(data)
@@ -410,29 +470,98 @@ def _prepare(
         "byteSize": len(data),
     }
     merkle_root = merkle.root_hex(pd.add)
-    previous = previous_checksum = None
-    previous_bytes = lake.read_if_exists(layout.manifest(dataset, version_label, key))
-    if previous_bytes is not None:
-        previous, previous_checksum = manifests.decode(previous_bytes), manifests.checksum(previous_bytes)
+    restore: list[tuple[str, bytes]] = []
+    restored: dict[str, Any] | None = None
+    if against_chain.verdict == "finding":
+        restoration = _restoration(env, plan, decisions, pd, schema, history, file_entry, merkle_root, data)
+        if restoration is None:
+            return _Prepared(None, against_chain, [])
+        previous, previous_checksum, restore = restoration
+        restored = against_chain.finding()
+    else:
+        previous, previous_checksum = against_chain.manifest, against_chain.manifest_checksum
     version = max(known_version, previous["partitionVersion"] if previous else 0) + 1
     manifest = build_manifest(
         plan, decisions, pd, file_entry, merkle_root, version, previous, previous_checksum, schema
     )
     if previous is not None and manifests.same_content(previous, manifest):
+        assert previous_checksum is not None
+        if restored is None and lake.read_if_exists(file_rel) != data:  # the same path, the same bytes
+            restore = [(file_rel, data)]
+            restored = {
+                "kind": "data_file_corrupt",
+                "where": file_rel,
+                "detail": "the committed data file was missing or did not have its manifest's checksum",
+            }
         staged = _Staged(pd, previous, previous_checksum, None, previous["partitionVersion"])
-        return _Prepared(staged, previous, previous_checksum, [])
+        staged.restored, staged.files_verified = restored, True
+        return _Prepared(staged, against_chain, restore)
     manifest_bytes = manifests.encode(manifest)
     manifest_checksum = manifests.checksum(manifest_bytes)
     rollback_bytes = manifests.encode(
         _rollback_manifest(plan, key, version, manifest_checksum, previous, [file_rel])
     )
     files = [
+        *restore,
         (file_rel, data),
         (layout.version_manifest(dataset, version_label, key, version), manifest_bytes),
         (layout.rollback_manifest(dataset, version_label, key, version), rollback_bytes),
     ]
     staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version)
-    return _Prepared(staged, previous, previous_checksum, files)
+    staged.restored = restored
+    return _Prepared(staged, against_chain, files)
+
+
+def _restoration(
+    env: Environment,
+    plan: Plan,
+    decisions: Decisions,
+    pd: PartitionDecision,
+    schema: pa.Schema,
+    history: PartitionHistory | None,
+    file_entry: dict[str, Any],
+    merkle_root: str,
+    data: bytes,
+) -> tuple[dict[str, Any], str, list[tuple[str, bytes]]] | None:
+    """How to put back the chain's current version of a partition whose lake disagrees with its chain,
+    when its exact bytes are at hand: its version manifest from `_versions/` (when it still has the
+    checksum the chain committed) or rebuilt from this request (when that gives the same checksum),
+    and each data file from the lake (when it verifies) or from this request's encoding (the same
+    checksum). Returns (manifest, checksum, files to write, commit point last), or None."""
+    current = history.current_version if history is not None else None
+    if current is None:
+        return None
+    lake, key = env.lake, pd.partition.key
+    dataset, version_label = plan.dataset, plan.version_label
+    files: list[tuple[str, bytes]] = []
+    version_rel = layout.version_manifest(dataset, version_label, key, current.version)
+    manifest_bytes = lake.read_if_exists(version_rel)
+    if manifest_bytes is None or manifests.checksum(manifest_bytes) != current.manifest_checksum:
+        previous = (
+            None if current.previous_version is None else {"partitionVersion": current.previous_version}
+        )
+        rebuilt = build_manifest(
+            plan, decisions, pd, file_entry, merkle_root, current.version, previous,
+            current.previous_manifest_checksum, schema,
+        )  # fmt: skip
+        manifest_bytes = manifests.encode(rebuilt)
+        if manifests.checksum(manifest_bytes) != current.manifest_checksum:
+            return None
+        files.append((version_rel, manifest_bytes))
+    manifest = manifests.decode(manifest_bytes)
+    for entry in manifest["files"]:
+        try:
+            path = layout.data_file_path(dataset, version_label, key, entry.get("path"))
+        except layout.OutsidePartition:
+            return None
+        found = lake.read_if_exists(path)
+        if found is not None and prefixed(sha256_hex(found)) == entry["checksum"]:
+            continue
+        if entry["checksum"] != file_entry["checksum"]:
+            return None
+        files.append((path, data))
+    files.append((layout.manifest(dataset, version_label, key), manifest_bytes))
+    return manifest, current.manifest_checksum, files
 
 
 def _partition_table(
@@ -450,6 +579,14 @@ def _partition_table(
     lo = 0
     for rows in loaded.fetch_chunks(pd.add_locators, source_batch_size()):
         hi = lo + len(rows)
+        if pd.add_digests is not None:
+            wrong = mismatched_digests(rows, pd.add_digests[lo:hi])
+            if wrong:
+                raise SourceChanged(
+                    f"partition {pd.partition.key}: record {pd.add[lo + wrong[0]]!r} (and {len(wrong) - 1} "
+                    "more in this batch) read again from the source is not the record that was decided on: "
+                    "the source changed during the run; nothing was committed from this partition on"
+                )
         tables.append(
             build_table(rows, pd.add[lo:hi], occurred[lo:hi], retention.slice(lo, hi - lo), schema, as_json)
         )
@@ -486,20 +623,22 @@ def _stage_batch(
     pds: list[PartitionDecision],
     schema: pa.Schema,
     as_json: dict[str, bool],
-    index: ChainIndex,
+    state: ChainState,
 ) -> list[_Staged]:
-    """Stage a batch's partitions (encode; when new, write the data file, version manifest and rollback
-    manifest), in partition order.
+    """Stage a batch's partitions (compare the commit point with the chain; encode; when new, write the
+    data file, version manifest and rollback manifest), in partition order.
 
     Without a pool, one partition after another, each complete before the next. With one, workers
     prepare and write up to the pool's size of partitions at once, and this thread takes their results
-    in partition order and records, one at a time, any superseded version a crash had left without its
-    audit event (`ensure_commit_recorded`): the chain is appended to in the same order either way.
+    in partition order and heals, one at a time, a commit or rollback a crash interrupted
+    (`crash_windows.heal`): the chain is appended to in the same order either way. A partition whose
+    commit point disagrees with its chain otherwise raises `LakeDisagreesWithChain`: nothing of the
+    batch is committed.
     """
-    known = {pd.partition.key: index.max_version.get(pd.partition.key, 0) for pd in pds}
+    histories = {pd.partition.key: state.get(pd.partition.key) for pd in pds}
 
     def prepare_and_write(pd: PartitionDecision) -> _Prepared:
-        prepared = _prepare(env, loaded, plan, decisions, pd, schema, as_json, known[pd.partition.key])
+        prepared = _prepare(env, loaded, plan, decisions, pd, schema, as_json, histories[pd.partition.key])
         if pool is not None:
             _write_files(env, prepared)
         if loaded.source is not None:
@@ -508,11 +647,32 @@ def _stage_batch(
 
     staged = []
     for prepared in _in_order(pool, prepare_and_write, pds):
-        if prepared.supersedes:
-            ensure_commit_recorded(env, prepared.previous, prepared.previous_checksum, index)
+        if prepared.staged is None:
+            raise LakeDisagreesWithChain(prepared.lake)
+        if prepared.lake.healable:
+            heal(env, state, plan.dataset, plan.version_label, prepared.lake)
+            prepared.staged.healed = True
+        if prepared.staged.restored is not None:
+            _record_restoration(env, state, plan, prepared.staged)
         _write_files(env, prepared)  # without a pool: after the healing, as ever; else nothing left
         staged.append(prepared.staged)
     return staged
+
+
+def _record_restoration(env: Environment, state: ChainState, plan: Plan, staged: _Staged) -> None:
+    """Append the `partition_restored` event of a partition this run puts back to the chain's current
+    version (before its files are written: a crash after it is restored again by the next run)."""
+    history = state.partitions[staged.pd.partition.key]
+    current = history.current_version
+    assert current is not None
+    event = env.audit.append(
+        chain_key(plan.dataset, plan.version_label),
+        PARTITION_RESTORED,
+        restoration_body(
+            dict(current.event["partition"]), current.manifest_checksum, staged.restored, plan.run_id
+        ),
+    )
+    state.add(event)
 
 
 def _commit_batch(
@@ -521,11 +681,11 @@ def _commit_batch(
     loaded: LoadedRequest,
     plan: Plan,
     batch: list[_Staged],
-    index: ChainIndex,
+    state: ChainState,
     catalog_rows: dict[str, dict[str, Any]],
     existing: list[str],
 ) -> str | None:
-    """Commit points, audit events, post-write checks and catalog rows of a staged batch.
+    """Intent, commit points, audit events, post-write checks and catalog rows of a staged batch.
     Returns the failure text of the first partition whose post-write check failed, if any.
 
     With a pool, the batch's commit points are written, and its post-write checks run, up to the pool's
@@ -534,44 +694,62 @@ def _commit_batch(
     dataset, version_label = plan.dataset, plan.version_label
     ckey = chain_key(dataset, version_label)
     indexes = [st.pd.partition.index for st in batch]
+    commits = [st for st in batch if st.manifest_bytes is not None]
     lake.sync()  # data files and manifests are durable before any commit point names them
     _reached("after_data_files", indexes)
+    if commits:
+        intent = env.audit.append(
+            ckey,
+            PARTITION_COMMIT_INTENT,
+            commit_intent_body(
+                plan.run_id, [commit_intent_entry(st.manifest, st.manifest_checksum) for st in commits]
+            ),
+        )
+        state.add(intent)
     _reached("before_commit", indexes)
-    commits = [st for st in batch if st.manifest_bytes is not None]
     for _ in _in_order(pool, lambda st: _write_commit_point(env, plan, st), commits):
         pass
     lake.sync()  # commit points are durable before their audit events
     _reached("after_commit", indexes)
-    pending = [st for st in batch if (st.pd.partition.key, st.manifest_checksum) not in index.commits]
     events = env.audit.append_many(
-        ckey, [(PARTITION_COMMITTED, commit_body(st.manifest, st.manifest_checksum, lake)) for st in pending]
+        ckey, [(PARTITION_COMMITTED, commit_body(st.manifest, st.manifest_checksum, lake)) for st in commits]
     )
-    for st, event in zip(pending, events, strict=True):
-        index.add(event)
-        st.healed = st.status == "unchanged"
+    for event in events:
+        state.add(event)
     for st in batch:
-        st.event = index.commits[(st.pd.partition.key, st.manifest_checksum)]
+        current = state.partitions[st.pd.partition.key].current_version
+        assert current is not None and current.manifest_checksum == st.manifest_checksum
+        st.event = dict(current.event)
     _reached("after_event", indexes)
 
     failure = None
     recorded = []
 
     def check(st: _Staged) -> dict[str, Any]:
-        return post_write_check(env, plan, st.manifest, st.pd.add, existing, full=st.status == "committed")
+        return post_write_check(
+            env,
+            plan,
+            st.manifest,
+            st.pd.add,
+            existing,
+            full=st.status == "committed",
+            read=not st.files_verified,
+        )
 
     for st, result in zip(batch, _in_order(pool, check, batch), strict=True):
         st.check = result
         key = st.pd.partition.key
         if st.check["status"] != "ok":
             if st.status == "committed":
-                undo_current_version(
+                step = plan_undo(env, state, dataset, version_label, key)
+                apply_undos(
                     env,
+                    state,
                     dataset,
                     version_label,
-                    key,
+                    [step],
                     reason="post_write_check_failed",
                     run_id=plan.run_id,
-                    expected_checksum=st.manifest_checksum,
                 )
             env.catalog.record_discrepancy(
                 run_id=plan.run_id,
@@ -597,7 +775,7 @@ def _commit_batch(
                     loaded.source_kind,
                 )
             )
-            st.healed = st.healed or st.status == "unchanged"
+            st.healed = st.healed or st.status != "committed"
     env.catalog.record_partition_versions(recorded)
     for row in recorded:
         catalog_rows[row["partition_key"]] = {
@@ -644,4 +822,6 @@ def _outcome(env: Environment, st: _Staged) -> dict[str, Any]:
     }
     if st.healed:
         outcome["healed"] = True
+    if st.restored is not None:
+        outcome["restored"] = st.restored
     return outcome

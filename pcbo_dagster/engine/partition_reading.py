@@ -63,7 +63,13 @@ def read_partition(lake: LakeStorage, dataset: str, version_label: str, key: str
     if reading.manifest is None:
         return reading
     for entry in reading.manifest["files"]:
-        where = entry["path"]
+        try:
+            where = layout.data_file_path(dataset, version_label, key, entry.get("path"))
+        except (layout.OutsidePartition, AttributeError) as exc:
+            where = str(entry.get("path")) if isinstance(entry, dict) else repr(entry)
+            reading._find("path_outside_partition", reading.rel, str(exc))
+            reading.unreadable.append(where)
+            continue
         blob = lake.read_if_exists(where)
         if blob is None:
             reading._find("file_missing", where, f"named by {reading.rel}")

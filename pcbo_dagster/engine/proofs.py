@@ -7,6 +7,7 @@ from typing import Any
 
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
 from pcbo_dagster.core.record_table import ID
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.lake.storage import LakeStorage
@@ -32,6 +33,10 @@ def _unhex(value: object, field: str) -> bytes:
 
 
 def _manifest(lake: LakeStorage, dataset: str, version_label: str, key: str, version: int | None) -> dict:
+    try:
+        validate_partition_key(key)  # it names a lake directory: nothing but a key gets near a path
+    except PartitionKeyError as exc:
+        raise InvalidInput("partition", str(exc)) from None
     rel = (
         layout.manifest(dataset, version_label, key)
         if version is None

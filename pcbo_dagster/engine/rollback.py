@@ -1,102 +1,319 @@
-"""Undo committed partitions through their rollback manifests (CONTRACT section 4).
+"""Undo committed partitions (CONTRACT section 4): what to undo comes from the audit chain, never
+from what the lake's own files claim.
 
-Undoing version N of a partition: restore version N-1's manifest as the commit point (or remove the
-commit point when N was the first), delete the data files only N used, mark the catalog row rolled
-back, and append a `partition_rolled_back` event. The audit chain is only ever appended to.
-Idempotent: a partition whose current version is no longer N is left alone.
+Undoing version N of a partition restores the version N replaced (the chain's commit event names it,
+with its manifest checksum) as the commit point, or removes the commit point when N replaced none;
+deletes the data files only N used; appends a `partition_rolled_back` event; marks the catalog.
+
+Before anything is touched:
+- the partition's commit point must be the chain's current version (a lake that disagrees with the
+  chain is a finding, never rolled back over: `pcbo verify` says what is wrong);
+- the version to restore must be the one the chain committed: its `_versions/vNNNNNN.json` has the
+  checksum of its commit event, and every data file it names is inside the partition and has the
+  checksum its manifest gives (an old version is what a rollback makes current: a corrupt one is
+  refused before anything is removed);
+- every path read from a manifest is one of the partition's own data files
+  (`lake.layout.data_file_path`); the files to remove are computed from the two chain-verified
+  manifests, and the rollback manifest (`_rollback/vNNNNNN.json`) must say the same;
+- a `partition_rollback_intent` naming, per partition, the version undone and the version restored
+  (with both checksums) is appended to the chain. A rollback killed at any instant after it is
+  completed by running the same rollback again (or `pcbo verify --repair`): the lake then holds
+  exactly one of the two states the intent names.
+
+What is undone:
+- `run_id`: every partition whose current version that run wrote, repeatedly, until the current
+  version is no longer the run's (a run that wrote versions on top of its own is undone entirely).
+  A second request finds nothing of the run current: a no-op. An unknown run id is invalid input.
+- `partition_key`: that partition's current version, unless the last thing the chain says of it is a
+  rollback (a second request is a no-op, not one more version peeled off). `version=N` undoes version
+  N when it is current: the way to roll back further on purpose. An unknown partition is invalid input.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.canonical import prefixed, sha256_hex
+from pcbo_dagster.core.chain_state import (
+    PARTITION_ROLLBACK_INTENT,
+    PARTITION_ROLLED_BACK,
+    ChainState,
+    PartitionHistory,
+    replay,
+)
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.engine import failpoints
+from pcbo_dagster.engine.crash_windows import (
+    LakeDisagreesWithChain,
+    catalog_rolled_back,
+    compare,
+    heal,
+    heal_catalog_lag,
+)
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import (
-    PARTITION_COMMITTED,
-    PARTITION_ROLLED_BACK,
-    ChainIndex,
-    catalog_row,
     chain_key,
-    commit_body,
     rollback_body,
+    rollback_intent_body,
+    rollback_intent_entry,
 )
 from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.lake.layout import OutsidePartition
 
 
-def ensure_commit_recorded(
-    env: Environment, manifest: dict[str, Any], checksum: str, index: ChainIndex | None = None
-) -> None:
-    """Give a committed manifest its `partition_committed` event and catalog row if a crash after
-    its commit point left it without them, before it is superseded or undone: the chain must show
-    every version readers could see, and the catalog must know the version it marks rolled back."""
-    dataset, version_label = manifest["dataset"], manifest["versionLabel"]
-    key, version = manifest["partition"]["key"], manifest["partitionVersion"]
-    row = env.catalog.current_partition(dataset, version_label, key)
-    if row is not None and row["version"] == version and row["manifest_checksum"] == checksum:
-        return
-    ckey = chain_key(dataset, version_label)
-    if index is None:
-        index = ChainIndex(env.audit.backup.read_chain(ckey))
-    event = index.commits.get((key, checksum))
-    if event is None:
-        event = env.audit.append(ckey, PARTITION_COMMITTED, commit_body(manifest, checksum, env.lake))
-        index.add(event)
-    if row is None or row["version"] < version:
-        env.catalog.record_partition_version(
-            **catalog_row(manifest, checksum, env.lake, event["chain"]["event_hash"])
-        )
+class RollbackRefused(IntegrityError):
+    """A rollback that would restore or remove something the chain does not vouch for."""
+
+    def __init__(self, where: str, kind: str, detail: str) -> None:
+        self.finding = {"kind": kind, "where": where, "detail": detail}
+        super().__init__(f"rollback of {where} refused ({kind}): {detail}; nothing was changed")
 
 
-def undo_current_version(
+@dataclass
+class UndoStep:
+    """Undoing one partition's current version, checked against the chain and ready to apply."""
+
+    key: str
+    version: int
+    manifest: dict[str, Any]
+    manifest_checksum: str
+    partition: dict[str, Any]  # the undone version's `partition` object, from its commit event
+    restore_version: int | None
+    restore_bytes: bytes | None
+    restore_checksum: str | None
+    remove_files: list[str]
+
+
+def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: str, key: str) -> UndoStep:
+    """Check undoing `key`'s current version against the chain (see the module doc); `RollbackRefused`
+    or `LakeDisagreesWithChain` when it may not be done."""
+    lake = env.lake
+    where = f"{dataset}/{version_label}/{key}"
+    history = state.get(key)
+    comparison = compare(
+        history,
+        dataset,
+        version_label,
+        key,
+        lake.read_if_exists(layout.manifest(dataset, version_label, key)),
+    )
+    if comparison.verdict != "agrees":
+        raise LakeDisagreesWithChain(comparison)
+    assert (
+        history is not None and comparison.manifest is not None and comparison.manifest_checksum is not None
+    )
+    current = history.current_version
+    assert current is not None
+    manifest = comparison.manifest
+    current_files = _confined_files(dataset, version_label, key, manifest, where)
+    restore_bytes = None
+    restore_files: set[str] = set()
+    if current.previous_version is not None:
+        known = history.versions.get(current.previous_version)
+        if known is None or known.manifest_checksum != current.previous_manifest_checksum:
+            raise RollbackRefused(
+                where,
+                "restore_version_not_on_chain",
+                f"version {current.previous_version} "
+                "that this version replaced is not committed on the chain as recorded",
+            )
+        rel = layout.version_manifest(dataset, version_label, key, current.previous_version)
+        restore_bytes = lake.read_if_exists(rel)
+        if restore_bytes is None or manifests.checksum(restore_bytes) != known.manifest_checksum:
+            raise RollbackRefused(
+                where,
+                "restore_version_altered",
+                f"{rel} is not the manifest the chain "
+                f"committed as version {known.version} ({known.manifest_checksum})",
+            )
+        restore = manifests.decode(restore_bytes)
+        restore_files = set(_confined_files(dataset, version_label, key, restore, where))
+        for entry in restore["files"]:
+            data = lake.read_if_exists(entry["path"])
+            if (
+                data is None
+                or len(data) != entry["byteSize"]
+                or prefixed(sha256_hex(data)) != entry["checksum"]
+            ):
+                raise RollbackRefused(
+                    where,
+                    "restore_version_corrupt",
+                    f"{entry['path']} of version {known.version} is missing or differs from its manifest",
+                )
+    remove = sorted(p for p in current_files if p not in restore_files)
+    _check_rollback_manifest(
+        env,
+        dataset,
+        version_label,
+        key,
+        current.version,
+        comparison.manifest_checksum,
+        current.previous_version,
+        remove,
+        where,
+    )
+    return UndoStep(
+        key=key,
+        version=current.version,
+        manifest=manifest,
+        manifest_checksum=comparison.manifest_checksum,
+        partition=dict(current.event["partition"]),
+        restore_version=current.previous_version,
+        restore_bytes=restore_bytes,
+        restore_checksum=current.previous_manifest_checksum,
+        remove_files=remove,
+    )
+
+
+def _confined_files(
+    dataset: str, version_label: str, key: str, manifest: dict[str, Any], where: str
+) -> list[str]:
+    try:
+        return [layout.data_file_path(dataset, version_label, key, f.get("path")) for f in manifest["files"]]
+    except (OutsidePartition, AttributeError, TypeError) as exc:
+        raise RollbackRefused(where, "path_outside_partition", str(exc)) from None
+
+
+def _check_rollback_manifest(
     env: Environment,
     dataset: str,
     version_label: str,
     key: str,
+    version: int,
+    checksum: str,
+    restore_version: int | None,
+    remove: list[str],
+    where: str,
+) -> None:
+    rel = layout.rollback_manifest(dataset, version_label, key, version)
+    data = env.lake.read_if_exists(rel)
+    expected = {
+        "undoesVersion": version,
+        "undoesManifestChecksum": checksum,
+        "restoreVersion": restore_version,
+        "restoreManifest": None
+        if restore_version is None
+        else layout.version_manifest(dataset, version_label, key, restore_version),
+        "removeFiles": remove,
+    }
+    try:
+        plan = manifests.decode(data) if data is not None else None
+    except ValueError:
+        plan = None
+    if not isinstance(plan, dict) or any(plan.get(k) != v for k, v in expected.items()):
+        raise RollbackRefused(
+            where,
+            "rollback_manifest_mismatch",
+            f"{rel} is missing or does not match the "
+            "chain (the version it undoes, the one it restores, the files it removes)",
+        )
+
+
+def apply_undos(
+    env: Environment,
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+    steps: list[UndoStep],
     *,
     reason: str,
     run_id: str | None,
-    expected_checksum: str | None = None,
-) -> dict[str, Any]:
-    """Undo the partition's current version; returns what was done (`status`: rolled_back or noop)."""
+) -> list[dict[str, Any]]:
+    """Intent, lake, events, catalog for checked `steps`; returns one outcome per step."""
+    if not steps:
+        return []
+    ckey = chain_key(dataset, version_label)
     lake = env.lake
-    manifest_rel = layout.manifest(dataset, version_label, key)
-    if not lake.exists(manifest_rel):
-        return {"key": key, "status": "noop", "detail": "no committed version"}
-    current_bytes = lake.read(manifest_rel)
-    current = manifests.decode(current_bytes)
-    checksum = manifests.checksum(current_bytes)
-    if expected_checksum is not None and checksum != expected_checksum:
-        return {"key": key, "status": "noop", "detail": "the current version is not the one to undo"}
-    ensure_commit_recorded(env, current, checksum)
-    version = current["partitionVersion"]
-    plan = manifests.decode(lake.read(layout.rollback_manifest(dataset, version_label, key, version)))
-    restore = plan.get("restoreVersion")
-    if restore is not None:
-        lake.write_atomic(manifest_rel, lake.read(plan["restoreManifest"]), durable=True)
-    else:
-        lake.delete(manifest_rel)
-    for rel in plan["removeFiles"]:
-        lake.delete(rel)
-    event = env.audit.append(
-        chain_key(dataset, version_label),
-        PARTITION_ROLLED_BACK,
-        rollback_body(current, checksum, restore, reason, run_id),
+    intent = env.audit.append(
+        ckey,
+        PARTITION_ROLLBACK_INTENT,
+        rollback_intent_body(
+            run_id,
+            reason,
+            [
+                rollback_intent_entry(
+                    s.key, s.version, s.manifest_checksum, s.restore_version, s.restore_checksum
+                )
+                for s in steps
+            ],
+        ),
     )
-    env.catalog.mark_partition_rolled_back(
-        dataset=dataset,
-        version_label=version_label,
-        partition_key=key,
-        version=version,
-        restored_version=restore,
+    state.add(intent)
+    failpoints.reached("rollback_after_intent", 0)
+    for i, step in enumerate(steps):
+        manifest_rel = layout.manifest(dataset, version_label, step.key)
+        if step.restore_bytes is not None:
+            lake.write_atomic(manifest_rel, step.restore_bytes, durable=True)
+        else:
+            lake.delete(manifest_rel)
+        failpoints.reached("rollback_after_commit_point", i)
+    lake.sync()
+    for i, step in enumerate(steps):
+        for rel in step.remove_files:
+            lake.delete(rel)
+        failpoints.reached("rollback_after_remove", i)
+    events = env.audit.append_many(
+        ckey,
+        [
+            (
+                PARTITION_ROLLED_BACK,
+                rollback_body(
+                    step.partition,
+                    step.manifest_checksum,
+                    step.restore_version,
+                    step.restore_checksum,
+                    reason,
+                    run_id,
+                ),
+            )
+            for step in steps
+        ],
     )
-    return {
-        "key": key,
-        "status": "rolled_back",
-        "version": version,
-        "restoredVersion": restore,
-        "eventHash": event["chain"]["event_hash"],
-    }
+    failpoints.reached("rollback_after_event", 0)
+    outcomes = []
+    for step, event in zip(steps, events, strict=True):
+        state.add(event)
+        catalog_rolled_back(
+            env, state.partitions[step.key], dataset, version_label, step.version, step.restore_version
+        )
+        outcomes.append(
+            {
+                "key": step.key,
+                "status": "rolled_back",
+                "version": step.version,
+                "restoredVersion": step.restore_version,
+                "eventHash": event["chain"]["event_hash"],
+            }
+        )
+    return outcomes
+
+
+def heal_open_intents(
+    env: Environment, state: ChainState, dataset: str, version_label: str
+) -> list[dict[str, Any]]:
+    """Complete the commits and rollbacks a crash interrupted (the crash windows only; see
+    `engine/crash_windows.py`), catalog included. Returns what was healed."""
+    healed = []
+    for key, history in sorted(state.partitions.items()):
+        if history.open_intent is None:
+            continue
+        comparison = compare(
+            history,
+            dataset,
+            version_label,
+            key,
+            env.lake.read_if_exists(layout.manifest(dataset, version_label, key)),
+        )
+        if comparison.healable:
+            event = heal(env, state, dataset, version_label, comparison)
+            kind = (
+                "rollback_event_appended" if comparison.verdict == "heal_rollback" else "audit_event_appended"
+            )
+            healed.append(
+                {"kind": kind, "where": comparison.where, "eventHash": event["chain"]["event_hash"]}
+            )
+    return healed
 
 
 def rollback(
@@ -106,30 +323,66 @@ def rollback(
     *,
     run_id: str | None = None,
     partition_key: str | None = None,
+    version: int | None = None,
     reason: str = "requested",
 ) -> dict[str, Any]:
-    """Roll back every partition whose current version run `run_id` wrote, or one partition."""
+    """Roll back what `run_id` wrote (optionally only `partition_key`), or one partition (see the
+    module doc). Invalid input (exit 2, nothing written) for an unknown run, partition or version."""
     if run_id is None and partition_key is None:
         raise InvalidInput("runId", "give a run id or a partition key to roll back")
-    results = []
+    if version is not None and (partition_key is None or run_id is not None):
+        raise InvalidInput("version", "a version is rolled back with a partition key and no run id")
+    try:
+        layout.check_partition(dataset, version_label, partition_key or "20000101T000000Z")
+    except OutsidePartition as exc:
+        raise InvalidInput("partition" if partition_key else "dataset", str(exc)) from None
+    ckey = chain_key(dataset, version_label)
+    state = replay(env.audit.backup.read_chain(ckey))
+    if run_id is not None and run_id not in state.run_ids() and env.catalog.get_run(run_id) is None:
+        raise InvalidInput("runId", f"no run {run_id!r} wrote to {ckey}")
+    if partition_key is not None and state.get(partition_key) is None:
+        raise InvalidInput("partition", f"{ckey} has no partition {partition_key!r} on its audit chain")
+    results: list[dict[str, Any]] = []
     with env.dataset_lock(dataset, version_label):
-        _heal_rollbacks(env, dataset, version_label)
-        keys = [
-            layout.split_manifest_path(rel)[2]
-            for rel in env.lake.find(layout.MANIFEST, f"{dataset}/{version_label}")
+        env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
+        state = replay(env.audit.backup.read_chain(ckey))  # again, under the lock
+        healed = heal_open_intents(env, state, dataset, version_label)
+        healed += [
+            {"kind": "catalog_rolled_back", "where": f"{ckey}/{key}"}
+            for key in heal_catalog_lag(env, state, dataset, version_label)
         ]
-        for key in keys:
-            if partition_key is not None and key != partition_key:
-                continue
-            manifest = manifests.decode(env.lake.read(layout.manifest(dataset, version_label, key)))
-            if run_id is not None and manifest.get("runId") != run_id:
-                continue
-            results.append(
-                undo_current_version(env, dataset, version_label, key, reason=reason, run_id=run_id)
-            )
-    if partition_key is not None and not results:
-        results.append({"key": partition_key, "status": "noop", "detail": "no committed version"})
+        if run_id is not None:
+            while True:
+                keys = [
+                    k
+                    for k, h in sorted(state.partitions.items())
+                    if (partition_key in (None, k))
+                    and h.current_version is not None
+                    and h.current_version.run_id == run_id
+                ]
+                if not keys:
+                    break
+                steps = [plan_undo(env, state, dataset, version_label, k) for k in keys]
+                results += apply_undos(
+                    env, state, dataset, version_label, steps, reason=reason, run_id=run_id
+                )
+        else:
+            assert partition_key is not None
+            history = state.partitions[partition_key]
+            skip = _noop_reason(history, version)
+            if skip is not None:
+                results.append({"key": partition_key, "status": "noop", "detail": skip})
+            else:
+                step = plan_undo(env, state, dataset, version_label, partition_key)
+                results += apply_undos(env, state, dataset, version_label, [step], reason=reason, run_id=None)
+    env.audit.deliver_pending(ckey)
     done = sum(1 for r in results if r["status"] == "rolled_back")
+    if not results:
+        results = (
+            []
+            if partition_key is None
+            else [{"key": partition_key, "status": "noop", "detail": "nothing of the run is current"}]
+        )
     return {
         "status": "rolled_back" if done else "noop",
         "dataset": dataset,
@@ -138,20 +391,23 @@ def rollback(
         "partitionKey": partition_key,
         "rolledBack": done,
         "partitions": results,
+        "healed": healed,
     }
 
 
-def _heal_rollbacks(env: Environment, dataset: str, version_label: str) -> None:
-    """Finish rollbacks a crash interrupted: the catalog must agree with rollback events."""
-    index = ChainIndex(env.audit.backup.read_chain(chain_key(dataset, version_label)))
-    for (key, _), event in index.rollbacks.items():
-        version = event["partition"]["version"]
-        row = env.catalog.current_partition(dataset, version_label, key)
-        if row is not None and row["version"] == version:
-            env.catalog.mark_partition_rolled_back(
-                dataset=dataset,
-                version_label=version_label,
-                partition_key=key,
-                version=version,
-                restored_version=event.get("restored_version"),
-            )
+def _noop_reason(history: PartitionHistory, version: int | None) -> str | None:
+    """Why rolling back `history` (its current version, or `version`) changes nothing, or None."""
+    if version is not None:
+        if version not in history.versions:
+            raise InvalidInput("version", f"partition {history.key} has no version {version} on its chain")
+        if history.current != version:
+            return f"version {version} is not current (current: {history.current}): already undone"
+        return None
+    if history.current is None:
+        return "no committed version"
+    if history.last_word == "rolled_back":
+        return (
+            f"already rolled back (version {history.current} was restored); to roll back further on purpose "
+            f"name the version: --version {history.current}"
+        )
+    return None

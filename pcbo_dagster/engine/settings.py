@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.io.env_vars import positive_int
+from pcbo_dagster.io.env_vars import plain_path, positive_int, positive_number
 
 #: Partitions `execute` stages at once unless `--parallel` / `PCBO_PARALLEL` say otherwise.
 DEFAULT_PARALLEL = 4
@@ -49,13 +49,25 @@ class Settings:
         parallel: int | None = None,
     ) -> Settings:
         env = dict(os.environ if env is None else env)
-        home_path = Path(home or env.get("PCBO_HOME") or ".pcbo").expanduser().resolve()
-        lake_url = lake or env.get("PCBO_LAKE_URL") or str(home_path / "lake")
-        catalog_url = catalog or env.get("PCBO_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
-        audit = Path(audit_dir or env.get("PCBO_AUDIT_DIR") or home_path / "pas").expanduser().resolve()
-        endpoint = audit_endpoint or env.get("PCBO_AUDIT_ENDPOINT") or None
-        attempts = int(env.get("PCBO_AUDIT_ATTEMPTS", "3"))
-        wait = float(env.get("PCBO_AUDIT_INITIAL_WAIT", "0.5"))
+
+        def given(flag: str, value: str | None, variable: str) -> str | None:
+            if value is not None:
+                return plain_path(flag, value)
+            return plain_path(variable, env.get(variable) or None)
+
+        home_path = Path(given("--home", home, "PCBO_HOME") or ".pcbo").expanduser().resolve()
+        lake_url = given("--lake", lake, "PCBO_LAKE_URL") or str(home_path / "lake")
+        catalog_url = (
+            given("--catalog", catalog, "PCBO_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
+        )
+        audit = (
+            Path(given("--audit-dir", audit_dir, "PCBO_AUDIT_DIR") or home_path / "pas")
+            .expanduser()
+            .resolve()
+        )
+        endpoint = given("--audit-endpoint", audit_endpoint, "PCBO_AUDIT_ENDPOINT")
+        attempts = positive_int("PCBO_AUDIT_ATTEMPTS", env.get("PCBO_AUDIT_ATTEMPTS"), 3)
+        wait = positive_number("PCBO_AUDIT_INITIAL_WAIT", env.get("PCBO_AUDIT_INITIAL_WAIT"), 0.5)
         workers = parallel if parallel is not None else parse_parallel(env.get("PCBO_PARALLEL"))
         if workers < 1:
             raise InvalidInput("--parallel", f"must be at least 1, not {workers}")

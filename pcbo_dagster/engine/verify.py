@@ -1,204 +1,545 @@
-"""`verify`: re-read the lake, the catalog and the audit backup and report every inconsistency.
+"""`verify`: derive from the audit chains what must be true, then check every store against it.
 
-Checked: every committed manifest's files (present, size, checksum, row count), ids sorted and
-unique, the Merkle root recomputed from the rows, rows against the manifest's policy; the catalog's
-current version of every partition against the lake (both ways); every audit chain (each hash
-recomputed, each link) and the catalog's mirror of it; a commit event for every committed manifest.
-Files no manifest names are ignored (uncommitted). `repair=True` appends the audit event of a
-partition committed just before a crash (and the rollback event of an interrupted rollback) and
-completes missing catalog rows; it never edits or removes an event.
+The lake, the catalog and the audit backup are all treated as writable by someone who wants a forged
+history to pass. So nothing is taken from one store on its own word:
+
+1. **The chains.** Every chain of the audit backup is verified offline (each hash recomputed, each
+   link), then replayed from seq 0 (`core/chain_state.py`): per partition, every version committed,
+   which one is current after the commits and rollbacks, and any intent still open. The catalog's
+   mirror must hold the same events: each stored `event_json` is re-hashed (not only its stored hash
+   column), its columns must agree with it, and `audit_chain_heads` must name the last event.
+2. **The lake against the chains.** Each partition's commit point must be exactly the manifest the
+   chain says is current (`engine/crash_windows.py`: a downgrade, a forged, copied or deleted
+   manifest, a rolled-back version made visible again are each reported by name). The current
+   version is re-read in full (files, checksums, rows, Merkle root, policy). Every version the chain
+   committed must still have the version manifest it committed (`_versions/`), and its rollback
+   manifest (`_rollback/`) must say exactly what the chain implies (the version it restores, the
+   files it removes); every version a rollback could restore must have intact data files.
+3. **The catalog against the chains.** Partition rows (checksum, root, counts, files, event hash,
+   status), run rows (plan and decision hashes of the events naming the run), lineage rows, and the
+   append-only triggers (a dropped one is a finding).
+
+`repair=True` heals exactly the crash windows of the commit protocol: a commit or rollback whose
+intent is on the chain and whose lake state is exactly the one the intent names (the missing event
+and catalog rows are appended), and a catalog row missing for the chain's current version. Anything
+else stays a finding, with a note that repair refuses it. A second `repair` appends nothing.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
-from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.audit.log import ChainDivergence
+from pcbo_dagster.catalog.schema import append_only_trigger_names
+from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
+from pcbo_dagster.core.canonical import prefixed, sha256_hex
+from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, PartitionHistory, replay
 from pcbo_dagster.core.compliance import violations
-from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.plan import NormalizedPolicies
-from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.events import (
-    PARTITION_COMMITTED,
-    PARTITION_ROLLED_BACK,
-    ChainIndex,
-    catalog_row,
-    chain_key,
-    commit_body,
-    rollback_body,
+from pcbo_dagster.engine.crash_windows import (
+    LakeVsChain,
+    compare,
+    heal,
+    heal_catalog_lag,
+    record_version_from_chain,
 )
+from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_partition
 from pcbo_dagster.lake import layout, manifests
 
-
-def _policies(manifest: dict[str, Any]) -> NormalizedPolicies:
-    p = manifest["policies"]
-    cutoff = p.get("retentionCutoff")
-    allowed = p.get("allowedJurisdictions")
-    return NormalizedPolicies(
-        p["requireConsent"],
-        None if allowed is None else tuple(allowed),
-        None if cutoff is None else parse_instant(cutoff),
-        p["onViolation"],
-    )
+REFUSED = "not a crash window of the commit protocol: verify --repair refuses to touch it"
 
 
-def _check_partition(env: Environment, rel: str, findings: list[dict[str, Any]]) -> tuple[dict, str] | None:
-    reading = read_partition(env.lake, *layout.split_manifest_path(rel))
-    findings.extend(reading.findings)
-    if reading.manifest is None:
-        return None
-    for table, entry in zip(
-        reading.tables,
-        [f for f in reading.manifest["files"] if f["path"] not in reading.unreadable],
-        strict=True,
-    ):
-        for v in violations(table, _policies(reading.manifest), []):
-            findings.append(
-                {
-                    "kind": "policy_violation",
-                    "where": entry["path"],
-                    "detail": f"row {v['id']!r}: {', '.join(v['reasons'])}",
-                }
-            )
-    return reading.manifest, reading.manifest_checksum
+class _Report:
+    def __init__(self, repair: bool) -> None:
+        self.repair = repair
+        self.findings: list[dict[str, Any]] = []
+        self.repaired: list[dict[str, Any]] = []
+
+    def find(self, kind: str, where: str, detail: str) -> None:
+        if self.repair:
+            detail = f"{detail} ({REFUSED})"
+        self.findings.append({"kind": kind, "where": where, "detail": detail})
+
+    def healable(self, kind: str, where: str, detail: str) -> None:
+        """A finding `--repair` heals (reported as found when not repairing)."""
+        self.findings.append({"kind": kind, "where": where, "detail": detail})
 
 
 def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
-    findings: list[dict[str, Any]] = []
-    repaired: list[dict[str, Any]] = []
+    report = _Report(repair)
+    if repair:
+        _reconcile_stores(env, report)
     backup_chains, problems = env.audit.backup.read_all_with_problems()
     for problem in problems:
-        findings.append({"kind": "audit_backup_unreadable", "where": "audit backup", "detail": problem})
-    indexes = {key: ChainIndex(events) for key, events in backup_chains.items()}
-
-    committed: dict[tuple[str, str, str], tuple[dict, str]] = {}
-    manifest_rels = env.lake.find(layout.MANIFEST)
-    for rel in manifest_rels:
-        checked = _check_partition(env, rel, findings)
-        if checked is not None:
-            committed[layout.split_manifest_path(rel)] = checked
-
-    for (dataset, version_label, key), (manifest, checksum) in committed.items():
-        ckey = chain_key(dataset, version_label)
-        index = indexes.setdefault(ckey, ChainIndex([]))
-        if (key, checksum) not in index.commits:
-            if repair:
-                event = env.audit.append(ckey, PARTITION_COMMITTED, commit_body(manifest, checksum, env.lake))
-                index.add(event)
-                repaired.append(
-                    {
-                        "kind": "audit_event_appended",
-                        "where": f"{ckey}/{key}",
-                        "eventHash": event["chain"]["event_hash"],
-                    }
-                )
-            else:
-                findings.append(
-                    {
-                        "kind": "audit_event_missing",
-                        "where": f"{ckey}/{key}",
-                        "detail": f"no partition_committed event for manifest {checksum}",
-                    }
-                )
-        row = env.catalog.current_partition(dataset, version_label, key)
-        if row is None or row["manifest_checksum"] != checksum:
-            event = index.commits.get((key, checksum))
-            if repair and event is not None:
-                env.catalog.record_partition_version(
-                    **catalog_row(manifest, checksum, env.lake, event["chain"]["event_hash"])
-                )
-                repaired.append({"kind": "catalog_row_recorded", "where": f"{ckey}/{key}"})
-            else:
-                findings.append(
-                    {
-                        "kind": "catalog_mismatch",
-                        "where": f"{ckey}/{key}",
-                        "detail": "the catalog's current version is not the lake's committed manifest",
-                    }
-                )
-
-    # Catalog rows that claim a committed partition the lake does not have; interrupted rollbacks.
-    for row in env.catalog.partition_versions():
-        if row["status"] != "committed":
-            continue
-        ident = (row["dataset"], row["version_label"], row["partition_key"])
-        if ident in committed and committed[ident][1] == row["manifest_checksum"]:
-            continue
-        ckey = chain_key(row["dataset"], row["version_label"])
-        index = indexes.get(ckey, ChainIndex([]))
-        where = f"{ckey}/{row['partition_key']}"
-        rolled = (row["partition_key"], row["manifest_checksum"]) in index.rollbacks
-        if repair and (ident not in committed or committed[ident][0]["partitionVersion"] < row["version"]):
-            if not rolled:
-                undone = manifests.decode(env.lake.read(layout.version_manifest(*ident, row["version"])))
-                restored = committed[ident][0]["partitionVersion"] if ident in committed else None
-                event = env.audit.append(
-                    ckey,
-                    PARTITION_ROLLED_BACK,
-                    rollback_body(
-                        undone, row["manifest_checksum"], restored, "interrupted_rollback_completed", None
-                    ),
-                )
-                index.add(event)
-                repaired.append(
-                    {
-                        "kind": "rollback_event_appended",
-                        "where": where,
-                        "eventHash": event["chain"]["event_hash"],
-                    }
-                )
-            env.catalog.mark_partition_rolled_back(
-                dataset=row["dataset"],
-                version_label=row["version_label"],
-                partition_key=row["partition_key"],
-                version=row["version"],
-                restored_version=committed[ident][0]["partitionVersion"] if ident in committed else None,
-            )
-            repaired.append({"kind": "catalog_row_rolled_back", "where": where})
-        elif ident not in committed:
-            findings.append(
-                {
-                    "kind": "catalog_partition_not_in_lake",
-                    "where": where,
-                    "detail": f"catalog says version {row['version']} is committed; the lake has no "
-                    "committed manifest",
-                }
-            )
-
-    # Audit chains: recompute every hash, check every link, compare with the catalog's mirror.
-    if repaired:
-        backup_chains, _ = env.audit.backup.read_all_with_problems()
+        report.find("audit_backup_unreadable", "audit backup", problem)
+    for ckey, fragments in env.audit.backup.set_aside_fragments().items():
+        report.find(
+            "audit_backup_torn_fragment",
+            ckey,
+            f"{len(fragments.splitlines())} torn fragment(s), no event of the chain, were set aside "
+            f"in the backup's {ckey}.torn file",
+        )
     heads = env.catalog.chain_heads()
-    chains_checked = {}
-    for ckey in sorted(set(backup_chains) | set(heads)):
+
+    lake_keys: dict[str, set[str]] = defaultdict(set)
+    for rel in env.lake.find(layout.MANIFEST):
+        parts = rel.split("/")
+        if len(parts) != 4:
+            report.find("lake_path_unexpected", rel, "a commit point outside <dataset>/<versionLabel>/<key>/")
+            continue
+        lake_keys[f"{parts[0]}/{parts[1]}"].add(parts[2])
+    catalog_chains = {f"{d['dataset']}/{d['version_label']}" for d in env.catalog.datasets()}
+
+    checked_partitions = 0
+    chains_checked: dict[str, int] = {}
+    for ckey in sorted(set(backup_chains) | set(heads) | set(lake_keys) | catalog_chains):
+        try:
+            dataset, version_label = split_chain_key(ckey)
+        except ValueError as exc:
+            report.find("audit_chain_broken", ckey, str(exc))
+            continue
         events = backup_chains.get(ckey, [])
-        for text in verify_chain(events, ckey):
-            findings.append({"kind": "audit_chain_broken", "where": ckey, "detail": text})
-        mirror = env.catalog.audit_events(ckey)
-        backup_hashes = [e.get("chain", {}).get("event_hash") for e in events]
-        mirror_hashes = [e["chain"]["event_hash"] for e in mirror]
-        if backup_hashes[: len(mirror_hashes)] != mirror_hashes:
-            findings.append(
-                {
-                    "kind": "audit_catalog_mismatch",
-                    "where": ckey,
-                    "detail": "the catalog's copy of the chain differs from the local backup",
-                }
-            )
-        elif len(mirror_hashes) < len(backup_hashes):
-            findings.append(
-                {
-                    "kind": "audit_catalog_behind",
-                    "where": ckey,
-                    "detail": f"the catalog holds {len(mirror_hashes)} of {len(backup_hashes)} events",
-                }
-            )
+        _check_chain(env, report, ckey, events, heads.get(ckey))
+        state = replay(events)
+        for text in state.findings:
+            report.find("audit_chain_inconsistent", ckey, text)
+        checked_partitions += _check_lake(
+            env, report, state, dataset, version_label, lake_keys.get(ckey, set())
+        )
+        _check_catalog(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
+    _check_triggers(env, report)
 
     return {
-        "status": "clean" if not findings else "findings",
-        "findings": findings,
-        "repaired": repaired,
-        "checked": {"partitions": len(committed), "chains": chains_checked},
+        "status": "clean" if not report.findings else "findings",
+        "findings": report.findings,
+        "repaired": report.repaired,
+        "checked": {"partitions": checked_partitions, "chains": chains_checked},
     }
+
+
+# -- 1. the chains ------------------------------------------------------------------------------------
+
+
+def _reconcile_stores(env: Environment, report: _Report) -> None:
+    """Repair: complete the batches a crash left between the backup and the catalog (the audit log's
+    own crash window; `audit/log.py`), and nothing else."""
+    for ckey in sorted(set(env.audit.backup.chain_keys()) | set(env.catalog.chain_heads())):
+        try:
+            result = env.audit.sync_to_catalog(ckey)
+        except ChainDivergence as exc:
+            report.find("audit_stores_diverge", ckey, str(exc))
+            continue
+        if result.to_head_store or result.to_backup:
+            report.repaired.append(
+                {
+                    "kind": "audit_pending_batch_completed",
+                    "where": ckey,
+                    "detail": f"{result.to_head_store} event(s) of a pending batch adopted",
+                }
+            )
+
+
+def _check_chain(
+    env: Environment, report: _Report, ckey: str, events: list[dict], head: tuple[int, str] | None
+) -> None:
+    for text in verify_chain(events, ckey):
+        report.find("audit_chain_broken", ckey, text)
+    rows = env.catalog.audit_event_rows(ckey)
+    for row in rows:
+        where = f"{ckey} seq {row['seq']}"
+        try:
+            stored = manifests.decode(row["event_json"].encode("utf-8"))
+            recomputed = event_hash(stored)
+        except (ValueError, TypeError) as exc:
+            report.find(
+                "audit_catalog_event_altered", where, f"the catalog's event_json does not parse: {exc}"
+            )
+            continue
+        chain = stored.get("chain", {}) if isinstance(stored, dict) else {}
+        columns = (row["seq"], row["event_hash"], row["prev_event_hash"], row["event_type"])
+        own = (
+            chain.get("seq"),
+            chain.get("event_hash"),
+            chain.get("prev_event_hash"),
+            stored.get("event_type"),
+        )
+        if recomputed != chain.get("event_hash") or columns != own:
+            report.find(
+                "audit_catalog_event_altered",
+                where,
+                "the catalog's copy of the event does not hash to its event_hash, "
+                "or its columns disagree with it",
+            )
+    backup_hashes = [e.get("chain", {}).get("event_hash") if isinstance(e, dict) else None for e in events]
+    mirror_hashes = [r["event_hash"] for r in rows]
+    common = min(len(backup_hashes), len(mirror_hashes))
+    if backup_hashes[:common] != mirror_hashes[:common]:
+        report.find(
+            "audit_catalog_mismatch", ckey, "the catalog's copy of the chain differs from the local backup"
+        )
+    elif len(mirror_hashes) > len(backup_hashes):
+        report.find(
+            "audit_catalog_mismatch",
+            ckey,
+            f"the catalog holds {len(mirror_hashes)} events, the local backup {len(backup_hashes)}: events "
+            "one store alone holds are not adopted",
+        )
+    elif len(mirror_hashes) < len(backup_hashes):
+        report.find(
+            "audit_catalog_behind",
+            ckey,
+            f"the catalog holds {len(mirror_hashes)} of the local backup's {len(backup_hashes)} events",
+        )
+    expected_head = (len(events) - 1, backup_hashes[-1]) if events else None
+    if len(mirror_hashes) == len(backup_hashes) and head != expected_head:
+        report.find(
+            "audit_head_mismatch", ckey, f"audit_chain_heads says {head}, the chain ends at {expected_head}"
+        )
+
+
+# -- 2. the lake against the chains ---------------------------------------------------------------------
+
+
+def _check_lake(
+    env: Environment,
+    report: _Report,
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+    lake_keys: set[str],
+) -> int:
+    """Compare every partition the lake or the chain knows; returns how many commit points were read."""
+    chain_keys = {
+        k for k, h in state.partitions.items() if h.current is not None or h.open_intent is not None
+    }
+    checked = 0
+    for key in sorted(lake_keys | chain_keys):
+        where = f"{dataset}/{version_label}/{key}"
+        try:
+            layout.check_partition(dataset, version_label, key)
+        except layout.OutsidePartition as exc:
+            report.find("lake_path_unexpected", where, str(exc))
+            continue
+        history = state.get(key)
+        try:
+            checked += _check_partition(env, report, state, dataset, version_label, key, history)
+        except layout.OutsidePartition as exc:
+            report.find("path_outside_lake", where, str(exc))
+    return checked
+
+
+def _check_partition(
+    env: Environment,
+    report: _Report,
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+    key: str,
+    history: PartitionHistory | None,
+) -> bool:
+    """One partition against its chain; True when it has a commit point."""
+    where = f"{dataset}/{version_label}/{key}"
+    manifest_bytes = env.lake.read_if_exists(layout.manifest(dataset, version_label, key))
+    comparison = compare(history, dataset, version_label, key, manifest_bytes)
+    if comparison.verdict == "finding":
+        assert comparison.kind is not None
+        report.find(comparison.kind, where, comparison.detail)
+        if comparison.manifest is not None:  # say what else is wrong with it
+            _check_current(env, report, dataset, version_label, key)
+        return manifest_bytes is not None
+    if comparison.healable:
+        assert history is not None
+        if not _heal(env, report, state, dataset, version_label, history, comparison):
+            return manifest_bytes is not None
+    if comparison.manifest is not None:
+        _check_current(env, report, dataset, version_label, key)
+    if history is not None:
+        _check_versions(env, report, history, dataset, version_label)
+    return manifest_bytes is not None
+
+
+def _heal(
+    env: Environment,
+    report: _Report,
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+    history: PartitionHistory,
+    comparison: LakeVsChain,
+) -> bool:
+    """Report or (repairing) heal an interrupted commit or rollback; False when the partition's further
+    checks do not apply (not repaired)."""
+    where = comparison.where
+    missing = "audit_event_missing" if comparison.verdict == "heal_commit" else "rollback_event_missing"
+    if not report.repair:
+        report.healable(missing, where, f"{comparison.detail} (a crash window: verify --repair completes it)")
+        if comparison.verdict == "heal_commit":
+            row = env.catalog.current_partition(dataset, version_label, history.key)
+            if row is None or row["manifest_checksum"] != comparison.manifest_checksum:
+                report.healable(
+                    "catalog_mismatch",
+                    where,
+                    "the catalog's current version is not the lake's committed manifest",
+                )
+        return False
+    event = heal(env, state, dataset, version_label, comparison)
+    appended = "audit_event_appended" if comparison.verdict == "heal_commit" else "rollback_event_appended"
+    report.repaired.append({"kind": appended, "where": where, "eventHash": event["chain"]["event_hash"]})
+    return True
+
+
+def _check_current(env: Environment, report: _Report, dataset: str, version_label: str, key: str) -> None:
+    reading = read_partition(env.lake, dataset, version_label, key)
+    for finding in reading.findings:
+        report.find(finding["kind"], finding["where"], finding["detail"])
+    if reading.manifest is None:
+        return
+    readable = [f for f in reading.manifest["files"] if f["path"] not in reading.unreadable]
+    try:
+        policies = NormalizedPolicies.from_json(reading.manifest["policies"])
+    except (KeyError, TypeError, ValueError) as exc:
+        report.find("manifest_policies_unreadable", reading.rel, str(exc))
+        return
+    for table, entry in zip(reading.tables, readable, strict=True):
+        for v in violations(table, policies, []):
+            report.find("policy_violation", entry["path"], f"row {v['id']!r}: {', '.join(v['reasons'])}")
+
+
+def _check_versions(
+    env: Environment, report: _Report, history: PartitionHistory, dataset: str, version_label: str
+) -> None:
+    """Every committed version keeps the manifest the chain committed and a rollback manifest that
+    says what the chain implies; every version a rollback could restore keeps intact data files."""
+    lake = env.lake
+    where = f"{dataset}/{version_label}/{history.key}"
+    files: dict[int, list[dict[str, Any]]] = {}
+    for version, committed in sorted(history.versions.items()):
+        rel = layout.version_manifest(dataset, version_label, history.key, version)
+        data = lake.read_if_exists(rel)
+        if data is None or manifests.checksum(data) != committed.manifest_checksum:
+            kind = "version_manifest_missing" if data is None else "version_manifest_altered"
+            report.find(kind, rel, f"not the manifest the chain committed as version {version}")
+            continue
+        try:
+            files[version] = [f for f in manifests.decode(data)["files"]]
+            for f in files[version]:
+                layout.data_file_path(dataset, version_label, history.key, f.get("path"))
+        except (layout.OutsidePartition, ValueError, KeyError, TypeError, AttributeError) as exc:
+            report.find("path_outside_partition", rel, str(exc))
+            files.pop(version, None)
+    for version, committed in sorted(history.versions.items()):
+        if version not in files:
+            continue
+        previous = committed.previous_version
+        if previous is not None and previous not in files:
+            continue
+        kept = {f["path"] for f in files[previous]} if previous is not None else set()
+        expected = {
+            "undoesVersion": version,
+            "undoesManifestChecksum": committed.manifest_checksum,
+            "restoreVersion": previous,
+            "restoreManifest": None
+            if previous is None
+            else layout.version_manifest(dataset, version_label, history.key, previous),
+            "removeFiles": sorted(f["path"] for f in files[version] if f["path"] not in kept),
+        }
+        rel = layout.rollback_manifest(dataset, version_label, history.key, version)
+        data = lake.read_if_exists(rel)
+        try:
+            plan = manifests.decode(data) if data is not None else None
+        except ValueError:
+            plan = None
+        if not isinstance(plan, dict) or any(plan.get(k) != v for k, v in expected.items()):
+            report.find(
+                "rollback_manifest_mismatch" if data is not None else "rollback_manifest_missing",
+                rel,
+                "the rollback manifest does not say what the chain implies (the version it undoes, the one "
+                "it restores, the files it removes)",
+            )
+    # What a rollback could make current: the chain of versions the current one replaced.
+    version = history.current_version.previous_version if history.current_version else None
+    seen: set[int] = set()
+    while version is not None and version not in seen and version in history.versions:
+        seen.add(version)
+        for entry in files.get(version, []):
+            data = lake.read_if_exists(entry["path"])
+            if (
+                data is None
+                or len(data) != entry.get("byteSize")
+                or prefixed(sha256_hex(data)) != entry.get("checksum")
+            ):
+                report.find(
+                    "restorable_version_corrupt",
+                    entry["path"],
+                    f"a data file of version {version} of {where}, which a rollback would restore, "
+                    "is missing or differs from its manifest",
+                )
+        version = history.versions[version].previous_version
+
+
+# -- 3. the catalog against the chains ---------------------------------------------------------------------
+
+
+def _expected_status(history: PartitionHistory, version: int) -> str:
+    if history.current == version:
+        return "committed"
+    undone = {
+        e["partition"]["version"]
+        for e in history.events
+        if e.get("event_type") == PARTITION_ROLLED_BACK and isinstance(e.get("partition"), dict)
+    }
+    return "rolled_back" if version in undone else "superseded"
+
+
+def _check_catalog(
+    env: Environment, report: _Report, state: ChainState, dataset: str, version_label: str
+) -> None:
+    catalog = env.catalog
+    if report.repair:
+        for key in heal_catalog_lag(env, state, dataset, version_label):
+            report.repaired.append(
+                {"kind": "catalog_row_rolled_back", "where": f"{dataset}/{version_label}/{key}"}
+            )
+    rows_by_key: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for row in catalog.partition_versions(dataset, version_label):
+        rows_by_key[row["partition_key"]][row["version"]] = row
+    for key in sorted(set(rows_by_key) | set(state.partitions)):
+        where = f"{dataset}/{version_label}/{key}"
+        history = state.get(key)
+        rows = rows_by_key.get(key, {})
+        for version, row in sorted(rows.items()):
+            committed = history.versions.get(version) if history is not None else None
+            if committed is None:
+                report.find(
+                    "catalog_partition_not_on_chain",
+                    where,
+                    f"the catalog records version {version}, which the chain never committed",
+                )
+                continue
+            event = committed.event
+            tables = {
+                name: (t.get("checksum"), t.get("row_count"), t.get("byte_size"))
+                for name, t in (event.get("tables") or {}).items()
+            }
+            row_files = {
+                str(f.get("path", "")).rsplit("/", 1)[-1]: (
+                    f.get("checksum"),
+                    f.get("rowCount"),
+                    f.get("byteSize"),
+                )
+                for f in row["files"]
+                if isinstance(f, dict)
+            }
+            differs = [
+                name
+                for name, ok in (
+                    ("manifest_checksum", row["manifest_checksum"] == committed.manifest_checksum),
+                    ("merkle_root", row["merkle_root"] == event.get("merkle_root")),
+                    ("record_count", row["record_count"] == event.get("record_count")),
+                    ("event_hash", row["event_hash"] == committed.event_hash),
+                    ("run_id", row["run_id"] == committed.run_id),
+                    ("files", row_files == tables),
+                    ("status", row["status"] == _expected_status(history, version)),  # type: ignore[arg-type]
+                )
+                if not ok
+            ]
+            if differs:
+                kind = (
+                    "catalog_mismatch"
+                    if version == (history.current if history else None)
+                    else "catalog_version_mismatch"
+                )
+                report.find(
+                    kind,
+                    where,
+                    f"version {version}: the catalog's {', '.join(differs)} disagree with the chain",
+                )
+        for version in sorted(set(history.versions) - set(rows) - {history.current}) if history else []:
+            report.find(
+                "catalog_version_missing",
+                where,
+                f"the chain committed version {version}; the catalog has no row for it",
+            )
+        if history is not None and history.current is not None and history.current not in rows:
+            if report.repair:
+                try:
+                    record_version_from_chain(env, history, dataset, version_label, history.current)
+                except ValueError as exc:
+                    report.find("catalog_mismatch", where, str(exc))
+                else:
+                    report.repaired.append({"kind": "catalog_row_recorded", "where": where})
+            else:
+                report.healable(
+                    "catalog_mismatch",
+                    where,
+                    f"the catalog has no row for the chain's current version {history.current} "
+                    "(a crash window: verify --repair records it)",
+                )
+    _check_runs(env, report, state, dataset, version_label)
+
+
+def _check_runs(
+    env: Environment, report: _Report, state: ChainState, dataset: str, version_label: str
+) -> None:
+    ckey = f"{dataset}/{version_label}"
+    runs = {r["run_id"]: r for r in env.catalog.runs(dataset, version_label)}
+    hashes: dict[str, set[tuple[Any, Any]]] = defaultdict(set)
+    for history in state.partitions.values():
+        for committed in history.versions.values():
+            if committed.run_id is not None:
+                hashes[committed.run_id].add(
+                    (committed.event.get("plan_hash"), committed.event.get("decision_hash"))
+                )
+    for run_id in sorted(state.run_ids()):
+        row = runs.get(run_id)
+        if row is None:
+            report.find(
+                "catalog_run_missing",
+                f"{ckey} run {run_id}",
+                "the chain names a run the catalog does not hold",
+            )
+            continue
+        for plan_hash, decision_hash in sorted(hashes.get(run_id, set()), key=str):
+            if (row["plan_hash"], row["decision_hash"]) != (plan_hash, decision_hash):
+                report.find(
+                    "catalog_run_mismatch",
+                    f"{ckey} run {run_id}",
+                    "the catalog's plan or decision hash of the run differs from its commit events'",
+                )
+    for lineage in env.catalog.lineage(dataset, version_label):
+        where = f"{ckey}/{lineage['partition_key']} version {lineage['partition_version']}"
+        history = state.get(lineage["partition_key"])
+        committed = history.versions.get(lineage["partition_version"]) if history is not None else None
+        run = runs.get(lineage["run_id"])
+        if committed is None:
+            report.find(
+                "catalog_lineage_mismatch", where, "lineage names a version the chain never committed"
+            )
+        elif run is None or (run["plan_hash"], run["decision_hash"]) != (
+            lineage["plan_hash"],
+            lineage["decision_hash"],
+        ):
+            report.find(
+                "catalog_lineage_mismatch",
+                where,
+                "lineage names a run, plan or decision hash the catalog's run rows do not hold",
+            )
+        elif committed.run_id == lineage["run_id"] and (
+            committed.event.get("plan_hash"),
+            committed.event.get("decision_hash"),
+        ) != (lineage["plan_hash"], lineage["decision_hash"]):
+            report.find(
+                "catalog_lineage_mismatch",
+                where,
+                "lineage's plan or decision hash differs from the commit event's",
+            )
+
+
+def _check_triggers(env: Environment, report: _Report) -> None:
+    present = env.catalog.trigger_names()
+    for name in append_only_trigger_names(env.catalog.dialect):
+        if name not in present:
+            report.find("catalog_trigger_missing", name, "an append-only trigger was dropped")

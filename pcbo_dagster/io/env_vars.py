@@ -17,3 +17,30 @@ def positive_int(variable: str, text: str | None, default: int) -> int:
     if value < 1:
         raise InvalidInput(variable, f"must be at least 1, not {value}")
     return value
+
+
+def positive_number(variable: str, text: str | None, default: float, most: float = 86_400.0) -> float:
+    """A number of (say) seconds above 0 and at most `most` from its variable's text; unset or blank:
+    `default`. Anything else (not a number, NaN, infinite, 0 or less, too large) is `InvalidInput`."""
+    if text is None or not text.strip():
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidInput(variable, f"must be a number, not {text!r}") from None
+    if not 0 < value <= most:  # NaN fails this too
+        raise InvalidInput(variable, f"must be above 0 and at most {most:g}, not {text!r}")
+    return value
+
+
+def plain_path(name: str, text: str | None) -> str | None:
+    """`text` (a path or URL given by flag or variable `name`) when it has no leading or trailing
+    whitespace and no control characters: a path that ends in a newline (pasted, or from a file read
+    without stripping) would otherwise name a different directory. None stays None."""
+    if text is None:
+        return None
+    if text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise InvalidInput(name, f"{text!r} has surrounding whitespace or control characters")
+    if not text:
+        raise InvalidInput(name, "is empty")
+    return text

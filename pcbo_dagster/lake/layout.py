@@ -8,11 +8,53 @@
     _manifest.json                    the commit point: the current version's manifest
 ```
 Readers and `pcbo verify` consider only what `_manifest.json` names.
+
+Nothing read from a manifest, a rollback manifest or a request may reach outside its partition:
+`data_file_path` accepts a path from a manifest only when it is exactly one of the partition's own
+content-addressed data files, and `check_partition` refuses a dataset, version label or partition key
+that is not a plain name (no `/`, no `..`).
 """
 
 from __future__ import annotations
 
+import re
+
+from pcbo_dagster.core.errors import IntegrityError
+from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
+
 MANIFEST = "_manifest.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DATA_FILE = re.compile(r"part-[0-9a-f]{32}\.parquet")
+
+
+class OutsidePartition(IntegrityError, ValueError):
+    """A path or name that would reach outside its partition's directory (exit status 1: what the
+    lake or a manifest says cannot be trusted)."""
+
+
+def check_partition(dataset: str, version_label: str, key: str) -> None:
+    """`OutsidePartition` unless dataset and version label are plain names and key a partition key."""
+    for what, value in (("dataset", dataset), ("versionLabel", version_label)):
+        if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
+            raise OutsidePartition(f"{what} {value!r} is not a plain name")
+    try:
+        validate_partition_key(key)
+    except PartitionKeyError as exc:
+        raise OutsidePartition(str(exc)) from None
+
+
+def data_file_path(dataset: str, version_label: str, key: str, path: object) -> str:
+    """`path` (read from a manifest) when it is one of the partition's own data files
+    (`<dataset>/<versionLabel>/<key>/part-<32 hex>.parquet`); `OutsidePartition` otherwise."""
+    check_partition(dataset, version_label, key)
+    prefix = partition_dir(dataset, version_label, key) + "/"
+    if (
+        not isinstance(path, str)
+        or not path.startswith(prefix)
+        or not _DATA_FILE.fullmatch(path[len(prefix) :])
+    ):
+        raise OutsidePartition(f"{path!r} is not a data file of partition {prefix[:-1]}")
+    return path
 
 
 def partition_dir(dataset: str, version_label: str, key: str) -> str:

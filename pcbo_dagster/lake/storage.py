@@ -23,6 +23,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pcbo_dagster.io.atomic_files import replace_file
+from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.lake.layout import OutsidePartition
 
 
 def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -79,16 +81,35 @@ def normalize_lake_url(url: str | os.PathLike[str]) -> str:
 class LakeStorage:
     def __init__(self, url: str | os.PathLike[str]) -> None:
         self.url = normalize_lake_url(url)
+        self.public_url = redact_url(self.url)
         self.fs, root = filesystem(self.url)
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._made_dirs: set[str] = set()
+        self._real_root = os.path.realpath(self.root) if self.is_local else self.root
+
+    def inside(self, rel: str) -> bool:
+        """True when `rel` names a place inside the lake: no `..` or absolute path, and on a local disk
+        no symbolic link on the way that leads out of the lake (object stores have no links)."""
+        if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
+            return False
+        if not self.is_local:
+            return True
+        real = os.path.realpath(self._path(rel))
+        return real == self._real_root or real.startswith(self._real_root.rstrip("/") + "/")
 
     def uri(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
+        """The URI of `rel` as outputs, events and the catalog show it (never with credentials)."""
+        return f"{self.public_url}/{rel}"
 
     def _path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
+
+    def _inside(self, rel: str) -> str:
+        """The path of `rel`; `OutsidePartition` when it would leave the lake (see `inside`)."""
+        if not self.inside(rel):
+            raise OutsidePartition(f"{rel!r} leads outside the lake")
+        return self._path(rel)
 
     def _local_dir(self, path: str) -> None:
         directory = os.path.dirname(path)
@@ -100,7 +121,7 @@ class LakeStorage:
         """Write a file that nothing reads until a later commit point names it (data files, version
         and rollback manifests): a crash may leave it partial, and the next run rewrites it whole.
         Durable only after `sync()`."""
-        path = self._path(rel)
+        path = self._inside(rel)
         if not self.is_local:
             self.fs.pipe_file(path, data)
             return
@@ -111,7 +132,7 @@ class LakeStorage:
     def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
         """Replace a file all-or-nothing (a temporary file renamed into place; a single PUT on an
         object store). `durable=True` fsyncs it before the rename; otherwise call `sync()` later."""
-        path = self._path(rel)
+        path = self._inside(rel)
         if not self.is_local:
             self.fs.pipe_file(path, data)
             return
@@ -125,19 +146,20 @@ class LakeStorage:
             os.sync()
 
     def read_if_exists(self, rel: str) -> bytes | None:
+        path = self._inside(rel)
         try:
-            return self.fs.cat_file(self._path(rel))
+            return self.fs.cat_file(path)
         except FileNotFoundError:
             return None
 
     def read(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._path(rel))
+        return self.fs.cat_file(self._inside(rel))
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._path(rel))
+        return self.fs.exists(self._inside(rel))
 
     def delete(self, rel: str) -> None:
-        path = self._path(rel)
+        path = self._inside(rel)
         if self.fs.exists(path):
             self.fs.rm_file(path)
 

@@ -3,8 +3,10 @@
 An approval is written twice, audit chain first: a `rollout_approved` / `rollout_rejected` event on
 the dataset's production chain (`<dataset>/<versionLabel>`, in the production audit backup, so
 anyone verifying the chain offline sees who approved what), then a row of the append-only
-`rollout_approvals` table holding that event's hash. The newest row is the decision in force; a
-rejection can be followed by an approval (of a re-staged rollout) and vice versa, and nothing is
+`rollout_approvals` table holding that event's hash (for listings). The decision in force is read
+from the chain, never from the table (`decision_in_force`): the newest approval or rejection event of
+the rollout on a production chain that verifies. A row inserted into the table alone opens nothing.
+A rejection can be followed by an approval (of a re-staged rollout) and vice versa, and nothing is
 ever edited.
 
 Refused with `InvalidInput` (exit 2, nothing written): an unknown rollout, a rollout not halted for
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.engine.events import PRODUCER, chain_key
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
@@ -59,8 +62,9 @@ def record_decision(
             "approve what was staged and soaked",
         )
     decision = DECISIONS[action]
+    ckey = chain_key(rollout["dataset"], rollout["version_label"])
     event = envs.production.audit.append(
-        chain_key(rollout["dataset"], rollout["version_label"]),
+        ckey,
         ROLLOUT_APPROVED if decision == "approved" else ROLLOUT_REJECTED,
         {
             "rollout": {
@@ -80,6 +84,7 @@ def record_decision(
             "producer": PRODUCER,
         },
     )
+    envs.production.audit.deliver_pending(ckey)
     return envs.store.record_approval(
         name=name,
         decision=decision,
@@ -89,3 +94,30 @@ def record_decision(
         event_hash=event["chain"]["event_hash"],
         now=clock.now(),
     )
+
+
+def decision_in_force(envs: RolloutEnvironments, rollout: dict[str, Any]) -> dict[str, Any] | None:
+    """The approval or rejection in force for `rollout`: its newest `rollout_approved` /
+    `rollout_rejected` event on the dataset's production chain, as `{decision, actor, reason,
+    decision_hash, event_hash}`; None when there is none. `IntegrityError` when that chain does not
+    verify (then no approval can be trusted)."""
+    ckey = chain_key(rollout["dataset"], rollout["version_label"])
+    events, problems = envs.production.audit.backup.read_chain_with_problems(ckey)
+    findings = problems + verify_chain(events, ckey)
+    if findings:
+        raise IntegrityError(f"the production audit chain {ckey} does not verify: {'; '.join(findings[:3])}")
+    found = None
+    for event in events:
+        body = event.get("rollout")
+        if event.get("event_type") in (ROLLOUT_APPROVED, ROLLOUT_REJECTED) and isinstance(body, dict):
+            if body.get("name") == rollout["name"]:
+                found = event
+    if found is None:
+        return None
+    return {
+        "decision": found["decision"],
+        "actor": found["by"],
+        "reason": found["reason"],
+        "decision_hash": found["decision_hash"],
+        "event_hash": found["chain"]["event_hash"],
+    }

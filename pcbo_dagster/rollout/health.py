@@ -49,6 +49,7 @@ from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import dataset_keys, evaluate_keys
 from pcbo_dagster.engine.partition_reading import read_commit_point, read_partition
 from pcbo_dagster.io.atomic_files import replace_file
+from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.reports import markdown_table, reports_dir, write_report
 
@@ -95,7 +96,7 @@ def eligible_rollouts(envs: RolloutEnvironments, dataset: DatasetConfig) -> list
             continue
         if rollout["status"] in ("rolled_back", "cancelled"):
             continue
-        approval = envs.store.latest_approval(rollout["name"])
+        approval = decision_in_force(envs, rollout)
         if (
             approval is not None
             and approval["decision"] == "approved"

@@ -275,7 +275,7 @@ def mini_backfill(
     results = []
     for name, keys in sorted(by_rollout.items()):
         rollout = envs.store.require(name)
-        approval = envs.store.latest_approval(name)
+        approval = approvals.decision_in_force(envs, rollout)
         if approval is None or approval["decision"] != "approved":
             results.append(
                 {"rollout": name, "keys": keys, "status": "skipped", "reason": "no approval in force"}

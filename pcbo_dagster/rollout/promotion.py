@@ -7,8 +7,10 @@
   clean (checksums, rows, Merkle root), no post-write discrepancy was logged for the staging run,
   and no failed asset check was reported for them (`failed_checks`, from the Dagster instance);
 - its soak passed (`soak.soak_status`: the window elapsed with every evaluation passing);
-- the approval in force is an approval (not a rejection) and names the decision hash the rollout's
-  range evaluates to *now*. A changed source or policy changes that hash, which makes the approval
+- the approval in force - the newest approval or rejection of the rollout *on the production audit
+  chain*, which must verify (a row in `rollout_approvals` alone counts for nothing) - is an approval
+  (not a rejection) and names the decision hash the rollout's range evaluates to *now*. A changed
+  source or policy changes that hash, which makes the approval
   stale: re-stage and approve again.
 
 `promote_keys` writes production partitions: it evaluates the rollout's whole range (so every
@@ -23,11 +25,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.soak import soak_status
@@ -87,7 +90,11 @@ def promotion_gate(
     gate["soak"] = {"state": soak["state"], "reason": soak["reason"]}
     if soak["state"] != "passed":
         reasons.append(f"soak {soak['state']}: {soak['reason']}")
-    approval = envs.store.latest_approval(name)
+    try:
+        approval = decision_in_force(envs, rollout)
+    except IntegrityError as exc:
+        reasons.append(f"no approval can be trusted: {exc}")
+        return {**gate, "open": False, "reasons": reasons}
     if approval is None:
         reasons.append(
             f"no approval yet: `pcbo approve {name} --by NAME --reason TEXT` or the rollout_approval job"

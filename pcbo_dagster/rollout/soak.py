@@ -5,7 +5,8 @@ lake for the rollout's dataset, version and keys) and checks it, then records th
 production catalog (`soak_evaluations`, append-only):
 
 - `policy_violations`: no row of the output breaks the dataset's policies (consent, jurisdictions,
-  retention, existing target ids);
+  retention, existing target ids; `engine.partition_checks.policy_violations`, as the Dagster
+  `policy_compliance` check);
 - `duplicate_ids`: no id appears twice in the whole output;
 - `rows_match_decisions`: every partition is committed and holds exactly the ids the engine decides
   to add *now* (the source evaluated again);
@@ -36,12 +37,11 @@ import pyarrow as pa
 
 from pcbo_dagster.catalog.rollouts import RolloutStore, open_rollout_store
 from pcbo_dagster.core.business_metric import parse_metric
-from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.errors import InvalidInput, PcboError
-from pcbo_dagster.core.instants import parse_instant
-from pcbo_dagster.core.plan import NormalizedPolicies, normalize_jurisdictions
+from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
+from pcbo_dagster.engine.partition_checks import policy_violations
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
@@ -136,23 +136,6 @@ def _decisions_now(
     return decided, decisions.decision_hash, None
 
 
-def dataset_policies(dataset: DatasetConfig) -> NormalizedPolicies:
-    """The dataset's policies as the engine normalises them (`core.plan.normalize_policies`)."""
-    policies = dataset.policies
-    allowed = None
-    if policies.allowedJurisdictions is not None:
-        normalized = normalize_jurisdictions(pa.array(policies.allowedJurisdictions, pa.string()))
-        allowed = tuple(sorted(set(normalized.to_pylist())))
-    return NormalizedPolicies(
-        require_consent=policies.requireConsent,
-        allowed_jurisdictions=allowed,
-        retention_cutoff_us=None
-        if policies.retentionCutoff is None
-        else parse_instant(policies.retentionCutoff),
-        on_violation=policies.onViolation,
-    )
-
-
 def _check(
     passed: bool, observed: Any, expected: Any, message: str, partitions: list[dict[str, Any]]
 ) -> dict:
@@ -175,11 +158,11 @@ def _keys_text(entries: list[dict[str, Any]]) -> str:
 
 
 def _policy_check(dataset: DatasetConfig, readings: dict[str, PartitionReading]) -> dict[str, Any]:
-    policies = dataset_policies(dataset)
+    policies = NormalizedPolicies.from_policies(dataset.policies)
     existing = list(dataset.existingTargetIds)
     entries = []
     for key, reading in readings.items():
-        found = [v for table in reading.tables for v in violations(table, policies, existing)]
+        found = policy_violations(reading.tables, policies, existing)
         if found:
             entries.append(_partition_entry(key, found))
     total = sum(e["count"] for e in entries)

@@ -25,6 +25,7 @@ from typing import Any
 
 from pcbo_dagster.core.decisions import REASONS, PartitionDecision
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.partition_keys import short_key
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
@@ -42,11 +43,7 @@ def staging_run_id(rollout: str) -> str:
 
 def default_rollout_name(dataset: DatasetConfig, keys: list[str]) -> str:
     """A name for a rollout nobody named: the dataset and its key range (valid as a run id part)."""
-
-    def short(key: str) -> str:
-        return key.replace("range=", "")
-
-    return f"{dataset.asset_name}-{short(keys[0])}-{short(keys[-1])}"
+    return f"{dataset.asset_name}-{short_key(keys[0])}-{short_key(keys[-1])}"
 
 
 def throttle_for(dataset: DatasetConfig, override: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -63,7 +63,9 @@ def _jsonable(value: Any, column: str) -> Any:
         return value
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
+            # No time zone: an instant nobody can place. It stays a string without an offset, which
+            # the decisions treat as they treat such a string (occurredAt: INVALID_RECORD).
+            return value.isoformat(timespec="microseconds" if value.microsecond else "seconds")
         delta = value - _EPOCH
         return format_instant((delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds)
     if isinstance(value, dt.date):

@@ -19,6 +19,7 @@ import array
 import csv
 import itertools
 import os
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -29,10 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.io.env_vars import positive_int
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.record_files import (
     csv_integer_columns,
@@ -54,10 +57,23 @@ def source_batch_size() -> int:
     return positive_int("PCBO_SOURCE_BATCH", os.environ.get("PCBO_SOURCE_BATCH"), DEFAULT_BATCH)
 
 
+#: The longest line a JSONL or CSV source may hold (`PCBO_MAX_LINE_BYTES`, default 64 MiB): a
+#: longer one (or a source with no line end at all, like /dev/zero) is invalid input, found after
+#: reading at most this much of it.
+DEFAULT_MAX_LINE_BYTES = 64 << 20
+
+
+def max_line_bytes() -> int:
+    return positive_int("PCBO_MAX_LINE_BYTES", os.environ.get("PCBO_MAX_LINE_BYTES"), DEFAULT_MAX_LINE_BYTES)
+
+
 @contextmanager
 def _opened(uri: str, shown: str) -> Iterator[IO[bytes]]:
     with source_read_errors(shown):
         fs, path = filesystem(uri)
+        if isinstance(fs, LocalFileSystem) and not stat.S_ISREG(os.stat(path).st_mode):
+            # A FIFO, a device or a directory would never end or block forever: not a record file.
+            raise InvalidInput("source.uri", f"{redact_url(shown)} is not a regular file")
         fh = fs.open(path, "rb")
     with fh:
         yield fh
@@ -67,6 +83,7 @@ def _lines(fh: IO[bytes], offset: int = 0) -> Iterator[tuple[int, bytes]]:
     """(byte offset, line with its ending) from the file's current position (at `offset`), lines
     split as `bytes.splitlines` splits them (at \\n, \\r and \\r\\n)."""
     rest = b""
+    limit = max_line_bytes()
     while True:
         block = fh.read(_BLOCK)
         if not block:
@@ -74,15 +91,27 @@ def _lines(fh: IO[bytes], offset: int = 0) -> Iterator[tuple[int, bytes]]:
         block = rest + block if rest else block
         cut = block.rfind(b"\n")
         if cut < 0:
+            if len(block) > limit:
+                _line_too_long(offset, limit)
             rest = block
             continue
         head, rest = block[: cut + 1], block[cut + 1 :]
         for part in head.splitlines(keepends=True):
+            if len(part) > limit:
+                _line_too_long(offset, limit)
             yield offset, part
             offset += len(part)
     for part in rest.splitlines(keepends=True):
+        if len(part) > limit:
+            _line_too_long(offset, limit)
         yield offset, part
         offset += len(part)
+
+
+def _line_too_long(offset: int, limit: int) -> None:
+    raise InvalidInput(
+        "source", f"the line at byte {offset} is longer than {limit} bytes (PCBO_MAX_LINE_BYTES)"
+    )
 
 
 class RecordSource:
@@ -145,7 +174,7 @@ class JsonlSource(RecordSource):
         with _opened(self.uri, self.shown) as fh:
             for k, offset in zip(order.tolist(), offsets[order].tolist(), strict=True):
                 fh.seek(offset)
-                line = fh.readline().splitlines()[0]
+                line = fh.readline(max_line_bytes() + 1).splitlines()[0]
                 out[k] = parse_json_strict(line, what="source line").value
         return out
 

@@ -18,7 +18,7 @@ engine has already rolled that partition back and logged a discrepancy).
 
 import json
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,17 +26,9 @@ import dagster as dg
 
 from pcbo_dagster.core.decisions import REASONS, Decisions
 from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.core.partition_keys import PartitionKeyError
 from pcbo_dagster.core.plan import Plan
-from pcbo_dagster.core.request_model import MAX_PARTITIONS
-from pcbo_dagster.dagster_defs.partitions import (
-    LedgerSpan,
-    Window,
-    ledger_request_groups,
-    ledger_spans_for_keys,
-    partitions_def_for,
-    request_groups,
-    windows_for_keys,
-)
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for, windows_for_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import (
     DatasetConfig,
@@ -44,9 +36,14 @@ from pcbo_dagster.datasets.config import (
     LedgerRangePartitioning,
     TimeWindowPartitioning,
 )
-from pcbo_dagster.datasets.requests import build_ledger_request, build_request
+from pcbo_dagster.datasets.requests import (
+    Span,
+    ledger_spans_for_keys,
+    partition_groups,
+    request_for_group,
+)
 from pcbo_dagster.engine.events import chain_key
-from pcbo_dagster.engine.execute import PostWriteCheckFailed, check_gates, execute
+from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
 
 GROUP_NAME = "pcbo"
@@ -221,7 +218,7 @@ def engine_errors(source_uri: str | None = None) -> Iterator[None]:
         raise failure_for_invalid_input(exc, source_uri) from exc
     except Blocked as exc:
         raise failure_for_gate(exc) from exc
-    except PostWriteCheckFailed as exc:
+    except ExecuteFailed as exc:
         reconciliation = exc.document.get("reconciliation", {})
         raise dg.Failure(
             description=f"post-write reconciliation failed; the partition was rolled back: {exc}",
@@ -230,22 +227,16 @@ def engine_errors(source_uri: str | None = None) -> Iterator[None]:
         ) from exc
 
 
-Span = Window | LedgerSpan
-#: Builds the engine request of one group of partitions: (dataset, source, runId, group, metadata).
-RequestBuilder = Callable[[DatasetConfig, str, str, list[Any], dict[str, Any]], dict[str, Any]]
-
-
 def _evaluate_group(
     context: dg.AssetExecutionContext,
     dataset: DatasetConfig,
     source_uri: str,
     run_id: str,
-    group: list[Span],
-    make_request: RequestBuilder,
+    group: Sequence[Span],
 ) -> tuple[LoadedRequest, Plan, Decisions]:
     """Load and evaluate one request, log its policy gate and check its gates (nothing written)."""
     keys = [w.key for w in group]
-    request = make_request(
+    request = request_for_group(
         dataset,
         source_uri,
         run_id,
@@ -271,22 +262,19 @@ def _evaluate_group(
     return loaded, plan, decisions
 
 
-def _groups(
-    context: dg.AssetExecutionContext, dataset: DatasetConfig
-) -> tuple[list[list[Span]], RequestBuilder]:
-    """The run's partition keys as groups of partitions, one engine request each, and their builder."""
+def _groups(context: dg.AssetExecutionContext, dataset: DatasetConfig) -> Sequence[Sequence[Span]]:
+    """The run's partition keys as groups of partitions, one engine request each."""
     keys = list(context.partition_keys)
     partitioning = dataset.partitioning
     if isinstance(partitioning, TimeWindowPartitioning):
         partitions_def = context.assets_def.partitions_def
         assert isinstance(partitions_def, dg.TimeWindowPartitionsDefinition)
-        return request_groups(windows_for_keys(partitions_def, keys), MAX_PARTITIONS), build_request
+        return partition_groups(dataset, windows_for_keys(partitions_def, keys))
     try:
         spans = ledger_spans_for_keys(partitioning, keys)
-    except ValueError as exc:
+    except PartitionKeyError as exc:
         raise dg.Failure(description=f"{dataset.name}: {exc}", allow_retries=False) from None
-    groups = ledger_request_groups(spans, partitioning.partitionSize, MAX_PARTITIONS)
-    return groups, build_ledger_request  # type: ignore[return-value]
+    return partition_groups(dataset, spans)
 
 
 def _materialize(
@@ -296,7 +284,7 @@ def _materialize(
     lake: str | None,
     pcbo: PcboEngineResource,
 ) -> dg.MaterializeResult:
-    groups, make_request = _groups(context, dataset)
+    groups = _groups(context, dataset)
     keys = [span.key for group in groups for span in group]
     run_ids = [engine_run_id(context.run.run_id, i, len(groups)) for i in range(len(groups))]
     context.log.info(
@@ -307,13 +295,11 @@ def _materialize(
         if len(groups) > 1:
             # Gates hold before anything is written: check every request's before executing any.
             for run_id, group in zip(run_ids, groups, strict=True):
-                _evaluate_group(context, dataset, source_uri, run_id, group, make_request)
+                _evaluate_group(context, dataset, source_uri, run_id, group)
             context.log.info(f"gates passed for all {len(groups)} requests")
         with pcbo.environment(lake) as env:
             for run_id, group in zip(run_ids, groups, strict=True):
-                loaded, plan, decisions = _evaluate_group(
-                    context, dataset, source_uri, run_id, group, make_request
-                )
+                loaded, plan, decisions = _evaluate_group(context, dataset, source_uri, run_id, group)
                 context.log.info(
                     f"gates passed (onViolation={dataset.policies.onViolation}): "
                     f"writing {len(group)} partition(s)"

@@ -50,7 +50,7 @@ from pcbo_dagster.dagster_defs.backfill.assets import (
     progress_logger,
 )
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.engine.execute import PostWriteCheckFailed, check_gates, execute
+from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import evaluate, load_request
 
 JOB_NAME = "pcbo_request"
@@ -149,7 +149,7 @@ def build_request_job(default_base_dir: str | os.PathLike[str] | None = None) ->
         try:
             with pcbo.environment() as env:
                 document = execute(env, loaded, plan, decisions, progress=progress_logger(context, len(keys)))
-        except PostWriteCheckFailed as exc:
+        except ExecuteFailed as exc:
             raise _failure(
                 "post_write_check_failed",
                 f"post-write reconciliation failed; the partition was rolled back: {exc}",

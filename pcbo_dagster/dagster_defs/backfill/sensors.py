@@ -20,7 +20,6 @@ import dagster as dg
 import orjson
 
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
-from pcbo_dagster.dagster_defs.partitions import full_ledger_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, LedgerRangePartitioning
 
@@ -103,7 +102,7 @@ def build_ledger_partitions_sensor(
             return dg.SkipReason(f"the source {uri} does not exist (yet)")
         if top is None:
             return dg.SkipReason(f"no record of {uri} has an integer {partitioning.field}")
-        keys = full_ledger_keys(partitioning, top)
+        keys = partitioning.grid.full_keys(top)
         if len(keys) > MAX_PARTITIONS:
             context.log.warning(
                 f"{len(keys)} full partitions; adding the first {MAX_PARTITIONS} only (the partition limit)"

@@ -30,7 +30,7 @@ from pcbo_dagster.dagster_defs.backfill.assets import (
 from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
-from pcbo_dagster.rollout import operations, promotion
+from pcbo_dagster.rollout import approvals, operations, promotion
 from pcbo_dagster.rollout.clock import Clock
 
 STAGING_PREFIX = "staging"
@@ -177,7 +177,7 @@ def _repair(
 ) -> dict:
     """Re-write partitions of a promoted rollout at its approved decision hash (a repair)."""
     with operations.dataset_environments(config, dataset, base) as envs:
-        approval = envs.store.latest_approval(rollout["name"])
+        approval = approvals.decision_in_force(envs, rollout)
         if approval is None or approval["decision"] != "approved":
             raise InvalidInput("rollout", f"rollout {rollout['name']} has no approval in force")
         return promotion.promote_keys(

@@ -1,0 +1,316 @@
+"""What a dataset's audit chain says must be true of its partitions: the chain replayed from seq 0.
+
+Pure: no I/O. `replay(events)` walks a chain (`<dataset>/<versionLabel>`) in seq order and derives,
+per partition key, every version ever committed (its manifest checksum, the commit event, the
+version it superseded), which version is current after the commits and rollbacks, and the intent
+that is still open (recorded before the lake was touched, not yet completed by its event).
+
+The commit protocol (CONTRACT section 4) appends, per commit batch:
+
+1. `partition_commit_intent` listing, per partition, the version and the exact manifest checksum
+   about to become its commit point, and the commit point it replaces;
+2. (the lake: data files, version and rollback manifests, then `_manifest.json`, the commit point);
+3. `partition_committed` per partition.
+
+A rollback appends `partition_rollback_intent` (per partition: the version it undoes with its
+checksum, the version it restores with its checksum, or none) before it touches the lake, then
+`partition_rolled_back` per partition. A crash between an intent and its completion leaves the lake
+in exactly one of two states the intent names (before, or after the commit point moved): only the
+second may be healed, by appending the missing completion event (`engine/crash_windows.py`).
+
+`replay` also reports what makes the chain inconsistent with itself (a commit that does not follow
+the version the chain says is current, a rollback of a version that is not current, a version
+number used twice, a second commit event for the same manifest): `ChainState.findings`.
+Events of other types (approvals, ...) are kept in `other` in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PARTITION_COMMIT_INTENT = "partition_commit_intent"
+PARTITION_COMMITTED = "partition_committed"
+PARTITION_ROLLBACK_INTENT = "partition_rollback_intent"
+PARTITION_ROLLED_BACK = "partition_rolled_back"
+#: A run found the partition's lake state disagreeing with the chain and put back, byte for byte, the
+#: version the chain says is current (no change to the partition's history).
+PARTITION_RESTORED = "partition_restored"
+
+
+@dataclass(frozen=True)
+class CommittedVersion:
+    """A version of a partition as its `partition_committed` event recorded it."""
+
+    version: int
+    manifest_checksum: str
+    event: Mapping[str, Any]
+    previous_version: int | None
+    previous_manifest_checksum: str | None
+
+    @property
+    def event_hash(self) -> str:
+        return str(self.event["chain"]["event_hash"])
+
+    @property
+    def run_id(self) -> str | None:
+        return self.event.get("run_id")
+
+
+@dataclass(frozen=True)
+class CommitIntent:
+    """`partition_commit_intent` for one partition: `manifest_checksum` is about to replace
+    `previous_manifest_checksum` (None: no commit point yet) as the commit point."""
+
+    version: int
+    manifest_checksum: str
+    previous_version: int | None
+    previous_manifest_checksum: str | None
+    run_id: str | None
+    seq: int
+
+
+@dataclass(frozen=True)
+class RollbackIntent:
+    """`partition_rollback_intent` for one partition: version `version` (`manifest_checksum`) is about
+    to be undone, restoring `restore_version` (`restore_manifest_checksum`), or removing the commit
+    point when both are None."""
+
+    version: int
+    manifest_checksum: str
+    restore_version: int | None
+    restore_manifest_checksum: str | None
+    run_id: str | None
+    reason: str | None
+    seq: int
+
+
+@dataclass
+class PartitionHistory:
+    """One partition key's history on the chain."""
+
+    key: str
+    versions: dict[int, CommittedVersion] = field(default_factory=dict)
+    current: int | None = None
+    #: "committed" or "rolled_back": the type of the last completion event for the key.
+    last_word: str | None = None
+    #: The last completion event for the key.
+    last_event: Mapping[str, Any] | None = None
+    #: The intent recorded after the last completion event, if any (a crash may have stopped there).
+    open_intent: CommitIntent | RollbackIntent | None = None
+    #: The highest version number ever committed: never used again. (An intent whose commit never
+    #: happened does not use up its number: the next attempt commits under it, as an uninterrupted
+    #: run would have.)
+    max_version: int = 0
+    #: The events naming this key, in chain order.
+    events: list[Mapping[str, Any]] = field(default_factory=list)
+
+    @property
+    def current_checksum(self) -> str | None:
+        """The manifest checksum the commit point must have (None: no commit point)."""
+        return None if self.current is None else self.versions[self.current].manifest_checksum
+
+    @property
+    def current_version(self) -> CommittedVersion | None:
+        return None if self.current is None else self.versions[self.current]
+
+    def commits_of(self, manifest_checksum: str) -> list[CommittedVersion]:
+        return [v for v in self.versions.values() if v.manifest_checksum == manifest_checksum]
+
+
+@dataclass
+class ChainState:
+    """A replayed chain: partition histories, events of other types, and inconsistencies."""
+
+    partitions: dict[str, PartitionHistory] = field(default_factory=dict)
+    other: list[Mapping[str, Any]] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    length: int = 0
+    head_hash: str | None = None
+
+    def partition(self, key: str) -> PartitionHistory:
+        history = self.partitions.get(key)
+        if history is None:
+            history = self.partitions[key] = PartitionHistory(key)
+        return history
+
+    def get(self, key: str) -> PartitionHistory | None:
+        return self.partitions.get(key)
+
+    def run_ids(self) -> set[str]:
+        """Every run id a partition event names."""
+        return {
+            str(e["run_id"])
+            for h in self.partitions.values()
+            for e in h.events
+            if isinstance(e.get("run_id"), str)
+        }
+
+    def add(self, event: Mapping[str, Any]) -> None:
+        """Replay one more event (the next in seq order)."""
+        self.length += 1
+        chain = event.get("chain") if isinstance(event, Mapping) else None
+        seq = chain.get("seq") if isinstance(chain, Mapping) else None
+        self.head_hash = chain.get("event_hash") if isinstance(chain, Mapping) else None
+        kind = event.get("event_type")
+        where = f"seq {seq}"
+        try:
+            if kind == PARTITION_COMMIT_INTENT:
+                self._commit_intent(event, seq if isinstance(seq, int) else -1, where)
+            elif kind == PARTITION_COMMITTED:
+                self._committed(event, where)
+            elif kind == PARTITION_ROLLBACK_INTENT:
+                self._rollback_intent(event, seq if isinstance(seq, int) else -1, where)
+            elif kind == PARTITION_ROLLED_BACK:
+                self._rolled_back(event, where)
+            elif kind == PARTITION_RESTORED:
+                self.partition(_text(event["partition"]["key"])).events.append(event)
+            else:
+                self.other.append(event)
+        except (KeyError, TypeError, ValueError) as exc:
+            self.findings.append(f"{where}: {kind} event is malformed: {exc!r}")
+
+    # -- the four partition events -------------------------------------------------------------
+
+    def _commit_intent(self, event: Mapping[str, Any], seq: int, where: str) -> None:
+        for entry in event["partitions"]:
+            history = self.partition(_text(entry["key"]))
+            history.events.append(event)
+            intent = CommitIntent(
+                version=_int(entry["version"]),
+                manifest_checksum=_text(entry["manifest_checksum"]),
+                previous_version=_optional_int(entry.get("previous_version")),
+                previous_manifest_checksum=_optional_text(entry.get("previous_manifest_checksum")),
+                run_id=_optional_text(event.get("run_id")),
+                seq=seq,
+            )
+            if intent.version <= history.max_version:
+                self.findings.append(
+                    f"{where}: intent for {history.key} version {intent.version} reuses a version number "
+                    f"(the chain already committed version {history.max_version})"
+                )
+            if (intent.previous_version, intent.previous_manifest_checksum) != (
+                history.current,
+                history.current_checksum,
+            ):
+                self.findings.append(
+                    f"{where}: intent for {history.key} replaces version {intent.previous_version}, "
+                    f"but the chain's current version is {history.current}"
+                )
+            history.open_intent = intent
+
+    def _committed(self, event: Mapping[str, Any], where: str) -> None:
+        part = event["partition"]
+        history = self.partition(_text(part["key"]))
+        history.events.append(event)
+        version = _int(part["version"])
+        checksum = _text(event["manifest"]["checksum"])
+        previous = event.get("previous")
+        if isinstance(previous, Mapping):
+            prev_version = _optional_int(previous.get("version"))
+            prev_checksum = _optional_text(previous.get("manifest_checksum"))
+        else:  # an event written before commits named what they replace: it replaced the current one
+            prev_version, prev_checksum = history.current, history.current_checksum
+        if history.commits_of(checksum):
+            self.findings.append(
+                f"{where}: a second partition_committed for {history.key} manifest {checksum}"
+            )
+        if version in history.versions:
+            self.findings.append(f"{where}: {history.key} version {version} is committed twice")
+        if (prev_version, prev_checksum) != (history.current, history.current_checksum):
+            self.findings.append(
+                f"{where}: {history.key} version {version} replaces version {prev_version}, but the "
+                f"chain's current version is {history.current}"
+            )
+        history.versions[version] = CommittedVersion(version, checksum, event, prev_version, prev_checksum)
+        history.current = version
+        history.max_version = max(history.max_version, version)
+        history.last_word, history.last_event = "committed", event
+        # The open intent is completed by this event (or, when it named another manifest, abandoned).
+        history.open_intent = None
+
+    def _rollback_intent(self, event: Mapping[str, Any], seq: int, where: str) -> None:
+        for entry in event["partitions"]:
+            history = self.partition(_text(entry["key"]))
+            history.events.append(event)
+            intent = RollbackIntent(
+                version=_int(entry["version"]),
+                manifest_checksum=_text(entry["manifest_checksum"]),
+                restore_version=_optional_int(entry.get("restore_version")),
+                restore_manifest_checksum=_optional_text(entry.get("restore_manifest_checksum")),
+                run_id=_optional_text(event.get("run_id")),
+                reason=_optional_text(event.get("reason")),
+                seq=seq,
+            )
+            if (intent.version, intent.manifest_checksum) != (history.current, history.current_checksum):
+                self.findings.append(
+                    f"{where}: rollback intent for {history.key} undoes version {intent.version}, but the "
+                    f"chain's current version is {history.current}"
+                )
+            self._check_restorable(history, intent.restore_version, intent.restore_manifest_checksum, where)
+            history.open_intent = intent
+
+    def _rolled_back(self, event: Mapping[str, Any], where: str) -> None:
+        part = event["partition"]
+        history = self.partition(_text(part["key"]))
+        history.events.append(event)
+        version = _int(part["version"])
+        checksum = _text(event["undone_manifest_checksum"])
+        restored = _optional_int(event.get("restored_version"))
+        if (version, checksum) != (history.current, history.current_checksum):
+            self.findings.append(
+                f"{where}: {history.key} rollback undoes version {version}, but the chain's current "
+                f"version is {history.current}"
+            )
+        restored_checksum = _optional_text(event.get("restored_manifest_checksum"))
+        if restored is not None and restored_checksum is None and restored in history.versions:
+            restored_checksum = history.versions[restored].manifest_checksum
+        self._check_restorable(history, restored, restored_checksum, where)
+        history.current = restored if restored in history.versions else None
+        history.last_word, history.last_event = "rolled_back", event
+        history.open_intent = None
+
+    def _check_restorable(
+        self, history: PartitionHistory, version: int | None, checksum: str | None, where: str
+    ) -> None:
+        if version is None:
+            if checksum is not None:
+                self.findings.append(f"{where}: {history.key} restores no version but names a checksum")
+            return
+        known = history.versions.get(version)
+        if known is None:
+            self.findings.append(f"{where}: {history.key} restores version {version}, never committed")
+        elif checksum is not None and known.manifest_checksum != checksum:
+            self.findings.append(
+                f"{where}: {history.key} restores version {version} as {checksum}, committed as "
+                f"{known.manifest_checksum}"
+            )
+
+
+def replay(events: Iterable[Mapping[str, Any]]) -> ChainState:
+    """Replay a chain's events in order (see the module doc)."""
+    state = ChainState()
+    for event in events:
+        state.add(event)
+    return state
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _optional_int(value: object) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else _text(value)

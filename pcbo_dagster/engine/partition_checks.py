@@ -1,0 +1,241 @@
+"""Verdicts on committed partitions, as plain findings (no Dagster): what the checks beside the
+Dagster assets report, and what the soak re-checks in staging.
+
+Each verdict re-reads what was committed (never trusts the run) and returns a `Verdict`: passed or
+not, and its details as plain JSON values (`dagster_defs/backfill/checks.py` only wraps them into
+asset check results):
+
+- `reconciliation`: the partition's committed manifest names files that exist with the recorded
+  size and SHA-256, hold the recorded rows, ids unique and sorted, as many as the manifest's record
+  count and decided adds, and the RFC 6962 root recomputed from those ids is the manifest's Merkle
+  root (`engine.partition_reading`, shared with `pcbo verify`);
+- `compliance`: no written row breaks the given policies or is one of the existing target ids
+  (`policy_violations`, shared with the soak's `policy_violations` check); records whether the
+  manifest was committed under those policies;
+- `chain_verdict`: the dataset's audit chain in the local backup verifies offline (every hash
+  recomputed, every link, the catalog's head) and holds the `partition_committed` event of the
+  partition's committed manifest, with its Merkle root;
+- `coverage`: the committed partitions against a list of keys up to the last committed one (gaps),
+  and how many keys remain after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pcbo_dagster.core import merkle
+from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.core.chain_state import ChainState, replay
+from pcbo_dagster.core.compliance import violations
+from pcbo_dagster.core.plan import NormalizedPolicies
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.partition_reading import PartitionReading, read_commit_point, read_partition
+from pcbo_dagster.lake import layout
+from pcbo_dagster.lake.storage import LakeStorage
+
+#: How many findings, violations or keys a verdict lists (its counts cover them all).
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One check's outcome: `details` hold plain JSON values (numbers, text, lists of findings)."""
+
+    passed: bool
+    details: dict[str, Any]
+    #: One line saying what was found (set by the checks whose result is a summary).
+    summary: str | None = None
+
+
+@dataclass
+class CommittedPartition:
+    """A partition as the lake holds it: the committed manifest and the files it names, re-read;
+    findings as text naming full URIs."""
+
+    key: str
+    manifest: dict[str, Any] | None = None
+    manifest_checksum: str | None = None
+    tables: list[pa.Table] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
+    #: Files whose rows could not be trusted or read (missing, checksum mismatch, not parquet).
+    unreadable: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+
+    @property
+    def committed(self) -> bool:
+        return self.manifest is not None
+
+
+def _as_committed(lake: LakeStorage, key: str, reading: PartitionReading) -> CommittedPartition:
+    return CommittedPartition(
+        key,
+        manifest=reading.manifest,
+        manifest_checksum=reading.manifest_checksum,
+        tables=reading.tables,
+        ids=reading.ids,
+        findings=[f"{lake.uri(f['where'])}: {f['detail']}" for f in reading.findings],
+        unreadable=[lake.uri(where) for where in reading.unreadable],
+        bytes_read=reading.bytes_read,
+    )
+
+
+def read_committed(lake: LakeStorage, dataset: str, version_label: str, key: str) -> CommittedPartition:
+    """Re-read one committed partition; `findings` lists every way it differs from its manifest
+    (and that there is none)."""
+    reading = read_partition(lake, dataset, version_label, key)
+    part = _as_committed(lake, key, reading)
+    if reading.manifest is None and not part.findings:
+        part.findings.append(f"no committed manifest at {lake.uri(reading.rel)}")
+    return part
+
+
+def read_manifest_only(lake: LakeStorage, dataset: str, version_label: str, key: str) -> CommittedPartition:
+    """The partition's committed manifest without its files (what the chain verdict needs)."""
+    return _as_committed(lake, key, read_commit_point(lake, dataset, version_label, key))
+
+
+def committed_keys(lake: LakeStorage, dataset: str, version_label: str) -> list[str]:
+    """The keys of every partition of `dataset`/`version_label` with a commit point, sorted."""
+    under = f"{dataset}/{version_label}"
+    return sorted(layout.split_manifest_path(rel)[2] for rel in lake.find(layout.MANIFEST, under=under))
+
+
+def reconciliation(part: CommittedPartition) -> Verdict:
+    """Rows, ids and Merkle root of a re-read partition against its manifest and decided adds."""
+    findings = list(part.findings)
+    details: dict[str, Any] = {"committed": part.committed, "bytes_read": part.bytes_read}
+    if part.manifest is not None:
+        manifest = part.manifest
+        root = merkle.root_hex(part.ids)  # ids order, uniqueness, count and root: in part.findings
+        decided = (manifest.get("counts") or {}).get("add")
+        if decided is not None and decided != manifest.get("recordCount"):
+            findings.append(
+                f"the manifest records {manifest.get('recordCount')} rows for {decided} decided adds"
+            )
+        details.update(
+            {
+                "rows_read": len(part.ids),
+                "record_count": manifest.get("recordCount"),
+                "merkle_root": manifest.get("merkleRoot"),
+                "merkle_root_recomputed": root,
+                "manifest_checksum": part.manifest_checksum,
+                "partition_version": manifest.get("partitionVersion"),
+            }
+        )
+    details["finding_count"] = len(findings)
+    if findings:
+        details["findings"] = findings[:MAX_LISTED]
+    return Verdict(not findings, details)
+
+
+def policy_violations(
+    tables: Iterable[pa.Table], policies: NormalizedPolicies, existing_ids: list[str]
+) -> list[dict[str, Any]]:
+    """Every written row (of `tables`, one partition's) the policies would not have added: `{id, reasons}`."""
+    return [v for table in tables for v in violations(table, policies, existing_ids)]
+
+
+def compliance(part: CommittedPartition, policies: NormalizedPolicies, existing_ids: list[str]) -> Verdict:
+    """No row of a re-read partition breaks `policies` or is an existing target id, and every file
+    could be read."""
+    found = policy_violations(part.tables, policies, existing_ids)
+    unreadable = part.unreadable
+    details: dict[str, Any] = {
+        "committed": part.committed,
+        "rows_checked": sum(t.num_rows for t in part.tables),
+        "violation_count": len(found),
+    }
+    if part.manifest is not None:
+        details["committed_under_configured_policies"] = part.manifest.get("policies") == policies.to_json()
+    if found:
+        details["violations"] = found[:MAX_LISTED]
+    if unreadable:
+        details["unreadable"] = unreadable[:MAX_LISTED]
+    return Verdict(not found and not unreadable, details)
+
+
+@dataclass
+class CheckedChain:
+    """A dataset's audit chain as read, verified and replayed once (for the verdicts of many
+    partitions)."""
+
+    findings: list[str]
+    replayed: ChainState
+    length: int
+    head: str | None
+
+
+def read_chain(env: Environment, dataset: str, version_label: str) -> CheckedChain:
+    """The dataset's chain from the local backup, verified offline against the catalog's head and
+    replayed (`core/chain_state.py`)."""
+    key = chain_key(dataset, version_label)
+    events, problems = env.audit.backup.read_chain_with_problems(key)
+    expected_head = env.catalog.chain_heads().get(key)
+    findings = list(problems) + verify_chain(events, key, expected_head=expected_head)
+    replayed = replay(events)
+    head = events[-1].get("chain", {}).get("event_hash") if events else None
+    return CheckedChain(findings + replayed.findings, replayed, len(events), head)
+
+
+def chain_verdict(part: CommittedPartition, chain: CheckedChain) -> Verdict:
+    """The chain verifies, and the partition's commit point is the version the chain says is current
+    (a commit point the chain never committed, or an older one, fails)."""
+    findings = list(chain.findings)
+    details: dict[str, Any] = {"chain_length": chain.length, "chain_head": chain.head or "none"}
+    history = chain.replayed.get(part.key)
+    current = history.current_version if history is not None else None
+    if part.manifest is not None:
+        if current is None or current.manifest_checksum != part.manifest_checksum:
+            findings.append(
+                f"the commit point {part.manifest_checksum} is not the version the audit chain says "
+                "is current"
+            )
+        else:
+            details["event_hash"] = current.event_hash
+            details["event_seq"] = current.event["chain"]["seq"]
+            if current.event.get("merkle_root") != part.manifest.get("merkleRoot"):
+                findings.append("the commit event's Merkle root differs from the manifest's")
+    else:
+        details["committed"] = False
+        if current is not None:
+            findings.append(f"the audit chain says version {current.version} is committed; the lake has none")
+    details["finding_count"] = len(findings)
+    if findings:
+        details["findings"] = findings[:MAX_LISTED]
+    return Verdict(not findings, details)
+
+
+def coverage(lake: LakeStorage, dataset: str, version_label: str, keys: list[str]) -> Verdict:
+    """Committed partitions vs `keys` (in order) up to the last committed one: gaps fail."""
+    committed = set(committed_keys(lake, dataset, version_label))
+    positions = [i for i, key in enumerate(keys) if key in committed]
+    if not positions:
+        return Verdict(
+            True,
+            {"partitions": len(keys), "committed": 0, "gaps": 0, "not_yet_materialized": len(keys)},
+            "nothing committed yet",
+        )
+    last = positions[-1]
+    gaps = [key for key in keys[: last + 1] if key not in committed]
+    details: dict[str, Any] = {
+        "partitions": len(keys),
+        "committed": len(positions),
+        "gaps": len(gaps),
+        "last_committed": keys[last],
+        "not_yet_materialized": len(keys) - last - 1,
+        "unknown_committed_keys": len(committed) - len(positions),
+    }
+    if gaps:
+        details["first_gaps"] = gaps[:MAX_LISTED]
+    summary = (
+        f"{len(gaps)} gap(s) up to {keys[last]}"
+        if gaps
+        else f"no gaps up to {keys[last]}; {len(keys) - last - 1} partition(s) after it"
+    )
+    return Verdict(not gaps, details, summary)

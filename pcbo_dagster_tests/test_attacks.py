@@ -1,0 +1,666 @@
+"""The evidence against an attacker (issue 10): someone with write access to the lake, the catalog or
+the audit backup tampers, then runs `verify`, `verify --repair`, `rollback` and `execute` the way an
+operator would. Each attack must be reported by name, must survive `verify --repair` as a finding
+(nothing laundered: the chain gets no event, a second `verify` still reports it), and must not be
+built upon by a later run.
+
+The base history (one module-wide fixture, copied per test): run `a1` commits four hourly partitions
+K0..K3 (version 1 each); run `b1` changes K1 (version 2 replaces version 1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rfc8785
+
+from pcbo_dagster.cli import main as cli
+from pcbo_dagster.core.audit_chain import build_event
+from pcbo_dagster_tests.cli_runner import (
+    backup_events,
+    backup_file,
+    lake_dir,
+    lake_files,
+    load_generator,
+    run_pcbo,
+    write_request,
+)
+
+PARTITIONS = 4
+KEYS = [f"20240101T0{h}0000Z" for h in range(PARTITIONS)]
+K0, K1, K2, K3 = KEYS
+CHAIN = "events/v1"
+
+
+def _request(run_id: str, changed: bool = False) -> dict[str, Any]:
+    request = load_generator().make_request(records=80, partitions=PARTITIONS, seed=11, run_id=run_id)
+    if changed:
+        request["sourceRecords"].append(
+            {
+                "id": "zz-late-0001",
+                "occurredAt": "2024-01-01T01:30:00Z",
+                "jurisdiction": "US",
+                "consentGranted": True,
+                "retentionExpiresAt": "2026-01-01T00:00:00Z",
+                "amount": 5,
+            }
+        )
+    return request
+
+
+def pcbo(home: Path, *args: str) -> tuple[int, Any]:
+    """`pcbo *args --home home` in this process; (exit status, the JSON document or None)."""
+    out = home.parent / f"out-{uuid.uuid4().hex}.json"
+    try:
+        status = cli.main([*args, "--home", str(home), "--output", str(out)])
+    except SystemExit as exc:  # argparse refusing a flag's value
+        status = int(exc.code or 0)
+    document = json.loads(out.read_text()) if out.exists() else None
+    out.unlink(missing_ok=True)
+    return status, document
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("attacks")
+    home = work / "base"
+    for name, request in (("a.json", _request("a1")), ("b.json", _request("b1", changed=True))):
+        status, document = pcbo(home, "execute", "--input", str(write_request(work / name, request)))
+        assert status == 0, document
+    assert pcbo(home, "verify")[0] == 0
+    return home
+
+
+@pytest.fixture
+def home(base: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "home"
+    shutil.copytree(base, copy)
+    return copy
+
+
+@pytest.fixture
+def requests(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "a": write_request(tmp_path / "a.json", _request("a1")),
+        "b": write_request(tmp_path / "b.json", _request("b1", changed=True)),
+    }
+
+
+def part(home: Path, key: str) -> Path:
+    return lake_dir(home) / "events" / "v1" / key
+
+
+def manifest(home: Path, key: str, version: int | None = None) -> dict[str, Any]:
+    path = part(home, key) / ("_manifest.json" if version is None else f"_versions/v{version:06d}.json")
+    return json.loads(path.read_bytes())
+
+
+def kinds(document: dict[str, Any]) -> set[str]:
+    return {f["kind"] for f in document["findings"]}
+
+
+def assert_found_and_not_laundered(home: Path, kind: str, where: str | None = None) -> dict[str, Any]:
+    """`verify` reports `kind` (at `where`); `verify --repair` still does, appends no event and says
+    it refuses; a second `verify` reports it again."""
+    chain_before = backup_file(home).read_bytes()
+    status, found = pcbo(home, "verify")
+    assert status == 1 and kind in kinds(found), found["findings"]
+    if where is not None:
+        assert any(f["kind"] == kind and where in f["where"] for f in found["findings"]), found["findings"]
+    status, repaired = pcbo(home, "verify", "--repair")
+    assert status == 1 and kind in kinds(repaired), repaired
+    assert not [r for r in repaired["repaired"] if r["kind"].endswith("event_appended")], repaired["repaired"]
+    assert any("refuses" in f["detail"] for f in repaired["findings"] if f["kind"] == kind)
+    assert backup_file(home).read_bytes() == chain_before, "repair appended to the chain"
+    status, again = pcbo(home, "verify")
+    assert status == 1 and kind in kinds(again)
+    return found
+
+
+def assert_execute_refuses(home: Path, request: Path) -> None:
+    """A run over the tampered lake fails (exit 1) without committing or appending any commit."""
+    before = lake_files(home)
+    events_before = backup_events(home)
+    status, document = pcbo(home, "execute", "--input", str(request))
+    assert status == 1, document
+    assert document["status"] == "failed"
+    assert "disagrees with its audit chain" in document["totals"]["failure"]
+    assert lake_files(home) == before, "the lake changed"
+    assert backup_events(home) == events_before, "an event was appended"
+
+
+def assert_execute_restores(home: Path, request: Path, key: str, kind: str) -> None:
+    """A run over the tampered partition puts back, byte for byte, the version the chain says is
+    current (never builds on the forgery), says so, and records it on the chain."""
+    status, document = pcbo(home, "execute", "--input", str(request))
+    assert status == 0, document
+    outcome = {p["key"]: p for p in document["partitions"]}[key]
+    assert outcome["status"] == "restored" and outcome["restored"]["kind"] == kind
+    commits = [e for e in backup_events(home) if e["event_type"] == "partition_committed"]
+    current = [e for e in commits if e["partition"]["key"] == key][-1]
+    committed = (part(home, key) / "_manifest.json").read_bytes()
+    assert "sha256:" + hashlib.sha256(committed).hexdigest() == current["manifest"]["checksum"]
+    restored = [e for e in backup_events(home) if e["event_type"] == "partition_restored"]
+    assert (key, kind) in [(e["partition"]["key"], e["finding"]["kind"]) for e in restored]
+    status, verified = pcbo(home, "verify")
+    assert status == 0, verified["findings"]
+
+
+# -- 1. verify derives the expected state from the chain ---------------------------------------------
+
+
+def test_a_downgrade_to_an_older_version_is_found_and_never_healed(home, requests):
+    (part(home, K1) / "_manifest.json").write_bytes((part(home, K1) / "_versions/v000001.json").read_bytes())
+    assert_found_and_not_laundered(home, "commit_point_downgraded", K1)
+    assert_execute_restores(home, requests["b"], K1, "commit_point_downgraded")
+
+
+def test_a_run_refuses_a_partition_whose_chain_version_cannot_be_had_exactly(home, requests):
+    """The downgrade again, with the chain's version 2 manifest deleted too, and a run of the other
+    request (which cannot rebuild version 2's bytes): refused, nothing written."""
+    (part(home, K1) / "_manifest.json").write_bytes((part(home, K1) / "_versions/v000001.json").read_bytes())
+    (part(home, K1) / "_versions/v000002.json").unlink()
+    assert_execute_refuses(home, requests["a"])
+
+
+def test_a_forged_version_that_looks_like_an_interrupted_commit_is_refused(home, requests):
+    """Version 3, naming the current manifest as its predecessor, exactly as a commit a crash cut short
+    before its audit event: with no intent on the chain for it, it is a forgery."""
+    current_bytes = (part(home, K1) / "_manifest.json").read_bytes()
+    forged = json.loads(current_bytes)
+    forged.update(
+        partitionVersion=3,
+        previousVersion=2,
+        previousManifestChecksum="sha256:" + hashlib.sha256(current_bytes).hexdigest(),
+        runId="evil-run",
+    )
+    data = (json.dumps(forged, sort_keys=True, indent=2) + "\n").encode()
+    (part(home, K1) / "_versions" / "v000003.json").write_bytes(data)
+    (part(home, K1) / "_manifest.json").write_bytes(data)
+    assert_found_and_not_laundered(home, "commit_point_not_on_chain", K1)
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 1 and document is None  # refused before touching anything
+    assert (part(home, K1) / "_manifest.json").read_bytes() == data
+    assert_execute_restores(home, requests["b"], K1, "commit_point_not_on_chain")
+
+
+def test_a_deleted_manifest_is_found_and_a_run_restores_exactly_the_chains_version(home, requests):
+    committed = (part(home, K2) / "_manifest.json").read_bytes()
+    (part(home, K2) / "_manifest.json").unlink()
+    assert_found_and_not_laundered(home, "commit_point_missing", K2)
+    assert_execute_restores(home, requests["b"], K2, "commit_point_missing")
+    assert (part(home, K2) / "_manifest.json").read_bytes() == committed
+
+
+def test_a_deleted_partition_directory_is_found(home):
+    shutil.rmtree(part(home, K3))
+    assert_found_and_not_laundered(home, "commit_point_missing", K3)
+
+
+def test_a_manifest_copied_from_another_partition_is_found(home):
+    (part(home, K2) / "_manifest.json").write_bytes((part(home, K0) / "_manifest.json").read_bytes())
+    assert_found_and_not_laundered(home, "manifest_misplaced", K2)
+
+
+def test_swapped_partitions_are_found(home, requests):
+    a, b = (part(home, K0) / "_manifest.json").read_bytes(), (part(home, K2) / "_manifest.json").read_bytes()
+    (part(home, K0) / "_manifest.json").write_bytes(b)
+    (part(home, K2) / "_manifest.json").write_bytes(a)
+    found = assert_found_and_not_laundered(home, "manifest_misplaced")
+    assert {
+        f["where"].rsplit("/", 1)[-1] for f in found["findings"] if f["kind"] == "manifest_misplaced"
+    } == {K0, K2}
+    status, document = pcbo(home, "execute", "--input", str(requests["b"]))
+    assert status == 0 and {p["key"] for p in document["partitions"] if p["status"] == "restored"} == {K0, K2}
+    assert (part(home, K0) / "_manifest.json").read_bytes() == a
+    assert pcbo(home, "verify")[0] == 0
+
+
+def test_a_rolled_back_version_made_visible_again_is_found(home):
+    version_2 = (part(home, K1) / "_manifest.json").read_bytes()
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 0 and document["rolledBack"] == 1
+    (part(home, K1) / "_manifest.json").write_bytes(version_2)
+    assert_found_and_not_laundered(home, "rolled_back_version_visible", K1)
+
+
+def test_an_altered_retained_version_is_found_and_never_restored(home):
+    path = part(home, K1) / "_versions" / "v000001.json"
+    old = json.loads(path.read_bytes())
+    old["policies"]["requireConsent"] = False
+    path.write_text(json.dumps(old, sort_keys=True, indent=2) + "\n")
+    assert_found_and_not_laundered(home, "version_manifest_altered", K1)
+    before = lake_files(home)
+    status, _ = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 1
+    assert lake_files(home) == before, "a refused rollback touched the lake"
+
+
+def test_a_corrupt_restorable_version_is_found_before_a_rollback_removes_anything(home):
+    v1 = manifest(home, K1, 1)["files"][0]["path"]
+    v2 = manifest(home, K1, 2)["files"][0]["path"]
+    assert v1 != v2
+    data = bytearray((lake_dir(home) / v1).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (lake_dir(home) / v1).write_bytes(bytes(data))
+    assert_found_and_not_laundered(home, "restorable_version_corrupt", v1)
+    before = lake_files(home)
+    status, _ = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 1
+    assert lake_files(home) == before and (lake_dir(home) / v2).exists()
+
+
+def test_a_rollback_manifest_cannot_reach_outside_its_partition(home, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    neighbour = manifest(home, K0)["files"][0]["path"]
+    path = part(home, K1) / "_rollback" / "v000002.json"
+    plan = json.loads(path.read_bytes())
+    plan["removeFiles"] += [neighbour, "../../../../outside.txt", str(outside)]
+    path.write_text(json.dumps(plan, sort_keys=True, indent=2) + "\n")
+    assert_found_and_not_laundered(home, "rollback_manifest_mismatch", K1)
+    status, _ = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 1
+    assert outside.read_text() == "keep me" and (lake_dir(home) / neighbour).exists()
+
+
+def test_a_manifest_naming_another_partitions_file_is_found(home):
+    path = part(home, K2) / "_manifest.json"
+    forged = json.loads(path.read_bytes())
+    forged["files"][0]["path"] = manifest(home, K0)["files"][0]["path"]
+    path.write_text(json.dumps(forged, sort_keys=True, indent=2) + "\n")
+    found = assert_found_and_not_laundered(home, "commit_point_not_on_chain", K2)
+    assert "path_outside_partition" in kinds(found)
+
+
+def test_a_symlink_out_of_the_lake_is_never_followed(home, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(part(home, K3), elsewhere)
+    os.symlink(elsewhere, part(home, K3))
+    outside = {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()}
+    status, found = pcbo(home, "verify")
+    assert status == 1 and found["status"] == "findings"
+    status, _ = pcbo(home, "rollback", "--dataset", "events", "--partition", K3)
+    assert status == 1
+    assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == outside
+
+
+# -- the catalog is bound to the chain ------------------------------------------------------------------
+
+
+def _sql(home: Path, statement: str, *params: Any) -> int:
+    with sqlite3.connect(home / "catalog.db") as db:
+        return db.execute(statement, params).rowcount
+
+
+ZERO = "'sha256:' || lower(hex(zeroblob(32)))"
+
+
+@pytest.mark.parametrize(
+    ("statement", "kind"),
+    [
+        (f"UPDATE partitions SET merkle_root = {ZERO} WHERE partition_key = '{K2}'", "catalog_mismatch"),
+        (f"UPDATE partitions SET files = '[]' WHERE partition_key = '{K0}'", "catalog_mismatch"),
+        (
+            f"UPDATE partitions SET status = 'rolled_back' WHERE partition_key = '{K1}' AND version = 1",
+            "catalog_version_mismatch",
+        ),
+        (f"DELETE FROM partitions WHERE partition_key = '{K1}' AND version = 1", "catalog_version_missing"),
+        (f"UPDATE runs SET plan_hash = {ZERO} WHERE run_id = 'b1'", "catalog_run_mismatch"),
+        (
+            f"UPDATE lineage SET decision_hash = {ZERO} WHERE partition_key = '{K3}'",
+            "catalog_lineage_mismatch",
+        ),
+        ("UPDATE audit_chain_heads SET seq = seq - 1", "audit_head_mismatch"),
+        ("DROP TRIGGER audit_events_no_update", "catalog_trigger_missing"),
+        ("DROP TRIGGER rollout_approvals_no_replace", "catalog_trigger_missing"),
+    ],
+)
+def test_catalog_rows_that_disagree_with_the_chain_are_found(home, statement, kind):
+    _sql(home, statement)
+    assert_found_and_not_laundered(home, kind)
+
+
+def test_the_mirror_is_re_hashed_not_trusted_by_its_hash_column(home):
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute("DROP TRIGGER audit_events_no_update")
+        row = db.execute("SELECT seq, event_json FROM audit_events WHERE seq = 2").fetchone()
+        event = json.loads(row[1])
+        event["record_count"] = event.get("record_count", 0) + 1
+        db.execute("UPDATE audit_events SET event_json = ? WHERE seq = 2", (json.dumps(event),))
+    assert_found_and_not_laundered(home, "audit_catalog_event_altered", f"{CHAIN} seq 2")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT OR REPLACE INTO audit_events SELECT chain_key, seq, event_hash, prev_event_hash, event_type, "
+        "'{}', recorded_at FROM audit_events WHERE seq = 1",
+        "REPLACE INTO audit_events SELECT chain_key, seq + 100, event_hash, prev_event_hash, event_type, "
+        "event_json, recorded_at FROM audit_events WHERE seq = 1",
+        "INSERT OR REPLACE INTO discrepancy_events (id, run_id, dataset, version_label, kind, detail, "
+        "recorded_at) VALUES (1, 'x', 'events', 'v1', 'k', '{}', '2024-01-01')",
+    ],
+)
+def test_insert_or_replace_cannot_rewrite_append_only_rows(home, statement):
+    _sql(
+        home,
+        "INSERT INTO discrepancy_events (run_id, dataset, version_label, kind, detail, recorded_at) "
+        "VALUES ('r', 'events', 'v1', 'k', '{}', '2024-01-01')",
+    )
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        _sql(home, statement)
+
+
+@pytest.mark.postgres
+def test_on_conflict_do_update_cannot_rewrite_append_only_rows_on_postgresql(fresh_postgres_url, tmp_path):
+    from sqlalchemy import text
+
+    from pcbo_dagster.catalog import CatalogStore
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO discrepancy_events (run_id, dataset, version_label, kind, detail, "
+                "recorded_at) VALUES ('r', 'events', 'v1', 'k', '{}', now())"
+            )
+        )
+    with pytest.raises(Exception, match="append-only"), store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO discrepancy_events (id, run_id, dataset, version_label, kind, detail, "
+                "recorded_at) SELECT id, 'x', dataset, version_label, kind, detail, recorded_at FROM "
+                "discrepancy_events ON CONFLICT (id) DO UPDATE SET run_id = 'x'"
+            )
+        )
+    store.close()
+
+
+# -- 2./4. the audit chain has one history ------------------------------------------------------------
+
+
+def _forged_event(home: Path) -> dict[str, Any]:
+    last = json.loads(backup_file(home).read_bytes().splitlines()[-1])
+    return build_event(
+        chain_key=CHAIN,
+        seq=last["chain"]["seq"] + 1,
+        prev_event_hash=last["chain"]["event_hash"],
+        event_type="partition_rolled_back",
+        timestamp="2024-06-01T00:00:00Z",
+        body={
+            "partition": last["partition"],
+            "undone_manifest_checksum": "sha256:" + "0" * 64,
+            "restored_version": None,
+            "reason": "forged",
+        },
+    )
+
+
+def test_a_well_formed_event_appended_to_the_backup_alone_is_never_adopted(home, requests):
+    with backup_file(home).open("ab") as f:
+        f.write(rfc8785.dumps(_forged_event(home)) + b"\n")
+    status, found = pcbo(home, "verify")
+    assert status == 1 and "audit_catalog_behind" in kinds(found)
+    status, repaired = pcbo(home, "verify", "--repair")
+    assert status == 1 and "audit_stores_diverge" in kinds(repaired)
+    with sqlite3.connect(home / "catalog.db") as db:
+        assert db.execute(
+            "SELECT count(*) FROM audit_events WHERE event_json LIKE '%forged%'"
+        ).fetchone() == (0,)
+    status, _ = pcbo(home, "execute", "--input", str(requests["b"]))
+    assert status == 1
+
+
+def test_an_event_inserted_into_the_catalog_alone_is_never_adopted(home, requests):
+    event = _forged_event(home)
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute(
+            "INSERT INTO audit_events VALUES (?, ?, ?, ?, ?, ?, '2024-06-01')",
+            (
+                CHAIN,
+                event["chain"]["seq"],
+                event["chain"]["event_hash"],
+                event["chain"]["prev_event_hash"],
+                event["event_type"],
+                json.dumps(event),
+            ),
+        )
+        db.execute(
+            "UPDATE audit_chain_heads SET seq = ?, event_hash = ?",
+            (event["chain"]["seq"], event["chain"]["event_hash"]),
+        )
+    chain = backup_file(home).read_bytes()
+    assert_found_and_not_laundered(home, "audit_catalog_mismatch")
+    for request in requests.values():  # nothing to append, or something: refused either way
+        status, _ = pcbo(home, "execute", "--input", str(request))
+        assert status == 1
+    assert backup_file(home).read_bytes() == chain
+
+
+def test_a_stale_backup_never_causes_a_second_commit_event(base, tmp_path, requests):
+    home = tmp_path / "home"
+    shutil.copytree(base, home)
+    stale = backup_file(home).read_bytes()
+    status, _ = pcbo(
+        home,
+        "execute",
+        "--input",
+        str(
+            write_request(tmp_path / "c.json", _request("c1", changed=True) | {"end": "2024-01-01T05:00:00Z"})
+        ),
+    )
+    assert status == 0
+    backup_file(home).write_bytes(stale)  # restored from an older copy
+    status, _ = pcbo(home, "execute", "--input", str(requests["b"]))
+    assert status == 1
+    assert backup_file(home).read_bytes() == stale
+
+
+# -- 3. rollback stays inside its partition, and is idempotent ------------------------------------------
+
+
+def test_rollback_by_partition_is_idempotent_and_rolls_back_further_only_by_name(home):
+    status, first = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 0 and [(p["version"], p["restoredVersion"]) for p in first["partitions"]] == [(2, 1)]
+    chain = backup_file(home).read_bytes()
+    status, second = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 0 and second["status"] == "noop" and second["rolledBack"] == 0
+    assert "--version 1" in second["partitions"][0]["detail"]
+    assert backup_file(home).read_bytes() == chain
+    status, further = pcbo(home, "rollback", "--dataset", "events", "--partition", K1, "--version", "1")
+    assert status == 0 and [(p["version"], p["restoredVersion"]) for p in further["partitions"]] == [
+        (1, None)
+    ]
+    assert not (part(home, K1) / "_manifest.json").exists()
+    assert pcbo(home, "verify")[0] == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--run-id", "no-such-run"],
+        ["--partition", "20990101T000000Z"],
+        ["--partition", "../../../etc"],
+        ["--partition", K1, "--version", "7"],
+    ],
+)
+def test_rollback_of_an_unknown_run_partition_or_version_is_invalid_input(home, args):
+    before = (lake_files(home), backup_file(home).read_bytes())
+    status, document = pcbo(home, "rollback", "--dataset", "events", *args)
+    assert status == 2 and document is None
+    assert (lake_files(home), backup_file(home).read_bytes()) == before
+
+
+@pytest.mark.parametrize("key", ["../../../etc", "20240101T000000Z/../../x", "/etc", "range=1-2/.."])
+def test_a_user_given_partition_key_is_confined_to_the_lake(home, key):
+    status, document = pcbo(home, "proof", "--dataset", "events", "--partition", key, "--id", "x")
+    assert status == 2 and document is None
+
+
+ROLLBACK_POINTS = [
+    "rollback_after_intent",
+    "rollback_after_commit_point",
+    "rollback_after_remove",
+    "rollback_after_event",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ROLLBACK_POINTS)
+def test_a_rollback_killed_at_any_instant_is_completed_by_running_it_again(base, tmp_path, point):
+    reference = tmp_path / "reference"
+    shutil.copytree(base, reference)
+    assert run_pcbo(["rollback", "--dataset", "events", "--run-id", "a1"], home=reference).status == 0
+    home = tmp_path / "home"
+    shutil.copytree(base, home)
+    crashed = run_pcbo(
+        ["rollback", "--dataset", "events", "--run-id", "a1"], home=home, env={"PCBO_FAILPOINT": f"{point}@0"}
+    )
+    assert crashed.status == 86, crashed.stderr
+    again = run_pcbo(["rollback", "--dataset", "events", "--run-id", "a1"], home=home)
+    assert again.status == 0, again.stderr
+    assert lake_files(home) == lake_files(reference)
+    rolled = [
+        (e["partition"]["key"], e["partition"]["version"])
+        for e in backup_events(home)
+        if e["event_type"] == "partition_rolled_back"
+    ]
+    assert sorted(rolled) == sorted((k, 1) for k in (K0, K2, K3)), "one rollback event per partition"
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 0, verified.document
+    assert (
+        run_pcbo(["rollback", "--dataset", "events", "--run-id", "a1"], home=home).document["status"]
+        == "noop"
+    )
+
+
+# -- 6. sources are what was decided -------------------------------------------------------------------
+
+
+def test_a_source_changed_during_the_run_fails_it_and_commits_nothing_from_there(tmp_path):
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.execute import ExecuteFailed, execute
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+    from pcbo_dagster.engine.settings import Settings
+
+    request = _request("src1")
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in request.pop("sourceRecords")))
+    request["source"] = {"uri": str(source), "format": "jsonl"}
+    loaded = load_request(json.dumps(request).encode(), tmp_path)
+    plan, decisions = evaluate(loaded)
+    # The file changes between pass 1 (decisions) and the re-read for writing: one amount edited,
+    # lengths kept, so every byte offset still points at a record.
+    lines = source.read_text().splitlines()
+    victim = next(
+        i for i, line in enumerate(lines) if json.loads(line)["occurredAt"].startswith("2024-01-01T02")
+    )
+    record = json.loads(lines[victim])
+    record["amount"] = int(str(record["amount"])[::-1].ljust(len(str(record["amount"])), "1"))
+    if json.dumps(record) == lines[victim]:
+        record["channel"] = "evil"[: len(record["channel"])].ljust(len(record["channel"]), "x")
+    lines[victim] = json.dumps(record)
+    source.write_text("".join(line + "\n" for line in lines))
+    env = Environment.open(Settings.resolve(home=str(tmp_path / "home"), env={}, parallel=1))
+    try:
+        with pytest.raises(ExecuteFailed, match="source changed during the run") as failed:
+            execute(env, loaded, plan, decisions)
+        statuses = {p["key"]: p["status"] for p in failed.value.document["partitions"]}
+        assert K2 not in statuses and K3 not in statuses
+        assert env.catalog.get_run("src1")["status"] == "failed"
+    finally:
+        env.close()
+        loaded.spill.close()
+
+
+def test_parquet_timestamps_without_a_time_zone_are_invalid_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    at = 1704067200_000000  # 2024-01-01T00:00:00
+    for name, kind in (("naive", pa.timestamp("us")), ("aware", pa.timestamp("us", tz="UTC"))):
+        table = pa.table({"id": [name], "occurredAt": pa.array([at], kind), "consentGranted": [True]})
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    request = _request("pq1")
+    request.pop("sourceRecords")
+    results = {}
+    for name in ("naive", "aware"):
+        request["source"] = {"uri": str(tmp_path / f"{name}.parquet"), "format": "parquet"}
+        _, decisions = evaluate(load_request(json.dumps(request).encode(), tmp_path))
+        results[name] = decisions.to_json()
+    assert [(u["id"], u["reasons"]) for u in results["naive"]["unplaced"]] == [("naive", ["INVALID_RECORD"])]
+    assert results["aware"]["unplaced"] == [] and results["aware"]["totals"]["placed"] == 1
+
+
+# -- kill -9 at random instants --------------------------------------------------------------------
+
+
+def _kill_at(args: list[str], home: Path, delay: float) -> None:
+    """Start `pcbo *args` and SIGKILL it after `delay` seconds (if it is still running)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pcbo_dagster_tests.cli_runner import pcbo_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pcbo_dagster.cli.main", *args],
+        env=pcbo_env(home),
+        cwd=home.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_execute_and_rollback_killed_at_random_instants_converge(tmp_path):
+    """Several trials (a fixed seed): an execute of 24 partitions, then a rollback of its run, each
+    killed with SIGKILL at a random instant and run again, end byte for byte where uninterrupted runs
+    end, with a clean `verify` and one commit (and one rollback) event per partition."""
+    import random
+
+    rng = random.Random(20261205)
+    request = load_generator().make_request(records=6000, partitions=24, seed=4, run_id="kill-run-1")
+    request_file = write_request(tmp_path / "request.json", request)
+    reference = tmp_path / "reference"
+    assert run_pcbo(["execute", "--input", request_file], home=reference).status == 0
+    executed = lake_files(reference)
+    assert run_pcbo(["rollback", "--dataset", "events", "--run-id", "kill-run-1"], home=reference).status == 0
+    rolled_back = lake_files(reference)
+    for trial in range(4):
+        home = tmp_path / f"trial-{trial}"
+        _kill_at(["execute", "--input", str(request_file)], home, rng.uniform(0.6, 3.0))
+        assert run_pcbo(["execute", "--input", request_file], home=home).status == 0
+        assert run_pcbo(["gc"], home=home).status == 0  # what a kill left that nothing names
+        assert lake_files(home) == executed
+        commits = [
+            e["partition"]["key"] for e in backup_events(home) if e["event_type"] == "partition_committed"
+        ]
+        assert len(commits) == len(set(commits)) == 24
+        _kill_at(["rollback", "--dataset", "events", "--run-id", "kill-run-1"], home, rng.uniform(0.6, 2.0))
+        assert run_pcbo(["rollback", "--dataset", "events", "--run-id", "kill-run-1"], home=home).status == 0
+        assert run_pcbo(["gc"], home=home).status == 0
+        assert lake_files(home) == rolled_back
+        undone = [
+            e["partition"]["key"] for e in backup_events(home) if e["event_type"] == "partition_rolled_back"
+        ]
+        assert sorted(undone) == sorted(commits)
+        verified = run_pcbo(["verify"], home=home)
+        assert verified.status == 0, verified.document

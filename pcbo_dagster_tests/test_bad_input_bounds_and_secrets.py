@@ -1,0 +1,251 @@
+"""Bad input never costs more than a bounded amount of memory, never a traceback, and creates nothing;
+secrets stay secret (issue 10, properties 7 and 8). Through the real `pcbo` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pcbo_dagster.io.redaction import redact_url, scrub_text
+from pcbo_dagster_tests.cli_runner import REPO_ROOT, load_generator, pcbo_env, run_pcbo, write_request
+
+
+def _request(tmp_path: Path, **changes: object) -> Path:
+    request = load_generator().make_request(records=20, partitions=2, seed=3, run_id="bad-input-001")
+    request.update(changes)
+    return write_request(tmp_path / "request.json", request)
+
+
+def _jsonl_request(tmp_path: Path, source: Path) -> Path:
+    request = load_generator().make_request(records=1, partitions=2, seed=3, run_id="bad-input-002")
+    request.pop("sourceRecords")
+    request["source"] = {"uri": str(source), "format": "jsonl"}
+    return write_request(tmp_path / "request.json", request)
+
+
+def assert_refused(run, field: str, home: Path) -> None:  # noqa: ANN001
+    assert run.status == 2, (run.status, run.stderr)
+    assert field in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert not home.exists(), "a command refused for bad input created its home"
+
+
+# -- bounded input ---------------------------------------------------------------------------------
+
+
+def test_a_jsonl_line_longer_than_the_limit_is_invalid_input(tmp_path):
+    source = tmp_path / "records.jsonl"
+    source.write_text(json.dumps({"id": "a", "pad": "x" * 5000}) + "\n")
+    home = tmp_path / "home"
+    run = run_pcbo(
+        ["execute", "--input", _jsonl_request(tmp_path, source)],
+        home=home,
+        env={"PCBO_MAX_LINE_BYTES": "1024"},
+    )
+    assert_refused(run, "source", home)
+    assert "longer than 1024 bytes" in run.stderr
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "directory"])
+def test_a_source_that_never_ends_is_invalid_input(tmp_path, kind):
+    if kind == "dev_zero":
+        source = Path("/dev/zero")
+    elif kind == "fifo":
+        source = tmp_path / "pipe.jsonl"
+        os.mkfifo(source)
+    else:
+        source = tmp_path / "dir.jsonl"
+        source.mkdir()
+        (source / "part.jsonl").write_text("")
+    home = tmp_path / "home"
+    run = run_pcbo(["dry-run", "--input", _jsonl_request(tmp_path, source)], home=home, timeout=60)
+    if kind == "directory":  # a directory source is read as its files: here an empty one, fine
+        assert run.status == 0, run.stderr
+        return
+    assert_refused(run, "source.uri", home)
+    assert "not a regular file" in run.stderr
+
+
+def test_nesting_deeper_than_the_limit_is_invalid_input(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text('{"runId": "x", "metadata": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    home = tmp_path / "home"
+    assert_refused(run_pcbo(["execute", "--input", path], home=home), "request", home)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PCBO_AUDIT_ATTEMPTS", "three"),
+        ("PCBO_AUDIT_INITIAL_WAIT", "nan"),
+        ("PCBO_LEASE_WAIT_SECONDS", "-1"),
+        ("PCBO_PARALLEL", "0"),
+        ("PCBO_SOURCE_BATCH", "lots"),
+        ("PCBO_MAX_LINE_BYTES", "1e9"),
+        ("PCBO_LAKE_URL", "/tmp/lake\n"),
+        ("PCBO_HOME", " /tmp/home"),
+    ],
+)
+def test_environment_variables_with_bad_values_are_invalid_input(tmp_path, variable, value):
+    request = _request(tmp_path)
+    home = tmp_path / "home"
+    env = {variable: value}
+    if variable == "PCBO_SOURCE_BATCH" or variable == "PCBO_MAX_LINE_BYTES":
+        source = tmp_path / "records.jsonl"
+        source.write_text(json.dumps({"id": "a", "occurredAt": "2024-01-01T00:00:00Z"}) + "\n")
+        request = _jsonl_request(tmp_path, source)
+    if variable == "PCBO_LEASE_WAIT_SECONDS":
+        # read when the lease is taken: after the home is made, so only the message is checked here
+        run = run_pcbo(["execute", "--input", request], home=home, env=env)
+        assert run.status == 2 and variable in run.stderr and "Traceback" not in run.stderr
+        return
+    run = run_pcbo(
+        ["execute", "--input", request], home=None if variable == "PCBO_HOME" else home, env=env, cwd=tmp_path
+    )
+    assert_refused(run, variable, home)
+
+
+@pytest.mark.parametrize("flag", ["--home", "--lake", "--audit-dir", "--output"])
+def test_a_path_with_a_trailing_newline_is_invalid_input(tmp_path, flag):
+    home = tmp_path / "home"
+    args = ["execute", "--input", str(_request(tmp_path))]
+    if flag == "--home":
+        args += ["--home", f"{home}\n"]
+    else:
+        args += ["--home", str(home), flag, str(tmp_path / "x") + "\n"]
+    run = run_pcbo(args, cwd=tmp_path)
+    assert_refused(run, flag, home)
+
+
+def test_a_missing_output_directory_is_found_before_any_work(tmp_path):
+    home = tmp_path / "home"
+    run = run_pcbo(
+        [
+            "execute",
+            "--input",
+            _request(tmp_path),
+            "--home",
+            home,
+            "--output",
+            tmp_path / "no" / "such" / "out.json",
+        ]
+    )
+    assert_refused(run, "--output", home)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["verify"],
+        ["verify", "--repair"],
+        ["rollback", "--dataset", "events", "--run-id", "r1"],
+        ["gc"],
+    ],
+)
+def test_commands_with_nothing_to_act_on_create_nothing(tmp_path, args):
+    home = tmp_path / "home"
+    assert_refused(run_pcbo(args, home=home), "--home", home)
+
+
+def test_a_lake_that_cannot_be_written_is_one_line_and_exit_1(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    run = run_pcbo(
+        ["execute", "--input", _request(tmp_path), "--lake", blocker / "lake"], home=tmp_path / "home"
+    )
+    assert run.status == 1, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+def test_a_closed_pipe_is_no_error(tmp_path):
+    """`pcbo dry-run | head -c 10`: the reader goes away; pcbo exits with its own status, quietly."""
+    request = _request(tmp_path)
+    proc = subprocess.run(
+        [
+            "bash",
+            "-c",
+            f"{sys.executable} -m pcbo_dagster.cli.main dry-run --input {request} | head -c 10; "
+            'echo " ${PIPESTATUS[0]}"',
+        ],
+        env=pcbo_env(tmp_path / "home"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.endswith(" 0\n"), (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+# -- secrets stay secret -------------------------------------------------------------------------------
+
+URL_SHAPES = [
+    ("postgresql://pcbo:s3cret@db:5432/pcbo", "postgresql://db:5432/pcbo"),
+    ("postgresql://pcbo:pa/ss@db/pcbo", "postgresql://db/pcbo"),
+    ("postgresql://pcbo:p@ss@db/pcbo", "postgresql://db/pcbo"),
+    ("postgresql+psycopg://u:p@h/db?sslmode=require&password=x", "postgresql+psycopg://h/db?[redacted]"),
+    ("https://tok3n@hooks.example.com/pas", "https://hooks.example.com/pas"),
+    ("https://hooks.example.com/pas?sig=abc", "https://hooks.example.com/pas?[redacted]"),
+    ("https://hooks.example.com/pas#token=abc", "https://hooks.example.com/pas?[redacted]"),
+    ("https://user:pass@example.com", "https://example.com"),
+    ("http://[::1]:8080/x?q=1", "http://[::1]:8080/x?[redacted]"),
+    ("s3://AKIAEXAMPLE:secretkey@bucket/prefix", "s3://bucket/prefix"),
+    ("s3://bucket/prefix", "s3://bucket/prefix"),
+    ("gs://bucket/p?x-goog-signature=1", "gs://bucket/p?[redacted]"),
+    ("sqlite:////var/pcbo/catalog.db", "sqlite:////var/pcbo/catalog.db"),
+    ("/data/lake", "/data/lake"),
+    ("file:///data/lake", "file:///data/lake"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), URL_SHAPES)
+def test_one_redaction_for_every_url_shape(url, shown):
+    assert redact_url(url) == shown
+    for secret in ("s3cret", "pa/ss", "p@ss", "password=x", "tok3n", "sig=abc", "token=abc", "secretkey"):
+        assert secret not in redact_url(url)
+        assert secret not in scrub_text(f"error talking to {url}: refused")
+
+
+def test_secrets_in_urls_reach_no_output_event_or_catalog_row(tmp_path):
+    """A source URI and an audit endpoint with credentials: neither the execute document, nor the
+    audit events, nor the catalog (lineage, runs) holds them."""
+    import sqlite3
+
+    source = tmp_path / "records.jsonl"
+    source.write_text(
+        json.dumps(
+            {
+                "id": "a",
+                "occurredAt": "2024-01-01T00:10:00Z",
+                "consentGranted": True,
+                "jurisdiction": "US",
+                "retentionExpiresAt": "2030-01-01T00:00:00Z",
+            }
+        )
+        + "\n"
+    )
+    request = _jsonl_request(tmp_path, source)
+    home = tmp_path / "home"
+    run = run_pcbo(
+        [
+            "execute",
+            "--input",
+            request,
+            "--audit-endpoint",
+            "http://writer:hunter2-secret@127.0.0.1:9/pas?token=tok-secret-9",
+        ],
+        home=home,
+    )
+    assert run.status == 0, run.stderr
+    visible = json.dumps(run.document) + run.stderr
+    visible += (home / "pas" / "events" / "v1.jsonl").read_text()
+    with sqlite3.connect(home / "catalog.db") as db:
+        for table in ("lineage", "runs", "partitions", "audit_events", "discrepancy_events"):
+            visible += json.dumps(db.execute(f"SELECT * FROM {table}").fetchall(), default=str)
+    for secret in ("hunter2-secret", "tok-secret-9"):
+        assert secret not in visible
