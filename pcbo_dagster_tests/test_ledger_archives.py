@@ -22,7 +22,9 @@ from stellar_sdk import xdr as x  # noqa: E402
 from pcbo_dagster.core.errors import InvalidInput  # noqa: E402
 from pcbo_dagster.engine.request_loading import evaluate, load_request  # noqa: E402
 from pcbo_dagster.sources import ledger_archives as la  # noqa: E402
+from pcbo_dagster.sources import ledger_decoding  # noqa: E402
 from pcbo_dagster_tests import ledger_archive_builder as b  # noqa: E402
+from pcbo_dagster_tests import reference_ledger_decoder as reference  # noqa: E402
 from pcbo_dagster_tests.cli_runner import lake_dir, run_pcbo, write_request  # noqa: E402
 
 # -- names ------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def test_every_ledger_of_multi_ledger_batches_is_decoded_in_order(tmp_path, vers
         assert record["lcmXdrSha256"] == "sha256:" + hashlib.sha256(xdr).hexdigest()
         meta = x.LedgerCloseMeta.from_xdr_bytes(xdr)
         assert meta.v == version
-        assert la.ledger_header_entry(meta).header.ledger_seq.uint32 == record["ledgerSequence"]
+        assert reference.ledger_header_entry(meta).header.ledger_seq.uint32 == record["ledgerSequence"]
     # Counts: fee bumps count their inner operations; v2 also walks the Soroban parallel stages.
     assert records[3]["transactionCount"] == (1 + 3 % 3) * (2 if version == 2 else 1)
     assert records[5]["operationCount"] == b.expected_operations(5) * (2 if version == 2 else 1)
@@ -178,8 +180,8 @@ def test_files_and_partitions_outside_the_range_are_never_opened(tmp_path, monke
     # A partition folder outside the range holding a malformed name: never even listed.
     (tmp_path / la.partition_name(40, 47) / "junk.txt").write_text("x")
     opened: list[str] = []
-    real = la.read_batch_bytes
-    monkeypatch.setattr(la, "read_batch_bytes", lambda uri: opened.append(uri) or real(uri))
+    real = ledger_decoding.read_batch_bytes
+    monkeypatch.setattr(ledger_decoding, "read_batch_bytes", lambda uri: opened.append(uri) or real(uri))
     records = list(la.iter_ledger_records(str(tmp_path), first, end))
     assert [r["ledgerSequence"] for r in records] == list(range(first, end))
     assert sorted(opened) == sorted(str(p) for p in inside)
@@ -396,3 +398,158 @@ def test_a_ledger_archive_source_needs_a_ledger_range_request(tmp_path):
     with pytest.raises(InvalidInput) as refused:
         load_request(json.dumps(request).encode(), base_dir=tmp_path)
     assert refused.value.field == "source.format"
+
+
+# -- the walker against the full stellar-sdk decoding it replaced (the reference) ----------------------
+
+REAL_FIRST, REAL_LEDGERS = 50_000_000, 72  # at least POOL_MIN_LEDGERS: worker processes decode them
+
+
+@pytest.fixture(scope="module", params=[0, 1, 2], ids=["lcm-v0", "lcm-v1", "lcm-v2"])
+def realistic_archive(request, tmp_path_factory) -> tuple[int, Path, list[dict[str, Any]]]:
+    """72 realistic ledgers (full transaction metas; 12 transactions each) of one LedgerCloseMeta
+    version, 4 ledgers a batch file and 8 files a partition folder, and their records as the full
+    decoding reads them."""
+    from pcbo_dagster_tests.realistic_ledgers import write_realistic_archive
+
+    version = request.param
+    root = tmp_path_factory.mktemp(f"realistic-v{version}")
+    write_realistic_archive(
+        root, ledgers=REAL_LEDGERS, transactions=12, ledgers_per_file=4, files_per_partition=8,
+        version=version, first=REAL_FIRST,
+    )  # fmt: skip
+    expected = list(reference.reference_ledger_records(str(root), REAL_FIRST, REAL_FIRST + REAL_LEDGERS))
+    assert len(expected) == REAL_LEDGERS and expected[0]["transactionCount"] == 12
+    return version, root, expected
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    ("first", "end"), [(REAL_FIRST, REAL_FIRST + REAL_LEDGERS), (REAL_FIRST + 3, REAL_FIRST + 70)]
+)
+def test_the_walker_reads_the_records_the_full_decoding_reads(realistic_archive, workers, first, end):
+    version, root, records = realistic_archive
+    expected = records[first - REAL_FIRST : end - REAL_FIRST]
+    pool = la.DecodingPool(workers)
+    try:
+        assert list(la.iter_ledger_records(str(root), first, end, pool=pool)) == expected
+        assert (pool._executor is not None) == (workers > 1)  # the workers did decode them
+    finally:
+        pool.close()
+    for record in expected[:8]:
+        meta = x.LedgerCloseMeta.from_xdr_bytes(base64.b64decode(record["lcmXdrBase64"]))
+        assert meta.v == version
+
+
+def test_a_streamed_archive_is_walked_once_and_decides_and_fetches_like_the_full_decoding(
+    realistic_archive, tmp_path, monkeypatch
+):
+    import shutil
+
+    root = tmp_path / "archive"  # a copy: this test changes a batch file at its end
+    shutil.copytree(realistic_archive[1], root)
+    first, end = REAL_FIRST + 2, REAL_FIRST + 70
+    monkeypatch.setenv("PCBO_LEDGER_WORKERS", "1")  # in this process, so that walks can be counted
+    walks: list[int] = []
+    real_walk = ledger_decoding.walk_ledger
+    monkeypatch.setattr(
+        ledger_decoding, "walk_ledger", lambda words, i: walks.append(i) or real_walk(words, i)
+    )
+    inline = b.ledger_range_request(
+        realistic_archive[2][first - REAL_FIRST : end - REAL_FIRST],
+        run_id="walk-0001", dataset="ledgers", first=first, end=end, partition_size=16,
+    )  # fmt: skip
+    by_reference = {k: v for k, v in inline.items() if k != "sourceRecords"}
+    by_reference["source"] = {"uri": str(root), "format": "ledger_archive"}
+    loaded = load_request(json.dumps(by_reference).encode())
+    plan, decisions = evaluate(loaded)
+    inline_plan, inline_decisions = evaluate(load_request(json.dumps(inline).encode()))
+    assert (plan.plan_hash, decisions.decision_hash) == (
+        inline_plan.plan_hash,
+        inline_decisions.decision_hash,
+    )
+    assert len(walks) == 72  # every ledger of the batch files read, once (the range cuts two batches)
+    for pd, inline_pd in zip(decisions.partitions, inline_decisions.partitions, strict=True):
+        expected = [inline["sourceRecords"][i] for i in inline_pd.add_indices.tolist()]
+        assert loaded.fetch(pd.add_locators) == expected != []
+    assert len(walks) == 72  # fetched by slicing, not walked again
+    # A batch file changed after pass 1 is noticed when its ledgers are sliced again.
+    partition = decisions.partitions[1]
+    batch = next(p for p in root.rglob("*.xdr.zst") if la.parse_batch_name(p.name).start == REAL_FIRST + 20)
+    batch.write_bytes(next(p for p in root.rglob("*.xdr.zst") if p != batch).read_bytes())
+    with pytest.raises(la.LedgerArchiveError, match="changed since the archive was first read|startSequence"):
+        loaded.fetch(partition.add_locators)
+
+
+def test_header_padding_is_hashed_as_stellar_core_hashes_it(tmp_path):
+    """A byte string's padding is not read by a decoder: a header whose upgrade padding is not zero
+    hashes as its zero-padded encoding, for the walker as for the full decoding."""
+    meta, _ = b.ledger_close_meta(4, bytes(32))
+    header = meta.v0.ledger_header.header
+    header.scp_value.upgrades = [x.UpgradeType(b"\x00\x00\x00\x01\x07")]
+    meta.v0.ledger_header.hash = x.Hash(hashlib.sha256(header.to_xdr_bytes()).digest())
+    data = b.batch_bytes(4, 4, [meta])
+    padded = b"\x00\x00\x00\x05\x00\x00\x00\x01\x07\x00\x00\x00"
+    assert data.count(padded) == 1
+    data = data.replace(padded, padded[:9] + b"\xff\xff\xff")
+    (tmp_path / la.batch_name(4, 4)).write_bytes(b.compress(data, streaming=False))
+    records = list(la.iter_ledger_records(str(tmp_path), 4, 5))
+    assert records == list(reference.reference_ledger_records(str(tmp_path), 4, 5))
+    assert base64.b64decode(records[0]["lcmXdrBase64"]).endswith(b"\x00" * 4) is not None
+
+
+def _lake_files(home: Path) -> dict[str, bytes]:
+    lake = lake_dir(home)
+    return {p.relative_to(lake).as_posix(): p.read_bytes() for p in sorted(lake.rglob("*")) if p.is_file()}
+
+
+def _written(document: dict[str, Any], home: Path) -> list[Any]:
+    """What an execute document says it wrote, with the home's path left out."""
+    keep = ("key", "status", "files", "recordCount", "merkleRoot", "manifest", "rollbackManifest")
+    written = [{k: p.get(k) for k in keep} for p in document["partitions"]]
+    return json.loads(json.dumps(written).replace(str(home), "HOME"))
+
+
+@pytest.mark.slow
+def test_pcbo_execute_writes_the_bytes_the_full_decoding_writes(realistic_archive, tmp_path):
+    """`pcbo execute` of an archive-sourced ledgerRange request: the same plan and decision hashes,
+    parquet files, manifests and Merkle roots through the full decoding (the reference, run as a
+    whole `pcbo` process) and through the walker, in this process and in worker processes."""
+    import subprocess
+    import sys
+
+    from pcbo_dagster_tests.cli_runner import REPO_ROOT, pcbo_env
+
+    root = realistic_archive[1]
+    first, end = REAL_FIRST + 1, REAL_FIRST + 71
+    request = b.ledger_range_request(
+        [], run_id="walk-0002", dataset="ledgers", first=first, end=end, partition_size=64
+    )
+    del request["sourceRecords"]
+    request["source"] = {"uri": str(root), "format": "ledger_archive"}
+    request_file = write_request(tmp_path / "request.json", request)
+    runs = {}
+    for name, module, workers in [
+        ("reference", "pcbo_dagster_tests.reference_ledger_decoder", "1"),
+        ("walker", "pcbo_dagster.cli.main", "1"),
+        ("walker in 2 processes", "pcbo_dagster.cli.main", "2"),
+    ]:
+        home = tmp_path / name.replace(" ", "-")
+        env = pcbo_env(home, {"PCBO_LEDGER_WORKERS": workers, "PYTHONPATH": str(REPO_ROOT)})
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "execute", "--input", str(request_file)],
+            env=env, cwd=tmp_path, capture_output=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()
+        document = json.loads(proc.stdout)
+        runs[name] = (
+            document["planHash"],
+            document["decisionHash"],
+            _written(document, home),
+            _lake_files(home),
+        )
+    reference_run = runs.pop("reference")
+    # 64 ledgers (read again by the workers, POOL_MIN_LEDGERS) and 6 (in the process)
+    assert [p["recordCount"] for p in reference_run[2]] == [64, 6]
+    for name, run in runs.items():
+        assert run == reference_run, name

@@ -10,10 +10,12 @@ partition folders: their batch files sit directly under the ledgers path; both f
 Dot files (SEP-54's `.config.json`) are ignored; any other name that does not follow the layout is
 refused, naming it.
 
-Each batch file is a zstd stream (frames may lack a content size, so it is read with zstandard's
-streaming decompressor) of one XDR `LedgerCloseMetaBatch{startSequence, endSequence,
-ledgerCloseMetas<>}`. Every ledger of a batch is decoded, one at a time, and its own
-`LedgerCloseMeta` bytes are kept exactly as stored (sliced from the batch, not re-encoded).
+Each batch file is a zstd stream of one XDR `LedgerCloseMetaBatch{startSequence, endSequence,
+ledgerCloseMetas<>}` (`ledger_decoding`). Every ledger of a batch is walked by a skipping XDR
+walker (`ledger_xdr`): the whole LedgerCloseMeta is checked as stellar-sdk's decoder would check it,
+but only the header and the transaction set's envelope and operation counts are read, and nothing
+is built; its own `LedgerCloseMeta` bytes are kept exactly as stored (sliced from the batch, not
+re-encoded). Large reads are decoded by worker processes (`ledger_workers()`), in order.
 
 `iter_ledger_records(uri, first, end)` yields, for the ledgers in [first, end) in ledger order:
 
@@ -27,19 +29,28 @@ Counts are over the ledger's transaction set (successful and failed transactions
 bump counts the operations of its inner transaction.
 
 Batch files are chosen by their names alone (files and partition folders outside the range are
-never opened) and read one at a time, so memory holds one decompressed batch. Checks, each an
-`InvalidInput` naming the file: the name's range against the batch's startSequence/endSequence and
-against the ledgers inside (one per sequence, in order), a corrupt zstd stream or XDR, trailing
-bytes, overlapping batch files, and each ledger's hash against the SHA-256 of its header XDR.
+never opened) and read in order, a few at a time (up to two per worker process in flight), so
+memory holds a few decompressed batches. Checks, each an `InvalidInput` naming the file: the name's range
+against the batch's startSequence/endSequence and against the ledgers inside (one per sequence, in
+order), a corrupt zstd stream or XDR, trailing bytes, overlapping batch files, and each ledger's
+hash against the SHA-256 of its header XDR. As a streamed source (`LedgerArchiveSource`) each
+ledger is walked once: pass 1 keeps where it lies, and the records a partition writes are sliced
+from their batch files again.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import array
+import itertools
+import multiprocessing
+import os
 import posixpath
 import re
-from collections.abc import Iterator
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,10 +59,18 @@ import numpy as np
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
+from pcbo_dagster.io.env_vars import positive_int
+from pcbo_dagster.sources.ledger_decoding import (
+    BatchError,
+    BatchResult,
+    DecodedLedger,
+    Location,
+    decode_batch_file,
+    slice_batch_file,
+)
 from pcbo_dagster.sources.streaming import RecordSource
 
 MAX_UINT32 = 0xFFFFFFFF
-_MAX_CLOSE_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant pcbo can write
 _NUMBER = r"(0|[1-9][0-9]{0,9})"  # decimal as Go's %d writes it: no sign, no leading zeros
 _PARTITION_RE = re.compile(rf"^(?P<hex>[0-9A-F]{{8}})--(?P<start>{_NUMBER})-(?P<end>{_NUMBER})$")
 _BATCH_RE = re.compile(
@@ -203,177 +222,115 @@ def _uri(fs: Any, path: str) -> str:
     return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
 
 
-# -- decoding -------------------------------------------------------------------------------------
+# -- reading ledgers ------------------------------------------------------------------------------
 
 
-def read_batch_bytes(uri: str) -> bytes:
-    """The decompressed XDR of one batch file (zstd frames with or without a content size)."""
-    import zstandard
-
-    try:
-        with fsspec.open(uri, "rb") as raw:
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with reader:
-                chunks = []
-                while chunk := reader.read(1 << 20):
-                    chunks.append(chunk)
-        return b"".join(chunks)
-    except zstandard.ZstdError as exc:
-        raise LedgerArchiveError(uri, f"not a valid zstd stream: {exc}") from None
-    except FileNotFoundError:
-        raise LedgerArchiveError(uri, "no such file") from None
-    except OSError as exc:
-        raise LedgerArchiveError(uri, f"cannot be read: {exc.__class__.__name__}: {exc}") from None
+def ledger_workers() -> int:
+    """Processes that decode batch files at once (`PCBO_LEDGER_WORKERS`; default: the CPUs this
+    process may run on, at most 4). 1 decodes in the calling process."""
+    default = min(
+        4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+    return positive_int("PCBO_LEDGER_WORKERS", os.environ.get("PCBO_LEDGER_WORKERS"), default)
 
 
-def _decode_errors() -> tuple[type[BaseException], ...]:
-    import struct
-
-    import xdrlib3
-
-    return (ValueError, EOFError, IndexError, struct.error, xdrlib3.Error)
+#: Reads of fewer ledgers than this are decoded in the calling process (starting workers costs more).
+POOL_MIN_LEDGERS = 64
 
 
-def iter_batch_ledgers(data: bytes, batch: BatchFile) -> Iterator[tuple[int, Any, bytes]]:
-    """(sequence, LedgerCloseMeta, its exact XDR bytes) for every ledger of a decompressed batch,
-    after checking the batch against its file name."""
-    from stellar_sdk.xdr import LedgerCloseMeta, Uint32
-    from xdrlib3 import Unpacker
+class DecodingPool:
+    """Worker processes decoding batch files (`ledger_decoding`), started on first use and kept until
+    `close` (or until the pool is garbage). Decoding holds the GIL, so threads would not run it at
+    once; processes do, and send back each ledger's fields and base64 XDR. Safe to share between
+    threads."""
 
-    errors = _decode_errors()
-    unpacker = Unpacker(data)
-    try:
-        start = Uint32.unpack(unpacker).uint32
-        end = Uint32.unpack(unpacker).uint32
-        count = unpacker.unpack_uint()
-    except errors as exc:
-        raise LedgerArchiveError(batch.uri, f"not an XDR LedgerCloseMetaBatch: {exc}") from None
-    if (start, end) != (batch.start, batch.end):
-        raise LedgerArchiveError(
-            batch.uri,
-            f"the batch holds startSequence {start} and endSequence {end}, "
-            f"its name says {batch.start}-{batch.end}",
-        )
-    if count != end - start + 1:
-        raise LedgerArchiveError(
-            batch.uri, f"the batch {start}-{end} holds {count} ledgers, not {end - start + 1}"
-        )
-    for offset in range(count):
-        position = unpacker.get_position()
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                context = multiprocessing.get_context("spawn")  # never fork a process that has threads
+                self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
+                weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+            return self._executor
+
+    def map(
+        self, fn: Callable[..., BatchResult], tasks: list[tuple[Any, ...]], ledgers: int
+    ) -> Iterator[BatchResult]:
+        """`fn(*task)` of each task, in order: in this process when there is one worker or the work is
+        small (`ledgers` in all), else in the workers, up to two tasks a worker in flight."""
+        if self.workers <= 1 or ledgers < POOL_MIN_LEDGERS or len(tasks) < 2:
+            return (fn(*task) for task in tasks)
+        return self._in_workers(fn, tasks)
+
+    def _in_workers(
+        self, fn: Callable[..., BatchResult], tasks: list[tuple[Any, ...]]
+    ) -> Iterator[BatchResult]:
+        executor = self.executor()
+        pending: deque[Future[BatchResult]] = deque()
+        queued = iter(tasks)
         try:
-            meta = LedgerCloseMeta.unpack(unpacker)
-        except errors as exc:
-            raise LedgerArchiveError(
-                batch.uri, f"ledger {offset + 1} of {count} is not valid LedgerCloseMeta XDR: {exc}"
-            ) from None
-        sequence = ledger_header_entry(meta).header.ledger_seq.uint32
-        if sequence != start + offset:
-            raise LedgerArchiveError(
-                batch.uri,
-                f"ledger {offset + 1} of the batch {start}-{end} has sequence {sequence}, "
-                f"not {start + offset}",
-            )
-        yield sequence, meta, data[position : unpacker.get_position()]
-    remaining = len(data) - unpacker.get_position()
-    if remaining:
-        raise LedgerArchiveError(batch.uri, f"{remaining} unexpected bytes after the batch's last ledger")
+            for task in itertools.islice(queued, 2 * self.workers):
+                pending.append(executor.submit(fn, *task))
+            while pending:
+                result = pending.popleft().result()
+                for task in itertools.islice(queued, 1):
+                    pending.append(executor.submit(fn, *task))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
 
 
-def ledger_header_entry(meta: Any) -> Any:
-    """The `LedgerHeaderHistoryEntry` of a LedgerCloseMeta v0, v1 or v2."""
-    body = _body(meta)
-    return body.ledger_header
-
-
-def _body(meta: Any) -> Any:
-    body = {0: meta.v0, 1: meta.v1, 2: meta.v2}.get(meta.v)
-    if body is None:
-        raise ValueError(f"LedgerCloseMeta v{meta.v} is not supported")
-    return body
-
-
-def transaction_envelopes(meta: Any) -> list[Any]:
-    """Every TransactionEnvelope of the ledger's transaction set, in the order stored."""
-    body = _body(meta)
-    if meta.v == 0:
-        return list(body.tx_set.txs)
-    tx_set = body.tx_set  # GeneralizedTransactionSet
-    if tx_set.v != 1 or tx_set.v1_tx_set is None:
-        raise ValueError(f"GeneralizedTransactionSet v{tx_set.v} is not supported")
-    envelopes: list[Any] = []
-    for phase in tx_set.v1_tx_set.phases:
-        if phase.v == 0:
-            for component in phase.v0_components or []:
-                envelopes.extend(component.txs_maybe_discounted_fee.txs)
-        elif phase.v == 1:
-            for stage in phase.parallel_txs_component.execution_stages:
-                for cluster in stage.parallel_tx_execution_stage:
-                    envelopes.extend(cluster.dependent_tx_cluster)
-        else:
-            raise ValueError(f"TransactionPhase v{phase.v} is not supported")
-    return envelopes
-
-
-def operation_count(envelope: Any) -> int:
-    """Operations of one envelope; a fee bump counts its inner transaction's."""
-    if envelope.v0 is not None:
-        return len(envelope.v0.tx.operations)
-    if envelope.v1 is not None:
-        return len(envelope.v1.tx.operations)
-    if envelope.fee_bump is not None:
-        return len(envelope.fee_bump.tx.inner_tx.v1.tx.operations)
-    raise ValueError(f"TransactionEnvelope of type {envelope.type} has no body")
-
-
-def ledger_record(sequence: int, meta: Any, xdr: bytes, uri: str) -> dict[str, Any]:
-    """The record of one ledger (see the module docstring)."""
-    try:
-        entry = ledger_header_entry(meta)
-        header = entry.header
-        envelopes = transaction_envelopes(meta)
-        operations = sum(operation_count(e) for e in envelopes)
-        header_hash = hashlib.sha256(header.to_xdr_bytes()).digest()
-    except (ValueError, AttributeError) as exc:
-        raise LedgerArchiveError(uri, f"ledger {sequence}: {exc}") from None
-    if entry.hash.hash != header_hash:
-        raise LedgerArchiveError(
-            uri, f"ledger {sequence}: its hash is not the SHA-256 of its header (a corrupt header)"
-        )
-    close_time = header.scp_value.close_time.time_point.uint64
-    if close_time > _MAX_CLOSE_TIME:
-        raise LedgerArchiveError(uri, f"ledger {sequence}: close time {close_time} is beyond year 9999")
+def ledger_record(ledger: DecodedLedger) -> dict[str, Any]:
+    """The record of one decoded ledger (see the module docstring)."""
+    sequence = ledger.sequence
     return {
         "id": f"ledger-{sequence:010d}",
         "ledgerSequence": sequence,
-        "occurredAt": format_instant(close_time * 1_000_000),
-        "ledgerHash": entry.hash.hash.hex(),
-        "previousLedgerHash": header.previous_ledger_hash.hash.hex(),
-        "protocolVersion": header.ledger_version.uint32,
-        "transactionCount": len(envelopes),
-        "operationCount": operations,
-        "lcmXdrBase64": base64.b64encode(xdr).decode("ascii"),
-        "lcmXdrSha256": "sha256:" + hashlib.sha256(xdr).hexdigest(),
+        "occurredAt": format_instant(ledger.close_time * 1_000_000),
+        "ledgerHash": ledger.ledger_hash.hex(),
+        "previousLedgerHash": ledger.previous_hash.hex(),
+        "protocolVersion": ledger.protocol,
+        "transactionCount": ledger.transaction_count,
+        "operationCount": ledger.operation_count,
+        "lcmXdrBase64": ledger.xdr_base64,
+        "lcmXdrSha256": "sha256:" + ledger.xdr_sha256.hex(),
         "consentGranted": True,
     }
 
 
-def iter_ledger_records(
-    uri: str, first: int, end: int, *, require_complete: bool = False
-) -> Iterator[dict[str, Any]]:
-    """One record per ledger of [first, end) held by the archive at `uri`, in ledger order, reading
-    one batch file at a time. A batch cut by the range yields only its ledgers inside the range.
-    With `require_complete`, a ledger of the range missing from the archive is an error; consecutive
-    ledgers must always chain (previousLedgerHash = the previous ledger's hash)."""
+def _raise(error: BatchError) -> None:
+    raise LedgerArchiveError(error.path, error.message)
+
+
+def _iter_decoded(
+    uri: str, first: int, end: int, require_complete: bool, pool: DecodingPool
+) -> Iterator[tuple[BatchFile, DecodedLedger, dict[str, Any]]]:
+    """(batch file, decoded ledger, record) for the ledgers of [first, end), in ledger order, after
+    the checks of `iter_ledger_records`."""
     expected = first
     previous: dict[str, Any] | None = None
-    for batch in list_batch_files(uri, first, end):
+    batches = list_batch_files(uri, first, end)
+    tasks = [(b.uri, b.start, b.end, first, end) for b in batches]
+    ledgers = sum(min(b.end + 1, end) - max(b.start, first) for b in batches)
+    for batch, (decoded, error) in zip(batches, pool.map(decode_batch_file, tasks, ledgers), strict=True):
+        # A gap is noticed here, by the batch names alone, before the batch is read (its ledgers may
+        # have been decoded ahead by a worker, but nothing of them is yielded).
         if require_complete and batch.start > expected:
             raise LedgerArchiveError(uri, f"ledgers {expected}-{batch.start - 1} are missing")
-        data = read_batch_bytes(batch.uri)
-        for sequence, meta, xdr in iter_batch_ledgers(data, batch):
-            if not first <= sequence < end:
-                continue
-            record = ledger_record(sequence, meta, xdr, batch.uri)
+        for ledger in decoded:
+            record = ledger_record(ledger)
+            sequence = ledger.sequence
             if previous is not None and previous["ledgerSequence"] == sequence - 1:
                 if record["previousLedgerHash"] != previous["ledgerHash"]:
                     raise LedgerArchiveError(
@@ -382,33 +339,110 @@ def iter_ledger_records(
                     )
             previous = record
             expected = sequence + 1
-            yield record
-        del data
+            yield batch, ledger, record
+        if error is not None:
+            _raise(error)
     if require_complete and expected < end:
         raise LedgerArchiveError(uri, f"ledgers {expected}-{end - 1} are missing")
+
+
+def iter_ledger_records(
+    uri: str, first: int, end: int, *, require_complete: bool = False, pool: DecodingPool | None = None
+) -> Iterator[dict[str, Any]]:
+    """One record per ledger of [first, end) held by the archive at `uri`, in ledger order. Batch
+    files are decoded in order, by `pool`'s worker processes when the range is large (a pool of
+    `ledger_workers()` for this call alone when none is given), else one at a time in this process.
+    A batch cut by the range yields only its ledgers inside the range. With `require_complete`, a
+    ledger of the range missing from the archive is an error; consecutive ledgers must always chain
+    (previousLedgerHash = the previous ledger's hash). Without it, a missing batch file is a gap no
+    one notices: its ledgers are simply not yielded."""
+    own = pool is None
+    pool = pool or DecodingPool(ledger_workers())
+    try:
+        for _, _, record in _iter_decoded(uri, first, end, require_complete, pool):
+            yield record
+    finally:
+        if own:
+            pool.close()
 
 
 #: A batch of ledger records also ends once it holds this many bytes of ledger XDR (ledgers are large).
 LEDGER_BATCH_BYTES = 64 << 20
 
 
+class LedgerIndex:
+    """Where pass 1 found each ledger it read (its batch file, bytes in the decompressed batch, the
+    offset of its header) and what walking it gave (transaction and operation counts, the SHA-256
+    of its XDR): 68 bytes a ledger (and each batch file once), so that a ledger read again is sliced
+    from its batch, not walked again."""
+
+    def __init__(self) -> None:
+        self.files: list[BatchFile] = []
+        self.sequences = array.array("q")
+        self.file_of = array.array("i")
+        self.offsets = array.array("q")
+        self.lengths = array.array("i")
+        self.header_offsets = array.array("i")
+        self.transactions = array.array("i")
+        self.operations = array.array("i")
+        self.digests = bytearray()
+
+    def add(self, batch: BatchFile, ledger: DecodedLedger) -> None:
+        if not self.files or self.files[-1] is not batch:
+            self.files.append(batch)
+        self.sequences.append(ledger.sequence)  # in ledger order: pass 1 reads the archive in order
+        self.file_of.append(len(self.files) - 1)
+        self.offsets.append(ledger.offset)
+        self.lengths.append(ledger.length)
+        self.header_offsets.append(ledger.header_offset)
+        self.transactions.append(ledger.transaction_count)
+        self.operations.append(ledger.operation_count)
+        self.digests += ledger.xdr_sha256
+
+    def positions(self, sequences: np.ndarray) -> np.ndarray | None:
+        """The index position of each sequence; None if any was not read in pass 1."""
+        known = (
+            np.frombuffer(self.sequences, dtype=np.int64) if len(self.sequences) else np.empty(0, np.int64)
+        )
+        at = np.searchsorted(known, sequences)
+        if (
+            not len(known)
+            or (at >= len(known)).any()
+            or (known[np.minimum(at, len(known) - 1)] != sequences).any()
+        ):
+            return None
+        return at
+
+    def location(self, k: int) -> Location:
+        return (
+            self.sequences[k], self.offsets[k], self.lengths[k], self.header_offsets[k],
+            self.transactions[k], self.operations[k], bytes(self.digests[32 * k : 32 * k + 32]),
+        )  # fmt: skip
+
+
 class LedgerArchiveSource(RecordSource):
     """The ledgers [first, end) of an archive as a streamed source (`engine.request_loading`): read in
     batches of up to `size` ledgers or `LEDGER_BATCH_BYTES` of XDR, a record's locator its ledger
-    sequence; `fetch` reads the archive again over the span of the sequences asked for (a partition's
-    ledgers are one span)."""
+    sequence. Pass 1 (`batches`) walks every ledger once and keeps a `LedgerIndex`; `fetch` reads the
+    batch files of the sequences asked for again and slices their ledgers out (the bytes must be
+    those of pass 1), without walking them again. Both decode in `ledger_workers()` processes when
+    there is enough to read."""
 
     kind = "ledger_archive"
 
     def __init__(self, uri: str, shown: str, first: int, end: int) -> None:
         super().__init__(uri, shown)
         self.first, self.end = first, end
+        self.index: LedgerIndex | None = None
+        self.pool = DecodingPool(ledger_workers())
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         records: list[Any] = []
         held = 0
         self.count = 0
-        for record in iter_ledger_records(self.uri, self.first, self.end):
+        index = LedgerIndex()
+        for batch, ledger, record in _iter_decoded(self.uri, self.first, self.end, False, self.pool):
+            index.add(batch, ledger)
             records.append(record)
             held += len(record["lcmXdrBase64"])
             if len(records) >= size or held >= LEDGER_BATCH_BYTES:
@@ -418,16 +452,38 @@ class LedgerArchiveSource(RecordSource):
         if records:
             self.count += len(records)
             yield records, False, np.array([r["ledgerSequence"] for r in records], dtype=np.int64)
+        self.index = index
 
     def fetch(self, locators: np.ndarray) -> list[Any]:
         sequences = np.asarray(locators, dtype=np.int64)
         if not len(sequences):
             return []
+        positions = self.index.positions(sequences) if self.index is not None else None
+        if positions is None:
+            return self._fetch_by_reading(sequences)
+        index = self.index
+        assert index is not None
+        by_file: dict[int, list[int]] = {}
+        for position in sorted(set(positions.tolist())):
+            by_file.setdefault(index.file_of[position], []).append(position)
+        files = sorted(by_file)
+        tasks = [(index.files[f].uri, [index.location(k) for k in by_file[f]]) for f in files]
+        found: dict[int, dict[str, Any]] = {}
+        for decoded, error in self.pool.map(slice_batch_file, tasks, len(positions)):
+            for ledger in decoded:
+                found[ledger.sequence] = ledger_record(ledger)
+            if error is not None:
+                _raise(error)
+        return [found[s] for s in sequences.tolist()]
+
+    def _fetch_by_reading(self, sequences: np.ndarray) -> list[Any]:
+        """The records of `sequences`, read again over their span (no pass 1 has indexed them)."""
         where: dict[int, list[int]] = {}
         for k, sequence in enumerate(sequences.tolist()):
             where.setdefault(sequence, []).append(k)
         out: list[Any] = [None] * len(sequences)
-        for record in iter_ledger_records(self.uri, int(sequences.min()), int(sequences.max()) + 1):
+        first, end = int(sequences.min()), int(sequences.max()) + 1
+        for _, _, record in _iter_decoded(self.uri, first, end, False, self.pool):
             for k in where.pop(record["ledgerSequence"], []):
                 out[k] = record
         if where:

@@ -1,0 +1,248 @@
+"""SEP-54 batch files decoded into what each ledger's record needs, by the skipping walker.
+
+A batch file is a zstd stream (frames may lack a content size, so it is read with zstandard's
+streaming decompressor) of one XDR `LedgerCloseMetaBatch{startSequence, endSequence,
+ledgerCloseMetas<>}`. `decode_batch` walks every ledger of it with `ledger_xdr.walk_ledger`, which
+checks the whole LedgerCloseMeta as stellar-sdk's decoder would without building it, and keeps,
+for the ledgers asked for, a `DecodedLedger`: the record's fields, the ledger's own XDR (base64,
+sliced from the batch, not re-encoded) and where that XDR lies in the batch. `slice_batch` reads
+ledgers again from where a first decoding found them, without walking them: their bytes must be
+the same (SHA-256) as then.
+
+This module imports little (no pyarrow), so that a worker process (`decode_batch_file`,
+`slice_batch_file`) starts fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from pcbo_dagster.sources.ledger_xdr import LedgerFacts, XdrError, walk_ledger, xdr_words
+
+_MAX_CLOSE_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant pcbo can write
+_WALK_ERRORS = (XdrError, IndexError, EOFError)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedLedger:
+    """One ledger of a batch: its record's fields and where its XDR lies in the decompressed batch."""
+
+    sequence: int
+    close_time: int  # seconds
+    ledger_hash: bytes
+    previous_hash: bytes
+    protocol: int
+    transaction_count: int
+    operation_count: int
+    xdr_base64: str
+    xdr_sha256: bytes
+    offset: int  # bytes from the start of the decompressed batch
+    length: int
+    header_offset: int  # bytes from the start of the ledger's XDR to its LedgerHeader
+
+
+@dataclass(frozen=True, slots=True)
+class BatchError:
+    """Why a batch could not be read further (an `InvalidInput` for the caller to raise)."""
+
+    path: str
+    message: str
+
+
+#: Ledgers decoded from one batch file, then the error that stopped its reading, if any.
+BatchResult = tuple[list[DecodedLedger], BatchError | None]
+
+
+def read_batch_bytes(uri: str) -> bytes:
+    """The decompressed XDR of one batch file (zstd frames with or without a content size);
+    `BatchReadError` when it cannot be read."""
+    import fsspec
+    import zstandard
+
+    try:
+        with fsspec.open(uri, "rb") as raw:
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            with reader:
+                chunks = []
+                while chunk := reader.read(1 << 20):
+                    chunks.append(chunk)
+        return b"".join(chunks)
+    except zstandard.ZstdError as exc:
+        raise BatchReadError(BatchError(uri, f"not a valid zstd stream: {exc}")) from None
+    except FileNotFoundError:
+        raise BatchReadError(BatchError(uri, "no such file")) from None
+    except OSError as exc:
+        raise BatchReadError(BatchError(uri, f"cannot be read: {exc.__class__.__name__}: {exc}")) from None
+
+
+class BatchReadError(Exception):
+    """A batch file that cannot be read at all."""
+
+    def __init__(self, error: BatchError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def decode_batch(data: bytes, uri: str, start: int, end: int, first: int, stop: int) -> BatchResult:
+    """Check the decompressed batch `data` of the file named for ledgers `start`..`end` and decode
+    its ledgers in [first, stop). Every ledger of the batch is walked (and so checked); the hash of
+    a ledger's header and its close time are checked for the ledgers decoded."""
+    words = xdr_words(data)
+    if len(words) < 3:
+        return [], BatchError(uri, "not an XDR LedgerCloseMetaBatch: it ends within its first 12 bytes")
+    held_start, held_end, count = words[0], words[1], words[2]
+    if (held_start, held_end) != (start, end):
+        message = (
+            f"the batch holds startSequence {held_start} and endSequence {held_end}, "
+            f"its name says {start}-{end}"
+        )
+        return [], BatchError(uri, message)
+    if count != end - start + 1:
+        return [], BatchError(uri, f"the batch {start}-{end} holds {count} ledgers, not {end - start + 1}")
+    decoded: list[DecodedLedger] = []
+    i = 3
+    for index in range(count):
+        try:
+            facts = walk_ledger(words, i)
+        except _WALK_ERRORS as exc:
+            detail = str(exc) or exc.__class__.__name__
+            return decoded, BatchError(
+                uri, f"ledger {index + 1} of {count} is not valid LedgerCloseMeta XDR: {detail}"
+            )
+        if facts.sequence != start + index:
+            message = (
+                f"ledger {index + 1} of the batch {start}-{end} has sequence {facts.sequence}, "
+                f"not {start + index}"
+            )
+            return decoded, BatchError(uri, message)
+        if first <= facts.sequence < stop:
+            error = _check_header(data, words, facts)
+            if error is not None:
+                return decoded, BatchError(uri, f"ledger {facts.sequence}: {error}")
+            decoded.append(_decoded(data, facts))
+        i = facts.end
+    remaining = len(data) - 4 * i
+    if remaining:
+        return decoded, BatchError(uri, f"{remaining} unexpected bytes after the batch's last ledger")
+    return decoded, None
+
+
+def _check_header(data: bytes, words: Any, facts: LedgerFacts) -> str | None:
+    """Why the ledger's header is refused (its hash, its close time), or None."""
+    if hashlib.sha256(_canonical_header(data, words, facts)).digest() != _hash_of(data, facts):
+        return "its hash is not the SHA-256 of its header (a corrupt header)"
+    if facts.close_time > _MAX_CLOSE_TIME:
+        return f"close time {facts.close_time} is beyond year 9999"
+    return None
+
+
+def _hash_of(data: bytes, facts: LedgerFacts) -> bytes:
+    return data[4 * facts.header_start - 32 : 4 * facts.header_start]
+
+
+def _canonical_header(data: bytes, words: Any, facts: LedgerFacts) -> bytes:
+    """The LedgerHeader's bytes as stellar-core hashes them (and stellar-sdk re-encodes them): as
+    stored, but with the padding of its byte strings zero (a decoder does not read padding)."""
+    header = data[4 * facts.header_start : 4 * facts.header_end]
+    h = facts.header_start
+    padding: list[tuple[int, int]] = []  # byte ranges, from the start of `data`
+
+    def opaque(i: int) -> int:  # a variable-length byte string at word i: note its padding, skip it
+        size = words[i]
+        if size % 4:
+            padding.append((4 * i + 4 + size, 4 * i + 4 + (size + 3) // 4 * 4))
+        return i + 1 + (size + 3) // 4
+
+    # StellarValue {Hash txSetHash; TimePoint closeTime; UpgradeType upgrades<6>; union switch
+    # (StellarValueType v) {case STELLAR_VALUE_BASIC: void; case STELLAR_VALUE_SIGNED:
+    # LedgerCloseValueSignature {NodeID nodeID; Signature signature;} lcValueSignature;} ext;}
+    i = h + 19
+    upgrades = words[i]
+    i += 1
+    for _ in range(upgrades):
+        i = opaque(i)
+    if words[i] == 1:
+        opaque(i + 10)  # after the discriminant and the NodeID (a key type and 32 bytes)
+    if not padding or all(not any(data[a:b]) for a, b in padding):
+        return header
+    canonical = bytearray(header)
+    for a, b in padding:
+        canonical[a - 4 * h : b - 4 * h] = bytes(b - a)
+    return bytes(canonical)
+
+
+def _decoded(data: bytes, facts: LedgerFacts) -> DecodedLedger:
+    offset, end = 4 * facts.start, 4 * facts.end
+    xdr = data[offset:end]
+    header = 4 * facts.header_start
+    return DecodedLedger(
+        sequence=facts.sequence,
+        close_time=facts.close_time,
+        ledger_hash=data[header - 32 : header],
+        previous_hash=data[header + 4 : header + 36],
+        protocol=facts.protocol,
+        transaction_count=facts.transaction_count,
+        operation_count=facts.operation_count,
+        xdr_base64=base64.b64encode(xdr).decode("ascii"),
+        xdr_sha256=hashlib.sha256(xdr).digest(),
+        offset=offset,
+        length=end - offset,
+        header_offset=header - offset,
+    )
+
+
+def decode_batch_file(uri: str, start: int, end: int, first: int, stop: int) -> BatchResult:
+    """`decode_batch` of the file at `uri` (what a worker process runs)."""
+    try:
+        data = read_batch_bytes(uri)
+    except BatchReadError as exc:
+        return [], exc.error
+    return decode_batch(data, uri, start, end, first, stop)
+
+
+#: Where a first decoding found a ledger: (sequence, offset, length, header offset, transactions,
+#: operations, SHA-256 of its XDR).
+Location = tuple[int, int, int, int, int, int, bytes]
+
+
+def slice_batch(data: bytes, uri: str, locations: list[Location]) -> BatchResult:
+    """The ledgers at `locations` of a batch decoded before, read again without walking them. A
+    ledger whose bytes are no longer those first decoded is an error."""
+    out: list[DecodedLedger] = []
+    for sequence, offset, length, header_offset, transactions, operations, digest in locations:
+        xdr = data[offset : offset + length]
+        if len(xdr) != length or hashlib.sha256(xdr).digest() != digest:
+            return out, BatchError(uri, f"ledger {sequence} changed since the archive was first read")
+        header = header_offset
+        (protocol,) = struct.unpack_from(">I", xdr, header)
+        (close_time,) = struct.unpack_from(">Q", xdr, header + 68)  # after the version and two hashes
+        out.append(
+            DecodedLedger(
+                sequence=sequence,
+                close_time=close_time,
+                ledger_hash=xdr[header - 32 : header],
+                previous_hash=xdr[header + 4 : header + 36],
+                protocol=protocol,
+                transaction_count=transactions,
+                operation_count=operations,
+                xdr_base64=base64.b64encode(xdr).decode("ascii"),
+                xdr_sha256=digest,
+                offset=offset,
+                length=length,
+                header_offset=header_offset,
+            )
+        )
+    return out, None
+
+
+def slice_batch_file(uri: str, locations: list[Location]) -> BatchResult:
+    """`slice_batch` of the file at `uri` (what a worker process runs)."""
+    try:
+        data = read_batch_bytes(uri)
+    except BatchReadError as exc:
+        return [], exc.error
+    return slice_batch(data, uri, locations)
