@@ -1,0 +1,77 @@
+"""The transparency log of an audit chain: an RFC 6962 Merkle tree whose leaves are the chain's events.
+
+Pure: no I/O.
+
+**Leaves.** Leaf `seq` of the log of chain `<dataset>/<versionLabel>` is the event at that seq, as its
+RFC 8785 canonical bytes: exactly the event's line in the audit backup (`<versionLabel>.jsonl`)
+without the newline. So anyone can rebuild the log from the backup alone (`leaf_hashes_of_lines`),
+and an inclusion proof of a leaf proves the whole event, its `chain.event_hash` included. (The
+event hash alone would prove nothing a verifier could not also get by trusting the hash.)
+
+**Stored tree.** The log is derived from the chain and needs no source of truth of its own. To
+serve roots and proofs without rebuilding the tree, the catalog keeps the hash of every *perfect*
+subtree (`level`, `index`: leaves `[index * 2**level, (index + 1) * 2**level)`), about 2n hashes for
+n leaves. Appending a leaf adds its hash and the perfect subtrees it completes: O(log n) at worst,
+two on average (`append_leaves`), using only the *frontier* (the perfect subtrees that cover the
+tree, one per set bit of its size). Any root or proof then needs O(log² n) look-ups
+(`merkle.subtree_from_perfect`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pcbo_dagster.core.audit_chain import json_problems
+from pcbo_dagster.core.canonical import fast_jcs, jcs
+from pcbo_dagster.core.merkle import leaf_hash, node_hash
+
+NodePosition = tuple[int, int]
+"""(level, index) of a perfect subtree."""
+
+
+def event_leaf(event: Mapping[str, Any]) -> bytes:
+    """The leaf of an event: its RFC 8785 bytes (its audit backup line without the newline)."""
+    return jcs(event) if json_problems(event) else fast_jcs(event)
+
+
+def event_leaf_hash(event: Mapping[str, Any]) -> bytes:
+    """RFC 6962 leaf hash of an event's leaf."""
+    return leaf_hash(event_leaf(event))
+
+
+def leaf_hashes_of_lines(lines: Iterable[bytes]) -> list[bytes]:
+    """Leaf hashes of backup lines (each an event's RFC 8785 bytes, with or without its newline)."""
+    return [leaf_hash(line[:-1] if line.endswith(b"\n") else line) for line in lines]
+
+
+def frontier(size: int) -> list[NodePosition]:
+    """The perfect subtrees covering leaves `[0, size)`, left to right (one per set bit of size)."""
+    positions: list[NodePosition] = []
+    start = 0
+    for level in range(size.bit_length() - 1, -1, -1):
+        if size >> level & 1:
+            positions.append((level, start >> level))
+            start += 1 << level
+    return positions
+
+
+def append_leaves(
+    size: int, frontier_hashes: Mapping[NodePosition, bytes], new_leaf_hashes: Iterable[bytes]
+) -> list[tuple[int, int, bytes]]:
+    """The perfect subtrees (level, index, hash) that appending `new_leaf_hashes` to a tree of `size`
+    leaves creates, given the hashes of its `frontier(size)` (KeyError when one is missing)."""
+    known: dict[NodePosition, bytes] = dict(frontier_hashes)
+    created: list[tuple[int, int, bytes]] = []
+    index = size
+    for digest in new_leaf_hashes:
+        level, position, current = 0, index, digest
+        known[(0, position)] = current
+        created.append((0, position, current))
+        while position & 1:
+            current = node_hash(known[(level, position - 1)], current)
+            level, position = level + 1, position >> 1
+            known[(level, position)] = current
+            created.append((level, position, current))
+        index += 1
+    return created
