@@ -80,6 +80,12 @@ class MerkleTree:
         top = self.levels[-1]
         return top[0] if top else EMPTY_ROOT
 
+    def prefix_root(self, size: int) -> bytes:
+        """MTH of the first `size` leaves (`0 <= size <= self.size`)."""
+        if not 0 <= size <= self.size:
+            raise ValueError(f"size {size} out of range for tree size {self.size}")
+        return EMPTY_ROOT if size == 0 else self._subtree(0, size)
+
     def _subtree(self, start: int, end: int) -> bytes:
         """MTH of leaves `[start, end)` (non-empty), from the stored levels where they cover it."""
         size = end - start

@@ -58,6 +58,7 @@ from pcbo_dagster.engine.events import (
     rollback_intent_body,
     rollback_intent_entry,
 )
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
 
@@ -375,7 +376,7 @@ def rollback(
             else:
                 step = plan_undo(env, state, dataset, version_label, partition_key)
                 results += apply_undos(env, state, dataset, version_label, [step], reason=reason, run_id=None)
-    env.audit.deliver_pending(ckey)
+    published = publish(env, ckey)
     done = sum(1 for r in results if r["status"] == "rolled_back")
     if not results:
         results = (
@@ -392,6 +393,7 @@ def rollback(
         "rolledBack": done,
         "partitions": results,
         "healed": healed,
+        "checkpoint": published["checkpoint"],
     }
 
 

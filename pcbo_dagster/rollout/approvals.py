@@ -21,6 +21,7 @@ from typing import Any
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.engine.events import PRODUCER, chain_key
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 
@@ -89,7 +90,7 @@ def record_decision(
             "producer": PRODUCER,
         },
     )
-    envs.production.audit.deliver_pending(ckey)
+    publish(envs.production, ckey)
     return envs.store.record_approval(
         name=name,
         decision=decision,

@@ -36,6 +36,7 @@ from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.events import PRODUCER, chain_key
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.rollout.approvals import decision_in_force, rollout_subject
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
@@ -222,6 +223,7 @@ def promote_rollout(
             "producer": PRODUCER,
         },
     )
+    publish(envs.production, chain_key(rollout["dataset"], rollout["version_label"]))
     detail = {
         "runId": document["runId"],
         "decisionHash": document["decisionHash"],
