@@ -22,9 +22,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pcbo_dagster.core.audit_chain import json_problems
+from pcbo_dagster.core.audit_chain import event_hash, json_problems
 from pcbo_dagster.core.canonical import fast_jcs, jcs
-from pcbo_dagster.core.merkle import leaf_hash, node_hash
+from pcbo_dagster.core.checkpoints import Checkpoint, parse_signed_checkpoint
+from pcbo_dagster.core.merkle import leaf_hash, node_hash, verify_inclusion
+from pcbo_dagster.core.signed_note import NoteError, VerifierKey, b64decode_strict, verify_note
 
 NodePosition = tuple[int, int]
 """(level, index) of a perfect subtree."""
@@ -75,3 +77,51 @@ def append_leaves(
             created.append((level, position, current))
         index += 1
     return created
+
+
+# -- offline checks of proofs against signed checkpoints ------------------------------------------------
+
+
+def signed_checkpoints_by_size(
+    notes: Iterable[str], key: VerifierKey
+) -> tuple[dict[int, Checkpoint], list[str]]:
+    """{size: checkpoint} of the notes that are checkpoints signed by `key`, and why others are not."""
+    found: dict[int, Checkpoint] = {}
+    problems: list[str] = []
+    for text in notes:
+        try:
+            checkpoint, note = parse_signed_checkpoint(text)
+            verify_note(note, [key])
+        except NoteError as exc:
+            problems.append(f"a checkpoint is not signed by {key.name}: {exc}")
+            continue
+        if checkpoint.size in found and found[checkpoint.size] != checkpoint:
+            problems.append(f"two signed checkpoints of size {checkpoint.size} with different roots")
+        found[checkpoint.size] = checkpoint
+    return found, problems
+
+
+def event_inclusion_problems(
+    event: Mapping[str, Any], tree_size: int, proof: list[str], checkpoint: Checkpoint | None
+) -> list[str]:
+    """Why `proof` (base64 hashes) does not show `event` as leaf `chain.seq` of the log of `tree_size`
+    whose signed checkpoint is `checkpoint` (empty: it does)."""
+    chain = event.get("chain") if isinstance(event, Mapping) else None
+    seq = chain.get("seq") if isinstance(chain, Mapping) else None
+    where = f"event seq {seq}"
+    if checkpoint is None:
+        return [f"{where}: no signed checkpoint of size {tree_size}"]
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return [f"{where}: the event has no seq"]
+    problems = []
+    try:
+        if event_hash(dict(event)) != chain.get("event_hash"):
+            problems.append(f"{where}: its event_hash does not recompute")
+        hashes = [b64decode_strict(h, "a proof hash") for h in proof]
+    except (NoteError, ValueError, TypeError) as exc:
+        return [*problems, f"{where}: {exc}"]
+    if not verify_inclusion(event_leaf_hash(event), seq, tree_size, hashes, checkpoint.root):
+        problems.append(
+            f"{where}: the inclusion proof does not verify against the checkpoint of size {tree_size}"
+        )
+    return problems

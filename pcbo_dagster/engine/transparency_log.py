@@ -39,6 +39,7 @@ from pcbo_dagster.core.signed_note import (
     SigningKey,
     VerifierKey,
     b64,
+    b64decode_strict,
     parse_note,
     parse_signature_line,
     parse_signing_key,
@@ -366,3 +367,107 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
                 }
             )
     return findings
+
+
+# -- proofs served from the stored log --------------------------------------------------------------------
+
+
+def _stored_notes(env: Any, chain_key: str, sizes: set[int]) -> list[str]:
+    return [full_note(r).render() for r in env.catalog.checkpoints(chain_key) if r["tree_size"] in sizes]
+
+
+def _default_size(env: Any, chain_key: str, size: int | None, stored: int) -> int:
+    if size is not None:
+        return size
+    latest = env.catalog.latest_checkpoint(chain_key)
+    return latest["tree_size"] if latest is not None else stored
+
+
+def inclusion_document(env: Any, chain_key: str, seq: int, size: int | None) -> dict[str, Any]:
+    """An RFC 6962 inclusion proof of event `seq` in the chain's log of `size` events (default: the
+    latest checkpoint's size), with the event and any stored checkpoint of that size."""
+    stored = env.catalog.ensure_tree(chain_key)
+    size = _default_size(env, chain_key, size, stored)
+    if not 0 < size <= stored:
+        raise InvalidInput("--size", f"must be between 1 and the log's size {stored}")
+    if not 0 <= seq < size:
+        raise InvalidInput("--seq", f"must be below the tree size {size}")
+    events = env.catalog.audit_events(chain_key)
+    with env.catalog.log_reader(chain_key) as reader:
+        proof, root = reader.inclusion_proof(seq, size), reader.root(size)
+    return {
+        "type": "pcbo.log.inclusion/1",
+        "origin": origin_for(chain_key, env.settings.checkpoint_origin_prefix),
+        "chainKey": chain_key,
+        "leafIndex": seq,
+        "treeSize": size,
+        "rootHash": b64(root),
+        "event": events[seq],
+        "proof": [b64(h) for h in proof],
+        "checkpoints": _stored_notes(env, chain_key, {size}),
+    }
+
+
+def consistency_document(env: Any, chain_key: str, old: int, size: int | None) -> dict[str, Any]:
+    """An RFC 6962 consistency proof from the log's first `old` events to `size` (default: the latest
+    checkpoint's size), with the stored checkpoints of both sizes."""
+    stored = env.catalog.ensure_tree(chain_key)
+    size = _default_size(env, chain_key, size, stored)
+    if not 0 < size <= stored:
+        raise InvalidInput("--to", f"must be between 1 and the log's size {stored}")
+    if not 0 < old <= size:
+        raise InvalidInput("--from", f"must be between 1 and {size}")
+    with env.catalog.log_reader(chain_key) as reader:
+        proof, old_root, root = reader.consistency_proof(old, size), reader.root(old), reader.root(size)
+    return {
+        "type": "pcbo.log.consistency/1",
+        "origin": origin_for(chain_key, env.settings.checkpoint_origin_prefix),
+        "chainKey": chain_key,
+        "fromSize": old,
+        "toSize": size,
+        "fromRootHash": b64(old_root),
+        "toRootHash": b64(root),
+        "proof": [b64(h) for h in proof],
+        "checkpoints": _stored_notes(env, chain_key, {old, size}),
+    }
+
+
+def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> dict[str, Any]:
+    """Check an inclusion or consistency proof offline: every root it relies on must be that of a
+    checkpoint signed by `key` (embedded in the document, or `held` by the verifier)."""
+    from pcbo_dagster.core.transparency_log import event_inclusion_problems, signed_checkpoints_by_size
+
+    if not isinstance(document, dict) or document.get("type") not in (
+        "pcbo.log.inclusion/1",
+        "pcbo.log.consistency/1",
+    ):
+        raise InvalidInput(
+            "--proof", "not a pcbo log proof (type pcbo.log.inclusion/1 or pcbo.log.consistency/1)"
+        )
+    embedded = document.get("checkpoints") if isinstance(document.get("checkpoints"), list) else []
+    checkpoints, problems = signed_checkpoints_by_size(
+        [*held, *(n for n in embedded if isinstance(n, str))], key
+    )
+    origin = document.get("origin")
+    for size, checkpoint in checkpoints.items():
+        if checkpoint.origin != origin:
+            problems.append(f"the checkpoint of size {size} is of origin {checkpoint.origin}, not {origin}")
+    if document["type"] == "pcbo.log.inclusion/1":
+        size = document.get("treeSize")
+        problems += event_inclusion_problems(
+            document.get("event") or {}, size, list(document.get("proof") or []), checkpoints.get(size)
+        )
+    else:
+        old, new = document.get("fromSize"), document.get("toSize")
+        if old not in checkpoints or new not in checkpoints:
+            missing = [s for s in (old, new) if s not in checkpoints]
+            problems.append(f"no checkpoint signed by {key.name} of size(s) {missing}")
+        else:
+            try:
+                hashes = [b64decode_strict(h, "a proof hash") for h in document.get("proof") or []]
+            except NoteError as exc:
+                hashes = []
+                problems.append(str(exc))
+            if not merkle.verify_consistency(old, new, checkpoints[old].root, checkpoints[new].root, hashes):
+                problems.append(f"the consistency proof from {old} to {new} does not verify")
+    return {"valid": not problems, "type": document["type"], "origin": origin, "problems": problems}
