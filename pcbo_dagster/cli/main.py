@@ -30,6 +30,7 @@ from pcbo_dagster.cli.common import (
     read_input,
     write_output,
 )
+from pcbo_dagster.cli.evidence_commands import add_evidence_commands
 from pcbo_dagster.cli.key_commands import add_key_commands
 from pcbo_dagster.cli.log_commands import add_log_commands
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
@@ -439,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rollout_commands(sub)
     add_log_commands(sub)
     add_key_commands(sub)
+    add_evidence_commands(sub)
     return parser
 
 
