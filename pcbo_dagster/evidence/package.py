@@ -244,3 +244,16 @@ def verify(
         "subjectsCheckedInLake": checked if lake is not None else None,
         "auditEvents": len(predicate.get("auditEvents") or []),
     }
+
+
+def write_evidence_file(env: Any, run_id: str) -> tuple[str, str]:
+    """Export the run's package to `$PCBO_HOME/evidence/<run id>.evidence.json` (replaced whole);
+    (its path, `sha256:<hex>` of its bytes). What a Dagster materialization records as metadata."""
+    from pcbo_dagster.core.json_documents import sorted_document
+    from pcbo_dagster.io.atomic_files import replace_file
+
+    data = sorted_document(export(env, run_id))
+    path = env.settings.home / "evidence" / f"{run_id}.evidence.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(str(path), data, durable=True)
+    return str(path), "sha256:" + hashlib.sha256(data).hexdigest()
