@@ -502,6 +502,9 @@ def _prepare(
         previous_checksum,
         schema,
     )
+    gaps = _gaps_in(loaded, pd)
+    if gaps:
+        manifest["gaps"] = gaps
     if previous is not None and manifests.same_content(previous, manifest):
         assert previous_checksum is not None
         if restored is None and lake.read_if_exists(file_rel) != data:  # the same path, the same bytes
@@ -528,6 +531,18 @@ def _prepare(
     staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version)
     staged.restored = restored
     return _Prepared(staged, against_chain, files)
+
+
+def _gaps_in(loaded: LoadedRequest, pd: PartitionDecision) -> list[list[int]]:
+    """The ledgers of a ledger partition its source lacks (a ledger archive read with `allowGaps`)."""
+    gaps = getattr(loaded.source, "gaps", None)
+    part = pd.partition
+    if not gaps or not part.ledger:
+        return []
+    last = part.end - 1
+    return [
+        [max(low, part.start), min(high, last)] for low, high in gaps if low <= last and high >= part.start
+    ]
 
 
 def _restoration(

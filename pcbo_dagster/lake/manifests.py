@@ -7,7 +7,7 @@ manifest of the same content is byte-identical on every run. Paths inside are re
 from __future__ import annotations
 
 import json
-from typing import Any, TypedDict, cast
+from typing import Any, NotRequired, TypedDict, cast
 
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.json_documents import sorted_document
@@ -46,6 +46,9 @@ class Manifest(TypedDict):
     counts: dict[str, Any]
     schema: list[dict[str, str]]
     writer: dict[str, Any]
+    #: Ledgers of the partition's range its (ledger archive) source did not hold, as [first, last]
+    #: runs; present only when the request allowed gaps and there were some.
+    gaps: NotRequired[list[list[int]]]
 
 
 class RollbackManifest(TypedDict):
