@@ -52,6 +52,7 @@ class ChainTransaction:
         """Store events that extend the head, in order, and move the head (ValueError on a bad link)."""
         head = self.head()
         seq, prev = (head[0], head[1]) if head is not None else (-1, None)
+        first_seq = seq + 1
         rows = []
         for ev in events:
             chain = ev.get("chain") if isinstance(ev, Mapping) else None
@@ -90,7 +91,7 @@ class ChainTransaction:
         try:
             with self._conn.begin_nested():
                 self._conn.execute(t.audit_events.insert(), rows)
-                append_leaves(self._conn, self.chain_key, rows[0]["seq"], events)
+                append_leaves(self._conn, self.chain_key, first_seq, events)
         except IntegrityError as exc:
             raise ValueError(
                 f"event refused by the catalog (duplicate seq or event_hash): {exc.orig}"

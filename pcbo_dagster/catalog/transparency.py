@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, and_, or_, select
@@ -47,7 +47,9 @@ def _nodes(
     return {(int(r.level), int(r.node_index)): bytes.fromhex(r.hash) for r in rows}
 
 
-def append_leaves(conn: Connection, chain_key: str, first_seq: int, events: list[Mapping[str, Any]]) -> None:
+def append_leaves(
+    conn: Connection, chain_key: str, first_seq: int, events: Sequence[Mapping[str, Any]]
+) -> None:
     """Add events `first_seq, first_seq + 1, ...` of a chain to its stored tree, inside the caller's
     transaction. Events the tree lacks before `first_seq` (a chain older than the tree) are read from
     the mirror first. ValueError when the tree already holds more than `first_seq` events."""

@@ -26,7 +26,8 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     key = parse_key_argument(args.key, "--key")
     witnesses = [parse_key_argument(k, "--witness-key") for k in args.witness_key or []]
     raw, _ = read_input(args.file, flag="FILE")
-    lake = LakeStorage(plain_path("--lake", args.lake)) if args.lake else None
+    lake_url = plain_path("--lake", args.lake)
+    lake = LakeStorage(lake_url) if lake_url else None
     document = verify(parse_json_strict(raw, what="evidence package").value, key, lake, witnesses)
     if not document["valid"]:
         raise Findings(document)

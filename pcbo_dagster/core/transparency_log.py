@@ -111,7 +111,7 @@ def event_inclusion_problems(
     where = f"event seq {seq}"
     if checkpoint is None:
         return [f"{where}: no signed checkpoint of size {tree_size}"]
-    if not isinstance(seq, int) or isinstance(seq, bool):
+    if not isinstance(chain, Mapping) or not isinstance(seq, int) or isinstance(seq, bool):
         return [f"{where}: the event has no seq"]
     problems = []
     try:

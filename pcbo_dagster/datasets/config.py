@@ -90,7 +90,7 @@ CRON_SHORTCUTS = {"hourly": "0 * * * *", "daily": "0 0 * * *"}
 REGULAR_CRON_SECONDS = {"0 * * * *": 3600, "0 0 * * *": 86400}
 
 _CRON_BOUNDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
-_CRON_NAMES = (
+_CRON_NAMES: tuple[dict[str, int], ...] = (
     {},
     {},
     {},
@@ -167,11 +167,12 @@ class TimeWindowPartitioning(_Strict):
 
     @model_validator(mode="after")
     def _window(self) -> TimeWindowPartitioning:
-        if self.end is not None and self.end_us <= self.start_us:
+        end_us = self.end_us
+        if end_us is not None and end_us <= self.start_us:
             raise _FieldError("end", "must be later than start")
         seconds = self.fixed_window_seconds
-        if seconds is not None and self.end is not None:
-            count = (self.end_us - self.start_us) // (seconds * 1_000_000)
+        if seconds is not None and end_us is not None:
+            count = (end_us - self.start_us) // (seconds * 1_000_000)
             if count > MAX_PARTITIONS:
                 raise _FieldError(
                     "end", f"the window would make {count} partitions; the limit is {MAX_PARTITIONS}"

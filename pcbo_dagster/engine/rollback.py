@@ -61,6 +61,7 @@ from pcbo_dagster.engine.events import (
 from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
+from pcbo_dagster.lake.manifests import Manifest
 
 
 class RollbackRefused(IntegrityError):
@@ -77,7 +78,7 @@ class UndoStep:
 
     key: str
     version: int
-    manifest: dict[str, Any]
+    manifest: Manifest
     manifest_checksum: str
     partition: dict[str, Any]  # the undone version's `partition` object, from its commit event
     restore_version: int | None
@@ -128,7 +129,7 @@ def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: 
                 f"{rel} is not the manifest the chain "
                 f"committed as version {known.version} ({known.manifest_checksum})",
             )
-        restore = manifests.decode(restore_bytes)
+        restore = manifests.decode_manifest(restore_bytes)
         restore_files = set(_confined_files(dataset, version_label, key, restore, where))
         for entry in restore["files"]:
             data = lake.read_if_exists(entry["path"])
@@ -167,9 +168,7 @@ def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: 
     )
 
 
-def _confined_files(
-    dataset: str, version_label: str, key: str, manifest: dict[str, Any], where: str
-) -> list[str]:
+def _confined_files(dataset: str, version_label: str, key: str, manifest: Manifest, where: str) -> list[str]:
     try:
         return [layout.data_file_path(dataset, version_label, key, f.get("path")) for f in manifest["files"]]
     except (OutsidePartition, AttributeError, TypeError) as exc:

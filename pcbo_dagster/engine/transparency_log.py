@@ -444,7 +444,8 @@ def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> d
         raise InvalidInput(
             "--proof", "not a pcbo log proof (type pcbo.log.inclusion/1 or pcbo.log.consistency/1)"
         )
-    embedded = document.get("checkpoints") if isinstance(document.get("checkpoints"), list) else []
+    listed = document.get("checkpoints")
+    embedded: list[Any] = listed if isinstance(listed, list) else []
     checkpoints, problems = signed_checkpoints_by_size(
         [*held, *(n for n in embedded if isinstance(n, str))], key
     )
@@ -453,7 +454,8 @@ def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> d
         if checkpoint.origin != origin:
             problems.append(f"the checkpoint of size {size} is of origin {checkpoint.origin}, not {origin}")
     if document["type"] == "pcbo.log.inclusion/1":
-        size = document.get("treeSize")
+        tree_size = document.get("treeSize")
+        size = tree_size if isinstance(tree_size, int) else -1
         problems += event_inclusion_problems(
             document.get("event") or {}, size, list(document.get("proof") or []), checkpoints.get(size)
         )

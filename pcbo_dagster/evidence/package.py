@@ -74,7 +74,9 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
             for e in chosen
         }
     subjects: dict[str, dict[str, Any]] = {}
-    partitions, by_reason, policies = [], {}, None
+    partitions: list[dict[str, Any]] = []
+    by_reason: dict[str, int] = {}
+    policies = None
     for event in chosen:
         if event.get("event_type") != PARTITION_COMMITTED:
             continue
@@ -170,7 +172,8 @@ def verify(
         return {"valid": False, "problems": [f"the predicate is not {PREDICATE_TYPE}"]}
     predicate = statement["predicate"]
     run = predicate.get("run") or {}
-    chain_key = f"{run.get('dataset')}/{run.get('versionLabel')}"
+    dataset, version_label = str(run.get("dataset")), str(run.get("versionLabel"))
+    chain_key = f"{dataset}/{version_label}"
     try:
         checkpoint, note = parse_signed_checkpoint(predicate.get("checkpoint") or "")
         verify_note(note, [key])
@@ -199,10 +202,10 @@ def verify(
     subjects = {s.get("name"): s for s in statement.get("subject") or [] if isinstance(s, dict)}
     expected: dict[str, str] = {}
     for (key_, version), event in committed.items():
-        base = layout.partition_dir(run.get("dataset"), run.get("versionLabel"), key_)
+        base = layout.partition_dir(dataset, version_label, str(key_))
         for name, table in (event.get("tables") or {}).items():
             expected[f"{base}/{name}"] = str(table.get("checksum", "")).removeprefix("sha256:")
-        manifest_rel = layout.version_manifest(run.get("dataset"), run.get("versionLabel"), key_, version)
+        manifest_rel = layout.version_manifest(dataset, version_label, str(key_), int(version))
         expected[manifest_rel] = str(event.get("manifest", {}).get("checksum", "")).removeprefix("sha256:")
         if event.get("run_id") != run.get("runId") or event.get("decision_hash") != run.get("decisionHash"):
             problems.append(

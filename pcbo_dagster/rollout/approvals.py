@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.signed_approvals import SignedApproval, read_signed_approval, sign_approval
@@ -44,7 +45,7 @@ ROLLOUT_REJECTED = "rollout_rejected"
 DECISIONS = {"approve": "approved", "reject": "rejected"}
 
 
-def rollout_subject(rollout: dict[str, Any]) -> dict[str, Any]:
+def rollout_subject(rollout: RolloutRow) -> dict[str, Any]:
     """The rollout as the audit events about it (approval, rejection, promotion) name it."""
     return {
         "name": rollout["name"],
@@ -58,7 +59,7 @@ def rollout_subject(rollout: dict[str, Any]) -> dict[str, Any]:
 
 
 def sign_decision(
-    key: SigningKey, rollout: dict[str, Any], action: str, reason: str, decision_hash: str | None, time: str
+    key: SigningKey, rollout: RolloutRow, action: str, reason: str, decision_hash: str | None, time: str
 ) -> str:
     """The signed statement of `key`'s decision (`action`: approve / reject) on `rollout`."""
     if action not in DECISIONS:
@@ -98,6 +99,7 @@ def record_decision(
     except NoteError as exc:
         raise InvalidInput("statement", f"not a signed approval of a listed approver: {exc}") from None
     staged = rollout["decision_hash"]
+    assert staged is not None  # a soaking rollout has staged decisions
     if signed.rollout != name:
         raise InvalidInput("statement", f"the statement is about rollout {signed.rollout!r}, not {name!r}")
     if action is not None and signed.decision != DECISIONS.get(action):
@@ -155,7 +157,7 @@ def _verified(event: dict[str, Any], policy: ApprovalPolicy, name: str) -> Signe
     return signed
 
 
-def decision_in_force(envs: RolloutEnvironments, rollout: dict[str, Any]) -> dict[str, Any] | None:
+def decision_in_force(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[str, Any] | None:
     """The decision in force for `rollout` from the production chain (module doc), as `{decision,
     actor, reason, decision_hash, event_hash, approvals, required, ignored}`; `decision` is
     `approved`, `rejected` or `pending` (fewer valid approvals than required); None when no valid

@@ -193,7 +193,7 @@ def started_line(server: ThreadingHTTPServer, witness: Witness) -> str:
     host, port = server.server_address[:2]
     return json.dumps(
         {
-            "listening": f"http://{host}:{port}",
+            "listening": f"http://{host!s}:{port}",
             "cosignerVerifierKey": witness.key.verifier(COSIGNATURE_V1).text,
             "origins": witness.origin_prefixes,
         }
