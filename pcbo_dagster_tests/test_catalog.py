@@ -174,6 +174,10 @@ EXPECTED_TABLES = {
     "soak_evaluations",
     "audit_pending_batches",
     "alerts",
+    "transparency_trees",
+    "transparency_nodes",
+    "transparency_checkpoints",
+    "checkpoint_cosignatures",
 }
 
 

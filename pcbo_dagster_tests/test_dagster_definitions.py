@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -428,3 +430,35 @@ def test_ledger_ranges_materialize_through_the_engine(workdir, engine):
     [mat] = result.asset_materializations_for_node("ledgers")
     assert mat.partition == "range=2-65" and mat.metadata["status"].value == "committed"
     assert (mat.metadata["ledger_first"].value, mat.metadata["ledger_last"].value) == (2, 65)
+
+
+def test_a_materialization_attaches_its_evidence_package_when_a_signing_key_is_set(
+    workdir, engine, tmp_path, monkeypatch
+):
+    from pcbo_dagster.core.signed_note import new_signing_key
+    from pcbo_dagster.evidence.package import verify as verify_evidence
+
+    key = new_signing_key("ops.example/operator")
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(key.text + "\n")
+    key_file.chmod(0o600)
+    monkeypatch.setenv("PCBO_SIGNING_KEY", str(key_file))
+    config = load_datasets_config(workdir / "datasets.yaml")
+    asset, checks = _asset_and_checks(config, "events")
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [asset, *checks],
+            instance=instance,
+            resources={"pcbo": engine},
+            tags=_range_tags(RANGE_START, "20240101T010000Z"),
+        )
+        assert result.success
+        mats = result.asset_materializations_for_node("events")
+    paths = {m.metadata["evidence_package"].value for m in mats}
+    digests = {m.metadata["evidence_sha256"].value for m in mats}
+    assert len(paths) == 1 and len(digests) == 1
+    data = Path(paths.pop()).read_bytes()
+    assert digests.pop() == "sha256:" + hashlib.sha256(data).hexdigest()
+    document = verify_evidence(json.loads(data), key.verifier())
+    assert document["valid"], document["problems"]
+    assert document["subjects"] == 4  # two partitions: a parquet file and a version manifest each

@@ -22,9 +22,14 @@ from pcbo_dagster.engine.rollback import rollback
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.verify import verify
 from pcbo_dagster.lake import layout, manifests
-from pcbo_dagster.rollout.approvals import record_decision
+from pcbo_dagster.rollout.approvals import record_decision, sign_decision
 from pcbo_dagster.rollout.clock import ManualClock
-from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
+from pcbo_dagster.rollout.environments import (
+    RolloutEnvironments,
+    approval_policy,
+    dataset_settings,
+    open_environments,
+)
 from pcbo_dagster.rollout.health import (
     PLAN_FILE,
     check_production_health,
@@ -33,11 +38,12 @@ from pcbo_dagster.rollout.health import (
     run_health_check,
 )
 from pcbo_dagster.rollout.rollback import range_log_name, rollback_rollout, run_owner
+from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
 
 T0 = datetime(2024, 2, 1, 12, 0, tzinfo=UTC)
 KEYS = [f"20240101T{h:02d}0000Z" for h in range(4)]
 CHAIN = "sessions/v1"
-DATASETS_YAML = """
+DATASETS_YAML = f"""
 version: 1
 datasets:
   - name: sessions
@@ -62,6 +68,7 @@ datasets:
         partitionsPerMinute: 20
       soak:
         windowMinutes: 30
+      {APPROVERS_YAML}
 """
 
 
@@ -141,7 +148,9 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     config = parse_datasets_config(DATASETS_YAML, base_dir=tmp_path)
     dataset = config.dataset("sessions")
     base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    with open_environments(dataset_settings(config, dataset, base, environ={})) as envs:
+    with open_environments(
+        dataset_settings(config, dataset, base, environ={}), approval_policy(dataset.rollout)
+    ) as envs:
         yield World(config, dataset, envs, source, records)
 
 
@@ -285,13 +294,16 @@ def test_approved_rollouts_are_checked_and_rejected_ones_are_not(world: World) -
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
     # Decisions through the approval gate (on the production chain); a bare approval row would count
     # for nothing.
-    record_decision(world.envs, "r1", "approve", by="carol", reason="ok", clock=ManualClock(T0))
+    rollout = world.envs.store.require("r1")
+    approval = sign_decision(CY, rollout, "approve", "ok", None, "2024-01-01T00:00:00Z")
+    record_decision(world.envs, "r1", approval, clock=ManualClock(T0))
     report = check_production_health(world.config, world.dataset, world.envs, T0)
     assert [(p["key"], p["status"]) for p in report["partitions"]] == [
         (KEYS[0], "missing"),
         (KEYS[1], "missing"),
     ]
-    record_decision(world.envs, "r1", "reject", by="carol", reason="not yet", clock=ManualClock(T0))
+    rejection = sign_decision(CY, rollout, "reject", "not yet", None, "2024-01-01T00:00:01Z")
+    record_decision(world.envs, "r1", rejection, clock=ManualClock(T0))
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
 
 

@@ -14,21 +14,24 @@ from typing import Any
 
 import pytest
 
+from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, MALLORY, key_file
 from pcbo_dagster_tests.cli_runner import pcbo_env, run_pcbo
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
-CONFIG = """
+CONFIG = f"""
 version: 1
 datasets:
   - name: sessions
     partitioning:
-      {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T04:00:00Z"}
-    source: {uri: sessions.jsonl, format: jsonl}
-    policies: {requireConsent: true, allowedJurisdictions: [US], onViolation: omit}
+      {{kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T04:00:00Z"}}
+    source: {{uri: sessions.jsonl, format: jsonl}}
+    policies: {{requireConsent: true, allowedJurisdictions: [US], onViolation: omit}}
     rollout:
-      throttle: {partitionsPerMinute: 30}
-      soak: {windowMinutes: 30}
+      throttle: {{partitionsPerMinute: 30}}
+      soak: {{windowMinutes: 30}}
+      {APPROVERS_YAML}
 """
+CONFIG_FLAG = ("--config", "datasets.yaml")
 
 
 @pytest.fixture
@@ -45,6 +48,8 @@ def workdir(tmp_path: Path) -> Path:
     ]
     (tmp_path / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "datasets.yaml").write_text(CONFIG)
+    key_file(tmp_path, CY)
+    key_file(tmp_path, MALLORY)
     return tmp_path
 
 
@@ -129,7 +134,7 @@ def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
     blocked = pcbo(workdir, "rollout", "promote", "r1", "--by", "dee", "--config", "datasets.yaml")
     assert blocked.status == 3
     reasons = " ".join(blocked.document["reasons"])
-    assert "soak" in reasons and "no approval yet" in reasons
+    assert "soak" in reasons and "no signed approval yet" in reasons
     assert not list((workdir / "home" / "lake").rglob("_manifest.json"))
 
     # Approvals: the wrong decision hash and missing fields are refused (exit 2, field named).
@@ -137,8 +142,8 @@ def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
         workdir,
         "approve",
         "r1",
-        "--by",
-        "cy",
+        "--key",
+        "cy.key",
         "--reason",
         "ok",
         "--decision-hash",
@@ -148,17 +153,19 @@ def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
     )
     # Errors name the flag the user typed.
     assert wrong.status == 2 and "invalid input: --decision-hash: " in wrong.stderr
-    blank = pcbo(workdir, "approve", "r1", "--by", " ", "--reason", "ok", "--config", "datasets.yaml")
-    assert blank.status == 2 and "invalid input: --by: " in blank.stderr
-    unknown = pcbo(workdir, "reject", "nope", "--by", "cy", "--reason", "x", "--config", "datasets.yaml")
+    blank = pcbo(workdir, "approve", "r1", "--key", "cy.key", "--reason", " ", "--config", "datasets.yaml")
+    assert blank.status == 2 and "invalid input: --reason: " in blank.stderr
+    unlisted = pcbo(workdir, "approve", "r1", "--key", "mallory.key", "--reason", "ok", *CONFIG_FLAG)
+    assert unlisted.status == 2 and "not a listed approver" in unlisted.stderr
+    unknown = pcbo(workdir, "reject", "nope", "--key", "cy.key", "--reason", "x", "--config", "datasets.yaml")
     assert unknown.status == 2 and "rollout" in unknown.stderr
     staged = status_of(workdir, "r1")["rollout"]["decision_hash"]
     approved = pcbo(
         workdir,
         "approve",
         "r1",
-        "--by",
-        "cy",
+        "--key",
+        "cy.key",
         "--reason",
         "numbers reviewed",
         "--decision-hash",
@@ -193,7 +200,7 @@ def test_cancel_then_roll_back(workdir: Path) -> None:
     # A cancelled rollout cannot be resumed or approved; it can be rolled back (idempotently).
     assert pcbo(workdir, "rollout", "resume", "r2", "--by", "bo").status == 2
     assert (
-        pcbo(workdir, "approve", "r2", "--by", "cy", "--reason", "x", "--config", "datasets.yaml").status == 2
+        pcbo(workdir, "approve", "r2", "--key", "cy.key", "--reason", "x", *CONFIG_FLAG).status == 2
     )
     for _ in range(2):
         rolled = pcbo(
@@ -297,7 +304,7 @@ def test_promote_records_who_promoted_and_the_summary_names_real_commands(workdi
 
     time.sleep(1.3)  # the soak window (0.02 minutes) ends; one evaluation after it passes the soak
     assert pcbo(workdir, "rollout", "soak", "r3", *config).status == 0
-    approved = pcbo(workdir, "approve", "r3", "--by", "cy", "--reason", "numbers reviewed", *config)
+    approved = pcbo(workdir, "approve", "r3", "--key", "cy.key", "--reason", "numbers reviewed", *config)
     assert approved.status == 0, approved.stderr
 
     unnamed = pcbo(workdir, "rollout", "promote", "r3", *config)
@@ -312,11 +319,11 @@ def test_promote_records_who_promoted_and_the_summary_names_real_commands(workdi
     assert len(list((workdir / "home" / "lake").rglob("_manifest.json"))) == 4
     entry = next(h for h in status_of(workdir, "r3")["history"] if h["kind"] == "promoted")
     assert entry["actor"] == "dee" and entry["detail"]["promotedBy"] == "dee"
-    assert entry["detail"]["approvedBy"] == "cy"
+    assert entry["detail"]["approvedBy"] == CY.name
     chain = [json.loads(line) for line in (workdir / "home" / "pas" / "sessions" / "v1.jsonl").open()]
     event = chain[-1]
     assert event["event_type"] == "rollout_promoted" and event["by"] == "dee"
-    assert event["approved_by"] == "cy" and event["complete"] is True
+    assert event["approved_by"] == CY.name and event["complete"] is True
     assert event["chain"]["event_hash"] == promoted.document["auditEventHash"]
     assert event["partition_keys"] == KEYS and event["rollout"]["name"] == "r3"
     verified = run_pcbo(["verify"], home=workdir / "home", cwd=workdir)

@@ -29,8 +29,10 @@ from pcbo_dagster.engine.environment import Environment  # noqa: E402
 from pcbo_dagster.engine.rollback import rollback  # noqa: E402
 from pcbo_dagster.engine.settings import Settings  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
+from pcbo_dagster.rollout.approvals import sign_decision  # noqa: E402
 from pcbo_dagster.rollout.clock import ManualClock  # noqa: E402
 from pcbo_dagster.rollout.environments import staging_settings  # noqa: E402
+from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, BO, CY  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
@@ -48,7 +50,10 @@ datasets:
       throttle: {partitionsPerMinute: 2}
       soak: {windowMinutes: 30}
       businessMetric: {name: conversion_rate, expression: mean(converted), atLeast: 0.5}
-"""
+      @APPROVERS@
+""".replace("@APPROVERS@", APPROVERS_YAML)
+
+T0_TEXT = "2024-01-02T00:00:00Z"
 
 
 def _sessions() -> list[dict[str, Any]]:
@@ -153,26 +158,33 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
     d.clock.advance(600)
     assert d.run_job("soak_monitor").success
     text = _skip_text(d.tick())
-    assert "soak soaking" in text and "no approval yet" in text
+    assert "soak soaking" in text and "no signed approval yet" in text
 
     # 3. A rejection blocks promotion, with who and why in the tick.
     rejected = d.op_job(
         "rollout_approval",
         "rollout_approval_op",
-        {"rollout": "r1", "decision": "reject", "by": "bo", "reason": "wait for the finance sign-off"},
+        {
+            "rollout": "r1",
+            # signed with bo's key (as `pcbo reject --key` signs it), pasted into the launchpad
+            "statement": sign_decision(BO, rollout, "reject", "wait for the finance sign-off", None, T0_TEXT),
+        },
     )
     assert rejected.success
     d.clock.advance(1500)  # the 30-minute window is over
     assert d.run_job("soak_monitor").success
     text = _skip_text(d.tick())
-    assert "rejected by bo: wait for the finance sign-off" in text
+    assert f"rejected by {BO.name}: wait for the finance sign-off" in text
     assert "soak" not in text.split("r1:", 1)[1].split("rejected")[0]  # the soak passed
 
     # 4. An approval of decisions that no longer hold (the source changed) is stale.
     approved = d.op_job(
         "rollout_approval",
         "rollout_approval_op",
-        {"rollout": "r1", "decision": "approve", "by": "cy", "reason": "numbers reviewed"},
+        {
+            "rollout": "r1",
+            "statement": sign_decision(CY, rollout, "approve", "numbers reviewed", None, T0_TEXT),
+        },
     )
     assert approved.success
     original = d.source.read_bytes()
@@ -196,7 +208,7 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
     tick = d.tick()
     assert isinstance(tick, dg.SensorResult) and len(tick.run_requests) == 1
     request = tick.run_requests[0]
-    assert request.tags["pcbo/rollout"] == "r1" and request.tags["pcbo/approved_by"] == "cy"
+    assert request.tags["pcbo/rollout"] == "r1" and request.tags["pcbo/approved_by"] == CY.name
     promoted = d.run_job(request.job_name, tags=request.tags)
     assert promoted.success
     assert store.require("r1")["status"] == "promoted"
@@ -213,8 +225,8 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
         if e["event_type"].startswith("rollout_")
     ]
     assert decisions == [
-        ("rollout_rejected", "bo", rollout["decision_hash"]),
-        ("rollout_approved", "cy", rollout["decision_hash"]),
+        ("rollout_rejected", BO.name, rollout["decision_hash"]),
+        ("rollout_approved", CY.name, rollout["decision_hash"]),
         ("rollout_promoted", "sensor rollout_promotion", rollout["decision_hash"]),
     ]
     assert store.history("r1")[-1]["actor"] == "sensor rollout_promotion"

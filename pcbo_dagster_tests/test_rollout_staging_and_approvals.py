@@ -22,6 +22,7 @@ from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster.rollout.throttle import Throttle
+from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, BO, CY
 from pcbo_dagster_tests.cli_runner import backup_events, lake_files, run_pcbo
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
@@ -50,6 +51,7 @@ datasets:
     rollout:
       throttle: {throttle}
       soak: {{windowMinutes: 5}}
+      {APPROVERS_YAML}
 """
     return parse_datasets_config(text, base_dir=tmp_path)
 
@@ -103,16 +105,16 @@ def test_approvals_are_append_only_and_on_the_production_chain(tmp_path: Path) -
     clock = ManualClock(T0)
     staged = operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
     assert clock.slept == []  # no throttle configured: no waits
-    rejected = operations.decide(config, base, "r", "reject", by="bo", reason="too early", clock=clock)
-    approved = operations.decide(config, base, "r", "approve", by="cy", reason="fine now", clock=clock)
+    rejected = operations.decide(config, base, "r", "reject", key=BO, reason="too early", clock=clock)
+    approved = operations.decide(config, base, "r", "approve", key=CY, reason="fine now", clock=clock)
     decision_hash = staged["execute"]["decisionHash"]
     assert rejected["decisionHash"] == approved["decisionHash"] == decision_hash
     chain = AuditBackup(base.audit_dir).read_chain("sessions/v1")
     assert verify_chain(chain, "sessions/v1") == []
     events = [e for e in chain if e["event_type"].startswith("rollout_")]
     assert [(e["event_type"], e["by"], e["reason"]) for e in events] == [
-        ("rollout_rejected", "bo", "too early"),
-        ("rollout_approved", "cy", "fine now"),
+        ("rollout_rejected", BO.name, "too early"),
+        ("rollout_approved", CY.name, "fine now"),
     ]
     assert [e["chain"]["event_hash"] for e in events] == [
         rejected["auditEventHash"],
@@ -133,7 +135,7 @@ def test_approvals_are_append_only_and_on_the_production_chain(tmp_path: Path) -
     finally:
         catalog.close()
     status = operations.status(config, base, "r", clock=clock)
-    assert status["gate"]["open"] is False and status["approvals"][-1]["actor"] == "cy"
+    assert status["gate"]["open"] is False and status["approvals"][-1]["actor"] == CY.name
 
 
 @pytest.mark.parametrize("before", ["rejected", "nothing"])
@@ -146,7 +148,7 @@ def test_a_row_in_rollout_approvals_alone_opens_no_gate(tmp_path: Path, before: 
     clock = ManualClock(T0)
     staged = operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
     if before == "rejected":
-        operations.decide(config, base, "r", "reject", by="bo", reason="no", clock=clock)
+        operations.decide(config, base, "r", "reject", key=BO, reason="no", clock=clock)
     catalog = CatalogStore(base.catalog_url)
     try:
         RolloutStore(catalog).record_approval(
@@ -165,7 +167,7 @@ def test_a_row_in_rollout_approvals_alone_opens_no_gate(tmp_path: Path, before: 
     gate = operations.status(config, base, "r", clock=clock)["gate"]
     assert gate["soak"]["state"] == "passed", gate
     assert gate["open"] is False
-    expected = "rejected by bo" if before == "rejected" else "no approval yet"
+    expected = f"rejected by {BO.name}" if before == "rejected" else "no signed approval yet"
     assert any(expected in reason for reason in gate["reasons"]), gate["reasons"]
     assert "mallory" not in json.dumps(gate)
     with pytest.raises(Blocked):
@@ -179,7 +181,7 @@ def _approved_rollout(tmp_path: Path) -> tuple[object, Settings, ManualClock]:
     operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
     clock.advance(600)
     operations.soak(config, base, clock=clock)
-    operations.decide(config, base, "r", "approve", by="cy", reason="fine", clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="fine", clock=clock)
     return config, base, clock
 
 

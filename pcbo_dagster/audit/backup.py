@@ -7,6 +7,7 @@ Layout under the backup directory, for chain_key `<dataset>/<versionLabel>`:
     <dataset>/<versionLabel>.delivered  remote delivery cursor (see `pcbo_dagster.audit.delivery`)
 
     <dataset>/<versionLabel>.torn       fragments of torn writes set aside (see below)
+    <dataset>/<versionLabel>.checkpoint-delivered   the last checkpoint delivered to the endpoint
 
 Lines are only ever appended (O_APPEND, one write per line); no event is ever rewritten.
 A crash (or a full disk) in the middle of a write can leave a final fragment without its newline. A
@@ -51,6 +52,7 @@ class ChainPaths:
     delivered: Path
     delivery_lock: Path
     torn: Path
+    checkpoint_delivered: Path
 
 
 class _ChainLock:
@@ -154,6 +156,7 @@ class AuditBackup:
             delivered=folder / f"{label}.delivered",
             delivery_lock=folder / f"{label}.delivery-lock",
             torn=folder / f"{label}.torn",
+            checkpoint_delivered=folder / f"{label}.checkpoint-delivered",
         )
 
     @contextmanager

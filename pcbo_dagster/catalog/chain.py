@@ -5,7 +5,8 @@ The audit log (`audit.log`) appends to the local backup first and then here, ins
 (threads, processes, hosts on PostgreSQL) serialise and never fork it. `audit_events` is append-only
 (database triggers). The batch an append is about to write is recorded first in
 `audit_pending_batches` (`ChainTransaction.set_pending`), so a crash between the backup and the mirror
-can be told from events appended to one store alone (`audit.log`).
+can be told from events appended to one store alone (`audit.log`). Every event is also added, in the
+same transaction, to the chain's transparency log (`catalog/transparency.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database, insert_ignore, upsert
+from pcbo_dagster.catalog.transparency import append_leaves
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
 
@@ -50,6 +52,7 @@ class ChainTransaction:
         """Store events that extend the head, in order, and move the head (ValueError on a bad link)."""
         head = self.head()
         seq, prev = (head[0], head[1]) if head is not None else (-1, None)
+        first_seq = seq + 1
         rows = []
         for ev in events:
             chain = ev.get("chain") if isinstance(ev, Mapping) else None
@@ -88,6 +91,7 @@ class ChainTransaction:
         try:
             with self._conn.begin_nested():
                 self._conn.execute(t.audit_events.insert(), rows)
+                append_leaves(self._conn, self.chain_key, first_seq, events)
         except IntegrityError as exc:
             raise ValueError(
                 f"event refused by the catalog (duplicate seq or event_hash): {exc.orig}"

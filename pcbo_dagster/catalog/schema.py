@@ -28,13 +28,15 @@ metadata = MetaData()
 
 
 #: Tables whose rows are only ever added (database triggers refuse UPDATE, DELETE, REPLACE and, on
-#: PostgreSQL, TRUNCATE: migrations 0001, 0003, 0004). `pcbo verify` reports a dropped trigger.
+#: PostgreSQL, TRUNCATE: migrations 0001, 0003, 0004, 0005). `pcbo verify` reports a dropped trigger.
 APPEND_ONLY_TABLES = (
     "audit_events",
     "discrepancy_events",
     "rollout_log",
     "rollout_approvals",
     "soak_evaluations",
+    "transparency_checkpoints",
+    "checkpoint_cosignatures",
 )
 
 
@@ -325,4 +327,53 @@ alerts = Table(
     Column("delivered_at", UTCDateTime(), nullable=True),
     PrimaryKeyConstraint("id", name="pk_alerts"),
     UniqueConstraint("alert_key", name="uq_alerts_alert_key"),
+)
+
+# --- the transparency log of each audit chain (migration 0005) ----------------------------------
+
+# How many events of a chain the stored tree holds.
+transparency_trees = Table(
+    "transparency_trees",
+    metadata,
+    Column("chain_key", Name, nullable=False),
+    Column("tree_size", BigInteger, nullable=False),
+    PrimaryKeyConstraint("chain_key", name="pk_transparency_trees"),
+)
+
+# The hash (hex) of every perfect subtree of a chain's log: leaves [index * 2**level, (index + 1) * 2**level).
+transparency_nodes = Table(
+    "transparency_nodes",
+    metadata,
+    Column("chain_key", Name, nullable=False),
+    Column("level", Integer, nullable=False),
+    Column("node_index", BigInteger, nullable=False),
+    Column("hash", String(64), nullable=False),
+    PrimaryKeyConstraint("chain_key", "level", "node_index", name="pk_transparency_nodes"),
+)
+
+# Signed checkpoints (append-only): one per chain and tree size.
+transparency_checkpoints = Table(
+    "transparency_checkpoints",
+    metadata,
+    Column("chain_key", Name, nullable=False),
+    Column("tree_size", BigInteger, nullable=False),
+    Column("root_hash", String(64), nullable=False),
+    Column("origin", Text, nullable=False),
+    Column("signer_key", Text, nullable=False),
+    Column("note", Text, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("chain_key", "tree_size", name="pk_transparency_checkpoints"),
+)
+
+# Witness cosignatures of checkpoints (append-only): one per witness key.
+checkpoint_cosignatures = Table(
+    "checkpoint_cosignatures",
+    metadata,
+    Column("chain_key", Name, nullable=False),
+    Column("tree_size", BigInteger, nullable=False),
+    Column("witness_key", Text, nullable=False),
+    Column("signature_line", Text, nullable=False),
+    Column("cosigned_at", BigInteger, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("chain_key", "tree_size", "witness_key", name="pk_checkpoint_cosignatures"),
 )

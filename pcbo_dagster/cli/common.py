@@ -86,6 +86,8 @@ def engine_settings(args: argparse.Namespace) -> Any:
         audit_dir=args.audit_dir,
         audit_endpoint=getattr(args, "audit_endpoint", None),
         parallel=getattr(args, "parallel", None),
+        signing_key=getattr(args, "signing_key", None),
+        witnesses=getattr(args, "witness", None),
     )
 
 
@@ -136,6 +138,18 @@ def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
             "--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)"
         )
         p.add_argument("--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)")
+        p.add_argument(
+            "--signing-key",
+            help="the operator's private key file: checkpoints of the audit chains are signed with it "
+            "(PCBO_SIGNING_KEY; default: none, nothing is signed)",
+        )
+        p.add_argument(
+            "--witness",
+            action="append",
+            metavar="'VKEY URL'",
+            help="a witness asked to cosign each checkpoint: its cosigner verifier key and URL "
+            "(repeatable; PCBO_WITNESSES, ';'-separated)",
+        )
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:

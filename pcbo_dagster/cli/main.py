@@ -30,6 +30,9 @@ from pcbo_dagster.cli.common import (
     read_input,
     write_output,
 )
+from pcbo_dagster.cli.evidence_commands import add_evidence_commands
+from pcbo_dagster.cli.key_commands import add_key_commands
+from pcbo_dagster.cli.log_commands import add_log_commands
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
@@ -90,11 +93,37 @@ def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
             return execute(env, loaded, plan, decisions, progress=lambda n: bar.advance(task, n))
 
 
+def _trusted_checkpoint(args: argparse.Namespace) -> Any:
+    """`--trusted-checkpoint FILE --key VKEY [--witness-key VKEY ...] [--min-witnesses N]`, checked
+    before anything is opened (bad input: exit 2)."""
+    from pcbo_dagster.engine.transparency_log import parse_key_argument, read_trusted_checkpoint
+    from pcbo_dagster.engine.verify import TrustedCheckpoint
+
+    given = [args.key is not None, bool(args.witness_key), args.min_witnesses is not None]
+    if args.trusted_checkpoint is None:
+        if any(given):
+            raise InvalidInput("--trusted-checkpoint", "--key, --witness-key and --min-witnesses need it")
+        return None
+    if args.key is None:
+        raise InvalidInput("--key", "give the operator's verifier key that signed the trusted checkpoint")
+    key = parse_key_argument(args.key, "--key")
+    data, _ = read_input(args.trusted_checkpoint, flag="--trusted-checkpoint")
+    checkpoint, note = read_trusted_checkpoint(data, key, "--trusted-checkpoint")
+    witness_keys = [parse_key_argument(k, "--witness-key") for k in args.witness_key or []]
+    minimum = args.min_witnesses or 0
+    if minimum < 0 or minimum > len(witness_keys):
+        raise InvalidInput(
+            "--min-witnesses", f"must be between 0 and the {len(witness_keys)} --witness-key given"
+        )
+    return TrustedCheckpoint(checkpoint, note, witness_keys, minimum)
+
+
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.verify import verify
 
+    trusted = _trusted_checkpoint(args)
     with open_environment(args, create=False) as env:
-        document = verify(env, repair=args.repair)
+        document = verify(env, repair=args.repair, trusted=trusted)
     if document["status"] != "clean":
         raise Findings(document)
     return document
@@ -329,6 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check the lake, catalog and audit chains")
     add_common_options(p)
     p.add_argument("--repair", action="store_true", help="append events missing after a crash")
+    p.add_argument(
+        "--trusted-checkpoint",
+        metavar="FILE",
+        help="a signed checkpoint you hold: the current chain must extend it (no rewrite, no truncation)",
+    )
+    p.add_argument(
+        "--key", help="with --trusted-checkpoint: the operator's verifier key (or a file holding it)"
+    )
+    p.add_argument(
+        "--witness-key",
+        action="append",
+        help="with --trusted-checkpoint: a witness's cosigner verifier key (repeatable)",
+    )
+    p.add_argument(
+        "--min-witnesses",
+        type=int,
+        metavar="N",
+        help="with --trusted-checkpoint: how many --witness-key cosignatures it must carry (default 0)",
+    )
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("proof", help="inclusion proof of an id, or consistency proof between versions")
@@ -390,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     add_rollout_commands(sub)
+    add_log_commands(sub)
+    add_key_commands(sub)
+    add_evidence_commands(sub)
     return parser
 
 

@@ -10,8 +10,8 @@
     pcbo rollout rollback (R | --dataset D --from KEY --to KEY) --stage staging|production
                           --by WHO --reason TEXT
     pcbo rollout health --dataset D [--launch]  production health report and mini backfill plan
-    pcbo approve R --by WHO --reason TEXT [--decision-hash H]
-    pcbo reject  R --by WHO --reason TEXT
+    pcbo approve R --key FILE --reason TEXT [--decision-hash H]   (or --statement FILE: signed elsewhere)
+    pcbo reject  R --key FILE --reason TEXT
 
 The datasets config is `--config`, else `PCBO_DATASETS_CONFIG`, else the example shipped in the package; the
 engine settings (`--home`, `--catalog`, ...) are the production environment's, and staging sits beside
@@ -114,15 +114,31 @@ def cmd_health(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from pcbo_dagster.cli.common import read_input
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.engine.transparency_log import load_signing_key
     from pcbo_dagster.rollout import operations
 
+    if (args.key is None) == (args.statement is None):
+        raise InvalidInput(
+            "--key", "give your key (--key FILE, to sign now) or a signed statement (--statement FILE)"
+        )
+    statement = None
+    if args.statement is not None:
+        statement = read_input(args.statement, flag="--statement")[0].decode("utf-8", "replace")
+    key = load_signing_key(Path(args.key).expanduser(), "--key") if args.key is not None else None
+    if key is not None and not (args.reason or "").strip():
+        raise InvalidInput("--reason", "say why")
     return operations.decide(
         _config(args),
         engine_settings(args),
         args.rollout,
         args.command,
-        by=args.by,
-        reason=args.reason,
+        key=key,
+        statement=statement,
+        reason=args.reason or "",
         decision_hash=getattr(args, "decision_hash", None),
     )
 
@@ -215,8 +231,13 @@ def add_rollout_commands(sub: Any) -> None:
     ):
         p = with_config(sub.add_parser(command, help=help_text))
         _rollout_arg(p)
-        _by(p, "decides")
-        p.add_argument("--reason", required=True, help="why (recorded on the audit chain)")
+        p.add_argument(
+            "--key", help="your private key file: the decision is signed with it (a listed approver's key)"
+        )
+        p.add_argument(
+            "--statement", help="a decision already signed (pcbo.approval/v1 signed note) to record instead"
+        )
+        p.add_argument("--reason", help="why (signed, and recorded on the audit chain)")
         if command == "approve":
             p.add_argument("--decision-hash", help="the decision hash you approve (default: the staged one)")
         p.set_defaults(func=cmd_decide)

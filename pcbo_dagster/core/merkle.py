@@ -14,7 +14,7 @@ Pure: hashlib only, no I/O.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -80,6 +80,12 @@ class MerkleTree:
         top = self.levels[-1]
         return top[0] if top else EMPTY_ROOT
 
+    def prefix_root(self, size: int) -> bytes:
+        """MTH of the first `size` leaves (`0 <= size <= self.size`)."""
+        if not 0 <= size <= self.size:
+            raise ValueError(f"size {size} out of range for tree size {self.size}")
+        return EMPTY_ROOT if size == 0 else self._subtree(0, size)
+
     def _subtree(self, start: int, end: int) -> bytes:
         """MTH of leaves `[start, end)` (non-empty), from the stored levels where they cover it."""
         size = end - start
@@ -107,24 +113,74 @@ class MerkleTree:
         """
         if not 0 < old_size <= self.size:
             raise ValueError(f"old size {old_size} out of range for tree size {self.size}")
-        # SUBPROOF(m, D[start:end], b), unrolled: each step appends one node, so collect them
-        # top-down and reverse at the end (the proof lists the deepest node first).
-        nodes: list[bytes] = []
-        m, start, end, complete = old_size, 0, self.size, True
-        while m != end - start:
-            k = 1 << ((end - start - 1).bit_length() - 1)
-            if m <= k:
-                nodes.append(self._subtree(start + k, end))
-                end = start + k
-            else:
-                nodes.append(self._subtree(start, start + k))
-                m -= k
-                start += k
-                complete = False
-        if not complete:
-            nodes.append(self._subtree(start, end))
-        nodes.reverse()
-        return nodes
+        return consistency_path(self._subtree, old_size, self.size)
+
+
+SubtreeHash = Callable[[int, int], bytes]
+"""`subtree(start, end)`: the MTH of leaves `[start, end)` of some tree (non-empty range)."""
+
+
+def subtree_from_perfect(perfect: Callable[[int, int], bytes]) -> SubtreeHash:
+    """`subtree(start, end)` computed from `perfect(level, index)`, the hashes of the tree's perfect
+    subtrees (leaves `[index * 2**level, (index + 1) * 2**level)`): any range RFC 6962 splits a tree
+    into is a perfect subtree or the node hash of two such ranges, so a stored set of perfect
+    subtrees serves every root and proof with O(log n) look-ups per range."""
+
+    def subtree(start: int, end: int) -> bytes:
+        size = end - start
+        if size & (size - 1) == 0 and start % size == 0:
+            return perfect(size.bit_length() - 1, start // size)
+        k = 1 << ((size - 1).bit_length() - 1)
+        return node_hash(subtree(start, start + k), subtree(start + k, end))
+
+    return subtree
+
+
+def tree_root(subtree: SubtreeHash, size: int) -> bytes:
+    """MTH of the first `size` leaves (`SHA-256("")` for none)."""
+    return EMPTY_ROOT if size == 0 else subtree(0, size)
+
+
+def audit_path(subtree: SubtreeHash, index: int, size: int) -> list[bytes]:
+    """RFC 6962 section 2.1.1 PATH(index, D[size]), bottom sibling first."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf index {index} out of range for tree size {size}")
+    nodes: list[bytes] = []
+    start, end = 0, size
+    while end - start > 1:
+        k = 1 << ((end - start - 1).bit_length() - 1)
+        if index < start + k:
+            nodes.append(subtree(start + k, end))
+            end = start + k
+        else:
+            nodes.append(subtree(start, start + k))
+            start += k
+    nodes.reverse()
+    return nodes
+
+
+def consistency_path(subtree: SubtreeHash, old_size: int, size: int) -> list[bytes]:
+    """RFC 6962 section 2.1.2 PROOF(old_size, D[size]) for `0 < old_size <= size` (empty when equal)."""
+    if not 0 < old_size <= size:
+        raise ValueError(f"old size {old_size} out of range for tree size {size}")
+    # SUBPROOF(m, D[start:end], b), unrolled: each step appends one node, so collect them
+    # top-down and reverse at the end (the proof lists the deepest node first).
+    nodes: list[bytes] = []
+    m, start, end, complete = old_size, 0, size, True
+    while m != end - start:
+        k = 1 << ((end - start - 1).bit_length() - 1)
+        if m <= k:
+            nodes.append(subtree(start + k, end))
+            end = start + k
+        else:
+            nodes.append(subtree(start, start + k))
+            m -= k
+            start += k
+            complete = False
+    if not complete:
+        nodes.append(subtree(start, end))
+    nodes.reverse()
+    return nodes
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:

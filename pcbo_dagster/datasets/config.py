@@ -25,6 +25,8 @@ datasets:
       throttle: {partitionsPerMinute: 20, recordsPerMinute: null}
       soak: {windowMinutes: 360}      # the soak monitor watches staging this long
       businessMetric: {name: conversion_rate, expression: "mean(converted)", atLeast: 0.85}
+      approvers: ["ops.example/alice+1a2b3c4d+AU...", ...]   # verifier keys (pcbo keys generate)
+      requiredApprovals: 1            # how many listed approvers must sign an approval
   - name: ledgers
     partitioning: {kind: ledger_range, firstLedger: 2, partitionSize: 64, lastLedger: 641}
                                       # field: ledgerSequence (the integer record field, default);
@@ -392,6 +394,27 @@ class RolloutConfig(_Strict):
     throttle: ThrottleConfig = ThrottleConfig()
     soak: SoakConfig = SoakConfig()
     businessMetric: BusinessMetricConfig | None = None
+    #: The approvers' verifier keys (C2SP vkeys): only approvals signed by one of them count.
+    approvers: list[StrictStr] = []
+    #: How many distinct listed approvers must approve the staged decision hash.
+    requiredApprovals: Annotated[int, Field(ge=1, le=100)] = 1
+
+    @model_validator(mode="after")
+    def _approvers(self) -> RolloutConfig:
+        from pcbo_dagster.core.signed_note import ED25519, NoteError, parse_verifier_key
+
+        names = set()
+        for index, text in enumerate(self.approvers):
+            try:
+                key = parse_verifier_key(text)
+            except NoteError as exc:
+                raise _FieldError(f"approvers[{index}]", str(exc)) from None
+            if key.signature_type != ED25519 or key.name in names:
+                raise _FieldError(f"approvers[{index}]", "an Ed25519 (type 0x01) key, each name once")
+            names.add(key.name)
+        if self.approvers and self.requiredApprovals > len(self.approvers):
+            raise _FieldError("requiredApprovals", f"more than the {len(self.approvers)} approvers listed")
+        return self
 
 
 class DatasetConfig(_Strict):

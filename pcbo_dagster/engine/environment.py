@@ -10,14 +10,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import HttpDelivery
 from pcbo_dagster.audit.log import AuditLog
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
+from pcbo_dagster.core.signed_note import SigningKey
 from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.engine.transparency_log import load_signing_key, witnesses_of
 from pcbo_dagster.io.env_vars import positive_number
 from pcbo_dagster.lake.storage import LakeStorage
 
@@ -87,11 +89,22 @@ class Environment:
     lake: LakeStorage
     catalog: CatalogStore
     audit: AuditLog
+    #: The operator's key: checkpoints and evidence packages are signed with it (None: unsigned).
+    signing_key: SigningKey | None = None
+    #: Witnesses asked to cosign each checkpoint (`witness.client.Witness`).
+    witnesses: list = field(default_factory=list)
 
     @classmethod
     def open(cls, settings: Settings, create: bool = True) -> Environment:
         """Open the lake, catalog and audit log; `create=False` (commands that only look at or undo
-        what is there) refuses, with nothing created, an embedded catalog that does not exist yet."""
+        what is there) refuses, with nothing created, an embedded catalog that does not exist yet. A
+        signing key or witness list that is not valid is refused first (nothing created)."""
+        signing_key = (
+            load_signing_key(settings.signing_key, settings.signing_key_field)
+            if settings.signing_key is not None
+            else None
+        )
+        witnesses = witnesses_of(settings.witnesses, settings.witnesses_field)
         catalog = CatalogStore(settings.catalog_url)
         if not create and catalog.is_missing_sqlite_file():
             raise InvalidInput(
@@ -108,7 +121,14 @@ class Environment:
                 attempts=settings.audit_attempts,
                 initial_wait=settings.audit_initial_wait,
             )
-        return cls(settings, LakeStorage(settings.lake_url), catalog, AuditLog(backup, catalog, delivery))
+        return cls(
+            settings,
+            LakeStorage(settings.lake_url),
+            catalog,
+            AuditLog(backup, catalog, delivery),
+            signing_key,
+            witnesses,
+        )
 
     def close(self) -> None:
         self.catalog.close()

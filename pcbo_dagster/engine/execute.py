@@ -57,6 +57,7 @@ from pcbo_dagster.engine.events import (
 )
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import apply_undos, plan_undo
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.lake.manifests import FileEntry, Manifest, RollbackManifest
 from pcbo_dagster.sources.streaming import source_batch_size
@@ -369,7 +370,7 @@ def execute(
             "stopped": stopped,
         }
         env.catalog.finish_run(request.runId, final, summary)
-    delivery = env.audit.deliver_pending(ckey)
+    published = publish(env, ckey)
     document = {
         "status": final,
         "runId": request.runId,
@@ -389,7 +390,8 @@ def execute(
             },
         },
         "totals": {**decisions.totals, **summary},
-        "auditDelivery": delivery.to_dict() if delivery is not None else None,
+        "auditDelivery": published["auditDelivery"],
+        "checkpoint": published["checkpoint"],
     }
     if failure:
         raise ExecuteFailed(failure, document)

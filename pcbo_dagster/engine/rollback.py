@@ -58,6 +58,7 @@ from pcbo_dagster.engine.events import (
     rollback_intent_body,
     rollback_intent_entry,
 )
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
 from pcbo_dagster.lake.manifests import Manifest
@@ -379,7 +380,7 @@ def rollback(
             else:
                 step = plan_undo(env, state, dataset, version_label, partition_key)
                 results += apply_undos(env, state, dataset, version_label, [step], reason=reason, run_id=None)
-    env.audit.deliver_pending(ckey)
+    published = publish(env, ckey)
     done = sum(1 for r in results if r["status"] == "rolled_back")
     if not results:
         results = (
@@ -396,6 +397,7 @@ def rollback(
         "rolledBack": done,
         "partitions": results,
         "healed": healed,
+        "checkpoint": published["checkpoint"],
     }
 
 

@@ -8,6 +8,9 @@
 | audit backup   | `--audit-dir`      | `PCBO_AUDIT_DIR`      | `$PCBO_HOME/pas`                 |
 | audit endpoint | `--audit-endpoint` | `PCBO_AUDIT_ENDPOINT` | none (local backup only)         |
 | parallel       | `--parallel`       | `PCBO_PARALLEL`       | 4 (1: one partition at a time)   |
+| signing key    | `--signing-key`    | `PCBO_SIGNING_KEY`    | none: no checkpoint is signed    |
+| witnesses      | `--witness` (many) | `PCBO_WITNESSES`      | none                             |
+| origin prefix  |                    | `PCBO_CHECKPOINT_ORIGIN_PREFIX` | `pcbo/`                |
 
 `parallel` is how many partitions `execute` reads, encodes and writes at once (audit events are
 still appended one after another, in partition order).
@@ -16,6 +19,7 @@ still appended one after another, in partition order).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,14 @@ class Settings:
     audit_attempts: int = 3
     audit_initial_wait: float = 0.5
     parallel: int = DEFAULT_PARALLEL
+    #: The operator's signing key file (checkpoints, evidence packages); None: nothing is signed.
+    signing_key: Path | None = None
+    #: Witnesses asked to cosign each checkpoint: `<cosigner vkey> <URL>` each.
+    witnesses: tuple[str, ...] = ()
+    checkpoint_origin_prefix: str = "pcbo/"
+    #: How an error about the signing key names it: the flag or the variable it came from.
+    signing_key_field: str = "PCBO_SIGNING_KEY"
+    witnesses_field: str = "PCBO_WITNESSES"
 
     @classmethod
     def resolve(
@@ -54,6 +66,8 @@ class Settings:
         audit_endpoint: str | None = None,
         env: dict[str, str] | None = None,
         parallel: int | None = None,
+        signing_key: str | None = None,
+        witnesses: list[str] | None = None,
     ) -> Settings:
         env = dict(os.environ if env is None else env)
 
@@ -78,7 +92,30 @@ class Settings:
         workers = parallel if parallel is not None else parse_parallel(env.get("PCBO_PARALLEL"))
         if workers < 1:
             raise InvalidInput("--parallel", f"must be at least 1, not {workers}")
-        return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait, workers)
+        key = given("--signing-key", signing_key, "PCBO_SIGNING_KEY")
+        if witnesses:
+            witness_list = tuple(w.strip() for w in witnesses)
+        else:
+            entries = re.split(r"[;\n]", env.get("PCBO_WITNESSES", ""))
+            witness_list = tuple(w.strip() for w in entries if w.strip())
+        prefix = env.get("PCBO_CHECKPOINT_ORIGIN_PREFIX", "pcbo/")
+        if not prefix or any(c.isspace() or c == "+" for c in prefix):
+            raise InvalidInput("PCBO_CHECKPOINT_ORIGIN_PREFIX", "must be non-empty, without spaces or '+'")
+        return cls(
+            home_path,
+            lake_url,
+            catalog_url,
+            audit,
+            endpoint,
+            attempts,
+            wait,
+            workers,
+            Path(key).expanduser().resolve() if key else None,
+            witness_list,
+            prefix,
+            "--signing-key" if signing_key is not None else "PCBO_SIGNING_KEY",
+            "--witness" if witnesses else "PCBO_WITNESSES",
+        )
 
 
 def parse_parallel(text: str | None) -> int:

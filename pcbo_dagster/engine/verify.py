@@ -18,6 +18,10 @@ history to pass. So nothing is taken from one store on its own word:
 3. **The catalog against the chains.** Partition rows (checksum, root, counts, files, event hash,
    status), run rows (plan and decision hashes of the events naming the run), lineage rows, and the
    append-only triggers (a dropped one is a finding).
+4. **The transparency logs.** The catalog's stored log of each chain must be the log of the backup's
+   events, and every stored or lake checkpoint must have the root of the backup's first `size` events
+   (`engine/transparency_log.py`). With a checkpoint an auditor holds (`trusted`), the chain must
+   extend it: what it covers was neither rewritten nor truncated, whatever the stores say.
 
 `repair=True` heals exactly the crash windows of the commit protocol: a commit or rollback whose
 intent is on the chain and whose lake state is exactly the one the intent names (the missing event
@@ -28,6 +32,7 @@ else stays a finding, with a note that repair refuses it. A second `repair` appe
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from pcbo_dagster.audit.log import ChainDivergence
@@ -36,8 +41,10 @@ from pcbo_dagster.catalog.schema import append_only_trigger_names
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, PartitionHistory, replay
+from pcbo_dagster.core.checkpoints import Checkpoint
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
+from pcbo_dagster.core.signed_note import Note, VerifierKey
 from pcbo_dagster.engine.crash_windows import (
     LakeVsChain,
     compare,
@@ -47,6 +54,12 @@ from pcbo_dagster.engine.crash_windows import (
 )
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.engine.transparency_log import (
+    chain_of_origin,
+    check_against_checkpoint,
+    check_stored_logs,
+    publish,
+)
 from pcbo_dagster.lake import layout, manifests
 
 REFUSED = "not a crash window of the commit protocol: verify --repair refuses to touch it"
@@ -68,7 +81,20 @@ class _Report:
         self.findings.append({"kind": kind, "where": where, "detail": detail})
 
 
-def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrustedCheckpoint:
+    """A checkpoint an auditor holds (verified under the operator's key), and the witness
+    cosignatures they require on it."""
+
+    checkpoint: Checkpoint
+    note: Note
+    witness_keys: list[VerifierKey]
+    min_witnesses: int = 0
+
+
+def verify(
+    env: Environment, repair: bool = False, trusted: TrustedCheckpoint | None = None
+) -> dict[str, Any]:
     report = _Report(repair)
     if repair:
         _reconcile_stores(env, report)
@@ -110,14 +136,35 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
             env, report, state, dataset, version_label, lake_keys.get(ckey, set())
         )
         _check_catalog(env, report, state, dataset, version_label)
+        # (repairing may have appended events since the backup was read)
+        logged = env.audit.backup.read_chain(ckey) if repair else events
+        for finding in check_stored_logs(env, ckey, logged):
+            report.find(finding["kind"], finding["where"], finding["detail"])
         chains_checked[ckey] = len(events)
     _check_triggers(env, report)
+    document: dict[str, Any] = {}
+    if trusted is not None:
+        chain = chain_of_origin(trusted.checkpoint.origin, env.settings.checkpoint_origin_prefix)
+        findings, summary = check_against_checkpoint(
+            env,
+            trusted.checkpoint,
+            trusted.note,
+            backup_chains.get(chain or "", []),
+            trusted.witness_keys,
+            trusted.min_witnesses,
+        )
+        for finding in findings:
+            report.find(finding["kind"], finding["where"], finding["detail"])
+        document["trustedCheckpoint"] = summary
+    if repair:
+        document["checkpoints"] = [publish(env, ckey)["checkpoint"] for ckey in sorted(chains_checked)]
 
     return {
         "status": "clean" if not report.findings else "findings",
         "findings": report.findings,
         "repaired": report.repaired,
         "checked": {"partitions": checked_partitions, "chains": chains_checked},
+        **document,
     }
 
 

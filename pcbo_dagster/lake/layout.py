@@ -82,6 +82,11 @@ def rollback_manifest(dataset: str, version_label: str, key: str, version: int) 
     return f"{partition_dir(dataset, version_label, key)}/_rollback/v{version:06d}.json"
 
 
+def checkpoint_file(dataset: str, version_label: str, tree_size: int) -> str:
+    """A signed checkpoint of the dataset version's audit chain (its transparency log) at `tree_size`."""
+    return f"{dataset}/{version_label}/_checkpoints/{tree_size:012d}.checkpoint"
+
+
 def split_manifest_path(rel: str) -> tuple[str, str, str]:
     """(dataset, versionLabel, key) of a `_manifest.json` path."""
     dataset, version_label, key, _ = rel.split("/")

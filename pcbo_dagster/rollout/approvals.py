@@ -1,17 +1,29 @@
-"""The approval gate: a person approves or rejects a rollout, naming the decision hash they judged.
+"""The approval gate: approvers sign their decision on a rollout with their own keys.
 
-An approval is written twice, audit chain first: a `rollout_approved` / `rollout_rejected` event on
-the dataset's production chain (`<dataset>/<versionLabel>`, in the production audit backup, so
-anyone verifying the chain offline sees who approved what), then a row of the append-only
-`rollout_approvals` table holding that event's hash (for listings). The decision in force is read
-from the chain, never from the table (`decision_in_force`): the newest approval or rejection event of
-the rollout on a production chain that verifies. A row inserted into the table alone opens nothing.
-A rejection can be followed by an approval (of a re-staged rollout) and vice versa, and nothing is
-ever edited.
+An approval or a rejection is a *signed statement* (`core/signed_approvals.py`: the rollout, the
+decision, the staged decision hash, the approver's key name, the reason and the time, as a C2SP
+signed note) made with the approver's Ed25519 key (`pcbo approve|reject ROLLOUT --key FILE`), or
+signed elsewhere and pasted (`--statement FILE`, the Dagster `rollout_approval` job). The dataset's
+config lists the approvers' verifier keys (`rollout.approvers`) and how many must approve
+(`rollout.requiredApprovals`, default 1).
+
+Recording: the statement must verify under a listed key and name this rollout, the decision asked
+for and the decision hash it staged; then it is appended to the dataset's production audit chain
+(`rollout_approved` / `rollout_rejected`, carrying the signed statement, so anyone verifying the
+chain offline can check the signature), then to the append-only `rollout_approvals` table (listings).
+
+The decision in force is read from the chain, never from the table (`decision_in_force`): every
+approval and rejection event of the rollout on a production chain that verifies whose signed
+statement verifies under a listed key *and* says what its event says (the rollout, decision and
+decision hash: a statement copied into another rollout's event, or for another decision hash,
+counts for nothing). The newest such decision is in force when it is a rejection; otherwise the
+rollout is approved once `requiredApprovals` distinct listed approvers approved the staged decision
+hash since the last rejection (fewer: `pending`). A row inserted into the table alone, a bare name,
+a forged or unlisted signature open nothing.
 
 Refused with `InvalidInput` (exit 2, nothing written): an unknown rollout, a rollout not halted for
-review (status `soaking`), an empty `by` or `reason`, or a `decisionHash` that is not the one the
-rollout staged (an approver approves exactly what was staged and soaked).
+review (status `soaking`), an empty reason, a statement that does not verify under a listed key, or
+one for another rollout, decision or decision hash than the one the rollout staged.
 """
 
 from __future__ import annotations
@@ -21,9 +33,12 @@ from typing import Any
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.signed_approvals import SignedApproval, read_signed_approval, sign_approval
+from pcbo_dagster.core.signed_note import NoteError, SigningKey
 from pcbo_dagster.engine.events import PRODUCER, chain_key
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
-from pcbo_dagster.rollout.environments import RolloutEnvironments
+from pcbo_dagster.rollout.environments import ApprovalPolicy, RolloutEnvironments
 
 ROLLOUT_APPROVED = "rollout_approved"
 ROLLOUT_REJECTED = "rollout_rejected"
@@ -43,24 +58,29 @@ def rollout_subject(rollout: RolloutRow) -> dict[str, Any]:
     }
 
 
+def sign_decision(
+    key: SigningKey, rollout: RolloutRow, action: str, reason: str, decision_hash: str | None, time: str
+) -> str:
+    """The signed statement of `key`'s decision (`action`: approve / reject) on `rollout`."""
+    if action not in DECISIONS:
+        raise InvalidInput("decision", f"must be approve or reject, not {action!r}")
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidInput("reason", "say why")
+    staged = decision_hash or rollout["decision_hash"] or ""
+    return sign_approval(key, rollout["name"], DECISIONS[action], staged, reason, time).render()
+
+
 def record_decision(
     envs: RolloutEnvironments,
     name: str,
-    action: str,
+    statement: str,
     *,
-    by: str,
-    reason: str,
-    decision_hash: str | None = None,
+    action: str | None = None,
     clock: Clock = REAL_CLOCK,
 ) -> dict[str, Any]:
-    """Approve (`action="approve"`) or reject a rollout; returns the recorded approval row."""
-    if action not in DECISIONS:
-        raise InvalidInput("decision", f"must be approve or reject, not {action!r}")
-    by, reason = (by or "").strip(), (reason or "").strip()
-    if not by:
-        raise InvalidInput("by", "say who approves or rejects (a name or an e-mail address)")
-    if not reason:
-        raise InvalidInput("reason", "say why")
+    """Record a signed approval or rejection of rollout `name`; returns the recorded approval row.
+    `action` (approve / reject), when given, must be what the statement decides."""
     rollout = envs.store.require(name)
     if rollout["status"] != "soaking":
         raise InvalidInput(
@@ -68,63 +88,121 @@ def record_decision(
             f"rollout {name!r} is {rollout['status']}: only a rollout applied to staging and halted for "
             "review (soaking) can be approved or rejected",
         )
+    if not envs.approval_policy.approvers:
+        raise InvalidInput(
+            "rollout",
+            f"no approvers are listed for dataset {rollout['dataset']!r}: add their verifier keys to its "
+            "rollout.approvers in the datasets config",
+        )
+    try:
+        signed = read_signed_approval(statement, list(envs.approval_policy.approvers))
+    except NoteError as exc:
+        raise InvalidInput("statement", f"not a signed approval of a listed approver: {exc}") from None
     staged = rollout["decision_hash"]
     assert staged is not None  # a soaking rollout has staged decisions
-    if decision_hash is not None and decision_hash != staged:
+    if signed.rollout != name:
+        raise InvalidInput("statement", f"the statement is about rollout {signed.rollout!r}, not {name!r}")
+    if action is not None and signed.decision != DECISIONS.get(action):
+        raise InvalidInput("statement", f"the statement says {signed.decision}, not {DECISIONS.get(action)}")
+    if signed.decision_hash != staged:
         raise InvalidInput(
             "decisionHash",
-            f"{decision_hash} is not the decision hash rollout {name!r} staged ({staged}); "
+            f"{signed.decision_hash} is not the decision hash rollout {name!r} staged ({staged}); "
             "approve what was staged and soaked",
         )
-    decision = DECISIONS[action]
+    if not signed.reason.strip():
+        raise InvalidInput("reason", "say why")
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
     event = envs.production.audit.append(
         ckey,
-        ROLLOUT_APPROVED if decision == "approved" else ROLLOUT_REJECTED,
+        ROLLOUT_APPROVED if signed.decision == "approved" else ROLLOUT_REJECTED,
         {
             "rollout": rollout_subject(rollout),
-            "decision": decision,
+            "decision": signed.decision,
             "decision_hash": staged,
             "plan_hash": rollout["plan_hash"],
-            "by": by,
-            "reason": reason,
+            "by": signed.signer.name,
+            "approver_key": signed.signer.text,
+            "reason": signed.reason,
+            "signed_approval": signed.note,
             "producer": PRODUCER,
         },
     )
-    envs.production.audit.deliver_pending(ckey)
+    publish(envs.production, ckey)
     return envs.store.record_approval(
         name=name,
-        decision=decision,
+        decision=signed.decision,
         decision_hash=staged,
-        actor=by,
-        reason=reason,
+        actor=signed.signer.name,
+        reason=signed.reason,
         event_hash=event["chain"]["event_hash"],
         now=clock.now(),
     )
 
 
+def _verified(event: dict[str, Any], policy: ApprovalPolicy, name: str) -> SignedApproval | None:
+    """The event's signed statement when it verifies under a listed key and says what the event says."""
+    try:
+        signed = read_signed_approval(str(event.get("signed_approval") or ""), list(policy.approvers))
+    except NoteError:
+        return None
+    expected = "approved" if event.get("event_type") == ROLLOUT_APPROVED else "rejected"
+    if (signed.rollout, signed.decision, signed.decision_hash, signed.signer.name) != (
+        name,
+        expected,
+        event.get("decision_hash"),
+        event.get("by"),
+    ):
+        return None
+    return signed
+
+
 def decision_in_force(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[str, Any] | None:
-    """The approval or rejection in force for `rollout`: its newest `rollout_approved` /
-    `rollout_rejected` event on the dataset's production chain, as `{decision, actor, reason,
-    decision_hash, event_hash}`; None when there is none. `IntegrityError` when that chain does not
-    verify (then no approval can be trusted)."""
+    """The decision in force for `rollout` from the production chain (module doc), as `{decision,
+    actor, reason, decision_hash, event_hash, approvals, required, ignored}`; `decision` is
+    `approved`, `rejected` or `pending` (fewer valid approvals than required); None when no valid
+    signed decision is on the chain. `IntegrityError` when that chain does not verify."""
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
     events, problems = envs.production.audit.backup.read_chain_with_problems(ckey)
     findings = problems + verify_chain(events, ckey)
     if findings:
         raise IntegrityError(f"the production audit chain {ckey} does not verify: {'; '.join(findings[:3])}")
-    found = None
+    policy = envs.approval_policy
+    staged = rollout["decision_hash"]
+    last: tuple[dict[str, Any], SignedApproval] | None = None
+    approvals: dict[str, tuple[dict[str, Any], SignedApproval]] = {}
+    ignored = 0
     for event in events:
         body = event.get("rollout")
-        if event.get("event_type") in (ROLLOUT_APPROVED, ROLLOUT_REJECTED) and isinstance(body, dict):
-            if body.get("name") == rollout["name"]:
-                found = event
-    if found is None:
+        if event.get("event_type") not in (ROLLOUT_APPROVED, ROLLOUT_REJECTED) or not isinstance(body, dict):
+            continue
+        if body.get("name") != rollout["name"]:
+            continue
+        signed = _verified(event, policy, rollout["name"])
+        if signed is None:
+            ignored += 1
+            continue
+        last = (event, signed)
+        if signed.decision == "rejected":
+            approvals.clear()  # approvals made before a rejection do not outlive it
+        elif signed.decision_hash == staged:
+            approvals[signed.signer.text] = (event, signed)
+    if last is None:
         return None
+    counted = sorted(approvals.values(), key=lambda pair: pair[0]["chain"]["seq"])
+    if last[1].decision == "rejected":
+        chosen, decision = [last], "rejected"
+    elif len(counted) >= policy.required:
+        chosen, decision = counted, "approved"
+    else:
+        chosen, decision = counted or [last], "pending"
     return {
-        "decision": found["decision"],
-        "actor": found["by"],
-        "reason": found["reason"],
-        "decision_hash": found["decision_hash"],
-        "event_hash": found["chain"]["event_hash"],
+        "decision": decision,
+        "actor": ", ".join(s.signer.name for _, s in chosen),
+        "reason": "; ".join(s.reason for _, s in chosen),
+        "decision_hash": chosen[-1][1].decision_hash,
+        "event_hash": chosen[-1][0]["chain"]["event_hash"],
+        "approvals": len(counted),
+        "required": policy.required,
+        "ignored": ignored,
     }

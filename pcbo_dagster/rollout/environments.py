@@ -22,9 +22,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutStore
+from pcbo_dagster.core.signed_note import VerifierKey, parse_verifier_key
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.settings import Settings
@@ -68,6 +70,23 @@ def dataset_settings(
     }
 
 
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """Who may approve a dataset's rollouts (their verifier keys) and how many must
+    (`rollout/approvals.py`)."""
+
+    approvers: tuple[VerifierKey, ...] = ()
+    required: int = 1
+
+
+def approval_policy(rollout_config: Any) -> ApprovalPolicy:
+    """The policy of a dataset's `rollout` config block (`approvers`, `requiredApprovals`)."""
+    if rollout_config is None:
+        return ApprovalPolicy()
+    keys = tuple(parse_verifier_key(text) for text in rollout_config.approvers)
+    return ApprovalPolicy(keys, rollout_config.requiredApprovals)
+
+
 @dataclass
 class RolloutEnvironments:
     """Both open environments of a rollout dataset and the rollout records."""
@@ -75,6 +94,7 @@ class RolloutEnvironments:
     staging: Environment
     production: Environment
     store: RolloutStore
+    approval_policy: ApprovalPolicy = field(default_factory=ApprovalPolicy)
 
     def stage(self, name: str) -> Environment:
         if name == STAGING:
@@ -85,13 +105,18 @@ class RolloutEnvironments:
 
 
 @contextmanager
-def open_environments(settings: dict[str, Settings]) -> Iterator[RolloutEnvironments]:
-    """Open staging and production (catalogs migrated); closed on exit."""
+def open_environments(
+    settings: dict[str, Settings], policy: ApprovalPolicy | None = None
+) -> Iterator[RolloutEnvironments]:
+    """Open staging and production (catalogs migrated); closed on exit. `policy`: the dataset's
+    approvers (none: no approval can open its gate)."""
     production = Environment.open(settings[PRODUCTION])
     try:
         staging = Environment.open(settings[STAGING])
         try:
-            yield RolloutEnvironments(staging, production, RolloutStore(production.catalog))
+            yield RolloutEnvironments(
+                staging, production, RolloutStore(production.catalog), policy or ApprovalPolicy()
+            )
         finally:
             staging.close()
     finally:

@@ -12,14 +12,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from pcbo_dagster.audit.log import format_timestamp
 from pcbo_dagster.catalog.rollouts import RolloutRow, RolloutStore, open_rollout_store
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.signed_note import SigningKey
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import key_range
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import approvals, promotion, staging_apply
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
-from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
+from pcbo_dagster.rollout.environments import (
+    RolloutEnvironments,
+    approval_policy,
+    dataset_settings,
+    open_environments,
+)
 
 Log = Callable[[str], None]
 
@@ -41,7 +48,7 @@ def rollout_dataset(config: DatasetsConfig, name: str) -> DatasetConfig:
 def dataset_environments(
     config: DatasetsConfig, dataset: DatasetConfig, base: Settings
 ) -> Iterator[RolloutEnvironments]:
-    with open_environments(dataset_settings(config, dataset, base)) as envs:
+    with open_environments(dataset_settings(config, dataset, base), approval_policy(dataset.rollout)) as envs:
         yield envs
 
 
@@ -127,18 +134,27 @@ def decide(
     config: DatasetsConfig,
     base: Settings,
     name: str,
-    action: str,
+    action: str | None,
     *,
-    by: str,
-    reason: str,
+    key: SigningKey | None = None,
+    statement: str | None = None,
+    reason: str = "",
     decision_hash: str | None = None,
     clock: Clock = REAL_CLOCK,
 ) -> dict[str, Any]:
-    """Approve or reject a rollout (recorded append-only and on the audit chain)."""
+    """Approve or reject a rollout with a signed statement (`rollout/approvals.py`): signed here with
+    the approver's `key`, or given signed (`statement`); recorded append-only and on the audit chain."""
     with rollout_environments(config, base, name) as (_dataset, envs):
-        row = approvals.record_decision(
-            envs, name, action, by=by, reason=reason, decision_hash=decision_hash, clock=clock
-        )
+        if statement is None:
+            if key is None:
+                raise InvalidInput(
+                    "key", "sign the decision with your key (--key FILE) or give a signed statement"
+                )
+            rollout = envs.store.require(name)
+            statement = approvals.sign_decision(
+                key, rollout, action or "", reason, decision_hash, format_timestamp(clock.now())
+            )
+        row = approvals.record_decision(envs, name, statement, action=action, clock=clock)
     return {
         "rollout": name,
         "decision": row["decision"],

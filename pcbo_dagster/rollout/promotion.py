@@ -7,8 +7,10 @@
   clean (checksums, rows, Merkle root), no post-write discrepancy was logged for the staging run,
   and no failed asset check was reported for them (`failed_checks`, from the Dagster instance);
 - its soak passed (`soak.soak_status`: the window elapsed with every evaluation passing);
-- the approval in force - the newest approval or rejection of the rollout *on the production audit
-  chain*, which must verify (a row in `rollout_approvals` alone counts for nothing) - is an approval
+- the approval in force - the signed approvals and rejections of the rollout *on the production audit
+  chain*, which must verify, each signed by an approver the dataset's config lists (a row in
+  `rollout_approvals` alone, a forged or unlisted signature count for nothing; `approvals.py`) - is
+  an approval by the required number of approvers
   (not a rejection) and names the decision hash the rollout's range evaluates to *now*. A changed
   source or policy changes that hash, which makes the approval
   stale: re-stage and approve again.
@@ -37,6 +39,7 @@ from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.events import PRODUCER, chain_key
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.rollout.approvals import decision_in_force, rollout_subject
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
@@ -106,14 +109,21 @@ def promotion_gate(
         return {**gate, "open": False, "reasons": reasons}
     if approval is None:
         reasons.append(
-            f"no approval yet: `pcbo approve {name} --by NAME --reason TEXT` or the rollout_approval job"
+            f"no signed approval yet: `pcbo approve {name} --key FILE --reason TEXT` (a listed approver's "
+            "key) or the rollout_approval job"
         )
     else:
         gate["approval"] = {
-            k: approval[k] for k in ("decision", "actor", "reason", "decision_hash", "event_hash")
+            k: approval[k]
+            for k in ("decision", "actor", "reason", "decision_hash", "event_hash", "approvals", "required")
         }
         if approval["decision"] == "rejected":
             reasons.append(f"rejected by {approval['actor']}: {approval['reason']}")
+        elif approval["decision"] == "pending":
+            reasons.append(
+                f"{approval['approvals']} of the {approval['required']} signed approvals required "
+                f"for decisions {rollout['decision_hash']}"
+            )
         else:  # re-reading the source is the gate's costliest step: only an approval can be stale
             now_hash = current_decision_hash(config, dataset, rollout)
             gate["decisionHashNow"] = now_hash
@@ -223,6 +233,7 @@ def promote_rollout(
             "producer": PRODUCER,
         },
     )
+    publish(envs.production, chain_key(rollout["dataset"], rollout["version_label"]))
     detail = {
         "runId": document["runId"],
         "decisionHash": document["decisionHash"],

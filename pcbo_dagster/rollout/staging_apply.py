@@ -312,7 +312,7 @@ def write_backfill_summary(
         )
         + (f"\nNot applied (cancelled before them): {', '.join(not_applied)}\n" if not_applied else "")
         + f"\nNext: the soak monitor evaluates staging (now: `pcbo rollout soak {name}`); then "
-        f"`pcbo approve {name} --by NAME --reason TEXT` (or `pcbo reject {name} --by NAME --reason TEXT`), "
+        f"`pcbo approve {name} --key FILE --reason TEXT` (or `pcbo reject {name} --key FILE --reason TEXT`), "
         f"and `pcbo rollout promote {name} --by NAME` once the gate is open "
         f"(`pcbo rollout status {name}` says why it is not).\n"
     )

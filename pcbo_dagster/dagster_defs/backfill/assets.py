@@ -45,6 +45,7 @@ from pcbo_dagster.datasets.requests import (
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
+from pcbo_dagster.evidence.package import write_evidence_file
 from pcbo_dagster.io.redaction import redact_url
 
 GROUP_NAME = "pcbo"
@@ -310,6 +311,14 @@ def _materialize(
                 document = execute(env, loaded, plan, decisions, progress=progress)
                 log_execution(context, document)
                 counts = {pd.partition.key: pd.counts for pd in decisions.partitions}
+                evidence = {}
+                if env.signing_key is not None and document["status"] != "unchanged":
+                    path, digest = write_evidence_file(env, run_id)
+                    context.log.info(f"evidence package {path} ({digest})")
+                    evidence = {
+                        "evidence_package": dg.MetadataValue.path(path),
+                        "evidence_sha256": dg.MetadataValue.text(digest),
+                    }
                 for outcome in document["partitions"]:
                     context.add_asset_metadata(
                         partition_metadata(
@@ -319,7 +328,8 @@ def _materialize(
                             document["planHash"],
                             document["decisionHash"],
                             run_id,
-                        ),
+                        )
+                        | evidence,
                         partition_key=outcome["key"],
                     )
     return dg.MaterializeResult()

@@ -2,8 +2,8 @@
 
 - `rollout_control` (`rollout`, `action` pause/resume/cancel, `by`, `reason`): pause, resume or cancel
   a running staging apply (takes effect between partitions).
-- `rollout_approval` (`rollout`, `decision` approve/reject, `by`, `reason`, `decision_hash`): record
-  an approval or a rejection (append-only, on the audit chain).
+- `rollout_approval` (`rollout`, `statement`: a signed approval or rejection, pasted): record it
+  (append-only, on the audit chain) when it verifies under a listed approver's key.
 - `rollout_rollback` (`stage`, `rollout` or `dataset` + `from_key` + `to_key`, `by`, `reason`): roll
   back through the rollback manifests; idempotent; audited.
 - `production_health_check` (`dataset`, empty for every rollout dataset; `launch`): the health report
@@ -43,10 +43,10 @@ class RolloutControlConfig(dg.Config):
 
 class RolloutApprovalConfig(dg.Config):
     rollout: str = Field(description="The rollout's name")
-    decision: Literal["approve", "reject"] = Field(description="approve or reject")
-    by: str = Field(description="Who decides (a name or an e-mail address)")
-    reason: str = Field(description="Why")
-    decision_hash: str = Field(default="", description="The decision hash approved (default: the staged one)")
+    statement: str = Field(
+        description="The signed decision (a pcbo.approval/v1 signed note, as `pcbo approve --key` makes it "
+        "or an approver signed it elsewhere), pasted whole: its approver's key must be listed"
+    )
 
 
 class RolloutRollbackConfig(dg.Config):
@@ -91,10 +91,8 @@ def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefin
                 datasets,
                 pcbo.settings(),
                 config.rollout,
-                config.decision,
-                by=config.by,
-                reason=config.reason,
-                decision_hash=config.decision_hash or None,
+                None,
+                statement=config.statement if config.statement.endswith("\n") else config.statement + "\n",
                 clock=clock,
             )
         return _document(context, f"rollout {config.rollout}: {result['decision']} by {result['by']}", result)

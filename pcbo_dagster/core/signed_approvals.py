@@ -1,0 +1,100 @@
+"""Signed approvals: an approver's decision on a staged rollout, as a C2SP signed note.
+
+Pure: no I/O, no clock (the caller gives the time). The note's text is two lines:
+
+    pcbo.approval/v1
+    <RFC 8785 JSON {"decision", "decision_hash", "reason", "rollout", "signer", "time"}>
+
+signed (Ed25519, signed-note type 0x01) by the approver's key, whose name is `signer`. `decision` is
+`approved` or `rejected`; `decision_hash` is the staged decision hash the approver judged; `time` an
+instant `YYYY-MM-DDTHH:MM:SSZ`. A statement names its rollout and decision hash, so it cannot be
+replayed for another rollout or another set of decisions; the gate also requires its event to be on
+the production audit chain.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.signed_note import (
+    Note,
+    NoteError,
+    SigningKey,
+    VerifierKey,
+    parse_note,
+    sign_note,
+    verify_note,
+)
+
+HEADER = "pcbo.approval/v1"
+DECISIONS = ("approved", "rejected")
+_FIELDS = {"decision", "decision_hash", "reason", "rollout", "signer", "time"}
+
+
+@dataclass(frozen=True)
+class SignedApproval:
+    rollout: str
+    decision: str
+    decision_hash: str
+    reason: str
+    time: str
+    signer: VerifierKey
+    note: str
+
+
+def approval_text(
+    rollout: str, decision: str, decision_hash: str, reason: str, signer: str, time: str
+) -> str:
+    if decision not in DECISIONS:
+        raise NoteError(f"decision must be one of {DECISIONS}, not {decision!r}")
+    body = {
+        "decision": decision,
+        "decision_hash": decision_hash,
+        "reason": reason,
+        "rollout": rollout,
+        "signer": signer,
+        "time": time,
+    }
+    return f"{HEADER}\n{jcs(body).decode('utf-8')}\n"
+
+
+def sign_approval(
+    key: SigningKey, rollout: str, decision: str, decision_hash: str, reason: str, time: str
+) -> Note:
+    return sign_note(approval_text(rollout, decision, decision_hash, reason, key.name, time), key)
+
+
+def read_signed_approval(note_text: str, approvers: list[VerifierKey]) -> SignedApproval:
+    """The statement of a signed approval whose signature verifies under one of `approvers`;
+    `NoteError` for anything else (malformed, unsigned, signed by a key not listed)."""
+    note = parse_note(note_text)
+    header, _, rest = note.text.partition("\n")
+    if header != HEADER or rest.count("\n") != 1:
+        raise NoteError(f"not a signed approval ({HEADER})")
+    try:
+        body = json.loads(rest)
+    except ValueError:
+        raise NoteError("the approval statement is not JSON") from None
+    if (
+        not isinstance(body, dict)
+        or set(body) != _FIELDS
+        or not all(isinstance(v, str) for v in body.values())
+    ):
+        raise NoteError(f"the approval statement holds exactly the text fields {sorted(_FIELDS)}")
+    if rest != jcs(body).decode("utf-8") + "\n" or body["decision"] not in DECISIONS:
+        raise NoteError("the approval statement is not in its canonical form")
+    listed = [k for k in approvers if k.name == body["signer"]]
+    if not listed:
+        raise NoteError(f"{body['signer']!r} is not a listed approver")
+    verified = verify_note(note, listed)
+    return SignedApproval(
+        rollout=body["rollout"],
+        decision=body["decision"],
+        decision_hash=body["decision_hash"],
+        reason=body["reason"],
+        time=body["time"],
+        signer=verified[0],
+        note=note.render(),
+    )

@@ -1,0 +1,475 @@
+"""Signed, witnessed checkpoints of each audit chain's transparency log, and checking a chain
+against a checkpoint someone holds.
+
+`publish(env, chain_key)` runs after every command that appended events (execute, rollback, repair,
+approvals, promotion): it delivers the chain's pending events to the audit endpoint (as before),
+and when a signing key is configured (`PCBO_SIGNING_KEY` / `--signing-key`) and the log grew since
+its latest checkpoint, it signs a checkpoint of the whole log (C2SP tlog-checkpoint, origin
+`pcbo/<dataset>/<versionLabel>`), stores it in the catalog, writes it to the lake
+(`<dataset>/<versionLabel>/_checkpoints/<size>.checkpoint`), asks every configured witness for a
+cosignature (c2sp.org/tlog-witness) and delivers it to the audit endpoint. A witness that is down or
+refuses never fails the command: the next `publish` (any later run, or `pcbo log publish`) asks it
+again, with the newest checkpoint.
+
+`check_against_checkpoint` is what `pcbo verify --trusted-checkpoint FILE --key VKEY` adds: the
+held checkpoint must verify under the operator's key, the audit backup must still hold at least
+its size of events, and the tree of the first `size` events rebuilt from the backup alone must have
+its root; the stored log must also prove (RFC 6962 consistency proof) that the current log extends
+it. A rewritten or truncated chain fails that even when the backup and the catalog were rewritten
+together, every hash recomputed: only the operator's key could sign a checkpoint of the new history,
+and a witness refuses one inconsistent with what it cosigned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from pcbo_dagster.core import merkle
+from pcbo_dagster.core.audit_chain import split_chain_key
+from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.checkpoints import Checkpoint, CheckpointError, origin_for, parse_signed_checkpoint
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.signed_note import (
+    Note,
+    NoteError,
+    SigningKey,
+    VerifierKey,
+    b64,
+    b64decode_strict,
+    parse_note,
+    parse_signature_line,
+    parse_signing_key,
+    parse_verifier_key,
+    verify_cosignatures,
+    verify_note,
+)
+from pcbo_dagster.core.transparency_log import event_leaf
+from pcbo_dagster.io.http_delivery import DeliveryFailed
+from pcbo_dagster.lake import layout
+from pcbo_dagster.witness.client import Witness, WitnessRefused, parse_witness, request_cosignature
+
+logger = logging.getLogger(__name__)
+
+
+# -- keys and witnesses from the settings ---------------------------------------------------------------
+
+
+def load_signing_key(path: Path, field: str = "PCBO_SIGNING_KEY") -> SigningKey:
+    """The key in a signing key file; `InvalidInput` naming `field` when it cannot be read, is not a
+    key, or can be read by others than its owner (mode 0600 expected: `pcbo keys generate` writes it
+    so). The message never holds key material."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(
+            field, f"cannot read the signing key file {path}: {getattr(exc, 'strerror', exc)}"
+        ) from None
+    if not stat.S_ISREG(mode):
+        raise InvalidInput(field, f"{path} is not a regular file")
+    if mode & 0o077:
+        raise InvalidInput(
+            field, f"{path} can be read by others (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
+        )
+    try:
+        return parse_signing_key(text)
+    except NoteError as exc:
+        raise InvalidInput(field, f"{path}: {exc}") from None
+
+
+def parse_key_argument(text: str, field: str) -> VerifierKey:
+    """A verifier key given on the command line: the vkey itself, or a file holding it."""
+    candidate = text
+    if "+" not in text or os.path.exists(text):
+        try:
+            candidate = Path(text).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidInput(field, f"neither a verifier key nor a readable file: {exc}") from None
+    try:
+        return parse_verifier_key(candidate)
+    except NoteError as exc:
+        raise InvalidInput(field, str(exc)) from None
+
+
+def witnesses_of(entries: tuple[str, ...], field: str = "PCBO_WITNESSES") -> list[Witness]:
+    return [parse_witness(entry, field) for entry in entries]
+
+
+# -- publishing ------------------------------------------------------------------------------------------
+
+
+def full_note(row: dict[str, Any]) -> Note:
+    """A stored checkpoint with its stored cosignatures."""
+    note = parse_note(row["note"])
+    return note.with_signatures([parse_signature_line(c["signature_line"]) for c in row["cosignatures"]])
+
+
+def _witnessed_size(env: Any, chain_key: str, witness: Witness) -> int:
+    """The largest checkpoint size of this chain that `witness` cosigned, as far as the catalog knows."""
+    sizes = [
+        row["tree_size"]
+        for row in env.catalog.checkpoints(chain_key)
+        if any(c["witness_key"] == witness.key.text for c in row["cosignatures"])
+    ]
+    return max(sizes, default=0)
+
+
+def publish(env: Any, chain_key: str) -> dict[str, Any]:
+    """Deliver pending events; sign, store, write, witness and deliver a checkpoint (module doc)."""
+    delivery = env.audit.deliver_pending(chain_key)
+    size = env.catalog.ensure_tree(chain_key)
+    report: dict[str, Any] = {
+        "chainKey": chain_key,
+        "treeSize": size,
+        "checkpoint": None,
+        "auditDelivery": delivery.to_dict() if delivery is not None else None,
+    }
+    key: SigningKey | None = env.signing_key
+    if key is None or size == 0:
+        return report
+    latest = env.catalog.latest_checkpoint(chain_key)
+    if latest is None or latest["tree_size"] < size:
+        with env.catalog.log_reader(chain_key) as reader:
+            root = reader.root(size)
+        checkpoint = Checkpoint(origin_for(chain_key, env.settings.checkpoint_origin_prefix), size, root)
+        note = checkpoint.sign(key)
+        env.catalog.record_checkpoint(
+            chain_key, size, root, checkpoint.origin, key.verifier().text, note.render()
+        )
+        latest = env.catalog.latest_checkpoint(chain_key)
+    assert latest is not None
+    checkpoint, _ = parse_signed_checkpoint(latest["note"])
+    witnessed, errors = [], []
+    for witness in env.witnesses:
+        if any(c["witness_key"] == witness.key.text for c in latest["cosignatures"]):
+            witnessed.append(witness.key.name)
+            continue
+        try:
+            with env.catalog.log_reader(chain_key) as reader:
+                signature, timestamp = request_cosignature(
+                    witness,
+                    checkpoint,
+                    parse_note(latest["note"]),
+                    _witnessed_size(env, chain_key, witness),
+                    lambda old: reader.consistency_proof(old, checkpoint.size),
+                )
+        except WitnessRefused as exc:
+            logger.warning("witness: %s (the checkpoint is witnessed later)", exc)
+            errors.append(str(exc))
+            continue
+        env.catalog.record_cosignature(
+            chain_key, checkpoint.size, witness.key.text, signature.line.rstrip("\n"), timestamp
+        )
+        witnessed.append(witness.key.name)
+    latest = env.catalog.latest_checkpoint(chain_key)
+    assert latest is not None
+    text = full_note(latest).render()
+    dataset, version_label = split_chain_key(chain_key)
+    rel = layout.checkpoint_file(dataset, version_label, checkpoint.size)
+    if env.lake.read_if_exists(rel) != text.encode("utf-8"):
+        env.lake.write_atomic(rel, text.encode("utf-8"), durable=True)
+    report["checkpoint"] = {
+        "origin": checkpoint.origin,
+        "treeSize": checkpoint.size,
+        "rootHash": b64(checkpoint.root),
+        "lakeUri": env.lake.uri(rel),
+        "witnessedBy": witnessed,
+        "witnessErrors": errors,
+        "delivered": _deliver_checkpoint(env, chain_key, checkpoint.size, text),
+    }
+    return report
+
+
+def _deliver_checkpoint(env: Any, chain_key: str, size: int, text: str) -> bool | None:
+    """POST the checkpoint (JSON `{type, chain_key, tree_size, checkpoint}`) to the audit endpoint
+    once per distinct text; None without an endpoint, False when it failed (sent again next time)."""
+    delivery = env.audit.delivery
+    if delivery is None:
+        return None
+    marker = env.audit.backup.paths(chain_key).checkpoint_delivered
+    body = jcs({"type": "pcbo.checkpoint/1", "chain_key": chain_key, "tree_size": size, "checkpoint": text})
+    try:
+        if marker.exists() and marker.read_bytes() == body:
+            return True
+        delivery.post(body, f"checkpoint {size}")
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_bytes(body)
+    except (DeliveryFailed, OSError) as exc:
+        logger.warning("checkpoint delivery: %s (sent again with the next run)", exc)
+        return False
+    return True
+
+
+# -- checking a chain against a held checkpoint ------------------------------------------------------------
+
+
+def read_trusted_checkpoint(data: bytes, key: VerifierKey, field: str) -> tuple[Checkpoint, Note]:
+    """A checkpoint a verifier holds, verified under the operator's `key`; `InvalidInput` otherwise."""
+    try:
+        checkpoint, note = parse_signed_checkpoint(data)
+        verify_note(note, [key])
+    except (CheckpointError, NoteError) as exc:
+        raise InvalidInput(field, f"not a checkpoint signed by {key.name}: {exc}") from None
+    return checkpoint, note
+
+
+def chain_of_origin(origin: str, prefix: str) -> str | None:
+    if not origin.startswith(prefix):
+        return None
+    try:
+        split_chain_key(origin[len(prefix) :])
+    except ValueError:
+        return None
+    return origin[len(prefix) :]
+
+
+def check_against_checkpoint(
+    env: Any,
+    checkpoint: Checkpoint,
+    note: Note,
+    backup_events: list[dict],
+    witness_keys: list[VerifierKey],
+    min_witnesses: int,
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Findings (kind, where, detail) and a summary of checking the chain against a held checkpoint."""
+    findings: list[dict[str, str]] = []
+    prefix = env.settings.checkpoint_origin_prefix
+    chain_key = chain_of_origin(checkpoint.origin, prefix)
+    where = checkpoint.origin if chain_key is None else chain_key
+    summary: dict[str, Any] = {
+        "origin": checkpoint.origin,
+        "chainKey": chain_key,
+        "treeSize": checkpoint.size,
+        "rootHash": b64(checkpoint.root),
+    }
+
+    def find(kind: str, detail: str) -> None:
+        findings.append({"kind": kind, "where": where, "detail": detail})
+
+    try:
+        cosigned = verify_cosignatures(note, witness_keys)
+    except NoteError as exc:
+        cosigned = {}
+        find("checkpoint_cosignature_invalid", str(exc))
+    summary["witnessCosignatures"] = sorted(parse_verifier_key(k).name for k in cosigned)
+    if len(cosigned) < min_witnesses:
+        find(
+            "checkpoint_witnesses_missing",
+            f"{len(cosigned)} of the {min_witnesses} witness cosignature(s) required verify",
+        )
+    if chain_key is None:
+        find("checkpoint_origin_unknown", f"the origin is not {prefix}<dataset>/<versionLabel>")
+        return findings, summary
+    leaves = [event_leaf(e) for e in backup_events]
+    summary["currentSize"] = len(leaves)
+    if len(leaves) < checkpoint.size:
+        find(
+            "checkpoint_truncated",
+            f"the checkpoint covers {checkpoint.size} events; the audit backup holds {len(leaves)}: "
+            "history the checkpoint covers was removed",
+        )
+        return findings, summary
+    tree = merkle.MerkleTree(leaves)
+    if tree.prefix_root(checkpoint.size) != checkpoint.root:
+        find(
+            "checkpoint_inconsistent",
+            f"the first {checkpoint.size} events of the audit backup do not have the checkpoint's root: "
+            "history the checkpoint covers was rewritten",
+        )
+        return findings, summary
+    summary["currentRootHash"] = b64(tree.root)
+    if checkpoint.size == 0:
+        summary["consistencyProof"] = []
+        return findings, summary
+    try:
+        with env.catalog.log_reader(chain_key) as reader:
+            stored = reader.size
+            proof = reader.consistency_proof(checkpoint.size, stored) if stored >= checkpoint.size else None
+            stored_root = reader.root(stored) if stored else merkle.EMPTY_ROOT
+    except ValueError as exc:
+        proof, stored, stored_root = None, 0, merkle.EMPTY_ROOT
+        find("transparency_log_mismatch", f"the catalog's stored log cannot prove consistency: {exc}")
+    if proof is not None:
+        summary["consistencyProof"] = [b64(h) for h in proof]
+        summary["provedToSize"] = stored
+        if not merkle.verify_consistency(checkpoint.size, stored, checkpoint.root, stored_root, proof):
+            find(
+                "checkpoint_inconsistent",
+                f"the catalog's log (size {stored}) gives no valid consistency proof from the checkpoint",
+            )
+    return findings, summary
+
+
+def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> list[dict[str, str]]:
+    """`verify`'s check of a chain's stored log and checkpoints against the audit backup: the stored
+    tree's root at its size is the root of the backup's first events; every stored (and lake) checkpoint
+    has the root of the backup's first `size` events, and no more events than the backup holds."""
+    findings: list[dict[str, str]] = []
+    leaves = [event_leaf(e) for e in backup_events]
+    tree = merkle.MerkleTree(leaves)
+
+    def root_of(size: int) -> bytes:
+        return tree.prefix_root(size)
+
+    try:
+        with env.catalog.log_reader(chain_key) as reader:
+            stored, stored_root = reader.size, reader.root() if reader.size else merkle.EMPTY_ROOT
+    except ValueError as exc:
+        findings.append({"kind": "transparency_log_mismatch", "where": chain_key, "detail": str(exc)})
+        stored, stored_root = 0, merkle.EMPTY_ROOT
+    if stored > len(leaves) or (stored and stored_root != root_of(stored)):
+        findings.append(
+            {
+                "kind": "transparency_log_mismatch",
+                "where": chain_key,
+                "detail": f"the catalog's stored log (size {stored}) is not the log of the audit backup",
+            }
+        )
+    dataset, version_label = split_chain_key(chain_key)
+    notes: dict[str, str] = {
+        f"catalog checkpoint {r['tree_size']}": r["note"] for r in env.catalog.checkpoints(chain_key)
+    }
+    prefix = f"{dataset}/{version_label}/_checkpoints/"
+    for rel in env.lake.list_files(f"{dataset}/{version_label}/_checkpoints"):
+        data = env.lake.read_if_exists(rel)
+        if data is not None and rel.startswith(prefix):
+            notes[rel] = data.decode("utf-8", "replace")
+    trusted = [env.signing_key.verifier()] if env.signing_key is not None else []
+    for where, text in sorted(notes.items()):
+        try:
+            checkpoint, note = parse_signed_checkpoint(text)
+        except NoteError as exc:
+            findings.append({"kind": "checkpoint_unreadable", "where": where, "detail": str(exc)})
+            continue
+        if trusted:
+            try:
+                verify_note(note, trusted)
+            except NoteError as exc:
+                findings.append({"kind": "checkpoint_signature_invalid", "where": where, "detail": str(exc)})
+        if checkpoint.size > len(leaves):
+            findings.append(
+                {
+                    "kind": "checkpoint_truncated",
+                    "where": where,
+                    "detail": f"a checkpoint of {checkpoint.size} events; the backup holds {len(leaves)}",
+                }
+            )
+        elif checkpoint.root != root_of(checkpoint.size):
+            findings.append(
+                {
+                    "kind": "checkpoint_inconsistent",
+                    "where": where,
+                    "detail": f"the backup's first {checkpoint.size} events lack the checkpoint's root",
+                }
+            )
+    return findings
+
+
+# -- proofs served from the stored log --------------------------------------------------------------------
+
+
+def _stored_notes(env: Any, chain_key: str, sizes: set[int]) -> list[str]:
+    return [full_note(r).render() for r in env.catalog.checkpoints(chain_key) if r["tree_size"] in sizes]
+
+
+def _default_size(env: Any, chain_key: str, size: int | None, stored: int) -> int:
+    if size is not None:
+        return size
+    latest = env.catalog.latest_checkpoint(chain_key)
+    return latest["tree_size"] if latest is not None else stored
+
+
+def inclusion_document(env: Any, chain_key: str, seq: int, size: int | None) -> dict[str, Any]:
+    """An RFC 6962 inclusion proof of event `seq` in the chain's log of `size` events (default: the
+    latest checkpoint's size), with the event and any stored checkpoint of that size."""
+    stored = env.catalog.ensure_tree(chain_key)
+    size = _default_size(env, chain_key, size, stored)
+    if not 0 < size <= stored:
+        raise InvalidInput("--size", f"must be between 1 and the log's size {stored}")
+    if not 0 <= seq < size:
+        raise InvalidInput("--seq", f"must be below the tree size {size}")
+    events = env.catalog.audit_events(chain_key)
+    with env.catalog.log_reader(chain_key) as reader:
+        proof, root = reader.inclusion_proof(seq, size), reader.root(size)
+    return {
+        "type": "pcbo.log.inclusion/1",
+        "origin": origin_for(chain_key, env.settings.checkpoint_origin_prefix),
+        "chainKey": chain_key,
+        "leafIndex": seq,
+        "treeSize": size,
+        "rootHash": b64(root),
+        "event": events[seq],
+        "proof": [b64(h) for h in proof],
+        "checkpoints": _stored_notes(env, chain_key, {size}),
+    }
+
+
+def consistency_document(env: Any, chain_key: str, old: int, size: int | None) -> dict[str, Any]:
+    """An RFC 6962 consistency proof from the log's first `old` events to `size` (default: the latest
+    checkpoint's size), with the stored checkpoints of both sizes."""
+    stored = env.catalog.ensure_tree(chain_key)
+    size = _default_size(env, chain_key, size, stored)
+    if not 0 < size <= stored:
+        raise InvalidInput("--to", f"must be between 1 and the log's size {stored}")
+    if not 0 < old <= size:
+        raise InvalidInput("--from", f"must be between 1 and {size}")
+    with env.catalog.log_reader(chain_key) as reader:
+        proof, old_root, root = reader.consistency_proof(old, size), reader.root(old), reader.root(size)
+    return {
+        "type": "pcbo.log.consistency/1",
+        "origin": origin_for(chain_key, env.settings.checkpoint_origin_prefix),
+        "chainKey": chain_key,
+        "fromSize": old,
+        "toSize": size,
+        "fromRootHash": b64(old_root),
+        "toRootHash": b64(root),
+        "proof": [b64(h) for h in proof],
+        "checkpoints": _stored_notes(env, chain_key, {old, size}),
+    }
+
+
+def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> dict[str, Any]:
+    """Check an inclusion or consistency proof offline: every root it relies on must be that of a
+    checkpoint signed by `key` (embedded in the document, or `held` by the verifier)."""
+    from pcbo_dagster.core.transparency_log import event_inclusion_problems, signed_checkpoints_by_size
+
+    if not isinstance(document, dict) or document.get("type") not in (
+        "pcbo.log.inclusion/1",
+        "pcbo.log.consistency/1",
+    ):
+        raise InvalidInput(
+            "--proof", "not a pcbo log proof (type pcbo.log.inclusion/1 or pcbo.log.consistency/1)"
+        )
+    listed = document.get("checkpoints")
+    embedded: list[Any] = listed if isinstance(listed, list) else []
+    checkpoints, problems = signed_checkpoints_by_size(
+        [*held, *(n for n in embedded if isinstance(n, str))], key
+    )
+    origin = document.get("origin")
+    for size, checkpoint in checkpoints.items():
+        if checkpoint.origin != origin:
+            problems.append(f"the checkpoint of size {size} is of origin {checkpoint.origin}, not {origin}")
+    if document["type"] == "pcbo.log.inclusion/1":
+        tree_size = document.get("treeSize")
+        size = tree_size if isinstance(tree_size, int) else -1
+        problems += event_inclusion_problems(
+            document.get("event") or {}, size, list(document.get("proof") or []), checkpoints.get(size)
+        )
+    else:
+        old, new = document.get("fromSize"), document.get("toSize")
+        if old not in checkpoints or new not in checkpoints:
+            missing = [s for s in (old, new) if s not in checkpoints]
+            problems.append(f"no checkpoint signed by {key.name} of size(s) {missing}")
+        else:
+            try:
+                hashes = [b64decode_strict(h, "a proof hash") for h in document.get("proof") or []]
+            except NoteError as exc:
+                hashes = []
+                problems.append(str(exc))
+            if not merkle.verify_consistency(old, new, checkpoints[old].root, checkpoints[new].root, hashes):
+                problems.append(f"the consistency proof from {old} to {new} does not verify")
+    return {"valid": not problems, "type": document["type"], "origin": origin, "problems": problems}

@@ -1,0 +1,123 @@
+"""The client side of c2sp.org/tlog-witness: `POST <witness>/add-checkpoint`.
+
+A witness is configured as `<cosigner vkey> <URL>` (the vkey of type 0x04, as `pcbo keys generate`
+prints it for the witness's key). `request_cosignature` sends the old size the witness last cosigned
+(as far as we know), the consistency proof from it, and the signed checkpoint; a `409 Conflict`
+answer names the size the witness really holds, and the request is made once more from that size.
+The answer's cosignature lines are verified against the witness's key before anything is kept.
+A witness that cannot be reached, or refuses, is reported (`WitnessRefused`) and never stops a run:
+the caller asks again with the next checkpoint.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pcbo_dagster.core.checkpoints import Checkpoint, add_checkpoint_body
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.signed_note import (
+    COSIGNATURE_V1,
+    Note,
+    NoteError,
+    NoteSignature,
+    VerifierKey,
+    parse_signature_lines,
+    parse_verifier_key,
+    verify_cosignatures,
+)
+from pcbo_dagster.io.redaction import redact_url, scrub_text
+
+SIZE_CONTENT_TYPE = "text/x.tlog.size"
+
+
+class WitnessRefused(RuntimeError):
+    """The witness did not cosign (unreachable, an error answer, or a cosignature that does not verify)."""
+
+
+@dataclass(frozen=True)
+class Witness:
+    key: VerifierKey
+    url: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.key.name} at {redact_url(self.url)}"
+
+
+def parse_witness(text: str, field: str = "PCBO_WITNESSES") -> Witness:
+    """`<cosigner vkey> <http(s) URL>`; `InvalidInput` naming `field` otherwise."""
+    parts = text.split()
+    if len(parts) != 2:
+        raise InvalidInput(field, "each witness is '<cosigner vkey> <URL>'")
+    try:
+        key = parse_verifier_key(parts[0])
+    except NoteError as exc:
+        raise InvalidInput(field, f"witness key: {exc}") from None
+    if key.signature_type != COSIGNATURE_V1:
+        raise InvalidInput(field, f"witness key {key.name} is not a cosignature (type 0x04) key")
+    url = urllib.parse.urlsplit(parts[1])
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise InvalidInput(field, f"witness URL {redact_url(parts[1])} is not an http(s) URL")
+    return Witness(key, parts[1].rstrip("/"))
+
+
+def _post(url: str, body: bytes, timeout: float) -> tuple[int, str, str]:
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "text/plain; charset=utf-8"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - http(s) only
+            return answer.status, answer.headers.get("Content-Type", ""), answer.read(65536).decode("utf-8")
+    except urllib.error.HTTPError as exc:
+        text = exc.read(65536).decode("utf-8", "replace")
+        return exc.code, exc.headers.get("Content-Type", ""), text
+    except (urllib.error.URLError, OSError, UnicodeDecodeError) as exc:
+        raise WitnessRefused(scrub_text(f"{redact_url(url)}: {getattr(exc, 'reason', exc)}")) from None
+
+
+def request_cosignature(
+    witness: Witness,
+    checkpoint: Checkpoint,
+    note: Note,
+    known_old_size: int,
+    proof_from: Callable[[int], list[bytes]],
+    timeout: float = 5.0,
+) -> tuple[NoteSignature, int]:
+    """Ask `witness` to cosign the signed checkpoint `note`; returns its verified cosignature and the
+    cosignature's timestamp. `proof_from(old)` gives the consistency proof from size `old` (> 0) to
+    the checkpoint. `WitnessRefused` when it does not cosign."""
+    old = known_old_size
+    for _ in range(2):
+        proof = proof_from(old) if 0 < old < checkpoint.size else []
+        body = add_checkpoint_body(old, proof, note.render())
+        status, content_type, text = _post(witness.url + "/add-checkpoint", body, timeout)
+        if status == 200:
+            try:
+                lines = parse_signature_lines(text)
+                found = verify_cosignatures(note.with_signatures(lines), [witness.key])
+            except NoteError as exc:
+                raise WitnessRefused(f"{witness.label}: not a valid cosignature: {exc}") from None
+            if witness.key.text not in found:
+                raise WitnessRefused(f"{witness.label}: its answer holds no cosignature by its key")
+            mine = next(s for s in lines if s.name == witness.key.name and s.key_id == witness.key.key_id)
+            return mine, found[witness.key.text]
+        if status == 409 and content_type.split(";")[0].strip() == SIZE_CONTENT_TYPE:
+            try:
+                held = int(text.strip())
+            except ValueError:
+                raise WitnessRefused(f"{witness.label}: 409 without a size") from None
+            if held > checkpoint.size:
+                raise WitnessRefused(
+                    f"{witness.label}: the witness has cosigned {held} events of this log, more than the "
+                    f"{checkpoint.size} this checkpoint holds: the log was truncated or forked"
+                )
+            if held == old:
+                break
+            old = held
+            continue
+        raise WitnessRefused(f"{witness.label}: HTTP {status}: {scrub_text(text.strip()[:300])}")
+    raise WitnessRefused(f"{witness.label}: the witness's size kept changing")

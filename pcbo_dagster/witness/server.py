@@ -1,0 +1,200 @@
+"""A small witness (c2sp.org/tlog-witness, `pcbo witness serve`).
+
+It cosigns checkpoints of the logs it is configured for (origins starting with one of its prefixes,
+signed by one of its log keys), keeping the latest cosigned size, root and checkpoint per origin in
+a SQLite file. `POST /add-checkpoint` answers as the protocol says:
+
+- 400 a malformed request, or an old size above the checkpoint's size (it never goes backwards);
+- 404 an origin it does not witness; 403 no valid signature of a known log key on the checkpoint;
+- 409 (`text/x.tlog.size`, the size it holds) when the old size is not the size it last cosigned;
+- 422 a consistency proof that does not verify from the root it holds to the new one (a rewritten
+  history), a non-empty proof from size 0, a size 0 whose root is not the empty tree's;
+- 200 and one `cosignature/v1` line (its key's timestamped Ed25519 cosignature) otherwise, after the
+  new state is stored. Checking the old size and storing the new state happen in one SQLite write
+  transaction, so two requests cannot roll a log back.
+
+`GET /<hex SHA-256 of the origin>/checkpoint` returns the latest cosigned checkpoint (404 if none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pcbo_dagster.core.checkpoints import (
+    AddCheckpointRequest,
+    Checkpoint,
+    CheckpointError,
+    parse_add_checkpoint_body,
+)
+from pcbo_dagster.core.merkle import EMPTY_ROOT, verify_consistency
+from pcbo_dagster.core.signed_note import (
+    COSIGNATURE_V1,
+    NoteError,
+    SigningKey,
+    VerifierKey,
+    cosign,
+    verify_note,
+)
+
+logger = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 64 * 1024
+SIZE_CONTENT_TYPE = "text/x.tlog.size"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: str
+    content_type: str = "text/plain; charset=utf-8"
+
+
+class Witness:
+    """The witness's state and its `add-checkpoint` decision (no HTTP here)."""
+
+    def __init__(
+        self,
+        key: SigningKey,
+        database: str,
+        log_keys: list[VerifierKey],
+        origin_prefixes: list[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.key = key
+        self.database = database
+        self.log_keys = log_keys
+        self.origin_prefixes = origin_prefixes
+        self.clock = clock
+        self._lock = threading.Lock()
+        with self._connect() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS logs (origin TEXT PRIMARY KEY, size INTEGER NOT NULL, "
+                "root BLOB NOT NULL, checkpoint TEXT NOT NULL)"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.database, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        return conn
+
+    def add_checkpoint(self, body: bytes) -> Answer:
+        try:
+            request = parse_add_checkpoint_body(body)
+        except CheckpointError as exc:
+            if "size 0" in str(exc):
+                return Answer(422, f"{exc}\n")
+            return Answer(400, f"{exc}\n")
+        except NoteError as exc:
+            return Answer(400, f"{exc}\n")
+        checkpoint = request.checkpoint
+        if not any(checkpoint.origin.startswith(p) for p in self.origin_prefixes):
+            return Answer(404, f"unknown log origin {checkpoint.origin}\n")
+        try:
+            verify_note(request.note, self.log_keys)
+        except NoteError as exc:
+            return Answer(403, f"{exc}\n")
+        if request.old_size > checkpoint.size:
+            return Answer(400, f"old size {request.old_size} is above the checkpoint's {checkpoint.size}\n")
+        with self._lock, self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                answer = self._decide(conn, request, checkpoint)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT" if answer.status == 200 else "ROLLBACK")
+        logger.info("witness: %s %s -> %s", checkpoint.origin, checkpoint.size, answer.status)
+        return answer
+
+    def _decide(
+        self, conn: sqlite3.Connection, request: AddCheckpointRequest, checkpoint: Checkpoint
+    ) -> Answer:
+        row = conn.execute("SELECT size, root FROM logs WHERE origin = ?", (checkpoint.origin,)).fetchone()
+        held_size, held_root = (0, EMPTY_ROOT) if row is None else (int(row[0]), bytes(row[1]))
+        if request.old_size != held_size:
+            return Answer(409, f"{held_size}\n", SIZE_CONTENT_TYPE)
+        if held_size == 0:
+            if request.proof:
+                return Answer(422, "a consistency proof from size 0 must be empty\n")
+        elif held_size == checkpoint.size:
+            if request.proof or held_root != checkpoint.root:
+                return Answer(422, "same size, another root: the log's history was rewritten\n")
+        elif not verify_consistency(held_size, checkpoint.size, held_root, checkpoint.root, request.proof):
+            return Answer(
+                422, f"not consistent with the checkpoint of size {held_size} this witness cosigned\n"
+            )
+        signature = cosign(checkpoint.text, self.key, int(self.clock()))
+        stored = request.note.with_signatures([signature]).render()
+        conn.execute(
+            "INSERT INTO logs (origin, size, root, checkpoint) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (origin) DO UPDATE SET size = excluded.size, root = excluded.root, "
+            "checkpoint = excluded.checkpoint",
+            (checkpoint.origin, checkpoint.size, checkpoint.root, stored),
+        )
+        return Answer(200, signature.line)
+
+    def latest(self, origin_hash: str) -> Answer:
+        with self._connect() as conn:
+            for origin, text in conn.execute("SELECT origin, checkpoint FROM logs"):
+                if hashlib.sha256(origin.encode("utf-8")).hexdigest() == origin_hash:
+                    return Answer(200, text)
+        return Answer(404, "no checkpoint cosigned for that origin\n")
+
+
+def make_server(witness: Witness, host: str, port: int) -> ThreadingHTTPServer:
+    """An HTTP server for `witness` on (host, port) (port 0: any free port); call `serve_forever`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, answer: Answer) -> None:
+            data = answer.body.encode("utf-8")
+            self.send_response(answer.status)
+            self.send_header("Content-Type", answer.content_type)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            if self.path.rstrip("/") != "/add-checkpoint":
+                self._send(Answer(404, "not found\n"))
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self._send(Answer(411, "Content-Length required\n"))
+                return
+            if not 0 <= length <= MAX_REQUEST_BYTES:
+                self._send(Answer(413, "request too large\n"))
+                return
+            self._send(witness.add_checkpoint(self.rfile.read(length)))
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            parts = self.path.strip("/").split("/")
+            if len(parts) == 2 and parts[1] == "checkpoint" and len(parts[0]) == 64:
+                self._send(witness.latest(parts[0].lower()))
+            else:
+                self._send(Answer(404, "not found\n"))
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the http.server API
+            logger.debug("witness http: " + format, *args)
+
+    return ThreadingHTTPServer((host, port), Handler)
+
+
+def started_line(server: ThreadingHTTPServer, witness: Witness) -> str:
+    host, port = server.server_address[:2]
+    return json.dumps(
+        {
+            "listening": f"http://{host!s}:{port}",
+            "cosignerVerifierKey": witness.key.verifier(COSIGNATURE_V1).text,
+            "origins": witness.origin_prefixes,
+        }
+    )

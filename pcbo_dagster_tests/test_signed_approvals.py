@@ -1,0 +1,144 @@
+"""Signed approvals (issue 11): forged, replayed (another rollout, another decision hash) and unlisted
+approvals open no gate, whether they are offered to `pcbo approve` (refused, nothing written) or put
+on the production chain directly by someone who can append to it (ignored by the gate). A
+`requiredApprovals: 2` rollout waits for two distinct listed approvers."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.core.signed_approvals import read_signed_approval, sign_approval
+from pcbo_dagster.core.signed_note import NoteError, parse_note
+from pcbo_dagster.engine.events import PRODUCER
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.rollout import operations
+from pcbo_dagster.rollout.approvals import ROLLOUT_APPROVED, rollout_subject, sign_decision
+from pcbo_dagster.rollout.clock import ManualClock
+from pcbo_dagster_tests.approver_keys import BO, CY, MALLORY
+from pcbo_dagster_tests.test_rollout_staging_and_approvals import KEYS, T0, _config
+
+WHEN = "2026-01-05T09:00:00Z"
+
+
+def _soaked(tmp_path: Path, required: int = 1) -> tuple[Any, Settings, ManualClock, dict[str, Any]]:
+    """Two rollouts staged and soaked (`r` and `other`, over different keys)."""
+    config = _config(tmp_path, throttle="{}")
+    if required != 1:
+        dataset = config.dataset("sessions")
+        rollout = dataset.rollout.model_copy(update={"requiredApprovals": required})
+        config = config.model_copy(update={"datasets": [dataset.model_copy(update={"rollout": rollout})]})
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[1], by="ana", name="r", clock=clock)
+    operations.start(config, base, "sessions", KEYS[2], KEYS[2], by="ana", name="other", clock=clock)
+    clock.advance(600)
+    operations.soak(config, base, clock=clock)
+    return config, base, clock, operations.find_rollout(base, "r")
+
+
+def _gate(config: Any, base: Settings, clock: ManualClock) -> dict[str, Any]:
+    return operations.status(config, base, "r", clock=clock)["gate"]
+
+
+def _append_directly(config: Any, base: Settings, rollout: dict[str, Any], statement: str, by: str) -> None:
+    """What someone who can append to the production chain (but holds no approver's key) can do."""
+    with operations.rollout_environments(config, base, rollout["name"]) as (_dataset, envs):
+        envs.production.audit.append(
+            "sessions/v1",
+            ROLLOUT_APPROVED,
+            {
+                "rollout": rollout_subject(rollout),
+                "decision": "approved",
+                "decision_hash": rollout["decision_hash"],
+                "plan_hash": rollout["plan_hash"],
+                "by": by,
+                "reason": "looks fine",
+                "signed_approval": statement,
+                "producer": PRODUCER,
+            },
+        )
+
+
+def _forged(statement: str) -> str:
+    note = parse_note(statement)
+    line = note.signatures[0]
+    raw = bytearray(line.signature)
+    raw[0] ^= 1
+    blob = base64.b64encode(line.key_id + bytes(raw)).decode()
+    return note.text + f"\n\u2014 {line.name} {blob}\n"
+
+
+def test_a_signed_approval_opens_the_gate_and_names_its_signer(tmp_path: Path) -> None:
+    config, base, clock, rollout = _soaked(tmp_path)
+    result = operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    assert result["by"] == CY.name
+    gate = _gate(config, base, clock)
+    assert gate["open"] is True, gate["reasons"]
+    assert gate["approval"]["actor"] == CY.name and gate["approval"]["approvals"] == 1
+
+
+@pytest.mark.parametrize(
+    "attack", ["forged", "other_rollout", "other_decision_hash", "unlisted_key", "bare_name"]
+)
+def test_bad_approvals_are_refused_when_recorded_and_ignored_on_the_chain(
+    tmp_path: Path, attack: str
+) -> None:
+    config, base, clock, rollout = _soaked(tmp_path)
+    other = operations.find_rollout(base, "other")
+    statement = {
+        "forged": lambda: _forged(sign_decision(CY, rollout, "approve", "ok", None, WHEN)),
+        "other_rollout": lambda: sign_decision(CY, other, "approve", "ok", None, WHEN),
+        "other_decision_hash": lambda: sign_approval(
+            CY, "r", "approved", "sha256:" + "1" * 64, "ok", WHEN
+        ).render(),
+        "unlisted_key": lambda: sign_decision(MALLORY, rollout, "approve", "ok", None, WHEN),
+        "bare_name": lambda: "approved by cy\n",
+    }[attack]()
+    with pytest.raises(InvalidInput):
+        operations.decide(config, base, "r", None, statement=statement, clock=clock)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is False and any("no signed approval yet" in r for r in gate["reasons"])
+    # Appended to the production chain by hand (the chain still verifies): the gate ignores it.
+    _append_directly(config, base, rollout, statement, CY.name)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is False and any("no signed approval yet" in r for r in gate["reasons"]), gate
+    with pytest.raises(Blocked):
+        operations.promote(config, base, "r", by="dee", clock=clock)
+
+
+def test_an_approval_of_another_rollout_is_not_replayed_into_this_one(tmp_path: Path) -> None:
+    """A genuine approval of `other`, recorded for `other`, does not count for `r`."""
+    config, base, clock, _ = _soaked(tmp_path)
+    operations.decide(config, base, "other", "approve", key=CY, reason="fine", clock=clock)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is False and any("no signed approval yet" in r for r in gate["reasons"])
+
+
+def test_required_approvals_need_distinct_listed_approvers(tmp_path: Path) -> None:
+    config, base, clock, _ = _soaked(tmp_path, required=2)
+    operations.decide(config, base, "r", "approve", key=CY, reason="one", clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="one again", clock=clock)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is False and any("1 of the 2 signed approvals" in r for r in gate["reasons"])
+    operations.decide(config, base, "r", "approve", key=BO, reason="two", clock=clock)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is True and gate["approval"]["approvals"] == 2
+    operations.decide(config, base, "r", "reject", key=BO, reason="changed my mind", clock=clock)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is False and any(f"rejected by {BO.name}" in r for r in gate["reasons"])
+
+
+def test_a_statement_is_read_only_under_a_listed_key() -> None:
+    statement = sign_approval(CY, "r", "approved", "sha256:" + "2" * 64, "ok", WHEN).render()
+    assert read_signed_approval(statement, [CY.verifier()]).signer.name == CY.name
+    with pytest.raises(NoteError, match="not a listed approver"):
+        read_signed_approval(statement, [BO.verifier()])
+    impostor = sign_approval(MALLORY, "r", "approved", "sha256:" + "2" * 64, "ok", WHEN).render()
+    renamed = impostor.replace(MALLORY.name, CY.name)  # claims to be cy, signed by mallory
+    with pytest.raises(NoteError):
+        read_signed_approval(renamed, [CY.verifier()])

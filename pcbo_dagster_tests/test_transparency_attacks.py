@@ -1,0 +1,336 @@
+"""Attacks the audit chain alone cannot show (issue 11): someone who can write the audit backup, the
+catalog and the lake rewrites or truncates a chain *consistently* — every hash recomputed, the mirror,
+the stored log and the lake made to match, the catalog's and the lake's checkpoints removed. Plain
+`pcbo verify` then finds nothing (that is the gap); `verify --trusted-checkpoint` with a checkpoint
+an auditor kept finds it, and a witness that cosigned the real history refuses the forged one even
+when an insider signs it with the operator's own key.
+
+A real witness server (`pcbo witness serve`'s) runs on loopback in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rfc8785
+
+from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.cli import main as cli
+from pcbo_dagster.core.audit_chain import build_event
+from pcbo_dagster.core.checkpoints import parse_signed_checkpoint
+from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key
+from pcbo_dagster.witness.server import Witness, make_server
+from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, write_request
+
+CHAIN = "events/v1"
+ORIGIN = "pcbo/events/v1"
+
+
+def pcbo(home: Path, *args: str) -> tuple[int, Any]:
+    """`pcbo *args --home home` in this process; (exit status, the JSON document or None)."""
+    out = home.parent / f"out-{uuid.uuid4().hex}.json"
+    try:
+        status = cli.main([*args, "--home", str(home), "--output", str(out)])
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    document = json.loads(out.read_text()) if out.exists() else None
+    out.unlink(missing_ok=True)
+    return status, document
+
+
+def _shifted(request: dict[str, Any], hours: int, run_id: str) -> dict[str, Any]:
+    """The same records `hours` later, under other ids: a run over the next window."""
+
+    def later(text: str) -> str:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00")) + timedelta(hours=hours)
+        return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    copy = json.loads(json.dumps(request))
+    copy["runId"] = run_id
+    copy["start"], copy["end"] = later(copy["start"]), later(copy["end"])
+    for record in copy["sourceRecords"]:
+        if isinstance(record.get("id"), str):
+            record["id"] = f"{run_id}-{record['id']}"
+        if isinstance(record.get("occurredAt"), str):
+            record["occurredAt"] = later(record["occurredAt"])
+    return copy
+
+
+class Keys:
+    def __init__(self, work: Path) -> None:
+        self.operator = new_signing_key("ops.example/operator")
+        self.witness = new_signing_key("witness.example/w1")
+        self.operator_file = work / "operator.key"
+        self.operator_file.write_text(self.operator.text + "\n")
+        self.operator_file.chmod(0o600)
+        self.vkey = self.operator.verifier().text
+        self.witness_vkey = self.witness.verifier(COSIGNATURE_V1).text
+
+
+@pytest.fixture
+def witness_server(tmp_path: Path) -> Iterator[Callable[[Keys], str]]:
+    servers = []
+
+    def start(keys: Keys) -> str:
+        witness = Witness(keys.witness, str(tmp_path / "witness.db"), [keys.operator.verifier()], ["pcbo/"])
+        server = make_server(witness, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def history(tmp_path: Path, witness_server: Callable[[Keys], str]) -> dict[str, Any]:
+    """Two runs (r1: hours 0-3, r2: hours 4-5), each followed by a signed checkpoint the witness
+    cosigned; the auditor kept the checkpoint after r1 and the one after r2."""
+    keys = Keys(tmp_path)
+    url = witness_server(keys)
+    home = tmp_path / "home"
+    signing = ("--signing-key", str(keys.operator_file), "--witness", f"{keys.witness_vkey} {url}")
+    first = load_generator().make_request(records=60, partitions=4, seed=5, run_id="r1")
+    held = {}
+    for name, request in (("r1", first), ("r2", _shifted(first, 4, "r2"))):
+        path = write_request(tmp_path / f"{name}.json", request)
+        status, document = pcbo(home, "execute", "--input", str(path), *signing)
+        assert status == 0, document
+        assert document["checkpoint"]["witnessedBy"] == ["witness.example/w1"], document["checkpoint"]
+        status, document = pcbo(home, "log", "checkpoint", "--dataset", "events")
+        assert status == 0 and document["witnesses"] == [keys.witness_vkey]
+        held[name] = tmp_path / f"held-{name}.checkpoint"
+        held[name].write_text(document["checkpoint"])
+    return {"home": home, "keys": keys, "url": url, "held": held, "signing": signing}
+
+
+def _verify_trusted(history: dict[str, Any], held: str, *extra: str) -> tuple[int, Any]:
+    keys = history["keys"]
+    return pcbo(
+        history["home"],
+        "verify",
+        "--trusted-checkpoint",
+        str(history["held"][held]),
+        "--key",
+        keys.vkey,
+        *extra,
+    )
+
+
+# -- the attacker's tools ------------------------------------------------------------------------------
+
+
+def _rewrite_chain(home: Path, keep: int, change: Callable[[list[dict]], None]) -> None:
+    """Rewrite the chain consistently: keep its first `keep` events, let `change` edit them, rebuild
+    every hash, link and event id, and make the backup and the catalog (mirror, heads, stored log,
+    partition rows' event hashes) agree; remove every stored checkpoint."""
+    path = backup_file(home)
+    events = [json.loads(line) for line in path.read_bytes().splitlines()][:keep]
+    change(events)
+    rebuilt, renamed, prev = [], {}, None
+    for seq, event in enumerate(events):
+        body = {
+            k: v
+            for k, v in event.items()
+            if k not in ("version", "event_type", "event_id", "timestamp", "chain")
+        }
+        new = build_event(
+            chain_key=CHAIN,
+            seq=seq,
+            prev_event_hash=prev,
+            event_type=event["event_type"],
+            timestamp=event["timestamp"],
+            body=body,
+        )
+        renamed[event["chain"]["event_hash"]] = new["chain"]["event_hash"]
+        rebuilt.append(new)
+        prev = new["chain"]["event_hash"]
+    path.write_bytes(b"".join(rfc8785.dumps(e) + b"\n" for e in rebuilt))
+    db = sqlite3.connect(home / "catalog.db")
+    triggers = [
+        r[0]
+        for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        if r[0].startswith(("audit_events_", "transparency_checkpoints_", "checkpoint_cosignatures_"))
+    ]
+    saved = [r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'") if r[0]]
+    for name in triggers:
+        db.execute(f"DROP TRIGGER {name}")
+    db.execute("DELETE FROM audit_events WHERE chain_key = ?", (CHAIN,))
+    for event in rebuilt:
+        chain = event["chain"]
+        db.execute(
+            "INSERT INTO audit_events VALUES (?, ?, ?, ?, ?, ?, '2026-01-01 00:00:00')",
+            (
+                CHAIN,
+                chain["seq"],
+                chain["event_hash"],
+                chain["prev_event_hash"],
+                event["event_type"],
+                json.dumps(event, sort_keys=True, separators=(",", ":")),
+            ),
+        )
+    db.execute(
+        "UPDATE audit_chain_heads SET seq = ?, event_hash = ? WHERE chain_key = ?", (keep - 1, prev, CHAIN)
+    )
+    for old, new in renamed.items():
+        db.execute("UPDATE partitions SET event_hash = ? WHERE event_hash = ?", (new, old))
+    for table in (
+        "transparency_nodes",
+        "transparency_trees",
+        "transparency_checkpoints",
+        "checkpoint_cosignatures",
+    ):
+        db.execute(f"DELETE FROM {table}")
+    for sql in saved:
+        if any(f"TRIGGER {name} " in sql for name in triggers):
+            db.execute(sql)
+    db.commit()
+    db.close()
+    shutil.rmtree(lake_dir(home) / "events" / "v1" / "_checkpoints", ignore_errors=True)
+    store = CatalogStore(f"sqlite:///{home / 'catalog.db'}")
+    store.ensure_tree(CHAIN)  # the attacker rebuilds the stored log of the forged chain, too
+    store.close()
+
+
+def _forget_run(home: Path, run_id: str) -> None:
+    """Remove what a run wrote from the lake and the catalog (its partitions, lineage and run rows)."""
+    db = sqlite3.connect(home / "catalog.db")
+    keys = [r[0] for r in db.execute("SELECT partition_key FROM partitions WHERE run_id = ?", (run_id,))]
+    db.execute("DELETE FROM lineage WHERE run_id = ?", (run_id,))
+    db.execute("DELETE FROM partitions WHERE run_id = ?", (run_id,))
+    db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
+    db.commit()
+    db.close()
+    for key in keys:
+        shutil.rmtree(lake_dir(home) / "events" / "v1" / key)
+
+
+def _kinds(document: dict[str, Any]) -> set[str]:
+    return {f["kind"] for f in document["findings"]}
+
+
+# -- the attacks ---------------------------------------------------------------------------------
+
+
+def test_an_honest_history_extends_every_checkpoint_the_auditor_kept(history: dict[str, Any]) -> None:
+    keys = history["keys"]
+    for held in ("r1", "r2"):
+        status, document = _verify_trusted(
+            history, held, "--witness-key", keys.witness_vkey, "--min-witnesses", "1"
+        )
+        assert status == 0, document["findings"]
+        assert document["trustedCheckpoint"]["witnessCosignatures"] == ["witness.example/w1"]
+    assert document["trustedCheckpoint"]["consistencyProof"] == []  # r2's is the current size
+    status, document = _verify_trusted(history, "r1")
+    assert status == 0 and document["trustedCheckpoint"]["consistencyProof"]
+
+
+def test_a_consistent_rewrite_of_the_whole_chain_is_caught_by_the_held_checkpoint(
+    history: dict[str, Any],
+) -> None:
+    home = history["home"]
+    size = len(backup_file(home).read_bytes().splitlines())
+
+    def rewrite(events: list[dict]) -> None:
+        events[0]["timestamp"] = "2020-01-01T00:00:00Z"  # history says something else now
+
+    _rewrite_chain(home, size, rewrite)
+    status, document = pcbo(home, "verify")
+    assert status == 0, document["findings"]  # the stores agree with each other: nothing else can tell
+    for held in ("r1", "r2"):
+        status, document = _verify_trusted(history, held)
+        assert status == 1 and "checkpoint_inconsistent" in _kinds(document), document["findings"]
+
+
+def test_a_truncation_is_caught_by_the_held_checkpoint(history: dict[str, Any]) -> None:
+    home = history["home"]
+    r1_size = parse_signed_checkpoint(history["held"]["r1"].read_text())[0].size
+    _forget_run(home, "r2")
+    _rewrite_chain(home, r1_size, lambda events: None)
+    status, document = pcbo(home, "verify")
+    assert status == 0, document["findings"]  # r2 never happened, as far as the stores say
+    status, document = _verify_trusted(history, "r2")
+    assert status == 1 and _kinds(document) == {"checkpoint_truncated"}, document["findings"]
+    status, document = _verify_trusted(history, "r1")  # what r1's checkpoint covers is intact
+    assert status == 0, document["findings"]
+
+
+def test_the_witness_refuses_a_rewritten_or_truncated_history_signed_with_the_operators_key(
+    history: dict[str, Any],
+) -> None:
+    """An insider with the operator's key re-signs the forged history: the witness, which cosigned the
+    real one, refuses to cosign it (422 inconsistent, or a size below its own)."""
+    home = history["home"]
+    size = len(backup_file(home).read_bytes().splitlines())
+
+    def rewrite(events: list[dict]) -> None:
+        events[1]["timestamp"] = "2020-01-01T00:00:00Z"
+
+    _rewrite_chain(home, size, rewrite)
+    status, document = pcbo(home, "log", "publish", "--dataset", "events", *history["signing"])
+    assert status == 0
+    errors = document["checkpoint"]["witnessErrors"]
+    assert document["checkpoint"]["witnessedBy"] == [] and len(errors) == 1
+    assert "422" in errors[0] and "history was rewritten" in errors[0], errors
+    # The forged checkpoint is signed by the operator but carries no cosignature: requiring one fails.
+    forged = history["held"]["r2"].with_name("forged.checkpoint")
+    forged.write_text(pcbo(home, "log", "checkpoint", "--dataset", "events")[1]["checkpoint"])
+    keys = history["keys"]
+    status, document = pcbo(
+        home,
+        "verify",
+        "--trusted-checkpoint",
+        str(forged),
+        "--key",
+        keys.vkey,
+        "--witness-key",
+        keys.witness_vkey,
+        "--min-witnesses",
+        "1",
+    )
+    assert status == 1 and "checkpoint_witnesses_missing" in _kinds(document)
+
+    r1_size = parse_signed_checkpoint(history["held"]["r1"].read_text())[0].size
+    _forget_run(home, "r2")
+    _rewrite_chain(home, r1_size, lambda events: None)
+    status, document = pcbo(home, "log", "publish", "--dataset", "events", *history["signing"])
+    errors = document["checkpoint"]["witnessErrors"]
+    assert status == 0 and len(errors) == 1 and "truncated or forked" in errors[0], errors
+
+
+def test_a_witness_that_is_down_never_blocks_a_run_and_cosigns_later(tmp_path: Path, witness_server) -> None:
+    keys = Keys(tmp_path)
+    home = tmp_path / "home"
+    down = ("--signing-key", str(keys.operator_file), "--witness", f"{keys.witness_vkey} http://127.0.0.1:9")
+    request = load_generator().make_request(records=30, partitions=2, seed=3, run_id="r1")
+    status, document = pcbo(
+        home, "execute", "--input", str(write_request(tmp_path / "r.json", request)), *down
+    )
+    assert status == 0 and document["checkpoint"]["witnessedBy"] == []
+    assert document["checkpoint"]["witnessErrors"]
+    url = witness_server(keys)
+    up = ("--signing-key", str(keys.operator_file), "--witness", f"{keys.witness_vkey} {url}")
+    status, document = pcbo(home, "log", "publish", "--dataset", "events", *up)
+    assert status == 0 and document["checkpoint"]["witnessedBy"] == ["witness.example/w1"]
+    note = pcbo(home, "log", "checkpoint", "--dataset", "events")[1]["checkpoint"]
+    lake_copy = lake_dir(home) / "events" / "v1" / "_checkpoints" / f"{document['treeSize']:012d}.checkpoint"
+    assert lake_copy.read_text() == note and "witness.example/w1" in note
+
+
+def test_a_checkpoint_not_signed_by_the_given_key_is_invalid_input(history: dict[str, Any]) -> None:
+    other = new_signing_key("someone.else/key").verifier().text
+    status, _ = pcbo(
+        history["home"], "verify", "--trusted-checkpoint", str(history["held"]["r1"]), "--key", other
+    )
+    assert status == 2

@@ -1,0 +1,85 @@
+"""`pcbo witness serve`: every answer of c2sp.org/tlog-witness `add-checkpoint`, over real HTTP on
+loopback, and the monitoring `GET /<origin hash>/checkpoint`."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pcbo_dagster.core import merkle
+from pcbo_dagster.core.checkpoints import Checkpoint, add_checkpoint_body
+from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key, parse_note, verify_cosignatures
+from pcbo_dagster.witness.server import Witness, make_server
+
+LEAVES = [f"event {i}".encode() for i in range(12)]
+LOG = new_signing_key("ops.example/operator")
+OTHER_LOG = new_signing_key("ops.example/someone-else")
+WITNESS = new_signing_key("witness.example/w1")
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> Iterator[str]:
+    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LOG.verifier()], ["pcbo/"], clock=lambda: 1700000000)
+    server = make_server(witness, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _note(size: int, leaves: list[bytes] = LEAVES, key=LOG, origin: str = "pcbo/events/v1") -> str:
+    return Checkpoint(origin, size, merkle.MerkleTree(leaves[:size]).root).sign(key).render()
+
+
+def _post(url: str, old: int, proof: list[bytes], note: str) -> tuple[int, str, str]:
+    request = urllib.request.Request(
+        url + "/add-checkpoint", data=add_checkpoint_body(old, proof, note), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.headers["Content-Type"], answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def test_the_witness_answers_as_the_protocol_says(url: str) -> None:
+    status, _, body = _post(url, 0, [], _note(5))
+    assert status == 200
+    cosigned = parse_note(_note(5)).with_signatures([parse_note(_note(5) + body).signatures[-1]])
+    assert verify_cosignatures(cosigned, [WITNESS.verifier(COSIGNATURE_V1)]) == {
+        WITNESS.verifier(COSIGNATURE_V1).text: 1700000000
+    }
+    # 409: an old size that is not the one it holds, with that size as text/x.tlog.size
+    assert _post(url, 0, [], _note(8))[:3] == (409, "text/x.tlog.size", "5\n")
+    # 200: consistent from 5 to 8
+    proof = merkle.consistency_proof(LEAVES[:8], 5)
+    assert _post(url, 5, proof, _note(8))[0] == 200
+    # 422: a proof that does not verify (history rewritten), at a larger size
+    rewritten = [b"forged", *LEAVES[1:]]
+    bad = merkle.consistency_proof(rewritten[:10], 8)
+    assert _post(url, 8, bad, _note(10, rewritten))[0] == 422
+    # 422: the same size, another root
+    assert _post(url, 8, [], _note(8, rewritten))[0] == 422
+    # 400: never backwards (old size above the checkpoint's)
+    assert _post(url, 8, [], _note(6))[0] == 400
+    # 403: not signed by a log key it trusts; 404: an origin it does not witness
+    assert _post(url, 8, merkle.consistency_proof(LEAVES[:10], 8), _note(10, key=OTHER_LOG))[0] == 403
+    assert _post(url, 0, [], _note(3, origin="elsewhere/log"))[0] == 404
+    # 422: a non-empty proof from size 0 (a new origin)
+    assert _post(url, 0, [LEAVES[0].ljust(32, b"x")], _note(3, origin="pcbo/other/v1"))[0] == 422
+    # 400: malformed
+    request = urllib.request.Request(url + "/add-checkpoint", data=b"old x\n\n", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(request, timeout=10)
+    assert exc.value.code == 400
+    # The monitoring endpoint serves the latest cosigned checkpoint (size 8, with both signatures).
+    origin_hash = hashlib.sha256(b"pcbo/events/v1").hexdigest()
+    with urllib.request.urlopen(f"{url}/{origin_hash}/checkpoint", timeout=10) as answer:
+        latest = parse_note(answer.read())
+    assert latest.text == parse_note(_note(8)).text and len(latest.signatures) == 2
