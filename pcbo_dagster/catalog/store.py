@@ -4,7 +4,8 @@
 - `runs`: registered datasets and runs;
 - `partitions`: partition versions, lineage and discrepancies;
 - `leases`: dataset write leases;
-- `chain`: the audit chain mirror and heads (`locked_chain`, `ChainTransaction`).
+- `chain`: the audit chain mirror and heads (`locked_chain`, `ChainTransaction`);
+- `publications`: which Iceberg table each dataset version is published to.
 
 The rollout tables have their own store on the same database (`rollouts.RolloutStore`).
 """
@@ -14,10 +15,11 @@ from __future__ import annotations
 from pcbo_dagster.catalog.chain import ChainMirror
 from pcbo_dagster.catalog.leases import DatasetLeases
 from pcbo_dagster.catalog.partitions import PartitionRecords
+from pcbo_dagster.catalog.publications import TablePublicationRecords
 from pcbo_dagster.catalog.runs import RunRecords
 
 
-class CatalogStore(RunRecords, PartitionRecords, DatasetLeases, ChainMirror):
+class CatalogStore(RunRecords, PartitionRecords, DatasetLeases, ChainMirror, TablePublicationRecords):
     """The catalog on a SQLAlchemy URL (SQLite or PostgreSQL): runs, partition versions, lineage,
-    discrepancies, dataset leases and the audit chain mirror. Every write is one transaction.
-    One instance per process (do not share across fork)."""
+    discrepancies, dataset leases, the audit chain mirror and table publications. Every write is one
+    transaction. One instance per process (do not share across fork)."""
