@@ -169,7 +169,32 @@ def target_for(
     )
 
 
-def _target_from_record(row: TablePublicationRow, env: Environment) -> TableTarget:
+def staging_target(spec: TableSpec | None, production: Environment) -> TableTarget | None:
+    """Write-audit-publish: a rollout's staging environment publishes to the `staging` branch of the
+    dataset's table (resolved where production resolves it: one table for both stages)."""
+    return None if spec is None else target_for(spec, production, branch=STAGING_BRANCH)
+
+
+def promotion_target(spec: TableSpec | None, production: Environment) -> TableTarget | None:
+    """Write-audit-publish: a promotion publishes production's files to `main` in one snapshot that
+    names the approved staging snapshot (the `staging` branch's head)."""
+    if spec is None:
+        return None
+    target = target_for(spec, production)
+    from pyiceberg.exceptions import NoSuchTableError
+
+    try:
+        staged = (
+            open_catalog(target.catalog_url).load_table(target.name).metadata.snapshot_by_name(STAGING_BRANCH)
+        )
+    except NoSuchTableError:
+        staged = None
+    return target_for(
+        spec, production, approved_snapshot_id=staged.snapshot_id if staged else None, one_snapshot=True
+    )
+
+
+def recorded_target(row: TablePublicationRow, env: Environment) -> TableTarget:
     """The recorded target; its catalog URL with the credentials the environment holds for it (the
     record never has them)."""
     url = row["catalog_url"]
@@ -196,7 +221,7 @@ def resolve_target(
     if recorded is None:
         return target
     if target is None:
-        return _target_from_record(recorded, env)
+        return recorded_target(recorded, env)
     if (target.public_catalog, target.name) != (recorded["catalog_url"], recorded["table_name"]):
         raise InvalidInput(
             "table",
@@ -809,7 +834,7 @@ def check_tables(
 
     outcomes: list[tuple[str, dict[str, Any]]] = []
     for row in env.catalog.table_publications(dataset, version_label):
-        target = _target_from_record(row, env)
+        target = recorded_target(row, env)
         where = f"{target.name}@{target.branch}"
         try:
             table = open_catalog(target.catalog_url).load_table(target.name)
