@@ -456,11 +456,12 @@ def open_catalog(url: str) -> Catalog:
     return SqlCatalog("pcbo", uri=url)
 
 
-def _partition_field(plan: Plan) -> tuple[str, Any, str] | None:
+def partition_field(windows: list[tuple[int, int]], ledger_field: str | None) -> tuple[str, Any, str] | None:
     """(source column, transform, field name) of the partition spec that follows the dataset's
-    partitioning: the finest of hour/day/month/year (on `occurredAt`) that holds each partition's
-    window in one value; a ledger grid aligned to its size gets `truncate(size)` on the ledger field.
-    None (unpartitioned; engines prune on every file's column statistics) when none fits."""
+    partitioning, from its partitions' windows ([start, end) in microseconds, or ledger sequences):
+    the finest of hour/day/month/year (on `occurredAt`) that holds each window in one value; a
+    ledger grid aligned to its width gets `truncate(width)` on the ledger field. None (unpartitioned;
+    engines still prune on every file's column statistics) when none fits."""
     from pyiceberg.transforms import (
         DayTransform,
         HourTransform,
@@ -469,13 +470,16 @@ def _partition_field(plan: Plan) -> tuple[str, Any, str] | None:
         YearTransform,
     )
 
-    if plan.ledger_field is not None:
-        if plan.start % plan.width == 0:
-            return plan.ledger_field, TruncateTransform(plan.width), f"{plan.ledger_field}_trunc"
+    if not windows:
+        return None
+    if ledger_field is not None:
+        width = max(end - start for start, end in windows)
+        if all(start % width == 0 for start, _ in windows):
+            return ledger_field, TruncateTransform(width), f"{ledger_field}_trunc"
         return None
     transforms: tuple[Any, ...] = (HourTransform(), DayTransform(), MonthTransform(), YearTransform())
     for transform in transforms:
-        if all(_bucket(transform, p.start) == _bucket(transform, p.end - 1) for p in plan.partitions):
+        if all(_bucket(transform, start) == _bucket(transform, end - 1) for start, end in windows):
             return "occurredAt", transform, f"occurredAt_{str(transform).split('(')[0].lower()}"
     return None
 
@@ -517,7 +521,9 @@ class Publisher:
     target: TableTarget
     dataset: str
     version_label: str
-    plan: Plan | None = None  # how to partition a table created now
+    #: The partitions' windows and the ledger field (None: time windows), to partition a table
+    #: created now; None: from the chain's time windows (a table created by `verify --repair`).
+    partitioning: tuple[list[tuple[int, int]], str | None] | None = None
     table: Table | None = None
     live: TableState | None = None
     snapshots: list[dict[str, Any]] = field(default_factory=list)
@@ -531,7 +537,9 @@ class Publisher:
     def where(self) -> str:
         return f"{self.target.name}@{self.target.branch}"
 
-    def _load(self, create_from: PublishedFile | None) -> Table | None:
+    def _load(
+        self, create_from: PublishedFile | None, expected_now: dict[str, PublishedFile]
+    ) -> Table | None:
         from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
 
         catalog = open_catalog(self.target.catalog_url)
@@ -545,7 +553,7 @@ class Publisher:
                 catalog.create_namespace(namespace)
             except NamespaceAlreadyExistsError:
                 pass
-            table = self._create(catalog, create_from)
+            table = self._create(catalog, create_from, expected_now)
         if table.metadata.properties.get(TABLE_CHAIN_KEY) != self.chain_key:
             raise PublicationRefused(
                 self.where,
@@ -557,6 +565,12 @@ class Publisher:
                     )
                 ],
             )
+        self.record()
+        return table
+
+    def record(self) -> None:
+        """Record where this dataset version's branch publishes (before anything is written to the
+        lake: a table a crash kept from being created is then still checked, and healed)."""
         self.env.catalog.record_table_publication(
             {
                 "dataset": self.dataset,
@@ -567,9 +581,10 @@ class Publisher:
                 "table_name": self.target.name,
             }
         )
-        return table
 
-    def _create(self, catalog: Catalog, first: PublishedFile) -> Table:
+    def _create(
+        self, catalog: Catalog, first: PublishedFile, expected_now: dict[str, PublishedFile]
+    ) -> Table:
         import pyarrow.parquet as pq
         from pyiceberg.table.name_mapping import create_mapping_from_schema
 
@@ -582,7 +597,16 @@ class Publisher:
             location=f"{self.target.warehouse}/{namespace}/{name}",
             properties={TABLE_CHAIN_KEY: self.chain_key, TABLE_LAKE: redact_url(self.env.lake.url)},
         )
-        spec = _partition_field(self.plan) if self.plan is not None else None
+        if self.partitioning is not None:
+            spec = partition_field(*self.partitioning)
+        else:
+            windows = [(f.start, f.end) for f in expected_now.values()]
+            time_windows = all(isinstance(v, str) for w in windows for v in w)
+            spec = (
+                partition_field([(_position(a), _position(b)) for a, b in windows], None)
+                if time_windows
+                else None
+            )
         with table.transaction() as tx:
             if spec is not None:
                 with tx.update_spec() as update:
@@ -597,7 +621,7 @@ class Publisher:
         and nothing to create it for. `PublicationRefused` when it diverged."""
         if self.table is not None:
             return True
-        table = self._load(create_from)
+        table = self._load(create_from, expected_files(state, self.dataset, self.version_label))
         if table is None:
             return False
         events = self.env.audit.backup.read_chain(self.chain_key)
@@ -795,7 +819,12 @@ def publisher_for(
 ) -> Publisher | None:
     """The publisher of a dataset version (None when it publishes nowhere); see `resolve_target`."""
     target = resolve_target(env, spec, dataset, version_label, given)
-    return None if target is None else Publisher(env, target, dataset, version_label, plan)
+    if target is None:
+        return None
+    partitioning = None if plan is None else ([(p.start, p.end) for p in plan.partitions], plan.ledger_field)
+    publisher = Publisher(env, target, dataset, version_label, partitioning)
+    publisher.record()
+    return publisher
 
 
 def publish_or_refuse(publisher: Publisher, state: ChainState, run_id: str) -> str | None:
@@ -839,12 +868,12 @@ def check_tables(
         try:
             table = open_catalog(target.catalog_url).load_table(target.name)
         except NoSuchTableError:
-            outcomes.append(
-                ("find", _finding("table_missing", where, f"{dataset}/{version_label} publishes to it"))
-            )
-            continue
-        current = read_state(table, target.branch, env.lake.url, dataset, version_label)
-        judgement = judge(table, current, target.branch, events, state, dataset, version_label)
+            if not expected_files(state, dataset, version_label):
+                continue
+            judgement = Judgement("behind", detail="the table does not exist (never created, or dropped)")
+        else:
+            current = read_state(table, target.branch, env.lake.url, dataset, version_label)
+            judgement = judge(table, current, target.branch, events, state, dataset, version_label)
         if judgement.verdict == "in_sync":
             continue
         if judgement.verdict == "diverged":
