@@ -263,3 +263,69 @@ def test_the_pcbo_catalogs_postgresql_database_holds_the_iceberg_catalog(
         ["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home, env=env
     )
     assert counted.document["rows"] == [[table.scan().to_arrow().num_rows]]
+
+
+def test_staging_publishes_to_a_branch_and_promotion_replaces_main_with_the_approved_state(
+    tmp_path: Path,
+) -> None:
+    """Write-audit-publish: staging's partitions are on the table's `staging` branch only; after the
+    soak and the approval, promotion publishes production's byte-identical files to `main` in one
+    snapshot that names the approved staging snapshot."""
+    from datetime import UTC, datetime
+
+    from pcbo_dagster.datasets.config import parse_datasets_config
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.rollout import operations
+    from pcbo_dagster.rollout.clock import ManualClock
+
+    records = [
+        {"id": f"s-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n:02d}:00Z", "jurisdiction": "US",
+         "consentGranted": True, "converted": n % 2 == 0}
+        for h in range(3) for n in range(h + 2)
+    ]  # fmt: skip
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = parse_datasets_config(
+        """
+datasets:
+  - name: sessions
+    partitioning:
+      {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}
+    source: {uri: s.jsonl}
+    table: {format: iceberg, name: lake.sessions}
+    rollout: {throttle: {}, soak: {windowMinutes: 5}}
+""",
+        base_dir=tmp_path,
+    )
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(datetime(2026, 1, 5, 8, 0, tzinfo=UTC))
+    keys = ["20240101T000000Z", "20240101T020000Z"]
+    operations.start(config, base, "sessions", keys[0], keys[1], by="ana", name="r", clock=clock)
+    table = _table(base.home, "lake.sessions")
+    staged = table.metadata.snapshot_by_name("staging")
+    created = table.metadata.snapshot_by_name("main")  # pyiceberg writes a branch once a snapshot exists
+    assert (
+        staged is not None and created is not None and created.summary["pcbo.kind"] == "pcbo.table-created/1"
+    )
+    assert not list(table.scan().plan_files())  # main publishes nothing before the promotion
+    staging_rows = table.scan().use_ref("staging").to_arrow().sort_by("id")
+    assert _ids(staging_rows) == _ids(_manifest_rows(base.home / "staging", "sessions"))
+    assert len(staging_rows) == len(records)
+
+    clock.advance(600)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", by="cy", reason="fine", clock=clock)
+    operations.promote(config, base, "r", by="cy", clock=clock)
+    table = _table(base.home, "lake.sessions")
+    main = table.metadata.snapshot_by_name("main")
+    assert main is not None and main.parent_snapshot_id == created.snapshot_id  # one promotion snapshot
+    assert main.summary["pcbo.approved-snapshot-id"] == str(staged.snapshot_id)
+    promoted = table.scan().to_arrow().sort_by("id")
+    assert promoted.to_pylist() == staging_rows.to_pylist()
+    assert {t.file.file_path for t in table.scan().plan_files()} == _manifest_file_uris(base.home, "sessions")
+    assert run_pcbo(["verify"], home=base.home).status == 0
+    assert run_pcbo(["verify"], home=base.home / "staging").status == 0
+    staged_query = run_pcbo(
+        ["query", "--dataset", "sessions", "--branch", "staging", "SELECT count(*) FROM lake.sessions"],
+        home=base.home,
+    )
+    assert staged_query.document["rows"] == [[len(records)]]

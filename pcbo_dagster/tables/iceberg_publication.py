@@ -84,6 +84,9 @@ WAREHOUSE_DIR = "_iceberg"
 MAIN_BRANCH = "main"
 STAGING_BRANCH = "staging"
 PUBLICATION_KIND = "pcbo.publication/1"
+#: An empty first snapshot on `main`, when a table is created for a `staging` branch: pyiceberg 0.12
+#: writes to another branch only once the table has a snapshot. It publishes nothing.
+TABLE_CREATED_KIND = "pcbo.table-created/1"
 
 P_KIND = "pcbo.kind"
 P_CHAIN_KEY = "pcbo.chain-key"
@@ -339,8 +342,12 @@ def judge(
         and props.get(P_BRANCH) == branch
     )
     findings: list[dict[str, str]] = []
-    if current.snapshot is None:
-        earlier = [s for s in table.metadata.snapshots if _properties(s).get(P_BRANCH) == branch]
+    if current.snapshot is None or (props.get(P_KIND) == TABLE_CREATED_KIND and not current.files):
+        earlier = [
+            s
+            for s in table.metadata.snapshots
+            if _properties(s).get(P_BRANCH) == branch and _properties(s).get(P_KIND) == PUBLICATION_KIND
+        ]
         if not earlier:  # created, never published to (a crash right after): the chain at seq -1
             if not expected:
                 return Judgement("in_sync")
@@ -614,6 +621,11 @@ class Publisher:
             tx.set_properties(
                 {"schema.name-mapping.default": create_mapping_from_schema(table.schema()).model_dump_json()}
             )
+        if self.target.branch != MAIN_BRANCH:
+            created = {P_KIND: TABLE_CREATED_KIND, P_CHAIN_KEY: self.chain_key, P_BRANCH: MAIN_BRANCH}
+            with table.transaction() as tx:
+                with tx.update_snapshot(snapshot_properties=created).fast_append():
+                    pass
         return table
 
     def _open(self, state: ChainState, create_from: PublishedFile | None) -> bool:
