@@ -51,6 +51,7 @@ files: a `main` that pointed at the staging lake would name files no production 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, replay
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
-from pcbo_dagster.core.instants import parse_instant, to_datetime
+from pcbo_dagster.core.instants import to_datetime
 from pcbo_dagster.core.request_model import TableSpec
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 from pcbo_dagster.lake import layout
@@ -509,12 +510,15 @@ def _bucket(transform: Any, position: int) -> int:
 
 
 def _position(value: str | int) -> int:
+    """A window bound of a commit event: a ledger sequence, or an instant as outputs write it
+    (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`) in microseconds."""
     if isinstance(value, int):
         return value
-    micros = parse_instant(value)
-    if micros is None:
-        raise ValueError(f"{value!r} is not an instant")
-    return micros
+    moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 # -- publishing ------------------------------------------------------------------------------------
@@ -753,27 +757,34 @@ class Publisher:
         for published in files:
             with lake.fs.open(f"{lake.root}/{published.path}", "rb") as handle:
                 footers.append(pq.read_metadata(handle))
+        # (`tx.table_metadata` is a deep copy at each access: taken once per change.)
         known = set(tx.table_metadata.schema()._name_to_id)
+        arrow_schemas: dict[Any, Any] = {}  # the run's files share a schema: each distinct one converted once
         for metadata in footers:
-            arrow_schema = metadata.schema.to_arrow_schema()
+            arrow_schema = arrow_schemas.setdefault(metadata.schema, metadata.schema.to_arrow_schema())
             if set(arrow_schema.names) - known:
                 with tx.update_schema() as update:
                     update.union_by_name(arrow_schema)
                 known = set(tx.table_metadata.schema()._name_to_id)
-        schema = tx.table_metadata.schema()
-        spec = tx.table_metadata.spec()
+        table_metadata = tx.table_metadata
+        schema, spec, spec_id = table_metadata.schema(), table_metadata.spec(), table_metadata.default_spec_id
+        stats_columns = compute_statistics_plan(schema, table_metadata.properties)
+        column_mapping = parquet_path_to_id_mapping(schema)
+        compatible: set[Any] = set()
         result = []
         for published, metadata in zip(files, footers, strict=True):
-            try:
-                _check_pyarrow_schema_compatible(schema, metadata.schema.to_arrow_schema())
-            except ValueError as exc:
-                raise PublicationRefused(
-                    self.where, [_finding("table_schema_conflict", published.path, scrub_text(str(exc)))]
-                ) from None
+            if metadata.schema not in compatible:
+                try:
+                    _check_pyarrow_schema_compatible(schema, arrow_schemas[metadata.schema])
+                except ValueError as exc:
+                    raise PublicationRefused(
+                        self.where, [_finding("table_schema_conflict", published.path, scrub_text(str(exc)))]
+                    ) from None
+                compatible.add(metadata.schema)
             statistics = data_file_statistics_from_parquet_metadata(
                 parquet_metadata=metadata,
-                stats_columns=compute_statistics_plan(schema, tx.table_metadata.properties),
-                parquet_column_mapping=parquet_path_to_id_mapping(schema),
+                stats_columns=stats_columns,
+                parquet_column_mapping=column_mapping,
             )
             values = []
             for spec_field in spec.fields:
@@ -799,7 +810,7 @@ class Publisher:
                     partition=Record(*values),
                     file_size_in_bytes=published.byte_size,
                     sort_order_id=None,
-                    spec_id=tx.table_metadata.default_spec_id,
+                    spec_id=spec_id,
                     equality_ids=None,
                     key_metadata=None,
                     **statistics.to_serialized_dict(),
