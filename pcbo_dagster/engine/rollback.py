@@ -333,9 +333,14 @@ def rollback(
     if version is not None and (partition_key is None or run_id is not None):
         raise InvalidInput("version", "a version is rolled back with a partition key and no run id")
     try:
-        layout.check_partition(dataset, version_label, partition_key or "20000101T000000Z")
+        layout.check_names(dataset, version_label)
     except OutsidePartition as exc:
-        raise InvalidInput("partition" if partition_key else "dataset", str(exc)) from None
+        raise InvalidInput("dataset", str(exc)) from None
+    if partition_key is not None:
+        try:
+            layout.check_partition(dataset, version_label, partition_key)
+        except OutsidePartition as exc:
+            raise InvalidInput("partition", str(exc)) from None
     ckey = chain_key(dataset, version_label)
     state = replay(env.audit.backup.read_chain(ckey))
     if run_id is not None and run_id not in state.run_ids() and env.catalog.get_run(run_id) is None:
