@@ -52,6 +52,7 @@ files: a `main` that pointed at the staging lake would name files no production 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -665,15 +666,15 @@ class Publisher:
             return None
         changed = sorted({p.split("/")[2] for p in removed} | {f.key for f in added})
         properties = self._properties(state, expected, changed, run_id, reason)
-        tx = self.table.transaction()
+        tx = _transaction(self.table)
         data_files = self._data_files(tx, added)
-        with tx.update_snapshot(
-            snapshot_properties=properties, branch=self.target.branch
-        ).overwrite() as overwrite:
+        update = tx.update_snapshot(snapshot_properties=properties, branch=self.target.branch)
+        # (Nothing removed, as in a first run: an append, which rewrites no existing manifest.)
+        with update.overwrite() if removed else update.fast_append() as change:
             for path in removed:
-                overwrite.delete_data_file(live[path])
+                change.delete_data_file(live[path])
             for data_file in data_files:
-                overwrite.append_data_file(data_file)
+                change.append_data_file(data_file)
         self.table = tx.commit_transaction()
         snapshot = self.table.metadata.snapshot_by_name(self.target.branch)
         assert snapshot is not None
@@ -829,6 +830,31 @@ class Publisher:
         if self.refused:
             document["findings"] = self.refused
         return document
+
+
+def _transaction(table: Table) -> Transaction:
+    """A transaction on `table` that copies its metadata once per change (see `_one_copy_transaction`)."""
+    return _one_copy_transaction()(table)
+
+
+@functools.cache
+def _one_copy_transaction() -> type[Transaction]:
+    """pyiceberg 0.12 deep-copies the whole table metadata (every snapshot's summary) at each read of
+    a transaction's `table_metadata`, about twenty times per snapshot; the metadata models are frozen
+    and replaced, never changed in place, so one copy per state of the transaction is enough."""
+    from pyiceberg.table import Transaction
+
+    class _OneCopyPerChange(Transaction):
+        _copy: tuple[Any, Any, Any] | None = None
+
+        @property
+        def table_metadata(self) -> Any:
+            copy = self._copy
+            if copy is None or copy[0] is not self._table.metadata or copy[1] is not self._updates:
+                copy = self._copy = (self._table.metadata, self._updates, super().table_metadata)
+            return copy[2]
+
+    return _OneCopyPerChange
 
 
 def publisher_for(
