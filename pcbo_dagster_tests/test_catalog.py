@@ -178,6 +178,7 @@ EXPECTED_TABLES = {
     "transparency_nodes",
     "transparency_checkpoints",
     "checkpoint_cosignatures",
+    "table_publications",
 }
 
 

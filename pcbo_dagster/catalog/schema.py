@@ -377,3 +377,22 @@ checkpoint_cosignatures = Table(
     Column("recorded_at", UTCDateTime(), nullable=False),
     PrimaryKeyConstraint("chain_key", "tree_size", "witness_key", name="pk_checkpoint_cosignatures"),
 )
+
+# Where each dataset version's committed partitions are published as an Iceberg table (issue 17).
+table_publications = Table(
+    "table_publications",
+    metadata,
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("branch", Name, nullable=False),
+    Column("table_format", String(32), nullable=False),
+    Column("catalog_url", Text, nullable=False),  # never with credentials
+    Column("table_name", Name, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("dataset", "version_label", "branch", name="pk_table_publications"),
+    ForeignKeyConstraint(
+        ["dataset", "version_label"],
+        ["datasets.dataset", "datasets.version_label"],
+        name="fk_table_publications_datasets",
+    ),
+)

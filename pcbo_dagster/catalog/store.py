@@ -6,6 +6,7 @@
 - `leases`: dataset write leases;
 - `chain`: the audit chain mirror and heads (`locked_chain`, `ChainTransaction`);
 - `transparency`: each chain's transparency log (stored tree), signed checkpoints, cosignatures.
+- `publications`: which Iceberg table each dataset version is published to.
 
 The rollout tables have their own store on the same database (`rollouts.RolloutStore`).
 """
@@ -15,11 +16,14 @@ from __future__ import annotations
 from pcbo_dagster.catalog.chain import ChainMirror
 from pcbo_dagster.catalog.leases import DatasetLeases
 from pcbo_dagster.catalog.partitions import PartitionRecords
+from pcbo_dagster.catalog.publications import TablePublicationRecords
 from pcbo_dagster.catalog.runs import RunRecords
 from pcbo_dagster.catalog.transparency import TransparencyRecords
 
 
-class CatalogStore(RunRecords, PartitionRecords, DatasetLeases, ChainMirror, TransparencyRecords):
+class CatalogStore(
+    RunRecords, PartitionRecords, DatasetLeases, ChainMirror, TransparencyRecords, TablePublicationRecords
+):
     """The catalog on a SQLAlchemy URL (SQLite or PostgreSQL): runs, partition versions, lineage,
-    discrepancies, dataset leases, the audit chain mirror and its transparency logs. Every write is
-    one transaction. One instance per process (do not share across fork)."""
+    discrepancies, dataset leases, the audit chain mirror and its transparency logs, and table
+    publications. Every write is one transaction. One instance per process (do not share across fork)."""

@@ -170,6 +170,13 @@ def cmd_rollback(args: argparse.Namespace) -> dict[str, Any]:
         )
 
 
+def cmd_query(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.tables.query import query
+
+    with open_environment(args, create=False) as env:
+        return query(env, args.dataset, args.version_label, args.sql, branch=args.branch, reader=args.reader)
+
+
 def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.garbage_collection import collect_garbage
 
@@ -412,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--reason", default="requested", help="why (recorded on the audit chain)")
     p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("query", help="run SQL over a dataset's Iceberg table with DuckDB")
+    add_common_options(p)
+    add_dataset_options(p)
+    p.add_argument("sql", metavar="SQL", help='the query; the table is named as in Iceberg ("ns.table")')
+    p.add_argument("--branch", default="main", help="the table branch to read (default main; staging)")
+    p.add_argument(
+        "--reader",
+        default="auto",
+        choices=("auto", "duckdb-iceberg", "pyiceberg"),
+        help="DuckDB's own Iceberg reader (the iceberg extra), or pyiceberg's scan into DuckDB; "
+        "auto: the first when installed and the lake is local",
+    )
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")
     add_common_options(p)

@@ -115,6 +115,44 @@ class SourceRef(BaseModel):
         raise InvalidInput("source.format", "cannot be inferred from the URI; give jsonl, parquet or csv")
 
 
+#: `ns.table`: an Iceberg namespace and table name (letters, digits and `_`, each starting with a letter
+#: or `_`), usable as they are in SQL.
+TABLE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}\.[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_TABLE_CATALOG_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "http", "https")
+
+
+def _table_catalog(value: str) -> str:
+    """`pcbo` (the pcbo catalog's own database) or a catalog URL without a secret in it."""
+    if value == "pcbo":
+        return value
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.lower() not in _TABLE_CATALOG_SCHEMES:
+        raise ValueError(
+            "must be pcbo (the pcbo catalog's database) or a sqlite://, postgresql:// or http(s):// "
+            "(REST) catalog URL; leave it out for the default (PCBO_ICEBERG_CATALOG_URL, else "
+            "$PCBO_HOME/iceberg.db)"
+        )
+    authority = rest.split("/", 1)[0]
+    if "@" in authority or "?" in rest or "#" in rest:
+        raise ValueError(
+            "no credentials or query in a request or config (no secret belongs in a file): put the "
+            "URL in PCBO_ICEBERG_CATALOG_URL and leave catalog out"
+        )
+    return value
+
+
+class TableSpec(BaseModel):
+    """Where committed partitions are published as a table (issue 17): an Apache Iceberg table
+    `name` in `catalog` (left out: `PCBO_ICEBERG_CATALOG_URL`, else a SQLite catalog under
+    `PCBO_HOME`). Not part of the plan hash: the table is a view of what the lake commits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["iceberg"] = "iceberg"
+    catalog: Annotated[StrictStr, AfterValidator(_table_catalog)] | None = None
+    name: Annotated[StrictStr, Field(pattern=TABLE_NAME_PATTERN)]
+
+
 class LedgerRange(BaseModel):
     """Partitioning by ledger sequence instead of time (an extension; see the README): partition i
     holds the records whose `field` is in [first + i*partitionSize, min(first + (i+1)*partitionSize,
@@ -144,6 +182,8 @@ class BackfillRequest(BaseModel):
     existingTargetIds: list[Text] = []
     expectedDecisionHash: Annotated[StrictStr, Field(pattern=_DIGEST_PATTERN)] | None = None
     metadata: dict[Text, Any] = {}
+    #: Publish committed partitions to this table (not part of the plan hash).
+    table: TableSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BackfillRequest:

@@ -20,6 +20,9 @@ datasets:
     pool: null                        # Dagster pool; default pcbo-<name>
     checkGranularity: partition       # partition: one check evaluation per partition key;
                                       # run: one per check and run (fewer events for big backfills)
+    table: {format: iceberg, name: analytics.events}   # optional: publish to an Iceberg table
+                                      # (catalog: left out = PCBO_ICEBERG_CATALOG_URL, else
+                                      # $PCBO_HOME/iceberg.db; pcbo = the pcbo catalog's database)
     rollout:                          # optional: staged rollout (staging and production assets)
       stagingLake: null               # default: the staging environment's lake
       throttle: {partitionsPerMinute: 20, recordsPerMinute: null}
@@ -83,7 +86,7 @@ from pcbo_dagster.core.partition_keys import (
     format_time_key,
     window_for_key,
 )
-from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, Text
+from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, TableSpec, Text
 from pcbo_dagster.sources.record_files import resolve_uri
 
 #: Cron shortcuts accepted in `partitioning.cron`.
@@ -431,6 +434,9 @@ class DatasetConfig(_Strict):
     checkGranularity: Literal["partition", "run"] = "partition"
     auditChainKey: StrictStr | None = None
     rollout: RolloutConfig | None = None
+    #: Publish committed partitions as an Iceberg table: {format: iceberg, catalog: ..., name: ns.table}
+    #: (a rollout dataset: staging to the table's `staging` branch, promotion to `main`).
+    table: TableSpec | None = None
 
     @model_validator(mode="after")
     def _rollout(self) -> DatasetConfig:

@@ -61,6 +61,7 @@ from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.lake.manifests import FileEntry, Manifest, RollbackManifest
 from pcbo_dagster.sources.streaming import source_batch_size
+from pcbo_dagster.tables import iceberg_publication
 
 Progress = Callable[[int], None]
 #: Called before each partition is written when given (a staged rollout's throttle, pause and
@@ -276,6 +277,7 @@ def execute(
     pace: Pace | None = None,
     parallel: int | None = None,
     schema_from: Decisions | None = None,
+    table: iceberg_publication.TableTarget | None = None,
 ) -> dict[str, Any]:
     """Execute the request; the caller has evaluated it and checked the gates.
 
@@ -285,6 +287,8 @@ def execute(
     them one after another on this thread. The outputs are the same either way.
     `schema_from`: the decisions whose adds fix the parquet schema, when `decisions` holds only some
     of a request's partitions (a promotion of part of a rollout writes the bytes the whole would).
+    `table`: where to publish (a rollout's staging branch or promotion), instead of the request's
+    `table` or the dataset version's recorded one.
     """
     workers = env.settings.parallel if parallel is None else parallel
     if workers < 1:
@@ -298,6 +302,10 @@ def execute(
     failure: str | None = None
     stopped = False
     batch_size = 1 if pace is not None else COMMIT_BATCH
+    # Issue 17: the Iceberg table the committed partitions are published to (None: none).
+    publisher = iceberg_publication.publisher_for(
+        env, request.table, plan.dataset, plan.version_label, plan=plan, given=table
+    )
     with (
         env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease,
         _worker_pool(workers) as pool,
@@ -351,6 +359,9 @@ def execute(
                 results.append(_outcome(env, st))
                 assert st.check is not None
                 reconciliation.append(st.check)
+            if publisher is not None and not publisher.target.one_snapshot:  # issue 17: after the commit
+                _reached("before_publication", [st.pd.partition.index for st in batch])
+                failure = failure or iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
             if progress:
                 progress(len(batch))
             if failure:
@@ -359,6 +370,8 @@ def execute(
         status = (
             "committed" if any(r["status"] in ("committed", "restored") for r in results) else "unchanged"
         )
+        if publisher is not None and not publisher.refused:  # issue 17: whatever the batches left
+            failure = failure or iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
         final = "failed" if failure else "stopped" if stopped else status
         summary = {
             "partitions": len(results),
@@ -393,6 +406,8 @@ def execute(
         "auditDelivery": published["auditDelivery"],
         "checkpoint": published["checkpoint"],
     }
+    if publisher is not None:
+        document["table"] = publisher.summary()
     if failure:
         raise ExecuteFailed(failure, document)
     return document

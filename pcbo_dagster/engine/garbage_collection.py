@@ -80,8 +80,8 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
     by_dataset: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for rel in env.lake.list_files():
         parts = rel.split("/")
-        if len(parts) < 4:
-            continue  # not inside a partition directory: not ours to judge
+        if len(parts) < 4 or parts[0].startswith("_"):
+            continue  # not inside a partition directory (`_iceberg/`: table metadata): not ours to judge
         by_dataset[(parts[0], parts[1])][layout.partition_dir(*parts[:3])].append(rel)
 
     removed: list[dict[str, Any]] = []

@@ -62,6 +62,7 @@ from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
 from pcbo_dagster.lake.manifests import Manifest
+from pcbo_dagster.tables import iceberg_publication
 
 
 class RollbackRefused(IntegrityError):
@@ -380,6 +381,10 @@ def rollback(
             else:
                 step = plan_undo(env, state, dataset, version_label, partition_key)
                 results += apply_undos(env, state, dataset, version_label, [step], reason=reason, run_id=None)
+        # Issue 17: the recorded Iceberg table follows (after the events; a crash before is healed).
+        publisher = iceberg_publication.publisher_for(env, None, dataset, version_label)
+        if publisher is not None:
+            publisher.publish(state, run_id=run_id, reason="rollback")
     published = publish(env, ckey)
     done = sum(1 for r in results if r["status"] == "rolled_back")
     if not results:
@@ -388,7 +393,7 @@ def rollback(
             if partition_key is None
             else [{"key": partition_key, "status": "noop", "detail": "nothing of the run is current"}]
         )
-    return {
+    document: dict[str, Any] = {
         "status": "rolled_back" if done else "noop",
         "dataset": dataset,
         "versionLabel": version_label,
@@ -399,6 +404,9 @@ def rollback(
         "healed": healed,
         "checkpoint": published["checkpoint"],
     }
+    if publisher is not None:
+        document["table"] = publisher.summary()
+    return document
 
 
 def _noop_reason(history: PartitionHistory, version: int | None) -> str | None:

@@ -61,6 +61,7 @@ from pcbo_dagster.engine.transparency_log import (
     publish,
 )
 from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.tables.iceberg_publication import check_tables
 
 REFUSED = "not a crash window of the commit protocol: verify --repair refuses to touch it"
 
@@ -136,6 +137,7 @@ def verify(
             env, report, state, dataset, version_label, lake_keys.get(ckey, set())
         )
         _check_catalog(env, report, state, dataset, version_label)
+        _check_tables(env, report, events, state, dataset, version_label)
         # (repairing may have appended events since the backup was read)
         logged = env.audit.backup.read_chain(ckey) if repair else events
         for finding in check_stored_logs(env, ckey, logged):
@@ -586,6 +588,20 @@ def _check_runs(
                 where,
                 "lineage's plan or decision hash differs from the commit event's",
             )
+
+
+def _check_tables(
+    env: Environment, report: _Report, events: list[dict], state: ChainState, dataset: str, version_label: str
+) -> None:
+    """Issue 17: each Iceberg table the dataset version publishes to lists exactly the files of the
+    chain's current versions (`tables/iceberg_publication.py`)."""
+    for outcome, entry in check_tables(env, events, state, dataset, version_label, report.repair):
+        if outcome == "repaired":
+            report.repaired.append(entry)
+        elif outcome == "healable":
+            report.healable(entry["kind"], entry["where"], entry["detail"])
+        else:
+            report.find(entry["kind"], entry["where"], entry["detail"])
 
 
 def _check_triggers(env: Environment, report: _Report) -> None:

@@ -44,6 +44,7 @@ from pcbo_dagster.rollout.approvals import decision_in_force, rollout_subject
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.soak import soak_status
+from pcbo_dagster.tables.iceberg_publication import promotion_target
 
 ROLLOUT_PROMOTED = "rollout_promoted"
 
@@ -171,7 +172,10 @@ def promote_keys(
     check_gates(loaded, decisions)
     wanted = set(keys)
     subset = replace(decisions, partitions=[pd for pd in decisions.partitions if pd.partition.key in wanted])
-    document = execute(envs.production, loaded, plan, subset, progress=progress, schema_from=decisions)
+    table = promotion_target(dataset.table, envs.production)  # issue 17: `main`, in one snapshot
+    document = execute(
+        envs.production, loaded, plan, subset, progress=progress, schema_from=decisions, table=table
+    )
     document["counts"] = {pd.partition.key: pd.counts for pd in subset.partitions}
     return document
 

@@ -33,6 +33,7 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 from pcbo_dagster.rollout.throttle import Throttle
+from pcbo_dagster.tables.iceberg_publication import staging_target
 
 Log = Callable[[str], None]
 
@@ -100,7 +101,9 @@ def apply_to_staging(
         f"staging at {limiter.describe()}; plan {plan.plan_hash}, decisions {decisions.decision_hash}"
     )
     pacing = _Pacing(store, name, limiter, clock, log, poll_seconds)
-    document = execute(envs.staging, loaded, plan, decisions, pace=pacing)
+    # Issue 17 (write-audit-publish): staging publishes to the table's `staging` branch.
+    table = staging_target(dataset.table, envs.production)
+    document = execute(envs.staging, loaded, plan, decisions, pace=pacing, table=table)
     document["counts"] = {pd.partition.key: pd.counts for pd in decisions.partitions}
     document["throttle"] = {"describe": limiter.describe(), "waitedSeconds": round(pacing.waited_seconds, 3)}
     if document["status"] == "stopped":

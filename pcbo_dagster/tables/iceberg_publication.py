@@ -1,0 +1,946 @@
+"""Publish committed partitions to an Apache Iceberg table (issue 17), bound to the evidence.
+
+The lake stays exactly as it is: its content-addressed parquet files are registered in the table as
+they are (no rewrite), so one table names, at every snapshot, exactly the files the partitions'
+commit points name, and any engine (DuckDB, Spark, Trino, Snowflake) reads it without `_manifest.json`.
+
+**What the table must hold is derived from the audit chain**, like everything `verify` checks: per
+partition, the files of the version the chain says is current (a commit event's `tables`, each a
+content-addressed `part-<sha256 prefix>.parquet` of the partition's directory). `expected_files`
+computes it from a replayed chain, so a snapshot never names a file no committed manifest names.
+
+**Publication is a step after the commit point** (execute: after each commit batch's audit events and
+catalog rows; rollback: after its events). It compares the table's current snapshot (of its branch)
+with the chain and commits one snapshot that deletes the files no longer current and adds the new
+ones: an overwrite by partition, no data rewritten. Each pcbo snapshot's summary is its own intent
+record and evidence:
+
+- `pcbo.kind`: `pcbo.publication/1`; `pcbo.chain-key`, `pcbo.branch`: the audit chain
+  (`<dataset>/<versionLabel>`) and the table branch;
+- `pcbo.audit-seq`, `pcbo.audit-head`: the chain position published, the seq and event hash of its
+  last event (a checkpoint: every event before it is reachable through `prev_event_hash`);
+- `pcbo.partitions`: JSON, per partition the snapshot changes: key, version (null: removed),
+  manifest checksum, the type and hash of its last audit event, run id; `pcbo.runs`: JSON, the plan
+  and decision hash of each of those runs;
+- `pcbo.files-sha256`, `pcbo.file-count`: SHA-256 of the sorted lake paths of every file the table
+  holds after the snapshot;
+- `pcbo.run-id`, `pcbo.reason`: who published (execute, rollback, repair);
+- `pcbo.approved-snapshot-id`: a promotion's approved staging snapshot.
+
+**Crash safety** (same rule as the audit chain). A crash between the lake commit and the snapshot
+leaves the table at an older pcbo snapshot: one that names a seq of this chain, holds exactly the
+files the chain implied at that seq, and agrees with its own `files-sha256`. Only that state is
+healed — by the next run, rollback or `verify --repair`, which publish what the chain added since.
+Anything else (a file added or removed by hand, a snapshot not published by pcbo, an altered or
+moved-back snapshot) is a finding (`judge`): `verify` reports it, and publication refuses to build on
+it (`PublicationRefused`), never adopting the foreign file.
+
+**Where.** A dataset version publishes to one table, recorded in the catalog's `table_publications`
+the first time (per branch). The catalog: `PCBO_ICEBERG_CATALOG_URL` when the spec leaves it out, else
+a pyiceberg SQL catalog on SQLite at `$PCBO_HOME/iceberg.db`; `pcbo` for the pcbo catalog's own
+database (PostgreSQL in production); a `postgresql://` or `sqlite://` URL; or an `http(s)://` REST
+catalog (`PCBO_ICEBERG_REST_TOKEN` / `PCBO_ICEBERG_REST_CREDENTIAL`). The table's metadata lives with
+the lake, under `<lake>/_iceberg/<namespace>/<table>` (no dataset name starts with `_`).
+
+**Write-audit-publish.** A rollout's staging environment publishes to the table's `staging` branch
+(its files are the staging lake's); promotion publishes production's byte-identical files to `main`
+in one snapshot naming the approved staging snapshot (`pcbo.approved-snapshot-id`). `main` is
+replaced rather than fast-forwarded because production's manifests name production's copies of the
+files: a `main` that pointed at the staging lake would name files no production manifest names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pcbo_dagster.core.canonical import prefixed, sha256_hex
+from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, replay
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.instants import to_datetime
+from pcbo_dagster.core.request_model import TableSpec
+from pcbo_dagster.io.redaction import redact_url, scrub_text
+from pcbo_dagster.lake import layout
+
+if TYPE_CHECKING:
+    from pyiceberg.catalog import Catalog
+    from pyiceberg.manifest import DataFile
+    from pyiceberg.table import Table, Transaction
+
+    from pcbo_dagster.catalog.publications import TablePublicationRow
+    from pcbo_dagster.core.plan import Plan
+    from pcbo_dagster.engine.environment import Environment
+
+#: The catalog of a table spec that leaves `catalog` out.
+CATALOG_ENV = "PCBO_ICEBERG_CATALOG_URL"
+REST_TOKEN_ENV = "PCBO_ICEBERG_REST_TOKEN"
+REST_CREDENTIAL_ENV = "PCBO_ICEBERG_REST_CREDENTIAL"
+#: The embedded default catalog, under `PCBO_HOME`.
+EMBEDDED_CATALOG_FILE = "iceberg.db"
+#: Where new tables' metadata goes, inside the lake (no dataset is named with a leading `_`).
+WAREHOUSE_DIR = "_iceberg"
+MAIN_BRANCH = "main"
+STAGING_BRANCH = "staging"
+PUBLICATION_KIND = "pcbo.publication/1"
+#: An empty first snapshot on `main`, when a table is created for a `staging` branch: pyiceberg 0.12
+#: writes to another branch only once the table has a snapshot. It publishes nothing.
+TABLE_CREATED_KIND = "pcbo.table-created/1"
+
+P_KIND = "pcbo.kind"
+P_CHAIN_KEY = "pcbo.chain-key"
+P_BRANCH = "pcbo.branch"
+P_AUDIT_SEQ = "pcbo.audit-seq"
+P_AUDIT_HEAD = "pcbo.audit-head"
+P_PARTITIONS = "pcbo.partitions"
+P_RUNS = "pcbo.runs"
+P_FILES_DIGEST = "pcbo.files-sha256"
+P_FILE_COUNT = "pcbo.file-count"
+P_RUN_ID = "pcbo.run-id"
+P_REASON = "pcbo.reason"
+P_APPROVED_SNAPSHOT = "pcbo.approved-snapshot-id"
+#: Table property: the audit chain a table was created for.
+TABLE_CHAIN_KEY = "pcbo.chain-key"
+TABLE_LAKE = "pcbo.lake"
+
+
+class PublicationRefused(IntegrityError):
+    """The table is in a state pcbo cannot vouch for (or cannot take a file): nothing was published.
+    The lake's commits stand; `findings` say what is wrong (exit status 1)."""
+
+    def __init__(self, where: str, findings: list[dict[str, str]]) -> None:
+        self.findings = findings
+        text = "; ".join(f"{f['kind']}: {f['detail']}" for f in findings[:3])
+        super().__init__(f"table {where}: publication refused ({text}); the lake's commits stand")
+
+
+# -- where: the target -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableTarget:
+    """A resolved publication target. `catalog_url` may hold credentials (from the environment): it
+    is never stored, logged or shown as it is (`public_catalog`)."""
+
+    catalog_url: str
+    name: str
+    warehouse: str
+    branch: str = MAIN_BRANCH
+    #: A promotion: the staging snapshot approved, recorded in the snapshot it publishes.
+    approved_snapshot_id: int | None = None
+    #: Publish once, when the run ends, rather than after each commit batch (a promotion: `main`
+    #: goes from the old state to the promoted one in one snapshot).
+    one_snapshot: bool = False
+
+    @property
+    def public_catalog(self) -> str:
+        return redact_url(self.catalog_url)
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": "iceberg", "catalog": self.public_catalog, "name": self.name, "branch": self.branch}
+
+
+def catalog_url_for(catalog: str | None, home: os.PathLike[str] | str, pcbo_catalog_url: str) -> str:
+    """The catalog URL of a spec's `catalog`: left out, `PCBO_ICEBERG_CATALOG_URL` or the embedded
+    SQLite catalog under `home`; `pcbo`, the pcbo catalog's database; else the URL given."""
+    if catalog is None:
+        return (
+            os.environ.get(CATALOG_ENV) or f"sqlite:///{os.path.join(os.fspath(home), EMBEDDED_CATALOG_FILE)}"
+        )
+    if catalog == "pcbo":
+        return pcbo_catalog_url
+    return catalog
+
+
+def target_for(
+    spec: TableSpec,
+    env: Environment,
+    branch: str = MAIN_BRANCH,
+    approved_snapshot_id: int | None = None,
+    one_snapshot: bool = False,
+) -> TableTarget:
+    """The target of a table spec, resolved against `env` (its home, pcbo catalog and lake)."""
+    settings = env.settings
+    return TableTarget(
+        catalog_url=catalog_url_for(spec.catalog, settings.home, settings.catalog_url),
+        name=spec.name,
+        warehouse=f"{env.lake.url}/{WAREHOUSE_DIR}",
+        branch=branch,
+        approved_snapshot_id=approved_snapshot_id,
+        one_snapshot=one_snapshot,
+    )
+
+
+def staging_target(spec: TableSpec | None, production: Environment) -> TableTarget | None:
+    """Write-audit-publish: a rollout's staging environment publishes to the `staging` branch of the
+    dataset's table (resolved where production resolves it: one table for both stages)."""
+    return None if spec is None else target_for(spec, production, branch=STAGING_BRANCH)
+
+
+def promotion_target(spec: TableSpec | None, production: Environment) -> TableTarget | None:
+    """Write-audit-publish: a promotion publishes production's files to `main` in one snapshot that
+    names the approved staging snapshot (the `staging` branch's head)."""
+    if spec is None:
+        return None
+    target = target_for(spec, production)
+    from pyiceberg.exceptions import NoSuchTableError
+
+    try:
+        staged = (
+            open_catalog(target.catalog_url).load_table(target.name).metadata.snapshot_by_name(STAGING_BRANCH)
+        )
+    except NoSuchTableError:
+        staged = None
+    return target_for(
+        spec, production, approved_snapshot_id=staged.snapshot_id if staged else None, one_snapshot=True
+    )
+
+
+def recorded_target(row: TablePublicationRow, env: Environment) -> TableTarget:
+    """The recorded target; its catalog URL with the credentials the environment holds for it (the
+    record never has them)."""
+    url = row["catalog_url"]
+    for candidate in (os.environ.get(CATALOG_ENV), env.settings.catalog_url):
+        if candidate and redact_url(candidate) == url:
+            url = candidate
+            break
+    return TableTarget(url, row["table_name"], f"{env.lake.url}/{WAREHOUSE_DIR}", row["branch"])
+
+
+def resolve_target(
+    env: Environment,
+    spec: TableSpec | None,
+    dataset: str,
+    version_label: str,
+    given: TableTarget | None = None,
+) -> TableTarget | None:
+    """Where `dataset/version_label` publishes: `given` (a rollout's staging or promotion target), else
+    the request's `spec`, else what the catalog recorded; None when it publishes nowhere. A dataset
+    version publishes to one table: naming another is invalid input (nothing written)."""
+    branch = given.branch if given is not None else MAIN_BRANCH
+    recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}.get(branch)
+    target = given if given is not None else (target_for(spec, env) if spec is not None else None)
+    if recorded is None:
+        return target
+    if target is None:
+        return recorded_target(recorded, env)
+    if (target.public_catalog, target.name) != (recorded["catalog_url"], recorded["table_name"]):
+        raise InvalidInput(
+            "table",
+            f"{dataset}/{version_label} is published to {recorded['table_name']} in "
+            f"{recorded['catalog_url']}: a dataset version publishes to one table (use a new versionLabel "
+            "for another table)",
+        )
+    return target
+
+
+# -- what: the files the chain implies --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    """A data file the table must hold: a file of a partition's current version, per the chain."""
+
+    path: str  # lake-relative
+    key: str
+    row_count: int
+    byte_size: int
+    start: str | int  # the partition's window (an instant, or a ledger sequence)
+    end: str | int
+
+
+def expected_files(state: ChainState, dataset: str, version_label: str) -> dict[str, PublishedFile]:
+    """Every file of every partition's current version, by lake path, from a replayed chain."""
+    files: dict[str, PublishedFile] = {}
+    for key, history in state.partitions.items():
+        current = history.current_version
+        if current is None:
+            continue
+        part = current.event["partition"]
+        directory = layout.partition_dir(dataset, version_label, key)
+        for name, table in (current.event.get("tables") or {}).items():
+            path = f"{directory}/{name}"
+            files[path] = PublishedFile(
+                path, key, int(table["row_count"]), int(table["byte_size"]), part["start"], part["end"]
+            )
+    return files
+
+
+def files_digest(paths: list[str] | set[str]) -> str:
+    return prefixed(sha256_hex("\n".join(sorted(paths)).encode("utf-8")))
+
+
+# -- the table's state against the chain -----------------------------------------------------------
+
+
+@dataclass
+class TableState:
+    """A branch of a table as it is: its current snapshot and the files it lists."""
+
+    snapshot: Any  # pyiceberg Snapshot or None
+    files: dict[str, DataFile]  # lake-relative path -> data file
+    foreign: list[str]  # file paths outside this dataset version's lake directory
+
+
+@dataclass
+class Judgement:
+    """`in_sync`, `behind` (a publication a crash interrupted: healable) or `diverged` (findings)."""
+
+    verdict: str
+    findings: list[dict[str, str]] = field(default_factory=list)
+    detail: str = ""
+
+
+def read_state(table: Table, branch: str, lake_url: str, dataset: str, version_label: str) -> TableState:
+    snapshot = table.metadata.snapshot_by_name(branch)
+    files: dict[str, DataFile] = {}
+    foreign: list[str] = []
+    prefix = f"{lake_url}/{dataset}/{version_label}/"
+    if snapshot is not None:
+        for manifest in snapshot.manifests(table.io):
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+                path = entry.data_file.file_path
+                if path.startswith(prefix):
+                    files[path[len(lake_url) + 1 :]] = entry.data_file
+                else:
+                    foreign.append(path)
+    return TableState(snapshot, files, sorted(foreign))
+
+
+def _matches(files: dict[str, DataFile], expected: dict[str, PublishedFile]) -> bool:
+    if set(files) != set(expected):
+        return False
+    return all(
+        (df.record_count, df.file_size_in_bytes) == (expected[p].row_count, expected[p].byte_size)
+        for p, df in files.items()
+    )
+
+
+def _properties(snapshot: Any) -> dict[str, str]:
+    return dict(snapshot.summary.additional_properties) if snapshot is not None and snapshot.summary else {}
+
+
+def judge(
+    table: Table,
+    current: TableState,
+    branch: str,
+    events: list[dict[str, Any]],
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+) -> Judgement:
+    """The table's branch against the chain (`events`, replayed as `state`); see the module doc."""
+    ckey = f"{dataset}/{version_label}"
+    expected = expected_files(state, dataset, version_label)
+    if not current.foreign and _matches(current.files, expected):
+        return Judgement("in_sync")
+    props = _properties(current.snapshot)
+    ours = (
+        props.get(P_KIND) == PUBLICATION_KIND
+        and props.get(P_CHAIN_KEY) == ckey
+        and props.get(P_BRANCH) == branch
+    )
+    findings: list[dict[str, str]] = []
+    if current.snapshot is None or (props.get(P_KIND) == TABLE_CREATED_KIND and not current.files):
+        earlier = [
+            s
+            for s in table.metadata.snapshots
+            if _properties(s).get(P_BRANCH) == branch and _properties(s).get(P_KIND) == PUBLICATION_KIND
+        ]
+        if not earlier:  # created, never published to (a crash right after): the chain at seq -1
+            if not expected:
+                return Judgement("in_sync")
+            return Judgement("behind", detail="the table was created but nothing was published yet")
+        findings.append(
+            _finding("table_branch_reset", branch, "the branch has no snapshot, yet pcbo published to it")
+        )
+    elif not ours:
+        findings.append(
+            _finding(
+                "table_snapshot_not_published_by_pcbo",
+                f"snapshot {current.snapshot.snapshot_id}",
+                f"the current snapshot of branch {branch} carries no pcbo publication of {ckey} "
+                "(written by another tool)",
+            )
+        )
+    else:
+        seq, head = props.get(P_AUDIT_SEQ, ""), props.get(P_AUDIT_HEAD)
+        position = int(seq) if seq.lstrip("-").isdigit() else None
+        on_chain = position is not None and -1 <= position < len(events)
+        if on_chain and position is not None and position >= 0:
+            on_chain = events[position].get("chain", {}).get("event_hash") == head
+        if not on_chain:
+            findings.append(
+                _finding(
+                    "table_snapshot_not_on_chain",
+                    f"snapshot {current.snapshot.snapshot_id}",
+                    f"it says it publishes {ckey} up to seq {seq} ({head}), not an event of the chain",
+                )
+            )
+        else:
+            assert position is not None
+            then = expected_files(replay(events[: position + 1]), dataset, version_label)
+            self_consistent = props.get(P_FILES_DIGEST) == files_digest(set(current.files))
+            if not current.foreign and self_consistent and _matches(current.files, then):
+                later = [
+                    s.snapshot_id
+                    for s in table.metadata.snapshots
+                    if _properties(s).get(P_BRANCH) == branch
+                    and _properties(s).get(P_CHAIN_KEY) == ckey
+                    and int(_properties(s).get(P_AUDIT_SEQ, "-1")) > position
+                ]
+                if not later:
+                    return Judgement(
+                        "behind",
+                        detail=f"the table publishes the chain up to seq {position}, "
+                        f"the chain is at seq {len(events) - 1}",
+                    )
+                findings.append(
+                    _finding(
+                        "table_snapshot_downgraded",
+                        f"snapshot {current.snapshot.snapshot_id}",
+                        f"branch {branch} was moved back: snapshot(s) {later[:3]} published a later state",
+                    )
+                )
+            else:
+                findings.append(
+                    _finding(
+                        "table_snapshot_altered",
+                        f"snapshot {current.snapshot.snapshot_id}",
+                        "the files the snapshot lists are not the ones its pcbo properties and the chain say",
+                    )
+                )
+    for path in sorted(set(current.files) - set(expected)) + current.foreign:
+        findings.append(
+            _finding(
+                "table_file_not_in_manifests", path, "the table lists a file no current commit point names"
+            )
+        )
+    for path in sorted(set(expected) - set(current.files)):
+        findings.append(
+            _finding("table_file_missing", path, "a file the current commit point names is not in the table")
+        )
+    for path in sorted(set(expected) & set(current.files)):
+        df, want = current.files[path], expected[path]
+        if (df.record_count, df.file_size_in_bytes) != (want.row_count, want.byte_size):
+            findings.append(
+                _finding(
+                    "table_file_metadata_mismatch",
+                    path,
+                    f"the table says {df.record_count} rows / {df.file_size_in_bytes} bytes, the chain "
+                    f"{want.row_count} / {want.byte_size}",
+                )
+            )
+    return Judgement("diverged", findings)
+
+
+def _finding(kind: str, where: str, detail: str) -> dict[str, str]:
+    return {"kind": kind, "where": where, "detail": detail}
+
+
+# -- the catalog and the table ---------------------------------------------------------------------
+
+
+def open_catalog(url: str) -> Catalog:
+    """A pyiceberg catalog: REST for `http(s)://`, else the SQL catalog (SQLite, PostgreSQL through
+    psycopg 3)."""
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        from pyiceberg.catalog.rest import RestCatalog
+
+        properties = {"uri": url}
+        for variable, name in ((REST_TOKEN_ENV, "token"), (REST_CREDENTIAL_ENV, "credential")):
+            if os.environ.get(variable):
+                properties[name] = os.environ[variable]
+        return RestCatalog("pcbo", **properties)
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    if scheme == "postgresql":
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    elif scheme == "sqlite" and url.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(url[len("sqlite:///") :]) or ".", exist_ok=True)
+    return SqlCatalog("pcbo", uri=url)
+
+
+def partition_field(windows: list[tuple[int, int]], ledger_field: str | None) -> tuple[str, Any, str] | None:
+    """(source column, transform, field name) of the partition spec that follows the dataset's
+    partitioning, from its partitions' windows ([start, end) in microseconds, or ledger sequences):
+    the finest of hour/day/month/year (on `occurredAt`) that holds each window in one value; a
+    ledger grid aligned to its width gets `truncate(width)` on the ledger field. None (unpartitioned;
+    engines still prune on every file's column statistics) when none fits."""
+    from pyiceberg.transforms import (
+        DayTransform,
+        HourTransform,
+        MonthTransform,
+        TruncateTransform,
+        YearTransform,
+    )
+
+    if not windows:
+        return None
+    if ledger_field is not None:
+        width = max(end - start for start, end in windows)
+        if all(start % width == 0 for start, _ in windows):
+            return ledger_field, TruncateTransform(width), f"{ledger_field}_trunc"
+        return None
+    transforms: tuple[Any, ...] = (HourTransform(), DayTransform(), MonthTransform(), YearTransform())
+    for transform in transforms:
+        if all(_bucket(transform, start) == _bucket(transform, end - 1) for start, end in windows):
+            return "occurredAt", transform, f"occurredAt_{str(transform).split('(')[0].lower()}"
+    return None
+
+
+def _bucket(transform: Any, position: int) -> int:
+    """The partition value of a position (microseconds, or a ledger sequence) under `transform`."""
+    name = type(transform).__name__
+    if name == "TruncateTransform":
+        return position - position % transform.width
+    if name == "HourTransform":
+        return position // 3_600_000_000
+    if name == "DayTransform":
+        return position // 86_400_000_000
+    moment = to_datetime(position)
+    if name == "MonthTransform":
+        return (moment.year - 1970) * 12 + moment.month - 1
+    if name == "YearTransform":
+        return moment.year - 1970
+    raise ValueError(f"no partition value for {transform}")
+
+
+def _position(value: str | int) -> int:
+    """A window bound of a commit event: a ledger sequence, or an instant as outputs write it
+    (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`) in microseconds."""
+    if isinstance(value, int):
+        return value
+    moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return (moment - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+# -- publishing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Publisher:
+    """Publishes one dataset version's chain to its table's branch (see the module doc)."""
+
+    env: Environment
+    target: TableTarget
+    dataset: str
+    version_label: str
+    #: The partitions' windows and the ledger field (None: time windows), to partition a table
+    #: created now; None: from the chain's time windows (a table created by `verify --repair`).
+    partitioning: tuple[list[tuple[int, int]], str | None] | None = None
+    table: Table | None = None
+    live: TableState | None = None
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def chain_key(self) -> str:
+        return f"{self.dataset}/{self.version_label}"
+
+    @property
+    def where(self) -> str:
+        return f"{self.target.name}@{self.target.branch}"
+
+    def _load(
+        self, create_from: PublishedFile | None, expected_now: dict[str, PublishedFile]
+    ) -> Table | None:
+        from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
+
+        catalog = open_catalog(self.target.catalog_url)
+        try:
+            table = catalog.load_table(self.target.name)
+        except NoSuchTableError:
+            if create_from is None:
+                return None
+            namespace = self.target.name.split(".")[0]
+            try:
+                catalog.create_namespace(namespace)
+            except NamespaceAlreadyExistsError:
+                pass
+            table = self._create(catalog, create_from, expected_now)
+        if table.metadata.properties.get(TABLE_CHAIN_KEY) != self.chain_key:
+            raise PublicationRefused(
+                self.where,
+                [
+                    _finding(
+                        "table_not_this_dataset",
+                        self.target.name,
+                        f"the table was not created for {self.chain_key}",
+                    )
+                ],
+            )
+        self.record()
+        return table
+
+    def record(self) -> None:
+        """Record where this dataset version's branch publishes (before anything is written to the
+        lake: a table a crash kept from being created is then still checked, and healed)."""
+        self.env.catalog.record_table_publication(
+            {
+                "dataset": self.dataset,
+                "version_label": self.version_label,
+                "branch": self.target.branch,
+                "table_format": "iceberg",
+                "catalog_url": self.target.public_catalog,
+                "table_name": self.target.name,
+            }
+        )
+
+    def _create(
+        self, catalog: Catalog, first: PublishedFile, expected_now: dict[str, PublishedFile]
+    ) -> Table:
+        import pyarrow.parquet as pq
+        from pyiceberg.table.name_mapping import create_mapping_from_schema
+
+        with self.env.lake.fs.open(f"{self.env.lake.root}/{first.path}", "rb") as handle:
+            arrow_schema = pq.read_schema(handle)
+        namespace, name = self.target.name.split(".")
+        table = catalog.create_table(
+            self.target.name,
+            schema=arrow_schema,
+            location=f"{self.target.warehouse}/{namespace}/{name}",
+            properties={TABLE_CHAIN_KEY: self.chain_key, TABLE_LAKE: redact_url(self.env.lake.url)},
+        )
+        if self.partitioning is not None:
+            spec = partition_field(*self.partitioning)
+        else:
+            windows = [(f.start, f.end) for f in expected_now.values()]
+            time_windows = all(isinstance(v, str) for w in windows for v in w)
+            spec = (
+                partition_field([(_position(a), _position(b)) for a, b in windows], None)
+                if time_windows
+                else None
+            )
+        with table.transaction() as tx:
+            if spec is not None:
+                with tx.update_spec() as update:
+                    update.add_field(spec[0], spec[1], spec[2])
+            tx.set_properties(
+                {"schema.name-mapping.default": create_mapping_from_schema(table.schema()).model_dump_json()}
+            )
+        if self.target.branch != MAIN_BRANCH:
+            created = {P_KIND: TABLE_CREATED_KIND, P_CHAIN_KEY: self.chain_key, P_BRANCH: MAIN_BRANCH}
+            with table.transaction() as tx:
+                with tx.update_snapshot(snapshot_properties=created).fast_append():
+                    pass
+        return table
+
+    def _open(self, state: ChainState, create_from: PublishedFile | None) -> bool:
+        """Load (or create) the table and judge it against the chain; False when there is no table
+        and nothing to create it for. `PublicationRefused` when it diverged."""
+        if self.table is not None:
+            return True
+        table = self._load(create_from, expected_files(state, self.dataset, self.version_label))
+        if table is None:
+            return False
+        events = self.env.audit.backup.read_chain(self.chain_key)
+        current = read_state(table, self.target.branch, self.env.lake.url, self.dataset, self.version_label)
+        judgement = judge(table, current, self.target.branch, events, state, self.dataset, self.version_label)
+        if judgement.verdict == "diverged":
+            self.refused = judgement.findings
+            raise PublicationRefused(self.where, judgement.findings)
+        self.table, self.live = table, current
+        return True
+
+    def publish(self, state: ChainState, *, run_id: str | None, reason: str) -> dict[str, Any] | None:
+        """Bring the branch to what `state` (the chain as it is now) implies, in one snapshot; None
+        when it already is. `PublicationRefused` (nothing published) when the table diverged."""
+        expected = expected_files(state, self.dataset, self.version_label)
+        if not self._open(state, next(iter(sorted(expected.values(), key=lambda f: f.path)), None)):
+            return None
+        assert self.table is not None and self.live is not None
+        live = self.live.files
+        removed = [
+            p for p in sorted(live) if p not in expected or not _matches({p: live[p]}, {p: expected[p]})
+        ]
+        added = [expected[p] for p in sorted(expected) if p not in live or p in removed]
+        if not removed and not added:
+            return None
+        changed = sorted({p.split("/")[2] for p in removed} | {f.key for f in added})
+        properties = self._properties(state, expected, changed, run_id, reason)
+        tx = _transaction(self.table)
+        data_files = self._data_files(tx, added)
+        update = tx.update_snapshot(snapshot_properties=properties, branch=self.target.branch)
+        # (Nothing removed, as in a first run: an append, which rewrites no existing manifest.)
+        with update.overwrite() if removed else update.fast_append() as change:
+            for path in removed:
+                change.delete_data_file(live[path])
+            for data_file in data_files:
+                change.append_data_file(data_file)
+        self.table = tx.commit_transaction()
+        snapshot = self.table.metadata.snapshot_by_name(self.target.branch)
+        assert snapshot is not None
+        for path in removed:
+            del live[path]
+        for published, data_file in zip(added, data_files, strict=True):
+            live[published.path] = data_file
+        outcome = {
+            "snapshotId": snapshot.snapshot_id,
+            "branch": self.target.branch,
+            "partitions": changed,
+            "filesAdded": len(added),
+            "filesRemoved": len(removed),
+            "reason": reason,
+        }
+        self.snapshots.append(outcome)
+        return outcome
+
+    def _properties(
+        self,
+        state: ChainState,
+        expected: dict[str, PublishedFile],
+        keys: list[str],
+        run_id: str | None,
+        reason: str,
+    ) -> dict[str, str]:
+        partitions = []
+        runs: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            history = state.partitions[key]
+            last = history.last_event or {}
+            current = history.current_version
+            entry = {
+                "key": key,
+                "version": history.current,
+                "manifest_checksum": current.manifest_checksum if current else None,
+                "event_type": last.get("event_type"),
+                "event_hash": last.get("chain", {}).get("event_hash"),
+                "run_id": current.run_id if current else last.get("run_id"),
+            }
+            if current is not None and current.run_id is not None:
+                runs[current.run_id] = {
+                    "plan_hash": current.event.get("plan_hash"),
+                    "decision_hash": current.event.get("decision_hash"),
+                }
+            if last.get("event_type") == PARTITION_ROLLED_BACK:
+                entry["rolled_back_version"] = last.get("partition", {}).get("version")
+            partitions.append(entry)
+        properties = {
+            P_KIND: PUBLICATION_KIND,
+            P_CHAIN_KEY: self.chain_key,
+            P_BRANCH: self.target.branch,
+            P_AUDIT_SEQ: str(state.length - 1),
+            P_AUDIT_HEAD: state.head_hash or "",
+            P_PARTITIONS: json.dumps(partitions, sort_keys=True, separators=(",", ":")),
+            P_RUNS: json.dumps(runs, sort_keys=True, separators=(",", ":")),
+            P_FILES_DIGEST: files_digest(set(expected)),
+            P_FILE_COUNT: str(len(expected)),
+            P_RUN_ID: run_id or "",
+            P_REASON: reason,
+        }
+        if self.target.approved_snapshot_id is not None:
+            properties[P_APPROVED_SNAPSHOT] = str(self.target.approved_snapshot_id)
+        return properties
+
+    def _data_files(self, tx: Transaction, files: list[PublishedFile]) -> list[DataFile]:
+        """Data files for `files` as they are (footer statistics, the partition value from the
+        partition's window); new columns are added to the table's schema first."""
+        import pyarrow.parquet as pq
+        from pyiceberg.io.pyarrow import (
+            _check_pyarrow_schema_compatible,
+            compute_statistics_plan,
+            data_file_statistics_from_parquet_metadata,
+            parquet_path_to_id_mapping,
+        )
+        from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+        from pyiceberg.typedef import Record
+
+        lake = self.env.lake
+        footers = []
+        for published in files:
+            with lake.fs.open(f"{lake.root}/{published.path}", "rb") as handle:
+                footers.append(pq.read_metadata(handle))
+        # (`tx.table_metadata` is a deep copy at each access: taken once per change.)
+        known = set(tx.table_metadata.schema()._name_to_id)
+        arrow_schemas: dict[Any, Any] = {}  # the run's files share a schema: each distinct one converted once
+        for metadata in footers:
+            arrow_schema = arrow_schemas.setdefault(metadata.schema, metadata.schema.to_arrow_schema())
+            if set(arrow_schema.names) - known:
+                with tx.update_schema() as update:
+                    update.union_by_name(arrow_schema)
+                known = set(tx.table_metadata.schema()._name_to_id)
+        table_metadata = tx.table_metadata
+        schema, spec, spec_id = table_metadata.schema(), table_metadata.spec(), table_metadata.default_spec_id
+        stats_columns = compute_statistics_plan(schema, table_metadata.properties)
+        column_mapping = parquet_path_to_id_mapping(schema)
+        compatible: set[Any] = set()
+        result = []
+        for published, metadata in zip(files, footers, strict=True):
+            if metadata.schema not in compatible:
+                try:
+                    _check_pyarrow_schema_compatible(schema, arrow_schemas[metadata.schema])
+                except ValueError as exc:
+                    raise PublicationRefused(
+                        self.where, [_finding("table_schema_conflict", published.path, scrub_text(str(exc)))]
+                    ) from None
+                compatible.add(metadata.schema)
+            statistics = data_file_statistics_from_parquet_metadata(
+                parquet_metadata=metadata,
+                stats_columns=stats_columns,
+                parquet_column_mapping=column_mapping,
+            )
+            values = []
+            for spec_field in spec.fields:
+                start, end = _position(published.start), _position(published.end)
+                value = _bucket(spec_field.transform, start)
+                if value != _bucket(spec_field.transform, end - 1):
+                    raise PublicationRefused(
+                        self.where,
+                        [
+                            _finding(
+                                "table_partition_spec_mismatch",
+                                published.path,
+                                f"partition {published.key} spans more than one {spec_field.name} value",
+                            )
+                        ],
+                    )
+                values.append(value)
+            result.append(
+                DataFile.from_args(
+                    content=DataFileContent.DATA,
+                    file_path=f"{lake.url}/{published.path}",
+                    file_format=FileFormat.PARQUET,
+                    partition=Record(*values),
+                    file_size_in_bytes=published.byte_size,
+                    sort_order_id=None,
+                    spec_id=spec_id,
+                    equality_ids=None,
+                    key_metadata=None,
+                    **statistics.to_serialized_dict(),
+                )
+            )
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """What the run published, for its output document."""
+        status = "refused" if self.refused else ("published" if self.snapshots else "unchanged")
+        document: dict[str, Any] = {**self.target.describe(), "status": status, "snapshots": self.snapshots}
+        if self.table is not None:
+            snapshot = self.table.metadata.snapshot_by_name(self.target.branch)
+            document["snapshotId"] = snapshot.snapshot_id if snapshot is not None else None
+            document["metadataLocation"] = redact_url(self.table.metadata_location)
+        if self.refused:
+            document["findings"] = self.refused
+        return document
+
+
+def _transaction(table: Table) -> Transaction:
+    """A transaction on `table` that copies its metadata once per change (see `_one_copy_transaction`)."""
+    return _one_copy_transaction()(table)
+
+
+@functools.cache
+def _one_copy_transaction() -> type[Transaction]:
+    """pyiceberg 0.12 deep-copies the whole table metadata (every snapshot's summary) at each read of
+    a transaction's `table_metadata`, about twenty times per snapshot; the metadata models are frozen
+    and replaced, never changed in place, so one copy per state of the transaction is enough."""
+    from pyiceberg.table import Transaction
+
+    class _OneCopyPerChange(Transaction):
+        _copy: tuple[Any, Any, Any] | None = None
+
+        @property
+        def table_metadata(self) -> Any:
+            copy = self._copy
+            if copy is None or copy[0] is not self._table.metadata or copy[1] is not self._updates:
+                copy = self._copy = (self._table.metadata, self._updates, super().table_metadata)
+            return copy[2]
+
+    return _OneCopyPerChange
+
+
+def publisher_for(
+    env: Environment,
+    spec: TableSpec | None,
+    dataset: str,
+    version_label: str,
+    *,
+    plan: Plan | None = None,
+    given: TableTarget | None = None,
+) -> Publisher | None:
+    """The publisher of a dataset version (None when it publishes nowhere); see `resolve_target`."""
+    target = resolve_target(env, spec, dataset, version_label, given)
+    if target is None:
+        return None
+    partitioning = None if plan is None else ([(p.start, p.end) for p in plan.partitions], plan.ledger_field)
+    publisher = Publisher(env, target, dataset, version_label, partitioning)
+    publisher.record()
+    return publisher
+
+
+def publish_or_refuse(publisher: Publisher, state: ChainState, run_id: str) -> str | None:
+    """An execute's `publisher.publish`; the refusal's text (recorded as a discrepancy of the run)
+    instead of raising."""
+    try:
+        publisher.publish(state, run_id=run_id, reason="execute")
+    except PublicationRefused as exc:
+        publisher.refused = publisher.refused or exc.findings
+        publisher.env.catalog.record_discrepancy(
+            run_id=run_id,
+            dataset=publisher.dataset,
+            version_label=publisher.version_label,
+            partition_key=None,
+            kind="table_publication_refused",
+            detail={"table": publisher.target.describe(), "findings": exc.findings},
+        )
+        return str(exc)
+    return None
+
+
+# -- verify --------------------------------------------------------------------------------------
+
+
+def check_tables(
+    env: Environment,
+    events: list[dict[str, Any]],
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+    repair: bool,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Every recorded table of a dataset version against its chain, as (`find` | `healable` |
+    `repaired`, entry). With `repair`, a publication a crash interrupted (`behind`) is completed."""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    outcomes: list[tuple[str, dict[str, Any]]] = []
+    for row in env.catalog.table_publications(dataset, version_label):
+        target = recorded_target(row, env)
+        where = f"{target.name}@{target.branch}"
+        try:
+            table = open_catalog(target.catalog_url).load_table(target.name)
+        except NoSuchTableError:
+            if not expected_files(state, dataset, version_label):
+                continue
+            judgement = Judgement("behind", detail="the table does not exist (never created, or dropped)")
+        else:
+            current = read_state(table, target.branch, env.lake.url, dataset, version_label)
+            judgement = judge(table, current, target.branch, events, state, dataset, version_label)
+        if judgement.verdict == "in_sync":
+            continue
+        if judgement.verdict == "diverged":
+            outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in judgement.findings]
+            continue
+        if not repair:
+            outcomes.append(
+                (
+                    "healable",
+                    _finding(
+                        "table_publication_behind",
+                        where,
+                        f"{judgement.detail} (a crash window: verify --repair publishes the rest)",
+                    ),
+                )
+            )
+            continue
+        publisher = Publisher(env, target, dataset, version_label)
+        done = publisher.publish(state, run_id=None, reason="repair")
+        outcomes.append(("repaired", {"kind": "table_published", "where": where, "snapshot": done}))
+    return outcomes

@@ -1,0 +1,331 @@
+"""Issue 17: committed partitions published to an Apache Iceberg table (a real pyiceberg SQL catalog
+on SQLite, and on the tests' PostgreSQL server), read back by pyiceberg and by DuckDB's own Iceberg
+reader; after each execute, re-version, rollback and promotion the table's rows are the rows of the
+files the commit points name, time travel shows the state before, a crash between the lake commit and
+the publication converges, and a file added to the table by hand is a finding, never adopted."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+
+from pcbo_dagster.tables.query import duckdb_iceberg_extensions
+from pcbo_dagster_tests.cli_runner import backup_events, lake_dir, load_generator, run_pcbo, write_request
+
+pytestmark = pytest.mark.slow
+
+DATASET = "events"
+TABLE = {"format": "iceberg", "name": "lake.events"}
+
+
+def _request(run_id: str, existing: list[str] | None = None, table: dict[str, Any] | None = None) -> dict:
+    request = load_generator().make_request(records=240, partitions=4, seed=17, run_id=run_id)
+    request["table"] = table or TABLE
+    if existing is not None:  # these ids become ALREADY_PRESENT too: their partitions change
+        request["existingTargetIds"] = [*request["existingTargetIds"], *existing]
+    return request
+
+
+def _table(home: Path, name: str = "lake.events", uri: str | None = None) -> Any:
+    return SqlCatalog("pcbo", uri=uri or f"sqlite:///{home}/iceberg.db").load_table(name)
+
+
+def _manifest_rows(home: Path, dataset: str = DATASET) -> pa.Table:
+    """The rows of every file the commit points name (what a careful reader of the lake gets)."""
+    tables = []
+    for manifest in sorted(glob.glob(f"{lake_dir(home)}/{dataset}/v1/*/_manifest.json")):
+        for entry in json.loads(Path(manifest).read_text())["files"]:
+            tables.append(pq.read_table(lake_dir(home) / entry["path"]))
+    return pa.concat_tables(tables, promote_options="permissive").sort_by("id") if tables else pa.table({})
+
+
+def _manifest_file_uris(home: Path, dataset: str = DATASET) -> set[str]:
+    return {
+        f"file://{lake_dir(home)}/{entry['path']}"
+        for manifest in glob.glob(f"{lake_dir(home)}/{dataset}/v1/*/_manifest.json")
+        for entry in json.loads(Path(manifest).read_text())["files"]
+    }
+
+
+def _ids(table: pa.Table) -> list[str]:
+    return sorted(table.column("id").to_pylist()) if table.num_rows else []
+
+
+def _duckdb_ids(table: Any, snapshot_id: int | None = None) -> list[str]:
+    connection = duckdb.connect()
+    extensions = duckdb_iceberg_extensions()
+    assert extensions is not None, "the iceberg extra (duckdb-extension-iceberg/-avro) is installed in dev"
+    for path in extensions:
+        connection.load_extension(path)
+    snapshot = table.current_snapshot().snapshot_id if snapshot_id is None else snapshot_id
+    scan = f"iceberg_scan('{table.metadata_location}', snapshot_from_id => {snapshot})"
+    rows = connection.execute(f"SELECT id FROM {scan} ORDER BY id").fetchall()
+    return [r[0] for r in rows]
+
+
+def _assert_table_is_the_manifests(home: Path, table: Any) -> list[str]:
+    expected = _manifest_rows(home)
+    scanned = table.scan().to_arrow().sort_by("id")
+    assert _ids(scanned) == _ids(expected)
+    for name in expected.column_names:  # every value, column by column
+        assert scanned.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    assert _duckdb_ids(table) == _ids(expected)
+    return _ids(expected)
+
+
+def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0, first.stderr
+    assert first.document["table"]["status"] == "published"
+    table = _table(home)
+    v1_ids = _assert_table_is_the_manifests(home, table)
+    assert [f.name for f in table.spec().fields] == ["occurredAt_hour"]  # the dataset's hourly partitions
+    assert table.metadata_location.startswith(f"file://{lake_dir(home)}/_iceberg/lake/events/metadata/")
+
+    # The snapshot carries the evidence: run, plan and decision hashes, each partition's event hash
+    # (on the chain), the chain checkpoint.
+    summary = table.current_snapshot().summary.additional_properties
+    events = backup_events(home, DATASET)
+    hashes = {e["chain"]["event_hash"] for e in events}
+    partitions = json.loads(summary["pcbo.partitions"])
+    assert summary["pcbo.run-id"] == "ice-1" and summary["pcbo.chain-key"] == "events/v1"
+    assert {p["key"] for p in partitions} == {e["partition"]["key"] for e in events if "partition" in e}
+    assert all(p["event_hash"] in hashes and p["run_id"] == "ice-1" for p in partitions)
+    assert json.loads(summary["pcbo.runs"]) == {
+        "ice-1": {"plan_hash": first.document["planHash"], "decision_hash": first.document["decisionHash"]}
+    }
+    assert summary["pcbo.audit-head"] == events[-1]["chain"]["event_hash"]
+    assert int(summary["pcbo.audit-seq"]) == events[-1]["chain"]["seq"]
+
+    # Re-version: two ids become already present, so their partitions get a version 2.
+    dropped = v1_ids[:2]
+    second = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r2.json", _request("ice-2", existing=dropped))],
+        home=home,
+    )
+    assert second.status == 0, second.stderr
+    table = _table(home)
+    v2_ids = _assert_table_is_the_manifests(home, table)
+    v2_files = _manifest_file_uris(home)
+    assert v2_ids == sorted(set(v1_ids) - set(dropped))
+    # A naive glob over the lake reads the superseded version's files too; the table does not.
+    naive = duckdb.sql(f"SELECT count(*) FROM read_parquet('{lake_dir(home)}/events/v1/*/*.parquet')")
+    assert naive.fetchone()[0] > len(v2_ids)  # type: ignore[index]
+    operation = table.current_snapshot().summary.operation.value
+    assert operation == "overwrite" and table.current_snapshot().summary["deleted-data-files"] != "0"
+    # Time travel: the previous snapshot is the previous state (pyiceberg and DuckDB).
+    parent = table.current_snapshot().parent_snapshot_id
+    assert _ids(table.scan(snapshot_id=parent).to_arrow()) == v1_ids
+    assert _duckdb_ids(table, parent) == v1_ids
+
+    # Rollback of run 2 restores version 1's files; then a partition rolled back to nothing leaves.
+    undone = run_pcbo(["rollback", "--dataset", DATASET, "--run-id", "ice-2"], home=home)
+    assert undone.status == 0, undone.stderr
+    table = _table(home)
+    assert _assert_table_is_the_manifests(home, table) == v1_ids
+    assert table.current_snapshot().summary["pcbo.reason"] == "rollback"
+    # The snapshot before the rollback still lists version 2's files (metadata time travel), but
+    # the lake's rollback removed the files only version 2 used: their rows cannot be read back.
+    before = table.scan(snapshot_id=table.current_snapshot().parent_snapshot_id).plan_files()
+    assert {task.file.file_path for task in before} == v2_files
+    key = sorted(p["key"] for p in partitions)[0]
+    gone = run_pcbo(["rollback", "--dataset", DATASET, "--partition", key], home=home)
+    assert gone.status == 0, gone.stderr
+    table = _table(home)
+    remaining = _assert_table_is_the_manifests(home, table)
+    assert len(remaining) < len(v1_ids)
+
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 0, verified.document
+    queried = run_pcbo(["query", "--dataset", DATASET, "SELECT count(*) AS n FROM lake.events"], home=home)
+    assert queried.status == 0 and queried.document["rows"] == [[len(remaining)]]
+    assert queried.document["reader"] == "duckdb-iceberg"
+    by_scan = run_pcbo(
+        ["query", "--dataset", DATASET, "--reader", "pyiceberg", "SELECT count(*) FROM lake.events"],
+        home=home,
+    )
+    assert by_scan.document["rows"] == [[len(remaining)]]
+
+
+def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> None:
+    """kill -9 (os._exit) after the lake commit, audit events and catalog rows, before the snapshot:
+    the first run (no table yet) and a re-version (table behind); the re-run, or `verify --repair`,
+    publishes exactly what the chain committed."""
+    home = tmp_path / "home"
+    request_one = write_request(tmp_path / "r1.json", _request("ice-1"))
+    crashed = run_pcbo(
+        ["execute", "--input", request_one], home=home, env={"PCBO_FAILPOINT": "before_publication@0"}
+    )
+    assert crashed.status == 86
+    behind = run_pcbo(["verify"], home=home)
+    assert behind.status == 1
+    assert [f["kind"] for f in behind.document["findings"]] == ["table_publication_behind"]
+    again = run_pcbo(["execute", "--input", request_one], home=home)
+    assert again.status == 0 and again.document["totals"]["committed"] == 0  # the lake was done
+    v1_ids = _assert_table_is_the_manifests(home, _table(home))
+
+    changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=v1_ids[:1]))
+    crashed = run_pcbo(
+        ["execute", "--input", changed], home=home, env={"PCBO_FAILPOINT": "before_publication@0"}
+    )
+    assert crashed.status == 86
+    assert _ids(_table(home).scan().to_arrow()) == v1_ids  # the table still shows the previous state
+    repaired = run_pcbo(["verify", "--repair"], home=home)
+    assert repaired.status == 0, repaired.document
+    assert [r["kind"] for r in repaired.document["repaired"]] == ["table_published"]
+    assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
+    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []  # nothing more
+    assert run_pcbo(["verify"], home=home).status == 0
+
+
+def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ids = _request("ice-1")
+    assert run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", ids)], home=home).status == 0
+    first_ids = _ids(_manifest_rows(home))
+    changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=first_ids[:1]))
+    assert run_pcbo(["execute", "--input", changed], home=home).status == 0
+    # Someone registers a superseded version's file (still in the lake) by hand: double counting.
+    current = {e["path"] for m in glob.glob(f"{lake_dir(home)}/events/v1/*/_manifest.json")
+               for e in json.loads(Path(m).read_text())["files"]}  # fmt: skip
+    stale = next(
+        p for p in sorted(glob.glob(f"{lake_dir(home)}/events/v1/*/part-*.parquet"))
+        if os.path.relpath(p, lake_dir(home)) not in current
+    )  # fmt: skip
+    table = _table(home)
+    table.add_files([f"file://{stale}"])
+    by_hand = _table(home).current_snapshot().snapshot_id
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    kinds = {f["kind"]: f["where"] for f in verified.document["findings"]}
+    assert "table_snapshot_not_published_by_pcbo" in kinds
+    assert kinds["table_file_not_in_manifests"].endswith(os.path.relpath(stale, lake_dir(home)))
+    repair = run_pcbo(["verify", "--repair"], home=home)
+    assert repair.status == 1 and repair.document["repaired"] == []  # a finding, not a crash window
+    # The next write refuses to publish over it (its lake commit stands), and adopts nothing.
+    third = write_request(tmp_path / "r3.json", _request("ice-3", existing=first_ids[:2]))
+    refused = run_pcbo(["execute", "--input", third], home=home)
+    assert refused.status == 1
+    assert refused.document["table"]["status"] == "refused"
+    assert "table_file_not_in_manifests" in {f["kind"] for f in refused.document["table"]["findings"]}
+    after = _table(home)  # as the hand left it: not healed over, not adopted
+    assert after.current_snapshot().snapshot_id == by_hand
+    assert f"file://{stale}" in {task.file.file_path for task in after.scan().plan_files()}
+
+
+def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert (
+        run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home).status
+        == 0
+    )
+    other = write_request(
+        tmp_path / "b.json", _request("b", table={"format": "iceberg", "name": "lake.other"})
+    )
+    moved = run_pcbo(["execute", "--input", other], home=home)
+    assert moved.status == 2 and "publishes to one table" in moved.stderr
+    secret = _request("c", table={"format": "iceberg", "name": "x.y", "catalog": "postgresql://u:pw@h/db"})
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home)
+    assert refused.status == 2 and "table.catalog" in refused.stderr and "pw" not in refused.stderr
+    # A request without `table` publishes to the recorded one.
+    plain = _request("d", existing=_ids(_manifest_rows(home))[:1])
+    del plain["table"]
+    assert run_pcbo(["execute", "--input", write_request(tmp_path / "d.json", plain)], home=home).status == 0
+    _assert_table_is_the_manifests(home, _table(home))
+
+
+@pytest.mark.postgres
+def test_the_pcbo_catalogs_postgresql_database_holds_the_iceberg_catalog(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    home = tmp_path / "home"
+    env = {"PCBO_CATALOG_URL": fresh_postgres_url}
+    request = _request("pg-1", table={"format": "iceberg", "catalog": "pcbo", "name": "lake.events"})
+    done = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home, env=env)
+    assert done.status == 0, done.stderr
+    table = _table(home, uri=fresh_postgres_url)
+    _assert_table_is_the_manifests(home, table)
+    assert not (home / "iceberg.db").exists()
+    assert run_pcbo(["verify"], home=home, env=env).status == 0
+    counted = run_pcbo(
+        ["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home, env=env
+    )
+    assert counted.document["rows"] == [[table.scan().to_arrow().num_rows]]
+
+
+def test_staging_publishes_to_a_branch_and_promotion_replaces_main_with_the_approved_state(
+    tmp_path: Path,
+) -> None:
+    """Write-audit-publish: staging's partitions are on the table's `staging` branch only; after the
+    soak and the approval, promotion publishes production's byte-identical files to `main` in one
+    snapshot that names the approved staging snapshot."""
+    from datetime import UTC, datetime
+
+    from pcbo_dagster.datasets.config import parse_datasets_config
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.rollout import operations
+    from pcbo_dagster.rollout.clock import ManualClock
+
+    records = [
+        {"id": f"s-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n:02d}:00Z", "jurisdiction": "US",
+         "consentGranted": True, "converted": n % 2 == 0}
+        for h in range(3) for n in range(h + 2)
+    ]  # fmt: skip
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = parse_datasets_config(
+        """
+datasets:
+  - name: sessions
+    partitioning:
+      {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}
+    source: {uri: s.jsonl}
+    table: {format: iceberg, name: lake.sessions}
+    rollout: {throttle: {}, soak: {windowMinutes: 5}}
+""",
+        base_dir=tmp_path,
+    )
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(datetime(2026, 1, 5, 8, 0, tzinfo=UTC))
+    keys = ["20240101T000000Z", "20240101T020000Z"]
+    operations.start(config, base, "sessions", keys[0], keys[1], by="ana", name="r", clock=clock)
+    table = _table(base.home, "lake.sessions")
+    staged = table.metadata.snapshot_by_name("staging")
+    created = table.metadata.snapshot_by_name("main")  # pyiceberg writes a branch once a snapshot exists
+    assert (
+        staged is not None and created is not None and created.summary["pcbo.kind"] == "pcbo.table-created/1"
+    )
+    assert not list(table.scan().plan_files())  # main publishes nothing before the promotion
+    staging_rows = table.scan().use_ref("staging").to_arrow().sort_by("id")
+    assert _ids(staging_rows) == _ids(_manifest_rows(base.home / "staging", "sessions"))
+    assert len(staging_rows) == len(records)
+
+    clock.advance(600)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", by="cy", reason="fine", clock=clock)
+    operations.promote(config, base, "r", by="cy", clock=clock)
+    table = _table(base.home, "lake.sessions")
+    main = table.metadata.snapshot_by_name("main")
+    assert main is not None and main.parent_snapshot_id == created.snapshot_id  # one promotion snapshot
+    assert main.summary["pcbo.approved-snapshot-id"] == str(staged.snapshot_id)
+    promoted = table.scan().to_arrow().sort_by("id")
+    assert promoted.to_pylist() == staging_rows.to_pylist()
+    assert {t.file.file_path for t in table.scan().plan_files()} == _manifest_file_uris(base.home, "sessions")
+    assert run_pcbo(["verify"], home=base.home).status == 0
+    assert run_pcbo(["verify"], home=base.home / "staging").status == 0
+    staged_query = run_pcbo(
+        ["query", "--dataset", "sessions", "--branch", "staging", "SELECT count(*) FROM lake.sessions"],
+        home=base.home,
+    )
+    assert staged_query.document["rows"] == [[len(records)]]
