@@ -174,6 +174,10 @@ EXPECTED_TABLES = {
     "soak_evaluations",
     "audit_pending_batches",
     "alerts",
+    "api_tokens",
+    "command_audit",
+    "api_runs",
+    "idempotency_keys",
 }
 
 
