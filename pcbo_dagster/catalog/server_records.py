@@ -23,7 +23,12 @@ from pcbo_dagster.io.clock import utc_now
 
 TOKEN_PREFIX = "pcbo_"
 #: Columns `audit_page` sorts by, by their API names.
-AUDIT_SORT_COLUMNS = {"timestamp": "timestamp", "actionType": "action_type", "target": "target", "source": "source"}
+AUDIT_SORT_COLUMNS = {
+    "timestamp": "timestamp",
+    "actionType": "action_type",
+    "target": "target",
+    "source": "source",
+}
 
 
 def token_digest(secret: str) -> str:
@@ -86,7 +91,9 @@ class ServerRecords(Database):
         with self.write() as conn:
             conn.execute(t.api_tokens.insert().values(**row))
         with self.read() as conn:
-            stored = conn.execute(select(t.api_tokens).where(t.api_tokens.c.token_id == row["token_id"])).one()
+            stored = conn.execute(
+                select(t.api_tokens).where(t.api_tokens.c.token_id == row["token_id"])
+            ).one()
         return _token_row(stored), secret
 
     def token_for_secret(self, secret: str) -> dict[str, Any] | None:
@@ -373,7 +380,10 @@ class ServerRecords(Database):
             conditions.append(merged.c.action_type == action_type)
         if target is not None:
             conditions.append(
-                or_(merged.c.target == target, merged.c.target.startswith(target.rstrip("/") + "/", autoescape=True))
+                or_(
+                    merged.c.target == target,
+                    merged.c.target.startswith(target.rstrip("/") + "/", autoescape=True),
+                )
             )
         if start is not None:
             conditions.append(merged.c.timestamp >= _db_instant(self.dialect, start))
@@ -395,7 +405,9 @@ class ServerRecords(Database):
     def _audit_entry(self, conn: Any, row: dict[str, Any]) -> dict[str, Any]:
         source, sort_id = row["source"], row["sort_id"]
         entry: dict[str, Any] = {
-            "id": f"{source}:{sort_id}" if source != "audit_event" else f"audit_event:{row['target']}:{sort_id}",
+            "id": f"{source}:{sort_id}"
+            if source != "audit_event"
+            else f"audit_event:{row['target']}:{sort_id}",
             "source": source,
             "actionType": row["action_type"],
             "target": row["target"],
@@ -419,7 +431,9 @@ class ServerRecords(Database):
         elif source == "audit_event":
             events = t.audit_events
             text = conn.execute(
-                select(events.c.event_json).where(events.c.chain_key == row["target"], events.c.seq == sort_id)
+                select(events.c.event_json).where(
+                    events.c.chain_key == row["target"], events.c.seq == sort_id
+                )
             ).scalar_one()
             event = json.loads(text)
             entry.update(actor=event.get("actor"), details=event)
@@ -449,7 +463,8 @@ def _db_instant(dialect: str, value: datetime) -> Any:
 
 
 def _instant_text(value: Any) -> str:
-    """A stored instant (a datetime, or SQLite's text through the union) as `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`."""
+    """A stored instant (a datetime, or SQLite's text through the union) as
+    `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`."""
     from datetime import UTC
 
     if isinstance(value, str):

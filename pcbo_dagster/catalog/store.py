@@ -21,5 +21,5 @@ from pcbo_dagster.catalog.server_records import ServerRecords
 
 class CatalogStore(RunRecords, PartitionRecords, DatasetLeases, ChainMirror, ServerRecords):
     """The catalog on a SQLAlchemy URL (SQLite or PostgreSQL): runs, partition versions, lineage,
-    discrepancies, dataset leases, the audit chain mirror and the HTTP API's records. Every write is one transaction.
-    One instance per process (do not share across fork)."""
+    discrepancies, dataset leases, the audit chain mirror and the HTTP API's records. Every write is
+    one transaction. One instance per process (do not share across fork)."""
