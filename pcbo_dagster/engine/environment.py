@@ -89,9 +89,11 @@ class Environment:
     audit: AuditLog
 
     @classmethod
-    def open(cls, settings: Settings, create: bool = True) -> Environment:
+    def open(cls, settings: Settings, create: bool = True, actor: str | None = None) -> Environment:
         """Open the lake, catalog and audit log; `create=False` (commands that only look at or undo
-        what is there) refuses, with nothing created, an embedded catalog that does not exist yet."""
+        what is there) refuses, with nothing created, an embedded catalog that does not exist yet.
+        `actor`: who the writes are made for (the HTTP API's token subject), named in every audit
+        event appended through this environment."""
         catalog = CatalogStore(settings.catalog_url)
         if not create and catalog.is_missing_sqlite_file():
             raise InvalidInput(
@@ -108,7 +110,8 @@ class Environment:
                 attempts=settings.audit_attempts,
                 initial_wait=settings.audit_initial_wait,
             )
-        return cls(settings, LakeStorage(settings.lake_url), catalog, AuditLog(backup, catalog, delivery))
+        audit = AuditLog(backup, catalog, delivery, actor=actor)
+        return cls(settings, LakeStorage(settings.lake_url), catalog, audit)
 
     def close(self) -> None:
         self.catalog.close()

@@ -55,6 +55,15 @@ class LoadedRequest:
         assert self.digests is not None
         return build_plan(self.request, self.digests)
 
+    def close(self) -> None:
+        """Remove the decision spill and release the source (a process that serves many requests
+        calls it when done with one; a command's process may leave it to exit)."""
+        if self.spill is not None:
+            self.spill.close()
+        close_source = getattr(self.source, "close", None)
+        if close_source is not None:
+            close_source()
+
     def fetch(self, locators: np.ndarray | list[int]) -> list[Any]:
         """The records at `locators` (`PartitionDecision.add_locators`: input positions for records in
         memory, else the streamed source's locators), in that order."""
@@ -133,12 +142,32 @@ def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
     return open_source(uri, ref.uri, ref.resolved_format())
 
 
-def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
-    """Parse, validate and read the records of a request; `InvalidInput` on any bad input."""
+def _confined(uri: str, root: Path) -> str:
+    """`uri` when it is remote (`scheme://`, not `file://`) or a local path inside `root`; otherwise
+    `InvalidInput` on `source.uri` (a server reads no file of its host that a request names)."""
+    local = uri[len("file://") :] if uri.startswith("file://") else uri if "://" not in uri else None
+    if local is None:
+        return uri
+    root = root.resolve()
+    path = Path(local).resolve()
+    if path != root and root not in path.parents:
+        raise InvalidInput(
+            "source.uri", f"a local source must be inside the server's sources directory {root}"
+        )
+    return uri
+
+
+def load_request(raw: bytes, base_dir: Path | None = None, confine_to: Path | None = None) -> LoadedRequest:
+    """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
+    `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
+    this directory (the HTTP API's sources directory)."""
     parsed = parse_json_strict(raw)
     request = validate_request(parsed.value)
     if request.source is not None:
-        return _load_streamed(request, _record_source(request, resolve_uri(request.source.uri, base_dir)))
+        uri = resolve_uri(request.source.uri, base_dir)
+        if confine_to is not None:
+            uri = _confined(uri, confine_to)
+        return _load_streamed(request, _record_source(request, uri))
     records = request.sourceRecords or []
     try:
         digests = record_digests(records, parsed.may_hold_floats_or_big_ints)
