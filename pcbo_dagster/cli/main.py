@@ -33,6 +33,7 @@ from pcbo_dagster.cli.common import (
     write_output,
 )
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
+from pcbo_dagster.cli.server_commands import add_server_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.io.redaction import one_line_error, scrub_text
@@ -394,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     add_rollout_commands(sub)
+    add_server_commands(sub)
     return parser
 
 
