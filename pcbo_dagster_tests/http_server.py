@@ -53,9 +53,11 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    home: Path, environ: dict[str, str] | None = None, **changes: Any
+    home: Path, environ: dict[str, str] | None = None, send_buffer: int | None = None, **changes: Any
 ) -> Iterator[RunningServer]:
-    """`pcbo serve` on `home` in a thread of this process (ServerConfig fields in `changes`)."""
+    """`pcbo serve` on `home` in a thread of this process (ServerConfig fields in `changes`).
+    `send_buffer`: the kernel send buffer of every connection (SO_SNDBUF, inherited from the
+    listening socket), to see a client that does not read without filling megabytes first."""
     import uvicorn
 
     from pcbo_dagster.server.app import create_app
@@ -64,11 +66,18 @@ def running_server(
     config = ServerConfig.from_environment(Settings.resolve(home=str(home), env={}), environ or {})
     config = config.with_changes(**changes)
     app = create_app(config)
-    port = free_port()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer is not None:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    listener.bind(("127.0.0.1", 0))
+    port = int(listener.getsockname()[1])
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=30)
     )
-    thread = threading.Thread(target=server.run, name="pcbo-test-server", daemon=True)
+    thread = threading.Thread(
+        target=lambda: server.run(sockets=[listener]), name="pcbo-test-server", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -84,6 +93,7 @@ def running_server(
         begin_shutdown(app)
         server.should_exit = True
         thread.join(60)
+        listener.close()
         catalog.close()
 
 
