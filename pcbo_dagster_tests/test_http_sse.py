@@ -157,7 +157,8 @@ def test_a_client_that_does_not_read_is_dropped_and_blocks_no_one(tmp_path):
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # a small window, never read
         slow.connect(("127.0.0.1", port))
         slow.sendall(
-            f"GET /reconciliation/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            b"GET /reconciliation/stream HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {token}\r\n\r\n".encode()
         )
         try:
             good: list = []
