@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pcbo_dagster import __version__
 from pcbo_dagster.audit.backup import AuditBackup
@@ -141,6 +142,14 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         return invalid(_field_of(first.get("loc", ())), str(first.get("msg", "invalid"))).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body that is not JSON at all: invalid input like any other
+            return invalid("body", str(exc.detail)).response()
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        document = {"error": kinds.get(exc.status_code, "http_error"), "message": str(exc.detail)}
+        return JSONResponse(document, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
