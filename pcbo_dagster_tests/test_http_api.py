@@ -359,6 +359,8 @@ def test_services_and_admin_status(server, admin, executed):
 
 def test_openapi_health_and_body_limit(tmp_path, server, admin):
     assert admin.get("/openapi.json").json()["paths"]["/v1/execute"]["post"]["requestBody"]
+    assert server.client().get("/openapi.json").status_code == 401
+    assert server.client().get("/docs").status_code == 404
     import httpx
 
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
@@ -389,6 +391,7 @@ ENDPOINTS = [
     ("GET", "/commands/verify-1", "read"),
     ("GET", "/services/registered", "read"),
     ("GET", "/v1/admin/status", "admin"),
+    ("GET", "/openapi.json", "read"),
 ]
 
 

@@ -17,9 +17,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -32,6 +32,7 @@ from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.server import routes_backfill, routes_operations
+from pcbo_dagster.server.auth import Principal, require
 from pcbo_dagster.server.broker import EventBroker
 from pcbo_dagster.server.commands import CommandRunner
 from pcbo_dagster.server.config import ServerConfig
@@ -116,6 +117,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         "proofs, the reconciliation stream, the audit log and maintenance commands. Bearer tokens "
         "(`pcbo token create`) with scopes read, plan, execute, approve, admin.",
         lifespan=lifespan,
+        openapi_url=None,  # served below, behind a token: only /healthz is open
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.config = config
     app.state.catalog = catalog
@@ -201,6 +205,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_document(_principal: Annotated[Principal, Depends(require("read"))]) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     return app
 
 

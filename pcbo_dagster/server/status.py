@@ -62,9 +62,8 @@ def _http_probe(url: str) -> tuple[str, str | None]:
     except urllib.error.HTTPError:
         return "up", None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        return "down", one_line_error(
-            getattr(exc, "reason", exc) if isinstance(getattr(exc, "reason", None), BaseException) else exc
-        )
+        reason = getattr(exc, "reason", None)
+        return "down", one_line_error(reason if isinstance(reason, BaseException) else exc)
 
 
 def registered_services(
