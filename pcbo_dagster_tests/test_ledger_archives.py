@@ -553,3 +553,50 @@ def test_pcbo_execute_writes_the_bytes_the_full_decoding_writes(realistic_archiv
     assert [p["recordCount"] for p in reference_run[2]] == [64, 6]
     for name, run in runs.items():
         assert run == reference_run, name
+
+
+def test_a_gap_in_a_ledger_range_fails_unless_allowed_and_then_is_in_the_manifest(tmp_path):
+    """A missing batch file: the run refuses (exit 2) naming the missing ledgers, nothing written;
+    with `source.allowGaps` it loads the range and the partition's manifest records the gap."""
+    root = tmp_path / "archive"
+    built = b.write_archive(root, 2, 33, ledgers_per_file=4, files_per_partition=2)
+    built.file_of(14).unlink()  # ledgers 12-15
+    request = {
+        "runId": "gap-run",
+        "dataset": "ledgers",
+        "ledgerRange": {"field": "ledgerSequence", "first": 2, "end": 34, "partitionSize": 16},
+        "policies": {"requireConsent": True},
+        "source": {"uri": str(root), "format": "ledger_archive"},
+    }
+    home = tmp_path / "home"
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
+    assert refused.status == 2 and "ledgers 12-15 are missing from the archive" in refused.stderr
+    assert "allowGaps" in refused.stderr and not home.exists()
+
+    request["source"]["allowGaps"] = True
+    done = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
+    assert done.status == 0, done.stderr
+    by_key = {p["key"]: p for p in done.document["partitions"]}
+    manifests = {
+        key: json.loads((lake_dir(home) / "ledgers" / "v1" / key / "_manifest.json").read_bytes())
+        for key in by_key
+    }
+    assert {k: m.get("gaps") for k, m in manifests.items()} == {
+        "range=2-17": [[12, 15]],
+        "range=18-33": None,
+    }
+    assert by_key["range=2-17"]["recordCount"] == 12
+    assert run_pcbo(["verify"], home=home).status == 0
+
+
+def test_allow_gaps_is_only_for_ledger_archives(tmp_path):
+    request = {
+        "runId": "r",
+        "dataset": "d",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-02T00:00:00Z",
+        "source": {"uri": "x.jsonl", "format": "jsonl", "allowGaps": True},
+    }
+    with pytest.raises(InvalidInput) as refused:
+        load_request(json.dumps(request).encode(), base_dir=tmp_path)
+    assert refused.value.field == "source.allowGaps"

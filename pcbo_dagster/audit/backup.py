@@ -378,7 +378,9 @@ class AuditBackup:
                         problems.append(f"{rel}: event #{index}: no chain.chain_key string")
                         continue
                     chains.setdefault(key, []).append(event)
-                    seen.setdefault(key, set()).add(_canonical_or_none(event))
+                    canonical = _canonical_or_none(event)
+                    if canonical is not None:
+                        seen.setdefault(key, set()).add(canonical)
             else:
                 try:
                     event = _parse_line(path.read_bytes())
@@ -401,9 +403,10 @@ class AuditBackup:
             known = seen.setdefault(key, set())
             for _, _, event in items:
                 canon = _canonical_or_none(event)
-                if canon is not None and canon in known:
-                    continue
-                known.add(canon)
+                if canon is not None:
+                    if canon in known:
+                        continue
+                    known.add(canon)
                 chains.setdefault(key, []).append(event)
         return dict(sorted(chains.items())), problems
 

@@ -87,7 +87,7 @@ def read_cursor(backup: AuditBackup, chain_key: str) -> tuple[int, str] | None:
         or not is_event_hash(digest)
     ):
         raise ValueError(f"delivery cursor {path.name} is not a cursor for {chain_key}")
-    return seq, digest
+    return seq, str(digest)
 
 
 def _write_cursor(backup: AuditBackup, chain_key: str, seq: int, digest: str) -> None:
@@ -174,11 +174,11 @@ class HttpDelivery(JsonPoster):
                     or anchor_chain.get("seq") != cursor[0]
                     or anchor_chain.get("event_hash") != cursor[1]
                 ):
-                    error = (
+                    mismatch = (
                         f"delivery cursor (seq {cursor[0]}) does not match the local backup of "
                         f"{chain_key}; nothing delivered"
                     )
-                    return self._report(chain_key, 0, max(0, len(events) - start), last_seq, error)
+                    return self._report(chain_key, 0, max(0, len(events) - start), last_seq, mismatch)
             error: str | None = None
             for index in range(start, len(events)):
                 event = events[index]

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
-from pcbo_dagster.core.audit_chain import build_event, split_chain_key, verify_chain
+from pcbo_dagster.core.audit_chain import AuditEvent, build_event, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.io.clock import utc_now
@@ -195,7 +195,7 @@ class AuditLog:
         txn.clear_pending()
         return ReconcileResult(len(rest), len(pending_events), _head_of(pending_events[-1]))
 
-    def append(self, chain_key: str, event_type: str, body: dict) -> dict:
+    def append(self, chain_key: str, event_type: str, body: dict) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
 
         ValueError for an invalid chain_key, event_type or body (floats, reserved keys);
@@ -203,7 +203,7 @@ class AuditLog:
         """
         return self.append_many(chain_key, [(event_type, body)])[0]
 
-    def append_many(self, chain_key: str, items: list[tuple[str, dict]]) -> list[dict]:
+    def append_many(self, chain_key: str, items: list[tuple[str, dict]]) -> list[AuditEvent]:
         """Append several events in order under one lock: one backup write and fsync, two head-store
         transactions (a group commit; see the module doc). Returns the events; all or none reach the
         backup."""

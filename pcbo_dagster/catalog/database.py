@@ -147,7 +147,8 @@ class Database:
         return (
             self.dialect == "sqlite"
             and not _is_sqlite_memory(self._url)
-            and bool(database)
+            and database is not None
+            and database != ""
             and not Path(database).expanduser().exists()
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from sqlalchemy import Connection, bindparam, select, text, update
 
@@ -21,6 +21,25 @@ from pcbo_dagster.io.clock import utc_now
 
 #: The unique key of a lineage row: a partition version's source is recorded once.
 LINEAGE_KEY = ["dataset", "version_label", "partition_key", "partition_version", "source_uri"]
+
+
+class PartitionVersionRow(TypedDict):
+    """A row of `partitions`: one version of one partition, as the catalog records it."""
+
+    dataset: str
+    version_label: str
+    partition_key: str
+    version: int
+    run_id: str
+    status: str  # committed | superseded | rolled_back
+    manifest_uri: str
+    manifest_checksum: str
+    merkle_root: str
+    record_count: int
+    event_hash: str | None
+    files: list[dict[str, Any]]
+    committed_at: datetime
+    rolled_back_at: datetime | None
 
 
 class PartitionRecords(Database):
@@ -164,7 +183,7 @@ class PartitionRecords(Database):
 
     def current_partition(
         self, dataset: str, version_label: str, partition_key: str
-    ) -> dict[str, Any] | None:
+    ) -> PartitionVersionRow | None:
         """The 'committed' version row of a partition, or None."""
         p = t.partitions
         with self.read() as conn:
@@ -178,7 +197,7 @@ class PartitionRecords(Database):
             ).first()
         return None if row is None else _partition_row(row)
 
-    def current_partitions(self, dataset: str, version_label: str) -> dict[str, dict[str, Any]]:
+    def current_partitions(self, dataset: str, version_label: str) -> dict[str, PartitionVersionRow]:
         """The 'committed' row of every partition of a dataset version, by partition key."""
         p = t.partitions
         with self.read() as conn:
@@ -191,7 +210,7 @@ class PartitionRecords(Database):
 
     def partition_versions(
         self, dataset: str | None = None, version_label: str | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[PartitionVersionRow]:
         """Every partition version row, ordered by dataset, version_label, partition_key, version."""
         p = t.partitions
         stmt = select(p).order_by(p.c.dataset, p.c.version_label, p.c.partition_key, p.c.version)
@@ -339,10 +358,10 @@ def _lock_partition(conn: Connection, dataset: str, version_label: str, partitio
         )
 
 
-def _partition_row(row: Any) -> dict[str, Any]:
+def _partition_row(row: Any) -> PartitionVersionRow:
     out = dict(row._mapping)
     out["files"] = json.loads(out["files"])
-    return out
+    return cast(PartitionVersionRow, out)
 
 
 def _group_by_dataset(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:

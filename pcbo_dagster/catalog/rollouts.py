@@ -12,11 +12,12 @@ digest.
 
 from __future__ import annotations
 
+import builtins
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -28,11 +29,33 @@ from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
 
 
-def _rollout_row(row: Any) -> dict[str, Any]:
+class RolloutRow(TypedDict):
+    """A row of `rollouts`: a named range of partitions of a dataset on its way to production."""
+
+    name: str
+    dataset: str
+    version_label: str
+    first_key: str
+    last_key: str
+    partition_keys: list[str]
+    throttle: dict[str, Any]
+    soak_window_seconds: int
+    status: str
+    control: str
+    plan_hash: str | None
+    decision_hash: str | None
+    staging_run_id: str | None
+    staged_at: datetime | None
+    created_by: str
+    created_at: datetime
+    updated_at: datetime
+
+
+def _rollout_row(row: Any) -> RolloutRow:
     out = dict(row._mapping)
     out["partition_keys"] = json.loads(out["partition_keys"])
     out["throttle"] = json.loads(out["throttle"])
-    return out
+    return cast(RolloutRow, out)
 
 
 def _with_detail(row: Any) -> dict[str, Any]:
@@ -77,7 +100,7 @@ class RolloutStore:
         soak_window_seconds: int,
         actor: str,
         now: datetime | None = None,
-    ) -> dict[str, Any]:
+    ) -> RolloutRow:
         """Record a new rollout (status `applying`); `InvalidInput` on `rollout` when the name is taken
         by a different range or dataset. Creating the same rollout again returns the existing one."""
         now = now or utc_now()
@@ -135,12 +158,12 @@ class RolloutStore:
             )
         return existing
 
-    def get(self, name: str) -> dict[str, Any] | None:
+    def get(self, name: str) -> RolloutRow | None:
         with self.catalog.read() as conn:
             row = conn.execute(select(t.rollouts).where(t.rollouts.c.name == name)).first()
         return None if row is None else _rollout_row(row)
 
-    def require(self, name: str) -> dict[str, Any]:
+    def require(self, name: str) -> RolloutRow:
         """The rollout, or `InvalidInput` on `rollout` naming the unknown name."""
         rollout = self.get(name)
         if rollout is None:
@@ -149,7 +172,7 @@ class RolloutStore:
 
     def list(
         self, dataset: str | None = None, statuses: tuple[str, ...] | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> builtins.list[RolloutRow]:
         """Rollouts, oldest first, optionally of one dataset and in some statuses."""
         r = t.rollouts
         stmt = select(r).order_by(r.c.created_at, r.c.name)
@@ -184,7 +207,7 @@ class RolloutStore:
 
     def request_control(
         self, name: str, control: str, *, actor: str, reason: str = "", now: datetime | None = None
-    ) -> dict[str, Any]:
+    ) -> RolloutRow:
         """Ask the staging apply to pause, resume (`run`) or cancel; logged with who and why."""
         if control not in t.ROLLOUT_CONTROLS:
             raise InvalidInput("action", f"must be pause, resume or cancel, not {control!r}")
@@ -230,7 +253,7 @@ class RolloutStore:
             )
         )
 
-    def history(self, name: str) -> list[dict[str, Any]]:
+    def history(self, name: str) -> builtins.list[dict[str, Any]]:
         """The rollout's log, oldest first."""
         stmt = select(t.rollout_log).where(t.rollout_log.c.rollout == name).order_by(t.rollout_log.c.id)
         with self.catalog.read() as conn:
@@ -276,7 +299,7 @@ class RolloutStore:
         assert latest is not None
         return latest
 
-    def approvals(self, name: str) -> list[dict[str, Any]]:
+    def approvals(self, name: str) -> builtins.list[dict[str, Any]]:
         a = t.rollout_approvals
         with self.catalog.read() as conn:
             return [
@@ -302,7 +325,7 @@ class RolloutStore:
             )
         return {"rollout": name, "passed": passed, "detail": detail, "evaluated_at": now}
 
-    def soak_evaluations(self, name: str) -> list[dict[str, Any]]:
+    def soak_evaluations(self, name: str) -> builtins.list[dict[str, Any]]:
         """The rollout's soak evaluations, oldest first (`passed` as a bool, `detail` parsed)."""
         s = t.soak_evaluations
         with self.catalog.read() as conn:
@@ -350,7 +373,7 @@ class RolloutStore:
             row = conn.execute(select(t.alerts).where(t.alerts.c.alert_key == alert_key)).first()
         return None if row is None else _with_detail(row)
 
-    def alerts(self, delivery_status: str | None = None) -> list[dict[str, Any]]:
+    def alerts(self, delivery_status: str | None = None) -> builtins.list[dict[str, Any]]:
         a = t.alerts
         stmt = select(a).order_by(a.c.id)
         if delivery_status is not None:

@@ -16,11 +16,26 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias, TypedDict
 
 from pcbo_dagster.core.canonical import CanonicalizationError, fast_jcs, jcs
 
 PAS_VERSION = "pcbo.pas/1"
+
+
+class ChainLink(TypedDict):
+    """An event's place in its chain (`event["chain"]`)."""
+
+    chain_key: str
+    seq: int
+    prev_event_hash: str | None
+    event_hash: str
+
+
+#: A PAS event: `version`, `event_type`, `event_id`, `timestamp`, its body's fields (snake_case;
+#: `engine/events.py` builds them) and `chain` (a `ChainLink`). The body's fields differ by event
+#: type, so an event is a JSON object rather than one fixed record.
+AuditEvent: TypeAlias = dict[str, Any]
 
 #: Top-level keys an event body may not use.
 RESERVED_KEYS = frozenset({"version", "event_type", "event_id", "timestamp", "chain"})
@@ -117,7 +132,7 @@ def build_event(
     event_type: str,
     timestamp: str,
     body: dict,
-) -> dict:
+) -> AuditEvent:
     """Build the event at position `seq` of a chain, with its `event_id` and `chain.event_hash`.
 
     ValueError for: a bad chain_key, a negative or non-integer seq, a prev_event_hash that is not

@@ -37,7 +37,7 @@ import ast
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -77,7 +77,7 @@ _OPERATOR_NAMES = {
 # Static kinds of row expressions: what a literal or operation is known to give before any data.
 NUMBER, BOOL, STRING, COLUMN = "number", "boolean", "string", "column"
 
-Value = pa.Array | pa.Scalar
+Value: TypeAlias = pa.Array | pa.Scalar
 
 
 class _Unavailable(Exception):

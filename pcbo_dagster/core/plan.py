@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,16 @@ from pcbo_dagster.core.request_model import BackfillRequest, Policies
 PLAN_VERSION = "pcbo.plan/1"
 
 
+class PartitionWindow(TypedDict):
+    """A planned partition as outputs, manifests and events show it: its position in the plan, key,
+    and bounds (instants, or ledger sequences for a ledger range)."""
+
+    index: int
+    key: str
+    start: str | int
+    end: str | int
+
+
 @dataclass(frozen=True)
 class Partition:
     index: int
@@ -32,7 +42,7 @@ class Partition:
     end: int  # last position (exclusive)
     ledger: bool = False
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> PartitionWindow:
         if self.ledger:
             return {"index": self.index, "key": self.key, "start": self.start, "end": self.end}
         return {

@@ -92,6 +92,10 @@ class SourceRef(BaseModel):
     format: Literal["jsonl", "parquet", "csv", "ledger_archive"] | None = None
     #: Skip a directory's files whose hive partition lies outside the time window (default true).
     prune: StrictBool = True
+    #: A ledger archive may miss ledgers of the range (default false: a gap is invalid input naming
+    #: the missing ledgers). When true, the gaps are recorded in the manifests of the partitions
+    #: they fall into (`gaps`: [[first, last], ...]).
+    allowGaps: StrictBool = False
 
     def resolved_format(self) -> str:
         """The format of a single-file source: `format`, else inferred from the URI's extension.
@@ -145,6 +149,8 @@ class BackfillRequest(BaseModel):
     def _check(self) -> BackfillRequest:
         if self.source is not None and self.source.format == "ledger_archive" and self.ledgerRange is None:
             raise _FieldError("source.format", "a ledger_archive source needs a ledgerRange request")
+        if self.source is not None and self.source.allowGaps and self.source.format != "ledger_archive":
+            raise _FieldError("source.allowGaps", "only a ledger_archive source can have gaps")
         if (self.sourceRecords is None) == (self.source is None):
             raise _FieldError("sourceRecords", "give exactly one of sourceRecords (inline) and source")
         for key, value in self.metadata.items():

@@ -168,7 +168,7 @@ class PcboEngineResource(dg.ConfigurableResource):
         **kwargs: Any,
     ) -> None:
         # Dagster resources cannot default a nested resource: an omitted adapter is an unset one.
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]  # Dagster's pydantic fields, not typed here
             home=home,
             catalog=catalog if catalog is not None else CatalogResource(),
             lake=lake if lake is not None else LakeResource(),

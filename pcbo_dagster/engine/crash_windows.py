@@ -21,7 +21,7 @@ and the catalog rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pcbo_dagster.core.chain_state import (
     PARTITION_COMMITTED,
@@ -34,6 +34,7 @@ from pcbo_dagster.core.chain_state import (
 from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.engine.events import catalog_row, commit_body, rollback_body
 from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.lake.manifests import Manifest
 
 Verdict = Literal["agrees", "heal_commit", "heal_rollback", "finding"]
 
@@ -58,7 +59,7 @@ class LakeVsChain:
     verdict: Verdict
     kind: str | None
     detail: str
-    manifest: dict[str, Any] | None
+    manifest: Manifest | None
     manifest_checksum: str | None
     intent: CommitIntent | RollbackIntent | None = None
 
@@ -101,7 +102,7 @@ def compare(
     where = f"{dataset}/{version_label}/{key}"
     expected = history.current_checksum if history is not None else None
     current = history.current if history is not None else None
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     checksum: str | None = None
     if manifest_bytes is not None:
         checksum = manifests.checksum(manifest_bytes)
@@ -119,7 +120,7 @@ def compare(
                 None,
                 checksum,
             )
-        manifest = decoded
+        manifest = cast(Manifest, decoded)
     if checksum == expected:
         if manifest is not None and manifest["partitionVersion"] != current:
             return LakeVsChain(
@@ -318,5 +319,7 @@ def record_version_from_chain(
             "one the chain committed"
         )
     env.catalog.record_partition_version(
-        **catalog_row(manifests.decode(data), committed.manifest_checksum, env.lake, committed.event_hash)
+        **catalog_row(
+            manifests.decode_manifest(data), committed.manifest_checksum, env.lake, committed.event_hash
+        )
     )

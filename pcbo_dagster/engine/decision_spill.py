@@ -90,7 +90,7 @@ def remove_stale_spills(root: str | None) -> list[str]:
     process (the pid in their name, `pcbo-spill-<pid>-*`) is no longer running: what a process killed
     outright left behind. Returns the paths removed."""
     base = root or tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(base)
     except OSError:

@@ -12,6 +12,7 @@ from typing import Any
 from pcbo_dagster import __version__
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake import layout
+from pcbo_dagster.lake.manifests import Manifest
 from pcbo_dagster.lake.storage import LakeStorage
 
 PRODUCER = {"name": "pcbo_dagster", "version": __version__}
@@ -21,7 +22,7 @@ def chain_key(dataset: str, version_label: str) -> str:
     return f"{dataset}/{version_label}"
 
 
-def partition_of(manifest: dict[str, Any]) -> dict[str, Any]:
+def partition_of(manifest: Manifest) -> dict[str, Any]:
     """The `partition` object of an event about a version, from its manifest."""
     part = manifest["partition"]
     return {
@@ -35,7 +36,7 @@ def partition_of(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def commit_body(manifest: dict[str, Any], manifest_checksum: str, lake: LakeStorage) -> dict[str, Any]:
+def commit_body(manifest: Manifest, manifest_checksum: str, lake: LakeStorage) -> dict[str, Any]:
     dataset, version_label, key = manifest["dataset"], manifest["versionLabel"], manifest["partition"]["key"]
     version = manifest["partitionVersion"]
     counts = manifest["counts"]
@@ -78,7 +79,7 @@ def commit_body(manifest: dict[str, Any], manifest_checksum: str, lake: LakeStor
 
 
 def catalog_row(
-    manifest: dict[str, Any],
+    manifest: Manifest,
     manifest_checksum: str,
     lake: LakeStorage,
     event_hash: str,
@@ -106,7 +107,7 @@ def catalog_row(
     }
 
 
-def commit_intent_entry(manifest: dict[str, Any], manifest_checksum: str) -> dict[str, Any]:
+def commit_intent_entry(manifest: Manifest, manifest_checksum: str) -> dict[str, Any]:
     """One partition of a `partition_commit_intent`: the manifest about to become its commit point."""
     return {
         "key": manifest["partition"]["key"],

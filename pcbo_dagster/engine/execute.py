@@ -58,6 +58,7 @@ from pcbo_dagster.engine.events import (
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import apply_undos, plan_undo
 from pcbo_dagster.lake import layout, manifests, parquet_files
+from pcbo_dagster.lake.manifests import FileEntry, Manifest, RollbackManifest
 from pcbo_dagster.sources.streaming import source_batch_size
 
 Progress = Callable[[int], None]
@@ -101,13 +102,13 @@ def build_manifest(
     plan: Plan,
     decisions: Decisions,
     pd: PartitionDecision,
-    file_entry: dict[str, Any],
+    file_entry: FileEntry,
     merkle_root: str,
     version: int,
-    previous: dict[str, Any] | None,
+    previous_version: int | None,
     previous_checksum: str | None,
     schema: pa.Schema,
-) -> dict[str, Any]:
+) -> Manifest:
     return {
         "kind": manifests.MANIFEST_KIND,
         "dataset": plan.dataset,
@@ -115,7 +116,7 @@ def build_manifest(
         "runId": plan.run_id,
         "partition": pd.partition.to_json(),
         "partitionVersion": version,
-        "previousVersion": previous["partitionVersion"] if previous else None,
+        "previousVersion": previous_version,
         "previousManifestChecksum": previous_checksum,
         "planHash": plan.plan_hash,
         "decisionHash": decisions.decision_hash,
@@ -134,9 +135,9 @@ def _rollback_manifest(
     key: str,
     version: int,
     manifest_checksum: str,
-    previous: dict[str, Any] | None,
+    previous: Manifest | None,
     file_paths: list[str],
-) -> dict[str, Any]:
+) -> RollbackManifest:
     kept = {f["path"] for f in previous["files"]} if previous else set()
     return {
         "kind": manifests.ROLLBACK_KIND,
@@ -168,7 +169,7 @@ class ExecuteFailed(IntegrityError):
 def post_write_check(
     env: Environment,
     plan: Plan,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     expected_ids: list[str],
     existing_ids: list[str],
     full: bool = True,
@@ -245,7 +246,7 @@ class _Staged:
     """One partition on its way through a commit batch."""
 
     pd: PartitionDecision
-    manifest: dict[str, Any]
+    manifest: Manifest
     manifest_checksum: str
     manifest_bytes: bytes | None  # None when the partition is unchanged
     version: int
@@ -311,7 +312,10 @@ def execute(
         )
         env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
         state = replay(env.audit.backup.read_chain(ckey))
-        catalog_rows = env.catalog.current_partitions(plan.dataset, plan.version_label)
+        catalog_rows = {
+            key: (row["version"], row["manifest_checksum"])
+            for key, row in env.catalog.current_partitions(plan.dataset, plan.version_label).items()
+        }
         for pds in _commit_batches(decisions.partitions, batch_size):
             if pace is not None and not pace(pds[0]):
                 stopped = True
@@ -344,6 +348,7 @@ def execute(
             failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing)
             for st in batch:
                 results.append(_outcome(env, st))
+                assert st.check is not None
                 reconciliation.append(st.check)
             if progress:
                 progress(len(batch))
@@ -466,7 +471,7 @@ def _prepare(
     data = parquet_files.encode(table)
     file_hex = sha256_hex(data)
     file_rel = layout.data_file(dataset, version_label, key, file_hex)
-    file_entry = {
+    file_entry: FileEntry = {
         "path": file_rel,
         "checksum": prefixed(file_hex),
         "rowCount": table.num_rows,
@@ -475,6 +480,8 @@ def _prepare(
     merkle_root = merkle.root_hex(pd.add)
     restore: list[tuple[str, bytes]] = []
     restored: dict[str, Any] | None = None
+    previous: Manifest | None
+    previous_checksum: str | None
     if against_chain.verdict == "finding":
         restoration = _restoration(env, plan, decisions, pd, schema, history, file_entry, merkle_root, data)
         if restoration is None:
@@ -485,8 +492,19 @@ def _prepare(
         previous, previous_checksum = against_chain.manifest, against_chain.manifest_checksum
     version = max(known_version, previous["partitionVersion"] if previous else 0) + 1
     manifest = build_manifest(
-        plan, decisions, pd, file_entry, merkle_root, version, previous, previous_checksum, schema
+        plan,
+        decisions,
+        pd,
+        file_entry,
+        merkle_root,
+        version,
+        previous["partitionVersion"] if previous else None,
+        previous_checksum,
+        schema,
     )
+    gaps = _gaps_in(loaded, pd)
+    if gaps:
+        manifest["gaps"] = gaps
     if previous is not None and manifests.same_content(previous, manifest):
         assert previous_checksum is not None
         if restored is None and lake.read_if_exists(file_rel) != data:  # the same path, the same bytes
@@ -515,6 +533,18 @@ def _prepare(
     return _Prepared(staged, against_chain, files)
 
 
+def _gaps_in(loaded: LoadedRequest, pd: PartitionDecision) -> list[list[int]]:
+    """The ledgers of a ledger partition its source lacks (a ledger archive read with `allowGaps`)."""
+    gaps = getattr(loaded.source, "gaps", None)
+    part = pd.partition
+    if not gaps or not part.ledger:
+        return []
+    last = part.end - 1
+    return [
+        [max(low, part.start), min(high, last)] for low, high in gaps if low <= last and high >= part.start
+    ]
+
+
 def _restoration(
     env: Environment,
     plan: Plan,
@@ -522,10 +552,10 @@ def _restoration(
     pd: PartitionDecision,
     schema: pa.Schema,
     history: PartitionHistory | None,
-    file_entry: dict[str, Any],
+    file_entry: FileEntry,
     merkle_root: str,
     data: bytes,
-) -> tuple[dict[str, Any], str, list[tuple[str, bytes]]] | None:
+) -> tuple[Manifest, str, list[tuple[str, bytes]]] | None:
     """How to put back the chain's current version of a partition whose lake disagrees with its chain,
     when its exact bytes are at hand: its version manifest from `_versions/` (when it still has the
     checksum the chain committed) or rebuilt from this request (when that gives the same checksum),
@@ -540,18 +570,15 @@ def _restoration(
     version_rel = layout.version_manifest(dataset, version_label, key, current.version)
     manifest_bytes = lake.read_if_exists(version_rel)
     if manifest_bytes is None or manifests.checksum(manifest_bytes) != current.manifest_checksum:
-        previous = (
-            None if current.previous_version is None else {"partitionVersion": current.previous_version}
-        )
         rebuilt = build_manifest(
-            plan, decisions, pd, file_entry, merkle_root, current.version, previous,
+            plan, decisions, pd, file_entry, merkle_root, current.version, current.previous_version,
             current.previous_manifest_checksum, schema,
         )  # fmt: skip
         manifest_bytes = manifests.encode(rebuilt)
         if manifests.checksum(manifest_bytes) != current.manifest_checksum:
             return None
         files.append((version_rel, manifest_bytes))
-    manifest = manifests.decode(manifest_bytes)
+    manifest = manifests.decode_manifest(manifest_bytes)
     for entry in manifest["files"]:
         try:
             path = layout.data_file_path(dataset, version_label, key, entry.get("path"))
@@ -685,7 +712,7 @@ def _commit_batch(
     plan: Plan,
     batch: list[_Staged],
     state: ChainState,
-    catalog_rows: dict[str, dict[str, Any]],
+    catalog_rows: dict[str, tuple[int, str]],
     existing: list[str],
 ) -> str | None:
     """Intent, commit points, audit events, post-write checks and catalog rows of a staged batch.
@@ -766,14 +793,13 @@ def _commit_batch(
                 st.check["findings"]
             )
             continue
-        row = catalog_rows.get(key)
-        if row is None or row["version"] != st.version or row["manifest_checksum"] != st.manifest_checksum:
+        if catalog_rows.get(key) != (st.version, st.manifest_checksum):
             recorded.append(
                 catalog_row(
                     st.manifest,
                     st.manifest_checksum,
                     lake,
-                    st.event["chain"]["event_hash"],
+                    _event_hash(st),
                     loaded.source_uri,
                     loaded.source_kind,
                 )
@@ -781,17 +807,20 @@ def _commit_batch(
             st.healed = st.healed or st.status != "committed"
     env.catalog.record_partition_versions(recorded)
     for row in recorded:
-        catalog_rows[row["partition_key"]] = {
-            "version": row["version"],
-            "manifest_checksum": row["manifest_checksum"],
-        }
+        catalog_rows[row["partition_key"]] = (row["version"], row["manifest_checksum"])
     _reached("after_catalog", indexes)
     return failure
 
 
 def _write_commit_point(env: Environment, plan: Plan, st: _Staged) -> None:
     key = st.pd.partition.key
+    assert st.manifest_bytes is not None  # only new versions get a commit point
     env.lake.write_atomic(layout.manifest(plan.dataset, plan.version_label, key), st.manifest_bytes)
+
+
+def _event_hash(st: _Staged) -> str:
+    assert st.event is not None  # set for every partition of a committed batch
+    return str(st.event["chain"]["event_hash"])
 
 
 def _reached(point: str, indexes: list[int]) -> None:

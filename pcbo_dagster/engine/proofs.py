@@ -25,6 +25,11 @@ def _hex(digest: bytes) -> str:
     return "sha256:" + digest.hex()
 
 
+def _size(value: object) -> int:
+    """A tree size or index from a proof document; -1 (which no proof accepts) when not an integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
 def _unhex(value: object, field: str) -> bytes:
     if not isinstance(value, str) or not value.startswith("sha256:"):
         raise InvalidInput(field, "must be a sha256:<64 hex> digest")
@@ -163,7 +168,7 @@ def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
         if "leafHash" in document and _unhex(document["leafHash"], "leafHash") != leaf:
             reasons.append("leafHash is not the hash of id")
         if not merkle.verify_inclusion(
-            leaf, document.get("leafIndex"), document.get("treeSize"), path, trusted
+            leaf, _size(document.get("leafIndex")), _size(document.get("treeSize")), path, trusted
         ):
             reasons.append("the audit path does not lead to the root")
         return {
@@ -176,7 +181,9 @@ def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
     root2 = trusted_root or _unhex(document.get("root2"), "root2")
     root1 = _unhex(document.get("root1"), "root1")
     proof = [_unhex(h, f"proof[{i}]") for i, h in enumerate(document.get("proof") or [])]
-    ok = merkle.verify_consistency(document.get("size1"), document.get("size2"), root1, root2, proof)
+    ok = merkle.verify_consistency(
+        _size(document.get("size1")), _size(document.get("size2")), root1, root2, proof
+    )
     return {
         "valid": ok,
         "kind": CONSISTENCY_KIND,

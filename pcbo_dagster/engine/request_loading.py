@@ -135,7 +135,7 @@ def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
     if ref.format == "ledger_archive":
         span = request.ledgerRange
         assert span is not None  # validate_request refuses an archive without a ledger range
-        return LedgerArchiveSource(uri, ref.uri, span.first, span.end)
+        return LedgerArchiveSource(uri, ref.uri, span.first, span.end, allow_gaps=ref.allowGaps)
     if is_directory(uri, ref.uri):
         window = None if request.ledgerRange is not None else (request.start_us, request.end_us)
         return open_directory_source(uri, ref.uri, ref.format, window, ref.prune)

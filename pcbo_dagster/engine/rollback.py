@@ -60,6 +60,7 @@ from pcbo_dagster.engine.events import (
 )
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
+from pcbo_dagster.lake.manifests import Manifest
 
 
 class RollbackRefused(IntegrityError):
@@ -76,7 +77,7 @@ class UndoStep:
 
     key: str
     version: int
-    manifest: dict[str, Any]
+    manifest: Manifest
     manifest_checksum: str
     partition: dict[str, Any]  # the undone version's `partition` object, from its commit event
     restore_version: int | None
@@ -127,7 +128,7 @@ def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: 
                 f"{rel} is not the manifest the chain "
                 f"committed as version {known.version} ({known.manifest_checksum})",
             )
-        restore = manifests.decode(restore_bytes)
+        restore = manifests.decode_manifest(restore_bytes)
         restore_files = set(_confined_files(dataset, version_label, key, restore, where))
         for entry in restore["files"]:
             data = lake.read_if_exists(entry["path"])
@@ -166,9 +167,7 @@ def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: 
     )
 
 
-def _confined_files(
-    dataset: str, version_label: str, key: str, manifest: dict[str, Any], where: str
-) -> list[str]:
+def _confined_files(dataset: str, version_label: str, key: str, manifest: Manifest, where: str) -> list[str]:
     try:
         return [layout.data_file_path(dataset, version_label, key, f.get("path")) for f in manifest["files"]]
     except (OutsidePartition, AttributeError, TypeError) as exc:
@@ -333,9 +332,14 @@ def rollback(
     if version is not None and (partition_key is None or run_id is not None):
         raise InvalidInput("version", "a version is rolled back with a partition key and no run id")
     try:
-        layout.check_partition(dataset, version_label, partition_key or "20000101T000000Z")
+        layout.check_names(dataset, version_label)
     except OutsidePartition as exc:
-        raise InvalidInput("partition" if partition_key else "dataset", str(exc)) from None
+        raise InvalidInput("dataset", str(exc)) from None
+    if partition_key is not None:
+        try:
+            layout.check_partition(dataset, version_label, partition_key)
+        except OutsidePartition as exc:
+            raise InvalidInput("partition", str(exc)) from None
     ckey = chain_key(dataset, version_label)
     state = replay(env.audit.backup.read_chain(ckey))
     if run_id is not None and run_id not in state.run_ids() and env.catalog.get_run(run_id) is None:

@@ -31,6 +31,7 @@ from collections import defaultdict
 from typing import Any
 
 from pcbo_dagster.audit.log import ChainDivergence
+from pcbo_dagster.catalog.partitions import PartitionVersionRow
 from pcbo_dagster.catalog.schema import append_only_trigger_names
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
@@ -360,11 +361,11 @@ def _check_versions(
                 "it restores, the files it removes)",
             )
     # What a rollback could make current: the chain of versions the current one replaced.
-    version = history.current_version.previous_version if history.current_version else None
+    restorable = history.current_version.previous_version if history.current_version else None
     seen: set[int] = set()
-    while version is not None and version not in seen and version in history.versions:
-        seen.add(version)
-        for entry in files.get(version, []):
+    while restorable is not None and restorable not in seen and restorable in history.versions:
+        seen.add(restorable)
+        for entry in files.get(restorable, []):
             data = lake.read_if_exists(entry["path"])
             if (
                 data is None
@@ -374,10 +375,10 @@ def _check_versions(
                 report.find(
                     "restorable_version_corrupt",
                     entry["path"],
-                    f"a data file of version {version} of {where}, which a rollback would restore, "
+                    f"a data file of version {restorable} of {where}, which a rollback would restore, "
                     "is missing or differs from its manifest",
                 )
-        version = history.versions[version].previous_version
+        restorable = history.versions[restorable].previous_version
 
 
 # -- 3. the catalog against the chains ---------------------------------------------------------------------
@@ -403,7 +404,7 @@ def _check_catalog(
             report.repaired.append(
                 {"kind": "catalog_row_rolled_back", "where": f"{dataset}/{version_label}/{key}"}
             )
-    rows_by_key: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+    rows_by_key: dict[str, dict[int, PartitionVersionRow]] = defaultdict(dict)
     for row in catalog.partition_versions(dataset, version_label):
         rows_by_key[row["partition_key"]][row["version"]] = row
     for key in sorted(set(rows_by_key) | set(state.partitions)):
@@ -511,10 +512,12 @@ def _check_runs(
                 )
     for lineage in env.catalog.lineage(dataset, version_label):
         where = f"{ckey}/{lineage['partition_key']} version {lineage['partition_version']}"
-        history = state.get(lineage["partition_key"])
-        committed = history.versions.get(lineage["partition_version"]) if history is not None else None
+        lineage_history = state.get(lineage["partition_key"])
+        committed_version = (
+            None if lineage_history is None else lineage_history.versions.get(lineage["partition_version"])
+        )
         run = runs.get(lineage["run_id"])
-        if committed is None:
+        if committed_version is None:
             report.find(
                 "catalog_lineage_mismatch", where, "lineage names a version the chain never committed"
             )
@@ -527,9 +530,9 @@ def _check_runs(
                 where,
                 "lineage names a run, plan or decision hash the catalog's run rows do not hold",
             )
-        elif committed.run_id == lineage["run_id"] and (
-            committed.event.get("plan_hash"),
-            committed.event.get("decision_hash"),
+        elif committed_version.run_id == lineage["run_id"] and (
+            committed_version.event.get("plan_hash"),
+            committed_version.event.get("decision_hash"),
         ) != (lineage["plan_hash"], lineage["decision_hash"]):
             report.find(
                 "catalog_lineage_mismatch",

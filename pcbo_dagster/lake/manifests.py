@@ -7,32 +7,89 @@ manifest of the same content is byte-identical on every run. Paths inside are re
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NotRequired, TypedDict, cast
 
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.json_documents import sorted_document
+from pcbo_dagster.core.plan import PartitionWindow
 
 MANIFEST_KIND = "pcbo.manifest/1"
 ROLLBACK_KIND = "pcbo.rollback/1"
 
 
-def encode(document: dict[str, Any]) -> bytes:
+class FileEntry(TypedDict):
+    """One data file a manifest commits (`path` relative to the lake)."""
+
+    path: str
+    checksum: str
+    rowCount: int
+    byteSize: int
+
+
+class Manifest(TypedDict):
+    """A partition version's manifest: `_versions/vNNNNNN.json`, and the commit point `_manifest.json`."""
+
+    kind: str
+    dataset: str
+    versionLabel: str
+    runId: str
+    partition: PartitionWindow
+    partitionVersion: int
+    previousVersion: int | None
+    previousManifestChecksum: str | None
+    planHash: str
+    decisionHash: str
+    policies: dict[str, Any]
+    files: list[FileEntry]
+    recordCount: int
+    merkleRoot: str
+    counts: dict[str, Any]
+    schema: list[dict[str, str]]
+    writer: dict[str, Any]
+    #: Ledgers of the partition's range its (ledger archive) source did not hold, as [first, last]
+    #: runs; present only when the request allowed gaps and there were some.
+    gaps: NotRequired[list[list[int]]]
+
+
+class RollbackManifest(TypedDict):
+    """How to undo a version: `_rollback/vNNNNNN.json` (what the audit chain implies, checked by
+    `verify` and by `rollback` before it is used)."""
+
+    kind: str
+    dataset: str
+    versionLabel: str
+    partitionKey: str
+    undoesVersion: int
+    undoesManifestChecksum: str
+    restoreVersion: int | None
+    restoreManifest: str | None
+    removeFiles: list[str]
+
+
+def encode(document: Manifest | RollbackManifest | dict[str, Any]) -> bytes:
     """The manifest's bytes (`sorted_document`; they are hashed, so they never change)."""
     return sorted_document(document)
 
 
 def decode(data: bytes) -> dict[str, Any]:
+    """Any manifest's JSON (`ValueError` when it is not JSON); see `decode_manifest`."""
     return json.loads(data)
+
+
+def decode_manifest(data: bytes) -> Manifest:
+    """A partition version's manifest (its shape is checked where it is compared with the chain:
+    `engine/crash_windows.py`)."""
+    return cast(Manifest, json.loads(data))
 
 
 def checksum(data: bytes) -> str:
     return prefixed(sha256_hex(data))
 
 
-def same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_content(a: Manifest, b: Manifest) -> bool:
     """Two manifests commit the same content: same files (by checksum) and the same Merkle root."""
 
-    def files(m: dict[str, Any]) -> list[tuple[str, str]]:
+    def files(m: Manifest) -> list[tuple[str, str]]:
         return sorted((f["path"], f["checksum"]) for f in m.get("files", []))
 
     return files(a) == files(b) and a.get("merkleRoot") == b.get("merkleRoot")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.engine.events import PRODUCER, chain_key
@@ -29,7 +30,7 @@ ROLLOUT_REJECTED = "rollout_rejected"
 DECISIONS = {"approve": "approved", "reject": "rejected"}
 
 
-def rollout_subject(rollout: dict[str, Any]) -> dict[str, Any]:
+def rollout_subject(rollout: RolloutRow) -> dict[str, Any]:
     """The rollout as the audit events about it (approval, rejection, promotion) name it."""
     return {
         "name": rollout["name"],
@@ -68,6 +69,7 @@ def record_decision(
             "review (soaking) can be approved or rejected",
         )
     staged = rollout["decision_hash"]
+    assert staged is not None  # a soaking rollout has staged decisions
     if decision_hash is not None and decision_hash != staged:
         raise InvalidInput(
             "decisionHash",
@@ -101,7 +103,7 @@ def record_decision(
     )
 
 
-def decision_in_force(envs: RolloutEnvironments, rollout: dict[str, Any]) -> dict[str, Any] | None:
+def decision_in_force(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[str, Any] | None:
     """The approval or rejection in force for `rollout`: its newest `rollout_approved` /
     `rollout_rejected` event on the dataset's production chain, as `{decision, actor, reason,
     decision_hash, event_hash}`; None when there is none. `IntegrityError` when that chain does not

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.canonical import digest_of
 from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.core.json_documents import sorted_document, sorted_text
@@ -85,7 +86,7 @@ def _jsonable(value: Any) -> Any:
 # -- which partitions ---------------------------------------------------------------------------
 
 
-def eligible_rollouts(envs: RolloutEnvironments, dataset: DatasetConfig) -> list[dict[str, Any]]:
+def eligible_rollouts(envs: RolloutEnvironments, dataset: DatasetConfig) -> list[RolloutRow]:
     """The dataset version's promoted or approved rollouts, oldest first."""
     found = []
     for rollout in envs.store.list(dataset=dataset.name):
@@ -325,7 +326,7 @@ def check_production_health(
     """Check production, write the health report and the mini backfill plan; returns the report
     (with the plan under `plan` and the paths written under `files`)."""
     rollouts = eligible_rollouts(envs, dataset)
-    owner: dict[str, dict[str, Any]] = {}
+    owner: dict[str, RolloutRow] = {}
     for rollout in rollouts:  # oldest first: the newest rollout holding a key wins
         for key in rollout["partition_keys"]:
             owner[key] = rollout
@@ -333,17 +334,19 @@ def check_production_health(
 
     involved = {owner[k]["name"]: owner[k] for k in checked if k in owner}
     evaluated: dict[str, dict[str, Any]] = {}
-    for name, rollout in sorted(involved.items()):
+    for name, involved_rollout in sorted(involved.items()):
         entry: dict[str, Any] = {
             "name": name,
-            "status": rollout["status"],
-            "partitions": len(rollout["partition_keys"]),
-            "stagedDecisionHash": rollout.get("decision_hash"),
+            "status": involved_rollout["status"],
+            "partitions": len(involved_rollout["partition_keys"]),
+            "stagedDecisionHash": involved_rollout.get("decision_hash"),
             "decisionHash": None,
             "error": None,
         }
         try:
-            _, _, decisions = evaluate_keys(config, dataset, rollout["partition_keys"], EVALUATION_RUN_ID)
+            _, _, decisions = evaluate_keys(
+                config, dataset, involved_rollout["partition_keys"], EVALUATION_RUN_ID
+            )
             entry["decisionHash"] = decisions.decision_hash
         except (PcboError, OSError, ValueError) as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -358,10 +361,10 @@ def check_production_health(
     ]
     partitions = []
     for key in checked:
-        rollout = owner.get(key)
-        name = rollout["name"] if rollout is not None else None
-        expected = evaluated[name]["decisionHash"] if name is not None else None
-        partitions.append(_check_key(envs, dataset, key, name, expected, discrepancies))
+        owning = owner.get(key)
+        owner_name = owning["name"] if owning is not None else None
+        expected = evaluated[owner_name]["decisionHash"] if owner_name is not None else None
+        partitions.append(_check_key(envs, dataset, key, owner_name, expected, discrepancies))
 
     plan = mini_backfill_plan(dataset, partitions)
     directory = health_dir(envs, dataset)

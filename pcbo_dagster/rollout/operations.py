@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pcbo_dagster.catalog.rollouts import RolloutStore, open_rollout_store
+from pcbo_dagster.catalog.rollouts import RolloutRow, RolloutStore, open_rollout_store
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import key_range
@@ -45,13 +45,13 @@ def dataset_environments(
         yield envs
 
 
-def _require(store: RolloutStore | None, name: str) -> dict[str, Any]:
+def _require(store: RolloutStore | None, name: str) -> RolloutRow:
     if store is None:
         raise InvalidInput("rollout", f"no rollout named {name!r}")
     return store.require(name)
 
 
-def find_rollout(base: Settings, name: str) -> dict[str, Any]:
+def find_rollout(base: Settings, name: str) -> RolloutRow:
     """The rollout's row, read from the production catalog (`InvalidInput` on `rollout` if unknown)."""
     with open_rollout_store(base.catalog_url) as store:
         return _require(store, name)

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
@@ -48,7 +49,7 @@ def production_run_id(rollout: str, attempt: str | None = None) -> str:
     return f"rollout-{rollout}-production" + (f"-{attempt}" if attempt else "")
 
 
-def current_decision_hash(config: DatasetsConfig, dataset: DatasetConfig, rollout: dict[str, Any]) -> str:
+def current_decision_hash(config: DatasetsConfig, dataset: DatasetConfig, rollout: RolloutRow) -> str:
     """The decision hash the rollout's range evaluates to now (nothing written)."""
     _, _, decisions = evaluate_keys(config, dataset, rollout["partition_keys"], f"gate-{rollout['name']}")
     return decisions.decision_hash
@@ -129,7 +130,7 @@ def promote_keys(
     config: DatasetsConfig,
     dataset: DatasetConfig,
     envs: RolloutEnvironments,
-    rollout: dict[str, Any],
+    rollout: RolloutRow,
     keys: list[str],
     *,
     decision_hash: str,

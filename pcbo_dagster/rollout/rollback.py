@@ -44,6 +44,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.canonical import digest_of
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
@@ -132,7 +133,9 @@ def _ordered_keys(dataset: DatasetConfig, keys: list[str]) -> list[str]:
     return sorted(set(keys), key=positions.__getitem__)
 
 
-def _holds(envs: RolloutEnvironments, dataset: DatasetConfig, rollout: dict, stage: str, names: list) -> bool:
+def _holds(
+    envs: RolloutEnvironments, dataset: DatasetConfig, rollout: RolloutRow, stage: str, names: list
+) -> bool:
     """Whether `stage` still has a version `rollout` wrote as the current version of one of its keys."""
     env = envs.stage(stage)
     for key in rollout["partition_keys"]:
@@ -143,7 +146,7 @@ def _holds(envs: RolloutEnvironments, dataset: DatasetConfig, rollout: dict, sta
 
 
 def _new_status(
-    envs: RolloutEnvironments, dataset: DatasetConfig, rollout: dict, stage: str, names: list
+    envs: RolloutEnvironments, dataset: DatasetConfig, rollout: RolloutRow, stage: str, names: list
 ) -> str | None:
     """`rolled_back` when the request leaves the rollout without a current version (see module doc)."""
     if rollout["status"] == ROLLED_BACK or _holds(envs, dataset, rollout, stage, names):
@@ -158,7 +161,7 @@ def _new_status(
 def _record(
     envs: RolloutEnvironments,
     name: str,
-    rollout: dict[str, Any] | None,
+    rollout: RolloutRow | None,
     new_status: str | None,
     detail: dict[str, Any],
     actor: str,
@@ -236,7 +239,7 @@ def _rollback_rollout(
     envs: RolloutEnvironments,
     dataset: DatasetConfig,
     stage: str,
-    row: dict[str, Any],
+    row: RolloutRow,
     names: list[str],
     actor: str,
     reason: str,
@@ -254,10 +257,11 @@ def _rollback_rollout(
             "rollout", f"rollout {name!r} is {row['status']} in staging: request cancel first, then roll back"
         )
     env = envs.stage(stage)
-    partitions = []
+    partitions: list[dict[str, Any]] = []
     for key in row["partition_keys"]:
         undone: list[dict[str, Any]] = []
-        status, detail = "noop", None
+        status: str = "noop"
+        detail: str | None = None
         while True:
             current = _current(env, dataset, key)
             if current is None:
@@ -304,8 +308,8 @@ def _rollback_rollout(
             "undo": {p["key"]: [u["manifestChecksum"] for u in p["undone"]] for p in partitions},
         }
     )
-    detail = _log_detail(document)
-    changed = _record(envs, name, row, _new_status(envs, dataset, row, stage, names), detail, actor, now)
+    log_detail = _log_detail(document)
+    changed = _record(envs, name, row, _new_status(envs, dataset, row, stage, names), log_detail, actor, now)
     document["rolloutStatus"] = changed or row["status"]
     return document
 
@@ -329,7 +333,7 @@ def _rollback_range(
     dataset: DatasetConfig,
     stage: str,
     keys: list[str],
-    rollouts: list[dict[str, Any]],
+    rollouts: list[RolloutRow],
     actor: str,
     reason: str,
     now: datetime,
@@ -351,6 +355,7 @@ def _rollback_range(
         repeat_of = rollback_id
     elif earlier and earlier[-1].get("after") == undo:
         repeat_of = earlier[-1].get("rollbackId")
+    partitions: list[dict[str, Any]]
     if repeat_of is not None or all(v is None for v in undo.values()):
         partitions = [
             {
@@ -382,6 +387,7 @@ def _rollback_range(
     for key in keys:
         current = before[key]
         step = None
+        detail: str | None
         if current is None:
             detail = "no committed version"
         elif current.get("unreadable"):
@@ -418,8 +424,8 @@ def _rollback_range(
     )
     if not document["rolledBack"]:
         return document
-    detail = _log_detail(document)
-    envs.store.log(log_name, LOG_KIND, detail, actor=actor, now=now)
+    log_detail = _log_detail(document)
+    envs.store.log(log_name, LOG_KIND, log_detail, actor=actor, now=now)
     statuses = {}
     key_set = set(keys)
     for row in rollouts:
@@ -428,7 +434,7 @@ def _rollback_range(
         if not key_set.intersection(row["partition_keys"]):
             continue
         new = _new_status(envs, dataset, row, stage, names) if row["name"] in undone_by else None
-        changed = _record(envs, row["name"], row, new, detail, actor, now)
+        changed = _record(envs, row["name"], row, new, log_detail, actor, now)
         statuses[row["name"]] = changed or row["status"]
     document["rolloutStatuses"] = statuses
     return document

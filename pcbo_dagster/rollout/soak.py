@@ -35,7 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pcbo_dagster.catalog.rollouts import RolloutStore, open_rollout_store
+from pcbo_dagster.catalog.rollouts import RolloutRow, RolloutStore, open_rollout_store
 from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.plan import NormalizedPolicies
@@ -76,7 +76,7 @@ def evaluate_soak(
     config: DatasetsConfig,
     dataset: DatasetConfig,
     envs: RolloutEnvironments,
-    rollout: dict[str, Any],
+    rollout: RolloutRow,
     now: datetime,
 ) -> dict[str, Any]:
     """Evaluate the rollout's staging output once, record it (`soak_evaluations`) and return the record
@@ -117,7 +117,7 @@ def evaluate_soak(
 
 
 def _decisions_now(
-    config: DatasetsConfig, dataset: DatasetConfig, rollout: dict[str, Any]
+    config: DatasetsConfig, dataset: DatasetConfig, rollout: RolloutRow
 ) -> tuple[dict[str, list[str]] | None, str | None, str | None]:
     """{key: decided ids} and the decision hash of the source evaluated now, or a problem."""
     if rollout["version_label"] != dataset.versionLabel:
@@ -292,7 +292,7 @@ def _metric_check(metric: Any, readings: dict[str, PartitionReading]) -> dict[st
 # --- the state of a soak ---------------------------------------------------------------------------
 
 
-def soak_status(store: RolloutStore, rollout: dict[str, Any], now: datetime) -> dict[str, Any]:
+def soak_status(store: RolloutStore, rollout: RolloutRow, now: datetime) -> dict[str, Any]:
     """The rollout's soak state at `now`, from its evaluations since it was staged (up to `now`):
     `{state, reason, staged_at, window_ends_at, evaluations, failed_evaluations, last_evaluated_at,
     as_of}` (moments as ISO text, evaluations as counts)."""
@@ -382,7 +382,7 @@ def _observed_cell(check: dict[str, Any] | None) -> str:
 
 
 def write_soak_report(
-    settings: Settings, rollout: dict[str, Any], evaluations: list[dict[str, Any]], status: dict[str, Any]
+    settings: Settings, rollout: RolloutRow, evaluations: list[dict[str, Any]], status: dict[str, Any]
 ) -> dict[str, str]:
     """Write `soak_report.json` and `.md` into the rollout's reports directory (under the production
     `settings`): every evaluation over time, each check's observed value, the state and its reason.
@@ -488,7 +488,7 @@ def run_soak_monitor(
             candidates = [store.require(name) for name in names]
     configured = {d.name for d in config.datasets}
     results: list[dict[str, Any]] = []
-    todo: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    todo: dict[str, list[RolloutRow]] = defaultdict(list)
     for rollout in candidates:
         if rollout["dataset"] not in configured:
             if names is not None:
@@ -504,14 +504,14 @@ def run_soak_monitor(
     for dataset_name, group in todo.items():
         dataset = config.dataset(dataset_name)
         with open_environments(dataset_settings(config, dataset, base, environ)) as envs:
-            for rollout in group:
-                done[rollout["name"]] = _monitor_one(config, dataset, envs, rollout, now)
+            for member in group:
+                done[member["name"]] = _monitor_one(config, dataset, envs, member, now)
     results += list(done.values())
     order = {r["name"]: i for i, r in enumerate(candidates)}
     return sorted(results, key=lambda r: order[r["rollout"]])
 
 
-def _skipped(rollout: dict[str, Any], reason: str) -> dict[str, Any]:
+def _skipped(rollout: RolloutRow, reason: str) -> dict[str, Any]:
     return {"rollout": rollout["name"], "dataset": rollout["dataset"], "skipped": reason}
 
 
@@ -519,7 +519,7 @@ def _monitor_one(
     config: DatasetsConfig,
     dataset: DatasetConfig,
     envs: RolloutEnvironments,
-    rollout: dict[str, Any],
+    rollout: RolloutRow,
     now: datetime,
 ) -> dict[str, Any]:
     try:

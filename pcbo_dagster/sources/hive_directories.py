@@ -181,6 +181,7 @@ def time_interval(directories: list[str]) -> tuple[int, int | None] | None:
     if not chain and lower_bound is None:
         return None
     if not chain:
+        assert lower_bound is not None
         return lower_bound, None
     chain_lo, chain_hi = _chain_interval(chain)
     if chain_lo is None or chain_hi is None:

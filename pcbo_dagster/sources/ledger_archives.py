@@ -314,10 +314,16 @@ def _raise(error: BatchError) -> None:
 
 
 def _iter_decoded(
-    uri: str, first: int, end: int, require_complete: bool, pool: DecodingPool
+    uri: str,
+    first: int,
+    end: int,
+    require_complete: bool,
+    pool: DecodingPool,
+    gaps: list[tuple[int, int]] | None = None,
 ) -> Iterator[tuple[BatchFile, DecodedLedger, dict[str, Any]]]:
     """(batch file, decoded ledger, record) for the ledgers of [first, end), in ledger order, after
-    the checks of `iter_ledger_records`."""
+    the checks of `iter_ledger_records`; without `require_complete`, each run of missing ledgers is
+    added to `gaps` (when given) as (first, last)."""
     expected = first
     previous: dict[str, Any] | None = None
     batches = list_batch_files(uri, first, end)
@@ -326,8 +332,8 @@ def _iter_decoded(
     for batch, (decoded, error) in zip(batches, pool.map(decode_batch_file, tasks, ledgers), strict=True):
         # A gap is noticed here, by the batch names alone, before the batch is read (its ledgers may
         # have been decoded ahead by a worker, but nothing of them is yielded).
-        if require_complete and batch.start > expected:
-            raise LedgerArchiveError(uri, f"ledgers {expected}-{batch.start - 1} are missing")
+        if batch.start > expected:
+            _gap(uri, expected, batch.start - 1, require_complete, gaps)
         for ledger in decoded:
             record = ledger_record(ledger)
             sequence = ledger.sequence
@@ -342,8 +348,19 @@ def _iter_decoded(
             yield batch, ledger, record
         if error is not None:
             _raise(error)
-    if require_complete and expected < end:
-        raise LedgerArchiveError(uri, f"ledgers {expected}-{end - 1} are missing")
+    if expected < end:
+        _gap(uri, expected, end - 1, require_complete, gaps)
+
+
+def _gap(uri: str, low: int, high: int, refuse: bool, gaps: list[tuple[int, int]] | None) -> None:
+    if refuse:
+        raise LedgerArchiveError(
+            uri,
+            f"ledgers {low}-{high} are missing from the archive "
+            "(set source.allowGaps to load the range with its gaps recorded)",
+        )
+    if gaps is not None:
+        gaps.append((low, high))
 
 
 def iter_ledger_records(
@@ -430,9 +447,13 @@ class LedgerArchiveSource(RecordSource):
 
     kind = "ledger_archive"
 
-    def __init__(self, uri: str, shown: str, first: int, end: int) -> None:
+    def __init__(self, uri: str, shown: str, first: int, end: int, allow_gaps: bool = False) -> None:
         super().__init__(uri, shown)
         self.first, self.end = first, end
+        self.allow_gaps = allow_gaps
+        #: The runs of ledgers of the range the archive does not hold (with `allow_gaps`), as
+        #: (first, last), after `batches`; without `allow_gaps` a gap is invalid input.
+        self.gaps: list[tuple[int, int]] = []
         self.index: LedgerIndex | None = None
         self.pool = DecodingPool(ledger_workers())
 
@@ -441,7 +462,9 @@ class LedgerArchiveSource(RecordSource):
         held = 0
         self.count = 0
         index = LedgerIndex()
-        for batch, ledger, record in _iter_decoded(self.uri, self.first, self.end, False, self.pool):
+        self.gaps = []
+        decoded = _iter_decoded(self.uri, self.first, self.end, not self.allow_gaps, self.pool, self.gaps)
+        for batch, ledger, record in decoded:
             index.add(batch, ledger)
             records.append(record)
             held += len(record["lcmXdrBase64"])

@@ -190,16 +190,16 @@ class _Parser:
                 self.take(":")
             else:
                 self.pos -= 1
-            decl = None
+            arm: Decl | None = None
             if self.peek() == "void":
                 self.take()
             else:
-                decl, _ = self.declaration()
+                arm, _ = self.declaration()
             self.take(";")
             if word == "default":
-                node.default = decl
+                node.default = arm
             else:
-                node.arms.append((labels, decl))
+                node.arms.append((labels, arm))
             labels = []
         self.take("}")
         return node
@@ -374,13 +374,13 @@ class _Compiler:
         enum = discriminant if discriminant is not None and discriminant.kind == "enum" else None
         groups: dict[str, list[int]] = {}
         arms: dict[str, Decl | None] = {}
-        for labels, decl in node.arms:
+        for labels, arm in node.arms:
             for label in labels:
                 value = enum.values[label] if enum is not None and isinstance(label, str) else label
                 assert isinstance(value, int)
-                key = repr(decl)
+                key = repr(arm)
                 groups.setdefault(key, []).append(value & 0xFFFFFFFF)
-                arms[key] = decl
+                arms[key] = arm
         sizes = {(0, 0) if d is None else self.fixed_decl(d) for d in arms.values()}
         if node.default is False and len(sizes) == 1 and None not in sizes:
             # Every arm is void or of one constant size (an `ext` union, a result code, a key type):

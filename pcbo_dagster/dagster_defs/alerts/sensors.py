@@ -232,7 +232,7 @@ def collect_alerts(
         after = ends.get(event_type.value)
         result = instance.fetch_run_status_changes(
             dg.RunStatusChangeRecordsFilter(
-                event_type,
+                event_type,  # type: ignore[arg-type]  # one of RUN_END_EVENTS
                 after_storage_id=after,
                 after_timestamp=cursor["since"] if after is None else None,
             ),

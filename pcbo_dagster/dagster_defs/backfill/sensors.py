@@ -108,6 +108,7 @@ def build_ledger_partitions_sensor(
                 f"{len(keys)} full partitions; adding the first {MAX_PARTITIONS} only (the partition limit)"
             )
             keys = keys[:MAX_PARTITIONS]
+        assert partitions_def.name is not None
         known = set(context.instance.get_dynamic_partitions(partitions_def.name))
         new = [key for key in keys if key not in known]
         if not new:

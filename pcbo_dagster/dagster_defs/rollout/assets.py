@@ -21,6 +21,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.backfill.assets import (
     GROUP_NAME,
@@ -182,7 +183,12 @@ def build_production_asset(
 
 
 def _repair(
-    config: DatasetsConfig, dataset: DatasetConfig, base: Any, rollout: dict, keys: list[str], run_id: str
+    config: DatasetsConfig,
+    dataset: DatasetConfig,
+    base: Any,
+    rollout: RolloutRow,
+    keys: list[str],
+    run_id: str,
 ) -> dict:
     """Re-write partitions of a promoted rollout at its approved decision hash (a repair)."""
     with operations.dataset_environments(config, dataset, base) as envs:
