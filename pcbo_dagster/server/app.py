@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -44,7 +44,7 @@ access_log = logging.getLogger("pcbo.server.access")
 log = logging.getLogger("pcbo.server")
 
 
-def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
+def _field_of(loc: Sequence[Any]) -> str:
     """A FastAPI validation error's location as the field a user typed (`limit`, `commandId`,
     `params`): the parameter or body path without its `query` / `path` / `body` prefix."""
     parts = [str(p) for p in loc]

@@ -17,11 +17,12 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("pcbo.server.sse")
 
@@ -129,7 +130,7 @@ async def event_stream(
     subscriber: Subscriber,
     heartbeat_seconds: float,
     clock: Callable[[], float] | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The bytes of one client's stream: a comment to open it, the subscriber's events as they come,
     and a `heartbeat` event every `heartbeat_seconds` whatever else is sent. Ends after a `dropped`
     event; unsubscribes when it ends, however it ends (the client went away: cancelled)."""
@@ -182,9 +183,7 @@ class EventStreamResponse(Response):
         self.events = event_stream(broker, subscriber, heartbeat_seconds)
         self.drop_grace = drop_grace
 
-    async def __call__(
-        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         import anyio
 
         headers = [

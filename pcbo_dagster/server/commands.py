@@ -85,7 +85,7 @@ class Command:
     dataset: str | None
     logs: list[str] = field(default_factory=list)
 
-    def record(self, phase: str, **values: Any) -> dict[str, Any] | None:
+    def record(self, phase: str, **values: Any) -> dict[str, Any]:
         return dict(
             command_id=self.command_id,
             phase=phase,
@@ -369,8 +369,8 @@ class CommandRunner:
         if command.action.endswith("-rollout"):
             from pcbo_dagster.rollout.operations import find_rollout
 
-            row = find_rollout(self.config.engine, command.target)
-            return {"rollout": command.target, "status": row["status"], "control": row["control"]}
+            rollout = find_rollout(self.config.engine, command.target)
+            return {"rollout": command.target, "status": rollout["status"], "control": rollout["control"]}
         heads = {
             key: {"seq": seq, "eventHash": digest}
             for key, (seq, digest) in self.catalog.chain_heads().items()

@@ -102,12 +102,14 @@ class Reconciler:
             data = self.lake.read_if_exists(layout.manifest(dataset, version_label, key))
             if data is not None:
                 lake_state[key] = "sha256:" + hashlib.sha256(data).hexdigest()
-        missing = sorted(
-            key
-            for key in set(expected) | set(catalog_rows) | set(lake_state)
-            if lake_state.get(key) != (expected.get(key) or (None,))[0]
-            or (catalog_rows.get(key) or {}).get("manifest_checksum") != (expected.get(key) or (None,))[0]
-        )
+
+        def disagrees(key: str) -> bool:
+            chain_checksum = expected[key][0] if key in expected else None
+            row = catalog_rows.get(key)
+            catalog_checksum = row["manifest_checksum"] if row is not None else None
+            return lake_state.get(key) != chain_checksum or catalog_checksum != chain_checksum
+
+        missing = sorted(key for key in set(expected) | set(catalog_rows) | set(lake_state) if disagrees(key))
         expected_records = sum(records for _, records in expected.values())
         catalog_records = sum(int(r["record_count"]) for r in catalog_rows.values())
         status = "stale" if lease_held or open_intents else "discrepancy" if missing else "verified"

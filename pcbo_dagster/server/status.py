@@ -153,7 +153,7 @@ def _undelivered(config: ServerConfig, backup: AuditBackup, chain_key: str) -> i
     return int(last["chain"]["seq"]) - (-1 if cursor is None else cursor[0])
 
 
-def _freshness(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _freshness(rows: Sequence[Any]) -> dict[str, Any]:
     """The newest committed partition and the gaps between the first and the newest (keys whose
     partition is not committed, on the grid of the most common step between committed keys)."""
     from pcbo_dagster.core.partition_keys import parse_ledger_key, parse_time_key
