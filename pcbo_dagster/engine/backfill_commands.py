@@ -2,7 +2,8 @@
 API (`pcbo serve`) and a submission to Dagster share (load and validate, evaluate, check the gates,
 open the environment, execute).
 
-Errors are the engine's (`core/errors.py`): `InvalidInput` (exit 2, HTTP 422), `Blocked` (exit 3,
+Each takes the request's bytes, or the `ValidatedRequest` a caller already made of them. Errors are
+the engine's (`core/errors.py`): `InvalidInput` (exit 2, HTTP 422), `Blocked` (exit 3,
 HTTP 409), anything else (exit 1).
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from pcbo_dagster.core.decisions import Decisions
 from pcbo_dagster.core.plan import Plan
-from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
+from pcbo_dagster.engine.request_loading import LoadedRequest, ValidatedRequest, evaluate, load_request
 from pcbo_dagster.engine.settings import Settings
 
 #: Given the number of partitions an execute is about to write, a context that yields the callback
@@ -35,7 +36,9 @@ class EvaluatedRequest:
         self.loaded.close()
 
 
-def plan_document(raw: bytes, base_dir: Path | None = None, confine_to: Path | None = None) -> dict[str, Any]:
+def plan_document(
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+) -> dict[str, Any]:
     """The plan document of a request (`pcbo plan`, `POST /v1/plan`)."""
     loaded = load_request(raw, base_dir, confine_to)
     try:
@@ -45,7 +48,7 @@ def plan_document(raw: bytes, base_dir: Path | None = None, confine_to: Path | N
 
 
 def evaluate_request(
-    raw: bytes, base_dir: Path | None = None, confine_to: Path | None = None
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
 ) -> EvaluatedRequest:
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
     done with its decisions, which a streamed source reads from its spill as they are iterated."""
@@ -60,7 +63,7 @@ def evaluate_request(
 
 @contextmanager
 def evaluated_request(
-    raw: bytes, base_dir: Path | None = None, confine_to: Path | None = None
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
 ) -> Iterator[EvaluatedRequest]:
     """`evaluate_request`, closed when the block ends."""
     evaluated = evaluate_request(raw, base_dir, confine_to)
@@ -102,7 +105,7 @@ def execute_evaluated(
 
 def execute_request(
     settings: Settings,
-    raw: bytes,
+    raw: bytes | ValidatedRequest,
     base_dir: Path | None = None,
     *,
     confine_to: Path | None = None,

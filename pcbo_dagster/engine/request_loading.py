@@ -23,7 +23,7 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
-from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
+from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
 from pcbo_dagster.sources.hive_directories import is_directory, open_directory_source
 from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
@@ -157,12 +157,30 @@ def _confined(uri: str, root: Path) -> str:
     return uri
 
 
-def load_request(raw: bytes, base_dir: Path | None = None, confine_to: Path | None = None) -> LoadedRequest:
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request's bytes parsed (strict JSON) and validated, before any record is read: what a caller
+    that must look at the request first (the HTTP API: its dataset, its size) passes on to
+    `load_request` so the bytes are not parsed twice."""
+
+    parsed: ParsedJson
+    request: BackfillRequest
+
+
+def validate_request_bytes(raw: bytes) -> ValidatedRequest:
+    """Parse and validate request bytes; `InvalidInput` naming the field."""
+    parsed = parse_json_strict(raw)
+    return ValidatedRequest(parsed, validate_request(parsed.value))
+
+
+def load_request(
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
     `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
     this directory (the HTTP API's sources directory)."""
-    parsed = parse_json_strict(raw)
-    request = validate_request(parsed.value)
+    validated = raw if isinstance(raw, ValidatedRequest) else validate_request_bytes(raw)
+    parsed, request = validated.parsed, validated.request
     if request.source is not None:
         uri = resolve_uri(request.source.uri, base_dir)
         if confine_to is not None:

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import streamed_text
-from pcbo_dagster.core.request_model import NAME_PATTERN, BackfillRequest, parse_json_strict, validate_request
+from pcbo_dagster.core.request_model import NAME_PATTERN, BackfillRequest
+from pcbo_dagster.engine.request_loading import ValidatedRequest, validate_request_bytes
 from pcbo_dagster.server import models
 from pcbo_dagster.server.auth import Principal, check_dataset, require
 from pcbo_dagster.server.errors import ApiError, engine_error_response, invalid
@@ -59,12 +60,14 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def peek_request(raw: bytes, max_partitions: int) -> BackfillRequest:
-    """The request validated (422 naming the field), and within the server's partition limit."""
+def peek_request(raw: bytes, max_partitions: int) -> ValidatedRequest:
+    """The request parsed and validated (422 naming the field), within the server's partition limit
+    (passed on to the engine, which does not parse it again)."""
     try:
-        request = validate_request(parse_json_strict(raw).value)
+        validated = validate_request_bytes(raw)
     except InvalidInput as exc:
         raise invalid(exc.field, exc.message) from None
+    request = validated.request
     if request.ledgerRange is not None:
         span, chunk, field = (
             request.ledgerRange.end - request.ledgerRange.first,
@@ -78,7 +81,7 @@ def peek_request(raw: bytes, max_partitions: int) -> BackfillRequest:
         raise invalid(
             field, f"the window would make {count} partitions; this server's limit is {max_partitions}"
         )
-    return request
+    return validated
 
 
 async def _in_thread(request: Request, func: Any, *args: Any) -> Any:
@@ -92,11 +95,11 @@ async def _in_thread(request: Request, func: Any, *args: Any) -> Any:
         ) from None
 
 
-async def _checked_request(request: Request, principal: Principal) -> tuple[bytes, BackfillRequest]:
+async def _checked_request(request: Request, principal: Principal) -> tuple[bytes, ValidatedRequest]:
     raw = await read_body(request)
-    peeked = await asyncio.to_thread(peek_request, raw, request.app.state.config.max_partitions)
-    check_dataset(principal, peeked.dataset)
-    return raw, peeked
+    validated = await asyncio.to_thread(peek_request, raw, request.app.state.config.max_partitions)
+    check_dataset(principal, validated.request.dataset)
+    return raw, validated
 
 
 @router.post(
@@ -109,10 +112,10 @@ async def _checked_request(request: Request, principal: Principal) -> tuple[byte
 async def plan(request: Request, principal: Annotated[Principal, Depends(require("plan"))]) -> JSONResponse:
     from pcbo_dagster.engine.backfill_commands import plan_document
 
-    raw, _ = await _checked_request(request, principal)
+    _, validated = await _checked_request(request, principal)
     sources = request.app.state.config.sources_dir
     try:
-        document = await _in_thread(request, plan_document, raw, sources, sources)
+        document = await _in_thread(request, plan_document, validated, sources, sources)
     except ApiError:
         raise
     except Exception as exc:
@@ -148,10 +151,10 @@ def _dry_run_pieces(evaluated: Any) -> Iterator[bytes]:
 async def dry_run(request: Request, principal: Annotated[Principal, Depends(require("plan"))]) -> Any:
     from pcbo_dagster.engine.backfill_commands import evaluate_request
 
-    raw, _ = await _checked_request(request, principal)
+    _, validated = await _checked_request(request, principal)
     sources = request.app.state.config.sources_dir
     try:
-        evaluated = await _in_thread(request, evaluate_request, raw, sources, sources)
+        evaluated = await _in_thread(request, evaluate_request, validated, sources, sources)
     except ApiError:
         raise
     except Exception as exc:
@@ -208,7 +211,7 @@ async def execute(
     ] = False,
 ) -> JSONResponse:
     state = request.app.state
-    raw, peeked = await _checked_request(request, principal)
+    raw, validated = await _checked_request(request, principal)
     if dagster and not state.config.dagster_url:
         raise invalid("dagster", "no Dagster instance is configured (PCBO_DAGSTER_URL)")
     respond_async = prefer is not None and "respond-async" in [p.strip().lower() for p in prefer.split(",")]
@@ -227,7 +230,7 @@ async def execute(
                 )
             return _answer(Answer.from_json(first["response"]))
     try:
-        answer = await _run_execute(request, principal, raw, peeked, respond_async, dagster)
+        answer = await _run_execute(request, principal, raw, validated, respond_async, dagster)
     except ApiError as exc:
         if idempotency_key is not None:
             await asyncio.to_thread(state.catalog.release_idempotency_key, principal.subject, idempotency_key)
@@ -251,17 +254,19 @@ async def _run_execute(
     request: Request,
     principal: Principal,
     raw: bytes,
-    peeked: BackfillRequest,
+    validated: ValidatedRequest,
     respond_async: bool,
     dagster: bool,
 ) -> Answer:
     state = request.app.state
+    peeked = validated.request
     future = await asyncio.to_thread(
         state.runs.submit,
         run_id=peeked.runId,
         dataset=peeked.dataset,
         version_label=peeked.versionLabel,
         raw=raw,
+        validated=validated,
         actor=principal.subject,
         dagster=dagster,
     )

@@ -27,6 +27,7 @@ from typing import Any
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.engine.backfill_commands import execute_request
+from pcbo_dagster.engine.request_loading import ValidatedRequest
 from pcbo_dagster.server.broker import EventBroker
 from pcbo_dagster.server.config import ServerConfig
 from pcbo_dagster.server.errors import ApiError, engine_error_response
@@ -68,7 +69,15 @@ class RunManager:
             return [run_id for run_id, future in self._futures.items() if not future.done()]
 
     def submit(
-        self, *, run_id: str, dataset: str, version_label: str, raw: bytes, actor: str, dagster: bool
+        self,
+        *,
+        run_id: str,
+        dataset: str,
+        version_label: str,
+        raw: bytes,
+        validated: ValidatedRequest | None = None,
+        actor: str,
+        dagster: bool,
     ) -> Future[Answer]:
         """Record the run as queued and start it in a worker; 409 when a run of that id is in flight,
         503 when the server is shutting down."""
@@ -96,7 +105,7 @@ class RunManager:
                     )
                 self.catalog.replace_api_run(**fields)
             self._publish_status(run_id, dataset, "queued", actor=actor)
-            future = self.executor.submit(self._run, run_id, dataset, raw, actor, dagster)
+            future = self.executor.submit(self._run, run_id, dataset, raw, validated, actor, dagster)
             self._futures[run_id] = future
         return future
 
@@ -121,7 +130,15 @@ class RunManager:
         )
         yield advance
 
-    def _run(self, run_id: str, dataset: str, raw: bytes, actor: str, dagster: bool) -> Answer:
+    def _run(
+        self,
+        run_id: str,
+        dataset: str,
+        raw: bytes,
+        validated: ValidatedRequest | None,
+        actor: str,
+        dagster: bool,
+    ) -> Answer:
         self.catalog.update_api_run(run_id, "running")
         self._publish_status(run_id, dataset, "running")
         sources = self.config.sources_dir
@@ -142,7 +159,7 @@ class RunManager:
             else:
                 document = execute_request(
                     self.config.engine,
-                    raw,
+                    raw if validated is None else validated,
                     sources,
                     confine_to=sources,
                     actor=actor,
