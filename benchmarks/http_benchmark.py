@@ -8,8 +8,9 @@ Loopback only: the server is a real `pcbo serve` subprocess on 127.0.0.1 over a 
 `examples/demo_request.json` (6 partitions, 29 records). Each cell sends up to `--requests` requests or
 runs for `--seconds`, whichever ends first, after 20 warm-up requests; the load generator (httpx,
 asyncio) runs on the same machine, so it shares the CPUs with the server. Every answer must be 200.
-The SSE clients read their streams throughout (reconciliation every second, so they get events) and
-must all still be connected at the end.
+The demo request is executed first, so the reconciliation poll (every second) sends each of the SSE
+clients an update a second; they read their streams throughout and must all still be connected at
+the end.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ async def run_all(url: str, token: str, args: argparse.Namespace) -> tuple[list[
         limits=httpx.Limits(max_connections=args.sse + 1),
     )
     streams = [asyncio.create_task(hold_stream(sse_client, counts, i, stop)) for i in range(args.sse)]
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as admin:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as admin:
+        # One dataset in the lake, so the reconciliation poll sends every SSE client an update a second.
+        assert (await admin.post("/v1/execute", content=REQUEST.read_bytes())).status_code == 200
         for _ in range(100):
             if (await admin.get("/v1/admin/status")).json()["eventStream"]["subscribers"] >= args.sse:
                 break
@@ -144,7 +147,7 @@ def main() -> int:
     env.update(PCBO_HOME=str(work / "home"), PCBO_RECONCILE_SECONDS="1")
     pcbo = [sys.executable, "-m", "pcbo_dagster.cli.main"]
     created = subprocess.run(
-        [*pcbo, "token", "create", "--subject", "benchmark", "--scope", "plan", "--scope", "admin"],
+        [*pcbo, "token", "create", "--subject", "benchmark", "--scope", "admin"],
         env=env,
         capture_output=True,
         check=True,
