@@ -103,6 +103,27 @@ def test_events_arrive_in_order_with_run_and_command_phases(tmp_path):
     assert any(u["status"] == "verified" and u["counts"]["partitions"] == 6 for u in updates)
 
 
+def test_a_token_for_one_dataset_streams_nothing_of_another(tmp_path):
+    with running_server(tmp_path / "home", heartbeat_seconds=0.3, reconcile_seconds=0.1) as server:
+        client = server.client(server.token("operator", "admin"))
+        demo = json.loads(DEMO_REQUEST.read_text())
+        other = json.dumps({**demo, "dataset": "other-events", "runId": "other-1"}).encode()
+        assert client.post("/v1/execute", content=other).status_code == 200
+        limited = server.client(server.token("team-other", "read", datasets=["other-events"]))
+        received: list = []
+        listener = threading.Thread(target=lambda: received.extend(_collect(limited, 2.5)))
+        listener.start()
+        time.sleep(0.3)
+        assert client.post("/v1/execute", content=DEMO_REQUEST.read_bytes()).status_code == 200
+        client.post("/commands/run", json={"commandId": "gc-all", "action": "gc", "target": "all"})
+        listener.join(10)
+    kinds = {kind for _, kind, _, _ in received}
+    assert "heartbeat" in kinds and "reconciliation.update" in kinds
+    assert "command.status" not in kinds  # a gc is about every dataset
+    datasets = {d.get("service") or d.get("dataset") for _, kind, d, _ in received if kind != "heartbeat"}
+    assert datasets == {"other-events"}
+
+
 def test_a_discrepancy_is_streamed_and_logged(tmp_path):
     with running_server(tmp_path / "home", heartbeat_seconds=5, reconcile_seconds=0.1) as server:
         client = server.client(server.token("operator", "admin"))

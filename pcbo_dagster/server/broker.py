@@ -25,6 +25,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("pcbo.server.sse")
+#: The `dataset` of an event about every dataset (a gc, a verify): seen only by subscribers whose
+#: token reaches every dataset (no dataset name can be `*`).
+EVERY_DATASET = "*"
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class ServerEvent:
     id: int
     type: str
     data: dict[str, Any]
-    #: The dataset the event is about; None: about none in particular (seen by every subscriber).
+    #: The dataset the event is about; `EVERY_DATASET`: about all of them; None: about none in
+    #: particular (heartbeats: seen by every subscriber).
     dataset: str | None = None
 
     def encode(self) -> bytes:

@@ -38,7 +38,7 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.request_model import NAME_PATTERN
 from pcbo_dagster.server.auth import Principal, check_dataset
-from pcbo_dagster.server.broker import EventBroker
+from pcbo_dagster.server.broker import EVERY_DATASET, EventBroker
 from pcbo_dagster.server.config import ServerConfig
 from pcbo_dagster.server.errors import ApiError, invalid
 
@@ -220,7 +220,7 @@ class CommandRunner:
                 "phase": phase,
                 **extra,
             },
-            command.dataset,
+            command.dataset if command.dataset is not None else EVERY_DATASET,
         )
 
     async def _supervise(self, command: Command) -> None:
