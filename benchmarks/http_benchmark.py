@@ -5,7 +5,7 @@
 
 Loopback only: the server is a real `pcbo serve` subprocess on 127.0.0.1 over a temporary PCBO_HOME
 (one uvicorn worker, the defaults), the token comes from `pcbo token create`, the request is
-`examples/demo_request.json` (6 partitions, 29 records). Each cell sends up to `--requests` requests or
+`examples/demo_request.json` (6 partitions, 122 records). Each cell sends up to `--requests` requests or
 runs for `--seconds`, whichever ends first, after 20 warm-up requests; the load generator (httpx,
 asyncio) runs on the same machine, so it shares the CPUs with the server. Every answer must be 200.
 The demo request is executed first, so the reconciliation poll (every second) sends each of the SSE
