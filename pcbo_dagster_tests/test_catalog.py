@@ -179,6 +179,10 @@ EXPECTED_TABLES = {
     "transparency_checkpoints",
     "checkpoint_cosignatures",
     "table_publications",
+    "api_tokens",
+    "command_audit",
+    "api_runs",
+    "idempotency_keys",
 }
 
 

@@ -119,11 +119,15 @@ class AuditLog:
         head_store: ChainHeadStore | None = None,
         delivery: HttpDelivery | None = None,
         clock: Callable[[], datetime] = utc_now,
+        actor: str | None = None,
     ) -> None:
         self.backup = backup
         self.head_store = head_store
         self.delivery = delivery
         self.clock = clock
+        #: Who the writes are made for (the HTTP API's token subject): added to every event appended
+        #: as `actor`, unless the body names one. None (the CLI, Dagster): no `actor` field.
+        self.actor = actor
 
     @contextmanager
     def _writer(self, chain_key: str) -> Iterator[None]:
@@ -205,6 +209,10 @@ class AuditLog:
         backup."""
         if not items:
             return []
+        if self.actor is not None:
+            items = [
+                (kind, body if "actor" in body else {**body, "actor": self.actor}) for kind, body in items
+            ]
         timestamp = format_timestamp(self.clock())
         with self._writer(chain_key):
             if self.head_store is None:

@@ -80,3 +80,10 @@ class DatasetLeases(Database):
                     lease.c.holder == holder,
                 )
             )
+
+    def leases(self) -> list[dict[str, Any]]:
+        """Every lease held now (or left behind by a run that died), by dataset."""
+        lease = t.dataset_leases
+        with self.read() as conn:
+            rows = conn.execute(select(lease).order_by(lease.c.dataset, lease.c.version_label))
+            return [dict(r._mapping) for r in rows]

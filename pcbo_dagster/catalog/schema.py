@@ -37,6 +37,8 @@ APPEND_ONLY_TABLES = (
     "soak_evaluations",
     "transparency_checkpoints",
     "checkpoint_cosignatures",
+
+    "command_audit",
 )
 
 
@@ -395,4 +397,82 @@ table_publications = Table(
         ["datasets.dataset", "datasets.version_label"],
         name="fk_table_publications_datasets",
     ),
+)
+
+# --- the HTTP API (migration 0007) ------------------------------------------------------------
+
+#: Scopes a bearer token can hold (`admin` implies every other one).
+TOKEN_SCOPES = ("read", "plan", "execute", "approve", "admin")
+COMMAND_PHASES = ("queued", "running", "success", "error", "timeout")
+
+# Bearer tokens of `pcbo serve`: the token itself is never stored, only its SHA-256.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("token_id", String(64), nullable=False),
+    Column("subject", Text, nullable=False),
+    Column("scopes", Text, nullable=False),  # JSON list
+    Column("datasets", Text, nullable=True),  # JSON list; NULL: every dataset
+    Column("token_hash", Digest, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("token_id", name="pk_api_tokens"),
+    UniqueConstraint("token_hash", name="uq_api_tokens_token_hash"),
+)
+
+# Maintenance commands run through the API, one row per phase reached (append-only).
+command_audit = Table(
+    "command_audit",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("command_id", Name, nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("dataset", Name, nullable=True),  # the dataset the command touches; NULL: all of them
+    Column("params", Text, nullable=False),  # JSON
+    Column("outcome", Text, nullable=True),  # JSON: the command's result or error
+    Column("before_state", Text, nullable=True),  # JSON
+    Column("after_state", Text, nullable=True),  # JSON
+    Column("logs", Text, nullable=False),  # JSON list of lines
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_command_audit"),
+    UniqueConstraint("command_id", "phase", name="uq_command_audit_command_phase"),
+    CheckConstraint(
+        "phase IN ('queued', 'running', 'success', 'error', 'timeout')", name="ck_command_audit_phase"
+    ),
+)
+Index("ix_command_audit_recorded_at", command_audit.c.recorded_at)
+
+# Executes submitted through the API: status and, once finished, the answer (HTTP status, document).
+api_runs = Table(
+    "api_runs",
+    metadata,
+    Column("run_id", Name, nullable=False),
+    Column("status", String(16), nullable=False),  # queued | running | done | failed | blocked | invalid
+    Column("actor", Text, nullable=False),
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("request_hash", Digest, nullable=False),
+    Column("dagster_run_id", String(64), nullable=True),
+    Column("http_status", Integer, nullable=True),
+    Column("document", Text, nullable=True),  # JSON
+    Column("submitted_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("run_id", name="pk_api_runs"),
+)
+
+# The first answer to an execute that carried an `Idempotency-Key` (per token subject).
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("subject", String(255), nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    Column("request_hash", Digest, nullable=False),
+    Column("http_status", Integer, nullable=True),  # NULL while the first request is in flight
+    Column("response", Text, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("subject", "idempotency_key", name="pk_idempotency_keys"),
 )

@@ -7,6 +7,7 @@
 - `chain`: the audit chain mirror and heads (`locked_chain`, `ChainTransaction`);
 - `transparency`: each chain's transparency log (stored tree), signed checkpoints, cosignatures.
 - `publications`: which Iceberg table each dataset version is published to.
+- `server_records`: the HTTP API's tokens, command audit, API runs and idempotency keys.
 
 The rollout tables have their own store on the same database (`rollouts.RolloutStore`).
 """
@@ -18,12 +19,20 @@ from pcbo_dagster.catalog.leases import DatasetLeases
 from pcbo_dagster.catalog.partitions import PartitionRecords
 from pcbo_dagster.catalog.publications import TablePublicationRecords
 from pcbo_dagster.catalog.runs import RunRecords
+from pcbo_dagster.catalog.server_records import ServerRecords
 from pcbo_dagster.catalog.transparency import TransparencyRecords
 
 
 class CatalogStore(
-    RunRecords, PartitionRecords, DatasetLeases, ChainMirror, TransparencyRecords, TablePublicationRecords
+    RunRecords,
+    PartitionRecords,
+    DatasetLeases,
+    ChainMirror,
+    TransparencyRecords,
+    TablePublicationRecords,
+    ServerRecords,
 ):
     """The catalog on a SQLAlchemy URL (SQLite or PostgreSQL): runs, partition versions, lineage,
-    discrepancies, dataset leases, the audit chain mirror and its transparency logs, and table
-    publications. Every write is one transaction. One instance per process (do not share across fork)."""
+    discrepancies, dataset leases, the audit chain mirror and its transparency logs, table
+    publications and the HTTP API's records. Every write is one transaction. One instance per process
+    (do not share across fork)."""

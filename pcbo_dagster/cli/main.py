@@ -13,6 +13,8 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,35 +36,52 @@ from pcbo_dagster.cli.evidence_commands import add_evidence_commands
 from pcbo_dagster.cli.key_commands import add_key_commands
 from pcbo_dagster.cli.log_commands import add_log_commands
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
+from pcbo_dagster.cli.server_commands import add_server_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.io.redaction import one_line_error, scrub_text
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from pcbo_dagster.engine.request_loading import evaluate, load_request
+def _remote(args: argparse.Namespace) -> dict[str, Any]:
+    """`--server URL`: the same command on a `pcbo serve` (the token from PCBO_TOKEN)."""
+    from pcbo_dagster.cli.remote_client import send_request
 
-    raw, base_dir = read_input(args.input)
-    loaded = load_request(raw, base_dir)
-    plan, decisions = evaluate(loaded)
-    return loaded, plan, decisions
+    for flag in ("home", "lake", "catalog", "audit_dir", "audit_endpoint", "parallel", "dagster"):
+        if getattr(args, flag, None):
+            raise InvalidInput(
+                f"--{flag.replace('_', '-')}",
+                "does not apply with --server: the server's settings decide where it writes",
+            )
+    raw, _ = read_input(args.input)
+    return send_request(args.server, args.command, raw)
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
-    from pcbo_dagster.engine.request_loading import load_request
+    if args.server:
+        return _remote(args)
+    from pcbo_dagster.engine.backfill_commands import plan_document
 
     raw, base_dir = read_input(args.input)
-    return load_request(raw, base_dir).plan().to_json()
+    return plan_document(raw, base_dir)
 
 
 def cmd_dry_run(args: argparse.Namespace) -> dict[str, Any]:
-    _, _, decisions = _load(args)
-    return decisions.to_json(lazy=True)
+    if args.server:
+        return _remote(args)
+    from pcbo_dagster.engine.backfill_commands import evaluate_request
+
+    raw, base_dir = read_input(args.input)
+    # Not closed: the document's partitions are read from a streamed source's spill as it is
+    # written out; the spill goes when the process ends.
+    return evaluate_request(raw, base_dir).decisions.to_json(lazy=True)
 
 
-def _progress_bar(total: int) -> Any:
+@contextmanager
+def _progress_bar(total: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on a terminal for an execute of `total` partitions; silent otherwise."""
     if not sys.stderr.isatty() or total < 2:
-        return None
+        yield None
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -74,23 +93,20 @@ def _progress_bar(total: int) -> Any:
         console=Console(file=sys.stderr),
         transient=True,
     )
-    return progress
+    with progress:
+        task = progress.add_task("execute", total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
-    from pcbo_dagster.engine.execute import check_gates, execute
-
+    if getattr(args, "server", None):
+        return _remote(args)
     if getattr(args, "dagster", None):
         return _execute_on_dagster(args)
-    loaded, plan, decisions = _load(args)
-    check_gates(loaded, decisions)
-    bar = _progress_bar(len(plan.partitions))
-    with open_environment(args) as env:
-        if bar is None:
-            return execute(env, loaded, plan, decisions)
-        with bar:
-            task = bar.add_task("execute", total=len(plan.partitions))
-            return execute(env, loaded, plan, decisions, progress=lambda n: bar.advance(task, n))
+    from pcbo_dagster.engine.backfill_commands import execute_request
+
+    raw, base_dir = read_input(args.input)
+    return execute_request(engine_settings(args), raw, base_dir, progress=_progress_bar)
 
 
 def _trusted_checkpoint(args: argparse.Namespace) -> Any:
@@ -189,8 +205,6 @@ def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
 
 def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
     """Validate and gate the request here (nothing is submitted when it fails), then run it on Dagster."""
-    from pcbo_dagster.engine.execute import check_gates
-
     for flag in ("home", "lake", "catalog", "audit_dir", "audit_endpoint"):
         if getattr(args, flag, None):
             raise InvalidInput(
@@ -199,26 +213,11 @@ def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
             )
     if args.dagster_timeout <= 0:
         raise InvalidInput("--dagster-timeout", "must be a positive number of seconds")
-    from pcbo_dagster.engine.request_loading import evaluate, load_request
+    from pcbo_dagster.dagster_defs.remote import validate_and_submit
 
     raw, base_dir = read_input(args.input)
-    loaded = load_request(raw, base_dir)
-    _, decisions = evaluate(loaded)
-    check_gates(loaded, decisions)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("--input", "must be UTF-8 JSON to be submitted to Dagster") from None
-    from pcbo_dagster.dagster_defs.remote import submit_request
-
-    request = loaded.request
-    return submit_request(
-        args.dagster,
-        text,
-        base_dir,
-        tags={"pcbo/run_id": request.runId, "pcbo/dataset": f"{request.dataset}/{request.versionLabel}"},
-        timeout=args.dagster_timeout,
-        location=args.dagster_location,
+    return validate_and_submit(
+        args.dagster, raw, base_dir, timeout=args.dagster_timeout, location=args.dagster_location
     )
 
 
@@ -334,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--input", required=True, help="the request JSON file ('-' for stdin)")
+        p.add_argument(
+            "--server",
+            metavar="URL",
+            help="send the request to the pcbo server at URL (`pcbo serve`; the token from PCBO_TOKEN) "
+            "and print its answer, with the same exit statuses",
+        )
         add_common_options(p, where=name == "execute")
         if name == "execute":
             p.add_argument("--audit-endpoint", help="HTTP endpoint for audit events (PCBO_AUDIT_ENDPOINT)")
@@ -462,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_log_commands(sub)
     add_key_commands(sub)
     add_evidence_commands(sub)
+    add_server_commands(sub)
     return parser
 
 
@@ -534,19 +540,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (OSError, SQLAlchemyError) as exc:
         if os.environ.get("PCBO_DEBUG"):
             raise
-        print(f"pcbo {args.command}: {_one_line(exc)}", file=sys.stderr)
+        print(f"pcbo {args.command}: {one_line_error(exc)}", file=sys.stderr)
         return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    """An I/O or database error as one line without secrets: a full disk, a read-only lake, a locked
-    catalog, a server that went away."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        text = f"{exc.strerror}{where}"
-    else:
-        text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return scrub_text(text)
 
 
 if __name__ == "__main__":

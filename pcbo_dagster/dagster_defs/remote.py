@@ -24,6 +24,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ JOB_NAME = "pcbo_request"
 OP_NAME = "execute_request"
 DOCUMENT_ENTRY = "execute_document"
 OUTCOME_ENTRY = "pcbo_outcome"
+ACTOR_TAG = "pcbo/actor"
 _TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
 
 _EVENTS_QUERY = """
@@ -191,8 +193,10 @@ def submit_request(
     timeout: float = 600.0,
     location: str | None = None,
     poll_interval: float = 0.5,
+    on_submitted: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the request as a `pcbo_request` run at `url`; the execute document when it succeeds."""
+    """Run the request as a `pcbo_request` run at `url`; the execute document when it succeeds.
+    `on_submitted` is told the Dagster run id as soon as the run is submitted."""
     from dagster_graphql import DagsterGraphQLClientError
 
     server = Webserver.parse(url)
@@ -212,6 +216,8 @@ def submit_request(
     except (OSError, urllib.error.URLError) as exc:
         raise RemoteRunFailed(f"cannot reach Dagster at {server.base_url}: {exc}") from None
     run_url = f"{server.base_url}/runs/{run_id}"
+    if on_submitted is not None:
+        on_submitted(run_id)
     deadline = time.monotonic() + timeout
     status = "QUEUED"
     while True:
@@ -233,3 +239,41 @@ def submit_request(
             )
         time.sleep(poll_interval)
     return outcome_of(run_id, status, run_events(server, run_id), run_url)
+
+
+def validate_and_submit(
+    url: str,
+    raw: bytes,
+    base_dir: Path | None,
+    *,
+    timeout: float = 600.0,
+    location: str | None = None,
+    confine_to: Path | None = None,
+    on_submitted: Callable[[str], None] | None = None,
+    actor: str | None = None,
+) -> dict[str, Any]:
+    """Validate and gate the request here (nothing is submitted when it fails: `InvalidInput`,
+    `Blocked`), then run it on the Dagster webserver at `url` (`submit_request`). `pcbo execute
+    --dagster` and the HTTP API's Dagster executes; `on_submitted` is told the Dagster run id;
+    `actor` (the run tag `pcbo/actor`) is named in the run's audit events."""
+    from pcbo_dagster.engine.backfill_commands import check_request_gates, evaluated_request
+
+    with evaluated_request(raw, base_dir, confine_to) as evaluated:
+        check_request_gates(evaluated)
+        request = evaluated.loaded.request
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("--input", "must be UTF-8 JSON to be submitted to Dagster") from None
+    tags = {"pcbo/run_id": request.runId, "pcbo/dataset": f"{request.dataset}/{request.versionLabel}"}
+    if actor is not None:
+        tags[ACTOR_TAG] = actor
+    return submit_request(
+        url,
+        text,
+        base_dir,
+        tags=tags,
+        timeout=timeout,
+        location=location,
+        on_submitted=on_submitted,
+    )

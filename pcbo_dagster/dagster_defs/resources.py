@@ -200,9 +200,10 @@ class PcboEngineResource(dg.ConfigurableResource):
         )
 
     @contextmanager
-    def environment(self, lake: str | None = None) -> Iterator[Environment]:
-        """An open engine `Environment` (catalog migrated), closed on exit."""
-        with self._open(self.settings(lake)) as env:
+    def environment(self, lake: str | None = None, actor: str | None = None) -> Iterator[Environment]:
+        """An open engine `Environment` (catalog migrated), closed on exit; `actor` is named in the
+        audit events it appends (a run submitted by the HTTP API: the token's subject)."""
+        with self._open(self.settings(lake), actor) as env:
             yield env
 
     def environment_for(
@@ -215,8 +216,8 @@ class PcboEngineResource(dg.ConfigurableResource):
         return self.environment(config.lake_url(dataset))
 
     @contextmanager
-    def _open(self, settings: Settings) -> Iterator[Environment]:
-        env = Environment.open(settings)
+    def _open(self, settings: Settings, actor: str | None = None) -> Iterator[Environment]:
+        env = Environment.open(settings, actor=actor)
         try:
             yield env
         finally:

@@ -95,10 +95,12 @@ class Environment:
     witnesses: list = field(default_factory=list)
 
     @classmethod
-    def open(cls, settings: Settings, create: bool = True) -> Environment:
+    def open(cls, settings: Settings, create: bool = True, actor: str | None = None) -> Environment:
         """Open the lake, catalog and audit log; `create=False` (commands that only look at or undo
         what is there) refuses, with nothing created, an embedded catalog that does not exist yet. A
-        signing key or witness list that is not valid is refused first (nothing created)."""
+        signing key or witness list that is not valid is refused first (nothing created). `actor`: who
+        the writes are made for (the HTTP API's token subject), named in every audit event appended
+        through this environment."""
         signing_key = (
             load_signing_key(settings.signing_key, settings.signing_key_field)
             if settings.signing_key is not None
@@ -125,7 +127,7 @@ class Environment:
             settings,
             LakeStorage(settings.lake_url),
             catalog,
-            AuditLog(backup, catalog, delivery),
+            AuditLog(backup, catalog, delivery, actor=actor),
             signing_key,
             witnesses,
         )

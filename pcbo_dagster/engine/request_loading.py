@@ -23,7 +23,7 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
-from pcbo_dagster.core.request_model import BackfillRequest, parse_json_strict, validate_request
+from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
 from pcbo_dagster.sources.hive_directories import is_directory, open_directory_source
 from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
@@ -54,6 +54,15 @@ class LoadedRequest:
             return build_plan(self.request, self.spill.sorted_digests())
         assert self.digests is not None
         return build_plan(self.request, self.digests)
+
+    def close(self) -> None:
+        """Remove the decision spill and release the source (a process that serves many requests
+        calls it when done with one; a command's process may leave it to exit)."""
+        if self.spill is not None:
+            self.spill.close()
+        close_source = getattr(self.source, "close", None)
+        if close_source is not None:
+            close_source()
 
     def fetch(self, locators: np.ndarray | list[int]) -> list[Any]:
         """The records at `locators` (`PartitionDecision.add_locators`: input positions for records in
@@ -133,12 +142,50 @@ def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
     return open_source(uri, ref.uri, ref.resolved_format())
 
 
-def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
-    """Parse, validate and read the records of a request; `InvalidInput` on any bad input."""
+def _confined(uri: str, root: Path) -> str:
+    """`uri` when it is remote (`scheme://`, not `file://`) or a local path inside `root`; otherwise
+    `InvalidInput` on `source.uri` (a server reads no file of its host that a request names)."""
+    local = uri[len("file://") :] if uri.startswith("file://") else uri if "://" not in uri else None
+    if local is None:
+        return uri
+    root = root.resolve()
+    path = Path(local).resolve()
+    if path != root and root not in path.parents:
+        raise InvalidInput(
+            "source.uri", f"a local source must be inside the server's sources directory {root}"
+        )
+    return uri
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    """A request's bytes parsed (strict JSON) and validated, before any record is read: what a caller
+    that must look at the request first (the HTTP API: its dataset, its size) passes on to
+    `load_request` so the bytes are not parsed twice."""
+
+    parsed: ParsedJson
+    request: BackfillRequest
+
+
+def validate_request_bytes(raw: bytes) -> ValidatedRequest:
+    """Parse and validate request bytes; `InvalidInput` naming the field."""
     parsed = parse_json_strict(raw)
-    request = validate_request(parsed.value)
+    return ValidatedRequest(parsed, validate_request(parsed.value))
+
+
+def load_request(
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+) -> LoadedRequest:
+    """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
+    `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
+    this directory (the HTTP API's sources directory)."""
+    validated = raw if isinstance(raw, ValidatedRequest) else validate_request_bytes(raw)
+    parsed, request = validated.parsed, validated.request
     if request.source is not None:
-        return _load_streamed(request, _record_source(request, resolve_uri(request.source.uri, base_dir)))
+        uri = resolve_uri(request.source.uri, base_dir)
+        if confine_to is not None:
+            uri = _confined(uri, confine_to)
+        return _load_streamed(request, _record_source(request, uri))
     records = request.sourceRecords or []
     try:
         digests = record_digests(records, parsed.may_hold_floats_or_big_ints)

@@ -55,3 +55,15 @@ def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
         text = text.replace(secret, REDACTED)
     text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
     return _URL_QUERY.sub(rf"\1?{REDACTED}", text)
+
+
+def one_line_error(exc: BaseException) -> str:
+    """An I/O or database error as one line without secrets (a full disk, a read-only lake, a locked
+    catalog, a server that went away): what the CLI prints and the HTTP API answers."""
+    strerror = getattr(exc, "strerror", None)
+    if isinstance(exc, OSError) and strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        text = f"{strerror}{where}"
+    else:
+        text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return scrub_text(text)

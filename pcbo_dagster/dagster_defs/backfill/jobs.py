@@ -60,6 +60,9 @@ OP_NAME = "execute_request"
 DOCUMENT_ENTRY = "execute_document"
 #: Failure metadata entry naming the outcome: invalid_input | blocked | post_write_check_failed | error.
 OUTCOME_ENTRY = "pcbo_outcome"
+#: The run tag naming who submitted the run (the HTTP API sets it to the token's subject): the actor
+#: named in the audit events the run appends.
+ACTOR_TAG = "pcbo/actor"
 
 
 class PcboRequestConfig(dg.Config):
@@ -148,7 +151,7 @@ def build_request_job(default_base_dir: str | os.PathLike[str] | None = None) ->
             ) from None
         context.log.info(f"gates passed (onViolation={request.policies.onViolation}): executing")
         try:
-            with pcbo.environment() as env:
+            with pcbo.environment(actor=context.run.tags.get(ACTOR_TAG)) as env:
                 document = execute(env, loaded, plan, decisions, progress=progress_logger(context, len(keys)))
         except ExecuteFailed as exc:
             raise _failure(

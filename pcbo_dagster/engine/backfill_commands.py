@@ -1,0 +1,117 @@
+"""Plan, dry-run and execute of a request given as bytes: the one path the `pcbo` commands, the HTTP
+API (`pcbo serve`) and a submission to Dagster share (load and validate, evaluate, check the gates,
+open the environment, execute).
+
+Each takes the request's bytes, or the `ValidatedRequest` a caller already made of them. Errors are
+the engine's (`core/errors.py`): `InvalidInput` (exit 2, HTTP 422), `Blocked` (exit 3,
+HTTP 409), anything else (exit 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pcbo_dagster.core.decisions import Decisions
+from pcbo_dagster.core.plan import Plan
+from pcbo_dagster.engine.request_loading import LoadedRequest, ValidatedRequest, evaluate, load_request
+from pcbo_dagster.engine.settings import Settings
+
+#: Given the number of partitions an execute is about to write, a context that yields the callback
+#: told how many more partitions are done (or None for no progress reports): the CLI's progress bar,
+#: the HTTP API's run progress events.
+ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None] | None]]
+
+
+@dataclass
+class EvaluatedRequest:
+    loaded: LoadedRequest
+    plan: Plan
+    decisions: Decisions
+
+    def close(self) -> None:
+        self.loaded.close()
+
+
+def plan_document(
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+) -> dict[str, Any]:
+    """The plan document of a request (`pcbo plan`, `POST /v1/plan`)."""
+    loaded = load_request(raw, base_dir, confine_to)
+    try:
+        return loaded.plan().to_json()
+    finally:
+        loaded.close()
+
+
+def evaluate_request(
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+) -> EvaluatedRequest:
+    """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
+    done with its decisions, which a streamed source reads from its spill as they are iterated."""
+    loaded = load_request(raw, base_dir, confine_to)
+    try:
+        plan, decisions = evaluate(loaded)
+    except BaseException:
+        loaded.close()
+        raise
+    return EvaluatedRequest(loaded, plan, decisions)
+
+
+@contextmanager
+def evaluated_request(
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+) -> Iterator[EvaluatedRequest]:
+    """`evaluate_request`, closed when the block ends."""
+    evaluated = evaluate_request(raw, base_dir, confine_to)
+    try:
+        yield evaluated
+    finally:
+        evaluated.close()
+
+
+def check_request_gates(evaluated: EvaluatedRequest) -> None:
+    """`Blocked` (exit 3 / HTTP 409, nothing written) when a gate holds."""
+    from pcbo_dagster.engine.execute import check_gates
+
+    check_gates(evaluated.loaded, evaluated.decisions)
+
+
+def execute_evaluated(
+    settings: Settings,
+    evaluated: EvaluatedRequest,
+    *,
+    actor: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> dict[str, Any]:
+    """Gate, then execute an evaluated request in the environment `settings` name; `actor` (the HTTP
+    API's token subject) is named in every audit event the execute appends."""
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.execute import execute
+
+    check_request_gates(evaluated)
+    env = Environment.open(settings, actor=actor)
+    try:
+        if progress is None:
+            return execute(env, evaluated.loaded, evaluated.plan, evaluated.decisions)
+        with progress(len(evaluated.plan.partitions)) as advance:
+            return execute(env, evaluated.loaded, evaluated.plan, evaluated.decisions, progress=advance)
+    finally:
+        env.close()
+
+
+def execute_request(
+    settings: Settings,
+    raw: bytes | ValidatedRequest,
+    base_dir: Path | None = None,
+    *,
+    confine_to: Path | None = None,
+    actor: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> dict[str, Any]:
+    """Load, evaluate, gate and execute a request (`pcbo execute`, `POST /v1/execute`)."""
+    with evaluated_request(raw, base_dir, confine_to) as evaluated:
+        return execute_evaluated(settings, evaluated, actor=actor, progress=progress)

@@ -1,0 +1,238 @@
+"""The application factory (`create_app`), its lifespan, the structured access log and `serve`.
+
+One process serves one catalog: at start, API runs a previous process left queued or running are
+marked `interrupted` (submit them again: the engine heals a crash and leaves committed partitions
+unchanged). Shutdown (SIGINT/SIGTERM): new executes and commands are refused (503), the event streams
+end (each client gets a last `dropped` event), in-flight requests are answered, queued executes that
+have not started are marked interrupted, and running executes are waited for
+(`PCBO_SERVER_SHUTDOWN_GRACE`); the worker threads are joined before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pcbo_dagster import __version__
+from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.lake.storage import LakeStorage
+from pcbo_dagster.server import routes_backfill, routes_operations
+from pcbo_dagster.server.auth import Principal, require
+from pcbo_dagster.server.broker import EventBroker
+from pcbo_dagster.server.commands import CommandRunner
+from pcbo_dagster.server.config import ServerConfig
+from pcbo_dagster.server.errors import ApiError, engine_error_response, invalid
+from pcbo_dagster.server.reconciliation import Reconciler
+from pcbo_dagster.server.runs import RunManager
+
+access_log = logging.getLogger("pcbo.server.access")
+log = logging.getLogger("pcbo.server")
+
+
+def _field_of(loc: Sequence[Any]) -> str:
+    """A FastAPI validation error's location as the field a user typed (`limit`, `commandId`,
+    `params`): the parameter or body path without its `query` / `path` / `body` prefix."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("query", "path", "header", "body", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts) or "request"
+
+
+async def _poll_forever(app: FastAPI) -> None:
+    state = app.state
+    while True:
+        try:
+            await asyncio.get_running_loop().run_in_executor(state.poll_executor, state.reconciler.poll)
+        except Exception as exc:  # keep polling: a catalog that went away may come back
+            log.warning(
+                "reconciliation poll failed: %s", scrub_text(str(exc)).splitlines()[0] if str(exc) else exc
+            )
+        await asyncio.sleep(state.config.reconcile_seconds)
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Refuse new work and end the event streams (called when the server is asked to stop, before it
+    waits for open connections)."""
+    state = app.state
+    if state.shutting_down:
+        return
+    state.shutting_down = True
+    state.runs.accepting = False
+    state.commands.accepting = False
+    state.broker.close_all("the server is shutting down")
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The FastAPI application on `config` (catalog migrated, lake and audit backup opened)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = config.engine
+    settings.home.mkdir(parents=True, exist_ok=True)
+    catalog = CatalogStore(settings.catalog_url)
+    catalog.migrate()
+    lake = LakeStorage(settings.lake_url)
+    backup = AuditBackup(settings.audit_dir)
+    broker = EventBroker(config.sse_queue_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        broker.bind(asyncio.get_running_loop())
+        stale = await asyncio.to_thread(
+            catalog.interrupt_api_runs,
+            "the server stopped while this execute was queued or running: submit the same request again",
+        )
+        if stale:
+            log.warning("marked %d API run(s) interrupted: %s", len(stale), ", ".join(stale))
+        poller = asyncio.get_running_loop().create_task(_poll_forever(app))
+        try:
+            yield
+        finally:
+            begin_shutdown(app)
+            poller.cancel()
+            await app.state.commands.shutdown(config.shutdown_grace)
+            still = await asyncio.to_thread(app.state.runs.shutdown, config.shutdown_grace)
+            if still:
+                log.warning("executes still running after the grace period (joined before exit): %s", still)
+            app.state.poll_executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="pcbo",
+        version=__version__,
+        description="Policy-constrained backfills: plan, dry-run and execute requests (CONTRACT's JSON), "
+        "proofs, the reconciliation stream, the audit log and maintenance commands. Bearer tokens "
+        "(`pcbo token create`) with scopes read, plan, execute, approve, admin.",
+        lifespan=lifespan,
+        openapi_url=None,  # served below, behind a token: only /healthz is open
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.config = config
+    app.state.catalog = catalog
+    app.state.lake = lake
+    app.state.backup = backup
+    app.state.broker = broker
+    app.state.shutting_down = False
+    app.state.runs = RunManager(config, catalog, broker)
+    app.state.commands = CommandRunner(config, catalog, broker)
+    app.state.reconciler = Reconciler(catalog, lake, backup, broker)
+    app.state.poll_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcbo-reconcile")
+    app.include_router(routes_backfill.router)
+    app.include_router(routes_operations.router)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(PcboError)
+    async def _engine_error(_request: Request, exc: PcboError) -> JSONResponse:
+        return engine_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        return invalid(_field_of(first.get("loc", ())), str(first.get("msg", "invalid"))).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body that is not JSON at all: invalid input like any other
+            return invalid("body", str(exc.detail)).response()
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        document = {"error": kinds.get(exc.status_code, "http_error"), "message": str(exc.detail)}
+        return JSONResponse(document, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected %s: %s", type(exc).__name__, scrub_text(str(exc))[:500])
+        return engine_error_response(exc)
+
+    @app.middleware("http")
+    async def _access_log(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            response.headers["X-Request-Id"] = request_id
+            return response
+        finally:
+            principal = getattr(request.state, "principal", None)
+            access_log.info(
+                json.dumps(
+                    {
+                        "requestId": request_id,
+                        "method": request.method,
+                        "path": request.url.path,
+                        "queryParams": sorted(request.query_params.keys()),
+                        "status": status,
+                        "durationMs": round((time.perf_counter() - started) * 1000, 3),
+                        "subject": None if principal is None else principal.subject,
+                        "tokenId": None if principal is None else principal.token_id,
+                        "client": request.client.host if request.client else None,
+                    },
+                    separators=(",", ":"),
+                )
+            )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {})
+            components.setdefault("schemas", {}).update(routes_backfill.backfill_request_schema())
+            components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                if path != "/healthz":
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi_document(_principal: Annotated[Principal, Depends(require("read"))]) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    return app
+
+
+def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM (graceful shutdown, module doc)."""
+    import uvicorn
+
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(message)s")
+    app = create_app(config)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            begin_shutdown(app)
+            await super().shutdown(sockets)
+
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        access_log=False,  # ours is structured and never shows a query string or a header
+        log_level=log_level,
+        timeout_graceful_shutdown=int(config.shutdown_grace),
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    Server(uvicorn_config).run()

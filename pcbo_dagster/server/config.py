@@ -1,0 +1,90 @@
+"""The server's settings: the engine's (`engine.settings`, the same flags and variables as the CLI)
+plus what only a server has. Every variable is read once, at start, with errors naming it.
+
+| setting                      | variable                         | default                         |
+|------------------------------|----------------------------------|---------------------------------|
+| sources directory            | `PCBO_SOURCES_DIR`               | `$PCBO_HOME`                    |
+| largest request body         | `PCBO_SERVER_MAX_BODY_BYTES`     | 67,108,864 (64 MiB)             |
+| most partitions a request    | `PCBO_SERVER_MAX_PARTITIONS`     | 100,000 (the engine's limit)    |
+| synchronous answer within    | `PCBO_SERVER_REQUEST_TIMEOUT`    | 300 s (an execute then: 202)    |
+| executes at once             | `PCBO_SERVER_EXECUTE_WORKERS`    | 2                               |
+| commands: default time limit | `PCBO_SERVER_COMMAND_TIMEOUT`    | 600 s                           |
+| reconciliation poll          | `PCBO_RECONCILE_SECONDS`         | 30 s                            |
+| SSE heartbeat                | `PCBO_SSE_HEARTBEAT_SECONDS`     | 15 s                            |
+| SSE events queued per client | `PCBO_SSE_QUEUE_SIZE`            | 256                             |
+| shutdown grace for executes  | `PCBO_SERVER_SHUTDOWN_GRACE`     | 600 s                           |
+| Dagster webserver            | `PCBO_DAGSTER_URL`               | none                            |
+| datasets config              | `PCBO_DATASETS_CONFIG`           | the packaged example            |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pcbo_dagster.core.request_model import MAX_PARTITIONS
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.io.env_vars import plain_path, positive_int, positive_number
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: Settings
+    sources_dir: Path
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_partitions: int = MAX_PARTITIONS
+    request_timeout: float = 300.0
+    execute_workers: int = 2
+    command_timeout: float = 600.0
+    reconcile_seconds: float = 30.0
+    heartbeat_seconds: float = 15.0
+    sse_queue_size: int = 256
+    shutdown_grace: float = 600.0
+    dagster_url: str | None = None
+    dagster_timeout: float = 600.0
+    #: Extra keyword arguments for tests (a clock); never read from the environment.
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_environment(cls, engine: Settings, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        env = os.environ if environ is None else environ
+        sources = plain_path("PCBO_SOURCES_DIR", env.get("PCBO_SOURCES_DIR") or None)
+        return cls(
+            engine=engine,
+            sources_dir=Path(sources).expanduser().resolve() if sources else engine.home,
+            max_body_bytes=positive_int(
+                "PCBO_SERVER_MAX_BODY_BYTES", env.get("PCBO_SERVER_MAX_BODY_BYTES"), 64 * 1024 * 1024
+            ),
+            max_partitions=min(
+                MAX_PARTITIONS,
+                positive_int(
+                    "PCBO_SERVER_MAX_PARTITIONS", env.get("PCBO_SERVER_MAX_PARTITIONS"), MAX_PARTITIONS
+                ),
+            ),
+            request_timeout=positive_number(
+                "PCBO_SERVER_REQUEST_TIMEOUT", env.get("PCBO_SERVER_REQUEST_TIMEOUT"), 300.0
+            ),
+            execute_workers=positive_int(
+                "PCBO_SERVER_EXECUTE_WORKERS", env.get("PCBO_SERVER_EXECUTE_WORKERS"), 2
+            ),
+            command_timeout=positive_number(
+                "PCBO_SERVER_COMMAND_TIMEOUT", env.get("PCBO_SERVER_COMMAND_TIMEOUT"), 600.0
+            ),
+            reconcile_seconds=positive_number(
+                "PCBO_RECONCILE_SECONDS", env.get("PCBO_RECONCILE_SECONDS"), 30.0
+            ),
+            heartbeat_seconds=positive_number(
+                "PCBO_SSE_HEARTBEAT_SECONDS", env.get("PCBO_SSE_HEARTBEAT_SECONDS"), 15.0
+            ),
+            sse_queue_size=positive_int("PCBO_SSE_QUEUE_SIZE", env.get("PCBO_SSE_QUEUE_SIZE"), 256),
+            shutdown_grace=positive_number(
+                "PCBO_SERVER_SHUTDOWN_GRACE", env.get("PCBO_SERVER_SHUTDOWN_GRACE"), 600.0
+            ),
+            dagster_url=plain_path("PCBO_DAGSTER_URL", env.get("PCBO_DAGSTER_URL") or None),
+        )
+
+    def with_changes(self, **changes: Any) -> ServerConfig:
+        return replace(self, **changes)

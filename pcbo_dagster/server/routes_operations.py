@@ -1,0 +1,188 @@
+"""The reconciliation backend (the dashboard contract): the event stream, the audit page, commands,
+registered services; and the admin status and the open health check."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.server import models
+from pcbo_dagster.server.auth import Principal, check_dataset, require
+from pcbo_dagster.server.broker import EventStreamResponse
+from pcbo_dagster.server.errors import ApiError, invalid
+from pcbo_dagster.server.routes_backfill import ERRORS
+from pcbo_dagster.server.status import admin_status, registered_services
+
+router = APIRouter(tags=["operations"])
+#: How long a dropped SSE client has to take its last event before its connection is closed.
+DROP_GRACE_SECONDS = 2.0
+
+
+@router.get(
+    "/healthz", summary="Liveness (the only open endpoint)", response_model=models.Health, tags=["health"]
+)
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/reconciliation/stream",
+    summary="Server-Sent Events: reconciliation.update, command.status, run.status, run.progress, heartbeat",
+    response_class=JSONResponse,
+    responses={
+        200: {
+            "description": "an event stream (`text/event-stream`): `id:`, `event:`, one JSON `data:` "
+            "line per event",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **ERRORS,
+    },
+)
+async def stream(request: Request, principal: Annotated[Principal, Depends(require("read"))]) -> Any:
+    state = request.app.state
+    if state.shutting_down:
+        raise ApiError(503, "shutting_down", "the server is shutting down")
+    subscriber = state.broker.subscribe(principal.datasets)
+    return EventStreamResponse(state.broker, subscriber, state.config.heartbeat_seconds, DROP_GRACE_SECONDS)
+
+
+def _instant_param(name: str, value: str | None) -> Any:
+    if value is None:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    try:
+        micros = parse_instant(value)
+    except (InvalidInput, ValueError) as exc:
+        raise invalid(name, f"must be an instant like 2024-01-01T00:00:00Z ({exc})") from None
+    if micros is None:
+        raise invalid(name, "must be an instant like 2024-01-01T00:00:00Z")
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+
+
+@router.get(
+    "/reconciliation/audit",
+    summary="The audit log, newest first: commands, audit events and discrepancies",
+    response_model=models.AuditPage,
+    responses=ERRORS,
+)
+def audit(
+    request: Request,
+    principal: Annotated[Principal, Depends(require("read"))],
+    page: Annotated[int, Query(ge=1, le=10**9)] = 1,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    sortBy: Literal["timestamp", "actionType", "target", "source"] = "timestamp",  # noqa: N803
+    sortOrder: Literal["asc", "desc"] = "desc",  # noqa: N803
+    actionType: Annotated[str | None, Query(max_length=255)] = None,  # noqa: N803
+    target: Annotated[
+        str | None, Query(max_length=1024, description="exact, or a prefix ending at /")
+    ] = None,
+    startDate: Annotated[
+        str | None, Query(description="inclusive instant, e.g. 2024-01-01T00:00:00Z")
+    ] = None,  # noqa: N803
+    endDate: Annotated[str | None, Query(description="exclusive instant")] = None,  # noqa: N803
+) -> dict[str, Any]:
+    start, end = _instant_param("startDate", startDate), _instant_param("endDate", endDate)
+    entries, total = request.app.state.catalog.audit_page(
+        page=page,
+        limit=limit,
+        sort_by=sortBy,
+        descending=sortOrder == "desc",
+        action_type=actionType,
+        target=target,
+        start=start,
+        end=end,
+        datasets=principal.dataset_list,
+    )
+    return {
+        "data": entries,
+        "meta": {"page": page, "limit": limit, "total": total, "totalPages": math.ceil(total / limit)},
+    }
+
+
+@router.post(
+    "/commands/run",
+    summary="Run a maintenance command (idempotent by commandId); phases on the event stream",
+    response_model=models.CommandState,
+    status_code=202,
+    responses={
+        200: {"model": models.CommandState, "description": "a known commandId: its current state"},
+        **ERRORS,
+        503: {"model": models.ErrorDocument, "description": "shutting down"},
+    },
+)
+async def run_command(
+    request: Request, body: models.CommandRequest, principal: Annotated[Principal, Depends(require("read"))]
+) -> JSONResponse:
+    runner = request.app.state.commands
+    existing = await asyncio.to_thread(runner.existing, body.commandId)
+    if existing is not None:
+        check_dataset(principal, _command_dataset(request, existing))
+        return JSONResponse(existing, status_code=200)
+    command = await asyncio.to_thread(runner.prepare, principal, body.model_dump())
+    state = runner.start(command)
+    return JSONResponse(state, status_code=202 if state["phase"] == "queued" else 200)
+
+
+def _command_dataset(request: Request, state: dict[str, Any]) -> str | None:
+    rows = request.app.state.catalog.command_phases(state["commandId"])
+    return rows[0]["dataset"] if rows else None
+
+
+@router.get(
+    "/commands/{commandId}",
+    summary="A command's current state",
+    response_model=models.CommandState,
+    responses={**ERRORS, 404: {"model": models.ErrorDocument}},
+)
+def command_status(
+    request: Request,
+    principal: Annotated[Principal, Depends(require("read"))],
+    commandId: str,  # noqa: N803
+) -> dict[str, Any]:
+    state = request.app.state.commands.existing(commandId)
+    if state is None or not principal.may_touch(_command_dataset(request, state)):
+        raise ApiError(404, "not_found", f"no command {commandId!r}")
+    return state
+
+
+@router.get(
+    "/services/registered",
+    summary="Catalog, lake, audit backup and endpoint, Dagster, witnesses: health and last check",
+    response_model=models.ServiceList,
+    responses=ERRORS,
+)
+def services(request: Request, principal: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
+    state = request.app.state
+    return {"data": registered_services(state.config, state.catalog, state.lake)}
+
+
+@router.get(
+    "/v1/admin/status",
+    summary="Leases, runs in flight, freshness per dataset, undelivered audit events, latest checkpoint",
+    response_model=models.AdminStatus,
+    responses=ERRORS,
+    tags=["admin"],
+)
+def status(request: Request, principal: Annotated[Principal, Depends(require("admin"))]) -> dict[str, Any]:
+    state = request.app.state
+    document = admin_status(
+        state.config,
+        state.catalog,
+        state.backup,
+        state.runs.in_flight(),
+        state.reconciler.latest,
+        principal.dataset_list,
+    )
+    document["eventStream"] = {
+        "subscribers": state.broker.subscriber_count,
+        "dropped": state.broker.dropped_total,
+        "reconciliationPolls": state.reconciler.polls,
+    }
+    return document

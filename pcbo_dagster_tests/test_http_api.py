@@ -1,0 +1,466 @@
+"""The HTTP API against a real uvicorn server on loopback, through a real HTTP client (httpx).
+
+One server per module (its own PCBO_HOME) for the read-mostly tests; tests that need their own state
+start their own. The CLI runs as a subprocess (`cli_runner`), remote (`--server`) and local.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from pcbo_dagster.catalog import schema as t  # noqa: E402
+from pcbo_dagster.engine.proofs import verify_proof  # noqa: E402
+from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
+from pcbo_dagster_tests.http_server import DEMO_REQUEST, lake_files, running_server  # noqa: E402
+
+DEMO = json.loads(DEMO_REQUEST.read_text())
+
+
+def _request(**changes: Any) -> bytes:
+    return json.dumps({**DEMO, **changes}).encode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("http-api") / "home"
+    with running_server(home, reconcile_seconds=0.2, heartbeat_seconds=0.5) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def admin(server):
+    return server.client(server.token("admin-user", "admin"))
+
+
+@pytest.fixture(scope="module")
+def executed(server, admin):
+    """The demo request executed once through the API (synchronously)."""
+    answer = admin.post("/v1/execute", content=DEMO_REQUEST.read_bytes())
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _wait(predicate, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
+
+
+# -- plan, dry-run, execute: the same documents as the CLI ---------------------------------------
+
+
+def test_plan_dry_run_execute_give_the_cli_documents_and_lake_bytes(tmp_path, server, admin, executed):
+    local_home = tmp_path / "local"
+    for command in ("plan", "dry-run"):
+        local = run_pcbo([command, "--input", DEMO_REQUEST], home=local_home)
+        assert local.status == 0, local.stderr
+        remote = admin.post(f"/v1/{command}", content=DEMO_REQUEST.read_bytes())
+        assert remote.status_code == 200
+        assert remote.headers["content-type"].startswith("application/json")
+        assert remote.json() == local.document
+    local = run_pcbo(["execute", "--input", DEMO_REQUEST], home=local_home)
+    assert local.status == 0, local.stderr
+    for key in ("status", "planHash", "decisionHash", "totals", "reconciliation"):
+        assert executed[key] == local.document[key], key
+    strip = [
+        {k: v for k, v in p.items() if k not in ("files", "manifest", "rollbackManifest", "eventHash")}
+        for p in executed["partitions"]
+    ]
+    assert strip == [
+        {k: v for k, v in p.items() if k not in ("files", "manifest", "rollbackManifest", "eventHash")}
+        for p in local.document["partitions"]
+    ]
+    assert [[(f["checksum"], f["byteSize"]) for f in p["files"]] for p in executed["partitions"]] == [
+        [(f["checksum"], f["byteSize"]) for f in p["files"]] for p in local.document["partitions"]
+    ]
+    assert lake_files(server.home) == lake_files(local_home)
+
+
+def test_the_token_subject_is_the_actor_of_the_audit_events(server, executed):
+    events = server.catalog.audit_events("demo-events/v1")
+    kinds = {e["event_type"] for e in events}
+    assert {"partition_commit_intent", "partition_committed"} <= kinds
+    assert {e.get("actor") for e in events} == {"admin-user"}
+
+
+def test_invalid_input_is_422_naming_the_field_and_a_gate_is_409(server, admin):
+    bad = admin.post("/v1/plan", content=_request(chunkSecs=60))
+    assert bad.status_code == 422
+    assert bad.json()["error"] == "invalid_input" and bad.json()["field"] == "chunkSecs"
+    bad = admin.post("/v1/execute", content=_request(start="2024-01-01T00:00:00"))
+    assert bad.status_code == 422 and bad.json()["field"] == "start"
+    bad = admin.post("/v1/dry-run", content=b'{"runId": "a", "runId": "b"}')
+    assert bad.status_code == 422 and "duplicate" in bad.json()["message"]
+    blocked = admin.post(
+        "/v1/execute", content=_request(runId="gated", expectedDecisionHash="sha256:" + "0" * 64)
+    )
+    assert blocked.status_code == 409
+    assert blocked.json()["gate"] == "expectedDecisionHash" and blocked.json()["status"] == "blocked"
+    assert "does not match" in blocked.headers["Pcbo-Message"]
+    policies = {**DEMO["policies"], "onViolation": "block"}
+    blocked = admin.post("/v1/execute", content=_request(runId="gated2", policies=policies))
+    assert blocked.status_code == 409 and blocked.json()["breaches"]
+    assert server.catalog.get_run("gated") is None and server.catalog.get_run("gated2") is None
+
+
+def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tmp_path, server, executed):
+    token = server.token("cli-user", "plan", "execute")
+    env = {"PCBO_TOKEN": token}
+    local_home = tmp_path / "local"
+    for command in ("plan", "dry-run", "execute"):
+        remote = run_pcbo([command, "--server", server.url, "--input", DEMO_REQUEST], env=env, cwd=tmp_path)
+        local = run_pcbo([command, "--input", DEMO_REQUEST], home=local_home)
+        assert (remote.status, local.status) == (0, 0), remote.stderr
+        if command == "execute":  # the server's lake already holds it: unchanged there, committed here
+            assert remote.document["status"] == "unchanged"
+            assert remote.document["decisionHash"] == local.document["decisionHash"]
+        else:
+            assert remote.document == local.document
+    request = tmp_path / "bad.json"
+    request.write_text(json.dumps({**DEMO, "policies": {**DEMO["policies"], "onViolaton": "block"}}))
+    remote = run_pcbo(["dry-run", "--server", server.url, "--input", request], env=env, cwd=tmp_path)
+    local = run_pcbo(["dry-run", "--input", request], home=local_home)
+    assert remote.status == local.status == 2
+    assert remote.stderr == local.stderr  # the same message naming the field
+    request.write_text(json.dumps({**DEMO, "expectedDecisionHash": "sha256:" + "1" * 64}))
+    remote = run_pcbo(["execute", "--server", server.url, "--input", request], env=env, cwd=tmp_path)
+    local = run_pcbo(["execute", "--input", request], home=local_home)
+    assert remote.status == local.status == 3
+    assert remote.document == local.document and remote.stderr == local.stderr
+    refused = run_pcbo(["plan", "--server", server.url, "--input", DEMO_REQUEST], env={"PCBO_TOKEN": "nope"})
+    assert refused.status == 1 and "HTTP 401" in refused.stderr
+    missing = run_pcbo(["plan", "--server", server.url, "--input", DEMO_REQUEST])
+    assert missing.status == 2 and "PCBO_TOKEN" in missing.stderr
+    both = run_pcbo(
+        ["execute", "--server", server.url, "--home", str(tmp_path), "--input", DEMO_REQUEST], env=env
+    )
+    assert both.status == 2 and "--home" in both.stderr
+
+
+def test_respond_async_answers_202_and_the_run_gives_the_document(server, admin, executed):
+    request = _request(runId="async-001")
+    accepted = admin.post("/v1/execute", content=request, headers={"Prefer": "respond-async"})
+    assert accepted.status_code == 202
+    body = accepted.json()
+    assert body["runId"] == "async-001" and accepted.headers["Location"] == "/v1/runs/async-001"
+    run = _wait(
+        lambda: (r := admin.get(body["statusUrl"]).json())["status"] not in ("queued", "running") and r
+    )
+    assert run["status"] == "done" and run["httpStatus"] == 200 and run["actor"] == "admin-user"
+    assert run["document"]["runId"] == "async-001"
+    assert run["document"]["decisionHash"] == executed["decisionHash"]
+    assert run["document"]["status"] == "unchanged"
+    assert admin.get("/v1/runs/no-such-run").status_code == 404
+
+
+def test_an_idempotency_key_returns_the_first_answer(server, admin, executed):
+    request = _request(runId="idem-001")
+    first = admin.post("/v1/execute", content=request, headers={"Idempotency-Key": "key-1"})
+    chain = len(server.catalog.audit_events("demo-events/v1"))
+    again = admin.post("/v1/execute", content=request, headers={"Idempotency-Key": "key-1"})
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json()
+    assert len(server.catalog.audit_events("demo-events/v1")) == chain  # nothing ran again
+    other = admin.post(
+        "/v1/execute", content=_request(runId="idem-002"), headers={"Idempotency-Key": "key-1"}
+    )
+    assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+    gated = _request(runId="idem-003", expectedDecisionHash="sha256:" + "2" * 64)
+    first = admin.post("/v1/execute", content=gated, headers={"Idempotency-Key": "key-2"})
+    again = admin.post("/v1/execute", content=gated, headers={"Idempotency-Key": "key-2"})
+    assert first.status_code == again.status_code == 409 and first.json() == again.json()
+    assert again.headers["Pcbo-Message"] == first.headers["Pcbo-Message"]
+
+
+# -- datasets, partitions, proofs -----------------------------------------------------------------
+
+
+def test_datasets_partitions_and_proofs(tmp_path, server, admin, executed):
+    listing = admin.get("/v1/datasets").json()["data"]
+    demo = next(d for d in listing if d["dataset"] == "demo-events")
+    assert demo["partitions"] == len(executed["partitions"])
+    assert demo["records"] == sum(p["recordCount"] for p in executed["partitions"])
+    partitions = admin.get("/v1/datasets/demo-events/partitions").json()["partitions"]
+    assert {p["key"]: p["merkleRoot"] for p in partitions} == {
+        p["key"]: p["merkleRoot"] for p in executed["partitions"]
+    }
+    added = next(p for p in executed["partitions"] if p["recordCount"] > 0)
+    ids = [r["id"] for r in DEMO["sourceRecords"] if isinstance(r, dict) and isinstance(r.get("id"), str)]
+    proof = None
+    for record_id in ids:
+        answer = admin.get(
+            f"/v1/datasets/demo-events/partitions/{added['key']}/proof", params={"id": record_id}
+        )
+        if answer.status_code == 200:
+            proof = answer.json()
+            break
+    assert proof is not None
+    assert verify_proof(proof)["valid"] and proof["merkleRoot"] == added["merkleRoot"]
+    file = tmp_path / "proof.json"
+    file.write_text(json.dumps(proof))
+    assert run_pcbo(["verify-proof", "--proof", file, "--root", added["merkleRoot"]]).status == 0
+    bad = admin.get(f"/v1/datasets/demo-events/partitions/{added['key']}/proof", params={"id": "no-such-id"})
+    assert bad.status_code == 422 and bad.json()["field"] == "id"
+    bad = admin.get("/v1/datasets/demo-events/partitions/..%2Fetc/proof", params={"id": "x"})
+    assert bad.status_code in (404, 422)
+    assert admin.get("/v1/datasets/nothing-here/partitions").status_code == 404
+
+    # A second version extending the first: a consistency proof between them.
+    key = added["key"]
+    record = next(r for r in DEMO["sourceRecords"] if isinstance(r, dict) and r.get("id") == proof["id"])
+    extended = _request(
+        runId="extend-001", sourceRecords=[*DEMO["sourceRecords"], {**record, "id": "zz-extra"}]
+    )
+    assert admin.post("/v1/execute", content=extended).status_code == 200
+    consistency = admin.get(
+        "/v1/datasets/demo-events/consistency", params={"partition": key, "from": 1, "to": 2}
+    )
+    assert consistency.status_code == 200, consistency.text
+    assert verify_proof(consistency.json())["valid"]
+    bad = admin.get("/v1/datasets/demo-events/consistency", params={"partition": key, "from": 2, "to": 1})
+    assert bad.status_code == 422 and bad.json()["field"] == "from"
+
+
+# -- audit page, commands, services, status ------------------------------------------------------
+
+
+def test_audit_page_newest_first_with_meta_filters_and_limits(server, admin, executed):
+    page = admin.get("/reconciliation/audit", params={"limit": 3}).json()
+    assert page["meta"]["page"] == 1 and page["meta"]["limit"] == 3
+    assert page["meta"]["totalPages"] == -(-page["meta"]["total"] // 3)
+    stamps = [e["timestamp"] for e in page["data"]]
+    assert stamps == sorted(stamps, reverse=True) and len(stamps) == 3
+    everything = admin.get("/reconciliation/audit", params={"limit": 500}).json()
+    assert everything["meta"]["total"] == page["meta"]["total"]
+    second = admin.get("/reconciliation/audit", params={"limit": 3, "page": 2}).json()["data"]
+    assert [e["id"] for e in second] == [e["id"] for e in everything["data"][3:6]]
+    committed = admin.get(
+        "/reconciliation/audit", params={"actionType": "partition_committed", "limit": 500}
+    ).json()
+    assert committed["data"] and all(e["actionType"] == "partition_committed" for e in committed["data"])
+    assert all(
+        e["target"].startswith("demo-events/")
+        for e in admin.get("/reconciliation/audit", params={"target": "demo-events"}).json()["data"]
+    )
+    oldest = admin.get("/reconciliation/audit", params={"sortOrder": "asc", "limit": 1}).json()["data"][0]
+    assert oldest["id"] == everything["data"][-1]["id"]
+    future = admin.get("/reconciliation/audit", params={"startDate": "2999-01-01T00:00:00Z"}).json()
+    assert future["data"] == [] and future["meta"]["total"] == 0
+    assert admin.get("/reconciliation/audit", params={"endDate": "2000-01-01T00:00:00Z"}).json()["data"] == []
+    for params, field in (
+        ({"limit": 501}, "limit"),
+        ({"page": 0}, "page"),
+        ({"startDate": "yesterday"}, "startDate"),
+        ({"sortBy": "nonsense"}, "sortBy"),
+    ):
+        bad = admin.get("/reconciliation/audit", params=params)
+        assert bad.status_code == 422 and bad.json()["field"] == field
+
+
+def _command(client, body, timeout: float = 60.0):
+    answer = client.post("/commands/run", json=body)
+    assert answer.status_code in (200, 202), answer.text
+    return _wait(
+        lambda: (
+            (s := client.get(f"/commands/{body['commandId']}").json())["phase"]
+            in ("success", "error", "timeout")
+            and s
+        ),
+        timeout,
+    )
+
+
+def test_commands_run_through_their_phases_recorded_append_only(server, admin, executed):
+    state = _command(admin, {"commandId": "verify-1", "action": "verify", "target": "all", "params": {}})
+    assert [p["phase"] for p in state["phases"]] == ["queued", "running", "success"]
+    assert state["outcome"]["status"] == "clean" and state["actor"] == "admin-user"
+    again = admin.post("/commands/run", json={"commandId": "verify-1", "action": "gc", "target": "all"})
+    assert again.status_code == 200 and again.json()["phase"] == "success"  # idempotent: nothing ran
+    assert [r["phase"] for r in server.catalog.command_phases("verify-1")] == ["queued", "running", "success"]
+
+    run_id = "extend-001" if server.catalog.get_run("extend-001") else executed["runId"]
+    state = _command(
+        admin,
+        {
+            "commandId": "rollback-1",
+            "action": "rollback",
+            "target": "demo-events",
+            "params": {"runId": run_id, "reason": "test"},
+        },
+    )
+    assert state["phase"] == "success", state
+    assert state["beforeState"]["partitions"] != state["afterState"]["partitions"]
+    assert state["outcome"]["status"] == "rolled_back"
+    rollback_events = [
+        e for e in server.catalog.audit_events("demo-events/v1") if e["event_type"] == "partition_rolled_back"
+    ]
+    assert rollback_events and {e["actor"] for e in rollback_events} == {"admin-user"}
+    state = _command(
+        admin, {"commandId": "gc-1", "action": "gc", "target": "all", "params": {"dryRun": True}}
+    )
+    assert state["phase"] == "success"
+    unknown = admin.post(
+        "/commands/run", json={"commandId": "p1", "action": "pause-rollout", "target": "nope"}
+    )
+    assert unknown.status_code == 422 and unknown.json()["field"] == "target"
+    state = _command(
+        admin,
+        {
+            "commandId": "rb-none",
+            "action": "rollback",
+            "target": "demo-events",
+            "params": {"runId": "never-ran"},
+        },
+    )
+    assert state["phase"] == "error" and state["outcome"]["httpStatus"] == 422
+    assert state["outcome"]["field"] == "runId"
+
+    for body, field in (
+        ({"commandId": "x1", "action": "explode", "target": "all"}, "action"),
+        ({"commandId": "x2", "action": "gc", "target": "events"}, "target"),
+        ({"commandId": "x3", "action": "gc", "target": "all", "params": {"dryrun": True}}, "params.dryrun"),
+        ({"commandId": "../x", "action": "gc", "target": "all"}, "commandId"),
+    ):
+        bad = admin.post("/commands/run", json=body)
+        assert bad.status_code == 422 and bad.json()["field"] == field, bad.text
+
+    import sqlalchemy as sa
+
+    with pytest.raises(sa.exc.DBAPIError, match="append-only"), server.catalog.write() as conn:
+        conn.execute(sa.update(t.command_audit).values(outcome="{}"))
+    entries = admin.get("/reconciliation/audit", params={"actionType": "verify", "limit": 10}).json()["data"]
+    assert {e["details"]["phase"] for e in entries} == {"queued", "running", "success"}
+    assert all(e["actor"] == "admin-user" and e["source"] == "command" for e in entries)
+
+
+def test_services_and_admin_status(server, admin, executed):
+    services = {s["id"]: s for s in admin.get("/services/registered").json()["data"]}
+    assert services["catalog"]["health"] == "up" and services["lake"]["health"] == "up"
+    assert services["audit-endpoint"]["health"] == "not_configured"
+    assert services["dagster"]["health"] == "not_configured"
+    status = _wait(lambda: (s := admin.get("/v1/admin/status").json())["datasets"] and s)
+    demo = next(d for d in status["datasets"] if d["dataset"] == "demo-events")
+    assert demo["freshness"]["newestPartition"] == max(p["key"] for p in executed["partitions"])
+    assert demo["freshness"]["gaps"] == 0
+    assert status["latestCheckpoint"] == {"configured": False, "checkpoint": None}
+    assert status["leases"] == {"held": [], "waiting": []}
+
+
+def test_openapi_health_and_body_limit(tmp_path, server, admin):
+    assert admin.get("/openapi.json").json()["paths"]["/v1/execute"]["post"]["requestBody"]
+    assert server.client().get("/openapi.json").status_code == 401
+    assert server.client().get("/docs").status_code == 404
+    import httpx
+
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    with running_server(tmp_path / "small", max_body_bytes=1000) as small:
+        client = small.client(small.token("u", "plan"))
+        big = client.post("/v1/plan", content=DEMO_REQUEST.read_bytes() + b" " * 2000)
+        assert big.status_code == 413 and big.json()["error"] == "too_large"
+    with running_server(tmp_path / "few", max_partitions=3) as few:
+        client = few.client(few.token("u", "plan"))
+        many = client.post("/v1/plan", content=DEMO_REQUEST.read_bytes())
+        assert many.status_code == 422 and many.json()["field"] == "chunkSeconds"
+
+
+# -- auth, fail closed ------------------------------------------------------------------------------
+
+ENDPOINTS = [
+    ("POST", "/v1/plan", "plan"),
+    ("POST", "/v1/dry-run", "plan"),
+    ("POST", "/v1/execute", "execute"),
+    ("GET", "/v1/runs/demo-run-001", "read"),
+    ("GET", "/v1/datasets", "read"),
+    ("GET", "/v1/datasets/demo-events/partitions", "read"),
+    ("GET", "/v1/datasets/demo-events/partitions/20240101T000000Z/proof?id=x", "read"),
+    ("GET", "/v1/datasets/demo-events/consistency?partition=20240101T000000Z&from=1&to=2", "read"),
+    ("GET", "/reconciliation/stream", "read"),
+    ("GET", "/reconciliation/audit", "read"),
+    ("POST", "/commands/run", "read"),
+    ("GET", "/commands/verify-1", "read"),
+    ("GET", "/services/registered", "read"),
+    ("GET", "/v1/admin/status", "admin"),
+    ("GET", "/openapi.json", "read"),
+]
+
+
+def _call(client, method: str, path: str):
+    if path == "/reconciliation/stream":  # an answer that does not end: its status only
+        with client.stream(method, path) as answer:
+            answer.close()
+            return answer
+    body = DEMO_REQUEST.read_bytes() if path.startswith("/v1/") and method == "POST" else None
+    if path == "/commands/run":
+        body = json.dumps({"commandId": "auth-probe", "action": "gc", "target": "all"}).encode()
+    return client.request(method, path, content=body, headers={"Content-Type": "application/json"})
+
+
+def test_every_endpoint_refuses_no_token_a_bad_one_a_revoked_one_and_wrong_scopes(server, executed):
+    scoped = {scope: server.token(f"only-{scope}", scope) for scope in ("read", "plan", "execute", "approve")}
+    revoked = server.token("gone", "admin")
+    token_id = next(r["token_id"] for r in server.catalog.tokens() if r["subject"] == "gone")
+    server.catalog.revoke_token(token_id)
+    for method, path, needed in ENDPOINTS:
+        for token in (None, "pcbo_not-a-token", revoked):
+            answer = _call(server.client(token), method, path)
+            assert answer.status_code == 401, (path, token, answer.text)
+            assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+        for scope, token in scoped.items():
+            answer = _call(server.client(token), method, path)
+            if scope == needed:
+                assert answer.status_code not in (401, 403) or path == "/commands/run", (
+                    path,
+                    scope,
+                    answer.text,
+                )
+            else:
+                assert answer.status_code == 403, (path, scope, answer.text)
+    # gc needs admin even though /commands/run takes any read token
+    answer = _call(server.client(scoped["read"]), "POST", "/commands/run")
+    assert answer.status_code == 403 and "admin" in answer.json()["message"]
+    bad_header = server.client().get("/v1/datasets", headers={"Authorization": "Basic abc"})
+    assert bad_header.status_code == 401
+
+
+def test_a_token_for_one_dataset_sees_nothing_of_another(server, admin, executed):
+    other = _request(runId="other-001", dataset="other-events")
+    assert admin.post("/v1/execute", content=other).status_code == 200
+    limited = server.client(server.token("team-other", "read", "plan", "execute", datasets=["other-events"]))
+    assert [d["dataset"] for d in limited.get("/v1/datasets").json()["data"]] == ["other-events"]
+    for path in (
+        "/v1/datasets/demo-events/partitions",
+        "/v1/datasets/demo-events/partitions/20240101T000000Z/proof?id=x",
+        "/v1/datasets/demo-events/consistency?partition=20240101T000000Z&from=1&to=2",
+    ):
+        assert limited.get(path).status_code == 403, path
+    for command in ("plan", "dry-run", "execute"):
+        assert limited.post(f"/v1/{command}", content=DEMO_REQUEST.read_bytes()).status_code == 403
+    assert limited.get("/v1/runs/demo-run-001").status_code == 404
+    assert limited.get("/v1/runs/other-001").status_code == 200
+    targets = {
+        e["target"] for e in limited.get("/reconciliation/audit", params={"limit": 500}).json()["data"]
+    }
+    assert targets and all(t.startswith("other-events") for t in targets)
+    assert limited.get("/commands/verify-1").status_code == 404  # a command about every dataset
+    verify = limited.post(
+        "/commands/run", json={"commandId": "v-limited", "action": "verify", "target": "all"}
+    )
+    assert verify.status_code == 403
+    rollback = limited.post(
+        "/commands/run", json={"commandId": "rb-limited", "action": "rollback", "target": "demo-events"}
+    )
+    assert rollback.status_code == 403
+    admin_only = server.client(server.token("limited-admin", "admin", datasets=["other-events"]))
+    datasets = [d["dataset"] for d in admin_only.get("/v1/admin/status").json()["datasets"]]
+    assert datasets == ["other-events"]

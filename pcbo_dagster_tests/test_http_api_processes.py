@@ -1,0 +1,182 @@
+"""`pcbo serve` as a process, as a user runs it: a token from `pcbo token create`, executes through
+the API and through Dagster (one data path: the same hashes and lake bytes as the CLI), and a graceful
+shutdown that lets a running execute finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from pcbo_dagster.catalog import CatalogStore  # noqa: E402
+from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
+from pcbo_dagster_tests.http_server import DEMO_REQUEST, REPO_ROOT, free_port, lake_files, serve_process  # noqa: E402
+
+
+def _token(home: Path, *scopes: str) -> str:
+    args = ["token", "create", "--subject", "ops@example.com"]
+    for scope in scopes:
+        args += ["--scope", scope]
+    created = run_pcbo(args, home=home)
+    assert created.status == 0, created.stderr
+    return created.document["token"]
+
+
+def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_cli_http_and_dagster_give_the_same_hashes_and_lake_bytes(tmp_path):
+    pytest.importorskip("dagster_webserver")
+    cli_home, http_home, dagster_pcbo_home = tmp_path / "cli", tmp_path / "http", tmp_path / "dagster-pcbo"
+    local = run_pcbo(["execute", "--input", DEMO_REQUEST], home=cli_home)
+    assert local.status == 0, local.stderr
+
+    dagster_home = tmp_path / "dagster-home"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text(
+        "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(
+        "load_from:\n  - python_module:\n      module_name: pcbo_dagster.dagster_defs.definitions\n"
+        f"      location_name: pcbo\n      working_directory: {REPO_ROOT}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PCBO_", "DAGSTER_"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        DAGSTER_HOME=str(dagster_home),
+        PCBO_HOME=str(dagster_pcbo_home),
+    )
+    port = free_port()
+    dagster_url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "webserver.log"
+    with log.open("wb") as out:
+        webserver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dagster_webserver",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-w",
+                str(workspace),
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_for(f"{dagster_url}/server_info", webserver, log)
+        token = _token(http_home, "execute", "read")
+        with serve_process(http_home, env={"PCBO_DAGSTER_URL": dagster_url}) as (url, _):
+            client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300)
+            direct = client.post("/v1/execute", content=DEMO_REQUEST.read_bytes())
+            assert direct.status_code == 200, direct.text
+            request = json.loads(DEMO_REQUEST.read_text())
+            through_dagster = client.post(
+                "/v1/execute", params={"dagster": "true"}, content=DEMO_REQUEST.read_bytes()
+            )
+            assert through_dagster.status_code == 200, through_dagster.text + log.read_text()[-3000:]
+            run = client.get(f"/v1/runs/{request['runId']}").json()
+            services = {s["id"]: s["health"] for s in client.get("/services/registered").json()["data"]}
+        documents = [local.document, direct.json(), through_dagster.json()]
+        assert len({(d["planHash"], d["decisionHash"]) for d in documents}) == 1
+        assert len({tuple(p["merkleRoot"] for p in d["partitions"]) for d in documents}) == 1
+        assert through_dagster.json()["dagsterRun"]["runId"] == run["dagsterRunId"]  # the run id links both
+        assert services["dagster"] == "up"
+        cli_lake = lake_files(cli_home)
+        assert cli_lake and cli_lake == lake_files(http_home) == lake_files(dagster_pcbo_home)
+        catalog = CatalogStore(f"sqlite:///{dagster_pcbo_home / 'catalog.db'}")
+        try:
+            actors = {e.get("actor") for e in catalog.audit_events("demo-events/v1")}
+        finally:
+            catalog.close()
+        assert actors == {"ops@example.com"}
+    finally:
+        if webserver.poll() is None:
+            os.killpg(webserver.pid, signal.SIGTERM)
+            try:
+                webserver.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(webserver.pid, signal.SIGKILL)
+                webserver.wait(timeout=10)
+
+
+def _big_request(partitions: int, per_partition: int) -> bytes:
+    records = [
+        {
+            "id": f"rec-{h:04d}-{i:03d}",
+            "occurredAt": f"2024-01-{1 + h // 24:02d}T{h % 24:02d}:{i % 60:02d}:00Z",
+            "jurisdiction": "US",
+            "consentGranted": True,
+            "retentionExpiresAt": "2030-01-01T00:00:00Z",
+            "amount": i,
+        }
+        for h in range(partitions)
+        for i in range(per_partition)
+    ]
+    end_day, end_hour = 1 + partitions // 24, partitions % 24
+    return json.dumps(
+        {
+            "runId": "long-run",
+            "dataset": "long-events",
+            "start": "2024-01-01T00:00:00Z",
+            "end": f"2024-01-{end_day:02d}T{end_hour:02d}:00:00Z",
+            "policies": {"requireConsent": True},
+            "sourceRecords": records,
+        }
+    ).encode()
+
+
+@pytest.mark.slow
+def test_sigterm_lets_a_running_execute_finish(tmp_path):
+    home = tmp_path / "home"
+    token = _token(home, "admin")
+    with serve_process(home, env={"PCBO_PARALLEL": "1"}) as (url, process):
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        accepted = client.post(
+            "/v1/execute", content=_big_request(240, 20), headers={"Prefer": "respond-async"}
+        )
+        assert accepted.status_code == 202
+        deadline = time.monotonic() + 60
+        while client.get("/v1/runs/long-run").json()["status"] == "queued":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGTERM)
+        # uvicorn ends the process with the signal once its graceful shutdown is done
+        assert process.wait(timeout=300) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in (home.parent / "serve.log").read_text()
+    catalog = CatalogStore(f"sqlite:///{home / 'catalog.db'}")
+    try:
+        run = catalog.get_api_run("long-run")
+        assert run["status"] == "done" and run["http_status"] == 200
+        assert catalog.get_run("long-run")["status"] == "committed"
+    finally:
+        catalog.close()
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 0 and verified.document["status"] == "clean"
