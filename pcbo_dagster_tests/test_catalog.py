@@ -174,6 +174,8 @@ EXPECTED_TABLES = {
     "soak_evaluations",
     "audit_pending_batches",
     "alerts",
+    "sql_apply_log",
+    "sql_row_failures",
 }
 
 

@@ -24,6 +24,7 @@ from pydantic import (
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PARTITIONS = 100_000
@@ -144,6 +145,8 @@ class BackfillRequest(BaseModel):
     existingTargetIds: list[Text] = []
     expectedDecisionHash: Annotated[StrictStr, Field(pattern=_DIGEST_PATTERN)] | None = None
     metadata: dict[Text, Any] = {}
+    #: A SQL table to write instead of the lake (issue 15; `core/sql_target_spec.py`).
+    target: SqlTargetSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BackfillRequest:
@@ -280,6 +283,8 @@ def validate_request(document: Any) -> BackfillRequest:
         if isinstance(ctx_error, _FieldError):
             raise InvalidInput(ctx_error.field, ctx_error.message) from None
         field = _loc_to_field(tuple(error["loc"]))
+        if isinstance(ctx_error, TargetFieldError):  # relative to the target block
+            raise InvalidInput(f"{field}.{ctx_error.field}", ctx_error.message) from None
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown field (a typo must not silently disable a policy)"
