@@ -86,6 +86,7 @@ def engine_settings(args: argparse.Namespace) -> Any:
         audit_dir=args.audit_dir,
         audit_endpoint=getattr(args, "audit_endpoint", None),
         parallel=getattr(args, "parallel", None),
+        sql_target_urls=getattr(args, "target_url", None),
     )
 
 
@@ -136,6 +137,17 @@ def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
             "--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)"
         )
         p.add_argument("--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)")
+
+
+def add_target_url_option(p: argparse.ArgumentParser) -> None:
+    """`--target-url` (repeatable): how to connect to a SQL target the audit chain names."""
+    p.add_argument(
+        "--target-url",
+        action="append",
+        metavar="URL",
+        help="a SQL target's URL (with its user; the password from PGPASSWORD or ~/.pgpass), used for "
+        "the target the audit chain records at the same location (PCBO_SQL_TARGET_URLS; repeatable)",
+    )
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:

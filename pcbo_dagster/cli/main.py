@@ -22,6 +22,7 @@ from pcbo_dagster.cli.common import (
     Findings,
     add_common_options,
     add_dataset_options,
+    add_target_url_option,
     check_output_target,
     engine_settings,
     name_arg,
@@ -329,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-check the lake, catalog and audit chains")
     add_common_options(p)
     p.add_argument("--repair", action="store_true", help="append events missing after a crash")
+    add_target_url_option(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("proof", help="inclusion proof of an id, or consistency proof between versions")
@@ -363,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a second --partition alone is a no-op)",
     )
     p.add_argument("--reason", default="requested", help="why (recorded on the audit chain)")
+    add_target_url_option(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("gc", help="remove lake files a crash left behind that nothing refers to")

@@ -30,6 +30,7 @@ Pure: no connection is made here (`targets/sql_table.py` opens the table).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
@@ -112,6 +113,17 @@ class SqlTargetSpec(BaseModel):
         if self.columns is None:
             return field
         return self.columns[field]
+
+    def resolved(self, base_dir: Path | None) -> SqlTargetSpec:
+        """This target with a relative SQLite path made absolute against `base_dir` (as a request's
+        relative `source.uri` is: against the request file's directory)."""
+        prefix = "sqlite:///"
+        if base_dir is None or not self.url.startswith(prefix):
+            return self
+        path = self.url[len(prefix) :].split("?", 1)[0]
+        if not path or path == ":memory:" or Path(path).is_absolute():
+            return self
+        return self.model_copy(update={"url": prefix + str((base_dir / path).resolve())})
 
     def descriptor(self, location: str, schema_table: str) -> dict[str, Any]:
         """What the decision hash pins about the target: where (`location`: the URL without

@@ -137,6 +137,8 @@ def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input."""
     parsed = parse_json_strict(raw)
     request = validate_request(parsed.value)
+    if request.target is not None:  # issue 15: a relative SQLite target resolves like a relative source
+        request = request.model_copy(update={"target": request.target.resolved(base_dir)})
     if request.source is not None:
         return _load_streamed(request, _record_source(request, resolve_uri(request.source.uri, base_dir)))
     records = request.sourceRecords or []
@@ -152,6 +154,11 @@ def evaluate(loaded: LoadedRequest) -> tuple[Plan, Decisions]:
     if loaded.spill is not None:
         decisions = loaded.spill.decisions(plan)
         release_memory()
-        return plan, decisions
-    assert loaded.records is not None and loaded.digests is not None
-    return plan, decide(plan, loaded.records, loaded.digests, list(loaded.request.existingTargetIds))
+    else:
+        assert loaded.records is not None and loaded.digests is not None
+        decisions = decide(plan, loaded.records, loaded.digests, list(loaded.request.existingTargetIds))
+    if loaded.request.target is not None:  # issue 15: a SQL table target adds each record's outcome
+        from pcbo_dagster.engine.sql_apply import evaluate_target
+
+        decisions = evaluate_target(loaded, plan, decisions)
+    return plan, decisions

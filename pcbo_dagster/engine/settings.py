@@ -8,6 +8,12 @@
 | audit backup   | `--audit-dir`      | `PCBO_AUDIT_DIR`      | `$PCBO_HOME/pas`                 |
 | audit endpoint | `--audit-endpoint` | `PCBO_AUDIT_ENDPOINT` | none (local backup only)         |
 | parallel       | `--parallel`       | `PCBO_PARALLEL`       | 4 (1: one partition at a time)   |
+| SQL targets    | `--target-url`     | `PCBO_SQL_TARGET_URLS`| none (the URL recorded on the chain) |
+
+`sql_target_urls` are how `verify` and `rollback` connect to the SQL tables the audit chain names
+(the chain keeps a target's URL without credentials): a URL given here is used for the recorded
+target with the same location (scheme, host, port, database). Passwords belong in `PGPASSWORD` or
+`~/.pgpass`, not in a URL.
 
 `parallel` is how many partitions `execute` reads, encodes and writes at once (audit events are
 still appended one after another, in partition order).
@@ -43,6 +49,7 @@ class Settings:
     audit_attempts: int = 3
     audit_initial_wait: float = 0.5
     parallel: int = DEFAULT_PARALLEL
+    sql_target_urls: tuple[str, ...] = ()
 
     @classmethod
     def resolve(
@@ -54,6 +61,7 @@ class Settings:
         audit_endpoint: str | None = None,
         env: dict[str, str] | None = None,
         parallel: int | None = None,
+        sql_target_urls: list[str] | None = None,
     ) -> Settings:
         env = dict(os.environ if env is None else env)
 
@@ -78,7 +86,8 @@ class Settings:
         workers = parallel if parallel is not None else parse_parallel(env.get("PCBO_PARALLEL"))
         if workers < 1:
             raise InvalidInput("--parallel", f"must be at least 1, not {workers}")
-        return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait, workers)
+        targets = tuple(sql_target_urls or (env.get("PCBO_SQL_TARGET_URLS") or "").split())
+        return cls(home_path, lake_url, catalog_url, audit, endpoint, attempts, wait, workers, targets)
 
 
 def parse_parallel(text: str | None) -> int:

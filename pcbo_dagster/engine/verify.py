@@ -110,6 +110,10 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
             env, report, state, dataset, version_label, lake_keys.get(ckey, set())
         )
         _check_catalog(env, report, state, dataset, version_label)
+        if state.sql:  # issue 15: the SQL tables the chain names (engine/sql_verify.py)
+            from pcbo_dagster.engine.sql_verify import check_sql_targets
+
+            checked_partitions += check_sql_targets(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
     _check_triggers(env, report)
 

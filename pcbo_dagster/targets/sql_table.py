@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -261,6 +261,42 @@ class SqlTable:
             raise
         return cls(spec, url, engine, schema_name, name, columns, written)
 
+    @classmethod
+    def reopen(cls, url: str, layout: Mapping[str, Any], write: bool) -> SqlTable:
+        """The table an apply wrote, from the layout its intent recorded on the chain (`rollback` and
+        `verify` work without the request); `InvalidInput` on `target.url` when it is not there."""
+        engine = d.open_engine(url, read_only=not write)
+        try:
+            with engine.connect() as conn, conn.begin():
+                resolved = d.resolve_table(conn, str(layout["table"]))
+                if resolved is None:
+                    raise InvalidInput("target.url", f"no table {layout['table']} in {d.location_of(url)}")
+                columns = {c.name: c for c in d.table_columns(conn, *resolved)}
+        except BaseException:
+            engine.dispose()
+            raise
+        missing = [c for _, c, _ in layout["written"] if c not in columns]
+        if missing:
+            engine.dispose()
+            raise InvalidInput(
+                "target.url", f"table {layout['table']} lost its column(s) {', '.join(missing)}"
+            )
+        written = [WrittenColumn(f, columns[c], kind) for f, c, kind in layout["written"]]
+        spec = SqlTargetSpec.model_construct(
+            kind="sql",
+            url=url,
+            table=str(layout["table"]),
+            key=list(layout["key"]),
+            conflict="fail",
+            columns={f: c for f, c, _ in layout["written"]},
+            freshnessColumn=layout.get("freshness_column"),
+            allowNewer=False,
+            deletedColumn=layout.get("deleted_column"),
+            snapshotAt=None,
+            chunkRows=1,
+        )
+        return cls(spec, url, engine, resolved[0], resolved[1], columns, written)
+
     @staticmethod
     def _written_columns(
         spec: SqlTargetSpec,
@@ -331,8 +367,8 @@ class SqlTable:
             array = table.column(w.field) if w.field in table.column_names else pa.nulls(table.num_rows)
             if w.kind == TIMESTAMP:
                 micros = array.cast(ARROW_TIMESTAMP).cast(pa.int64()).to_pylist()
-                canonical = [None if m is None else format_instant(m) for m in micros]
-                db = (
+                canonical: list[Any] = [None if m is None else format_instant(m) for m in micros]
+                db: list[Any] = (
                     canonical
                     if self.dialect == SQLITE
                     else [None if m is None else to_datetime(m) for m in micros]
@@ -915,10 +951,11 @@ def journal_entry(entry_text: str) -> dict[str, Any]:
     return value
 
 
-def recompute_journal(entries: Sequence[tuple[int, str, int, str]]) -> tuple[str, list[str]]:
-    """The digest of a run's journal entries (`journal_entries`) and the problems found in them (a
-    gap in the sequence, an entry whose text is not its own canonical form or names another seq)."""
-    digest = JOURNAL_GENESIS
+def recompute_journal(entries: Sequence[tuple[int, str, int, str]]) -> tuple[list[str], list[str]]:
+    """The digests of a run's journal entries (`journal_entries`) after each prefix (`[0]`: none) and
+    the problems found in them (a gap in the sequence, an entry whose text is not its own canonical
+    form or disagrees with its columns)."""
+    digests = [JOURNAL_GENESIS]
     problems = []
     for position, (seq, partition_key, intent_seq, entry_text) in enumerate(entries, start=1):
         if seq != position:
@@ -936,19 +973,23 @@ def recompute_journal(entries: Sequence[tuple[int, str, int, str]]) -> tuple[str
             or entry.get("intentSeq") != intent_seq
         ):
             problems.append(f"journal entry {seq} disagrees with its columns or is not in canonical form")
-        digest = chain_journal_digest(digest, entry_text.encode("utf-8"))
-    return digest, problems
+        digests.append(chain_journal_digest(digests[-1], entry_text.encode("utf-8")))
+    return digests, problems
 
 
 @dataclass
 class JournalView:
-    """A run's journal for a table, checked: its entries (parsed), its digest, and the entries per
-    apply that are not undone."""
+    """A run's journal for a table, checked: its entries (parsed), its digest after each prefix, the
+    problems found, and which applies are undone (`markers`)."""
 
     entries: list[dict[str, Any]]
-    digest: str
+    digests: list[str]
     problems: list[str]
     markers: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return self.digests[-1]
 
     def live_entries(self, partition_key: str | None = None) -> list[dict[str, Any]]:
         """Entries of applies not rolled back (of one partition, when given)."""
@@ -968,21 +1009,18 @@ class JournalView:
                 view[e["keyText"]] = None if prior is None else LiveState.from_json(prior)
         return view
 
-    def digest_at(self, seq: int) -> str:
-        """The journal's digest after its first `seq` entries."""
-        digest = JOURNAL_GENESIS
-        for e in self.entries[:seq]:
-            digest = chain_journal_digest(digest, jcs(e))
-        return digest
+    def digest_at(self, seq: int) -> str | None:
+        """The journal's digest after its first `seq` entries (None: it has fewer)."""
+        return self.digests[seq] if 0 <= seq < len(self.digests) else None
 
 
 def read_journal(table: SqlTable, run_id: str) -> JournalView:
     raw = table.journal_entries(run_id)
-    digest, problems = recompute_journal(raw)
+    digests, problems = recompute_journal(raw)
     entries = []
     for _, _, _, entry_text in raw:
         try:
             entries.append(journal_entry(entry_text))
         except ValueError:
             continue
-    return JournalView(entries, digest, problems, table.rollback_markers(run_id))
+    return JournalView(entries, digests, problems, table.rollback_markers(run_id))
