@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import Database, insert_ignore, insert_ignore_many
+from pcbo_dagster.catalog.database import Database
 from pcbo_dagster.catalog.runs import register_dataset
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
@@ -27,15 +27,15 @@ class SqlApplyRecords(Database):
         now = utc_now()
         with self.write() as conn:
             register_dataset(conn, entry["dataset"], entry["version_label"])
-            added = insert_ignore(
-                conn,
-                t.sql_apply_log,
-                {**entry, "counts": compact_text(entry["counts"]), "recorded_at": now},
-                ["event_hash"],
+            log = t.sql_apply_log
+            if conn.execute(select(log.c.id).where(log.c.event_hash == entry["event_hash"])).first():
+                return False  # (an append-only table: its REPLACE guard refuses even ON CONFLICT)
+            conn.execute(
+                log.insert().values({**entry, "counts": compact_text(entry["counts"]), "recorded_at": now})
             )
-            if added and failures:
-                insert_ignore_many(
-                    conn,
+            if failures:
+                conn.execute(
+                    t.sql_row_failures.insert(),
                     t.sql_row_failures,
                     [
                         {
@@ -53,9 +53,8 @@ class SqlApplyRecords(Database):
                         }
                         for f in failures
                     ],
-                    ["event_hash", "record_id"],
                 )
-            return added
+            return True
 
     def sql_applies(
         self, dataset: str | None = None, version_label: str | None = None, run_id: str | None = None

@@ -313,6 +313,9 @@ def execute_sql(
     try:
         with scoped_lock(table, plan.dataset, plan.run_id) as lock:
             table.ensure_journal()
+            view = read_journal(table, plan.run_id)
+            checkpoints = table.checkpoints(plan.run_id)
+            _check_resume(plan, digest, view, checkpoints)
             env.catalog.start_run(
                 request.runId,
                 plan.dataset,
@@ -324,9 +327,6 @@ def execute_sql(
             env.audit.sync_to_catalog(ckey)
             state = replay(env.audit.backup.read_chain(ckey))
             complete_applies(env, table, state, plan.dataset, plan.version_label)
-            view = read_journal(table, plan.run_id)
-            checkpoints = table.checkpoints(plan.run_id)
-            _check_resume(plan, digest, view, checkpoints)
             cursor = _JournalCursor(len(view.entries), view.digest)
             for pd in decisions.partitions:
                 key = pd.partition.key

@@ -58,7 +58,6 @@ def check_sql_targets(
         if history.applies:
             by_target[target].append(history)
     checked = 0
-    catalog_rows = {r["event_hash"]: r for r in env.catalog.sql_applies(dataset, version_label)}
     for ref, histories in sorted(by_target.items()):
         newest = max(histories, key=lambda h: h.applies[-1].intent_seq)
         try:
@@ -67,11 +66,12 @@ def check_sql_targets(
             report.find("sql_target_unreachable", ref, scrub_text(str(getattr(exc, "orig", None) or exc)))
             continue
         try:
-            checked += _check_table(env, report, state, table, dataset, version_label, catalog_rows)
+            checked += _check_table(env, report, state, table, dataset, version_label)
         except SQLAlchemyError as exc:
             report.find("sql_target_unreachable", ref, scrub_text(str(getattr(exc, "orig", None) or exc)))
         finally:
             table.close()
+    catalog_rows = {r["event_hash"]: r for r in env.catalog.sql_applies(dataset, version_label)}
     chain_events = {
         str(e["chain"]["event_hash"])
         for h in state.sql.values()
@@ -97,7 +97,6 @@ def _check_table(
     table: SqlTable,
     dataset: str,
     version_label: str,
-    catalog_rows: dict[str, dict[str, Any]],
 ) -> int:
     ref = table.ref
     histories = [h for (target, _), h in sorted(state.sql.items()) if target == ref]
@@ -107,6 +106,7 @@ def _check_table(
                 report.repaired.append(item)
             for item in complete_rollbacks(env, table, state, dataset, version_label):
                 report.repaired.append(item)
+    catalog_rows = {r["event_hash"]: r for r in env.catalog.sql_applies(dataset, version_label)}
     runs = sorted({a.run_id for h in histories for a in h.applies})
     checkpoints = {run: table.checkpoints(run) for run in runs}
     markers = {run: table.rollback_markers(run) for run in runs}
@@ -200,8 +200,8 @@ def _check_apply(
                 "the chain says this apply was undone, but the table's pcbo_rollbacks has no row for it",
             )
         return 0
-    if apply.applied is None:
-        return 0
+    if apply.applied is None or (history.key, apply.intent_seq) in markers[apply.run_id]:
+        return 0  # open, or undone by a rollback whose events a crash cut off (reported above)
     gathered = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
     if gathered is None:
         report.find("sql_checkpoint_missing", where, "the apply's chunk checkpoints are not all in the table")
