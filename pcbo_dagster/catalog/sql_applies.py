@@ -36,7 +36,6 @@ class SqlApplyRecords(Database):
             if failures:
                 conn.execute(
                     t.sql_row_failures.insert(),
-                    t.sql_row_failures,
                     [
                         {
                             "event_hash": entry["event_hash"],

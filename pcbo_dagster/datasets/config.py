@@ -20,6 +20,10 @@ datasets:
     pool: null                        # Dagster pool; default pcbo-<name>
     checkGranularity: partition       # partition: one check evaluation per partition key;
                                       # run: one per check and run (fewer events for big backfills)
+    target: null                      # optional: a SQL table instead of the lake (issue 15):
+                                      # {kind: sql, url, table, key: [...], conflict, columns, ...}
+                                      # (core/sql_target_spec.py; a relative sqlite:/// path resolves
+                                      # against the file's directory; its pool: one per table)
     rollout:                          # optional: staged rollout (staging and production assets)
       stagingLake: null               # default: the staging environment's lake
       throttle: {partitionsPerMinute: 20, recordsPerMinute: null}
@@ -50,6 +54,7 @@ them (`sources_dir_for`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -80,6 +85,8 @@ from pcbo_dagster.core.partition_keys import (
     window_for_key,
 )
 from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, Text
+from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.sources.record_files import resolve_uri
 
 #: Cron shortcuts accepted in `partitioning.cron`.
@@ -353,6 +360,16 @@ class DatasetConfig(_Strict):
     checkGranularity: Literal["partition", "run"] = "partition"
     auditChainKey: StrictStr | None = None
     rollout: RolloutConfig | None = None
+    #: A SQL table written instead of the lake (issue 15).
+    target: SqlTargetSpec | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> DatasetConfig:
+        if self.target is not None and self.lake is not None:
+            raise _FieldError("lake", "does not apply to a dataset with a SQL target")
+        if self.target is not None and self.rollout is not None:
+            raise _FieldError("rollout", "staged rollouts write lakes; a SQL target has no rollout")
+        return self
 
     @model_validator(mode="after")
     def _rollout(self) -> DatasetConfig:
@@ -387,7 +404,14 @@ class DatasetConfig(_Strict):
 
     @property
     def pool_name(self) -> str:
-        return self.pool or f"pcbo-{self.name}"
+        """The Dagster pool: as configured; else one per SQL target table (every dataset writing it
+        queues in it), or `pcbo-<name>`."""
+        if self.pool:
+            return self.pool
+        if self.target is not None:
+            where = hashlib.sha256(redact_url(self.target.url).encode("utf-8")).hexdigest()[:8]
+            return f"pcbo-sql-{self.target.table}-{where}"
+        return f"pcbo-{self.name}"
 
 
 class DatasetsConfig(_Strict):
@@ -506,7 +530,7 @@ def _invalid_input(exc: ValidationError) -> InvalidInput:
     error = exc.errors(include_url=False)[0]
     field = _loc_to_field(tuple(error["loc"]))
     ctx_error = (error.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _FieldError):
+    if isinstance(ctx_error, _FieldError | TargetFieldError):
         field = f"{field}.{ctx_error.field}" if field != "config" else ctx_error.field
         return InvalidInput(field, ctx_error.message)
     message = error["msg"]
@@ -546,6 +570,10 @@ def parse_datasets_config(
         raise _invalid_input(exc) from None
     config._base_dir = (base_dir or Path.cwd()).resolve()
     config._sources_dir = None if sources_dir is None else sources_dir.resolve()
+    for index, dataset in enumerate(config.datasets):  # a relative SQLite target: against the file
+        if dataset.target is not None:
+            resolved = dataset.model_copy(update={"target": dataset.target.resolved(config._base_dir)})
+            config.datasets[index] = resolved
     return config
 
 

@@ -85,12 +85,15 @@ def _request_tail(dataset: DatasetConfig, source_uri: str, metadata: dict[str, A
     source: dict[str, Any] = {"uri": source_uri, "format": dataset.source.resolved_format()}
     if not dataset.source.prune:  # only when off: requests (and their hashes) stay as they were
         source["prune"] = False
-    return {
+    tail = {
         "policies": dataset.policies.model_dump(),
         "source": source,
         "existingTargetIds": list(dataset.existingTargetIds),
         "metadata": metadata,
     }
+    if dataset.target is not None:  # issue 15: a SQL table target
+        tail["target"] = dataset.target.model_dump(exclude_none=True)
+    return tail
 
 
 def dataset_keys(dataset: DatasetConfig) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from pcbo_dagster.core import merkle
 from pcbo_dagster.core.chain_state import ChainState, SqlApply, SqlPartitionHistory
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.environment import Environment
@@ -283,3 +284,32 @@ def _check_runs(
                 where,
                 "the catalog's plan or decision hash of the run differs from its intents'",
             )
+
+
+def partition_read_back(table: SqlTable, state: ChainState, key: str) -> tuple[bool, dict[str, Any]]:
+    """The reconciliation of one partition of a SQL table (the Dagster read-back check): the rows its
+    current apply wrote, read back and compared with the records' digests, and the Merkle root
+    recomputed over the ids still as written. Returns (passed, details)."""
+    history = state.sql.get((table.ref, key))
+    current = history.current if history is not None else None
+    if current is None or current.applied is None:
+        return False, {"finding": f"the chain holds no completed apply of {key} into {table.qualified}"}
+    event = current.applied
+    details: dict[str, Any] = {
+        "run_id": current.run_id,
+        "event_hash": event["chain"]["event_hash"],
+        "merkle_root": event["merkle_root"],
+        "applied": event["record_count"],
+    }
+    gathered = gathered_from_checkpoints(table.checkpoints(current.run_id), key, current)
+    if gathered is None:
+        return False, {**details, "finding": "the apply's checkpoints are not all in the table"}
+    changed = set(table.read_back_by_key_text(gathered.applied)) if gathered.applied else set()
+    kept = [i for i in gathered.applied_ids if i not in changed]
+    recomputed = merkle.root_hex(kept)
+    details.update(
+        rows_matching=len(kept),
+        root_recomputed=recomputed,
+        changed=sorted(changed)[:20],
+    )
+    return recomputed == event["merkle_root"] and not changed, details
