@@ -286,6 +286,25 @@ def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
     return {"directory": str(directory.resolve()), "files": files}
 
 
+def cmd_demo_sql(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.datasets.sql_demo import generate_sql_demo
+    from pcbo_dagster.engine.settings import home_dir
+
+    directory = Path(args.dir) if args.dir else home_dir() / "demo_sql"
+    try:
+        written = generate_sql_demo(directory)
+    except OSError as exc:
+        raise InvalidInput(
+            "--dir", f"cannot write the SQL demo to {directory}: {exc.strerror or exc}"
+        ) from None
+    return {
+        "directory": str(directory.resolve()),
+        "target": f"sqlite:///{written['table'].resolve()}",
+        "table": "events",
+        "request": str(written["request"].resolve()),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pcbo", description="Policy-constrained backfills into a parquet lake."
@@ -391,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_options(p, where=False)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo-sql", help="write a demo SQLite target table and a request that backfills it")
+    p.add_argument("--dir", help="target directory (default $PCBO_HOME/demo_sql)")
+    add_common_options(p, where=False)
+    p.set_defaults(func=cmd_demo_sql)
 
     add_rollout_commands(sub)
     return parser
