@@ -65,6 +65,24 @@ _CANONICAL_INSTANT = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:
 STRING, JSON_TEXT, INTEGER, FLOAT, BOOLEAN, TIMESTAMP = "string", "json", "int", "float", "bool", "timestamp"
 
 
+#: A freshness or tombstone value that cannot be read as an instant counts as later than any snapshot
+#: (fail closed: an unreadable `updated_at` never lets a backfill overwrite a live row).
+UNREADABLE_INSTANT = 2**62
+_UNREADABLE = "unreadable"
+
+
+def _instant_text(micros: int | None) -> str | None:
+    if micros is None:
+        return None
+    return _UNREADABLE if micros == UNREADABLE_INSTANT else format_instant(micros)
+
+
+def _instant_of_text(text: str | None) -> int | None:
+    if text is None:
+        return None
+    return UNREADABLE_INSTANT if text == _UNREADABLE else parse_instant(text)
+
+
 @dataclass(frozen=True)
 class LiveState:
     """A live row as the outcome needs it: the digest of its written columns (compared with the
@@ -79,23 +97,26 @@ class LiveState:
     def to_json(self) -> dict[str, Any]:
         return {
             "rowDigest": self.row_digest,
-            "freshUs": self.fresh_us,
-            "deletedUs": self.deleted_us,
+            "fresh": _instant_text(self.fresh_us),
+            "deleted": _instant_text(self.deleted_us),
             "liveDigest": self.live_digest,
         }
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> LiveState:
-        return cls(value["rowDigest"], value["freshUs"], value["deletedUs"], value["liveDigest"])
+        return cls(
+            value["rowDigest"],
+            _instant_of_text(value["fresh"]),
+            _instant_of_text(value["deleted"]),
+            value["liveDigest"],
+        )
 
 
 def live_state(row_values: Sequence[Any], fresh_us: int | None, deleted_us: int | None) -> LiveState:
     """The `LiveState` of a row from its canonical written values (`canonical_value`)."""
+    state = [*row_values, _instant_text(fresh_us), _instant_text(deleted_us)]  # one flat list
     return LiveState(
-        row_digest(row_values),
-        fresh_us,
-        deleted_us,
-        prefixed(sha256_hex(jcs([list(row_values), fresh_us, deleted_us]))),
+        row_digest(row_values), fresh_us, deleted_us, prefixed(sha256_hex(canonical_bytes(state)))
     )
 
 
@@ -164,18 +185,22 @@ def canonical_value(kind: str, value: Any) -> Any:
     return ["?", type(value).__name__, str(value)]
 
 
+def canonical_bytes(value: Any) -> bytes:
+    """RFC 8785 of a value whose floats, if any, sit in its top-level list (canonical row values):
+    through `fast_jcs` when there are none, else `rfc8785`."""
+    if isinstance(value, list) and any(isinstance(v, float) for v in value):
+        return jcs(value)
+    return fast_jcs(value)
+
+
 def row_digest(values: Sequence[Any]) -> str:
     """`sha256:` of the RFC 8785 list of a row's canonical written values (in column order)."""
-    try:
-        data = fast_jcs(list(values))
-    except (TypeError, ValueError):
-        data = jcs([str(v) for v in values])
-    return prefixed(hashlib.sha256(data).hexdigest())
+    return prefixed(hashlib.sha256(canonical_bytes(list(values))).hexdigest())
 
 
 def key_text(values: Sequence[Any]) -> str:
     """A row's key as one text (RFC 8785 of its canonical key values): how rows are matched."""
-    return jcs(list(values)).decode("utf-8")
+    return canonical_bytes(list(values)).decode("utf-8")
 
 
 # -- the decisions of a SQL target --------------------------------------------------------------------

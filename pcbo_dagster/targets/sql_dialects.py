@@ -11,7 +11,7 @@ are enforced. A dry-run opens SQLite read-only and never creates a file.
 **Row images** (what the journal keeps of a row before the run changed it): on PostgreSQL every
 column's text form (`col::text`), written back with `CAST(text AS <the column's type>)` (exact for
 every built-in type, as `pg_dump` relies on); on SQLite every column's stored value, tagged with its
-storage class (`["i", 5]`, `["r", "1.5"]`, `["t", "x"]`, `["b", "<base64>"]`, null).
+storage class (`["i", "5"]`, `["r", "1.5"]`, `["t", "x"]`, `["b", "<base64>"]`, null).
 """
 
 from __future__ import annotations
@@ -28,7 +28,15 @@ from sqlalchemy.engine import URL
 from pcbo_dagster.catalog.database import sqlalchemy_url
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant, to_micros
-from pcbo_dagster.core.sql_outcomes import BOOLEAN, FLOAT, INTEGER, JSON_TEXT, STRING, TIMESTAMP
+from pcbo_dagster.core.sql_outcomes import (
+    BOOLEAN,
+    FLOAT,
+    INTEGER,
+    JSON_TEXT,
+    STRING,
+    TIMESTAMP,
+    UNREADABLE_INSTANT,
+)
 from pcbo_dagster.io.redaction import redact_url
 
 POSTGRESQL = "postgresql"
@@ -40,9 +48,6 @@ PG_SESSION_OPTIONS = (
     "-c bytea_output=hex -c standard_conforming_strings=on"
 )
 _BEGIN_OPTION = "pcbo_sqlite_begin"
-#: Freshness or tombstone values that cannot be read as instants count as later than any snapshot
-#: (fail closed: an unreadable `updated_at` never lets a backfill overwrite a live row).
-UNREADABLE_INSTANT = 2**62
 
 
 @dataclass(frozen=True)
@@ -323,10 +328,8 @@ def encode_image_value(dialect: str, value: Any) -> Any:
     """A column's image value as JSON (PostgreSQL: already text)."""
     if value is None or dialect == POSTGRESQL:
         return value
-    if isinstance(value, bool):
-        return ["i", int(value)]
-    if isinstance(value, int):
-        return ["i", value]
+    if isinstance(value, bool | int):
+        return ["i", str(int(value))]  # as text: SQLite integers reach past RFC 8785's 2**53
     if isinstance(value, float):
         return ["r", repr(value)]
     if isinstance(value, str):

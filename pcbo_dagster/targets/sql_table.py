@@ -39,11 +39,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pyarrow as pa
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DataError, IntegrityError
 
-from pcbo_dagster.core.canonical import fast_jcs, jcs, prefixed
+from pcbo_dagster.core.canonical import fast_jcs, prefixed
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant, to_datetime
 from pcbo_dagster.core.record_table import TIMESTAMP as ARROW_TIMESTAMP
@@ -421,17 +422,26 @@ class SqlTable:
 
     # -- reading live rows ----------------------------------------------------------------------
 
-    def _key_condition(self, count: int, prefix: str = "k") -> str:
+    def _key_condition(self, count: int) -> str:
+        """Rows whose key is one of `count` keys: on PostgreSQL one array per key column (a short
+        statement the driver prepares once), on SQLite a list of values."""
         cols = [quote(k.column.name) for k in self.key]
+        if self.dialect == POSTGRESQL:
+            arrays = [f"CAST(:k{j} AS {k.column.type_text}[])" for j, k in enumerate(self.key)]
+            if len(cols) == 1:
+                return f"{cols[0]} = ANY({arrays[0]})"
+            return f"({', '.join(cols)}) IN (SELECT * FROM unnest({', '.join(arrays)}))"
         if len(cols) == 1:
-            return f"{cols[0]} IN ({', '.join(f':{prefix}{i}_0' for i in range(count))})"
+            return f"{cols[0]} IN ({', '.join(f':k{i}_0' for i in range(count))})"
         tuples = ", ".join(
-            "(" + ", ".join(f":{prefix}{i}_{j}" for j in range(len(cols))) + ")" for i in range(count)
+            "(" + ", ".join(f":k{i}_{j}" for j in range(len(cols))) + ")" for i in range(count)
         )
         return f"({', '.join(cols)}) IN (VALUES {tuples})"
 
-    def _key_params(self, keys: Sequence[tuple[Any, ...]], prefix: str = "k") -> dict[str, Any]:
-        return {f"{prefix}{i}_{j}": v for i, key in enumerate(keys) for j, v in enumerate(key)}
+    def _key_params(self, keys: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+        if self.dialect == POSTGRESQL:
+            return {f"k{j}": [key[j] for key in keys] for j in range(len(self.key))}
+        return {f"k{i}_{j}": v for i, key in enumerate(keys) for j, v in enumerate(key)}
 
     def _live_select(self, with_image: bool) -> tuple[str, int]:
         """The columns read of a live row: key, written, freshness, tombstone (and the image)."""
@@ -792,10 +802,21 @@ class SqlTable:
             "priorState": None if now is None else now.state.to_json(),
             "after": row.record_digest,
         }
-        return entry, jcs(entry)
+        return entry, fast_jcs(entry)
 
     def _insert_journal(self, conn: Connection, ctx: ChunkContext, entries: list[dict[str, Any]]) -> None:
         if not entries:
+            return
+        if self.dialect == POSTGRESQL and len(entries) > 1:
+            _copy(
+                conn,
+                f"COPY {self._pcbo(JOURNAL_TABLE)} "
+                "(run_id, table_name, seq, partition_key, intent_seq, entry)",
+                [
+                    (ctx.run_id, self.qualified, e["seq"], ctx.partition_key, ctx.intent_seq, e["entry"])
+                    for e in entries
+                ],
+            )
             return
         conn.execute(
             text(
@@ -812,7 +833,13 @@ class SqlTable:
     def _write_rows(self, conn: Connection, writes: Sequence[tuple[PlannedRow, LiveRow | None]]) -> None:
         names = [w.column.name for w in self.written]
         inserts = [row for row, _ in writes if row.outcome == INSERT]
-        if inserts:
+        if self.dialect == POSTGRESQL and len(inserts) > 1:  # the chunk's rows in one COPY
+            _copy(
+                conn,
+                f"COPY {self._sql_table} ({', '.join(quote(n) for n in names)})",
+                [r.values for r in inserts],
+            )
+        elif inserts:
             conn.execute(
                 text(
                     f"INSERT INTO {self._sql_table} ({', '.join(quote(n) for n in names)}) VALUES "
@@ -933,6 +960,24 @@ class SqlTable:
             yield f"UPDATE {self._sql_table} SET {assignments} WHERE {where};"
 
 
+def _copy(conn: Connection, copy_into: str, rows: Iterable[Sequence[Any]]) -> None:
+    """`COPY ... FROM STDIN` of `rows` on the connection's own transaction (PostgreSQL). A row the
+    table refuses fails the whole COPY, as an INSERT of the chunk would: the chunk falls back to rows.
+    Raised as SQLAlchemy's DataError or IntegrityError, like a failed statement."""
+    import psycopg
+
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    try:
+        with driver.cursor() as cursor, cursor.copy(f"{copy_into} FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.IntegrityError as exc:
+        raise IntegrityError(copy_into, None, exc) from exc
+    except psycopg.DataError as exc:
+        raise DataError(copy_into, None, exc) from exc
+
+
 def _failure(row: PlannedRow, code: str, error: str) -> dict[str, Any]:
     return {"id": row.id, "key": row.key_text, "outcome": row.outcome, "code": code, "error": error}
 
@@ -947,7 +992,9 @@ def _database_error(exc: Exception) -> tuple[str, str]:
 
 
 def journal_entry(entry_text: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(entry_text)
+    value = orjson.loads(entry_text)
+    if not isinstance(value, dict):
+        raise ValueError("a journal entry is a JSON object")
     return value
 
 
@@ -962,7 +1009,7 @@ def recompute_journal(entries: Sequence[tuple[int, str, int, str]]) -> tuple[lis
             problems.append(f"journal entry {seq} is at position {position} (entries are missing or added)")
         try:
             entry = journal_entry(entry_text)
-            canonical = jcs(entry).decode("utf-8")
+            canonical = fast_jcs(entry).decode("utf-8")
         except (ValueError, TypeError):
             problems.append(f"journal entry {seq} is not JSON")
             canonical, entry = "", {}
