@@ -376,3 +376,54 @@ def test_a_string_field_into_an_integer_column_names_the_column(tmp_path: Path) 
         "target.columns.amount: column 'amount' (INTEGER, INTEGER affinity) would change strings"
         in run.stderr
     )
+
+
+# -- privileges and secrets -------------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_not_write_is_refused_and_no_password_is_kept(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = fresh_postgres_url
+    create_table(url)
+    reader = f"reader_{make_url(url).database}"[:60]
+    run_sql(url, f'CREATE ROLE "{reader}" LOGIN', f'GRANT SELECT ON events TO "{reader}"')
+    as_reader = make_url(url).set(username=reader).render_as_string(hide_password=False)
+    req = request(as_reader, [record(i) for i in range(1, 4)])
+    assert _dry_run(tmp_path, req).status == 0  # a dry-run only reads
+    refused = _execute(tmp_path, req)
+    assert refused.status == 2
+    assert (
+        f"target.url: the role '{reader}' may not INSERT, UPDATE, DELETE table public.events"
+        in refused.stderr
+    )
+    assert query(url, "SELECT count(*) FROM events") == [(0,)]
+
+    # A password in the URL (the server trusts loopback and ignores it) is in no output or file.
+    secret = "s3cret-Pa55word"
+    with_password = make_url(url).set(password=secret).render_as_string(hide_password=False)
+    run = _execute(tmp_path, request(with_password, [record(i) for i in range(1, 4)]))
+    assert run.status == 0, run.stderr
+    assert secret not in json.dumps(run.document) and secret not in run.stderr
+    stored = [p for p in (tmp_path / "home").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert stored == []
+    assert secret not in "".join(r[0] for r in query(url, "SELECT entry FROM pcbo_journal"))
+
+
+def test_a_resume_refuses_a_changed_journal(tmp_path: Path) -> None:
+    from pcbo_dagster_tests.cli_runner import run_pcbo
+
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    path = write_json(tmp_path / "req.json", request(url, [record(i) for i in range(1, 13)], chunkRows=2))
+    crashed = run_pcbo(
+        ["execute", "--input", path], home=tmp_path / "home", env={"PCBO_FAILPOINT": "sql_after_chunk@1"}
+    )
+    assert crashed.status == 86, crashed.stderr
+    run_sql(url, "DROP TRIGGER pcbo_journal_no_delete", "DELETE FROM pcbo_journal WHERE seq = 1")
+    refused = pcbo(["execute", "--input", path, "--home", tmp_path / "home"])
+    assert refused.status == 3 and refused.document["gate"] == "resume"
+    assert "the journal changed" in refused.document["reason"]
