@@ -163,8 +163,10 @@ def test_a_lake_that_cannot_be_written_is_one_line_and_exit_1(tmp_path):
 
 
 def test_a_closed_pipe_is_one_line_and_exit_1(tmp_path):
-    """`pcbo dry-run | head -c 10`: the reader goes away; pcbo stops with one line and exit 1."""
-    request = _request(tmp_path)
+    """`pcbo dry-run | head -c 10`: the reader goes away; pcbo stops with one line and exit 1. (The
+    document is far larger than a pipe's buffer, so the write meets the closed pipe.)"""
+    big = load_generator().make_request(records=20_000, partitions=24, seed=3, run_id="bad-input-pipe")
+    request = write_request(tmp_path / "big.json", big)
     proc = subprocess.run(
         [
             "bash",
@@ -250,3 +252,69 @@ def test_secrets_in_urls_reach_no_output_event_or_catalog_row(tmp_path):
             visible += json.dumps(db.execute(f"SELECT * FROM {table}").fetchall(), default=str)
     for secret in ("hunter2-secret", "tok-secret-9"):
         assert secret not in visible
+
+
+# -- a datasets config whose cron would make too many partitions ---------------------------------------
+
+CRONS = [
+    "*/15 * * * *",
+    "0 9 * * 1-5",
+    "30 2 1 * *",
+    "0 0 * * 0",
+    "0 12 1,15 * 1",
+    "5 4 * * sun",
+    "0 0 29 2 *",
+    "7 */3 * JAN-MAR *",
+    "0 0 * * 7",
+]
+
+
+@pytest.mark.parametrize("cron", CRONS)
+def test_cron_ticks_are_counted_as_dagster_counts_them(cron):
+    import datetime as dt
+
+    dg_schedules = pytest.importorskip("dagster._utils.schedules")
+
+    from pcbo_dagster.datasets.config import cron_tick_count
+
+    start = dt.datetime(2024, 1, 1, 0, 7, 30, tzinfo=dt.UTC)
+    end = dt.datetime(2024, 3, 10, 13, 0, tzinfo=dt.UTC)
+    expected = 0
+    for tick in dg_schedules.cron_string_iterator(start.timestamp(), cron, "UTC"):
+        if tick.timestamp() >= end.timestamp():
+            break
+        expected += tick.timestamp() >= start.timestamp()
+    got = cron_tick_count(cron, int(start.timestamp() * 1e6), int(end.timestamp() * 1e6), 10**9)
+    assert got == expected
+
+
+def test_a_cron_that_would_make_more_partitions_than_the_limit_is_invalid_quickly(tmp_path):
+    config = tmp_path / "datasets.yaml"
+    config.write_text(
+        "datasets:\n  - name: events\n    partitioning: {kind: time_window, cron: '* * * * *', "
+        "start: '2020-01-01T00:00:00Z', end: '2024-01-01T00:00:00Z'}\n    source: {uri: x.jsonl}\n"
+    )
+    run = run_pcbo(["validate-config", config], cwd=tmp_path, timeout=60)
+    assert run.status == 2 and "partitioning.cron" in run.stderr and "100000" in run.stderr, run.stderr
+
+
+def test_a_ledger_batch_that_decompresses_past_the_limit_is_invalid_input(tmp_path):
+    pytest.importorskip("stellar_sdk")
+    from pcbo_dagster_tests import ledger_archive_builder as builder
+
+    root = tmp_path / "archive"
+    builder.write_archive(root, 2, 9, ledgers_per_file=4, files_per_partition=2)
+    request = {
+        "runId": "bomb-run",
+        "dataset": "ledgers",
+        "ledgerRange": {"field": "ledgerSequence", "first": 2, "end": 10, "partitionSize": 8},
+        "source": {"uri": str(root), "format": "ledger_archive"},
+    }
+    home = tmp_path / "home"
+    run = run_pcbo(
+        ["dry-run", "--input", write_request(tmp_path / "r.json", request)],
+        home=home,
+        env={"PCBO_MAX_BATCH_BYTES": "1024"},
+    )
+    assert_refused(run, "source", home)
+    assert "decompresses past 1024 bytes" in run.stderr

@@ -54,6 +54,8 @@ them (`sources_dir_for`).
 
 from __future__ import annotations
 
+import bisect
+import datetime as dt
 import hashlib
 import os
 import re
@@ -149,6 +151,53 @@ def normalize_cron(cron: str) -> str:
     return expression
 
 
+def _cron_sets(expression: str) -> list[set[int]]:
+    """The values each field of a (checked) 5-field cron expression matches."""
+    sets = []
+    for index, text in enumerate(expression.split()):
+        lo_bound, hi_bound = _CRON_BOUNDS[index]
+        values: set[int] = set()
+        for item in text.split(","):
+            base, _, step_text = item.partition("/")
+            step = int(step_text) if step_text else 1
+            if base == "*":
+                lo, hi = lo_bound, hi_bound
+            else:
+                lo_text, dash, hi_text = base.partition("-")
+                lo = _cron_value(lo_text, index)
+                hi = _cron_value(hi_text, index) if dash else (hi_bound if step_text else lo)
+            values.update(range(lo, hi + 1, step))
+        if index == 4 and 7 in values:  # Sunday is 0 and 7
+            values.add(0)
+        sets.append(values)
+    return sets
+
+
+def cron_tick_count(expression: str, start_us: int, end_us: int, limit: int) -> int:
+    """How many ticks of `expression` (UTC) fall in [start, end): counted a day at a time, and no
+    further than `limit` + 1 (enough to say "more than the limit"). At most one pass over the days of
+    the range, so a cron that ticks rarely over centuries costs a few seconds, never memory."""
+    minutes, hours, days, months, weekdays = _cron_sets(expression)
+    per_day = sorted(h * 60 + m for h in hours for m in minutes)
+    day_restricted, weekday_restricted = len(days) < 31, len(weekdays) < 7
+    start_minute = -(-start_us // 60_000_000)  # ticks are on whole minutes
+    end_minute = -(-end_us // 60_000_000)
+    first_day = dt.date(1970, 1, 1) + dt.timedelta(days=start_minute // 1440)
+    count, day, day_minute = 0, first_day, (start_minute // 1440) * 1440
+    while day_minute < end_minute and count <= limit:
+        weekday = (day.weekday() + 1) % 7  # cron: 0 = Sunday
+        if day.month in months and (
+            (day.day in days or weekday in weekdays)
+            if day_restricted and weekday_restricted
+            else (day.day in days and weekday in weekdays)
+        ):
+            low, high = max(start_minute - day_minute, 0), min(end_minute - day_minute, 1440)
+            count += bisect.bisect_left(per_day, high) - bisect.bisect_left(per_day, low)
+        day += dt.timedelta(days=1)
+        day_minute += 1440
+    return count
+
+
 def asset_name_for(dataset: str) -> str:
     """Dagster asset names allow [A-Za-z0-9_]: other characters of a dataset name become `_`."""
     return re.sub(r"[^A-Za-z0-9_]", "_", dataset)
@@ -182,6 +231,12 @@ class TimeWindowPartitioning(_Strict):
                 raise _FieldError(
                     "end", f"the window would make {count} partitions; the limit is {MAX_PARTITIONS}"
                 )
+        elif end_us is not None and cron_tick_count(self.cron, self.start_us, end_us, MAX_PARTITIONS + 1) > (
+            MAX_PARTITIONS + 1
+        ):
+            raise _FieldError(
+                "cron", f"ticks more than {MAX_PARTITIONS} times between start and end (the partition limit)"
+            )
         return self
 
     @property

@@ -332,9 +332,14 @@ def rollback(
     if version is not None and (partition_key is None or run_id is not None):
         raise InvalidInput("version", "a version is rolled back with a partition key and no run id")
     try:
-        layout.check_partition(dataset, version_label, partition_key or "20000101T000000Z")
+        layout.check_names(dataset, version_label)
     except OutsidePartition as exc:
-        raise InvalidInput("partition" if partition_key else "dataset", str(exc)) from None
+        raise InvalidInput("dataset", str(exc)) from None
+    if partition_key is not None:
+        try:
+            layout.check_partition(dataset, version_label, partition_key)
+        except OutsidePartition as exc:
+            raise InvalidInput("partition", str(exc)) from None
     if version is None:  # issue 15: what a run applied to a SQL table (engine/sql_rollback.py)
         from pcbo_dagster.engine.sql_rollback import rollback_sql
 

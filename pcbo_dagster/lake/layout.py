@@ -32,11 +32,16 @@ class OutsidePartition(IntegrityError, ValueError):
     lake or a manifest says cannot be trusted)."""
 
 
-def check_partition(dataset: str, version_label: str, key: str) -> None:
-    """`OutsidePartition` unless dataset and version label are plain names and key a partition key."""
+def check_names(dataset: str, version_label: str) -> None:
+    """`OutsidePartition` unless dataset and version label are plain names (no `/`, no `..`)."""
     for what, value in (("dataset", dataset), ("versionLabel", version_label)):
         if not isinstance(value, str) or not _NAME.fullmatch(value) or value in (".", ".."):
             raise OutsidePartition(f"{what} {value!r} is not a plain name")
+
+
+def check_partition(dataset: str, version_label: str, key: str) -> None:
+    """`OutsidePartition` unless dataset and version label are plain names and key a partition key."""
+    check_names(dataset, version_label)
     try:
         validate_partition_key(key)
     except PartitionKeyError as exc:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any
 
+from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.sources.ledger_xdr import LedgerFacts, XdrError, walk_ledger, xdr_words
 
 _MAX_CLOSE_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant pcbo can write
@@ -57,18 +59,35 @@ class BatchError:
 BatchResult = tuple[list[DecodedLedger], BatchError | None]
 
 
+#: The most one batch file may decompress to (`PCBO_MAX_BATCH_BYTES`, default 1 GiB): a file that
+#: decompresses past it (a zstd bomb, or not a ledger batch) is refused after reading that much.
+DEFAULT_MAX_BATCH_BYTES = 1 << 30
+
+
+def max_batch_bytes() -> int:
+    return positive_int(
+        "PCBO_MAX_BATCH_BYTES", os.environ.get("PCBO_MAX_BATCH_BYTES"), DEFAULT_MAX_BATCH_BYTES
+    )
+
+
 def read_batch_bytes(uri: str) -> bytes:
     """The decompressed XDR of one batch file (zstd frames with or without a content size);
-    `BatchReadError` when it cannot be read."""
+    `BatchReadError` when it cannot be read or decompresses past `max_batch_bytes()`."""
     import fsspec
     import zstandard
 
+    limit = max_batch_bytes()
     try:
         with fsspec.open(uri, "rb") as raw:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
             with reader:
-                chunks = []
+                chunks, size = [], 0
                 while chunk := reader.read(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise BatchReadError(
+                            BatchError(uri, f"decompresses past {limit} bytes (PCBO_MAX_BATCH_BYTES)")
+                        )
                     chunks.append(chunk)
         return b"".join(chunks)
     except zstandard.ZstdError as exc:

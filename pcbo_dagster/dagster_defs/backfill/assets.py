@@ -45,6 +45,7 @@ from pcbo_dagster.datasets.requests import (
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
+from pcbo_dagster.io.redaction import redact_url
 
 GROUP_NAME = "pcbo"
 #: The asset's context, or the request job's op context (the loggers below only use `context.log`).
@@ -180,7 +181,8 @@ def failure_for_invalid_input(exc: InvalidInput, source_uri: str | None = None) 
     description = f"invalid input: {exc}"
     if exc.field == "source.uri" and source_uri is not None:
         description += (
-            f" ({source_uri}; for the example config, generate the demo sources with `pcbo demo-data`)"
+            f" ({redact_url(source_uri)}; for the example config, generate the demo sources with "
+            "`pcbo demo-data`)"
         )
     return dg.Failure(
         description=description,
@@ -289,7 +291,7 @@ def _materialize(
     run_ids = [engine_run_id(context.run.run_id, i, len(groups)) for i in range(len(groups))]
     context.log.info(
         f"{dataset.name}: {len(keys)} partition(s) {keys[0]}..{keys[-1]} as {len(groups)} engine "
-        f"request(s); source {source_uri}; engine {json.dumps(pcbo.describe(lake))}"
+        f"request(s); source {redact_url(source_uri)}; engine {json.dumps(pcbo.describe(lake))}"
     )
     with engine_errors(source_uri):
         if len(groups) > 1:
@@ -358,7 +360,7 @@ def build_dataset_asset(config: DatasetsConfig, dataset: DatasetConfig) -> dg.As
                 "version_label": dg.MetadataValue.text(dataset.versionLabel),
                 "audit_chain_key": dg.MetadataValue.text(dataset.chain_key),
                 "partitioning": dg.MetadataValue.json(partitioning.model_dump()),
-                "source": dg.MetadataValue.text(source_uri),
+                "source": dg.MetadataValue.text(redact_url(source_uri)),
                 "policies": dg.MetadataValue.json(dataset.policies.model_dump()),
                 "existing_target_ids": dg.MetadataValue.int(len(dataset.existingTargetIds)),
             },
