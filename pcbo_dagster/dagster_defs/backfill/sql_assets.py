@@ -50,7 +50,7 @@ def _engine_failures(source_uri: str) -> Iterator[None]:
         yield
     except InvalidInput as exc:
         raise dg.Failure(
-            description=f"invalid input: {exc} (source {source_uri})",
+            description=f"invalid input: {exc} (source {redact_url(source_uri)})",
             metadata={"field": exc.field, "message": exc.message},
             allow_retries=False,
         ) from exc
