@@ -427,3 +427,26 @@ def test_a_resume_refuses_a_changed_journal(tmp_path: Path) -> None:
     refused = pcbo(["execute", "--input", path, "--home", tmp_path / "home"])
     assert refused.status == 3 and refused.document["gate"] == "resume"
     assert "the journal changed" in refused.document["reason"]
+
+
+def test_a_streamed_source_decides_and_applies_as_the_same_records_inline(tmp_path: Path) -> None:
+    records = [record(i) for i in range(1, 40)]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    documents = []
+    for name, source in (
+        ("inline", {"sourceRecords": records}),
+        ("file", {"source": {"uri": "records.jsonl"}}),
+    ):
+        url = sqlite_url(tmp_path / f"{name}.db")
+        create_table(url)
+        req = {k: v for k, v in request(url, records, chunkRows=5).items() if k != "sourceRecords"}
+        req["target"]["url"] = f"sqlite:///{name}.db"
+        run = _execute(tmp_path, {**req, **source}, home=f"home-{name}")
+        assert run.status == 0, run.stderr
+        documents.append(run.document)
+        assert dump(url) == dump(sqlite_url(tmp_path / "inline.db"))
+    inline, streamed = documents
+    assert inline["planHash"] == streamed["planHash"]
+    assert inline["policyDecisionHash"] == streamed["policyDecisionHash"]
+    roots = [{p["key"]: p["merkleRoot"] for p in d["partitions"]} for d in documents]
+    assert roots[0] == roots[1]

@@ -168,6 +168,8 @@ def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
 
     raw, base_dir = read_input(args.input)
     loaded = load_request(raw, base_dir)
+    if loaded.request.target is not None:  # issue 15: see the pcbo_request job
+        raise InvalidInput("target", "a SQL table target runs with pcbo execute or as its dataset's asset")
     _, decisions = evaluate(loaded)
     check_gates(loaded, decisions)
     try:
