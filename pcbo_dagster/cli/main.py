@@ -34,7 +34,7 @@ from pcbo_dagster.cli.common import (
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.io.redaction import redact_url, scrub_text
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -236,6 +236,9 @@ def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
             "format": dataset.source.resolved_format(),
             "present": Path(source).exists() if "://" not in source else None,
         },
+        "target": None
+        if dataset.target is None
+        else {"kind": "sql", "url": redact_url(dataset.target.url), "table": dataset.target.table},
         "backfillPolicy": dataset.backfillPolicy.model_dump(),
         "pool": dataset.pool_name,
         "checkGranularity": dataset.checkGranularity,
