@@ -316,6 +316,15 @@ def execute_sql(
             view = read_journal(table, plan.run_id)
             checkpoints = table.checkpoints(plan.run_id)
             _check_resume(plan, digest, view, checkpoints)
+            env.audit.sync_to_catalog(ckey)
+            state = replay(env.audit.backup.read_chain(ckey))
+            for (target, _), interrupted in state.sql.items():  # an apply of this run, to resume
+                apply = interrupted.open_apply
+                if target == table.ref and apply is not None and apply.run_id == plan.run_id:
+                    began = (apply.intent["plan_hash"], apply.intent.get("target_digest"))
+                    if began != (plan.plan_hash, digest):
+                        why = f"the request or the target changed since {interrupted.key}'s apply began"
+                        _refuse_resume(plan, why)
             env.catalog.start_run(
                 request.runId,
                 plan.dataset,
@@ -324,8 +333,6 @@ def execute_sql(
                 decisions.decision_hash,
                 dict(request.metadata),
             )
-            env.audit.sync_to_catalog(ckey)
-            state = replay(env.audit.backup.read_chain(ckey))
             complete_applies(env, table, state, plan.dataset, plan.version_label)
             cursor = _JournalCursor(len(view.entries), view.digest)
             for pd in decisions.partitions:
@@ -471,6 +478,7 @@ def _partition(
                 sql_partition_of(plan.dataset, plan.version_label, pd.partition),
                 plan.plan_hash,
                 decisions.decision_hash,
+                digest,
                 chunks,
                 outcomes_digest(key, outcomes),
                 cursor.seq,

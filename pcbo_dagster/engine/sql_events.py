@@ -3,7 +3,8 @@ is `core/chain_state.py`'s (`ChainState.sql`).
 
 - `sql_apply_intent`, before a partition's first chunk touches the table: the run, the target table
   and its layout (key, the columns written and their kinds: what a rollback or a verify needs to
-  find and compare rows without the request), the plan and decision hashes, the number of chunks,
+  find and compare rows without the request), the plan and decision hashes, the digest of the
+  target's settings (a resumed run must have the same), the number of chunks,
   the digest of the partition's outcomes, and the journal before it;
 - `sql_partition_applied`, naming its intent's seq: counts (inserted, updated, skipped, refused,
   failed, and the partition's decision counts), the failed rows' digest, the Merkle root over the
@@ -54,6 +55,7 @@ def apply_intent_body(
     partition: dict[str, Any],
     plan_hash: str,
     decision_hash: str,
+    target_digest: str,
     chunks: int,
     outcomes_digest: str,
     journal_seq: int,
@@ -66,6 +68,7 @@ def apply_intent_body(
         "partition": partition,
         "plan_hash": plan_hash,
         "decision_hash": decision_hash,
+        "target_digest": target_digest,
         "chunks": chunks,
         "outcomes_digest": outcomes_digest,
         "journal": {"seq": journal_seq, "digest": journal_digest},

@@ -453,8 +453,14 @@ class SqlTable:
         return ", ".join(parts), len(parts)
 
     def _live_rows(
-        self, conn: Connection, keys: Sequence[tuple[Any, ...]], lock: bool, with_image: bool
+        self,
+        conn: Connection,
+        keys: Sequence[tuple[Any, ...]],
+        lock: bool,
+        with_image: bool,
+        digests_only: bool = False,
     ) -> dict[str, LiveRow]:
+        """The live rows of `keys` by key text (`digests_only`: only each row's digest is right)."""
         select, _ = self._live_select(with_image)
         found: dict[str, LiveRow] = {}
         nkey, nwritten = len(self.key), len(self.written)
@@ -476,7 +482,12 @@ class SqlTable:
                         name: d.encode_image_value(self.dialect, row[base + i])
                         for i, name in enumerate(column_names)
                     }
-                found[key_text(key_canonical)] = LiveRow(live_state(values, fresh, deleted), image)
+                state = (
+                    LiveState(row_digest(values), None, None, "")
+                    if digests_only
+                    else live_state(values, fresh, deleted)
+                )
+                found[key_text(key_canonical)] = LiveRow(state, image)
         return found
 
     def read_live(self, rows: Sequence[PlannedRow]) -> dict[str, LiveState]:
@@ -489,7 +500,9 @@ class SqlTable:
         """Ids of `applied` ([id, key text, digest]) whose row is not in the table as written
         (`keys`: key text -> the key's values, to find the rows)."""
         with self.read() as conn:
-            found = self._live_rows(conn, [keys[a[1]] for a in applied], lock=False, with_image=False)
+            found = self._live_rows(
+                conn, [keys[a[1]] for a in applied], lock=False, with_image=False, digests_only=True
+            )
         return [a[0] for a in applied if a[1] not in found or found[a[1]].state.row_digest != a[2]]
 
     def read_back_by_key_text(self, applied: Sequence[Sequence[str]]) -> list[str]:
@@ -888,7 +901,7 @@ class SqlTable:
     ) -> list[dict[str, Any]]:
         """The entries whose row is no longer as the run wrote it (changed or removed since)."""
         keys = [self.key_values_of_text(e["keyText"]) for e in entries]
-        found = self._live_rows(conn, keys, lock=lock, with_image=False)
+        found = self._live_rows(conn, keys, lock=lock, with_image=False, digests_only=True)
         drifted = []
         for e in entries:
             now = found.get(e["keyText"])
@@ -998,10 +1011,13 @@ def journal_entry(entry_text: str) -> dict[str, Any]:
     return value
 
 
-def recompute_journal(entries: Sequence[tuple[int, str, int, str]]) -> tuple[list[str], list[str]]:
-    """The digests of a run's journal entries (`journal_entries`) after each prefix (`[0]`: none) and
-    the problems found in them (a gap in the sequence, an entry whose text is not its own canonical
-    form or disagrees with its columns)."""
+def recompute_journal(
+    entries: Sequence[tuple[int, str, int, str]],
+) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """A run's journal entries (`journal_entries`) parsed, the journal's digest after each prefix
+    (`[0]`: none), and the problems found in them (a gap in the sequence, an entry that is not JSON,
+    not its own canonical form or disagrees with its columns)."""
+    parsed: list[dict[str, Any]] = []
     digests = [JOURNAL_GENESIS]
     problems = []
     for position, (seq, partition_key, intent_seq, entry_text) in enumerate(entries, start=1):
@@ -1010,6 +1026,7 @@ def recompute_journal(entries: Sequence[tuple[int, str, int, str]]) -> tuple[lis
         try:
             entry = journal_entry(entry_text)
             canonical = fast_jcs(entry).decode("utf-8")
+            parsed.append(entry)
         except (ValueError, TypeError):
             problems.append(f"journal entry {seq} is not JSON")
             canonical, entry = "", {}
@@ -1021,7 +1038,7 @@ def recompute_journal(entries: Sequence[tuple[int, str, int, str]]) -> tuple[lis
         ):
             problems.append(f"journal entry {seq} disagrees with its columns or is not in canonical form")
         digests.append(chain_journal_digest(digests[-1], entry_text.encode("utf-8")))
-    return digests, problems
+    return parsed, digests, problems
 
 
 @dataclass
@@ -1062,12 +1079,5 @@ class JournalView:
 
 
 def read_journal(table: SqlTable, run_id: str) -> JournalView:
-    raw = table.journal_entries(run_id)
-    digests, problems = recompute_journal(raw)
-    entries = []
-    for _, _, _, entry_text in raw:
-        try:
-            entries.append(journal_entry(entry_text))
-        except ValueError:
-            continue
+    entries, digests, problems = recompute_journal(table.journal_entries(run_id))
     return JournalView(entries, digests, problems, table.rollback_markers(run_id))
