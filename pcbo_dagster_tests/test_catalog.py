@@ -183,6 +183,8 @@ EXPECTED_TABLES = {
     "command_audit",
     "api_runs",
     "idempotency_keys",
+    "sql_apply_log",
+    "sql_row_failures",
 }
 
 

@@ -164,6 +164,13 @@ datasets:
             "firstLedger",
         ),
         (
+            _VALID_DATASET
+            + "    table: {format: iceberg, name: ns.events}\n"
+            + "    target: {kind: sql, url: 'sqlite:///t.db', table: t, key: [id]}\n",
+            "datasets[0].table",
+            "SQL target",
+        ),
+        (
             _VALID_DATASET + "    auditChainKey: events/v2\n",
             "datasets[0].auditChainKey",
             "events/v1",

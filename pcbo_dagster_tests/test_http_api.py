@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -102,6 +103,11 @@ def test_invalid_input_is_422_naming_the_field_and_a_gate_is_409(server, admin):
     assert bad.status_code == 422 and bad.json()["field"] == "start"
     bad = admin.post("/v1/dry-run", content=b'{"runId": "a", "runId": "b"}')
     assert bad.status_code == 422 and "duplicate" in bad.json()["message"]
+    # A SQL target would let a token write any database the server reaches: refused, nothing run.
+    target = {"kind": "sql", "url": "sqlite:////tmp/elsewhere.db", "table": "t", "key": ["id"]}
+    bad = admin.post("/v1/execute", content=_request(runId="sql", target=target))
+    assert bad.status_code == 422 and bad.json()["field"] == "target"
+    assert server.catalog.get_run("sql") is None and not Path("/tmp/elsewhere.db").exists()
     blocked = admin.post(
         "/v1/execute", content=_request(runId="gated", expectedDecisionHash="sha256:" + "0" * 64)
     )

@@ -256,6 +256,14 @@ INVALID_CASES: list[tuple[str, Callable[[], bytes], list[str]]] = [
     ("record-field-minus-2**53", with_record(1, f'{{"id": "x", "amount": -{2**53}}}'), ["sourceRecords[1]"]),
     ("record-lone-surrogate", with_record(1, '{"id": "\\ud800"}'), ["sourceRecords[1]"]),
     ("record-lone-surrogate-key", with_record(0, '{"\\udfff": 1}'), ["sourceRecords[0]"]),
+    (
+        "table-with-sql-target",
+        with_(
+            table={"format": "iceberg", "name": "ns.t"},
+            target={"kind": "sql", "url": "sqlite:///t.db", "table": "t", "key": ["id"]},
+        ),
+        ["table", "SQL target"],
+    ),
 ]
 
 

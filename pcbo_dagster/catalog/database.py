@@ -30,7 +30,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Key of the PostgreSQL advisory lock taken around migrations ("pcbo" + "migr" as ASCII).
 MIGRATION_LOCK_KEY = 0x7063626F6D696772
 #: The newest Alembic revision in migrations/versions (a test holds it equal to Alembic's head).
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 _BEGIN_OPTION = "pcbo_sqlite_begin"
 
 
@@ -39,7 +39,8 @@ def default_catalog_url(home: str | os.PathLike[str]) -> str:
     return f"sqlite:///{Path(home).resolve() / 'catalog.db'}"
 
 
-def _normalise_url(url: str) -> URL:
+def sqlalchemy_url(url: str) -> URL:
+    """A URL as SQLAlchemy opens it: a plain `postgresql://` (or `postgres://`) on psycopg 3."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -57,7 +58,7 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._url = _normalise_url(url)
+        self._url = sqlalchemy_url(url)
         self.dialect = self._url.get_backend_name()
         if self.dialect not in ("sqlite", "postgresql"):
             raise ValueError(

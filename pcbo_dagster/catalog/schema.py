@@ -28,7 +28,8 @@ metadata = MetaData()
 
 
 #: Tables whose rows are only ever added (database triggers refuse UPDATE, DELETE, REPLACE and, on
-#: PostgreSQL, TRUNCATE: migrations 0001, 0003, 0004, 0005). `pcbo verify` reports a dropped trigger.
+#: PostgreSQL, TRUNCATE: migrations 0001, 0003, 0004, 0005, 0007, 0008). `pcbo verify` reports a
+#: dropped trigger.
 APPEND_ONLY_TABLES = (
     "audit_events",
     "discrepancy_events",
@@ -37,8 +38,9 @@ APPEND_ONLY_TABLES = (
     "soak_evaluations",
     "transparency_checkpoints",
     "checkpoint_cosignatures",
-
     "command_audit",
+    "sql_apply_log",
+    "sql_row_failures",
 )
 
 
@@ -476,3 +478,49 @@ idempotency_keys = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     PrimaryKeyConstraint("subject", "idempotency_key", name="pk_idempotency_keys"),
 )
+
+# --- SQL targets (migration 0008) -----------------------------------------------------------------
+
+# One row per `sql_partition_applied` / `sql_partition_rolled_back` audit event (append-only).
+sql_apply_log = Table(
+    "sql_apply_log",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("event_hash", Digest, nullable=False),
+    Column("kind", String(32), nullable=False),  # applied | rolled_back
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("partition_key", Name, nullable=False),
+    Column("run_id", Name, nullable=False),
+    Column("target", Text, nullable=False),  # <location without credentials>#<schema>.<table>
+    Column("intent_seq", BigInteger, nullable=False),
+    Column("counts", Text, nullable=False),  # JSON
+    Column("journal_digest", Digest, nullable=False),
+    Column("merkle_root", Digest, nullable=True),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_sql_apply_log"),
+    UniqueConstraint("event_hash", name="uq_sql_apply_log_event_hash"),
+    CheckConstraint("kind IN ('applied', 'rolled_back')", name="ck_sql_apply_log_kind"),
+)
+Index("ix_sql_apply_log_run_id", sql_apply_log.c.run_id)
+
+# Every record an apply could not write, with the database's error (append-only).
+sql_row_failures = Table(
+    "sql_row_failures",
+    metadata,
+    Column("id", Integer, autoincrement=True, nullable=False),
+    Column("event_hash", Digest, nullable=False),
+    Column("dataset", Name, nullable=False),
+    Column("version_label", Name, nullable=False),
+    Column("partition_key", Name, nullable=False),
+    Column("run_id", Name, nullable=False),
+    Column("target", Text, nullable=False),
+    Column("record_id", Text, nullable=False),
+    Column("record_key", Text, nullable=False),
+    Column("code", String(64), nullable=False),
+    Column("error", Text, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("id", name="pk_sql_row_failures"),
+    UniqueConstraint("event_hash", "record_id", name="uq_sql_row_failures_event_record"),
+)
+Index("ix_sql_row_failures_run_id", sql_row_failures.c.run_id)

@@ -8,6 +8,7 @@
 - `transparency`: each chain's transparency log (stored tree), signed checkpoints, cosignatures.
 - `publications`: which Iceberg table each dataset version is published to.
 - `server_records`: the HTTP API's tokens, command audit, API runs and idempotency keys.
+- `sql_applies`: what each apply into a SQL target did, and the rows it could not write.
 
 The rollout tables have their own store on the same database (`rollouts.RolloutStore`).
 """
@@ -20,6 +21,7 @@ from pcbo_dagster.catalog.partitions import PartitionRecords
 from pcbo_dagster.catalog.publications import TablePublicationRecords
 from pcbo_dagster.catalog.runs import RunRecords
 from pcbo_dagster.catalog.server_records import ServerRecords
+from pcbo_dagster.catalog.sql_applies import SqlApplyRecords
 from pcbo_dagster.catalog.transparency import TransparencyRecords
 
 
@@ -31,8 +33,9 @@ class CatalogStore(
     TransparencyRecords,
     TablePublicationRecords,
     ServerRecords,
+    SqlApplyRecords,
 ):
     """The catalog on a SQLAlchemy URL (SQLite or PostgreSQL): runs, partition versions, lineage,
     discrepancies, dataset leases, the audit chain mirror and its transparency logs, table
-    publications and the HTTP API's records. Every write is one transaction. One instance per process
-    (do not share across fork)."""
+    publications, the HTTP API's records and SQL target applies. Every write is one transaction. One
+    instance per process (do not share across fork)."""

@@ -88,6 +88,7 @@ def engine_settings(args: argparse.Namespace) -> Any:
         parallel=getattr(args, "parallel", None),
         signing_key=getattr(args, "signing_key", None),
         witnesses=getattr(args, "witness", None),
+        sql_target_urls=getattr(args, "target_url", None),
     )
 
 
@@ -150,6 +151,17 @@ def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
             help="a witness asked to cosign each checkpoint: its cosigner verifier key and URL "
             "(repeatable; PCBO_WITNESSES, ';'-separated)",
         )
+
+
+def add_target_url_option(p: argparse.ArgumentParser) -> None:
+    """`--target-url` (repeatable): how to connect to a SQL target the audit chain names."""
+    p.add_argument(
+        "--target-url",
+        action="append",
+        metavar="URL",
+        help="a SQL target's URL (with its user; the password from PGPASSWORD or ~/.pgpass), used for "
+        "the target the audit chain records at the same location (PCBO_SQL_TARGET_URLS; repeatable)",
+    )
 
 
 def add_dataset_options(p: argparse.ArgumentParser) -> None:

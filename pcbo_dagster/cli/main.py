@@ -24,6 +24,7 @@ from pcbo_dagster.cli.common import (
     Findings,
     add_common_options,
     add_dataset_options,
+    add_target_url_option,
     check_output_target,
     engine_settings,
     name_arg,
@@ -39,7 +40,7 @@ from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.cli.server_commands import add_server_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.io.redaction import one_line_error, scrub_text
+from pcbo_dagster.io.redaction import one_line_error, redact_url, scrub_text
 
 
 def _remote(args: argparse.Namespace) -> dict[str, Any]:
@@ -268,6 +269,9 @@ def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
             "format": dataset.source.resolved_format(),
             "present": Path(source).exists() if "://" not in source else None,
         },
+        "target": None
+        if dataset.target is None
+        else {"kind": "sql", "url": redact_url(dataset.target.url), "table": dataset.target.table},
         "backfillPolicy": dataset.backfillPolicy.model_dump(),
         "pool": dataset.pool_name,
         "checkGranularity": dataset.checkGranularity,
@@ -318,6 +322,25 @@ def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
             }
         )
     return {"directory": str(directory.resolve()), "files": files}
+
+
+def cmd_demo_sql(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.datasets.sql_demo import generate_sql_demo
+    from pcbo_dagster.engine.settings import home_dir
+
+    directory = Path(args.dir) if args.dir else home_dir() / "demo_sql"
+    try:
+        written = generate_sql_demo(directory)
+    except OSError as exc:
+        raise InvalidInput(
+            "--dir", f"cannot write the SQL demo to {directory}: {exc.strerror or exc}"
+        ) from None
+    return {
+        "directory": str(directory.resolve()),
+        "target": f"sqlite:///{written['table'].resolve()}",
+        "table": "events",
+        "request": str(written["request"].resolve()),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --trusted-checkpoint: how many --witness-key cosignatures it must carry (default 0)",
     )
+    add_target_url_option(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("proof", help="inclusion proof of an id, or consistency proof between versions")
@@ -423,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a second --partition alone is a no-op)",
     )
     p.add_argument("--reason", default="requested", help="why (recorded on the audit chain)")
+    add_target_url_option(p)
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("query", help="run SQL over a dataset's Iceberg table with DuckDB")
@@ -462,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common_options(p, where=False)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo-sql", help="write a demo SQLite target table and a request that backfills it")
+    p.add_argument("--dir", help="target directory (default $PCBO_HOME/demo_sql)")
+    add_common_options(p, where=False)
+    p.set_defaults(func=cmd_demo_sql)
 
     add_rollout_commands(sub)
     add_log_commands(sub)

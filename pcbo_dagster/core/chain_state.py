@@ -18,6 +18,16 @@ checksum, the version it restores with its checksum, or none) before it touches 
 in exactly one of two states the intent names (before, or after the commit point moved): only the
 second may be healed, by appending the missing completion event (`engine/crash_windows.py`).
 
+A SQL table target (issue 15) has its own partition events, replayed into `ChainState.sql` per
+(target table, partition key): `sql_apply_intent` (recorded before the table is touched: the run,
+the plan and decision hashes, the chunks about to be applied, the journal before them), then
+`sql_partition_applied` naming that intent's seq; `sql_rollback_intent` (the applies about to be
+undone, with their journal digests), then `sql_partition_rolled_back` per partition. An apply whose
+intent has no completion event is open: a crash (or a kill) stopped it, and only a table whose
+checkpoints show every chunk of it done is completed by appending the event; otherwise it is
+resumed by the same request, or rolled back. (`sql_rollback_script`, the checksum of a run's
+rollback script, carries no partition state: it is kept in `other`.)
+
 `replay` also reports what makes the chain inconsistent with itself (a commit that does not follow
 the version the chain says is current, a rollback of a version that is not current, a version
 number used twice, a second commit event for the same manifest): `ChainState.findings`.
@@ -37,6 +47,12 @@ PARTITION_ROLLED_BACK = "partition_rolled_back"
 #: A run found the partition's lake state disagreeing with the chain and put back, byte for byte, the
 #: version the chain says is current (no change to the partition's history).
 PARTITION_RESTORED = "partition_restored"
+#: SQL table targets (issue 15; see the module doc).
+SQL_APPLY_INTENT = "sql_apply_intent"
+SQL_PARTITION_APPLIED = "sql_partition_applied"
+SQL_ROLLBACK_INTENT = "sql_rollback_intent"
+SQL_PARTITION_ROLLED_BACK = "sql_partition_rolled_back"
+SQL_ROLLBACK_SCRIPT = "sql_rollback_script"
 
 
 @dataclass(frozen=True)
@@ -120,10 +136,56 @@ class PartitionHistory:
 
 
 @dataclass
+class SqlApply:
+    """One apply of a partition into a SQL table: its intent, and the event that completed it
+    (`applied`) or undid it (`rolled_back`), when there is one."""
+
+    run_id: str
+    intent_seq: int
+    intent: Mapping[str, Any]
+    applied: Mapping[str, Any] | None = None
+    rolled_back: Mapping[str, Any] | None = None
+
+    @property
+    def status(self) -> str:
+        """open (interrupted or running), applied or rolled_back."""
+        if self.rolled_back is not None:
+            return "rolled_back"
+        return "open" if self.applied is None else "applied"
+
+
+@dataclass
+class SqlPartitionHistory:
+    """One partition key's applies into one SQL table (`target`), in chain order."""
+
+    target: str
+    key: str
+    applies: list[SqlApply] = field(default_factory=list)
+    #: The rollback intent recorded for an apply of this partition and not completed yet (event, seq).
+    open_rollback: tuple[Mapping[str, Any], int] | None = None
+    events: list[Mapping[str, Any]] = field(default_factory=list)
+
+    def apply_at(self, intent_seq: int) -> SqlApply | None:
+        return next((a for a in self.applies if a.intent_seq == intent_seq), None)
+
+    @property
+    def open_apply(self) -> SqlApply | None:
+        """The apply whose intent is neither completed nor undone."""
+        return next((a for a in self.applies if a.status == "open"), None)
+
+    @property
+    def current(self) -> SqlApply | None:
+        """The newest apply completed and not undone."""
+        return next((a for a in reversed(self.applies) if a.status == "applied"), None)
+
+
+@dataclass
 class ChainState:
     """A replayed chain: partition histories, events of other types, and inconsistencies."""
 
     partitions: dict[str, PartitionHistory] = field(default_factory=dict)
+    #: SQL table targets: (target table, partition key) -> its applies.
+    sql: dict[tuple[str, str], SqlPartitionHistory] = field(default_factory=dict)
     other: list[Mapping[str, Any]] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)
     length: int = 0
@@ -147,6 +209,16 @@ class ChainState:
             if isinstance(e.get("run_id"), str)
         }
 
+    def sql_partition(self, target: str, key: str) -> SqlPartitionHistory:
+        history = self.sql.get((target, key))
+        if history is None:
+            history = self.sql[(target, key)] = SqlPartitionHistory(target, key)
+        return history
+
+    def sql_run_ids(self) -> set[str]:
+        """Every run id an apply into a SQL table names."""
+        return {a.run_id for h in self.sql.values() for a in h.applies}
+
     def add(self, event: Mapping[str, Any]) -> None:
         """Replay one more event (the next in seq order)."""
         self.length += 1
@@ -166,6 +238,14 @@ class ChainState:
                 self._rolled_back(event, where)
             elif kind == PARTITION_RESTORED:
                 self.partition(_text(event["partition"]["key"])).events.append(event)
+            elif kind == SQL_APPLY_INTENT:
+                self._sql_apply_intent(event, seq if isinstance(seq, int) else -1, where)
+            elif kind == SQL_PARTITION_APPLIED:
+                self._sql_applied(event, where)
+            elif kind == SQL_ROLLBACK_INTENT:
+                self._sql_rollback_intent(event, seq if isinstance(seq, int) else -1, where)
+            elif kind == SQL_PARTITION_ROLLED_BACK:
+                self._sql_rolled_back(event, where)
             else:
                 self.other.append(event)
         except (KeyError, TypeError, ValueError) as exc:
@@ -270,6 +350,57 @@ class ChainState:
         history.current = restored if restored in history.versions else None
         history.last_word, history.last_event = "rolled_back", event
         history.open_intent = None
+
+    # -- the SQL target events ------------------------------------------------------------------------
+
+    def _sql_apply_intent(self, event: Mapping[str, Any], seq: int, where: str) -> None:
+        history = self.sql_partition(_text(event["target"]), _text(event["partition"]["key"]))
+        history.events.append(event)
+        run_id = _text(event["run_id"])
+        if history.open_apply is not None:
+            self.findings.append(
+                f"{where}: apply intent for {history.key} of {history.target} while run "
+                f"{history.open_apply.run_id}'s apply (seq {history.open_apply.intent_seq}) is still open"
+            )
+        history.applies.append(SqlApply(run_id, seq, event))
+
+    def _sql_applied(self, event: Mapping[str, Any], where: str) -> None:
+        history = self.sql_partition(_text(event["target"]), _text(event["partition"]["key"]))
+        history.events.append(event)
+        apply = history.apply_at(_int(event["intent_seq"]))
+        if apply is None or apply.status != "open" or apply.run_id != event.get("run_id"):
+            self.findings.append(
+                f"{where}: {history.key} of {history.target} applied without an open intent of its run "
+                f"at seq {event.get('intent_seq')}"
+            )
+            return
+        apply.applied = event
+
+    def _sql_rollback_intent(self, event: Mapping[str, Any], seq: int, where: str) -> None:
+        target = _text(event["target"])
+        for entry in event["partitions"]:
+            history = self.sql_partition(target, _text(entry["key"]))
+            history.events.append(event)
+            apply = history.apply_at(_int(entry["intent_seq"]))
+            if apply is None or apply.status == "rolled_back" or apply.run_id != event.get("run_id"):
+                self.findings.append(
+                    f"{where}: rollback intent for {history.key} of {target} names an apply "
+                    f"(seq {entry.get('intent_seq')}) of its run that is not there or already undone"
+                )
+            history.open_rollback = (event, seq)
+
+    def _sql_rolled_back(self, event: Mapping[str, Any], where: str) -> None:
+        history = self.sql_partition(_text(event["target"]), _text(event["partition"]["key"]))
+        history.events.append(event)
+        apply = history.apply_at(_int(event["intent_seq"]))
+        if apply is None or apply.status == "rolled_back" or history.open_rollback is None:
+            self.findings.append(
+                f"{where}: {history.key} of {history.target} rolled back without a rollback intent for "
+                f"its apply at seq {event.get('intent_seq')}"
+            )
+        if apply is not None:
+            apply.rolled_back = event
+        history.open_rollback = None
 
     def _check_restorable(
         self, history: PartitionHistory, version: int | None, checksum: str | None, where: str

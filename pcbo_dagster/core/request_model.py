@@ -24,6 +24,7 @@ from pydantic import (
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PARTITIONS = 100_000
@@ -184,6 +185,8 @@ class BackfillRequest(BaseModel):
     metadata: dict[Text, Any] = {}
     #: Publish committed partitions to this table (not part of the plan hash).
     table: TableSpec | None = None
+    #: A SQL table to write instead of the lake (issue 15; `core/sql_target_spec.py`).
+    target: SqlTargetSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BackfillRequest:
@@ -191,6 +194,10 @@ class BackfillRequest(BaseModel):
             raise _FieldError("source.format", "a ledger_archive source needs a ledgerRange request")
         if self.source is not None and self.source.allowGaps and self.source.format != "ledger_archive":
             raise _FieldError("source.allowGaps", "only a ledger_archive source can have gaps")
+        if self.target is not None and self.table is not None:
+            raise _FieldError(
+                "table", "publishes the lake's partitions: a request with a SQL target has none"
+            )
         if (self.sourceRecords is None) == (self.source is None):
             raise _FieldError("sourceRecords", "give exactly one of sourceRecords (inline) and source")
         for key, value in self.metadata.items():
@@ -320,6 +327,8 @@ def validate_request(document: Any) -> BackfillRequest:
         if isinstance(ctx_error, _FieldError):
             raise InvalidInput(ctx_error.field, ctx_error.message) from None
         field = _loc_to_field(tuple(error["loc"]))
+        if isinstance(ctx_error, TargetFieldError):  # relative to the target block
+            raise InvalidInput(f"{field}.{ctx_error.field}", ctx_error.message) from None
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown field (a typo must not silently disable a policy)"

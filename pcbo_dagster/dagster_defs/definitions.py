@@ -30,6 +30,7 @@ from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset
 from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks
 from pcbo_dagster.dagster_defs.backfill.jobs import build_request_job
 from pcbo_dagster.dagster_defs.backfill.sensors import build_ledger_partitions_sensor
+from pcbo_dagster.dagster_defs.backfill.sql_assets import build_sql_dataset_asset, build_sql_dataset_checks
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.dagster_defs.rollout.assets import build_production_asset, build_staging_asset
 from pcbo_dagster.dagster_defs.rollout.checks import build_soak_check
@@ -76,9 +77,14 @@ def build_definitions(
                 )
             )
             continue
-        asset = build_dataset_asset(config, dataset)
-        assets.append(asset)
-        checks.extend(build_dataset_checks(config, dataset, asset))
+        if dataset.target is not None:  # issue 15: a SQL table target (backfill/sql_assets.py)
+            asset = build_sql_dataset_asset(config, dataset)
+            assets.append(asset)
+            checks.extend(build_sql_dataset_checks(config, dataset, asset))
+        else:
+            asset = build_dataset_asset(config, dataset)
+            assets.append(asset)
+            checks.extend(build_dataset_checks(config, dataset, asset))
         partitioning = dataset.partitioning
         if isinstance(partitioning, LedgerRangePartitioning) and partitioning.lastLedger is None:
             sensors.append(build_ledger_partitions_sensor(config, dataset, asset))

@@ -259,8 +259,12 @@ def validate_and_submit(
     from pcbo_dagster.engine.backfill_commands import check_request_gates, evaluated_request
 
     with evaluated_request(raw, base_dir, confine_to) as evaluated:
-        check_request_gates(evaluated)
         request = evaluated.loaded.request
+        if request.target is not None:  # issue 15: see the pcbo_request job
+            raise InvalidInput(
+                "target", "a SQL table target runs with pcbo execute or as its dataset's asset"
+            )
+        check_request_gates(evaluated)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -23,6 +23,10 @@ datasets:
     table: {format: iceberg, name: analytics.events}   # optional: publish to an Iceberg table
                                       # (catalog: left out = PCBO_ICEBERG_CATALOG_URL, else
                                       # $PCBO_HOME/iceberg.db; pcbo = the pcbo catalog's database)
+    target: null                      # optional: a SQL table instead of the lake (issue 15):
+                                      # {kind: sql, url, table, key: [...], conflict, columns, ...}
+                                      # (core/sql_target_spec.py; a relative sqlite:/// path resolves
+                                      # against the file's directory; its pool: one per table)
     rollout:                          # optional: staged rollout (staging and production assets)
       stagingLake: null               # default: the staging environment's lake
       throttle: {partitionsPerMinute: 20, recordsPerMinute: null}
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -87,6 +92,8 @@ from pcbo_dagster.core.partition_keys import (
     window_for_key,
 )
 from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, TableSpec, Text
+from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.sources.record_files import resolve_uri
 
 #: Cron shortcuts accepted in `partitioning.cron`.
@@ -437,6 +444,16 @@ class DatasetConfig(_Strict):
     #: Publish committed partitions as an Iceberg table: {format: iceberg, catalog: ..., name: ns.table}
     #: (a rollout dataset: staging to the table's `staging` branch, promotion to `main`).
     table: TableSpec | None = None
+    #: A SQL table written instead of the lake (issue 15).
+    target: SqlTargetSpec | None = None
+
+    @model_validator(mode="after")
+    def _target(self) -> DatasetConfig:
+        if self.target is not None and self.lake is not None:
+            raise _FieldError("lake", "does not apply to a dataset with a SQL target")
+        if self.target is not None and self.rollout is not None:
+            raise _FieldError("rollout", "staged rollouts write lakes; a SQL target has no rollout")
+        return self
 
     @model_validator(mode="after")
     def _rollout(self) -> DatasetConfig:
@@ -471,7 +488,14 @@ class DatasetConfig(_Strict):
 
     @property
     def pool_name(self) -> str:
-        return self.pool or f"pcbo-{self.name}"
+        """The Dagster pool: as configured; else one per SQL target table (every dataset writing it
+        queues in it), or `pcbo-<name>`."""
+        if self.pool:
+            return self.pool
+        if self.target is not None:
+            where = hashlib.sha256(redact_url(self.target.url).encode("utf-8")).hexdigest()[:8]
+            return f"pcbo-sql-{self.target.table}-{where}"
+        return f"pcbo-{self.name}"
 
 
 class DatasetsConfig(_Strict):
@@ -590,7 +614,7 @@ def _invalid_input(exc: ValidationError) -> InvalidInput:
     error = exc.errors(include_url=False)[0]
     field = _loc_to_field(tuple(error["loc"]))
     ctx_error = (error.get("ctx") or {}).get("error")
-    if isinstance(ctx_error, _FieldError):
+    if isinstance(ctx_error, _FieldError | TargetFieldError):
         field = f"{field}.{ctx_error.field}" if field != "config" else ctx_error.field
         return InvalidInput(field, ctx_error.message)
     message = error["msg"]
@@ -630,6 +654,10 @@ def parse_datasets_config(
         raise _invalid_input(exc) from None
     config._base_dir = (base_dir or Path.cwd()).resolve()
     config._sources_dir = None if sources_dir is None else sources_dir.resolve()
+    for index, dataset in enumerate(config.datasets):  # a relative SQLite target: against the file
+        if dataset.target is not None:
+            resolved = dataset.model_copy(update={"target": dataset.target.resolved(config._base_dir)})
+            config.datasets[index] = resolved
     return config
 
 

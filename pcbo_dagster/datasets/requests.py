@@ -93,6 +93,8 @@ def _request_tail(dataset: DatasetConfig, source_uri: str, metadata: dict[str, A
     }
     if dataset.table is not None:  # only when set: requests of other datasets stay as they were
         tail["table"] = dataset.table.model_dump(exclude_none=True)
+    if dataset.target is not None:  # issue 15: a SQL table target
+        tail["target"] = dataset.target.model_dump(exclude_none=True)
     return tail
 
 

@@ -44,6 +44,7 @@ from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput, Sour
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
+from pcbo_dagster.core.sql_outcomes import TargetDecisions
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.crash_windows import LakeDisagreesWithChain, LakeVsChain, compare, heal
 from pcbo_dagster.engine.environment import Environment
@@ -98,6 +99,10 @@ def check_gates(loaded: LoadedRequest, decisions: Decisions) -> None:
                 "breaches": decisions.breaches,
             },
         )
+    if isinstance(decisions, TargetDecisions):  # issue 15: a SQL table target's own gates
+        from pcbo_dagster.engine.sql_apply import check_target_gates
+
+        check_target_gates(decisions)
 
 
 def build_manifest(
@@ -290,6 +295,10 @@ def execute(
     `table`: where to publish (a rollout's staging branch or promotion), instead of the request's
     `table` or the dataset version's recorded one.
     """
+    if isinstance(decisions, TargetDecisions):  # issue 15: a SQL table target (engine/sql_apply.py)
+        from pcbo_dagster.engine.sql_apply import execute_sql
+
+        return execute_sql(env, loaded, plan, decisions, progress=progress)
     workers = env.settings.parallel if parallel is None else parallel
     if workers < 1:
         raise InvalidInput("parallel", f"must be at least 1, not {workers}")

@@ -178,9 +178,16 @@ def load_request(
 ) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
     `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
-    this directory (the HTTP API's sources directory)."""
+    this directory (the HTTP API's sources directory), and a SQL target (any database the server can
+    reach) is refused."""
     validated = raw if isinstance(raw, ValidatedRequest) else validate_request_bytes(raw)
     parsed, request = validated.parsed, validated.request
+    if request.target is not None and confine_to is not None:
+        raise InvalidInput(
+            "target", "a SQL table target runs with pcbo execute or as its dataset's asset, not through the API"
+        )
+    if request.target is not None:  # issue 15: a relative SQLite target resolves like a relative source
+        request = request.model_copy(update={"target": request.target.resolved(base_dir)})
     if request.source is not None:
         uri = resolve_uri(request.source.uri, base_dir)
         if confine_to is not None:
@@ -199,6 +206,11 @@ def evaluate(loaded: LoadedRequest) -> tuple[Plan, Decisions]:
     if loaded.spill is not None:
         decisions = loaded.spill.decisions(plan)
         release_memory()
-        return plan, decisions
-    assert loaded.records is not None and loaded.digests is not None
-    return plan, decide(plan, loaded.records, loaded.digests, list(loaded.request.existingTargetIds))
+    else:
+        assert loaded.records is not None and loaded.digests is not None
+        decisions = decide(plan, loaded.records, loaded.digests, list(loaded.request.existingTargetIds))
+    if loaded.request.target is not None:  # issue 15: a SQL table target adds each record's outcome
+        from pcbo_dagster.engine.sql_apply import evaluate_target
+
+        decisions = evaluate_target(loaded, plan, decisions)
+    return plan, decisions

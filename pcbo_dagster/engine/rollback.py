@@ -342,6 +342,14 @@ def rollback(
             layout.check_partition(dataset, version_label, partition_key)
         except OutsidePartition as exc:
             raise InvalidInput("partition", str(exc)) from None
+    if version is None:  # issue 15: what a run applied to a SQL table (engine/sql_rollback.py)
+        from pcbo_dagster.engine.sql_rollback import rollback_sql
+
+        undone = rollback_sql(
+            env, dataset, version_label, run_id=run_id, partition_key=partition_key, reason=reason
+        )
+        if undone is not None:
+            return undone
     ckey = chain_key(dataset, version_label)
     state = replay(env.audit.backup.read_chain(ckey))
     if run_id is not None and run_id not in state.run_ids() and env.catalog.get_run(run_id) is None:

@@ -11,6 +11,12 @@
 | signing key    | `--signing-key`    | `PCBO_SIGNING_KEY`    | none: no checkpoint is signed    |
 | witnesses      | `--witness` (many) | `PCBO_WITNESSES`      | none                             |
 | origin prefix  |                    | `PCBO_CHECKPOINT_ORIGIN_PREFIX` | `pcbo/`                |
+| SQL targets    | `--target-url`     | `PCBO_SQL_TARGET_URLS`| none (the URL recorded on the chain) |
+
+`sql_target_urls` are how `verify` and `rollback` connect to the SQL tables the audit chain names
+(the chain keeps a target's URL without credentials): a URL given here is used for the recorded
+target with the same location (scheme, host, port, database). Passwords belong in `PGPASSWORD` or
+`~/.pgpass`, not in a URL.
 
 `parallel` is how many partitions `execute` reads, encodes and writes at once (audit events are
 still appended one after another, in partition order).
@@ -55,6 +61,7 @@ class Settings:
     #: How an error about the signing key names it: the flag or the variable it came from.
     signing_key_field: str = "PCBO_SIGNING_KEY"
     witnesses_field: str = "PCBO_WITNESSES"
+    sql_target_urls: tuple[str, ...] = ()
 
     @classmethod
     def resolve(
@@ -68,6 +75,7 @@ class Settings:
         parallel: int | None = None,
         signing_key: str | None = None,
         witnesses: list[str] | None = None,
+        sql_target_urls: list[str] | None = None,
     ) -> Settings:
         env = dict(os.environ if env is None else env)
 
@@ -92,6 +100,7 @@ class Settings:
         workers = parallel if parallel is not None else parse_parallel(env.get("PCBO_PARALLEL"))
         if workers < 1:
             raise InvalidInput("--parallel", f"must be at least 1, not {workers}")
+        targets = tuple(sql_target_urls or (env.get("PCBO_SQL_TARGET_URLS") or "").split())
         key = given("--signing-key", signing_key, "PCBO_SIGNING_KEY")
         if witnesses:
             witness_list = tuple(w.strip() for w in witnesses)
@@ -115,6 +124,7 @@ class Settings:
             prefix,
             "--signing-key" if signing_key is not None else "PCBO_SIGNING_KEY",
             "--witness" if witnesses else "PCBO_WITNESSES",
+            targets,
         )
 
 

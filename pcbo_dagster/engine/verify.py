@@ -142,6 +142,10 @@ def verify(
         logged = env.audit.backup.read_chain(ckey) if repair else events
         for finding in check_stored_logs(env, ckey, logged):
             report.find(finding["kind"], finding["where"], finding["detail"])
+        if state.sql:  # issue 15: the SQL tables the chain names (engine/sql_verify.py)
+            from pcbo_dagster.engine.sql_verify import check_sql_targets
+
+            checked_partitions += check_sql_targets(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
     _check_triggers(env, report)
     document: dict[str, Any] = {}

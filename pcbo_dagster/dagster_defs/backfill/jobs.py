@@ -123,6 +123,10 @@ def build_request_job(default_base_dir: str | os.PathLike[str] | None = None) ->
         context.log.info(f"engine {json.dumps(pcbo.describe())}; relative sources resolve against {base}")
         try:
             loaded = load_request(config.request_json.encode("utf-8"), base)
+            if loaded.request.target is not None:  # issue 15: SQL targets run as their dataset's asset
+                raise InvalidInput(
+                    "target", "a SQL table target runs as its dataset's asset (or pcbo execute), not here"
+                )
             plan, decisions = evaluate(loaded)
         except InvalidInput as exc:
             raise _failure(

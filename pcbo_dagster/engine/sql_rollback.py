@@ -1,0 +1,375 @@
+"""Undo what a run applied to a SQL table (issue 15): from its journal, checked against the audit chain,
+transactionally and idempotently.
+
+What to undo comes from the chain: the run's applies (completed, or interrupted: an open intent) of
+each partition of each table it wrote. Before anything is touched:
+
+- the journal of the run in the table must be exactly the one the chain and the checkpoints
+  recorded (every `sql_partition_applied` event's journal digest, every checkpoint's digest, no gap,
+  every entry in its canonical form): a journal edited in the target database is never replayed;
+- every row the run changed must still be as the run wrote it (its digest is the journal entry's
+  `after`): a row the live pipeline (or a later run) changed since is not written over — the
+  rollback is refused naming those rows, and nothing is changed (roll back the later run first).
+
+Then a `sql_rollback_intent` (the applies and their journal digests) is appended, and one transaction
+in the target restores every journaled row's prior image (newest change first: a row the run
+inserted is deleted, a row it updated gets the changed columns back) and records each undone apply in
+`pcbo_rollbacks`; then one `sql_partition_rolled_back` event per apply and the catalog rows. A second
+rollback finds nothing current and does nothing. A rollback killed after its restoring transaction
+committed is completed (the events appended) by running it again or by `pcbo verify --repair`; one
+killed before is simply done again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pcbo_dagster.core.chain_state import (
+    SQL_PARTITION_ROLLED_BACK,
+    SQL_ROLLBACK_INTENT,
+    ChainState,
+    SqlApply,
+    SqlPartitionHistory,
+    replay,
+)
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.engine import failpoints
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.sql_apply import complete_applies
+from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
+from pcbo_dagster.targets.sql_dialects import location_of
+from pcbo_dagster.targets.sql_locks import scoped_lock
+from pcbo_dagster.targets.sql_table import JournalView, SqlTable, read_journal
+
+
+class SqlRollbackRefused(IntegrityError):
+    """A rollback that would restore from a journal the chain does not vouch for, or write over rows
+    changed since the run (exit status 1; nothing was changed)."""
+
+    def __init__(self, where: str, kind: str, detail: str) -> None:
+        self.finding = {"kind": kind, "where": where, "detail": detail}
+        super().__init__(f"rollback of {where} refused ({kind}): {detail}; nothing was changed")
+
+
+def target_url(urls: tuple[str, ...], ref: str) -> str:
+    """How to connect to the target `ref` (`<location>#<table>`): the given URL with the same
+    location, else the recorded location itself (SQLite; PostgreSQL with libpq's PGUSER etc.)."""
+    location = ref.split("#", 1)[0]
+    for url in urls:
+        try:
+            if location_of(url) == location:
+                return url
+        except (ValueError, InvalidInput):
+            continue
+    return location
+
+
+def reopen_target(urls: tuple[str, ...], ref: str, history: SqlPartitionHistory, write: bool) -> SqlTable:
+    """The table of `ref`, with the layout of the newest apply intent recorded for it."""
+    layout = history.applies[-1].intent["layout"]
+    return SqlTable.reopen(target_url(urls, ref), layout, write=write)
+
+
+def sql_histories_of_run(state: ChainState, run_id: str) -> dict[str, list[SqlPartitionHistory]]:
+    """Target -> the partition histories with an apply by `run_id` (any status)."""
+    found: dict[str, list[SqlPartitionHistory]] = {}
+    for (target, _), history in sorted(state.sql.items()):
+        if any(a.run_id == run_id for a in history.applies):
+            found.setdefault(target, []).append(history)
+    return found
+
+
+def rollback_sql(
+    env: Environment,
+    dataset: str,
+    version_label: str,
+    *,
+    run_id: str | None,
+    partition_key: str | None,
+    reason: str,
+) -> dict[str, Any] | None:
+    """Roll back a run's applies into SQL tables (of one partition, when given); None when the chain
+    shows no SQL apply of that run (or, without a run, of that partition): a lake rollback then."""
+    ckey = chain_key(dataset, version_label)
+    state = replay(env.audit.backup.read_chain(ckey))
+    if run_id is None:
+        assert partition_key is not None
+        latest = [a for (_, key), h in sorted(state.sql.items()) if key == partition_key for a in h.applies]
+        live = [a for a in latest if a.status in ("open", "applied")]
+        if not latest:
+            return None
+        if not live:
+            return _document(dataset, version_label, None, partition_key, [], [], "no apply of it is current")
+        run_id = max(live, key=lambda a: a.intent_seq).run_id
+    targets = sql_histories_of_run(state, run_id)
+    if not targets:
+        return None
+    results: list[dict[str, Any]] = []
+    healed: list[dict[str, Any]] = []
+    for ref, histories in targets.items():
+        table = reopen_target(env.settings.sql_target_urls, ref, histories[0], write=True)
+        try:
+            with scoped_lock(table, dataset, run_id):
+                env.audit.sync_to_catalog(ckey)
+                state = replay(env.audit.backup.read_chain(ckey))  # again, under the lock
+                healed += complete_rollbacks(env, table, state, dataset, version_label)
+                healed += complete_applies(env, table, state, dataset, version_label)
+                results += _undo(env, table, state, dataset, version_label, run_id, partition_key, reason)
+        finally:
+            table.close()
+    env.audit.deliver_pending(ckey)
+    noop = "nothing of the run is current"
+    return _document(dataset, version_label, run_id, partition_key, results, healed, noop)
+
+
+def _document(
+    dataset: str,
+    version_label: str,
+    run_id: str | None,
+    partition_key: str | None,
+    results: list[dict[str, Any]],
+    healed: list[dict[str, Any]],
+    noop: str,
+) -> dict[str, Any]:
+    done = sum(1 for r in results if r["status"] == "rolled_back")
+    if not results:
+        results = [{"key": partition_key, "status": "noop", "detail": noop}] if partition_key else []
+    return {
+        "status": "rolled_back" if done else "noop",
+        "dataset": dataset,
+        "versionLabel": version_label,
+        "runId": run_id,
+        "partitionKey": partition_key,
+        "rolledBack": done,
+        "partitions": results,
+        "healed": healed,
+    }
+
+
+def check_journal(table: SqlTable, state: ChainState, run_id: str, view: JournalView) -> list[str]:
+    """What is wrong with the run's journal in `table` against the chain and its checkpoints."""
+    problems = list(view.problems)
+    for (target, key), history in sorted(state.sql.items()):
+        if target != table.ref:
+            continue
+        for apply in history.applies:
+            if apply.run_id != run_id:
+                continue
+            recorded = [apply.intent["journal"]]
+            if apply.applied is not None:
+                recorded.append(apply.applied["journal"])
+            for journal in recorded:
+                if view.digest_at(int(journal["seq"])) != journal["digest"]:
+                    problems.append(
+                        f"{key}: the journal's first {journal['seq']} entries do not have the digest the "
+                        f"chain recorded ({journal['digest']})"
+                    )
+    checkpoints = table.checkpoints(run_id)
+    for cp in checkpoints:
+        if view.digest_at(cp.journal_seq) != cp.journal_digest:
+            problems.append(f"{cp.partition_key} chunk {cp.chunk}: the journal disagrees with its checkpoint")
+    last_seq = max((cp.journal_seq for cp in checkpoints), default=None)
+    if last_seq is not None and len(view.entries) != last_seq:
+        problems.append(f"the journal holds {len(view.entries)} entries, its checkpoints {last_seq}")
+    return problems
+
+
+def _undo(
+    env: Environment,
+    table: SqlTable,
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+    run_id: str,
+    partition_key: str | None,
+    reason: str,
+) -> list[dict[str, Any]]:
+    applies: list[tuple[SqlPartitionHistory, SqlApply]] = [
+        (history, apply)
+        for (target, key), history in sorted(state.sql.items())
+        if target == table.ref and partition_key in (None, key)
+        for apply in history.applies
+        if apply.run_id == run_id and apply.status in ("open", "applied")
+    ]
+    if not applies:
+        return []
+    where = f"{dataset}/{version_label} run {run_id} in {table.qualified}"
+    for history, apply in applies:
+        later = [
+            a for a in history.applies if a.intent_seq > apply.intent_seq and a.status in ("open", "applied")
+        ]
+        if later:
+            raise SqlRollbackRefused(
+                where,
+                "sql_later_apply",
+                f"partition {history.key} was applied again by run {later[-1].run_id} after this run: "
+                f"roll back run {later[-1].run_id} first",
+            )
+    view = read_journal(table, run_id)
+    problems = check_journal(table, state, run_id, view)
+    if problems:
+        raise SqlRollbackRefused(where, "sql_journal_altered", "; ".join(problems[:5]))
+    undone = {
+        (h.key, a.intent_seq): [e for e in view.live_entries(h.key) if e["intentSeq"] == a.intent_seq]
+        for h, a in applies
+    }
+    entries = [e for group in undone.values() for e in group]
+    with table.write() as conn:
+        drifted = table.drifted(conn, entries, lock=True)
+    if drifted:
+        _refuse_drifted(where, drifted)
+    ckey = chain_key(dataset, version_label)
+    digests = {(h.key, a.intent_seq): _digest_of(view, undone[(h.key, a.intent_seq)], a) for h, a in applies}
+    intent = env.audit.append(
+        ckey,
+        SQL_ROLLBACK_INTENT,
+        rollback_intent_body(
+            run_id,
+            table.ref,
+            reason,
+            [
+                {
+                    "key": h.key,
+                    "intent_seq": a.intent_seq,
+                    "journal_digest": digests[(h.key, a.intent_seq)],
+                    "entries": len(undone[(h.key, a.intent_seq)]),
+                }
+                for h, a in applies
+            ],
+        ),
+    )
+    state.add(intent)
+    failpoints.reached("sql_rollback_after_intent", 0)
+    with table.write() as conn:
+        drifted = table.drifted(conn, entries, lock=True)
+        if drifted:
+            _refuse_drifted(where, drifted)
+        table.restore(conn, entries)
+        for h, a in applies:
+            k = (h.key, a.intent_seq)
+            table.record_rollback(conn, run_id, h.key, a.intent_seq, digests[k], len(undone[k]))
+    failpoints.reached("sql_rollback_after_restore", 0)
+    outcomes = []
+    for h, a in applies:
+        k = (h.key, a.intent_seq)
+        event = _append_rolled_back(
+            env, state, table, dataset, version_label, a, digests[k], len(undone[k]), reason
+        )
+        outcomes.append(
+            {
+                "key": h.key,
+                "status": "rolled_back",
+                "target": table.ref,
+                "intentSeq": a.intent_seq,
+                "restored": len(undone[k]),
+                "eventHash": event["chain"]["event_hash"],
+            }
+        )
+    return outcomes
+
+
+def _digest_of(view: JournalView, entries: list[dict[str, Any]], apply: SqlApply) -> str:
+    """The journal digest an undone apply is recorded with: after its last entry (or before it, when
+    it changed nothing)."""
+    seq = max((e["seq"] for e in entries), default=int(apply.intent["journal"]["seq"]))
+    digest = view.digest_at(seq)
+    assert digest is not None
+    return digest
+
+
+def _refuse_drifted(where: str, drifted: list[dict[str, Any]]) -> None:
+    listed = ", ".join(repr(d["id"]) for d in drifted[:10])
+    raise SqlRollbackRefused(
+        where,
+        "sql_rows_changed_since",
+        f"{len(drifted)} row(s) changed after the run wrote them ({listed}"
+        f"{', ...' if len(drifted) > 10 else ''}); they are not written over (roll back the later run first)",
+    )
+
+
+def _append_rolled_back(
+    env: Environment,
+    state: ChainState,
+    table: SqlTable,
+    dataset: str,
+    version_label: str,
+    apply: SqlApply,
+    journal_digest: str,
+    restored: int,
+    reason: str,
+) -> dict[str, Any]:
+    event = env.audit.append(
+        chain_key(dataset, version_label),
+        SQL_PARTITION_ROLLED_BACK,
+        rolled_back_body(
+            apply.run_id,
+            table.ref,
+            dict(apply.intent["partition"]),
+            apply.intent_seq,
+            journal_digest,
+            restored,
+            reason,
+        ),
+    )
+    state.add(event)
+    env.catalog.record_sql_apply(
+        {
+            "event_hash": event["chain"]["event_hash"],
+            "kind": "rolled_back",
+            "dataset": dataset,
+            "version_label": version_label,
+            "partition_key": apply.intent["partition"]["key"],
+            "run_id": apply.run_id,
+            "target": table.ref,
+            "intent_seq": apply.intent_seq,
+            "counts": {"restored": restored},
+            "journal_digest": journal_digest,
+            "merkle_root": None,
+        },
+        [],
+    )
+    return dict(event)
+
+
+def complete_rollbacks(
+    env: Environment, table: SqlTable, state: ChainState, dataset: str, version_label: str
+) -> list[dict[str, Any]]:
+    """Append the missing `sql_partition_rolled_back` of every rollback into `table` whose restoring
+    transaction committed (its `pcbo_rollbacks` rows are there) before its events were appended."""
+    completed = []
+    markers: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
+    for (target, key), history in sorted(state.sql.items()):
+        if target != table.ref or history.open_rollback is None:
+            continue
+        event, _ = history.open_rollback
+        run_id = str(event["run_id"])
+        if run_id not in markers:
+            markers[run_id] = table.rollback_markers(run_id)
+        for entry in event["partitions"]:
+            if entry["key"] != key:
+                continue
+            apply = history.apply_at(int(entry["intent_seq"]))
+            marker = markers[run_id].get((key, int(entry["intent_seq"])))
+            if apply is None or apply.status == "rolled_back" or marker is None:
+                continue
+            done = _append_rolled_back(
+                env,
+                state,
+                table,
+                dataset,
+                version_label,
+                apply,
+                marker[0],
+                marker[1],
+                str(event.get("reason")),
+            )
+            where = f"{target}/{key}"
+            completed.append(
+                {
+                    "kind": "sql_rollback_event_appended",
+                    "where": where,
+                    "eventHash": done["chain"]["event_hash"],
+                }
+            )
+    return completed

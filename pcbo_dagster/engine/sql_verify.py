@@ -1,0 +1,315 @@
+"""`pcbo verify` for SQL table targets (issue 15): every table a chain's SQL events name is checked
+against what the chain says was applied.
+
+Per target table (connected through `--target-url` / `PCBO_SQL_TARGET_URLS`, else its recorded
+location; one that cannot be reached is a finding):
+
+- applies still open: an apply whose chunks are all checkpointed is a crash window (`--repair`
+  appends its event from the checkpoints), otherwise it was interrupted (`sql_apply_interrupted`:
+  resume it with its request, or roll it back); likewise a rollback whose restoring transaction
+  committed without its events (`--repair` appends them) or that never committed;
+- the journal of every run in the table is exactly the one the chain and the checkpoints recorded
+  (`sql_journal_altered`), and its append-only triggers are there (`sql_journal_trigger_missing`);
+- each applied partition: its checkpoints hold the applied rows the chain's Merkle root and count
+  say (`sql_checkpoint_altered`, `sql_checkpoint_missing`); for the partition's current apply, the
+  rows are read back from the table and their digests compared with the records' (`sql_rows_changed`:
+  a row the live pipeline or someone else changed since, or removed);
+- each undone apply has its `pcbo_rollbacks` row (`sql_rollback_marker_missing`);
+- the catalog: an `sql_apply_log` row per apply and rollback event, agreeing with it
+  (`catalog_sql_mismatch`; `--repair` records a missing one), none the chain does not hold
+  (`catalog_sql_not_on_chain`), and a run row with the plan and decision hashes of its intents
+  (`catalog_run_missing`, `catalog_run_mismatch`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from pcbo_dagster.core import merkle
+from pcbo_dagster.core.chain_state import ChainState, SqlApply, SqlPartitionHistory
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.sql_apply import complete_applies, gathered_from_checkpoints, record_applied
+from pcbo_dagster.engine.sql_rollback import check_journal, complete_rollbacks, reopen_target
+from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.targets.sql_locks import scoped_lock
+from pcbo_dagster.targets.sql_table import SqlTable, read_journal
+
+
+class Report(Protocol):
+    """What `verify` collects findings in (`engine/verify.py`)."""
+
+    repair: bool
+    repaired: list[dict[str, Any]]
+
+    def find(self, kind: str, where: str, detail: str) -> None: ...
+
+    def healable(self, kind: str, where: str, detail: str) -> None: ...
+
+
+def check_sql_targets(
+    env: Environment, report: Report, state: ChainState, dataset: str, version_label: str
+) -> int:
+    """Check every SQL table the chain names (module doc); returns how many partitions were read back."""
+    by_target: dict[str, list[SqlPartitionHistory]] = defaultdict(list)
+    for (target, _), history in sorted(state.sql.items()):
+        if history.applies:
+            by_target[target].append(history)
+    checked = 0
+    for ref, histories in sorted(by_target.items()):
+        newest = max(histories, key=lambda h: h.applies[-1].intent_seq)
+        try:
+            table = reopen_target(env.settings.sql_target_urls, ref, newest, write=report.repair)
+        except (InvalidInput, SQLAlchemyError, OSError) as exc:
+            report.find("sql_target_unreachable", ref, scrub_text(str(getattr(exc, "orig", None) or exc)))
+            continue
+        try:
+            checked += _check_table(env, report, state, table, dataset, version_label)
+        except SQLAlchemyError as exc:
+            report.find("sql_target_unreachable", ref, scrub_text(str(getattr(exc, "orig", None) or exc)))
+        finally:
+            table.close()
+    catalog_rows = {r["event_hash"]: r for r in env.catalog.sql_applies(dataset, version_label)}
+    chain_events = {
+        str(e["chain"]["event_hash"])
+        for h in state.sql.values()
+        for a in h.applies
+        for e in (a.applied, a.rolled_back)
+        if e is not None
+    }
+    for event_hash, row in sorted(catalog_rows.items()):
+        if event_hash not in chain_events:
+            report.find(
+                "catalog_sql_not_on_chain",
+                f"{dataset}/{version_label}/{row['partition_key']}",
+                f"sql_apply_log names event {event_hash}, which the chain does not hold",
+            )
+    _check_runs(env, report, state, dataset, version_label)
+    return checked
+
+
+def _check_table(
+    env: Environment,
+    report: Report,
+    state: ChainState,
+    table: SqlTable,
+    dataset: str,
+    version_label: str,
+) -> int:
+    ref = table.ref
+    histories = [h for (target, _), h in sorted(state.sql.items()) if target == ref]
+    if report.repair:
+        with scoped_lock(table, dataset, "verify-repair"):
+            for item in complete_applies(env, table, state, dataset, version_label):
+                report.repaired.append(item)
+            for item in complete_rollbacks(env, table, state, dataset, version_label):
+                report.repaired.append(item)
+    catalog_rows = {r["event_hash"]: r for r in env.catalog.sql_applies(dataset, version_label)}
+    runs = sorted({a.run_id for h in histories for a in h.applies})
+    checkpoints = {run: table.checkpoints(run) for run in runs}
+    markers = {run: table.rollback_markers(run) for run in runs}
+    for history in histories:
+        where = f"{ref}/{history.key}"
+        apply = history.open_apply
+        if apply is not None:
+            done = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
+            if done is not None:
+                report.healable(
+                    "sql_apply_event_missing",
+                    where,
+                    f"run {apply.run_id} applied every chunk but its sql_partition_applied event is missing "
+                    "(a crash window: verify --repair appends it)",
+                )
+            else:
+                chunks = sum(
+                    1
+                    for cp in checkpoints[apply.run_id]
+                    if (cp.partition_key, cp.intent_seq) == (history.key, apply.intent_seq)
+                )
+                report.find(
+                    "sql_apply_interrupted",
+                    where,
+                    f"run {apply.run_id}'s apply stopped after {chunks} of {apply.intent['chunks']} "
+                    "chunk(s): execute its request again to resume it, or pcbo rollback --run-id "
+                    f"{apply.run_id}",
+                )
+        if history.open_rollback is not None:
+            event, _ = history.open_rollback
+            committed = any(
+                (history.key, int(entry["intent_seq"])) in markers.get(str(event["run_id"]), {})
+                for entry in event["partitions"]
+                if entry["key"] == history.key
+            )
+            if committed:
+                report.healable(
+                    "sql_rollback_event_missing",
+                    where,
+                    "the rollback's restoring transaction committed but its event is missing "
+                    "(a crash window: verify --repair appends it)",
+                )
+            else:
+                report.find(
+                    "sql_rollback_interrupted",
+                    where,
+                    f"a rollback of run {event['run_id']} was recorded but not done: run it again",
+                )
+    present = table.present_triggers() if table.has_journal() else set()
+    for name in table.journal_trigger_names():
+        if name not in present:
+            report.find(
+                "sql_journal_trigger_missing",
+                f"{ref} {name}",
+                "an append-only trigger of the journal was dropped",
+            )
+    checked = 0
+    for run in runs:
+        problems = check_journal(table, state, run, read_journal(table, run))
+        for problem in problems[:20]:
+            report.find("sql_journal_altered", f"{ref} run {run}", problem)
+    for history in histories:
+        for apply in history.applies:
+            checked += _check_apply(
+                env, report, table, history, apply, checkpoints, markers, catalog_rows, dataset, version_label
+            )
+    return checked
+
+
+def _check_apply(
+    env: Environment,
+    report: Report,
+    table: SqlTable,
+    history: SqlPartitionHistory,
+    apply: SqlApply,
+    checkpoints: dict[str, Any],
+    markers: dict[str, dict[tuple[str, int], tuple[str, int]]],
+    catalog_rows: dict[str, dict[str, Any]],
+    dataset: str,
+    version_label: str,
+) -> int:
+    where = f"{table.ref}/{history.key} run {apply.run_id}"
+    for event in (apply.applied, apply.rolled_back):
+        if event is not None:
+            _check_catalog_row(env, report, event, catalog_rows, where, dataset, version_label)
+    if apply.rolled_back is not None:
+        if (history.key, apply.intent_seq) not in markers[apply.run_id]:
+            report.find(
+                "sql_rollback_marker_missing",
+                where,
+                "the chain says this apply was undone, but the table's pcbo_rollbacks has no row for it",
+            )
+        return 0
+    if apply.applied is None or (history.key, apply.intent_seq) in markers[apply.run_id]:
+        return 0  # open, or undone by a rollback whose events a crash cut off (reported above)
+    gathered = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
+    if gathered is None:
+        report.find("sql_checkpoint_missing", where, "the apply's chunk checkpoints are not all in the table")
+        return 0
+    event = apply.applied
+    if gathered.merkle_root != event["merkle_root"] or len(gathered.applied) != event["record_count"]:
+        report.find(
+            "sql_checkpoint_altered",
+            where,
+            "the applied rows in the checkpoints do not give the Merkle root and count the chain recorded",
+        )
+        return 0
+    if history.current is not apply:
+        return 0
+    changed = table.read_back_by_key_text(gathered.applied) if gathered.applied else []
+    if changed:
+        listed = ", ".join(repr(i) for i in sorted(changed)[:10])
+        report.find(
+            "sql_rows_changed",
+            where,
+            f"{len(changed)} of {len(gathered.applied)} applied row(s) are no longer in the table as written "
+            f"({listed}{', ...' if len(changed) > 10 else ''})",
+        )
+    return 1
+
+
+def _check_catalog_row(
+    env: Environment,
+    report: Report,
+    event: Any,
+    catalog_rows: dict[str, dict[str, Any]],
+    where: str,
+    dataset: str,
+    version_label: str,
+) -> None:
+    event_hash = event["chain"]["event_hash"]
+    row = catalog_rows.get(event_hash)
+    applied = event.get("event_type") == "sql_partition_applied"
+    if row is None:
+        if report.repair and applied:
+            record_applied(env, dataset, version_label, event, [])
+            report.repaired.append({"kind": "catalog_sql_row_recorded", "where": where})
+        else:
+            report.healable("catalog_sql_mismatch", where, f"sql_apply_log has no row for event {event_hash}")
+        return
+    expected = {
+        "kind": "applied" if applied else "rolled_back",
+        "run_id": event["run_id"],
+        "target": event["target"],
+        "intent_seq": event["intent_seq"],
+        "journal_digest": event["journal"]["digest"] if applied else event["journal_digest"],
+        "merkle_root": event["merkle_root"] if applied else None,
+        "partition_key": event["partition"]["key"],
+    }
+    if applied:
+        expected["counts"] = event["counts"]
+    differs = sorted(name for name, value in expected.items() if row.get(name) != value)
+    if differs:
+        report.find(
+            "catalog_sql_mismatch", where, f"sql_apply_log's {', '.join(differs)} disagree with the chain"
+        )
+
+
+def _check_runs(
+    env: Environment, report: Report, state: ChainState, dataset: str, version_label: str
+) -> None:
+    hashes: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for history in state.sql.values():
+        for apply in history.applies:
+            hashes[apply.run_id].add((str(apply.intent["plan_hash"]), str(apply.intent["decision_hash"])))
+    for run_id, pairs in sorted(hashes.items()):
+        row = env.catalog.get_run(run_id)
+        where = f"{dataset}/{version_label} run {run_id}"
+        if row is None:
+            report.find("catalog_run_missing", where, "the chain names a run the catalog does not hold")
+        elif (row["plan_hash"], row["decision_hash"]) not in pairs:
+            report.find(
+                "catalog_run_mismatch",
+                where,
+                "the catalog's plan or decision hash of the run differs from its intents'",
+            )
+
+
+def partition_read_back(table: SqlTable, state: ChainState, key: str) -> tuple[bool, dict[str, Any]]:
+    """The reconciliation of one partition of a SQL table (the Dagster read-back check): the rows its
+    current apply wrote, read back and compared with the records' digests, and the Merkle root
+    recomputed over the ids still as written. Returns (passed, details)."""
+    history = state.sql.get((table.ref, key))
+    current = history.current if history is not None else None
+    if current is None or current.applied is None:
+        return False, {"finding": f"the chain holds no completed apply of {key} into {table.qualified}"}
+    event = current.applied
+    details: dict[str, Any] = {
+        "run_id": current.run_id,
+        "event_hash": event["chain"]["event_hash"],
+        "merkle_root": event["merkle_root"],
+        "applied": event["record_count"],
+    }
+    gathered = gathered_from_checkpoints(table.checkpoints(current.run_id), key, current)
+    if gathered is None:
+        return False, {**details, "finding": "the apply's checkpoints are not all in the table"}
+    changed = set(table.read_back_by_key_text(gathered.applied)) if gathered.applied else set()
+    kept = [i for i in gathered.applied_ids if i not in changed]
+    recomputed = merkle.root_hex(kept)
+    details.update(
+        rows_matching=len(kept),
+        root_recomputed=recomputed,
+        changed=sorted(changed)[:20],
+    )
+    return recomputed == event["merkle_root"] and not changed, details

@@ -1,0 +1,1 @@
+"""Targets other than the parquet lake: SQL tables (issue 15)."""

@@ -1,0 +1,395 @@
+"""PostgreSQL and SQLite as seen by a SQL target: connections, what a table looks like, which column
+types accept which values, and how a row's exact prior image is kept and written back.
+
+**Connections.** PostgreSQL through psycopg 3 with fixed session settings (UTC, ISO dates, shortest
+exact floats, hex bytea), so the text a column is read as never depends on the server's or the
+role's defaults: that text is the row image the journal keeps and the rollback script writes. SQLite
+write transactions start with `BEGIN IMMEDIATE` (writers queue on the database lock; busy timeout
+30 s); nothing else about the user's database file is changed (no journal-mode switch), foreign keys
+are enforced. A dry-run opens SQLite read-only and never creates a file.
+
+**Row images** (what the journal keeps of a row before the run changed it): on PostgreSQL every
+column's text form (`col::text`), written back with `CAST(text AS <the column's type>)` (exact for
+every built-in type, as `pg_dump` relies on); on SQLite every column's stored value, tagged with its
+storage class (`["i", "5"]`, `["r", "1.5"]`, `["t", "x"]`, `["b", "<base64>"]`, null).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import URL
+
+from pcbo_dagster.catalog.database import sqlalchemy_url
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.instants import parse_instant, to_micros
+from pcbo_dagster.core.sql_outcomes import (
+    BOOLEAN,
+    FLOAT,
+    INTEGER,
+    JSON_TEXT,
+    STRING,
+    TIMESTAMP,
+    UNREADABLE_INSTANT,
+)
+from pcbo_dagster.io.redaction import redact_url
+
+POSTGRESQL = "postgresql"
+SQLITE = "sqlite"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+#: PostgreSQL session settings that make every column's text form independent of the server.
+PG_SESSION_OPTIONS = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1 "
+    "-c bytea_output=hex -c standard_conforming_strings=on"
+)
+_BEGIN_OPTION = "pcbo_sqlite_begin"
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """A column of the target table: its name, its type as the database spells it (PostgreSQL
+    `format_type`, SQLite's declared type), its base type name (PostgreSQL) and whether it is
+    NOT NULL."""
+
+    name: str
+    type_text: str
+    base_type: str
+    not_null: bool
+    typmod: int = -1
+
+
+def dialect_of(url: URL) -> str:
+    backend = url.get_backend_name()
+    if backend not in (POSTGRESQL, SQLITE):
+        raise InvalidInput("target.url", "must be a postgresql:// or sqlite:/// URL")
+    return backend
+
+
+def location_of(url: str) -> str:
+    """Where a target lives, without credentials: `postgresql://host:port/db`, `sqlite:////path`."""
+    parsed = sqlalchemy_url(url)
+    if parsed.get_backend_name() == SQLITE:
+        return f"sqlite:///{parsed.database or ''}"
+    plain = parsed.set(drivername=POSTGRESQL, username=None, password=None, query={})
+    return redact_url(plain.render_as_string(hide_password=True))
+
+
+def sqlite_path(url: URL) -> Path:
+    database = url.database or ""
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        raise InvalidInput("target.url", "an in-memory SQLite database cannot be a backfill target")
+    return Path(database).expanduser().resolve()
+
+
+def open_engine(url: str, read_only: bool = False) -> Engine:
+    """An engine on the target database (see the module doc). SQLite: the file must exist."""
+    parsed = sqlalchemy_url(url)
+    if dialect_of(parsed) == POSTGRESQL:
+        return create_engine(
+            parsed,
+            pool_pre_ping=True,
+            connect_args={"options": PG_SESSION_OPTIONS, "application_name": "pcbo"},
+        )
+    path = sqlite_path(parsed)
+    if not path.is_file():
+        raise InvalidInput("target.url", f"no SQLite database at {path} (create the table first)")
+    if read_only:
+        engine = create_engine(
+            f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}
+        )
+    else:
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+            raise InvalidInput("target.url", f"{path} (or its directory) is not writable")
+        engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # BEGIN is ours (below), so savepoints work
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
+
+    return engine
+
+
+def write_connection(conn: Connection) -> Connection:
+    """`conn` for a write transaction (SQLite: `BEGIN IMMEDIATE`, the database lock taken at once)."""
+    if conn.dialect.name == SQLITE:
+        return conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+    return conn
+
+
+def quote(name: str) -> str:
+    """An identifier quoted (always: case and reserved words kept; the same for both dialects)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+# -- what the table looks like ----------------------------------------------------------------------
+
+
+def resolve_table(conn: Connection, table: str) -> tuple[str, str] | None:
+    """(schema, name) of the table `table` names (`name` or `schema.name`), or None when there is no
+    such table (PostgreSQL: an unqualified name resolves through the search path)."""
+    schema, _, name = table.rpartition(".")
+    if conn.dialect.name == SQLITE:
+        if schema not in ("", "main"):
+            return None
+        row = conn.execute(
+            text("SELECT name FROM sqlite_master WHERE type = 'table' AND name = :n"), {"n": name}
+        ).first()
+        return None if row is None else ("main", str(row[0]))
+    qualified = ".".join(quote(part) for part in table.split("."))
+    row = conn.execute(
+        text(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.oid = to_regclass(:q) AND c.relkind IN ('r', 'p')"
+        ),
+        {"q": qualified},
+    ).first()
+    return None if row is None else (str(row[0]), str(row[1]))
+
+
+def table_columns(conn: Connection, schema: str, name: str) -> list[ColumnInfo]:
+    if conn.dialect.name == SQLITE:
+        rows = conn.exec_driver_sql(f"PRAGMA main.table_info({quote(name)})").all()
+        return [ColumnInfo(str(r[1]), str(r[2] or ""), str(r[2] or "").upper(), bool(r[3])) for r in rows]
+    rows = conn.execute(
+        text(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
+            "COALESCE(bt.typname, t.typname), a.attnotnull, a.atttypmod "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype "
+            "WHERE a.attrelid = to_regclass(:q) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+        ),
+        {"q": f"{quote(schema)}.{quote(name)}"},
+    ).all()
+    return [ColumnInfo(str(r[0]), str(r[1]), str(r[2]), bool(r[3]), int(r[4])) for r in rows]
+
+
+def unique_column_sets(conn: Connection, schema: str, name: str) -> list[set[str]]:
+    """The column sets of the table's primary key and full (non-partial, non-expression) unique
+    indexes."""
+    if conn.dialect.name == SQLITE:
+        sets: list[set[str]] = []
+        info = conn.exec_driver_sql(f"PRAGMA main.table_info({quote(name)})").all()
+        pk = {str(r[1]) for r in info if r[5]}
+        if pk:
+            sets.append(pk)
+        for index in conn.exec_driver_sql(f"PRAGMA main.index_list({quote(name)})").all():
+            if index[2] and not index[4]:  # unique, not partial
+                cols = conn.exec_driver_sql(f"PRAGMA main.index_info({quote(str(index[1]))})").all()
+                if all(c[2] is not None for c in cols):
+                    sets.append({str(c[2]) for c in cols})
+        return sets
+    rows = conn.execute(
+        text(
+            "SELECT ARRAY(SELECT a.attname FROM unnest(i.indkey) k "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k) "
+            "FROM pg_index i WHERE i.indrelid = to_regclass(:q) AND i.indisunique "
+            "AND i.indpred IS NULL AND i.indexprs IS NULL"
+        ),
+        {"q": f"{quote(schema)}.{quote(name)}"},
+    ).all()
+    return [set(r[0]) for r in rows]
+
+
+def missing_privileges(conn: Connection, schema: str, name: str, needed: tuple[str, ...]) -> list[str]:
+    """The table privileges of `needed` the connecting role lacks (SQLite has no roles: none)."""
+    if conn.dialect.name == SQLITE:
+        return []
+    qualified = f"{quote(schema)}.{quote(name)}"
+    return [
+        privilege
+        for privilege in needed
+        if not conn.execute(
+            text("SELECT has_table_privilege(:q, :p)"), {"q": qualified, "p": privilege}
+        ).scalar()
+    ]
+
+
+def current_role(conn: Connection) -> str:
+    if conn.dialect.name == SQLITE:
+        return "sqlite"
+    return str(conn.execute(text("SELECT current_user")).scalar())
+
+
+# -- which column types accept the run's values ------------------------------------------------------
+
+_PG_ACCEPTS = {
+    STRING: {"text", "varchar", "citext"},
+    JSON_TEXT: {"text", "varchar", "citext", "json", "jsonb"},
+    INTEGER: {"int2", "int4", "int8", "numeric", "float8"},
+    FLOAT: {"float8", "numeric"},
+    BOOLEAN: {"bool"},
+    TIMESTAMP: {"timestamptz", "text", "varchar"},
+}
+_PG_WHY = {
+    "bpchar": "character(n) pads values with blanks, so a row would not read back as written",
+    "timestamp": "timestamp without time zone would drop the instant's offset: use timestamp with time zone",
+    "float4": "real keeps 24 bits of mantissa, so values would not read back as written",
+    "uuid": "uuid text is normalised, so a row would not read back as written",
+}
+_SQLITE_ACCEPTS = {
+    STRING: {"TEXT", "BLOB"},
+    JSON_TEXT: {"TEXT", "BLOB"},
+    INTEGER: {"INTEGER", "NUMERIC", "REAL", "BLOB"},
+    FLOAT: {"INTEGER", "NUMERIC", "REAL", "BLOB"},
+    BOOLEAN: {"INTEGER", "NUMERIC", "BLOB"},
+    TIMESTAMP: {"TEXT", "NUMERIC", "BLOB"},
+}
+_KIND_TEXT = {
+    STRING: "strings",
+    JSON_TEXT: "JSON values (objects, arrays or mixed types)",
+    INTEGER: "integers",
+    FLOAT: "numbers",
+    BOOLEAN: "booleans",
+    TIMESTAMP: "instants",
+}
+
+
+def sqlite_affinity(declared: str) -> str:
+    """SQLite's column affinity of a declared type (section 3.1 of its datatype documentation)."""
+    upper = declared.upper()
+    if "INT" in upper:
+        return "INTEGER"
+    if any(word in upper for word in ("CHAR", "CLOB", "TEXT")):
+        return "TEXT"
+    if upper == "" or "BLOB" in upper:
+        return "BLOB"
+    if any(word in upper for word in ("REAL", "FLOA", "DOUB")):
+        return "REAL"
+    return "NUMERIC"
+
+
+def refusal(dialect: str, column: ColumnInfo, kind: str) -> str | None:
+    """Why `column` cannot hold the run's values of `kind` exactly (None: it can)."""
+    if dialect == SQLITE:
+        affinity = sqlite_affinity(column.type_text)
+        if affinity in _SQLITE_ACCEPTS[kind]:
+            return None
+        return (
+            f"column {column.name!r} ({column.type_text or 'no type'}, {affinity} affinity) would change "
+            f"{_KIND_TEXT[kind]}: SQLite converts values to a column's affinity"
+        )
+    base = column.base_type
+    if base in _PG_ACCEPTS[kind]:
+        if kind == FLOAT and base == "numeric" and column.typmod != -1:
+            return (
+                f"column {column.name!r} is {column.type_text}, which rounds numbers: use numeric or double"
+            )
+        return None
+    why = _PG_WHY.get(base, f"does not hold {_KIND_TEXT[kind]}")
+    return f"column {column.name!r} is {column.type_text}: {why}"
+
+
+def instant_refusal(dialect: str, column: ColumnInfo) -> str | None:
+    """Why a freshness or tombstone column cannot be read as instants (None: it can)."""
+    if dialect == SQLITE or column.base_type in ("timestamptz", "text", "varchar"):
+        return None
+    why = _PG_WHY.get(column.base_type, "is not a timestamp with time zone")
+    return f"column {column.name!r} is {column.type_text}: {why}"
+
+
+def instant_of(value: Any) -> int | None:
+    """A freshness or tombstone value as microseconds (None: not set); unreadable values count as
+    later than any snapshot (`UNREADABLE_INSTANT`)."""
+    if value is None:
+        return None
+    if hasattr(value, "tzinfo") and getattr(value, "tzinfo", None) is not None:
+        return to_micros(value)
+    if isinstance(value, str):
+        micros = parse_instant(value)
+        if micros is not None:
+            return micros
+    return UNREADABLE_INSTANT
+
+
+# -- row images and literals --------------------------------------------------------------------------
+
+
+def image_select(dialect: str, column: str) -> str:
+    """The select expression of a column's image: its text form on PostgreSQL, its value on SQLite."""
+    return f"{quote(column)}::text" if dialect == POSTGRESQL else quote(column)
+
+
+def encode_image_value(dialect: str, value: Any) -> Any:
+    """A column's image value as JSON (PostgreSQL: already text)."""
+    if value is None or dialect == POSTGRESQL:
+        return value
+    if isinstance(value, bool | int):
+        return ["i", str(int(value))]  # as text: SQLite integers reach past RFC 8785's 2**53
+    if isinstance(value, float):
+        return ["r", repr(value)]
+    if isinstance(value, str):
+        return ["t", value]
+    if isinstance(value, bytes | bytearray | memoryview):
+        return ["b", base64.b64encode(bytes(value)).decode("ascii")]
+    raise ValueError(f"unexpected SQLite value of type {type(value).__name__}")
+
+
+def decode_image_value(dialect: str, image: Any) -> Any:
+    """The value to bind to write an image back (PostgreSQL: the text, cast by `bind_expression`)."""
+    if image is None or dialect == POSTGRESQL:
+        return image
+    tag, payload = image
+    if tag == "i":
+        return int(payload)
+    if tag == "r":
+        return float(payload)
+    if tag == "t":
+        return str(payload)
+    return base64.b64decode(payload)
+
+
+def bind_expression(dialect: str, parameter: str, column: ColumnInfo) -> str:
+    """`:parameter` as an expression of the column's type (PostgreSQL: cast from its text form)."""
+    if dialect == POSTGRESQL:
+        return f"CAST(:{parameter} AS {column.type_text})"
+    return f":{parameter}"
+
+
+def literal(dialect: str, image: Any, column: ColumnInfo) -> str:
+    """An image value as a SQL literal of the column's type, for the rollback script."""
+    if image is None:
+        return "NULL"
+    if dialect == POSTGRESQL:
+        return "'" + str(image).replace("'", "''") + "'::" + column.type_text
+    tag, payload = image
+    if tag == "i":
+        return str(int(payload))
+    if tag == "r":
+        number = float(payload)
+        if number != number:
+            return "NULL"
+        if number in (float("inf"), float("-inf")):
+            return "9e999" if number > 0 else "-9e999"
+        return repr(number)
+    if tag == "t":
+        return "'" + str(payload).replace("'", "''") + "'"
+    return "X'" + base64.b64decode(payload).hex().upper() + "'"
+
+
+def key_image(dialect: str, value: Any) -> Any:
+    """A record's key value as a row image value (the key of a row the run inserted, so its undo can
+    find it): PostgreSQL's text input form, or SQLite's tagged value."""
+    if dialect == SQLITE:
+        return encode_image_value(dialect, value)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return repr(value) if isinstance(value, float) else str(value)

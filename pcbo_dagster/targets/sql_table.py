@@ -1,0 +1,1083 @@
+"""A SQL table as a backfill target (issue 15): capability checks, the live rows, the chunked apply
+with its row-by-row fallback, the rollback journal, checkpoints, restore and the rollback script.
+
+**Capability checks** (`SqlTable.open`, before anything is read or written; invalid input naming the
+field otherwise): the table exists; every written field has a column whose type holds the run's
+values exactly (`sql_dialects.refusal`: a clear message naming the column); the key columns are
+written, include `id`'s column and carry a primary key or a full unique index on exactly them; the
+freshness and tombstone columns exist and hold instants; and for a write, the connecting role may
+SELECT, INSERT, UPDATE and DELETE the table.
+
+**Apply** (`apply_chunk`): one transaction per chunk of a partition's adds (`chunkRows`, in id order):
+the chunk's live rows are locked (`SELECT ... FOR UPDATE`; SQLite: `BEGIN IMMEDIATE` holds the
+database), each row's live state is compared with the one the decision was made on (a row changed
+since is a failure, never written over), then the journal entries, the inserts and updates, and the
+chunk's checkpoint are written, and committed together. When a statement fails (a type error, a
+constraint), the transaction is rolled back and the chunk is applied again row by row, each row in
+its own savepoint: a row the database refuses is rolled back to its savepoint and recorded with the
+database's error (SQLSTATE and message), the others are applied.
+
+**The journal** lives in the target database, in `pcbo_journal` beside the table (the same
+transaction as the change can only be there): one entry per changed row, before the change, with
+the row's exact prior image (or none: inserted), the columns changed, the live state the decision
+was made on and the digest of the row written. Entries are chained per (run, table): `digest_n =
+sha256(digest_{n-1} "\\n" JCS(entry_n))` from `JOURNAL_GENESIS`. `pcbo_checkpoints` holds one row
+per applied chunk (written in the chunk's transaction): the plan hash, the target's digest, the
+journal's length and digest after the chunk, and the chunk's counts, failures and applied rows.
+`pcbo_rollbacks` holds one row per undone apply (written in the restoring transaction). The three
+tables are append-only (triggers refuse UPDATE, DELETE, REPLACE, TRUNCATE), created with the
+table's first apply (the role needs CREATE on the schema once, or a DBA creates them with
+`journal_ddl`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DataError, IntegrityError
+
+from pcbo_dagster.core.canonical import fast_jcs, prefixed
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.instants import format_instant, to_datetime
+from pcbo_dagster.core.record_table import TIMESTAMP as ARROW_TIMESTAMP
+from pcbo_dagster.core.sql_outcomes import (
+    BOOLEAN,
+    CONFLICT,
+    FLOAT,
+    INSERT,
+    INTEGER,
+    INVALID_KEY,
+    JSON_TEXT,
+    REFUSED_DELETED,
+    REFUSED_NEWER,
+    SKIP_CONFLICT,
+    SKIP_EQUAL,
+    STRING,
+    TIMESTAMP,
+    UPDATE,
+    LiveState,
+    canonical_value,
+    classify,
+    key_text,
+    live_state,
+    row_digest,
+)
+from pcbo_dagster.core.sql_target_spec import SqlTargetSpec
+from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.targets import sql_dialects as d
+from pcbo_dagster.targets.sql_dialects import POSTGRESQL, SQLITE, ColumnInfo, quote
+
+JOURNAL_TABLE = "pcbo_journal"
+CHECKPOINT_TABLE = "pcbo_checkpoints"
+ROLLBACK_TABLE = "pcbo_rollbacks"
+PCBO_TABLES = (JOURNAL_TABLE, CHECKPOINT_TABLE, ROLLBACK_TABLE)
+JOURNAL_GENESIS = prefixed(hashlib.sha256(b"pcbo.sql-journal/1").hexdigest())
+#: Rows a statement names at once when rows are read by key.
+READ_BATCH = 1000
+#: Key of the advisory lock taken while the pcbo tables are created (PostgreSQL).
+_DDL_LOCK_KEY = 0x7063626F4A524E4C
+
+
+def chain_journal_digest(previous: str, entry_text: bytes) -> str:
+    """The journal digest after one more entry (its RFC 8785 text)."""
+    return prefixed(hashlib.sha256(previous.encode("ascii") + b"\n" + entry_text).hexdigest())
+
+
+@dataclass(frozen=True)
+class WrittenColumn:
+    """A record field written to a column, and the kind of its values in this run."""
+
+    field: str
+    column: ColumnInfo
+    kind: str
+
+
+@dataclass
+class PlannedRow:
+    """One added record on its way into the table: its key and values as the database takes them,
+    their canonical digests, and the outcome decided against the live row."""
+
+    id: str
+    key_values: tuple[Any, ...]
+    key_text: str
+    values: list[Any]
+    record_digest: str
+    key_missing: str | None = None
+    outcome: str = ""
+    live: LiveState | None = None
+
+
+@dataclass
+class LiveRow:
+    state: LiveState
+    image: dict[str, Any]
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk did: counts, failed rows (with the database's error), the rows now in the table
+    as the records have them (`applied`: id, key text, digest), and the journal after it."""
+
+    counts: dict[str, int]
+    failures: list[dict[str, Any]]
+    applied: list[list[str]]
+    journal_seq: int
+    journal_digest: str
+    fallback: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts,
+            "failures": self.failures,
+            "applied": self.applied,
+            "fallback": self.fallback,
+        }
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """Where a chunk belongs: the run, the partition, the apply intent's chain position and the
+    chunk's index, the hashes a resume is held to, and the journal before the chunk."""
+
+    run_id: str
+    partition_key: str
+    intent_seq: int
+    chunk: int
+    plan_hash: str
+    target_digest: str
+    journal_seq: int
+    journal_digest: str
+
+
+@dataclass
+class Checkpoint:
+    partition_key: str
+    intent_seq: int
+    chunk: int
+    plan_hash: str
+    target_digest: str
+    journal_seq: int
+    journal_digest: str
+    result: dict[str, Any]
+
+
+def empty_counts() -> dict[str, int]:
+    return {"inserted": 0, "updated": 0, "skipped": 0, "refused": 0, "failed": 0}
+
+
+def _kind_of(field_type: pa.DataType, as_json: bool) -> str:
+    if as_json:
+        return JSON_TEXT
+    if pa.types.is_timestamp(field_type):
+        return TIMESTAMP
+    if pa.types.is_boolean(field_type):
+        return BOOLEAN
+    if pa.types.is_integer(field_type):
+        return INTEGER
+    if pa.types.is_floating(field_type):
+        return FLOAT
+    return STRING
+
+
+class SqlTable:
+    """An opened, checked target table (`SqlTable.open`)."""
+
+    def __init__(
+        self,
+        spec: SqlTargetSpec,
+        url: str,
+        engine: Engine,
+        schema: str,
+        name: str,
+        columns: dict[str, ColumnInfo],
+        written: list[WrittenColumn],
+    ) -> None:
+        self.spec = spec
+        self.url = url
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.schema, self.name = schema, name
+        self.columns = columns
+        self.written = written
+        by_column = {w.column.name: w for w in written}
+        self.key = [by_column[c] for c in spec.key]
+        self.freshness = columns.get(spec.freshnessColumn) if spec.freshnessColumn else None
+        self.deleted = columns.get(spec.deletedColumn) if spec.deletedColumn else None
+        self.location = d.location_of(url)
+        #: The table as the chain, the journal and the catalog name it.
+        self.qualified = f"{schema}.{name}"
+        self.ref = f"{self.location}#{self.qualified}"
+        self._sql_table = f"{quote(schema)}.{quote(name)}" if self.dialect == POSTGRESQL else quote(name)
+
+    # -- opening and checking -------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, spec: SqlTargetSpec, url: str, schema: pa.Schema, as_json: dict[str, bool], write: bool
+    ) -> SqlTable:
+        """Open the target and run the capability checks (module doc) for the run's `schema`."""
+        engine = d.open_engine(url, read_only=not write)
+        try:
+            with engine.connect() as conn, conn.begin():
+                resolved = d.resolve_table(conn, spec.table)
+                if resolved is None:
+                    raise InvalidInput("target.table", f"no table {spec.table} in {d.location_of(url)}")
+                schema_name, name = resolved
+                columns = {c.name: c for c in d.table_columns(conn, schema_name, name)}
+                written = cls._written_columns(spec, schema, as_json, columns, engine.dialect.name)
+                cls._check_key(spec, written, d.unique_column_sets(conn, schema_name, name))
+                for field_name, column_name in (
+                    ("freshnessColumn", spec.freshnessColumn),
+                    ("deletedColumn", spec.deletedColumn),
+                ):
+                    if column_name is None:
+                        continue
+                    if column_name not in columns:
+                        raise InvalidInput(
+                            f"target.{field_name}", f"table {spec.table} has no column {column_name!r}"
+                        )
+                    why = d.instant_refusal(engine.dialect.name, columns[column_name])
+                    if why is not None:
+                        raise InvalidInput(f"target.{field_name}", why)
+                if write:
+                    missing = d.missing_privileges(
+                        conn, schema_name, name, ("SELECT", "INSERT", "UPDATE", "DELETE")
+                    )
+                    if missing:
+                        raise InvalidInput(
+                            "target.url",
+                            f"the role {d.current_role(conn)!r} may not {', '.join(missing)} "
+                            f"table {schema_name}.{name}",
+                        )
+        except BaseException:
+            engine.dispose()
+            raise
+        return cls(spec, url, engine, schema_name, name, columns, written)
+
+    @classmethod
+    def reopen(cls, url: str, layout: Mapping[str, Any], write: bool) -> SqlTable:
+        """The table an apply wrote, from the layout its intent recorded on the chain (`rollback` and
+        `verify` work without the request); `InvalidInput` on `target.url` when it is not there."""
+        engine = d.open_engine(url, read_only=not write)
+        try:
+            with engine.connect() as conn, conn.begin():
+                resolved = d.resolve_table(conn, str(layout["table"]))
+                if resolved is None:
+                    raise InvalidInput("target.url", f"no table {layout['table']} in {d.location_of(url)}")
+                columns = {c.name: c for c in d.table_columns(conn, *resolved)}
+        except BaseException:
+            engine.dispose()
+            raise
+        missing = [c for _, c, _ in layout["written"] if c not in columns]
+        if missing:
+            engine.dispose()
+            raise InvalidInput(
+                "target.url", f"table {layout['table']} lost its column(s) {', '.join(missing)}"
+            )
+        written = [WrittenColumn(f, columns[c], kind) for f, c, kind in layout["written"]]
+        spec = SqlTargetSpec.model_construct(
+            kind="sql",
+            url=url,
+            table=str(layout["table"]),
+            key=list(layout["key"]),
+            conflict="fail",
+            columns={f: c for f, c, _ in layout["written"]},
+            freshnessColumn=layout.get("freshness_column"),
+            allowNewer=False,
+            deletedColumn=layout.get("deleted_column"),
+            snapshotAt=None,
+            chunkRows=1,
+        )
+        return cls(spec, url, engine, resolved[0], resolved[1], columns, written)
+
+    @staticmethod
+    def _written_columns(
+        spec: SqlTargetSpec,
+        schema: pa.Schema,
+        as_json: dict[str, bool],
+        columns: dict[str, ColumnInfo],
+        dialect: str,
+    ) -> list[WrittenColumn]:
+        fields = {f.name: f for f in schema}
+        chosen = list(spec.columns) if spec.columns is not None else list(fields)
+        written = []
+        for name in chosen:
+            where = f"target.columns.{name}" if spec.columns is not None else "target.columns"
+            column_name = spec.column_for(name)
+            if column_name not in columns:
+                raise InvalidInput(
+                    where,
+                    f"record field {name!r} has no column {column_name!r} in table {spec.table} "
+                    "(target.columns chooses the fields written and their columns)",
+                )
+            arrow = fields.get(name)
+            kind = STRING if arrow is None else _kind_of(arrow.type, as_json.get(name, False))
+            why = d.refusal(dialect, columns[column_name], kind)
+            if why is not None:
+                raise InvalidInput(where, f"{why} (record field {name!r})")
+            written.append(WrittenColumn(name, columns[column_name], kind))
+        return sorted(written, key=lambda w: w.column.name.encode("utf-8"))
+
+    @staticmethod
+    def _check_key(spec: SqlTargetSpec, written: list[WrittenColumn], unique_sets: list[set[str]]) -> None:
+        written_columns = {w.column.name for w in written}
+        for column in spec.key:
+            if column not in written_columns:
+                raise InvalidInput("target.key", f"key column {column!r} is not written by the backfill")
+        if spec.id_column not in spec.key:
+            raise InvalidInput(
+                "target.key", f"must include {spec.id_column!r}, the column a record's id is written to"
+            )
+        if set(spec.key) not in unique_sets:
+            raise InvalidInput(
+                "target.key",
+                f"table {spec.table} has no primary key or unique index on exactly ({', '.join(spec.key)})",
+            )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        with self.engine.connect() as raw:
+            conn = d.write_connection(raw)
+            with conn.begin():
+                yield conn
+
+    # -- records as rows ------------------------------------------------------------------------
+
+    def planned_rows(self, table: pa.Table) -> list[PlannedRow]:
+        """The rows of the records in `table` (`record_table.build_table` of a partition's adds, the
+        parquet mapping): values as the database takes them and canonical digests."""
+        columns_db: list[list[Any]] = []
+        columns_canonical: list[list[Any]] = []
+        for w in self.written:
+            array = table.column(w.field) if w.field in table.column_names else pa.nulls(table.num_rows)
+            if w.kind == TIMESTAMP:
+                micros = array.cast(ARROW_TIMESTAMP).cast(pa.int64()).to_pylist()
+                canonical: list[Any] = [None if m is None else format_instant(m) for m in micros]
+                db: list[Any] = (
+                    canonical
+                    if self.dialect == SQLITE
+                    else [None if m is None else to_datetime(m) for m in micros]
+                )
+            else:
+                db = array.to_pylist()
+                canonical = db if w.kind != FLOAT else [None if v is None else float(v) for v in db]
+            columns_db.append(db)
+            columns_canonical.append(canonical)
+        key_at = [self.written.index(k) for k in self.key]
+        ids = table.column("id").to_pylist()
+        rows = []
+        for i, record_id in enumerate(ids):
+            values = [column[i] for column in columns_db]
+            canonical = [column[i] for column in columns_canonical]
+            key_values = tuple(values[j] for j in key_at)
+            missing = next((self.key[n].column.name for n, j in enumerate(key_at) if values[j] is None), None)
+            rows.append(
+                PlannedRow(
+                    id=record_id,
+                    key_values=key_values,
+                    key_text=key_text([canonical[j] for j in key_at]),
+                    values=values,
+                    record_digest=row_digest(canonical),
+                    key_missing=missing,
+                )
+            )
+        return rows
+
+    def decide(self, rows: Sequence[PlannedRow], prior_view: dict[str, LiveState | None]) -> None:
+        """Set each row's outcome and live state, against the table as it is now (or, for a row this
+        run already changed, as `prior_view` says it was before: a resumed run decides as the
+        interrupted one did)."""
+        live = self.read_live([r for r in rows if r.key_missing is None and r.key_text not in prior_view])
+        spec = self.spec
+        for row in rows:
+            if row.key_missing is not None:
+                row.outcome, row.live = INVALID_KEY, None
+                continue
+            state = prior_view[row.key_text] if row.key_text in prior_view else live.get(row.key_text)
+            row.live = state
+            row.outcome = classify(
+                row.record_digest,
+                state,
+                spec.conflict,
+                spec.snapshot_us,
+                spec.freshnessColumn is not None,
+                spec.allowNewer,
+            )
+
+    # -- reading live rows ----------------------------------------------------------------------
+
+    def _key_condition(self, count: int) -> str:
+        """Rows whose key is one of `count` keys: on PostgreSQL one array per key column (a short
+        statement the driver prepares once), on SQLite a list of values."""
+        cols = [quote(k.column.name) for k in self.key]
+        if self.dialect == POSTGRESQL:
+            arrays = [f"CAST(:k{j} AS {k.column.type_text}[])" for j, k in enumerate(self.key)]
+            if len(cols) == 1:
+                return f"{cols[0]} = ANY({arrays[0]})"
+            return f"({', '.join(cols)}) IN (SELECT * FROM unnest({', '.join(arrays)}))"
+        if len(cols) == 1:
+            return f"{cols[0]} IN ({', '.join(f':k{i}_0' for i in range(count))})"
+        tuples = ", ".join(
+            "(" + ", ".join(f":k{i}_{j}" for j in range(len(cols))) + ")" for i in range(count)
+        )
+        return f"({', '.join(cols)}) IN (VALUES {tuples})"
+
+    def _key_params(self, keys: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+        if self.dialect == POSTGRESQL:
+            return {f"k{j}": [key[j] for key in keys] for j in range(len(self.key))}
+        return {f"k{i}_{j}": v for i, key in enumerate(keys) for j, v in enumerate(key)}
+
+    def _live_select(self, with_image: bool) -> tuple[str, int]:
+        """The columns read of a live row: key, written, freshness, tombstone (and the image)."""
+        parts = [quote(k.column.name) for k in self.key] + [quote(w.column.name) for w in self.written]
+        parts.append(quote(self.freshness.name) if self.freshness else "NULL")
+        parts.append(quote(self.deleted.name) if self.deleted else "NULL")
+        if with_image:
+            parts += [d.image_select(self.dialect, c) for c in self.columns]
+        return ", ".join(parts), len(parts)
+
+    def _live_rows(
+        self,
+        conn: Connection,
+        keys: Sequence[tuple[Any, ...]],
+        lock: bool,
+        with_image: bool,
+        digests_only: bool = False,
+    ) -> dict[str, LiveRow]:
+        """The live rows of `keys` by key text (`digests_only`: only each row's digest is right)."""
+        select, _ = self._live_select(with_image)
+        found: dict[str, LiveRow] = {}
+        nkey, nwritten = len(self.key), len(self.written)
+        column_names = list(self.columns)
+        for lo in range(0, len(keys), READ_BATCH):
+            batch = keys[lo : lo + READ_BATCH]
+            sql = f"SELECT {select} FROM {self._sql_table} WHERE {self._key_condition(len(batch))}"
+            if lock and self.dialect == POSTGRESQL:
+                sql += " FOR UPDATE"
+            for row in conn.execute(text(sql), self._key_params(batch)):
+                key_canonical = [canonical_value(k.kind, row[i]) for i, k in enumerate(self.key)]
+                values = [canonical_value(w.kind, row[nkey + i]) for i, w in enumerate(self.written)]
+                fresh = d.instant_of(row[nkey + nwritten])
+                deleted = d.instant_of(row[nkey + nwritten + 1])
+                image: dict[str, Any] = {}
+                if with_image:
+                    base = nkey + nwritten + 2
+                    image = {
+                        name: d.encode_image_value(self.dialect, row[base + i])
+                        for i, name in enumerate(column_names)
+                    }
+                state = (
+                    LiveState(row_digest(values), None, None, "")
+                    if digests_only
+                    else live_state(values, fresh, deleted)
+                )
+                found[key_text(key_canonical)] = LiveRow(state, image)
+        return found
+
+    def read_live(self, rows: Sequence[PlannedRow]) -> dict[str, LiveState]:
+        """The live state of each row's key in the table now (absent keys are missing)."""
+        with self.read() as conn:
+            found = self._live_rows(conn, [r.key_values for r in rows], lock=False, with_image=False)
+        return {k: v.state for k, v in found.items()}
+
+    def read_back(self, applied: Sequence[Sequence[str]], keys: dict[str, tuple[Any, ...]]) -> list[str]:
+        """Ids of `applied` ([id, key text, digest]) whose row is not in the table as written
+        (`keys`: key text -> the key's values, to find the rows)."""
+        with self.read() as conn:
+            found = self._live_rows(
+                conn, [keys[a[1]] for a in applied], lock=False, with_image=False, digests_only=True
+            )
+        return [a[0] for a in applied if a[1] not in found or found[a[1]].state.row_digest != a[2]]
+
+    def read_back_by_key_text(self, applied: Sequence[Sequence[str]]) -> list[str]:
+        """`read_back` for rows known only by their key text (a verify, without the request)."""
+        keys = {a[1]: self.key_values_of_text(a[1]) for a in applied}
+        return self.read_back(applied, keys)
+
+    def key_values_of_text(self, text_: str) -> tuple[Any, ...]:
+        """The values to bind for a key from its canonical text."""
+        values = json.loads(text_)
+        out = []
+        for k, v in zip(self.key, values, strict=True):
+            if k.kind == TIMESTAMP and v is not None and self.dialect == POSTGRESQL:
+                from pcbo_dagster.core.instants import parse_instant
+
+                micros = parse_instant(v)
+                out.append(None if micros is None else to_datetime(micros))
+            else:
+                out.append(v)
+        return tuple(out)
+
+    # -- the pcbo tables --------------------------------------------------------------------------
+
+    def _pcbo(self, table: str) -> str:
+        return f"{quote(self.schema)}.{quote(table)}" if self.dialect == POSTGRESQL else quote(table)
+
+    def journal_ddl(self) -> list[str]:
+        """The statements creating the journal, checkpoint and rollback tables and their append-only
+        triggers (what `ensure_journal` runs; a DBA may run them instead)."""
+        j, c, r = (self._pcbo(t) for t in PCBO_TABLES)
+        big = "BIGINT" if self.dialect == POSTGRESQL else "INTEGER"
+        statements = [
+            f"CREATE TABLE {j} (run_id TEXT NOT NULL, table_name TEXT NOT NULL, seq {big} NOT NULL, "
+            f"partition_key TEXT NOT NULL, intent_seq {big} NOT NULL, entry TEXT NOT NULL, "
+            "PRIMARY KEY (run_id, table_name, seq))",
+            f"CREATE TABLE {c} (run_id TEXT NOT NULL, table_name TEXT NOT NULL, partition_key TEXT NOT NULL, "
+            f"intent_seq {big} NOT NULL, chunk INTEGER NOT NULL, plan_hash TEXT NOT NULL, "
+            f"target_digest TEXT NOT NULL, journal_seq {big} NOT NULL, journal_digest TEXT NOT NULL, "
+            "result TEXT NOT NULL, PRIMARY KEY (run_id, table_name, partition_key, intent_seq, chunk))",
+            f"CREATE TABLE {r} (run_id TEXT NOT NULL, table_name TEXT NOT NULL, partition_key TEXT NOT NULL, "
+            f"intent_seq {big} NOT NULL, journal_digest TEXT NOT NULL, restored {big} NOT NULL, "
+            "PRIMARY KEY (run_id, table_name, partition_key, intent_seq))",
+        ]
+        keys = {
+            JOURNAL_TABLE: ("run_id", "table_name", "seq"),
+            CHECKPOINT_TABLE: ("run_id", "table_name", "partition_key", "intent_seq", "chunk"),
+            ROLLBACK_TABLE: ("run_id", "table_name", "partition_key", "intent_seq"),
+        }
+        if self.dialect == POSTGRESQL:
+            function = f"{quote(self.schema)}.pcbo_append_only"
+            statements.append(
+                f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$"
+            )
+            for t in PCBO_TABLES:
+                statements.append(
+                    f"CREATE TRIGGER {t}_append_only BEFORE UPDATE OR DELETE ON {self._pcbo(t)} "
+                    f"FOR EACH ROW EXECUTE FUNCTION {function}()"
+                )
+                statements.append(
+                    f"CREATE TRIGGER {t}_no_truncate BEFORE TRUNCATE ON {self._pcbo(t)} "
+                    f"FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+                )
+        else:
+            for t in PCBO_TABLES:
+                same = " AND ".join(f"{k} = NEW.{k}" for k in keys[t])
+                statements += [
+                    f"CREATE TRIGGER {t}_no_update BEFORE UPDATE ON {t} "
+                    f"BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END",
+                    f"CREATE TRIGGER {t}_no_delete BEFORE DELETE ON {t} "
+                    f"BEGIN SELECT RAISE(ABORT, '{t} is append-only'); END",
+                    f"CREATE TRIGGER {t}_no_replace BEFORE INSERT ON {t} "
+                    f"WHEN EXISTS (SELECT 1 FROM {t} WHERE {same}) "
+                    f"BEGIN SELECT RAISE(ABORT, '{t} is append-only: REPLACE refused'); END",
+                ]
+        return statements
+
+    def journal_trigger_names(self) -> list[str]:
+        if self.dialect == POSTGRESQL:
+            return [f"{t}_{a}" for t in PCBO_TABLES for a in ("append_only", "no_truncate")]
+        return [f"{t}_{a}" for t in PCBO_TABLES for a in ("no_update", "no_delete", "no_replace")]
+
+    def present_triggers(self) -> set[str]:
+        with self.read() as conn:
+            if self.dialect == SQLITE:
+                rows = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+            else:
+                rows = conn.execute(
+                    text(
+                        "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE n.nspname = :s AND NOT t.tgisinternal"
+                    ),
+                    {"s": self.schema},
+                )
+            return {str(r[0]) for r in rows}
+
+    def has_journal(self) -> bool:
+        with self.read() as conn:
+            return self._has_journal(conn)
+
+    def _has_journal(self, conn: Connection) -> bool:
+        if self.dialect == SQLITE:
+            row = conn.execute(
+                text("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :n"),
+                {"n": JOURNAL_TABLE},
+            ).scalar()
+        else:
+            row = conn.execute(
+                text("SELECT count(*) FROM pg_tables WHERE schemaname = :s AND tablename = :n"),
+                {"s": self.schema, "n": JOURNAL_TABLE},
+            ).scalar()
+        return bool(row)
+
+    def ensure_journal(self) -> None:
+        """Create the pcbo tables beside the target table when they are missing."""
+        with self.write() as conn:
+            if self.dialect == POSTGRESQL:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _DDL_LOCK_KEY})
+            if self._has_journal(conn):
+                return
+            if (
+                self.dialect == POSTGRESQL
+                and not conn.execute(
+                    text("SELECT has_schema_privilege(:s, 'CREATE')"), {"s": self.schema}
+                ).scalar()
+            ):
+                raise InvalidInput(
+                    "target.url",
+                    f"the role {d.current_role(conn)!r} may not create the journal tables in schema "
+                    f"{self.schema} (a DBA can create them once: see targets/sql_table.journal_ddl)",
+                )
+            for statement in self.journal_ddl():
+                conn.execute(text(statement))
+
+    def journal_entries(self, run_id: str) -> list[tuple[int, str, int, str]]:
+        """(seq, partition key, intent seq, entry text) of the run's entries for this table, by seq."""
+        with self.read() as conn:
+            if not self._has_journal(conn):
+                return []
+            rows = conn.execute(
+                text(
+                    f"SELECT seq, partition_key, intent_seq, entry FROM {self._pcbo(JOURNAL_TABLE)} "
+                    "WHERE run_id = :r AND table_name = :t ORDER BY seq"
+                ),
+                {"r": run_id, "t": self.qualified},
+            ).all()
+        return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
+
+    def checkpoints(self, run_id: str) -> list[Checkpoint]:
+        """The run's chunk checkpoints for this table, by journal position then chunk."""
+        with self.read() as conn:
+            if not self._has_journal(conn):
+                return []
+            rows = conn.execute(
+                text(
+                    "SELECT partition_key, intent_seq, chunk, plan_hash, target_digest, journal_seq, "
+                    f"journal_digest, result FROM {self._pcbo(CHECKPOINT_TABLE)} "
+                    "WHERE run_id = :r AND table_name = :t ORDER BY intent_seq, partition_key, chunk"
+                ),
+                {"r": run_id, "t": self.qualified},
+            ).all()
+        return [
+            Checkpoint(
+                str(r[0]), int(r[1]), int(r[2]), str(r[3]), str(r[4]), int(r[5]), str(r[6]), json.loads(r[7])
+            )
+            for r in rows
+        ]
+
+    def rollback_markers(self, run_id: str) -> dict[tuple[str, int], tuple[str, int]]:
+        """(partition key, intent seq) -> (journal digest, rows restored) of the run's undone applies."""
+        with self.read() as conn:
+            if not self._has_journal(conn):
+                return {}
+            rows = conn.execute(
+                text(
+                    "SELECT partition_key, intent_seq, journal_digest, restored "
+                    f"FROM {self._pcbo(ROLLBACK_TABLE)} WHERE run_id = :r AND table_name = :t"
+                ),
+                {"r": run_id, "t": self.qualified},
+            ).all()
+        return {(str(r[0]), int(r[1])): (str(r[2]), int(r[3])) for r in rows}
+
+    # -- applying a chunk -----------------------------------------------------------------------
+
+    def apply_chunk(self, rows: Sequence[PlannedRow], ctx: ChunkContext, journal: bool = True) -> ChunkResult:
+        """Apply one chunk in one transaction, or row by row in savepoints when a statement fails
+        (module doc); the checkpoint is written in the same transaction."""
+        try:
+            with self.write() as conn:
+                return self._apply(conn, rows, ctx, journal, per_row=False)
+        except (IntegrityError, DataError):
+            pass
+        with self.write() as conn:
+            return self._apply(conn, rows, ctx, journal, per_row=True)
+
+    def _apply(
+        self, conn: Connection, rows: Sequence[PlannedRow], ctx: ChunkContext, journal: bool, per_row: bool
+    ) -> ChunkResult:
+        counts = empty_counts()
+        failures: list[dict[str, Any]] = []
+        applied: list[list[str]] = []
+        locked = self._live_rows(
+            conn, [r.key_values for r in rows if r.key_missing is None], lock=True, with_image=journal
+        )
+        writes: list[tuple[PlannedRow, LiveRow | None]] = []
+        for row in rows:
+            now = locked.get(row.key_text)
+            if row.outcome == INVALID_KEY:
+                failures.append(_failure(row, "pcbo", f"key column {row.key_missing!r} is null"))
+                continue
+            if (now.state.live_digest if now else None) != (row.live.live_digest if row.live else None):
+                failures.append(
+                    _failure(
+                        row, "pcbo", "the row changed after the decision was made (it is not written over)"
+                    )
+                )
+                continue
+            if row.outcome in (INSERT, UPDATE):
+                writes.append((row, now))
+            elif row.outcome == SKIP_EQUAL:
+                counts["skipped"] += 1
+                applied.append([row.id, row.key_text, row.record_digest])
+            elif row.outcome == SKIP_CONFLICT:
+                counts["skipped"] += 1
+            elif row.outcome in (REFUSED_NEWER, REFUSED_DELETED):
+                counts["refused"] += 1
+            else:
+                assert row.outcome == CONFLICT
+                failures.append(
+                    _failure(row, "pcbo", "the key is present with other values (conflict: fail)")
+                )
+        seq, digest = ctx.journal_seq, ctx.journal_digest
+        entries: list[dict[str, Any]] = []
+        if not per_row:
+            for row, now in writes:
+                entry, entry_text = self._entry(ctx, seq + 1, row, now)
+                seq, digest = seq + 1, chain_journal_digest(digest, entry_text)
+                entries.append({"seq": seq, "entry": entry_text.decode("utf-8")})
+            if journal:
+                self._insert_journal(conn, ctx, entries)
+            self._write_rows(conn, writes)
+            for row, _ in writes:
+                counts["inserted" if row.outcome == INSERT else "updated"] += 1
+                applied.append([row.id, row.key_text, row.record_digest])
+        else:
+            for row, now in writes:
+                entry, entry_text = self._entry(ctx, seq + 1, row, now)
+                savepoint = conn.begin_nested()
+                try:
+                    if journal:
+                        self._insert_journal(
+                            conn, ctx, [{"seq": seq + 1, "entry": entry_text.decode("utf-8")}]
+                        )
+                    self._write_rows(conn, [(row, now)])
+                    savepoint.commit()
+                except (IntegrityError, DataError) as exc:
+                    savepoint.rollback()
+                    failures.append(_failure(row, *_database_error(exc)))
+                    continue
+                seq, digest = seq + 1, chain_journal_digest(digest, entry_text)
+                counts["inserted" if row.outcome == INSERT else "updated"] += 1
+                applied.append([row.id, row.key_text, row.record_digest])
+        counts["failed"] = len(failures)
+        result = ChunkResult(counts, failures, sorted(applied), seq, digest, fallback=per_row)
+        conn.execute(
+            text(
+                f"INSERT INTO {self._pcbo(CHECKPOINT_TABLE)} (run_id, table_name, partition_key, intent_seq, "
+                "chunk, plan_hash, target_digest, journal_seq, journal_digest, result) VALUES "
+                "(:r, :t, :p, :i, :c, :ph, :td, :js, :jd, :res)"
+            ),
+            {
+                "r": ctx.run_id,
+                "t": self.qualified,
+                "p": ctx.partition_key,
+                "i": ctx.intent_seq,
+                "c": ctx.chunk,
+                "ph": ctx.plan_hash,
+                "td": ctx.target_digest,
+                "js": seq,
+                "jd": digest,
+                "res": fast_jcs(result.to_json()).decode("utf-8"),
+            },
+        )
+        return result
+
+    def _entry(
+        self, ctx: ChunkContext, seq: int, row: PlannedRow, now: LiveRow | None
+    ) -> tuple[dict[str, Any], bytes]:
+        key_names = {k.column.name for k in self.key}
+        changed = [w.column.name for w in self.written if w.column.name not in key_names]
+        if (
+            row.outcome == UPDATE
+            and now is not None
+            and self.deleted is not None
+            and now.state.deleted_us is not None
+        ):
+            changed.append(self.deleted.name)
+        entry = {
+            "seq": seq,
+            "partition": ctx.partition_key,
+            "intentSeq": ctx.intent_seq,
+            "chunk": ctx.chunk,
+            "id": row.id,
+            "keyText": row.key_text,
+            "key": [d.key_image(self.dialect, v) for v in row.key_values],
+            "action": row.outcome,
+            "columns": sorted(changed) if row.outcome == UPDATE else [],
+            "prior": None if now is None else now.image,
+            "priorState": None if now is None else now.state.to_json(),
+            "after": row.record_digest,
+        }
+        return entry, fast_jcs(entry)
+
+    def _insert_journal(self, conn: Connection, ctx: ChunkContext, entries: list[dict[str, Any]]) -> None:
+        if not entries:
+            return
+        if self.dialect == POSTGRESQL and len(entries) > 1:
+            _copy(
+                conn,
+                f"COPY {self._pcbo(JOURNAL_TABLE)} "
+                "(run_id, table_name, seq, partition_key, intent_seq, entry)",
+                [
+                    (ctx.run_id, self.qualified, e["seq"], ctx.partition_key, ctx.intent_seq, e["entry"])
+                    for e in entries
+                ],
+            )
+            return
+        conn.execute(
+            text(
+                f"INSERT INTO {self._pcbo(JOURNAL_TABLE)} "
+                "(run_id, table_name, seq, partition_key, intent_seq, entry) "
+                "VALUES (:r, :t, :seq, :p, :i, :entry)"
+            ),
+            [
+                {"r": ctx.run_id, "t": self.qualified, "p": ctx.partition_key, "i": ctx.intent_seq, **e}
+                for e in entries
+            ],
+        )
+
+    def _write_rows(self, conn: Connection, writes: Sequence[tuple[PlannedRow, LiveRow | None]]) -> None:
+        names = [w.column.name for w in self.written]
+        inserts = [row for row, _ in writes if row.outcome == INSERT]
+        if self.dialect == POSTGRESQL and len(inserts) > 1:  # the chunk's rows in one COPY
+            _copy(
+                conn,
+                f"COPY {self._sql_table} ({', '.join(quote(n) for n in names)})",
+                [r.values for r in inserts],
+            )
+        elif inserts:
+            conn.execute(
+                text(
+                    f"INSERT INTO {self._sql_table} ({', '.join(quote(n) for n in names)}) VALUES "
+                    f"({', '.join(f':c{i}' for i in range(len(names)))})"
+                ),
+                [{f"c{i}": v for i, v in enumerate(row.values)} for row in inserts],
+            )
+        key_names = {k.column.name for k in self.key}
+        set_at = [i for i, n in enumerate(names) if n not in key_names]
+        for clear in (False, True):
+            updates = [
+                row
+                for row, now in writes
+                if row.outcome == UPDATE
+                and (now is not None and self.deleted is not None and now.state.deleted_us is not None)
+                == clear
+            ]
+            if not updates:
+                continue
+            assignments = [f"{quote(names[i])} = :c{i}" for i in set_at]
+            if clear:
+                assert self.deleted is not None
+                assignments.append(f"{quote(self.deleted.name)} = NULL")
+            where = " AND ".join(f"{quote(k.column.name)} = :k{j}" for j, k in enumerate(self.key))
+            conn.execute(
+                text(f"UPDATE {self._sql_table} SET {', '.join(assignments)} WHERE {where}"),
+                [
+                    {
+                        **{f"c{i}": row.values[i] for i in set_at},
+                        **{f"k{j}": v for j, v in enumerate(row.key_values)},
+                    }
+                    for row in updates
+                ],
+            )
+
+    # -- undoing ---------------------------------------------------------------------------------
+
+    def _key_where(self, prefix: str) -> str:
+        return " AND ".join(
+            f"{quote(k.column.name)} = {d.bind_expression(self.dialect, f'{prefix}{j}', k.column)}"
+            for j, k in enumerate(self.key)
+        )
+
+    def drifted(
+        self, conn: Connection, entries: Sequence[dict[str, Any]], lock: bool
+    ) -> list[dict[str, Any]]:
+        """The entries whose row is no longer as the run wrote it (changed or removed since)."""
+        keys = [self.key_values_of_text(e["keyText"]) for e in entries]
+        found = self._live_rows(conn, keys, lock=lock, with_image=False, digests_only=True)
+        drifted = []
+        for e in entries:
+            now = found.get(e["keyText"])
+            if now is None or now.state.row_digest != e["after"]:
+                drifted.append({"id": e["id"], "key": e["keyText"], "seq": e["seq"]})
+        return drifted
+
+    def restore(
+        self,
+        conn: Connection,
+        entries: Sequence[dict[str, Any]],
+    ) -> int:
+        """Write each entry's prior image back (newest first), in `conn`'s transaction: a row the run
+        inserted is deleted, a row it updated gets its changed columns back. Returns the rows restored."""
+        for e in sorted(entries, key=lambda e: e["seq"], reverse=True):
+            params = {f"k{j}": d.decode_image_value(self.dialect, v) for j, v in enumerate(e["key"])}
+            if e["action"] == INSERT:
+                conn.execute(text(f"DELETE FROM {self._sql_table} WHERE {self._key_where('k')}"), params)
+                continue
+            assignments = []
+            for i, name in enumerate(e["columns"]):
+                column = self.columns[name]
+                assignments.append(f"{quote(name)} = {d.bind_expression(self.dialect, f'v{i}', column)}")
+                params[f"v{i}"] = d.decode_image_value(self.dialect, e["prior"].get(name))
+            conn.execute(
+                text(f"UPDATE {self._sql_table} SET {', '.join(assignments)} WHERE {self._key_where('k')}"),
+                params,
+            )
+        return len(entries)
+
+    def record_rollback(
+        self,
+        conn: Connection,
+        run_id: str,
+        partition_key: str,
+        intent_seq: int,
+        journal_digest: str,
+        restored: int,
+    ) -> None:
+        conn.execute(
+            text(
+                f"INSERT INTO {self._pcbo(ROLLBACK_TABLE)} (run_id, table_name, partition_key, intent_seq, "
+                "journal_digest, restored) VALUES (:r, :t, :p, :i, :jd, :n)"
+            ),
+            {
+                "r": run_id,
+                "t": self.qualified,
+                "p": partition_key,
+                "i": intent_seq,
+                "jd": journal_digest,
+                "n": restored,
+            },
+        )
+
+    def rollback_statements(self, entries: Iterable[dict[str, Any]]) -> Iterator[str]:
+        """The SQL restoring `entries` (newest first), with literals: the rollback script's body."""
+        for e in sorted(entries, key=lambda e: e["seq"], reverse=True):
+            where = " AND ".join(
+                f"{quote(k.column.name)} = {d.literal(self.dialect, e['key'][j], k.column)}"
+                for j, k in enumerate(self.key)
+            )
+            if e["action"] == INSERT:
+                yield f"DELETE FROM {self._sql_table} WHERE {where};"
+                continue
+            assignments = ", ".join(
+                f"{quote(name)} = {d.literal(self.dialect, e['prior'].get(name), self.columns[name])}"
+                for name in e["columns"]
+            )
+            yield f"UPDATE {self._sql_table} SET {assignments} WHERE {where};"
+
+
+def _copy(conn: Connection, copy_into: str, rows: Iterable[Sequence[Any]]) -> None:
+    """`COPY ... FROM STDIN` of `rows` on the connection's own transaction (PostgreSQL). A row the
+    table refuses fails the whole COPY, as an INSERT of the chunk would: the chunk falls back to rows.
+    Raised as SQLAlchemy's DataError or IntegrityError, like a failed statement."""
+    import psycopg
+
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    try:
+        with driver.cursor() as cursor, cursor.copy(f"{copy_into} FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+    except psycopg.IntegrityError as exc:
+        raise IntegrityError(copy_into, None, exc) from exc
+    except psycopg.DataError as exc:
+        raise DataError(copy_into, None, exc) from exc
+
+
+def _failure(row: PlannedRow, code: str, error: str) -> dict[str, Any]:
+    return {"id": row.id, "key": row.key_text, "outcome": row.outcome, "code": code, "error": error}
+
+
+def _database_error(exc: Exception) -> tuple[str, str]:
+    """(SQLSTATE or SQLite error name, the database's message) of a refused statement."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "sqlite_errorname", None) or type(orig).__name__
+    diag = getattr(orig, "diag", None)
+    message = getattr(diag, "message_primary", None) or str(orig).splitlines()[0]
+    return str(code), scrub_text(str(message))
+
+
+def journal_entry(entry_text: str) -> dict[str, Any]:
+    value = orjson.loads(entry_text)
+    if not isinstance(value, dict):
+        raise ValueError("a journal entry is a JSON object")
+    return value
+
+
+def recompute_journal(
+    entries: Sequence[tuple[int, str, int, str]],
+) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """A run's journal entries (`journal_entries`) parsed, the journal's digest after each prefix
+    (`[0]`: none), and the problems found in them (a gap in the sequence, an entry that is not JSON,
+    not its own canonical form or disagrees with its columns)."""
+    parsed: list[dict[str, Any]] = []
+    digests = [JOURNAL_GENESIS]
+    problems = []
+    for position, (seq, partition_key, intent_seq, entry_text) in enumerate(entries, start=1):
+        if seq != position:
+            problems.append(f"journal entry {seq} is at position {position} (entries are missing or added)")
+        try:
+            entry = journal_entry(entry_text)
+            canonical = fast_jcs(entry).decode("utf-8")
+            parsed.append(entry)
+        except (ValueError, TypeError):
+            problems.append(f"journal entry {seq} is not JSON")
+            canonical, entry = "", {}
+        if (
+            canonical != entry_text
+            or entry.get("seq") != seq
+            or entry.get("partition") != partition_key
+            or entry.get("intentSeq") != intent_seq
+        ):
+            problems.append(f"journal entry {seq} disagrees with its columns or is not in canonical form")
+        digests.append(chain_journal_digest(digests[-1], entry_text.encode("utf-8")))
+    return parsed, digests, problems
+
+
+@dataclass
+class JournalView:
+    """A run's journal for a table, checked: its entries (parsed), its digest after each prefix, the
+    problems found, and which applies are undone (`markers`)."""
+
+    entries: list[dict[str, Any]]
+    digests: list[str]
+    problems: list[str]
+    markers: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return self.digests[-1]
+
+    def live_entries(self, partition_key: str | None = None) -> list[dict[str, Any]]:
+        """Entries of applies not rolled back (of one partition, when given)."""
+        return [
+            e
+            for e in self.entries
+            if (e["partition"], e["intentSeq"]) not in self.markers
+            and (partition_key is None or e["partition"] == partition_key)
+        ]
+
+    def prior_view(self) -> dict[str, LiveState | None]:
+        """Key text -> the row's state before the run first changed it (applies not undone)."""
+        view: dict[str, LiveState | None] = {}
+        for e in self.live_entries():
+            if e["keyText"] not in view:
+                prior = e["priorState"]
+                view[e["keyText"]] = None if prior is None else LiveState.from_json(prior)
+        return view
+
+    def digest_at(self, seq: int) -> str | None:
+        """The journal's digest after its first `seq` entries (None: it has fewer)."""
+        return self.digests[seq] if 0 <= seq < len(self.digests) else None
+
+
+def read_journal(table: SqlTable, run_id: str) -> JournalView:
+    entries, digests, problems = recompute_journal(table.journal_entries(run_id))
+    return JournalView(entries, digests, problems, table.rollback_markers(run_id))

@@ -1,0 +1,307 @@
+"""SQL targets (issue 15) under crashes and concurrency, with real `pcbo` processes: kill -9 in the
+middle of an apply and resume to the same table an uninterrupted run gives; a changed request refused
+on resume; the crash windows of the apply and of the rollback completed by `verify --repair` or by
+running the rollback again; runs on one table queued first come first served while a run on another
+table goes on (PostgreSQL advisory locks), and the SQLite ticket queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pcbo_dagster_tests.cli_runner import pcbo_env, run_pcbo
+from pcbo_dagster_tests.sql_target_helpers import (
+    conninfo,
+    create_table,
+    dump,
+    pcbo,
+    query,
+    record,
+    request,
+    run_sql,
+    sqlite_url,
+    write_json,
+)
+
+SLOW_INSERTS = """
+CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(0.03); RETURN NEW; END $$;
+CREATE TRIGGER slow_insert BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow_insert();
+"""
+
+
+def _start(args: list, home: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pcbo_dagster.cli.main", *map(str, args)],
+        env=pcbo_env(home),
+        cwd=home.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for(condition, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_kill_9_mid_apply_then_resume_gives_the_uninterrupted_table(tmp_path: Path, postgres_server) -> None:
+    killed_url, reference_url = (
+        postgres_server.url(postgres_server.create_database("pcbo_sqlkill")) for _ in "ab"
+    )
+    for url in (killed_url, reference_url):
+        create_table(url)
+        run_sql(
+            url,
+            "INSERT INTO events (id, occurred_at, amount, label) "
+            "VALUES ('ev-0007', '2024-01-01T03:07:00Z', 70, 'x')",
+        )
+    run_sql(killed_url, SLOW_INSERTS)
+    records = [record(i) for i in range(1, 81)]
+    req = request(killed_url, records, conflict="overwrite", chunkRows=5)
+    path = write_json(tmp_path / "req.json", req)
+    home = tmp_path / "home"
+    proc = _start(["execute", "--input", path], home)
+
+    def checkpoints() -> int:
+        try:
+            return query(killed_url, "SELECT count(*) FROM pcbo_checkpoints")[0][0]
+        except psycopg.Error:
+            return 0
+
+    _wait_for(lambda: checkpoints() >= 3 or proc.poll() is not None, what="three checkpoints")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = checkpoints()
+    assert 3 <= done < 16, f"killed after {done} of 16 chunks"
+
+    found = pcbo(["verify", "--home", home, "--target-url", killed_url])
+    assert "sql_apply_interrupted" in {f["kind"] for f in found.document["findings"]}
+
+    changed = request(
+        killed_url, [*records[:-1], {**records[-1], "amount": 1}], conflict="overwrite", chunkRows=5
+    )
+    refused = pcbo(["execute", "--input", write_json(tmp_path / "changed.json", changed), "--home", home])
+    assert refused.status == 3 and refused.document["gate"] == "resume", refused.stderr
+    assert checkpoints() == done
+
+    resumed = pcbo(["execute", "--input", path, "--home", home])
+    assert resumed.status == 0, resumed.stderr
+    assert any(p.get("resumed") for p in resumed.document["partitions"])
+    reference_req = {**req, "target": {**req["target"], "url": reference_url}}
+    reference_path = write_json(tmp_path / "ref.json", reference_req)
+    reference = pcbo(["execute", "--input", reference_path, "--home", tmp_path / "ref"])
+    assert reference.status == 0, reference.stderr
+    assert dump(killed_url) == dump(reference_url)
+    assert query(killed_url, "SELECT count(*) FROM pcbo_checkpoints")[0][0] == 16
+    # The resumed run's evidence is the uninterrupted run's: the same Merkle roots and decisions.
+    roots = lambda doc: {p["key"]: (p["merkleRoot"], p["recordCount"]) for p in doc["partitions"]}  # noqa: E731
+    assert roots(resumed.document) == roots(reference.document)
+    assert resumed.document["policyDecisionHash"] == reference.document["policyDecisionHash"]
+    verified = pcbo(["verify", "--home", home, "--target-url", killed_url])
+    assert verified.status == 0, verified.document
+
+
+def test_crash_windows_of_apply_and_rollback_are_completed(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    before = dump(url)
+    home = tmp_path / "home"
+    path = write_json(tmp_path / "req.json", request(url, [record(i) for i in range(1, 13)], chunkRows=2))
+    crashed = run_pcbo(["execute", "--input", path], home=home, env={"PCBO_FAILPOINT": "sql_before_event@1"})
+    assert crashed.status == 86, crashed.stderr
+    found = pcbo(["verify", "--home", home])
+    assert [f["kind"] for f in found.document["findings"]] == ["sql_apply_event_missing"]
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert repaired.status == 0, repaired.document
+    assert [r["kind"] for r in repaired.document["repaired"]] == ["sql_apply_event_appended"]
+    assert pcbo(["verify", "--home", home, "--repair"]).document["repaired"] == []
+    finished = pcbo(["execute", "--input", path, "--home", home])
+    assert finished.status == 0
+    assert [p["status"] for p in finished.document["partitions"]] == [
+        "unchanged",
+        "unchanged",
+        "applied",
+        "applied",
+    ]
+    assert query(url, "SELECT count(*) FROM events") == [(12,)]
+
+    # A rollback killed after its restoring transaction committed: run it again to complete it.
+    args = ["rollback", "--dataset", "events", "--run-id", "run-1"]
+    crashed = run_pcbo(args, home=home, env={"PCBO_FAILPOINT": "sql_rollback_after_restore@0"})
+    assert crashed.status == 86, crashed.stderr
+    assert dump(url) == before
+    assert {f["kind"] for f in pcbo(["verify", "--home", home]).document["findings"]} == {
+        "sql_rollback_event_missing"
+    }
+    again = pcbo([*args, "--home", home])
+    assert again.status == 0 and again.document["status"] == "noop"
+    assert {h["kind"] for h in again.document["healed"]} == {"sql_rollback_event_appended"}
+    assert pcbo(["verify", "--home", home]).status == 0
+
+
+def test_a_rollback_killed_after_its_intent_is_done_again(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    before = dump(url)
+    home = tmp_path / "home"
+    path = write_json(tmp_path / "req.json", request(url, [record(i) for i in range(1, 5)]))
+    assert pcbo(["execute", "--input", path, "--home", home]).status == 0
+    args = ["rollback", "--dataset", "events", "--run-id", "run-1"]
+    crashed = run_pcbo(args, home=home, env={"PCBO_FAILPOINT": "sql_rollback_after_intent@0"})
+    assert crashed.status == 86
+    assert dump(url) != before
+    kinds = {f["kind"] for f in pcbo(["verify", "--home", home]).document["findings"]}
+    assert kinds == {"sql_rollback_interrupted"}
+    again = pcbo([*args, "--home", home])
+    assert again.status == 0 and again.document["rolledBack"] == 4
+    assert dump(url) == before
+    assert pcbo(["verify", "--home", home]).status == 0
+
+
+# -- scoped locks ----------------------------------------------------------------------------------------
+
+GATED_AND_LOGGED = """
+CREATE TABLE IF NOT EXISTS apply_log (tbl text, id text, at timestamptz);
+CREATE OR REPLACE FUNCTION gated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_NAME = 't1' THEN
+        PERFORM pg_advisory_lock_shared(4242);
+        PERFORM pg_advisory_unlock_shared(4242);
+    END IF;
+    INSERT INTO apply_log VALUES (TG_TABLE_NAME, NEW.id, clock_timestamp());
+    RETURN NEW;
+END $$;
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_runs_on_one_table_queue_in_order_and_another_table_goes_on(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    url = fresh_postgres_url
+    run_sql(url, GATED_AND_LOGGED)
+    for table in ("t1", "t2"):
+        create_table(url, table)
+        run_sql(url, f"CREATE TRIGGER gated BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION gated()")
+    home = tmp_path / "home"
+
+    def start(run_id: str, table: str, n: int) -> subprocess.Popen:
+        records = [{**record(i), "id": f"{run_id}-{i:03d}"} for i in range(n)]
+        path = write_json(
+            tmp_path / f"{run_id}.json", request(url, records, run_id=run_id, table=table, chunkRows=5)
+        )
+        return _start(["execute", "--input", path], home)
+
+    def lock_state(run_id: str) -> bool | None:
+        rows = query(
+            url,
+            "SELECT l.granted FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            f"WHERE l.locktype = 'advisory' AND a.application_name = 'pcbo run {run_id}'",
+        )
+        return rows[0][0] if rows else None
+
+    with psycopg.connect(conninfo(url), autocommit=True) as gate:
+        gate.execute("SELECT pg_advisory_lock(4242)")  # t1's inserts wait until the test lets them go
+        a = start("A", "t1", 12)
+        _wait_for(lambda: lock_state("A") is True, what="run A holding t1")
+        b = start("B", "t1", 6)
+        c = start("C", "t2", 6)
+        _wait_for(lambda: lock_state("B") is False, what="run B queued behind A")
+        d = start("D", "t1", 6)
+        _wait_for(lambda: lock_state("D") is False, what="run D queued behind B")
+        # C, on another table, goes through while A still holds t1 (its inserts held at the gate).
+        assert c.wait(timeout=120) == 0, c.stderr.read().decode() if c.stderr else ""
+        assert a.poll() is None and lock_state("A") is True
+        assert query(url, "SELECT count(*) FROM apply_log WHERE tbl = 't1'") == [(0,)]
+        gate.execute("SELECT pg_advisory_unlock(4242)")
+    for proc in (a, b, d):
+        assert proc.wait(timeout=120) == 0, proc.stderr.read().decode() if proc.stderr else ""
+    spans = {
+        run: query(url, f"SELECT min(at), max(at), count(*) FROM apply_log WHERE id LIKE '{run}-%'")[0]
+        for run in "ABCD"
+    }
+    assert [spans[r][2] for r in "ABCD"] == [12, 6, 6, 6]
+    assert (
+        spans["A"][1] < spans["B"][0] and spans["B"][1] < spans["D"][0]
+    )  # one at a time, first come first served
+    assert spans["C"][1] < spans["A"][0]  # C was done before A could write a row
+    documents = [json.loads(p.stdout.read()) for p in (a, b, d)]
+    assert all(doc["lock"]["scope"].endswith("|public.t1") for doc in documents)
+    assert documents[1]["lock"]["waitedSeconds"] > 0
+
+
+def test_sqlite_ticket_queue_serialises_one_table_first_come_first_served(tmp_path: Path) -> None:
+    from pcbo_dagster.core.record_table import run_schema
+    from pcbo_dagster.core.sql_target_spec import SqlTargetSpec
+    from pcbo_dagster.targets.sql_locks import scoped_lock
+    from pcbo_dagster.targets.sql_table import SqlTable
+
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url, "t1")
+    create_table(url, "t2")
+    schema, as_json = run_schema([record(1)])
+    tables = {
+        name: SqlTable.open(
+            SqlTargetSpec.model_validate(
+                {
+                    "kind": "sql",
+                    "url": url,
+                    "table": name,
+                    "key": ["id"],
+                    "columns": {"id": "id", "occurredAt": "occurred_at"},
+                }
+            ),
+            url,
+            schema,
+            as_json,
+            write=True,
+        )  # fmt: skip
+        for name in ("t1", "t2")
+    }
+    order: list[str] = []
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold(name: str, table: str, wait_for: threading.Event | None = None) -> None:
+        with scoped_lock(tables[table], "events", name):
+            order.append(f"{name}+")
+            if wait_for is not None:
+                holding.set()
+                wait_for.wait(30)
+            order.append(f"{name}-")
+
+    first = threading.Thread(target=hold, args=("first", "t1", release))
+    first.start()
+    assert holding.wait(30)
+    second = threading.Thread(target=hold, args=("second", "t1"))
+    second.start()
+    time.sleep(0.3)
+    third = threading.Thread(target=hold, args=("third", "t1"))
+    third.start()
+    time.sleep(0.3)
+    other = threading.Thread(target=hold, args=("other", "t2"))
+    other.start()
+    other.join(30)
+    assert order == ["first+", "other+", "other-"]  # another table goes on; the same table waits
+    release.set()
+    for thread in (first, second, third):
+        thread.join(30)
+    assert order[3:] == ["first-", "second+", "second-", "third+", "third-"]
+    for table in tables.values():
+        table.close()
