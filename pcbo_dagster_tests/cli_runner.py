@@ -90,11 +90,16 @@ def lake_dir(home: Path) -> Path:
 
 
 def lake_files(home: Path) -> dict[str, bytes]:
-    """Every file under `$home/lake` (relative posix path -> bytes)."""
+    """Every file under `$home/lake` (relative posix path -> bytes), but the Iceberg table's own
+    metadata under `_iceberg/` (random ids and timestamps by design: see the README's *Tables*)."""
     root = lake_dir(home)
     if not root.is_dir():
         return {}
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] != "_iceberg"
+    }
 
 
 def lake_snapshot(home: Path) -> dict[str, tuple[int, int]]:

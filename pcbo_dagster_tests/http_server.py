@@ -143,10 +143,11 @@ def serve_process(
 
 
 def lake_files(home: Path) -> dict[str, bytes]:
-    """Every file of a home's lake by its path inside the lake (temp files excluded)."""
+    """Every file of a home's lake by its path inside the lake (temp files and the Iceberg table's
+    own metadata, which has random ids by design, excluded)."""
     lake = home / "lake"
     return {
         str(path.relative_to(lake)): path.read_bytes()
         for path in sorted(lake.rglob("*"))
-        if path.is_file() and ".tmp-" not in path.name
+        if path.is_file() and ".tmp-" not in path.name and not path.relative_to(lake).parts[0] == "_iceberg"
     }

@@ -453,6 +453,10 @@ class DatasetConfig(_Strict):
             raise _FieldError("lake", "does not apply to a dataset with a SQL target")
         if self.target is not None and self.rollout is not None:
             raise _FieldError("rollout", "staged rollouts write lakes; a SQL target has no rollout")
+        if self.target is not None and self.table is not None:
+            raise _FieldError(
+                "table", "publishes the lake's partitions: a dataset with a SQL target has none"
+            )
         return self
 
     @model_validator(mode="after")
