@@ -105,7 +105,7 @@ def test_invalid_input_is_422_naming_the_field_and_a_gate_is_409(server, admin):
     assert bad.status_code == 422 and "duplicate" in bad.json()["message"]
     # A SQL target would let a token write any database the server reaches: refused, nothing run.
     target = {"kind": "sql", "url": "sqlite:////tmp/elsewhere.db", "table": "t", "key": ["id"]}
-    bad = admin.post("/v1/execute", content=_request(runId="sql", target=target))
+    bad = admin.post("/v1/execute", content=_request(runId="sql", target=target, table=None))
     assert bad.status_code == 422 and bad.json()["field"] == "target"
     assert server.catalog.get_run("sql") is None and not Path("/tmp/elsewhere.db").exists()
     blocked = admin.post(
@@ -440,7 +440,11 @@ def test_every_endpoint_refuses_no_token_a_bad_one_a_revoked_one_and_wrong_scope
 
 
 def test_a_token_for_one_dataset_sees_nothing_of_another(server, admin, executed):
-    other = _request(runId="other-001", dataset="other-events")
+    # The demo's Iceberg table holds demo-events: another dataset naming it is refused, nothing run.
+    refused = admin.post("/v1/execute", content=_request(runId="other-001", dataset="other-events"))
+    assert refused.status_code == 422 and refused.json()["field"] == "table", refused.text
+    assert server.catalog.get_run("other-001") is None
+    other = _request(runId="other-001", dataset="other-events", table=None)
     assert admin.post("/v1/execute", content=other).status_code == 200
     limited = server.client(server.token("team-other", "read", "plan", "execute", datasets=["other-events"]))
     assert [d["dataset"] for d in limited.get("/v1/datasets").json()["data"]] == ["other-events"]

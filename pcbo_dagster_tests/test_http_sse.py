@@ -107,7 +107,7 @@ def test_a_token_for_one_dataset_streams_nothing_of_another(tmp_path):
     with running_server(tmp_path / "home", heartbeat_seconds=0.3, reconcile_seconds=0.1) as server:
         client = server.client(server.token("operator", "admin"))
         demo = json.loads(DEMO_REQUEST.read_text())
-        other = json.dumps({**demo, "dataset": "other-events", "runId": "other-1"}).encode()
+        other = json.dumps({**demo, "dataset": "other-events", "runId": "other-1", "table": None}).encode()
         assert client.post("/v1/execute", content=other).status_code == 200
         limited = server.client(server.token("team-other", "read", datasets=["other-events"]))
         received: list = []
@@ -170,7 +170,8 @@ def test_a_client_that_does_not_read_is_dropped_and_blocks_no_one(tmp_path):
         client = server.client(server.token("operator", "admin"))
         demo = json.loads(DEMO_REQUEST.read_text())
         for i in range(3):  # three datasets: three updates a poll
-            request = json.dumps({**demo, "dataset": f"events-{i}", "runId": f"run-{i}"}).encode()
+            changes = {"dataset": f"events-{i}", "runId": f"run-{i}", "table": None}
+            request = json.dumps({**demo, **changes}).encode()
             assert client.post("/v1/execute", content=request).status_code == 200
         token = server.token("sleepy", "read")
         port = int(server.url.rsplit(":", 1)[1])

@@ -19,6 +19,7 @@ import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 
 from pcbo_dagster.tables.query import duckdb_iceberg_extensions
+from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
 from pcbo_dagster_tests.cli_runner import backup_events, lake_dir, load_generator, run_pcbo, write_request
 
 pytestmark = pytest.mark.slow
@@ -236,6 +237,11 @@ def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(tmp
     )
     moved = run_pcbo(["execute", "--input", other], home=home)
     assert moved.status == 2 and "publishes to one table" in moved.stderr
+    # Another dataset naming this dataset's table is refused before anything is written.
+    intruder = {**_request("i"), "dataset": "intruder"}
+    taken = run_pcbo(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
+    assert taken.status == 2 and "table" in taken.stderr and "is the table of" in taken.stderr
+    assert not (lake_dir(home) / "intruder").exists()
     secret = _request("c", table={"format": "iceberg", "name": "x.y", "catalog": "postgresql://u:pw@h/db"})
     refused = run_pcbo(["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home)
     assert refused.status == 2 and "table.catalog" in refused.stderr and "pw" not in refused.stderr
@@ -292,8 +298,8 @@ datasets:
       {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}
     source: {uri: s.jsonl}
     table: {format: iceberg, name: lake.sessions}
-    rollout: {throttle: {}, soak: {windowMinutes: 5}}
-""",
+    rollout: {throttle: {}, soak: {windowMinutes: 5}, APPROVERS}
+""".replace("APPROVERS", APPROVERS_YAML),
         base_dir=tmp_path,
     )
     base = Settings.resolve(home=str(tmp_path / "home"), env={})
@@ -313,7 +319,7 @@ datasets:
 
     clock.advance(600)
     operations.soak(config, base, clock=clock)
-    operations.decide(config, base, "r", "approve", by="cy", reason="fine", clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="fine", clock=clock)
     operations.promote(config, base, "r", by="cy", clock=clock)
     table = _table(base.home, "lake.sessions")
     main = table.metadata.snapshot_by_name("main")

@@ -226,6 +226,8 @@ def resolve_target(
     recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}.get(branch)
     target = given if given is not None else (target_for(spec, env) if spec is not None else None)
     if recorded is None:
+        if target is not None:
+            _refuse_another_datasets_table(env, target, dataset, version_label)
         return target
     if target is None:
         return recorded_target(recorded, env)
@@ -237,6 +239,23 @@ def resolve_target(
             "for another table)",
         )
     return target
+
+
+def _refuse_another_datasets_table(
+    env: Environment, target: TableTarget, dataset: str, version_label: str
+) -> None:
+    """A table holds one dataset version: naming the table the catalog records for another is
+    invalid input (nothing written). (A table pcbo never recorded that another tool or catalog
+    created is found when publishing: `table_not_this_dataset`, nothing published.)"""
+    for row in env.catalog.table_publications():
+        if (row["catalog_url"], row["table_name"]) != (target.public_catalog, target.name):
+            continue
+        if (row["dataset"], row["version_label"]) != (dataset, version_label):
+            raise InvalidInput(
+                "table",
+                f"{target.name} in {target.public_catalog} is the table of "
+                f"{row['dataset']}/{row['version_label']}: a table holds one dataset version",
+            )
 
 
 # -- what: the files the chain implies --------------------------------------------------------------
