@@ -450,3 +450,26 @@ def test_a_streamed_source_decides_and_applies_as_the_same_records_inline(tmp_pa
     assert inline["policyDecisionHash"] == streamed["policyDecisionHash"]
     roots = [{p["key"]: p["merkleRoot"] for p in d["partitions"]} for d in documents]
     assert roots[0] == roots[1]
+
+
+def test_sql_applies_and_rollbacks_sign_checkpoints_an_auditor_can_hold(tmp_path: Path) -> None:
+    """A SQL target's chain is a transparency log like a lake's: execute and rollback each end with a
+    signed checkpoint of it, and verify holds the chain to a checkpoint taken earlier."""
+    from pcbo_dagster_tests.approver_keys import BO, key_file
+
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    key = key_file(tmp_path, BO)
+    home = tmp_path / "home"
+    run = _execute(tmp_path, request(url, [record(i) for i in range(1, 6)]), "home", "--signing-key", key)
+    assert run.status == 0, run.stderr
+    applied = run.document["checkpoint"]
+    assert applied["origin"] == "pcbo/events/v1" and applied["treeSize"] >= 2
+    held = tmp_path / "held.checkpoint"
+    held.write_bytes(Path(applied["lakeUri"].removeprefix("file://")).read_bytes())
+    undo = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"]
+    back = pcbo([*undo, "--signing-key", key])
+    assert back.status == 0, back.stderr
+    assert back.document["checkpoint"]["treeSize"] > applied["treeSize"]
+    trusted = ["verify", "--home", home, "--trusted-checkpoint", held, "--key", BO.verifier().text]
+    assert pcbo(trusted).status == 0

@@ -76,6 +76,7 @@ from pcbo_dagster.engine.sql_events import (
     rollback_script_body,
     sql_partition_of,
 )
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.io.atomic_files import replace_file
 from pcbo_dagster.targets.sql_locks import scoped_lock
 from pcbo_dagster.targets.sql_table import (
@@ -358,7 +359,7 @@ def execute_sql(
         env.catalog.finish_run(request.runId, status, summary)
     finally:
         table.close()
-    delivery = env.audit.deliver_pending(ckey)
+    published = publish(env, ckey)  # deliver, then sign and witness a checkpoint (as execute does)
     document = {
         "status": status,
         "runId": request.runId,
@@ -381,7 +382,8 @@ def execute_sql(
         },
         "rollbackScript": script,
         "totals": {**decisions.totals, **summary},
-        "auditDelivery": delivery.to_dict() if delivery is not None else None,
+        "auditDelivery": published["auditDelivery"],
+        "checkpoint": published["checkpoint"],
     }
     if failure:
         raise ApplyFailed(failure, document)

@@ -38,6 +38,7 @@ from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.sql_apply import complete_applies
 from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.targets.sql_dialects import location_of
 from pcbo_dagster.targets.sql_locks import scoped_lock
 from pcbo_dagster.targets.sql_table import JournalView, SqlTable, read_journal
@@ -118,9 +119,11 @@ def rollback_sql(
                 results += _undo(env, table, state, dataset, version_label, run_id, partition_key, reason)
         finally:
             table.close()
-    env.audit.deliver_pending(ckey)
+    published = publish(env, ckey)  # deliver, then sign and witness a checkpoint (as rollback does)
     noop = "nothing of the run is current"
-    return _document(dataset, version_label, run_id, partition_key, results, healed, noop)
+    return _document(
+        dataset, version_label, run_id, partition_key, results, healed, noop, published["checkpoint"]
+    )
 
 
 def _document(
@@ -131,6 +134,7 @@ def _document(
     results: list[dict[str, Any]],
     healed: list[dict[str, Any]],
     noop: str,
+    checkpoint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     done = sum(1 for r in results if r["status"] == "rolled_back")
     if not results:
@@ -144,6 +148,7 @@ def _document(
         "rolledBack": done,
         "partitions": results,
         "healed": healed,
+        "checkpoint": checkpoint,
     }
 
 
