@@ -1106,7 +1106,8 @@ def append_commit_events(env: Environment, emission: Emission) -> dict[str, Any]
         "alreadyOnChain": on_chain,
         "changed": changed,
         "chainKey": ckey,
-        "chainHead": head,
+        "chainHead": head[1] if head else None,
+        "chainLength": head[0] + 1 if head else 0,
         "auditDelivery": delivery.to_dict() if delivery is not None else None,
     }
 

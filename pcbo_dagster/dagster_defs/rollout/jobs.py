@@ -20,7 +20,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from pcbo_dagster.dagster_defs.backfill.assets import engine_errors
+from pcbo_dagster.dagster_defs.backfill.steps import engine_errors
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetsConfig
 from pcbo_dagster.rollout import operations
