@@ -28,15 +28,26 @@ import dagster as dg
 from pcbo_dagster.dagster_defs.alerts.sensors import build_alerts_sensor
 from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset
 from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks
+from pcbo_dagster.dagster_defs.backfill.dataset_jobs import build_dataset_jobs
 from pcbo_dagster.dagster_defs.backfill.jobs import build_request_job
-from pcbo_dagster.dagster_defs.backfill.sensors import build_ledger_partitions_sensor
+from pcbo_dagster.dagster_defs.backfill.sensors import (
+    DriftTarget,
+    build_lake_drift_sensor,
+    build_ledger_partitions_sensor,
+)
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.dagster_defs.rollout.assets import build_production_asset, build_staging_asset
 from pcbo_dagster.dagster_defs.rollout.checks import build_soak_check
 from pcbo_dagster.dagster_defs.rollout.jobs import build_rollout_jobs
 from pcbo_dagster.dagster_defs.rollout.schedules import build_soak_monitor
-from pcbo_dagster.dagster_defs.rollout.sensors import build_promotion_sensor, promotion_job_name
+from pcbo_dagster.dagster_defs.rollout.sensors import (
+    build_interrupted_sensor,
+    build_promotion_sensor,
+    build_repairs_sensor,
+    promotion_job_name,
+)
 from pcbo_dagster.datasets.config import (
+    DatasetConfig,
     DatasetsConfig,
     LedgerRangePartitioning,
     load_datasets_config_from_env,
@@ -60,41 +71,62 @@ def build_definitions(
     schedules: list[dg.ScheduleDefinition] = []
     soak_checks: list[dg.AssetChecksDefinition] = []
     promotion_jobs: list = []
+    staging_assets: list[dg.AssetsDefinition] = []
+    drift_targets: list[DriftTarget] = []
+    checks_jobs: list = []
+
+    def checks_job(asset: dg.AssetsDefinition, dataset: DatasetConfig, stage: str | None) -> None:
+        name = f"{asset.key.to_python_identifier()}_checks"
+        checks_jobs.append(
+            dg.define_asset_job(
+                name,
+                selection=dg.AssetSelection.checks_for_assets(asset),
+                partitions_def=asset.partitions_def,
+                description=f"Re-run the checks of {asset.key.to_user_string()} over a partition range "
+                "(no writes); launched by lake_drift for partitions that drifted",
+            )
+        )
+        drift_targets.append(DriftTarget(asset.key, dataset, stage, name))
+
     for dataset in config.datasets:
         if dataset.rollout is not None:
             staging = build_staging_asset(config, dataset, clock)
             production = build_production_asset(config, dataset, staging, clock)
             assets += [staging, production]
+            staging_assets.append(staging)
             checks += build_dataset_checks(config, dataset, staging, stage="staging")
             checks += build_dataset_checks(config, dataset, production)
+            checks_job(staging, dataset, "staging")
+            checks_job(production, dataset, None)
             soak_checks.append(build_soak_check(config, dataset, staging, clock))
             promotion_jobs.append(
                 dg.define_asset_job(
                     promotion_job_name(dataset.asset_name),
                     selection=dg.AssetSelection.assets(production),
-                    description=f"Promote a rollout of {dataset.name} to production (by rollout_promotion)",
+                    description=f"Promote a rollout of {dataset.name} to production (by rollout_promotion; "
+                    "health repairs by production_health_repairs)",
                 )
             )
             continue
         asset = build_dataset_asset(config, dataset)
         assets.append(asset)
         checks.extend(build_dataset_checks(config, dataset, asset))
+        jobs.extend(build_dataset_jobs(config, dataset, asset))
+        checks_job(asset, dataset, None)
         partitioning = dataset.partitioning
         if isinstance(partitioning, LedgerRangePartitioning) and partitioning.lastLedger is None:
             sensors.append(build_ledger_partitions_sensor(config, dataset, asset))
-        jobs.append(
-            dg.define_asset_job(
-                f"{dataset.asset_name}_checks",
-                selection=dg.AssetSelection.checks_for_assets(asset),
-                description=f"Re-run the checks of {dataset.name} over a partition range (no writes)",
-            )
-        )
+    jobs += checks_jobs
+    sensors.append(build_lake_drift_sensor(config, drift_targets, checks_jobs))
     if soak_checks:
-        soak_job, soak_schedule = build_soak_monitor(soak_checks)
+        rollout_datasets = [d.name for d in config.datasets if d.rollout is not None]
+        soak_job, soak_schedule = build_soak_monitor(soak_checks, rollout_datasets)
         checks += soak_checks
         jobs += [soak_job, *promotion_jobs, *build_rollout_jobs(config, clock)]
         schedules.append(soak_schedule)
         sensors.append(build_promotion_sensor(config, promotion_jobs, clock))
+        sensors += build_interrupted_sensor(config, staging_assets)
+        sensors.append(build_repairs_sensor(config, promotion_jobs))
     return dg.Definitions(
         # One process per run: the asset's four ops (and every check step) run in the run worker, one
         # after another. A process per step (the multiprocess default) costs ~10 s of start-up each on

@@ -45,7 +45,7 @@ from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput, Sour
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
-from pcbo_dagster.engine import failpoints
+from pcbo_dagster.engine import failpoints, lake_changes
 from pcbo_dagster.engine.crash_windows import LakeDisagreesWithChain, LakeVsChain, compare, heal
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import (
@@ -387,11 +387,19 @@ def execute(
         final, summary = _summary(results, failure, stopped)
         env.catalog.finish_run(request.runId, final, summary)
     document = _document(env, plan, decisions, final, summary, results, reconciliation, failure)
+    _announce(env, plan, results)
     if failure:
         if refusal is not None:
             raise ExecuteFailed(failure, document, refusal.kind, refusal.partition_key)
         raise ExecuteFailed(failure, document, POST_WRITE_CHECK, failed_key)
     return document
+
+
+def _announce(env: Environment, plan: Plan, results: list[dict[str, Any]]) -> None:
+    """Tell the lake-change listeners (`engine/lake_changes.py`) which partitions the run changed:
+    committed, restored, healed, or rolled back by a failed post-write check."""
+    changed = [r["key"] for r in results if r["status"] != "unchanged" or r.get("healed")]
+    lake_changes.announce(env, plan.dataset, plan.version_label, changed, lake_changes.COMMITTED)
 
 
 def _workers(env: Environment, parallel: int | None) -> int:
@@ -1172,6 +1180,7 @@ def reconcile_partitions(
         final, summary = _summary(results, failure, False)
         env.catalog.finish_run(plan.run_id, final, summary)
     document = _document(env, plan, decisions, final, summary, results, reconciliation, failure)
+    _announce(env, plan, results)
     if failure:
         kind = refusal.kind if refusal is not None and failure == refusal.message else POST_WRITE_CHECK
         raise ExecuteFailed(failure, document, kind, failed_key)

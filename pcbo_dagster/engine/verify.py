@@ -37,6 +37,7 @@ from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, PartitionHistory, replay
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
+from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.crash_windows import (
     LakeVsChain,
     compare,
@@ -111,6 +112,7 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
         _check_catalog(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
     _check_triggers(env, report)
+    _announce_repairs(env, report.repaired)
 
     return {
         "status": "clean" if not report.findings else "findings",
@@ -118,6 +120,17 @@ def verify(env: Environment, repair: bool = False) -> dict[str, Any]:
         "repaired": report.repaired,
         "checked": {"partitions": checked_partitions, "chains": chains_checked},
     }
+
+
+def _announce_repairs(env: Environment, repaired: list[dict[str, Any]]) -> None:
+    """Tell the lake-change listeners (`engine/lake_changes.py`) which partitions were repaired."""
+    by_chain: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for entry in repaired:
+        parts = str(entry.get("where", "")).split("/")
+        if len(parts) == 3:
+            by_chain[(parts[0], parts[1])].append(parts[2])
+    for (dataset, version_label), keys in sorted(by_chain.items()):
+        lake_changes.announce(env, dataset, version_label, keys, lake_changes.REPAIRED)
 
 
 # -- 1. the chains ------------------------------------------------------------------------------------

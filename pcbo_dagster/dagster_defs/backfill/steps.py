@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from pcbo_dagster.core.decisions import REASONS, Decisions
 from pcbo_dagster.core.errors import Blocked, InvalidInput
@@ -314,6 +315,16 @@ def evaluate_request(context: AnyContext, request: dict[str, Any], keys: list[st
     return loaded, plan, decisions
 
 
+class PolicyGateConfig(dg.Config):
+    """The policy gate's run config (launchpad): pin the decisions an approver reviewed."""
+
+    expected_decision_hash: str = Field(
+        default="",
+        description="The decision hash a dry run of the same partitions gave (its report says it); the "
+        "run is blocked, nothing written, if the decisions evaluated now differ. Empty: not pinned",
+    )
+
+
 # --- the ops --------------------------------------------------------------------------------------
 
 
@@ -335,7 +346,9 @@ def build_steps(
         "is written (onViolation: block). Output: the engine requests and their decision hashes",
         tags={"pcbo/step": POLICY_GATE},
     )
-    def policy_gate(context: dg.OpExecutionContext, pcbo: PcboEngineResource) -> GateHandle:
+    def policy_gate(
+        context: dg.OpExecutionContext, config: PolicyGateConfig, pcbo: PcboEngineResource
+    ) -> GateHandle:
         source_uri = source_uri_of(pcbo)
         keys = list(context.partition_keys)
         dagster_run_id = context.run.run_id
@@ -345,6 +358,16 @@ def build_steps(
             "assetKey": asset_key.to_user_string(),
         }
         requests = engine_requests(dataset, partitions_def, source_uri, keys, dagster_run_id, metadata)
+        pinned = [h.strip() for h in config.expected_decision_hash.split(",") if h.strip()]
+        if pinned and len(pinned) != len(requests):
+            raise dg.Failure(
+                description=f"expected_decision_hash names {len(pinned)} hash(es) for {len(requests)} engine "
+                "request(s) of this partition selection: give one per request, comma-separated, as the "
+                "dry run lists them",
+                allow_retries=False,
+            )
+        for (_, request, _), expected in zip(requests, pinned, strict=False):
+            request["expectedDecisionHash"] = expected
         context.log.info(
             f"{dataset.name}: {len(keys)} partition(s) {keys[0]}..{keys[-1]} as {len(requests)} engine "
             f"request(s); source {source_uri}; engine {json.dumps(pcbo.describe(lake))}"
