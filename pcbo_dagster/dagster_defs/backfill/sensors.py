@@ -192,6 +192,20 @@ def find_drift(instance: dg.DagsterInstance, target: DriftTarget, env: Any) -> d
     return drift
 
 
+def _busy_assets(instance: dg.DagsterInstance) -> set[dg.AssetKey] | None:
+    """The assets an unfinished run selects; None when an unfinished run is an op job (a rollback,
+    a request or a rollout job may change any dataset's lake)."""
+    from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
+
+    busy: set[dg.AssetKey] = set()
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(IN_PROGRESS_RUN_STATUSES))):
+        selected = set(run.asset_selection or []) | {k.asset_key for k in run.asset_check_selection or []}
+        if not selected:
+            return None
+        busy |= selected
+    return busy
+
+
 def build_lake_drift_sensor(
     config: DatasetsConfig, targets: list[DriftTarget], jobs: list[Any]
 ) -> dg.SensorDefinition:
@@ -223,8 +237,13 @@ def build_lake_drift_sensor(
         requests: list[dg.RunRequest] = []
         lines: list[str] = []
         watched = 0
+        busy = _busy_assets(context.instance)
         for target in targets:
             dataset = target.dataset
+            if busy is None or target.key in busy:
+                # A run in progress may be changing this lake: its materializations are not recorded yet.
+                lines.append(f"{target.key.to_user_string()}: a run that may change it is in progress")
+                continue
             with pcbo.environment_for(config, dataset, target.stage) as env:
                 drift = find_drift(context.instance, target, env)
                 watched += 1
