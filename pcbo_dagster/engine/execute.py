@@ -375,10 +375,10 @@ def execute(
             del pds
             failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing)
             if failure:
-                failed_key = next(st.pd.partition.key for st in batch if st.check["status"] != "ok")
+                failed_key = next(st.pd.partition.key for st in batch if _check_of(st)["status"] != "ok")
             for st in batch:
                 results.append(_outcome(env, st))
-                reconciliation.append(st.check)
+                reconciliation.append(_check_of(st))
             if progress:
                 progress(len(batch))
             if failure:
@@ -909,6 +909,12 @@ def _reached(point: str, indexes: list[int]) -> None:
         failpoints.reached(point, i)
 
 
+def _check_of(st: _Staged) -> dict[str, Any]:
+    """The post-write check of a staged partition (every staged partition of a committed batch has one)."""
+    assert st.check is not None, st.pd.partition.key
+    return st.check
+
+
 def _outcome(env: Environment, st: _Staged) -> dict[str, Any]:
     lake, m = env.lake, st.manifest
     dataset, version_label, key = m["dataset"], m["versionLabel"], st.pd.partition.key
@@ -1167,10 +1173,10 @@ def reconcile_partitions(
             batch_failure = _check_and_record(pool, env, loaded, plan, batch, state, catalog_rows, existing)
             if batch_failure and not failure:
                 failure = batch_failure
-                failed_key = next(st.pd.partition.key for st in batch if st.check["status"] != "ok")
+                failed_key = next(st.pd.partition.key for st in batch if _check_of(st)["status"] != "ok")
             for st in batch:
                 results.append(_outcome(env, st))
-                reconciliation.append(st.check)
+                reconciliation.append(_check_of(st))
             if progress:
                 progress(len(batch))
             lease.renew()

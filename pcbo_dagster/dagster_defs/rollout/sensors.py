@@ -117,7 +117,7 @@ INTERRUPTED_SENSOR = "rollout_interrupted"
 
 def build_interrupted_sensor(
     config: DatasetsConfig, staging_assets: list[dg.AssetsDefinition]
-) -> dg.SensorDefinition:
+) -> list[dg.SensorDefinition]:
     """`rollout_interrupted`: a run that applied a rollout to staging and was terminated (UI
     "Terminate") or failed leaves the rollout `applying`; this run-status sensor marks it `interrupted`
     (rollout log, `pcbo rollout status`), logs how to resume it and records an observation of the
