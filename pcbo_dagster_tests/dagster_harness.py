@@ -32,7 +32,7 @@ from pcbo_dagster.datasets.demo_data import generate_demo_data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
-REPO_INSTANCE = REPO_ROOT / "dagster.yaml"
+REPO_INSTANCE = REPO_ROOT / "dagster_home" / "dagster.yaml"
 BIN = Path(sys.executable).parent
 EVENTS = ["events"]
 #: Terminal backfill states (BulkActionStatus).

@@ -23,7 +23,7 @@ from dagster._core.instance.config import dagster_instance_config  # noqa: E402
 from pcbo_dagster_tests.dagster_harness import REPO_ROOT, executable  # noqa: E402
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
-DAGSTER_YAML = REPO_ROOT / "dagster.yaml"
+DAGSTER_YAML = REPO_ROOT / "dagster_home" / "dagster.yaml"
 WORKSPACE_YAML = REPO_ROOT / "workspace.yaml"
 APP_SERVICES = ("codeserver", "webserver", "daemon")
 MODULE = "pcbo_dagster.dagster_defs.definitions"
