@@ -8,7 +8,9 @@ in-process instance (fast; the same paths through a real webserver + daemon are 
   leaves the partitions unmaterialized; `pcbo verify --repair` with `DAGSTER_HOME` heals the lake and
   reports the partitions to the instance;
 - `lake_drift`: nothing to do (skips, saying so), a change made outside Dagster with no instance
-  configured (reported), a deleted data file (the checks job launched over it).
+  configured (reported), a deleted data file (the checks job launched over it);
+- re-materializing a partition whose commit point is corrupted and cannot be restored fails saying
+  what happened (nothing rolled back, nothing written) and what to do.
 """
 
 from __future__ import annotations
@@ -197,3 +199,30 @@ def test_lake_drift_skips_reports_and_launches_the_checks_of_a_damaged_partition
         assert ("reconciliation", KEYS[2]) in failed and all(k == KEYS[2] for _, k in failed if k)
         # The same drift is not launched twice (its run key).
         assert _tick(defs, instance, engine).run_requests[0].run_key == request.run_key
+
+
+def test_rematerializing_a_partition_the_lake_lost_says_what_happened_and_what_to_do(setup: Any) -> None:
+    tmp_path, config, engine, defs = setup
+    part = tmp_path / "pcbo-home" / "lake" / "events" / "v1" / KEYS[1]
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        # Its commit point corrupted and the retained copy gone: no run can put the chain's version back.
+        (part / "_manifest.json").write_text('{"corrupted": true}')
+        for copy in (part / "_versions").glob("*.json"):
+            copy.unlink()
+        before = sorted(p.relative_to(part).as_posix() for p in part.rglob("*"))
+        job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={EVENTS})
+        again = job.execute_in_process(instance=instance, partition_key=KEYS[1], raise_on_error=False)
+        assert not again.success
+        [failure] = [e for e in again.all_events if e.event_type_value == "STEP_FAILURE"]
+        data = failure.step_failure_data
+        message = data.user_failure_data.description if data.user_failure_data else data.error.message
+        # Emission writes nothing to it; the reconciliation step says why the run failed.
+        assert failure.step_key == "events.events__reconciliation"
+        assert f"partition {KEYS[1]} of events/v1 was not written" in message
+        assert "Nothing was rolled back" in message and "What to do: `pcbo verify`" in message
+        assert "was rolled back to the version before" not in message
+        assert sorted(p.relative_to(part).as_posix() for p in part.rglob("*")) == before
+        with engine.environment() as env:
+            events = env.audit.backup.read_chain("events/v1")
+        assert not [e for e in events if e["event_type"] == "partition_rolled_back"]
