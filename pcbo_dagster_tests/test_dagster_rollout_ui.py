@@ -68,7 +68,8 @@ def _staged(dep: Any) -> int:
 
 
 def test_an_interrupted_apply_shows_and_resumes_and_a_health_repair_runs_in_dagster(tmp_path: Path) -> None:
-    with deployment(tmp_path) as dep:
+    # The promotion and repairs sensors look every 5 s instead of 30 (the test waits for both).
+    with deployment(tmp_path, extra_env={"PCBO_ROLLOUT_SENSOR_INTERVAL": "5"}) as dep:
         # The example's sessions, with a soak window of seconds (the demo's is 10 minutes).
         text = dep.config.read_text()
         dep.config.write_text(text.replace("windowMinutes: 10", "windowMinutes: 0.05"))

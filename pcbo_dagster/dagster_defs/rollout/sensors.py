@@ -10,6 +10,7 @@ another rollout was promoted in the same tick) lists each rollout with every rea
 rejected, stale approval, missing approval, soak not yet passed, failed staging checks.
 """
 
+import os
 from typing import Any
 
 import dagster as dg
@@ -42,13 +43,21 @@ def failed_staging_checks(instance: dg.DagsterInstance, dagster_run_id: str | No
     return failed
 
 
+#: How often the promotion and repairs sensors look (seconds); `PCBO_ROLLOUT_SENSOR_INTERVAL` overrides it.
+ROLLOUT_SENSOR_INTERVAL = 30
+
+
+def rollout_sensor_interval() -> int:
+    return int(os.environ.get("PCBO_ROLLOUT_SENSOR_INTERVAL") or ROLLOUT_SENSOR_INTERVAL)
+
+
 def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock) -> dg.SensorDefinition:
     """The sensor; `jobs` are the promotion jobs (`promote_<asset>`) it launches."""
     datasets = {d.name: d for d in config.datasets if d.rollout is not None}
 
     @dg.sensor(
         name=SENSOR_NAME,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=rollout_sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Promote rollouts whose gate is open (staging checks, soak, approval); "
         "say why the others wait",
@@ -235,7 +244,7 @@ def repair_requests(config: DatasetsConfig, base: Any) -> tuple[list[dg.RunReque
 def build_repairs_sensor(config: DatasetsConfig, jobs: list[Any]) -> dg.SensorDefinition:
     @dg.sensor(
         name=REPAIRS_SENSOR,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=rollout_sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Launches the production health check's repairs (production_health_check with launch) "
         "as runs of the affected partitions, so they get materializations and checks",
