@@ -226,3 +226,35 @@ def test_rematerializing_a_partition_the_lake_lost_says_what_happened_and_what_t
         with engine.environment() as env:
             events = env.audit.backup.read_chain("events/v1")
         assert not [e for e in events if e["event_type"] == "partition_rolled_back"]
+
+
+def test_a_rollout_dataset_is_dry_run_too_and_its_hash_is_what_the_approval_names(setup: Any) -> None:
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.rollout import operations
+
+    tmp_path, config, engine, defs = setup
+    assert "sessions_rollback" not in {j.name for j in defs.jobs}  # rollout_rollback covers its stages
+    with dg.instance_for_test() as instance:
+        dry = defs.resolve_job_def("sessions_dry_run").execute_in_process(instance=instance, tags=RANGE)
+        assert dry.success
+        reports = tmp_path / "pcbo-home" / "reports" / "dry-runs" / "sessions"
+        report = (reports / f"{dry.run_id}.md").read_text()
+        found = re.search(r"decision hash `(sha256:[0-9a-f]{64})`", report)
+        assert found and "pcbo approve <rollout>" in report, report
+        assert not (tmp_path / "pcbo-home" / "staging").exists()  # nothing staged, nothing written
+
+    # A rollout of the same partitions stages exactly those decisions: the approval naming the dry
+    # run's hash is accepted; one naming another hash is refused.
+    base = engine.settings()
+    staged = operations.start(
+        config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r1",
+        throttle={"partitionsPerMinute": 100000},
+    )  # fmt: skip
+    assert staged["execute"]["decisionHash"] == found.group(1)
+    with pytest.raises(InvalidInput):
+        operations.decide(
+            config, base, "r1", "approve", by="bo", reason="x", decision_hash="sha256:" + "0" * 64
+        )
+    approved = operations.decide(config, base, "r1", "approve", by="bo", reason="read the dry run",
+                                 decision_hash=found.group(1))  # fmt: skip
+    assert approved["decisionHash"] == found.group(1)

@@ -101,6 +101,7 @@ def build_definitions(
             checks += build_dataset_checks(config, dataset, production)
             checks_job(staging, dataset, "staging")
             checks_job(production, dataset, None)
+            jobs.extend(build_dataset_jobs(config, dataset, production, with_rollback=False))
             soak_checks.append(build_soak_check(config, dataset, staging, clock))
             promotion_jobs.append(
                 dg.define_asset_job(

@@ -9,7 +9,9 @@
   and a table of counts by reason per partition. An approver pins what they reviewed by launching the
   asset over the same partitions with the policy gate's config
   `expected_decision_hash: <the hash>`: the run is blocked, nothing written, if the decisions are
-  not those any more.
+  not those any more. A rollout dataset gets this job too (over its production partitions): there the
+  pin is the approval, `pcbo approve <rollout> --decision-hash <the hash>`, refused when the rollout
+  staged other decisions (its `rollout_rollback` job rolls back either stage).
 - `<asset>_rollback` (partitioned the same way, or by run): undoes each selected partition's current
   version (`pcbo rollback --partition K` for each), or with `run_id` every version a run wrote (the
   Dagster run id of a materialization, or the engine's `dagster-<run id>`). `version` names the
@@ -49,6 +51,10 @@ def rollback_job_name(dataset: DatasetConfig) -> str:
 
 
 def _pin_config(dataset: DatasetConfig, decision_hash: str) -> str:
+    """How to hold a write to `decision_hash`: the asset's policy gate config (launchpad), or for a
+    rollout dataset the approval (which is refused for any other staged decisions)."""
+    if dataset.rollout is not None:
+        return f"pcbo approve <rollout> --by WHO --reason WHY --decision-hash {decision_hash}"
     op = f"{dataset.asset_name}__policy_gate"
     config = {
         "ops": {dataset.asset_name: {"ops": {op: {"config": {"expected_decision_hash": decision_hash}}}}}
@@ -58,18 +64,25 @@ def _pin_config(dataset: DatasetConfig, decision_hash: str) -> str:
 
 def _markdown(dataset: DatasetConfig, run_id: str, requests: list[dict[str, Any]]) -> str:
     lines = [f"# Dry run of {dataset.name}/{dataset.versionLabel} (Dagster run {run_id})", ""]
-    lines.append(
-        "Nothing was written. To materialize exactly these decisions, launch the asset over the same"
-    )
-    lines.append("partitions with the policy gate pinned to the decision hash (the run is blocked if the")
-    lines.append("decisions changed):")
+    if dataset.rollout is None:
+        lines.append(
+            "Nothing was written. To materialize exactly these decisions, launch the asset over the same"
+        )
+        lines.append("partitions with the policy gate pinned to the decision hash (the run is blocked if the")
+        lines.append("decisions changed):")
+        where = "launchpad"
+    else:
+        lines.append("Nothing was written. A rollout of exactly these partitions stages these decisions;")
+        lines.append("approve it naming the decision hash (the approval is refused if the rollout staged")
+        lines.append("other decisions, and a stale approval opens no promotion):")
+        where = "approve with"
     lines.append("")
     for request in requests:
         lines.append(
             f"- {request['keys'][0]}..{request['keys'][-1]}: decision hash `{request['decisionHash']}`"
         )
         lines.append(
-            f"  (plan `{request['planHash']}`); launchpad: `{_pin_config(dataset, request['decisionHash'])}`"
+            f"  (plan `{request['planHash']}`); {where}: `{_pin_config(dataset, request['decisionHash'])}`"
         )
     lines.append("")
     header = ["partition", "source", "add", "omit", *REASONS]
@@ -86,9 +99,10 @@ def _markdown(dataset: DatasetConfig, run_id: str, requests: list[dict[str, Any]
 
 
 def build_dataset_jobs(
-    config: DatasetsConfig, dataset: DatasetConfig, asset: dg.AssetsDefinition
+    config: DatasetsConfig, dataset: DatasetConfig, asset: dg.AssetsDefinition, *, with_rollback: bool = True
 ) -> list[dg.JobDefinition]:
-    """The dry-run and rollback jobs of a (non-rollout) dataset's asset."""
+    """The dry-run and rollback jobs of a dataset's asset (a rollout dataset's production asset: its
+    dry run only; `rollout_rollback` rolls back its stages)."""
     partitions_def = asset.partitions_def
     lake = config.lake_url(dataset)
 
@@ -229,7 +243,7 @@ def build_dataset_jobs(
     def rollback_job() -> None:
         rollback_op()
 
-    return [dry_run_job, rollback_job]
+    return [dry_run_job, rollback_job] if with_rollback else [dry_run_job]
 
 
 def report_path(settings_home: Path, dataset: str, run_id: str) -> Path:
