@@ -8,15 +8,18 @@ the code location shows the `InvalidInput` naming the field (`datasets[1].partit
 
 Grouped by domain, each with its assets, checks, jobs, sensors and schedules side by side, merged here
 with the one `pcbo` resource (`PcboEngineResource`, bound to the `PCBO_*` variables that are set):
-- `backfill/`: per dataset the partitioned asset, its checks and a `<asset>_checks` job that re-runs
-  only the checks; the open-ended ledger partitions sensor; the `pcbo_request` job (any request JSON
+- `backfill/`: per dataset the graph-backed asset (four ops), its checks, and the jobs `<asset>_checks`
+  (only the checks), `<asset>_dry_run` and `<asset>_rollback` (rollout datasets: the dry run only); the
+  open-ended ledger partitions sensor and `lake_drift`; the `pcbo_request` job (any request JSON
   through the engine, from the launchpad or `pcbo execute --dagster URL`).
 - `rollout/`: per rollout dataset the staging and production assets and their checks, the soak check
-  and schedule, the promotion job and sensor, the rollout control / approval / rollback / health jobs.
+  and schedule, the promotion job and sensor, the rollout control / approval / rollback / health jobs,
+  the interrupted-apply and health-repair sensors.
 - `alerts/`: the sensor raising an alert for every failed check and run.
 
     dagster definitions validate -m pcbo_dagster.dagster_defs.definitions
-    dagster dev -m pcbo_dagster.dagster_defs.definitions        # or -w workspace.yaml
+    dg dev                                   # from the repository root (pyproject's [tool.dg])
+    dagster-webserver -m pcbo_dagster.dagster_defs.definitions  # and dagster-daemon run -m ..., anywhere
 """
 
 from __future__ import annotations
