@@ -84,9 +84,6 @@ def test_an_interrupted_apply_shows_and_resumes_and_a_health_repair_runs_in_dags
             time.sleep(5)
             if run_info(dep, first)["status"] == "STARTED":
                 terminate(dep, first)
-        if run_info(dep, first)["status"] == "STARTED":
-            for e in dep.run_events(first)[-12:]:
-                print("DEBUG", e.get("eventType"), (e.get("message") or "")[:300])
         assert wait_for_run(dep, first)["status"] == "CANCELED"
         staged_before = _staged(dep)
         assert 1 <= staged_before < len(KEYS)
