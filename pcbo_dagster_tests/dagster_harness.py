@@ -492,3 +492,234 @@ def materialize_range(config: Path, asset: str, start: str, end: str, instance: 
         tags={"dagster/asset_partition_range_start": start, "dagster/asset_partition_range_end": end},
         raise_on_error=False,
     )
+
+
+# --- more of what the UI sends (runs, steps, checks, health) ------------------------------------------
+
+RUN_DONE = {"SUCCESS", "FAILURE", "CANCELED"}
+
+
+def launch_run(
+    dep: Deployment,
+    job: str,
+    tags: dict[str, str] | None = None,
+    run_config: dict[str, Any] | None = None,
+    assets: list[list[str]] | None = None,
+) -> str:
+    """`launchRun` as the launchpad sends it (an asset job with `assets` as its selection)."""
+    selector: dict[str, Any] = {
+        "repositoryLocationName": "pcbo",
+        "repositoryName": "__repository__",
+        "jobName": job,
+    }
+    if assets is not None:
+        selector["assetSelection"] = [{"path": path} for path in assets]
+    data = dep.graphql(
+        """mutation Launch($params: ExecutionParams!) {
+             launchRun(executionParams: $params) {
+               __typename
+               ... on LaunchRunSuccess { run { runId } }
+               ... on PythonError { message stack }
+               ... on RunConfigValidationInvalid { errors { message } }
+               ... on InvalidSubsetError { message }
+               ... on InvalidStepError { invalidStepKey }
+             } }""",
+        {
+            "params": {
+                "selector": selector,
+                "runConfigData": run_config or {},
+                "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]},
+            }
+        },
+    )["launchRun"]
+    assert data["__typename"] == "LaunchRunSuccess", data
+    return data["run"]["runId"]
+
+
+def run_info(dep: Deployment, run_id: str) -> dict[str, Any]:
+    return dep.graphql(
+        """query Run($id: ID!) {
+             runOrError(runId: $id) {
+               __typename
+               ... on Run {
+                 runId status jobName
+                 tags { key value }
+                 stepStats { stepKey status startTime endTime }
+               }
+             } }""",
+        {"id": run_id},
+    )["runOrError"]
+
+
+def wait_for_run(dep: Deployment, run_id: str, timeout: float = 240, statuses: set[str] = RUN_DONE) -> dict:
+    deadline = time.monotonic() + timeout
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        dep.assert_alive()
+        info = run_info(dep, run_id)
+        if info.get("status") in statuses:
+            return info
+        time.sleep(1)
+    raise AssertionError(f"run {run_id} not {statuses} in {timeout} s: {info}\n{dep.logs()}")
+
+
+def wait_for(what: str, probe: Any, dep: Deployment, timeout: float = 180, every: float = 2) -> Any:
+    """Poll `probe()` until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dep.assert_alive()
+        value = probe()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"{what}: not seen in {timeout} s\n{dep.logs()}")
+
+
+def runs_with_tag(dep: Deployment, key: str, value: str | None = None) -> list[dict[str, Any]]:
+    """The newest runs (the Runs page) that carry the tag `key` (with `value` when given)."""
+    runs = dep.graphql(
+        """{ runsOrError(limit: 100) {
+               ... on Runs { results { runId status jobName tags { key value } } }
+             } }"""
+    )["runsOrError"]["results"]
+    return [
+        r
+        for r in runs
+        if any(t["key"] == key and (value is None or t["value"] == value) for t in r["tags"])
+    ]
+
+
+def check_partition_statuses(dep: Deployment, asset: list[str], check: str) -> dict[str, list[str]]:
+    """{status: [partition keys]} of a partitioned check, from the check's Partitions tab query."""
+    checks = dep.graphql(
+        """query Checks($key: AssetKeyInput!) {
+             assetNodeOrError(assetKey: $key) {
+               ... on AssetNode {
+                 assetChecksOrError {
+                   ... on AssetChecks {
+                     checks {
+                       name
+                       partitionKeysByDimension { partitionKeys }
+                       partitionStatuses {
+                         __typename
+                         ... on AssetCheckTimePartitionStatuses { ranges { status startKey endKey } }
+                         ... on AssetCheckDefaultPartitionStatuses {
+                           succeededPartitions failedPartitions inProgressPartitions skippedPartitions
+                           executionFailedPartitions
+                         }
+                       }
+                     }
+                   }
+                 }
+               }
+             } }""",
+        {"key": {"path": asset}},
+    )["assetNodeOrError"]["assetChecksOrError"]["checks"]
+    [found] = [c for c in checks if c["name"] == check]
+    statuses = found["partitionStatuses"]
+    out: dict[str, list[str]] = {}
+    if statuses is None:
+        return out
+    if statuses["__typename"] == "AssetCheckTimePartitionStatuses":
+        all_keys = found["partitionKeysByDimension"][0]["partitionKeys"]
+        position = {k: i for i, k in enumerate(all_keys)}
+        for r in statuses["ranges"]:
+            keys = all_keys[position[r["startKey"]] : position[r["endKey"]] + 1]
+            out.setdefault(r["status"], []).extend(keys)
+        return out
+    for name, status in (
+        ("succeededPartitions", "SUCCEEDED"),
+        ("failedPartitions", "FAILED"),
+        ("inProgressPartitions", "IN_PROGRESS"),
+        ("skippedPartitions", "SKIPPED"),
+        ("executionFailedPartitions", "EXECUTION_FAILED"),
+    ):
+        if statuses[name]:
+            out[status] = statuses[name]
+    return out
+
+
+def asset_checks_status(dep: Deployment, asset: list[str]) -> dict[str, str | None]:
+    """{check: status of its execution for the latest materialization} of an asset: what the OSS UI's
+    catalog, asset graph and asset page header read for the asset's check health (the `assetHealth`
+    field is null on an OSS instance). A failed ERROR check there is a red asset."""
+    checks = dep.graphql(
+        """query Live($key: AssetKeyInput!) {
+             assetNodeOrError(assetKey: $key) {
+               ... on AssetNode {
+                 assetChecksOrError {
+                   ... on AssetChecks {
+                     checks { name executionForLatestMaterialization { status evaluation { severity } } }
+                   }
+                 }
+               }
+             } }""",
+        {"key": {"path": asset}},
+    )["assetNodeOrError"]["assetChecksOrError"]["checks"]
+    return {c["name"]: (c["executionForLatestMaterialization"] or {}).get("status") for c in checks}
+
+
+def asset_unhealthy(dep: Deployment, asset: list[str]) -> bool:
+    """Whether the catalog shows the asset's checks failing (any check failed for its latest state)."""
+    return any(status == "FAILED" for status in asset_checks_status(dep, asset).values())
+
+
+def materialized_partitions(dep: Deployment, asset: list[str]) -> list[str]:
+    """The asset's materialized partitions as its Partitions tab shows them."""
+    node = dep.graphql(
+        """query Parts($key: AssetKeyInput!) {
+             assetNodeOrError(assetKey: $key) {
+               ... on AssetNode {
+                 partitionKeysByDimension { partitionKeys }
+                 assetPartitionStatuses {
+                   __typename
+                   ... on TimePartitionStatuses { ranges { status startKey endKey } }
+                   ... on DefaultPartitionStatuses { materializedPartitions }
+                 }
+               }
+             } }""",
+        {"key": {"path": asset}},
+    )["assetNodeOrError"]
+    statuses = node["assetPartitionStatuses"]
+    if statuses["__typename"] == "DefaultPartitionStatuses":
+        return sorted(statuses["materializedPartitions"])
+    all_keys = node["partitionKeysByDimension"][0]["partitionKeys"]
+    position = {k: i for i, k in enumerate(all_keys)}
+    out: list[str] = []
+    for r in statuses["ranges"]:
+        if r["status"] == "MATERIALIZED":
+            out += all_keys[position[r["startKey"]] : position[r["endKey"]] + 1]
+    return sorted(out)
+
+
+def latest_events(dep: Deployment, asset: list[str], partitions: list[str] | None = None) -> list[dict]:
+    """The asset's materializations and observations, newest first (its Events tab)."""
+    return dep.graphql(
+        """query Events($key: AssetKeyInput!, $partitions: [String!]) {
+             assetOrError(assetKey: $key) {
+               ... on Asset {
+                 assetMaterializations(partitions: $partitions) {
+                   partition runId description timestamp
+                   metadataEntries { __typename label ... on TextMetadataEntry { text }
+                                     ... on IntMetadataEntry { intValue } }
+                 }
+                 assetObservations {
+                   partition runId description timestamp
+                   metadataEntries { __typename label ... on TextMetadataEntry { text } }
+                 }
+               }
+             } }""",
+        {"key": {"path": asset}, "partitions": partitions},
+    )["assetOrError"]
+
+
+def terminate(dep: Deployment, run_id: str) -> None:
+    """The run page's Terminate button."""
+    data = dep.graphql(
+        """mutation Terminate($id: String!) {
+             terminateRun(runId: $id, terminatePolicy: SAFE_TERMINATE) {
+               __typename ... on TerminateRunFailure { message } ... on PythonError { message }
+             } }""",
+        {"id": run_id},
+    )["terminateRun"]
+    assert data["__typename"] == "TerminateRunSuccess", data

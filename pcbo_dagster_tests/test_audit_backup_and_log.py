@@ -83,8 +83,10 @@ def _run_processes(directory: Path, db: Path | None, workers: int, count: int) -
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Event()
     db_arg = str(db) if db else None
-    procs = [ctx.Process(target=_process_writer, args=(str(directory), db_arg, w, count, start))
-             for w in range(workers)]
+    procs = [
+        ctx.Process(target=_process_writer, args=(str(directory), db_arg, w, count, start))
+        for w in range(workers)
+    ]
     for p in procs:
         p.start()
     start.set()
@@ -116,24 +118,55 @@ def test_append_read_and_last_event(tmp_path):
 
 def test_backup_refuses_events_that_do_not_continue_the_chain(tmp_path):
     backup = AuditBackup(tmp_path)
-    first = build_event(chain_key=KEY, seq=0, prev_event_hash=None, event_type="a",
-                        timestamp="2024-01-01T00:00:00Z", body={})
+    first = build_event(
+        chain_key=KEY, seq=0, prev_event_hash=None, event_type="a", timestamp="2024-01-01T00:00:00Z", body={}
+    )
     backup.append(KEY, [first])
     before = backup.paths(KEY).events.read_bytes()
-    good_next = build_event(chain_key=KEY, seq=1, prev_event_hash=first["chain"]["event_hash"],
-                            event_type="a", timestamp="2024-01-01T00:00:00Z", body={})
-    fork = build_event(chain_key=KEY, seq=0, prev_event_hash=None, event_type="b",
-                       timestamp="2024-01-01T00:00:00Z", body={})
-    skip = build_event(chain_key=KEY, seq=2, prev_event_hash=first["chain"]["event_hash"],
-                       event_type="a", timestamp="2024-01-01T00:00:00Z", body={})
-    wrong_prev = build_event(chain_key=KEY, seq=1, prev_event_hash="sha256:" + "1" * 64,
-                             event_type="a", timestamp="2024-01-01T00:00:00Z", body={})
-    other_key = build_event(chain_key="events/v2", seq=1, prev_event_hash=first["chain"]["event_hash"],
-                            event_type="a", timestamp="2024-01-01T00:00:00Z", body={})
+    good_next = build_event(
+        chain_key=KEY,
+        seq=1,
+        prev_event_hash=first["chain"]["event_hash"],
+        event_type="a",
+        timestamp="2024-01-01T00:00:00Z",
+        body={},
+    )
+    fork = build_event(
+        chain_key=KEY, seq=0, prev_event_hash=None, event_type="b", timestamp="2024-01-01T00:00:00Z", body={}
+    )
+    skip = build_event(
+        chain_key=KEY,
+        seq=2,
+        prev_event_hash=first["chain"]["event_hash"],
+        event_type="a",
+        timestamp="2024-01-01T00:00:00Z",
+        body={},
+    )
+    wrong_prev = build_event(
+        chain_key=KEY,
+        seq=1,
+        prev_event_hash="sha256:" + "1" * 64,
+        event_type="a",
+        timestamp="2024-01-01T00:00:00Z",
+        body={},
+    )
+    other_key = build_event(
+        chain_key="events/v2",
+        seq=1,
+        prev_event_hash=first["chain"]["event_hash"],
+        event_type="a",
+        timestamp="2024-01-01T00:00:00Z",
+        body={},
+    )
     tampered = json.loads(json.dumps(good_next))
     tampered["extra"] = 1
-    for bad, match in [(fork, "expected 1"), (skip, "expected 1"), (wrong_prev, "prev_event_hash"),
-                       (other_key, "chain_key"), (tampered, "recompute")]:
+    for bad, match in [
+        (fork, "expected 1"),
+        (skip, "expected 1"),
+        (wrong_prev, "prev_event_hash"),
+        (other_key, "chain_key"),
+        (tampered, "recompute"),
+    ]:
         with pytest.raises(ValueError, match=match):
             backup.append(KEY, [bad])
     with pytest.raises(ValueError):  # a valid event followed by a bad one: nothing is written
@@ -183,8 +216,9 @@ def test_last_event_reads_only_the_tail(tmp_path, monkeypatch):
 
 def test_fsync_false_then_sync(tmp_path):
     backup = AuditBackup(tmp_path)
-    event = build_event(chain_key=KEY, seq=0, prev_event_hash=None, event_type="a",
-                        timestamp="2024-01-01T00:00:00Z", body={})
+    event = build_event(
+        chain_key=KEY, seq=0, prev_event_hash=None, event_type="a", timestamp="2024-01-01T00:00:00Z", body={}
+    )
     backup.append(KEY, [event], fsync=False)
     backup.sync(KEY)
     backup.sync("events/none")  # no file: nothing to do
@@ -220,8 +254,14 @@ def test_whole_event_missing_only_its_newline_counts(tmp_path):
     backup = AuditBackup(tmp_path)
     log = AuditLog(backup, clock=FixedClock())
     first = log.append(KEY, "a", {})
-    second = build_event(chain_key=KEY, seq=1, prev_event_hash=first["chain"]["event_hash"], event_type="a",
-                         timestamp="2024-01-01T00:00:00Z", body={})
+    second = build_event(
+        chain_key=KEY,
+        seq=1,
+        prev_event_hash=first["chain"]["event_hash"],
+        event_type="a",
+        timestamp="2024-01-01T00:00:00Z",
+        body={},
+    )
     with open(backup.paths(KEY).events, "ab") as f:
         f.write(rfc8785.dumps(second))  # no newline
     assert backup.last_event(KEY) == second
@@ -259,8 +299,14 @@ def test_read_all_groups_json_and_jsonl_files(tmp_path):
     exported = []
     prev = None
     for seq, name in [(0, "z.json"), (1, "a.json"), (2, "m.json")]:
-        ev = build_event(chain_key="third/v1", seq=seq, prev_event_hash=prev, event_type="c",
-                         timestamp="2024-01-01T00:00:00Z", body={"seq_name": name})
+        ev = build_event(
+            chain_key="third/v1",
+            seq=seq,
+            prev_event_hash=prev,
+            event_type="c",
+            timestamp="2024-01-01T00:00:00Z",
+            body={"seq_name": name},
+        )
         prev = ev["chain"]["event_hash"]
         exported.append(ev)
         (export / name).write_text(json.dumps(ev, indent=2))
@@ -311,8 +357,12 @@ def test_chain_head_persists_across_restarts(tmp_path):
 
 
 def test_timestamps_are_utc_with_microseconds_only_when_nonzero(tmp_path):
-    moments = iter([datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2))),
-                    datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)])
+    moments = iter(
+        [
+            datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2))),
+            datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC),
+        ]
+    )
     log = AuditLog(AuditBackup(tmp_path), clock=lambda: next(moments))
     assert log.append(KEY, "a", {})["timestamp"] == "2024-05-01T10:00:00.123456Z"
     assert log.append(KEY, "a", {})["timestamp"] == "2024-05-01T12:00:00Z"
@@ -424,8 +474,14 @@ def test_events_the_backup_alone_holds_are_not_adopted(tmp_path):
     store = SqliteHeadStore(tmp_path / "catalog.db")
     log = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store, clock=FixedClock())
     written = [log.append(KEY, "a", {"n": i}) for i in range(2)]
-    forged = build_event(chain_key=KEY, seq=2, prev_event_hash=written[-1]["chain"]["event_hash"],
-                         event_type="partition_committed", timestamp="2024-01-01T00:00:09Z", body={"n": 9})
+    forged = build_event(
+        chain_key=KEY,
+        seq=2,
+        prev_event_hash=written[-1]["chain"]["event_hash"],
+        event_type="partition_committed",
+        timestamp="2024-01-01T00:00:09Z",
+        body={"n": 9},
+    )
     AuditBackup(tmp_path / "pas").append(KEY, [forged])
     with pytest.raises(ChainDivergence, match="never recorded as pending"):
         log.append(KEY, "a", {"n": 2})

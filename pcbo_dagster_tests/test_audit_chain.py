@@ -39,8 +39,10 @@ def make_chain(n: int, key: str = KEY) -> list[dict]:
             prev_event_hash=prev,
             event_type="partition_committed",
             timestamp=f"2024-01-01T00:00:{seq:02d}Z",
-            body={"partition": {"key": f"20240101T{seq:02d}0000Z", "record_count": seq * 10},
-                  "tables": {"events": {"checksum": "sha256:" + "ab" * 32, "row_count": seq}}},
+            body={
+                "partition": {"key": f"20240101T{seq:02d}0000Z", "record_count": seq * 10},
+                "tables": {"events": {"checksum": "sha256:" + "ab" * 32, "row_count": seq}},
+            },
         )
         events.append(event)
         prev = event["chain"]["event_hash"]
@@ -85,8 +87,12 @@ def test_event_id_is_deterministic_and_position_derived():
     a = make_chain(2)
     b = make_chain(2)
     assert [e["event_id"] for e in a] == [e["event_id"] for e in b]
-    ident = {"chain_key": KEY, "seq": 1, "event_type": "partition_committed",
-             "prev_event_hash": a[0]["chain"]["event_hash"]}
+    ident = {
+        "chain_key": KEY,
+        "seq": 1,
+        "event_type": "partition_committed",
+        "prev_event_hash": a[0]["chain"]["event_hash"],
+    }
     expected = "evt_" + hashlib.sha256(rfc8785.dumps(ident)).hexdigest()[:32]
     assert a[1]["event_id"] == expected
     assert a[0]["event_id"] != a[1]["event_id"]
@@ -95,8 +101,14 @@ def test_event_id_is_deterministic_and_position_derived():
 def test_build_event_copies_body_without_mutating_it():
     body = {"run_id": "r1", "items": [1, 2, {"x": None}]}
     snapshot = copy.deepcopy(body)
-    event = build_event(chain_key=KEY, seq=0, prev_event_hash=None, event_type="run_started",
-                        timestamp="2024-01-01T00:00:00.123456Z", body=body)
+    event = build_event(
+        chain_key=KEY,
+        seq=0,
+        prev_event_hash=None,
+        event_type="run_started",
+        timestamp="2024-01-01T00:00:00.123456Z",
+        body=body,
+    )
     assert body == snapshot
     assert event["run_id"] == "r1" and event["items"] == [1, 2, {"x": None}]
     assert event["timestamp"] == "2024-01-01T00:00:00.123456Z"
@@ -120,8 +132,9 @@ def test_build_event_refuses_floats_anywhere(body):
 @pytest.mark.parametrize("reserved", ["version", "event_type", "event_id", "timestamp", "chain"])
 def test_build_event_refuses_reserved_keys(reserved):
     with pytest.raises(ValueError, match="reserved"):
-        build_event(chain_key=KEY, seq=0, prev_event_hash=None, event_type="x", timestamp=TS,
-                    body={reserved: "oops"})
+        build_event(
+            chain_key=KEY, seq=0, prev_event_hash=None, event_type="x", timestamp=TS, body={reserved: "oops"}
+        )
 
 
 @pytest.mark.parametrize(
@@ -145,8 +158,14 @@ def test_build_event_refuses_reserved_keys(reserved):
     ],
 )
 def test_build_event_refuses_invalid_arguments(kwargs, message):
-    args = {"chain_key": KEY, "seq": 0, "prev_event_hash": None, "event_type": "x", "timestamp": TS,
-            "body": {}}
+    args = {
+        "chain_key": KEY,
+        "seq": 0,
+        "prev_event_hash": None,
+        "event_type": "x",
+        "timestamp": TS,
+        "body": {},
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         build_event(**args)
@@ -220,8 +239,14 @@ def test_changed_prev_is_found():
 
 def test_changed_prev_with_rehash_and_new_event_id_is_still_found():
     events = make_chain(3)
-    forged = build_event(chain_key=KEY, seq=2, prev_event_hash=events[0]["chain"]["event_hash"],
-                         event_type="partition_committed", timestamp=TS, body={})
+    forged = build_event(
+        chain_key=KEY,
+        seq=2,
+        prev_event_hash=events[0]["chain"]["event_hash"],
+        event_type="partition_committed",
+        timestamp=TS,
+        body={},
+    )
     events[2] = forged
     findings = verify_chain(events)
     assert findings == [
@@ -283,13 +308,17 @@ def test_empty_chain_is_clean():
 
 safe_text = st.characters(exclude_categories=["Cs"])  # lone surrogates have no UTF-8 form
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1),
     st.text(alphabet=safe_text, max_size=8),
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(st.text(alphabet=safe_text, max_size=5), inner, max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(alphabet=safe_text, max_size=5), inner, max_size=3),
+    ),
     max_leaves=10,
 )
 bodies = st.dictionaries(
@@ -307,8 +336,9 @@ def test_property_built_chains_verify_and_any_body_edit_is_found(body_list, data
     events: list[dict] = []
     prev = None
     for seq, body in enumerate(body_list):
-        event = build_event(chain_key=KEY, seq=seq, prev_event_hash=prev, event_type="e", timestamp=TS,
-                            body=body)
+        event = build_event(
+            chain_key=KEY, seq=seq, prev_event_hash=prev, event_type="e", timestamp=TS, body=body
+        )
         assert event["chain"]["event_hash"] == independent_hash(event)
         events.append(event)
         prev = event["chain"]["event_hash"]

@@ -48,8 +48,9 @@ class Receiver:
                         if receiver.accept_budget is not None:
                             receiver.accept_budget -= 1
                         receiver.accepted.append(body)
-                    receiver.requests.append({"path": self.path, "headers": dict(self.headers),
-                                              "body": body, "status": status})
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
+                    )
                 self.send_response(status)
                 if 300 <= status < 400:
                     self.send_header("Location", "/elsewhere")
@@ -60,8 +61,9 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -200,8 +202,7 @@ def test_credentials_never_appear_in_reports_or_logs(tmp_path, receiver, caplog)
     caplog.set_level(logging.DEBUG)
     host, port = receiver.server.server_address[:2]
     endpoint = f"http://pas-writer:s3cr3t-p%40ss@{host}:{port}/pas/events?token=tok-abc123&x=1"
-    delivery = HttpDelivery(endpoint, attempts=2, initial_wait=0.01,
-                            headers={"X-Api-Key": "header-key-777"})
+    delivery = HttpDelivery(endpoint, attempts=2, initial_wait=0.01, headers={"X-Api-Key": "header-key-777"})
     log = AuditLog(AuditBackup(tmp_path), delivery=delivery)
     log.append(KEY, "a", {})
     receiver.down = True
@@ -210,10 +211,19 @@ def test_credentials_never_appear_in_reports_or_logs(tmp_path, receiver, caplog)
     receiver.down = False
     ok = log.deliver_pending(KEY)
     assert ok.delivered == 1
-    secrets = ["s3cr3t", "p%40ss", "p@ss", "tok-abc123", "token=", "pas-writer:", "header-key-777",
-               base64.b64encode(b"pas-writer:s3cr3t-p@ss").decode()]
-    visible = " ".join([caplog.text, repr(failed), repr(ok), str(failed.to_dict()), repr(delivery),
-                        delivery.endpoint])
+    secrets = [
+        "s3cr3t",
+        "p%40ss",
+        "p@ss",
+        "tok-abc123",
+        "token=",
+        "pas-writer:",
+        "header-key-777",
+        base64.b64encode(b"pas-writer:s3cr3t-p@ss").decode(),
+    ]
+    visible = " ".join(
+        [caplog.text, repr(failed), repr(ok), str(failed.to_dict()), repr(delivery), delivery.endpoint]
+    )
     assert "retrying" in caplog.text  # the retry was logged ...
     for secret in secrets:
         assert secret not in visible, secret  # ... without any secret

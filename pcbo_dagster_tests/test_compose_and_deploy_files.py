@@ -215,9 +215,12 @@ def test_environment_wiring(compose, configs):
     assert volumes[env["PCBO_HOME"]] == "pcbo-home" and "pcbo-home" in compose["volumes"]
     assert env["PCBO_DATASETS_CONFIG"] == ""
     assert "./examples" not in volumes.values()
-    assert interpolate(_env(compose, "codeserver"), {**full, "PCBO_DATASETS_CONFIG": "/etc/d.yaml"})[
-        "PCBO_DATASETS_CONFIG"
-    ] == "/etc/d.yaml"
+    assert (
+        interpolate(_env(compose, "codeserver"), {**full, "PCBO_DATASETS_CONFIG": "/etc/d.yaml"})[
+            "PCBO_DATASETS_CONFIG"
+        ]
+        == "/etc/d.yaml"
+    )
 
 
 def test_health_checks_and_start_order(compose):

@@ -237,9 +237,7 @@ def test_a_crashed_unaudited_version_is_audited_before_a_new_version_supersedes_
     document = _verify(home)
     assert document["status"] == "clean", document["findings"]
 
-    status, rolled, stderr = run_pcbo(
-        ["rollback", "--dataset", "events", "--partition", key], home=home
-    )
+    status, rolled, stderr = run_pcbo(["rollback", "--dataset", "events", "--partition", key], home=home)
     assert status == 0, stderr
     assert [(p["version"], p["restoredVersion"]) for p in rolled["partitions"]] == [(2, 1)]
     assert _catalog_versions(home, key) == [(1, "committed"), (2, "rolled_back")]

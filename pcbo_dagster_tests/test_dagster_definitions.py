@@ -281,7 +281,14 @@ def test_a_partition_range_backfill_runs_the_engine_and_its_checks(workdir, engi
     config = load_datasets_config(workdir / "datasets.yaml")
     asset, checks = _asset_and_checks(config, "events")
     assert asset.backfill_policy == dg.BackfillPolicy.multi_run(max_partitions_per_run=24)
-    assert asset.op.pool == "pcbo-events"
+    # Graph-backed: the four steps as ops; the three that write hold the dataset's pool.
+    pools = {op.name: op.pool for op in asset.node_def.node_defs}
+    assert pools == {
+        "events__policy_gate": None,
+        "events__parquet_emission": "pcbo-events",
+        "events__audit_chain_append": "pcbo-events",
+        "events__reconciliation": "pcbo-events",
+    }
     with dg.instance_for_test() as instance:
         result = dg.materialize(
             [asset, *checks],
@@ -302,20 +309,24 @@ def test_a_partition_range_backfill_runs_the_engine_and_its_checks(workdir, engi
             assert md["dagster/row_count"].value == md["add_count"].value
             reasons = [k for k in md if k.startswith("omitted/")]
             assert len(reasons) == 5 and all(isinstance(md[k], dg.IntMetadataValue) for k in reasons)
-            for name in ("merkle_root", "plan_hash", "decision_hash", "audit_event_hash", "file_checksum"):
+            for name in ("merkle_root", "decision_hash", "audit_event_hash", "file_checksum"):
                 assert isinstance(md[name], dg.TextMetadataValue)
                 assert md[name].value.startswith("sha256:"), name
-            for name in ("file_uri", "manifest", "rollback_manifest"):
+            for name in ("file_uri", "manifest"):
                 assert isinstance(md[name], dg.UrlMetadataValue)
                 assert md[name].value.startswith("file://"), name
             assert mat.partition in md["file_uri"].value
             assert md["status"].value == "committed"
         assert sum(m.metadata["omit_count"].value for m in mats) > 0
 
-        # Every per-partition check passed, once per partition; coverage has no gaps.
+        # Every per-partition check passed, once per partition, each naming the partition's
+        # materialization it checked; coverage has no gaps; partition_health passes.
         evaluations = result.get_asset_check_evaluations()
         per_partition = {(e.check_name, e.partition): e.passed for e in evaluations if e.partition}
         assert per_partition == {(c, k): True for c in CHECKS for k in SIX_HOURS}
+        assert all(e.target_materialization_data for e in evaluations if e.partition)
+        [health] = [e for e in evaluations if e.check_name == "partition_health"]
+        assert health.passed and health.metadata["failing_partitions"].value == 0
         coverage = [e for e in evaluations if e.check_name == "coverage"]
         assert len(coverage) == 1 and coverage[0].passed
         assert coverage[0].metadata["gaps"].value == 0
@@ -345,6 +356,11 @@ def test_a_partition_range_backfill_runs_the_engine_and_its_checks(workdir, engi
         assert not verdicts[("policy_compliance", tampered_key)].passed  # rows cannot be trusted
         assert all(verdicts[("audit_chain", k)].passed for k in SIX_HOURS)
         assert rerun.asset_materializations_for_node("events") == []  # nothing rewritten
+        # The asset-wide verdict names the one failing partition (the catalog's health reads it).
+        health = verdicts[("partition_health", None)]
+        assert not health.passed and health.severity == dg.AssetCheckSeverity.ERROR
+        assert health.metadata["failing/reconciliation"].value == 1
+        assert health.metadata["first_failing"].value["reconciliation"] == [tampered_key]
 
         with engine.environment() as env:
             assert any(f["kind"] == "file_checksum_mismatch" for f in verify(env)["findings"])

@@ -169,7 +169,7 @@ def test_a_ledger_range_backfill_runs_the_engine_and_its_checks(workdir, engine)
             assert md["add_count"].value + md["omit_count"].value == 64
             assert md["dagster/row_count"].value == md["add_count"].value
             assert len([k for k in md if k.startswith("omitted/")]) == 5
-            for name in ("merkle_root", "plan_hash", "decision_hash", "audit_event_hash", "file_checksum"):
+            for name in ("merkle_root", "decision_hash", "audit_event_hash", "file_checksum"):
                 assert md[name].value.startswith("sha256:"), name
             assert f"/ledgers/v1/{mat.partition}/part-" in md["file_uri"].value
             assert md["manifest"].value.endswith(f"/ledgers/v1/{mat.partition}/_manifest.json")

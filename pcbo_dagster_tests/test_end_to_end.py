@@ -326,8 +326,19 @@ def test_consistency_proof_when_the_new_id_sorts_last(work, home_v2):
     key = KEYS[CHANGED]
     proof_file = work / "consistency-1-2.json"
     status, _, stderr = run_pcbo(
-        ["proof", "--dataset", DATASET, "--partition", key, "--from-version", "1", "--to-version", "2",
-         "--output", proof_file],
+        [
+            "proof",
+            "--dataset",
+            DATASET,
+            "--partition",
+            key,
+            "--from-version",
+            "1",
+            "--to-version",
+            "2",
+            "--output",
+            proof_file,
+        ],
         home=home,
     )
     assert status == 0, stderr
@@ -336,7 +347,10 @@ def test_consistency_proof_when_the_new_id_sorts_last(work, home_v2):
     assert (proof["size1"], proof["size2"]) == (old["recordCount"], new["recordCount"])
     assert (proof["root1"], proof["root2"]) == (old["merkleRoot"], new["merkleRoot"])
     assert rfc9162_verify_consistency(
-        proof["size1"], proof["size2"], undigest(proof["root1"]), undigest(proof["root2"]),
+        proof["size1"],
+        proof["size2"],
+        undigest(proof["root1"]),
+        undigest(proof["root2"]),
         [undigest(h) for h in proof["proof"]],
     )
 
@@ -355,8 +369,17 @@ def test_consistency_proof_refused_when_the_new_version_does_not_extend(work, ho
     assert [p["key"] for p in document["partitions"] if p["status"] == "committed"] == [KEYS[CHANGED]]
 
     status, out, stderr = run_pcbo(
-        ["proof", "--dataset", DATASET, "--partition", KEYS[CHANGED], "--from-version", "2",
-         "--to-version", "3"],
+        [
+            "proof",
+            "--dataset",
+            DATASET,
+            "--partition",
+            KEYS[CHANGED],
+            "--from-version",
+            "2",
+            "--to-version",
+            "3",
+        ],
         home=home,
     )
     assert status == 2, (status, out, stderr)
@@ -388,7 +411,10 @@ def test_inclusion_proof_verifies_offline_and_rejects_tampering(work, home_a):
     assert proof["id"] == record_id and proof["merkleRoot"] == manifest["merkleRoot"]
     assert proof["leafIndex"] == len(ids) // 2 and proof["treeSize"] == len(ids)
     assert rfc9162_verify_inclusion(
-        proof["leafIndex"], proof["treeSize"], record_id.encode(), [undigest(h) for h in proof["auditPath"]],
+        proof["leafIndex"],
+        proof["treeSize"],
+        record_id.encode(),
+        [undigest(h) for h in proof["auditPath"]],
         undigest(manifest["merkleRoot"]),
     )
 
@@ -503,9 +529,11 @@ def test_rollback_by_partition_removes_its_files(work, home_a):
     assert len(events) == events_before + 1
     assert events[-1]["event_type"] == "partition_rolled_back"
     assert events[-1]["partition"]["key"] == key
-    assert events[-1]["undone_manifest_checksum"] == "sha256:" + hashlib.sha256(
-        (part_dir(home, key) / "_versions" / "v000001.json").read_bytes()
-    ).hexdigest()
+    assert (
+        events[-1]["undone_manifest_checksum"]
+        == "sha256:"
+        + hashlib.sha256((part_dir(home, key) / "_versions" / "v000001.json").read_bytes()).hexdigest()
+    )
     assert_clean(home)
 
     chain = backup_file(home).read_bytes()
@@ -647,7 +675,9 @@ def test_independent_rfc6962_roots_and_rfc8785_event_hashes(work, request_file, 
         for key, event in committed.items():
             current = manifest_of(home, key)
             assert event["merkle_root"] == current["merkleRoot"]
-            assert event["manifest"]["checksum"] == "sha256:" + hashlib.sha256(
-                (part_dir(home, key) / "_manifest.json").read_bytes()
-            ).hexdigest()
+            assert (
+                event["manifest"]["checksum"]
+                == "sha256:"
+                + hashlib.sha256((part_dir(home, key) / "_manifest.json").read_bytes()).hexdigest()
+            )
             assert reported[key]["eventHash"] == event["chain"]["event_hash"]

@@ -50,8 +50,9 @@ def _fresh_venv(tmp_path: Path, wheel: Path, env: dict[str, str]) -> Path:
     _run([sys.executable, "-m", "venv", str(venv)], tmp_path, env)
     python = venv / "bin" / "python"
     purelib = Path(
-        _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env)
-        .strip()
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env
+        ).strip()
     )
     # A plain path line: this environment's packages become importable, but .pth files in it (such
     # as an editable install of pcbo_dagster) are not run, so only the wheel provides pcbo_dagster.

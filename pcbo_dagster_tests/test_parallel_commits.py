@@ -241,6 +241,7 @@ def test_superseding_versions_a_crash_left_unaudited_heals_in_partition_order(tm
     assert documents[4] == documents[1]
     _assert_same(collected[1], collected[4])
     events = _events(collected[4])
+
     def commit(i: int) -> tuple[int, int, str]:
         if i >= COMMIT_BATCH:  # never committed before the crash
             return (i, 1, "parallel-run-002")

@@ -26,8 +26,12 @@ REQUEST = {
     "end": "2024-01-01T03:00:00Z",
     "policies": {"requireConsent": True},
     "sourceRecords": [
-        {"id": f"r{h}-{i}", "occurredAt": f"2024-01-01T0{h}:1{i}:00Z", "consentGranted": True,
-         "jurisdiction": j}
+        {
+            "id": f"r{h}-{i}",
+            "occurredAt": f"2024-01-01T0{h}:1{i}:00Z",
+            "consentGranted": True,
+            "jurisdiction": j,
+        }
         for h in range(3)
         for i, j in enumerate(["US", "CA", "FR"])
     ],

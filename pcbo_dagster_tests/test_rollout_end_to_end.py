@@ -101,8 +101,8 @@ class Rollout:
     def op_job(self, name: str, op: str, config: dict[str, Any]) -> Any:
         return self.run_job(name, {"ops": {op: {"config": config}}})
 
-    def tick(self) -> Any:
-        sensor = self.defs.resolve_sensor_def("rollout_promotion")
+    def tick(self, name: str = "rollout_promotion") -> Any:
+        sensor = self.defs.resolve_sensor_def(name)
         with dg.build_sensor_context(instance=self.instance, resources={"pcbo": self.resource}) as context:
             return sensor(context)
 
@@ -244,8 +244,23 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
         "production_health_check", "production_health_check_op", {"dataset": "sessions", "launch": True}
     )
     assert repaired.success
+    # The repair is launched as a run of the affected partition (by the repairs sensor), so it gets a
+    # materialization and checks; nothing was written by the health check itself.
+    assert len(list((d.home / "lake").rglob("_manifest.json"))) == 3
+    [repair] = d.tick("production_health_repairs").run_requests
+    assert repair.job_name == "promote_sessions"
+    assert repair.tags["dagster/asset_partition_range_start"] == KEYS[2]
+    assert repair.tags["dagster/asset_partition_range_end"] == KEYS[2]
+    run = d.run_job(repair.job_name, tags=repair.tags)
+    assert run.success
+    assert [m.partition for m in run.asset_materializations_for_node("production__sessions")] == [KEYS[2]]
+    assert {e.partition for e in run.get_asset_check_evaluations() if e.partition} == {KEYS[2]}
     assert len(list((d.home / "lake").rglob("_manifest.json"))) == 4
     assert verify(env)["findings"] == []
+    # The same plan is not launched twice (its run key), and a healthy check requests nothing.
+    assert d.tick("production_health_repairs").run_requests[0].run_key == repair.run_key
+    assert d.op_job("production_health_check", "production_health_check_op", {"launch": True}).success
+    assert isinstance(d.tick("production_health_repairs"), dg.SkipReason)
 
     # 7. Roll back the rollout in production, then staging: `pcbo verify` is clean on both.
     for stage in ("production", "staging"):

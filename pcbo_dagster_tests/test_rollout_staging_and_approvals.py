@@ -222,3 +222,59 @@ def test_a_promotion_killed_at_any_step_is_completed_by_promoting_again(tmp_path
         if e["event_type"] == "partition_committed"
     ]
     assert sorted(commits) == KEYS
+
+
+class _Terminated(BaseException):
+    """What a Dagster "Terminate" raises in the step (a KeyboardInterrupt-like interruption)."""
+
+
+class _TerminatingClock(ManualClock):
+    """Terminates the apply the first time the throttle makes it wait."""
+
+    def sleep(self, seconds: float) -> None:
+        raise _Terminated()
+
+
+def test_an_interrupted_apply_is_marked_and_resumes_with_the_limits_given(tmp_path: Path) -> None:
+    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    staged = tmp_path / "home" / "staging" / "lake" / "sessions" / "v1"
+    with pytest.raises(_Terminated):  # terminated while waiting before the second partition
+        operations.start(
+            config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r",
+            clock=_TerminatingClock(T0), metadata={"dagsterRunId": "run-1"},
+        )  # fmt: skip
+    assert len(list(staged.glob("*/_manifest.json"))) == 1
+    # Another run's end marks nothing; the terminated run's end marks the rollout interrupted.
+    assert operations.mark_interrupted(config, base, "run-2", "CANCELED") == []
+    [marked] = operations.mark_interrupted(config, base, "run-1", "CANCELED")
+    assert marked["rollout"] == "r" and "rollout: r" in marked["resume"]
+    assert operations.find_rollout(base, "r")["status"] == "interrupted"
+
+    # Resumed with other limits: they apply to the rest of the apply and are logged; the committed
+    # partition is kept, the other two are applied.
+    clock = ManualClock(T0)
+    resumed = operations.start(
+        config, base, "sessions", KEYS[0], KEYS[-1], by="bo", name="r", clock=clock,
+        throttle={"partitionsPerMinute": 60, "recordsPerMinute": None},
+    )  # fmt: skip
+    assert resumed["status"] == "soaking"
+    assert [p["status"] for p in resumed["execute"]["partitions"]] == ["unchanged", "committed", "committed"]
+    # 60 partitions a minute: 1 s before the second and the third (the stored 1 a minute: 60 s each).
+    assert sum(clock.slept) == pytest.approx(2.0)
+    rollout = operations.find_rollout(base, "r")
+    assert rollout["throttle"]["partitionsPerMinute"] == 60
+    catalog = CatalogStore(base.catalog_url)
+    try:
+        with catalog.engine.connect() as conn:
+            kinds = [k for (k,) in conn.execute(sa.text("SELECT kind FROM rollout_log ORDER BY id"))]
+    finally:
+        catalog.close()
+    assert kinds[kinds.index("interrupted") :] == [
+        "interrupted",
+        "applying",
+        "throttle_changed",
+        "soaking",
+        "backfill_summary_written",
+    ]
+    assert len(list(staged.glob("*/_manifest.json"))) == 3

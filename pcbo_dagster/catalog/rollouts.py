@@ -205,6 +205,22 @@ class RolloutStore:
             )
             self._log(conn, name, status, actor, detail or {}, now)
 
+    def set_throttle(
+        self, name: str, throttle: dict[str, Any], *, actor: str, now: datetime | None = None
+    ) -> RolloutRow:
+        """Change the rollout's throttle (a resumed apply given new limits), logged with the old ones."""
+        now = now or utc_now()
+        rollout = self.require(name)
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(t.rollouts)
+                .where(t.rollouts.c.name == name)
+                .values(throttle=compact_text(throttle), updated_at=now)
+            )
+            detail = {"from": rollout["throttle"], "to": throttle}
+            self._log(conn, name, "throttle_changed", actor, detail, now)
+        return self.require(name)
+
     def request_control(
         self, name: str, control: str, *, actor: str, reason: str = "", now: datetime | None = None
     ) -> RolloutRow:

@@ -239,6 +239,7 @@ dataset_leases = Table(
 ROLLOUT_STATUSES = (
     "applying",  # staging apply running (or interrupted: `pcbo rollout start` of it resumes it)
     "paused",  # staging apply waiting between partitions until resumed
+    "interrupted",  # its staging apply's run was terminated or failed: applying it again resumes it
     "cancelled",  # staging apply stopped for good (what it committed stays until rolled back)
     "soaking",  # staging applied; halted for review while the soak monitor evaluates it
     "promoted",  # production holds every partition of the rollout at its approved decision hash

@@ -10,6 +10,7 @@ written; the document says why); 1 anything else (including verify findings and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -539,11 +540,29 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _dagster_reporting(args: argparse.Namespace) -> Any:
+    """With a Dagster instance configured (`DAGSTER_HOME`), the partitions a command changes in the
+    lake are reported to it (`dagster_defs/instance_reporting.py`); otherwise nothing (and Dagster
+    is not imported)."""
+    if not os.environ.get("DAGSTER_HOME") or getattr(args, "dagster", None):
+        return contextlib.nullcontext()
+    try:
+        from pcbo_dagster.dagster_defs.instance_reporting import cli_reporting
+    except ImportError:  # the dagster extra is not installed
+        return contextlib.nullcontext()
+    words = [
+        str(args.command),
+        *(str(getattr(args, a)) for a in ("rollout_command", "action") if getattr(args, a, None)),
+    ]
+    return cli_reporting("pcbo " + " ".join(words))
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run the parsed command; print its document (or the error) and return the exit status."""
     try:
         check_output_target(args.output)
-        document = args.func(args)
+        with _dagster_reporting(args):
+            document = args.func(args)
         write_output(document, args.output)
         return 0
     except InvalidInput as exc:

@@ -35,6 +35,7 @@ from pcbo_dagster.core.chain_state import (
     PARTITION_COMMITTED,
     PARTITION_RESTORED,
     ChainState,
+    CommitIntent,
     PartitionHistory,
     replay,
 )
@@ -45,7 +46,7 @@ from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
 from pcbo_dagster.core.sql_outcomes import TargetDecisions
-from pcbo_dagster.engine import failpoints
+from pcbo_dagster.engine import failpoints, lake_changes
 from pcbo_dagster.engine.crash_windows import LakeDisagreesWithChain, LakeVsChain, compare, heal
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import (
@@ -163,14 +164,65 @@ def _rollback_manifest(
     }
 
 
+#: What stopped a run (`ExecuteFailed.kind`, the catalog discrepancy's kind).
+POST_WRITE_CHECK = "post_write_check"
+LAKE_DISAGREES_WITH_CHAIN = "lake_disagrees_with_chain"
+SOURCE_CHANGED = "source_changed"
+TABLE_PUBLICATION_REFUSED = "table_publication_refused"
+
+
 class ExecuteFailed(IntegrityError):
     """The run stopped at a partition: its written rows did not match its decisions or policy (the
-    post-write check), or its commit point disagrees with its audit chain. `document` is the execute
-    document of what was done."""
+    post-write check: that partition was rolled back), its commit point disagrees with its audit chain
+    (nothing was written to it), or the source changed during the run. `document` is the execute
+    document of what was done; `kind` says which (`POST_WRITE_CHECK`, `LAKE_DISAGREES_WITH_CHAIN`,
+    `SOURCE_CHANGED`, `TABLE_PUBLICATION_REFUSED`: the Iceberg table diverged from the chain, what was
+    committed stays) and `partition_key` where (None for a changed source or a refused publication)."""
 
-    def __init__(self, message: str, document: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        message: str,
+        document: dict[str, Any],
+        kind: str = POST_WRITE_CHECK,
+        partition_key: str | None = None,
+    ) -> None:
         self.document = document
+        self.kind = kind
+        self.partition_key = partition_key
         super().__init__(message)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a run stopped before writing a partition (the lake disagrees with the chain, or the source
+    changed); recorded as a catalog discrepancy."""
+
+    kind: str
+    message: str
+    partition_key: str | None
+    detail: dict[str, Any]
+
+
+def _refuse(env: Environment, plan: Plan, exc: LakeDisagreesWithChain | SourceChanged) -> Refusal:
+    """Record why the run stops before a partition (a catalog discrepancy) and say so."""
+    if isinstance(exc, LakeDisagreesWithChain):
+        refusal = Refusal(
+            LAKE_DISAGREES_WITH_CHAIN,
+            str(exc),
+            exc.comparison.where.rsplit("/", 1)[-1],
+            exc.comparison.finding(),
+        )
+    else:
+        refusal = Refusal(SOURCE_CHANGED, str(exc), None, {"detail": str(exc)})
+    env.catalog.record_discrepancy(
+        run_id=plan.run_id,
+        dataset=plan.dataset,
+        version_label=plan.version_label,
+        partition_key=refusal.partition_key,
+        kind=refusal.kind,
+        detail=refusal.detail,
+    )
+    return refusal
 
 
 def post_write_check(
@@ -299,9 +351,7 @@ def execute(
         from pcbo_dagster.engine.sql_apply import execute_sql
 
         return execute_sql(env, loaded, plan, decisions, progress=progress)
-    workers = env.settings.parallel if parallel is None else parallel
-    if workers < 1:
-        raise InvalidInput("parallel", f"must be at least 1, not {workers}")
+    workers = _workers(env, parallel)
     request = loaded.request
     ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
@@ -309,6 +359,9 @@ def execute(
     results: list[dict[str, Any]] = []
     reconciliation: list[dict[str, Any]] = []
     failure: str | None = None
+    refusal: Refusal | None = None
+    failed_key: str | None = None
+    failed_kind = POST_WRITE_CHECK
     stopped = False
     batch_size = 1 if pace is not None else COMMIT_BATCH
     # Issue 17: the Iceberg table the committed partitions are published to (None: none).
@@ -330,72 +383,94 @@ def execute(
         )
         env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
         state = replay(env.audit.backup.read_chain(ckey))
-        catalog_rows = {
-            key: (row["version"], row["manifest_checksum"])
-            for key, row in env.catalog.current_partitions(plan.dataset, plan.version_label).items()
-        }
+        catalog_rows = _catalog_versions(env, plan.dataset, plan.version_label)
         for pds in _commit_batches(decisions.partitions, batch_size):
             if pace is not None and not pace(pds[0]):
                 stopped = True
                 break
             try:
                 batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state)
-            except LakeDisagreesWithChain as exc:
-                failure = str(exc)
-                env.catalog.record_discrepancy(
-                    run_id=plan.run_id,
-                    dataset=plan.dataset,
-                    version_label=plan.version_label,
-                    partition_key=exc.comparison.where.rsplit("/", 1)[-1],
-                    kind="lake_disagrees_with_chain",
-                    detail=exc.comparison.finding(),
-                )
-                break
-            except SourceChanged as exc:
-                failure = str(exc)
-                env.catalog.record_discrepancy(
-                    run_id=plan.run_id,
-                    dataset=plan.dataset,
-                    version_label=plan.version_label,
-                    partition_key=None,
-                    kind="source_changed",
-                    detail={"detail": failure},
-                )
+            except (LakeDisagreesWithChain, SourceChanged) as exc:
+                refusal = _refuse(env, plan, exc)
+                failure = refusal.message
                 break
             del pds
             failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing)
+            if failure:
+                failed_key = next(st.pd.partition.key for st in batch if _check_of(st)["status"] != "ok")
             for st in batch:
                 results.append(_outcome(env, st))
-                assert st.check is not None
-                reconciliation.append(st.check)
-            if publisher is not None and not publisher.target.one_snapshot:  # issue 17: after the commit
-                _reached("before_publication", [st.pd.partition.index for st in batch])
-                failure = failure or iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
+                reconciliation.append(_check_of(st))
+            if publisher is not None and not publisher.target.one_snapshot and not failure:
+                _reached("before_publication", [st.pd.partition.index for st in batch])  # issue 17
+                failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
+                failed_kind = TABLE_PUBLICATION_REFUSED
             if progress:
                 progress(len(batch))
             if failure:
                 break
             lease.renew()
-        status = (
-            "committed" if any(r["status"] in ("committed", "restored") for r in results) else "unchanged"
-        )
-        if publisher is not None and not publisher.refused:  # issue 17: whatever the batches left
-            failure = failure or iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
-        final = "failed" if failure else "stopped" if stopped else status
-        summary = {
-            "partitions": len(results),
-            "committed": sum(r["status"] == "committed" for r in results),
-            "unchanged": sum(r["status"] == "unchanged" for r in results),
-            "healed": sum(bool(r.get("healed")) for r in results),
-            "restored": sum(r["status"] == "restored" for r in results),
-            "failure": failure,
-            "stopped": stopped,
-        }
+        if publisher is not None and not publisher.refused and not failure:  # issue 17: what batches left
+            failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
+            failed_kind = TABLE_PUBLICATION_REFUSED
+        final, summary = _summary(results, failure, stopped)
         env.catalog.finish_run(request.runId, final, summary)
-    published = publish(env, ckey)
-    document = {
+    document = _document(env, plan, decisions, final, summary, results, reconciliation, failure, publisher)
+    _announce(env, plan, results)
+    if failure:
+        if refusal is not None:
+            raise ExecuteFailed(failure, document, refusal.kind, refusal.partition_key)
+        raise ExecuteFailed(failure, document, failed_kind, failed_key)
+    return document
+
+
+def _announce(env: Environment, plan: Plan, results: list[dict[str, Any]]) -> None:
+    """Tell the lake-change listeners (`engine/lake_changes.py`) which partitions the run changed:
+    committed, restored, healed, or rolled back by a failed post-write check."""
+    changed = [r["key"] for r in results if r["status"] != "unchanged" or r.get("healed")]
+    lake_changes.announce(env, plan.dataset, plan.version_label, changed, lake_changes.COMMITTED)
+
+
+def _workers(env: Environment, parallel: int | None) -> int:
+    workers = env.settings.parallel if parallel is None else parallel
+    if workers < 1:
+        raise InvalidInput("parallel", f"must be at least 1, not {workers}")
+    return workers
+
+
+def _summary(results: list[dict[str, Any]], failure: str | None, stopped: bool) -> tuple[str, dict[str, Any]]:
+    """The run's final status and its summary counts (what the catalog's run row records)."""
+    status = "committed" if any(r["status"] in ("committed", "restored") for r in results) else "unchanged"
+    final = "failed" if failure else "stopped" if stopped else status
+    summary = {
+        "partitions": len(results),
+        "committed": sum(r["status"] == "committed" for r in results),
+        "unchanged": sum(r["status"] == "unchanged" for r in results),
+        "healed": sum(bool(r.get("healed")) for r in results),
+        "restored": sum(r["status"] == "restored" for r in results),
+        "failure": failure,
+        "stopped": stopped,
+    }
+    return final, summary
+
+
+def _document(
+    env: Environment,
+    plan: Plan,
+    decisions: Decisions,
+    final: str,
+    summary: dict[str, Any],
+    results: list[dict[str, Any]],
+    reconciliation: list[dict[str, Any]],
+    failure: str | None,
+    publisher: iceberg_publication.Publisher | None = None,
+) -> dict[str, Any]:
+    """Deliver the chain's pending events and sign a checkpoint of it (`transparency_log.publish`),
+    then the execute document (CONTRACT section 3)."""
+    published = publish(env, chain_key(plan.dataset, plan.version_label))
+    document: dict[str, Any] = {
         "status": final,
-        "runId": request.runId,
+        "runId": plan.run_id,
         "dataset": plan.dataset,
         "versionLabel": plan.version_label,
         "planHash": plan.plan_hash,
@@ -417,9 +492,15 @@ def execute(
     }
     if publisher is not None:
         document["table"] = publisher.summary()
-    if failure:
-        raise ExecuteFailed(failure, document)
     return document
+
+
+def _catalog_versions(env: Environment, dataset: str, version_label: str) -> dict[str, tuple[int, str]]:
+    """The catalog's current (version, manifest checksum) of each partition of a dataset version."""
+    return {
+        key: (row["version"], row["manifest_checksum"])
+        for key, row in env.catalog.current_partitions(dataset, version_label).items()
+    }
 
 
 def _commit_batches(partitions: Iterable[PartitionDecision], size: int) -> Iterator[list[PartitionDecision]]:
@@ -746,9 +827,29 @@ def _commit_batch(
 
     With a pool, the batch's commit points are written, and its post-write checks run, up to the pool's
     size at once; audit events, undos, discrepancies and catalog rows follow in partition order."""
+    indexes = [st.pd.partition.index for st in batch]
+    commits = _write_commit_points(pool, env, plan, batch, state)
+    _append_commit_events(
+        env,
+        chain_key(plan.dataset, plan.version_label),
+        [(st.manifest, st.manifest_checksum) for st in commits],
+        state,
+    )
+    for st in batch:
+        current = state.partitions[st.pd.partition.key].current_version
+        assert current is not None and current.manifest_checksum == st.manifest_checksum
+        st.event = dict(current.event)
+    _reached("after_event", indexes)
+    return _check_and_record(pool, env, loaded, plan, batch, state, catalog_rows, existing)
+
+
+def _write_commit_points(
+    pool: ThreadPoolExecutor | None, env: Environment, plan: Plan, batch: list[_Staged], state: ChainState
+) -> list[_Staged]:
+    """The commit steps up to the commit point of a staged batch: its files made durable, the intent
+    on the chain, then the commit points of its new versions, made durable. Returns those partitions."""
     lake = env.lake
-    dataset, version_label = plan.dataset, plan.version_label
-    ckey = chain_key(dataset, version_label)
+    ckey = chain_key(plan.dataset, plan.version_label)
     indexes = [st.pd.partition.index for st in batch]
     commits = [st for st in batch if st.manifest_bytes is not None]
     lake.sync()  # data files and manifests are durable before any commit point names them
@@ -767,17 +868,38 @@ def _commit_batch(
         pass
     lake.sync()  # commit points are durable before their audit events
     _reached("after_commit", indexes)
+    return commits
+
+
+def _append_commit_events(
+    env: Environment, ckey: str, commits: list[tuple[Manifest, str]], state: ChainState
+) -> list[dict[str, Any]]:
+    """The `partition_committed` events of committed (manifest, manifest checksum) pairs, in one
+    append (group commit), replayed into `state`."""
     events = env.audit.append_many(
-        ckey, [(PARTITION_COMMITTED, commit_body(st.manifest, st.manifest_checksum, lake)) for st in commits]
+        ckey,
+        [(PARTITION_COMMITTED, commit_body(manifest, checksum, env.lake)) for manifest, checksum in commits],
     )
     for event in events:
         state.add(event)
-    for st in batch:
-        current = state.partitions[st.pd.partition.key].current_version
-        assert current is not None and current.manifest_checksum == st.manifest_checksum
-        st.event = dict(current.event)
-    _reached("after_event", indexes)
+    return events
 
+
+def _check_and_record(
+    pool: ThreadPoolExecutor | None,
+    env: Environment,
+    loaded: LoadedRequest,
+    plan: Plan,
+    batch: list[_Staged],
+    state: ChainState,
+    catalog_rows: dict[str, tuple[int, str]],
+    existing: list[str],
+) -> str | None:
+    """Post-write checks of a batch whose events are on the chain (a failing partition is undone and a
+    discrepancy recorded), then the catalog rows of the others. Returns the first failure's text."""
+    lake = env.lake
+    dataset, version_label = plan.dataset, plan.version_label
+    indexes = [st.pd.partition.index for st in batch]
     failure = None
     recorded = []
 
@@ -854,6 +976,12 @@ def _reached(point: str, indexes: list[int]) -> None:
         failpoints.reached(point, i)
 
 
+def _check_of(st: _Staged) -> dict[str, Any]:
+    """The post-write check of a staged partition (every staged partition of a committed batch has one)."""
+    assert st.check is not None, st.pd.partition.key
+    return st.check
+
+
 def _outcome(env: Environment, st: _Staged) -> dict[str, Any]:
     lake, m = env.lake, st.manifest
     dataset, version_label, key = m["dataset"], m["versionLabel"], st.pd.partition.key
@@ -883,3 +1011,297 @@ def _outcome(env: Environment, st: _Staged) -> dict[str, Any]:
     if st.restored is not None:
         outcome["restored"] = st.restored
     return outcome
+
+
+# --- the same commit protocol, one phase at a time --------------------------------------------------
+#
+# `execute` runs every commit step of a batch before the next batch. An orchestrator that shows the
+# steps (the Dagster asset's ops) runs them phase by phase over all the run's partitions instead:
+#
+#   emit_partitions        data files, version and rollback manifests, the intent, the commit points
+#   append_commit_events   the `partition_committed` events of those commit points
+#   reconcile_partitions   post-write checks (a failing partition is undone), catalog rows, the run row
+#
+# Between the phases only small handles pass (`Emission`: per partition its key, version and manifest
+# checksum). Each phase takes the dataset's lock again and re-reads the chain, so a phase that never
+# runs (a crash, a terminated run) leaves exactly a crash window of the commit protocol: commit points
+# under an open intent without their events, or events without their catalog rows, which the next run
+# or `pcbo verify --repair` completes. A phase run twice (a retry) does nothing twice.
+
+
+@dataclass(frozen=True)
+class EmittedPartition:
+    """One partition after `emit_partitions`: what its commit point is now."""
+
+    key: str
+    index: int
+    version: int
+    manifest_checksum: str
+    #: committed (a new version), unchanged (already committed) or restored (put back to the chain's)
+    status: str
+    healed: bool = False
+    #: Its committed files were read and checked against the manifest while staging.
+    files_verified: bool = False
+    restored: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Emission:
+    """The handle `emit_partitions` gives the next phases: small, plain and picklable."""
+
+    run_id: str
+    dataset: str
+    version_label: str
+    plan_hash: str
+    decision_hash: str
+    partitions: tuple[EmittedPartition, ...]
+    #: Why the run stopped before the partitions after these, or None.
+    refusal: Refusal | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.partitions]
+
+    def count(self, status: str) -> int:
+        return sum(p.status == status for p in self.partitions)
+
+
+def emit_partitions(
+    env: Environment,
+    loaded: LoadedRequest,
+    plan: Plan,
+    decisions: Decisions,
+    progress: Progress | None = None,
+    parallel: int | None = None,
+) -> Emission:
+    """Parquet emission up to the commit point, for every partition of the run: each partition's commit
+    point compared with its chain (a crash window healed, a partition whose lake disagrees stops the
+    run there: `Emission.refusal`), its data file, version and rollback manifests written, the batch's
+    intent appended, then its commit point. The caller has evaluated the request and checked the gates.
+    """
+    workers = _workers(env, parallel)
+    schema, as_json = loaded.schema_of(decisions.partitions)
+    emitted: list[EmittedPartition] = []
+    refusal: Refusal | None = None
+    # Issue 17: where the table is published, recorded (and checked) before the lake is written;
+    # `reconcile_partitions` publishes it.
+    iceberg_publication.publisher_for(env, loaded.request.table, plan.dataset, plan.version_label, plan=plan)
+    with (
+        env.dataset_lock(plan.dataset, plan.version_label, plan.run_id) as lease,
+        _worker_pool(workers) as pool,
+    ):
+        env.catalog.ensure_dataset(plan.dataset, plan.version_label)
+        env.catalog.start_run(
+            plan.run_id,
+            plan.dataset,
+            plan.version_label,
+            plan.plan_hash,
+            decisions.decision_hash,
+            dict(loaded.request.metadata),
+        )
+        env.audit.sync_to_catalog(chain_key(plan.dataset, plan.version_label))
+        state = replay(env.audit.backup.read_chain(chain_key(plan.dataset, plan.version_label)))
+        for pds in _commit_batches(decisions.partitions, COMMIT_BATCH):
+            try:
+                batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state)
+            except (LakeDisagreesWithChain, SourceChanged) as exc:
+                refusal = _refuse(env, plan, exc)
+                break
+            del pds
+            _write_commit_points(pool, env, plan, batch, state)
+            emitted.extend(
+                EmittedPartition(
+                    key=st.pd.partition.key,
+                    index=st.pd.partition.index,
+                    version=st.version,
+                    manifest_checksum=st.manifest_checksum,
+                    status=st.status,
+                    healed=st.healed,
+                    files_verified=st.files_verified,
+                    restored=st.restored,
+                )
+                for st in batch
+            )
+            if progress:
+                progress(len(batch))
+            lease.renew()
+    return Emission(
+        plan.run_id,
+        plan.dataset,
+        plan.version_label,
+        plan.plan_hash,
+        decisions.decision_hash,
+        tuple(emitted),
+        refusal,
+    )
+
+
+def append_commit_events(env: Environment, emission: Emission) -> dict[str, Any]:
+    """The audit chain append: the `partition_committed` event of every commit point `emit_partitions`
+    wrote, in commit batches (one append each), for exactly the commit points that are still what an
+    open intent of this run names. A commit point already on the chain (this phase run again, or another
+    run healed it) is left alone; one that changed since is not appended (`changed`: the next run or
+    `pcbo verify` says what it is now)."""
+    dataset, version_label = emission.dataset, emission.version_label
+    ckey = chain_key(dataset, version_label)
+    appended: list[str] = []
+    on_chain: list[str] = []
+    changed: list[dict[str, Any]] = []
+    with env.dataset_lock(dataset, version_label, emission.run_id):
+        env.audit.sync_to_catalog(ckey)
+        state = replay(env.audit.backup.read_chain(ckey))
+        pending: list[tuple[EmittedPartition, Manifest]] = []
+        for p in emission.partitions:
+            if p.status != "committed":
+                continue
+            history = state.get(p.key)
+            if history is not None and history.current_checksum == p.manifest_checksum:
+                on_chain.append(p.key)
+                continue
+            comparison = compare(
+                history,
+                dataset,
+                version_label,
+                p.key,
+                env.lake.read_if_exists(layout.manifest(dataset, version_label, p.key)),
+            )
+            intent = comparison.intent
+            if (
+                comparison.verdict != "heal_commit"
+                or comparison.manifest_checksum != p.manifest_checksum
+                or not isinstance(intent, CommitIntent)
+                or intent.run_id != emission.run_id
+            ):
+                changed.append({"key": p.key, "detail": comparison.detail})
+                continue
+            assert comparison.manifest is not None
+            pending.append((p, comparison.manifest))
+        for start in range(0, len(pending), COMMIT_BATCH):
+            chunk = pending[start : start + COMMIT_BATCH]
+            _append_commit_events(
+                env, ckey, [(manifest, p.manifest_checksum) for p, manifest in chunk], state
+            )
+            appended.extend(p.key for p, _ in chunk)
+            _reached("after_event", [p.index for p, _ in chunk])
+    published = publish(env, ckey)  # deliver, then sign and witness a checkpoint of the chain
+    head = env.catalog.chain_heads().get(ckey)
+    return {
+        "appended": appended,
+        "alreadyOnChain": on_chain,
+        "changed": changed,
+        "chainKey": ckey,
+        "chainHead": head[1] if head else None,
+        "chainLength": head[0] + 1 if head else 0,
+        "auditDelivery": published["auditDelivery"],
+        "checkpoint": published["checkpoint"],
+    }
+
+
+def reconcile_partitions(
+    env: Environment,
+    loaded: LoadedRequest,
+    plan: Plan,
+    decisions: Decisions,
+    emission: Emission,
+    progress: Progress | None = None,
+    parallel: int | None = None,
+) -> dict[str, Any]:
+    """Reconciliation of what `emit_partitions` committed and `append_commit_events` put on the chain:
+    each partition's committed file read back (checksum, rows against the decided adds, Merkle root
+    recomputed, every row against the policy; a failing partition is undone by a rollback and recorded
+    as a discrepancy), then the catalog rows and the run's row. Returns the execute document; raises
+    `ExecuteFailed` (with the document) when a check failed or emission was refused."""
+    workers = _workers(env, parallel)
+    dataset, version_label = plan.dataset, plan.version_label
+    ckey = chain_key(dataset, version_label)
+    existing = list(loaded.request.existingTargetIds)
+    emitted = {p.key: p for p in emission.partitions}
+    results: list[dict[str, Any]] = []
+    reconciliation: list[dict[str, Any]] = []
+    failure: str | None = None
+    failed_key: str | None = None
+    with (
+        env.dataset_lock(dataset, version_label, plan.run_id) as lease,
+        _worker_pool(workers) as pool,
+    ):
+        env.audit.sync_to_catalog(ckey)
+        state = replay(env.audit.backup.read_chain(ckey))
+        catalog_rows = _catalog_versions(env, dataset, version_label)
+        todo = (pd for pd in decisions.partitions if pd.partition.key in emitted)
+        for pds in _commit_batches(todo, COMMIT_BATCH):
+            restaged = [(pd, _restaged(env, state, plan, pd, emitted[pd.partition.key])) for pd in pds]
+            del pds
+            batch = [st for _, st in restaged if st is not None]
+            missing = [pd.partition.key for pd, st in restaged if st is None]
+            if missing:
+                key = missing[0]
+                failure = failure or (
+                    f"partition {dataset}/{version_label}/{key}: its commit point is not the version the "
+                    "audit chain says is current (its commit event was not appended, or another run "
+                    "changed it since): run `pcbo verify` (and `pcbo verify --repair` for a crash window)"
+                )
+                failed_key = failed_key or key
+            batch_failure = _check_and_record(pool, env, loaded, plan, batch, state, catalog_rows, existing)
+            if batch_failure and not failure:
+                failure = batch_failure
+                failed_key = next(st.pd.partition.key for st in batch if _check_of(st)["status"] != "ok")
+            for st in batch:
+                results.append(_outcome(env, st))
+                reconciliation.append(_check_of(st))
+            if progress:
+                progress(len(batch))
+            lease.renew()
+        refusal = emission.refusal
+        kind = POST_WRITE_CHECK
+        if refusal is not None and failure is None:
+            failure, failed_key, kind = refusal.message, refusal.partition_key, refusal.kind
+        # Issue 17: the table follows the chain as reconciliation left it (a crash before is healed).
+        publisher = iceberg_publication.publisher_for(
+            env, loaded.request.table, dataset, version_label, plan=plan
+        )
+        if publisher is not None and not failure:
+            state = replay(env.audit.backup.read_chain(ckey))
+            failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
+            kind = TABLE_PUBLICATION_REFUSED
+        final, summary = _summary(results, failure, False)
+        env.catalog.finish_run(plan.run_id, final, summary)
+    document = _document(env, plan, decisions, final, summary, results, reconciliation, failure, publisher)
+    _announce(env, plan, results)
+    if failure:
+        raise ExecuteFailed(failure, document, kind, failed_key)
+    return document
+
+
+def _restaged(
+    env: Environment, state: ChainState, plan: Plan, pd: PartitionDecision, emitted: EmittedPartition
+) -> _Staged | None:
+    """A partition `emit_partitions` staged, as the reconciliation phase needs it: its manifest read
+    from the lake with the emitted checksum, and its commit event from the chain. None when the chain's
+    current version of the partition is not the emitted one, or its manifest is gone."""
+    history = state.get(emitted.key)
+    current = history.current_version if history is not None else None
+    if current is None or current.manifest_checksum != emitted.manifest_checksum:
+        return None
+    data = None
+    for rel in (
+        layout.version_manifest(plan.dataset, plan.version_label, emitted.key, emitted.version),
+        layout.manifest(plan.dataset, plan.version_label, emitted.key),
+    ):
+        data = env.lake.read_if_exists(rel)
+        if data is not None and manifests.checksum(data) == emitted.manifest_checksum:
+            break
+        data = None
+    if data is None:
+        return None
+    staged = _Staged(
+        pd,
+        manifests.decode_manifest(data),
+        emitted.manifest_checksum,
+        data if emitted.status == "committed" else None,
+        emitted.version,
+        event=dict(current.event),
+        healed=emitted.healed,
+        restored=emitted.restored,
+        files_verified=emitted.files_verified,
+    )
+    return staged

@@ -31,6 +31,7 @@ What is undone:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ from pcbo_dagster.core.chain_state import (
     replay,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
-from pcbo_dagster.engine import failpoints
+from pcbo_dagster.engine import failpoints, lake_changes
 from pcbo_dagster.engine.crash_windows import (
     LakeDisagreesWithChain,
     catalog_rolled_back,
@@ -326,9 +327,22 @@ def rollback(
     partition_key: str | None = None,
     version: int | None = None,
     reason: str = "requested",
+    partition_keys: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Roll back what `run_id` wrote (optionally only `partition_key`), or one partition (see the
-    module doc). Invalid input (exit 2, nothing written) for an unknown run, partition or version."""
+    module doc), or each of `partition_keys` (as one partition each, under one lock and one reading of
+    the chain). Invalid input (exit 2, nothing written) for an unknown run, partition or version."""
+    if partition_keys is not None:
+        if run_id is not None or partition_key is not None or version is not None or not partition_keys:
+            raise InvalidInput(
+                "partitions", "partition keys are rolled back alone (no run id, key or version)"
+            )
+        for key in partition_keys:
+            try:
+                layout.check_partition(dataset, version_label, key)
+            except OutsidePartition as exc:
+                raise InvalidInput("partitions", str(exc)) from None
+        partition_key = partition_keys[0]
     if run_id is None and partition_key is None:
         raise InvalidInput("runId", "give a run id or a partition key to roll back")
     if version is not None and (partition_key is None or run_id is not None):
@@ -354,8 +368,9 @@ def rollback(
     state = replay(env.audit.backup.read_chain(ckey))
     if run_id is not None and run_id not in state.run_ids() and env.catalog.get_run(run_id) is None:
         raise InvalidInput("runId", f"no run {run_id!r} wrote to {ckey}")
-    if partition_key is not None and state.get(partition_key) is None:
-        raise InvalidInput("partition", f"{ckey} has no partition {partition_key!r} on its audit chain")
+    for key in partition_keys or ([partition_key] if partition_key is not None else []):
+        if state.get(key) is None:
+            raise InvalidInput("partition", f"{ckey} has no partition {key!r} on its audit chain")
     results: list[dict[str, Any]] = []
     with env.dataset_lock(dataset, version_label):
         env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
@@ -382,18 +397,29 @@ def rollback(
                 )
         else:
             assert partition_key is not None
-            history = state.partitions[partition_key]
-            skip = _noop_reason(history, version)
-            if skip is not None:
-                results.append({"key": partition_key, "status": "noop", "detail": skip})
-            else:
-                step = plan_undo(env, state, dataset, version_label, partition_key)
-                results += apply_undos(env, state, dataset, version_label, [step], reason=reason, run_id=None)
+            for key in partition_keys or [partition_key]:
+                history = state.partitions[key]
+                skip = _noop_reason(history, version)
+                if skip is not None:
+                    results.append({"key": key, "status": "noop", "detail": skip})
+                else:
+                    step = plan_undo(env, state, dataset, version_label, key)
+                    results += apply_undos(
+                        env, state, dataset, version_label, [step], reason=reason, run_id=None
+                    )
         # Issue 17: the recorded Iceberg table follows (after the events; a crash before is healed).
         publisher = iceberg_publication.publisher_for(env, None, dataset, version_label)
         if publisher is not None:
             publisher.publish(state, run_id=run_id, reason="rollback")
     published = publish(env, ckey)
+    lake_changes.announce(
+        env,
+        dataset,
+        version_label,
+        [r["key"] for r in results if r["status"] == "rolled_back"]
+        + [h["where"].rsplit("/", 1)[-1] for h in healed if "where" in h],
+        lake_changes.ROLLED_BACK,
+    )
     done = sum(1 for r in results if r["status"] == "rolled_back")
     if not results:
         results = (

@@ -45,6 +45,7 @@ from pcbo_dagster.core.checkpoints import Checkpoint
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.signed_note import Note, VerifierKey
+from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.crash_windows import (
     LakeVsChain,
     compare,
@@ -164,6 +165,7 @@ def verify(
         document["trustedCheckpoint"] = summary
     if repair:
         document["checkpoints"] = [publish(env, ckey)["checkpoint"] for ckey in sorted(chains_checked)]
+    _announce_repairs(env, report.repaired)
 
     return {
         "status": "clean" if not report.findings else "findings",
@@ -172,6 +174,17 @@ def verify(
         "checked": {"partitions": checked_partitions, "chains": chains_checked},
         **document,
     }
+
+
+def _announce_repairs(env: Environment, repaired: list[dict[str, Any]]) -> None:
+    """Tell the lake-change listeners (`engine/lake_changes.py`) which partitions were repaired."""
+    by_chain: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for entry in repaired:
+        parts = str(entry.get("where", "")).split("/")
+        if len(parts) == 3:
+            by_chain[(parts[0], parts[1])].append(parts[2])
+    for (dataset, version_label), keys in sorted(by_chain.items()):
+        lake_changes.announce(env, dataset, version_label, keys, lake_changes.REPAIRED)
 
 
 # -- 1. the chains ------------------------------------------------------------------------------------

@@ -158,6 +158,13 @@ class LakeStorage:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._inside(rel))
 
+    def size(self, rel: str) -> int | None:
+        """The file's size in bytes (no read), or None when it does not exist."""
+        try:
+            return int(self.fs.size(self._inside(rel)))
+        except FileNotFoundError:
+            return None
+
     def delete(self, rel: str) -> None:
         path = self._inside(rel)
         if self.fs.exists(path):

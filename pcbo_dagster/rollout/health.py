@@ -409,7 +409,11 @@ def run_health_check(
         return report
     error: BaseException | None = None
     try:
-        outcome: dict[str, Any] = {"status": "launched", "result": _jsonable(launch(plan))}
+        result = launch(plan)
+        status = (
+            result.get("status") if isinstance(result, dict) and result.get("status") == "requested" else None
+        )
+        outcome: dict[str, Any] = {"status": status or "launched", "result": _jsonable(result)}
     except Exception as exc:  # recorded, then raised again
         error = exc
         outcome = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}

@@ -272,14 +272,19 @@ def health(
     launch: bool = False,
     by: str = "health-check",
     clock: Clock = REAL_CLOCK,
+    request_only: bool = False,
 ) -> dict[str, Any]:
-    """The production health check of a rollout dataset; with `launch`, its mini backfill is run."""
+    """The production health check of a rollout dataset; with `launch`, its mini backfill is run here,
+    or with `request_only` too, only requested (the report's `launch.status` is `requested`: the
+    Dagster `production_health_repairs` sensor launches it as runs of the affected partitions)."""
     from pcbo_dagster.rollout.health import run_health_check
 
     dataset = rollout_dataset(config, dataset_name)
     with dataset_environments(config, dataset, base) as envs:
 
         def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
+            if request_only:
+                return {"status": "requested", "planId": plan["planId"], "by": by}
             return mini_backfill(config, dataset, envs, plan, clock=clock)
 
         return run_health_check(config, dataset, envs, clock.now(), launch=run_plan if launch else None)
@@ -337,3 +342,41 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+def mark_interrupted(
+    config: DatasetsConfig,
+    base: Settings,
+    dagster_run_id: str,
+    run_status: str,
+    *,
+    clock: Clock = REAL_CLOCK,
+) -> list[dict[str, Any]]:
+    """Every rollout whose staging apply was running in the Dagster run `dagster_run_id` (status
+    `applying` or `paused`) is marked `interrupted`, with the run's final status and how to resume it:
+    apply it again (the staging asset over the same partitions with the same rollout name, or
+    `pcbo rollout start`); the engine completes what the run left half done. Returns those rollouts."""
+    from pcbo_dagster.rollout.staging_apply import staging_run_id
+
+    marked: list[dict[str, Any]] = []
+    for dataset in (d for d in config.datasets if d.rollout is not None):
+        with dataset_environments(config, dataset, base) as envs:
+            for rollout in envs.store.list(dataset.name, statuses=("applying", "paused")):
+                run = envs.staging.catalog.get_run(staging_run_id(rollout["name"])) or {}
+                if (run.get("metadata") or {}).get("dagsterRunId") != dagster_run_id:
+                    continue
+                resume = (
+                    f"materialize {dataset.asset_name} in staging again over {rollout['first_key']}.."
+                    f"{rollout['last_key']} with config rollout: {rollout['name']} (or `pcbo rollout start "
+                    f"--dataset {dataset.name} --from {rollout['first_key']} --to {rollout['last_key']} "
+                    f"--name {rollout['name']} --by WHO`): what was committed is kept, the rest is applied"
+                )
+                envs.store.set_status(
+                    rollout["name"],
+                    "interrupted",
+                    actor=f"dagster run {dagster_run_id}",
+                    now=clock.now(),
+                    detail={"dagsterRunId": dagster_run_id, "runStatus": run_status, "resume": resume},
+                )
+                marked.append({"rollout": rollout["name"], "dataset": dataset.name, "resume": resume})
+    return marked

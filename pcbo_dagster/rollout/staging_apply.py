@@ -87,9 +87,17 @@ def apply_to_staging(
     )
     if rollout["status"] == "cancelled":
         raise InvalidInput("rollout", f"rollout {name!r} was cancelled; roll it back and start a new one")
-    if rollout["status"] not in ("applying", "paused"):
+    if rollout["status"] not in ("applying", "paused", "interrupted"):
         log(f"rollout {name}: already applied to staging (status {rollout['status']}); nothing to do")
         return {"status": rollout["status"], "rollout": name, "applied": False}
+    if rollout["status"] == "interrupted":
+        # The engine completes what the interrupted run left half done and skips what it committed.
+        store.set_status(name, "applying", actor=actor, now=clock.now(), detail={"resumed": "interrupted"})
+        log(f"rollout {name}: resuming the interrupted staging apply")
+        if any(v is not None for v in (throttle or {}).values()) and limits != rollout["throttle"]:
+            # Limits given with the resume are the operator's choice for the rest of the apply.
+            rollout = store.set_throttle(name, limits, actor=actor, now=clock.now())
+            log(f"rollout {name}: throttle changed for the rest of the apply: {limits}")
     run_id = staging_run_id(name)
     loaded, plan, decisions = evaluate_keys(
         config, dataset, keys, run_id, {"rollout": name, "stage": "staging", **(metadata or {})}

@@ -45,11 +45,7 @@ import dagster as dg
 from pydantic import Field
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
-from pcbo_dagster.dagster_defs.backfill.assets import (
-    log_execution,
-    log_policy_gate,
-    progress_logger,
-)
+from pcbo_dagster.dagster_defs.backfill.steps import log_execution, log_policy_gate, progress_logger
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import evaluate, load_request

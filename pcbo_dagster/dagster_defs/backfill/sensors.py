@@ -14,6 +14,7 @@ The cursor is the highest ledger seen (shown in the UI); keys are computed from 
 tick, so a lost cursor or a key removed by hand is simply re-added.
 """
 
+from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -121,3 +122,192 @@ def build_ledger_partitions_sensor(
         )
 
     return ledger_partitions
+
+
+# --- lake_drift: the UI's latest materialization of each partition against the lake --------------
+
+LAKE_DRIFT_SENSOR = "lake_drift"
+#: How often the daemon compares (seconds); `PCBO_LAKE_DRIFT_INTERVAL` overrides it.
+LAKE_DRIFT_INTERVAL = 300
+
+
+@dataclass(frozen=True)
+class DriftTarget:
+    """An asset the sensor watches: its key, dataset, stage (None, staging, production) and checks job."""
+
+    key: dg.AssetKey
+    dataset: DatasetConfig
+    stage: str | None
+    checks_job: str
+
+
+def _materialized_checksums(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str, str | None]:
+    """{partition: the manifest checksum its latest materialization recorded}."""
+    ids = instance.event_log_storage.get_latest_storage_id_by_partition(
+        key, dg.DagsterEventType.ASSET_MATERIALIZATION
+    )
+    if not ids:
+        return {}
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, storage_ids=list(ids.values())), limit=len(ids)
+    ).records
+    out: dict[str, str | None] = {}
+    for record in records:
+        entry = (
+            record.asset_materialization.metadata.get("manifest_checksum")
+            if record.asset_materialization
+            else None
+        )
+        out[str(record.partition_key)] = getattr(entry, "value", None)
+    return out
+
+
+def find_drift(instance: dg.DagsterInstance, target: DriftTarget, env: Any) -> dict[str, str]:
+    """{partition: what differs} for every partition whose lake state is not its latest
+    materialization's: a commit point that is another manifest (or none), or a data file of the
+    committed manifest that is missing or not its recorded size."""
+    from pcbo_dagster.engine.partition_checks import committed_keys
+    from pcbo_dagster.engine.partition_reading import read_commit_point
+
+    dataset = target.dataset
+    materialized = _materialized_checksums(instance, target.key)
+    keys = sorted(set(materialized) | set(committed_keys(env.lake, dataset.name, dataset.versionLabel)))
+    drift: dict[str, str] = {}
+    for key in keys:
+        reading = read_commit_point(env.lake, dataset.name, dataset.versionLabel, key)
+        recorded = materialized.get(key, "not materialized")
+        if reading.manifest_checksum != recorded:
+            drift[key] = (
+                f"the lake commits {reading.manifest_checksum or 'nothing'}; the asset's latest "
+                f"materialization records {recorded}"
+            )
+            continue
+        for entry in (reading.manifest or {}).get("files", []):
+            size = env.lake.size(entry.get("path", ""))
+            if size != entry.get("byteSize"):
+                drift[key] = (
+                    f"{entry.get('path')}: {'missing' if size is None else f'{size} bytes'}, "
+                    f"the manifest says {entry.get('byteSize')}"
+                )
+                break
+    return drift
+
+
+def _busy_assets(instance: dg.DagsterInstance) -> set[dg.AssetKey] | None:
+    """The assets an unfinished run selects; None when an unfinished run is an op job (a rollback,
+    a request or a rollout job may change any dataset's lake)."""
+    from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
+
+    busy: set[dg.AssetKey] = set()
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=list(IN_PROGRESS_RUN_STATUSES))):
+        selected = set(run.asset_selection or []) | {k.asset_key for k in run.asset_check_selection or []}
+        if not selected:
+            return None
+        busy |= selected
+    return busy
+
+
+def build_lake_drift_sensor(
+    config: DatasetsConfig, targets: list[DriftTarget], jobs: list[Any]
+) -> dg.SensorDefinition:
+    """`lake_drift`: every partition whose lake state no longer matches its latest materialization is
+    reported. When the lake agrees with the audit chain (a change made outside Dagster and not
+    reported: no `DAGSTER_HOME` at the time), the partition's state is reported to the instance
+    (`instance_reporting.py`: a materialization from the lake, or a wipe for one with nothing left);
+    when it does not (a deleted, replaced or corrupted partition), the asset's checks job is launched
+    over the drifted partitions: their checks fail and turn them red. The same drift is not launched
+    twice (the run key names it)."""
+    import os
+
+    interval = int(os.environ.get("PCBO_LAKE_DRIFT_INTERVAL") or LAKE_DRIFT_INTERVAL)
+
+    @dg.sensor(
+        name=LAKE_DRIFT_SENSOR,
+        minimum_interval_seconds=interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Finds partitions whose lake state no longer matches their latest materialization: "
+        "reports the lake's state, or launches the checks of a partition the lake and its chain disagree on",
+        jobs=jobs,
+    )
+    def lake_drift(
+        context: dg.SensorEvaluationContext, pcbo: PcboEngineResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        from pcbo_dagster.core.canonical import digest_of
+        from pcbo_dagster.dagster_defs.instance_reporting import AssetTarget, lake_state, report_partitions
+
+        requests: list[dg.RunRequest] = []
+        lines: list[str] = []
+        watched = 0
+        busy = _busy_assets(context.instance)
+        for target in targets:
+            dataset = target.dataset
+            if busy is None or target.key in busy:
+                # A run in progress may be changing this lake: its materializations are not recorded yet.
+                lines.append(f"{target.key.to_user_string()}: a run that may change it is in progress")
+                continue
+            with pcbo.environment_for(config, dataset, target.stage) as env:
+                drift = find_drift(context.instance, target, env)
+                watched += 1
+                if not drift:
+                    continue
+                states = lake_state(env, dataset.name, dataset.versionLabel, sorted(drift))
+                agreeing = [
+                    k
+                    for k in sorted(drift)
+                    if states[k][0] != "disagrees" and "bytes" not in drift[k] and "missing" not in drift[k]
+                ]
+                suspect = [k for k in sorted(drift) if k not in agreeing]
+                if agreeing:
+                    result = report_partitions(
+                        context.instance,
+                        AssetTarget(target.key, dataset),
+                        env,
+                        agreeing,
+                        "found_by_lake_drift",
+                        f"sensor {LAKE_DRIFT_SENSOR}",
+                    )
+                    lines.append(
+                        f"{target.key.to_user_string()}: reported the lake state of "
+                        f"{len(agreeing)} partition(s) "
+                        f"changed outside Dagster (wiped: {result['wiped']})"
+                    )
+                if suspect:
+                    order = {k: i for i, k in enumerate(committed_or_all(target, suspect))}
+                    suspect.sort(key=lambda k: order.get(k, 0))
+                    signature = digest_of({k: drift[k] for k in suspect})
+                    run_key = f"{LAKE_DRIFT_SENSOR}:{target.key.to_user_string()}:{signature}"
+                    requests.append(
+                        dg.RunRequest(
+                            run_key=run_key,
+                            job_name=target.checks_job,
+                            tags={
+                                "dagster/asset_partition_range_start": suspect[0],
+                                "dagster/asset_partition_range_end": suspect[-1],
+                                "pcbo/lake_drift": ",".join(suspect[:20]),
+                            },
+                        )
+                    )
+                    lines.append(
+                        f"{target.key.to_user_string()}: {len(suspect)} partition(s) differ "
+                        "from their chain or "
+                        f"manifest ({'; '.join(f'{k}: {drift[k]}' for k in suspect[:3])}): checks launched"
+                    )
+        for line in lines:
+            context.log.info(line)
+        if requests:
+            return dg.SensorResult(run_requests=requests)
+        if lines:
+            return dg.SkipReason(" | ".join(lines))
+        return dg.SkipReason(
+            f"no drift: every partition of the {watched} watched asset(s) is what its latest "
+            "materialization records"
+        )
+
+    def committed_or_all(target: DriftTarget, keys: list[str]) -> list[str]:
+        """The dataset's partition keys in order (for a range over the drifted ones)."""
+        try:
+            return target.dataset.partitioning.keys()
+        except ValueError:  # an open-ended ledger range: the keys' own order
+            return sorted(keys)
+
+    return lake_drift

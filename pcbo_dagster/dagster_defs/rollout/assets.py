@@ -23,12 +23,7 @@ from pydantic import Field
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.dagster_defs.backfill.assets import (
-    GROUP_NAME,
-    engine_errors,
-    log_execution,
-    partition_metadata,
-)
+from pcbo_dagster.dagster_defs.backfill.steps import engine_errors, log_execution, partition_metadata
 from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
@@ -38,6 +33,8 @@ from pcbo_dagster.rollout.clock import Clock
 STAGING_PREFIX = "staging"
 PRODUCTION_PREFIX = "production"
 ROLLOUT_TAG = "pcbo/rollout"
+#: The asset tag naming a rollout asset's stage (staging or production).
+STAGE_TAG = "pcbo/stage"
 #: The run tag naming who promotes (recorded on the audit chain and in the rollout log).
 PROMOTED_BY_TAG = "pcbo/promoted_by"
 
@@ -63,14 +60,7 @@ def _record(
 ) -> None:
     counts = document["counts"]
     for outcome in document["partitions"]:
-        metadata = partition_metadata(
-            dataset,
-            outcome,
-            counts[outcome["key"]],
-            document["planHash"],
-            document["decisionHash"],
-            document["runId"],
-        )
+        metadata = partition_metadata(dataset, outcome, counts[outcome["key"]], document)
         context.add_asset_metadata({**metadata, **extra}, partition_key=outcome["key"])
 
 
@@ -233,13 +223,16 @@ def _asset(
         warnings.simplefilter("ignore", category=dg.BetaWarning)
         return dg.asset(
             key=key,
-            group_name=GROUP_NAME,
+            # Staging and production in their own groups: the asset graph boxes them apart (both
+            # nodes are labelled with the dataset's name; the key, group, kind and tag tell them apart).
+            group_name=key.path[0],
             partitions_def=partitions_def_for(dataset),
             backfill_policy=dg.BackfillPolicy.single_run(),
             pool=dataset.pool_name,
-            kinds={"parquet"},
+            kinds={"parquet", key.path[0]},
+            tags={STAGE_TAG: key.path[0]},
             deps=deps,
-            description=f"{description} ({dataset.description or dataset.name})",
+            description=f"{key.path[0].upper()}: {description} ({dataset.description or dataset.name})",
             metadata={
                 "dataset": dg.MetadataValue.text(dataset.name),
                 "version_label": dg.MetadataValue.text(dataset.versionLabel),

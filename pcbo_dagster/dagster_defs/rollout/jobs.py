@@ -20,9 +20,11 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from pcbo_dagster.dagster_defs.backfill.assets import engine_errors
+from pcbo_dagster.dagster_defs.backfill.steps import engine_errors
+from pcbo_dagster.dagster_defs.instance_reporting import reporting_to
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetsConfig
+from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import Clock
 
@@ -61,7 +63,11 @@ class RolloutRollbackConfig(dg.Config):
 
 class HealthCheckConfig(dg.Config):
     dataset: str = Field(default="", description="A rollout dataset; empty: every rollout dataset")
-    launch: bool = Field(default=False, description="Run the mini backfill the check plans")
+    launch: bool = Field(
+        default=False,
+        description="Repair: the production_health_repairs sensor launches the mini backfill the check plans "
+        "as runs of the affected partitions",
+    )
 
 
 def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefinition]:
@@ -101,7 +107,12 @@ def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefin
     def rollback_op(
         context: dg.OpExecutionContext, config: RolloutRollbackConfig, pcbo: PcboEngineResource
     ) -> dict:
-        with engine_errors():
+        # The partitions rolled back are not materializations: report their new state to the instance.
+        with (
+            engine_errors(),
+            reporting_to(context.instance, datasets),
+            lake_changes.acting_as(f"Dagster run {context.run.run_id} (rollout_rollback)"),
+        ):
             result = operations.rollback(
                 datasets,
                 pcbo.settings(),
@@ -125,8 +136,13 @@ def build_rollout_jobs(config: DatasetsConfig, clock: Clock) -> list[dg.JobDefin
         with engine_errors():
             for name in names:
                 results[name] = operations.health(
-                    datasets, pcbo.settings(), name, launch=config.launch, clock=clock
+                    datasets, pcbo.settings(), name, launch=config.launch, clock=clock, request_only=True
                 )
+                if (results[name].get("launch") or {}).get("status") == "requested":
+                    context.log.info(
+                        f"{name}: repair of {results[name]['launch']['partitions']} partition(s) requested: "
+                        "the production_health_repairs sensor launches them as runs of promote_<dataset>"
+                    )
         return _document(context, "production health", results)
 
     datasets = config

@@ -1,34 +1,55 @@
 """The soak monitor: a job running every staging asset's `soak` check, on a schedule.
 
-Every 15 minutes by default (`PCBO_SOAK_CRON`, any 5-field cron), running by default. A rollout's
+Every 15 minutes by default (`PCBO_SOAK_CRON`, any 5-field cron), running by default. A tick with no
+rollout soaking launches nothing and says so (a skipped tick, with the reason); otherwise it launches
+the `soak_monitor` job (run key: the tick's time), which evaluates each soaking rollout. A rollout's
 soak passes once its window (`rollout.soak.windowMinutes` of its dataset) has elapsed with every
 evaluation passing; the promotion sensor then considers it.
 """
 
-from __future__ import annotations
-
 import os
+from typing import Any
 
 import dagster as dg
+
+from pcbo_dagster.dagster_defs.resources import PcboEngineResource
+from pcbo_dagster.rollout import operations
 
 SOAK_JOB = "soak_monitor"
 DEFAULT_CRON = "*/15 * * * *"
 
 
 def build_soak_monitor(
-    soak_checks: list[dg.AssetChecksDefinition],
-) -> tuple[dg.UnresolvedAssetJobDefinition, dg.ScheduleDefinition]:
+    soak_checks: list[dg.AssetChecksDefinition], datasets: list[str]
+) -> tuple[Any, dg.ScheduleDefinition]:
+    """The soak job over `soak_checks` and its schedule, which runs it only while a rollout of
+    `datasets` is soaking."""
     keys = [key for check in soak_checks for key in check.check_keys]
     job = dg.define_asset_job(
         SOAK_JOB,
         selection=dg.AssetSelection.checks(*keys),
         description="Soak monitor: evaluate every soaking rollout's staging output",
     )
-    schedule = dg.ScheduleDefinition(
+
+    @dg.schedule(
         name=f"{SOAK_JOB}_schedule",
         job=job,
         cron_schedule=os.environ.get("PCBO_SOAK_CRON") or DEFAULT_CRON,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Every 15 minutes by default (PCBO_SOAK_CRON)",
+        description="Every 15 minutes by default (PCBO_SOAK_CRON), while a rollout is soaking",
     )
-    return job, schedule
+    def soak_monitor_schedule(
+        context: dg.ScheduleEvaluationContext, pcbo: PcboEngineResource
+    ) -> dg.RunRequest | dg.SkipReason:
+        rows = operations.list_rollouts(pcbo.settings())["rollouts"]
+        soaking = [r["name"] for r in rows if r["dataset"] in datasets and r["status"] == "soaking"]
+        if not soaking:
+            states = sorted({r["status"] for r in rows if r["dataset"] in datasets})
+            return dg.SkipReason(
+                "no rollout is soaking"
+                + (f" (rollouts are {', '.join(states)})" if states else " (no rollout yet)")
+            )
+        tick = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else "now"
+        return dg.RunRequest(run_key=f"soak:{tick}", tags={"pcbo/soaking": ",".join(soaking)[:200]})
+
+    return job, soak_monitor_schedule

@@ -10,6 +10,7 @@ another rollout was promoted in the same tick) lists each rollout with every rea
 rejected, stale approval, missing approval, soak not yet passed, failed staging checks.
 """
 
+import os
 from typing import Any
 
 import dagster as dg
@@ -42,13 +43,21 @@ def failed_staging_checks(instance: dg.DagsterInstance, dagster_run_id: str | No
     return failed
 
 
+#: How often the promotion and repairs sensors look (seconds); `PCBO_ROLLOUT_SENSOR_INTERVAL` overrides it.
+ROLLOUT_SENSOR_INTERVAL = 30
+
+
+def rollout_sensor_interval() -> int:
+    return int(os.environ.get("PCBO_ROLLOUT_SENSOR_INTERVAL") or ROLLOUT_SENSOR_INTERVAL)
+
+
 def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock) -> dg.SensorDefinition:
     """The sensor; `jobs` are the promotion jobs (`promote_<asset>`) it launches."""
     datasets = {d.name: d for d in config.datasets if d.rollout is not None}
 
     @dg.sensor(
         name=SENSOR_NAME,
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=rollout_sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Promote rollouts whose gate is open (staging checks, soak, approval); "
         "say why the others wait",
@@ -108,3 +117,149 @@ def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock
         return dg.SkipReason("no rollout may be promoted: " + " | ".join(waiting))
 
     return rollout_promotion
+
+
+# --- a staging apply whose run ended without applying: the rollout is `interrupted` ------------------
+
+INTERRUPTED_SENSOR = "rollout_interrupted"
+
+
+def build_interrupted_sensor(
+    config: DatasetsConfig, staging_assets: list[dg.AssetsDefinition]
+) -> list[dg.SensorDefinition]:
+    """`rollout_interrupted`: a run that applied a rollout to staging and was terminated (UI
+    "Terminate") or failed leaves the rollout `applying`; this run-status sensor marks it `interrupted`
+    (rollout log, `pcbo rollout status`), logs how to resume it and records an observation of the
+    staging asset that says so."""
+    keys = {asset.key for asset in staging_assets}
+
+    @dg.run_status_sensor(
+        name=INTERRUPTED_SENSOR,
+        run_status=dg.DagsterRunStatus.CANCELED,
+        monitor_all_code_locations=False,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Marks a rollout interrupted when the run applying it to staging is terminated",
+    )
+    def on_canceled(context: dg.RunStatusSensorContext, pcbo: PcboEngineResource) -> dg.SkipReason | None:
+        return _interrupted(context, pcbo, "CANCELED")
+
+    @dg.run_status_sensor(
+        name=f"{INTERRUPTED_SENSOR}_on_failure",
+        run_status=dg.DagsterRunStatus.FAILURE,
+        monitor_all_code_locations=False,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Marks a rollout interrupted when the run applying it to staging fails",
+    )
+    def on_failure(context: dg.RunStatusSensorContext, pcbo: PcboEngineResource) -> dg.SkipReason | None:
+        return _interrupted(context, pcbo, "FAILURE")
+
+    def _interrupted(
+        context: dg.RunStatusSensorContext, pcbo: PcboEngineResource, status: str
+    ) -> dg.SkipReason | None:
+        run = context.dagster_run
+        selected = set(run.asset_selection or [])
+        if not selected & keys:
+            return dg.SkipReason(f"run {run.run_id} applied no rollout to staging")
+        marked = operations.mark_interrupted(config, pcbo.settings(), run.run_id, status)
+        if not marked:
+            return dg.SkipReason(f"run {run.run_id} ({status}) left no rollout applying")
+        for entry in marked:
+            context.log.info(
+                f"rollout {entry['rollout']} interrupted (run {run.run_id} {status}): {entry['resume']}"
+            )
+            for key in selected & keys:
+                context.instance.report_runless_asset_event(
+                    dg.AssetObservation(
+                        asset_key=key,
+                        description=f"rollout {entry['rollout']} interrupted: run {run.run_id} {status}",
+                        metadata={
+                            "rollout": dg.MetadataValue.text(entry["rollout"]),
+                            "rollout_status": dg.MetadataValue.text("interrupted"),
+                            "dagster_run": dg.MetadataValue.text(run.run_id),
+                            "how_to_resume": dg.MetadataValue.text(entry["resume"]),
+                        },
+                    )
+                )
+        return None
+
+    return [on_canceled, on_failure]
+
+
+# --- production health repairs, launched as runs of the affected partitions -----------------------
+
+REPAIRS_SENSOR = "production_health_repairs"
+
+
+def repair_requests(config: DatasetsConfig, base: Any) -> tuple[list[dg.RunRequest], list[str]]:
+    """A run of `promote_<dataset>` per contiguous range of each rollout dataset's mini backfill plan
+    that the health check was asked to launch (`launch: requested` in its report); run keys name the
+    plan, so a plan is launched once."""
+    import json as _json
+
+    from pcbo_dagster.rollout.health import REPORT_STEM, health_dir
+
+    requests: list[dg.RunRequest] = []
+    notes: list[str] = []
+    for dataset in (d for d in config.datasets if d.rollout is not None):
+        with operations.dataset_environments(config, dataset, base) as envs:
+            path = health_dir(envs, dataset) / f"{REPORT_STEM}.json"
+            if not path.exists():
+                continue
+            report = _json.loads(path.read_text(encoding="utf-8"))
+        launch = report.get("launch") or {}
+        if launch.get("status") != "requested":
+            continue
+        plan = report["plan"]
+        order = {k: i for i, k in enumerate(dataset.partitioning.keys())}
+        by_rollout: dict[str, list[str]] = {}
+        for entry in plan["partitions"]:
+            if entry.get("rollout"):
+                by_rollout.setdefault(entry["rollout"], []).append(entry["key"])
+        for name, keys in sorted(by_rollout.items()):
+            keys.sort(key=lambda k: order[k])
+            ranges: list[list[str]] = []
+            for key in keys:
+                if ranges and order[key] == order[ranges[-1][-1]] + 1:
+                    ranges[-1].append(key)
+                else:
+                    ranges.append([key])
+            for part in ranges:
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"health:{plan['planId']}:{name}:{part[0]}:{part[-1]}",
+                        job_name=promotion_job_name(dataset.asset_name),
+                        tags={
+                            ROLLOUT_TAG: name,
+                            "dagster/asset_partition_range_start": part[0],
+                            "dagster/asset_partition_range_end": part[-1],
+                            PROMOTED_BY_TAG: f"sensor {REPAIRS_SENSOR}",
+                            "pcbo/health_plan": plan["planId"].removeprefix("sha256:")[:32],
+                        },
+                    )
+                )
+            notes.append(f"{dataset.name}: plan {plan['planId']}: {len(keys)} partition(s) of rollout {name}")
+    return requests, notes
+
+
+def build_repairs_sensor(config: DatasetsConfig, jobs: list[Any]) -> dg.SensorDefinition:
+    @dg.sensor(
+        name=REPAIRS_SENSOR,
+        minimum_interval_seconds=rollout_sensor_interval(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Launches the production health check's repairs (production_health_check with launch) "
+        "as runs of the affected partitions, so they get materializations and checks",
+        jobs=jobs,
+    )
+    def production_health_repairs(
+        context: dg.SensorEvaluationContext, pcbo: PcboEngineResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        requests, notes = repair_requests(config, pcbo.settings())
+        for note in notes:
+            context.log.info(f"repair: {note}")
+        if not requests:
+            return dg.SkipReason(
+                "no health check repair was requested (production_health_check with launch: true)"
+            )
+        return dg.SensorResult(run_requests=requests)
+
+    return production_health_repairs

@@ -1,0 +1,204 @@
+"""The commit protocol one phase at a time (`emit_partitions`, `append_commit_events`,
+`reconcile_partitions`: what the Dagster asset's ops run), against `execute` doing it batch by batch.
+
+Same lake bytes and the same execute document; a run stopped between two phases leaves exactly a crash
+window of the protocol, healed by `pcbo verify --repair` or by the next run; a phase run again does
+nothing twice; a partition whose lake disagrees with its chain stops the run with `ExecuteFailed` of
+kind `lake_disagrees_with_chain` (not a post-write failure: nothing was rolled back)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.execute import (
+    COMMIT_BATCH,
+    LAKE_DISAGREES_WITH_CHAIN,
+    Emission,
+    ExecuteFailed,
+    append_commit_events,
+    check_gates,
+    emit_partitions,
+    execute,
+    reconcile_partitions,
+)
+from pcbo_dagster.engine.request_loading import evaluate, load_request
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.engine.verify import verify
+from pcbo_dagster_tests.cli_runner import backup_events, lake_dir, lake_files, load_generator, write_request
+
+PARTITIONS = 40  # two commit batches
+assert PARTITIONS > COMMIT_BATCH
+
+
+def _request(run_id: str, changed: bool = False) -> dict[str, Any]:
+    request = load_generator().make_request(records=900, partitions=PARTITIONS, seed=5, run_id=run_id)
+    if changed:
+        request["sourceRecords"].append(
+            {
+                "id": "zz-late-0001",
+                "occurredAt": "2024-01-01T03:30:00Z",
+                "jurisdiction": "US",
+                "consentGranted": True,
+                "retentionExpiresAt": "2026-01-01T00:00:00Z",
+            }
+        )
+    return request
+
+
+def _open(home: Path) -> Environment:
+    return Environment.open(Settings.resolve(home=str(home), env={}, parallel=1))
+
+
+def _evaluated(request_file: Path) -> tuple[Any, Any, Any]:
+    loaded = load_request(request_file.read_bytes(), request_file.parent)
+    plan, decisions = evaluate(loaded)
+    check_gates(loaded, decisions)
+    return loaded, plan, decisions
+
+
+def _phases(home: Path, request_file: Path, stop_after: str | None = None) -> dict[str, Any] | Emission:
+    loaded, plan, decisions = _evaluated(request_file)
+    env = _open(home)
+    try:
+        emission = emit_partitions(env, loaded, plan, decisions)
+        if stop_after == "emit":
+            return emission
+        append_commit_events(env, emission)
+        if stop_after == "append":
+            return emission
+        return reconcile_partitions(env, loaded, plan, decisions, emission)
+    finally:
+        env.close()
+
+
+def _verify(home: Path, repair: bool = False) -> dict[str, Any]:
+    env = _open(home)
+    try:
+        return verify(env, repair=repair)
+    finally:
+        env.close()
+
+
+def _without_events(document: dict[str, Any], home: Path) -> dict[str, Any]:
+    """The document without what depends on the chain's order (event hashes, delivery) or the home."""
+    plain = json.loads(json.dumps(document).replace(home.as_uri(), "HOME"))
+    for p in plain["partitions"]:
+        p.pop("eventHash")
+    plain.pop("auditDelivery")
+    return plain
+
+
+@pytest.fixture
+def request_file(tmp_path: Path) -> Path:
+    return write_request(tmp_path / "request.json", _request("phases-001"))
+
+
+def test_the_phases_write_what_execute_writes(tmp_path, request_file):
+    by_phases = _phases(tmp_path / "phases", request_file)
+    loaded, plan, decisions = _evaluated(request_file)
+    env = _open(tmp_path / "execute")
+    try:
+        at_once = execute(env, loaded, plan, decisions)
+    finally:
+        env.close()
+    assert by_phases["status"] == "committed" and len(by_phases["partitions"]) == PARTITIONS
+    assert _without_events(by_phases, tmp_path / "phases") == _without_events(at_once, tmp_path / "execute")
+    assert lake_files(tmp_path / "phases") == lake_files(tmp_path / "execute")
+    report = _verify(tmp_path / "phases")
+    assert report["status"] == "clean", report["findings"]
+    # Every intent comes before the commit events (the commit points are written first), one commit
+    # event per partition, each with the event hash the document names.
+    events = backup_events(tmp_path / "phases", intents=True)
+    types = [e["event_type"] for e in events]
+    assert types == ["partition_commit_intent"] * 2 + ["partition_committed"] * PARTITIONS
+    hashes = {e["partition"]["key"]: e["chain"]["event_hash"] for e in events[2:]}
+    assert {p["key"]: p["eventHash"] for p in by_phases["partitions"]} == hashes
+
+    # Run again: nothing new, no event appended.
+    again = _phases(tmp_path / "phases", request_file)
+    assert again["status"] == "unchanged"
+    assert backup_events(tmp_path / "phases", intents=True) == events
+
+
+@pytest.mark.parametrize("stop_after", ["emit", "append"])
+def test_a_run_stopped_between_phases_is_a_crash_window_verify_repair_heals(
+    tmp_path, request_file, stop_after
+):
+    home = tmp_path / "home"
+    emission = _phases(home, request_file, stop_after=stop_after)
+    assert isinstance(emission, Emission) and emission.count("committed") == PARTITIONS
+    found = _verify(home)
+    assert found["status"] != "clean"
+    # Commit points under an open intent without their events (and so without catalog rows), or
+    # events without catalog rows: both crash windows of the protocol, and nothing else.
+    expected = {"audit_event_missing", "catalog_mismatch"} if stop_after == "emit" else {"catalog_mismatch"}
+    assert {f["kind"] for f in found["findings"]} == expected, found["findings"]
+    assert all(
+        "a crash window" in f["detail"] for f in found["findings"] if f["kind"] == "audit_event_missing"
+    )
+    repaired = _verify(home, repair=True)
+    assert repaired["status"] == "clean", repaired["findings"]
+    assert {r["where"] for r in repaired["repaired"]} == {f"events/v1/{k}" for k in emission.keys}
+    assert _verify(home)["status"] == "clean"
+    if stop_after == "emit":
+        assert [e["event_type"] for e in backup_events(home)].count("partition_committed") == PARTITIONS
+
+
+def test_the_next_run_heals_what_a_stopped_run_left(tmp_path, request_file):
+    home = tmp_path / "home"
+    _phases(home, request_file, stop_after="emit")
+    document = _phases(home, request_file)
+    assert document["status"] == "unchanged"
+    assert sum(bool(p.get("healed")) for p in document["partitions"]) == PARTITIONS
+    assert _verify(home)["status"] == "clean"
+    commits = [e for e in backup_events(home) if e["event_type"] == "partition_committed"]
+    assert len(commits) == PARTITIONS, "one commit event per partition, never two"
+
+
+def test_a_phase_run_again_does_nothing_twice(tmp_path, request_file):
+    home = tmp_path / "home"
+    loaded, plan, decisions = _evaluated(request_file)
+    env = _open(home)
+    try:
+        emission = emit_partitions(env, loaded, plan, decisions)
+        first = append_commit_events(env, emission)
+        second = append_commit_events(env, emission)
+        document = reconcile_partitions(env, loaded, plan, decisions, emission)
+        again = reconcile_partitions(env, loaded, plan, decisions, emission)
+    finally:
+        env.close()
+    assert len(first["appended"]) == PARTITIONS and not first["changed"]
+    assert second["appended"] == [] and len(second["alreadyOnChain"]) == PARTITIONS
+    assert document["status"] == again["status"] == "committed"
+    assert _verify(home)["status"] == "clean"
+
+
+def test_a_partition_whose_lake_disagrees_stops_the_run_and_says_nothing_was_rolled_back(tmp_path):
+    home = tmp_path / "home"
+    first = write_request(tmp_path / "a.json", _request("phases-a"))
+    changed = write_request(tmp_path / "b.json", _request("phases-b", changed=True))
+    _phases(home, first)
+    _phases(home, changed)  # version 2 of the partition the late record lands in
+    key = "20240101T030000Z"
+    part = lake_dir(home) / "events" / "v1" / key
+    # A downgrade to version 1 whose version 2 cannot be had again (its manifest deleted, and the
+    # first request cannot rebuild it): refused.
+    (part / "_manifest.json").write_bytes((part / "_versions/v000001.json").read_bytes())
+    (part / "_versions/v000002.json").unlink()
+    before = lake_files(home)
+    with pytest.raises(ExecuteFailed) as failed:
+        _phases(home, first)
+    assert failed.value.kind == LAKE_DISAGREES_WITH_CHAIN
+    assert failed.value.partition_key == key
+    assert "disagrees with its audit chain" in str(failed.value)
+    document = failed.value.document
+    assert document["status"] == "failed"
+    # As `execute`: nothing of the refused partition's commit batch was written, and no rollback.
+    assert document["partitions"] == [] and document["totals"]["failure"] == str(failed.value)
+    assert lake_files(home) == before
+    assert not [e for e in backup_events(home) if e["event_type"] == "partition_rolled_back"]
