@@ -24,3 +24,12 @@ def key_file(directory: Path, key: SigningKey) -> Path:
         path.write_text(key.text + "\n")
         path.chmod(0o600)
     return path
+
+
+def list_approvers_in_example(config: Path) -> None:
+    """Make BO and CY the approvers of the rollout in a copy of the example datasets config."""
+    text = config.read_text()
+    marker = "    rollout:"
+    at = text.index(marker)
+    end = text.index("\n", at) + 1
+    config.write_text(text[:end] + "      " + APPROVERS_YAML + "\n" + text[end:])

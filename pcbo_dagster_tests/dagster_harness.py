@@ -29,6 +29,7 @@ import yaml
 
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.datasets.demo_data import generate_demo_data
+from pcbo_dagster_tests.approver_keys import list_approvers_in_example
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
@@ -61,6 +62,7 @@ def write_workdir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     config = root / "datasets.yaml"
     shutil.copy(EXAMPLE_CONFIG, config)
+    list_approvers_in_example(config)  # approvals are signed by a listed approver (BO, CY)
     generate_demo_data(root / "demo_data")
     return config
 

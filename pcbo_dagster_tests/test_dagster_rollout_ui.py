@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("dagster_webserver")
 
+from pcbo_dagster_tests.approver_keys import BO, key_file  # noqa: E402
 from pcbo_dagster_tests.dagster_harness import (  # noqa: E402
     asset_checks_status,
     deployment,
@@ -108,7 +109,8 @@ def test_an_interrupted_apply_shows_and_resumes_and_a_health_repair_runs_in_dags
         assert materialized_partitions(dep, STAGING) == KEYS
 
         # 3. Approve, soak (the window is seconds), and the promotion sensor promotes in a run.
-        _pcbo(dep, "approve", "r1", "--by", "ann", "--reason", "numbers reviewed")
+        key = key_file(tmp_path, BO)
+        _pcbo(dep, "approve", "r1", "--key", str(key), "--reason", "numbers reviewed")
         time.sleep(4)
         _pcbo(dep, "rollout", "soak")
         promoted = wait_for(

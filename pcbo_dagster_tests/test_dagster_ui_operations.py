@@ -35,6 +35,7 @@ from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG, load_datasets_
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 from pcbo_dagster.engine.rollback import rollback  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
+from pcbo_dagster_tests.approver_keys import BO, list_approvers_in_example  # noqa: E402
 
 KEYS = [f"20240101T{h:02d}0000Z" for h in range(3)]
 EVENTS = dg.AssetKey(["events"])
@@ -44,6 +45,7 @@ RANGE = {"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partitio
 @pytest.fixture
 def setup(tmp_path: Path) -> Any:
     shutil.copy(DEFAULT_DATASETS_CONFIG, tmp_path / "datasets.yaml")
+    list_approvers_in_example(tmp_path / "datasets.yaml")
     generate_demo_data(tmp_path / "demo_data")
     config = load_datasets_config(tmp_path / "datasets.yaml")
     engine = PcboEngineResource(home=str(tmp_path / "pcbo-home"))
@@ -253,8 +255,8 @@ def test_a_rollout_dataset_is_dry_run_too_and_its_hash_is_what_the_approval_name
     assert staged["execute"]["decisionHash"] == found.group(1)
     with pytest.raises(InvalidInput):
         operations.decide(
-            config, base, "r1", "approve", by="bo", reason="x", decision_hash="sha256:" + "0" * 64
+            config, base, "r1", "approve", key=BO, reason="x", decision_hash="sha256:" + "0" * 64
         )
-    approved = operations.decide(config, base, "r1", "approve", by="bo", reason="read the dry run",
+    approved = operations.decide(config, base, "r1", "approve", key=BO, reason="read the dry run",
                                  decision_hash=found.group(1))  # fmt: skip
     assert approved["decisionHash"] == found.group(1)

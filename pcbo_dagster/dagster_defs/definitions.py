@@ -79,7 +79,9 @@ def build_definitions(
     drift_targets: list[DriftTarget] = []
     checks_jobs: list = []
 
-    def checks_job(asset: dg.AssetsDefinition, dataset: DatasetConfig, stage: str | None) -> None:
+    def checks_job(
+        asset: dg.AssetsDefinition, dataset: DatasetConfig, stage: str | None, drift: bool = True
+    ) -> None:
         name = f"{asset.key.to_python_identifier()}_checks"
         # No `partitions_def`: Dagster 1.13.27 ignores it for a selection of checks only (and warns
         # that it is deprecated); runs of this job name their partitions with the range tags, as
@@ -93,7 +95,8 @@ def build_definitions(
                 "launched by lake_drift for partitions that drifted",
             )
         )
-        drift_targets.append(DriftTarget(asset.key, dataset, stage, name))
+        if drift:  # (a SQL target's table is not the lake lake_drift watches)
+            drift_targets.append(DriftTarget(asset.key, dataset, stage, name))
 
     for dataset in config.datasets:
         if dataset.rollout is not None:
@@ -120,6 +123,7 @@ def build_definitions(
             asset = build_sql_dataset_asset(config, dataset)
             assets.append(asset)
             checks.extend(build_sql_dataset_checks(config, dataset, asset))
+            checks_job(asset, dataset, None, drift=False)
         else:
             asset = build_dataset_asset(config, dataset)
             assets.append(asset)
