@@ -10,11 +10,12 @@ partition whose lake disagrees with its chain in any other way stops the run bef
 written to it. A partition already committed with identical content is left as it is; if a crash had
 left it without its catalog row, that is completed now.
 
-Partitions are committed in batches. With `parallel` > 1 (`--parallel`, `PCBO_PARALLEL`, default 4)
-up to that many partitions of a batch are read, encoded and written at once by worker threads
-(pyarrow, zstd, hashlib and the object-store clients release the GIL), and so are the batch's commit
-points and post-write checks. Everything that appends to the audit chain or writes the catalog stays
-on the calling thread, one partition after another in partition order, so the chain, the catalog and
+Partitions are committed in batches. With `parallel` > 1 (`--parallel`, `PCBO_PARALLEL`; default 1 on
+a local lake, 4 on an object store) up to that many partitions of a batch are read, encoded and
+written at once by worker threads (pyarrow, zstd, hashlib and the object-store clients release the
+GIL), and so are the batch's commit points and post-write checks. Everything that appends to the
+audit chain or writes the catalog stays on the calling thread, one partition after another in
+partition order, so the chain, the catalog and
 the lake are byte-for-byte what a `parallel=1` run (one partition at a time) writes.
 """
 

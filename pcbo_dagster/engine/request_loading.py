@@ -184,7 +184,8 @@ def load_request(
     parsed, request = validated.parsed, validated.request
     if request.target is not None and confine_to is not None:
         raise InvalidInput(
-            "target", "a SQL table target runs with pcbo execute or as its dataset's asset, not through the API"
+            "target",
+            "a SQL table target runs with pcbo execute or as its dataset's asset, not through the API",
         )
     if request.target is not None:  # issue 15: a relative SQLite target resolves like a relative source
         request = request.model_copy(update={"target": request.target.resolved(base_dir)})
