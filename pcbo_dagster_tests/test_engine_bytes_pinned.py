@@ -125,3 +125,26 @@ def test_engine_output_bytes_are_the_recorded_ones(tmp_path: Path, name: str) ->
     if pa.__version__ != PINNED_PYARROW:
         pytest.skip(f"digests recorded with pyarrow {PINNED_PYARROW}, this is {pa.__version__}")
     assert one == PINNED[name], f"the engine's output bytes for the {name!r} request changed"
+
+
+def test_prebuilt_columns_give_the_table_the_records_give() -> None:
+    import numpy as np
+
+    from pcbo_dagster.core.record_table import AddedColumns, PrebuiltRows, build_table, run_schema
+
+    records = [r for r in _mixed_request()["sourceRecords"] if isinstance(r, dict)]
+    locators = np.array([5, 3, 9, 1, 0, 7, 2], dtype=np.int64)
+    rows = [records[i] for i in locators.tolist()]
+    added = AddedColumns(rows, locators, len(records))
+    assert (added.schema, added.as_json) == run_schema(rows)
+    for chunk in (locators[2:5], np.array([7, 5, 0])):  # contiguous, then taken out of order
+        plain = [records[i] for i in chunk.tolist()]
+        prebuilt = added.rows_for(plain, chunk)
+        assert isinstance(prebuilt, PrebuiltRows)
+        ids = [str(r["id"]) for r in plain]
+        occurred = np.arange(len(plain), dtype=np.int64)
+        retention = pa.array([None] * len(plain), pa.int64())
+        expected = build_table(plain, ids, occurred, retention, added.schema, added.as_json)
+        assert build_table(prebuilt, ids, occurred, retention, added.schema, added.as_json).equals(expected)
+    # a record that was not among the added ones: the plain rows, built as ever
+    assert not isinstance(added.rows_for([records[4]], np.array([4])), PrebuiltRows)

@@ -10,7 +10,7 @@ partition at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from pcbo_dagster.core.decisions import Decisions, PartitionDecision, decide, kn
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
-from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
+from pcbo_dagster.core.record_table import AddedColumns, SchemaBuilder
 from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
 from pcbo_dagster.sources.hive_directories import is_directory, open_directory_source
@@ -43,6 +43,8 @@ class LoadedRequest:
     #: A streamed source, and the decision spill pass 1 filled.
     source: RecordSource | None = None
     spill: DecisionSpill | None = None
+    #: Records in memory: the extra columns of the added records, built once by `schema_of`.
+    _added: AddedColumns | None = field(default=None, init=False, repr=False)
 
     @property
     def record_count(self) -> int:
@@ -78,14 +80,23 @@ class LoadedRequest:
         if self.source is not None:
             yield from self.source.fetch_chunks(locators, size)
             return
+        added = self._added
         for lo in range(0, len(locators), size):
-            yield self.fetch(locators[lo : lo + size])
+            chunk = locators[lo : lo + size]
+            rows = self.fetch(chunk)
+            yield rows if added is None else added.rows_for(rows, chunk)
 
     def schema_of(self, partitions: Iterable[PartitionDecision]) -> tuple[pa.Schema, dict[str, bool]]:
         """`run_schema` of the records `partitions` add (read a partition and a batch at a time for a
         streamed source)."""
         if self.source is None:
-            return run_schema(self.fetch([i for pd in partitions for i in pd.add_locators.tolist()]))
+            assert self.records is not None
+            # In memory: each added record's extra fields are pulled out once, into the columns that
+            # `fetch_chunks` hands to `build_table` (slices of them), and the schema comes from them.
+            parts = [np.asarray(pd.add_locators, dtype=np.int64) for pd in partitions]
+            locators = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            self._added = AddedColumns(self.fetch(locators), locators, len(self.records))
+            return self._added.schema, self._added.as_json
         spill = self.spill
         if isinstance(partitions, SpilledPartitions) and partitions.spill is spill and spill.schema_exact:
             return spill.schema.result()  # every partition of the request: seen in pass 1
