@@ -245,11 +245,17 @@ def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
     return pa.array(flags)
 
 
-def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_ids: list[str]) -> Decisions:
-    """Evaluate every record against the plan's window and policies."""
-    return decide_columns(
-        plan, known_columns(records, plan.ledger_field), pa.array(record_digests, pa.string()), existing_ids
-    )
+def decide(
+    plan: Plan, records: list[Any], record_digests: list[str] | bytes, existing_ids: list[str]
+) -> Decisions:
+    """Evaluate every record against the plan's window and policies. `record_digests`: each record's
+    hex digest, or the raw 32-byte digests concatenated (`canonical.record_digest_bytes`)."""
+    if isinstance(record_digests, bytes):
+        n = len(record_digests) // 32
+        digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), n, [None, pa.py_buffer(record_digests)])
+    else:
+        digests = pa.array(record_digests, pa.string())
+    return decide_columns(plan, known_columns(records, plan.ledger_field), digests, existing_ids)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pcbo_dagster.core.canonical import CanonicalizationError, record_digest_bytes, record_digests
+from pcbo_dagster.core.canonical import CanonicalizationError, record_digest_bytes, sorted_digest_rows
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision, decide, known_columns
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.memory import release_memory
@@ -36,8 +36,9 @@ class LoadedRequest:
     request: BackfillRequest
     #: The records, in memory (inline records, ledger archives); None for a streamed source.
     records: list[Any] | None
-    #: Hex digests of `records`; None for a streamed source (its spill holds them).
-    digests: list[str] | None
+    #: The raw SHA-256 digests of JCS(record) of `records`, 32 bytes each, concatenated; None for a
+    #: streamed source (its spill holds them).
+    digests: bytes | None
     source_uri: str
     source_kind: str
     #: A streamed source, and the decision spill pass 1 filled.
@@ -48,14 +49,14 @@ class LoadedRequest:
 
     @property
     def record_count(self) -> int:
-        return self.spill.count if self.spill is not None else len(self.digests or [])
+        return self.spill.count if self.spill is not None else len(self.digests or b"") // 32
 
     def plan(self) -> Plan:
         """The request's plan (its hash over every record's digest)."""
         if self.spill is not None:
             return build_plan(self.request, self.spill.sorted_digests())
         assert self.digests is not None
-        return build_plan(self.request, self.digests)
+        return build_plan(self.request, iter([sorted_digest_rows(self.digests)]))
 
     def close(self) -> None:
         """Remove the decision spill and release the source (a process that serves many requests
@@ -207,7 +208,7 @@ def load_request(
         return _load_streamed(request, _record_source(request, uri))
     records = request.sourceRecords or []
     try:
-        digests = record_digests(records, parsed.may_hold_floats_or_big_ints)
+        digests = record_digest_bytes(records, parsed.may_hold_floats_or_big_ints)
     except CanonicalizationError as exc:
         raise _digest_error("sourceRecords", exc) from None
     return LoadedRequest(request, records, digests, "inline", "inline")
