@@ -73,8 +73,17 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, **options)
 
 
-#: Threads issuing a local sync's fsyncs at once.
-SYNC_THREADS = 16
+#: Threads issuing a local sync's fsyncs at once (one pool for the process, made on first use).
+SYNC_THREADS = 4
+_SYNC_POOL: list[ThreadPoolExecutor] = []
+_SYNC_POOL_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    with _SYNC_POOL_LOCK:
+        if not _SYNC_POOL:
+            _SYNC_POOL.append(ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="pcbo-fsync"))
+        return _SYNC_POOL[0]
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -201,8 +210,7 @@ class LakeStorage:
         # system commits them in a few journal transactions rather than one each.
         jobs = [(path, False) for path in dict.fromkeys(files)] + [(path, True) for path in directories]
         if len(jobs) > 1:
-            with ThreadPoolExecutor(max_workers=min(SYNC_THREADS, len(jobs))) as pool:
-                list(pool.map(lambda job: _fsync_path(*job), jobs))
+            list(_sync_pool().map(lambda job: _fsync_path(*job), jobs))
         else:
             for path, directory in jobs:
                 _fsync_path(path, directory)
