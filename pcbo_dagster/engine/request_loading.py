@@ -72,7 +72,7 @@ class LoadedRequest:
         memory, else the streamed source's locators), in that order."""
         if self.source is None:
             assert self.records is not None
-            return [self.records[i] for i in np.asarray(locators, dtype=np.int64).tolist()]
+            return list(map(self.records.__getitem__, np.asarray(locators, dtype=np.int64).tolist()))
         return self.source.fetch(np.asarray(locators, dtype=np.int64))
 
     def fetch_chunks(self, locators: np.ndarray, size: int) -> Iterator[list[Any]]:
