@@ -73,17 +73,23 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, **options)
 
 
-#: Threads issuing a local sync's fsyncs at once (one pool for the process, made on first use).
+#: Threads issuing a local sync's fsyncs at once (one pool per process, made on first use).
 SYNC_THREADS = 4
-_SYNC_POOL: list[ThreadPoolExecutor] = []
+_SYNC_POOLS: dict[int, ThreadPoolExecutor] = {}
 _SYNC_POOL_LOCK = threading.Lock()
 
 
 def _sync_pool() -> ThreadPoolExecutor:
+    """This process's fsync pool. Keyed by process id: a forked child inherits its parent's pool
+    object but none of its threads, so it makes its own (work given to the inherited one would wait
+    for ever)."""
+    pid = os.getpid()
     with _SYNC_POOL_LOCK:
-        if not _SYNC_POOL:
-            _SYNC_POOL.append(ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="pcbo-fsync"))
-        return _SYNC_POOL[0]
+        pool = _SYNC_POOLS.get(pid)
+        if pool is None:
+            _SYNC_POOLS.clear()  # an inherited parent's pool: never used here
+            pool = _SYNC_POOLS[pid] = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="pcbo-fsync")
+        return pool
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
