@@ -606,3 +606,36 @@ def test_postgres_plugin_without_binaries(monkeypatch: pytest.MonkeyPatch, ci: s
         monkeypatch.setenv("CI", ci)
         with pytest.raises(pytest.fail.Exception, match="required in CI"):
             postgres_server._Server().start()
+
+
+# -- a fresh SQLite catalog from the schema snapshot (issue 18) ----------------------------------
+
+
+def test_the_fresh_sqlite_schema_snapshot_is_what_the_migrations_create(tmp_path) -> None:
+    from pcbo_dagster.catalog import fresh_schema, sqlite_schema
+    from pcbo_dagster.catalog.database import Database
+
+    assert sqlite_schema.REVISION == HEAD_REVISION, "regenerate sqlite_schema.py (see fresh_schema)"
+    migrated = fresh_schema.migrated_schema(tmp_path)
+    db = Database(f"sqlite:///{tmp_path / 'fresh.db'}")
+    db.migrate()  # an empty file: created from the snapshot, without Alembic
+    assert db.at_head()
+    db.close()
+    assert fresh_schema.schema_of(tmp_path / "fresh.db") == migrated
+    # and Alembic sees it at head: nothing left to upgrade
+    db.migrate_with_alembic()
+    db.close()
+    assert fresh_schema.schema_of(tmp_path / "fresh.db") == migrated
+
+
+def test_a_fresh_sqlite_catalog_does_not_import_alembic(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pcbo_dagster.catalog import CatalogStore\n"
+        f"CatalogStore({'sqlite:///' + str(tmp_path / 'c.db')!r}).migrate()\n"
+        "assert 'alembic' not in sys.modules, 'alembic imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,6 +6,7 @@ test_decision_spill.py.)"""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,35 @@ def test_compact_text_is_sorted_and_has_no_whitespace() -> None:
     assert compact_text(value) == '{"a":true,"b":[1,{"c":"\u00e9","d":null}]}'
     with pytest.raises(ValueError):
         compact_text({"x": float("nan")})
+
+
+# -- the orjson fast path of sorted_document writes json.dumps's bytes (issue 18) ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text()
+_documents = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_documents)
+def test_sorted_document_is_json_dumps_bytes(value) -> None:
+    try:
+        expected = (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: no document holds them (requests refuse them)
+        return
+    try:
+        assert sorted_document(value) == expected
+    except UnicodeEncodeError:
+        return
+
+
+def test_sorted_document_with_floats_or_big_integers_goes_through_json() -> None:
+    for value in ({"a": 1e16, "b": [0.1]}, {"n": 2**70}, {"t": (1, 2)}):
+        expected = (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+        assert sorted_document(value) == expected

@@ -26,7 +26,7 @@ from pcbo_dagster.engine import execute as execute_module
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.execute import COMMIT_BATCH, check_gates, execute
 from pcbo_dagster.engine.request_loading import evaluate, load_request
-from pcbo_dagster.engine.settings import DEFAULT_PARALLEL, Settings
+from pcbo_dagster.engine.settings import DEFAULT_PARALLEL, DEFAULT_PARALLEL_LOCAL, Settings
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import (
     INTENT_EVENT_TYPES,
@@ -313,7 +313,12 @@ def test_pace_still_commits_one_partition_at_a_time(tmp_path: Path, request_file
 
 
 def test_the_parallel_setting() -> None:
-    assert Settings.resolve(home="/tmp/x", env={}).parallel == DEFAULT_PARALLEL == 4
+    assert Settings.resolve(home="/tmp/x", env={}).parallel == DEFAULT_PARALLEL_LOCAL == 1
+    for lake in ("/tmp/x/lake", "file:///tmp/x/lake"):
+        assert Settings.resolve(home="/tmp/x", lake=lake, env={}).parallel == 1
+    for lake in ("s3://bucket/lake", "gs://bucket/lake"):
+        assert Settings.resolve(home="/tmp/x", lake=lake, env={}).parallel == DEFAULT_PARALLEL == 4
+        assert Settings.resolve(home="/tmp/x", lake=lake, env={"PCBO_PARALLEL": "2"}).parallel == 2
     assert Settings.resolve(home="/tmp/x", env={"PCBO_PARALLEL": "1"}).parallel == 1
     assert Settings.resolve(home="/tmp/x", env={"PCBO_PARALLEL": " 8 "}).parallel == 8
     assert Settings.resolve(home="/tmp/x", env={"PCBO_PARALLEL": "8"}, parallel=2).parallel == 2

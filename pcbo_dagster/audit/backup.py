@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.core.audit_chain import event_hash, json_problems, split_chain_key
-from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.canonical import fast_jcs, jcs
 
 _TAIL_BLOCK = 64 * 1024
 
@@ -185,7 +185,9 @@ class AuditBackup:
             prev = last["chain"]["event_hash"] if last else None
             for event in events:
                 self._check_continues(chain_key, event, seq + 1, prev)
-                lines.append(jcs(event) + b"\n")
+                # Checked: no floats, no large integers (json_problems), so orjson's sorted output is
+                # its RFC 8785 form (fast_jcs hands anything non-ASCII to rfc8785).
+                lines.append(fast_jcs(event) + b"\n")
                 seq, prev = event["chain"]["seq"], event["chain"]["event_hash"]
             paths.directory.mkdir(parents=True, exist_ok=True)
             self.remove_torn_tail(chain_key, set_aside=True)

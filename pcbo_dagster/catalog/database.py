@@ -165,7 +165,23 @@ class Database:
         return row is not None and row[0] == HEAD_REVISION
 
     def migrate(self) -> None:
-        """Upgrade the schema to the newest revision; idempotent and safe to run concurrently."""
+        """Upgrade the schema to the newest revision; idempotent and safe to run concurrently.
+
+        A new, empty SQLite catalog is created from the schema snapshot (`fresh_schema`) without
+        importing Alembic; an existing one below the newest revision, and PostgreSQL, go through
+        Alembic's migrations."""
+        if self.at_head():
+            return
+        if self.dialect == "sqlite":
+            from pcbo_dagster.catalog import fresh_schema
+
+            with self.write() as conn:  # BEGIN IMMEDIATE: concurrent creators queue here
+                if fresh_schema.is_empty(conn) and fresh_schema.create(conn, HEAD_REVISION):
+                    return
+        self.migrate_with_alembic()
+
+    def migrate_with_alembic(self) -> None:
+        """`migrate` through Alembic's migrations, whatever the database holds."""
         if self.at_head():
             return
         from alembic import command

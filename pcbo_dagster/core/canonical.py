@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
 import orjson
 import rfc8785
 
@@ -64,6 +65,15 @@ def record_digest_bytes(records: list[Any], may_hold_floats_or_big_ints: bool, f
     """The raw 32-byte SHA-256 digests of `record_digests`, concatenated (a streamed source keeps
     these, 32 bytes a record). Error indexes count from `first_index`."""
     return b"".join(h.digest() for h in _record_hashes(records, may_hold_floats_or_big_ints, first_index))
+
+
+def sorted_digest_rows(digests: bytes) -> np.ndarray:
+    """Raw 32-byte digests (concatenated) as a (n, 32) uint8 array of rows in byte order: the order
+    of their hex texts, which the plan hash lists (`plan.build_plan` takes such chunks)."""
+    rows = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32)
+    words = rows.view(">u8")  # four big-endian words a row: comparing them in turn compares the bytes
+    order = np.lexsort((words[:, 3], words[:, 2], words[:, 1], words[:, 0]))
+    return rows[order]
 
 
 def mismatched_digests(records: list[Any], expected: list[bytes]) -> list[int]:

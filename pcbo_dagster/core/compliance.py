@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,14 +27,16 @@ def _column(table: pa.Table, name: str) -> pa.Array:
     return pa.nulls(table.num_rows)
 
 
-def violations(
-    table: pa.Table, policies: NormalizedPolicies, existing_ids: list[str]
-) -> list[dict[str, Any]]:
-    """Rows that the policy would not have added: `[{id, reasons}]`, sorted by id."""
+def violation_flags(
+    table: pa.Table, policies: NormalizedPolicies, existing_ids: list[str] | pa.Array
+) -> list[tuple[str, np.ndarray]]:
+    """Per reason (in their fixed order), a boolean per row: the rule the policy would have omitted
+    the row for. Only the reasons the policy checks are listed; one set of vectorised calls for the
+    whole table (a commit batch's rows at once)."""
     n = table.num_rows
+    checks: list[tuple[str, pa.Array]] = []
     if n == 0:
         return []
-    checks: list[tuple[str, pa.Array]] = []
     if policies.require_consent:
         consent = _column(table, "consentGranted")
         ok = pc.equal(consent, True) if pa.types.is_boolean(consent.type) else pa.nulls(n, pa.bool_())
@@ -54,18 +57,41 @@ def violations(
         else:
             ok = pa.nulls(n, pa.bool_())
         checks.append((RETENTION_EXPIRED, pc.invert(pc.fill_null(ok, False))))
-    if existing_ids:
-        present = pc.is_in(_column(table, ID), value_set=pa.array(existing_ids, pa.string()))
+    if len(existing_ids):
+        if not isinstance(existing_ids, pa.Array):
+            existing_ids = pa.array(existing_ids, pa.string())
+        present = pc.is_in(_column(table, ID), value_set=existing_ids)
         checks.append((ALREADY_PRESENT, pc.fill_null(present, False)))
-    if not checks:
+    return [(reason, bad.to_numpy(zero_copy_only=False)) for reason, bad in checks]
+
+
+def listed_violations(
+    ids: list[Any], flags: list[tuple[str, np.ndarray]], lo: int, hi: int
+) -> list[dict[str, Any]]:
+    """The rows `lo`..`hi` of `violation_flags` that break a rule: `[{id, reasons}]`, sorted by id
+    (`ids`: the id column of rows `lo`..`hi`)."""
+    if not flags:
         return []
-    any_bad = checks[0][1]
-    for _, bad in checks[1:]:
-        any_bad = pc.or_(any_bad, bad)
-    rows = [i for i, bad in enumerate(any_bad.to_pylist()) if bad]
+    any_bad = np.zeros(hi - lo, dtype=bool)
+    for _, bad in flags:
+        any_bad |= bad[lo:hi]
+    rows = np.flatnonzero(any_bad).tolist()
     if not rows:
         return []
-    ids = _column(table, ID).to_pylist()
-    flags = {reason: bad.to_pylist() for reason, bad in checks}
-    found = [{"id": ids[i], "reasons": [r for r, _ in checks if flags[r][i]]} for i in rows]
+    found = [{"id": ids[i], "reasons": [r for r, bad in flags if bad[lo + i]]} for i in rows]
     return sorted(found, key=lambda v: (v["id"] or "", v["reasons"]))
+
+
+def violations(
+    table: pa.Table, policies: NormalizedPolicies, existing_ids: list[str]
+) -> list[dict[str, Any]]:
+    """Rows that the policy would not have added: `[{id, reasons}]`, sorted by id."""
+    flags = violation_flags(table, policies, existing_ids)
+    if not flags:
+        return []
+    any_bad = np.zeros(table.num_rows, dtype=bool)
+    for _, bad in flags:
+        any_bad |= bad
+    if not any_bad.any():
+        return []
+    return listed_violations(_column(table, ID).to_pylist(), flags, 0, table.num_rows)

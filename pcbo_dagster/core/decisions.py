@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import is_, is_not
 from typing import Any
 
 import numpy as np
@@ -132,16 +134,20 @@ def known_columns(records: list[Any], ledger_field: str | None = None) -> Record
     judge validity, and write the detail of each invalid record."""
     all_objects = all(type(r) is dict for r in records)
     objs = records if all_objects else [r if type(r) is dict else {} for r in records]
-    raw_ids = [o.get("id") for o in objs]
-    raw_occ = [o.get("occurredAt") for o in objs]
-    raw_ret = [o.get("retentionExpiresAt") for o in objs]
+
+    def field_values(name: str) -> list[Any]:  # one field of every record, pulled out in C
+        return list(map(dict.get, objs, repeat(name)))
+
+    raw_ids = field_values("id")
+    raw_occ = field_values("occurredAt")
+    raw_ret = field_values("retentionExpiresAt")
     id_str = _strings(raw_ids)
     is_object = pa.array(
         [True] * len(records) if all_objects else [type(r) is dict for r in records], pa.bool_()
     )
     occ_us = parse_instants(_strings(raw_occ))
     ret_us = parse_instants(_strings(raw_ret))
-    ret_given = pa.array([v is not None for v in raw_ret], pa.bool_())
+    ret_given = pa.array(list(map(is_not, raw_ret, repeat(None))), pa.bool_())
     ret_bad = pc.and_(ret_given, pc.is_null(ret_us))
     valid = pc.and_(pc.and_(is_object, pc.is_valid(_non_empty(id_str))), pc.is_valid(occ_us))
     valid = pc.and_(valid, pc.invert(ret_bad))
@@ -174,8 +180,8 @@ def known_columns(records: list[Any], ledger_field: str | None = None) -> Record
         id_str=id_str,
         occ_us=occ_us,
         ret_us=ret_us,
-        consent=pa.array([o.get("consentGranted") is True for o in objs], pa.bool_()),
-        jurisdiction=_strings([o.get("jurisdiction") for o in objs]),
+        consent=pa.array(list(map(is_, field_values("consentGranted"), repeat(True))), pa.bool_()),
+        jurisdiction=_strings(field_values("jurisdiction")),
         position=position,
         valid=valid,
         detail=pa.array(details, pa.string()),
@@ -245,11 +251,17 @@ def _duplicate_flags(ids: pa.Array, digests: pa.Array) -> pa.Array:
     return pa.array(flags)
 
 
-def decide(plan: Plan, records: list[Any], record_digests: list[str], existing_ids: list[str]) -> Decisions:
-    """Evaluate every record against the plan's window and policies."""
-    return decide_columns(
-        plan, known_columns(records, plan.ledger_field), pa.array(record_digests, pa.string()), existing_ids
-    )
+def decide(
+    plan: Plan, records: list[Any], record_digests: list[str] | bytes, existing_ids: list[str]
+) -> Decisions:
+    """Evaluate every record against the plan's window and policies. `record_digests`: each record's
+    hex digest, or the raw 32-byte digests concatenated (`canonical.record_digest_bytes`)."""
+    if isinstance(record_digests, bytes):
+        n = len(record_digests) // 32
+        digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), n, [None, pa.py_buffer(record_digests)])
+    else:
+        digests = pa.array(record_digests, pa.string())
+    return decide_columns(plan, known_columns(records, plan.ledger_field), digests, existing_ids)
 
 
 @dataclass

@@ -15,6 +15,7 @@ A field missing from a record is null in its row.
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -50,13 +51,14 @@ class SchemaBuilder:
         self.kinds: dict[str, set[type]] = {}
 
     def add(self, rows: list[dict[str, Any]]) -> None:
+        # A field's values pulled out once, their types collected in C (`map`); a row without the
+        # field adds NoneType, which plays no part in the type (`_type_of_kinds`).
         kinds = self.kinds
-        for row in rows:
-            for name, value in row.items():
-                seen = kinds.get(name)
-                if seen is None:
-                    kinds[name] = seen = set()
-                seen.add(type(value))
+        for name in set().union(*rows):
+            seen = kinds.get(name)
+            if seen is None:
+                kinds[name] = seen = set()
+            seen.update(map(type, map(dict.get, rows, repeat(name))))
 
     def result(self) -> tuple[pa.Schema, dict[str, bool]]:
         fields = [
@@ -79,6 +81,60 @@ def run_schema(rows: list[dict[str, Any]]) -> tuple[pa.Schema, dict[str, bool]]:
     return builder.result()
 
 
+class PrebuiltRows(list[Any]):
+    """Rows (records) whose extra columns were already built (`AddedColumns.rows_for`): `build_table`
+    takes these columns instead of pulling the fields out of the records again."""
+
+    def __init__(
+        self, rows: list[Any], columns: dict[str, pa.Array], schema: pa.Schema, as_json: dict[str, bool]
+    ) -> None:
+        super().__init__(rows)
+        self.columns, self.schema, self.as_json = columns, schema, as_json
+
+
+class AddedColumns:
+    """Every extra field of a run's added records built once, as one Arrow column each, with the run's
+    schema (`run_schema`: the same types, from the same values): a partition's columns are then
+    slices of these, not rebuilt from the records (issue 18: build each column once).
+
+    `rows` are the records at `locators` (input positions), in output order; `n_records` the number
+    of input records."""
+
+    def __init__(self, rows: list[dict[str, Any]], locators: np.ndarray, n_records: int) -> None:
+        builder = SchemaBuilder()
+        values: dict[str, list[Any]] = {}
+        for name in set().union(*rows).difference(_FIXED):
+            values[name] = list(map(dict.get, rows, repeat(name)))
+            builder.kinds[name] = set(map(type, values[name]))
+        self.schema, self.as_json = builder.result()
+        self.columns: dict[str, pa.Array] = {}
+        for field in self.schema:
+            if field.name in _FIXED:
+                continue
+            column = values.pop(field.name)
+            if self.as_json[field.name]:
+                column = [_json_text(v) for v in column]
+            self.columns[field.name] = pa.array(column, field.type)
+        self.position = np.full(n_records, -1, dtype=np.int64)
+        self.position[np.asarray(locators, dtype=np.int64)] = np.arange(len(locators), dtype=np.int64)
+
+    def rows_for(self, rows: list[Any], locators: np.ndarray) -> list[Any]:
+        """`rows` (the records at `locators`) as `PrebuiltRows` when every one of them is among the
+        added records built here, else `rows` as they are."""
+        if not len(locators):
+            return rows
+        at = self.position[np.asarray(locators, dtype=np.int64)]
+        if (at < 0).any():
+            return rows
+        first = int(at[0])
+        if int(at[-1]) - first + 1 == len(at) and bool((np.diff(at) == 1).all()):
+            columns = {name: array.slice(first, len(at)) for name, array in self.columns.items()}
+        else:
+            take = pa.array(at, pa.int64())
+            columns = {name: array.take(take) for name, array in self.columns.items()}
+        return PrebuiltRows(rows, columns, self.schema, self.as_json)
+
+
 def _json_text(value: Any) -> str | None:
     return None if value is None else jcs(value).decode("utf-8")
 
@@ -97,8 +153,16 @@ def build_table(
         pa.array(occurred_us, pa.int64()).cast(TIMESTAMP),
         retention_us.cast(pa.int64()).cast(TIMESTAMP),
     ]
+    columns = (
+        rows.columns
+        if isinstance(rows, PrebuiltRows) and rows.schema.equals(schema) and rows.as_json == as_json
+        else None
+    )
     for field in schema:
         if field.name in _FIXED:
+            continue
+        if columns is not None:
+            arrays.append(columns[field.name])
             continue
         values = [row.get(field.name) for row in rows]
         if as_json[field.name]:

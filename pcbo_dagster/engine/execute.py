@@ -10,11 +10,12 @@ partition whose lake disagrees with its chain in any other way stops the run bef
 written to it. A partition already committed with identical content is left as it is; if a crash had
 left it without its catalog row, that is completed now.
 
-Partitions are committed in batches. With `parallel` > 1 (`--parallel`, `PCBO_PARALLEL`, default 4)
-up to that many partitions of a batch are read, encoded and written at once by worker threads
-(pyarrow, zstd, hashlib and the object-store clients release the GIL), and so are the batch's commit
-points and post-write checks. Everything that appends to the audit chain or writes the catalog stays
-on the calling thread, one partition after another in partition order, so the chain, the catalog and
+Partitions are committed in batches. With `parallel` > 1 (`--parallel`, `PCBO_PARALLEL`; default 1 on
+a local lake, 4 on an object store) up to that many partitions of a batch are read, encoded and
+written at once by worker threads (pyarrow, zstd, hashlib and the object-store clients release the
+GIL), and so are the batch's commit points and post-write checks. Everything that appends to the
+audit chain or writes the catalog stays on the calling thread, one partition after another in
+partition order, so the chain, the catalog and
 the lake are byte-for-byte what a `parallel=1` run (one partition at a time) writes.
 """
 
@@ -39,12 +40,11 @@ from pcbo_dagster.core.chain_state import (
     PartitionHistory,
     replay,
 )
-from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput, SourceChanged
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan
-from pcbo_dagster.core.record_table import ID, RETENTION_EXPIRES_AT, build_table
+from pcbo_dagster.core.record_table import build_table
 from pcbo_dagster.core.sql_outcomes import TargetDecisions
 from pcbo_dagster.engine import failpoints, lake_changes
 from pcbo_dagster.engine.crash_windows import LakeDisagreesWithChain, LakeVsChain, compare, heal
@@ -57,6 +57,7 @@ from pcbo_dagster.engine.events import (
     commit_intent_entry,
     restoration_body,
 )
+from pcbo_dagster.engine.post_write import CheckItem, check_batch
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import apply_undos, plan_undo
 from pcbo_dagster.engine.transparency_log import publish
@@ -69,8 +70,6 @@ Progress = Callable[[int], None]
 #: Called before each partition is written when given (a staged rollout's throttle, pause and
 #: cancel): False stops the run there, after the partitions before it have been committed.
 Pace = Callable[[PartitionDecision], bool]
-#: The columns the post-write check reads back (the rest of a row plays no part in the policy).
-CHECKED_COLUMNS = (ID, "consentGranted", "jurisdiction", RETENTION_EXPIRES_AT)
 
 
 def check_gates(loaded: LoadedRequest, decisions: Decisions) -> None:
@@ -234,63 +233,9 @@ def post_write_check(
     full: bool = True,
     read: bool = True,
 ) -> dict[str, Any]:
-    """Read the committed file back from the lake: checksum, rows vs decisions, root, policy.
-
-    `full=False` (a partition left unchanged, already checked when it was committed) checks the file
-    bytes against the manifest's checksum and the decided adds against the manifest's Merkle root,
-    without decoding the rows again; with `read=False` too, the file bytes were already checked (or
-    restored) while staging and are not read again.
-    """
-    findings: list[str] = []
-    ids: list[str] = []
-    violating: list[dict[str, Any]] = []
-    rows = 0
-    unreadable = False
-    for entry in manifest["files"]:
-        if not full and not read:
-            rows += entry["rowCount"]
-            continue
-        data = env.lake.read(entry["path"])
-        if prefixed(sha256_hex(data)) != entry["checksum"]:
-            findings.append(f"{entry['path']}: unreadable: its checksum differs from the manifest")
-            unreadable = True
-            continue
-        if not full:
-            rows += entry["rowCount"]
-            continue
-        table = parquet_files.decode(data, columns=CHECKED_COLUMNS)
-        rows += table.num_rows
-        if table.num_rows != entry["rowCount"]:
-            findings.append(f"{entry['path']}: {table.num_rows} rows, manifest says {entry['rowCount']}")
-        ids.extend(table[ID].to_pylist())
-        violating.extend(violations(table, plan.policies, existing_ids))
-    if full:
-        root = merkle.root_hex(ids)
-        ids_match = ids == expected_ids
-    else:
-        root = manifest["merkleRoot"]
-        ids_match = rows == len(expected_ids) and merkle.root_hex(expected_ids) == root
-    # Rows of an unreadable file were not read: counting the others would only repeat that finding.
-    if not ids_match and not unreadable:
-        findings.append(f"rows written ({rows}) differ from the decided adds ({len(expected_ids)})")
-    if root != manifest["merkleRoot"] and not unreadable:
-        findings.append("the Merkle root recomputed from the written file differs from the manifest")
-    if violating:
-        findings.append(f"{len(violating)} written row(s) violate the policy")
-    return {
-        "key": manifest["partition"]["key"],
-        "decidedAdds": len(expected_ids),
-        "rowsWritten": rows,
-        "idsMatch": ids_match,
-        "merkleRoot": manifest["merkleRoot"],
-        "rootRecomputed": root,
-        "rootMatches": root == manifest["merkleRoot"],
-        "policyViolations": violating[:20],
-        "policyViolationCount": len(violating),
-        "checked": "rows" if full else "checksum",
-        "status": "ok" if not findings else "failed",
-        "findings": findings,
-    }
+    """Read the committed file back from the lake: checksum, rows vs decisions, root, policy
+    (`post_write.check_batch` of one partition; a commit batch checks its partitions together)."""
+    return check_batch(env, plan, [CheckItem(manifest, expected_ids, full, read)], existing_ids)[0]
 
 
 #: Partitions committed together: one sync of their data files, one of their commit points, one
@@ -903,18 +848,14 @@ def _check_and_record(
     failure = None
     recorded = []
 
-    def check(st: _Staged) -> dict[str, Any]:
-        return post_write_check(
-            env,
-            plan,
-            st.manifest,
-            st.pd.add,
-            existing,
-            full=st.status == "committed",
-            read=not st.files_verified,
-        )
-
-    for st, result in zip(batch, _in_order(pool, check, batch), strict=True):
+    checks = check_batch(
+        env,
+        plan,
+        [CheckItem(st.manifest, st.pd.add, st.status == "committed", not st.files_verified) for st in batch],
+        existing,
+        pool,
+    )
+    for st, result in zip(batch, checks, strict=True):
         st.check = result
         key = st.pd.partition.key
         if st.check["status"] != "ok":

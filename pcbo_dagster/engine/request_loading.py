@@ -10,19 +10,19 @@ partition at a time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from pcbo_dagster.core.canonical import CanonicalizationError, record_digest_bytes, record_digests
+from pcbo_dagster.core.canonical import CanonicalizationError, record_digest_bytes, sorted_digest_rows
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision, decide, known_columns
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
-from pcbo_dagster.core.record_table import SchemaBuilder, run_schema
+from pcbo_dagster.core.record_table import AddedColumns, SchemaBuilder
 from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
 from pcbo_dagster.sources.hive_directories import is_directory, open_directory_source
@@ -36,24 +36,27 @@ class LoadedRequest:
     request: BackfillRequest
     #: The records, in memory (inline records, ledger archives); None for a streamed source.
     records: list[Any] | None
-    #: Hex digests of `records`; None for a streamed source (its spill holds them).
-    digests: list[str] | None
+    #: The raw SHA-256 digests of JCS(record) of `records`, 32 bytes each, concatenated; None for a
+    #: streamed source (its spill holds them).
+    digests: bytes | None
     source_uri: str
     source_kind: str
     #: A streamed source, and the decision spill pass 1 filled.
     source: RecordSource | None = None
     spill: DecisionSpill | None = None
+    #: Records in memory: the extra columns of the added records, built once by `schema_of`.
+    _added: AddedColumns | None = field(default=None, init=False, repr=False)
 
     @property
     def record_count(self) -> int:
-        return self.spill.count if self.spill is not None else len(self.digests or [])
+        return self.spill.count if self.spill is not None else len(self.digests or b"") // 32
 
     def plan(self) -> Plan:
         """The request's plan (its hash over every record's digest)."""
         if self.spill is not None:
             return build_plan(self.request, self.spill.sorted_digests())
         assert self.digests is not None
-        return build_plan(self.request, self.digests)
+        return build_plan(self.request, iter([sorted_digest_rows(self.digests)]))
 
     def close(self) -> None:
         """Remove the decision spill and release the source (a process that serves many requests
@@ -69,7 +72,7 @@ class LoadedRequest:
         memory, else the streamed source's locators), in that order."""
         if self.source is None:
             assert self.records is not None
-            return [self.records[i] for i in np.asarray(locators, dtype=np.int64).tolist()]
+            return list(map(self.records.__getitem__, np.asarray(locators, dtype=np.int64).tolist()))
         return self.source.fetch(np.asarray(locators, dtype=np.int64))
 
     def fetch_chunks(self, locators: np.ndarray, size: int) -> Iterator[list[Any]]:
@@ -78,14 +81,23 @@ class LoadedRequest:
         if self.source is not None:
             yield from self.source.fetch_chunks(locators, size)
             return
+        added = self._added
         for lo in range(0, len(locators), size):
-            yield self.fetch(locators[lo : lo + size])
+            chunk = locators[lo : lo + size]
+            rows = self.fetch(chunk)
+            yield rows if added is None else added.rows_for(rows, chunk)
 
     def schema_of(self, partitions: Iterable[PartitionDecision]) -> tuple[pa.Schema, dict[str, bool]]:
         """`run_schema` of the records `partitions` add (read a partition and a batch at a time for a
         streamed source)."""
         if self.source is None:
-            return run_schema(self.fetch([i for pd in partitions for i in pd.add_locators.tolist()]))
+            assert self.records is not None
+            # In memory: each added record's extra fields are pulled out once, into the columns that
+            # `fetch_chunks` hands to `build_table` (slices of them), and the schema comes from them.
+            parts = [np.asarray(pd.add_locators, dtype=np.int64) for pd in partitions]
+            locators = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            self._added = AddedColumns(self.fetch(locators), locators, len(self.records))
+            return self._added.schema, self._added.as_json
         spill = self.spill
         if isinstance(partitions, SpilledPartitions) and partitions.spill is spill and spill.schema_exact:
             return spill.schema.result()  # every partition of the request: seen in pass 1
@@ -196,7 +208,7 @@ def load_request(
         return _load_streamed(request, _record_source(request, uri))
     records = request.sourceRecords or []
     try:
-        digests = record_digests(records, parsed.may_hold_floats_or_big_ints)
+        digests = record_digest_bytes(records, parsed.may_hold_floats_or_big_ints)
     except CanonicalizationError as exc:
         raise _digest_error("sourceRecords", exc) from None
     return LoadedRequest(request, records, digests, "inline", "inline")

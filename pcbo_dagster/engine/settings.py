@@ -7,7 +7,7 @@
 | catalog        | `--catalog`        | `PCBO_CATALOG_URL`    | `sqlite:///$PCBO_HOME/catalog.db`|
 | audit backup   | `--audit-dir`      | `PCBO_AUDIT_DIR`      | `$PCBO_HOME/pas`                 |
 | audit endpoint | `--audit-endpoint` | `PCBO_AUDIT_ENDPOINT` | none (local backup only)         |
-| parallel       | `--parallel`       | `PCBO_PARALLEL`       | 4 (1: one partition at a time)   |
+| parallel       | `--parallel`       | `PCBO_PARALLEL`       | 1 for a local lake, 4 otherwise  |
 | signing key    | `--signing-key`    | `PCBO_SIGNING_KEY`    | none: no checkpoint is signed    |
 | witnesses      | `--witness` (many) | `PCBO_WITNESSES`      | none                             |
 | origin prefix  |                    | `PCBO_CHECKPOINT_ORIGIN_PREFIX` | `pcbo/`                |
@@ -19,7 +19,9 @@ target with the same location (scheme, host, port, database). Passwords belong i
 `~/.pgpass`, not in a URL.
 
 `parallel` is how many partitions `execute` reads, encodes and writes at once (audit events are
-still appended one after another, in partition order).
+still appended one after another, in partition order). Its default is what measured fastest for the
+lake's kind (`default_parallel`): 1 on a local disk, where most of a partition's work holds the GIL
+and threads only add switching, 4 on an object store, where each partition waits on round trips.
 """
 
 from __future__ import annotations
@@ -33,8 +35,18 @@ from pathlib import Path
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.io.env_vars import plain_path, positive_int, positive_number
 
-#: Partitions `execute` stages at once unless `--parallel` / `PCBO_PARALLEL` say otherwise.
+#: Partitions `execute` stages at once on an object-store lake unless `--parallel` / `PCBO_PARALLEL`
+#: say otherwise (`default_parallel`).
 DEFAULT_PARALLEL = 4
+#: The same on a local lake (a path or `file://`): threads gain nothing there (README, *Performance*).
+DEFAULT_PARALLEL_LOCAL = 1
+
+
+def default_parallel(lake_url: str) -> int:
+    """The fastest `parallel` measured for a lake of this kind: 1 for a local path or `file://` URL,
+    `DEFAULT_PARALLEL` for an object store (`s3://`, `gs://`, ...)."""
+    scheme = lake_url.split("://", 1)[0].lower() if "://" in lake_url else "file"
+    return DEFAULT_PARALLEL_LOCAL if scheme in ("file", "local") else DEFAULT_PARALLEL
 
 
 def home_dir(home: str | None = None, env: Mapping[str, str] | None = None) -> Path:
@@ -97,7 +109,11 @@ class Settings:
         endpoint = given("--audit-endpoint", audit_endpoint, "PCBO_AUDIT_ENDPOINT")
         attempts = positive_int("PCBO_AUDIT_ATTEMPTS", env.get("PCBO_AUDIT_ATTEMPTS"), 3)
         wait = positive_number("PCBO_AUDIT_INITIAL_WAIT", env.get("PCBO_AUDIT_INITIAL_WAIT"), 0.5)
-        workers = parallel if parallel is not None else parse_parallel(env.get("PCBO_PARALLEL"))
+        workers = (
+            parallel
+            if parallel is not None
+            else parse_parallel(env.get("PCBO_PARALLEL"), default_parallel(lake_url))
+        )
         if workers < 1:
             raise InvalidInput("--parallel", f"must be at least 1, not {workers}")
         targets = tuple(sql_target_urls or (env.get("PCBO_SQL_TARGET_URLS") or "").split())
@@ -128,6 +144,6 @@ class Settings:
         )
 
 
-def parse_parallel(text: str | None) -> int:
-    """`PCBO_PARALLEL`: a positive integer; unset or empty means the default."""
-    return positive_int("PCBO_PARALLEL", text, DEFAULT_PARALLEL)
+def parse_parallel(text: str | None, default: int = DEFAULT_PARALLEL) -> int:
+    """`PCBO_PARALLEL`: a positive integer; unset or empty means `default`."""
+    return positive_int("PCBO_PARALLEL", text, default)

@@ -17,6 +17,8 @@ never logged):
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -71,6 +73,38 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, **options)
 
 
+#: Threads issuing a local sync's fsyncs at once (one pool per process, made on first use).
+SYNC_THREADS = 4
+_SYNC_POOLS: dict[int, ThreadPoolExecutor] = {}
+_SYNC_POOL_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """This process's fsync pool. Keyed by process id: a forked child inherits its parent's pool
+    object but none of its threads, so it makes its own (work given to the inherited one would wait
+    for ever)."""
+    pid = os.getpid()
+    with _SYNC_POOL_LOCK:
+        pool = _SYNC_POOLS.get(pid)
+        if pool is None:
+            _SYNC_POOLS.clear()  # an inherited parent's pool: never used here
+            pool = _SYNC_POOLS[pid] = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="pcbo-fsync")
+        return pool
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    """fsync a local file or directory by its path (gone since: nothing left to make durable)."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def normalize_lake_url(url: str | os.PathLike[str]) -> str:
     text = os.fspath(url)
     if "://" not in text:
@@ -87,6 +121,11 @@ class LakeStorage:
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._made_dirs: set[str] = set()
         self._real_root = os.path.realpath(self.root) if self.is_local else self.root
+        # Local disks: what `sync()` must make durable (files written, directories whose entries
+        # changed) since the last one. Writers may be worker threads.
+        self._unsynced_files: list[str] = []
+        self._unsynced_dirs: set[str] = set()
+        self._unsynced_lock = threading.Lock()
 
     def inside(self, rel: str) -> bool:
         """True when `rel` names a place inside the lake: no `..` or absolute path, and on a local disk
@@ -114,8 +153,30 @@ class LakeStorage:
     def _local_dir(self, path: str) -> None:
         directory = os.path.dirname(path)
         if directory not in self._made_dirs:
+            created = self._missing_dirs(directory)
             os.makedirs(directory, exist_ok=True)
             self._made_dirs.add(directory)
+            if created:  # each new directory is an entry of its parent: those must be synced too
+                with self._unsynced_lock:
+                    self._unsynced_dirs.update(os.path.dirname(d) for d in created)
+
+    def _missing_dirs(self, directory: str) -> list[str]:
+        """The directories on the way to `directory` (itself included) that do not exist yet."""
+        missing = []
+        while directory and not os.path.isdir(directory):
+            missing.append(directory)
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+        return missing
+
+    def _written(self, path: str, data_too: bool = True) -> None:
+        """Note a local file (when `data_too`) and its directory's entry for the next `sync()`."""
+        with self._unsynced_lock:
+            if data_too:
+                self._unsynced_files.append(path)
+            self._unsynced_dirs.add(os.path.dirname(path))
 
     def write(self, rel: str, data: bytes) -> None:
         """Write a file that nothing reads until a later commit point names it (data files, version
@@ -128,6 +189,7 @@ class LakeStorage:
         self._local_dir(path)
         with open(path, "wb") as fh:
             fh.write(data)
+        self._written(path)
 
     def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
         """Replace a file all-or-nothing (a temporary file renamed into place; a single PUT on an
@@ -138,12 +200,26 @@ class LakeStorage:
             return
         self._local_dir(path)
         replace_file(path, data, durable=durable)
+        self._written(path, data_too=not durable)
 
     def sync(self) -> None:
-        """Make every write so far durable (local disks: one sync of the file systems; object stores
-        are durable on PUT)."""
-        if self.is_local:
-            os.sync()
+        """Make every write and delete so far durable. Local disks: an fsync of each file written since
+        the last sync, then of each directory whose entries changed (new files, renames, deletes, new
+        directories), not a sync of every file system on the host; object stores are durable on PUT."""
+        if not self.is_local:
+            return
+        with self._unsynced_lock:
+            files, self._unsynced_files = self._unsynced_files, []
+            directories, self._unsynced_dirs = self._unsynced_dirs, set()
+        # The files and the directories holding their entries: all durable when this returns,
+        # in whatever order. fsync waits on the disk without the GIL: issued together, the file
+        # system commits them in a few journal transactions rather than one each.
+        jobs = [(path, False) for path in dict.fromkeys(files)] + [(path, True) for path in directories]
+        if len(jobs) > 1:
+            list(_sync_pool().map(lambda job: _fsync_path(*job), jobs))
+        else:
+            for path, directory in jobs:
+                _fsync_path(path, directory)
 
     def read_if_exists(self, rel: str) -> bytes | None:
         path = self._inside(rel)
@@ -169,6 +245,8 @@ class LakeStorage:
         path = self._inside(rel)
         if self.fs.exists(path):
             self.fs.rm_file(path)
+            if self.is_local:
+                self._written(path, data_too=False)
 
     def _relative(self, paths: list[str]) -> list[str]:
         """Lake-relative forms of the paths `fs.find` returned (with or without a protocol; a bucket
