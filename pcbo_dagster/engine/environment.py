@@ -12,12 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import HttpDelivery
 from pcbo_dagster.audit.log import AuditLog
+from pcbo_dagster.audit.object_store_backup import open_backup
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
-from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.engine.settings import Settings, check_multi_host
 from pcbo_dagster.io.env_vars import positive_number
 from pcbo_dagster.lake.storage import LakeStorage
 
@@ -91,7 +91,10 @@ class Environment:
     @classmethod
     def open(cls, settings: Settings, create: bool = True) -> Environment:
         """Open the lake, catalog and audit log; `create=False` (commands that only look at or undo
-        what is there) refuses, with nothing created, an embedded catalog that does not exist yet."""
+        what is there) refuses, with nothing created, an embedded catalog that does not exist yet.
+        A configuration that cannot hold with runs on several hosts is refused first
+        (`settings.check_multi_host`)."""
+        check_multi_host(settings)
         catalog = CatalogStore(settings.catalog_url)
         if not create and catalog.is_missing_sqlite_file():
             raise InvalidInput(
@@ -100,7 +103,7 @@ class Environment:
             )
         settings.home.mkdir(parents=True, exist_ok=True)
         catalog.migrate()
-        backup = AuditBackup(settings.audit_dir)
+        backup = open_backup(settings.audit_location, settings.audit_dir)
         delivery = None
         if settings.audit_endpoint:
             delivery = HttpDelivery(
