@@ -173,7 +173,7 @@ def test_a_stray_event_beyond_a_hole_is_never_adopted(tmp_path, store_url, fresh
     assert isinstance(store, ObjectStoreAuditBackup)
     store.fs.pipe_file(_object(store, 3), jcs(_forged_next(events, 666, seq_offset=2)), mode="create")
     log.append(KEY, "e", _body(2))  # seq 2: below the stray object
-    with pytest.raises(ChainDivergence, match="does not verify"):
+    with pytest.raises(ChainDivergence, match="does not continue the chain"):
         log.append(KEY, "e", _body(3))  # seq 3 holds an event nobody recorded (and that links nowhere)
     assert [e["n"] for e in catalog.audit_events(KEY)] == [0, 1, 2]
     chains, problems = store.read_all_with_problems()
@@ -258,3 +258,97 @@ def test_hosts_appending_at_once_keep_one_linear_chain(tmp_path, store_url, fres
     catalog = hosts[1].head_store
     assert isinstance(catalog, CatalogStore)
     assert catalog.audit_events(KEY) == events
+
+
+# -- whole runs on two "hosts" (two homes) sharing the lake, the catalog and the audit store --------
+
+
+def _store_chain(store_env: dict[str, str], url: str, key: str = KEY) -> list[dict[str, Any]]:
+    """The chain read straight from the store's objects (no engine code)."""
+    import fsspec
+
+    options = {"client_kwargs": {"endpoint_url": store_env["PCBO_S3_ENDPOINT_URL"]}}
+    fs = fsspec.filesystem("s3", **options)
+    base = url.split("://", 1)[1] + "/" + key
+    fs.invalidate_cache()
+    names = sorted(p for p in fs.ls(base, detail=False) if p.rsplit("/", 1)[-1][0].isdigit())
+    return [json.loads(fs.cat_file(p)) for p in names]
+
+
+def _assert_one_commit_per_content(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    assert verify_chain(events, KEY) == []
+    commits: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        if event["event_type"] == "partition_committed":
+            commits.setdefault(event["partition"]["key"], []).append(event)
+    for key, found in commits.items():
+        checksums = [e["manifest"]["checksum"] for e in found]
+        assert len(set(checksums)) == len(checksums), f"{key}: one content committed twice"
+    return commits
+
+
+def test_two_hosts_with_stale_local_directories_never_duplicate_an_event(
+    tmp_path, s3_store, s3_env, store_url, fresh_postgres_url
+):
+    generator = load_generator()
+    request = generator.make_request(records=120, partitions=6, seed=5, run_id="hosts-1")
+    first = write_request(tmp_path / "first.json", request)
+    changed = dict(request, runId="hosts-2", sourceRecords=request["sourceRecords"][:-7])
+    second = write_request(tmp_path / "second.json", changed)
+    env = {
+        **s3_env,
+        "PCBO_LAKE_URL": s3_store.url(f"lake-{uuid.uuid4().hex[:8]}"),
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+        "PCBO_AUDIT_DIR": store_url,
+        "PCBO_MULTI_HOST": "true",
+    }
+    a, b = tmp_path / "host-a", tmp_path / "host-b"
+    run = run_pcbo(["execute", "--input", first], home=a, env=env, cwd=tmp_path)
+    assert run.status == 0, run.stderr
+    assert {p["status"] for p in run.document["partitions"]} == {"committed"}
+    after_a = _store_chain(env, store_url)
+    # Host B has never seen the chain: the same request changes nothing and appends nothing.
+    run = run_pcbo(["execute", "--input", first], home=b, env=env, cwd=tmp_path)
+    assert run.status == 0, run.stderr
+    assert {p["status"] for p in run.document["partitions"]} == {"unchanged"}
+    assert _store_chain(env, store_url) == after_a
+    # B commits new versions; A's local cache is now stale, and A's next run still continues the chain.
+    run = run_pcbo(["execute", "--input", second], home=b, env=env, cwd=tmp_path)
+    assert run.status == 0, run.stderr
+    run = run_pcbo(["execute", "--input", first], home=a, env=env, cwd=tmp_path)
+    assert run.status == 0, run.stderr
+    run = run_pcbo(["execute", "--input", first], home=b, env=env, cwd=tmp_path)
+    assert run.status == 0 and {p["status"] for p in run.document["partitions"]} == {"unchanged"}
+    events = _store_chain(env, store_url)
+    commits = _assert_one_commit_per_content(events)
+    assert len(commits) == 6
+    # A third host, from an empty directory, finds everything clean.
+    run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
+    assert run.status == 0, run.document
+    assert run.document["status"] == "clean"
+    assert run.document["checked"]["chains"] == {KEY: len(events)}
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"PCBO_AUDIT_DIR": "STORE"}, "PCBO_CATALOG_URL"),
+        ({"PCBO_MULTI_HOST": "true", "PCBO_AUDIT_DIR": "STORE"}, "PCBO_CATALOG_URL"),
+        ({"PCBO_MULTI_HOST": "true", "PCBO_CATALOG_URL": "PG"}, "PCBO_AUDIT_DIR"),
+        ({"PCBO_MULTI_HOST": "true", "PCBO_CATALOG_URL": "PG", "PCBO_AUDIT_DIR": "STORE"}, "PCBO_LAKE_URL"),
+        ({"PCBO_MULTI_HOST": "maybe"}, "PCBO_MULTI_HOST"),
+    ],
+)
+def test_a_configuration_that_cannot_hold_on_many_hosts_is_refused(
+    tmp_path, s3_env, store_url, postgres_url, settings, named
+):
+    request = load_generator().make_request(records=10, partitions=1, seed=1, run_id="refused")
+    path = write_request(tmp_path / "req.json", request)
+    replace = {"STORE": store_url, "PG": postgres_url}
+    env = {**s3_env, **{k: replace.get(v, v) for k, v in settings.items()}}
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", path], home=home, env=env, cwd=tmp_path)
+    assert run.status == 2, (run.status, run.stderr)
+    assert run.stderr.startswith(f"pcbo: invalid input: {named}:") or named in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert not home.exists()

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from pcbo_dagster.audit.backup import ChainBackup
+from pcbo_dagster.audit.backup import AuditBackupCorrupt, ChainBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
 from pcbo_dagster.core.audit_chain import AuditEvent, build_event, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
@@ -140,6 +140,12 @@ class AuditLog:
 
     def _reconcile(self, chain_key: str, txn: ChainHeadTxn) -> ReconcileResult:
         """Bring the backup and the head store to one chain, or raise `ChainDivergence` (module doc)."""
+        try:
+            return self._reconcile_stores(chain_key, txn)
+        except AuditBackupCorrupt as exc:
+            raise ChainDivergence(f"{chain_key}: the audit backup cannot be appended to: {exc}") from exc
+
+    def _reconcile_stores(self, chain_key: str, txn: ChainHeadTxn) -> ReconcileResult:
         store_head = txn.head()
         pending = txn.pending()
         store_seq = -1 if store_head is None else store_head[0]

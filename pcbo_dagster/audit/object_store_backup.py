@@ -205,6 +205,11 @@ class ObjectStoreAuditBackup:
             if cached:
                 self.cache.append(chain_key, cached, fsync=False)
                 self._verified[chain_key] = (len(events) + len(cached) - 1, _hash_of(cached[-1]))
+            if len(cached) < len(fresh) and not problems:
+                seq = len(events) + len(cached)
+                problems.append(
+                    f"{self.location}: {chain_key}: the event at seq {seq} does not continue the chain"
+                )
             return events + fresh, problems, contiguous
 
     def read_chain_with_problems(self, chain_key: str) -> tuple[list[dict], list[str]]:
@@ -219,14 +224,14 @@ class ObjectStoreAuditBackup:
         return self._read(chain_key)[0]
 
     def last_event(self, chain_key: str) -> dict | None:
-        """The event of the last contiguous object; `AuditBackupCorrupt` when that object is not one."""
+        """The event of the last contiguous object. `AuditBackupCorrupt` when the chain read from the
+        store does not hold together (an object that is not an event, or an event that does not
+        continue the one before it): nothing may be appended to it."""
         events, problems, contiguous = self._read(chain_key)
+        if problems:
+            raise AuditBackupCorrupt(problems[0])
         if contiguous == 0:
             return None
-        if not events or events[-1]["chain"].get("seq") != contiguous - 1:
-            raise AuditBackupCorrupt(
-                f"{self.location}: {chain_key}: {problems[-1] if problems else 'broken'}"
-            )
         return events[-1]
 
     def chain_keys(self) -> list[str]:
