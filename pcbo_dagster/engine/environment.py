@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,15 @@ from pcbo_dagster.engine.settings import Settings, check_multi_host
 from pcbo_dagster.io.env_vars import positive_number
 from pcbo_dagster.lake.storage import LakeStorage
 
+#: How long a lease lasts without renewal (`PCBO_LEASE_TTL_SECONDS`): a run whose host died is taken
+#: over this long after its last renewal (at once when it died on this host: its pid is gone).
 LEASE_TTL_SECONDS = 300.0
+
+
+def lease_ttl_seconds() -> float:
+    return positive_number(
+        "PCBO_LEASE_TTL_SECONDS", os.environ.get("PCBO_LEASE_TTL_SECONDS"), LEASE_TTL_SECONDS
+    )
 
 
 class DatasetBusy(PcboError):
@@ -46,7 +55,12 @@ def _holder_is_dead(holder_text: str) -> bool:
 
 
 class DatasetLease:
-    """The catalog's write lease on a dataset version, held for a run and renewed as it goes."""
+    """The catalog's write lease on a dataset version, held for a run.
+
+    While held, a heartbeat thread renews it every third of its time to live (so a long commit batch
+    on a slow store never lets it lapse); the run also renews it between commit batches (`renew`),
+    which raises `DatasetBusy` once the lease was lost (taken over after a missed renewal): the run
+    then stops before its next commit batch instead of writing beside the new holder."""
 
     def __init__(self, catalog: CatalogStore, dataset: str, version_label: str, run_id: str | None) -> None:
         self.catalog, self.dataset, self.version_label = catalog, dataset, version_label
@@ -54,14 +68,19 @@ class DatasetLease:
             {"run": run_id, "pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex},
             sort_keys=True,
         )
+        self.ttl = lease_ttl_seconds()
+        self.lost = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def acquire(self, wait_seconds: float) -> None:
         deadline = time.monotonic() + wait_seconds
         while True:
             current = self.catalog.try_acquire_lease(
-                self.dataset, self.version_label, self.holder, LEASE_TTL_SECONDS, _holder_is_dead
+                self.dataset, self.version_label, self.holder, self.ttl, _holder_is_dead
             )
             if current is None:
+                self._start_heartbeat()
                 return
             if time.monotonic() >= deadline:
                 holder = json.loads(current["holder"])
@@ -73,11 +92,32 @@ class DatasetLease:
                 )
             time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
 
+    def _start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(self.ttl / 3):
+                try:
+                    if self.catalog.try_acquire_lease(
+                        self.dataset, self.version_label, self.holder, self.ttl
+                    ):
+                        self.lost = True
+                        return
+                except Exception:  # noqa: BLE001 - a catalog hiccup: the next beat (or `renew`) tries again
+                    continue
+
+        self._heartbeat = threading.Thread(target=beat, name="pcbo-lease-heartbeat", daemon=True)
+        self._heartbeat.start()
+
     def renew(self) -> None:
-        if self.catalog.try_acquire_lease(self.dataset, self.version_label, self.holder, LEASE_TTL_SECONDS):
+        if self.lost or self.catalog.try_acquire_lease(
+            self.dataset, self.version_label, self.holder, self.ttl
+        ):
+            self.lost = True
             raise DatasetBusy(f"{self.dataset}/{self.version_label}: the write lease was taken over")
 
     def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
         self.catalog.release_lease(self.dataset, self.version_label, self.holder)
 
 
