@@ -174,6 +174,7 @@ EXPECTED_TABLES = {
     "soak_evaluations",
     "audit_pending_batches",
     "alerts",
+    "source_zone_indexes",
 }
 
 

@@ -326,3 +326,14 @@ alerts = Table(
     PrimaryKeyConstraint("id", name="pk_alerts"),
     UniqueConstraint("alert_key", name="uq_alerts_alert_key"),
 )
+
+# Zone indexes of streamed sources (migration 0005, `sources/zones.py`): a cache keyed by the source's
+# identity (a changed source is a new key), so a range run reads only the zones of its range.
+source_zone_indexes = Table(
+    "source_zone_indexes",
+    metadata,
+    Column("index_key", String(128), nullable=False),
+    Column("index_json", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("index_key", name="pk_source_zone_indexes"),
+)

@@ -29,6 +29,7 @@ from pcbo_dagster.sources.hive_directories import is_directory, open_directory_s
 from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
 from pcbo_dagster.sources.record_files import resolve_uri
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
+from pcbo_dagster.sources.zones import Window, ZoneIndexStore
 
 
 @dataclass
@@ -118,9 +119,19 @@ def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequ
     return LoadedRequest(request, None, None, source.uri, source.kind, source=source, spill=spill)
 
 
-def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
+def placement_window(request: BackfillRequest) -> Window:
+    """What the request places records by, and its window: `occurredAt` in [start, end), or the
+    ledger field in [first, end)."""
+    span = request.ledgerRange
+    if span is not None:
+        return Window(span.field, True, span.first, span.end)
+    return Window("occurredAt", False, request.start_us, request.end_us)
+
+
+def _record_source(request: BackfillRequest, uri: str, zone_indexes: ZoneIndexStore | None) -> RecordSource:
     """The streamed source a request names: a ledger archive, a record file, or a directory of them
-    (pruned by the request's time window unless `source.prune` is false)."""
+    (unless `source.prune` is false: a directory's files pruned by their hive paths, and every file
+    read only in the zones that may hold records of the request's window, `sources/zones.py`)."""
     ref = request.source
     assert ref is not None
     if ref.format == "ledger_archive":
@@ -129,16 +140,25 @@ def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
         return LedgerArchiveSource(uri, ref.uri, span.first, span.end, allow_gaps=ref.allowGaps)
     if is_directory(uri, ref.uri):
         window = None if request.ledgerRange is not None else (request.start_us, request.end_us)
-        return open_directory_source(uri, ref.uri, ref.format, window, ref.prune)
-    return open_source(uri, ref.uri, ref.resolved_format())
+        source = open_directory_source(uri, ref.uri, ref.format, window, ref.prune)
+    else:
+        source = open_source(uri, ref.uri, ref.resolved_format())
+    if ref.prune:
+        source.prune_zones(placement_window(request), zone_indexes)
+    return source
 
 
-def load_request(raw: bytes, base_dir: Path | None = None) -> LoadedRequest:
-    """Parse, validate and read the records of a request; `InvalidInput` on any bad input."""
+def load_request(
+    raw: bytes, base_dir: Path | None = None, zone_indexes: ZoneIndexStore | None = None
+) -> LoadedRequest:
+    """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
+    `zone_indexes` keeps the zone indexes of streamed sources between runs (the catalog): the records
+    read are the same without it, which only makes a range run read its whole source once."""
     parsed = parse_json_strict(raw)
     request = validate_request(parsed.value)
     if request.source is not None:
-        return _load_streamed(request, _record_source(request, resolve_uri(request.source.uri, base_dir)))
+        uri = resolve_uri(request.source.uri, base_dir)
+        return _load_streamed(request, _record_source(request, uri, zone_indexes))
     records = request.sourceRecords or []
     try:
         digests = record_digests(records, parsed.may_hold_floats_or_big_ints)

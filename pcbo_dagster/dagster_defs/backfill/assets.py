@@ -46,6 +46,7 @@ from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
 from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.sources.zones import ZoneIndexStore
 
 GROUP_NAME = "pcbo"
 #: The asset's context, or the request job's op context (the loggers below only use `context.log`).
@@ -235,6 +236,7 @@ def _evaluate_group(
     source_uri: str,
     run_id: str,
     group: Sequence[Span],
+    zone_indexes: ZoneIndexStore | None = None,
 ) -> tuple[LoadedRequest, Plan, Decisions]:
     """Load and evaluate one request, log its policy gate and check its gates (nothing written)."""
     keys = [w.key for w in group]
@@ -250,7 +252,7 @@ def _evaluate_group(
             "partitionRange": f"{keys[0]}..{keys[-1]}",
         },
     )
-    loaded = load_request(json.dumps(request).encode("utf-8"))
+    loaded = load_request(json.dumps(request).encode("utf-8"), zone_indexes=zone_indexes)
     plan, decisions = evaluate(loaded)
     planned = [p.key for p in plan.partitions]
     if planned != keys:
@@ -293,15 +295,15 @@ def _materialize(
         f"{dataset.name}: {len(keys)} partition(s) {keys[0]}..{keys[-1]} as {len(groups)} engine "
         f"request(s); source {redact_url(source_uri)}; engine {json.dumps(pcbo.describe(lake))}"
     )
-    with engine_errors(source_uri):
+    with engine_errors(source_uri), pcbo.zone_indexes() as zones:
         if len(groups) > 1:
             # Gates hold before anything is written: check every request's before executing any.
             for run_id, group in zip(run_ids, groups, strict=True):
-                _evaluate_group(context, dataset, source_uri, run_id, group)
+                _evaluate_group(context, dataset, source_uri, run_id, group, zones)
             context.log.info(f"gates passed for all {len(groups)} requests")
         with pcbo.environment(lake) as env:
             for run_id, group in zip(run_ids, groups, strict=True):
-                loaded, plan, decisions = _evaluate_group(context, dataset, source_uri, run_id, group)
+                loaded, plan, decisions = _evaluate_group(context, dataset, source_uri, run_id, group, zones)
                 context.log.info(
                     f"gates passed (onViolation={dataset.policies.onViolation}): "
                     f"writing {len(group)} partition(s)"
