@@ -258,3 +258,20 @@ def test_the_index_key_follows_the_sources_identity(tmp_path):
     first = zones.source_identity(fs, path)
     os.utime(source, ns=(1, 1))
     assert zones.source_identity(fs, path) != first
+
+
+def test_a_jsonl_source_on_s3_is_pruned_and_its_records_fetched(tmp_path, catalog, s3_store, monkeypatch):
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    local = _write_jsonl(tmp_path / "events.jsonl", _records())
+    uri = s3_store.url() + "/events.jsonl"
+    s3_store.filesystem().pipe_file(uri.split("://", 1)[1], local.read_bytes())
+    window = ("2024-01-02T00:00:00Z", "2024-01-02T03:00:00Z")
+    for store in (catalog, catalog):  # builds the index (keyed by the ETag), then seeks by it
+        loaded, plan, decisions = _decide(_request(uri, *window), store)
+        assert loaded.source.zone_report()["read"] < loaded.source.zone_report()["zones"] / 3
+        fetched = [r["id"] for pd in decisions.partitions for r in loaded.fetch(pd.add_locators)]
+        assert fetched == [i for pd in decisions.partitions for i in pd.add]
+        assert len(fetched) > 20
+    _, _, whole = _decide(_request(local, *window, prune=False))
+    assert _partitions(decisions) == _partitions(whole)

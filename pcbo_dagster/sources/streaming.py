@@ -125,6 +125,33 @@ def _lines(fh: IO[bytes], offset: int = 0) -> Iterator[tuple[int, bytes]]:
         offset += len(part)
 
 
+def _line_at(fh: IO[bytes], offset: int) -> bytes:
+    """The line starting at the file's current position (`offset`), without its ending. Read in small
+    pieces, not with `readline(size)`: fsspec's remote files (S3, GCS) take no size there."""
+    limit = max_line_bytes()
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        piece = fh.read(_LINE_PIECE)
+        if not piece:
+            break
+        ends = [i for i in (piece.find(b"\n"), piece.find(b"\r")) if i >= 0]
+        if ends:
+            pieces.append(piece[: min(ends)])
+            size += min(ends)
+            break
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    if size > limit:
+        _line_too_long(offset, limit)
+    return b"".join(pieces)
+
+
+_LINE_PIECE = 16 << 10
+
+
 def _line_too_long(offset: int, limit: int) -> None:
     raise InvalidInput(
         "source", f"the line at byte {offset} is longer than {limit} bytes (PCBO_MAX_LINE_BYTES)"
@@ -294,7 +321,7 @@ class JsonlSource(RecordSource):
         with _opened(self.uri, self.shown) as fh:
             for k, offset in zip(order.tolist(), offsets[order].tolist(), strict=True):
                 fh.seek(offset)
-                line = fh.readline(max_line_bytes() + 1).splitlines()[0]
+                line = _line_at(fh, offset)
                 out[k] = parse_json_strict(line, what="source line").value
         return out
 
