@@ -21,10 +21,13 @@ with the one `pcbo` resource (`PcboEngineResource`, bound to the `PCBO_*` variab
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.alerts.sensors import build_alerts_sensor
 from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset
 from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks
@@ -41,7 +44,52 @@ from pcbo_dagster.datasets.config import (
     LedgerRangePartitioning,
     load_datasets_config_from_env,
 )
+from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
+
+#: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
+#: `PCBO_CELERY_BROKER` (e.g. redis://host:6379/0) and result backend `PCBO_CELERY_BACKEND` (default:
+#: the broker's URL). Unset (or `default`): Dagster's default executor, steps on the run's own host.
+EXECUTOR_ENV = "PCBO_EXECUTOR"
+
+
+def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefinition | None:
+    """The executor `PCBO_EXECUTOR` names (None: Dagster's default). The broker and backend URLs are
+    read by Dagster from the environment when a run starts (`EnvVar`), never written into run config."""
+    env = os.environ if env is None else env
+    kind = (env.get(EXECUTOR_ENV) or "default").strip().lower()
+    if kind == "default":
+        return None
+    if kind != "celery":
+        raise InvalidInput(EXECUTOR_ENV, f"must be 'celery' or 'default', not {kind!r}")
+    if not env.get("PCBO_CELERY_BROKER"):
+        raise InvalidInput("PCBO_CELERY_BROKER", "is required with PCBO_EXECUTOR=celery (redis://host:6379/0)")
+    try:
+        from dagster_celery import celery_executor
+    except ImportError:
+        raise InvalidInput(
+            EXECUTOR_ENV, "PCBO_EXECUTOR=celery needs dagster-celery (pip install 'pcbo_dagster[celery]')"
+        ) from None
+    visibility = positive_int(
+        "PCBO_CELERY_VISIBILITY_TIMEOUT", env.get("PCBO_CELERY_VISIBILITY_TIMEOUT"), 3600
+    )
+    backend = "PCBO_CELERY_BACKEND" if env.get("PCBO_CELERY_BACKEND") else "PCBO_CELERY_BROKER"
+    return celery_executor.configured(
+        {
+            "broker": {"env": "PCBO_CELERY_BROKER"},
+            "backend": {"env": backend},
+            # A step is acknowledged when it ends, so a worker killed mid-step leaves it on the queue for
+            # another worker once Redis's visibility timeout passes; the engine's lease and chain make
+            # the repeat safe (committed partitions are unchanged, a commit without its event healed).
+            "config_source": {
+                "task_acks_late": True,
+                "task_reject_on_worker_lost": True,
+                "worker_prefetch_multiplier": 1,
+                "broker_transport_options": {"visibility_timeout": visibility},
+            },
+        },
+        name="pcbo_celery",
+    )
 
 
 def build_definitions(
@@ -102,6 +150,7 @@ def build_definitions(
         sensors=sensors,
         schedules=schedules,
         resources={"pcbo": resource or PcboEngineResource.from_env()},
+        executor=executor_from_env(),
     )
 
 

@@ -1,0 +1,282 @@
+"""Celery on Redis (issue 14): Dagster's Celery executor (dagster-celery) with Debian's redis-server
+on loopback as broker and result backend, PostgreSQL for the Dagster instance and the catalog, an S3
+lake, audit store and source on moto's server. Three workers are separate `celery` processes, each in
+its own working directory with its own PCBO_HOME and audit cache (standing in for hosts); nothing is
+shared but the lake URL, the catalog URL, the audit store URL and the broker.
+
+A multi_run backfill of 720 hourly partitions (30 runs of 24) is launched by
+`python -m pcbo_dagster.dagster_defs.range_runs`; every run's step is a Celery task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("dagster_celery")
+
+from pcbo_dagster.core.audit_chain import verify_chain  # noqa: E402
+from pcbo_dagster_tests.dagster_harness import REPO_ROOT, executable, materialize_range  # noqa: E402
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+HOURS = 720
+PER_RUN = 24
+KEY = "events/v1"
+
+
+def _records() -> list[dict[str, Any]]:
+    out = []
+    for hour in range(HOURS):
+        day, h = divmod(hour, 24)
+        for i in range(2):
+            out.append(
+                {
+                    "id": f"evt-{hour:04d}-{i}",
+                    "occurredAt": f"2024-01-{day + 1:02d}T{h:02d}:{15 + i * 30:02d}:00Z",
+                    "consentGranted": (hour + i) % 7 != 0,
+                    "jurisdiction": "US" if i else "CA",
+                    "amount": hour * 10 + i,
+                }
+            )
+    return out
+
+
+def _config(source_uri: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "datasets": [
+            {
+                "name": "events",
+                "versionLabel": "v1",
+                "partitioning": {
+                    "kind": "time_window",
+                    "cron": "hourly",
+                    "start": "2024-01-01T00:00:00Z",
+                    "end": "2024-01-31T00:00:00Z",
+                    "timezone": "UTC",
+                },
+                "source": {"uri": source_uri, "format": "jsonl"},
+                "policies": {
+                    "requireConsent": True,
+                    "allowedJurisdictions": ["US", "CA"],
+                    "onViolation": "omit",
+                },
+                "backfillPolicy": {"kind": "multi_run", "maxPartitionsPerRun": PER_RUN},
+                "checkGranularity": "run",
+            }
+        ],
+    }
+
+
+def _s3(env: dict[str, str]) -> Any:
+    import fsspec
+
+    return fsspec.filesystem(
+        "s3",
+        key=env["AWS_ACCESS_KEY_ID"],
+        secret=env["AWS_SECRET_ACCESS_KEY"],
+        client_kwargs={"endpoint_url": env["PCBO_S3_ENDPOINT_URL"], "region_name": "us-east-1"},
+    )
+
+
+def _tree(env: dict[str, str] | None, root: str) -> dict[str, bytes]:
+    """Every file under a lake (an S3 prefix, or a local directory), by relative path."""
+    if env is None:
+        base = Path(root)
+        return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file()}
+    fs = _s3(env)
+    fs.invalidate_cache()
+    prefix = root.split("://", 1)[1]
+    return {p[len(prefix) + 1 :]: fs.cat_file(p) for p in sorted(fs.find(prefix))}
+
+
+def _store_chain(env: dict[str, str], url: str) -> list[dict[str, Any]]:
+    fs = _s3(env)
+    fs.invalidate_cache()
+    base = url.split("://", 1)[1] + "/" + KEY
+    names = sorted(p for p in fs.ls(base, detail=False) if p.rsplit("/", 1)[-1][0].isdigit())
+    return [json.loads(fs.cat_file(p)) for p in names]
+
+
+class Cluster:
+    """Three worker "hosts" and what they share."""
+
+    def __init__(self, root: Path, shared: dict[str, str], config_text: str) -> None:
+        self.root, self.shared, self.config_text = root, shared, config_text
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def host_env(self, name: str) -> tuple[dict[str, str], Path]:
+        home = self.root / name
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "datasets.yaml").write_text(self.config_text)  # each host its own copy of the config
+        (home / "dagster_celery_config.py").write_text(
+            "import os\nbroker_url = os.environ['PCBO_CELERY_BROKER']\n"
+            "result_backend = os.environ['PCBO_CELERY_BROKER']\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PCBO_", "DAGSTER_"))}
+        env.update(self.shared)
+        env.update(
+            {
+                "PCBO_HOME": str(home / "pcbo"),
+                "PCBO_AUDIT_CACHE_DIR": str(home / "audit-cache"),
+                "PCBO_DATASETS_CONFIG": str(home / "datasets.yaml"),
+                "DAGSTER_HOME": str(self.root / "dagster_home"),
+                "PYTHONPATH": str(home),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env, home
+
+    def start_worker(self, name: str) -> None:
+        env, home = self.host_env(name)
+        log = open(home / "worker.log", "ab")  # noqa: SIM115 - closed with the process
+        argv = [
+            executable("celery"), "-A", "dagster_celery.app", "worker", "-Q", "dagster",
+            "--pool", "solo", "--prefetch-multiplier", "1", "-n", f"{name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        self.workers[name] = subprocess.Popen(
+            argv, cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        for name in self.workers:
+            log = self.root / name / "worker.log"
+            while b"ready." not in (log.read_bytes() if log.exists() else b""):
+                assert self.workers[name].poll() is None, self.logs()
+                assert time.monotonic() < deadline, self.logs()
+                time.sleep(0.2)
+
+    def backfill(self, name: str, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
+        env, home = self.host_env(name)
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        return subprocess.run(
+            [sys.executable, "-m", "pcbo_dagster.dagster_defs.range_runs", "events", *args],
+            cwd=home,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"----- {n} -----\n{(self.root / n / 'worker.log').read_text(errors='replace')[-3000:]}"
+            for n in self.workers
+        )
+
+    def stop(self) -> None:
+        for popen in self.workers.values():
+            if popen.poll() is None:
+                os.killpg(popen.pid, signal.SIGTERM)
+        for popen in self.workers.values():
+            try:
+                popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.wait(timeout=5)
+
+
+@pytest.fixture
+def cluster(tmp_path, s3_store, redis_url, postgres_server, fresh_postgres_url):
+    tag = uuid.uuid4().hex[:8]
+    fs = _s3(s3_store.env)
+    source = s3_store.url(f"src-{tag}") + "/events.jsonl"
+    records = _records()
+    fs.pipe_file(source.split("://", 1)[1], b"".join(json.dumps(r).encode() + b"\n" for r in records))
+    config_text = yaml.safe_dump(_config(source), sort_keys=False)
+    dagster_db = postgres_server.create_database("pcbo_dagster")
+    shared = {
+        **s3_store.env,
+        "PCBO_LAKE_URL": s3_store.url(f"lake-{tag}"),
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+        "PCBO_AUDIT_DIR": s3_store.url(f"pas-{tag}"),
+        "PCBO_MULTI_HOST": "true",
+        "PCBO_EXECUTOR": "celery",
+        "PCBO_CELERY_BROKER": redis_url,
+        "PCBO_PARALLEL": "1",
+    }
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    # dagster-postgres needs psycopg2 (test_dagster_postgres_instance.py says why)
+    pg = postgres_server.url(dagster_db).replace("postgresql+psycopg://", "postgresql+psycopg2://")
+    instance = {"storage": {"postgres": {"postgres_url": pg}}, "telemetry": {"enabled": False}}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(instance))
+    nodes = Cluster(tmp_path, shared, config_text)
+    try:
+        yield nodes
+    except BaseException:
+        print(nodes.logs())
+        raise
+    finally:
+        nodes.stop()
+        postgres_server.drop_database(dagster_db)
+
+
+def _single_host_lake(tmp_path: Path, config_text: str, env: dict[str, str], monkeypatch) -> dict[str, bytes]:
+    """The same backfill as one run in this process, on a local lake, SQLite catalog and audit dir."""
+    import dagster as dg
+
+    home = tmp_path / "single"
+    home.mkdir()
+    config = home / "datasets.yaml"
+    config.write_text(config_text)
+    for name, value in env.items():
+        if name.startswith("AWS_") or name == "PCBO_S3_ENDPOINT_URL":
+            monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PCBO_HOME", str(home / "pcbo"))
+    for name in ("PCBO_LAKE_URL", "PCBO_CATALOG_URL", "PCBO_AUDIT_DIR", "PCBO_MULTI_HOST", "PCBO_EXECUTOR"):
+        monkeypatch.delenv(name, raising=False)
+    with dg.instance_for_test() as instance:
+        result = materialize_range(config, "events", "20240101T000000Z", "20240130T230000Z", instance)
+    assert result.success
+    return _tree(None, str(home / "pcbo" / "lake"))
+
+
+def test_three_celery_workers_backfill_720_partitions_as_one_host_would(cluster, tmp_path, monkeypatch):
+    for name in ("host-1", "host-2", "host-3"):
+        cluster.start_worker(name)
+    cluster.wait_ready()
+    started = time.monotonic()
+    done = cluster.backfill("coordinator", "--no-checks")
+    took = time.monotonic() - started
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-6000:]}\n{cluster.logs()}"
+    runs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(runs) == HOURS // PER_RUN and all(r["success"] == "true" for r in runs)
+    # The steps ran on the workers (each one its own "host"), not in the coordinator.
+    served = {
+        name: (cluster.root / name / "worker.log").read_text(errors="replace").count("succeeded in")
+        for name in cluster.workers
+    }
+    assert sum(served.values()) >= len(runs), served
+    assert sum(1 for n in served.values() if n) >= 2, served
+    # One linear chain with exactly one commit event per partition.
+    events = _store_chain(cluster.shared, cluster.shared["PCBO_AUDIT_DIR"])
+    assert verify_chain(events, KEY) == []
+    commits = [e["partition"]["key"] for e in events if e["event_type"] == "partition_committed"]
+    assert len(commits) == len(set(commits)) == HOURS
+    # The lake is byte-identical to a single-host run's.
+    lake = _tree(cluster.shared, cluster.shared["PCBO_LAKE_URL"])
+    single = _single_host_lake(tmp_path, cluster.config_text, cluster.shared, monkeypatch)
+    assert sorted(lake) == sorted(single)
+    assert [k for k in lake if lake[k] != single[k]] == []
+    # `pcbo verify` from a fresh directory (an empty cache) is clean.
+    env, home = cluster.host_env("auditor")
+    verified = subprocess.run(
+        [executable("pcbo"), "verify"], cwd=home, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert verified.returncode == 0, verified.stdout[-3000:] + verified.stderr[-3000:]
+    report = json.loads(verified.stdout)
+    assert report["status"] == "clean" and report["checked"]["chains"] == {KEY: len(events)}
+    print(f"celery backfill: {len(runs)} runs, {HOURS} partitions in {took:.1f} s; steps per worker {served}")
