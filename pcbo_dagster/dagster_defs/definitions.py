@@ -44,7 +44,6 @@ from pcbo_dagster.datasets.config import (
     LedgerRangePartitioning,
     load_datasets_config_from_env,
 )
-from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 
 #: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
@@ -70,23 +69,15 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
         raise InvalidInput(
             EXECUTOR_ENV, "PCBO_EXECUTOR=celery needs dagster-celery (pip install 'pcbo_dagster[celery]')"
         ) from None
-    visibility = positive_int(
-        "PCBO_CELERY_VISIBILITY_TIMEOUT", env.get("PCBO_CELERY_VISIBILITY_TIMEOUT"), 3600
-    )
+    from pcbo_dagster.dagster_defs.celery_config import celery_settings
+
     backend = "PCBO_CELERY_BACKEND" if env.get("PCBO_CELERY_BACKEND") else "PCBO_CELERY_BROKER"
     return celery_executor.configured(
         {
             "broker": {"env": "PCBO_CELERY_BROKER"},
             "backend": {"env": backend},
-            # A step is acknowledged when it ends, so a worker killed mid-step leaves it on the queue for
-            # another worker once Redis's visibility timeout passes; the engine's lease and chain make
-            # the repeat safe (committed partitions are unchanged, a commit without its event healed).
-            "config_source": {
-                "task_acks_late": True,
-                "task_reject_on_worker_lost": True,
-                "worker_prefetch_multiplier": 1,
-                "broker_transport_options": {"visibility_timeout": visibility},
-            },
+            # The same settings as the workers' app (celery_worker.py), where acknowledgement happens.
+            "config_source": celery_settings(env),
         },
         name="pcbo_celery",
     )

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 
 import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableRepository
@@ -63,21 +64,33 @@ def launch(
     return {"runId": result.run_id, "first": span[0], "last": span[1], "success": str(result.success).lower()}
 
 
+def _launch_one(asset: str, span: tuple[str, str], checks: bool) -> dict[str, str]:
+    with dg.DagsterInstance.get() as instance:
+        return launch(asset, span, instance, checks)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("asset", help="the dataset's asset name (datasets config)")
     parser.add_argument("--first", help="first partition key (default: the first)")
     parser.add_argument("--last", help="last partition key, included (default: the last)")
     parser.add_argument(
-        "--coordinators", type=int, default=1, help="runs in flight at once (threads of this process)"
+        "--coordinators", type=int, default=1, help="runs in flight at once (child processes of this one)"
     )
     parser.add_argument(
         "--no-checks", action="store_true", help="the asset only (`pcbo verify` checks the lake afterwards)"
     )
     args = parser.parse_args(argv)
     spans = run_ranges(args.asset, args.first, args.last)
-    with dg.DagsterInstance.get() as instance, ThreadPoolExecutor(max(1, args.coordinators)) as pool:
-        results = list(pool.map(lambda span: launch(args.asset, span, instance, not args.no_checks), spans))
+    if args.coordinators <= 1:
+        results = [_launch_one(args.asset, span, not args.no_checks) for span in spans]
+    else:
+        # Processes, not threads: Dagster configures Python logging (a process-wide `dictConfig`) as
+        # each run starts, and two runs starting in threads of one process deadlock on a handler lock.
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.coordinators, mp_context=spawn) as pool:
+            futures = [pool.submit(_launch_one, args.asset, span, not args.no_checks) for span in spans]
+            results = [f.result() for f in futures]
     for line in results:
         print(json.dumps(line, sort_keys=True))
     return 0 if all(r["success"] == "true" for r in results) else 1
