@@ -265,6 +265,7 @@ def cluster(tmp_path, source, s3_store, redis_url, postgres_server, fresh_postgr
         "PCBO_PARALLEL": "1",
         # A killed worker's step comes back after this; its lease is taken over after the TTL.
         "PCBO_CELERY_VISIBILITY_TIMEOUT": "15",
+        "PCBO_CELERY_RESTORE_INTERVAL": "2",
         "PCBO_LEASE_TTL_SECONDS": "6",
     }
     home = tmp_path / "dagster_home"
@@ -352,7 +353,11 @@ def _first_received(cluster: Cluster, timeout: float = 90) -> tuple[str, str]:
     raise AssertionError(f"no worker received a step\n{cluster.logs()}")
 
 
-def test_kill_9_of_the_worker_running_a_step(cluster, single_host_lake):
+TRIALS = range(int(os.environ.get("CELERY_KILL_TRIALS", "1")))  # more trials: CELERY_KILL_TRIALS=5
+
+
+@pytest.mark.parametrize("trial", TRIALS)
+def test_kill_9_of_the_worker_running_a_step(cluster, single_host_lake, trial):
     """The worker that took the first step is killed (SIGKILL, its whole process group) at a random
     instant of it: the unacknowledged step goes back on the queue after the visibility timeout, the other
     worker runs it (taking over the dead worker's dataset lease once its TTL passed), and the backfill
@@ -377,7 +382,8 @@ def test_kill_9_of_the_worker_running_a_step(cluster, single_host_lake):
     print(f"kill -9 of {victim} {delay:.2f} s into task {task} (seed {seed}, mid-step {mid_step})")
 
 
-def test_kill_9_of_the_coordinator(cluster, single_host_lake):
+@pytest.mark.parametrize("trial", TRIALS)
+def test_kill_9_of_the_coordinator(cluster, single_host_lake, trial):
     """The process coordinating the runs is killed at a random instant after the first step went out;
     the runs it left behind stay as they are (their steps may still finish on a worker), and the
     backfill launched again converges to the same lake."""
@@ -411,3 +417,39 @@ def test_the_executor_is_chosen_by_the_environment():
     with pytest.raises(InvalidInput) as refused:
         executor_from_env({"PCBO_EXECUTOR": "k8s"})
     assert refused.value.field == "PCBO_EXECUTOR"
+
+
+def test_workers_acknowledge_a_step_when_it_ends():
+    """The settings a worker needs for a killed worker's step to come back (the worker's app, not only
+    the executor's: acknowledgement and restoring happen on the consumer's side)."""
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.dagster_defs.celery_config import celery_settings
+
+    settings = celery_settings({})
+    assert settings["task_acks_late"] and settings["task_reject_on_worker_lost"]
+    assert settings["worker_prefetch_multiplier"] == 1
+    assert settings["broker_transport_options"] == {
+        "visibility_timeout": 3600,
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
+    }
+    short = celery_settings({"PCBO_CELERY_VISIBILITY_TIMEOUT": "15", "PCBO_CELERY_RESTORE_INTERVAL": "2"})
+    assert short["broker_transport_options"]["visibility_timeout"] == 15
+    assert short["broker_transport_options"]["unacked_restore_interval"] == 2
+    with pytest.raises(InvalidInput) as refused:
+        celery_settings({"PCBO_CELERY_VISIBILITY_TIMEOUT": "0"})
+    assert refused.value.field == "PCBO_CELERY_VISIBILITY_TIMEOUT"
+    script = (
+        "from pcbo_dagster.dagster_defs.celery_worker import app; c = app.conf; "
+        "print(c.task_acks_late, c.task_reject_on_worker_lost, c.broker_url, 'execute_plan' in app.tasks)"
+    )
+    env = {**os.environ, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/3"}
+    shown = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert shown.stdout.split() == ["True", "True", "redis://127.0.0.1:1/3", "True"], shown.stderr[-2000:]
+    env.pop("PCBO_CELERY_BROKER")
+    refused_worker = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert refused_worker.returncode != 0 and "PCBO_CELERY_BROKER" in refused_worker.stderr
