@@ -415,7 +415,7 @@ def test_the_executor_is_chosen_by_the_environment():
         executor_from_env({"PCBO_EXECUTOR": "celery"})
     assert refused.value.field == "PCBO_CELERY_BROKER"
     with pytest.raises(InvalidInput) as refused:
-        executor_from_env({"PCBO_EXECUTOR": "k8s"})
+        executor_from_env({"PCBO_EXECUTOR": "yarn"})
     assert refused.value.field == "PCBO_EXECUTOR"
 
 

@@ -48,7 +48,8 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 
 #: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
 #: `PCBO_CELERY_BROKER` (e.g. redis://host:6379/0) and result backend `PCBO_CELERY_BACKEND` (default:
-#: the broker's URL). Unset (or `default`): Dagster's default executor, steps on the run's own host.
+#: the broker's URL). `k8s`: dagster-k8s's `k8s_job_executor` (a Kubernetes Job per step). Unset (or
+#: `default`): Dagster's default executor, steps on the run's own host.
 EXECUTOR_ENV = "PCBO_EXECUTOR"
 
 
@@ -59,8 +60,18 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
     kind = (env.get(EXECUTOR_ENV) or "default").strip().lower()
     if kind == "default":
         return None
+    if kind == "k8s":
+        # Each step a Kubernetes Job of its own (dagster-k8s), next to runs the K8sRunLauncher starts:
+        # the deployment in deploy/helm/values.yaml. Its settings come from the run launcher's.
+        try:
+            from dagster_k8s import k8s_job_executor
+        except ImportError:
+            raise InvalidInput(
+                EXECUTOR_ENV, "PCBO_EXECUTOR=k8s needs dagster-k8s (pip install 'pcbo_dagster[k8s]')"
+            ) from None
+        return k8s_job_executor
     if kind != "celery":
-        raise InvalidInput(EXECUTOR_ENV, f"must be 'celery' or 'default', not {kind!r}")
+        raise InvalidInput(EXECUTOR_ENV, f"must be 'celery', 'k8s' or 'default', not {kind!r}")
     if not env.get("PCBO_CELERY_BROKER"):
         raise InvalidInput("PCBO_CELERY_BROKER", "is required with PCBO_EXECUTOR=celery (redis://host:6379/0)")
     try:
