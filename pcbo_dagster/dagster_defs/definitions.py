@@ -73,7 +73,9 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
     if kind != "celery":
         raise InvalidInput(EXECUTOR_ENV, f"must be 'celery', 'k8s' or 'default', not {kind!r}")
     if not env.get("PCBO_CELERY_BROKER"):
-        raise InvalidInput("PCBO_CELERY_BROKER", "is required with PCBO_EXECUTOR=celery (redis://host:6379/0)")
+        raise InvalidInput(
+            "PCBO_CELERY_BROKER", "is required with PCBO_EXECUTOR=celery (redis://host:6379/0)"
+        )
     try:
         from dagster_celery import celery_executor
     except ImportError:
