@@ -7,4 +7,8 @@ from pathlib import Path
 #: The RFC 6962 and RFC 8785 vectors, kept in the repository (`vectors/README.md` names the sources).
 VECTORS_DIR = Path(__file__).resolve().parent / "vectors"
 
-pytest_plugins = ["pcbo_dagster_tests.postgres_server", "pcbo_dagster_tests.object_store_servers"]
+pytest_plugins = [
+    "pcbo_dagster_tests.postgres_server",
+    "pcbo_dagster_tests.object_store_servers",
+    "pcbo_dagster_tests.redis_server",
+]

@@ -664,3 +664,114 @@ def test_execute_and_rollback_killed_at_random_instants_converge(tmp_path):
         assert sorted(undone) == sorted(commits)
         verified = run_pcbo(["verify"], home=home)
         assert verified.status == 0, verified.document
+
+
+# -- 5. the audit store every host shares (issue 14): objects on S3, written create-only ----------------
+
+
+@pytest.fixture
+def shared(tmp_path, s3_store, fresh_postgres_url, monkeypatch) -> dict[str, Any]:
+    """One history on two "hosts" sharing an S3 lake, an S3 audit store and a PostgreSQL catalog."""
+    from pcbo_dagster_tests.cli_runner import run_pcbo as run_subprocess
+
+    store = s3_store.url(f"pas-{uuid.uuid4().hex[:8]}")
+    env = {
+        **s3_store.env,
+        "PCBO_LAKE_URL": s3_store.url(f"lake-{uuid.uuid4().hex[:8]}"),
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+        "PCBO_AUDIT_DIR": store,
+        "PCBO_MULTI_HOST": "true",
+    }
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    request = write_request(tmp_path / "a.json", _request("a1"))
+    done = run_subprocess(["execute", "--input", request], home=tmp_path / "host-a", env=env, cwd=tmp_path)
+    assert done.status == 0, done.stderr
+    fs = s3_store.filesystem()
+    chain_dir = store.split("://", 1)[1] + "/" + CHAIN
+    return {"env": env, "fs": fs, "dir": chain_dir, "request": request, "tmp": tmp_path}
+
+
+def _shared_pcbo(shared: dict[str, Any], host: str, *args: str) -> tuple[int, Any]:
+    from pcbo_dagster_tests.cli_runner import run_pcbo as run_subprocess
+
+    done = run_subprocess(list(args), home=shared["tmp"] / host, env=shared["env"], cwd=shared["tmp"])
+    return done.status, done.document
+
+
+def _objects(shared: dict[str, Any]) -> list[str]:
+    shared["fs"].invalidate_cache()
+    return sorted(
+        p for p in shared["fs"].ls(shared["dir"], detail=False) if p.rsplit("/", 1)[-1][0].isdigit()
+    )
+
+
+def _shared_found(shared: dict[str, Any], kind: str) -> None:
+    """Found by a host that has never seen the chain, survives --repair, and every run refuses."""
+    before = _objects(shared)
+    for host in ("host-v", "host-a"):
+        status, found = _shared_pcbo(shared, host, "verify")
+        assert status == 1 and kind in kinds(found), found
+    status, repaired = _shared_pcbo(shared, "host-v", "verify", "--repair")
+    assert status == 1 and kind in kinds(repaired), repaired
+    assert _shared_pcbo(shared, "host-b", "execute", "--input", str(shared["request"]))[0] == 1
+    assert _objects(shared) == before
+
+
+@pytest.mark.postgres
+def test_an_event_object_put_on_the_shared_store_alone_is_never_adopted(shared):
+    names = _objects(shared)
+    last = json.loads(shared["fs"].cat_file(names[-1]))
+    forged = build_event(
+        chain_key=CHAIN,
+        seq=last["chain"]["seq"] + 1,
+        prev_event_hash=last["chain"]["event_hash"],
+        event_type="partition_rolled_back",
+        timestamp="2024-06-01T00:00:00Z",
+        body={"partition": last["partition"], "reason": "forged"},
+    )
+    name = f"{shared['dir']}/{forged['chain']['seq']:012d}.json"
+    shared["fs"].pipe_file(name, rfc8785.dumps(forged), mode="create")
+    _shared_found(shared, "audit_catalog_behind")
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("which", ["deleted", "overwritten"])
+def test_an_event_object_deleted_or_overwritten_on_the_shared_store_is_found(shared, which):
+    names = _objects(shared)
+    victim = names[len(names) // 2]
+    if which == "deleted":
+        shared["fs"].rm_file(victim)
+    else:  # someone with plain write access (no create-only) rewrites an event, hash recomputed
+        event = json.loads(shared["fs"].cat_file(victim))
+        event["run_id"] = "forged"
+        event["chain"]["event_hash"] = (
+            "sha256:"
+            + hashlib.sha256(
+                rfc8785.dumps(
+                    {**event, "chain": {k: v for k, v in event["chain"].items() if k != "event_hash"}}
+                )
+            ).hexdigest()
+        )
+        shared["fs"].pipe_file(victim, rfc8785.dumps(event))
+    _shared_found(shared, "audit_chain_broken")
+
+
+@pytest.mark.postgres
+def test_a_poisoned_local_cache_is_never_believed(shared):
+    """A host's cache edited so that its chain still verifies (a forged last event, hash recomputed):
+    its runs read the store, not the cache, and verify is clean."""
+    cache = next((shared["tmp"] / "host-a" / "pas-cache").rglob("v1.jsonl"))
+    lines = cache.read_bytes().splitlines()
+    last = json.loads(lines[-1])
+    last["run_id"] = "forged"
+    unhashed = {**last, "chain": {k: v for k, v in last["chain"].items() if k != "event_hash"}}
+    last["chain"]["event_hash"] = "sha256:" + hashlib.sha256(rfc8785.dumps(unhashed)).hexdigest()
+    cache.write_bytes(b"\n".join([*lines[:-1], rfc8785.dumps(last)]) + b"\n")
+    before = _objects(shared)
+    status, document = _shared_pcbo(shared, "host-a", "execute", "--input", str(shared["request"]))
+    assert status == 0 and {p["status"] for p in document["partitions"]} == {"unchanged"}
+    assert _objects(shared) == before
+    assert b"forged" not in cache.read_bytes()
+    status, found = _shared_pcbo(shared, "host-a", "verify")
+    assert status == 0, found

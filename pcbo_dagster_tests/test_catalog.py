@@ -185,6 +185,7 @@ EXPECTED_TABLES = {
     "idempotency_keys",
     "sql_apply_log",
     "sql_row_failures",
+    "source_zone_indexes",
 }
 
 

@@ -321,3 +321,181 @@ def test_dagster_definitions_validate_on_the_workspace_from_the_repository_root(
     assert "Validation successful for code location pcbo" in output
     assert "All code locations passed validation" in output
     assert not (Path(tmp_path) / "pcbo").exists()  # loading the definitions writes nothing
+
+
+# --- the docker-launcher profile (docker-compose.docker-launcher.yml) ------------------------------
+
+LAUNCHER_OVERRIDE = REPO_ROOT / "docker-compose.docker-launcher.yml"
+HELM_VALUES = REPO_ROOT / "deploy" / "helm" / "values.yaml"
+
+
+def _merge(base: Any, override: Any, key: str = "") -> Any:
+    """`docker compose -f base -f override`'s merge, as far as these files use it: mappings merged key by
+    key, a service's `configs` and `volumes` merged by target, other values replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for k, v in override.items():
+            merged[k] = _merge(base[k], v, k) if k in base else v
+        return merged
+    if key in ("configs", "volumes") and isinstance(base, list) and isinstance(override, list):
+
+        def target(item: Any) -> str:
+            return item["target"] if isinstance(item, dict) else str(item).split(":")[1]
+
+        by_target = {target(item): item for item in base}
+        by_target.update({target(item): item for item in override})
+        return list(by_target.values())
+    return override
+
+
+@pytest.fixture(scope="module")
+def launcher_compose(compose) -> dict[str, Any]:
+    return _merge(compose, yaml.safe_load(LAUNCHER_OVERRIDE.read_text()))
+
+
+def test_the_docker_launcher_profile_renders(launcher_compose):
+    env = {"POSTGRES_PASSWORD": "pw", "PCBO_LAKE_URL": "s3://b/lake", "PCBO_AUDIT_DIR": "s3://b/pas"}
+    rendered = interpolate(launcher_compose, env)
+    services = rendered["services"]
+    assert set(services) == {"postgres", *APP_SERVICES}
+    for name in ("webserver", "daemon"):
+        # the launcher's instance config replaces the base one at the same path, the socket is mounted
+        mounts = _mounts(rendered, name)
+        assert mounts["dagster-instance-docker"] == "/opt/dagster/home/dagster.yaml"
+        assert "dagster-instance" not in mounts
+        assert "/var/run/docker.sock:/var/run/docker.sock" in services[name]["volumes"]
+    for name in APP_SERVICES:
+        environment = services[name]["environment"]
+        assert environment["PCBO_MULTI_HOST"] == "true"
+        assert environment["PCBO_LAKE_URL"] == "s3://b/lake" and environment["PCBO_AUDIT_DIR"] == "s3://b/pas"
+        assert environment["PCBO_CATALOG_URL"].startswith("postgresql://")
+    assert services["codeserver"]["environment"]["DAGSTER_CURRENT_IMAGE"] == services["codeserver"]["image"]
+    assert rendered["networks"]["default"]["name"] == "pcbo"
+    # The lake and the audit store have no local default here: a run container's disk is thrown away.
+    for missing in ("PCBO_LAKE_URL", "PCBO_AUDIT_DIR"):
+        with pytest.raises(MissingVariable, match=missing):
+            interpolate(launcher_compose, {k: v for k, v in env.items() if k != missing})
+
+
+def test_the_docker_launcher_instance_config_validates(launcher_compose, tmp_path, monkeypatch):
+    pytest.importorskip("dagster_docker")
+    from dagster._config import process_config
+    from dagster_docker import DockerRunLauncher
+
+    content = launcher_compose["configs"]["dagster-instance-docker"]["content"]
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(content)
+    for name, value in zip(PG_VARS, ("postgres", "dagster", "s3cret", "dagster"), strict=True):
+        monkeypatch.setenv(name, value)
+    config, _ = dagster_instance_config(str(home))
+    launcher = config["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    processed = process_config(DockerRunLauncher.config_type(), launcher["config"])
+    assert processed.success, processed.errors
+    # Run containers get what a run needs (the values come from the daemon's own environment).
+    assert set(launcher["config"]["env_vars"]) >= {*PG_VARS, *PCBO_VARS, "PCBO_MULTI_HOST"} - {"PCBO_HOME"}
+    assert launcher["config"]["network"] == launcher_compose["networks"]["default"]["name"]
+    # Everything else as docker-compose.yml's instance config.
+    base = yaml.safe_load(launcher_compose["configs"]["dagster-instance"]["content"])
+    ours = yaml.safe_load(content)
+    assert {k: v for k, v in ours.items() if k != "run_launcher"} == base
+
+
+# --- Helm values for Dagster's chart (deploy/helm/values.yaml) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm() -> dict[str, Any]:
+    return yaml.safe_load(HELM_VALUES.read_text())
+
+
+def test_helm_values_launch_runs_and_steps_on_kubernetes(helm):
+    assert helm["runLauncher"]["type"] == "K8sRunLauncher"
+    (deployment,) = helm["dagster-user-deployments"]["deployments"]
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", MODULE]
+    assert deployment["includeConfigInLaunchedRuns"]["enabled"] is True
+    env = {item["name"]: item["value"] for item in deployment["env"]}
+    assert env["PCBO_EXECUTOR"] == "k8s" and env["PCBO_MULTI_HOST"] == "true"
+    assert env["PCBO_LAKE_URL"].startswith(("s3://", "gs://"))
+    assert env["PCBO_AUDIT_DIR"].startswith(("s3://", "gs://"))
+    # PostgreSQL outside the chart, its password from a Kubernetes secret, not from these values.
+    assert helm["postgresql"]["enabled"] is False and "postgresqlPassword" not in helm["postgresql"]
+    assert helm["generatePostgresqlPasswordSecret"] is False and helm["global"]["postgresqlSecretName"]
+    # The catalog URL (it holds a password) and the object store's keys come from the pcbo-secrets secret
+    # in every pod that runs pcbo code.
+    assert "PCBO_CATALOG_URL" not in env and not any(SECRET_NAME.search(name) for name in env)
+    holders = (
+        deployment,
+        helm["runLauncher"]["config"]["k8sRunLauncher"],
+        helm["dagsterDaemon"],
+        helm["dagsterWebserver"],
+    )
+    for holder in holders:
+        assert {"name": "pcbo-secrets"} in holder["envSecrets"]
+    assert helm["dagsterDaemon"]["runRetries"] == {
+        "enabled": True,
+        "maxRetries": 2,
+        "retryOnAssetOrOpFailure": False,
+    }
+
+
+def _chart_instance_config(helm: dict[str, Any]) -> dict[str, Any]:
+    """The run launcher and storage sections of the dagster.yaml the chart renders from these values (its
+    configmap-instance.yaml template, the fields these values set)."""
+    launcher = helm["runLauncher"]["config"]["k8sRunLauncher"]
+    pg = helm["postgresql"]
+    run_k8s = launcher["runK8sConfig"]
+    return {
+        "storage": {
+            "postgres": {
+                "postgres_db": {
+                    "username": pg["postgresqlUsername"],
+                    "password": {"env": "DAGSTER_PG_PASSWORD"},
+                    "hostname": pg["postgresqlHost"],
+                    "db_name": pg["postgresqlDatabase"],
+                    "port": pg["service"]["port"],
+                }
+            }
+        },
+        "run_launcher": {
+            "module": "dagster_k8s",
+            "class": "K8sRunLauncher",
+            "config": {
+                "load_incluster_config": launcher["loadInclusterConfig"],
+                "job_namespace": "pcbo",
+                "image_pull_policy": launcher["imagePullPolicy"],
+                "service_account_name": "pcbo-dagster",
+                "dagster_home": "/opt/dagster/dagster_home",
+                "instance_config_map": "pcbo-dagster-instance",
+                "postgres_password_secret": helm["global"]["postgresqlSecretName"],
+                "env_secrets": [s["name"] for s in launcher["envSecrets"]],
+                "run_k8s_config": {"container_config": run_k8s["containerConfig"]},
+            },
+        },
+        "run_retries": {
+            "enabled": helm["dagsterDaemon"]["runRetries"]["enabled"],
+            "max_retries": helm["dagsterDaemon"]["runRetries"]["maxRetries"],
+            "retry_on_asset_or_op_failure": helm["dagsterDaemon"]["runRetries"]["retryOnAssetOrOpFailure"],
+        },
+    }
+
+
+def test_helm_values_render_an_instance_config_dagster_accepts(helm, tmp_path, monkeypatch):
+    pytest.importorskip("dagster_k8s")
+    from dagster._config import process_config
+    from dagster_k8s import K8sRunLauncher, k8s_job_executor
+
+    from pcbo_dagster.dagster_defs.definitions import executor_from_env
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(_chart_instance_config(helm)))
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "s3cret")
+    config, _ = dagster_instance_config(str(home))
+    processed = process_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
+    assert processed.success, processed.errors
+    # PCBO_EXECUTOR=k8s (the user deployment's env) gives every job dagster-k8s's step executor.
+    (deployment,) = helm["dagster-user-deployments"]["deployments"]
+    env = {item["name"]: item["value"] for item in deployment["env"]}
+    assert executor_from_env(env) is k8s_job_executor

@@ -77,3 +77,27 @@ def test_execute_waits_for_another_hosts_run_then_refuses_writing_nothing(tmp_pa
     assert done.document["status"] == "committed"
     assert catalog.try_acquire_lease("events", "v1", "probe", 1) is None  # released after the run
     catalog.close()
+
+
+def test_the_heartbeat_keeps_a_lease_past_its_ttl_and_a_silent_holder_loses_it(
+    store: CatalogStore, monkeypatch
+) -> None:
+    """Issue 14: runs on other hosts take over a lease only once its holder stopped renewing it."""
+    import time
+
+    from pcbo_dagster.engine.environment import DatasetBusy, DatasetLease
+
+    monkeypatch.setenv("PCBO_LEASE_TTL_SECONDS", "1.5")
+    held = DatasetLease(store, "events", "v1", "run-a")
+    held.acquire(0)
+    time.sleep(2.5)  # past the TTL: the heartbeat renewed it
+    assert store.try_acquire_lease("events", "v1", "other", 1.5) is not None
+    held.renew()
+    held._stop.set()  # the holder goes silent (a host that froze or died far away)
+    held._heartbeat.join()
+    time.sleep(2)
+    taker = DatasetLease(store, "events", "v1", "run-b")
+    taker.acquire(5)
+    with pytest.raises(DatasetBusy, match="taken over"):
+        held.renew()
+    taker.release()

@@ -9,6 +9,10 @@ Layout under the backup directory, for chain_key `<dataset>/<versionLabel>`:
     <dataset>/<versionLabel>.torn       fragments of torn writes set aside (see below)
     <dataset>/<versionLabel>.checkpoint-delivered   the last checkpoint delivered to the endpoint
 
+This is the host-local backup (`PCBO_AUDIT_DIR` a directory). Its interface, `ChainBackup`, is also
+implemented on an object store shared by many hosts (`audit.object_store_backup`: one object per
+event, written create-only), where a file like this one is only a verified cache.
+
 Lines are only ever appended (O_APPEND, one write per line); no event is ever rewritten.
 A crash (or a full disk) in the middle of a write can leave a final fragment without its newline. A
 fragment that is a whole event (only the newline is missing) counts as written; any other fragment
@@ -27,10 +31,10 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pcbo_dagster.core.audit_chain import event_hash, json_problems, split_chain_key
 from pcbo_dagster.core.canonical import fast_jcs, jcs
@@ -40,6 +44,55 @@ _TAIL_BLOCK = 64 * 1024
 
 class AuditBackupCorrupt(ValueError):
     """The backup cannot be appended to safely (its last complete line is not an event)."""
+
+
+class ChainBackup(Protocol):
+    """Where the audit chains are written before anything else (CONTRACT section 6): the host-local
+    `AuditBackup`, or `ObjectStoreAuditBackup` on a store every host shares. The audit log, verify,
+    rollback, gc, the gates and delivery use only this."""
+
+    #: Where the backup is, as messages show it (no credentials).
+    location: str
+
+    def locked(self, chain_key: str) -> AbstractContextManager[None]:
+        """The chain's writer lock on this host (across processes and threads; re-entrant)."""
+        ...
+
+    def append(self, chain_key: str, events: list[dict], *, fsync: bool = True) -> None:
+        """Append events that continue the chain (ValueError and nothing written otherwise)."""
+        ...
+
+    def torn_tail(self, chain_key: str) -> bytes | None: ...
+
+    def remove_torn_tail(self, chain_key: str, *, set_aside: bool) -> bytes | None: ...
+
+    def last_event(self, chain_key: str) -> dict | None: ...
+
+    def read_chain(self, chain_key: str) -> list[dict]: ...
+
+    def read_chain_with_problems(self, chain_key: str) -> tuple[list[dict], list[str]]: ...
+
+    def chain_keys(self) -> list[str]: ...
+
+    def read_all_with_problems(self) -> tuple[dict[str, list[dict]], list[str]]:
+        """Every chain as the backup holds it, read from its durable copy (never from a cache)."""
+        ...
+
+    def read_all(self) -> dict[str, list[dict]]: ...
+
+    def set_aside_fragments(self) -> dict[str, bytes]: ...
+
+    def delivery_locked(self, chain_key: str) -> AbstractContextManager[None]:
+        """Held while the chain's events are delivered remotely (see `audit.delivery`)."""
+        ...
+
+    def read_delivery_cursor(self, chain_key: str) -> bytes | None:
+        """The stored delivery cursor's bytes, or None when nothing was delivered yet."""
+        ...
+
+    def write_delivery_cursor(self, chain_key: str, data: bytes) -> None:
+        """Replace the delivery cursor, all or nothing."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -142,6 +195,7 @@ class AuditBackup:
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
+        self.location = str(self.directory)
 
     # -- paths and locking -------------------------------------------------------------------
 
@@ -164,6 +218,33 @@ class AuditBackup:
         """Hold the chain's exclusive writer lock (across processes and threads; re-entrant)."""
         with file_lock(self.paths(chain_key).lock):
             yield
+
+    @contextmanager
+    def delivery_locked(self, chain_key: str) -> Iterator[None]:
+        """The chain's delivery lock (separate from the writer lock: a slow endpoint never blocks appends)."""
+        paths = self.paths(chain_key)
+        paths.directory.mkdir(parents=True, exist_ok=True)
+        with file_lock(paths.delivery_lock):
+            yield
+
+    def read_delivery_cursor(self, chain_key: str) -> bytes | None:
+        try:
+            return self.paths(chain_key).delivered.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_delivery_cursor(self, chain_key: str, data: bytes) -> None:
+        """Replace the cursor file atomically (temp file, fsync, os.replace, directory fsync)."""
+        paths = self.paths(chain_key)
+        tmp = paths.delivered.with_name(f".{paths.delivered.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, paths.delivered)
+        _fsync_dir(paths.directory)
 
     # -- writing ----------------------------------------------------------------------------
 

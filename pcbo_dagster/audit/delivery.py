@@ -9,10 +9,13 @@ order without gaps. Delivery is at least once: a crash after the receiver's 2xx 
 cursor is written sends that event again next time (receivers deduplicate by `event_id` /
 `chain.event_hash`).
 
-The per-chain cursor `<dataset>/<versionLabel>.delivered` in the backup directory holds the last
-delivered `{chain_key, seq, event_hash}`; it is replaced atomically (temp file, fsync, os.replace)
-under the chain's delivery lock, which is separate from the writer lock so a slow endpoint never
-blocks appends.
+The per-chain cursor holds the last delivered `{chain_key, seq, event_hash}`: beside a local backup
+the file `<dataset>/<versionLabel>.delivered`, replaced atomically (temp file, fsync, os.replace);
+beside an object-store backup one object every host shares (`audit.object_store_backup`). It is
+written under the chain's delivery lock, which is separate from the writer lock so a slow endpoint
+never blocks appends. Hosts sharing an object-store backup each deliver from the shared cursor: two
+of them may send an event twice, but each sends in seq order, so the first copy of every event
+reaches the receiver in seq order, without gaps.
 
 Credentials in the endpoint URL (`https://user:pass@host/...`) are sent as HTTP Basic
 authorization; the userinfo and the query string never appear in reports, exceptions or logs.
@@ -23,12 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pcbo_dagster.audit.backup import AuditBackup, file_lock
+from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.core.audit_chain import event_hash, is_event_hash
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.io.http_delivery import JsonPoster
@@ -64,18 +65,19 @@ class DeliveryReport:
         }
 
 
-def read_cursor(backup: AuditBackup, chain_key: str) -> tuple[int, str] | None:
+def read_cursor(backup: ChainBackup, chain_key: str) -> tuple[int, str] | None:
     """The last delivered (seq, event_hash) of a chain, or None when nothing was delivered yet.
 
-    ValueError when the cursor file exists but is not a valid cursor for this chain.
+    ValueError when the cursor exists but is not a valid cursor for this chain.
     """
-    path = backup.paths(chain_key).delivered
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    raw = backup.read_delivery_cursor(chain_key)
+    name = f"of {chain_key}"
+    if raw is None:
         return None
+    try:
+        data = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"delivery cursor {path.name} is not JSON: {exc}") from exc
+        raise ValueError(f"delivery cursor {name} is not JSON: {exc}") from exc
     seq = data.get("seq") if isinstance(data, dict) else None
     digest = data.get("event_hash") if isinstance(data, dict) else None
     if (
@@ -86,26 +88,14 @@ def read_cursor(backup: AuditBackup, chain_key: str) -> tuple[int, str] | None:
         or seq < 0
         or not is_event_hash(digest)
     ):
-        raise ValueError(f"delivery cursor {path.name} is not a cursor for {chain_key}")
+        raise ValueError(f"delivery cursor {name} is not a cursor for {chain_key}")
     return seq, str(digest)
 
 
-def _write_cursor(backup: AuditBackup, chain_key: str, seq: int, digest: str) -> None:
-    paths = backup.paths(chain_key)
-    data = jcs({"chain_key": chain_key, "seq": seq, "event_hash": digest}) + b"\n"
-    tmp = paths.delivered.with_name(f".{paths.delivered.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, paths.delivered)
-    dfd = os.open(paths.directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def _write_cursor(backup: ChainBackup, chain_key: str, seq: int, digest: str) -> None:
+    backup.write_delivery_cursor(
+        chain_key, jcs({"chain_key": chain_key, "seq": seq, "event_hash": digest}) + b"\n"
+    )
 
 
 class HttpDelivery(JsonPoster):
@@ -147,17 +137,15 @@ class HttpDelivery(JsonPoster):
         redacted `<endpoint>: seq <n>: <reason>` message) when it still fails."""
         self.post(jcs(event), f"seq {event.get('chain', {}).get('seq')}")
 
-    def deliver_pending(self, backup: AuditBackup, chain_key: str) -> DeliveryReport:
+    def deliver_pending(self, backup: ChainBackup, chain_key: str) -> DeliveryReport:
         """Deliver, in seq order, every backed-up event after the chain's cursor.
 
         Stops at the first event that still fails after retries (or at a local chain defect: an event
         that does not continue the delivered prefix is never sent). Never raises for delivery
         failures; the report says what is left.
         """
-        paths = backup.paths(chain_key)
         delivered = 0
-        paths.directory.mkdir(parents=True, exist_ok=True)
-        with file_lock(paths.delivery_lock):
+        with backup.delivery_locked(chain_key):
             events = backup.read_chain(chain_key)
             try:
                 cursor = read_cursor(backup, chain_key)

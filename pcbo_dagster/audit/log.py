@@ -16,9 +16,12 @@ store alone holds (appended to the backup by hand, or a backup behind the mirror
 so the run stops and `pcbo verify` reports them. A torn fragment that is not part of the pending
 batch is set aside in the chain's `.torn` file (which `pcbo verify` reports).
 
-Writers of one chain are serialised by the backup's chain lock (flock, across processes) and the head
-store's writer lock (across hosts on PostgreSQL), held for all three steps; the lock order is always
-backup, then head store. Remote delivery is never done here: `deliver_pending` is called by the
+Writers of one chain are serialised by the backup's chain lock (flock, across the processes of a
+host) and the head store's writer lock (across hosts on PostgreSQL), held for all three steps; the
+lock order is always backup, then head store. The backup is the host-local file (`audit.backup`) or,
+for runs on many hosts, an object store every host shares (`audit.object_store_backup`, one object
+per event, written create-only): the protocol is the same, and there the host-local file is only a
+verified cache. Remote delivery is never done here: `deliver_pending` is called by the
 engine between partitions.
 """
 
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.audit.backup import AuditBackupCorrupt, ChainBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
 from pcbo_dagster.core.audit_chain import AuditEvent, build_event, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
@@ -115,7 +118,7 @@ class AuditLog:
 
     def __init__(
         self,
-        backup: AuditBackup,
+        backup: ChainBackup,
         head_store: ChainHeadStore | None = None,
         delivery: HttpDelivery | None = None,
         clock: Callable[[], datetime] = utc_now,
@@ -141,6 +144,12 @@ class AuditLog:
 
     def _reconcile(self, chain_key: str, txn: ChainHeadTxn) -> ReconcileResult:
         """Bring the backup and the head store to one chain, or raise `ChainDivergence` (module doc)."""
+        try:
+            return self._reconcile_stores(chain_key, txn)
+        except AuditBackupCorrupt as exc:
+            raise ChainDivergence(f"{chain_key}: the audit backup cannot be appended to: {exc}") from exc
+
+    def _reconcile_stores(self, chain_key: str, txn: ChainHeadTxn) -> ReconcileResult:
         store_head = txn.head()
         pending = txn.pending()
         store_seq = -1 if store_head is None else store_head[0]
@@ -157,8 +166,8 @@ class AuditLog:
         if backup_seq < store_seq:
             raise ChainDivergence(
                 f"{chain_key}: the catalog holds events up to seq {store_seq} that the local audit backup "
-                f"(up to seq {backup_seq}) lacks; events one store alone holds are not adopted. Restore the "
-                "backup from a copy; `pcbo verify` shows the difference"
+                f"{self.backup.location} (up to seq {backup_seq}) lacks; events one store alone holds "
+                "are not adopted. Restore the backup from a copy; `pcbo verify` shows the difference"
             )
         if backup_seq == store_seq:
             if backup_head != store_head:
@@ -179,14 +188,17 @@ class AuditLog:
         ):
             findings = [f"the head store's seq {store_seq} is not the backup's event at that seq"]
         if findings:
-            raise ChainDivergence(f"{chain_key}: the local backup does not verify: {'; '.join(findings[:5])}")
+            raise ChainDivergence(
+                f"{chain_key}: the audit backup {self.backup.location} does not verify: "
+                + "; ".join(findings[:5])
+            )
         if len(extra) > len(pending_events) or [jcs(e) for e in extra] != [
             jcs(e) for e in pending_events[: len(extra)]
         ]:
             raise ChainDivergence(
-                f"{chain_key}: the local audit backup holds {len(extra)} event(s) after seq {store_seq} "
-                "that the catalog never recorded as pending: events appended to one store alone are not "
-                "adopted; `pcbo verify` shows them"
+                f"{chain_key}: the audit backup {self.backup.location} holds {len(extra)} event(s) after "
+                f"seq {store_seq} that the catalog never recorded as pending: events appended to one "
+                "store alone are not adopted; `pcbo verify` shows them"
             )
         rest = pending_events[len(extra) :]
         if rest:

@@ -525,3 +525,14 @@ sql_row_failures = Table(
     UniqueConstraint("event_hash", "record_id", name="uq_sql_row_failures_event_record"),
 )
 Index("ix_sql_row_failures_run_id", sql_row_failures.c.run_id)
+
+# Zone indexes of streamed sources (migration 0009, `sources/zones.py`): a cache keyed by the source's
+# identity (a changed source is a new key), so a range run reads only the zones of its range.
+source_zone_indexes = Table(
+    "source_zone_indexes",
+    metadata,
+    Column("index_key", String(128), nullable=False),
+    Column("index_json", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("index_key", name="pk_source_zone_indexes"),
+)

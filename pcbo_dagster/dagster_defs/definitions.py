@@ -24,10 +24,13 @@ with the one `pcbo` resource (`PcboEngineResource`, bound to the `PCBO_*` variab
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.alerts.sensors import build_alerts_sensor
 from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset
 from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks
@@ -57,6 +60,59 @@ from pcbo_dagster.datasets.config import (
     load_datasets_config_from_env,
 )
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
+
+#: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
+#: `PCBO_CELERY_BROKER` (e.g. redis://host:6379/0) and result backend `PCBO_CELERY_BACKEND` (default:
+#: the broker's URL). `k8s`: dagster-k8s's `k8s_job_executor` (a Kubernetes Job per step). Unset (or
+#: `default`): Dagster's default executor, steps on the run's own host.
+EXECUTOR_ENV = "PCBO_EXECUTOR"
+
+
+def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+    """The executor `PCBO_EXECUTOR` names. `default`: one process per run, the asset's four ops (and
+    every check step) run in the run worker one after another — a process per step (Dagster's
+    multiprocess default) costs ~10 s of start-up each on a 2-core machine, against ~1.5 s of engine
+    work for 24 partitions, and the steps are sequential anyway (each needs the one before; the engine
+    parallelises inside a step). The broker and backend URLs are read by Dagster from the environment
+    when a run starts (`EnvVar`), never written into run config."""
+    env = os.environ if env is None else env
+    kind = (env.get(EXECUTOR_ENV) or "default").strip().lower()
+    if kind == "default":
+        return dg.in_process_executor
+    if kind == "k8s":
+        # Each step a Kubernetes Job of its own (dagster-k8s), next to runs the K8sRunLauncher starts:
+        # the deployment in deploy/helm/values.yaml. Its settings come from the run launcher's.
+        try:
+            from dagster_k8s import k8s_job_executor
+        except ImportError:
+            raise InvalidInput(
+                EXECUTOR_ENV, "PCBO_EXECUTOR=k8s needs dagster-k8s (pip install 'pcbo_dagster[k8s]')"
+            ) from None
+        return k8s_job_executor
+    if kind != "celery":
+        raise InvalidInput(EXECUTOR_ENV, f"must be 'celery', 'k8s' or 'default', not {kind!r}")
+    if not env.get("PCBO_CELERY_BROKER"):
+        raise InvalidInput(
+            "PCBO_CELERY_BROKER", "is required with PCBO_EXECUTOR=celery (redis://host:6379/0)"
+        )
+    try:
+        from dagster_celery import celery_executor
+    except ImportError:
+        raise InvalidInput(
+            EXECUTOR_ENV, "PCBO_EXECUTOR=celery needs dagster-celery (pip install 'pcbo_dagster[celery]')"
+        ) from None
+    from pcbo_dagster.dagster_defs.celery_config import celery_settings
+
+    backend = "PCBO_CELERY_BACKEND" if env.get("PCBO_CELERY_BACKEND") else "PCBO_CELERY_BROKER"
+    return celery_executor.configured(
+        {
+            "broker": {"env": "PCBO_CELERY_BROKER"},
+            "backend": {"env": backend},
+            # The same settings as the workers' app (celery_worker.py), where acknowledgement happens.
+            "config_source": celery_settings(env),
+        },
+        name="pcbo_celery",
+    )
 
 
 def build_definitions(
@@ -145,17 +201,13 @@ def build_definitions(
         sensors += build_interrupted_sensor(config, staging_assets)
         sensors.append(build_repairs_sensor(config, promotion_jobs))
     return dg.Definitions(
-        # One process per run: the asset's four ops (and every check step) run in the run worker, one
-        # after another. A process per step (the multiprocess default) costs ~10 s of start-up each on
-        # this project's 2-core machine, against ~1.5 s of engine work for 24 partitions; the steps
-        # are sequential anyway (each needs the one before) and the engine parallelises inside a step.
-        executor=dg.in_process_executor,
         assets=assets,
         asset_checks=checks,
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
         resources={"pcbo": resource or PcboEngineResource.from_env()},
+        executor=executor_from_env(),
     )
 
 

@@ -48,6 +48,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from pcbo_dagster.catalog.source_indexes import LazyZoneIndexes
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.settings import Settings
@@ -216,6 +217,16 @@ class PcboEngineResource(dg.ConfigurableResource):
         return self.environment(config.lake_url(dataset))
 
     @contextmanager
+    def zone_indexes(self) -> Iterator[LazyZoneIndexes]:
+        """The catalog's zone indexes of streamed sources (opened when first used, closed on exit):
+        range runs on any host read only the zones of their range (`sources/zones.py`)."""
+        store = LazyZoneIndexes(self.settings().catalog_url)
+        try:
+            yield store
+        finally:
+            store.close()
+
+    @contextmanager
     def _open(self, settings: Settings, actor: str | None = None) -> Iterator[Environment]:
         env = Environment.open(settings, actor=actor)
         try:
@@ -231,6 +242,7 @@ class PcboEngineResource(dg.ConfigurableResource):
             "lake": redact_url(s.lake_url),
             "catalog": redact_url(s.catalog_url),
             "audit_dir": str(s.audit_dir),
+            "audit_store": redact_url(s.audit_store) if s.audit_store else None,
             "audit_endpoint": redact_url(s.audit_endpoint) if s.audit_endpoint else None,
             "sources_base_dir": self.sources.base_dir,
         }

@@ -6,24 +6,33 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import HttpDelivery
 from pcbo_dagster.audit.log import AuditLog
+from pcbo_dagster.audit.object_store_backup import open_backup
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.signed_note import SigningKey
-from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.engine.settings import Settings, check_multi_host
 from pcbo_dagster.engine.transparency_log import load_signing_key, witnesses_of
 from pcbo_dagster.io.env_vars import positive_number
 from pcbo_dagster.lake.storage import LakeStorage
 
+#: How long a lease lasts without renewal (`PCBO_LEASE_TTL_SECONDS`): a run whose host died is taken
+#: over this long after its last renewal (at once when it died on this host: its pid is gone).
 LEASE_TTL_SECONDS = 300.0
+
+
+def lease_ttl_seconds() -> float:
+    return positive_number(
+        "PCBO_LEASE_TTL_SECONDS", os.environ.get("PCBO_LEASE_TTL_SECONDS"), LEASE_TTL_SECONDS
+    )
 
 
 class DatasetBusy(PcboError):
@@ -48,7 +57,12 @@ def _holder_is_dead(holder_text: str) -> bool:
 
 
 class DatasetLease:
-    """The catalog's write lease on a dataset version, held for a run and renewed as it goes."""
+    """The catalog's write lease on a dataset version, held for a run.
+
+    While held, a heartbeat thread renews it every third of its time to live (so a long commit batch
+    on a slow store never lets it lapse); the run also renews it between commit batches (`renew`),
+    which raises `DatasetBusy` once the lease was lost (taken over after a missed renewal): the run
+    then stops before its next commit batch instead of writing beside the new holder."""
 
     def __init__(self, catalog: CatalogStore, dataset: str, version_label: str, run_id: str | None) -> None:
         self.catalog, self.dataset, self.version_label = catalog, dataset, version_label
@@ -56,14 +70,19 @@ class DatasetLease:
             {"run": run_id, "pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex},
             sort_keys=True,
         )
+        self.ttl = lease_ttl_seconds()
+        self.lost = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
 
     def acquire(self, wait_seconds: float) -> None:
         deadline = time.monotonic() + wait_seconds
         while True:
             current = self.catalog.try_acquire_lease(
-                self.dataset, self.version_label, self.holder, LEASE_TTL_SECONDS, _holder_is_dead
+                self.dataset, self.version_label, self.holder, self.ttl, _holder_is_dead
             )
             if current is None:
+                self._start_heartbeat()
                 return
             if time.monotonic() >= deadline:
                 holder = json.loads(current["holder"])
@@ -75,11 +94,32 @@ class DatasetLease:
                 )
             time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
 
+    def _start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(self.ttl / 3):
+                try:
+                    if self.catalog.try_acquire_lease(
+                        self.dataset, self.version_label, self.holder, self.ttl
+                    ):
+                        self.lost = True
+                        return
+                except Exception:  # noqa: BLE001 - a catalog hiccup: the next beat (or `renew`) tries again
+                    continue
+
+        self._heartbeat = threading.Thread(target=beat, name="pcbo-lease-heartbeat", daemon=True)
+        self._heartbeat.start()
+
     def renew(self) -> None:
-        if self.catalog.try_acquire_lease(self.dataset, self.version_label, self.holder, LEASE_TTL_SECONDS):
+        if self.lost or self.catalog.try_acquire_lease(
+            self.dataset, self.version_label, self.holder, self.ttl
+        ):
+            self.lost = True
             raise DatasetBusy(f"{self.dataset}/{self.version_label}: the write lease was taken over")
 
     def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
         self.catalog.release_lease(self.dataset, self.version_label, self.holder)
 
 
@@ -100,7 +140,9 @@ class Environment:
         what is there) refuses, with nothing created, an embedded catalog that does not exist yet. A
         signing key or witness list that is not valid is refused first (nothing created). `actor`: who
         the writes are made for (the HTTP API's token subject), named in every audit event appended
-        through this environment."""
+        through this environment. A configuration that cannot hold with runs on several hosts is
+        refused first (`settings.check_multi_host`)."""
+        check_multi_host(settings)
         signing_key = (
             load_signing_key(settings.signing_key, settings.signing_key_field)
             if settings.signing_key is not None
@@ -115,7 +157,7 @@ class Environment:
             )
         settings.home.mkdir(parents=True, exist_ok=True)
         catalog.migrate()
-        backup = AuditBackup(settings.audit_dir)
+        backup = open_backup(settings.audit_location, settings.audit_dir)
         delivery = None
         if settings.audit_endpoint:
             delivery = HttpDelivery(

@@ -29,6 +29,7 @@ from pcbo_dagster.sources.hive_directories import is_directory, open_directory_s
 from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
 from pcbo_dagster.sources.record_files import resolve_uri
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
+from pcbo_dagster.sources.zones import Window, ZoneIndexStore
 
 
 @dataclass
@@ -139,9 +140,19 @@ def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequ
     return LoadedRequest(request, None, None, source.uri, source.kind, source=source, spill=spill)
 
 
-def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
+def placement_window(request: BackfillRequest) -> Window:
+    """What the request places records by, and its window: `occurredAt` in [start, end), or the
+    ledger field in [first, end)."""
+    span = request.ledgerRange
+    if span is not None:
+        return Window(span.field, True, span.first, span.end)
+    return Window("occurredAt", False, request.start_us, request.end_us)
+
+
+def _record_source(request: BackfillRequest, uri: str, zone_indexes: ZoneIndexStore | None) -> RecordSource:
     """The streamed source a request names: a ledger archive, a record file, or a directory of them
-    (pruned by the request's time window unless `source.prune` is false)."""
+    (unless `source.prune` is false: a directory's files pruned by their hive paths, and every file
+    read only in the zones that may hold records of the request's window, `sources/zones.py`)."""
     ref = request.source
     assert ref is not None
     if ref.format == "ledger_archive":
@@ -150,8 +161,12 @@ def _record_source(request: BackfillRequest, uri: str) -> RecordSource:
         return LedgerArchiveSource(uri, ref.uri, span.first, span.end, allow_gaps=ref.allowGaps)
     if is_directory(uri, ref.uri):
         window = None if request.ledgerRange is not None else (request.start_us, request.end_us)
-        return open_directory_source(uri, ref.uri, ref.format, window, ref.prune)
-    return open_source(uri, ref.uri, ref.resolved_format())
+        source = open_directory_source(uri, ref.uri, ref.format, window, ref.prune)
+    else:
+        source = open_source(uri, ref.uri, ref.resolved_format())
+    if ref.prune:
+        source.prune_zones(placement_window(request), zone_indexes)
+    return source
 
 
 def _confined(uri: str, root: Path) -> str:
@@ -186,12 +201,17 @@ def validate_request_bytes(raw: bytes) -> ValidatedRequest:
 
 
 def load_request(
-    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+    raw: bytes | ValidatedRequest,
+    base_dir: Path | None = None,
+    confine_to: Path | None = None,
+    zone_indexes: ZoneIndexStore | None = None,
 ) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
     `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
     this directory (the HTTP API's sources directory), and a SQL target (any database the server can
-    reach) is refused."""
+    reach) is refused. `zone_indexes` keeps the zone indexes of streamed sources between runs (the
+    catalog): the records read are the same without it, which only makes a range run read its whole
+    source once."""
     validated = raw if isinstance(raw, ValidatedRequest) else validate_request_bytes(raw)
     parsed, request = validated.parsed, validated.request
     if request.target is not None and confine_to is not None:
@@ -205,7 +225,7 @@ def load_request(
         uri = resolve_uri(request.source.uri, base_dir)
         if confine_to is not None:
             uri = _confined(uri, confine_to)
-        return _load_streamed(request, _record_source(request, uri))
+        return _load_streamed(request, _record_source(request, uri, zone_indexes))
     records = request.sourceRecords or []
     try:
         digests = record_digest_bytes(records, parsed.may_hold_floats_or_big_ints)

@@ -352,7 +352,11 @@ def _heal(
                     "the catalog's current version is not the lake's committed manifest",
                 )
         return False
-    event = heal(env, state, dataset, version_label, comparison)
+    try:
+        event = heal(env, state, dataset, version_label, comparison)
+    except ChainDivergence as exc:  # the stores disagree (found above): nothing is appended to them
+        report.find("audit_stores_diverge", where, str(exc))
+        return False
     appended = "audit_event_appended" if comparison.verdict == "heal_commit" else "rollback_event_appended"
     report.repaired.append({"kind": appended, "where": where, "eventHash": event["chain"]["event_hash"]})
     return True

@@ -44,3 +44,20 @@ def plain_path(name: str, text: str | None) -> str | None:
     if not text:
         raise InvalidInput(name, "is empty")
     return text
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def flag(variable: str, text: str | None, default: bool = False) -> bool:
+    """A yes/no setting: `1`/`true`/`yes`/`on` or `0`/`false`/`no`/`off` (any case); unset or blank:
+    `default`. Anything else is `InvalidInput` naming the variable."""
+    if text is None or not text.strip():
+        return default
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise InvalidInput(variable, f"must be true or false, not {text!r}")

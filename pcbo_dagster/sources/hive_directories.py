@@ -34,6 +34,9 @@ guess). Pruned files' records are not part of the request at all: they are not c
 out-of-window, and ids in them are not seen by the duplicate check. A file holding records
 outside its partition's interval, or partitions labelled in another time zone, need `prune: false`.
 
+Each file read is also pruned by its zones (`prune_zones`: `sources/zones.py`) with the same window
+and `prune` flag: only the parts of it that may hold records of the window are read.
+
 Locators: a record's locator is `file number << 40 | its locator in the file` (byte offset or row
 position), so a file may be up to 2**40 bytes (or rows) and a directory may hold 2**23 read files.
 """
@@ -56,6 +59,7 @@ from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.record_files import csv_integer_columns, source_read_errors
 from pcbo_dagster.sources.streaming import CsvSource, JsonlSource, ParquetSource, RecordSource
+from pcbo_dagster.sources.zones import Window, ZoneIndexStore
 
 LOCATOR_BITS = 40
 MAX_FILES = 1 << (63 - LOCATOR_BITS)
@@ -286,6 +290,17 @@ class DirectorySource(RecordSource):
         self._sources = [_FILE_CLASSES[fmt](file_uri, f"{base}/{path}") for path, file_uri in files]
         self._prepared = fmt != "csv"
         self._lock = threading.Lock()
+
+    def prune_zones(self, window: Window | None, store: ZoneIndexStore | None = None) -> None:
+        """Each file read only where it may hold records of `window` (`sources/zones.py`), besides the
+        files pruned by their hive path."""
+        super().prune_zones(window, store)
+        for source in self._sources:
+            source.prune_zones(window, store)
+
+    def zone_report(self) -> dict[str, int]:
+        reports = [source.zone_report() for source in self._sources]
+        return {"zones": sum(r["zones"] for r in reports), "read": sum(r["read"] for r in reports)}
 
     def _prepare_csv(self) -> None:
         """One pass over every CSV file: the common header and the integer columns of the run."""

@@ -11,6 +11,10 @@ tests hold them to a whole-file reader and to the equivalent inline request), so
 and written files are the same. Parquet is
 re-read a row group at a time: row groups of up to `PARQUET_CACHE_BYTES` (64 MiB uncompressed) are
 kept decoded, least recently used first let go of, within that budget for the whole process.
+
+`prune_zones(window, store)` (a request with `source.prune`, the default) makes pass 1 read only the
+zones of the file that may hold records of the request's window (`sources/zones.py`): JSONL and CSV
+seek to them by byte offset, parquet reads only their row groups.
 """
 
 from __future__ import annotations
@@ -43,6 +47,19 @@ from pcbo_dagster.sources.record_files import (
     is_safe_integer,
     jsonable_row,
     source_read_errors,
+)
+from pcbo_dagster.sources.zones import (
+    ZONE_BYTES,
+    Window,
+    Zone,
+    ZoneIndex,
+    ZoneIndexStore,
+    ZoneStats,
+    bounds_of_instants,
+    index_key,
+    ranges,
+    selected,
+    source_identity,
 )
 
 DEFAULT_BATCH = 8_192
@@ -108,6 +125,33 @@ def _lines(fh: IO[bytes], offset: int = 0) -> Iterator[tuple[int, bytes]]:
         offset += len(part)
 
 
+def _line_at(fh: IO[bytes], offset: int) -> bytes:
+    """The line starting at the file's current position (`offset`), without its ending. Read in small
+    pieces, not with `readline(size)`: fsspec's remote files (S3, GCS) take no size there."""
+    limit = max_line_bytes()
+    pieces: list[bytes] = []
+    size = 0
+    while True:
+        piece = fh.read(_LINE_PIECE)
+        if not piece:
+            break
+        ends = [i for i in (piece.find(b"\n"), piece.find(b"\r")) if i >= 0]
+        if ends:
+            pieces.append(piece[: min(ends)])
+            size += min(ends)
+            break
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    if size > limit:
+        _line_too_long(offset, limit)
+    return b"".join(pieces)
+
+
+_LINE_PIECE = 16 << 10
+
+
 def _line_too_long(offset: int, limit: int) -> None:
     raise InvalidInput(
         "source", f"the line at byte {offset} is longer than {limit} bytes (PCBO_MAX_LINE_BYTES)"
@@ -127,6 +171,42 @@ class RecordSource:
         self.uri = uri
         self.shown = shown
         self.count = 0
+        #: With `prune_zones`: the window, where zone indexes are kept, and the zones found.
+        self.window: Window | None = None
+        self.zone_store: ZoneIndexStore | None = None
+        self.zones: list[Zone] | None = None
+
+    def prune_zones(self, window: Window | None, store: ZoneIndexStore | None = None) -> None:
+        """Read only the zones that may hold records of `window` (None: every record)."""
+        self.window, self.zone_store = window, store
+
+    def zone_report(self) -> dict[str, int]:
+        """How many zones the file has and how many were read (after `batches`)."""
+        if self.zones is None or self.window is None:
+            return {"zones": 0, "read": 0}
+        window = self.window
+        return {"zones": len(self.zones), "read": sum(z.may_hold(window) for z in self.zones)}
+
+    def _index_key(self) -> str | None:
+        """The key of this file's zone index, when it has an identity (`zones.source_identity`)."""
+        if self.window is None:
+            return None
+        with source_read_errors(self.shown):
+            fs, path = filesystem(self.uri)
+        identity = source_identity(fs, path)
+        return None if identity is None else index_key(self.uri, identity, self.kind, self.window)
+
+    def _stored_index(self) -> tuple[str | None, ZoneIndex | None]:
+        key = self._index_key()
+        if key is None or self.zone_store is None:
+            return key, None
+        data = self.zone_store.zone_index(key)
+        return key, None if data is None else ZoneIndex.decode(data)
+
+    def _save_index(self, key: str | None, index: ZoneIndex) -> None:
+        self.zones = index.zones
+        if key is not None and self.zone_store is not None:
+            self.zone_store.save_zone_index(key, index.encode())
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         """(records, may_hold_floats_or_big_ints, locators) of each batch, in order (pass 1)."""
@@ -146,6 +226,17 @@ class JsonlSource(RecordSource):
     kind = "jsonl"
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        if self.window is None:
+            yield from self._all_batches(size)
+            return
+        key, index = self._stored_index()
+        if index is None:
+            yield from self._batches_building_index(size, key)
+            return
+        self.zones = index.zones
+        yield from self._batches_in(ranges(selected(index.zones, self.window)), size)
+
+    def _all_batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         offsets = array.array("q")
         records: list[Any] = []
         risky = False
@@ -167,6 +258,62 @@ class JsonlSource(RecordSource):
             yield records, risky, np.array(offsets, dtype=np.int64)
         self.count = count
 
+    def _batches_in(
+        self, spans: list[tuple[int, int, int]], size: int
+    ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        """The records of the byte spans [start, end) (each beginning at a line, numbered from its
+        first line's number), in batches."""
+        batch = _Batcher(size)
+        with _opened(self.uri, self.shown) as fh:
+            for start, end, first_line in spans:
+                fh.seek(start)
+                for number, (offset, line) in enumerate(_lines(fh, start), start=first_line):
+                    if offset >= end:
+                        break
+                    if not line.strip():
+                        continue
+                    parsed = parse_json_strict(line.rstrip(b"\r\n"), what=f"source line {number}")
+                    yield from batch.add(parsed.value, parsed.may_hold_floats_or_big_ints, offset)
+        yield from batch.finish()
+        self.count = batch.count
+
+    def _batches_building_index(
+        self, size: int, key: str | None
+    ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        """Read the whole file once, cutting it into zones; yield the records of each zone that may
+        hold the window once the zone is complete; then keep the index."""
+        window = self.window
+        assert window is not None
+        batch = _Batcher(size)
+        zones: list[Zone] = []
+        held: list[tuple[Any, bool, int]] = []
+        stats = ZoneStats(window.ledger)
+        zone_start, zone_line, end, number = 0, 1, 0, 0
+
+        def close() -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+            zone = Zone(zone_start, end, *stats.bounds(), line=zone_line)
+            zones.append(zone)
+            if zone.may_hold(window):
+                for record, risky, offset in held:
+                    yield from batch.add(record, risky, offset)
+
+        with _opened(self.uri, self.shown) as fh:
+            for number, (offset, line) in enumerate(_lines(fh), start=1):  # noqa: B007 - used after
+                end = offset + len(line)
+                if line.strip():
+                    parsed = parse_json_strict(line.rstrip(b"\r\n"), what=f"source line {number}")
+                    held.append((parsed.value, parsed.may_hold_floats_or_big_ints, offset))
+                    stats.add_record(parsed.value, window.field)
+                if end - zone_start >= ZONE_BYTES:
+                    yield from close()
+                    held, stats = [], ZoneStats(window.ledger)
+                    zone_start, zone_line = end, number + 1
+        if end > zone_start:
+            yield from close()
+        yield from batch.finish()
+        self.count = batch.count
+        self._save_index(key, ZoneIndex(zones))
+
     def fetch(self, locators: np.ndarray) -> list[Any]:
         offsets = np.asarray(locators, dtype=np.int64)
         order = np.argsort(offsets, kind="stable")
@@ -174,9 +321,34 @@ class JsonlSource(RecordSource):
         with _opened(self.uri, self.shown) as fh:
             for k, offset in zip(order.tolist(), offsets[order].tolist(), strict=True):
                 fh.seek(offset)
-                line = fh.readline(max_line_bytes() + 1).splitlines()[0]
+                line = _line_at(fh, offset)
                 out[k] = parse_json_strict(line, what="source line").value
         return out
+
+
+class _Batcher:
+    """Records gathered into batches of `size` (with their locators and whether any may hold a float
+    or a big integer)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.count = 0
+        self._records: list[Any] = []
+        self._locators = array.array("q")
+        self._risky = False
+
+    def add(self, record: Any, risky: bool, locator: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        self._records.append(record)
+        self._locators.append(locator)
+        self._risky = self._risky or risky
+        if len(self._records) >= self.size:
+            yield from self.finish()
+
+    def finish(self) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        if self._records:
+            self.count += len(self._records)
+            yield self._records, self._risky, np.array(self._locators, dtype=np.int64)
+            self._records, self._locators, self._risky = [], array.array("q"), False
 
 
 class CsvSource(RecordSource):
@@ -186,6 +358,8 @@ class CsvSource(RecordSource):
         super().__init__(uri, shown)
         self.header: list[str] | None = None
         self.integer_columns: set[str] = set()
+        #: With zones: the byte spans to read (start, end, first line), set by `integer_cells`.
+        self._spans: list[tuple[int, int, int]] | None = None
 
     def _text_lines(self, fh: IO[bytes], offset: int, starts: list[int]) -> Iterator[str]:
         for at, line in _lines(fh, offset):
@@ -203,26 +377,35 @@ class CsvSource(RecordSource):
 
     _has_bom = False
 
-    def _rows(self, fh: IO[bytes]) -> Iterator[tuple[int, list[str]]]:
-        """(offset, row) of each data row; checks the header and the cell counts."""
+    def _rows(self, fh: IO[bytes], span: tuple[int, int] | None = None) -> Iterator[tuple[int, list[str]]]:
+        """(offset, row) of each data row; checks the header and the cell counts. With `span`
+        (start, end): only the rows starting in [start, end), read from `start` (a row's start) with
+        the header already known."""
         starts: list[int] = []
-        lines = self._text_lines(fh, 0, starts)
+        start = 0 if span is None else span[0]
+        if span is not None:
+            fh.seek(start)
+        lines = self._text_lines(fh, start, starts)
         reader = csv.reader(lines, strict=True)
         try:
             try:
-                header = next(reader, None)
-                if header is None:
-                    self.header = []
-                    return
-                if any(not name for name in header):
-                    raise InvalidInput("source", "CSV header row has an empty column name")
-                if len(set(header)) != len(header):
-                    raise InvalidInput("source", "CSV header row names a column twice")
-                self.header = header
-                starts.clear()
-                for row in reader:
-                    start = starts[0]
+                if span is None:
+                    header = next(reader, None)
+                    if header is None:
+                        self.header = []
+                        return
+                    if any(not name for name in header):
+                        raise InvalidInput("source", "CSV header row has an empty column name")
+                    if len(set(header)) != len(header):
+                        raise InvalidInput("source", "CSV header row names a column twice")
+                    self.header = header
                     starts.clear()
+                header = self.header or []
+                for row in reader:
+                    at = starts[0]
+                    starts.clear()
+                    if span is not None and at >= span[1]:
+                        return
                     if not row or (len(row) == 1 and row[0] == ""):
                         continue
                     if len(row) > len(header):
@@ -230,7 +413,7 @@ class CsvSource(RecordSource):
                             "source",
                             f"CSV line {reader.line_num}: {len(row)} cells, the header has {len(header)}",
                         )
-                    yield start, row
+                    yield at, row
             except csv.Error as exc:
                 raise InvalidInput("source", f"CSV line {reader.line_num}: {exc}") from None
         except InvalidInput:
@@ -239,8 +422,11 @@ class CsvSource(RecordSource):
             raise
 
     def integer_cells(self) -> dict[int, bool]:
-        """Read the file once: sets `header` (`[]` for an empty file) and returns, per column index,
-        whether every non-empty cell of it is a safe integer."""
+        """Sets `header` (`[]` for an empty file) and returns, per column index, whether every
+        non-empty cell of it is a safe integer: over the whole file (one pass), or with zones over the
+        zones that may hold the window (from the zone index, built by one pass when there is none)."""
+        if self.window is not None:
+            return self._zone_cells()
         cells: dict[int, bool] = {}
         with _opened(self.uri, self.shown) as fh:
             self._has_bom = fh.read(len(_BOM)) == _BOM
@@ -253,29 +439,83 @@ class CsvSource(RecordSource):
             self.header = []
         return cells
 
+    def _zone_cells(self) -> dict[int, bool]:
+        window = self.window
+        assert window is not None
+        key, index = self._stored_index()
+        if index is None:
+            index = self._build_zone_index(window)
+            self._save_index(key, index)
+        else:
+            self.zones = index.zones
+            with _opened(self.uri, self.shown) as fh:
+                self._has_bom = fh.read(len(_BOM)) == _BOM
+        self.header = list(index.header or [])
+        chosen = selected(index.zones, window)
+        self._spans = ranges(chosen)
+        cells: dict[int, bool] = {}
+        for zone in chosen:
+            for i, flag in enumerate(zone.integers):
+                if flag is not None:
+                    cells[i] = cells.get(i, True) and flag
+        return cells
+
+    def _build_zone_index(self, window: Window) -> ZoneIndex:
+        """One pass over the file: its zones (rows starting within about `ZONE_BYTES` of each other),
+        each with its placement values and, per column, whether its cells are all integers."""
+        zones: list[Zone] = []
+        stats = ZoneStats(window.ledger)
+        flags: dict[int, bool] = {}
+        zone_start: int | None = None
+        column: int | None = None
+
+        def close(end: int) -> None:
+            assert zone_start is not None
+            width = len(self.header or [])
+            integers = tuple(flags.get(i) for i in range(width))
+            zones.append(Zone(zone_start, end, *stats.bounds(), integers=integers))
+
+        with _opened(self.uri, self.shown) as fh:
+            self._has_bom = fh.read(len(_BOM)) == _BOM
+            fh.seek(0)
+            for at, row in self._rows(fh):
+                if zone_start is None:
+                    header = self.header or []
+                    column = header.index(window.field) if window.field in header else None
+                    zone_start = at
+                elif at - zone_start >= ZONE_BYTES:
+                    close(at)
+                    stats, flags, zone_start = ZoneStats(window.ledger), {}, at
+                cell = row[column] if column is not None and column < len(row) else ""
+                if window.ledger:
+                    stats.add_value(int(cell) if is_safe_integer(cell) else None)
+                else:
+                    stats.add_value(cell if cell != "" else None)
+                for i, text in enumerate(row):
+                    if text != "" and flags.get(i, True):
+                        flags[i] = is_safe_integer(text)
+        if zone_start is not None:
+            close(_TO_THE_END)
+        return ZoneIndex(zones, list(self.header or []))
+
     def _prepare(self) -> None:
-        """The header and the integer columns (a first pass: they depend on every row)."""
+        """The header and the integer columns (a first pass: they depend on every row read)."""
         cells = self.integer_cells()
         self.integer_columns = csv_integer_columns(self.header or [], cells)
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         self._prepare()
         header = self.header or []
-        offsets = array.array("q")
-        records: list[Any] = []
-        count = 0
+        batch = _Batcher(size)
         with _opened(self.uri, self.shown) as fh:
-            for start, row in self._rows(fh):
-                records.append(csv_record(header, row, self.integer_columns))
-                offsets.append(start)
-                if len(records) >= size:
-                    count += len(records)
-                    yield records, False, np.array(offsets, dtype=np.int64)
-                    records, offsets = [], array.array("q")
-        if records:
-            count += len(records)
-            yield records, False, np.array(offsets, dtype=np.int64)
-        self.count = count
+            spans: list[tuple[int, int] | None] = (
+                [None] if self._spans is None else [(start, end) for start, end, _ in self._spans]
+            )
+            for span in spans:
+                for start, row in self._rows(fh, span):
+                    yield from batch.add(csv_record(header, row, self.integer_columns), False, start)
+        yield from batch.finish()
+        self.count = batch.count
 
     def fetch(self, locators: np.ndarray) -> list[Any]:
         header = self.header or []
@@ -286,6 +526,10 @@ class CsvSource(RecordSource):
                 row = next(csv.reader(self._text_lines(fh, offset, []), strict=True))
                 out.append(csv_record(header, row, self.integer_columns))
         return out
+
+
+#: The end of a file's last zone (its rows run to the end of the file).
+_TO_THE_END = 1 << 62
 
 
 class _DecodedGroups:
@@ -366,6 +610,9 @@ class ParquetSource(RecordSource):
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         with self._file() as pf:
             self._read_layout(pf)
+            if self.window is not None:
+                yield from self._zone_batches(pf, self.window, size)
+                return
             self.count = int(self.group_starts[-1])
             first = 0
             for batch in pf.iter_batches(batch_size=size, use_threads=False):
@@ -376,6 +623,52 @@ class ParquetSource(RecordSource):
                     _may_hold_floats_or_big_ints(batch),
                     positions,
                 )
+
+    def _zone_batches(
+        self, pf: pq.ParquetFile, window: Window, size: int
+    ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        """The rows of the row groups that may hold the window, gathered into batches of `size`."""
+        self.zones = self._row_group_zones(pf, window)
+        count = 0
+        records: list[Any] = []
+        positions: list[np.ndarray] = []
+        risky = False
+        for group, zone in enumerate(self.zones):
+            if not zone.may_hold(window):
+                continue
+            first = zone.start
+            for batch in pf.iter_batches(batch_size=size, row_groups=[group], use_threads=False):
+                records.extend(jsonable_row(row) for row in batch.to_pylist())
+                positions.append(np.arange(first, first + batch.num_rows, dtype=np.int64))
+                first += batch.num_rows
+                risky = risky or _may_hold_floats_or_big_ints(batch)
+                if len(records) >= size:
+                    count += len(records)
+                    yield records, risky, np.concatenate(positions)
+                    records, positions, risky = [], [], False
+        if records:
+            count += len(records)
+            yield records, risky, np.concatenate(positions)
+        self.count = count
+
+    def _row_group_zones(self, pf: pq.ParquetFile, window: Window) -> list[Zone]:
+        """One zone a row group: from the footer's statistics when the column's type allows, else from
+        the zone index (kept in the store; built by reading that one column)."""
+        footer = [_footer_bounds(pf, group, window) for group in range(pf.num_row_groups)]
+        if all(bounds is not None for bounds in footer):
+            return [
+                Zone(int(self.group_starts[g]), int(self.group_starts[g + 1]), *bounds)  # type: ignore[misc]
+                for g, bounds in enumerate(footer)
+            ]
+        key, index = self._stored_index()
+        if index is not None and len(index.zones) == pf.num_row_groups:
+            return index.zones
+        zones = []
+        for group in range(pf.num_row_groups):
+            bounds = footer[group] or _column_bounds(pf, group, window)
+            zones.append(Zone(int(self.group_starts[group]), int(self.group_starts[group + 1]), *bounds))
+        self._save_index(key, ZoneIndex(zones))
+        return zones
 
     def _rows_of_group(self, pf: Callable[[], pq.ParquetFile], group: int, local: np.ndarray) -> pa.Table:
         """Rows `local` (positions in row group `group`, in that order). A group whose uncompressed
@@ -442,6 +735,78 @@ class ParquetSource(RecordSource):
         table = self._take(indices)
         for lo in range(0, table.num_rows, size):
             yield [jsonable_row(row) for row in table.slice(lo, size).to_pylist()]
+
+
+_UNIT_TO_US = {"s": (1_000_000, 1), "ms": (1_000, 1), "us": (1, 1), "ns": (1, 1_000)}
+
+
+def _field_column(pf: pq.ParquetFile, name: str) -> int | None:
+    """The index of the top-level leaf column `name` in the file's parquet schema, or None."""
+    schema = pf.metadata.schema
+    for j in range(len(schema)):
+        if schema.column(j).path == name:
+            return j
+    return None
+
+
+def _footer_bounds(
+    pf: pq.ParquetFile, group: int, window: Window
+) -> tuple[int | None, int | None, bool] | None:
+    """(low, high, exact) of a row group from its footer statistics, when they say it exactly: a
+    timestamp-with-time-zone column (time) or a signed integer column (ledger), min and max present
+    and no null. None when the footer cannot say (the column is then read: `_column_bounds`)."""
+    rows = pf.metadata.row_group(group).num_rows
+    if rows == 0:
+        return None, None, True
+    arrow_schema = pf.schema_arrow
+    if arrow_schema.get_field_index(window.field) < 0:
+        return None, None, False  # the field is missing from every record: never skipped
+    kind = arrow_schema.field(window.field).type
+    j = _field_column(pf, window.field)
+    if j is None:
+        return None
+    stats = pf.metadata.row_group(group).column(j).statistics
+    if stats is None or not stats.has_min_max or not stats.has_null_count or stats.null_count != 0:
+        return None
+    if window.ledger:
+        if pa.types.is_signed_integer(kind) and stats.physical_type in ("INT32", "INT64"):
+            return int(stats.min), int(stats.max), True
+        return None
+    if pa.types.is_timestamp(kind) and kind.tz is not None and stats.physical_type == "INT64":
+        scale, divide = _UNIT_TO_US[kind.unit]
+        return stats.min_raw * scale // divide, stats.max_raw * scale // divide, True
+    return None
+
+
+def _column_bounds(pf: pq.ParquetFile, group: int, window: Window) -> tuple[int | None, int | None, bool]:
+    """(low, high, exact) of a row group from its one column, as the records will carry it: instants
+    parsed from strings or taken from timestamps with a time zone (time), integers (ledger)."""
+    try:
+        column = pf.read_row_group(group, columns=[window.field], use_threads=False).column(0)
+    except (KeyError, pa.ArrowException):
+        return None, None, False
+    values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if values.null_count:
+        return None, None, False
+    kind = values.type
+    if window.ledger:
+        if not pa.types.is_integer(kind):
+            return None, None, False
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return bounds_of_instants(values)
+    elif pa.types.is_timestamp(kind) and kind.tz is not None:
+        scale, divide = _UNIT_TO_US[kind.unit]
+        raw = values.cast(pa.int64())
+        if len(raw) == 0:
+            return None, None, True
+        low, high = pc.min_max(raw).values()
+        return low.as_py() * scale // divide, high.as_py() * scale // divide, True
+    else:
+        return None, None, False
+    if len(values) == 0:
+        return None, None, True
+    low, high = pc.min_max(values).values()
+    return int(low.as_py()), int(high.as_py()), True
 
 
 def open_source(uri: str, shown: str, fmt: str) -> RecordSource:

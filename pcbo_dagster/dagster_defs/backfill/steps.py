@@ -46,6 +46,7 @@ from pcbo_dagster.engine.execute import (
 from pcbo_dagster.engine.request_loading import LoadedRequest, evaluate, load_request
 from pcbo_dagster.evidence.package import write_evidence_file
 from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.sources.zones import ZoneIndexStore
 
 POLICY_GATE = "policy_gate"
 PARQUET_EMISSION = "parquet_emission"
@@ -100,7 +101,11 @@ def _remember(dagster_run_id: str, run_id: str, evaluated: Evaluated) -> None:
 
 
 def _evaluated(
-    context: dg.OpExecutionContext, gate: GateHandle, request: RequestHandle, last_use: bool = False
+    context: dg.OpExecutionContext,
+    gate: GateHandle,
+    request: RequestHandle,
+    pcbo: PcboEngineResource,
+    last_use: bool = False,
 ) -> Evaluated:
     """The request as the gate evaluated it: from this process, or evaluated again (a step retried in
     another process) and refused if its decisions are not the ones the gate passed."""
@@ -109,8 +114,8 @@ def _evaluated(
     if found is not None:
         return found
     context.log.info(f"{request.run_id}: evaluating the request again (the gate ran in another process)")
-    with engine_errors():
-        loaded = load_request(request.request_json.encode("utf-8"))
+    with engine_errors(), pcbo.zone_indexes() as zones:  # (a streamed source: only its range's zones)
+        loaded = load_request(request.request_json.encode("utf-8"), zone_indexes=zones)
         plan, decisions = evaluate(loaded)
     if decisions.decision_hash != request.decision_hash:
         raise dg.Failure(
@@ -303,9 +308,12 @@ def engine_requests(
     return out
 
 
-def evaluate_request(context: AnyContext, request: dict[str, Any], keys: list[str]) -> Evaluated:
-    """Load and evaluate one engine request and log its policy gate (nothing written)."""
-    loaded = load_request(json.dumps(request).encode("utf-8"))
+def evaluate_request(
+    context: AnyContext, request: dict[str, Any], keys: list[str], zone_indexes: ZoneIndexStore | None = None
+) -> Evaluated:
+    """Load and evaluate one engine request and log its policy gate (nothing written); `zone_indexes`:
+    the catalog's zone indexes of streamed sources (a range run reads only its range's zones)."""
+    loaded = load_request(json.dumps(request).encode("utf-8"), zone_indexes=zone_indexes)
     plan, decisions = evaluate(loaded)
     planned = [p.key for p in plan.partitions]
     if planned != keys:
@@ -378,10 +386,10 @@ def build_steps(
         handles = []
         totals: dict[str, int] = {}
         by_reason: dict[str, int] = {}
-        with engine_errors(source_uri):
+        with engine_errors(source_uri), pcbo.zone_indexes() as zones:
             # Every request's gates hold before anything is written.
             for run_id, request, group_keys in requests:
-                loaded, plan, decisions = evaluate_request(context, request, group_keys)
+                loaded, plan, decisions = evaluate_request(context, request, group_keys, zones)
                 check_gates(loaded, decisions)
                 _remember(dagster_run_id, run_id, (loaded, plan, decisions))
                 handles.append(
@@ -423,7 +431,7 @@ def build_steps(
         emissions: list[Emission] = []
         with pcbo.environment(lake) as env, engine_errors():
             for request in gate.requests:
-                loaded, plan, decisions = _evaluated(context, gate, request)
+                loaded, plan, decisions = _evaluated(context, gate, request, pcbo)
                 progress = progress_logger(context, len(request.keys), "committed")
                 emission = emit_partitions(env, loaded, plan, decisions, progress=progress)
                 emissions.append(emission)
@@ -506,7 +514,7 @@ def build_steps(
         gate = emitted.gate
         with pcbo.environment(lake) as env:
             for request, emission in zip(gate.requests, emitted.emissions, strict=False):
-                loaded, plan, decisions = _evaluated(context, gate, request, last_use=True)
+                loaded, plan, decisions = _evaluated(context, gate, request, pcbo, last_use=True)
                 counts = {pd.partition.key: pd.counts for pd in decisions.partitions if pd.partition.key in
                           set(emission.keys)}  # fmt: skip
                 progress = progress_logger(context, len(emission.partitions), "read back and recorded")

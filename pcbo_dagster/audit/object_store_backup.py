@@ -1,0 +1,388 @@
+"""The audit backup on an object store every host shares: one object per event, written create-only.
+
+With runs on many hosts (each with its own, possibly ephemeral, local disk) a host-local backup file
+cannot be the durable copy of a chain: a second host would have its own, and a host that goes away
+takes its copy with it. So `PCBO_AUDIT_DIR` may be an `s3://` or `gs://` URL, and then the chain lives
+there, beside (or apart from) the lake:
+
+    <url>/<dataset>/<versionLabel>/000000000000.json     the event of seq 0: its RFC 8785 bytes
+    <url>/<dataset>/<versionLabel>/000000000001.json     seq 1, ...
+    <url>/<dataset>/<versionLabel>/_delivered.json       the remote delivery cursor (not evidence)
+
+Each event object is written **create-only** (S3 `PutObject` with `If-None-Match: *`, GCS
+`ifGenerationMatch=0`): the store itself refuses a second object at a seq, so two hosts can never
+both write seq N, whatever their locks say. A create that finds an object already there succeeds only
+when that object holds exactly the same bytes (the rest of a batch a crash cut short, written again
+from the catalog's pending copy); any other object there stops the append (`AuditBackupConflict`).
+
+The events of one append are written at once (concurrent PUTs), so a crash can leave a batch with a
+hole (seq 5 and 7 written, 6 not). The chain a run reads is therefore the *contiguous* prefix of
+objects from seq 0: the audit log (`audit.log`) completes the rest of the batch from the catalog's
+pending copy, exactly as it completes a torn line of a local backup, and an object beyond a hole that
+is not part of that batch is never adopted (its create fails). `verify` reads every object, so a hole
+or a stray object is a finding there.
+
+A host-local copy of each chain (`cache_dir`, a JSON Lines file as `audit.backup.AuditBackup` writes
+it) saves reading every object again on every run. It is only a cache: it holds nothing the store
+does not, every read checks it (its chain verifies, hash by hash, and its last event is byte for byte
+the store's object at that seq) and drops it at the first disagreement, and it is never read by
+`verify`, which reads the store. Writers on one host are serialised by the cache's file lock; writers
+on different hosts by the catalog (PostgreSQL's advisory lock and the chain head's row lock, held for
+the whole append: `catalog/chain.py`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from pcbo_dagster.audit.backup import (
+    AuditBackup,
+    AuditBackupCorrupt,
+    ChainBackup,
+    _event_or_none,
+    _parse_line,
+)
+from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
+from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.lake.storage import filesystem
+
+#: Schemes whose stores take create-only writes (the durable, shared audit copy).
+SHARED_SCHEMES = ("s3", "s3a", "gs", "gcs")
+SEQ_DIGITS = 12
+CURSOR_NAME = "_delivered.json"
+_EVENT_NAME = re.compile(r"^(\d{12})\.json$")
+
+
+class AuditBackupConflict(ValueError):
+    """The store already holds a different event at a seq an append was about to write."""
+
+
+def is_shared_store(location: str) -> bool:
+    """Whether an audit location is an object-store URL (`s3://`, `gs://`), not a local directory."""
+    return "://" in location and location.split("://", 1)[0].lower() in SHARED_SCHEMES
+
+
+def open_backup(location: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> ChainBackup:
+    """The audit backup at `location`: an object store (with its host-local cache under `cache_dir`)
+    or a local directory."""
+    text = os.fspath(location)
+    if is_shared_store(text):
+        if cache_dir is None:
+            raise ValueError("an object-store audit backup needs a local cache directory")
+        return ObjectStoreAuditBackup(text, Path(cache_dir))
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    return AuditBackup(text)
+
+
+def event_name(seq: int) -> str:
+    """The object name of the event at `seq` (`000000000042.json`)."""
+    return f"{seq:0{SEQ_DIGITS}d}.json"
+
+
+class ObjectStoreAuditBackup:
+    """Per-event objects under an `s3://` / `gs://` URL, with a verified local cache (module doc)."""
+
+    def __init__(self, url: str, cache_dir: Path) -> None:
+        self.url = url.rstrip("/")
+        self.location = redact_url(self.url)
+        self.fs, root = filesystem(self.url)
+        self.root = self.fs._strip_protocol(root).rstrip("/")
+        # One cache per store URL, so one home can serve several stores without mixing them.
+        digest = hashlib.sha256(self.location.encode("utf-8")).hexdigest()[:16]
+        self.cache = AuditBackup(Path(cache_dir) / digest)
+        #: chain_key -> (seq, event_hash) through which this process has verified its cache.
+        self._verified: dict[str, tuple[int, str]] = {}
+
+    # -- names ------------------------------------------------------------------------------------
+
+    def _chain_dir(self, chain_key: str) -> str:
+        dataset, label = split_chain_key(chain_key)
+        return f"{self.root}/{dataset}/{label}"
+
+    def _event_path(self, chain_key: str, seq: int) -> str:
+        return f"{self._chain_dir(chain_key)}/{event_name(seq)}"
+
+    def _listing(self, chain_key: str) -> dict[int, str]:
+        """{seq: path} of the chain's event objects, listed now (never from fsspec's listing cache)."""
+        directory = self._chain_dir(chain_key)
+        self.fs.invalidate_cache(directory)
+        try:
+            names = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return {}
+        found: dict[int, str] = {}
+        for path in names:
+            match = _EVENT_NAME.match(str(path).rsplit("/", 1)[-1])
+            if match:
+                found[int(match.group(1))] = f"{directory}/{match.group(0)}"
+        return found
+
+    # -- locking ----------------------------------------------------------------------------------
+
+    def locked(self, chain_key: str) -> AbstractContextManager[None]:
+        """This host's writer lock of the chain (the cache's file lock); hosts are serialised by the
+        catalog's chain lock."""
+        return self.cache.locked(chain_key)
+
+    def delivery_locked(self, chain_key: str) -> AbstractContextManager[None]:
+        return self.cache.delivery_locked(chain_key)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def _fetch(self, paths: list[str]) -> dict[str, bytes | Exception]:
+        """The bytes of each path (read at once); an exception in place of an object that could not
+        be read (FileNotFoundError for one that is gone)."""
+        if not paths:
+            return {}
+        got = self.fs.cat(paths, on_error="return")
+        if not isinstance(got, dict):  # one path: fsspec returns the bytes themselves
+            got = {paths[0]: got}
+        out: dict[str, bytes | Exception] = {}
+        for path in paths:
+            value = got.get(path, got.get(self.fs._strip_protocol(path)))
+            out[path] = value if isinstance(value, bytes | Exception) else FileNotFoundError(path)
+        return out
+
+    def _drop_cache(self, chain_key: str) -> None:
+        self._verified.pop(chain_key, None)
+        self.cache.paths(chain_key).events.unlink(missing_ok=True)
+
+    def _verified_cache(self, chain_key: str, contiguous: int) -> list[dict]:
+        """The cache's events when they are a prefix of the store's chain (checked as the module doc
+        says), else nothing (the cache is dropped)."""
+        events, problems = self.cache.read_chain_with_problems(chain_key)
+        if problems or len(events) > contiguous:
+            self._drop_cache(chain_key)
+            return []
+        if not events:
+            return []
+        last = len(events) - 1
+        mark = self._verified.get(chain_key)
+        checked = mark is not None and mark[0] == last and _hash_of(events[last]) == mark[1]
+        if not checked and verify_chain(events, chain_key):
+            self._drop_cache(chain_key)
+            return []
+        path = self._event_path(chain_key, last)
+        if self._fetch([path])[path] != jcs(events[last]):
+            self._drop_cache(chain_key)
+            return []
+        self._verified[chain_key] = (last, _hash_of(events[last]))
+        return events
+
+    def _read(self, chain_key: str) -> tuple[list[dict], list[str], int]:
+        """(events, problems, number of contiguous objects from seq 0): see `read_chain_with_problems`."""
+        with self.cache.locked(chain_key):
+            listing = self._listing(chain_key)
+            contiguous = 0
+            while contiguous in listing:
+                contiguous += 1
+            events = self._verified_cache(chain_key, contiguous)
+            seqs = range(len(events), contiguous)
+            fetched = self._fetch([listing[seq] for seq in seqs])
+            fresh: list[dict] = []
+            problems: list[str] = []
+            for seq in seqs:
+                path = listing[seq]
+                data = fetched[path]
+                event = _event_or_none(data) if isinstance(data, bytes) else None
+                if event is None:
+                    problems.append(f"{self.location}: {_shown(path, self.root)}: not an audit event")
+                    continue
+                if event["chain"].get("seq") != seq:
+                    problems.append(
+                        f"{self.location}: {_shown(path, self.root)} holds seq {event['chain'].get('seq')!r}"
+                    )
+                fresh.append(event)
+            cached = _continuing(chain_key, events, fresh)
+            if cached:
+                self.cache.append(chain_key, cached, fsync=False)
+                self._verified[chain_key] = (len(events) + len(cached) - 1, _hash_of(cached[-1]))
+            if len(cached) < len(fresh) and not problems:
+                seq = len(events) + len(cached)
+                problems.append(
+                    f"{self.location}: {chain_key}: the event at seq {seq} does not continue the chain"
+                )
+            return events + fresh, problems, contiguous
+
+    def read_chain_with_problems(self, chain_key: str) -> tuple[list[dict], list[str]]:
+        """The chain as the store holds it from seq 0 up to its first missing object (a crash may
+        leave a hole in the last batch; the objects after one are not read here), and a description
+        of every object in that range that is not an event. Only the events the cache lacks are read
+        (at once); those that continue the chain are added to the cache."""
+        events, problems, _ = self._read(chain_key)
+        return events, problems
+
+    def read_chain(self, chain_key: str) -> list[dict]:
+        return self._read(chain_key)[0]
+
+    def last_event(self, chain_key: str) -> dict | None:
+        """The event of the last contiguous object. `AuditBackupCorrupt` when the chain read from the
+        store does not hold together (an object that is not an event, or an event that does not
+        continue the one before it): nothing may be appended to it."""
+        events, problems, contiguous = self._read(chain_key)
+        if problems:
+            raise AuditBackupCorrupt(problems[0])
+        if contiguous == 0:
+            return None
+        return events[-1]
+
+    def chain_keys(self) -> list[str]:
+        """Chain keys that have at least one event object, sorted."""
+        return sorted({key for key, _ in self._objects() if key is not None})
+
+    def _objects(self) -> Iterator[tuple[str | None, str]]:
+        """(chain_key or None when the path is no chain's, path) of every object under the URL."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return
+        prefix = self.root + "/"
+        for path in sorted(self.fs._strip_protocol(p) for p in found):
+            rel = path[len(prefix) :] if path.startswith(prefix) else path
+            parts = rel.split("/")
+            key = None
+            if len(parts) == 3:
+                try:
+                    split_chain_key(f"{parts[0]}/{parts[1]}")
+                    key = f"{parts[0]}/{parts[1]}"
+                except ValueError:
+                    key = None
+            yield key, path
+
+    def read_all_with_problems(self) -> tuple[dict[str, list[dict]], list[str]]:
+        """Every chain read from the store (every object; the cache plays no part), in seq order by
+        name, holes and strays included (`verify_chain` then reports them), and a description of each
+        object that is not an event of its chain."""
+        chains: dict[str, list[tuple[int, str]]] = {}
+        problems: list[str] = []
+        for key, path in self._objects():
+            name = path.rsplit("/", 1)[-1]
+            match = _EVENT_NAME.match(name)
+            if key is None or (match is None and name != CURSOR_NAME):
+                problems.append(f"{self.location}: {_shown(path, self.root)}: not an audit event object")
+                continue
+            if match is not None:
+                chains.setdefault(key, []).append((int(match.group(1)), path))
+        result: dict[str, list[dict]] = {}
+        for key, named in sorted(chains.items()):
+            named.sort()
+            fetched = self._fetch([path for _, path in named])
+            events: list[dict] = []
+            for seq, path in named:
+                data = fetched[path]
+                shown = _shown(path, self.root)
+                try:
+                    if not isinstance(data, bytes):
+                        raise ValueError(f"cannot be read: {data}")
+                    event: Any = _parse_line(data)
+                except (UnicodeDecodeError, ValueError) as exc:
+                    problems.append(f"{self.location}: {shown}: not a JSON document: {exc}")
+                    continue
+                chain = event.get("chain") if isinstance(event, dict) else None
+                if not isinstance(chain, dict):
+                    problems.append(f"{self.location}: {shown}: no chain object")
+                    continue
+                if chain.get("seq") != seq or chain.get("chain_key") != key:
+                    problems.append(
+                        f"{self.location}: {shown}: holds {chain.get('chain_key')!r} seq {chain.get('seq')!r}"
+                    )
+                events.append(event)
+            result[key] = events
+        return result, problems
+
+    def read_all(self) -> dict[str, list[dict]]:
+        return self.read_all_with_problems()[0]
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def append(self, chain_key: str, events: list[dict], *, fsync: bool = True) -> None:
+        """Write events that continue the chain, each create-only (module doc); then add them to the
+        cache. ValueError (nothing written) when they do not continue the chain; `AuditBackupConflict`
+        when the store already holds a different event at one of their seqs. Every PUT is durable
+        when it returns (`fsync` has nothing more to do)."""
+        if not events:
+            return
+        with self.cache.locked(chain_key):
+            current = self.read_chain(chain_key)
+            seq = current[-1]["chain"]["seq"] if current else -1
+            prev = current[-1]["chain"]["event_hash"] if current else None
+            for event in events:
+                AuditBackup._check_continues(chain_key, event, seq + 1, prev)
+                seq, prev = event["chain"]["seq"], event["chain"]["event_hash"]
+            self._create_all(chain_key, events)
+            self.cache.append(chain_key, events, fsync=False)
+            self._verified[chain_key] = (seq, str(prev))
+
+    def _create_all(self, chain_key: str, events: list[dict]) -> None:
+        payload = {self._event_path(chain_key, e["chain"]["seq"]): jcs(e) for e in events}
+        try:
+            self.fs.pipe(payload, mode="create")
+            return
+        except FileExistsError:
+            pass
+        for path, data in payload.items():  # one of them exists: which, and is it this very event?
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                held = self._fetch([path])[path]
+                if held != data:
+                    raise AuditBackupConflict(
+                        f"{self.location}: {_shown(path, self.root)} already holds a different event: "
+                        "another writer appended to the chain at this seq; nothing is overwritten"
+                    ) from None
+
+    def torn_tail(self, chain_key: str) -> bytes | None:
+        """None: every object is written whole by one PUT (a crash leaves a hole, never a fragment)."""
+        return None
+
+    def remove_torn_tail(self, chain_key: str, *, set_aside: bool) -> bytes | None:
+        return None
+
+    def set_aside_fragments(self) -> dict[str, bytes]:
+        return {}
+
+    # -- delivery cursor --------------------------------------------------------------------------
+
+    def read_delivery_cursor(self, chain_key: str) -> bytes | None:
+        path = f"{self._chain_dir(chain_key)}/{CURSOR_NAME}"
+        held = self._fetch([path])[path]
+        if isinstance(held, FileNotFoundError):
+            return None
+        if isinstance(held, Exception):
+            raise held
+        return held
+
+    def write_delivery_cursor(self, chain_key: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self._chain_dir(chain_key)}/{CURSOR_NAME}", data)
+
+
+def _continuing(chain_key: str, known: list[dict], fresh: list[dict]) -> list[dict]:
+    """The longest prefix of `fresh` whose events continue the chain `known` (seq, link, hash)."""
+    seq = known[-1]["chain"]["seq"] if known else -1
+    prev = known[-1]["chain"]["event_hash"] if known else None
+    good: list[dict] = []
+    for event in fresh:
+        try:
+            AuditBackup._check_continues(chain_key, event, seq + 1, prev)
+        except ValueError:
+            break
+        good.append(event)
+        seq, prev = event["chain"]["seq"], event["chain"]["event_hash"]
+    return good
+
+
+def _hash_of(event: dict) -> str:
+    return str(event["chain"]["event_hash"])
+
+
+def _shown(path: str, root: str) -> str:
+    return path[len(root) + 1 :] if path.startswith(root + "/") else path
