@@ -346,9 +346,10 @@ def test_celery_workers_backfill_as_one_host_would(cluster, single_host_lake):
     runs = _finish(cluster, cluster.backfill("coordinator", "--coordinators", str(WORKERS)))
     took = time.monotonic() - started
     assert len(runs) == -(-HOURS // PER_RUN) and all(r["success"] == "true" for r in runs)
-    # The steps ran on the workers (each one its own "host"), not in the coordinator, and on both.
+    # The steps ran on the workers (each one its own "host"), not in the coordinator, and on both:
+    # each run's four ops (policy gate, parquet emission, audit chain append, reconciliation).
     served = cluster.served()
-    assert sum(served.values()) == len(runs) and all(served.values()), served
+    assert sum(served.values()) == 4 * len(runs) and all(served.values()), served
     _assert_as_one_host_would(cluster, single_host_lake)
     print(f"celery backfill: {len(runs)} runs, {HOURS} partitions in {took:.1f} s; steps per worker {served}")
     figures = {"workers": WORKERS, "partitions": HOURS, "runs": len(runs), "seconds": round(took, 2)}

@@ -151,6 +151,15 @@ def file_lock(path: Path) -> Iterator[None]:
                     os.close(fd)
 
 
+def _final_fragment(fd: int, end: int) -> tuple[int, bytes] | None:
+    """What follows the last newline of the first `end` bytes of `fd` (its offset and bytes), or None
+    when they are empty or end with a newline: a torn write, or a last event without its newline."""
+    if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
+        return None
+    start = _rfind_newline(fd, end) + 1
+    return start, os.pread(fd, end - start, start)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -295,14 +304,12 @@ class AuditBackup:
         except FileNotFoundError:
             return None
         try:
-            end = os.fstat(fd).st_size
-            if end == 0 or os.pread(fd, 1, end - 1) == b"\n":
-                return None
-            start = _rfind_newline(fd, end) + 1
-            fragment = os.pread(fd, end - start, start)
+            final = _final_fragment(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-        return None if _event_or_none(fragment) is not None else fragment
+        if final is None:
+            return None
+        return None if _event_or_none(final[1]) is not None else final[1]
 
     def remove_torn_tail(self, chain_key: str, *, set_aside: bool) -> bytes | None:
         """Cut a torn final fragment (`torn_tail`) off the chain file, first appending it to the
@@ -401,12 +408,12 @@ class AuditBackup:
             return None
         try:
             end = os.fstat(fd).st_size
-            if end and os.pread(fd, 1, end - 1) != b"\n":
-                start = _rfind_newline(fd, end) + 1
-                tail = _event_or_none(os.pread(fd, end - start, start))
+            final = _final_fragment(fd, end)
+            if final is not None:
+                tail = _event_or_none(final[1])
                 if tail is not None:
                     return tail
-                end = start  # drop the torn fragment
+                end = final[0]  # drop the torn fragment
             if end == 0:
                 return None
             start = _rfind_newline(fd, end - 1) + 1
