@@ -15,6 +15,11 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from pcbo_dagster.catalog.migrations.append_only_triggers import (
+    create_append_only_triggers,
+    drop_append_only_triggers,
+)
+
 revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -159,15 +164,7 @@ def upgrade() -> None:
 
 
 def _create_append_only_triggers() -> None:
-    dialect = op.get_bind().dialect.name
-    if dialect == "sqlite":
-        for table in APPEND_ONLY:
-            for action in ("UPDATE", "DELETE"):
-                op.execute(
-                    f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
-                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {action} refused'); END"
-                )
-    elif dialect == "postgresql":
+    if op.get_bind().dialect.name == "postgresql":
         op.execute(
             """
             CREATE OR REPLACE FUNCTION pcbo_refuse_mutation() RETURNS trigger
@@ -179,29 +176,14 @@ def _create_append_only_triggers() -> None:
             $$
             """
         )
-        for table in APPEND_ONLY:
-            op.execute(
-                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION pcbo_refuse_mutation()"
-            )
-            op.execute(
-                f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
-                "FOR EACH STATEMENT EXECUTE FUNCTION pcbo_refuse_mutation()"
-            )
-    else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-        raise NotImplementedError(f"append-only triggers not written for dialect {dialect!r}")
+    for table in APPEND_ONLY:
+        create_append_only_triggers(table)
 
 
 def downgrade() -> None:
-    dialect = op.get_bind().dialect.name
-    if dialect == "sqlite":
-        for table in APPEND_ONLY:
-            for action in ("update", "delete"):
-                op.execute(f"DROP TRIGGER IF EXISTS {table}_no_{action}")
-    elif dialect == "postgresql":
-        for table in APPEND_ONLY:
-            op.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
-            op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
+    for table in APPEND_ONLY:
+        drop_append_only_triggers(table)
+    if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP FUNCTION IF EXISTS pcbo_refuse_mutation()")
     op.drop_index("ix_discrepancy_events_run_id", table_name="discrepancy_events")
     op.drop_table("discrepancy_events")

@@ -24,6 +24,10 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from pcbo_dagster.catalog.migrations.append_only_triggers import (
+    create_append_only_triggers,
+)
+
 revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
@@ -76,28 +80,8 @@ def upgrade() -> None:
         sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("chain_key", "tree_size", "witness_key", name="pk_checkpoint_cosignatures"),
     )
-    dialect = op.get_bind().dialect.name
     for table, conflict in REPLACE_CONFLICTS.items():
-        if dialect == "sqlite":
-            for action in ("UPDATE", "DELETE"):
-                op.execute(
-                    f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
-                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {action} refused'); END"
-                )
-            op.execute(
-                f"CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table} "
-                f"WHEN EXISTS (SELECT 1 FROM {table} WHERE {conflict}) "
-                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: REPLACE refused'); END"
-            )
-        else:  # the function pcbo_refuse_mutation() is 0001's
-            op.execute(
-                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION pcbo_refuse_mutation()"
-            )
-            op.execute(
-                f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
-                "FOR EACH STATEMENT EXECUTE FUNCTION pcbo_refuse_mutation()"
-            )
+        create_append_only_triggers(table, conflict)
 
 
 def downgrade() -> None:

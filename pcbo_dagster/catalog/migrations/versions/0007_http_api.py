@@ -21,6 +21,11 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from pcbo_dagster.catalog.migrations.append_only_triggers import (
+    create_append_only_triggers,
+    drop_append_only_triggers,
+)
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -98,41 +103,13 @@ def upgrade() -> None:
         _ts("created_at"),
         sa.PrimaryKeyConstraint("subject", "idempotency_key", name="pk_idempotency_keys"),
     )
-    dialect = op.get_bind().dialect.name
     for table in APPEND_ONLY:
-        if dialect == "sqlite":
-            for action in ("UPDATE", "DELETE"):
-                op.execute(
-                    f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
-                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: {action} refused'); END"
-                )
-            op.execute(
-                f"CREATE TRIGGER {table}_no_replace BEFORE INSERT ON {table} "
-                f"WHEN EXISTS (SELECT 1 FROM {table} WHERE {REPLACE_CONFLICTS[table]}) "
-                f"BEGIN SELECT RAISE(ABORT, '{table} is append-only: REPLACE refused'); END"
-            )
-        elif dialect == "postgresql":  # pcbo_refuse_mutation() comes from revision 0001
-            op.execute(
-                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION pcbo_refuse_mutation()"
-            )
-            op.execute(
-                f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
-                "FOR EACH STATEMENT EXECUTE FUNCTION pcbo_refuse_mutation()"
-            )
-        else:  # pragma: no cover - only SQLite and PostgreSQL are supported
-            raise NotImplementedError(f"append-only triggers not written for dialect {dialect!r}")
+        create_append_only_triggers(table, REPLACE_CONFLICTS[table])
 
 
 def downgrade() -> None:
-    dialect = op.get_bind().dialect.name
     for table in APPEND_ONLY:
-        if dialect == "sqlite":
-            for action in ("update", "delete", "replace"):
-                op.execute(f"DROP TRIGGER IF EXISTS {table}_no_{action}")
-        elif dialect == "postgresql":
-            op.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
-            op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
+        drop_append_only_triggers(table)
     op.drop_table("idempotency_keys")
     op.drop_table("api_runs")
     op.drop_index("ix_command_audit_recorded_at", table_name="command_audit")
