@@ -55,7 +55,6 @@ import datetime as dt
 import functools
 import json
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -187,7 +186,6 @@ def promotion_target(spec: TableSpec | None, production: Environment) -> TableTa
     if spec is None:
         return None
     target = target_for(spec, production)
-    _await_pyiceberg()
     from pyiceberg.exceptions import NoSuchTableError
 
     try:
@@ -470,7 +468,6 @@ def open_catalog(url: str) -> Catalog:
     psycopg 3)."""
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("http", "https"):
-        _await_pyiceberg()
         from pyiceberg.catalog.rest import RestCatalog
 
         properties = {"uri": url}
@@ -493,7 +490,6 @@ def partition_field(windows: list[tuple[int, int]], ledger_field: str | None) ->
     the finest of hour/day/month/year (on `occurredAt`) that holds each window in one value; a
     ledger grid aligned to its width gets `truncate(width)` on the ledger field. None (unpartitioned;
     engines still prune on every file's column statistics) when none fits."""
-    _await_pyiceberg()
     from pyiceberg.transforms import (
         DayTransform,
         HourTransform,
@@ -575,7 +571,6 @@ class Publisher:
     def _load(
         self, create_from: PublishedFile | None, expected_now: dict[str, PublishedFile]
     ) -> Table | None:
-        _await_pyiceberg()
         from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
 
         catalog = open_catalog(self.target.catalog_url)
@@ -622,7 +617,6 @@ class Publisher:
         self, catalog: Catalog, first: PublishedFile, expected_now: dict[str, PublishedFile]
     ) -> Table:
         import pyarrow.parquet as pq
-        _await_pyiceberg()
         from pyiceberg.table.name_mapping import create_mapping_from_schema
 
         with self.env.lake.fs.open(f"{self.env.lake.root}/{first.path}", "rb") as handle:
@@ -678,7 +672,6 @@ class Publisher:
     def publish(self, state: ChainState, *, run_id: str | None, reason: str) -> dict[str, Any] | None:
         """Bring the branch to what `state` (the chain as it is now) implies, in one snapshot; None
         when it already is. `PublicationRefused` (nothing published) when the table diverged."""
-        _await_pyiceberg()
         expected = expected_files(state, self.dataset, self.version_label)
         if not self._open(state, next(iter(sorted(expected.values(), key=lambda f: f.path)), None)):
             return None
@@ -770,7 +763,6 @@ class Publisher:
         """Data files for `files` as they are (footer statistics, the partition value from the
         partition's window); new columns are added to the table's schema first."""
         import pyarrow.parquet as pq
-        _await_pyiceberg()
         from pyiceberg.io.pyarrow import (
             _check_pyarrow_schema_compatible,
             compute_statistics_plan,
@@ -869,7 +861,6 @@ def _one_copy_transaction() -> type[Transaction]:
     """pyiceberg 0.12 deep-copies the whole table metadata (every snapshot's summary) at each read of
     a transaction's `table_metadata`, about twenty times per snapshot; the metadata models are frozen
     and replaced, never changed in place, so one copy per state of the transaction is enough."""
-    _await_pyiceberg()
     from pyiceberg.table import Transaction
 
     class _OneCopyPerChange(Transaction):
@@ -885,37 +876,6 @@ def _one_copy_transaction() -> type[Transaction]:
     return _OneCopyPerChange
 
 
-#: The import of pyiceberg an execute starts in the background (`publish` waits for it before it
-#: imports anything of pyiceberg itself: two threads importing one package can deadlock).
-_IMPORTING: threading.Thread | None = None
-_IMPORT_LOCK = threading.Lock()
-
-
-def _await_pyiceberg() -> None:
-    """Wait for the background import of pyiceberg, if one was started."""
-    if _IMPORTING is not None:
-        _IMPORTING.join()
-
-
-def _start_importing_pyiceberg() -> None:
-    """Start importing pyiceberg (about a second) in the background, once per process."""
-    global _IMPORTING
-    with _IMPORT_LOCK:
-        if _IMPORTING is None:
-            _IMPORTING = threading.Thread(target=_import_pyiceberg, name="pcbo-import-pyiceberg", daemon=True)
-            _IMPORTING.start()
-
-
-def _import_pyiceberg() -> None:
-    """Import what a first publication needs."""
-    import pyiceberg.catalog.sql  # noqa: F401
-    import pyiceberg.io.pyarrow  # noqa: F401
-    import pyiceberg.manifest  # noqa: F401
-    import pyiceberg.table  # noqa: F401
-    import pyiceberg.table.name_mapping  # noqa: F401
-    import pyiceberg.transforms  # noqa: F401
-
-
 def publisher_for(
     env: Environment,
     spec: TableSpec | None,
@@ -929,8 +889,6 @@ def publisher_for(
     target = resolve_target(env, spec, dataset, version_label, given)
     if target is None:
         return None
-    if plan is not None:
-        _start_importing_pyiceberg()  # an execute: it loads while the first partitions are written
     partitioning = None if plan is None else ([(p.start, p.end) for p in plan.partitions], plan.ledger_field)
     publisher = Publisher(env, target, dataset, version_label, partitioning)
     publisher.record()
@@ -969,7 +927,6 @@ def check_tables(
 ) -> list[tuple[str, dict[str, Any]]]:
     """Every recorded table of a dataset version against its chain, as (`find` | `healable` |
     `repaired`, entry). With `repair`, a publication a crash interrupted (`behind`) is completed."""
-    _await_pyiceberg()
     from pyiceberg.exceptions import NoSuchTableError
 
     outcomes: list[tuple[str, dict[str, Any]]] = []
