@@ -1200,8 +1200,7 @@ def reconcile_partitions(
         publisher = iceberg_publication.publisher_for(
             env, loaded.request.table, dataset, version_label, plan=plan
         )
-        if publisher is not None and not failure:
-            state = replay(env.audit.backup.read_chain(ckey))
+        if publisher is not None and not failure:  # (`state` follows the undos the checks appended)
             failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
             kind = TABLE_PUBLICATION_REFUSED
         final, summary = _summary(results, failure, False)
