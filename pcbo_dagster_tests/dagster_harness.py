@@ -30,6 +30,7 @@ import yaml
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.datasets.demo_data import generate_demo_data
 from pcbo_dagster_tests.approver_keys import list_approvers_in_example
+from pcbo_dagster_tests.loopback import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
@@ -38,12 +39,6 @@ BIN = Path(sys.executable).parent
 EVENTS = ["events"]
 #: Terminal backfill states (BulkActionStatus).
 BACKFILL_DONE = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def executable(name: str) -> str:
@@ -585,9 +580,7 @@ def runs_with_tag(dep: Deployment, key: str, value: str | None = None) -> list[d
              } }"""
     )["runsOrError"]["results"]
     return [
-        r
-        for r in runs
-        if any(t["key"] == key and (value is None or t["value"] == value) for t in r["tags"])
+        r for r in runs if any(t["key"] == key and (value is None or t["value"] == value) for t in r["tags"])
     ]
 
 

@@ -23,15 +23,10 @@ import httpx
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster_tests.cli_runner import pcbo_env
+from pcbo_dagster_tests.loopback import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_REQUEST = REPO_ROOT / "examples" / "demo_request.json"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

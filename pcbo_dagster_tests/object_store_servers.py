@@ -9,12 +9,13 @@ gcp-storage-emulator is not installed). Dummy credentials only: nothing here is 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+
+from pcbo_dagster_tests.loopback import free_port
 
 BUCKET = "pcbo-test-lake"
 
@@ -44,12 +45,6 @@ class ObjectStore:
                 else:
                     os.environ[k] = v
         return fs
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 S3_ENV_BASE = {
@@ -88,7 +83,7 @@ def s3_store() -> Iterator[ObjectStore]:
 def gcs_store() -> Iterator[ObjectStore]:
     emulator = pytest.importorskip("gcp_storage_emulator.server")
     pytest.importorskip("gcsfs")
-    port = _free_port()
+    port = free_port()
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     try:

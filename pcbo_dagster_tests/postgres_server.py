@@ -15,7 +15,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pcbo_dagster_tests.loopback import free_port
 
 START_ATTEMPTS = 3
 
@@ -58,12 +59,6 @@ def _find_bindir() -> Path | None:
         if (path / "initdb").is_file() and (path / "pg_ctl").is_file():
             return path
     return None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _as_postgres(argv: list[str]) -> list[str]:
@@ -130,7 +125,7 @@ class _Server:
             pytest.fail(f"initdb failed:\n{init.stdout}\n{init.stderr}", pytrace=False)
         last = ""
         for _ in range(START_ATTEMPTS):
-            port = _free_port()
+            port = free_port()
             options = (
                 f"-c listen_addresses=127.0.0.1 -p {port} -k {self.base} "
                 "-c fsync=off -c full_page_writes=off -c max_connections=200"

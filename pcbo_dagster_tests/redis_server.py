@@ -17,11 +17,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from pcbo_dagster_tests.loopback import free_port
 
 
 def _ping(port: int) -> bool:
@@ -45,7 +41,7 @@ def redis_url() -> Iterator[str]:
             pytest.fail(f"Redis is required in CI: {message}", pytrace=False)
         pytest.skip(message)
     workdir = Path(tempfile.mkdtemp(prefix="pcbo-redis-"))
-    port = _free_port()
+    port = free_port()
     argv = [
         binary,
         "--bind", "127.0.0.1",

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ pytest.importorskip("dagster_graphql")
 from pcbo_dagster.cli import main as cli  # noqa: E402
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
+from pcbo_dagster_tests.loopback import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
@@ -43,12 +43,6 @@ REQUEST = {
     "source": {"uri": "demo_data/ledgers.jsonl", "format": "jsonl"},
     "metadata": {"initiator": "test_cli_dagster_submit"},
 }
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -157,7 +151,7 @@ def test_execute_dagster_runs_the_request_on_a_webserver(tmp_path, capsys):
     assert cli.main(["execute", "--input", str(request), "--home", str(tmp_path / "local-home")]) == 0
     local = json.loads(capsys.readouterr().out)
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "webserver.log"
     server_env = _env(

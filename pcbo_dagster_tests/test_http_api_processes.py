@@ -18,7 +18,8 @@ httpx = pytest.importorskip("httpx")
 
 from pcbo_dagster.catalog import CatalogStore  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
-from pcbo_dagster_tests.http_server import DEMO_REQUEST, REPO_ROOT, free_port, lake_files, serve_process  # noqa: E402
+from pcbo_dagster_tests.http_server import DEMO_REQUEST, REPO_ROOT, lake_files, serve_process  # noqa: E402
+from pcbo_dagster_tests.loopback import free_port  # noqa: E402
 
 
 def _token(home: Path, *scopes: str) -> str:
