@@ -8,7 +8,8 @@ compact separators produces exactly the RFC 8785 bytes; a property test holds th
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from functools import partial
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -58,13 +59,13 @@ def record_digests(records: list[Any], may_hold_floats_or_big_ints: bool) -> lis
     Raises `rfc8785.CanonicalizationError` (with the record index in `args`) for a record RFC 8785
     cannot express: lone surrogates, integers beyond +-(2**53 - 1), NaN or infinities.
     """
-    return [h.hexdigest() for h in _record_hashes(records, may_hold_floats_or_big_ints, 0)]
+    return [d.hex() for d in _record_digests(records, may_hold_floats_or_big_ints, 0)]
 
 
 def record_digest_bytes(records: list[Any], may_hold_floats_or_big_ints: bool, first_index: int = 0) -> bytes:
     """The raw 32-byte SHA-256 digests of `record_digests`, concatenated (a streamed source keeps
     these, 32 bytes a record). Error indexes count from `first_index`."""
-    return b"".join(h.digest() for h in _record_hashes(records, may_hold_floats_or_big_ints, first_index))
+    return b"".join(_record_digests(records, may_hold_floats_or_big_ints, first_index))
 
 
 def sorted_digest_rows(digests: bytes) -> np.ndarray:
@@ -81,7 +82,7 @@ def mismatched_digests(records: list[Any], expected: list[bytes]) -> list[int]:
     read again that are no longer the ones that were decided on. A record RFC 8785 cannot express
     counts as a mismatch."""
     try:
-        fast = [h.digest() for h in _record_hashes(records, False, 0)]
+        fast = _record_digests(records, False, 0)
     except rfc8785.CanonicalizationError:
         fast = [b""] * len(records)
     wrong = []
@@ -97,25 +98,28 @@ def mismatched_digests(records: list[Any], expected: list[bytes]) -> list[int]:
     return wrong
 
 
-def _record_hashes(records: list[Any], may_hold_floats_or_big_ints: bool, first_index: int) -> list[Any]:
-    sha = hashlib.sha256
+def _record_digests(records: list[Any], may_hold_floats_or_big_ints: bool, first_index: int) -> list[bytes]:
+    """The raw SHA-256 of each record's RFC 8785 form. Each record's bytes are hashed as they are
+    made and let go of (issue 18: neither the serialised records nor hash objects are held, which
+    cost about a kilobyte a record)."""
     if not may_hold_floats_or_big_ints:
-        dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
+        sha, serialise = hashlib.sha256, partial(orjson.dumps, option=orjson.OPT_SORT_KEYS)
         try:
-            blobs = [dumps(record, option=sort_keys) for record in records]
+            # ASCII output is the RFC 8785 form; anything else is re-done by rfc8785 (see fast_jcs).
+            fast = [sha(blob).digest() if blob.isascii() else None for blob in map(serialise, records)]
         except (orjson.JSONEncodeError, TypeError):
             pass  # some record needs rfc8785's judgement: take the careful path below
         else:
-            # ASCII output is the RFC 8785 form; anything else is re-done by rfc8785 (see fast_jcs).
-            return [
-                sha(blob) if blob.isascii() else _careful_hash(records[i], first_index + i)
-                for i, blob in enumerate(blobs)
-            ]
-    return [_careful_hash(record, first_index + i) for i, record in enumerate(records)]
+            if None in fast:
+                for i, digest in enumerate(fast):
+                    if digest is None:
+                        fast[i] = _careful_digest(records[i], first_index + i)
+            return cast(list[bytes], fast)
+    return [_careful_digest(record, first_index + i) for i, record in enumerate(records)]
 
 
-def _careful_hash(record: Any, index: int) -> Any:
+def _careful_digest(record: Any, index: int) -> bytes:
     try:
-        return hashlib.sha256(rfc8785.dumps(record))
+        return hashlib.sha256(rfc8785.dumps(record)).digest()
     except (rfc8785.CanonicalizationError, UnicodeEncodeError, ValueError) as exc:
         raise rfc8785.CanonicalizationError(index, str(exc)) from exc
