@@ -1,7 +1,7 @@
 """The JSON encodings of `core.json_documents` write exactly the bytes they always have: manifests are
 hashed (their checksums are in audit events and the catalog), so one changed byte would make every
-committed partition look tampered with. (`streamed_text` is held to `json.dumps` in
-test_decision_spill.py.)"""
+committed partition look tampered with; the command documents (`streamed_text`) are held to
+`json.dumps`'s text, here and in test_decision_spill.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pcbo_dagster.core.json_documents import compact_text, sorted_document, sorted_text
+from pcbo_dagster.core.json_documents import compact_text, sorted_document, sorted_text, streamed_text
 from pcbo_dagster.lake import manifests
 from pcbo_dagster.rollout.reports import write_report
 
@@ -135,3 +135,15 @@ def test_sorted_document_with_floats_or_big_integers_goes_through_json() -> None
     for value in ({"a": 1e16, "b": [0.1]}, {"n": 2**70}, {"t": (1, 2)}):
         expected = (json.dumps(value, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
         assert sorted_document(value) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(_documents | st.floats(allow_nan=False, allow_infinity=False) | st.lists(st.floats(allow_nan=False)))
+def test_streamed_text_is_json_dumps_text(value) -> None:
+    """`streamed_text` writes a plain list or object in one piece by orjson (issue 18), also nested
+    under a generator (indented to its level), and anything else (floats, generators) piece by piece:
+    the text is `json.dumps(..., indent=2, ensure_ascii=False)`'s either way."""
+    assert "".join(streamed_text(value)) == json.dumps(value, indent=2, ensure_ascii=False)
+    lazy = {"lazy": (item for item in [value, {"deeper": [value]}]), "value": value}
+    expected = {"lazy": [value, {"deeper": [value]}], "value": value}
+    assert "".join(streamed_text(lazy)) == json.dumps(expected, indent=2, ensure_ascii=False)
