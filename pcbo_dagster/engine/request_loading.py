@@ -25,8 +25,6 @@ from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import AddedColumns, SchemaBuilder
 from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
-from pcbo_dagster.sources.hive_directories import is_directory, open_directory_source
-from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
 from pcbo_dagster.sources.record_files import resolve_uri
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
 from pcbo_dagster.sources.zones import Window, ZoneIndexStore
@@ -153,6 +151,10 @@ def _record_source(request: BackfillRequest, uri: str, zone_indexes: ZoneIndexSt
     """The streamed source a request names: a ledger archive, a record file, or a directory of them
     (unless `source.prune` is false: a directory's files pruned by their hive paths, and every file
     read only in the zones that may hold records of the request's window, `sources/zones.py`)."""
+    # Imported here: inline requests (most runs) need neither (issue 18: start-up time).
+    from pcbo_dagster.sources.hive_directories import is_directory, open_directory_source
+    from pcbo_dagster.sources.ledger_archives import LedgerArchiveSource
+
     ref = request.source
     assert ref is not None
     if ref.format == "ledger_archive":
