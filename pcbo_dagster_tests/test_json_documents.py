@@ -147,3 +147,11 @@ def test_streamed_text_is_json_dumps_text(value) -> None:
     lazy = {"lazy": (item for item in [value, {"deeper": [value]}]), "value": value}
     expected = {"lazy": [value, {"deeper": [value]}], "value": value}
     assert "".join(streamed_text(lazy)) == json.dumps(expected, indent=2, ensure_ascii=False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_documents | st.dictionaries(st.text(), st.floats(allow_nan=False, allow_infinity=False)))
+def test_compact_text_is_json_dumps_text(value) -> None:
+    """Plain values go through orjson (issue 18), others through json: the text is the same."""
+    expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert compact_text(value) == expected
