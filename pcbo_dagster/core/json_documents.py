@@ -30,12 +30,20 @@ def sorted_document(value: Any) -> bytes:
     (manifests: no floats) are written by orjson, whose indented sorted output is byte for byte
     `json.dumps(..., sort_keys=True, indent=2, ensure_ascii=False)` for them (a property test holds
     the two equal); anything else goes through `json`."""
-    if _plain(value):
-        try:
-            return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
-        except (orjson.JSONEncodeError, TypeError):
-            pass
-    return (sorted_text(value) + "\n").encode("utf-8")
+    fast = _by_orjson(value, orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    return fast + b"\n" if fast is not None else (sorted_text(value) + "\n").encode("utf-8")
+
+
+def _by_orjson(value: Any, option: int) -> bytes | None:
+    """orjson's bytes of a `_plain` value, which for such values are byte for byte `json.dumps`'s
+    with the matching arguments (issue 18: property tests hold each use equal to `json`); None when
+    `value` is not plain or orjson refuses it (a lone surrogate): the caller takes `json`'s way."""
+    if not _plain(value):
+        return None
+    try:
+        return orjson.dumps(value, option=option)
+    except (orjson.JSONEncodeError, TypeError):
+        return None
 
 
 def _plain(value: Any) -> bool:
@@ -64,11 +72,9 @@ def compact_text(value: Any) -> str:
     """`value` with sorted keys and no whitespace; ValueError for NaN or an infinity. Plain values
     (`_plain`: audit events, catalog rows) are written by orjson, byte for byte `json.dumps`'s text
     for them (a property test holds the two equal)."""
-    if _plain(value):
-        try:
-            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode("utf-8")
-        except (orjson.JSONEncodeError, TypeError):
-            pass
+    fast = _by_orjson(value, orjson.OPT_SORT_KEYS)
+    if fast is not None:
+        return fast.decode("utf-8")
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
@@ -80,15 +86,12 @@ def streamed_text(value: Any, level: int = 0) -> Iterator[str]:
     A list or object holding only what `_plain` allows is written in one piece by orjson, whose
     indented output is byte for byte `json.dumps(..., indent=2, ensure_ascii=False)`'s for such values
     (issue 18: a property test holds the two equal), indented to `level`."""
-    if type(value) in (dict, list) and _plain(value):
-        try:
-            text = orjson.dumps(value, option=orjson.OPT_INDENT_2).decode("utf-8")
-        except (orjson.JSONEncodeError, TypeError):
-            pass  # a lone surrogate, say: json's way below
-        else:
-            # Line breaks in orjson's output are its indentation only (strings escape theirs).
-            yield text.replace("\n", "\n" + "  " * level) if level else text
-            return
+    fast = _by_orjson(value, orjson.OPT_INDENT_2) if type(value) in (dict, list) else None
+    if fast is not None:
+        # Line breaks in orjson's output are its indentation only (strings escape theirs).
+        text = fast.decode("utf-8")
+        yield text.replace("\n", "\n" + "  " * level) if level else text
+        return
     if isinstance(value, dict):
         items: Iterator[tuple[str, Any]] = iter(value.items())
         open_, close = "{", "}"
