@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any, TypeAlias, TypedDict
 
 from pcbo_dagster.core.canonical import CanonicalizationError, fast_jcs, jcs
+from pcbo_dagster.core.json_documents import is_plain_json
 
 PAS_VERSION = "pcbo.pas/1"
 
@@ -75,36 +76,11 @@ def is_timestamp(value: object) -> bool:
     )
 
 
-def _plainly_acceptable(value: Any) -> bool:
-    """True when `value` holds only exact str, bool, None, int within +-(2**53 - 1), list and
-    str-keyed dict: acceptable without a closer look. False means look closer (`json_problems`): a
-    float, a subclass, anything else."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is int:
-            if -_MAX_SAFE_INT <= item <= _MAX_SAFE_INT:
-                continue
-            return False
-        if kind is dict:
-            for key in item:
-                if type(key) is not str:
-                    return False
-            stack.extend(item.values())
-        elif kind is list:
-            stack.extend(item)
-        else:
-            return False
-    return True
-
-
 def json_problems(value: Any, path: str = "$") -> list[str]:
     """Everything in `value` that may not appear in an event: floats, non-string keys, integers
     beyond +-(2**53 - 1), and anything that is not a JSON value. Empty list = acceptable."""
-    if _plainly_acceptable(value):  # the common case, without building a path for every value
+    # The common case, without building a path for every value:
+    if is_plain_json(value, -_MAX_SAFE_INT, _MAX_SAFE_INT):
         return []
     problems: list[str] = []
     stack: list[tuple[str, Any]] = [(path, value)]

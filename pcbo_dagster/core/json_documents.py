@@ -35,10 +35,10 @@ def sorted_document(value: Any) -> bytes:
 
 
 def _by_orjson(value: Any, option: int) -> bytes | None:
-    """orjson's bytes of a `_plain` value, which for such values are byte for byte `json.dumps`'s
+    """orjson's bytes of a `is_plain_json` value, which for such values are byte for byte `json.dumps`'s
     with the matching arguments (issue 18: property tests hold each use equal to `json`); None when
     `value` is not plain or orjson refuses it (a lone surrogate): the caller takes `json`'s way."""
-    if not _plain(value):
+    if not is_plain_json(value):
         return None
     try:
         return orjson.dumps(value, option=option)
@@ -46,8 +46,10 @@ def _by_orjson(value: Any, option: int) -> bytes | None:
         return None
 
 
-def _plain(value: Any) -> bool:
-    """True for a value of str, int (64 bits), bool, None, list and str-keyed dict only."""
+def is_plain_json(value: Any, low: int = -(2**63), high: int = 2**64 - 1) -> bool:
+    """True when `value` holds only exact str, bool, None, list, str-keyed dict and int within
+    [`low`, `high`] (by default what orjson writes: 64 bits). False for anything else: a float, a
+    subclass, an int out of range, a non-string key."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -55,7 +57,7 @@ def _plain(value: Any) -> bool:
         if kind is str or kind is bool or item is None:
             continue
         if kind is int:
-            if not -(2**63) <= item < 2**64:
+            if not low <= item <= high:
                 return False
         elif kind is dict:
             if any(type(k) is not str for k in item):
@@ -70,7 +72,7 @@ def _plain(value: Any) -> bool:
 
 def compact_text(value: Any) -> str:
     """`value` with sorted keys and no whitespace; ValueError for NaN or an infinity. Plain values
-    (`_plain`: audit events, catalog rows) are written by orjson, byte for byte `json.dumps`'s text
+    (`is_plain_json`: audit events, catalog rows) are written by orjson, byte for byte `json.dumps`'s text
     for them (a property test holds the two equal)."""
     fast = _by_orjson(value, orjson.OPT_SORT_KEYS)
     if fast is not None:
@@ -83,7 +85,7 @@ def streamed_text(value: Any, level: int = 0) -> Iterator[str]:
     iterable that is not a str, list, tuple or dict (a generator) is written as a list as it is
     iterated: a dry-run listing millions of ids never exists whole in memory.
 
-    A list or object holding only what `_plain` allows is written in one piece by orjson, whose
+    A list or object holding only what `is_plain_json` allows is written in one piece by orjson, whose
     indented output is byte for byte `json.dumps(..., indent=2, ensure_ascii=False)`'s for such values
     (issue 18: a property test holds the two equal), indented to `level`."""
     fast = _by_orjson(value, orjson.OPT_INDENT_2) if type(value) in (dict, list) else None
