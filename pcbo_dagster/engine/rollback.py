@@ -420,14 +420,30 @@ def rollback(
         + [h["where"].rsplit("/", 1)[-1] for h in healed if "where" in h],
         lake_changes.ROLLED_BACK,
     )
+    document = rollback_document(
+        dataset, version_label, run_id, partition_key, results, healed, published["checkpoint"]
+    )
+    if publisher is not None:
+        document["table"] = publisher.summary()
+    return document
+
+
+def rollback_document(
+    dataset: str,
+    version_label: str,
+    run_id: str | None,
+    partition_key: str | None,
+    results: list[dict[str, Any]],
+    healed: list[dict[str, Any]],
+    checkpoint: dict[str, Any] | None,
+    noop: str = "nothing of the run is current",
+) -> dict[str, Any]:
+    """What `pcbo rollback` prints, of a lake's partitions and of a SQL table's alike: `results` per
+    partition (a named partition nothing happened to is listed as a noop, `noop` saying why)."""
     done = sum(1 for r in results if r["status"] == "rolled_back")
-    if not results:
-        results = (
-            []
-            if partition_key is None
-            else [{"key": partition_key, "status": "noop", "detail": "nothing of the run is current"}]
-        )
-    document: dict[str, Any] = {
+    if not results and partition_key is not None:
+        results = [{"key": partition_key, "status": "noop", "detail": noop}]
+    return {
         "status": "rolled_back" if done else "noop",
         "dataset": dataset,
         "versionLabel": version_label,
@@ -436,11 +452,8 @@ def rollback(
         "rolledBack": done,
         "partitions": results,
         "healed": healed,
-        "checkpoint": published["checkpoint"],
+        "checkpoint": checkpoint,
     }
-    if publisher is not None:
-        document["table"] = publisher.summary()
-    return document
 
 
 def _noop_reason(history: PartitionHistory, version: int | None) -> str | None:

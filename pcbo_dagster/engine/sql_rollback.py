@@ -36,6 +36,7 @@ from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.rollback import rollback_document
 from pcbo_dagster.engine.sql_apply import complete_applies
 from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
 from pcbo_dagster.engine.transparency_log import publish
@@ -101,7 +102,9 @@ def rollback_sql(
         if not latest:
             return None
         if not live:
-            return _document(dataset, version_label, None, partition_key, [], [], "no apply of it is current")
+            return rollback_document(
+                dataset, version_label, None, partition_key, [], [], None, "no apply of it is current"
+            )
         run_id = max(live, key=lambda a: a.intent_seq).run_id
     targets = sql_histories_of_run(state, run_id)
     if not targets:
@@ -120,36 +123,9 @@ def rollback_sql(
         finally:
             table.close()
     published = publish(env, ckey)  # deliver, then sign and witness a checkpoint (as rollback does)
-    noop = "nothing of the run is current"
-    return _document(
-        dataset, version_label, run_id, partition_key, results, healed, noop, published["checkpoint"]
+    return rollback_document(
+        dataset, version_label, run_id, partition_key, results, healed, published["checkpoint"]
     )
-
-
-def _document(
-    dataset: str,
-    version_label: str,
-    run_id: str | None,
-    partition_key: str | None,
-    results: list[dict[str, Any]],
-    healed: list[dict[str, Any]],
-    noop: str,
-    checkpoint: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    done = sum(1 for r in results if r["status"] == "rolled_back")
-    if not results:
-        results = [{"key": partition_key, "status": "noop", "detail": noop}] if partition_key else []
-    return {
-        "status": "rolled_back" if done else "noop",
-        "dataset": dataset,
-        "versionLabel": version_label,
-        "runId": run_id,
-        "partitionKey": partition_key,
-        "rolledBack": done,
-        "partitions": results,
-        "healed": healed,
-        "checkpoint": checkpoint,
-    }
 
 
 def check_journal(table: SqlTable, state: ChainState, run_id: str, view: JournalView) -> list[str]:
