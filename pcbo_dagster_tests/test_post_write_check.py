@@ -98,3 +98,71 @@ def test_a_file_read_back_damaged_is_unreadable_not_zero_rows(tmp_path: Path, mo
     assert check["status"] == "failed"
     assert len(check["findings"]) == 1 and "unreadable: its checksum differs" in check["findings"][0]
     assert not any("rows written (0)" in f for f in check["findings"])
+
+
+def _committed(tmp_path: Path):
+    """An executed REQUEST: (environment, plan, the first partition's decided adds and manifest)."""
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.lake import layout, manifests
+
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps(REQUEST))
+    home = tmp_path / "home"
+    argv = ["execute", "--input", str(request), "--home", str(home), "--output", str(tmp_path / "o")]
+    assert cli.main(argv) == 0
+    loaded = load_request(request.read_bytes(), tmp_path)
+    plan, decisions = evaluate(loaded)
+    env = Environment.open(Settings.resolve(home=str(home), env={}, parallel=1))
+    pd = decisions.partitions[0]
+    manifest = manifests.decode_manifest(
+        env.lake.read(layout.manifest(plan.dataset, plan.version_label, pd.partition.key))
+    )
+    return env, plan, list(pd.add), manifest
+
+
+def test_unchanged_adds_are_held_to_the_manifest_root_given_or_computed(tmp_path: Path) -> None:
+    """The checksum-level check of an unchanged partition compares the decided adds' Merkle root with
+    the manifest's: computed from the ids, or the one the caller computed from them while staging.
+    A wrong root or wrong ids fail either way: a given root is compared, never taken as a pass."""
+    from pcbo_dagster.core import merkle
+    from pcbo_dagster.engine.post_write import CheckItem, check_batch
+
+    env, plan, adds, manifest = _committed(tmp_path)
+    try:
+        root = merkle.root_hex(adds)
+        assert root == manifest["merkleRoot"]
+        other_ids = [*adds[:-1], "not-decided"]
+
+        def check(ids: list[str], given: str | None) -> dict:
+            item = CheckItem(manifest, ids, full=False, read=False, expected_root=given)
+            return check_batch(env, plan, [item], [])[0]
+
+        assert check(adds, None)["status"] == "ok"
+        assert check(adds, root)["status"] == "ok"
+        for ids, given in ((other_ids, None), (other_ids, merkle.root_hex(other_ids)), (adds, "00" * 32)):
+            got = check(ids, given)
+            assert got["status"] == "failed" and not got["idsMatch"], (ids, given)
+    finally:
+        env.close()
+
+
+def test_a_re_execute_does_not_recompute_the_roots_staging_computed(tmp_path: Path, monkeypatch) -> None:
+    """Re-running a committed request (every partition unchanged) computes each partition's Merkle root
+    once, while staging, where it is compared with the committed manifest's; the post-write check
+    reuses that root instead of hashing the same ids again."""
+    from pcbo_dagster.core import merkle
+
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps(REQUEST))
+    home = tmp_path / "home"
+    argv = ["execute", "--input", str(request), "--home", str(home), "--output", str(tmp_path / "o.json")]
+    assert cli.main(argv) == 0
+    hashed: list[int] = []
+    real_root_hex = merkle.root_hex
+    monkeypatch.setattr(merkle, "root_hex", lambda ids: hashed.append(len(ids)) or real_root_hex(ids))
+    assert cli.main(argv) == 0
+    partitions = json.loads((tmp_path / "o.json").read_text())["partitions"]
+    assert [p["status"] for p in partitions] == ["unchanged"] * 3
+    assert hashed == [3, 3, 3]  # one root per partition, not two

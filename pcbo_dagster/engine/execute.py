@@ -261,6 +261,8 @@ class _Staged:
     restored: dict[str, Any] | None = None
     #: The committed files were read and checked against the manifest while staging.
     files_verified: bool = False
+    #: The Merkle root of `pd.add` as staging computed it (None: not computed in this process).
+    adds_root: str | None = None
 
     @property
     def status(self) -> str:
@@ -567,7 +569,7 @@ def _prepare(
                 "detail": "the committed data file was missing or did not have its manifest's checksum",
             }
         staged = _Staged(pd, previous, previous_checksum, None, previous["partitionVersion"])
-        staged.restored, staged.files_verified = restored, True
+        staged.restored, staged.files_verified, staged.adds_root = restored, True, merkle_root
         return _Prepared(staged, against_chain, restore)
     manifest_bytes = manifests.encode(manifest)
     manifest_checksum = manifests.checksum(manifest_bytes)
@@ -580,7 +582,7 @@ def _prepare(
         (layout.version_manifest(dataset, version_label, key, version), manifest_bytes),
         (layout.rollback_manifest(dataset, version_label, key, version), rollback_bytes),
     ]
-    staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version)
+    staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version, adds_root=merkle_root)
     staged.restored = restored
     return _Prepared(staged, against_chain, files)
 
@@ -851,7 +853,10 @@ def _check_and_record(
     checks = check_batch(
         env,
         plan,
-        [CheckItem(st.manifest, st.pd.add, st.status == "committed", not st.files_verified) for st in batch],
+        [
+            CheckItem(st.manifest, st.pd.add, st.status == "committed", not st.files_verified, st.adds_root)
+            for st in batch
+        ],
         existing,
         pool,
     )

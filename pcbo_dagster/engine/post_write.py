@@ -6,8 +6,9 @@ this run committed (`full`), its rows decoded: row count against the manifest, i
 the decided adds, the Merkle root over the written ids against the manifest's, and every row against
 the policy. For a partition left unchanged (`full=False`, checked when it was committed) the file
 bytes are checked against the manifest's checksum and the decided adds against the manifest's Merkle
-root, without decoding the rows again; with `read=False` too, the file bytes were already checked (or
-restored) while staging and are not read again.
+root, without decoding the rows again (the root of the decided adds is computed here unless the caller
+gives it, computed from those same ids: `expected_root`); with `read=False` too, the file bytes were
+already checked (or restored) while staging and are not read again.
 
 The files are read, checksummed and decoded one partition at a time (on the pool's threads when there
 is one); the rows of the whole batch are then checked in one set of vectorised calls: one comparison
@@ -48,6 +49,9 @@ class CheckItem:
     expected_ids: list[str]
     full: bool = True
     read: bool = True
+    #: The RFC 6962 root of exactly `expected_ids`, when the caller has computed it (staging does, for
+    #: the manifest it compares): not computed again. None: computed here.
+    expected_root: str | None = None
 
 
 @dataclass
@@ -157,7 +161,10 @@ def check_batch(
                 root = manifest["merkleRoot"] if ids_match else merkle.root_hex(ids)
         else:
             root = manifest["merkleRoot"]
-            ids_match = got.rows == len(expected_ids) and merkle.root_hex(expected_ids) == root
+            expected_root = item.expected_root
+            if expected_root is None:
+                expected_root = merkle.root_hex(expected_ids)
+            ids_match = got.rows == len(expected_ids) and expected_root == root
         # Rows of an unreadable file were not read: counting the others would only repeat that finding.
         if not ids_match and not got.unreadable:
             findings.append(f"rows written ({got.rows}) differ from the decided adds ({len(expected_ids)})")
