@@ -10,8 +10,16 @@ import pyarrow as pa
 
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.cli import main as cli
+from pcbo_dagster.core import merkle
+from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.engine import execute as execute_module
-from pcbo_dagster_tests.cli_runner import backup_events
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.post_write import CheckItem, check_batch
+from pcbo_dagster.engine.request_loading import evaluate, load_request
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.lake.manifests import Manifest
+from pcbo_dagster_tests.cli_runner import backup_events, write_request
 
 REQUEST = {
     "runId": "pwc-run",
@@ -100,21 +108,21 @@ def test_a_file_read_back_damaged_is_unreadable_not_zero_rows(tmp_path: Path, mo
     assert not any("rows written (0)" in f for f in check["findings"])
 
 
-def _committed(tmp_path: Path):
-    """An executed REQUEST: (environment, plan, the first partition's decided adds and manifest)."""
-    from pcbo_dagster.engine.environment import Environment
-    from pcbo_dagster.engine.request_loading import evaluate, load_request
-    from pcbo_dagster.engine.settings import Settings
-    from pcbo_dagster.lake import layout, manifests
-
-    request = tmp_path / "req.json"
-    request.write_text(json.dumps(REQUEST))
+def _executed(tmp_path: Path) -> list[str]:
+    """REQUEST executed into `tmp_path/home`; returns the `pcbo execute` arguments (output: o.json)."""
+    request = write_request(tmp_path / "req.json", REQUEST)
     home = tmp_path / "home"
-    argv = ["execute", "--input", str(request), "--home", str(home), "--output", str(tmp_path / "o")]
+    argv = ["execute", "--input", str(request), "--home", str(home), "--output", str(tmp_path / "o.json")]
     assert cli.main(argv) == 0
-    loaded = load_request(request.read_bytes(), tmp_path)
+    return argv
+
+
+def _committed(tmp_path: Path) -> tuple[Environment, Plan, list[str], Manifest]:
+    """An executed REQUEST: (environment, plan, the first partition's decided adds and manifest)."""
+    _executed(tmp_path)
+    loaded = load_request((tmp_path / "req.json").read_bytes(), tmp_path)
     plan, decisions = evaluate(loaded)
-    env = Environment.open(Settings.resolve(home=str(home), env={}, parallel=1))
+    env = Environment.open(Settings.resolve(home=str(tmp_path / "home"), env={}, parallel=1))
     pd = decisions.partitions[0]
     manifest = manifests.decode_manifest(
         env.lake.read(layout.manifest(plan.dataset, plan.version_label, pd.partition.key))
@@ -126,9 +134,6 @@ def test_unchanged_adds_are_held_to_the_manifest_root_given_or_computed(tmp_path
     """The checksum-level check of an unchanged partition compares the decided adds' Merkle root with
     the manifest's: computed from the ids, or the one the caller computed from them while staging.
     A wrong root or wrong ids fail either way: a given root is compared, never taken as a pass."""
-    from pcbo_dagster.core import merkle
-    from pcbo_dagster.engine.post_write import CheckItem, check_batch
-
     env, plan, adds, manifest = _committed(tmp_path)
     try:
         root = merkle.root_hex(adds)
@@ -152,13 +157,7 @@ def test_a_re_execute_does_not_recompute_the_roots_staging_computed(tmp_path: Pa
     """Re-running a committed request (every partition unchanged) computes each partition's Merkle root
     once, while staging, where it is compared with the committed manifest's; the post-write check
     reuses that root instead of hashing the same ids again."""
-    from pcbo_dagster.core import merkle
-
-    request = tmp_path / "req.json"
-    request.write_text(json.dumps(REQUEST))
-    home = tmp_path / "home"
-    argv = ["execute", "--input", str(request), "--home", str(home), "--output", str(tmp_path / "o.json")]
-    assert cli.main(argv) == 0
+    argv = _executed(tmp_path)
     hashed: list[int] = []
     real_root_hex = merkle.root_hex
     monkeypatch.setattr(merkle, "root_hex", lambda ids: hashed.append(len(ids)) or real_root_hex(ids))
