@@ -205,7 +205,7 @@ def worker(args: argparse.Namespace) -> None:
         from pcbo_dagster.datasets.config import load_datasets_config_from_env
 
         defs = build_definitions(load_datasets_config_from_env())
-        selection = [*defs.assets, *defs.asset_checks]
+        selection = [*(defs.assets or ()), *(defs.asset_checks or ())]
         resources = dict(defs.resources or {})
         asset_key = dg.AssetKey(DATASET)
     out["loadDefinitionsSeconds"] = round(time.perf_counter() - t1, 3)
@@ -245,8 +245,7 @@ def worker(args: argparse.Namespace) -> None:
             stats.sort_stats("cumulative").print_stats(20)
             out["profileTop20Cumulative"] = stream.getvalue()
             stream = io.StringIO()
-            stats.stream = stream
-            stats.sort_stats("tottime").print_stats(15)
+            pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(15)
             out["profileTop15Tottime"] = stream.getvalue()
         out["success"] = result.success
         out["materializationsInResult"] = len(result.asset_materializations_for_node(asset_key.path[-1]))
@@ -425,7 +424,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # (b) dagster, one run over every partition, per check granularity
         result["dagsterOneRun"] = {}
         for granularity in args.granularity:
-            walls, inproc, figures = [], [], {}
+            walls: list[float] = []
+            inproc: list[float] = []
+            figures: dict[str, Any] = {}
             for rep in range(args.repeat):
                 name = f"range-{granularity}-{rep}"
                 wall, figures, home = run_worker("range", args, tmp, name, configs[granularity])

@@ -37,6 +37,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from generate_request import make_request
 
@@ -159,13 +160,13 @@ def run(args: argparse.Namespace) -> dict:
             status, _ = engine_added(out)
             if status != "unchanged":
                 sys.exit(f"re-execute returned status {status!r}, expected 'unchanged'")
-            minimal = [sys.executable, str(MINIMAL), "--input", str(req), "--out-dir", str(min_out)]
-            stdout = step("minimal", minimal, home)
+            minimal_cmd = [sys.executable, str(MINIMAL), "--input", str(req), "--out-dir", str(min_out)]
+            stdout = step("minimal", minimal_cmd, home)
             counts["minimal"] = json.loads(stdout)["rows"]
             for path in (dry_home, home, min_out):
                 shutil.rmtree(path, ignore_errors=True)
 
-    summary = {}
+    summary: dict[str, dict[str, Any]] = {}
     for name in STEPS:
         med = statistics.median(times[name])
         summary[name] = {

@@ -11,6 +11,7 @@ import argparse
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 
 def make_request(
@@ -23,7 +24,7 @@ def make_request(
     for i in range(records):
         at = start + timedelta(seconds=rng.randrange(span_s), microseconds=rng.choice((0, 0, 0, 250_000)))
         roll = rng.random()
-        rec = {
+        rec: dict[str, Any] = {
             "id": f"rec-{i:08d}",
             "occurredAt": at.strftime("%Y-%m-%dT%H:%M:%S")
             + (f".{at.microsecond:06d}" if at.microsecond else "")

@@ -81,7 +81,11 @@ def main() -> None:
         with_table = {**plain, "table": {"format": "iceberg", "name": "bench.events"}}
         table_file = work / "table.json"
         table_file.write_text(json.dumps(with_table))
-        without, withs, publishing, snapshots, per_snapshot = [], [], [], [], []
+        without: list[float] = []
+        withs: list[float] = []
+        publishing: list[float] = []
+        snapshots: list[int] = []
+        per_snapshot: list[float] = []
         for i in range(args.repeat):
             for name, request, walls in (("plain", plain_file, without), ("table", table_file, withs)):
                 home = work / f"{name}-{i}"

@@ -166,7 +166,7 @@ def upload(env: dict[str, str], local: Path, url: str) -> None:
 
 def child(timing_file: str, argv: list[str]) -> int:
     """`--child TIMING -- ARGS`: the `pcbo` CLI with `execute()` timed (the measured process)."""
-    from pcbo_dagster import cli
+    from pcbo_dagster.cli import main as cli
     from pcbo_dagster.engine import execute as execute_module
 
     real = execute_module.execute

@@ -109,7 +109,7 @@ class Databases:
         assert self.admin is not None
         name = f"pcbo_sqlbench_{os.getpid()}_{time.monotonic_ns()}"
         with psycopg.connect(conninfo(self.admin), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+            conn.execute(f'CREATE DATABASE "{name}"')
         return str(make_url(self.admin).set(database=name).render_as_string(hide_password=False))
 
     def stop(self) -> None:
@@ -120,7 +120,7 @@ class Databases:
 def with_table(databases: Databases) -> str:
     url = databases.fresh()
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
-        conn.execute(TABLE)  # type: ignore[arg-type]
+        conn.execute(TABLE)
     return url
 
 
