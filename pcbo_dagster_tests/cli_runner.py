@@ -49,7 +49,7 @@ def run_pcbo(
         # Never let a default ./.pcbo land in the repository.
         cwd = Path(home).parent if home is not None else Path.cwd()
     proc = subprocess.run(
-        [sys.executable, "-m", "pcbo_dagster.cli.main", *map(os.fspath, args)],
+        [sys.executable, "-m", "pcbo_dagster.cli.main", *(os.fspath(a) for a in args)],
         env=pcbo_env(home, env),
         cwd=cwd,
         capture_output=True,

@@ -481,8 +481,14 @@ def materialize_range(config: Path, asset: str, start: str, end: str, instance: 
     from pcbo_dagster.dagster_defs.definitions import build_definitions
 
     defs = build_definitions(config)
+    assert defs.assets is not None
+    assets: list[dg.AssetsDefinition | dg.AssetSpec | dg.SourceAsset] = []
+    for asset_or_check in [*defs.assets, *(defs.asset_checks or [])]:
+        # `Definitions` may also hold cacheable assets, which the code location never builds.
+        assert isinstance(asset_or_check, dg.AssetsDefinition | dg.AssetSpec | dg.SourceAsset), asset_or_check
+        assets.append(asset_or_check)
     return dg.materialize(
-        [*defs.assets, *(defs.asset_checks or [])],
+        assets,
         selection=dg.AssetSelection.assets(asset),
         resources=defs.resources,
         instance=instance,
@@ -687,7 +693,7 @@ def materialized_partitions(dep: Deployment, asset: list[str]) -> list[str]:
     return sorted(out)
 
 
-def latest_events(dep: Deployment, asset: list[str], partitions: list[str] | None = None) -> list[dict]:
+def latest_events(dep: Deployment, asset: list[str], partitions: list[str] | None = None) -> dict[str, Any]:
     """The asset's materializations and observations, newest first (its Events tab)."""
     return dep.graphql(
         """query Events($key: AssetKeyInput!, $partitions: [String!]) {

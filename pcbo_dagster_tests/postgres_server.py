@@ -79,7 +79,7 @@ def _admin(port_or_url: int | str, sql: str) -> None:
     else:
         conninfo = port_or_url
     with psycopg.connect(conninfo, autocommit=True, connect_timeout=30) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
+        conn.execute(sql)
 
 
 class _Server:

@@ -150,12 +150,14 @@ def _sym(name: bytes) -> x.SCVal:
     return x.SCVal(x.SCValType.SCV_SYMBOL, sym=x.SCSymbol(name))
 
 
-def _address(key: bytes, contract: bool = False) -> x.SCVal:
+def _sc_address(key: bytes, contract: bool = False) -> x.SCAddress:
     if contract:
-        address = x.SCAddress(x.SCAddressType.SC_ADDRESS_TYPE_CONTRACT, contract_id=x.ContractID(x.Hash(key)))
-    else:
-        address = x.SCAddress(x.SCAddressType.SC_ADDRESS_TYPE_ACCOUNT, account_id=_account(key))
-    return x.SCVal(x.SCValType.SCV_ADDRESS, address=address)
+        return x.SCAddress(x.SCAddressType.SC_ADDRESS_TYPE_CONTRACT, contract_id=x.ContractID(x.Hash(key)))
+    return x.SCAddress(x.SCAddressType.SC_ADDRESS_TYPE_ACCOUNT, account_id=_account(key))
+
+
+def _address(key: bytes, contract: bool = False) -> x.SCVal:
+    return x.SCVal(x.SCValType.SCV_ADDRESS, address=_sc_address(key, contract))
 
 
 def _i128(value: int) -> x.SCVal:
@@ -180,7 +182,7 @@ def _balance_entry(contract: bytes, holder: bytes, amount: int) -> x.LedgerEntry
     )
     data = x.ContractDataEntry(
         x.ExtensionPoint(0),
-        _address(contract, contract=True).address,
+        _sc_address(contract, contract=True),
         _vec([_sym(b"Balance"), _address(holder)]),
         x.ContractDataDurability.PERSISTENT,
         value,
@@ -198,7 +200,7 @@ def _contract_data_key(contract: bytes, holder: bytes) -> x.LedgerKey:
     return x.LedgerKey(
         x.LedgerEntryType.CONTRACT_DATA,
         contract_data=x.LedgerKeyContractData(
-            _address(contract, contract=True).address,
+            _sc_address(contract, contract=True),
             _vec([_sym(b"Balance"), _address(holder)]),
             x.ContractDataDurability.PERSISTENT,
         ),
@@ -481,13 +483,13 @@ def _soroban(m: _Markers, swap: bool) -> _Parts:
     args = [_address(source), _address(to), _i128(25_000_000)]
     if swap:
         args += [_address(token, contract=True), _address(other_token, contract=True), _i128(24_000_000)]
-    invoke = x.InvokeContractArgs(_address(contract, contract=True).address, x.SCSymbol(function), args)
+    invoke = x.InvokeContractArgs(_sc_address(contract, contract=True), x.SCSymbol(function), args)
     nested = [
         x.SorobanAuthorizedInvocation(
             x.SorobanAuthorizedFunction(
                 x.SorobanAuthorizedFunctionType.SOROBAN_AUTHORIZED_FUNCTION_TYPE_CONTRACT_FN,
                 contract_fn=x.InvokeContractArgs(
-                    _address(token, contract=True).address, x.SCSymbol(b"transfer"), args[:3]
+                    _sc_address(token, contract=True), x.SCSymbol(b"transfer"), args[:3]
                 ),
             ),
             [],
@@ -500,7 +502,7 @@ def _soroban(m: _Markers, swap: bool) -> _Parts:
         x.SorobanCredentials(
             x.SorobanCredentialsType.SOROBAN_CREDENTIALS_ADDRESS,
             address=x.SorobanAddressCredentials(
-                _address(source).address, _i64(8_812_345), _u32(50_100_000), signature
+                _sc_address(source), _i64(8_812_345), _u32(50_100_000), signature
             ),
         ),
         x.SorobanAuthorizedInvocation(
@@ -516,7 +518,7 @@ def _soroban(m: _Markers, swap: bool) -> _Parts:
     instance = x.LedgerKey(
         x.LedgerEntryType.CONTRACT_DATA,
         contract_data=x.LedgerKeyContractData(
-            _address(contract, contract=True).address,
+            _sc_address(contract, contract=True),
             x.SCVal(x.SCValType.SCV_LEDGER_KEY_CONTRACT_INSTANCE),
             x.ContractDataDurability.PERSISTENT,
         ),
@@ -653,10 +655,10 @@ def _result_meta(parts: _Parts, version: int, pair: x.TransactionResultPair) -> 
             _NATIVE_CONTRACT,
             [
                 _sym(b"fee"),
-                _address(parts.fee_changes[0].state.data.account.account_id.account_id.ed25519.uint256),
+                _address(parts.fee_changes[0].state.data.account.account_id.account_id.ed25519.uint256),  # type: ignore[union-attr]
             ],
             _i128(100),
-        ),  # type: ignore[union-attr]
+        ),
     )
     soroban2 = x.SorobanTransactionMetaV2(soroban_ext, parts.return_value) if parts.soroban else None
     meta = x.TransactionMeta(

@@ -110,7 +110,7 @@ def run_sql(url: str, *statements: str) -> None:
         return
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
         for statement in statements:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
 
 
 def query(url: str, sql: str) -> list[tuple[Any, ...]]:
@@ -118,7 +118,7 @@ def query(url: str, sql: str) -> list[tuple[Any, ...]]:
         with sqlite3.connect(make_url(url).database or "") as conn:
             return [tuple(r) for r in conn.execute(sql).fetchall()]
     with psycopg.connect(conninfo(url), autocommit=True) as conn:
-        return [tuple(r) for r in conn.execute(sql).fetchall()]  # type: ignore[arg-type]
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
 
 
 def create_table(url: str, name: str = "events") -> None:

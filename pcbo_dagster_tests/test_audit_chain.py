@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from typing import Any
 
 import pytest
 import rfc8785
@@ -280,7 +281,7 @@ def test_missing_fields_are_found():
     no_chain = make_chain(1)
     del no_chain[0]["chain"]
     assert "missing field `chain`" in joined(verify_chain(no_chain))
-    assert "not a JSON object" in joined(verify_chain(["nope"]))  # type: ignore[list-item]
+    assert "not a JSON object" in joined(verify_chain(["nope"]))
 
 
 def test_floats_present_are_found_even_when_hash_matches():
@@ -332,7 +333,9 @@ bodies = st.dictionaries(
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(bodies, min_size=1, max_size=6), st.data())
-def test_property_built_chains_verify_and_any_body_edit_is_found(body_list, data):
+def test_property_built_chains_verify_and_any_body_edit_is_found(
+    body_list: list[dict[str, Any]], data: st.DataObject
+) -> None:
     events: list[dict] = []
     prev = None
     for seq, body in enumerate(body_list):

@@ -68,6 +68,7 @@ class Receiver:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
+        assert isinstance(host, str)  # AF_INET: (host, port)
         return f"http://{host}:{port}/pas/events"
 
     def accepted_seqs(self) -> list[int]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -58,7 +59,7 @@ def _append_next(store: CatalogStore, chain_key: str, tag: str) -> None:
 def _record(
     store: CatalogStore, version: int, checksum: str | None = None, key: str = "20240101T000000Z", **kw
 ):
-    args = {
+    args: dict[str, Any] = {
         "dataset": DS,
         "version_label": VL,
         "partition_key": key,
@@ -137,7 +138,9 @@ def test_sqlite_in_memory_works() -> None:
     store.migrate()
     store.start_run("r", DS, VL, "p", "d", {})
     _append_next(store, CHAIN, "a")
-    assert store.get_run("r")["status"] == "running"
+    run = store.get_run("r")
+    assert run is not None
+    assert run["status"] == "running"
     assert store.chain_heads()[CHAIN][0] == 0
 
 
@@ -198,7 +201,9 @@ def test_migrate_twice_is_idempotent(catalog_url: str) -> None:
     again = CatalogStore(catalog_url)
     again.migrate()
     assert _schema_state(again) == (EXPECTED_TABLES, [HEAD_REVISION])
-    assert again.get_run("r")["metadata"] == {"k": "v"}
+    run = again.get_run("r")
+    assert run is not None
+    assert run["metadata"] == {"k": "v"}
     again.close()
 
 
@@ -217,6 +222,7 @@ def test_run_round_trip(store: CatalogStore) -> None:
     assert store.get_run("nope") is None
     store.start_run("run-1", DS, VL, "sha256:p", "sha256:d", {"initiator": "ops", "n": [1, True, None]})
     run = store.get_run("run-1")
+    assert run is not None
     assert run["status"] == "running" and run["finished_at"] is None and run["summary"] is None
     assert run["metadata"] == {"initiator": "ops", "n": [1, True, None]}
     assert (run["dataset"], run["version_label"], run["plan_hash"], run["decision_hash"]) == (
@@ -229,10 +235,12 @@ def test_run_round_trip(store: CatalogStore) -> None:
     assert abs((datetime.now(UTC) - run["started_at"]).total_seconds()) < 60
     store.finish_run("run-1", "succeeded", {"partitions": 3, "ids": ["ä"]})
     run = store.get_run("run-1")
+    assert run is not None
     assert run["status"] == "succeeded" and run["summary"] == {"partitions": 3, "ids": ["ä"]}
     assert run["finished_at"] >= run["started_at"]
     store.start_run("run-1", DS, VL, "sha256:p", "sha256:d", {"initiator": "ops", "n": [1, True, None]})
     run = store.get_run("run-1")
+    assert run is not None
     assert run["status"] == "running" and run["finished_at"] is None
     with pytest.raises(KeyError):
         store.finish_run("unknown", "failed", {})
@@ -260,7 +268,7 @@ def test_partition_round_trip_and_idempotence(store: CatalogStore) -> None:
         10,
         "sha256:e1",
     )
-    assert row["committed_at"].utcoffset().total_seconds() == 0
+    assert row["committed_at"].utcoffset() == timedelta(0)
     assert store.current_partition(DS, VL, "20240101T000000Z") == row
     assert store.current_partition(DS, VL, "other") is None
     lineage = store.lineage()
@@ -294,16 +302,16 @@ def test_supersede_and_rollback_transitions(store: CatalogStore) -> None:
     _record(store, 1)
     _record(store, 2)
     assert _statuses(store) == {1: "superseded", 2: "committed"}
-    assert store.current_partition(DS, VL, "20240101T000000Z")["version"] == 2
+    current = store.current_partition(DS, VL, "20240101T000000Z")
+    assert current is not None
+    assert current["version"] == 2
     # undo version 2, restoring version 1
     store.mark_partition_rolled_back(
         dataset=DS, version_label=VL, partition_key="20240101T000000Z", version=2, restored_version=1
     )
     assert _statuses(store) == {1: "committed", 2: "rolled_back"}
     rows = {r["version"]: r for r in store.partition_versions()}
-    assert (
-        rows[2]["rolled_back_at"] is not None and rows[2]["rolled_back_at"].utcoffset().total_seconds() == 0
-    )
+    assert rows[2]["rolled_back_at"] is not None and rows[2]["rolled_back_at"].utcoffset() == timedelta(0)
     assert rows[1]["rolled_back_at"] is None
     first_rollback_at = rows[2]["rolled_back_at"]
     # repeating it changes nothing
@@ -422,7 +430,9 @@ def test_plain_postgresql_url_is_accepted(fresh_postgres_url: str) -> None:
     store = CatalogStore(plain)
     store.migrate()
     store.start_run("r", DS, VL, "p", "d", {})
-    assert store.get_run("r")["status"] == "running"
+    run = store.get_run("r")
+    assert run is not None
+    assert run["status"] == "running"
     store.close()
 
 
@@ -486,6 +496,7 @@ def test_locked_chain_rolls_back_on_error(store: CatalogStore) -> None:
     _append_next(store, CHAIN, "a")
     with pytest.raises(RuntimeError), store.locked_chain(CHAIN) as tx:
         head = tx.head()
+        assert head is not None
         tx.append([_event(1, head[1], "b")])
         raise RuntimeError("boom")
     assert store.chain_heads()[CHAIN][0] == 0

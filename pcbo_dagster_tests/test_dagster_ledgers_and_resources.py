@@ -5,10 +5,14 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-dg = pytest.importorskip("dagster")
+if TYPE_CHECKING:
+    import dagster as dg
+else:
+    dg = pytest.importorskip("dagster")
 
 from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset  # noqa: E402
 from pcbo_dagster.dagster_defs.backfill.checks import build_dataset_checks  # noqa: E402

@@ -5,11 +5,14 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-dg = pytest.importorskip("dagster")
+if TYPE_CHECKING:
+    import dagster as dg
+else:
+    dg = pytest.importorskip("dagster")
 
 from pcbo_dagster.cli import main as cli  # noqa: E402
 from pcbo_dagster.dagster_defs.backfill.jobs import (  # noqa: E402

@@ -22,11 +22,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-dg = pytest.importorskip("dagster")
+if TYPE_CHECKING:
+    import dagster as dg
+else:
+    dg = pytest.importorskip("dagster")
 
 from pcbo_dagster.dagster_defs.backfill import steps  # noqa: E402
 from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
@@ -153,10 +156,12 @@ def test_a_run_stopped_between_ops_is_healed_by_verify_repair_and_reported(
                 dg.AssetRecordsFilter(asset_key=EVENTS, asset_partitions=[key]), limit=1
             ).records
             mat = records[0].asset_materialization
+            assert mat is not None
             assert mat.metadata["status"].value == "repaired"
             assert mat.metadata["reported_by"].value == "pcbo verify"
             manifest = lake / key / "_manifest.json"
-            assert mat.metadata["manifest_checksum"].value.startswith("sha256:") and manifest.exists()
+            checksum = mat.metadata["manifest_checksum"].value
+            assert isinstance(checksum, str) and checksum.startswith("sha256:") and manifest.exists()
         with engine.environment() as env_:
             assert verify(env_)["findings"] == []
 
@@ -173,14 +178,16 @@ def test_lake_drift_skips_reports_and_launches_the_checks_of_a_damaged_partition
     with dg.instance_for_test() as instance:
         assert _materialize(defs, instance).success
         quiet = _tick(defs, instance, engine)
-        assert isinstance(quiet, dg.SkipReason) and "no drift" in quiet.skip_message
+        assert isinstance(quiet, dg.SkipReason) and quiet.skip_message is not None
+        assert "no drift" in quiet.skip_message
 
         # A rollback made with no instance configured: the lake agrees with its chain, so the sensor
         # reports the lake's state (the partition is no longer materialized).
         with engine.environment() as env:
             rollback(env, "events", "v1", partition_keys=[KEYS[0]], reason="outside Dagster")
         reported = _tick(defs, instance, engine)
-        assert isinstance(reported, dg.SkipReason) and "reported the lake state" in reported.skip_message
+        assert isinstance(reported, dg.SkipReason) and reported.skip_message is not None
+        assert "reported the lake state" in reported.skip_message
         assert instance.get_materialized_partitions(EVENTS) == {KEYS[1], KEYS[2]}
         assert "no drift" in _tick(defs, instance, engine).skip_message
 
@@ -195,9 +202,7 @@ def test_lake_drift_skips_reports_and_launches_the_checks_of_a_damaged_partition
             instance=instance, tags=request.tags, raise_on_error=False
         )
         assert not checks.success  # reconciliation is blocking
-        failed = {
-            (e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed
-        }
+        failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
         assert ("reconciliation", KEYS[2]) in failed and all(k == KEYS[2] for _, k in failed if k)
         # The same drift is not launched twice (its run key).
         assert _tick(defs, instance, engine).run_requests[0].run_key == request.run_key

@@ -39,7 +39,8 @@ def test_a_held_lease_is_refused_to_others_until_released(store: CatalogStore) -
     assert store.try_acquire_lease("events", "v1", "A", 60) is None  # renewal by the holder
     assert store.try_acquire_lease("events", "v2", "B", 60) is None  # another version is free
     store.release_lease("events", "v1", "B")  # not B's: no effect
-    assert store.try_acquire_lease("events", "v1", "B", 60)["holder"] == "A"
+    held = store.try_acquire_lease("events", "v1", "B", 60)
+    assert held is not None and held["holder"] == "A"
     store.release_lease("events", "v1", "A")
     assert store.try_acquire_lease("events", "v1", "B", 60) is None
 
@@ -47,9 +48,11 @@ def test_a_held_lease_is_refused_to_others_until_released(store: CatalogStore) -
 def test_an_expired_or_dead_holder_is_taken_over(store: CatalogStore) -> None:
     assert store.try_acquire_lease("events", "v1", "A", -1) is None  # already expired
     assert store.try_acquire_lease("events", "v1", "B", 60) is None
-    assert store.try_acquire_lease("events", "v1", "C", 60)["holder"] == "B"
+    held = store.try_acquire_lease("events", "v1", "C", 60)
+    assert held is not None and held["holder"] == "B"
     assert store.try_acquire_lease("events", "v1", "C", 60, is_stale=lambda holder: holder == "B") is None
-    assert store.try_acquire_lease("events", "v1", "B", 60)["holder"] == "C"
+    held = store.try_acquire_lease("events", "v1", "B", 60)
+    assert held is not None and held["holder"] == "C"
 
 
 @pytest.mark.slow
@@ -94,6 +97,7 @@ def test_the_heartbeat_keeps_a_lease_past_its_ttl_and_a_silent_holder_loses_it(
     assert store.try_acquire_lease("events", "v1", "other", 1.5) is not None
     held.renew()
     held._stop.set()  # the holder goes silent (a host that froze or died far away)
+    assert held._heartbeat is not None
     held._heartbeat.join()
     time.sleep(2)
     taker = DatasetLease(store, "events", "v1", "run-b")

@@ -270,4 +270,5 @@ def test_a_spill_left_by_a_killed_process_is_removed_by_the_next(
     loaded = load_request(request.encode(), tmp_path)
     names = sorted(p.name for p in spills.iterdir())
     assert left.name not in names and running.name in names and len(names) == 2
+    assert loaded.spill is not None
     loaded.spill.close()

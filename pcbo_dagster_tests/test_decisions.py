@@ -79,7 +79,7 @@ def decide(records: list[Any], policies: Any = _MISSING, **overrides: Any) -> di
 
 def placements(document: dict[str, Any]) -> list[tuple[str, str, list[str]]]:
     """(partition key, id, reasons) for every placed record; reasons [] means added."""
-    out = []
+    out: list[tuple[str, str, list[str]]] = []
     for part in document["partitions"]:
         out.extend((part["key"], i, []) for i in part["add"])
         out.extend((part["key"], o["id"], o["reasons"]) for o in part["omit"])
@@ -1028,7 +1028,7 @@ def _records(draw: st.DrawFn) -> list[Any]:
     return out
 
 
-def _us(instant: str) -> int | None:
+def _us(instant: object) -> int | None:
     try:
         if (
             not isinstance(instant, str)
@@ -1062,8 +1062,9 @@ def _reference(
 
     canon: dict[str, set[bytes]] = {}
     for r in records:
-        if valid_id(r) is not None:
-            canon.setdefault(valid_id(r), set()).add(rfc8785.dumps(r))
+        vid = valid_id(r)
+        if vid is not None:
+            canon.setdefault(vid, set()).add(rfc8785.dumps(r))
     counts = {i: sum(valid_id(r) == i for r in records) for i in canon}
     decided_once: set[str] = set()
 
@@ -1075,9 +1076,11 @@ def _reference(
         if not isinstance(r, dict) or valid_id(r) is None:
             unplaced.append((index, shown, "INVALID_RECORD"))
             continue
+        assert isinstance(rid, str)  # valid_id(r) is not None
         occ = _us(r.get("occurredAt"))
         ret_raw = r.get("retentionExpiresAt")
-        if occ is None or (ret_raw is not None and _us(ret_raw) is None):
+        ret_us = None if ret_raw is None else _us(ret_raw)
+        if occ is None or (ret_raw is not None and ret_us is None):
             unplaced.append((index, shown, "INVALID_RECORD"))
             continue
         if not start <= occ < end:
@@ -1090,7 +1093,7 @@ def _reference(
             j = r.get("jurisdiction")
             if not isinstance(j, str) or j.strip().upper() not in allowed_set:
                 reasons.append("JURISDICTION_NOT_ALLOWED")
-        if cutoff_us is not None and (ret_raw is None or _us(ret_raw) <= cutoff_us):
+        if cutoff_us is not None and (ret_us is None or ret_us <= cutoff_us):
             reasons.append("RETENTION_EXPIRED")
         if rid in existing:
             reasons.append("ALREADY_PRESENT")

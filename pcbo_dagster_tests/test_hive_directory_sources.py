@@ -30,13 +30,14 @@ from pcbo_dagster.sources.hive_directories import (
 from pcbo_dagster.sources.streaming import RecordSource, open_source
 from pcbo_dagster_tests.csv_files import csv_bytes
 
-WINDOW = (parse_instant("2024-01-01T00:00:00Z"), parse_instant("2024-01-03T00:00:00Z"))
-
 
 def _us(text: str) -> int:
     value = parse_instant(text)
     assert value is not None
     return value
+
+
+WINDOW = (_us("2024-01-01T00:00:00Z"), _us("2024-01-03T00:00:00Z"))
 
 
 def _records(tag: str, n: int = 5, day: str = "2024-01-01") -> list[dict[str, Any]]:
@@ -306,7 +307,7 @@ def test_formats_chosen_inferred_or_refused(tmp_path: Path) -> None:
 def test_csv_typing_is_decided_over_the_whole_directory(tmp_path: Path) -> None:
     root = tmp_path / "csvs"
     columns = ["id", "occurredAt", "amount", "code", "late", "consentGranted"]
-    first = [
+    first: list[dict[str, Any]] = [
         {
             "id": "a-1",
             "occurredAt": "2024-01-01T00:00:00Z",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,8 @@ TYPES = ledger_xdr.parse_definitions(DEFINITIONS)
 _CLASSES = {name.lower(): getattr(sdk_xdr, name) for name in dir(sdk_xdr) if name[0].isupper()}
 
 
-def sdk_class(name: str) -> type:
+def sdk_class(name: str) -> Any:
+    """The stellar-sdk XDR class named `name` (any case); no common base declares its `unpack`."""
     return _CLASSES[name.lower()]
 
 

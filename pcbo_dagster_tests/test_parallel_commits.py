@@ -16,7 +16,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytest
 
@@ -35,6 +35,8 @@ from pcbo_dagster_tests.cli_runner import (
     load_generator,
     write_request,
 )
+
+_T = TypeVar("_T")
 
 PARTITIONS = 40  # more than one commit batch
 assert PARTITIONS > COMMIT_BATCH
@@ -202,13 +204,18 @@ class _CallingThreadOnly:
         return call
 
 
+def _calling_thread_only_proxy(target: _T, owner: int, strays: list[str]) -> _T:
+    """A `_CallingThreadOnly` over `target`, typed as `target`: it passes every attribute through."""
+    return cast(_T, _CallingThreadOnly(target, owner, strays))
+
+
 def _calling_thread_only(strays: list[str]) -> Any:
     """For `_execute(wrap=...)`: the run's audit log and catalog, noting calls from other threads."""
     owner = threading.get_ident()
 
     def wrap(env: Environment) -> None:
-        env.audit = _CallingThreadOnly(env.audit, owner, strays)
-        env.catalog = _CallingThreadOnly(env.catalog, owner, strays)
+        env.audit = _calling_thread_only_proxy(env.audit, owner, strays)
+        env.catalog = _calling_thread_only_proxy(env.catalog, owner, strays)
 
     return wrap
 

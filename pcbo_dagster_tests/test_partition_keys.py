@@ -26,15 +26,22 @@ from pcbo_dagster.core.partition_keys import (
 )
 from pcbo_dagster.core.plan import partitions_for
 
-MIN_US = parse_instant("0001-01-01T00:00:00Z")
-MAX_US = parse_instant("9999-12-31T23:59:59.999999Z")
+
+def _us(text: str) -> int:
+    us = parse_instant(text)
+    assert us is not None, text
+    return us
+
+
+MIN_US = _us("0001-01-01T00:00:00Z")
+MAX_US = _us("9999-12-31T23:59:59.999999Z")
 
 # --- time keys -------------------------------------------------------------------------------------
 
 
 def test_time_keys_are_the_contracts_format() -> None:
-    assert format_time_key(parse_instant("2024-01-01T00:00:00Z")) == "20240101T000000Z"
-    assert format_time_key(parse_instant("2024-02-29T13:05:09.000250Z")) == "20240229T130509.000250Z"
+    assert format_time_key(_us("2024-01-01T00:00:00Z")) == "20240101T000000Z"
+    assert format_time_key(_us("2024-02-29T13:05:09.000250Z")) == "20240229T130509.000250Z"
     assert format_time_key(MIN_US) == "00010101T000000Z"
     assert format_time_key(MAX_US) == "99991231T235959.999999Z"
     assert parse_time_key("19700101T000000Z") == 0

@@ -4,6 +4,7 @@ undoes that partition by appending a rollback event, records a discrepancy, and 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -75,7 +76,9 @@ def test_a_bad_written_partition_is_undone_audited_and_fails_the_run(tmp_path: P
     catalog = CatalogStore(f"sqlite:///{home / 'catalog.db'}")
     discrepancies = catalog.discrepancies("pwc-run")
     assert [d["partition_key"] for d in discrepancies] == ["20240101T010000Z"]
-    assert catalog.get_run("pwc-run")["status"] == "failed"
+    run = catalog.get_run("pwc-run")
+    assert run is not None
+    assert run["status"] == "failed"
     catalog.close()
 
     # What remains verifies clean, and a fixed writer completes the run.
@@ -160,7 +163,12 @@ def test_a_re_execute_does_not_recompute_the_roots_staging_computed(tmp_path: Pa
     argv = _executed(tmp_path)
     hashed: list[int] = []
     real_root_hex = merkle.root_hex
-    monkeypatch.setattr(merkle, "root_hex", lambda ids: hashed.append(len(ids)) or real_root_hex(ids))
+
+    def counting_root_hex(ids: Sequence[str]) -> str:
+        hashed.append(len(ids))
+        return real_root_hex(ids)
+
+    monkeypatch.setattr(merkle, "root_hex", counting_root_hex)
     assert cli.main(argv) == 0
     partitions = json.loads((tmp_path / "o.json").read_text())["partitions"]
     assert [p["status"] for p in partitions] == ["unchanged"] * 3

@@ -193,7 +193,9 @@ def test_a_removed_production_partition_is_missing_and_the_plan_is_byte_stable(w
     assert [p["key"] for p in plan["partitions"]] == [KEYS[1]]
     entry = plan["partitions"][0]
     assert entry["reasons"] == ["missing"] and entry["rollout"] == "r1"
-    assert entry["decisionHash"] == world.envs.store.get("r1")["decision_hash"]
+    r1 = world.envs.store.get("r1")
+    assert r1 is not None
+    assert entry["decisionHash"] == r1["decision_hash"]
     first_bytes = _plan_bytes(world)
     assert json.loads(first_bytes) == plan
 
@@ -357,7 +359,9 @@ def test_rollout_rollback_in_production_then_staging(world: World) -> None:
     assert [p["status"] for p in first["partitions"]] == ["rolled_back"] * 4
     assert all(p["current"] is None for p in first["partitions"])
     assert first["rollbackId"].startswith("sha256:")
-    assert store.get("r1")["status"] == "rolled_back"
+    r1 = store.get("r1")
+    assert r1 is not None
+    assert r1["status"] == "rolled_back"
     assert verify(prod)["findings"] == []
     undone = world.chain_events(prod, "partition_rolled_back")
     assert sorted(e["partition"]["key"] for e in undone) == KEYS
@@ -384,7 +388,9 @@ def test_rollout_rollback_in_production_then_staging(world: World) -> None:
     assert {e["run_id"] for e in world.chain_events(staging, "partition_rolled_back")} == {
         "rollout-r1-staging"
     }
-    assert store.get("r1")["status"] == "rolled_back"
+    r1 = store.get("r1")
+    assert r1 is not None
+    assert r1["status"] == "rolled_back"
     assert _rollback(world, "staging", rollout="r1")["status"] == "noop"
     assert len([e for e in store.history("r1") if e["kind"] == "rolled_back"]) == 2
 
@@ -411,7 +417,9 @@ def test_staging_rollback_of_a_rollout_never_promoted_marks_it_rolled_back(world
     store.set_status("r1", "soaking", now=T0, decision_hash=staged["decisionHash"])
     done = _rollback(world, "staging", rollout="r1")
     assert done["rolledBack"] == 4 and done["rolloutStatus"] == "rolled_back"
-    assert store.get("r1")["status"] == "rolled_back"
+    r1 = store.get("r1")
+    assert r1 is not None
+    assert r1["status"] == "rolled_back"
     assert verify(world.envs.staging)["findings"] == []
 
 
@@ -419,7 +427,9 @@ def test_staging_rollback_of_a_promoted_rollout_keeps_it_promoted(world: World) 
     world.stage_and_promote()
     done = _rollback(world, "staging", rollout="r1")
     assert done["rolledBack"] == 4
-    assert world.envs.store.get("r1")["status"] == "promoted"
+    r1 = world.envs.store.get("r1")
+    assert r1 is not None
+    assert r1["status"] == "promoted"
     assert world.envs.store.history("r1")[-1]["kind"] == "rolled_back"
 
 
@@ -439,7 +449,9 @@ def test_rollout_rollback_undoes_its_stacked_versions_and_skips_other_runs(world
     assert by_key[KEYS[1]]["status"] == "skipped" and by_key[KEYS[1]]["current"]["runId"] == "manual-fix"
     assert by_key[KEYS[2]]["status"] == by_key[KEYS[3]]["status"] == "rolled_back"
     assert done["rolledBack"] == 4
-    assert world.envs.store.get("r1")["status"] == "rolled_back"
+    r1 = world.envs.store.get("r1")
+    assert r1 is not None
+    assert r1["status"] == "rolled_back"
     assert verify(prod)["findings"] == []
     assert _rollback(world, "production", rollout="r1")["status"] == "noop"
 
@@ -462,7 +474,9 @@ def test_range_rollback_is_idempotent(world: World) -> None:
     range_log = store.history(range_log_name("sessions", "v1"))
     assert [e["detail"]["rollbackId"] for e in range_log] == [first["rollbackId"]]
     assert store.history("r1")[-1]["detail"]["rollbackId"] == first["rollbackId"]
-    assert store.get("r1")["status"] == "promoted"  # production still holds hours 0 (v1), 2 and 3
+    r1 = store.get("r1")
+    assert r1 is not None
+    assert r1["status"] == "promoted"  # production still holds hours 0 (v1), 2 and 3
 
     # the same request again: a no-op, although hour 0 still has a version to peel off
     again = _rollback(world, "production", keys=[KEYS[0], KEYS[1]])
@@ -476,7 +490,9 @@ def test_range_rollback_is_idempotent(world: World) -> None:
     assert rest["rolledBack"] == 3 and rest["rollbackId"] != first["rollbackId"]
     assert {p["key"]: p["status"] for p in rest["partitions"]}[KEYS[1]] == "noop"
     assert rest["rolloutStatuses"] == {"r1": "rolled_back"}
-    assert store.get("r1")["status"] == "rolled_back"
+    r1 = store.get("r1")
+    assert r1 is not None
+    assert r1["status"] == "rolled_back"
     assert verify(prod)["findings"] == []
     assert _rollback(world, "production", keys=KEYS)["status"] == "noop"
     assert len(world.chain_events(prod, "partition_rolled_back")) == 5
@@ -497,7 +513,7 @@ def test_range_rollback_in_staging(world: World) -> None:
 
 def test_bad_rollback_requests(world: World) -> None:
     world.stage_and_promote()
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"stage": "qa", "rollout": "r1"}, "stage"),
         ({"stage": "production"}, "rollout"),
         ({"stage": "production", "rollout": "r1", "keys": KEYS}, "rollout"),

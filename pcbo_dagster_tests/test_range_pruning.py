@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ def _partitions(decisions: Any) -> list[tuple[str, list[str], list[Any]]]:
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> CatalogStore:
+def catalog(tmp_path: Path) -> Iterator[CatalogStore]:
     store = CatalogStore(f"sqlite:///{tmp_path / 'catalog.db'}")
     store.migrate()
     yield store
@@ -127,7 +128,7 @@ def test_a_zone_holding_an_unparseable_timestamp_is_never_skipped(tmp_path, cata
     records = _records()
     records[40]["occurredAt"] = "2024-01-01 00:40:00"  # no T, no offset: INVALID_RECORD
     records[-5]["occurredAt"] = 17  # not a string
-    records[-3] = ["not", "an", "object"]  # type: ignore[call-overload]
+    records[-3] = ["not", "an", "object"]
     source = _write_jsonl(tmp_path / "events.jsonl", records)
     window = ("2024-01-03T00:00:00Z", "2024-01-03T06:00:00Z")
     for store in (None, catalog, catalog):
@@ -145,6 +146,7 @@ def test_duplicates_in_pruned_zones_are_not_seen(tmp_path, catalog):
     window = ("2024-01-04T00:00:00Z", "2024-01-04T01:00:00Z")  # holds the first copy only
     _, _, pruned = _decide(_request(source, *window), catalog)
     _, _, whole = _decide(_request(source, *window, prune=False))
+
     def duplicates(decisions: Any) -> int:
         return sum(p["counts"]["byReason"].get("DUPLICATE_ID", 0) for p in decisions.to_json()["partitions"])
 
@@ -201,7 +203,9 @@ def _parquet(path: Path, records: list[dict[str, Any]], occurred: pa.DataType, r
 
 
 @pytest.mark.parametrize("occurred", [pa.timestamp("us", tz="UTC"), pa.string()], ids=["timestamp", "string"])
-def test_a_parquet_range_reads_only_its_row_groups(tmp_path, catalog, occurred, monkeypatch):
+def test_a_parquet_range_reads_only_its_row_groups(
+    tmp_path: Path, catalog: CatalogStore, occurred: pa.DataType, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = _parquet(tmp_path / "events.parquet", _records(), occurred, rows_per_group=144)
     window = ("2024-01-05T00:00:00Z", "2024-01-05T03:00:00Z")
     read_groups: list[int] = []

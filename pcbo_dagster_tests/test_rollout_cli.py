@@ -199,9 +199,7 @@ def test_cancel_then_roll_back(workdir: Path) -> None:
     assert summary["status"] == "cancelled" and len(summary["notApplied"]) == 4 - applied
     # A cancelled rollout cannot be resumed or approved; it can be rolled back (idempotently).
     assert pcbo(workdir, "rollout", "resume", "r2", "--by", "bo").status == 2
-    assert (
-        pcbo(workdir, "approve", "r2", "--key", "cy.key", "--reason", "x", *CONFIG_FLAG).status == 2
-    )
+    assert pcbo(workdir, "approve", "r2", "--key", "cy.key", "--reason", "x", *CONFIG_FLAG).status == 2
     for _ in range(2):
         rolled = pcbo(
             workdir,

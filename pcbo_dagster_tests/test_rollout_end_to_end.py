@@ -139,7 +139,7 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
     assert rollout["status"] == "soaking" and rollout["staged_at"] == d.clock.now()
     materializations = [e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
     assert len(materializations) == 4
-    metadata = materializations[0].event_specific_data.materialization.metadata
+    metadata = materializations[0].step_materialization_data.materialization.metadata
     assert metadata["throttle"].value == "2 partitions/min"
     summary = json.loads((d.home / "reports" / "rollouts" / "r1" / "backfill_summary.json").read_text())
     assert [p["key"] for p in summary["partitions"]] == KEYS

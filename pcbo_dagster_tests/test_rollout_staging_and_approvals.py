@@ -17,7 +17,7 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import Blocked, InvalidInput
-from pcbo_dagster.datasets.config import parse_datasets_config
+from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import ManualClock
@@ -29,7 +29,9 @@ T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z"]
 
 
-def _config(tmp_path: Path, on_violation: str = "omit", throttle: str = "{recordsPerMinute: 60}") -> object:
+def _config(
+    tmp_path: Path, on_violation: str = "omit", throttle: str = "{recordsPerMinute: 60}"
+) -> DatasetsConfig:
     records = [
         {
             "id": f"r-{h}-{n}",
@@ -174,7 +176,7 @@ def test_a_row_in_rollout_approvals_alone_opens_no_gate(tmp_path: Path, before: 
         operations.promote(config, base, "r", by="cy", clock=clock)
 
 
-def _approved_rollout(tmp_path: Path) -> tuple[object, Settings, ManualClock]:
+def _approved_rollout(tmp_path: Path) -> tuple[DatasetsConfig, Settings, ManualClock]:
     config = _config(tmp_path, throttle="{}")
     base = Settings.resolve(home=str(tmp_path / "home"), env={})
     clock = ManualClock(T0)
@@ -185,7 +187,7 @@ def _approved_rollout(tmp_path: Path) -> tuple[object, Settings, ManualClock]:
     return config, base, clock
 
 
-def _promote_until(config: object, base: Settings, clock: ManualClock, failpoint: str) -> None:
+def _promote_until(config: DatasetsConfig, base: Settings, clock: ManualClock, failpoint: str) -> None:
     os.environ["PCBO_FAILPOINT"] = failpoint
     operations.promote(config, base, "r", by="cy", clock=clock)
 

@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.signed_approvals import read_signed_approval, sign_approval
 from pcbo_dagster.core.signed_note import NoteError, parse_note
+from pcbo_dagster.datasets.config import DatasetsConfig
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
@@ -25,11 +27,12 @@ from pcbo_dagster_tests.test_rollout_staging_and_approvals import KEYS, T0, _con
 WHEN = "2026-01-05T09:00:00Z"
 
 
-def _soaked(tmp_path: Path, required: int = 1) -> tuple[Any, Settings, ManualClock, dict[str, Any]]:
+def _soaked(tmp_path: Path, required: int = 1) -> tuple[DatasetsConfig, Settings, ManualClock, RolloutRow]:
     """Two rollouts staged and soaked (`r` and `other`, over different keys)."""
     config = _config(tmp_path, throttle="{}")
     if required != 1:
         dataset = config.dataset("sessions")
+        assert dataset.rollout is not None
         rollout = dataset.rollout.model_copy(update={"requiredApprovals": required})
         config = config.model_copy(update={"datasets": [dataset.model_copy(update={"rollout": rollout})]})
     base = Settings.resolve(home=str(tmp_path / "home"), env={})
@@ -41,11 +44,13 @@ def _soaked(tmp_path: Path, required: int = 1) -> tuple[Any, Settings, ManualClo
     return config, base, clock, operations.find_rollout(base, "r")
 
 
-def _gate(config: Any, base: Settings, clock: ManualClock) -> dict[str, Any]:
+def _gate(config: DatasetsConfig, base: Settings, clock: ManualClock) -> dict[str, Any]:
     return operations.status(config, base, "r", clock=clock)["gate"]
 
 
-def _append_directly(config: Any, base: Settings, rollout: dict[str, Any], statement: str, by: str) -> None:
+def _append_directly(
+    config: DatasetsConfig, base: Settings, rollout: RolloutRow, statement: str, by: str
+) -> None:
     """What someone who can append to the production chain (but holds no approver's key) can do."""
     with operations.rollout_environments(config, base, rollout["name"]) as (_dataset, envs):
         envs.production.audit.append(

@@ -30,7 +30,9 @@ EXAMPLE_NOTE = (
 
 PETER_SKEY = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"
 PETER_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
-PETER_TEXT = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"  # noqa: E501 - a published vector, verbatim
+PETER_TEXT = (
+    "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"  # noqa: E501 - a published vector, verbatim
+)
 PETER_NOTE = (
     PETER_TEXT
     + "\n— PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"  # noqa: E501 - a published vector, verbatim

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.datasets.config import parse_datasets_config
@@ -205,7 +206,7 @@ def _config(tmp_path: Path, **kwargs: object):
     return parse_datasets_config(_config_text(**kwargs), tmp_path)  # type: ignore[arg-type]
 
 
-def _stage(world: dict, name: str = "r1") -> dict:
+def _stage(world: dict, name: str = "r1") -> RolloutRow:
     """Apply the rollout's keys to staging and record the rollout as soaking since T0."""
     config = world["config"]
     dataset = config.dataset("sessions")

@@ -49,6 +49,12 @@ def _start(args: list, home: Path) -> subprocess.Popen:
     )
 
 
+def _stdout(proc: subprocess.Popen) -> bytes:
+    """All a process started by `_start` printed (its stdout is a pipe)."""
+    assert proc.stdout is not None
+    return proc.stdout.read()
+
+
 def _wait_for(condition, timeout: float = 60.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -241,7 +247,7 @@ def test_runs_on_one_table_queue_in_order_and_another_table_goes_on(
         spans["A"][1] < spans["B"][0] and spans["B"][1] < spans["D"][0]
     )  # one at a time, first come first served
     assert spans["C"][1] < spans["A"][0]  # C was done before A could write a row
-    documents = [json.loads(p.stdout.read()) for p in (a, b, d)]
+    documents = [json.loads(_stdout(p)) for p in (a, b, d)]
     assert all(doc["lock"]["scope"].endswith("|public.t1") for doc in documents)
     assert documents[1]["lock"]["waitedSeconds"] > 0
 

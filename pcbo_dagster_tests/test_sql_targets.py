@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ from pcbo_dagster_tests.sql_target_helpers import (
 )
 
 
-def _execute(tmp_path: Path, req: dict, home: str = "home", *extra: str):
+def _execute(tmp_path: Path, req: dict, home: str = "home", *extra: str | Path):
     path = write_json(tmp_path / f"{req['runId']}-{home}.json", req)
     return pcbo(["execute", "--input", path, "--home", tmp_path / home, *extra])
 
@@ -150,8 +151,8 @@ def test_gates_in_dry_run_and_execute_and_the_pinned_decision_hash(
         "('ev-0004', '2024-01-01T00:04:00Z', 40, 'old', '2024-01-10T00:00:00Z', NULL)",
     )
     records = [record(i) for i in range(1, 7)]
-    gates = {"conflict": "overwrite", "freshnessColumn": "updated_at", "deletedColumn": "deleted_at",
-             "snapshotAt": "2024-02-01T00:00:00Z"}  # fmt: skip
+    gates: dict[str, Any] = {"conflict": "overwrite", "freshnessColumn": "updated_at",
+                             "deletedColumn": "deleted_at", "snapshotAt": "2024-02-01T00:00:00Z"}  # fmt: skip
     req = request(url, records, **gates)
     dry = _dry_run(tmp_path, req)
     assert dry.status == 0, dry.stderr
@@ -219,8 +220,8 @@ def test_rollback_restores_the_exact_prior_table_and_psql_runs_the_script(
     before = dump(urls[0])
     assert before == dump(urls[1])
     records = [record(i) for i in range(1, 30)]
-    gates = {"conflict": "overwrite", "deletedColumn": "deleted_at", "snapshotAt": "2024-02-01T00:00:00Z",
-             "chunkRows": 4}  # fmt: skip
+    gates: dict[str, Any] = {"conflict": "overwrite", "deletedColumn": "deleted_at",
+                             "snapshotAt": "2024-02-01T00:00:00Z", "chunkRows": 4}  # fmt: skip
     for n, url in enumerate(urls):
         run = _execute(tmp_path, request(url, records, **gates), home=f"home{n}")
         assert run.status == 0, run.stderr
@@ -467,9 +468,17 @@ def test_sql_applies_and_rollbacks_sign_checkpoints_an_auditor_can_hold(tmp_path
     assert applied["origin"] == "pcbo/events/v1" and applied["treeSize"] >= 2
     held = tmp_path / "held.checkpoint"
     held.write_bytes(Path(applied["lakeUri"].removeprefix("file://")).read_bytes())
-    undo = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"]
+    undo: list[str | Path] = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"]
     back = pcbo([*undo, "--signing-key", key])
     assert back.status == 0, back.stderr
     assert back.document["checkpoint"]["treeSize"] > applied["treeSize"]
-    trusted = ["verify", "--home", home, "--trusted-checkpoint", held, "--key", BO.verifier().text]
+    trusted: list[str | Path] = [
+        "verify",
+        "--home",
+        home,
+        "--trusted-checkpoint",
+        held,
+        "--key",
+        BO.verifier().text,
+    ]
     assert pcbo(trusted).status == 0

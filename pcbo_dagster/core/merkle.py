@@ -219,7 +219,7 @@ def _hash_list(proof: object) -> list[bytes] | None:
 
 
 def verify_inclusion(
-    leaf_hash: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
+    leaf_hash: bytes | bytearray, index: int, tree_size: int, proof: Sequence[bytes], root: bytes | bytearray
 ) -> bool:
     """RFC 9162 section 2.1.3.2: does `proof` show `leaf_hash` at `index` in the tree with `root`?
 
@@ -250,7 +250,9 @@ def verify_inclusion(
     return sn == 0 and r == bytes(root)
 
 
-def verify_consistency(size1: int, size2: int, root1: bytes, root2: bytes, proof: Sequence[bytes]) -> bool:
+def verify_consistency(
+    size1: int, size2: int, root1: bytes | bytearray, root2: bytes | bytearray, proof: Sequence[bytes]
+) -> bool:
     """RFC 9162 section 2.1.4.2: is the tree of `size2` with `root2` an append-only extension of `root1`?
 
     - `size1 == size2 > 0`: consistent iff the proof is empty and the roots are equal (byte equality;
