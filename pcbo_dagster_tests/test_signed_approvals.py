@@ -1,7 +1,8 @@
 """Signed approvals (issue 11): forged, replayed (another rollout, another decision hash) and unlisted
 approvals open no gate, whether they are offered to `pcbo approve` (refused, nothing written) or put
 on the production chain directly by someone who can append to it (ignored by the gate). A
-`requiredApprovals: 2` rollout waits for two distinct listed approvers."""
+`requiredApprovals: 2` rollout waits for two distinct listed approvers. A genuine approval replayed
+after a rejection, or signed before it and brought later, does not override the rejection."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from typing import Any
 import pytest
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
+from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.signed_approvals import read_signed_approval, sign_approval
-from pcbo_dagster.core.signed_note import NoteError, parse_note
+from pcbo_dagster.core.signed_note import NoteError, parse_note, sign_note
 from pcbo_dagster.datasets.config import DatasetsConfig
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
-from pcbo_dagster.rollout.approvals import ROLLOUT_APPROVED, rollout_subject, sign_decision
+from pcbo_dagster.rollout.approvals import ROLLOUT_APPROVED, decision_in_force, rollout_subject, sign_decision
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import BO, CY, MALLORY
 from pcbo_dagster_tests.test_rollout_staging_and_approvals import KEYS, T0, _config
@@ -147,3 +149,86 @@ def test_a_statement_is_read_only_under_a_listed_key() -> None:
     renamed = impostor.replace(MALLORY.name, CY.name)  # claims to be cy, signed by mallory
     with pytest.raises(NoteError):
         read_signed_approval(renamed, [CY.verifier()])
+
+
+def _chain_events(config: DatasetsConfig, base: Settings) -> list[dict[str, Any]]:
+    with operations.rollout_environments(config, base, "r") as (_dataset, envs):
+        return envs.production.audit.backup.read_chain("sessions/v1")
+
+
+def _in_force(config: DatasetsConfig, base: Settings) -> dict[str, Any]:
+    with operations.rollout_environments(config, base, "r") as (_dataset, envs):
+        decision = decision_in_force(envs, envs.store.require("r"))
+    assert decision is not None
+    return decision
+
+
+def _approved_then_rejected(tmp_path: Path) -> tuple[DatasetsConfig, Settings, ManualClock, RolloutRow, str]:
+    """cy approves `r` (the gate opens), a minute later bo rejects it; returns cy's statement as recorded."""
+    config, base, clock, rollout = _soaked(tmp_path)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    assert _gate(config, base, clock)["open"] is True
+    clock.advance(60)
+    operations.decide(config, base, "r", "reject", key=BO, reason="found a problem", clock=clock)
+    approval = next(e for e in _chain_events(config, base) if e["event_type"] == ROLLOUT_APPROVED)
+    return config, base, clock, rollout, approval["signed_approval"]
+
+
+def _closed_by_the_rejection(config: DatasetsConfig, base: Settings, clock: ManualClock) -> dict[str, Any]:
+    gate = _gate(config, base, clock)
+    assert gate["open"] is False and any(f"rejected by {BO.name}" in r for r in gate["reasons"]), gate
+    with pytest.raises(Blocked):
+        operations.promote(config, base, "r", by="dee", clock=clock)
+    return gate
+
+
+def test_an_approval_replayed_after_a_rejection_is_refused_and_ignored(tmp_path: Path) -> None:
+    """The red-team attack: cy's genuine approval statement (public, on the chain) brought again after
+    bo's rejection, through `pcbo approve --statement` (no key needed) or appended to the chain."""
+    config, base, clock, rollout, statement = _approved_then_rejected(tmp_path)
+    clock.advance(60)
+    before = len(_chain_events(config, base))
+    with pytest.raises(InvalidInput, match="already on the chain") as refused:
+        operations.decide(config, base, "r", None, statement=statement, clock=clock)
+    assert refused.value.field == "statement"
+    assert len(_chain_events(config, base)) == before  # nothing written
+    _closed_by_the_rejection(config, base, clock)
+    _append_directly(config, base, rollout, statement, CY.name)
+    _closed_by_the_rejection(config, base, clock)
+    assert _in_force(config, base)["ignored"] == 1
+
+
+def test_an_approval_signed_before_the_rejection_does_not_outlive_it(tmp_path: Path) -> None:
+    """cy signed a second approval before bo's rejection but brings it only afterwards: refused when
+    recorded, ignored on the chain. A new approval signed after the rejection opens the gate."""
+    config, base, clock, rollout = _soaked(tmp_path)
+    early = sign_decision(CY, rollout, "approve", "signed early", None, "2026-01-05T08:11:00Z")
+    clock.advance(3600)
+    operations.decide(config, base, "r", "reject", key=BO, reason="found a problem", clock=clock)
+    rejection = next(e for e in _chain_events(config, base) if e["event_type"] == "rollout_rejected")
+    assert read_signed_approval(rejection["signed_approval"], [BO.verifier()]).time > "2026-01-05T08:11:00Z"
+    with pytest.raises(InvalidInput, match="before the rejection in force"):
+        operations.decide(config, base, "r", None, statement=early, clock=clock)
+    _append_directly(config, base, rollout, early, CY.name)
+    _closed_by_the_rejection(config, base, clock)
+    assert _in_force(config, base)["ignored"] == 1
+    clock.advance(60)
+    operations.decide(config, base, "r", "approve", key=CY, reason="fixed, reviewed again", clock=clock)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is True and gate["approval"]["actor"] == CY.name, gate
+
+
+def test_a_statement_without_an_instant_is_neither_signed_nor_read() -> None:
+    with pytest.raises(NoteError, match="instant"):
+        sign_approval(CY, "r", "approved", "sha256:" + "2" * 64, "ok", "yesterday")
+    body = {
+        "decision": "approved",
+        "decision_hash": "sha256:" + "2" * 64,
+        "reason": "ok",
+        "rollout": "r",
+        "signer": CY.name,
+        "time": "soon",
+    }
+    text = "pcbo.approval/v1\n" + jcs(body).decode("utf-8") + "\n"
+    with pytest.raises(NoteError, match="not an instant"):
+        read_signed_approval(sign_note(text, CY).render(), [CY.verifier()])

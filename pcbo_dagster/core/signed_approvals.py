@@ -7,9 +7,10 @@ Pure: no I/O, no clock (the caller gives the time). The note's text is two lines
 
 signed (Ed25519, signed-note type 0x01) by the approver's key, whose name is `signer`. `decision` is
 `approved` or `rejected`; `decision_hash` is the staged decision hash the approver judged; `time` an
-instant `YYYY-MM-DDTHH:MM:SSZ`. A statement names its rollout and decision hash, so it cannot be
-replayed for another rollout or another set of decisions; the gate also requires its event to be on
-the production audit chain.
+instant (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z` as pcbo signs it; any instant `core/instants.py` reads is
+accepted) that orders it after or before a rejection. A statement names its rollout and decision
+hash, so it cannot be replayed for another rollout or another set of decisions; the gate also
+requires its event to be on the production audit chain, and counts each statement once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 from dataclasses import dataclass
 
 from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.signed_note import (
     Note,
     NoteError,
@@ -49,6 +51,8 @@ def approval_text(
 ) -> str:
     if decision not in DECISIONS:
         raise NoteError(f"decision must be one of {DECISIONS}, not {decision!r}")
+    if parse_instant(time) is None:
+        raise NoteError(f"time must be an instant with an offset, not {time!r}")
     body = {
         "decision": decision,
         "decision_hash": decision_hash,
@@ -85,6 +89,8 @@ def read_signed_approval(note_text: str, approvers: list[VerifierKey]) -> Signed
         raise NoteError(f"the approval statement holds exactly the text fields {sorted(_FIELDS)}")
     if rest != jcs(body).decode("utf-8") + "\n" or body["decision"] not in DECISIONS:
         raise NoteError("the approval statement is not in its canonical form")
+    if parse_instant(body["time"]) is None:
+        raise NoteError(f"the approval's time {body['time']!r} is not an instant with an offset")
     listed = [k for k in approvers if k.name == body["signer"]]
     if not listed:
         raise NoteError(f"{body['signer']!r} is not a listed approver")

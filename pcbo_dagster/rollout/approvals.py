@@ -16,14 +16,18 @@ The decision in force is read from the chain, never from the table (`decision_in
 approval and rejection event of the rollout on a production chain that verifies whose signed
 statement verifies under a listed key *and* says what its event says (the rollout, decision and
 decision hash: a statement copied into another rollout's event, or for another decision hash,
-counts for nothing). The newest such decision is in force when it is a rejection; otherwise the
-rollout is approved once `requiredApprovals` distinct listed approvers approved the staged decision
-hash since the last rejection (fewer: `pending`). A row inserted into the table alone, a bare name,
-a forged or unlisted signature open nothing.
+counts for nothing). Each signed statement counts once, where it first stands on the chain: the
+same statement recorded or appended again (a replay of a public approval) is ignored. The newest
+such decision is in force when it is a rejection; otherwise the rollout is approved once
+`requiredApprovals` distinct listed approvers approved the staged decision hash since the last
+rejection (fewer: `pending`) in statements signed no earlier than that rejection: an approval signed
+before a rejection never outlives it, however late it is brought. A row inserted into the table
+alone, a bare name, a forged, replayed or unlisted signature open nothing.
 
 Refused with `InvalidInput` (exit 2, nothing written): an unknown rollout, a rollout not halted for
-review (status `soaking`), an empty reason, a statement that does not verify under a listed key, or
-one for another rollout, decision or decision hash than the one the rollout staged.
+review (status `soaking`), an empty reason, a statement that does not verify under a listed key, one
+for another rollout, decision or decision hash than the one the rollout staged, a statement already
+on the chain, or an approval signed before the rejection in force.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.signed_approvals import SignedApproval, read_signed_approval, sign_approval
 from pcbo_dagster.core.signed_note import NoteError, SigningKey
 from pcbo_dagster.engine.events import PRODUCER, chain_key
@@ -112,6 +117,21 @@ def record_decision(
         )
     if not signed.reason.strip():
         raise InvalidInput("reason", "say why")
+    counted, _ = _counted_decisions(envs, rollout)
+    for event, earlier in counted:
+        if _statement(earlier) == _statement(signed):
+            raise InvalidInput(
+                "statement",
+                f"this signed statement is already on the chain (seq {event['chain']['seq']}): a statement "
+                "counts once; sign a new one",
+            )
+    rejected = [s for _, s in counted if s.decision == "rejected"]
+    if signed.decision == "approved" and rejected and _signed_at(signed) < _signed_at(rejected[-1]):
+        raise InvalidInput(
+            "statement",
+            f"the approval was signed at {signed.time}, before the rejection in force "
+            f"({rejected[-1].signer.name}, signed at {rejected[-1].time}): sign a new approval",
+        )
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
     event = envs.production.audit.append(
         ckey,
@@ -157,20 +177,42 @@ def _verified(event: dict[str, Any], policy: ApprovalPolicy, name: str) -> Signe
     return signed
 
 
-def decision_in_force(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[str, Any] | None:
-    """The decision in force for `rollout` from the production chain (module doc), as `{decision,
-    actor, reason, decision_hash, event_hash, approvals, required, ignored}`; `decision` is
-    `approved`, `rejected` or `pending` (fewer valid approvals than required); None when no valid
-    signed decision is on the chain. `IntegrityError` when that chain does not verify."""
+def _statement(signed: SignedApproval) -> tuple[str, ...]:
+    """What a signed statement says and who signed it: the same statement whatever signature lines
+    of other keys travel with it (Ed25519 signs a text one way only)."""
+    return (
+        signed.signer.text,
+        signed.rollout,
+        signed.decision,
+        signed.decision_hash,
+        signed.reason,
+        signed.time,
+    )
+
+
+def _signed_at(signed: SignedApproval) -> int:
+    """The statement's signed time (microseconds); `read_signed_approval` refused any other text."""
+    moment = parse_instant(signed.time)
+    assert moment is not None
+    return moment
+
+
+def _counted_decisions(
+    envs: RolloutEnvironments, rollout: RolloutRow
+) -> tuple[list[tuple[dict[str, Any], SignedApproval]], int]:
+    """The rollout's approval and rejection events on the production chain that count, in chain order,
+    each with its verified statement (module doc: listed signer, says what its event says, first
+    time on the chain, an approval signed no earlier than the last rejection counted), and how many
+    were ignored. `IntegrityError` when that chain does not verify."""
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
     events, problems = envs.production.audit.backup.read_chain_with_problems(ckey)
     findings = problems + verify_chain(events, ckey)
     if findings:
         raise IntegrityError(f"the production audit chain {ckey} does not verify: {'; '.join(findings[:3])}")
     policy = envs.approval_policy
-    staged = rollout["decision_hash"]
-    last: tuple[dict[str, Any], SignedApproval] | None = None
-    approvals: dict[str, tuple[dict[str, Any], SignedApproval]] = {}
+    counted: list[tuple[dict[str, Any], SignedApproval]] = []
+    seen: set[tuple[str, ...]] = set()
+    rejected_at: int | None = None
     ignored = 0
     for event in events:
         body = event.get("rollout")
@@ -179,9 +221,31 @@ def decision_in_force(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[st
         if body.get("name") != rollout["name"]:
             continue
         signed = _verified(event, policy, rollout["name"])
-        if signed is None:
+        if signed is None or _statement(signed) in seen:
             ignored += 1
             continue
+        seen.add(_statement(signed))
+        if signed.decision == "rejected":
+            at = _signed_at(signed)
+            rejected_at = at if rejected_at is None else max(rejected_at, at)
+        elif rejected_at is not None and _signed_at(signed) < rejected_at:
+            ignored += 1  # signed before a rejection it would override
+            continue
+        counted.append((event, signed))
+    return counted, ignored
+
+
+def decision_in_force(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[str, Any] | None:
+    """The decision in force for `rollout` from the production chain (module doc), as `{decision,
+    actor, reason, decision_hash, event_hash, approvals, required, ignored}`; `decision` is
+    `approved`, `rejected` or `pending` (fewer valid approvals than required); None when no valid
+    signed decision is on the chain. `IntegrityError` when that chain does not verify."""
+    policy = envs.approval_policy
+    staged = rollout["decision_hash"]
+    decisions, ignored = _counted_decisions(envs, rollout)
+    last: tuple[dict[str, Any], SignedApproval] | None = None
+    approvals: dict[str, tuple[dict[str, Any], SignedApproval]] = {}
+    for event, signed in decisions:
         last = (event, signed)
         if signed.decision == "rejected":
             approvals.clear()  # approvals made before a rejection do not outlive it
