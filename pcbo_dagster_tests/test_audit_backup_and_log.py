@@ -497,9 +497,10 @@ def test_events_the_backup_alone_holds_are_not_adopted(tmp_path):
         attached.sync_to_catalog(KEY)
 
 
-def test_a_batch_torn_in_the_backup_is_completed_from_the_pending_batch(tmp_path):
-    """A crash in the middle of the backup write (a torn last line) and before the catalog's part:
-    the next append completes the batch from the catalog's pending copy, with no fragment left."""
+def test_a_batch_torn_in_the_backup_keeps_what_the_backup_holds(tmp_path):
+    """A crash in the middle of the backup write (a torn last line) and before the catalog's part: the
+    next append adopts the batch's events the backup holds whole, drops the torn fragment and the rest
+    of the batch (it never reached the backup, the first store), and continues the chain from there."""
     store = SqliteHeadStore(tmp_path / "catalog.db")
     log = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store, clock=FixedClock())
     log.append(KEY, "a", {"n": 0})
@@ -511,11 +512,59 @@ def test_a_batch_torn_in_the_backup_is_completed_from_the_pending_batch(tmp_path
     assert len(lines) == 3
     path.write_bytes(b"".join(lines[:2]) + lines[2][:17])  # the second event of the batch torn
     nxt = log.append(KEY, "a", {"n": 3})
-    assert nxt["chain"]["seq"] == 3
+    assert nxt["chain"]["seq"] == 2
     events, problems = log.backup.read_chain_with_problems(KEY)
-    assert problems == [] and [e["n"] for e in events] == [0, 1, 2, 3]
+    assert problems == [] and [e["n"] for e in events] == [0, 1, 3]
     assert store.all_events(KEY) == events and verify_chain(events, KEY) == []
     assert log.backup.set_aside_fragments() == {}
+
+
+def _next_events(after: dict, bodies: list[dict]) -> list[dict]:
+    events, prev = [], after
+    for body in bodies:
+        prev = build_event(
+            chain_key=KEY,
+            seq=prev["chain"]["seq"] + 1,
+            prev_event_hash=prev["chain"]["event_hash"],
+            event_type="partition_committed",
+            timestamp="2024-01-01T00:00:09Z",
+            body=body,
+        )
+        events.append(prev)
+    return events
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_pending_batch_the_catalog_alone_holds_never_reaches_the_backup(tmp_path, behind):
+    """The red-team attack: someone who can write the catalog (not the backup) records a pending batch
+    of well-formed forged events — alone, or after the one real event a catalog that lags the backup
+    still lacks. Neither the next append nor repair's sync writes a forged event to the backup; the
+    real event is adopted, the forgeries are dropped with the pending batch."""
+    store = SqliteHeadStore(tmp_path / "catalog.db")
+    log = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store, clock=FixedClock())
+    written = [log.append(KEY, "a", {"n": i}) for i in range(2)]
+    if behind:
+        store.fail_appends = 1
+        with pytest.raises(RuntimeError, match="catalog unavailable"):
+            written.append(log.append(KEY, "a", {"n": 2}))
+        written = log.backup.read_chain(KEY)
+        with store.locked_chain(KEY) as txn:
+            pending = txn.pending()
+            assert pending is not None and pending[1] == written[2:]
+        head = written[1]
+        batch = written[2:] + _next_events(written[2], [{"forged": 1}, {"forged": 2}])
+    else:
+        head = written[-1]
+        batch = _next_events(head, [{"forged": 1}, {"forged": 2}])
+    with store.locked_chain(KEY) as txn:
+        txn.set_pending(head["chain"]["seq"] + 1, batch)
+    result = log.sync_to_catalog(KEY)
+    assert result.to_backup == 0 and result.to_head_store == (1 if behind else 0)
+    assert log.backup.read_chain(KEY) == written == store.all_events(KEY)
+    nxt = log.append(KEY, "a", {"n": 9})
+    events = log.backup.read_chain(KEY)
+    assert events == [*written, nxt] == store.all_events(KEY) and verify_chain(events, KEY) == []
+    assert not any("forged" in e for e in events)
 
 
 def test_diverged_backup_and_catalog_are_refused(tmp_path):

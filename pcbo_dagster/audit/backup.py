@@ -66,6 +66,12 @@ class ChainBackup(Protocol):
 
     def remove_torn_tail(self, chain_key: str, *, set_aside: bool) -> bytes | None: ...
 
+    def holds_beyond_chain(self, chain_key: str, event: dict) -> bool:
+        """True when the backup durably holds exactly `event` (its RFC 8785 bytes) at its seq although
+        that seq lies after the chain's contiguous end (a hole before it: an object store's batch cut
+        short); False otherwise, always for a file, which has no holes."""
+        ...
+
     def last_event(self, chain_key: str) -> dict | None: ...
 
     def read_chain(self, chain_key: str) -> list[dict]: ...
@@ -295,6 +301,10 @@ class AuditBackup:
                 os.close(fd)
             if created and fsync:
                 _fsync_dir(paths.directory)
+
+    def holds_beyond_chain(self, chain_key: str, event: dict) -> bool:
+        """Always False: one file, appended in order, holds no event after a hole."""
+        return False
 
     def torn_tail(self, chain_key: str) -> bytes | None:
         """The final fragment of the chain file when it is not a whole event (a torn write), else None."""

@@ -10,11 +10,19 @@ any instant is recognisable afterwards and nothing else is:
 
 Reconciling (at the start of every append, and by `sync_to_catalog` for repair): when the backup
 holds events after the mirror's head, they are adopted into the mirror only if they are exactly (a
-prefix of) the pending batch: a crash between steps 2 and 3; the rest of the batch is then written to
-the backup too, and a torn fragment of it dropped. Anything else is `ChainDivergence`: events one
-store alone holds (appended to the backup by hand, or a backup behind the mirror) are never adopted,
-so the run stops and `pcbo verify` reports them. A torn fragment that is not part of the pending
-batch is set aside in the chain's `.torn` file (which `pcbo verify` reports).
+prefix of) the pending batch: a crash between steps 2 and 3, or during step 2. The backup is the
+first store: what it holds of the batch happened, and the rest of the batch (a torn fragment of it
+is dropped) did not. A pending batch is only what the catalog says, and someone who can write the
+catalog alone must never get an event of their making into the backup: so the catalog's copy is
+written to the backup only to fill a hole before an event of the batch the backup already holds
+(an object store's concurrent PUTs, `audit.object_store_backup`), where that held event's
+`prev_event_hash` pins every event before it. The caller of an append that was cut off saw no
+return, so nothing it would have done after the append was done; a commit whose events were cut off
+is completed from its intent by the commit protocol's own repair. Anything else is
+`ChainDivergence`: events one store alone holds (appended to the backup by hand, or a backup behind
+the mirror) are never adopted, so the run stops and `pcbo verify` reports them. A torn fragment that
+is not part of the pending batch is set aside in the chain's `.torn` file (which `pcbo verify`
+reports).
 
 Writers of one chain are serialised by the backup's chain lock (flock, across the processes of a
 host) and the head store's writer lock (across hosts on PostgreSQL), held for all three steps; the
@@ -85,7 +93,8 @@ class ChainHeadStore(Protocol):
 
 @dataclass(frozen=True)
 class ReconcileResult:
-    """What reconciliation copied: events added to the backup and to the head store."""
+    """What reconciliation copied: events of a pending batch written to the backup to fill a hole before
+    an event of the batch it holds, and the batch's events added to the head store."""
 
     to_backup: int
     to_head_store: int
@@ -175,37 +184,58 @@ class AuditLog:
                     f"{chain_key}: backup and head store disagree at seq {backup_seq}: "
                     f"{backup_head[1] if backup_head else None} vs {store_head[1] if store_head else None}"
                 )
-            if pending is not None:
-                txn.clear_pending()  # recorded, never written to the backup
-            return ReconcileResult(0, 0, backup_head)
-        events = self.backup.read_chain(chain_key)
-        extra = events[store_seq + 1 :]
-        findings = verify_chain(events, chain_key, expected_head=backup_head)
-        if (
-            not findings
-            and store_head is not None
-            and events[store_seq]["chain"]["event_hash"] != store_head[1]
-        ):
-            findings = [f"the head store's seq {store_seq} is not the backup's event at that seq"]
-        if findings:
-            raise ChainDivergence(
-                f"{chain_key}: the audit backup {self.backup.location} does not verify: "
-                + "; ".join(findings[:5])
-            )
-        if len(extra) > len(pending_events) or [jcs(e) for e in extra] != [
-            jcs(e) for e in pending_events[: len(extra)]
-        ]:
-            raise ChainDivergence(
-                f"{chain_key}: the audit backup {self.backup.location} holds {len(extra)} event(s) after "
-                f"seq {store_seq} that the catalog never recorded as pending: events appended to one "
-                "store alone are not adopted; `pcbo verify` shows them"
-            )
-        rest = pending_events[len(extra) :]
-        if rest:
-            self.backup.append(chain_key, rest, fsync=True)
-        txn.append(pending_events)
-        txn.clear_pending()
-        return ReconcileResult(len(rest), len(pending_events), _head_of(pending_events[-1]))
+            events: list[dict] = []
+            extra: list[dict] = []
+        else:
+            events = self.backup.read_chain(chain_key)
+            extra = events[store_seq + 1 :]
+            findings = verify_chain(events, chain_key, expected_head=backup_head)
+            if (
+                not findings
+                and store_head is not None
+                and events[store_seq]["chain"]["event_hash"] != store_head[1]
+            ):
+                findings = [f"the head store's seq {store_seq} is not the backup's event at that seq"]
+            if findings:
+                raise ChainDivergence(
+                    f"{chain_key}: the audit backup {self.backup.location} does not verify: "
+                    + "; ".join(findings[:5])
+                )
+            if len(extra) > len(pending_events) or [jcs(e) for e in extra] != [
+                jcs(e) for e in pending_events[: len(extra)]
+            ]:
+                raise ChainDivergence(
+                    f"{chain_key}: the audit backup {self.backup.location} holds {len(extra)} event(s) "
+                    f"after seq {store_seq} that the catalog never recorded as pending: events appended "
+                    "to one store alone are not adopted; `pcbo verify` shows them"
+                )
+        # What the backup holds of the batch is adopted. The catalog's copy fills only a hole before an
+        # event of the batch the backup holds beyond its contiguous end (that event's prev_event_hash
+        # pins the hole); the rest never reached the backup and is dropped with the pending batch.
+        last_held = max(
+            (
+                i
+                for i in range(len(extra), len(pending_events))
+                if self.backup.holds_beyond_chain(chain_key, pending_events[i])
+            ),
+            default=len(extra) - 1,
+        )
+        adopted = pending_events[: last_held + 1]
+        hole = adopted[len(extra) :]
+        if hole:
+            chain = events if events else self.backup.read_chain(chain_key)
+            findings = verify_chain(chain + hole, chain_key)
+            if findings:
+                raise ChainDivergence(
+                    f"{chain_key}: the catalog's pending batch does not continue the audit backup "
+                    f"{self.backup.location}: " + "; ".join(findings[:5])
+                )
+            self.backup.append(chain_key, hole, fsync=True)
+        if adopted:
+            txn.append(adopted)
+        if pending is not None:
+            txn.clear_pending()
+        return ReconcileResult(len(hole), len(adopted), _head_of(adopted[-1]) if adopted else backup_head)
 
     def append(self, chain_key: str, event_type: str, body: dict) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
@@ -267,8 +297,8 @@ class AuditLog:
         return _head_of(self.backup.last_event(chain_key))
 
     def sync_to_catalog(self, chain_key: str) -> ReconcileResult:
-        """Reconcile the backup and the head store without appending (used by repair): completes a
-        batch a crash left pending; `ChainDivergence` for anything else (see the module doc)."""
+        """Reconcile the backup and the head store without appending (used by repair): adopts what the
+        backup holds of a batch a crash left pending; `ChainDivergence` for anything else (module doc)."""
         with self._writer(chain_key):
             if self.head_store is None:
                 return ReconcileResult(0, 0, self.head(chain_key))

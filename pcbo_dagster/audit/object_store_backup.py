@@ -12,15 +12,16 @@ there, beside (or apart from) the lake:
 Each event object is written **create-only** (S3 `PutObject` with `If-None-Match: *`, GCS
 `ifGenerationMatch=0`): the store itself refuses a second object at a seq, so two hosts can never
 both write seq N, whatever their locks say. A create that finds an object already there succeeds only
-when that object holds exactly the same bytes (the rest of a batch a crash cut short, written again
-from the catalog's pending copy); any other object there stops the append (`AuditBackupConflict`).
+when that object holds exactly the same bytes (a batch a crash cut short, its hole filled from the
+catalog's pending copy); any other object there stops the append (`AuditBackupConflict`).
 
 The events of one append are written at once (concurrent PUTs), so a crash can leave a batch with a
 hole (seq 5 and 7 written, 6 not). The chain a run reads is therefore the *contiguous* prefix of
-objects from seq 0: the audit log (`audit.log`) completes the rest of the batch from the catalog's
-pending copy, exactly as it completes a torn line of a local backup, and an object beyond a hole that
-is not part of that batch is never adopted (its create fails). `verify` reads every object, so a hole
-or a stray object is a finding there.
+objects from seq 0: the audit log (`audit.log`) fills the hole from the catalog's pending copy only
+up to the last event of the batch the store holds (`holds_beyond_chain`), whose `prev_event_hash`
+pins every event before it; the rest of the batch never reached the store and is dropped. An object
+beyond a hole that is not part of that batch is never adopted (its create fails). `verify` reads
+every object, so a hole or a stray object is a finding there.
 
 A host-local copy of each chain (`cache_dir`, a JSON Lines file as `audit.backup.AuditBackup` writes
 it) saves reading every object again on every run. It is only a cache: it holds nothing the store
@@ -339,6 +340,12 @@ class ObjectStoreAuditBackup:
                         f"{self.location}: {_shown(path, self.root)} already holds a different event: "
                         "another writer appended to the chain at this seq; nothing is overwritten"
                     ) from None
+
+    def holds_beyond_chain(self, chain_key: str, event: dict) -> bool:
+        """True when the store's object at `event`'s seq is byte for byte `event` (read from the store,
+        not the cache)."""
+        path = self._event_path(chain_key, int(event["chain"]["seq"]))
+        return self._fetch([path])[path] == jcs(event)
 
     def torn_tail(self, chain_key: str) -> bytes | None:
         """None: every object is written whole by one PUT (a crash leaves a hole, never a fragment)."""
