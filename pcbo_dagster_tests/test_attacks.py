@@ -775,3 +775,55 @@ def test_a_poisoned_local_cache_is_never_believed(shared):
     assert b"forged" not in cache.read_bytes()
     status, found = _shared_pcbo(shared, "host-a", "verify")
     assert status == 0, found
+
+
+def _changing_k2(tmp_path: Path) -> Path:
+    request = _request("c1")
+    request["sourceRecords"].append(
+        {
+            "id": "zz-late-0002",
+            "occurredAt": "2024-01-01T02:30:00Z",
+            "jurisdiction": "US",
+            "consentGranted": True,
+            "retentionExpiresAt": "2026-01-01T00:00:00Z",
+            "amount": 7,
+        }
+    )
+    return write_request(tmp_path / "c.json", request)
+
+
+@pytest.mark.parametrize("link", ["symlink_to_another_partition", "hard_link_out_of_the_lake"])
+def test_a_link_planted_where_a_run_will_write_is_never_written_through(home, tmp_path, link):
+    """The red-team attack: before a run that writes K2's version 2, a link is planted at the file name
+    it will write (predictable), pointing at K0's commit point or at a file outside the lake. The run
+    replaces the name and never writes through it: the target keeps its bytes, the lake verifies."""
+    planted = part(home, K2) / "_versions" / "v000002.json"
+    if link == "symlink_to_another_partition":
+        victim = part(home, K0) / "_manifest.json"
+        os.symlink(os.path.relpath(victim, planted.parent), planted)
+    else:
+        victim = tmp_path / "outside.txt"
+        victim.write_text("an operator's file outside the lake\n")
+        os.link(victim, planted)
+    before = victim.read_bytes()
+    status, document = pcbo(home, "execute", "--input", str(_changing_k2(tmp_path)))
+    assert status == 0, document
+    assert victim.read_bytes() == before, "the run wrote through the planted link"
+    assert not planted.is_symlink() and os.stat(planted).st_ino != os.stat(victim).st_ino
+    assert manifest(home, K2, 2)["partition"]["key"] == K2
+    status, verified = pcbo(home, "verify")
+    assert status == 0, verified["findings"]
+
+
+def test_a_directory_linked_to_another_partition_is_neither_written_nor_read_through(home, tmp_path):
+    """K2's `_versions` replaced by a link to K0's (inside the lake): the run writing K2's version 2
+    refuses (exit 1) and writes nothing through it; `verify` reports the link (a read through it would
+    give K0's files as K2's)."""
+    versions = part(home, K2) / "_versions"
+    shutil.rmtree(versions)
+    os.symlink(os.path.relpath(part(home, K0) / "_versions", versions.parent), versions)
+    before = {p: p.read_bytes() for p in part(home, K0).rglob("*") if p.is_file()}
+    status, document = pcbo(home, "execute", "--input", str(_changing_k2(tmp_path)))
+    assert status == 1, document
+    assert {p: p.read_bytes() for p in part(home, K0).rglob("*") if p.is_file()} == before
+    assert_found_and_not_laundered(home, "path_outside_lake", K2)

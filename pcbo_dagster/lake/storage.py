@@ -112,6 +112,16 @@ def normalize_lake_url(url: str | os.PathLike[str]) -> str:
     return text.rstrip("/")
 
 
+def _plain(rel: str) -> bool:
+    """A relative path of plain names: not empty, not absolute, no `.`, `..`, empty name or backslash."""
+    return (
+        bool(rel)
+        and not rel.startswith("/")
+        and "\\" not in rel
+        and all(p not in ("", ".", "..") for p in rel.split("/"))
+    )
+
+
 class LakeStorage:
     def __init__(self, url: str | os.PathLike[str]) -> None:
         self.url = normalize_lake_url(url)
@@ -129,13 +139,15 @@ class LakeStorage:
 
     def inside(self, rel: str) -> bool:
         """True when `rel` names a place inside the lake: no `..` or absolute path, and on a local disk
-        no symbolic link on the way that leads out of the lake (object stores have no links)."""
-        if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in rel.split("/")):
-            return False
-        if not self.is_local:
+        no symbolic link on the way (object stores have no links). pcbo never makes a link in a lake;
+        one that leads out of the lake, or into another partition, or is planted where a file will be
+        written, would let a write or a read reach what its path does not name."""
+        return _plain(rel) and self._no_link(rel)
+
+    def _no_link(self, rel: str) -> bool:
+        if not self.is_local or not rel:
             return True
-        real = os.path.realpath(self._path(rel))
-        return real == self._real_root or real.startswith(self._real_root.rstrip("/") + "/")
+        return os.path.realpath(self._path(rel)) == f"{self._real_root.rstrip('/')}/{rel}"
 
     def uri(self, rel: str) -> str:
         """The URI of `rel` as outputs, events and the catalog show it (never with credentials)."""
@@ -147,7 +159,15 @@ class LakeStorage:
     def _inside(self, rel: str) -> str:
         """The path of `rel`; `OutsidePartition` when it would leave the lake (see `inside`)."""
         if not self.inside(rel):
-            raise OutsidePartition(f"{rel!r} leads outside the lake")
+            raise OutsidePartition(f"{rel!r} leads outside the lake or through a symbolic link")
+        return self._path(rel)
+
+    def _to_write(self, rel: str) -> str:
+        """The path of `rel` for a write that replaces whatever stands at its name (a file, or a link
+        planted there: the name is replaced, never written through); `OutsidePartition` when `rel` is
+        not a plain path or a symbolic link lies on the way to its directory."""
+        if not _plain(rel) or not self._no_link(os.path.dirname(rel)):
+            raise OutsidePartition(f"{rel!r} leads outside the lake or through a symbolic link")
         return self._path(rel)
 
     def _local_dir(self, path: str) -> None:
@@ -182,19 +202,26 @@ class LakeStorage:
         """Write a file that nothing reads until a later commit point names it (data files, version
         and rollback manifests): a crash may leave it partial, and the next run rewrites it whole.
         Durable only after `sync()`."""
-        path = self._inside(rel)
+        path = self._to_write(rel)
         if not self.is_local:
             self.fs.pipe_file(path, data)
             return
         self._local_dir(path)
-        with open(path, "wb") as fh:
+        # A new file, never one already there: a link planted at this name (a hard link no path check
+        # can see, or a symbolic one) loses its name here instead of being written through.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         self._written(path)
 
     def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
         """Replace a file all-or-nothing (a temporary file renamed into place; a single PUT on an
         object store). `durable=True` fsyncs it before the rename; otherwise call `sync()` later."""
-        path = self._inside(rel)
+        path = self._to_write(rel)
         if not self.is_local:
             self.fs.pipe_file(path, data)
             return
