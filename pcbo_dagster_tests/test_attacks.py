@@ -827,3 +827,74 @@ def test_a_directory_linked_to_another_partition_is_neither_written_nor_read_thr
     assert status == 1, document
     assert {p: p.read_bytes() for p in part(home, K0).rglob("*") if p.is_file()} == before
     assert_found_and_not_laundered(home, "path_outside_lake", K2)
+
+
+def _forge_partition_with(home: Path, key: str, record_id: str) -> None:
+    """K's data file and commit point rewritten to agree with each other (checksums, counts, Merkle
+    root) around an extra row `record_id`: everything but the audit chain says it was committed."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pcbo_dagster.core import merkle
+    from pcbo_dagster.lake import manifests
+
+    committed = manifest(home, key)
+    table = pq.read_table(lake_dir(home) / committed["files"][0]["path"])
+    row = {**table.slice(0, 1).to_pylist()[0], "id": record_id}
+    rows = sorted([*table.to_pylist(), row], key=lambda r: r["id"].encode())
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), buffer, compression="zstd")
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    path = f"events/v1/{key}/part-{digest[:32]}.parquet"
+    (lake_dir(home) / path).write_bytes(data)
+    committed["files"] = [
+        {"path": path, "checksum": "sha256:" + digest, "rowCount": len(rows), "byteSize": len(data)}
+    ]
+    committed["recordCount"] = len(rows)
+    committed["merkleRoot"] = merkle.root_hex([r["id"] for r in rows])
+    committed["counts"]["add"] += 1
+    (part(home, key) / "_manifest.json").write_bytes(manifests.encode(committed))
+
+
+def test_no_proof_is_made_from_a_commit_point_the_chain_never_committed(home):
+    """The red-team attack: K0's data file and manifest forged to agree with each other around a
+    forged row. `verify` finds it; `pcbo proof` must not prove the forged row (it did: it read the
+    lake alone), nor prove a downgraded commit point's rows as current."""
+    _forge_partition_with(home, K0, "FORGED-0001")
+    assert_found_and_not_laundered(home, "commit_point_not_on_chain", K0)
+    status, document = pcbo(home, "proof", "--dataset", "events", "--partition", K0, "--id", "FORGED-0001")
+    assert status == 1 and document is None
+    # Version 1 of K1 put back as its commit point: version 2 is current on the chain.
+    (part(home, K1) / "_manifest.json").write_bytes((part(home, K1) / "_versions/v000001.json").read_bytes())
+    ids = pq_ids(lake_dir(home) / manifest(home, K1, 1)["files"][0]["path"])
+    status, document = pcbo(home, "proof", "--dataset", "events", "--partition", K1, "--id", ids[0])
+    assert status == 1 and document is None
+    # The versions the chain committed still prove their consistency; one it never committed is unknown.
+    status, document = pcbo(
+        home, "proof", "--dataset", "events", "--partition", K1, "--from-version", "1", "--to-version", "2"
+    )
+    assert status == 0 and document["size2"] == document["size1"] + 1, document
+    status, document = pcbo(
+        home, "proof", "--dataset", "events", "--partition", K1, "--from-version", "1", "--to-version", "3"
+    )
+    assert status == 2 and document is None
+
+
+def test_no_proof_is_made_from_a_chain_that_does_not_verify(home):
+    lines = backup_file(home).read_bytes().splitlines(keepends=True)
+    event = json.loads(lines[1])
+    event["run_id"] = "rewritten"
+    lines[1] = json.dumps(event).encode() + b"\n"
+    backup_file(home).write_bytes(b"".join(lines))
+    ids = pq_ids(lake_dir(home) / manifest(home, K0)["files"][0]["path"])
+    status, document = pcbo(home, "proof", "--dataset", "events", "--partition", K0, "--id", ids[0])
+    assert status == 1 and document is None
+
+
+def pq_ids(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [str(v) for v in pq.read_table(path, columns=["id"]).column("id").to_pylist()]

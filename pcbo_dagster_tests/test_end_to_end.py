@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import rfc8785
 
+from pcbo_dagster.audit import AuditBackup
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine import proofs
 from pcbo_dagster.lake.storage import LakeStorage
@@ -459,7 +460,8 @@ def test_a_partition_key_that_is_not_exactly_a_key_never_reaches_the_lake(work, 
     assert backup_file(home).read_bytes() == chain
     # The engine refuses it too, whoever calls it.
     with pytest.raises(InvalidInput, match="partition key"):
-        proofs.inclusion(LakeStorage(str(lake_dir(home))), DATASET, "v1", "..", record_id)
+        sources = proofs.ProofSources(LakeStorage(str(lake_dir(home))), AuditBackup(home / "pas"), {})
+        proofs.inclusion(sources, DATASET, "v1", "..", record_id)
 
 
 # -- rollback ----------------------------------------------------------------------------------

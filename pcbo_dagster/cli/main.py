@@ -149,18 +149,19 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine import proofs
-    from pcbo_dagster.lake.storage import LakeStorage
 
-    lake = LakeStorage(engine_settings(args).lake_url)
     if args.from_version is not None or args.to_version is not None:
         if args.from_version is None or args.to_version is None:
             raise InvalidInput("--from-version", "a consistency proof needs --from-version and --to-version")
-        return proofs.consistency(
-            lake, args.dataset, args.version_label, args.partition, args.from_version, args.to_version
-        )
-    if args.id is None:
+    elif args.id is None:
         raise InvalidInput("--id", "give the id to prove (or --from-version/--to-version)")
-    return proofs.inclusion(lake, args.dataset, args.version_label, args.partition, args.id)
+    with open_environment(args, create=False) as env:
+        sources = proofs.ProofSources(env.lake, env.audit.backup, env.catalog.chain_heads())
+        if args.id is None:
+            return proofs.consistency(
+                sources, args.dataset, args.version_label, args.partition, args.from_version, args.to_version
+            )
+        return proofs.inclusion(sources, args.dataset, args.version_label, args.partition, args.id)
 
 
 def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:

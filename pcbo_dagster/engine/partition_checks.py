@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.chain_state import ChainState, replay
@@ -175,8 +176,13 @@ def read_chain(env: Environment, dataset: str, version_label: str) -> CheckedCha
     """The dataset's chain from the local backup, verified offline against the catalog's head and
     replayed (`core/chain_state.py`)."""
     key = chain_key(dataset, version_label)
-    events, problems = env.audit.backup.read_chain_with_problems(key)
-    expected_head = env.catalog.chain_heads().get(key)
+    return check_chain(env.audit.backup, key, env.catalog.chain_heads().get(key))
+
+
+def check_chain(backup: ChainBackup, key: str, expected_head: tuple[int, str] | None) -> CheckedChain:
+    """Chain `key` from `backup`, verified offline (against `expected_head`, the catalog's, when
+    given) and replayed."""
+    events, problems = backup.read_chain_with_problems(key)
     findings = list(problems) + verify_chain(events, key, expected_head=expected_head)
     replayed = replay(events)
     head = events[-1].get("chain", {}).get("event_hash") if events else None

@@ -1,19 +1,28 @@
 """Inclusion and consistency proofs of committed partitions, and their offline verification.
 
-A proof is made from a partition re-read exactly as `pcbo verify` reads it (`partition_reading`):
-a file that is missing, tampered with or not parquet refuses the proof (exit 1, naming the file) — a
-proof is only ever made from the rows the manifest commits to. An id the partition did not add gets
-an explanation from what the lake keeps (`_not_added`), not a bare "not found".
+A proof is made from a partition re-read exactly as `pcbo verify` reads it (`partition_reading`),
+and only from a version the audit chain committed: the chain must verify (against the catalog's head
+when there is one), and the manifest must be the one the chain says is current (or, for a retained
+version, the one the chain committed as that version). A forged commit point, a file that is
+missing, tampered with or not parquet refuses the proof (exit 1, naming what) — a proof is only ever
+made from the rows a committed manifest commits to. An id the partition did not add gets an
+explanation from what the lake keeps (`_not_added`), not a bare "not found".
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.core import merkle
+from pcbo_dagster.core.chain_state import CommittedVersion
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
+from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.partition_checks import check_chain
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition, read_version
 from pcbo_dagster.lake.storage import LakeStorage
 
@@ -42,17 +51,52 @@ def _unhex(value: object, field: str) -> bytes:
     return raw
 
 
+@dataclass(frozen=True)
+class ProofSources:
+    """Where proofs are made from: the lake, and the audit backup with the catalog's chain heads
+    (empty when there is no catalog) that say which versions were committed."""
+
+    lake: LakeStorage
+    backup: ChainBackup
+    heads: Mapping[str, tuple[int, str]]
+
+
+def _committed(
+    sources: ProofSources, dataset: str, version_label: str, key: str, version: int | None, field: str
+) -> CommittedVersion:
+    """The version the chain says is current (`version` None) or committed as `version`: `IntegrityError`
+    when the chain does not verify, `InvalidInput` on `field` when it committed no such version."""
+    ckey = chain_key(dataset, version_label)
+    chain = check_chain(sources.backup, ckey, sources.heads.get(ckey))
+    if chain.findings:
+        raise IntegrityError(
+            f"cannot prove anything from {ckey}: its audit chain does not verify: "
+            f"{'; '.join(chain.findings[:3])} (`pcbo verify` lists every finding)"
+        )
+    history = chain.replayed.get(key)
+    committed = None
+    if history is not None:
+        committed = history.current_version if version is None else history.versions.get(version)
+    if committed is None:
+        what = "committed version" if version is None else f"version {version}"
+        raise InvalidInput(field, f"{ckey}/{key} has no {what} on its audit chain")
+    return committed
+
+
 def _reading(
-    lake: LakeStorage, dataset: str, version_label: str, key: str, version: int | None, field: str
+    sources: ProofSources, dataset: str, version_label: str, key: str, version: int | None, field: str
 ) -> PartitionReading:
     """The partition's committed version (`version` None) or a retained one, re-read and checked
-    like `pcbo verify` checks it: `InvalidInput` on `field` when there is no such version,
-    `IntegrityError` when its manifest or files are unreadable or differ from each other (a proof
-    is only made from the rows the manifest commits to)."""
+    like `pcbo verify` checks it: `InvalidInput` on `field` when the chain committed no such version,
+    `IntegrityError` when its manifest is not the one the chain committed or its manifest or files
+    are unreadable or differ from each other (a proof is only made from the rows a committed manifest
+    commits to)."""
     try:
         validate_partition_key(key)  # it names a lake directory: nothing but a key gets near a path
     except PartitionKeyError as exc:
         raise InvalidInput("partition", str(exc)) from None
+    committed = _committed(sources, dataset, version_label, key, version, field)
+    lake = sources.lake
     reading = (
         read_partition(lake, dataset, version_label, key)
         if version is None
@@ -64,9 +108,14 @@ def _reading(
         raise IntegrityError(
             f"cannot prove anything from {where}: {problems} (`pcbo verify` lists every finding)"
         )
-    if reading.manifest is None:
-        what = "committed version" if version is None else f"version {version}"
-        raise InvalidInput(field, f"{dataset}/{version_label}/{key} has no {what}")
+    if reading.manifest is None or reading.manifest_checksum != committed.manifest_checksum:
+        what = "commit point" if version is None else f"manifest of version {version}"
+        raise IntegrityError(
+            f"cannot prove anything from {where}: its {what} is "
+            f"{'missing' if reading.manifest is None else reading.manifest_checksum}, not "
+            f"{committed.manifest_checksum}, the version the audit chain committed (`pcbo verify` "
+            "lists every finding)"
+        )
     return reading
 
 
@@ -97,9 +146,9 @@ def _not_added(manifest: dict[str, Any], record_id: str, tree_size: int) -> str:
 
 
 def inclusion(
-    lake: LakeStorage, dataset: str, version_label: str, key: str, record_id: str
+    sources: ProofSources, dataset: str, version_label: str, key: str, record_id: str
 ) -> dict[str, Any]:
-    reading = _reading(lake, dataset, version_label, key, None, "partition")
+    reading = _reading(sources, dataset, version_label, key, None, "partition")
     manifest, ids = reading.manifest, reading.ids
     assert manifest is not None
     position = bisect.bisect_left(ids, record_id)
@@ -122,10 +171,10 @@ def inclusion(
 
 
 def consistency(
-    lake: LakeStorage, dataset: str, version_label: str, key: str, old_version: int, new_version: int
+    sources: ProofSources, dataset: str, version_label: str, key: str, old_version: int, new_version: int
 ) -> dict[str, Any]:
-    old_ids = _reading(lake, dataset, version_label, key, old_version, "fromVersion").ids
-    new_reading = _reading(lake, dataset, version_label, key, new_version, "toVersion")
+    old_ids = _reading(sources, dataset, version_label, key, old_version, "fromVersion").ids
+    new_reading = _reading(sources, dataset, version_label, key, new_version, "toVersion")
     new_manifest, new_ids = new_reading.manifest, new_reading.ids
     assert new_manifest is not None
     if not old_ids or new_ids[: len(old_ids)] != old_ids:

@@ -396,6 +396,14 @@ def _partition_key(key: str) -> str:
         raise invalid("key", str(exc)) from None
 
 
+def _proof_sources(request: Request) -> Any:
+    """The lake, audit backup and catalog chain heads a proof is made from (`engine/proofs.py`)."""
+    from pcbo_dagster.engine.proofs import ProofSources
+
+    state = request.app.state
+    return ProofSources(state.lake, state.backup, state.catalog.chain_heads())
+
+
 def _proof(func: Any, *args: Any) -> Any:
     try:
         return JSONResponse(func(*args))
@@ -410,7 +418,10 @@ def _proof(func: Any, *args: Any) -> Any:
     response_model=models.ProofDocument,
     responses={
         **ERRORS,
-        500: {"model": models.ErrorDocument, "description": "the partition's files are unreadable"},
+        500: {
+            "model": models.ErrorDocument,
+            "description": "the partition's files are unreadable or not what its audit chain committed",
+        },
     },
 )
 def inclusion_proof(
@@ -424,7 +435,7 @@ def inclusion_proof(
     from pcbo_dagster.engine import proofs
 
     check_dataset(principal, dataset)
-    return _proof(proofs.inclusion, request.app.state.lake, dataset, versionLabel, _partition_key(key), id)
+    return _proof(proofs.inclusion, _proof_sources(request), dataset, versionLabel, _partition_key(key), id)
 
 
 @router.get(
@@ -433,7 +444,10 @@ def inclusion_proof(
     response_model=models.ProofDocument,
     responses={
         **ERRORS,
-        500: {"model": models.ErrorDocument, "description": "the partition's files are unreadable"},
+        500: {
+            "model": models.ErrorDocument,
+            "description": "the partition's files are unreadable or not what its audit chain committed",
+        },
     },
 )
 def consistency_proof(
@@ -452,7 +466,7 @@ def consistency_proof(
     if from_version >= to_version:
         raise invalid("from", "must be an older version than to")
     return _proof(
-        proofs.consistency, request.app.state.lake, dataset, versionLabel, key, from_version, to_version
+        proofs.consistency, _proof_sources(request), dataset, versionLabel, key, from_version, to_version
     )
 
 
