@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,55 @@ def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(tmp_path: 
     after = _table(home)  # as the hand left it: not healed over, not adopted
     assert after.current_snapshot().snapshot_id == by_hand
     assert f"file://{stale}" in {task.file.file_path for task in after.scan().plan_files()}
+
+
+@pytest.mark.parametrize("edit", ["delete", "rename"])
+def test_the_catalogs_publication_row_cannot_switch_the_table_checks_off(tmp_path: Path, edit: str) -> None:
+    """The red-team attack: a row added to the table by hand (a forged file), then the catalog's
+    `table_publications` row deleted (or pointed at another table) so that nothing checks the table.
+    The chain declares where the dataset publishes: `verify` still checks that table and finds the
+    forged file; the edited row is a finding of its own; a deleted row is a crash window repair heals
+    (and the table's finding stays)."""
+    home = tmp_path / "home"
+    assert (
+        run_pcbo(
+            ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+        ).status
+        == 0
+    )
+    declared = [e for e in backup_events(home) if e["event_type"] == "table_publication_recorded"]
+    assert [e["table"] for e in declared] == [
+        {
+            "format": "iceberg",
+            "catalog": f"sqlite:///{home}/iceberg.db",
+            "name": "lake.events",
+            "branch": "main",
+        }
+    ]
+    forged = tmp_path / "forged.parquet"
+    rows = _manifest_rows(home).slice(0, 1).to_pylist()
+    pq.write_table(
+        pa.Table.from_pylist([{**rows[0], "id": "FORGED-0001"}], schema=_manifest_rows(home).schema), forged
+    )
+    _table(home).add_files([f"file://{forged}"])
+    with sqlite3.connect(home / "catalog.db") as db:
+        if edit == "delete":
+            db.execute("DELETE FROM table_publications")
+        else:
+            db.execute("UPDATE table_publications SET table_name = 'lake.elsewhere'")
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    kinds = {f["kind"] for f in verified.document["findings"]}
+    assert {"table_snapshot_not_published_by_pcbo", "table_file_not_in_manifests"} <= kinds, kinds
+    if edit == "rename":
+        assert "table_publication_not_on_chain" in kinds
+    repaired = run_pcbo(["verify", "--repair"], home=home)
+    assert repaired.status == 1
+    assert "table_file_not_in_manifests" in {f["kind"] for f in repaired.document["findings"]}
+    if edit == "delete":
+        assert [r["kind"] for r in repaired.document["repaired"]] == ["table_publication_recorded"]
+        with sqlite3.connect(home / "catalog.db") as db:
+            assert db.execute("SELECT table_name FROM table_publications").fetchall() == [("lake.events",)]
 
 
 def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(tmp_path: Path) -> None:

@@ -35,8 +35,13 @@ Anything else (a file added or removed by hand, a snapshot not published by pcbo
 moved-back snapshot) is a finding (`judge`): `verify` reports it, and publication refuses to build on
 it (`PublicationRefused`), never adopting the foreign file.
 
-**Where.** A dataset version publishes to one table, recorded in the catalog's `table_publications`
-the first time (per branch). The catalog: `PCBO_ICEBERG_CATALOG_URL` when the spec leaves it out, else
+**Where.** A dataset version publishes to one table per branch, declared on its audit chain the first
+time (a `table_publication_recorded` event: format, catalog URL without credentials, table name,
+branch), then recorded in the catalog's `table_publications`, which mirrors the chain: `verify` checks
+every table the chain declares whatever the catalog says (a deleted row cannot switch the checks off;
+`verify --repair` records a row the chain declares and the catalog lacks, a crash window of this
+step), and a row the chain never declared is a finding (`table_publication_not_on_chain`). The
+catalog: `PCBO_ICEBERG_CATALOG_URL` when the spec leaves it out, else
 a pyiceberg SQL catalog on SQLite at `$PCBO_HOME/iceberg.db`; `pcbo` for the pcbo catalog's own
 database (PostgreSQL in production); a `postgresql://` or `sqlite://` URL; or an `http(s)://` REST
 catalog (`PCBO_ICEBERG_REST_TOKEN` / `PCBO_ICEBERG_REST_CREDENTIAL`). The table's metadata lives with
@@ -58,6 +63,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pcbo_dagster.catalog.publications import TablePublicationRow
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, replay
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
@@ -71,7 +77,6 @@ if TYPE_CHECKING:
     from pyiceberg.manifest import DataFile
     from pyiceberg.table import Table, Transaction
 
-    from pcbo_dagster.catalog.publications import TablePublicationRow
     from pcbo_dagster.core.plan import Plan
     from pcbo_dagster.engine.environment import Environment
 
@@ -218,10 +223,15 @@ def resolve_target(
     given: TableTarget | None = None,
 ) -> TableTarget | None:
     """Where `dataset/version_label` publishes: `given` (a rollout's staging or promotion target), else
-    the request's `spec`, else what the catalog recorded; None when it publishes nowhere. A dataset
+    the request's `spec`, else what its chain declares (or the catalog recorded); None when it publishes
+    nowhere. A dataset
     version publishes to one table: naming another is invalid input (nothing written)."""
     branch = given.branch if given is not None else MAIN_BRANCH
-    recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}.get(branch)
+    recorded = declared_publications(env.audit.backup.read_chain(f"{dataset}/{version_label}")).get(branch)
+    if recorded is None:  # (a chain from before declarations were made: the catalog's record)
+        recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}.get(
+            branch
+        )
     target = given if given is not None else (target_for(spec, env) if spec is not None else None)
     if recorded is None:
         if target is not None:
@@ -600,18 +610,28 @@ class Publisher:
         return table
 
     def record(self) -> None:
-        """Record where this dataset version's branch publishes (before anything is written to the
-        lake: a table a crash kept from being created is then still checked, and healed)."""
-        self.env.catalog.record_table_publication(
-            {
-                "dataset": self.dataset,
-                "version_label": self.version_label,
-                "branch": self.target.branch,
-                "table_format": "iceberg",
-                "catalog_url": self.target.public_catalog,
-                "table_name": self.target.name,
-            }
+        """Declare on the chain, then record in the catalog, where this dataset version's branch
+        publishes (before anything is written to the lake: a table a crash kept from being created is
+        then still checked, and healed). `InvalidInput` when the chain declares another table."""
+        row = TablePublicationRow(
+            dataset=self.dataset,
+            version_label=self.version_label,
+            branch=self.target.branch,
+            table_format="iceberg",
+            catalog_url=self.target.public_catalog,
+            table_name=self.target.name,
         )
+        declared = declared_publications(self.env.audit.backup.read_chain(self.chain_key)).get(row["branch"])
+        if declared is None:
+            self.env.audit.append(self.chain_key, TABLE_PUBLICATION_RECORDED, declaration_body(row))
+        elif _names(declared) != _names(row):
+            raise InvalidInput(
+                "table",
+                f"{self.chain_key} is published to {declared['table_name']} in {declared['catalog_url']} "
+                f"({declared['branch']}), as its audit chain declares: a dataset version publishes to one "
+                "table (use a new versionLabel for another table)",
+            )
+        self.env.catalog.record_table_publication(row)
 
     def _create(
         self, catalog: Catalog, first: PublishedFile, expected_now: dict[str, PublishedFile]
@@ -914,6 +934,55 @@ def publish_or_refuse(publisher: Publisher, state: ChainState, run_id: str) -> s
     return None
 
 
+# -- where: declared on the chain -----------------------------------------------------------------
+
+TABLE_PUBLICATION_RECORDED = "table_publication_recorded"
+
+
+def declaration_body(row: TablePublicationRow) -> dict[str, Any]:
+    """The body of the `table_publication_recorded` event declaring `row` (no credentials: the
+    catalog URL is the public one)."""
+    from pcbo_dagster.engine.events import PRODUCER
+
+    return {
+        "table": {
+            "format": row["table_format"],
+            "catalog": row["catalog_url"],
+            "name": row["table_name"],
+            "branch": row["branch"],
+        },
+        "producer": PRODUCER,
+    }
+
+
+def declared_publications(events: list[dict[str, Any]]) -> dict[str, TablePublicationRow]:
+    """The table each branch publishes to, as the chain (`<dataset>/<versionLabel>`) declares it: the
+    first `table_publication_recorded` event per branch."""
+    declared: dict[str, TablePublicationRow] = {}
+    for event in events:
+        if event.get("event_type") != TABLE_PUBLICATION_RECORDED:
+            continue
+        table = event.get("table") or {}
+        dataset, _, version_label = str(event.get("chain", {}).get("chain_key", "")).partition("/")
+        branch = str(table.get("branch"))
+        declared.setdefault(
+            branch,
+            TablePublicationRow(
+                dataset=dataset,
+                version_label=version_label,
+                branch=branch,
+                table_format=str(table.get("format")),
+                catalog_url=str(table.get("catalog")),
+                table_name=str(table.get("name")),
+            ),
+        )
+    return declared
+
+
+def _names(row: TablePublicationRow) -> tuple[str, str, str]:
+    return (row["table_format"], row["catalog_url"], row["table_name"])
+
+
 # -- verify --------------------------------------------------------------------------------------
 
 
@@ -930,9 +999,40 @@ def check_tables(
     from pyiceberg.exceptions import NoSuchTableError
 
     outcomes: list[tuple[str, dict[str, Any]]] = []
-    for row in env.catalog.table_publications(dataset, version_label):
+    declared = declared_publications(events)
+    recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}
+    for branch, row in sorted(recorded.items()):
+        if branch not in declared or _names(declared[branch]) != _names(row):
+            outcomes.append(
+                (
+                    "find",
+                    _finding(
+                        "table_publication_not_on_chain",
+                        f"{row['table_name']}@{branch}",
+                        f"the catalog records {row['table_name']} in {row['catalog_url']} as the table of "
+                        f"{dataset}/{version_label} ({branch}), which its audit chain does not declare",
+                    ),
+                )
+            )
+    for branch, row in sorted(declared.items()):
         target = recorded_target(row, env)
         where = f"{target.name}@{target.branch}"
+        if branch not in recorded:
+            if repair:
+                env.catalog.record_table_publication(row)
+                outcomes.append(("repaired", {"kind": "table_publication_recorded", "where": where}))
+            else:
+                outcomes.append(
+                    (
+                        "healable",
+                        _finding(
+                            "table_publication_unrecorded",
+                            where,
+                            "the audit chain declares this table but the catalog has no row for it (a crash "
+                            "window: verify --repair records it); the table is checked all the same",
+                        ),
+                    )
+                )
         try:
             table = open_catalog(target.catalog_url).load_table(target.name)
         except NoSuchTableError:
