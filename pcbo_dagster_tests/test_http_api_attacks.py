@@ -1,0 +1,132 @@
+"""Attacks on a real `pcbo serve` (uvicorn on loopback, httpx and raw sockets) by tokens limited to a
+dataset: a request reaches nothing outside its lake and the server's sources directory, a run or a
+command of another dataset is neither touched nor revealed, and no body is read before the token is
+checked or past the body limit."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from pcbo_dagster_tests.http_server import RunningServer, running_server  # noqa: E402
+from pcbo_dagster_tests.object_store_servers import ObjectStore  # noqa: E402
+
+SECRET = "SECRET-ROW-outside-the-sources-directory"
+RECORD = {"id": SECRET, "occurredAt": "2024-01-01T00:10:00Z", "consentGranted": True, "ssn": "123-45-6789"}
+
+
+def _request(run_id: str, dataset: str, **extra: Any) -> bytes:
+    body: dict[str, Any] = {
+        "runId": run_id,
+        "dataset": dataset,
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-01T01:00:00Z",
+        **extra,
+    }
+    if "source" not in extra:
+        body["sourceRecords"] = [{"id": "x", "occurredAt": "2024-01-01T00:10:00Z", "consentGranted": True}]
+    return json.dumps(body).encode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("http-attacks") / "home"
+    with running_server(home, reconcile_seconds=0.5, max_body_bytes=1000) as running:
+        yield running
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Serves the secret record to anyone, and counts who asked."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        type(self).asked.append(self.path)
+        body = (json.dumps(RECORD) + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def web_server() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on loopback holding the secret record: (its URL, the paths it was asked for)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    _Recorder.asked = []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", _Recorder.asked
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# -- source.uri: the sources directory or an object store, nothing else -----------------------------
+
+
+def test_a_source_reaches_no_host_file_and_no_url_outside_the_sources_directory(
+    tmp_path: Path, server: RunningServer, web_server: tuple[str, list[str]]
+) -> None:
+    outside = tmp_path / "outside" / "secret.jsonl"
+    outside.parent.mkdir()
+    outside.write_text(json.dumps(RECORD) + "\n")
+    url, asked = web_server
+    client = server.client(server.token("team-a", "plan", "execute", datasets=["ds-a"]))
+    for uri in (
+        str(outside),
+        f"file://{outside}",
+        f"local://{outside}",
+        f"simplecache::file://{outside}",
+        f"filecache::file://{outside}",
+        f"file://{outside}::",
+        f"{url}/secret.jsonl",
+        f"simplecache::{url}/secret.jsonl",
+        f"memory://{outside}",
+        f"ftp://127.0.0.1/{outside}",
+        "../../" + str(outside.relative_to(tmp_path.parent)),
+    ):
+        source = {"uri": uri, "format": "jsonl"}
+        for command in ("dry-run", "execute"):
+            answer = client.post(f"/v1/{command}", content=_request("src-1", "ds-a", source=source))
+            assert answer.status_code == 422, (uri, command, answer.text)
+            assert answer.json()["field"] == "source.uri", (uri, answer.text)
+            assert SECRET not in answer.text
+    assert asked == []  # not one request reached the URL
+    assert not (server.home / "lake" / "ds-a").exists()
+    # A source inside the sources directory (the server's home here) is read as before.
+    (server.home / "inside.jsonl").write_text(json.dumps({**RECORD, "id": "inside-1"}) + "\n")
+    inside = client.post("/v1/dry-run", content=_request("src-2", "ds-a", source={"uri": "inside.jsonl"}))
+    assert inside.status_code == 200, inside.text
+    assert "inside-1" in inside.text
+
+
+def test_an_object_store_source_is_read_by_the_server(
+    server: RunningServer, s3_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3_store.env.items():
+        monkeypatch.setenv(key, value)
+    fs: Any = s3_store.filesystem()
+    prefix = f"{s3_store.bucket}/sources-{uuid.uuid4().hex}"
+    fs.pipe_file(f"{prefix}/records.jsonl", (json.dumps({**RECORD, "id": "on-s3"}) + "\n").encode())
+    client = server.client(server.token("team-s3", "plan", datasets=["ds-s3"]))
+    for uri in (f"s3://{prefix}/records.jsonl", f"s3a://{prefix}/records.jsonl"):
+        answer = client.post("/v1/dry-run", content=_request("s3-1", "ds-s3", source={"uri": uri}))
+        assert answer.status_code == 200, (uri, answer.text)
+        assert "on-s3" in answer.text
