@@ -130,3 +130,24 @@ def test_an_object_store_source_is_read_by_the_server(
         answer = client.post("/v1/dry-run", content=_request("s3-1", "ds-s3", source={"uri": uri}))
         assert answer.status_code == 200, (uri, answer.text)
         assert "on-s3" in answer.text
+
+
+# -- table.catalog: the server's own Iceberg catalog only ------------------------------------------
+
+
+def test_a_request_names_no_iceberg_catalog(tmp_path: Path, server: RunningServer) -> None:
+    planted = tmp_path / "elsewhere" / "planted.db"
+    planted.parent.mkdir()
+    client = server.client(server.token("team-t", "plan", "execute", datasets=["ds-t"]))
+    for catalog in (f"sqlite:///{planted}", "postgresql://127.0.0.1:1/x", "http://127.0.0.1:1/cat", "pcbo"):
+        table = {"format": "iceberg", "name": "ns.t", "catalog": catalog}
+        for command in ("plan", "dry-run", "execute"):
+            answer = client.post(f"/v1/{command}", content=_request("cat-1", "ds-t", table=table))
+            assert answer.status_code == 422, (catalog, command, answer.text)
+            assert answer.json()["field"] == "table.catalog"
+    assert not planted.exists() and list(planted.parent.iterdir()) == []
+    assert server.catalog.get_run("cat-1") is None  # nothing ran
+    # A table without a catalog goes to the server's configured one.
+    table = {"format": "iceberg", "name": "ns.t"}
+    answer = client.post("/v1/execute", content=_request("cat-2", "ds-t", table=table))
+    assert answer.status_code == 200, answer.text

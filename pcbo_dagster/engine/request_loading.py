@@ -225,15 +225,20 @@ def load_request(
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
     `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
     this directory (the HTTP API's sources directory; a remote one must be on an object store), and a
-    SQL target (any database the server can reach) is refused. `zone_indexes` keeps the zone indexes
-    of streamed sources between runs (the catalog): the records read are the same without it, which
-    only makes a range run read its whole source once."""
+    SQL target or a `table.catalog` (any database or file the server can reach) is refused.
+    `zone_indexes` keeps the zone indexes of streamed sources between runs (the catalog): the records
+    read are the same without it, which only makes a range run read its whole source once."""
     validated = raw if isinstance(raw, ValidatedRequest) else validate_request_bytes(raw)
     parsed, request = validated.parsed, validated.request
     if request.target is not None and confine_to is not None:
         raise InvalidInput(
             "target",
             "a SQL table target runs with pcbo execute or as its dataset's asset, not through the API",
+        )
+    if request.table is not None and request.table.catalog is not None and confine_to is not None:
+        raise InvalidInput(
+            "table.catalog",
+            "the server publishes to its own Iceberg catalog (PCBO_ICEBERG_CATALOG_URL): leave catalog out",
         )
     if request.target is not None:  # issue 15: a relative SQLite target resolves like a relative source
         request = request.model_copy(update={"target": request.target.resolved(base_dir)})
