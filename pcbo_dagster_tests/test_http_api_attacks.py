@@ -151,3 +151,43 @@ def test_a_request_names_no_iceberg_catalog(tmp_path: Path, server: RunningServe
     table = {"format": "iceberg", "name": "ns.t"}
     answer = client.post("/v1/execute", content=_request("cat-2", "ds-t", table=table))
     assert answer.status_code == 200, answer.text
+
+
+# -- runs and commands belong to their dataset ------------------------------------------------------
+
+
+def test_a_run_id_of_another_dataset_is_refused_and_its_run_left_alone(server: RunningServer) -> None:
+    team_a = server.client(server.token("alice", "read", "execute", datasets=["ds-a"]))
+    team_b = server.client(server.token("bob", "read", "execute", datasets=["ds-b"]))
+    admin = server.client(server.token("root", "admin"))
+    assert team_b.post("/v1/execute", content=_request("nightly", "ds-b")).status_code == 200
+    before = server.catalog.get_api_run("nightly")
+    # A run of ds-b still in flight (another server process's, as the catalog holds it).
+    assert (
+        server.catalog.create_api_run(
+            run_id="inflight", actor="bob", dataset="ds-b", version_label="v1", request_hash="sha256:0"
+        )
+        is None
+    )
+    answers = {}
+    for run_id in ("nightly", "inflight"):
+        for who in (team_a, admin):
+            answer = who.post("/v1/execute", content=_request(run_id, "ds-a"))
+            assert answer.status_code == 409, answer.text
+            assert "ds-b" not in answer.text and "progress" not in answer.text
+            answers[run_id] = answer.json()
+    # The same answer whether the other dataset's run is finished or in flight.
+    assert answers["nightly"]["error"] == answers["inflight"]["error"] == "run_id_taken"
+    assert answers["nightly"]["message"].replace("nightly", "X") == answers["inflight"]["message"].replace(
+        "inflight", "X"
+    )
+    assert server.catalog.get_api_run("nightly") == before
+    inflight = server.catalog.get_api_run("inflight")
+    assert inflight is not None and inflight["dataset"] == "ds-b" and inflight["status"] == "queued"
+    mine = team_b.get("/v1/runs/nightly")
+    assert mine.status_code == 200 and mine.json()["dataset"] == "ds-b" and mine.json()["actor"] == "bob"
+    assert team_a.get("/v1/runs/nightly").status_code == 404
+    assert not (server.home / "lake" / "ds-a").exists()
+    # Its own dataset's finished run: submitted again, as before.
+    again = team_b.post("/v1/execute", content=_request("nightly", "ds-b"))
+    assert again.status_code == 200 and again.json()["status"] == "unchanged"
