@@ -6,7 +6,9 @@ checked or past the body limit."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -191,3 +193,66 @@ def test_a_run_id_of_another_dataset_is_refused_and_its_run_left_alone(server: R
     # Its own dataset's finished run: submitted again, as before.
     again = team_b.post("/v1/execute", content=_request("nightly", "ds-b"))
     assert again.status_code == 200 and again.json()["status"] == "unchanged"
+
+
+# -- /commands/run: the token first, then a bounded body ------------------------------------------
+
+
+def _first_line(port: int, headers: str, body: bytes, seconds: float = 5.0) -> bytes:
+    """The status line the server answers to a POST /commands/run that declares a 100 MB body and
+    sends `body` of it."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(seconds)
+        head = (
+            "POST /commands/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"{headers}Content-Length: 100000000\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        try:
+            return sock.recv(200).split(b"\r\n")[0]
+        except TimeoutError:
+            return b"no answer: the server waits for the whole body"
+
+
+def test_commands_run_checks_the_token_before_the_body_and_bounds_the_body(server: RunningServer) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    assert _first_line(port, "", b'{"commandId": "' + b"x" * 500) == b"HTTP/1.1 401 Unauthorized"
+    bad = "Authorization: Bearer pcbo_not-a-token\r\n"
+    assert _first_line(port, bad, b'"' + b"x" * 500) == b"HTTP/1.1 401 Unauthorized"
+    assert time.monotonic() - started < 5
+    token = server.token("gc-admin", "admin")
+    assert _first_line(port, f"Authorization: Bearer {token}\r\n", b"{").startswith(b"HTTP/1.1 413")
+    admin = server.client(token)
+    big = {
+        "commandId": "big-1",
+        "action": "gc",
+        "target": "all",
+        "params": {"dryRun": True, "pad": "x" * 2000},
+    }
+    for content in (json.dumps(big).encode(), iter([json.dumps(big).encode()])):  # declared, then chunked
+        answer = admin.post("/commands/run", content=content, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 413 and answer.json()["error"] == "too_large", answer.text
+    assert server.catalog.command_phases("big-1") == []
+    # Within the limit: parsed strictly, 422 naming the field, and run as before.
+    for content, field in (
+        (b"not json", "body"),
+        (b'{"commandId": "d", "commandId": "e", "action": "gc", "target": "all"}', "body"),
+        (b'{"commandId": "../x", "action": "gc", "target": "all"}', "commandId"),
+        (b'{"commandId": "n", "action": "gc", "target": "all", "params": {"dryRun": NaN}}', "body"),
+        (b'{"commandId": "u", "action": "gc", "target": "all", "extra": 1}', "extra"),
+        (b"[]", "request"),
+    ):
+        answer = admin.post("/commands/run", content=content)
+        assert answer.status_code == 422 and answer.json()["field"] == field, (content, answer.text)
+    answer = admin.post("/commands/run", json={"commandId": "gc-ok", "action": "gc", "target": "all"})
+    assert answer.status_code == 202 and answer.json()["commandId"] == "gc-ok", answer.text
+    document = admin.get("/openapi.json").json()
+    body = document["paths"]["/commands/run"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/CommandRequest"}
+    assert set(document["components"]["schemas"]["CommandRequest"]["properties"]) == {
+        "commandId",
+        "action",
+        "target",
+        "params",
+    }
