@@ -195,6 +195,25 @@ def test_a_run_id_of_another_dataset_is_refused_and_its_run_left_alone(server: R
     assert again.status_code == 200 and again.json()["status"] == "unchanged"
 
 
+def test_a_command_of_another_dataset_is_404_when_posted_too(server: RunningServer) -> None:
+    team_a = server.client(server.token("alice-c", "read", "execute", datasets=["ds-a"]))
+    team_b = server.client(server.token("bob-c", "read", "execute", datasets=["ds-b"]))
+    queued = team_b.post(
+        "/commands/run",
+        json={"commandId": "cmd-b", "action": "rollback", "target": "ds-b", "params": {"runId": "x"}},
+    )
+    assert queued.status_code == 202, queued.text
+    for answer in (
+        team_a.get("/commands/cmd-b"),
+        team_a.post(
+            "/commands/run",
+            json={"commandId": "cmd-b", "action": "rollback", "target": "ds-a", "params": {"runId": "x"}},
+        ),
+    ):
+        assert answer.status_code == 404 and "ds-b" not in answer.text, answer.text
+        assert answer.json() == {"error": "not_found", "message": "no command 'cmd-b'"}
+
+
 # -- /commands/run: the token first, then a bounded body ------------------------------------------
 
 

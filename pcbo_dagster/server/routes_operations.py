@@ -16,7 +16,7 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.server import models
-from pcbo_dagster.server.auth import Principal, check_dataset, require
+from pcbo_dagster.server.auth import Principal, require
 from pcbo_dagster.server.broker import EventStreamResponse
 from pcbo_dagster.server.errors import ApiError, invalid
 from pcbo_dagster.server.routes_backfill import BODY_ERRORS, ERRORS, read_body
@@ -157,7 +157,8 @@ async def run_command(
     runner = request.app.state.commands
     existing = await asyncio.to_thread(runner.existing, body.commandId)
     if existing is not None:
-        check_dataset(principal, _command_dataset(request, existing))
+        if not principal.may_touch(_command_dataset(request, existing)):  # as GET /commands/{id}
+            raise ApiError(404, "not_found", f"no command {body.commandId!r}")
         return JSONResponse(existing, status_code=200)
     command = await asyncio.to_thread(runner.prepare, principal, body.model_dump())
     state = runner.start(command)
