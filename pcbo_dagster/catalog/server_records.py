@@ -222,13 +222,19 @@ class ServerRecords(Database):
 
     def replace_api_run(
         self, *, run_id: str, actor: str, dataset: str, version_label: str, request_hash: str
-    ) -> None:
-        """Record a finished run's new submission as `queued` again (its previous answer is dropped)."""
+    ) -> bool:
+        """Record a finished run's new submission as `queued` again (its previous answer is dropped);
+        False, and nothing changed, unless `run_id` is a finished run of `dataset` (a run id is its
+        dataset's: another dataset's run, or one in flight, is never replaced)."""
         runs = t.api_runs
         with self.write() as conn:
-            conn.execute(
+            replaced = conn.execute(
                 update(runs)
-                .where(runs.c.run_id == run_id)
+                .where(
+                    runs.c.run_id == run_id,
+                    runs.c.dataset == dataset,
+                    runs.c.status.not_in(("queued", "running")),
+                )
                 .values(
                     status="queued",
                     actor=actor,
@@ -242,6 +248,7 @@ class ServerRecords(Database):
                     finished_at=None,
                 )
             )
+        return replaced.rowcount == 1
 
     def update_api_run(
         self,

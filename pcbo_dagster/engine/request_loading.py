@@ -171,12 +171,26 @@ def _record_source(request: BackfillRequest, uri: str, zone_indexes: ZoneIndexSt
     return source
 
 
+#: The object stores a server reads a request's `source.uri` from (`lake.storage`: s3fs, gcsfs).
+CONFINED_REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs"})
+
+
 def _confined(uri: str, root: Path) -> str:
-    """`uri` when it is remote (`scheme://`, not `file://`) or a local path inside `root`; otherwise
-    `InvalidInput` on `source.uri` (a server reads no file of its host that a request names)."""
-    local = uri[len("file://") :] if uri.startswith("file://") else uri if "://" not in uri else None
-    if local is None:
-        return uri
+    """`uri` when it is an object store URL (`CONFINED_REMOTE_SCHEMES`) or a local path (or
+    `file://`) inside `root`; otherwise `InvalidInput` on `source.uri`: a server reads no file of its
+    host and fetches no URL that a request names (no `local://`, `http://`, chained `a::b` URL, ...)."""
+    from fsspec.core import split_protocol
+
+    if "::" in uri:  # fsspec chains file systems on `::` (simplecache::file://...)
+        raise InvalidInput("source.uri", "a chained URL (::) is not read by the server")
+    scheme, local = split_protocol(uri)  # what fsspec opens it with (None: a local path)
+    if scheme is not None and scheme != "file":
+        if scheme in CONFINED_REMOTE_SCHEMES:
+            return uri
+        raise InvalidInput(
+            "source.uri",
+            f"the server reads sources from s3:// or gs:// or its sources directory, not a {scheme}: URL",
+        )
     root = root.resolve()
     path = Path(local).resolve()
     if path != root and root not in path.parents:
@@ -210,16 +224,21 @@ def load_request(
 ) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
     `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
-    this directory (the HTTP API's sources directory), and a SQL target (any database the server can
-    reach) is refused. `zone_indexes` keeps the zone indexes of streamed sources between runs (the
-    catalog): the records read are the same without it, which only makes a range run read its whole
-    source once."""
+    this directory (the HTTP API's sources directory; a remote one must be on an object store), and a
+    SQL target or a `table.catalog` (any database or file the server can reach) is refused.
+    `zone_indexes` keeps the zone indexes of streamed sources between runs (the catalog): the records
+    read are the same without it, which only makes a range run read its whole source once."""
     validated = raw if isinstance(raw, ValidatedRequest) else validate_request_bytes(raw)
     parsed, request = validated.parsed, validated.request
     if request.target is not None and confine_to is not None:
         raise InvalidInput(
             "target",
             "a SQL table target runs with pcbo execute or as its dataset's asset, not through the API",
+        )
+    if request.table is not None and request.table.catalog is not None and confine_to is not None:
+        raise InvalidInput(
+            "table.catalog",
+            "the server publishes to its own Iceberg catalog (PCBO_ICEBERG_CATALOG_URL): leave catalog out",
         )
     if request.target is not None:  # issue 15: a relative SQLite target resolves like a relative source
         request = request.model_copy(update={"target": request.target.resolved(base_dir)})

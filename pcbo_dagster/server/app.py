@@ -195,7 +195,9 @@ def create_app(config: ServerConfig) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = schema.setdefault("components", {})
-            components.setdefault("schemas", {}).update(routes_backfill.backfill_request_schema())
+            schemas = components.setdefault("schemas", {})
+            schemas.update(routes_backfill.backfill_request_schema())
+            schemas.update(routes_operations.command_request_schema())
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             for path, operations in schema["paths"].items():
                 if path != "/healthz":

@@ -8,15 +8,18 @@ import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.server import models
-from pcbo_dagster.server.auth import Principal, check_dataset, require
+from pcbo_dagster.server.auth import Principal, require
 from pcbo_dagster.server.broker import EventStreamResponse
 from pcbo_dagster.server.errors import ApiError, invalid
-from pcbo_dagster.server.routes_backfill import ERRORS
+from pcbo_dagster.server.routes_backfill import BODY_ERRORS, ERRORS, read_body
 from pcbo_dagster.server.status import admin_status, registered_services
 
 router = APIRouter(tags=["operations"])
@@ -106,6 +109,33 @@ def audit(
     }
 
 
+COMMAND_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "The command. Parsed strictly: duplicate keys, NaN and unknown fields are invalid "
+        "input.",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CommandRequest"}}},
+    }
+}
+
+
+def command_request_schema() -> dict[str, Any]:
+    """The command's JSON schema for the OpenAPI document's components."""
+    return {"CommandRequest": models.CommandRequest.model_json_schema()}
+
+
+def _command_request(raw: bytes) -> models.CommandRequest:
+    """The command body parsed strictly and validated (422 naming the field)."""
+    try:
+        value = parse_json_strict(raw, "body").value
+    except InvalidInput as exc:
+        raise invalid(exc.field, exc.message) from None
+    try:
+        return models.CommandRequest.model_validate(value)
+    except ValidationError as exc:  # the FastAPI handler names the field as for any parameter
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
 @router.post(
     "/commands/run",
     summary="Run a maintenance command (idempotent by commandId); phases on the event stream",
@@ -114,16 +144,21 @@ def audit(
     responses={
         200: {"model": models.CommandState, "description": "a known commandId: its current state"},
         **ERRORS,
+        413: BODY_ERRORS[413],
         503: {"model": models.ErrorDocument, "description": "shutting down"},
     },
+    openapi_extra=COMMAND_BODY,
 )
 async def run_command(
-    request: Request, body: models.CommandRequest, principal: Annotated[Principal, Depends(require("read"))]
+    request: Request, principal: Annotated[Principal, Depends(require("read"))]
 ) -> JSONResponse:
+    # The token first (the dependency), then the body, bounded like every body (413 past the limit).
+    body = await asyncio.to_thread(_command_request, await read_body(request))
     runner = request.app.state.commands
     existing = await asyncio.to_thread(runner.existing, body.commandId)
     if existing is not None:
-        check_dataset(principal, _command_dataset(request, existing))
+        if not principal.may_touch(_command_dataset(request, existing)):  # as GET /commands/{id}
+            raise ApiError(404, "not_found", f"no command {body.commandId!r}")
         return JSONResponse(existing, status_code=200)
     command = await asyncio.to_thread(runner.prepare, principal, body.model_dump())
     state = runner.start(command)

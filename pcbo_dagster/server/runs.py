@@ -80,30 +80,37 @@ class RunManager:
         dagster: bool,
     ) -> Future[Answer]:
         """Record the run as queued and start it in a worker; 409 when a run of that id is in flight,
-        503 when the server is shutting down."""
+        or when another dataset's run holds that id (its record is left as it is, and the answer says
+        nothing of it: not its dataset, nor whether it is in flight); 503 when the server is shutting
+        down."""
         if not self.accepting:
             raise ApiError(
                 503, "shutting_down", "the server is shutting down: submit the execute again later"
             )
         digest = request_digest(raw)
         with self._lock:
-            current = self._futures.get(run_id)
-            if current is not None and not current.done():
-                raise ApiError(
-                    409,
-                    "run_in_progress",
-                    f"run {run_id!r} is in progress: GET /v1/runs/{run_id} for its status",
-                )
             fields = dict(
                 run_id=run_id, actor=actor, dataset=dataset, version_label=version_label, request_hash=digest
             )
             existing = self.catalog.create_api_run(**fields)
             if existing is not None:
-                if existing["status"] in ("queued", "running"):
+                if existing["dataset"] != dataset:
+                    raise ApiError(
+                        409,
+                        "run_id_taken",
+                        f"runId {run_id!r} is another dataset's run: choose another runId",
+                    )
+                current = self._futures.get(run_id)
+                if current is not None and not current.done():
+                    raise ApiError(
+                        409,
+                        "run_in_progress",
+                        f"run {run_id!r} is in progress: GET /v1/runs/{run_id} for its status",
+                    )
+                if existing["status"] in ("queued", "running") or not self.catalog.replace_api_run(**fields):
                     raise ApiError(
                         409, "run_in_progress", f"run {run_id!r} is in progress on another server process"
                     )
-                self.catalog.replace_api_run(**fields)
             self._publish_status(run_id, dataset, "queued", actor=actor)
             future = self.executor.submit(self._run, run_id, dataset, raw, validated, actor, dagster)
             self._futures[run_id] = future

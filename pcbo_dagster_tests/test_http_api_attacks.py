@@ -1,0 +1,277 @@
+"""Attacks on a real `pcbo serve` (uvicorn on loopback, httpx and raw sockets) by tokens limited to a
+dataset: a request reaches nothing outside its lake and the server's sources directory, a run or a
+command of another dataset is neither touched nor revealed, and no body is read before the token is
+checked or past the body limit."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from pcbo_dagster_tests.http_server import RunningServer, running_server  # noqa: E402
+from pcbo_dagster_tests.object_store_servers import ObjectStore  # noqa: E402
+
+SECRET = "SECRET-ROW-outside-the-sources-directory"
+RECORD = {"id": SECRET, "occurredAt": "2024-01-01T00:10:00Z", "consentGranted": True, "ssn": "123-45-6789"}
+
+
+def _request(run_id: str, dataset: str, **extra: Any) -> bytes:
+    body: dict[str, Any] = {
+        "runId": run_id,
+        "dataset": dataset,
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-01T01:00:00Z",
+        **extra,
+    }
+    if "source" not in extra:
+        body["sourceRecords"] = [{"id": "x", "occurredAt": "2024-01-01T00:10:00Z", "consentGranted": True}]
+    return json.dumps(body).encode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("http-attacks") / "home"
+    with running_server(home, reconcile_seconds=0.5, max_body_bytes=1000) as running:
+        yield running
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Serves the secret record to anyone, and counts who asked."""
+
+    asked: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        type(self).asked.append(self.path)
+        body = (json.dumps(RECORD) + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def web_server() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on loopback holding the secret record: (its URL, the paths it was asked for)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    _Recorder.asked = []
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", _Recorder.asked
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# -- source.uri: the sources directory or an object store, nothing else -----------------------------
+
+
+def test_a_source_reaches_no_host_file_and_no_url_outside_the_sources_directory(
+    tmp_path: Path, server: RunningServer, web_server: tuple[str, list[str]]
+) -> None:
+    outside = tmp_path / "outside" / "secret.jsonl"
+    outside.parent.mkdir()
+    outside.write_text(json.dumps(RECORD) + "\n")
+    url, asked = web_server
+    client = server.client(server.token("team-a", "plan", "execute", datasets=["ds-a"]))
+    for uri in (
+        str(outside),
+        f"file://{outside}",
+        f"local://{outside}",
+        f"simplecache::file://{outside}",
+        f"filecache::file://{outside}",
+        f"file://{outside}::",
+        f"{url}/secret.jsonl",
+        f"simplecache::{url}/secret.jsonl",
+        f"memory://{outside}",
+        f"ftp://127.0.0.1/{outside}",
+        "../../" + str(outside.relative_to(tmp_path.parent)),
+    ):
+        source = {"uri": uri, "format": "jsonl"}
+        for command in ("dry-run", "execute"):
+            answer = client.post(f"/v1/{command}", content=_request("src-1", "ds-a", source=source))
+            assert answer.status_code == 422, (uri, command, answer.text)
+            assert answer.json()["field"] == "source.uri", (uri, answer.text)
+            assert SECRET not in answer.text
+    assert asked == []  # not one request reached the URL
+    assert not (server.home / "lake" / "ds-a").exists()
+    # A source inside the sources directory (the server's home here) is read as before.
+    (server.home / "inside.jsonl").write_text(json.dumps({**RECORD, "id": "inside-1"}) + "\n")
+    inside = client.post("/v1/dry-run", content=_request("src-2", "ds-a", source={"uri": "inside.jsonl"}))
+    assert inside.status_code == 200, inside.text
+    assert "inside-1" in inside.text
+
+
+def test_an_object_store_source_is_read_by_the_server(
+    server: RunningServer, s3_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in s3_store.env.items():
+        monkeypatch.setenv(key, value)
+    fs: Any = s3_store.filesystem()
+    prefix = f"{s3_store.bucket}/sources-{uuid.uuid4().hex}"
+    fs.pipe_file(f"{prefix}/records.jsonl", (json.dumps({**RECORD, "id": "on-s3"}) + "\n").encode())
+    client = server.client(server.token("team-s3", "plan", datasets=["ds-s3"]))
+    for uri in (f"s3://{prefix}/records.jsonl", f"s3a://{prefix}/records.jsonl"):
+        answer = client.post("/v1/dry-run", content=_request("s3-1", "ds-s3", source={"uri": uri}))
+        assert answer.status_code == 200, (uri, answer.text)
+        assert "on-s3" in answer.text
+
+
+# -- table.catalog: the server's own Iceberg catalog only ------------------------------------------
+
+
+def test_a_request_names_no_iceberg_catalog(tmp_path: Path, server: RunningServer) -> None:
+    planted = tmp_path / "elsewhere" / "planted.db"
+    planted.parent.mkdir()
+    client = server.client(server.token("team-t", "plan", "execute", datasets=["ds-t"]))
+    for catalog in (f"sqlite:///{planted}", "postgresql://127.0.0.1:1/x", "http://127.0.0.1:1/cat", "pcbo"):
+        table = {"format": "iceberg", "name": "ns.t", "catalog": catalog}
+        for command in ("plan", "dry-run", "execute"):
+            answer = client.post(f"/v1/{command}", content=_request("cat-1", "ds-t", table=table))
+            assert answer.status_code == 422, (catalog, command, answer.text)
+            assert answer.json()["field"] == "table.catalog"
+    assert not planted.exists() and list(planted.parent.iterdir()) == []
+    assert server.catalog.get_run("cat-1") is None  # nothing ran
+    # A table without a catalog goes to the server's configured one.
+    table = {"format": "iceberg", "name": "ns.t"}
+    answer = client.post("/v1/execute", content=_request("cat-2", "ds-t", table=table))
+    assert answer.status_code == 200, answer.text
+
+
+# -- runs and commands belong to their dataset ------------------------------------------------------
+
+
+def test_a_run_id_of_another_dataset_is_refused_and_its_run_left_alone(server: RunningServer) -> None:
+    team_a = server.client(server.token("alice", "read", "execute", datasets=["ds-a"]))
+    team_b = server.client(server.token("bob", "read", "execute", datasets=["ds-b"]))
+    admin = server.client(server.token("root", "admin"))
+    assert team_b.post("/v1/execute", content=_request("nightly", "ds-b")).status_code == 200
+    before = server.catalog.get_api_run("nightly")
+    # A run of ds-b still in flight (another server process's, as the catalog holds it).
+    assert (
+        server.catalog.create_api_run(
+            run_id="inflight", actor="bob", dataset="ds-b", version_label="v1", request_hash="sha256:0"
+        )
+        is None
+    )
+    answers = {}
+    for run_id in ("nightly", "inflight"):
+        for who in (team_a, admin):
+            answer = who.post("/v1/execute", content=_request(run_id, "ds-a"))
+            assert answer.status_code == 409, answer.text
+            assert "ds-b" not in answer.text and "progress" not in answer.text
+            answers[run_id] = answer.json()
+    # The same answer whether the other dataset's run is finished or in flight.
+    assert answers["nightly"]["error"] == answers["inflight"]["error"] == "run_id_taken"
+    assert answers["nightly"]["message"].replace("nightly", "X") == answers["inflight"]["message"].replace(
+        "inflight", "X"
+    )
+    assert server.catalog.get_api_run("nightly") == before
+    inflight = server.catalog.get_api_run("inflight")
+    assert inflight is not None and inflight["dataset"] == "ds-b" and inflight["status"] == "queued"
+    mine = team_b.get("/v1/runs/nightly")
+    assert mine.status_code == 200 and mine.json()["dataset"] == "ds-b" and mine.json()["actor"] == "bob"
+    assert team_a.get("/v1/runs/nightly").status_code == 404
+    assert not (server.home / "lake" / "ds-a").exists()
+    # Its own dataset's finished run: submitted again, as before.
+    again = team_b.post("/v1/execute", content=_request("nightly", "ds-b"))
+    assert again.status_code == 200 and again.json()["status"] == "unchanged"
+
+
+def test_a_command_of_another_dataset_is_404_when_posted_too(server: RunningServer) -> None:
+    team_a = server.client(server.token("alice-c", "read", "execute", datasets=["ds-a"]))
+    team_b = server.client(server.token("bob-c", "read", "execute", datasets=["ds-b"]))
+    queued = team_b.post(
+        "/commands/run",
+        json={"commandId": "cmd-b", "action": "rollback", "target": "ds-b", "params": {"runId": "x"}},
+    )
+    assert queued.status_code == 202, queued.text
+    for answer in (
+        team_a.get("/commands/cmd-b"),
+        team_a.post(
+            "/commands/run",
+            json={"commandId": "cmd-b", "action": "rollback", "target": "ds-a", "params": {"runId": "x"}},
+        ),
+    ):
+        assert answer.status_code == 404 and "ds-b" not in answer.text, answer.text
+        assert answer.json() == {"error": "not_found", "message": "no command 'cmd-b'"}
+
+
+# -- /commands/run: the token first, then a bounded body ------------------------------------------
+
+
+def _first_line(port: int, headers: str, body: bytes, seconds: float = 5.0) -> bytes:
+    """The status line the server answers to a POST /commands/run that declares a 100 MB body and
+    sends `body` of it."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(seconds)
+        head = (
+            "POST /commands/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"{headers}Content-Length: 100000000\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        try:
+            return sock.recv(200).split(b"\r\n")[0]
+        except TimeoutError:
+            return b"no answer: the server waits for the whole body"
+
+
+def test_commands_run_checks_the_token_before_the_body_and_bounds_the_body(server: RunningServer) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    started = time.monotonic()
+    assert _first_line(port, "", b'{"commandId": "' + b"x" * 500) == b"HTTP/1.1 401 Unauthorized"
+    bad = "Authorization: Bearer pcbo_not-a-token\r\n"
+    assert _first_line(port, bad, b'"' + b"x" * 500) == b"HTTP/1.1 401 Unauthorized"
+    assert time.monotonic() - started < 5
+    token = server.token("gc-admin", "admin")
+    assert _first_line(port, f"Authorization: Bearer {token}\r\n", b"{").startswith(b"HTTP/1.1 413")
+    admin = server.client(token)
+    big = {
+        "commandId": "big-1",
+        "action": "gc",
+        "target": "all",
+        "params": {"dryRun": True, "pad": "x" * 2000},
+    }
+    for content in (json.dumps(big).encode(), iter([json.dumps(big).encode()])):  # declared, then chunked
+        answer = admin.post("/commands/run", content=content, headers={"Content-Type": "application/json"})
+        assert answer.status_code == 413 and answer.json()["error"] == "too_large", answer.text
+    assert server.catalog.command_phases("big-1") == []
+    # Within the limit: parsed strictly, 422 naming the field, and run as before.
+    for content, field in (
+        (b"not json", "body"),
+        (b'{"commandId": "d", "commandId": "e", "action": "gc", "target": "all"}', "body"),
+        (b'{"commandId": "../x", "action": "gc", "target": "all"}', "commandId"),
+        (b'{"commandId": "n", "action": "gc", "target": "all", "params": {"dryRun": NaN}}', "body"),
+        (b'{"commandId": "u", "action": "gc", "target": "all", "extra": 1}', "extra"),
+        (b"[]", "request"),
+    ):
+        answer = admin.post("/commands/run", content=content)
+        assert answer.status_code == 422 and answer.json()["field"] == field, (content, answer.text)
+    answer = admin.post("/commands/run", json={"commandId": "gc-ok", "action": "gc", "target": "all"})
+    assert answer.status_code == 202 and answer.json()["commandId"] == "gc-ok", answer.text
+    document = admin.get("/openapi.json").json()
+    body = document["paths"]["/commands/run"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/CommandRequest"}
+    assert set(document["components"]["schemas"]["CommandRequest"]["properties"]) == {
+        "commandId",
+        "action",
+        "target",
+        "params",
+    }
