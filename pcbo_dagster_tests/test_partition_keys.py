@@ -233,3 +233,19 @@ def test_the_engine_plans_the_grids_keys(first: int, size: int, ledgers: int) ->
     for span in spans:
         assert grid.span_of_key(span.key) == span
         assert grid.span_at(span.first) == span == grid.span_at(span.last)
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)))
+@settings(max_examples=200, deadline=None)
+def test_datetimes_are_written_as_instants_and_read_back(moment: datetime) -> None:
+    """`format_datetime` (every time pcbo writes: audit events, alerts, reports, the API) reads back as
+    the same instant, a naive datetime as UTC, with the fraction only when it is not zero."""
+    from datetime import timedelta, timezone
+
+    from pcbo_dagster.core.instants import format_datetime
+
+    text = format_datetime(moment)
+    assert text.endswith("Z") and ("." in text) == bool(moment.microsecond)
+    assert parse_instant(text) == to_micros(moment.replace(tzinfo=UTC))
+    shifted = moment.replace(tzinfo=UTC).astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert format_datetime(shifted) == text

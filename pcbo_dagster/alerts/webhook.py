@@ -31,10 +31,11 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutStore
+from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.http_delivery import DeliveryFailed, JsonPoster
 
@@ -44,14 +45,6 @@ ALERT_VERSION = "pcbo.alert/1"
 WEBHOOK_URL_ENV = "PCBO_ALERT_WEBHOOK_URL"
 WEBHOOK_TOKEN_ENV = "PCBO_ALERT_WEBHOOK_TOKEN"
 SEVERITIES = ("info", "warning", "error", "critical")
-
-
-def format_timestamp(moment: datetime) -> str:
-    """`YYYY-MM-DDTHH:MM:SS[.ffffff]Z` (UTC)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    text = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
-    return (text[:-7] if text.endswith(".000000") else text) + "Z"
 
 
 def json_safe(value: Any, max_text: int = 2000) -> Any:
@@ -77,7 +70,7 @@ def alert_payload(alert: Mapping[str, Any]) -> dict[str, Any]:
         "severity": alert["severity"],
         "subject": alert["subject"],
         "detail": alert["detail"],
-        "raised_at": format_timestamp(alert["raised_at"]),
+        "raised_at": format_datetime(alert["raised_at"]),
     }
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 from pcbo_dagster.audit.backup import AuditBackupCorrupt, ChainBackup
@@ -46,6 +46,7 @@ from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
 from pcbo_dagster.core.audit_chain import AuditEvent, build_event, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.errors import IntegrityError
+from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.io.clock import utc_now
 
 
@@ -101,15 +102,12 @@ class ReconcileResult:
     head: tuple[int, str] | None
 
 
-def format_timestamp(moment: datetime) -> str:
-    """`YYYY-MM-DDTHH:MM:SS[.ffffff]Z` in UTC; ValueError for a naive datetime."""
+def audit_timestamp(moment: datetime) -> str:
+    """An event's `timestamp`: `format_datetime` of the audit clock's reading; ValueError for a naive
+    datetime (the clock must say which instant it means)."""
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("the audit clock must return timezone-aware datetimes")
-    m = moment.astimezone(UTC)
-    text = f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:{m.second:02d}"
-    if m.microsecond:
-        text += f".{m.microsecond:06d}"
-    return text + "Z"
+    return format_datetime(moment)
 
 
 def _head_of(event: dict | None) -> tuple[int, str] | None:
@@ -255,7 +253,7 @@ class AuditLog:
             items = [
                 (kind, body if "actor" in body else {**body, "actor": self.actor}) for kind, body in items
             ]
-        timestamp = format_timestamp(self.clock())
+        timestamp = audit_timestamp(self.clock())
         with self._writer(chain_key):
             if self.head_store is None:
                 events = self._build(chain_key, _head_of(self.backup.last_event(chain_key)), items, timestamp)

@@ -150,17 +150,16 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine import proofs
 
-    if args.from_version is not None or args.to_version is not None:
-        if args.from_version is None or args.to_version is None:
-            raise InvalidInput("--from-version", "a consistency proof needs --from-version and --to-version")
-    elif args.id is None:
+    old: int | None = args.from_version
+    new: int | None = args.to_version
+    if (old is None) != (new is None):
+        raise InvalidInput("--from-version", "a consistency proof needs --from-version and --to-version")
+    if old is None and args.id is None:
         raise InvalidInput("--id", "give the id to prove (or --from-version/--to-version)")
     with open_environment(args, create=False) as env:
         sources = proofs.ProofSources(env.lake, env.audit.backup, env.catalog.chain_heads())
-        if args.id is None:
-            return proofs.consistency(
-                sources, args.dataset, args.version_label, args.partition, args.from_version, args.to_version
-            )
+        if old is not None and new is not None:
+            return proofs.consistency(sources, args.dataset, args.version_label, args.partition, old, new)
         return proofs.inclusion(sources, args.dataset, args.version_label, args.partition, args.id)
 
 

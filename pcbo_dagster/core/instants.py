@@ -85,6 +85,12 @@ def format_instant(micros: int) -> str:
     return text + "Z"
 
 
+def format_datetime(moment: datetime) -> str:
+    """`moment` as `format_instant` writes it (UTC, the fraction only when not zero); a naive datetime
+    is taken as UTC (what the catalog's columns give back)."""
+    return format_instant(to_micros(moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)))
+
+
 def to_datetime(micros: int) -> datetime:
     """Microseconds since the epoch as an aware UTC datetime."""
     return _EPOCH + timedelta(microseconds=micros)

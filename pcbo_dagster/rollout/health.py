@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.canonical import digest_of
 from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.json_documents import sorted_document, sorted_text
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import dataset_keys, evaluate_keys
@@ -72,10 +73,6 @@ Launch = Callable[[dict[str, Any]], dict[str, Any]]
 
 def health_dir(envs: RolloutEnvironments, dataset: DatasetConfig) -> Path:
     return reports_dir(envs.production.settings) / "health" / dataset.name
-
-
-def _instant(now: datetime) -> str:
-    return now.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _jsonable(value: Any) -> Any:
@@ -379,7 +376,7 @@ def check_production_health(
         "kind": REPORT_KIND,
         "dataset": dataset.name,
         "versionLabel": dataset.versionLabel,
-        "checkedAt": _instant(now),
+        "checkedAt": format_datetime(now),
         "status": HEALTHY if not plan["partitions"] else "unhealthy",
         "counts": counts,
         "rollouts": [evaluated[name] for name in sorted(evaluated)],

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pcbo_dagster.audit.log import format_timestamp
+from pcbo_dagster.audit.log import audit_timestamp
 from pcbo_dagster.catalog.rollouts import RolloutRow, RolloutStore, open_rollout_store
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.signed_note import SigningKey
@@ -152,7 +152,7 @@ def decide(
                 )
             rollout = envs.store.require(name)
             statement = approvals.sign_decision(
-                key, rollout, action or "", reason, decision_hash, format_timestamp(clock.now())
+                key, rollout, action or "", reason, decision_hash, audit_timestamp(clock.now())
             )
         row = approvals.record_decision(envs, name, statement, action=action, clock=clock)
     return {

@@ -38,6 +38,7 @@ import pyarrow as pa
 from pcbo_dagster.catalog.rollouts import RolloutRow, RolloutStore, open_rollout_store
 from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import InvalidInput, PcboError
+from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
@@ -60,9 +61,7 @@ SOAK_REPORT = "soak_report"
 
 def iso(moment: datetime | None) -> str | None:
     """A moment as ISO 8601 UTC text (`...Z`); a naive datetime is taken as UTC."""
-    if moment is None:
-        return None
-    return _utc(moment).isoformat().replace("+00:00", "Z")
+    return None if moment is None else format_datetime(moment)
 
 
 def _utc(moment: datetime) -> datetime:

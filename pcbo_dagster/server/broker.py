@@ -166,9 +166,10 @@ async def event_stream(
 
 
 def _utc_text() -> str:
+    from pcbo_dagster.core.instants import format_datetime
     from pcbo_dagster.io.clock import utc_now
 
-    return utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_datetime(utc_now().replace(microsecond=0))
 
 
 class EventStreamResponse(Response):

@@ -36,6 +36,7 @@ from typing import Any
 
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
+from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.request_model import NAME_PATTERN
 from pcbo_dagster.server.auth import Principal, check_dataset
 from pcbo_dagster.server.broker import EVERY_DATASET, EventBroker
@@ -109,9 +110,7 @@ def command_state(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "params": last["params"],
         "actor": last["actor"],
         "phase": last["phase"],
-        "phases": [
-            {"phase": r["phase"], "at": r["recorded_at"].strftime("%Y-%m-%dT%H:%M:%S.%fZ")} for r in rows
-        ],
+        "phases": [{"phase": r["phase"], "at": format_datetime(r["recorded_at"])} for r in rows],
         "outcome": last["outcome"],
         "beforeState": next((r["before_state"] for r in rows if r["before_state"] is not None), None),
         "afterState": last["after_state"],

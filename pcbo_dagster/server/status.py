@@ -17,6 +17,7 @@ from typing import Any
 from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import read_cursor
 from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.io.clock import utc_now
 from pcbo_dagster.io.redaction import one_line_error, redact_url
 from pcbo_dagster.lake.storage import LakeStorage
@@ -26,11 +27,8 @@ PROBE_TIMEOUT_SECONDS = 2.0
 
 
 def instant(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return (
-        value.strftime("%Y-%m-%dT%H:%M:%S") + (f".{value.microsecond:06d}" if value.microsecond else "") + "Z"
-    )
+    """A catalog time (naive UTC) as the API writes instants (`core/instants.format_datetime`)."""
+    return None if value is None else format_datetime(value)
 
 
 def latest_checkpoint(config: ServerConfig) -> dict[str, Any]:
