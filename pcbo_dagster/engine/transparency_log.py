@@ -31,7 +31,13 @@ from typing import Any
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs
-from pcbo_dagster.core.checkpoints import Checkpoint, CheckpointError, origin_for, parse_signed_checkpoint
+from pcbo_dagster.core.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    chain_of_origin,
+    origin_for,
+    parse_signed_checkpoint,
+)
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.signed_note import (
     Note,
@@ -215,16 +221,6 @@ def read_trusted_checkpoint(data: bytes, key: VerifierKey, field: str) -> tuple[
     except (CheckpointError, NoteError) as exc:
         raise InvalidInput(field, f"not a checkpoint signed by {key.name}: {exc}") from None
     return checkpoint, note
-
-
-def chain_of_origin(origin: str, prefix: str) -> str | None:
-    if not origin.startswith(prefix):
-        return None
-    try:
-        split_chain_key(origin[len(prefix) :])
-    except ValueError:
-        return None
-    return origin[len(prefix) :]
 
 
 def check_against_checkpoint(
