@@ -15,10 +15,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pcbo_dagster.cli import main as cli
-from pcbo_dagster.core.signed_note import new_signing_key
+from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.checkpoints import Checkpoint, parse_signed_checkpoint
+from pcbo_dagster.core.signed_note import COSIGNATURE_V1, Note, cosign, new_signing_key, parse_note
 from pcbo_dagster.evidence.envelope import sign_envelope
 from pcbo_dagster_tests.cli_runner import lake_dir, load_generator, run_pcbo, write_request
 from pcbo_dagster_tests.test_transparency_attacks import pcbo
+
+WITNESS = new_signing_key("witness.example/w1")
+WITNESS_VKEY = WITNESS.verifier(COSIGNATURE_V1).text
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +171,56 @@ def test_a_flipped_byte_in_a_subject_file_is_caught_with_the_lake(
     assert document["problems"] == [
         f"{target.relative_to(lake).as_posix()}: its bytes do not have the subject's sha256"
     ]
+
+
+def _resigned(package: dict[str, Any], statement: dict[str, Any]) -> dict[str, Any]:
+    """What an insider holding the operator's key makes of an edited statement: a valid envelope."""
+    return sign_envelope(jcs(statement), package["key"])
+
+
+def _with_checkpoint(package: dict[str, Any], note: Note) -> dict[str, Any]:
+    statement = _statement(package["envelope"])
+    statement["predicate"]["checkpoint"] = note.render()
+    return _resigned(package, statement)
+
+
+def test_a_checkpoint_of_a_look_alike_origin_is_refused_even_witnessed(package: dict[str, Any]) -> None:
+    """An insider signs the run's log (here unchanged; a rewritten one in the red-team repro) under the
+    origin pcbo/fork/events/v1, which a witness never saw and so cosigns: not the log of events/v1."""
+    checkpoint, _ = parse_signed_checkpoint(_statement(package["envelope"])["predicate"]["checkpoint"])
+    fork = Checkpoint("pcbo/fork/events/v1", checkpoint.size, checkpoint.root).sign(package["key"])
+    fork = fork.with_signatures([cosign(fork.text, WITNESS, 1700000000)])
+    status, document = _verify(
+        package, _with_checkpoint(package, fork), "--witness-key", WITNESS_VKEY, "--min-witnesses", "1"
+    )
+    assert status == 1 and document["checkpoint"]["witnesses"] == 1
+    assert document["problems"] == [
+        "the checkpoint's origin pcbo/fork/events/v1 is not the log of events/v1 (pcbo/events/v1)"
+    ]
+    # The operator's own prefix, when it is not pcbo/, is the auditor's to give.
+    status, document = _verify(package, package["envelope"], "--origin-prefix", "example.com/pcbo/")
+    assert (
+        status == 1 and "is not the log of events/v1 (example.com/pcbo/events/v1)" in document["problems"][0]
+    )
+
+
+def test_min_witnesses_counts_only_the_witnesses_the_auditor_trusts(package: dict[str, Any]) -> None:
+    """Without witnesses the package proves what the operator's key signs; `--min-witnesses N` asks for
+    cosignatures of the `--witness-key`s given, and an insider's own cosigner key does not count."""
+    trust = ("--witness-key", WITNESS_VKEY, "--min-witnesses", "1")
+    status, document = _verify(package, package["envelope"], *trust)
+    assert status == 1
+    assert document["problems"] == ["0 of the 1 witness cosignature(s) required verify on the checkpoint"]
+    note = parse_note(_statement(package["envelope"])["predicate"]["checkpoint"])
+    insider = new_signing_key("witness.example/w1")  # the witness's name, the insider's key
+    status, document = _verify(
+        package, _with_checkpoint(package, note.with_signatures([cosign(note.text, insider, 1)])), *trust
+    )
+    assert status == 1 and document["checkpoint"]["witnesses"] == 0
+    witnessed = _with_checkpoint(package, note.with_signatures([cosign(note.text, WITNESS, 1700000000)]))
+    status, document = _verify(package, witnessed, *trust)
+    assert status == 0 and document["checkpoint"]["witnessedBy"] == ["witness.example/w1"]
+    assert _verify(package, witnessed, "--witness-key", WITNESS_VKEY, "--min-witnesses", "2")[0] == 2
 
 
 def test_another_key_does_not_open_the_package(package: dict[str, Any]) -> None:

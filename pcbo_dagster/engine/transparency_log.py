@@ -101,6 +101,16 @@ def parse_key_argument(text: str, field: str) -> VerifierKey:
         raise InvalidInput(field, str(exc)) from None
 
 
+def witness_requirement(texts: list[str] | None, minimum: int | None) -> tuple[list[VerifierKey], int]:
+    """`--witness-key VKEY ...` and `--min-witnesses N`: the witnesses' cosigner keys and N (0 when not
+    given); `InvalidInput` unless N is between 0 and the number of keys."""
+    keys = [parse_key_argument(text, "--witness-key") for text in texts or []]
+    required = minimum or 0
+    if required < 0 or required > len(keys):
+        raise InvalidInput("--min-witnesses", f"must be between 0 and the {len(keys)} --witness-key given")
+    return keys, required
+
+
 def witnesses_of(entries: tuple[str, ...], field: str = "PCBO_WITNESSES") -> list[Witness]:
     return [parse_witness(entry, field) for entry in entries]
 

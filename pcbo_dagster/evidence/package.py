@@ -13,8 +13,12 @@ signed with the operator's key, around an in-toto Statement v1:
   the package carries (`checkpoint`, with its witness cosignatures), and the approvals.
 
 Verification needs no catalog and no lake: the envelope's signature, the checkpoint's signature (same
-key), each event's hash and inclusion proof, and that the subjects, partitions and events say the same
-things. With a lake (`--lake URL`) every subject's bytes are read and their SHA-256 compared.
+key) and origin (exactly the log of the run's chain), each event's hash and inclusion proof, and that
+the subjects, partitions and events say the same things. With a lake (`--lake URL`) every subject's
+bytes are read and their SHA-256 compared. The operator's key alone signs anything an insider holding
+it wants (another history, under the real origin, included): only cosignatures of witnesses the
+verifier trusts (`--witness-key`, `--min-witnesses N`), which never cosign a history inconsistent with
+the one they saw, bind the package to the log everyone else sees.
 """
 
 from __future__ import annotations
@@ -26,9 +30,22 @@ from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.chain_state import (
     PARTITION_COMMITTED,
 )
-from pcbo_dagster.core.checkpoints import CheckpointError, parse_signed_checkpoint
+from pcbo_dagster.core.checkpoints import (
+    DEFAULT_ORIGIN_PREFIX,
+    CheckpointError,
+    chain_of_origin,
+    origin_for,
+    parse_signed_checkpoint,
+)
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.core.signed_note import NoteError, VerifierKey, b64, verify_cosignatures, verify_note
+from pcbo_dagster.core.signed_note import (
+    NoteError,
+    VerifierKey,
+    b64,
+    parse_verifier_key,
+    verify_cosignatures,
+    verify_note,
+)
 from pcbo_dagster.core.transparency_log import event_inclusion_problems
 from pcbo_dagster.evidence.envelope import EnvelopeError, open_envelope, sign_envelope
 from pcbo_dagster.lake import layout, manifests
@@ -149,10 +166,16 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
 
 
 def verify(
-    document: Any, key: VerifierKey, lake: Any = None, witness_keys: list[VerifierKey] | None = None
+    document: Any,
+    key: VerifierKey,
+    lake: Any = None,
+    witness_keys: list[VerifierKey] | None = None,
+    min_witnesses: int = 0,
+    origin_prefix: str = DEFAULT_ORIGIN_PREFIX,
 ) -> dict[str, Any]:
     """Check a package offline (module doc); `{"valid", "problems", ...}`. `lake`: a `LakeStorage`
-    whose subjects' bytes are checked too."""
+    whose subjects' bytes are checked too. The checkpoint's origin must be exactly the log of the run's
+    chain under `origin_prefix`, and carry at least `min_witnesses` cosignatures of `witness_keys`."""
     import json
 
     problems: list[str] = []
@@ -180,8 +203,15 @@ def verify(
         cosigned = verify_cosignatures(note, witness_keys or [])
     except (CheckpointError, NoteError) as exc:
         return {"valid": False, "problems": [f"the package's checkpoint: {exc}"]}
-    if not checkpoint.origin.endswith("/" + chain_key):
-        problems.append(f"the checkpoint's origin {checkpoint.origin} is not the log of {chain_key}")
+    if chain_of_origin(checkpoint.origin, origin_prefix) != chain_key:
+        problems.append(
+            f"the checkpoint's origin {checkpoint.origin} is not the log of {chain_key} "
+            f"({origin_for(chain_key, origin_prefix)})"
+        )
+    if len(cosigned) < min_witnesses:
+        problems.append(
+            f"{len(cosigned)} of the {min_witnesses} witness cosignature(s) required verify on the checkpoint"
+        )
     committed: dict[tuple[str, int], dict] = {}
     for entry in predicate.get("auditEvents") or []:
         event = entry.get("event") if isinstance(entry, dict) else None
@@ -242,7 +272,12 @@ def verify(
         "valid": not problems,
         "problems": problems,
         "run": run,
-        "checkpoint": {"origin": checkpoint.origin, "treeSize": checkpoint.size, "witnesses": len(cosigned)},
+        "checkpoint": {
+            "origin": checkpoint.origin,
+            "treeSize": checkpoint.size,
+            "witnesses": len(cosigned),
+            "witnessedBy": sorted(parse_verifier_key(k).name for k in cosigned),
+        },
         "subjects": len(subjects),
         "subjectsCheckedInLake": checked if lake is not None else None,
         "auditEvents": len(predicate.get("auditEvents") or []),
