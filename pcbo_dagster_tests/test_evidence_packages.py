@@ -147,8 +147,7 @@ def test_a_flipped_byte_in_a_proof_or_an_event_is_caught_even_when_signed_again(
             entry["inclusionProof"][0] = base64.b64encode(bytes(digest)).decode()
         else:
             entry["event"]["record_count"] += 1
-        payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
-        status, document = _verify(package, sign_envelope(payload, package["key"]))
+        status, document = _verify(package, _resigned(package, statement))
         assert status == 1, alter
         assert any(
             "inclusion proof does not verify" in p or "does not recompute" in p for p in document["problems"]
@@ -221,6 +220,22 @@ def test_min_witnesses_counts_only_the_witnesses_the_auditor_trusts(package: dic
     status, document = _verify(package, witnessed, *trust)
     assert status == 0 and document["checkpoint"]["witnessedBy"] == ["witness.example/w1"]
     assert _verify(package, witnessed, "--witness-key", WITNESS_VKEY, "--min-witnesses", "2")[0] == 2
+
+
+def test_a_payload_that_is_not_its_canonical_form_is_refused(package: dict[str, Any]) -> None:
+    """Signed bytes every reader must read alike: a second `subject` member (a first-wins parser would
+    read the decoy, a last-wins one the real list) or any other encoding than RFC 8785 is refused."""
+    real = jcs(_statement(package["envelope"])).decode()
+    decoy = json.dumps([{"name": "events/v1/x/part-evil.parquet", "digest": {"sha256": "ef" * 32}}])
+    twice = ('{"subject":' + decoy + "," + real[1:]).encode()
+    status, document = _verify(package, sign_envelope(twice, package["key"]))
+    assert status == 1
+    assert document["problems"] == ["the payload: not valid JSON: duplicate key 'subject' in an object"]
+    pretty = json.dumps(_statement(package["envelope"]), indent=1, sort_keys=True).encode()
+    status, document = _verify(package, sign_envelope(pretty, package["key"]))
+    assert status == 1 and document["problems"] == [
+        "the payload is not the RFC 8785 canonical form of its JSON"
+    ]
 
 
 def test_another_key_does_not_open_the_package(package: dict[str, Any]) -> None:

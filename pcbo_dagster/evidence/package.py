@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.canonical import CanonicalizationError, jcs
 from pcbo_dagster.core.chain_state import (
     PARTITION_COMMITTED,
 )
@@ -38,6 +38,7 @@ from pcbo_dagster.core.checkpoints import (
     parse_signed_checkpoint,
 )
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.core.signed_note import (
     NoteError,
     VerifierKey,
@@ -165,6 +166,22 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
     return sign_envelope(jcs(statement), env.signing_key)
 
 
+def _read_payload(payload: bytes) -> tuple[Any, str | None]:
+    """The statement a signed payload holds, or why it holds none: the payload must be exactly the
+    RFC 8785 bytes of one JSON value, so every reader sees the same statement (no duplicate member that
+    one parser takes first and another last, no second encoding of the same statement)."""
+    try:
+        statement = parse_json_strict(payload, what="the payload").value
+        canonical = jcs(statement) == payload
+    except InvalidInput as exc:
+        return None, f"the payload: {exc.message}"
+    except CanonicalizationError as exc:
+        return None, f"the payload has no RFC 8785 form: {exc}"
+    if not canonical:
+        return None, "the payload is not the RFC 8785 canonical form of its JSON"
+    return statement, None
+
+
 def verify(
     document: Any,
     key: VerifierKey,
@@ -176,16 +193,14 @@ def verify(
     """Check a package offline (module doc); `{"valid", "problems", ...}`. `lake`: a `LakeStorage`
     whose subjects' bytes are checked too. The checkpoint's origin must be exactly the log of the run's
     chain under `origin_prefix`, and carry at least `min_witnesses` cosignatures of `witness_keys`."""
-    import json
-
     problems: list[str] = []
     try:
         payload = open_envelope(document, key)
-        statement = json.loads(payload.decode("utf-8"))
     except EnvelopeError as exc:
         return {"valid": False, "problems": [str(exc)]}
-    except (UnicodeDecodeError, ValueError) as exc:
-        return {"valid": False, "problems": [f"the payload is not JSON: {exc}"]}
+    statement, problem = _read_payload(payload)
+    if problem is not None:
+        return {"valid": False, "problems": [problem]}
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         return {
             "valid": False,
