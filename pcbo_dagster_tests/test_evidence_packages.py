@@ -15,10 +15,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pcbo_dagster.cli import main as cli
-from pcbo_dagster.core.signed_note import new_signing_key
+from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.checkpoints import Checkpoint, parse_signed_checkpoint
+from pcbo_dagster.core.signed_note import COSIGNATURE_V1, Note, cosign, new_signing_key, parse_note
 from pcbo_dagster.evidence.envelope import sign_envelope
 from pcbo_dagster_tests.cli_runner import lake_dir, load_generator, run_pcbo, write_request
 from pcbo_dagster_tests.test_transparency_attacks import pcbo
+
+WITNESS = new_signing_key("witness.example/w1")
+WITNESS_VKEY = WITNESS.verifier(COSIGNATURE_V1).text
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,13 @@ def test_the_statement_says_what_the_run_did(package: dict[str, Any]) -> None:
     assert package["envelope"]["payloadType"] == "application/vnd.in-toto+json"
     predicate = statement["predicate"]
     assert predicate["run"]["runId"] == "ev1" and len(predicate["partitions"]) == 3
-    assert predicate["policies"]["requireConsent"] is True
+    commits = [
+        a["event"] for a in predicate["auditEvents"] if a["event"]["event_type"] == "partition_committed"
+    ]
+    assert {c["plan_hash"] for c in commits} == {predicate["run"]["planHash"]}
+    assert {c["decision_hash"] for c in commits} == {predicate["run"]["decisionHash"]}
+    # No event carries the run's status or its policies (those are in the version manifests, subjects).
+    assert "status" not in predicate["run"] and "policies" not in predicate
     assert predicate["checkpoint"].startswith("pcbo/events/v1\n4\n")
     assert {s["name"].rsplit("/", 1)[-1].split("-")[0] for s in statement["subject"]} == {
         "part",
@@ -142,8 +153,7 @@ def test_a_flipped_byte_in_a_proof_or_an_event_is_caught_even_when_signed_again(
             entry["inclusionProof"][0] = base64.b64encode(bytes(digest)).decode()
         else:
             entry["event"]["record_count"] += 1
-        payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
-        status, document = _verify(package, sign_envelope(payload, package["key"]))
+        status, document = _verify(package, _resigned(package, statement))
         assert status == 1, alter
         assert any(
             "inclusion proof does not verify" in p or "does not recompute" in p for p in document["problems"]
@@ -166,6 +176,231 @@ def test_a_flipped_byte_in_a_subject_file_is_caught_with_the_lake(
     assert document["problems"] == [
         f"{target.relative_to(lake).as_posix()}: its bytes do not have the subject's sha256"
     ]
+
+
+def _resigned(package: dict[str, Any], statement: dict[str, Any]) -> dict[str, Any]:
+    """What an insider holding the operator's key makes of an edited statement: a valid envelope."""
+    return sign_envelope(jcs(statement), package["key"])
+
+
+def _with_checkpoint(package: dict[str, Any], note: Note) -> dict[str, Any]:
+    statement = _statement(package["envelope"])
+    statement["predicate"]["checkpoint"] = note.render()
+    return _resigned(package, statement)
+
+
+def test_a_checkpoint_of_a_look_alike_origin_is_refused_even_witnessed(package: dict[str, Any]) -> None:
+    """An insider signs the run's log (here unchanged; a rewritten one in the red-team repro) under the
+    origin pcbo/fork/events/v1, which a witness never saw and so cosigns: not the log of events/v1."""
+    checkpoint, _ = parse_signed_checkpoint(_statement(package["envelope"])["predicate"]["checkpoint"])
+    fork = Checkpoint("pcbo/fork/events/v1", checkpoint.size, checkpoint.root).sign(package["key"])
+    fork = fork.with_signatures([cosign(fork.text, WITNESS, 1700000000)])
+    status, document = _verify(
+        package, _with_checkpoint(package, fork), "--witness-key", WITNESS_VKEY, "--min-witnesses", "1"
+    )
+    assert status == 1 and document["checkpoint"]["witnesses"] == 1
+    assert document["problems"] == [
+        "the checkpoint's origin pcbo/fork/events/v1 is not the log of events/v1 (pcbo/events/v1)"
+    ]
+    # The operator's own prefix, when it is not pcbo/, is the auditor's to give.
+    status, document = _verify(package, package["envelope"], "--origin-prefix", "example.com/pcbo/")
+    assert (
+        status == 1 and "is not the log of events/v1 (example.com/pcbo/events/v1)" in document["problems"][0]
+    )
+
+
+def test_min_witnesses_counts_only_the_witnesses_the_auditor_trusts(package: dict[str, Any]) -> None:
+    """Without witnesses the package proves what the operator's key signs; `--min-witnesses N` asks for
+    cosignatures of the `--witness-key`s given, and an insider's own cosigner key does not count."""
+    trust = ("--witness-key", WITNESS_VKEY, "--min-witnesses", "1")
+    status, document = _verify(package, package["envelope"], *trust)
+    assert status == 1
+    assert document["problems"] == ["0 of the 1 witness cosignature(s) required verify on the checkpoint"]
+    note = parse_note(_statement(package["envelope"])["predicate"]["checkpoint"])
+    insider = new_signing_key("witness.example/w1")  # the witness's name, the insider's key
+    status, document = _verify(
+        package, _with_checkpoint(package, note.with_signatures([cosign(note.text, insider, 1)])), *trust
+    )
+    assert status == 1 and document["checkpoint"]["witnesses"] == 0
+    witnessed = _with_checkpoint(package, note.with_signatures([cosign(note.text, WITNESS, 1700000000)]))
+    status, document = _verify(package, witnessed, *trust)
+    assert status == 0 and document["checkpoint"]["witnessedBy"] == ["witness.example/w1"]
+    assert _verify(package, witnessed, "--witness-key", WITNESS_VKEY, "--min-witnesses", "2")[0] == 2
+
+
+def test_a_payload_that_is_not_its_canonical_form_is_refused(package: dict[str, Any]) -> None:
+    """Signed bytes every reader must read alike: a second `subject` member (a first-wins parser would
+    read the decoy, a last-wins one the real list) or any other encoding than RFC 8785 is refused."""
+    real = jcs(_statement(package["envelope"])).decode()
+    decoy = json.dumps([{"name": "events/v1/x/part-evil.parquet", "digest": {"sha256": "ef" * 32}}])
+    twice = ('{"subject":' + decoy + "," + real[1:]).encode()
+    status, document = _verify(package, sign_envelope(twice, package["key"]))
+    assert status == 1
+    assert document["problems"] == ["the payload: not valid JSON: duplicate key 'subject' in an object"]
+    pretty = json.dumps(_statement(package["envelope"]), indent=1, sort_keys=True).encode()
+    status, document = _verify(package, sign_envelope(pretty, package["key"]))
+    assert status == 1 and document["problems"] == [
+        "the payload is not the RFC 8785 canonical form of its JSON"
+    ]
+
+
+def _lie_about_counts(statement: dict[str, Any]) -> None:
+    statement["predicate"]["partitions"][0]["recordCount"] += 1000
+    statement["predicate"]["countsByReason"] = {k: 0 for k in statement["predicate"]["countsByReason"]}
+
+
+def _lie_about_the_run(statement: dict[str, Any]) -> None:
+    statement["predicate"]["run"]["planHash"] = "sha256:" + "11" * 32
+
+
+def _claim_a_status(statement: dict[str, Any]) -> None:
+    statement["predicate"]["run"]["status"] = "committed-and-approved"
+
+
+def _claim_policies(statement: dict[str, Any]) -> None:
+    statement["predicate"]["policies"] = {"requireConsent": True, "onViolation": "block"}
+
+
+def _invent_an_approval(statement: dict[str, Any]) -> None:
+    statement["predicate"]["approvals"] = [
+        {"event_type": "rollout_approved", "by": "ciso@example.com", "eventHash": "sha256:" + "22" * 32}
+    ]
+
+
+def _change_a_manifest_checksum(statement: dict[str, Any]) -> None:
+    statement["predicate"]["partitions"][0]["manifestChecksum"] = "sha256:" + "cd" * 32
+
+
+def _add_a_decoy_subject(statement: dict[str, Any]) -> None:
+    decoy = json.loads(json.dumps(statement["subject"][0]))
+    decoy["digest"] = {"sha256": "ef" * 32}
+    statement["subject"].insert(0, decoy)  # the same name, another digest, listed first
+
+
+def _point_a_subject_elsewhere(statement: dict[str, Any]) -> None:
+    statement["subject"][0]["uri"] = "s3://attacker-bucket/forged.parquet"
+
+
+def _add_an_unchecked_digest(statement: dict[str, Any]) -> None:
+    statement["subject"][0]["digest"]["sha512"] = "00" * 64
+
+
+@pytest.mark.parametrize(
+    ("lie", "problem"),
+    [
+        (_lie_about_counts, "the predicate's countsByReason is not what the run's proven events say"),
+        (_lie_about_counts, "the predicate's partitions is not what the run's proven events say"),
+        (_change_a_manifest_checksum, "the predicate's partitions is not what the run's proven events say"),
+        (_lie_about_the_run, "the predicate's run is not what the run's proven events say"),
+        (_claim_a_status, "the predicate's run is not what the run's proven events say"),
+        (_claim_policies, "the statement holds members no event supports: policies"),
+        (_invent_an_approval, "the predicate's approvals is not what the run's proven events say"),
+        (_add_a_decoy_subject, "the subjects are not exactly the files and manifests"),
+        (_point_a_subject_elsewhere, "the subjects are not exactly the files and manifests"),
+        (_add_an_unchecked_digest, "the subjects are not exactly the files and manifests"),
+    ],
+)
+def test_a_claim_the_proven_events_do_not_make_is_refused(
+    package: dict[str, Any], lie: Any, problem: str
+) -> None:
+    """An insider with the operator's key edits the claims and signs the envelope again, keeping the
+    real checkpoint, events and inclusion proofs: every claim is recomputed from the proven events."""
+    statement = _statement(package["envelope"])
+    lie(statement)
+    status, document = _verify(
+        package, _resigned(package, statement), "--lake", str(lake_dir(package["home"]))
+    )
+    assert status == 1 and any(p.startswith(problem) for p in document["problems"]), document["problems"]
+
+
+def _drop_partition(statement: dict[str, Any], key: str) -> None:
+    """The partition's commit event, its entry and its subjects left out, all else consistent."""
+    predicate = statement["predicate"]
+    predicate["partitions"] = [p for p in predicate["partitions"] if p["key"] != key]
+    predicate["auditEvents"] = [
+        a for a in predicate["auditEvents"] if a["event"].get("partition", {}).get("key") != key
+    ]
+    statement["subject"] = [s for s in statement["subject"] if f"/{key}/" not in s["name"]]
+    by_reason: dict[str, int] = {}
+    for a in predicate["auditEvents"]:
+        for reason, count in a["event"].get("counts", {}).get("by_reason", {}).items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    predicate["countsByReason"] = dict(sorted(by_reason.items()))
+
+
+def test_a_committed_partition_left_out_shows_against_the_intent(package: dict[str, Any]) -> None:
+    statement = _statement(package["envelope"])
+    intent = statement["predicate"]["auditEvents"][0]["event"]
+    assert intent["event_type"] == "partition_commit_intent"
+    dropped = intent["partitions"][-1]
+    _drop_partition(statement, dropped["key"])
+    status, document = _verify(package, _resigned(package, statement))
+    assert status == 1 and document["problems"] == [
+        f"partition {dropped['key']} version 1: named by the commit intent of seq 0, and no commit of it "
+        "follows in the package"
+    ]
+    # Without the intent, the commits the package keeps follow no intent.
+    statement["predicate"]["auditEvents"].pop(0)
+    status, document = _verify(package, _resigned(package, statement))
+    assert status == 1 and len(document["problems"]) == 2
+    assert all("follows no intent in the package" in p for p in document["problems"])
+
+
+def test_a_promotion_package_carries_the_approval_it_relied_on(tmp_path: Path) -> None:
+    """The production run of a promoted rollout: its package holds the approval event its promotion
+    names, and verifies; without that event (and its approvals entry) it does not."""
+    import time
+
+    from pcbo_dagster_tests.approver_keys import CY, key_file
+    from pcbo_dagster_tests.test_rollout_cli import KEYS, QUICK_SOAK_CONFIG
+
+    records = [
+        {"id": f"s-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n * 10:02d}:00Z", "jurisdiction": "US"}
+        | {"consentGranted": n != 3}
+        for h in range(4)
+        for n in range(5)
+    ]
+    (tmp_path / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    key_file(tmp_path, CY)
+    key = new_signing_key("ops.example/operator")
+    (tmp_path / "operator.key").write_text(key.text + "\n")
+    (tmp_path / "operator.key").chmod(0o600)
+
+    def pcbo(*args: str) -> Any:
+        run = run_pcbo(
+            list(args),
+            home=tmp_path / "home",
+            cwd=tmp_path,
+            env={"PCBO_SIGNING_KEY": str(tmp_path / "operator.key")},
+        )
+        assert run.status == 0, run.stderr
+        return run
+
+    config = ("--config", "datasets.yaml")
+    window = ("--from", KEYS[0], "--to", KEYS[-1])
+    pcbo("rollout", "start", *config, "--dataset", "sessions", *window, "--name", "r3", "--by", "ana")
+    time.sleep(1.3)  # the soak window (0.02 minutes) ends
+    pcbo("rollout", "soak", "r3", *config)
+    pcbo("approve", "r3", "--key", "cy.key", "--reason", "numbers reviewed", *config)
+    pcbo("rollout", "promote", "r3", "--by", "dee", *config)
+    envelope = pcbo("evidence", "export", "--run", "rollout-r3-production").document
+    vkey = key.verifier().text
+    path = tmp_path / "package.json"
+    path.write_text(json.dumps(envelope))
+    status, document = offline(tmp_path, "evidence", "verify", str(path), "--key", vkey)
+    assert status == 0 and document["valid"], document["problems"]
+    predicate = _statement(envelope)["predicate"]
+    assert [a["by"] for a in predicate["approvals"]] == [CY.name]
+    statement = _statement(envelope)
+    statement["predicate"]["auditEvents"] = [
+        a for a in statement["predicate"]["auditEvents"] if a["event"]["event_type"] != "rollout_approved"
+    ]
+    statement["predicate"]["approvals"] = []
+    path.write_text(json.dumps(sign_envelope(jcs(statement), key)))
+    status, document = offline(tmp_path, "evidence", "verify", str(path), "--key", vkey)
+    assert status == 1
+    assert document["problems"] == ["the package lacks an approval event the run's promotion relied on"]
 
 
 def test_another_key_does_not_open_the_package(package: dict[str, Any]) -> None:

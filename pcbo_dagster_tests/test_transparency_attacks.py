@@ -28,7 +28,7 @@ from pcbo_dagster.cli import main as cli
 from pcbo_dagster.core.audit_chain import build_event
 from pcbo_dagster.core.checkpoints import parse_signed_checkpoint
 from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key
-from pcbo_dagster.witness.server import Witness, make_server
+from pcbo_dagster.witness.server import LogKey, Witness, make_server
 from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, write_request
 
 CHAIN = "events/v1"
@@ -81,7 +81,9 @@ def witness_server(tmp_path: Path) -> Iterator[Callable[[Keys], str]]:
     servers = []
 
     def start(keys: Keys) -> str:
-        witness = Witness(keys.witness, str(tmp_path / "witness.db"), [keys.operator.verifier()], ["pcbo/"])
+        witness = Witness(
+            keys.witness, str(tmp_path / "witness.db"), [LogKey("pcbo/", keys.operator.verifier())]
+        )
         server = make_server(witness, "127.0.0.1", 0)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

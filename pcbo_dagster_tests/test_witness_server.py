@@ -15,7 +15,7 @@ import pytest
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.checkpoints import Checkpoint, add_checkpoint_body
 from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key, parse_note, verify_cosignatures
-from pcbo_dagster.witness.server import Witness, make_server
+from pcbo_dagster.witness.server import LogKey, Witness, make_server
 
 LEAVES = [f"event {i}".encode() for i in range(12)]
 LOG = new_signing_key("ops.example/operator")
@@ -25,7 +25,12 @@ WITNESS = new_signing_key("witness.example/w1")
 
 @pytest.fixture
 def url(tmp_path: Path) -> Iterator[str]:
-    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LOG.verifier()], ["pcbo/"], clock=lambda: 1700000000)
+    witness = Witness(
+        WITNESS,
+        str(tmp_path / "w.db"),
+        [LogKey("pcbo/", LOG.verifier()), LogKey("pcbo/tenant-b/", OTHER_LOG.verifier())],
+        clock=lambda: 1700000000,
+    )
     server = make_server(witness, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -83,3 +88,49 @@ def test_the_witness_answers_as_the_protocol_says(url: str) -> None:
     with urllib.request.urlopen(f"{url}/{origin_hash}/checkpoint", timeout=10) as answer:
         latest = parse_note(answer.read())
     assert latest.text == parse_note(_note(8)).text and len(latest.signatures) == 2
+
+
+def test_a_log_key_counts_only_for_the_origins_it_is_bound_to(url: str) -> None:
+    """c2sp.org/tlog-witness: a checkpoint verifies under the key of *its* log. Tenant B's key, trusted
+    for pcbo/tenant-b/..., can neither fork nor extend pcbo/events/v1 (nor start a log under it)."""
+    assert _post(url, 0, [], _note(5))[0] == 200
+    extended = merkle.consistency_proof(LEAVES[:8], 5)
+    assert _post(url, 5, extended, _note(8, key=OTHER_LOG))[0] == 403  # B extending A's log
+    assert _post(url, 0, [], _note(3, key=OTHER_LOG, origin="pcbo/new/v1"))[0] == 403  # B's new log under A
+    # A look-alike origin is no log of either prefix; B's own logs are witnessed, and A's key does not
+    # count for them.
+    assert _post(url, 0, [], _note(3, key=OTHER_LOG, origin="pcbo/tenant-b/events/v1/x"))[0] == 404
+    assert _post(url, 0, [], _note(3, key=LOG, origin="pcbo/tenant-b/events/v1"))[0] == 403
+    assert _post(url, 0, [], _note(3, key=OTHER_LOG, origin="pcbo/tenant-b/events/v1"))[0] == 200
+    assert _post(url, 5, extended, _note(8))[0] == 200  # A's log still moves on with A's key
+
+
+@pytest.mark.parametrize(
+    "prefixes",
+    [("pcbo/", "pcbo/"), ("pcbo/", "pcbo/a"), ("pcbo-", "pcbo-b")],
+)
+def test_two_log_keys_are_never_bound_to_one_origin(tmp_path: Path, prefixes: tuple[str, str]) -> None:
+    logs = [LogKey(prefixes[0], LOG.verifier()), LogKey(prefixes[1], OTHER_LOG.verifier())]
+    with pytest.raises(ValueError, match="bind each log key"):
+        Witness(WITNESS, str(tmp_path / "w.db"), logs)
+
+
+def test_witness_serve_refuses_log_keys_bound_to_the_same_origins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two bare `--log-key`s would both be bound to pcbo/: refused (exit 2) before anything listens."""
+    from pcbo_dagster.cli import main as cli
+    from pcbo_dagster.witness import server
+
+    def listen(*args: object) -> None:
+        raise AssertionError("the witness would listen with two keys for one origin")
+
+    monkeypatch.setattr(server, "make_server", listen)
+
+    key_file = tmp_path / "witness.key"
+    key_file.write_text(WITNESS.text + "\n")
+    key_file.chmod(0o600)
+    common = ["witness", "serve", "--key", str(key_file), "--db", str(tmp_path / "w.db"), "--port", "0"]
+    both = ["--log-key", LOG.verifier().text, "--log-key", OTHER_LOG.verifier().text]
+    assert cli.main([*common, *both]) == 2
+    assert not (tmp_path / "w.db").exists()

@@ -5,12 +5,13 @@ pcbo log publish --dataset D               sign a checkpoint now if the log grew
 pcbo log prove-inclusion --dataset D --seq N [--size S]
 pcbo log prove-consistency --dataset D --from S1 [--to S2]
 pcbo log verify-proof --proof FILE --key VKEY [--checkpoint FILE ...]   offline
-pcbo witness serve --key FILE --db PATH --log-key VKEY [--origin-prefix P] [--host H] [--port N]
+pcbo witness serve --key FILE --db PATH --log-key '[PREFIX ]VKEY' ... [--origin-prefix P] [--port N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,14 +92,22 @@ def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_witness_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.core.checkpoints import DEFAULT_ORIGIN_PREFIX
     from pcbo_dagster.engine.transparency_log import load_signing_key, parse_key_argument
-    from pcbo_dagster.witness.server import Witness, make_server, started_line
+    from pcbo_dagster.witness.server import LogKey, Witness, make_server, started_line
 
     key = load_signing_key(Path(args.key).expanduser(), "--key")
-    log_keys = [parse_key_argument(k, "--log-key") for k in args.log_key]
+    logs = []
+    for text in args.log_key:
+        prefix, _, vkey = ("", "", text) if os.path.exists(text) else text.strip().rpartition(" ")
+        bound = [prefix.strip()] if prefix else args.origin_prefix or [DEFAULT_ORIGIN_PREFIX]
+        logs += [LogKey(p, parse_key_argument(vkey, "--log-key")) for p in bound]
     if not Path(args.db).expanduser().resolve().parent.is_dir():
         raise InvalidInput("--db", f"the directory of {args.db} does not exist")
-    witness = Witness(key, str(Path(args.db).expanduser()), log_keys, args.origin_prefix or ["pcbo/"])
+    try:
+        witness = Witness(key, str(Path(args.db).expanduser()), logs)
+    except ValueError as exc:
+        raise InvalidInput("--log-key", str(exc)) from None
     server = make_server(witness, args.host, args.port)
     print(started_line(server, witness), flush=True)
     try:
@@ -160,12 +169,14 @@ def add_log_commands(sub: Any) -> None:
         "--log-key",
         required=True,
         action="append",
-        help="a log (operator) verifier key it trusts (repeatable)",
+        metavar="[PREFIX ]VKEY",
+        help="a log (operator) verifier key it trusts, for the logs <PREFIX><dataset>/<versionLabel> "
+        "only (repeatable; each prefix one key). Without PREFIX: for the --origin-prefix logs",
     )
     p.add_argument(
         "--origin-prefix",
         action="append",
-        help="log origins it witnesses start with this (repeatable; default pcbo/)",
+        help="the origin prefix of a --log-key given without one (repeatable; default pcbo/)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument(

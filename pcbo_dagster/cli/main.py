@@ -114,7 +114,11 @@ def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
 def _trusted_checkpoint(args: argparse.Namespace) -> Any:
     """`--trusted-checkpoint FILE --key VKEY [--witness-key VKEY ...] [--min-witnesses N]`, checked
     before anything is opened (bad input: exit 2)."""
-    from pcbo_dagster.engine.transparency_log import parse_key_argument, read_trusted_checkpoint
+    from pcbo_dagster.engine.transparency_log import (
+        parse_key_argument,
+        read_trusted_checkpoint,
+        witness_requirement,
+    )
     from pcbo_dagster.engine.verify import TrustedCheckpoint
 
     given = [args.key is not None, bool(args.witness_key), args.min_witnesses is not None]
@@ -127,12 +131,7 @@ def _trusted_checkpoint(args: argparse.Namespace) -> Any:
     key = parse_key_argument(args.key, "--key")
     data, _ = read_input(args.trusted_checkpoint, flag="--trusted-checkpoint")
     checkpoint, note = read_trusted_checkpoint(data, key, "--trusted-checkpoint")
-    witness_keys = [parse_key_argument(k, "--witness-key") for k in args.witness_key or []]
-    minimum = args.min_witnesses or 0
-    if minimum < 0 or minimum > len(witness_keys):
-        raise InvalidInput(
-            "--min-witnesses", f"must be between 0 and the {len(witness_keys)} --witness-key given"
-        )
+    witness_keys, minimum = witness_requirement(args.witness_key, args.min_witnesses)
     return TrustedCheckpoint(checkpoint, note, witness_keys, minimum)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.merkle import EMPTY_ROOT, HASH_SIZE
 from pcbo_dagster.core.signed_note import (
     Note,
@@ -58,6 +59,19 @@ class Checkpoint:
 def origin_for(chain_key: str, prefix: str = DEFAULT_ORIGIN_PREFIX) -> str:
     """The log origin of an audit chain: `<prefix><dataset>/<versionLabel>`."""
     return prefix + chain_key
+
+
+def chain_of_origin(origin: str, prefix: str = DEFAULT_ORIGIN_PREFIX) -> str | None:
+    """The audit chain `<dataset>/<versionLabel>` whose log has exactly this origin under `prefix`
+    (`origin_for`'s inverse), or None. A log's origin names one chain: `pcbo/fork/events/v1` is no
+    origin of `events/v1` under `pcbo/`, and with prefixes ending in `/` no origin is of two prefixes."""
+    if not origin.startswith(prefix):
+        return None
+    try:
+        split_chain_key(origin[len(prefix) :])
+    except ValueError:
+        return None
+    return origin[len(prefix) :]
 
 
 def parse_checkpoint_text(text: str) -> Checkpoint:

@@ -31,7 +31,13 @@ from typing import Any
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs
-from pcbo_dagster.core.checkpoints import Checkpoint, CheckpointError, origin_for, parse_signed_checkpoint
+from pcbo_dagster.core.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    chain_of_origin,
+    origin_for,
+    parse_signed_checkpoint,
+)
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.signed_note import (
     Note,
@@ -93,6 +99,16 @@ def parse_key_argument(text: str, field: str) -> VerifierKey:
         return parse_verifier_key(candidate)
     except NoteError as exc:
         raise InvalidInput(field, str(exc)) from None
+
+
+def witness_requirement(texts: list[str] | None, minimum: int | None) -> tuple[list[VerifierKey], int]:
+    """`--witness-key VKEY ...` and `--min-witnesses N`: the witnesses' cosigner keys and N (0 when not
+    given); `InvalidInput` unless N is between 0 and the number of keys."""
+    keys = [parse_key_argument(text, "--witness-key") for text in texts or []]
+    required = minimum or 0
+    if required < 0 or required > len(keys):
+        raise InvalidInput("--min-witnesses", f"must be between 0 and the {len(keys)} --witness-key given")
+    return keys, required
 
 
 def witnesses_of(entries: tuple[str, ...], field: str = "PCBO_WITNESSES") -> list[Witness]:
@@ -215,16 +231,6 @@ def read_trusted_checkpoint(data: bytes, key: VerifierKey, field: str) -> tuple[
     except (CheckpointError, NoteError) as exc:
         raise InvalidInput(field, f"not a checkpoint signed by {key.name}: {exc}") from None
     return checkpoint, note
-
-
-def chain_of_origin(origin: str, prefix: str) -> str | None:
-    if not origin.startswith(prefix):
-        return None
-    try:
-        split_chain_key(origin[len(prefix) :])
-    except ValueError:
-        return None
-    return origin[len(prefix) :]
 
 
 def check_against_checkpoint(

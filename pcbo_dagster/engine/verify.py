@@ -41,7 +41,7 @@ from pcbo_dagster.catalog.schema import append_only_trigger_names
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, PartitionHistory, replay
-from pcbo_dagster.core.checkpoints import Checkpoint
+from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.signed_note import Note, VerifierKey
@@ -56,7 +56,6 @@ from pcbo_dagster.engine.crash_windows import (
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_partition
 from pcbo_dagster.engine.transparency_log import (
-    chain_of_origin,
     check_against_checkpoint,
     check_stored_logs,
     publish,

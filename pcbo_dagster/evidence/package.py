@@ -1,48 +1,249 @@
 """Evidence packages of a run: `pcbo evidence export --run R` and `pcbo evidence verify FILE --key K`.
 
 A package is a DSSE envelope (`evidence/envelope.py`), payloadType `application/vnd.in-toto+json`,
-signed with the operator's key, around an in-toto Statement v1:
+signed with the operator's key, around an in-toto Statement v1 (its RFC 8785 bytes):
 
 - `subject`: every parquet file the run's commits wrote and every version manifest, each
   `{name: <lake-relative path>, uri, digest: {sha256}}`;
 - `predicateType`: `urn:pcbo_dagster:evidence:v1`; `predicate`: the run (id, dataset, version label,
-  plan and decision hashes), the policies (from the run's first committed manifest), counts by
-  reason, the partitions (key, version, Merkle root, record count, manifest checksum, event hash),
-  the run's audit events (its commits and intents, rollbacks, restorations, and the promotion and
-  approval events naming it) each with an RFC 6962 inclusion proof against the signed checkpoint
-  the package carries (`checkpoint`, with its witness cosignatures), and the approvals.
+  plan and decision hashes), counts by reason, the partitions (key, version, Merkle root, record
+  count, manifest checksum, event hash), the run's audit events (its commits and intents, rollbacks,
+  restorations, and the promotion and approval events naming it) each with an RFC 6962 inclusion
+  proof against the signed checkpoint the package carries (`checkpoint`, with its witness
+  cosignatures), and the approvals.
+
+Every claim besides the checkpoint and the events is derived from the events alone (`claims_of`):
+export writes what they say, and verify recomputes it from the events whose inclusion it proved and
+refuses a package that says anything else, or more (an insider re-signing the envelope with the
+operator's key can add no claim the log does not carry). What no event carries is not in a package:
+the run's status (the catalog's), and its policies (in each version manifest, a subject: read them
+from the lake, whose bytes `--lake` checks).
 
 Verification needs no catalog and no lake: the envelope's signature, the checkpoint's signature (same
-key), each event's hash and inclusion proof, and that the subjects, partitions and events say the same
-things. With a lake (`--lake URL`) every subject's bytes are read and their SHA-256 compared.
+key) and origin (exactly the log of the run's chain), each event's hash and inclusion proof, that the
+events are the run's (and the approvals its promotion relied on), every intent's partitions completed
+by the package's events and every completion announced by an intent, and the claims. With a lake
+(`--lake URL`) every subject's bytes are read and their SHA-256 compared. The operator's key alone
+signs anything an insider holding it wants (another history, under the real origin, included): only
+cosignatures of witnesses the verifier trusts (`--witness-key`, `--min-witnesses N`), which never
+cosign a history inconsistent with the one they saw, bind the package to the log everyone else sees.
+A package does not prove that the log holds no other event of the run: an omitted intent with all its
+commits leaves no trace in it (`pcbo verify --trusted-checkpoint` checks the whole chain).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Mapping
 from typing import Any
 
-from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.audit_chain import split_chain_key
+from pcbo_dagster.core.canonical import CanonicalizationError, jcs
 from pcbo_dagster.core.chain_state import (
+    PARTITION_COMMIT_INTENT,
     PARTITION_COMMITTED,
+    PARTITION_ROLLBACK_INTENT,
+    PARTITION_ROLLED_BACK,
 )
-from pcbo_dagster.core.checkpoints import CheckpointError, parse_signed_checkpoint
-from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.core.signed_note import NoteError, VerifierKey, b64, verify_cosignatures, verify_note
+from pcbo_dagster.core.checkpoints import (
+    DEFAULT_ORIGIN_PREFIX,
+    CheckpointError,
+    chain_of_origin,
+    origin_for,
+    parse_signed_checkpoint,
+)
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.core.signed_note import (
+    NoteError,
+    VerifierKey,
+    b64,
+    parse_verifier_key,
+    verify_cosignatures,
+    verify_note,
+)
 from pcbo_dagster.core.transparency_log import event_inclusion_problems
 from pcbo_dagster.evidence.envelope import EnvelopeError, open_envelope, sign_envelope
-from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.lake import layout
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "urn:pcbo_dagster:evidence:v1"
+#: `rollout/approvals.py`'s and `rollout/promotion.py`'s event types (not imported: an offline verifier
+#: would load the whole engine with them).
 APPROVAL_EVENTS = ("rollout_approved", "rollout_rejected")
+ROLLOUT_PROMOTED = "rollout_promoted"
+STATEMENT_FIELDS = {"_type", "subject", "predicateType", "predicate"}
+#: The predicate's members: the claims `claims_of` derives, the checkpoint and the events.
+CLAIMS = ("run", "countsByReason", "partitions", "approvals")
+PREDICATE_FIELDS = {*CLAIMS, "checkpoint", "auditEvents"}
+AUDIT_EVENT_FIELDS = {"event", "leafIndex", "treeSize", "inclusionProof"}
+_SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+class ClaimError(ValueError):
+    """Events that cannot support a package's claims (not of the shape pcbo writes, or disagreeing)."""
 
 
 def _run_events(events: list[dict], run_id: str) -> list[dict]:
     """The run's events, and the approval events its promotion relied on, in chain order."""
     own = [e for e in events if e.get("run_id") == run_id]
-    relied = {e.get("approval_event_hash") for e in own if e.get("event_type") == "rollout_promoted"}
-    return [e for e in events if e in own or e.get("chain", {}).get("event_hash") in relied]
+    relied = {e.get("approval_event_hash") for e in own if e.get("event_type") == ROLLOUT_PROMOTED}
+    return [
+        e
+        for e in events
+        if e in own or (e.get("event_type") in APPROVAL_EVENTS and e["chain"]["event_hash"] in relied)
+    ]
+
+
+def _subject(name: str, uri: Any, checksum: Any) -> dict[str, Any]:
+    """A subject: `uri` must be the lake's URI of `name` (it ends with `/<name>`), `checksum` a
+    `sha256:<hex>`."""
+    digest = _SHA256.fullmatch(checksum) if isinstance(checksum, str) else None
+    if not isinstance(uri, str) or not uri.endswith("/" + name) or digest is None:
+        raise ClaimError(f"{name}: its event names no lake URI of it or no sha256 ({uri!r}, {checksum!r})")
+    return {"name": name, "uri": uri, "digest": {"sha256": digest.group(1)}}
+
+
+def _one_value(events: list[dict], field: str) -> Any:
+    """The one value of `field` the events carrying it agree on (None when none carries it)."""
+    values = {jcs(e[field]): e[field] for e in events if e.get(field) is not None}
+    if len(values) > 1:
+        raise ClaimError(f"the run's events name {len(values)} different {field} values")
+    return next(iter(values.values()), None)
+
+
+def _count(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ClaimError(f"{where}: not a count")
+    return value
+
+
+def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str) -> dict[str, Any]:
+    """Every claim of the package of run `run_id` of chain `<dataset>/<versionLabel>` besides its
+    checkpoint and events, from `events` alone (the run's, and the approvals its promotion relied on,
+    in chain order): `{"subject", "run", "countsByReason", "partitions", "approvals"}`. What export
+    writes and verify recomputes from the proven events. `ClaimError` when the events cannot say."""
+    own = [e for e in events if e.get("run_id") == run_id]
+    subjects: dict[str, dict[str, Any]] = {}
+    partitions: list[dict[str, Any]] = []
+    by_reason: dict[str, int] = {}
+    try:
+        for event in own:
+            if event.get("event_type") != PARTITION_COMMITTED:
+                continue
+            part = event["partition"]
+            key, version = part["key"], part["version"]
+            layout.check_partition(dataset, version_label, key)
+            if type(version) is not int:
+                raise ClaimError(f"partition {key}: its version is not a number")
+            if (part["dataset"], part["version_label"]) != (dataset, version_label):
+                raise ClaimError(f"partition {key}: its commit event is of another dataset version")
+            if any((p["key"], p["version"]) == (key, version) for p in partitions):
+                raise ClaimError(f"partition {key} version {version}: two commit events")
+            named = [
+                _subject(
+                    layout.data_file_path(
+                        dataset,
+                        version_label,
+                        key,
+                        f"{layout.partition_dir(dataset, version_label, key)}/{n}",
+                    ),
+                    table["storage_path"],
+                    table["checksum"],
+                )
+                for n, table in sorted(event["tables"].items())
+            ]
+            named.append(
+                _subject(
+                    layout.version_manifest(dataset, version_label, key, version),
+                    event["manifest"]["version_uri"],
+                    event["manifest"]["checksum"],
+                )
+            )
+            for subject in named:
+                if subjects.setdefault(subject["name"], subject) != subject:
+                    raise ClaimError(f"{subject['name']}: two commit events give it different digests")
+            for reason, count in sorted(event["counts"]["by_reason"].items()):
+                by_reason[reason] = by_reason.get(reason, 0) + _count(count, f"partition {key} {reason}")
+            partitions.append(
+                {
+                    "key": key,
+                    "version": version,
+                    "merkleRoot": event["merkle_root"],
+                    "recordCount": _count(event["record_count"], f"partition {key} record_count"),
+                    "manifestChecksum": event["manifest"]["checksum"],
+                    "eventHash": event["chain"]["event_hash"],
+                }
+            )
+        approvals = [
+            {k: e.get(k) for k in ("event_type", "rollout", "decision", "decision_hash", "by", "reason")}
+            | {"eventHash": e["chain"]["event_hash"], "signedApproval": e.get("signed_approval")}
+            for e in events
+            if e.get("event_type") in APPROVAL_EVENTS
+        ]
+        run = {
+            "runId": run_id,
+            "dataset": dataset,
+            "versionLabel": version_label,
+            "planHash": _one_value(own, "plan_hash"),
+            "decisionHash": _one_value(own, "decision_hash"),
+        }
+    except ClaimError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError, CanonicalizationError) as exc:
+        raise ClaimError(f"an event of the run is not of the shape pcbo writes: {exc!r}") from None
+    return {
+        "subject": [subjects[name] for name in sorted(subjects)],
+        "run": run,
+        "countsByReason": dict(sorted(by_reason.items())),
+        "partitions": partitions,
+        "approvals": approvals,
+    }
+
+
+def _fields(value: Any, *names: str) -> tuple[Any, ...]:
+    """`value`'s members `names` (None for each when it is no JSON object)."""
+    return tuple(value.get(n) for n in names) if isinstance(value, Mapping) else (None,) * len(names)
+
+
+def _completion_problems(events: list[dict]) -> list[str]:
+    """Every partition an intent of the package names completed by a later event of the package, and
+    every completion announced by an earlier intent: a commit (or a rollback) left out shows."""
+    problems: list[str] = []
+    pairs = (
+        (PARTITION_COMMIT_INTENT, PARTITION_COMMITTED, "commit"),
+        (PARTITION_ROLLBACK_INTENT, PARTITION_ROLLED_BACK, "rollback"),
+    )
+    for intent_type, completion_type, what in pairs:
+        announced: list[tuple[int, tuple[Any, ...]]] = []
+        completed: list[tuple[int, tuple[Any, ...]]] = []
+        for event in events:
+            seq = event["chain"]["seq"]
+            if event.get("event_type") == intent_type:
+                entries = event.get("partitions")
+                for entry in entries if isinstance(entries, list) and entries else [None]:
+                    announced.append((seq, _fields(entry, "key", "version", "manifest_checksum")))
+            elif event.get("event_type") == completion_type:
+                key_version = _fields(event.get("partition"), "key", "version")
+                if what == "commit":
+                    checksum = _fields(event.get("manifest"), "checksum")
+                else:
+                    checksum = _fields(event, "undone_manifest_checksum")
+                completed.append((seq, key_version + checksum))
+        for seq, named in announced:
+            if not any(s > seq and c == named for s, c in completed):
+                problems.append(
+                    f"partition {named[0]} version {named[1]}: named by the {what} intent of seq {seq}, "
+                    f"and no {what} of it follows in the package"
+                )
+        for seq, named in completed:
+            if not any(s < seq and a == named for s, a in announced):
+                problems.append(
+                    f"partition {named[0]} version {named[1]}: the {what} of seq {seq} follows no intent "
+                    "in the package"
+                )
+    return problems
 
 
 def export(env: Any, run_id: str) -> dict[str, Any]:
@@ -61,6 +262,12 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
     chosen = _run_events(events, run_id)
     if not chosen:
         raise InvalidInput("--run", f"no audit event of {chain_key} names run {run_id!r}")
+    try:
+        claims = claims_of(chosen, run_id, run["dataset"], run["version_label"])
+    except ClaimError as exc:
+        raise IntegrityError(
+            f"run {run_id}: its audit events cannot make an evidence package: {exc}"
+        ) from None
     last_seq = max(e["chain"]["seq"] for e in chosen)
     latest = env.catalog.latest_checkpoint(chain_key)
     if latest is None or latest["tree_size"] <= last_seq:
@@ -73,60 +280,12 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
             e["chain"]["seq"]: [b64(h) for h in reader.inclusion_proof(e["chain"]["seq"], size)]
             for e in chosen
         }
-    subjects: dict[str, dict[str, Any]] = {}
-    partitions: list[dict[str, Any]] = []
-    by_reason: dict[str, int] = {}
-    policies = None
-    for event in chosen:
-        if event.get("event_type") != PARTITION_COMMITTED:
-            continue
-        part = event["partition"]
-        key, version = part["key"], part["version"]
-        base = layout.partition_dir(run["dataset"], run["version_label"], key)
-        for name, table in sorted(event["tables"].items()):
-            subjects[f"{base}/{name}"] = {
-                "name": f"{base}/{name}",
-                "uri": table["storage_path"],
-                "digest": {"sha256": table["checksum"].removeprefix("sha256:")},
-            }
-        manifest_rel = layout.version_manifest(run["dataset"], run["version_label"], key, version)
-        subjects[manifest_rel] = {
-            "name": manifest_rel,
-            "uri": event["manifest"]["version_uri"],
-            "digest": {"sha256": event["manifest"]["checksum"].removeprefix("sha256:")},
-        }
-        if policies is None:
-            data = env.lake.read_if_exists(manifest_rel)
-            if data is not None and manifests.checksum(data) == event["manifest"]["checksum"]:
-                policies = manifests.decode(data).get("policies")
-        for reason, count in event["counts"]["by_reason"].items():
-            by_reason[reason] = by_reason.get(reason, 0) + count
-        partitions.append(
-            {
-                "key": key,
-                "version": version,
-                "merkleRoot": event["merkle_root"],
-                "recordCount": event["record_count"],
-                "manifestChecksum": event["manifest"]["checksum"],
-                "eventHash": event["chain"]["event_hash"],
-            }
-        )
     statement = {
         "_type": STATEMENT_TYPE,
-        "subject": [subjects[name] for name in sorted(subjects)],
+        "subject": claims["subject"],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
-            "run": {
-                "runId": run_id,
-                "dataset": run["dataset"],
-                "versionLabel": run["version_label"],
-                "planHash": run["plan_hash"],
-                "decisionHash": run["decision_hash"],
-                "status": run["status"],
-            },
-            "policies": policies,
-            "countsByReason": dict(sorted(by_reason.items())),
-            "partitions": partitions,
+            **{name: claims[name] for name in CLAIMS},
             "checkpoint": full_note(latest).render(),
             "auditEvents": [
                 {
@@ -137,32 +296,46 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
                 }
                 for e in chosen
             ],
-            "approvals": [
-                {k: e.get(k) for k in ("event_type", "rollout", "decision", "decision_hash", "by", "reason")}
-                | {"eventHash": e["chain"]["event_hash"], "signedApproval": e.get("signed_approval")}
-                for e in chosen
-                if e.get("event_type") in APPROVAL_EVENTS
-            ],
         },
     }
     return sign_envelope(jcs(statement), env.signing_key)
 
 
+def _read_payload(payload: bytes) -> tuple[Any, str | None]:
+    """The statement a signed payload holds, or why it holds none: the payload must be exactly the
+    RFC 8785 bytes of one JSON value, so every reader sees the same statement (no duplicate member that
+    one parser takes first and another last, no second encoding of the same statement)."""
+    try:
+        statement = parse_json_strict(payload, what="the payload").value
+        canonical = jcs(statement) == payload
+    except InvalidInput as exc:
+        return None, f"the payload: {exc.message}"
+    except CanonicalizationError as exc:
+        return None, f"the payload has no RFC 8785 form: {exc}"
+    if not canonical:
+        return None, "the payload is not the RFC 8785 canonical form of its JSON"
+    return statement, None
+
+
 def verify(
-    document: Any, key: VerifierKey, lake: Any = None, witness_keys: list[VerifierKey] | None = None
+    document: Any,
+    key: VerifierKey,
+    lake: Any = None,
+    witness_keys: list[VerifierKey] | None = None,
+    min_witnesses: int = 0,
+    origin_prefix: str = DEFAULT_ORIGIN_PREFIX,
 ) -> dict[str, Any]:
     """Check a package offline (module doc); `{"valid", "problems", ...}`. `lake`: a `LakeStorage`
-    whose subjects' bytes are checked too."""
-    import json
-
+    whose subjects' bytes are checked too. The checkpoint's origin must be exactly the log of the run's
+    chain under `origin_prefix`, and carry at least `min_witnesses` cosignatures of `witness_keys`."""
     problems: list[str] = []
     try:
         payload = open_envelope(document, key)
-        statement = json.loads(payload.decode("utf-8"))
     except EnvelopeError as exc:
         return {"valid": False, "problems": [str(exc)]}
-    except (UnicodeDecodeError, ValueError) as exc:
-        return {"valid": False, "problems": [f"the payload is not JSON: {exc}"]}
+    statement, problem = _read_payload(payload)
+    if problem is not None:
+        return {"valid": False, "problems": [problem]}
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         return {
             "valid": False,
@@ -171,66 +344,66 @@ def verify(
     if statement.get("predicateType") != PREDICATE_TYPE or not isinstance(statement.get("predicate"), dict):
         return {"valid": False, "problems": [f"the predicate is not {PREDICATE_TYPE}"]}
     predicate = statement["predicate"]
-    run = predicate.get("run") or {}
-    dataset, version_label = str(run.get("dataset")), str(run.get("versionLabel"))
+    extra = sorted(set(statement) - STATEMENT_FIELDS) + sorted(set(predicate) - PREDICATE_FIELDS)
+    if extra:
+        problems.append(f"the statement holds members no event supports: {', '.join(extra)}")
+    run = predicate.get("run")
+    run_id, dataset, version_label = _fields(run, "runId", "dataset", "versionLabel")
     chain_key = f"{dataset}/{version_label}"
+    try:
+        if not isinstance(run_id, str) or not isinstance(dataset, str) or not isinstance(version_label, str):
+            raise ValueError(run)
+        split_chain_key(chain_key)
+    except ValueError:
+        return {"valid": False, "problems": ["the predicate names no run (runId, dataset, versionLabel)"]}
     try:
         checkpoint, note = parse_signed_checkpoint(predicate.get("checkpoint") or "")
         verify_note(note, [key])
         cosigned = verify_cosignatures(note, witness_keys or [])
     except (CheckpointError, NoteError) as exc:
         return {"valid": False, "problems": [f"the package's checkpoint: {exc}"]}
-    if not checkpoint.origin.endswith("/" + chain_key):
-        problems.append(f"the checkpoint's origin {checkpoint.origin} is not the log of {chain_key}")
-    committed: dict[tuple[str, int], dict] = {}
-    for entry in predicate.get("auditEvents") or []:
-        event = entry.get("event") if isinstance(entry, dict) else None
-        if not isinstance(event, dict):
-            problems.append("an audit event entry holds no event")
-            continue
-        if entry.get("treeSize") != checkpoint.size:
-            problems.append(
-                f"event seq {entry.get('leafIndex')}: proved against another size than the checkpoint's"
-            )
-        problems += event_inclusion_problems(
-            event, checkpoint.size, list(entry.get("inclusionProof") or []), checkpoint
+    if chain_of_origin(checkpoint.origin, origin_prefix) != chain_key:
+        problems.append(
+            f"the checkpoint's origin {checkpoint.origin} is not the log of {chain_key} "
+            f"({origin_for(chain_key, origin_prefix)})"
         )
-        if event.get("chain", {}).get("chain_key") != chain_key:
-            problems.append(f"event seq {entry.get('leafIndex')} is not of chain {chain_key}")
-        if event.get("event_type") == PARTITION_COMMITTED and isinstance(event.get("partition"), dict):
-            committed[(event["partition"].get("key"), event["partition"].get("version"))] = event
-    subjects = {s.get("name"): s for s in statement.get("subject") or [] if isinstance(s, dict)}
-    expected: dict[str, str] = {}
-    for (key_, version), event in committed.items():
-        base = layout.partition_dir(dataset, version_label, str(key_))
-        for name, table in (event.get("tables") or {}).items():
-            expected[f"{base}/{name}"] = str(table.get("checksum", "")).removeprefix("sha256:")
-        manifest_rel = layout.version_manifest(dataset, version_label, str(key_), int(version))
-        expected[manifest_rel] = str(event.get("manifest", {}).get("checksum", "")).removeprefix("sha256:")
-        if event.get("run_id") != run.get("runId") or event.get("decision_hash") != run.get("decisionHash"):
+    if len(cosigned) < min_witnesses:
+        problems.append(
+            f"{len(cosigned)} of the {min_witnesses} witness cosignature(s) required verify on the checkpoint"
+        )
+    entries = predicate.get("auditEvents")
+    proven, event_problems = _proven_events(
+        entries if isinstance(entries, list) else [], chain_key, checkpoint
+    )
+    problems += event_problems
+    if not any(e.get("run_id") == run_id for e in proven):
+        problems.append(f"the package holds no proven event of run {run_id}")
+    elif _run_events(proven, run_id) != proven:
+        problems.append(
+            f"the package holds events that are neither run {run_id}'s nor approvals it relied on"
+        )
+    relied = {e.get("approval_event_hash") for e in proven if e.get("event_type") == ROLLOUT_PROMOTED}
+    if relied - {None} - {e["chain"]["event_hash"] for e in proven}:
+        problems.append("the package lacks an approval event the run's promotion relied on")
+    problems += _completion_problems(proven)
+    subjects: list[dict[str, Any]] = []
+    try:
+        claims = claims_of(proven, run_id, dataset, version_label)
+    except ClaimError as exc:
+        problems.append(f"the proven events support no claims: {exc}")
+    else:
+        subjects = claims["subject"]
+        if statement.get("subject") != subjects:
             problems.append(
-                f"partition {key_} version {version}: its event names another run or decision hash"
+                "the subjects are not exactly the files and manifests the run's proven commit events name"
             )
-    actual = {name: (s.get("digest") or {}).get("sha256") for name, s in subjects.items()}
-    if actual != expected:
-        problems.append("the subjects are not exactly the files and manifests the run's commit events name")
-    listed = {
-        (p.get("key"), p.get("version")): p for p in predicate.get("partitions") or [] if isinstance(p, dict)
-    }
-    for (key_, version), event in committed.items():
-        entry = listed.get((key_, version))
-        if entry is None or (entry.get("merkleRoot"), entry.get("eventHash")) != (
-            event.get("merkle_root"),
-            event.get("chain", {}).get("event_hash"),
-        ):
-            problems.append(
-                f"partition {key_} version {version}: the predicate disagrees with its commit event"
-            )
-    if set(listed) != set(committed):
-        problems.append("the predicate's partitions are not the run's committed partitions")
+        for name in CLAIMS:
+            if predicate.get(name) != claims[name]:
+                problems.append(f"the predicate's {name} is not what the run's proven events say")
     checked = 0
     if lake is not None:
-        for name, digest in sorted(actual.items()):
+        for subject in subjects:
+            name, digest = subject["name"], subject["digest"]["sha256"]
             data = lake.read_if_exists(name)
             if data is None:
                 problems.append(f"{name}: missing from the lake")
@@ -238,15 +411,52 @@ def verify(
                 problems.append(f"{name}: its bytes do not have the subject's sha256")
             else:
                 checked += 1
+    listed = statement.get("subject")
     return {
         "valid": not problems,
         "problems": problems,
         "run": run,
-        "checkpoint": {"origin": checkpoint.origin, "treeSize": checkpoint.size, "witnesses": len(cosigned)},
-        "subjects": len(subjects),
+        "checkpoint": {
+            "origin": checkpoint.origin,
+            "treeSize": checkpoint.size,
+            "witnesses": len(cosigned),
+            "witnessedBy": sorted(parse_verifier_key(k).name for k in cosigned),
+        },
+        "subjects": len(listed) if isinstance(listed, list) else 0,
         "subjectsCheckedInLake": checked if lake is not None else None,
-        "auditEvents": len(predicate.get("auditEvents") or []),
+        "auditEvents": len(entries) if isinstance(entries, list) else 0,
     }
+
+
+def _proven_events(entries: list[Any], chain_key: str, checkpoint: Any) -> tuple[list[dict], list[str]]:
+    """The events of `entries` whose inclusion in the checkpoint's log verifies (each listed as its own
+    leaf, of chain `chain_key`, in strictly rising seq order), and why the others do not count."""
+    proven: list[dict] = []
+    problems: list[str] = []
+    for entry in entries:
+        event = entry.get("event") if isinstance(entry, dict) else None
+        proof = entry.get("inclusionProof") if isinstance(entry, dict) else None
+        if not isinstance(event, dict) or not isinstance(proof, list) or set(entry) != AUDIT_EVENT_FIELDS:
+            problems.append(f"an audit event entry is not {{{', '.join(sorted(AUDIT_EVENT_FIELDS))}}}")
+            continue
+        found = event_inclusion_problems(event, checkpoint.size, proof, checkpoint)
+        if found:
+            problems += found
+            continue
+        seq = event["chain"]["seq"]
+        if type(entry["treeSize"]) is not int or entry["treeSize"] != checkpoint.size:
+            found.append(f"event seq {seq}: proved against another size than the checkpoint's")
+        if type(entry["leafIndex"]) is not int or entry["leafIndex"] != seq:
+            found.append(f"event seq {seq}: listed as leaf {entry['leafIndex']!r}")
+        if event["chain"].get("chain_key") != chain_key:
+            found.append(f"event seq {seq} is not of chain {chain_key}")
+        if proven and seq <= proven[-1]["chain"]["seq"]:
+            found.append(f"event seq {seq}: not after the event before it (chain order, each once)")
+        if found:
+            problems += found
+        else:
+            proven.append(event)
+    return proven, problems
 
 
 def write_evidence_file(env: Any, run_id: str) -> tuple[str, str]:

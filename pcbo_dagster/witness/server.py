@@ -1,11 +1,18 @@
 """A small witness (c2sp.org/tlog-witness, `pcbo witness serve`).
 
-It cosigns checkpoints of the logs it is configured for (origins starting with one of its prefixes,
-signed by one of its log keys), keeping the latest cosigned size, root and checkpoint per origin in
-a SQLite file. `POST /add-checkpoint` answers as the protocol says:
+It cosigns checkpoints of the logs it is configured for, keeping the latest cosigned size, root and
+checkpoint per origin in a SQLite file. As c2sp.org/tlog-witness configures a witness with a list of
+logs, each an origin and its key, every log key here is bound to an origin prefix (`LogKey`): it
+witnesses the logs `<prefix><dataset>/<versionLabel>` (`core.checkpoints.chain_of_origin`, so an
+origin is of one prefix only) and no other, and a checkpoint counts only when signed by a key bound to
+the prefix of its own origin. A tenant's key trusted for its own logs can then never extend (or
+fork) another tenant's log at this witness. Two keys for one prefix, and two prefixes that could
+both hold an origin, are refused when the witness starts. `POST /add-checkpoint` answers as the
+protocol says:
 
 - 400 a malformed request, or an old size above the checkpoint's size (it never goes backwards);
-- 404 an origin it does not witness; 403 no valid signature of a known log key on the checkpoint;
+- 404 an origin it does not witness; 403 no valid signature on the checkpoint of the log key bound
+  to that origin (another log's key does not count);
 - 409 (`text/x.tlog.size`, the size it holds) when the old size is not the size it last cosigned;
 - 422 a consistency proof that does not verify from the root it holds to the new one (a rewritten
   history), a non-empty proof from size 0, a size 0 whose root is not the empty tree's;
@@ -32,6 +39,7 @@ from pcbo_dagster.core.checkpoints import (
     AddCheckpointRequest,
     Checkpoint,
     CheckpointError,
+    chain_of_origin,
     parse_add_checkpoint_body,
 )
 from pcbo_dagster.core.merkle import EMPTY_ROOT, verify_consistency
@@ -56,21 +64,48 @@ class Answer:
     content_type: str = "text/plain; charset=utf-8"
 
 
+@dataclass(frozen=True)
+class LogKey:
+    """A log key the witness trusts for the logs of one origin prefix, and for no other log."""
+
+    origin_prefix: str
+    key: VerifierKey
+
+
+def check_log_keys(logs: list[LogKey]) -> None:
+    """`ValueError` unless every origin is bound to at most one key: no prefix given twice, and no two
+    prefixes under which one origin could be a log's (one a prefix of the other, the rest without `/`:
+    `pcbo/` and `pcbo/a` both hold `pcbo/ab/v1`)."""
+    if not logs:
+        raise ValueError("no log key: give at least one")
+    for i, a in enumerate(logs):
+        if not a.origin_prefix or any(c.isspace() for c in a.origin_prefix):
+            raise ValueError(f"origin prefix {a.origin_prefix!r}: must be non-empty, without spaces")
+        for b in logs[i + 1 :]:
+            short, long = sorted((a.origin_prefix, b.origin_prefix), key=len)
+            if long.startswith(short) and "/" not in long[len(short) :]:
+                which = "is bound to two log keys" if short == long else f"and {long} overlap"
+                raise ValueError(
+                    f"origin prefix {short} {which} ({a.key.name}, {b.key.name}): bind each log key "
+                    "to the origin prefix of its own logs"
+                )
+
+
 class Witness:
-    """The witness's state and its `add-checkpoint` decision (no HTTP here)."""
+    """The witness's state and its `add-checkpoint` decision (no HTTP here). `logs`: each trusted log
+    key with the origin prefix it is bound to (module doc; `check_log_keys`)."""
 
     def __init__(
         self,
         key: SigningKey,
         database: str,
-        log_keys: list[VerifierKey],
-        origin_prefixes: list[str],
+        logs: list[LogKey],
         clock: Callable[[], float] = time.time,
     ) -> None:
+        check_log_keys(logs)
         self.key = key
         self.database = database
-        self.log_keys = log_keys
-        self.origin_prefixes = origin_prefixes
+        self.logs = list(logs)
         self.clock = clock
         self._lock = threading.Lock()
         with self._connect() as conn:
@@ -94,12 +129,13 @@ class Witness:
         except NoteError as exc:
             return Answer(400, f"{exc}\n")
         checkpoint = request.checkpoint
-        if not any(checkpoint.origin.startswith(p) for p in self.origin_prefixes):
+        keys = self.keys_of(checkpoint.origin)
+        if not keys:
             return Answer(404, f"unknown log origin {checkpoint.origin}\n")
         try:
-            verify_note(request.note, self.log_keys)
+            verify_note(request.note, keys)
         except NoteError as exc:
-            return Answer(403, f"{exc}\n")
+            return Answer(403, f"{exc} (the log key of origin {checkpoint.origin})\n")
         if request.old_size > checkpoint.size:
             return Answer(400, f"old size {request.old_size} is above the checkpoint's {checkpoint.size}\n")
         with self._lock, self._connect() as conn:
@@ -112,6 +148,10 @@ class Witness:
             conn.execute("COMMIT" if answer.status == 200 else "ROLLBACK")
         logger.info("witness: %s %s -> %s", checkpoint.origin, checkpoint.size, answer.status)
         return answer
+
+    def keys_of(self, origin: str) -> list[VerifierKey]:
+        """The log key bound to `origin` (empty: a log this witness does not witness)."""
+        return [log.key for log in self.logs if chain_of_origin(origin, log.origin_prefix) is not None]
 
     def _decide(
         self, conn: sqlite3.Connection, request: AddCheckpointRequest, checkpoint: Checkpoint
@@ -195,6 +235,6 @@ def started_line(server: ThreadingHTTPServer, witness: Witness) -> str:
         {
             "listening": f"http://{host!s}:{port}",
             "cosignerVerifierKey": witness.key.verifier(COSIGNATURE_V1).text,
-            "origins": witness.origin_prefixes,
+            "logs": [{"originPrefix": log.origin_prefix, "logKey": log.key.text} for log in witness.logs],
         }
     )
