@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
+from pcbo_dagster.datasets.config import MAX_YAML_DEPTH, parse_datasets_config
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 from pcbo_dagster_tests.cli_runner import REPO_ROOT, load_generator, pcbo_env, run_pcbo, write_request
 
@@ -76,6 +80,82 @@ def test_nesting_deeper_than_the_limit_is_invalid_input(tmp_path):
     path.write_text('{"runId": "x", "metadata": ' + "[" * 50_000 + "]" * 50_000 + "}")
     home = tmp_path / "home"
     assert_refused(run_pcbo(["execute", "--input", path], home=home), "request", home)
+
+
+def _nested(depth: int) -> str:
+    """JSON arrays nested `depth` levels (0: a number)."""
+    return "[" * depth + "]" * depth if depth else "0"
+
+
+@pytest.mark.parametrize("depth", [2, 3, 500, 899, 900, 901, 1000, 100_000])
+def test_a_request_nested_up_to_the_bound_runs_and_one_level_more_is_invalid_input(tmp_path, depth):
+    """`MAX_JSON_DEPTH` levels in the whole request (here: the request, `metadata`, then arrays) run
+    through execute (the metadata kept in the catalog); one more is exit 2, at any depth, never a
+    `RecursionError`."""
+    request = _request(tmp_path, metadata={"x": "DEEP"})
+    request.write_text(request.read_text().replace('"DEEP"', _nested(depth - 2)))
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", request], home=home)
+    if depth > MAX_JSON_DEPTH:
+        assert_refused(run, "request", home)
+        assert f"nest at most {MAX_JSON_DEPTH} levels" in run.stderr
+        return
+    assert run.status == 0 and "Traceback" not in run.stderr, run.stderr
+    with sqlite3.connect(home / "catalog.db") as db:
+        (stored,) = db.execute("SELECT metadata FROM runs WHERE run_id = 'bad-input-001'").fetchone()
+    assert stored == '{"x":' + _nested(depth - 2) + "}"
+
+
+@pytest.mark.parametrize("depth", [900, 901])
+def test_a_source_line_nested_up_to_the_bound_is_read_and_one_level_more_is_invalid_input(tmp_path, depth):
+    source = tmp_path / "records.jsonl"
+    record = json.dumps({"id": "a", "occurredAt": "2024-01-01T00:10:00Z", "consentGranted": True, "x": 0})
+    source.write_text(record.replace("0}", _nested(depth - 1) + "}") + "\n")
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", _jsonl_request(tmp_path, source)], home=home)
+    if depth > MAX_JSON_DEPTH:
+        assert_refused(run, "source line 1", home)
+    else:
+        assert run.status == 0 and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "deeper"),
+    [
+        ("[]", False),
+        (_nested(900), False),
+        (_nested(901), True),
+        # brackets in strings, escaped quotes and backslashes do not count
+        ('["[[[[", "\\"[[[[", "\\\\", ' + _nested(899) + "]", False),
+        ('["]]]]]]", ' + _nested(900) + "]", True),
+        ('{"a\\\\": "\\\\\\"]]]]", "b": ' + _nested(900) + "}", True),
+        ("[" + '"[",' * 2000 + "1]", False),
+    ],
+)
+def test_nesting_is_counted_outside_strings(text, deeper):
+    assert nested_deeper_than(text.encode(), MAX_JSON_DEPTH) is deeper
+    if len(text) < 20_000 and not deeper:
+        json.loads(text)  # the cases are valid JSON
+
+
+@pytest.mark.parametrize("depth", [1, 100, 101, 600, 100_000])
+def test_a_datasets_config_nested_past_its_bound_is_invalid_input(tmp_path, depth):
+    """A datasets config nests at most `MAX_YAML_DEPTH` levels (flow or block style): deeper is exit 2
+    naming the config, not a `RecursionError`."""
+    config = tmp_path / "datasets.yaml"
+    config.write_text("datasets: []\nextra: " + _nested(depth - 1) + "\n")
+    run = run_pcbo(["validate-config", config], cwd=tmp_path)
+    assert run.status == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    if depth > MAX_YAML_DEPTH:
+        assert f"config: not valid YAML at line 2, column {MAX_YAML_DEPTH + 7}" in run.stderr
+        assert f"nested more than {MAX_YAML_DEPTH} levels" in run.stderr
+    else:
+        assert "nested more than" not in run.stderr and "datasets config" in run.stderr  # parsed
+    block = "".join("  " * i + "-\n" for i in range(depth if depth < 1000 else MAX_YAML_DEPTH + 1))
+    with pytest.raises(InvalidInput) as refused:
+        parse_datasets_config(block)
+    assert ("nested more than" in refused.value.message) is (min(depth, MAX_YAML_DEPTH + 1) > MAX_YAML_DEPTH)
 
 
 @pytest.mark.parametrize(
@@ -217,8 +297,6 @@ def test_one_redaction_for_every_url_shape(url, shown):
 def test_secrets_in_urls_reach_no_output_event_or_catalog_row(tmp_path):
     """A source URI and an audit endpoint with credentials: neither the execute document, nor the
     audit events, nor the catalog (lineage, runs) holds them."""
-    import sqlite3
-
     source = tmp_path / "records.jsonl"
     source.write_text(
         json.dumps(

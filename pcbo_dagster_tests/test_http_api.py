@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from pcbo_dagster.catalog import schema as t  # noqa: E402
+from pcbo_dagster.core.request_model import MAX_JSON_DEPTH  # noqa: E402
 from pcbo_dagster.engine.proofs import verify_proof  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
 from pcbo_dagster_tests.http_server import DEMO_REQUEST, lake_files, running_server  # noqa: E402
@@ -118,6 +119,22 @@ def test_invalid_input_is_422_naming_the_field_and_a_gate_is_409(server, admin):
     blocked = admin.post("/v1/execute", content=_request(runId="gated2", policies=policies))
     assert blocked.status_code == 409 and blocked.json()["breaches"]
     assert server.catalog.get_run("gated") is None and server.catalog.get_run("gated2") is None
+
+
+def test_metadata_nested_to_the_bound_is_served_and_one_level_more_is_422(server, admin):
+    """The request nests at most `MAX_JSON_DEPTH` levels (the request, `metadata`, then arrays)."""
+
+    def nested(run_id: str, depth: int) -> bytes:
+        deep = "[" * (depth - 2) + "]" * (depth - 2)
+        return _request(runId=run_id, metadata={"x": "DEEP"}).replace(b'"DEEP"', deep.encode())
+
+    for depth in (500, MAX_JSON_DEPTH):
+        answer = admin.post("/v1/plan", content=nested(f"deep-{depth}", depth))
+        assert answer.status_code == 200, answer.text
+    for depth in (MAX_JSON_DEPTH + 1, 100_000):
+        answer = admin.post("/v1/plan", content=nested(f"deep-{depth}", depth))
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["field"] == "request" and "nest at most" in answer.json()["message"]
 
 
 def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tmp_path, server, executed):

@@ -570,8 +570,28 @@ class _FieldError(ValueError):
 # --- strict YAML ------------------------------------------------------------------------------
 
 
+#: Collections nest at most this many levels in a datasets config (a real one nests a handful).
+MAX_YAML_DEPTH = 100
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader refusing duplicate keys, with YAML 1.2-like scalars (no yes/no/on/off, no dates)."""
+    """SafeLoader refusing duplicate keys and nesting deeper than `MAX_YAML_DEPTH` (PyYAML composes a
+    level in two Python frames: far deeper would be a `RecursionError`), with YAML 1.2-like scalars
+    (no yes/no/on/off, no dates)."""
+
+    def __init__(self, stream: str | bytes) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self._depth >= MAX_YAML_DEPTH and not self.check_event(yaml.ScalarEvent, yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _YAML_11_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
