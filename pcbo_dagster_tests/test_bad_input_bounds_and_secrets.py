@@ -278,6 +278,11 @@ URL_SHAPES = [
     ("https://user:pass@example.com", "https://example.com"),
     ("http://[::1]:8080/x?q=1", "http://[::1]:8080/x?[redacted]"),
     ("s3://AKIAEXAMPLE:secretkey@bucket/prefix", "s3://bucket/prefix"),
+    ("s3://AKIAEXAMPLE:pa?ss@bucket/prefix", "s3://bucket/prefix"),
+    ("https://user:p#ss@example.com/x", "https://example.com/x"),
+    ("s3://user:pa/s?s@bucket/x", "s3://bucket/x?[redacted]"),
+    # an `@` in a query: what follows it is shown as the host (a wrong host, never a secret)
+    ("https://hooks.example.com/n?to=ops@example.com", "https://example.com?[redacted]"),
     ("s3://bucket/prefix", "s3://bucket/prefix"),
     ("gs://bucket/p?x-goog-signature=1", "gs://bucket/p?[redacted]"),
     ("sqlite:////var/pcbo/catalog.db", "sqlite:////var/pcbo/catalog.db"),
@@ -289,9 +294,33 @@ URL_SHAPES = [
 @pytest.mark.parametrize(("url", "shown"), URL_SHAPES)
 def test_one_redaction_for_every_url_shape(url, shown):
     assert redact_url(url) == shown
-    for secret in ("s3cret", "pa/ss", "p@ss", "password=x", "tok3n", "sig=abc", "token=abc", "secretkey"):
+    secrets = ("s3cret", "pa/ss", "p@ss", "password=x", "tok3n", "sig=abc", "token=abc", "secretkey", "pa?ss")
+    for secret in (*secrets, "p#ss", "pa/s?s", "to=ops"):
         assert secret not in redact_url(url)
         assert secret not in scrub_text(f"error talking to {url}: refused")
+
+
+@pytest.mark.parametrize("password", ["pa?ss", "pa#ss", "pa/s?s", "p@s?s", "pa?ss/x#y"])
+def test_no_part_of_a_userinfo_is_left_whatever_the_password_holds(password):
+    for url in (f"s3://usr1:{password}@bucket/key", f"postgresql://usr1:{password}@db:5432/pcbo?sslmode=x"):
+        for shown in (redact_url(url), scrub_text(f"cannot reach {url}: refused")):
+            assert "usr1" not in shown and "pa" not in shown and "ss" not in shown, shown
+
+
+def test_scrub_text_removes_a_userinfo_whose_scheme_a_client_cut_off():
+    """botocore's ParamValidationError names the bucket of `s3://user:password@bucket/key` as it
+    parsed it: `user:password@bucket`."""
+    message = (
+        'Invalid bucket name "AKIAEXAMPLE:SuperSecretPw1@bucket": Bucket name must match the regex '
+        '"^[a-zA-Z0-9.\\-_]{1,255}$" or be an ARN matching the regex "^arn:(aws).*:(s3|s3-object-lambda):"'
+    )
+    assert scrub_text(message).startswith('Invalid bucket name "[redacted]@bucket": Bucket name must')
+    assert "Secret" not in scrub_text(message) and "AKIA" not in scrub_text(message)
+    assert scrub_text("lake usr:Lake/Secret@Pw@bucket/lake down") == "lake [redacted]@bucket/lake down"
+    assert scrub_text("(u:p?w@host)") == "([redacted]@host)"
+    # not a userinfo: times, a key:value, an address, a URL already redacted
+    for text in ("at 10:30 k:v was set; mail a@b.com", "s3://[redacted]@bucket/x", "https://h/p?[redacted]"):
+        assert scrub_text(text) == text
 
 
 def test_secrets_in_urls_reach_no_output_event_or_catalog_row(tmp_path):

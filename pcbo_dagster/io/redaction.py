@@ -5,11 +5,14 @@ the catalog, an audit event, an asset's metadata or an error message. It keeps w
 *where* (scheme, host, port, path) and removes what could be a credential:
 
 - the whole userinfo (`user:password@`, and a user-only `token@`), even when the password holds `/`,
-  `@`, `:` or `?` (the userinfo runs to the last `@` before the query);
+  `@`, `:`, `?` or `#`: the userinfo runs to the last `@` of the URL (so an `@` in a path or a query
+  hides what comes before it too: a wrong host shown, never a secret);
 - the query string and the fragment, replaced by a `?[redacted]` marker that shows one existed.
 
 Local paths (no `scheme://`) are returned as they are. `scrub_text` applies the same rules to every
-URL inside a text (driver errors, tracebacks, alert details) and removes any given secret strings.
+URL inside a text (driver errors, tracebacks, alert details), and to a `user:password@host` whose
+scheme a client already cut off (botocore names the bucket of `s3://user:password@bucket/key` as
+`user:password@bucket`), and removes any given secret strings.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ REDACTED = "[redacted]"
 _SCHEME = re.compile(r"(?i)^([a-z][a-z0-9+.\-]*)://")
 # scheme://userinfo@ and ?query / #fragment of URLs inside free text. A query that is already
 # `?[redacted]` (e.g. in a `redact_url` result) is left as it is.
-_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s@?#'\"<>]+@")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s'\"<>]+@")
+# user:password@host without a scheme, at the start of a word (not a `scheme://` URL: that is the rule
+# above); the password runs to the word's last `@`.
+_BARE_USERINFO = re.compile(
+    r"(?<![^\s'\"<>()\[\]{},;=])[^\s'\"<>()\[\]{},;=:/@]+:(?!//)[^\s'\"<>]*@(?=[^\s'\"<>@])"
+)
 _URL_QUERY = re.compile(
     r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s?#'\"<>]*)[?#]"
     r"(?!\[redacted\][.,;:)\]]*(?:[\s#'\"<>]|$))"
@@ -38,13 +46,15 @@ def redact_url(url: str) -> str:
     if match is None:
         return url
     rest = text[match.end() :]
+    removed = ""
+    at = rest.rfind("@")
+    if at >= 0:  # everything before the last `@` may be the userinfo: a password may hold `?`, `#`, `/`
+        removed, rest = rest[:at], rest[at + 1 :]
     cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    had_query = cut < len(rest)
-    before = rest[:cut]
-    at = before.rfind("@")
-    if at >= 0:
-        before = before[at + 1 :]
-    return f"{match.group(1)}://{before}" + (f"?{REDACTED}" if had_query else "")
+    # a query cut with what came before the `@` (`host/path?to=a@b`), not a password's `?`
+    slash = removed.find("/")
+    had_query = cut < len(rest) or (slash >= 0 and any(c in removed[slash:] for c in "?#"))
+    return f"{match.group(1)}://{rest[:cut]}" + (f"?{REDACTED}" if had_query else "")
 
 
 def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
@@ -54,6 +64,7 @@ def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
+    text = _BARE_USERINFO.sub(f"{REDACTED}@", text)
     return _URL_QUERY.sub(rf"\1?{REDACTED}", text)
 
 
