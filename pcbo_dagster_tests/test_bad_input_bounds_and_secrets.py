@@ -323,6 +323,71 @@ def test_scrub_text_removes_a_userinfo_whose_scheme_a_client_cut_off():
         assert scrub_text(text) == text
 
 
+CREDENTIAL_URLS = [
+    ("s3://AKIAEXAMPLE:SuperSecretPw1@bucket/records.jsonl", "s3://bucket/records.jsonl"),
+    ("s3://usr1:Pa?Secret#1@bucket/records.jsonl", "s3://bucket/records.jsonl"),
+    ("s3://usr1:Pa/Secret1@bucket/records.jsonl", "s3://bucket/records.jsonl"),
+    ("gs://ya29Secret1@bucket/records.jsonl", "gs://bucket/records.jsonl"),
+]
+
+
+@pytest.mark.parametrize("command", ["plan", "dry-run", "execute"])
+@pytest.mark.parametrize(("uri", "shown"), CREDENTIAL_URLS)
+def test_a_source_uri_with_credentials_is_invalid_input_shown_without_them(tmp_path, command, uri, shown):
+    """Object stores take credentials from the environment only: a userinfo in `source.uri` is exit 2
+    naming the field, the URI shown redacted, before any store is reached."""
+    request = load_generator().make_request(records=1, partitions=2, seed=3, run_id="creds-001")
+    request.pop("sourceRecords")
+    request["source"] = {"uri": uri, "format": "jsonl"}
+    home = tmp_path / "home"
+    run = run_pcbo([command, "--input", write_request(tmp_path / "r.json", request)], home=home)
+    assert_refused(run, "source.uri", home)
+    assert f"source.uri: {shown}: credentials in a URL are refused" in run.stderr
+    assert "Secret" not in run.stderr and "usr1" not in run.stderr and "AKIA" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [("env", "PCBO_LAKE_URL"), ("flag", "--lake"), ("env", "PCBO_AUDIT_DIR"), ("flag", "--audit-dir")],
+)
+def test_a_lake_or_audit_store_url_with_credentials_is_invalid_input(tmp_path, where, name):
+    url = "s3://usr1:LakeSecretPw@bucket/lake"
+    home = tmp_path / "home"
+    args = ["execute", "--input", _request(tmp_path)]
+    run = run_pcbo(
+        args + ([name, url] if where == "flag" else []), home=home, env={name: url} if where == "env" else {}
+    )
+    assert_refused(run, name, home)
+    assert "s3://bucket/lake: credentials in a URL are refused" in run.stderr
+    assert "LakeSecretPw" not in run.stderr and "usr1" not in run.stderr
+
+
+@pytest.mark.parametrize("field", ["source.uri", "lake", "rollout.stagingLake"])
+def test_a_datasets_config_url_with_credentials_is_invalid_input(tmp_path, field):
+    values = {"source.uri": "x.jsonl", "lake": "null", "rollout.stagingLake": "null"}
+    values[field] = "s3://usr1:CfgSecretPw@bucket/x.jsonl"
+    config = tmp_path / "datasets.yaml"
+    config.write_text(
+        "datasets:\n  - name: events\n    partitioning: {kind: time_window, cron: '0 * * * *', "
+        "start: '2024-01-01T00:00:00Z', end: '2024-01-02T00:00:00Z'}\n"
+        f"    source: {{uri: '{values['source.uri']}'}}\n    lake: {values['lake']}\n"
+        f"    rollout: {{stagingLake: {values['rollout.stagingLake']}}}\n"
+    )
+    run = run_pcbo(["validate-config", config], cwd=tmp_path)
+    assert run.status == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"datasets[0].{field}: s3://bucket/x.jsonl: credentials in a URL are refused" in run.stderr
+    assert "CfgSecretPw" not in run.stderr and "usr1" not in run.stderr
+
+
+def test_a_url_with_a_password_and_a_stray_newline_is_refused_without_the_password(tmp_path):
+    home = tmp_path / "home"
+    url = "postgresql://pcbo:CatalogSecretPw@127.0.0.1:1/pcbo\n"
+    run = run_pcbo(["execute", "--input", _request(tmp_path)], home=home, env={"PCBO_CATALOG_URL": url})
+    assert_refused(run, "PCBO_CATALOG_URL", home)
+    assert "postgresql://[redacted]@127.0.0.1:1/pcbo\\n" in run.stderr
+    assert "CatalogSecretPw" not in run.stderr
+
+
 def test_secrets_in_urls_reach_no_output_event_or_catalog_row(tmp_path):
     """A source URI and an audit endpoint with credentials: neither the execute document, nor the
     audit events, nor the catalog (lineage, runs) holds them."""

@@ -137,6 +137,17 @@ def test_metadata_nested_to_the_bound_is_served_and_one_level_more_is_422(server
         assert answer.json()["field"] == "request" and "nest at most" in answer.json()["message"]
 
 
+def test_a_source_uri_with_credentials_is_422_shown_without_them(server, admin):
+    source = {"uri": "s3://AKIAEXAMPLE:SuperSecretPw1@bucket/records.jsonl", "format": "jsonl"}
+    for endpoint in ("/v1/plan", "/v1/dry-run", "/v1/execute"):
+        answer = admin.post(endpoint, content=_request(runId="creds", sourceRecords=None, source=source))
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["field"] == "source.uri"
+        assert answer.json()["message"].startswith("s3://bucket/records.jsonl: credentials in a URL")
+        assert "SuperSecretPw1" not in answer.text and "AKIA" not in answer.text
+    assert server.catalog.get_run("creds") is None
+
+
 def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tmp_path, server, executed):
     token = server.token("cli-user", "plan", "execute")
     env = {"PCBO_TOKEN": token}

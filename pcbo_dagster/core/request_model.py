@@ -25,6 +25,7 @@ from pydantic import (
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
+from pcbo_dagster.io.redaction import has_userinfo, userinfo_refused
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PARTITIONS = 100_000
@@ -82,7 +83,15 @@ def _path_text(where: Any) -> str:
     return "".join(reversed(parts))
 
 
+def _no_userinfo(value: str) -> str:
+    if has_userinfo(value):
+        raise ValueError(userinfo_refused(value))
+    return value
+
+
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
+#: Where records or a lake are stored (a path, `file://`, `s3://`, `gs://`): never with credentials.
+StoreUri = Annotated[StrictStr, Field(min_length=1), AfterValidator(_no_userinfo)]
 Instant = Annotated[StrictStr, AfterValidator(_instant)]
 Text = Annotated[StrictStr, AfterValidator(_utf8)]
 
@@ -107,7 +116,7 @@ class SourceRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    uri: Annotated[StrictStr, Field(min_length=1)]
+    uri: StoreUri
     format: Literal["jsonl", "parquet", "csv", "ledger_archive"] | None = None
     #: Skip a directory's files whose hive partition lies outside the time window (default true).
     prune: StrictBool = True

@@ -91,7 +91,15 @@ from pcbo_dagster.core.partition_keys import (
     format_time_key,
     window_for_key,
 )
-from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, TableSpec, Text
+from pcbo_dagster.core.request_model import (
+    MAX_PARTITIONS,
+    Instant,
+    Name,
+    Policies,
+    StoreUri,
+    TableSpec,
+    Text,
+)
 from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.sources.record_files import resolve_uri
@@ -327,7 +335,7 @@ Partitioning = Annotated[TimeWindowPartitioning | LedgerRangePartitioning, Field
 
 
 class SourceConfig(_Strict):
-    uri: Annotated[StrictStr, Field(min_length=1)]
+    uri: StoreUri
     format: Literal["jsonl", "parquet"] | None = None
     #: For a directory source: skip files whose hive partition lies outside the requested window
     #: (default true); passed into requests only when false, so existing requests do not change.
@@ -400,7 +408,7 @@ class BusinessMetricConfig(_Strict):
 class RolloutConfig(_Strict):
     """A dataset with `rollout` gets staging and production assets instead of one (staged rollout)."""
 
-    stagingLake: Annotated[StrictStr, Field(min_length=1)] | None = None
+    stagingLake: StoreUri | None = None
     throttle: ThrottleConfig = ThrottleConfig()
     soak: SoakConfig = SoakConfig()
     businessMetric: BusinessMetricConfig | None = None
@@ -433,7 +441,7 @@ class DatasetConfig(_Strict):
     versionLabel: Name = "v1"
     partitioning: Partitioning
     source: SourceConfig
-    lake: Annotated[StrictStr, Field(min_length=1)] | None = None
+    lake: StoreUri | None = None
     policies: Policies = Policies()
     existingTargetIds: list[Text] = []
     backfillPolicy: BackfillPolicyConfig = BackfillPolicyConfig()

@@ -57,6 +57,31 @@ def redact_url(url: str) -> str:
     return f"{match.group(1)}://{rest[:cut]}" + (f"?{REDACTED}" if had_query else "")
 
 
+def has_userinfo(url: str) -> bool:
+    """True when the `scheme://` URL carries a userinfo (a user, password or token before an `@`): an
+    `@` in its authority (what precedes the first `/`, `?` or `#`), or a `user:password` authority
+    that an `@` follows (a password holding `/`, `?` or `#`; a `host:port` is not one). A local path
+    has none; an `@` further on (`s3://bucket/a@b`) is not one."""
+    text = url.strip()
+    match = _SCHEME.match(text)
+    if match is None:
+        return False
+    rest = text[match.end() :]
+    end = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    authority = rest[:end]
+    _, colon, after = authority.partition(":")
+    return "@" in authority or (bool(colon) and not after.isdigit() and "@" in rest[end:])
+
+
+def userinfo_refused(url: str) -> str:
+    """Why an object-store URL with a userinfo (`has_userinfo`) is invalid input, the URL redacted."""
+    return (
+        f"{redact_url(url)}: credentials in a URL are refused (no secret belongs in a request, a file "
+        "or a URL): object stores take them from the environment (AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+    )
+
+
 def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` without URL userinfo, query strings and fragments (`scheme://[redacted]@host/path?
     [redacted]`) and without any of `secrets`. For free text that goes into a report, an alert, an
