@@ -242,6 +242,34 @@ def test_a_lake_that_cannot_be_written_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
+def _s3_down() -> dict[str, str]:
+    """An S3 endpoint nobody answers (a loopback port just freed), dummy credentials, one attempt."""
+    pytest.importorskip("s3fs")
+    from pcbo_dagster_tests.loopback import free_port
+    from pcbo_dagster_tests.object_store_servers import S3_ENV_BASE
+
+    return {**S3_ENV_BASE, "PCBO_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+
+
+@pytest.mark.parametrize(
+    ("uri", "error"),
+    [
+        ("s3://pcbo-test-lake/records.jsonl", "EndpointConnectionError"),
+        ("s3://bad_bucket!/r.jsonl", "ParamValidationError"),
+    ],
+)
+def test_an_s3_source_that_cannot_be_read_is_invalid_input(tmp_path, uri, error):
+    request = load_generator().make_request(records=1, partitions=2, seed=3, run_id="s3-source-001")
+    request.pop("sourceRecords")
+    request["source"] = {"uri": uri, "format": "jsonl"}
+    home = tmp_path / "home"
+    run = run_pcbo(
+        ["plan", "--input", write_request(tmp_path / "r.json", request)], home=home, env=_s3_down()
+    )
+    assert_refused(run, "source.uri", home)
+    assert f"source.uri: cannot be read: {error}" in run.stderr
+
+
 def test_a_closed_pipe_is_one_line_and_exit_1(tmp_path):
     """`pcbo dry-run | head -c 10`: the reader goes away; pcbo stops with one line and exit 1. (The
     document is far larger than a pipe's buffer, so the write meets the closed pipe.)"""

@@ -148,6 +148,35 @@ def test_a_source_uri_with_credentials_is_422_shown_without_them(server, admin):
     assert server.catalog.get_run("creds") is None
 
 
+def test_an_s3_source_the_client_refuses_is_422_and_a_store_error_is_500_failed(server, admin, monkeypatch):
+    """botocore's own errors are no OSError: a source it cannot read is still invalid input on
+    `source.uri`, and a store that fails is the one-line 500 `failed`, not an internal error."""
+    pytest.importorskip("s3fs")
+    from botocore.exceptions import EndpointConnectionError
+
+    from pcbo_dagster.server.errors import engine_error_response
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    source = {"uri": "s3://bad_bucket!/records.jsonl", "format": "jsonl"}
+    answer = admin.post("/v1/plan", content=_request(runId="bad-bucket", sourceRecords=None, source=source))
+    assert answer.status_code == 422, answer.text
+    assert answer.json() == {
+        "error": "invalid_input",
+        "message": "cannot be read: ParamValidationError",
+        "field": "source.uri",
+    }
+    response = engine_error_response(
+        EndpointConnectionError(endpoint_url="http://usr1:StorePw@127.0.0.1:1/b")
+    )
+    assert response.status_code == 500
+    assert json.loads(bytes(response.body)) == {
+        "error": "failed",
+        "message": 'EndpointConnectionError: Could not connect to the endpoint URL: "http://[redacted]@127.0.0.1:1/b"',
+    }
+
+
 def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tmp_path, server, executed):
     token = server.token("cli-user", "plan", "execute")
     env = {"PCBO_TOKEN": token}

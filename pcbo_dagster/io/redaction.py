@@ -93,13 +93,43 @@ def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
     return _URL_QUERY.sub(rf"\1?{REDACTED}", text)
 
 
+#: The modules whose errors are a store's, passed on by fsspec and SQLAlchemy as they are (not as an
+#: `OSError`): SQLAlchemy's; botocore's (an S3 endpoint that does not answer, missing credentials, a
+#: bucket name it refuses, a `ClientError` s3fs did not translate); gcsfs's, aiohttp's, Google auth's.
+_DATABASE_CLIENTS = ("sqlalchemy.",)
+_OBJECT_STORE_CLIENTS = (
+    "botocore.",
+    "aiobotocore.",
+    "s3fs.",
+    "gcsfs.",
+    "aiohttp.",
+    "google.auth.",
+    "google.api_core.",
+)
+
+
+def _raised_by(exc: BaseException, modules: tuple[str, ...]) -> bool:
+    """`exc` is of a class (or subclass of one) defined in one of `modules` (by name: none imported)."""
+    return any(f"{kind.__module__}.".startswith(modules) for kind in type(exc).__mro__)
+
+
+def is_store_error(exc: BaseException) -> bool:
+    """A store failed, not pcbo: an `OSError` (a full disk, a read-only lake, a server that went away),
+    a database error or an object store client's own error. The CLI prints `one_line_error` and exits
+    1, the HTTP API answers 500 `failed` with it, a source that fails so is invalid input."""
+    return isinstance(exc, OSError) or _raised_by(exc, _DATABASE_CLIENTS + _OBJECT_STORE_CLIENTS)
+
+
 def one_line_error(exc: BaseException) -> str:
     """An I/O or database error as one line without secrets (a full disk, a read-only lake, a locked
-    catalog, a server that went away): what the CLI prints and the HTTP API answers."""
+    catalog, a server that went away): what the CLI prints and the HTTP API answers. An object store
+    client's error is named by its class, its message on one line."""
     strerror = getattr(exc, "strerror", None)
     if isinstance(exc, OSError) and strerror:
         where = f": {exc.filename}" if exc.filename else ""
         text = f"{strerror}{where}"
+    elif not isinstance(exc, OSError) and _raised_by(exc, _OBJECT_STORE_CLIENTS):
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
     else:
         text = str(getattr(exc, "orig", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
     return scrub_text(text)
