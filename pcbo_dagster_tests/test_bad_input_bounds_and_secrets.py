@@ -251,6 +251,19 @@ def _s3_down() -> dict[str, str]:
     return {**S3_ENV_BASE, "PCBO_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
 
 
+def test_an_s3_lake_whose_endpoint_is_down_is_one_line_and_exit_1(tmp_path):
+    """botocore's EndpointConnectionError is not an OSError: still the one line of a store that went
+    away, and the traceback only with PCBO_DEBUG=1."""
+    env = {**_s3_down(), "PCBO_LAKE_URL": "s3://bucket/lake"}
+    args = ["execute", "--input", _request(tmp_path)]
+    run = run_pcbo(args, home=tmp_path / "home", env=env)
+    assert run.status == 1, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("pcbo execute: EndpointConnectionError: Could not connect to the endpoint")
+    debug = run_pcbo(args, home=tmp_path / "home", env={**env, "PCBO_DEBUG": "1"})
+    assert debug.status == 1 and "Traceback" in debug.stderr and "EndpointConnectionError" in debug.stderr
+
+
 @pytest.mark.parametrize(
     ("uri", "error"),
     [
@@ -268,6 +281,28 @@ def test_an_s3_source_that_cannot_be_read_is_invalid_input(tmp_path, uri, error)
     )
     assert_refused(run, "source.uri", home)
     assert f"source.uri: cannot be read: {error}" in run.stderr
+
+
+def test_an_unexpected_error_is_one_line_without_secrets_and_exit_1(tmp_path, monkeypatch, capsys):
+    """The last resort of `pcbo`: an error nobody foresaw (here injected) is one line through the
+    redaction, exit 1; PCBO_DEBUG=1 lets it through with its traceback."""
+    from pcbo_dagster.cli.main import main
+    from pcbo_dagster.datasets import config
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot load postgresql://usr1:CatchAllSecret@db/x?token=tok9\nsecond line")
+
+    monkeypatch.setattr(config, "load_datasets_config_from_env", broken)
+    monkeypatch.delenv("PCBO_DEBUG", raising=False)
+    assert main(["validate-config", str(tmp_path / "datasets.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "pcbo validate-config: internal error (RuntimeError: cannot load postgresql://[redacted]@db/x?"
+        "[redacted]); PCBO_DEBUG=1 shows the traceback\n"
+    )
+    monkeypatch.setenv("PCBO_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="CatchAllSecret"):
+        main(["validate-config", str(tmp_path / "datasets.yaml")])
 
 
 def test_a_closed_pipe_is_one_line_and_exit_1(tmp_path):
