@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
+from pcbo_dagster.datasets.config import MAX_YAML_DEPTH, parse_datasets_config
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 from pcbo_dagster_tests.cli_runner import REPO_ROOT, load_generator, pcbo_env, run_pcbo, write_request
 
@@ -76,6 +80,82 @@ def test_nesting_deeper_than_the_limit_is_invalid_input(tmp_path):
     path.write_text('{"runId": "x", "metadata": ' + "[" * 50_000 + "]" * 50_000 + "}")
     home = tmp_path / "home"
     assert_refused(run_pcbo(["execute", "--input", path], home=home), "request", home)
+
+
+def _nested(depth: int) -> str:
+    """JSON arrays nested `depth` levels (0: a number)."""
+    return "[" * depth + "]" * depth if depth else "0"
+
+
+@pytest.mark.parametrize("depth", [2, 3, 500, 899, 900, 901, 1000, 100_000])
+def test_a_request_nested_up_to_the_bound_runs_and_one_level_more_is_invalid_input(tmp_path, depth):
+    """`MAX_JSON_DEPTH` levels in the whole request (here: the request, `metadata`, then arrays) run
+    through execute (the metadata kept in the catalog); one more is exit 2, at any depth, never a
+    `RecursionError`."""
+    request = _request(tmp_path, metadata={"x": "DEEP"})
+    request.write_text(request.read_text().replace('"DEEP"', _nested(depth - 2)))
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", request], home=home)
+    if depth > MAX_JSON_DEPTH:
+        assert_refused(run, "request", home)
+        assert f"nest at most {MAX_JSON_DEPTH} levels" in run.stderr
+        return
+    assert run.status == 0 and "Traceback" not in run.stderr, run.stderr
+    with sqlite3.connect(home / "catalog.db") as db:
+        (stored,) = db.execute("SELECT metadata FROM runs WHERE run_id = 'bad-input-001'").fetchone()
+    assert stored == '{"x":' + _nested(depth - 2) + "}"
+
+
+@pytest.mark.parametrize("depth", [900, 901])
+def test_a_source_line_nested_up_to_the_bound_is_read_and_one_level_more_is_invalid_input(tmp_path, depth):
+    source = tmp_path / "records.jsonl"
+    record = json.dumps({"id": "a", "occurredAt": "2024-01-01T00:10:00Z", "consentGranted": True, "x": 0})
+    source.write_text(record.replace("0}", _nested(depth - 1) + "}") + "\n")
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", _jsonl_request(tmp_path, source)], home=home)
+    if depth > MAX_JSON_DEPTH:
+        assert_refused(run, "source line 1", home)
+    else:
+        assert run.status == 0 and "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "deeper"),
+    [
+        ("[]", False),
+        (_nested(900), False),
+        (_nested(901), True),
+        # brackets in strings, escaped quotes and backslashes do not count
+        ('["[[[[", "\\"[[[[", "\\\\", ' + _nested(899) + "]", False),
+        ('["]]]]]]", ' + _nested(900) + "]", True),
+        ('{"a\\\\": "\\\\\\"]]]]", "b": ' + _nested(900) + "}", True),
+        ("[" + '"[",' * 2000 + "1]", False),
+    ],
+)
+def test_nesting_is_counted_outside_strings(text, deeper):
+    assert nested_deeper_than(text.encode(), MAX_JSON_DEPTH) is deeper
+    if len(text) < 20_000 and not deeper:
+        json.loads(text)  # the cases are valid JSON
+
+
+@pytest.mark.parametrize("depth", [1, 100, 101, 600, 100_000])
+def test_a_datasets_config_nested_past_its_bound_is_invalid_input(tmp_path, depth):
+    """A datasets config nests at most `MAX_YAML_DEPTH` levels (flow or block style): deeper is exit 2
+    naming the config, not a `RecursionError`."""
+    config = tmp_path / "datasets.yaml"
+    config.write_text("datasets: []\nextra: " + _nested(depth - 1) + "\n")
+    run = run_pcbo(["validate-config", config], cwd=tmp_path)
+    assert run.status == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+    if depth > MAX_YAML_DEPTH:
+        assert f"config: not valid YAML at line 2, column {MAX_YAML_DEPTH + 7}" in run.stderr
+        assert f"nested more than {MAX_YAML_DEPTH} levels" in run.stderr
+    else:
+        assert "nested more than" not in run.stderr and "datasets config" in run.stderr  # parsed
+    block = "".join("  " * i + "-\n" for i in range(depth if depth < 1000 else MAX_YAML_DEPTH + 1))
+    with pytest.raises(InvalidInput) as refused:
+        parse_datasets_config(block)
+    assert ("nested more than" in refused.value.message) is (min(depth, MAX_YAML_DEPTH + 1) > MAX_YAML_DEPTH)
 
 
 @pytest.mark.parametrize(
@@ -162,6 +242,69 @@ def test_a_lake_that_cannot_be_written_is_one_line_and_exit_1(tmp_path):
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
+def _s3_down() -> dict[str, str]:
+    """An S3 endpoint nobody answers (a loopback port just freed), dummy credentials, one attempt."""
+    pytest.importorskip("s3fs")
+    from pcbo_dagster_tests.loopback import free_port
+    from pcbo_dagster_tests.object_store_servers import S3_ENV_BASE
+
+    return {**S3_ENV_BASE, "PCBO_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+
+
+def test_an_s3_lake_whose_endpoint_is_down_is_one_line_and_exit_1(tmp_path):
+    """botocore's EndpointConnectionError is not an OSError: still the one line of a store that went
+    away, and the traceback only with PCBO_DEBUG=1."""
+    env = {**_s3_down(), "PCBO_LAKE_URL": "s3://bucket/lake"}
+    args = ["execute", "--input", _request(tmp_path)]
+    run = run_pcbo(args, home=tmp_path / "home", env=env)
+    assert run.status == 1, run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stderr.startswith("pcbo execute: EndpointConnectionError: Could not connect to the endpoint")
+    debug = run_pcbo(args, home=tmp_path / "home", env={**env, "PCBO_DEBUG": "1"})
+    assert debug.status == 1 and "Traceback" in debug.stderr and "EndpointConnectionError" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("uri", "error"),
+    [
+        ("s3://pcbo-test-lake/records.jsonl", "EndpointConnectionError"),
+        ("s3://bad_bucket!/r.jsonl", "ParamValidationError"),
+    ],
+)
+def test_an_s3_source_that_cannot_be_read_is_invalid_input(tmp_path, uri, error):
+    request = load_generator().make_request(records=1, partitions=2, seed=3, run_id="s3-source-001")
+    request.pop("sourceRecords")
+    request["source"] = {"uri": uri, "format": "jsonl"}
+    home = tmp_path / "home"
+    run = run_pcbo(
+        ["plan", "--input", write_request(tmp_path / "r.json", request)], home=home, env=_s3_down()
+    )
+    assert_refused(run, "source.uri", home)
+    assert f"source.uri: cannot be read: {error}" in run.stderr
+
+
+def test_an_unexpected_error_is_one_line_without_secrets_and_exit_1(tmp_path, monkeypatch, capsys):
+    """The last resort of `pcbo`: an error nobody foresaw (here injected) is one line through the
+    redaction, exit 1; PCBO_DEBUG=1 lets it through with its traceback."""
+    from pcbo_dagster.cli.main import main
+    from pcbo_dagster.datasets import config
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot load postgresql://usr1:CatchAllSecret@db/x?token=tok9\nsecond line")
+
+    monkeypatch.setattr(config, "load_datasets_config_from_env", broken)
+    monkeypatch.delenv("PCBO_DEBUG", raising=False)
+    assert main(["validate-config", str(tmp_path / "datasets.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "pcbo validate-config: internal error (RuntimeError: cannot load postgresql://[redacted]@db/x?"
+        "[redacted]); PCBO_DEBUG=1 shows the traceback\n"
+    )
+    monkeypatch.setenv("PCBO_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="CatchAllSecret"):
+        main(["validate-config", str(tmp_path / "datasets.yaml")])
+
+
 def test_a_closed_pipe_is_one_line_and_exit_1(tmp_path):
     """`pcbo dry-run | head -c 10`: the reader goes away; pcbo stops with one line and exit 1. (The
     document is far larger than a pipe's buffer, so the write meets the closed pipe.)"""
@@ -198,6 +341,11 @@ URL_SHAPES = [
     ("https://user:pass@example.com", "https://example.com"),
     ("http://[::1]:8080/x?q=1", "http://[::1]:8080/x?[redacted]"),
     ("s3://AKIAEXAMPLE:secretkey@bucket/prefix", "s3://bucket/prefix"),
+    ("s3://AKIAEXAMPLE:pa?ss@bucket/prefix", "s3://bucket/prefix"),
+    ("https://user:p#ss@example.com/x", "https://example.com/x"),
+    ("s3://user:pa/s?s@bucket/x", "s3://bucket/x?[redacted]"),
+    # an `@` in a query: what follows it is shown as the host (a wrong host, never a secret)
+    ("https://hooks.example.com/n?to=ops@example.com", "https://example.com?[redacted]"),
     ("s3://bucket/prefix", "s3://bucket/prefix"),
     ("gs://bucket/p?x-goog-signature=1", "gs://bucket/p?[redacted]"),
     ("sqlite:////var/pcbo/catalog.db", "sqlite:////var/pcbo/catalog.db"),
@@ -209,16 +357,103 @@ URL_SHAPES = [
 @pytest.mark.parametrize(("url", "shown"), URL_SHAPES)
 def test_one_redaction_for_every_url_shape(url, shown):
     assert redact_url(url) == shown
-    for secret in ("s3cret", "pa/ss", "p@ss", "password=x", "tok3n", "sig=abc", "token=abc", "secretkey"):
+    secrets = ("s3cret", "pa/ss", "p@ss", "password=x", "tok3n", "sig=abc", "token=abc", "secretkey", "pa?ss")
+    for secret in (*secrets, "p#ss", "pa/s?s", "to=ops"):
         assert secret not in redact_url(url)
         assert secret not in scrub_text(f"error talking to {url}: refused")
+
+
+@pytest.mark.parametrize("password", ["pa?ss", "pa#ss", "pa/s?s", "p@s?s", "pa?ss/x#y"])
+def test_no_part_of_a_userinfo_is_left_whatever_the_password_holds(password):
+    for url in (f"s3://usr1:{password}@bucket/key", f"postgresql://usr1:{password}@db:5432/pcbo?sslmode=x"):
+        for shown in (redact_url(url), scrub_text(f"cannot reach {url}: refused")):
+            assert "usr1" not in shown and "pa" not in shown and "ss" not in shown, shown
+
+
+def test_scrub_text_removes_a_userinfo_whose_scheme_a_client_cut_off():
+    """botocore's ParamValidationError names the bucket of `s3://user:password@bucket/key` as it
+    parsed it: `user:password@bucket`."""
+    message = (
+        'Invalid bucket name "AKIAEXAMPLE:SuperSecretPw1@bucket": Bucket name must match the regex '
+        '"^[a-zA-Z0-9.\\-_]{1,255}$" or be an ARN matching the regex "^arn:(aws).*:(s3|s3-object-lambda):"'
+    )
+    assert scrub_text(message).startswith('Invalid bucket name "[redacted]@bucket": Bucket name must')
+    assert "Secret" not in scrub_text(message) and "AKIA" not in scrub_text(message)
+    assert scrub_text("lake usr:Lake/Secret@Pw@bucket/lake down") == "lake [redacted]@bucket/lake down"
+    assert scrub_text("(u:p?w@host)") == "([redacted]@host)"
+    # not a userinfo: times, a key:value, an address, a URL already redacted
+    for text in ("at 10:30 k:v was set; mail a@b.com", "s3://[redacted]@bucket/x", "https://h/p?[redacted]"):
+        assert scrub_text(text) == text
+
+
+CREDENTIAL_URLS = [
+    ("s3://AKIAEXAMPLE:SuperSecretPw1@bucket/records.jsonl", "s3://bucket/records.jsonl"),
+    ("s3://usr1:Pa?Secret#1@bucket/records.jsonl", "s3://bucket/records.jsonl"),
+    ("s3://usr1:Pa/Secret1@bucket/records.jsonl", "s3://bucket/records.jsonl"),
+    ("gs://ya29Secret1@bucket/records.jsonl", "gs://bucket/records.jsonl"),
+]
+
+
+@pytest.mark.parametrize("command", ["plan", "dry-run", "execute"])
+@pytest.mark.parametrize(("uri", "shown"), CREDENTIAL_URLS)
+def test_a_source_uri_with_credentials_is_invalid_input_shown_without_them(tmp_path, command, uri, shown):
+    """Object stores take credentials from the environment only: a userinfo in `source.uri` is exit 2
+    naming the field, the URI shown redacted, before any store is reached."""
+    request = load_generator().make_request(records=1, partitions=2, seed=3, run_id="creds-001")
+    request.pop("sourceRecords")
+    request["source"] = {"uri": uri, "format": "jsonl"}
+    home = tmp_path / "home"
+    run = run_pcbo([command, "--input", write_request(tmp_path / "r.json", request)], home=home)
+    assert_refused(run, "source.uri", home)
+    assert f"source.uri: {shown}: credentials in a URL are refused" in run.stderr
+    assert "Secret" not in run.stderr and "usr1" not in run.stderr and "AKIA" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [("env", "PCBO_LAKE_URL"), ("flag", "--lake"), ("env", "PCBO_AUDIT_DIR"), ("flag", "--audit-dir")],
+)
+def test_a_lake_or_audit_store_url_with_credentials_is_invalid_input(tmp_path, where, name):
+    url = "s3://usr1:LakeSecretPw@bucket/lake"
+    home = tmp_path / "home"
+    args = ["execute", "--input", _request(tmp_path)]
+    run = run_pcbo(
+        args + ([name, url] if where == "flag" else []), home=home, env={name: url} if where == "env" else {}
+    )
+    assert_refused(run, name, home)
+    assert "s3://bucket/lake: credentials in a URL are refused" in run.stderr
+    assert "LakeSecretPw" not in run.stderr and "usr1" not in run.stderr
+
+
+@pytest.mark.parametrize("field", ["source.uri", "lake", "rollout.stagingLake"])
+def test_a_datasets_config_url_with_credentials_is_invalid_input(tmp_path, field):
+    values = {"source.uri": "x.jsonl", "lake": "null", "rollout.stagingLake": "null"}
+    values[field] = "s3://usr1:CfgSecretPw@bucket/x.jsonl"
+    config = tmp_path / "datasets.yaml"
+    config.write_text(
+        "datasets:\n  - name: events\n    partitioning: {kind: time_window, cron: '0 * * * *', "
+        "start: '2024-01-01T00:00:00Z', end: '2024-01-02T00:00:00Z'}\n"
+        f"    source: {{uri: '{values['source.uri']}'}}\n    lake: {values['lake']}\n"
+        f"    rollout: {{stagingLake: {values['rollout.stagingLake']}}}\n"
+    )
+    run = run_pcbo(["validate-config", config], cwd=tmp_path)
+    assert run.status == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"datasets[0].{field}: s3://bucket/x.jsonl: credentials in a URL are refused" in run.stderr
+    assert "CfgSecretPw" not in run.stderr and "usr1" not in run.stderr
+
+
+def test_a_url_with_a_password_and_a_stray_newline_is_refused_without_the_password(tmp_path):
+    home = tmp_path / "home"
+    url = "postgresql://pcbo:CatalogSecretPw@127.0.0.1:1/pcbo\n"
+    run = run_pcbo(["execute", "--input", _request(tmp_path)], home=home, env={"PCBO_CATALOG_URL": url})
+    assert_refused(run, "PCBO_CATALOG_URL", home)
+    assert "postgresql://[redacted]@127.0.0.1:1/pcbo\\n" in run.stderr
+    assert "CatalogSecretPw" not in run.stderr
 
 
 def test_secrets_in_urls_reach_no_output_event_or_catalog_row(tmp_path):
     """A source URI and an audit endpoint with credentials: neither the execute document, nor the
     audit events, nor the catalog (lineage, runs) holds them."""
-    import sqlite3
-
     source = tmp_path / "records.jsonl"
     source.write_text(
         json.dumps(

@@ -17,6 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from pcbo_dagster.catalog import schema as t  # noqa: E402
+from pcbo_dagster.core.request_model import MAX_JSON_DEPTH  # noqa: E402
 from pcbo_dagster.engine.proofs import verify_proof  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
 from pcbo_dagster_tests.http_server import DEMO_REQUEST, lake_files, running_server  # noqa: E402
@@ -118,6 +119,62 @@ def test_invalid_input_is_422_naming_the_field_and_a_gate_is_409(server, admin):
     blocked = admin.post("/v1/execute", content=_request(runId="gated2", policies=policies))
     assert blocked.status_code == 409 and blocked.json()["breaches"]
     assert server.catalog.get_run("gated") is None and server.catalog.get_run("gated2") is None
+
+
+def test_metadata_nested_to_the_bound_is_served_and_one_level_more_is_422(server, admin):
+    """The request nests at most `MAX_JSON_DEPTH` levels (the request, `metadata`, then arrays)."""
+
+    def nested(run_id: str, depth: int) -> bytes:
+        deep = "[" * (depth - 2) + "]" * (depth - 2)
+        return _request(runId=run_id, metadata={"x": "DEEP"}).replace(b'"DEEP"', deep.encode())
+
+    for depth in (500, MAX_JSON_DEPTH):
+        answer = admin.post("/v1/plan", content=nested(f"deep-{depth}", depth))
+        assert answer.status_code == 200, answer.text
+    for depth in (MAX_JSON_DEPTH + 1, 100_000):
+        answer = admin.post("/v1/plan", content=nested(f"deep-{depth}", depth))
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["field"] == "request" and "nest at most" in answer.json()["message"]
+
+
+def test_a_source_uri_with_credentials_is_422_shown_without_them(server, admin):
+    source = {"uri": "s3://AKIAEXAMPLE:SuperSecretPw1@bucket/records.jsonl", "format": "jsonl"}
+    for endpoint in ("/v1/plan", "/v1/dry-run", "/v1/execute"):
+        answer = admin.post(endpoint, content=_request(runId="creds", sourceRecords=None, source=source))
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["field"] == "source.uri"
+        assert answer.json()["message"].startswith("s3://bucket/records.jsonl: credentials in a URL")
+        assert "SuperSecretPw1" not in answer.text and "AKIA" not in answer.text
+    assert server.catalog.get_run("creds") is None
+
+
+def test_an_s3_source_the_client_refuses_is_422_and_a_store_error_is_500_failed(server, admin, monkeypatch):
+    """botocore's own errors are no OSError: a source it cannot read is still invalid input on
+    `source.uri`, and a store that fails is the one-line 500 `failed`, not an internal error."""
+    pytest.importorskip("s3fs")
+    from botocore.exceptions import EndpointConnectionError
+
+    from pcbo_dagster.server.errors import engine_error_response
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    source = {"uri": "s3://bad_bucket!/records.jsonl", "format": "jsonl"}
+    answer = admin.post("/v1/plan", content=_request(runId="bad-bucket", sourceRecords=None, source=source))
+    assert answer.status_code == 422, answer.text
+    assert answer.json() == {
+        "error": "invalid_input",
+        "message": "cannot be read: ParamValidationError",
+        "field": "source.uri",
+    }
+    response = engine_error_response(
+        EndpointConnectionError(endpoint_url="http://usr1:StorePw@127.0.0.1:1/b")
+    )
+    assert response.status_code == 500
+    assert json.loads(bytes(response.body)) == {
+        "error": "failed",
+        "message": 'EndpointConnectionError: Could not connect to the endpoint URL: "http://[redacted]@127.0.0.1:1/b"',
+    }
 
 
 def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tmp_path, server, executed):

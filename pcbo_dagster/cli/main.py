@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from pcbo_dagster.cli.common import (
     Findings,
     add_common_options,
@@ -41,7 +39,7 @@ from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.cli.server_commands import add_server_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.io.redaction import one_line_error, redact_url, scrub_text
+from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url, scrub_text
 
 
 def _remote(args: argparse.Namespace) -> dict[str, Any]:
@@ -585,10 +583,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return exc.exit_status
     except BrokenPipeError:
         raise
-    except (OSError, SQLAlchemyError) as exc:
+    except Exception as exc:
         if os.environ.get("PCBO_DEBUG"):
             raise
-        print(f"pcbo {args.command}: {one_line_error(exc)}", file=sys.stderr)
+        if is_store_error(exc):  # a full disk, a read-only lake, a locked catalog, a store gone away
+            message = one_line_error(exc)
+        else:  # a bug: still one line without secrets
+            message = f"internal error ({type(exc).__name__}"
+            message += f": {one_line_error(exc)})" if str(exc) else ")"
+            message += "; PCBO_DEBUG=1 shows the traceback"
+        print(f"pcbo {args.command}: {message}", file=sys.stderr)
         return 1
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
+from pcbo_dagster.io.redaction import has_userinfo, userinfo_refused
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_PARTITIONS = 100_000
@@ -47,24 +48,50 @@ def _utf8(value: str) -> str:
     return value
 
 
-def _metadata_value(value: Any, path: str = "") -> Any:
-    if value is None or isinstance(value, bool | int):
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53 - 1:
-            raise ValueError(f"{path or 'value'}: integers must be within +-(2**53 - 1)")
-        return value
-    if isinstance(value, str):
-        return _utf8(value)
-    if isinstance(value, list):
-        return [_metadata_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
-    if isinstance(value, dict):
-        return {_utf8(k): _metadata_value(v, f"{path}.{k}" if path else k) for k, v in value.items()}
-    raise ValueError(
-        f"{path or 'value'}: only strings, integers, booleans, null, objects and arrays "
-        f"are allowed (no floats), got {type(value).__name__}"
-    )
+def _metadata_value(value: Any, key: str) -> None:
+    """Check the metadata value under `key`: strings, safe integers, booleans, null, objects and
+    arrays only; the error names the offending value's path. Iterative, so a value nested as deep as
+    a request may be is never a `RecursionError`."""
+    # (value, its path as a linked list (name, parent)): the path's text is made only for an error
+    stack: list[tuple[Any, Any]] = [(value, (key, None))]
+    while stack:
+        item, where = stack.pop()
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            _utf8(item)
+        elif isinstance(item, int):
+            if abs(item) > 2**53 - 1:
+                raise ValueError(f"{_path_text(where)}: integers must be within +-(2**53 - 1)")
+        elif isinstance(item, list):
+            stack.extend((v, (i, where)) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, dict):
+            stack.extend((v, (_utf8(k), where)) for k, v in reversed(list(item.items())))
+        else:
+            raise ValueError(
+                f"{_path_text(where)}: only strings, integers, booleans, null, objects and arrays "
+                f"are allowed (no floats), got {type(item).__name__}"
+            )
+
+
+def _path_text(where: Any) -> str:
+    """`a.b[0].c` from the linked path `(name or index, parent)` of `_metadata_value`."""
+    parts: list[str] = []
+    while where is not None:
+        name, where = where
+        parts.append(f"[{name}]" if isinstance(name, int) else f".{name}" if where is not None else name)
+    return "".join(reversed(parts))
+
+
+def _no_userinfo(value: str) -> str:
+    if has_userinfo(value):
+        raise ValueError(userinfo_refused(value))
+    return value
 
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
+#: Where records or a lake are stored (a path, `file://`, `s3://`, `gs://`): never with credentials.
+StoreUri = Annotated[StrictStr, Field(min_length=1), AfterValidator(_no_userinfo)]
 Instant = Annotated[StrictStr, AfterValidator(_instant)]
 Text = Annotated[StrictStr, AfterValidator(_utf8)]
 
@@ -89,7 +116,7 @@ class SourceRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    uri: Annotated[StrictStr, Field(min_length=1)]
+    uri: StoreUri
     format: Literal["jsonl", "parquet", "csv", "ledger_archive"] | None = None
     #: Skip a directory's files whose hive partition lies outside the time window (default true).
     prune: StrictBool = True
@@ -273,8 +300,36 @@ def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+#: Arrays and objects nest at most this many levels in any JSON pcbo reads (a request, a source line,
+#: a proof, an evidence package); every step after the parser (validation, digests, catalog rows,
+#: outputs) handles that depth. One level more is invalid input, whatever the caller's stack depth.
+MAX_JSON_DEPTH = 900
+_NOT_A_BRACKET_OR_QUOTE = bytes(b for b in range(256) if b not in b'[]{}"')
+_BRACKET_STEP = bytes.maketrans(b'[{]}"', b"\x01\x01\xff\xff\x00")  # as int8: +1, -1, 0
+
+
+def nested_deeper_than(raw: bytes, limit: int) -> bool:
+    """True when arrays and objects nest more than `limit` levels in the JSON text `raw`: counted over
+    its brackets outside strings, never by recursion. A text with no more than `limit` opening
+    brackets is not even scanned."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    import numpy as np
+
+    # Escaped backslashes, then escaped quotes (pairs taken from the left, as JSON reads them): the
+    # quotes left open and close strings.
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    kept = raw.translate(None, _NOT_A_BRACKET_OR_QUOTE)
+    quotes = np.frombuffer(kept, dtype=np.uint8) == ord('"')
+    outside = (np.cumsum(quotes, dtype=np.uint8) & 1) == 0  # an even number of quotes so far
+    steps = np.frombuffer(kept.translate(_BRACKET_STEP), dtype=np.int8)  # +1, -1, 0 for a quote
+    return bool(np.cumsum(steps * outside, dtype=np.int32).max(initial=0) > limit)
+
+
 def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
-    """Parse JSON refusing NaN/Infinity and duplicate keys; note whether floats or long ints occur."""
+    """Parse JSON refusing NaN/Infinity, duplicate keys and nesting deeper than `MAX_JSON_DEPTH`; note
+    whether floats or long ints occur."""
     floats_seen = False
 
     def _float(text: str) -> float:
@@ -288,6 +343,11 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
             floats_seen = True
         return int(text)
 
+    too_deep = f"nested too deeply (arrays and objects nest at most {MAX_JSON_DEPTH} levels)"
+    if nested_deeper_than(
+        raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw, MAX_JSON_DEPTH
+    ):
+        raise InvalidInput(what, too_deep)
     try:
         value = json.loads(
             raw,
@@ -298,8 +358,8 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
         )
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(what, f"not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidInput(what, "nested too deeply (arrays and objects nest at most ~900 levels)") from None
+    except RecursionError:  # a caller deep in its own stack: refused as the bound refuses it
+        raise InvalidInput(what, too_deep) from None
     return ParsedJson(value, floats_seen)
 
 

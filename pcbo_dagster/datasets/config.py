@@ -91,7 +91,15 @@ from pcbo_dagster.core.partition_keys import (
     format_time_key,
     window_for_key,
 )
-from pcbo_dagster.core.request_model import MAX_PARTITIONS, Instant, Name, Policies, TableSpec, Text
+from pcbo_dagster.core.request_model import (
+    MAX_PARTITIONS,
+    Instant,
+    Name,
+    Policies,
+    StoreUri,
+    TableSpec,
+    Text,
+)
 from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.sources.record_files import resolve_uri
@@ -327,7 +335,7 @@ Partitioning = Annotated[TimeWindowPartitioning | LedgerRangePartitioning, Field
 
 
 class SourceConfig(_Strict):
-    uri: Annotated[StrictStr, Field(min_length=1)]
+    uri: StoreUri
     format: Literal["jsonl", "parquet"] | None = None
     #: For a directory source: skip files whose hive partition lies outside the requested window
     #: (default true); passed into requests only when false, so existing requests do not change.
@@ -400,7 +408,7 @@ class BusinessMetricConfig(_Strict):
 class RolloutConfig(_Strict):
     """A dataset with `rollout` gets staging and production assets instead of one (staged rollout)."""
 
-    stagingLake: Annotated[StrictStr, Field(min_length=1)] | None = None
+    stagingLake: StoreUri | None = None
     throttle: ThrottleConfig = ThrottleConfig()
     soak: SoakConfig = SoakConfig()
     businessMetric: BusinessMetricConfig | None = None
@@ -433,7 +441,7 @@ class DatasetConfig(_Strict):
     versionLabel: Name = "v1"
     partitioning: Partitioning
     source: SourceConfig
-    lake: Annotated[StrictStr, Field(min_length=1)] | None = None
+    lake: StoreUri | None = None
     policies: Policies = Policies()
     existingTargetIds: list[Text] = []
     backfillPolicy: BackfillPolicyConfig = BackfillPolicyConfig()
@@ -570,8 +578,28 @@ class _FieldError(ValueError):
 # --- strict YAML ------------------------------------------------------------------------------
 
 
+#: Collections nest at most this many levels in a datasets config (a real one nests a handful).
+MAX_YAML_DEPTH = 100
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader refusing duplicate keys, with YAML 1.2-like scalars (no yes/no/on/off, no dates)."""
+    """SafeLoader refusing duplicate keys and nesting deeper than `MAX_YAML_DEPTH` (PyYAML composes a
+    level in two Python frames: far deeper would be a `RecursionError`), with YAML 1.2-like scalars
+    (no yes/no/on/off, no dates)."""
+
+    def __init__(self, stream: str | bytes) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self._depth >= MAX_YAML_DEPTH and not self.check_event(yaml.ScalarEvent, yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _YAML_11_ONLY = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")

@@ -46,7 +46,7 @@ from sqlalchemy.exc import ArgumentError
 from pcbo_dagster.audit.object_store_backup import is_shared_store
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.io.env_vars import flag, plain_path, positive_int, positive_number
-from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.io.redaction import has_userinfo, redact_url, userinfo_refused
 
 #: Partitions `execute` stages at once on an object-store lake unless `--parallel` / `PCBO_PARALLEL`
 #: say otherwise (`default_parallel`).
@@ -114,17 +114,21 @@ class Settings:
     ) -> Settings:
         env = dict(os.environ if env is None else env)
 
-        def given(flag: str, value: str | None, variable: str) -> str | None:
-            if value is not None:
-                return plain_path(flag, value)
-            return plain_path(variable, env.get(variable) or None)
+        def given(flag: str, value: str | None, variable: str, store: bool = False) -> str | None:
+            """The flag's value, else the variable's; a `store` (lake, audit backup) never with
+            credentials in its URL."""
+            name, text = (flag, value) if value is not None else (variable, env.get(variable) or None)
+            text = plain_path(name, text)
+            if store and text is not None and has_userinfo(text):
+                raise InvalidInput(name, userinfo_refused(text))
+            return text
 
         home_path = home_dir(given("--home", home, "PCBO_HOME"), {})
-        lake_url = given("--lake", lake, "PCBO_LAKE_URL") or str(home_path / "lake")
+        lake_url = given("--lake", lake, "PCBO_LAKE_URL", store=True) or str(home_path / "lake")
         catalog_url = (
             given("--catalog", catalog, "PCBO_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
         )
-        audit_text = given("--audit-dir", audit_dir, "PCBO_AUDIT_DIR")
+        audit_text = given("--audit-dir", audit_dir, "PCBO_AUDIT_DIR", store=True)
         store = None
         if audit_text is not None and is_shared_store(audit_text):
             store = audit_text.rstrip("/")

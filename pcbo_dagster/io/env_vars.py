@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.io.redaction import scrub_text
 
 
 def positive_int(variable: str, text: str | None, default: int) -> int:
@@ -40,7 +41,8 @@ def plain_path(name: str, text: str | None) -> str | None:
     if text is None:
         return None
     if text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise InvalidInput(name, f"{text!r} has surrounding whitespace or control characters")
+        # shown without the userinfo or query of a URL (a catalog or endpoint URL may hold a password)
+        raise InvalidInput(name, f"{scrub_text(repr(text))} has surrounding whitespace or control characters")
     if not text:
         raise InvalidInput(name, "is empty")
     return text

@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import SQLAlchemyError
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.engine.environment import DatasetBusy
-from pcbo_dagster.io.redaction import one_line_error, scrub_text
+from pcbo_dagster.io.redaction import is_store_error, one_line_error, scrub_text
 
 
 def error_document(error: str, message: str, field: str | None = None) -> dict[str, Any]:
@@ -73,6 +72,6 @@ def engine_error_response(exc: BaseException) -> JSONResponse:
                 document, status_code=500, headers={"Pcbo-Message": _header_text(scrub_text(str(exc)))}
             )
         return ApiError(500, "failed", scrub_text(str(exc))).response()
-    if isinstance(exc, OSError | SQLAlchemyError):
+    if is_store_error(exc):
         return ApiError(500, "failed", one_line_error(exc)).response()
     return ApiError(500, "failed", f"internal error ({type(exc).__name__})").response()

@@ -31,15 +31,16 @@ from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant
-from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.io.redaction import is_store_error, redact_url
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 @contextmanager
 def source_read_errors(shown: str) -> Iterator[None]:
-    """Opening or reading a source: a missing file, a missing fsspec backend or an unreadable store
-    as `InvalidInput` on `source.uri` (the URI shown without credentials)."""
+    """Opening or reading a source: a missing file, a missing fsspec backend or an unreadable store (an
+    `OSError`, or the object store client's own error: an endpoint that does not answer, a bucket name
+    it refuses) as `InvalidInput` on `source.uri` (the URI shown without credentials)."""
     try:
         yield
     except FileNotFoundError:
@@ -48,7 +49,9 @@ def source_read_errors(shown: str) -> Iterator[None]:
         raise InvalidInput(
             "source.uri", f"needs the optional package {exc.name} (pip install 'pcbo_dagster[lakes]')"
         ) from None
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
+        if not (isinstance(exc, ValueError) or is_store_error(exc)):
+            raise
         raise InvalidInput("source.uri", f"cannot be read: {exc.__class__.__name__}") from None
 
 
