@@ -219,6 +219,18 @@ class ChainState:
         """Every run id an apply into a SQL table names."""
         return {a.run_id for h in self.sql.values() for a in h.applies}
 
+    def sql_undone(self, target: str, run_id: str) -> set[tuple[str, int]]:
+        """(partition key, intent seq) of every apply of `run_id` into `target` the chain says was
+        rolled back: the only applies whose journal entries are no longer live (a `pcbo_rollbacks`
+        row the chain has no rollback for undoes nothing)."""
+        return {
+            (h.key, a.intent_seq)
+            for (t, _), h in self.sql.items()
+            if t == target
+            for a in h.applies
+            if a.run_id == run_id and a.rolled_back is not None
+        }
+
     def add(self, event: Mapping[str, Any]) -> None:
         """Replay one more event (the next in seq order)."""
         self.length += 1

@@ -693,7 +693,7 @@ def _write_rollback_script(
 ) -> dict[str, Any]:
     """Write the run's rollback script; append its `sql_rollback_script` event unless the chain
     already has one with the same checksum."""
-    view = read_journal(table, plan.run_id)
+    view = read_journal(table, plan.run_id, state.sql_undone(table.ref, plan.run_id))
     data = rollback_script(table, plan.run_id, plan.dataset, plan.version_label, view)
     path = rollback_script_path(env, plan.run_id)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,14 +7,19 @@ location; one that cannot be reached is a finding):
 - applies still open: an apply whose chunks are all checkpointed is a crash window (`--repair`
   appends its event from the checkpoints), otherwise it was interrupted (`sql_apply_interrupted`:
   resume it with its request, or roll it back); likewise a rollback whose restoring transaction
-  committed without its events (`--repair` appends them) or that never committed;
+  committed without its events (`--repair` appends them: `sql_rollback.restore_committed`) or that
+  never committed;
 - the journal of every run in the table is exactly the one the chain and the checkpoints recorded
   (`sql_journal_altered`), and its append-only triggers are there (`sql_journal_trigger_missing`);
 - each applied partition: its checkpoints hold the applied rows the chain's Merkle root and count
   say (`sql_checkpoint_altered`, `sql_checkpoint_missing`); for the partition's current apply, the
   rows are read back from the table and their digests compared with the records' (`sql_rows_changed`:
   a row the live pipeline or someone else changed since, or removed);
-- each undone apply has its `pcbo_rollbacks` row (`sql_rollback_marker_missing`);
+- each undone apply has its `pcbo_rollbacks` row, with the journal digest and count its
+  `sql_partition_rolled_back` recorded (`sql_rollback_marker_missing`); a row the chain has no
+  rollback for — or, for an open rollback intent, one that is not what the intent recorded, or whose
+  rows are not back as they were — is `sql_rollback_marker_not_on_chain`, never adopted, and hides
+  nothing: the apply is read back as the chain says it is;
 - the catalog: an `sql_apply_log` row per apply and rollback event, agreeing with it
   (`catalog_sql_mismatch`; `--repair` records a missing one), none the chain does not hold
   (`catalog_sql_not_on_chain`), and a run row with the plan and decision hashes of its intents
@@ -33,7 +38,12 @@ from pcbo_dagster.core.chain_state import ChainState, SqlApply, SqlPartitionHist
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.sql_apply import complete_applies, gathered_from_checkpoints, record_applied
-from pcbo_dagster.engine.sql_rollback import check_journal, complete_rollbacks, reopen_target
+from pcbo_dagster.engine.sql_rollback import (
+    check_journal,
+    complete_rollbacks,
+    reopen_target,
+    restore_committed,
+)
 from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.targets.sql_locks import scoped_lock
 from pcbo_dagster.targets.sql_table import SqlTable, read_journal
@@ -111,6 +121,9 @@ def _check_table(
     runs = sorted({a.run_id for h in histories for a in h.applies})
     checkpoints = {run: table.checkpoints(run) for run in runs}
     markers = {run: table.rollback_markers(run) for run in runs}
+    views = {run: read_journal(table, run, state.sql_undone(ref, run)) for run in runs}
+    #: Applies an open rollback intent names whose restore committed (run, key, intent seq).
+    restored: set[tuple[str, str, int]] = set()
     for history in histories:
         where = f"{ref}/{history.key}"
         apply = history.open_apply
@@ -138,12 +151,24 @@ def _check_table(
                 )
         if history.open_rollback is not None:
             event, _ = history.open_rollback
-            committed = any(
-                (history.key, int(entry["intent_seq"])) in markers.get(str(event["run_id"]), {})
+            run_id = str(event["run_id"])
+            named = [
+                (entry, apply)
                 for entry in event["partitions"]
                 if entry["key"] == history.key
-            )
-            if committed:
+                for apply in [history.apply_at(int(entry["intent_seq"]))]
+                if apply is not None and apply.run_id == run_id and run_id in views
+            ]
+            committed = [
+                (entry, apply)
+                for entry, apply in named
+                if restore_committed(
+                    table, views[run_id], apply, entry, markers[run_id].get((history.key, apply.intent_seq))
+                )
+                is None
+            ]
+            restored.update((run_id, history.key, a.intent_seq) for _, a in committed)
+            if named and len(committed) == len(named):
                 report.healable(
                     "sql_rollback_event_missing",
                     where,
@@ -166,13 +191,31 @@ def _check_table(
             )
     checked = 0
     for run in runs:
-        problems = check_journal(table, state, run, read_journal(table, run))
+        problems = check_journal(table, state, run, views[run])
         for problem in problems[:20]:
             report.find("sql_journal_altered", f"{ref} run {run}", problem)
+        applies = {(h.key, a.intent_seq) for h in histories for a in h.applies if a.run_id == run}
+        for key, intent_seq in sorted(set(markers[run]) - applies):
+            report.find(
+                "sql_rollback_marker_not_on_chain",
+                f"{ref}/{key} run {run}",
+                f"pcbo_rollbacks says the apply at intent seq {intent_seq} was undone, but the chain "
+                "holds no such apply",
+            )
     for history in histories:
         for apply in history.applies:
             checked += _check_apply(
-                env, report, table, history, apply, checkpoints, markers, catalog_rows, dataset, version_label
+                env,
+                report,
+                table,
+                history,
+                apply,
+                checkpoints,
+                markers,
+                restored,
+                catalog_rows,
+                dataset,
+                version_label,
             )
     return checked
 
@@ -185,6 +228,7 @@ def _check_apply(
     apply: SqlApply,
     checkpoints: dict[str, Any],
     markers: dict[str, dict[tuple[str, int], tuple[str, int]]],
+    restored: set[tuple[str, str, int]],
     catalog_rows: dict[str, dict[str, Any]],
     dataset: str,
     version_label: str,
@@ -193,16 +237,32 @@ def _check_apply(
     for event in (apply.applied, apply.rolled_back):
         if event is not None:
             _check_catalog_row(env, report, event, catalog_rows, where, dataset, version_label)
+    marker = markers[apply.run_id].get((history.key, apply.intent_seq))
     if apply.rolled_back is not None:
-        if (history.key, apply.intent_seq) not in markers[apply.run_id]:
+        if marker is None:
             report.find(
                 "sql_rollback_marker_missing",
                 where,
                 "the chain says this apply was undone, but the table's pcbo_rollbacks has no row for it",
             )
+        elif marker != (apply.rolled_back["journal_digest"], apply.rolled_back["restored"]):
+            report.find(
+                "sql_rollback_marker_not_on_chain",
+                where,
+                "the table's pcbo_rollbacks row for this apply is not the rollback the chain recorded",
+            )
         return 0
-    if apply.applied is None or (history.key, apply.intent_seq) in markers[apply.run_id]:
-        return 0  # open, or undone by a rollback whose events a crash cut off (reported above)
+    if (apply.run_id, history.key, apply.intent_seq) in restored:
+        return 0  # undone by a rollback whose events a crash cut off (reported above)
+    if marker is not None:  # not honoured: the apply is checked as the chain says it is
+        report.find(
+            "sql_rollback_marker_not_on_chain",
+            where,
+            "the table's pcbo_rollbacks says this apply was undone, but the chain records no rollback of it "
+            "(or not this one, or its rows are not back as they were)",
+        )
+    if apply.applied is None:
+        return 0  # open (reported above)
     gathered = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
     if gathered is None:
         report.find("sql_checkpoint_missing", where, "the apply's chunk checkpoints are not all in the table")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -897,15 +897,21 @@ class SqlTable:
         )
 
     def drifted(
-        self, conn: Connection, entries: Sequence[dict[str, Any]], lock: bool
+        self, conn: Connection, entries: Sequence[dict[str, Any]], lock: bool, restored: bool = False
     ) -> list[dict[str, Any]]:
-        """The entries whose row is no longer as the run wrote it (changed or removed since)."""
+        """The entries whose row is no longer as the run wrote it (changed or removed since); with
+        `restored`, those whose row is not back as it was before the run (an inserted row still
+        there, an updated row without its prior written values: `entries` one per row, the oldest)."""
         keys = [self.key_values_of_text(e["keyText"]) for e in entries]
         found = self._live_rows(conn, keys, lock=lock, with_image=False, digests_only=True)
         drifted = []
         for e in entries:
             now = found.get(e["keyText"])
-            if now is None or now.state.row_digest != e["after"]:
+            if restored:
+                expected = None if e["priorState"] is None else e["priorState"]["rowDigest"]
+            else:
+                expected = e["after"]
+            if (None if now is None else now.state.row_digest) != expected:
                 drifted.append({"id": e["id"], "key": e["keyText"], "seq": e["seq"]})
         return drifted
 
@@ -1044,12 +1050,12 @@ def recompute_journal(
 @dataclass
 class JournalView:
     """A run's journal for a table, checked: its entries (parsed), its digest after each prefix, the
-    problems found, and which applies are undone (`markers`)."""
+    problems found, and which applies are undone ((partition key, intent seq))."""
 
     entries: list[dict[str, Any]]
     digests: list[str]
     problems: list[str]
-    markers: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    undone: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def digest(self) -> str:
@@ -1060,7 +1066,7 @@ class JournalView:
         return [
             e
             for e in self.entries
-            if (e["partition"], e["intentSeq"]) not in self.markers
+            if (e["partition"], e["intentSeq"]) not in self.undone
             and (partition_key is None or e["partition"] == partition_key)
         ]
 
@@ -1078,6 +1084,13 @@ class JournalView:
         return self.digests[seq] if 0 <= seq < len(self.digests) else None
 
 
-def read_journal(table: SqlTable, run_id: str) -> JournalView:
+def read_journal(
+    table: SqlTable, run_id: str, undone: Collection[tuple[str, int]] | None = None
+) -> JournalView:
+    """The run's journal in `table`. `undone`: the applies the audit chain says were rolled back
+    (`ChainState.sql_undone`), whose entries are no longer live whatever `pcbo_rollbacks` says; None
+    only for an evaluation without the chain (dry-run, plan), which takes the table's rows as they are."""
     entries, digests, problems = recompute_journal(table.journal_entries(run_id))
-    return JournalView(entries, digests, problems, table.rollback_markers(run_id))
+    if undone is None:
+        undone = set(table.rollback_markers(run_id))
+    return JournalView(entries, digests, problems, set(undone))
