@@ -20,7 +20,8 @@ second may be healed, by appending the missing completion event (`engine/crash_w
 
 A SQL table target (issue 15) has its own partition events, replayed into `ChainState.sql` per
 (target table, partition key): `sql_apply_intent` (recorded before the table is touched: the run,
-the plan and decision hashes, the chunks about to be applied, the journal before them), then
+the plan and decision hashes, the chunks about to be applied, the digests of the rows and outcomes
+they hold, the journal before them), then
 `sql_partition_applied` naming that intent's seq; `sql_rollback_intent` (the applies about to be
 undone, with their journal digests), then `sql_partition_rolled_back` per partition. An apply whose
 intent has no completion event is open: a crash (or a kill) stopped it, and only a table whose

@@ -41,7 +41,7 @@ from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.rollback import rollback_document
-from pcbo_dagster.engine.sql_apply import complete_applies
+from pcbo_dagster.engine.sql_apply import check_journal, complete_applies
 from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
 from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.targets.sql_dialects import location_of
@@ -130,34 +130,6 @@ def rollback_sql(
     return rollback_document(
         dataset, version_label, run_id, partition_key, results, healed, published["checkpoint"]
     )
-
-
-def check_journal(table: SqlTable, state: ChainState, run_id: str, view: JournalView) -> list[str]:
-    """What is wrong with the run's journal in `table` against the chain and its checkpoints."""
-    problems = list(view.problems)
-    for (target, key), history in sorted(state.sql.items()):
-        if target != table.ref:
-            continue
-        for apply in history.applies:
-            if apply.run_id != run_id:
-                continue
-            recorded = [apply.intent["journal"]]
-            if apply.applied is not None:
-                recorded.append(apply.applied["journal"])
-            for journal in recorded:
-                if view.digest_at(int(journal["seq"])) != journal["digest"]:
-                    problems.append(
-                        f"{key}: the journal's first {journal['seq']} entries do not have the digest the "
-                        f"chain recorded ({journal['digest']})"
-                    )
-    checkpoints = table.checkpoints(run_id)
-    for cp in checkpoints:
-        if view.digest_at(cp.journal_seq) != cp.journal_digest:
-            problems.append(f"{cp.partition_key} chunk {cp.chunk}: the journal disagrees with its checkpoint")
-    last_seq = max((cp.journal_seq for cp in checkpoints), default=None)
-    if last_seq is not None and len(view.entries) != last_seq:
-        problems.append(f"the journal holds {len(view.entries)} entries, its checkpoints {last_seq}")
-    return problems
 
 
 def _undo(

@@ -11,10 +11,14 @@ location; one that cannot be reached is a finding):
   never committed;
 - the journal of every run in the table is exactly the one the chain and the checkpoints recorded
   (`sql_journal_altered`), and its append-only triggers are there (`sql_journal_trigger_missing`);
-- each applied partition: its checkpoints hold the applied rows the chain's Merkle root and count
-  say (`sql_checkpoint_altered`, `sql_checkpoint_missing`); for the partition's current apply, the
-  rows are read back from the table and their digests compared with the records' (`sql_rows_changed`:
-  a row the live pipeline or someone else changed since, or removed);
+- each apply's checkpoints are what its chunks did (`sql_apply.gathered_from_checkpoints`: each
+  follows from its rows, its journal entries are the rows it wrote, all together the rows and
+  outcomes the intent recorded), and give what the chain's `sql_partition_applied` says — Merkle
+  root, count, counts, failures, journal (`sql_checkpoint_altered`, `sql_checkpoint_missing`); for
+  the partition's current apply, the rows are read back from the table and their digests compared
+  with the records' (`sql_rows_changed`: a row the live pipeline or someone else changed since, or
+  removed). The Dagster `sql_read_back` check reads back the same checked rows
+  (`partition_read_back`);
 - each undone apply has its `pcbo_rollbacks` row, with the journal digest and count its
   `sql_partition_rolled_back` recorded (`sql_rollback_marker_missing`); a row the chain has no
   rollback for — or, for an open rollback intent, one that is not what the intent recorded, or whose
@@ -37,16 +41,20 @@ from pcbo_dagster.core import merkle
 from pcbo_dagster.core.chain_state import ChainState, SqlApply, SqlPartitionHistory
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.sql_apply import complete_applies, gathered_from_checkpoints, record_applied
-from pcbo_dagster.engine.sql_rollback import (
+from pcbo_dagster.engine.sql_apply import (
+    CheckpointAltered,
+    PartitionApply,
     check_journal,
-    complete_rollbacks,
-    reopen_target,
-    restore_committed,
+    complete_applies,
+    event_disagreement,
+    gathered_from_checkpoints,
+    record_applied,
+    vouched_journal,
 )
+from pcbo_dagster.engine.sql_rollback import complete_rollbacks, reopen_target, restore_committed
 from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.targets.sql_locks import scoped_lock
-from pcbo_dagster.targets.sql_table import SqlTable, read_journal
+from pcbo_dagster.targets.sql_table import Checkpoint, JournalView, SqlTable, read_journal
 
 
 class Report(Protocol):
@@ -122,14 +130,23 @@ def _check_table(
     checkpoints = {run: table.checkpoints(run) for run in runs}
     markers = {run: table.rollback_markers(run) for run in runs}
     views = {run: read_journal(table, run, state.sql_undone(ref, run)) for run in runs}
+    journal_problems = {run: check_journal(table, state, run, views[run]) for run in runs}
+    #: The journals the chain vouches for (None: altered, `sql_journal_altered`).
+    vouched = {run: None if journal_problems[run] else views[run] for run in runs}
     #: Applies an open rollback intent names whose restore committed (run, key, intent seq).
     restored: set[tuple[str, str, int]] = set()
     for history in histories:
         where = f"{ref}/{history.key}"
         apply = history.open_apply
         if apply is not None:
-            done = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
-            if done is not None:
+            try:
+                done = gathered_from_checkpoints(
+                    checkpoints[apply.run_id], history.key, apply, vouched[apply.run_id]
+                )
+            except CheckpointAltered as exc:
+                report.find("sql_checkpoint_altered", f"{where} run {apply.run_id}", str(exc))
+                done = None
+            if done is not None and vouched[apply.run_id] is not None:
                 report.healable(
                     "sql_apply_event_missing",
                     where,
@@ -191,8 +208,7 @@ def _check_table(
             )
     checked = 0
     for run in runs:
-        problems = check_journal(table, state, run, views[run])
-        for problem in problems[:20]:
+        for problem in journal_problems[run][:20]:
             report.find("sql_journal_altered", f"{ref} run {run}", problem)
         applies = {(h.key, a.intent_seq) for h in histories for a in h.applies if a.run_id == run}
         for key, intent_seq in sorted(set(markers[run]) - applies):
@@ -211,6 +227,7 @@ def _check_table(
                 history,
                 apply,
                 checkpoints,
+                vouched,
                 markers,
                 restored,
                 catalog_rows,
@@ -227,6 +244,7 @@ def _check_apply(
     history: SqlPartitionHistory,
     apply: SqlApply,
     checkpoints: dict[str, Any],
+    vouched: dict[str, JournalView | None],
     markers: dict[str, dict[tuple[str, int], tuple[str, int]]],
     restored: set[tuple[str, str, int]],
     catalog_rows: dict[str, dict[str, Any]],
@@ -263,17 +281,11 @@ def _check_apply(
         )
     if apply.applied is None:
         return 0  # open (reported above)
-    gathered = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
+    gathered, kind, detail = _checked_apply(
+        checkpoints[apply.run_id], history.key, apply, vouched[apply.run_id]
+    )
     if gathered is None:
-        report.find("sql_checkpoint_missing", where, "the apply's chunk checkpoints are not all in the table")
-        return 0
-    event = apply.applied
-    if gathered.merkle_root != event["merkle_root"] or len(gathered.applied) != event["record_count"]:
-        report.find(
-            "sql_checkpoint_altered",
-            where,
-            "the applied rows in the checkpoints do not give the Merkle root and count the chain recorded",
-        )
+        report.find(kind, where, detail)
         return 0
     if history.current is not apply:
         return 0
@@ -287,6 +299,30 @@ def _check_apply(
             f"({listed}{', ...' if len(changed) > 10 else ''})",
         )
     return 1
+
+
+def _checked_apply(
+    checkpoints: list[Checkpoint], key: str, apply: SqlApply, view: JournalView | None
+) -> tuple[PartitionApply | None, str, str]:
+    """What a completed apply wrote, from its checkpoints checked against its intent, the journal
+    (`view`, when the chain vouches for it) and its `sql_partition_applied` event; else (None, the
+    finding, why)."""
+    event = apply.applied
+    assert event is not None
+    try:
+        gathered = gathered_from_checkpoints(checkpoints, key, apply, view)
+    except CheckpointAltered as exc:
+        return None, "sql_checkpoint_altered", str(exc)
+    if gathered is None:
+        return None, "sql_checkpoint_missing", "the apply's chunk checkpoints are not all in the table"
+    differs = event_disagreement(gathered, event)
+    if differs:
+        return (
+            None,
+            "sql_checkpoint_altered",
+            f"the checkpoints do not give the {', '.join(differs)} the chain recorded",
+        )
+    return gathered, "", ""
 
 
 def _check_catalog_row(
@@ -348,8 +384,9 @@ def _check_runs(
 
 def partition_read_back(table: SqlTable, state: ChainState, key: str) -> tuple[bool, dict[str, Any]]:
     """The reconciliation of one partition of a SQL table (the Dagster read-back check): the rows its
-    current apply wrote, read back and compared with the records' digests, and the Merkle root
-    recomputed over the ids still as written. Returns (passed, details)."""
+    current apply wrote — from its checkpoints checked as `verify` checks them — read back and
+    compared with the records' digests, and the Merkle root recomputed over the ids still as written.
+    Returns (passed, details)."""
     history = state.sql.get((table.ref, key))
     current = history.current if history is not None else None
     if current is None or current.applied is None:
@@ -361,9 +398,11 @@ def partition_read_back(table: SqlTable, state: ChainState, key: str) -> tuple[b
         "merkle_root": event["merkle_root"],
         "applied": event["record_count"],
     }
-    gathered = gathered_from_checkpoints(table.checkpoints(current.run_id), key, current)
+    gathered, kind, why = _checked_apply(
+        table.checkpoints(current.run_id), key, current, vouched_journal(table, state, current.run_id)
+    )
     if gathered is None:
-        return False, {**details, "finding": "the apply's checkpoints are not all in the table"}
+        return False, {**details, "finding": f"{kind}: {why}"}
     changed = set(table.read_back_by_key_text(gathered.applied)) if gathered.applied else set()
     kept = [i for i in gathered.applied_ids if i not in changed]
     recomputed = merkle.root_hex(kept)
