@@ -160,6 +160,40 @@ def test_crash_windows_of_apply_and_rollback_are_completed(tmp_path: Path) -> No
     assert pcbo(["verify", "--home", home]).status == 0
 
 
+@pytest.mark.parametrize(
+    "failpoint", ["sql_after_intent@1", "sql_after_chunk@0", "sql_after_chunk@1", "sql_before_event@2"]
+)
+def test_a_crash_at_each_failpoint_resumes_to_the_uninterrupted_table(tmp_path: Path, failpoint: str) -> None:
+    """The checks a resume makes of the checkpoints it goes past (against the journal and the intent)
+    let every genuine crash through: inserts, an update and an equal row, two chunks a partition."""
+    dumps = {}
+    for name in ("reference", "killed"):
+        url = sqlite_url(tmp_path / name / "target.db")
+        create_table(url)
+        run_sql(
+            url,
+            "INSERT INTO events (id, occurred_at, amount, label) VALUES "
+            "('ev-0002', '2024-01-01T02:02:00Z', 2, 'x'), ('ev-0003', '2024-01-01T03:03:00Z', 99, 'x')",
+        )
+        before = dump(url)
+        home = tmp_path / name / "home"
+        req = request(url, [record(i) for i in range(1, 13)], chunkRows=2, conflict="overwrite")
+        path = write_json(tmp_path / name / "req.json", req)
+        if name == "killed":
+            crashed = run_pcbo(["execute", "--input", path], home=home, env={"PCBO_FAILPOINT": failpoint})
+            assert crashed.status == 86, crashed.stderr
+        run = pcbo(["execute", "--input", path, "--home", home])
+        assert run.status == 0, run.stderr
+        if name == "reference":
+            assert (run.document["totals"]["updated"], run.document["totals"]["skipped"]) == (1, 1)
+        assert pcbo(["verify", "--home", home]).status == 0
+        dumps[name] = dump(url)
+        rolled = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
+        assert rolled.status == 0 and dump(url) == before
+        assert pcbo(["verify", "--home", home]).status == 0
+    assert dumps["killed"] == dumps["reference"]
+
+
 def test_a_rollback_killed_after_its_intent_is_done_again(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "target.db")
     create_table(url)

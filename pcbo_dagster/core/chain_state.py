@@ -20,7 +20,8 @@ second may be healed, by appending the missing completion event (`engine/crash_w
 
 A SQL table target (issue 15) has its own partition events, replayed into `ChainState.sql` per
 (target table, partition key): `sql_apply_intent` (recorded before the table is touched: the run,
-the plan and decision hashes, the chunks about to be applied, the journal before them), then
+the plan and decision hashes, the chunks about to be applied, the digests of the rows and outcomes
+they hold, the journal before them), then
 `sql_partition_applied` naming that intent's seq; `sql_rollback_intent` (the applies about to be
 undone, with their journal digests), then `sql_partition_rolled_back` per partition. An apply whose
 intent has no completion event is open: a crash (or a kill) stopped it, and only a table whose
@@ -218,6 +219,18 @@ class ChainState:
     def sql_run_ids(self) -> set[str]:
         """Every run id an apply into a SQL table names."""
         return {a.run_id for h in self.sql.values() for a in h.applies}
+
+    def sql_undone(self, target: str, run_id: str) -> set[tuple[str, int]]:
+        """(partition key, intent seq) of every apply of `run_id` into `target` the chain says was
+        rolled back: the only applies whose journal entries are no longer live (a `pcbo_rollbacks`
+        row the chain has no rollback for undoes nothing)."""
+        return {
+            (h.key, a.intent_seq)
+            for (t, _), h in self.sql.items()
+            if t == target
+            for a in h.applies
+            if a.run_id == run_id and a.rolled_back is not None
+        }
 
     def add(self, event: Mapping[str, Any]) -> None:
         """Replay one more event (the next in seq order)."""

@@ -230,17 +230,46 @@ def outcome_counts(outcomes: Sequence[RecordOutcome]) -> dict[str, int]:
     return counts
 
 
+def outcome_entry(o: RecordOutcome) -> list[Any]:
+    """One record's entry in the SQL decisions document: [id, outcome, liveDigest | null]."""
+    return [o.id, o.outcome, None if o.live is None else o.live.live_digest]
+
+
 def partition_outcomes_entry(key: str, outcomes: Sequence[RecordOutcome]) -> dict[str, Any]:
     """A partition's entry in the SQL decisions document."""
-    return {
-        "key": key,
-        "outcomes": [[o.id, o.outcome, None if o.live is None else o.live.live_digest] for o in outcomes],
-    }
+    return {"key": key, "outcomes": [outcome_entry(o) for o in outcomes]}
 
 
 def outcomes_digest(key: str, outcomes: Sequence[RecordOutcome]) -> str:
     """`sha256:` of a partition's entry (what an apply intent says it is about to do)."""
-    return prefixed(sha256_hex(fast_jcs(partition_outcomes_entry(key, outcomes))))
+    return outcomes_digest_of(key, [outcome_entry(o) for o in outcomes])
+
+
+def outcomes_digest_of(key: str, entries: Sequence[Sequence[Any]]) -> str:
+    """`outcomes_digest` of a partition's outcome entries ([id, outcome, liveDigest | null], id order),
+    as chunk checkpoints record them."""
+    return prefixed(sha256_hex(fast_jcs({"key": key, "outcomes": [list(e) for e in entries]})))
+
+
+class RowsDigest:
+    """`sha256:` of the RFC 8785 list of a partition's adds as rows, `[id, key text, row digest]` in
+    id order: what an apply intent records of the rows it is about to write (`rows_digest`), so the
+    key text and digest a chunk checkpoint claims for each row are bound to the chain. A chunk at a
+    time (RFC 8785 of a list is its items' forms joined)."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256(b"[")
+        self._first = True
+
+    def add(self, record_id: str, key_text: str, digest: str) -> None:
+        item = fast_jcs([record_id, key_text, digest])
+        self._sha.update(item if self._first else b"," + item)
+        self._first = False
+
+    def result(self) -> str:
+        sha = self._sha.copy()
+        sha.update(b"]")
+        return prefixed(sha.hexdigest())
 
 
 class SqlDecisionHasher:
@@ -270,6 +299,8 @@ class TargetDecisions(Decisions):
     descriptor: dict[str, Any] = field(default_factory=dict)
     #: Per partition key, its adds' outcomes in id order.
     outcomes: dict[str, list[RecordOutcome]] = field(default_factory=dict)
+    #: Per partition key, the `RowsDigest` of its adds.
+    rows_digests: dict[str, str] = field(default_factory=dict)
 
     def conflicts(self) -> list[dict[str, Any]]:
         """The records `conflict: fail` blocks on."""

@@ -26,15 +26,25 @@ commit log:
 Then the run's rollback script (`$PCBO_HOME/rollback_scripts/rollback_<runId>.sql`) and a
 `sql_rollback_script` event with its checksum. A run killed anywhere is resumed by executing the
 same request again (the same runId): chunks with a checkpoint are not applied again; a changed
-request (plan hash), changed target settings or a changed journal refuse to resume (exit 3). An apply
+request (plan hash), changed target settings, a changed journal, or rows and outcomes that are not
+the ones the open intent recorded (the table changed since) refuse to resume (exit 3). An apply
 whose every chunk is checkpointed but whose event is missing is completed from the checkpoints (by
 the next run on the table, `pcbo rollback` or `pcbo verify --repair`).
+
+**Checkpoints are checked, never taken on trust** (the target database is writable by whoever wants
+a forged history to pass): a checkpoint records every row of its chunk with its outcome
+(`sql_table.chunk_rows`), its counts and applied rows must follow from those and its failures
+(`chunk_claims`), its journal entries must be exactly the rows it says it wrote (key text, row
+digest, action, the live state decided on), and all the chunks together must give the digests of
+rows and outcomes the apply intent recorded before the table was touched (`checked_chunks`,
+`gathered_from_checkpoints`). A checkpoint that is not what its chunk did (`CheckpointAltered`,
+`sql_checkpoint_altered`) is never completed, and a resumed run stops at it (exit 1).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,13 +68,16 @@ from pcbo_dagster.core.record_table import build_table
 from pcbo_dagster.core.sql_outcomes import (
     CONFLICT,
     INVALID_KEY,
+    OUTCOMES,
     SKIP_EQUAL,
     WRITES,
     RecordOutcome,
+    RowsDigest,
     SqlDecisionHasher,
     TargetDecisions,
     outcome_counts,
     outcomes_digest,
+    outcomes_digest_of,
 )
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
@@ -73,6 +86,7 @@ from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.sql_events import (
     applied_body,
     apply_intent_body,
+    failures_summary,
     rollback_script_body,
     sql_partition_of,
 )
@@ -86,6 +100,8 @@ from pcbo_dagster.targets.sql_table import (
     JournalView,
     PlannedRow,
     SqlTable,
+    chunk_claims,
+    chunk_rows,
     empty_counts,
     read_journal,
 )
@@ -147,14 +163,19 @@ def evaluate_target(loaded: LoadedRequest, plan: Plan, decisions: Decisions) -> 
         prior = read_journal(table, plan.run_id).prior_view() if table.has_journal() else {}
         hasher = SqlDecisionHasher()
         outcomes: dict[str, list[RecordOutcome]] = {}
+        rows_digests: dict[str, str] = {}
         for pd in decisions.partitions:
             found: list[RecordOutcome] = []
+            as_rows = RowsDigest()
             for lo in range(0, len(pd.add), spec.chunkRows):
                 rows = partition_rows(loaded, table, pd, schema, as_json, lo, lo + spec.chunkRows)
                 table.decide(rows, prior)
                 found += [RecordOutcome(r.id, r.outcome, r.live) for r in rows]
+                for r in rows:
+                    as_rows.add(r.id, r.key_text, r.record_digest)
             hasher.add_partition(pd.partition.key, found)
             outcomes[pd.partition.key] = found
+            rows_digests[pd.partition.key] = as_rows.result()
         descriptor = spec.descriptor(table.location, table.qualified)
     finally:
         table.close()
@@ -168,6 +189,7 @@ def evaluate_target(loaded: LoadedRequest, plan: Plan, decisions: Decisions) -> 
         policy_decision_hash=decisions.decision_hash,
         descriptor=descriptor,
         outcomes=outcomes,
+        rows_digests=rows_digests,
     )
 
 
@@ -251,6 +273,17 @@ def _check_resume(plan: Plan, digest: str, journal: JournalView, checkpoints: li
         _refuse_resume(plan, f"the journal changed since the run's checkpoints: {detail}")
 
 
+def _as_intended(decisions: TargetDecisions, key: str, apply: SqlApply) -> bool:
+    """Whether a resumed run's rows and outcomes of partition `key` are the ones `apply`'s intent
+    recorded (the chunks it checkpointed are then checked against them, chunk by chunk)."""
+    outcomes = decisions.outcomes.get(key)
+    return (
+        outcomes is not None
+        and outcomes_digest(key, outcomes) == apply.intent["outcomes_digest"]
+        and decisions.rows_digests[key] == apply.intent.get("rows_digest", decisions.rows_digests[key])
+    )
+
+
 def _refuse_resume(plan: Plan, why: str) -> None:
     raise Blocked(
         f"run {plan.run_id} cannot be resumed: {why}; nothing was written",
@@ -326,6 +359,13 @@ def execute_sql(
                     if began != (plan.plan_hash, digest):
                         why = f"the request or the target changed since {interrupted.key}'s apply began"
                         _refuse_resume(plan, why)
+                    if not _as_intended(decisions, interrupted.key, apply):
+                        _refuse_resume(
+                            plan,
+                            f"{interrupted.key}'s rows or their outcomes are not the ones its apply intent "
+                            "recorded (the table changed since the apply began): roll the run back with "
+                            f"pcbo rollback --run-id {plan.run_id}",
+                        )
             env.catalog.start_run(
                 request.runId,
                 plan.dataset,
@@ -341,7 +381,7 @@ def execute_sql(
                 history = state.sql.get((table.ref, key))
                 outcome = _partition(
                     env, loaded, plan, decisions, table, pd, schema, as_json, history, state, checkpoints,
-                    cursor, digest, journal,
+                    view, cursor, digest, journal,
                 )  # fmt: skip
                 results.append(outcome.document)
                 if outcome.reconciliation is not None:
@@ -432,6 +472,7 @@ def _partition(
     history: SqlPartitionHistory | None,
     state: ChainState,
     checkpoints: list[Checkpoint],
+    view: JournalView,
     cursor: _JournalCursor,
     digest: str,
     journal: bool,
@@ -448,15 +489,7 @@ def _partition(
             f"(intent seq {open_apply.intent_seq}): resume it with its request, or pcbo rollback --run-id "
             f"{open_apply.run_id}; nothing was written to this partition"
         )
-        env.catalog.record_discrepancy(
-            run_id=plan.run_id,
-            dataset=plan.dataset,
-            version_label=plan.version_label,
-            partition_key=key,
-            kind="sql_apply_interrupted",
-            detail={"detail": why},
-        )
-        return _Outcome({**base, "status": "failed", "counts": empty_counts()}, failure=why)
+        return _stopped(env, plan, base, "sql_apply_interrupted", why)
     if open_apply is None and current is not None:
         applied = current.applied
         assert applied is not None  # `current` is a completed apply
@@ -483,6 +516,7 @@ def _partition(
                 digest,
                 chunks,
                 outcomes_digest(key, outcomes),
+                decisions.rows_digests[key],
                 cursor.seq,
                 cursor.digest,
             ),
@@ -493,19 +527,25 @@ def _partition(
         assert open_apply is not None
     failpoints.reached("sql_after_intent", pd.partition.index)
     intent_seq = open_apply.intent_seq
-    done = {cp.chunk: cp for cp in checkpoints if (cp.partition_key, cp.intent_seq) == (key, intent_seq)}
+    try:  # the chunks a run killed before checkpointed: checked, never taken on trust
+        done = {cp.chunk: cp for cp in checked_chunks(checkpoints, key, open_apply, view)}
+    except CheckpointAltered as exc:
+        return _stopped(env, plan, base, "sql_checkpoint_altered", _not_resumed(plan, exc))
     gathered = PartitionApply(journal_seq=cursor.seq, journal_digest=cursor.digest)
     keys: dict[str, tuple[Any, ...]] = {}
     for chunk in range(chunks):
         lo, hi = chunk * spec.chunkRows, min((chunk + 1) * spec.chunkRows, len(pd.add))
         rows = partition_rows(loaded, table, pd, schema, as_json, lo, hi)
         keys.update((r.key_text, r.key_values) for r in rows)
-        if chunk in done:
-            cp = done[chunk]
-            gathered.add(cp.result, cp.journal_seq, cp.journal_digest)
-            continue
         for row, decided in zip(rows, outcomes[lo:hi], strict=True):
             row.outcome, row.live = decided.outcome, decided.live
+        if chunk in done:
+            cp = done[chunk]
+            if cp.result["rows"] != chunk_rows(rows):
+                altered = CheckpointAltered(f"partition {key} chunk {chunk}: its rows are not the chunk's")
+                return _stopped(env, plan, base, "sql_checkpoint_altered", _not_resumed(plan, altered))
+            gathered.add(cp.result, cp.journal_seq, cp.journal_digest)
+            continue
         ctx = ChunkContext(
             plan.run_id, key, intent_seq, chunk, plan.plan_hash, digest, cursor.seq, cursor.digest
         )
@@ -564,6 +604,26 @@ def _partition(
             detail=check,
         )
     return _Outcome(document, check, failure)
+
+
+def _stopped(env: Environment, plan: Plan, base: dict[str, Any], kind: str, why: str) -> _Outcome:
+    """The run stops at this partition (a discrepancy recorded, the partition failed)."""
+    env.catalog.record_discrepancy(
+        run_id=plan.run_id,
+        dataset=plan.dataset,
+        version_label=plan.version_label,
+        partition_key=base["key"],
+        kind=kind,
+        detail={"detail": why},
+    )
+    return _Outcome({**base, "status": "failed", "counts": empty_counts()}, failure=why)
+
+
+def _not_resumed(plan: Plan, exc: CheckpointAltered) -> str:
+    return (
+        f"{exc} (sql_checkpoint_altered): the apply is not resumed past it; nothing more was written to "
+        f"this partition (pcbo rollback --run-id {plan.run_id} undoes what the journal holds)"
+    )
 
 
 def _unchanged(base: dict[str, Any], current: SqlApply) -> dict[str, Any]:
@@ -646,16 +706,28 @@ def complete_applies(
 ) -> list[dict[str, Any]]:
     """Append the missing `sql_partition_applied` of every open apply into `table` whose chunks are
     all checkpointed (a crash between the last chunk and the event): from its checkpoints alone,
-    exactly as the run would have. Returns what was completed."""
+    exactly as the run would have — only when the run's journal is the one the chain and the
+    checkpoints recorded (`check_journal`) and the checkpoints are what the chunks did
+    (`gathered_from_checkpoints`); anything else is a finding of `verify`, never completed. Returns
+    what was completed."""
     completed = []
-    by_run: dict[str, list[Checkpoint]] = {}
+    by_run: dict[str, tuple[list[Checkpoint], JournalView | None]] = {}
     for (target, key), history in sorted(state.sql.items()):
         apply = history.open_apply
         if target != table.ref or apply is None:
             continue
         if apply.run_id not in by_run:
-            by_run[apply.run_id] = table.checkpoints(apply.run_id)
-        gathered = gathered_from_checkpoints(by_run[apply.run_id], key, apply)
+            by_run[apply.run_id] = (
+                table.checkpoints(apply.run_id),
+                vouched_journal(table, state, apply.run_id),
+            )
+        checkpoints, view = by_run[apply.run_id]
+        if view is None:
+            continue
+        try:
+            gathered = gathered_from_checkpoints(checkpoints, key, apply, view)
+        except CheckpointAltered:
+            continue
         if gathered is None:
             continue
         applied = gathered.applied
@@ -671,16 +743,114 @@ def complete_applies(
     return completed
 
 
-def gathered_from_checkpoints(
-    checkpoints: list[Checkpoint], key: str, apply: SqlApply
-) -> PartitionApply | None:
-    """What `apply` did, when every chunk its intent announced has a checkpoint (else None)."""
+# -- checking checkpoints -----------------------------------------------------------------------------
+
+
+class CheckpointAltered(IntegrityError):
+    """A chunk checkpoint that is not what its chunk did (`sql_checkpoint_altered`): it disagrees with
+    its apply's intent (the chunks, the rows and outcomes digests), with the journal entries the chunk
+    wrote, or with itself. Never completed, resumed past or read back from."""
+
+
+def checked_chunks(
+    checkpoints: list[Checkpoint], key: str, apply: SqlApply, view: JournalView | None
+) -> list[Checkpoint]:
+    """The chunk checkpoints of `apply` so far (chunks 0, 1, ..., in order), each checked: its counts
+    and applied rows follow from its rows and failures (`chunk_claims`); and with the run's journal
+    (`view`; None when the journal is not the one the chain recorded, its own finding) its entries
+    are exactly the rows it says it wrote — id, key text, row digest, action and the live state
+    decided on — between the checkpoint before it (or the journal its intent recorded) and its own
+    journal position. `CheckpointAltered` otherwise."""
     mine = sorted(
         (cp for cp in checkpoints if (cp.partition_key, cp.intent_seq) == (key, apply.intent_seq)),
         key=lambda cp: cp.chunk,
     )
-    if [cp.chunk for cp in mine] != list(range(int(apply.intent["chunks"]))):
+    where = f"partition {key} (intent seq {apply.intent_seq})"
+    chunks = int(apply.intent["chunks"])
+    found = [cp.chunk for cp in mine]
+    if found != list(range(len(mine))) or len(mine) > chunks:
+        raise CheckpointAltered(f"{where}: checkpoints of chunk(s) {found} for an apply of {chunks} chunk(s)")
+    journal = apply.intent["journal"]
+    previous = int(journal["seq"])
+    if mine and view is not None and view.digest_at(previous) != journal["digest"]:
+        raise CheckpointAltered(f"{where}: the journal before the apply is not the one its intent recorded")
+    for cp in mine:
+        problem = _chunk_problem(cp, apply.intent_seq, view, previous)
+        if problem is not None:
+            raise CheckpointAltered(f"{where} chunk {cp.chunk}: {problem}")
+        previous = cp.journal_seq
+    return mine
+
+
+def _chunk_problem(cp: Checkpoint, intent_seq: int, view: JournalView | None, previous: int) -> str | None:
+    try:
+        rows = [list(r) for r in cp.result["rows"]]
+        if any(
+            len(r) != 5
+            or not all(isinstance(v, str) for v in r[:3])
+            or r[3] not in OUTCOMES
+            or not isinstance(r[4], str | None)
+            for r in rows
+        ):
+            return "its rows are malformed"
+        by_id = {r[0]: r for r in rows}
+        if len(by_id) != len(rows):
+            return "it lists a row twice"
+        failed: set[str] = set()
+        for f in cp.result["failures"]:
+            row = by_id.get(f["id"])
+            if row is None or f["id"] in failed or (f["key"], f["outcome"]) != (row[1], row[3]):
+                return f"failure {f['id']!r} is not a row of the chunk"
+            failed.add(f["id"])
+        if any(r[3] in (CONFLICT, INVALID_KEY) and r[0] not in failed for r in rows):
+            return "a row that cannot be written is not among its failures"
+        counts, applied = chunk_claims(rows, failed)
+        if cp.result["counts"] != counts or [list(a) for a in cp.result["applied"]] != applied:
+            return "its counts or applied rows do not follow from its rows and failures"
+        if view is None:
+            return None
+        if view.problems or cp.journal_seq < previous or view.digest_at(cp.journal_seq) != cp.journal_digest:
+            return "the journal does not hold the entries it recorded"
+        written = [r for r in rows if r[3] in WRITES and r[0] not in failed]
+        entries = view.entries[previous : cp.journal_seq]
+        journaled = [
+            [
+                e["id"],
+                e["keyText"],
+                e["after"],
+                e["action"],
+                e["priorState"] and e["priorState"]["liveDigest"],
+            ]
+            for e in entries
+            if (e["partition"], e["intentSeq"], e["chunk"]) == (cp.partition_key, intent_seq, cp.chunk)
+        ]
+        if journaled != written or len(entries) != len(journaled):
+            return "its journal entries are not the rows it says it wrote"
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return "it is malformed"
+    return None
+
+
+def gathered_from_checkpoints(
+    checkpoints: list[Checkpoint], key: str, apply: SqlApply, view: JournalView | None
+) -> PartitionApply | None:
+    """What `apply` did, when every chunk its intent announced has a checkpoint (else None): each
+    chunk checked (`checked_chunks`), and all together exactly the rows and outcomes its intent
+    recorded (`outcomes_digest`, `rows_digest`), else `CheckpointAltered`."""
+    mine = checked_chunks(checkpoints, key, apply, view)
+    if len(mine) != int(apply.intent["chunks"]):
         return None
+    rows = [r for cp in mine for r in cp.result["rows"]]
+    as_rows = RowsDigest()
+    for r in rows:
+        as_rows.add(r[0], r[1], r[2])
+    if outcomes_digest_of(key, [[r[0], r[3], r[4]] for r in rows]) != apply.intent["outcomes_digest"] or (
+        "rows_digest" in apply.intent and as_rows.result() != apply.intent["rows_digest"]
+    ):
+        raise CheckpointAltered(
+            f"partition {key} (intent seq {apply.intent_seq}): the checkpoints' rows are not the rows and "
+            "outcomes the apply intent recorded"
+        )
     journal = apply.intent["journal"]
     gathered = PartitionApply(journal_seq=int(journal["seq"]), journal_digest=str(journal["digest"]))
     for cp in mine:
@@ -688,12 +858,63 @@ def gathered_from_checkpoints(
     return gathered
 
 
+def event_disagreement(gathered: PartitionApply, event: Mapping[str, Any]) -> list[str]:
+    """The fields of a `sql_partition_applied` event its apply's checkpoints (`gathered`) do not give."""
+    pairs = [
+        ("merkle_root", gathered.merkle_root, event["merkle_root"]),
+        ("record_count", len(gathered.applied), event["record_count"]),
+        ("counts", gathered.counts, {name: event["counts"].get(name) for name in gathered.counts}),
+        ("failures", failures_summary(gathered.failures), event["failures"]),
+        (
+            "journal",
+            [gathered.journal_seq, gathered.journal_digest],
+            [event["journal"]["seq"], event["journal"]["digest"]],
+        ),
+    ]
+    return [name for name, from_checkpoints, recorded in pairs if from_checkpoints != recorded]
+
+
+def vouched_journal(table: SqlTable, state: ChainState, run_id: str) -> JournalView | None:
+    """The run's journal in `table` (entries of applies the chain says were undone not live), when it
+    is the one the chain and the checkpoints recorded (`check_journal`); else None."""
+    view = read_journal(table, run_id, state.sql_undone(table.ref, run_id))
+    return None if check_journal(table, state, run_id, view) else view
+
+
+def check_journal(table: SqlTable, state: ChainState, run_id: str, view: JournalView) -> list[str]:
+    """What is wrong with the run's journal in `table` against the chain and its checkpoints."""
+    problems = list(view.problems)
+    for (target, key), history in sorted(state.sql.items()):
+        if target != table.ref:
+            continue
+        for apply in history.applies:
+            if apply.run_id != run_id:
+                continue
+            recorded = [apply.intent["journal"]]
+            if apply.applied is not None:
+                recorded.append(apply.applied["journal"])
+            for journal in recorded:
+                if view.digest_at(int(journal["seq"])) != journal["digest"]:
+                    problems.append(
+                        f"{key}: the journal's first {journal['seq']} entries do not have the digest the "
+                        f"chain recorded ({journal['digest']})"
+                    )
+    checkpoints = table.checkpoints(run_id)
+    for cp in checkpoints:
+        if view.digest_at(cp.journal_seq) != cp.journal_digest:
+            problems.append(f"{cp.partition_key} chunk {cp.chunk}: the journal disagrees with its checkpoint")
+    last_seq = max((cp.journal_seq for cp in checkpoints), default=None)
+    if last_seq is not None and len(view.entries) != last_seq:
+        problems.append(f"the journal holds {len(view.entries)} entries, its checkpoints {last_seq}")
+    return problems
+
+
 def _write_rollback_script(
     env: Environment, table: SqlTable, state: ChainState, plan: Plan, ckey: str
 ) -> dict[str, Any]:
     """Write the run's rollback script; append its `sql_rollback_script` event unless the chain
     already has one with the same checksum."""
-    view = read_journal(table, plan.run_id)
+    view = read_journal(table, plan.run_id, state.sql_undone(table.ref, plan.run_id))
     data = rollback_script(table, plan.run_id, plan.dataset, plan.version_label, view)
     path = rollback_script_path(env, plan.run_id)
     path.parent.mkdir(parents=True, exist_ok=True)

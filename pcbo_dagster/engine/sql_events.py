@@ -5,7 +5,9 @@ is `core/chain_state.py`'s (`ChainState.sql`).
   and its layout (key, the columns written and their kinds: what a rollback or a verify needs to
   find and compare rows without the request), the plan and decision hashes, the digest of the
   target's settings (a resumed run must have the same), the number of chunks,
-  the digest of the partition's outcomes, and the journal before it;
+  the digest of the partition's outcomes (`[id, outcome, liveDigest]` of each add, as in the SQL
+  decisions document) and of its rows (`rows_digest`: `[id, key text, row digest]` of each add), and
+  the journal before it — what every chunk checkpoint is checked against before it is believed;
 - `sql_partition_applied`, naming its intent's seq: counts (inserted, updated, skipped, refused,
   failed, and the partition's decision counts), the failed rows' digest, the Merkle root over the
   applied ids (RFC 6962, ids sorted bytewise: inserted, updated and equal rows), the journal after
@@ -58,6 +60,7 @@ def apply_intent_body(
     target_digest: str,
     chunks: int,
     outcomes_digest: str,
+    rows_digest: str,
     journal_seq: int,
     journal_digest: str,
 ) -> dict[str, Any]:
@@ -71,6 +74,7 @@ def apply_intent_body(
         "target_digest": target_digest,
         "chunks": chunks,
         "outcomes_digest": outcomes_digest,
+        "rows_digest": rows_digest,
         "journal": {"seq": journal_seq, "digest": journal_digest},
         "producer": PRODUCER,
     }
@@ -99,11 +103,16 @@ def applied_body(
         "merkle_root": merkle_root,
         "record_count": record_count,
         "counts": counts,
-        "failures": {"count": len(failures), "digest": digest_of(failures)},
+        "failures": failures_summary(failures),
         "journal": {"seq": journal_seq, "digest": journal_digest, "entries": entries},
         "read_back": read_back,
         "producer": PRODUCER,
     }
+
+
+def failures_summary(failures: list[dict[str, Any]]) -> dict[str, Any]:
+    """How `sql_partition_applied` records a partition's failed rows: their count and digest."""
+    return {"count": len(failures), "digest": digest_of(failures)}
 
 
 def rollback_intent_body(

@@ -17,11 +17,15 @@ inserted is deleted, a row it updated gets the changed columns back) and records
 `pcbo_rollbacks`; then one `sql_partition_rolled_back` event per apply and the catalog rows. A second
 rollback finds nothing current and does nothing. A rollback killed after its restoring transaction
 committed is completed (the events appended) by running it again or by `pcbo verify --repair`; one
-killed before is simply done again.
+killed before is simply done again. A `pcbo_rollbacks` row is believed only as far as the chain
+vouches for it (`restore_committed`): it completes an open rollback only when it is exactly what the
+intent recorded and the rows are back as they were; one the chain has no rollback for undoes nothing
+(its apply's entries stay live) and refuses a rollback of that apply (`sql_rollback_marker_not_on_chain`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pcbo_dagster.core.chain_state import (
@@ -37,7 +41,7 @@ from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.rollback import rollback_document
-from pcbo_dagster.engine.sql_apply import complete_applies
+from pcbo_dagster.engine.sql_apply import check_journal, complete_applies
 from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
 from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.targets.sql_dialects import location_of
@@ -128,34 +132,6 @@ def rollback_sql(
     )
 
 
-def check_journal(table: SqlTable, state: ChainState, run_id: str, view: JournalView) -> list[str]:
-    """What is wrong with the run's journal in `table` against the chain and its checkpoints."""
-    problems = list(view.problems)
-    for (target, key), history in sorted(state.sql.items()):
-        if target != table.ref:
-            continue
-        for apply in history.applies:
-            if apply.run_id != run_id:
-                continue
-            recorded = [apply.intent["journal"]]
-            if apply.applied is not None:
-                recorded.append(apply.applied["journal"])
-            for journal in recorded:
-                if view.digest_at(int(journal["seq"])) != journal["digest"]:
-                    problems.append(
-                        f"{key}: the journal's first {journal['seq']} entries do not have the digest the "
-                        f"chain recorded ({journal['digest']})"
-                    )
-    checkpoints = table.checkpoints(run_id)
-    for cp in checkpoints:
-        if view.digest_at(cp.journal_seq) != cp.journal_digest:
-            problems.append(f"{cp.partition_key} chunk {cp.chunk}: the journal disagrees with its checkpoint")
-    last_seq = max((cp.journal_seq for cp in checkpoints), default=None)
-    if last_seq is not None and len(view.entries) != last_seq:
-        problems.append(f"the journal holds {len(view.entries)} entries, its checkpoints {last_seq}")
-    return problems
-
-
 def _undo(
     env: Environment,
     table: SqlTable,
@@ -187,10 +163,21 @@ def _undo(
                 f"partition {history.key} was applied again by run {later[-1].run_id} after this run: "
                 f"roll back run {later[-1].run_id} first",
             )
-    view = read_journal(table, run_id)
+    view = read_journal(table, run_id, state.sql_undone(table.ref, run_id))
     problems = check_journal(table, state, run_id, view)
     if problems:
         raise SqlRollbackRefused(where, "sql_journal_altered", "; ".join(problems[:5]))
+    markers = table.rollback_markers(run_id)
+    forged = sorted(
+        f"{h.key} (intent seq {a.intent_seq})" for h, a in applies if (h.key, a.intent_seq) in markers
+    )
+    if forged:
+        raise SqlRollbackRefused(
+            where,
+            "sql_rollback_marker_not_on_chain",
+            f"pcbo_rollbacks says {', '.join(forged[:5])} {'was' if len(forged) == 1 else 'were'} undone, "
+            "but the chain records no rollback of it",
+        )
     undone = {
         (h.key, a.intent_seq): [e for e in view.live_entries(h.key) if e["intentSeq"] == a.intent_seq]
         for h, a in applies
@@ -253,10 +240,46 @@ def _undo(
 def _digest_of(view: JournalView, entries: list[dict[str, Any]], apply: SqlApply) -> str:
     """The journal digest an undone apply is recorded with: after its last entry (or before it, when
     it changed nothing)."""
-    seq = max((e["seq"] for e in entries), default=int(apply.intent["journal"]["seq"]))
-    digest = view.digest_at(seq)
+    digest = _undone_digest(view, entries, apply)
     assert digest is not None
     return digest
+
+
+def _undone_digest(view: JournalView, entries: list[dict[str, Any]], apply: SqlApply) -> str | None:
+    seq = max((e["seq"] for e in entries), default=int(apply.intent["journal"]["seq"]))
+    return view.digest_at(seq)
+
+
+def restore_committed(
+    table: SqlTable,
+    view: JournalView,
+    apply: SqlApply,
+    entry: Mapping[str, Any],
+    marker: tuple[str, int] | None,
+) -> str | None:
+    """Whether the restoring transaction of an open rollback intent committed for one of the applies
+    it names (`entry`: its key, intent seq, journal digest and entry count): None when it did — the
+    `pcbo_rollbacks` row is exactly what the intent recorded, the apply's journal has that digest and
+    count, and every row the apply changed is back as it was before (the crash window that repair,
+    or the same rollback run again, completes); otherwise why not. `view`: the run's journal."""
+    recorded = (str(entry["journal_digest"]), int(entry["entries"]))
+    if marker is None:
+        return "the table's pcbo_rollbacks has no row for it: the restore did not commit"
+    if marker != recorded:
+        return (
+            f"its pcbo_rollbacks row ({marker[0]}, {marker[1]} row(s)) is not what the rollback intent "
+            f"recorded ({recorded[0]}, {recorded[1]} row(s))"
+        )
+    key = str(entry["key"])
+    entries = [e for e in view.entries if (e.get("partition"), e.get("intentSeq")) == (key, apply.intent_seq)]
+    if view.problems or len(entries) != recorded[1] or _undone_digest(view, entries, apply) != recorded[0]:
+        return "the apply's journal is not the one the rollback intent recorded"
+    with table.read() as conn:
+        not_back = table.drifted(conn, entries, lock=False, restored=True)
+    if not_back:
+        listed = ", ".join(repr(d["id"]) for d in not_back[:10])
+        return f"{len(not_back)} row(s) the apply changed are not back as they were before it ({listed})"
+    return None
 
 
 def _refuse_drifted(where: str, drifted: list[dict[str, Any]]) -> None:
@@ -317,9 +340,11 @@ def complete_rollbacks(
     env: Environment, table: SqlTable, state: ChainState, dataset: str, version_label: str
 ) -> list[dict[str, Any]]:
     """Append the missing `sql_partition_rolled_back` of every rollback into `table` whose restoring
-    transaction committed (its `pcbo_rollbacks` rows are there) before its events were appended."""
+    transaction committed before its events were appended (`restore_committed`: its `pcbo_rollbacks`
+    rows are what its intent recorded and the rows are back), with what the intent recorded."""
     completed = []
     markers: dict[str, dict[tuple[str, int], tuple[str, int]]] = {}
+    views: dict[str, JournalView] = {}
     for (target, key), history in sorted(state.sql.items()):
         if target != table.ref or history.open_rollback is None:
             continue
@@ -327,13 +352,16 @@ def complete_rollbacks(
         run_id = str(event["run_id"])
         if run_id not in markers:
             markers[run_id] = table.rollback_markers(run_id)
+            views[run_id] = read_journal(table, run_id, state.sql_undone(table.ref, run_id))
         for entry in event["partitions"]:
             if entry["key"] != key:
                 continue
             apply = history.apply_at(int(entry["intent_seq"]))
-            marker = markers[run_id].get((key, int(entry["intent_seq"])))
-            if apply is None or apply.status == "rolled_back" or marker is None:
+            if apply is None or apply.status == "rolled_back" or apply.run_id != run_id:
                 continue
+            marker = markers[run_id].get((key, apply.intent_seq))
+            if restore_committed(table, views[run_id], apply, entry, marker) is not None:
+                continue  # not done (run the rollback again), or not what the intent recorded: a finding
             done = _append_rolled_back(
                 env,
                 state,
@@ -341,8 +369,8 @@ def complete_rollbacks(
                 dataset,
                 version_label,
                 apply,
-                marker[0],
-                marker[1],
+                str(entry["journal_digest"]),
+                int(entry["entries"]),
                 str(event.get("reason")),
             )
             where = f"{target}/{key}"

@@ -7,14 +7,23 @@ location; one that cannot be reached is a finding):
 - applies still open: an apply whose chunks are all checkpointed is a crash window (`--repair`
   appends its event from the checkpoints), otherwise it was interrupted (`sql_apply_interrupted`:
   resume it with its request, or roll it back); likewise a rollback whose restoring transaction
-  committed without its events (`--repair` appends them) or that never committed;
+  committed without its events (`--repair` appends them: `sql_rollback.restore_committed`) or that
+  never committed;
 - the journal of every run in the table is exactly the one the chain and the checkpoints recorded
   (`sql_journal_altered`), and its append-only triggers are there (`sql_journal_trigger_missing`);
-- each applied partition: its checkpoints hold the applied rows the chain's Merkle root and count
-  say (`sql_checkpoint_altered`, `sql_checkpoint_missing`); for the partition's current apply, the
-  rows are read back from the table and their digests compared with the records' (`sql_rows_changed`:
-  a row the live pipeline or someone else changed since, or removed);
-- each undone apply has its `pcbo_rollbacks` row (`sql_rollback_marker_missing`);
+- each apply's checkpoints are what its chunks did (`sql_apply.gathered_from_checkpoints`: each
+  follows from its rows, its journal entries are the rows it wrote, all together the rows and
+  outcomes the intent recorded), and give what the chain's `sql_partition_applied` says — Merkle
+  root, count, counts, failures, journal (`sql_checkpoint_altered`, `sql_checkpoint_missing`); for
+  the partition's current apply, the rows are read back from the table and their digests compared
+  with the records' (`sql_rows_changed`: a row the live pipeline or someone else changed since, or
+  removed). The Dagster `sql_read_back` check reads back the same checked rows
+  (`partition_read_back`);
+- each undone apply has its `pcbo_rollbacks` row, with the journal digest and count its
+  `sql_partition_rolled_back` recorded (`sql_rollback_marker_missing`); a row the chain has no
+  rollback for — or, for an open rollback intent, one that is not what the intent recorded, or whose
+  rows are not back as they were — is `sql_rollback_marker_not_on_chain`, never adopted, and hides
+  nothing: the apply is read back as the chain says it is;
 - the catalog: an `sql_apply_log` row per apply and rollback event, agreeing with it
   (`catalog_sql_mismatch`; `--repair` records a missing one), none the chain does not hold
   (`catalog_sql_not_on_chain`), and a run row with the plan and decision hashes of its intents
@@ -32,11 +41,19 @@ from pcbo_dagster.core import merkle
 from pcbo_dagster.core.chain_state import ChainState, SqlApply, SqlPartitionHistory
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.sql_apply import complete_applies, gathered_from_checkpoints, record_applied
-from pcbo_dagster.engine.sql_rollback import check_journal, complete_rollbacks, reopen_target
+from pcbo_dagster.engine.sql_apply import (
+    CheckpointAltered,
+    PartitionApply,
+    check_journal,
+    complete_applies,
+    event_disagreement,
+    gathered_from_checkpoints,
+    record_applied,
+)
+from pcbo_dagster.engine.sql_rollback import complete_rollbacks, reopen_target, restore_committed
 from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.targets.sql_locks import scoped_lock
-from pcbo_dagster.targets.sql_table import SqlTable, read_journal
+from pcbo_dagster.targets.sql_table import Checkpoint, JournalView, SqlTable, read_journal
 
 
 class Report(Protocol):
@@ -111,12 +128,24 @@ def _check_table(
     runs = sorted({a.run_id for h in histories for a in h.applies})
     checkpoints = {run: table.checkpoints(run) for run in runs}
     markers = {run: table.rollback_markers(run) for run in runs}
+    views = {run: read_journal(table, run, state.sql_undone(ref, run)) for run in runs}
+    journal_problems = {run: check_journal(table, state, run, views[run]) for run in runs}
+    #: The journals the chain vouches for (None: altered, `sql_journal_altered`).
+    vouched = {run: None if journal_problems[run] else views[run] for run in runs}
+    #: Applies an open rollback intent names whose restore committed (run, key, intent seq).
+    restored: set[tuple[str, str, int]] = set()
     for history in histories:
         where = f"{ref}/{history.key}"
         apply = history.open_apply
         if apply is not None:
-            done = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
-            if done is not None:
+            try:
+                done = gathered_from_checkpoints(
+                    checkpoints[apply.run_id], history.key, apply, vouched[apply.run_id]
+                )
+            except CheckpointAltered as exc:
+                report.find("sql_checkpoint_altered", f"{where} run {apply.run_id}", str(exc))
+                done = None
+            if done is not None and vouched[apply.run_id] is not None:
                 report.healable(
                     "sql_apply_event_missing",
                     where,
@@ -138,12 +167,24 @@ def _check_table(
                 )
         if history.open_rollback is not None:
             event, _ = history.open_rollback
-            committed = any(
-                (history.key, int(entry["intent_seq"])) in markers.get(str(event["run_id"]), {})
+            run_id = str(event["run_id"])
+            named = [
+                (entry, apply)
                 for entry in event["partitions"]
                 if entry["key"] == history.key
-            )
-            if committed:
+                for apply in [history.apply_at(int(entry["intent_seq"]))]
+                if apply is not None and apply.run_id == run_id and run_id in views
+            ]
+            committed = [
+                (entry, apply)
+                for entry, apply in named
+                if restore_committed(
+                    table, views[run_id], apply, entry, markers[run_id].get((history.key, apply.intent_seq))
+                )
+                is None
+            ]
+            restored.update((run_id, history.key, a.intent_seq) for _, a in committed)
+            if named and len(committed) == len(named):
                 report.healable(
                     "sql_rollback_event_missing",
                     where,
@@ -166,13 +207,31 @@ def _check_table(
             )
     checked = 0
     for run in runs:
-        problems = check_journal(table, state, run, read_journal(table, run))
-        for problem in problems[:20]:
+        for problem in journal_problems[run][:20]:
             report.find("sql_journal_altered", f"{ref} run {run}", problem)
+        applies = {(h.key, a.intent_seq) for h in histories for a in h.applies if a.run_id == run}
+        for key, intent_seq in sorted(set(markers[run]) - applies):
+            report.find(
+                "sql_rollback_marker_not_on_chain",
+                f"{ref}/{key} run {run}",
+                f"pcbo_rollbacks says the apply at intent seq {intent_seq} was undone, but the chain "
+                "holds no such apply",
+            )
     for history in histories:
         for apply in history.applies:
             checked += _check_apply(
-                env, report, table, history, apply, checkpoints, markers, catalog_rows, dataset, version_label
+                env,
+                report,
+                table,
+                history,
+                apply,
+                checkpoints,
+                vouched,
+                markers,
+                restored,
+                catalog_rows,
+                dataset,
+                version_label,
             )
     return checked
 
@@ -184,7 +243,9 @@ def _check_apply(
     history: SqlPartitionHistory,
     apply: SqlApply,
     checkpoints: dict[str, Any],
+    vouched: dict[str, JournalView | None],
     markers: dict[str, dict[tuple[str, int], tuple[str, int]]],
+    restored: set[tuple[str, str, int]],
     catalog_rows: dict[str, dict[str, Any]],
     dataset: str,
     version_label: str,
@@ -193,27 +254,37 @@ def _check_apply(
     for event in (apply.applied, apply.rolled_back):
         if event is not None:
             _check_catalog_row(env, report, event, catalog_rows, where, dataset, version_label)
+    marker = markers[apply.run_id].get((history.key, apply.intent_seq))
     if apply.rolled_back is not None:
-        if (history.key, apply.intent_seq) not in markers[apply.run_id]:
+        if marker is None:
             report.find(
                 "sql_rollback_marker_missing",
                 where,
                 "the chain says this apply was undone, but the table's pcbo_rollbacks has no row for it",
             )
+        elif marker != (apply.rolled_back["journal_digest"], apply.rolled_back["restored"]):
+            report.find(
+                "sql_rollback_marker_not_on_chain",
+                where,
+                "the table's pcbo_rollbacks row for this apply is not the rollback the chain recorded",
+            )
         return 0
-    if apply.applied is None or (history.key, apply.intent_seq) in markers[apply.run_id]:
-        return 0  # open, or undone by a rollback whose events a crash cut off (reported above)
-    gathered = gathered_from_checkpoints(checkpoints[apply.run_id], history.key, apply)
-    if gathered is None:
-        report.find("sql_checkpoint_missing", where, "the apply's chunk checkpoints are not all in the table")
-        return 0
-    event = apply.applied
-    if gathered.merkle_root != event["merkle_root"] or len(gathered.applied) != event["record_count"]:
+    if (apply.run_id, history.key, apply.intent_seq) in restored:
+        return 0  # undone by a rollback whose events a crash cut off (reported above)
+    if marker is not None:  # not honoured: the apply is checked as the chain says it is
         report.find(
-            "sql_checkpoint_altered",
+            "sql_rollback_marker_not_on_chain",
             where,
-            "the applied rows in the checkpoints do not give the Merkle root and count the chain recorded",
+            "the table's pcbo_rollbacks says this apply was undone, but the chain records no rollback of it "
+            "(or not this one, or its rows are not back as they were)",
         )
+    if apply.applied is None:
+        return 0  # open (reported above)
+    gathered, kind, detail = _checked_apply(
+        checkpoints[apply.run_id], history.key, apply, vouched[apply.run_id]
+    )
+    if gathered is None:
+        report.find(kind, where, detail)
         return 0
     if history.current is not apply:
         return 0
@@ -227,6 +298,30 @@ def _check_apply(
             f"({listed}{', ...' if len(changed) > 10 else ''})",
         )
     return 1
+
+
+def _checked_apply(
+    checkpoints: list[Checkpoint], key: str, apply: SqlApply, view: JournalView | None
+) -> tuple[PartitionApply | None, str, str]:
+    """What a completed apply wrote, from its checkpoints checked against its intent, the journal
+    (`view`, when the chain vouches for it) and its `sql_partition_applied` event; else (None, the
+    finding, why)."""
+    event = apply.applied
+    assert event is not None
+    try:
+        gathered = gathered_from_checkpoints(checkpoints, key, apply, view)
+    except CheckpointAltered as exc:
+        return None, "sql_checkpoint_altered", str(exc)
+    if gathered is None:
+        return None, "sql_checkpoint_missing", "the apply's chunk checkpoints are not all in the table"
+    differs = event_disagreement(gathered, event)
+    if differs:
+        return (
+            None,
+            "sql_checkpoint_altered",
+            f"the checkpoints do not give the {', '.join(differs)} the chain recorded",
+        )
+    return gathered, "", ""
 
 
 def _check_catalog_row(
@@ -288,8 +383,9 @@ def _check_runs(
 
 def partition_read_back(table: SqlTable, state: ChainState, key: str) -> tuple[bool, dict[str, Any]]:
     """The reconciliation of one partition of a SQL table (the Dagster read-back check): the rows its
-    current apply wrote, read back and compared with the records' digests, and the Merkle root
-    recomputed over the ids still as written. Returns (passed, details)."""
+    current apply wrote — from its checkpoints checked as `verify` checks them — read back and
+    compared with the records' digests, and the Merkle root recomputed over the ids still as written.
+    Returns (passed, details)."""
     history = state.sql.get((table.ref, key))
     current = history.current if history is not None else None
     if current is None or current.applied is None:
@@ -301,9 +397,11 @@ def partition_read_back(table: SqlTable, state: ChainState, key: str) -> tuple[b
         "merkle_root": event["merkle_root"],
         "applied": event["record_count"],
     }
-    gathered = gathered_from_checkpoints(table.checkpoints(current.run_id), key, current)
+    # Without the journal (verify checks it): the intent's rows and outcomes digests and the applied
+    # event bind every row the checkpoints claim.
+    gathered, kind, why = _checked_apply(table.checkpoints(current.run_id), key, current, None)
     if gathered is None:
-        return False, {**details, "finding": "the apply's checkpoints are not all in the table"}
+        return False, {**details, "finding": f"{kind}: {why}"}
     changed = set(table.read_back_by_key_text(gathered.applied)) if gathered.applied else set()
     kept = [i for i in gathered.applied_ids if i not in changed]
     recomputed = merkle.root_hex(kept)

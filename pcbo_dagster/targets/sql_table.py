@@ -23,7 +23,9 @@ the row's exact prior image (or none: inserted), the columns changed, the live s
 was made on and the digest of the row written. Entries are chained per (run, table): `digest_n =
 sha256(digest_{n-1} "\\n" JCS(entry_n))` from `JOURNAL_GENESIS`. `pcbo_checkpoints` holds one row
 per applied chunk (written in the chunk's transaction): the plan hash, the target's digest, the
-journal's length and digest after the chunk, and the chunk's counts, failures and applied rows.
+journal's length and digest after the chunk, and the chunk's rows with their outcomes
+(`chunk_rows`), counts, failures and applied rows (the counts and applied rows follow from the rows
+and failures: `chunk_claims`, how the engine checks a checkpoint it did not just write).
 `pcbo_rollbacks` holds one row per undone apply (written in the restoring transaction). The three
 tables are append-only (triggers refuse UPDATE, DELETE, REPLACE, TRUNCATE), created with the
 table's first apply (the role needs CREATE on the schema once, or a DBA creates them with
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,7 +126,9 @@ class LiveRow:
 @dataclass
 class ChunkResult:
     """What a chunk did: counts, failed rows (with the database's error), the rows now in the table
-    as the records have them (`applied`: id, key text, digest), and the journal after it."""
+    as the records have them (`applied`: id, key text, digest), and the journal after it; `rows`:
+    every row of the chunk with its outcome (`chunk_rows`), from which the counts and the applied
+    rows follow (`chunk_claims`) and which the apply intent's digests bind to the chain."""
 
     counts: dict[str, int]
     failures: list[dict[str, Any]]
@@ -132,6 +136,7 @@ class ChunkResult:
     journal_seq: int
     journal_digest: str
     fallback: bool = False
+    rows: list[list[Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -139,6 +144,7 @@ class ChunkResult:
             "failures": self.failures,
             "applied": self.applied,
             "fallback": self.fallback,
+            "rows": self.rows,
         }
 
 
@@ -171,6 +177,39 @@ class Checkpoint:
 
 def empty_counts() -> dict[str, int]:
     return {"inserted": 0, "updated": 0, "skipped": 0, "refused": 0, "failed": 0}
+
+
+def chunk_rows(rows: Sequence[PlannedRow]) -> list[list[Any]]:
+    """A chunk's rows as its checkpoint records them (id order): `[id, key text, row digest,
+    outcome, liveDigest | null]` — the first three are the apply intent's `rows_digest` items, the
+    id, outcome and live digest its `outcomes_digest` items."""
+    return [
+        [r.id, r.key_text, r.record_digest, r.outcome, None if r.live is None else r.live.live_digest]
+        for r in rows
+    ]
+
+
+def chunk_claims(
+    rows: Sequence[Sequence[Any]], failed: Collection[str]
+) -> tuple[dict[str, int], list[list[str]]]:
+    """What a chunk did, from its rows (`chunk_rows`) and the ids of those that failed: its counts and
+    its applied rows (`[id, key text, row digest]`, sorted: written and equal rows). The apply writes
+    its checkpoint with these; verify, repair and a resume derive them again to check one."""
+    counts = empty_counts()
+    applied: list[list[str]] = []
+    for record_id, key, digest, outcome, _ in rows:
+        if record_id in failed:
+            continue
+        if outcome in (INSERT, UPDATE):
+            counts["inserted" if outcome == INSERT else "updated"] += 1
+        elif outcome in (SKIP_EQUAL, SKIP_CONFLICT):
+            counts["skipped"] += 1
+        elif outcome in (REFUSED_NEWER, REFUSED_DELETED):
+            counts["refused"] += 1
+        if outcome in (INSERT, UPDATE, SKIP_EQUAL):
+            applied.append([record_id, key, digest])
+    counts["failed"] = len(failed)
+    return counts, sorted(applied)
 
 
 def _kind_of(field_type: pa.DataType, as_json: bool) -> str:
@@ -702,9 +741,7 @@ class SqlTable:
     def _apply(
         self, conn: Connection, rows: Sequence[PlannedRow], ctx: ChunkContext, journal: bool, per_row: bool
     ) -> ChunkResult:
-        counts = empty_counts()
         failures: list[dict[str, Any]] = []
-        applied: list[list[str]] = []
         locked = self._live_rows(
             conn, [r.key_values for r in rows if r.key_missing is None], lock=True, with_image=journal
         )
@@ -723,18 +760,12 @@ class SqlTable:
                 continue
             if row.outcome in (INSERT, UPDATE):
                 writes.append((row, now))
-            elif row.outcome == SKIP_EQUAL:
-                counts["skipped"] += 1
-                applied.append([row.id, row.key_text, row.record_digest])
-            elif row.outcome == SKIP_CONFLICT:
-                counts["skipped"] += 1
-            elif row.outcome in (REFUSED_NEWER, REFUSED_DELETED):
-                counts["refused"] += 1
-            else:
-                assert row.outcome == CONFLICT
+            elif row.outcome == CONFLICT:
                 failures.append(
                     _failure(row, "pcbo", "the key is present with other values (conflict: fail)")
                 )
+            else:
+                assert row.outcome in (SKIP_EQUAL, SKIP_CONFLICT, REFUSED_NEWER, REFUSED_DELETED)
         seq, digest = ctx.journal_seq, ctx.journal_digest
         entries: list[dict[str, Any]] = []
         if not per_row:
@@ -745,9 +776,6 @@ class SqlTable:
             if journal:
                 self._insert_journal(conn, ctx, entries)
             self._write_rows(conn, writes)
-            for row, _ in writes:
-                counts["inserted" if row.outcome == INSERT else "updated"] += 1
-                applied.append([row.id, row.key_text, row.record_digest])
         else:
             for row, now in writes:
                 entry, entry_text = self._entry(ctx, seq + 1, row, now)
@@ -764,10 +792,9 @@ class SqlTable:
                     failures.append(_failure(row, *_database_error(exc)))
                     continue
                 seq, digest = seq + 1, chain_journal_digest(digest, entry_text)
-                counts["inserted" if row.outcome == INSERT else "updated"] += 1
-                applied.append([row.id, row.key_text, row.record_digest])
-        counts["failed"] = len(failures)
-        result = ChunkResult(counts, failures, sorted(applied), seq, digest, fallback=per_row)
+        planned = chunk_rows(rows)
+        counts, applied = chunk_claims(planned, {f["id"] for f in failures})
+        result = ChunkResult(counts, failures, applied, seq, digest, fallback=per_row, rows=planned)
         conn.execute(
             text(
                 f"INSERT INTO {self._pcbo(CHECKPOINT_TABLE)} (run_id, table_name, partition_key, intent_seq, "
@@ -897,15 +924,21 @@ class SqlTable:
         )
 
     def drifted(
-        self, conn: Connection, entries: Sequence[dict[str, Any]], lock: bool
+        self, conn: Connection, entries: Sequence[dict[str, Any]], lock: bool, restored: bool = False
     ) -> list[dict[str, Any]]:
-        """The entries whose row is no longer as the run wrote it (changed or removed since)."""
+        """The entries whose row is no longer as the run wrote it (changed or removed since); with
+        `restored`, those whose row is not back as it was before the run (an inserted row still
+        there, an updated row without its prior written values: `entries` one per row, the oldest)."""
         keys = [self.key_values_of_text(e["keyText"]) for e in entries]
         found = self._live_rows(conn, keys, lock=lock, with_image=False, digests_only=True)
         drifted = []
         for e in entries:
             now = found.get(e["keyText"])
-            if now is None or now.state.row_digest != e["after"]:
+            if restored:
+                expected = None if e["priorState"] is None else e["priorState"]["rowDigest"]
+            else:
+                expected = e["after"]
+            if (None if now is None else now.state.row_digest) != expected:
                 drifted.append({"id": e["id"], "key": e["keyText"], "seq": e["seq"]})
         return drifted
 
@@ -1044,12 +1077,12 @@ def recompute_journal(
 @dataclass
 class JournalView:
     """A run's journal for a table, checked: its entries (parsed), its digest after each prefix, the
-    problems found, and which applies are undone (`markers`)."""
+    problems found, and which applies are undone ((partition key, intent seq))."""
 
     entries: list[dict[str, Any]]
     digests: list[str]
     problems: list[str]
-    markers: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    undone: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def digest(self) -> str:
@@ -1060,7 +1093,7 @@ class JournalView:
         return [
             e
             for e in self.entries
-            if (e["partition"], e["intentSeq"]) not in self.markers
+            if (e["partition"], e["intentSeq"]) not in self.undone
             and (partition_key is None or e["partition"] == partition_key)
         ]
 
@@ -1078,6 +1111,13 @@ class JournalView:
         return self.digests[seq] if 0 <= seq < len(self.digests) else None
 
 
-def read_journal(table: SqlTable, run_id: str) -> JournalView:
+def read_journal(
+    table: SqlTable, run_id: str, undone: Collection[tuple[str, int]] | None = None
+) -> JournalView:
+    """The run's journal in `table`. `undone`: the applies the audit chain says were rolled back
+    (`ChainState.sql_undone`), whose entries are no longer live whatever `pcbo_rollbacks` says; None
+    only for an evaluation without the chain (dry-run, plan), which takes the table's rows as they are."""
     entries, digests, problems = recompute_journal(table.journal_entries(run_id))
-    return JournalView(entries, digests, problems, table.rollback_markers(run_id))
+    if undone is None:
+        undone = set(table.rollback_markers(run_id))
+    return JournalView(entries, digests, problems, set(undone))

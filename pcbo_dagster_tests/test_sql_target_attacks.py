@@ -1,0 +1,278 @@
+"""Attacks on a SQL target's own tables (issue 15's threat model): the target database — its rows,
+`pcbo_journal`, `pcbo_checkpoints` and `pcbo_rollbacks` — is writable by someone who wants a forged
+history to pass. `verify` derives what must be true from the audit chain; repair (`verify --repair`,
+a resumed execute or rollback) completes only the crash windows of the commit protocol, and refuses
+everything else as a finding. Each test forges what an attacker can write with plain SQL (an INSERT
+the append-only triggers allow, or an edit with a trigger dropped and re-created by name)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from pcbo_dagster.core.chain_state import replay
+from pcbo_dagster.core.sql_outcomes import row_digest
+from pcbo_dagster.engine.sql_verify import partition_read_back
+from pcbo_dagster.targets.sql_table import JOURNAL_GENESIS, SqlTable
+from pcbo_dagster_tests.cli_runner import run_pcbo
+from pcbo_dagster_tests.sql_target_helpers import (
+    create_table,
+    dump,
+    pcbo,
+    query,
+    record,
+    request,
+    run_sql,
+    sqlite_url,
+    write_json,
+)
+
+
+def _chain(home: Path) -> list[dict[str, Any]]:
+    lines = (home / "pas" / "events" / "v1.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _events(home: Path, event_type: str) -> list[dict[str, Any]]:
+    return [e for e in _chain(home) if e["event_type"] == event_type]
+
+
+def _kinds(document: dict[str, Any]) -> set[str]:
+    return {f["kind"] for f in document["findings"]}
+
+
+def _setup(tmp_path: Path, count: int = 8, **target: Any) -> tuple[str, Path, Path]:
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    path = write_json(tmp_path / "req.json", request(url, [record(i) for i in range(1, count + 1)], **target))
+    return url, tmp_path / "home", path
+
+
+def _intent_of(home: Path, key: str) -> dict[str, Any]:
+    return next(e for e in _events(home, "sql_apply_intent") if e["partition"]["key"] == key)
+
+
+# -- pcbo_rollbacks ---------------------------------------------------------------------------------
+
+
+def test_a_rollback_marker_the_chain_has_no_rollback_for_hides_nothing_and_is_not_honoured(
+    tmp_path: Path,
+) -> None:
+    url, home, path = _setup(tmp_path)
+    assert pcbo(["execute", "--input", path, "--home", home]).status == 0
+    run_sql(
+        url, "UPDATE events SET amount = 1000 WHERE id = 'ev-0001'", "DELETE FROM events WHERE id = 'ev-0005'"
+    )
+    intent = _intent_of(home, "20240101T010000Z")  # ev-0001 and ev-0005
+    run_sql(
+        url,
+        "INSERT INTO pcbo_rollbacks VALUES ('run-1', 'main.events', '20240101T010000Z', "
+        f"{intent['chain']['seq']}, 'sha256:{'0' * 64}', 0)",
+    )
+    found = pcbo(["verify", "--home", home])
+    assert found.status == 1
+    assert _kinds(found.document) == {"sql_rows_changed", "sql_rollback_marker_not_on_chain"}
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert repaired.document["repaired"] == []
+    assert _kinds(repaired.document) == {"sql_rows_changed", "sql_rollback_marker_not_on_chain"}
+    before = dump(url)
+    refused = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
+    assert refused.status == 1 and "sql_rollback_marker_not_on_chain" in refused.stderr
+    assert dump(url) == before
+    assert _events(home, "sql_rollback_intent") == []
+    assert _events(home, "sql_partition_rolled_back") == []
+
+
+def test_a_marker_equal_to_an_open_rollback_intent_is_adopted_only_when_the_rows_are_back(
+    tmp_path: Path,
+) -> None:
+    url, home, path = _setup(tmp_path)
+    assert pcbo(["execute", "--input", path, "--home", home]).status == 0
+    written = dump(url)
+    args = ["rollback", "--dataset", "events", "--run-id", "run-1"]
+    crashed = run_pcbo(args, home=home, env={"PCBO_FAILPOINT": "sql_rollback_after_intent@0"})
+    assert crashed.status == 86, crashed.stderr
+    (intent,) = _events(home, "sql_rollback_intent")
+    # The forged rows say exactly what the intent recorded: only the table can tell they are a lie.
+    run_sql(
+        url,
+        *(
+            "INSERT INTO pcbo_rollbacks VALUES ('run-1', 'main.events', "
+            f"'{p['key']}', {p['intent_seq']}, '{p['journal_digest']}', {p['entries']})"
+            for p in intent["partitions"]
+        ),
+    )
+    found = pcbo(["verify", "--home", home])
+    assert _kinds(found.document) == {"sql_rollback_interrupted", "sql_rollback_marker_not_on_chain"}
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert repaired.document["repaired"] == []
+    assert _events(home, "sql_partition_rolled_back") == []
+    assert dump(url) == written
+
+
+# -- pcbo_checkpoints ---------------------------------------------------------------------------------
+
+
+def _edit_checkpoint(url: str, key: str, edit: Any) -> None:
+    """Edit the checkpoint of partition `key`'s first chunk with the update trigger dropped, then put
+    the trigger back exactly as it was (same name, same body): `verify` sees every trigger."""
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        (ddl,) = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'pcbo_checkpoints_no_update'"
+        ).fetchone()
+        (text,) = conn.execute(
+            "SELECT result FROM pcbo_checkpoints WHERE partition_key = ? AND chunk = 0", (key,)
+        ).fetchone()
+        result = json.loads(text)
+        edit(result)
+        conn.execute("DROP TRIGGER pcbo_checkpoints_no_update")
+        conn.execute(
+            "UPDATE pcbo_checkpoints SET result = ? WHERE partition_key = ? AND chunk = 0",
+            (json.dumps(result), key),
+        )
+        conn.execute(ddl)
+
+
+def _read_back(url: str, home: Path, key: str) -> tuple[bool, dict[str, Any]]:
+    """The Dagster `sql_read_back` check of partition `key` (`partition_read_back`)."""
+    table = SqlTable.reopen(url, _intent_of(home, key)["layout"], write=False)
+    try:
+        return partition_read_back(table, replay(_chain(home)), key)
+    finally:
+        table.close()
+
+
+def test_a_checkpoint_re_pointed_at_another_row_hides_a_deleted_row_from_nothing(tmp_path: Path) -> None:
+    url, home, path = _setup(tmp_path)
+    assert pcbo(["execute", "--input", path, "--home", home]).status == 0
+    key = "20240101T010000Z"  # ev-0001 and ev-0005, both inserted, one chunk
+    assert _read_back(url, home, key)[0]
+    run_sql(url, "DELETE FROM events WHERE id = 'ev-0005'")
+
+    def borrow(result: dict[str, Any]) -> None:  # ev-0005 keeps its id (root, count) and takes ev-0001's row
+        by_id = {a[0]: a for a in result["applied"]}
+        by_id["ev-0005"][1:] = by_id["ev-0001"][1:]
+        by_row = {r[0]: r for r in result.get("rows", [])}  # (a checkpoint without rows: before them)
+        if by_row:
+            by_row["ev-0005"][1:3] = by_row["ev-0001"][1:3]
+
+    _edit_checkpoint(url, key, borrow)
+    found = pcbo(["verify", "--home", home])
+    assert found.status == 1
+    assert _kinds(found.document) == {"sql_checkpoint_altered"}
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert repaired.document["repaired"] == [] and _kinds(repaired.document) == {"sql_checkpoint_altered"}
+    passed, details = _read_back(url, home, key)
+    assert not passed and details["finding"].startswith("sql_checkpoint_altered")
+
+
+def test_a_checkpoint_edited_to_vouch_for_a_changed_equal_row_is_found(tmp_path: Path) -> None:
+    url, home, path = _setup(tmp_path)
+    run_sql(
+        url,
+        "INSERT INTO events (id, occurred_at, amount, label) "
+        "VALUES ('ev-0002', '2024-01-01T02:02:00Z', 2, 'x')",
+    )
+    run = pcbo(["execute", "--input", path, "--home", home])
+    assert run.status == 0 and run.document["totals"]["skipped"] == 1  # ev-0002: skip_equal, not journaled
+    key = "20240101T020000Z"
+    run_sql(url, "UPDATE events SET amount = 7 WHERE id = 'ev-0002'")
+    assert _kinds(pcbo(["verify", "--home", home]).document) == {"sql_rows_changed"}
+    changed = row_digest([7, "ev-0002", "x", "2024-01-01T02:02:00Z"])  # amount, id, label, occurred_at
+
+    def vouch(result: dict[str, Any]) -> None:
+        for entry in (*result["applied"], *result.get("rows", [])):
+            if entry[0] == "ev-0002":
+                entry[2] = changed
+
+    _edit_checkpoint(url, key, vouch)
+    found = pcbo(["verify", "--home", home])
+    assert _kinds(found.document) == {"sql_checkpoint_altered"}
+    assert not _read_back(url, home, key)[0]
+
+
+def _crash_after_intent(tmp_path: Path, **target: Any) -> tuple[str, Path, Path, dict[str, Any]]:
+    """A run killed right after partition 0's apply intent, nothing written to the table."""
+    url, home, path = _setup(tmp_path, **target)
+    crashed = run_pcbo(["execute", "--input", path], home=home, env={"PCBO_FAILPOINT": "sql_after_intent@0"})
+    assert crashed.status == 86, crashed.stderr
+    assert _kinds(pcbo(["verify", "--home", home]).document) == {"sql_apply_interrupted"}
+    return url, home, path, _intent_of(home, "20240101T000000Z")
+
+
+def _insert_checkpoint(url: str, intent: dict[str, Any], result: dict[str, Any]) -> None:
+    """INSERT (the triggers allow it) a checkpoint for chunk 0 of `intent`, claiming no journal entry."""
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        conn.execute(
+            "INSERT INTO pcbo_checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                intent["run_id"],
+                "main.events",
+                intent["partition"]["key"],
+                intent["chain"]["seq"],
+                0,
+                intent["plan_hash"],
+                intent["target_digest"],
+                0,
+                JOURNAL_GENESIS,
+                json.dumps(result),
+            ),
+        )
+
+
+def _refused_everywhere(url: str, home: Path, path: Path, before: list[str]) -> None:
+    """verify finds the forged checkpoint; repair completes nothing; the resumed run does not go past
+    it; the table is untouched."""
+    found = pcbo(["verify", "--home", home])
+    assert _kinds(found.document) == {"sql_checkpoint_altered", "sql_apply_interrupted"}
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert repaired.document["repaired"] == []
+    resumed = pcbo(["execute", "--input", path, "--home", home])
+    assert resumed.status == 1 and "sql_checkpoint_altered" in resumed.stderr
+    assert _events(home, "sql_partition_applied") == []
+    assert dump(url) == before
+    assert _kinds(pcbo(["verify", "--home", home]).document) == {
+        "sql_checkpoint_altered",
+        "sql_apply_interrupted",
+    }
+
+
+def test_a_checkpoint_claiming_writes_the_journal_does_not_hold_is_never_completed(tmp_path: Path) -> None:
+    # The genuine checkpoint of the same chunk, from the same request run on a copy of the table.
+    twin = sqlite_url(tmp_path / "twin" / "target.db")
+    create_table(twin)
+    twin_path = write_json(tmp_path / "twin" / "req.json", request(twin, [record(i) for i in range(1, 9)]))
+    assert pcbo(["execute", "--input", twin_path, "--home", tmp_path / "twin" / "home"]).status == 0
+    ((genuine,),) = query(
+        twin, "SELECT result FROM pcbo_checkpoints WHERE partition_key = '20240101T000000Z'"
+    )
+    assert json.loads(genuine)["counts"]["inserted"] == 2
+
+    url, home, path, intent = _crash_after_intent(tmp_path)
+    before = dump(url)
+    _insert_checkpoint(url, intent, json.loads(genuine))
+    _refused_everywhere(url, home, path, before)
+
+
+def test_a_checkpoint_claiming_the_chunk_wrote_nothing_is_never_completed(tmp_path: Path) -> None:
+    url, home, path, intent = _crash_after_intent(tmp_path)
+    before = dump(url)
+    # Self-consistent and needing no journal entry: every row "refused", each with its real key text
+    # and digest — but not the outcomes the intent recorded.
+    rows = [
+        [
+            f"ev-{i:04d}",
+            json.dumps([f"ev-{i:04d}"]),
+            row_digest([i, f"ev-{i:04d}", "x", f"2024-01-01T00:{i:02d}:00Z"]),
+            "refused_newer",
+            None,
+        ]
+        for i in (4, 8)
+    ]
+    counts = {"inserted": 0, "updated": 0, "skipped": 0, "refused": 2, "failed": 0}
+    _insert_checkpoint(
+        url, intent, {"counts": counts, "failures": [], "applied": [], "fallback": False, "rows": rows}
+    )
+    _refused_everywhere(url, home, path, before)
