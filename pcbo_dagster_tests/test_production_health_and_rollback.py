@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.rollout_lifecycle import ROLLOUT_PROMOTED
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, parse_datasets_config
 from pcbo_dagster.datasets.demo_data import demo_sessions
 from pcbo_dagster.datasets.requests import evaluate_keys
@@ -37,6 +38,7 @@ from pcbo_dagster.rollout.health import (
     plan_id,
     run_health_check,
 )
+from pcbo_dagster.rollout.lifecycle import append_event, record_staged
 from pcbo_dagster.rollout.rollback import range_log_name, rollback_rollout, run_owner
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
 
@@ -119,17 +121,22 @@ class World:
             actor="alice",
             now=T0,
         )
-        store.set_status(
+        record_staged(  # on the production chain, then the row (as the staging apply does)
+            self.envs,
             name,
-            "soaking",
-            actor="alice",
-            now=T0,
             decision_hash=staged["decisionHash"],
             plan_hash=staged["planHash"],
             staging_run_id=f"rollout-{name}-staging",
             staged_at=T0,
+            by="alice",
         )
-        self.run(self.envs.production, f"rollout-{name}-production")
+        promoted = self.run(self.envs.production, f"rollout-{name}-production")
+        append_event(  # as `promote_rollout` records a complete promotion
+            self.envs,
+            store.require(name),
+            ROLLOUT_PROMOTED,
+            {"by": "carol", "decision_hash": promoted["decisionHash"], "complete": True},
+        )
         store.set_status(name, "promoted", actor="carol", now=T0 + timedelta(hours=1))
 
     def manifest_rel(self, key: str) -> str:
@@ -292,7 +299,14 @@ def test_approved_rollouts_are_checked_and_rejected_ones_are_not(world: World) -
         actor="alice",
         now=T0,
     )
-    store.set_status("r1", "soaking", now=T0, decision_hash=staged["decisionHash"])
+    record_staged(
+        world.envs,
+        "r1",
+        decision_hash=staged["decisionHash"],
+        plan_hash=staged["planHash"],
+        staging_run_id="rollout-r1-staging",
+        staged_at=T0,
+    )
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
     # Decisions through the approval gate (on the production chain); a bare approval row would count
     # for nothing.
@@ -414,7 +428,14 @@ def test_staging_rollback_of_a_rollout_never_promoted_marks_it_rolled_back(world
     with pytest.raises(InvalidInput) as refused:  # the apply is still running: cancel it first
         _rollback(world, "staging", rollout="r1")
     assert refused.value.field == "rollout"
-    store.set_status("r1", "soaking", now=T0, decision_hash=staged["decisionHash"])
+    record_staged(
+        world.envs,
+        "r1",
+        decision_hash=staged["decisionHash"],
+        plan_hash=staged["planHash"],
+        staging_run_id="rollout-r1-staging",
+        staged_at=T0,
+    )
     done = _rollback(world, "staging", rollout="r1")
     assert done["rolledBack"] == 4 and done["rolloutStatus"] == "rolled_back"
     r1 = store.get("r1")

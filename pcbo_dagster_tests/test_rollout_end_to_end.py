@@ -219,10 +219,15 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
     assert staging_files == production_files and len(production_files) == 4
     # The production audit chain records who rejected, who approved and who promoted what.
     chain = env.audit.backup.read_chain("sessions/v1")
+    lifecycle = [e for e in chain if e["event_type"].startswith("rollout_")]
+    assert lifecycle[0]["event_type"] == "rollout_staged"  # what the gate reads, with the soak's verdicts
+    assert lifecycle[0]["decision_hash"] == rollout["decision_hash"]
+    soaked = [e for e in lifecycle if e["event_type"] == "rollout_soak_evaluated"]
+    assert len(soaked) == len(store.soak_evaluations("r1")) and all(e["passed"] for e in soaked)
     decisions = [
         (e["event_type"], e.get("by"), e.get("decision_hash"))
-        for e in chain
-        if e["event_type"].startswith("rollout_")
+        for e in lifecycle
+        if e["event_type"] not in ("rollout_staged", "rollout_soak_evaluated")
     ]
     assert decisions == [
         ("rollout_rejected", BO.name, rollout["decision_hash"]),

@@ -114,11 +114,13 @@ def test_approvals_are_append_only_and_on_the_production_chain(tmp_path: Path) -
     chain = AuditBackup(base.audit_dir).read_chain("sessions/v1")
     assert verify_chain(chain, "sessions/v1") == []
     events = [e for e in chain if e["event_type"].startswith("rollout_")]
-    assert [(e["event_type"], e["by"], e["reason"]) for e in events] == [
+    assert [(e["event_type"], e["by"], e.get("reason")) for e in events] == [
+        ("rollout_staged", "ana", None),  # the staging apply's end, what the gate reads (not the row)
         ("rollout_rejected", BO.name, "too early"),
         ("rollout_approved", CY.name, "fine now"),
     ]
-    assert [e["chain"]["event_hash"] for e in events] == [
+    assert events[0]["decision_hash"] == decision_hash and events[0]["staged_at"] == "2026-01-05T08:00:00Z"
+    assert [e["chain"]["event_hash"] for e in events[1:]] == [
         rejected["auditEventHash"],
         approved["auditEventHash"],
     ]

@@ -15,13 +15,14 @@ import pytest
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.core.rollout_lifecycle import rollout_subject
 from pcbo_dagster.core.signed_approvals import read_signed_approval, sign_approval
 from pcbo_dagster.core.signed_note import NoteError, parse_note, sign_note
 from pcbo_dagster.datasets.config import DatasetsConfig
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
-from pcbo_dagster.rollout.approvals import ROLLOUT_APPROVED, decision_in_force, rollout_subject, sign_decision
+from pcbo_dagster.rollout.approvals import ROLLOUT_APPROVED, decision_in_force, sign_decision
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import BO, CY, MALLORY
 from pcbo_dagster_tests.test_rollout_staging_and_approvals import KEYS, T0, _config

@@ -19,6 +19,7 @@ from pcbo_dagster.engine.partition_reading import PartitionReading
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.rollout.environments import dataset_settings, open_environments
+from pcbo_dagster.rollout.lifecycle import record_staged
 from pcbo_dagster.rollout.soak import (
     _duplicate_check,
     evaluate_soak,
@@ -226,14 +227,14 @@ def _stage(world: dict, name: str = "r1") -> RolloutRow:
             actor="tester",
             now=T0 - timedelta(minutes=5),
         )
-        assert soak_status(envs.store, envs.store.require(name), T0)["state"] == "not_started"
-        envs.store.set_status(
+        assert soak_status(envs, envs.store.require(name), T0)["state"] == "not_started"
+        record_staged(  # what the staging apply records: on the production chain, then the row
+            envs,
             name,
-            "soaking",
             decision_hash=decisions.decision_hash,
+            plan_hash=plan.plan_hash,
             staging_run_id=run_id,
             staged_at=T0,
-            now=T0,
         )
         world["staging_lake"] = Path(envs.staging.settings.lake_url)
         world["decided"] = {pd.partition.key: list(pd.add) for pd in decisions.partitions}
@@ -246,13 +247,13 @@ def _evaluate(world: dict, at: datetime, name: str = "r1", config=None) -> tuple
     with open_environments(dataset_settings(config, dataset, world["base"], environ={})) as envs:
         rollout = envs.store.require(name)
         evaluation = evaluate_soak(config, dataset, envs, rollout, at)
-        return evaluation, soak_status(envs.store, rollout, at)
+        return evaluation, soak_status(envs, rollout, at)
 
 
 def _status(world: dict, at: datetime, name: str = "r1") -> dict:
     dataset = world["config"].dataset("sessions")
     with open_environments(dataset_settings(world["config"], dataset, world["base"], environ={})) as envs:
-        return soak_status(envs.store, envs.store.require(name), at)
+        return soak_status(envs, envs.store.require(name), at)
 
 
 def test_all_passing_soak_passes_only_after_the_window(world: dict) -> None:
@@ -444,7 +445,7 @@ def test_report_of_a_failing_soak(world: dict, tmp_path: Path) -> None:
         dataset_settings(world["config"], world["config"].dataset("sessions"), world["base"], environ={})
     ) as envs:
         rollout = envs.store.require("r1")
-        status = soak_status(envs.store, rollout, T0 + timedelta(minutes=2))
+        status = soak_status(envs, rollout, T0 + timedelta(minutes=2))
         paths = write_soak_report(
             envs.production.settings, rollout, envs.store.soak_evaluations("r1"), status
         )

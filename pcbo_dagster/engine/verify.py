@@ -16,8 +16,10 @@ history to pass. So nothing is taken from one store on its own word:
    manifest (`_rollback/`) must say exactly what the chain implies (the version it restores, the
    files it removes); every version a rollback could restore must have intact data files.
 3. **The catalog against the chains.** Partition rows (checksum, root, counts, files, event hash,
-   status), run rows (plan and decision hashes of the events naming the run), lineage rows, and the
-   append-only triggers (a dropped one is a finding).
+   status), run rows (plan and decision hashes of the events naming the run), lineage rows, rollout
+   rows (status, staged decisions, time and window, by the rollout's lifecycle events:
+   `core/rollout_lifecycle.py`) and soak evaluation rows (each must be a `rollout_soak_evaluated`
+   event), and the append-only triggers (a dropped one is a finding).
 4. **The transparency logs.** The catalog's stored log of each chain must be the log of the backup's
    events, and every stored or lake checkpoint must have the root of the backup's first `size` events
    (`engine/transparency_log.py`). With a checkpoint an auditor holds (`trusted`), the chain must
@@ -37,6 +39,7 @@ from typing import Any
 
 from pcbo_dagster.audit.log import ChainDivergence
 from pcbo_dagster.catalog.partitions import PartitionVersionRow
+from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.catalog.schema import append_only_trigger_names
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
@@ -44,6 +47,7 @@ from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, Par
 from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
+from pcbo_dagster.core.rollout_lifecycle import lifecycle, row_disagreements, soak_row_disagreements
 from pcbo_dagster.core.signed_note import Note, VerifierKey
 from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.crash_windows import (
@@ -147,6 +151,7 @@ def verify(
 
             checked_partitions += check_sql_targets(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
+    _check_rollouts(env, report, backup_chains)
     _check_triggers(env, report)
     document: dict[str, Any] = {}
     if trusted is not None:
@@ -622,6 +627,21 @@ def _check_tables(
             report.healable(entry["kind"], entry["where"], entry["detail"])
         else:
             report.find(entry["kind"], entry["where"], entry["detail"])
+
+
+def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[dict]]) -> None:
+    """Each rollout row of the catalog, and each of its soak evaluation rows, against its lifecycle on
+    the dataset version's chain (the promotion gate reads the chain; a row that disagrees opens
+    nothing, and is reported here)."""
+    store = RolloutStore(env.catalog)
+    for row in store.list():
+        ckey = f"{row['dataset']}/{row['version_label']}"
+        life = lifecycle(chains.get(ckey, []), row["name"])
+        where = f"{ckey} rollout {row['name']}"
+        for detail in row_disagreements(life, row):
+            report.find("rollout_not_on_chain", where, detail)
+        for detail in soak_row_disagreements(life, store.soak_evaluations(row["name"])):
+            report.find("soak_evaluation_not_on_chain", where, detail)
 
 
 def _check_triggers(env: Environment, report: _Report) -> None:

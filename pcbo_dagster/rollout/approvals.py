@@ -35,32 +35,18 @@ from __future__ import annotations
 from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
-from pcbo_dagster.core.audit_chain import verify_chain
-from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.rollout_lifecycle import SOAKING, row_disagreements
 from pcbo_dagster.core.signed_approvals import SignedApproval, read_signed_approval, sign_approval
 from pcbo_dagster.core.signed_note import NoteError, SigningKey
-from pcbo_dagster.engine.events import PRODUCER, chain_key
-from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import ApprovalPolicy, RolloutEnvironments
+from pcbo_dagster.rollout.lifecycle import append_event, production_chain, read_lifecycle
 
 ROLLOUT_APPROVED = "rollout_approved"
 ROLLOUT_REJECTED = "rollout_rejected"
 DECISIONS = {"approve": "approved", "reject": "rejected"}
-
-
-def rollout_subject(rollout: RolloutRow) -> dict[str, Any]:
-    """The rollout as the audit events about it (approval, rejection, promotion) name it."""
-    return {
-        "name": rollout["name"],
-        "dataset": rollout["dataset"],
-        "version_label": rollout["version_label"],
-        "first_key": rollout["first_key"],
-        "last_key": rollout["last_key"],
-        "partition_count": len(rollout["partition_keys"]),
-        "staging_run_id": rollout["staging_run_id"],
-    }
 
 
 def sign_decision(
@@ -93,6 +79,16 @@ def record_decision(
             f"rollout {name!r} is {rollout['status']}: only a rollout applied to staging and halted for "
             "review (soaking) can be approved or rejected",
         )
+    events = production_chain(envs, rollout)
+    life = read_lifecycle(envs, rollout, events)
+    disagree = row_disagreements(life, rollout)
+    if life.status != SOAKING or disagree:
+        raise InvalidInput(
+            "rollout",
+            f"rollout {name!r}: the production audit chain says {life.status or 'not staged'}"
+            + (f" and the catalog disagrees with it ({'; '.join(disagree[:2])})" if disagree else "")
+            + ": only a rollout the chain shows halted for review (soaking) can be approved or rejected",
+        )
     if not envs.approval_policy.approvers:
         raise InvalidInput(
             "rollout",
@@ -103,8 +99,8 @@ def record_decision(
         signed = read_signed_approval(statement, list(envs.approval_policy.approvers))
     except NoteError as exc:
         raise InvalidInput("statement", f"not a signed approval of a listed approver: {exc}") from None
-    staged = rollout["decision_hash"]
-    assert staged is not None  # a soaking rollout has staged decisions
+    staged = life.decision_hash
+    assert staged is not None  # a rollout soaking on the chain has staged decisions
     if signed.rollout != name:
         raise InvalidInput("statement", f"the statement is about rollout {signed.rollout!r}, not {name!r}")
     if action is not None and signed.decision != DECISIONS.get(action):
@@ -117,7 +113,7 @@ def record_decision(
         )
     if not signed.reason.strip():
         raise InvalidInput("reason", "say why")
-    counted, _ = _counted_decisions(envs, rollout)
+    counted, _ = _counted_decisions(envs, rollout, events)
     for event, earlier in counted:
         if _statement(earlier) == _statement(signed):
             raise InvalidInput(
@@ -132,12 +128,11 @@ def record_decision(
             f"the approval was signed at {signed.time}, before the rejection in force "
             f"({rejected[-1].signer.name}, signed at {rejected[-1].time}): sign a new approval",
         )
-    ckey = chain_key(rollout["dataset"], rollout["version_label"])
-    event = envs.production.audit.append(
-        ckey,
+    event = append_event(
+        envs,
+        rollout,
         ROLLOUT_APPROVED if signed.decision == "approved" else ROLLOUT_REJECTED,
         {
-            "rollout": rollout_subject(rollout),
             "decision": signed.decision,
             "decision_hash": staged,
             "plan_hash": rollout["plan_hash"],
@@ -145,10 +140,8 @@ def record_decision(
             "approver_key": signed.signer.text,
             "reason": signed.reason,
             "signed_approval": signed.note,
-            "producer": PRODUCER,
         },
     )
-    publish(envs.production, ckey)
     return envs.store.record_approval(
         name=name,
         decision=signed.decision,
@@ -198,17 +191,12 @@ def _signed_at(signed: SignedApproval) -> int:
 
 
 def _counted_decisions(
-    envs: RolloutEnvironments, rollout: RolloutRow
+    envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]]
 ) -> tuple[list[tuple[dict[str, Any], SignedApproval]], int]:
-    """The rollout's approval and rejection events on the production chain that count, in chain order,
-    each with its verified statement (module doc: listed signer, says what its event says, first
-    time on the chain, an approval signed no earlier than the last rejection counted), and how many
-    were ignored. `IntegrityError` when that chain does not verify."""
-    ckey = chain_key(rollout["dataset"], rollout["version_label"])
-    events, problems = envs.production.audit.backup.read_chain_with_problems(ckey)
-    findings = problems + verify_chain(events, ckey)
-    if findings:
-        raise IntegrityError(f"the production audit chain {ckey} does not verify: {'; '.join(findings[:3])}")
+    """The rollout's approval and rejection events on the (verified) production chain `events` that
+    count, in chain order, each with its verified statement (module doc: listed signer, says what its
+    event says, first time on the chain, an approval signed no earlier than the last rejection
+    counted), and how many were ignored."""
     policy = envs.approval_policy
     counted: list[tuple[dict[str, Any], SignedApproval]] = []
     seen: set[tuple[str, ...]] = set()
@@ -235,14 +223,20 @@ def _counted_decisions(
     return counted, ignored
 
 
-def decision_in_force(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[str, Any] | None:
-    """The decision in force for `rollout` from the production chain (module doc), as `{decision,
-    actor, reason, decision_hash, event_hash, approvals, required, ignored}`; `decision` is
-    `approved`, `rejected` or `pending` (fewer valid approvals than required); None when no valid
-    signed decision is on the chain. `IntegrityError` when that chain does not verify."""
+def decision_in_force(
+    envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]] | None = None
+) -> dict[str, Any] | None:
+    """The decision in force for `rollout` from the production chain (module doc; `events`: that
+    chain, already read and verified), as `{decision, actor, reason, decision_hash, event_hash,
+    approvals, required, ignored}`; `decision` is `approved`, `rejected` or `pending` (fewer valid
+    approvals than required: only approvals of the decision hash the chain says was staged count);
+    None when no valid signed decision is on the chain. `IntegrityError` when that chain does not
+    verify."""
     policy = envs.approval_policy
-    staged = rollout["decision_hash"]
-    decisions, ignored = _counted_decisions(envs, rollout)
+    if events is None:
+        events = production_chain(envs, rollout)
+    staged = read_lifecycle(envs, rollout, events).decision_hash
+    decisions, ignored = _counted_decisions(envs, rollout, events)
     last: tuple[dict[str, Any], SignedApproval] | None = None
     approvals: dict[str, tuple[dict[str, Any], SignedApproval]] = {}
     for event, signed in decisions:

@@ -200,7 +200,7 @@ def status(config: DatasetsConfig, base: Settings, name: str, *, clock: Clock = 
         gate_now = promotion.promotion_gate(config, dataset, envs, name, clock=clock)
         return {
             "rollout": _plain(rollout),
-            "soak": _plain(soak_status(envs.store, rollout, clock.now())),
+            "soak": _plain(soak_status(envs, rollout, clock.now())),
             "gate": _plain(gate_now),
             "approvals": [_plain(a) for a in envs.store.approvals(name)],
             "history": [_plain(h) for h in envs.store.history(name)],
@@ -299,18 +299,18 @@ def mini_backfill(
     clock: Clock = REAL_CLOCK,
 ) -> dict[str, Any]:
     """Re-promote the partitions of a health check's plan, rollout by rollout, at each rollout's
-    approved decision hash (the gate's approval must still match the decisions now)."""
+    approved decision hash (the gate's approval must still match the decisions now); only rollouts the
+    production chain says are promoted (`promotion.repair_approval`)."""
     by_rollout: dict[str, list[str]] = {}
     for entry in plan["partitions"]:
         by_rollout.setdefault(entry["rollout"], []).append(entry["key"])
     results = []
     for name, keys in sorted(by_rollout.items()):
         rollout = envs.store.require(name)
-        approval = approvals.decision_in_force(envs, rollout)
-        if approval is None or approval["decision"] != "approved":
-            results.append(
-                {"rollout": name, "keys": keys, "status": "skipped", "reason": "no approval in force"}
-            )
+        try:
+            approval = promotion.repair_approval(envs, rollout)
+        except InvalidInput as exc:
+            results.append({"rollout": name, "keys": keys, "status": "skipped", "reason": exc.message})
             continue
         run_id = promotion.production_run_id(name, "repair-" + plan["planId"].split(":")[-1][:12])
         document = promotion.promote_keys(

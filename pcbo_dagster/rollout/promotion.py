@@ -1,12 +1,18 @@
 """Promotion to production, behind the gate.
 
-`promotion_gate` says whether a rollout may be promoted now, and if not, every reason why:
+`promotion_gate` says whether a rollout may be promoted now, and if not, every reason why. What it
+decides on is read from the dataset version's production audit chain, which must verify
+(`rollout/lifecycle.py`); the catalog's `rollouts` and `soak_evaluations` rows are listings that
+open nothing, and a `rollouts` row that disagrees with the chain keeps the gate closed:
 
-- the rollout is applied to staging and halted for review (status `soaking`);
+- the rollout is applied to staging and halted for review: its last lifecycle event on the chain is
+  `rollout_staged` (not `rollout_promoted`, `rollout_rolled_back` or `rollout_cancelled`), and its
+  catalog row says `soaking` and the same staged decision hash, staging time, window and range;
 - its staging partitions passed their checks: each is committed in the staging lake and re-reads
   clean (checksums, rows, Merkle root), no post-write discrepancy was logged for the staging run,
   and no failed asset check was reported for them (`failed_checks`, from the Dagster instance);
-- its soak passed (`soak.soak_status`: the window elapsed with every evaluation passing);
+- its soak passed (`soak.soak_verdict` of the chain's `rollout_staged` and `rollout_soak_evaluated`
+  events: the window elapsed, an evaluation was made after its end, and none failed);
 - the approval in force - the signed approvals and rejections of the rollout *on the production audit
   chain*, which must verify, each signed by an approver the dataset's config lists (a row in
   `rollout_approvals` alone, a forged or unlisted signature count for nothing; `approvals.py`) - is
@@ -25,6 +31,10 @@ check uses it for its mini backfills.
 dataset's production audit chain (who, the decision hash, the approval it relied on, the run), the
 rollout log's `promoted` / `partially_promoted` entry (actor and `promotedBy`), and the production
 run's metadata in the catalog. A promotion the gate refuses is logged with who asked.
+
+`repair_approval` is the gate of a repair (the health check's mini backfill, the production asset
+over a promoted rollout): the chain must say the rollout is promoted (and not rolled back since),
+and the approval in force must be an approval.
 """
 
 from __future__ import annotations
@@ -34,19 +44,17 @@ from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
+from pcbo_dagster.core.rollout_lifecycle import PROMOTED, ROLLOUT_PROMOTED, SOAKING, row_disagreements
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
-from pcbo_dagster.engine.events import PRODUCER, chain_key
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_reading import read_partition
-from pcbo_dagster.engine.transparency_log import publish
-from pcbo_dagster.rollout.approvals import decision_in_force, rollout_subject
+from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
-from pcbo_dagster.rollout.soak import soak_status
+from pcbo_dagster.rollout.lifecycle import append_event, production_chain, read_lifecycle
+from pcbo_dagster.rollout.soak import soak_verdict
 from pcbo_dagster.tables.iceberg_publication import promotion_target
-
-ROLLOUT_PROMOTED = "rollout_promoted"
 
 
 def production_run_id(rollout: str, attempt: str | None = None) -> str:
@@ -71,19 +79,34 @@ def promotion_gate(
     """`{"open": bool, "reasons": [...], ...}` for rollout `name`; see the module doc."""
     rollout = envs.store.require(name)
     reasons: list[str] = []
-    gate: dict[str, Any] = {
-        "rollout": name,
-        "status": rollout["status"],
-        "stagedDecisionHash": rollout["decision_hash"],
-    }
-    if rollout["status"] != "soaking":
+    gate: dict[str, Any] = {"rollout": name, "status": rollout["status"], "stagedDecisionHash": None}
+    try:
+        events = production_chain(envs, rollout)
+    except IntegrityError as exc:
+        reasons.append(f"nothing on the production audit chain can be trusted: {exc}")
+        return {**gate, "open": False, "reasons": reasons}
+    life = read_lifecycle(envs, rollout, events)
+    gate.update(chainStatus=life.status, stagedDecisionHash=life.decision_hash)
+    if rollout["status"] != "soaking" or life.status != SOAKING:
+        status = rollout["status"] if rollout["status"] != "soaking" else (life.status or "not staged")
         reasons.append(
-            f"status is {rollout['status']}"
+            f"status is {status}"
             + (
                 ": already in production"
-                if rollout["status"] == "promoted"
+                if status == PROMOTED
                 else ": not halted for review after a staging apply"
             )
+            + (
+                f" (the production audit chain says {life.status or 'not staged'}, the catalog soaking)"
+                if rollout["status"] == "soaking"
+                else ""
+            )
+        )
+        return {**gate, "open": False, "reasons": reasons}
+    disagree = row_disagreements(life, rollout)
+    if disagree:
+        reasons.append(
+            "the catalog's rollout row disagrees with the production audit chain: " + "; ".join(disagree[:3])
         )
         return {**gate, "open": False, "reasons": reasons}
     bad: list[str] = []
@@ -99,15 +122,11 @@ def promotion_gate(
         bad.append(f"{key}: failed asset check(s) {', '.join(sorted(checks))}")
     if bad:
         reasons.append(f"staging checks failed for {len(bad)} partition(s): " + "; ".join(bad[:5]))
-    soak = soak_status(envs.store, rollout, clock.now())
+    soak = soak_verdict(life, clock.now())
     gate["soak"] = {"state": soak["state"], "reason": soak["reason"]}
     if soak["state"] != "passed":
         reasons.append(f"soak {soak['state']}: {soak['reason']}")
-    try:
-        approval = decision_in_force(envs, rollout)
-    except IntegrityError as exc:
-        reasons.append(f"no approval can be trusted: {exc}")
-        return {**gate, "open": False, "reasons": reasons}
+    approval = decision_in_force(envs, rollout, events)
     if approval is None:
         reasons.append(
             f"no signed approval yet: `pcbo approve {name} --key FILE --reason TEXT` (a listed approver's "
@@ -135,6 +154,24 @@ def promotion_gate(
                     "apply again and approve the new decisions"
                 )
     return {**gate, "open": not reasons, "reasons": reasons}
+
+
+def repair_approval(envs: RolloutEnvironments, rollout: RolloutRow) -> dict[str, Any]:
+    """The approval in force under which partitions of the promoted `rollout` may be written again (a
+    repair, at its decision hash); `InvalidInput` when the production chain does not say the rollout
+    is promoted (a catalog row saying so opens nothing) or no approval is in force."""
+    events = production_chain(envs, rollout)
+    life = read_lifecycle(envs, rollout, events)
+    if life.status != PROMOTED:
+        raise InvalidInput(
+            "rollout",
+            f"rollout {rollout['name']!r} is {life.status or 'not staged'} by the production audit chain, "
+            "not promoted: only a promoted rollout's partitions are repaired",
+        )
+    approval = decision_in_force(envs, rollout, events)
+    if approval is None or approval["decision"] != "approved":
+        raise InvalidInput("rollout", f"rollout {rollout['name']!r} has no approval in force")
+    return approval
 
 
 def promote_keys(
@@ -222,11 +259,11 @@ def promote_rollout(
         by=by,
     )
     complete = keys is None or set(keys) >= set(rollout["partition_keys"])
-    event = envs.production.audit.append(
-        chain_key(rollout["dataset"], rollout["version_label"]),
+    event = append_event(
+        envs,
+        rollout,
         ROLLOUT_PROMOTED,
         {
-            "rollout": rollout_subject(rollout),
             "by": by,
             "decision_hash": document["decisionHash"],
             "approved_by": approval["actor"],
@@ -234,10 +271,8 @@ def promote_rollout(
             "run_id": document["runId"],
             "partition_keys": sorted(pd["key"] for pd in document["partitions"]),
             "complete": complete,
-            "producer": PRODUCER,
         },
     )
-    publish(envs.production, chain_key(rollout["dataset"], rollout["version_label"]))
     detail = {
         "runId": document["runId"],
         "decisionHash": document["decisionHash"],

@@ -31,7 +31,10 @@ dataset version whose keys the range touches. Rollout status: when a request und
 rollout wrote and the stage no longer holds any of that rollout's versions as current, the rollout
 becomes `rolled_back` - after a production rollback always; after a staging rollback only when the
 rollout is not `promoted` and production holds none of its versions (a rollout never promoted). The
-status change is that rollout's `rolled_back` log entry (`set_status` logs it, with the same detail).
+status change is a `rollout_rolled_back` event on the dataset version's production audit chain
+(whichever stage was rolled back: the gate reads it there, and a rolled-back rollout is never
+promoted again), then that rollout's `rolled_back` log entry (`set_status` logs it, with the same
+detail).
 
 Bad input raises `InvalidInput`: an unknown stage (`stage`), neither or both of rollout and keys
 (`rollout`), an unknown rollout or one of another dataset version (`rollout`), keys that are not the
@@ -53,6 +56,7 @@ from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.rollback import rollback
 from pcbo_dagster.rollout.environments import PRODUCTION, STAGES, STAGING, RolloutEnvironments
+from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_rolled_back
 
 DOCUMENT_KIND = "pcbo.rollout_rollback/1"
 LOG_KIND = "rolled_back"
@@ -148,12 +152,15 @@ def _holds(
 def _new_status(
     envs: RolloutEnvironments, dataset: DatasetConfig, rollout: RolloutRow, stage: str, names: list
 ) -> str | None:
-    """`rolled_back` when the request leaves the rollout without a current version (see module doc)."""
-    if rollout["status"] == ROLLED_BACK or _holds(envs, dataset, rollout, stage, names):
+    """`rolled_back` when the request leaves the rollout without a current version (see module doc).
+    Its status is the production chain's when the chain has one (the catalog's row alone could hide a
+    rollback from the chain)."""
+    status = read_lifecycle(envs, rollout).status or rollout["status"]
+    if status == ROLLED_BACK or _holds(envs, dataset, rollout, stage, names):
         return None
     if stage == PRODUCTION:
         return ROLLED_BACK
-    if rollout["status"] == "promoted" or _holds(envs, dataset, rollout, PRODUCTION, names):
+    if status == "promoted" or _holds(envs, dataset, rollout, PRODUCTION, names):
         return None
     return ROLLED_BACK
 
@@ -167,10 +174,11 @@ def _record(
     actor: str,
     now: datetime,
 ) -> str | None:
-    """The `rolled_back` log entry of `name` (through `set_status` when its status changes)."""
+    """The `rolled_back` log entry of `name`; when its status changes, `rollout_rolled_back` on the
+    production audit chain first (what the gate reads), then the status and the entry."""
     if rollout is not None and new_status is not None:
         entry = {**detail, "statusWas": rollout["status"], "status": new_status}
-        envs.store.set_status(name, new_status, actor=actor, detail=entry, now=now)
+        record_rolled_back(envs, name, by=actor, now=now, detail=entry)
         return new_status
     envs.store.log(name, LOG_KIND, detail, actor=actor, now=now)
     return None

@@ -1,8 +1,10 @@
 """The soak: a rollout's staging output watched for a while before it may be promoted.
 
 Each soak evaluation re-reads the rollout's staging output (the committed partitions of the staging
-lake for the rollout's dataset, version and keys) and checks it, then records the result in the
-production catalog (`soak_evaluations`, append-only):
+lake for the rollout's dataset, version and keys) and checks it, then records the result on the
+dataset version's production audit chain (`rollout_soak_evaluated`: the verdict, the moment, each
+check's verdict and message, the digest of the detail) and in the production catalog
+(`soak_evaluations`, append-only, a listing: `rollout/lifecycle.py`):
 
 - `policy_violations`: no row of the output breaks the dataset's policies (consent, jurisdictions,
   retention, existing target ids; `engine.partition_checks.policy_violations`, as the Dagster
@@ -20,32 +22,37 @@ partitions with findings (at most `MAX_FINDINGS` findings each, and their `count
 detail also holds `decision_hash` (the staging apply's) and `decision_hash_now` (the source evaluated
 now): a changed source shows there even when the ids it decides did not change.
 
-`soak_status` turns the evaluations into a state: `not_started` (not staged yet), `soaking`,
-`passed` (the window is over, an evaluation was made at or after its end, and every evaluation since
-staging passed) or `failed` (any evaluation since staging failed). Nothing here reads the wall
-clock: every function takes `now`.
+`soak_verdict` turns what the production chain says (`core/rollout_lifecycle.py`: the
+`rollout_staged` event's time and window, the `rollout_soak_evaluated` events since staging) into a
+state: `not_started` (not staged yet), `soaking`, `passed` (the window is over, an evaluation was
+made at or after its end, and every evaluation since staging passed) or `failed` (any evaluation
+since staging failed, for good). The catalog's `rollouts` and `soak_evaluations` rows count for
+nothing there: they are listings (the report). Nothing here reads the wall clock: every function
+takes `now`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 
-from pcbo_dagster.catalog.rollouts import RolloutRow, RolloutStore, open_rollout_store
+from pcbo_dagster.catalog.rollouts import RolloutRow, open_rollout_store
 from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import InvalidInput, PcboError
-from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.instants import format_datetime, format_instant, parse_instant, to_micros
 from pcbo_dagster.core.plan import NormalizedPolicies
+from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_checks import policy_violations
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
+from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_soak_evaluation
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 
 POLICY_VIOLATIONS = "policy_violations"
@@ -78,8 +85,8 @@ def evaluate_soak(
     rollout: RolloutRow,
     now: datetime,
 ) -> dict[str, Any]:
-    """Evaluate the rollout's staging output once, record it (`soak_evaluations`) and return the record
-    (`{rollout, passed, detail, evaluated_at}`)."""
+    """Evaluate the rollout's staging output once, record it (on the production chain, then in
+    `soak_evaluations`) and return the record (`{rollout, passed, detail, evaluated_at}`)."""
     if rollout["dataset"] != dataset.name:
         raise ValueError(f"rollout {rollout['name']!r} is of {rollout['dataset']!r}, not {dataset.name!r}")
     keys = list(rollout["partition_keys"])
@@ -112,7 +119,7 @@ def evaluate_soak(
         "checks": checks,
         "failed_checks": failed,
     }
-    return envs.store.record_soak_evaluation(rollout["name"], not failed, detail, now=now)
+    return record_soak_evaluation(envs, rollout, not failed, detail, now)
 
 
 def _decisions_now(
@@ -291,61 +298,77 @@ def _metric_check(metric: Any, readings: dict[str, PartitionReading]) -> dict[st
 # --- the state of a soak ---------------------------------------------------------------------------
 
 
-def soak_status(store: RolloutStore, rollout: RolloutRow, now: datetime) -> dict[str, Any]:
-    """The rollout's soak state at `now`, from its evaluations since it was staged (up to `now`):
-    `{state, reason, staged_at, window_ends_at, evaluations, failed_evaluations, last_evaluated_at,
-    as_of}` (moments as ISO text, evaluations as counts)."""
-    now = _utc(now)
-    staged_at = rollout.get("staged_at")
+def soak_status(envs: RolloutEnvironments, rollout: RolloutRow, now: datetime) -> dict[str, Any]:
+    """The rollout's soak state at `now` by its verified production chain (`soak_verdict`);
+    `IntegrityError` when that chain does not verify."""
+    return soak_verdict(read_lifecycle(envs, rollout), now)
+
+
+def soak_verdict(life: Lifecycle, now: datetime) -> dict[str, Any]:
+    """The soak state at `now` of what the production chain says of a rollout (module doc), from its
+    evaluations since it was staged, up to `now`: `{state, reason, staged_at, window_seconds,
+    window_ends_at, evaluations, failed_evaluations, last_evaluated_at, as_of}` (moments as ISO text,
+    evaluations as counts)."""
+    now_us = to_micros(_utc(now))
+    staged = life.staged
+    staged_us = None if staged is None else parse_instant(staged.get("staged_at"))
+    window = None if staged is None else staged.get("soak_window_seconds")
     status: dict[str, Any] = {
-        "rollout": rollout["name"],
-        "as_of": iso(now),
-        "staged_at": iso(staged_at),
-        "window_seconds": rollout["soak_window_seconds"],
+        "rollout": life.name,
+        "as_of": format_instant(now_us),
+        "staged_at": None if staged_us is None else format_instant(staged_us),
+        "window_seconds": window,
         "window_ends_at": None,
         "evaluations": 0,
         "failed_evaluations": 0,
         "last_evaluated_at": None,
     }
-    if staged_at is None:
-        return {**status, "state": "not_started", "reason": "the staging apply has not finished yet"}
-    staged_at = _utc(staged_at)
-    window_end = staged_at + timedelta(seconds=rollout["soak_window_seconds"])
-    evaluations = [
-        e for e in store.soak_evaluations(rollout["name"]) if staged_at <= _utc(e["evaluated_at"]) <= now
-    ]
-    failed = [e for e in evaluations if not e["passed"]]
+    if staged_us is None or not isinstance(window, int) or isinstance(window, bool):
+        return {
+            **status,
+            "state": "not_started",
+            "reason": "the staging apply has not finished yet (no rollout_staged event on the production "
+            "audit chain)",
+        }
+    end_us = staged_us + window * 1_000_000
+    timed = [(parse_instant(e.get("evaluated_at")), e) for e in life.evaluations]
+    evaluations = [(at, e) for at, e in timed if at is not None and at <= now_us]
+    failed = [(at, e) for at, e in evaluations if e.get("passed") is not True]
     status.update(
-        window_ends_at=iso(window_end),
+        window_ends_at=format_instant(end_us),
         evaluations=len(evaluations),
         failed_evaluations=len(failed),
-        last_evaluated_at=iso(evaluations[-1]["evaluated_at"]) if evaluations else None,
+        last_evaluated_at=format_instant(evaluations[-1][0]) if evaluations else None,
     )
     if failed:
-        first = failed[0]
-        reason = f"the evaluation at {iso(first['evaluated_at'])} failed: {failure_text(first['detail'])}"
+        at, first = failed[0]
+        reason = f"the evaluation at {format_instant(at)} failed: {failure_text(first)}"
         if len(failed) > 1:
             reason += f" ({len(failed)} of {len(evaluations)} evaluations failed)"
         return {**status, "state": "failed", "reason": reason}
-    after_end = [e for e in evaluations if _utc(e["evaluated_at"]) >= window_end]
-    if now >= window_end and after_end:
+    after_end = [at for at, _ in evaluations if at >= end_us]
+    if now_us >= end_us and after_end:
         return {
             **status,
             "state": "passed",
-            "reason": f"the window ended at {iso(window_end)}; all {len(evaluations)} evaluation(s) passed",
+            "reason": f"the window ended at {format_instant(end_us)}; all {len(evaluations)} evaluation(s) "
+            "passed",
         }
-    if now >= window_end:
+    if now_us >= end_us:
         reason = (
-            f"the window ended at {iso(window_end)}; waiting for an evaluation at or after it "
+            f"the window ended at {format_instant(end_us)}; waiting for an evaluation at or after it "
             f"({len(evaluations)} so far, all passing)"
         )
     else:
-        reason = f"window ends at {iso(window_end)}, {len(evaluations)} evaluation(s) so far, all passing"
+        reason = (
+            f"window ends at {format_instant(end_us)}, {len(evaluations)} evaluation(s) so far, all passing"
+        )
     return {**status, "state": "soaking", "reason": reason}
 
 
 def failure_text(detail: dict[str, Any]) -> str:
-    """The failed checks of an evaluation and why, in one line."""
+    """The failed checks of an evaluation (its detail, or its `rollout_soak_evaluated` event) and why,
+    in one line."""
     checks = detail.get("checks", {})
     failed = detail.get("failed_checks") or [n for n, c in checks.items() if not c.get("passed")]
     return (
@@ -401,8 +424,8 @@ def write_soak_report(
         },
         "decision_hash": rollout.get("decision_hash"),
         "staging_run_id": rollout.get("staging_run_id"),
-        "staged_at": iso(rollout.get("staged_at")),
-        "soak_window_seconds": rollout["soak_window_seconds"],
+        "staged_at": status.get("staged_at"),  # the chain's (the status's), not the catalog row's
+        "soak_window_seconds": status.get("window_seconds"),
         "status": status,
         "evaluations": summaries,
         "latest_evaluation": None if not evaluations else _jsonable(evaluations[-1]),
@@ -415,8 +438,9 @@ def write_soak_report(
         f"- Dataset: `{rollout['dataset']}/{rollout['version_label']}`, "
         f"{len(keys)} partition(s) {keys[0] if keys else ''} .. {keys[-1] if keys else ''}",
         f"- Staging run: `{rollout.get('staging_run_id')}`, decision hash `{rollout.get('decision_hash')}`",
-        f"- Staged at: {iso(rollout.get('staged_at')) or 'not yet'}; soak window "
-        f"{rollout['soak_window_seconds']} s, ends at {status.get('window_ends_at') or '-'}",
+        f"- Staged at: {status.get('staged_at') or 'not yet'}; soak window "
+        f"{status.get('window_seconds') if status.get('window_seconds') is not None else '-'} s, "
+        f"ends at {status.get('window_ends_at') or '-'}",
         f"- State: **{status.get('state')}** ({status.get('reason')})",
         "",
         f"## Evaluations ({len(summaries)})",
@@ -522,8 +546,12 @@ def _monitor_one(
     now: datetime,
 ) -> dict[str, Any]:
     try:
+        life = read_lifecycle(envs, rollout)
+        if life.status != SOAKING:
+            chain_says = life.status or "not staged"
+            return _skipped(rollout, f"the production audit chain says {chain_says}, not soaking")
         evaluation = evaluate_soak(config, dataset, envs, rollout, now)
-        status = soak_status(envs.store, rollout, now)
+        status = soak_status(envs, rollout, now)
         report = write_soak_report(
             envs.production.settings, rollout, envs.store.soak_evaluations(rollout["name"]), status
         )

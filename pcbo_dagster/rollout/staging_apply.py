@@ -12,10 +12,15 @@ partition it:
    requested during a long wait takes effect promptly.
 
 Each wait and each partition is logged. When every partition is committed the rollout halts for
-review (status `soaking`, `staged_at` set: the soak window starts) and the backfill summary is written
+review: `rollout_staged` on the production audit chain (the decision and plan hashes, the moment and
+the soak window: what the gate reads), then status `soaking`, `staged_at` set in the catalog (the
+soak window starts; `rollout/lifecycle.py`), and the backfill summary is written
 (`backfill_summary.json` / `.md`): what was added and omitted, by reason, per partition, with the
 run's plan and decision hashes and each partition's Merkle root, manifest checksum and audit event
-hash. Applying a rollout again after that writes nothing new (the engine finds identical content).
+hash. Applying a rollout again after that writes nothing new (the engine finds identical content). A
+cancelled apply is `rollout_cancelled` on the chain, then `cancelled` in the catalog. A rollout the
+production chain says was promoted, rolled back or cancelled is never applied again, whatever its
+catalog row says.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from typing import Any
 from pcbo_dagster.core.decisions import REASONS, PartitionDecision
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.partition_keys import short_key
+from pcbo_dagster.core.rollout_lifecycle import FINAL
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
+from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_cancelled, record_staged
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 from pcbo_dagster.rollout.throttle import Throttle
 from pcbo_dagster.tables.iceberg_publication import staging_target
@@ -90,6 +97,13 @@ def apply_to_staging(
     if rollout["status"] not in ("applying", "paused", "interrupted"):
         log(f"rollout {name}: already applied to staging (status {rollout['status']}); nothing to do")
         return {"status": rollout["status"], "rollout": name, "applied": False}
+    chain_says = read_lifecycle(envs, rollout).status
+    if chain_says in FINAL:
+        raise InvalidInput(
+            "rollout",
+            f"the production audit chain says rollout {name!r} is {chain_says} (the catalog: "
+            f"{rollout['status']}): it is never applied again; start a new rollout",
+        )
     if rollout["status"] == "interrupted":
         # The engine completes what the interrupted run left half done and skips what it committed.
         store.set_status(name, "applying", actor=actor, now=clock.now(), detail={"resumed": "interrupted"})
@@ -115,10 +129,10 @@ def apply_to_staging(
     document["counts"] = {pd.partition.key: pd.counts for pd in decisions.partitions}
     document["throttle"] = {"describe": limiter.describe(), "waitedSeconds": round(pacing.waited_seconds, 3)}
     if document["status"] == "stopped":
-        store.set_status(
+        record_cancelled(
+            envs,
             name,
-            "cancelled",
-            actor=pacing.cancelled_by,
+            by=pacing.cancelled_by,
             now=clock.now(),
             detail={
                 "committed": document["totals"]["committed"],
@@ -135,15 +149,14 @@ def apply_to_staging(
             "execute": document,
         }
     staged_at = clock.now()
-    store.set_status(
+    record_staged(
+        envs,
         name,
-        "soaking",
-        now=staged_at,
-        detail={"decisionHash": decisions.decision_hash, "planHash": plan.plan_hash, "runId": run_id},
-        plan_hash=plan.plan_hash,
         decision_hash=decisions.decision_hash,
+        plan_hash=plan.plan_hash,
         staging_run_id=run_id,
         staged_at=staged_at,
+        by=actor,
     )
     summary = write_backfill_summary(envs, name, dataset, decisions, document, pacing, final="soaking")
     log(

@@ -22,12 +22,11 @@ import dagster as dg
 from pydantic import Field
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
-from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.backfill.steps import engine_errors, log_execution, partition_metadata
 from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
-from pcbo_dagster.rollout import approvals, operations, promotion
+from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import Clock
 
 STAGING_PREFIX = "staging"
@@ -182,9 +181,7 @@ def _repair(
 ) -> dict:
     """Re-write partitions of a promoted rollout at its approved decision hash (a repair)."""
     with operations.dataset_environments(config, dataset, base) as envs:
-        approval = approvals.decision_in_force(envs, rollout)
-        if approval is None or approval["decision"] != "approved":
-            raise InvalidInput("rollout", f"rollout {rollout['name']} has no approval in force")
+        approval = promotion.repair_approval(envs, rollout)  # promoted by the production chain
         return promotion.promote_keys(
             config,
             dataset,

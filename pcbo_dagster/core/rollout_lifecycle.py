@@ -1,0 +1,193 @@
+"""A rollout's lifecycle as its dataset version's production audit chain tells it (pure: events in).
+
+The promotion gate trusts only what is on that chain (and signed): the catalog's `rollouts` and
+`soak_evaluations` rows are listings anyone who can write the catalog can edit. So every step the
+gate decides on is an event of the production chain, appended before the catalog row, each naming
+the rollout (`rollout`: `rollout_subject`):
+
+- `rollout_staged`: the staging apply finished (`decision_hash`, `plan_hash`, `staged_at`,
+  `soak_window_seconds`, `by`); the rollout is halted for review and its soak window starts;
+- `rollout_soak_evaluated`: one soak evaluation (`passed`, `evaluated_at`, `failed_checks`, each
+  check's `passed` and `message`, the staged and current decision hashes and `detail_digest`, the
+  digest of the evaluation's whole detail as the catalog's `soak_evaluations` row holds it);
+- `rollout_cancelled`, `rollout_rolled_back` (`stage`, `by`, `reason`, `rollback_id`), and
+  `rollout_promoted` (`complete`: every partition) and the signed `rollout_approved` /
+  `rollout_rejected` (`rollout/approvals.py`).
+
+`lifecycle` folds them in chain order: nothing yet (`status` None) → `soaking` (staged) →
+`promoted` (a complete promotion) / `rolled_back` / `cancelled`. The last three are final (only a
+rollback still moves a promoted or cancelled rollout to `rolled_back`): a later `rollout_staged`,
+soak evaluation or promotion changes nothing (it is counted in `ignored`). A second
+`rollout_staged` while soaking (a staging apply run again after a crash between the chain and the
+catalog) names the staged decisions and the window from then on; soak evaluations are those after
+the first `rollout_staged`, so a failure is never undone by staging again. Moments are the rollout
+clock's, as ISO text (`format_datetime`).
+
+`row_disagreements` and `soak_row_disagreements` say where the catalog's rows differ from the
+chain: the gate stays closed on any, and `pcbo verify` reports them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pcbo_dagster.core.canonical import digest_of
+from pcbo_dagster.core.instants import format_datetime
+
+ROLLOUT_STAGED = "rollout_staged"
+ROLLOUT_SOAK_EVALUATED = "rollout_soak_evaluated"
+ROLLOUT_CANCELLED = "rollout_cancelled"
+ROLLOUT_ROLLED_BACK = "rollout_rolled_back"
+ROLLOUT_PROMOTED = "rollout_promoted"
+LIFECYCLE_EVENTS = (
+    ROLLOUT_STAGED,
+    ROLLOUT_SOAK_EVALUATED,
+    ROLLOUT_CANCELLED,
+    ROLLOUT_ROLLED_BACK,
+    ROLLOUT_PROMOTED,
+)
+SOAKING, PROMOTED, ROLLED_BACK, CANCELLED = "soaking", "promoted", "rolled_back", "cancelled"
+FINAL = (PROMOTED, ROLLED_BACK, CANCELLED)
+#: The catalog statuses of a rollout the chain has not seen staged (its staging apply under way).
+NOT_STAGED = ("applying", "paused", "interrupted")
+
+
+def rollout_subject(rollout: Mapping[str, Any]) -> dict[str, Any]:
+    """The rollout as the audit events about it (lifecycle, approval, promotion) name it."""
+    return {
+        "name": rollout["name"],
+        "dataset": rollout["dataset"],
+        "version_label": rollout["version_label"],
+        "first_key": rollout["first_key"],
+        "last_key": rollout["last_key"],
+        "partition_count": len(rollout["partition_keys"]),
+        "staging_run_id": rollout["staging_run_id"],
+    }
+
+
+def of_rollout(event: Mapping[str, Any], name: str) -> bool:
+    """Whether `event` is about rollout `name` (its `rollout` subject names it)."""
+    body = event.get("rollout")
+    return isinstance(body, Mapping) and body.get("name") == name
+
+
+def detail_digest(detail: Any) -> str:
+    """The digest a `rollout_soak_evaluated` event carries of the evaluation's detail."""
+    return digest_of(detail)
+
+
+@dataclass
+class Lifecycle:
+    """What the production chain says of one rollout (module doc)."""
+
+    name: str
+    status: str | None = None
+    #: The `rollout_staged` event in force (the latest while soaking), or None.
+    staged: dict[str, Any] | None = None
+    #: Every `rollout_soak_evaluated` event since the first `rollout_staged`, in chain order.
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    #: Every `rollout_soak_evaluated` event of the rollout on the chain (what catalog rows must match).
+    all_evaluations: list[dict[str, Any]] = field(default_factory=list)
+    #: Lifecycle events that changed nothing (after a final state, or out of order).
+    ignored: int = 0
+
+    @property
+    def decision_hash(self) -> str | None:
+        """The decision hash the rollout staged, by the chain."""
+        return None if self.staged is None else self.staged.get("decision_hash")
+
+
+def lifecycle(events: Iterable[Mapping[str, Any]], name: str) -> Lifecycle:
+    """Fold the rollout's lifecycle events of a (verified) production chain, in chain order."""
+    life = Lifecycle(name)
+    for event in events:
+        kind = event.get("event_type")
+        if kind not in LIFECYCLE_EVENTS or not of_rollout(event, name):
+            continue
+        if kind == ROLLOUT_SOAK_EVALUATED:
+            life.all_evaluations.append(dict(event))
+        if kind == ROLLOUT_ROLLED_BACK and life.status != ROLLED_BACK:
+            life.status = ROLLED_BACK  # a promoted or cancelled rollout can still be rolled back
+        elif life.status in FINAL:
+            life.ignored += 1
+        elif kind == ROLLOUT_STAGED:
+            life.status, life.staged = SOAKING, dict(event)
+        elif kind == ROLLOUT_SOAK_EVALUATED and life.status == SOAKING:
+            life.evaluations.append(dict(event))
+        elif kind == ROLLOUT_CANCELLED:
+            life.status = CANCELLED
+        elif kind == ROLLOUT_PROMOTED and life.status == SOAKING:
+            if event.get("complete") is True:
+                life.status = PROMOTED
+        else:
+            life.ignored += 1
+    return life
+
+
+def _moment(value: datetime | None) -> str | None:
+    return None if value is None else format_datetime(value)
+
+
+def row_disagreements(life: Lifecycle, row: Mapping[str, Any]) -> list[str]:
+    """Where the catalog's `rollouts` row differs from what the chain says (empty: they agree)."""
+    found: list[str] = []
+    status = row.get("status")
+    if life.status is None:
+        if status not in NOT_STAGED:
+            found.append(f"the catalog says {status}; the production audit chain has no rollout_staged event")
+        elif row.get("staged_at") is not None or row.get("decision_hash") is not None:
+            found.append("the catalog holds staged decisions; the production audit chain has none")
+        return found
+    if status != life.status:
+        found.append(f"the catalog says {status}; the production audit chain says {life.status}")
+    staged = life.staged
+    if staged is None:  # cancelled or rolled back before it was ever staged
+        return found
+    expected = {
+        "decision hash": staged.get("decision_hash"),
+        "plan hash": staged.get("plan_hash"),
+        "staged at": staged.get("staged_at"),
+        "soak window (s)": staged.get("soak_window_seconds"),
+    }
+    actual = {
+        "decision hash": row.get("decision_hash"),
+        "plan hash": row.get("plan_hash"),
+        "staged at": _moment(row.get("staged_at")),
+        "soak window (s)": row.get("soak_window_seconds"),
+    }
+    for what, value in expected.items():
+        if actual[what] != value:
+            found.append(f"{what}: the catalog says {actual[what]}, the production audit chain {value}")
+    try:
+        subject = rollout_subject(row)
+    except (KeyError, TypeError):
+        subject = None
+    if subject != staged.get("rollout"):
+        found.append("the rollout's dataset, range or staging run differ from its rollout_staged event")
+    return found
+
+
+def soak_row_disagreements(life: Lifecycle, rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The catalog's `soak_evaluations` rows of the rollout that no `rollout_soak_evaluated` event of
+    the chain records (same moment, verdict and detail digest), one line each."""
+    on_chain = Counter(
+        (e.get("evaluated_at"), e.get("passed"), e.get("detail_digest")) for e in life.all_evaluations
+    )
+    found = []
+    for row in rows:
+        moment = _moment(row.get("evaluated_at"))
+        try:
+            digest: str | None = detail_digest(row.get("detail"))
+        except (TypeError, ValueError):
+            digest = None
+        key = (moment, bool(row.get("passed")), digest)
+        if on_chain[key] > 0:
+            on_chain[key] -= 1
+        else:
+            verdict = "passed" if row.get("passed") else "failed"
+            found.append(f"the evaluation at {moment} ({verdict}) is not on the production audit chain")
+    return found

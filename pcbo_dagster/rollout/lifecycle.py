@@ -1,0 +1,177 @@
+"""A rollout's lifecycle on its dataset version's production audit chain: read it, verified, and record
+each step there first (the events and their fold: `core/rollout_lifecycle.py`).
+
+`production_chain` is the one reader every gate uses (the approvals, the soak, the promotion gate,
+the repairs): the whole chain from the audit backup, which must verify (`IntegrityError` if not).
+The `record_*` functions append the step's event to that chain (and publish its checkpoint), then
+write the catalog (the `rollouts` row, its log, `soak_evaluations`): a crash in between leaves the
+chain ahead of the catalog, which `pcbo verify` reports and the gate never takes for more than the
+chain says.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from pcbo_dagster.catalog.rollouts import RolloutRow
+from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.core.errors import IntegrityError
+from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.core.rollout_lifecycle import (
+    ROLLOUT_CANCELLED,
+    ROLLOUT_ROLLED_BACK,
+    ROLLOUT_SOAK_EVALUATED,
+    ROLLOUT_STAGED,
+    Lifecycle,
+    detail_digest,
+    lifecycle,
+    rollout_subject,
+)
+from pcbo_dagster.engine.events import PRODUCER, chain_key
+from pcbo_dagster.engine.transparency_log import publish
+from pcbo_dagster.rollout.environments import RolloutEnvironments
+
+
+def production_chain(envs: RolloutEnvironments, rollout: RolloutRow) -> list[dict[str, Any]]:
+    """Every event of the rollout's dataset version's production audit chain; `IntegrityError` when
+    that chain does not verify (then nothing on it can be trusted)."""
+    ckey = chain_key(rollout["dataset"], rollout["version_label"])
+    events, problems = envs.production.audit.backup.read_chain_with_problems(ckey)
+    findings = problems + verify_chain(events, ckey)
+    if findings:
+        raise IntegrityError(f"the production audit chain {ckey} does not verify: {'; '.join(findings[:3])}")
+    return events
+
+
+def read_lifecycle(
+    envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]] | None = None
+) -> Lifecycle:
+    """The rollout's lifecycle by the verified production chain (`events`: that chain, already read)."""
+    return lifecycle(production_chain(envs, rollout) if events is None else events, rollout["name"])
+
+
+def append_event(
+    envs: RolloutEnvironments, rollout: RolloutRow, event_type: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """Append an event about `rollout` to its production chain (the subject and producer added) and
+    publish the chain's checkpoint; returns the event."""
+    ckey = chain_key(rollout["dataset"], rollout["version_label"])
+    event = envs.production.audit.append(
+        ckey, event_type, {"rollout": rollout_subject(rollout), **body, "producer": PRODUCER}
+    )
+    publish(envs.production, ckey)
+    return event
+
+
+def record_staged(
+    envs: RolloutEnvironments,
+    name: str,
+    *,
+    decision_hash: str,
+    plan_hash: str,
+    staging_run_id: str,
+    staged_at: datetime,
+    by: str | None = None,
+) -> dict[str, Any]:
+    """The staging apply of `name` finished: `rollout_staged` on the chain, then the row `soaking`."""
+    rollout: RolloutRow = {**envs.store.require(name), "staging_run_id": staging_run_id}
+    event = append_event(
+        envs,
+        rollout,
+        ROLLOUT_STAGED,
+        {
+            "decision_hash": decision_hash,
+            "plan_hash": plan_hash,
+            "staged_at": format_datetime(staged_at),
+            "soak_window_seconds": rollout["soak_window_seconds"],
+            "by": by,
+        },
+    )
+    envs.store.set_status(
+        name,
+        "soaking",
+        now=staged_at,
+        detail={
+            "decisionHash": decision_hash,
+            "planHash": plan_hash,
+            "runId": staging_run_id,
+            "auditEventHash": event["chain"]["event_hash"],
+        },
+        plan_hash=plan_hash,
+        decision_hash=decision_hash,
+        staging_run_id=staging_run_id,
+        staged_at=staged_at,
+    )
+    return event
+
+
+def record_soak_evaluation(
+    envs: RolloutEnvironments, rollout: RolloutRow, passed: bool, detail: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """One soak evaluation: `rollout_soak_evaluated` on the chain (verdict, moment, each check's verdict
+    and message, the digest of the detail), then the `soak_evaluations` row; returns the row's record."""
+    stored = json.loads(compact_text(detail))  # the detail as the catalog gives it back
+    checks = stored.get("checks") or {}
+    append_event(
+        envs,
+        rollout,
+        ROLLOUT_SOAK_EVALUATED,
+        {
+            "passed": bool(passed),
+            "evaluated_at": format_datetime(now),
+            "decision_hash": stored.get("decision_hash"),
+            "decision_hash_now": stored.get("decision_hash_now"),
+            "failed_checks": list(stored.get("failed_checks") or []),
+            "checks": {
+                check: {"passed": bool(c.get("passed")), "message": str(c.get("message", ""))}
+                for check, c in checks.items()
+            },
+            "detail_digest": detail_digest(stored),
+        },
+    )
+    return envs.store.record_soak_evaluation(rollout["name"], passed, detail, now=now)
+
+
+def record_cancelled(
+    envs: RolloutEnvironments, name: str, *, by: str | None, now: datetime, detail: dict[str, Any]
+) -> None:
+    """The staging apply of `name` stopped on a cancel request: `rollout_cancelled`, then the row."""
+    event = append_event(
+        envs, envs.store.require(name), ROLLOUT_CANCELLED, {"by": by, "cancelled_at": format_datetime(now)}
+    )
+    envs.store.set_status(
+        name,
+        "cancelled",
+        actor=by,
+        now=now,
+        detail={**detail, "auditEventHash": event["chain"]["event_hash"]},
+    )
+
+
+def record_rolled_back(
+    envs: RolloutEnvironments, name: str, *, by: str, now: datetime, detail: dict[str, Any]
+) -> None:
+    """A rollback left `name` without a current version: `rollout_rolled_back` (stage, who, why, the
+    rollback id), then the row `rolled_back` (its log entry holds `detail`)."""
+    event = append_event(
+        envs,
+        envs.store.require(name),
+        ROLLOUT_ROLLED_BACK,
+        {
+            "stage": detail.get("stage"),
+            "by": by,
+            "reason": detail.get("reason"),
+            "rollback_id": detail.get("rollbackId"),
+            "rolled_back_at": format_datetime(now),
+        },
+    )
+    envs.store.set_status(
+        name,
+        "rolled_back",
+        actor=by,
+        now=now,
+        detail={**detail, "auditEventHash": event["chain"]["event_hash"]},
+    )
