@@ -276,6 +276,63 @@ def test_the_catalogs_publication_row_cannot_switch_the_table_checks_off(tmp_pat
             assert db.execute("SELECT table_name FROM table_publications").fetchall() == [("lake.events",)]
 
 
+def test_a_catalog_row_the_chain_never_declared_makes_no_target(tmp_path: Path) -> None:
+    """The red-team attack: a dataset version whose chain declares no table; someone who can write the
+    catalog inserts a `table_publications` row naming their own catalog. The next run (no `table` in its
+    request) publishes nowhere and declares nothing; `verify` reports the row."""
+    home = tmp_path / "home"
+    plain = _request("p1")
+    del plain["table"]
+    assert run_pcbo(["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home).status == 0
+    evil = tmp_path / "attacker" / "evil.db"
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute(
+            "INSERT INTO table_publications (dataset, version_label, branch, table_format, catalog_url, "
+            "table_name, recorded_at) VALUES ('events', 'v1', 'main', 'iceberg', ?, 'evil.loot', "
+            "'2026-01-01 00:00:00')",
+            (f"sqlite:///{evil}",),
+        )
+    again = _request("p2", existing=_ids(_manifest_rows(home))[:1])
+    del again["table"]
+    assert run_pcbo(["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home).status == 0
+    assert not evil.exists() and not (tmp_path / "attacker").exists()
+    assert not [e for e in backup_events(home) if e["event_type"] == "table_publication_recorded"]
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    assert "table_publication_not_on_chain" in {f["kind"] for f in verified.document["findings"]}
+
+
+@pytest.mark.parametrize("when", ["before_the_table", "after_the_table"])
+def test_no_table_file_is_written_through_a_warehouse_linked_out_of_the_lake(
+    tmp_path: Path, when: str
+) -> None:
+    """The red-team attack: the lake's `_iceberg` warehouse replaced by a symbolic link to a directory
+    outside the lake (lake write access only). Publication refuses (exit 1, the lake's commits stand)
+    and writes nothing there; `verify` reports the link."""
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    warehouse = lake_dir(home) / "_iceberg"
+    if when == "after_the_table":
+        assert (
+            run_pcbo(
+                ["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home
+            ).status
+            == 0
+        )
+        warehouse.rename(outside)
+    else:
+        outside.mkdir()
+        warehouse.parent.mkdir(parents=True)
+    os.symlink(outside, warehouse)
+    before = sorted(p for p in outside.rglob("*"))
+    changed = _request("b", existing=_ids(_manifest_rows(home))[:1] if when == "after_the_table" else None)
+    result = run_pcbo(["execute", "--input", write_request(tmp_path / "b.json", changed)], home=home)
+    assert result.status == 1, result.stderr
+    assert sorted(p for p in outside.rglob("*")) == before, "a table file was written outside the lake"
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    assert "path_outside_lake" in {f["kind"] for f in verified.document["findings"]}, verified.document
+
+
 def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(tmp_path: Path) -> None:
     home = tmp_path / "home"
     assert (

@@ -71,6 +71,7 @@ from pcbo_dagster.core.instants import to_datetime
 from pcbo_dagster.core.request_model import TableSpec
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 from pcbo_dagster.lake import layout
+from pcbo_dagster.lake.storage import LakeStorage
 
 if TYPE_CHECKING:
     from pyiceberg.catalog import Catalog
@@ -223,15 +224,12 @@ def resolve_target(
     given: TableTarget | None = None,
 ) -> TableTarget | None:
     """Where `dataset/version_label` publishes: `given` (a rollout's staging or promotion target), else
-    the request's `spec`, else what its chain declares (or the catalog recorded); None when it publishes
-    nowhere. A dataset
+    the request's `spec`, else what its chain declares; None when it publishes nowhere. A dataset
     version publishes to one table: naming another is invalid input (nothing written)."""
     branch = given.branch if given is not None else MAIN_BRANCH
+    # Only the chain says where a dataset version publishes: a catalog row alone (which someone who can
+    # write the catalog could add) never makes a target, nor gets declared (verify reports it).
     recorded = declared_publications(env.audit.backup.read_chain(f"{dataset}/{version_label}")).get(branch)
-    if recorded is None:  # (a chain from before declarations were made: the catalog's record)
-        recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}.get(
-            branch
-        )
     target = given if given is not None else (target_for(spec, env) if spec is not None else None)
     if recorded is None:
         if target is not None:
@@ -589,12 +587,18 @@ class Publisher:
         except NoSuchTableError:
             if create_from is None:
                 return None
+            outside = location_findings(self.env, self.target)
+            if outside:  # never create a table's files through a link out of the lake
+                raise PublicationRefused(self.where, outside) from None
             namespace = self.target.name.split(".")[0]
             try:
                 catalog.create_namespace(namespace)
             except NamespaceAlreadyExistsError:
                 pass
             table = self._create(catalog, create_from, expected_now)
+        outside = location_findings(self.env, self.target, table)
+        if outside:
+            raise PublicationRefused(self.where, outside)
         if table.metadata.properties.get(TABLE_CHAIN_KEY) != self.chain_key:
             raise PublicationRefused(
                 self.where,
@@ -983,6 +987,38 @@ def _names(row: TablePublicationRow) -> tuple[str, str, str]:
     return (row["table_format"], row["catalog_url"], row["table_name"])
 
 
+def location_findings(
+    env: Environment, target: TableTarget, table: Table | None = None
+) -> list[dict[str, str]]:
+    """`path_outside_lake` when the table's place in its lake's `_iceberg` warehouse (where its metadata
+    and manifests are written) passes through a symbolic link, or when the loaded `table` of a `main`
+    branch says it lives anywhere else. (A `staging` branch's table is the production lake's, checked
+    there.)"""
+    namespace, _, name = target.name.partition(".")
+    rel = f"{WAREHOUSE_DIR}/{namespace}/{name}"
+    expected = f"{target.warehouse}/{namespace}/{name}"
+    lake_url = target.warehouse.removesuffix(f"/{WAREHOUSE_DIR}")
+    lake = env.lake if lake_url == env.lake.url else LakeStorage(lake_url)
+    if not lake.inside(rel):
+        return [
+            _finding(
+                "path_outside_lake",
+                rel,
+                "the table's location leads outside the lake or through a symbolic link",
+            )
+        ]
+    if table is not None and target.branch == MAIN_BRANCH and table.location().rstrip("/") != expected:
+        return [
+            _finding(
+                "path_outside_lake",
+                rel,
+                f"the table says it lives at {redact_url(table.location())}, "
+                f"not {redact_url(expected)} in the lake",
+            )
+        ]
+    return []
+
+
 # -- verify --------------------------------------------------------------------------------------
 
 
@@ -1036,6 +1072,12 @@ def check_tables(
         try:
             table = open_catalog(target.catalog_url).load_table(target.name)
         except NoSuchTableError:
+            table = None
+        outside = location_findings(env, target, table)
+        if outside:
+            outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in outside]
+            continue
+        if table is None:
             if not expected_files(state, dataset, version_label):
                 continue
             judgement = Judgement("behind", detail="the table does not exist (never created, or dropped)")
