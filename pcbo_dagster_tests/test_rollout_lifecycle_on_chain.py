@@ -1,6 +1,9 @@
 """The promotion gate reads the rollout's lifecycle (staged, soak verdicts, promoted, rolled back) from
 the production audit chain, never from the catalog's `rollouts` / `soak_evaluations` rows, which
-anyone who can write the catalog can edit: such an edit opens nothing, and `verify` reports it."""
+anyone who can write the catalog can edit: such an edit opens nothing, and `verify` reports it. With
+the operator's key (`PCBO_SIGNING_KEY`) the lifecycle events are signed and only signed ones count:
+events appended to the chain by someone who can write the audit backup and the catalog but holds no
+key open nothing, and a signed event appended again counts once."""
 
 from __future__ import annotations
 
@@ -13,19 +16,30 @@ import sqlalchemy as sa
 
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import Blocked, InvalidInput
-from pcbo_dagster.core.rollout_lifecycle import lifecycle
+from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.rollout_lifecycle import (
+    OPERATOR_SIGNATURE,
+    lifecycle,
+    rollout_subject,
+    verified_statement,
+)
+from pcbo_dagster.core.signed_note import signing_key_from_seed
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
+from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.verify import verify
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import ManualClock
-from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
+from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, key_file
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 KEYS = ["20240101T000000Z", "20240101T010000Z"]
+#: The operator's key (`PCBO_SIGNING_KEY`); a test key, its seed is here.
+OPERATOR = signing_key_from_seed("ops.example/operator", bytes([21]) * 32)
+RESERVED = ("version", "event_type", "event_id", "timestamp", "chain")
 
 
-def _config(tmp_path: Path, metric: str = "") -> DatasetsConfig:
+def _config(tmp_path: Path, metric: str = "", soak_minutes: int = 5) -> DatasetsConfig:
     records = [
         {"id": f"r-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n:02d}:00Z", "consentGranted": True}
         for h in range(2)
@@ -41,7 +55,7 @@ datasets:
     policies: {{requireConsent: true, onViolation: omit}}
     rollout:
       throttle: {{}}
-      soak: {{windowMinutes: 5}}
+      soak: {{windowMinutes: {soak_minutes}}}
       {metric}
       {APPROVERS_YAML}
 """
@@ -162,3 +176,145 @@ def test_a_rolled_back_rollout_is_not_reopened_by_its_catalog_status(tmp_path: P
     with pytest.raises(InvalidInput, match="it is never applied again"):
         operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
     assert _production_commits(base) == 0
+
+
+# --- with the operator's key: lifecycle events are signed, and only signed ones count ---------------
+
+
+def _signed_settings(tmp_path: Path) -> Settings:
+    return Settings.resolve(
+        home=str(tmp_path / "home"), env={"PCBO_SIGNING_KEY": str(key_file(tmp_path, OPERATOR))}
+    )
+
+
+def _append(config: DatasetsConfig, base: Settings, *events: tuple[str, dict]) -> None:
+    """What someone who can write the audit backup and the catalog (with pcbo's own audit code, every
+    hash right) but holds no key appends to the production chain."""
+    dataset = config.dataset("sessions")
+    with operations.dataset_environments(config, dataset, base) as envs:
+        for event_type, body in events:
+            envs.production.audit.append("sessions/v1", event_type, body)
+
+
+def _chain(config: DatasetsConfig, base: Settings) -> list[dict]:
+    dataset = config.dataset("sessions")
+    with operations.dataset_environments(config, dataset, base) as envs:
+        return envs.production.audit.backup.read_chain("sessions/v1")
+
+
+def test_forged_lifecycle_events_open_nothing_with_a_signing_key(tmp_path: Path) -> None:
+    config = _config(tmp_path, soak_minutes=1440)
+    base = _signed_settings(tmp_path)
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(60)
+    operations.soak(config, base, clock=clock)  # passing, inside the 24 h window
+    operations.decide(config, base, "r", "approve", key=CY, reason="looks fine so far", clock=clock)
+    assert any(r.startswith("soak soaking: ") for r in _promote(config, base, clock))
+
+    # The attack: a rollout_staged of yesterday with no soak window and a passing evaluation, appended
+    # to the production chain, then the rollouts row edited to match.
+    dataset = config.dataset("sessions")
+    with operations.dataset_environments(config, dataset, base) as envs:
+        row = envs.store.require("r")
+    yesterday = datetime(2026, 1, 4, 8, 0, tzinfo=UTC)
+    _append(
+        config,
+        base,
+        (
+            "rollout_staged",
+            {
+                "rollout": rollout_subject(row),
+                "decision_hash": row["decision_hash"],
+                "plan_hash": row["plan_hash"],
+                "staged_at": format_datetime(yesterday),
+                "soak_window_seconds": 0,
+                "by": "ana",
+                "producer": PRODUCER,
+            },
+        ),
+        (
+            "rollout_soak_evaluated",
+            {
+                "rollout": rollout_subject(row),
+                "passed": True,
+                "evaluated_at": format_datetime(clock.now()),
+                "decision_hash": row["decision_hash"],
+                "decision_hash_now": row["decision_hash"],
+                "failed_checks": [],
+                "checks": {},
+                "detail_digest": "sha256:" + "0" * 64,
+                "producer": PRODUCER,
+            },
+        ),
+    )
+    status = operations.status(config, base, "r", clock=clock)
+    assert status["soak"]["state"] == "soaking" and status["soak"]["window_seconds"] == 86400
+    assert not status["gate"]["open"] and status["gate"]["soak"]["state"] == "soaking"
+    assert any(r.startswith("soak soaking: ") for r in _promote(config, base, clock))
+
+    _catalog(
+        base,
+        (
+            "UPDATE rollouts SET staged_at = :at, soak_window_seconds = 0 WHERE name = 'r'",
+            {"at": yesterday.replace(tzinfo=None)},
+        ),
+    )
+    status = operations.status(config, base, "r", clock=clock)
+    assert status["soak"]["state"] == "soaking"
+    assert not status["gate"]["open"] and status["gate"].get("soak", {}).get("state") != "passed"
+    reasons = _promote(config, base, clock)
+    assert len(reasons) == 1 and "disagrees with the production audit chain" in reasons[0]
+    assert _production_commits(base) == 0
+    kinds = [kind for kind, _ in _findings(config, base)]
+    assert kinds.count("rollout_event_signature_invalid") == 2
+    assert "rollout_not_on_chain" in kinds
+
+
+def test_a_genuine_signed_rollout_soaks_is_approved_and_promotes(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    base = _signed_settings(tmp_path)
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(300)
+    [soaked] = operations.soak(config, base, clock=clock)
+    assert soaked["status"]["state"] == "passed"
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    assert operations.promote(config, base, "r", by="dee", clock=clock)["status"] == "promoted"
+    assert _production_commits(base) == 2
+    assert _findings(config, base) == []
+    chain = _chain(config, base)
+    lifecycle_events = [e for e in chain if e["event_type"] in ("rollout_staged", "rollout_soak_evaluated")]
+    lifecycle_events += [e for e in chain if e["event_type"] == "rollout_promoted"]
+    assert len(lifecycle_events) == 3
+    for event in lifecycle_events:
+        assert verified_statement(event, OPERATOR.verifier()) is not None
+        assert event[OPERATOR_SIGNATURE].startswith("pcbo.rollout-event/v1\nchain sessions/v1\n")
+    assert lifecycle(chain, "r", OPERATOR.verifier()).status == "promoted"
+
+
+def test_a_replayed_signed_soak_evaluation_does_not_pass_the_soak(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    base = _signed_settings(tmp_path)
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(60)
+    operations.soak(config, base, clock=clock)  # passing, one minute into the 5-minute window
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    clock.advance(600)  # the window is over; no evaluation was made after it
+
+    [genuine] = [e for e in _chain(config, base) if e["event_type"] == "rollout_soak_evaluated"]
+    body = {k: v for k, v in genuine.items() if k not in RESERVED}
+    _append(config, base, ("rollout_soak_evaluated", body))  # the signed event, word for word
+    soak = operations.status(config, base, "r", clock=clock)["soak"]
+    assert soak["state"] == "soaking" and soak["evaluations"] == 1
+    assert any(r.startswith("soak soaking: ") for r in _promote(config, base, clock))
+
+    # ... and again, moved after the window's end (its signature no longer matches its body).
+    moved = {**body, "evaluated_at": format_datetime(clock.now())}
+    _append(config, base, ("rollout_soak_evaluated", moved))
+    soak = operations.status(config, base, "r", clock=clock)["soak"]
+    assert soak["state"] == "soaking" and soak["evaluations"] == 1
+    assert any(r.startswith("soak soaking: ") for r in _promote(config, base, clock))
+    assert _production_commits(base) == 0
+    assert "rollout_event_signature_invalid" in [kind for kind, _ in _findings(config, base)]

@@ -23,6 +23,14 @@ catalog) names the staged decisions and the window from then on; soak evaluation
 the first `rollout_staged`, so a failure is never undone by staging again. Moments are the rollout
 clock's, as ISO text (`format_datetime`).
 
+**Signed.** With the operator's key (`PCBO_SIGNING_KEY`), each lifecycle event pcbo appends carries
+`operator_signature`: a C2SP signed note (`core/signed_note.py`) by that key over `event_statement`
+(header `pcbo.rollout-event/v1`, the chain key, the event type and the digest of the RFC 8785 form of
+the event's whole body, the signature aside). `lifecycle(..., verifier=...)` then folds only the
+events whose signature verifies under the key's vkey, each statement once (a copy of a signed event
+appended again counts for nothing): someone who can write the audit backup and the catalog but holds
+no key forges no step. Without a key (`verifier` None) nothing is signed or checked.
+
 `row_disagreements` and `soak_row_disagreements` say where the catalog's rows differ from the
 chain: the gate stays closed on any, and `pcbo verify` reports them.
 """
@@ -35,8 +43,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pcbo_dagster.core.canonical import digest_of
+from pcbo_dagster.core.audit_chain import RESERVED_KEYS
+from pcbo_dagster.core.canonical import CanonicalizationError, digest_of
 from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.signed_note import (
+    NoteError,
+    SigningKey,
+    VerifierKey,
+    parse_note,
+    sign_note,
+    verify_note,
+)
 
 ROLLOUT_STAGED = "rollout_staged"
 ROLLOUT_SOAK_EVALUATED = "rollout_soak_evaluated"
@@ -54,6 +71,47 @@ SOAKING, PROMOTED, ROLLED_BACK, CANCELLED = "soaking", "promoted", "rolled_back"
 FINAL = (PROMOTED, ROLLED_BACK, CANCELLED)
 #: The catalog statuses of a rollout the chain has not seen staged (its staging apply under way).
 NOT_STAGED = ("applying", "paused", "interrupted")
+
+
+#: The body field of a lifecycle event holding the operator's signed note (`event_statement`).
+OPERATOR_SIGNATURE = "operator_signature"
+#: The first line of the text a lifecycle event's operator signature signs.
+EVENT_STATEMENT_HEADER = "pcbo.rollout-event/v1"
+
+
+def event_statement(chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:
+    """The note text the operator signs for a lifecycle event: header, chain key, event type and the
+    digest of the RFC 8785 form of its whole `body` (every field but the reserved ones and the
+    signature itself)."""
+    return f"{EVENT_STATEMENT_HEADER}\nchain {chain_key}\ntype {event_type}\nbody {digest_of(dict(body))}\n"
+
+
+def sign_event(key: SigningKey, chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:
+    """The signed note (rendered) `operator_signature` carries for an event of `body`."""
+    return sign_note(event_statement(chain_key, event_type, body), key).render()
+
+
+def signed_body(event: Mapping[str, Any]) -> dict[str, Any]:
+    """What a lifecycle event's operator signature covers: its body without the signature."""
+    return {k: v for k, v in event.items() if k not in RESERVED_KEYS and k != OPERATOR_SIGNATURE}
+
+
+def verified_statement(event: Mapping[str, Any], verifier: VerifierKey) -> str | None:
+    """The statement the event's operator signature signs when it verifies under `verifier` and is
+    the one of this event (its chain key, type and body); None otherwise."""
+    chain = event.get("chain")
+    note_text = event.get(OPERATOR_SIGNATURE)
+    if not isinstance(chain, Mapping) or not isinstance(note_text, str):
+        return None
+    try:
+        expected = event_statement(
+            str(chain.get("chain_key")), str(event.get("event_type")), signed_body(event)
+        )
+        note = parse_note(note_text)
+        verify_note(note, [verifier])
+    except (NoteError, CanonicalizationError, TypeError, ValueError):
+        return None
+    return expected if note.text == expected else None
 
 
 def rollout_subject(rollout: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,6 +152,9 @@ class Lifecycle:
     all_evaluations: list[dict[str, Any]] = field(default_factory=list)
     #: Lifecycle events that changed nothing (after a final state, or out of order).
     ignored: int = 0
+    #: Lifecycle events not counted for want of a valid operator signature (a key given), or because
+    #: the same signed statement stood earlier on the chain (a replay).
+    unsigned: int = 0
 
     @property
     def decision_hash(self) -> str | None:
@@ -101,15 +162,28 @@ class Lifecycle:
         return None if self.staged is None else self.staged.get("decision_hash")
 
 
-def lifecycle(events: Iterable[Mapping[str, Any]], name: str) -> Lifecycle:
-    """Fold the rollout's lifecycle events of a (verified) production chain, in chain order."""
+def lifecycle(
+    events: Iterable[Mapping[str, Any]], name: str, verifier: VerifierKey | None = None
+) -> Lifecycle:
+    """Fold the rollout's lifecycle events of a (verified) production chain, in chain order; with
+    `verifier` (the operator key's vkey) only those it signed, each signed statement once."""
     life = Lifecycle(name)
+    seen: set[str] = set()
     for event in events:
         kind = event.get("event_type")
         if kind not in LIFECYCLE_EVENTS or not of_rollout(event, name):
             continue
+        statement = None if verifier is None else verified_statement(event, verifier)
+        if verifier is not None and statement is None:
+            life.unsigned += 1
+            continue
         if kind == ROLLOUT_SOAK_EVALUATED:
             life.all_evaluations.append(dict(event))
+        if statement is not None:
+            if statement in seen:  # the same signed statement again: a replay changes nothing
+                life.unsigned += 1
+                continue
+            seen.add(statement)
         if kind == ROLLOUT_ROLLED_BACK and life.status != ROLLED_BACK:
             life.status = ROLLED_BACK  # a promoted or cancelled rollout can still be rolled back
         elif life.status in FINAL:

@@ -19,7 +19,8 @@ history to pass. So nothing is taken from one store on its own word:
    status), run rows (plan and decision hashes of the events naming the run), lineage rows, rollout
    rows (status, staged decisions, time and window, by the rollout's lifecycle events:
    `core/rollout_lifecycle.py`) and soak evaluation rows (each must be a `rollout_soak_evaluated`
-   event), and the append-only triggers (a dropped one is a finding).
+   event; with the operator's key, only lifecycle events it signed count, and any other is
+   `rollout_event_signature_invalid`), and the append-only triggers (a dropped one is a finding).
 4. **The transparency logs.** The catalog's stored log of each chain must be the log of the backup's
    events, and every stored or lake checkpoint must have the root of the backup's first `size` events
    (`engine/transparency_log.py`). With a checkpoint an auditor holds (`trusted`), the chain must
@@ -47,7 +48,13 @@ from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, Par
 from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
-from pcbo_dagster.core.rollout_lifecycle import lifecycle, row_disagreements, soak_row_disagreements
+from pcbo_dagster.core.rollout_lifecycle import (
+    LIFECYCLE_EVENTS,
+    lifecycle,
+    row_disagreements,
+    soak_row_disagreements,
+    verified_statement,
+)
 from pcbo_dagster.core.signed_note import Note, VerifierKey
 from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.crash_windows import (
@@ -632,11 +639,26 @@ def _check_tables(
 def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[dict]]) -> None:
     """Each rollout row of the catalog, and each of its soak evaluation rows, against its lifecycle on
     the dataset version's chain (the promotion gate reads the chain; a row that disagrees opens
-    nothing, and is reported here)."""
+    nothing, and is reported here). With the operator's key, only the lifecycle events it signed
+    count, and each one it did not sign is reported."""
+    verifier = None if env.signing_key is None else env.signing_key.verifier()
+    if verifier is not None:
+        for ckey, events in sorted(chains.items()):
+            for event in events:
+                if (
+                    event.get("event_type") in LIFECYCLE_EVENTS
+                    and verified_statement(event, verifier) is None
+                ):
+                    report.find(
+                        "rollout_event_signature_invalid",
+                        f"{ckey} seq {event.get('chain', {}).get('seq')}",
+                        f"the {event.get('event_type')} event carries no valid signature of the operator's "
+                        "key: the rollout gates ignore it",
+                    )
     store = RolloutStore(env.catalog)
     for row in store.list():
         ckey = f"{row['dataset']}/{row['version_label']}"
-        life = lifecycle(chains.get(ckey, []), row["name"])
+        life = lifecycle(chains.get(ckey, []), row["name"], verifier)
         where = f"{ckey} rollout {row['name']}"
         for detail in row_disagreements(life, row):
             report.find("rollout_not_on_chain", where, detail)

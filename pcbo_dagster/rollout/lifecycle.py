@@ -7,6 +7,11 @@ The `record_*` functions append the step's event to that chain (and publish its 
 write the catalog (the `rollouts` row, its log, `soak_evaluations`): a crash in between leaves the
 chain ahead of the catalog, which `pcbo verify` reports and the gate never takes for more than the
 chain says.
+
+With the operator's key (`PCBO_SIGNING_KEY`, the production environment's `signing_key`) each
+lifecycle event appended here carries the key's signature over its chain key, type and whole body
+(`core/rollout_lifecycle.py`, `sign_event`), and `read_lifecycle` counts only the events that key
+signed, each once: events appended by someone without the key open nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.core.rollout_lifecycle import (
+    LIFECYCLE_EVENTS,
+    OPERATOR_SIGNATURE,
     ROLLOUT_CANCELLED,
     ROLLOUT_ROLLED_BACK,
     ROLLOUT_SOAK_EVALUATED,
@@ -29,6 +36,7 @@ from pcbo_dagster.core.rollout_lifecycle import (
     detail_digest,
     lifecycle,
     rollout_subject,
+    sign_event,
 )
 from pcbo_dagster.engine.events import PRODUCER, chain_key
 from pcbo_dagster.engine.transparency_log import publish
@@ -49,19 +57,31 @@ def production_chain(envs: RolloutEnvironments, rollout: RolloutRow) -> list[dic
 def read_lifecycle(
     envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]] | None = None
 ) -> Lifecycle:
-    """The rollout's lifecycle by the verified production chain (`events`: that chain, already read)."""
-    return lifecycle(production_chain(envs, rollout) if events is None else events, rollout["name"])
+    """The rollout's lifecycle by the verified production chain (`events`: that chain, already read);
+    with the operator's key, by the lifecycle events it signed only."""
+    key = envs.production.signing_key
+    return lifecycle(
+        production_chain(envs, rollout) if events is None else events,
+        rollout["name"],
+        None if key is None else key.verifier(),
+    )
 
 
 def append_event(
     envs: RolloutEnvironments, rollout: RolloutRow, event_type: str, body: dict[str, Any]
 ) -> dict[str, Any]:
     """Append an event about `rollout` to its production chain (the subject and producer added) and
-    publish the chain's checkpoint; returns the event."""
+    publish the chain's checkpoint; returns the event. A lifecycle event is signed with the operator's
+    key when there is one (module doc)."""
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
-    event = envs.production.audit.append(
-        ckey, event_type, {"rollout": rollout_subject(rollout), **body, "producer": PRODUCER}
-    )
+    audit = envs.production.audit
+    full = {"rollout": rollout_subject(rollout), **body, "producer": PRODUCER}
+    if audit.actor is not None and "actor" not in full:
+        full["actor"] = audit.actor  # what the audit log adds: the signature covers the body it writes
+    key = envs.production.signing_key
+    if key is not None and event_type in LIFECYCLE_EVENTS:
+        full[OPERATOR_SIGNATURE] = sign_event(key, ckey, event_type, full)
+    event = audit.append(ckey, event_type, full)
     publish(envs.production, ckey)
     return event
 
