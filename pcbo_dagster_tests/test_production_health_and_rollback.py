@@ -237,6 +237,60 @@ def test_a_tampered_production_file_is_failed(world: World) -> None:
     assert [(p["key"], p["reasons"]) for p in report["plan"]["partitions"]] == [(KEYS[2], ["failed"])]
 
 
+def test_a_forged_production_commit_point_is_failed_though_lake_and_catalog_agree(world: World) -> None:
+    """The red-team attack: production's K2 commit point replaced by a version the production chain
+    never committed (here the staging one, whose files and rows agree with it). The health check reads
+    the chain: failed, `commit_point_not_on_chain`, planned for repair."""
+    world.stage_and_promote()
+    production, staging = world.envs.production.lake, world.envs.staging.lake
+    forged = manifests.decode(production.read(world.manifest_rel(KEYS[2])))
+    forged["runId"] = "forged-run"
+    production.write(world.manifest_rel(KEYS[2]), manifests.encode(forged))
+    assert staging is not production
+    report = check_production_health(world.config, world.dataset, world.envs, T0)
+    failed = _by_key(report)[KEYS[2]]
+    assert failed["status"] == "failed", failed
+    assert "commit_point_not_on_chain" in {f["kind"] for f in failed["findings"]}
+    assert [p["key"] for p in report["plan"]["partitions"]] == [KEYS[2]]
+
+
+def test_a_rollout_row_edited_to_promoted_is_not_checked_as_promoted(world: World) -> None:
+    """A rollout staged but never approved or promoted on the chain, its `rollouts` row edited to
+    `promoted`: the health check does not take it for promoted (nothing of it is checked or planned);
+    a genuinely promoted rollout whose row is edited to `cancelled` is still checked."""
+    staged = world.run(world.envs.staging, "rollout-r1-staging")
+    store = world.envs.store
+    store.create_rollout(
+        name="r1",
+        dataset="sessions",
+        version_label="v1",
+        partition_keys=KEYS[:2],
+        throttle={},
+        soak_window_seconds=60,
+        actor="alice",
+        now=T0,
+    )
+    record_staged(
+        world.envs,
+        "r1",
+        decision_hash=staged["decisionHash"],
+        plan_hash=staged["planHash"],
+        staging_run_id="rollout-r1-staging",
+        staged_at=T0,
+    )
+    store.set_status("r1", "promoted", actor="mallory", now=T0)
+    assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
+
+
+def test_a_promoted_rollouts_row_edited_to_cancelled_is_still_checked(world: World) -> None:
+    world.stage_and_promote()
+    world.envs.production.lake.delete(world.manifest_rel(KEYS[1]))
+    world.envs.store.set_status("r1", "cancelled", actor="mallory", now=T0 + timedelta(hours=2))
+    report = check_production_health(world.config, world.dataset, world.envs, T0)
+    assert _by_key(report)[KEYS[1]]["status"] == "missing"
+    assert [p["key"] for p in report["plan"]["partitions"]] == [KEYS[1]]
+
+
 def test_a_post_write_check_discrepancy_after_the_commit_is_failed(world: World) -> None:
     world.stage_and_promote()
     world.envs.production.catalog.record_discrepancy(

@@ -49,10 +49,12 @@ from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.json_documents import sorted_document, sorted_text
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import dataset_keys, evaluate_keys
+from pcbo_dagster.engine.partition_checks import CheckedChain, read_chain
 from pcbo_dagster.engine.partition_reading import read_commit_point, read_partition
 from pcbo_dagster.io.atomic_files import replace_file
 from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.environments import RolloutEnvironments
+from pcbo_dagster.rollout.lifecycle import production_chain, read_lifecycle
 from pcbo_dagster.rollout.reports import markdown_table, reports_dir, write_report
 
 PLAN_KIND = "pcbo.mini_backfill/1"
@@ -84,22 +86,26 @@ def _jsonable(value: Any) -> Any:
 
 
 def eligible_rollouts(envs: RolloutEnvironments, dataset: DatasetConfig) -> list[RolloutRow]:
-    """The dataset version's promoted or approved rollouts, oldest first."""
+    """The dataset version's promoted or approved rollouts, oldest first, by the verified production
+    chain (its lifecycle events and signed approvals), never by the `rollouts` rows' status."""
     found = []
+    events: list[dict[str, Any]] | None = None
     for rollout in envs.store.list(dataset=dataset.name):
         if rollout["version_label"] != dataset.versionLabel:
             continue
-        if rollout["status"] == "promoted":
+        if events is None:  # one chain per dataset version: read and verified once
+            events = production_chain(envs, rollout)
+        life = read_lifecycle(envs, rollout, events)
+        if life.status == "promoted":
             found.append(rollout)
             continue
-        if rollout["status"] in ("rolled_back", "cancelled"):
+        if life.status in ("rolled_back", "cancelled") or life.decision_hash is None:
             continue
         approval = decision_in_force(envs, rollout)
         if (
             approval is not None
             and approval["decision"] == "approved"
-            and rollout.get("decision_hash") is not None
-            and approval["decision_hash"] == rollout["decision_hash"]
+            and approval["decision_hash"] == life.decision_hash
         ):
             found.append(rollout)
     return found
@@ -138,12 +144,33 @@ def _check_key(
     rollout: str | None,
     expected_hash: str | None,
     discrepancies: list[dict[str, Any]],
+    chain: CheckedChain,
 ) -> dict[str, Any]:
     name, vl = dataset.name, dataset.versionLabel
     production = envs.production
     reasons: set[str] = set()
     findings: list[dict[str, Any]] = []
     reading = read_partition(production.lake, name, vl, key)
+    # The chain is the truth: a commit point it does not say is current is not healthy, whatever the
+    # lake's files and the catalog's rows agree on.
+    history = chain.replayed.get(key)
+    current = history.current_version if history is not None else None
+    if chain.findings:
+        reasons.add("failed")
+        findings.append(
+            {"kind": "audit_chain_broken", "where": reading.rel, "detail": "; ".join(chain.findings[:3])}
+        )
+    if reading.manifest is not None and (
+        current is None or current.manifest_checksum != reading.manifest_checksum
+    ):
+        reasons.add("failed")
+        findings.append(
+            {
+                "kind": "commit_point_not_on_chain",
+                "where": reading.rel,
+                "detail": "the production commit point is not the version the audit chain says is current",
+            }
+        )
     summary = _manifest_summary(reading.manifest, reading.manifest_checksum)
     staging_reading = read_commit_point(envs.staging.lake, name, vl, key)
     staging = _manifest_summary(staging_reading.manifest, staging_reading.manifest_checksum)
@@ -356,12 +383,13 @@ def check_production_health(
         and d["version_label"] == dataset.versionLabel
         and d["kind"] == "post_write_check"
     ]
+    chain = read_chain(envs.production, dataset.name, dataset.versionLabel)
     partitions = []
     for key in checked:
         owning = owner.get(key)
         owner_name = owning["name"] if owning is not None else None
         expected = evaluated[owner_name]["decisionHash"] if owner_name is not None else None
-        partitions.append(_check_key(envs, dataset, key, owner_name, expected, discrepancies))
+        partitions.append(_check_key(envs, dataset, key, owner_name, expected, discrepancies, chain))
 
     plan = mini_backfill_plan(dataset, partitions)
     directory = health_dir(envs, dataset)
