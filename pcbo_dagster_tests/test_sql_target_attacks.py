@@ -276,3 +276,81 @@ def test_a_checkpoint_claiming_the_chunk_wrote_nothing_is_never_completed(tmp_pa
         url, intent, {"counts": counts, "failures": [], "applied": [], "fallback": False, "rows": rows}
     )
     _refused_everywhere(url, home, path, before)
+
+
+# -- the journal's tail -----------------------------------------------------------------------------
+
+
+def test_a_journal_tail_vouched_for_by_a_checkpoint_of_no_apply_is_refused(tmp_path: Path) -> None:
+    """The red-team attack (write access to the target database only, no trigger dropped): a journal
+    entry appended to the run's journal for a row someone else wrote (`ev-0100`, as if the run inserted
+    it), "vouched for" by an inserted checkpoint of a partition no apply on the chain has. `verify`
+    must find it, and `pcbo rollback` must refuse rather than delete the row."""
+    from pcbo_dagster.core.chain_state import replay
+    from pcbo_dagster.engine.sql_rollback import reopen_target
+    from pcbo_dagster.targets.sql_table import chain_journal_digest, fast_jcs, recompute_journal
+
+    url, home, path = _setup(tmp_path)
+    assert pcbo(["execute", "--input", path, "--home", home]).status == 0
+    run_sql(
+        url,
+        "INSERT INTO events (id, occurred_at, amount, label) "
+        "VALUES ('ev-0100', '2024-03-02T10:00:00Z', 42, 'x')",
+    )
+    key = "20240101T000000Z"
+    intent = _intent_of(home, key)
+    state = replay(_chain(home))
+    (target, history) = next((t, h) for (t, k), h in state.sql.items() if k == key)
+    table = reopen_target((), target, history, write=False)
+    with table.read() as conn:
+        live = table._live_rows(
+            conn, [table.key_values_of_text('["ev-0100"]')], lock=False, with_image=False, digests_only=True
+        )
+    db = url.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT seq, partition_key, intent_seq, entry FROM pcbo_journal "
+            "WHERE run_id = 'run-1' ORDER BY seq"
+        ).fetchall()
+        _, digests, _ = recompute_journal([(int(a), b, int(i), e) for a, b, i, e in rows])
+        seq = len(rows) + 1
+        entry = {
+            "action": "insert",
+            "after": live['["ev-0100"]'].state.row_digest,
+            "chunk": 1,
+            "columns": [],
+            "id": "ev-0100",
+            "intentSeq": intent["chain"]["seq"],
+            "key": [["t", "ev-0100"]],
+            "keyText": '["ev-0100"]',
+            "partition": key,
+            "prior": None,
+            "priorState": None,
+            "seq": seq,
+        }
+        text = fast_jcs(entry).decode()
+        conn.execute(
+            "INSERT INTO pcbo_journal VALUES (?, ?, ?, ?, ?, ?)",
+            ("run-1", "main.events", seq, key, intent["chain"]["seq"], text),
+        )
+        conn.execute(
+            "INSERT INTO pcbo_checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                "run-1",
+                "main.events",
+                "forged",
+                99,
+                0,
+                intent["plan_hash"],
+                intent["target_digest"],
+                seq,
+                chain_journal_digest(digests[-1], text.encode()),
+                "{}",
+            ),
+        )
+    found = pcbo(["verify", "--home", home])
+    assert found.status == 1 and "sql_journal_altered" in _kinds(found.document), found.document
+    before = dump(url)
+    refused = pcbo(["rollback", "--dataset", "events", "--run-id", "run-1", "--home", home])
+    assert refused.status == 1 and "sql_journal_altered" in refused.stderr
+    assert dump(url) == before and any("ev-0100" in row for row in before)

@@ -404,8 +404,11 @@ def rollback(
                     results.append({"key": key, "status": "noop", "detail": skip})
                 else:
                     step = plan_undo(env, state, dataset, version_label, key)
+                    # The events name the run whose version is undone (as a rollback by run does), so
+                    # that run's evidence package shows the undo.
+                    undone_run = history.versions[step.version].run_id
                     results += apply_undos(
-                        env, state, dataset, version_label, [step], reason=reason, run_id=None
+                        env, state, dataset, version_label, [step], reason=reason, run_id=undone_run
                     )
         # Issue 17: the recorded Iceberg table follows (after the events; a crash before is healed).
         publisher = iceberg_publication.publisher_for(env, None, dataset, version_label)

@@ -884,16 +884,20 @@ def vouched_journal(table: SqlTable, state: ChainState, run_id: str) -> JournalV
 def check_journal(table: SqlTable, state: ChainState, run_id: str, view: JournalView) -> list[str]:
     """What is wrong with the run's journal in `table` against the chain and its checkpoints."""
     problems = list(view.problems)
+    applies: dict[tuple[str, int], SqlApply] = {}
+    vouched: list[int] = []  # journal lengths the chain recorded
     for (target, key), history in sorted(state.sql.items()):
         if target != table.ref:
             continue
         for apply in history.applies:
             if apply.run_id != run_id:
                 continue
+            applies[(key, apply.intent_seq)] = apply
             recorded = [apply.intent["journal"]]
             if apply.applied is not None:
                 recorded.append(apply.applied["journal"])
             for journal in recorded:
+                vouched.append(int(journal["seq"]))
                 if view.digest_at(int(journal["seq"])) != journal["digest"]:
                     problems.append(
                         f"{key}: the journal's first {journal['seq']} entries do not have the digest the "
@@ -901,11 +905,25 @@ def check_journal(table: SqlTable, state: ChainState, run_id: str, view: Journal
                     )
     checkpoints = table.checkpoints(run_id)
     for cp in checkpoints:
+        owner = applies.get((cp.partition_key, cp.intent_seq))
+        if owner is None:  # a checkpoint no apply on the chain made vouches for nothing
+            problems.append(
+                f"{cp.partition_key} chunk {cp.chunk}: a checkpoint of intent seq {cp.intent_seq}, which "
+                "is no apply of this run on the chain"
+            )
+            continue
         if view.digest_at(cp.journal_seq) != cp.journal_digest:
             problems.append(f"{cp.partition_key} chunk {cp.chunk}: the journal disagrees with its checkpoint")
-    last_seq = max((cp.journal_seq for cp in checkpoints), default=None)
-    if last_seq is not None and len(view.entries) != last_seq:
-        problems.append(f"the journal holds {len(view.entries)} entries, its checkpoints {last_seq}")
+        if owner.applied is None:  # cut short by a crash (then resumed, or rolled back): its checkpoints
+            # are all that records how far it went
+            vouched.append(cp.journal_seq)
+    # Every entry must be vouched for: by the chain (each apply's journal before and after), or by a
+    # checkpoint of an apply the chain shows open. An entry past that is not the run's.
+    last_seq = max(vouched, default=0)
+    if len(view.entries) != last_seq:
+        problems.append(
+            f"the journal holds {len(view.entries)} entries, the chain and its applies {last_seq}"
+        )
     return problems
 
 
