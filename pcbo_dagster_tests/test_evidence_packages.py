@@ -473,3 +473,29 @@ def test_an_independent_verifier_checks_the_envelope_the_checkpoint_and_a_proof(
     for subject in statement["subject"]:
         data = (lake_dir(package["home"]) / subject["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == subject["digest"]["sha256"]
+
+
+def test_a_rollback_of_one_of_the_runs_partitions_is_in_its_package(
+    package: dict[str, Any], tmp_path: Path
+) -> None:
+    """The red-team finding: `pcbo rollback --partition K` of a partition the run committed wrote its
+    events with no run id, so the run's package, exported again, hid the undo. Its events name the run
+    whose version they undo: the package carries them, proven, and verifies."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(package["home"], home)
+    key_file = package["work"] / "operator.key"
+    first = sorted(p.name for p in (lake_dir(home) / "events" / "v1").iterdir())[0]
+    status, _ = pcbo(
+        home, "rollback", "--dataset", "events", "--partition", first, "--signing-key", str(key_file)
+    )
+    assert status == 0
+    status, envelope = pcbo(home, "evidence", "export", "--run", "ev1", "--signing-key", str(key_file))
+    assert status == 0
+    events = [e["event"] for e in _statement(envelope)["predicate"]["auditEvents"]]
+    undone = [e for e in events if e["event_type"] in ("partition_rollback_intent", "partition_rolled_back")]
+    assert [e["event_type"] for e in undone] == ["partition_rollback_intent", "partition_rolled_back"]
+    assert all(e["run_id"] == "ev1" for e in undone) and undone[1]["partition"]["key"] == first
+    status, verified = _verify(package, envelope)
+    assert status == 0 and verified["valid"] is True, verified
