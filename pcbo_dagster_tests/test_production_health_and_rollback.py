@@ -139,6 +139,29 @@ class World:
         )
         store.set_status(name, "promoted", actor="carol", now=T0 + timedelta(hours=1))
 
+    def stage_only(self, keys: list[str]) -> None:
+        """Rollout `r1` over `keys` applied to staging and staged (soaking): neither approved nor
+        promoted."""
+        staged = self.run(self.envs.staging, "rollout-r1-staging")
+        self.envs.store.create_rollout(
+            name="r1",
+            dataset="sessions",
+            version_label="v1",
+            partition_keys=keys,
+            throttle={},
+            soak_window_seconds=60,
+            actor="alice",
+            now=T0,
+        )
+        record_staged(
+            self.envs,
+            "r1",
+            decision_hash=staged["decisionHash"],
+            plan_hash=staged["planHash"],
+            staging_run_id="rollout-r1-staging",
+            staged_at=T0,
+        )
+
     def manifest_rel(self, key: str) -> str:
         return layout.manifest("sessions", "v1", key)
 
@@ -258,27 +281,8 @@ def test_a_rollout_row_edited_to_promoted_is_not_checked_as_promoted(world: Worl
     """A rollout staged but never approved or promoted on the chain, its `rollouts` row edited to
     `promoted`: the health check does not take it for promoted (nothing of it is checked or planned);
     a genuinely promoted rollout whose row is edited to `cancelled` is still checked."""
-    staged = world.run(world.envs.staging, "rollout-r1-staging")
-    store = world.envs.store
-    store.create_rollout(
-        name="r1",
-        dataset="sessions",
-        version_label="v1",
-        partition_keys=KEYS[:2],
-        throttle={},
-        soak_window_seconds=60,
-        actor="alice",
-        now=T0,
-    )
-    record_staged(
-        world.envs,
-        "r1",
-        decision_hash=staged["decisionHash"],
-        plan_hash=staged["planHash"],
-        staging_run_id="rollout-r1-staging",
-        staged_at=T0,
-    )
-    store.set_status("r1", "promoted", actor="mallory", now=T0)
+    world.stage_only(KEYS[:2])
+    world.envs.store.set_status("r1", "promoted", actor="mallory", now=T0)
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
 
 
@@ -341,26 +345,7 @@ def test_only_given_keys_are_checked(world: World) -> None:
 
 
 def test_approved_rollouts_are_checked_and_rejected_ones_are_not(world: World) -> None:
-    staged = world.run(world.envs.staging, "rollout-r1-staging")
-    store = world.envs.store
-    store.create_rollout(
-        name="r1",
-        dataset="sessions",
-        version_label="v1",
-        partition_keys=KEYS[:2],
-        throttle={},
-        soak_window_seconds=60,
-        actor="alice",
-        now=T0,
-    )
-    record_staged(
-        world.envs,
-        "r1",
-        decision_hash=staged["decisionHash"],
-        plan_hash=staged["planHash"],
-        staging_run_id="rollout-r1-staging",
-        staged_at=T0,
-    )
+    world.stage_only(KEYS[:2])
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
     # Decisions through the approval gate (on the production chain); a bare approval row would count
     # for nothing.
