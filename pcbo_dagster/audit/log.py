@@ -210,15 +210,12 @@ class AuditLog:
         # What the backup holds of the batch is adopted. The catalog's copy fills only a hole before an
         # event of the batch the backup holds beyond its contiguous end (that event's prev_event_hash
         # pins the hole); the rest never reached the backup and is dropped with the pending batch.
-        last_held = max(
-            (
-                i
-                for i in range(len(extra), len(pending_events))
-                if self.backup.holds_beyond_chain(chain_key, pending_events[i])
-            ),
-            default=len(extra) - 1,
-        )
-        adopted = pending_events[: last_held + 1]
+        held = [
+            i
+            for i in range(len(extra), len(pending_events))
+            if self.backup.holds_beyond_chain(chain_key, pending_events[i])
+        ]
+        adopted = pending_events[: (held[-1] if held else len(extra) - 1) + 1]
         hole = adopted[len(extra) :]
         if hole:
             chain = events if events else self.backup.read_chain(chain_key)
@@ -228,12 +225,18 @@ class AuditLog:
                     f"{chain_key}: the catalog's pending batch does not continue the audit backup "
                     f"{self.backup.location}: " + "; ".join(findings[:5])
                 )
-            self.backup.append(chain_key, hole, fsync=True)
+            # Only the missing events, one at a time in seq order (each then continues the chain up to
+            # the held events after it): never a batch create racing over objects already there.
+            for i, event in enumerate(hole, start=len(extra)):
+                if i not in held:
+                    self.backup.append(chain_key, [event], fsync=True)
         if adopted:
             txn.append(adopted)
         if pending is not None:
             txn.clear_pending()
-        return ReconcileResult(len(hole), len(adopted), _head_of(adopted[-1]) if adopted else backup_head)
+        return ReconcileResult(
+            len(hole) - len(held), len(adopted), _head_of(adopted[-1]) if adopted else backup_head
+        )
 
     def append(self, chain_key: str, event_type: str, body: dict) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
