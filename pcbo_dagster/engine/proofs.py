@@ -22,7 +22,7 @@ from pcbo_dagster.core.chain_state import CommittedVersion
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
 from pcbo_dagster.engine.events import chain_key
-from pcbo_dagster.engine.partition_checks import check_chain
+from pcbo_dagster.engine.partition_checks import CheckedChain, check_chain
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition, read_version
 from pcbo_dagster.lake.storage import LakeStorage
 
@@ -61,11 +61,14 @@ class ProofSources:
     heads: Mapping[str, tuple[int, str]]
 
 
-def _committed(
-    sources: ProofSources, dataset: str, version_label: str, key: str, version: int | None, field: str
-) -> CommittedVersion:
-    """The version the chain says is current (`version` None) or committed as `version`: `IntegrityError`
-    when the chain does not verify, `InvalidInput` on `field` when it committed no such version."""
+def _verified_chain(sources: ProofSources, dataset: str, version_label: str, key: str) -> CheckedChain:
+    """The dataset version's chain, verified and replayed: `InvalidInput` on `partition` first when `key`
+    is not a partition key (it names a lake directory: nothing but a key gets near a path),
+    `IntegrityError` when the chain does not verify."""
+    try:
+        validate_partition_key(key)
+    except PartitionKeyError as exc:
+        raise InvalidInput("partition", str(exc)) from None
     ckey = chain_key(dataset, version_label)
     chain = check_chain(sources.backup, ckey, sources.heads.get(ckey))
     if chain.findings:
@@ -73,6 +76,12 @@ def _committed(
             f"cannot prove anything from {ckey}: its audit chain does not verify: "
             f"{'; '.join(chain.findings[:3])} (`pcbo verify` lists every finding)"
         )
+    return chain
+
+
+def _committed(chain: CheckedChain, ckey: str, key: str, version: int | None, field: str) -> CommittedVersion:
+    """The version the chain says is current (`version` None) or committed as `version`; `InvalidInput`
+    on `field` when it committed no such version."""
     history = chain.replayed.get(key)
     committed = None
     if history is not None:
@@ -84,18 +93,20 @@ def _committed(
 
 
 def _reading(
-    sources: ProofSources, dataset: str, version_label: str, key: str, version: int | None, field: str
+    sources: ProofSources,
+    chain: CheckedChain,
+    dataset: str,
+    version_label: str,
+    key: str,
+    version: int | None,
+    field: str,
 ) -> PartitionReading:
     """The partition's committed version (`version` None) or a retained one, re-read and checked
     like `pcbo verify` checks it: `InvalidInput` on `field` when the chain committed no such version,
     `IntegrityError` when its manifest is not the one the chain committed or its manifest or files
     are unreadable or differ from each other (a proof is only made from the rows a committed manifest
     commits to)."""
-    try:
-        validate_partition_key(key)  # it names a lake directory: nothing but a key gets near a path
-    except PartitionKeyError as exc:
-        raise InvalidInput("partition", str(exc)) from None
-    committed = _committed(sources, dataset, version_label, key, version, field)
+    committed = _committed(chain, chain_key(dataset, version_label), key, version, field)
     lake = sources.lake
     reading = (
         read_partition(lake, dataset, version_label, key)
@@ -148,7 +159,15 @@ def _not_added(manifest: dict[str, Any], record_id: str, tree_size: int) -> str:
 def inclusion(
     sources: ProofSources, dataset: str, version_label: str, key: str, record_id: str
 ) -> dict[str, Any]:
-    reading = _reading(sources, dataset, version_label, key, None, "partition")
+    reading = _reading(
+        sources,
+        _verified_chain(sources, dataset, version_label, key),
+        dataset,
+        version_label,
+        key,
+        None,
+        "partition",
+    )
     manifest, ids = reading.manifest, reading.ids
     assert manifest is not None
     position = bisect.bisect_left(ids, record_id)
@@ -173,8 +192,9 @@ def inclusion(
 def consistency(
     sources: ProofSources, dataset: str, version_label: str, key: str, old_version: int, new_version: int
 ) -> dict[str, Any]:
-    old_ids = _reading(sources, dataset, version_label, key, old_version, "fromVersion").ids
-    new_reading = _reading(sources, dataset, version_label, key, new_version, "toVersion")
+    chain = _verified_chain(sources, dataset, version_label, key)  # read once for both versions
+    old_ids = _reading(sources, chain, dataset, version_label, key, old_version, "fromVersion").ids
+    new_reading = _reading(sources, chain, dataset, version_label, key, new_version, "toVersion")
     new_manifest, new_ids = new_reading.manifest, new_reading.ids
     assert new_manifest is not None
     if not old_ids or new_ids[: len(old_ids)] != old_ids:

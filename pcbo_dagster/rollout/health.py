@@ -101,7 +101,7 @@ def eligible_rollouts(envs: RolloutEnvironments, dataset: DatasetConfig) -> list
             continue
         if life.status in ("rolled_back", "cancelled") or life.decision_hash is None:
             continue
-        approval = decision_in_force(envs, rollout)
+        approval = decision_in_force(envs, rollout, events)
         if (
             approval is not None
             and approval["decision"] == "approved"
