@@ -222,14 +222,18 @@ def resolve_target(
     dataset: str,
     version_label: str,
     given: TableTarget | None = None,
+    chain: list[dict[str, Any]] | None = None,
 ) -> TableTarget | None:
     """Where `dataset/version_label` publishes: `given` (a rollout's staging or promotion target), else
-    the request's `spec`, else what its chain declares; None when it publishes nowhere. A dataset
-    version publishes to one table: naming another is invalid input (nothing written)."""
+    the request's `spec`, else what its chain (`chain`: its events, when already read) declares; None
+    when it publishes nowhere. A dataset version publishes to one table: naming another is invalid
+    input (nothing written)."""
     branch = given.branch if given is not None else MAIN_BRANCH
     # Only the chain says where a dataset version publishes: a catalog row alone (which someone who can
     # write the catalog could add) never makes a target, nor gets declared (verify reports it).
-    recorded = declared_publications(env.audit.backup.read_chain(f"{dataset}/{version_label}")).get(branch)
+    if chain is None:
+        chain = env.audit.backup.read_chain(f"{dataset}/{version_label}")
+    recorded = declared_publications(chain).get(branch)
     target = given if given is not None else (target_for(spec, env) if spec is not None else None)
     if recorded is None:
         if target is not None:
@@ -567,6 +571,8 @@ class Publisher:
     live: TableState | None = None
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     refused: list[dict[str, str]] = field(default_factory=list)
+    #: `record` has declared (or found declared) this target on the chain and in the catalog.
+    recorded: bool = False
 
     @property
     def chain_key(self) -> str:
@@ -613,10 +619,13 @@ class Publisher:
         self.record()
         return table
 
-    def record(self) -> None:
+    def record(self, chain: list[dict[str, Any]] | None = None) -> None:
         """Declare on the chain, then record in the catalog, where this dataset version's branch
         publishes (before anything is written to the lake: a table a crash kept from being created is
-        then still checked, and healed). `InvalidInput` when the chain declares another table."""
+        then still checked, and healed). `InvalidInput` when the chain declares another table. Once per
+        publisher; `chain`: the chain's events, when already read."""
+        if self.recorded:
+            return
         row = TablePublicationRow(
             dataset=self.dataset,
             version_label=self.version_label,
@@ -625,7 +634,9 @@ class Publisher:
             catalog_url=self.target.public_catalog,
             table_name=self.target.name,
         )
-        declared = declared_publications(self.env.audit.backup.read_chain(self.chain_key)).get(row["branch"])
+        if chain is None:
+            chain = self.env.audit.backup.read_chain(self.chain_key)
+        declared = declared_publications(chain).get(row["branch"])
         if declared is None:
             self.env.audit.append(self.chain_key, TABLE_PUBLICATION_RECORDED, declaration_body(row))
         elif _names(declared) != _names(row):
@@ -636,6 +647,7 @@ class Publisher:
                 "table (use a new versionLabel for another table)",
             )
         self.env.catalog.record_table_publication(row)
+        self.recorded = True
 
     def _create(
         self, catalog: Catalog, first: PublishedFile, expected_now: dict[str, PublishedFile]
@@ -910,12 +922,13 @@ def publisher_for(
     given: TableTarget | None = None,
 ) -> Publisher | None:
     """The publisher of a dataset version (None when it publishes nowhere); see `resolve_target`."""
-    target = resolve_target(env, spec, dataset, version_label, given)
+    chain = env.audit.backup.read_chain(f"{dataset}/{version_label}")
+    target = resolve_target(env, spec, dataset, version_label, given, chain)
     if target is None:
         return None
     partitioning = None if plan is None else ([(p.start, p.end) for p in plan.partitions], plan.ledger_field)
     publisher = Publisher(env, target, dataset, version_label, partitioning)
-    publisher.record()
+    publisher.record(chain)
     return publisher
 
 
