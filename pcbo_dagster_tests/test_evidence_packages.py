@@ -499,3 +499,33 @@ def test_a_rollback_of_one_of_the_runs_partitions_is_in_its_package(
     assert all(e["run_id"] == "ev1" for e in undone) and undone[1]["partition"]["key"] == first
     status, verified = _verify(package, envelope)
     assert status == 0 and verified["valid"] is True, verified
+    # Its claims say so: the partition's version names the rollback that undid it, and with the lake
+    # its removed data file is accounted for by that proven rollback, not reported missing.
+    statement = _statement(envelope)
+    claimed = {p["key"]: p["rolledBack"] for p in statement["predicate"]["partitions"]}
+    assert claimed.pop(first) == undone[1]["chain"]["event_hash"]
+    assert set(claimed.values()) == {None}
+    status, verified = _verify(package, envelope, "--lake", str(lake_dir(home)))
+    assert status == 0 and verified["valid"] is True, verified
+    assert (verified["subjectsCheckedInLake"], verified["subjectsRolledBackFromLake"]) == (5, 1)
+    # Attacks: a package whose claims hide the rollback, or that calls another partition rolled back
+    # to excuse its missing file, is refused.
+    for edit in (first, sorted(claimed)[0]):
+        forged = _statement(envelope)
+        for part in forged["predicate"]["partitions"]:
+            if part["key"] == edit:
+                part["rolledBack"] = None if edit == first else undone[1]["chain"]["event_hash"]
+        status, verified = _verify(package, _resigned(package, forged), "--lake", str(lake_dir(home)))
+        assert (
+            status == 1
+            and "the predicate's partitions is not what the run's proven events say" in (verified["problems"])
+        ), verified
+    # Without the rollback's events the removed file is missing (and the intent shows a rollback left out).
+    forged = _statement(envelope)
+    forged["predicate"]["auditEvents"] = [
+        a for a in forged["predicate"]["auditEvents"] if a["event"] not in undone
+    ]
+    for part in forged["predicate"]["partitions"]:
+        part["rolledBack"] = None
+    status, verified = _verify(package, _resigned(package, forged), "--lake", str(lake_dir(home)))
+    assert status == 1 and any(p.endswith(": missing from the lake") for p in verified["problems"]), verified

@@ -7,7 +7,8 @@ signed with the operator's key, around an in-toto Statement v1 (its RFC 8785 byt
   `{name: <lake-relative path>, uri, digest: {sha256}}`;
 - `predicateType`: `urn:pcbo_dagster:evidence:v1`; `predicate`: the run (id, dataset, version label,
   plan and decision hashes), counts by reason, the partitions (key, version, Merkle root, record
-  count, manifest checksum, event hash), the run's audit events (its commits and intents, rollbacks,
+  count, manifest checksum, event hash, and the hash of the `partition_rolled_back` event that undid
+  the version, or null), the run's audit events (its commits and intents, rollbacks,
   restorations, and the promotion and approval events naming it) each with an RFC 6962 inclusion
   proof against the signed checkpoint the package carries (`checkpoint`, with its witness
   cosignatures), and the approvals.
@@ -23,7 +24,8 @@ Verification needs no catalog and no lake: the envelope's signature, the checkpo
 key) and origin (exactly the log of the run's chain), each event's hash and inclusion proof, that the
 events are the run's (and the approvals its promotion relied on), every intent's partitions completed
 by the package's events and every completion announced by an intent, and the claims. With a lake
-(`--lake URL`) every subject's bytes are read and their SHA-256 compared. The operator's key alone
+(`--lake URL`) every subject's bytes are read and their SHA-256 compared (a data file only rolled-back
+versions name may be absent: their proven rollback removed it). The operator's key alone
 signs anything an insider holding it wants (another history, under the real origin, included): only
 cosignatures of witnesses the verifier trusts (`--witness-key`, `--min-witnesses N`), which never
 cosign a history inconsistent with the one they saw, bind the package to the log everyone else sees.
@@ -126,9 +128,11 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
     writes and verify recomputes from the proven events. `ClaimError` when the events cannot say."""
     own = [e for e in events if e.get("run_id") == run_id]
     subjects: dict[str, dict[str, Any]] = {}
+    named_by: dict[str, list[tuple[str, int]]] = {}
     partitions: list[dict[str, Any]] = []
     by_reason: dict[str, int] = {}
     try:
+        undone = _undone_versions(own)
         for event in own:
             if event.get("event_type") != PARTITION_COMMITTED:
                 continue
@@ -164,6 +168,7 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
             for subject in named:
                 if subjects.setdefault(subject["name"], subject) != subject:
                     raise ClaimError(f"{subject['name']}: two commit events give it different digests")
+                named_by.setdefault(subject["name"], []).append((key, version))
             for reason, count in sorted(event["counts"]["by_reason"].items()):
                 by_reason[reason] = by_reason.get(reason, 0) + _count(count, f"partition {key} {reason}")
             partitions.append(
@@ -174,6 +179,7 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
                     "recordCount": _count(event["record_count"], f"partition {key} record_count"),
                     "manifestChecksum": event["manifest"]["checksum"],
                     "eventHash": event["chain"]["event_hash"],
+                    "rolledBack": undone.get((key, version, event["manifest"]["checksum"])),
                 }
             )
         approvals = [
@@ -193,13 +199,29 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
         raise
     except (KeyError, TypeError, AttributeError, ValueError, CanonicalizationError) as exc:
         raise ClaimError(f"an event of the run is not of the shape pcbo writes: {exc!r}") from None
+    rolled_back = {(p["key"], p["version"]) for p in partitions if p["rolledBack"] is not None}
     return {
         "subject": [subjects[name] for name in sorted(subjects)],
         "run": run,
         "countsByReason": dict(sorted(by_reason.items())),
         "partitions": partitions,
         "approvals": approvals,
+        # Not a claim: the subjects only rolled-back versions name (a rollback removes their data files).
+        "rolledBackSubjects": sorted(n for n, vs in named_by.items() if set(vs) <= rolled_back),
     }
+
+
+def _undone_versions(own: list[dict]) -> dict[tuple[Any, Any, Any], str]:
+    """The event hash of each `partition_rolled_back` of the run's events, by the (key, version,
+    manifest checksum) of the version it undid."""
+    undone: dict[tuple[Any, Any, Any], str] = {}
+    for event in own:
+        if event.get("event_type") == PARTITION_ROLLED_BACK:
+            part = event["partition"]
+            undone[(part["key"], part["version"], event["undone_manifest_checksum"])] = event["chain"][
+                "event_hash"
+            ]
+    return undone
 
 
 def _fields(value: Any, *names: str) -> tuple[Any, ...]:
@@ -387,12 +409,13 @@ def verify(
         problems.append("the package lacks an approval event the run's promotion relied on")
     problems += _completion_problems(proven)
     subjects: list[dict[str, Any]] = []
+    rolled_back: set[str] = set()
     try:
         claims = claims_of(proven, run_id, dataset, version_label)
     except ClaimError as exc:
         problems.append(f"the proven events support no claims: {exc}")
     else:
-        subjects = claims["subject"]
+        subjects, rolled_back = claims["subject"], set(claims["rolledBackSubjects"])
         if statement.get("subject") != subjects:
             problems.append(
                 "the subjects are not exactly the files and manifests the run's proven commit events name"
@@ -400,12 +423,14 @@ def verify(
         for name in CLAIMS:
             if predicate.get(name) != claims[name]:
                 problems.append(f"the predicate's {name} is not what the run's proven events say")
-    checked = 0
+    checked = absent = 0
     if lake is not None:
         for subject in subjects:
             name, digest = subject["name"], subject["digest"]["sha256"]
             data = lake.read_if_exists(name)
-            if data is None:
+            if data is None and name in rolled_back:
+                absent += 1  # its version's rollback, a proven event of the package, removed it
+            elif data is None:
                 problems.append(f"{name}: missing from the lake")
             elif hashlib.sha256(data).hexdigest() != digest:
                 problems.append(f"{name}: its bytes do not have the subject's sha256")
@@ -424,6 +449,7 @@ def verify(
         },
         "subjects": len(listed) if isinstance(listed, list) else 0,
         "subjectsCheckedInLake": checked if lake is not None else None,
+        "subjectsRolledBackFromLake": absent if lake is not None else None,
         "auditEvents": len(entries) if isinstance(entries, list) else 0,
     }
 
