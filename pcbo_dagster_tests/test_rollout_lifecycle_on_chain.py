@@ -27,7 +27,7 @@ from pcbo_dagster.core.signed_note import signing_key_from_seed
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
-from pcbo_dagster.engine.verify import verify
+from pcbo_dagster.engine.verify import REFUSED, verify
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, key_file
@@ -217,6 +217,7 @@ def test_forged_lifecycle_events_open_nothing_with_a_signing_key(tmp_path: Path)
     dataset = config.dataset("sessions")
     with operations.dataset_environments(config, dataset, base) as envs:
         row = envs.store.require("r")
+        assert row["staged_at"] is not None
     yesterday = datetime(2026, 1, 4, 8, 0, tzinfo=UTC)
     _append(
         config,
@@ -318,3 +319,110 @@ def test_a_replayed_signed_soak_evaluation_does_not_pass_the_soak(tmp_path: Path
     assert any(r.startswith("soak soaking: ") for r in _promote(config, base, clock))
     assert _production_commits(base) == 0
     assert "rollout_event_signature_invalid" in [kind for kind, _ in _findings(config, base)]
+
+
+# --- the crash window between a lifecycle event and its row: healed by verify --repair ---------------
+
+
+class _Killed(BaseException):
+    """The process dying where the test says (after the chain's event, before the row)."""
+
+
+def _crash_before_row(monkeypatch: pytest.MonkeyPatch, status: str) -> None:
+    """The next `rollouts` row write moving a rollout to `status` never happens: the process dies."""
+    from pcbo_dagster.catalog.rollouts import RolloutStore
+
+    real = RolloutStore.set_status
+
+    def dies(self: RolloutStore, name: str, to: str, **kwargs: object) -> None:
+        if to == status:
+            monkeypatch.setattr(RolloutStore, "set_status", real)
+            raise _Killed(to)
+        real(self, name, to, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RolloutStore, "set_status", dies)
+
+
+def _verify_production(config: DatasetsConfig, base: Settings, repair: bool = False) -> dict:
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        return verify(envs.production, repair=repair)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_crash_after_each_lifecycle_event_is_healed_by_repair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signed: bool
+) -> None:
+    """Killed after `rollout_staged`, `rollout_promoted` and `rollout_rolled_back` reached the chain and
+    before the row: verify reports the row one step behind, `--repair` writes the row the step would
+    have (the staged decisions, moment and run included), and the rollout goes on."""
+    config = _config(tmp_path)
+    base = _signed_settings(tmp_path) if signed else Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+
+    def healed(status: str) -> None:
+        found = _verify_production(config, base)["findings"]
+        assert found and {f["kind"] for f in found} == {"rollout_not_on_chain"}, found
+        assert all(f["detail"].endswith("(one lifecycle step behind: --repair)") for f in found)
+        repaired = _verify_production(config, base, repair=True)
+        assert repaired["findings"] == [], repaired["findings"]
+        assert {"kind": "rollout_row_behind_chain", "where": "sessions/v1 rollout r", "status": status} in (
+            repaired["repaired"]
+        )
+        assert _verify_production(config, base)["findings"] == []
+
+    _crash_before_row(monkeypatch, "soaking")
+    with pytest.raises(_Killed):
+        operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    healed("soaking")
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        row = envs.store.require("r")
+        assert row["staged_at"] is not None
+        [staged] = [e for e in _chain(config, base) if e["event_type"] == "rollout_staged"]
+        assert (row["decision_hash"], row["plan_hash"], format_datetime(row["staged_at"])) == (
+            staged["decision_hash"],
+            staged["plan_hash"],
+            staged["staged_at"],
+        )
+        assert row["staging_run_id"] == staged["rollout"]["staging_run_id"] is not None
+    clock.advance(300)
+    [soaked] = operations.soak(config, base, clock=clock)
+    assert soaked["status"]["state"] == "passed"
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+
+    _crash_before_row(monkeypatch, "promoted")
+    with pytest.raises(_Killed):
+        operations.promote(config, base, "r", by="dee", clock=clock)
+    healed("promoted")
+    assert _production_commits(base) == 2
+
+    _crash_before_row(monkeypatch, "rolled_back")
+    with pytest.raises(_Killed):
+        operations.rollback(config, base, "production", by="ops", reason="bad data", name="r", clock=clock)
+    healed("rolled_back")
+    assert _promote(config, base, clock)[0].startswith("status is rolled_back")
+
+
+def test_repair_rewrites_no_row_an_edit_made_to_disagree(tmp_path: Path) -> None:
+    """The attack on that repair: a row edited to anything but the state one step before the chain's
+    last lifecycle event (a shorter soak window; a staged rollout set back to `applying` with its
+    staged decisions kept) is a finding
+    `--repair` refuses, and the row stays as edited."""
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    for edit, column, value in (
+        ("UPDATE rollouts SET soak_window_seconds = 0 WHERE name = 'r'", "soak_window_seconds", 0),
+        (
+            "UPDATE rollouts SET status = 'applying', soak_window_seconds = 0 WHERE name = 'r'",
+            "status",
+            "applying",
+        ),
+    ):
+        _catalog(base, (edit, {}))
+        repaired = _verify_production(config, base, repair=True)
+        assert repaired["repaired"] == [] and repaired["findings"], repaired
+        assert {f["kind"] for f in repaired["findings"]} == {"rollout_not_on_chain"}
+        assert all(f["detail"].endswith(f"({REFUSED})") for f in repaired["findings"])
+        with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+            assert dict(envs.store.require("r"))[column] == value

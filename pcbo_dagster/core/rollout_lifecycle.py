@@ -32,7 +32,9 @@ appended again counts for nothing): someone who can write the audit backup and t
 no key forges no step. Without a key (`verifier` None) nothing is signed or checked.
 
 `row_disagreements` and `soak_row_disagreements` say where the catalog's rows differ from the
-chain: the gate stays closed on any, and `pcbo verify` reports them.
+chain: the gate stays closed on any, and `pcbo verify` reports them. `row_catch_up` recognises the
+one disagreement a crash makes (the event appended, the row not yet written: the row is exactly the
+state before the rollout's last lifecycle event) and gives the columns `pcbo verify --repair` writes.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from typing import Any
 
 from pcbo_dagster.core.audit_chain import RESERVED_KEYS
 from pcbo_dagster.core.canonical import CanonicalizationError, digest_of
-from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.instants import format_datetime, parse_instant, to_datetime
 from pcbo_dagster.core.signed_note import (
     NoteError,
     SigningKey,
@@ -265,3 +267,45 @@ def soak_row_disagreements(life: Lifecycle, rows: Iterable[Mapping[str, Any]]) -
             verdict = "passed" if row.get("passed") else "failed"
             found.append(f"the evaluation at {moment} ({verdict}) is not on the production audit chain")
     return found
+
+
+def row_catch_up(
+    events: Iterable[Mapping[str, Any]], row: Mapping[str, Any], verifier: VerifierKey | None = None
+) -> dict[str, Any] | None:
+    """The crash window of a lifecycle step (its event on the chain, the `rollouts` row not yet
+    written): when `row` disagrees with the rollout's lifecycle on the (verified) chain `events` but
+    agrees exactly with the lifecycle before the rollout's last lifecycle event, the columns (`status`
+    and, for a staging, the staged decisions, moment and staging run) that make it agree with the
+    whole chain. None for any other disagreement (an edited row is a finding, never rewritten) or
+    none at all."""
+    chain = list(events)
+    name = row.get("name")
+    if not isinstance(name, str):
+        return None
+    life = lifecycle(chain, name, verifier)
+    if life.status is None or not row_disagreements(life, row):
+        return None
+    last = max(
+        (i for i, e in enumerate(chain) if e.get("event_type") in LIFECYCLE_EVENTS and of_rollout(e, name)),
+        default=None,
+    )
+    if last is None:
+        return None
+    before = lifecycle(chain[:last], name, verifier)
+    if row_disagreements(before, row):
+        return None
+    columns: dict[str, Any] = {"status": life.status}
+    staged = life.staged
+    if staged is not None and staged != before.staged:
+        micros = parse_instant(staged.get("staged_at"))
+        subject = staged.get("rollout")
+        if micros is None or not isinstance(subject, Mapping):
+            return None
+        columns |= {
+            "decision_hash": staged.get("decision_hash"),
+            "plan_hash": staged.get("plan_hash"),
+            "staged_at": to_datetime(micros),
+            "staging_run_id": subject.get("staging_run_id"),
+        }
+    # Only a row that then agrees whole is caught up (its range and soak window are the event's).
+    return None if row_disagreements(life, {**row, **columns}) else columns

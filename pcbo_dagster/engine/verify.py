@@ -51,6 +51,7 @@ from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.rollout_lifecycle import (
     LIFECYCLE_EVENTS,
     lifecycle,
+    row_catch_up,
     row_disagreements,
     soak_row_disagreements,
     verified_statement,
@@ -658,10 +659,33 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
     store = RolloutStore(env.catalog)
     for row in store.list():
         ckey = f"{row['dataset']}/{row['version_label']}"
-        life = lifecycle(chains.get(ckey, []), row["name"], verifier)
+        events = chains.get(ckey, [])
+        life = lifecycle(events, row["name"], verifier)
         where = f"{ckey} rollout {row['name']}"
-        for detail in row_disagreements(life, row):
-            report.find("rollout_not_on_chain", where, detail)
+        disagreements = row_disagreements(life, row)
+        # A crash between a lifecycle event and its row leaves the row one step behind a chain that
+        # verifies: --repair writes the row the step would have (anything else is refused).
+        catch_up = (
+            row_catch_up(events, row, verifier) if disagreements and not verify_chain(events, ckey) else None
+        )
+        if catch_up is not None and report.repair:
+            status = catch_up.pop("status")
+            store.set_status(
+                row["name"],
+                status,
+                actor="pcbo verify --repair",
+                detail={"repaired": "the row was one lifecycle step behind the production audit chain"},
+                **catch_up,
+            )
+            report.repaired.append({"kind": "rollout_row_behind_chain", "where": where, "status": status})
+            disagreements = []
+        for detail in disagreements:
+            if catch_up is not None:
+                report.healable(
+                    "rollout_not_on_chain", where, f"{detail} (one lifecycle step behind: --repair)"
+                )
+            else:
+                report.find("rollout_not_on_chain", where, detail)
         for detail in soak_row_disagreements(life, store.soak_evaluations(row["name"])):
             report.find("soak_evaluation_not_on_chain", where, detail)
 
