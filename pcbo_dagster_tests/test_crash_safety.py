@@ -266,3 +266,44 @@ def test_rollback_of_a_crashed_unaudited_version(work, reference_home, changed_r
     assert _catalog_versions(home, key) == [(1, "committed"), (2, "rolled_back")]
     document = _verify(home)
     assert document["status"] == "clean", document["findings"]
+
+
+@pytest.mark.parametrize("crash", [None, "rollback_after_commit_point@0"])
+def test_a_rollback_keeps_a_file_an_older_version_shares(tmp_path: Path, crash: str | None) -> None:
+    """Red-team finding: a partition's content went A (v1), B (v2), A (v3); data files are named by
+    their content, so v3 reuses v1's file. Rolling v3 back (uninterrupted, or killed after the commit
+    point and completed by `verify --repair`) removed that file, since v2 does not name it: v1 could
+    never be restored again and verify failed for good. A rollback keeps every file of the restored
+    version's lineage."""
+    request = json.loads((Path(__file__).parents[1] / "examples" / "demo_request.json").read_text())
+    key = "20240101T000000Z"
+    changed = json.loads(json.dumps(request))
+    target = next(r for r in changed["sourceRecords"] if r["occurredAt"].startswith("2024-01-01T00"))
+    target["amount"] = target.get("amount", 0) + 1
+    home = tmp_path / "home"
+    for run_id, body in (("a-1", request), ("b-1", changed), ("a-2", request)):
+        path = write_request(tmp_path / f"{run_id}.json", {**body, "runId": run_id})
+        status, document, stderr = run_pcbo(["execute", "--input", path], home=home)
+        assert status == 0 and document is not None, stderr
+    partition = lake_dir(home) / "demo-events" / "v1" / key
+    assert json.loads((partition / "_manifest.json").read_text())["partitionVersion"] == 3
+    v1_files = {p.name: p.read_bytes() for p in partition.glob("part-*.parquet")}
+    assert len(v1_files) == 2  # v1's (= v3's) and v2's
+    args = ["rollback", "--dataset", "demo-events", "--partition", key]
+    if crash is None:
+        status, _, stderr = run_pcbo(args, home=home)
+        assert status == 0, stderr
+    else:
+        status, _, stderr = run_pcbo(args, home=home, env={"PCBO_FAILPOINT": crash})
+        assert status == CRASH_STATUS, stderr
+        assert _verify(home, "--repair")["status"] == "clean"
+    assert _verify(home)["status"] == "clean"
+    status, _, stderr = run_pcbo([*args, "--version", "2"], home=home)
+    assert status == 0, stderr
+    assert _verify(home)["status"] == "clean"
+    restored = json.loads((partition / "_manifest.json").read_text())
+    assert restored["partitionVersion"] == 1
+    [entry] = restored["files"]
+    name = entry["path"].rsplit("/", 1)[-1]
+    assert (partition / name).read_bytes() == v1_files[name]
+    assert {p.name for p in partition.glob("part-*.parquet")} == {name}

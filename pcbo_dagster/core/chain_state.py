@@ -135,6 +135,20 @@ class PartitionHistory:
     def commits_of(self, manifest_checksum: str) -> list[CommittedVersion]:
         return [v for v in self.versions.values() if v.manifest_checksum == manifest_checksum]
 
+    def lineage(self, version: int | None) -> list[int]:
+        """`version` and every version it replaced, newest first, as far as the chain committed them:
+        what rollbacks from `version` on could make current again."""
+        found: list[int] = []
+        while version is not None and version not in found and version in self.versions:
+            found.append(version)
+            version = self.versions[version].previous_version
+        return found
+
+    def committed_file_names(self, version: int) -> set[str]:
+        """The data file names (`part-<hex>.parquet`) the commit event of `version` names."""
+        tables = self.versions[version].event.get("tables")
+        return {name for name in tables if isinstance(name, str)} if isinstance(tables, Mapping) else set()
+
 
 @dataclass
 class SqlApply:

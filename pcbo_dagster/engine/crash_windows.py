@@ -260,9 +260,24 @@ def _remove_undone_files(
             for f in manifests.decode(data)["files"]
         }
 
-    keep = files(restored)
+    keep = files(restored) | lineage_files(history, dataset, version_label, restored)
     for rel in sorted(files(undone) - keep):
         env.lake.delete(rel)
+
+
+def lineage_files(
+    history: PartitionHistory, dataset: str, version_label: str, restored: int | None
+) -> set[str]:
+    """The data files (lake-relative) of the version a rollback restores and of every version it
+    replaced, by their commit events: a later rollback could make any of them current, so undoing a
+    version never removes one of them, even when the undone version's rollback manifest lists it (its
+    content came back in a later version under the same name)."""
+    directory = layout.partition_dir(dataset, version_label, history.key)
+    return {
+        f"{directory}/{name}"
+        for version in history.lineage(restored)
+        for name in history.committed_file_names(version)
+    }
 
 
 def heal_catalog_lag(env: Any, state: ChainState, dataset: str, version_label: str) -> list[str]:

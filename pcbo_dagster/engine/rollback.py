@@ -3,7 +3,9 @@ from what the lake's own files claim.
 
 Undoing version N of a partition restores the version N replaced (the chain's commit event names it,
 with its manifest checksum) as the commit point, or removes the commit point when N replaced none;
-deletes the data files only N used; appends a `partition_rolled_back` event; marks the catalog.
+deletes the data files only N used (never a file of the restored version's lineage, which a
+later rollback could make current: a file N shares with an older version by name, its content
+having come back, stays); appends a `partition_rolled_back` event; marks the catalog.
 
 Before anything is touched:
 - the partition's commit point must be the chain's current version (a lake that disagrees with the
@@ -51,6 +53,7 @@ from pcbo_dagster.engine.crash_windows import (
     compare,
     heal,
     heal_catalog_lag,
+    lineage_files,
 )
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import (
@@ -252,8 +255,13 @@ def apply_undos(
         failpoints.reached("rollback_after_commit_point", i)
     lake.sync()
     for i, step in enumerate(steps):
+        history = state.get(step.key)
+        kept = (
+            set() if history is None else lineage_files(history, dataset, version_label, step.restore_version)
+        )
         for rel in step.remove_files:
-            lake.delete(rel)
+            if rel not in kept:
+                lake.delete(rel)
         failpoints.reached("rollback_after_remove", i)
     events = env.audit.append_many(
         ckey,

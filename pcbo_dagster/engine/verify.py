@@ -443,10 +443,8 @@ def _check_versions(
                 "it restores, the files it removes)",
             )
     # What a rollback could make current: the chain of versions the current one replaced.
-    restorable = history.current_version.previous_version if history.current_version else None
-    seen: set[int] = set()
-    while restorable is not None and restorable not in seen and restorable in history.versions:
-        seen.add(restorable)
+    current = history.current_version
+    for restorable in history.lineage(current.previous_version if current is not None else None):
         for entry in files.get(restorable, []):
             data = lake.read_if_exists(entry["path"])
             if (
@@ -460,7 +458,6 @@ def _check_versions(
                     f"a data file of version {restorable} of {where}, which a rollback would restore, "
                     "is missing or differs from its manifest",
                 )
-        restorable = history.versions[restorable].previous_version
 
 
 # -- 3. the catalog against the chains ---------------------------------------------------------------------
