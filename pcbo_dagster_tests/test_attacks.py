@@ -293,6 +293,27 @@ def test_a_symlink_out_of_the_lake_is_never_followed(home, tmp_path):
     assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == outside
 
 
+def test_a_link_planted_at_a_garbage_name_stops_no_gc(home, tmp_path):
+    """Red-team finding: a symbolic link named like crash leftovers (`.tmp-*`, an unreferenced
+    `part-*.parquet`) made `pcbo gc` fail whole (exit 1, no document), so no other partition was
+    cleaned. The link is skipped and reported, neither it nor its target touched; the rest is
+    collected."""
+    target = tmp_path / "outside.txt"
+    target.write_text("not the lake's")
+    links = [part(home, K3) / ".tmp-planted", part(home, K3) / f"part-{'ab' * 16}.parquet"]
+    for link in links:
+        os.symlink(target, link)
+    leftover = part(home, K1) / ".tmp-crash-leftover"
+    leftover.write_bytes(b"a rename that never happened")
+    status, document = pcbo(home, "gc")
+    assert status == 0, document
+    assert [r["reason"] for r in document["removed"]] == ["temporary_file"]
+    assert not leftover.exists()
+    skipped = sorted(s["where"] for s in document["skipped"])
+    assert skipped == sorted(str(link.relative_to(lake_dir(home))) for link in links)
+    assert all(link.is_symlink() for link in links) and target.read_text() == "not the lake's"
+
+
 # -- the catalog is bound to the chain ------------------------------------------------------------------
 
 

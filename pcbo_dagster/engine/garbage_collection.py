@@ -12,7 +12,8 @@ same request rewrites them). `gc` removes, per partition `<dataset>/<versionLabe
 
 Conservative: anything a committed manifest, a previous (restorable) version, an audit event or the
 catalog refers to stays; a partition whose commit point or a version manifest cannot be read, or a
-chain whose backup has unreadable lines, is skipped (and reported); files of any other shape are
+chain whose backup has unreadable lines, is skipped (and reported), and so is a symbolic link at a
+name gc would remove (neither the link nor its target is touched); files of any other shape are
 left alone. Runs under each dataset version's write lock, so it never races an execute or rollback.
 """
 
@@ -126,6 +127,11 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                     skipped.append({"where": pdir, "reason": skip})
                     continue
                 for entry in removable:
+                    if not env.lake.inside(entry["path"]):
+                        # a symbolic link planted at a garbage name: neither it nor its target is
+                        # touched, and the rest of the lake is still collected
+                        skipped.append({"where": entry["path"], "reason": "a symbolic link: left alone"})
+                        continue
                     if not dry_run:
                         env.lake.delete(entry["path"])
                     removed.append({**entry, "uri": redact_url(env.lake.uri(entry["path"]))})
