@@ -293,6 +293,41 @@ def test_a_symlink_out_of_the_lake_is_never_followed(home, tmp_path):
     assert {p: p.read_bytes() for p in elsewhere.rglob("*") if p.is_file()} == outside
 
 
+@pytest.mark.parametrize(
+    "malform",
+    [
+        lambda m: m["files"][0].pop("byteSize"),
+        lambda m: m["files"][0].pop("checksum"),
+        lambda m: m["files"][0].__setitem__("rowCount", True),
+        lambda m: m.__setitem__("files", ["x"]),
+        lambda m: m.__setitem__("files", 5),
+        lambda m: m["files"].append(dict(m["files"][0])),
+    ],
+    ids=["no-byteSize", "no-checksum", "bool-rowCount", "string-entry", "not-a-list", "same-path-twice"],
+)
+def test_a_malformed_commit_point_is_a_finding_not_a_crash(home, malform):
+    """Red-team finding: a commit point whose `files` entries lack a key, or are not objects, made
+    `verify`, `verify --repair` and `proof` fail with an internal error (KeyError, TypeError): no
+    findings document, every other finding hidden, genuine crash windows left unrepaired. It is a
+    finding (`manifest_unreadable`), never repaired, and the other partitions are still checked."""
+    path = part(home, K1) / "_manifest.json"
+    document = json.loads(path.read_bytes())
+    malform(document)
+    path.write_text(json.dumps(document))
+    other = part(home, K2) / "_rollback" / f"v{manifest(home, K2)['partitionVersion']:06d}.json"
+    rollback_manifest = json.loads(other.read_bytes())
+    rollback_manifest["removeFiles"] = []
+    other.write_text(json.dumps(rollback_manifest))
+    for args in (("verify",), ("verify", "--repair")):
+        status, found = pcbo(home, *args)
+        assert status == 1 and found is not None, found
+        assert "rollback_manifest_mismatch" in kinds(found), found["findings"]
+        assert kinds(found) & {"manifest_unreadable", "manifest_misplaced"}, found["findings"]
+    proof = run_pcbo(["proof", "--dataset", "events", "--partition", K1, "--id", "any"], home=home)
+    assert proof.status == 1 and proof.document is None, proof
+    assert "internal error" not in proof.stderr and len(proof.stderr.strip().splitlines()) == 1, proof.stderr
+
+
 def test_a_link_planted_at_a_garbage_name_stops_no_gc(home, tmp_path):
     """Red-team finding: a symbolic link named like crash leftovers (`.tmp-*`, an unreferenced
     `part-*.parquet`) made `pcbo gc` fail whole (exit 1, no document), so no other partition was
@@ -330,6 +365,8 @@ ZERO = "'sha256:' || lower(hex(zeroblob(32)))"
     [
         (f"UPDATE partitions SET merkle_root = {ZERO} WHERE partition_key = '{K2}'", "catalog_mismatch"),
         (f"UPDATE partitions SET files = '[]' WHERE partition_key = '{K0}'", "catalog_mismatch"),
+        (f"UPDATE partitions SET files = '5' WHERE partition_key = '{K0}'", "catalog_mismatch"),
+        (f"""UPDATE partitions SET files = '["x", 5]' WHERE partition_key = '{K0}'""", "catalog_mismatch"),
         (
             f"UPDATE partitions SET status = 'rolled_back' WHERE partition_key = '{K1}' AND version = 1",
             "catalog_version_mismatch",
@@ -348,6 +385,17 @@ ZERO = "'sha256:' || lower(hex(zeroblob(32)))"
 def test_catalog_rows_that_disagree_with_the_chain_are_found(home, statement, kind):
     _sql(home, statement)
     assert_found_and_not_laundered(home, kind)
+
+
+def test_catalog_file_lists_of_another_shape_stop_no_gc(home):
+    """A catalog row's `files` that is not a list of objects (someone who can write the catalog) made
+    `pcbo gc` fail with an internal error; gc keeps what the chain names and goes on."""
+    before = lake_files(home)
+    _sql(home, f"""UPDATE partitions SET files = '["x", 5]' WHERE partition_key = '{K0}'""")
+    _sql(home, f"UPDATE partitions SET files = '7' WHERE partition_key = '{K1}'")
+    status, document = pcbo(home, "gc")
+    assert status == 0 and document["removed"] == [], document
+    assert lake_files(home) == before
 
 
 def test_the_mirror_is_re_hashed_not_trusted_by_its_hash_column(home):

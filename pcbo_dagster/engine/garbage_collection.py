@@ -110,7 +110,10 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
             catalog_files: dict[str, set[str]] = defaultdict(set)
             for row in env.catalog.partition_versions(dataset, version_label):
                 catalog_versions[row["partition_key"]].add(int(row["version"]))
-                catalog_files[row["partition_key"]].update(f["path"] for f in row["files"] or [])
+                listed = row["files"] if isinstance(row["files"], list) else []
+                catalog_files[row["partition_key"]].update(
+                    f["path"] for f in listed if isinstance(f, dict) and isinstance(f.get("path"), str)
+                )
             for pdir, files in sorted(partitions.items()):
                 key = pdir.rsplit("/", 1)[-1]
                 partitions_checked += 1

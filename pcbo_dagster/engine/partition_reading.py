@@ -56,9 +56,12 @@ def _read_manifest(lake: LakeStorage, rel: str) -> PartitionReading:
         return reading
     try:
         manifest = manifests.decode(data)
-        manifest["files"]  # noqa: B018 - a pcbo manifest names its files
-    except (ValueError, KeyError, TypeError):
+    except ValueError:
         reading._find("manifest_unreadable", rel, "not a pcbo manifest")
+        return reading
+    problem = manifests.files_problem(manifest)
+    if problem is not None:
+        reading._find("manifest_unreadable", rel, f"not a pcbo manifest: {problem}")
         return reading
     reading.manifest, reading.manifest_checksum = manifest, manifests.checksum(data)
     return reading

@@ -510,7 +510,7 @@ def _check_catalog(
                     f.get("rowCount"),
                     f.get("byteSize"),
                 )
-                for f in row["files"]
+                for f in (row["files"] if isinstance(row["files"], list) else [])
                 if isinstance(f, dict)
             }
             differs = [

@@ -76,6 +76,31 @@ def decode(data: bytes) -> dict[str, Any]:
     return json.loads(data)
 
 
+def files_problem(manifest: Any) -> str | None:
+    """Why `manifest` (decoded JSON, read from a lake anyone may have written) names no data files the
+    way a pcbo manifest does: `files` a list of objects, each with a string `path` (distinct), a
+    `sha256:` string `checksum`, and `byteSize` and `rowCount` non-negative integers. None when it
+    does (the paths are confined to the partition where they are used: `layout.data_file_path`)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, list):
+        return "its files are not a list"
+    paths: set[str] = set()
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            return f"files[{i}] is not an object"
+        path, checksum_ = entry.get("path"), entry.get("checksum")
+        if not isinstance(path, str) or path in paths:
+            return f"files[{i}].path is not a string naming another file than the entries before it"
+        paths.add(path)
+        if not isinstance(checksum_, str) or not checksum_.startswith("sha256:"):
+            return f"files[{i}].checksum is not a sha256: string"
+        for field in ("byteSize", "rowCount"):
+            value = entry.get(field)
+            if type(value) is not int or value < 0:
+                return f"files[{i}].{field} is not a non-negative integer"
+    return None
+
+
 def decode_manifest(data: bytes) -> Manifest:
     """A partition version's manifest (its shape is checked where it is compared with the chain:
     `engine/crash_windows.py`)."""
