@@ -119,6 +119,56 @@ def test_a_source_reaches_no_host_file_and_no_url_outside_the_sources_directory(
     assert "inside-1" in inside.text
 
 
+def test_no_link_in_the_sources_directory_leads_a_read_out_of_it(
+    tmp_path: Path, server: RunningServer
+) -> None:
+    """Red-team finding: only the request's own path was checked, so a symbolic link inside a
+    directory source (planted in the lake, inside the default sources directory, by someone who can
+    write the lake) or a ledger archive's batch files linked from outside were read: a plan-scoped
+    client saw a host file's ids. Every local file a server reads, as opened, must lie inside its
+    sources directory; a link that stays inside is still read."""
+    from pcbo_dagster_tests import ledger_archive_builder as b
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(json.dumps(RECORD) + "\n")
+    drop = server.home / "lake" / f"drop-{uuid.uuid4().hex[:8]}"
+    drop.mkdir(parents=True)
+    (drop / "x.jsonl").symlink_to(outside / "secret.jsonl")
+    archive = b.write_archive(outside / "archive", 0, 7, ledgers_per_file=2, files_per_partition=1)
+    linked = server.home / f"archive-{uuid.uuid4().hex[:8]}"
+    linked.mkdir()
+    for path in archive.files:
+        (linked / path.name).symlink_to(path)
+    client = server.client(server.token("team-links", "plan", "execute", datasets=["ds-links"]))
+    ledgers = {"field": "ledgerSequence", "first": 2, "end": 8, "partitionSize": 2}
+    for body in (
+        _request("link-1", "ds-links", source={"uri": str(drop.relative_to(server.home)), "format": "jsonl"}),
+        json.dumps(
+            {
+                "runId": "link-2",
+                "dataset": "ds-links",
+                "ledgerRange": ledgers,
+                "source": {"uri": linked.name, "format": "ledger_archive"},
+            }
+        ).encode(),
+    ):
+        for command in ("dry-run", "execute"):
+            answer = client.post(f"/v1/{command}", content=body)
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["field"] in ("source", "source.uri"), answer.text
+            assert "outside the server's sources directory" in answer.text
+            assert SECRET not in answer.text
+    assert not (server.home / "lake" / "ds-links").exists()
+    # A link that stays inside the sources directory is read as its target is.
+    (server.home / "inside-target.jsonl").write_text(json.dumps({**RECORD, "id": "linked-inside"}) + "\n")
+    inner = server.home / f"inner-{uuid.uuid4().hex[:8]}"
+    inner.mkdir()
+    (inner / "a.jsonl").symlink_to(server.home / "inside-target.jsonl")
+    answer = client.post("/v1/dry-run", content=_request("link-3", "ds-links", source={"uri": inner.name}))
+    assert answer.status_code == 200 and "linked-inside" in answer.text, answer.text
+
+
 def test_an_object_store_source_is_read_by_the_server(
     server: RunningServer, s3_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -181,7 +181,9 @@ def test_files_and_partitions_outside_the_range_are_never_opened(tmp_path, monke
     (tmp_path / la.partition_name(40, 47) / "junk.txt").write_text("x")
     opened: list[str] = []
     real = ledger_decoding.read_batch_bytes
-    monkeypatch.setattr(ledger_decoding, "read_batch_bytes", lambda uri: opened.append(uri) or real(uri))
+    monkeypatch.setattr(
+        ledger_decoding, "read_batch_bytes", lambda uri, root=None: opened.append(uri) or real(uri, root)
+    )
     records = list(la.iter_ledger_records(str(tmp_path), first, end))
     assert [r["ledgerSequence"] for r in records] == list(range(first, end))
     assert sorted(opened) == sorted(str(p) for p in inside)
@@ -587,6 +589,39 @@ def test_a_gap_in_a_ledger_range_fails_unless_allowed_and_then_is_in_the_manifes
     }
     assert by_key["range=2-17"]["recordCount"] == 12
     assert run_pcbo(["verify"], home=home).status == 0
+
+
+def test_a_fifo_in_an_archive_is_refused_and_linked_batch_files_are_read(tmp_path):
+    """Red-team finding: a FIFO named like a batch file made a dry-run wait for a writer forever. It is
+    refused (exit 2, naming the file, nothing written). A batch file that is a symbolic link to a
+    regular file is read as that file is (outside a server, links are the user's own)."""
+    import os
+
+    built = b.write_archive(tmp_path / "real", 2, 9, ledgers_per_file=2, files_per_partition=1)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for path in built.files:
+        (linked / path.name).symlink_to(path)
+    request = {
+        "runId": "links-1",
+        "dataset": "ledgers",
+        "ledgerRange": {"field": "ledgerSequence", "first": 2, "end": 10, "partitionSize": 4},
+        "source": {"uri": str(linked), "format": "ledger_archive"},
+    }
+    read = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r.json", request)], home=tmp_path / "h1")
+    assert read.status == 0, read.stderr
+    assert sum(len(p["add"]) for p in read.document["partitions"]) == 8
+    fifo = linked / built.file_of(4).name
+    fifo.unlink()
+    os.mkfifo(fifo)
+    for command in ("dry-run", "execute"):
+        refused = run_pcbo(
+            [command, "--input", write_request(tmp_path / "r.json", request)],
+            home=tmp_path / "h2",
+            timeout=60,
+        )
+        assert refused.status == 2 and f"{fifo}: not a regular file" in refused.stderr, refused.stderr
+    assert not (tmp_path / "h2" / "lake").exists()
 
 
 def test_allow_gaps_is_only_for_ledger_archives(tmp_path):

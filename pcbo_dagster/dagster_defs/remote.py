@@ -194,9 +194,11 @@ def submit_request(
     location: str | None = None,
     poll_interval: float = 0.5,
     on_submitted: Callable[[str], None] | None = None,
+    confine_to: Path | None = None,
 ) -> dict[str, Any]:
     """Run the request as a `pcbo_request` run at `url`; the execute document when it succeeds.
-    `on_submitted` is told the Dagster run id as soon as the run is submitted."""
+    `on_submitted` is told the Dagster run id as soon as the run is submitted; `confine_to`: the run
+    reads local sources only inside this directory (the HTTP API's sources directory)."""
     from dagster_graphql import DagsterGraphQLClientError
 
     server = Webserver.parse(url)
@@ -204,6 +206,8 @@ def submit_request(
     config: dict[str, Any] = {"request_json": request_text}
     if base_dir is not None:
         config["base_dir"] = str(base_dir)
+    if confine_to is not None:
+        config["confine_to"] = str(confine_to)
     try:
         run_id = client.submit_job_execution(
             JOB_NAME,
@@ -280,4 +284,5 @@ def validate_and_submit(
         timeout=timeout,
         location=location,
         on_submitted=on_submitted,
+        confine_to=confine_to,
     )

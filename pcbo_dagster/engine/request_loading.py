@@ -244,9 +244,12 @@ def load_request(
         request = request.model_copy(update={"target": request.target.resolved(base_dir)})
     if request.source is not None:
         uri = resolve_uri(request.source.uri, base_dir)
-        if confine_to is not None:
-            uri = _confined(uri, confine_to)
-        return _load_streamed(request, _record_source(request, uri, zone_indexes))
+        source = _record_source(
+            request, _confined(uri, confine_to) if confine_to is not None else uri, zone_indexes
+        )
+        if confine_to is not None:  # every local file it reads, links followed, inside the directory too
+            source.confine(str(confine_to))
+        return _load_streamed(request, source)
     records = request.sourceRecords or []
     try:
         digests = record_digest_bytes(records, parsed.may_hold_floats_or_big_ints)

@@ -291,6 +291,11 @@ class DirectorySource(RecordSource):
         self._prepared = fmt != "csv"
         self._lock = threading.Lock()
 
+    def confine(self, root: str) -> None:
+        super().confine(root)
+        for source in self._sources:
+            source.confine(root)
+
     def prune_zones(self, window: Window | None, store: ZoneIndexStore | None = None) -> None:
         """Each file read only where it may hold records of `window` (`sources/zones.py`), besides the
         files pruned by their hive path."""

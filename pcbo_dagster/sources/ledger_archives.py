@@ -184,6 +184,10 @@ def list_batch_files(uri: str, first: int, end: int) -> list[BatchFile]:
     def add_file(entry: dict[str, Any], inside: KeyRange | None) -> None:
         where = _uri(fs, entry["name"])
         key = parse_batch_name(_basename(entry), where)
+        # A FIFO or a device would block a reader or never end (a link to a file is read as the file is;
+        # a server's reads are confined when the file is opened: `sources/local_files.py`).
+        if entry.get("type") != "file" and not (entry.get("islink") and fs.isfile(entry["name"])):
+            raise LedgerArchiveError(where, "not a regular file")
         if inside is not None and not (inside.start <= key.start and key.end <= inside.end):
             raise LedgerArchiveError(
                 where,
@@ -320,6 +324,7 @@ def _iter_decoded(
     require_complete: bool,
     pool: DecodingPool,
     gaps: list[tuple[int, int]] | None = None,
+    root: str | None = None,
 ) -> Iterator[tuple[BatchFile, DecodedLedger, dict[str, Any]]]:
     """(batch file, decoded ledger, record) for the ledgers of [first, end), in ledger order, after
     the checks of `iter_ledger_records`; without `require_complete`, each run of missing ledgers is
@@ -327,7 +332,7 @@ def _iter_decoded(
     expected = first
     previous: dict[str, Any] | None = None
     batches = list_batch_files(uri, first, end)
-    tasks = [(b.uri, b.start, b.end, first, end) for b in batches]
+    tasks = [(b.uri, b.start, b.end, first, end, root) for b in batches]
     ledgers = sum(min(b.end + 1, end) - max(b.start, first) for b in batches)
     for batch, (decoded, error) in zip(batches, pool.map(decode_batch_file, tasks, ledgers), strict=True):
         # A gap is noticed here, by the batch names alone, before the batch is read (its ledgers may
@@ -463,7 +468,9 @@ class LedgerArchiveSource(RecordSource):
         self.count = 0
         index = LedgerIndex()
         self.gaps = []
-        decoded = _iter_decoded(self.uri, self.first, self.end, not self.allow_gaps, self.pool, self.gaps)
+        decoded = _iter_decoded(
+            self.uri, self.first, self.end, not self.allow_gaps, self.pool, self.gaps, self.root
+        )
         for batch, ledger, record in decoded:
             index.add(batch, ledger)
             records.append(record)
@@ -490,7 +497,7 @@ class LedgerArchiveSource(RecordSource):
         for position in sorted(set(positions.tolist())):
             by_file.setdefault(index.file_of[position], []).append(position)
         files = sorted(by_file)
-        tasks = [(index.files[f].uri, [index.location(k) for k in by_file[f]]) for f in files]
+        tasks = [(index.files[f].uri, [index.location(k) for k in by_file[f]], self.root) for f in files]
         found: dict[int, dict[str, Any]] = {}
         for decoded, error in self.pool.map(slice_batch_file, tasks, len(positions)):
             for ledger in decoded:
@@ -506,7 +513,7 @@ class LedgerArchiveSource(RecordSource):
             where.setdefault(sequence, []).append(k)
         out: list[Any] = [None] * len(sequences)
         first, end = int(sequences.min()), int(sequences.max()) + 1
-        for _, _, record in _iter_decoded(self.uri, first, end, False, self.pool):
+        for _, _, record in _iter_decoded(self.uri, first, end, False, self.pool, root=self.root):
             for k in where.pop(record["ledgerSequence"], []):
                 out[k] = record
         if where:

@@ -70,15 +70,22 @@ def max_batch_bytes() -> int:
     )
 
 
-def read_batch_bytes(uri: str) -> bytes:
+def read_batch_bytes(uri: str, root: str | None = None) -> bytes:
     """The decompressed XDR of one batch file (zstd frames with or without a content size);
-    `BatchReadError` when it cannot be read or decompresses past `max_batch_bytes()`."""
+    `BatchReadError` when it cannot be read or decompresses past `max_batch_bytes()`. A local batch
+    file must be a regular file and, with `root` (a server's sources directory), inside it
+    (`sources/local_files.py`)."""
     import fsspec
     import zstandard
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, open_regular
 
     limit = max_batch_bytes()
     try:
-        with fsspec.open(uri, "rb") as raw:
+        fs, path = fsspec.core.url_to_fs(uri)
+        opened = open_regular(path, root) if isinstance(fs, LocalFileSystem) else fsspec.open(uri, "rb")
+        with opened as raw:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
             with reader:
                 chunks, size = [], 0
@@ -92,6 +99,10 @@ def read_batch_bytes(uri: str) -> bytes:
         return b"".join(chunks)
     except zstandard.ZstdError as exc:
         raise BatchReadError(BatchError(uri, f"not a valid zstd stream: {exc}")) from None
+    except NotRegularFile:
+        raise BatchReadError(BatchError(uri, "not a regular file")) from None
+    except OutsideSources:
+        raise BatchReadError(BatchError(uri, "leads outside the server's sources directory")) from None
     except FileNotFoundError:
         raise BatchReadError(BatchError(uri, "no such file")) from None
     except OSError as exc:
@@ -214,10 +225,12 @@ def _decoded(data: bytes, facts: LedgerFacts) -> DecodedLedger:
     )
 
 
-def decode_batch_file(uri: str, start: int, end: int, first: int, stop: int) -> BatchResult:
-    """`decode_batch` of the file at `uri` (what a worker process runs)."""
+def decode_batch_file(
+    uri: str, start: int, end: int, first: int, stop: int, root: str | None = None
+) -> BatchResult:
+    """`decode_batch` of the file at `uri` (what a worker process runs); `root`: see `read_batch_bytes`."""
     try:
-        data = read_batch_bytes(uri)
+        data = read_batch_bytes(uri, root)
     except BatchReadError as exc:
         return [], exc.error
     return decode_batch(data, uri, start, end, first, stop)
@@ -258,10 +271,10 @@ def slice_batch(data: bytes, uri: str, locations: list[Location]) -> BatchResult
     return out, None
 
 
-def slice_batch_file(uri: str, locations: list[Location]) -> BatchResult:
-    """`slice_batch` of the file at `uri` (what a worker process runs)."""
+def slice_batch_file(uri: str, locations: list[Location], root: str | None = None) -> BatchResult:
+    """`slice_batch` of the file at `uri` (what a worker process runs); `root`: see `read_batch_bytes`."""
     try:
-        data = read_batch_bytes(uri)
+        data = read_batch_bytes(uri, root)
     except BatchReadError as exc:
         return [], exc.error
     return slice_batch(data, uri, locations)

@@ -23,7 +23,6 @@ import array
 import csv
 import itertools
 import os
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
+from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, open_regular
 from pcbo_dagster.sources.record_files import (
     csv_integer_columns,
     csv_record,
@@ -85,13 +85,23 @@ def max_line_bytes() -> int:
 
 
 @contextmanager
-def _opened(uri: str, shown: str) -> Iterator[IO[bytes]]:
+def _opened(uri: str, shown: str, root: str | None = None) -> Iterator[IO[bytes]]:
+    """The source file at `uri` open for reading; a local one only a regular file (a FIFO, a device or
+    a directory would never end or block forever: not a record file) and, with `root` (a server's
+    sources directory), only inside it (`sources/local_files.py`)."""
     with source_read_errors(shown):
         fs, path = filesystem(uri)
-        if isinstance(fs, LocalFileSystem) and not stat.S_ISREG(os.stat(path).st_mode):
-            # A FIFO, a device or a directory would never end or block forever: not a record file.
-            raise InvalidInput("source.uri", f"{redact_url(shown)} is not a regular file")
-        fh = fs.open(path, "rb")
+        if isinstance(fs, LocalFileSystem):
+            try:
+                fh: IO[bytes] = open_regular(path, root)
+            except NotRegularFile:
+                raise InvalidInput("source.uri", f"{redact_url(shown)} is not a regular file") from None
+            except OutsideSources:
+                raise InvalidInput(
+                    "source.uri", f"{redact_url(shown)} leads outside the server's sources directory"
+                ) from None
+        else:
+            fh = fs.open(path, "rb")
     with fh:
         yield fh
 
@@ -171,10 +181,16 @@ class RecordSource:
         self.uri = uri
         self.shown = shown
         self.count = 0
+        #: A server's sources directory: every local file read must lie inside it (`confine`).
+        self.root: str | None = None
         #: With `prune_zones`: the window, where zone indexes are kept, and the zones found.
         self.window: Window | None = None
         self.zone_store: ZoneIndexStore | None = None
         self.zones: list[Zone] | None = None
+
+    def confine(self, root: str) -> None:
+        """Read local files only inside `root` (a server's sources directory), links included."""
+        self.root = root
 
     def prune_zones(self, window: Window | None, store: ZoneIndexStore | None = None) -> None:
         """Read only the zones that may hold records of `window` (None: every record)."""
@@ -241,7 +257,7 @@ class JsonlSource(RecordSource):
         records: list[Any] = []
         risky = False
         count = 0
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             for number, (offset, line) in enumerate(_lines(fh), start=1):
                 if not line.strip():
                     continue
@@ -264,7 +280,7 @@ class JsonlSource(RecordSource):
         """The records of the byte spans [start, end) (each beginning at a line, numbered from its
         first line's number), in batches."""
         batch = _Batcher(size)
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             for start, end, first_line in spans:
                 fh.seek(start)
                 for number, (offset, line) in enumerate(_lines(fh, start), start=first_line):
@@ -297,7 +313,7 @@ class JsonlSource(RecordSource):
                 for record, risky, offset in held:
                     yield from batch.add(record, risky, offset)
 
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             for number, (offset, line) in enumerate(_lines(fh), start=1):  # noqa: B007 - used after
                 end = offset + len(line)
                 if line.strip():
@@ -318,7 +334,7 @@ class JsonlSource(RecordSource):
         offsets = np.asarray(locators, dtype=np.int64)
         order = np.argsort(offsets, kind="stable")
         out: list[Any] = [None] * len(offsets)
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             for k, offset in zip(order.tolist(), offsets[order].tolist(), strict=True):
                 fh.seek(offset)
                 line = _line_at(fh, offset)
@@ -428,7 +444,7 @@ class CsvSource(RecordSource):
         if self.window is not None:
             return self._zone_cells()
         cells: dict[int, bool] = {}
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             self._has_bom = fh.read(len(_BOM)) == _BOM
             fh.seek(0)
             for _, row in self._rows(fh):
@@ -448,7 +464,7 @@ class CsvSource(RecordSource):
             self._save_index(key, index)
         else:
             self.zones = index.zones
-            with _opened(self.uri, self.shown) as fh:
+            with _opened(self.uri, self.shown, self.root) as fh:
                 self._has_bom = fh.read(len(_BOM)) == _BOM
         self.header = list(index.header or [])
         chosen = selected(index.zones, window)
@@ -475,7 +491,7 @@ class CsvSource(RecordSource):
             integers = tuple(flags.get(i) for i in range(width))
             zones.append(Zone(zone_start, end, *stats.bounds(), integers=integers))
 
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             self._has_bom = fh.read(len(_BOM)) == _BOM
             fh.seek(0)
             for at, row in self._rows(fh):
@@ -507,7 +523,7 @@ class CsvSource(RecordSource):
         self._prepare()
         header = self.header or []
         batch = _Batcher(size)
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             spans: list[tuple[int, int] | None] = (
                 [None] if self._spans is None else [(start, end) for start, end, _ in self._spans]
             )
@@ -520,7 +536,7 @@ class CsvSource(RecordSource):
     def fetch(self, locators: np.ndarray) -> list[Any]:
         header = self.header or []
         out = []
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             for offset in np.asarray(locators, dtype=np.int64).tolist():
                 fh.seek(offset)
                 row = next(csv.reader(self._text_lines(fh, offset, []), strict=True))
@@ -595,7 +611,7 @@ class ParquetSource(RecordSource):
 
     @contextmanager
     def _file(self) -> Iterator[pq.ParquetFile]:
-        with _opened(self.uri, self.shown) as fh:
+        with _opened(self.uri, self.shown, self.root) as fh:
             try:
                 yield pq.ParquetFile(fh)
             except pa.ArrowException as exc:

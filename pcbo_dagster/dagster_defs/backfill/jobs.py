@@ -72,6 +72,11 @@ class PcboRequestConfig(dg.Config):
         description="Directory a relative source.uri resolves against (default: the pcbo resource's "
         "sources.base_dir, else the datasets config's sources directory)",
     )
+    confine_to: str | None = Field(
+        default=None,
+        description="Read local sources only inside this directory, symbolic links followed included "
+        "(what pcbo serve sets on the runs it submits: its sources directory)",
+    )
 
 
 def _failure(outcome: str, description: str, metadata: dict[str, Any]) -> dg.Failure:
@@ -118,7 +123,8 @@ def build_request_job(default_base_dir: str | os.PathLike[str] | None = None) ->
         )
         context.log.info(f"engine {json.dumps(pcbo.describe())}; relative sources resolve against {base}")
         try:
-            loaded = load_request(config.request_json.encode("utf-8"), base)
+            confine = Path(config.confine_to).expanduser().resolve() if config.confine_to else None
+            loaded = load_request(config.request_json.encode("utf-8"), base, confine)
             if loaded.request.target is not None:  # issue 15: SQL targets run as their dataset's asset
                 raise InvalidInput(
                     "target", "a SQL table target runs as its dataset's asset (or pcbo execute), not here"
