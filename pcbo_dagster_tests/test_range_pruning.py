@@ -18,10 +18,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import sqlalchemy as sa
 
 import pcbo_dagster.sources.streaming as streaming
 import pcbo_dagster.sources.zones as zones
 from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.catalog.source_indexes import LazyZoneIndexes, source_index_secret
 from pcbo_dagster.engine.request_loading import evaluate, load_request
 from pcbo_dagster_tests.csv_files import csv_bytes
 
@@ -92,9 +94,11 @@ def _partitions(decisions: Any) -> list[tuple[str, list[str], list[Any]]]:
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Iterator[CatalogStore]:
-    store = CatalogStore(f"sqlite:///{tmp_path / 'catalog.db'}")
-    store.migrate()
+def catalog(tmp_path: Path) -> Iterator[LazyZoneIndexes]:
+    """The catalog's zone indexes as runs keep them: authenticated with the home's key."""
+    store = LazyZoneIndexes(
+        f"sqlite:///{tmp_path / 'catalog.db'}", source_index_secret(tmp_path / "home", environ={})
+    )
     yield store
     store.close()
 
@@ -122,6 +126,50 @@ def test_a_jsonl_range_reads_only_its_zones_and_decides_as_the_whole_file_does(t
         < all_decisions.totals["byReason"]["OUT_OF_WINDOW"]
     )
     assert plan.plan_hash != all_decisions.plan.plan_hash
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_forged_zone_index_in_the_catalog_changes_nothing_a_run_reads(tmp_path, catalog, fmt):
+    """Red-team finding: someone who can write the catalog rewrote a source's zone index (every zone
+    exact and out of the window; a CSV header renamed), and the next run skipped the window's records
+    or read `consentGranted` from another column, while its chain, recording the forged decisions,
+    verified. A row is taken only when its MAC under the home's key verifies: a forged one (or one
+    copied under another key) is dropped, the source read whole, and a genuine index takes its place."""
+    records = _records()
+    if fmt == "jsonl":
+        source = _write_jsonl(tmp_path / "events.jsonl", records)
+    else:
+        source = tmp_path / "events.csv"
+        source.write_bytes(csv_bytes(records, list(records[0])))
+    window = ("2024-01-03T00:00:00Z", "2024-01-04T00:00:00Z")
+    _, _, whole = _decide(_request(source, *window, prune=False))
+    _, _, built = _decide(_request(source, *window), catalog)
+    assert _partitions(built) == _partitions(whole)
+    raw = CatalogStore(catalog.url)
+    try:
+        [(key, stored)] = (
+            raw.engine.connect()
+            .execute(sa.text("SELECT index_key, index_json FROM source_zone_indexes"))
+            .all()
+        )
+        index = json.loads(stored.partition(":")[2])
+        for zone in index["zones"]:
+            zone[2:5] = [0, 1, True]  # every zone exact, its records all in 1970
+        if index.get("header"):
+            index["header"] = [
+                {"consentGranted": "note", "note": "consentGranted"}.get(h, h) for h in index["header"]
+            ]
+        forged = json.dumps(index, sort_keys=True, separators=(",", ":"))
+        for text in (forged, "0" * 64 + ":" + forged, stored.partition(":")[0] + ":" + forged):
+            with raw.engine.begin() as conn:
+                conn.execute(sa.text("UPDATE source_zone_indexes SET index_json = :t"), {"t": text})
+            _, _, decided = _decide(_request(source, *window), catalog)
+            assert _partitions(decided) == _partitions(whole)
+            with raw.engine.connect() as conn:
+                now = conn.execute(sa.text("SELECT index_json FROM source_zone_indexes")).scalar_one()
+            assert now == stored  # the genuine index again
+    finally:
+        raw.close()
 
 
 def test_a_zone_holding_an_unparseable_timestamp_is_never_skipped(tmp_path, catalog):

@@ -2,11 +2,25 @@
 
 A cache, keyed by the source's identity: rows are only inserted (a second writer of the same key
 changes nothing) and may be deleted at any time.
+
+**Authenticated.** An index decides which parts of a source a run never reads, so a forged row
+(someone who can write the catalog) would change what a run writes while its chain, recording the
+forged decisions, still verifies. `LazyZoneIndexes` therefore stores each index with an HMAC-SHA256
+over its key and bytes, under a secret the catalog does not hold (`source_index_secret`:
+`PCBO_SOURCE_INDEX_KEY`, which hosts sharing a catalog share to share their indexes, else a random
+key made once in `$PCBO_HOME/source-index.key`, mode 0600), and takes a row only when its MAC
+verifies: any other row is dropped and the source read whole, as without an index.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from sqlalchemy import delete, select
 
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database, insert_ignore
@@ -31,13 +45,57 @@ class SourceZoneIndexes(Database):
                 ["index_key"],
             )
 
+    def drop_zone_index(self, key: str) -> None:
+        with self.write() as conn:
+            conn.execute(delete(t.source_zone_indexes).where(t.source_zone_indexes.c.index_key == key))
+
+
+KEY_ENV = "PCBO_SOURCE_INDEX_KEY"
+KEY_FILE = "source-index.key"
+
+
+def source_index_secret(home: Path, environ: Mapping[str, str] | None = None) -> bytes:
+    """The secret zone index rows are authenticated with (module doc): the SHA-256 of
+    `PCBO_SOURCE_INDEX_KEY`, else 32 random bytes kept in `home/source-index.key` (made on first use,
+    mode 0600; never logged)."""
+    env = os.environ if environ is None else environ
+    given = env.get(KEY_ENV)
+    if given:
+        return hashlib.sha256(given.encode("utf-8")).digest()
+    path = home / KEY_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        home.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            data = path.read_bytes()
+        else:
+            data = os.urandom(32)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+    if len(data) != 32:
+        from pcbo_dagster.core.errors import InvalidInput
+
+        raise InvalidInput(KEY_ENV, f"{path} is not a 32-byte key: remove it (a new one is made)")
+    return data
+
+
+def _mac(secret: bytes, key: str, data: bytes) -> str:
+    return hmac.new(secret, key.encode("utf-8") + b"\0" + data, hashlib.sha256).hexdigest()
+
 
 class LazyZoneIndexes:
-    """The catalog's zone indexes, the catalog opened (and migrated) only when first asked: a run
-    whose sources need no index never touches the catalog here."""
+    """The catalog's zone indexes, authenticated with `secret` (module doc), the catalog opened (and
+    migrated) only when first asked: a run whose sources need no index never touches the catalog
+    here."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, secret: bytes) -> None:
         self.url = url
+        self.secret = secret
         self._store: SourceZoneIndexes | None = None
 
     def _opened(self) -> SourceZoneIndexes:
@@ -50,10 +108,19 @@ class LazyZoneIndexes:
         return self._store
 
     def zone_index(self, key: str) -> bytes | None:
-        return self._opened().zone_index(key)
+        """The index stored under `key` when its MAC verifies; None otherwise (a row that does not
+        verify is dropped, so the index built next takes its place)."""
+        stored = self._opened().zone_index(key)
+        if stored is None:
+            return None
+        mac, _, data = stored.partition(b":")
+        if hmac.compare_digest(mac, _mac(self.secret, key, data).encode("ascii")):
+            return data
+        self._opened().drop_zone_index(key)
+        return None
 
     def save_zone_index(self, key: str, data: bytes) -> None:
-        self._opened().save_zone_index(key, data)
+        self._opened().save_zone_index(key, _mac(self.secret, key, data).encode("ascii") + b":" + data)
 
     def close(self) -> None:
         if self._store is not None:

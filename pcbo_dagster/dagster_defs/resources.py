@@ -48,7 +48,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from pcbo_dagster.catalog.source_indexes import LazyZoneIndexes
+from pcbo_dagster.catalog.source_indexes import LazyZoneIndexes, source_index_secret
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.settings import Settings
@@ -220,7 +220,8 @@ class PcboEngineResource(dg.ConfigurableResource):
     def zone_indexes(self) -> Iterator[LazyZoneIndexes]:
         """The catalog's zone indexes of streamed sources (opened when first used, closed on exit):
         range runs on any host read only the zones of their range (`sources/zones.py`)."""
-        store = LazyZoneIndexes(self.settings().catalog_url)
+        settings = self.settings()
+        store = LazyZoneIndexes(settings.catalog_url, source_index_secret(settings.home))
         try:
             yield store
         finally:
