@@ -201,3 +201,73 @@ def test_parquet_re_reads_keep_decoded_row_groups_within_one_budget(
             assert source.fetch(chunk) == [expected[i] for i in chunk.tolist()]
             assert groups.held <= max(budget, 1.2 * one_group)
         assert (groups.held > 0) == (limit > 1)
+
+
+def _parquet_refused(tmp_path: Path, name: str, table: pa.Table) -> tuple[int, str]:
+    """(exit status, stderr) of `pcbo dry-run` and `execute` of a parquet source holding `table`; both
+    must agree, and the execute must write nothing."""
+    from pcbo_dagster_tests.cli_runner import run_pcbo
+
+    pq.write_table(table, tmp_path / f"{name}.parquet")
+    request = {
+        "runId": f"pq-{name}",
+        "dataset": "d",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-01T01:00:00Z",
+        "source": {"uri": f"{name}.parquet"},
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(request))
+    answers = [
+        run_pcbo([command, "--input", tmp_path / f"{name}.json"], home=tmp_path / f"home-{name}")
+        for command in ("dry-run", "execute")
+    ]
+    assert answers[0].status == answers[1].status and not (tmp_path / f"home-{name}" / "lake").exists()
+    return answers[1].status, answers[1].stderr
+
+
+def test_parquet_columns_named_twice_and_unreadable_values_are_invalid_input(tmp_path: Path) -> None:
+    """Red-team findings: two `consentGranted` columns (false, true) were decided by the last one
+    (DuckDB reads the first); a struct with a field twice, invalid UTF-8 in a string column and a year
+    past 9999 were internal errors (exit 1). Each is invalid input naming the column (exit 2)."""
+    at = ["2024-01-01T00:10:00Z"]
+    doubled = pa.Table.from_arrays(
+        [pa.array(["r1"]), pa.array(at), pa.array([False]), pa.array([True])],
+        names=["id", "occurredAt", "consentGranted", "consentGranted"],
+    )
+    status, stderr = _parquet_refused(tmp_path, "doubled", doubled)
+    assert status == 2 and "the parquet column consentGranted is named twice" in stderr, stderr
+    struct = pa.StructArray.from_arrays([pa.array([1]), pa.array([2])], names=["k", "k"])
+    nested = pa.table({"id": ["r1"], "occurredAt": at, "s": struct})
+    status, stderr = _parquet_refused(tmp_path, "nested", nested)
+    assert status == 2 and "the parquet column s.k is named twice" in stderr, stderr
+    bad_utf8 = pa.array([b"r1\xff\xfe"], pa.binary()).view(pa.string())
+    status, stderr = _parquet_refused(tmp_path, "utf8", pa.table({"id": bad_utf8, "occurredAt": at}))
+    assert status == 2 and "source.id:" in stderr and "UnicodeDecodeError" in stderr, stderr
+    far = pa.array([253402300800 * 1_000_000], pa.timestamp("us", "UTC"))  # 10000-01-01
+    status, stderr = _parquet_refused(tmp_path, "far", pa.table({"id": ["r1"], "occurredAt": at, "t": far}))
+    assert status == 2 and "source.t:" in stderr, stderr
+
+
+def test_a_nanosecond_timestamp_is_cut_to_its_microsecond(tmp_path: Path) -> None:
+    """pandas writes nanosecond timestamps; one that is not a whole microsecond was an internal error.
+    It is read as the instant cut to its microsecond, as an instant's digits past the sixth are."""
+    from pcbo_dagster.sources import streaming
+
+    moment = pa.array([1704067800_123456789], pa.timestamp("ns", "UTC"))  # 2024-01-01T00:10:00.123456789Z
+    pq.write_table(pa.table({"id": ["r1"], "occurredAt": moment}), tmp_path / "ns.parquet")
+    source = streaming.ParquetSource(str(tmp_path / "ns.parquet"), "ns.parquet")
+    [(records, _, _)] = list(source.batches(10))
+    assert records == [{"id": "r1", "occurredAt": "2024-01-01T00:10:00.123456Z"}]
+
+
+def test_a_csv_cell_may_be_as_long_as_a_line(tmp_path: Path) -> None:
+    """A cell over the csv module's default 131,072 characters was refused ("field larger than field
+    limit"), though lines up to PCBO_MAX_LINE_BYTES are read."""
+    from pcbo_dagster.sources import streaming
+
+    path = tmp_path / "long.csv"
+    path.write_text("id,occurredAt,note\nr1,2024-01-01T00:10:00Z," + "x" * 300_000 + "\n")
+    source = streaming.CsvSource(str(path), "long.csv")
+    [(records, _, locators)] = list(source.batches(10))
+    assert len(records[0]["note"]) == 300_000
+    assert source.fetch(locators) == records

@@ -84,6 +84,14 @@ def max_line_bytes() -> int:
     return positive_int("PCBO_MAX_LINE_BYTES", os.environ.get("PCBO_MAX_LINE_BYTES"), DEFAULT_MAX_LINE_BYTES)
 
 
+def _csv_reader(lines: Iterator[str]) -> Any:
+    """A strict `csv.reader`; a cell may be as long as a line may (`max_line_bytes`), not only the
+    csv module's default 131,072 characters."""
+    if csv.field_size_limit() < max_line_bytes():
+        csv.field_size_limit(max_line_bytes())
+    return csv.reader(lines, strict=True)
+
+
 @contextmanager
 def _opened(uri: str, shown: str, root: str | None = None) -> Iterator[IO[bytes]]:
     """The source file at `uri` open for reading; a local one only a regular file (a FIFO, a device or
@@ -402,7 +410,7 @@ class CsvSource(RecordSource):
         if span is not None:
             fh.seek(start)
         lines = self._text_lines(fh, start, starts)
-        reader = csv.reader(lines, strict=True)
+        reader = _csv_reader(lines)
         try:
             try:
                 if span is None:
@@ -539,7 +547,7 @@ class CsvSource(RecordSource):
         with _opened(self.uri, self.shown, self.root) as fh:
             for offset in np.asarray(locators, dtype=np.int64).tolist():
                 fh.seek(offset)
-                row = next(csv.reader(self._text_lines(fh, offset, []), strict=True))
+                row = next(_csv_reader(self._text_lines(fh, offset, [])))
                 out.append(csv_record(header, row, self.integer_columns))
         return out
 
@@ -618,10 +626,38 @@ class ParquetSource(RecordSource):
                 raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
 
     def _read_layout(self, pf: pq.ParquetFile) -> None:
-        """The row groups' first rows and the schema, from the file's metadata."""
+        """The row groups' first rows and the schema, from the file's metadata. A column (or a field
+        of a struct) named twice is invalid input: readers disagree on which one a record's value is
+        (the last wins here, the first in DuckDB), as with a JSON key or a CSV column named twice."""
         rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         self.group_starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+        twice = _named_twice(list(pf.schema_arrow))
+        if twice is not None:
+            raise InvalidInput(
+                "source", f"{redact_url(self.shown)}: the parquet column {twice} is named twice"
+            )
         self._schema = pf.schema_arrow
+
+    def _records(self, rows: pa.RecordBatch | pa.Table) -> list[Any]:
+        """`rows` as the JSON records they stand for, column by column: a value Python cannot hold (a
+        year past 9999, invalid UTF-8 in a string column) is invalid input naming its column; a
+        nanosecond timestamp is cut to its microsecond (as an instant's digits past the sixth are)."""
+        names = rows.schema.names
+        columns = []
+        for name, column in zip(names, rows.columns, strict=True):
+            try:
+                if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
+                    column = pc.cast(column, pa.timestamp("us", column.type.tz), safe=False)
+                columns.append(column.to_pylist())
+            except (UnicodeDecodeError, OverflowError, ValueError, pa.ArrowException) as exc:
+                raise InvalidInput(
+                    f"source.{name}",
+                    f"{redact_url(self.shown)}: a value of column {name} cannot be read "
+                    f"({exc.__class__.__name__})",
+                ) from None
+        if not columns:
+            return [{} for _ in range(rows.num_rows)]
+        return [jsonable_row(dict(zip(names, values, strict=True))) for values in zip(*columns, strict=True)]
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         with self._file() as pf:
@@ -635,7 +671,7 @@ class ParquetSource(RecordSource):
                 positions = np.arange(first, first + batch.num_rows, dtype=np.int64)
                 first += batch.num_rows
                 yield (
-                    [jsonable_row(row) for row in batch.to_pylist()],
+                    self._records(batch),
                     _may_hold_floats_or_big_ints(batch),
                     positions,
                 )
@@ -654,7 +690,7 @@ class ParquetSource(RecordSource):
                 continue
             first = zone.start
             for batch in pf.iter_batches(batch_size=size, row_groups=[group], use_threads=False):
-                records.extend(jsonable_row(row) for row in batch.to_pylist())
+                records.extend(self._records(batch))
                 positions.append(np.arange(first, first + batch.num_rows, dtype=np.int64))
                 first += batch.num_rows
                 risky = risky or _may_hold_floats_or_big_ints(batch)
@@ -745,15 +781,33 @@ class ParquetSource(RecordSource):
         return table.take(pa.array(order))
 
     def fetch(self, indices: np.ndarray) -> list[Any]:
-        return [jsonable_row(row) for row in self._take(indices).to_pylist()]
+        return self._records(self._take(indices))
 
     def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
         table = self._take(indices)
         for lo in range(0, table.num_rows, size):
-            yield [jsonable_row(row) for row in table.slice(lo, size).to_pylist()]
+            yield self._records(table.slice(lo, size))
 
 
 _UNIT_TO_US = {"s": (1_000_000, 1), "ms": (1_000, 1), "us": (1, 1), "ns": (1, 1_000)}
+
+
+def _named_twice(fields: list[pa.Field], where: str = "") -> str | None:
+    """The first column or struct field (as `a.b`) named twice among `fields` and below, or None."""
+    seen: set[str] = set()
+    for f in fields:
+        name = f"{where}{f.name}"
+        if f.name in seen:
+            return name
+        seen.add(f.name)
+        inner = f.type
+        while pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner):
+            inner = inner.value_type
+        if pa.types.is_struct(inner):
+            found = _named_twice([inner.field(i) for i in range(inner.num_fields)], f"{name}.")
+            if found is not None:
+                return found
+    return None
 
 
 def _field_column(pf: pq.ParquetFile, name: str) -> int | None:
