@@ -613,6 +613,35 @@ def test_a_rollback_killed_at_any_instant_is_completed_by_running_it_again(base,
     )
 
 
+def test_a_rollback_killed_after_its_intent_is_reported_and_completed_by_repair(base, tmp_path):
+    """Red-team finding: a rollback killed right after its intent left the lake as it was, and verify
+    said nothing: the intent stayed open for good, and whenever someone who can write the lake later
+    put the older version back as the commit point, repair took it for this rollback and removed the
+    newer version's files, at a time of their choosing. Verify reports the interrupted rollback
+    (`rollback_interrupted`), and `--repair` completes it as running the rollback again does."""
+    reference = tmp_path / "reference"
+    shutil.copytree(base, reference)
+    assert run_pcbo(["rollback", "--dataset", "events", "--partition", K1], home=reference).status == 0
+    home = tmp_path / "home"
+    shutil.copytree(base, home)
+    args = ["rollback", "--dataset", "events", "--partition", K1]
+    crashed = run_pcbo(args, home=home, env={"PCBO_FAILPOINT": "rollback_after_intent@0"})
+    assert crashed.status == 86, crashed.stderr
+    status, found = pcbo(home, "verify")
+    assert status == 1 and [(f["kind"], f["where"]) for f in found["findings"]] == [
+        ("rollback_interrupted", f"{CHAIN}/{K1}")
+    ], found["findings"]
+    status, repaired = pcbo(home, "verify", "--repair")
+    assert status == 0 and [r["kind"] for r in repaired["repaired"]] == ["rollback_completed"], repaired
+    assert lake_files(home) == lake_files(reference)
+    assert pcbo(home, "verify")[0] == 0
+    assert pcbo(home, "verify", "--repair")[1]["repaired"] == []  # a second repair appends nothing
+    rolled = [e for e in backup_events(home) if e["event_type"] == "partition_rolled_back"]
+    assert [(e["partition"]["key"], e["partition"]["version"]) for e in rolled] == [(K1, 2)]
+    status, document = pcbo(home, *args)
+    assert status == 0 and document["status"] == "noop", document
+
+
 # -- 6. sources are what was decided -------------------------------------------------------------------
 
 

@@ -44,7 +44,13 @@ from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.catalog.schema import append_only_trigger_names
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
-from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, PartitionHistory, replay
+from pcbo_dagster.core.chain_state import (
+    PARTITION_ROLLED_BACK,
+    ChainState,
+    PartitionHistory,
+    RollbackIntent,
+    replay,
+)
 from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
@@ -333,7 +339,15 @@ def _check_partition(
         assert history is not None
         if not _heal(env, report, state, dataset, version_label, history, comparison):
             return manifest_bytes is not None
-    if comparison.manifest is not None:
+    intent = history.open_intent if history is not None else None
+    if (
+        comparison.verdict == "agrees"
+        and isinstance(intent, RollbackIntent)
+        and intent.manifest_checksum == comparison.manifest_checksum
+    ):
+        _complete_rollback(env, report, state, dataset, version_label, key, intent)
+        manifest_bytes = env.lake.read_if_exists(layout.manifest(dataset, version_label, key))
+    if manifest_bytes is not None:
         _check_current(env, report, dataset, version_label, key)
     if history is not None:
         _check_versions(env, report, history, dataset, version_label)
@@ -372,6 +386,52 @@ def _heal(
     appended = "audit_event_appended" if comparison.verdict == "heal_commit" else "rollback_event_appended"
     report.repaired.append({"kind": appended, "where": where, "eventHash": event["chain"]["event_hash"]})
     return True
+
+
+def _complete_rollback(
+    env: Environment,
+    report: _Report,
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+    key: str,
+    intent: RollbackIntent,
+) -> None:
+    """A rollback killed after its intent, before the commit point moved: the lake is still the
+    version the intent undoes. Reported (it would otherwise stay open, and a later downgrade of the
+    commit point by anyone who can write the lake would be healed as this rollback, at a time of their
+    choosing); `--repair` completes it as running the rollback again does (checked like any rollback:
+    the version to restore must be the chain's, intact)."""
+    from pcbo_dagster.engine.rollback import RollbackRefused, apply_undos, plan_undo
+
+    where = f"{dataset}/{version_label}/{key}"
+    detail = (
+        f"the rollback of version {intent.version} (seq {intent.seq}) stopped after its intent, before the "
+        "commit point moved"
+    )
+    if not report.repair:
+        report.healable(
+            "rollback_interrupted", where, f"{detail} (a crash window: verify --repair completes it)"
+        )
+        return
+    try:
+        step = plan_undo(env, state, dataset, version_label, key)
+    except RollbackRefused as exc:
+        report.find(exc.finding["kind"], where, f"{detail}; it cannot be completed: {exc.finding['detail']}")
+        return
+    if (step.version, step.restore_version) != (intent.version, intent.restore_version):
+        report.find("rollback_interrupted", where, f"{detail}; the chain now names another version to undo")
+        return
+    [outcome] = apply_undos(
+        env,
+        state,
+        dataset,
+        version_label,
+        [step],
+        reason=intent.reason or "interrupted_rollback_completed",
+        run_id=intent.run_id,
+    )
+    report.repaired.append({"kind": "rollback_completed", "where": where, "eventHash": outcome["eventHash"]})
 
 
 def _check_current(env: Environment, report: _Report, dataset: str, version_label: str, key: str) -> None:
