@@ -105,3 +105,71 @@ def test_the_heartbeat_keeps_a_lease_past_its_ttl_and_a_silent_holder_loses_it(
     with pytest.raises(DatasetBusy, match="taken over"):
         held.renew()
     taker.release()
+
+
+def _race(url: str, contenders: int, ttl: float) -> list[dict | None]:
+    """`contenders` threads, each with its own catalog connection, asking for one lease at once."""
+    import threading
+
+    barrier = threading.Barrier(contenders)
+    answers: list[dict | None] = [None] * contenders
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        catalog = CatalogStore(url)
+        try:
+            catalog.try_acquire_lease("events", "v1", "warm-up", 60)  # connect before the race
+            catalog.release_lease("events", "v1", "warm-up")
+            barrier.wait()
+            answers[i] = catalog.try_acquire_lease("events", "v1", f"host-{i}", ttl)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            catalog.close()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    return answers
+
+
+def test_many_hosts_asking_at_once_get_one_lease(store: CatalogStore) -> None:
+    """Red-team findings (PostgreSQL): the first lease of a dataset version raised IntegrityError in
+    every contender but one, and an expired lease was taken over by two or three contenders at once
+    (an unlocked read, and an update whose row count was not checked), each then writing the same
+    versions. Exactly one contender takes it, the others are told who holds it."""
+    url = str(store.engine.url.render_as_string(hide_password=False))
+    store.close()
+    for trial in range(5):
+        fresh = CatalogStore(url)
+        with fresh.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM dataset_leases")
+        if trial % 2:  # an expired lease left behind by a host that died
+            assert fresh.try_acquire_lease("events", "v1", "dead-host", -1) is None
+        fresh.close()
+        answers = _race(url, 4, 60)
+        winners = [i for i, answer in enumerate(answers) if answer is None]
+        assert len(winners) == 1, (trial, answers)
+        assert {a["holder"] for a in answers if a is not None} == {f"host-{winners[0]}"}
+
+
+def test_a_holder_is_judged_dead_only_in_its_own_process_space(monkeypatch) -> None:
+    """Red-team finding: a live holder in another pid namespace (a container with the host's name)
+    was judged dead because its pid did not exist here, and its lease taken over while it wrote."""
+    import socket
+
+    from pcbo_dagster.engine import environment
+
+    space = environment._process_space()
+    assert space is not None  # Linux: the boot id and the pid namespace
+    gone = 2**22 + 12345  # beyond pid_max: no such process
+    mine = {"run": "r", "pid": gone, "host": socket.gethostname(), "token": "t"}
+    assert environment._holder_is_dead(json.dumps({**mine, "space": space}))
+    assert not environment._holder_is_dead(json.dumps({**mine, "space": "another-boot:pid:[1]"}))
+    assert not environment._holder_is_dead(json.dumps(mine))  # says nothing of where: wait for expiry
+    assert not environment._holder_is_dead(json.dumps({**mine, "space": space, "host": "elsewhere"}))
+    alive = {**mine, "pid": __import__("os").getpid(), "space": space}
+    assert not environment._holder_is_dead(json.dumps(alive))

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import Database
+from pcbo_dagster.catalog.database import Database, insert_ignore
 from pcbo_dagster.catalog.runs import register_dataset
 from pcbo_dagster.io.clock import utc_now
 
@@ -33,41 +33,45 @@ class DatasetLeases(Database):
         renewed, when `holder` already has it), else the current holder's row. A lease past its
         expiry, or one `is_stale(holder_text)` says is dead, is taken over."""
         lease = t.dataset_leases
-        now = utc_now()
-        expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
         where = (lease.c.dataset == dataset, lease.c.version_label == version_label)
-        with self.write() as conn:
-            register_dataset(conn, dataset, version_label)
-            row = conn.execute(select(lease).where(*where)).first()
-            if row is None:
-                conn.execute(
-                    lease.insert().values(
-                        dataset=dataset,
-                        version_label=version_label,
+        while True:  # again only when another host changed the row between our read and write
+            now = utc_now()
+            expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
+            with self.write() as conn:
+                register_dataset(conn, dataset, version_label)
+                # The row locked (PostgreSQL: FOR UPDATE; SQLite's write transaction holds the whole
+                # file) until this transaction ends: two hosts never both take the same expired lease.
+                row = conn.execute(select(lease).where(*where).with_for_update()).first()
+                if row is None:
+                    first = {
+                        "dataset": dataset,
+                        "version_label": version_label,
+                        "holder": holder,
+                        "acquired_at": now,
+                        "expires_at": expires,
+                    }
+                    if insert_ignore(conn, lease, first, ["dataset", "version_label"]):
+                        return None
+                    continue  # another host inserted it first: judge its row
+                current = dict(row._mapping)
+                takeover = (
+                    current["holder"] == holder
+                    or current["expires_at"] <= now
+                    or (is_stale is not None and is_stale(current["holder"]))
+                )
+                if not takeover:
+                    return current
+                done = conn.execute(
+                    update(lease)
+                    .where(*where, lease.c.holder == current["holder"])
+                    .values(
                         holder=holder,
-                        acquired_at=now,
+                        acquired_at=now if current["holder"] != holder else current["acquired_at"],
                         expires_at=expires,
                     )
                 )
-                return None
-            current = dict(row._mapping)
-            takeover = (
-                current["holder"] == holder
-                or current["expires_at"] <= now
-                or (is_stale is not None and is_stale(current["holder"]))
-            )
-            if not takeover:
-                return current
-            conn.execute(
-                update(lease)
-                .where(*where, lease.c.holder == current["holder"])
-                .values(
-                    holder=holder,
-                    acquired_at=now if current["holder"] != holder else current["acquired_at"],
-                    expires_at=expires,
-                )
-            )
-            return None
+                if done.rowcount == 1:
+                    return None
 
     def release_lease(self, dataset: str, version_label: str, holder: str) -> None:
         """Give the lease up, if `holder` still has it."""

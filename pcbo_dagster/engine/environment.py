@@ -39,13 +39,33 @@ class DatasetBusy(PcboError):
     """Another run holds the dataset version's write lease (exit status 1)."""
 
 
+def _process_space() -> str | None:
+    """Where this process's pid means something: the kernel's boot id and the pid namespace (two
+    containers with one host name, or one host rebooted, are other spaces). None when it cannot be
+    told (no /proc): then no holder is ever judged dead by its pid, only by its lease's expiry."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            boot = handle.read().strip()
+        return f"{boot}:{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
 def _holder_is_dead(holder_text: str) -> bool:
-    """A lease held by a process of this host that no longer exists is stale (a crashed run)."""
+    """A lease held by a process that no longer exists, in this very process space (same host name,
+    boot and pid namespace: `_process_space`), is stale (a crashed run). A holder elsewhere, or one
+    that does not say where, is waited for until its lease expires."""
     try:
         holder = json.loads(holder_text)
     except ValueError:
         return False
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    space = _process_space()
+    if (
+        holder.get("host") != socket.gethostname()
+        or space is None
+        or holder.get("space") != space
+        or not isinstance(holder.get("pid"), int)
+    ):
         return False
     try:
         os.kill(holder["pid"], 0)
@@ -67,7 +87,13 @@ class DatasetLease:
     def __init__(self, catalog: CatalogStore, dataset: str, version_label: str, run_id: str | None) -> None:
         self.catalog, self.dataset, self.version_label = catalog, dataset, version_label
         self.holder = json.dumps(
-            {"run": run_id, "pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex},
+            {
+                "run": run_id,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "space": _process_space(),
+                "token": uuid.uuid4().hex,
+            },
             sort_keys=True,
         )
         self.ttl = lease_ttl_seconds()
