@@ -219,6 +219,35 @@ def test_crash_after_commit_is_healed_by_verify_repair(work, request_file, refer
     _assert_one_commit_event_per_partition(home)
 
 
+def test_repair_waits_for_a_live_run_and_never_heals_its_commit(work, request_file):
+    """Red-team finding: `verify --repair` took no lock, so a live run's commit — its intent appended,
+    its commit point written, its events not yet — looked like a crash window: repair appended the
+    commit event, then the run appended its own, and the chain committed that version twice for good.
+    Repair takes the write lock of every dataset version, so it waits for runs under way (here: a
+    lock held while the lake is in that very state, beyond PCBO_LEASE_WAIT_SECONDS: exit 1, nothing
+    appended), and heals only once the run is gone."""
+    from pcbo_dagster.catalog import CatalogStore
+
+    home = work / "home-live"
+    _crash(home, request_file, "after_commit")
+    before = backup_events(home)
+    live = json.dumps({"run": "live-run", "pid": 1, "host": "another-host", "token": "t"}, sort_keys=True)
+    catalog = CatalogStore(f"sqlite:///{home / 'catalog.db'}")
+    try:
+        # a run on another host (taking over the lease the crashed run left)
+        assert catalog.try_acquire_lease("events", "v1", live, 600, is_stale=lambda _: True) is None
+        waited = run_pcbo(["verify", "--repair"], home=home, env={"PCBO_LEASE_WAIT_SECONDS": "1"})
+        assert waited.status == 1 and waited.document is None, waited
+        assert "is being written by run 'live-run'" in waited.stderr, waited.stderr
+        assert backup_events(home) == before
+        assert _verify(home)["status"] == "findings"  # plain verify takes no lock
+        catalog.release_lease("events", "v1", live)
+    finally:
+        catalog.close()
+    assert _verify(home, "--repair")["status"] == "clean"
+    _assert_one_commit_event_per_partition(home)
+
+
 def test_a_crashed_unaudited_version_is_audited_before_a_new_version_supersedes_it(
     work, request_file, changed_request_file
 ):

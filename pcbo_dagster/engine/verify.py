@@ -34,6 +34,7 @@ else stays a finding, with a note that repair refuses it. A second `repair` appe
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,32 @@ class TrustedCheckpoint:
 def verify(
     env: Environment, repair: bool = False, trusted: TrustedCheckpoint | None = None
 ) -> dict[str, Any]:
+    """Check every store against the chains (module doc). With `repair`, under the write lock of every
+    dataset version the stores know (waiting, as a run does, for runs under way): a live run's commit,
+    its intent appended and its commit point written, looks exactly like a crash window, and healing
+    it beside the run would record that commit twice."""
+    if not repair:
+        return _verify(env, False, trusted)
+    with contextlib.ExitStack() as locks:
+        for dataset, version_label in _dataset_versions(env):
+            locks.enter_context(env.dataset_lock(dataset, version_label))
+        return _verify(env, True, trusted)
+
+
+def _dataset_versions(env: Environment) -> list[tuple[str, str]]:
+    """Every dataset version the audit backup, the catalog's heads or its datasets name, in order."""
+    keys = set(env.audit.backup.chain_keys()) | set(env.catalog.chain_heads())
+    keys |= {f"{d['dataset']}/{d['version_label']}" for d in env.catalog.datasets()}
+    found = []
+    for key in sorted(keys):
+        try:
+            found.append(split_chain_key(key))
+        except ValueError:
+            continue  # reported by the checks, never repaired
+    return found
+
+
+def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -> dict[str, Any]:
     report = _Report(repair)
     if repair:
         _reconcile_stores(env, report)
