@@ -589,3 +589,27 @@ def test_concurrent_processes_with_a_head_store(tmp_path):
     events = AuditBackup(tmp_path / "pas").read_chain(KEY)
     assert len(events) == 30 and verify_chain(events, KEY) == []
     assert SqliteHeadStore(db).all_events(KEY) == events
+
+
+@pytest.mark.parametrize("with_catalog", [False, True])
+def test_an_append_after_a_head_that_moved_is_refused_whole(tmp_path, with_catalog):
+    """The fence of a writer that lost its lease (red-team finding: a run frozen past its lease's
+    expiry, then resumed, appended its intent and commits on the chain the new holder had moved on,
+    committing versions twice): an append made `after` the head its caller read goes there or nowhere."""
+    from pcbo_dagster.audit.log import ChainMoved
+
+    store = SqliteHeadStore(tmp_path / "catalog.db") if with_catalog else None
+    log = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store, clock=FixedClock())
+    with pytest.raises(ChainMoved):
+        log.append(KEY, "a", {"n": 0}, after=(0, "sha256:" + "0" * 64))  # the chain is empty
+    first = log.append(KEY, "a", {"n": 0}, after=None)
+    read = (0, first["chain"]["event_hash"])
+    second = log.append(KEY, "b", {"n": 1})  # another writer, on whatever head there is
+    for stale in (None, read):
+        with pytest.raises(ChainMoved, match="moved since this run read it"):
+            log.append_many(KEY, [("c", {"n": 2}), ("c", {"n": 3})], after=stale)
+    assert log.backup.read_chain(KEY) == [first, second]
+    if store is not None:
+        assert store.all_events(KEY) == [first, second]
+    third = log.append_many(KEY, [("c", {"n": 2})], after=(1, second["chain"]["event_hash"]))
+    assert third[0]["chain"]["seq"] == 2

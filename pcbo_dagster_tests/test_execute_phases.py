@@ -202,3 +202,33 @@ def test_a_partition_whose_lake_disagrees_stops_the_run_and_says_nothing_was_rol
     assert document["partitions"] == [] and document["totals"]["failure"] == str(failed.value)
     assert lake_files(home) == before
     assert not [e for e in backup_events(home) if e["event_type"] == "partition_rolled_back"]
+
+
+def test_a_run_whose_chain_moved_under_it_appends_nothing_and_commits_nothing(
+    tmp_path, request_file, monkeypatch
+) -> None:
+    """The fence (red-team finding: a run frozen past its lease's expiry, resumed after another host
+    took the lease over and committed, appended its intent on the new head and committed the same
+    versions again). Here another writer appends while the run stages its first batch: the run's
+    intent goes after the head it read or nowhere, so it stops (exit 1) with no intent, no commit point
+    and no event of its own, and the chain commits nothing twice."""
+    import pcbo_dagster.engine.execute as engine_execute
+    from pcbo_dagster.audit.log import ChainMoved
+
+    loaded, plan, decisions = _evaluated(request_file)
+    env = _open(tmp_path / "home")
+    real = engine_execute._stage_batch
+
+    def stage_then_another_writer(*args: Any, **kwargs: Any) -> Any:
+        staged = real(*args, **kwargs)
+        env.audit.append("events/v1", "note_of_another_writer", {"by": "the host that took the lease"})
+        return staged
+
+    monkeypatch.setattr(engine_execute, "_stage_batch", stage_then_another_writer)
+    try:
+        with pytest.raises(ChainMoved, match="moved since this run read it"):
+            execute(env, loaded, plan, decisions)
+    finally:
+        env.close()
+    assert [e["event_type"] for e in backup_events(tmp_path / "home")] == ["note_of_another_writer"]
+    assert not list(lake_dir(tmp_path / "home").rglob("_manifest.json"))

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from pcbo_dagster.audit.backup import AuditBackupCorrupt, ChainBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
@@ -52,6 +52,15 @@ from pcbo_dagster.io.clock import utc_now
 
 class ChainDivergence(IntegrityError):
     """The backup and the head store hold different events at the same position (a fork)."""
+
+
+class ChainMoved(IntegrityError):
+    """An append made on the chain as its caller last read it found another head: another writer
+    appended since (a run whose lease was taken over while it stalled). Nothing was appended."""
+
+
+#: `append_many(after=...)`'s default: append on whatever head the chain has.
+ANY_HEAD: Any = object()
 
 
 class ChainHeadTxn(Protocol):
@@ -238,18 +247,25 @@ class AuditLog:
             len(hole) - len(held), len(adopted), _head_of(adopted[-1]) if adopted else backup_head
         )
 
-    def append(self, chain_key: str, event_type: str, body: dict) -> AuditEvent:
+    def append(
+        self, chain_key: str, event_type: str, body: dict, after: tuple[int, str] | None = ANY_HEAD
+    ) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
 
         ValueError for an invalid chain_key, event_type or body (floats, reserved keys);
-        ChainDivergence when the backup and the head store hold different chains.
+        ChainDivergence when the backup and the head store hold different chains; `after`: see
+        `append_many`.
         """
-        return self.append_many(chain_key, [(event_type, body)])[0]
+        return self.append_many(chain_key, [(event_type, body)], after)[0]
 
-    def append_many(self, chain_key: str, items: list[tuple[str, dict]]) -> list[AuditEvent]:
+    def append_many(
+        self, chain_key: str, items: list[tuple[str, dict]], after: tuple[int, str] | None = ANY_HEAD
+    ) -> list[AuditEvent]:
         """Append several events in order under one lock: one backup write and fsync, two head-store
         transactions (a group commit; see the module doc). Returns the events; all or none reach the
-        backup."""
+        backup. `after`: the head (seq, event hash; None: an empty chain) the caller decided on; the
+        events go after it or not at all (`ChainMoved`), checked under the chain's writer lock — a
+        fence against a writer that lost its lease."""
         if not items:
             return []
         if self.actor is not None:
@@ -259,11 +275,14 @@ class AuditLog:
         timestamp = audit_timestamp(self.clock())
         with self._writer(chain_key):
             if self.head_store is None:
-                events = self._build(chain_key, _head_of(self.backup.last_event(chain_key)), items, timestamp)
+                head = _head_of(self.backup.last_event(chain_key))
+                _fence(chain_key, head, after)
+                events = self._build(chain_key, head, items, timestamp)
                 self.backup.append(chain_key, events, fsync=True)
                 return events
             with self.head_store.locked_chain(chain_key) as txn:
                 state = self._reconcile(chain_key, txn)
+                _fence(chain_key, state.head, after)
                 events = self._build(chain_key, state.head, items, timestamp)
                 txn.set_pending(events[0]["chain"]["seq"], events)
             self.backup.append(chain_key, events, fsync=True)
@@ -311,3 +330,13 @@ class AuditLog:
         if self.delivery is None:
             return None
         return self.delivery.deliver_pending(self.backup, chain_key)
+
+
+def _fence(chain_key: str, head: tuple[int, str] | None, after: Any) -> None:
+    """`ChainMoved` unless `after` is `ANY_HEAD` or the chain's `head`."""
+    if after is not ANY_HEAD and (None if after is None else tuple(after)) != head:
+        raise ChainMoved(
+            f"{chain_key}: the audit chain moved since this run read it (now at seq "
+            f"{'none' if head is None else head[0]}, not {'none' if after is None else after[0]}): another "
+            "writer appended (was the write lease taken over?); nothing of this run was appended"
+        )

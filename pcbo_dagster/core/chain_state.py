@@ -246,6 +246,11 @@ class ChainState:
             if a.run_id == run_id and a.rolled_back is not None
         }
 
+    @property
+    def head(self) -> tuple[int, str] | None:
+        """(seq, event hash) of the last event replayed; None before any."""
+        return None if self.length == 0 or self.head_hash is None else (self.length - 1, self.head_hash)
+
     def add(self, event: Mapping[str, Any]) -> None:
         """Replay one more event (the next in seq order)."""
         self.length += 1

@@ -335,6 +335,7 @@ def execute(
             if pace is not None and not pace(pds[0]):
                 stopped = True
                 break
+            lease.renew()  # still this run's (DatasetBusy if not), just before the batch writes anything
             try:
                 batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state)
             except (LakeDisagreesWithChain, SourceChanged) as exc:
@@ -356,7 +357,6 @@ def execute(
                 progress(len(batch))
             if failure:
                 break
-            lease.renew()
         if publisher is not None and not publisher.refused and not failure:  # issue 17: what batches left
             failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
             failed_kind = TABLE_PUBLICATION_REFUSED
@@ -755,6 +755,7 @@ def _record_restoration(env: Environment, state: ChainState, plan: Plan, staged:
         restoration_body(
             dict(current.event["partition"]), current.manifest_checksum, staged.restored, plan.run_id
         ),
+        after=state.head,
     )
     state.add(event)
 
@@ -808,6 +809,7 @@ def _write_commit_points(
             commit_intent_body(
                 plan.run_id, [commit_intent_entry(st.manifest, st.manifest_checksum) for st in commits]
             ),
+            after=state.head,  # the chain this run decided on, or nothing (a writer that lost its lease)
         )
         state.add(intent)
     _reached("before_commit", indexes)
@@ -826,6 +828,7 @@ def _append_commit_events(
     events = env.audit.append_many(
         ckey,
         [(PARTITION_COMMITTED, commit_body(manifest, checksum, env.lake)) for manifest, checksum in commits],
+        after=state.head,
     )
     for event in events:
         state.add(event)
@@ -1048,6 +1051,7 @@ def emit_partitions(
         env.audit.sync_to_catalog(chain_key(plan.dataset, plan.version_label))
         state = replay(env.audit.backup.read_chain(chain_key(plan.dataset, plan.version_label)))
         for pds in _commit_batches(decisions.partitions, COMMIT_BATCH):
+            lease.renew()  # still this run's (DatasetBusy if not), just before the batch writes anything
             try:
                 batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state)
             except (LakeDisagreesWithChain, SourceChanged) as exc:
@@ -1070,7 +1074,6 @@ def emit_partitions(
             )
             if progress:
                 progress(len(batch))
-            lease.renew()
     return Emission(
         plan.run_id,
         plan.dataset,

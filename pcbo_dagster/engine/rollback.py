@@ -243,6 +243,7 @@ def apply_undos(
                 for s in steps
             ],
         ),
+        after=state.head,
     )
     state.add(intent)
     failpoints.reached("rollback_after_intent", 0)
@@ -279,6 +280,7 @@ def apply_undos(
             )
             for step in steps
         ],
+        after=state.head,
     )
     failpoints.reached("rollback_after_event", 0)
     outcomes = []
