@@ -254,6 +254,22 @@ def test_secrets_never_reach_last_error_reports_or_logs(store, receiver, caplog,
         assert "Authorization" not in text and "Bearer" not in text
 
 
+def test_a_token_that_cannot_be_sent_is_refused_without_showing_it(store, receiver, monkeypatch):
+    """Red-team finding: a `PCBO_ALERT_WEBHOOK_TOKEN` with a line break made http.client raise a
+    ValueError carrying the header (escaped, so no scrub matched it): the token leaked into the error,
+    and every alert after it stayed undelivered. Such a token is refused when the webhook is made,
+    naming the problem, never the token."""
+    host, port = receiver.server.server_address[:2]
+    monkeypatch.setenv(WEBHOOK_URL_ENV, f"http://{host}:{port}/hooks")
+    for token in ("s3cr3t-TOKEN-part1\ns3cr3t-TOKEN-part2", "s3cr3t TOKEN", "s3cr3t-TÖKEN", "s3cr3t\x7f"):
+        monkeypatch.setenv(WEBHOOK_TOKEN_ENV, token)
+        with pytest.raises(ValueError) as refused:
+            AlertWebhook.from_env()
+        assert "token holds a control, space or non-ASCII character" in str(refused.value)
+        assert "s3cr3t" not in str(refused.value) and "TOKEN" not in str(refused.value)
+    assert receiver.requests == []
+
+
 def test_scrub_text_removes_url_credentials_and_queries():
     text = "failed: postgresql://u:secretpw@db:5432/x?sslkey=zz and https://h/p?token=abc, ok"
     assert (

@@ -60,6 +60,11 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # a 3xx answer becomes an HTTPError (not delivered)
 
 
+def _sendable(value: str, spaces: bool = False) -> bool:
+    """Whether `value` can go in an HTTP header as is: visible ASCII (and spaces, when allowed)."""
+    return all(0x21 <= ord(c) <= 0x7E or (spaces and c == " ") for c in value)
+
+
 class JsonPoster:
     """POSTs JSON bodies to `url` (http or https) with retries and exponential backoff.
 
@@ -92,6 +97,12 @@ class JsonPoster:
             raise ValueError(f"invalid {name} {redact_url(url)}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{name} must be an http(s) URL with a host: {redact_url(url)}")
+        if token is not None and not _sendable(token):
+            # never shown: a token is a secret, and http.client's refusal would print it escaped
+            raise ValueError(f"the {name}'s token holds a control, space or non-ASCII character")
+        for header, value in (headers or {}).items():
+            if not _sendable(value, spaces=True):
+                raise ValueError(f"the {name}'s {header} header holds a control or non-ASCII character")
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
         if initial_wait < 0 or max_wait < 0 or timeout <= 0:
@@ -144,6 +155,8 @@ class JsonPoster:
             raise _Retryable(f"connection failed: {type(reason).__name__}: {reason}") from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
+        except ValueError as exc:  # a request http.client refuses to send: its text may hold a header
+            raise _Permanent(f"the request cannot be sent ({type(exc).__name__})") from None
         if 200 <= status < 300:
             return
         if status >= 500 or status in RETRYABLE_STATUS:
