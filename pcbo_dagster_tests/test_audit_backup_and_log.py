@@ -592,24 +592,33 @@ def test_concurrent_processes_with_a_head_store(tmp_path):
 
 
 @pytest.mark.parametrize("with_catalog", [False, True])
-def test_an_append_after_a_head_that_moved_is_refused_whole(tmp_path, with_catalog):
-    """The fence of a writer that lost its lease (red-team finding: a run frozen past its lease's
-    expiry, then resumed, appended its intent and commits on the chain the new holder had moved on,
-    committing versions twice): an append made `after` the head its caller read goes there or nowhere."""
+def test_a_fenced_append_is_refused_whole_once_the_lake_history_moved(tmp_path, with_catalog):
+    """The fence of a lake writer that lost its lease: an append fenced by the chain its caller
+    replayed takes in events that change no partition, and refuses, whole, once a lake event (or a
+    rewritten chain) came in between."""
     from pcbo_dagster.audit.log import ChainMoved
+    from pcbo_dagster.core.chain_state import replay
 
     store = SqliteHeadStore(tmp_path / "catalog.db") if with_catalog else None
     log = AuditLog(AuditBackup(tmp_path / "pas"), head_store=store, clock=FixedClock())
+    state = replay([])
+    first = log.append(KEY, "a", {"n": 0}, fence=state)
+    state.add(first)
+    log.append(KEY, "note", {"n": 1})  # another writer, no lake event: taken in
+    second = log.append(KEY, "a", {"n": 2}, fence=state)
+    state.add(second)
+    assert second["chain"]["seq"] == 2 and state.head == (2, second["chain"]["event_hash"])
+    partition = {"key": "k", "dataset": "d", "version_label": "v", "version": 1}
+    log.append(KEY, "partition_restored", {"partition": partition, "manifest_checksum": "sha256:" + "0" * 64})
+    before = log.backup.read_chain(KEY)
+    with pytest.raises(ChainMoved, match="another writer appended partition_restored"):
+        log.append_many(KEY, [("c", {"n": 3}), ("c", {"n": 4})], fence=state)
+    stale = replay(before[:1])  # read before the note: the restoration came later all the same
     with pytest.raises(ChainMoved):
-        log.append(KEY, "a", {"n": 0}, after=(0, "sha256:" + "0" * 64))  # the chain is empty
-    first = log.append(KEY, "a", {"n": 0}, after=None)
-    read = (0, first["chain"]["event_hash"])
-    second = log.append(KEY, "b", {"n": 1})  # another writer, on whatever head there is
-    for stale in (None, read):
-        with pytest.raises(ChainMoved, match="moved since this run read it"):
-            log.append_many(KEY, [("c", {"n": 2}), ("c", {"n": 3})], after=stale)
-    assert log.backup.read_chain(KEY) == [first, second]
+        log.append(KEY, "c", {"n": 3}, fence=stale)
+    assert log.backup.read_chain(KEY) == before
     if store is not None:
-        assert store.all_events(KEY) == [first, second]
-    third = log.append_many(KEY, [("c", {"n": 2})], after=(1, second["chain"]["event_hash"]))
-    assert third[0]["chain"]["seq"] == 2
+        assert store.all_events(KEY) == before
+    foreign = replay([{**before[0], "chain": {**before[0]["chain"], "event_hash": "sha256:" + "1" * 64}}])
+    with pytest.raises(ChainMoved, match="no longer the one this run read"):
+        log.append(KEY, "c", {"n": 3}, fence=foreign)

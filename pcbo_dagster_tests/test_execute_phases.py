@@ -204,31 +204,50 @@ def test_a_partition_whose_lake_disagrees_stops_the_run_and_says_nothing_was_rol
     assert not [e for e in backup_events(home) if e["event_type"] == "partition_rolled_back"]
 
 
-def test_a_run_whose_chain_moved_under_it_appends_nothing_and_commits_nothing(
-    tmp_path, request_file, monkeypatch
+@pytest.mark.parametrize("lake_event", [True, False])
+def test_a_run_whose_lake_history_moved_under_it_appends_nothing_and_commits_nothing(
+    tmp_path, request_file, monkeypatch, lake_event
 ) -> None:
     """The fence (red-team finding: a run frozen past its lease's expiry, resumed after another host
     took the lease over and committed, appended its intent on the new head and committed the same
-    versions again). Here another writer appends while the run stages its first batch: the run's
-    intent goes after the head it read or nowhere, so it stops (exit 1) with no intent, no commit point
-    and no event of its own, and the chain commits nothing twice."""
+    versions again). Here another writer appends while the run stages its first batch. A lake event
+    (a restoration, a commit, a rollback) stops the run (ChainMoved, exit 1) with no intent, no commit
+    point and no event of its own. Any other event (a table declaration, a rollout's lifecycle, a SQL
+    apply: a second red-team finding, those made every run under way fail) is taken in, and the run
+    commits as ever."""
     import pcbo_dagster.engine.execute as engine_execute
     from pcbo_dagster.audit.log import ChainMoved
 
     loaded, plan, decisions = _evaluated(request_file)
-    env = _open(tmp_path / "home")
+    home = tmp_path / "home"
+    env = _open(home)
     real = engine_execute._stage_batch
+    first = decisions.partitions[0].partition
 
     def stage_then_another_writer(*args: Any, **kwargs: Any) -> Any:
         staged = real(*args, **kwargs)
-        env.audit.append("events/v1", "note_of_another_writer", {"by": "the host that took the lease"})
+        if not backup_events(home):
+            if lake_event:
+                body = {"partition": {"key": first.key}, "manifest_checksum": "sha256:" + "0" * 64}
+                env.audit.append("events/v1", "partition_restored", body)
+            else:
+                env.audit.append("events/v1", "note_of_another_writer", {"by": "an approver"})
         return staged
 
     monkeypatch.setattr(engine_execute, "_stage_batch", stage_then_another_writer)
     try:
-        with pytest.raises(ChainMoved, match="moved since this run read it"):
-            execute(env, loaded, plan, decisions)
+        if lake_event:
+            with pytest.raises(ChainMoved, match="another writer appended partition_restored"):
+                execute(env, loaded, plan, decisions)
+        else:
+            document = execute(env, loaded, plan, decisions)
+            assert document["status"] == "committed"
     finally:
         env.close()
-    assert [e["event_type"] for e in backup_events(tmp_path / "home")] == ["note_of_another_writer"]
-    assert not list(lake_dir(tmp_path / "home").rglob("_manifest.json"))
+    kinds = [e["event_type"] for e in backup_events(home)]
+    if lake_event:
+        assert kinds == ["partition_restored"]
+        assert not list(lake_dir(home).rglob("_manifest.json"))
+    else:
+        assert kinds[0] == "note_of_another_writer" and kinds.count("partition_committed") == PARTITIONS
+        assert _verify(home)["status"] == "clean"

@@ -442,3 +442,43 @@ datasets:
         home=base.home,
     )
     assert staged_query.document["rows"] == [[len(records)]]
+
+
+def test_a_table_is_declared_under_the_lease(tmp_path: Path) -> None:
+    """Red-team finding: the table declaration was appended before the run took its lease, so a run
+    waiting for another (or racing it) wrote to a chain under way: two runs naming two tables both
+    declared theirs (seq 0 and 1, verify clean), and the fence made the run holding the lease fail.
+    A run that waits for the lease declares nothing until it holds it."""
+    from pcbo_dagster.catalog import CatalogStore
+
+    home = tmp_path / "home"
+    other = json.dumps({"run": "other-run", "pid": 1, "host": "another-host", "token": "x"}, sort_keys=True)
+    catalog = CatalogStore(f"sqlite:///{home / 'catalog.db'}")
+    catalog.migrate()
+    try:
+        assert catalog.try_acquire_lease(DATASET, "v1", other, 600) is None
+        busy = run_pcbo(
+            ["execute", "--input", write_request(tmp_path / "a.json", _request("wait-1"))],
+            home=home,
+            env={"PCBO_LEASE_WAIT_SECONDS": "1"},
+        )
+        assert busy.status == 1 and "other-run" in busy.stderr, busy.stderr
+        assert backup_events(home, DATASET) == []  # no declaration while another run writes
+        catalog.release_lease(DATASET, "v1", other)
+    finally:
+        catalog.close()
+    done = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("wait-1"))], home=home)
+    assert done.status == 0, done.stderr
+    refused = run_pcbo(
+        [
+            "execute",
+            "--input",
+            write_request(
+                tmp_path / "b.json", _request("wait-2", table={"format": "iceberg", "name": "lake.other"})
+            ),
+        ],
+        home=home,
+    )
+    assert refused.status == 2 and "publishes to one table" in refused.stderr, refused.stderr
+    kinds = [e["event_type"] for e in backup_events(home, DATASET)]
+    assert kinds.count("table_publication_recorded") == 1

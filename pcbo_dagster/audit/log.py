@@ -39,12 +39,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from pcbo_dagster.audit.backup import AuditBackupCorrupt, ChainBackup
 from pcbo_dagster.audit.delivery import DeliveryReport, HttpDelivery
 from pcbo_dagster.core.audit_chain import AuditEvent, build_event, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.chain_state import LAKE_EVENTS, ChainState
 from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.io.clock import utc_now
@@ -55,12 +56,9 @@ class ChainDivergence(IntegrityError):
 
 
 class ChainMoved(IntegrityError):
-    """An append made on the chain as its caller last read it found another head: another writer
-    appended since (a run whose lease was taken over while it stalled). Nothing was appended."""
-
-
-#: `append_many(after=...)`'s default: append on whatever head the chain has.
-ANY_HEAD: Any = object()
+    """An append fenced by its caller's replayed chain found that another writer changed what the
+    lake's partitions should hold since (a run whose lease was taken over while it stalled). Nothing
+    was appended."""
 
 
 class ChainHeadTxn(Protocol):
@@ -248,24 +246,29 @@ class AuditLog:
         )
 
     def append(
-        self, chain_key: str, event_type: str, body: dict, after: tuple[int, str] | None = ANY_HEAD
+        self, chain_key: str, event_type: str, body: dict, fence: ChainState | None = None
     ) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
 
         ValueError for an invalid chain_key, event_type or body (floats, reserved keys);
-        ChainDivergence when the backup and the head store hold different chains; `after`: see
+        ChainDivergence when the backup and the head store hold different chains; `fence`: see
         `append_many`.
         """
-        return self.append_many(chain_key, [(event_type, body)], after)[0]
+        return self.append_many(chain_key, [(event_type, body)], fence)[0]
 
     def append_many(
-        self, chain_key: str, items: list[tuple[str, dict]], after: tuple[int, str] | None = ANY_HEAD
+        self, chain_key: str, items: list[tuple[str, dict]], fence: ChainState | None = None
     ) -> list[AuditEvent]:
         """Append several events in order under one lock: one backup write and fsync, two head-store
         transactions (a group commit; see the module doc). Returns the events; all or none reach the
-        backup. `after`: the head (seq, event hash; None: an empty chain) the caller decided on; the
-        events go after it or not at all (`ChainMoved`), checked under the chain's writer lock — a
-        fence against a writer that lost its lease."""
+        backup.
+
+        `fence`: the chain as the caller replayed it and decided on (a lake writer). Checked under the
+        chain's writer lock: events appended since that change none of the lake's partitions (a
+        table declaration, a rollout's lifecycle, a SQL target's apply) are replayed into it and the
+        append goes on; one that does (a commit, a rollback, a restoration by another writer: a run
+        whose lease was taken over while it stalled), or a chain that no longer starts with what it
+        replayed, refuses the whole append (`ChainMoved`)."""
         if not items:
             return []
         if self.actor is not None:
@@ -276,13 +279,13 @@ class AuditLog:
         with self._writer(chain_key):
             if self.head_store is None:
                 head = _head_of(self.backup.last_event(chain_key))
-                _fence(chain_key, head, after)
+                self._catch_up(chain_key, head, fence)
                 events = self._build(chain_key, head, items, timestamp)
                 self.backup.append(chain_key, events, fsync=True)
                 return events
             with self.head_store.locked_chain(chain_key) as txn:
                 state = self._reconcile(chain_key, txn)
-                _fence(chain_key, state.head, after)
+                self._catch_up(chain_key, state.head, fence)
                 events = self._build(chain_key, state.head, items, timestamp)
                 txn.set_pending(events[0]["chain"]["seq"], events)
             self.backup.append(chain_key, events, fsync=True)
@@ -292,6 +295,26 @@ class AuditLog:
                 txn.append(events)
                 txn.clear_pending()
         return events
+
+    def _catch_up(self, chain_key: str, head: tuple[int, str] | None, fence: ChainState | None) -> None:
+        """`append_many`'s fence: replay into `fence` what was appended since it was replayed, or
+        `ChainMoved`."""
+        if fence is None or fence.head == head:
+            return
+        events = self.backup.read_chain(chain_key)
+        known = fence.length
+        if len(events) < known or (known and events[known - 1]["chain"]["event_hash"] != fence.head_hash):
+            raise ChainMoved(f"{chain_key}: the audit chain is no longer the one this run read; {_NOTHING}")
+        newer = events[known:]
+        moved = [e for e in newer if e.get("event_type") in LAKE_EVENTS]
+        if moved:
+            raise ChainMoved(
+                f"{chain_key}: another writer appended {moved[0].get('event_type')} (seq "
+                f"{moved[0]['chain']['seq']}) since this run read the chain: was its write lease taken "
+                f"over?; {_NOTHING}"
+            )
+        for event in newer:
+            fence.add(event)
 
     @staticmethod
     def _build(
@@ -332,11 +355,4 @@ class AuditLog:
         return self.delivery.deliver_pending(self.backup, chain_key)
 
 
-def _fence(chain_key: str, head: tuple[int, str] | None, after: Any) -> None:
-    """`ChainMoved` unless `after` is `ANY_HEAD` or the chain's `head`."""
-    if after is not ANY_HEAD and (None if after is None else tuple(after)) != head:
-        raise ChainMoved(
-            f"{chain_key}: the audit chain moved since this run read it (now at seq "
-            f"{'none' if head is None else head[0]}, not {'none' if after is None else after[0]}): another "
-            "writer appended (was the write lease taken over?); nothing of this run was appended"
-        )
+_NOTHING = "nothing of this run was appended"

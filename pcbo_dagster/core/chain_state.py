@@ -48,6 +48,17 @@ PARTITION_ROLLED_BACK = "partition_rolled_back"
 #: A run found the partition's lake state disagreeing with the chain and put back, byte for byte, the
 #: version the chain says is current (no change to the partition's history).
 PARTITION_RESTORED = "partition_restored"
+#: The events that change what a dataset version's lake partitions should hold (a lake writer's
+#: decisions rest on them: `AuditLog.append_many`'s fence).
+LAKE_EVENTS = frozenset(
+    {
+        PARTITION_COMMIT_INTENT,
+        PARTITION_COMMITTED,
+        PARTITION_ROLLBACK_INTENT,
+        PARTITION_ROLLED_BACK,
+        PARTITION_RESTORED,
+    }
+)
 #: SQL table targets (issue 15; see the module doc).
 SQL_APPLY_INTENT = "sql_apply_intent"
 SQL_PARTITION_APPLIED = "sql_partition_applied"

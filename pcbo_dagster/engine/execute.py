@@ -311,14 +311,16 @@ def execute(
     failed_kind = POST_WRITE_CHECK
     stopped = False
     batch_size = 1 if pace is not None else COMMIT_BATCH
-    # Issue 17: the Iceberg table the committed partitions are published to (None: none).
-    publisher = iceberg_publication.publisher_for(
-        env, request.table, plan.dataset, plan.version_label, plan=plan, given=table
-    )
     with (
         env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease,
         _worker_pool(workers) as pool,
     ):
+        # Issue 17: the Iceberg table the committed partitions are published to (None: none), its
+        # declaration appended under the lease (two runs never declare two tables; a run's chain moves
+        # under no other run) and before the replay below.
+        publisher = iceberg_publication.publisher_for(
+            env, request.table, plan.dataset, plan.version_label, plan=plan, given=table
+        )
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
         env.catalog.start_run(
             request.runId,
@@ -755,7 +757,7 @@ def _record_restoration(env: Environment, state: ChainState, plan: Plan, staged:
         restoration_body(
             dict(current.event["partition"]), current.manifest_checksum, staged.restored, plan.run_id
         ),
-        after=state.head,
+        fence=state,
     )
     state.add(event)
 
@@ -809,7 +811,7 @@ def _write_commit_points(
             commit_intent_body(
                 plan.run_id, [commit_intent_entry(st.manifest, st.manifest_checksum) for st in commits]
             ),
-            after=state.head,  # the chain this run decided on, or nothing (a writer that lost its lease)
+            fence=state,  # on the lake this run decided from, or nothing (a writer that lost its lease)
         )
         state.add(intent)
     _reached("before_commit", indexes)
@@ -828,7 +830,7 @@ def _append_commit_events(
     events = env.audit.append_many(
         ckey,
         [(PARTITION_COMMITTED, commit_body(manifest, checksum, env.lake)) for manifest, checksum in commits],
-        after=state.head,
+        fence=state,
     )
     for event in events:
         state.add(event)
@@ -1032,13 +1034,15 @@ def emit_partitions(
     schema, as_json = loaded.schema_of(decisions.partitions)
     emitted: list[EmittedPartition] = []
     refusal: Refusal | None = None
-    # Issue 17: where the table is published, recorded (and checked) before the lake is written;
-    # `reconcile_partitions` publishes it.
-    iceberg_publication.publisher_for(env, loaded.request.table, plan.dataset, plan.version_label, plan=plan)
     with (
         env.dataset_lock(plan.dataset, plan.version_label, plan.run_id) as lease,
         _worker_pool(workers) as pool,
     ):
+        # Issue 17: where the table is published, recorded (and checked) under the lease before the
+        # lake is written; `reconcile_partitions` publishes it.
+        iceberg_publication.publisher_for(
+            env, loaded.request.table, plan.dataset, plan.version_label, plan=plan
+        )
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
         env.catalog.start_run(
             plan.run_id,

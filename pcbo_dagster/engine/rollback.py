@@ -243,7 +243,7 @@ def apply_undos(
                 for s in steps
             ],
         ),
-        after=state.head,
+        fence=state,
     )
     state.add(intent)
     failpoints.reached("rollback_after_intent", 0)
@@ -280,7 +280,7 @@ def apply_undos(
             )
             for step in steps
         ],
-        after=state.head,
+        fence=state,
     )
     failpoints.reached("rollback_after_event", 0)
     outcomes = []
