@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
@@ -39,7 +40,7 @@ def parse_csv(data: bytes) -> list[dict[str, Any]]:
             return []
         if any(not name for name in header):
             raise InvalidInput("source", "CSV header row has an empty column name")
-        if len(set(header)) != len(header):
+        if len({unicodedata.normalize("NFKC", name).casefold() for name in header}) != len(header):
             raise InvalidInput("source", "CSV header row names a column twice")
         rows: list[list[str]] = []
         for row in reader:

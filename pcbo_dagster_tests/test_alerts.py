@@ -267,6 +267,16 @@ def test_a_token_that_cannot_be_sent_is_refused_without_showing_it(store, receiv
             AlertWebhook.from_env()
         assert "token holds a control, space or non-ASCII character" in str(refused.value)
         assert "s3cr3t" not in str(refused.value) and "TOKEN" not in str(refused.value)
+    monkeypatch.delenv(WEBHOOK_TOKEN_ENV)
+    for url in (
+        f"http://{host}:{port}/hooks?sig=S3CR3T\x01TOKEN",
+        f"http://{host}:{port}/h\x7fooks?sig=S3CR3T",
+    ):
+        monkeypatch.setenv(WEBHOOK_URL_ENV, url)
+        with pytest.raises(ValueError) as refused:
+            AlertWebhook.from_env()
+        assert "URL holds a control, space or non-ASCII character" in str(refused.value)
+        assert "S3CR3T" not in str(refused.value)
     assert receiver.requests == []
 
 

@@ -110,6 +110,11 @@ def test_a_source_reaches_no_host_file_and_no_url_outside_the_sources_directory(
             assert answer.status_code == 422, (uri, command, answer.text)
             assert answer.json()["field"] == "source.uri", (uri, answer.text)
             assert SECRET not in answer.text
+    # Nor a hidden path of the sources directory (where the home keeps its keys, `.keys/`).
+    (server.home / ".keys").mkdir(exist_ok=True)
+    (server.home / ".keys" / "k.jsonl").write_text(json.dumps({**RECORD, "id": SECRET}) + "\n")
+    answer = client.post("/v1/dry-run", content=_request("src-h", "ds-a", source={"uri": ".keys/k.jsonl"}))
+    assert answer.status_code == 422 and "hidden path" in answer.text and SECRET not in answer.text
     assert asked == []  # not one request reached the URL
     assert not (server.home / "lake" / "ds-a").exists()
     # A source inside the sources directory (the server's home here) is read as before.

@@ -327,3 +327,38 @@ def test_a_jsonl_source_on_s3_is_pruned_and_its_records_fetched(tmp_path, catalo
         assert len(fetched) > 20
     _, _, whole = _decide(_request(local, *window, prune=False))
     assert _partitions(decisions) == _partitions(whole)
+
+
+def test_concurrent_first_runs_share_one_index_key(tmp_path: Path) -> None:
+    """Red-team finding: the key file was created, then written: a run reading it in between found
+    it empty and failed ("not a 32-byte key: remove it"). It is written whole, then linked into
+    place: every process gets the one key, kept where a server never reads a source (`.keys/`)."""
+    import threading
+
+    for trial in range(5):
+        home = tmp_path / f"home-{trial}"
+        barrier = threading.Barrier(4)
+        keys: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def take(
+            home: Path = home,
+            barrier: threading.Barrier = barrier,
+            keys: list[bytes] = keys,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            barrier.wait()
+            try:
+                keys.append(source_index_secret(home, environ={}))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=take) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and len(keys) == 4 and len(set(keys)) == 1 and len(keys[0]) == 32
+        key_file = home / ".keys" / "source-index.key"
+        assert key_file.read_bytes() == keys[0] and oct(key_file.stat().st_mode & 0o777) == "0o600"
+        assert sorted(p.name for p in key_file.parent.iterdir()) == ["source-index.key"]

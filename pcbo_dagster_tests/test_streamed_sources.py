@@ -243,6 +243,15 @@ def test_parquet_columns_named_twice_and_unreadable_values_are_invalid_input(tmp
     bad_utf8 = pa.array([b"r1\xff\xfe"], pa.binary()).view(pa.string())
     status, stderr = _parquet_refused(tmp_path, "utf8", pa.table({"id": bad_utf8, "occurredAt": at}))
     assert status == 2 and "source.id:" in stderr and "UnicodeDecodeError" in stderr, stderr
+    cased = pa.Table.from_arrays(
+        [pa.array(["r1"]), pa.array(at), pa.array([False]), pa.array([True])],
+        names=["id", "occurredAt", "CONSENTGRANTED", "consentGranted"],
+    )
+    status, stderr = _parquet_refused(tmp_path, "cased", cased)  # one name to DuckDB, Spark, Hive
+    assert status == 2 and "the parquet column consentGranted is named twice" in stderr, stderr
+    mars = pa.array([0], pa.timestamp("us", "Mars/Olympus"))
+    status, stderr = _parquet_refused(tmp_path, "mars", pa.table({"id": ["r1"], "occurredAt": at, "t": mars}))
+    assert status == 2 and "source.t:" in stderr, stderr
     far = pa.array([253402300800 * 1_000_000], pa.timestamp("us", "UTC"))  # 10000-01-01
     status, stderr = _parquet_refused(tmp_path, "far", pa.table({"id": ["r1"], "occurredAt": at, "t": far}))
     assert status == 2 and "source.t:" in stderr, stderr
@@ -271,3 +280,28 @@ def test_a_csv_cell_may_be_as_long_as_a_line(tmp_path: Path) -> None:
     [(records, _, locators)] = list(source.batches(10))
     assert len(records[0]["note"]) == 300_000
     assert source.fetch(locators) == records
+
+
+def test_a_csv_header_naming_a_column_twice_in_another_case_is_refused(tmp_path: Path) -> None:
+    """Readers that fold case (DuckDB, Spark) take `CONSENTGRANTED` and `consentGranted` for one
+    column, and pick the first: pcbo would read the second. Refused, as an exact repeat is."""
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.sources import streaming
+
+    path = tmp_path / "cased.csv"
+    path.write_text("id,occurredAt,CONSENTGRANTED,consentGranted\nr1,2024-01-01T00:10:00Z,false,true\n")
+    with pytest.raises(InvalidInput, match="names a column twice"):
+        list(streaming.CsvSource(str(path), "cased.csv").batches(10))
+
+
+def test_a_source_that_is_not_utf8_is_reported_without_its_bytes(tmp_path: Path) -> None:
+    """A JSON error showed the offending byte (`can't decode byte 0x91`): through a server, any file
+    of its sources directory gave away a byte of itself. The position is said, not the byte."""
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.sources import streaming
+
+    path = tmp_path / "secret.jsonl"
+    path.write_bytes(bytes([0x91, 0x22, 0x7F]) + b"\n")
+    with pytest.raises(InvalidInput) as refused:
+        list(streaming.JsonlSource(str(path), "secret.jsonl").batches(10))
+    assert "not UTF-8 at byte 0" in str(refused.value) and "0x91" not in str(refused.value)

@@ -8,7 +8,7 @@ changes nothing) and may be deleted at any time.
 forged decisions, still verifies. `LazyZoneIndexes` therefore stores each index with an HMAC-SHA256
 over its key and bytes, under a secret the catalog does not hold (`source_index_secret`:
 `PCBO_SOURCE_INDEX_KEY`, which hosts sharing a catalog share to share their indexes, else a random
-key made once in `$PCBO_HOME/source-index.key`, mode 0600), and takes a row only when its MAC
+key made once in `$PCBO_HOME/.keys/source-index.key`, mode 0600), and takes a row only when its MAC
 verifies: any other row is dropped and the source read whole, as without an index.
 """
 
@@ -51,12 +51,13 @@ class SourceZoneIndexes(Database):
 
 
 KEY_ENV = "PCBO_SOURCE_INDEX_KEY"
-KEY_FILE = "source-index.key"
+#: Under the home, hidden: a server never reads a hidden path of its sources directory as a source.
+KEY_FILE = ".keys/source-index.key"
 
 
 def source_index_secret(home: Path, environ: Mapping[str, str] | None = None) -> bytes:
     """The secret zone index rows are authenticated with (module doc): the SHA-256 of
-    `PCBO_SOURCE_INDEX_KEY`, else 32 random bytes kept in `home/source-index.key` (made on first use,
+    `PCBO_SOURCE_INDEX_KEY`, else 32 random bytes kept in `home/.keys/source-index.key` (made on first use,
     mode 0600; never logged)."""
     env = os.environ if environ is None else environ
     given = env.get(KEY_ENV)
@@ -66,17 +67,22 @@ def source_index_secret(home: Path, environ: Mapping[str, str] | None = None) ->
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        home.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written whole under a temporary name, then linked into place: a process reading it never
+        # sees it half written, and the first link wins (the others read the winner's key).
+        temporary = path.parent / f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(os.urandom(32))
+            handle.flush()
+            os.fsync(handle.fileno())
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first
-            data = path.read_bytes()
-        else:
-            data = os.urandom(32)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temporary)
+        data = path.read_bytes()
     if len(data) != 32:
         from pcbo_dagster.core.errors import InvalidInput
 

@@ -356,7 +356,9 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
             parse_constant=_reject_constant,
             object_pairs_hook=_pairs_without_duplicates,
         )
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:  # its text would show the byte: a source may be anything
+        raise InvalidInput(what, f"not valid JSON: not UTF-8 at byte {exc.start}") from None
+    except ValueError as exc:
         raise InvalidInput(what, f"not valid JSON: {exc}") from None
     except RecursionError:  # a caller deep in its own stack: refused as the bound refuses it
         raise InvalidInput(what, too_deep) from None

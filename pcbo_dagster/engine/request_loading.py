@@ -197,6 +197,9 @@ def _confined(uri: str, root: Path) -> str:
         raise InvalidInput(
             "source.uri", f"a local source must be inside the server's sources directory {root}"
         )
+    if any(part.startswith(".") for part in path.relative_to(root).parts):
+        # where keys are kept (`$PCBO_HOME/.keys`, the default sources directory being the home)
+        raise InvalidInput("source.uri", "a hidden path of the sources directory is not read as a source")
     return uri
 
 

@@ -90,6 +90,8 @@ class JsonPoster:
         timeout: float = 5.0,
         logger: logging.Logger | None = None,
     ) -> None:
+        if not _sendable(url):  # urlsplit keeps what http.client refuses, and its refusal shows it
+            raise ValueError(f"the {name} URL holds a control, space or non-ASCII character")
         try:
             parts = urllib.parse.urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -153,6 +155,8 @@ class JsonPoster:
         except urllib.error.URLError as exc:
             reason = exc.reason
             raise _Retryable(f"connection failed: {type(reason).__name__}: {reason}") from None
+        except http.client.InvalidURL:  # its text holds the URL, query included
+            raise _Permanent("the URL cannot be sent (InvalidURL)") from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
         except ValueError as exc:  # a request http.client refuses to send: its text may hold a header

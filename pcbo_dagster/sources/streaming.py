@@ -24,6 +24,7 @@ import csv
 import itertools
 import os
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -420,8 +421,11 @@ class CsvSource(RecordSource):
                         return
                     if any(not name for name in header):
                         raise InvalidInput("source", "CSV header row has an empty column name")
-                    if len(set(header)) != len(header):
-                        raise InvalidInput("source", "CSV header row names a column twice")
+                    if len({same_name(name) for name in header}) != len(header):
+                        raise InvalidInput(
+                            "source",
+                            "CSV header row names a column twice (names differing in case count as one)",
+                        )
                     self.header = header
                     starts.clear()
                 header = self.header or []
@@ -649,7 +653,8 @@ class ParquetSource(RecordSource):
                 if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
                     column = pc.cast(column, pa.timestamp("us", column.type.tz), safe=False)
                 columns.append(column.to_pylist())
-            except (UnicodeDecodeError, OverflowError, ValueError, pa.ArrowException) as exc:
+            except (UnicodeDecodeError, OverflowError, ValueError, KeyError, pa.ArrowException) as exc:
+                # (KeyError: a time zone the zone database does not know)
                 raise InvalidInput(
                     f"source.{name}",
                     f"{redact_url(self.shown)}: a value of column {name} cannot be read "
@@ -792,14 +797,21 @@ class ParquetSource(RecordSource):
 _UNIT_TO_US = {"s": (1_000_000, 1), "ms": (1_000, 1), "us": (1, 1), "ns": (1, 1_000)}
 
 
+def same_name(name: str) -> str:
+    """What two column names are the same as for a reader that folds case (DuckDB, Spark, Hive):
+    the NFKC form, case-folded."""
+    return unicodedata.normalize("NFKC", name).casefold()
+
+
 def _named_twice(fields: list[pa.Field], where: str = "") -> str | None:
-    """The first column or struct field (as `a.b`) named twice among `fields` and below, or None."""
+    """The first column or struct field (as `a.b`) named twice among `fields` and below (`same_name`:
+    `consentGranted` and `CONSENTGRANTED` are one name), or None."""
     seen: set[str] = set()
     for f in fields:
         name = f"{where}{f.name}"
-        if f.name in seen:
+        if same_name(f.name) in seen:
             return name
-        seen.add(f.name)
+        seen.add(same_name(f.name))
         inner = f.type
         while pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner):
             inner = inner.value_type
