@@ -996,3 +996,83 @@ def pq_ids(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
     return [str(v) for v in pq.read_table(path, columns=["id"]).column("id").to_pylist()]
+
+
+# -- second pass on repair (red-team findings on the day's fixes) ---------------------------------------
+
+
+def test_repair_never_waits_on_its_own_lock_nor_on_a_catalog_only_lease(home):
+    """Red-team findings: the run lock `<label>.run.lock` was the chain lock of a version labelled
+    `<label>.run`, so repair, holding one and reconciling the other, waited on itself for ever; and a
+    lease row for a dataset only a catalog `datasets` row names (a holder `[1]`) stopped repair with
+    an internal error. The run lock is named as no label can be, repair locks only chains, and a
+    holder that is not pcbo's is never judged dead (it expires)."""
+    (home / "pas" / "events" / "v1.run.jsonl").write_bytes(b"")
+    done = run_pcbo(["verify", "--repair"], home=home, timeout=60)
+    assert done.status == 0, done.stderr
+    _sql(home, "INSERT INTO datasets VALUES ('junk', 'v1', '2024-01-01 00:00:00')")
+    _sql(
+        home,
+        "INSERT INTO dataset_leases VALUES ('junk', 'v1', '[1]', ?, ?)",
+        "2024-01-01 00:00:00",
+        "2099-01-01 00:00:00",
+    )
+    done = run_pcbo(["verify", "--repair"], home=home, timeout=60)
+    assert done.status == 0, done.stderr
+    # A lease of a real chain whose holder is not pcbo's: waited for, then one clear line (exit 1).
+    _sql(
+        home,
+        "INSERT INTO dataset_leases VALUES ('events', 'v1', '[1]', ?, ?)",
+        "2024-01-01 00:00:00",
+        "2099-01-01 00:00:00",
+    )
+    busy = run_pcbo(["verify", "--repair"], home=home, env={"PCBO_LEASE_WAIT_SECONDS": "1"}, timeout=60)
+    assert busy.status == 1 and "is being written by run None" in busy.stderr, busy.stderr
+    assert "internal error" not in busy.stderr
+
+
+def test_rows_and_manifests_of_any_shape_give_findings_never_an_internal_error(home):
+    """Red-team findings: a deeply nested commit point or rollback manifest (RecursionError), and
+    catalog partition rows of another type (a text version, files that are not JSON, a garbage time)
+    made verify, repair and gc fail with an internal error and no report."""
+    deep = b"[" * 5000 + b"]" * 5000
+    (part(home, K0) / "_manifest.json").write_bytes(deep)
+    (part(home, K2) / "_rollback" / "v000001.json").write_bytes(deep)
+    _sql(home, f"UPDATE partitions SET version = 'x' WHERE partition_key = '{K1}' AND version = 2")
+    _sql(home, f"UPDATE partitions SET files = 'not json' WHERE partition_key = '{K3}'")
+    for args in (["verify"], ["verify", "--repair"]):
+        checked = run_pcbo(args, home=home)
+        assert checked.status == 1 and checked.document is not None, checked.stderr
+        found = kinds(checked.document)
+        assert {"manifest_misplaced", "rollback_manifest_mismatch", "catalog_unreadable"} <= found, found
+    _sql(home, "UPDATE partitions SET files = '[]'")
+    _sql(home, f"UPDATE partitions SET committed_at = 'garbage' WHERE partition_key = '{K2}'")
+    for args in (["verify"], ["gc"]):
+        checked = run_pcbo(args, home=home)
+        assert checked.document is not None and "internal error" not in checked.stderr, checked.stderr
+
+
+def test_an_interrupted_rollback_beside_diverged_stores_is_reported_not_a_crash(home):
+    """Red-team finding: completing an interrupted rollback appended to stores that disagree; the
+    refusal escaped repair (exit 1, no report). It is `audit_stores_diverge`, and nothing is touched."""
+    args = ["rollback", "--dataset", "events", "--partition", K1]
+    assert run_pcbo(args, home=home, env={"PCBO_FAILPOINT": "rollback_after_intent@0"}).status == 86
+    lines = backup_file(home).read_bytes().splitlines(keepends=True)
+    last = json.loads(lines[-1])
+    from pcbo_dagster.core.audit_chain import build_event
+
+    forged = build_event(
+        chain_key=CHAIN,
+        seq=last["chain"]["seq"] + 1,
+        prev_event_hash=last["chain"]["event_hash"],
+        event_type="note",
+        timestamp=last["timestamp"],
+        body={"by": "someone who can write the backup"},
+    )
+    with backup_file(home).open("ab") as handle:
+        handle.write(json.dumps(forged, sort_keys=True, separators=(",", ":")).encode() + b"\n")
+    before = lake_files(home)
+    repaired = run_pcbo(["verify", "--repair"], home=home)
+    assert repaired.status == 1 and repaired.document is not None, repaired.stderr
+    assert "audit_stores_diverge" in kinds(repaired.document)
+    assert lake_files(home) == before

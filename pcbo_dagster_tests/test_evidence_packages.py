@@ -520,6 +520,19 @@ def test_a_rollback_of_one_of_the_runs_partitions_is_in_its_package(
             status == 1
             and "the predicate's partitions is not what the run's proven events say" in (verified["problems"])
         ), verified
+    # The rolled-back version's manifest stays in the lake: deleting it is found all the same.
+    removed_manifest = lake_dir(home) / next(
+        subject["name"]
+        for subject in statement["subject"]
+        if subject["name"].startswith(f"events/v1/{first}/_versions/")
+    )
+    kept_bytes = removed_manifest.read_bytes()
+    removed_manifest.unlink()
+    status, verified = _verify(package, envelope, "--lake", str(lake_dir(home)))
+    assert status == 1 and any(
+        p.endswith("_versions/v000001.json: missing from the lake") for p in verified["problems"]
+    )
+    removed_manifest.write_bytes(kept_bytes)
     # Without the rollback's events the removed file is missing (and the intent shows a rollback left out).
     forged = _statement(envelope)
     forged["predicate"]["auditEvents"] = [

@@ -426,3 +426,34 @@ def test_repair_rewrites_no_row_an_edit_made_to_disagree(tmp_path: Path) -> None
         assert all(f["detail"].endswith(f"({REFUSED})") for f in repaired["findings"])
         with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
             assert dict(envs.store.require("r"))[column] == value
+
+
+def test_repair_catches_no_row_up_to_an_event_the_backup_alone_holds(tmp_path: Path) -> None:
+    """Red-team finding: a `rollout_cancelled` written into the production backup alone (never
+    adopted: the stores diverge) still had repair write the row `cancelled`. A row is caught up only
+    to a chain both stores hold."""
+    from pcbo_dagster.core.audit_chain import build_event
+    from pcbo_dagster.core.rollout_lifecycle import rollout_subject
+
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        backup = envs.production.audit.backup
+        last = backup.read_chain("sessions/v1")[-1]
+        body = {"rollout": rollout_subject(envs.store.require("r")), "by": "mallory", "producer": PRODUCER}
+        forged = build_event(
+            chain_key="sessions/v1",
+            seq=last["chain"]["seq"] + 1,
+            prev_event_hash=last["chain"]["event_hash"],
+            event_type="rollout_cancelled",
+            timestamp=last["timestamp"],
+            body={**body, "cancelled_at": format_datetime(clock.now())},
+        )
+        backup.append("sessions/v1", [forged], fsync=True)
+    repaired = _verify_production(config, base, repair=True)
+    assert not any(r["kind"] == "rollout_row_behind_chain" for r in repaired["repaired"]), repaired
+    assert any(f["kind"].startswith("audit_") for f in repaired["findings"]), repaired["findings"]
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        assert envs.store.require("r")["status"] == "soaking"

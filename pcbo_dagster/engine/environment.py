@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from pcbo_dagster.audit.delivery import HttpDelivery
 from pcbo_dagster.audit.log import AuditLog
@@ -51,14 +52,21 @@ def _process_space() -> str | None:
         return None
 
 
+def _holder(holder_text: str) -> dict[str, Any]:
+    """A lease's holder as pcbo writes it (an empty one for any other text: a catalog row anyone who
+    can write the catalog may have written)."""
+    try:
+        holder = json.loads(holder_text)
+    except (ValueError, RecursionError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 def _holder_is_dead(holder_text: str) -> bool:
     """A lease held by a process that no longer exists, in this very process space (same host name,
     boot and pid namespace: `_process_space`), is stale (a crashed run). A holder elsewhere, or one
     that does not say where, is waited for until its lease expires."""
-    try:
-        holder = json.loads(holder_text)
-    except ValueError:
-        return False
+    holder = _holder(holder_text)
     space = _process_space()
     if (
         holder.get("host") != socket.gethostname()
@@ -111,7 +119,7 @@ class DatasetLease:
                 self._start_heartbeat()
                 return
             if time.monotonic() >= deadline:
-                holder = json.loads(current["holder"])
+                holder = _holder(current["holder"])
                 raise DatasetBusy(
                     f"{self.dataset}/{self.version_label} is being written by run {holder.get('run')!r} "
                     f"(pid {holder.get('pid')} on {holder.get('host')}) "
@@ -212,7 +220,8 @@ class Environment:
         Waits up to `PCBO_LEASE_WAIT_SECONDS` (default 600) for another run's lease."""
         directory = self.settings.audit_dir / dataset
         directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / f"{version_label}.run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # `@` is in no version label: no chain's own lock file (`<label>.lock`) can be this one
+        fd = os.open(directory / f"{version_label}@run.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             lease = DatasetLease(self.catalog, dataset, version_label, run_id)

@@ -108,8 +108,15 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                     event_files[key].add(f"{layout.partition_dir(dataset, version_label, key)}/{name}")
             catalog_versions: dict[str, set[int]] = defaultdict(set)
             catalog_files: dict[str, set[str]] = defaultdict(set)
-            for row in env.catalog.partition_versions(dataset, version_label):
-                catalog_versions[row["partition_key"]].add(int(row["version"]))
+            try:
+                rows = env.catalog.partition_versions(dataset, version_label)
+            except (ValueError, TypeError, KeyError, RecursionError):
+                skipped.append({"where": ckey, "reason": "the catalog's partition rows are unreadable"})
+                continue
+            for row in rows:
+                if type(row["version"]) is not int:
+                    continue  # not a version pcbo wrote: nothing it names is kept, nothing removed for it
+                catalog_versions[row["partition_key"]].add(row["version"])
                 listed = row["files"] if isinstance(row["files"], list) else []
                 catalog_files[row["partition_key"]].update(
                     f["path"] for f in listed if isinstance(f, dict) and isinstance(f.get("path"), str)

@@ -35,11 +35,12 @@ else stays a finding, with a note that repair refuses it. A second `repair` appe
 from __future__ import annotations
 
 import contextlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from pcbo_dagster.audit.log import ChainDivergence
+from pcbo_dagster.audit.log import ChainDivergence, ChainMoved
 from pcbo_dagster.catalog.partitions import PartitionVersionRow
 from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.catalog.schema import append_only_trigger_names
@@ -55,6 +56,7 @@ from pcbo_dagster.core.chain_state import (
 from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.plan import NormalizedPolicies
+from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.core.rollout_lifecycle import (
     LIFECYCLE_EVENTS,
     lifecycle,
@@ -128,9 +130,10 @@ def verify(
 
 
 def _dataset_versions(env: Environment) -> list[tuple[str, str]]:
-    """Every dataset version the audit backup, the catalog's heads or its datasets name, in order."""
+    """Every dataset version whose chain the audit backup or the catalog's heads hold, in order (what
+    repair may append to; a catalog `datasets` row alone, which anyone who can write the catalog may
+    add, locks nothing)."""
     keys = set(env.audit.backup.chain_keys()) | set(env.catalog.chain_heads())
-    keys |= {f"{d['dataset']}/{d['version_label']}" for d in env.catalog.datasets()}
     found = []
     for key in sorted(keys):
         try:
@@ -181,7 +184,15 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
         checked_partitions += _check_lake(
             env, report, state, dataset, version_label, lake_keys.get(ckey, set())
         )
-        _check_catalog(env, report, state, dataset, version_label)
+        try:
+            _check_catalog(env, report, state, dataset, version_label)
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # a row of another shape
+            report.find(
+                "catalog_unreadable",
+                ckey,
+                f"the catalog's partition rows of {ckey} cannot be read or compared "
+                f"({type(exc).__name__}): not the rows pcbo writes",
+            )
         _check_tables(env, report, events, state, dataset, version_label)
         # (repairing may have appended events since the backup was read)
         logged = env.audit.backup.read_chain(ckey) if repair else events
@@ -209,7 +220,13 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
             report.find(finding["kind"], finding["where"], finding["detail"])
         document["trustedCheckpoint"] = summary
     if repair:
-        document["checkpoints"] = [publish(env, ckey)["checkpoint"] for ckey in sorted(chains_checked)]
+        document["checkpoints"] = []
+        for ckey in sorted(chains_checked):
+            try:
+                document["checkpoints"].append(publish(env, ckey)["checkpoint"])
+            except ValueError as exc:  # the stored log and the chain disagree (reported above)
+                report.find("transparency_log_not_published", ckey, f"no checkpoint signed: {exc}")
+                document["checkpoints"].append(None)
     _announce_repairs(env, report.repaired)
 
     return {
@@ -263,9 +280,12 @@ def _check_chain(
     for row in rows:
         where = f"{ckey} seq {row['seq']}"
         try:
-            stored = manifests.decode(row["event_json"].encode("utf-8"))
+            raw = row["event_json"].encode("utf-8")
+            if nested_deeper_than(raw, MAX_JSON_DEPTH):
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            stored = json.loads(raw)
             recomputed = event_hash(stored)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             report.find(
                 "audit_catalog_event_altered", where, f"the catalog's event_json does not parse: {exc}"
             )
@@ -449,15 +469,19 @@ def _complete_rollback(
     if (step.version, step.restore_version) != (intent.version, intent.restore_version):
         report.find("rollback_interrupted", where, f"{detail}; the chain now names another version to undo")
         return
-    [outcome] = apply_undos(
-        env,
-        state,
-        dataset,
-        version_label,
-        [step],
-        reason=intent.reason or "interrupted_rollback_completed",
-        run_id=intent.run_id,
-    )
+    try:
+        [outcome] = apply_undos(
+            env,
+            state,
+            dataset,
+            version_label,
+            [step],
+            reason=intent.reason or "interrupted_rollback_completed",
+            run_id=intent.run_id,
+        )
+    except (ChainDivergence, ChainMoved) as exc:  # the stores disagree (found above): nothing appended
+        report.find("audit_stores_diverge", where, f"{detail}; not completed: {exc}")
+        return
     report.repaired.append({"kind": "rollback_completed", "where": where, "eventHash": outcome["eventHash"]})
 
 
@@ -748,10 +772,12 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
         where = f"{ckey} rollout {row['name']}"
         disagreements = row_disagreements(life, row)
         # A crash between a lifecycle event and its row leaves the row one step behind a chain that
-        # verifies: --repair writes the row the step would have (anything else is refused).
-        catch_up = (
-            row_catch_up(events, row, verifier) if disagreements and not verify_chain(events, ckey) else None
+        # verifies, one in both stores (no audit finding on it: an event the backup alone holds is
+        # never adopted): --repair writes the row the step would have (anything else is refused).
+        sound = not verify_chain(events, ckey) and not any(
+            f["kind"].startswith("audit_") and f["where"].split(" ")[0] == ckey for f in report.findings
         )
+        catch_up = row_catch_up(events, row, verifier) if disagreements and sound else None
         if catch_up is not None and report.repair:
             status = catch_up.pop("status")
             store.set_status(

@@ -168,6 +168,7 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
             for subject in named:
                 if subjects.setdefault(subject["name"], subject) != subject:
                     raise ClaimError(f"{subject['name']}: two commit events give it different digests")
+            for subject in named[:-1]:  # the data files (a rollback removes them, never a manifest)
                 named_by.setdefault(subject["name"], []).append((key, version))
             for reason, count in sorted(event["counts"]["by_reason"].items()):
                 by_reason[reason] = by_reason.get(reason, 0) + _count(count, f"partition {key} {reason}")
@@ -206,7 +207,8 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
         "countsByReason": dict(sorted(by_reason.items())),
         "partitions": partitions,
         "approvals": approvals,
-        # Not a claim: the subjects only rolled-back versions name (a rollback removes their data files).
+        # Not a claim: the data files only rolled-back versions name (a rollback removes them; their
+        # version manifests stay, and must be there).
         "rolledBackSubjects": sorted(n for n, vs in named_by.items() if set(vs) <= rolled_back),
     }
 

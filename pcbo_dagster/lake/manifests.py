@@ -12,6 +12,7 @@ from typing import Any, NotRequired, TypedDict, cast
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.json_documents import sorted_document
 from pcbo_dagster.core.plan import PartitionWindow
+from pcbo_dagster.core.request_model import nested_deeper_than
 
 MANIFEST_KIND = "pcbo.manifest/1"
 ROLLBACK_KIND = "pcbo.rollback/1"
@@ -71,8 +72,15 @@ def encode(document: Manifest | RollbackManifest | dict[str, Any]) -> bytes:
     return sorted_document(document)
 
 
+#: Arrays and objects nest at most this deep in a manifest (pcbo's nest 4 levels).
+MAX_DEPTH = 32
+
+
 def decode(data: bytes) -> dict[str, Any]:
-    """Any manifest's JSON (`ValueError` when it is not JSON); see `decode_manifest`."""
+    """Any manifest's JSON (`ValueError` when it is not JSON, or nests deeper than `MAX_DEPTH`: the
+    lake is anyone's to write, and the parser recurses); see `decode_manifest`."""
+    if nested_deeper_than(data.encode("utf-8") if isinstance(data, str) else data, MAX_DEPTH):
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels: not a pcbo manifest")
     return json.loads(data)
 
 
