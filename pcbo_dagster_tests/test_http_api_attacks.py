@@ -115,6 +115,13 @@ def test_a_source_reaches_no_host_file_and_no_url_outside_the_sources_directory(
     (server.home / ".keys" / "k.jsonl").write_text(json.dumps({**RECORD, "id": SECRET}) + "\n")
     answer = client.post("/v1/dry-run", content=_request("src-h", "ds-a", source={"uri": ".keys/k.jsonl"}))
     assert answer.status_code == 422 and "hidden path" in answer.text and SECRET not in answer.text
+    # ... nor through a link to it in a directory source planted in the lake (a third red-team pass).
+    planted = server.home / "lake" / f"planted-{uuid.uuid4().hex[:8]}"
+    planted.mkdir(parents=True)
+    (planted / "a.jsonl").symlink_to(server.home / ".keys" / "k.jsonl")
+    source = {"uri": str(planted.relative_to(server.home))}
+    answer = client.post("/v1/dry-run", content=_request("src-l", "ds-a", source=source))
+    assert answer.status_code == 422 and SECRET not in answer.text, answer.text
     assert asked == []  # not one request reached the URL
     assert not (server.home / "lake" / "ds-a").exists()
     # A source inside the sources directory (the server's home here) is read as before.

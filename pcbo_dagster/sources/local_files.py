@@ -5,8 +5,9 @@ directory.
 writer forever), then judges the open file itself (`fstat`): anything but a regular file (a FIFO, a
 device, a directory) is `NotRegularFile`. With `root` (the HTTP API's sources directory, `pcbo serve`)
 the file's real path as opened (`/proc/self/fd`, where the kernel says what was opened) must lie
-inside `root`: a symbolic link out of it, in the request's path or in a directory source or a ledger
-archive below it, is `OutsideSources`, even one swapped in after the request was checked. Without
+inside `root`, and in none of its hidden paths (`.keys/`, where the home keeps a key): a symbolic link
+out of it or into a hidden path, in the request's path or in a directory source or a ledger archive
+below it, is `OutsideSources`, even one swapped in after the request was checked. Without
 `root` (the CLI, Dagster: a user reading their own files) links are followed as the file system does.
 """
 
@@ -44,7 +45,9 @@ def open_regular(path: str, root: str | None = None) -> BinaryIO:
                 opened = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:  # no /proc (not Linux): the path's real path now, a weaker check
                 opened = os.path.realpath(path)
-            if not inside(opened, real_root):
+            if not inside(opened, real_root) or any(
+                part.startswith(".") for part in opened[len(real_root) :].split("/")
+            ):
                 raise OutsideSources(f"{path} leads outside the sources directory {real_root}")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
