@@ -10,6 +10,7 @@ written; the document says why); 1 anything else (including verify findings and 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
 import re
@@ -596,5 +597,28 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
 
 
+def run() -> None:
+    """The `pcbo` command (and `python -m pcbo_dagster.cli.main`): `main`, then the exit handlers
+    (`atexit`: logging, the clean-up finalizers), the streams flushed, and the process ends with
+    `main`'s status without tearing down the native libraries it loaded. Arrow's thread pools, torn
+    down at interpreter exit, now and then abort a process whose work is done ("terminate called
+    without an active exception", status -6 instead of 0: apache/arrow#34314)."""
+    try:
+        status = main()
+    except SystemExit as exc:  # argparse: --help, a flag it refuses (its message already printed)
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader gone away, a stream closed
+                pass
+        os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
