@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -598,8 +599,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def run() -> None:
-    """The `pcbo` command (and `python -m pcbo_dagster.cli.main`): `main`, then the exit handlers
-    (`atexit`: logging, the clean-up finalizers), the streams flushed, and the process ends with
+    """The `pcbo` command (and `python -m pcbo_dagster.cli.main`): `main`, then what the interpreter
+    does at exit in its order — threading's exit hooks (executors and process pools shut down) and
+    the wait for non-daemon threads, then the `atexit` handlers (logging, the clean-up finalizers,
+    multiprocessing's join of child processes) — the streams flushed, and the process ends with
     `main`'s status without tearing down the native libraries it loaded. Arrow's thread pools, torn
     down at interpreter exit, now and then abort a process whose work is done ("terminate called
     without an active exception", status -6 instead of 0: apache/arrow#34314)."""
@@ -610,6 +613,7 @@ def run() -> None:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
     try:
+        threading._shutdown()  # type: ignore[attr-defined]  # first, as Py_FinalizeEx does
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):
