@@ -191,14 +191,15 @@ def _confined(uri: str, root: Path) -> str:
             "source.uri",
             f"the server reads sources from s3:// or gs:// or its sources directory, not a {scheme}: URL",
         )
+    from pcbo_dagster.sources.local_files import OUTSIDE, place_in_sources
+
     root = root.resolve()
-    path = Path(local).resolve()
-    if path != root and root not in path.parents:
+    place = place_in_sources(str(Path(local).resolve()), str(root))
+    if place == OUTSIDE:
         raise InvalidInput(
             "source.uri", f"a local source must be inside the server's sources directory {root}"
         )
-    if any(part.startswith(".") for part in path.relative_to(root).parts):
-        # where keys are kept (`$PCBO_HOME/.keys`, the default sources directory being the home)
+    if place is not None:  # hidden: where keys are kept (`$PCBO_HOME/.keys`, the default directory)
         raise InvalidInput("source.uri", "a hidden path of the sources directory is not read as a source")
     return uri
 

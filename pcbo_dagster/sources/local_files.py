@@ -26,10 +26,22 @@ class OutsideSources(ValueError):
     """The path leads (through a symbolic link) outside the sources directory."""
 
 
-def inside(path: str, root: str) -> bool:
-    """Whether the real path `path` is `root` or below it (`root` a real path too)."""
+#: `place_in_sources`'s answers for a path a server may not read.
+OUTSIDE, HIDDEN = "outside", "hidden"
+
+
+def place_in_sources(real: str, root: str) -> str | None:
+    """Where the real path `real` lies for a server reading its sources directory `root` (a real path
+    too): `OUTSIDE` it, in one of its `HIDDEN` paths (a part below `root` starting with `.`: `.keys/`,
+    where the home keeps a key), or None when a server may read it. The one judgement of both the
+    request's own path (`engine/request_loading.py`) and every file opened (`open_regular`)."""
     root = root.rstrip("/") or "/"
-    return path == root or path.startswith(root + "/") or root == "/"
+    if real == root:
+        return None
+    prefix = root if root == "/" else root + "/"
+    if not real.startswith(prefix):
+        return OUTSIDE
+    return HIDDEN if any(part.startswith(".") for part in real[len(prefix) :].split("/")) else None
 
 
 def open_regular(path: str, root: str | None = None) -> BinaryIO:
@@ -45,9 +57,7 @@ def open_regular(path: str, root: str | None = None) -> BinaryIO:
                 opened = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:  # no /proc (not Linux): the path's real path now, a weaker check
                 opened = os.path.realpath(path)
-            if not inside(opened, real_root) or any(
-                part.startswith(".") for part in opened[len(real_root) :].split("/")
-            ):
+            if place_in_sources(opened, real_root) is not None:
                 raise OutsideSources(f"{path} leads outside the sources directory {real_root}")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
