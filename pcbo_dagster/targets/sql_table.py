@@ -2,11 +2,11 @@
 with its row-by-row fallback, the rollback journal, checkpoints, restore and the rollback script.
 
 **Capability checks** (`SqlTable.open`, before anything is read or written; invalid input naming the
-field otherwise): the table exists; every written field has a column whose type holds the run's
-values exactly (`sql_dialects.refusal`: a clear message naming the column); the key columns are
-written, include `id`'s column and carry a primary key or a full unique index on exactly them; the
-freshness and tombstone columns exist and hold instants; and for a write, the connecting role may
-SELECT, INSERT, UPDATE and DELETE the table.
+field otherwise): the table exists and is not one of pcbo's own (`PCBO_TABLES`); every written
+field has a column whose type holds the run's values exactly (`sql_dialects.refusal`: a clear
+message naming the column); the key columns are written, include `id`'s column and carry a
+primary key or a full unique index on exactly them; the freshness and tombstone columns exist and
+hold instants; and for a write, the connecting role may SELECT, INSERT, UPDATE and DELETE the table.
 
 **Apply** (`apply_chunk`): one transaction per chunk of a partition's adds (`chunkRows`, in id order):
 the chunk's live rows are locked (`SELECT ... FOR UPDATE`; SQLite: `BEGIN IMMEDIATE` holds the
@@ -270,6 +270,12 @@ class SqlTable:
                 if resolved is None:
                     raise InvalidInput("target.table", f"no table {spec.table} in {d.location_of(url)}")
                 schema_name, name = resolved
+                if name in PCBO_TABLES:
+                    raise InvalidInput(
+                        "target.table",
+                        f"{spec.table} is pcbo's own journal table (beside every target table): "
+                        "a backfill never writes it",
+                    )
                 columns = {c.name: c for c in d.table_columns(conn, schema_name, name)}
                 written = cls._written_columns(spec, schema, as_json, columns, engine.dialect.name)
                 cls._check_key(spec, written, d.unique_column_sets(conn, schema_name, name))

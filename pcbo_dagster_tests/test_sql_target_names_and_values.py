@@ -1,0 +1,72 @@
+"""A SQL target's names and values as a hostile or careless request gives them: a table that is pcbo's
+own bookkeeping, a URL that does not parse, values whose column stores them in another form. Each is
+refused before anything is written (exit 2 naming the field) or written so it reads back as written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pcbo_dagster_tests.sql_target_helpers import (
+    create_table,
+    pcbo,
+    query,
+    record,
+    request,
+    sqlite_url,
+    write_json,
+)
+
+
+def _chain_bytes(home: Path) -> bytes:
+    return (home / "pas" / "events" / "v1.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "table", ["pcbo_rollbacks", "pcbo_checkpoints", "pcbo_journal", "main.pcbo_rollbacks"]
+)
+def test_a_request_cannot_target_pcbos_own_journal_tables(tmp_path: Path, table: str) -> None:
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    home = tmp_path / "home"
+    first = pcbo(
+        ["execute", "--input", write_json(tmp_path / "r.json", request(url, [record(1)])), "--home", home]
+    )
+    assert first.status == 0, first.stderr
+    # A "backfill" of pcbo_rollbacks: one row saying run-1's apply was undone (a forged marker, written
+    # by pcbo itself); of the journal or checkpoints: entries no apply of theirs made.
+    forged = {
+        **record(1),
+        "id": "run-1",
+        "tableName": "main.events",
+        "partitionKey": "20240101T010000Z",
+        "intentSeq": 1,
+        "journalDigest": "sha256:00",
+        "restored": 1,
+    }
+    req = request(url, [forged], run_id="run-evil", table=table)
+    req["target"]["key"] = ["run_id", "table_name", "partition_key", "intent_seq"]
+    req["target"]["columns"] = {
+        "id": "run_id",
+        "tableName": "table_name",
+        "partitionKey": "partition_key",
+        "intentSeq": "intent_seq",
+        "journalDigest": "journal_digest",
+        "restored": "restored",
+    }
+    before = {
+        t: query(url, f"SELECT * FROM {t}") for t in ("pcbo_rollbacks", "pcbo_checkpoints", "pcbo_journal")
+    }
+    chain = _chain_bytes(home)
+    path = write_json(tmp_path / "evil.json", req)
+    for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", home]):
+        run = pcbo(args)
+        assert run.status == 2, (args[0], run.status, run.stderr)
+        assert "invalid input: target.table:" in run.stderr and "pcbo's own" in run.stderr, run.stderr
+    after = {
+        t: query(url, f"SELECT * FROM {t}") for t in ("pcbo_rollbacks", "pcbo_checkpoints", "pcbo_journal")
+    }
+    assert after == before
+    assert _chain_bytes(home) == chain
+    assert pcbo(["verify", "--home", home]).status == 0
