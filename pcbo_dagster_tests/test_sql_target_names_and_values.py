@@ -70,3 +70,48 @@ def test_a_request_cannot_target_pcbos_own_journal_tables(tmp_path: Path, table:
     assert after == before
     assert _chain_bytes(home) == chain
     assert pcbo(["verify", "--home", home]).status == 0
+
+
+def test_a_request_cannot_backfill_pcbos_catalog(tmp_path: Path) -> None:
+    """The catalog as a target: a "backfill" of `api_tokens` would mint an admin token of the HTTP
+    API (pcbo serve honours any row whose hash matches), of `runs` or `partitions` a forged history."""
+    from pcbo_dagster.catalog import CatalogStore
+    from pcbo_dagster.catalog.server_records import token_digest
+
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    home = tmp_path / "home"
+    first = pcbo(
+        ["execute", "--input", write_json(tmp_path / "r.json", request(url, [record(1)])), "--home", home]
+    )
+    assert first.status == 0, first.stderr
+    catalog = f"sqlite:///{home / 'catalog.db'}"
+    secret = "pcbo_not_issued_by_anyone"
+    minted = {
+        **record(1),
+        "id": "minted",
+        "subject": "x",
+        "scopes": '["admin"]',
+        "tokenHash": token_digest(secret),
+    }
+    req = request(catalog, [minted], run_id="run-mint", table="api_tokens")
+    req["target"]["key"] = ["token_id"]
+    req["target"]["columns"] = {
+        "id": "token_id",
+        "subject": "subject",
+        "scopes": "scopes",
+        "tokenHash": "token_hash",
+        "occurredAt": "created_at",
+    }
+    chain = _chain_bytes(home)
+    path = write_json(tmp_path / "mint.json", req)
+    for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", home]):
+        run = pcbo(args)
+        assert run.status == 2, (args[0], run.status, run.stderr)
+        assert "invalid input: target.table: api_tokens is a table of pcbo's catalog" in run.stderr, (
+            run.stderr
+        )
+    assert query(catalog, "SELECT count(*) FROM api_tokens") == [(0,)]
+    assert query(catalog, "SELECT count(*) FROM sqlite_master WHERE name LIKE 'pcbo_%'") == [(0,)]
+    assert CatalogStore(catalog).token_for_secret(secret) is None
+    assert _chain_bytes(home) == chain

@@ -161,6 +161,20 @@ def resolve_table(conn: Connection, table: str) -> tuple[str, str] | None:
     return None if row is None else (str(row[0]), str(row[1]))
 
 
+def table_exists(conn: Connection, schema: str, name: str) -> bool:
+    """Whether `schema` (SQLite: `main`) holds a table called exactly `name`."""
+    if conn.dialect.name == SQLITE:
+        count = conn.execute(
+            text("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :n"), {"n": name}
+        ).scalar()
+    else:
+        count = conn.execute(
+            text("SELECT count(*) FROM pg_tables WHERE schemaname = :s AND tablename = :n"),
+            {"s": schema, "n": name},
+        ).scalar()
+    return bool(count)
+
+
 def table_columns(conn: Connection, schema: str, name: str) -> list[ColumnInfo]:
     if conn.dialect.name == SQLITE:
         rows = conn.exec_driver_sql(f"PRAGMA main.table_info({quote(name)})").all()

@@ -2,11 +2,12 @@
 with its row-by-row fallback, the rollback journal, checkpoints, restore and the rollback script.
 
 **Capability checks** (`SqlTable.open`, before anything is read or written; invalid input naming the
-field otherwise): the table exists and is not one of pcbo's own (`PCBO_TABLES`); every written
-field has a column whose type holds the run's values exactly (`sql_dialects.refusal`: a clear
-message naming the column); the key columns are written, include `id`'s column and carry a
-primary key or a full unique index on exactly them; the freshness and tombstone columns exist and
-hold instants; and for a write, the connecting role may SELECT, INSERT, UPDATE and DELETE the table.
+field otherwise): the table exists and is not one of pcbo's own (`PCBO_TABLES`, or the catalog's
+where the catalog lives: `CATALOG_TABLES`); every written field has a column whose type holds the
+run's values exactly (`sql_dialects.refusal`: a clear message naming the column); the key columns
+are written, include `id`'s column and carry a primary key or a full unique index on exactly them;
+the freshness and tombstone columns exist and hold instants; and for a write, the connecting role
+may SELECT, INSERT, UPDATE and DELETE the table.
 
 **Apply** (`apply_chunk`): one transaction per chunk of a partition's adds (`chunkRows`, in id order):
 the chunk's live rows are locked (`SELECT ... FOR UPDATE`; SQLite: `BEGIN IMMEDIATE` holds the
@@ -46,6 +47,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DataError, IntegrityError
 
+from pcbo_dagster.catalog.schema import metadata as catalog_metadata
 from pcbo_dagster.core.canonical import fast_jcs, prefixed
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant, to_datetime
@@ -81,6 +83,10 @@ JOURNAL_TABLE = "pcbo_journal"
 CHECKPOINT_TABLE = "pcbo_checkpoints"
 ROLLBACK_TABLE = "pcbo_rollbacks"
 PCBO_TABLES = (JOURNAL_TABLE, CHECKPOINT_TABLE, ROLLBACK_TABLE)
+#: The tables of pcbo's catalog, never a target where they are the catalog's: in a schema that also
+#: holds `CATALOG_SIGNATURE` (whatever URL, alias or path names that database).
+CATALOG_TABLES = frozenset(catalog_metadata.tables) | {"alembic_version"}
+CATALOG_SIGNATURE = "audit_chain_heads"
 JOURNAL_GENESIS = prefixed(hashlib.sha256(b"pcbo.sql-journal/1").hexdigest())
 #: Rows a statement names at once when rows are read by key.
 READ_BATCH = 1000
@@ -274,6 +280,12 @@ class SqlTable:
                     raise InvalidInput(
                         "target.table",
                         f"{spec.table} is pcbo's own journal table (beside every target table): "
+                        "a backfill never writes it",
+                    )
+                if name in CATALOG_TABLES and d.table_exists(conn, schema_name, CATALOG_SIGNATURE):
+                    raise InvalidInput(
+                        "target.table",
+                        f"{spec.table} is a table of pcbo's catalog (in {d.location_of(url)}): "
                         "a backfill never writes it",
                     )
                 columns = {c.name: c for c in d.table_columns(conn, schema_name, name)}
@@ -650,17 +662,7 @@ class SqlTable:
             return self._has_journal(conn)
 
     def _has_journal(self, conn: Connection) -> bool:
-        if self.dialect == SQLITE:
-            row = conn.execute(
-                text("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = :n"),
-                {"n": JOURNAL_TABLE},
-            ).scalar()
-        else:
-            row = conn.execute(
-                text("SELECT count(*) FROM pg_tables WHERE schemaname = :s AND tablename = :n"),
-                {"s": self.schema, "n": JOURNAL_TABLE},
-            ).scalar()
-        return bool(row)
+        return d.table_exists(conn, self.schema, JOURNAL_TABLE)
 
     def ensure_journal(self) -> None:
         """Create the pcbo tables beside the target table when they are missing."""
