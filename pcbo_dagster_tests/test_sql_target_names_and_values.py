@@ -14,6 +14,7 @@ from pcbo_dagster_tests.sql_target_helpers import (
     query,
     record,
     request,
+    run_sql,
     sqlite_url,
     write_json,
 )
@@ -115,3 +116,36 @@ def test_a_request_cannot_backfill_pcbos_catalog(tmp_path: Path) -> None:
     assert query(catalog, "SELECT count(*) FROM sqlite_master WHERE name LIKE 'pcbo_%'") == [(0,)]
     assert CatalogStore(catalog).token_for_secret(secret) is None
     assert _chain_bytes(home) == chain
+
+
+@pytest.mark.postgres
+def test_instants_into_a_postgresql_text_column_read_back_as_written(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """A `text` column holds instants (the capability check says so): they are written as the
+    canonical text the records have, so the read-back, verify and rollback find them (they were
+    written as `timestamptz` cast to text, `2024-01-01 01:01:00+00`, and every apply failed its
+    read-back after writing)."""
+    url = fresh_postgres_url
+    run_sql(
+        url,
+        "CREATE TABLE events (id text, occurred_at text NOT NULL, amount integer, label text, "
+        "PRIMARY KEY (id, occurred_at))",
+    )
+    home = tmp_path / "home"
+    for run_id, records in (("run-one", [record(1)]), ("run-many", [record(i) for i in range(2, 10)])):
+        req = request(url, records, run_id=run_id, key=["id", "occurred_at"])
+        run = pcbo(["execute", "--input", write_json(tmp_path / f"{run_id}.json", req), "--home", home])
+        assert run.status == 0, run.stderr
+        assert run.document["reconciliation"]["status"] == "ok", run.document["reconciliation"]
+    assert query(url, "SELECT id, occurred_at FROM events ORDER BY id")[:2] == [
+        ("ev-0001", "2024-01-01T01:01:00Z"),
+        ("ev-0002", "2024-01-01T02:02:00Z"),
+    ]
+    verified = pcbo(["verify", "--home", home, "--target-url", url])
+    assert verified.status == 0, verified.document
+    undone = pcbo(
+        ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-many", "--target-url", url]
+    )
+    assert undone.status == 0, undone.stderr
+    assert query(url, "SELECT id FROM events") == [("ev-0001",)]

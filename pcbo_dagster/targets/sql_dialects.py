@@ -308,6 +308,13 @@ def refusal(dialect: str, column: ColumnInfo, kind: str) -> str | None:
     return f"column {column.name!r} is {column.type_text}: {why}"
 
 
+def instants_as_text(dialect: str, column: ColumnInfo) -> bool:
+    """Whether the run's instants are bound to `column` as their canonical text
+    (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`, what the records say), not as a `datetime`: on SQLite, and into
+    a PostgreSQL text column (a `timestamptz` cast to text would be stored as `2024-01-01 01:00:00+00`)."""
+    return dialect == SQLITE or column.base_type in ("text", "varchar")
+
+
 def instant_refusal(dialect: str, column: ColumnInfo) -> str | None:
     """Why a freshness or tombstone column cannot be read as instants (None: it can)."""
     if dialect == SQLITE or column.base_type in ("timestamptz", "text", "varchar"):

@@ -428,7 +428,7 @@ class SqlTable:
                 canonical: list[Any] = [None if m is None else format_instant(m) for m in micros]
                 db: list[Any] = (
                     canonical
-                    if self.dialect == SQLITE
+                    if d.instants_as_text(self.dialect, w.column)
                     else [None if m is None else to_datetime(m) for m in micros]
                 )
             else:
@@ -572,7 +572,7 @@ class SqlTable:
         values = json.loads(text_)
         out = []
         for k, v in zip(self.key, values, strict=True):
-            if k.kind == TIMESTAMP and v is not None and self.dialect == POSTGRESQL:
+            if k.kind == TIMESTAMP and v is not None and not d.instants_as_text(self.dialect, k.column):
                 from pcbo_dagster.core.instants import parse_instant
 
                 micros = parse_instant(v)
