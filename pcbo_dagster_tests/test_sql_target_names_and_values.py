@@ -149,3 +149,20 @@ def test_instants_into_a_postgresql_text_column_read_back_as_written(
     )
     assert undone.status == 0, undone.stderr
     assert query(url, "SELECT id FROM events") == [("ev-0001",)]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://loader:Hunter2Secret@db.internal:notaport/warehouse",
+        "postgresql://loader:Hunter2Secret@[::1/warehouse",
+    ],
+)
+def test_a_target_url_that_does_not_parse_is_invalid_input(tmp_path: Path, url: str) -> None:
+    path = write_json(tmp_path / "r.json", request(url, [record(1)]))
+    for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", tmp_path / "home"]):
+        run = pcbo(args)
+        assert run.status == 2, (args[0], run.status, run.stderr)
+        assert "invalid input: target.url:" in run.stderr, run.stderr
+        assert "Hunter2Secret" not in run.stderr and "internal error" not in run.stderr
+    assert not (tmp_path / "home").exists()

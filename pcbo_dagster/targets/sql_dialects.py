@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import ArgumentError
 
 from pcbo_dagster.catalog.database import sqlalchemy_url
 from pcbo_dagster.core.errors import InvalidInput
@@ -70,9 +71,20 @@ def dialect_of(url: URL) -> str:
     return backend
 
 
+def parse_target_url(url: str) -> URL:
+    """A target URL as SQLAlchemy opens it; `InvalidInput` on `target.url` when it does not parse (a
+    port that is not a number, a bracket left open), without the URL (it may hold a password)."""
+    try:
+        return sqlalchemy_url(url)
+    except (ValueError, ArgumentError):
+        raise InvalidInput(
+            "target.url", "is not a database URL (its host, port or path do not parse)"
+        ) from None
+
+
 def location_of(url: str) -> str:
     """Where a target lives, without credentials: `postgresql://host:port/db`, `sqlite:////path`."""
-    parsed = sqlalchemy_url(url)
+    parsed = parse_target_url(url)
     if parsed.get_backend_name() == SQLITE:
         return f"sqlite:///{parsed.database or ''}"
     plain = parsed.set(drivername=POSTGRESQL, username=None, password=None, query={})
@@ -88,7 +100,7 @@ def sqlite_path(url: URL) -> Path:
 
 def open_engine(url: str, read_only: bool = False) -> Engine:
     """An engine on the target database (see the module doc). SQLite: the file must exist."""
-    parsed = sqlalchemy_url(url)
+    parsed = parse_target_url(url)
     if dialect_of(parsed) == POSTGRESQL:
         return create_engine(
             parsed,
