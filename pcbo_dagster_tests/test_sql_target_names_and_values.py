@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from pcbo_dagster_tests import sql_target_helpers as helpers
 from pcbo_dagster_tests.sql_target_helpers import (
     create_table,
+    dump,
     pcbo,
     query,
     record,
@@ -166,3 +168,56 @@ def test_a_target_url_that_does_not_parse_is_invalid_input(tmp_path: Path, url: 
         assert "invalid input: target.url:" in run.stderr, run.stderr
         assert "Hunter2Secret" not in run.stderr and "internal error" not in run.stderr
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_rollback_the_table_silently_ignores_is_refused_not_recorded(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """A trigger that skips DELETE and UPDATE (SQLite `RAISE(IGNORE)`; PostgreSQL a soft-delete rule
+    `DO INSTEAD` and a trigger returning NULL) made the restoring statements change nothing: the
+    rollback still said `rolled_back`, the chain recorded the rows restored, verify was clean, and the
+    table kept every row the run wrote. The restore is now checked in its own transaction."""
+    if dialect == "sqlite":
+        url = sqlite_url(tmp_path / "target.db")
+        ignore = [
+            "CREATE TRIGGER keep_rows BEFORE DELETE ON events BEGIN SELECT RAISE(IGNORE); END",
+            "CREATE TRIGGER keep_values BEFORE UPDATE ON events BEGIN SELECT RAISE(IGNORE); END",
+        ]
+        unignore = ["DROP TRIGGER keep_rows", "DROP TRIGGER keep_values"]
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+        ignore = [
+            "CREATE RULE soft_delete AS ON DELETE TO events DO INSTEAD "
+            "UPDATE events SET deleted_at = now() WHERE id = OLD.id",
+            "CREATE FUNCTION keep_values() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN IF NEW.deleted_at IS NULL THEN RETURN NULL; END IF; RETURN NEW; END $$",
+            "CREATE TRIGGER keep_values BEFORE UPDATE ON events FOR EACH ROW EXECUTE FUNCTION keep_values()",
+        ]
+        unignore = ["DROP RULE soft_delete ON events", "DROP TRIGGER keep_values ON events"]
+    create_table(url)
+    run_sql(
+        url,
+        "INSERT INTO events (id, occurred_at, amount, label) "
+        "VALUES ('ev-0002', '2024-01-01T02:02:00Z', 99, 'old')",
+    )
+    before = dump(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 5)], conflict="overwrite")
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home])
+    assert run.status == 0, run.stderr
+    written = dump(url)
+    run_sql(url, *ignore)
+    args = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1", "--target-url", url]
+    refused = pcbo(args)
+    assert refused.status == 1, (refused.status, refused.document)
+    assert "not back as they were" in refused.stderr, refused.stderr
+    assert dump(url) == written
+    assert "sql_rollback_intent" not in _chain_bytes(home).decode()  # refused before it: nothing written
+    assert query(url, "SELECT count(*) FROM pcbo_rollbacks") == [(0,)]
+    # Without the trigger, the same rollback completes, and the table is back as it was.
+    run_sql(url, *unignore)
+    again = pcbo(args)
+    assert again.status == 0 and again.document["rolledBack"] == 4, again.stderr
+    assert dump(url) == before
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0

@@ -9,7 +9,11 @@ each partition of each table it wrote. Before anything is touched:
   every entry in its canonical form): a journal edited in the target database is never replayed;
 - every row the run changed must still be as the run wrote it (its digest is the journal entry's
   `after`): a row the live pipeline (or a later run) changed since is not written over — the
-  rollback is refused naming those rows, and nothing is changed (roll back the later run first).
+  rollback is refused naming those rows, and nothing is changed (roll back the later run first);
+- the restore, tried in a savepoint and undone, must put every row back as it was before the run
+  (`sql_restore_ineffective` otherwise: a trigger or rule that skips or rewrites the restoring
+  statements, such as `RAISE(IGNORE)` or a soft-delete rule, never has the chain record rows
+  restored that are not). The restoring transaction checks it again before it commits.
 
 Then a `sql_rollback_intent` (the applies and their journal digests) is appended, and one transaction
 in the target restores every journaled row's prior image (newest change first: a row the run
@@ -27,6 +31,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from sqlalchemy import Connection
 
 from pcbo_dagster.core.chain_state import (
     SQL_PARTITION_ROLLED_BACK,
@@ -185,8 +191,11 @@ def _undo(
     entries = [e for group in undone.values() for e in group]
     with table.write() as conn:
         drifted = table.drifted(conn, entries, lock=True)
-    if drifted:
-        _refuse_drifted(where, drifted)
+        if drifted:
+            _refuse_drifted(where, drifted)
+        trial = conn.begin_nested()  # what the restore will do, before the chain says it is about to
+        _restore_checked(table, conn, entries, where)
+        trial.rollback()
     ckey = chain_key(dataset, version_label)
     digests = {(h.key, a.intent_seq): _digest_of(view, undone[(h.key, a.intent_seq)], a) for h, a in applies}
     intent = env.audit.append(
@@ -213,7 +222,7 @@ def _undo(
         drifted = table.drifted(conn, entries, lock=True)
         if drifted:
             _refuse_drifted(where, drifted)
-        table.restore(conn, entries)
+        _restore_checked(table, conn, entries, where)
         for h, a in applies:
             k = (h.key, a.intent_seq)
             table.record_rollback(conn, run_id, h.key, a.intent_seq, digests[k], len(undone[k]))
@@ -280,6 +289,26 @@ def restore_committed(
         listed = ", ".join(repr(d["id"]) for d in not_back[:10])
         return f"{len(not_back)} row(s) the apply changed are not back as they were before it ({listed})"
     return None
+
+
+def _restore_checked(table: SqlTable, conn: Connection, entries: list[dict[str, Any]], where: str) -> None:
+    """Restore `entries` in `conn`'s transaction, and refuse (the transaction rolled back) when a row is
+    not back as it was before the run: a trigger or rule that skips or rewrites the restoring DELETE or
+    UPDATE (`RAISE(IGNORE)`, a soft-delete rule) must not let the chain record rows restored that are not."""
+    table.restore(conn, entries)
+    oldest: dict[str, dict[str, Any]] = {}
+    for e in sorted(entries, key=lambda e: e["seq"]):
+        oldest.setdefault(e["keyText"], e)
+    not_back = table.drifted(conn, list(oldest.values()), lock=False, restored=True)
+    if not_back:
+        listed = ", ".join(repr(d["id"]) for d in not_back[:10])
+        raise SqlRollbackRefused(
+            where,
+            "sql_restore_ineffective",
+            f"{len(not_back)} row(s) are not back as they were before the run after the restoring "
+            f"statements ({listed}{', ...' if len(not_back) > 10 else ''}): a trigger or rule on the table "
+            "skips or rewrites them",
+        )
 
 
 def _refuse_drifted(where: str, drifted: list[dict[str, Any]]) -> None:
