@@ -221,3 +221,43 @@ def test_a_rollback_the_table_silently_ignores_is_refused_not_recorded(
     assert again.status == 0 and again.document["rolledBack"] == 4, again.stderr
     assert dump(url) == before
     assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize(
+    "live_change",
+    [
+        "UPDATE events SET note = 'kept by the live pipeline', updated_at = '2024-03-01T00:00:00Z' "
+        "WHERE id = 'ev-0001'",
+        # deleted and written again by someone else: the same written values, its own other columns
+        "DELETE FROM events WHERE id = 'ev-0001'; INSERT INTO events (id, occurred_at, amount, label, note) "
+        "VALUES ('ev-0001', '2024-01-01T01:01:00Z', 1, 'x', 'written by someone else')",
+    ],
+)
+def test_a_rollback_never_deletes_an_inserted_row_the_live_pipeline_changed_since(
+    tmp_path: Path, dialect: str, live_change: str, request: pytest.FixtureRequest
+) -> None:
+    """A row the run inserted is undone by DELETE, which takes every column with it: a row whose
+    other columns (`note`, `updated_at`) the live pipeline changed since, or that someone else wrote
+    again with the same key and written values, is no longer the row the run inserted. It was
+    deleted (exit 0), the live pipeline's data with it."""
+    if dialect == "sqlite":
+        url = sqlite_url(tmp_path / "target.db")
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+    create_table(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 5)])
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
+    for statement in live_change.split("; "):
+        run_sql(url, statement)
+    changed = dump(url)
+    args = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1", "--target-url", url]
+    refused = pcbo(args)
+    assert refused.status == 1, (refused.status, refused.document)
+    assert "sql_rows_changed_since" in refused.stderr and "'ev-0001'" in refused.stderr, refused.stderr
+    assert dump(url) == changed
+    # The partitions it did not touch are still undone one by one.
+    other = pcbo([*args[:-4], "--partition", "20240101T020000Z", "--target-url", url])
+    assert other.status == 0, other.stderr
+    assert [r for r in dump(url) if "ev-0002" in r] == []

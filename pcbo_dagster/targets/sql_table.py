@@ -19,13 +19,15 @@ its own savepoint: a row the database refuses is rolled back to its savepoint an
 database's error (SQLSTATE and message), the others are applied.
 
 **The journal** lives in the target database, in `pcbo_journal` beside the table (the same
-transaction as the change can only be there): one entry per changed row, before the change, with
-the row's exact prior image (or none: inserted), the columns changed, the live state the decision
-was made on and the digest of the row written. Entries are chained per (run, table): `digest_n =
-sha256(digest_{n-1} "\\n" JCS(entry_n))` from `JOURNAL_GENESIS`. `pcbo_checkpoints` holds one row
-per applied chunk (written in the chunk's transaction): the plan hash, the target's digest, the
-journal's length and digest after the chunk, and the chunk's rows with their outcomes
-(`chunk_rows`), counts, failures and applied rows (the counts and applied rows follow from the rows
+transaction as the change can only be there): one entry per changed row, with
+the row's exact prior image (or none: inserted, and then the digest of the whole row as the insert
+left it, every column: its undo deletes the whole row, so it must still be that row), the columns
+changed, the live state the decision was made on and the digest of the row written. Entries are
+chained per (run, table): `digest_n = sha256(digest_{n-1} "\\n" JCS(entry_n))` from
+`JOURNAL_GENESIS`. `pcbo_checkpoints` holds one row per applied chunk (written in the chunk's
+transaction): the plan hash, the target's digest, the journal's length and digest after the chunk,
+and the chunk's rows with their outcomes (`chunk_rows`), counts, failures and applied rows (the
+counts and applied rows follow from the rows
 and failures: `chunk_claims`, how the engine checks a checkpoint it did not just write).
 `pcbo_rollbacks` holds one row per undone apply (written in the restoring transaction). The three
 tables are append-only (triggers refuse UPDATE, DELETE, REPLACE, TRUNCATE), created with the
@@ -777,23 +779,25 @@ class SqlTable:
         seq, digest = ctx.journal_seq, ctx.journal_digest
         entries: list[dict[str, Any]] = []
         if not per_row:
+            self._write_rows(conn, writes)
+            inserted = self._inserted_images(conn, writes) if journal else {}
             for row, now in writes:
-                entry, entry_text = self._entry(ctx, seq + 1, row, now)
+                entry, entry_text = self._entry(ctx, seq + 1, row, now, inserted.get(row.key_text))
                 seq, digest = seq + 1, chain_journal_digest(digest, entry_text)
                 entries.append({"seq": seq, "entry": entry_text.decode("utf-8")})
             if journal:
                 self._insert_journal(conn, ctx, entries)
-            self._write_rows(conn, writes)
         else:
             for row, now in writes:
-                entry, entry_text = self._entry(ctx, seq + 1, row, now)
                 savepoint = conn.begin_nested()
                 try:
+                    self._write_rows(conn, [(row, now)])
+                    inserted = self._inserted_images(conn, [(row, now)]) if journal else {}
+                    entry, entry_text = self._entry(ctx, seq + 1, row, now, inserted.get(row.key_text))
                     if journal:
                         self._insert_journal(
                             conn, ctx, [{"seq": seq + 1, "entry": entry_text.decode("utf-8")}]
                         )
-                    self._write_rows(conn, [(row, now)])
                     savepoint.commit()
                 except (IntegrityError, DataError) as exc:
                     savepoint.rollback()
@@ -824,8 +828,19 @@ class SqlTable:
         )
         return result
 
+    def _inserted_images(
+        self, conn: Connection, writes: Sequence[tuple[PlannedRow, LiveRow | None]]
+    ) -> dict[str, str]:
+        """Key text -> the digest of the whole row (every column's image) of each row just inserted:
+        what its undo, a DELETE of every column, must still find (`drifted`)."""
+        keys = [row.key_values for row, _ in writes if row.outcome == INSERT]
+        if not keys:
+            return {}
+        found = self._live_rows(conn, keys, lock=False, with_image=True)
+        return {k: image_digest(v.image) for k, v in found.items()}
+
     def _entry(
-        self, ctx: ChunkContext, seq: int, row: PlannedRow, now: LiveRow | None
+        self, ctx: ChunkContext, seq: int, row: PlannedRow, now: LiveRow | None, inserted: str | None
     ) -> tuple[dict[str, Any], bytes]:
         key_names = {k.column.name for k in self.key}
         changed = [w.column.name for w in self.written if w.column.name not in key_names]
@@ -850,6 +865,8 @@ class SqlTable:
             "priorState": None if now is None else now.state.to_json(),
             "after": row.record_digest,
         }
+        if inserted is not None:
+            entry["inserted"] = inserted
         return entry, fast_jcs(entry)
 
     def _insert_journal(self, conn: Connection, ctx: ChunkContext, entries: list[dict[str, Any]]) -> None:
@@ -938,7 +955,8 @@ class SqlTable:
         `restored`, those whose row is not back as it was before the run (an inserted row still
         there, an updated row without its prior written values: `entries` one per row, the oldest)."""
         keys = [self.key_values_of_text(e["keyText"]) for e in entries]
-        found = self._live_rows(conn, keys, lock=lock, with_image=False, digests_only=True)
+        whole = not restored and any("inserted" in e for e in entries)
+        found = self._live_rows(conn, keys, lock=lock, with_image=whole, digests_only=True)
         drifted = []
         for e in entries:
             now = found.get(e["keyText"])
@@ -946,7 +964,10 @@ class SqlTable:
                 expected = None if e["priorState"] is None else e["priorState"]["rowDigest"]
             else:
                 expected = e["after"]
-            if (None if now is None else now.state.row_digest) != expected:
+            if (None if now is None else now.state.row_digest) != expected or (
+                # a row the run inserted is deleted whole: every column must be as the insert left it
+                whole and "inserted" in e and now is not None and image_digest(now.image) != e["inserted"]
+            ):
                 drifted.append({"id": e["id"], "key": e["keyText"], "seq": e["seq"]})
         return drifted
 
@@ -1043,6 +1064,11 @@ def _database_error(exc: Exception) -> tuple[str, str]:
     diag = getattr(orig, "diag", None)
     message = getattr(diag, "message_primary", None) or str(orig).splitlines()[0]
     return str(code), scrub_text(str(message))
+
+
+def image_digest(image: Mapping[str, Any]) -> str:
+    """`sha256:` of a whole row's image (`LiveRow.image`: every column, as the journal keeps them)."""
+    return prefixed(hashlib.sha256(fast_jcs(dict(image))).hexdigest())
 
 
 def journal_entry(entry_text: str) -> dict[str, Any]:
