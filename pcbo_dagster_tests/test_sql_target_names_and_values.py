@@ -261,3 +261,38 @@ def test_a_rollback_never_deletes_an_inserted_row_the_live_pipeline_changed_sinc
     other = pcbo([*args[:-4], "--partition", "20240101T020000Z", "--target-url", url])
     assert other.status == 0, other.stderr
     assert [r for r in dump(url) if "ev-0002" in r] == []
+
+
+@pytest.mark.postgres
+def test_a_server_named_in_the_url_query_is_the_location_the_chain_records(
+    tmp_path: Path, fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq's URI form `postgresql://user@/db?host=H&port=P` (the documented one for a socket
+    directory) was recorded as `postgresql:///db`: the chain lost which server the rows went to, so
+    verify and rollback went to the default server (unreachable here; another cluster's database of
+    the same name elsewhere), and tables of two servers were one target."""
+    from sqlalchemy.engine import make_url
+
+    server = make_url(fresh_postgres_url)
+    url = f"postgresql://{server.username}@/{server.database}?host={server.host}&port={server.port}"
+    create_table(fresh_postgres_url)
+    home = tmp_path / "home"
+    run = pcbo(
+        [
+            "execute",
+            "--input",
+            write_json(tmp_path / "r.json", helpers.request(url, [record(1)])),
+            "--home",
+            home,
+        ]
+    )
+    assert run.status == 0, run.stderr
+    where = f"postgresql://{server.host}:{server.port}/{server.database}"
+    assert run.document["partitions"][0]["target"] == f"{where}#public.events"
+    monkeypatch.setenv("PGUSER", str(server.username))  # libpq's user: no --target-url needed
+    verified = pcbo(["verify", "--home", home])
+    assert verified.status == 0, verified.document
+    socket = "postgresql://loader@/warehouse?host=/var/run/postgresql&sslmode=require&password=x"
+    from pcbo_dagster.targets.sql_dialects import location_of
+
+    assert location_of(socket) == "postgresql:///warehouse?host=/var/run/postgresql"

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL
@@ -82,13 +83,37 @@ def parse_target_url(url: str) -> URL:
         ) from None
 
 
+#: libpq URI query parameters that say which server and database (never a credential): a location
+#: keeps them.
+_WHERE_PARAMETERS = ("host", "hostaddr", "port", "dbname", "service")
+
+
 def location_of(url: str) -> str:
-    """Where a target lives, without credentials: `postgresql://host:port/db`, `sqlite:////path`."""
+    """Where a target lives, without credentials: `postgresql://host:port/db`, `sqlite:////path`. A
+    server named in the query (libpq's `postgresql://user@/db?host=H&port=P`) is where it lives too:
+    a plain host and port become the URL's own, a socket directory (or several hosts, a service)
+    stays in the query; every other parameter (passwords, TLS settings) is dropped."""
     parsed = parse_target_url(url)
     if parsed.get_backend_name() == SQLITE:
         return f"sqlite:///{parsed.database or ''}"
-    plain = parsed.set(drivername=POSTGRESQL, username=None, password=None, query={})
-    return redact_url(plain.render_as_string(hide_password=True))
+    where = {k: parsed.query[k] for k in _WHERE_PARAMETERS if k in parsed.query}
+    host, port = where.get("host"), where.get("port")
+    if (
+        parsed.host is None
+        and isinstance(host, str)
+        and host
+        and not host.startswith("/")
+        and "," not in host
+    ):
+        parsed = parsed.set(host=where.pop("host"))
+    if parsed.port is None and isinstance(port, str) and port.isdigit():
+        parsed = parsed.set(port=int(where.pop("port")))
+    # redact_url drops the userinfo (everything before the last `@`: a password may hold one)
+    plain = redact_url(parsed.set(drivername=POSTGRESQL, query={}).render_as_string(hide_password=True))
+    pairs = [
+        (k, v) for k, values in where.items() for v in ((values,) if isinstance(values, str) else values)
+    ]
+    return plain + (f"?{urlencode(pairs, safe='/,')}" if pairs else "")
 
 
 def sqlite_path(url: URL) -> Path:
