@@ -296,3 +296,26 @@ def test_a_server_named_in_the_url_query_is_the_location_the_chain_records(
     from pcbo_dagster.targets.sql_dialects import location_of
 
     assert location_of(socket) == "postgresql:///warehouse?host=/var/run/postgresql"
+
+
+def test_a_target_path_holding_a_line_break_cannot_inject_sql_into_the_rollback_script(
+    tmp_path: Path,
+) -> None:
+    """The rollback script names the target's location in a comment; a SQLite file in a directory
+    called `t<newline>DROP TABLE keep;--` turned that comment's second line into a statement, run by
+    the DBA who applies the script (`sqlite3 target.db < rollback_<runId>.sql`). A target URL holding
+    a control character, as written or percent-encoded, is invalid input."""
+    target = sqlite_url(tmp_path / "t\nDROP TABLE keep;--" / "target.db")
+    create_table(target)
+    run_sql(target, "CREATE TABLE keep (x)")
+    for url in (target, f"sqlite:///{tmp_path}/t%0ADROP%20TABLE%20keep;--/target.db"):
+        path = write_json(tmp_path / "r.json", helpers.request(url, [record(1)]))
+        for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", tmp_path / "home"]):
+            run = pcbo(args)
+            assert run.status == 2, (args[0], run.status, run.stderr)
+            assert "invalid input: target.url: holds a control character" in run.stderr, run.stderr
+        assert not (tmp_path / "home").exists()
+    assert query(target, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name") == [
+        ("events",),
+        ("keep",),
+    ]

@@ -74,13 +74,23 @@ def dialect_of(url: URL) -> str:
 
 def parse_target_url(url: str) -> URL:
     """A target URL as SQLAlchemy opens it; `InvalidInput` on `target.url` when it does not parse (a
-    port that is not a number, a bracket left open), without the URL (it may hold a password)."""
+    port that is not a number, a bracket left open) or holds a control character, without the URL
+    (it may hold a password)."""
     try:
-        return sqlalchemy_url(url)
+        parsed = sqlalchemy_url(url)
     except (ValueError, ArgumentError):
         raise InvalidInput(
             "target.url", "is not a database URL (its host, port or path do not parse)"
         ) from None
+    # as written or percent-encoded: the location is printed into logs and the rollback script's
+    # comments, where a line break would start a statement the DBA runs
+    parts = [url, parsed.database or "", parsed.host or ""]
+    parts += [v for value in parsed.query.values() for v in ((value,) if isinstance(value, str) else value)]
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for part in parts for c in part):
+        raise InvalidInput(
+            "target.url", "holds a control character (a line break, a tab): a database URL never does"
+        )
+    return parsed
 
 
 #: libpq URI query parameters that say which server and database (never a credential): a location
