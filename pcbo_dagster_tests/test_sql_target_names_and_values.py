@@ -22,6 +22,10 @@ from pcbo_dagster_tests.sql_target_helpers import (
 )
 
 
+def _dry_run_and_execute(path: Path, home: Path) -> list[list[str | Path]]:
+    return [["dry-run", "--input", path], ["execute", "--input", path, "--home", home]]
+
+
 def _chain_bytes(home: Path) -> bytes:
     return (home / "pas" / "events" / "v1.jsonl").read_bytes()
 
@@ -63,7 +67,7 @@ def test_a_request_cannot_target_pcbos_own_journal_tables(tmp_path: Path, table:
     }
     chain = _chain_bytes(home)
     path = write_json(tmp_path / "evil.json", req)
-    for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", home]):
+    for args in _dry_run_and_execute(path, home):
         run = pcbo(args)
         assert run.status == 2, (args[0], run.status, run.stderr)
         assert "invalid input: target.table:" in run.stderr and "pcbo's own" in run.stderr, run.stderr
@@ -108,7 +112,7 @@ def test_a_request_cannot_backfill_pcbos_catalog(tmp_path: Path) -> None:
     }
     chain = _chain_bytes(home)
     path = write_json(tmp_path / "mint.json", req)
-    for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", home]):
+    for args in _dry_run_and_execute(path, home):
         run = pcbo(args)
         assert run.status == 2, (args[0], run.status, run.stderr)
         assert "invalid input: target.table: api_tokens is a table of pcbo's catalog" in run.stderr, (
@@ -162,7 +166,7 @@ def test_instants_into_a_postgresql_text_column_read_back_as_written(
 )
 def test_a_target_url_that_does_not_parse_is_invalid_input(tmp_path: Path, url: str) -> None:
     path = write_json(tmp_path / "r.json", request(url, [record(1)]))
-    for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", tmp_path / "home"]):
+    for args in _dry_run_and_execute(path, tmp_path / "home"):
         run = pcbo(args)
         assert run.status == 2, (args[0], run.status, run.stderr)
         assert "invalid input: target.url:" in run.stderr, run.stderr
@@ -208,7 +212,17 @@ def test_a_rollback_the_table_silently_ignores_is_refused_not_recorded(
     assert run.status == 0, run.stderr
     written = dump(url)
     run_sql(url, *ignore)
-    args = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1", "--target-url", url]
+    args: list[str | Path] = [
+        "rollback",
+        "--home",
+        home,
+        "--dataset",
+        "events",
+        "--run-id",
+        "run-1",
+        "--target-url",
+        url,
+    ]
     refused = pcbo(args)
     assert refused.status == 1, (refused.status, refused.document)
     assert "not back as they were" in refused.stderr, refused.stderr
@@ -252,7 +266,17 @@ def test_a_rollback_never_deletes_an_inserted_row_the_live_pipeline_changed_sinc
     for statement in live_change.split("; "):
         run_sql(url, statement)
     changed = dump(url)
-    args = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1", "--target-url", url]
+    args: list[str | Path] = [
+        "rollback",
+        "--home",
+        home,
+        "--dataset",
+        "events",
+        "--run-id",
+        "run-1",
+        "--target-url",
+        url,
+    ]
     refused = pcbo(args)
     assert refused.status == 1, (refused.status, refused.document)
     assert "sql_rows_changed_since" in refused.stderr and "'ev-0001'" in refused.stderr, refused.stderr
@@ -310,7 +334,7 @@ def test_a_target_path_holding_a_line_break_cannot_inject_sql_into_the_rollback_
     run_sql(target, "CREATE TABLE keep (x)")
     for url in (target, f"sqlite:///{tmp_path}/t%0ADROP%20TABLE%20keep;--/target.db"):
         path = write_json(tmp_path / "r.json", helpers.request(url, [record(1)]))
-        for args in (["dry-run", "--input", path], ["execute", "--input", path, "--home", tmp_path / "home"]):
+        for args in _dry_run_and_execute(path, tmp_path / "home"):
             run = pcbo(args)
             assert run.status == 2, (args[0], run.status, run.stderr)
             assert "invalid input: target.url: holds a control character" in run.stderr, run.stderr

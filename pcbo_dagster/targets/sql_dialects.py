@@ -115,9 +115,11 @@ def location_of(url: str) -> str:
         and not host.startswith("/")
         and "," not in host
     ):
-        parsed = parsed.set(host=where.pop("host"))
+        del where["host"]
+        parsed = parsed.set(host=host)
     if parsed.port is None and isinstance(port, str) and port.isdigit():
-        parsed = parsed.set(port=int(where.pop("port")))
+        del where["port"]
+        parsed = parsed.set(port=int(port))
     # redact_url drops the userinfo (everything before the last `@`: a password may hold one)
     plain = redact_url(parsed.set(drivername=POSTGRESQL, query={}).render_as_string(hide_password=True))
     pairs = [
