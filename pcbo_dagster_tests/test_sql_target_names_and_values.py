@@ -343,3 +343,58 @@ def test_a_target_path_holding_a_line_break_cannot_inject_sql_into_the_rollback_
         ("events",),
         ("keep",),
     ]
+
+
+SQLITE_KEY_NO_LONGER_UNIQUE = [
+    "CREATE TABLE events2 (id TEXT, occurred_at TEXT NOT NULL, amount INTEGER, label TEXT, updated_at TEXT, "
+    "deleted_at TEXT, note TEXT)",
+    "INSERT INTO events2 VALUES ('ev-0001', '2024-01-01T01:01:00Z', 999, 'forged', NULL, NULL, 'x')",
+    "INSERT INTO events2 SELECT * FROM events",
+    "DROP TABLE events",
+    "ALTER TABLE events2 RENAME TO events",
+]
+# an inheriting table holds the row as written; the table's own row is changed (`SELECT ... FROM events`
+# reads both, the child's last)
+POSTGRESQL_ROW_IN_A_CHILD = [
+    "CREATE TABLE events_more () INHERITS (events)",
+    "INSERT INTO events_more SELECT * FROM ONLY events WHERE id = 'ev-0001'",
+    "UPDATE ONLY events SET amount = 999, label = 'forged' WHERE id = 'ev-0001'",
+]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_second_row_with_an_applied_key_does_not_pass_the_read_back(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """The read-back kept the last row read for each key: a table rebuilt without its unique key
+    (SQLite), or an inheriting table (PostgreSQL), let a changed row sit beside one as written, and
+    verify was clean. A key that names more than one row is not the row the backfill wrote: found,
+    and never written over or deleted."""
+    if dialect == "sqlite":
+        url, forge = sqlite_url(tmp_path / "target.db"), SQLITE_KEY_NO_LONGER_UNIQUE
+    else:
+        url, forge = request.getfixturevalue("fresh_postgres_url"), POSTGRESQL_ROW_IN_A_CHILD
+    create_table(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 5)], conflict="overwrite")
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
+    run_sql(url, *forge)
+    verified = pcbo(["verify", "--home", home, "--target-url", url])
+    assert verified.status == 1, verified.document
+    findings = [(f["kind"], f["detail"]) for f in verified.document["findings"]]
+    assert [kind for kind, _ in findings] == ["sql_rows_changed"], findings
+    assert "ev-0001" in findings[0][1]
+    # Neither a rollback nor another run writes over (or deletes) a key that names two rows.
+    rolled = pcbo(
+        ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1", "--target-url", url]
+    )
+    assert rolled.status == 1 and "'ev-0001'" in rolled.stderr, rolled.stderr
+    again = helpers.request(url, [record(1, amount=7)], run_id="run-2", conflict="overwrite")
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r2.json", again), "--home", home])
+    if dialect == "sqlite":  # the rebuilt table has no unique key: refused before anything is read
+        assert run.status == 2 and "invalid input: target.key:" in run.stderr, run.stderr
+    else:
+        assert run.status == 0, run.stderr
+        failures = [f for p in run.document["partitions"] for f in p["failures"]]
+        assert [(f["id"], f["error"]) for f in failures] == [("ev-0001", "the key names more than one row")]
+    assert sorted(r[0] for r in query(url, "SELECT amount FROM events WHERE id = 'ev-0001'")) == [1, 999]

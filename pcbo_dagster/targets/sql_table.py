@@ -90,6 +90,10 @@ PCBO_TABLES = (JOURNAL_TABLE, CHECKPOINT_TABLE, ROLLBACK_TABLE)
 CATALOG_TABLES = frozenset(catalog_metadata.tables) | {"alembic_version"}
 CATALOG_SIGNATURE = "audit_chain_heads"
 JOURNAL_GENESIS = prefixed(hashlib.sha256(b"pcbo.sql-journal/1").hexdigest())
+#: The live state of a key that names more than one row (the table's key is no longer unique, or
+#: PostgreSQL rows of an inheriting table): equal to no record, decided and read back as a changed row.
+AMBIGUOUS = "ambiguous: the key names more than one row"
+AMBIGUOUS_STATE = LiveState(AMBIGUOUS, None, None, AMBIGUOUS)
 #: Rows a statement names at once when rows are read by key.
 READ_BATCH = 1000
 #: Key of the advisory lock taken while the pcbo tables are created (PostgreSQL).
@@ -522,6 +526,7 @@ class SqlTable:
         """The live rows of `keys` by key text (`digests_only`: only each row's digest is right)."""
         select, _ = self._live_select(with_image)
         found: dict[str, LiveRow] = {}
+        twice: set[str] = set()
         nkey, nwritten = len(self.key), len(self.written)
         column_names = list(self.columns)
         for lo in range(0, len(keys), READ_BATCH):
@@ -546,7 +551,12 @@ class SqlTable:
                     if digests_only
                     else live_state(values, fresh, deleted)
                 )
-                found[key_text(key_canonical)] = LiveRow(state, image)
+                key = key_text(key_canonical)
+                if key in found:
+                    twice.add(key)
+                found[key] = LiveRow(state, image)
+        for key in twice:  # not the row anyone wrote: equal to nothing, never written over
+            found[key] = LiveRow(AMBIGUOUS_STATE, found[key].image)
         return found
 
     def read_live(self, rows: Sequence[PlannedRow]) -> dict[str, LiveState]:
@@ -767,6 +777,9 @@ class SqlTable:
                         row, "pcbo", "the row changed after the decision was made (it is not written over)"
                     )
                 )
+                continue
+            if now is not None and now.state == AMBIGUOUS_STATE:
+                failures.append(_failure(row, "pcbo", "the key names more than one row"))
                 continue
             if row.outcome in (INSERT, UPDATE):
                 writes.append((row, now))
