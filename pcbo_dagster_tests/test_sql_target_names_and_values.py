@@ -398,3 +398,37 @@ def test_a_second_row_with_an_applied_key_does_not_pass_the_read_back(
         failures = [f for p in run.document["partitions"] for f in p["failures"]]
         assert [(f["id"], f["error"]) for f in failures] == [("ev-0001", "the key names more than one row")]
     assert sorted(r[0] for r in query(url, "SELECT amount FROM events WHERE id = 'ev-0001'")) == [1, 999]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_journal_trigger_moved_to_another_table_is_missing(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """verify looked the append-only triggers up by name only: one dropped from pcbo_journal and
+    created again, same name, on a decoy table left the journal editable and verify clean."""
+    if dialect == "sqlite":
+        url = sqlite_url(tmp_path / "target.db")
+        move = [
+            "DROP TRIGGER pcbo_journal_no_update",
+            "CREATE TABLE decoy (x)",
+            "CREATE TRIGGER pcbo_journal_no_update BEFORE UPDATE ON decoy BEGIN SELECT 1; END",
+        ]
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+        move = [
+            "DROP TRIGGER pcbo_journal_append_only ON pcbo_journal",
+            "CREATE TABLE decoy (x int)",
+            "CREATE TRIGGER pcbo_journal_append_only BEFORE UPDATE ON decoy "
+            "FOR EACH ROW EXECUTE FUNCTION pcbo_append_only()",
+        ]
+    create_table(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 3)])
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
+    run_sql(url, *move)
+    verified = pcbo(["verify", "--home", home, "--target-url", url])
+    assert verified.status == 1, verified.document
+    missing = [
+        f["where"] for f in verified.document["findings"] if f["kind"] == "sql_journal_trigger_missing"
+    ]
+    assert [w.rsplit(" ", 1)[1] for w in missing] == [move[0].split()[2]], verified.document

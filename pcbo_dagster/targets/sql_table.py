@@ -650,24 +650,34 @@ class SqlTable:
         return statements
 
     def journal_trigger_names(self) -> list[str]:
-        if self.dialect == POSTGRESQL:
-            return [f"{t}_{a}" for t in PCBO_TABLES for a in ("append_only", "no_truncate")]
-        return [f"{t}_{a}" for t in PCBO_TABLES for a in ("no_update", "no_delete", "no_replace")]
+        return list(self._journal_triggers())
+
+    def _journal_triggers(self) -> dict[str, str]:
+        """The append-only triggers `journal_ddl` creates: name -> the pcbo table it is on."""
+        kinds = (
+            ("append_only", "no_truncate")
+            if self.dialect == POSTGRESQL
+            else ("no_update", "no_delete", "no_replace")
+        )
+        return {f"{t}_{a}": t for t in PCBO_TABLES for a in kinds}
 
     def present_triggers(self) -> set[str]:
+        """The names of `journal_trigger_names` present on the pcbo table each names (a trigger of
+        that name on another table guards nothing)."""
         with self.read() as conn:
             if self.dialect == SQLITE:
-                rows = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+                rows = conn.execute(text("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"))
             else:
                 rows = conn.execute(
                     text(
-                        "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                        "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
                         "JOIN pg_namespace n ON n.oid = c.relnamespace "
                         "WHERE n.nspname = :s AND NOT t.tgisinternal"
                     ),
                     {"s": self.schema},
                 )
-            return {str(r[0]) for r in rows}
+            on = {(str(name), str(table)) for name, table in rows}
+        return {name for name, table in self._journal_triggers().items() if (name, table) in on}
 
     def has_journal(self) -> bool:
         with self.read() as conn:
