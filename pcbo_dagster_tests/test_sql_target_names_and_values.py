@@ -432,3 +432,29 @@ def test_a_journal_trigger_moved_to_another_table_is_missing(
         f["where"] for f in verified.document["findings"] if f["kind"] == "sql_journal_trigger_missing"
     ]
     assert [w.rsplit(" ", 1)[1] for w in missing] == [move[0].split()[2]], verified.document
+
+
+@pytest.mark.postgres
+def test_numbers_into_a_postgresql_numeric_column_are_stored_exactly(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """`numeric` holds the run's numbers exactly (the capability check says so), but a float bound
+    as double precision and cast to numeric keeps 15 significant digits: 0.30000000000000004 was
+    stored as 0.3 by an INSERT or UPDATE (a COPY of a many-row chunk parsed the text exactly), and
+    the execute failed its read-back after writing."""
+    url = fresh_postgres_url
+    run_sql(
+        url,
+        "CREATE TABLE events (id text PRIMARY KEY, occurred_at timestamptz NOT NULL, amount numeric, "
+        "label text)",
+        "INSERT INTO events VALUES ('ev-0002', '2024-01-01T02:02:00Z', 2, 'x')",
+    )
+    values = {1: 0.30000000000000004, 2: 2.0000000000000004, 3: 1.5, 7: 123456.78901234567}
+    records = [{**record(i), "amount": amount} for i, amount in values.items()]
+    home = tmp_path / "home"
+    req = helpers.request(url, records, conflict="overwrite")  # one row per partition: INSERT, UPDATE
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home])
+    assert run.status == 0, run.stderr
+    stored = dict(query(url, "SELECT id, amount::text FROM events"))
+    assert stored == {f"ev-{i:04d}": repr(amount) for i, amount in values.items()}
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import os
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -362,6 +363,14 @@ def instants_as_text(dialect: str, column: ColumnInfo) -> bool:
     (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z`, what the records say), not as a `datetime`: on SQLite, and into
     a PostgreSQL text column (a `timestamptz` cast to text would be stored as `2024-01-01 01:00:00+00`)."""
     return dialect == SQLITE or column.base_type in ("text", "varchar")
+
+
+def number_bind(dialect: str, column: ColumnInfo, value: Any) -> Any:
+    """A number as bound to `column`: into a PostgreSQL `numeric`, a float as the `Decimal` of its
+    shortest text (bound as double precision and cast, it would keep 15 significant digits)."""
+    if dialect == POSTGRESQL and column.base_type == "numeric" and isinstance(value, float):
+        return Decimal(repr(value))
+    return value
 
 
 def instant_refusal(dialect: str, column: ColumnInfo) -> str | None:

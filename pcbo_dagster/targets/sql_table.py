@@ -440,6 +440,8 @@ class SqlTable:
             else:
                 db = array.to_pylist()
                 canonical = db if w.kind != FLOAT else [None if v is None else float(v) for v in db]
+                if w.kind == FLOAT:
+                    db = [d.number_bind(self.dialect, w.column, v) for v in canonical]
             columns_db.append(db)
             columns_canonical.append(canonical)
         key_at = [self.written.index(k) for k in self.key]
@@ -590,7 +592,7 @@ class SqlTable:
                 micros = parse_instant(v)
                 out.append(None if micros is None else to_datetime(micros))
             else:
-                out.append(v)
+                out.append(d.number_bind(self.dialect, k.column, v) if k.kind == FLOAT else v)
         return tuple(out)
 
     # -- the pcbo tables --------------------------------------------------------------------------
