@@ -28,6 +28,7 @@ from pcbo_dagster.cli import main as cli
 from pcbo_dagster.core.audit_chain import build_event
 from pcbo_dagster.core.checkpoints import parse_signed_checkpoint
 from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key
+from pcbo_dagster.evidence.package import verify as verify_package
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
 from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, write_request
 
@@ -336,3 +337,87 @@ def test_a_checkpoint_not_signed_by_the_given_key_is_invalid_input(history: dict
         history["home"], "verify", "--trusted-checkpoint", str(history["held"]["r1"]), "--key", other
     )
     assert status == 2
+
+
+def _insert_catalog_rows(home: Path, table: str, *rows: tuple[Any, ...]) -> None:
+    """Rows added to an append-only table: an insert, which its triggers allow."""
+    db = sqlite3.connect(home / "catalog.db")
+    for row in rows:
+        db.execute(f"INSERT INTO {table} VALUES ({', '.join('?' * len(row))})", row)
+    db.commit()
+    db.close()
+
+
+def _next_run(history: dict[str, Any], tmp_path: Path, run_id: str, hours: int) -> dict[str, Any]:
+    request = _shifted(
+        load_generator().make_request(records=60, partitions=4, seed=5, run_id="r1"), hours, run_id
+    )
+    status, document = pcbo(
+        history["home"],
+        "execute",
+        "--input",
+        str(write_request(tmp_path / f"{run_id}.json", request)),
+        *history["signing"],
+    )
+    assert status == 0, document
+    return document
+
+
+def test_a_checkpoint_row_inserted_in_the_catalog_neither_stops_signing_nor_passes_verify(
+    history: dict[str, Any], tmp_path: Path
+) -> None:
+    """Someone who can write the catalog inserts a checkpoint row that says size 10**12 and carries a
+    genuine (older) note. pcbo took the row's size at its word: no run signed a checkpoint again (the
+    log grew unsigned and unwitnessed), `evidence export` failed with an internal error, and `verify`
+    said clean."""
+    home, keys = history["home"], history["keys"]
+    db = sqlite3.connect(home / "catalog.db")
+    genuine = db.execute("SELECT * FROM transparency_checkpoints ORDER BY tree_size LIMIT 1").fetchone()
+    db.close()
+    _insert_catalog_rows(home, "transparency_checkpoints", (genuine[0], 10**12, *genuine[2:]))
+    document = _next_run(history, tmp_path, "r3", 8)
+    size = len(backup_file(home).read_bytes().splitlines())
+    assert document["checkpoint"]["treeSize"] == size, document["checkpoint"]
+    assert document["checkpoint"]["witnessedBy"] == ["witness.example/w1"], document["checkpoint"]
+    status, document = pcbo(home, "verify", *history["signing"])
+    assert status == 1 and _kinds(document) == {"checkpoint_row_mismatch"}, document["findings"]
+    assert [f["where"] for f in document["findings"]] == [f"catalog checkpoint {10**12}"]
+    status, package = pcbo(home, "evidence", "export", "--run", "r3", *history["signing"])
+    assert status == 0, package
+    document = verify_package(
+        package,
+        keys.operator.verifier(),
+        witness_keys=[keys.witness.verifier(COSIGNATURE_V1)],
+        min_witnesses=1,
+    )
+    assert document["valid"] and document["checkpoint"]["treeSize"] == size, document
+
+
+def test_cosignature_rows_inserted_in_the_catalog_neither_stop_witnessing_nor_pass_verify(
+    history: dict[str, Any], tmp_path: Path
+) -> None:
+    """Cosignature rows inserted in the catalog: one that says the witness cosigned size 10**12 (pcbo
+    then asked it from there, and the witness refused every later checkpoint: old size above the new),
+    and a garbage line for the latest checkpoint under another witness's key (every run then failed
+    after its commit, rendering the checkpoint; `log checkpoint` and `evidence export` too). `verify`
+    said clean."""
+    home, keys = history["home"], history["keys"]
+    other = new_signing_key("witness.example/w2").verifier(COSIGNATURE_V1).text
+    db = sqlite3.connect(home / "catalog.db")
+    size, line = db.execute(
+        "SELECT tree_size, signature_line FROM checkpoint_cosignatures ORDER BY tree_size DESC LIMIT 1"
+    ).fetchone()
+    db.close()
+    _insert_catalog_rows(
+        home,
+        "checkpoint_cosignatures",
+        (CHAIN, 10**12, keys.witness_vkey, line, 1, "2026-01-01 00:00:00"),
+        (CHAIN, size, other, "— witness.example/w2 not-a-signature", 1, "2026-01-01 00:00:00"),
+    )
+    status, document = pcbo(home, "log", "checkpoint", "--dataset", "events")
+    assert status == 0 and document["witnesses"] == [keys.witness_vkey]
+    document = _next_run(history, tmp_path, "r3", 8)
+    assert document["checkpoint"]["witnessedBy"] == ["witness.example/w1"], document["checkpoint"]
+    status, document = pcbo(home, "verify", *history["signing"])
+    assert status == 1 and _kinds(document) == {"checkpoint_cosignature_invalid"}, document["findings"]
+    assert [f["where"] for f in document["findings"]] == [f"catalog checkpoint {size}"]

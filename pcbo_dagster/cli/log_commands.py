@@ -31,10 +31,10 @@ def _chain(args: argparse.Namespace) -> str:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
-    from pcbo_dagster.engine.transparency_log import full_note
+    from pcbo_dagster.engine.transparency_log import full_note, latest_stored_checkpoint
 
     with open_environment(args, create=False) as env:
-        row = env.catalog.latest_checkpoint(_chain(args))
+        row = latest_stored_checkpoint(env, _chain(args))
         if row is None:
             raise InvalidInput(
                 "--dataset",

@@ -118,18 +118,70 @@ def witnesses_of(entries: tuple[str, ...], field: str = "PCBO_WITNESSES") -> lis
 # -- publishing ------------------------------------------------------------------------------------------
 
 
+def checkpoint_row_problem(row: dict[str, Any]) -> str | None:
+    """Why a catalog checkpoint row is not the checkpoint its note is (None: the note parses, and the
+    row's size, origin and root are the note's). Anyone who can write the catalog can insert a row;
+    pcbo decides from rows that agree with their notes only, and `verify` reports the others."""
+    try:
+        checkpoint, _ = parse_signed_checkpoint(row["note"])
+    except NoteError as exc:
+        return f"its note is not a signed checkpoint: {exc}"
+    said = (row["tree_size"], row["origin"], row["root_hash"])
+    if said != (checkpoint.size, checkpoint.origin, checkpoint.root.hex()):
+        return (
+            f"the row says size {row['tree_size']} of {row['origin']}; its note is the checkpoint of "
+            f"size {checkpoint.size} of {checkpoint.origin} (or of another root)"
+        )
+    return None
+
+
+def cosignature_problem(note_text: str, cosignature: dict[str, Any]) -> str | None:
+    """Why a catalog cosignature row is not a cosignature v1, by the witness key it names, of the
+    checkpoint whose note text is `note_text` (None: it verifies)."""
+    try:
+        key = parse_verifier_key(cosignature["witness_key"])
+        line = parse_signature_line(cosignature["signature_line"])
+        found = verify_cosignatures(Note(note_text, (line,)), [key])
+    except NoteError as exc:
+        return f"the cosignature of {cosignature['witness_key']}: {exc}"
+    if key.text not in found:
+        return f"the line is no cosignature by {key.name} (type 0x04 key {key.key_id.hex()})"
+    return None
+
+
+def stored_checkpoints(env: Any, chain_key: str) -> list[dict[str, Any]]:
+    """The catalog's checkpoint rows of the chain that agree with their notes (`checkpoint_row_problem`)
+    and are of no more events than the stored log holds, by size, each with only the `cosignatures`
+    that verify (`cosignature_problem`)."""
+    size = env.catalog.log_size(chain_key)
+    rows = []
+    for row in env.catalog.checkpoints(chain_key):
+        if row["tree_size"] <= size and checkpoint_row_problem(row) is None:
+            text = parse_note(row["note"]).text
+            valid = [c for c in row["cosignatures"] if cosignature_problem(text, c) is None]
+            rows.append({**row, "cosignatures": valid})
+    return rows
+
+
+def latest_stored_checkpoint(env: Any, chain_key: str) -> dict[str, Any] | None:
+    """The newest of `stored_checkpoints` (None when there is none)."""
+    rows = stored_checkpoints(env, chain_key)
+    return rows[-1] if rows else None
+
+
 def full_note(row: dict[str, Any]) -> Note:
-    """A stored checkpoint with its stored cosignatures."""
+    """A stored checkpoint (a row of `stored_checkpoints`) with its stored cosignatures."""
     note = parse_note(row["note"])
     return note.with_signatures([parse_signature_line(c["signature_line"]) for c in row["cosignatures"]])
 
 
-def _witnessed_size(env: Any, chain_key: str, witness: Witness) -> int:
-    """The largest checkpoint size of this chain that `witness` cosigned, as far as the catalog knows."""
+def _witnessed_size(rows: list[dict[str, Any]], size: int, witness: Witness) -> int:
+    """The largest checkpoint size, up to `size`, of `rows` (`stored_checkpoints`) that `witness`
+    cosigned, as far as the catalog knows."""
     sizes = [
         row["tree_size"]
-        for row in env.catalog.checkpoints(chain_key)
-        if any(c["witness_key"] == witness.key.text for c in row["cosignatures"])
+        for row in rows
+        if row["tree_size"] <= size and any(c["witness_key"] == witness.key.text for c in row["cosignatures"])
     ]
     return max(sizes, default=0)
 
@@ -147,17 +199,23 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
     key: SigningKey | None = env.signing_key
     if key is None or size == 0:
         return report
-    latest = env.catalog.latest_checkpoint(chain_key)
-    if latest is None or latest["tree_size"] < size:
-        with env.catalog.log_reader(chain_key) as reader:
-            root = reader.root(size)
+    with env.catalog.log_reader(chain_key) as reader:
+        root = reader.root(size)
+    # (a row at the log's size with another root is none pcbo signed: `verify` reports it)
+    rows = stored_checkpoints(env, chain_key)
+    if not rows or rows[-1]["tree_size"] < size:
         checkpoint = Checkpoint(origin_for(chain_key, env.settings.checkpoint_origin_prefix), size, root)
         note = checkpoint.sign(key)
         env.catalog.record_checkpoint(
             chain_key, size, root, checkpoint.origin, key.verifier().text, note.render()
         )
-        latest = env.catalog.latest_checkpoint(chain_key)
-    assert latest is not None
+        rows = stored_checkpoints(env, chain_key)
+    latest = rows[-1] if rows else None
+    if latest is None or latest["tree_size"] != size or latest["root_hash"] != root.hex():
+        raise ValueError(
+            f"{chain_key}: the catalog holds a checkpoint row of size {size} that is not the log's "
+            "(pcbo verify reports it): no checkpoint signed"
+        )
     checkpoint, _ = parse_signed_checkpoint(latest["note"])
     witnessed, errors = [], []
     for witness in env.witnesses:
@@ -170,7 +228,7 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
                     witness,
                     checkpoint,
                     parse_note(latest["note"]),
-                    _witnessed_size(env, chain_key, witness),
+                    _witnessed_size(rows, checkpoint.size, witness),
                     lambda old: reader.consistency_proof(old, checkpoint.size),
                 )
         except WitnessRefused as exc:
@@ -181,8 +239,15 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
             chain_key, checkpoint.size, witness.key.text, signature.line.rstrip("\n"), timestamp
         )
         witnessed.append(witness.key.name)
-    latest = env.catalog.latest_checkpoint(chain_key)
-    assert latest is not None
+    latest = next(r for r in stored_checkpoints(env, chain_key) if r["tree_size"] == size)
+    stored = {c["witness_key"] for c in latest["cosignatures"]}
+    for witness in env.witnesses:
+        if witness.key.name in witnessed and witness.key.text not in stored:
+            witnessed.remove(witness.key.name)
+            errors.append(
+                f"{witness.label}: its cosignature was not stored: the catalog holds another row of it "
+                f"for size {size} (pcbo verify reports it)"
+            )
     text = full_note(latest).render()
     dataset, version_label = split_chain_key(chain_key)
     rel = layout.checkpoint_file(dataset, version_label, checkpoint.size)
@@ -336,9 +401,22 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
             }
         )
     dataset, version_label = split_chain_key(chain_key)
-    notes: dict[str, str] = {
-        f"catalog checkpoint {r['tree_size']}": r["note"] for r in env.catalog.checkpoints(chain_key)
-    }
+    rows = env.catalog.checkpoints(chain_key)
+    notes: dict[str, str] = {f"catalog checkpoint {r['tree_size']}": r["note"] for r in rows}
+    for row in rows:
+        where = f"catalog checkpoint {row['tree_size']}"
+        try:
+            _, note = parse_signed_checkpoint(row["note"])
+        except NoteError:
+            continue  # checkpoint_unreadable (below)
+        problem = checkpoint_row_problem(row)
+        if problem is not None:
+            findings.append({"kind": "checkpoint_row_mismatch", "where": where, "detail": problem})
+            continue
+        for cosignature in row["cosignatures"]:
+            problem = cosignature_problem(note.text, cosignature)
+            if problem is not None:
+                findings.append({"kind": "checkpoint_cosignature_invalid", "where": where, "detail": problem})
     prefix = f"{dataset}/{version_label}/_checkpoints/"
     for rel in env.lake.list_files(f"{dataset}/{version_label}/_checkpoints"):
         data = env.lake.read_if_exists(rel)
@@ -379,13 +457,13 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
 
 
 def _stored_notes(env: Any, chain_key: str, sizes: set[int]) -> list[str]:
-    return [full_note(r).render() for r in env.catalog.checkpoints(chain_key) if r["tree_size"] in sizes]
+    return [full_note(r).render() for r in stored_checkpoints(env, chain_key) if r["tree_size"] in sizes]
 
 
 def _default_size(env: Any, chain_key: str, size: int | None, stored: int) -> int:
     if size is not None:
         return size
-    latest = env.catalog.latest_checkpoint(chain_key)
+    latest = latest_stored_checkpoint(env, chain_key)
     return latest["tree_size"] if latest is not None else stored
 
 
