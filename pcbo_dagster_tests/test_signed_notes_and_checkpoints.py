@@ -15,12 +15,15 @@ round trips. Sources of the facts (copied verbatim):
 from __future__ import annotations
 
 import base64
+import os
+from pathlib import Path
 
 import pytest
 
 from pcbo_dagster.core import checkpoints as cp
 from pcbo_dagster.core import signed_note as sn
 from pcbo_dagster.core.merkle import verify_consistency
+from pcbo_dagster_tests.cli_runner import run_pcbo
 
 EXAMPLE_VKEY = "example.com/foo+530d903a+AekyeRrm56hApGFkyQR4ZCbV54Id2LKaANYcrnKv3U2k"
 EXAMPLE_NOTE = (
@@ -206,3 +209,37 @@ def test_add_checkpoint_request_round_trip() -> None:
     assert body.decode().startswith("old 5\n" + base64.b64encode(MONKEYS_PROOF_5_TO_8[0]).decode() + "\n")
     with pytest.raises(cp.CheckpointError):
         cp.parse_add_checkpoint_body(b"old 05\n\n" + MONKEYS_8.encode())
+
+
+# -- key files -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["keys", "show", "--key", "{key}"], "--key"),
+        (["evidence", "verify", "{package}", "--key", "{key}"], "--key"),
+        (["log", "verify-proof", "--proof", "{package}", "--key", "{key}"], "--key"),
+        (["verify", "--signing-key", "{key}"], "--signing-key"),
+    ],
+)
+def test_a_key_file_that_is_not_a_regular_file_is_invalid_input(
+    tmp_path: Path, kind: str, args: list[str], field: str
+) -> None:
+    """A key path naming a FIFO (whose read waits for a writer for ever) or /dev/zero (which never
+    ends): the key was read whole before its type was looked at, so `pcbo` hung, or read until it
+    ran out of memory. Now: exit 2 naming the flag, at once."""
+    if kind == "fifo":
+        key = tmp_path / "operator.key"
+        os.mkfifo(key, 0o600)
+    else:
+        key = Path("/dev/zero")
+    package = tmp_path / "package.json"
+    package.write_text("{}")
+    home = tmp_path / "home"
+    argv = [a.format(key=key, package=package) for a in args]
+    run = run_pcbo(argv, home=home, timeout=60)
+    assert run.status == 2, (run.status, run.stderr)
+    assert field in run.stderr and "not a regular file" in run.stderr, run.stderr
+    assert not home.exists()

@@ -56,6 +56,7 @@ from pcbo_dagster.core.signed_note import (
 from pcbo_dagster.core.transparency_log import event_leaf
 from pcbo_dagster.io.http_delivery import DeliveryFailed
 from pcbo_dagster.lake import layout
+from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
 from pcbo_dagster.witness.client import Witness, WitnessRefused, parse_witness, request_cosignature
 
 logger = logging.getLogger(__name__)
@@ -64,19 +65,35 @@ logger = logging.getLogger(__name__)
 # -- keys and witnesses from the settings ---------------------------------------------------------------
 
 
+#: A key file holds one line of about a hundred characters; one larger than this is no key file.
+MAX_KEY_FILE_BYTES = 4096
+
+
+def read_key_file(path: Path, field: str, what: str = "key file") -> tuple[str, int]:
+    """The text and mode of a key file; `InvalidInput` naming `field` unless it is a regular file
+    (looked at before reading: a FIFO would block the read for ever, /dev/zero never end it) of UTF-8
+    text no larger than `MAX_KEY_FILE_BYTES`. The message never holds the file's bytes."""
+    try:
+        with open_regular(str(path)) as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read(MAX_KEY_FILE_BYTES + 1)
+    except NotRegularFile:
+        raise InvalidInput(field, f"the {what} {path} is not a regular file") from None
+    except OSError as exc:
+        raise InvalidInput(field, f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise InvalidInput(field, f"the {what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8"), mode
+    except UnicodeDecodeError:
+        raise InvalidInput(field, f"the {what} {path} is not UTF-8 text") from None
+
+
 def load_signing_key(path: Path, field: str = "PCBO_SIGNING_KEY") -> SigningKey:
     """The key in a signing key file; `InvalidInput` naming `field` when it cannot be read, is not a
     key, or can be read by others than its owner (mode 0600 expected: `pcbo keys generate` writes it
     so). The message never holds key material."""
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInput(
-            field, f"cannot read the signing key file {path}: {getattr(exc, 'strerror', exc)}"
-        ) from None
-    if not stat.S_ISREG(mode):
-        raise InvalidInput(field, f"{path} is not a regular file")
+    text, mode = read_key_file(path, field, "signing key file")
     if mode & 0o077:
         raise InvalidInput(
             field, f"{path} can be read by others (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
@@ -91,10 +108,7 @@ def parse_key_argument(text: str, field: str) -> VerifierKey:
     """A verifier key given on the command line: the vkey itself, or a file holding it."""
     candidate = text
     if "+" not in text or os.path.exists(text):
-        try:
-            candidate = Path(text).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidInput(field, f"neither a verifier key nor a readable file: {exc}") from None
+        candidate = read_key_file(Path(text), field, "verifier key file")[0].strip()
     try:
         return parse_verifier_key(candidate)
     except NoteError as exc:
