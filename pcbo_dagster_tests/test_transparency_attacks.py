@@ -421,3 +421,46 @@ def test_cosignature_rows_inserted_in_the_catalog_neither_stop_witnessing_nor_pa
     status, document = pcbo(home, "verify", *history["signing"])
     assert status == 1 and _kinds(document) == {"checkpoint_cosignature_invalid"}, document["findings"]
     assert [f["where"] for f in document["findings"]] == [f"catalog checkpoint {size}"]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"type": "pcbo.log.inclusion/1", "treeSize": 1, "event": {}, "proof": 5},
+        {"type": "pcbo.log.inclusion/1", "treeSize": 1, "event": {}, "proof": None, "checkpoints": [7]},
+        {"type": "pcbo.log.consistency/1", "fromSize": [], "toSize": 2, "proof": []},
+        {"type": "pcbo.log.consistency/1", "fromSize": 1, "toSize": {"a": 1}, "proof": []},
+        {"type": "pcbo.log.consistency/1", "fromSize": 1, "toSize": 2, "proof": "AAAA"},
+    ],
+)
+def test_a_proof_document_of_another_shape_is_invalid_input(tmp_path: Path, document: dict[str, Any]) -> None:
+    """`pcbo log verify-proof` on a proof whose members are of another type: an internal error
+    (`'int' object is not iterable`, `unhashable type: 'list'`) before; now exit 2 naming --proof."""
+    proof = tmp_path / "proof.json"
+    proof.write_text(json.dumps(document))
+    key = new_signing_key("ops.example/operator").verifier().text
+    out = tmp_path / "out.json"
+    try:
+        status = cli.main(["log", "verify-proof", "--proof", str(proof), "--key", key, "--output", str(out)])
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    assert status == 2 and not out.exists()
+
+
+def test_the_logs_proofs_verify_offline_with_the_operators_key(
+    history: dict[str, Any], tmp_path: Path
+) -> None:
+    """The well-formed counterpart of the test above: `prove-inclusion` and `prove-consistency`
+    documents verify with `log verify-proof` and the key alone, and a held checkpoint."""
+    home, keys = history["home"], history["keys"]
+    held = str(history["held"]["r1"])
+    r1_size = parse_signed_checkpoint(history["held"]["r1"].read_text())[0].size
+    for args in (["prove-inclusion", "--seq", "2"], ["prove-consistency", "--from", str(r1_size)]):
+        status, document = pcbo(home, "log", *args, "--dataset", "events")
+        assert status == 0, document
+        proof = tmp_path / "proof.json"
+        proof.write_text(json.dumps(document))
+        out = tmp_path / "out.json"
+        argv = ["log", "verify-proof", "--proof", str(proof), "--key", keys.vkey, "--checkpoint", held]
+        assert cli.main([*argv, "--output", str(out)]) == 0
+        assert json.loads(out.read_text())["valid"] is True

@@ -542,21 +542,24 @@ def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> d
         raise InvalidInput(
             "--proof", "not a pcbo log proof (type pcbo.log.inclusion/1 or pcbo.log.consistency/1)"
         )
-    listed = document.get("checkpoints")
-    embedded: list[Any] = listed if isinstance(listed, list) else []
-    checkpoints, problems = signed_checkpoints_by_size(
-        [*held, *(n for n in embedded if isinstance(n, str))], key
-    )
+    inclusion = document["type"] == "pcbo.log.inclusion/1"
+    listed = document.get("checkpoints", [])
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise InvalidInput("--proof", "checkpoints: not a list of signed checkpoint notes")
+    proof = document.get("proof")
+    if not isinstance(proof, list) or not all(isinstance(h, str) for h in proof):
+        raise InvalidInput("--proof", "proof: not a list of base64 hashes")
+    for name in ("treeSize",) if inclusion else ("fromSize", "toSize"):
+        if type(document.get(name)) is not int:
+            raise InvalidInput("--proof", f"{name}: not an integer")
+    checkpoints, problems = signed_checkpoints_by_size([*held, *listed], key)
     origin = document.get("origin")
     for size, checkpoint in checkpoints.items():
         if checkpoint.origin != origin:
             problems.append(f"the checkpoint of size {size} is of origin {checkpoint.origin}, not {origin}")
-    if document["type"] == "pcbo.log.inclusion/1":
-        tree_size = document.get("treeSize")
-        size = tree_size if isinstance(tree_size, int) else -1
-        problems += event_inclusion_problems(
-            document.get("event") or {}, size, list(document.get("proof") or []), checkpoints.get(size)
-        )
+    if inclusion:
+        size = document["treeSize"]
+        problems += event_inclusion_problems(document.get("event") or {}, size, proof, checkpoints.get(size))
     else:
         old, new = document.get("fromSize"), document.get("toSize")
         if old not in checkpoints or new not in checkpoints:
@@ -564,7 +567,7 @@ def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> d
             problems.append(f"no checkpoint signed by {key.name} of size(s) {missing}")
         else:
             try:
-                hashes = [b64decode_strict(h, "a proof hash") for h in document.get("proof") or []]
+                hashes = [b64decode_strict(h, "a proof hash") for h in proof]
             except NoteError as exc:
                 hashes = []
                 problems.append(str(exc))
