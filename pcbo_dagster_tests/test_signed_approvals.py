@@ -91,7 +91,8 @@ def test_a_signed_approval_opens_the_gate_and_names_its_signer(tmp_path: Path) -
 
 
 @pytest.mark.parametrize(
-    "attack", ["forged", "other_rollout", "other_decision_hash", "unlisted_key", "bare_name"]
+    "attack",
+    ["forged", "other_rollout", "other_decision_hash", "unlisted_key", "bare_name", "lone_surrogate"],
 )
 def test_bad_approvals_are_refused_when_recorded_and_ignored_on_the_chain(
     tmp_path: Path, attack: str
@@ -106,6 +107,15 @@ def test_bad_approvals_are_refused_when_recorded_and_ignored_on_the_chain(
         ).render(),
         "unlisted_key": lambda: sign_decision(MALLORY, rollout, "approve", "ok", None, WHEN),
         "bare_name": lambda: "approved by cy\n",
+        # Signed by a listed key, but its JSON escapes a lone surrogate, which no UTF-8 text holds:
+        # reading it raised rfc8785's CanonicalizationError (an internal error), and once appended to
+        # the chain, every later gate, status and approval of the rollout with it.
+        "lone_surrogate": lambda: sign_note(
+            sign_approval(CY, "r", "approved", rollout["decision_hash"] or "", "ok", WHEN).text.replace(
+                '"ok"', '"\\ud800"'
+            ),
+            CY,
+        ).render(),
     }[attack]()
     with pytest.raises(InvalidInput):
         operations.decide(config, base, "r", None, statement=statement, clock=clock)

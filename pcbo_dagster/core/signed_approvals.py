@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.canonical import CanonicalizationError, jcs
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.signed_note import (
     Note,
@@ -87,7 +87,11 @@ def read_signed_approval(note_text: str, approvers: list[VerifierKey]) -> Signed
         or not all(isinstance(v, str) for v in body.values())
     ):
         raise NoteError(f"the approval statement holds exactly the text fields {sorted(_FIELDS)}")
-    if rest != jcs(body).decode("utf-8") + "\n" or body["decision"] not in DECISIONS:
+    try:
+        canonical = jcs(body).decode("utf-8") + "\n"
+    except CanonicalizationError:  # (a lone surrogate, escaped: no UTF-8 text holds it)
+        raise NoteError("the approval statement has no RFC 8785 form") from None
+    if rest != canonical or body["decision"] not in DECISIONS:
         raise NoteError("the approval statement is not in its canonical form")
     if parse_instant(body["time"]) is None:
         raise NoteError(f"the approval's time {body['time']!r} is not an instant with an offset")
