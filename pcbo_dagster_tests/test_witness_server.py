@@ -4,7 +4,9 @@ loopback, and the monitoring `GET /<origin hash>/checkpoint`."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -134,3 +136,30 @@ def test_witness_serve_refuses_log_keys_bound_to_the_same_origins(
     both = ["--log-key", LOG.verifier().text, "--log-key", OTHER_LOG.verifier().text]
     assert cli.main([*common, *both]) == 2
     assert not (tmp_path / "w.db").exists()
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",
+        b"POST /add-checkpoint HTTP/1.1\r\n",
+        b"POST /add-checkpoint HTTP/1.1\r\nContent-Length: 100\r\n\r\nold 0\n",
+    ],
+)
+def test_a_client_that_stops_sending_is_dropped(tmp_path: Path, sent: bytes) -> None:
+    """A connection that sends nothing, or a request cut short (headers or body), held its thread for
+    ever: a witness had no time limit on a request, so enough such connections exhausted it. Now each
+    read waits at most the server's timeout, and the connection is then closed (no traceback)."""
+    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
+    server = make_server(witness, "127.0.0.1", 0, timeout=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
+            conn.sendall(sent)
+            started = time.monotonic()
+            while conn.recv(4096):  # (an answer first, e.g. 408, is fine: then the close)
+                pass
+            assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -21,6 +21,9 @@ protocol says:
   transaction, so two requests cannot roll a log back.
 
 `GET /<hex SHA-256 of the origin>/checkpoint` returns the latest cosigned checkpoint (404 if none).
+
+Each read of a connection waits at most 30 seconds (`make_server`'s `timeout`): a client that stops
+sending, or stays connected idle, is dropped, so such connections cannot hold the witness's threads.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from pcbo_dagster.core.signed_note import (
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
+#: How long one read of a connection may wait (`make_server`).
+REQUEST_TIMEOUT_SECONDS = 30.0
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
 
 
@@ -188,8 +193,13 @@ class Witness:
         return Answer(404, "no checkpoint cosigned for that origin\n")
 
 
-def make_server(witness: Witness, host: str, port: int) -> ThreadingHTTPServer:
-    """An HTTP server for `witness` on (host, port) (port 0: any free port); call `serve_forever`."""
+def make_server(
+    witness: Witness, host: str, port: int, timeout: float = REQUEST_TIMEOUT_SECONDS
+) -> ThreadingHTTPServer:
+    """An HTTP server for `witness` on (host, port) (port 0: any free port); call `serve_forever`.
+    Each read of a connection waits at most `timeout` seconds: a client that stops sending (or an
+    idle kept-alive connection) is dropped and frees its thread (`handle_one_request` closes a
+    connection whose read timed out)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -226,6 +236,7 @@ def make_server(witness: Witness, host: str, port: int) -> ThreadingHTTPServer:
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the http.server API
             logger.debug("witness http: " + format, *args)
 
+    Handler.timeout = timeout  # (StreamRequestHandler sets it on each connection's socket)
     return ThreadingHTTPServer((host, port), Handler)
 
 
