@@ -17,8 +17,8 @@ from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.rollout_lifecycle import rollout_subject
 from pcbo_dagster.core.signed_approvals import read_signed_approval, sign_approval
-from pcbo_dagster.core.signed_note import NoteError, parse_note, sign_note
-from pcbo_dagster.datasets.config import DatasetsConfig
+from pcbo_dagster.core.signed_note import NoteError, parse_note, sign_note, signing_key_from_seed
+from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
@@ -243,3 +243,25 @@ def test_a_statement_without_an_instant_is_neither_signed_nor_read() -> None:
     text = "pcbo.approval/v1\n" + jcs(body).decode("utf-8") + "\n"
     with pytest.raises(NoteError, match="not an instant"):
         read_signed_approval(sign_note(text, CY).render(), [CY.verifier()])
+
+
+def test_one_key_listed_under_two_names_is_refused(tmp_path: Path) -> None:
+    """`requiredApprovals: 2` is meant to need two people. The names were checked distinct, the keys
+    not: one Ed25519 key listed under two names (cy, and cy-laptop) let its holder sign as both and
+    open the gate alone. Now the config is refused, naming the approver listed again."""
+    twin = signing_key_from_seed("approvers.example/cy-laptop", bytes([12]) * 32)  # cy's seed
+    assert twin.public_key == CY.public_key
+    text = f"""
+datasets:
+  - name: sessions
+    partitioning:
+      {{kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}}
+    source: {{uri: s.jsonl}}
+    policies: {{requireConsent: true, onViolation: omit}}
+    rollout:
+      approvers: ["{CY.verifier().text}", "{twin.verifier().text}"]
+      requiredApprovals: 2
+"""
+    with pytest.raises(InvalidInput) as refused:
+        parse_datasets_config(text, base_dir=tmp_path)
+    assert "approvers[1]" in refused.value.field and "listed" in refused.value.message
