@@ -26,8 +26,17 @@ import rfc8785
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.cli import main as cli
 from pcbo_dagster.core.audit_chain import build_event
-from pcbo_dagster.core.checkpoints import parse_signed_checkpoint
-from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key
+from pcbo_dagster.core.checkpoints import Checkpoint, parse_signed_checkpoint
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.signed_note import (
+    COSIGNATURE_V1,
+    cosign,
+    new_signing_key,
+    parse_verifier_key,
+    signing_key_from_seed,
+    verify_cosignatures,
+)
+from pcbo_dagster.engine.transparency_log import witness_requirement
 from pcbo_dagster.evidence.package import verify as verify_package
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
 from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, write_request
@@ -464,3 +473,25 @@ def test_the_logs_proofs_verify_offline_with_the_operators_key(
         argv = ["log", "verify-proof", "--proof", str(proof), "--key", keys.vkey, "--checkpoint", held]
         assert cli.main([*argv, "--output", str(out)]) == 0
         assert json.loads(out.read_text())["valid"] is True
+
+
+def test_min_witnesses_is_not_met_by_one_witness_key_under_two_names() -> None:
+    """`--min-witnesses 2` asks two witnesses. One witness's Ed25519 key under two names (a key id
+    depends on the name: two vkeys) cosigns the checkpoint once under each, and both counted: one
+    party met the requirement of two. Now a key given twice (under any name), or a key that is no
+    cosigner key (type 0x04), is refused: exit 2 on --witness-key."""
+    operator = new_signing_key("ops.example/operator")
+    seed = new_signing_key("witness.example/w1").seed
+    w1 = signing_key_from_seed("witness.example/w1", seed)
+    w1_again = signing_key_from_seed("witness.example/w1-eu", seed)
+    note = Checkpoint(ORIGIN, 1, b"\1" * 32).sign(operator)
+    note = note.with_signatures([cosign(note.text, w1, 1700000000), cosign(note.text, w1_again, 1700000000)])
+    vkeys = [w1.verifier(COSIGNATURE_V1).text, w1_again.verifier(COSIGNATURE_V1).text]
+    assert len(verify_cosignatures(note, [parse_verifier_key(k) for k in vkeys])) == 2  # the double count
+    with pytest.raises(InvalidInput) as refused:
+        witness_requirement(vkeys, 2)
+    assert refused.value.field == "--witness-key" and "already" in refused.value.message
+    with pytest.raises(InvalidInput) as refused:
+        witness_requirement([w1.verifier().text], 1)  # the type 0x01 key: it checks no cosignature
+    assert refused.value.field == "--witness-key"
+    assert witness_requirement(vkeys[:1], 1)[1] == 1

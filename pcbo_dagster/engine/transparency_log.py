@@ -40,6 +40,7 @@ from pcbo_dagster.core.checkpoints import (
 )
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.signed_note import (
+    COSIGNATURE_V1,
     Note,
     NoteError,
     SigningKey,
@@ -117,8 +118,16 @@ def parse_key_argument(text: str, field: str) -> VerifierKey:
 
 def witness_requirement(texts: list[str] | None, minimum: int | None) -> tuple[list[VerifierKey], int]:
     """`--witness-key VKEY ...` and `--min-witnesses N`: the witnesses' cosigner keys and N (0 when not
-    given); `InvalidInput` unless N is between 0 and the number of keys."""
+    given); `InvalidInput` unless each key is a cosigner key (type 0x04) given once (one witness's key
+    under two names would count as two witnesses) and N is between 0 and the number of keys."""
     keys = [parse_key_argument(text, "--witness-key") for text in texts or []]
+    for index, key in enumerate(keys):
+        if key.signature_type != COSIGNATURE_V1:
+            raise InvalidInput("--witness-key", f"{key.name}: not a cosigner (type 0x04) verifier key")
+        if any(other.public_key == key.public_key for other in keys[:index]):
+            raise InvalidInput(
+                "--witness-key", f"{key.name}: its key is given already (under this name or another)"
+            )
     required = minimum or 0
     if required < 0 or required > len(keys):
         raise InvalidInput("--min-witnesses", f"must be between 0 and the {len(keys)} --witness-key given")
