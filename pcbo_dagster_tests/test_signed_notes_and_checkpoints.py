@@ -243,3 +243,36 @@ def test_a_key_file_that_is_not_a_regular_file_is_invalid_input(
     assert run.status == 2, (run.status, run.stderr)
     assert field in run.stderr and "not a regular file" in run.stderr, run.stderr
     assert not home.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "field"),
+    [
+        (["keys", "show", "--key", "{key}"], {}, "--key"),
+        (["verify", "--signing-key", "{key}"], {}, "--signing-key"),
+        (["verify"], {"PCBO_SIGNING_KEY": "{key}"}, "PCBO_SIGNING_KEY"),
+        (["verify"], {"PCBO_SIGNING_KEY": "{key} "}, "PCBO_SIGNING_KEY"),  # pasted with a space
+        (["witness", "serve", "--key", "{key}", "--db", "w.db", "--log-key", "{vkey}"], {}, "--key"),
+    ],
+)
+def test_a_private_key_given_instead_of_its_file_is_never_shown(
+    tmp_path: Path, args: list[str], env: dict[str, str], field: str
+) -> None:
+    """`export PCBO_SIGNING_KEY="$(cat operator.key)"`, or the key pasted as --key: the error named
+    the path it could not read, and that "path" was the private key (`cannot read the signing key
+    file PRIVATE+KEY+<name>+<id>+<the seed>`), on stderr and in any log of it. Now the key text is
+    redacted from every message."""
+    key = sn.new_signing_key("ops.example/operator")
+    material = key.text.split("+", 4)[4]  # (base64: it may hold "+" itself)
+    values = {"key": key.text, "vkey": key.verifier().text}
+    home = tmp_path / "home"
+    run = run_pcbo(
+        [a.format(**values) for a in args],
+        home=home,
+        env={k: v.format(**values) for k, v in env.items()},
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert run.status == 2 and field in run.stderr, run.stderr
+    assert material not in run.stderr and key.seed.hex() not in run.stderr, run.stderr
+    assert not home.exists()

@@ -56,6 +56,7 @@ from pcbo_dagster.core.signed_note import (
 )
 from pcbo_dagster.core.transparency_log import event_leaf
 from pcbo_dagster.io.http_delivery import DeliveryFailed
+from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.lake import layout
 from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
 from pcbo_dagster.witness.client import Witness, WitnessRefused, parse_witness, request_cosignature
@@ -73,21 +74,25 @@ MAX_KEY_FILE_BYTES = 4096
 def read_key_file(path: Path, field: str, what: str = "key file") -> tuple[str, int]:
     """The text and mode of a key file; `InvalidInput` naming `field` unless it is a regular file
     (looked at before reading: a FIFO would block the read for ever, /dev/zero never end it) of UTF-8
-    text no larger than `MAX_KEY_FILE_BYTES`. The message never holds the file's bytes."""
+    text no larger than `MAX_KEY_FILE_BYTES`. The message never holds the file's bytes, nor a private
+    key given instead of its path (`scrub_text`)."""
+    shown = scrub_text(str(path))
     try:
         with open_regular(str(path)) as file:
             mode = os.fstat(file.fileno()).st_mode
             data = file.read(MAX_KEY_FILE_BYTES + 1)
     except NotRegularFile:
-        raise InvalidInput(field, f"the {what} {path} is not a regular file") from None
+        raise InvalidInput(field, f"the {what} {shown} is not a regular file") from None
     except OSError as exc:
-        raise InvalidInput(field, f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+        raise InvalidInput(
+            field, f"cannot read the {what} {shown}: {scrub_text(str(exc.strerror or exc))}"
+        ) from None
     if len(data) > MAX_KEY_FILE_BYTES:
-        raise InvalidInput(field, f"the {what} {path} is larger than {MAX_KEY_FILE_BYTES} bytes")
+        raise InvalidInput(field, f"the {what} {shown} is larger than {MAX_KEY_FILE_BYTES} bytes")
     try:
         return data.decode("utf-8"), mode
     except UnicodeDecodeError:
-        raise InvalidInput(field, f"the {what} {path} is not UTF-8 text") from None
+        raise InvalidInput(field, f"the {what} {shown} is not UTF-8 text") from None
 
 
 def load_signing_key(path: Path, field: str = "PCBO_SIGNING_KEY") -> SigningKey:
@@ -95,14 +100,15 @@ def load_signing_key(path: Path, field: str = "PCBO_SIGNING_KEY") -> SigningKey:
     key, or can be read by others than its owner (mode 0600 expected: `pcbo keys generate` writes it
     so). The message never holds key material."""
     text, mode = read_key_file(path, field, "signing key file")
+    shown = scrub_text(str(path))
     if mode & 0o077:
         raise InvalidInput(
-            field, f"{path} can be read by others (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
+            field, f"{shown} can be read by others (mode {stat.S_IMODE(mode):04o}): chmod 600 it"
         )
     try:
         return parse_signing_key(text)
     except NoteError as exc:
-        raise InvalidInput(field, f"{path}: {exc}") from None
+        raise InvalidInput(field, f"{shown}: {exc}") from None
 
 
 def parse_key_argument(text: str, field: str) -> VerifierKey:

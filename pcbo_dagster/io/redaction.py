@@ -31,6 +31,9 @@ _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://)[^\s'\"<>]+@")
 _BARE_USERINFO = re.compile(
     r"(?<![^\s'\"<>()\[\]{},;=])[^\s'\"<>()\[\]{},;=:/@]+:(?!//)[^\s'\"<>]*@(?=[^\s'\"<>@])"
 )
+# A C2SP / Go signed-note private key (`PRIVATE+KEY+<name>+<key id>+<base64 seed>`), given where a key
+# file's path was expected (`PCBO_SIGNING_KEY="$(cat operator.key)"`): everything after its prefix.
+_PRIVATE_KEY = re.compile(r"(?i)PRIVATE\+KEY\+[^\s'\"<>]*")
 _URL_QUERY = re.compile(
     r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s?#'\"<>]*)[?#]"
     r"(?!\[redacted\][.,;:)\]]*(?:[\s#'\"<>]|$))"
@@ -84,10 +87,12 @@ def userinfo_refused(url: str) -> str:
 
 def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
     """`text` without URL userinfo, query strings and fragments (`scheme://[redacted]@host/path?
-    [redacted]`) and without any of `secrets`. For free text that goes into a report, an alert, an
+    [redacted]`), without a signed-note private key (`PRIVATE+KEY+[redacted]`) and without any of
+    `secrets`. For free text that goes into a report, an alert, an
     error message or a log."""
     for secret in sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True):
         text = text.replace(secret, REDACTED)
+    text = _PRIVATE_KEY.sub(f"PRIVATE+KEY+{REDACTED}", text)
     text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
     text = _BARE_USERINFO.sub(f"{REDACTED}@", text)
     return _URL_QUERY.sub(rf"\1?{REDACTED}", text)
