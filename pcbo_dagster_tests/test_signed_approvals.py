@@ -229,6 +229,28 @@ def test_an_approval_signed_before_the_rejection_does_not_outlive_it(tmp_path: P
     assert gate["open"] is True and gate["approval"]["actor"] == CY.name, gate
 
 
+def test_an_approval_dated_in_the_future_does_not_outlive_a_rejection(tmp_path: Path) -> None:
+    """The order of an approval and a rejection is their signed times: cy pre-signed an approval dated
+    2099 (kept by an operator, or a clock gone wrong). After bo's rejection anyone holding it brought
+    it, and as "signed after the rejection" it counted and opened the gate that bo had closed, though
+    cy never saw the rejection. Now an approval signed later than the moment it is recorded (beyond a
+    clock skew) is refused, and on the chain ignored: a new approval signed after the rejection opens."""
+    config, base, clock, rollout = _soaked(tmp_path)
+    future = sign_decision(CY, rollout, "approve", "approve whatever comes", None, "2099-01-01T00:00:00Z")
+    clock.advance(60)
+    operations.decide(config, base, "r", "reject", key=BO, reason="found a problem", clock=clock)
+    before = len(_chain_events(config, base))
+    with pytest.raises(InvalidInput, match="in the future") as refused:
+        operations.decide(config, base, "r", None, statement=future, clock=clock)
+    assert refused.value.field == "statement" and len(_chain_events(config, base)) == before
+    _append_directly(config, base, rollout, future, CY.name)
+    _closed_by_the_rejection(config, base, clock)
+    assert _in_force(config, base)["ignored"] == 1
+    clock.advance(60)
+    operations.decide(config, base, "r", "approve", key=CY, reason="fixed, reviewed again", clock=clock)
+    assert _gate(config, base, clock)["open"] is True
+
+
 def test_a_statement_without_an_instant_is_neither_signed_nor_read() -> None:
     with pytest.raises(NoteError, match="instant"):
         sign_approval(CY, "r", "approved", "sha256:" + "2" * 64, "ok", "yesterday")

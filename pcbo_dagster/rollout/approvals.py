@@ -21,13 +21,16 @@ same statement recorded or appended again (a replay of a public approval) is ign
 such decision is in force when it is a rejection; otherwise the rollout is approved once
 `requiredApprovals` distinct listed approvers approved the staged decision hash since the last
 rejection (fewer: `pending`) in statements signed no earlier than that rejection: an approval signed
-before a rejection never outlives it, however late it is brought. A row inserted into the table
-alone, a bare name, a forged, replayed or unlisted signature open nothing.
+before a rejection never outlives it, however late it is brought. Nor does one dated ahead: an
+approval whose signed time is later than the moment its event was appended (by more than
+`CLOCK_SKEW_SECONDS`) counts for nothing, since it would order after every rejection made before its
+date. A row inserted into the table alone, a bare name, a forged, replayed or unlisted signature open
+nothing.
 
 Refused with `InvalidInput` (exit 2, nothing written): an unknown rollout, a rollout not halted for
 review (status `soaking`), an empty reason, a statement that does not verify under a listed key, one
 for another rollout, decision or decision hash than the one the rollout staged, a statement already
-on the chain, or an approval signed before the rejection in force.
+on the chain, an approval signed before the rejection in force, or one signed in the future.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import InvalidInput
-from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.instants import parse_instant, to_micros
 from pcbo_dagster.core.rollout_lifecycle import SOAKING, row_disagreements
 from pcbo_dagster.core.signed_approvals import SignedApproval, read_signed_approval, sign_approval
 from pcbo_dagster.core.signed_note import NoteError, SigningKey
@@ -44,6 +47,8 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import ApprovalPolicy, RolloutEnvironments
 from pcbo_dagster.rollout.lifecycle import append_event, production_chain, read_lifecycle
 
+#: How far an approval's signed time may run ahead of the moment it is recorded (clock skew).
+CLOCK_SKEW_SECONDS = 600
 ROLLOUT_APPROVED = "rollout_approved"
 ROLLOUT_REJECTED = "rollout_rejected"
 DECISIONS = {"approve": "approved", "reject": "rejected"}
@@ -121,6 +126,12 @@ def record_decision(
                 f"this signed statement is already on the chain (seq {event['chain']['seq']}): a statement "
                 "counts once; sign a new one",
             )
+    if signed.decision == "approved" and _from_the_future(signed, to_micros(clock.now())):
+        raise InvalidInput(
+            "statement",
+            f"the approval was signed at {signed.time}, in the future (more than {CLOCK_SKEW_SECONDS} s "
+            "ahead of this clock): an approval counts from when it is signed, never before; sign it now",
+        )
     rejected = [s for _, s in counted if s.decision == "rejected"]
     if signed.decision == "approved" and rejected and _signed_at(signed) < _signed_at(rejected[-1]):
         raise InvalidInput(
@@ -190,6 +201,13 @@ def _signed_at(signed: SignedApproval) -> int:
     return moment
 
 
+def _from_the_future(signed: SignedApproval, recorded: int | None) -> bool:
+    """Whether the statement's signed time is later than `recorded` (microseconds: when its event was
+    appended, or now) by more than the clock skew allowed: an approval dated ahead would order after
+    every rejection made before that date, and so outlive them."""
+    return recorded is None or _signed_at(signed) > recorded + CLOCK_SKEW_SECONDS * 1_000_000
+
+
 def _counted_decisions(
     envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]]
 ) -> tuple[list[tuple[dict[str, Any], SignedApproval]], int]:
@@ -216,6 +234,9 @@ def _counted_decisions(
         if signed.decision == "rejected":
             at = _signed_at(signed)
             rejected_at = at if rejected_at is None else max(rejected_at, at)
+        elif _from_the_future(signed, parse_instant(event.get("timestamp"))):
+            ignored += 1  # signed later than it was recorded: it would outlive rejections to come
+            continue
         elif rejected_at is not None and _signed_at(signed) < rejected_at:
             ignored += 1  # signed before a rejection it would override
             continue
