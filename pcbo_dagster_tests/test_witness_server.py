@@ -138,6 +138,26 @@ def test_witness_serve_refuses_log_keys_bound_to_the_same_origins(
     assert not (tmp_path / "w.db").exists()
 
 
+def test_witness_serve_refuses_a_log_key_that_checks_no_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cosigner (type 0x04) key given as --log-key verifies no checkpoint signature: the witness
+    started and answered 403 to every request of its log. Now refused (exit 2) before it listens."""
+    from pcbo_dagster.cli import main as cli
+    from pcbo_dagster.witness import server
+
+    def listen(*args: object) -> None:
+        raise AssertionError("the witness would listen with a log key that verifies no checkpoint")
+
+    monkeypatch.setattr(server, "make_server", listen)
+    key_file = tmp_path / "witness.key"
+    key_file.write_text(WITNESS.text + "\n")
+    key_file.chmod(0o600)
+    common = ["witness", "serve", "--key", str(key_file), "--db", str(tmp_path / "w.db"), "--port", "0"]
+    assert cli.main([*common, "--log-key", LOG.verifier(COSIGNATURE_V1).text]) == 2
+    assert not (tmp_path / "w.db").exists()
+
+
 @pytest.mark.parametrize(
     "sent",
     [

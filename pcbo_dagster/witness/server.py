@@ -48,6 +48,7 @@ from pcbo_dagster.core.checkpoints import (
 from pcbo_dagster.core.merkle import EMPTY_ROOT, verify_consistency
 from pcbo_dagster.core.signed_note import (
     COSIGNATURE_V1,
+    ED25519,
     NoteError,
     SigningKey,
     VerifierKey,
@@ -78,14 +79,17 @@ class LogKey:
 
 
 def check_log_keys(logs: list[LogKey]) -> None:
-    """`ValueError` unless every origin is bound to at most one key: no prefix given twice, and no two
-    prefixes under which one origin could be a log's (one a prefix of the other, the rest without `/`:
-    `pcbo/` and `pcbo/a` both hold `pcbo/ab/v1`)."""
+    """`ValueError` unless every key is a log's (type 0x01: a cosigner key verifies no checkpoint) and
+    every origin is bound to at most one key: no prefix given twice, and no two prefixes under which
+    one origin could be a log's (one a prefix of the other, the rest without `/`: `pcbo/` and
+    `pcbo/a` both hold `pcbo/ab/v1`)."""
     if not logs:
         raise ValueError("no log key: give at least one")
     for i, a in enumerate(logs):
         if not a.origin_prefix or any(c.isspace() for c in a.origin_prefix):
             raise ValueError(f"origin prefix {a.origin_prefix!r}: must be non-empty, without spaces")
+        if a.key.signature_type != ED25519:
+            raise ValueError(f"{a.key.name}: not a log's (type 0x01) verifier key: it verifies no checkpoint")
         for b in logs[i + 1 :]:
             short, long = sorted((a.origin_prefix, b.origin_prefix), key=len)
             if long.startswith(short) and "/" not in long[len(short) :]:
