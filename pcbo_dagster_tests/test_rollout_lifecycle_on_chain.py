@@ -321,6 +321,33 @@ def test_a_replayed_signed_soak_evaluation_does_not_pass_the_soak(tmp_path: Path
     assert "rollout_event_signature_invalid" in [kind for kind, _ in _findings(config, base)]
 
 
+def test_a_replayed_signed_event_and_the_soak_row_it_would_cover_are_reported(tmp_path: Path) -> None:
+    """The signed soak evaluation appended again word for word (its signature verifies: it is
+    genuine) and a copy of its `soak_evaluations` row inserted. The gate ignored the replay, but
+    `verify` said clean: the replay carries a valid signature, and it counted as a second evaluation
+    on the chain for the copied row. Now the replay is `rollout_event_signature_invalid` (a signed
+    statement counts once) and the copied row `soak_evaluation_not_on_chain`."""
+    config = _config(tmp_path)
+    base = _signed_settings(tmp_path)
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(60)
+    operations.soak(config, base, clock=clock)
+    assert _findings(config, base) == []
+    [genuine] = [e for e in _chain(config, base) if e["event_type"] == "rollout_soak_evaluated"]
+    _append(config, base, ("rollout_soak_evaluated", {k: v for k, v in genuine.items() if k not in RESERVED}))
+    _catalog(
+        base,
+        (
+            "INSERT INTO soak_evaluations (rollout, passed, detail, evaluated_at) "
+            "SELECT rollout, passed, detail, evaluated_at FROM soak_evaluations WHERE rollout = 'r'",
+            {},
+        ),
+    )
+    kinds = sorted(kind for kind, _ in _findings(config, base))
+    assert kinds == ["rollout_event_signature_invalid", "soak_evaluation_not_on_chain"], kinds
+
+
 # --- the crash window between a lifecycle event and its row: healed by verify --repair ---------------
 
 

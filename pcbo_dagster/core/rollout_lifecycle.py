@@ -150,7 +150,8 @@ class Lifecycle:
     staged: dict[str, Any] | None = None
     #: Every `rollout_soak_evaluated` event since the first `rollout_staged`, in chain order.
     evaluations: list[dict[str, Any]] = field(default_factory=list)
-    #: Every `rollout_soak_evaluated` event of the rollout on the chain (what catalog rows must match).
+    #: Every `rollout_soak_evaluated` event of the rollout on the chain that counts (signed, once, with
+    #: a key): what catalog rows must match.
     all_evaluations: list[dict[str, Any]] = field(default_factory=list)
     #: Lifecycle events that changed nothing (after a final state, or out of order).
     ignored: int = 0
@@ -179,13 +180,13 @@ def lifecycle(
         if verifier is not None and statement is None:
             life.unsigned += 1
             continue
-        if kind == ROLLOUT_SOAK_EVALUATED:
-            life.all_evaluations.append(dict(event))
         if statement is not None:
             if statement in seen:  # the same signed statement again: a replay changes nothing
                 life.unsigned += 1
                 continue
             seen.add(statement)
+        if kind == ROLLOUT_SOAK_EVALUATED:
+            life.all_evaluations.append(dict(event))
         if kind == ROLLOUT_ROLLED_BACK and life.status != ROLLED_BACK:
             life.status = ROLLED_BACK  # a promoted or cancelled rollout can still be rolled back
         elif life.status in FINAL:

@@ -753,17 +753,24 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
     verifier = None if env.signing_key is None else env.signing_key.verifier()
     if verifier is not None:
         for ckey, events in sorted(chains.items()):
+            seen: dict[str, Any] = {}  # signed statement -> the seq it first stands at
             for event in events:
-                if (
-                    event.get("event_type") in LIFECYCLE_EVENTS
-                    and verified_statement(event, verifier) is None
-                ):
-                    report.find(
-                        "rollout_event_signature_invalid",
-                        f"{ckey} seq {event.get('chain', {}).get('seq')}",
-                        f"the {event.get('event_type')} event carries no valid signature of the operator's "
-                        "key: the rollout gates ignore it",
-                    )
+                if event.get("event_type") not in LIFECYCLE_EVENTS:
+                    continue
+                seq = event.get("chain", {}).get("seq")
+                statement = verified_statement(event, verifier)
+                if statement is None:
+                    detail = "carries no valid signature of the operator's key"
+                elif statement in seen:
+                    detail = f"repeats the signed statement of seq {seen[statement]} (each counts once)"
+                else:
+                    seen[statement] = seq
+                    continue
+                report.find(
+                    "rollout_event_signature_invalid",
+                    f"{ckey} seq {seq}",
+                    f"the {event.get('event_type')} event {detail}: the rollout gates ignore it",
+                )
     store = RolloutStore(env.catalog)
     for row in store.list():
         ckey = f"{row['dataset']}/{row['version_label']}"
