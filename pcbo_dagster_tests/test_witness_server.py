@@ -71,8 +71,12 @@ def test_the_witness_answers_as_the_protocol_says(url: str) -> None:
     rewritten = [b"forged", *LEAVES[1:]]
     bad = merkle.consistency_proof(rewritten[:10], 8)
     assert _post(url, 8, bad, _note(10, rewritten))[0] == 422
-    # 422: the same size, another root
-    assert _post(url, 8, [], _note(8, rewritten))[0] == 422
+    # 409 (c2sp.org/tlog-witness: "If the old size matches the checkpoint size, the witness MUST check
+    # that the root hashes are also identical. If they don't match, the witness MUST respond with a
+    # 409 Conflict"): the same size, another root, with the size it holds
+    assert _post(url, 8, [], _note(8, rewritten))[:3] == (409, "text/x.tlog.size", "8\n")
+    # 422: the same size and root, with a proof (none verifies from a size to itself)
+    assert _post(url, 8, proof[:1], _note(8))[0] == 422
     # 400: never backwards (old size above the checkpoint's)
     assert _post(url, 8, [], _note(6))[0] == 400
     # 403: not signed by a log key it trusts; 404: an origin it does not witness

@@ -3,7 +3,8 @@
 A witness is configured as `<cosigner vkey> <URL>` (the vkey of type 0x04, as `pcbo keys generate`
 prints it for the witness's key). `request_cosignature` sends the old size the witness last cosigned
 (as far as we know), the consistency proof from it, and the signed checkpoint; a `409 Conflict`
-answer names the size the witness really holds, and the request is made once more from that size.
+answer names the size the witness really holds, and the request is made once more from that size
+(a 409 naming the very size asked, which is the checkpoint's, means another root: a rewritten history).
 The answer's cosignature lines are verified against the witness's key before anything is kept.
 A witness that cannot be reached, or refuses, is reported (`WitnessRefused`) and never stops a run:
 the caller asks again with the next checkpoint.
@@ -114,6 +115,11 @@ def request_cosignature(
                 raise WitnessRefused(
                     f"{witness.label}: the witness has cosigned {held} events of this log, more than the "
                     f"{checkpoint.size} this checkpoint holds: the log was truncated or forked"
+                )
+            if held == old == checkpoint.size:  # (the protocol's answer to the same size, another root)
+                raise WitnessRefused(
+                    f"{witness.label}: the witness cosigned another root for size {held} (409): the log's "
+                    "history was rewritten"
                 )
             if held == old:
                 break
