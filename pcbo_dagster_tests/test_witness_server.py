@@ -162,6 +162,34 @@ def test_witness_serve_refuses_a_log_key_that_checks_no_checkpoint(
     assert not (tmp_path / "w.db").exists()
 
 
+@pytest.mark.parametrize("kind", ["not_sqlite", "directory"])
+def test_witness_serve_refuses_a_db_that_is_no_sqlite_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """--db naming a file that is not SQLite, or a directory: an internal error (DatabaseError: file is
+    not a database; OperationalError: unable to open database file). Now exit 2 on --db, nothing
+    written to it."""
+    from pcbo_dagster.cli import main as cli
+    from pcbo_dagster.witness import server
+
+    def listen(*args: object) -> None:
+        raise AssertionError("the witness would listen without its state")
+
+    monkeypatch.setattr(server, "make_server", listen)
+    key_file = tmp_path / "witness.key"
+    key_file.write_text(WITNESS.text + "\n")
+    key_file.chmod(0o600)
+    db = tmp_path / "w.db"
+    if kind == "directory":
+        db.mkdir()
+    else:
+        db.write_bytes(b"not a SQLite file, but long enough to be read as one's header" * 4)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    common = ["witness", "serve", "--key", str(key_file), "--db", str(db), "--port", "0"]
+    assert cli.main([*common, "--log-key", LOG.verifier().text]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 @pytest.mark.parametrize(
     "sent",
     [

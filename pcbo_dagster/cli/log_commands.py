@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ def cmd_witness_serve(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidInput("--db", f"the directory of {args.db} does not exist")
     try:
         witness = Witness(key, str(Path(args.db).expanduser()), logs)
+    except sqlite3.DatabaseError as exc:  # (a file that is no SQLite database, a directory)
+        raise InvalidInput(
+            "--db", f"{args.db} is not a SQLite database the witness can open: {exc}"
+        ) from None
     except ValueError as exc:
         raise InvalidInput("--log-key", str(exc)) from None
     server = make_server(witness, args.host, args.port)
