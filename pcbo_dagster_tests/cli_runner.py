@@ -43,8 +43,10 @@ def run_pcbo(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     timeout: float = 120.0,
+    stdin: bytes | None = None,
 ) -> PcboRun:
-    """Run `python -m pcbo_dagster.cli.main *args` with PCBO_HOME=`home` and `env` added."""
+    """Run `python -m pcbo_dagster.cli.main *args` with PCBO_HOME=`home` and `env` added (`stdin`: its
+    standard input, else this process's)."""
     if cwd is None:
         # Never let a default ./.pcbo land in the repository.
         cwd = Path(home).parent if home is not None else Path.cwd()
@@ -53,6 +55,7 @@ def run_pcbo(
         env=pcbo_env(home, env),
         cwd=cwd,
         capture_output=True,
+        input=stdin,
         timeout=timeout,
         check=False,
     )

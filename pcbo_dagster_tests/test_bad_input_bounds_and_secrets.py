@@ -553,3 +553,38 @@ def test_a_ledger_batch_that_decompresses_past_the_limit_is_invalid_input(tmp_pa
     )
     assert_refused(run, "source", home)
     assert "decompresses past 1024 bytes" in run.stderr
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "large_file", "stdin"])
+def test_a_flag_s_file_larger_than_the_limit_is_invalid_input(tmp_path, kind):
+    """A file a flag names is read whole: past PCBO_MAX_INPUT_BYTES (a runaway pipe, /dev/zero given by
+    mistake) it is refused naming the flag, before memory runs out."""
+    home = tmp_path / "home"
+    request = _request(tmp_path)
+    size = request.stat().st_size
+    env = {"PCBO_MAX_INPUT_BYTES": str(size - 1)}
+    if kind == "dev_zero":
+        run = run_pcbo(["execute", "--input", "/dev/zero"], home=home, env=env, timeout=60)
+    elif kind == "large_file":
+        run = run_pcbo(["execute", "--input", request], home=home, env=env)
+    else:
+        run = run_pcbo(["execute", "--input", "-"], home=home, env=env, stdin=request.read_bytes())
+    assert_refused(run, "--input", home)
+    assert f"more than {size - 1} bytes (PCBO_MAX_INPUT_BYTES)" in run.stderr
+    # the same file within the limit runs
+    ok = run_pcbo(["dry-run", "--input", request], home=home, env={"PCBO_MAX_INPUT_BYTES": str(size)})
+    assert ok.status == 0, ok.stderr
+
+
+def test_a_proof_file_that_never_ends_is_invalid_input(tmp_path):
+    from pcbo_dagster.core.signed_note import signing_key_from_seed
+
+    key = signing_key_from_seed("ops.example.com/operator", bytes(32)).verifier().text
+    home = tmp_path / "home"
+    run = run_pcbo(
+        ["log", "verify-proof", "--proof", "/dev/zero", "--key", key],
+        home=home,
+        env={"PCBO_MAX_INPUT_BYTES": "4096"},
+        timeout=60,
+    )
+    assert run.status == 2 and "--proof" in run.stderr and "PCBO_MAX_INPUT_BYTES" in run.stderr, run.stderr

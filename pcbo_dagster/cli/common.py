@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import streamed_text
 from pcbo_dagster.core.request_model import NAME_PATTERN
 from pcbo_dagster.io.atomic_files import replacing
-from pcbo_dagster.io.env_vars import plain_path
+from pcbo_dagster.io.env_vars import plain_path, positive_int
 
 
 def check_output_target(output: str | None) -> None:
@@ -64,16 +65,51 @@ def _write_text(document: dict[str, Any], raw: Any) -> None:
     writer.detach()
 
 
+#: The most a flag's file (`--input`, a proof, a checkpoint, a statement, an evidence package) may hold
+#: (`PCBO_MAX_INPUT_BYTES`, default 1 GiB): it is read whole, so `/dev/zero` or a runaway pipe would
+#: otherwise take every byte of memory. Larger backfills name a `source` instead of inline records.
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
+_READ_CHUNK = 16 << 20
+
+
 def read_input(path: str, flag: str = "--input") -> tuple[bytes, Path | None]:
     """The bytes of the file `flag` names (`-`: stdin) and its directory; `InvalidInput` naming
-    `flag` when it cannot be read."""
+    `flag` when it cannot be read or holds more than `PCBO_MAX_INPUT_BYTES`."""
+    variable = "PCBO_MAX_INPUT_BYTES"
+    limit = positive_int(variable, os.environ.get(variable), DEFAULT_MAX_INPUT_BYTES)
     try:
         if path == "-":
-            return sys.stdin.buffer.read(), Path.cwd()
+            return _read_bounded(sys.stdin.buffer, limit, path, flag), Path.cwd()
         file = Path(path)
-        return file.read_bytes(), file.resolve().parent
+        with file.open("rb") as stream:
+            return _read_bounded(stream, limit, path, flag), file.resolve().parent
     except OSError as exc:
         raise InvalidInput(flag, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_bounded(stream: BinaryIO, limit: int, path: str, flag: str) -> bytes:
+    """All of `stream`, refused past `limit` bytes: a regular file by its size, in one read; anything
+    else (a pipe, a device) a chunk at a time."""
+    too_large = InvalidInput(flag, f"{path} holds more than {limit} bytes (PCBO_MAX_INPUT_BYTES)")
+    try:
+        size = os.fstat(stream.fileno())
+    except (OSError, ValueError):  # a stream with no descriptor (stdin replaced in-process)
+        size = None
+    if size is not None and stat.S_ISREG(size.st_mode):
+        if size.st_size > limit:
+            raise too_large
+        data = stream.read()
+        if len(data) > limit:  # grown since
+            raise too_large
+        return data
+    chunks: list[bytes] = []
+    held = 0
+    while chunk := stream.read(min(_READ_CHUNK, limit + 1 - held)):
+        chunks.append(chunk)
+        held += len(chunk)
+        if held > limit:
+            raise too_large
+    return b"".join(chunks)
 
 
 def engine_settings(args: argparse.Namespace) -> Any:
