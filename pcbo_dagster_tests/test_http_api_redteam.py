@@ -1,0 +1,364 @@
+"""Red-team findings on `pcbo serve` (branch rt-http), as tests that fail while the finding stands.
+
+Each test is `xfail(strict=True)`: it fails today (the finding), and once the finding is fixed it
+passes, which strict xfail reports as a failure, so the marker must then be removed. The report that
+goes with them explains each one; the reproductions there show it against a `pcbo serve` process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
+from pcbo_dagster_tests.http_server import DEMO_REQUEST, RunningServer, running_server  # noqa: E402
+
+
+def _request(run_id: str, dataset: str, start: str = "2024-01-01T00:00:00Z", **extra: Any) -> bytes:
+    """A one-hour request from `start` (a day at midnight) with one inline record, or `extra`'s."""
+    body: dict[str, Any] = {
+        "runId": run_id,
+        "dataset": dataset,
+        "start": start,
+        "end": start[:11] + "01:00:00Z",
+        **extra,
+    }
+    if "source" not in extra and "sourceRecords" not in extra:
+        body["sourceRecords"] = [
+            {"id": f"id-{run_id}", "occurredAt": start[:11] + "00:10:00Z", "consentGranted": True}
+        ]
+    return json.dumps(body).encode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    home = tmp_path_factory.mktemp("http-redteam") / "home"
+    with running_server(home, reconcile_seconds=0.2, heartbeat_seconds=0.3) as running:
+        yield running
+
+
+# -- the default sources directory holds the lake, the audit backup and the SQLite catalog ----------
+
+
+@pytest.mark.xfail(strict=True, reason="red team: another dataset's lake is a readable source")
+def test_another_dataset_s_lake_is_not_a_source(server: RunningServer) -> None:
+    """A token limited to ds-b names `lake/ds-a/v1` (inside the default sources directory,
+    $PCBO_HOME) as its source: a dry-run lists ds-a's ids, and an execute copies ds-a's rows, every
+    column, into ds-b's lake."""
+    team_a = server.client(server.token("alice-lake", "execute", datasets=["lake-a"]))
+    records = [{"id": "patient-17", "occurredAt": "2024-05-01T00:10:00Z", "consentGranted": True, "ssn": "1"}]
+    body = _request("lake-a-1", "lake-a", start="2024-05-01T00:00:00Z", sourceRecords=records)
+    assert team_a.post("/v1/execute", content=body).status_code == 200
+    team_b = server.client(server.token("bob-lake", "plan", "execute", datasets=["lake-b"]))
+    for uri in ("lake/lake-a/v1", "lake", "pas"):
+        answer = team_b.post(
+            "/v1/dry-run",
+            content=_request("lake-b-1", "lake-b", start="2024-05-01T00:00:00Z", source={"uri": uri}),
+        )
+        assert answer.status_code == 422 and answer.json()["field"] == "source.uri", (uri, answer.text[:300])
+        assert "patient-17" not in answer.text
+
+
+@pytest.mark.xfail(strict=True, reason="red team: opening the SQLite catalog as a source drops its locks")
+def test_naming_the_sqlite_catalog_as_a_source_leaves_the_catalog_intact(tmp_path: Path) -> None:
+    """A plan-scoped dry-run of `catalog.db` opens and closes the catalog file in the server process,
+    which releases every POSIX lock SQLite holds on it there. The next process to close the catalog
+    (`pcbo token create`) believes it is the last one and deletes the WAL and shared memory the
+    server still uses: the server's later writes go to a deleted file (lost at restart, never seen by
+    another process) or fail with `file is not a database`."""
+    home = tmp_path / "home"
+    with running_server(home) as server:
+        admin = server.client(server.token("root", "admin"))
+        assert admin.post("/v1/execute", content=_request("before", "ds")).status_code == 200
+        planner = server.client(server.token("planner", "plan"))
+        for fmt in ("jsonl", "parquet"):
+            answer = planner.post(
+                "/v1/dry-run", content=_request("x", "ds", source={"uri": "catalog.db", "format": fmt})
+            )
+            assert answer.status_code == 422
+        created = run_pcbo(["token", "create", "--subject", "late", "--scope", "read"], home)
+        assert created.status == 0, created.stderr
+        held = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if _readable(fd)}
+        assert not [p for p in held if "catalog.db" in p and p.endswith("(deleted)")], held
+        after = admin.post("/v1/execute", content=_request("after", "ds", start="2024-01-02T00:00:00Z"))
+        assert after.status_code == 200, after.text
+        seen = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); "
+                "print([r[0] for r in c.execute('select run_id from api_runs order by run_id')])",
+                str(home / "catalog.db"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "after" in seen, seen
+
+
+def _readable(fd: str) -> bool:
+    try:
+        os.readlink(f"/proc/self/fd/{fd}")
+        return True
+    except OSError:
+        return False
+
+
+# -- tokens and the event stream ----------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="red team: a revoked token's open stream goes on for ever")
+def test_a_revoked_token_s_open_stream_ends(server: RunningServer) -> None:
+    token = server.token("leaver", "read")
+    row = server.catalog.token_for_secret(token)
+    assert row is not None
+    token_id = row["token_id"]
+    after_revoke: list[str] = []
+    ended = threading.Event()
+    revoked_at: list[float] = []
+
+    def listen() -> None:
+        with server.client(token).stream("GET", "/reconciliation/stream", timeout=None) as answer:
+            for line in answer.iter_lines():
+                if revoked_at and line.startswith("event:"):
+                    after_revoke.append(line)
+                if revoked_at and time.monotonic() - revoked_at[0] > 4:
+                    return
+        ended.set()
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    time.sleep(1)
+    server.catalog.revoke_token(token_id)
+    revoked_at.append(time.monotonic())
+    assert server.client(token).get("/v1/datasets").status_code == 401
+    admin = server.client(server.token("root-sse", "admin"))
+    assert admin.post("/v1/execute", content=_request("sse-1", "sse-ds")).status_code == 200
+    listener.join(10)
+    assert ended.is_set(), f"still streaming after revocation: {after_revoke[:8]}"
+
+
+# -- runs, commands and the admin status of a token limited to datasets --------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="red team: a commandId race answers another dataset's command")
+def test_racing_for_a_command_id_reveals_no_other_dataset_s_command(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST /commands/run` checks `existing(commandId)` (with the dataset check), then prepares the
+    command, then `start` records it queued; when another request recorded that id in between,
+    `start` answers that command's state, whoever's it is, with no dataset check. Against a
+    `pcbo serve` process two plain concurrent posts leak 38 times in 60; here the window between the
+    check and the record is widened (a slow `prepare`, as a rollout lookup or a busy catalog is)."""
+    runner = server.app.state.commands
+    prepare = runner.prepare
+
+    def slow_prepare(*args: Any) -> Any:
+        command = prepare(*args)
+        time.sleep(0.2)
+        return command
+
+    monkeypatch.setattr(runner, "prepare", slow_prepare)
+    team_a = server.client(server.token("alice-race", "read", "execute", datasets=["race-a"]))
+    team_b = server.client(server.token("bob-race", "read", "execute", datasets=["race-b"]))
+    leaked = []
+    for _ in range(5):
+        command_id = "race-" + uuid.uuid4().hex[:8]
+        answers: dict[str, Any] = {}
+        barrier = threading.Barrier(2)
+
+        def post(
+            who: str,
+            client: Any,
+            dataset: str,
+            command_id: str = command_id,
+            answers: dict[str, Any] = answers,
+            barrier: threading.Barrier = barrier,
+        ) -> None:
+            barrier.wait()
+            params = {"runId": "nope", "reason": f"private note of {dataset}"}
+            answers[who] = client.post(
+                "/commands/run",
+                json={"commandId": command_id, "action": "rollback", "target": dataset, "params": params},
+            )
+
+        threads = [
+            threading.Thread(target=post, args=("race-a", team_a, "race-a")),
+            threading.Thread(target=post, args=("race-b", team_b, "race-b")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for mine, answer in answers.items():
+            if answer.status_code in (200, 202) and answer.json()["target"] != mine:
+                leaked.append(answer.json())
+    assert leaked == [], leaked[:2]
+
+
+@pytest.mark.xfail(strict=True, reason="red team: command params are type-checked only after queuing")
+@pytest.mark.parametrize(
+    ("action", "target", "params", "field"),
+    [
+        ("rollback", "cmd-ds", {"runId": 5}, "params.runId"),
+        ("rollback", "cmd-ds", {"runId": "r", "reason": ["x"]}, "params.reason"),
+        ("rollback", "cmd-ds", {"runId": "r", "versionLabel": "../x"}, "params.versionLabel"),
+        ("gc", "all", {"dryRun": "yes"}, "params.dryRun"),
+    ],
+)
+def test_a_command_parameter_of_the_wrong_type_is_422_with_nothing_recorded(
+    server: RunningServer, action: str, target: str, params: dict[str, Any], field: str
+) -> None:
+    """Today: 202, the command is recorded queued, runs, and ends `error` with 'internal error
+    (ApiError)' (an `ApiError` raised in the worker is not an engine error), the field not named."""
+    admin = server.client(server.token("root-cmd", "admin"))
+    command_id = "typed-" + uuid.uuid4().hex[:8]
+    answer = admin.post(
+        "/commands/run", json={"commandId": command_id, "action": action, "target": target, "params": params}
+    )
+    assert answer.status_code == 422 and answer.json()["field"] == field, answer.text
+    assert server.catalog.command_phases(command_id) == []
+
+
+@pytest.mark.xfail(strict=True, reason="red team: admin status lists every dataset's runs in flight")
+def test_the_admin_status_of_a_limited_token_lists_no_other_dataset_s_run(server: RunningServer) -> None:
+    runs = server.app.state.runs
+    assert (
+        server.catalog.create_api_run(
+            run_id="secret-run-b", actor="b", dataset="status-b", version_label="v1", request_hash="sha256:0"
+        )
+        is None
+    )
+    pending: Future[Any] = Future()
+    with runs._lock:
+        runs._futures["secret-run-b"] = pending
+    try:
+        limited = server.client(server.token("carol", "admin", datasets=["status-c"]))
+        document = limited.get("/v1/admin/status").json()
+        assert "secret-run-b" not in json.dumps(document), document["runsInFlight"]
+    finally:
+        with runs._lock:
+            runs._futures.pop("secret-run-b", None)
+        pending.cancel()
+
+
+@pytest.mark.xfail(strict=True, reason="red team: a CLI or Dagster run's id is taken over through the API")
+def test_a_run_id_of_another_dataset_s_cli_run_is_refused(server: RunningServer) -> None:
+    """`run_id_taken` checks only API runs (`api_runs`); the engine's `runs` table is keyed by run id
+    across datasets, so an API execute of ds-b reusing the id of ds-a's CLI run rewrites ds-a's run
+    row (status, summary) and leaves ds-b's chain naming a run the catalog does not hold (verify:
+    catalog_run_missing, catalog_lineage_mismatch)."""
+    from pcbo_dagster.engine.backfill_commands import execute_request
+
+    engine = server.app.state.config.engine
+    execute_request(engine, _request("nightly-cli", "cli-a"))
+    before = server.catalog.get_run("nightly-cli")
+    assert before is not None and before["dataset"] == "cli-a"
+    team_b = server.client(server.token("bob-cli", "execute", datasets=["cli-b"]))
+    body = json.loads(_request("nightly-cli", "cli-b", start="2024-04-01T00:00:00Z"))
+    body["end"] = "2024-04-01T05:00:00Z"
+    answer = team_b.post("/v1/execute", content=json.dumps(body).encode())
+    assert answer.status_code == 409 and answer.json()["error"] == "run_id_taken", answer.text[:300]
+    assert server.catalog.get_run("nightly-cli") == before
+
+
+@pytest.mark.xfail(strict=True, reason="red team: a table's refusal names the other dataset and a path")
+def test_a_table_of_another_dataset_is_refused_without_naming_it(server: RunningServer) -> None:
+    team_a = server.client(server.token("alice-t", "execute", datasets=["tbl-a"]))
+    team_b = server.client(server.token("bob-t", "execute", datasets=["tbl-b"]))
+    table = {"format": "iceberg", "name": "ns.shared"}
+    assert team_a.post("/v1/execute", content=_request("tbl-a-1", "tbl-a", table=table)).status_code == 200
+    answer = team_b.post("/v1/execute", content=_request("tbl-b-1", "tbl-b", table=table))
+    assert answer.status_code == 422 and answer.json()["field"] == "table", answer.text
+    assert "tbl-a" not in answer.text and str(server.home) not in answer.text, answer.text
+
+
+# -- the remote CLI trusts its server ------------------------------------------------------------
+
+
+class _Evil(BaseHTTPRequestHandler):
+    mode = "redirect"
+    sink = ""
+    seen: list[str | None] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", self.sink + "/collect")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = json.dumps(
+            {"error": "invalid_input", "field": "runId", "message": "\x1b]0;TITLE\x07\x1b[2J\rall good"}
+        ).encode()
+        self.send_response(422)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).seen.append(self.headers.get("Authorization"))
+        body = json.dumps({"status": "committed", "runId": "fake", "partitions": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def evil() -> Iterator[tuple[str, type[_Evil]]]:
+    handler: type[_Evil] = type("Evil", (_Evil,), {"seen": []})
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for _ in range(2)]
+    for httpd in servers:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    handler.sink = f"http://127.0.0.1:{servers[1].server_address[1]}"
+    try:
+        yield f"http://127.0.0.1:{servers[0].server_address[1]}", handler
+    finally:
+        for httpd in servers:
+            httpd.shutdown()
+            httpd.server_close()
+
+
+@pytest.mark.xfail(strict=True, reason="red team: the remote CLI follows a redirect with its token")
+def test_the_remote_cli_sends_its_token_to_no_other_origin(tmp_path: Path, evil: Any) -> None:
+    url, handler = evil
+    handler.mode = "redirect"
+    run = run_pcbo(
+        ["execute", "--server", url, "--input", DEMO_REQUEST],
+        tmp_path / "home",
+        env={"PCBO_TOKEN": "pcbo_secret-of-the-client"},
+    )
+    assert handler.seen == [], handler.seen  # today: ['Bearer pcbo_secret-of-the-client']
+    assert run.status != 0, run.document  # today: 0, printing the other origin's document
+
+
+@pytest.mark.xfail(strict=True, reason="red team: the remote CLI prints the server's control characters")
+def test_the_remote_cli_prints_no_control_character_of_the_server(tmp_path: Path, evil: Any) -> None:
+    url, handler = evil
+    handler.mode = "escape"
+    run = run_pcbo(
+        ["execute", "--server", url, "--input", DEMO_REQUEST], tmp_path / "home", env={"PCBO_TOKEN": "pcbo_x"}
+    )
+    assert run.status == 2
+    assert "\x1b" not in run.stderr and "\r" not in run.stderr, repr(run.stderr)
