@@ -144,7 +144,8 @@ def test_no_link_in_the_sources_directory_leads_a_read_out_of_it(
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.jsonl").write_text(json.dumps(RECORD) + "\n")
-    drop = server.home / "lake" / f"drop-{uuid.uuid4().hex[:8]}"
+    # (Planted in the lake first; the lake is no source any more at all, a link in a directory source.)
+    drop = server.home / f"drop-{uuid.uuid4().hex[:8]}"
     drop.mkdir(parents=True)
     (drop / "x.jsonl").symlink_to(outside / "secret.jsonl")
     archive = b.write_archive(outside / "archive", 0, 7, ledgers_per_file=2, files_per_partition=1)

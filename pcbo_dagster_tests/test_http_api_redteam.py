@@ -55,7 +55,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
 # -- the default sources directory holds the lake, the audit backup and the SQLite catalog ----------
 
 
-@pytest.mark.xfail(strict=True, reason="red team: another dataset's lake is a readable source")
 def test_another_dataset_s_lake_is_not_a_source(server: RunningServer) -> None:
     """A token limited to ds-b names `lake/ds-a/v1` (inside the default sources directory,
     $PCBO_HOME) as its source: a dry-run lists ds-a's ids, and an execute copies ds-a's rows, every
@@ -74,7 +73,6 @@ def test_another_dataset_s_lake_is_not_a_source(server: RunningServer) -> None:
         assert "patient-17" not in answer.text
 
 
-@pytest.mark.xfail(strict=True, reason="red team: opening the SQLite catalog as a source drops its locks")
 def test_naming_the_sqlite_catalog_as_a_source_leaves_the_catalog_intact(tmp_path: Path) -> None:
     """A plan-scoped dry-run of `catalog.db` opens and closes the catalog file in the server process,
     which releases every POSIX lock SQLite holds on it there. The next process to close the catalog
@@ -91,6 +89,13 @@ def test_naming_the_sqlite_catalog_as_a_source_leaves_the_catalog_intact(tmp_pat
                 "/v1/dry-run", content=_request("x", "ds", source={"uri": "catalog.db", "format": fmt})
             )
             assert answer.status_code == 422
+        # Nor through a link in a directory source, nor a hard link: judged before it is opened.
+        (home / "linked").mkdir()
+        (home / "linked" / "a.jsonl").symlink_to(home / "catalog.db")
+        os.link(home / "catalog.db", home / "hard.jsonl")
+        for uri in ("linked", "hard.jsonl"):
+            answer = planner.post("/v1/dry-run", content=_request("x", "ds", source={"uri": uri}))
+            assert answer.status_code == 422 and "own stores" in answer.text, answer.text
         created = run_pcbo(["token", "create", "--subject", "late", "--scope", "read"], home)
         assert created.status == 0, created.stderr
         held = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if _readable(fd)}

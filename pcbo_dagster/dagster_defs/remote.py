@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
+from pcbo_dagster.sources.local_files import SourcesDirectory
 
 #: Kept in step with `backfill/jobs.py` (not imported from it: that would import Dagster's core).
 JOB_NAME = "pcbo_request"
@@ -194,11 +195,12 @@ def submit_request(
     location: str | None = None,
     poll_interval: float = 0.5,
     on_submitted: Callable[[str], None] | None = None,
-    confine_to: Path | None = None,
+    confine_to: SourcesDirectory | None = None,
 ) -> dict[str, Any]:
     """Run the request as a `pcbo_request` run at `url`; the execute document when it succeeds.
     `on_submitted` is told the Dagster run id as soon as the run is submitted; `confine_to`: the run
-    reads local sources only inside this directory (the HTTP API's sources directory)."""
+    reads local sources only inside this directory (the HTTP API's sources directory; the run refuses
+    the stores of its own settings there, `Settings.own_paths`)."""
     from dagster_graphql import DagsterGraphQLClientError
 
     server = Webserver.parse(url)
@@ -207,7 +209,7 @@ def submit_request(
     if base_dir is not None:
         config["base_dir"] = str(base_dir)
     if confine_to is not None:
-        config["confine_to"] = str(confine_to)
+        config["confine_to"] = confine_to.root
     try:
         run_id = client.submit_job_execution(
             JOB_NAME,
@@ -252,7 +254,7 @@ def validate_and_submit(
     *,
     timeout: float = 600.0,
     location: str | None = None,
-    confine_to: Path | None = None,
+    confine_to: SourcesDirectory | None = None,
     on_submitted: Callable[[str], None] | None = None,
     actor: str | None = None,
 ) -> dict[str, Any]:

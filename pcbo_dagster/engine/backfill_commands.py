@@ -19,6 +19,7 @@ from pcbo_dagster.core.decisions import Decisions
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.engine.request_loading import LoadedRequest, ValidatedRequest, evaluate, load_request
 from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.sources.local_files import SourcesDirectory
 
 #: Given the number of partitions an execute is about to write, a context that yields the callback
 #: told how many more partitions are done (or None for no progress reports): the CLI's progress bar,
@@ -37,7 +38,7 @@ class EvaluatedRequest:
 
 
 def plan_document(
-    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: SourcesDirectory | None = None
 ) -> dict[str, Any]:
     """The plan document of a request (`pcbo plan`, `POST /v1/plan`)."""
     loaded = load_request(raw, base_dir, confine_to)
@@ -48,7 +49,7 @@ def plan_document(
 
 
 def evaluate_request(
-    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: SourcesDirectory | None = None
 ) -> EvaluatedRequest:
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
     done with its decisions, which a streamed source reads from its spill as they are iterated."""
@@ -63,7 +64,7 @@ def evaluate_request(
 
 @contextmanager
 def evaluated_request(
-    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: Path | None = None
+    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: SourcesDirectory | None = None
 ) -> Iterator[EvaluatedRequest]:
     """`evaluate_request`, closed when the block ends."""
     evaluated = evaluate_request(raw, base_dir, confine_to)
@@ -108,7 +109,7 @@ def execute_request(
     raw: bytes | ValidatedRequest,
     base_dir: Path | None = None,
     *,
-    confine_to: Path | None = None,
+    confine_to: SourcesDirectory | None = None,
     actor: str | None = None,
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:

@@ -9,6 +9,7 @@ partition at a time.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import AddedColumns, SchemaBuilder
 from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
+from pcbo_dagster.sources.local_files import SourcesDirectory
 from pcbo_dagster.sources.record_files import resolve_uri
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
 from pcbo_dagster.sources.zones import Window, ZoneIndexStore
@@ -175,10 +177,12 @@ def _record_source(request: BackfillRequest, uri: str, zone_indexes: ZoneIndexSt
 CONFINED_REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs"})
 
 
-def _confined(uri: str, root: Path) -> str:
+def _confined(uri: str, sources: SourcesDirectory) -> str:
     """`uri` when it is an object store URL (`CONFINED_REMOTE_SCHEMES`) or a local path (or
-    `file://`) inside `root`; otherwise `InvalidInput` on `source.uri`: a server reads no file of its
-    host and fetches no URL that a request names (no `local://`, `http://`, chained `a::b` URL, ...)."""
+    `file://`) inside the sources directory, in none of its hidden paths nor pcbo's own stores there;
+    otherwise `InvalidInput` on `source.uri`: a server reads no file of its host and fetches no URL
+    that a request names (no `local://`, `http://`, chained `a::b` URL, ...). Judged before anything is
+    opened (the catalog's SQLite file opened and closed would lose its locks: `local_files.py`)."""
     from fsspec.core import split_protocol
 
     if "::" in uri:  # fsspec chains file systems on `::` (simplecache::file://...)
@@ -191,13 +195,22 @@ def _confined(uri: str, root: Path) -> str:
             "source.uri",
             f"the server reads sources from s3:// or gs:// or its sources directory, not a {scheme}: URL",
         )
-    from pcbo_dagster.sources.local_files import OUTSIDE, place_in_sources
+    from pcbo_dagster.sources.local_files import OUTSIDE, STORE, place_in_sources
 
-    root = root.resolve()
-    place = place_in_sources(str(Path(local).resolve()), str(root))
+    real = os.path.realpath(local)
+    try:
+        status: os.stat_result | None = os.stat(real)  # a stat, never an open
+    except OSError:
+        status = None
+    place = place_in_sources(real, sources, status)
     if place == OUTSIDE:
         raise InvalidInput(
-            "source.uri", f"a local source must be inside the server's sources directory {root}"
+            "source.uri", f"a local source must be inside the server's sources directory {sources.root}"
+        )
+    if place == STORE:  # the lake, the audit backup, the catalog, ... (`Settings.own_paths`)
+        raise InvalidInput(
+            "source.uri",
+            "the server's own stores (its lake, audit backup and catalog) are not read as a source",
         )
     if place is not None:  # hidden: where keys are kept (`$PCBO_HOME/.keys`, the default directory)
         raise InvalidInput("source.uri", "a hidden path of the sources directory is not read as a source")
@@ -223,13 +236,14 @@ def validate_request_bytes(raw: bytes) -> ValidatedRequest:
 def load_request(
     raw: bytes | ValidatedRequest,
     base_dir: Path | None = None,
-    confine_to: Path | None = None,
+    confine_to: SourcesDirectory | None = None,
     zone_indexes: ZoneIndexStore | None = None,
 ) -> LoadedRequest:
     """Parse, validate and read the records of a request; `InvalidInput` on any bad input.
     `base_dir`: where a relative `source.uri` resolves; `confine_to`: a local source must be inside
-    this directory (the HTTP API's sources directory; a remote one must be on an object store), and a
-    SQL target or a `table.catalog` (any database or file the server can reach) is refused.
+    this directory and in none of pcbo's stores there (the HTTP API's sources directory; a remote one
+    must be on an object store), and a SQL target or a `table.catalog` (any database or file the
+    server can reach) is refused.
     `zone_indexes` keeps the zone indexes of streamed sources between runs (the catalog): the records
     read are the same without it, which only makes a range run read its whole source once."""
     validated = raw if isinstance(raw, ValidatedRequest) else validate_request_bytes(raw)
@@ -252,7 +266,7 @@ def load_request(
             request, _confined(uri, confine_to) if confine_to is not None else uri, zone_indexes
         )
         if confine_to is not None:  # every local file it reads, links followed, inside the directory too
-            source.confine(str(confine_to))
+            source.confine(confine_to)
         return _load_streamed(request, source)
     records = request.sourceRecords or []
     try:

@@ -98,6 +98,40 @@ class Settings:
         """Where the durable audit backup is: the object-store URL, else the local directory."""
         return self.audit_store or str(self.audit_dir)
 
+    def own_paths(self, environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+        """The files and directories pcbo writes for these settings (its stores, as configured, and
+        what it keeps under its home), which a server never reads as a source though its sources
+        directory (`$PCBO_HOME` by default) may hold them: the lake (a local one), the audit backup
+        and its cache, a SQLite catalog and the embedded Iceberg catalog with their journals, the
+        signing key, and under the home `.keys`, `evidence`, `reports`, `rollback_scripts` and the
+        rollout's `staging` home (`PCBO_REPORTS_DIR`, `PCBO_STAGING_HOME` where they move them)."""
+        # Imported here: a server asks once, at start, and the CLI never.
+        from pcbo_dagster.engine.sql_apply import ROLLBACK_SCRIPTS_DIR
+        from pcbo_dagster.tables.iceberg_publication import CATALOG_ENV, EMBEDDED_CATALOG_FILE
+
+        env = os.environ if environ is None else environ
+        home = self.home
+        paths = [home / name for name in (".keys", "pas", "pas-cache", "evidence", ROLLBACK_SCRIPTS_DIR)]
+        paths += [home / "reports", home / "staging", self.audit_dir]
+        for variable in ("PCBO_REPORTS_DIR", "PCBO_STAGING_HOME"):
+            if env.get(variable):
+                paths.append(Path(env[variable]).expanduser())
+        lake = self.lake_url[len("file://") :] if self.lake_url.startswith("file://") else self.lake_url
+        if "://" not in lake:
+            paths.append(Path(lake).expanduser())
+        if self.signing_key is not None:
+            paths.append(self.signing_key)
+        databases = [
+            self.catalog_url,
+            f"sqlite:///{home / EMBEDDED_CATALOG_FILE}",
+            env.get(CATALOG_ENV) or "",
+        ]
+        for url in databases:
+            if _is_sqlite(url) and make_url(url).database not in (None, "", ":memory:"):
+                database = Path(str(make_url(url).database)).expanduser()
+                paths += [database.with_name(database.name + end) for end in ("", "-wal", "-shm", "-journal")]
+        return tuple(path.resolve() for path in paths)
+
     @classmethod
     def resolve(
         cls,

@@ -3,7 +3,7 @@ plus what only a server has. Every variable is read once, at start, with errors 
 
 | setting                      | variable                         | default                         |
 |------------------------------|----------------------------------|---------------------------------|
-| sources directory            | `PCBO_SOURCES_DIR`               | `$PCBO_HOME`                    |
+| sources directory            | `PCBO_SOURCES_DIR`               | `$PCBO_HOME` (its stores refused)|
 | largest request body         | `PCBO_SERVER_MAX_BODY_BYTES`     | 67,108,864 (64 MiB)             |
 | most partitions a request    | `PCBO_SERVER_MAX_PARTITIONS`     | 100,000 (the engine's limit)    |
 | synchronous answer within    | `PCBO_SERVER_REQUEST_TIMEOUT`    | 300 s (an execute then: 202)    |
@@ -28,12 +28,15 @@ from typing import Any
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.io.env_vars import plain_path, positive_int, positive_number
+from pcbo_dagster.sources.local_files import SourcesDirectory
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     engine: Settings
     sources_dir: Path
+    #: pcbo's own stores (`Settings.own_paths`), never read as a source though in `sources_dir`.
+    own_paths: tuple[Path, ...] = ()
     max_body_bytes: int = 64 * 1024 * 1024
     max_partitions: int = MAX_PARTITIONS
     request_timeout: float = 300.0
@@ -55,6 +58,7 @@ class ServerConfig:
         return cls(
             engine=engine,
             sources_dir=Path(sources).expanduser().resolve() if sources else engine.home,
+            own_paths=engine.own_paths(env),
             max_body_bytes=positive_int(
                 "PCBO_SERVER_MAX_BODY_BYTES", env.get("PCBO_SERVER_MAX_BODY_BYTES"), 64 * 1024 * 1024
             ),
@@ -85,6 +89,11 @@ class ServerConfig:
             ),
             dagster_url=plain_path("PCBO_DAGSTER_URL", env.get("PCBO_DAGSTER_URL") or None),
         )
+
+    @property
+    def sources(self) -> SourcesDirectory:
+        """The sources directory a request's local files must lie in, pcbo's own stores refused."""
+        return SourcesDirectory.of(self.sources_dir, self.own_paths)
 
     def with_changes(self, **changes: Any) -> ServerConfig:
         return replace(self, **changes)

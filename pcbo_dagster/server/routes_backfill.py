@@ -113,9 +113,9 @@ async def plan(request: Request, principal: Annotated[Principal, Depends(require
     from pcbo_dagster.engine.backfill_commands import plan_document
 
     _, validated = await _checked_request(request, principal)
-    sources = request.app.state.config.sources_dir
+    config = request.app.state.config
     try:
-        document = await _in_thread(request, plan_document, validated, sources, sources)
+        document = await _in_thread(request, plan_document, validated, config.sources_dir, config.sources)
     except ApiError:
         raise
     except Exception as exc:
@@ -152,9 +152,9 @@ async def dry_run(request: Request, principal: Annotated[Principal, Depends(requ
     from pcbo_dagster.engine.backfill_commands import evaluate_request
 
     _, validated = await _checked_request(request, principal)
-    sources = request.app.state.config.sources_dir
+    config = request.app.state.config
     try:
-        evaluated = await _in_thread(request, evaluate_request, validated, sources, sources)
+        evaluated = await _in_thread(request, evaluate_request, validated, config.sources_dir, config.sources)
     except ApiError:
         raise
     except Exception as exc:

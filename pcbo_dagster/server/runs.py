@@ -148,7 +148,7 @@ class RunManager:
     ) -> Answer:
         self.catalog.update_api_run(run_id, "running")
         self._publish_status(run_id, dataset, "running")
-        sources = self.config.sources_dir
+        sources, confined = self.config.sources_dir, self.config.sources
         try:
             if dagster:
                 from pcbo_dagster.dagster_defs.remote import validate_and_submit
@@ -159,7 +159,7 @@ class RunManager:
                     raw,
                     sources,
                     timeout=self.config.dagster_timeout,
-                    confine_to=sources,
+                    confine_to=confined,
                     actor=actor,
                     on_submitted=lambda dagster_run: self._dagster_submitted(run_id, dataset, dagster_run),
                 )
@@ -168,7 +168,7 @@ class RunManager:
                     self.config.engine,
                     raw if validated is None else validated,
                     sources,
-                    confine_to=sources,
+                    confine_to=confined,
                     actor=actor,
                     progress=lambda total: self._progress(run_id, dataset, total),
                 )

@@ -57,6 +57,7 @@ import numpy as np
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
+from pcbo_dagster.sources.local_files import SourcesDirectory
 from pcbo_dagster.sources.record_files import csv_integer_columns, source_read_errors
 from pcbo_dagster.sources.streaming import CsvSource, JsonlSource, ParquetSource, RecordSource
 from pcbo_dagster.sources.zones import Window, ZoneIndexStore
@@ -291,7 +292,7 @@ class DirectorySource(RecordSource):
         self._prepared = fmt != "csv"
         self._lock = threading.Lock()
 
-    def confine(self, root: str) -> None:
+    def confine(self, root: SourcesDirectory) -> None:
         super().confine(root)
         for source in self._sources:
             source.confine(root)

@@ -68,6 +68,7 @@ from pcbo_dagster.sources.ledger_decoding import (
     decode_batch_file,
     slice_batch_file,
 )
+from pcbo_dagster.sources.local_files import SourcesDirectory
 from pcbo_dagster.sources.streaming import RecordSource
 
 MAX_UINT32 = 0xFFFFFFFF
@@ -324,7 +325,7 @@ def _iter_decoded(
     require_complete: bool,
     pool: DecodingPool,
     gaps: list[tuple[int, int]] | None = None,
-    root: str | None = None,
+    root: SourcesDirectory | None = None,
 ) -> Iterator[tuple[BatchFile, DecodedLedger, dict[str, Any]]]:
     """(batch file, decoded ledger, record) for the ledgers of [first, end), in ledger order, after
     the checks of `iter_ledger_records`; without `require_complete`, each run of missing ledgers is

@@ -24,6 +24,7 @@ from typing import Any
 
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.sources.ledger_xdr import LedgerFacts, XdrError, walk_ledger, xdr_words
+from pcbo_dagster.sources.local_files import SourcesDirectory
 
 _MAX_CLOSE_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z, the last instant pcbo can write
 _WALK_ERRORS = (XdrError, IndexError, EOFError)
@@ -70,7 +71,7 @@ def max_batch_bytes() -> int:
     )
 
 
-def read_batch_bytes(uri: str, root: str | None = None) -> bytes:
+def read_batch_bytes(uri: str, root: SourcesDirectory | None = None) -> bytes:
     """The decompressed XDR of one batch file (zstd frames with or without a content size);
     `BatchReadError` when it cannot be read or decompresses past `max_batch_bytes()`. A local batch
     file must be a regular file and, with `root` (a server's sources directory), inside it
@@ -101,8 +102,8 @@ def read_batch_bytes(uri: str, root: str | None = None) -> bytes:
         raise BatchReadError(BatchError(uri, f"not a valid zstd stream: {exc}")) from None
     except NotRegularFile:
         raise BatchReadError(BatchError(uri, "not a regular file")) from None
-    except OutsideSources:
-        raise BatchReadError(BatchError(uri, "leads outside the server's sources directory")) from None
+    except OutsideSources as exc:
+        raise BatchReadError(BatchError(uri, exc.reason)) from None
     except FileNotFoundError:
         raise BatchReadError(BatchError(uri, "no such file")) from None
     except OSError as exc:
@@ -226,7 +227,7 @@ def _decoded(data: bytes, facts: LedgerFacts) -> DecodedLedger:
 
 
 def decode_batch_file(
-    uri: str, start: int, end: int, first: int, stop: int, root: str | None = None
+    uri: str, start: int, end: int, first: int, stop: int, root: SourcesDirectory | None = None
 ) -> BatchResult:
     """`decode_batch` of the file at `uri` (what a worker process runs); `root`: see `read_batch_bytes`."""
     try:
@@ -271,7 +272,9 @@ def slice_batch(data: bytes, uri: str, locations: list[Location]) -> BatchResult
     return out, None
 
 
-def slice_batch_file(uri: str, locations: list[Location], root: str | None = None) -> BatchResult:
+def slice_batch_file(
+    uri: str, locations: list[Location], root: SourcesDirectory | None = None
+) -> BatchResult:
     """`slice_batch` of the file at `uri` (what a worker process runs); `root`: see `read_batch_bytes`."""
     try:
         data = read_batch_bytes(uri, root)

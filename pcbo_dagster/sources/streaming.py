@@ -41,7 +41,7 @@ from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
-from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, open_regular
+from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, SourcesDirectory, open_regular
 from pcbo_dagster.sources.record_files import (
     csv_integer_columns,
     csv_record,
@@ -94,7 +94,7 @@ def _csv_reader(lines: Iterator[str]) -> Any:
 
 
 @contextmanager
-def _opened(uri: str, shown: str, root: str | None = None) -> Iterator[IO[bytes]]:
+def _opened(uri: str, shown: str, root: SourcesDirectory | None = None) -> Iterator[IO[bytes]]:
     """The source file at `uri` open for reading; a local one only a regular file (a FIFO, a device or
     a directory would never end or block forever: not a record file) and, with `root` (a server's
     sources directory), only inside it (`sources/local_files.py`)."""
@@ -105,10 +105,8 @@ def _opened(uri: str, shown: str, root: str | None = None) -> Iterator[IO[bytes]
                 fh: IO[bytes] = open_regular(path, root)
             except NotRegularFile:
                 raise InvalidInput("source.uri", f"{redact_url(shown)} is not a regular file") from None
-            except OutsideSources:
-                raise InvalidInput(
-                    "source.uri", f"{redact_url(shown)} leads outside the server's sources directory"
-                ) from None
+            except OutsideSources as exc:
+                raise InvalidInput("source.uri", f"{redact_url(shown)} {exc.reason}") from None
         else:
             fh = fs.open(path, "rb")
     with fh:
@@ -191,14 +189,15 @@ class RecordSource:
         self.shown = shown
         self.count = 0
         #: A server's sources directory: every local file read must lie inside it (`confine`).
-        self.root: str | None = None
+        self.root: SourcesDirectory | None = None
         #: With `prune_zones`: the window, where zone indexes are kept, and the zones found.
         self.window: Window | None = None
         self.zone_store: ZoneIndexStore | None = None
         self.zones: list[Zone] | None = None
 
-    def confine(self, root: str) -> None:
-        """Read local files only inside `root` (a server's sources directory), links included."""
+    def confine(self, root: SourcesDirectory) -> None:
+        """Read local files only inside `root` (a server's sources directory, none of pcbo's own
+        stores in it), links included."""
         self.root = root
 
     def prune_zones(self, window: Window | None, store: ZoneIndexStore | None = None) -> None:

@@ -49,6 +49,7 @@ from pcbo_dagster.dagster_defs.backfill.steps import log_execution, log_policy_g
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.engine.execute import ExecuteFailed, check_gates, execute
 from pcbo_dagster.engine.request_loading import evaluate, load_request
+from pcbo_dagster.sources.local_files import SourcesDirectory
 
 JOB_NAME = "pcbo_request"
 OP_NAME = "execute_request"
@@ -123,7 +124,11 @@ def build_request_job(default_base_dir: str | os.PathLike[str] | None = None) ->
         )
         context.log.info(f"engine {json.dumps(pcbo.describe())}; relative sources resolve against {base}")
         try:
-            confine = Path(config.confine_to).expanduser().resolve() if config.confine_to else None
+            confine = (
+                SourcesDirectory.of(Path(config.confine_to).expanduser(), pcbo.settings().own_paths())
+                if config.confine_to
+                else None
+            )
             loaded = load_request(config.request_json.encode("utf-8"), base, confine)
             if loaded.request.target is not None:  # issue 15: SQL targets run as their dataset's asset
                 raise InvalidInput(
