@@ -128,7 +128,6 @@ def _readable(fd: str) -> bool:
 # -- tokens and the event stream ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="red team: a revoked token's open stream goes on for ever")
 def test_a_revoked_token_s_open_stream_ends(server: RunningServer) -> None:
     token = server.token("leaver", "read")
     row = server.catalog.token_for_secret(token)

@@ -49,9 +49,7 @@ def unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="pcbo"'})
 
 
-def principal_of(request: Request) -> Principal:
-    """The token of the request's `Authorization: Bearer ...` header (checked against the catalog
-    on every request, so a revoked token stops working at once)."""
+def _secret(request: Request) -> str:
     header = request.headers.get("authorization")
     if not header:
         raise unauthorized("a bearer token is required (Authorization: Bearer <token>)")
@@ -59,6 +57,20 @@ def principal_of(request: Request) -> Principal:
     secret = secret.strip()
     if scheme.lower() != "bearer" or not secret:
         raise unauthorized("the Authorization header must be 'Bearer <token>'")
+    return secret
+
+
+def token_still_valid(request: Request) -> Callable[[], bool]:
+    """Whether the request's token still holds (known, not revoked, not expired), asked again later:
+    what an answer that outlives its request (the event stream) checks as it goes on."""
+    catalog, secret = request.app.state.catalog, _secret(request)
+    return lambda: catalog.token_for_secret(secret) is not None
+
+
+def principal_of(request: Request) -> Principal:
+    """The token of the request's `Authorization: Bearer ...` header (checked against the catalog
+    on every request, so a revoked token stops working at once)."""
+    secret = _secret(request)
     token = request.app.state.catalog.token_for_secret(secret)
     if token is None:
         raise unauthorized("unknown, revoked or expired token")

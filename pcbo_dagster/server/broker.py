@@ -53,6 +53,9 @@ class Subscriber:
     datasets: frozenset[str] | None
     dropped: str | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Whether the client's token still holds (not revoked, not expired): asked at each heartbeat,
+    #: in a thread (it reads the catalog); None: never asked.
+    authorized: Callable[[], bool] | None = None
 
     def allowed(self, event: ServerEvent) -> bool:
         return event.dataset is None or self.datasets is None or event.dataset in self.datasets
@@ -75,8 +78,10 @@ class EventBroker:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
-    def subscribe(self, datasets: frozenset[str] | None) -> Subscriber:
-        subscriber = Subscriber(asyncio.Queue(maxsize=self.queue_size), datasets)
+    def subscribe(
+        self, datasets: frozenset[str] | None, authorized: Callable[[], bool] | None = None
+    ) -> Subscriber:
+        subscriber = Subscriber(asyncio.Queue(maxsize=self.queue_size), datasets, authorized=authorized)
         self._subscribers.add(subscriber)
         return subscriber
 
@@ -136,8 +141,10 @@ async def event_stream(
     clock: Callable[[], float] | None = None,
 ) -> AsyncGenerator[bytes, None]:
     """The bytes of one client's stream: a comment to open it, the subscriber's events as they come,
-    and a `heartbeat` event every `heartbeat_seconds` whatever else is sent. Ends after a `dropped`
-    event; unsubscribes when it ends, however it ends (the client went away: cancelled)."""
+    and a `heartbeat` event every `heartbeat_seconds` whatever else is sent. Before each heartbeat the
+    subscriber's token is asked again (`Subscriber.authorized`): a revoked or expired one is dropped.
+    Ends after a `dropped` event; unsubscribes when it ends, however it ends (the client went away:
+    cancelled)."""
     loop = asyncio.get_running_loop()
     now = clock or loop.time
     try:
@@ -146,6 +153,11 @@ async def event_stream(
         while True:
             wait = next_beat - now()
             if wait <= 0:
+                check = subscriber.authorized
+                if check is not None and not await asyncio.to_thread(check):
+                    broker._drop(subscriber, "the token was revoked or has expired")
+                    next_beat = now() + heartbeat_seconds
+                    continue  # the `dropped` event is next in the queue
                 beat = {"at": _utc_text(), "subscribers": broker.subscriber_count}
                 with broker._id_lock:
                     event = ServerEvent(next(broker._ids), "heartbeat", beat)

@@ -16,7 +16,7 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.server import models
-from pcbo_dagster.server.auth import Principal, require
+from pcbo_dagster.server.auth import Principal, require, token_still_valid
 from pcbo_dagster.server.broker import EventStreamResponse
 from pcbo_dagster.server.errors import ApiError, invalid
 from pcbo_dagster.server.routes_backfill import BODY_ERRORS, ERRORS, read_body
@@ -51,7 +51,7 @@ async def stream(request: Request, principal: Annotated[Principal, Depends(requi
     state = request.app.state
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "the server is shutting down")
-    subscriber = state.broker.subscribe(principal.datasets)
+    subscriber = state.broker.subscribe(principal.datasets, token_still_valid(request))
     return EventStreamResponse(state.broker, subscriber, state.config.heartbeat_seconds, DROP_GRACE_SECONDS)
 
 
