@@ -344,7 +344,6 @@ def evil() -> Iterator[tuple[str, type[_Evil]]]:
             httpd.server_close()
 
 
-@pytest.mark.xfail(strict=True, reason="red team: the remote CLI follows a redirect with its token")
 def test_the_remote_cli_sends_its_token_to_no_other_origin(tmp_path: Path, evil: Any) -> None:
     url, handler = evil
     handler.mode = "redirect"

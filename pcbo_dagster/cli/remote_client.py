@@ -11,8 +11,11 @@ The token comes from `PCBO_TOKEN`. The server's answers map back onto the engine
 | 409 the gate document (`status: blocked`)      | `Blocked`              | 3    |
 | 500 with an execute document (`status: failed`)| `RemoteFailed` + doc   | 1    |
 | 401, 403, anything else, no answer             | `RemoteFailed`         | 1    |
+| a redirect (3xx): not followed                 | `RemoteFailed`         | 1    |
 
-Only the standard library is used: the remote CLI needs no `server` extra.
+A redirect is never followed: the token goes to the `--server` given and nowhere else (another
+origin's answer would be printed as the server's too). Only the standard library is used: the remote
+CLI needs no `server` extra.
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ def bearer_token(environ: dict[str, str] | None = None) -> str:
     return token
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: the 3xx answer is an `HTTPError` (module doc)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def send_request(
     server: str, command: str, raw: bytes, timeout: float = DEFAULT_TIMEOUT_SECONDS
 ) -> dict[str, Any]:
@@ -79,9 +92,14 @@ def send_request(
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
+        with _OPENER.open(request, timeout=timeout) as response:
             return _json(response.read(), base)
     except urllib.error.HTTPError as answer:
+        if 300 <= answer.code < 400:
+            raise RemoteFailed(
+                f"the server at {base} answered with a redirect (HTTP {answer.code}), which is not "
+                "followed (the token goes nowhere else): give --server the URL of the pcbo server itself"
+            ) from None
         body = answer.read()
         raise _error_of(answer.code, answer.headers, body, base) from None
     except (urllib.error.URLError, OSError) as exc:
