@@ -161,7 +161,6 @@ def test_a_revoked_token_s_open_stream_ends(server: RunningServer) -> None:
 # -- runs, commands and the admin status of a token limited to datasets --------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="red team: a commandId race answers another dataset's command")
 def test_racing_for_a_command_id_reveals_no_other_dataset_s_command(
     server: RunningServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

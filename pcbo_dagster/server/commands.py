@@ -190,16 +190,15 @@ class CommandRunner:
         rows = self.catalog.command_phases(command_id)
         return command_state(rows) if rows else None
 
-    def start(self, command: Command) -> dict[str, Any]:
-        """Record the command `queued` and run it in the background; its state (a command already
-        known answers its state, whoever queued it first)."""
+    def start(self, command: Command) -> dict[str, Any] | None:
+        """Record the command `queued` and run it in the background; its state, or None when its
+        `commandId` was recorded first by another request (nothing run: the caller answers that
+        command's state to whoever may see it, as `GET /commands/{commandId}` does)."""
         if not self.accepting:
             raise ApiError(503, "shutting_down", "the server is shutting down: send the command again later")
         command.logs.append(f"queued by {command.actor}")
         if self.catalog.record_command_phase(**command.record("queued")) is None:
-            state = self.existing(command.command_id)
-            assert state is not None
-            return state
+            return None
         self._publish(command, "queued")
         task = asyncio.get_running_loop().create_task(self._supervise(command))
         self.tasks.add(task)

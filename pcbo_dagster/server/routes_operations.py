@@ -156,13 +156,17 @@ async def run_command(
     body = await asyncio.to_thread(_command_request, await read_body(request))
     runner = request.app.state.commands
     existing = await asyncio.to_thread(runner.existing, body.commandId)
-    if existing is not None:
-        if not principal.may_touch(_command_dataset(request, existing)):  # as GET /commands/{id}
-            raise ApiError(404, "not_found", f"no command {body.commandId!r}")
-        return JSONResponse(existing, status_code=200)
-    command = await asyncio.to_thread(runner.prepare, principal, body.model_dump())
-    state = runner.start(command)
-    return JSONResponse(state, status_code=202 if state["phase"] == "queued" else 200)
+    if existing is None:
+        command = await asyncio.to_thread(runner.prepare, principal, body.model_dump())
+        state = runner.start(command)
+        if state is not None:
+            return JSONResponse(state, status_code=202)
+        # Another request recorded that commandId since it was looked up: its command, not this one.
+        existing = await asyncio.to_thread(runner.existing, body.commandId)
+        assert existing is not None
+    if not principal.may_touch(_command_dataset(request, existing)):  # as GET /commands/{id}
+        raise ApiError(404, "not_found", f"no command {body.commandId!r}")
+    return JSONResponse(existing, status_code=200)
 
 
 def _command_dataset(request: Request, state: dict[str, Any]) -> str | None:
