@@ -215,7 +215,6 @@ def test_racing_for_a_command_id_reveals_no_other_dataset_s_command(
     assert leaked == [], leaked[:2]
 
 
-@pytest.mark.xfail(strict=True, reason="red team: command params are type-checked only after queuing")
 @pytest.mark.parametrize(
     ("action", "target", "params", "field"),
     [

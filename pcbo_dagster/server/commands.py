@@ -138,6 +138,34 @@ def _name(value: str | None, field_name: str) -> str | None:
     return value
 
 
+def _check_params(action: str, params: dict[str, Any]) -> None:
+    """Every parameter of `action` of the type it must be (422 naming `params.<name>`): checked
+    before the command is recorded, so a bad one queues nothing."""
+    if action in ("rollback", "retry-partitions"):
+        _name(_text(params, "runId"), "params.runId")
+    if action == "rollback":
+        _name(_text(params, "versionLabel"), "params.versionLabel")
+        version = params.get("version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise invalid("params.version", "must be an integer")
+        partition = _text(params, "partition")
+        if partition is not None:
+            from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
+
+            try:
+                validate_partition_key(partition)
+            except PartitionKeyError as exc:
+                raise invalid("params.partition", str(exc)) from None
+    if action == "rollback" or action.endswith("-rollout"):
+        _text(params, "reason")
+    if action == "retry-partitions":
+        keys = params.get("partitions")
+        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+            raise invalid("params.partitions", "give the partition keys to retry (a list of strings)")
+    for name in ("repair", "dryRun"):
+        _flag(params, name)
+
+
 class CommandRunner:
     def __init__(self, config: ServerConfig, catalog: CatalogStore, broker: EventBroker) -> None:
         self.config, self.catalog, self.broker = config, catalog, broker
@@ -163,6 +191,7 @@ class CommandRunner:
         timeout = params.get("timeoutSeconds", self.config.command_timeout)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 86_400:
             raise invalid("params.timeoutSeconds", "must be a number of seconds above 0 and at most 86400")
+        _check_params(action, params)
         dataset: str | None
         if action in ("verify", "gc"):
             if target != "all":
@@ -281,26 +310,15 @@ class CommandRunner:
         if command.action == "rollback":
             from pcbo_dagster.engine.rollback import rollback
 
-            version = params.get("version")
-            if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-                raise InvalidInput("params.version", "must be an integer")
-            partition = _text(params, "partition")
-            if partition is not None:
-                from pcbo_dagster.core.partition_keys import PartitionKeyError, validate_partition_key
-
-                try:
-                    validate_partition_key(partition)
-                except PartitionKeyError as exc:
-                    raise InvalidInput("params.partition", str(exc)) from None
-            env = self._environment(command)
+            env = self._environment(command)  # the parameters were checked before queuing
             try:
                 return rollback(
                     env,
                     target,
                     _name(_text(params, "versionLabel", "v1"), "params.versionLabel") or "v1",
                     run_id=_name(_text(params, "runId"), "params.runId"),
-                    partition_key=partition,
-                    version=version,
+                    partition_key=_text(params, "partition"),
+                    version=params.get("version"),
                     reason=_text(params, "reason", f"requested by {actor}") or "requested",
                 )
             finally:
@@ -341,9 +359,7 @@ class CommandRunner:
         from pcbo_dagster.datasets.requests import request_for_keys
         from pcbo_dagster.engine.backfill_commands import execute_request
 
-        keys = command.params.get("partitions")
-        if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-            raise InvalidInput("params.partitions", "give the partition keys to retry (a list of strings)")
+        keys = command.params["partitions"]  # a list of strings (`_check_params`)
         config = load_datasets_config_from_env()
         try:
             dataset = config.dataset(command.target)
