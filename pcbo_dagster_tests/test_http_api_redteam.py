@@ -260,7 +260,6 @@ def test_the_admin_status_of_a_limited_token_lists_no_other_dataset_s_run(server
         pending.cancel()
 
 
-@pytest.mark.xfail(strict=True, reason="red team: a CLI or Dagster run's id is taken over through the API")
 def test_a_run_id_of_another_dataset_s_cli_run_is_refused(server: RunningServer) -> None:
     """`run_id_taken` checks only API runs (`api_runs`); the engine's `runs` table is keyed by run id
     across datasets, so an API execute of ds-b reusing the id of ds-a's CLI run rewrites ds-a's run
@@ -277,6 +276,13 @@ def test_a_run_id_of_another_dataset_s_cli_run_is_refused(server: RunningServer)
     body["end"] = "2024-04-01T05:00:00Z"
     answer = team_b.post("/v1/execute", content=json.dumps(body).encode())
     assert answer.status_code == 409 and answer.json()["error"] == "run_id_taken", answer.text[:300]
+    # Nor through a retry-partitions command's params.runId (refused before anything is recorded).
+    commands_b = server.client(server.token("bob-cli-cmd", "read", "execute", datasets=["cli-b"]))
+    params = {"partitions": ["20240401T000000Z"], "runId": "nightly-cli"}
+    command = {"commandId": "retry-cli-b", "action": "retry-partitions", "target": "cli-b", "params": params}
+    answer = commands_b.post("/commands/run", json=command)
+    assert answer.status_code == 409 and answer.json()["error"] == "run_id_taken", answer.text[:300]
+    assert "cli-a" not in answer.text and server.catalog.command_phases("retry-cli-b") == []
     assert server.catalog.get_run("nightly-cli") == before
 
 

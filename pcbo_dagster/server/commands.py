@@ -203,6 +203,11 @@ class CommandRunner:
         else:
             dataset = _name(target, "target")
         check_dataset(principal, dataset)
+        run_id = params.get("runId")
+        if action == "retry-partitions" and run_id is not None and dataset is not None:
+            from pcbo_dagster.server.runs import check_run_id
+
+            check_run_id(self.catalog, run_id, dataset, "params.runId")
         return Command(body["commandId"], action, target, params, principal.subject, dataset)
 
     def _rollout_dataset(self, name: str) -> str:

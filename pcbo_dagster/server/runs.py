@@ -54,6 +54,18 @@ def request_digest(raw: bytes) -> str:
     return prefixed(sha256_hex(raw))
 
 
+def check_run_id(catalog: CatalogStore, run_id: str, dataset: str, field: str = "runId") -> None:
+    """409 `run_id_taken` when `run_id` is another dataset's run: an API run's (`api_runs`) or one the
+    engine recorded (`runs`: a CLI, Dagster or command run), whose row an execute of that id would
+    rewrite. The answer names neither the other dataset nor the run's state."""
+    api_run = catalog.get_api_run(run_id)
+    engine_run = catalog.get_run(run_id)
+    if any(row is not None and row["dataset"] != dataset for row in (api_run, engine_run)):
+        raise ApiError(
+            409, "run_id_taken", f"{field} {run_id!r} is another dataset's run: choose another runId"
+        )
+
+
 class RunManager:
     def __init__(self, config: ServerConfig, catalog: CatalogStore, broker: EventBroker) -> None:
         self.config, self.catalog, self.broker = config, catalog, broker
@@ -89,6 +101,7 @@ class RunManager:
             )
         digest = request_digest(raw)
         with self._lock:
+            check_run_id(self.catalog, run_id, dataset)  # an engine run's id too (api_runs: below)
             fields = dict(
                 run_id=run_id, actor=actor, dataset=dataset, version_label=version_label, request_hash=digest
             )
