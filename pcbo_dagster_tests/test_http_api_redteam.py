@@ -360,7 +360,6 @@ def test_the_remote_cli_sends_its_token_to_no_other_origin(tmp_path: Path, evil:
     assert run.status != 0, run.document  # today: 0, printing the other origin's document
 
 
-@pytest.mark.xfail(strict=True, reason="red team: the remote CLI prints the server's control characters")
 def test_the_remote_cli_prints_no_control_character_of_the_server(tmp_path: Path, evil: Any) -> None:
     url, handler = evil
     handler.mode = "escape"

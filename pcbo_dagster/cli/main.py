@@ -41,7 +41,7 @@ from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.cli.server_commands import add_server_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url, scrub_text
+from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url, scrub_text, terminal_text
 
 
 def _remote(args: argparse.Namespace) -> dict[str, Any]:
@@ -556,6 +556,12 @@ def _dagster_reporting(args: argparse.Namespace) -> Any:
     return cli_reporting("pcbo " + " ".join(words))
 
 
+def _say(args: argparse.Namespace, message: str) -> None:
+    """The command's error line on stderr, nothing in it a terminal acts on (a message may hold text
+    pcbo did not write: a `--server`'s answer, a file name)."""
+    print(f"pcbo {args.command}: {terminal_text(message)}", file=sys.stderr)
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run the parsed command; print its document (or the error) and return the exit status."""
     try:
@@ -567,10 +573,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except InvalidInput as exc:
         flag = flag_for_field(parser, args, exc.field) if exc.field else exc.field
         where = f"{flag}: " if flag else ""
-        print(f"pcbo {args.command}: invalid input: {where}{exc.message}", file=sys.stderr)
+        _say(args, f"invalid input: {where}{exc.message}")
         return exc.exit_status
     except Blocked as exc:
-        print(f"pcbo {args.command}: blocked: {exc}", file=sys.stderr)
+        _say(args, f"blocked: {exc}")
         write_output(exc.document, args.output)
         return exc.exit_status
     except Findings as exc:
@@ -578,7 +584,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         write_output(exc.document, args.output)
         return 1
     except PcboError as exc:
-        print(f"pcbo {args.command}: {scrub_text(str(exc))}", file=sys.stderr)
+        _say(args, scrub_text(str(exc)))
         document = getattr(exc, "document", None)
         if document is not None:
             write_output(document, args.output)
@@ -594,7 +600,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             message = f"internal error ({type(exc).__name__}"
             message += f": {one_line_error(exc)})" if str(exc) else ")"
             message += "; PCBO_DEBUG=1 shows the traceback"
-        print(f"pcbo {args.command}: {message}", file=sys.stderr)
+        _say(args, message)
         return 1
 
 

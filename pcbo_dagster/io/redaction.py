@@ -12,7 +12,10 @@ the catalog, an audit event, an asset's metadata or an error message. It keeps w
 Local paths (no `scheme://`) are returned as they are. `scrub_text` applies the same rules to every
 URL inside a text (driver errors, tracebacks, alert details), and to a `user:password@host` whose
 scheme a client already cut off (botocore names the bucket of `s3://user:password@bucket/key` as
-`user:password@bucket`), and removes any given secret strings.
+`user:password@bucket`), and removes any given secret strings. `terminal_text` escapes what a
+terminal would act on rather than show (control characters, bidirectional overrides) in a line the
+CLI prints: text it did not write (a server's answer, a file name) can then neither move the cursor,
+retitle the window nor reorder what is shown.
 """
 
 from __future__ import annotations
@@ -96,6 +99,19 @@ def scrub_text(text: str, secrets: Iterable[str] = ()) -> str:
     text = _URL_USERINFO.sub(rf"\1{REDACTED}@", text)
     text = _BARE_USERINFO.sub(f"{REDACTED}@", text)
     return _URL_QUERY.sub(rf"\1?{REDACTED}", text)
+
+
+#: Characters a terminal acts on rather than shows: C0 (but tab and newline) and DEL, C1, and the
+#: bidirectional marks, embeddings, overrides and isolates (U+061C, U+200E-F, U+202A-E, U+2066-9).
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_text(text: str) -> str:
+    """`text` with every character a terminal would act on (`_TERMINAL_CONTROLS`) shown escaped
+    (`\\x1b`, `\\u202e`): for a line printed to a terminal that holds text pcbo did not write."""
+    return _TERMINAL_CONTROLS.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
+    )
 
 
 #: The modules whose errors are a store's, passed on by fsspec and SQLAlchemy as they are (not as an
