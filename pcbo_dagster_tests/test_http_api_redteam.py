@@ -238,7 +238,6 @@ def test_a_command_parameter_of_the_wrong_type_is_422_with_nothing_recorded(
     assert server.catalog.command_phases(command_id) == []
 
 
-@pytest.mark.xfail(strict=True, reason="red team: admin status lists every dataset's runs in flight")
 def test_the_admin_status_of_a_limited_token_lists_no_other_dataset_s_run(server: RunningServer) -> None:
     runs = server.app.state.runs
     assert (

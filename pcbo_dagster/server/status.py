@@ -203,6 +203,12 @@ def _gap_keys(example: str, first: int, end: int, step: int) -> dict[str, Any]:
     return {"from": format_time_key(first), "to": format_time_key(last)}
 
 
+def _of_datasets(row: dict[str, Any] | None, datasets: Sequence[str] | None) -> bool:
+    """Whether a token limited to `datasets` (None: every dataset) may see the run `row` (None: a run
+    whose dataset is not known: only an unlimited token sees it)."""
+    return datasets is None or (row is not None and row["dataset"] in datasets)
+
+
 def admin_status(
     config: ServerConfig,
     catalog: CatalogStore,
@@ -212,7 +218,7 @@ def admin_status(
     datasets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Leases held and waiting, runs in flight, freshness per dataset, undelivered audit events, the
-    latest checkpoint."""
+    latest checkpoint; of `datasets` only, when the token is limited to them."""
     leases = []
     held = set()
     for row in catalog.leases():
@@ -282,7 +288,7 @@ def admin_status(
                 {"runId": r["run_id"], "dataset": r["dataset"], "status": r["status"], "actor": r["actor"]}
                 for r in api_runs
             ],
-            "thisServer": sorted(runs_in_flight),
+            "thisServer": sorted(r for r in runs_in_flight if _of_datasets(catalog.get_api_run(r), datasets)),
         },
         "datasets": per_dataset,
         "auditDelivery": {
