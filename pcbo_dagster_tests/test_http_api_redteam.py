@@ -285,7 +285,6 @@ def test_a_run_id_of_another_dataset_s_cli_run_is_refused(server: RunningServer)
     assert server.catalog.get_run("nightly-cli") == before
 
 
-@pytest.mark.xfail(strict=True, reason="red team: a table's refusal names the other dataset and a path")
 def test_a_table_of_another_dataset_is_refused_without_naming_it(server: RunningServer) -> None:
     team_a = server.client(server.token("alice-t", "execute", datasets=["tbl-a"]))
     team_b = server.client(server.token("bob-t", "execute", datasets=["tbl-b"]))

@@ -261,10 +261,10 @@ def _refuse_another_datasets_table(
         if (row["catalog_url"], row["table_name"]) != (target.public_catalog, target.name):
             continue
         if (row["dataset"], row["version_label"]) != (dataset, version_label):
-            raise InvalidInput(
+            raise InvalidInput(  # naming neither that dataset nor the catalog (the HTTP API answers it)
                 "table",
-                f"{target.name} in {target.public_catalog} is the table of "
-                f"{row['dataset']}/{row['version_label']}: a table holds one dataset version",
+                f"{target.name} is the table of another dataset version: a table holds one dataset "
+                "version (name another table)",
             )
 
 
