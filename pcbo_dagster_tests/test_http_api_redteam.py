@@ -1,8 +1,9 @@
-"""Red-team findings on `pcbo serve` (branch rt-http), as tests that fail while the finding stands.
+"""Red-team findings on `pcbo serve` (branch rt-http), as tests that failed while the finding stood.
 
-Each test is `xfail(strict=True)`: it fails today (the finding), and once the finding is fixed it
-passes, which strict xfail reports as a failure, so the marker must then be removed. The report that
-goes with them explains each one; the reproductions there show it against a `pcbo serve` process.
+Each test was `xfail(strict=True)` until its finding was fixed (the marker removed with the fix, in
+one commit). The report that goes with them explains each one; the reproductions there show it
+against a `pcbo serve` process. The last test covers a finding the red team reported without one
+(a token opening thousands of event streams).
 """
 
 from __future__ import annotations
@@ -366,3 +367,46 @@ def test_the_remote_cli_prints_no_control_character_of_the_server(tmp_path: Path
     )
     assert run.status == 2
     assert "\x1b" not in run.stderr and "\r" not in run.stderr, repr(run.stderr)
+
+
+# -- limits: streams per token, connections, the plan pool (finding 10, not reproduced as a test) ---
+
+
+def test_a_token_opens_a_bounded_number_of_streams(tmp_path: Path) -> None:
+    """Red team: one token opened 4,000 event streams. Past `PCBO_SSE_STREAMS_PER_TOKEN` a stream is
+    429; another token is not held up, and a stream closed frees its place."""
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.config import ServerConfig
+
+    environ = {
+        "PCBO_SSE_STREAMS_PER_TOKEN": "2",
+        "PCBO_SERVER_PLAN_WORKERS": "3",
+        "PCBO_SERVER_MAX_CONNECTIONS": "64",
+        "PCBO_SERVER_KEEPALIVE_SECONDS": "2",
+    }
+    config = ServerConfig.from_environment(Settings.resolve(home=str(tmp_path / "h"), env={}), environ)
+    assert (config.streams_per_token, config.plan_workers, config.max_connections) == (2, 3, 64)
+    assert config.keep_alive_seconds == 2.0
+    with running_server(tmp_path / "home", environ=environ) as server:
+        token = server.token("many", "read")
+        client = server.client(token)
+        streams = [client.stream("GET", "/reconciliation/stream", timeout=None) for _ in range(2)]
+        opened = [s.__enter__() for s in streams]
+        try:
+            assert [a.status_code for a in opened] == [200, 200]
+            third = client.get("/reconciliation/stream")
+            assert third.status_code == 429 and third.json()["error"] == "too_many_streams", third.text
+            other = server.client(server.token("other", "read"))
+            with other.stream("GET", "/reconciliation/stream", timeout=None) as answer:
+                assert answer.status_code == 200
+        finally:
+            streams[0].__exit__(None, None, None)
+        row = server.catalog.token_for_secret(token)
+        assert row is not None
+        deadline = time.monotonic() + 10
+        while server.app.state.broker.streams_of(row["token_id"]) > 1:
+            assert time.monotonic() < deadline, "the closed stream was not unsubscribed"
+            time.sleep(0.05)
+        with client.stream("GET", "/reconciliation/stream", timeout=None) as again:
+            assert again.status_code == 200
+        streams[1].__exit__(None, None, None)

@@ -109,6 +109,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             if still:
                 log.warning("executes still running after the grace period (joined before exit): %s", still)
             app.state.poll_executor.shutdown(wait=False, cancel_futures=True)
+            app.state.plan_executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="pcbo",
@@ -131,6 +132,11 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.commands = CommandRunner(config, catalog, broker)
     app.state.reconciler = Reconciler(catalog, lake, backup, broker)
     app.state.poll_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pcbo-reconcile")
+    #: Plans and dry-runs: their own bounded pool, never the event loop's default one (which reads
+    #: request bodies, checks tokens and submits executes) however many are sent at once.
+    app.state.plan_executor = ThreadPoolExecutor(
+        max_workers=config.plan_workers, thread_name_prefix="pcbo-plan"
+    )
     app.include_router(routes_backfill.router)
     app.include_router(routes_operations.router)
 
@@ -234,7 +240,8 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
         access_log=False,  # ours is structured and never shows a query string or a header
         log_level=log_level,
         timeout_graceful_shutdown=int(config.shutdown_grace),
-        timeout_keep_alive=5,
+        timeout_keep_alive=max(1, round(config.keep_alive_seconds)),
+        limit_concurrency=config.max_connections,  # past it: 503 at once
         h11_max_incomplete_event_size=64 * 1024,
     )
     Server(uvicorn_config).run()

@@ -56,6 +56,8 @@ class Subscriber:
     #: Whether the client's token still holds (not revoked, not expired): asked at each heartbeat,
     #: in a thread (it reads the catalog); None: never asked.
     authorized: Callable[[], bool] | None = None
+    #: The token the stream was opened with (streams per token are bounded: `streams_of`).
+    token_id: str | None = None
 
     def allowed(self, event: ServerEvent) -> bool:
         return event.dataset is None or self.datasets is None or event.dataset in self.datasets
@@ -78,10 +80,19 @@ class EventBroker:
     def subscriber_count(self) -> int:
         return len(self._subscribers)
 
+    def streams_of(self, token_id: str) -> int:
+        """How many streams the token has open."""
+        return sum(1 for s in self._subscribers if s.token_id == token_id)
+
     def subscribe(
-        self, datasets: frozenset[str] | None, authorized: Callable[[], bool] | None = None
+        self,
+        datasets: frozenset[str] | None,
+        authorized: Callable[[], bool] | None = None,
+        token_id: str | None = None,
     ) -> Subscriber:
-        subscriber = Subscriber(asyncio.Queue(maxsize=self.queue_size), datasets, authorized=authorized)
+        subscriber = Subscriber(
+            asyncio.Queue(maxsize=self.queue_size), datasets, authorized=authorized, token_id=token_id
+        )
         self._subscribers.add(subscriber)
         return subscriber
 

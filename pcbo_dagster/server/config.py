@@ -8,10 +8,14 @@ plus what only a server has. Every variable is read once, at start, with errors 
 | most partitions a request    | `PCBO_SERVER_MAX_PARTITIONS`     | 100,000 (the engine's limit)    |
 | synchronous answer within    | `PCBO_SERVER_REQUEST_TIMEOUT`    | 300 s (an execute then: 202)    |
 | executes at once             | `PCBO_SERVER_EXECUTE_WORKERS`    | 2                               |
+| plans and dry-runs at once   | `PCBO_SERVER_PLAN_WORKERS`       | 4                               |
+| connections at once          | `PCBO_SERVER_MAX_CONNECTIONS`    | 512 (more: 503)                 |
+| idle keep-alive connection   | `PCBO_SERVER_KEEPALIVE_SECONDS`  | 5 s                             |
 | commands: default time limit | `PCBO_SERVER_COMMAND_TIMEOUT`    | 600 s                           |
 | reconciliation poll          | `PCBO_RECONCILE_SECONDS`         | 30 s                            |
 | SSE heartbeat                | `PCBO_SSE_HEARTBEAT_SECONDS`     | 15 s                            |
 | SSE events queued per client | `PCBO_SSE_QUEUE_SIZE`            | 256                             |
+| SSE streams open per token   | `PCBO_SSE_STREAMS_PER_TOKEN`     | 8 (more: 429)                   |
 | shutdown grace for executes  | `PCBO_SERVER_SHUTDOWN_GRACE`     | 600 s                           |
 | Dagster webserver            | `PCBO_DAGSTER_URL`               | none                            |
 | datasets config              | `PCBO_DATASETS_CONFIG`           | the packaged example            |
@@ -41,10 +45,14 @@ class ServerConfig:
     max_partitions: int = MAX_PARTITIONS
     request_timeout: float = 300.0
     execute_workers: int = 2
+    plan_workers: int = 4
+    max_connections: int = 512
+    keep_alive_seconds: float = 5.0
     command_timeout: float = 600.0
     reconcile_seconds: float = 30.0
     heartbeat_seconds: float = 15.0
     sse_queue_size: int = 256
+    streams_per_token: int = 8
     shutdown_grace: float = 600.0
     dagster_url: str | None = None
     dagster_timeout: float = 600.0
@@ -74,6 +82,13 @@ class ServerConfig:
             execute_workers=positive_int(
                 "PCBO_SERVER_EXECUTE_WORKERS", env.get("PCBO_SERVER_EXECUTE_WORKERS"), 2
             ),
+            plan_workers=positive_int("PCBO_SERVER_PLAN_WORKERS", env.get("PCBO_SERVER_PLAN_WORKERS"), 4),
+            max_connections=positive_int(
+                "PCBO_SERVER_MAX_CONNECTIONS", env.get("PCBO_SERVER_MAX_CONNECTIONS"), 512
+            ),
+            keep_alive_seconds=positive_number(
+                "PCBO_SERVER_KEEPALIVE_SECONDS", env.get("PCBO_SERVER_KEEPALIVE_SECONDS"), 5.0
+            ),
             command_timeout=positive_number(
                 "PCBO_SERVER_COMMAND_TIMEOUT", env.get("PCBO_SERVER_COMMAND_TIMEOUT"), 600.0
             ),
@@ -84,6 +99,9 @@ class ServerConfig:
                 "PCBO_SSE_HEARTBEAT_SECONDS", env.get("PCBO_SSE_HEARTBEAT_SECONDS"), 15.0
             ),
             sse_queue_size=positive_int("PCBO_SSE_QUEUE_SIZE", env.get("PCBO_SSE_QUEUE_SIZE"), 256),
+            streams_per_token=positive_int(
+                "PCBO_SSE_STREAMS_PER_TOKEN", env.get("PCBO_SSE_STREAMS_PER_TOKEN"), 8
+            ),
             shutdown_grace=positive_number(
                 "PCBO_SERVER_SHUTDOWN_GRACE", env.get("PCBO_SERVER_SHUTDOWN_GRACE"), 600.0
             ),

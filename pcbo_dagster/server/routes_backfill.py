@@ -85,10 +85,12 @@ def peek_request(raw: bytes, max_partitions: int) -> ValidatedRequest:
 
 
 async def _in_thread(request: Request, func: Any, *args: Any) -> Any:
-    """`func(*args)` in a worker thread, answered within the request timeout (504 past it)."""
+    """`func(*args)` in a thread of the plan and dry-run pool (`PCBO_SERVER_PLAN_WORKERS`), answered
+    within the request timeout (504 past it, the time waiting for a thread included)."""
     timeout = request.app.state.config.request_timeout
+    pool = request.app.state.plan_executor
     try:
-        return await asyncio.wait_for(asyncio.to_thread(func, *args), timeout)
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(pool, func, *args), timeout)
     except TimeoutError:
         raise ApiError(
             504, "timeout", f"no answer within {timeout:g} s (PCBO_SERVER_REQUEST_TIMEOUT)"

@@ -51,7 +51,15 @@ async def stream(request: Request, principal: Annotated[Principal, Depends(requi
     state = request.app.state
     if state.shutting_down:
         raise ApiError(503, "shutting_down", "the server is shutting down")
-    subscriber = state.broker.subscribe(principal.datasets, token_still_valid(request))
+    limit = state.config.streams_per_token
+    if state.broker.streams_of(principal.token_id) >= limit:  # on the event loop: no race with subscribe
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"this token already has {limit} event streams open (PCBO_SSE_STREAMS_PER_TOKEN): close one",
+            headers={"Retry-After": "5"},
+        )
+    subscriber = state.broker.subscribe(principal.datasets, token_still_valid(request), principal.token_id)
     return EventStreamResponse(state.broker, subscriber, state.config.heartbeat_seconds, DROP_GRACE_SECONDS)
 
 
