@@ -104,7 +104,8 @@ class Settings:
         directory (`$PCBO_HOME` by default) may hold them: the lake (a local one), the audit backup
         and its cache, a SQLite catalog and the embedded Iceberg catalog with their journals, the
         signing key, and under the home `.keys`, `evidence`, `reports`, `rollback_scripts` and the
-        rollout's `staging` home (`PCBO_REPORTS_DIR`, `PCBO_STAGING_HOME` where they move them)."""
+        rollout's `staging` home (`PCBO_REPORTS_DIR`, `PCBO_STAGING_HOME` where they move them), and
+        the decision spill directory when `PCBO_SPILL_DIR` names one (it holds other runs' records)."""
         # Imported here: a server asks once, at start, and the CLI never.
         from pcbo_dagster.engine.sql_apply import ROLLBACK_SCRIPTS_DIR
         from pcbo_dagster.tables.iceberg_publication import CATALOG_ENV, EMBEDDED_CATALOG_FILE
@@ -113,7 +114,7 @@ class Settings:
         home = self.home
         paths = [home / name for name in (".keys", "pas", "pas-cache", "evidence", ROLLBACK_SCRIPTS_DIR)]
         paths += [home / "reports", home / "staging", self.audit_dir]
-        for variable in ("PCBO_REPORTS_DIR", "PCBO_STAGING_HOME"):
+        for variable in ("PCBO_REPORTS_DIR", "PCBO_STAGING_HOME", "PCBO_SPILL_DIR"):
             if env.get(variable):
                 paths.append(Path(env[variable]).expanduser())
         lake = self.lake_url[len("file://") :] if self.lake_url.startswith("file://") else self.lake_url
