@@ -117,13 +117,17 @@ def open_regular(path: str, sources: SourcesDirectory | None = None) -> BinaryIO
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(f"{path} is not a regular file")
-        if sources is not None and not hasattr(os, "O_PATH"):  # judged before opening too: see there
+        if sources is not None and not _REOPENS:  # judged before opening too: see there
             _judge(path, os.path.realpath(path), os.fstat(fd), sources)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+#: Whether a file can be judged through an `O_PATH` descriptor and reopened (`_open_judged`): Linux.
+_REOPENS = hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd")
 
 
 def _judge(path: str, real: str, status: os.stat_result, sources: SourcesDirectory) -> None:
@@ -137,12 +141,12 @@ def _judge(path: str, real: str, status: os.stat_result, sources: SourcesDirecto
 def _open_judged(path: str, sources: SourcesDirectory, flags: int) -> int:
     """`path` opened with `flags` once the file it names is judged (`_judge`) without being opened for
     reading: on Linux through an `O_PATH` descriptor, reopened through `/proc/self/fd` (the very file
-    judged); elsewhere by its real path and `stat` now (a weaker check, made again once opened)."""
-    o_path = getattr(os, "O_PATH", None)
-    if o_path is None:
+    judged); elsewhere (no `O_PATH` or no `/proc`) by its real path and `stat` now (a weaker check,
+    made again once opened)."""
+    if not _REOPENS:
         _judge(path, os.path.realpath(path), os.stat(path), sources)
         return os.open(path, flags)
-    handle = os.open(path, o_path | os.O_CLOEXEC)
+    handle = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
         _judge(path, os.readlink(f"/proc/self/fd/{handle}"), os.fstat(handle), sources)
         return os.open(f"/proc/self/fd/{handle}", flags)
