@@ -425,8 +425,93 @@ def test_services_and_admin_status(server, admin):
     demo = next(d for d in status["datasets"] if d["dataset"] == "status-events")
     assert demo["freshness"]["newestPartition"] == max(p["key"] for p in mine.json()["partitions"])
     assert demo["freshness"]["gaps"] == 0
-    assert status["latestCheckpoint"] == {"configured": False, "checkpoint": None}
+    assert status["latestCheckpoint"] == {"configured": False, "checkpoint": None, "chains": []}
     assert status["leases"] == {"held": [], "waiting": []}
+
+
+def test_admin_status_and_services_report_signed_checkpoints_and_witnesses(tmp_path):
+    """With PCBO_SIGNING_KEY and PCBO_WITNESSES, an execute through the server signs a checkpoint its
+    witness cosigns: the admin status shows it (a limited token only its datasets'), the services list
+    the witness, up while it answers and down once it is gone; a checkpoint row inserted in the
+    catalog that is not its note's is not shown."""
+    import threading
+
+    from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.witness.server import LogKey, Witness, make_server
+
+    operator, w1 = new_signing_key("ops.example/operator"), new_signing_key("witness.example/w1")
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(operator.text + "\n")
+    key_file.chmod(0o600)
+    witness_server = make_server(
+        Witness(w1, str(tmp_path / "witness.db"), [LogKey("pcbo/", operator.verifier())]), "127.0.0.1", 0
+    )
+    threading.Thread(target=witness_server.serve_forever, daemon=True).start()
+    witness_url = f"http://127.0.0.1:{witness_server.server_address[1]}"
+    home = tmp_path / "home"
+    engine = Settings.resolve(
+        home=str(home),
+        env={},
+        signing_key=str(key_file),
+        witnesses=[f"{w1.verifier(COSIGNATURE_V1).text} {witness_url}"],
+    )
+    with running_server(home, engine=engine) as server:
+        admin = server.client(server.token("admin-user", "admin"))
+        answer = admin.post("/v1/execute", content=DEMO_REQUEST.read_bytes())
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["checkpoint"]["witnessedBy"] == ["witness.example/w1"], answer.json()
+        other = admin.post(
+            "/v1/execute", content=_request(runId="other-001", dataset="other-events", table=None)
+        )
+        assert other.status_code == 200, other.text
+
+        latest = admin.get("/v1/admin/status").json()["latestCheckpoint"]
+        assert latest["configured"] is True
+        chains = {c["chainKey"]: c for c in latest["chains"]}
+        assert set(chains) == {"demo-events/v1", "other-events/v1"}
+        demo = chains["demo-events/v1"]
+        assert demo["origin"] == "pcbo/demo-events/v1" and demo["signerKey"] == operator.verifier().text
+        assert demo["witnesses"] == [w1.verifier(COSIGNATURE_V1).text]
+        assert demo["treeSize"] == server.catalog.log_size("demo-events/v1")
+        assert demo["checkpoint"].startswith("pcbo/demo-events/v1\n")
+        assert latest["checkpoint"] in latest["chains"]
+
+        limited = server.client(server.token("team-a", "admin", datasets=["demo-events"]))
+        mine = limited.get("/v1/admin/status").json()["latestCheckpoint"]
+        assert [c["chainKey"] for c in mine["chains"]] == ["demo-events/v1"]
+        assert mine["checkpoint"]["chainKey"] == "demo-events/v1"
+
+        # a row inserted at a larger size with another chain's note is not the checkpoint shown
+        import sqlalchemy as sa
+
+        from pcbo_dagster.catalog import schema as t
+
+        with server.catalog.write() as conn:
+            forged = dict(
+                conn.execute(
+                    sa.select(t.transparency_checkpoints).where(
+                        t.transparency_checkpoints.c.chain_key == "other-events/v1"
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            conn.execute(
+                sa.insert(t.transparency_checkpoints).values(
+                    {**forged, "chain_key": "demo-events/v1", "tree_size": demo["treeSize"] + 1}
+                )
+            )
+        again = admin.get("/v1/admin/status").json()["latestCheckpoint"]
+        assert {c["chainKey"]: c for c in again["chains"]}["demo-events/v1"] == demo
+
+        services = {s["id"]: s for s in admin.get("/services/registered").json()["data"]}
+        assert services["witness:witness.example/w1"]["health"] == "up"
+        assert services["witness:witness.example/w1"]["url"] == witness_url
+        witness_server.shutdown()
+        witness_server.server_close()
+        services = {s["id"]: s for s in admin.get("/services/registered").json()["data"]}
+        assert services["witness:witness.example/w1"]["health"] == "down"
 
 
 def test_openapi_health_and_body_limit(tmp_path, server, admin):

@@ -35,7 +35,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.transparency_log import full_note, latest_stored_checkpoint
 
     with open_environment(args, create=False) as env:
-        row = latest_stored_checkpoint(env, _chain(args))
+        row = latest_stored_checkpoint(env.catalog, _chain(args))
         if row is None:
             raise InvalidInput(
                 "--dataset",

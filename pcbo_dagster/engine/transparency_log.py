@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
@@ -60,6 +60,9 @@ from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.lake import layout
 from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
 from pcbo_dagster.witness.client import Witness, WitnessRefused, parse_witness, request_cosignature
+
+if TYPE_CHECKING:
+    from pcbo_dagster.catalog import CatalogStore
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +181,13 @@ def cosignature_problem(note_text: str, cosignature: dict[str, Any]) -> str | No
     return None
 
 
-def stored_checkpoints(env: Any, chain_key: str) -> list[dict[str, Any]]:
+def stored_checkpoints(catalog: CatalogStore, chain_key: str) -> list[dict[str, Any]]:
     """The catalog's checkpoint rows of the chain that agree with their notes (`checkpoint_row_problem`)
     and are of no more events than the stored log holds, by size, each with only the `cosignatures`
     that verify (`cosignature_problem`)."""
-    size = env.catalog.log_size(chain_key)
+    size = catalog.log_size(chain_key)
     rows = []
-    for row in env.catalog.checkpoints(chain_key):
+    for row in catalog.checkpoints(chain_key):
         if row["tree_size"] <= size and checkpoint_row_problem(row) is None:
             text = parse_note(row["note"]).text
             valid = [c for c in row["cosignatures"] if cosignature_problem(text, c) is None]
@@ -192,9 +195,9 @@ def stored_checkpoints(env: Any, chain_key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def latest_stored_checkpoint(env: Any, chain_key: str) -> dict[str, Any] | None:
+def latest_stored_checkpoint(catalog: CatalogStore, chain_key: str) -> dict[str, Any] | None:
     """The newest of `stored_checkpoints` (None when there is none)."""
-    rows = stored_checkpoints(env, chain_key)
+    rows = stored_checkpoints(catalog, chain_key)
     return rows[-1] if rows else None
 
 
@@ -231,14 +234,14 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
     with env.catalog.log_reader(chain_key) as reader:
         root = reader.root(size)
     # (a row at the log's size with another root is none pcbo signed: `verify` reports it)
-    rows = stored_checkpoints(env, chain_key)
+    rows = stored_checkpoints(env.catalog, chain_key)
     if not rows or rows[-1]["tree_size"] < size:
         checkpoint = Checkpoint(origin_for(chain_key, env.settings.checkpoint_origin_prefix), size, root)
         note = checkpoint.sign(key)
         env.catalog.record_checkpoint(
             chain_key, size, root, checkpoint.origin, key.verifier().text, note.render()
         )
-        rows = stored_checkpoints(env, chain_key)
+        rows = stored_checkpoints(env.catalog, chain_key)
     latest = rows[-1] if rows else None
     if latest is None or latest["tree_size"] != size or latest["root_hash"] != root.hex():
         raise ValueError(
@@ -268,7 +271,7 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
             chain_key, checkpoint.size, witness.key.text, signature.line.rstrip("\n"), timestamp
         )
         witnessed.append(witness.key.name)
-    latest = next(r for r in stored_checkpoints(env, chain_key) if r["tree_size"] == size)
+    latest = next(r for r in stored_checkpoints(env.catalog, chain_key) if r["tree_size"] == size)
     stored = {c["witness_key"] for c in latest["cosignatures"]}
     for witness in env.witnesses:
         if witness.key.name in witnessed and witness.key.text not in stored:
@@ -486,13 +489,15 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
 
 
 def _stored_notes(env: Any, chain_key: str, sizes: set[int]) -> list[str]:
-    return [full_note(r).render() for r in stored_checkpoints(env, chain_key) if r["tree_size"] in sizes]
+    return [
+        full_note(r).render() for r in stored_checkpoints(env.catalog, chain_key) if r["tree_size"] in sizes
+    ]
 
 
 def _default_size(env: Any, chain_key: str, size: int | None, stored: int) -> int:
     if size is not None:
         return size
-    latest = latest_stored_checkpoint(env, chain_key)
+    latest = latest_stored_checkpoint(env.catalog, chain_key)
     return latest["tree_size"] if latest is not None else stored
 
 

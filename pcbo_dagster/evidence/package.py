@@ -293,10 +293,10 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
             f"run {run_id}: its audit events cannot make an evidence package: {exc}"
         ) from None
     last_seq = max(e["chain"]["seq"] for e in chosen)
-    latest = latest_stored_checkpoint(env, chain_key)
+    latest = latest_stored_checkpoint(env.catalog, chain_key)
     if latest is None or latest["tree_size"] <= last_seq:
         publish(env, chain_key)
-        latest = latest_stored_checkpoint(env, chain_key)
+        latest = latest_stored_checkpoint(env.catalog, chain_key)
     assert latest is not None
     size = latest["tree_size"]
     with env.catalog.log_reader(chain_key) as reader:

@@ -1,8 +1,4 @@
-"""What `GET /services/registered` and `GET /v1/admin/status` report.
-
-Signed checkpoints and their witnesses are being built elsewhere: `latest_checkpoint` and `witnesses`
-are the one place to fill in; until then they say "not configured".
-"""
+"""What `GET /services/registered` and `GET /v1/admin/status` report."""
 
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ from typing import Any
 from pcbo_dagster.audit.backup import AuditBackup
 from pcbo_dagster.audit.delivery import read_cursor
 from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.io.clock import utc_now
 from pcbo_dagster.io.redaction import one_line_error, redact_url
@@ -31,14 +28,62 @@ def instant(value: datetime | None) -> str | None:
     return None if value is None else format_datetime(value)
 
 
-def latest_checkpoint(config: ServerConfig) -> dict[str, Any]:
-    """The newest signed checkpoint of the audit chains (not built yet: not configured)."""
-    return {"configured": False, "checkpoint": None}
+def latest_checkpoint(
+    config: ServerConfig, catalog: CatalogStore, chain_keys: Sequence[str]
+) -> dict[str, Any]:
+    """Whether this server's runs sign checkpoints (`PCBO_SIGNING_KEY`), and the newest stored
+    checkpoint of each of `chain_keys` (`engine/transparency_log.stored_checkpoints`: a row that
+    agrees with its note, with the cosignatures that verify under the witness keys they name), the
+    most recently recorded one as `checkpoint`. `pcbo verify` checks their signatures."""
+    from pcbo_dagster.engine.transparency_log import full_note, latest_stored_checkpoint
+
+    chains = []
+    for chain_key in chain_keys:
+        row = latest_stored_checkpoint(catalog, chain_key)
+        if row is None:
+            continue
+        chains.append(
+            {
+                "chainKey": chain_key,
+                "origin": row["origin"],
+                "treeSize": row["tree_size"],
+                "signerKey": row["signer_key"],
+                "recordedAt": instant(row["recorded_at"]),
+                "witnesses": [c["witness_key"] for c in row["cosignatures"]],
+                "checkpoint": full_note(row).render(),
+            }
+        )
+    newest = max(chains, key=lambda c: (c["recordedAt"], c["chainKey"]), default=None)
+    return {"configured": config.engine.signing_key is not None, "checkpoint": newest, "chains": chains}
 
 
 def witnesses(config: ServerConfig) -> list[dict[str, Any]]:
-    """The checkpoint witnesses this server knows (none until signed checkpoints exist)."""
-    return []
+    """The checkpoint witnesses this server's runs ask to cosign (`PCBO_WITNESSES`), each probed now
+    (`up`: it answers HTTP at its URL)."""
+    from pcbo_dagster.engine.transparency_log import witnesses_of
+
+    settings = config.engine
+    started = time.perf_counter()
+    try:
+        configured = witnesses_of(settings.witnesses, settings.witnesses_field)
+    except InvalidInput as exc:
+        return [_service("witnesses", "witness", "down", started, url=None, error=str(exc))]
+    found = []
+    for witness in configured:
+        started = time.perf_counter()
+        health, error = _http_probe(witness.url)
+        found.append(
+            _service(
+                f"witness:{witness.key.name}",
+                "witness",
+                health,
+                started,
+                url=redact_url(witness.url),
+                key=witness.key.text,
+                error=error,
+            )
+        )
+    return found
 
 
 def _service(service_id: str, kind: str, health: str, started: float, **detail: Any) -> dict[str, Any]:
@@ -294,5 +339,7 @@ def admin_status(
         "auditDelivery": {
             "endpoint": redact_url(config.engine.audit_endpoint) if config.engine.audit_endpoint else None
         },
-        "latestCheckpoint": latest_checkpoint(config),
+        "latestCheckpoint": latest_checkpoint(
+            config, catalog, [f"{d['dataset']}/{d['versionLabel']}" for d in per_dataset]
+        ),
     }
