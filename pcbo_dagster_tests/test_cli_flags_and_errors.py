@@ -197,3 +197,27 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     assert "the output was closed before the whole document was written" in stderr
+
+
+def test_a_run_id_of_another_dataset_version_s_run_is_invalid_input(tmp_path):
+    """A run row belongs to one chain: an execute reusing another dataset version's runId would rewrite
+    that run's status and summary, and leave its own chain naming a run the catalog does not hold. It
+    is refused naming runId, before anything is written; the same dataset version may run it again."""
+    from pcbo_dagster_tests.cli_runner import load_generator
+
+    home = tmp_path / "home"
+    first = load_generator().make_request(records=20, partitions=2, seed=3, run_id="shared-001")
+    assert run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", first)], home=home).status == 0
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 0, verified.document
+    chains_before = verified.document["checked"]["chains"]
+
+    for changes in ({"dataset": "other-events"}, {"versionLabel": "v2"}):
+        second = {**first, **changes}
+        run = run_pcbo(["execute", "--input", write_request(tmp_path / "b.json", second)], home=home)
+        assert run.status == 2, (run.status, run.stderr)
+        assert "runId" in run.stderr and "another dataset version's run" in run.stderr, run.stderr
+        after = run_pcbo(["verify"], home=home)
+        assert after.status == 0 and after.document["checked"]["chains"] == chains_before, after.document
+    again = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", first)], home=home)
+    assert again.status == 0, again.stderr

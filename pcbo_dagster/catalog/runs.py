@@ -9,6 +9,7 @@ from sqlalchemy import Connection, select, update
 
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database, insert_ignore
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
 
@@ -22,6 +23,15 @@ def register_dataset(conn: Connection, dataset: str, version_label: str) -> None
         {"dataset": dataset, "version_label": version_label, "first_seen_at": utc_now()},
         ["dataset", "version_label"],
     )
+
+
+def _check_run_id(conn: Connection, run_id: str, dataset: str, version_label: str) -> None:
+    row = conn.execute(
+        select(t.runs.c.dataset, t.runs.c.version_label).where(t.runs.c.run_id == run_id)
+    ).first()
+    if row is not None and (row[0], row[1]) != (dataset, version_label):
+        why = f"{run_id!r} is already the run id of another dataset version's run: choose another runId"
+        raise InvalidInput("runId", why)
 
 
 class RunRecords(Database):
@@ -47,8 +57,10 @@ class RunRecords(Database):
         decision_hash: str,
         metadata: dict[str, Any],
     ) -> None:
-        """Insert the run as 'running'; a known run_id is set 'running' again (finished_at cleared)."""
+        """Insert the run as 'running'; a known run_id is set 'running' again (finished_at cleared).
+        `InvalidInput` on `runId` when it is the run of another dataset version (`check_run_id`)."""
         with self.write() as conn:
+            _check_run_id(conn, run_id, dataset, version_label)
             register_dataset(conn, dataset, version_label)
             inserted = insert_ignore(
                 conn,
@@ -82,6 +94,14 @@ class RunRecords(Database):
             )
             if result.rowcount != 1:
                 raise KeyError(f"unknown run {run_id!r}")
+
+    def check_run_id(self, run_id: str, dataset: str, version_label: str) -> None:
+        """`InvalidInput` on `runId` when `run_id` is already the run of another dataset version: a
+        run row belongs to one chain, and an execute of that id would rewrite the other's status and
+        summary (and leave its own chain naming a run the catalog does not hold). Checked before a
+        run writes anything, and again as `start_run` records it."""
+        with self.read() as conn:
+            _check_run_id(conn, run_id, dataset, version_label)
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run row (metadata and summary parsed), or None."""

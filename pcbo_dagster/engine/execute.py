@@ -300,6 +300,7 @@ def execute(
         return execute_sql(env, loaded, plan, decisions, progress=progress)
     workers = _workers(env, parallel)
     request = loaded.request
+    env.catalog.check_run_id(request.runId, plan.dataset, plan.version_label)  # before anything is written
     ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
     schema, as_json = loaded.schema_of((schema_from or decisions).partitions)
@@ -1031,6 +1032,7 @@ def emit_partitions(
     intent appended, then its commit point. The caller has evaluated the request and checked the gates.
     """
     workers = _workers(env, parallel)
+    env.catalog.check_run_id(plan.run_id, plan.dataset, plan.version_label)  # before anything is written
     schema, as_json = loaded.schema_of(decisions.partitions)
     emitted: list[EmittedPartition] = []
     refusal: Refusal | None = None

@@ -335,6 +335,7 @@ def execute_sql(
     doc). `journal=False` (the benchmark's floor only) applies without journal entries: no rollback."""
     check_target_gates(decisions)
     request = loaded.request
+    env.catalog.check_run_id(request.runId, plan.dataset, plan.version_label)  # before anything is written
     spec = request.target
     assert spec is not None
     ckey = chain_key(plan.dataset, plan.version_label)
