@@ -14,7 +14,9 @@ reports the partitions' state *as the lake and the audit chain hold it now* to t
   for it in 1.13), so the asset is wiped (its run logs are kept; its materializations and check results
   are hidden) and every partition the lake still commits, agreeing with its chain, is reported again;
 - a partition whose lake disagrees with its chain is not reported: that is a finding, and the
-  `lake_drift` sensor launches its checks, which fail and turn it red.
+  `lake_drift` sensor launches its checks, which fail and turn it red. So is every partition of a
+  chain that does not verify as the `audit_chain` check reads it (the backup against the catalog's
+  head): a history written to the backup alone vouches for nothing.
 
 `pcbo` installs this listener when a Dagster instance is configured: `DAGSTER_HOME` is set (and
 `PCBO_DAGSTER_REPORTING` is not `off`) and Dagster is installed. The datasets config is the one the
@@ -32,12 +34,10 @@ from typing import Any
 
 import dagster as dg
 
-from pcbo_dagster.core.chain_state import replay
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, load_datasets_config_from_env
 from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.events import chain_key
-from pcbo_dagster.engine.partition_checks import committed_keys
+from pcbo_dagster.engine.partition_checks import committed_keys, read_chain
 from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import staging_settings
@@ -78,10 +78,15 @@ def asset_for_environment(
 def lake_state(env: Environment, dataset: str, version_label: str, keys: list[str]) -> dict[str, Any]:
     """Per key: `("present", manifest, checksum, event)` when its commit point is the chain's current
     version, `("absent",)` when the chain says none is current and the lake has none, else
-    `("disagrees",)`."""
-    state = replay(env.audit.backup.read_chain(chain_key(dataset, version_label)))
+    `("disagrees",)`. The chain is the one the `audit_chain` check reads (the backup, verified against
+    the catalog's head): a chain with findings vouches for nothing, every key disagrees."""
+    chain = read_chain(env, dataset, version_label)
+    state = chain.replayed
     out: dict[str, Any] = {}
     for key in keys:
+        if chain.findings:
+            out[key] = ("disagrees",)
+            continue
         reading = read_commit_point(env.lake, dataset, version_label, key)
         history = state.get(key)
         current = history.current_version if history is not None else None

@@ -1,0 +1,87 @@
+"""Sensors of the code location against someone who can write the lake, the catalog or the audit
+backup (the threat model's attacker): what a sensor reports or launches must rest on what the checks
+and `pcbo verify` would accept, never on one store alone. In-process (`build_sensor_context`)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import dagster as dg
+else:
+    dg = pytest.importorskip("dagster")
+
+from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
+from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG, load_datasets_config  # noqa: E402
+from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
+from pcbo_dagster.engine.rollback import rollback  # noqa: E402
+from pcbo_dagster.engine.verify import verify  # noqa: E402
+from pcbo_dagster_tests.approver_keys import list_approvers_in_example  # noqa: E402
+
+KEYS = [f"20240101T{h:02d}0000Z" for h in range(3)]
+EVENTS = dg.AssetKey(["events"])
+RANGE = {"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partition_range_end": KEYS[-1]}
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Any:
+    shutil.copy(DEFAULT_DATASETS_CONFIG, tmp_path / "datasets.yaml")
+    list_approvers_in_example(tmp_path / "datasets.yaml")
+    generate_demo_data(tmp_path / "demo_data")
+    config = load_datasets_config(tmp_path / "datasets.yaml")
+    engine = PcboEngineResource(home=str(tmp_path / "pcbo-home"))
+    defs = build_definitions(config, resource=engine)
+    return tmp_path, config, engine, defs
+
+
+def _materialize(defs: dg.Definitions, instance: dg.DagsterInstance) -> Any:
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={EVENTS})
+    return job.execute_in_process(instance=instance, tags=RANGE)
+
+
+def _drift_tick(defs: dg.Definitions, instance: dg.DagsterInstance, engine: PcboEngineResource) -> Any:
+    sensor = defs.resolve_sensor_def("lake_drift")
+    with dg.build_sensor_context(instance=instance, resources={"pcbo": engine}) as context:
+        return sensor(context)
+
+
+def test_lake_drift_does_not_take_a_backup_alone_for_the_chain(setup: Any) -> None:
+    """A partition deleted from the lake, with a well-formed rollback appended to the audit backup
+    alone (not the catalog's copy of the chain): `lake_drift` must launch the checks (which fail:
+    the backup's head is not the catalog's), not report the deletion as a rollback the chain agrees on
+    (that wiped the asset's materializations and turned nothing red)."""
+    tmp_path, config, engine, defs = setup
+    home = tmp_path / "pcbo-home"
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        # The forgery, made where the attacker can compute it: a copy of the stores, a genuine rollback
+        # there; then the lake's partition and the backup's chain file copied back (the catalog is not).
+        shadow = tmp_path / "shadow"
+        shutil.copytree(home, shadow)
+        with PcboEngineResource(home=str(shadow)).environment() as env:
+            rollback(env, "events", "v1", partition_keys=[KEYS[0]], reason="forged")
+        part = Path("lake") / "events" / "v1" / KEYS[0]
+        shutil.rmtree(home / part)
+        shutil.copytree(shadow / part, home / part)
+        for chain_file in (shadow / "pas" / "events").glob("v1*"):
+            shutil.copy(chain_file, home / "pas" / "events" / chain_file.name)
+        with engine.environment() as env:
+            assert verify(env)["findings"]  # the stores disagree: a finding, not a history
+
+        tick = _drift_tick(defs, instance, engine)
+        assert instance.get_materialized_partitions(EVENTS) == set(KEYS)  # nothing reported, nothing wiped
+        assert isinstance(tick, dg.SensorResult), tick
+        [request] = tick.run_requests
+        assert request.job_name == "events_checks"
+        assert request.tags["dagster/asset_partition_range_start"] == KEYS[0]
+        checks = defs.resolve_job_def("events_checks").execute_in_process(
+            instance=instance, tags=request.tags, raise_on_error=False
+        )
+        assert not checks.success
+        failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
+        assert ("audit_chain", KEYS[0]) in failed
