@@ -85,3 +85,32 @@ def test_lake_drift_does_not_take_a_backup_alone_for_the_chain(setup: Any) -> No
         assert not checks.success
         failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
         assert ("audit_chain", KEYS[0]) in failed
+
+
+def test_a_stray_manifest_deeper_in_the_lake_stops_neither_lake_drift_nor_the_checks(setup: Any) -> None:
+    """A `_manifest.json` planted below a partition (`<key>/x/_manifest.json`: no commit point, `pcbo
+    verify` names it `lake_path_unexpected`) made every listing of committed keys raise: the
+    `lake_drift` sensor failed on every tick (no dataset's drift was found any more) and the checks
+    job launched alone, or any run's `coverage` check, failed with an internal error."""
+    tmp_path, config, engine, defs = setup
+    lake = tmp_path / "pcbo-home" / "lake" / "events" / "v1"
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        (lake / KEYS[0] / "x").mkdir()
+        (lake / KEYS[0] / "x" / "_manifest.json").write_text("{}")
+        next((lake / KEYS[2]).glob("part-*.parquet")).unlink()
+
+        tick = _drift_tick(defs, instance, engine)
+        [request] = tick.run_requests
+        assert request.tags["dagster/asset_partition_range_start"] == KEYS[2]
+        # Launched alone (every committed partition): the verdicts, not an error.
+        checks = defs.resolve_job_def("events_checks").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        evaluations = {(e.check_name, e.partition): e.passed for e in checks.get_asset_check_evaluations()}
+        assert evaluations[("reconciliation", KEYS[2])] is False
+        assert evaluations[("reconciliation", KEYS[0])] is True
+        assert evaluations[("coverage", None)] is True
+        with engine.environment() as env:
+            found = {(f["kind"], f["where"]) for f in verify(env)["findings"]}
+        assert ("lake_path_unexpected", f"events/v1/{KEYS[0]}/x/_manifest.json") in found

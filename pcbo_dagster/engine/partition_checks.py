@@ -102,9 +102,11 @@ def read_manifest_only(lake: LakeStorage, dataset: str, version_label: str, key:
 
 
 def committed_keys(lake: LakeStorage, dataset: str, version_label: str) -> list[str]:
-    """The keys of every partition of `dataset`/`version_label` with a commit point, sorted."""
+    """The keys of every partition of `dataset`/`version_label` with a commit point, sorted (a
+    `_manifest.json` deeper down is none: `pcbo verify` reports it)."""
     under = f"{dataset}/{version_label}"
-    return sorted(layout.split_manifest_path(rel)[2] for rel in lake.find(layout.MANIFEST, under=under))
+    found = (layout.split_manifest_path(rel) for rel in lake.find(layout.MANIFEST, under=under))
+    return sorted(parts[2] for parts in found if parts is not None)
 
 
 def reconciliation(part: CommittedPartition) -> Verdict:

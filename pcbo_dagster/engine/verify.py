@@ -161,8 +161,8 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
 
     lake_keys: dict[str, set[str]] = defaultdict(set)
     for rel in env.lake.find(layout.MANIFEST):
-        parts = rel.split("/")
-        if len(parts) != 4:
+        parts = layout.split_manifest_path(rel)
+        if parts is None:
             report.find("lake_path_unexpected", rel, "a commit point outside <dataset>/<versionLabel>/<key>/")
             continue
         lake_keys[f"{parts[0]}/{parts[1]}"].add(parts[2])

@@ -87,7 +87,11 @@ def checkpoint_file(dataset: str, version_label: str, tree_size: int) -> str:
     return f"{dataset}/{version_label}/_checkpoints/{tree_size:012d}.checkpoint"
 
 
-def split_manifest_path(rel: str) -> tuple[str, str, str]:
-    """(dataset, versionLabel, key) of a `_manifest.json` path."""
-    dataset, version_label, key, _ = rel.split("/")
-    return dataset, version_label, key
+def split_manifest_path(rel: str) -> tuple[str, str, str] | None:
+    """(dataset, versionLabel, key) of a commit point's path, `<dataset>/<versionLabel>/<key>/_manifest.json`;
+    None for a `_manifest.json` anywhere else (no commit point: `pcbo verify` reports it,
+    `lake_path_unexpected`)."""
+    parts = rel.split("/")
+    if len(parts) != 4 or parts[3] != MANIFEST:
+        return None
+    return parts[0], parts[1], parts[2]
