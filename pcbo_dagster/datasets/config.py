@@ -373,6 +373,16 @@ class ThrottleConfig(_Strict):
     recordsPerMinute: Annotated[float, Field(gt=0, le=1_000_000_000)] | None = None
 
 
+def checked_throttle(values: dict[str, Any]) -> dict[str, Any]:
+    """A rollout's throttle (the config's, with a run's overrides) validated as the config's
+    `rollout.throttle` is; `InvalidInput` naming `throttle.<limit>`."""
+    try:
+        return ThrottleConfig.model_validate(values).model_dump()
+    except ValidationError as exc:
+        error = _invalid_input(exc)
+        raise InvalidInput(f"throttle.{error.field}", error.message) from None
+
+
 class SoakConfig(_Strict):
     #: How long a rollout's staging output is watched before it may be promoted (default 6 hours).
     windowMinutes: Annotated[float, Field(gt=0, le=60 * 24 * 90)] = 360

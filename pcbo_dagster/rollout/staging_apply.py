@@ -32,7 +32,7 @@ from pcbo_dagster.core.decisions import REASONS, PartitionDecision
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.partition_keys import short_key
 from pcbo_dagster.core.rollout_lifecycle import FINAL
-from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, checked_throttle
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
@@ -55,12 +55,14 @@ def default_rollout_name(dataset: DatasetConfig, keys: list[str]) -> str:
 
 
 def throttle_for(dataset: DatasetConfig, override: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dataset's configured throttle with any given override (None values keep the config's)."""
+    """The dataset's configured throttle with any given override (None values keep the config's),
+    checked as the config is (`InvalidInput` naming `throttle.<limit>`: a rate of 0, below 0, not a
+    number or infinite is refused)."""
     base = dataset.rollout.throttle.model_dump() if dataset.rollout else {}
     for key, value in (override or {}).items():
         if value is not None:
             base[key] = value
-    return base
+    return checked_throttle(base)
 
 
 def apply_to_staging(

@@ -1,0 +1,103 @@
+"""What a UI user can type into the launchpad of the code location's jobs and assets: a value the
+datasets config would refuse is refused here too, naming the field, with nothing written (the
+run fails before any store is touched). In-process, on a temporary instance."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+dg = pytest.importorskip("dagster")
+
+from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
+from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
+from pcbo_dagster.datasets.config import parse_datasets_config  # noqa: E402
+from pcbo_dagster.engine.settings import Settings  # noqa: E402
+from pcbo_dagster.rollout import operations  # noqa: E402
+from pcbo_dagster.rollout.clock import ManualClock  # noqa: E402
+
+KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z"]
+CONFIG = """
+version: 1
+datasets:
+  - name: sessions
+    partitioning:
+      {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}
+    source: {uri: sessions.jsonl, format: jsonl}
+    policies: {requireConsent: true, allowedJurisdictions: [US, CA], onViolation: omit}
+    rollout:
+      throttle: {partitionsPerMinute: 2}
+      soak: {windowMinutes: 30}
+      businessMetric: {name: conversion_rate, expression: mean(converted), atLeast: 0.5}
+"""
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> Any:
+    records = [
+        {
+            "id": f"ses-{h}-{n}",
+            "occurredAt": f"2024-01-01T{h:02d}:{n * 7:02d}:00Z",
+            "jurisdiction": "US",
+            "consentGranted": True,
+            "converted": n % 2 == 0,
+        }
+        for h in range(3)
+        for n in range(4)
+    ]
+    (tmp_path / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = parse_datasets_config(CONFIG, base_dir=tmp_path)
+    clock = ManualClock(datetime(2026, 11, 22, 9, 0, tzinfo=UTC))
+    defs = build_definitions(config, PcboEngineResource(home=str(tmp_path / "home")), clock=clock)
+    with dg.instance_for_test() as instance:
+
+        def apply(step_config: dict[str, Any]) -> Any:
+            return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+                instance=instance,
+                asset_selection=[dg.AssetKey(["staging", "sessions"])],
+                tags={
+                    "dagster/asset_partition_range_start": KEYS[0],
+                    "dagster/asset_partition_range_end": KEYS[-1],
+                },
+                run_config={"ops": {"staging__sessions": {"config": step_config}}},
+                raise_on_error=False,
+            )
+
+        yield tmp_path / "home", clock, apply
+
+
+def _failure_message(result: Any) -> str:
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    data = failure.step_failure_data
+    return data.user_failure_data.description if data.user_failure_data else data.error.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("partitions_per_minute", 0.0),
+        ("partitions_per_minute", -1.0),
+        ("records_per_minute", 0.0),
+        ("partitions_per_minute", float("nan")),
+        ("records_per_minute", float("inf")),
+    ],
+)
+def test_a_throttle_override_the_config_refuses_is_refused(staging: Any, field: str, value: float) -> None:
+    """`partitionsPerMinute: 0` is refused in the datasets config; typed into the staging asset's
+    launchpad it started the rollout and then divided by zero before the second partition (or, negative,
+    not a number or infinite, silently turned the throttle off)."""
+    home, clock, apply = staging
+    result = apply({"rollout": "r1", "by": "ana", field: value})
+    assert not result.success
+    message = _failure_message(result)
+    camel = {"partitions_per_minute": "partitionsPerMinute", "records_per_minute": "recordsPerMinute"}[field]
+    assert camel in message, message
+    assert "ZeroDivisionError" not in message and "internal" not in message.lower()
+    assert f"invalid input: throttle.{camel}:" in message, message
+    assert not list((home / "staging").rglob("_manifest.json"))  # nothing written
+    assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []
+    assert not clock.slept
