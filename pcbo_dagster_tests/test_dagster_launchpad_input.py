@@ -101,3 +101,16 @@ def test_a_throttle_override_the_config_refuses_is_refused(staging: Any, field: 
     assert not list((home / "staging").rglob("_manifest.json"))  # nothing written
     assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []
     assert not clock.slept
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan")])
+def test_a_poll_interval_that_is_not_a_positive_number_is_refused(staging: Any, value: float) -> None:
+    """`poll_seconds: 0` (or below, or not a number) in the staging asset's launchpad: the first
+    throttle wait took steps of zero seconds and never ended (the run spun on the catalog for ever)."""
+    home, clock, apply = staging
+    result = apply({"rollout": "r1", "by": "ana", "poll_seconds": value})
+    assert not result.success
+    message = _failure_message(result)
+    assert "invalid input: poll_seconds:" in message, message
+    assert not list((home / "staging").rglob("_manifest.json"))  # nothing written
+    assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []

@@ -54,6 +54,10 @@ def default_rollout_name(dataset: DatasetConfig, keys: list[str]) -> str:
     return f"{dataset.asset_name}-{short_key(keys[0])}-{short_key(keys[-1])}"
 
 
+#: The longest a paused or throttled apply waits between two looks at its control request.
+MAX_POLL_SECONDS = 3600.0
+
+
 def throttle_for(dataset: DatasetConfig, override: dict[str, Any] | None = None) -> dict[str, Any]:
     """The dataset's configured throttle with any given override (None values keep the config's),
     checked as the config is (`InvalidInput` naming `throttle.<limit>`: a rate of 0, below 0, not a
@@ -82,6 +86,9 @@ def apply_to_staging(
     """Apply the rollout `name` (partition `keys` of `dataset`) to staging; see the module doc."""
     if dataset.rollout is None:
         raise InvalidInput("dataset", f"{dataset.name} has no rollout block in the datasets config")
+    if not (isinstance(poll_seconds, int | float) and 0 < poll_seconds <= MAX_POLL_SECONDS):
+        # Zero (or less, or NaN) would make every throttle wait a loop of zero-second steps.
+        raise InvalidInput("poll_seconds", f"must be a number of seconds in (0, {MAX_POLL_SECONDS:g}]")
     store = envs.store
     limits = throttle_for(dataset, throttle)
     rollout = store.create_rollout(
