@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
+from pcbo_dagster.io.redaction import has_userinfo, redact_url
 from pcbo_dagster.sources.local_files import SourcesDirectory
 
 #: Kept in step with `backfill/jobs.py` (not imported from it: that would import Dagster's core).
@@ -99,13 +100,21 @@ class Webserver:
 
     @classmethod
     def parse(cls, url: str) -> Webserver:
-        parts = urlsplit(url if "://" in url else f"http://{url}")
+        """The webserver of `url`; `InvalidInput` on `--dagster` (the URL shown redacted) when it is not
+        an http(s) URL with a host and a valid port, or carries credentials (the client sends none)."""
+        full = url if "://" in url else f"http://{url}"
+        shown = redact_url(full)
+        if has_userinfo(full):
+            raise InvalidInput(
+                "--dagster", f"{shown}: credentials in the URL are refused (the GraphQL client sends none)"
+            )
+        parts = urlsplit(full)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput("--dagster", f"must be an http(s) URL of the Dagster webserver, got {url!r}")
+            raise InvalidInput("--dagster", f"must be an http(s) URL of the Dagster webserver, got {shown!r}")
         try:
             port = parts.port
         except ValueError:
-            raise InvalidInput("--dagster", f"has an invalid port: {url!r}") from None
+            raise InvalidInput("--dagster", f"has an invalid port: {shown!r}") from None
         return cls(parts.hostname, port, parts.scheme == "https", parts.path.rstrip("/"))
 
     @property
