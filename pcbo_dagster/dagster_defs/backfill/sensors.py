@@ -23,6 +23,7 @@ import orjson
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, LedgerRangePartitioning
+from pcbo_dagster.io.env_vars import positive_int
 
 #: How often the daemon evaluates the sensor (seconds); ledgers close about every 5 s.
 MINIMUM_INTERVAL_SECONDS = 60
@@ -219,7 +220,9 @@ def build_lake_drift_sensor(
     twice (the run key names it)."""
     import os
 
-    interval = int(os.environ.get("PCBO_LAKE_DRIFT_INTERVAL") or LAKE_DRIFT_INTERVAL)
+    interval = positive_int(
+        "PCBO_LAKE_DRIFT_INTERVAL", os.environ.get("PCBO_LAKE_DRIFT_INTERVAL"), LAKE_DRIFT_INTERVAL
+    )
 
     @dg.sensor(
         name=LAKE_DRIFT_SENSOR,

@@ -12,11 +12,26 @@ from typing import Any
 
 import dagster as dg
 
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
+from pcbo_dagster.datasets.config import normalize_cron
 from pcbo_dagster.rollout import operations
 
 SOAK_JOB = "soak_monitor"
 DEFAULT_CRON = "*/15 * * * *"
+SOAK_CRON_ENV = "PCBO_SOAK_CRON"
+
+
+def soak_cron() -> str:
+    """`PCBO_SOAK_CRON` checked as a datasets config's cron is (`hourly`, `daily` or 5 fields Dagster
+    accepts), else the default; `InvalidInput` naming the variable."""
+    text = os.environ.get(SOAK_CRON_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_CRON
+    try:
+        return normalize_cron(text)
+    except ValueError as exc:
+        raise InvalidInput(SOAK_CRON_ENV, f"{text!r}: {exc}") from None
 
 
 def build_soak_monitor(
@@ -34,7 +49,7 @@ def build_soak_monitor(
     @dg.schedule(
         name=f"{SOAK_JOB}_schedule",
         job=job,
-        cron_schedule=os.environ.get("PCBO_SOAK_CRON") or DEFAULT_CRON,
+        cron_schedule=soak_cron(),
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Every 15 minutes by default (PCBO_SOAK_CRON), while a rollout is soaking",
     )

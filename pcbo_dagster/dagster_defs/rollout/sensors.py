@@ -19,6 +19,7 @@ from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.dagster_defs.rollout.assets import PROMOTED_BY_TAG, ROLLOUT_TAG
 from pcbo_dagster.datasets.config import DatasetsConfig
+from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import Clock
 
@@ -48,7 +49,8 @@ ROLLOUT_SENSOR_INTERVAL = 30
 
 
 def rollout_sensor_interval() -> int:
-    return int(os.environ.get("PCBO_ROLLOUT_SENSOR_INTERVAL") or ROLLOUT_SENSOR_INTERVAL)
+    variable = "PCBO_ROLLOUT_SENSOR_INTERVAL"
+    return positive_int(variable, os.environ.get(variable), ROLLOUT_SENSOR_INTERVAL)
 
 
 def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock) -> dg.SensorDefinition:

@@ -1,0 +1,49 @@
+"""The code location's own settings from the environment (sensor intervals, the soak schedule's
+cron): a bad value refuses the load with `InvalidInput` naming the variable, as every other `PCBO_*`
+variable does, instead of a bare `ValueError` or a Dagster definition error that names none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+dg = pytest.importorskip("dagster")
+
+from pcbo_dagster.core.errors import InvalidInput  # noqa: E402
+from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
+from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
+from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG, load_datasets_config  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PCBO_ROLLOUT_SENSOR_INTERVAL", "30s"),
+        ("PCBO_ROLLOUT_SENSOR_INTERVAL", "0"),
+        ("PCBO_LAKE_DRIFT_INTERVAL", "five minutes"),
+        ("PCBO_LAKE_DRIFT_INTERVAL", "-5"),
+        ("PCBO_SOAK_CRON", "every-minute"),
+        ("PCBO_SOAK_CRON", "0 0 31 2 *"),
+    ],
+)
+def test_a_bad_setting_refuses_the_load_naming_its_variable(
+    variable: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = load_datasets_config(DEFAULT_DATASETS_CONFIG, {"PCBO_HOME": str(tmp_path)})
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(InvalidInput) as info:
+        build_definitions(config, resource=PcboEngineResource(home=str(tmp_path)))
+    assert info.value.field == variable
+
+
+def test_good_settings_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_datasets_config(DEFAULT_DATASETS_CONFIG, {"PCBO_HOME": str(tmp_path)})
+    monkeypatch.setenv("PCBO_ROLLOUT_SENSOR_INTERVAL", "45")
+    monkeypatch.setenv("PCBO_LAKE_DRIFT_INTERVAL", "600")
+    monkeypatch.setenv("PCBO_SOAK_CRON", "*/5 * * * *")
+    defs = build_definitions(config, resource=PcboEngineResource(home=str(tmp_path)))
+    assert defs.resolve_sensor_def("rollout_promotion").minimum_interval_seconds == 45
+    assert defs.resolve_sensor_def("production_health_repairs").minimum_interval_seconds == 45
+    assert defs.resolve_sensor_def("lake_drift").minimum_interval_seconds == 600
+    assert defs.resolve_schedule_def("soak_monitor_schedule").cron_schedule == "*/5 * * * *"
