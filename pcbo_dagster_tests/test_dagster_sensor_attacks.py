@@ -114,3 +114,79 @@ def test_a_stray_manifest_deeper_in_the_lake_stops_neither_lake_drift_nor_the_ch
         with engine.environment() as env:
             found = {(f["kind"], f["where"]) for f in verify(env)["findings"]}
         assert ("lake_path_unexpected", f"events/v1/{KEYS[0]}/x/_manifest.json") in found
+
+
+def _open_ledger_sensor(tmp_path: Path) -> Any:
+    """The key-adding sensor of the example's `ledgers` made open-ended, its source `ledgers.jsonl`."""
+    from pcbo_dagster.dagster_defs.backfill.assets import build_dataset_asset
+    from pcbo_dagster.dagster_defs.backfill.sensors import build_ledger_partitions_sensor
+
+    text = (tmp_path / "datasets.yaml").read_text()
+    lines = [line for line in text.splitlines() if "lastLedger:" not in line]
+    (tmp_path / "open.yaml").write_text("\n".join(lines) + "\n")
+    config = load_datasets_config(tmp_path / "open.yaml")
+    dataset = config.dataset("ledgers")
+    return build_ledger_partitions_sensor(config, dataset, build_dataset_asset(config, dataset))
+
+
+def _ledger_tick(sensor: Any, instance: Any, engine: PcboEngineResource) -> Any:
+    with dg.build_sensor_context(instance=instance, resources={"pcbo": engine}) as context:
+        return sensor(context)
+
+
+def test_the_ledger_partitions_sensor_reads_its_source_within_the_engines_bounds(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source is untrusted input: a JSONL line longer than PCBO_MAX_LINE_BYTES is refused by every
+    engine read. The sensor read it whole into memory (a line of gigabytes, or /dev/zero's endless
+    one, held the daemon's sensor process), and found keys the run then refuses."""
+    tmp_path, config, engine, defs = setup
+    sensor = _open_ledger_sensor(tmp_path)
+    source = tmp_path / "demo_data" / "ledgers.jsonl"
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", "4096")
+    with source.open("a") as fh:
+        fh.write('{"ledgerSequence": 999999, "pad": "' + "x" * 100_000 + '"}\n')
+    with dg.instance_for_test() as instance:
+        result = _ledger_tick(sensor, instance, engine)
+    assert isinstance(result, dg.SkipReason), result
+    assert "PCBO_MAX_LINE_BYTES" in (result.skip_message or "")
+
+
+def test_the_ledger_partitions_sensor_does_not_block_on_a_fifo_source(setup: Any) -> None:
+    """A FIFO where the source should be (no writer): every engine read refuses it at once (not a
+    regular file); the sensor's tick blocked for ever opening it."""
+    import os
+    import threading
+
+    tmp_path, config, engine, defs = setup
+    sensor = _open_ledger_sensor(tmp_path)
+    source = tmp_path / "demo_data" / "ledgers.jsonl"
+    source.unlink()
+    os.mkfifo(source)
+    outcome: list[Any] = []
+    with dg.instance_for_test() as instance:
+        worker = threading.Thread(target=lambda: outcome.append(_ledger_tick(sensor, instance, engine)))
+        worker.daemon = True
+        worker.start()
+        worker.join(20)
+        if worker.is_alive():  # unblock the opener so the thread ends, then fail
+            with open(source, "wb"):
+                pass
+            worker.join(20)
+            pytest.fail("the sensor's tick blocked on the FIFO")
+    [result] = outcome
+    assert isinstance(result, dg.SkipReason), result
+    assert "not a regular file" in (result.skip_message or "")
+
+
+def test_the_ledger_partitions_sensor_skips_a_corrupt_parquet_source_saying_so(setup: Any) -> None:
+    tmp_path, config, engine, defs = setup
+    text = (tmp_path / "datasets.yaml").read_text()
+    text = text.replace("uri: demo_data/ledgers.jsonl\n      format: jsonl", "uri: demo_data/ledgers.parquet")
+    (tmp_path / "datasets.yaml").write_text(text)
+    (tmp_path / "demo_data" / "ledgers.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    sensor = _open_ledger_sensor(tmp_path)
+    with dg.instance_for_test() as instance:
+        result = _ledger_tick(sensor, instance, engine)
+    assert isinstance(result, dg.SkipReason), result
+    assert "cannot be read" in (result.skip_message or "")

@@ -890,6 +890,37 @@ def _column_bounds(pf: pq.ParquetFile, group: int, window: Window) -> tuple[int 
     return int(low.as_py()), int(high.as_py()), True
 
 
+def max_integer_in_source(uri: str, fmt: str, field: str) -> int | None:
+    """The highest integer `field` among the records of a JSONL or parquet source, or None when none
+    has one; read as every source is (a local one only a regular file, a JSONL line at most
+    `PCBO_MAX_LINE_BYTES`: else `InvalidInput`, as a missing or unreadable source is). A JSONL line that
+    is not a JSON object is skipped (the run judges it); parquet reads only the `field` column."""
+    import orjson
+
+    best: int | None = None
+    with _opened(uri, uri) as fh, source_read_errors(uri):  # (a corrupt parquet file: invalid input)
+        if fmt == "parquet":
+            parquet = pq.ParquetFile(fh)
+            if field not in parquet.schema_arrow.names:
+                return None
+            column = parquet.read(columns=[field]).column(field)
+            if not pa.types.is_integer(column.type):
+                return None
+            top = pc.max(column).as_py()
+            return None if top is None else int(top)
+        for _, line in _lines(fh):
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            value = record.get(field) if isinstance(record, dict) else None
+            if type(value) is int and (best is None or value > best):
+                best = value
+    return best
+
+
 def open_source(uri: str, shown: str, fmt: str) -> RecordSource:
     if fmt == "jsonl":
         return JsonlSource(uri, shown)

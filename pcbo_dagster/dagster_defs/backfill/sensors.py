@@ -18,57 +18,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-import orjson
 
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, LedgerRangePartitioning
 from pcbo_dagster.io.env_vars import positive_int
+from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.sources.streaming import max_integer_in_source
 
 #: How often the daemon evaluates the sensor (seconds); ledgers close about every 5 s.
 MINIMUM_INTERVAL_SECONDS = 60
 
 
-def _ledger(value: Any) -> int | None:
-    return value if type(value) is int else None
-
-
 def max_ledger_in_source(uri: str, fmt: str, field: str) -> int | None:
-    """The highest integer `field` among the source's records, or None when there is none.
-
-    JSONL is read line by line (a line that is not a JSON object is skipped); parquet reads only the
-    `field` column. A missing source raises `FileNotFoundError`.
-    """
-    import fsspec
-
-    if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        with fsspec.open(uri, "rb") as fh:
-            parquet = pq.ParquetFile(fh)
-            if field not in parquet.schema_arrow.names:
-                return None
-            column = parquet.read(columns=[field]).column(field)
-        if not pa.types.is_integer(column.type):
-            return None
-        top = pc.max(column).as_py()
-        return None if top is None else int(top)
-    best: int | None = None
-    with fsspec.open(uri, "rb") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                value = _ledger(record.get(field))
-                if value is not None and (best is None or value > best):
-                    best = value
-    return best
+    """The highest integer `field` among the source's records, or None when there is none; read within
+    the engine's bounds (`sources.streaming.max_integer_in_source`: `InvalidInput` for a missing,
+    unreadable or not regular source, or a line longer than `PCBO_MAX_LINE_BYTES`)."""
+    return max_integer_in_source(uri, fmt, field)
 
 
 def sensor_name_for(dataset: DatasetConfig) -> str:
@@ -100,10 +67,10 @@ def build_ledger_partitions_sensor(
         uri = pcbo.sources.resolve(dataset.source.uri, config.sources_dir)
         try:
             top = max_ledger_in_source(uri, fmt, partitioning.field)
-        except FileNotFoundError:
-            return dg.SkipReason(f"the source {uri} does not exist (yet)")
+        except InvalidInput as exc:  # missing (yet), unreadable, not a regular file, a line too long
+            return dg.SkipReason(f"the source cannot be read: {exc.message}")
         if top is None:
-            return dg.SkipReason(f"no record of {uri} has an integer {partitioning.field}")
+            return dg.SkipReason(f"no record of {redact_url(uri)} has an integer {partitioning.field}")
         keys = partitioning.grid.full_keys(top)
         if len(keys) > MAX_PARTITIONS:
             context.log.warning(
