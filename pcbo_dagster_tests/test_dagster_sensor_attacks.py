@@ -75,7 +75,7 @@ def test_lake_drift_does_not_take_a_backup_alone_for_the_chain(setup: Any) -> No
 
         tick = _drift_tick(defs, instance, engine)
         assert instance.get_materialized_partitions(EVENTS) == set(KEYS)  # nothing reported, nothing wiped
-        assert isinstance(tick, dg.SensorResult), tick
+        assert isinstance(tick, dg.SensorResult) and tick.run_requests, tick
         [request] = tick.run_requests
         assert request.job_name == "events_checks"
         assert request.tags["dagster/asset_partition_range_start"] == KEYS[0]
