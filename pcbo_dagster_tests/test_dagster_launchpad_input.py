@@ -114,3 +114,19 @@ def test_a_poll_interval_that_is_not_a_positive_number_is_refused(staging: Any, 
     assert "invalid input: poll_seconds:" in message, message
     assert not list((home / "staging").rglob("_manifest.json"))  # nothing written
     assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []
+
+
+@pytest.mark.parametrize("name", ["day 1", "../day1", "..", "x" * 120, "-day1"])
+def test_a_rollout_name_no_run_id_can_carry_is_refused_before_the_rollout_is_recorded(
+    staging: Any, name: str
+) -> None:
+    """The rollout name becomes the engine's run ids (`rollout-<name>-staging`, `-production`) and a
+    reports directory (`reports/rollouts/<name>/`). A name they cannot carry (a space, a slash, `..`,
+    too long) was recorded as a rollout `applying`, and then the run failed on the engine's runId: a
+    rollout row and its log left behind by input that was refused."""
+    home, clock, apply = staging
+    result = apply({"rollout": name, "by": "ana"})
+    assert not result.success
+    assert "invalid input: rollout:" in _failure_message(result)
+    assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []
+    assert not list((home / "staging").rglob("_manifest.json"))

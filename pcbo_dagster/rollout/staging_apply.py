@@ -25,6 +25,7 @@ catalog row says.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,22 @@ Log = Callable[[str], None]
 
 def staging_run_id(rollout: str) -> str:
     return f"rollout-{rollout}-staging"
+
+
+#: A rollout name: it becomes part of the engine's run ids (`rollout-<name>-production-repair-<12>`,
+#: at most 128 characters of `[A-Za-z0-9._-]`) and a directory name (`reports/rollouts/<name>/`).
+ROLLOUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,87}")
+
+
+def check_rollout_name(name: str) -> str:
+    """`name` when it can name a rollout (`ROLLOUT_NAME`); `InvalidInput` on `rollout` otherwise."""
+    if not ROLLOUT_NAME.fullmatch(name):
+        raise InvalidInput(
+            "rollout",
+            f"{name[:100]!r} cannot name a rollout: 1 to 88 letters, digits, '.', '_' or '-', "
+            "beginning with a letter or digit (it becomes part of run ids and a directory name)",
+        )
+    return name
 
 
 def default_rollout_name(dataset: DatasetConfig, keys: list[str]) -> str:
@@ -86,6 +103,7 @@ def apply_to_staging(
     """Apply the rollout `name` (partition `keys` of `dataset`) to staging; see the module doc."""
     if dataset.rollout is None:
         raise InvalidInput("dataset", f"{dataset.name} has no rollout block in the datasets config")
+    check_rollout_name(name)
     if not (isinstance(poll_seconds, int | float) and 0 < poll_seconds <= MAX_POLL_SECONDS):
         # Zero (or less, or NaN) would make every throttle wait a loop of zero-second steps.
         raise InvalidInput("poll_seconds", f"must be a number of seconds in (0, {MAX_POLL_SECONDS:g}]")
