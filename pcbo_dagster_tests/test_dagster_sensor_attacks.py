@@ -190,3 +190,91 @@ def test_the_ledger_partitions_sensor_skips_a_corrupt_parquet_source_saying_so(s
         result = _ledger_tick(sensor, instance, engine)
     assert isinstance(result, dg.SkipReason), result
     assert "cannot be read" in (result.skip_message or "")
+
+
+SQL_CONFIG = """
+version: 1
+datasets:
+  - name: events_sql
+    partitioning:
+      {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-02T00:00:00Z"}
+    source: {uri: demo_data/events.jsonl, format: jsonl}
+    policies: {requireConsent: true, allowedJurisdictions: [US, CA]}
+    target:
+      kind: sql
+      url: sqlite:///target.db
+      table: events
+      key: [id]
+      conflict: overwrite
+      columns: {id: id, occurredAt: occurred_at, amount: amount, channel: channel}
+      chunkRows: 16
+"""
+
+
+def test_the_sql_read_back_check_does_not_take_a_backup_alone_for_the_chain(tmp_path: Path) -> None:
+    """A SQL target's rows rewritten together with the audit backup (a genuine apply of other data,
+    made with a copy of the pcbo home; the catalog's copy of the chain untouched): `pcbo verify`
+    names the stores' disagreement, but `sql_read_back` replayed the backup's raw lines and passed
+    the rewritten partition. It must read the chain as the `audit_chain` check does (verified against
+    the catalog's head) and fail."""
+    import json
+    import sqlite3
+
+    from pcbo_dagster_tests.sql_target_helpers import run_sql, sqlite_url
+
+    keys = [f"20240101T{h:02d}0000Z" for h in range(3)]
+    tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+    target = tmp_path / "target.db"
+    run_sql(
+        sqlite_url(target),
+        "CREATE TABLE events (id TEXT PRIMARY KEY, occurred_at TEXT NOT NULL, amount INTEGER, channel TEXT)",
+    )
+    real, shadow = tmp_path / "real", tmp_path / "shadow"
+    for root in (real, shadow):
+        root.mkdir()
+        (root / "datasets.yaml").write_text(SQL_CONFIG.replace("sqlite:///target.db", sqlite_url(target)))
+        generate_demo_data(root / "demo_data")
+    # The attacker's data: hour 1's amounts changed.
+    source = shadow / "demo_data" / "events.jsonl"
+    lines = []
+    for line in source.read_text().splitlines():
+        record = json.loads(line)
+        if str(record.get("occurredAt")).startswith("2024-01-01T01:") and isinstance(
+            record.get("amount"), int
+        ):
+            record["amount"] += 1000
+        lines.append(json.dumps(record))
+    source.write_text("\n".join(lines) + "\n")
+
+    def location(root: Path, home: Path) -> tuple[PcboEngineResource, dg.Definitions]:
+        engine = PcboEngineResource(home=str(home))
+        return engine, build_definitions(load_datasets_config(root / "datasets.yaml"), resource=engine)
+
+    engine, defs = location(real, tmp_path / "home")
+    asset = [dg.AssetKey("events_sql")]
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        assert job.execute_in_process(instance=instance, tags=tags, asset_selection=asset).success
+        # The forgery: a copy of the pcbo home applies hour 1 again from the attacker's data (into the
+        # same table); then the copy's audit backup is put in place of the real one. The catalog is not.
+        shutil.copytree(tmp_path / "home", tmp_path / "home-copy")
+        _, shadow_defs = location(shadow, tmp_path / "home-copy")
+        with dg.instance_for_test() as shadow_instance:
+            again = shadow_defs.resolve_implicit_global_asset_job_def().execute_in_process(
+                instance=shadow_instance, partition_key=keys[1], asset_selection=asset
+            )
+            assert again.success
+        for chain_file in (tmp_path / "home-copy" / "pas" / "events_sql").glob("v1*"):
+            shutil.copy(chain_file, tmp_path / "home" / "pas" / "events_sql" / chain_file.name)
+        with sqlite3.connect(target) as conn:
+            assert conn.execute("SELECT max(amount) FROM events").fetchone()[0] >= 1000
+        with engine.environment() as env:
+            assert verify(env)["findings"]  # the stores disagree
+
+        checks = defs.resolve_job_def("events_sql_checks").execute_in_process(
+            instance=instance, tags=tags, raise_on_error=False
+        )
+        verdicts = {e.partition: e.passed for e in checks.get_asset_check_evaluations()}
+        assert set(verdicts) == set(keys)
+        assert not any(verdicts.values()), verdicts
+        assert not checks.success

@@ -23,7 +23,6 @@ from typing import Any
 
 import dagster as dg
 
-from pcbo_dagster.core.chain_state import replay
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.partition_keys import PartitionKeyError
 from pcbo_dagster.core.sql_outcomes import TargetDecisions
@@ -31,7 +30,7 @@ from pcbo_dagster.dagster_defs.partitions import partitions_def_for, windows_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, TimeWindowPartitioning
 from pcbo_dagster.datasets.requests import Span, ledger_spans_for_keys, partition_groups, request_for_group
-from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine import partition_checks
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.request_loading import evaluate, load_request
 from pcbo_dagster.engine.sql_apply import ApplyFailed
@@ -200,7 +199,9 @@ def build_sql_dataset_checks(
 
     def evaluations(context: dg.AssetCheckExecutionContext, pcbo: PcboEngineResource) -> Iterator[Any]:
         with pcbo.environment() as env:
-            state = replay(env.audit.backup.read_chain(chain_key(dataset.name, dataset.versionLabel)))
+            # The chain as the audit_chain check reads it: the backup verified against the catalog's head.
+            chain = partition_checks.read_chain(env, dataset.name, dataset.versionLabel)
+            state = chain.replayed
             histories = [h for (_, key), h in sorted(state.sql.items()) if h.applies]
             keys = (
                 list(context.partition_keys)
@@ -213,11 +214,18 @@ def build_sql_dataset_checks(
                 table = SqlTable.reopen(target.url, layout, write=False)
             try:
                 for key in keys:
-                    passed, details = (
-                        partition_read_back(table, state, key)
-                        if table is not None
-                        else (False, {"finding": "nothing applied yet"})
-                    )
+                    if chain.findings:  # a chain that does not verify vouches for no row
+                        passed, details = (
+                            False,
+                            {
+                                "finding": "the audit chain does not verify",
+                                "chain_findings": chain.findings[: partition_checks.MAX_LISTED],
+                            },
+                        )
+                    elif table is not None:
+                        passed, details = partition_read_back(table, state, key)
+                    else:
+                        passed, details = False, {"finding": "nothing applied yet"}
                     yield dg.AssetCheckEvaluation(
                         asset_key=asset_key,
                         check_name=READ_BACK,
