@@ -278,3 +278,52 @@ def test_the_sql_read_back_check_does_not_take_a_backup_alone_for_the_chain(tmp_
         assert set(verdicts) == set(keys)
         assert not any(verdicts.values()), verdicts
         assert not checks.success
+
+
+def test_a_rollout_row_that_is_not_json_stops_no_sensor_and_not_verify(setup: Any) -> None:
+    """A `rollouts` row written by hand whose `partition_keys` (or `throttle`) is not JSON, and a
+    `soak_evaluations` row whose `detail` is not: the promotion sensor and the soak schedule failed on
+    every tick (no rollout was promoted any more) and `pcbo verify` ended in an internal error
+    (JSONDecodeError) instead of naming the rows. Such a row disagrees with the chain, opens nothing
+    and is a finding."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+
+    tmp_path, config, engine, defs = setup
+    settings = Settings.resolve(home=engine.home, env={})
+    Environment.open(settings).close()  # the catalog, migrated
+    with sqlite3.connect(Path(engine.home or "") / "catalog.db") as conn:
+        conn.execute(
+            "INSERT INTO rollouts (name, dataset, version_label, first_key, last_key, partition_keys, "
+            "throttle, soak_window_seconds, status, control, created_by, created_at, updated_at) VALUES "
+            "('evil', 'sessions', 'v1', ?, ?, 'not json', '{', 60, 'soaking', 'run', 'x', "
+            "'2024-01-01 00:00:00', '2024-01-01 00:00:00')",
+            (KEYS[0], KEYS[-1]),
+        )
+        conn.execute(
+            "INSERT INTO soak_evaluations (rollout, evaluated_at, passed, detail) "
+            "VALUES ('evil', '2024-01-01 00:00:00', 1, '[[[')"
+        )
+    with dg.instance_for_test() as instance:
+        sensor = defs.resolve_sensor_def("rollout_promotion")
+        with dg.build_sensor_context(instance=instance, resources={"pcbo": engine}) as context:
+            waiting = sensor(context)
+        assert isinstance(waiting, dg.SkipReason), waiting
+        assert "evil" in (waiting.skip_message or "")
+        schedule = defs.resolve_schedule_def("soak_monitor_schedule")
+        tick = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+        with dg.build_schedule_context(
+            instance=instance, resources={"pcbo": engine}, scheduled_execution_time=tick
+        ) as context:
+            [request] = schedule.evaluate_tick(context).run_requests or []
+        assert request.tags["pcbo/soaking"] == "evil"
+    env = Environment.open(settings)
+    try:
+        found = {(f["kind"], f["where"]) for f in verify(env)["findings"]}
+    finally:
+        env.close()
+    assert ("rollout_not_on_chain", "sessions/v1 rollout evil") in found
+    assert ("soak_evaluation_not_on_chain", "sessions/v1 rollout evil") in found

@@ -51,16 +51,29 @@ class RolloutRow(TypedDict):
     updated_at: datetime
 
 
+def _json_column(text: Any, fits: Any, empty: Any) -> Any:
+    """A JSON column's value when `fits(value)`, else `empty`: a row written by hand that holds no
+    such JSON reads as empty, so it disagrees with the chain (`pcbo verify` names it, no gate opens
+    on it) instead of failing every reader of the table (sensors, schedules, `verify` itself)."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        return empty
+    return value if fits(value) else empty
+
+
 def _rollout_row(row: Any) -> RolloutRow:
     out = dict(row._mapping)
-    out["partition_keys"] = json.loads(out["partition_keys"])
-    out["throttle"] = json.loads(out["throttle"])
+    out["partition_keys"] = _json_column(
+        out["partition_keys"], lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v), []
+    )
+    out["throttle"] = _json_column(out["throttle"], lambda v: isinstance(v, dict), {})
     return cast(RolloutRow, out)
 
 
 def _with_detail(row: Any) -> dict[str, Any]:
     out = dict(row._mapping)
-    out["detail"] = json.loads(out["detail"])
+    out["detail"] = _json_column(out["detail"], lambda v: True, None)
     return out
 
 
