@@ -9,6 +9,7 @@ import socket
 import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -484,3 +485,27 @@ def test_sensor_loads_in_definitions_with_the_pcbo_resource(pcbo_env, monkeypatc
         result = tick(sensor, instance, pcbo_env, "not json")
         assert "raised 0 alert(s)" in result.skip_reason.skip_message
         assert set(json.loads(result.cursor)) == {"since", "runEnds", "runless"}
+
+
+def test_a_pending_alert_row_that_is_not_json_suppresses_no_other_alert(pcbo_env, receiver, monkeypatch):
+    """Red-team finding: an `alerts` row written into the catalog by hand, pending, whose `detail` is
+    not JSON made every tick fail when it read the pending alerts: every later alert was recorded but
+    never delivered (and the sensor's cursor never moved). The row is sent as it reads (no detail);
+    the real alert is delivered."""
+    import sqlite3
+
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01)
+    with alert_store(pcbo_env):
+        pass  # the catalog, migrated
+    with sqlite3.connect(Path(pcbo_env.home) / "catalog.db") as conn:
+        conn.execute(
+            "INSERT INTO alerts (alert_key, kind, severity, subject, detail, raised_at, delivery_status, "
+            "attempts) VALUES ('forged', 'run_failed', 'error', 'x', '{not json', '2026-01-01 00:00:00', "
+            "'pending', 0)"
+        )
+    with dg.instance_for_test() as instance:
+        boom = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        result = tick(sensor, instance, pcbo_env, None)
+    assert f"run:{boom.run_id}" in receiver.accepted_keys()
+    assert "delivered 2 of 2" in result.skip_reason.skip_message
