@@ -327,3 +327,37 @@ def test_a_rollout_row_that_is_not_json_stops_no_sensor_and_not_verify(setup: An
         env.close()
     assert ("rollout_not_on_chain", "sessions/v1 rollout evil") in found
     assert ("soak_evaluation_not_on_chain", "sessions/v1 rollout evil") in found
+
+
+def test_a_commit_point_outside_the_assets_partitions_does_not_stop_lake_drifts_checks(setup: Any) -> None:
+    """A manifest planted under a key the asset does not have (before its start) next to a real
+    damage (a deleted data file): `lake_drift` put both into one checks run whose range began at the
+    planted key, which Dagster refused (`CheckError`: the range starts before the partitions
+    definition); the damaged partition's checks never ran and it never turned red. Keys outside the
+    asset's partitions are left to `pcbo verify`; the damaged partition's checks are launched."""
+    import json
+
+    tmp_path, config, engine, defs = setup
+    lake = tmp_path / "pcbo-home" / "lake" / "events" / "v1"
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        outside = "20230101T000000Z"
+        manifest = json.loads((lake / KEYS[0] / "_manifest.json").read_text())
+        manifest["partition"]["key"] = outside
+        (lake / outside).mkdir()
+        (lake / outside / "_manifest.json").write_text(json.dumps(manifest))
+        next((lake / KEYS[2]).glob("part-*.parquet")).unlink()
+
+        tick = _drift_tick(defs, instance, engine)
+        assert isinstance(tick, dg.SensorResult) and tick.run_requests, tick
+        [request] = tick.run_requests
+        assert request.tags["dagster/asset_partition_range_start"] == KEYS[2]
+        assert request.tags["dagster/asset_partition_range_end"] == KEYS[2]
+        checks = defs.resolve_job_def("events_checks").execute_in_process(
+            instance=instance, tags=request.tags, raise_on_error=False
+        )
+        failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
+        assert ("reconciliation", KEYS[2]) in failed
+        with engine.environment() as env:
+            found = {(f["kind"], f["where"].split(" ")[0]) for f in verify(env)["findings"]}
+        assert any(outside in where for _, where in found), found

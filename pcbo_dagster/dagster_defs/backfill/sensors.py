@@ -21,6 +21,7 @@ import dagster as dg
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, LedgerRangePartitioning
 from pcbo_dagster.io.env_vars import positive_int
@@ -161,6 +162,14 @@ def find_drift(instance: dg.DagsterInstance, target: DriftTarget, env: Any) -> d
     return drift
 
 
+def _asset_keys_among(instance: dg.DagsterInstance, dataset: DatasetConfig, keys: list[str]) -> set[str]:
+    """Those of `keys` that are partitions of the dataset's asset (its dynamic keys: the instance's)."""
+    from dagster._core.definitions.partitions.context import partition_loading_context
+
+    with partition_loading_context(dynamic_partitions_store=instance):
+        return set(partitions_def_for(dataset).filter_valid_partition_keys(set(keys)))
+
+
 def _busy_assets(instance: dg.DagsterInstance) -> set[dg.AssetKey] | None:
     """The assets an unfinished run selects; None when an unfinished run is an op job (a rollback,
     a request or a rollout job may change any dataset's lake)."""
@@ -227,6 +236,15 @@ def build_lake_drift_sensor(
                     if states[k][0] != "disagrees" and "bytes" not in drift[k] and "missing" not in drift[k]
                 ]
                 suspect = [k for k in sorted(drift) if k not in agreeing]
+                outside = sorted(set(suspect) - _asset_keys_among(context.instance, dataset, suspect))
+                if outside:
+                    # Not a partition of the asset: no checks run can name it (Dagster refuses the
+                    # range); a commit point there is `pcbo verify`'s finding.
+                    suspect = [k for k in suspect if k not in outside]
+                    lines.append(
+                        f"{target.key.to_user_string()}: {len(outside)} commit point(s) under keys that "
+                        f"are not partitions of the asset ({', '.join(outside[:3])}): see `pcbo verify`"
+                    )
                 if agreeing:
                     result = report_partitions(
                         context.instance,
