@@ -214,6 +214,7 @@ def build_sql_dataset_checks(
                 table = SqlTable.reopen(target.url, layout, write=False)
             try:
                 for key in keys:
+                    details: dict[str, Any]
                     if chain.findings:  # a chain that does not verify vouches for no row
                         passed, details = (
                             False,
