@@ -509,3 +509,41 @@ def test_a_pending_alert_row_that_is_not_json_suppresses_no_other_alert(pcbo_env
         result = tick(sensor, instance, pcbo_env, None)
     assert f"run:{boom.run_id}" in receiver.accepted_keys()
     assert "delivered 2 of 2" in result.skip_reason.skip_message
+
+
+@dg.asset
+def nested() -> int:
+    return 1
+
+
+@dg.asset_check(asset=nested, blocking=False)
+def nested_dsn() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=False,
+        metadata={
+            "conn": dg.MetadataValue.json(
+                {"dsn": "postgresql://u:jsonpw-55@db/x", "hooks": ["https://h.example/?token=jsontok-66"]}
+            )
+        },
+    )
+
+
+def test_secrets_in_a_checks_json_metadata_reach_neither_the_webhook_nor_the_catalog(
+    pcbo_env, receiver, monkeypatch
+):
+    """Red-team finding: the sensor scrubbed a failed check's metadata only where a value is text; a
+    JSON value (an object or a list, as checks of any code location of the instance record) went to
+    the webhook and the catalog's `alerts` row as it was, with a URL's password or query token."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01)
+    with dg.instance_for_test() as instance:
+        run = dg.materialize([nested, nested_dsn], instance=instance, raise_on_error=False)
+        assert run.success
+        tick(sensor, instance, pcbo_env, None)
+    with alert_store(pcbo_env) as store:
+        rows = store.alerts()
+    [sent] = receiver.accepted
+    for text in (json.dumps(sent), json.dumps([r["detail"] for r in rows])):
+        assert "jsonpw-55" not in text and "jsontok-66" not in text
+    conn = sent["detail"]["metadata"]["conn"]
+    assert conn["dsn"].endswith("@db/x") and conn["hooks"][0].startswith("https://h.example/")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 REDACTED = "[redacted]"
 
@@ -112,6 +113,18 @@ def terminal_text(text: str) -> str:
     return _TERMINAL_CONTROLS.sub(
         lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text
     )
+
+
+def scrub_json(value: Any) -> Any:
+    """`value` (plain JSON: objects, lists, text, numbers) with every text in it, keys included,
+    through `scrub_text`: for a document that goes into an alert, a report or a log as it is."""
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, dict):
+        return {scrub_text(str(k)): scrub_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub_json(v) for v in value]
+    return value
 
 
 #: The modules whose errors are a store's, passed on by fsspec and SQLAlchemy as they are (not as an

@@ -44,7 +44,7 @@ from pcbo_dagster.alerts.webhook import WEBHOOK_URL_ENV, AlertWebhook, raise_and
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.io.redaction import scrub_json, scrub_text
 
 SENSOR_NAME = "pcbo_alerts"
 #: How often the daemon evaluates the sensor (seconds).
@@ -102,6 +102,8 @@ def _metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
             raw = str(raw)
         if isinstance(raw, str):
             raw = scrub_text(raw)[:MAX_TEXT]
+        else:  # an object or a list (JSON metadata): every text in it
+            raw = scrub_json(raw)
         out[str(name)] = raw
     return out
 
