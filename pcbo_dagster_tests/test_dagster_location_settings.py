@@ -47,3 +47,45 @@ def test_good_settings_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert defs.resolve_sensor_def("production_health_repairs").minimum_interval_seconds == 45
     assert defs.resolve_sensor_def("lake_drift").minimum_interval_seconds == 600
     assert defs.resolve_schedule_def("soak_monitor_schedule").cron_schedule == "*/5 * * * *"
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["nosuch"], "asset"),
+        (["events", "--first", "nope"], "--first"),
+        (["events", "--last", "2024-01-01"], "--last"),
+        (["events", "--first", "20240101T050000Z", "--last", "20240101T010000Z"], "--last"),
+    ],
+)
+def test_range_runs_refuses_bad_arguments_naming_them(
+    argv: list[str],
+    field: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`python -m pcbo_dagster.dagster_defs.range_runs`: an unknown asset or key was a traceback
+    (DagsterInvariantViolationError, `ValueError: 'nope' is not in list`), and a first key after the
+    last launched nothing and exited 0. Each is invalid input naming the argument, exit 2."""
+    from pcbo_dagster.dagster_defs import range_runs
+
+    monkeypatch.setenv("PCBO_HOME", str(tmp_path))
+    monkeypatch.delenv("PCBO_DATASETS_CONFIG", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    status = range_runs.main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"invalid input: {field}:" in err
+
+
+def test_range_runs_cuts_a_valid_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pcbo_dagster.dagster_defs import range_runs
+
+    monkeypatch.setenv("PCBO_HOME", str(tmp_path))
+    monkeypatch.delenv("PCBO_DATASETS_CONFIG", raising=False)
+    spans = range_runs.run_ranges("events", "20240101T020000Z", "20240101T050000Z")
+    assert spans[0][0] == "20240101T020000Z" and spans[-1][1] == "20240101T050000Z"
+    assert range_runs.run_ranges("events", "20240101T030000Z", "20240101T030000Z") == [
+        ("20240101T030000Z", "20240101T030000Z")
+    ]

@@ -23,6 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
+from pcbo_dagster.core.errors import InvalidInput
+
 MODULE = "pcbo_dagster.dagster_defs.definitions"
 ASSET_JOB = "__ASSET_JOB"
 
@@ -33,12 +35,21 @@ def run_ranges(asset: str, first: str | None = None, last: str | None = None) ->
     from pcbo_dagster.dagster_defs.definitions import defs
 
     definitions = defs()
-    assets_def = definitions.resolve_assets_def(dg.AssetKey(asset))
+    try:
+        assets_def = definitions.resolve_assets_def(dg.AssetKey(asset))
+    except dg.DagsterInvariantViolationError:
+        raise InvalidInput("asset", f"{asset!r} is not an asset of the code location") from None
     partitions_def = assets_def.partitions_def
-    assert partitions_def is not None, f"{asset} is not partitioned"
+    if partitions_def is None or isinstance(partitions_def, dg.DynamicPartitionsDefinition):
+        raise InvalidInput("asset", f"{asset!r} has no fixed partition list to cut into runs")
     keys = list(partitions_def.get_partition_keys())
+    for flag, key in (("--first", first), ("--last", last)):
+        if key is not None and key not in keys:
+            raise InvalidInput(flag, f"{key!r} is not a partition key of {asset}")
     lo = keys.index(first) if first else 0
     hi = keys.index(last) + 1 if last else len(keys)
+    if hi <= lo:
+        raise InvalidInput("--last", f"{last!r} comes before the first key {keys[lo]!r}")
     keys = keys[lo:hi]
     policy = assets_def.backfill_policy
     size = (policy.max_partitions_per_run if policy else None) or len(keys)
@@ -81,7 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-checks", action="store_true", help="the asset only (`pcbo verify` checks the lake afterwards)"
     )
     args = parser.parse_args(argv)
-    spans = run_ranges(args.asset, args.first, args.last)
+    try:
+        spans = run_ranges(args.asset, args.first, args.last)
+    except InvalidInput as exc:
+        print(f"range_runs: invalid input: {exc}", file=sys.stderr)
+        return 2
     if args.coordinators <= 1:
         results = [_launch_one(args.asset, span, not args.no_checks) for span in spans]
     else:
