@@ -89,3 +89,37 @@ def test_range_runs_cuts_a_valid_range(tmp_path: Path, monkeypatch: pytest.Monke
     assert range_runs.run_ranges("events", "20240101T030000Z", "20240101T030000Z") == [
         ("20240101T030000Z", "20240101T030000Z")
     ]
+
+
+_TWO_DATASETS = """
+version: 1
+datasets:
+  - name: {plain}
+    partitioning:
+      {{kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-02T00:00:00Z"}}
+    source: {{uri: events.jsonl, format: jsonl}}
+    policies: {{requireConsent: true, allowedJurisdictions: [US]}}
+  - name: sessions
+    partitioning:
+      {{kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-02T00:00:00Z"}}
+    source: {{uri: sessions.jsonl, format: jsonl}}
+    policies: {{requireConsent: true, allowedJurisdictions: [US]}}
+    rollout:
+      soak: {{windowMinutes: 10}}
+      businessMetric: {{name: conversion_rate, expression: mean(converted), atLeast: 0.5}}
+"""
+
+
+@pytest.mark.parametrize("plain", ["rollout", "staging__sessions", "production__sessions"])
+def test_a_dataset_name_making_a_taken_dagster_name_is_refused(plain: str, tmp_path: Path) -> None:
+    """A dataset named `rollout` makes the job `rollout_rollback`, which the rollout jobs already
+    define; `staging__sessions` makes `staging__sessions_checks`, the staging asset's checks job. The
+    config validated, and the code location failed to load with Dagster's `Duplicate job definition`
+    error, naming no field."""
+    from pcbo_dagster.datasets.config import parse_datasets_config
+
+    config = parse_datasets_config(_TWO_DATASETS.format(plain=plain), base_dir=tmp_path)
+    with pytest.raises(InvalidInput) as info:
+        build_definitions(config, resource=PcboEngineResource(home=str(tmp_path)))
+    assert info.value.field == "datasets[0].name", str(info.value)
+    assert plain in info.value.message

@@ -200,6 +200,7 @@ def build_definitions(
         sensors.append(build_promotion_sensor(config, promotion_jobs, clock))
         sensors += build_interrupted_sensor(config, staging_assets)
         sensors.append(build_repairs_sensor(config, promotion_jobs))
+    _refuse_taken_names(config, {"job": jobs, "sensor": sensors, "schedule": schedules})
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
@@ -209,6 +210,31 @@ def build_definitions(
         resources={"pcbo": resource or PcboEngineResource.from_env()},
         executor=executor_from_env(),
     )
+
+
+#: The names each dataset gives definitions of its own, after its asset name.
+_PER_DATASET_SUFFIXES = ("checks", "dry_run", "rollback", "ledger_partitions")
+
+
+def _refuse_taken_names(config: DatasetsConfig, definitions: Mapping[str, list]) -> None:
+    """Two definitions of one name (a dataset named `rollout` makes the job `rollout_rollback`, as the
+    rollout jobs are named; `staging__sessions` makes `staging__sessions_checks`, the staging asset's
+    checks job) refuse the load naming the dataset, as the config's other errors do, rather than as
+    Dagster's `Duplicate job definition` when the location resolves."""
+    seen: set[str] = set()
+    for kind, items in definitions.items():
+        for name in (item.name for item in items):
+            if name not in seen:
+                seen.add(name)
+                continue
+            for index, dataset in enumerate(config.datasets):
+                if name in {f"{dataset.asset_name}_{suffix}" for suffix in _PER_DATASET_SUFFIXES}:
+                    raise InvalidInput(
+                        f"datasets[{index}].name",
+                        f"{dataset.name!r} makes the Dagster {kind} {name!r}, a name the code location "
+                        "already gives another definition: choose another dataset name",
+                    )
+            raise InvalidInput("datasets", f"two Dagster {kind}s would be named {name!r}")
 
 
 @dg.definitions
