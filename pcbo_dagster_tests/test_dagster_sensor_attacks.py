@@ -361,3 +361,32 @@ def test_a_commit_point_outside_the_assets_partitions_does_not_stop_lake_drifts_
         with engine.environment() as env:
             found = {(f["kind"], f["where"].split(" ")[0]) for f in verify(env)["findings"]}
         assert any(outside in where for _, where in found), found
+
+
+def test_the_checks_name_a_dynamic_key_added_by_hand_off_the_grid(setup: Any) -> None:
+    """A UI user adds a dynamic partition key to an open-ended ledger dataset by hand (`..` or
+    `range=2-65/../..`) and runs its checks over it: the step ended in an internal error (the lake's
+    `OutsidePartition`, confinement holding); the asset's own run refuses the key naming it, and so
+    must the checks."""
+    from pcbo_dagster.dagster_defs.partitions import dynamic_partitions_name
+
+    tmp_path, config, engine, defs = setup
+    text = (tmp_path / "datasets.yaml").read_text()
+    lines = [line for line in text.splitlines() if "lastLedger:" not in line]
+    (tmp_path / "open.yaml").write_text("\n".join(lines) + "\n")
+    config = load_datasets_config(tmp_path / "open.yaml")
+    defs = build_definitions(config, resource=engine)
+    name = dynamic_partitions_name(config.dataset("ledgers"))
+    with dg.instance_for_test() as instance:
+        for key in ["range=2-65/../..", ".."]:
+            instance.add_dynamic_partitions(name, [key])
+            checks = defs.resolve_job_def("ledgers_checks").execute_in_process(
+                instance=instance,
+                raise_on_error=False,
+                tags={"dagster/asset_partition_range_start": key, "dagster/asset_partition_range_end": key},
+            )
+            assert not checks.success
+            [failure] = [e for e in checks.all_events if e.event_type_value == "STEP_FAILURE"]
+            data = failure.step_failure_data
+            assert data.user_failure_data is not None, data.error
+            assert f"partition key {key!r} is not" in (data.user_failure_data.description or "")

@@ -50,6 +50,8 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 )
 
 from pcbo_dagster.core.plan import NormalizedPolicies
+from pcbo_dagster.dagster_defs.backfill.steps import partition_groups_for_keys
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine import partition_checks
@@ -101,9 +103,13 @@ OpenEnvironment = Callable[[PcboEngineResource], AbstractContextManager[Environm
 def _keys_of_step(
     context: dg.AssetCheckExecutionContext, env: Environment, dataset: DatasetConfig
 ) -> list[str]:
-    """The run's partitions; outside a partitioned run (a check launched alone), every committed one."""
+    """The run's partitions, each checked as the asset's run checks it (a dynamic key added by hand off
+    the ledger grid fails the step naming it); outside a partitioned run (a check launched alone),
+    every committed one."""
     if context.has_partition_key or context.has_partition_key_range:
-        return list(context.partition_keys)
+        keys = list(context.partition_keys)
+        partition_groups_for_keys(dataset, partitions_def_for(dataset), keys)
+        return keys
     return committed_keys(env.lake, dataset.name, dataset.versionLabel)
 
 
