@@ -390,3 +390,33 @@ def test_the_checks_name_a_dynamic_key_added_by_hand_off_the_grid(setup: Any) ->
             data = failure.step_failure_data
             assert data.user_failure_data is not None, data.error
             assert f"partition key {key!r} is not" in (data.user_failure_data.description or "")
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        '{"launch": {"status": "requested"}, "plan": {"planId": "sha256:ab", "partitions": '
+        '[{"key": "20990101T000000Z", "rollout": "r1"}]}}',
+        '{"launch": {"status": "requested"}, "plan": {"planId": "sha256:ab", "partitions": [{"key": "',
+        '{"launch": {"status": "requested"}}',
+        '{"launch": {"status": "requested"}, "plan": {"planId": "x", "partitions": '
+        '[{"key": ["a"], "rollout": "r"}]}}',
+    ],
+)
+def test_a_health_report_the_repairs_sensor_cannot_use_stops_no_repair(
+    setup: Any, report: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`production_health_repairs` reads the health check's report file: one that names a key the
+    dataset no longer has (its config changed since), is cut short or lacks its plan made every tick
+    fail with a KeyError or JSONDecodeError, for every dataset. The tick says what it skips instead."""
+    tmp_path, config, engine, defs = setup
+    monkeypatch.setenv("PCBO_REPORTS_DIR", str(tmp_path / "reports"))
+    path = tmp_path / "reports" / "health" / "sessions" / "health_report.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(report)
+    sensor = defs.resolve_sensor_def("production_health_repairs")
+    with dg.instance_for_test() as instance:
+        with dg.build_sensor_context(instance=instance, resources={"pcbo": engine}) as context:
+            result = sensor(context)
+    assert isinstance(result, dg.SkipReason), result
+    assert "sessions" in (result.skip_message or "")

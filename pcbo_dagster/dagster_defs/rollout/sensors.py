@@ -207,16 +207,32 @@ def repair_requests(config: DatasetsConfig, base: Any) -> tuple[list[dg.RunReque
             path = health_dir(envs, dataset) / f"{REPORT_STEM}.json"
             if not path.exists():
                 continue
-            report = _json.loads(path.read_text(encoding="utf-8"))
-        launch = report.get("launch") or {}
-        if launch.get("status") != "requested":
+            try:
+                report = _json.loads(path.read_text(encoding="utf-8"))
+                requested = (report.get("launch") or {}).get("status") == "requested"
+                plan = report["plan"] if requested else None
+                entries = [(e["key"], e.get("rollout")) for e in plan["partitions"]] if plan else []
+                plan_id = str(plan["planId"]) if plan else ""
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                # One dataset's report (cut short, or of another shape) must not stop the others' repairs.
+                notes.append(
+                    f"{dataset.name}: the health report {path} cannot be used ({type(exc).__name__}): "
+                    "nothing launched; run production_health_check again"
+                )
+                continue
+        if plan is None:
             continue
-        plan = report["plan"]
         order = {k: i for i, k in enumerate(dataset.partitioning.keys())}
+        unknown = sorted({str(key) for key, _ in entries if not (isinstance(key, str) and key in order)})
+        if unknown:
+            notes.append(
+                f"{dataset.name}: plan {plan_id} names {len(unknown)} key(s) the dataset does not have "
+                f"({', '.join(unknown[:3])}): not launched; run production_health_check again"
+            )
         by_rollout: dict[str, list[str]] = {}
-        for entry in plan["partitions"]:
-            if entry.get("rollout"):
-                by_rollout.setdefault(entry["rollout"], []).append(entry["key"])
+        for key, rollout in entries:
+            if rollout and isinstance(key, str) and key in order:
+                by_rollout.setdefault(str(rollout), []).append(key)
         for name, keys in sorted(by_rollout.items()):
             keys.sort(key=lambda k: order[k])
             ranges: list[list[str]] = []
@@ -228,18 +244,18 @@ def repair_requests(config: DatasetsConfig, base: Any) -> tuple[list[dg.RunReque
             for part in ranges:
                 requests.append(
                     dg.RunRequest(
-                        run_key=f"health:{plan['planId']}:{name}:{part[0]}:{part[-1]}",
+                        run_key=f"health:{plan_id}:{name}:{part[0]}:{part[-1]}",
                         job_name=promotion_job_name(dataset.asset_name),
                         tags={
                             ROLLOUT_TAG: name,
                             "dagster/asset_partition_range_start": part[0],
                             "dagster/asset_partition_range_end": part[-1],
                             PROMOTED_BY_TAG: f"sensor {REPAIRS_SENSOR}",
-                            "pcbo/health_plan": plan["planId"].removeprefix("sha256:")[:32],
+                            "pcbo/health_plan": plan_id.removeprefix("sha256:")[:32],
                         },
                     )
                 )
-            notes.append(f"{dataset.name}: plan {plan['planId']}: {len(keys)} partition(s) of rollout {name}")
+            notes.append(f"{dataset.name}: plan {plan_id}: {len(keys)} partition(s) of rollout {name}")
     return requests, notes
 
 
@@ -260,7 +276,8 @@ def build_repairs_sensor(config: DatasetsConfig, jobs: list[Any]) -> dg.SensorDe
             context.log.info(f"repair: {note}")
         if not requests:
             return dg.SkipReason(
-                "no health check repair was requested (production_health_check with launch: true)"
+                " | ".join(notes)
+                or "no health check repair was requested (production_health_check with launch: true)"
             )
         return dg.SensorResult(run_requests=requests)
 
