@@ -130,3 +130,14 @@ def test_a_rollout_name_no_run_id_can_carry_is_refused_before_the_rollout_is_rec
     assert "invalid input: rollout:" in _failure_message(result)
     assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []
     assert not list((home / "staging").rglob("_manifest.json"))
+
+
+@pytest.mark.parametrize("by", ["", "   "])
+def test_a_rollout_started_by_nobody_is_refused(staging: Any, by: str) -> None:
+    """`by` is who the rollout's history and its `rollout_staged` event name: blank, it was recorded
+    as such (pause, resume, cancel and promote all refuse a blank `by`)."""
+    home, clock, apply = staging
+    result = apply({"rollout": "r1", "by": by})
+    assert not result.success
+    assert "invalid input: by:" in _failure_message(result)
+    assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []

@@ -104,6 +104,8 @@ def apply_to_staging(
     if dataset.rollout is None:
         raise InvalidInput("dataset", f"{dataset.name} has no rollout block in the datasets config")
     check_rollout_name(name)
+    if not actor.strip():
+        raise InvalidInput("by", "say who starts the rollout (its history and audit events name them)")
     if not (isinstance(poll_seconds, int | float) and 0 < poll_seconds <= MAX_POLL_SECONDS):
         # Zero (or less, or NaN) would make every throttle wait a loop of zero-second steps.
         raise InvalidInput("poll_seconds", f"must be a number of seconds in (0, {MAX_POLL_SECONDS:g}]")
