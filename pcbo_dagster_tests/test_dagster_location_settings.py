@@ -123,3 +123,49 @@ def test_a_dataset_name_making_a_taken_dagster_name_is_refused(plain: str, tmp_p
         build_definitions(config, resource=PcboEngineResource(home=str(tmp_path)))
     assert info.value.field == "datasets[0].name", str(info.value)
     assert plain in info.value.message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_datasets_config_that_is_not_a_regular_file_is_refused_at_once(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PCBO_DATASETS_CONFIG` naming a FIFO hung the code location's load (and `pcbo validate-config`)
+    for ever; naming `/dev/zero` read until memory ran out (an internal MemoryError, after exhausting
+    the host). Sources that are not regular files are refused; so is the config, naming the file."""
+    import os
+    import threading
+
+    from pcbo_dagster.datasets.config import load_datasets_config_from_env
+
+    if kind == "fifo":
+        path = tmp_path / "datasets.yaml"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    monkeypatch.setenv("PCBO_DATASETS_CONFIG", str(path))
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_datasets_config_from_env()
+        except BaseException as exc:  # noqa: BLE001 - what the load ends in is the outcome
+            outcome.append(exc)
+
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, hard))  # /dev/zero must not take the host down
+    try:
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    if worker.is_alive():  # unblock the FIFO's opener, then fail
+        with open(path, "wb"):
+            pass
+        worker.join(20)
+        pytest.fail("loading the datasets config blocked")
+    [error] = outcome
+    assert isinstance(error, InvalidInput), repr(error)
+    assert error.field == "config" and "not a regular file" in error.message

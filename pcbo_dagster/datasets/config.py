@@ -752,11 +752,17 @@ def load_datasets_config_from_env(
 def load_datasets_config(path: str | Path, environ: Mapping[str, str] | None = None) -> DatasetsConfig:
     """Read and validate a datasets config file: relative lakes resolve against its directory,
     relative sources against `sources_dir_for(path, environ)`."""
+    from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
+
     path = Path(path)
     try:
-        text = path.read_bytes()
+        # A regular file only, as for sources: a FIFO would block the load for ever, /dev/zero never end.
+        with open_regular(str(path)) as fh:
+            text = fh.read()
     except FileNotFoundError:
         raise InvalidInput("config", f"no such file: {path}") from None
+    except NotRegularFile:
+        raise InvalidInput("config", f"{path} is not a regular file") from None
     except OSError as exc:
         raise InvalidInput("config", f"cannot be read: {exc.__class__.__name__}: {path}") from None
     return parse_datasets_config(text, path.resolve().parent, sources_dir_for(path, environ))
