@@ -420,3 +420,97 @@ def test_a_health_report_the_repairs_sensor_cannot_use_stops_no_repair(
             result = sensor(context)
     assert isinstance(result, dg.SkipReason), result
     assert "sessions" in (result.skip_message or "")
+
+
+SOAK_CONFIG = """
+version: 1
+datasets:
+  - name: sessions
+    partitioning:
+      {kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}
+    source: {uri: sessions.jsonl, format: jsonl}
+    policies: {requireConsent: true, allowedJurisdictions: [US, CA], onViolation: omit}
+    rollout:
+      soak: {windowMinutes: 30}
+      businessMetric: {name: conversion_rate, expression: mean(converted), atLeast: 0.9}
+"""
+
+
+def test_the_soak_does_not_judge_staging_files_its_chain_never_committed(tmp_path: Path) -> None:
+    """The soak's business metric read the staging lake's commit points as they were: partitions
+    rewritten self-consistently (manifest, files, checksums and Merkle root all agreeing; same ids,
+    `converted` set everywhere; made by a genuine apply on a copy of the stores) passed a soak the
+    real output fails (75% converted, at least 90% required), with nothing on the staging chain
+    behind them. Each partition's commit point must be the version its audit chain committed."""
+    import json
+    from datetime import UTC, datetime
+
+    from pcbo_dagster.catalog.rollouts import RolloutStore
+    from pcbo_dagster.datasets.config import parse_datasets_config
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.rollout.clock import ManualClock
+
+    keys = KEYS
+    tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+    real, shadow = tmp_path / "real", tmp_path / "shadow"
+
+    def records(all_converted: bool) -> str:
+        rows = [
+            {
+                "id": f"ses-{h}-{n}",
+                "occurredAt": f"2024-01-01T{h:02d}:{n * 7:02d}:00Z",
+                "jurisdiction": "US",
+                "consentGranted": True,
+                "converted": all_converted or n % 4 != 0,
+            }
+            for h in range(3)
+            for n in range(8)
+        ]
+        return "".join(json.dumps(r) + "\n" for r in rows)
+
+    clock = ManualClock(datetime(2026, 11, 22, 9, 0, tzinfo=UTC))
+
+    def location(root: Path, home: Path, all_converted: bool) -> tuple[PcboEngineResource, dg.Definitions]:
+        root.mkdir(exist_ok=True)
+        (root / "sessions.jsonl").write_text(records(all_converted))
+        config = parse_datasets_config(SOAK_CONFIG, base_dir=root)
+        engine = PcboEngineResource(home=str(home))
+        return engine, build_definitions(config, engine, clock=clock)
+
+    def stage(defs: dg.Definitions, instance: Any, name: str) -> None:
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey(["staging", "sessions"])],
+            tags=tags,
+            run_config={"ops": {"staging__sessions": {"config": {"rollout": name, "by": "ana"}}}},
+        )
+        assert result.success
+
+    engine, defs = location(real, tmp_path / "home", all_converted=False)
+    with dg.instance_for_test() as instance:
+        stage(defs, instance, "r1")
+        # The forgery: on a copy of the homes, another rollout stages the same ids with `converted`
+        # set everywhere; its staging partitions are then put in place of the real ones.
+        shutil.copytree(tmp_path / "home", tmp_path / "home-copy")
+        _, shadow_defs = location(shadow, tmp_path / "home-copy", all_converted=True)
+        with dg.instance_for_test() as shadow_instance:
+            stage(shadow_defs, shadow_instance, "r2")
+        lake = Path("staging") / "lake" / "sessions" / "v1"
+        for key in keys:
+            shutil.rmtree(tmp_path / "home" / lake / key)
+            shutil.copytree(tmp_path / "home-copy" / lake / key, tmp_path / "home" / lake / key)
+
+        clock.advance(31 * 60)  # the window is over: this evaluation decides the soak
+        soak = defs.resolve_job_def("soak_monitor").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        [evaluation] = [e for e in soak.get_asset_check_evaluations() if e.check_name == "soak"]
+    assert not evaluation.passed
+    env = Environment.open(Settings.resolve(home=str(tmp_path / "home"), env={}))
+    try:
+        row = RolloutStore(env.catalog).soak_evaluations("r1")[-1]  # (the first: the staging run's)
+    finally:
+        env.close()
+    assert not row["passed"]
+    assert not row["detail"]["checks"]["checksums"]["passed"], row["detail"]["checks"]["checksums"]

@@ -13,7 +13,9 @@ check's verdict and message, the digest of the detail) and in the production cat
 - `rows_match_decisions`: every partition is committed and holds exactly the ids the engine decides
   to add *now* (the source evaluated again);
 - `checksums`: re-reading every partition (files, sizes, SHA-256, row counts, Merkle root) finds
-  nothing;
+  nothing, and its commit point is the version the staging audit chain (verified against the
+  staging catalog's head) says is current: files rewritten to agree with a manifest of their own
+  are not the rollout's output;
 - `business_metric` (with `rollout.businessMetric`): the metric over all the output's rows is
   within its baseline.
 
@@ -48,7 +50,13 @@ from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
-from pcbo_dagster.engine.partition_checks import policy_violations
+from pcbo_dagster.engine.partition_checks import (
+    CheckedChain,
+    CommittedPartition,
+    chain_verdict,
+    policy_violations,
+    read_chain,
+)
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
@@ -92,12 +100,15 @@ def evaluate_soak(
     keys = list(rollout["partition_keys"])
     version_label = rollout["version_label"]
     readings = {key: read_partition(envs.staging.lake, dataset.name, version_label, key) for key in keys}
+    # The staging chain (verified against the staging catalog's head): a commit point it did not commit
+    # is not the rollout's output, however well its files agree with it.
+    staging_chain = read_chain(envs.staging, dataset.name, version_label)
     decided, decision_hash_now, problem = _decisions_now(config, dataset, rollout)
     checks: dict[str, dict[str, Any]] = {
         POLICY_VIOLATIONS: _policy_check(dataset, readings),
         DUPLICATE_IDS: _duplicate_check(readings),
         ROWS_MATCH_DECISIONS: _decisions_check(readings, decided, problem),
-        CHECKSUMS: _checksum_check(readings),
+        CHECKSUMS: _checksum_check(readings, staging_chain),
     }
     metric = dataset.rollout.businessMetric if dataset.rollout else None
     if metric is not None:
@@ -246,14 +257,27 @@ def _decisions_check(
     return check
 
 
-def _checksum_check(readings: dict[str, PartitionReading]) -> dict[str, Any]:
-    entries = [_partition_entry(key, r.findings) for key, r in readings.items() if r.findings]
+def _checksum_check(readings: dict[str, PartitionReading], chain: CheckedChain) -> dict[str, Any]:
+    entries = []
+    for key, reading in readings.items():
+        findings = list(reading.findings)
+        if reading.manifest is not None:
+            part = CommittedPartition(
+                key, manifest=reading.manifest, manifest_checksum=reading.manifest_checksum
+            )
+            verdict = chain_verdict(part, chain)
+            findings += [
+                {"kind": "commit_point_not_on_chain", "where": reading.rel, "detail": text}
+                for text in verdict.details.get("findings", [])
+            ]
+        if findings:
+            entries.append(_partition_entry(key, findings))
     total = sum(e["count"] for e in entries)
     if total:
         kinds = sorted({f["kind"] for e in entries for f in e["findings"]})
         message = f"{total} finding(s) ({', '.join(kinds)}) in {_keys_text(entries)}"
     else:
-        message = "every committed partition re-reads as its manifest says"
+        message = "every committed partition re-reads as its manifest and the staging audit chain say"
     return _check(total == 0, total, 0, message, entries)
 
 
