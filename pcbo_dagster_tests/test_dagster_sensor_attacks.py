@@ -514,3 +514,62 @@ def test_the_soak_does_not_judge_staging_files_its_chain_never_committed(tmp_pat
         env.close()
     assert not row["passed"]
     assert not row["detail"]["checks"]["checksums"]["passed"], row["detail"]["checks"]["checksums"]
+
+
+def test_the_promotion_gate_does_not_take_staging_files_its_chain_never_committed(tmp_path: Path) -> None:
+    """The promotion gate's staging check re-read each staging partition as its manifest says, like
+    the soak did: partitions rewritten self-consistently (on a copy of the stores) passed it. They must
+    hold it closed, naming them, as the staging chain never committed them."""
+    import json
+    from datetime import UTC, datetime
+
+    from pcbo_dagster.datasets.config import parse_datasets_config
+    from pcbo_dagster.rollout.clock import ManualClock
+
+    tags = {"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partition_range_end": KEYS[-1]}
+    clock = ManualClock(datetime(2026, 11, 22, 9, 0, tzinfo=UTC))
+
+    def location(root: Path, home: Path, converted: bool) -> tuple[PcboEngineResource, dg.Definitions]:
+        root.mkdir(exist_ok=True)
+        rows = [
+            {
+                "id": f"ses-{h}-{n}",
+                "occurredAt": f"2024-01-01T{h:02d}:{n * 7:02d}:00Z",
+                "jurisdiction": "US",
+                "consentGranted": True,
+                "converted": converted,
+            }
+            for h in range(3)
+            for n in range(4)
+        ]
+        (root / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        engine = PcboEngineResource(home=str(home))
+        return engine, build_definitions(
+            parse_datasets_config(SOAK_CONFIG, base_dir=root), engine, clock=clock
+        )
+
+    def stage(defs: dg.Definitions, instance: Any, name: str) -> None:
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance,
+            asset_selection=[dg.AssetKey(["staging", "sessions"])],
+            tags=tags,
+            run_config={"ops": {"staging__sessions": {"config": {"rollout": name, "by": "ana"}}}},
+        )
+        assert result.success
+
+    engine, defs = location(tmp_path / "real", tmp_path / "home", converted=True)
+    with dg.instance_for_test() as instance:
+        stage(defs, instance, "r1")
+        shutil.copytree(tmp_path / "home", tmp_path / "home-copy")
+        _, shadow_defs = location(tmp_path / "shadow", tmp_path / "home-copy", converted=False)
+        with dg.instance_for_test() as shadow_instance:
+            stage(shadow_defs, shadow_instance, "r2")
+        lake = Path("staging") / "lake" / "sessions" / "v1"
+        shutil.rmtree(tmp_path / "home" / lake / KEYS[1])
+        shutil.copytree(tmp_path / "home-copy" / lake / KEYS[1], tmp_path / "home" / lake / KEYS[1])
+        sensor = defs.resolve_sensor_def("rollout_promotion")
+        with dg.build_sensor_context(instance=instance, resources={"pcbo": engine}) as context:
+            waiting = sensor(context)
+    assert isinstance(waiting, dg.SkipReason), waiting
+    text = waiting.skip_message or ""
+    assert "staging checks failed" in text and KEYS[1] in text, text

@@ -219,6 +219,13 @@ def chain_verdict(part: CommittedPartition, chain: CheckedChain) -> Verdict:
     return Verdict(not findings, details)
 
 
+def reading_chain_findings(key: str, reading: PartitionReading, chain: CheckedChain) -> list[str]:
+    """`chain_verdict`'s findings for partition `key` as `read_partition` read it (empty: its commit
+    point is the version the chain says is current, and the chain verifies)."""
+    part = CommittedPartition(key, manifest=reading.manifest, manifest_checksum=reading.manifest_checksum)
+    return list(chain_verdict(part, chain).details.get("findings", []))
+
+
 def coverage(lake: LakeStorage, dataset: str, version_label: str, keys: list[str]) -> Verdict:
     """Committed partitions vs `keys` (in order) up to the last committed one: gaps fail."""
     committed = set(committed_keys(lake, dataset, version_label))

@@ -48,6 +48,7 @@ from pcbo_dagster.core.rollout_lifecycle import PROMOTED, ROLLOUT_PROMOTED, SOAK
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
+from pcbo_dagster.engine.partition_checks import read_chain, reading_chain_findings
 from pcbo_dagster.engine.partition_reading import read_partition
 from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
@@ -110,12 +111,17 @@ def promotion_gate(
         )
         return {**gate, "open": False, "reasons": reasons}
     bad: list[str] = []
+    # The staging chain (verified against the staging catalog's head): files that agree with a commit
+    # point it never committed are not the rollout's staging output.
+    staging_chain = read_chain(envs.staging, rollout["dataset"], rollout["version_label"])
     for key in rollout["partition_keys"]:
         reading = read_partition(envs.staging.lake, rollout["dataset"], rollout["version_label"], key)
         if not reading.committed:
             bad.append(f"{key}: not committed in staging")
         elif reading.findings:
             bad.append(f"{key}: " + "; ".join(f["detail"] for f in reading.findings[:3]))
+        elif off_chain := reading_chain_findings(key, reading, staging_chain):
+            bad.append(f"{key}: " + "; ".join(off_chain[:3]))
     discrepancies = [d for d in envs.staging.catalog.discrepancies(rollout["staging_run_id"])]
     bad += [f"{d['partition_key']}: post-write check failed in staging" for d in discrepancies]
     for key, checks in sorted((failed_checks or {}).items()):

@@ -52,10 +52,9 @@ from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_checks import (
     CheckedChain,
-    CommittedPartition,
-    chain_verdict,
     policy_violations,
     read_chain,
+    reading_chain_findings,
 )
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
@@ -262,13 +261,9 @@ def _checksum_check(readings: dict[str, PartitionReading], chain: CheckedChain) 
     for key, reading in readings.items():
         findings = list(reading.findings)
         if reading.manifest is not None:
-            part = CommittedPartition(
-                key, manifest=reading.manifest, manifest_checksum=reading.manifest_checksum
-            )
-            verdict = chain_verdict(part, chain)
             findings += [
                 {"kind": "commit_point_not_on_chain", "where": reading.rel, "detail": text}
-                for text in verdict.details.get("findings", [])
+                for text in reading_chain_findings(key, reading, chain)
             ]
         if findings:
             entries.append(_partition_entry(key, findings))
