@@ -573,3 +573,65 @@ def test_the_promotion_gate_does_not_take_staging_files_its_chain_never_committe
     assert isinstance(waiting, dg.SkipReason), waiting
     text = waiting.skip_message or ""
     assert "staging checks failed" in text and KEYS[1] in text, text
+
+
+def test_a_reversed_partition_range_is_refused_saying_so(setup: Any) -> None:
+    """Launch tags typed in the launchpad with the range's start after its end: Dagster gives the run
+    no partition at all; the asset's policy gate and the dry run ended in an internal IndexError, the
+    staging apply too, and the checks job 'succeeded' having checked nothing. Each must fail saying
+    the range holds no partition, nothing written."""
+    tmp_path, config, engine, defs = setup
+    reversed_range = {
+        "dagster/asset_partition_range_start": KEYS[2],
+        "dagster/asset_partition_range_end": KEYS[0],
+    }
+    jobs = {
+        "events": defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={EVENTS}),
+        "staging/sessions": defs.resolve_implicit_global_asset_job_def().get_subset(
+            asset_selection={dg.AssetKey(["staging", "sessions"])}
+        ),
+        "events_dry_run": defs.resolve_job_def("events_dry_run"),
+        "events_checks": defs.resolve_job_def("events_checks"),
+    }
+    with dg.instance_for_test() as instance:
+        for name, job in jobs.items():
+            result = job.execute_in_process(instance=instance, tags=reversed_range, raise_on_error=False)
+            assert not result.success, name
+            failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+            data = failures[0].step_failure_data
+            assert data.user_failure_data is not None, (name, data.error)
+            assert "holds no partition" in (data.user_failure_data.description or ""), name
+    assert not (tmp_path / "pcbo-home" / "lake").exists()
+    assert not (tmp_path / "pcbo-home" / "staging" / "lake").exists()
+
+
+def test_a_reversed_range_on_a_sql_target_dataset_is_refused_too(tmp_path: Path) -> None:
+    from pcbo_dagster_tests.sql_target_helpers import query, run_sql, sqlite_url
+
+    (tmp_path / "datasets.yaml").write_text(SQL_CONFIG)
+    generate_demo_data(tmp_path / "demo_data")
+    url = sqlite_url(tmp_path / "target.db")
+    run_sql(
+        url,
+        "CREATE TABLE events (id TEXT PRIMARY KEY, occurred_at TEXT NOT NULL, amount INTEGER, channel TEXT)",
+    )
+    engine = PcboEngineResource(home=str(tmp_path / "home"))
+    defs = build_definitions(load_datasets_config(tmp_path / "datasets.yaml"), resource=engine)
+    reversed_range = {
+        "dagster/asset_partition_range_start": KEYS[2],
+        "dagster/asset_partition_range_end": KEYS[0],
+    }
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance,
+            tags=reversed_range,
+            asset_selection=[dg.AssetKey("events_sql")],
+            raise_on_error=False,
+        )
+    assert not result.success
+    [failure, *_] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    data = failure.step_failure_data
+    assert data.user_failure_data is not None and "holds no partition" in (
+        data.user_failure_data.description or ""
+    )
+    assert query(url, "SELECT count(*) FROM events")[0][0] == 0

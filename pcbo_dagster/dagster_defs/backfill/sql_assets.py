@@ -24,12 +24,12 @@ from typing import Any
 import dagster as dg
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput
-from pcbo_dagster.core.partition_keys import PartitionKeyError
 from pcbo_dagster.core.sql_outcomes import TargetDecisions
-from pcbo_dagster.dagster_defs.partitions import partitions_def_for, windows_for_keys
+from pcbo_dagster.dagster_defs.backfill.steps import partition_groups_for_keys
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
-from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, TimeWindowPartitioning
-from pcbo_dagster.datasets.requests import Span, ledger_spans_for_keys, partition_groups, request_for_group
+from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
+from pcbo_dagster.datasets.requests import Span, request_for_group
 from pcbo_dagster.engine import partition_checks
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.request_loading import evaluate, load_request
@@ -68,15 +68,9 @@ def _engine_failures(source_uri: str) -> Iterator[None]:
 
 
 def _groups(context: dg.AssetExecutionContext, dataset: DatasetConfig) -> Sequence[Sequence[Span]]:
-    keys = list(context.partition_keys)
-    if isinstance(dataset.partitioning, TimeWindowPartitioning):
-        partitions_def = context.assets_def.partitions_def
-        assert isinstance(partitions_def, dg.TimeWindowPartitionsDefinition)
-        return partition_groups(dataset, windows_for_keys(partitions_def, keys))
-    try:
-        return partition_groups(dataset, ledger_spans_for_keys(dataset.partitioning, keys))
-    except PartitionKeyError as exc:
-        raise dg.Failure(description=f"{dataset.name}: {exc}", allow_retries=False) from None
+    """The run's partitions as engine request groups, as the lake datasets' steps make them (a range
+    that holds no partition, or a key off the ledger grid, fails naming it)."""
+    return partition_groups_for_keys(dataset, context.assets_def.partitions_def, list(context.partition_keys))
 
 
 def sql_partition_metadata(outcome: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:

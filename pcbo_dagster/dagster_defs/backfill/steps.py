@@ -268,10 +268,21 @@ def engine_run_id(dagster_run_id: str, group_index: int, group_count: int) -> st
     return base if group_count == 1 else f"{base}.{group_index}"
 
 
+def no_partitions(dataset: DatasetConfig) -> dg.Failure:
+    """The failure of a run Dagster gave no partition: a range typed in the launchpad backwards."""
+    return dg.Failure(
+        description=f"{dataset.name}: the run's partition range holds no partition (its start after its "
+        "end?); nothing was done",
+        allow_retries=False,
+    )
+
+
 def partition_groups_for_keys(
     dataset: DatasetConfig, partitions_def: dg.PartitionsDefinition | None, keys: Sequence[str]
 ) -> Sequence[Sequence[Span]]:
     """The run's partition keys as groups of partitions, one engine request each."""
+    if not keys:
+        raise no_partitions(dataset)
     partitioning = dataset.partitioning
     if isinstance(partitioning, TimeWindowPartitioning):
         assert isinstance(partitions_def, dg.TimeWindowPartitionsDefinition)

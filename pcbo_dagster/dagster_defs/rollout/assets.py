@@ -22,7 +22,12 @@ import dagster as dg
 from pydantic import Field
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
-from pcbo_dagster.dagster_defs.backfill.steps import engine_errors, log_execution, partition_metadata
+from pcbo_dagster.dagster_defs.backfill.steps import (
+    engine_errors,
+    log_execution,
+    no_partitions,
+    partition_metadata,
+)
 from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
@@ -72,6 +77,8 @@ def build_staging_asset(config: DatasetsConfig, dataset: DatasetConfig, clock: C
         context: dg.AssetExecutionContext, config: StagingApplyConfig, pcbo: PcboEngineResource
     ) -> dg.MaterializeResult:
         keys = list(context.partition_keys)
+        if not keys:
+            raise no_partitions(dataset)
         throttle = {
             "partitionsPerMinute": config.partitions_per_minute,
             "recordsPerMinute": config.records_per_minute,
@@ -128,6 +135,8 @@ def build_production_asset(
 
     def production(context: dg.AssetExecutionContext, pcbo: PcboEngineResource) -> dg.MaterializeResult:
         keys = list(context.partition_keys)
+        if not keys:
+            raise no_partitions(dataset)
         base = pcbo.settings()
         name = context.run.tags.get(ROLLOUT_TAG) or _rollout_covering(base, dataset, keys)
         context.log.info(f"production: {len(keys)} partition(s) {keys[0]}..{keys[-1]} of rollout {name}")
