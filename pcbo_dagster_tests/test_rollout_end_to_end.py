@@ -80,11 +80,11 @@ def _write_source(path: Path, records: list[dict[str, Any]]) -> None:
 class Rollout:
     """The deployment under test: definitions, an instance, the clock and where things are."""
 
-    def __init__(self, tmp_path: Path, instance: Any) -> None:
+    def __init__(self, tmp_path: Path, instance: Any, config: str = CONFIG) -> None:
         self.root = tmp_path
         self.source = tmp_path / "sessions.jsonl"
         _write_source(self.source, _sessions())
-        self.config = parse_datasets_config(CONFIG, base_dir=tmp_path)
+        self.config = parse_datasets_config(config, base_dir=tmp_path)
         self.home = tmp_path / "home"
         self.clock = ManualClock(T0)
         self.resource = PcboEngineResource(home=str(self.home))
@@ -289,3 +289,40 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
         verified = run_pcbo(["verify"], home=home)
         assert verified.status == 0, verified.stderr
         assert verified.document["findings"] == []
+
+
+def test_a_production_run_tagged_with_another_dataset_s_rollout_is_refused(tmp_path: Path) -> None:
+    """`pcbo/rollout` is a launch tag anyone launching a run can type: a production run of one dataset
+    naming another dataset's rollout is refused naming the tag, and nothing is promoted (it would have
+    promoted the other dataset's rollout and recorded the materializations on this one)."""
+    second = CONFIG.split("datasets:\n", 1)[1].replace("name: sessions", "name: visits")
+    with dg.instance_for_test() as instance:
+        d = Rollout(tmp_path, instance, CONFIG + second)
+        staged = d.defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=d.instance,
+            asset_selection=[dg.AssetKey(["staging", "sessions"])],
+            tags={
+                "dagster/asset_partition_range_start": KEYS[0],
+                "dagster/asset_partition_range_end": KEYS[-1],
+            },
+            run_config={"ops": {"staging__sessions": {"config": {"rollout": "r1", "by": "ana"}}}},
+        )
+        assert staged.success
+        run = d.defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=d.instance,
+            asset_selection=[dg.AssetKey(["production", "visits"])],
+            tags={
+                "pcbo/rollout": "r1",
+                "dagster/asset_partition_range_start": KEYS[0],
+                "dagster/asset_partition_range_end": KEYS[-1],
+            },
+            raise_on_error=False,
+        )
+        assert not run.success
+        failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "pcbo/rollout" in str(
+            failure.event_specific_data.error
+        ) and "is not a rollout of visits" in str(failure.event_specific_data.error)
+        assert not list((d.home / "lake").rglob("_manifest.json"))
+        store, _env = d.store_view()
+        assert store.require("r1")["status"] == "soaking"

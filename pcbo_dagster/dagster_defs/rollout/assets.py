@@ -22,6 +22,7 @@ import dagster as dg
 from pydantic import Field
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.backfill.steps import (
     engine_errors,
     log_execution,
@@ -142,6 +143,8 @@ def build_production_asset(
         context.log.info(f"production: {len(keys)} partition(s) {keys[0]}..{keys[-1]} of rollout {name}")
         with engine_errors(source_uri):
             rollout = operations.find_rollout(base, name)
+            if rollout["dataset"] != dataset.name:  # the tag is typed in the launchpad: another dataset's
+                raise InvalidInput(ROLLOUT_TAG, f"rollout {name!r} is not a rollout of {dataset.name}")
             if rollout["status"] == "promoted":
                 document = _repair(config, dataset, base, rollout, keys, context.run.run_id)
             else:
