@@ -28,6 +28,13 @@ from pcbo_dagster.io.atomic_files import replace_file
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.layout import OutsidePartition
 
+#: Object stores are shared: another host may write or remove any object at any time, so no
+#: directory listing is kept for later (s3fs and gcsfs keep every listing for ever by default, in a
+#: file system object fsspec keeps for the process, and answer `exists`, `size` and even `cat_file`
+#: from it: a long-lived process would not see a commit point another host wrote after its listing,
+#: and a rollback's delete of it would remove nothing).
+_NO_LISTINGS_CACHE: dict[str, object] = {"use_listings_cache": False}
+
 
 def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, object]:
     """fsspec options for `url` from the environment (endpoints; credentials stay with the SDKs)."""
@@ -37,9 +44,9 @@ def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, ob
         endpoint = (
             env.get("PCBO_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         )
-        return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+        return {**_NO_LISTINGS_CACHE, **({"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {})}
     if scheme in ("gs", "gcs"):
-        options: dict[str, object] = {}
+        options: dict[str, object] = dict(_NO_LISTINGS_CACHE)
         emulator = env.get("STORAGE_EMULATOR_HOST", "")
         if emulator not in ("", "default"):
             if not env.get("GOOGLE_APPLICATION_CREDENTIALS"):

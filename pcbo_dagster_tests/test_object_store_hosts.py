@@ -1,0 +1,56 @@
+"""A lake and an audit backup on an object store that several hosts (processes) share: what one host
+sees must be the store as it is now, never a listing it took earlier (moto's S3 server and
+gcp-storage-emulator on loopback, `object_store_servers.py`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pcbo_dagster.lake.storage import LakeStorage
+from pcbo_dagster_tests.object_store_servers import ObjectStore
+
+PARTITION = "events/v1/20240101T000000Z"
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request, monkeypatch) -> ObjectStore:
+    found: ObjectStore = request.getfixturevalue("s3_store" if request.param == "s3" else "gcs_store")
+    for name, value in found.env.items():
+        monkeypatch.setenv(name, value)
+    return found
+
+
+def _other_host(url: str, code: str) -> None:
+    """Run `code` with `lake = LakeStorage(url)` in another process: another host of the lake."""
+    program = f"from pcbo_dagster.lake.storage import LakeStorage\nlake = LakeStorage({url!r})\n{code}\n"
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=120)
+
+
+def test_a_long_lived_process_sees_what_another_host_wrote_after_it_listed_the_lake(store):
+    """A `pcbo serve`, Dagster or Celery worker process keeps its file system object (fsspec caches
+    it) and, with it, every directory listing it took. A commit point another host wrote after that
+    listing was invisible: `read_if_exists` said there was none (s3fs sizes a file from the cached
+    listing before reading it), `size` and `exists` too, and `delete` (a rollback's removal of a
+    commit point) removed nothing, though the caller went on as if it had."""
+    url = store.url()
+    lake = LakeStorage(url)
+    lake.write(f"{PARTITION}/_versions/v000001.json", b"{}")
+    assert lake.list_files() == [f"{PARTITION}/_versions/v000001.json"]  # this host lists the lake
+    manifest = f"{PARTITION}/_manifest.json"
+    _other_host(url, f"lake.write_atomic({manifest!r}, b'committed by another host')")
+
+    assert lake.read_if_exists(manifest) == b"committed by another host"
+    assert lake.size(manifest) == len(b"committed by another host")
+    assert lake.exists(manifest)
+    lake.delete(manifest)
+    assert LakeStorage(url).read_if_exists(manifest) is None
+    assert manifest not in LakeStorage(url).list_files()
+
+    # and the other way round: what another host removed is gone for this one too
+    assert lake.list_files() == [f"{PARTITION}/_versions/v000001.json"]
+    _other_host(url, f"lake.delete({PARTITION + '/_versions/v000001.json'!r})")
+    assert not lake.exists(f"{PARTITION}/_versions/v000001.json")
+    assert lake.size(f"{PARTITION}/_versions/v000001.json") is None
