@@ -9,8 +9,13 @@ import sys
 
 import pytest
 
+from pcbo_dagster.engine.proofs import verify_proof
+from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake.storage import LakeStorage
+from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
+from pcbo_dagster_tests.http_server import running_server
 from pcbo_dagster_tests.object_store_servers import ObjectStore
+from pcbo_dagster_tests.test_object_store_lakes import _request
 
 PARTITION = "events/v1/20240101T000000Z"
 
@@ -54,3 +59,41 @@ def test_a_long_lived_process_sees_what_another_host_wrote_after_it_listed_the_l
     _other_host(url, f"lake.delete({PARTITION + '/_versions/v000001.json'!r})")
     assert not lake.exists(f"{PARTITION}/_versions/v000001.json")
     assert lake.size(f"{PARTITION}/_versions/v000001.json") is None
+
+
+@pytest.mark.postgres
+def test_pcbo_serve_reads_the_audit_backup_every_host_shares(
+    tmp_path, s3_store, fresh_postgres_url, monkeypatch
+):
+    """With `PCBO_AUDIT_DIR=s3://…` the durable chain is on the store and `audit_dir` is only this
+    host's cache of it. `pcbo serve` opened that cache directory as if it were a local backup: every
+    proof failed (500, "chain has 0 events but the expected head is seq 3"), the reconciliation
+    reported a clean dataset as a discrepancy, and the services list probed the cache directory, not
+    the store."""
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    store_url = s3_store.url()
+    env = {
+        **s3_store.env,
+        "PCBO_LAKE_URL": s3_store.url(),
+        "PCBO_AUDIT_DIR": store_url,
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+    }
+    request = write_request(tmp_path / "req.json", _request())
+    done = run_pcbo(["execute", "--input", request], home=tmp_path / "cli-host", env=env)
+    assert done.status == 0, done.stderr
+    added = done.document["partitions"][0]
+    record_id = "rec-001"  # consent, US, 00:07: added by the first partition
+
+    settings = Settings.resolve(home=str(tmp_path / "server-host"), env=env)
+    with running_server(tmp_path / "server-host", engine=settings) as server:
+        client = server.client(server.token("ops", "admin"))
+        answer = client.get(f"/v1/datasets/events/partitions/{added['key']}/proof", params={"id": record_id})
+        assert answer.status_code == 200, answer.text
+        assert verify_proof(answer.json())["valid"]
+        assert answer.json()["merkleRoot"] == added["merkleRoot"]
+        reports = server.app.state.reconciler.poll()
+        assert [(r["service"], r["status"]) for r in reports] == [("events", "verified")], reports
+        services = {s["id"]: s for s in client.get("/services/registered").json()["data"]}
+        assert services["audit-backup"]["health"] == "up"
+        assert services["audit-backup"]["url"] == store_url

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pcbo_dagster import __version__
-from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.audit.object_store_backup import open_backup
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.io.redaction import scrub_text
@@ -86,7 +86,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     catalog = CatalogStore(settings.catalog_url)
     catalog.migrate()
     lake = LakeStorage(settings.lake_url)
-    backup = AuditBackup(settings.audit_dir)
+    # the durable copy: an object store every host shares (`audit_dir` then only caches it), or the
+    # local directory, as every command opens it (`engine.environment`)
+    backup = open_backup(settings.audit_location, settings.audit_dir)
     broker = EventBroker(config.sse_queue_size)
 
     @asynccontextmanager

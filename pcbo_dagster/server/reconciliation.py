@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.chain_state import ChainState, replay
@@ -49,7 +49,7 @@ class Reconciler:
     """Compares catalog, lake and chain per dataset version and publishes what it finds."""
 
     def __init__(
-        self, catalog: CatalogStore, lake: LakeStorage, backup: AuditBackup, broker: EventBroker
+        self, catalog: CatalogStore, lake: LakeStorage, backup: ChainBackup, broker: EventBroker
     ) -> None:
         self.catalog, self.lake, self.backup, self.broker = catalog, lake, backup, broker
         self._chains: dict[str, _ChainCache] = {}

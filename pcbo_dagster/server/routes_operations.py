@@ -207,7 +207,7 @@ def command_status(
 )
 def services(request: Request, principal: Annotated[Principal, Depends(require("read"))]) -> dict[str, Any]:
     state = request.app.state
-    return {"data": registered_services(state.config, state.catalog, state.lake)}
+    return {"data": registered_services(state.config, state.catalog, state.lake, state.backup)}
 
 
 @router.get(

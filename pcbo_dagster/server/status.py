@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.audit.delivery import read_cursor
+from pcbo_dagster.audit.object_store_backup import ObjectStoreAuditBackup
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime
@@ -110,7 +111,7 @@ def _http_probe(url: str) -> tuple[str, str | None]:
 
 
 def registered_services(
-    config: ServerConfig, catalog: CatalogStore, lake: LakeStorage
+    config: ServerConfig, catalog: CatalogStore, lake: LakeStorage, backup: ChainBackup
 ) -> list[dict[str, Any]]:
     """Catalog, lake, audit backup and endpoint, Dagster and witnesses, each probed now."""
     settings = config.engine
@@ -144,16 +145,32 @@ def registered_services(
             )
         )
     started = time.perf_counter()
-    backup_ok = settings.audit_dir.is_dir() or not settings.audit_dir.exists()
-    services.append(
-        _service(
-            "audit-backup",
-            "audit_backup",
-            "up" if backup_ok else "down",
-            started,
-            path=str(settings.audit_dir),
+    if isinstance(backup, ObjectStoreAuditBackup):  # the store every host shares: a round trip to it
+        try:
+            backup.fs.exists(backup.root)
+            services.append(_service("audit-backup", "audit_backup", "up", started, url=backup.location))
+        except Exception as exc:
+            services.append(
+                _service(
+                    "audit-backup",
+                    "audit_backup",
+                    "down",
+                    started,
+                    url=backup.location,
+                    error=one_line_error(exc),
+                )
+            )
+    else:
+        backup_ok = settings.audit_dir.is_dir() or not settings.audit_dir.exists()
+        services.append(
+            _service(
+                "audit-backup",
+                "audit_backup",
+                "up" if backup_ok else "down",
+                started,
+                path=str(settings.audit_dir),
+            )
         )
-    )
     started = time.perf_counter()
     if settings.audit_endpoint:
         health, error = _http_probe(settings.audit_endpoint)
@@ -182,7 +199,7 @@ def registered_services(
     return services
 
 
-def _undelivered(config: ServerConfig, backup: AuditBackup, chain_key: str) -> int | None:
+def _undelivered(config: ServerConfig, backup: ChainBackup, chain_key: str) -> int | None:
     """Events of the chain not yet delivered to the audit endpoint (None: no endpoint configured)."""
     if not config.engine.audit_endpoint:
         return None
@@ -257,7 +274,7 @@ def _of_datasets(row: dict[str, Any] | None, datasets: Sequence[str] | None) -> 
 def admin_status(
     config: ServerConfig,
     catalog: CatalogStore,
-    backup: AuditBackup,
+    backup: ChainBackup,
     runs_in_flight: Sequence[str],
     reconciliation: dict[str, dict[str, Any]],
     datasets: Sequence[str] | None = None,
