@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -97,3 +98,42 @@ def test_pcbo_serve_reads_the_audit_backup_every_host_shares(
         services = {s["id"]: s for s in client.get("/services/registered").json()["data"]}
         assert services["audit-backup"]["health"] == "up"
         assert services["audit-backup"]["url"] == store_url
+
+
+# -- object names no local path can have ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "events/v1/_checkpoints/./000000000003.checkpoint",
+        "events/v1/_checkpoints//000000000003.checkpoint",
+        "events/v1/_checkpoints/x/../000000000003.checkpoint",
+    ],
+)
+def test_a_checkpoint_object_with_dot_segments_is_a_finding_not_the_end_of_verify(
+    tmp_path, s3_store, monkeypatch, name
+):
+    """An object store keeps `./`, `//` and `..` in a key as plain characters (a local path cannot
+    have them). One such object under a dataset's `_checkpoints/` made `pcbo verify` stop with one
+    line ("... leads outside the lake or through a symbolic link") and no findings document: someone
+    who can write the lake could blind verify to everything else they had forged."""
+    for variable, value in s3_store.env.items():
+        monkeypatch.setenv(variable, value)
+    url = s3_store.url()
+    env = {**s3_store.env, "PCBO_LAKE_URL": url}
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "req.json", _request())
+    assert run_pcbo(["execute", "--input", request], home=home, env=env).status == 0
+    fs: Any = s3_store.filesystem()
+    lake_path = url.split("://", 1)[1]
+    fs.pipe_file(f"{lake_path}/{name}", b"junk")
+    committed = f"{lake_path}/events/v1/20240101T010000Z/_manifest.json"
+    fs.pipe_file(committed, fs.cat_file(committed) + b" ")  # and something else forged besides
+
+    verified = run_pcbo(["verify"], home=home, env=env)
+    assert verified.status == 1, verified.stderr
+    assert verified.document is not None, verified.stderr
+    found = {(f["kind"], f["where"]) for f in verified.document["findings"]}
+    assert ("path_outside_lake", name) in found
+    assert ("commit_point_not_on_chain", "events/v1/20240101T010000Z") in found

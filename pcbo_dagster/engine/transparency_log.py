@@ -451,7 +451,12 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
                 findings.append({"kind": "checkpoint_cosignature_invalid", "where": where, "detail": problem})
     prefix = f"{dataset}/{version_label}/_checkpoints/"
     for rel in env.lake.list_files(f"{dataset}/{version_label}/_checkpoints"):
-        data = env.lake.read_if_exists(rel)
+        try:
+            data = env.lake.read_if_exists(rel)
+        except layout.OutsidePartition as exc:
+            # an object store keeps `./`, `//` and `..` in a key as they are (a local lake: a link)
+            findings.append({"kind": "path_outside_lake", "where": rel, "detail": str(exc)})
+            continue
         if data is not None and rel.startswith(prefix):
             notes[rel] = data.decode("utf-8", "replace")
     trusted = [env.signing_key.verifier()] if env.signing_key is not None else []
