@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from pcbo_dagster.engine import partition_checks
 from pcbo_dagster.engine.proofs import verify_proof
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake.storage import LakeStorage
@@ -137,3 +138,34 @@ def test_a_checkpoint_object_with_dot_segments_is_a_finding_not_the_end_of_verif
     found = {(f["kind"], f["where"]) for f in verified.document["findings"]}
     assert ("path_outside_lake", name) in found
     assert ("commit_point_not_on_chain", "events/v1/20240101T010000Z") in found
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        f"{PARTITION}/./_manifest.json",  # five names: split_manifest_path raised ValueError
+        "events/v1/../_manifest.json",  # "key" `..`: a later read of it raised OutsidePartition
+        f"{PARTITION}//_manifest.json",
+    ],
+)
+def test_a_commit_point_object_with_dot_segments_names_no_partition(s3_store, monkeypatch, planted):
+    """`committed_keys` (the Dagster asset checks, the drift sensor, the instance report) took every
+    object called `_manifest.json` below the dataset version for a partition's commit point. An object
+    store object at `…/./_manifest.json` made it raise ValueError (too many names to unpack), and one
+    at `events/v1/../_manifest.json` gave the key `..`, which every later read refuses: the checks and
+    the sensor failed with an internal error. Neither is any partition's commit point. (S3 only:
+    gcp-storage-emulator, unlike GCS, normalises such names or fails on them.)"""
+    for variable, value in s3_store.env.items():
+        monkeypatch.setenv(variable, value)
+    store = s3_store
+    lake = LakeStorage(store.url())
+    lake.write_atomic(f"{PARTITION}/_manifest.json", b"{}")
+    lake.write_atomic("events/v1/20240101T010000Z/_manifest.json", b"{}")
+    fs: Any = store.filesystem()
+    fs.pipe_file(f"{lake.root}/{planted}", b"{}")
+    assert planted in lake.find("_manifest.json")  # the store keeps the name as it is
+
+    keys = partition_checks.committed_keys(lake, "events", "v1")
+    assert keys == ["20240101T000000Z", "20240101T010000Z"]
+    verdict = partition_checks.coverage(lake, "events", "v1", keys)
+    assert verdict.details["committed"] == 2 and verdict.details["gaps"] == 0

@@ -89,9 +89,14 @@ def checkpoint_file(dataset: str, version_label: str, tree_size: int) -> str:
 
 def split_manifest_path(rel: str) -> tuple[str, str, str] | None:
     """(dataset, versionLabel, key) of a commit point's path, `<dataset>/<versionLabel>/<key>/_manifest.json`;
-    None for a `_manifest.json` anywhere else (no commit point: `pcbo verify` reports it,
-    `lake_path_unexpected`)."""
+    None for a `_manifest.json` anywhere else, or under names no partition has (an object store lists
+    keys such as `<key>/./_manifest.json` or `<versionLabel>/../_manifest.json` as they are): no commit
+    point (`pcbo verify` reports it, `lake_path_unexpected`)."""
     parts = rel.split("/")
     if len(parts) != 4 or parts[3] != MANIFEST:
+        return None
+    try:
+        check_partition(parts[0], parts[1], parts[2])
+    except OutsidePartition:
         return None
     return parts[0], parts[1], parts[2]
