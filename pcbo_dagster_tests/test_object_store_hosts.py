@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
@@ -169,3 +170,48 @@ def test_a_commit_point_object_with_dot_segments_names_no_partition(s3_store, mo
     assert keys == ["20240101T000000Z", "20240101T010000Z"]
     verdict = partition_checks.coverage(lake, "events", "v1", keys)
     assert verdict.details["committed"] == 2 and verdict.details["gaps"] == 0
+
+
+# -- a lake or audit store URL with a query string ---------------------------------------------------
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("name", "suffix"),
+    [
+        ("PCBO_LAKE_URL", "?X-Amz-Security-Token=TokenInTheUrl"),
+        ("--lake", "#TokenInTheUrl"),
+        ("PCBO_AUDIT_DIR", "?X-Amz-Security-Token=TokenInTheUrl"),
+        ("--audit-dir", "?versionId=TokenInTheUrl"),
+    ],
+)
+def test_a_lake_or_audit_store_url_with_a_query_is_invalid_input(
+    tmp_path, s3_store, fresh_postgres_url, monkeypatch, name, suffix
+):
+    """An object store has no query string: s3fs and gcsfs keep `?…` and `#…` in the object's key
+    (or read them as a version: `?versionId=`, `#generation`). A lake URL carrying a session token
+    (`s3://bucket/lake?X-Amz-Security-Token=…`) was accepted: every object the run wrote had the token
+    in its key, for anyone who can list the bucket to read, while every output showed the URL redacted
+    (`s3://bucket/lake?[redacted]/…`), naming objects that do not exist. Now exit 2 naming the flag or
+    variable, the URL redacted, nothing written."""
+    for variable, value in s3_store.env.items():
+        monkeypatch.setenv(variable, value)
+    prefix = f"q-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{s3_store.bucket}/{prefix}{suffix}"
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "req.json", _request())
+    env = {**s3_store.env, "PCBO_CATALOG_URL": fresh_postgres_url}
+    args: list[Any] = ["execute", "--input", request]
+    if name.startswith("--"):
+        args += [name, url]
+    else:
+        env[name] = url
+    run = run_pcbo(args, home=home, env=env)
+    assert run.status == 2, (run.status, run.stderr)
+    assert run.stderr.startswith(f"pcbo execute: invalid input: {name}: "), run.stderr
+    assert f"s3://{s3_store.bucket}/{prefix}?[redacted]" in run.stderr
+    assert "TokenInTheUrl" not in run.stderr and "Traceback" not in run.stderr
+    assert not home.exists()
+    fs: Any = s3_store.filesystem()
+    fs.invalidate_cache()
+    assert [p for p in fs.find(s3_store.bucket) if f"/{prefix}" in p] == []

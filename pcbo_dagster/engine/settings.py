@@ -46,7 +46,7 @@ from sqlalchemy.exc import ArgumentError
 from pcbo_dagster.audit.object_store_backup import is_shared_store
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.io.env_vars import flag, plain_path, positive_int, positive_number
-from pcbo_dagster.io.redaction import has_userinfo, redact_url, userinfo_refused
+from pcbo_dagster.io.redaction import has_query, has_userinfo, redact_url, userinfo_refused
 
 #: Partitions `execute` stages at once on an object-store lake unless `--parallel` / `PCBO_PARALLEL`
 #: say otherwise (`default_parallel`).
@@ -151,11 +151,18 @@ class Settings:
 
         def given(flag: str, value: str | None, variable: str, store: bool = False) -> str | None:
             """The flag's value, else the variable's; a `store` (lake, audit backup) never with
-            credentials in its URL."""
+            credentials, a query string or a fragment in its URL."""
             name, text = (flag, value) if value is not None else (variable, env.get(variable) or None)
             text = plain_path(name, text)
             if store and text is not None and has_userinfo(text):
                 raise InvalidInput(name, userinfo_refused(text))
+            if store and text is not None and has_query(text):
+                raise InvalidInput(
+                    name,
+                    f"{redact_url(text)}: a lake or audit store URL takes no query string or fragment "
+                    "(an object store would keep it in the name of every object written, or read it as "
+                    "a version): credentials come from the environment",
+                )
             return text
 
         home_path = home_dir(given("--home", home, "PCBO_HOME"), {})

@@ -80,6 +80,12 @@ def has_userinfo(url: str) -> bool:
     return "@" in authority or (bool(colon) and not after.isdigit() and "@" in rest[end:])
 
 
+def has_query(url: str) -> bool:
+    """True when the `scheme://` URL has a query string or a fragment (what `redact_url` cuts after
+    its path; a password's `?` or `#` is not one). A local path has none."""
+    return redact_url(url).endswith(f"?{REDACTED}")
+
+
 def userinfo_refused(url: str) -> str:
     """Why an object-store URL with a userinfo (`has_userinfo`) is invalid input, the URL redacted."""
     return (
