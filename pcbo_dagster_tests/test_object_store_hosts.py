@@ -4,6 +4,7 @@ gcp-storage-emulator on loopback, `object_store_servers.py`)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from pcbo_dagster.core.signed_note import new_signing_key
 from pcbo_dagster.engine import partition_checks
 from pcbo_dagster.engine.proofs import verify_proof
 from pcbo_dagster.engine.settings import Settings
@@ -215,3 +217,50 @@ def test_a_lake_or_audit_store_url_with_a_query_is_invalid_input(
     fs: Any = s3_store.filesystem()
     fs.invalidate_cache()
     assert [p for p in fs.find(s3_store.bucket) if f"/{prefix}" in p] == []
+
+
+@pytest.mark.parametrize(
+    "suffix",
+    [
+        "usr1:EvidenceSecretPw@",
+        "?X-Amz-Security-Token=EvidenceSecretPw",
+    ],
+)
+def test_evidence_verify_refuses_a_lake_url_with_credentials(tmp_path, s3_store, monkeypatch, suffix):
+    """`pcbo evidence verify --lake URL` opened the lake as given, where every other lake or audit
+    store flag refuses credentials, a query string or a fragment in its URL (exit 2 naming the flag):
+    with a userinfo botocore refused the bucket name (exit 1), with a token in a query string every
+    subject was "missing from the lake" and a genuine package "not valid" (exit 1)."""
+    for variable, value in s3_store.env.items():
+        monkeypatch.setenv(variable, value)
+    key = new_signing_key("ops.example/operator")
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(key.text + "\n")
+    key_file.chmod(0o600)
+    prefix = f"ev-{uuid.uuid4().hex[:8]}"
+    env = {**s3_store.env, "PCBO_LAKE_URL": f"s3://{s3_store.bucket}/{prefix}"}
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "req.json", _request())
+    assert (
+        run_pcbo(["execute", "--input", request, "--signing-key", key_file], home=home, env=env).status == 0
+    )
+    exported = run_pcbo(
+        ["evidence", "export", "--run", "lake-run-1", "--signing-key", key_file], home=home, env=env
+    )
+    assert exported.status == 0, exported.stderr
+    package = tmp_path / "package.json"
+    package.write_text(json.dumps(exported.document))
+    verifier = key.verifier().text
+    plain = run_pcbo(
+        ["evidence", "verify", package, "--key", verifier, "--lake", env["PCBO_LAKE_URL"]], env=s3_store.env
+    )
+    assert plain.status == 0, plain.stderr  # the lake as it should be given
+
+    if suffix.endswith("@"):
+        url = f"s3://{suffix}{s3_store.bucket}/{prefix}"
+    else:
+        url = f"s3://{s3_store.bucket}/{prefix}{suffix}"
+    run = run_pcbo(["evidence", "verify", package, "--key", verifier, "--lake", url], env=s3_store.env)
+    assert run.status == 2, (run.status, run.stderr)
+    assert run.stderr.startswith("pcbo evidence: invalid input: --lake: "), run.stderr
+    assert "EvidenceSecretPw" not in run.stderr and "usr1" not in run.stderr

@@ -19,6 +19,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.engine.settings import store_location
     from pcbo_dagster.engine.transparency_log import parse_key_argument, witness_requirement
     from pcbo_dagster.evidence.package import verify
     from pcbo_dagster.io.env_vars import plain_path
@@ -26,8 +27,8 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
     key = parse_key_argument(args.key, "--key")
     witnesses, minimum = witness_requirement(args.witness_key, args.min_witnesses)
+    lake_url = store_location("--lake", plain_path("--lake", args.lake))
     raw, _ = read_input(args.file, flag="FILE")
-    lake_url = plain_path("--lake", args.lake)
     lake = LakeStorage(lake_url) if lake_url else None
     document = verify(
         parse_json_strict(raw, what="evidence package").value,

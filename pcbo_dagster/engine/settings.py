@@ -62,6 +62,23 @@ def default_parallel(lake_url: str) -> int:
     return DEFAULT_PARALLEL_LOCAL if scheme in ("file", "local") else DEFAULT_PARALLEL
 
 
+def store_location(name: str, text: str | None) -> str | None:
+    """`text`, a lake or audit store location given by the flag or variable `name`, unless its URL
+    carries credentials, a query string or a fragment (`InvalidInput` naming `name`, the URL
+    redacted): object stores take credentials from the environment, and s3fs / gcsfs would keep a
+    query or fragment in the name of every object written (or read it as a version)."""
+    if text is not None and has_userinfo(text):
+        raise InvalidInput(name, userinfo_refused(text))
+    if text is not None and has_query(text):
+        raise InvalidInput(
+            name,
+            f"{redact_url(text)}: a lake or audit store URL takes no query string or fragment "
+            "(an object store would keep it in the name of every object written, or read it as "
+            "a version): credentials come from the environment",
+        )
+    return text
+
+
 def home_dir(home: str | None = None, env: Mapping[str, str] | None = None) -> Path:
     """`home`, else `PCBO_HOME`, else `./.pcbo`: the root of the embedded defaults, made absolute."""
     env = os.environ if env is None else env
@@ -150,20 +167,10 @@ class Settings:
         env = dict(os.environ if env is None else env)
 
         def given(flag: str, value: str | None, variable: str, store: bool = False) -> str | None:
-            """The flag's value, else the variable's; a `store` (lake, audit backup) never with
-            credentials, a query string or a fragment in its URL."""
+            """The flag's value, else the variable's; a `store` (lake, audit backup): `store_location`."""
             name, text = (flag, value) if value is not None else (variable, env.get(variable) or None)
             text = plain_path(name, text)
-            if store and text is not None and has_userinfo(text):
-                raise InvalidInput(name, userinfo_refused(text))
-            if store and text is not None and has_query(text):
-                raise InvalidInput(
-                    name,
-                    f"{redact_url(text)}: a lake or audit store URL takes no query string or fragment "
-                    "(an object store would keep it in the name of every object written, or read it as "
-                    "a version): credentials come from the environment",
-                )
-            return text
+            return store_location(name, text) if store else text
 
         home_path = home_dir(given("--home", home, "PCBO_HOME"), {})
         lake_url = given("--lake", lake, "PCBO_LAKE_URL", store=True) or str(home_path / "lake")
