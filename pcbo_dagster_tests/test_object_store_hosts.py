@@ -11,7 +11,9 @@ import uuid
 from typing import Any
 
 import pytest
+import sqlalchemy
 
+from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.signed_note import new_signing_key
 from pcbo_dagster.engine import partition_checks
 from pcbo_dagster.engine.proofs import verify_proof
@@ -264,3 +266,49 @@ def test_evidence_verify_refuses_a_lake_url_with_credentials(tmp_path, s3_store,
     assert run.status == 2, (run.status, run.stderr)
     assert run.stderr.startswith("pcbo evidence: invalid input: --lake: "), run.stderr
     assert "EvidenceSecretPw" not in run.stderr and "usr1" not in run.stderr
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("PCBO_LAKE_URL", "s3://"),  # `s3://${LAKE_BUCKET}` with the variable unset
+        ("--lake", "gs:///"),
+        ("PCBO_AUDIT_DIR", "s3://"),
+        ("PCBO_LAKE_URL", "s3:///lake"),
+        ("PCBO_LAKE_URL", "S3://bucket/lake"),  # fsspec knows no `S3`: an internal error, after the catalog
+        ("--audit-dir", "ftp://host/pas"),
+    ],
+)
+def test_a_store_url_without_a_bucket_or_of_an_unknown_scheme_is_invalid_input(
+    tmp_path, s3_store, fresh_postgres_url, name, url
+):
+    """`s3://` or `gs://` with no bucket (a templated URL whose variable is empty) lost its slashes
+    (`s3:`) and became a *local* directory `./s3:` in the working directory — though it passes for an
+    object store, so `PCBO_MULTI_HOST` let each host write its own lake or audit backup there; a
+    scheme fsspec does not know (`S3://`, `ftp://`) was an internal error (exit 1) after the catalog
+    was made. Now exit 2 naming the flag or variable, nothing written."""
+    env = {
+        **s3_store.env,
+        "PCBO_MULTI_HOST": "true",
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+        "PCBO_LAKE_URL": s3_store.url(),
+        "PCBO_AUDIT_DIR": s3_store.url(),
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    request = write_request(tmp_path / "req.json", _request())
+    args: list[Any] = ["execute", "--input", request]
+    if name.startswith("--"):
+        args += [name, url]
+    else:
+        env[name] = url
+    home = work / "home"
+    run = run_pcbo(args, home=home, env=env, cwd=work)
+    assert run.status == 2, (run.status, run.stderr)
+    assert run.stderr.startswith(f"pcbo execute: invalid input: {name}: "), run.stderr
+    assert "Traceback" not in run.stderr
+    assert list(work.iterdir()) == []  # no home, no `s3:` directory
+    catalog = CatalogStore(fresh_postgres_url)
+    assert sqlalchemy.inspect(catalog.engine).get_table_names() == []  # not even migrated
+    catalog.close()

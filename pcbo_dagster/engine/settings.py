@@ -43,7 +43,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from pcbo_dagster.audit.object_store_backup import is_shared_store
+from pcbo_dagster.audit.object_store_backup import SHARED_SCHEMES, is_shared_store
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.io.env_vars import flag, plain_path, positive_int, positive_number
 from pcbo_dagster.io.redaction import has_query, has_userinfo, redact_url, userinfo_refused
@@ -63,13 +63,24 @@ def default_parallel(lake_url: str) -> int:
 
 
 def store_location(name: str, text: str | None) -> str | None:
-    """`text`, a lake or audit store location given by the flag or variable `name`, unless its URL
-    carries credentials, a query string or a fragment (`InvalidInput` naming `name`, the URL
-    redacted): object stores take credentials from the environment, and s3fs / gcsfs would keep a
-    query or fragment in the name of every object written (or read it as a version)."""
-    if text is not None and has_userinfo(text):
+    """`text`, a lake or audit store location given by the flag or variable `name`: a local path, a
+    `file://` URL, or an `s3://` / `gs://` URL with a bucket and without credentials, a query string
+    or a fragment (`InvalidInput` naming `name` otherwise, the URL redacted). Object stores take
+    credentials from the environment; s3fs / gcsfs would keep a query or fragment in the name of every
+    object written (or read it as a version); `s3://` with no bucket would lose its slashes and be a
+    local directory `s3:`; fsspec knows no other scheme pcbo may write to."""
+    if text is None or "://" not in text:
+        return text
+    if has_userinfo(text):
         raise InvalidInput(name, userinfo_refused(text))
-    if text is not None and has_query(text):
+    scheme, rest = text.split("://", 1)
+    if scheme not in ("file", *SHARED_SCHEMES):
+        raise InvalidInput(
+            name, f"{redact_url(text)}: a lake or audit store is a local path, file://, s3:// or gs:// URL"
+        )
+    if scheme != "file" and not rest.split("/", 1)[0]:
+        raise InvalidInput(name, f"{redact_url(text)}: no bucket (s3://bucket/prefix, gs://bucket/prefix)")
+    if has_query(text):
         raise InvalidInput(
             name,
             f"{redact_url(text)}: a lake or audit store URL takes no query string or fragment "
