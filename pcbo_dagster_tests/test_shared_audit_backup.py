@@ -352,3 +352,51 @@ def test_a_configuration_that_cannot_hold_on_many_hosts_is_refused(
     assert run.stderr.startswith(f"pcbo: invalid input: {named}:") or named in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
     assert not home.exists()
+
+
+def test_a_read_that_fails_while_a_hole_is_filled_drops_nothing(
+    tmp_path, store_url, fresh_postgres_url, monkeypatch
+):
+    """A batch cut short with a hole (seq 1 and 3 on the store, 2 not): the catalog's pending copy
+    fills the hole only when the store holds an event after it, which `holds_beyond_chain` reads
+    from the store. A read of seq 3 that failed (a network blip, a 503 after botocore's retries) was
+    taken for "not held": seq 2 and 3 were dropped with the pending batch, the store kept seq 3, the
+    next append wrote another seq 2 before it, and the chain was broken for good (every run refused).
+    Now the failure stops the reconciliation, nothing dropped; once the store answers, the batch is
+    completed."""
+    catalog = _catalog(fresh_postgres_url)
+    log = _log(store_url, tmp_path / "a", catalog)
+    log.append(KEY, "e", _body(0))
+    real_create = ObjectStoreAuditBackup._create_all
+
+    def crash_after_first_and_last(self, chain_key, events):
+        real_create(self, chain_key, [events[0], events[-1]])
+        raise RuntimeError("killed mid-batch")
+
+    monkeypatch.setattr(ObjectStoreAuditBackup, "_create_all", crash_after_first_and_last)
+    with pytest.raises(RuntimeError):
+        log.append_many(KEY, [("e", _body(i)) for i in (1, 2, 3)])
+    monkeypatch.setattr(ObjectStoreAuditBackup, "_create_all", real_create)
+
+    other = _log(store_url, tmp_path / "b", _catalog(fresh_postgres_url))
+    store = other.backup
+    assert isinstance(store, ObjectStoreAuditBackup)
+    real_fetch = ObjectStoreAuditBackup._fetch
+    held = _object(store, 3)
+
+    def blip(self, paths):  # the store does not answer for seq 3 (no loopback server can be told to)
+        got = real_fetch(self, paths)
+        return {p: (ConnectionError("the store did not answer") if p == held else v) for p, v in got.items()}
+
+    monkeypatch.setattr(ObjectStoreAuditBackup, "_fetch", blip)
+    with pytest.raises(ConnectionError):
+        other.sync_to_catalog(KEY)
+    monkeypatch.setattr(ObjectStoreAuditBackup, "_fetch", real_fetch)
+    assert [e["n"] for e in catalog.audit_events(KEY)] == [0]  # nothing adopted, nothing dropped
+
+    result = other.sync_to_catalog(KEY)
+    assert (result.to_backup, result.to_head_store) == (1, 3)
+    other.append(KEY, "e", _body(4))
+    events = log.backup.read_chain(KEY)
+    assert [e["n"] for e in events] == [0, 1, 2, 3, 4] and verify_chain(events, KEY) == []
+    assert catalog.audit_events(KEY) == events

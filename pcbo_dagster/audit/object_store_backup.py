@@ -343,9 +343,15 @@ class ObjectStoreAuditBackup:
 
     def holds_beyond_chain(self, chain_key: str, event: dict) -> bool:
         """True when the store's object at `event`'s seq is byte for byte `event` (read from the store,
-        not the cache)."""
+        not the cache); False when there is none. A read that fails is raised, never taken for "not
+        held": the pending batch would be dropped though the store may hold its events."""
         path = self._event_path(chain_key, int(event["chain"]["seq"]))
-        return self._fetch([path])[path] == jcs(event)
+        held = self._fetch([path])[path]
+        if isinstance(held, FileNotFoundError):
+            return False
+        if isinstance(held, Exception):
+            raise held
+        return held == jcs(event)
 
     def torn_tail(self, chain_key: str) -> bytes | None:
         """None: every object is written whole by one PUT (a crash leaves a hole, never a fragment)."""
