@@ -400,3 +400,26 @@ def test_a_read_that_fails_while_a_hole_is_filled_drops_nothing(
     events = log.backup.read_chain(KEY)
     assert [e["n"] for e in events] == [0, 1, 2, 3, 4] and verify_chain(events, KEY) == []
     assert catalog.audit_events(KEY) == events
+
+
+def test_an_object_named_like_an_event_in_other_digits_is_no_event(tmp_path, store_url, fresh_postgres_url):
+    """Event objects are written create-only, so the store keeps the first object at a seq. An object
+    whose name only *reads* as that seq (`\\d` matches every Unicode digit, and int() reads them:
+    seq 2 in Arabic-Indic digits) was taken for it: a host reading the chain got the planted event
+    in place of seq 2 (runs then refused), and verify counted two events at seq 2. Such a name is no
+    event: runs ignore it, verify reports it."""
+    alias = "\u0660" * 11 + "\u0662.json"
+    catalog = _catalog(fresh_postgres_url)
+    log = _log(store_url, tmp_path / "a", catalog)
+    written = log.append_many(KEY, [("e", _body(i)) for i in range(3)])
+    store = log.backup
+    assert isinstance(store, ObjectStoreAuditBackup)
+    forged = _forged_next(written[:2], 666)
+    store.fs.pipe_file(f"{store._chain_dir(KEY)}/{alias}", jcs(forged), mode="create")
+
+    fresh = ObjectStoreAuditBackup(store_url, tmp_path / "b")  # an empty cache: the store is read
+    assert fresh.read_chain(KEY) == written
+    _log(store_url, tmp_path / "b", catalog).append(KEY, "e", _body(3))  # runs go on
+    chains, problems = fresh.read_all_with_problems()
+    assert [e["n"] for e in chains[KEY]] == [0, 1, 2, 3]
+    assert any("not an audit event object" in p for p in problems), problems

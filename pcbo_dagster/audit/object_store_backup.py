@@ -58,7 +58,8 @@ from pcbo_dagster.lake.storage import filesystem
 SHARED_SCHEMES = ("s3", "s3a", "gs", "gcs")
 SEQ_DIGITS = 12
 CURSOR_NAME = "_delivered.json"
-_EVENT_NAME = re.compile(r"^(\d{12})\.json$")
+#: An event object's name: ASCII digits only (`\d` would take any Unicode digit, and int() reads them).
+_EVENT_NAME = re.compile(r"([0-9]{12})\.json")
 
 
 class AuditBackupConflict(ValueError):
@@ -121,7 +122,7 @@ class ObjectStoreAuditBackup:
             return {}
         found: dict[int, str] = {}
         for path in names:
-            match = _EVENT_NAME.match(str(path).rsplit("/", 1)[-1])
+            match = _EVENT_NAME.fullmatch(str(path).rsplit("/", 1)[-1])
             if match:
                 found[int(match.group(1))] = f"{directory}/{match.group(0)}"
         return found
@@ -267,7 +268,7 @@ class ObjectStoreAuditBackup:
         problems: list[str] = []
         for key, path in self._objects():
             name = path.rsplit("/", 1)[-1]
-            match = _EVENT_NAME.match(name)
+            match = _EVENT_NAME.fullmatch(name)
             if key is None or (match is None and name != CURSOR_NAME):
                 problems.append(f"{self.location}: {_shown(path, self.root)}: not an audit event object")
                 continue
