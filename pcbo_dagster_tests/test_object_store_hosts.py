@@ -21,6 +21,7 @@ from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
 from pcbo_dagster_tests.http_server import running_server
+from pcbo_dagster_tests.loopback import free_port
 from pcbo_dagster_tests.object_store_servers import ObjectStore
 from pcbo_dagster_tests.test_object_store_lakes import _request
 
@@ -312,3 +313,24 @@ def test_a_store_url_without_a_bucket_or_of_an_unknown_scheme_is_invalid_input(
     catalog = CatalogStore(fresh_postgres_url)
     assert sqlalchemy.inspect(catalog.engine).get_table_names() == []  # not even migrated
     catalog.close()
+
+
+@pytest.mark.slow
+def test_a_gcs_lake_that_does_not_answer_is_one_line_on_stderr(tmp_path):
+    """gcsfs logs each request that ran out of retries with its traceback (and warnings) through
+    Python's last-resort handler, i.e. on stderr: `pcbo verify` against a GCS lake that does not
+    answer printed some fifty lines and two tracebacks before its one line. Now that line alone
+    (`PCBO_DEBUG=1` shows the traceback)."""
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "req.json", _request())
+    assert run_pcbo(["execute", "--input", request], home=home).status == 0  # a catalog and a chain
+    env = {
+        "PCBO_LAKE_URL": "gs://pcbo-test-lake/lake",
+        "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "GOOGLE_CLOUD_PROJECT": "pcbo-test",
+    }
+    run = run_pcbo(["verify"], home=home, env=env, timeout=300)
+    assert run.status == 1, run.stderr
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("pcbo verify: "), run.stderr
+    assert "Traceback" not in run.stderr

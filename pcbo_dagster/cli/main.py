@@ -41,7 +41,14 @@ from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.cli.server_commands import add_server_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
-from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url, scrub_text, terminal_text
+from pcbo_dagster.io.redaction import (
+    is_store_error,
+    one_line_error,
+    quiet_store_client_logs,
+    redact_url,
+    scrub_text,
+    terminal_text,
+)
 
 
 def _remote(args: argparse.Namespace) -> dict[str, Any]:
@@ -530,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     that goes away (`pcbo verify | head`) ends the command with one line and exit status 1."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("PCBO_DEBUG"):
+        quiet_store_client_logs()  # their retries' tracebacks are not the one line
     try:
         return _run(parser, args)
     except BrokenPipeError:

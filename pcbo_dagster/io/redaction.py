@@ -20,6 +20,7 @@ retitle the window nor reorder what is shown.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -146,6 +147,18 @@ _OBJECT_STORE_CLIENTS = (
     "google.auth.",
     "google.api_core.",
 )
+
+
+def quiet_store_client_logs() -> None:
+    """Drop what the object store clients log. gcsfs logs every request that ran out of retries with
+    its traceback (and warnings) and nobody configures their loggers, so Python's last-resort handler
+    printed it all on stderr, before the CLI's one line for the failure itself. For the CLI
+    (`PCBO_DEBUG` keeps them, with the traceback)."""
+    for module in _OBJECT_STORE_CLIENTS:
+        logger = logging.getLogger(module.rstrip("."))
+        if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
+            logger.addHandler(logging.NullHandler())
+        logger.propagate = False
 
 
 def _raised_by(exc: BaseException, modules: tuple[str, ...]) -> bool:
