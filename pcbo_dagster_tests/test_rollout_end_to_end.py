@@ -320,9 +320,8 @@ def test_a_production_run_tagged_with_another_dataset_s_rollout_is_refused(tmp_p
         )
         assert not run.success
         failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
-        assert "pcbo/rollout" in str(
-            failure.event_specific_data.error
-        ) and "is not a rollout of visits" in str(failure.event_specific_data.error)
+        error = str(failure.step_failure_data.error)
+        assert "pcbo/rollout" in error and "is not a rollout of visits" in error, error
         assert not list((d.home / "lake").rglob("_manifest.json"))
         store, _env = d.store_view()
         assert store.require("r1")["status"] == "soaking"
