@@ -1,7 +1,8 @@
 """The soak: a rollout's staging output watched for a while before it may be promoted.
 
 Each soak evaluation re-reads the rollout's staging output (the committed partitions of the staging
-lake for the rollout's dataset, version and keys) and checks it, then records the result on the
+lake for the rollout's dataset, version and keys: those of the range its `rollout_staged` event names,
+a row that disagrees with the chain is evaluated never) and checks it, then records the result on the
 dataset version's production audit chain (`rollout_soak_evaluated`: the verdict, the moment, each
 check's verdict and message, the digest of the detail) and in the production catalog
 (`soak_evaluations`, append-only, a listing: `rollout/lifecycle.py`):
@@ -44,12 +45,12 @@ import pyarrow as pa
 
 from pcbo_dagster.catalog.rollouts import RolloutRow, open_rollout_store
 from pcbo_dagster.core.business_metric import parse_metric
-from pcbo_dagster.core.errors import InvalidInput, PcboError
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import format_datetime, format_instant, parse_instant, to_micros
 from pcbo_dagster.core.plan import NormalizedPolicies
-from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle
+from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, row_disagreements
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
-from pcbo_dagster.datasets.requests import evaluate_keys
+from pcbo_dagster.datasets.requests import evaluate_keys, key_range
 from pcbo_dagster.engine.partition_checks import (
     CheckedChain,
     policy_violations,
@@ -91,11 +92,16 @@ def evaluate_soak(
     envs: RolloutEnvironments,
     rollout: RolloutRow,
     now: datetime,
+    life: Lifecycle | None = None,
 ) -> dict[str, Any]:
     """Evaluate the rollout's staging output once, record it (on the production chain, then in
-    `soak_evaluations`) and return the record (`{rollout, passed, detail, evaluated_at}`)."""
+    `soak_evaluations`) and return the record (`{rollout, passed, detail, evaluated_at}`).
+    `IntegrityError`, nothing evaluated or recorded, when the rollout's row disagrees with its
+    lifecycle on the production chain (`life`, read when not given): the soak reads the partitions
+    the chain staged, never a range an edited row names."""
     if rollout["dataset"] != dataset.name:
         raise ValueError(f"rollout {rollout['name']!r} is of {rollout['dataset']!r}, not {dataset.name!r}")
+    _require_row_on_chain(dataset, rollout, read_lifecycle(envs, rollout) if life is None else life)
     keys = list(rollout["partition_keys"])
     version_label = rollout["version_label"]
     readings = {key: read_partition(envs.staging.lake, dataset.name, version_label, key) for key in keys}
@@ -130,6 +136,31 @@ def evaluate_soak(
         "failed_checks": failed,
     }
     return record_soak_evaluation(envs, rollout, not failed, detail, now)
+
+
+def _require_row_on_chain(dataset: DatasetConfig, rollout: RolloutRow, life: Lifecycle) -> None:
+    """`IntegrityError` unless the chain says the rollout is soaking and its row agrees (its first and
+    last keys, count, version and staging run are the `rollout_staged` event's), its partition keys
+    being exactly the dataset's keys of that range."""
+    if life.status != SOAKING:
+        disagree = [f"the production audit chain says {life.status or 'not staged'}, not soaking"]
+    else:
+        disagree = row_disagreements(life, rollout)
+    if not disagree:
+        try:
+            staged_range = key_range(dataset, rollout["first_key"], rollout["last_key"])
+        except InvalidInput as exc:
+            staged_range = [f"({exc})"]
+        if list(rollout["partition_keys"]) != staged_range:
+            disagree.append(
+                f"its partition keys are not the range {rollout['first_key']} .. {rollout['last_key']} "
+                "it staged"
+            )
+    if disagree:
+        raise IntegrityError(
+            "the catalog's rollout row disagrees with the production audit chain, nothing evaluated: "
+            + "; ".join(disagree[:3])
+        )
 
 
 def _decisions_now(
@@ -569,7 +600,7 @@ def _monitor_one(
         if life.status != SOAKING:
             chain_says = life.status or "not staged"
             return _skipped(rollout, f"the production audit chain says {chain_says}, not soaking")
-        evaluation = evaluate_soak(config, dataset, envs, rollout, now)
+        evaluation = evaluate_soak(config, dataset, envs, rollout, now, life)
         status = soak_status(envs, rollout, now)
         report = write_soak_report(
             envs.production.settings, rollout, envs.store.soak_evaluations(rollout["name"]), status

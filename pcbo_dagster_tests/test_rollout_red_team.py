@@ -1,0 +1,103 @@
+"""Red-team findings on staged rollouts: what someone who can write the production catalog (and
+nothing else) could do to the soak, the promotion or the alerts, and why it opens nothing."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.core.errors import Blocked
+from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.rollout import operations
+from pcbo_dagster.rollout.clock import ManualClock
+from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
+
+T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
+K0, K1, K2 = "20240101T000000Z", "20240101T010000Z", "20240101T020000Z"
+
+
+def _config(tmp_path: Path, metric: str = "") -> DatasetsConfig:
+    # Hour 1 is the "bad" hour: 10 rows where the others have 3.
+    records = [
+        {"id": f"r-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n:02d}:00Z", "consentGranted": True}
+        for h in range(3)
+        for n in range(10 if h == 1 else 3)
+    ]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = f"""
+datasets:
+  - name: sessions
+    partitioning:
+      {{kind: time_window, cron: hourly, start: "2024-01-01T00:00:00Z", end: "2024-01-01T03:00:00Z"}}
+    source: {{uri: s.jsonl}}
+    policies: {{requireConsent: true, onViolation: omit}}
+    rollout:
+      throttle: {{}}
+      soak: {{windowMinutes: 5}}
+      {metric}
+      {APPROVERS_YAML}
+"""
+    return parse_datasets_config(text, base_dir=tmp_path)
+
+
+def _catalog(base: Settings, *statements: tuple[str, dict]) -> None:
+    """What someone who can write the production catalog (and nothing else) does."""
+    catalog = CatalogStore(base.catalog_url)
+    try:
+        with catalog.engine.begin() as conn:
+            for statement, params in statements:
+                conn.execute(sa.text(statement), params)
+    finally:
+        catalog.close()
+
+
+def _production_commits(base: Settings) -> int:
+    return len(list((base.home / "lake").rglob("_manifest.json")))
+
+
+# The metric fails over the whole range (16 rows) and passes over hours 0 and 2 only (6 rows).
+ROWS_METRIC = 'businessMetric: {name: rows, expression: "count()", atMost: 9}'
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        # the range shrunk to its good first hour (first/last keys and count changed with it)
+        {"partition_keys": json.dumps([K0]), "last_key": K0},
+        # the bad middle hour swapped for a good one: first key, last key and count unchanged
+        {"partition_keys": json.dumps([K0, K0, K2])},
+    ],
+    ids=["shrunk", "middle-swapped"],
+)
+def test_a_soak_is_not_evaluated_over_partitions_a_catalog_row_names(tmp_path: Path, edit: dict) -> None:
+    config = _config(tmp_path, ROWS_METRIC)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    sets = ", ".join(f"{column} = :{column}" for column in edit)
+    _catalog(base, (f"UPDATE rollouts SET {sets} WHERE name = 'r'", edit))
+    [soaked] = operations.soak(config, base, clock=clock)
+    # Nothing is evaluated (nor recorded as passing) over partitions the chain did not stage.
+    assert "evaluation" not in soaked
+    assert "disagrees with the production audit chain" in soaked["error"]
+    _catalog(
+        base,
+        (
+            "UPDATE rollouts SET partition_keys = :k, last_key = :l WHERE name = 'r'",
+            {"k": json.dumps([K0, K1, K2]), "l": K2},
+        ),
+    )
+    [honest] = operations.soak(config, base, clock=clock)
+    assert honest["evaluation"]["passed"] is False
+    operations.decide(config, base, "r", "approve", key=CY, reason="soak said fine", clock=clock)
+    with pytest.raises(Blocked) as blocked:
+        operations.promote(config, base, "r", by="dee", clock=clock)
+    assert any(r.startswith("soak failed: ") for r in blocked.value.document["reasons"])
+    assert _production_commits(base) == 0
