@@ -101,3 +101,39 @@ def test_a_soak_is_not_evaluated_over_partitions_a_catalog_row_names(tmp_path: P
         operations.promote(config, base, "r", by="dee", clock=clock)
     assert any(r.startswith("soak failed: ") for r in blocked.value.document["reasons"])
     assert _production_commits(base) == 0
+
+
+def test_the_health_check_checks_the_range_the_chain_promoted_not_the_one_a_row_names(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    assert operations.promote(config, base, "r", by="dee", clock=clock)["status"] == "promoted"
+    report = operations.health(config, base, "sessions", clock=clock)
+    assert [(p["key"], p["status"]) for p in report["partitions"]] == [
+        (K0, "healthy"),
+        (K1, "healthy"),
+        (K2, "healthy"),
+    ]
+    # Production loses its last partition, and the rollout's row is edited to end before it.
+    [manifest] = [m for m in (base.home / "lake").rglob("_manifest.json") if K2 in str(m)]
+    manifest.unlink()
+    _catalog(
+        base,
+        (
+            "UPDATE rollouts SET partition_keys = :k, last_key = :l WHERE name = 'r'",
+            {"k": json.dumps([K0, K1]), "l": K1},
+        ),
+    )
+    report = operations.health(config, base, "sessions", clock=clock)
+    assert report["status"] == "unhealthy"
+    assert [(p["key"], p["status"]) for p in report["partitions"]] == [
+        (K0, "healthy"),
+        (K1, "healthy"),
+        (K2, "missing"),
+    ]

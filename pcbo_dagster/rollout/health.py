@@ -1,6 +1,7 @@
 """Production health of promoted rollouts, and the mini backfill that would repair it.
 
-Which partitions are checked: those of the dataset's rollouts (of its current `versionLabel`) that
+Which partitions are checked: those of the dataset's rollouts (of its current `versionLabel`; the
+range each staged, by its `rollout_staged` event on the production chain, not its catalog row) that
 were promoted (status `promoted`) or approved (the latest approval is `approved` and its decision
 hash is the rollout's staged decision hash; rollouts `rolled_back` or `cancelled` are left out), or
 exactly the `keys` given. A key in several such rollouts belongs to the newest one; a given key in
@@ -54,7 +55,7 @@ from pcbo_dagster.engine.partition_reading import read_commit_point, read_partit
 from pcbo_dagster.io.atomic_files import replace_file
 from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.environments import RolloutEnvironments
-from pcbo_dagster.rollout.lifecycle import production_chain, read_lifecycle
+from pcbo_dagster.rollout.lifecycle import production_chain, read_lifecycle, staged_keys
 from pcbo_dagster.rollout.reports import markdown_table, reports_dir, write_report
 
 PLAN_KIND = "pcbo.mini_backfill/1"
@@ -87,8 +88,9 @@ def _jsonable(value: Any) -> Any:
 
 def eligible_rollouts(envs: RolloutEnvironments, dataset: DatasetConfig) -> list[RolloutRow]:
     """The dataset version's promoted or approved rollouts, oldest first, by the verified production
-    chain (its lifecycle events and signed approvals), never by the `rollouts` rows' status."""
-    found = []
+    chain (its lifecycle events and signed approvals), never by the `rollouts` rows' status; each with
+    the partition keys the chain staged (`staged_keys`), not its row's."""
+    found: list[RolloutRow] = []
     events: list[dict[str, Any]] | None = None
     for rollout in envs.store.list(dataset=dataset.name):
         if rollout["version_label"] != dataset.versionLabel:
@@ -96,6 +98,7 @@ def eligible_rollouts(envs: RolloutEnvironments, dataset: DatasetConfig) -> list
         if events is None:  # one chain per dataset version: read and verified once
             events = production_chain(envs, rollout)
         life = read_lifecycle(envs, rollout, events)
+        rollout = {**rollout, "partition_keys": staged_keys(dataset, life) or rollout["partition_keys"]}
         if life.status == "promoted":
             found.append(rollout)
             continue

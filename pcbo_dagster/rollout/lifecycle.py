@@ -22,7 +22,7 @@ from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.audit_chain import verify_chain
-from pcbo_dagster.core.errors import IntegrityError
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.core.rollout_lifecycle import (
@@ -38,6 +38,8 @@ from pcbo_dagster.core.rollout_lifecycle import (
     rollout_subject,
     sign_event,
 )
+from pcbo_dagster.datasets.config import DatasetConfig
+from pcbo_dagster.datasets.requests import key_range
 from pcbo_dagster.engine.events import PRODUCER, chain_key
 from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.rollout.environments import RolloutEnvironments
@@ -65,6 +67,22 @@ def read_lifecycle(
         rollout["name"],
         None if key is None else key.verifier(),
     )
+
+
+def staged_keys(dataset: DatasetConfig, life: Lifecycle) -> list[str] | None:
+    """The partition keys the rollout staged, by the chain: the dataset's keys from the first to the
+    last key its `rollout_staged` event names (as many as it counts); None when the chain has no such
+    event or its range is not one of the dataset's. What the soak evaluates and the health check
+    checks, never the `partition_keys` of a catalog row (which anyone who can write the catalog can
+    edit)."""
+    subject = None if life.staged is None else life.staged.get("rollout")
+    if not isinstance(subject, dict):
+        return None
+    try:
+        keys = key_range(dataset, str(subject.get("first_key")), str(subject.get("last_key")))
+    except InvalidInput:
+        return None
+    return keys if len(keys) == subject.get("partition_count") else None
 
 
 def append_event(

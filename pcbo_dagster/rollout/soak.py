@@ -50,7 +50,7 @@ from pcbo_dagster.core.instants import format_datetime, format_instant, parse_in
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, row_disagreements
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
-from pcbo_dagster.datasets.requests import evaluate_keys, key_range
+from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_checks import (
     CheckedChain,
     policy_violations,
@@ -60,7 +60,7 @@ from pcbo_dagster.engine.partition_checks import (
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
-from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_soak_evaluation
+from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_soak_evaluation, staged_keys
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 
 POLICY_VIOLATIONS = "policy_violations"
@@ -146,16 +146,10 @@ def _require_row_on_chain(dataset: DatasetConfig, rollout: RolloutRow, life: Lif
         disagree = [f"the production audit chain says {life.status or 'not staged'}, not soaking"]
     else:
         disagree = row_disagreements(life, rollout)
-    if not disagree:
-        try:
-            staged_range = key_range(dataset, rollout["first_key"], rollout["last_key"])
-        except InvalidInput as exc:
-            staged_range = [f"({exc})"]
-        if list(rollout["partition_keys"]) != staged_range:
-            disagree.append(
-                f"its partition keys are not the range {rollout['first_key']} .. {rollout['last_key']} "
-                "it staged"
-            )
+    if not disagree and list(rollout["partition_keys"]) != staged_keys(dataset, life):
+        disagree.append(
+            f"its partition keys are not the range {rollout['first_key']} .. {rollout['last_key']} it staged"
+        )
     if disagree:
         raise IntegrityError(
             "the catalog's rollout row disagrees with the production audit chain, nothing evaluated: "
