@@ -12,9 +12,10 @@ import sqlalchemy as sa
 
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import Blocked
+from pcbo_dagster.core.rollout_lifecycle import lifecycle
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.settings import Settings
-from pcbo_dagster.rollout import operations
+from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
 
@@ -137,3 +138,35 @@ def test_the_health_check_checks_the_range_the_chain_promoted_not_the_one_a_row_
         (K1, "healthy"),
         (K2, "missing"),
     ]
+
+
+def test_a_rejection_recorded_while_a_promotion_writes_stops_it(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    rejected: list[str] = []
+
+    def reject_once(_count: int) -> None:  # the approver rejects while production is being written
+        if not rejected:
+            clock.advance(1)
+            decided = operations.decide(
+                config, base, "r", "reject", key=CY, reason="wrong numbers", clock=clock
+            )
+            rejected.append(decided["decision"])
+
+    with operations.rollout_environments(config, base, "r") as (dataset, envs):
+        with pytest.raises(Blocked) as blocked:
+            promotion.promote_rollout(config, dataset, envs, "r", by="dee", clock=clock, progress=reject_once)
+        assert rejected == ["rejected"]
+        assert blocked.value.document["status"] == "stopped"
+        assert "no longer an approval" in blocked.value.document["reasons"][0]
+        chain = envs.production.audit.backup.read_chain("sessions/v1")
+        assert lifecycle(chain, "r").status == "soaking"  # never promoted
+        assert "rollout_promoted" not in [e["event_type"] for e in chain]
+        assert envs.store.require("r")["status"] == "soaking"
+        assert blocked.value.document["written"] == [K0]  # nothing after the rejection
+    assert _production_commits(base) == 1

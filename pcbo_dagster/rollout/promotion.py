@@ -32,6 +32,12 @@ dataset's production audit chain (who, the decision hash, the approval it relied
 rollout log's `promoted` / `partially_promoted` entry (actor and `promotedBy`), and the production
 run's metadata in the catalog. A promotion the gate refuses is logged with who asked.
 
+While it writes, before each partition and before `rollout_promoted` is appended, the production
+chain is read again: a rejection recorded, a rollback or a cancel since the gate opened (the
+rollout's lifecycle no longer what it was, or the decision in force no longer an approval of the
+hash) stops it with `Blocked` (nothing more written, no `rollout_promoted`, the rollout log's
+`promotion_stopped`); what it wrote stays in production until rolled back.
+
 `repair_approval` is the gate of a repair (the health check's mini backfill, the production asset
 over a promoted rollout): the chain must say the rollout is promoted (and not rolled back since),
 and the approval in force must be an approval.
@@ -216,11 +222,72 @@ def promote_keys(
     wanted = set(keys)
     subset = replace(decisions, partitions=[pd for pd in decisions.partitions if pd.partition.key in wanted])
     table = promotion_target(dataset.table, envs.production)  # issue 17: `main`, in one snapshot
+    status = read_lifecycle(envs, rollout).status
+    stop: list[str] = []
+
+    def pace(_pd: Any) -> bool:  # before each partition: still what the gate (or repair) opened on?
+        reason = _stop_reason(envs, rollout, status, decision_hash)
+        stop[:] = [reason] if reason else []
+        return reason is None
+
     document = execute(
-        envs.production, loaded, plan, subset, progress=progress, schema_from=decisions, table=table
+        envs.production,
+        loaded,
+        plan,
+        subset,
+        progress=progress,
+        pace=pace,
+        schema_from=decisions,
+        table=table,
     )
     document["counts"] = {pd.partition.key: pd.counts for pd in subset.partitions}
+    reason = stop[0] if stop else _stop_reason(envs, rollout, status, decision_hash)
+    if reason is not None:
+        written = [p["key"] for p in document["partitions"]]
+        envs.store.log(
+            rollout["name"],
+            "promotion_stopped",
+            {"runId": run_id, "reason": reason, "written": written, "by": by},
+            actor=by,
+        )
+        raise Blocked(
+            f"the promotion of rollout {rollout['name']!r} stopped: {reason}; {len(written)} partition(s) "
+            "written to production stay there (roll them back: `pcbo rollout rollback`)",
+            {
+                "status": "stopped",
+                "gate": "promotion",
+                "rollout": rollout["name"],
+                "runId": run_id,
+                "reasons": [reason],
+                "written": written,
+            },
+        )
     return document
+
+
+def _stop_reason(
+    envs: RolloutEnvironments, rollout: RolloutRow, status: str | None, decision_hash: str
+) -> str | None:
+    """Why a promotion (or repair) under way must stop, by the production chain read again (None: it
+    goes on): the rollout is no longer `status` there (cancelled, rolled back, promoted by another
+    run), or the decision in force is no longer an approval of `decision_hash` (a rejection recorded
+    since the gate opened)."""
+    try:
+        events = production_chain(envs, rollout)
+    except IntegrityError as exc:
+        return str(exc)
+    life = read_lifecycle(envs, rollout, events)
+    if life.status != status:
+        return f"the production audit chain says {life.status or 'not staged'} now, not {status}"
+    approval = decision_in_force(envs, rollout, events)
+    if approval is None or approval["decision"] != "approved" or approval["decision_hash"] != decision_hash:
+        now = (
+            "none"
+            if approval is None
+            else f"{approval['decision']} by {approval['actor']}: {approval['reason']}"
+        )
+        return f"the decision in force is no longer an approval of {decision_hash} ({now})"
+    return None
 
 
 def promote_rollout(
