@@ -128,6 +128,7 @@ class World:
             plan_hash=staged["planHash"],
             staging_run_id=f"rollout-{name}-staging",
             staged_at=T0,
+            soak_window_seconds=1800,
             by="alice",
         )
         promoted = self.run(self.envs.production, f"rollout-{name}-production")
@@ -160,6 +161,7 @@ class World:
             plan_hash=staged["planHash"],
             staging_run_id="rollout-r1-staging",
             staged_at=T0,
+            soak_window_seconds=60,
         )
 
     def manifest_rel(self, key: str) -> str:
@@ -474,6 +476,7 @@ def test_staging_rollback_of_a_rollout_never_promoted_marks_it_rolled_back(world
         plan_hash=staged["planHash"],
         staging_run_id="rollout-r1-staging",
         staged_at=T0,
+        soak_window_seconds=60,
     )
     done = _rollback(world, "staging", rollout="r1")
     assert done["rolledBack"] == 4 and done["rolloutStatus"] == "rolled_back"

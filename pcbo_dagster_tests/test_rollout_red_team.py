@@ -170,3 +170,43 @@ def test_a_rejection_recorded_while_a_promotion_writes_stops_it(tmp_path: Path) 
         assert envs.store.require("r")["status"] == "soaking"
         assert blocked.value.document["written"] == [K0]  # nothing after the rejection
     assert _production_commits(base) == 1
+
+
+class _EditingClock(ManualClock):
+    """The rollout clock, and someone who writes the production catalog while the staging apply
+    waits for its throttle (a statement run once, at the first wait)."""
+
+    def __init__(self, start: datetime, base: Settings, statement: tuple[str, dict]) -> None:
+        super().__init__(start)
+        self.base, self.statement, self.done = base, statement, False
+
+    def sleep(self, seconds: float) -> None:
+        if not self.done:
+            self.done = True
+            _catalog(self.base, self.statement)
+        super().sleep(seconds)
+
+
+def test_a_soak_window_edited_in_the_row_before_staging_ends_is_not_what_the_chain_records(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    edit: tuple[str, dict] = ("UPDATE rollouts SET soak_window_seconds = 0 WHERE name = 'r'", {})
+    clock = _EditingClock(T0, base, edit)
+    throttle = {"partitionsPerMinute": 60}
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock, throttle=throttle)
+    assert clock.done
+    with operations.rollout_environments(config, base, "r") as (_, envs):
+        chain = envs.production.audit.backup.read_chain("sessions/v1")
+        [staged] = [e for e in chain if e["event_type"] == "rollout_staged"]
+        assert staged["soak_window_seconds"] == 300  # the config's 5 minutes, not the row's 0
+        assert envs.store.require("r")["soak_window_seconds"] == 300
+    # One evaluation right after staging does not pass the soak.
+    [soaked] = operations.soak(config, base, clock=clock)
+    assert soaked["status"]["state"] == "soaking", soaked["status"]
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    with pytest.raises(Blocked) as blocked:
+        operations.promote(config, base, "r", by="dee", clock=clock)
+    assert any(r.startswith("soak soaking: ") for r in blocked.value.document["reasons"])
+    assert _production_commits(base) == 0

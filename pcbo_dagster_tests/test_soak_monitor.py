@@ -235,6 +235,7 @@ def _stage(world: dict, name: str = "r1") -> RolloutRow:
             plan_hash=plan.plan_hash,
             staging_run_id=run_id,
             staged_at=T0,
+            soak_window_seconds=int(WINDOW.total_seconds()),
         )
         world["staging_lake"] = Path(envs.staging.settings.lake_url)
         world["decided"] = {pd.partition.key: list(pd.add) for pd in decisions.partitions}

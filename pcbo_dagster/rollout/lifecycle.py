@@ -112,10 +112,17 @@ def record_staged(
     plan_hash: str,
     staging_run_id: str,
     staged_at: datetime,
+    soak_window_seconds: int,
     by: str | None = None,
 ) -> dict[str, Any]:
-    """The staging apply of `name` finished: `rollout_staged` on the chain, then the row `soaking`."""
-    rollout: RolloutRow = {**envs.store.require(name), "staging_run_id": staging_run_id}
+    """The staging apply of `name` finished: `rollout_staged` on the chain, then the row `soaking`.
+    `soak_window_seconds` is the dataset config's (the row's column is set to it): never the row's,
+    which anyone who can write the catalog could have shortened while the apply ran."""
+    rollout: RolloutRow = {
+        **envs.store.require(name),
+        "staging_run_id": staging_run_id,
+        "soak_window_seconds": soak_window_seconds,
+    }
     event = append_event(
         envs,
         rollout,
@@ -142,6 +149,7 @@ def record_staged(
         decision_hash=decision_hash,
         staging_run_id=staging_run_id,
         staged_at=staged_at,
+        soak_window_seconds=soak_window_seconds,
     )
     return event
 

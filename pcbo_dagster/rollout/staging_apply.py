@@ -13,14 +13,14 @@ partition it:
 
 Each wait and each partition is logged. When every partition is committed the rollout halts for
 review: `rollout_staged` on the production audit chain (the decision and plan hashes, the moment and
-the soak window: what the gate reads), then status `soaking`, `staged_at` set in the catalog (the
-soak window starts; `rollout/lifecycle.py`), and the backfill summary is written
-(`backfill_summary.json` / `.md`): what was added and omitted, by reason, per partition, with the
-run's plan and decision hashes and each partition's Merkle root, manifest checksum and audit event
-hash. Applying a rollout again after that writes nothing new (the engine finds identical content). A
-cancelled apply is `rollout_cancelled` on the chain, then `cancelled` in the catalog. A rollout the
-production chain says was promoted, rolled back or cancelled is never applied again, whatever its
-catalog row says.
+the soak window, the datasets config's and never the row's: what the gate reads), then status
+`soaking`, `staged_at` set in the catalog (the soak window starts; `rollout/lifecycle.py`), and the
+backfill summary is written (`backfill_summary.json` / `.md`): what was added and omitted, by
+reason, per partition, with the run's plan and decision hashes and each partition's Merkle root,
+manifest checksum and audit event hash. Applying a rollout again after that writes nothing new (the
+engine finds identical content). A cancelled apply is `rollout_cancelled` on the chain, then
+`cancelled` in the catalog. A rollout the production chain says was promoted, rolled back or
+cancelled is never applied again, whatever its catalog row says.
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def check_rollout_name(name: str) -> str:
             "beginning with a letter or digit (it becomes part of run ids and a directory name)",
         )
     return name
+
+
+def soak_window_seconds(dataset: DatasetConfig) -> int:
+    """The dataset's soak window (`rollout.soak.windowMinutes`) in seconds."""
+    return int(dataset.rollout.soak.windowMinutes * 60) if dataset.rollout else 0
 
 
 def default_rollout_name(dataset: DatasetConfig, keys: list[str]) -> str:
@@ -117,7 +122,7 @@ def apply_to_staging(
         version_label=dataset.versionLabel,
         partition_keys=keys,
         throttle=limits,
-        soak_window_seconds=int(dataset.rollout.soak.windowMinutes * 60),
+        soak_window_seconds=soak_window_seconds(dataset),
         actor=actor,
         now=clock.now(),
     )
@@ -185,6 +190,7 @@ def apply_to_staging(
         plan_hash=plan.plan_hash,
         staging_run_id=run_id,
         staged_at=staged_at,
+        soak_window_seconds=soak_window_seconds(dataset),
         by=actor,
     )
     summary = write_backfill_summary(envs, name, dataset, decisions, document, pacing, final="soaking")
