@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from pcbo_dagster.catalog import CatalogStore
-from pcbo_dagster.core.errors import Blocked
+from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.rollout_lifecycle import lifecycle
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.settings import Settings
@@ -210,3 +210,33 @@ def test_a_soak_window_edited_in_the_row_before_staging_ends_is_not_what_the_cha
         operations.promote(config, base, "r", by="dee", clock=clock)
     assert any(r.startswith("soak soaking: ") for r in blocked.value.document["reasons"])
     assert _production_commits(base) == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "store"),
+    [
+        ("PCBO_STAGING_HOME", "home"),  # the whole staging environment is production's
+        ("PCBO_STAGING_LAKE_URL", "lake"),
+        ("PCBO_STAGING_CATALOG_URL", "catalog"),
+        ("PCBO_STAGING_AUDIT_DIR", "pas"),
+    ],
+)
+def test_a_staging_environment_that_is_production_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, store: str
+) -> None:
+    config = _config(tmp_path)
+    home = tmp_path / "home"
+    value = {
+        "home": str(home),
+        "lake": f"file://{home}/lake/",
+        "catalog": f"sqlite:///{home}/../home/catalog.db",
+        "pas": str(home / "pas"),
+    }[store]
+    monkeypatch.setenv(variable, value)
+    base = Settings.resolve(home=str(home), env={})
+    with pytest.raises(InvalidInput) as refused:
+        operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=ManualClock(T0))
+    assert refused.value.field == variable
+    assert "is production's" in refused.value.message
+    assert _production_commits(base) == 0
+    assert not (home / "catalog.db").exists()  # no rollout row either

@@ -15,6 +15,9 @@ production catalog.
 | audit endpoint  | `PCBO_STAGING_AUDIT_ENDPOINT`| none (local backup only)                |
 
 Staging never falls back to a production variable: an unset staging setting takes its staging default.
+A staging lake, catalog or audit backup that is production's (`PCBO_STAGING_HOME=$PCBO_HOME`, a
+`rollout.stagingLake` naming the production lake) is refused, naming the setting: a staging apply
+would write production before any soak or approval.
 """
 
 from __future__ import annotations
@@ -23,9 +26,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
 from pcbo_dagster.catalog.rollouts import RolloutStore
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.signed_note import VerifierKey, parse_verifier_key
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
@@ -64,10 +72,48 @@ def dataset_settings(
 ) -> dict[str, Settings]:
     """{"staging": ..., "production": ...} for a rollout dataset, its own lakes applied."""
     production = replace(base, lake_url=config.lake_url(dataset) or base.lake_url)
-    return {
-        STAGING: staging_settings(base, config.staging_lake_url(dataset), environ),
-        PRODUCTION: production,
+    environ = dict(os.environ if environ is None else environ)
+    staging_lake = config.staging_lake_url(dataset)
+    staging = staging_settings(base, staging_lake, environ)
+    shared = {
+        "lake": _local(staging.lake_url) == _local(production.lake_url),
+        "catalog": _database(staging.catalog_url) == _database(production.catalog_url),
+        "audit_dir": staging.audit_location.rstrip("/") == production.audit_location.rstrip("/"),
     }
+    for store, same in shared.items():
+        if same:
+            variable = STAGING_VARIABLES[store]
+            field_name = (
+                f"datasets[{dataset.name}].rollout.stagingLake"
+                if store == "lake" and staging_lake
+                else variable
+                if environ.get(variable)
+                else STAGING_VARIABLES["home"]
+            )
+            raise InvalidInput(
+                field_name,
+                f"staging's {store.replace('_', ' ')} is production's: staging must be a separate "
+                "environment (its own lake, catalog and audit backup), or what a staging apply writes "
+                "is in production before any soak or approval",
+            )
+    return {STAGING: staging, PRODUCTION: production}
+
+
+def _local(url: str) -> str:
+    """A lake URL or path as one text per place: a local path absolute, a URL without a final `/`."""
+    text = url[len("file://") :] if url.startswith("file://") else url
+    return text.rstrip("/") if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def _database(url: str) -> str:
+    """A catalog URL as one text per database: a SQLite file's absolute path, else the URL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return "sqlite:" + str(Path(str(parsed.database)).expanduser().resolve())
+    return url
 
 
 @dataclass(frozen=True)
