@@ -14,6 +14,7 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.rollout_lifecycle import lifecycle
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
+from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import ManualClock
@@ -240,3 +241,31 @@ def test_a_staging_environment_that_is_production_is_refused_before_anything_is_
     assert "is production's" in refused.value.message
     assert _production_commits(base) == 0
     assert not (home / "catalog.db").exists()  # no rollout row either
+
+
+def test_a_rollout_rollback_undoes_every_partition_the_chain_staged_not_only_those_a_row_names(
+    tmp_path: Path,
+) -> None:
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    operations.promote(config, base, "r", by="dee", clock=clock)
+    assert _production_commits(base) == 3
+    _catalog(
+        base,
+        (
+            "UPDATE rollouts SET partition_keys = :k, last_key = :l WHERE name = 'r'",
+            {"k": json.dumps([K0, K1]), "l": K1},
+        ),
+    )
+    done = operations.rollback(config, base, "production", by="ops", reason="bad data", name="r", clock=clock)
+    assert done["rolledBack"] == 3 and done["rolloutStatus"] == "rolled_back"
+    assert [p["key"] for p in done["partitions"]] == [K0, K1, K2]
+    with operations.rollout_environments(config, base, "r") as (dataset, envs):
+        assert lifecycle(envs.production.audit.backup.read_chain("sessions/v1"), "r").status == "rolled_back"
+        for key in (K0, K1, K2):  # production holds none of the rolled-back rollout's versions
+            assert read_commit_point(envs.production.lake, "sessions", "v1", key).manifest is None

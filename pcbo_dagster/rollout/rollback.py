@@ -3,7 +3,8 @@
 Two kinds of request, both through the engine's `rollback` (rollback manifests, one
 `partition_rolled_back` event per undone version on the stage's audit chain, catalog rows marked):
 
-- **a rollout** (`rollout=NAME`): every partition of the rollout whose *current* version on the stage
+- **a rollout** (`rollout=NAME`): every partition of the rollout (the range its `rollout_staged` event
+  on the production chain names, and any other key its row lists) whose *current* version on the stage
   was written by the rollout's runs there - run id `rollout-NAME-staging` in staging, a run id
   starting `rollout-NAME-production` in production (when several rollout names fit a run id, the
   longest one owns it). Versions the rollout wrote on top of each other are all undone, newest
@@ -56,7 +57,7 @@ from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.rollback import rollback
 from pcbo_dagster.rollout.environments import PRODUCTION, STAGES, STAGING, RolloutEnvironments
-from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_rolled_back
+from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_rolled_back, staged_keys
 
 DOCUMENT_KIND = "pcbo.rollout_rollback/1"
 LOG_KIND = "rolled_back"
@@ -264,6 +265,10 @@ def _rollback_rollout(
         raise InvalidInput(
             "rollout", f"rollout {name!r} is {row['status']} in staging: request cancel first, then roll back"
         )
+    # The keys the production chain says the rollout staged, and any other its row names: a row
+    # edited to name fewer must not leave some of its versions current (and the rollout rolled back).
+    staged = staged_keys(dataset, read_lifecycle(envs, row)) or []
+    row = {**row, "partition_keys": staged + [k for k in row["partition_keys"] if k not in set(staged)]}
     env = envs.stage(stage)
     partitions: list[dict[str, Any]] = []
     for key in row["partition_keys"]:
