@@ -200,7 +200,7 @@ def test_environment_wiring(compose, configs):
     assert custom["PCBO_CATALOG_URL"] == "postgresql://u:s3cret@postgres:5432/cat"
     assert custom["DAGSTER_PG_USER"] == "u" and custom["DAGSTER_PG_DB"] == "d"
     init_sql = interpolate(configs["pcbo-catalog-db"], {"PCBO_CATALOG_DB": "cat"})
-    assert init_sql.strip() == 'CREATE DATABASE "cat";'
+    assert init_sql.strip() == 'CREATE DATABASE "cat";\nCREATE DATABASE "pcbo_staging";'
     assert _mounts(compose, "postgres")["pcbo-catalog-db"].startswith("/docker-entrypoint-initdb.d/")
     postgres_env = interpolate(
         _env(compose, "postgres"), {**full, "POSTGRES_USER": "u", "DAGSTER_PG_DB": "d"}
@@ -354,7 +354,13 @@ def launcher_compose(compose) -> dict[str, Any]:
 
 
 def test_the_docker_launcher_profile_renders(launcher_compose):
-    env = {"POSTGRES_PASSWORD": "pw", "PCBO_LAKE_URL": "s3://b/lake", "PCBO_AUDIT_DIR": "s3://b/pas"}
+    env = {
+        "POSTGRES_PASSWORD": "pw",
+        "PCBO_LAKE_URL": "s3://b/lake",
+        "PCBO_AUDIT_DIR": "s3://b/pas",
+        "PCBO_STAGING_LAKE_URL": "s3://b/staging-lake",
+        "PCBO_STAGING_AUDIT_DIR": "s3://b/staging-pas",
+    }
     rendered = interpolate(launcher_compose, env)
     services = rendered["services"]
     assert set(services) == {"postgres", *APP_SERVICES}
@@ -369,10 +375,17 @@ def test_the_docker_launcher_profile_renders(launcher_compose):
         assert environment["PCBO_MULTI_HOST"] == "true"
         assert environment["PCBO_LAKE_URL"] == "s3://b/lake" and environment["PCBO_AUDIT_DIR"] == "s3://b/pas"
         assert environment["PCBO_CATALOG_URL"].startswith("postgresql://")
+        # a rollout's staging runs on the same hosts: shared stores of its own (rollout/environments.py)
+        staging = {k: environment[k] for k in ("PCBO_STAGING_LAKE_URL", "PCBO_STAGING_AUDIT_DIR")}
+        assert staging == {
+            "PCBO_STAGING_LAKE_URL": "s3://b/staging-lake",
+            "PCBO_STAGING_AUDIT_DIR": "s3://b/staging-pas",
+        }
+        assert environment["PCBO_STAGING_CATALOG_URL"].endswith("@postgres:5432/pcbo_staging")
     assert services["codeserver"]["environment"]["DAGSTER_CURRENT_IMAGE"] == services["codeserver"]["image"]
     assert rendered["networks"]["default"]["name"] == "pcbo"
     # The lake and the audit store have no local default here: a run container's disk is thrown away.
-    for missing in ("PCBO_LAKE_URL", "PCBO_AUDIT_DIR"):
+    for missing in ("PCBO_LAKE_URL", "PCBO_AUDIT_DIR", "PCBO_STAGING_LAKE_URL", "PCBO_STAGING_AUDIT_DIR"):
         with pytest.raises(MissingVariable, match=missing):
             interpolate(launcher_compose, {k: v for k, v in env.items() if k != missing})
 
@@ -394,7 +407,14 @@ def test_the_docker_launcher_instance_config_validates(launcher_compose, tmp_pat
     processed = process_config(DockerRunLauncher.config_type(), launcher["config"])
     assert processed.success, processed.errors
     # Run containers get what a run needs (the values come from the daemon's own environment).
-    assert set(launcher["config"]["env_vars"]) >= {*PG_VARS, *PCBO_VARS, "PCBO_MULTI_HOST"} - {"PCBO_HOME"}
+    assert set(launcher["config"]["env_vars"]) >= {
+        *PG_VARS,
+        *PCBO_VARS,
+        "PCBO_MULTI_HOST",
+        "PCBO_STAGING_CATALOG_URL",
+        "PCBO_STAGING_LAKE_URL",
+        "PCBO_STAGING_AUDIT_DIR",
+    } - {"PCBO_HOME"}
     assert launcher["config"]["network"] == launcher_compose["networks"]["default"]["name"]
     # Everything else as docker-compose.yml's instance config.
     base = yaml.safe_load(launcher_compose["configs"]["dagster-instance"]["content"])
@@ -419,6 +439,11 @@ def test_helm_values_launch_runs_and_steps_on_kubernetes(helm):
     assert env["PCBO_EXECUTOR"] == "k8s" and env["PCBO_MULTI_HOST"] == "true"
     assert env["PCBO_LAKE_URL"].startswith(("s3://", "gs://"))
     assert env["PCBO_AUDIT_DIR"].startswith(("s3://", "gs://"))
+    assert (
+        env["PCBO_STAGING_LAKE_URL"].startswith(("s3://", "gs://"))
+        and env["PCBO_STAGING_LAKE_URL"] != env["PCBO_LAKE_URL"]
+    )
+    assert env["PCBO_STAGING_AUDIT_DIR"].startswith(("s3://", "gs://"))
     # PostgreSQL outside the chart, its password from a Kubernetes secret, not from these values.
     assert helm["postgresql"]["enabled"] is False and "postgresqlPassword" not in helm["postgresql"]
     assert helm["generatePostgresqlPasswordSecret"] is False and helm["global"]["postgresqlSecretName"]

@@ -269,3 +269,37 @@ def test_a_rollout_rollback_undoes_every_partition_the_chain_staged_not_only_tho
         assert lifecycle(envs.production.audit.backup.read_chain("sessions/v1"), "r").status == "rolled_back"
         for key in (K0, K1, K2):  # production holds none of the rolled-back rollout's versions
             assert read_commit_point(envs.production.lake, "sessions", "v1", key).manifest is None
+
+
+def test_staging_on_many_hosts_must_be_shared_as_production_is(tmp_path: Path) -> None:
+    """With PCBO_MULTI_HOST, staging's stores left at their host-local defaults would give each worker
+    its own staging chain on its own disk (lost with the container, and promotion reading whichever
+    host it lands on): each is refused naming its PCBO_STAGING_* variable, until all are shared."""
+    from pcbo_dagster.rollout.environments import staging_settings
+
+    production = Settings.resolve(
+        home=str(tmp_path / "home"),
+        env={
+            "PCBO_MULTI_HOST": "true",
+            "PCBO_CATALOG_URL": "postgresql://pcbo@db.internal/pcbo",
+            "PCBO_LAKE_URL": "s3://bucket/lake",
+            "PCBO_AUDIT_DIR": "s3://bucket/pas",
+        },
+    )
+    environ: dict[str, str] = {}
+    for variable, value in (
+        ("PCBO_STAGING_CATALOG_URL", "postgresql://pcbo@db.internal/pcbo_staging"),
+        ("PCBO_STAGING_AUDIT_DIR", "s3://bucket/staging-pas"),
+        ("PCBO_STAGING_LAKE_URL", "s3://bucket/staging-lake"),
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            staging_settings(production, environ=environ)
+        assert refused.value.field == variable, refused.value
+        assert refused.value.message.startswith("staging: ")
+        assert staging_settings(production, environ=environ, checked=False).multi_host
+        environ[variable] = value
+    staging = staging_settings(production, environ=environ)
+    assert staging.multi_host and staging.lake_url == "s3://bucket/staging-lake"
+    # one host: the staging defaults under $PCBO_HOME/staging stand
+    alone = staging_settings(Settings.resolve(home=str(tmp_path / "one"), env={}), environ={})
+    assert not alone.multi_host and alone.lake_url.endswith("one/staging/lake")

@@ -65,7 +65,8 @@ def asset_for_environment(
             continue
         if candidate.rollout is None:
             return AssetTarget(dg.AssetKey([candidate.asset_name]), candidate)
-        staging_lake = staging_settings(Settings.resolve(), config.staging_lake_url(candidate)).lake_url
+        staging = staging_settings(Settings.resolve(), config.staging_lake_url(candidate), checked=False)
+        staging_lake = staging.lake_url
         stage = (
             "staging"
             if env.settings.lake_url == staging_lake or env.settings.home.name == "staging"

@@ -15,6 +15,9 @@ production catalog.
 | audit endpoint  | `PCBO_STAGING_AUDIT_ENDPOINT`| none (local backup only)                |
 
 Staging never falls back to a production variable: an unset staging setting takes its staging default.
+With `PCBO_MULTI_HOST` staging runs on many hosts as production does: its catalog, lake and audit
+backup must be shared stores too (`PCBO_STAGING_CATALOG_URL` a PostgreSQL database of its own,
+`PCBO_STAGING_LAKE_URL` and `PCBO_STAGING_AUDIT_DIR` on an object store), else refused naming the variable.
 A staging lake, catalog or audit backup that is production's (`PCBO_STAGING_HOME=$PCBO_HOME`, a
 `rollout.stagingLake` naming the production lake) is refused, naming the setting: a staging apply
 would write production before any soak or approval.
@@ -37,7 +40,7 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.signed_note import VerifierKey, parse_verifier_key
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.engine.settings import Settings, check_multi_host
 
 STAGING = "staging"
 PRODUCTION = "production"
@@ -52,19 +55,37 @@ STAGING_VARIABLES = {
 
 
 def staging_settings(
-    production: Settings, lake: str | None = None, environ: dict[str, str] | None = None
+    production: Settings, lake: str | None = None, environ: dict[str, str] | None = None, checked: bool = True
 ) -> Settings:
-    """The staging settings beside `production`; `lake` (a dataset's `rollout.stagingLake`) wins."""
+    """The staging settings beside `production`; `lake` (a dataset's `rollout.stagingLake`) wins.
+
+    Staging runs where production's runs do: with `PCBO_MULTI_HOST` (production's) its stores must be
+    shared as production's must (`check_multi_host`: a PostgreSQL catalog, an object-store lake and
+    audit backup), or each host would keep its own staging chain on its own disk and lose it with the
+    container. `checked`: refuse such settings (`InvalidInput` naming the `PCBO_STAGING_*` variable);
+    False only to read where staging would be."""
     environ = dict(os.environ if environ is None else environ)
     home = environ.get(STAGING_VARIABLES["home"]) or str(production.home / STAGING)
-    return Settings.resolve(
+    env = {k: v for k, v in environ.items() if k in ("PCBO_AUDIT_ATTEMPTS", "PCBO_AUDIT_INITIAL_WAIT")}
+    env["PCBO_MULTI_HOST"] = "true" if production.multi_host else "false"
+    staging = Settings.resolve(
         home=home,
         lake=lake or environ.get(STAGING_VARIABLES["lake"]) or None,
         catalog=environ.get(STAGING_VARIABLES["catalog"]) or None,
         audit_dir=environ.get(STAGING_VARIABLES["audit_dir"]) or None,
         audit_endpoint=environ.get(STAGING_VARIABLES["audit_endpoint"]) or None,
-        env={k: v for k, v in environ.items() if k in ("PCBO_AUDIT_ATTEMPTS", "PCBO_AUDIT_INITIAL_WAIT")},
+        env=env,
     )
+    if checked:
+        try:
+            check_multi_host(staging)
+        except InvalidInput as exc:
+            names = {f"PCBO_{v}": f"PCBO_STAGING_{v}" for v in ("CATALOG_URL", "AUDIT_DIR", "LAKE_URL")}
+            message = exc.message
+            for production_name, staging_name in names.items():
+                message = message.replace(production_name + "=", staging_name + "=")
+            raise InvalidInput(names.get(exc.field, exc.field), f"staging: {message}") from None
+    return staging
 
 
 def dataset_settings(
