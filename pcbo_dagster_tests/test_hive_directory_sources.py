@@ -369,8 +369,9 @@ def test_csv_header_mismatch_names_the_file(tmp_path: Path) -> None:
 def test_request_and_dataset_config_carry_prune(tmp_path: Path) -> None:
     base = {"runId": "r", "dataset": "events", "start": "2024-01-01T00:00:00Z", "end": "2024-01-02T00:00:00Z"}
     request = validate_request({**base, "source": {"uri": "some/directory"}})  # no format: valid
-    assert request.source is not None and request.source.prune is True and request.source.format is None
-    assert validate_request({**base, "source": {"uri": "d", "prune": False}}).source.prune is False  # type: ignore[union-attr]
+    # A request prunes only when it says so: otherwise every record of its source is part of it.
+    assert request.source is not None and request.source.prune is False and request.source.format is None
+    assert validate_request({**base, "source": {"uri": "d", "prune": True}}).source.prune is True  # type: ignore[union-attr]
     with pytest.raises(InvalidInput) as caught:
         validate_request({**base, "source": {"uri": "d", "prune": "no"}})
     assert caught.value.field == "source.prune"
@@ -386,8 +387,10 @@ datasets:
         return parse_datasets_config(text, tmp_path).datasets[0]
 
     keys = ["20240101T000000Z"]
+    # A dataset config prunes by default, and says so in every request it makes.
     plain = request_for_keys(config("{uri: events, format: jsonl}"), "/d/events", "run-1", keys, {})
-    assert plain["source"] == {"uri": "/d/events", "format": "jsonl"}  # unchanged when prune is on
+    assert plain["source"] == {"uri": "/d/events", "format": "jsonl", "prune": True}
+    assert validate_request(plain).source.prune is True  # type: ignore[union-attr]
     on = request_for_keys(config("{uri: events, format: jsonl, prune: true}"), "/d/events", "run-1", keys, {})
     assert on["source"] == plain["source"]
     off = request_for_keys(
@@ -458,8 +461,8 @@ def test_directory_source_end_to_end_through_the_cli(tmp_path: Path) -> None:
     }
     inside = by_day["2024-01-01"] + by_day["2024-01-02"]
     requests = {
-        "pruned": {**base, "runId": "dir-pruned", "source": {"uri": "events"}},
-        "unpruned": {**base, "runId": "dir-all", "source": {"uri": "events", "prune": False}},
+        "pruned": {**base, "runId": "dir-pruned", "source": {"uri": "events", "prune": True}},
+        "unpruned": {**base, "runId": "dir-all", "source": {"uri": "events"}},  # the default
         "inline": {**base, "runId": "dir-inline", "sourceRecords": inside},
     }
     dry: dict[str, dict[str, Any]] = {}

@@ -290,7 +290,7 @@ def test_a_ledger_range_is_pruned_by_its_integer_field(tmp_path, catalog):
             "dataset": "ledgers",
             "ledgerRange": {"field": "ledgerSequence", "first": 1201, "end": 1265, "partitionSize": 64},
             "policies": {"requireConsent": True},
-            "source": {"uri": str(source)},
+            "source": {"uri": str(source), "prune": True},
         }
     ).encode()
     loaded, _, decisions = _decide(raw, catalog)

@@ -17,6 +17,26 @@ import rfc8785
 
 CanonicalizationError = rfc8785.CanonicalizationError
 
+#: The largest integer RFC 8785 (I-JSON: IEEE 754 doubles) carries exactly; records hold no other.
+MAX_SAFE_INTEGER = 2**53 - 1
+
+
+def is_integral_float(value: Any) -> bool:
+    """True for a float that RFC 8785 writes as an integer a record may hold: no fraction, within
+    +-(2**53 - 1) (`5.0`, `5e0`, `-0.0`: canonically `5`, `5`, `0`)."""
+    return type(value) is float and value.is_integer() and -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+
+
+def json_integer(value: Any) -> int | None:
+    """The integer a JSON value is by its RFC 8785 form, else None: an int (not a bool) within int64,
+    or an integral float within +-(2**53 - 1). `5` and `5.0` have the same canonical form, so records
+    that differ only so are the same record (CONTRACT section 2) and must be judged alike."""
+    if type(value) is int:
+        return value if -(2**63) <= value < 2**63 else None
+    if is_integral_float(value):
+        return int(value)
+    return None
+
 
 def jcs(value: Any) -> bytes:
     """RFC 8785 canonical bytes of a JSON value."""

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pcbo_dagster.core.canonical import fast_jcs, prefixed
+from pcbo_dagster.core.canonical import fast_jcs, json_integer, prefixed
 from pcbo_dagster.core.instants import parse_instants
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Partition, Plan, normalize_jurisdictions
@@ -99,8 +99,12 @@ def _strings(values: list[Any]) -> pa.Array:
 
 
 def _integers(values: list[Any]) -> pa.Array:
-    """An int64 array of `values`, null where a value is not a JSON integer (booleans are not)."""
-    return pa.array([v if type(v) is int and -(2**63) <= v < 2**63 else None for v in values], pa.int64())
+    """An int64 array of `values`, null where a value is not a JSON integer (booleans are not). A
+    number is judged by its RFC 8785 form (`json_integer`): `5.0` is the integer `5`, as `5` is, so
+    copies of a record that differ only so are decided alike whichever comes first."""
+    return pa.array(
+        [v if type(v) is int and -(2**63) <= v < 2**63 else json_integer(v) for v in values], pa.int64()
+    )
 
 
 @dataclass

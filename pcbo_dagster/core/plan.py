@@ -128,12 +128,30 @@ class Plan:
         }
 
 
+#: The one letter Arrow's `utf8_upper` (utf8proc) upper-cases against Unicode's simple case mapping:
+#: `ß` (U+00DF) has no simple upper-case mapping in UnicodeData.txt, but utf8proc maps it to `ẞ`
+#: (U+1E9E) (apache/arrow#34599, JuliaStrings/utf8proc#130). It is put back, so `ß` stays `ß`.
+_SHARP_S = "\u00df"
+
+
 def normalize_jurisdictions(values: pa.Array) -> pa.Array:
-    """Trim (Unicode whitespace) and upper-case (Unicode simple case mapping), as Arrow does it.
+    """Trim (Unicode whitespace) and upper-case with Unicode's *simple* case mapping: Arrow's
+    `utf8_upper`, but for `ß`, which stays `ß` (utf8proc alone makes it `ẞ`; Python's `str.upper`
+    makes it `SS`).
 
     The same function normalises the policy list and the records' jurisdictions, so the two always agree.
     """
-    return pc.utf8_upper(pc.utf8_trim_whitespace(values.cast(pa.string())))
+    trimmed = pc.utf8_trim_whitespace(values.cast(pa.string()))
+    upper = pc.utf8_upper(trimmed)
+    has_sharp_s = pc.fill_null(pc.match_substring(trimmed, _SHARP_S), False)
+    if not pc.any(has_sharp_s).as_py():
+        return upper
+    # Upper-case the text between the ß's and keep the ß's themselves (rare: only those strings).
+    pieces = pc.split_pattern(trimmed.filter(has_sharp_s), _SHARP_S)
+    joined = pc.binary_join(
+        pa.ListArray.from_arrays(pieces.offsets, pc.utf8_upper(pieces.flatten())), _SHARP_S
+    )
+    return pc.replace_with_mask(upper, has_sharp_s, joined)
 
 
 def partitions_for(start: int, end: int, width: int, ledger: bool = False) -> tuple[Partition, ...]:

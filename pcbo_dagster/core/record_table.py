@@ -10,6 +10,11 @@ same schema:
 - anything else (objects, arrays, or a mix such as strings and numbers) -> string holding the RFC 8785
   canonical JSON of each value.
 
+Numbers are typed and written by their RFC 8785 form, as the plan hash sees them: a float with no
+fraction within +-(2**53 - 1) (`1.0`, `1e0`, canonically `1`) is an integer, and `-0.0` (canonically
+`0`) is written as `0`. So records with equal canonical forms give equal rows, and requests with the
+same plan hash the same columns.
+
 A field missing from a record is null in its row.
 """
 
@@ -20,8 +25,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.canonical import is_integral_float, jcs
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ID = "id"
@@ -29,6 +35,26 @@ OCCURRED_AT = "occurredAt"
 RETENTION_EXPIRES_AT = "retentionExpiresAt"
 _FIXED = (ID, OCCURRED_AT, RETENTION_EXPIRES_AT)
 _NONE = type(None)
+
+
+def _kinds(values: list[Any]) -> set[type]:
+    """The JSON types of `values` as the schema counts them: a float that RFC 8785 writes as an
+    integer (`is_integral_float`) counts as an int."""
+    kinds = set(map(type, values))
+    if float in kinds and not any(type(v) is float and not is_integral_float(v) for v in values):
+        kinds.discard(float)
+        kinds.add(int)
+    return kinds
+
+
+def _column_array(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
+    """`values` of one field as an Arrow column of `arrow_type` (the run schema's): into int64, the
+    floats among them are integral (`_kinds`) and convert exactly; in float64, `-0.0` becomes `0.0`
+    (its RFC 8785 form is `0`)."""
+    array = pa.array(values, arrow_type)
+    if pa.types.is_floating(arrow_type):
+        array = pc.add(array, pa.scalar(0.0, arrow_type))  # IEEE 754: -0.0 + 0.0 == +0.0
+    return array
 
 
 def _type_of_kinds(kinds: set[type]) -> pa.DataType | None:
@@ -58,7 +84,7 @@ class SchemaBuilder:
             seen = kinds.get(name)
             if seen is None:
                 kinds[name] = seen = set()
-            seen.update(map(type, map(dict.get, rows, repeat(name))))
+            seen.update(_kinds(list(map(dict.get, rows, repeat(name)))))
 
     def result(self) -> tuple[pa.Schema, dict[str, bool]]:
         fields = [
@@ -105,7 +131,7 @@ class AddedColumns:
         values: dict[str, list[Any]] = {}
         for name in set().union(*rows).difference(_FIXED):
             values[name] = list(map(dict.get, rows, repeat(name)))
-            builder.kinds[name] = set(map(type, values[name]))
+            builder.kinds[name] = _kinds(values[name])
         self.schema, self.as_json = builder.result()
         self.columns: dict[str, pa.Array] = {}
         for field in self.schema:
@@ -114,7 +140,7 @@ class AddedColumns:
             column = values.pop(field.name)
             if self.as_json[field.name]:
                 column = [_json_text(v) for v in column]
-            self.columns[field.name] = pa.array(column, field.type)
+            self.columns[field.name] = _column_array(column, field.type)
         self.position = np.full(n_records, -1, dtype=np.int64)
         self.position[np.asarray(locators, dtype=np.int64)] = np.arange(len(locators), dtype=np.int64)
 
@@ -167,5 +193,5 @@ def build_table(
         values = [row.get(field.name) for row in rows]
         if as_json[field.name]:
             values = [_json_text(v) for v in values]
-        arrays.append(pa.array(values, field.type))
+        arrays.append(_column_array(values, field.type))
     return pa.Table.from_arrays(arrays, schema=schema)

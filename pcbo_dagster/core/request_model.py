@@ -110,16 +110,21 @@ class SourceRef(BaseModel):
     and its format.
 
     For a directory (`sources.hive_directories`) `format` may be left out (inferred from the files'
-    extensions, which must agree), and `prune` says whether files whose hive partition path
-    (`dt=`, `date=`, `year=/month=/day=/hour=`) lies outside the request's time window are skipped
-    unread (default true; ignored for a single file and for a ledgerRange request)."""
+    extensions, which must agree). `prune` (default false) opts in to reading only what may hold
+    records of the request's window: a directory's files whose hive partition path (`dt=`, `date=`,
+    `year=/month=/day=/hour=`) lies outside its time window, and the zones of a file
+    (`sources/zones.py`) whose records all lie outside it, are skipped unread and are then not part of
+    the request. Without it every record of the source is part of the request, as inline records are
+    (CONTRACT sections 1-2: each is decided or unplaced, `OUT_OF_WINDOW` included, and in the plan
+    hash)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uri: StoreUri
     format: Literal["jsonl", "parquet", "csv", "ledger_archive"] | None = None
-    #: Skip a directory's files whose hive partition lies outside the time window (default true).
-    prune: StrictBool = True
+    #: Skip files and zones that provably hold no record of the window (default false: opt-in, as
+    #: their records are then not part of the request).
+    prune: StrictBool = False
     #: A ledger archive may miss ledgers of the range (default false: a gap is invalid input naming
     #: the missing ledgers). When true, the gaps are recorded in the manifests of the partitions
     #: they fall into (`gaps`: [[first, last], ...]).

@@ -337,8 +337,9 @@ Partitioning = Annotated[TimeWindowPartitioning | LedgerRangePartitioning, Field
 class SourceConfig(_Strict):
     uri: StoreUri
     format: Literal["jsonl", "parquet"] | None = None
-    #: For a directory source: skip files whose hive partition lies outside the requested window
-    #: (default true); passed into requests only when false, so existing requests do not change.
+    #: Skip files (hive partition paths) and zones (`sources/zones.py`) of the source that provably
+    #: hold no record of a run's window (default true: a range run reads only its range); written
+    #: into every request made from the config (a request's own default is false).
     prune: StrictBool = True
 
     @model_validator(mode="after")

@@ -83,8 +83,9 @@ def build_ledger_request(
 
 def _request_tail(dataset: DatasetConfig, source_uri: str, metadata: dict[str, Any]) -> dict[str, Any]:
     source: dict[str, Any] = {"uri": source_uri, "format": dataset.source.resolved_format()}
-    if not dataset.source.prune:  # only when off: requests (and their hashes) stay as they were
-        source["prune"] = False
+    # Always said: a request's own default is not to prune (every record of its source is part of
+    # it), a dataset config's is to prune (a range run reads only its range of a large source).
+    source["prune"] = dataset.source.prune
     tail = {
         "policies": dataset.policies.model_dump(),
         "source": source,

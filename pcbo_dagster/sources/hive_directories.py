@@ -18,10 +18,10 @@ decision hashes are those of one file holding them.
   the files' rows as they are, and carry their own `occurredAt`. The partition values are used only
   to skip files (below).
 
-Pruning (`prune`, default true; only for a time request, whose window is [start, end)): from the
-directory components of a file's relative path, the time interval the file can hold is derived,
-and a file whose interval does not meet the window is not read at all. Recognised keys (any case;
-values URL-decoded, `%3A` -> `:`), read as UTC:
+Pruning (`prune`: opt-in in a request, a dataset config's default; only for a time request, whose
+window is [start, end)): from the directory components of a file's relative path, the time
+interval the file can hold is derived, and a file whose interval does not meet the window is not read
+at all. Recognised keys (any case; values URL-decoded, `%3A` -> `:`), read as UTC:
 - `dt` / `date`: `YYYY-MM-DD` or `YYYYMMDD` (that day), `YYYY-MM-DDTHH` or `YYYY-MM-DD HH` (that
   hour); a value with minutes (`YYYY-MM-DD[T ]HH:MM[:SS[.ffffff]]`, optional `Z`/`+hh:mm`) is taken
   as the start of its partition only, a lower bound (the width of such a partition is unknown);

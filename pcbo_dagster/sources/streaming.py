@@ -12,7 +12,7 @@ and written files are the same. Parquet is
 re-read a row group at a time: row groups of up to `PARQUET_CACHE_BYTES` (64 MiB uncompressed) are
 kept decoded, least recently used first let go of, within that budget for the whole process.
 
-`prune_zones(window, store)` (a request with `source.prune`, the default) makes pass 1 read only the
+`prune_zones(window, store)` (a request with `source.prune`, opt-in) makes pass 1 read only the
 zones of the file that may hold records of the request's window (`sources/zones.py`): JSONL and CSV
 seek to them by byte offset, parquet reads only their row groups.
 """

@@ -4,10 +4,11 @@ A source file is cut into **zones** — consecutive records: about `ZONE_BYTES` 
 JSONL or CSV file, one row group of a parquet file — and each zone carries the lowest and highest
 *placement value* of its records (the instant of `occurredAt` in microseconds for a time request, the
 integer of the ledger field for a `ledgerRange` request) and whether **every** record of it has one
-(`exact`). With `source.prune` (the default) a request for [start, end) skips a zone exactly when it
-provably holds no record of that window: it is exact and its values lie wholly outside [start, end).
-A zone with a record whose value is missing or unreadable (an unparseable timestamp, a line that is
-not a JSON object, a ledger field that is not a JSON integer) is never skipped. So are the zones of a
+(`exact`). With `source.prune` (opt-in in a request; a dataset config's default) a request for
+[start, end) skips a zone exactly when it provably holds no record of that window: it is exact and
+its values lie wholly outside [start, end). A zone with a record whose value is missing or
+unreadable (an unparseable timestamp, a line that is not a JSON object, a ledger field that is not a
+JSON integer) is never skipped. So are the zones of a
 source whose layout cannot be read (below).
 
 Pruned zones are not part of the request, as for hive directories (`sources/hive_directories.py`):
@@ -45,7 +46,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.canonical import jcs, json_integer
 from pcbo_dagster.core.instants import parse_instants
 from pcbo_dagster.io.redaction import redact_url
 
@@ -197,8 +198,9 @@ class ZoneStats:
         if not self.exact:
             return
         if self.ledger:
-            if type(value) is int:
-                self.values.append(value)
+            integer = json_integer(value)  # as the decisions read a ledger field (`5.0` is `5`)
+            if integer is not None:
+                self.values.append(integer)
             else:
                 self.exact = False
         elif isinstance(value, str):
