@@ -17,31 +17,19 @@ else:
 
 from pcbo_dagster.dagster_defs.definitions import build_definitions  # noqa: E402
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
-from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG, load_datasets_config  # noqa: E402
+from pcbo_dagster.datasets.config import load_datasets_config  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 from pcbo_dagster.engine.rollback import rollback  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
-from pcbo_dagster_tests.approver_keys import list_approvers_in_example  # noqa: E402
-
-KEYS = [f"20240101T{h:02d}0000Z" for h in range(3)]
-EVENTS = dg.AssetKey(["events"])
-RANGE = {"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partition_range_end": KEYS[-1]}
+from pcbo_dagster_tests.example_location import EVENTS, KEYS, example_location, materialize_events  # noqa: E402
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Any:
-    shutil.copy(DEFAULT_DATASETS_CONFIG, tmp_path / "datasets.yaml")
-    list_approvers_in_example(tmp_path / "datasets.yaml")
-    generate_demo_data(tmp_path / "demo_data")
-    config = load_datasets_config(tmp_path / "datasets.yaml")
-    engine = PcboEngineResource(home=str(tmp_path / "pcbo-home"))
-    defs = build_definitions(config, resource=engine)
-    return tmp_path, config, engine, defs
+    return example_location(tmp_path)
 
 
-def _materialize(defs: dg.Definitions, instance: dg.DagsterInstance) -> Any:
-    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={EVENTS})
-    return job.execute_in_process(instance=instance, tags=RANGE)
+_materialize = materialize_events
 
 
 def _drift_tick(defs: dg.Definitions, instance: dg.DagsterInstance, engine: PcboEngineResource) -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,27 +37,16 @@ from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG, load_datasets_
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 from pcbo_dagster.engine.rollback import rollback  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
-from pcbo_dagster_tests.approver_keys import BO, list_approvers_in_example  # noqa: E402
-
-KEYS = [f"20240101T{h:02d}0000Z" for h in range(3)]
-EVENTS = dg.AssetKey(["events"])
-RANGE = {"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partition_range_end": KEYS[-1]}
+from pcbo_dagster_tests.approver_keys import BO  # noqa: E402
+from pcbo_dagster_tests.example_location import EVENTS, KEYS, RANGE, example_location, materialize_events  # noqa: E402
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Any:
-    shutil.copy(DEFAULT_DATASETS_CONFIG, tmp_path / "datasets.yaml")
-    list_approvers_in_example(tmp_path / "datasets.yaml")
-    generate_demo_data(tmp_path / "demo_data")
-    config = load_datasets_config(tmp_path / "datasets.yaml")
-    engine = PcboEngineResource(home=str(tmp_path / "pcbo-home"))
-    defs = build_definitions(config, resource=engine)
-    return tmp_path, config, engine, defs
+    return example_location(tmp_path)
 
 
-def _materialize(defs: dg.Definitions, instance: dg.DagsterInstance, **kwargs: Any) -> Any:
-    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={EVENTS})
-    return job.execute_in_process(instance=instance, tags=RANGE, **kwargs)
+_materialize = materialize_events
 
 
 def _pinned(decision_hash: str) -> dict[str, Any]:
