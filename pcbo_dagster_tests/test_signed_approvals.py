@@ -22,7 +22,12 @@ from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations
-from pcbo_dagster.rollout.approvals import ROLLOUT_APPROVED, decision_in_force, sign_decision
+from pcbo_dagster.rollout.approvals import (
+    ROLLOUT_APPROVED,
+    ROLLOUT_REJECTED,
+    decision_in_force,
+    sign_decision,
+)
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import BO, CY, MALLORY
 from pcbo_dagster_tests.test_rollout_staging_and_approvals import KEYS, T0, _config
@@ -52,16 +57,21 @@ def _gate(config: DatasetsConfig, base: Settings, clock: ManualClock) -> dict[st
 
 
 def _append_directly(
-    config: DatasetsConfig, base: Settings, rollout: RolloutRow, statement: str, by: str
+    config: DatasetsConfig,
+    base: Settings,
+    rollout: RolloutRow,
+    statement: str,
+    by: str,
+    decision: str = "approved",
 ) -> None:
     """What someone who can append to the production chain (but holds no approver's key) can do."""
     with operations.rollout_environments(config, base, rollout["name"]) as (_dataset, envs):
         envs.production.audit.append(
             "sessions/v1",
-            ROLLOUT_APPROVED,
+            ROLLOUT_APPROVED if decision == "approved" else ROLLOUT_REJECTED,
             {
                 "rollout": rollout_subject(rollout),
-                "decision": "approved",
+                "decision": decision,
                 "decision_hash": rollout["decision_hash"],
                 "plan_hash": rollout["plan_hash"],
                 "by": by,
@@ -248,6 +258,30 @@ def test_an_approval_dated_in_the_future_does_not_outlive_a_rejection(tmp_path: 
     assert _in_force(config, base)["ignored"] == 1
     clock.advance(60)
     operations.decide(config, base, "r", "approve", key=CY, reason="fixed, reviewed again", clock=clock)
+    assert _gate(config, base, clock)["open"] is True
+
+
+def test_a_rejection_dated_in_the_future_holds_off_no_approval_signed_after_it_was_recorded(
+    tmp_path: Path,
+) -> None:
+    """The mirror of the attack above: bo's rejection dated 2099 ordered after every approval signed
+    before 2099, so once on the chain no one could approve the rollout again until then. `pcbo reject`
+    refuses it; one appended by hand takes effect when its event was appended: it closes the gate, and
+    an approval signed after that opens it again."""
+    config, base, clock, rollout = _soaked(tmp_path)
+    future = sign_decision(BO, rollout, "reject", "never", None, "2099-01-01T00:00:00Z")
+    before = len(_chain_events(config, base))
+    with pytest.raises(InvalidInput, match="rejection was signed at .* in the future") as refused:
+        operations.decide(config, base, "r", None, statement=future, clock=clock)
+    assert refused.value.field == "statement" and len(_chain_events(config, base)) == before
+    _append_directly(config, base, rollout, future, BO.name, decision="rejected")
+    _closed_by_the_rejection(config, base, clock)
+    # cy signs after the rejection was appended (events carry the host's time; the rollout clock here
+    # is a manual one, so it is moved past that first)
+    from datetime import UTC, datetime
+
+    clock.advance((datetime.now(UTC) - clock.now()).total_seconds() + 60)
+    operations.decide(config, base, "r", "approve", key=CY, reason="reviewed after bo's note", clock=clock)
     assert _gate(config, base, clock)["open"] is True
 
 

@@ -30,7 +30,8 @@ nothing.
 Refused with `InvalidInput` (exit 2, nothing written): an unknown rollout, a rollout not halted for
 review (status `soaking`), an empty reason, a statement that does not verify under a listed key, one
 for another rollout, decision or decision hash than the one the rollout staged, a statement already
-on the chain, an approval signed before the rejection in force, or one signed in the future.
+on the chain, an approval signed before the rejection in force, or a decision signed in the future. A
+rejection on the chain dated ahead of its event takes effect when its event was appended.
 """
 
 from __future__ import annotations
@@ -126,18 +127,19 @@ def record_decision(
                 f"this signed statement is already on the chain (seq {event['chain']['seq']}): a statement "
                 "counts once; sign a new one",
             )
-    if signed.decision == "approved" and _from_the_future(signed, to_micros(clock.now())):
+    if _from_the_future(signed, to_micros(clock.now())):
+        what = "approval" if signed.decision == "approved" else "rejection"
         raise InvalidInput(
             "statement",
-            f"the approval was signed at {signed.time}, in the future (more than {CLOCK_SKEW_SECONDS} s "
-            "ahead of this clock): an approval counts from when it is signed, never before; sign it now",
+            f"the {what} was signed at {signed.time}, in the future (more than {CLOCK_SKEW_SECONDS} s "
+            f"ahead of this clock): a {what} counts from when it is signed, never before; sign it now",
         )
-    rejected = [s for _, s in counted if s.decision == "rejected"]
-    if signed.decision == "approved" and rejected and _signed_at(signed) < _signed_at(rejected[-1]):
+    rejected = [(e, s) for e, s in counted if s.decision == "rejected"]
+    if signed.decision == "approved" and rejected and _signed_at(signed) < _rejected_at(*rejected[-1]):
         raise InvalidInput(
             "statement",
             f"the approval was signed at {signed.time}, before the rejection in force "
-            f"({rejected[-1].signer.name}, signed at {rejected[-1].time}): sign a new approval",
+            f"({rejected[-1][1].signer.name}, signed at {rejected[-1][1].time}): sign a new approval",
         )
     event = append_event(
         envs,
@@ -208,6 +210,15 @@ def _from_the_future(signed: SignedApproval, recorded: int | None) -> bool:
     return recorded is None or _signed_at(signed) > recorded + CLOCK_SKEW_SECONDS * 1_000_000
 
 
+def _rejected_at(event: dict[str, Any], signed: SignedApproval) -> int:
+    """When a rejection on the chain took effect: its signed time, or when its event was appended if
+    that is earlier. A rejection dated ahead (2099) would otherwise hold off every approval signed
+    before its date, past any review (pcbo approve refuses one; this bounds one appended by hand)."""
+    recorded = parse_instant(event.get("timestamp"))
+    at = _signed_at(signed)
+    return at if recorded is None else min(at, recorded)
+
+
 def _counted_decisions(
     envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]]
 ) -> tuple[list[tuple[dict[str, Any], SignedApproval]], int]:
@@ -232,7 +243,7 @@ def _counted_decisions(
             continue
         seen.add(_statement(signed))
         if signed.decision == "rejected":
-            at = _signed_at(signed)
+            at = _rejected_at(event, signed)
             rejected_at = at if rejected_at is None else max(rejected_at, at)
         elif _from_the_future(signed, parse_instant(event.get("timestamp"))):
             ignored += 1  # signed later than it was recorded: it would outlive rejections to come
