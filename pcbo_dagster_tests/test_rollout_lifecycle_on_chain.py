@@ -12,9 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.rollout_lifecycle import (
@@ -31,6 +29,7 @@ from pcbo_dagster.engine.verify import REFUSED, verify
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, key_file
+from pcbo_dagster_tests.catalog_writer import write_catalog
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 KEYS = ["20240101T000000Z", "20240101T010000Z"]
@@ -60,17 +59,6 @@ datasets:
       {APPROVERS_YAML}
 """
     return parse_datasets_config(text, base_dir=tmp_path)
-
-
-def _catalog(base: Settings, *statements: tuple[str, dict]) -> None:
-    """What someone who can write the production catalog (and nothing else) does."""
-    catalog = CatalogStore(base.catalog_url)
-    try:
-        with catalog.engine.begin() as conn:
-            for statement, params in statements:
-                conn.execute(sa.text(statement), params)
-    finally:
-        catalog.close()
 
 
 def _promote(config: DatasetsConfig, base: Settings, clock: ManualClock) -> list[str]:
@@ -109,11 +97,11 @@ def test_a_failed_soak_stays_failed_whatever_the_catalog_says(tmp_path: Path) ->
         "INSERT INTO soak_evaluations (rollout, passed, detail, evaluated_at) VALUES ('r', 1, '{}', :at)",
         {"at": now},
     )
-    _catalog(base, insert)
+    write_catalog(base, insert)
     assert any(r.startswith("soak failed: ") for r in _promote(config, base, clock))
 
     # ... and the soak window moved past the failure and shortened to nothing (the reported attack).
-    _catalog(
+    write_catalog(
         base,
         ("UPDATE rollouts SET staged_at = :at, soak_window_seconds = 0 WHERE name = 'r'", {"at": now}),
     )
@@ -145,7 +133,7 @@ def test_a_rolled_back_rollout_is_not_reopened_by_its_catalog_status(tmp_path: P
     assert _production_commits(base) == 0
     assert _promote(config, base, clock)[0].startswith("status is rolled_back")
 
-    _catalog(base, ("UPDATE rollouts SET status = 'soaking' WHERE name = 'r'", {}))
+    write_catalog(base, ("UPDATE rollouts SET status = 'soaking' WHERE name = 'r'", {}))
     reasons = _promote(config, base, clock)  # what the rollout_promotion sensor would ask, too
     assert reasons == [
         "status is rolled_back: not halted for review after a staging apply (the production audit chain "
@@ -168,11 +156,11 @@ def test_a_rolled_back_rollout_is_not_reopened_by_its_catalog_status(tmp_path: P
 
     # Nor does "promoted" let a repair (health check, production asset) write it again, nor does
     # "applying" let the staging apply stage it again.
-    _catalog(base, ("UPDATE rollouts SET status = 'promoted' WHERE name = 'r'", {}))
+    write_catalog(base, ("UPDATE rollouts SET status = 'promoted' WHERE name = 'r'", {}))
     with operations.dataset_environments(config, dataset, base) as envs:
         with pytest.raises(InvalidInput, match="rolled_back by the production audit chain"):
             promotion.repair_approval(envs, envs.store.require("r"))
-    _catalog(base, ("UPDATE rollouts SET status = 'applying' WHERE name = 'r'", {}))
+    write_catalog(base, ("UPDATE rollouts SET status = 'applying' WHERE name = 'r'", {}))
     with pytest.raises(InvalidInput, match="it is never applied again"):
         operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
     assert _production_commits(base) == 0
@@ -254,7 +242,7 @@ def test_forged_lifecycle_events_open_nothing_with_a_signing_key(tmp_path: Path)
     assert not status["gate"]["open"] and status["gate"]["soak"]["state"] == "soaking"
     assert any(r.startswith("soak soaking: ") for r in _promote(config, base, clock))
 
-    _catalog(
+    write_catalog(
         base,
         (
             "UPDATE rollouts SET staged_at = :at, soak_window_seconds = 0 WHERE name = 'r'",
@@ -336,7 +324,7 @@ def test_a_replayed_signed_event_and_the_soak_row_it_would_cover_are_reported(tm
     assert _findings(config, base) == []
     [genuine] = [e for e in _chain(config, base) if e["event_type"] == "rollout_soak_evaluated"]
     _append(config, base, ("rollout_soak_evaluated", {k: v for k, v in genuine.items() if k not in RESERVED}))
-    _catalog(
+    write_catalog(
         base,
         (
             "INSERT INTO soak_evaluations (rollout, passed, detail, evaluated_at) "
@@ -446,7 +434,7 @@ def test_repair_rewrites_no_row_an_edit_made_to_disagree(tmp_path: Path) -> None
             "applying",
         ),
     ):
-        _catalog(base, (edit, {}))
+        write_catalog(base, (edit, {}))
         repaired = _verify_production(config, base, repair=True)
         assert repaired["repaired"] == [] and repaired["findings"], repaired
         assert {f["kind"] for f in repaired["findings"]} == {"rollout_not_on_chain"}

@@ -8,9 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.rollout_lifecycle import lifecycle
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
@@ -19,6 +17,7 @@ from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import operations, promotion
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
+from pcbo_dagster_tests.catalog_writer import write_catalog
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 K0, K1, K2 = "20240101T000000Z", "20240101T010000Z", "20240101T020000Z"
@@ -48,17 +47,6 @@ datasets:
     return parse_datasets_config(text, base_dir=tmp_path)
 
 
-def _catalog(base: Settings, *statements: tuple[str, dict]) -> None:
-    """What someone who can write the production catalog (and nothing else) does."""
-    catalog = CatalogStore(base.catalog_url)
-    try:
-        with catalog.engine.begin() as conn:
-            for statement, params in statements:
-                conn.execute(sa.text(statement), params)
-    finally:
-        catalog.close()
-
-
 def _production_commits(base: Settings) -> int:
     return len(list((base.home / "lake").rglob("_manifest.json")))
 
@@ -84,12 +72,12 @@ def test_a_soak_is_not_evaluated_over_partitions_a_catalog_row_names(tmp_path: P
     operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
     clock.advance(300)
     sets = ", ".join(f"{column} = :{column}" for column in edit)
-    _catalog(base, (f"UPDATE rollouts SET {sets} WHERE name = 'r'", edit))
+    write_catalog(base, (f"UPDATE rollouts SET {sets} WHERE name = 'r'", edit))
     [soaked] = operations.soak(config, base, clock=clock)
     # Nothing is evaluated (nor recorded as passing) over partitions the chain did not stage.
     assert "evaluation" not in soaked
     assert "disagrees with the production audit chain" in soaked["error"]
-    _catalog(
+    write_catalog(
         base,
         (
             "UPDATE rollouts SET partition_keys = :k, last_key = :l WHERE name = 'r'",
@@ -125,7 +113,7 @@ def test_the_health_check_checks_the_range_the_chain_promoted_not_the_one_a_row_
     # Production loses its last partition, and the rollout's row is edited to end before it.
     [manifest] = [m for m in (base.home / "lake").rglob("_manifest.json") if K2 in str(m)]
     manifest.unlink()
-    _catalog(
+    write_catalog(
         base,
         (
             "UPDATE rollouts SET partition_keys = :k, last_key = :l WHERE name = 'r'",
@@ -184,7 +172,7 @@ class _EditingClock(ManualClock):
     def sleep(self, seconds: float) -> None:
         if not self.done:
             self.done = True
-            _catalog(self.base, self.statement)
+            write_catalog(self.base, self.statement)
         super().sleep(seconds)
 
 
@@ -255,7 +243,7 @@ def test_a_rollout_rollback_undoes_every_partition_the_chain_staged_not_only_tho
     operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
     operations.promote(config, base, "r", by="dee", clock=clock)
     assert _production_commits(base) == 3
-    _catalog(
+    write_catalog(
         base,
         (
             "UPDATE rollouts SET partition_keys = :k, last_key = :l WHERE name = 'r'",
