@@ -186,19 +186,27 @@ def stored_checkpoints(catalog: CatalogStore, chain_key: str) -> list[dict[str, 
     and are of no more events than the stored log holds, by size, each with only the `cosignatures`
     that verify (`cosignature_problem`)."""
     size = catalog.log_size(chain_key)
-    rows = []
-    for row in catalog.checkpoints(chain_key):
-        if row["tree_size"] <= size and checkpoint_row_problem(row) is None:
-            text = parse_note(row["note"]).text
-            valid = [c for c in row["cosignatures"] if cosignature_problem(text, c) is None]
-            rows.append({**row, "cosignatures": valid})
-    return rows
+    rows = catalog.checkpoints(chain_key)
+    return [_with_valid_cosignatures(row) for row in rows if _usable(row, size)]
 
 
 def latest_stored_checkpoint(catalog: CatalogStore, chain_key: str) -> dict[str, Any] | None:
-    """The newest of `stored_checkpoints` (None when there is none)."""
-    rows = stored_checkpoints(catalog, chain_key)
-    return rows[-1] if rows else None
+    """The newest of `stored_checkpoints` (None when there is none), found from the newest row down:
+    the older rows' notes and cosignatures are not checked."""
+    size = catalog.log_size(chain_key)
+    for row in reversed(catalog.checkpoints(chain_key)):
+        if _usable(row, size):
+            return _with_valid_cosignatures(row)
+    return None
+
+
+def _usable(row: dict[str, Any], log_size: int) -> bool:
+    return row["tree_size"] <= log_size and checkpoint_row_problem(row) is None
+
+
+def _with_valid_cosignatures(row: dict[str, Any]) -> dict[str, Any]:
+    text = parse_note(row["note"]).text
+    return {**row, "cosignatures": [c for c in row["cosignatures"] if cosignature_problem(text, c) is None]}
 
 
 def full_note(row: dict[str, Any]) -> Note:
