@@ -318,6 +318,11 @@ def rollback_script(
     ]
     if table.dialect == "postgresql":
         lines.append("SET LOCAL standard_conforming_strings = on;")
+        # the types of the literals below are the catalog's, whatever the session's path lists first
+        lines.append(
+            "SELECT pg_catalog.set_config('search_path', "
+            "'pg_catalog, ' || pg_catalog.current_setting('search_path'), true);"
+        )
     lines += table.rollback_statements(entries)
     lines.append("COMMIT;")
     return ("\n".join(lines) + "\n").encode("utf-8")

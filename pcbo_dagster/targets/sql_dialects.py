@@ -3,10 +3,17 @@ types accept which values, and how a row's exact prior image is kept and written
 
 **Connections.** PostgreSQL through psycopg 3 with fixed session settings (UTC, ISO dates, shortest
 exact floats, hex bytea), so the text a column is read as never depends on the server's or the
-role's defaults: that text is the row image the journal keeps and the rollback script writes. SQLite
-write transactions start with `BEGIN IMMEDIATE` (writers queue on the database lock; busy timeout
-30 s); nothing else about the user's database file is changed (no journal-mode switch), foreign keys
-are enforced. A dry-run opens SQLite read-only and never creates a file.
+role's defaults: that text is the row image the journal keeps and the rollback script writes. The
+session's `search_path` is pinned as it connects: `pg_catalog` first, then the schemas the role's own
+search path named at that moment (`$user` expanded; so the table's own triggers find what they
+refer to), `pg_temp` last. So no schema the role (or `$user`) lists before `pg_catalog` stands in for
+a catalog view, a type or a function pcbo names (`pg_catalog.unnest`, and the `=` comparing a key,
+are named in full: a function or operator elsewhere with a closer signature would win), and a schema
+created after the session started is not searched. An unqualified target table name resolves in
+those schemas (`resolve_table`). SQLite write transactions start with `BEGIN IMMEDIATE` (writers
+queue on the database lock; busy timeout 30 s); nothing else about the user's database file is
+changed (no journal-mode switch), foreign keys are enforced. A dry-run opens SQLite read-only and
+never creates a file.
 
 **Row images** (what the journal keeps of a row before the run changed it): on PostgreSQL every
 column's text form (`col::text`), written back with `CAST(text AS <the column's type>)` (exact for
@@ -51,6 +58,11 @@ PG_SESSION_OPTIONS = (
     "-c bytea_output=hex -c standard_conforming_strings=on"
 )
 _BEGIN_OPTION = "pcbo_sqlite_begin"
+#: The search path of pcbo's trigger function on a PostgreSQL target: the system catalog only,
+#: temporary objects last (a session's is `pg_catalog`, the role's schemas, `pg_temp`).
+PG_SEARCH_PATH = "pg_catalog, pg_temp"
+#: Connection-record key of the schemas the role's own search path named (`resolve_table`).
+_ROLE_SCHEMAS = "pcbo_role_schemas"
 
 
 @dataclass(frozen=True)
@@ -140,11 +152,24 @@ def open_engine(url: str, read_only: bool = False) -> Engine:
     """An engine on the target database (see the module doc). SQLite: the file must exist."""
     parsed = parse_target_url(url)
     if dialect_of(parsed) == POSTGRESQL:
-        return create_engine(
+        pg_engine = create_engine(
             parsed,
             pool_pre_ping=True,
             connect_args={"options": PG_SESSION_OPTIONS, "application_name": "pcbo"},
         )
+
+        @event.listens_for(pg_engine, "connect")
+        def _pin_search_path(dbapi_conn: Any, record: Any) -> None:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT pg_catalog.current_schemas(false)")
+                row = cur.fetchone()
+                schemas = [str(s) for s in (row[0] if row else []) if s not in ("pg_catalog", "pg_temp")]
+                record.info[_ROLE_SCHEMAS] = schemas
+                path = ", ".join(["pg_catalog", *(quote(s) for s in schemas), "pg_temp"])
+                cur.execute("SELECT pg_catalog.set_config('search_path', %s, false)", (path,))
+            dbapi_conn.commit()
+
+        return pg_engine
     path = sqlite_path(parsed)
     if not path.is_file():
         raise InvalidInput("target.url", f"no SQLite database at {path} (create the table first)")
@@ -181,6 +206,15 @@ def write_connection(conn: Connection) -> Connection:
     return conn
 
 
+#: The equality operator comparing key values on PostgreSQL: the catalog's, whatever the path holds.
+PG_EQUALS = "OPERATOR(pg_catalog.=)"
+
+
+def equals(dialect: str) -> str:
+    """The `=` of a key comparison (PostgreSQL: `PG_EQUALS`)."""
+    return PG_EQUALS if dialect == POSTGRESQL else "="
+
+
 def quote(name: str) -> str:
     """An identifier quoted (always: case and reserved words kept; the same for both dialects)."""
     return '"' + name.replace('"', '""') + '"'
@@ -191,7 +225,8 @@ def quote(name: str) -> str:
 
 def resolve_table(conn: Connection, table: str) -> tuple[str, str] | None:
     """(schema, name) of the table `table` names (`name` or `schema.name`), or None when there is no
-    such table (PostgreSQL: an unqualified name resolves through the search path)."""
+    such table (PostgreSQL: an unqualified name resolves through the role's own search path, read as
+    the session connected, before it was pinned: `open_engine`)."""
     schema, _, name = table.rpartition(".")
     if conn.dialect.name == SQLITE:
         if schema not in ("", "main"):
@@ -200,15 +235,23 @@ def resolve_table(conn: Connection, table: str) -> tuple[str, str] | None:
             text("SELECT name FROM sqlite_master WHERE type = 'table' AND name = :n"), {"n": name}
         ).first()
         return None if row is None else ("main", str(row[0]))
-    qualified = ".".join(quote(part) for part in table.split("."))
-    row = conn.execute(
-        text(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE c.oid = to_regclass(:q) AND c.relkind IN ('r', 'p')"
-        ),
-        {"q": qualified},
-    ).first()
-    return None if row is None else (str(row[0]), str(row[1]))
+    parts = table.split(".")
+    if len(parts) > 1:
+        candidates = [".".join(quote(part) for part in parts)]
+    else:
+        searched = conn.connection.info.get(_ROLE_SCHEMAS, [])
+        candidates = [f"{quote(schema_name)}.{quote(table)}" for schema_name in searched]
+    for qualified in candidates:
+        row = conn.execute(
+            text(
+                "SELECT n.nspname, c.relname, c.relkind IN ('r', 'p') FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:q)"
+            ),
+            {"q": qualified},
+        ).first()
+        if row is not None:  # the first relation of that name on the path, a table or not
+            return (str(row[0]), str(row[1])) if row[2] else None
+    return None
 
 
 def table_exists(conn: Connection, schema: str, name: str) -> bool:
@@ -259,7 +302,7 @@ def unique_column_sets(conn: Connection, schema: str, name: str) -> list[set[str
         return sets
     rows = conn.execute(
         text(
-            "SELECT ARRAY(SELECT a.attname FROM unnest(i.indkey) k "
+            "SELECT ARRAY(SELECT a.attname FROM pg_catalog.unnest(i.indkey) k "
             "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k) "
             "FROM pg_index i WHERE i.indrelid = to_regclass(:q) AND i.indisunique "
             "AND i.indpred IS NULL AND i.indexprs IS NULL"

@@ -96,6 +96,8 @@ AMBIGUOUS = "ambiguous: the key names more than one row"
 AMBIGUOUS_STATE = LiveState(AMBIGUOUS, None, None, AMBIGUOUS)
 #: Rows a statement names at once when rows are read by key.
 READ_BATCH = 1000
+#: The body of the PostgreSQL trigger function of the append-only triggers (`journal_ddl`).
+APPEND_ONLY_BODY = " BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END "
 #: Key of the advisory lock taken while the pcbo tables are created (PostgreSQL).
 _DDL_LOCK_KEY = 0x7063626F4A524E4C
 
@@ -494,8 +496,9 @@ class SqlTable:
         if self.dialect == POSTGRESQL:
             arrays = [f"CAST(:k{j} AS {k.column.type_text}[])" for j, k in enumerate(self.key)]
             if len(cols) == 1:
-                return f"{cols[0]} = ANY({arrays[0]})"
-            return f"({', '.join(cols)}) IN (SELECT * FROM unnest({', '.join(arrays)}))"
+                return f"{cols[0]} {d.PG_EQUALS} ANY({arrays[0]})"
+            unnested = ", ".join(f"pg_catalog.unnest({a})" for a in arrays)
+            return f"({', '.join(cols)}) IN (SELECT * FROM ROWS FROM ({unnested}))"
         if len(cols) == 1:
             return f"{cols[0]} IN ({', '.join(f':k{i}_0' for i in range(count))})"
         tuples = ", ".join(
@@ -625,8 +628,8 @@ class SqlTable:
         if self.dialect == POSTGRESQL:
             function = f"{quote(self.schema)}.pcbo_append_only"
             statements.append(
-                f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$"
+                f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql "
+                f"SET search_path = {d.PG_SEARCH_PATH} AS $${APPEND_ONLY_BODY}$$"
             )
             for t in PCBO_TABLES:
                 statements.append(
@@ -953,7 +956,9 @@ class SqlTable:
             if clear:
                 assert self.deleted is not None
                 assignments.append(f"{quote(self.deleted.name)} = NULL")
-            where = " AND ".join(f"{quote(k.column.name)} = :k{j}" for j, k in enumerate(self.key))
+            where = " AND ".join(
+                f"{quote(k.column.name)} {d.equals(self.dialect)} :k{j}" for j, k in enumerate(self.key)
+            )
             conn.execute(
                 text(f"UPDATE {self._sql_table} SET {', '.join(assignments)} WHERE {where}"),
                 [
@@ -969,7 +974,8 @@ class SqlTable:
 
     def _key_where(self, prefix: str) -> str:
         return " AND ".join(
-            f"{quote(k.column.name)} = {d.bind_expression(self.dialect, f'{prefix}{j}', k.column)}"
+            f"{quote(k.column.name)} {d.equals(self.dialect)} "
+            f"{d.bind_expression(self.dialect, f'{prefix}{j}', k.column)}"
             for j, k in enumerate(self.key)
         )
 
@@ -1046,8 +1052,9 @@ class SqlTable:
     def rollback_statements(self, entries: Iterable[dict[str, Any]]) -> Iterator[str]:
         """The SQL restoring `entries` (newest first), with literals: the rollback script's body."""
         for e in sorted(entries, key=lambda e: e["seq"], reverse=True):
+            equals = d.equals(self.dialect)
             where = " AND ".join(
-                f"{quote(k.column.name)} = {d.literal(self.dialect, e['key'][j], k.column)}"
+                f"{quote(k.column.name)} {equals} {d.literal(self.dialect, e['key'][j], k.column)}"
                 for j, k in enumerate(self.key)
             )
             if e["action"] == INSERT:
