@@ -57,3 +57,111 @@ def test_a_schema_earlier_on_the_search_path_does_not_shadow_the_system_catalog(
     assert run.status == 0, run.stderr
     assert run.document["target"]["table"] == "public.events"
     assert query(url, "SELECT count(*) FROM public.events") == [(3,)]
+
+
+#: Each dialect's ways to keep a trigger's name and change what it does.
+REPLACED_TRIGGERS = {
+    "sqlite": [
+        (
+            "pcbo_journal_no_update",
+            [
+                "DROP TRIGGER pcbo_journal_no_update",
+                "CREATE TRIGGER pcbo_journal_no_update BEFORE UPDATE ON pcbo_journal BEGIN SELECT 1; END",
+            ],
+        ),
+        (
+            "pcbo_checkpoints_no_delete",
+            [
+                "DROP TRIGGER pcbo_checkpoints_no_delete",
+                "CREATE TRIGGER pcbo_checkpoints_no_delete BEFORE DELETE ON pcbo_checkpoints "
+                "WHEN 0 BEGIN SELECT RAISE(ABORT, 'pcbo_checkpoints is append-only'); END",
+            ],
+        ),
+    ],
+    "postgresql": [
+        (
+            # the one function of every trigger: its body replaced, its name kept
+            "pcbo_journal_append_only",
+            [
+                "CREATE OR REPLACE FUNCTION public.pcbo_append_only() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RETURN COALESCE(NEW, OLD); END $$"
+            ],
+        ),
+        (
+            "pcbo_journal_append_only",
+            ["ALTER TABLE public.pcbo_journal DISABLE TRIGGER pcbo_journal_append_only"],
+        ),
+        (
+            "pcbo_rollbacks_append_only",
+            [
+                "CREATE FUNCTION public.lets_through() RETURNS trigger LANGUAGE plpgsql "
+                "AS $$ BEGIN RETURN COALESCE(NEW, OLD); END $$",
+                "CREATE OR REPLACE TRIGGER pcbo_rollbacks_append_only BEFORE UPDATE OR DELETE "
+                "ON public.pcbo_rollbacks FOR EACH ROW EXECUTE FUNCTION public.lets_through()",
+            ],
+        ),
+        (
+            "pcbo_checkpoints_append_only",
+            [
+                "CREATE OR REPLACE TRIGGER pcbo_checkpoints_append_only BEFORE UPDATE OR DELETE "
+                "ON public.pcbo_checkpoints FOR EACH ROW WHEN (false) "
+                "EXECUTE FUNCTION public.pcbo_append_only()",
+            ],
+        ),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("dialect", "case"),
+    [("sqlite", i) for i in range(len(REPLACED_TRIGGERS["sqlite"]))]
+    + [
+        pytest.param("postgresql", i, marks=pytest.mark.postgres)
+        for i in range(len(REPLACED_TRIGGERS["postgresql"]))
+    ],
+)
+def test_a_journal_trigger_replaced_under_its_own_name_is_a_finding(
+    tmp_path: Path, dialect: str, case: int, request: pytest.FixtureRequest
+) -> None:
+    """verify checked the append-only triggers by name (and table) only: one re-created with another
+    body, a `WHEN` that never holds, its function replaced (`CREATE OR REPLACE FUNCTION`), or
+    disabled, let the journal be edited and verify stayed clean."""
+    url = (
+        helpers.sqlite_url(tmp_path / "target.db")
+        if dialect == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    name, statements = REPLACED_TRIGGERS[dialect][case]
+    create_table(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 3)])
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
+    clean = pcbo(["verify", "--home", home, "--target-url", url])
+    assert clean.status == 0, clean.document
+    run_sql(url, *statements)
+    verified = pcbo(["verify", "--home", home, "--target-url", url])
+    assert verified.status == 1, verified.document
+    altered = [
+        f["where"].rsplit(" ", 1)[1]
+        for f in verified.document["findings"]
+        if f["kind"] == "sql_journal_trigger_altered"
+    ]
+    assert name in altered, verified.document
+
+
+@pytest.mark.postgres
+def test_a_journal_made_before_the_function_pinned_its_search_path_still_checks_clean(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """Journals created before the trigger function had `SET search_path` hold the same function
+    without settings: that one is pcbo's own (its body looks nothing up), any other setting is not."""
+    url = fresh_postgres_url
+    create_table(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 3)])
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
+    run_sql(url, "ALTER FUNCTION public.pcbo_append_only() RESET search_path")
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0
+    run_sql(url, "ALTER FUNCTION public.pcbo_append_only() SET search_path = public")
+    verified = pcbo(["verify", "--home", home, "--target-url", url])
+    assert {f["kind"] for f in verified.document["findings"]} == {"sql_journal_trigger_altered"}

@@ -10,7 +10,8 @@ location; one that cannot be reached is a finding):
   committed without its events (`--repair` appends them: `sql_rollback.restore_committed`) or that
   never committed;
 - the journal of every run in the table is exactly the one the chain and the checkpoints recorded
-  (`sql_journal_altered`), and its append-only triggers are there (`sql_journal_trigger_missing`);
+  (`sql_journal_altered`), and its append-only triggers are there (`sql_journal_trigger_missing`)
+  and exactly as pcbo creates them, their functions included (`sql_journal_trigger_altered`);
 - each apply's checkpoints are what its chunks did (`sql_apply.gathered_from_checkpoints`: each
   follows from its rows, its journal entries are the rows it wrote, all together the rows and
   outcomes the intent recorded), and give what the chain's `sql_partition_applied` says — Merkle
@@ -197,13 +198,26 @@ def _check_table(
                     where,
                     f"a rollback of run {event['run_id']} was recorded but not done: run it again",
                 )
-    present = table.present_triggers() if table.has_journal() else set()
+    problems = (
+        table.trigger_problems()
+        if table.has_journal()
+        else dict.fromkeys(table.journal_trigger_names(), "missing")
+    )
     for name in table.journal_trigger_names():
-        if name not in present:
+        problem = problems.get(name)
+        if problem is None:
+            continue
+        if problem == "missing":
             report.find(
                 "sql_journal_trigger_missing",
                 f"{ref} {name}",
                 "an append-only trigger of the journal was dropped",
+            )
+        else:
+            report.find(
+                "sql_journal_trigger_altered",
+                f"{ref} {name}",
+                f"an append-only trigger of the journal is not the one pcbo creates: {problem}",
             )
     checked = 0
     for run in runs:

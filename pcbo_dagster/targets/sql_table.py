@@ -666,23 +666,71 @@ class SqlTable:
         )
         return {f"{t}_{a}": t for t in PCBO_TABLES for a in kinds}
 
-    def present_triggers(self) -> set[str]:
-        """The names of `journal_trigger_names` present on the pcbo table each names (a trigger of
-        that name on another table guards nothing)."""
+    def trigger_problems(self) -> dict[str, str]:
+        """Trigger name -> what is wrong with it, for each of `journal_trigger_names` that is not
+        exactly what `journal_ddl` creates: `missing` (none of that name on the pcbo table it names: a
+        trigger of that name on another table guards nothing), or why its definition differs (SQLite:
+        its `CREATE TRIGGER` text; PostgreSQL: `pg_get_triggerdef`, enabled, and its function's
+        schema, name, language, body, settings and security)."""
+        expected = self._journal_triggers()
         with self.read() as conn:
             if self.dialect == SQLITE:
-                rows = conn.execute(text("SELECT name, tbl_name FROM sqlite_master WHERE type = 'trigger'"))
-            else:
+                statements = {s.split()[2]: s for s in self.journal_ddl() if s.startswith("CREATE TRIGGER ")}
                 rows = conn.execute(
-                    text(
-                        "SELECT t.tgname, c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
-                        "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                        "WHERE n.nspname = :s AND NOT t.tgisinternal"
-                    ),
-                    {"s": self.schema},
-                )
-            on = {(str(name), str(table)) for name, table in rows}
-        return {name for name, table in self._journal_triggers().items() if (name, table) in on}
+                    text("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'")
+                ).all()
+                found = {(str(r[0]), str(r[1])): str(r[2]) for r in rows}
+                problems = {}
+                for name, table in expected.items():
+                    if (name, table) not in found:
+                        problems[name] = "missing"
+                    elif found[(name, table)] != statements[name]:
+                        problems[name] = "its definition is not the one pcbo creates"
+                return problems
+            # pg_get_triggerdef names what the search path does not reach in full: reach nothing
+            conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": d.PG_SEARCH_PATH})
+            schema = str(conn.execute(text("SELECT quote_ident(:s)"), {"s": self.schema}).scalar())
+            rows = conn.execute(
+                text(
+                    "SELECT t.tgname, c.relname, pg_get_triggerdef(t.oid), t.tgenabled, fn.nspname, "
+                    "p.proname, l.lanname, p.prosrc, p.proconfig, p.prosecdef "
+                    "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_proc p ON p.oid = t.tgfoid "
+                    "JOIN pg_namespace fn ON fn.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang "
+                    "WHERE n.nspname = :s AND NOT t.tgisinternal"
+                ),
+                {"s": self.schema},
+            ).all()
+        by_name = {(str(r[0]), str(r[1])): r for r in rows}
+        function = f"{schema}.pcbo_append_only()"
+        problems = {}
+        for name, table in expected.items():
+            row = by_name.get((name, table))
+            if row is None:
+                problems[name] = "missing"
+                continue
+            when = "BEFORE DELETE OR UPDATE" if name.endswith("_append_only") else "BEFORE TRUNCATE"
+            each = "ROW" if name.endswith("_append_only") else "STATEMENT"
+            definition = (
+                f"CREATE TRIGGER {name} {when} ON {schema}.{table} "
+                f"FOR EACH {each} EXECUTE FUNCTION {function}"
+            )
+            why = []
+            if row[2] != definition:
+                why.append(f"its definition is {row[2]!r}")
+            if row[3] not in ("O", "A"):
+                why.append("it is disabled")
+            # the function as journal_ddl creates it (one made before its search_path was pinned:
+            # the same body, no settings, is what older journals hold)
+            if (row[4], row[5], row[6], row[9]) != (self.schema, "pcbo_append_only", "plpgsql", False):
+                why.append("its function is not pcbo's")
+            elif row[7] != APPEND_ONLY_BODY:
+                why.append("its function's body was replaced")
+            elif row[8] not in (None, [f"search_path={d.PG_SEARCH_PATH}"]):
+                why.append("its function's settings were changed")
+            if why:
+                problems[name] = "; ".join(why)
+        return problems
 
     def has_journal(self) -> bool:
         with self.read() as conn:
