@@ -50,6 +50,15 @@ def _setup(tmp_path: Path, count: int = 8, **target: Any) -> tuple[str, Path, Pa
     return url, tmp_path / "home", path
 
 
+def _journal_key(home: Path, run_id: str = "run-1") -> str:
+    """The key the journal files the run's rows under (`ChainState.sql_journal_key`)."""
+    state = replay(_chain(home))
+    (target,) = {t for t, _ in state.sql}
+    key = state.sql_journal_key(target, run_id)
+    assert key is not None and key.startswith(f"{run_id}@sha256:")
+    return key
+
+
 def _intent_of(home: Path, key: str) -> dict[str, Any]:
     return next(e for e in _events(home, "sql_apply_intent") if e["partition"]["key"] == key)
 
@@ -68,7 +77,7 @@ def test_a_rollback_marker_the_chain_has_no_rollback_for_hides_nothing_and_is_no
     intent = _intent_of(home, "20240101T010000Z")  # ev-0001 and ev-0005
     run_sql(
         url,
-        "INSERT INTO pcbo_rollbacks VALUES ('run-1', 'main.events', '20240101T010000Z', "
+        f"INSERT INTO pcbo_rollbacks VALUES ('{_journal_key(home)}', 'main.events', '20240101T010000Z', "
         f"{intent['chain']['seq']}, 'sha256:{'0' * 64}', 0)",
     )
     found = pcbo(["verify", "--home", home])
@@ -99,7 +108,7 @@ def test_a_marker_equal_to_an_open_rollback_intent_is_adopted_only_when_the_rows
     run_sql(
         url,
         *(
-            "INSERT INTO pcbo_rollbacks VALUES ('run-1', 'main.events', "
+            f"INSERT INTO pcbo_rollbacks VALUES ('{_journal_key(home)}', 'main.events', "
             f"'{p['key']}', {p['intent_seq']}, '{p['journal_digest']}', {p['entries']})"
             for p in intent["partitions"]
         ),
@@ -202,13 +211,13 @@ def _crash_after_intent(tmp_path: Path, **target: Any) -> tuple[str, Path, Path,
     return url, home, path, _intent_of(home, "20240101T000000Z")
 
 
-def _insert_checkpoint(url: str, intent: dict[str, Any], result: dict[str, Any]) -> None:
+def _insert_checkpoint(url: str, home: Path, intent: dict[str, Any], result: dict[str, Any]) -> None:
     """INSERT (the triggers allow it) a checkpoint for chunk 0 of `intent`, claiming no journal entry."""
     with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
         conn.execute(
             "INSERT INTO pcbo_checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                intent["run_id"],
+                _journal_key(home, intent["run_id"]),
                 "main.events",
                 intent["partition"]["key"],
                 intent["chain"]["seq"],
@@ -252,7 +261,7 @@ def test_a_checkpoint_claiming_writes_the_journal_does_not_hold_is_never_complet
 
     url, home, path, intent = _crash_after_intent(tmp_path)
     before = dump(url)
-    _insert_checkpoint(url, intent, json.loads(genuine))
+    _insert_checkpoint(url, home, intent, json.loads(genuine))
     _refused_everywhere(url, home, path, before)
 
 
@@ -273,7 +282,7 @@ def test_a_checkpoint_claiming_the_chunk_wrote_nothing_is_never_completed(tmp_pa
     ]
     counts = {"inserted": 0, "updated": 0, "skipped": 0, "refused": 2, "failed": 0}
     _insert_checkpoint(
-        url, intent, {"counts": counts, "failures": [], "applied": [], "fallback": False, "rows": rows}
+        url, home, intent, {"counts": counts, "failures": [], "applied": [], "fallback": False, "rows": rows}
     )
     _refused_everywhere(url, home, path, before)
 
@@ -309,8 +318,8 @@ def test_a_journal_tail_vouched_for_by_a_checkpoint_of_no_apply_is_refused(tmp_p
     db = url.removeprefix("sqlite:///")
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
-            "SELECT seq, partition_key, intent_seq, entry FROM pcbo_journal "
-            "WHERE run_id = 'run-1' ORDER BY seq"
+            "SELECT seq, partition_key, intent_seq, entry FROM pcbo_journal WHERE run_id = ? ORDER BY seq",
+            (_journal_key(home),),
         ).fetchall()
         _, digests, _ = recompute_journal([(int(a), b, int(i), e) for a, b, i, e in rows])
         seq = len(rows) + 1
@@ -331,12 +340,12 @@ def test_a_journal_tail_vouched_for_by_a_checkpoint_of_no_apply_is_refused(tmp_p
         text = fast_jcs(entry).decode()
         conn.execute(
             "INSERT INTO pcbo_journal VALUES (?, ?, ?, ?, ?, ?)",
-            ("run-1", "main.events", seq, key, intent["chain"]["seq"], text),
+            (_journal_key(home), "main.events", seq, key, intent["chain"]["seq"], text),
         )
         conn.execute(
             "INSERT INTO pcbo_checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                "run-1",
+                _journal_key(home),
                 "main.events",
                 "forged",
                 99,

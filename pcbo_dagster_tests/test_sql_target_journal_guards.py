@@ -9,6 +9,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
+from pcbo_dagster.core.chain_state import (
+    JOURNAL_SCOPE,
+    ChainState,
+    SqlApply,
+    SqlPartitionHistory,
+    journal_key_of,
+)
 from pcbo_dagster_tests import sql_target_helpers as helpers
 from pcbo_dagster_tests.sql_target_helpers import create_table, pcbo, query, record, run_sql, write_json
 
@@ -165,3 +172,76 @@ def test_a_journal_made_before_the_function_pinned_its_search_path_still_checks_
     run_sql(url, "ALTER FUNCTION public.pcbo_append_only() SET search_path = public")
     verified = pcbo(["verify", "--home", home, "--target-url", url])
     assert {f["kind"] for f in verified.document["findings"]} == {"sql_journal_trigger_altered"}
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_deployments_writing_one_table_with_one_run_id_keep_their_own_journals(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """The journal was keyed by run and table: a second deployment (another home, catalog and chain)
+    running the same runId into the same table took the first one's entries and checkpoints for its
+    own (its evaluation, resume and rollback read them). Each run's journal is now filed under its
+    id and the hash of its first apply intent on its own chain."""
+    url = (
+        helpers.sqlite_url(tmp_path / "target.db")
+        if dialect == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    create_table(url)
+    empty = helpers.dump(url)
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    first = helpers.request(url, [record(i) for i in range(1, 5)])
+    ran_a = pcbo(["execute", "--input", write_json(tmp_path / "a.json", first), "--home", home_a])
+    assert ran_a.status == 0, ran_a.stderr
+    written_a = helpers.dump(url)
+    second = helpers.request(url, [record(i, amount=100 + i) for i in range(1, 5)], conflict="overwrite")
+    path_b = write_json(tmp_path / "b.json", second)
+    dry_b = pcbo(["dry-run", "--input", path_b])
+    assert dry_b.status == 0, dry_b.stderr
+    ran_b = pcbo(["execute", "--input", path_b, "--home", home_b])
+    assert ran_b.status == 0, ran_b.stderr
+    assert ran_b.document["totals"]["updated"] == 4, ran_b.document["totals"]
+    written_b = helpers.dump(url)
+    keys = sorted(r[0] for r in query(url, "SELECT DISTINCT run_id FROM pcbo_journal"))
+    assert len(keys) == 2 and all(k.startswith("run-1@sha256:") for k in keys), keys
+    # Each deployment's verify sees only its own run: A's rows were changed by B (a finding of A's),
+    # B's are as B wrote them.
+    verified_a = pcbo(["verify", "--home", home_a, "--target-url", url])
+    assert {f["kind"] for f in verified_a.document["findings"]} == {"sql_rows_changed"}, verified_a.document
+    verified_b = pcbo(["verify", "--home", home_b, "--target-url", url])
+    assert verified_b.status == 0, verified_b.document
+    # A cannot undo what B wrote over; B's rollback puts A's rows back, then A's the empty table.
+    rollback = ["rollback", "--dataset", "events", "--run-id", "run-1", "--target-url", url]
+    refused = pcbo([*rollback, "--home", home_a])
+    assert refused.status == 1, refused.stderr
+    assert helpers.dump(url) == written_b
+    assert pcbo([*rollback, "--home", home_b]).status == 0
+    assert helpers.dump(url) == written_a
+    assert pcbo([*rollback, "--home", home_a]).status == 0
+    assert helpers.dump(url) == empty
+    for home in (home_a, home_b):
+        verified = pcbo(["verify", "--home", home, "--target-url", url])
+        assert verified.status == 0, verified.document
+
+
+def test_a_run_whose_first_intent_predates_chain_keyed_journals_keeps_its_bare_run_id_key() -> None:
+    """Journals written before they were keyed by chain file a run's entries under its bare id: a run
+    whose first apply intent into the table has no `journal_scope` is read (and resumed, rolled back,
+    verified) there; one with it under `<runId>@<that intent's hash>`; a run with no apply, nowhere."""
+    target = "sqlite:////db#main.events"
+
+    def apply(run_id: str, seq: int, scoped: bool) -> SqlApply:
+        intent = {"run_id": run_id, "chain": {"seq": seq, "event_hash": f"sha256:{seq:064x}"}}
+        return SqlApply(run_id, seq, {**intent, "journal_scope": JOURNAL_SCOPE} if scoped else intent)
+
+    state = ChainState()
+    state.sql[(target, "p1")] = SqlPartitionHistory(
+        target, "p1", [apply("old", 0, False), apply("new", 2, True)]
+    )
+    state.sql[(target, "p2")] = SqlPartitionHistory(
+        target, "p2", [apply("old", 1, True), apply("new", 3, True)]
+    )
+    assert state.sql_journal_key(target, "old") == "old"
+    assert state.sql_journal_key(target, "new") == journal_key_of("new", f"sha256:{2:064x}")
+    assert state.sql_journal_key(target, "other") is None
+    assert state.sql_journal_key("sqlite:////elsewhere#main.events", "new") is None

@@ -161,6 +161,17 @@ class PartitionHistory:
         return {name for name in tables if isinstance(name, str)} if isinstance(tables, Mapping) else set()
 
 
+#: `sql_apply_intent.journal_scope` of intents whose run files its journal entries under
+#: `journal_key_of` (`ChainState.sql_journal_key`); intents without it are older.
+JOURNAL_SCOPE = "first_intent"
+
+
+def journal_key_of(run_id: str, first_intent_hash: str) -> str:
+    """A run's journal key in a table: its id and the event hash of its first apply intent into it
+    (a run id never holds `@`)."""
+    return f"{run_id}@{first_intent_hash}"
+
+
 @dataclass
 class SqlApply:
     """One apply of a partition into a SQL table: its intent, and the event that completed it
@@ -256,6 +267,24 @@ class ChainState:
             for a in h.applies
             if a.run_id == run_id and a.rolled_back is not None
         }
+
+    def sql_journal_key(self, target: str, run_id: str) -> str | None:
+        """The key the journal in `target` files `run_id`'s entries, checkpoints and rollback markers
+        under (its `run_id` column), or None when the chain has no apply of the run into it (no
+        entries of this chain's yet): `<runId>@<event hash of the run's first sql_apply_intent into
+        the table>` — a position on this chain, so two deployments (two chains) writing one table
+        with one run id never read or undo each other's — or the bare run id when that intent was
+        recorded before journals were keyed by chain (no `journal_scope`)."""
+        first = min(
+            (a for (t, _), h in self.sql.items() if t == target for a in h.applies if a.run_id == run_id),
+            key=lambda a: a.intent_seq,
+            default=None,
+        )
+        if first is None:
+            return None
+        if first.intent.get("journal_scope") != JOURNAL_SCOPE:
+            return run_id
+        return journal_key_of(run_id, str(first.intent["chain"]["event_hash"]))
 
     @property
     def head(self) -> tuple[int, str] | None:

@@ -301,6 +301,9 @@ class TargetDecisions(Decisions):
     outcomes: dict[str, list[RecordOutcome]] = field(default_factory=dict)
     #: Per partition key, the `RowsDigest` of its adds.
     rows_digests: dict[str, str] = field(default_factory=dict)
+    #: The journal key of the run (`ChainState.sql_journal_key`) whose entries said what the rows it
+    #: already changed were before it; None: none.
+    journal_key: str | None = None
 
     def conflicts(self) -> list[dict[str, Any]]:
         """The records `conflict: fail` blocks on."""

@@ -153,14 +153,35 @@ def partition_rows(
     return table.planned_rows(arrow)
 
 
-def evaluate_target(loaded: LoadedRequest, plan: Plan, decisions: Decisions) -> TargetDecisions:
-    """The decisions with each partition's outcomes against the live table (module doc)."""
+class _Unknown:
+    pass
+
+
+#: `evaluate_target` without the chain: the run's journal key is not known.
+UNKNOWN = _Unknown()
+
+
+def evaluate_target(
+    loaded: LoadedRequest,
+    plan: Plan,
+    decisions: Decisions,
+    journal_key: str | None | _Unknown = UNKNOWN,
+) -> TargetDecisions:
+    """The decisions with each partition's outcomes against the live table (module doc). A run that
+    already changed the table is evaluated against the table as its journal says it was before
+    (`journal_key`: the run's, from the chain; None: it has none). Without the chain (plan, dry-run)
+    that is the run's one journal in the table; when several deployments' chains wrote the table
+    with this run id, none (`execute_sql` evaluates again with its own)."""
     spec = loaded.request.target
     assert spec is not None
     schema, as_json = loaded.schema_of(decisions.partitions)
     table = SqlTable.open(spec, spec.url, schema, as_json, write=False)
     try:
-        prior = read_journal(table, plan.run_id).prior_view() if table.has_journal() else {}
+        if journal_key is UNKNOWN:  # no chain at hand: the run's only journal in the table, if one
+            keys = table.journal_keys(plan.run_id)
+            journal_key = keys[0] if len(keys) == 1 else None
+        assert not isinstance(journal_key, _Unknown)
+        prior = read_journal(table, journal_key).prior_view()
         hasher = SqlDecisionHasher()
         outcomes: dict[str, list[RecordOutcome]] = {}
         rows_digests: dict[str, str] = {}
@@ -190,7 +211,29 @@ def evaluate_target(loaded: LoadedRequest, plan: Plan, decisions: Decisions) -> 
         descriptor=descriptor,
         outcomes=outcomes,
         rows_digests=rows_digests,
+        journal_key=journal_key,
     )
+
+
+def _evaluated_again(
+    loaded: LoadedRequest, plan: Plan, decisions: TargetDecisions, journal_key: str | None
+) -> TargetDecisions:
+    """The decisions evaluated again against the run's own journal in the table (`journal_key`, from
+    this deployment's chain), its gates checked again: the evaluation without the chain took another
+    chain's journal of the same run id (or could not tell which was its own)."""
+    from pcbo_dagster.engine.execute import check_gates
+
+    policy = Decisions(
+        plan=decisions.plan,
+        partitions=decisions.partitions,
+        unplaced=decisions.unplaced,
+        totals=decisions.totals,
+        breaches=decisions.breaches,
+        decision_hash=decisions.policy_decision_hash,
+    )
+    again = evaluate_target(loaded, plan, policy, journal_key)
+    check_gates(loaded, again)
+    return again
 
 
 def check_target_gates(decisions: TargetDecisions) -> None:
@@ -353,11 +396,14 @@ def execute_sql(
     try:
         with scoped_lock(table, plan.dataset, plan.run_id) as lock:
             table.ensure_journal()
-            view = read_journal(table, plan.run_id)
-            checkpoints = table.checkpoints(plan.run_id)
-            _check_resume(plan, digest, view, checkpoints)
             env.audit.sync_to_catalog(ckey)
             state = replay(env.audit.backup.read_chain(ckey))
+            journal_key = state.sql_journal_key(table.ref, plan.run_id)
+            if decisions.journal_key != journal_key:  # evaluated against another chain's journal
+                decisions = _evaluated_again(loaded, plan, decisions, journal_key)
+            view = read_journal(table, journal_key)
+            checkpoints = table.checkpoints(journal_key)
+            _check_resume(plan, digest, view, checkpoints)
             for (target, _), interrupted in state.sql.items():  # an apply of this run, to resume
                 apply = interrupted.open_apply
                 if target == table.ref and apply is not None and apply.run_id == plan.run_id:
@@ -552,8 +598,10 @@ def _partition(
                 return _stopped(env, plan, base, "sql_checkpoint_altered", _not_resumed(plan, altered))
             gathered.add(cp.result, cp.journal_seq, cp.journal_digest)
             continue
+        journal_key = state.sql_journal_key(table.ref, plan.run_id)
+        assert journal_key is not None  # the intent is on the chain
         ctx = ChunkContext(
-            plan.run_id, key, intent_seq, chunk, plan.plan_hash, digest, cursor.seq, cursor.digest
+            journal_key, key, intent_seq, chunk, plan.plan_hash, digest, cursor.seq, cursor.digest
         )
         result: ChunkResult = table.apply_chunk(rows, ctx, journal=journal)
         cursor.seq, cursor.digest = result.journal_seq, result.journal_digest
@@ -724,7 +772,7 @@ def complete_applies(
             continue
         if apply.run_id not in by_run:
             by_run[apply.run_id] = (
-                table.checkpoints(apply.run_id),
+                table.checkpoints(state.sql_journal_key(table.ref, apply.run_id)),
                 vouched_journal(table, state, apply.run_id),
             )
         checkpoints, view = by_run[apply.run_id]
@@ -883,7 +931,7 @@ def event_disagreement(gathered: PartitionApply, event: Mapping[str, Any]) -> li
 def vouched_journal(table: SqlTable, state: ChainState, run_id: str) -> JournalView | None:
     """The run's journal in `table` (entries of applies the chain says were undone not live), when it
     is the one the chain and the checkpoints recorded (`check_journal`); else None."""
-    view = read_journal(table, run_id, state.sql_undone(table.ref, run_id))
+    view = read_journal(table, state.sql_journal_key(table.ref, run_id), state.sql_undone(table.ref, run_id))
     return None if check_journal(table, state, run_id, view) else view
 
 
@@ -909,7 +957,7 @@ def check_journal(table: SqlTable, state: ChainState, run_id: str, view: Journal
                         f"{key}: the journal's first {journal['seq']} entries do not have the digest the "
                         f"chain recorded ({journal['digest']})"
                     )
-    checkpoints = table.checkpoints(run_id)
+    checkpoints = table.checkpoints(state.sql_journal_key(table.ref, run_id))
     for cp in checkpoints:
         owner = applies.get((cp.partition_key, cp.intent_seq))
         if owner is None:  # a checkpoint no apply on the chain made vouches for nothing
@@ -938,7 +986,9 @@ def _write_rollback_script(
 ) -> dict[str, Any]:
     """Write the run's rollback script; append its `sql_rollback_script` event unless the chain
     already has one with the same checksum."""
-    view = read_journal(table, plan.run_id, state.sql_undone(table.ref, plan.run_id))
+    view = read_journal(
+        table, state.sql_journal_key(table.ref, plan.run_id), state.sql_undone(table.ref, plan.run_id)
+    )
     data = rollback_script(table, plan.run_id, plan.dataset, plan.version_label, view)
     path = rollback_script_path(env, plan.run_id)
     path.parent.mkdir(parents=True, exist_ok=True)

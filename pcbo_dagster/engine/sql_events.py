@@ -7,7 +7,9 @@ is `core/chain_state.py`'s (`ChainState.sql`).
   target's settings (a resumed run must have the same), the number of chunks,
   the digest of the partition's outcomes (`[id, outcome, liveDigest]` of each add, as in the SQL
   decisions document) and of its rows (`rows_digest`: `[id, key text, row digest]` of each add), and
-  the journal before it — what every chunk checkpoint is checked against before it is believed;
+  the journal before it — what every chunk checkpoint is checked against before it is believed —
+  and `journal_scope` (`first_intent`: the run's journal in the table is keyed by its id and the
+  event hash of its first intent into it, `ChainState.sql_journal_key`);
 - `sql_partition_applied`, naming its intent's seq: counts (inserted, updated, skipped, refused,
   failed, and the partition's decision counts), the failed rows' digest, the Merkle root over the
   applied ids (RFC 6962, ids sorted bytewise: inserted, updated and equal rows), the journal after
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from pcbo_dagster.core.canonical import digest_of
+from pcbo_dagster.core.chain_state import JOURNAL_SCOPE
 from pcbo_dagster.core.plan import Partition
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.targets.sql_table import SqlTable
@@ -76,6 +79,8 @@ def apply_intent_body(
         "outcomes_digest": outcomes_digest,
         "rows_digest": rows_digest,
         "journal": {"seq": journal_seq, "digest": journal_digest},
+        # the run's journal entries are filed under <runId>@<its first intent's hash>
+        "journal_scope": JOURNAL_SCOPE,
         "producer": PRODUCER,
     }
 

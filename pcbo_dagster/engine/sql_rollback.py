@@ -169,11 +169,13 @@ def _undo(
                 f"partition {history.key} was applied again by run {later[-1].run_id} after this run: "
                 f"roll back run {later[-1].run_id} first",
             )
-    view = read_journal(table, run_id, state.sql_undone(table.ref, run_id))
+    journal_key = state.sql_journal_key(table.ref, run_id)
+    assert journal_key is not None  # the run has applies into the table
+    view = read_journal(table, journal_key, state.sql_undone(table.ref, run_id))
     problems = check_journal(table, state, run_id, view)
     if problems:
         raise SqlRollbackRefused(where, "sql_journal_altered", "; ".join(problems[:5]))
-    markers = table.rollback_markers(run_id)
+    markers = table.rollback_markers(journal_key)
     forged = sorted(
         f"{h.key} (intent seq {a.intent_seq})" for h, a in applies if (h.key, a.intent_seq) in markers
     )
@@ -225,7 +227,7 @@ def _undo(
         _restore_checked(table, conn, entries, where)
         for h, a in applies:
             k = (h.key, a.intent_seq)
-            table.record_rollback(conn, run_id, h.key, a.intent_seq, digests[k], len(undone[k]))
+            table.record_rollback(conn, journal_key, h.key, a.intent_seq, digests[k], len(undone[k]))
     failpoints.reached("sql_rollback_after_restore", 0)
     outcomes = []
     for h, a in applies:
@@ -380,8 +382,9 @@ def complete_rollbacks(
         event, _ = history.open_rollback
         run_id = str(event["run_id"])
         if run_id not in markers:
-            markers[run_id] = table.rollback_markers(run_id)
-            views[run_id] = read_journal(table, run_id, state.sql_undone(table.ref, run_id))
+            journal_key = state.sql_journal_key(table.ref, run_id)
+            markers[run_id] = table.rollback_markers(journal_key)
+            views[run_id] = read_journal(table, journal_key, state.sql_undone(table.ref, run_id))
         for entry in event["partitions"]:
             if entry["key"] != key:
                 continue

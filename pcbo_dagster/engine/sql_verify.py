@@ -127,9 +127,10 @@ def _check_table(
                 report.repaired.append(item)
     catalog_rows = {r["event_hash"]: r for r in env.catalog.sql_applies(dataset, version_label)}
     runs = sorted({a.run_id for h in histories for a in h.applies})
-    checkpoints = {run: table.checkpoints(run) for run in runs}
-    markers = {run: table.rollback_markers(run) for run in runs}
-    views = {run: read_journal(table, run, state.sql_undone(ref, run)) for run in runs}
+    keys = {run: state.sql_journal_key(ref, run) for run in runs}
+    checkpoints = {run: table.checkpoints(keys[run]) for run in runs}
+    markers = {run: table.rollback_markers(keys[run]) for run in runs}
+    views = {run: read_journal(table, keys[run], state.sql_undone(ref, run)) for run in runs}
     journal_problems = {run: check_journal(table, state, run, views[run]) for run in runs}
     #: The journals the chain vouches for (None: altered, `sql_journal_altered`).
     vouched = {run: None if journal_problems[run] else views[run] for run in runs}
@@ -413,7 +414,9 @@ def partition_read_back(table: SqlTable, state: ChainState, key: str) -> tuple[b
     }
     # Without the journal (verify checks it): the intent's rows and outcomes digests and the applied
     # event bind every row the checkpoints claim.
-    gathered, kind, why = _checked_apply(table.checkpoints(current.run_id), key, current, None)
+    gathered, kind, why = _checked_apply(
+        table.checkpoints(state.sql_journal_key(table.ref, current.run_id)), key, current, None
+    )
     if gathered is None:
         return False, {**details, "finding": f"{kind}: {why}"}
     changed = set(table.read_back_by_key_text(gathered.applied)) if gathered.applied else set()

@@ -24,11 +24,16 @@ the row's exact prior image (or none: inserted, and then the digest of the whole
 left it, every column: its undo deletes the whole row, so it must still be that row), the columns
 changed, the live state the decision was made on and the digest of the row written. Entries are
 chained per (run, table): `digest_n = sha256(digest_{n-1} "\\n" JCS(entry_n))` from
-`JOURNAL_GENESIS`. `pcbo_checkpoints` holds one row per applied chunk (written in the chunk's
-transaction): the plan hash, the target's digest, the journal's length and digest after the chunk,
-and the chunk's rows with their outcomes (`chunk_rows`), counts, failures and applied rows (the
-counts and applied rows follow from the rows
-and failures: `chunk_claims`, how the engine checks a checkpoint it did not just write).
+`JOURNAL_GENESIS`. The three tables' `run_id` column holds the run's *journal key*
+(`ChainState.sql_journal_key`): `<runId>@<event hash of its first sql_apply_intent into the table>`,
+a position on the deployment's own chain, so two deployments (two homes, catalogs and chains) that
+write one table with one run id never read, resume or undo each other's entries; the bare run id
+for runs begun before (their first intent has no `journal_scope`), read as they were written.
+`pcbo_checkpoints` holds one row per applied chunk (written in the chunk's transaction): the plan
+hash, the target's digest, the journal's length and digest after the chunk, and the chunk's rows
+with their outcomes (`chunk_rows`), counts, failures and applied rows (the counts and applied rows
+follow from the rows and failures: `chunk_claims`, how the engine checks a checkpoint it did not
+just write).
 `pcbo_rollbacks` holds one row per undone apply (written in the restoring transaction). The three
 tables are append-only (triggers refuse UPDATE, DELETE, REPLACE, TRUNCATE), created with the
 table's first apply (the role needs CREATE on the schema once, or a DBA creates them with
@@ -164,8 +169,9 @@ class ChunkResult:
 
 @dataclass(frozen=True)
 class ChunkContext:
-    """Where a chunk belongs: the run, the partition, the apply intent's chain position and the
-    chunk's index, the hashes a resume is held to, and the journal before the chunk."""
+    """Where a chunk belongs: the run (its journal key, `ChainState.sql_journal_key`), the partition,
+    the apply intent's chain position and the chunk's index, the hashes a resume is held to, and the
+    journal before the chunk."""
 
     run_id: str
     partition_key: str
@@ -760,10 +766,26 @@ class SqlTable:
             for statement in self.journal_ddl():
                 conn.execute(text(statement))
 
-    def journal_entries(self, run_id: str) -> list[tuple[int, str, int, str]]:
-        """(seq, partition key, intent seq, entry text) of the run's entries for this table, by seq."""
+    def journal_keys(self, run_id: str) -> list[str]:
+        """The journal keys (`ChainState.sql_journal_key`) under which this table holds entries of
+        `run_id`: the bare run id, and one `<runId>@<intent hash>` per chain that applied it here."""
         with self.read() as conn:
             if not self._has_journal(conn):
+                return []
+            rows = conn.execute(
+                text(
+                    f"SELECT DISTINCT run_id FROM {self._pcbo(JOURNAL_TABLE)} WHERE table_name = :t "
+                    "AND (run_id = :r OR substr(run_id, 1, :n) = :prefix) ORDER BY run_id"
+                ),
+                {"t": self.qualified, "r": run_id, "n": len(run_id) + 1, "prefix": f"{run_id}@"},
+            ).all()
+        return [str(r[0]) for r in rows]
+
+    def journal_entries(self, run_id: str | None) -> list[tuple[int, str, int, str]]:
+        """(seq, partition key, intent seq, entry text) of the run's entries for this table, by seq
+        (`run_id`: the run's journal key, `ChainState.sql_journal_key`; None: none)."""
+        with self.read() as conn:
+            if run_id is None or not self._has_journal(conn):
                 return []
             rows = conn.execute(
                 text(
@@ -774,10 +796,11 @@ class SqlTable:
             ).all()
         return [(int(r[0]), str(r[1]), int(r[2]), str(r[3])) for r in rows]
 
-    def checkpoints(self, run_id: str) -> list[Checkpoint]:
-        """The run's chunk checkpoints for this table, by journal position then chunk."""
+    def checkpoints(self, run_id: str | None) -> list[Checkpoint]:
+        """The run's chunk checkpoints for this table, by journal position then chunk (`run_id`: the
+        run's journal key)."""
         with self.read() as conn:
-            if not self._has_journal(conn):
+            if run_id is None or not self._has_journal(conn):
                 return []
             rows = conn.execute(
                 text(
@@ -794,10 +817,11 @@ class SqlTable:
             for r in rows
         ]
 
-    def rollback_markers(self, run_id: str) -> dict[tuple[str, int], tuple[str, int]]:
-        """(partition key, intent seq) -> (journal digest, rows restored) of the run's undone applies."""
+    def rollback_markers(self, run_id: str | None) -> dict[tuple[str, int], tuple[str, int]]:
+        """(partition key, intent seq) -> (journal digest, rows restored) of the run's undone applies
+        (`run_id`: the run's journal key)."""
         with self.read() as conn:
-            if not self._has_journal(conn):
+            if run_id is None or not self._has_journal(conn):
                 return {}
             rows = conn.execute(
                 text(
@@ -1226,11 +1250,13 @@ class JournalView:
 
 
 def read_journal(
-    table: SqlTable, run_id: str, undone: Collection[tuple[str, int]] | None = None
+    table: SqlTable, run_id: str | None, undone: Collection[tuple[str, int]] | None = None
 ) -> JournalView:
-    """The run's journal in `table`. `undone`: the applies the audit chain says were rolled back
-    (`ChainState.sql_undone`), whose entries are no longer live whatever `pcbo_rollbacks` says; None
-    only for an evaluation without the chain (dry-run, plan), which takes the table's rows as they are."""
+    """The run's journal in `table` (`run_id`: its journal key, `ChainState.sql_journal_key`; None:
+    the chain has no apply of the run there, an empty journal). `undone`: the applies the audit
+    chain says were rolled back (`ChainState.sql_undone`), whose entries are no longer live whatever
+    `pcbo_rollbacks` says; None only for an evaluation without the chain (dry-run, plan), which
+    takes the table's rows as they are."""
     entries, digests, problems = recompute_journal(table.journal_entries(run_id))
     if undone is None:
         undone = set(table.rollback_markers(run_id))
