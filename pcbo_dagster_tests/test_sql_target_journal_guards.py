@@ -245,3 +245,50 @@ def test_a_run_whose_first_intent_predates_chain_keyed_journals_keeps_its_bare_r
     assert state.sql_journal_key(target, "new") == journal_key_of("new", f"sha256:{2:064x}")
     assert state.sql_journal_key(target, "other") is None
     assert state.sql_journal_key("sqlite:////elsewhere#main.events", "new") is None
+
+
+def _dropping_trigger(dialect: str, table: str) -> list[str]:
+    """A trigger that silently drops every row inserted into `table` (the append-only triggers guard
+    UPDATE and DELETE, not this)."""
+    if dialect == "sqlite":
+        return [f"CREATE TRIGGER drop_rows BEFORE INSERT ON {table} BEGIN SELECT RAISE(IGNORE); END"]
+    return [
+        "CREATE FUNCTION public.drop_rows() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+        f"CREATE TRIGGER drop_rows BEFORE INSERT ON public.{table} "
+        "FOR EACH ROW EXECUTE FUNCTION public.drop_rows()",
+    ]
+
+
+@pytest.mark.parametrize("table", ["pcbo_journal", "pcbo_checkpoints"])
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_chunk_whose_journal_or_checkpoint_is_not_kept_is_not_committed(
+    tmp_path: Path, dialect: str, table: str, request: pytest.FixtureRequest
+) -> None:
+    """A trigger that dropped the rows inserted into pcbo_journal (or pcbo_checkpoints) let a run
+    change the table, exit 0, and leave changes no rollback can undo (the journal holds nothing
+    of them). Each chunk now reads its journal entries and checkpoint back in its own transaction:
+    the run stops (exit 1) with the table untouched, and rolls back to nothing once the trigger is gone."""
+    url = (
+        helpers.sqlite_url(tmp_path / "target.db")
+        if dialect == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    create_table(url)
+    home = tmp_path / "home"
+    first = helpers.request(url, [record(i) for i in range(1, 3)])
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r1.json", first), "--home", home]).status == 0
+    run_sql(url, *_dropping_trigger(dialect, table))
+    before = helpers.dump(url)
+    second = helpers.request(
+        url, [record(i, amount=50) for i in range(1, 4)], run_id="run-2", conflict="overwrite"
+    )
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r2.json", second), "--home", home])
+    assert run.status == 1, run.stderr
+    assert f"{table} in " in run.stderr and "the chunk was not committed" in run.stderr, run.stderr
+    assert helpers.dump(url) == before
+    run_sql(url, "DROP TRIGGER drop_rows" + ("" if dialect == "sqlite" else f" ON public.{table}"))
+    rolled = pcbo(
+        ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-2", "--target-url", url]
+    )
+    assert rolled.status == 0, rolled.stderr
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0

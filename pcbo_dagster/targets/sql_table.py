@@ -56,6 +56,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from pcbo_dagster.catalog.schema import metadata as catalog_metadata
 from pcbo_dagster.core.canonical import fast_jcs, prefixed
+from pcbo_dagster.core.errors import IntegrityError as PcboIntegrityError
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_instant, to_datetime
 from pcbo_dagster.core.record_table import TIMESTAMP as ARROW_TIMESTAMP
@@ -904,6 +905,7 @@ class SqlTable:
                     failures.append(_failure(row, *_database_error(exc)))
                     continue
                 seq, digest = seq + 1, chain_journal_digest(digest, entry_text)
+                entries.append({"seq": seq, "entry": entry_text.decode("utf-8")})
         planned = chunk_rows(rows)
         counts, applied = chunk_claims(planned, {f["id"] for f in failures})
         result = ChunkResult(counts, failures, applied, seq, digest, fallback=per_row, rows=planned)
@@ -926,7 +928,52 @@ class SqlTable:
                 "res": fast_jcs(result.to_json()).decode("utf-8"),
             },
         )
+        self._check_kept(conn, ctx, entries if journal else None, (seq, digest, result))
         return result
+
+    def _check_kept(
+        self,
+        conn: Connection,
+        ctx: ChunkContext,
+        entries: list[dict[str, Any]] | None,
+        checkpoint: tuple[int, str, ChunkResult],
+    ) -> None:
+        """Before the chunk commits: the journal holds exactly the entries just written after
+        `ctx.journal_seq` (`entries`; None: no journal) and the checkpoint is there as written — a
+        trigger or rule on pcbo's tables that drops or rewrites them (the journal is append-only,
+        not guarded against that) would leave changes no rollback can undo. `PcboIntegrityError`
+        otherwise: the chunk's transaction is rolled back, nothing of it is committed."""
+        where = {"r": ctx.run_id, "t": self.qualified}
+        if entries is not None:
+            kept = conn.execute(
+                text(
+                    f"SELECT seq, entry FROM {self._pcbo(JOURNAL_TABLE)} "
+                    "WHERE run_id = :r AND table_name = :t AND seq > :lo ORDER BY seq"
+                ),
+                {**where, "lo": ctx.journal_seq},
+            ).all()
+            if [(int(r[0]), str(r[1])) for r in kept] != [(e["seq"], e["entry"]) for e in entries]:
+                raise PcboIntegrityError(
+                    f"{JOURNAL_TABLE} in {self.location} did not keep the journal entries of "
+                    f"{self.qualified}'s chunk {ctx.chunk} of partition {ctx.partition_key} as written "
+                    "(a trigger or rule on it?): the chunk was not committed"
+                )
+        seq, digest, result = checkpoint
+        found = conn.execute(
+            text(
+                f"SELECT journal_seq, journal_digest, result, plan_hash, target_digest "
+                f"FROM {self._pcbo(CHECKPOINT_TABLE)} WHERE run_id = :r AND table_name = :t "
+                "AND partition_key = :p AND intent_seq = :i AND chunk = :c"
+            ),
+            {**where, "p": ctx.partition_key, "i": ctx.intent_seq, "c": ctx.chunk},
+        ).all()
+        expected = (seq, digest, fast_jcs(result.to_json()).decode("utf-8"), ctx.plan_hash, ctx.target_digest)
+        if [(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in found] != [expected]:
+            raise PcboIntegrityError(
+                f"{CHECKPOINT_TABLE} in {self.location} did not keep the checkpoint of "
+                f"{self.qualified}'s chunk {ctx.chunk} of partition {ctx.partition_key} as written "
+                "(a trigger or rule on it?): the chunk was not committed"
+            )
 
     def _inserted_images(
         self, conn: Connection, writes: Sequence[tuple[PlannedRow, LiveRow | None]]
