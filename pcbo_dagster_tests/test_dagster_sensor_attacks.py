@@ -306,8 +306,10 @@ def test_a_rollout_row_that_is_not_json_stops_no_sensor_and_not_verify(setup: An
         with dg.build_schedule_context(
             instance=instance, resources={"pcbo": engine}, scheduled_execution_time=tick
         ) as context:
-            [request] = schedule.evaluate_tick(context).run_requests or []
-        assert request.tags["pcbo/soaking"] == "evil"
+            skipped = schedule.evaluate_tick(context)
+        # Not soaking by the production chain: nothing to evaluate, and the tick says so.
+        assert not skipped.run_requests, skipped.run_requests
+        assert "evil: the production audit chain says not staged" in (skipped.skip_message or "")
     env = Environment.open(settings)
     try:
         found = {(f["kind"], f["where"]) for f in verify(env)["findings"]}
@@ -429,14 +431,19 @@ def test_the_soak_does_not_judge_staging_files_its_chain_never_committed(tmp_pat
     rewritten self-consistently (manifest, files, checksums and Merkle root all agreeing; same ids,
     `converted` set everywhere; made by a genuine apply on a copy of the stores) passed a soak the
     real output fails (75% converted, at least 90% required), with nothing on the staging chain
-    behind them. Each partition's commit point must be the version its audit chain committed."""
+    behind them. Each partition's commit point must be the version its audit chain committed.
+
+    The rollout is staged the CLI's way (`pcbo rollout start`: no soak check in that run), so the
+    forgery is in place before the soak's first evaluation, and that one evaluation (a failure is
+    final: the soak is never evaluated again) judges it."""
     import json
     from datetime import UTC, datetime
 
     from pcbo_dagster.catalog.rollouts import RolloutStore
-    from pcbo_dagster.datasets.config import parse_datasets_config
+    from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
     from pcbo_dagster.engine.environment import Environment
     from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.rollout import operations
     from pcbo_dagster.rollout.clock import ManualClock
 
     keys = KEYS
@@ -459,37 +466,38 @@ def test_the_soak_does_not_judge_staging_files_its_chain_never_committed(tmp_pat
 
     clock = ManualClock(datetime(2026, 11, 22, 9, 0, tzinfo=UTC))
 
-    def location(root: Path, home: Path, all_converted: bool) -> tuple[PcboEngineResource, dg.Definitions]:
+    def location(
+        root: Path, home: Path, all_converted: bool
+    ) -> tuple[DatasetsConfig, PcboEngineResource, dg.Definitions]:
         root.mkdir(exist_ok=True)
         (root / "sessions.jsonl").write_text(records(all_converted))
         config = parse_datasets_config(SOAK_CONFIG, base_dir=root)
         engine = PcboEngineResource(home=str(home))
-        return engine, build_definitions(config, engine, clock=clock)
+        return config, engine, build_definitions(config, engine, clock=clock)
 
-    def stage(defs: dg.Definitions, instance: Any, name: str) -> None:
-        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
-            instance=instance,
+    config, engine, defs = location(real, tmp_path / "home", all_converted=False)
+    operations.start(
+        config, engine.settings(), "sessions", keys[0], keys[-1], by="ana", name="r1", clock=clock
+    )
+    # The forgery: on a copy of the homes, another rollout stages the same ids with `converted` set
+    # everywhere; its staging partitions are then put in place of the real ones.
+    shutil.copytree(tmp_path / "home", tmp_path / "home-copy")
+    _, _, shadow_defs = location(shadow, tmp_path / "home-copy", all_converted=True)
+    with dg.instance_for_test() as shadow_instance:
+        result = shadow_defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=shadow_instance,
             asset_selection=[dg.AssetKey(["staging", "sessions"])],
             tags=tags,
-            run_config={"ops": {"staging__sessions": {"config": {"rollout": name, "by": "ana"}}}},
+            run_config={"ops": {"staging__sessions": {"config": {"rollout": "r2", "by": "ana"}}}},
         )
         assert result.success
+    lake = Path("staging") / "lake" / "sessions" / "v1"
+    for key in keys:
+        shutil.rmtree(tmp_path / "home" / lake / key)
+        shutil.copytree(tmp_path / "home-copy" / lake / key, tmp_path / "home" / lake / key)
 
-    engine, defs = location(real, tmp_path / "home", all_converted=False)
+    clock.advance(31 * 60)  # the window is over: this first evaluation decides the soak
     with dg.instance_for_test() as instance:
-        stage(defs, instance, "r1")
-        # The forgery: on a copy of the homes, another rollout stages the same ids with `converted`
-        # set everywhere; its staging partitions are then put in place of the real ones.
-        shutil.copytree(tmp_path / "home", tmp_path / "home-copy")
-        _, shadow_defs = location(shadow, tmp_path / "home-copy", all_converted=True)
-        with dg.instance_for_test() as shadow_instance:
-            stage(shadow_defs, shadow_instance, "r2")
-        lake = Path("staging") / "lake" / "sessions" / "v1"
-        for key in keys:
-            shutil.rmtree(tmp_path / "home" / lake / key)
-            shutil.copytree(tmp_path / "home-copy" / lake / key, tmp_path / "home" / lake / key)
-
-        clock.advance(31 * 60)  # the window is over: this evaluation decides the soak
         soak = defs.resolve_job_def("soak_monitor").execute_in_process(
             instance=instance, raise_on_error=False
         )
@@ -497,11 +505,14 @@ def test_the_soak_does_not_judge_staging_files_its_chain_never_committed(tmp_pat
     assert not evaluation.passed
     env = Environment.open(Settings.resolve(home=str(tmp_path / "home"), env={}))
     try:
-        row = RolloutStore(env.catalog).soak_evaluations("r1")[-1]  # (the first: the staging run's)
+        [row] = RolloutStore(env.catalog).soak_evaluations("r1")  # the soak's one evaluation
     finally:
         env.close()
     assert not row["passed"]
-    assert not row["detail"]["checks"]["checksums"]["passed"], row["detail"]["checks"]["checksums"]
+    checks = row["detail"]["checks"]
+    assert checks["business_metric"]["passed"], checks["business_metric"]  # the forged rows' metric holds
+    assert row["detail"]["failed_checks"] == ["checksums"], row["detail"]["failed_checks"]
+    assert "commit_point_not_on_chain" in checks["checksums"]["message"], checks["checksums"]
 
 
 def test_the_promotion_gate_does_not_take_staging_files_its_chain_never_committed(tmp_path: Path) -> None:

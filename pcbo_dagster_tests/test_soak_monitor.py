@@ -19,11 +19,12 @@ from pcbo_dagster.engine.partition_reading import PartitionReading
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.rollout.environments import dataset_settings, open_environments
-from pcbo_dagster.rollout.lifecycle import record_staged
+from pcbo_dagster.rollout.lifecycle import production_chain, record_staged
 from pcbo_dagster.rollout.soak import (
     _duplicate_check,
     evaluate_soak,
     run_soak_monitor,
+    soak_due,
     soak_status,
     write_soak_report,
 )
@@ -320,6 +321,51 @@ def test_tampered_staging_file_fails_checksums(world: dict) -> None:
     assert "2024-06-01T12:15:00Z failed" in status["reason"] and "checksums" in status["reason"]
     # A later passing-looking moment does not undo a failure.
     assert _status(world, T0 + timedelta(hours=2))["state"] == "failed"
+
+
+def test_a_soak_failed_for_good_is_not_evaluated_again(world: dict) -> None:
+    """One failing evaluation fails a soak for good, yet every monitor tick evaluated it again and
+    appended another `rollout_soak_evaluated` to the production chain (every 15 minutes, for ever).
+    What stops it is the chain's failure: a catalog row saying the soak failed stops nothing, and
+    deleting the failing rows resumes nothing."""
+    import sqlite3
+
+    world["config"] = _config(world["tmp"], at_least=0.9)  # the output has 10/13 converted
+    config, base = world["config"], world["base"]
+    dataset = config.dataset("sessions")
+    _stage(world)
+
+    def chain_and_rows() -> tuple[int, int]:
+        with open_environments(dataset_settings(config, dataset, base, environ={})) as envs:
+            rollout = envs.store.require("r1")
+            return len(production_chain(envs, rollout)), len(envs.store.soak_evaluations("r1"))
+
+    with open_environments(dataset_settings(config, dataset, base, environ={})) as envs:
+        # The catalog alone says the soak failed: the chain does not, so it is still evaluated.
+        envs.store.record_soak_evaluation("r1", False, {"checks": {}}, now=T0)
+    assert soak_due(config, base, T0 + timedelta(minutes=1), environ={}) == (["r1"], [])
+    [first] = run_soak_monitor(config, base, T0 + timedelta(minutes=1), environ={})
+    assert first["evaluation"]["passed"] is False and first["status"]["state"] == "failed"
+    before = chain_and_rows()
+
+    with sqlite3.connect(base.home / "catalog.db") as conn:  # the failing rows deleted, guard and all
+        guards = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'soak_evaluations'"
+        ).fetchall()
+        for (guard,) in guards:
+            conn.execute(f'DROP TRIGGER "{guard}"')
+        conn.execute("DELETE FROM soak_evaluations WHERE rollout = 'r1'")
+    for minutes in (16, 31, 24 * 60):
+        [later] = run_soak_monitor(config, base, T0 + timedelta(minutes=minutes), environ={})
+        assert set(later) == {"rollout", "dataset", "skipped"}, later
+        assert later["skipped"].startswith("the soak failed for good by the production audit chain")
+        assert "business_metric" in later["skipped"] and "start a new rollout" in later["skipped"]
+        assert soak_due(config, base, T0 + timedelta(minutes=minutes), environ={}) == ([], [later])
+    assert chain_and_rows() == (before[0], before[1] - 2)  # nothing appended, nothing recorded
+    with pytest.raises(InvalidInput) as info:
+        _evaluate(world, T0 + timedelta(hours=2))
+    assert info.value.field == "rollout" and "failed for good" in info.value.message
+    assert chain_and_rows()[0] == before[0]
 
 
 def test_metric_below_baseline_fails(world: dict) -> None:

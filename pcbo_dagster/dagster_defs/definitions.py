@@ -193,7 +193,7 @@ def build_definitions(
     sensors.append(build_lake_drift_sensor(config, drift_targets, checks_jobs))
     if soak_checks:
         rollout_datasets = [d.name for d in config.datasets if d.rollout is not None]
-        soak_job, soak_schedule = build_soak_monitor(soak_checks, rollout_datasets)
+        soak_job, soak_schedule = build_soak_monitor(config, soak_checks, rollout_datasets, clock)
         checks += soak_checks
         jobs += [soak_job, *promotion_jobs, *build_rollout_jobs(config, clock)]
         schedules.append(soak_schedule)

@@ -331,6 +331,16 @@ def soak(
     return run_soak_monitor(config, base, clock.now(), rollouts=names)
 
 
+def soak_due(
+    config: DatasetsConfig, base: Settings, *, clock: Clock = REAL_CLOCK
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The rollouts the soak monitor would evaluate now, and why it would skip the others it lists as
+    soaking (`soak.soak_due`); nothing evaluated."""
+    from pcbo_dagster.rollout.soak import soak_due as due
+
+    return due(config, base, clock.now())
+
+
 def _plain(value: Any) -> Any:
     """Datetimes as ISO text, recursively (for JSON documents)."""
     from datetime import datetime

@@ -98,10 +98,15 @@ def evaluate_soak(
     `soak_evaluations`) and return the record (`{rollout, passed, detail, evaluated_at}`).
     `IntegrityError`, nothing evaluated or recorded, when the rollout's row disagrees with its
     lifecycle on the production chain (`life`, read when not given): the soak reads the partitions
-    the chain staged, never a range an edited row names."""
+    the chain staged, never a range an edited row names. `InvalidInput` (field `rollout`), nothing
+    evaluated or recorded, when that chain says the soak has failed for good (`failed_for_good`)."""
     if rollout["dataset"] != dataset.name:
         raise ValueError(f"rollout {rollout['name']!r} is of {rollout['dataset']!r}, not {dataset.name!r}")
-    _require_row_on_chain(dataset, rollout, read_lifecycle(envs, rollout) if life is None else life)
+    life = read_lifecycle(envs, rollout) if life is None else life
+    _require_row_on_chain(dataset, rollout, life)
+    closed = failed_for_good(life, now)
+    if closed is not None:
+        raise InvalidInput("rollout", f"rollout {rollout['name']!r}: {closed}")
     keys = list(rollout["partition_keys"])
     version_label = rollout["version_label"]
     readings = {key: read_partition(envs.staging.lake, dataset.name, version_label, key) for key in keys}
@@ -410,6 +415,21 @@ def soak_verdict(life: Lifecycle, now: datetime) -> dict[str, Any]:
     return {**status, "state": "soaking", "reason": reason}
 
 
+def failed_for_good(life: Lifecycle, now: datetime) -> str | None:
+    """Why the soak of `life` is not evaluated any more: its production chain holds a failing
+    evaluation (at or before `now`) since it was staged, and one failure fails the soak for good
+    (`soak_verdict`), so a later evaluation could change nothing and would only lengthen the chain.
+    None while it may still pass. Read from the chain alone: a `rollouts` or `soak_evaluations` row
+    saying otherwise changes nothing."""
+    verdict = soak_verdict(life, now)
+    if verdict["state"] != "failed":
+        return None
+    return (
+        f"the soak failed for good by the production audit chain ({verdict['reason']}): not evaluated "
+        "again; start a new rollout"
+    )
+
+
 def failure_text(detail: dict[str, Any]) -> str:
     """The failed checks of an evaluation (its detail, or its `rollout_soak_evaluated` event) and why,
     in one line."""
@@ -537,13 +557,56 @@ def run_soak_monitor(
     """Evaluate every soaking rollout of a dataset in `config` (or only the ones named), write its
     soak report and return, per rollout, `{rollout, dataset, evaluation, status, report}`;
     `{rollout, dataset, skipped}` for a named rollout that is not soaking or whose dataset is not in
-    the config; `{rollout, dataset, error}` when its evaluation raised (the others still run).
+    the config, and for one the production chain says is not soaking or has failed its soak for good
+    (`failed_for_good`: nothing evaluated or appended again); `{rollout, dataset, error}` when its
+    evaluation raised (the others still run).
     `InvalidInput` (field `rollout`) for a named rollout that does not exist.
 
     `base` is the production engine settings (`Settings.resolve(...)`); each dataset's staging and
     production environments are opened with `dataset_settings(config, dataset, base, environ)`.
     """
     names = None if rollouts is None else list(dict.fromkeys(rollouts))
+    candidates, results, todo = _candidates(config, base, names)
+    done: dict[str, dict[str, Any]] = {}
+    for dataset_name, group in todo.items():
+        dataset = config.dataset(dataset_name)
+        with open_environments(dataset_settings(config, dataset, base, environ)) as envs:
+            for member in group:
+                done[member["name"]] = _monitor_one(config, dataset, envs, member, now)
+    results += list(done.values())
+    order = {r["name"]: i for i, r in enumerate(candidates)}
+    return sorted(results, key=lambda r: order[r["rollout"]])
+
+
+def soak_due(
+    config: DatasetsConfig, base: Settings, now: datetime, environ: dict[str, str] | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """What the monitor would do at `now`, nothing evaluated or recorded: the names of the rollouts it
+    would evaluate (those whose production chain could not be read among them: the monitor reports
+    their error) and, for every other rollout its catalog lists as soaking, its skip
+    (`{rollout, dataset, skipped}`: not soaking by the chain, or failed for good)."""
+    _, skipped, todo = _candidates(config, base, None)
+    due: list[str] = []
+    for dataset_name, group in todo.items():
+        dataset = config.dataset(dataset_name)
+        with open_environments(dataset_settings(config, dataset, base, environ)) as envs:
+            for member in group:
+                try:
+                    skip = _not_due(member, read_lifecycle(envs, member), now)
+                except PcboError:
+                    skip = None  # the monitor's evaluation reports why the chain cannot be read
+                if skip is None:
+                    due.append(member["name"])
+                else:
+                    skipped.append(skip)
+    return due, skipped
+
+
+def _candidates(
+    config: DatasetsConfig, base: Settings, names: list[str] | None
+) -> tuple[list[RolloutRow], list[dict[str, Any]], dict[str, list[RolloutRow]]]:
+    """The rollouts the monitor looks at (every one listed as soaking, or the ones named), the skips
+    the catalog's rows alone give, and the rest by dataset."""
     with open_rollout_store(base.catalog_url) as store:
         if store is None:  # no catalog yet: nothing is soaking, and a named rollout is unknown
             if names:
@@ -567,19 +630,21 @@ def run_soak_monitor(
             results.append(_skipped(rollout, f"status is {rollout['status']}, not soaking"))
             continue
         todo[rollout["dataset"]].append(rollout)
-    done: dict[str, dict[str, Any]] = {}
-    for dataset_name, group in todo.items():
-        dataset = config.dataset(dataset_name)
-        with open_environments(dataset_settings(config, dataset, base, environ)) as envs:
-            for member in group:
-                done[member["name"]] = _monitor_one(config, dataset, envs, member, now)
-    results += list(done.values())
-    order = {r["name"]: i for i, r in enumerate(candidates)}
-    return sorted(results, key=lambda r: order[r["rollout"]])
+    return candidates, results, todo
 
 
 def _skipped(rollout: RolloutRow, reason: str) -> dict[str, Any]:
     return {"rollout": rollout["name"], "dataset": rollout["dataset"], "skipped": reason}
+
+
+def _not_due(rollout: RolloutRow, life: Lifecycle, now: datetime) -> dict[str, Any] | None:
+    """The monitor's skip of a rollout the production chain says is not to be evaluated (not soaking
+    there, or its soak failed for good), else None."""
+    if life.status != SOAKING:
+        chain_says = life.status or "not staged"
+        return _skipped(rollout, f"the production audit chain says {chain_says}, not soaking")
+    closed = failed_for_good(life, now)
+    return None if closed is None else _skipped(rollout, closed)
 
 
 def _monitor_one(
@@ -591,9 +656,9 @@ def _monitor_one(
 ) -> dict[str, Any]:
     try:
         life = read_lifecycle(envs, rollout)
-        if life.status != SOAKING:
-            chain_says = life.status or "not staged"
-            return _skipped(rollout, f"the production audit chain says {chain_says}, not soaking")
+        skip = _not_due(rollout, life, now)
+        if skip is not None:
+            return skip
         evaluation = evaluate_soak(config, dataset, envs, rollout, now, life)
         status = soak_status(envs, rollout, now)
         report = write_soak_report(

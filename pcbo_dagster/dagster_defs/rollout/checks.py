@@ -59,8 +59,11 @@ def build_soak_check(
         results = operations.soak(config, base, names=names, clock=clock)
         failed = []
         summary = {}
+        skipped = {}
         for result in results:
-            if "skipped" in result:
+            if "skipped" in result:  # not soaking by the production chain, or its soak failed for good
+                context.log.info(f"soak {result['rollout']}: not evaluated: {result['skipped']}")
+                skipped[result["rollout"]] = result["skipped"]
                 continue
             evaluation = result.get("evaluation") or {}
             status = result.get("status") or {"state": "error", "reason": result.get("error")}
@@ -80,8 +83,9 @@ def build_soak_check(
             severity=dg.AssetCheckSeverity.WARN,
             metadata={
                 "rollouts": dg.MetadataValue.json(operations._plain(summary)),
-                "evaluated": len(results),
+                "evaluated": len(summary),
                 "failed": len(failed),
+                "skipped": dg.MetadataValue.json(skipped),
             },
             description=f"soak evaluation failed for {', '.join(failed)}" if failed else None,
         )
