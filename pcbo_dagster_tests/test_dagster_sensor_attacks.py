@@ -634,3 +634,67 @@ def test_a_reversed_range_on_a_sql_target_dataset_is_refused_too(tmp_path: Path)
         data.user_failure_data.description or ""
     )
     assert query(url, "SELECT count(*) FROM events")[0][0] == 0
+
+
+def test_the_promotion_sensor_launches_again_after_a_stop_once_a_new_approval_opens_the_gate(
+    tmp_path: Path,
+) -> None:
+    """A rejection recorded while the promotion wrote stopped it; the approver then approved again,
+    the gate opened, and the sensor launched nothing: its run key (`promote:<rollout>:<decision
+    hash>`) was the stopped run's, which Dagster launches once. The promotion had to be run by hand.
+    A new approval signed after the rejection gives a new run key, launched once."""
+    from pcbo_dagster.core.errors import Blocked
+    from pcbo_dagster.rollout import operations, promotion
+    from pcbo_dagster.rollout.clock import ManualClock
+    from pcbo_dagster_tests.approver_keys import BO, CY
+    from pcbo_dagster_tests.test_rollout_red_team import K0, K2, T0, _config
+
+    config = _config(tmp_path)
+    engine = PcboEngineResource(home=str(tmp_path / "home"))
+    base = engine.settings()
+    clock = ManualClock(T0)
+    defs = build_definitions(config, engine, clock=clock)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+
+    def tick(instance: dg.DagsterInstance) -> Any:
+        sensor = defs.resolve_sensor_def("rollout_promotion")
+        with dg.build_sensor_context(instance=instance, resources={"pcbo": engine}) as context:
+            return sensor(context)
+
+    with dg.instance_for_test() as instance:
+        [first] = tick(instance).run_requests
+        rejected: list[str] = []
+
+        def reject_once(_count: int) -> None:  # the approver rejects while production is being written
+            if not rejected:
+                clock.advance(1)
+                operations.decide(config, base, "r", "reject", key=CY, reason="wrong numbers", clock=clock)
+                rejected.append("yes")
+
+        with operations.rollout_environments(config, base, "r") as (dataset, envs):
+            with pytest.raises(Blocked) as blocked:  # the first request's promotion, stopped
+                promotion.promote_rollout(
+                    config, dataset, envs, "r", by="dee", clock=clock, progress=reject_once
+                )
+        assert blocked.value.document["status"] == "stopped"
+        waiting = tick(instance)
+        assert isinstance(waiting, dg.SkipReason) and "rejected by" in (waiting.skip_message or "")
+
+        clock.advance(60)
+        operations.decide(config, base, "r", "approve", key=CY, reason="numbers fixed", clock=clock)
+        [again] = tick(instance).run_requests
+        assert again.run_key != first.run_key  # launched: a run key Dagster has not seen
+        assert again.run_key.startswith(first.run_key + ":after:")
+        # The same approvals give the same key (launched once), another approval of the hash included.
+        operations.decide(config, base, "r", "approve", key=BO, reason="agreed", clock=clock)
+        assert [r.run_key for r in tick(instance).run_requests] == [again.run_key]
+
+        run = defs.resolve_job_def(again.job_name or "").execute_in_process(
+            instance=instance, tags=again.tags, raise_on_error=False
+        )
+        assert run.success
+    with operations.rollout_environments(config, base, "r") as (_, envs):
+        assert envs.store.require("r")["status"] == "promoted"

@@ -260,8 +260,10 @@ def decision_in_force(
 ) -> dict[str, Any] | None:
     """The decision in force for `rollout` from the production chain (module doc; `events`: that
     chain, already read and verified), as `{decision, actor, reason, decision_hash, event_hash,
-    approvals, required, ignored}`; `decision` is `approved`, `rejected` or `pending` (fewer valid
-    approvals than required: only approvals of the decision hash the chain says was staged count);
+    approvals, required, ignored, since_rejection}`; `decision` is `approved`, `rejected` or `pending`
+    (fewer valid approvals than required: only approvals of the decision hash the chain says was
+    staged count); `since_rejection` is the event hash of the last counted rejection (None: there is
+    none), which the approvals in force post-date;
     None when no valid signed decision is on the chain. `IntegrityError` when that chain does not
     verify."""
     policy = envs.approval_policy
@@ -271,10 +273,12 @@ def decision_in_force(
     decisions, ignored = _counted_decisions(envs, rollout, events)
     last: tuple[dict[str, Any], SignedApproval] | None = None
     approvals: dict[str, tuple[dict[str, Any], SignedApproval]] = {}
+    rejection: str | None = None
     for event, signed in decisions:
         last = (event, signed)
         if signed.decision == "rejected":
             approvals.clear()  # approvals made before a rejection do not outlive it
+            rejection = event["chain"]["event_hash"]
         elif signed.decision_hash == staged:
             approvals[signed.signer.text] = (event, signed)
     if last is None:
@@ -295,4 +299,5 @@ def decision_in_force(
         "approvals": len(counted),
         "required": policy.required,
         "ignored": ignored,
+        "since_rejection": rejection,
     }

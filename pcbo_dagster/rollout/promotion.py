@@ -147,7 +147,16 @@ def promotion_gate(
     else:
         gate["approval"] = {
             k: approval[k]
-            for k in ("decision", "actor", "reason", "decision_hash", "event_hash", "approvals", "required")
+            for k in (
+                "decision",
+                "actor",
+                "reason",
+                "decision_hash",
+                "event_hash",
+                "approvals",
+                "required",
+                "since_rejection",
+            )
         }
         if approval["decision"] == "rejected":
             reasons.append(f"rejected by {approval['actor']}: {approval['reason']}")

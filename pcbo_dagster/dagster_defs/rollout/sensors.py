@@ -4,9 +4,12 @@ Each tick looks at every rollout of the rollout datasets that is halted for revi
 asks the promotion gate (`rollout/promotion.py`): staging checks passed (re-read from the staging
 lake, plus the Dagster check evaluations of the staging run), soak passed, approval in force and
 matching the decisions evaluated now. An open gate gives one run of the dataset's promotion job over
-the rollout's partitions (run key `promote:<rollout>:<decision hash>`, so a rollout is promoted once
-per approved decision hash). A closed gate gives no run; the tick's skip reason (or its log, when
-another rollout was promoted in the same tick) lists each rollout with every reason it waits:
+the rollout's partitions (run key `promote:<rollout>:<decision hash>`, plus `:after:<event hash>` of
+the chain's last rejection when there is one: a rollout is promoted once per approved decision hash
+and per rejection the approvals in force post-date, so a promotion a rejection stopped is launched
+again once a new approval opens the gate; `promotion_run_key`). A closed gate gives no run; the
+tick's skip reason (or its log, when another rollout was promoted in the same tick) lists each
+rollout with every reason it waits:
 rejected, stale approval, missing approval, soak not yet passed, failed staging checks.
 """
 
@@ -28,6 +31,17 @@ SENSOR_NAME = "rollout_promotion"
 
 def promotion_job_name(asset_name: str) -> str:
     return f"promote_{asset_name}"
+
+
+def promotion_run_key(rollout: str, gate: dict[str, Any]) -> str:
+    """The run key of an open gate's promotion: `promote:<rollout>:<decision hash>`, and
+    `:after:<event hash>` of the last rejection on the chain when there is one. A promotion stopped
+    by a rejection is launched again once approvals signed after it open the gate (a new key), never
+    twice for the same approvals (the same key: Dagster launches a run key once), however many
+    approvals of the same decision hash are added since."""
+    key = f"promote:{rollout}:{gate['decisionHashNow']}"
+    after = gate["approval"].get("since_rejection")
+    return key if after is None else f"{key}:after:{after}"
 
 
 def failed_staging_checks(instance: dg.DagsterInstance, dagster_run_id: str | None) -> dict[str, list[str]]:
@@ -94,7 +108,7 @@ def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock
             keys = rollout["partition_keys"]
             requests.append(
                 dg.RunRequest(
-                    run_key=f"promote:{row['name']}:{gate['decisionHashNow']}",
+                    run_key=promotion_run_key(row["name"], gate),
                     job_name=promotion_job_name(dataset.asset_name),
                     tags={
                         ROLLOUT_TAG: row["name"],
