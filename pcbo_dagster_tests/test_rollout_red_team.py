@@ -161,6 +161,47 @@ def test_a_rejection_recorded_while_a_promotion_writes_stops_it(tmp_path: Path) 
     assert _production_commits(base) == 1
 
 
+def test_a_rejection_appended_just_before_rollout_promoted_stops_the_promotion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promotion read the chain a last time, then appended `rollout_promoted`: a rejection appended
+    in between was ignored (the rollout promoted against it). The hook appends the rejection at the
+    latest moment it can: when `rollout_promoted` is about to be appended, every re-reading done.
+    That last reading is now made under the chain's writer lock, in the append itself."""
+    from pcbo_dagster.core.rollout_lifecycle import ROLLOUT_PROMOTED
+
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    append_event = promotion.append_event
+    rejected: list[str] = []
+
+    def reject_first(envs, rollout, event_type, body, precondition=None):
+        if event_type == ROLLOUT_PROMOTED and not rejected:
+            clock.advance(1)
+            decided = operations.decide(config, base, "r", "reject", key=CY, reason="stop", clock=clock)
+            rejected.append(decided["decision"])
+        return append_event(envs, rollout, event_type, body, precondition)
+
+    monkeypatch.setattr(promotion, "append_event", reject_first)
+    with pytest.raises(Blocked) as blocked:
+        operations.promote(config, base, "r", by="dee", clock=clock)
+    assert rejected == ["rejected"]
+    assert blocked.value.document["status"] == "stopped"
+    assert "no longer an approval" in blocked.value.document["reasons"][0]
+    assert blocked.value.document["written"] == [K0, K1, K2]
+    with operations.rollout_environments(config, base, "r") as (_, envs):
+        chain = envs.production.audit.backup.read_chain("sessions/v1")
+        assert [e["event_type"] for e in chain][-1] == "rollout_rejected"  # and no rollout_promoted
+        assert lifecycle(chain, "r").status == "soaking"
+        assert envs.store.require("r")["status"] == "soaking"
+        assert envs.store.history("r")[-1]["kind"] == "promotion_stopped"
+
+
 class _EditingClock(ManualClock):
     """The rollout clock, and someone who writes the production catalog while the staging apply
     waits for its throttle (a statement run once, at the first wait)."""

@@ -246,18 +246,27 @@ class AuditLog:
         )
 
     def append(
-        self, chain_key: str, event_type: str, body: dict, fence: ChainState | None = None
+        self,
+        chain_key: str,
+        event_type: str,
+        body: dict,
+        fence: ChainState | None = None,
+        precondition: Callable[[], None] | None = None,
     ) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
 
         ValueError for an invalid chain_key, event_type or body (floats, reserved keys);
-        ChainDivergence when the backup and the head store hold different chains; `fence`: see
-        `append_many`.
+        ChainDivergence when the backup and the head store hold different chains; `fence` and
+        `precondition`: see `append_many`.
         """
-        return self.append_many(chain_key, [(event_type, body)], fence)[0]
+        return self.append_many(chain_key, [(event_type, body)], fence, precondition)[0]
 
     def append_many(
-        self, chain_key: str, items: list[tuple[str, dict]], fence: ChainState | None = None
+        self,
+        chain_key: str,
+        items: list[tuple[str, dict]],
+        fence: ChainState | None = None,
+        precondition: Callable[[], None] | None = None,
     ) -> list[AuditEvent]:
         """Append several events in order under one lock: one backup write and fsync, two head-store
         transactions (a group commit; see the module doc). Returns the events; all or none reach the
@@ -268,7 +277,12 @@ class AuditLog:
         table declaration, a rollout's lifecycle, a SQL target's apply) are replayed into it and the
         append goes on; one that does (a commit, a rollback, a restoration by another writer: a run
         whose lease was taken over while it stalled), or a chain that no longer starts with what it
-        replayed, refuses the whole append (`ChainMoved`)."""
+        replayed, refuses the whole append (`ChainMoved`).
+
+        `precondition`: called once the chain's writer lock is held, before anything is built or
+        written; what it raises refuses the whole append (nothing appended). No other writer can
+        append to the chain between that call and these events, so a decision taken on the chain
+        read there (a promotion's last check for a rejection) holds for the events appended."""
         if not items:
             return []
         if self.actor is not None:
@@ -277,6 +291,8 @@ class AuditLog:
             ]
         timestamp = audit_timestamp(self.clock())
         with self._writer(chain_key):
+            if precondition is not None:
+                precondition()
             if self.head_store is None:
                 head = _head_of(self.backup.last_event(chain_key))
                 self._catch_up(chain_key, head, fence)

@@ -17,6 +17,7 @@ signed, each once: events appended by someone without the key open nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -86,11 +87,16 @@ def staged_keys(dataset: DatasetConfig, life: Lifecycle) -> list[str] | None:
 
 
 def append_event(
-    envs: RolloutEnvironments, rollout: RolloutRow, event_type: str, body: dict[str, Any]
+    envs: RolloutEnvironments,
+    rollout: RolloutRow,
+    event_type: str,
+    body: dict[str, Any],
+    precondition: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Append an event about `rollout` to its production chain (the subject and producer added) and
     publish the chain's checkpoint; returns the event. A lifecycle event is signed with the operator's
-    key when there is one (module doc)."""
+    key when there is one (module doc). `precondition` runs under the chain's writer lock, before
+    the append (`AuditLog.append_many`): what it raises refuses the append."""
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
     audit = envs.production.audit
     full = {"rollout": rollout_subject(rollout), **body, "producer": PRODUCER}
@@ -99,7 +105,7 @@ def append_event(
     key = envs.production.signing_key
     if key is not None and event_type in LIFECYCLE_EVENTS:
         full[OPERATOR_SIGNATURE] = sign_event(key, ckey, event_type, full)
-    event = audit.append(ckey, event_type, full)
+    event = audit.append(ckey, event_type, full, precondition=precondition)
     publish(envs.production, ckey)
     return event
 

@@ -36,7 +36,9 @@ While it writes, before each partition and before `rollout_promoted` is appended
 chain is read again: a rejection recorded, a rollback or a cancel since the gate opened (the
 rollout's lifecycle no longer what it was, or the decision in force no longer an approval of the
 hash) stops it with `Blocked` (nothing more written, no `rollout_promoted`, the rollout log's
-`promotion_stopped`); what it wrote stays in production until rolled back.
+`promotion_stopped`); what it wrote stays in production until rolled back. The last reading is made
+under the chain's writer lock, in the append of `rollout_promoted` itself (its `precondition`): no
+rejection can be appended between that reading and the event.
 
 `repair_approval` is the gate of a repair (the health check's mini backfill, the production asset
 over a promoted rollout): the chain must say the rollout is promoted (and not rolled back since),
@@ -252,26 +254,42 @@ def promote_keys(
     document["counts"] = {pd.partition.key: pd.counts for pd in subset.partitions}
     reason = stop[0] if stop else _stop_reason(envs, rollout, status, decision_hash)
     if reason is not None:
-        written = [p["key"] for p in document["partitions"]]
-        envs.store.log(
-            rollout["name"],
-            "promotion_stopped",
-            {"runId": run_id, "reason": reason, "written": written, "by": by},
-            actor=by,
-        )
-        raise Blocked(
-            f"the promotion of rollout {rollout['name']!r} stopped: {reason}; {len(written)} partition(s) "
-            "written to production stay there (roll them back: `pcbo rollout rollback`)",
-            {
-                "status": "stopped",
-                "gate": "promotion",
-                "rollout": rollout["name"],
-                "runId": run_id,
-                "reasons": [reason],
-                "written": written,
-            },
-        )
+        raise _stopped(envs, rollout, run_id, reason, [p["key"] for p in document["partitions"]], by)
     return document
+
+
+def _stopped(
+    envs: RolloutEnvironments,
+    rollout: RolloutRow,
+    run_id: str,
+    reason: str,
+    written: list[str],
+    by: str | None,
+) -> Blocked:
+    """A promotion under way stopped for `reason`: logged (`promotion_stopped`, naming the partitions
+    `written`), and the `Blocked` to raise."""
+    envs.store.log(
+        rollout["name"],
+        "promotion_stopped",
+        {"runId": run_id, "reason": reason, "written": written, "by": by},
+        actor=by,
+    )
+    return Blocked(
+        f"the promotion of rollout {rollout['name']!r} stopped: {reason}; {len(written)} partition(s) "
+        "written to production stay there (roll them back: `pcbo rollout rollback`)",
+        {
+            "status": "stopped",
+            "gate": "promotion",
+            "rollout": rollout["name"],
+            "runId": run_id,
+            "reasons": [reason],
+            "written": written,
+        },
+    )
+
+
+class _StillOpenFailed(Exception):
+    """`promote_rollout`'s check under the chain's writer lock found a reason to stop."""
 
 
 def _stop_reason(
@@ -341,20 +359,35 @@ def promote_rollout(
         by=by,
     )
     complete = keys is None or set(keys) >= set(rollout["partition_keys"])
-    event = append_event(
-        envs,
-        rollout,
-        ROLLOUT_PROMOTED,
-        {
-            "by": by,
-            "decision_hash": document["decisionHash"],
-            "approved_by": approval["actor"],
-            "approval_event_hash": approval["event_hash"],
-            "run_id": document["runId"],
-            "partition_keys": sorted(pd["key"] for pd in document["partitions"]),
-            "complete": complete,
-        },
-    )
+    stop: list[str] = []
+
+    def still_open() -> None:
+        # Under the chain's writer lock: a rejection, rollback or cancel appended since the last look
+        # is seen here, and none can be appended before `rollout_promoted` is.
+        reason = _stop_reason(envs, rollout, SOAKING, approval["decision_hash"])
+        if reason is not None:
+            stop.append(reason)
+            raise _StillOpenFailed(reason)
+
+    try:
+        event = append_event(
+            envs,
+            rollout,
+            ROLLOUT_PROMOTED,
+            {
+                "by": by,
+                "decision_hash": document["decisionHash"],
+                "approved_by": approval["actor"],
+                "approval_event_hash": approval["event_hash"],
+                "run_id": document["runId"],
+                "partition_keys": sorted(pd["key"] for pd in document["partitions"]),
+                "complete": complete,
+            },
+            precondition=still_open,
+        )
+    except _StillOpenFailed:
+        written = [p["key"] for p in document["partitions"]]
+        raise _stopped(envs, rollout, document["runId"], stop[0], written, by) from None
     detail = {
         "runId": document["runId"],
         "decisionHash": document["decisionHash"],
