@@ -125,6 +125,25 @@ def test_a_dataset_name_making_a_taken_dagster_name_is_refused(plain: str, tmp_p
     assert plain in info.value.message
 
 
+@pytest.mark.parametrize("plain", ["rollout", "staging__sessions", "production__sessions"])
+def test_validate_config_refuses_a_dataset_name_the_code_location_refuses(
+    plain: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`pcbo validate-config` said such a config was valid; the code location then refused it at
+    load. It runs the location's own check: exit 2 naming the field, nothing on stdout."""
+    from pcbo_dagster.cli import main as cli
+
+    path = tmp_path / "datasets.yaml"
+    path.write_text(_TWO_DATASETS.format(plain=plain))
+    status = cli.main(["validate-config", str(path)])
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    assert "invalid input: datasets[0].name: " in err and plain in err and str(path) in err
+    assert "Traceback" not in err
+    path.write_text(_TWO_DATASETS.format(plain="events"))  # the same config, its dataset renamed
+    assert cli.main(["validate-config", str(path)]) == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_a_datasets_config_that_is_not_a_regular_file_is_refused_at_once(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

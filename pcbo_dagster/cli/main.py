@@ -290,6 +290,12 @@ def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
 
     path = datasets_config_path(args.file)
     config = load_datasets_config_from_env(path)
+    from pcbo_dagster.dagster_defs.definitions import check_location
+
+    try:  # what the code location refuses at load, by the same check
+        check_location(config)
+    except InvalidInput as exc:
+        raise InvalidInput(exc.field, f"{exc.message} (datasets config {path})") from None
     datasets = [_dataset_summary(config, d) for d in config.datasets]
     counts = [d["partitionCount"] for d in datasets]
     return {

@@ -124,6 +124,36 @@ def build_definitions(
     throttles and approvals on."""
     if not isinstance(config, DatasetsConfig):
         config = load_datasets_config_from_env(config)
+    assets, checks, jobs, sensors, schedules = _location_definitions(config, clock)
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=jobs,
+        sensors=sensors,
+        schedules=schedules,
+        resources={"pcbo": resource or PcboEngineResource.from_env()},
+        executor=executor_from_env(),
+    )
+
+
+def check_location(config: DatasetsConfig) -> None:
+    """What the code location refuses when it loads `config` (`build_definitions`: a dataset name
+    making a Dagster name another definition has, a bad `PCBO_SOAK_CRON`, ...), as the same
+    `InvalidInput`, without loading it: `pcbo validate-config` runs it. Nothing is connected to."""
+    _location_definitions(config, REAL_CLOCK)
+
+
+def _location_definitions(
+    config: DatasetsConfig, clock: Clock
+) -> tuple[
+    list[dg.AssetsDefinition],
+    list[dg.AssetChecksDefinition],
+    list,
+    list[dg.SensorDefinition],
+    list[dg.ScheduleDefinition],
+]:
+    """The location's assets, checks, jobs, sensors and schedules, their names checked
+    (`_refuse_taken_names`)."""
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
     jobs: list = [build_request_job(config.sources_dir)]
@@ -201,15 +231,7 @@ def build_definitions(
         sensors += build_interrupted_sensor(config, staging_assets)
         sensors.append(build_repairs_sensor(config, promotion_jobs))
     _refuse_taken_names(config, {"job": jobs, "sensor": sensors, "schedule": schedules})
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=checks,
-        jobs=jobs,
-        sensors=sensors,
-        schedules=schedules,
-        resources={"pcbo": resource or PcboEngineResource.from_env()},
-        executor=executor_from_env(),
-    )
+    return assets, checks, jobs, sensors, schedules
 
 
 #: The names each dataset gives definitions of its own, after its asset name.
