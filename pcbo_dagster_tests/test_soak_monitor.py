@@ -368,6 +368,49 @@ def test_a_soak_failed_for_good_is_not_evaluated_again(world: dict) -> None:
     assert chain_and_rows()[0] == before[0]
 
 
+def test_a_rollout_named_by_a_row_writes_no_report_outside_the_reports_directory(world: dict) -> None:
+    """A rollout row named `../../escape` and its `rollout_staged` event (what someone who can write
+    the catalog and the audit backup makes, no operator key set): the soak evaluated it and wrote
+    its report to `reports/rollouts/../../escape/`, i.e. `$PCBO_HOME/escape/soak_report.json`,
+    outside the reports directory. Such a name is refused before anything is evaluated or written."""
+    _stage(world, "r1")
+    config, base = world["config"], world["base"]
+    dataset = config.dataset("sessions")
+    evil = "../../escape"
+    with open_environments(dataset_settings(config, dataset, base, environ={})) as envs:
+        staged = envs.store.require("r1")
+        envs.store.create_rollout(
+            name=evil,
+            dataset="sessions",
+            version_label="v1",
+            partition_keys=KEYS,
+            throttle={},
+            soak_window_seconds=int(WINDOW.total_seconds()),
+            actor="mallory",
+            now=T0,
+        )
+        record_staged(
+            envs,
+            evil,
+            decision_hash=str(staged["decision_hash"]),
+            plan_hash=str(staged["plan_hash"]),
+            staging_run_id="rollout-r1-staging",
+            staged_at=T0,
+            soak_window_seconds=int(WINDOW.total_seconds()),
+        )
+        chain_length = len(production_chain(envs, staged))
+    results = {r["rollout"]: r for r in run_soak_monitor(config, base, T0 + WINDOW, environ={})}
+    assert results["r1"]["status"]["state"] == "passed"
+    assert "cannot name a rollout" in results[evil]["error"], results[evil]
+    assert sorted(p.relative_to(base.home) for p in base.home.rglob("soak_report.*")) == [
+        Path("reports/rollouts/r1/soak_report.json"),
+        Path("reports/rollouts/r1/soak_report.md"),
+    ]
+    with open_environments(dataset_settings(config, dataset, base, environ={})) as envs:
+        assert len(production_chain(envs, staged)) == chain_length + 1  # r1's evaluation alone
+        assert envs.store.soak_evaluations(evil) == []
+
+
 def test_metric_below_baseline_fails(world: dict) -> None:
     world["config"] = _config(world["tmp"], at_least=0.85)
     _stage(world)

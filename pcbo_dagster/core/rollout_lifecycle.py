@@ -39,6 +39,7 @@ state before the rollout's last lifecycle event) and gives the columns `pcbo ver
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from typing import Any
 
 from pcbo_dagster.core.audit_chain import RESERVED_KEYS
 from pcbo_dagster.core.canonical import CanonicalizationError, digest_of
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime, parse_instant, to_datetime
 from pcbo_dagster.core.signed_note import (
     NoteError,
@@ -114,6 +116,25 @@ def verified_statement(event: Mapping[str, Any], verifier: VerifierKey) -> str |
     except (NoteError, CanonicalizationError, TypeError, ValueError):
         return None
     return expected if note.text == expected else None
+
+
+#: A rollout name: it becomes part of the engine's run ids (`rollout-<name>-production-repair-<12>`,
+#: at most 128 characters of `[A-Za-z0-9._-]`) and a directory name (`reports/rollouts/<name>/`).
+ROLLOUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,87}")
+
+
+def check_rollout_name(name: Any) -> str:
+    """`name` when it can name a rollout (`ROLLOUT_NAME`); `InvalidInput` on `rollout` otherwise.
+    Checked where a name is given (the staging apply) and again where one read from a catalog row
+    becomes a path (the reports): a row anyone who can write the catalog inserted names nothing
+    outside its directory."""
+    if not isinstance(name, str) or not ROLLOUT_NAME.fullmatch(name):
+        raise InvalidInput(
+            "rollout",
+            f"{str(name)[:100]!r} cannot name a rollout: 1 to 88 letters, digits, '.', '_' or '-', "
+            "beginning with a letter or digit (it becomes part of run ids and a directory name)",
+        )
+    return name
 
 
 def rollout_subject(rollout: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pcbo_dagster.core.json_documents import sorted_document
+from pcbo_dagster.core.rollout_lifecycle import check_rollout_name
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.io.atomic_files import replace_file
 
@@ -24,7 +25,9 @@ def reports_dir(settings: Settings, environ: dict[str, str] | None = None) -> Pa
 
 
 def rollout_reports_dir(settings: Settings, rollout: str) -> Path:
-    return reports_dir(settings) / "rollouts" / rollout
+    """`reports/rollouts/<rollout>/`; `InvalidInput` for a name that cannot name a rollout (a catalog
+    row's `../..`: `check_rollout_name`)."""
+    return reports_dir(settings) / "rollouts" / check_rollout_name(rollout)
 
 
 def write_report(directory: Path, stem: str, document: dict[str, Any], markdown: str) -> dict[str, str]:

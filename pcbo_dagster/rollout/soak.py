@@ -48,7 +48,7 @@ from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import format_datetime, format_instant, parse_instant, to_micros
 from pcbo_dagster.core.plan import NormalizedPolicies
-from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, row_disagreements
+from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, check_rollout_name, row_disagreements
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_checks import (
@@ -102,6 +102,7 @@ def evaluate_soak(
     evaluated or recorded, when that chain says the soak has failed for good (`failed_for_good`)."""
     if rollout["dataset"] != dataset.name:
         raise ValueError(f"rollout {rollout['name']!r} is of {rollout['dataset']!r}, not {dataset.name!r}")
+    check_rollout_name(rollout["name"])  # its report's directory: a row's `../..` is refused first
     life = read_lifecycle(envs, rollout) if life is None else life
     _require_row_on_chain(dataset, rollout, life)
     closed = failed_for_good(life, now)

@@ -25,14 +25,13 @@ cancelled is never applied again, whatever its catalog row says.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 from pcbo_dagster.core.decisions import REASONS, PartitionDecision
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.partition_keys import short_key
-from pcbo_dagster.core.rollout_lifecycle import FINAL
+from pcbo_dagster.core.rollout_lifecycle import FINAL, check_rollout_name
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, checked_throttle
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
@@ -48,22 +47,6 @@ Log = Callable[[str], None]
 
 def staging_run_id(rollout: str) -> str:
     return f"rollout-{rollout}-staging"
-
-
-#: A rollout name: it becomes part of the engine's run ids (`rollout-<name>-production-repair-<12>`,
-#: at most 128 characters of `[A-Za-z0-9._-]`) and a directory name (`reports/rollouts/<name>/`).
-ROLLOUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,87}")
-
-
-def check_rollout_name(name: str) -> str:
-    """`name` when it can name a rollout (`ROLLOUT_NAME`); `InvalidInput` on `rollout` otherwise."""
-    if not ROLLOUT_NAME.fullmatch(name):
-        raise InvalidInput(
-            "rollout",
-            f"{name[:100]!r} cannot name a rollout: 1 to 88 letters, digits, '.', '_' or '-', "
-            "beginning with a letter or digit (it becomes part of run ids and a directory name)",
-        )
-    return name
 
 
 def soak_window_seconds(dataset: DatasetConfig) -> int:
