@@ -685,6 +685,14 @@ def test_the_promotion_sensor_launches_again_after_a_stop_once_a_new_approval_op
 
         clock.advance(60)
         operations.decide(config, base, "r", "approve", key=CY, reason="numbers fixed", clock=clock)
+        # A promotion run of the rollout still running (launched before the stop): nothing beside it.
+        running = instance.create_run_for_job(
+            defs.resolve_job_def(first.job_name or ""), tags=first.tags, status=dg.DagsterRunStatus.STARTED
+        )
+        waiting = tick(instance)
+        assert isinstance(waiting, dg.SkipReason), waiting
+        assert f"its promotion run {running.run_id} has not finished yet" in (waiting.skip_message or "")
+        instance.report_run_canceled(running)
         [again] = tick(instance).run_requests
         assert again.run_key != first.run_key  # launched: a run key Dagster has not seen
         assert again.run_key.startswith(first.run_key + ":after:")

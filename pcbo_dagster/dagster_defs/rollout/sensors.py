@@ -7,7 +7,8 @@ matching the decisions evaluated now. An open gate gives one run of the dataset'
 the rollout's partitions (run key `promote:<rollout>:<decision hash>`, plus `:after:<event hash>` of
 the chain's last rejection when there is one: a rollout is promoted once per approved decision hash
 and per rejection the approvals in force post-date, so a promotion a rejection stopped is launched
-again once a new approval opens the gate; `promotion_run_key`). A closed gate gives no run; the
+again once a new approval opens the gate; `promotion_run_key`), unless a promotion run of the
+rollout has not finished yet (queued or running: the tick waits for it). A closed gate gives no run; the
 tick's skip reason (or its log, when another rollout was promoted in the same tick) lists each
 rollout with every reason it waits:
 rejected, stale approval, missing approval, soak not yet passed, failed staging checks.
@@ -42,6 +43,30 @@ def promotion_run_key(rollout: str, gate: dict[str, Any]) -> str:
     key = f"promote:{rollout}:{gate['decisionHashNow']}"
     after = gate["approval"].get("since_rejection")
     return key if after is None else f"{key}:after:{after}"
+
+
+#: Run statuses of a run that has not finished.
+UNFINISHED = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.MANAGED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.SUSPENDED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def unfinished_promotion(instance: dg.DagsterInstance, asset_name: str, rollout: str) -> str | None:
+    """The id of a run of the dataset's promotion job for `rollout` that has not finished (queued or
+    running), or None: the sensor launches no second promotion beside it, whatever its run key."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            job_name=promotion_job_name(asset_name), tags={ROLLOUT_TAG: rollout}, statuses=UNFINISHED
+        ),
+        limit=1,
+    )
+    return runs[0].run_id if runs else None
 
 
 def failed_staging_checks(instance: dg.DagsterInstance, dagster_run_id: str | None) -> dict[str, list[str]]:
@@ -104,6 +129,12 @@ def build_promotion_sensor(config: DatasetsConfig, jobs: list[Any], clock: Clock
                 continue
             if not gate["open"]:
                 waiting.append(f"{row['name']}: " + "; ".join(gate["reasons"]))
+                continue
+            unfinished = unfinished_promotion(context.instance, dataset.asset_name, row["name"])
+            if unfinished is not None:
+                waiting.append(
+                    f"{row['name']}: the gate is open; its promotion run {unfinished} has not finished yet"
+                )
                 continue
             keys = rollout["partition_keys"]
             requests.append(
