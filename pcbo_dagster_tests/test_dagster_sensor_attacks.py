@@ -4,6 +4,7 @@ and `pcbo verify` would accept, never on one store alone. In-process (`build_sen
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -706,3 +707,49 @@ def test_the_promotion_sensor_launches_again_after_a_stop_once_a_new_approval_op
         assert run.success
     with operations.rollout_environments(config, base, "r") as (_, envs):
         assert envs.store.require("r")["status"] == "promoted"
+
+
+def test_a_rollout_row_naming_no_chain_stops_no_sensor_and_no_schedule(setup: Any) -> None:
+    """A `rollouts` row written by hand whose version label cannot be part of a chain key (`../x`):
+    reading its production chain raised a ValueError, which neither the promotion sensor nor the soak
+    schedule caught, so every tick failed and no rollout was promoted or soaked any more. Such a row
+    names no chain: nothing about it can be trusted, the gate stays closed and the tick goes on."""
+    import sqlite3
+    from datetime import UTC, datetime
+
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+
+    tmp_path, config, engine, defs = setup
+    Environment.open(Settings.resolve(home=engine.home, env={})).close()  # the catalog, migrated
+    with sqlite3.connect(Path(engine.home or "") / "catalog.db") as conn:
+        conn.execute(
+            "INSERT INTO rollouts (name, dataset, version_label, first_key, last_key, partition_keys, "
+            "throttle, soak_window_seconds, status, control, created_by, created_at, updated_at) VALUES "
+            "('evil', 'sessions', '../x', ?, ?, ?, '{}', 60, 'soaking', 'run', 'x', "
+            "'2024-01-01 00:00:00', '2024-01-01 00:00:00')",
+            (KEYS[0], KEYS[-1], json.dumps(KEYS)),
+        )
+    with dg.instance_for_test() as instance:
+        sensor = defs.resolve_sensor_def("rollout_promotion")
+        with dg.build_sensor_context(instance=instance, resources={"pcbo": engine}) as context:
+            waiting = sensor(context)
+        assert isinstance(waiting, dg.SkipReason), waiting
+        assert "evil: nothing on the production audit chain can be trusted" in (waiting.skip_message or "")
+        schedule = defs.resolve_schedule_def("soak_monitor_schedule")
+        tick = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+        with dg.build_schedule_context(
+            instance=instance, resources={"pcbo": engine}, scheduled_execution_time=tick
+        ) as context:
+            [request] = schedule.evaluate_tick(context).run_requests or []  # its error, in the run
+        soak = defs.resolve_job_def("soak_monitor").execute_in_process(
+            instance=instance, tags=request.tags, raise_on_error=False
+        )
+        [evaluation] = [e for e in soak.get_asset_check_evaluations() if e.check_name == "soak"]
+        assert not evaluation.passed
+    env = Environment.open(Settings.resolve(home=engine.home, env={}))
+    try:
+        kinds = {f["kind"] for f in verify(env)["findings"]}
+    finally:
+        env.close()
+    assert "rollout_not_on_chain" in kinds, kinds

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
-from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.json_documents import compact_text
@@ -48,8 +48,13 @@ from pcbo_dagster.rollout.environments import RolloutEnvironments
 
 def production_chain(envs: RolloutEnvironments, rollout: RolloutRow) -> list[dict[str, Any]]:
     """Every event of the rollout's dataset version's production audit chain; `IntegrityError` when
-    that chain does not verify (then nothing on it can be trusted)."""
+    that chain does not verify (then nothing on it can be trusted), or when the rollout's row names
+    no chain (a dataset or version label written by hand that cannot be part of a chain key)."""
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
+    try:
+        split_chain_key(ckey)
+    except ValueError as exc:
+        raise IntegrityError(f"the rollout's row names no production audit chain: {exc}") from None
     events, problems = envs.production.audit.backup.read_chain_with_problems(ckey)
     findings = problems + verify_chain(events, ckey)
     if findings:
