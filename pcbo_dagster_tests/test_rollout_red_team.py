@@ -93,6 +93,36 @@ def test_a_soak_is_not_evaluated_over_partitions_a_catalog_row_names(tmp_path: P
     assert _production_commits(base) == 0
 
 
+@pytest.mark.parametrize("middle", [K0, "../../../x"], ids=["middle-swapped", "outside-the-lake"])
+def test_the_promotion_gate_reads_no_partition_a_catalog_row_names_in_the_middle(
+    tmp_path: Path, middle: str
+) -> None:
+    """A row whose first and last keys and count are the chain's but whose middle key was swapped:
+    the gate re-read the staging partitions the row lists (a key leading outside the lake raised
+    OutsidePartition from the gate; another partition was checked in place of the staged one) and
+    evaluated the row's keys for the decisions now. The row disagrees with the chain: the gate says
+    so and stays closed, as the soak does."""
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    edit = {"k": json.dumps([K0, middle, K2])}
+    write_catalog(base, ("UPDATE rollouts SET partition_keys = :k WHERE name = 'r'", edit))
+    with operations.rollout_environments(config, base, "r") as (dataset, envs):
+        gate = promotion.promotion_gate(config, dataset, envs, "r", clock=clock)
+    assert not gate["open"]
+    [reason] = gate["reasons"]
+    assert reason.startswith("the catalog's rollout row disagrees with the production audit chain: ")
+    assert f"its partition keys are not the range {K0} .. {K2} it staged" in reason
+    with pytest.raises(Blocked) as blocked:
+        operations.promote(config, base, "r", by="dee", clock=clock)
+    assert blocked.value.document["reasons"] == [reason]
+    assert _production_commits(base) == 0
+
+
 def test_the_health_check_checks_the_range_the_chain_promoted_not_the_one_a_row_names(
     tmp_path: Path,
 ) -> None:

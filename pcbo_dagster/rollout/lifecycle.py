@@ -37,6 +37,7 @@ from pcbo_dagster.core.rollout_lifecycle import (
     detail_digest,
     lifecycle,
     rollout_subject,
+    row_disagreements,
     sign_event,
 )
 from pcbo_dagster.datasets.config import DatasetConfig
@@ -89,6 +90,19 @@ def staged_keys(dataset: DatasetConfig, life: Lifecycle) -> list[str] | None:
     except InvalidInput:
         return None
     return keys if len(keys) == subject.get("partition_count") else None
+
+
+def staged_row_disagreements(dataset: DatasetConfig, life: Lifecycle, row: RolloutRow) -> list[str]:
+    """Where the rollout's catalog row differs from what the chain says of it (`row_disagreements`),
+    and, when it agrees with the `rollout_staged` event, whether its partition keys are exactly the
+    range that event names (`staged_keys`): a row whose first and last keys and count are the
+    chain's but whose middle keys were swapped names partitions the chain never staged."""
+    found = row_disagreements(life, row)
+    if not found and life.staged is not None and list(row["partition_keys"]) != staged_keys(dataset, life):
+        found.append(
+            f"its partition keys are not the range {row['first_key']} .. {row['last_key']} it staged"
+        )
+    return found
 
 
 def append_event(

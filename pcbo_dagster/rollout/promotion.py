@@ -52,7 +52,7 @@ from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
-from pcbo_dagster.core.rollout_lifecycle import PROMOTED, ROLLOUT_PROMOTED, SOAKING, row_disagreements
+from pcbo_dagster.core.rollout_lifecycle import PROMOTED, ROLLOUT_PROMOTED, SOAKING
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
@@ -61,7 +61,12 @@ from pcbo_dagster.engine.partition_reading import read_partition
 from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
-from pcbo_dagster.rollout.lifecycle import append_event, production_chain, read_lifecycle
+from pcbo_dagster.rollout.lifecycle import (
+    append_event,
+    production_chain,
+    read_lifecycle,
+    staged_row_disagreements,
+)
 from pcbo_dagster.rollout.soak import soak_verdict
 from pcbo_dagster.tables.iceberg_publication import promotion_target
 
@@ -112,7 +117,7 @@ def promotion_gate(
             )
         )
         return {**gate, "open": False, "reasons": reasons}
-    disagree = row_disagreements(life, rollout)
+    disagree = staged_row_disagreements(dataset, life, rollout)
     if disagree:
         reasons.append(
             "the catalog's rollout row disagrees with the production audit chain: " + "; ".join(disagree[:3])

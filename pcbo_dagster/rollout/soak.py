@@ -48,7 +48,7 @@ from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import format_datetime, format_instant, parse_instant, to_micros
 from pcbo_dagster.core.plan import NormalizedPolicies
-from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, check_rollout_name, row_disagreements
+from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, check_rollout_name
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_checks import (
@@ -60,7 +60,7 @@ from pcbo_dagster.engine.partition_checks import (
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
-from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_soak_evaluation, staged_keys
+from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_soak_evaluation, staged_row_disagreements
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 
 POLICY_VIOLATIONS = "policy_violations"
@@ -151,11 +151,7 @@ def _require_row_on_chain(dataset: DatasetConfig, rollout: RolloutRow, life: Lif
     if life.status != SOAKING:
         disagree = [f"the production audit chain says {life.status or 'not staged'}, not soaking"]
     else:
-        disagree = row_disagreements(life, rollout)
-    if not disagree and list(rollout["partition_keys"]) != staged_keys(dataset, life):
-        disagree.append(
-            f"its partition keys are not the range {rollout['first_key']} .. {rollout['last_key']} it staged"
-        )
+        disagree = staged_row_disagreements(dataset, life, rollout)
     if disagree:
         raise IntegrityError(
             "the catalog's rollout row disagrees with the production audit chain, nothing evaluated: "
