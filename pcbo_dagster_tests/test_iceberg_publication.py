@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 
+from pcbo_dagster.tables.iceberg_publication import open_catalog
 from pcbo_dagster.tables.query import duckdb_iceberg_extensions
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
 from pcbo_dagster_tests.cli_runner import backup_events, lake_dir, load_generator, run_pcbo, write_request
@@ -482,3 +483,74 @@ def test_a_table_is_declared_under_the_lease(tmp_path: Path) -> None:
     assert refused.status == 2 and "publishes to one table" in refused.stderr, refused.stderr
     kinds = [e["event_type"] for e in backup_events(home, DATASET)]
     assert kinds.count("table_publication_recorded") == 1
+
+
+def _guarded_table(home: Path) -> Any:
+    """The table through pcbo's catalog (pyiceberg's own SqlCatalog runs a FileIO class the metadata
+    names: after a metadata attack, a test loading the table that way would run the attacker's code)."""
+    return open_catalog(f"sqlite:///{home}/iceberg.db").load_table("lake.events")
+
+
+def _rewrite_table_metadata(home: Path, edit: Any) -> None:
+    """What someone who can write the lake does: edit the table's current metadata file in place."""
+    with sqlite3.connect(home / "iceberg.db") as db:
+        (location,) = db.execute("SELECT metadata_location FROM iceberg_tables").fetchone()
+    path = Path(location.removeprefix("file://"))
+    metadata = json.loads(path.read_text())
+    edit(metadata)
+    path.write_text(json.dumps(metadata))
+
+
+@pytest.mark.parametrize("attack", ["code", "columns"])
+def test_table_properties_in_the_lake_run_no_code_and_swap_no_columns(tmp_path: Path, attack: str) -> None:
+    """The red-team attack, with lake write access only: the table's metadata file names a FileIO class
+    (`py-io-impl`), which pyiceberg imported and called with the table's properties on every load —
+    `logging.config.fileConfig` reads a config file the attacker wrote in the lake and `eval`s its
+    handler arguments: code ran in `pcbo verify`. Or its name mapping swaps two columns for every
+    reader while the file list stays exact. Both are a finding; nothing runs, nothing is published."""
+    home = tmp_path / "home"
+    assert (
+        run_pcbo(
+            ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+        ).status
+        == 0
+    )
+    pwned = tmp_path / "PWNED"
+    if attack == "code":
+        evil = lake_dir(home) / "events" / "logging.ini"
+        evil.write_text(
+            "[formatters]\nkeys=\n[handlers]\nkeys=h\n[handler_h]\nclass=NullHandler\n"
+            f"args=(__import__('pathlib').Path({str(pwned)!r}).write_text('owned'),)\n"
+            "[loggers]\nkeys=root\n[logger_root]\nhandlers=\n"
+        )
+
+        def edit(metadata: dict[str, Any]) -> None:
+            metadata["properties"].update({"py-io-impl": "logging.config.fileConfig", str(evil): "x"})
+    else:
+
+        def edit(metadata: dict[str, Any]) -> None:
+            mapping = json.loads(metadata["properties"]["schema.name-mapping.default"])
+            ids = {m["names"][0]: m["field-id"] for m in mapping}
+            for m in mapping:  # the files' `channel` read as `jurisdiction` and the other way round
+                m["field-id"] = {"channel": ids["jurisdiction"], "jurisdiction": ids["channel"]}.get(
+                    m["names"][0], m["field-id"]
+                )
+            metadata["properties"]["schema.name-mapping.default"] = json.dumps(mapping)
+
+    _rewrite_table_metadata(home, edit)
+
+    if attack == "columns":  # what every reader now sees
+        scanned = _guarded_table(home).scan().to_arrow().sort_by("id")
+        assert (
+            scanned.column("channel").to_pylist() == _manifest_rows(home).column("jurisdiction").to_pylist()
+        )
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1, verified.stderr
+    assert [f["kind"] for f in verified.document["findings"]] == ["table_properties_altered"]
+    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    before = _guarded_table(home).current_snapshot().snapshot_id
+    changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
+    assert _guarded_table(home).current_snapshot().snapshot_id == before
+    assert not pwned.exists(), "a class named by the table's metadata ran"

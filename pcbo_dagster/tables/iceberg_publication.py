@@ -111,6 +111,10 @@ P_APPROVED_SNAPSHOT = "pcbo.approved-snapshot-id"
 #: Table property: the audit chain a table was created for.
 TABLE_CHAIN_KEY = "pcbo.chain-key"
 TABLE_LAKE = "pcbo.lake"
+#: The table properties pcbo sets (`Publisher._create`); pyiceberg keeps the name mapping in step with
+#: the schema.
+NAME_MAPPING_PROPERTY = "schema.name-mapping.default"
+PCBO_TABLE_PROPERTIES = frozenset({TABLE_CHAIN_KEY, TABLE_LAKE, NAME_MAPPING_PROPERTY})
 
 
 class PublicationRefused(IntegrityError):
@@ -486,14 +490,31 @@ def open_catalog(url: str) -> Catalog:
         for variable, name in ((REST_TOKEN_ENV, "token"), (REST_CREDENTIAL_ENV, "credential")):
             if os.environ.get(variable):
                 properties[name] = os.environ[variable]
-        return RestCatalog("pcbo", **properties)
+        return _own_file_io(RestCatalog)("pcbo", **properties)
     from pyiceberg.catalog.sql import SqlCatalog
 
     if scheme == "postgresql":
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     elif scheme == "sqlite" and url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///") :]) or ".", exist_ok=True)
-    return SqlCatalog("pcbo", uri=url)
+    return _own_file_io(SqlCatalog)("pcbo", uri=url)
+
+
+@functools.cache
+def _own_file_io(catalog_class: type[Catalog]) -> type[Catalog]:
+    """`catalog_class` whose tables' FileIO comes from the catalog's own properties (pcbo's settings)
+    only. pyiceberg builds it from the table's properties too, which live in the table's metadata file in
+    the lake: `py-io-impl` there names a class to import and call (code execution by whoever can write
+    the lake), `s3.endpoint` where to read the manifests from. Such properties are a finding instead
+    (`property_findings`)."""
+    from pyiceberg.io import FileIO, load_file_io
+
+    class _OwnFileIO(catalog_class):  # type: ignore[misc, valid-type]
+        def _load_file_io(self, properties: Any = None, location: str | None = None) -> FileIO:
+            return load_file_io(dict(self.properties), location)
+
+    _OwnFileIO.__name__ = _OwnFileIO.__qualname__ = catalog_class.__name__
+    return _OwnFileIO
 
 
 def partition_field(windows: list[tuple[int, int]], ledger_field: str | None) -> tuple[str, Any, str] | None:
@@ -602,7 +623,7 @@ class Publisher:
             except NamespaceAlreadyExistsError:
                 pass
             table = self._create(catalog, create_from, expected_now)
-        outside = location_findings(self.env, self.target, table)
+        outside = location_findings(self.env, self.target, table) or property_findings(self.target, table)
         if outside:
             raise PublicationRefused(self.where, outside)
         if table.metadata.properties.get(TABLE_CHAIN_KEY) != self.chain_key:
@@ -679,7 +700,7 @@ class Publisher:
                 with tx.update_spec() as update:
                     update.add_field(spec[0], spec[1], spec[2])
             tx.set_properties(
-                {"schema.name-mapping.default": create_mapping_from_schema(table.schema()).model_dump_json()}
+                {NAME_MAPPING_PROPERTY: create_mapping_from_schema(table.schema()).model_dump_json()}
             )
         if self.target.branch != MAIN_BRANCH:
             created = {P_KIND: TABLE_CREATED_KIND, P_CHAIN_KEY: self.chain_key, P_BRANCH: MAIN_BRANCH}
@@ -1000,6 +1021,35 @@ def _names(row: TablePublicationRow) -> tuple[str, str, str]:
     return (row["table_format"], row["catalog_url"], row["table_name"])
 
 
+def property_findings(target: TableTarget, table: Table) -> list[dict[str, str]]:
+    """`table_properties_altered` when the table sets a property pcbo never sets (they choose code
+    pyiceberg imports — `py-io-impl`, `write.py-location-provider.impl` —, where it writes —
+    `write.metadata.path` —, or how readers read), or when its name mapping binds the files' columns to
+    other fields than the schema's names say (columns swapped for every reader). Nothing is published to
+    such a table."""
+    findings = []
+    unexpected = sorted(set(table.metadata.properties) - PCBO_TABLE_PROPERTIES)
+    if unexpected:
+        shown = ", ".join(name[:80] for name in unexpected[:5])
+        findings.append(
+            _finding(
+                "table_properties_altered",
+                target.name,
+                scrub_text(f"the table sets properties pcbo never sets: {shown}"),
+            )
+        )
+    mapping = table.metadata.name_mapping()
+    if mapping is None or mapping != table.schema().name_mapping:
+        findings.append(
+            _finding(
+                "table_properties_altered",
+                target.name,
+                f"its {NAME_MAPPING_PROPERTY} binds the files' columns to fields other than the schema names",
+            )
+        )
+    return findings
+
+
 def location_findings(
     env: Environment, target: TableTarget, table: Table | None = None
 ) -> list[dict[str, str]]:
@@ -1087,6 +1137,8 @@ def check_tables(
         except NoSuchTableError:
             table = None
         outside = location_findings(env, target, table)
+        if not outside and table is not None:
+            outside = property_findings(target, table)
         if outside:
             outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in outside]
             continue
