@@ -554,3 +554,39 @@ def test_table_properties_in_the_lake_run_no_code_and_swap_no_columns(tmp_path: 
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert _guarded_table(home).current_snapshot().snapshot_id == before
     assert not pwned.exists(), "a class named by the table's metadata ran"
+
+
+def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path) -> None:
+    """The red-team attack, with lake write access only: the metadata file's `current-snapshot-id` set
+    back to the snapshot before a re-version while its `main` ref stays. Every reader reading the table
+    (pyiceberg's scan, DuckDB's `iceberg_scan`) got the superseded version's rows; `verify` judged the
+    `main` ref only and was clean. It is a finding; publication refuses to build on it."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0
+    v1_ids = _ids(_manifest_rows(home))
+    changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=v1_ids[:2]))
+    assert run_pcbo(["execute", "--input", changed], home=home).status == 0
+
+    def edit(metadata: dict[str, Any]) -> None:
+        current = next(
+            s for s in metadata["snapshots"] if s["snapshot-id"] == metadata["current-snapshot-id"]
+        )
+        metadata["current-snapshot-id"] = current["parent-snapshot-id"]
+
+    _rewrite_table_metadata(home, edit)
+    table = _guarded_table(home)
+    assert _ids(table.scan().to_arrow()) == v1_ids and _duckdb_ids(table) == v1_ids  # what readers read
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    assert [f["kind"] for f in verified.document["findings"]] == ["table_current_snapshot_not_main"]
+    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    third = write_request(tmp_path / "r3.json", _request("ice-3", existing=v1_ids[:3]))
+    refused = run_pcbo(["execute", "--input", third], home=home)
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused"
+    assert (
+        _guarded_table(home).metadata.snapshot_by_name("main").snapshot_id
+        == table.metadata.snapshot_by_name("main").snapshot_id
+    )

@@ -368,6 +368,30 @@ def judge(
     version_label: str,
 ) -> Judgement:
     """The table's branch against the chain (`events`, replayed as `state`); see the module doc."""
+    judgement = _judge_branch(table, current, branch, events, state, dataset, version_label)
+    if branch == MAIN_BRANCH:
+        # Readers (pyiceberg's `scan()`, DuckDB's `iceberg_scan`, Spark, Trino) read the table's current
+        # snapshot, which the metadata file names apart from its `main` ref: the two must be one.
+        main = current.snapshot.snapshot_id if current.snapshot is not None else None
+        if table.metadata.current_snapshot_id != main:
+            pointer = _finding(
+                "table_current_snapshot_not_main",
+                f"snapshot {table.metadata.current_snapshot_id}",
+                f"the table's current snapshot, which readers read, is not its main branch's ({main})",
+            )
+            return Judgement("diverged", [pointer, *judgement.findings])
+    return judgement
+
+
+def _judge_branch(
+    table: Table,
+    current: TableState,
+    branch: str,
+    events: list[dict[str, Any]],
+    state: ChainState,
+    dataset: str,
+    version_label: str,
+) -> Judgement:
     ckey = f"{dataset}/{version_label}"
     expected = expected_files(state, dataset, version_label)
     if not current.foreign and _matches(current.files, expected):
