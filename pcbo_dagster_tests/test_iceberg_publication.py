@@ -590,3 +590,60 @@ def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path) -> None
         _guarded_table(home).metadata.snapshot_by_name("main").snapshot_id
         == table.metadata.snapshot_by_name("main").snapshot_id
     )
+
+
+@pytest.mark.parametrize("forged", ["partition", "upper_bounds"])
+def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Path, forged: str) -> None:
+    """The red-team attack, with lake write access only: a snapshot listing exactly the committed files
+    (and carrying the pcbo snapshot's properties), one file's entry re-registered with its partition
+    value moved a day back, or its `occurredAt` upper bound below its rows. Every filtered read
+    pruned that file away (its rows vanished from `pcbo query` and every engine); `verify` compared
+    paths, row counts and sizes only and was clean. The entry is checked against the file itself."""
+    from pyiceberg.manifest import DataFile
+    from pyiceberg.typedef import Record
+
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0
+    query = "SELECT count(*) FROM lake.events WHERE occurredAt >= TIMESTAMPTZ '2024-01-01 03:00:00+00'"
+    honest = run_pcbo(["query", "--dataset", DATASET, query], home=home).document["rows"]
+    assert honest[0][0] > 0
+    table = _guarded_table(home)
+    snapshot = table.current_snapshot()
+    entries = [e.data_file for m in snapshot.manifests(table.io) for e in m.fetch_manifest_entry(table.io)]
+    victim = max(entries, key=lambda d: d.file_path)  # the last hour's file
+    fields = {
+        name: getattr(victim, name)
+        for name in ("content", "file_path", "file_format", "record_count", "file_size_in_bytes",
+                     "column_sizes", "value_counts", "null_value_counts", "nan_value_counts", "lower_bounds",
+                     "upper_bounds", "key_metadata", "split_offsets", "equality_ids", "sort_order_id")
+    }  # fmt: skip
+    if forged == "partition":
+        fields["partition"] = Record(victim.partition[0] - 24)
+    else:
+        fields["partition"] = victim.partition
+        day_before = int.from_bytes(victim.lower_bounds[2], "little") - 86_400_000_000  # microseconds
+        bound = day_before.to_bytes(8, "little", signed=True)
+        fields["lower_bounds"] = {**victim.lower_bounds, 2: bound}
+        fields["upper_bounds"] = {**victim.upper_bounds, 2: bound}
+    properties = {k: v for k, v in snapshot.summary.additional_properties.items() if k.startswith("pcbo.")}
+    tx = table.transaction()
+    with tx.update_snapshot(snapshot_properties=properties).overwrite() as change:
+        change.delete_data_file(victim)
+        change.append_data_file(DataFile.from_args(**fields))
+    tx.commit_transaction()
+    assert run_pcbo(["query", "--dataset", DATASET, query], home=home).document["rows"] != honest
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    findings = verified.document["findings"]
+    assert [f["kind"] for f in findings] == ["table_file_metadata_mismatch"]
+    assert (
+        findings[0]["where"].endswith(victim.file_path.rsplit("/lake/", 1)[1])
+        and forged in findings[0]["detail"]
+    )
+    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused"

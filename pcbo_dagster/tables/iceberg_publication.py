@@ -289,18 +289,29 @@ class PublishedFile:
 
 def expected_files(state: ChainState, dataset: str, version_label: str) -> dict[str, PublishedFile]:
     """Every file of every partition's current version, by lake path, from a replayed chain."""
+    return _version_files(state, dataset, version_label, every_version=False)
+
+
+def committed_files(state: ChainState, dataset: str, version_label: str) -> dict[str, PublishedFile]:
+    """Every file of every version the chain committed (current or not), by lake path."""
+    return _version_files(state, dataset, version_label, every_version=True)
+
+
+def _version_files(
+    state: ChainState, dataset: str, version_label: str, every_version: bool
+) -> dict[str, PublishedFile]:
     files: dict[str, PublishedFile] = {}
     for key, history in state.partitions.items():
         current = history.current_version
-        if current is None:
-            continue
-        part = current.event["partition"]
+        versions = list(history.versions.values()) if every_version else [current] if current else []
         directory = layout.partition_dir(dataset, version_label, key)
-        for name, table in (current.event.get("tables") or {}).items():
-            path = f"{directory}/{name}"
-            files[path] = PublishedFile(
-                path, key, int(table["row_count"]), int(table["byte_size"]), part["start"], part["end"]
-            )
+        for version in versions:
+            part = version.event["partition"]
+            for name, table in (version.event.get("tables") or {}).items():
+                path = f"{directory}/{name}"
+                files[path] = PublishedFile(
+                    path, key, int(table["row_count"]), int(table["byte_size"]), part["start"], part["end"]
+                )
     return files
 
 
@@ -366,9 +377,14 @@ def judge(
     state: ChainState,
     dataset: str,
     version_label: str,
+    lake: LakeStorage,
 ) -> Judgement:
-    """The table's branch against the chain (`events`, replayed as `state`); see the module doc."""
+    """The table's branch against the chain (`events`, replayed as `state`); see the module doc. Each
+    listed file's entry is checked against the file in `lake` too."""
     judgement = _judge_branch(table, current, branch, events, state, dataset, version_label)
+    entries = data_file_findings(lake, table, current, state, dataset, version_label)
+    if entries:
+        judgement = Judgement("diverged", [*judgement.findings, *entries])
     if branch == MAIN_BRANCH:
         # Readers (pyiceberg's `scan()`, DuckDB's `iceberg_scan`, Spark, Trino) read the table's current
         # snapshot, which the metadata file names apart from its `main` ref: the two must be one.
@@ -743,7 +759,9 @@ class Publisher:
             return False
         events = self.env.audit.backup.read_chain(self.chain_key)
         current = read_state(table, self.target.branch, self.env.lake.url, self.dataset, self.version_label)
-        judgement = judge(table, current, self.target.branch, events, state, self.dataset, self.version_label)
+        judgement = judge(
+            table, current, self.target.branch, events, state, self.dataset, self.version_label, self.env.lake
+        )
         if judgement.verdict == "diverged":
             self.refused = judgement.findings
             raise PublicationRefused(self.where, judgement.findings)
@@ -841,23 +859,9 @@ class Publisher:
         return properties
 
     def _data_files(self, tx: Transaction, files: list[PublishedFile]) -> list[DataFile]:
-        """Data files for `files` as they are (footer statistics, the partition value from the
-        partition's window); new columns are added to the table's schema first."""
-        import pyarrow.parquet as pq
-        from pyiceberg.io.pyarrow import (
-            _check_pyarrow_schema_compatible,
-            compute_statistics_plan,
-            data_file_statistics_from_parquet_metadata,
-            parquet_path_to_id_mapping,
-        )
-        from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
-        from pyiceberg.typedef import Record
-
-        lake = self.env.lake
-        footers = []
-        for published in files:
-            with lake.fs.open(f"{lake.root}/{published.path}", "rb") as handle:
-                footers.append(pq.read_metadata(handle))
+        """Data files for `files` as they are (`derive_data_files`); new columns are added to the
+        table's schema first."""
+        footers = [_read_footer(self.env.lake, published) for published in files]
         # (`tx.table_metadata` is a deep copy at each access: taken once per change.)
         known = set(tx.table_metadata.schema()._name_to_id)
         arrow_schemas: dict[Any, Any] = {}  # the run's files share a schema: each distinct one converted once
@@ -867,57 +871,9 @@ class Publisher:
                 with tx.update_schema() as update:
                     update.union_by_name(arrow_schema)
                 known = set(tx.table_metadata.schema()._name_to_id)
-        table_metadata = tx.table_metadata
-        schema, spec, spec_id = table_metadata.schema(), table_metadata.spec(), table_metadata.default_spec_id
-        stats_columns = compute_statistics_plan(schema, table_metadata.properties)
-        column_mapping = parquet_path_to_id_mapping(schema)
-        compatible: set[Any] = set()
-        result = []
-        for published, metadata in zip(files, footers, strict=True):
-            if metadata.schema not in compatible:
-                try:
-                    _check_pyarrow_schema_compatible(schema, arrow_schemas[metadata.schema])
-                except ValueError as exc:
-                    raise PublicationRefused(
-                        self.where, [_finding("table_schema_conflict", published.path, scrub_text(str(exc)))]
-                    ) from None
-                compatible.add(metadata.schema)
-            statistics = data_file_statistics_from_parquet_metadata(
-                parquet_metadata=metadata,
-                stats_columns=stats_columns,
-                parquet_column_mapping=column_mapping,
-            )
-            values = []
-            for spec_field in spec.fields:
-                start, end = _position(published.start), _position(published.end)
-                value = _bucket(spec_field.transform, start)
-                if value != _bucket(spec_field.transform, end - 1):
-                    raise PublicationRefused(
-                        self.where,
-                        [
-                            _finding(
-                                "table_partition_spec_mismatch",
-                                published.path,
-                                f"partition {published.key} spans more than one {spec_field.name} value",
-                            )
-                        ],
-                    )
-                values.append(value)
-            result.append(
-                DataFile.from_args(
-                    content=DataFileContent.DATA,
-                    file_path=f"{lake.url}/{published.path}",
-                    file_format=FileFormat.PARQUET,
-                    partition=Record(*values),
-                    file_size_in_bytes=published.byte_size,
-                    sort_order_id=None,
-                    spec_id=spec_id,
-                    equality_ids=None,
-                    key_metadata=None,
-                    **statistics.to_serialized_dict(),
-                )
-            )
-        return result
+        return derive_data_files(
+            self.env.lake.url, tx.table_metadata, files, footers, self.where, arrow_schemas
+        )
 
     def summary(self) -> dict[str, Any]:
         """What the run published, for its output document."""
@@ -930,6 +886,144 @@ class Publisher:
         if self.refused:
             document["findings"] = self.refused
         return document
+
+
+def _read_footer(lake: LakeStorage, published: PublishedFile) -> Any:
+    import pyarrow.parquet as pq
+
+    with lake.fs.open(f"{lake.root}/{published.path}", "rb") as handle:
+        return pq.read_metadata(handle)
+
+
+def derive_data_files(
+    lake_url: str,
+    table_metadata: Any,
+    files: list[PublishedFile],
+    footers: list[Any],
+    where: str,
+    arrow_schemas: dict[Any, Any] | None = None,
+) -> list[DataFile]:
+    """The data files pcbo registers for `files` (their parquet `footers`) in a table of
+    `table_metadata`: the files as they are (footer statistics, the partition value from the
+    partition's window). `PublicationRefused` when a file's schema or window does not fit the table.
+    `arrow_schemas`: the footers' schemas already converted to Arrow."""
+    arrow_schemas = {} if arrow_schemas is None else arrow_schemas
+    from pyiceberg.io.pyarrow import (
+        _check_pyarrow_schema_compatible,
+        compute_statistics_plan,
+        data_file_statistics_from_parquet_metadata,
+        parquet_path_to_id_mapping,
+    )
+    from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
+    from pyiceberg.typedef import Record
+
+    schema, spec, spec_id = table_metadata.schema(), table_metadata.spec(), table_metadata.default_spec_id
+    stats_columns = compute_statistics_plan(schema, table_metadata.properties)
+    column_mapping = parquet_path_to_id_mapping(schema)
+    compatible: set[Any] = set()
+    result = []
+    for published, metadata in zip(files, footers, strict=True):
+        if metadata.schema not in compatible:
+            try:
+                arrow_schema = arrow_schemas.setdefault(metadata.schema, metadata.schema.to_arrow_schema())
+                _check_pyarrow_schema_compatible(schema, arrow_schema)
+            except ValueError as exc:
+                raise PublicationRefused(
+                    where, [_finding("table_schema_conflict", published.path, scrub_text(str(exc)))]
+                ) from None
+            compatible.add(metadata.schema)
+        statistics = data_file_statistics_from_parquet_metadata(
+            parquet_metadata=metadata,
+            stats_columns=stats_columns,
+            parquet_column_mapping=column_mapping,
+        )
+        values = []
+        for spec_field in spec.fields:
+            start, end = _position(published.start), _position(published.end)
+            value = _bucket(spec_field.transform, start)
+            if value != _bucket(spec_field.transform, end - 1):
+                raise PublicationRefused(
+                    where,
+                    [
+                        _finding(
+                            "table_partition_spec_mismatch",
+                            published.path,
+                            f"partition {published.key} spans more than one {spec_field.name} value",
+                        )
+                    ],
+                )
+            values.append(value)
+        result.append(
+            DataFile.from_args(
+                content=DataFileContent.DATA,
+                file_path=f"{lake_url}/{published.path}",
+                file_format=FileFormat.PARQUET,
+                partition=Record(*values),
+                file_size_in_bytes=published.byte_size,
+                sort_order_id=None,
+                spec_id=spec_id,
+                equality_ids=None,
+                key_metadata=None,
+                **statistics.to_serialized_dict(),
+            )
+        )
+    return result
+
+
+#: What a data file's entry tells readers besides its path, row count and size (checked by `judge`):
+#: an entry whose partition value or bounds are forged has readers prune the file away.
+_READ_FIELDS = (
+    "content",
+    "file_format",
+    "partition",
+    "value_counts",
+    "null_value_counts",
+    "nan_value_counts",
+    "lower_bounds",
+    "upper_bounds",
+    "column_sizes",
+    "split_offsets",
+    "equality_ids",
+    "key_metadata",
+    "sort_order_id",
+)
+
+
+def data_file_findings(
+    lake: LakeStorage, table: Table, current: TableState, state: ChainState, dataset: str, version_label: str
+) -> list[dict[str, str]]:
+    """`table_file_metadata_mismatch` for each file of a committed version the table lists with other
+    partition values, statistics or attributes than the lake's file itself gives (what pcbo registers,
+    `derive_data_files`). Files no longer in the lake are left to the lake's own checks."""
+    known = committed_files(state, dataset, version_label)
+    files, footers = [], []
+    for path in sorted(set(current.files) & set(known)):
+        try:
+            footers.append(_read_footer(lake, known[path]))
+        except (OSError, ValueError):  # gone (a rollback) or unreadable: the lake's checks say so
+            continue
+        files.append(known[path])
+    if not files:
+        return []
+    try:
+        derived = derive_data_files(lake.url, table.metadata, files, footers, "")
+    except PublicationRefused as exc:
+        return exc.findings
+    findings = []
+    for published, want in zip(files, derived, strict=True):
+        have = current.files[published.path]
+        differ = [
+            n for n in _READ_FIELDS if (getattr(have, n, None) or None) != (getattr(want, n, None) or None)
+        ]
+        if differ:
+            findings.append(
+                _finding(
+                    "table_file_metadata_mismatch",
+                    published.path,
+                    f"the table's entry for the file says other {', '.join(differ)} than the file itself",
+                )
+            )
+    return findings
 
 
 def _transaction(table: Table) -> Transaction:
@@ -1172,7 +1266,7 @@ def check_tables(
             judgement = Judgement("behind", detail="the table does not exist (never created, or dropped)")
         else:
             current = read_state(table, target.branch, env.lake.url, dataset, version_label)
-            judgement = judge(table, current, target.branch, events, state, dataset, version_label)
+            judgement = judge(table, current, target.branch, events, state, dataset, version_label, env.lake)
         if judgement.verdict == "in_sync":
             continue
         if judgement.verdict == "diverged":
