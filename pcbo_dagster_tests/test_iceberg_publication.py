@@ -647,3 +647,52 @@ def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Pat
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
     refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
+
+
+@pytest.mark.parametrize("attack", ["catalog_pointer", "manifest_list", "garbage"])
+def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(tmp_path: Path, attack: str) -> None:
+    """The red-team attack: the Iceberg catalog's row (catalog write access) or the table's metadata
+    file (lake write access) points at a file elsewhere on the host. pyiceberg read it — `verify`,
+    `execute` and `query` ended in an internal error, and with PCBO_DEBUG the traceback showed the
+    file's first line. Now it is `path_outside_lake` and nothing is read; a metadata file that is not
+    one is `table_unreadable` (a finding, never an internal error); no snapshot is published."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET-hunter2\n")
+    with sqlite3.connect(home / "iceberg.db") as db:
+        (location,) = db.execute("SELECT metadata_location FROM iceberg_tables").fetchone()
+    if attack == "catalog_pointer":
+        with sqlite3.connect(home / "iceberg.db") as db:
+            db.execute("UPDATE iceberg_tables SET metadata_location = ?", (f"file://{secret}",))
+    elif attack == "manifest_list":
+
+        def edit(metadata: dict[str, Any]) -> None:
+            for snapshot in metadata["snapshots"]:
+                snapshot["manifest-list"] = f"file://{secret}"
+
+        _rewrite_table_metadata(home, edit)
+    else:
+        Path(location.removeprefix("file://")).write_text("not a metadata file\n")
+    expected = "table_unreadable" if attack == "garbage" else "path_outside_lake"
+    verified = run_pcbo(["verify"], home=home, env={"PCBO_DEBUG": "1"})
+    assert verified.status == 1, verified.stderr
+    assert [f["kind"] for f in verified.document["findings"]] == [expected]
+    assert "TOPSECRET" not in verified.stderr + json.dumps(verified.document)
+    changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
+    refused = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r2.json", changed)],
+        home=home,
+        env={"PCBO_DEBUG": "1"},
+    )
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
+    assert [f["kind"] for f in refused.document["table"]["findings"]] == [expected]
+    assert "TOPSECRET" not in refused.stderr + json.dumps(refused.document)
+    queried = run_pcbo(["query", "--dataset", DATASET, "SELECT 1"], home=home, env={"PCBO_DEBUG": "1"})
+    assert queried.status == 1 and expected in queried.stderr and "TOPSECRET" not in queried.stderr
+    with sqlite3.connect(home / "iceberg.db") as db:  # nothing published over it
+        now = db.execute("SELECT metadata_location FROM iceberg_tables").fetchone()[0]
+    assert now == (f"file://{secret}" if attack == "catalog_pointer" else location)

@@ -60,13 +60,14 @@ import datetime as dt
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pcbo_dagster.catalog.publications import TablePublicationRow
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, replay
-from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import to_datetime
 from pcbo_dagster.core.request_model import TableSpec
 from pcbo_dagster.io.redaction import redact_url, scrub_text
@@ -80,6 +81,8 @@ if TYPE_CHECKING:
 
     from pcbo_dagster.core.plan import Plan
     from pcbo_dagster.engine.environment import Environment
+
+_T = TypeVar("_T")
 
 #: The catalog of a table spec that leaves `catalog` out.
 CATALOG_ENV = "PCBO_ICEBERG_CATALOG_URL"
@@ -199,9 +202,7 @@ def promotion_target(spec: TableSpec | None, production: Environment) -> TableTa
     from pyiceberg.exceptions import NoSuchTableError
 
     try:
-        staged = (
-            open_catalog(target.catalog_url).load_table(target.name).metadata.snapshot_by_name(STAGING_BRANCH)
-        )
+        staged = load_table(production, target).metadata.snapshot_by_name(STAGING_BRANCH)
     except NoSuchTableError:
         staged = None
     return target_for(
@@ -340,13 +341,33 @@ class Judgement:
     detail: str = ""
 
 
-def read_state(table: Table, branch: str, lake_url: str, dataset: str, version_label: str) -> TableState:
+def read_state(
+    table: Table,
+    branch: str,
+    lake_url: str,
+    dataset: str,
+    version_label: str,
+    confine: Callable[[str], None],
+) -> TableState:
+    """The branch's files; its manifest list and manifests are read only where `confine` allows
+    (`table_metadata_confinement`), and a failure to read them is `TableUnreadable`."""
+    return read_table_metadata(lambda: _read_state(table, branch, lake_url, dataset, version_label, confine))
+
+
+def _read_state(
+    table: Table,
+    branch: str,
+    lake_url: str,
+    dataset: str,
+    version_label: str,
+    confine: Callable[[str], None],
+) -> TableState:
     snapshot = table.metadata.snapshot_by_name(branch)
     files: dict[str, DataFile] = {}
     foreign: list[str] = []
     prefix = f"{lake_url}/{dataset}/{version_label}/"
     if snapshot is not None:
-        for manifest in snapshot.manifests(table.io):
+        for manifest in confined_manifests(table, snapshot, confine):
             for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
                 path = entry.data_file.file_path
                 if path.startswith(prefix):
@@ -354,6 +375,16 @@ def read_state(table: Table, branch: str, lake_url: str, dataset: str, version_l
                 else:
                     foreign.append(path)
     return TableState(snapshot, files, sorted(foreign))
+
+
+def confined_manifests(table: Table, snapshot: Any, confine: Callable[[str], None]) -> list[Any]:
+    """The manifests of `snapshot`, its manifest list and each manifest allowed by `confine` (which
+    raises) before anything reads them."""
+    confine(snapshot.manifest_list)
+    manifests = snapshot.manifests(table.io)
+    for manifest in manifests:
+        confine(manifest.manifest_path)
+    return list(manifests)
 
 
 def _matches(files: dict[str, DataFile], expected: dict[str, PublishedFile]) -> bool:
@@ -519,9 +550,16 @@ def _finding(kind: str, where: str, detail: str) -> dict[str, str]:
 # -- the catalog and the table ---------------------------------------------------------------------
 
 
-def open_catalog(url: str) -> Catalog:
+def open_catalog(url: str, confine: Callable[[str], None] | None = None) -> Catalog:
     """A pyiceberg catalog: REST for `http(s)://`, else the SQL catalog (SQLite, PostgreSQL through
-    psycopg 3)."""
+    psycopg 3). `confine`: called with each table metadata file's location before it is read (it raises
+    to refuse it; `table_metadata_confinement`)."""
+    catalog = _open_catalog(url)
+    catalog.confine = confine  # type: ignore[attr-defined]
+    return catalog
+
+
+def _open_catalog(url: str) -> Catalog:
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("http", "https"):
         from pyiceberg.catalog.rest import RestCatalog
@@ -550,8 +588,19 @@ def _own_file_io(catalog_class: type[Catalog]) -> type[Catalog]:
     from pyiceberg.io import FileIO, load_file_io
 
     class _OwnFileIO(catalog_class):  # type: ignore[misc, valid-type]
+        confine: Callable[[str], None] | None = None
+
         def _load_file_io(self, properties: Any = None, location: str | None = None) -> FileIO:
+            # (Called with the metadata file's location before it is read: REST loads, every commit.)
+            if location is not None and self.confine is not None:
+                self.confine(location)
             return load_file_io(dict(self.properties), location)
+
+        def _convert_orm_to_iceberg(self, orm_table: Any) -> Table:
+            # (The SQL catalog's load: it reads the metadata file its row names with its own FileIO.)
+            if self.confine is not None and orm_table.metadata_location:
+                self.confine(orm_table.metadata_location)
+            return super()._convert_orm_to_iceberg(orm_table)
 
     _OwnFileIO.__name__ = _OwnFileIO.__qualname__ = catalog_class.__name__
     return _OwnFileIO
@@ -648,9 +697,11 @@ class Publisher:
     ) -> Table | None:
         from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError
 
-        catalog = open_catalog(self.target.catalog_url)
+        catalog = open_catalog(self.target.catalog_url, table_metadata_confinement(self.env, self.target))
         try:
-            table = catalog.load_table(self.target.name)
+            table = read_table_metadata(lambda: catalog.load_table(self.target.name))
+        except TableUnreadable as exc:
+            raise PublicationRefused(self.where, exc.findings) from None
         except NoSuchTableError:
             if create_from is None:
                 return None
@@ -758,7 +809,18 @@ class Publisher:
         if table is None:
             return False
         events = self.env.audit.backup.read_chain(self.chain_key)
-        current = read_state(table, self.target.branch, self.env.lake.url, self.dataset, self.version_label)
+        try:
+            current = read_state(
+                table,
+                self.target.branch,
+                self.env.lake.url,
+                self.dataset,
+                self.version_label,
+                table_metadata_confinement(self.env, self.target),
+            )
+        except TableUnreadable as exc:
+            self.refused = exc.findings
+            raise PublicationRefused(self.where, exc.findings) from None
         judgement = judge(
             table, current, self.target.branch, events, state, self.dataset, self.version_label, self.env.lake
         )
@@ -1168,6 +1230,95 @@ def property_findings(target: TableTarget, table: Table) -> list[dict[str, str]]
     return findings
 
 
+class TableUnreadable(IntegrityError):
+    """The table's metadata names a file outside its metadata directory in the lake, or a file pcbo
+    cannot read as what it should be: nothing of it is trusted (`findings`)."""
+
+    def __init__(self, findings: list[dict[str, str]]) -> None:
+        self.findings = findings
+        super().__init__("; ".join(f"{f['kind']}: {f['detail']}" for f in findings))
+
+
+def _table_home(env: Environment, target: TableTarget) -> tuple[LakeStorage, str]:
+    """The lake holding the table's warehouse, and the table's directory in it."""
+    namespace, _, name = target.name.partition(".")
+    lake_url = target.warehouse.removesuffix(f"/{WAREHOUSE_DIR}")
+    lake = env.lake if lake_url == env.lake.url else LakeStorage(lake_url)
+    return lake, f"{WAREHOUSE_DIR}/{namespace}/{name}"
+
+
+def table_metadata_confinement(env: Environment, target: TableTarget) -> Callable[[str], None]:
+    """What a table's metadata may name for pcbo to read: a file of the table's `metadata` directory in
+    the lake (where pyiceberg writes its metadata files, manifest lists and manifests), reached through
+    no symbolic link. Anything else — the catalog pointing at a file elsewhere on the host, a manifest
+    list of another table — raises `TableUnreadable` (`path_outside_lake`) before it is read. (A
+    `staging` branch's table is in the production lake, which a staging environment does not know: its
+    metadata directory is the `_iceberg/<ns>/<table>/metadata` directory of the first file read, the
+    catalog's metadata file, and everything after must be in that one.)"""
+    lake, rel = _table_home(env, target)
+    directory = f"{rel}/metadata"
+    bound: list[str] = [f"{lake.url}/{directory}/"] if target.branch == MAIN_BRANCH else []
+
+    def confine(location: str) -> None:
+        if not bound:
+            base, _, name = location.rpartition("/")
+            if base.endswith(f"/{directory}") and name and _plain_location(location):
+                bound.append(f"{base}/")
+        inside = bool(bound) and location.startswith(bound[0]) and "/" not in location[len(bound[0]) :]
+        if inside and location.startswith(f"{lake.url}/"):
+            inside = lake.inside(location[len(lake.url) + 1 :])
+        elif inside:
+            inside = _plain_location(location)
+        if not inside:
+            raise TableUnreadable(
+                [
+                    _finding(
+                        "path_outside_lake",
+                        redact_url(location)[:300],
+                        f"the table's metadata names a file outside its metadata directory {directory} "
+                        "in the lake (not read)",
+                    )
+                ]
+            )
+
+    return confine
+
+
+def _plain_location(location: str) -> bool:
+    """No `.`/`..` segment, and on a local disk no symbolic link on the way."""
+    scheme, sep, rest = location.partition("://")
+    path = rest if sep else location
+    if any(part in (".", "..") for part in path.split("/")):
+        return False
+    if not sep or scheme == "file":
+        local = path if path.startswith("/") else f"/{path}"
+        return os.path.realpath(local) == os.path.normpath(local)
+    return True
+
+
+def load_table(env: Environment, target: TableTarget) -> Table:
+    """The target's table through a catalog confined to its metadata directory in the lake
+    (`NoSuchTableError` when there is none; `TableUnreadable`)."""
+    catalog = open_catalog(target.catalog_url, table_metadata_confinement(env, target))
+    return read_table_metadata(lambda: catalog.load_table(target.name))
+
+
+def read_table_metadata(read: Callable[[], _T]) -> _T:
+    """`read()` (pyiceberg reading a table's metadata), its failures to read what the lake holds as a
+    `table_unreadable` finding (`TableUnreadable`) instead of an internal error."""
+    from pyiceberg.exceptions import NoSuchTableError, ValidationError
+
+    try:
+        return read()
+    except (PcboError, NoSuchTableError):
+        raise
+    except (OSError, ValueError, KeyError, IndexError, TypeError, EOFError, ValidationError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise TableUnreadable(
+            [_finding("table_unreadable", "metadata", scrub_text(f"{type(exc).__name__}: {first}"))]
+        ) from None
+
+
 def location_findings(
     env: Environment, target: TableTarget, table: Table | None = None
 ) -> list[dict[str, str]]:
@@ -1175,11 +1326,8 @@ def location_findings(
     and manifests are written) passes through a symbolic link, or when the loaded `table` of a `main`
     branch says it lives anywhere else. (A `staging` branch's table is the production lake's, checked
     there.)"""
-    namespace, _, name = target.name.partition(".")
-    rel = f"{WAREHOUSE_DIR}/{namespace}/{name}"
-    expected = f"{target.warehouse}/{namespace}/{name}"
-    lake_url = target.warehouse.removesuffix(f"/{WAREHOUSE_DIR}")
-    lake = env.lake if lake_url == env.lake.url else LakeStorage(lake_url)
+    lake, rel = _table_home(env, target)
+    expected = f"{lake.url}/{rel}"
     if not lake.inside(rel):
         return [
             _finding(
@@ -1251,9 +1399,12 @@ def check_tables(
                     )
                 )
         try:
-            table = open_catalog(target.catalog_url).load_table(target.name)
+            table = load_table(env, target)
         except NoSuchTableError:
             table = None
+        except TableUnreadable as exc:
+            outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in exc.findings]
+            continue
         outside = location_findings(env, target, table)
         if not outside and table is not None:
             outside = property_findings(target, table)
@@ -1265,7 +1416,18 @@ def check_tables(
                 continue
             judgement = Judgement("behind", detail="the table does not exist (never created, or dropped)")
         else:
-            current = read_state(table, target.branch, env.lake.url, dataset, version_label)
+            try:
+                current = read_state(
+                    table,
+                    target.branch,
+                    env.lake.url,
+                    dataset,
+                    version_label,
+                    table_metadata_confinement(env, target),
+                )
+            except TableUnreadable as exc:
+                outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in exc.findings]
+                continue
             judgement = judge(table, current, target.branch, events, state, dataset, version_label, env.lake)
         if judgement.verdict == "in_sync":
             continue

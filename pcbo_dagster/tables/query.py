@@ -23,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.io.redaction import redact_url
-from pcbo_dagster.tables.iceberg_publication import MAIN_BRANCH, open_catalog, recorded_target
+from pcbo_dagster.tables.iceberg_publication import (
+    MAIN_BRANCH,
+    confined_manifests,
+    load_table,
+    read_table_metadata,
+    recorded_target,
+    table_metadata_confinement,
+)
 
 if TYPE_CHECKING:
     from pcbo_dagster.engine.environment import Environment
@@ -79,10 +86,13 @@ def query(
         )
     # The branch's own record, else the table's (a rollout's `staging` branch is recorded by staging).
     target = recorded_target(recorded.get(branch) or recorded[min(recorded)], env)
-    table = open_catalog(target.catalog_url).load_table(target.name)
+    table = load_table(env, target)
     snapshot = table.metadata.snapshot_by_name(branch)
     if snapshot is None:
         raise InvalidInput("branch", f"table {target.name} has no branch {branch!r}")
+    # (Neither reader is handed a manifest list or manifest outside the table's metadata directory.)
+    confine = table_metadata_confinement(env, target)
+    read_table_metadata(lambda: confined_manifests(table, snapshot, confine))
     connection = connect_duckdb()
     namespace, name = target.name.split(".")
     extensions = duckdb_iceberg_extensions()
