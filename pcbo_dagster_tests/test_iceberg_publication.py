@@ -696,3 +696,21 @@ def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(tmp_path
     with sqlite3.connect(home / "iceberg.db") as db:  # nothing published over it
         now = db.execute("SELECT metadata_location FROM iceberg_tables").fetchone()[0]
     assert now == (f"file://{secret}" if attack == "catalog_pointer" else location)
+
+
+def test_a_table_of_another_dataset_is_refused_even_with_its_catalog_row_deleted(tmp_path: Path) -> None:
+    """The red-team attack (catalog write access): the `table_publications` rows deleted, so that the
+    only check against naming another dataset's table (the catalog's rows) passes. Another dataset
+    naming `lake.events` wrote its lake, declared the table on its chain for good and then failed to
+    publish (exit 1, `table_not_this_dataset`, every later run refused). The table's own record of
+    its dataset is read too: invalid input, exit 2, nothing written."""
+    home = tmp_path / "home"
+    first = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home)
+    assert first.status == 0
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute("DELETE FROM table_publications")
+    intruder = {**_request("i"), "dataset": "intruder"}
+    taken = run_pcbo(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
+    assert taken.status == 2 and "is the table of another dataset version" in taken.stderr, taken.stderr
+    assert not (lake_dir(home) / "intruder").exists()
+    assert backup_events(home, "intruder") == []

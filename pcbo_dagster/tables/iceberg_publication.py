@@ -259,18 +259,28 @@ def resolve_target(
 def _refuse_another_datasets_table(
     env: Environment, target: TableTarget, dataset: str, version_label: str
 ) -> None:
-    """A table holds one dataset version: naming the table the catalog records for another is
-    invalid input (nothing written). (A table pcbo never recorded that another tool or catalog
-    created is found when publishing: `table_not_this_dataset`, nothing published.)"""
+    """A table holds one dataset version: naming a table the catalog records for another, or one that
+    exists and was created for another (its `pcbo.chain-key` property, which a deleted catalog row
+    does not hide), is invalid input (nothing written). (A table that cannot be read is found when
+    publishing, nothing published.)"""
+    from pyiceberg.exceptions import NoSuchTableError
+
+    taken = InvalidInput(  # naming neither that dataset nor the catalog (the HTTP API answers it)
+        "table",
+        f"{target.name} is the table of another dataset version: a table holds one dataset "
+        "version (name another table)",
+    )
     for row in env.catalog.table_publications():
         if (row["catalog_url"], row["table_name"]) != (target.public_catalog, target.name):
             continue
         if (row["dataset"], row["version_label"]) != (dataset, version_label):
-            raise InvalidInput(  # naming neither that dataset nor the catalog (the HTTP API answers it)
-                "table",
-                f"{target.name} is the table of another dataset version: a table holds one dataset "
-                "version (name another table)",
-            )
+            raise taken
+    try:
+        table = load_table(env, target)
+    except (NoSuchTableError, TableUnreadable):
+        return
+    if table.metadata.properties.get(TABLE_CHAIN_KEY) != f"{dataset}/{version_label}":
+        raise taken
 
 
 # -- what: the files the chain implies --------------------------------------------------------------
