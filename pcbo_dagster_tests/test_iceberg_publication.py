@@ -714,3 +714,31 @@ def test_a_table_of_another_dataset_is_refused_even_with_its_catalog_row_deleted
     assert taken.status == 2 and "is the table of another dataset version" in taken.stderr, taken.stderr
     assert not (lake_dir(home) / "intruder").exists()
     assert backup_events(home, "intruder") == []
+
+
+def test_a_rollback_over_a_diverged_table_finishes_its_work_and_says_so(tmp_path: Path) -> None:
+    """The red-team attack: a file added to the table by hand, then a rollback. The rollback undid the
+    lake and appended its events, then the refused publication raised out of it: no document, no
+    `table_publication_refused` discrepancy, no checkpoint of the chain it had just extended (and its
+    changes never announced). Now it does all of that, and fails (exit 1) with its document."""
+    from pcbo_dagster.core.signed_note import new_signing_key
+
+    home, key_file = tmp_path / "home", tmp_path / "operator.key"
+    key_file.write_text(new_signing_key("ops.example/operator").text + "\n")
+    key_file.chmod(0o600)
+    signing = {"PCBO_SIGNING_KEY": str(key_file)}
+    request = write_request(tmp_path / "r1.json", _request("ice-1"))
+    assert run_pcbo(["execute", "--input", request], home=home, env=signing).status == 0
+    forged = tmp_path / "forged.parquet"
+    pq.write_table(_manifest_rows(home).slice(0, 1), forged)
+    _table(home).add_files([f"file://{forged}"])
+    undone = run_pcbo(["rollback", "--dataset", DATASET, "--run-id", "ice-1"], home=home, env=signing)
+    assert undone.status == 1 and "publication refused" in undone.stderr
+    assert undone.document is not None and undone.document["status"] == "rolled_back", undone.stderr
+    assert undone.document["table"]["status"] == "refused"
+    assert "table_file_not_in_manifests" in {f["kind"] for f in undone.document["table"]["findings"]}
+    with sqlite3.connect(home / "catalog.db") as db:
+        kinds = [k for (k,) in db.execute("SELECT kind FROM discrepancy_events")]
+        sizes = [n for (n,) in db.execute("SELECT tree_size FROM transparency_checkpoints")]
+    assert "table_publication_refused" in kinds
+    assert len(sizes) == 2 and sizes[1] > sizes[0]  # the chain the rollback extended is checkpointed

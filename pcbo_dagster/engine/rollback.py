@@ -420,10 +420,15 @@ def rollback(
                     results += apply_undos(
                         env, state, dataset, version_label, [step], reason=reason, run_id=undone_run
                     )
-        # Issue 17: the recorded Iceberg table follows (after the events; a crash before is healed).
+        # Issue 17: the recorded Iceberg table follows (after the events; a crash before is healed). A
+        # refusal (the table diverged) leaves the rollback done: its checkpoint is published and its
+        # changes announced all the same, and it fails (exit 1) with its document.
         publisher = iceberg_publication.publisher_for(env, None, dataset, version_label)
-        if publisher is not None:
-            publisher.publish(state, run_id=run_id, reason="rollback")
+        refused = None
+        if publisher is not None and iceberg_publication.publish_or_refuse(
+            publisher, state, run_id, reason="rollback"
+        ):
+            refused = iceberg_publication.PublicationRefused(publisher.where, publisher.refused)
     published = publish(env, ckey)
     lake_changes.announce(
         env,
@@ -438,6 +443,9 @@ def rollback(
     )
     if publisher is not None:
         document["table"] = publisher.summary()
+    if refused is not None:
+        refused.document = document
+        raise refused
     return document
 
 

@@ -122,10 +122,12 @@ PCBO_TABLE_PROPERTIES = frozenset({TABLE_CHAIN_KEY, TABLE_LAKE, NAME_MAPPING_PRO
 
 class PublicationRefused(IntegrityError):
     """The table is in a state pcbo cannot vouch for (or cannot take a file): nothing was published.
-    The lake's commits stand; `findings` say what is wrong (exit status 1)."""
+    The lake's commits stand; `findings` say what is wrong (exit status 1); `document`, when set, is
+    the document of the command that did the rest of its work (a rollback)."""
 
     def __init__(self, where: str, findings: list[dict[str, str]]) -> None:
         self.findings = findings
+        self.document: dict[str, Any] | None = None
         text = "; ".join(f"{f['kind']}: {f['detail']}" for f in findings[:3])
         super().__init__(f"table {where}: publication refused ({text}); the lake's commits stand")
 
@@ -1143,13 +1145,18 @@ def publisher_for(
     return publisher
 
 
-def publish_or_refuse(publisher: Publisher, state: ChainState, run_id: str) -> str | None:
-    """An execute's `publisher.publish`; the refusal's text (recorded as a discrepancy of the run)
-    instead of raising."""
+def publish_or_refuse(
+    publisher: Publisher, state: ChainState, run_id: str | None, reason: str = "execute"
+) -> str | None:
+    """An execute's (or a rollback's) `publisher.publish`; the refusal's text (recorded as a
+    discrepancy of the run, when there is one; its findings in `publisher.refused`) instead of
+    raising."""
     try:
-        publisher.publish(state, run_id=run_id, reason="execute")
+        publisher.publish(state, run_id=run_id, reason=reason)
     except PublicationRefused as exc:
         publisher.refused = publisher.refused or exc.findings
+        if run_id is None:
+            return str(exc)
         publisher.env.catalog.record_discrepancy(
             run_id=run_id,
             dataset=publisher.dataset,
