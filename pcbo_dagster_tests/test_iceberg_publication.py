@@ -742,3 +742,36 @@ def test_a_rollback_over_a_diverged_table_finishes_its_work_and_says_so(tmp_path
         sizes = [n for (n,) in db.execute("SELECT tree_size FROM transparency_checkpoints")]
     assert "table_publication_refused" in kinds
     assert len(sizes) == 2 and sizes[1] > sizes[0]  # the chain the rollback extended is checkpointed
+
+
+@pytest.mark.parametrize("garbled", ["later", "current"])
+def test_a_snapshot_with_a_garbage_audit_seq_is_a_finding_not_an_internal_error(
+    tmp_path: Path, garbled: str
+) -> None:
+    """The red-team attack, with lake write access only: the branch moved back to the snapshot before a
+    re-version (the state a crash leaves), and the `pcbo.audit-seq` of the later snapshot (or of the
+    one moved back to) made something `int()` refuses ("--1" passed the `isdigit` test). `verify`
+    ended in an internal error, reporting nothing at all. A seq pcbo never writes is now a finding: a
+    later snapshot's makes the move back `table_snapshot_downgraded` (never healed over), the current
+    one's `table_snapshot_not_on_chain`."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0
+    changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=_ids(_manifest_rows(home))[:1]))
+    assert run_pcbo(["execute", "--input", changed], home=home).status == 0
+
+    def edit(metadata: dict[str, Any]) -> None:
+        latest = next(s for s in metadata["snapshots"] if s["snapshot-id"] == metadata["current-snapshot-id"])
+        older = next(s for s in metadata["snapshots"] if s["snapshot-id"] == latest["parent-snapshot-id"])
+        metadata["current-snapshot-id"] = older["snapshot-id"]
+        metadata["refs"]["main"]["snapshot-id"] = older["snapshot-id"]
+        (latest if garbled == "later" else older)["summary"]["pcbo.audit-seq"] = "--1"
+
+    _rewrite_table_metadata(home, edit)
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1 and verified.document is not None, verified.stderr
+    expected = "table_snapshot_downgraded" if garbled == "later" else "table_snapshot_not_on_chain"
+    assert expected in [f["kind"] for f in verified.document["findings"]]
+    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []

@@ -60,6 +60,7 @@ import datetime as dt
 import functools
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -486,7 +487,7 @@ def _judge_branch(
         )
     else:
         seq, head = props.get(P_AUDIT_SEQ, ""), props.get(P_AUDIT_HEAD)
-        position = int(seq) if seq.lstrip("-").isdigit() else None
+        position = _audit_seq(props)
         on_chain = position is not None and -1 <= position < len(events)
         if on_chain and position is not None and position >= 0:
             on_chain = events[position].get("chain", {}).get("event_hash") == head
@@ -503,12 +504,14 @@ def _judge_branch(
             then = expected_files(replay(events[: position + 1]), dataset, version_label)
             self_consistent = props.get(P_FILES_DIGEST) == files_digest(set(current.files))
             if not current.foreign and self_consistent and _matches(current.files, then):
+                # (A seq that is not a number is none pcbo wrote: counted as later, never healed over.)
                 later = [
                     s.snapshot_id
                     for s in table.metadata.snapshots
                     if _properties(s).get(P_BRANCH) == branch
                     and _properties(s).get(P_CHAIN_KEY) == ckey
-                    and int(_properties(s).get(P_AUDIT_SEQ, "-1")) > position
+                    and P_AUDIT_SEQ in _properties(s)
+                    and _later(_audit_seq(_properties(s)), position)
                 ]
                 if not later:
                     return Judgement(
@@ -553,6 +556,16 @@ def _judge_branch(
                 )
             )
     return Judgement("diverged", findings)
+
+
+def _audit_seq(props: dict[str, str]) -> int | None:
+    """A snapshot's `pcbo.audit-seq` (None when it is not an integer as pcbo writes it)."""
+    seq = props.get(P_AUDIT_SEQ, "")
+    return int(seq) if re.fullmatch(r"-?[0-9]{1,18}", seq) else None
+
+
+def _later(seq: int | None, position: int) -> bool:
+    return seq is None or seq > position
 
 
 def _finding(kind: str, where: str, detail: str) -> dict[str, str]:
