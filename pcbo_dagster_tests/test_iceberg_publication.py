@@ -775,3 +775,29 @@ def test_a_snapshot_with_a_garbage_audit_seq_is_a_finding_not_an_internal_error(
     expected = "table_snapshot_downgraded" if garbled == "later" else "table_snapshot_not_on_chain"
     assert expected in [f["kind"] for f in verified.document["findings"]]
     assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+
+
+def test_a_partition_spec_edited_to_another_transform_is_a_finding(tmp_path: Path) -> None:
+    """The red-team attack, with lake write access only: the table's partition spec edited from
+    `hour` to `bucket[4]`, so readers take each file's hour number for a bucket and prune by it.
+    `verify` was clean (the file list is exact); once entries were checked against the files it
+    ended in an internal error on the transform. It is `table_partition_spec_mismatch`; nothing is
+    published over it."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0
+
+    def edit(metadata: dict[str, Any]) -> None:
+        for spec in metadata["partition-specs"]:
+            for spec_field in spec["fields"]:
+                spec_field["transform"] = "bucket[4]"
+
+    _rewrite_table_metadata(home, edit)
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1 and verified.document is not None, verified.stderr
+    assert {f["kind"] for f in verified.document["findings"]} == {"table_partition_spec_mismatch"}
+    changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
