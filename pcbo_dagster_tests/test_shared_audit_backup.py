@@ -26,7 +26,9 @@ from pcbo_dagster.audit.object_store_backup import (
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.audit_chain import build_event, verify_chain
 from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.lake.storage import StoreUnavailable
 from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.postgres
 KEY = "events/v1"
@@ -355,15 +357,15 @@ def test_a_configuration_that_cannot_hold_on_many_hosts_is_refused(
 
 
 def test_a_read_that_fails_while_a_hole_is_filled_drops_nothing(
-    tmp_path, store_url, fresh_postgres_url, monkeypatch
+    tmp_path, s3_store, store_url, fresh_postgres_url, monkeypatch
 ):
     """A batch cut short with a hole (seq 1 and 3 on the store, 2 not): the catalog's pending copy
     fills the hole only when the store holds an event after it, which `holds_beyond_chain` reads
     from the store. A read of seq 3 that failed (a network blip, a 503 after botocore's retries) was
     taken for "not held": seq 2 and 3 were dropped with the pending batch, the store kept seq 3, the
     next append wrote another seq 2 before it, and the chain was broken for good (every run refused).
-    Now the failure stops the reconciliation, nothing dropped; once the store answers, the batch is
-    completed."""
+    Now the failure stops the reconciliation (`StoreUnavailable`, naming the object), nothing dropped;
+    once the store answers, the batch is completed."""
     catalog = _catalog(fresh_postgres_url)
     log = _log(store_url, tmp_path / "a", catalog)
     log.append(KEY, "e", _body(0))
@@ -378,28 +380,28 @@ def test_a_read_that_fails_while_a_hole_is_filled_drops_nothing(
         log.append_many(KEY, [("e", _body(i)) for i in (1, 2, 3)])
     monkeypatch.setattr(ObjectStoreAuditBackup, "_create_all", real_create)
 
-    other = _log(store_url, tmp_path / "b", _catalog(fresh_postgres_url))
-    store = other.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
-    real_fetch = ObjectStoreAuditBackup._fetch
-    held = _object(store, 3)
-
-    def blip(self, paths):  # the store does not answer for seq 3 (no loopback server can be told to)
-        got = real_fetch(self, paths)
-        return {p: (ConnectionError("the store did not answer") if p == held else v) for p, v in got.items()}
-
-    monkeypatch.setattr(ObjectStoreAuditBackup, "_fetch", blip)
-    with pytest.raises(ConnectionError):
-        other.sync_to_catalog(KEY)
-    monkeypatch.setattr(ObjectStoreAuditBackup, "_fetch", real_fetch)
-    assert [e["n"] for e in catalog.audit_events(KEY)] == [0]  # nothing adopted, nothing dropped
-
-    result = other.sync_to_catalog(KEY)
-    assert (result.to_backup, result.to_head_store) == (1, 3)
-    other.append(KEY, "e", _body(4))
-    events = log.backup.read_chain(KEY)
-    assert [e["n"] for e in events] == [0, 1, 2, 3, 4] and verify_chain(events, KEY) == []
-    assert catalog.audit_events(KEY) == events
+    # The other host reaches the store through a proxy that answers 503 for seq 3 (every retry).
+    proxy = FaultyProxy(s3_store.env["PCBO_S3_ENDPOINT_URL"])
+    monkeypatch.setenv("PCBO_S3_ENDPOINT_URL", proxy.url)
+    try:
+        other = _log(store_url, tmp_path / "b", _catalog(fresh_postgres_url))
+        store = other.backup
+        assert isinstance(store, ObjectStoreAuditBackup)
+        held = "/" + _object(store, 3)
+        proxy.fail(lambda method, path: method == "GET" and path == held, "503")
+        with pytest.raises(StoreUnavailable, match="000000000003.json: Service Unavailable"):
+            other.sync_to_catalog(KEY)
+        assert proxy.failed
+        assert [e["n"] for e in catalog.audit_events(KEY)] == [0]  # nothing adopted, nothing dropped
+        proxy.heal()
+        result = other.sync_to_catalog(KEY)
+        assert (result.to_backup, result.to_head_store) == (1, 3)
+        other.append(KEY, "e", _body(4))
+        events = log.backup.read_chain(KEY)
+        assert [e["n"] for e in events] == [0, 1, 2, 3, 4] and verify_chain(events, KEY) == []
+        assert catalog.audit_events(KEY) == events
+    finally:
+        proxy.close()
 
 
 def test_an_object_named_like_an_event_in_other_digits_is_no_event(tmp_path, store_url, fresh_postgres_url):

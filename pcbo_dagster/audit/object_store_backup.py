@@ -52,7 +52,7 @@ from pcbo_dagster.audit.backup import (
 from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.io.redaction import redact_url
-from pcbo_dagster.lake.storage import filesystem
+from pcbo_dagster.lake.storage import StoreUnavailable, filesystem, store_reading
 
 #: Schemes whose stores take create-only writes (the durable, shared audit copy).
 SHARED_SCHEMES = ("s3", "s3a", "gs", "gcs")
@@ -117,7 +117,8 @@ class ObjectStoreAuditBackup:
         directory = self._chain_dir(chain_key)
         self.fs.invalidate_cache(directory)
         try:
-            names = self.fs.ls(directory, detail=False)
+            with store_reading(self.location, f"the listing of {chain_key}"):
+                names = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
             return {}
         found: dict[int, str] = {}
@@ -140,16 +141,22 @@ class ObjectStoreAuditBackup:
     # -- reading ----------------------------------------------------------------------------------
 
     def _fetch(self, paths: list[str]) -> dict[str, bytes | Exception]:
-        """The bytes of each path (read at once); an exception in place of an object that could not
-        be read (FileNotFoundError for one that is gone)."""
+        """The bytes of each path (read at once), or FileNotFoundError in place of an object that is
+        not there. A read that failed otherwise (the store down, refusing access, a 5xx after the
+        client's retries) raises `StoreUnavailable`: it says nothing of the object, so it is never
+        taken for an event that is missing or is not an event (that would report an outage as a
+        forged history)."""
         if not paths:
             return {}
-        got = self.fs.cat(paths, on_error="return")
+        with store_reading(self.location, _shown(paths[0], self.root)):
+            got = self.fs.cat(paths, on_error="return")
         if not isinstance(got, dict):  # one path: fsspec returns the bytes themselves
             got = {paths[0]: got}
         out: dict[str, bytes | Exception] = {}
         for path in paths:
             value = got.get(path, got.get(self.fs._strip_protocol(path)))
+            if isinstance(value, Exception) and not isinstance(value, FileNotFoundError):
+                raise StoreUnavailable(self.location, _shown(path, self.root), value) from value
             out[path] = value if isinstance(value, bytes | Exception) else FileNotFoundError(path)
         return out
 
@@ -244,7 +251,8 @@ class ObjectStoreAuditBackup:
         """(chain_key or None when the path is no chain's, path) of every object under the URL."""
         self.fs.invalidate_cache(self.root)
         try:
-            found = self.fs.find(self.root)
+            with store_reading(self.location, "its listing"):
+                found = self.fs.find(self.root)
         except FileNotFoundError:
             return
         prefix = self.root + "/"

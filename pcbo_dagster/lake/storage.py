@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from pcbo_dagster.io.atomic_files import replace_file
-from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url
 from pcbo_dagster.lake.layout import OutsidePartition
 
 #: Object stores are shared: another host may write or remove any object at any time, so no
@@ -34,6 +36,37 @@ from pcbo_dagster.lake.layout import OutsidePartition
 #: from it: a long-lived process would not see a commit point another host wrote after its listing,
 #: and a rollback's delete of it would remove nothing).
 _NO_LISTINGS_CACHE: dict[str, object] = {"use_listings_cache": False}
+
+
+class StoreUnavailable(OSError):
+    """An object store did not answer a read: down, connection refused or reset, a timeout, a 5xx
+    after the client's retries, access denied. Nothing can be concluded about what the store holds,
+    so this is never a finding (neither "missing" nor "not an event"): the command stops, exit 1,
+    naming the store, the object and the failure. A missing object is `FileNotFoundError`, not this."""
+
+    def __init__(self, store: str, what: str, cause: BaseException) -> None:
+        self.store, self.what = store, what
+        super().__init__(
+            f"store unavailable: {store} could not be read ({what}: {one_line_error(cause)}); "
+            "nothing was concluded from it: check the store's health and access, then run again"
+        )
+
+
+@contextmanager
+def store_reading(store: str, what: str) -> Iterator[None]:
+    """Turn a failed read of an object store into `StoreUnavailable` naming `store` (redacted) and
+    `what`; a missing object (`FileNotFoundError`) and anything that is not a store's error (a bug)
+    pass through as they are."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except StoreUnavailable:
+        raise
+    except Exception as exc:
+        if not is_store_error(exc):
+            raise
+        raise StoreUnavailable(store, what, exc) from exc
 
 
 def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, object]:
@@ -255,23 +288,35 @@ class LakeStorage:
             for path, directory in jobs:
                 _fsync_path(path, directory)
 
+    def _reading(self, rel: str) -> AbstractContextManager[None]:
+        """Around a read of `rel`: on an object store, a read that fails (not a missing object) is
+        `StoreUnavailable` naming the lake and `rel`; a local disk's errors pass as they are."""
+        return nullcontext() if self.is_local else store_reading(self.public_url, rel)
+
     def read_if_exists(self, rel: str) -> bytes | None:
         path = self._inside(rel)
         try:
-            return self.fs.cat_file(path)
+            with self._reading(rel):
+                return self.fs.cat_file(path)
         except FileNotFoundError:
             return None
 
     def read(self, rel: str) -> bytes:
-        return self.fs.cat_file(self._inside(rel))
+        path = self._inside(rel)
+        with self._reading(rel):
+            return self.fs.cat_file(path)
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self._inside(rel))
+        path = self._inside(rel)
+        with self._reading(rel):
+            return self.fs.exists(path)
 
     def size(self, rel: str) -> int | None:
         """The file's size in bytes (no read), or None when it does not exist."""
+        path = self._inside(rel)
         try:
-            return int(self.fs.size(self._inside(rel)))
+            with self._reading(rel):
+                return int(self.fs.size(path))
         except FileNotFoundError:
             return None
 
@@ -297,7 +342,9 @@ class LakeStorage:
         """Files below the directory `base` (never a sibling that merely shares its prefix)."""
         inside = self.fs._strip_protocol(base).rstrip("/") + "/"
         try:
-            found = self.fs.find(base)
+            under = base[len(self.root) + 1 :] if base.startswith(self.root + "/") else ""
+            with self._reading(f"the listing of {under or 'the lake'}"):
+                found = self.fs.find(base)
         except FileNotFoundError:
             return []
         return [p for p in found if self.fs._strip_protocol(p).startswith(inside)]
