@@ -7,6 +7,14 @@ Why not `celery -A dagster_celery.app`: that app reads its settings only from a 
 module on the worker's path, and the settings that make a killed worker harmless are the *worker's*
 (a task is acknowledged by the worker that runs it; unacknowledged messages are restored by the
 consumers' poller after the visibility timeout). Here they cannot drift from the executor's.
+
+A step message is checked before anything is loaded (`guard_step`): dagster-celery's `execute_plan`
+takes the code to load (a code pointer: any Python file or module) and the Dagster instance to read the
+run from out of the message itself, so anyone who can write the broker could otherwise run code of
+their choosing on every worker, with its stores' credentials and signing key. The worker runs only
+steps of pcbo's code location (`pcbo_dagster.dagster_defs.definitions`), of a run of its own instance
+(`DAGSTER_HOME`; the message's instance is never opened), for that run's own job; anything else is
+refused (the task fails naming what was refused, and is acknowledged: it is never delivered again).
 """
 
 from __future__ import annotations
@@ -16,6 +24,60 @@ from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.celery_config import celery_settings
+
+#: The only code a step may load: the code location's module (workspace.yaml, the Helm values).
+CODE_LOCATION_MODULE = "pcbo_dagster.dagster_defs.definitions"
+
+
+class StepRefused(Exception):
+    """A step message that names code or a run this worker does not run (module doc)."""
+
+
+def guard_step(execute_step_args_packed: Any, executable_dict: Any) -> tuple[Any, Any]:
+    """The message's arguments with its `instance_ref` replaced by this worker's own instance, when
+    the message is a step of pcbo's code location for a run of that instance and that run's job;
+    `StepRefused` otherwise. Nothing the message names is imported or opened before this passes."""
+    import dagster as dg
+    from dagster._core.code_pointer import ModuleCodePointer, PackageCodePointer
+    from dagster._core.definitions.reconstruct import ReconstructableJob
+    from dagster._grpc.types import ExecuteStepArgs
+    from dagster._serdes import pack_value, unpack_value
+    from dagster_shared.record import copy
+
+    try:
+        args = unpack_value(execute_step_args_packed, as_type=ExecuteStepArgs)
+        job = ReconstructableJob.from_dict(executable_dict)
+    except Exception as exc:  # noqa: BLE001 - whatever a forged message holds
+        raise StepRefused(f"refused: not a step message ({type(exc).__name__})") from None
+    pointer = job.repository.pointer
+    if not (
+        isinstance(pointer, ModuleCodePointer | PackageCodePointer) and pointer.module == CODE_LOCATION_MODULE
+    ):
+        raise StepRefused(
+            f"refused: the step names code outside {CODE_LOCATION_MODULE} ({type(pointer).__name__})"
+        )
+    if not os.environ.get("DAGSTER_HOME"):
+        raise StepRefused("refused: this worker has no Dagster instance (DAGSTER_HOME) to read the run from")
+    with dg.DagsterInstance.get() as instance:
+        run = instance.get_run_by_id(str(args.run_id))
+        own = instance.get_ref()
+    if run is None:
+        raise StepRefused(f"refused: run {args.run_id!r} is not a run of this worker's Dagster instance")
+    if run.job_name != job.job_name:
+        raise StepRefused(f"refused: run {args.run_id!r} is of job {run.job_name!r}, not {job.job_name!r}")
+    return pack_value(copy(args, instance_ref=own)), executable_dict
+
+
+def _guarded_task_class() -> Any:
+    from celery import Task
+
+    class GuardedStep(Task):
+        """`execute_plan` with `guard_step` first (a custom `__call__`: Celery's tracer calls it)."""
+
+        def __call__(self, execute_step_args_packed: Any, executable_dict: Any) -> Any:
+            return super().__call__(*guard_step(execute_step_args_packed, executable_dict))
+
+    return GuardedStep
 
 
 def _make_app() -> Any:
@@ -31,7 +93,11 @@ def _make_app() -> Any:
         result_backend=os.environ.get("PCBO_CELERY_BACKEND") or broker,
         **celery_settings(),
     )
-    tasks = (create_task(app), create_execute_job_task(app), create_resume_job_task(app))
+    tasks = (
+        create_task(app, base=_guarded_task_class()),
+        create_execute_job_task(app),
+        create_resume_job_task(app),
+    )
     return app, tasks
 
 

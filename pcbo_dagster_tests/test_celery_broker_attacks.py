@@ -1,0 +1,166 @@
+"""Forged broker messages (issue 14's many-hosts deployment): a real Celery worker (pcbo's worker app)
+on the test Redis, and messages written to its queue by someone who can write the broker, not by
+Dagster's executor.
+
+dagster-celery's `execute_plan` task takes, from the message itself, the code to load
+(`executable_dict`: a code pointer, which may name any Python file or module) and the Dagster instance
+to read the run from (`instance_ref`). A worker holds the lake's, the catalog's and the audit store's
+credentials and, where checkpoints are signed, the operator's signing key: anyone who could write the
+broker (often a Redis without a password) could run code of their choosing on every worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("dagster_celery")
+
+from pcbo_dagster_tests.dagster_harness import REPO_ROOT, executable  # noqa: E402
+
+_REDIS_DBS = itertools.count(9)
+
+
+def _worker(tmp_path: Path, broker: str, dagster_home: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    home = tmp_path / "worker"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PCBO_", "DAGSTER_"))}
+    env.update(
+        {
+            "PCBO_HOME": str(home / "pcbo"),
+            "PCBO_CELERY_BROKER": broker,
+            "DAGSTER_HOME": str(dagster_home),
+            "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    log = home / "worker.log"
+    argv = [
+        executable("celery"), "-A", "pcbo_dagster.dagster_defs.celery_worker", "worker", "-Q", "dagster",
+        "--pool", "solo", "-n", f"w-{uuid.uuid4().hex[:6]}@%h", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + 90
+    while b"ready." not in log.read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+        time.sleep(0.2)
+    return proc, log
+
+
+def _instance_with_a_run(home: Path) -> tuple[Any, str]:
+    """A Dagster instance (SQLite, under `home`) holding one run; (its ref, the run id)."""
+    import dagster as dg
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    run_id = str(uuid.uuid4())
+    with dg.DagsterInstance.from_ref(dg._core.instance.InstanceRef.from_dir(str(home))) as instance:
+        instance.add_run(DagsterRun(job_name="evil", run_id=run_id, run_config={}))
+        return instance.get_ref(), run_id
+
+
+def _forged_step(instance_ref: Any, run_id: str, pointer: Any, job_name: str) -> tuple[Any, Any]:
+    from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+    from dagster._grpc.types import ExecuteStepArgs
+    from dagster._serdes import pack_value
+
+    job = ReconstructableJob(ReconstructableRepository(pointer), job_name)
+    args = ExecuteStepArgs(
+        job_origin=job.get_python_origin(), run_id=run_id, step_keys_to_execute=["evil_op"],
+        instance_ref=instance_ref,
+    )  # fmt: skip
+    return pack_value(args), job.to_dict()
+
+
+def _send(broker: str, packed: Any, executable_dict: Any) -> Any:
+    from celery import Celery
+
+    app = Celery(broker=broker, backend=broker)
+    return app.send_task("execute_plan", args=[packed, executable_dict], queue="dagster")
+
+
+@pytest.fixture
+def worker(tmp_path, redis_url):
+    broker = redis_url.rsplit("/", 1)[0] + f"/{next(_REDIS_DBS)}"
+    own_home = tmp_path / "dagster_home"
+    _instance_with_a_run(own_home)
+    proc, log = _worker(tmp_path, broker, own_home)
+    try:
+        yield broker, own_home, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("where", ["attacker_instance", "worker_instance"])
+@pytest.mark.parametrize("kind", ["file", "module"])
+def test_a_forged_step_message_runs_no_code_but_the_code_location(tmp_path, worker, where, kind):
+    """A message naming a Python file (or another module) as the code to load, with a run in the
+    attacker's own Dagster instance (a SQLite directory named by `instance_ref`) or in the worker's:
+    the worker imported it and ran its top-level code. Now a step is run only from pcbo's code location
+    (`pcbo_dagster.dagster_defs.definitions`), of a run of the worker's own instance (the message's
+    `instance_ref` is never used), for that run's job; anything else is refused before anything is
+    loaded, and the message is acknowledged (never redelivered)."""
+    from dagster._core.code_pointer import FileCodePointer, ModuleCodePointer
+
+    broker, own_home, log = worker
+    marker = tmp_path / "owned"
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (evil_dir / "evil_location.py").write_text(code)
+    if kind == "file":
+        pointer = FileCodePointer(python_file=str(evil_dir / "evil_location.py"), fn_name="defs")
+    else:
+        pointer = ModuleCodePointer(module="evil_location", fn_name="defs", working_directory=str(evil_dir))
+    if where == "attacker_instance":
+        ref, run_id = _instance_with_a_run(tmp_path / "attacker_home")
+    else:
+        ref, run_id = _instance_with_a_run(own_home)
+    result = _send(broker, *_forged_step(ref, run_id, pointer, "evil"))
+    with pytest.raises(Exception) as refused:
+        result.get(timeout=60)
+    assert not marker.exists(), log.read_text(errors="replace")[-3000:]
+    assert "refused" in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize(
+    ("where", "refusal"),
+    [("attacker_instance", "not a run of this worker"), ("worker_instance", "is of job 'evil'")],
+)
+def test_a_step_of_the_code_location_is_run_only_for_a_run_of_the_workers_own_instance(
+    tmp_path, worker, where, refusal
+):
+    """pcbo's own code pointer, but the run is in an instance the message names (whose run config and
+    tags, the partitions a step writes, are the attacker's), or is a run of another job: refused. The
+    worker reads runs only from its own `DAGSTER_HOME`."""
+    from dagster._core.code_pointer import ModuleCodePointer
+
+    broker, own_home, log = worker
+    ref, run_id = _instance_with_a_run(
+        tmp_path / "attacker_home" if where == "attacker_instance" else own_home
+    )
+    pointer = ModuleCodePointer(
+        module="pcbo_dagster.dagster_defs.definitions", fn_name="defs", working_directory=None
+    )
+    result = _send(broker, *_forged_step(ref, run_id, pointer, "__ASSET_JOB"))
+    with pytest.raises(Exception) as refused:
+        result.get(timeout=60)
+    assert "refused" in str(refused.value) and refusal in str(refused.value), refused.value
