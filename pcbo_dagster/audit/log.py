@@ -312,7 +312,27 @@ class AuditLog:
                 txn.clear_pending()
         return events
 
-    def _catch_up(self, chain_key: str, head: tuple[int, str] | None, fence: ChainState | None) -> None:
+    def check_fence(self, chain_key: str, fence: ChainState) -> None:
+        """`append_many`'s fence without an append: `ChainMoved` when another writer appended an event
+        that changes the lake's partitions since `fence` was replayed (others are replayed into it). A
+        lake writer checks it right before it writes commit points: one paused past its lease (the
+        lease taken over, even given back since) stops there instead of writing over the commit points
+        the new holder committed."""
+        with self._writer(chain_key):
+            if self.head_store is None:
+                head = _head_of(self.backup.last_event(chain_key))
+            else:
+                with self.head_store.locked_chain(chain_key) as txn:
+                    head = txn.head()
+            self._catch_up(chain_key, head, fence, "this run wrote no commit point (its intent stays open)")
+
+    def _catch_up(
+        self,
+        chain_key: str,
+        head: tuple[int, str] | None,
+        fence: ChainState | None,
+        stopped: str = "nothing of this run was appended",
+    ) -> None:
         """`append_many`'s fence: replay into `fence` what was appended since it was replayed, or
         `ChainMoved`."""
         if fence is None or fence.head == head:
@@ -320,14 +340,14 @@ class AuditLog:
         events = self.backup.read_chain(chain_key)
         known = fence.length
         if len(events) < known or (known and events[known - 1]["chain"]["event_hash"] != fence.head_hash):
-            raise ChainMoved(f"{chain_key}: the audit chain is no longer the one this run read; {_NOTHING}")
+            raise ChainMoved(f"{chain_key}: the audit chain is no longer the one this run read; {stopped}")
         newer = events[known:]
         moved = [e for e in newer if e.get("event_type") in LAKE_EVENTS]
         if moved:
             raise ChainMoved(
                 f"{chain_key}: another writer appended {moved[0].get('event_type')} (seq "
                 f"{moved[0]['chain']['seq']}) since this run read the chain: was its write lease taken "
-                f"over?; {_NOTHING}"
+                f"over?; {stopped}"
             )
         for event in newer:
             fence.add(event)
@@ -369,6 +389,3 @@ class AuditLog:
         if self.delivery is None:
             return None
         return self.delivery.deliver_pending(self.backup, chain_key)
-
-
-_NOTHING = "nothing of this run was appended"

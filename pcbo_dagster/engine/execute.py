@@ -816,6 +816,8 @@ def _write_commit_points(
         )
         state.add(intent)
     _reached("before_commit", indexes)
+    if commits:  # still the chain this run decided on (a writer paused past its lease stops here)
+        env.audit.check_fence(ckey, state)
     for _ in _in_order(pool, lambda st: _write_commit_point(env, plan, st), commits):
         pass
     lake.sync()  # commit points are durable before their audit events

@@ -247,6 +247,7 @@ def apply_undos(
     )
     state.add(intent)
     failpoints.reached("rollback_after_intent", 0)
+    env.audit.check_fence(ckey, state)  # still the chain it decided on (a writer paused past its lease)
     for i, step in enumerate(steps):
         manifest_rel = layout.manifest(dataset, version_label, step.key)
         if step.restore_bytes is not None:
