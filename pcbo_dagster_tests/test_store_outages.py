@@ -113,3 +113,27 @@ def test_a_store_that_refuses_connections_is_unavailable(tmp_path, s3_store, pro
     closed = {**env, "PCBO_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     run = run_pcbo(["verify"], home=tmp_path / "b", env=closed)
     _assert_unavailable(run, f"s3://{s3_store.bucket}/", "", "EndpointConnectionError")
+
+
+def test_a_gcs_audit_store_that_refuses_reads_is_unavailable(tmp_path, gcs_store, fresh_postgres_url):
+    """The same on GCS (the emulator behind the proxy): gcsfs's 403 for every event object."""
+    proxy = FaultyProxy(gcs_store.env["STORAGE_EMULATOR_HOST"])
+    try:
+        pas = f"pas-{uuid.uuid4().hex[:8]}"
+        env = {
+            **gcs_store.env,
+            "STORAGE_EMULATOR_HOST": proxy.url,
+            "PCBO_LAKE_URL": gcs_store.url(f"lake-{uuid.uuid4().hex[:8]}"),
+            "PCBO_CATALOG_URL": fresh_postgres_url,
+            "PCBO_AUDIT_DIR": gcs_store.url(pas),
+            "PCBO_MULTI_HOST": "true",
+        }
+        request = load_generator().make_request(records=30, partitions=3, seed=5, run_id="outage-gcs")
+        path = write_request(tmp_path / "r.json", request)
+        run = run_pcbo(["execute", "--input", path], home=tmp_path / "a", env=env)
+        assert run.status == 0, run.stderr
+        proxy.fail(lambda method, p: method == "GET" and "alt=media" in p and f"{pas}%2F" in p, "403")
+        run = run_pcbo(["verify"], home=tmp_path / "b", env=env)
+        _assert_unavailable(run, f"gs://{gcs_store.bucket}/{pas}", "events/v1/0000000000", "Forbidden")
+    finally:
+        proxy.close()
