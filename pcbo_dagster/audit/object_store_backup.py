@@ -52,7 +52,7 @@ from pcbo_dagster.audit.backup import (
 from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.io.redaction import redact_url
-from pcbo_dagster.lake.storage import StoreUnavailable, filesystem, store_reading
+from pcbo_dagster.lake.storage import StoreUnavailable, create_object, filesystem, store_reading
 
 #: Schemes whose stores take create-only writes (the durable, shared audit copy).
 SHARED_SCHEMES = ("s3", "s3a", "gs", "gcs")
@@ -340,9 +340,7 @@ class ObjectStoreAuditBackup:
         except FileExistsError:
             pass
         for path, data in payload.items():  # one of them exists: which, and is it this very event?
-            try:
-                self.fs.pipe_file(path, data, mode="create")
-            except FileExistsError:
+            if not create_object(self.fs, path, data):
                 held = self._fetch([path])[path]
                 if held != data:
                     raise AuditBackupConflict(

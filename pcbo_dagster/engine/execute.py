@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pcbo_dagster.audit.log import ChainMoved
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.canonical import mismatched_digests, prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import (
@@ -48,7 +49,7 @@ from pcbo_dagster.core.record_table import build_table
 from pcbo_dagster.core.sql_outcomes import TargetDecisions
 from pcbo_dagster.engine import failpoints, lake_changes
 from pcbo_dagster.engine.crash_windows import LakeDisagreesWithChain, LakeVsChain, compare, heal
-from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.environment import DatasetLease, Environment
 from pcbo_dagster.engine.events import (
     catalog_row,
     chain_key,
@@ -338,9 +339,8 @@ def execute(
             if pace is not None and not pace(pds[0]):
                 stopped = True
                 break
-            lease.renew()  # still this run's (DatasetBusy if not), just before the batch writes anything
             try:
-                batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state)
+                batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state, lease)
             except (LakeDisagreesWithChain, SourceChanged) as exc:
                 refusal = _refuse(env, plan, exc)
                 failure = refusal.message
@@ -693,12 +693,78 @@ def _partition_table(
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _write_files(env: Environment, prepared: _Prepared) -> None:
-    """Write a prepared partition's data file, version and rollback manifests (not yet durable, not
-    yet committed), then let go of their bytes."""
-    for rel, data in prepared.files:
-        env.lake.write(rel, data)
+def _create_files(env: Environment, prepared: _Prepared) -> None:
+    """Write a prepared partition's files (data file, version and rollback manifests; a restoration's
+    files, then its commit point) in order, each staged file create-only: any thread. Stops at the
+    first name that holds other bytes, leaving it and the files after it in `prepared.files` for
+    `_write_files` (on the calling thread: it reads the chain and the lease)."""
+    if prepared.staged is not None and prepared.files:
+        _reached("before_staging_writes", [prepared.staged.pd.partition.index])
+    for i, (rel, data) in enumerate(prepared.files):
+        if layout.split_manifest_path(rel) is not None:  # a restoration's commit point, last
+            env.lake.write_atomic(rel, data)
+            continue
+        held = env.lake.create(rel, data)
+        if held is not None and held != data:
+            prepared.files = prepared.files[i:]
+            return
     prepared.files = []
+
+
+def _write_files(env: Environment, plan: Plan, lease: DatasetLease, prepared: _Prepared) -> None:
+    """Write what `_create_files` left of a prepared partition's files (on the calling thread), then
+    let go of their bytes.
+
+    Data, version and rollback manifests are written create-only: never over another writer's file (a
+    run frozen past its write lease, woken while the lease's new holder stages or has committed the
+    same version number). The same bytes already there: nothing to write (a re-run). Other bytes:
+
+    - at a data file's name (its content's checksum): no writer's content, a partial or corrupt file:
+      replaced whole;
+    - at a version or rollback manifest of a version the chain, read again now, says was committed:
+      replaced only by the version manifest that commit named (a restoration), else `ChainMoved`
+      (another writer committed that version since this run read the chain; nothing written);
+    - at one of a version the chain has not committed (left by a run stopped before its commit: a
+      crash, a failed run): replaced only while this run still holds the write lease (`DatasetBusy`
+      otherwise, nothing written)."""
+    for rel, data in prepared.files:
+        if layout.split_manifest_path(rel) is not None:
+            env.lake.write_atomic(rel, data)
+            continue
+        held = env.lake.create(rel, data)
+        if held is None or held == data:
+            continue
+        found = layout.split_version_file(rel)
+        if found is not None:
+            _may_replace(env, plan, lease, rel, data, *found)
+        env.lake.write_atomic(rel, data)
+    prepared.files = []
+
+
+def _may_replace(
+    env: Environment,
+    plan: Plan,
+    lease: DatasetLease,
+    rel: str,
+    data: bytes,
+    directory: str,
+    kind: str,
+    version: int,
+) -> None:
+    """`_write_files`' judgement of a version or rollback manifest at whose name other bytes are:
+    returns when they may be replaced, else raises (nothing written)."""
+    chain = replay(env.audit.backup.read_chain(chain_key(plan.dataset, plan.version_label)))
+    history = chain.get(directory.rsplit("/", 1)[-1])
+    committed = history.versions.get(version) if history is not None else None
+    if committed is None:
+        lease.renew()  # DatasetBusy: another run holds the lease, and may be staging this very version
+        return
+    if kind != "_versions" or manifests.checksum(data) != committed.manifest_checksum:
+        raise ChainMoved(
+            f"{env.lake.uri(rel)} holds version {version}, which another writer committed since this run "
+            "read the audit chain (was its write lease taken over?); nothing was overwritten and nothing "
+            "of this batch was committed"
+        )
 
 
 def _stage_batch(
@@ -711,6 +777,7 @@ def _stage_batch(
     schema: pa.Schema,
     as_json: dict[str, bool],
     state: ChainState,
+    lease: DatasetLease,
 ) -> list[_Staged]:
     """Stage a batch's partitions (compare the commit point with the chain; encode; when new, write the
     data file, version manifest and rollback manifest), in partition order.
@@ -722,12 +789,13 @@ def _stage_batch(
     commit point disagrees with its chain otherwise raises `LakeDisagreesWithChain`: nothing of the
     batch is committed.
     """
+    lease.renew()  # still this run's (DatasetBusy if not), just before the batch writes anything
     histories = {pd.partition.key: state.get(pd.partition.key) for pd in pds}
 
     def prepare_and_write(pd: PartitionDecision) -> _Prepared:
         prepared = _prepare(env, loaded, plan, decisions, pd, schema, as_json, histories[pd.partition.key])
         if pool is not None:
-            _write_files(env, prepared)
+            _create_files(env, prepared)
         if loaded.source is not None:
             release_memory()  # the partition's records and table, freed on this thread
         return prepared
@@ -741,7 +809,9 @@ def _stage_batch(
             prepared.staged.healed = True
         if prepared.staged.restored is not None:
             _record_restoration(env, state, plan, prepared.staged)
-        _write_files(env, prepared)  # without a pool: after the healing, as ever; else nothing left
+        if pool is None:  # after the healing, as ever
+            _create_files(env, prepared)
+        _write_files(env, plan, lease, prepared)  # what `_create_files` left: a name another file holds
         staged.append(prepared.staged)
     return staged
 
@@ -1059,9 +1129,8 @@ def emit_partitions(
         env.audit.sync_to_catalog(chain_key(plan.dataset, plan.version_label))
         state = replay(env.audit.backup.read_chain(chain_key(plan.dataset, plan.version_label)))
         for pds in _commit_batches(decisions.partitions, COMMIT_BATCH):
-            lease.renew()  # still this run's (DatasetBusy if not), just before the batch writes anything
             try:
-                batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state)
+                batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state, lease)
             except (LakeDisagreesWithChain, SourceChanged) as exc:
                 refusal = _refuse(env, plan, exc)
                 break

@@ -37,3 +37,34 @@ def replace_file(
     """Write `data` to `path` through `replacing`."""
     with replacing(path, durable=durable, prefix=prefix) as fh:
         fh.write(data)
+
+
+def create_file(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    durable: bool = False,
+    mode: int = 0o666,
+    prefix: str = ".tmp-",
+) -> bool:
+    """Create `path` holding `data`, whole or not at all, never replacing what is there: a temporary file
+    beside it is written, then hard-linked to `path` (the link fails when the name exists, a symbolic
+    link included, which is never followed) and removed. True when created; False when the name was
+    already taken (nothing written). `durable=True` fsyncs the file before it is linked."""
+    directory = os.path.dirname(os.fspath(path)) or "."
+    name = f"{prefix}{os.path.basename(os.fspath(path))}-{os.getpid()}-{os.urandom(6).hex()}"
+    tmp = os.path.join(directory, name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path, follow_symlinks=False)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)

@@ -82,6 +82,20 @@ def rollback_manifest(dataset: str, version_label: str, key: str, version: int) 
     return f"{partition_dir(dataset, version_label, key)}/_rollback/v{version:06d}.json"
 
 
+_VERSION_FILE = re.compile(r"(_versions|_rollback)/v([0-9]{6,})\.json")
+
+
+def split_version_file(rel: str) -> tuple[str, str, int] | None:
+    """(partition directory, `_versions` or `_rollback`, version) of a version or rollback manifest's
+    path (`version_manifest`, `rollback_manifest`); None for any other path."""
+    directory, _, rest = rel.rpartition("/")
+    directory, _, kind = directory.rpartition("/")
+    found = _VERSION_FILE.fullmatch(f"{kind}/{rest}")
+    if found is None or not directory:
+        return None
+    return directory, found.group(1), int(found.group(2))
+
+
 def checkpoint_file(dataset: str, version_label: str, tree_size: int) -> str:
     """A signed checkpoint of the dataset version's audit chain (its transparency log) at `tree_size`."""
     return f"{dataset}/{version_label}/_checkpoints/{tree_size:012d}.checkpoint"

@@ -17,6 +17,7 @@ never logged):
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +27,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pcbo_dagster.io.atomic_files import replace_file
+from pcbo_dagster.io.atomic_files import create_file, replace_file
 from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url
 from pcbo_dagster.lake.layout import OutsidePartition
 
@@ -89,6 +90,17 @@ def storage_options(url: str, env: dict[str, str] | None = None) -> dict[str, ob
             options["project"] = project
         return options
     return {}
+
+
+def create_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create an object store's object create-only (S3 `PutObject` with `If-None-Match: *`, GCS
+    `ifGenerationMatch=0`: fsspec's `mode="create"`): True when created, False when an object was
+    already there (nothing written; the store itself refuses, whoever else is writing)."""
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def _gcs_probe_off(env: dict[str, str]) -> bool:
@@ -257,6 +269,38 @@ class LakeStorage:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         self._written(path)
+
+    def create(self, rel: str, data: bytes) -> bytes | None:
+        """Write a file create-only, whole or not at all: never over a file already at its name (another
+        writer's, e.g. a run frozen past its write lease that wakes while a new holder stages the same
+        version). Returns None when written (durable after `sync()`), else what the file there holds
+        (nothing written: the caller compares). Locally a temporary file linked into place (a symbolic
+        link planted at the name is not a file: it loses its name, never written through); on object
+        stores a single create-only PUT (`create_object`)."""
+        path = self._to_write(rel)
+        if not self.is_local:
+            while True:
+                if create_object(self.fs, path, data):
+                    return None
+                try:
+                    with self._reading(rel):
+                        return bytes(self.fs.cat_file(path))
+                except FileNotFoundError:
+                    continue  # removed in between: create it again
+        self._local_dir(path)
+        while True:
+            if create_file(path, data):
+                self._written(path)
+                return None
+            try:
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    continue
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            with os.fdopen(fd, "rb") as fh:
+                return fh.read()
 
     def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
         """Replace a file all-or-nothing (a temporary file renamed into place; a single PUT on an

@@ -1,0 +1,125 @@
+"""A run frozen past its write lease (a GC pause, SIGSTOP, a suspended VM) after reading its commit
+point and before its staging writes, woken after another host took the lease over and committed: it
+must fail without altering anything the other run wrote. Two real `pcbo execute` processes (hosts with
+their own PCBO_HOME) share a PostgreSQL catalog, an audit backup on S3 (moto) and a lake (a local
+directory, S3 or the GCS emulator); the first stops itself with SIGSTOP right before its first staging
+write (`PCBO_FAILPOINT=before_staging_writes@0:stop`) and is sent SIGCONT once the second has
+committed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pcbo_dagster.lake.storage import LakeStorage
+from pcbo_dagster_tests.cli_runner import load_generator, pcbo_env, run_pcbo, write_request
+
+pytestmark = pytest.mark.postgres
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _lake_bytes(url: str) -> dict[str, bytes]:
+    lake = LakeStorage(url)
+    return {rel: lake.read(rel) for rel in lake.list_files() if "/_checkpoints/" not in rel}
+
+
+#: Not the GCS emulator: it ignores `ifGenerationMatch` (a create-only PUT overwrites there), which
+#: Cloud Storage itself honours.
+@pytest.fixture(params=["local", "s3"])
+def lake_url(request, tmp_path: Path, monkeypatch) -> str:
+    if request.param == "local":
+        return str(tmp_path / "shared-lake")
+    return request.getfixturevalue("s3_store").url(f"lake-{uuid.uuid4().hex[:8]}")
+
+
+def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
+    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+):
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    generator = load_generator()
+    frozen = write_request(
+        tmp_path / "frozen.json", generator.make_request(records=60, partitions=2, seed=5, run_id="frozen-1")
+    )
+    holder = write_request(
+        tmp_path / "holder.json", generator.make_request(records=60, partitions=2, seed=6, run_id="holder-1")
+    )
+    env = {
+        **s3_store.env,
+        "PCBO_LAKE_URL": lake_url,
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+        "PCBO_AUDIT_DIR": s3_store.url(f"pas-{uuid.uuid4().hex[:8]}"),
+        "PCBO_LEASE_TTL_SECONDS": "2",
+    }
+    if "://" in lake_url:  # (a local lake is one disk: these hosts share it on one machine)
+        env["PCBO_MULTI_HOST"] = "true"
+    a = subprocess.Popen(
+        [sys.executable, "-m", "pcbo_dagster.cli.main", "execute", "--input", str(frozen)],
+        env=pcbo_env(tmp_path / "host-a", {**env, "PCBO_FAILPOINT": "before_staging_writes@0:stop"}),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(a.pid):
+            assert a.poll() is None, a.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(3)  # its lease expires: nothing renews it while the process is stopped
+        run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
+        assert run.status == 0, run.stderr
+        assert {p["status"] for p in run.document["partitions"]} == {"committed"}
+        committed = _lake_bytes(lake_url)
+        assert any("/_versions/v000001.json" in rel for rel in committed)
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+    _, stderr = a.communicate(timeout=120)
+    assert a.returncode == 1, stderr
+    assert "nothing was overwritten" in stderr.decode() or "write lease was taken over" in stderr.decode()
+    # Nothing the holder wrote was altered; the frozen run left at most its own data file (named by its
+    # content, written before it found the version taken; no manifest names it: `pcbo gc` removes it).
+    after = _lake_bytes(lake_url)
+    assert {rel: after[rel] for rel in committed} == committed
+    assert all(rel.rsplit("/", 1)[1].startswith("part-") for rel in set(after) - set(committed))
+    run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
+    assert run.status == 0, run.document
+    assert run.document["status"] == "clean"
+
+
+@pytest.mark.parametrize("failpoint", ["after_data_files@0", "before_commit@0"])
+def test_what_a_crashed_run_staged_is_replaced_by_the_next_holder_of_the_lease(tmp_path, failpoint):
+    """The other side of create-only staging: a version a crash left staged but never committed (its
+    intent on the chain or not) is no other writer's, and the next run, holding the lease, stages its
+    own content under the same version number over it."""
+    generator = load_generator()
+    first = write_request(
+        tmp_path / "first.json", generator.make_request(records=60, partitions=2, seed=5, run_id="crash-1")
+    )
+    second = write_request(
+        tmp_path / "second.json", generator.make_request(records=60, partitions=2, seed=6, run_id="crash-2")
+    )
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", first], home=home, env={"PCBO_FAILPOINT": failpoint})
+    assert run.status == 86, run.stderr
+    staged = home / "lake/events/v1/20240101T000000Z/_versions/v000001.json"
+    left = staged.read_bytes()
+    run = run_pcbo(["execute", "--input", second], home=home)
+    assert run.status == 0, run.stderr
+    assert {p["status"] for p in run.document["partitions"]} == {"committed"}
+    assert staged.read_bytes() != left
+    assert staged.read_bytes() == (staged.parent.parent / "_manifest.json").read_bytes()
+    run = run_pcbo(["verify"], home=home)
+    assert run.status == 0 and run.document["status"] == "clean", run.document
