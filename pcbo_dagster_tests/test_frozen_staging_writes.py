@@ -29,6 +29,24 @@ def _stopped(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
+def _start_stopping(home: Path, request: Path, env: dict[str, str], point: str) -> subprocess.Popen:
+    """`pcbo execute` on another host (`home`) that stops itself (SIGSTOP) at `point`; returns once
+    it is stopped."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pcbo_dagster.cli.main", "execute", "--input", str(request)],
+        env=pcbo_env(home, {**env, "PCBO_FAILPOINT": f"{point}:stop"}),
+        cwd=home.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while not _stopped(process.pid):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return process
+
+
 def _lake_bytes(url: str) -> dict[str, bytes]:
     lake = LakeStorage(url)
     return {rel: lake.read(rel) for rel in lake.list_files() if "/_checkpoints/" not in rel}
@@ -64,19 +82,8 @@ def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
     }
     if "://" in lake_url:  # (a local lake is one disk: these hosts share it on one machine)
         env["PCBO_MULTI_HOST"] = "true"
-    a = subprocess.Popen(
-        [sys.executable, "-m", "pcbo_dagster.cli.main", "execute", "--input", str(frozen)],
-        env=pcbo_env(tmp_path / "host-a", {**env, "PCBO_FAILPOINT": "before_staging_writes@0:stop"}),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    a = _start_stopping(tmp_path / "host-a", frozen, env, "before_staging_writes@0")
     try:
-        deadline = time.monotonic() + 120
-        while not _stopped(a.pid):
-            assert a.poll() is None, a.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
         time.sleep(3)  # its lease expires: nothing renews it while the process is stopped
         run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
         assert run.status == 0, run.stderr
@@ -123,3 +130,51 @@ def test_what_a_crashed_run_staged_is_replaced_by_the_next_holder_of_the_lease(t
     assert staged.read_bytes() == (staged.parent.parent / "_manifest.json").read_bytes()
     run = run_pcbo(["verify"], home=home)
     assert run.status == 0 and run.document["status"] == "clean", run.document
+
+
+def test_a_run_frozen_after_staging_appends_no_intent_while_another_run_holds_the_lease(
+    tmp_path, s3_store, fresh_postgres_url, monkeypatch
+):
+    """The run froze after its staging writes, before its intent; the lease's new holder replaced what
+    it had staged (a leftover of a version nobody committed, to the holder) and froze in turn before its
+    own intent. Woken first, the old run must not append its intent on a chain nobody moved yet (its
+    commit point would name a manifest the holder's `_versions/` file no longer is): it finds the lease
+    held by another run (exit 1), and the holder, woken, commits."""
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    generator = load_generator()
+    frozen = write_request(
+        tmp_path / "frozen.json", generator.make_request(records=60, partitions=2, seed=5, run_id="frozen-1")
+    )
+    holder = write_request(
+        tmp_path / "holder.json", generator.make_request(records=60, partitions=2, seed=6, run_id="holder-1")
+    )
+    lake_url = str(tmp_path / "shared-lake")
+    env = {
+        **s3_store.env,
+        "PCBO_LAKE_URL": lake_url,
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+        "PCBO_AUDIT_DIR": s3_store.url(f"pas-{uuid.uuid4().hex[:8]}"),
+        "PCBO_LEASE_TTL_SECONDS": "2",
+    }
+    a = _start_stopping(tmp_path / "host-a", frozen, env, "after_data_files@0")
+    b = None
+    try:
+        time.sleep(3)  # a's lease expires
+        b = _start_stopping(
+            tmp_path / "host-b", holder, {**env, "PCBO_LEASE_TTL_SECONDS": "120"}, "after_data_files@0"
+        )
+        os.kill(a.pid, signal.SIGCONT)
+        _, stderr = a.communicate(timeout=120)
+        assert a.returncode == 1, stderr
+        assert "lease was taken over" in stderr.decode()
+    finally:
+        for process in (a, b):
+            if process is not None and process.poll() is None:
+                os.kill(process.pid, signal.SIGCONT)
+    assert b is not None
+    out, stderr = b.communicate(timeout=120)
+    assert b.returncode == 0, stderr
+    run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
+    assert run.status == 0, run.document
+    assert run.document["status"] == "clean"

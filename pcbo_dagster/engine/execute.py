@@ -346,7 +346,7 @@ def execute(
                 failure = refusal.message
                 break
             del pds
-            failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing)
+            failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing, lease)
             if failure:
                 failed_key = next(st.pd.partition.key for st in batch if _check_of(st)["status"] != "ok")
             for st in batch:
@@ -842,6 +842,7 @@ def _commit_batch(
     state: ChainState,
     catalog_rows: dict[str, tuple[int, str]],
     existing: list[str],
+    lease: DatasetLease,
 ) -> str | None:
     """Intent, commit points, audit events, post-write checks and catalog rows of a staged batch.
     Returns the failure text of the first partition whose post-write check failed, if any.
@@ -849,7 +850,7 @@ def _commit_batch(
     With a pool, the batch's commit points are written, and its post-write checks run, up to the pool's
     size at once; audit events, undos, discrepancies and catalog rows follow in partition order."""
     indexes = [st.pd.partition.index for st in batch]
-    commits = _write_commit_points(pool, env, plan, batch, state)
+    commits = _write_commit_points(pool, env, plan, batch, state, lease)
     _append_commit_events(
         env,
         chain_key(plan.dataset, plan.version_label),
@@ -865,7 +866,12 @@ def _commit_batch(
 
 
 def _write_commit_points(
-    pool: ThreadPoolExecutor | None, env: Environment, plan: Plan, batch: list[_Staged], state: ChainState
+    pool: ThreadPoolExecutor | None,
+    env: Environment,
+    plan: Plan,
+    batch: list[_Staged],
+    state: ChainState,
+    lease: DatasetLease,
 ) -> list[_Staged]:
     """The commit steps up to the commit point of a staged batch: its files made durable, the intent
     on the chain, then the commit points of its new versions, made durable. Returns those partitions."""
@@ -876,6 +882,11 @@ def _write_commit_points(
     lake.sync()  # data files and manifests are durable before any commit point names them
     _reached("after_data_files", indexes)
     if commits:
+        # Still this run's lease (DatasetBusy if not): a run frozen after staging, woken while the
+        # lease's new holder has replaced what it staged and not yet appended anything, would otherwise
+        # record an intent (and commit) on a chain nobody moved. Once the holder has appended, the
+        # append's fence refuses (ChainMoved).
+        lease.renew()
         intent = env.audit.append(
             ckey,
             PARTITION_COMMIT_INTENT,
@@ -1135,7 +1146,7 @@ def emit_partitions(
                 refusal = _refuse(env, plan, exc)
                 break
             del pds
-            _write_commit_points(pool, env, plan, batch, state)
+            _write_commit_points(pool, env, plan, batch, state, lease)
             emitted.extend(
                 EmittedPartition(
                     key=st.pd.partition.key,
