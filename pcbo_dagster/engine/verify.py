@@ -49,6 +49,7 @@ from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import (
     PARTITION_ROLLED_BACK,
     ChainState,
+    CommitIntent,
     PartitionHistory,
     RollbackIntent,
     replay,
@@ -92,6 +93,9 @@ class _Report:
         self.repair = repair
         self.findings: list[dict[str, Any]] = []
         self.repaired: list[dict[str, Any]] = []
+        #: Crash windows the chain shows still open that nothing in the stores contradicts (not
+        #: findings: no store was tampered with; `_pending_commit`).
+        self.pending: list[dict[str, Any]] = []
 
     def find(self, kind: str, where: str, detail: str) -> None:
         if self.repair:
@@ -233,6 +237,7 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
         "status": "clean" if not report.findings else "findings",
         "findings": report.findings,
         "repaired": report.repaired,
+        "pending": report.pending,
         "checked": {"partitions": checked_partitions, "chains": chains_checked},
         **document,
     }
@@ -387,6 +392,8 @@ def _check_partition(
         if not _heal(env, report, state, dataset, version_label, history, comparison):
             return manifest_bytes is not None
     intent = history.open_intent if history is not None else None
+    if comparison.verdict == "agrees" and isinstance(intent, CommitIntent):
+        _pending_commit(report, where, intent)
     if (
         comparison.verdict == "agrees"
         and isinstance(intent, RollbackIntent)
@@ -399,6 +406,32 @@ def _check_partition(
     if history is not None:
         _check_versions(env, report, history, dataset, version_label)
     return manifest_bytes is not None
+
+
+def _pending_commit(report: _Report, where: str, intent: CommitIntent) -> None:
+    """A commit intent on the chain with no commit event, and the commit point still the version it was
+    to replace: a run stopped (a crash, a kill, a lost lease) after recording its intent and before
+    moving the commit point. Derived from the chain alone; not tampering, and nothing to repair (no
+    commit point was written: `--repair` cannot complete a commit whose post-write check never ran).
+    Re-running the request commits that version (a new intent, then the commit), and any later commit
+    or rollback of the partition closes it. Reported, since until then anyone who can write the lake
+    can complete it when they choose, by putting its staged `_versions/` manifest in as the commit point
+    (which `--repair` or the next run would then heal, checking it as any commit)."""
+    report.pending.append(
+        {
+            "kind": "commit_intent_open",
+            "where": where,
+            "seq": intent.seq,
+            "runId": intent.run_id,
+            "version": intent.version,
+            "manifestChecksum": intent.manifest_checksum,
+            "detail": (
+                f"run {intent.run_id!r} recorded its intent to commit version {intent.version} (seq "
+                f"{intent.seq}) and stopped before moving the commit point: a crash window, not tampering; "
+                "re-running the request (or any later commit or rollback of the partition) closes it"
+            ),
+        }
+    )
 
 
 def _heal(

@@ -1,0 +1,48 @@
+"""`pcbo verify` reports the commit intents a crash left open (on the chain, no commit event, the commit
+point still the version they were to replace) as pending crash windows: derived from the chain, not
+findings (nothing was tampered with), each saying what closes it; the next run closes them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
+
+CRASH_STATUS = 86
+
+
+@pytest.mark.parametrize("point", ["before_commit", "after_data_files"])
+def test_an_intent_a_crash_left_open_is_pending_until_the_next_run(tmp_path: Path, point: str) -> None:
+    request = write_request(
+        tmp_path / "request.json",
+        load_generator().make_request(records=60, partitions=3, seed=5, run_id="pending-1"),
+    )
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", request], home=home, env={"PCBO_FAILPOINT": f"{point}@1"})
+    assert run.status == CRASH_STATUS, run.stderr
+
+    run = run_pcbo(["verify"], home=home)
+    assert run.status == 0, run.document
+    assert run.document["status"] == "clean" and run.document["findings"] == []
+    pending = run.document["pending"]
+    if point == "after_data_files":  # no intent was recorded: nothing is pending
+        assert pending == []
+    else:
+        keys = [p["where"] for p in pending]
+        assert keys == [f"events/v1/20240101T0{h}0000Z" for h in range(3)]
+        assert {p["kind"] for p in pending} == {"commit_intent_open"}
+        assert {(p["runId"], p["version"]) for p in pending} == {("pending-1", 1)}
+        assert all(
+            "not tampering" in p["detail"] and "re-running the request" in p["detail"] for p in pending
+        )
+        # `--repair` has nothing to complete (no commit point was written) and says the same
+        run = run_pcbo(["verify", "--repair"], home=home)
+        assert run.status == 0 and run.document["repaired"] == [] and run.document["pending"] == pending
+
+    run = run_pcbo(["execute", "--input", request], home=home)
+    assert run.status == 0, run.stderr
+    run = run_pcbo(["verify"], home=home)
+    assert run.status == 0 and run.document["status"] == "clean"
+    assert run.document["pending"] == []
