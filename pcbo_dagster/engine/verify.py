@@ -86,6 +86,10 @@ from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.tables.iceberg_publication import check_tables
 
 REFUSED = "not a crash window of the commit protocol: verify --repair refuses to touch it"
+HELD_BACK = (
+    "verify --repair refuses to heal it: the chain does not extend the checkpoint given (rewritten or "
+    "cut back, what looks like a crash window may be forged)"
+)
 
 
 class _Report:
@@ -93,6 +97,8 @@ class _Report:
         self.repair = repair
         self.findings: list[dict[str, Any]] = []
         self.repaired: list[dict[str, Any]] = []
+        #: Repairing, but not this chain (`_not_extending`).
+        self.held_back = False
         #: Crash windows the chain shows still open that nothing in the stores contradicts (not
         #: findings: no store was tampered with; `_pending_commit`).
         self.pending: list[dict[str, Any]] = []
@@ -104,6 +110,8 @@ class _Report:
 
     def healable(self, kind: str, where: str, detail: str) -> None:
         """A finding `--repair` heals (reported as found when not repairing)."""
+        if self.held_back:
+            detail = f"{detail}; {HELD_BACK}"
         self.findings.append({"kind": kind, "where": where, "detail": detail})
 
 
@@ -174,7 +182,13 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
 
     checked_partitions = 0
     chains_checked: dict[str, int] = {}
+    held_back = _not_extending(env, trusted, backup_chains) if repair else set()
     for ckey in sorted(set(backup_chains) | set(heads) | set(lake_keys) | catalog_chains):
+        # A chain that does not extend the checkpoint the auditor holds was rewritten or cut back: what
+        # looks like a crash window in it may be a forgery (a chain cut to just after an intent whose
+        # commit points are in the lake), so nothing of it is healed.
+        report.repair = repair and ckey not in held_back
+        report.held_back = ckey in held_back
         try:
             dataset, version_label = split_chain_key(ckey)
         except ValueError as exc:
@@ -207,6 +221,7 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
 
             checked_partitions += check_sql_targets(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
+    report.repair, report.held_back = repair, False
     _check_rollouts(env, report, backup_chains)
     _check_triggers(env, report)
     document: dict[str, Any] = {}
@@ -226,6 +241,14 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
     if repair:
         document["checkpoints"] = []
         for ckey in sorted(chains_checked):
+            if ckey in held_back:  # (its findings say why)
+                report.find(
+                    "transparency_log_not_published",
+                    ckey,
+                    "no checkpoint signed: the chain does not extend the checkpoint given",
+                )
+                document["checkpoints"].append(None)
+                continue
             try:
                 document["checkpoints"].append(publish(env, ckey)["checkpoint"])
             except ValueError as exc:  # the stored log and the chain disagree (reported above)
@@ -241,6 +264,22 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
         "checked": {"partitions": checked_partitions, "chains": chains_checked},
         **document,
     }
+
+
+def _not_extending(
+    env: Environment, trusted: TrustedCheckpoint | None, backup_chains: dict[str, list[dict]]
+) -> set[str]:
+    """The chain a held checkpoint names when the backup's chain does not extend it (`repair` heals
+    nothing there)."""
+    if trusted is None:
+        return set()
+    chain = chain_of_origin(trusted.checkpoint.origin, env.settings.checkpoint_origin_prefix)
+    if chain is None:
+        return set()
+    findings, _ = check_against_checkpoint(
+        env, trusted.checkpoint, trusted.note, backup_chains.get(chain, []), [], 0
+    )
+    return {chain} if findings else set()
 
 
 def _announce_repairs(env: Environment, repaired: list[dict[str, Any]]) -> None:
