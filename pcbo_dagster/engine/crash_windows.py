@@ -203,7 +203,9 @@ def compare(
 def heal(env: Any, state: ChainState, dataset: str, version_label: str, comparison: LakeVsChain) -> dict:
     """Complete what a crash interrupted: append the event an interrupted commit or rollback left out
     (replayed into `state`) and the catalog rows it would have written; returns the event. Refuses
-    (`ValueError`) anything `compare` did not find healable."""
+    (`ValueError`) anything `compare` did not find healable, and (`ChainMoved`, nothing appended) when
+    another writer appended a lake event since `state` was replayed: a run frozen past its lease, or
+    repair and a run, healing the same window would otherwise commit it twice."""
     history = state.partitions[comparison.where.rsplit("/", 1)[-1]]
     ckey = f"{dataset}/{version_label}"
     if comparison.verdict == "heal_commit":
@@ -212,6 +214,7 @@ def heal(env: Any, state: ChainState, dataset: str, version_label: str, comparis
             ckey,
             PARTITION_COMMITTED,
             commit_body(comparison.manifest, comparison.manifest_checksum, env.lake),
+            fence=state,  # on the chain `comparison` was judged from (ChainMoved: another writer healed it)
         )
         state.add(event)
         env.catalog.record_partition_version(
@@ -236,6 +239,7 @@ def heal(env: Any, state: ChainState, dataset: str, version_label: str, comparis
             intent.reason or "interrupted_rollback_completed",
             intent.run_id,
         ),
+        fence=state,
     )
     state.add(event)
     _remove_undone_files(env, history, dataset, version_label, intent.version, intent.restore_version)

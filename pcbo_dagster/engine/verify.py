@@ -502,6 +502,9 @@ def _heal(
     except ChainDivergence as exc:  # the stores disagree (found above): nothing is appended to them
         report.find("audit_stores_diverge", where, str(exc))
         return False
+    except ChainMoved as exc:  # a writer without the lock (one frozen past its lease) appended since
+        report.find("audit_chain_moved", where, str(exc))
+        return False
     appended = "audit_event_appended" if comparison.verdict == "heal_commit" else "rollback_event_appended"
     report.repaired.append({"kind": appended, "where": where, "eventHash": event["chain"]["event_hash"]})
     return True
