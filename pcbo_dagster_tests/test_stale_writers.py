@@ -68,3 +68,35 @@ def test_a_heal_decided_before_another_writer_healed_appends_nothing(tmp_path: P
         env.close()
     assert backup_lines(home) == chain
     assert run_pcbo(["verify"], home=home).document["status"] == "clean"
+
+
+def test_a_restoration_writes_no_commit_point_before_its_event_is_on_the_chain(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The `partition_restored` event is appended (fenced) before the commit point is put back, with
+    worker threads as without: a run that lost its chain (here the append fails) writes no commit point,
+    where a stale run's worker restored the chain's old current version over the new holder's."""
+    import pcbo_dagster.engine.execute as engine_execute
+    from pcbo_dagster.engine.execute import check_gates, execute
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    home = tmp_path / "home"
+    request = _request(tmp_path, "first", 5)
+    assert run_pcbo(["execute", "--input", request], home=home).status == 0
+    commit_point = home / "lake" / layout.manifest("events", "v1", KEY)
+    commit_point.unlink()  # lost: the run puts it back (its `_versions/` manifest has the chain's checksum)
+
+    def fenced_out(*args: object, **kwargs: object) -> None:
+        raise ChainMoved("another writer appended partition_committed")
+
+    monkeypatch.setattr(engine_execute, "_record_restoration", fenced_out)
+    loaded = load_request(request.read_bytes(), request.parent)
+    plan, decisions = evaluate(loaded)
+    check_gates(loaded, decisions)
+    env = Environment.open(Settings.resolve(home=str(home), env={}, parallel=2))
+    try:
+        with pytest.raises(ChainMoved):
+            execute(env, loaded, plan, decisions)
+    finally:
+        env.close()
+    assert not commit_point.exists()

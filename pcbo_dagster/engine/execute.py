@@ -694,16 +694,17 @@ def _partition_table(
 
 
 def _create_files(env: Environment, prepared: _Prepared) -> None:
-    """Write a prepared partition's files (data file, version and rollback manifests; a restoration's
-    files, then its commit point) in order, each staged file create-only: any thread. Stops at the
-    first name that holds other bytes, leaving it and the files after it in `prepared.files` for
-    `_write_files` (on the calling thread: it reads the chain and the lease)."""
+    """Write a prepared partition's staged files (data file, version and rollback manifests; a
+    restoration's files) in order, each create-only: any thread. Stops at the first name that holds
+    other bytes, and at a restoration's commit point (put back only once its `partition_restored` event
+    is on the chain, appended fenced by the calling thread), leaving it and the files after it in
+    `prepared.files` for `_write_files` (on the calling thread: it reads the chain and the lease)."""
     if prepared.staged is not None and prepared.files:
         _reached("before_staging_writes", [prepared.staged.pd.partition.index])
     for i, (rel, data) in enumerate(prepared.files):
-        if layout.split_manifest_path(rel) is not None:  # a restoration's commit point, last
-            env.lake.write_atomic(rel, data)
-            continue
+        if layout.split_manifest_path(rel) is not None:
+            prepared.files = prepared.files[i:]
+            return
         held = env.lake.create(rel, data)
         if held is not None and held != data:
             prepared.files = prepared.files[i:]
@@ -811,14 +812,15 @@ def _stage_batch(
             _record_restoration(env, state, plan, prepared.staged)
         if pool is None:  # after the healing, as ever
             _create_files(env, prepared)
-        _write_files(env, plan, lease, prepared)  # what `_create_files` left: a name another file holds
+        # what `_create_files` left: a name another file holds, a restoration's commit point
+        _write_files(env, plan, lease, prepared)
         staged.append(prepared.staged)
     return staged
 
 
 def _record_restoration(env: Environment, state: ChainState, plan: Plan, staged: _Staged) -> None:
     """Append the `partition_restored` event of a partition this run puts back to the chain's current
-    version (before its files are written: a crash after it is restored again by the next run)."""
+    version (before its commit point is put back: a crash after it is restored again by the next run)."""
     history = state.partitions[staged.pd.partition.key]
     current = history.current_version
     assert current is not None
