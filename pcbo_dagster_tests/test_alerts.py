@@ -547,3 +547,48 @@ def test_secrets_in_a_checks_json_metadata_reach_neither_the_webhook_nor_the_cat
         assert "jsonpw-55" not in text and "jsontok-66" not in text
     conn = sent["detail"]["metadata"]["conn"]
     assert conn["dsn"].endswith("@db/x") and conn["hooks"][0].startswith("https://h.example/")
+
+
+def test_a_pending_alert_row_with_a_garbage_time_blocks_no_other_alert(store, receiver):
+    """Red-team finding: an `alerts` row written into the catalog by hand, pending, whose `raised_at`
+    is not a time (SQLite keeps any text or number) made every read of the pending alerts fail (the
+    column's conversion raised), so every tick failed and no later alert was ever delivered. The row
+    is sent as it reads (`raised_at` null); the real alert is delivered after it."""
+    import sqlite3
+
+    raise_and_deliver(store, [alert(1)], None, now=NOW)
+    path = store.catalog.url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        for key, moment in (("forged-text", "not a time"), ("forged-number", 12345)):
+            conn.execute(
+                "INSERT INTO alerts (alert_key, kind, severity, subject, detail, raised_at, "
+                "delivery_status, attempts, delivered_at) VALUES (?, 'run_failed', 'error', 'x', '{}', ?, "
+                "'pending', 0, 'garbage')",
+                (key, moment),
+            )
+    report = raise_and_deliver(store, [alert(2)], fast(receiver.url), now=NOW)
+    assert (report["delivery"]["delivered"], report["delivery"]["left"]) == (4, 0)
+    assert receiver.accepted_keys() == ["test:1", "forged-text", "forged-number", "test:2"]
+    assert [a["raised_at"] for a in receiver.accepted] == [
+        "2026-03-01T12:00:00Z",
+        None,
+        None,
+        "2026-03-01T12:00:00Z",
+    ]
+    assert store.alert("forged-text")["delivery_status"] == "delivered"
+
+
+@pytest.mark.postgres
+def test_alert_moments_read_back_on_postgresql(fresh_postgres_url, receiver):
+    """The alert reads that take moments as stored (above) give PostgreSQL's timestamps back as the
+    same aware UTC datetimes."""
+    catalog = CatalogStore(fresh_postgres_url)
+    catalog.migrate()
+    try:
+        store = RolloutStore(catalog)
+        raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW)
+        row = store.alert("test:1")
+        assert (row["raised_at"], row["delivered_at"], row["delivery_status"]) == (NOW, NOW, "delivered")
+        assert receiver.accepted[0]["raised_at"] == "2026-03-01T12:00:00Z"
+    finally:
+        catalog.close()

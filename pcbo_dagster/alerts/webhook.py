@@ -5,7 +5,8 @@ An alert is raised once per `alert_key` (the catalog's unique key), with deliver
 
     {"version": "pcbo.alert/1", "alert_key", "kind", "severity", "subject", "detail", "raised_at"}
 
-(`raised_at` in `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`). A 2xx answer marks the alert `delivered`.
+(`raised_at` in `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`; null for a row whose time is not one: a row written
+by hand is sent as it reads and blocks no other alert). A 2xx answer marks the alert `delivered`.
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff
 (tenacity); other answers (3xx: redirects are not followed, 4xx) are not retried. An alert that
 still fails stays `pending` with a redacted `last_error` and is sent again by the next call. After
@@ -70,7 +71,7 @@ def alert_payload(alert: Mapping[str, Any]) -> dict[str, Any]:
         "severity": alert["severity"],
         "subject": alert["subject"],
         "detail": alert["detail"],
-        "raised_at": format_datetime(alert["raised_at"]),
+        "raised_at": None if alert["raised_at"] is None else format_datetime(alert["raised_at"]),
     }
 
 

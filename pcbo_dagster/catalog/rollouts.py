@@ -16,10 +16,10 @@ import builtins
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypedDict, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import Text, select, type_coerce, update
 from sqlalchemy.exc import IntegrityError
 
 from pcbo_dagster.catalog import schema as t
@@ -74,6 +74,36 @@ def _rollout_row(row: Any) -> RolloutRow:
 def _with_detail(row: Any) -> dict[str, Any]:
     out = dict(row._mapping)
     out["detail"] = _json_column(out["detail"], lambda v: True, None)
+    return out
+
+
+def _stored_moment(value: Any) -> datetime | None:
+    """A moment column read as its stored value (`_alerts_select`): an aware UTC datetime, or None
+    when the row holds no moment (SQLite keeps whatever text or number was written by hand)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _alerts_select() -> Any:
+    """`SELECT` of `alerts` whose moments come back as stored, not through `UTCDateTime`: a row written
+    by hand with a garbage time failed that type's conversion, so every read of the pending alerts
+    failed and no later alert was ever delivered."""
+    a = t.alerts
+    return select(
+        *(type_coerce(c, Text).label(c.name) if isinstance(c.type, t.UTCDateTime) else c for c in a.c)
+    )
+
+
+def _alert_row(row: Any) -> dict[str, Any]:
+    out = _with_detail(row)
+    for name in ("raised_at", "delivered_at"):
+        out[name] = _stored_moment(out[name])
     return out
 
 
@@ -399,16 +429,16 @@ class RolloutStore:
 
     def alert(self, alert_key: str) -> dict[str, Any] | None:
         with self.catalog.read() as conn:
-            row = conn.execute(select(t.alerts).where(t.alerts.c.alert_key == alert_key)).first()
-        return None if row is None else _with_detail(row)
+            row = conn.execute(_alerts_select().where(t.alerts.c.alert_key == alert_key)).first()
+        return None if row is None else _alert_row(row)
 
     def alerts(self, delivery_status: str | None = None) -> builtins.list[dict[str, Any]]:
         a = t.alerts
-        stmt = select(a).order_by(a.c.id)
+        stmt = _alerts_select().order_by(a.c.id)
         if delivery_status is not None:
             stmt = stmt.where(a.c.delivery_status == delivery_status)
         with self.catalog.read() as conn:
-            return [_with_detail(r) for r in conn.execute(stmt)]
+            return [_alert_row(r) for r in conn.execute(stmt)]
 
     def record_delivery(
         self,
