@@ -10,6 +10,7 @@ import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pytest
@@ -18,6 +19,7 @@ from pcbo_dagster.alerts.webhook import (
     ALERT_VERSION,
     WEBHOOK_TOKEN_ENV,
     WEBHOOK_URL_ENV,
+    AlertDeliveryError,
     AlertWebhook,
     alert_payload,
     deliver_pending,
@@ -592,3 +594,148 @@ def test_alert_moments_read_back_on_postgresql(fresh_postgres_url, receiver):
         assert receiver.accepted[0]["raised_at"] == "2026-03-01T12:00:00Z"
     finally:
         catalog.close()
+
+
+class DripReceiver:
+    """A hostile webhook on loopback: reads the request, then answers `head` and drips `drip`, one
+    byte every `gap` seconds (each byte well within the client's socket timeout) until stopped; over
+    TLS with the server context `tls`."""
+
+    def __init__(self, head: bytes, drip: bytes, gap: float = 0.1, tls: Any = None) -> None:
+        self.head, self.drip, self.gap, self.tls = head, drip, gap, tls
+        self.stop = threading.Event()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/hooks"
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    if self.tls is not None:
+                        conn = self.tls.wrap_socket(conn, server_side=True)
+                    conn.recv(65536)
+                    conn.sendall(self.head)
+                    for i in range(10**6):
+                        if self.stop.wait(self.gap):
+                            return
+                        conn.sendall(self.drip[i % len(self.drip) : i % len(self.drip) + 1])
+                except OSError:
+                    continue
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+def _send_within(hook: AlertWebhook, seconds: float) -> tuple[str, object]:
+    """`hook.send` of one alert in a thread: ("done", attempts) or ("error", exc), or ("hung", None)
+    when it has not returned after `seconds`."""
+    out: list[tuple[str, object]] = []
+
+    def run() -> None:
+        try:
+            out.append(("done", hook.send(alert_payload({**alert(1), "raised_at": NOW}))))
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out.append(("error", exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return out[0] if out else ("hung", None)
+
+
+def test_a_receiver_that_drips_its_answer_cannot_hold_delivery_past_the_timeout():
+    """Red-team finding: `timeout` bounded each socket operation, not a request: a receiver that sent
+    its status line and then a header byte every 0.1 s (or a 200 whose endless body it dripped: the
+    body was read whole, however large) held the POST, and the `pcbo_alerts` tick, for as long as it
+    liked. Now each attempt must have its whole answer's head within `timeout`, and the body is not
+    read (the status is the answer)."""
+    headers = DripReceiver(b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n")
+    body = DripReceiver(b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n", b"x")
+    try:
+        outcome, exc = _send_within(fast(headers.url, attempts=1, timeout=1.0), 8)
+        assert outcome == "error", outcome
+        assert isinstance(exc, AlertDeliveryError) and exc.retryable
+        assert "no complete answer within 1 s" in str(exc)
+        assert _send_within(fast(body.url, attempts=1, timeout=1.0), 8) == ("done", 1)
+    finally:
+        headers.close()
+        body.close()
+
+
+def _self_signed_loopback_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import ipaddress
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(NOW - timedelta(days=1))
+        .not_valid_after(NOW + timedelta(days=3650))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def test_https_delivery_goes_and_a_dripping_tls_receiver_cannot_hold_it(tmp_path, monkeypatch):
+    """An https webhook goes through the same deadline: a real TLS receiver gets the alert (its
+    certificate trusted through SSL_CERT_FILE, as by any https client), one that drips its handshake
+    or its answer's head is given up on within the timeout."""
+    import ssl
+
+    cert, key = _self_signed_loopback_cert(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    tls = Receiver()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    tls.server.socket = context.wrap_socket(tls.server.socket, server_side=True)
+    tls.thread.start()
+    dripped = DripReceiver(b"\x16\x03\x03\x40\x00", b"\x00")  # a 16 KiB handshake record, a byte at a time
+    head = DripReceiver(b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n", tls=context)
+    try:
+        assert _send_within(fast(tls.url.replace("http://", "https://"), timeout=5.0), 20) == ("done", 1)
+        assert tls.accepted_keys() == ["test:1"]
+        outcome, exc = _send_within(
+            fast(dripped.url.replace("http://", "https://"), attempts=1, timeout=1.0), 8
+        )
+        assert outcome == "error" and isinstance(exc, AlertDeliveryError) and exc.retryable, outcome
+        outcome, exc = _send_within(fast(head.url.replace("http://", "https://"), attempts=1, timeout=1.0), 8)
+        assert outcome == "error", outcome
+        assert "no complete answer within 1 s" in str(exc)
+    finally:
+        tls.server.shutdown()
+        tls.server.server_close()
+        dripped.close()
+        head.close()

@@ -3,10 +3,12 @@
 Shared by audit event delivery (`audit/delivery.py`) and alert webhooks (`alerts/webhook.py`).
 
 `JsonPoster(url, ...).post(body, what)` sends one POST (`Content-Type: application/json`) and
-returns the number of attempts it took. A 2xx answer is success. Connection errors, timeouts, 408,
-425, 429 and 5xx are retried with exponential backoff (tenacity); other answers (3xx: a redirect
-is not followed, it would turn the POST into a GET; 4xx) fail at once. A POST that still fails
-raises `DeliveryFailed` (`attempts`, `retryable`, a scrubbed message).
+returns the number of attempts it took. A 2xx answer is success; the answer's body is never read.
+`timeout` bounds each attempt whole (connecting, sending, the answer's status and headers), not just
+each socket operation: a receiver that drips its answer cannot hold a POST longer. Connection
+errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff (tenacity); other
+answers (3xx: a redirect is not followed, it would turn the POST into a GET; 4xx) fail at once.
+A POST that still fails raises `DeliveryFailed` (`attempts`, `retryable`, a scrubbed message).
 
 Credentials: a `token` is sent as `Authorization: Bearer <token>`; otherwise credentials in the
 URL (`https://user:pass@host/...`) are sent as HTTP Basic authorization. The URL's userinfo and
@@ -20,6 +22,8 @@ from __future__ import annotations
 import base64
 import http.client
 import logging
+import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -58,6 +62,72 @@ class _Permanent(Exception):
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
         return None  # a 3xx answer becomes an HTTPError (not delivered)
+
+
+class _Deadline:
+    """One attempt's time limit: when it passes, the attempt's socket is shut down, so a receiver that
+    drips its answer (a byte within each socket timeout) cannot hold the request longer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+_attempt = threading.local()  # the running attempt's `_Deadline` (one request at a time per thread)
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()  # bounded by the socket timeout (as is a TLS handshake, whole)
+        _attach(self.sock)
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()
+        _attach(self.sock)
+
+
+def _attach(sock: socket.socket) -> None:
+    deadline = getattr(_attempt, "deadline", None)
+    if deadline is not None:
+        deadline.attach(sock)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):  # noqa: ANN001, ANN201
+        return self.do_open(_DeadlineConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):  # noqa: ANN001, ANN201
+        return self.do_open(_DeadlineHTTPSConnection, req, context=self._context)
 
 
 def _sendable(value: str, spaces: bool = False) -> bool:
@@ -137,18 +207,33 @@ class JsonPoster:
             self._headers["Authorization"] = f"Basic {basic}"
             secrets += [basic, self._headers["Authorization"]]
         self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        self._opener = urllib.request.build_opener(_NoRedirect(), _HTTPHandler(), _HTTPSHandler())
 
     def scrub(self, text: str) -> str:
         """`text` without this endpoint's secrets nor any URL userinfo or query string."""
         return scrub_text(text, self._secrets)
 
     def _post_once(self, body: bytes) -> None:
+        deadline = _Deadline(self.timeout)
+        _attempt.deadline = deadline
+        late = _Retryable(f"no complete answer within {self.timeout:g} s")
+        try:
+            self._post_within(body)
+        except (_Retryable, _Permanent):
+            if deadline.expired:
+                raise late from None
+            raise
+        finally:
+            deadline.cancel()
+            _attempt.deadline = None
+        if deadline.expired:  # a head cut short by the shutdown reads as complete: not an answer
+            raise late
+
+    def _post_within(self, body: bytes) -> None:
         request = urllib.request.Request(self._url, data=body, method="POST", headers=self._headers)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                status = response.status
-                response.read()
+                status = response.status  # the answer; its body is not read (any size, any pace)
         except urllib.error.HTTPError as exc:
             status = exc.code
             exc.close()
