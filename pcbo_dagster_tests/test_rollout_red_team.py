@@ -4,7 +4,7 @@ nothing else) could do to the soak, the promotion or the alerts, and why it open
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 K0, K1, K2 = "20240101T000000Z", "20240101T010000Z", "20240101T020000Z"
 
 
-def _config(tmp_path: Path, metric: str = "") -> DatasetsConfig:
+def _config(tmp_path: Path, metric: str = "", throttle: str = "{}") -> DatasetsConfig:
     # Hour 1 is the "bad" hour: 10 rows where the others have 3.
     records = [
         {"id": f"r-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n:02d}:00Z", "consentGranted": True}
@@ -39,7 +39,7 @@ datasets:
     source: {{uri: s.jsonl}}
     policies: {{requireConsent: true, onViolation: omit}}
     rollout:
-      throttle: {{}}
+      throttle: {throttle}
       soak: {{windowMinutes: 5}}
       {metric}
       {APPROVERS_YAML}
@@ -362,3 +362,73 @@ def test_staging_on_many_hosts_must_be_shared_as_production_is(tmp_path: Path) -
     # one host: the staging defaults under $PCBO_HOME/staging stand
     alone = staging_settings(Settings.resolve(home=str(tmp_path / "one"), env={}), environ={})
     assert not alone.multi_host and alone.lake_url.endswith("one/staging/lake")
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "{}",
+        '{"partitionsPerMinute": -1}',
+        '{"partitionsPerMinute": 0}',
+        '{"partitionsPerMinute": NaN}',
+        '{"partitionsPerMinute": "1"}',
+        '{"partitionsPerMinute": 1000000}',
+        '{"partitionsPerMinute": 1, "recordsPerMinute": -5}',
+    ],
+    ids=["none", "negative", "zero", "nan", "text", "huge", "negative-records"],
+)
+def test_a_throttle_written_into_a_rollouts_row_never_loosens_the_configured_one(
+    tmp_path: Path, forged: str
+) -> None:
+    """Red-team finding: a staging apply run again over its rollout (its process died, or the run was
+    interrupted) paced itself by the `throttle` its catalog row holds. Someone who writes the catalog
+    turned the throttle off (`{}`, a negative or NaN rate, a huge one), or stopped the apply with a
+    ZeroDivisionError (0) or a TypeError (text). Now the row's limits count only where they are valid
+    and stricter than the config's (with this run's override): the config's 1 partition a minute
+    holds."""
+    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    dataset = operations.rollout_dataset(config, "sessions")
+    with operations.dataset_environments(config, dataset, base) as envs:
+        # The rollout as an apply that died before its first partition left it: `applying`.
+        envs.store.create_rollout(
+            name="r",
+            dataset="sessions",
+            version_label="v1",
+            partition_keys=[K0, K1, K2],
+            throttle={"partitionsPerMinute": 1.0, "recordsPerMinute": None},
+            soak_window_seconds=300,
+            actor="ana",
+            now=T0,
+        )
+    write_catalog(base, ("UPDATE rollouts SET throttle = :t WHERE name = 'r'", {"t": forged}))
+    logged: list[str] = []
+    result = operations.start(
+        config, base, "sessions", K0, K2, by="ana", name="r", clock=clock, log=logged.append
+    )
+    assert result["status"] == "soaking"
+    assert result["execute"]["throttle"] == {"describe": "1 partitions/min", "waitedSeconds": 120.0}
+    assert clock.now() == T0 + timedelta(seconds=120)
+
+
+def test_a_stricter_throttle_in_the_row_is_kept_when_the_apply_runs_again(tmp_path: Path) -> None:
+    """What the row holds that is valid and stricter (the start's override of 0.5 a minute) still
+    paces an apply run again without one."""
+    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    dataset = operations.rollout_dataset(config, "sessions")
+    with operations.dataset_environments(config, dataset, base) as envs:
+        envs.store.create_rollout(
+            name="r",
+            dataset="sessions",
+            version_label="v1",
+            partition_keys=[K0, K1, K2],
+            throttle={"partitionsPerMinute": 0.5, "recordsPerMinute": None},
+            soak_window_seconds=300,
+            actor="ana",
+            now=T0,
+        )
+    result = operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    assert result["execute"]["throttle"] == {"describe": "0.5 partitions/min", "waitedSeconds": 240.0}

@@ -39,7 +39,7 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_cancelled, record_staged
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
-from pcbo_dagster.rollout.throttle import Throttle
+from pcbo_dagster.rollout.throttle import Throttle, strictest
 from pcbo_dagster.tables.iceberg_publication import staging_target
 
 Log = Callable[[str], None]
@@ -72,6 +72,22 @@ def throttle_for(dataset: DatasetConfig, override: dict[str, Any] | None = None)
         if value is not None:
             base[key] = value
     return checked_throttle(base)
+
+
+def _row_throttle(name: str, row: Any, limits: dict[str, Any], log: Log) -> dict[str, Any]:
+    """The throttle of an apply run again without an override: the row's (a start's override) where it
+    is stricter than `limits` (the config's), never looser: the row is the catalog's, which anyone who
+    writes it could set to nothing, a negative or NaN rate (no throttle at all) or 0 (a division by
+    zero). A row that holds no valid throttle is named and the config's applies."""
+    try:
+        checked = checked_throttle(row)
+    except InvalidInput as exc:
+        log(
+            f"rollout {name}: the throttle its catalog row holds is not one ({exc.field}: {exc.message}); "
+            f"the configured {limits} applies"
+        )
+        return limits
+    return strictest(limits, checked)
 
 
 def apply_to_staging(
@@ -125,16 +141,19 @@ def apply_to_staging(
         # The engine completes what the interrupted run left half done and skips what it committed.
         store.set_status(name, "applying", actor=actor, now=clock.now(), detail={"resumed": "interrupted"})
         log(f"rollout {name}: resuming the interrupted staging apply")
-        if any(v is not None for v in (throttle or {}).values()) and limits != rollout["throttle"]:
-            # Limits given with the resume are the operator's choice for the rest of the apply.
-            rollout = store.set_throttle(name, limits, actor=actor, now=clock.now())
-            log(f"rollout {name}: throttle changed for the rest of the apply: {limits}")
+    overridden = any(v is not None for v in (throttle or {}).values())
+    if overridden and limits != rollout["throttle"]:
+        # Limits given with the resume are the operator's choice for the rest of the apply.
+        rollout = store.set_throttle(name, limits, actor=actor, now=clock.now())
+        log(f"rollout {name}: throttle changed for the rest of the apply: {limits}")
     run_id = staging_run_id(name)
     loaded, plan, decisions = evaluate_keys(
         config, dataset, keys, run_id, {"rollout": name, "stage": "staging", **(metadata or {})}
     )
     check_gates(loaded, decisions)
-    limiter = Throttle.from_config(rollout["throttle"])
+    limiter = Throttle.from_config(
+        limits if overridden else _row_throttle(name, rollout["throttle"], limits, log)
+    )
     log(
         f"rollout {name}: applying {len(keys)} partition(s) {keys[0]}..{keys[-1]} of {dataset.name} to "
         f"staging at {limiter.describe()}; plan {plan.plan_hash}, decisions {decisions.decision_hash}"

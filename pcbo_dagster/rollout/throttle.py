@@ -9,9 +9,23 @@ still goes through whole (the partition is the unit of atomicity) and simply del
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+#: The limits a throttle sets (the datasets config's `rollout.throttle` keys).
+LIMITS = ("partitionsPerMinute", "recordsPerMinute")
+
+
+def strictest(*throttles: Mapping[str, Any]) -> dict[str, float | None]:
+    """Each limit at the lowest rate any of `throttles` sets (None where none sets it). For checked
+    throttles only (`datasets.config.checked_throttle`): rates above 0."""
+    out: dict[str, float | None] = {}
+    for limit in LIMITS:
+        rates = [float(t[limit]) for t in throttles if t.get(limit) is not None]
+        out[limit] = min(rates) if rates else None
+    return out
 
 
 @dataclass
