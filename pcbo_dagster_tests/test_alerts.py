@@ -739,3 +739,31 @@ def test_https_delivery_goes_and_a_dripping_tls_receiver_cannot_hold_it(tmp_path
         tls.server.server_close()
         dripped.close()
         head.close()
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        {"since": 4_000_000_000.0, "runEnds": {}, "runless": None},  # in the future
+        {"since": 1e400, "runEnds": {}, "runless": None},  # infinite
+        {"since": -1e300, "runEnds": {}, "runless": None},
+        {"since": 0, "runEnds": {}, "runless": "not-a-cursor"},
+        {"since": 0, "runEnds": {}, "runless": "e30="},  # base64 of {}
+    ],
+    ids=["future", "infinite", "before-the-epoch", "runless-garbage", "runless-empty-object"],
+)
+def test_a_sensor_cursor_set_by_hand_silences_no_failure(pcbo_env, monkeypatch, cursor):
+    """Red-team finding (an operator's `dagster sensor cursor --set`, a restored instance): a cursor
+    whose `since` was in the future made every tick read nothing, for good (the cursor kept it), and
+    one whose `since` was infinite or whose runless cursor was no event log cursor failed every tick:
+    no alert again. Such a cursor is read as none (the last day); the failed run is alerted."""
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    sensor = build_alerts_sensor()
+    with dg.instance_for_test() as instance:
+        boom = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        result = tick(sensor, instance, pcbo_env, json.dumps(cursor))
+        assert "raised 1 alert(s) (0 failed check(s), 1 failed run(s))" in result.skip_reason.skip_message
+        with alert_store(pcbo_env) as store:
+            assert [a["alert_key"] for a in store.alerts()] == [f"run:{boom.run_id}"]
+        again = tick(sensor, instance, pcbo_env, result.cursor)  # the next cursor is a good one
+        assert "raised 0 alert(s)" in again.skip_reason.skip_message

@@ -25,8 +25,9 @@ and why a delivery failed (no secret: the webhook is shown without userinfo or q
 The cursor is JSON: `{"since": <first tick's start, epoch seconds>, "runEnds": {<event type>:
 <last storage id read>}, "runless": <the runless event log cursor>}`. Without a cursor (the first
 tick) only the last `initial_lookback_seconds` are read, so turning the sensor on does not replay the
-instance's whole history. A lost cursor re-reads that window; alerts already raised are not raised
-again.
+instance's whole history. A lost cursor re-reads that window, as does one set by hand that is none
+(a `since` in the future or not a number; a runless cursor that is no event log cursor reads the
+runless checks from the start); alerts already raised are not raised again.
 """
 
 from __future__ import annotations
@@ -198,6 +199,10 @@ def run_failure_alert(
 
 
 def _parse_cursor(text: str | None, now: float, lookback: float) -> dict[str, Any]:
+    """The cursor of `text`; what is not one is read as no cursor (the last `lookback` seconds). A
+    `since` that is not a moment between the epoch and `now` (in the future, infinite, NaN: set by
+    hand) is `now - lookback`: it kept every tick from raising anything (or failed every tick) for
+    good."""
     fresh = {"since": now - lookback, "runEnds": {}, "runless": None}
     if not text:
         return fresh
@@ -207,9 +212,11 @@ def _parse_cursor(text: str | None, now: float, lookback: float) -> dict[str, An
         return fresh
     if not isinstance(data, dict) or not isinstance(data.get("runEnds"), dict):
         return fresh
-    since = data.get("since")
+    since: Any = data.get("since")
+    if isinstance(since, bool) or not isinstance(since, int | float) or not 0 <= since <= now:
+        since = now - lookback  # (a NaN compares false: it is replaced too)
     return {
-        "since": float(since) if isinstance(since, int | float) else fresh["since"],
+        "since": float(since),
         "runEnds": {
             k: v for k, v in data["runEnds"].items() if isinstance(v, int) and not isinstance(v, bool)
         },
@@ -263,12 +270,11 @@ def collect_alerts(
                 ).records
                 alerts.append(run_failure_alert(record, list(steps), tags))
             ends[event_type.value] = record.storage_id
-    runless = instance.get_records_for_run(
-        RUNLESS_RUN_ID,
-        cursor=cursor["runless"],
-        of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION,
-        limit=batch_size,
-    )
+    try:
+        runless = _runless_checks(instance, cursor["runless"], batch_size)
+    except (ValueError, KeyError, TypeError):  # a runless cursor set by hand that is none
+        cursor = {**cursor, "runless": None}
+        runless = _runless_checks(instance, None, batch_size)
     more = more or runless.has_more
     for record in runless.records:
         if record.event_log_entry.timestamp >= cursor["since"]:
@@ -281,6 +287,15 @@ def collect_alerts(
         "runless": runless.cursor if runless.records else cursor["runless"],
     }
     return alerts, next_cursor, more
+
+
+def _runless_checks(instance: dg.DagsterInstance, after: str | None, batch_size: int) -> Any:
+    return instance.get_records_for_run(
+        RUNLESS_RUN_ID,
+        cursor=after,
+        of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+        limit=batch_size,
+    )
 
 
 @contextmanager
