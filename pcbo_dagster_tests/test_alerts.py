@@ -767,3 +767,40 @@ def test_a_sensor_cursor_set_by_hand_silences_no_failure(pcbo_env, monkeypatch, 
             assert [a["alert_key"] for a in store.alerts()] == [f"run:{boom.run_id}"]
         again = tick(sensor, instance, pcbo_env, result.cursor)  # the next cursor is a good one
         assert "raised 0 alert(s)" in again.skip_reason.skip_message
+
+
+WEBHOOK_TOKEN = "tok-Leak-7731xq"
+
+
+@dg.op
+def leaky() -> None:
+    # A job that talks to the same webhook itself and fails with what it sent (an HTTP client's error).
+    raise RuntimeError(f"POST refused; sent headers Authorization: Bearer {WEBHOOK_TOKEN}")
+
+
+@dg.job
+def leaky_job() -> None:
+    leaky()
+
+
+def test_the_webhooks_own_token_in_a_failure_reaches_neither_the_catalog_nor_the_webhook(
+    pcbo_env, receiver, monkeypatch
+):
+    """Red-team finding: a failed run's error text went into the alert as it was, scrubbed of URL
+    credentials only: a run that failed with the webhook's bearer token in its message (an HTTP
+    client's error naming the headers it sent) stored the token in the catalog's `alerts` row, for
+    anyone who reads the catalog, and POSTed it. The webhook's secrets are removed from an alert
+    before it is recorded, as from its `last_error`."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, WEBHOOK_TOKEN)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01)
+    with dg.instance_for_test() as instance:
+        boom = leaky_job.execute_in_process(instance=instance, raise_on_error=False)
+        tick(sensor, instance, pcbo_env, None)
+    with alert_store(pcbo_env) as store:
+        [row] = store.alerts()
+    [sent] = receiver.accepted
+    assert sent["alert_key"] == f"run:{boom.run_id}"
+    assert "POST refused" in json.dumps(sent["detail"])
+    for text in (json.dumps(sent), json.dumps(row["detail"]), row["subject"]):
+        assert WEBHOOK_TOKEN not in text

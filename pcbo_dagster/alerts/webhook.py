@@ -271,6 +271,22 @@ def raise_and_deliver(
     Report: `raised` (the keys newly raised), `delivery` (`deliver_pending`'s report, or None
     without a webhook: the alerts are only recorded). `delivery` options go to `deliver_pending`.
     """
+    if isinstance(webhook, str):  # built once: its secrets are scrubbed from the alerts below
+        options: dict[str, Any] = {"token": None, "attempts": 3, "initial_wait": 0.5, "max_wait": 5.0}
+        options.update({k: delivery.pop(k) for k in list(delivery) if k in (*options, "timeout")})
+        webhook = AlertWebhook(webhook, **options)
+    if webhook is not None:
+        # The webhook's own secrets (its token, its URL's password or query) never go into an
+        # alert: a failure whose text holds them would store them in the catalog and send them.
+        hook = webhook
+        alerts = [
+            {
+                **alert,
+                "subject": hook.scrub(str(alert["subject"])),
+                "detail": hook.scrub_document(json_safe(dict(alert.get("detail") or {}))),
+            }
+            for alert in alerts
+        ]
     raised = raise_alerts(store, alerts, now)
     report: dict[str, Any] = {"raised": raised, "delivery": None}
     if webhook is None:

@@ -28,10 +28,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
+from typing import Any
 
 import tenacity
 
-from pcbo_dagster.io.redaction import redact_url, scrub_text
+from pcbo_dagster.io.redaction import redact_url, scrub_json, scrub_text
 
 _logger = logging.getLogger(__name__)
 
@@ -212,6 +213,10 @@ class JsonPoster:
     def scrub(self, text: str) -> str:
         """`text` without this endpoint's secrets nor any URL userinfo or query string."""
         return scrub_text(text, self._secrets)
+
+    def scrub_document(self, value: Any) -> Any:
+        """`value` (plain JSON) with every text in it through `scrub`: a body sent or stored."""
+        return scrub_json(value, self._secrets)
 
     def _post_once(self, body: bytes) -> None:
         deadline = _Deadline(self.timeout)

@@ -122,15 +122,17 @@ def terminal_text(text: str) -> str:
     )
 
 
-def scrub_json(value: Any) -> Any:
+def scrub_json(value: Any, secrets: Iterable[str] = ()) -> Any:
     """`value` (plain JSON: objects, lists, text, numbers) with every text in it, keys included,
-    through `scrub_text`: for a document that goes into an alert, a report or a log as it is."""
+    through `scrub_text` (with `secrets`): for a document that goes into an alert, a report or a log
+    as it is."""
+    secrets = tuple(secrets)
     if isinstance(value, str):
-        return scrub_text(value)
+        return scrub_text(value, secrets)
     if isinstance(value, dict):
-        return {scrub_text(str(k)): scrub_json(v) for k, v in value.items()}
+        return {scrub_text(str(k), secrets): scrub_json(v, secrets) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [scrub_json(v) for v in value]
+        return [scrub_json(v, secrets) for v in value]
     return value
 
 
