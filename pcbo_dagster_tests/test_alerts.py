@@ -269,7 +269,8 @@ def test_a_token_that_cannot_be_sent_is_refused_without_showing_it(store, receiv
         with pytest.raises(ValueError) as refused:
             AlertWebhook.from_env()
         assert "token holds a control, space or non-ASCII character" in str(refused.value)
-        assert "s3cr3t" not in str(refused.value) and "TOKEN" not in str(refused.value)
+        shown = str(refused.value).replace(WEBHOOK_TOKEN_ENV, "")  # the variable is named
+        assert "s3cr3t" not in shown and "TOKEN" not in shown
     monkeypatch.delenv(WEBHOOK_TOKEN_ENV)
     for url in (
         f"http://{host}:{port}/hooks?sig=S3CR3T\x01TOKEN",
@@ -804,3 +805,37 @@ def test_the_webhooks_own_token_in_a_failure_reaches_neither_the_catalog_nor_the
     assert "POST refused" in json.dumps(sent["detail"])
     for text in (json.dumps(sent), json.dumps(row["detail"]), row["subject"]):
         assert WEBHOOK_TOKEN not in text
+
+
+@pytest.mark.parametrize(
+    ("variable", "url", "token", "says"),
+    [
+        (WEBHOOK_URL_ENV, "file:///etc/passwd", None, "must be an http(s) URL with a host"),
+        (WEBHOOK_URL_ENV, "http://hooks.example/a b", None, "holds a control, space or non-ASCII"),
+        (WEBHOOK_URL_ENV, "http://hooks.example/\x1b[2J", None, "holds a control, space or non-ASCII"),
+        (WEBHOOK_URL_ENV, "http://hooks.example:99999/", None, "invalid alert webhook"),
+        (WEBHOOK_URL_ENV, "hooks.example/pcbo", None, "must be an http(s) URL with a host"),
+        (WEBHOOK_TOKEN_ENV, "http://hooks.example/", "tok\nen-Qz81", "token holds a control"),
+    ],
+    ids=["file", "space", "control", "port", "no-scheme", "token"],
+)
+def test_a_misconfigured_webhook_is_named_by_its_variable(pcbo_env, monkeypatch, variable, url, token, says):
+    """Red-team finding: the sensor said `WEBHOOK MISCONFIGURED (PCBO_ALERT_WEBHOOK_URL)` whatever was
+    wrong, so a token that cannot be sent sent the operator to a URL that was fine. Each refusal now
+    names its variable (never the token); alerts are still recorded."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, url)
+    if token is None:
+        monkeypatch.delenv(WEBHOOK_TOKEN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(WEBHOOK_TOKEN_ENV, token)
+    with pytest.raises(ValueError) as refused:
+        AlertWebhook.from_env()
+    assert str(refused.value).startswith(f"{variable}: "), str(refused.value)
+    other = WEBHOOK_TOKEN_ENV if variable == WEBHOOK_URL_ENV else WEBHOOK_URL_ENV
+    sensor = build_alerts_sensor()
+    with dg.instance_for_test() as instance:
+        doomed.execute_in_process(instance=instance, raise_on_error=False)
+        message = tick(sensor, instance, pcbo_env, None).skip_reason.skip_message
+    assert f"WEBHOOK MISCONFIGURED: {variable}: " in message and says in message, message
+    assert other not in message and "Qz81" not in message
+    assert "raised 1 alert(s)" in message

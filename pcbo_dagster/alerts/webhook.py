@@ -110,13 +110,22 @@ class AlertWebhook(JsonPoster):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> AlertWebhook | None:
         """The webhook of `PCBO_ALERT_WEBHOOK_URL` (with `PCBO_ALERT_WEBHOOK_TOKEN` when set), or None
-        when no URL is configured. `options` go to the constructor (attempts, timeout, ...)."""
+        when no URL is configured. `options` go to the constructor (attempts, timeout, ...). A value
+        that cannot be used is a `ValueError` beginning with its variable's name (`<variable>: why`;
+        the URL redacted, never the token)."""
         env = os.environ if environ is None else environ
         url = (env.get(WEBHOOK_URL_ENV) or "").strip()
         if not url:
             return None
         token = (env.get(WEBHOOK_TOKEN_ENV) or "").strip() or None
-        return cls(url, token=token, **options)
+        try:
+            cls(url, **options)
+        except ValueError as exc:
+            raise ValueError(f"{WEBHOOK_URL_ENV}: {exc}") from None
+        try:
+            return cls(url, token=token, **options)
+        except ValueError as exc:
+            raise ValueError(f"{WEBHOOK_TOKEN_ENV}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"AlertWebhook({self.endpoint!r}, attempts={self.attempts})"

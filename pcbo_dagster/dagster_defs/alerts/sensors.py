@@ -371,7 +371,7 @@ def build_alerts_sensor(
                 timeout=delivery_timeout,
             )
         except ValueError as exc:  # the message shows the URL redacted
-            webhook_note = f"WEBHOOK MISCONFIGURED ({WEBHOOK_URL_ENV}): {exc}; alerts only recorded"
+            webhook_note = f"WEBHOOK MISCONFIGURED: {exc}; alerts only recorded"  # names the variable
             context.log.error(webhook_note)
         if webhook is None and webhook_note is None:
             webhook_note = f"no webhook ({WEBHOOK_URL_ENV} unset): alerts only recorded"
