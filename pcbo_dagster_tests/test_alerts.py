@@ -45,6 +45,7 @@ class Receiver:
         self.down = False
         self.fail_next = 0
         self.fail_status = 500
+        self.location = ""  # sent with a 3xx `fail_status`
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +62,8 @@ class Receiver:
                         {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
                     )
                 self.send_response(status)
+                if receiver.location and 300 <= status < 400:
+                    self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -839,3 +842,26 @@ def test_a_misconfigured_webhook_is_named_by_its_variable(pcbo_env, monkeypatch,
     assert f"WEBHOOK MISCONFIGURED: {variable}: " in message and says in message, message
     assert other not in message and "Qz81" not in message
     assert "raised 1 alert(s)" in message
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(store, receiver, status):
+    """A webhook that answers a redirect to another origin: nothing is sent there (no token, no
+    alert), the alert stays pending with the answer named, and the next alert is still tried."""
+    elsewhere = Receiver()
+    elsewhere.thread.start()
+    try:
+        receiver.down, receiver.fail_status, receiver.location = True, status, elsewhere.url
+        report = raise_and_deliver(
+            store, [alert(1), alert(2)], fast(receiver.url, token="tok-Redir-5521"), now=NOW
+        )
+        assert elsewhere.requests == []
+        assert receiver.request_keys() == ["test:1", "test:2"]  # each once: not retried
+        assert (
+            report["delivery"]["left"] == 2
+            and f"HTTP {status} (not retried)" in report["delivery"]["lastError"]
+        )
+        assert "tok-Redir-5521" not in json.dumps(report)
+    finally:
+        elsewhere.server.shutdown()
+        elsewhere.server.server_close()
