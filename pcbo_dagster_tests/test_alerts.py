@@ -36,7 +36,8 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 class Receiver:
     """A loopback alert webhook. `down` answers `fail_status` to everything; `fail_next` answers it
-    to the next N requests; otherwise 200 (the body is kept in `accepted`)."""
+    to the next N requests; `poison` (an alert key) is answered 500 always; otherwise 200 (the body is
+    kept in `accepted`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -46,13 +47,16 @@ class Receiver:
         self.fail_next = 0
         self.fail_status = 500
         self.location = ""  # sent with a 3xx `fail_status`
+        self.poison = ""  # the alert key answered 500, always
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with receiver.lock:
-                    if receiver.down or receiver.fail_next:
+                    if receiver.poison and json.loads(body).get("alert_key") == receiver.poison:
+                        status = 500
+                    elif receiver.down or receiver.fail_next:
                         receiver.fail_next = max(0, receiver.fail_next - 1)
                         status = receiver.fail_status
                     else:
@@ -153,25 +157,29 @@ def test_alert_stays_pending_while_down_and_a_later_call_delivers_in_order(store
     report = raise_and_deliver(store, [alert(1), alert(2)], hook, now=NOW)
     delivery = report["delivery"]
     assert (delivery["pending"], delivery["delivered"], delivery["left"], delivery["ok"]) == (2, 0, 2, False)
-    assert "HTTP 500" in delivery["lastError"] and "3 attempt(s)" in delivery["lastError"]
-    assert delivery["stopped"]  # the second alert waited: a down webhook costs one alert's retries
-    assert receiver.request_keys() == ["test:1"] * 3
+    assert "HTTP 500" in delivery["errors"][0]["error"] and "3 attempt(s)" in delivery["errors"][0]["error"]
+    assert "HTTP 500" in delivery["lastError"] and "1 attempt(s)" in delivery["lastError"]
+    # A down webhook costs one alert's retries and one attempt at the next (here the last: no stop).
+    assert delivery["stopped"] is None
+    assert receiver.request_keys() == ["test:1"] * 3 + ["test:2"]
     first = store.alert("test:1")
     assert (first["delivery_status"], first["attempts"]) == ("pending", 3)
     assert "HTTP 500" in first["last_error"]
-    assert store.alert("test:2")["attempts"] == 0
+    assert store.alert("test:2")["attempts"] == 1
 
     # Raising the same alert again is a no-op; a new one joins the queue behind the pending ones.
     report = raise_and_deliver(store, [alert(1), alert(3)], hook, now=NOW)
     assert report["raised"] == ["test:3"]
     assert report["delivery"]["delivered"] == 0 and report["delivery"]["left"] == 3
+    assert report["delivery"]["stopped"]  # test:3 waits for the next call, untried
+    assert store.alert("test:3")["attempts"] == 0
 
     receiver.down = False
     report = deliver_pending(store, hook)
     assert (report["pending"], report["delivered"], report["left"], report["ok"]) == (3, 3, 0, True)
     assert receiver.accepted_keys() == ["test:1", "test:2", "test:3"]
     assert store.alerts("pending") == []
-    assert [a["attempts"] for a in store.alerts()] == [7, 1, 1]
+    assert [a["attempts"] for a in store.alerts()] == [7, 3, 1]
     assert all(a["last_error"] is None for a in store.alerts())
 
     # Nothing pending: nothing sent.
@@ -452,9 +460,9 @@ def test_sensor_keeps_alerts_pending_while_the_webhook_is_down(pcbo_env, receive
         assert receiver.accepted == []
         with alert_store(pcbo_env) as store:
             pending = store.alerts("pending")
-        # The first one used its retries; the other waits (the webhook looked down).
+        # The first one used its retries, the other one attempt (the webhook looked down).
         assert len(pending) == 2 and "HTTP 500" in pending[0]["last_error"]
-        assert (pending[0]["attempts"], pending[1]["attempts"]) == (3, 0)
+        assert (pending[0]["attempts"], pending[1]["attempts"]) == (3, 1)
 
         receiver.down = False
         second = tick(sensor, instance, pcbo_env, first.cursor)
@@ -865,3 +873,27 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(store, recei
     finally:
         elsewhere.server.shutdown()
         elsewhere.server.server_close()
+
+
+def test_a_pending_alert_the_webhook_always_fails_on_holds_back_no_other(store, receiver):
+    """Red-team finding: after an alert whose retries ran out, delivery stopped for the call (the
+    webhook looks down), oldest first: so an `alerts` row written into the catalog by hand, pending,
+    that the receiver answers 5xx to (it cannot take the alert: an odd field, a huge detail) was
+    tried first on every tick and no alert raised after it was ever delivered. Now an alert that ran
+    out of retries is followed by one attempt at the next: delivery stops only when that fails too."""
+    import sqlite3
+
+    path = store.catalog.url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO alerts (alert_key, kind, severity, subject, detail, raised_at, delivery_status, "
+            "attempts) VALUES ('poison', 'run_failed', 'error', 'x', '{}', '2026-01-01 00:00:00', "
+            "'pending', 0)"
+        )
+    receiver.poison = "poison"
+    report = raise_and_deliver(store, [alert(1), alert(2)], fast(receiver.url), now=NOW)
+    delivery = report["delivery"]
+    assert (delivery["delivered"], delivery["left"], delivery["stopped"]) == (2, 1, None), delivery
+    assert receiver.accepted_keys() == ["test:1", "test:2"]
+    assert receiver.request_keys() == ["poison"] * 3 + ["test:1", "test:2"]
+    assert store.alert("poison")["delivery_status"] == "pending"

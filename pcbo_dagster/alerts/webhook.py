@@ -10,9 +10,11 @@ by hand is sent as it reads and blocks no other alert). A 2xx answer marks the a
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff
 (tenacity); other answers (3xx: redirects are not followed, 4xx) are not retried. An alert that
 still fails stays `pending` with a redacted `last_error` and is sent again by the next call. After
-an alert whose retries are exhausted (the webhook looks down) the call stops, so a down webhook
-costs one alert's retries per call rather than every alert's; after a 4xx it goes on with the next
-alert (that answer is about the alert, or about the configuration, and the others may pass).
+an alert whose retries are exhausted the next alert is tried once: when that fails too (the webhook
+looks down) the call stops, so a down webhook costs one alert's retries and one attempt per call
+rather than every alert's, and an alert the webhook always fails on (a row written into the catalog
+by hand) holds back no other; after a 4xx it goes on with the next alert (that answer is about the
+alert, or about the configuration, and the others may pass).
 Delivery is at least once: a receiver deduplicates by `alert_key`.
 
 The webhook comes from `PCBO_ALERT_WEBHOOK_URL` (none: alerts are only recorded) and an optional
@@ -130,14 +132,15 @@ class AlertWebhook(JsonPoster):
     def __repr__(self) -> str:
         return f"AlertWebhook({self.endpoint!r}, attempts={self.attempts})"
 
-    def send(self, payload: Mapping[str, Any]) -> int:
-        """POST one alert, retrying; the number of attempts made.
+    def send(self, payload: Mapping[str, Any], attempts: int | None = None) -> int:
+        """POST one alert, retrying (`attempts` times, default the webhook's); the number of attempts
+        made.
 
         Raises `AlertDeliveryError` (a redacted message, `retryable` telling whether the retries
         ran out or the answer was not retryable) when it still fails."""
         body = compact_text(payload).encode("utf-8")
         try:
-            return self.post(body, str(payload.get("alert_key")))
+            return self.post(body, str(payload.get("alert_key")), attempts)
         except DeliveryFailed as exc:
             message = self.scrub(f"{self.endpoint}: {exc.reason} after {exc.attempts} attempt(s)")
             raise AlertDeliveryError(message, exc.attempts, exc.retryable) from None
@@ -187,8 +190,9 @@ def deliver_pending(
     """POST every pending alert, oldest first; a report (camelCase keys, no secrets).
 
     `webhook` is an `AlertWebhook` or a URL (then `token`, `attempts`, `initial_wait`, `max_wait`
-    and `timeout` build one). Stops after an alert whose retries ran out (the webhook looks down),
-    and before starting an alert once `budget_seconds` have passed; what is left stays pending for
+    and `timeout` build one). After an alert whose retries ran out, tries the next one once and stops
+    when that fails too (the webhook looks down), and before starting an alert once `budget_seconds`
+    have passed; what is left stays pending for
     the next call. Never raises for delivery failures.
 
     Report: `endpoint` (redacted), `pending` (before the call), `delivered`, `left` (still
@@ -201,22 +205,26 @@ def deliver_pending(
     delivered = 0
     errors: list[dict[str, str]] = []
     stopped: str | None = None
+    probing = False  # the alert before ran out of retries: was it the webhook, or that alert?
     for index, alert in enumerate(pending):
         if budget_seconds is not None and time.monotonic() - started >= budget_seconds:
             stopped = f"time budget of {budget_seconds:g} s used up"
             break
         try:
-            made = hook.send(alert_payload(alert))
+            made = hook.send(alert_payload(alert), 1 if probing else None)
         except AlertDeliveryError as exc:
             error = str(exc)
             store.record_delivery(alert["id"], delivered=False, attempts=exc.attempts, error=error, now=now)
             errors.append({"alertKey": alert["alert_key"], "error": error})
             logger.warning("alert delivery of %s failed: %s", alert["alert_key"], error)
             if exc.retryable:
-                if index + 1 < len(pending):
-                    stopped = "the webhook is not answering; the remaining alerts wait for the next call"
-                break
+                if probing:
+                    if index + 1 < len(pending):
+                        stopped = "the webhook is not answering; the remaining alerts wait for the next call"
+                    break
+                probing = True
             continue
+        probing = False
         store.record_delivery(alert["id"], delivered=True, attempts=made, now=now)
         delivered += 1
     left = len(pending) - delivered

@@ -257,9 +257,11 @@ class JsonPoster:
             raise _Retryable(f"HTTP {status}")
         raise _Permanent(f"HTTP {status} (not retried)")
 
-    def post(self, body: bytes, what: str) -> int:
+    def post(self, body: bytes, what: str, attempts: int | None = None) -> int:
         """POST `body` (JSON bytes), retrying; the number of attempts made. `what` names the body in
-        log lines and in the error (e.g. "seq 3"). Raises `DeliveryFailed` when it still fails."""
+        log lines and in the error (e.g. "seq 3"); `attempts` (at least 1) replaces the poster's for
+        this body. Raises `DeliveryFailed` when it still fails."""
+        attempts = self.attempts if attempts is None else max(1, attempts)
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -270,13 +272,13 @@ class JsonPoster:
                 self.endpoint,
                 what,
                 state.attempt_number,
-                self.attempts,
+                attempts,
                 self.scrub(str(exc)),
                 wait,
             )
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.attempts),
+            stop=tenacity.stop_after_attempt(attempts),
             wait=tenacity.wait_exponential(multiplier=self.initial_wait, max=self.max_wait),
             retry=tenacity.retry_if_exception_type(_Retryable),
             before_sleep=before_sleep,
