@@ -897,3 +897,43 @@ def test_a_pending_alert_the_webhook_always_fails_on_holds_back_no_other(store, 
     assert receiver.accepted_keys() == ["test:1", "test:2"]
     assert receiver.request_keys() == ["poison"] * 3 + ["test:1", "test:2"]
     assert store.alert("poison")["delivery_status"] == "pending"
+
+
+DSN_KEY = "postgresql://svc:pw-Part-5150@db.internal/x?sslpassword=qs-Part-77"
+
+
+@dg.asset(partitions_def=dg.StaticPartitionsDefinition([DSN_KEY]))
+def keyed() -> int:
+    return 1
+
+
+@dg.asset_check(asset=keyed, blocking=False)
+def keyed_check() -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=False, metadata={"dsn postgresql://k:pw-Key-31@h/x": 1})
+
+
+def test_secrets_in_a_partition_key_tag_or_a_metadata_name_never_reach_the_catalog(pcbo_env, monkeypatch):
+    """Red-team finding: the sensor scrubbed a failed check's metadata values, its description and
+    run errors, but not the metadata's names nor the run's tags: a partition key holding a URL with a
+    password (the `dagster/partition` tag, copied into `runTags`) or a metadata entry named after a
+    DSN went into the catalog's `alerts` row as it was (with a webhook configured its own scrub caught
+    them; without one, alerts are only recorded, and they were recorded so). The whole alert (key,
+    subject, every text of its detail, names included) is scrubbed when the sensor builds it."""
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    sensor = build_alerts_sensor()
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(
+            [keyed, keyed_check],
+            instance=instance,
+            partition_key=DSN_KEY,
+            raise_on_error=False,
+            resources={"io_manager": dg.mem_io_manager},
+        )
+        assert run.success
+        tick(sensor, instance, pcbo_env, None)
+    with alert_store(pcbo_env) as store:
+        [row] = store.alerts()
+    assert row["detail"]["runTags"]["partition"].startswith("postgresql://[redacted]@db.internal/x")
+    for text in (json.dumps(row["detail"]), row["subject"], row["alert_key"]):
+        for secret in ("pw-Part-5150", "qs-Part-77", "pw-Key-31"):
+            assert secret not in text, (secret, text)

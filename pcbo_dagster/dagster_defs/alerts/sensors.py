@@ -13,6 +13,10 @@ its cursor (the `RUN_SUCCESS`, `RUN_FAILURE` and `RUN_CANCELED` events, read wit
   failure message, the failed steps' errors (URL credentials and query strings removed) and the
   run's partition / backfill / retry tags.
 
+Every text of an alert (its key, subject and detail, names included: a partition key, a run tag, a
+metadata entry's name) goes through `scrub_text`: no URL userinfo, query or private key is recorded
+or sent.
+
 Check evaluations reported outside any run (`report_runless_asset_event`) are read too, after their
 own cursor. A check's alert is raised when its run ends (a run's check results are complete then).
 
@@ -71,7 +75,7 @@ _RUN_TAGS = {
 
 
 def _alert_key(*parts: str) -> str:
-    key = ":".join(parts)
+    key = ":".join(scrub_text(part) for part in parts)
     if len(key) <= MAX_ALERT_KEY:
         return key
     digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -146,8 +150,8 @@ def check_alert(record: Any, run_id: str, run_tags: Mapping[str, str] | None = N
         "alert_key": _alert_key("check", key_run, asset, evaluation.check_name, partition or ""),
         "kind": "asset_check_failed",
         "severity": severity,
-        "subject": subject,
-        "detail": detail,
+        "subject": scrub_text(subject),
+        "detail": scrub_json(detail),  # every text, names too (a partition key, a tag, a metadata name)
     }
 
 
@@ -193,8 +197,8 @@ def run_failure_alert(
         "alert_key": _alert_key("run", run_id),
         "kind": "run_failed",
         "severity": "error",
-        "subject": f"run {run_id} of {job} failed",
-        "detail": detail,
+        "subject": scrub_text(f"run {run_id} of {job} failed"),
+        "detail": scrub_json(detail),  # every text, names too (a partition key, a tag)
     }
 
 
