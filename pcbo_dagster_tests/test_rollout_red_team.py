@@ -432,3 +432,31 @@ def test_a_stricter_throttle_in_the_row_is_kept_when_the_apply_runs_again(tmp_pa
         )
     result = operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
     assert result["execute"]["throttle"] == {"describe": "0.5 partitions/min", "waitedSeconds": 240.0}
+
+
+def test_an_override_given_when_an_apply_runs_again_applies_and_is_recorded(tmp_path: Path) -> None:
+    """An override given with an apply run again over an `applying` rollout (its process died: no
+    sensor marked it interrupted) paces the rest and is recorded (`throttle_changed`), as for an
+    interrupted one; it used to be ignored (the row's throttle paced it)."""
+    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    dataset = operations.rollout_dataset(config, "sessions")
+    with operations.dataset_environments(config, dataset, base) as envs:
+        envs.store.create_rollout(
+            name="r",
+            dataset="sessions",
+            version_label="v1",
+            partition_keys=[K0, K1, K2],
+            throttle={"partitionsPerMinute": 1.0, "recordsPerMinute": None},
+            soak_window_seconds=300,
+            actor="ana",
+            now=T0,
+        )
+    result = operations.start(
+        config, base, "sessions", K0, K2, by="ana", name="r", clock=clock, throttle={"partitionsPerMinute": 2}
+    )
+    assert result["execute"]["throttle"] == {"describe": "2 partitions/min", "waitedSeconds": 60.0}
+    with operations.rollout_environments(config, base, "r") as (_, envs):
+        assert envs.store.require("r")["throttle"]["partitionsPerMinute"] == 2
+        assert "throttle_changed" in [h["kind"] for h in envs.store.history("r")]
