@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pcbo_dagster.cli.common import (
     Findings,
@@ -356,10 +356,19 @@ def cmd_demo_sql(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+class PcboArgumentParser(argparse.ArgumentParser):
+    """argparse, but a command line it refuses (a missing, unknown or malformed flag) is reported as
+    every other invalid input is: one line on stderr naming the flag, exit status 2 — not the usage
+    text and a second line, and never a secret the refused words held (a `--catalog` URL given to a
+    command that takes none) nor a control character a terminal would act on."""
+
+    def error(self, message: str) -> NoReturn:
+        shown = terminal_text(scrub_text(message))
+        self.exit(2, f"{self.prog}: invalid input: {shown} (`{self.prog} --help` lists its flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pcbo", description="Policy-constrained backfills into a parquet lake."
-    )
+    parser = PcboArgumentParser(prog="pcbo", description="Policy-constrained backfills into a parquet lake.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, func, help_text in (
@@ -542,7 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else. A reader
     that goes away (`pcbo verify | head`) ends the command with one line and exit status 1."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # refused by the command they were given to, so the message names it
+        _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     if not os.environ.get("PCBO_DEBUG"):
         quiet_store_client_logs()  # their retries' tracebacks are not the one line
     try:

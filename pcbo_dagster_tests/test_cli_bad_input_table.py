@@ -1,0 +1,141 @@
+"""The `pcbo` command line against a careless operator: for each command family, a table of bad command
+lines — a flag missing, one too many, a wrong type, a value out of range, an empty path, flags that
+cannot both apply — each refused with one line on stderr naming the flag, field or variable, exit
+status 2, no traceback, nothing on stdout and nothing written: the work directory, the home, its lake,
+catalog and audit backup are compared file by file (a SQLite database by its rows) before and after.
+
+Everything runs through the real CLI (`cli_runner.run_pcbo`, a subprocess).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from pcbo_dagster_tests.cli_runner import REPO_ROOT, PcboRun, run_pcbo
+
+DEMO_REQUEST = REPO_ROOT / "examples" / "demo_request.json"
+DATASET = "demo-events"
+FIRST_KEY = "20240101T000000Z"
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every directory and file under `root`: a directory as `dir`, a SQLite database (`*.db`) as its
+    rows (a lease taken and released rewrites pages, not rows), any other file as its SHA-256."""
+    state: dict[str, str] = {}
+    if not root.exists():
+        return state
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if path.is_dir():
+            state[name] = "dir"
+        elif path.suffix == ".db":
+            with tempfile.TemporaryDirectory() as scratch:  # read a copy: opening it could write it
+                copy = Path(scratch) / "copy.db"
+                shutil.copyfile(path, copy)
+                connection = sqlite3.connect(copy)
+                try:
+                    state[name] = "\n".join(connection.iterdump())
+                finally:
+                    connection.close()
+        else:
+            state[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def assert_refused(run: PcboRun, words: Sequence[str], before: dict[str, str], after: dict[str, str]) -> None:
+    """Exit 2, one line on stderr saying invalid input and holding each of `words`, no traceback,
+    nothing on stdout, nothing written."""
+    assert run.status == 2, (run.status, run.stderr)
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert "invalid input: " in lines[0] and "Traceback" not in run.stderr, run.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert run.document is None
+    written = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert written == [], f"a refused command wrote {written}"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty work directory with a copy of the demo request (`req.json`); its home is `home`."""
+    shutil.copyfile(DEMO_REQUEST, tmp_path / "req.json")
+    return tmp_path
+
+
+def refused_in(workdir: Path, args: Sequence[str], words: Sequence[str], **kwargs: object) -> PcboRun:
+    before = tree_state(workdir)
+    run = run_pcbo(list(args), home=workdir / "home", cwd=workdir, **kwargs)  # type: ignore[arg-type]
+    assert_refused(run, words, before, tree_state(workdir))
+    return run
+
+
+# -- the command line argparse reads ---------------------------------------------------------------
+
+ARGUMENT_ERRORS = [
+    (["plan"], ["pcbo plan: ", "--input"]),
+    (["dry-run", "--input"], ["--input", "expected one argument"]),
+    (["execute", "--input", "req.json", "extra"], ["pcbo execute: ", "unrecognized arguments: extra"]),
+    (["execute", "--input", "req.json", "--parallel", "two"], ["--parallel", "'two'"]),
+    (["execute", "--input", "req.json", "--dagster-timeout", "soon"], ["--dagster-timeout"]),
+    (["verify", "--min-witnesses", "2.5"], ["--min-witnesses"]),
+    (["proof", "--dataset", DATASET, "--partition", "../x", "--id", "a"], ["--partition"]),
+    (["proof", "--dataset", "../d", "--partition", FIRST_KEY, "--id", "a"], ["--dataset"]),
+    (["proof", "--dataset", DATASET, "--partition", FIRST_KEY, "--from-version", "x"], ["--from-version"]),
+    (["verify-proof"], ["--proof"]),
+    (["rollback", "--dataset", DATASET], ["--run-id", "--partition"]),
+    (
+        ["rollback", "--dataset", DATASET, "--run-id", "r", "--partition", FIRST_KEY],
+        ["--partition", "--run-id"],
+    ),
+    (["rollback", "--dataset", DATASET, "--partition", FIRST_KEY, "--version", "1.5"], ["--version"]),
+    (["query", "--dataset", DATASET], ["SQL"]),
+    (["query", "--dataset", DATASET, "SELECT 1", "--reader", "fast"], ["--reader", "'fast'"]),
+    (["gc", "--dry-run", "now"], ["pcbo gc: ", "unrecognized arguments: now"]),
+    (["validate-config", "a.yaml", "b.yaml"], ["unrecognized arguments: b.yaml"]),
+    (["demo-data", "--dir"], ["--dir"]),
+    (["rollout"], ["pcbo rollout: "]),
+    (["rollout", "start", "--dataset", "d"], ["pcbo rollout start: ", "--from", "--to", "--by"]),
+    (["rollout", "promote", "r"], ["--by"]),
+    (["rollout", "rollback", "r", "--stage", "qa", "--by", "me", "--reason", "x"], ["--stage", "'qa'"]),
+    (["reject", "r", "--decision-hash", "sha256:00"], ["pcbo reject: ", "--decision-hash"]),
+    (["log", "prove-inclusion", "--dataset", DATASET, "--seq", "1.5"], ["--seq"]),
+    (["log", "prove-consistency", "--dataset", DATASET], ["--from"]),
+    (["witness", "serve", "--key", "k", "--db", "w.db", "--log-key", "v", "--port", "http"], ["--port"]),
+    (["keys", "generate"], ["pcbo keys generate: ", "--name"]),
+    (["evidence", "export", "--run", "../r"], ["--run"]),
+    (["evidence", "verify", "--key", "v"], ["FILE"]),
+    (["serve", "--log-level", "loud"], ["--log-level"]),
+    (
+        ["token", "create", "--subject", "me", "--scope", "read", "--expires-in-days", "7.5"],
+        ["--expires-in-days"],
+    ),
+    (["token", "revoke"], ["TOKEN_ID"]),
+    ([], ["pcbo: "]),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"), ARGUMENT_ERRORS, ids=[" ".join(a[:3]) for a, _ in ARGUMENT_ERRORS]
+)
+def test_a_command_line_argparse_refuses_is_one_line_naming_the_flag(workdir, args, words):
+    """Not argparse's usage text and a second line: one line as for any other invalid input."""
+    refused_in(workdir, args, words)
+
+
+def test_a_refused_command_line_shows_no_secret_and_no_terminal_control(workdir):
+    """A flag given to a command that takes none is shown in the message: without its URL's password,
+    and without the escape sequences a terminal would act on."""
+    run = refused_in(
+        workdir,
+        ["plan", "--input", "req.json", "--catalog", "postgresql://ops:hunter2@db/pcbo", "\x1b[2J"],
+        ["unrecognized arguments: --catalog postgresql://[redacted]@db/pcbo", "\\x1b[2J"],
+    )
+    assert "hunter2" not in run.stderr and "\x1b" not in run.stderr
