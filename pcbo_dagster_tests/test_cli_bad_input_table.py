@@ -139,3 +139,29 @@ def test_a_refused_command_line_shows_no_secret_and_no_terminal_control(workdir)
         ["unrecognized arguments: --catalog postgresql://[redacted]@db/pcbo", "\\x1b[2J"],
     )
     assert "hunter2" not in run.stderr and "\x1b" not in run.stderr
+
+
+# -- where things go: the catalog URL --------------------------------------------------------------
+
+CATALOG_ERRORS = [
+    (["--catalog", "mysql://ops:hunter2@db/pcbo"], {}, ["--catalog", "sqlite or postgresql"]),
+    (["--catalog", "not a url"], {}, ["--catalog", "not a database URL"]),
+    (["--catalog", "sqlite://"], {}, ["--catalog", "in-memory"]),
+    (["--catalog", "sqlite:///:memory:"], {}, ["--catalog", "in-memory"]),
+    ([], {"PCBO_CATALOG_URL": "mysql://db/pcbo"}, ["PCBO_CATALOG_URL", "sqlite or postgresql"]),
+    ([], {"PCBO_CATALOG_URL": "sqlite://"}, ["PCBO_CATALOG_URL", "in-memory"]),
+]
+
+
+@pytest.mark.parametrize("command", ["execute", "verify", "token"])
+@pytest.mark.parametrize(("flags", "env", "words"), CATALOG_ERRORS)
+def test_a_catalog_url_that_can_hold_no_catalog_is_invalid_input(workdir, command, flags, env, words):
+    """A catalog URL of another database (exit 1 'internal error' before), or an in-memory one: an
+    execute then wrote the lake and the audit backup and lost the catalog that describes them."""
+    args = {
+        "execute": ["execute", "--input", "req.json"],
+        "verify": ["verify"],
+        "token": ["token", "create", "--subject", "ops", "--scope", "read"],
+    }[command]
+    run = refused_in(workdir, [*args, *flags], words, env=env)
+    assert "hunter2" not in run.stderr

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, Engine, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -47,6 +47,23 @@ def sqlalchemy_url(url: str) -> URL:
     return parsed
 
 
+def parse_catalog_url(url: str) -> URL:
+    """`url` as SQLAlchemy opens it (`sqlalchemy_url`) when it names a database a catalog can live in,
+    SQLite or PostgreSQL; `ValueError` saying why otherwise (the password never shown)."""
+    try:
+        parsed = sqlalchemy_url(url)
+    except ArgumentError:
+        raise ValueError("not a database URL: sqlite:///PATH or postgresql://USER@HOST/DB") from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(f"unsupported catalog URL {parsed.render_as_string()!r}: sqlite or postgresql")
+    return parsed
+
+
+def is_sqlite_memory(url: str) -> bool:
+    """Whether `url` names an in-memory SQLite database (gone when its process ends)."""
+    return _is_sqlite_memory(parse_catalog_url(url))
+
+
 def _is_sqlite_memory(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and (
         url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
@@ -58,12 +75,8 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._url = sqlalchemy_url(url)
+        self._url = parse_catalog_url(url)
         self.dialect = self._url.get_backend_name()
-        if self.dialect not in ("sqlite", "postgresql"):
-            raise ValueError(
-                f"unsupported catalog URL {self._url.render_as_string()!r}: sqlite or postgresql"
-            )
         self._lock = threading.Lock()
         self._engine: Engine | None = None
 

@@ -185,9 +185,10 @@ class Settings:
 
         home_path = home_dir(given("--home", home, "PCBO_HOME"), {})
         lake_url = given("--lake", lake, "PCBO_LAKE_URL", store=True) or str(home_path / "lake")
-        catalog_url = (
-            given("--catalog", catalog, "PCBO_CATALOG_URL") or f"sqlite:///{home_path / 'catalog.db'}"
-        )
+        catalog_url = given("--catalog", catalog, "PCBO_CATALOG_URL")
+        if catalog_url is not None:
+            _check_catalog_url("--catalog" if catalog is not None else "PCBO_CATALOG_URL", catalog_url)
+        catalog_url = catalog_url or f"sqlite:///{home_path / 'catalog.db'}"
         audit_text = given("--audit-dir", audit_dir, "PCBO_AUDIT_DIR", store=True)
         store = None
         if audit_text is not None and is_shared_store(audit_text):
@@ -235,6 +236,24 @@ class Settings:
             targets,
             audit_store=store,
             multi_host=flag("PCBO_MULTI_HOST", env.get("PCBO_MULTI_HOST")),
+        )
+
+
+def _check_catalog_url(name: str, url: str) -> None:
+    """`InvalidInput` naming the flag or variable `name` unless `url` names a catalog that outlives the
+    command: SQLite (a file) or PostgreSQL. An in-memory SQLite catalog would take the runs' records,
+    leases and chain heads with it when the process ends, leaving a lake and an audit backup that no
+    catalog describes."""
+    from pcbo_dagster.catalog.database import is_sqlite_memory
+
+    try:
+        memory = is_sqlite_memory(url)
+    except ValueError as exc:
+        raise InvalidInput(name, str(exc)) from None
+    if memory:
+        raise InvalidInput(
+            name,
+            "an in-memory SQLite catalog is gone when the command ends: give sqlite:///PATH or postgresql://",
         )
 
 
