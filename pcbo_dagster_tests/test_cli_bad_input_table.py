@@ -165,3 +165,37 @@ def test_a_catalog_url_that_can_hold_no_catalog_is_invalid_input(workdir, comman
     }[command]
     run = refused_in(workdir, [*args, *flags], words, env=env)
     assert "hunter2" not in run.stderr
+
+
+# -- keys generate ---------------------------------------------------------------------------------
+
+
+def test_a_key_named_beyond_ascii_is_written_and_loads(workdir):
+    """A key name is any text without spaces or '+' (signed notes are UTF-8): `keys generate` wrote
+    such a key as ASCII, failed with an internal error and left an empty key file behind, which
+    then refused the next attempt as 'exists'."""
+    made = run_pcbo(["keys", "generate", "--name", "ops.example/é"], home=workdir / "home", cwd=workdir)
+    assert made.status == 0, made.stderr
+    assert made.document["name"] == "ops.example/é"
+    assert made.document["verifierKey"].startswith("ops.example/é+")
+    shown = run_pcbo(["keys", "show", "--key", made.document["keyFile"]], home=workdir / "home", cwd=workdir)
+    assert shown.status == 0, shown.stderr
+    assert shown.document["verifierKey"] == made.document["verifierKey"]
+
+
+def test_a_key_file_that_cannot_be_created_is_invalid_input(workdir):
+    """A key name too long for a file name (the default key file is named after it): exit 1 before."""
+    refused_in(workdir, ["keys", "generate", "--name", "k" * 300], ["--key-file", "cannot create"])
+
+
+#: The verifier key of a log operator (a witness's --log-key).
+VKEY = "ops.example/log+99098eb5+AROY9ixtGkV8UbpqS189vS9p/KkyFiGNyJl+QWvRfZPK"
+
+
+def write_witness_key(workdir: Path) -> None:
+    """A witness's private key in `workdir/w.key` (mode 0600)."""
+    from pcbo_dagster.core.signed_note import signing_key_from_seed
+
+    key = signing_key_from_seed("witness.example/w", bytes([7]) * 32)
+    (workdir / "w.key").write_text(key.text + "\n")
+    (workdir / "w.key").chmod(0o600)

@@ -39,15 +39,24 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     path = Path(plain_path("--key-file", args.key_file) or default).expanduser()
     if not path.parent.is_dir():
         raise InvalidInput("--key-file", f"the directory {path.parent} does not exist")
+    data = (key.text + "\n").encode("utf-8")  # a key name may be any Unicode without spaces or '+'
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         raise InvalidInput("--key-file", f"{path} exists: a key is never overwritten") from None
+    except OSError as exc:  # a name too long for the file system, a directory not writable
+        raise InvalidInput("--key-file", f"cannot create {path}: {exc.strerror or exc}") from None
     try:
-        os.write(fd, (key.text + "\n").encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(f"only {written} of {len(data)} bytes were written")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)  # no empty or partial key file left to refuse the next attempt
+        raise
     return public_forms(key, path.resolve())
 
 
