@@ -199,3 +199,25 @@ def write_witness_key(workdir: Path) -> None:
     key = signing_key_from_seed("witness.example/w", bytes([7]) * 32)
     (workdir / "w.key").write_text(key.text + "\n")
     (workdir / "w.key").chmod(0o600)
+
+
+# -- servers: where they listen ---------------------------------------------------------------------
+
+LISTEN_ERRORS = [
+    (["serve", "--host", ""], ["--host", "every interface"]),
+    (["serve", "--host", "127.0.0.1\n"], ["--host"]),
+    (["serve", "--port", "0"], ["--port", "1-65535"]),
+    (["witness", "serve", "--port", "-1"], ["--port", "0-65535"]),
+    (["witness", "serve", "--port", "70000"], ["--port", "0-65535"]),
+    (["witness", "serve", "--host", ""], ["--host", "every interface"]),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), LISTEN_ERRORS)
+def test_a_server_address_that_is_none_is_refused_before_anything_is_opened(workdir, args, words):
+    """An empty --host listened on every interface (and `pcbo serve` ran on); a witness's port out of
+    range was an internal error after its database was created."""
+    if args[0] == "witness":
+        write_witness_key(workdir)
+        args = [*args, "--key", "w.key", "--db", "w.db", "--log-key", VKEY]
+    refused_in(workdir, args, words, timeout=60)

@@ -165,6 +165,20 @@ def partition_key_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def check_listen_address(host: str, port: int, any_port: bool = False) -> None:
+    """`--host` and `--port` of a server (`pcbo serve`, `pcbo witness serve`), checked before anything
+    is opened: an empty host would listen on every interface, not on the one meant; a port is
+    1-65535 (0 too with `any_port`: any free port)."""
+    if host == "":
+        raise InvalidInput(
+            "--host", "is empty, which listens on every interface: name the address (0.0.0.0 for all)"
+        )
+    plain_path("--host", host)
+    lowest = 0 if any_port else 1
+    if not lowest <= port <= 65535:
+        raise InvalidInput("--port", f"must be a TCP port ({lowest}-65535), not {port}")
+
+
 def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
     """`--output`, and (`where`) the flags saying where the engine reads and writes."""
     p.add_argument("--output", help="write the JSON document here instead of stdout")

@@ -20,6 +20,7 @@ from typing import Any
 from pcbo_dagster.cli.common import (
     add_common_options,
     add_dataset_options,
+    check_listen_address,
     open_environment,
     read_input,
 )
@@ -97,6 +98,7 @@ def cmd_witness_serve(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.transparency_log import load_signing_key, parse_key_argument
     from pcbo_dagster.witness.server import LogKey, Witness, make_server, started_line
 
+    check_listen_address(args.host, args.port, any_port=True)
     key = load_signing_key(Path(args.key).expanduser(), "--key")
     logs = []
     for text in args.log_key:

@@ -15,7 +15,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from pcbo_dagster.cli.common import add_common_options, engine_settings, name_arg
+from pcbo_dagster.cli.common import add_common_options, check_listen_address, engine_settings, name_arg
 from pcbo_dagster.core.errors import InvalidInput
 
 
@@ -28,8 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         ) from None
     from pcbo_dagster.server.config import ServerConfig
 
-    if not 0 < args.port < 65536:
-        raise InvalidInput("--port", f"must be a TCP port (1-65535), not {args.port}")
+    check_listen_address(args.host, args.port)
     config = ServerConfig.from_environment(engine_settings(args))
     serve(config, args.host, args.port, log_level=args.log_level)
     return {"status": "stopped", "host": args.host, "port": args.port}
