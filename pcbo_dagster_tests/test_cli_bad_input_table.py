@@ -10,6 +10,7 @@ Everything runs through the real CLI (`cli_runner.run_pcbo`, a subprocess).
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import sqlite3
 import tempfile
@@ -221,3 +222,44 @@ def test_a_server_address_that_is_none_is_refused_before_anything_is_opened(work
         write_witness_key(workdir)
         args = [*args, "--key", "w.key", "--db", "w.db", "--log-key", VKEY]
     refused_in(workdir, args, words, timeout=60)
+
+
+# -- rollouts: refused before any environment is opened --------------------------------------------
+
+
+@pytest.fixture
+def rollout_workdir(workdir: Path) -> Path:
+    """`workdir` with the rollout tests' datasets config (`datasets.yaml`, dataset `sessions`) and its
+    source; no home yet."""
+    from pcbo_dagster_tests.test_rollout_cli import CONFIG
+
+    records = [
+        {"id": f"s-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n * 10:02d}:00Z", "jurisdiction": "US"}
+        for h in range(4)
+        for n in range(3)
+    ]
+    (workdir / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (workdir / "datasets.yaml").write_text(CONFIG)
+    return workdir
+
+
+START = ["rollout", "start", "--config", "datasets.yaml", "--dataset", "sessions"]
+RANGE = ["--from", "20240101T000000Z", "--to", "20240101T010000Z"]
+ROLLBACK = ["rollout", "rollback", "--config", "datasets.yaml", "--stage", "staging"]
+ROLLOUT_ERRORS = [
+    ([*START, *RANGE, "--by", " "], ["--by"]),
+    ([*START, *RANGE, "--by", "ops", "--name", "../x"], ["cannot name a rollout"]),
+    ([*START, *RANGE, "--by", "ops", "--poll-seconds", "0"], ["--poll-seconds"]),
+    ([*START, *RANGE, "--by", "ops", "--poll-seconds", "nan"], ["--poll-seconds"]),
+    ([*START, *RANGE, "--by", "ops", "--partitions-per-minute", "-1"], ["partitionsPerMinute"]),
+    ([*START, *RANGE, "--by", "ops", "--records-per-minute", "inf"], ["recordsPerMinute"]),
+    ([*ROLLBACK, "--dataset", "sessions", *RANGE, "--by", "", "--reason", "bad data"], ["--by"]),
+    ([*ROLLBACK, "--dataset", "sessions", *RANGE, "--by", "ops", "--reason", " "], ["--reason"]),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), ROLLOUT_ERRORS)
+def test_a_refused_rollout_start_or_rollback_creates_no_catalog(rollout_workdir, args, words):
+    """These were checked after the production and staging environments were opened: each refusal
+    left a home with two migrated catalogs."""
+    refused_in(rollout_workdir, args, words)

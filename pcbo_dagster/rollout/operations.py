@@ -93,6 +93,7 @@ def start(
     dataset = rollout_dataset(config, dataset_name)
     keys = key_range(dataset, first_key, last_key)
     name = name or staging_apply.default_rollout_name(dataset, keys)
+    staging_apply.check_apply_arguments(dataset, name, by, poll_seconds, throttle)
     with dataset_environments(config, dataset, base) as envs:
         return staging_apply.apply_to_staging(
             config,
@@ -247,8 +248,9 @@ def rollback(
     clock: Clock = REAL_CLOCK,
 ) -> dict[str, Any]:
     """Roll back a rollout, or a partition range of a rollout dataset, in staging or production."""
-    from pcbo_dagster.rollout.rollback import rollback_rollout
+    from pcbo_dagster.rollout.rollback import check_rollback_arguments, rollback_rollout
 
+    check_rollback_arguments(stage, by, reason)
     if name is not None:
         with rollout_environments(config, base, name) as (dataset, envs):
             return rollback_rollout(

@@ -185,6 +185,17 @@ def _record(
     return None
 
 
+def check_rollback_arguments(stage: str, actor: str, reason: str) -> None:
+    """The stage, actor and reason of a rollback, checked before any environment is opened (a refused
+    rollback creates no catalog): `InvalidInput` naming the one that is wrong."""
+    if stage not in STAGES:
+        raise InvalidInput("stage", f"must be {' or '.join(STAGES)}, not {stage!r}")
+    if not isinstance(actor, str) or not actor.strip():
+        raise InvalidInput("by", "say who rolls back")
+    if not isinstance(reason, str) or not reason.strip():
+        raise InvalidInput("reason", "give a reason for the rollback")
+
+
 def rollback_rollout(
     config: DatasetsConfig,
     dataset: DatasetConfig,
@@ -199,14 +210,9 @@ def rollback_rollout(
 ) -> dict[str, Any]:
     """Roll back a rollout or a range of partitions on `stage`; returns the per-partition results
     (see the module docstring for which versions are undone and when a request is a no-op)."""
-    if stage not in STAGES:
-        raise InvalidInput("stage", f"must be {' or '.join(STAGES)}, not {stage!r}")
+    check_rollback_arguments(stage, actor, reason)
     if (rollout is None) == (keys is None):
         raise InvalidInput("rollout", "give either a rollout or partition keys to roll back")
-    if not isinstance(actor, str) or not actor.strip():
-        raise InvalidInput("by", "say who rolls back")
-    if not isinstance(reason, str) or not reason.strip():
-        raise InvalidInput("reason", "give a reason for the rollback")
     if not any(d.name == dataset.name for d in config.datasets):
         raise InvalidInput("dataset", f"{dataset.name!r} is not in the datasets config")
     rollouts = envs.store.list()

@@ -90,6 +90,26 @@ def _row_throttle(name: str, row: Any, limits: dict[str, Any], log: Log) -> dict
     return strictest(limits, checked)
 
 
+def check_apply_arguments(
+    dataset: DatasetConfig,
+    name: str,
+    actor: str,
+    poll_seconds: float,
+    throttle: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What `apply_to_staging` is asked to do, checked before any environment is opened (a refused
+    start creates no catalog): `InvalidInput` naming what is wrong; the throttle's limits otherwise."""
+    if dataset.rollout is None:
+        raise InvalidInput("dataset", f"{dataset.name} has no rollout block in the datasets config")
+    check_rollout_name(name)
+    if not actor.strip():
+        raise InvalidInput("by", "say who starts the rollout (its history and audit events name them)")
+    if not (isinstance(poll_seconds, int | float) and 0 < poll_seconds <= MAX_POLL_SECONDS):
+        # Zero (or less, or NaN) would make every throttle wait a loop of zero-second steps.
+        raise InvalidInput("poll_seconds", f"must be a number of seconds in (0, {MAX_POLL_SECONDS:g}]")
+    return throttle_for(dataset, throttle)
+
+
 def apply_to_staging(
     config: DatasetsConfig,
     dataset: DatasetConfig,
@@ -105,16 +125,9 @@ def apply_to_staging(
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Apply the rollout `name` (partition `keys` of `dataset`) to staging; see the module doc."""
-    if dataset.rollout is None:
-        raise InvalidInput("dataset", f"{dataset.name} has no rollout block in the datasets config")
-    check_rollout_name(name)
-    if not actor.strip():
-        raise InvalidInput("by", "say who starts the rollout (its history and audit events name them)")
-    if not (isinstance(poll_seconds, int | float) and 0 < poll_seconds <= MAX_POLL_SECONDS):
-        # Zero (or less, or NaN) would make every throttle wait a loop of zero-second steps.
-        raise InvalidInput("poll_seconds", f"must be a number of seconds in (0, {MAX_POLL_SECONDS:g}]")
+    limits = check_apply_arguments(dataset, name, actor, poll_seconds, throttle)
+    assert dataset.rollout is not None  # (refused by check_apply_arguments)
     store = envs.store
-    limits = throttle_for(dataset, throttle)
     rollout = store.create_rollout(
         name=name,
         dataset=dataset.name,
