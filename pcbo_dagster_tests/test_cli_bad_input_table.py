@@ -263,3 +263,22 @@ def test_a_refused_rollout_start_or_rollback_creates_no_catalog(rollout_workdir,
     """These were checked after the production and staging environments were opened: each refusal
     left a home with two migrated catalogs."""
     refused_in(rollout_workdir, args, words)
+
+
+# -- a home that holds a run -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A work directory whose home holds the demo request's run (and its Iceberg table)."""
+    root = tmp_path_factory.mktemp("cli-bad-input")
+    shutil.copyfile(DEMO_REQUEST, root / "req.json")
+    done = run_pcbo(["execute", "--input", "req.json"], home=root / "home", cwd=root)
+    assert done.status == 0, done.stderr
+    return root
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "-- nothing", ";"])
+def test_a_query_with_no_statement_is_invalid_input(executed, sql):
+    """DuckDB answers such text with no result: an internal error (exit 1) before."""
+    refused_in(executed, ["query", "--dataset", DATASET, sql], ["SQL"])

@@ -79,6 +79,8 @@ def query(
     """Run `sql` over the dataset version's table (see the module doc)."""
     if reader not in READERS:
         raise InvalidInput("reader", f"must be one of {', '.join(READERS)}")
+    if not sql.strip():
+        raise InvalidInput("SQL", "is empty: give the query to run")
     recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}
     if not recorded:
         raise InvalidInput(
@@ -123,6 +125,8 @@ def query(
         if type(exc).__module__.split(".")[0] != "duckdb" and not type(exc).__module__.startswith("_duckdb"):
             raise
         raise InvalidInput("SQL", str(exc).splitlines()[0]) from None
+    if result is None:  # DuckDB's answer to text that holds no statement (a comment, a lone ';')
+        raise InvalidInput("SQL", "holds no statement: give the query to run")
     columns = [d[0] for d in result.description or []]
     rows = [[_json_value(v) for v in row] for row in result.fetchall()]
     return {
