@@ -282,3 +282,36 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_query_with_no_statement_is_invalid_input(executed, sql):
     """DuckDB answers such text with no result: an internal error (exit 1) before."""
     refused_in(executed, ["query", "--dataset", DATASET, sql], ["SQL"])
+
+
+# -- an empty path names the current directory --------------------------------------------------------
+
+EMPTY_PATHS = [
+    (["plan", "--input", ""], "--input"),
+    (["execute", "--input", ""], "--input"),
+    (["verify-proof", "--proof", ""], "--proof"),
+    (["verify", "--trusted-checkpoint", "", "--key", VKEY], "--trusted-checkpoint"),
+    (["verify", "--trusted-checkpoint", "cp.txt", "--key", ""], "--key"),
+    (["log", "verify-proof", "--proof", "req.json", "--key", ""], "--key"),
+    (["log", "verify-proof", "--proof", "req.json", "--key", VKEY, "--checkpoint", ""], "--checkpoint"),
+    (["evidence", "verify", "", "--key", VKEY], "FILE"),
+    (["keys", "show", "--key", ""], "--key"),
+    (["validate-config", ""], "FILE"),
+    (["demo-data", "--dir", ""], "--dir"),
+    (["demo-sql", "--dir", ""], "--dir"),
+    (["rollout", "status", "r1", "--config", ""], "--config"),
+    (["approve", "r1", "--statement", ""], "--statement"),
+    (["approve", "r1", "--key", "", "--reason", "checked"], "--key"),
+    (["witness", "serve", "--key", "", "--db", "w.db", "--log-key", VKEY], "--key"),
+    (["witness", "serve", "--key", "w.key", "--db", "", "--log-key", VKEY], "--db"),
+    (["witness", "serve", "--key", "w.key", "--db", "w.db", "--log-key", ""], "--log-key"),
+]
+
+
+@pytest.mark.parametrize(("args", "flag"), EMPTY_PATHS, ids=[f"{a[0]} {f}" for a, f in EMPTY_PATHS])
+def test_an_empty_path_is_invalid_input_naming_its_flag(workdir, args, flag):
+    """`Path("")` is `.`: an empty --input was 'cannot read : Is a directory', an empty --dir or
+    validate-config FILE or --config silently meant the default (demo-data and demo-sql wrote it)."""
+    (workdir / "cp.txt").write_text("not a checkpoint\n")
+    write_witness_key(workdir)
+    refused_in(workdir, args, [f"{flag}: is empty"])

@@ -75,6 +75,7 @@ _READ_CHUNK = 16 << 20
 def read_input(path: str, flag: str = "--input") -> tuple[bytes, Path | None]:
     """The bytes of the file `flag` names (`-`: stdin) and its directory; `InvalidInput` naming
     `flag` when it cannot be read or holds more than `PCBO_MAX_INPUT_BYTES`."""
+    plain_path(flag, path)  # not '' (the current directory) nor a name with a stray newline
     variable = "PCBO_MAX_INPUT_BYTES"
     limit = positive_int(variable, os.environ.get(variable), DEFAULT_MAX_INPUT_BYTES)
     try:

@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_show(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.transparency_log import load_signing_key
 
-    path = Path(args.key).expanduser()
+    path = Path(plain_path("--key", args.key)).expanduser()
     return public_forms(load_signing_key(path, "--key"), path.resolve())
 
 

@@ -26,6 +26,7 @@ from pcbo_dagster.cli.common import (
 )
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.io.env_vars import plain_path
 
 
 def _chain(args: argparse.Namespace) -> str:
@@ -99,16 +100,17 @@ def cmd_witness_serve(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.witness.server import LogKey, Witness, make_server, started_line
 
     check_listen_address(args.host, args.port, any_port=True)
-    key = load_signing_key(Path(args.key).expanduser(), "--key")
+    key = load_signing_key(Path(plain_path("--key", args.key)).expanduser(), "--key")
     logs = []
     for text in args.log_key:
         prefix, _, vkey = ("", "", text) if os.path.exists(text) else text.strip().rpartition(" ")
         bound = [prefix.strip()] if prefix else args.origin_prefix or [DEFAULT_ORIGIN_PREFIX]
         logs += [LogKey(p, parse_key_argument(vkey, "--log-key")) for p in bound]
-    if not Path(args.db).expanduser().resolve().parent.is_dir():
+    db = Path(plain_path("--db", args.db)).expanduser()
+    if not db.resolve().parent.is_dir():
         raise InvalidInput("--db", f"the directory of {args.db} does not exist")
     try:
-        witness = Witness(key, str(Path(args.db).expanduser()), logs)
+        witness = Witness(key, str(db), logs)
     except sqlite3.DatabaseError as exc:  # (a file that is no SQLite database, a directory)
         raise InvalidInput(
             "--db", f"{args.db} is not a SQLite database the witness can open: {exc}"

@@ -41,6 +41,7 @@ from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.cli.server_commands import add_server_commands
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.io.env_vars import plain_path
 from pcbo_dagster.io.redaction import (
     is_store_error,
     one_line_error,
@@ -288,7 +289,7 @@ def _dataset_summary(config: Any, dataset: Any) -> dict[str, Any]:
 def cmd_validate_config(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.datasets.config import datasets_config_path, load_datasets_config_from_env
 
-    path = datasets_config_path(args.file)
+    path = datasets_config_path(plain_path("FILE", args.file))
     config = load_datasets_config_from_env(path)
     from pcbo_dagster.dagster_defs.definitions import check_location
 
@@ -315,7 +316,8 @@ def cmd_demo_data(args: argparse.Namespace) -> dict[str, Any]:
 
     from pcbo_dagster.datasets.demo_data import example_sources_dir, generate_demo_data
 
-    directory = Path(args.dir) if args.dir else example_sources_dir()
+    given = plain_path("--dir", args.dir)
+    directory = Path(given) if given is not None else example_sources_dir()
     try:
         paths = generate_demo_data(directory)
     except OSError as exc:
@@ -341,7 +343,8 @@ def cmd_demo_sql(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.datasets.sql_demo import generate_sql_demo
     from pcbo_dagster.engine.settings import home_dir
 
-    directory = Path(args.dir) if args.dir else home_dir() / "demo_sql"
+    given = plain_path("--dir", args.dir)
+    directory = Path(given) if given is not None else home_dir() / "demo_sql"
     try:
         written = generate_sql_demo(directory)
     except OSError as exc:

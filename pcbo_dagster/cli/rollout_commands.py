@@ -29,8 +29,9 @@ from pcbo_dagster.cli.common import add_common_options, engine_settings
 
 def _config(args: argparse.Namespace) -> Any:
     from pcbo_dagster.datasets.config import load_datasets_config_from_env
+    from pcbo_dagster.io.env_vars import plain_path
 
-    return load_datasets_config_from_env(args.config)
+    return load_datasets_config_from_env(plain_path("--config", args.config))
 
 
 def _log(message: str) -> None:
@@ -119,6 +120,7 @@ def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.cli.common import read_input
     from pcbo_dagster.core.errors import InvalidInput
     from pcbo_dagster.engine.transparency_log import load_signing_key
+    from pcbo_dagster.io.env_vars import plain_path
     from pcbo_dagster.rollout import operations
 
     if (args.key is None) == (args.statement is None):
@@ -128,7 +130,9 @@ def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
     statement = None
     if args.statement is not None:
         statement = read_input(args.statement, flag="--statement")[0].decode("utf-8", "replace")
-    key = load_signing_key(Path(args.key).expanduser(), "--key") if args.key is not None else None
+    key = None
+    if args.key is not None:
+        key = load_signing_key(Path(plain_path("--key", args.key)).expanduser(), "--key")
     if key is not None and not (args.reason or "").strip():
         raise InvalidInput("--reason", "say why")
     return operations.decide(

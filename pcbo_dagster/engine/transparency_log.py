@@ -116,6 +116,8 @@ def load_signing_key(path: Path, field: str = "PCBO_SIGNING_KEY") -> SigningKey:
 
 def parse_key_argument(text: str, field: str) -> VerifierKey:
     """A verifier key given on the command line: the vkey itself, or a file holding it."""
+    if not text.strip():  # not Path(''), the current directory
+        raise InvalidInput(field, "is empty: give a verifier key, or a file holding one")
     candidate = text
     if "+" not in text or os.path.exists(text):
         candidate = read_key_file(Path(text), field, "verifier key file")[0].strip()

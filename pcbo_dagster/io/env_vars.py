@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import overload
+
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.io.redaction import scrub_text
 
@@ -34,10 +36,17 @@ def positive_number(variable: str, text: str | None, default: float, most: float
     return value
 
 
+@overload
+def plain_path(name: str, text: str) -> str: ...
+@overload
+def plain_path(name: str, text: None) -> None: ...
+@overload
+def plain_path(name: str, text: str | None) -> str | None: ...
 def plain_path(name: str, text: str | None) -> str | None:
     """`text` (a path or URL given by flag or variable `name`) when it has no leading or trailing
     whitespace and no control characters: a path that ends in a newline (pasted, or from a file read
-    without stripping) would otherwise name a different directory. None stays None."""
+    without stripping) would otherwise name a different directory, and an empty one (`Path("")` is
+    `.`) the current directory. None stays None."""
     if text is None:
         return None
     if text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
