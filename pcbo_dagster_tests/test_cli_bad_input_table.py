@@ -315,3 +315,57 @@ def test_an_empty_path_is_invalid_input_naming_its_flag(workdir, args, flag):
     (workdir / "cp.txt").write_text("not a checkpoint\n")
     write_witness_key(workdir)
     refused_in(workdir, args, [f"{flag}: is empty"])
+
+
+# -- flags that cannot both apply ----------------------------------------------------------------------
+
+CONFLICTS = [
+    (
+        [
+            "proof",
+            "--dataset",
+            DATASET,
+            "--partition",
+            FIRST_KEY,
+            "--id",
+            "x",
+            "--from-version",
+            "1",
+            "--to-version",
+            "1",
+        ],
+        ["--id", "not both"],
+    ),
+    (
+        ["execute", "--input", "req.json", "--server", "http://127.0.0.1:9", "--signing-key", "op.key"],
+        ["--signing-key"],
+    ),
+    (
+        ["execute", "--input", "req.json", "--server", "http://127.0.0.1:9", "--witness", "W http://w"],
+        ["--witness"],
+    ),
+    (
+        ["execute", "--input", "req.json", "--dagster", "http://127.0.0.1:9", "--parallel", "2"],
+        ["--parallel"],
+    ),
+    (
+        ["execute", "--input", "req.json", "--dagster", "http://127.0.0.1:9", "--signing-key", "op.key"],
+        ["--signing-key"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), CONFLICTS)
+def test_flags_that_cannot_both_apply_are_refused(executed, args, words):
+    """A proof with --id and --from-version was a consistency proof, the --id ignored; --signing-key,
+    --witness or --parallel with --server or --dagster were ignored (the other side signs, or not)."""
+    refused_in(executed, args, words)
+
+
+def test_a_rollout_rollback_given_a_rollout_and_a_range_is_refused(rollout_workdir):
+    """The range was ignored and the whole rollout rolled back: refused, whatever the rollout."""
+    refused_in(
+        rollout_workdir,
+        [*ROLLBACK, "r1", "--dataset", "sessions", *RANGE, "--by", "ops", "--reason", "one bad hour"],
+        ["rollout", "not both"],
+    )

@@ -51,16 +51,29 @@ from pcbo_dagster.io.redaction import (
     terminal_text,
 )
 
+#: The flags that say where and how this process writes: meaningless when another runs the request
+#: (`--server`, `--dagster`), so refused there rather than silently ignored.
+_LOCAL_FLAGS = (
+    "home",
+    "lake",
+    "catalog",
+    "audit_dir",
+    "audit_endpoint",
+    "signing_key",
+    "witness",
+    "parallel",
+)
+
 
 def _remote(args: argparse.Namespace) -> dict[str, Any]:
     """`--server URL`: the same command on a `pcbo serve` (the token from PCBO_TOKEN)."""
     from pcbo_dagster.cli.remote_client import send_request
 
-    for flag in ("home", "lake", "catalog", "audit_dir", "audit_endpoint", "parallel", "dagster"):
+    for flag in (*_LOCAL_FLAGS, "dagster", "dagster_location"):
         if getattr(args, flag, None):
             raise InvalidInput(
                 f"--{flag.replace('_', '-')}",
-                "does not apply with --server: the server's settings decide where it writes",
+                "does not apply with --server: the server's own settings decide where and how it writes",
             )
     raw, _ = read_input(args.input)
     return send_request(args.server, args.command, raw)
@@ -163,6 +176,10 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidInput("--from-version", "a consistency proof needs --from-version and --to-version")
     if old is None and args.id is None:
         raise InvalidInput("--id", "give the id to prove (or --from-version/--to-version)")
+    if old is not None and args.id is not None:
+        raise InvalidInput(
+            "--id", "an inclusion proof (--id) or a consistency proof (--from-version/--to-version), not both"
+        )
     with open_environment(args, create=False) as env:
         sources = proofs.ProofSources(env.lake, env.audit.backup, env.catalog.chain_heads())
         if old is not None and new is not None:
@@ -214,11 +231,12 @@ def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
 
 def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
     """Validate and gate the request here (nothing is submitted when it fails), then run it on Dagster."""
-    for flag in ("home", "lake", "catalog", "audit_dir", "audit_endpoint"):
+    for flag in _LOCAL_FLAGS:
         if getattr(args, flag, None):
             raise InvalidInput(
                 f"--{flag.replace('_', '-')}",
-                "does not apply with --dagster: the code location's pcbo resource decides where runs write",
+                "does not apply with --dagster: the code location's pcbo resource decides where and how "
+                "runs write",
             )
     if args.dagster_timeout <= 0:
         raise InvalidInput("--dagster-timeout", "must be a positive number of seconds")

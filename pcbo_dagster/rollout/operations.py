@@ -251,6 +251,9 @@ def rollback(
     from pcbo_dagster.rollout.rollback import check_rollback_arguments, rollback_rollout
 
     check_rollback_arguments(stage, by, reason)
+    if name is not None and (dataset_name, first_key, last_key) != (None, None, None):
+        # A range given with a rollout would be ignored: the whole rollout rolled back, not the range.
+        raise InvalidInput("rollout", "give a rollout name, or a dataset with --from and --to, not both")
     if name is not None:
         with rollout_environments(config, base, name) as (dataset, envs):
             return rollback_rollout(
