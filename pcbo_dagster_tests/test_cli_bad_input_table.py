@@ -369,3 +369,21 @@ def test_a_rollout_rollback_given_a_rollout_and_a_range_is_refused(rollout_workd
         [*ROLLBACK, "r1", "--dataset", "sessions", *RANGE, "--by", "ops", "--reason", "one bad hour"],
         ["rollout", "not both"],
     )
+
+
+# -- the audit endpoint --------------------------------------------------------------------------------
+
+ENDPOINT_ERRORS = [
+    (["--audit-endpoint", "ftp://ops:hunter2@audit.example/events"], {}, ["--audit-endpoint", "http(s)"]),
+    (["--audit-endpoint", "http://audit.example:99999/events"], {}, ["--audit-endpoint", "invalid"]),
+    ([], {"PCBO_AUDIT_ENDPOINT": "audit.example/events"}, ["PCBO_AUDIT_ENDPOINT", "http(s)"]),
+    ([], {"PCBO_AUDIT_ENDPOINT": "http://audit example/events"}, ["PCBO_AUDIT_ENDPOINT", "space"]),
+]
+
+
+@pytest.mark.parametrize(("flags", "env", "words"), ENDPOINT_ERRORS)
+def test_an_audit_endpoint_events_cannot_be_sent_to_is_invalid_input(workdir, flags, env, words):
+    """It was found once the home and its catalog were made: an internal error (exit 1) that left a
+    migrated catalog (and its -wal and -shm files) behind."""
+    run = refused_in(workdir, ["execute", "--input", "req.json", *flags], words, env=env)
+    assert "hunter2" not in run.stderr

@@ -200,6 +200,10 @@ class Settings:
             audit_text = audit_text[len("file://") :]
         audit = Path(audit_text or home_path / "pas").expanduser().resolve()
         endpoint = given("--audit-endpoint", audit_endpoint, "PCBO_AUDIT_ENDPOINT")
+        if endpoint is not None:
+            _check_audit_endpoint(
+                "--audit-endpoint" if audit_endpoint is not None else "PCBO_AUDIT_ENDPOINT", endpoint
+            )
         attempts = positive_int("PCBO_AUDIT_ATTEMPTS", env.get("PCBO_AUDIT_ATTEMPTS"), 3)
         wait = positive_number("PCBO_AUDIT_INITIAL_WAIT", env.get("PCBO_AUDIT_INITIAL_WAIT"), 0.5)
         workers = (
@@ -237,6 +241,18 @@ class Settings:
             audit_store=store,
             multi_host=flag("PCBO_MULTI_HOST", env.get("PCBO_MULTI_HOST")),
         )
+
+
+def _check_audit_endpoint(name: str, url: str) -> None:
+    """`InvalidInput` naming the flag or variable `name` unless `url` is an endpoint audit events can
+    be delivered to (as `HttpDelivery` checks it: http(s), a host, nothing http.client refuses), so a
+    bad one is found before anything is written, not once the catalog exists."""
+    from pcbo_dagster.audit.delivery import HttpDelivery
+
+    try:
+        HttpDelivery(url)  # what Environment.open makes of it
+    except ValueError as exc:
+        raise InvalidInput(name, str(exc)) from None
 
 
 def _check_catalog_url(name: str, url: str) -> None:
