@@ -387,3 +387,27 @@ def test_an_audit_endpoint_events_cannot_be_sent_to_is_invalid_input(workdir, fl
     migrated catalog (and its -wal and -shm files) behind."""
     run = refused_in(workdir, ["execute", "--input", "req.json", *flags], words, env=env)
     assert "hunter2" not in run.stderr
+
+
+# -- the Iceberg catalog of a table that names none -------------------------------------------------------
+
+ICEBERG_CATALOG_ERRORS = [
+    ("not a url", "not a sqlite://"),
+    ("mysql://ops:hunter2@db/iceberg", "not a sqlite://"),
+    ("sqlite://", "in-memory"),
+    ("sqlite:///:memory:", "in-memory"),
+    ("sqlite:///iceberg.db\n", "surrounding whitespace"),
+]
+
+
+@pytest.mark.parametrize(("url", "words"), ICEBERG_CATALOG_ERRORS)
+def test_an_iceberg_catalog_url_that_can_hold_no_table_is_invalid_input(workdir, url, words):
+    """PCBO_ICEBERG_CATALOG_URL was read when the demo's table was published, after the lake held the
+    run's partitions: exit 1 with the lake written; an in-memory one lost the table's metadata."""
+    run = refused_in(
+        workdir,
+        ["execute", "--input", "req.json"],
+        ["PCBO_ICEBERG_CATALOG_URL", words],
+        env={"PCBO_ICEBERG_CATALOG_URL": url},
+    )
+    assert "hunter2" not in run.stderr

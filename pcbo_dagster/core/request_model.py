@@ -154,12 +154,19 @@ TABLE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}\.[A-Za-z_][A-Za-z0-9_]{0,12
 _TABLE_CATALOG_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg", "http", "https")
 
 
+def is_table_catalog_url(value: str) -> bool:
+    """Whether `value` is a URL an Iceberg catalog can be opened at (`tables.open_catalog`): SQL
+    (sqlite://, postgresql://) or REST (http(s)://)."""
+    scheme, sep, _ = value.partition("://")
+    return bool(sep) and scheme.lower() in _TABLE_CATALOG_SCHEMES
+
+
 def _table_catalog(value: str) -> str:
     """`pcbo` (the pcbo catalog's own database) or a catalog URL without a secret in it."""
     if value == "pcbo":
         return value
     scheme, sep, rest = value.partition("://")
-    if not sep or scheme.lower() not in _TABLE_CATALOG_SCHEMES:
+    if not is_table_catalog_url(value):
         raise ValueError(
             "must be pcbo (the pcbo catalog's database) or a sqlite://, postgresql:// or http(s):// "
             "(REST) catalog URL; leave it out for the default (PCBO_ICEBERG_CATALOG_URL, else "

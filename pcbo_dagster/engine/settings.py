@@ -220,6 +220,7 @@ class Settings:
         else:
             entries = re.split(r"[;\n]", env.get("PCBO_WITNESSES", ""))
             witness_list = tuple(w.strip() for w in entries if w.strip())
+        _check_iceberg_catalog_url(env)
         prefix = env.get("PCBO_CHECKPOINT_ORIGIN_PREFIX", "pcbo/")
         if not prefix or any(c.isspace() or c == "+" for c in prefix):
             raise InvalidInput("PCBO_CHECKPOINT_ORIGIN_PREFIX", "must be non-empty, without spaces or '+'")
@@ -240,6 +241,28 @@ class Settings:
             targets,
             audit_store=store,
             multi_host=flag("PCBO_MULTI_HOST", env.get("PCBO_MULTI_HOST")),
+        )
+
+
+def _check_iceberg_catalog_url(env: Mapping[str, str]) -> None:
+    """`PCBO_ICEBERG_CATALOG_URL` (the Iceberg catalog of a table that names none) is read when a
+    table is published, once the lake holds the run's partitions: checked here, before anything is
+    written, as a table's own `catalog` is — a SQL or REST catalog URL, and not an in-memory SQLite
+    catalog, whose tables would be gone when the command ends."""
+    from pcbo_dagster.core.request_model import is_table_catalog_url
+    from pcbo_dagster.tables.iceberg_publication import CATALOG_ENV
+
+    name, url = CATALOG_ENV, env.get(CATALOG_ENV) or None
+    if url is None:
+        return
+    plain_path(name, url)
+    if not is_table_catalog_url(url):
+        raise InvalidInput(
+            name, f"{redact_url(url)} is not a sqlite://, postgresql:// or http(s):// (REST) catalog URL"
+        )
+    if _is_sqlite(url) and make_url(url).database in (None, "", ":memory:"):
+        raise InvalidInput(
+            name, "an in-memory SQLite catalog is gone when the command ends: give sqlite:///PATH"
         )
 
 
