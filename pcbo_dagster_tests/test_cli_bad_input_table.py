@@ -411,3 +411,24 @@ def test_an_iceberg_catalog_url_that_can_hold_no_table_is_invalid_input(workdir,
         env={"PCBO_ICEBERG_CATALOG_URL": url},
     )
     assert "hunter2" not in run.stderr
+
+
+# -- SQL targets to reach ------------------------------------------------------------------------------
+
+TARGET_URL_ERRORS = [
+    (["--target-url", "postgres:/ops@db/pcbo"], {}, ["--target-url", "not a database URL"]),
+    (["--target-url", "postgresql://ops:hunter2@db:54x2/pcbo"], {}, ["--target-url", "not a database URL"]),
+    (["--target-url", "mysql://ops:hunter2@db/pcbo"], {}, ["--target-url", "postgresql:// or sqlite:///"]),
+    (["--target-url", ""], {}, ["--target-url", "is empty"]),
+    ([], {"PCBO_SQL_TARGET_URLS": "sqlite:///t.db db.example:5432"}, ["PCBO_SQL_TARGET_URLS"]),
+]
+
+
+@pytest.mark.parametrize("command", ["verify", "rollback"])
+@pytest.mark.parametrize(("flags", "env", "words"), TARGET_URL_ERRORS)
+def test_a_sql_target_url_that_names_no_database_is_invalid_input(executed, command, flags, env, words):
+    """Such a URL was skipped when matched against the location the chain records (the recorded
+    location used instead, the typo never reported): verify went on, rollback rolled back."""
+    args = ["verify"] if command == "verify" else ["rollback", "--dataset", DATASET, "--partition", FIRST_KEY]
+    run = refused_in(executed, [*args, *flags], words, env=env)
+    assert "hunter2" not in run.stderr

@@ -214,6 +214,7 @@ class Settings:
         if workers < 1:
             raise InvalidInput("--parallel", f"must be at least 1, not {workers}")
         targets = tuple(sql_target_urls or (env.get("PCBO_SQL_TARGET_URLS") or "").split())
+        _check_target_urls("--target-url" if sql_target_urls else "PCBO_SQL_TARGET_URLS", targets)
         key = given("--signing-key", signing_key, "PCBO_SIGNING_KEY")
         if witnesses:
             witness_list = tuple(w.strip() for w in witnesses)
@@ -242,6 +243,21 @@ class Settings:
             audit_store=store,
             multi_host=flag("PCBO_MULTI_HOST", env.get("PCBO_MULTI_HOST")),
         )
+
+
+def _check_target_urls(name: str, urls: tuple[str, ...]) -> None:
+    """Each SQL target URL given (`--target-url`, `PCBO_SQL_TARGET_URLS`) must be one a target can be
+    opened at, as a target's own URL is (`parse_target_url`, `dialect_of`): one that is not was
+    skipped when matched against the location the chain records, and the recorded location (no user)
+    used instead, the typo never reported. `InvalidInput` naming `name`, the URL not shown."""
+    from pcbo_dagster.targets.sql_dialects import dialect_of, parse_target_url
+
+    for url in urls:
+        plain_path(name, url)
+        try:
+            dialect_of(parse_target_url(url))
+        except InvalidInput as exc:
+            raise InvalidInput(name, exc.message) from None
 
 
 def _check_iceberg_catalog_url(env: Mapping[str, str]) -> None:
