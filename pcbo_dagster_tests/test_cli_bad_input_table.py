@@ -432,3 +432,24 @@ def test_a_sql_target_url_that_names_no_database_is_invalid_input(executed, comm
     args = ["verify"] if command == "verify" else ["rollback", "--dataset", DATASET, "--partition", FIRST_KEY]
     run = refused_in(executed, [*args, *flags], words, env=env)
     assert "hunter2" not in run.stderr
+
+
+# -- bytes that are not UTF-8 ----------------------------------------------------------------------------
+
+NOT_UTF8 = "\udcff\udcfe"  # the bytes 0xff 0xfe on the command line, as Python holds them
+UNDECODABLE = [
+    (["rollback", "--dataset", DATASET, "--partition", FIRST_KEY, "--reason", NOT_UTF8], "--reason"),
+    (["query", "--dataset", DATASET, f"SELECT '{NOT_UTF8}'"], "SQL"),
+    (["rollout", "list", "--dataset", NOT_UTF8], "--dataset"),
+    (["keys", "generate", "--name", f"ops.example/{NOT_UTF8}"], "--name"),
+    (["token", "create", "--subject", NOT_UTF8, "--scope", "read"], "--subject"),
+    (["verify", "--target-url", f"sqlite:///{NOT_UTF8}.db"], "--target-url"),
+]
+
+
+@pytest.mark.parametrize(("args", "flag"), UNDECODABLE, ids=[f for _, f in UNDECODABLE])
+def test_an_argument_that_is_not_utf8_is_invalid_input_naming_its_flag(executed, args, flag):
+    """Such bytes failed later as an internal error (exit 1): a rollback's reason as its audit event
+    was canonicalized, a query's SQL or a key's name as they were encoded, a rollout list's dataset as
+    the catalog was asked."""
+    refused_in(executed, args, [f"argument {flag}: is not UTF-8 text (byte 0xff)"])

@@ -567,6 +567,25 @@ def flag_for_field(parser: argparse.ArgumentParser, args: argparse.Namespace, fi
     return field
 
 
+def _refuse_undecodable_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every value given is text pcbo can write: bytes that are not UTF-8 (Python keeps them as lone
+    surrogates) would fail later, in an audit event, a catalog row or the JSON document, as an
+    internal error — some after the command had begun its work. Refused first, naming the flag."""
+    chosen = _chosen_parser(parser, args)
+    for action in chosen._actions:
+        value = getattr(args, action.dest, None)
+        for text in value if isinstance(value, list) else [value]:
+            if not isinstance(text, str):
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                flag = action.option_strings[-1] if action.option_strings else action.metavar or action.dest
+                code = ord(text[exc.start])  # a byte b that is not UTF-8 arrives as U+DC00 + b
+                byte = f" (byte {code - 0xDC00:#04x})" if 0xDC80 <= code <= 0xDCFF else ""
+                chosen.error(f"argument {flag}: is not UTF-8 text{byte}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and the documented exit status (no
     traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else. A reader
@@ -575,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # refused by the command they were given to, so the message names it
         _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+    _refuse_undecodable_arguments(parser, args)
     if not os.environ.get("PCBO_DEBUG"):
         quiet_store_client_logs()  # their retries' tracebacks are not the one line
     try:
