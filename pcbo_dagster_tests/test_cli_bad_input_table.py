@@ -453,3 +453,14 @@ def test_an_argument_that_is_not_utf8_is_invalid_input_naming_its_flag(executed,
     was canonicalized, a query's SQL or a key's name as they were encoded, a rollout list's dataset as
     the catalog was asked."""
     refused_in(executed, args, [f"argument {flag}: is not UTF-8 text (byte 0xff)"])
+
+
+@pytest.mark.parametrize("variable", ["PCBO_HOME", "PCBO_LAKE_URL", "PCBO_AUDIT_DIR", "PCBO_CATALOG_URL"])
+def test_a_location_variable_that_is_not_utf8_is_invalid_input(workdir, variable):
+    """A home or lake whose path is not UTF-8 failed as an internal error (exit 1) once the first
+    audit event was canonicalized: the home (elsewhere) or catalog and audit backup already written."""
+    where = workdir / f"w{NOT_UTF8}"
+    value = f"sqlite:///{where}.db" if variable == "PCBO_CATALOG_URL" else str(where)
+    refused_in(
+        workdir, ["execute", "--input", "req.json"], [variable, "is not UTF-8 text"], env={variable: value}
+    )

@@ -46,7 +46,8 @@ def plain_path(name: str, text: str | None) -> str | None:
     """`text` (a path or URL given by flag or variable `name`) when it has no leading or trailing
     whitespace and no control characters: a path that ends in a newline (pasted, or from a file read
     without stripping) would otherwise name a different directory, and an empty one (`Path("")` is
-    `.`) the current directory. None stays None."""
+    `.`) the current directory. It must be UTF-8 (a path pcbo records goes into audit events and JSON
+    documents). None stays None."""
     if text is None:
         return None
     if text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
@@ -54,6 +55,10 @@ def plain_path(name: str, text: str | None) -> str | None:
         raise InvalidInput(name, f"{scrub_text(repr(text))} has surrounding whitespace or control characters")
     if not text:
         raise InvalidInput(name, "is empty")
+    try:  # bytes that are not UTF-8 (held as lone surrogates) reach no audit event or document
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(name, f"{scrub_text(repr(text))} is not UTF-8 text") from None
     return text
 
 
