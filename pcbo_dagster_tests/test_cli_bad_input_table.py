@@ -464,3 +464,34 @@ def test_a_location_variable_that_is_not_utf8_is_invalid_input(workdir, variable
     refused_in(
         workdir, ["execute", "--input", "req.json"], [variable, "is not UTF-8 text"], env={variable: value}
     )
+
+
+# -- a request run elsewhere: --server and --dagster -------------------------------------------------------
+
+REMOTE_ERRORS = [
+    (["plan", "--input", "req.json", "--server", ""], ["--server", "is empty"]),
+    (["dry-run", "--input", "req.json", "--server", ""], ["--server", "is empty"]),
+    (["execute", "--input", "req.json", "--server", ""], ["--server", "is empty"]),
+    (["execute", "--input", "req.json", "--server", "pcbo server.example"], ["--server", "white space"]),
+    (["execute", "--input", "req.json", "--dagster", ""], ["--dagster", "is empty"]),
+    (
+        ["execute", "--input", "req.json", "--dagster", "http://127.0.0.1:9", "--dagster-timeout", "nan"],
+        ["--dagster-timeout"],
+    ),
+    (
+        ["execute", "--input", "req.json", "--dagster", "http://127.0.0.1:9", "--dagster-timeout", "inf"],
+        ["--dagster-timeout"],
+    ),
+    (
+        ["execute", "--input", "req.json", "--server", "http://127.0.0.1:9", "--home", ""],
+        ["--home", "does not apply"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "words"), REMOTE_ERRORS)
+def test_a_remote_run_that_names_no_remote_is_refused_not_run_here(workdir, args, words):
+    """`--server "$PCBO_SERVER"` with the variable unset (an empty URL) ran the request here, an
+    execute writing a local lake, catalog and audit backup; `--dagster ''` alike. A server URL with a
+    space was an internal error; --dagster-timeout nan or inf an exit 1 saying 'None'."""
+    refused_in(workdir, args, words, env={"PCBO_TOKEN": "tok_0123456789abcdef.secret"}, timeout=60)

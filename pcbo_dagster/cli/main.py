@@ -69,8 +69,9 @@ def _remote(args: argparse.Namespace) -> dict[str, Any]:
     """`--server URL`: the same command on a `pcbo serve` (the token from PCBO_TOKEN)."""
     from pcbo_dagster.cli.remote_client import send_request
 
+    plain_path("--server", args.server)  # '' (an unset variable expanded) is no server
     for flag in (*_LOCAL_FLAGS, "dagster", "dagster_location"):
-        if getattr(args, flag, None):
+        if getattr(args, flag, None) not in (None, []):
             raise InvalidInput(
                 f"--{flag.replace('_', '-')}",
                 "does not apply with --server: the server's own settings decide where and how it writes",
@@ -80,7 +81,7 @@ def _remote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
-    if args.server:
+    if args.server is not None:
         return _remote(args)
     from pcbo_dagster.engine.backfill_commands import plan_document
 
@@ -89,7 +90,7 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_dry_run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.server:
+    if args.server is not None:
         return _remote(args)
     from pcbo_dagster.engine.backfill_commands import evaluate_request
 
@@ -122,9 +123,9 @@ def _progress_bar(total: int) -> Iterator[Callable[[int], None] | None]:
 
 
 def cmd_execute(args: argparse.Namespace) -> dict[str, Any]:
-    if getattr(args, "server", None):
+    if args.server is not None:  # given empty (an unset variable expanded): refused, not run here
         return _remote(args)
-    if getattr(args, "dagster", None):
+    if args.dagster is not None:
         return _execute_on_dagster(args)
     from pcbo_dagster.engine.backfill_commands import execute_request
 
@@ -231,15 +232,18 @@ def cmd_gc(args: argparse.Namespace) -> dict[str, Any]:
 
 def _execute_on_dagster(args: argparse.Namespace) -> dict[str, Any]:
     """Validate and gate the request here (nothing is submitted when it fails), then run it on Dagster."""
+    plain_path("--dagster", args.dagster)
     for flag in _LOCAL_FLAGS:
-        if getattr(args, flag, None):
+        if getattr(args, flag, None) not in (None, []):
             raise InvalidInput(
                 f"--{flag.replace('_', '-')}",
                 "does not apply with --dagster: the code location's pcbo resource decides where and how "
                 "runs write",
             )
-    if args.dagster_timeout <= 0:
-        raise InvalidInput("--dagster-timeout", "must be a positive number of seconds")
+    if not 0 < args.dagster_timeout < float("inf"):  # NaN fails this too
+        raise InvalidInput(
+            "--dagster-timeout", f"must be a positive, finite number of seconds, not {args.dagster_timeout}"
+        )
     from pcbo_dagster.dagster_defs.remote import validate_and_submit
 
     raw, base_dir = read_input(args.input)

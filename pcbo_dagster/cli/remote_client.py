@@ -47,6 +47,8 @@ class RemoteFailed(PcboError):
 
 def server_base_url(url: str) -> str:
     """`http(s)://host[:port][/prefix]` of `--server`, without a trailing slash."""
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):  # http.client would refuse it later
+        raise InvalidInput("--server", f"{redact_url(url)!r} holds white space or control characters")
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput("--server", f"must be an http(s) URL of a pcbo server, got {redact_url(url)!r}")
