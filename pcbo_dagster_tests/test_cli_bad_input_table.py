@@ -495,3 +495,22 @@ def test_a_remote_run_that_names_no_remote_is_refused_not_run_here(workdir, args
     execute writing a local lake, catalog and audit backup; `--dagster ''` alike. A server URL with a
     space was an internal error; --dagster-timeout nan or inf an exit 1 saying 'None'."""
     refused_in(workdir, args, words, env={"PCBO_TOKEN": "tok_0123456789abcdef.secret"}, timeout=60)
+
+
+def test_an_empty_decision_hash_approves_nothing(rollout_workdir):
+    """`pcbo approve R --decision-hash "$HASH"` with the variable unset signed an approval of whatever
+    decision hash was staged then, not the one the approver meant to pin: refused, nothing recorded."""
+    from pcbo_dagster_tests.approver_keys import CY, key_file
+
+    key_file(rollout_workdir, CY)
+    started = run_pcbo(
+        [*START, *RANGE, "--by", "ana", "--name", "day1", "--partitions-per-minute", "100000"],
+        home=rollout_workdir / "home",
+        cwd=rollout_workdir,
+    )
+    assert started.status == 0, started.stderr
+    args = ["approve", "day1", "--config", "datasets.yaml", "--key", "cy.key", "--reason", "checked"]
+    refused_in(rollout_workdir, [*args, "--decision-hash", ""], ["--decision-hash", "is empty"])
+    approved = run_pcbo(args, home=rollout_workdir / "home", cwd=rollout_workdir)
+    assert approved.status == 0, approved.stderr
+    assert approved.document["decisionHash"] == started.document["execute"]["decisionHash"]

@@ -64,7 +64,11 @@ def sign_decision(
     reason = (reason or "").strip()
     if not reason:
         raise InvalidInput("reason", "say why")
-    staged = decision_hash or rollout["decision_hash"] or ""
+    if decision_hash is not None and not decision_hash.strip():
+        # (`--decision-hash "$HASH"` with the variable unset): not "whatever is staged now"
+        raise InvalidInput("decisionHash", "is empty: give the decision hash you approve, or leave it out")
+    staged = rollout["decision_hash"] if decision_hash is None else decision_hash
+    staged = staged or ""
     return sign_approval(key, rollout["name"], DECISIONS[action], staged, reason, time).render()
 
 
