@@ -249,6 +249,7 @@ ROLLBACK = ["rollout", "rollback", "--config", "datasets.yaml", "--stage", "stag
 ROLLOUT_ERRORS = [
     ([*START, *RANGE, "--by", " "], ["--by"]),
     ([*START, *RANGE, "--by", "ops", "--name", "../x"], ["cannot name a rollout"]),
+    ([*START, *RANGE, "--by", "ops", "--name", ""], ["cannot name a rollout"]),  # not the default name
     ([*START, *RANGE, "--by", "ops", "--poll-seconds", "0"], ["--poll-seconds"]),
     ([*START, *RANGE, "--by", "ops", "--poll-seconds", "nan"], ["--poll-seconds"]),
     ([*START, *RANGE, "--by", "ops", "--partitions-per-minute", "-1"], ["partitionsPerMinute"]),

@@ -92,7 +92,7 @@ def start(
     """Create (or resume) a rollout and apply it to staging."""
     dataset = rollout_dataset(config, dataset_name)
     keys = key_range(dataset, first_key, last_key)
-    name = name or staging_apply.default_rollout_name(dataset, keys)
+    name = staging_apply.default_rollout_name(dataset, keys) if name is None else name  # "" is refused
     staging_apply.check_apply_arguments(dataset, name, by, poll_seconds, throttle)
     with dataset_environments(config, dataset, base) as envs:
         return staging_apply.apply_to_staging(
