@@ -262,7 +262,7 @@ def test_bad_range_is_refused_naming_the_field(workdir: Path) -> None:
 def test_an_unknown_rollout_is_refused_and_nothing_is_written(workdir: Path) -> None:
     home = workdir / "fresh-home"
     for args in (
-        ["reject", "nope", "--by", "cy", "--reason", "x", "--config", "datasets.yaml"],
+        ["reject", "nope", "--key", "cy.key", "--reason", "x", "--config", "datasets.yaml"],
         ["rollout", "pause", "nope", "--by", "bo"],
         ["rollout", "soak", "nope", "--config", "datasets.yaml"],
         ["rollout", "status", "nope", "--config", "datasets.yaml"],
