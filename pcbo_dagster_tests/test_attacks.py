@@ -349,6 +349,47 @@ def test_a_link_planted_at_a_garbage_name_stops_no_gc(home, tmp_path):
     assert all(link.is_symlink() for link in links) and target.read_text() == "not the lake's"
 
 
+def _downgrade_and_hide_version_2(home: Path) -> None:
+    """Someone who can write the lake, the catalog and the audit backup makes K1's committed version 2
+    look like a crash's leftovers: version 1's manifest back as the commit point, version 2's events
+    taken out of the backup, its catalog row deleted."""
+    shutil.copyfile(part(home, K1) / "_versions" / "v000001.json", part(home, K1) / "_manifest.json")
+    lines = backup_file(home).read_bytes().splitlines(keepends=True)
+    backup_file(home).write_bytes(
+        b"".join(
+            line
+            for line in lines
+            if not (K1.encode() in line and json.loads(line).get("partition", {}).get("version") == 2)
+            and b"partition_commit_intent" not in line
+        )
+    )
+    _sql(home, f"DELETE FROM partitions WHERE partition_key = '{K1}' AND version = 2")
+
+
+def test_gc_deletes_nothing_of_a_chain_that_does_not_verify(home):
+    """Red-team finding: `pcbo gc` judged what is unreferenced from the audit backup as read, never
+    verified, and from the lake's own commit point: with version 2 of K1 hidden (a downgraded commit
+    point, its events cut out of the backup, its catalog row deleted) gc deleted the committed
+    version's manifests and data file, the evidence `verify` and a restore need. A chain that does not
+    verify (against the catalog's head) is skipped whole: nothing of it is removed, not even a `.tmp-*`
+    file; other chains are still collected."""
+    v2_files = {
+        f"events/v1/{K1}/_versions/v000002.json",
+        f"events/v1/{K1}/_rollback/v000002.json",
+        *(f["path"] for f in manifest(home, K1, 2)["files"]),
+    }
+    _downgrade_and_hide_version_2(home)
+    (part(home, K2) / ".tmp-crash-leftover").write_bytes(b"a rename that never happened")
+    before = lake_files(home)
+    assert v2_files <= set(before)
+    for args in (("gc", "--dry-run"), ("gc",)):
+        status, document = pcbo(home, *args)
+        assert status == 0, document
+        assert document["removed"] == [], document
+        assert {"where": CHAIN, "reason": "the audit chain does not verify"} in document["skipped"]
+        assert lake_files(home) == before
+
+
 # -- the catalog is bound to the chain ------------------------------------------------------------------
 
 

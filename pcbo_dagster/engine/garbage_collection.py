@@ -11,10 +11,14 @@ same request rewrites them). `gc` removes, per partition `<dataset>/<versionLabe
 - `.tmp-*` files (a local rename that never happened).
 
 Conservative: anything a committed manifest, a previous (restorable) version, an audit event or the
-catalog refers to stays; a partition whose commit point or a version manifest cannot be read, or a
-chain whose backup has unreadable lines, is skipped (and reported), and so is a symbolic link at a
-name gc would remove (neither the link nor its target is touched); files of any other shape are
-left alone. Runs under each dataset version's write lock, so it never races an execute or rollback.
+catalog refers to stays. What is removable is judged only against a chain that verifies (every line
+read, every hash and link recomputed, its head the catalog's: `partition_checks.read_chain`): one that
+does not is skipped whole, nothing of it removed, since its events can no longer say what was
+committed; a partition whose commit point disagrees with that chain (other than a crash window the
+chain's open intent names: `crash_windows.compare`) is skipped too, as is one whose commit point or a
+version manifest cannot be read, and a symbolic link at a name gc would remove (neither the link nor
+its target is touched); all are reported, and files of any other shape are left alone. Runs under
+each dataset version's write lock, so it never races an execute or rollback.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import re
 from collections import defaultdict
 from typing import Any
 
+from pcbo_dagster.core.chain_state import ChainState
+from pcbo_dagster.engine.crash_windows import compare
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.partition_checks import read_chain
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake import layout, manifests
+from pcbo_dagster.lake.layout import OutsidePartition
 
 _VERSION_FILE = re.compile(r"_(versions|rollback)/v(\d+)\.json")
 _DATA_FILE = re.compile(r"part-[0-9a-f]+\.parquet")
@@ -77,6 +85,21 @@ def _partition_plan(
     return sorted(removable, key=lambda r: r["path"]), None
 
 
+def _disagreement(
+    env: Environment, state: ChainState, dataset: str, version_label: str, key: str
+) -> str | None:
+    """Why the partition's commit point is not one the verified chain accounts for (its current
+    version, or a crash window its open intent names), or None."""
+    try:
+        data = env.lake.read_if_exists(layout.manifest(dataset, version_label, key))
+    except OutsidePartition:
+        return "the commit point is a symbolic link"
+    comparison = compare(state.get(key), dataset, version_label, key, data)
+    if comparison.verdict == "finding":
+        return f"the commit point disagrees with the audit chain ({comparison.kind})"
+    return None
+
+
 def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
     by_dataset: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for rel in env.lake.list_files():
@@ -91,21 +114,25 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
     for (dataset, version_label), partitions in sorted(by_dataset.items()):
         ckey = chain_key(dataset, version_label)
         with env.dataset_lock(dataset, version_label):
-            events, problems = env.audit.backup.read_chain_with_problems(ckey)
-            if problems:
-                skipped.append({"where": ckey, "reason": "the audit backup has unreadable lines"})
+            # What was committed is read from a chain that verifies, never from the backup as it lies
+            # (lines taken out or edited, with the catalog's rows and the lake's commit point to match,
+            # made a committed version's files look like a crash's leftovers)
+            chain = read_chain(env, dataset, version_label)
+            if chain.findings:
+                skipped.append({"where": ckey, "reason": "the audit chain does not verify"})
                 continue
             event_versions: dict[str, set[int]] = defaultdict(set)
             event_files: dict[str, set[str]] = defaultdict(set)
-            for event in events:
-                part = event.get("partition")
-                if not isinstance(part, dict) or "key" not in part:
-                    continue
-                key = part["key"]
-                if isinstance(part.get("version"), int):
-                    event_versions[key].add(part["version"])
-                for name in (event.get("tables") or {}).keys():
-                    event_files[key].add(f"{layout.partition_dir(dataset, version_label, key)}/{name}")
+            for key, history in chain.replayed.partitions.items():
+                for event in history.events:
+                    part = event.get("partition")
+                    if not isinstance(part, dict):
+                        continue
+                    if isinstance(part.get("version"), int):
+                        event_versions[key].add(part["version"])
+                    tables = event.get("tables")
+                    for name in tables if isinstance(tables, dict) else ():
+                        event_files[key].add(f"{layout.partition_dir(dataset, version_label, key)}/{name}")
             catalog_versions: dict[str, set[int]] = defaultdict(set)
             catalog_files: dict[str, set[str]] = defaultdict(set)
             try:
@@ -124,6 +151,10 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
             for pdir, files in sorted(partitions.items()):
                 key = pdir.rsplit("/", 1)[-1]
                 partitions_checked += 1
+                disagreement = _disagreement(env, chain.replayed, dataset, version_label, key)
+                if disagreement is not None:
+                    skipped.append({"where": pdir, "reason": disagreement})
+                    continue
                 removable, skip = _partition_plan(
                     env,
                     pdir,
