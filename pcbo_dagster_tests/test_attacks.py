@@ -595,6 +595,28 @@ def test_rollback_by_partition_is_idempotent_and_rolls_back_further_only_by_name
     assert pcbo(home, "verify")[0] == 0
 
 
+def test_rollback_refuses_a_backup_whose_events_were_forged(home):
+    """Red-team finding: `pcbo rollback` replayed the audit backup as read: the catalog's head was
+    compared with the backup's last event only, so an event edited in the middle of the backup (K2's
+    commit made to name run b1) had `rollback --run-id b1` undo K2 too, removing its commit point and
+    data file: a partition run b1 never wrote. A rollback now replays only a chain that verifies (every
+    hash and link, against the catalog's head); otherwise it refuses (exit 1) and changes nothing."""
+    lines = backup_file(home).read_bytes().splitlines(keepends=True)
+    forged = []
+    for line in lines:
+        event = json.loads(line)
+        if event.get("event_type") == "partition_committed" and event["partition"]["key"] == K2:
+            event["run_id"] = "b1"
+            line = json.dumps(event).encode() + b"\n"
+        forged.append(line)
+    backup_file(home).write_bytes(b"".join(forged))
+    before = (lake_files(home), backup_file(home).read_bytes())
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--run-id", "b1")
+    assert status == 1 and document is None, document
+    assert (lake_files(home), backup_file(home).read_bytes()) == before
+    assert (part(home, K2) / "_manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     "args",
     [

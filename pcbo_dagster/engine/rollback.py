@@ -62,6 +62,7 @@ from pcbo_dagster.engine.events import (
     rollback_intent_body,
     rollback_intent_entry,
 )
+from pcbo_dagster.engine.partition_checks import read_chain
 from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
@@ -385,7 +386,15 @@ def rollback(
     results: list[dict[str, Any]] = []
     with env.dataset_lock(dataset, version_label):
         env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
-        state = replay(env.audit.backup.read_chain(ckey))  # again, under the lock
+        # again, under the lock, and verified: the stores' heads agreeing says nothing of an event
+        # edited before the head, which would make the rollback undo what no run wrote
+        chain = read_chain(env, dataset, version_label)
+        if chain.findings:
+            raise IntegrityError(
+                f"rollback of {ckey} refused: its audit chain does not verify: "
+                f"{'; '.join(chain.findings[:3])}; nothing was changed (`pcbo verify` lists every finding)"
+            )
+        state = chain.replayed
         healed = heal_open_intents(env, state, dataset, version_label)
         healed += [
             {"kind": "catalog_rolled_back", "where": f"{ckey}/{key}"}
