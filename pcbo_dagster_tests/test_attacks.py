@@ -390,6 +390,27 @@ def test_gc_deletes_nothing_of_a_chain_that_does_not_verify(home):
         assert lake_files(home) == before
 
 
+def test_gc_dry_run_writes_nothing(home):
+    """Red-team finding: `pcbo gc --dry-run` took the dataset version's file lock the way a writer
+    does, creating the lock file (and its directory) in the audit backup directory of a dataset this
+    backup had not run on. A dry run now creates nothing: it holds the file lock only where one exists
+    (and the catalog's lease, which leaves no row behind)."""
+    (part(home, K2) / ".tmp-crash-leftover").write_bytes(b"a rename that never happened")
+    lock = home / "pas" / "events" / "v1@run.lock"
+    lock.unlink()
+
+    def everything() -> dict[str, bytes]:
+        files = {p.relative_to(home).as_posix(): p.read_bytes() for p in home.rglob("*") if p.is_file()}
+        with sqlite3.connect(home / "catalog.db") as db:
+            files["catalog.db"] = "\n".join(db.iterdump()).encode()
+        return files
+
+    before = everything()
+    status, document = pcbo(home, "gc", "--dry-run")
+    assert status == 0 and [r["reason"] for r in document["removed"]] == ["temporary_file"], document
+    assert everything() == before
+
+
 # -- the catalog is bound to the chain ------------------------------------------------------------------
 
 

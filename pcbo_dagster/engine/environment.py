@@ -213,25 +213,38 @@ class Environment:
 
     @contextmanager
     def dataset_lock(
-        self, dataset: str, version_label: str, run_id: str | None = None
+        self, dataset: str, version_label: str, run_id: str | None = None, *, create: bool = True
     ) -> Iterator[DatasetLease]:
         """Only one run writes a dataset version at a time: a file lock for the runs sharing this audit
         backup, then the catalog's lease for runs anywhere (other hosts sharing a PostgreSQL catalog).
-        Waits up to `PCBO_LEASE_WAIT_SECONDS` (default 600) for another run's lease."""
+        Waits up to `PCBO_LEASE_WAIT_SECONDS` (default 600) for another run's lease. `create=False`
+        (a dry run, which must create nothing) takes the file lock only where its file exists: a run
+        that creates it meanwhile is still kept out by the lease."""
         directory = self.settings.audit_dir / dataset
-        directory.mkdir(parents=True, exist_ok=True)
         # `@` is in no version label: no chain's own lock file (`<label>.lock`) can be this one
-        fd = os.open(directory / f"{version_label}@run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        path = directory / f"{version_label}@run.lock"
+        if create:
+            directory.mkdir(parents=True, exist_ok=True)
+        if not create and not path.exists():
+            with self._lease(dataset, version_label, run_id) as lease:
+                yield lease
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            lease = DatasetLease(self.catalog, dataset, version_label, run_id)
-            lease.acquire(
-                positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
-            )
-            try:
+            with self._lease(dataset, version_label, run_id) as lease:
                 yield lease
-            finally:
-                lease.release()
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    @contextmanager
+    def _lease(self, dataset: str, version_label: str, run_id: str | None) -> Iterator[DatasetLease]:
+        lease = DatasetLease(self.catalog, dataset, version_label, run_id)
+        lease.acquire(
+            positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
+        )
+        try:
+            yield lease
+        finally:
+            lease.release()

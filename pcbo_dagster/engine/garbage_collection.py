@@ -113,7 +113,7 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
     partitions_checked = 0
     for (dataset, version_label), partitions in sorted(by_dataset.items()):
         ckey = chain_key(dataset, version_label)
-        with env.dataset_lock(dataset, version_label):
+        with env.dataset_lock(dataset, version_label, create=not dry_run):
             # What was committed is read from a chain that verifies, never from the backup as it lies
             # (lines taken out or edited, with the catalog's rows and the lake's commit point to match,
             # made a committed version's files look like a crash's leftovers)
