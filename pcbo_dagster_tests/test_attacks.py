@@ -411,6 +411,23 @@ def test_gc_dry_run_writes_nothing(home):
     assert everything() == before
 
 
+def test_gc_collects_partition_directories_only(home):
+    """Red-team finding: gc took every directory under a dataset version for a partition, so it removed
+    `.tmp-*` files from `<dataset>/<versionLabel>/_checkpoints/`, where a run or rollback writes its
+    checkpoint note (a temporary file renamed into place) after it released the dataset's lock: a gc
+    at that instant made the finished command fail. Only directories named by a partition key are
+    collected."""
+    checkpoints = lake_dir(home) / "events" / "v1" / "_checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    being_written = checkpoints / ".tmp-note-being-written"
+    being_written.write_bytes(b"a checkpoint note about to be renamed into place")
+    (part(home, K2) / ".tmp-crash-leftover").write_bytes(b"a rename that never happened")
+    status, document = pcbo(home, "gc")
+    assert status == 0, document
+    assert [r["path"] for r in document["removed"]] == [f"events/v1/{K2}/.tmp-crash-leftover"]
+    assert being_written.exists() and document["totals"]["partitions"] == len(KEYS)
+
+
 # -- the catalog is bound to the chain ------------------------------------------------------------------
 
 

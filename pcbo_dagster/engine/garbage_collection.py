@@ -106,6 +106,12 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
         parts = rel.split("/")
         if len(parts) < 4 or parts[0].startswith("_"):
             continue  # not inside a partition directory (`_iceberg/`: table metadata): not ours to judge
+        try:
+            layout.check_partition(*parts[:3])
+        except OutsidePartition:
+            # not a partition (`<dataset>/<versionLabel>/_checkpoints/`, whose notes are written after a
+            # run's lock is released: a `.tmp-*` there may be one being written): not ours to judge
+            continue
         by_dataset[(parts[0], parts[1])][layout.partition_dir(*parts[:3])].append(rel)
 
     removed: list[dict[str, Any]] = []
