@@ -428,6 +428,67 @@ def test_gc_collects_partition_directories_only(home):
     assert being_written.exists() and document["totals"]["partitions"] == len(KEYS)
 
 
+def _rewrite_both_stores(home: Path, change: Any) -> None:
+    """Someone who can write the audit backup and the catalog rewrites the chain's events (`change`:
+    events -> events) and re-hashes them, in both stores alike (the catalog's append-only triggers
+    dropped): the chain then verifies, only the catalog's stored transparency log still holds the old
+    history."""
+    events = [json.loads(line) for line in backup_file(home).read_bytes().splitlines()]
+    prev = None
+    kept: list[dict[str, Any]] = []
+    for event in change(events):
+        body = {
+            k: v
+            for k, v in event.items()
+            if k not in ("version", "event_type", "event_id", "timestamp", "chain")
+        }
+        event = build_event(
+            chain_key=CHAIN,
+            seq=len(kept),
+            prev_event_hash=prev,
+            event_type=event["event_type"],
+            timestamp=event["timestamp"],
+            body=body,
+        )
+        prev = event["chain"]["event_hash"]
+        kept.append(event)
+    backup_file(home).write_bytes(b"".join(rfc8785.dumps(e) + b"\n" for e in kept))
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute("DROP TRIGGER audit_events_no_delete")
+        db.execute("DELETE FROM audit_events WHERE chain_key = ?", (CHAIN,))
+        for e in kept:
+            c = e["chain"]
+            db.execute(
+                "INSERT INTO audit_events VALUES (?, ?, ?, ?, ?, ?, '2024-06-01')",
+                (CHAIN, c["seq"], c["event_hash"], c["prev_event_hash"], e["event_type"], json.dumps(e)),
+            )
+        db.execute("UPDATE audit_chain_heads SET seq = ?, event_hash = ?", (len(kept) - 1, prev))
+
+
+def test_gc_deletes_nothing_of_a_chain_its_transparency_log_disagrees_with(home):
+    """Red-team finding: with run b1's events taken out of the backup and the catalog alike, the rest
+    re-hashed (the chain verifies), K1's commit point downgraded to version 1 and b1's catalog row
+    deleted, gc deleted K1's committed version 2 (manifests and data file), although `verify` reports
+    the chain is not the one its stored transparency log holds. gc checks a chain as `verify` does,
+    its stored log and checkpoints included, and skips one they disagree with."""
+    v2_files = {
+        f"events/v1/{K1}/_versions/v000002.json",
+        *(f["path"] for f in manifest(home, K1, 2)["files"]),
+    }
+    shutil.copyfile(part(home, K1) / "_versions" / "v000001.json", part(home, K1) / "_manifest.json")
+    _sql(home, f"DELETE FROM partitions WHERE partition_key = '{K1}' AND version = 2")
+    _rewrite_both_stores(home, lambda events: [e for e in events if e.get("run_id") != "b1"])
+    status, found = pcbo(home, "verify")
+    assert status == 1 and "transparency_log_mismatch" in kinds(found), found["findings"]
+    assert not kinds(found) & {"audit_chain_broken", "audit_catalog_mismatch", "commit_point_downgraded"}
+    before = lake_files(home)
+    assert v2_files <= set(before)
+    status, document = pcbo(home, "gc")
+    assert status == 0 and document["removed"] == [], document
+    assert {"where": CHAIN, "reason": "the audit chain does not verify"} in document["skipped"]
+    assert lake_files(home) == before
+
+
 # -- the catalog is bound to the chain ------------------------------------------------------------------
 
 

@@ -12,7 +12,8 @@ same request rewrites them). `gc` removes, per partition `<dataset>/<versionLabe
 
 Conservative: anything a committed manifest, a previous (restorable) version, an audit event or the
 catalog refers to stays. What is removable is judged only against a chain that verifies (every line
-read, every hash and link recomputed, its head the catalog's: `partition_checks.read_chain`): one that
+read, every hash and link recomputed, its head the catalog's: `partition_checks.read_chain`; and the
+catalog's stored transparency log and every checkpoint of it, which must hold this history): one that
 does not is skipped whole, nothing of it removed, since its events can no longer say what was
 committed; a partition whose commit point disagrees with that chain (other than a crash window the
 chain's open intent names: `crash_windows.compare`) is skipped too, as is one whose commit point or a
@@ -32,6 +33,7 @@ from pcbo_dagster.engine.crash_windows import compare
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.partition_checks import read_chain
+from pcbo_dagster.engine.transparency_log import other_history
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
@@ -124,7 +126,9 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
             # (lines taken out or edited, with the catalog's rows and the lake's commit point to match,
             # made a committed version's files look like a crash's leftovers)
             chain = read_chain(env, dataset, version_label)
-            if chain.findings:
+            # as `verify` checks it: a chain re-hashed in both stores is not the one its stored
+            # transparency log and checkpoints hold (a note that cannot be read says nothing of it)
+            if chain.findings or other_history(env, ckey, chain.events):
                 skipped.append({"where": ckey, "reason": "the audit chain does not verify"})
                 continue
             event_versions: dict[str, set[int]] = defaultdict(set)

@@ -172,6 +172,8 @@ class CheckedChain:
     replayed: ChainState
     length: int
     head: str | None
+    #: the events as read (for checks that need them again: the stored log's, `gc`'s)
+    events: list[dict] = field(default_factory=list)
 
 
 def read_chain(env: Environment, dataset: str, version_label: str) -> CheckedChain:
@@ -188,7 +190,7 @@ def check_chain(backup: ChainBackup, key: str, expected_head: tuple[int, str] | 
     findings = list(problems) + verify_chain(events, key, expected_head=expected_head)
     replayed = replay(events)
     head = events[-1].get("chain", {}).get("event_hash") if events else None
-    return CheckedChain(findings + replayed.findings, replayed, len(events), head)
+    return CheckedChain(findings + replayed.findings, replayed, len(events), head, events)
 
 
 def chain_verdict(part: CommittedPartition, chain: CheckedChain) -> Verdict:

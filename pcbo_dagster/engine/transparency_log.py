@@ -417,6 +417,18 @@ def check_against_checkpoint(
     return findings, summary
 
 
+#: `check_stored_logs` findings that say the chain is not the history its stored log or a checkpoint of
+#: it holds (a note that cannot be read, or whose signature fails, says nothing of the chain)
+OTHER_HISTORY = frozenset({"transparency_log_mismatch", "checkpoint_truncated", "checkpoint_inconsistent"})
+
+
+def other_history(env: Any, chain_key: str, backup_events: list[dict]) -> list[dict[str, str]]:
+    """The findings of `check_stored_logs` saying `backup_events` is not the history that was logged
+    or checkpointed: a chain re-hashed in the backup and the catalog alike verifies, but not against
+    these. What deletes or undoes lake state (`gc`, `rollback`) refuses such a chain."""
+    return [f for f in check_stored_logs(env, chain_key, backup_events) if f["kind"] in OTHER_HISTORY]
+
+
 def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> list[dict[str, str]]:
     """`verify`'s check of a chain's stored log and checkpoints against the audit backup: the stored
     tree's root at its size is the root of the backup's first events; every stored (and lake) checkpoint
