@@ -716,6 +716,25 @@ def test_rollback_refuses_a_backup_whose_events_were_forged(home):
     assert (part(home, K2) / "_manifest.json").exists()
 
 
+def test_rollback_refuses_a_chain_its_transparency_log_disagrees_with(home):
+    """The same forgery as above, re-hashed in the backup and the catalog alike so the chain verifies:
+    the catalog's stored transparency log still holds the history the runs appended, and a rollback,
+    like `verify`, holds the chain against it; it refuses (exit 1) and changes nothing."""
+
+    def k2_by_b1(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for event in events:
+            if event.get("event_type") == "partition_committed" and event["partition"]["key"] == K2:
+                event["run_id"] = "b1"
+        return events
+
+    _rewrite_both_stores(home, k2_by_b1)
+    before = (lake_files(home), backup_file(home).read_bytes())
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--run-id", "b1")
+    assert status == 1 and document is None, document
+    assert (lake_files(home), backup_file(home).read_bytes()) == before
+    assert (part(home, K2) / "_manifest.json").exists()
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -63,7 +63,7 @@ from pcbo_dagster.engine.events import (
     rollback_intent_entry,
 )
 from pcbo_dagster.engine.partition_checks import read_chain
-from pcbo_dagster.engine.transparency_log import publish
+from pcbo_dagster.engine.transparency_log import other_history, publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
 from pcbo_dagster.lake.manifests import Manifest
@@ -389,10 +389,11 @@ def rollback(
         # again, under the lock, and verified: the stores' heads agreeing says nothing of an event
         # edited before the head, which would make the rollback undo what no run wrote
         chain = read_chain(env, dataset, version_label)
-        if chain.findings:
+        findings = chain.findings or [f["detail"] for f in other_history(env, ckey, chain.events)]
+        if findings:
             raise IntegrityError(
                 f"rollback of {ckey} refused: its audit chain does not verify: "
-                f"{'; '.join(chain.findings[:3])}; nothing was changed (`pcbo verify` lists every finding)"
+                f"{'; '.join(findings[:3])}; nothing was changed (`pcbo verify` lists every finding)"
             )
         state = chain.replayed
         healed = heal_open_intents(env, state, dataset, version_label)
