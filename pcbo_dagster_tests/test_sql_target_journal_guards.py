@@ -58,9 +58,19 @@ def test_a_schema_earlier_on_the_search_path_does_not_shadow_the_system_catalog(
         if f["kind"] == "sql_journal_trigger_missing"
     ]
     assert missing == ["pcbo_journal_append_only"], verified.document
-    # An unqualified target table still resolves through the role's own search path (public here).
+    # An execute sees it missing as verify does, and writes nothing into an unguarded journal.
     again = helpers.request(url, [record(i) for i in range(1, 4)], run_id="run-2")
-    run = pcbo(["execute", "--input", write_json(tmp_path / "r2.json", again), "--home", home])
+    path = write_json(tmp_path / "r2.json", again)
+    refused = pcbo(["execute", "--input", path, "--home", home])
+    assert refused.status == 1 and "pcbo_journal_append_only: " in refused.stderr, refused.stderr
+    assert query(url, "SELECT count(*) FROM public.events") == [(2,)]
+    run_sql(
+        url,
+        "CREATE TRIGGER pcbo_journal_append_only BEFORE UPDATE OR DELETE ON public.pcbo_journal "
+        "FOR EACH ROW EXECUTE FUNCTION public.pcbo_append_only()",
+    )
+    # An unqualified target table still resolves through the role's own search path (public here).
+    run = pcbo(["execute", "--input", path, "--home", home])
     assert run.status == 0, run.stderr
     assert run.document["target"]["table"] == "public.events"
     assert query(url, "SELECT count(*) FROM public.events") == [(3,)]
@@ -168,6 +178,13 @@ def test_a_journal_made_before_the_function_pinned_its_search_path_still_checks_
     req = helpers.request(url, [record(i) for i in range(1, 3)])
     assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
     run_sql(url, "ALTER FUNCTION public.pcbo_append_only() RESET search_path")
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0
+    # execute and rollback, which check the triggers as verify does, take it as pcbo's too
+    again = helpers.request(url, [record(i) for i in range(1, 4)], run_id="run-2")
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r2.json", again), "--home", home]).status == 0
+    rollback: list[str | Path] = ["rollback", "--home", home, "--dataset", "events", "--target-url", url]
+    rollback += ["--run-id", "run-2"]
+    assert pcbo(rollback).status == 0
     assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0
     run_sql(url, "ALTER FUNCTION public.pcbo_append_only() SET search_path = public")
     verified = pcbo(["verify", "--home", home, "--target-url", url])
@@ -291,4 +308,120 @@ def test_a_chunk_whose_journal_or_checkpoint_is_not_kept_is_not_committed(
         ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-2", "--target-url", url]
     )
     assert rolled.status == 0, rolled.stderr
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0
+
+
+#: Per dialect, ways to take an append-only trigger away (dropped, or replaced under its name), each
+#: with the statements that put pcbo's own back: (trigger, kind, statements, restoring statements).
+UNGUARDING = {
+    "sqlite": [
+        (
+            "pcbo_journal_no_delete",
+            "sql_journal_trigger_missing",
+            ["DROP TRIGGER pcbo_journal_no_delete"],
+            [
+                "CREATE TRIGGER pcbo_journal_no_delete BEFORE DELETE ON pcbo_journal "
+                "BEGIN SELECT RAISE(ABORT, 'pcbo_journal is append-only'); END"
+            ],
+        ),
+        (
+            "pcbo_journal_no_update",
+            "sql_journal_trigger_altered",
+            REPLACED_TRIGGERS["sqlite"][0][1],
+            [
+                "DROP TRIGGER pcbo_journal_no_update",
+                "CREATE TRIGGER pcbo_journal_no_update BEFORE UPDATE ON pcbo_journal "
+                "BEGIN SELECT RAISE(ABORT, 'pcbo_journal is append-only'); END",
+            ],
+        ),
+    ],
+    "postgresql": [
+        (
+            "pcbo_journal_append_only",
+            "sql_journal_trigger_missing",
+            ["DROP TRIGGER pcbo_journal_append_only ON public.pcbo_journal"],
+            [
+                "CREATE TRIGGER pcbo_journal_append_only BEFORE UPDATE OR DELETE ON public.pcbo_journal "
+                "FOR EACH ROW EXECUTE FUNCTION public.pcbo_append_only()"
+            ],
+        ),
+        (
+            "pcbo_checkpoints_append_only",
+            "sql_journal_trigger_altered",
+            REPLACED_TRIGGERS["postgresql"][3][1],
+            [
+                "CREATE OR REPLACE TRIGGER pcbo_checkpoints_append_only BEFORE UPDATE OR DELETE "
+                "ON public.pcbo_checkpoints FOR EACH ROW EXECUTE FUNCTION public.pcbo_append_only()"
+            ],
+        ),
+    ],
+}
+
+
+def _everything(url: str, home: Path) -> tuple[list[str], list[tuple[str, ...]], dict[str, bytes]]:
+    """The table, pcbo's tables in it, and the audit chains of `home`: what a refusal must not change."""
+    pcbo_rows = [
+        tuple(str(v) for v in r)
+        for t in ("pcbo_journal", "pcbo_checkpoints", "pcbo_rollbacks")
+        for r in query(url, f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4")
+    ]
+    chains = {str(p): p.read_bytes() for p in sorted((home / "pas").rglob("*.jsonl"))}
+    return helpers.dump(url), pcbo_rows, chains
+
+
+@pytest.mark.parametrize(
+    ("dialect", "case"),
+    [("sqlite", i) for i in range(len(UNGUARDING["sqlite"]))]
+    + [
+        pytest.param("postgresql", i, marks=pytest.mark.postgres)
+        for i in range(len(UNGUARDING["postgresql"]))
+    ],
+)
+def test_rollback_and_resume_refuse_a_journal_whose_triggers_were_dropped_or_replaced(
+    tmp_path: Path, dialect: str, case: int, request: pytest.FixtureRequest
+) -> None:
+    """Only verify checked the append-only triggers: pcbo rollback and a resumed (or new) execute
+    relied on a journal whose triggers were dropped or replaced, which may have been edited without a
+    trace. Both now check them as verify does and refuse (exit 1, naming the trigger and the
+    finding) with nothing changed in the table or on the chain; with pcbo's triggers back they go on."""
+    from pcbo_dagster_tests.cli_runner import run_pcbo
+
+    url = (
+        helpers.sqlite_url(tmp_path / "target.db")
+        if dialect == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    name, kind, unguard, restore = UNGUARDING[dialect][case]
+    create_table(url)
+    home = tmp_path / "home"
+    first = write_json(tmp_path / "r1.json", helpers.request(url, [record(i) for i in range(1, 3)]))
+    assert pcbo(["execute", "--input", first, "--home", home]).status == 0
+    # run-2 killed after its first partition's chunk: an apply to resume
+    second = write_json(
+        tmp_path / "r2.json",
+        helpers.request(
+            url, [record(i, amount=70) for i in range(1, 9)], run_id="run-2", conflict="overwrite"
+        ),
+    )
+    crashed = run_pcbo(["execute", "--input", second], home=home, env={"PCBO_FAILPOINT": "sql_after_chunk@0"})
+    assert crashed.status == 86, crashed.stderr
+    run_sql(url, *unguard)
+    before = _everything(url, home)
+    resumed = pcbo(["execute", "--input", second, "--home", home])
+    assert resumed.status == 1, resumed.stderr
+    assert f"{name}: " in resumed.stderr and f"({kind})" in resumed.stderr, resumed.stderr
+    assert _everything(url, home) == before
+    rollback = ["rollback", "--home", home, "--dataset", "events", "--target-url", url, "--run-id"]
+    for run_id in ("run-2", "run-1"):
+        refused = pcbo([*rollback, run_id])
+        assert refused.status == 1, refused.stderr
+        assert f"refused ({kind})" in refused.stderr and f"{name}: " in refused.stderr, refused.stderr
+        assert _everything(url, home) == before
+    third = write_json(tmp_path / "r3.json", helpers.request(url, [record(20)], run_id="run-3"))
+    assert pcbo(["execute", "--input", third, "--home", home]).status == 1
+    assert _everything(url, home) == before
+    run_sql(url, *restore)
+    assert pcbo(["execute", "--input", second, "--home", home]).status == 0
+    assert pcbo([*rollback, "run-2"]).status == 0
+    assert pcbo([*rollback, "run-1"]).status == 0
     assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0

@@ -329,6 +329,16 @@ def test_verify_finds_changed_rows_and_an_altered_journal(tmp_path: Path) -> Non
     kinds = {f["kind"] for f in pcbo(["verify", "--home", home]).document["findings"]}
     assert kinds == {"sql_journal_trigger_missing", "sql_journal_altered"}
     refused = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
+    assert refused.status == 1 and "sql_journal_trigger_missing" in refused.stderr
+    # ... and puts it back: the edited entry is still found, and never replayed.
+    run_sql(
+        url,
+        "CREATE TRIGGER pcbo_journal_no_update BEFORE UPDATE ON pcbo_journal "
+        "BEGIN SELECT RAISE(ABORT, 'pcbo_journal is append-only'); END",
+    )
+    kinds = {f["kind"] for f in pcbo(["verify", "--home", home]).document["findings"]}
+    assert kinds == {"sql_journal_altered"}
+    refused = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
     assert refused.status == 1 and "sql_journal_altered" in refused.stderr
     assert query(url, "SELECT count(*) FROM events") == [(8,)]
 
@@ -425,6 +435,13 @@ def test_a_resume_refuses_a_changed_journal(tmp_path: Path) -> None:
     )
     assert crashed.status == 86, crashed.stderr
     run_sql(url, "DROP TRIGGER pcbo_journal_no_delete", "DELETE FROM pcbo_journal WHERE seq = 1")
+    unguarded = pcbo(["execute", "--input", path, "--home", tmp_path / "home"])
+    assert unguarded.status == 1 and "sql_journal_trigger_missing" in unguarded.stderr
+    run_sql(  # the trigger put back: the journal is still not the one the checkpoints recorded
+        url,
+        "CREATE TRIGGER pcbo_journal_no_delete BEFORE DELETE ON pcbo_journal "
+        "BEGIN SELECT RAISE(ABORT, 'pcbo_journal is append-only'); END",
+    )
     refused = pcbo(["execute", "--input", path, "--home", tmp_path / "home"])
     assert refused.status == 3 and refused.document["gate"] == "resume"
     assert "the journal changed" in refused.document["reason"]

@@ -11,7 +11,10 @@ was before that run: its own journal says what each row it changed was.
 
 **Execute** (`execute_sql`), under the scoped lock of (dataset, database, table) (`targets/sql_locks`),
 per partition in plan order — the intent discipline of the lake commit, with the journal as the
-commit log:
+commit log. Before the journal is read, resumed or added to, its append-only triggers must be the
+ones pcbo creates (`unguarded_journal`; a run into a table without a journal creates them): a
+journal without them may have been edited without a trace, and the run is refused (exit 1, nothing
+written, `JournalUnguarded` naming each trigger and its finding).
 
 1. `sql_apply_intent` on the audit chain: the run, the table's layout, the hashes, the chunks about
    to be applied and the journal before them (recorded before the table is touched);
@@ -236,6 +239,64 @@ def _evaluated_again(
     return again
 
 
+def trigger_findings(table: SqlTable) -> list[dict[str, str]]:
+    """The findings of the journal's append-only triggers (`SqlTable.trigger_problems`), one per
+    trigger that is missing (`sql_journal_trigger_missing`; all of them when the journal tables are
+    gone) or not the one pcbo creates (`sql_journal_trigger_altered`): `{kind, trigger, detail}`.
+    What `verify` reports, and what execute, resume and rollback refuse a journal for: without them
+    it may have been edited without a trace."""
+    problems = (
+        table.trigger_problems()
+        if table.has_journal()
+        else dict.fromkeys(table.journal_trigger_names(), "missing")
+    )
+    findings = []
+    for name in table.journal_trigger_names():
+        problem = problems.get(name)
+        if problem is None:
+            continue
+        if problem == "missing":
+            findings.append(
+                {
+                    "kind": "sql_journal_trigger_missing",
+                    "trigger": name,
+                    "detail": "an append-only trigger of the journal was dropped",
+                }
+            )
+        else:
+            findings.append(
+                {
+                    "kind": "sql_journal_trigger_altered",
+                    "trigger": name,
+                    "detail": f"an append-only trigger of the journal is not the one pcbo creates: {problem}",
+                }
+            )
+    return findings
+
+
+def unguarded_journal(table: SqlTable) -> tuple[str, str] | None:
+    """(kind, detail naming each trigger and its finding) when the journal's append-only triggers are
+    not all pcbo's (`trigger_findings`), else None."""
+    findings = trigger_findings(table)
+    if not findings:
+        return None
+    listed = "; ".join(f"{f['trigger']}: {f['detail']} ({f['kind']})" for f in findings)
+    return findings[0]["kind"], (
+        f"the journal in {table.location} is not guarded as pcbo made it ({listed}), so it may have been "
+        "edited without a trace: restore the triggers (targets/sql_table.journal_ddl) and check it with "
+        "pcbo verify"
+    )
+
+
+class JournalUnguarded(IntegrityError):
+    """An execute (new or resumed) into a table whose journal's append-only triggers are missing or
+    not pcbo's (`unguarded_journal`): refused before anything is written (exit status 1)."""
+
+    def __init__(self, run_id: str, kind: str, detail: str) -> None:
+        self.finding = {"kind": kind, "where": run_id, "detail": detail}
+        super().__init__(f"run {run_id} refused ({kind}): {detail}; nothing was written")
+
+
 def check_target_gates(decisions: TargetDecisions) -> None:
     """`conflict: fail` holds while any record meets a key present with other values (exit 3)."""
     conflicts = decisions.conflicts()
@@ -396,6 +457,9 @@ def execute_sql(
     try:
         with scoped_lock(table, plan.dataset, plan.run_id) as lock:
             table.ensure_journal()
+            unguarded = unguarded_journal(table)  # before the journal is read, resumed or added to
+            if unguarded is not None:
+                raise JournalUnguarded(plan.run_id, *unguarded)
             env.audit.sync_to_catalog(ckey)
             state = replay(env.audit.backup.read_chain(ckey))
             journal_key = state.sql_journal_key(table.ref, plan.run_id)

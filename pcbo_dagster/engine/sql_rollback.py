@@ -4,6 +4,10 @@ transactionally and idempotently.
 What to undo comes from the chain: the run's applies (completed, or interrupted: an open intent) of
 each partition of each table it wrote. Before anything is touched:
 
+- the journal's append-only triggers must be pcbo's (`sql_apply.unguarded_journal`, the findings
+  `verify` reports): without them the journal may have been edited without a trace, and the
+  rollback is refused (`sql_journal_trigger_missing` / `sql_journal_trigger_altered`, naming them)
+  before any crash window is completed from it;
 - the journal of the run in the table must be exactly the one the chain and the checkpoints
   recorded (every `sql_partition_applied` event's journal digest, every checkpoint's digest, no gap,
   every entry in its canonical form): a journal edited in the target database is never replayed;
@@ -47,7 +51,7 @@ from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.rollback import rollback_document
-from pcbo_dagster.engine.sql_apply import check_journal, complete_applies
+from pcbo_dagster.engine.sql_apply import check_journal, complete_applies, unguarded_journal
 from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
 from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.targets.sql_dialects import location_of
@@ -127,6 +131,11 @@ def rollback_sql(
             with scoped_lock(table, dataset, run_id):
                 env.audit.sync_to_catalog(ckey)
                 state = replay(env.audit.backup.read_chain(ckey))  # again, under the lock
+                unguarded = unguarded_journal(table)  # before the journal is relied on
+                if unguarded is not None:
+                    raise SqlRollbackRefused(
+                        f"{dataset}/{version_label} run {run_id} in {table.qualified}", *unguarded
+                    )
                 healed += complete_rollbacks(env, table, state, dataset, version_label)
                 healed += complete_applies(env, table, state, dataset, version_label)
                 results += _undo(env, table, state, dataset, version_label, run_id, partition_key, reason)

@@ -50,6 +50,7 @@ from pcbo_dagster.engine.sql_apply import (
     event_disagreement,
     gathered_from_checkpoints,
     record_applied,
+    trigger_findings,
 )
 from pcbo_dagster.engine.sql_rollback import complete_rollbacks, reopen_target, restore_committed
 from pcbo_dagster.io.redaction import scrub_text
@@ -199,27 +200,8 @@ def _check_table(
                     where,
                     f"a rollback of run {event['run_id']} was recorded but not done: run it again",
                 )
-    problems = (
-        table.trigger_problems()
-        if table.has_journal()
-        else dict.fromkeys(table.journal_trigger_names(), "missing")
-    )
-    for name in table.journal_trigger_names():
-        problem = problems.get(name)
-        if problem is None:
-            continue
-        if problem == "missing":
-            report.find(
-                "sql_journal_trigger_missing",
-                f"{ref} {name}",
-                "an append-only trigger of the journal was dropped",
-            )
-        else:
-            report.find(
-                "sql_journal_trigger_altered",
-                f"{ref} {name}",
-                f"an append-only trigger of the journal is not the one pcbo creates: {problem}",
-            )
+    for finding in trigger_findings(table):
+        report.find(finding["kind"], f"{ref} {finding['trigger']}", finding["detail"])
     checked = 0
     for run in runs:
         for problem in journal_problems[run][:20]:
