@@ -425,3 +425,57 @@ def test_rollback_and_resume_refuse_a_journal_whose_triggers_were_dropped_or_rep
     assert pcbo([*rollback, "run-2"]).status == 0
     assert pcbo([*rollback, "run-1"]).status == 0
     assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_dry_run_evaluates_against_its_own_deployments_journal(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plan and dry-run had no chain: when another deployment (another home) had used the same runId
+    on the same table, a dry-run (and an execute's first gate check) evaluated against that
+    deployment's journal — an approved dry-run of B was A's view, and B's execute then blocked on its
+    own decision hash — and with both journals there A's dry-run lost its own. A dry-run now reads its
+    deployment's chain (`--home`, read only) and says which journal it used and whose the others are."""
+    from pcbo_dagster.engine.backfill_commands import evaluate_request
+
+    url = (
+        helpers.sqlite_url(tmp_path / "target.db")
+        if dialect == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    create_table(url)
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    path_a = write_json(tmp_path / "a.json", helpers.request(url, [record(i) for i in range(1, 5)]))
+    ran_a = pcbo(["execute", "--input", path_a, "--home", home_a])
+    assert ran_a.status == 0, ran_a.stderr
+    [key_a] = [r[0] for r in query(url, "SELECT DISTINCT run_id FROM pcbo_journal")]
+    second = helpers.request(url, [record(i, amount=100 + i) for i in range(1, 5)], conflict="overwrite")
+    path_b = write_json(tmp_path / "b.json", second)
+    with monkeypatch.context() as env:  # B's home from PCBO_HOME, as an execute takes it
+        env.setenv("PCBO_HOME", str(home_b))
+        dry_b = pcbo(["dry-run", "--input", path_b])
+    assert dry_b.status == 0, dry_b.stderr
+    assert not home_b.exists()  # a dry-run writes nothing
+    outcomes = {o["outcome"] for p in dry_b.document["partitions"] for o in p["target"]["outcomes"]}
+    assert outcomes == {"update"}, dry_b.document  # the table as it is, not as A's journal says it was
+    journal = dry_b.document["targetJournal"]
+    assert (journal["key"], journal["deployment"], journal["otherDeployments"]) == (
+        None,
+        "this-deployment",
+        [key_a],
+    )
+    assert "written by other deployments" in journal["message"], journal
+    approved = {**second, "expectedDecisionHash": dry_b.document["decisionHash"]}
+    ran_b = pcbo(["execute", "--input", write_json(tmp_path / "b2.json", approved), "--home", home_b])
+    assert ran_b.status == 0, ran_b.stderr
+    assert ran_b.document["decisionHash"] == dry_b.document["decisionHash"]
+    # A's dry-run is A's own view, its approved decision hash, with B's journal there too.
+    dry_a = pcbo(["dry-run", "--input", path_a, "--home", home_a])
+    assert dry_a.status == 0, dry_a.stderr
+    assert dry_a.document["decisionHash"] == ran_a.document["decisionHash"]
+    assert dry_a.document["targetJournal"]["key"] == key_a
+    assert dry_a.document["targetJournal"]["deployment"] == "this-deployment"
+    # With no chain at hand at all (no settings: the caller cannot say whose it is), it says so.
+    unknown = evaluate_request(path_b.read_bytes(), tmp_path).decisions.to_json()["targetJournal"]
+    assert unknown["deployment"] == "unknown" and unknown["key"] is None, unknown
+    assert len(unknown["otherDeployments"]) == 2 and "none used" in unknown["message"], unknown

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import os
 import re
 import sys
@@ -93,11 +94,14 @@ def cmd_dry_run(args: argparse.Namespace) -> dict[str, Any]:
     if args.server is not None:
         return _remote(args)
     from pcbo_dagster.engine.backfill_commands import evaluate_request
+    from pcbo_dagster.engine.settings import Settings
 
     raw, base_dir = read_input(args.input)
     # Not closed: the document's partitions are read from a streamed source's spill as it is
-    # written out; the spill goes when the process ends.
-    return evaluate_request(raw, base_dir).decisions.to_json(lazy=True)
+    # written out; the spill goes when the process ends. The settings only say whose audit chain
+    # names a SQL target's journal (read, nothing written).
+    settings = functools.partial(Settings.resolve, home=args.home, audit_dir=args.audit_dir)
+    return evaluate_request(raw, base_dir, settings=settings).decisions.to_json(lazy=True)
 
 
 @contextmanager
@@ -410,6 +414,15 @@ def build_parser() -> argparse.ArgumentParser:
             "and print its answer, with the same exit statuses",
         )
         add_common_options(p, where=name == "execute")
+        if name == "dry-run":  # a SQL target's journal: this deployment's, as its audit chain says
+            p.add_argument(
+                "--home",
+                help="PCBO_HOME (default ./.pcbo): the deployment whose audit chain says which journal "
+                "of a SQL target's run is its own",
+            )
+            p.add_argument(
+                "--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)"
+            )
         if name == "execute":
             p.add_argument("--audit-endpoint", help="HTTP endpoint for audit events (PCBO_AUDIT_ENDPOINT)")
             p.add_argument(

@@ -304,6 +304,8 @@ class TargetDecisions(Decisions):
     #: The journal key of the run (`ChainState.sql_journal_key`) whose entries said what the rows it
     #: already changed were before it; None: none.
     journal_key: str | None = None
+    #: What the dry-run says of that journal (`sql_apply._journal_note`: `targetJournal`).
+    journal_note: dict[str, Any] = field(default_factory=dict)
 
     def conflicts(self) -> list[dict[str, Any]]:
         """The records `conflict: fail` blocks on."""
@@ -338,4 +340,5 @@ class TargetDecisions(Decisions):
         document["policyDecisionHash"] = self.policy_decision_hash
         document["target"] = self.descriptor
         document["targetTotals"] = self.target_totals()
+        document["targetJournal"] = self.journal_note
         return document

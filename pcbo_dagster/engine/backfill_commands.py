@@ -9,6 +9,7 @@ HTTP 409), anything else (exit 1).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -49,13 +50,23 @@ def plan_document(
 
 
 def evaluate_request(
-    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: SourcesDirectory | None = None
+    raw: bytes | ValidatedRequest,
+    base_dir: Path | None = None,
+    confine_to: SourcesDirectory | None = None,
+    settings: Settings | Callable[[], Settings] | None = None,
 ) -> EvaluatedRequest:
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
-    done with its decisions, which a streamed source reads from its spill as they are iterated."""
+    done with its decisions, which a streamed source reads from its spill as they are iterated.
+    `settings` (or how to resolve them): the deployment whose audit chain says which journal of a SQL
+    target's run is its own (`sql_apply.deployment_chain`; read only, nothing written)."""
     loaded = load_request(raw, base_dir, confine_to)
     try:
-        plan, decisions = evaluate(loaded)
+        chain = None
+        if settings is not None and loaded.request.target is not None:
+            from pcbo_dagster.engine.sql_apply import deployment_chain
+
+            chain = functools.partial(deployment_chain, settings)
+        plan, decisions = evaluate(loaded, chain)
     except BaseException:
         loaded.close()
         raise
@@ -64,10 +75,13 @@ def evaluate_request(
 
 @contextmanager
 def evaluated_request(
-    raw: bytes | ValidatedRequest, base_dir: Path | None = None, confine_to: SourcesDirectory | None = None
+    raw: bytes | ValidatedRequest,
+    base_dir: Path | None = None,
+    confine_to: SourcesDirectory | None = None,
+    settings: Settings | None = None,
 ) -> Iterator[EvaluatedRequest]:
     """`evaluate_request`, closed when the block ends."""
-    evaluated = evaluate_request(raw, base_dir, confine_to)
+    evaluated = evaluate_request(raw, base_dir, confine_to, settings)
     try:
         yield evaluated
     finally:
@@ -114,5 +128,5 @@ def execute_request(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """Load, evaluate, gate and execute a request (`pcbo execute`, `POST /v1/execute`)."""
-    with evaluated_request(raw, base_dir, confine_to) as evaluated:
+    with evaluated_request(raw, base_dir, confine_to, settings) as evaluated:
         return execute_evaluated(settings, evaluated, actor=actor, progress=progress)

@@ -276,7 +276,9 @@ def load_request(
     return LoadedRequest(request, records, digests, "inline", "inline")
 
 
-def evaluate(loaded: LoadedRequest) -> tuple[Plan, Decisions]:
+def evaluate(loaded: LoadedRequest, chain: Any = None) -> tuple[Plan, Decisions]:
+    """The plan and decisions of a request; `chain` (`sql_apply.ChainReader`): how to read the
+    deployment's own audit chain, for a SQL target's journal (`sql_apply.evaluate_target`)."""
     plan = loaded.plan()
     if loaded.spill is not None:
         decisions = loaded.spill.decisions(plan)
@@ -287,5 +289,5 @@ def evaluate(loaded: LoadedRequest) -> tuple[Plan, Decisions]:
     if loaded.request.target is not None:  # issue 15: a SQL table target adds each record's outcome
         from pcbo_dagster.engine.sql_apply import evaluate_target
 
-        decisions = evaluate_target(loaded, plan, decisions)
+        decisions = evaluate_target(loaded, plan, decisions, chain=chain)
     return plan, decisions

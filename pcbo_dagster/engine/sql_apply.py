@@ -86,6 +86,7 @@ from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.request_loading import LoadedRequest
+from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.sql_events import (
     applied_body,
     apply_intent_body,
@@ -163,27 +164,64 @@ class _Unknown:
 #: `evaluate_target` without the chain: the run's journal key is not known.
 UNKNOWN = _Unknown()
 
+#: How an evaluation reads the deployment's own audit chain of a dataset version (dataset, version
+#: label -> the replayed chain and where it was read), when it has its settings (`deployment_chain`).
+ChainReader = Callable[[str, str], tuple[ChainState, str]]
+
+
+def deployment_chain(
+    settings: Settings | Callable[[], Settings], dataset: str, version_label: str
+) -> tuple[ChainState, str]:
+    """The deployment's audit chain of a dataset version (`settings`, or how to resolve them: only a
+    SQL target needs them), replayed from its audit backup with nothing written (an object store's
+    read through a throwaway cache; a backup that does not exist yet is an empty chain: the
+    deployment has applied nothing), and the backup's location as shown."""
+    import tempfile
+
+    from pcbo_dagster.audit.backup import AuditBackup
+    from pcbo_dagster.audit.object_store_backup import open_backup
+    from pcbo_dagster.io.redaction import redact_url
+
+    key = chain_key(dataset, version_label)
+    if not isinstance(settings, Settings):
+        settings = settings()
+    if settings.audit_store is None:
+        return replay(AuditBackup(settings.audit_dir).read_chain(key)), str(settings.audit_dir)
+    with tempfile.TemporaryDirectory(prefix="pcbo-chain-") as cache:
+        events = open_backup(settings.audit_store, cache).read_chain(key)
+    return replay(events), redact_url(settings.audit_store)
+
 
 def evaluate_target(
     loaded: LoadedRequest,
     plan: Plan,
     decisions: Decisions,
     journal_key: str | None | _Unknown = UNKNOWN,
+    chain: ChainReader | None = None,
 ) -> TargetDecisions:
     """The decisions with each partition's outcomes against the live table (module doc). A run that
     already changed the table is evaluated against the table as its journal says it was before
-    (`journal_key`: the run's, from the chain; None: it has none). Without the chain (plan, dry-run)
-    that is the run's one journal in the table; when several deployments' chains wrote the table
-    with this run id, none (`execute_sql` evaluates again with its own)."""
+    (`journal_key`: the run's, from the chain; None: it has none). Without it, the deployment's own
+    key read from its chain (`chain`: a dry-run, or an execute's first gate check, with the
+    deployment's settings); with no chain at hand at all, the run's one journal in the table — which
+    may be another deployment's, and the document says so — or, when several deployments' chains
+    wrote the table with this run id, none (`execute_sql` evaluates again with its own). The
+    journal used, and those of other deployments left out, are in `journal_note`."""
     spec = loaded.request.target
     assert spec is not None
     schema, as_json = loaded.schema_of(decisions.partitions)
     table = SqlTable.open(spec, spec.url, schema, as_json, write=False)
     try:
-        if journal_key is UNKNOWN:  # no chain at hand: the run's only journal in the table, if one
-            keys = table.journal_keys(plan.run_id)
+        keys = table.journal_keys(plan.run_id)
+        where: str | None = "the chain"
+        if journal_key is UNKNOWN and chain is not None:
+            state, where = chain(plan.dataset, plan.version_label)
+            journal_key = state.sql_journal_key(table.ref, plan.run_id)
+        elif journal_key is UNKNOWN:  # no chain at hand: the run's only journal in the table, if one
             journal_key = keys[0] if len(keys) == 1 else None
+            where = None
         assert not isinstance(journal_key, _Unknown)
+        note = _journal_note(plan.run_id, journal_key, keys, where)
         prior = read_journal(table, journal_key).prior_view()
         hasher = SqlDecisionHasher()
         outcomes: dict[str, list[RecordOutcome]] = {}
@@ -215,7 +253,39 @@ def evaluate_target(
         outcomes=outcomes,
         rows_digests=rows_digests,
         journal_key=journal_key,
+        journal_note=note,
     )
+
+
+def _journal_note(run_id: str, key: str | None, keys: list[str], chain: str | None) -> dict[str, Any]:
+    """What a dry-run says of the journal its evaluation used (`targetJournal`): its key, whose it is
+    (`this-deployment`: read from the deployment's chain at `chain`; `unknown`: no chain at hand), the
+    keys of the run's other journals in the table (other deployments' with the same run id: never
+    used), and a sentence saying so."""
+    others = [k for k in keys if k != key]
+    message = None
+    if chain is not None and others:
+        message = (
+            f"the table holds {len(others)} journal(s) of run {run_id} written by other deployments "
+            f"(not on this deployment's audit chain at {chain}): not used; "
+            + ("this evaluation uses this deployment's own" if key else "this deployment has applied none")
+        )
+    elif chain is None and key is not None:
+        message = (
+            f"no audit chain of this deployment at hand: evaluated against the table's only journal of run "
+            f"{run_id}, {key}, which may be another deployment's (give its home to evaluate against its own)"
+        )
+    elif chain is None and others:
+        message = (
+            f"no audit chain of this deployment at hand: the table holds {len(others)} journals of run "
+            f"{run_id} (other deployments'): none used"
+        )
+    return {
+        "key": key,
+        "deployment": "unknown" if chain is None else "this-deployment",
+        "otherDeployments": others,
+        "message": message,
+    }
 
 
 def _evaluated_again(
