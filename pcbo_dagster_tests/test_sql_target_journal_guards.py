@@ -479,3 +479,44 @@ def test_a_dry_run_evaluates_against_its_own_deployments_journal(
     unknown = evaluate_request(path_b.read_bytes(), tmp_path).decisions.to_json()["targetJournal"]
     assert unknown["deployment"] == "unknown" and unknown["key"] is None, unknown
     assert len(unknown["otherDeployments"]) == 2 and "none used" in unknown["message"], unknown
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_rollback_does_not_undo_rows_another_deployment_applied(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """A rollback checked each row against its own run's journal and its own chain only: a row
+    another deployment (another home) found equal since (`skip_equal`: its apply vouches for it, its
+    Merkle root holds it) was as this run wrote it, so this run's rollback deleted rows under the
+    other deployment's apply (its verify then found them gone). Such rows are now refused (exit 1,
+    nothing changed) until that deployment's run is rolled back."""
+    url = (
+        helpers.sqlite_url(tmp_path / "target.db")
+        if dialect == "sqlite"
+        else request.getfixturevalue("fresh_postgres_url")
+    )
+    create_table(url)
+    empty = helpers.dump(url)
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    records = [record(i) for i in range(1, 5)]
+    path_a = write_json(tmp_path / "a.json", helpers.request(url, records, run_id="run-a"))
+    assert pcbo(["execute", "--input", path_a, "--home", home_a]).status == 0
+    path_b = write_json(tmp_path / "b.json", helpers.request(url, records, run_id="run-b"))
+    ran_b = pcbo(["execute", "--input", path_b, "--home", home_b])
+    assert ran_b.status == 0, ran_b.stderr
+    assert (ran_b.document["totals"]["inserted"], ran_b.document["totals"]["skipped"]) == (0, 4)
+    before = _everything(url, home_a)
+    rollback = ["rollback", "--dataset", "events", "--target-url", url, "--run-id"]
+    refused = pcbo([*rollback, "run-a", "--home", home_a])
+    assert refused.status == 1, refused.stderr
+    assert "sql_rows_of_another_deployment" in refused.stderr and "'ev-0002'" in refused.stderr
+    assert _everything(url, home_a) == before
+    assert pcbo(["verify", "--home", home_b, "--target-url", url]).status == 0
+    # B's run undone first (it changed nothing), then A's undoes its rows.
+    assert pcbo([*rollback, "run-b", "--home", home_b]).status == 0
+    rolled = pcbo([*rollback, "run-a", "--home", home_a])
+    assert rolled.status == 0, rolled.stderr
+    assert helpers.dump(url) == empty
+    for home in (home_a, home_b):
+        verified = pcbo(["verify", "--home", home, "--target-url", url])
+        assert verified.status == 0, verified.document

@@ -14,6 +14,9 @@ each partition of each table it wrote. Before anything is touched:
 - every row the run changed must still be as the run wrote it (its digest is the journal entry's
   `after`): a row the live pipeline (or a later run) changed since is not written over — the
   rollback is refused naming those rows, and nothing is changed (roll back the later run first);
+- no row it would undo is, as it is now, one another deployment's apply (a journal key not on this
+  chain) found equal since (`sql_rows_of_another_deployment`: that apply vouches for it; roll that
+  run back first);
 - the restore, tried in a savepoint and undone, must put every row back as it was before the run
   (`sql_restore_ineffective` otherwise: a trigger or rule that skips or rewrites the restoring
   statements, such as `RAISE(IGNORE)` or a soft-delete rule, never has the chain record rows
@@ -200,10 +203,14 @@ def _undo(
         for h, a in applies
     }
     entries = [e for group in undone.values() for e in group]
+    runs = {a.run_id for (t, _), h in state.sql.items() if t == table.ref for a in h.applies}
+    own = {str(state.sql_journal_key(table.ref, r)) for r in runs}  # this chain's journals in the table
+    others = table.rows_found_equal_by_others(own)
     with table.write() as conn:
         drifted = table.drifted(conn, entries, lock=True)
         if drifted:
             _refuse_drifted(where, drifted)
+        _refuse_others_rows(where, entries, others)
         trial = conn.begin_nested()  # what the restore will do, before the chain says it is about to
         _restore_checked(table, conn, entries, where)
         trial.rollback()
@@ -319,6 +326,33 @@ def _restore_checked(table: SqlTable, conn: Connection, entries: list[dict[str, 
             f"{len(not_back)} row(s) are not back as they were before the run after the restoring "
             f"statements ({listed}{', ...' if len(not_back) > 10 else ''}): a trigger or rule on the table "
             "skips or rewrites them",
+        )
+
+
+def _refuse_others_rows(
+    where: str, entries: list[dict[str, Any]], others: dict[str, dict[str, set[str]]]
+) -> None:
+    """Refuse to undo a row that is, as it is now (as this run wrote it: `drifted` checked that),
+    a row another deployment's apply into the table found equal and vouches for
+    (`SqlTable.rows_found_equal_by_others`; its chain, not this one, holds that apply): it came after
+    this run's write, and undoing the row would take it away from under that apply."""
+    newest: dict[str, dict[str, Any]] = {}
+    for e in sorted(entries, key=lambda e: e["seq"]):
+        newest[e["keyText"]] = e
+    claimed = [
+        (e, sorted(others[k][e["after"]]))
+        for k, e in sorted(newest.items())
+        if e["after"] is not None and e["after"] in others.get(k, {})
+    ]
+    if claimed:
+        listed = ", ".join(repr(e["id"]) for e, _ in claimed[:10])
+        keys = sorted({key for _, ks in claimed for key in ks})
+        raise SqlRollbackRefused(
+            where,
+            "sql_rows_of_another_deployment",
+            f"{len(claimed)} row(s) this run wrote were found equal since by another deployment's run in "
+            f"this table ({listed}{', ...' if len(claimed) > 10 else ''}; its journal "
+            f"{', '.join(keys[:3])}): undoing them would take its rows away; roll that run back first",
         )
 
 

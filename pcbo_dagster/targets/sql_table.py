@@ -833,6 +833,45 @@ class SqlTable:
             ).all()
         return {(str(r[0]), int(r[1])): (str(r[2]), int(r[3])) for r in rows}
 
+    def rows_found_equal_by_others(self, own: set[str]) -> dict[str, dict[str, set[str]]]:
+        """Key text -> row digest -> the journal keys (other than `own`: other deployments') whose
+        checkpoints in this table list the row as found equal (`skip_equal`, not failed) with that
+        digest, by an apply no `pcbo_rollbacks` row of theirs says was undone: rows their applies
+        vouch for without having written them."""
+        with self.read() as conn:
+            if not self._has_journal(conn):
+                return {}
+            undone = {
+                (str(r[0]), str(r[1]), int(r[2]))
+                for r in conn.execute(
+                    text(
+                        f"SELECT run_id, partition_key, intent_seq FROM {self._pcbo(ROLLBACK_TABLE)} "
+                        "WHERE table_name = :t"
+                    ),
+                    {"t": self.qualified},
+                )
+            }
+            rows = conn.execute(
+                text(
+                    f"SELECT run_id, partition_key, intent_seq, result FROM {self._pcbo(CHECKPOINT_TABLE)} "
+                    "WHERE table_name = :t"
+                ),
+                {"t": self.qualified},
+            ).all()
+        found: dict[str, dict[str, set[str]]] = {}
+        for run_id, partition_key, intent_seq, result in rows:
+            if str(run_id) in own or (str(run_id), str(partition_key), int(intent_seq)) in undone:
+                continue
+            try:
+                checkpoint = json.loads(result)
+                failed = {f["id"] for f in checkpoint["failures"]}
+                for row_id, key, digest, outcome, _ in checkpoint["rows"]:
+                    if outcome == SKIP_EQUAL and row_id not in failed:
+                        found.setdefault(str(key), {}).setdefault(str(digest), set()).add(str(run_id))
+            except (ValueError, KeyError, TypeError):
+                continue  # not a checkpoint pcbo wrote: it vouches for nothing
+        return found
+
     # -- applying a chunk -----------------------------------------------------------------------
 
     def apply_chunk(self, rows: Sequence[PlannedRow], ctx: ChunkContext, journal: bool = True) -> ChunkResult:
