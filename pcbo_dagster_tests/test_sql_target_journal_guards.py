@@ -520,3 +520,32 @@ def test_a_rollback_does_not_undo_rows_another_deployment_applied(
     for home in (home_a, home_b):
         verified = pcbo(["verify", "--home", home, "--target-url", url])
         assert verified.status == 0, verified.document
+
+
+def test_verify_repair_completes_nothing_from_a_journal_whose_triggers_were_dropped(tmp_path: Path) -> None:
+    """`verify --repair` appended a crashed apply's event from its checkpoints and journal with the
+    journal's append-only triggers gone (reported, but relied on): as rollback and execute, it now
+    completes nothing there until pcbo's triggers are back."""
+    from pcbo_dagster_tests.cli_runner import run_pcbo
+
+    url = helpers.sqlite_url(tmp_path / "target.db")
+    name, _, unguard, restore = UNGUARDING["sqlite"][0]
+    create_table(url)
+    home = tmp_path / "home"
+    path = write_json(
+        tmp_path / "r.json", helpers.request(url, [record(i) for i in range(1, 9)], chunkRows=1)
+    )
+    crashed = run_pcbo(["execute", "--input", path], home=home, env={"PCBO_FAILPOINT": "sql_before_event@1"})
+    assert crashed.status == 86, crashed.stderr
+    run_sql(url, *unguard)
+    before = _everything(url, home)
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert repaired.status == 1 and repaired.document["repaired"] == [], repaired.document
+    kinds = {f["kind"] for f in repaired.document["findings"]}
+    assert "sql_journal_trigger_missing" in kinds, repaired.document
+    assert _everything(url, home) == before
+    run_sql(url, *restore)
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert [r["kind"] for r in repaired.document["repaired"]] == ["sql_apply_event_appended"], (
+        repaired.document
+    )

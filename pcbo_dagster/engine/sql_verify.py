@@ -12,6 +12,8 @@ location; one that cannot be reached is a finding):
 - the journal of every run in the table is exactly the one the chain and the checkpoints recorded
   (`sql_journal_altered`), and its append-only triggers are there (`sql_journal_trigger_missing`)
   and exactly as pcbo creates them, their functions included (`sql_journal_trigger_altered`);
+  `--repair` completes nothing in a table whose journal is not so guarded (as rollback and execute
+  refuse it);
 - each apply's checkpoints are what its chunks did (`sql_apply.gathered_from_checkpoints`: each
   follows from its rows, its journal entries are the rows it wrote, all together the rows and
   outcomes the intent recorded), and give what the chain's `sql_partition_applied` says — Merkle
@@ -120,7 +122,8 @@ def _check_table(
 ) -> int:
     ref = table.ref
     histories = [h for (target, _), h in sorted(state.sql.items()) if target == ref]
-    if report.repair:
+    unguarded = trigger_findings(table)
+    if report.repair and not unguarded:  # never completed from a journal that may have been edited
         with scoped_lock(table, dataset, "verify-repair"):
             for item in complete_applies(env, table, state, dataset, version_label):
                 report.repaired.append(item)
@@ -200,7 +203,7 @@ def _check_table(
                     where,
                     f"a rollback of run {event['run_id']} was recorded but not done: run it again",
                 )
-    for finding in trigger_findings(table):
+    for finding in unguarded:
         report.find(finding["kind"], f"{ref} {finding['trigger']}", finding["detail"])
     checked = 0
     for run in runs:
