@@ -5,6 +5,7 @@ deployments (two homes, two chains) writing one table with the same run id."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -549,3 +550,30 @@ def test_verify_repair_completes_nothing_from_a_journal_whose_triggers_were_drop
     assert [r["kind"] for r in repaired.document["repaired"]] == ["sql_apply_event_appended"], (
         repaired.document
     )
+
+
+@pytest.mark.postgres
+def test_a_dry_run_reads_an_object_store_audit_chain_and_writes_nothing(
+    tmp_path: Path, s3_store: Any, fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the audit backup on an object store (moto's S3), a dry-run finds the deployment's own
+    journal from the chain there, reading it through a throwaway cache: nothing is written under a
+    home it runs from (not even the home)."""
+    import uuid
+
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PCBO_AUDIT_DIR", s3_store.url(f"pas-{uuid.uuid4().hex[:8]}"))
+    monkeypatch.setenv("PCBO_CATALOG_URL", fresh_postgres_url)  # an object-store audit needs one
+    url = helpers.sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    path = write_json(tmp_path / "r.json", helpers.request(url, [record(i) for i in range(1, 5)]))
+    ran = pcbo(["execute", "--input", path, "--home", tmp_path / "a"])
+    assert ran.status == 0, ran.stderr
+    [key] = [r[0] for r in query(url, "SELECT DISTINCT run_id FROM pcbo_journal")]
+    elsewhere = tmp_path / "elsewhere"
+    dry = pcbo(["dry-run", "--input", path, "--home", elsewhere])
+    assert dry.status == 0, dry.stderr
+    assert dry.document["targetJournal"]["key"] == key, dry.document["targetJournal"]
+    assert dry.document["decisionHash"] == ran.document["decisionHash"]
+    assert not elsewhere.exists()
