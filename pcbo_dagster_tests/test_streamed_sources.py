@@ -305,3 +305,75 @@ def test_a_source_that_is_not_utf8_is_reported_without_its_bytes(tmp_path: Path)
     with pytest.raises(InvalidInput) as refused:
         list(streaming.JsonlSource(str(path), "secret.jsonl").batches(10))
     assert "not UTF-8 at byte 0" in str(refused.value) and "0x91" not in str(refused.value)
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) * 2 // 3])
+
+
+def _integer_cell_to_text(path: Path) -> None:
+    path.write_bytes(path.read_bytes().replace(b",39\r\n", b",xx\r\n"))
+
+
+def _fewer_row_groups(path: Path) -> None:
+    pq.write_table(pq.read_table(path).slice(0, 25), path)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "change"),
+    [
+        ("jsonl", _cut_short),
+        ("csv", _cut_short),
+        ("csv", _integer_cell_to_text),
+        ("parquet", _fewer_row_groups),
+    ],
+)
+def test_a_source_that_cannot_be_read_again_mid_run_is_a_changed_source(
+    tmp_path: Path, fmt: str, change: Any
+) -> None:
+    """Red-team finding: a source cut short or rewritten between pass 1 and the re-read for writing
+    (its offsets or row groups no longer those of its records) made the execute stop with invalid input
+    (exit 2: "nothing written"), or an internal error for CSV (StopIteration, int() of a text cell),
+    after the partitions before it had been committed, and left the run `running`. It is
+    `source_changed`, like a record read again that differs: the run failed, nothing committed from
+    there on."""
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.execute import ExecuteFailed, execute
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster_tests.csv_files import csv_bytes
+
+    records = [
+        {"id": f"r{i:03d}", "occurredAt": f"2024-01-01T{i // 10:02d}:10:00Z", "consentGranted": True, "n": i}
+        for i in range(40)
+    ]
+    source = tmp_path / f"records.{fmt}"
+    if fmt == "jsonl":
+        source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif fmt == "csv":
+        source.write_bytes(csv_bytes(records, ["id", "occurredAt", "consentGranted", "n"]))
+    else:
+        pq.write_table(pa.Table.from_pylist(records), source, row_group_size=10)
+    request = {
+        "runId": "changing",
+        "dataset": "d",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-01T04:00:00Z",
+        "source": {"uri": str(source)},
+    }
+    loaded = load_request(json.dumps(request).encode(), tmp_path)
+    plan, decisions = evaluate(loaded)
+    change(source)
+    env = Environment.open(Settings.resolve(home=str(tmp_path / "home"), env={}, parallel=1))
+    try:
+        with pytest.raises(ExecuteFailed, match="source changed during the run") as failed:
+            execute(env, loaded, plan, decisions, pace=lambda pd: True)  # committed one at a time
+        assert failed.value.kind == "source_changed"
+        committed = [p["key"] for p in failed.value.document["partitions"] if p["status"] == "committed"]
+        # the text files' first partitions are still where they were (parquet's row groups are not)
+        assert bool(committed) == (fmt != "parquet") and "20240101T030000Z" not in committed, committed
+        run = env.catalog.get_run("changing")
+        assert run is not None and run["status"] == "failed"
+    finally:
+        env.close()
+        loaded.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import pyarrow as pa
 
 from pcbo_dagster.core.canonical import CanonicalizationError, record_digest_bytes, sorted_digest_rows
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision, decide, known_columns
-from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.errors import InvalidInput, SourceChanged
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
 from pcbo_dagster.core.record_table import AddedColumns, SchemaBuilder
@@ -70,17 +71,20 @@ class LoadedRequest:
 
     def fetch(self, locators: np.ndarray | list[int]) -> list[Any]:
         """The records at `locators` (`PartitionDecision.add_locators`: input positions for records in
-        memory, else the streamed source's locators), in that order."""
+        memory, else the streamed source's locators), in that order. A streamed source that can no
+        longer be read there (`_read_again`) is `SourceChanged`."""
         if self.source is None:
             assert self.records is not None
             return list(map(self.records.__getitem__, np.asarray(locators, dtype=np.int64).tolist()))
-        return self.source.fetch(np.asarray(locators, dtype=np.int64))
+        with _read_again():
+            return self.source.fetch(np.asarray(locators, dtype=np.int64))
 
     def fetch_chunks(self, locators: np.ndarray, size: int) -> Iterator[list[Any]]:
         """`fetch(locators)`, `size` records at a time."""
         locators = np.asarray(locators, dtype=np.int64)
         if self.source is not None:
-            yield from self.source.fetch_chunks(locators, size)
+            with _read_again():
+                yield from self.source.fetch_chunks(locators, size)
             return
         added = self._added
         for lo in range(0, len(locators), size):
@@ -107,6 +111,22 @@ class LoadedRequest:
             for rows in self.fetch_chunks(pd.add_locators, source_batch_size()):
                 builder.add(rows)
         return builder.result()
+
+
+@contextmanager
+def _read_again() -> Iterator[None]:
+    """A streamed source read again by the locators pass 1 gave: every one of them was a record then,
+    so one that is no longer readable (a file cut short, rewritten with other offsets or row groups,
+    removed) is the source having changed during the run, not bad input: `SourceChanged` (exit 1, the
+    run stopped and recorded as failed), never `InvalidInput` (whose exit 2 says nothing was written,
+    though partitions before it may have been committed)."""
+    try:
+        yield
+    except InvalidInput as exc:
+        raise SourceChanged(
+            f"the source cannot be read again where pass 1 read its records ({exc}): the source "
+            "changed during the run; nothing was committed from this partition on"
+        ) from None
 
 
 def _digest_error(field: str, exc: CanonicalizationError) -> InvalidInput:

@@ -113,6 +113,11 @@ def csv_record(header: list[str], row: list[str], integer_columns: set[str]) -> 
         if name == CSV_BOOLEAN_COLUMN and cell in ("true", "false"):
             record[name] = cell == "true"
         elif name in integer_columns:
+            if not is_safe_integer(cell):  # every cell was when the columns were decided
+                raise InvalidInput(
+                    f"source.{name}",
+                    "a cell of this integer column is not an integer now: the file changed while it was read",
+                )
             record[name] = int(cell)
         else:
             record[name] = cell

@@ -550,7 +550,12 @@ class CsvSource(RecordSource):
         with _opened(self.uri, self.shown, self.root) as fh:
             for offset in np.asarray(locators, dtype=np.int64).tolist():
                 fh.seek(offset)
-                row = next(_csv_reader(self._text_lines(fh, offset, [])))
+                try:
+                    row = next(_csv_reader(self._text_lines(fh, offset, [])), None)
+                except csv.Error as exc:
+                    raise InvalidInput("source", f"CSV row at byte {offset}: {exc}") from None
+                if row is None or len(row) > len(header):
+                    raise InvalidInput("source", f"CSV: no row of the header's cells at byte {offset}")
                 out.append(csv_record(header, row, self.integer_columns))
         return out
 
@@ -640,6 +645,16 @@ class ParquetSource(RecordSource):
                 "source", f"{redact_url(self.shown)}: the parquet column {twice} is named twice"
             )
         self._schema = pf.schema_arrow
+
+    def _same_layout(self, pf: pq.ParquetFile) -> None:
+        """The file opened again has the row groups and schema it had when it was read (a record's
+        locator is its row position in them), else invalid input: it changed since."""
+        rows = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)]).astype(np.int64)
+        if not np.array_equal(starts, self.group_starts) or pf.schema_arrow != self._schema:
+            raise InvalidInput(
+                "source.uri", f"{redact_url(self.shown)}: its row groups or columns changed since it was read"
+            )
 
     def _records(self, rows: pa.RecordBatch | pa.Table) -> list[Any]:
         """`rows` as the JSON records they stand for, column by column: a value Python cannot hold (a
@@ -768,6 +783,8 @@ class ParquetSource(RecordSource):
             def pf() -> pq.ParquetFile:
                 if not opened:
                     opened.append(stack.enter_context(self._file()))
+                    if self._schema is not None:
+                        self._same_layout(opened[0])
                 return opened[0]
 
             if self._schema is None:  # a source that has not been read (`batches`) yet
