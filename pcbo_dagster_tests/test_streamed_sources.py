@@ -377,3 +377,35 @@ def test_a_source_that_cannot_be_read_again_mid_run_is_a_changed_source(
     finally:
         env.close()
         loaded.close()
+
+
+def test_a_nanosecond_timestamp_before_1970_is_floored_as_its_text_is(tmp_path: Path) -> None:
+    """Red-team finding: Arrow's cast of nanoseconds to microseconds rounds towards the epoch, so a
+    parquet instant of 1969-12-31T23:59:59.9999995Z became 1970-01-01T00:00:00Z and was added to a
+    window starting then, where the same instant written as text (digits past the sixth dropped) is
+    OUT_OF_WINDOW. Nanoseconds are floored, in integer arithmetic (no overflow near 1677 either)."""
+    from pcbo_dagster.sources import streaming
+
+    moments = pa.array([-500, None, -(2**63) + 1, 1704067799_999999500], pa.timestamp("ns", "UTC"))
+    table = pa.table({"id": ["a", "b", "c", "d"], "occurredAt": moments, "consentGranted": [True] * 4})
+    pq.write_table(table, tmp_path / "ns.parquet")
+    [(records, _, _)] = list(streaming.ParquetSource(str(tmp_path / "ns.parquet"), "ns.parquet").batches(10))
+    assert [r.get("occurredAt") for r in records] == [
+        "1969-12-31T23:59:59.999999Z",
+        None,
+        "1677-09-21T00:12:43.145224Z",
+        "2024-01-01T00:09:59.999999Z",
+    ]
+    request = {
+        "runId": "ns",
+        "dataset": "d",
+        "start": "1970-01-01T00:00:00Z",
+        "end": "1970-01-02T00:00:00Z",
+        "policies": {"onViolation": "omit"},
+    }
+    streamed, _, _ = _run(tmp_path, "streamed", {**request, "source": {"uri": str(tmp_path / "ns.parquet")}})
+    as_text = [{"id": "a", "occurredAt": "1969-12-31T23:59:59.9999995Z", "consentGranted": True}]
+    inline, _, _ = _run(tmp_path, "inline", {**request, "sourceRecords": as_text})
+    assert streamed["totals"]["add"] == inline["totals"]["add"] == 0
+    assert [u["reasons"] for u in streamed["unplaced"] if u["id"] == "a"] == [["OUT_OF_WINDOW"]]
+    assert [u["reasons"] for u in inline["unplaced"]] == [["OUT_OF_WINDOW"]]

@@ -665,7 +665,7 @@ class ParquetSource(RecordSource):
         for name, column in zip(names, rows.columns, strict=True):
             try:
                 if pa.types.is_timestamp(column.type) and column.type.unit == "ns":
-                    column = pc.cast(column, pa.timestamp("us", column.type.tz), safe=False)
+                    column = _to_microseconds(column)
                 columns.append(column.to_pylist())
             except (UnicodeDecodeError, OverflowError, ValueError, KeyError, pa.ArrowException) as exc:
                 # (KeyError: a time zone the zone database does not know)
@@ -808,6 +808,26 @@ class ParquetSource(RecordSource):
         table = self._take(indices)
         for lo in range(0, table.num_rows, size):
             yield self._records(table.slice(lo, size))
+
+
+def _floored_to_microseconds(nanoseconds: pa.Array) -> pa.Array:
+    """A nanosecond timestamp array as microseconds, each value floored (never rounded towards the
+    epoch) in int64 arithmetic, which cannot overflow."""
+    raw = nanoseconds.cast(pa.int64())
+    values = np.floor_divide(raw.fill_null(0).to_numpy(zero_copy_only=False), 1000)
+    mask = raw.is_null().to_numpy(zero_copy_only=False) if raw.null_count else None
+    return pa.array(values, pa.timestamp("us", nanoseconds.type.tz), mask=mask)
+
+
+def _to_microseconds(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """A nanosecond timestamp column cut to its microsecond as an instant's text is (digits past the
+    sixth dropped: the instant floored, also before 1970, where Arrow's cast rounds towards the epoch
+    and put 1969-12-31T23:59:59.9999995Z at 1970-01-01T00:00:00Z, inside a window that text leaves
+    it out of)."""
+    if isinstance(column, pa.ChunkedArray):
+        kind = pa.timestamp("us", column.type.tz)
+        return pa.chunked_array([_floored_to_microseconds(chunk) for chunk in column.chunks], kind)
+    return _floored_to_microseconds(column)
 
 
 _UNIT_TO_US = {"s": (1_000_000, 1), "ms": (1_000, 1), "us": (1, 1), "ns": (1, 1_000)}
