@@ -153,7 +153,8 @@ def test_csv_quoted_newlines_and_offsets(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_parquet_batches_say_when_they_need_careful_hashing() -> None:
     """A parquet batch takes the fast RFC 8785 path unless it may hold a float or an integer beyond
-    +-(2**53 - 1) (or a nested or dictionary column, which is not looked into)."""
+    +-(2**53 - 1) (or a nested or dictionary column, which is not looked into, but for a dictionary
+    of text, as text columns are read)."""
     from pcbo_dagster.sources.streaming import _may_hold_floats_or_big_ints as risky
 
     def batch(**columns: Any) -> pa.RecordBatch:
@@ -167,7 +168,8 @@ def test_parquet_batches_say_when_they_need_careful_hashing() -> None:
     assert risky(batch(n=[-(2**53), 0]))
     assert risky(batch(x=[1.0, 2.0]))
     assert risky(batch(tags=[[1], [2]]))
-    assert risky(batch(kind=pa.array(["a", "b"]).dictionary_encode()))
+    assert not risky(batch(kind=pa.array(["a", "b"]).dictionary_encode()))  # (text: read so)
+    assert risky(batch(kind=pa.array([1.5, 2.5]).dictionary_encode()))
 
 
 def test_parquet_re_reads_keep_decoded_row_groups_within_one_budget(
@@ -409,3 +411,38 @@ def test_a_nanosecond_timestamp_before_1970_is_floored_as_its_text_is(tmp_path: 
     assert streamed["totals"]["add"] == inline["totals"]["add"] == 0
     assert [u["reasons"] for u in streamed["unplaced"] if u["id"] == "a"] == [["OUT_OF_WINDOW"]]
     assert [u["reasons"] for u in inline["unplaced"]] == [["OUT_OF_WINDOW"]]
+
+
+def test_a_parquet_dictionary_bomb_is_read_within_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: parquet stores a repeated value once, in a column chunk's dictionary, so a file
+    of a few kilobytes decoded to a copy of a 1 MB value for each of 200,000 rows (200 GB): Arrow
+    decoded each 8,192-row batch to 8 GB and pcbo turned it into Python strings (a MemoryError, exit 1,
+    under a 3 GB limit; the host's memory otherwise). Text columns are read as dictionaries, records
+    are made a bounded number of bytes at a time, and a row larger than a record may be
+    (PCBO_MAX_LINE_BYTES, as a JSONL line) is invalid input naming it."""
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.sources import streaming
+
+    monkeypatch.setattr(streaming, "PYTHON_BATCH_BYTES", 1 << 20, raising=False)
+    big = "x" * 300_000
+    rows = 40
+    note = pa.DictionaryArray.from_arrays(pa.array([0] * rows, pa.int32()), pa.array([big]))
+    table = pa.table(
+        {"id": [f"r{i}" for i in range(rows)], "occurredAt": ["2024-01-01T00:10:00Z"] * rows, "note": note}
+    )
+    path = tmp_path / "bomb.parquet"
+    pq.write_table(table, path, compression="zstd")
+    assert path.stat().st_size < 20_000  # 12 MB of values
+    source = streaming.ParquetSource(str(path), "bomb.parquet")
+    batches = list(source.batches(8192))
+    assert max(sum(len(r["note"]) for r in records) for records, _, _ in batches) <= 1 << 20
+    assert [r["id"] for records, _, _ in batches for r in records] == [f"r{i}" for i in range(rows)]
+    locators = np.concatenate([positions for _, _, positions in batches])
+    chunks = list(source.fetch_chunks(locators[::-1], 8192))
+    assert max(len(records) for records in chunks) <= 3
+    assert [r["id"] for records in chunks for r in records] == [f"r{i}" for i in reversed(range(rows))]
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", "200000")
+    with pytest.raises(InvalidInput, match=r"row 0 holds 300\d+ bytes of values, more than a record may"):
+        list(streaming.ParquetSource(str(path), "bomb.parquet").batches(8192))

@@ -607,6 +607,8 @@ def _may_hold_floats_or_big_ints(batch: pa.RecordBatch) -> bool:
     nested column may; an integer column only if its values reach that far."""
     for column in batch.columns:
         kind = column.type
+        if pa.types.is_dictionary(kind) and _binary_like(kind.value_type):
+            continue  # (text read as a dictionary: `_parquet_file`)
         if pa.types.is_floating(kind) or pa.types.is_nested(kind) or pa.types.is_dictionary(kind):
             return True
         if pa.types.is_integer(kind) and column.null_count < len(column):
@@ -629,7 +631,7 @@ class ParquetSource(RecordSource):
     def _file(self) -> Iterator[pq.ParquetFile]:
         with _opened(self.uri, self.shown, self.root) as fh:
             try:
-                yield pq.ParquetFile(fh)
+                yield _parquet_file(fh)
             except pa.ArrowException as exc:
                 raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
 
@@ -687,13 +689,14 @@ class ParquetSource(RecordSource):
             self.count = int(self.group_starts[-1])
             first = 0
             for batch in pf.iter_batches(batch_size=size, use_threads=False):
-                positions = np.arange(first, first + batch.num_rows, dtype=np.int64)
+                risky = _may_hold_floats_or_big_ints(batch)
+                for lo, hi in self._cuts(batch, first):
+                    yield (
+                        self._records(batch.slice(lo, hi - lo)),
+                        risky,
+                        np.arange(first + lo, first + hi, dtype=np.int64),
+                    )
                 first += batch.num_rows
-                yield (
-                    self._records(batch),
-                    _may_hold_floats_or_big_ints(batch),
-                    positions,
-                )
 
     def _zone_batches(
         self, pf: pq.ParquetFile, window: Window, size: int
@@ -709,14 +712,15 @@ class ParquetSource(RecordSource):
                 continue
             first = zone.start
             for batch in pf.iter_batches(batch_size=size, row_groups=[group], use_threads=False):
-                records.extend(self._records(batch))
-                positions.append(np.arange(first, first + batch.num_rows, dtype=np.int64))
+                for lo, hi in self._cuts(batch, first):
+                    records.extend(self._records(batch.slice(lo, hi - lo)))
+                    positions.append(np.arange(first + lo, first + hi, dtype=np.int64))
+                    risky = risky or _may_hold_floats_or_big_ints(batch)
+                    if len(records) >= size or hi - lo < batch.num_rows:
+                        count += len(records)
+                        yield records, risky, np.concatenate(positions)
+                        records, positions, risky = [], [], False
                 first += batch.num_rows
-                risky = risky or _may_hold_floats_or_big_ints(batch)
-                if len(records) >= size:
-                    count += len(records)
-                    yield records, risky, np.concatenate(positions)
-                    records, positions, risky = [], [], False
         if records:
             count += len(records)
             yield records, risky, np.concatenate(positions)
@@ -806,8 +810,36 @@ class ParquetSource(RecordSource):
 
     def fetch_chunks(self, indices: np.ndarray, size: int) -> Iterator[list[Any]]:
         table = self._take(indices)
-        for lo in range(0, table.num_rows, size):
-            yield self._records(table.slice(lo, size))
+        for start in range(0, table.num_rows, size):
+            rows = table.slice(start, size)
+            for lo, hi in self._cuts(rows, None):
+                yield self._records(rows.slice(lo, hi - lo))
+
+    def _cuts(self, rows: pa.RecordBatch | pa.Table, first: int | None) -> Iterator[tuple[int, int]]:
+        """`rows` as [lo, hi) spans whose values come to at most `PYTHON_BATCH_BYTES` as Python records
+        (a span of one row at least); a row holding more than `PCBO_MAX_LINE_BYTES` of values (what a
+        JSONL line may hold) is invalid input (`first`: its position in the file, when known). Arrow
+        keeps a dictionary-encoded column as its dictionary (`_parquet_file`), so a file of a few
+        kilobytes whose dictionary holds one large value for a million rows decodes to what it is
+        here, and is refused or cut before it becomes a million large Python strings."""
+        sizes = _row_bytes(rows)
+        limit = max_line_bytes()
+        if len(sizes) and int(sizes.max()) > limit:
+            row = int(np.argmax(sizes > limit))
+            where = f"row {first + row}" if first is not None else "a row"
+            raise InvalidInput(
+                "source",
+                f"{redact_url(self.shown)}: {where} holds {int(sizes[row])} bytes of values, more than "
+                f"a record may ({limit} bytes, PCBO_MAX_LINE_BYTES)",
+            )
+        lo, total = 0, 0
+        for i, n in enumerate(sizes.tolist()):
+            if total + n > PYTHON_BATCH_BYTES and i > lo:
+                yield lo, i
+                lo, total = i, 0
+            total += n
+        if lo < len(sizes) or not len(sizes):
+            yield lo, len(sizes)
 
 
 def _floored_to_microseconds(nanoseconds: pa.Array) -> pa.Array:
@@ -828,6 +860,51 @@ def _to_microseconds(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunke
         kind = pa.timestamp("us", column.type.tz)
         return pa.chunked_array([_floored_to_microseconds(chunk) for chunk in column.chunks], kind)
     return _floored_to_microseconds(column)
+
+
+#: Bytes of parquet values turned into Python records at once (`ParquetSource._cuts`).
+PYTHON_BATCH_BYTES = 64 << 20
+
+
+def _binary_like(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    )
+
+
+def _parquet_file(fh: IO[bytes]) -> pq.ParquetFile:
+    """The parquet file open with its text and binary columns read as Arrow dictionaries: a
+    dictionary-encoded column stays its dictionary and indices (its size in the file), not one copy of
+    the value a row (a decompression bomb). The values are the same; only their Arrow type differs."""
+    pf = pq.ParquetFile(fh)
+    wide = [f.name for f in pf.schema_arrow if _binary_like(f.type)]
+    return pq.ParquetFile(fh, metadata=pf.metadata, read_dictionary=wide) if wide else pf
+
+
+def _value_bytes(array: pa.Array) -> np.ndarray:
+    """About how many bytes each value of `array` takes (text and binary: their length; a dictionary:
+    its value's; anything else: its share of the array's buffers)."""
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        per_value = _value_bytes(array.dictionary)
+        if not len(per_value):
+            return np.zeros(len(array), dtype=np.int64)
+        return per_value[array.indices.fill_null(0).to_numpy(zero_copy_only=False)]
+    if _binary_like(kind):
+        return pc.binary_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.full(len(array), -(-array.nbytes // max(len(array), 1)) + 8, dtype=np.int64)
+
+
+def _row_bytes(rows: pa.RecordBatch | pa.Table) -> np.ndarray:
+    total = np.zeros(rows.num_rows, dtype=np.int64)
+    for column in rows.columns:
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        if chunks:
+            total += np.concatenate([_value_bytes(chunk) for chunk in chunks])
+    return total
 
 
 _UNIT_TO_US = {"s": (1_000_000, 1), "ms": (1_000, 1), "us": (1, 1), "ns": (1, 1_000)}
@@ -904,6 +981,8 @@ def _column_bounds(pf: pq.ParquetFile, group: int, window: Window) -> tuple[int 
     except (KeyError, pa.ArrowException):
         return None, None, False
     values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_dictionary(values.type):  # text read as a dictionary (`_parquet_file`)
+        values = values.dictionary.take(values.indices)
     if values.null_count:
         return None, None, False
     kind = values.type
