@@ -446,3 +446,36 @@ def test_a_parquet_dictionary_bomb_is_read_within_bounded_memory(
     monkeypatch.setenv("PCBO_MAX_LINE_BYTES", "200000")
     with pytest.raises(InvalidInput, match=r"row 0 holds 300\d+ bytes of values, more than a record may"):
         list(streaming.ParquetSource(str(path), "bomb.parquet").batches(8192))
+
+
+_LINE = '{"id":"r1","occurredAt":"2024-01-01T00:10:00Z","consentGranted":true,"jurisdiction":"US"}'
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("utf16", _LINE.encode("utf-16-le"), "source line 1: not valid JSON"),
+        ("utf32", _LINE.encode("utf-32"), "source line 1: not valid JSON"),
+        ("mixed", _LINE.encode() + b"\n" + _LINE.replace("r1", "r2").encode("utf-16-be"), "source line 2"),
+        (
+            "surrogate",
+            _LINE.replace("US", "\\ud800").encode().replace(b"\\ud800", b"\xed\xa0\x80"),
+            "not UTF-8 at byte 85",
+        ),
+    ],
+)
+def test_a_jsonl_source_is_utf8_only(tmp_path: Path, name: str, data: bytes, message: str) -> None:
+    """Red-team finding: a JSONL line was parsed by `json.loads` of bytes, which guesses UTF-16 or
+    UTF-32 from each line's first bytes and takes surrogates encoded in UTF-8: a file whose lines were
+    in several encodings was read (UTF-8 readers refuse it). JSON is read as UTF-8 only (one leading
+    byte-order mark allowed, as before)."""
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.sources import streaming
+
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(data)
+    with pytest.raises(InvalidInput, match=message):
+        list(streaming.JsonlSource(str(path), path.name).batches(10))
+    path.write_bytes(b"\xef\xbb\xbf" + _LINE.encode() + b"\n")
+    [(records, _, _)] = list(streaming.JsonlSource(str(path), path.name).batches(10))
+    assert records == [json.loads(_LINE)]

@@ -360,6 +360,15 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
         raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw, MAX_JSON_DEPTH
     ):
         raise InvalidInput(what, too_deep)
+    if not isinstance(raw, str):
+        # UTF-8 only (RFC 8259), one leading byte-order mark allowed: `json.loads` of bytes would take
+        # UTF-16 or UTF-32 as well, guessed line by line from the first bytes (a JSONL source whose
+        # lines are in three encodings), and surrogates encoded in UTF-8, which no UTF-8 reader takes.
+        bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+        try:
+            raw = raw[bom:].decode("utf-8")
+        except UnicodeDecodeError as exc:  # its text would show the byte: a source may be anything
+            raise InvalidInput(what, f"not valid JSON: not UTF-8 at byte {bom + exc.start}") from None
     try:
         value = json.loads(
             raw,
@@ -368,8 +377,6 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
             parse_constant=_reject_constant,
             object_pairs_hook=_pairs_without_duplicates,
         )
-    except UnicodeDecodeError as exc:  # its text would show the byte: a source may be anything
-        raise InvalidInput(what, f"not valid JSON: not UTF-8 at byte {exc.start}") from None
     except ValueError as exc:
         raise InvalidInput(what, f"not valid JSON: {exc}") from None
     except RecursionError:  # a caller deep in its own stack: refused as the bound refuses it
