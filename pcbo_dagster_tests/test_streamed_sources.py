@@ -479,3 +479,27 @@ def test_a_jsonl_source_is_utf8_only(tmp_path: Path, name: str, data: bytes, mes
     path.write_bytes(b"\xef\xbb\xbf" + _LINE.encode() + b"\n")
     [(records, _, _)] = list(streaming.JsonlSource(str(path), path.name).batches(10))
     assert records == [json.loads(_LINE)]
+
+
+def test_a_csv_header_changed_between_its_two_reads_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: a CSV source is read twice in pass 1 (its integer columns, then its records),
+    and the records were keyed by the header of the first read: a file whose columns were swapped in
+    between gave a record neither version holds (consent granted where both say false). A header
+    that differs on the second read is invalid input."""
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.sources import streaming
+
+    path = tmp_path / "swapped.csv"
+    path.write_text("id,occurredAt,consentGranted,note\nr1,2024-01-01T00:10:00Z,false,true\n")
+    first_read = streaming.CsvSource.integer_cells
+
+    def then_swap(self: streaming.CsvSource) -> dict[int, bool]:
+        cells = first_read(self)
+        path.write_text("id,occurredAt,note,consentGranted\nr1,2024-01-01T00:10:00Z,true,false\n")
+        return cells
+
+    monkeypatch.setattr(streaming.CsvSource, "integer_cells", then_swap)
+    with pytest.raises(InvalidInput, match="CSV header row changed while the file was read"):
+        list(streaming.CsvSource(str(path), path.name).batches(10))

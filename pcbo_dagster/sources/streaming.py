@@ -425,6 +425,10 @@ class CsvSource(RecordSource):
                             "source",
                             "CSV header row names a column twice (names differing in case count as one)",
                         )
+                    if self.header is not None and header != self.header:  # a later pass over the file
+                        raise InvalidInput(
+                            "source", "CSV header row changed while the file was read (it is read twice)"
+                        )
                     self.header = header
                     starts.clear()
                 header = self.header or []
