@@ -19,7 +19,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from stellar_sdk import xdr as x  # noqa: E402
 
-from pcbo_dagster.core.errors import InvalidInput  # noqa: E402
+from pcbo_dagster.core.errors import InvalidInput, SourceChanged  # noqa: E402
 from pcbo_dagster.engine.request_loading import evaluate, load_request  # noqa: E402
 from pcbo_dagster.sources import ledger_archives as la  # noqa: E402
 from pcbo_dagster.sources import ledger_decoding  # noqa: E402
@@ -475,11 +475,14 @@ def test_a_streamed_archive_is_walked_once_and_decides_and_fetches_like_the_full
         expected = [inline["sourceRecords"][i] for i in inline_pd.add_indices.tolist()]
         assert loaded.fetch(pd.add_locators) == expected != []
     assert len(walks) == 72  # fetched by slicing, not walked again
-    # A batch file changed after pass 1 is noticed when its ledgers are sliced again.
+    # A batch file changed after pass 1 is noticed when its ledgers are sliced again: the source
+    # changed during the run (as for a record file), not invalid input.
     partition = decisions.partitions[1]
     batch = next(p for p in root.rglob("*.xdr.zst") if la.parse_batch_name(p.name).start == REAL_FIRST + 20)
     batch.write_bytes(next(p for p in root.rglob("*.xdr.zst") if p != batch).read_bytes())
     with pytest.raises(la.LedgerArchiveError, match="changed since the archive was first read|startSequence"):
+        loaded.source.fetch(partition.add_locators)
+    with pytest.raises(SourceChanged, match="changed since the archive was first read|startSequence"):
         loaded.fetch(partition.add_locators)
 
 
