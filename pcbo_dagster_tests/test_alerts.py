@@ -32,6 +32,7 @@ from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.io.redaction import scrub_text
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+SECRET = bytes(range(32))  # the alerts' key of the tests that call delivery directly
 
 
 class Receiver:
@@ -128,7 +129,7 @@ def fast(url: str, **options) -> AlertWebhook:
 
 def test_delivery_retries_while_the_receiver_fails_then_recovers(store, receiver):
     receiver.fail_next = 2
-    report = raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW)
+    report = raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW, secret=SECRET)
     assert report["raised"] == ["test:1"]
     delivery = report["delivery"]
     assert (delivery["pending"], delivery["delivered"], delivery["left"], delivery["ok"]) == (1, 1, 0, True)
@@ -154,7 +155,7 @@ def test_delivery_retries_while_the_receiver_fails_then_recovers(store, receiver
 def test_alert_stays_pending_while_down_and_a_later_call_delivers_in_order(store, receiver):
     receiver.down = True
     hook = fast(receiver.url)
-    report = raise_and_deliver(store, [alert(1), alert(2)], hook, now=NOW)
+    report = raise_and_deliver(store, [alert(1), alert(2)], hook, now=NOW, secret=SECRET)
     delivery = report["delivery"]
     assert (delivery["pending"], delivery["delivered"], delivery["left"], delivery["ok"]) == (2, 0, 2, False)
     assert "HTTP 500" in delivery["errors"][0]["error"] and "3 attempt(s)" in delivery["errors"][0]["error"]
@@ -168,14 +169,14 @@ def test_alert_stays_pending_while_down_and_a_later_call_delivers_in_order(store
     assert store.alert("test:2")["attempts"] == 1
 
     # Raising the same alert again is a no-op; a new one joins the queue behind the pending ones.
-    report = raise_and_deliver(store, [alert(1), alert(3)], hook, now=NOW)
+    report = raise_and_deliver(store, [alert(1), alert(3)], hook, now=NOW, secret=SECRET)
     assert report["raised"] == ["test:3"]
     assert report["delivery"]["delivered"] == 0 and report["delivery"]["left"] == 3
     assert report["delivery"]["stopped"]  # test:3 waits for the next call, untried
     assert store.alert("test:3")["attempts"] == 0
 
     receiver.down = False
-    report = deliver_pending(store, hook)
+    report = deliver_pending(store, hook, secret=SECRET)
     assert (report["pending"], report["delivered"], report["left"], report["ok"]) == (3, 3, 0, True)
     assert receiver.accepted_keys() == ["test:1", "test:2", "test:3"]
     assert store.alerts("pending") == []
@@ -184,37 +185,37 @@ def test_alert_stays_pending_while_down_and_a_later_call_delivers_in_order(store
 
     # Nothing pending: nothing sent.
     sent = len(receiver.requests)
-    assert deliver_pending(store, hook)["pending"] == 0
+    assert deliver_pending(store, hook, secret=SECRET)["pending"] == 0
     assert len(receiver.requests) == sent
 
 
 def test_a_4xx_is_not_retried_and_later_alerts_still_go(store, receiver):
-    raise_and_deliver(store, [alert(1), alert(2)], None, now=NOW)
+    raise_and_deliver(store, [alert(1), alert(2)], None, now=NOW, secret=SECRET)
     receiver.fail_next, receiver.fail_status = 1, 400
-    report = deliver_pending(store, fast(receiver.url))
+    report = deliver_pending(store, fast(receiver.url), secret=SECRET)
     assert (report["delivered"], report["left"], report["stopped"]) == (1, 1, None)
     assert "HTTP 400 (not retried)" in report["lastError"]
     assert receiver.request_keys() == ["test:1", "test:2"]
     assert store.alert("test:1")["delivery_status"] == "pending"
     assert store.alert("test:2")["delivery_status"] == "delivered"
-    assert deliver_pending(store, fast(receiver.url))["delivered"] == 1
+    assert deliver_pending(store, fast(receiver.url), secret=SECRET)["delivered"] == 1
     assert receiver.accepted_keys() == ["test:2", "test:1"]
 
 
 def test_without_a_webhook_alerts_are_only_recorded(store, monkeypatch):
     monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
     assert AlertWebhook.from_env() is None
-    report = raise_and_deliver(store, [alert(1), alert(1)], AlertWebhook.from_env(), now=NOW)
-    assert report == {"raised": ["test:1"], "delivery": None}
+    report = raise_and_deliver(store, [alert(1), alert(1)], AlertWebhook.from_env(), now=NOW, secret=SECRET)
+    assert report == {"raised": ["test:1"], "findings": [], "delivery": None}
     assert [a["alert_key"] for a in store.alerts("pending")] == ["test:1"]
     with pytest.raises(ValueError, match="severity"):
-        raise_and_deliver(store, [dict(alert(2), severity="loud")], None)
+        raise_and_deliver(store, [dict(alert(2), severity="loud")], None, secret=SECRET)
     assert store.alert("test:2") is None
 
 
 def test_the_payload_is_plain_json_even_for_odd_details(store, receiver):
     odd = alert(1, ratio=float("nan"), big=2**70, when=NOW)
-    raise_and_deliver(store, [odd], fast(receiver.url), now=NOW)
+    raise_and_deliver(store, [odd], fast(receiver.url), now=NOW, secret=SECRET)
     (got,) = receiver.accepted
     assert got["detail"] == {"n": 1, "ratio": "nan", "big": 2**70, "when": str(NOW)}
     assert got == alert_payload(store.alert("test:1"))
@@ -232,15 +233,15 @@ def test_secrets_never_reach_last_error_reports_or_logs(store, receiver, caplog,
     assert password not in repr(hook) and token not in repr(hook)
 
     receiver.down = True
-    report = raise_and_deliver(store, [alert(1)], hook, now=NOW)
+    report = raise_and_deliver(store, [alert(1)], hook, now=NOW, secret=SECRET)
     # The receiver got the token as a bearer header, and the query string.
     assert receiver.requests[0]["headers"]["Authorization"] == f"Bearer {token}"
     assert receiver.requests[0]["path"] == f"/hooks/pcbo?signature={query_secret}"
     receiver.down = False
-    assert deliver_pending(store, hook)["delivered"] == 1
+    assert deliver_pending(store, hook, secret=SECRET)["delivered"] == 1
 
     # Without a token, credentials in the URL are sent as HTTP Basic authorization.
-    raise_and_deliver(store, [alert(2)], fast(url), now=NOW)
+    raise_and_deliver(store, [alert(2)], fast(url), now=NOW, secret=SECRET)
     assert receiver.requests[-1]["headers"]["Authorization"].startswith("Basic ")
 
     # A webhook that refuses connections (nothing listens on the port).
@@ -248,8 +249,8 @@ def test_secrets_never_reach_last_error_reports_or_logs(store, receiver, caplog,
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
     dead = f"http://alerter:{password}@127.0.0.1:{closed_port}/hooks?signature={query_secret}"
-    raise_and_deliver(store, [alert(3)], fast(dead, token=token), now=NOW)
-    dead_report = deliver_pending(store, fast(dead, token=token))
+    raise_and_deliver(store, [alert(3)], fast(dead, token=token), now=NOW, secret=SECRET)
+    dead_report = deliver_pending(store, fast(dead, token=token), secret=SECRET)
     assert "connection failed" in dead_report["lastError"]
     with pytest.raises(ValueError) as bad:
         AlertWebhook(f"ftp://alerter:{password}@{host}/x?signature={query_secret}")
@@ -504,8 +505,9 @@ def test_sensor_loads_in_definitions_with_the_pcbo_resource(pcbo_env, monkeypatc
 def test_a_pending_alert_row_that_is_not_json_suppresses_no_other_alert(pcbo_env, receiver, monkeypatch):
     """Red-team finding: an `alerts` row written into the catalog by hand, pending, whose `detail` is
     not JSON made every tick fail when it read the pending alerts: every later alert was recorded but
-    never delivered (and the sensor's cursor never moved). The row is sent as it reads (no detail);
-    the real alert is delivered."""
+    never delivered (and the sensor's cursor never moved). The row is read (no detail), never sent
+    (pcbo did not raise it: its MAC does not verify) and named once as a finding; the real alert is
+    delivered."""
     import sqlite3
 
     monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
@@ -521,8 +523,9 @@ def test_a_pending_alert_row_that_is_not_json_suppresses_no_other_alert(pcbo_env
     with dg.instance_for_test() as instance:
         boom = doomed.execute_in_process(instance=instance, raise_on_error=False)
         result = tick(sensor, instance, pcbo_env, None)
-    assert f"run:{boom.run_id}" in receiver.accepted_keys()
-    assert "delivered 2 of 2" in result.skip_reason.skip_message
+    assert receiver.accepted_keys() == [f"run:{boom.run_id}"]
+    assert "delivered 1 of 1" in result.skip_reason.skip_message
+    assert "FINDINGS: 1 alert row(s) pcbo did not write" in result.skip_reason.skip_message
 
 
 @dg.asset
@@ -566,11 +569,11 @@ def test_secrets_in_a_checks_json_metadata_reach_neither_the_webhook_nor_the_cat
 def test_a_pending_alert_row_with_a_garbage_time_blocks_no_other_alert(store, receiver):
     """Red-team finding: an `alerts` row written into the catalog by hand, pending, whose `raised_at`
     is not a time (SQLite keeps any text or number) made every read of the pending alerts fail (the
-    column's conversion raised), so every tick failed and no later alert was ever delivered. The row
-    is sent as it reads (`raised_at` null); the real alert is delivered after it."""
+    column's conversion raised), so every tick failed and no later alert was ever delivered. The rows
+    are read (`raised_at` null) and never sent (pcbo did not raise them); the real alerts are."""
     import sqlite3
 
-    raise_and_deliver(store, [alert(1)], None, now=NOW)
+    raise_and_deliver(store, [alert(1)], None, now=NOW, secret=SECRET)
     path = store.catalog.url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as conn:
         for key, moment in (("forged-text", "not a time"), ("forged-number", 12345)):
@@ -580,16 +583,12 @@ def test_a_pending_alert_row_with_a_garbage_time_blocks_no_other_alert(store, re
                 "'pending', 0, 'garbage')",
                 (key, moment),
             )
-    report = raise_and_deliver(store, [alert(2)], fast(receiver.url), now=NOW)
-    assert (report["delivery"]["delivered"], report["delivery"]["left"]) == (4, 0)
-    assert receiver.accepted_keys() == ["test:1", "forged-text", "forged-number", "test:2"]
-    assert [a["raised_at"] for a in receiver.accepted] == [
-        "2026-03-01T12:00:00Z",
-        None,
-        None,
-        "2026-03-01T12:00:00Z",
-    ]
-    assert store.alert("forged-text")["delivery_status"] == "delivered"
+    report = raise_and_deliver(store, [alert(2)], fast(receiver.url), now=NOW, secret=SECRET)
+    assert (report["delivery"]["delivered"], report["delivery"]["left"]) == (2, 0)
+    assert receiver.accepted_keys() == ["test:1", "test:2"]
+    assert [a["raised_at"] for a in receiver.accepted] == ["2026-03-01T12:00:00Z"] * 2
+    assert store.alert("forged-text")["raised_at"] is None
+    assert store.alert("forged-text")["delivery_status"] == "unauthenticated"
 
 
 @pytest.mark.postgres
@@ -600,7 +599,7 @@ def test_alert_moments_read_back_on_postgresql(fresh_postgres_url, receiver):
     catalog.migrate()
     try:
         store = RolloutStore(catalog)
-        raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW)
+        raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW, secret=SECRET)
         row = store.alert("test:1")
         assert (row["raised_at"], row["delivered_at"], row["delivery_status"]) == (NOW, NOW, "delivered")
         assert receiver.accepted[0]["raised_at"] == "2026-03-01T12:00:00Z"
@@ -861,7 +860,7 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(store, recei
     try:
         receiver.down, receiver.fail_status, receiver.location = True, status, elsewhere.url
         report = raise_and_deliver(
-            store, [alert(1), alert(2)], fast(receiver.url, token="tok-Redir-5521"), now=NOW
+            store, [alert(1), alert(2)], fast(receiver.url, token="tok-Redir-5521"), now=NOW, secret=SECRET
         )
         assert elsewhere.requests == []
         assert receiver.request_keys() == ["test:1", "test:2"]  # each once: not retried
@@ -880,18 +879,11 @@ def test_a_pending_alert_the_webhook_always_fails_on_holds_back_no_other(store, 
     webhook looks down), oldest first: so an `alerts` row written into the catalog by hand, pending,
     that the receiver answers 5xx to (it cannot take the alert: an odd field, a huge detail) was
     tried first on every tick and no alert raised after it was ever delivered. Now an alert that ran
-    out of retries is followed by one attempt at the next: delivery stops only when that fails too."""
-    import sqlite3
-
-    path = store.catalog.url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        conn.execute(
-            "INSERT INTO alerts (alert_key, kind, severity, subject, detail, raised_at, delivery_status, "
-            "attempts) VALUES ('poison', 'run_failed', 'error', 'x', '{}', '2026-01-01 00:00:00', "
-            "'pending', 0)"
-        )
+    out of retries is followed by one attempt at the next: delivery stops only when that fails too.
+    (A row written by hand is no longer sent at all: here the alert the webhook fails on is pcbo's.)"""
+    raise_and_deliver(store, [dict(alert(0), alert_key="poison")], None, now=NOW, secret=SECRET)
     receiver.poison = "poison"
-    report = raise_and_deliver(store, [alert(1), alert(2)], fast(receiver.url), now=NOW)
+    report = raise_and_deliver(store, [alert(1), alert(2)], fast(receiver.url), now=NOW, secret=SECRET)
     delivery = report["delivery"]
     assert (delivery["delivered"], delivery["left"], delivery["stopped"]) == (2, 1, None), delivery
     assert receiver.accepted_keys() == ["test:1", "test:2"]
@@ -937,3 +929,176 @@ def test_secrets_in_a_partition_key_tag_or_a_metadata_name_never_reach_the_catal
     for text in (json.dumps(row["detail"]), row["subject"], row["alert_key"]):
         for secret in ("pw-Part-5150", "qs-Part-77", "pw-Key-31"):
             assert secret not in text, (secret, text)
+
+
+# -- authenticated alert rows ----------------------------------------------------------------------
+
+
+def _sql(store: RolloutStore, statement: str, *params: object) -> None:
+    """Someone who can write the catalog (its SQLite file), as pcbo never would."""
+    import sqlite3
+
+    with sqlite3.connect(store.catalog.url.removeprefix("sqlite:///")) as conn:
+        conn.execute(statement, params)
+
+
+FORGED = (
+    "INSERT INTO alerts (alert_key, kind, severity, subject, detail, raised_at, delivery_status, attempts, "
+    "mac, state_mac) VALUES (?, 'run_failed', 'critical', 'wire the money', '{\"to\": \"evil\"}', "
+    "'2026-03-01 12:00:00.000000', ?, 0, ?, ?)"
+)
+
+
+def test_a_forged_pending_alert_row_is_never_posted_with_pcbos_token(store, receiver, caplog):
+    """Red-team finding: a pending `alerts` row someone inserted into the catalog was POSTed to the
+    webhook with pcbo's bearer token (a confused deputy). Rows pcbo raises carry an HMAC under the
+    alerts' key; a row without one, or with one that does not verify (here: copied from a real
+    alert), is never sent, and is named once as a finding."""
+    raise_and_deliver(store, [alert(1)], None, now=NOW, secret=SECRET)
+    real = store.alert("test:1")
+    _sql(store, FORGED, "forged:1", "pending", None, None)
+    _sql(store, FORGED, "forged:2", "pending", real["mac"], real["state_mac"])
+    hook = fast(receiver.url, token="tok-Deputy-8080")
+    with caplog.at_level(logging.WARNING, logger="pcbo_dagster.alerts.webhook"):
+        report = raise_and_deliver(store, [alert(2)], hook, now=NOW, secret=SECRET)
+    assert receiver.request_keys() == ["test:1", "test:2"]
+    assert (report["delivery"]["delivered"], report["delivery"]["left"]) == (2, 0)
+    assert [(f["alertKey"], "not sent" in f["finding"]) for f in report["findings"]] == [
+        ("forged:1", True),
+        ("forged:2", True),
+    ]
+    assert "forged:1" in caplog.text and "tok-Deputy-8080" not in caplog.text
+    assert store.alert("forged:1")["delivery_status"] == "unauthenticated"
+    # Logged once: the next call finds nothing and sends nothing.
+    again = deliver_pending(store, hook, secret=SECRET)
+    assert (again["pending"], again["findings"]) == (0, [])
+    assert receiver.request_keys() == ["test:1", "test:2"]
+    # Under another key (another host's, a key file replaced), pcbo's own rows do not verify either.
+    _sql(store, "UPDATE alerts SET delivery_status = 'pending' WHERE alert_key = 'forged:1'")
+    assert deliver_pending(store, hook, secret=bytes(32))["pending"] == 0
+    assert receiver.request_keys() == ["test:1", "test:2"]
+
+
+@pytest.mark.parametrize("status", ["delivered", "failed", "unauthenticated"])
+def test_a_real_alert_marked_delivered_by_hand_is_still_sent(store, receiver, status):
+    """Red-team finding: someone who can write the catalog marked a real pending alert delivered, and
+    it was never sent. A delivery state is trusted only when its HMAC (over the key, the content's
+    MAC, the status and the attempts: written by pcbo with the state) verifies; otherwise the alert
+    is sent again, named as a finding, once."""
+    raise_and_deliver(store, [alert(1), alert(2)], None, now=NOW, secret=SECRET)
+    _sql(
+        store,
+        "UPDATE alerts SET delivery_status = ?, delivered_at = '2026-03-01 12:00:01' WHERE alert_key = ?",
+        status,
+        "test:1",
+    )
+    report = deliver_pending(store, fast(receiver.url), secret=SECRET, now=NOW)
+    assert receiver.accepted_keys() == ["test:1", "test:2"]
+    assert [(f["alertKey"], "sent again" in f["finding"]) for f in report["findings"]] == [("test:1", True)]
+    assert store.alert("test:1")["delivery_status"] == "delivered"
+    # Delivered as pcbo recorded it: not sent again, no finding.
+    again = deliver_pending(store, fast(receiver.url), secret=SECRET)
+    assert (again["pending"], again["findings"]) == (0, [])
+    # A delivered state copied from another alert does not verify for this one either.
+    raise_and_deliver(store, [alert(3)], None, now=NOW, secret=SECRET)
+    done = store.alert("test:2")
+    _sql(
+        store,
+        "UPDATE alerts SET delivery_status = 'delivered', state_mac = ?, attempts = ? WHERE alert_key = ?",
+        done["state_mac"],
+        done["attempts"],
+        "test:3",
+    )
+    deliver_pending(store, fast(receiver.url), secret=SECRET)
+    assert receiver.accepted_keys() == ["test:1", "test:2", "test:3"]
+
+
+def test_a_forged_delivered_row_under_an_upcoming_key_does_not_stop_the_real_alert(store, receiver):
+    """Red-team finding: a "delivered" row inserted under the key of an alert not raised yet (runless
+    check keys name the event's storage id, which is predictable) made pcbo take the alert as raised
+    before: it was never raised nor sent. A row under the key whose MAC does not verify is no alert
+    pcbo raised: the real alert is raised over it and sent, and the squatter named as a finding."""
+    _sql(store, FORGED, "test:1", "delivered", None, None)
+    report = raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW, secret=SECRET)
+    assert report["raised"] == ["test:1"]
+    assert receiver.accepted == [
+        {
+            "version": ALERT_VERSION,
+            "alert_key": "test:1",
+            "kind": "run_failed",
+            "severity": "error",
+            "subject": "thing 1 failed",
+            "detail": {"n": 1},
+            "raised_at": "2026-03-01T12:00:00Z",
+        }
+    ]
+    assert len(report["findings"]) == 1 and "raised over it" in report["findings"][0]["finding"]
+    row = store.alert("test:1")
+    assert (row["subject"], row["delivery_status"]) == ("thing 1 failed", "delivered")
+    # Raised once: the same alert again is a repeat.
+    assert raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW, secret=SECRET)["raised"] == []
+    assert len(receiver.requests) == 1
+
+
+def test_sensor_raises_a_runless_check_alert_whose_key_was_taken_by_a_forged_row(
+    pcbo_env, receiver, monkeypatch
+):
+    """The squatting attack through the sensor: the key of a runless check's alert names the event's
+    storage id; a forged delivered row under it does not keep the alert from being raised and sent,
+    and the tick names the finding."""
+    import sqlite3
+
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(asset_key=dg.AssetKey("lettered"), check_name="outside", passed=False)
+        )
+        (record,) = instance.get_records_for_run(
+            "", of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ).records
+        key = f"check:runless-{record.storage_id}:lettered:outside:"
+        with alert_store(pcbo_env):
+            pass  # the catalog, migrated
+        with sqlite3.connect(Path(pcbo_env.home) / "catalog.db") as conn:
+            conn.execute(FORGED, (key, "delivered", None, None))
+        result = tick(sensor, instance, pcbo_env, None)
+    assert receiver.accepted_keys() == [key]
+    message = result.skip_reason.skip_message
+    assert "raised 1 alert(s) (1 failed check(s)" in message and "FINDINGS: 1" in message
+
+
+def test_alert_rows_from_before_migration_0010_are_kept_and_never_sent(tmp_path, receiver):
+    """Rows written before alerts were authenticated (migration 0010 adds `mac` and `state_mac`)
+    cannot be told from forged ones: a pending one is not sent (a finding, once), a delivered one is
+    left as it is, and each key is raised again when its alert comes again."""
+    import sqlite3
+
+    url = default_catalog_url(tmp_path)
+    catalog = CatalogStore(url)
+    catalog.migrate()
+    catalog.close()
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:  # the catalog at 0009, with alerts
+        conn.execute("ALTER TABLE alerts DROP COLUMN state_mac")
+        conn.execute("ALTER TABLE alerts DROP COLUMN mac")
+        conn.execute("UPDATE alembic_version SET version_num = '0009'")
+        for key, status in (("test:1", "pending"), ("test:2", "delivered")):
+            conn.execute(
+                "INSERT INTO alerts (alert_key, kind, severity, subject, detail, raised_at, "
+                "delivery_status, attempts) VALUES (?, 'run_failed', 'error', 'old', '{}', "
+                "'2026-01-01 00:00:00.000000', ?, 0)",
+                (key, status),
+            )
+    catalog = CatalogStore(url)
+    catalog.migrate()
+    try:
+        store = RolloutStore(catalog)
+        report = raise_and_deliver(store, [alert(3)], fast(receiver.url), now=NOW, secret=SECRET)
+        assert receiver.accepted_keys() == ["test:3"]
+        assert [f["alertKey"] for f in report["findings"]] == ["test:1"]
+        assert store.alert("test:2")["delivery_status"] == "delivered"
+        report = raise_and_deliver(store, [alert(1), alert(2)], fast(receiver.url), now=NOW, secret=SECRET)
+        assert report["raised"] == ["test:1", "test:2"]
+        assert receiver.accepted_keys() == ["test:3", "test:1", "test:2"]
+    finally:
+        catalog.close()

@@ -30,7 +30,7 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Key of the PostgreSQL advisory lock taken around migrations ("pcbo" + "migr" as ASCII).
 MIGRATION_LOCK_KEY = 0x7063626F6D696772
 #: The newest Alembic revision in migrations/versions (a test holds it equal to Alembic's head).
-HEAD_REVISION = "0009"
+HEAD_REVISION = "0010"
 _BEGIN_OPTION = "pcbo_sqlite_begin"
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TypedDict, cast
@@ -405,24 +405,37 @@ class RolloutStore:
         severity: str,
         subject: str,
         detail: dict[str, Any],
+        mac: str,
+        state_mac: str,
         now: datetime | None = None,
+        replacing: int | None = None,
     ) -> dict[str, Any] | None:
-        """Record an alert (delivery `pending`); None when `alert_key` was already raised."""
-        now = now or utc_now()
+        """Record an alert (delivery `pending`, its MACs: `alerts/webhook.py`); None when `alert_key`
+        was already raised. `replacing` (the id of the row that holds `alert_key`, one whose MAC does
+        not verify) overwrites that row instead: None when it no longer holds that key."""
+        values = {
+            "alert_key": alert_key,
+            "kind": kind,
+            "severity": severity,
+            "subject": subject,
+            "detail": compact_text(detail),
+            "raised_at": now or utc_now(),
+            "delivery_status": "pending",
+            "attempts": 0,
+            "last_error": None,
+            "delivered_at": None,
+            "mac": mac,
+            "state_mac": state_mac,
+        }
+        a = t.alerts
         try:
             with self.catalog.write() as conn:
-                conn.execute(
-                    t.alerts.insert().values(
-                        alert_key=alert_key,
-                        kind=kind,
-                        severity=severity,
-                        subject=subject,
-                        detail=compact_text(detail),
-                        raised_at=now,
-                        delivery_status="pending",
-                        attempts=0,
-                    )
-                )
+                if replacing is None:
+                    conn.execute(a.insert().values(**values))
+                else:
+                    stmt = update(a).where(a.c.id == replacing, a.c.alert_key == alert_key)
+                    if conn.execute(stmt.values(**values)).rowcount != 1:
+                        return None
         except IntegrityError:
             return None
         return self.alert(alert_key)
@@ -432,24 +445,39 @@ class RolloutStore:
             row = conn.execute(_alerts_select().where(t.alerts.c.alert_key == alert_key)).first()
         return None if row is None else _alert_row(row)
 
-    def alerts(self, delivery_status: str | None = None) -> builtins.list[dict[str, Any]]:
+    def alerts(
+        self, delivery_status: str | None = None, ids: Iterable[int] | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        """The alert rows (of `delivery_status`, of `ids`), in id order."""
         a = t.alerts
         stmt = _alerts_select().order_by(a.c.id)
         if delivery_status is not None:
             stmt = stmt.where(a.c.delivery_status == delivery_status)
+        if ids is not None:
+            stmt = stmt.where(a.c.id.in_(builtins.list(ids)))
         with self.catalog.read() as conn:
             return [_alert_row(r) for r in conn.execute(stmt)]
+
+    def alert_states(self) -> builtins.list[dict[str, Any]]:
+        """Every alert's id, key, MACs, delivery status and attempts (no content), in id order: what
+        tells which alerts are to be sent (`alerts/webhook.py`)."""
+        a = t.alerts
+        columns = (a.c.id, a.c.alert_key, a.c.mac, a.c.state_mac, a.c.delivery_status, a.c.attempts)
+        with self.catalog.read() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(*columns).order_by(a.c.id))]
 
     def record_delivery(
         self,
         alert_id: int,
         *,
-        delivered: bool,
+        status: str,
         attempts: int,
+        state_mac: str,
         error: str | None = None,
         now: datetime | None = None,
     ) -> None:
-        """After a delivery attempt: `delivered`, or still `pending` with the error (retried later)."""
+        """After a delivery attempt: its delivery `status` (`delivered`, `pending`: retried later,
+        `failed`: never retried), `attempts` (the total) and `state_mac` (their MAC), the error."""
         now = now or utc_now()
         a = t.alerts
         with self.catalog.write() as conn:
@@ -457,9 +485,21 @@ class RolloutStore:
                 update(a)
                 .where(a.c.id == alert_id)
                 .values(
-                    delivery_status="delivered" if delivered else "pending",
-                    attempts=a.c.attempts + attempts,
+                    delivery_status=status,
+                    attempts=attempts,
                     last_error=error,
-                    delivered_at=now if delivered else None,
+                    delivered_at=now if status == "delivered" else None,
+                    state_mac=state_mac,
                 )
+            )
+
+    def mark_alert_unauthenticated(self, alert_id: int) -> None:
+        """A pending row whose MAC does not verify: `unauthenticated` (never sent; its key may be
+        raised again over it)."""
+        a = t.alerts
+        with self.catalog.write() as conn:
+            conn.execute(
+                update(a)
+                .where(a.c.id == alert_id, a.c.delivery_status == "pending")
+                .values(delivery_status="unauthenticated")
             )

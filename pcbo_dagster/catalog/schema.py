@@ -326,10 +326,14 @@ alerts = Table(
     Column("subject", Text, nullable=False),
     Column("detail", Text, nullable=False),
     Column("raised_at", UTCDateTime(), nullable=False),
-    Column("delivery_status", String(16), nullable=False),  # pending | delivered | failed
+    Column("delivery_status", String(16), nullable=False),  # pending | delivered | failed | unauthenticated
     Column("attempts", Integer, nullable=False),
     Column("last_error", Text, nullable=True),
     Column("delivered_at", UTCDateTime(), nullable=True),
+    # HMAC-SHA256 (hex) of the key and content, and of the key, `mac`, status and attempts, under
+    # the alerts' key (migration 0010, `alerts/webhook.py`); null: not authenticated
+    Column("mac", String(64), nullable=True),
+    Column("state_mac", String(64), nullable=True),
     PrimaryKeyConstraint("id", name="pk_alerts"),
     UniqueConstraint("alert_key", name="uq_alerts_alert_key"),
 )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from sqlalchemy import delete, select
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database, insert_ignore
 from pcbo_dagster.io.clock import utc_now
+from pcbo_dagster.io.host_keys import host_secret
 
 
 class SourceZoneIndexes(Database):
@@ -58,36 +58,8 @@ KEY_FILE = ".keys/source-index.key"
 def source_index_secret(home: Path, environ: Mapping[str, str] | None = None) -> bytes:
     """The secret zone index rows are authenticated with (module doc): the SHA-256 of
     `PCBO_SOURCE_INDEX_KEY`, else 32 random bytes kept in `home/.keys/source-index.key` (made on first use,
-    mode 0600; never logged)."""
-    env = os.environ if environ is None else environ
-    given = env.get(KEY_ENV)
-    if given:
-        return hashlib.sha256(given.encode("utf-8")).digest()
-    path = home / KEY_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Written whole under a temporary name, then linked into place: a process reading it never
-        # sees it half written, and the first link wins (the others read the winner's key).
-        temporary = path.parent / f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(os.urandom(32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(temporary)
-        data = path.read_bytes()
-    if len(data) != 32:
-        from pcbo_dagster.core.errors import InvalidInput
-
-        raise InvalidInput(KEY_ENV, f"{path} is not a 32-byte key: remove it (a new one is made)")
-    return data
+    mode 0600; never logged). The mechanism is `io.host_keys.host_secret`'s."""
+    return host_secret(home, KEY_ENV, KEY_FILE, environ)
 
 
 def _mac(secret: bytes, key: str, data: bytes) -> str:

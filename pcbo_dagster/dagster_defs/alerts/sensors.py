@@ -45,7 +45,7 @@ from typing import Any
 
 import dagster as dg
 
-from pcbo_dagster.alerts.webhook import WEBHOOK_URL_ENV, AlertWebhook, raise_and_deliver
+from pcbo_dagster.alerts.webhook import WEBHOOK_URL_ENV, AlertWebhook, alert_secret, raise_and_deliver
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
@@ -322,6 +322,10 @@ def _summary(alerts: list[dict[str, Any]], report: dict[str, Any] | None, webhoo
     runs = sum(1 for a in alerts if a["alert_key"] in raised and a["kind"] == "run_failed")
     parts = [f"raised {len(raised)} alert(s) ({checks} failed check(s), {runs} failed run(s))"]
     delivery = report["delivery"] if report else None
+    if report and report["findings"]:
+        parts.append(
+            f"FINDINGS: {len(report['findings'])} alert row(s) pcbo did not write (not trusted; see the logs)"
+        )
     if webhook_note:
         parts.append(webhook_note)
     elif delivery is not None:
@@ -382,14 +386,21 @@ def build_alerts_sensor(
         report = None
         if alerts or webhook is not None:
             with alert_store(pcbo) as store:
-                report = raise_and_deliver(store, alerts, webhook, budget_seconds=delivery_budget_seconds)
+                secret = alert_secret(pcbo.settings().home)
+                report = raise_and_deliver(
+                    store, alerts, webhook, secret=secret, budget_seconds=delivery_budget_seconds
+                )
+            for finding in report["findings"]:  # no secret: keys scrubbed, no row content
+                context.log.warning(
+                    f"FINDING: alert row {finding['alertId']} ({finding['alertKey']}): {finding['finding']}"
+                )
         summary = _summary(alerts, report, webhook_note)
         if more:
             summary += "; more run ends to read next tick"
         delivery = report["delivery"] if report else None
         if delivery is not None and delivery["left"]:
             context.log.warning(summary)
-        elif report and (report["raised"] or (delivery and delivery["delivered"])):
+        elif report and (report["raised"] or report["findings"] or (delivery and delivery["delivered"])):
             context.log.info(summary)
         return dg.SensorResult(skip_reason=summary, cursor=json.dumps(next_cursor, sort_keys=True))
 

@@ -1,0 +1,51 @@
+"""Secrets that authenticate rows pcbo keeps in the catalog (someone who can write the catalog cannot
+forge them): one mechanism, one key per use.
+
+`host_secret(home, variable, file)` is the SHA-256 of the environment variable `variable` when it is
+set (hosts that share a catalog's rows share that variable), else 32 random bytes kept in
+`home/file` (made on first use, mode 0600, in a 0700 directory; never logged). Its users:
+
+* the zone indexes of streamed sources (`catalog/source_indexes.py`): `PCBO_SOURCE_INDEX_KEY`,
+  `$PCBO_HOME/.keys/source-index.key`;
+* the alerts (`alerts/rows.py`): `PCBO_ALERT_KEY`, `$PCBO_HOME/.keys/alert.key`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def host_secret(home: Path, variable: str, file: str, environ: Mapping[str, str] | None = None) -> bytes:
+    """The secret of `variable` (module doc), else of the key file `home/file` (made on first use)."""
+    env = os.environ if environ is None else environ
+    given = env.get(variable)
+    if given:
+        return hashlib.sha256(given.encode("utf-8")).digest()
+    path = home / file
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Written whole under a temporary name, then linked into place: a process reading it never
+        # sees it half written, and the first link wins (the others read the winner's key).
+        temporary = path.parent / f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(os.urandom(32))
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temporary)
+        data = path.read_bytes()
+    if len(data) != 32:
+        from pcbo_dagster.core.errors import InvalidInput
+
+        raise InvalidInput(variable, f"{path} is not a 32-byte key: remove it (a new one is made)")
+    return data
