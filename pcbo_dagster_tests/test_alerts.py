@@ -189,17 +189,58 @@ def test_alert_stays_pending_while_down_and_a_later_call_delivers_in_order(store
     assert len(receiver.requests) == sent
 
 
-def test_a_4xx_is_not_retried_and_later_alerts_still_go(store, receiver):
+@pytest.mark.parametrize("status", [400, 404, 413, 422])
+def test_a_4xx_is_not_retried_marks_the_alert_failed_and_later_alerts_still_go(store, receiver, status):
+    """Red-team finding: an alert answered 4xx (the webhook will not take it) stayed pending and was
+    sent again on every tick, for ever; the schema's `failed` status was never used. It is now marked
+    `failed` (kept with its error, never sent again) and the next alert still goes."""
     raise_and_deliver(store, [alert(1), alert(2)], None, now=NOW, secret=SECRET)
-    receiver.fail_next, receiver.fail_status = 1, 400
+    receiver.fail_next, receiver.fail_status = 1, status
     report = deliver_pending(store, fast(receiver.url), secret=SECRET)
-    assert (report["delivered"], report["left"], report["stopped"]) == (1, 1, None)
-    assert "HTTP 400 (not retried)" in report["lastError"]
+    assert (report["delivered"], report["failed"], report["left"], report["stopped"]) == (1, 1, 0, None)
+    assert report["ok"] is False
+    assert f"HTTP {status} (not retried)" in report["lastError"]
     assert receiver.request_keys() == ["test:1", "test:2"]
-    assert store.alert("test:1")["delivery_status"] == "pending"
+    failed = store.alert("test:1")
+    assert (failed["delivery_status"], failed["attempts"]) == ("failed", 1)
+    assert f"HTTP {status}" in failed["last_error"]
     assert store.alert("test:2")["delivery_status"] == "delivered"
-    assert deliver_pending(store, fast(receiver.url), secret=SECRET)["delivered"] == 1
+    again = deliver_pending(store, fast(receiver.url), secret=SECRET)
+    assert (again["pending"], again["findings"]) == (0, [])
+    assert receiver.request_keys() == ["test:1", "test:2"]  # not sent again
+    # Set back to pending by hand (the operator fixed the receiver): sent again, named as a finding.
+    _sql(store, "UPDATE alerts SET delivery_status = 'pending' WHERE alert_key = 'test:1'")
+    resent = deliver_pending(store, fast(receiver.url), secret=SECRET)
+    assert resent["delivered"] == 1 and len(resent["findings"]) == 1
     assert receiver.accepted_keys() == ["test:2", "test:1"]
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 503])
+def test_a_retryable_answer_leaves_the_alert_pending(store, receiver, status):
+    """408, 425, 429 and 5xx are retried, and an alert that still gets one stays pending (sent again
+    by the next call), never `failed`."""
+    receiver.down, receiver.fail_status = True, status
+    report = raise_and_deliver(store, [alert(1)], fast(receiver.url, attempts=2), now=NOW, secret=SECRET)
+    assert (report["delivery"]["failed"], report["delivery"]["left"]) == (0, 1)
+    assert store.alert("test:1")["delivery_status"] == "pending"
+    receiver.down = False
+    assert deliver_pending(store, fast(receiver.url), secret=SECRET)["delivered"] == 1
+
+
+def test_sensor_names_alerts_the_webhook_refuses(pcbo_env, receiver, monkeypatch):
+    """A tick whose webhook answers 4xx says the alerts were refused and marked failed; the next tick
+    sends nothing again."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01)
+    receiver.down, receiver.fail_status = True, 403
+    with dg.instance_for_test() as instance:
+        doomed.execute_in_process(instance=instance, raise_on_error=False)
+        first = tick(sensor, instance, pcbo_env, None)
+        assert "DELIVERY REFUSED: 1 alert(s) answered 4xx, marked failed" in first.skip_reason.skip_message
+        assert "HTTP 403" in first.skip_reason.skip_message
+        second = tick(sensor, instance, pcbo_env, first.cursor)
+    assert len(receiver.requests) == 1
+    assert "nothing pending delivery" in second.skip_reason.skip_message
 
 
 def test_without_a_webhook_alerts_are_only_recorded(store, monkeypatch):

@@ -8,12 +8,13 @@ An alert is raised once per `alert_key` (the catalog's unique key), with deliver
 (`raised_at` in `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`; null for a row whose time is not one: a row written
 by hand is sent as it reads and blocks no other alert). A 2xx answer marks the alert `delivered`.
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff
-(tenacity); other answers (3xx: redirects are not followed, 4xx) are not retried. An alert that
-still fails stays `pending` with a redacted `last_error` and is sent again by the next call. After
-an alert whose retries are exhausted the next alert is tried once: when that fails too (the webhook
-looks down) the call stops, so a down webhook costs one alert's retries and one attempt per call
-rather than every alert's, and an alert the webhook always fails on (a row written into the catalog
-by hand) holds back no other; after a 4xx it goes on with the next alert (that answer is about the
+(tenacity); other answers (3xx: redirects are not followed, 4xx) are not retried. An alert answered
+4xx is marked `failed` (kept with its redacted `last_error`, never sent again: the webhook will not
+take it); any other alert that still fails stays `pending` with a redacted `last_error` and is sent
+again by the next call. After an alert whose retries are exhausted the next alert is tried once:
+when that fails too (the webhook looks down) the call stops, so a down webhook costs one alert's
+retries and one attempt per call rather than every alert's, and an alert the webhook always fails
+on holds back no other; after a 4xx it goes on with the next alert (that answer is about the
 alert, or about the configuration, and the others may pass).
 Delivery is at least once: a receiver deduplicates by `alert_key`.
 
@@ -209,16 +210,24 @@ class AlertWebhook(JsonPoster):
             return self.post(body, str(payload.get("alert_key")), attempts)
         except DeliveryFailed as exc:
             message = self.scrub(f"{self.endpoint}: {exc.reason} after {exc.attempts} attempt(s)")
-            raise AlertDeliveryError(message, exc.attempts, exc.retryable) from None
+            raise AlertDeliveryError(message, exc.attempts, exc.retryable, exc.status) from None
 
 
 class AlertDeliveryError(RuntimeError):
-    """An alert that still failed after its retries; the message holds no secret."""
+    """An alert that still failed after its retries; the message holds no secret. `status`: the
+    webhook's last HTTP status (None: no answer)."""
 
-    def __init__(self, message: str, attempts: int, retryable: bool) -> None:
+    def __init__(self, message: str, attempts: int, retryable: bool, status: int | None = None) -> None:
         super().__init__(message)
         self.attempts = attempts
         self.retryable = retryable
+        self.status = status
+
+    @property
+    def refused(self) -> bool:
+        """A 4xx answer that is not retried (not 408, 425, 429): the webhook will not take this
+        alert; it is marked `failed` (kept, not sent again)."""
+        return not self.retryable and self.status is not None and 400 <= self.status < 500
 
 
 def _webhook(
@@ -308,10 +317,14 @@ def deliver_pending(
     and before starting an alert once `budget_seconds` have passed; what is left stays pending for
     the next call. Never raises for delivery failures.
 
-    Report: `endpoint` (redacted), `pending` (before the call), `delivered`, `left` (still
-    pending), `errors` (`[{"alertKey", "error"}]`), `lastError`, `stopped` (why it stopped
-    early, or None), `findings` (`[{"alertId", "alertKey", "finding"}]`: rows pcbo did not write),
-    `ok` (nothing left).
+    An alert answered 4xx (not 408, 425, 429: those are retried) is marked `failed`: kept with its
+    error, never sent again (to send it again, set its status back to `pending`: a delivery state
+    pcbo did not write is not trusted, so the alert goes again, named as a finding).
+
+    Report: `endpoint` (redacted), `pending` (before the call), `delivered`, `failed` (refused with a
+    4xx: marked failed), `left` (still pending), `errors` (`[{"alertKey", "error"}]`), `lastError`,
+    `stopped` (why it stopped early, or None), `findings` (`[{"alertId", "alertKey", "finding"}]`:
+    rows pcbo did not write), `ok` (nothing left, none refused).
     """
     hook = _webhook(webhook, token, attempts, initial_wait, max_wait, timeout)
     started = time.monotonic()
@@ -320,7 +333,7 @@ def deliver_pending(
     for finding in findings:
         finding["alertKey"] = hook.scrub(finding["alertKey"])
         logger.warning("alert row %s (%s): %s", finding["alertId"], finding["alertKey"], finding["finding"])
-    delivered = 0
+    delivered = failed = 0
     errors: list[dict[str, str]] = []
     stopped: str | None = None
     probing = False  # the alert before ran out of retries: was it the webhook, or that alert?
@@ -338,7 +351,8 @@ def deliver_pending(
             made = hook.send(alert_payload(alert), 1 if probing else None)
         except AlertDeliveryError as exc:
             error = str(exc)
-            record(alert, "pending", exc.attempts, error)
+            record(alert, "failed" if exc.refused else "pending", exc.attempts, error)
+            failed += exc.refused
             errors.append({"alertKey": alert["alert_key"], "error": error})
             logger.warning("alert delivery of %s failed: %s", alert["alert_key"], error)
             if exc.retryable:
@@ -351,21 +365,28 @@ def deliver_pending(
         probing = False
         record(alert, "delivered", made)
         delivered += 1
-    left = len(pending) - delivered
+    left = len(pending) - delivered - failed
     report = {
         "endpoint": hook.endpoint,
         "pending": len(pending),
         "delivered": delivered,
+        "failed": failed,
         "left": left,
         "errors": errors,
         "lastError": errors[-1]["error"] if errors else None,
         "stopped": stopped,
         "findings": findings,
-        "ok": left == 0,
+        "ok": left == 0 and failed == 0,
     }
     if pending:
-        log = logger.info if left == 0 else logger.warning
-        log("alert delivery to %s: %d delivered, %d left pending", hook.endpoint, delivered, left)
+        log = logger.info if left == 0 and failed == 0 else logger.warning
+        log(
+            "alert delivery to %s: %d delivered, %d refused (failed), %d left pending",
+            hook.endpoint,
+            delivered,
+            failed,
+            left,
+        )
     return report
 
 

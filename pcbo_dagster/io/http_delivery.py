@@ -43,21 +43,28 @@ RETRYABLE_STATUS = frozenset({408, 425, 429})
 class DeliveryFailed(RuntimeError):
     """A POST that still failed after its retries. The message (`<endpoint>: <what>: <reason>`) and
     `reason` hold no secret; `retryable` says whether the retries ran out (True) or the answer was
-    not retryable (False)."""
+    not retryable (False); `status` is the last answer's HTTP status (None: no answer)."""
 
-    def __init__(self, message: str, reason: str, attempts: int, retryable: bool) -> None:
+    def __init__(
+        self, message: str, reason: str, attempts: int, retryable: bool, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.attempts = attempts
         self.retryable = retryable
+        self.status = status
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Permanent(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -254,8 +261,8 @@ class JsonPoster:
         if 200 <= status < 300:
             return
         if status >= 500 or status in RETRYABLE_STATUS:
-            raise _Retryable(f"HTTP {status}")
-        raise _Permanent(f"HTTP {status} (not retried)")
+            raise _Retryable(f"HTTP {status}", status)
+        raise _Permanent(f"HTTP {status} (not retried)", status)
 
     def post(self, body: bytes, what: str, attempts: int | None = None) -> int:
         """POST `body` (JSON bytes), retrying; the number of attempts made. `what` names the body in
@@ -290,5 +297,5 @@ class JsonPoster:
             attempts = int(retrying.statistics.get("attempt_number", 1))
             reason = self.scrub(str(exc))
             message = self.scrub(f"{self.endpoint}: {what}: {reason}")
-            raise DeliveryFailed(message, reason, attempts, isinstance(exc, _Retryable)) from None
+            raise DeliveryFailed(message, reason, attempts, isinstance(exc, _Retryable), exc.status) from None
         return int(retrying.statistics.get("attempt_number", 1))

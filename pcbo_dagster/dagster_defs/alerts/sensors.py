@@ -335,6 +335,11 @@ def _summary(alerts: list[dict[str, Any]], report: dict[str, Any] | None, webhoo
             parts.append(
                 f"delivered {delivery['delivered']} of {delivery['pending']} to {delivery['endpoint']}"
             )
+        if delivery["failed"]:
+            parts.append(
+                f"DELIVERY REFUSED: {delivery['failed']} alert(s) answered 4xx, marked failed (not "
+                f"retried); last error: {delivery['lastError']}"
+            )
         if delivery["left"]:
             parts.append(
                 f"DELIVERY FAILED: {delivery['left']} alert(s) left pending (retried next tick); "
@@ -398,7 +403,7 @@ def build_alerts_sensor(
         if more:
             summary += "; more run ends to read next tick"
         delivery = report["delivery"] if report else None
-        if delivery is not None and delivery["left"]:
+        if delivery is not None and (delivery["left"] or delivery["failed"]):
             context.log.warning(summary)
         elif report and (report["raised"] or report["findings"] or (delivery and delivery["delivered"])):
             context.log.info(summary)
