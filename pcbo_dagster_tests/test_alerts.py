@@ -866,9 +866,22 @@ def test_the_webhooks_own_token_in_a_failure_reaches_neither_the_catalog_nor_the
         (WEBHOOK_URL_ENV, "http://hooks.example/\x1b[2J", None, "holds a control, space or non-ASCII"),
         (WEBHOOK_URL_ENV, "http://hooks.example:99999/", None, "invalid alert webhook"),
         (WEBHOOK_URL_ENV, "hooks.example/pcbo", None, "must be an http(s) URL with a host"),
-        (WEBHOOK_TOKEN_ENV, "http://hooks.example/", "tok\nen-Qz81", "token holds a control"),
+        (WEBHOOK_TOKEN_ENV, "https://hooks.example/", "tok\nen-Qz81", "token holds a control"),
+        (WEBHOOK_TOKEN_ENV, "http://hooks.example/", "tok-Clear-Qz81", "refused for a plain-http webhook"),
+        (WEBHOOK_TOKEN_ENV, "http://10.0.0.7:8080/h", "tok-Clear-Qz81", "refused for a plain-http webhook"),
+        (WEBHOOK_URL_ENV, "http://u:pw-Qz81@hooks.example/", None, "credentials in a plain-http webhook"),
     ],
-    ids=["file", "space", "control", "port", "no-scheme", "token"],
+    ids=[
+        "file",
+        "space",
+        "control",
+        "port",
+        "no-scheme",
+        "token",
+        "cleartext-token",
+        "cleartext-ip",
+        "basic",
+    ],
 )
 def test_a_misconfigured_webhook_is_named_by_its_variable(pcbo_env, monkeypatch, variable, url, token, says):
     """Red-team finding: the sensor said `WEBHOOK MISCONFIGURED (PCBO_ALERT_WEBHOOK_URL)` whatever was
@@ -890,6 +903,25 @@ def test_a_misconfigured_webhook_is_named_by_its_variable(pcbo_env, monkeypatch,
     assert f"WEBHOOK MISCONFIGURED: {variable}: " in message and says in message, message
     assert other not in message and "Qz81" not in message
     assert "raised 1 alert(s)" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:1/h",
+        "http://127.9.9.9/h",
+        "http://localhost/h",
+        "http://[::1]/h",
+        "https://h.example/h",
+    ],
+)
+def test_a_token_goes_over_https_or_to_loopback_only(url, monkeypatch):
+    """Red-team finding: a bearer token configured for a plain-http webhook on another host was sent
+    in the clear. It is refused there (above); over https, or to this machine's loopback, it is
+    taken."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, url)
+    monkeypatch.setenv(WEBHOOK_TOKEN_ENV, "tok-Fine-2718")
+    assert AlertWebhook.from_env() is not None
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])

@@ -33,7 +33,9 @@ row (a pending one is not sent; the others are left as they are).
 
 The webhook comes from `PCBO_ALERT_WEBHOOK_URL` (none: alerts are only recorded) and an optional
 bearer token from `PCBO_ALERT_WEBHOOK_TOKEN` (`AlertWebhook.from_env`). Credentials in the URL
-(`https://user:pass@host/...`) are sent as HTTP Basic authorization unless a token is given. The
+(`https://user:pass@host/...`) are sent as HTTP Basic authorization unless a token is given. A token
+or a URL password for a plain-`http` webhook that is not on loopback (`localhost`, 127.0.0.0/8, ::1)
+is refused (`ValueError` naming its variable): it would cross the network in the clear. The
 URL's userinfo and query string, the token and the Authorization header never appear in reports,
 `last_error`, exceptions or logs (`AlertWebhook.endpoint` is the redacted URL).
 
@@ -49,6 +51,7 @@ import logging
 import math
 import os
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -59,8 +62,8 @@ from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
 from pcbo_dagster.io.host_keys import host_secret
-from pcbo_dagster.io.http_delivery import DeliveryFailed, JsonPoster
-from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.io.http_delivery import DeliveryFailed, JsonPoster, on_loopback
+from pcbo_dagster.io.redaction import redact_url, scrub_text
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +166,23 @@ class AlertWebhook(JsonPoster):
         max_wait: float = 5.0,
         timeout: float = 10.0,
     ) -> None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            parts, host = urllib.parse.urlsplit(""), None  # JsonPoster names what is wrong with the URL
+        if parts.scheme == "http" and not on_loopback(host):
+            # Sent in the clear, a credential is anyone's on the path: refused, never shown.
+            if token:
+                raise ValueError(
+                    "a bearer token is refused for a plain-http webhook off loopback "
+                    f"({redact_url(url)}): use https"
+                )
+            if parts.password:
+                raise ValueError(
+                    f"credentials in a plain-http webhook URL off loopback are refused ({redact_url(url)}): "
+                    "use https"
+                )
         super().__init__(
             url,
             name="alert webhook",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import logging
 import socket
 import threading
@@ -38,6 +39,19 @@ _logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
 """Besides 5xx and connection errors, the answers that are retried."""
+
+
+def on_loopback(host: str | None) -> bool:
+    """Whether `host` (a URL's hostname) is this machine's loopback: `localhost`, 127.0.0.0/8, ::1.
+    A name is not resolved: only those spellings count."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class DeliveryFailed(RuntimeError):
