@@ -1031,6 +1031,7 @@ def test_a_forged_pending_alert_row_is_never_posted_with_pcbos_token(store, rece
     real = store.alert("test:1")
     _sql(store, FORGED, "forged:1", "pending", None, None)
     _sql(store, FORGED, "forged:2", "pending", real["mac"], real["state_mac"])
+    _sql(store, FORGED, "forged:3\nFINDING: all clear\x1b[2J", "pending", None, None)
     hook = fast(receiver.url, token="tok-Deputy-8080")
     with caplog.at_level(logging.WARNING, logger="pcbo_dagster.alerts.webhook"):
         report = raise_and_deliver(store, [alert(2)], hook, now=NOW, secret=SECRET)
@@ -1039,6 +1040,7 @@ def test_a_forged_pending_alert_row_is_never_posted_with_pcbos_token(store, rece
     assert [(f["alertKey"], "not sent" in f["finding"]) for f in report["findings"]] == [
         ("forged:1", True),
         ("forged:2", True),
+        ("forged:3?FINDING: all clear?[2J", True),  # one line in a log
     ]
     assert "forged:1" in caplog.text and "tok-Deputy-8080" not in caplog.text
     assert store.alert("forged:1")["delivery_status"] == "unauthenticated"

@@ -143,8 +143,9 @@ def state_verifies(secret: bytes, state: Mapping[str, Any]) -> bool:
 
 
 def _shown_key(key: Any) -> str:
-    """An alert key from a row pcbo may not have written, for a finding: scrubbed and bounded."""
-    return scrub_text(str(key))[:200]
+    """A text from a row pcbo may not have written (a key, a status), for a finding: scrubbed, bounded,
+    on one line (a control character is `?`: a forged row writes no line of its own into a log)."""
+    return "".join(c if c.isprintable() else "?" for c in scrub_text(str(key))[:200])
 
 
 class AlertWebhook(JsonPoster):
