@@ -644,6 +644,17 @@ def test_alert_moments_read_back_on_postgresql(fresh_postgres_url, receiver):
         row = store.alert("test:1")
         assert (row["raised_at"], row["delivered_at"], row["delivery_status"]) == (NOW, NOW, "delivered")
         assert receiver.accepted[0]["raised_at"] == "2026-03-01T12:00:00Z"
+        # The MACs verify over PostgreSQL's moments too (a fraction of a second included): a real
+        # alert is sent, and marked delivered by hand it is sent again; a forged row is not sent.
+        later = NOW.replace(microsecond=123456)
+        raise_and_deliver(store, [alert(2)], None, now=later, secret=SECRET)
+        with catalog.write() as conn:
+            conn.exec_driver_sql("UPDATE alerts SET delivery_status = 'delivered' WHERE alert_key = 'test:2'")
+            conn.exec_driver_sql(FORGED.replace("?", "%s"), ("forged", "pending", None, None))
+        report = deliver_pending(store, fast(receiver.url), secret=SECRET)
+        assert receiver.accepted_keys() == ["test:1", "test:2"]
+        assert receiver.accepted[1]["raised_at"] == "2026-03-01T12:00:00.123456Z"
+        assert [f["alertKey"] for f in report["findings"]] == ["test:2", "forged"]
     finally:
         catalog.close()
 
