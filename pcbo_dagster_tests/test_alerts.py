@@ -935,6 +935,28 @@ def test_a_token_goes_over_https_or_to_loopback_only(url, monkeypatch):
     assert AlertWebhook.from_env() is not None
 
 
+def test_a_loopback_webhook_is_reached_directly_never_through_a_proxy(store, receiver, monkeypatch):
+    """Red-team finding: with `HTTP_PROXY` set, urllib sent a POST to a plain-http webhook on
+    loopback (where a token is allowed) to the proxy: the token crossed the network in the clear,
+    to a host whose loopback is not this one. A loopback webhook is now reached directly."""
+    proxy = Receiver()
+    proxy.thread.start()
+    try:
+        host, port = proxy.server.server_address[:2]
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.setenv(name, f"http://{host}:{port}")
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        hook = fast(receiver.url, token="tok-Proxy-4040")
+        report = raise_and_deliver(store, [alert(1)], hook, now=NOW, secret=SECRET)
+        assert report["delivery"]["delivered"] == 1
+        assert receiver.accepted_keys() == ["test:1"]
+        assert proxy.requests == []
+    finally:
+        proxy.server.shutdown()
+        proxy.server.server_close()
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(store, receiver, status):
     """A webhook that answers a redirect to another origin: nothing is sent there (no token, no

@@ -8,7 +8,9 @@ returns the number of attempts it took. A 2xx answer is success; the answer's bo
 each socket operation: a receiver that drips its answer cannot hold a POST longer. Connection
 errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff (tenacity); other
 answers (3xx: a redirect is not followed, it would turn the POST into a GET; 4xx) fail at once.
-A POST that still fails raises `DeliveryFailed` (`attempts`, `retryable`, a scrubbed message).
+A POST that still fails raises `DeliveryFailed` (`attempts`, `retryable`, `status`, a scrubbed
+message). A proxy (`HTTP(S)_PROXY`) is used as urllib does, except for an endpoint on loopback
+(`on_loopback`), which is always reached directly.
 
 Credentials: a `token` is sent as `Authorization: Bearer <token>`; otherwise credentials in the
 URL (`https://user:pass@host/...`) are sent as HTTP Basic authorization. The URL's userinfo and
@@ -229,7 +231,12 @@ class JsonPoster:
             self._headers["Authorization"] = f"Basic {basic}"
             secrets += [basic, self._headers["Authorization"]]
         self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-        self._opener = urllib.request.build_opener(_NoRedirect(), _HTTPHandler(), _HTTPSHandler())
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirect(), _HTTPHandler(), _HTTPSHandler()]
+        if on_loopback(parts.hostname):
+            # This machine's loopback through a proxy is the proxy's loopback, not ours, and a
+            # plain-http request (its token too) would cross the network to it in the clear.
+            handlers.append(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def scrub(self, text: str) -> str:
         """`text` without this endpoint's secrets nor any URL userinfo or query string."""
