@@ -264,6 +264,9 @@ class _Staged:
     files_verified: bool = False
     #: The Merkle root of `pd.add` as staging computed it (None: not computed in this process).
     adds_root: str | None = None
+    #: The commit point's bytes as this run read (or restored) them, None for none: what its commit
+    #: point write replaces, and only that (`LakeStorage.swap`).
+    held: bytes | None = None
 
     @property
     def status(self) -> str:
@@ -573,6 +576,7 @@ def _prepare(
             }
         staged = _Staged(pd, previous, previous_checksum, None, previous["partitionVersion"])
         staged.restored, staged.files_verified, staged.adds_root = restored, True, merkle_root
+        staged.held = previous_bytes
         return _Prepared(staged, against_chain, restore)
     manifest_bytes = manifests.encode(manifest)
     manifest_checksum = manifests.checksum(manifest_bytes)
@@ -586,7 +590,7 @@ def _prepare(
         (layout.rollback_manifest(dataset, version_label, key, version), rollback_bytes),
     ]
     staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version, adds_root=merkle_root)
-    staged.restored = restored
+    staged.restored, staged.held = restored, previous_bytes
     return _Prepared(staged, against_chain, files)
 
 
@@ -730,7 +734,8 @@ def _write_files(env: Environment, plan: Plan, lease: DatasetLease, prepared: _P
       otherwise, nothing written)."""
     for rel, data in prepared.files:
         if layout.split_manifest_path(rel) is not None:
-            env.lake.write_atomic(rel, data)
+            assert prepared.staged is not None  # a restoration's commit point
+            _swap_commit_point(env, rel, data, prepared.staged)
             continue
         held = env.lake.create(rel, data)
         if held is None or held == data:
@@ -901,6 +906,7 @@ def _write_commit_points(
     _reached("before_commit", indexes)
     if commits:  # still the chain this run decided on (a writer paused past its lease stops here)
         env.audit.check_fence(ckey, state)
+        _reached("after_fence_check", indexes)
     for _ in _in_order(pool, lambda st: _write_commit_point(env, plan, st), commits):
         pass
     lake.sync()  # commit points are durable before their audit events
@@ -1000,7 +1006,21 @@ def _check_and_record(
 def _write_commit_point(env: Environment, plan: Plan, st: _Staged) -> None:
     key = st.pd.partition.key
     assert st.manifest_bytes is not None  # only new versions get a commit point
-    env.lake.write_atomic(layout.manifest(plan.dataset, plan.version_label, key), st.manifest_bytes)
+    _swap_commit_point(env, layout.manifest(plan.dataset, plan.version_label, key), st.manifest_bytes, st)
+
+
+def _swap_commit_point(env: Environment, rel: str, data: bytes, st: _Staged) -> None:
+    """Put a partition's commit point over the one this run read (or restored), and only over that:
+    a run frozen after its last chain check, woken after another writer committed the partition, must
+    not replace the new holder's commit point (the store or, locally, the directory lock refuses).
+    `ChainMoved` otherwise, naming the partition: nothing written."""
+    if not env.lake.swap(rel, data, st.held):
+        raise ChainMoved(
+            f"{env.lake.uri(rel)} is no longer the commit point this run read: another writer changed "
+            f"partition {st.pd.partition.key} since (was this run's write lease taken over?); this run "
+            "did not write it"
+        )
+    st.held = data
 
 
 def _event_hash(st: _Staged) -> str:

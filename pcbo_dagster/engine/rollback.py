@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pcbo_dagster.audit.log import ChainMoved
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import (
     PARTITION_ROLLBACK_INTENT,
@@ -91,6 +92,8 @@ class UndoStep:
     restore_bytes: bytes | None
     restore_checksum: str | None
     remove_files: list[str]
+    #: The commit point's bytes as the step was planned from: what its move replaces, and only that.
+    held: bytes
 
 
 def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: str, key: str) -> UndoStep:
@@ -99,17 +102,15 @@ def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: 
     lake = env.lake
     where = f"{dataset}/{version_label}/{key}"
     history = state.get(key)
-    comparison = compare(
-        history,
-        dataset,
-        version_label,
-        key,
-        lake.read_if_exists(layout.manifest(dataset, version_label, key)),
-    )
+    held = lake.read_if_exists(layout.manifest(dataset, version_label, key))
+    comparison = compare(history, dataset, version_label, key, held)
     if comparison.verdict != "agrees":
         raise LakeDisagreesWithChain(comparison)
     assert (
-        history is not None and comparison.manifest is not None and comparison.manifest_checksum is not None
+        history is not None
+        and held is not None
+        and comparison.manifest is not None
+        and comparison.manifest_checksum is not None
     )
     current = history.current_version
     assert current is not None
@@ -171,6 +172,7 @@ def plan_undo(env: Environment, state: ChainState, dataset: str, version_label: 
         restore_bytes=restore_bytes,
         restore_checksum=current.previous_manifest_checksum,
         remove_files=remove,
+        held=held,
     )
 
 
@@ -249,12 +251,17 @@ def apply_undos(
     state.add(intent)
     failpoints.reached("rollback_after_intent", 0)
     env.audit.check_fence(ckey, state)  # still the chain it decided on (a writer paused past its lease)
+    failpoints.reached("rollback_after_fence_check", 0)
     for i, step in enumerate(steps):
+        # moved (or removed) only from the commit point the step was planned from: a rollback frozen
+        # after its chain check, woken after another writer committed the partition, moves nothing
         manifest_rel = layout.manifest(dataset, version_label, step.key)
-        if step.restore_bytes is not None:
-            lake.write_atomic(manifest_rel, step.restore_bytes, durable=True)
-        else:
-            lake.delete(manifest_rel)
+        if not lake.swap(manifest_rel, step.restore_bytes, step.held, durable=True):
+            raise ChainMoved(
+                f"{lake.uri(manifest_rel)} is no longer the commit point this rollback planned from: "
+                f"another writer changed partition {step.key} since (was this run's write lease taken "
+                "over?); this rollback did not move it"
+            )
         failpoints.reached("rollback_after_commit_point", i)
     lake.sync()
     for i, step in enumerate(steps):

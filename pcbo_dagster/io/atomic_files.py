@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -68,3 +70,58 @@ def create_file(
         return True
     finally:
         os.unlink(tmp)
+
+
+def swap_file(
+    path: str | os.PathLike[str],
+    data: bytes | None,
+    expected: bytes | None,
+    *,
+    durable: bool = False,
+    prefix: str = ".tmp-",
+) -> bool:
+    """Compare-and-swap a file: put `data` at `path` (None: remove it), whole or not at all, only while
+    `path` holds exactly `expected` (None: no file there). True when done; False when it held anything
+    else, a symbolic link included (nothing changed).
+
+    The new bytes are written to a temporary file beside `path` first; the comparison and the rename
+    (or removal) then happen under an exclusive `flock` of `path`'s directory, which every writer going
+    through here takes, in this process or any other on the host: held for a read of one small file
+    and a rename, never while writing. `durable=True` fsyncs the new file before the rename."""
+    directory = os.path.dirname(os.fspath(path)) or "."
+    tmp = None
+    if data is not None:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+    try:
+        lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                held = None
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                return False  # a symbolic link: never what a writer read
+            else:
+                with os.fdopen(fd, "rb") as fh:
+                    held = fh.read()
+            if held != expected:
+                return False
+            if tmp is not None:
+                os.replace(tmp, path)
+                tmp = None
+            elif held is not None:
+                os.unlink(path)
+            return True
+        finally:
+            os.close(lock)  # lets the lock go
+    finally:
+        if tmp is not None:
+            os.unlink(tmp)

@@ -16,6 +16,7 @@ never logged):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import threading
@@ -23,11 +24,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
-from pcbo_dagster.io.atomic_files import create_file, replace_file
+from pcbo_dagster.io.atomic_files import create_file, replace_file, swap_file
 from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url
 from pcbo_dagster.lake.layout import OutsidePartition
 
@@ -99,6 +103,98 @@ def create_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
+        return False
+    return True
+
+
+def swap_object(fs: fsspec.AbstractFileSystem, path: str, data: bytes | None, expected: bytes | None) -> bool:
+    """Compare-and-swap an object store's object (the commit points): put `data` at `path` (None:
+    delete it) only while the object there is exactly `expected` (None: no object), the store itself
+    refusing otherwise, whoever else is writing. True when done; False when it held anything else
+    (nothing written).
+
+    S3: `If-None-Match: *` when nothing is expected, else `If-Match` with the expected bytes' MD5 (the
+    ETag S3 gives a single-part PUT: no extra request); refused, the object is read with its ETag once
+    (an encrypted or multipart object's ETag is no MD5) and, holding the expected bytes, put again with
+    that ETag. GCS: the object's generation and that generation's bytes read, then `ifGenerationMatch`
+    on it (0: no object). The same bytes put back by another writer in between (A, B, A) are not told
+    apart."""
+    if expected is None:
+        if data is None:
+            return not fs.exists(path)
+        return create_object(fs, path, data)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("s3", "s3a"):
+        return _swap_s3(fs, path, data, expected)
+    if protocol in ("gs", "gcs"):
+        return _swap_gcs(fs, path, data, expected)
+    raise NotImplementedError(f"no conditional write on {protocol}:// objects")
+
+
+def _swap_s3(fs: Any, path: str, data: bytes | None, expected: bytes) -> bool:
+    from botocore.exceptions import ClientError
+
+    bucket, key, _ = fs.split_path(path)
+    etag = f'"{hashlib.md5(expected, usedforsecurity=False).hexdigest()}"'
+    for attempt in range(2):
+        try:
+            if data is None:
+                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            else:
+                fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=etag)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            cause = exc.__cause__
+            code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
+            # 412: another object; 409: a conditional write racing another writer's
+            if code not in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+                raise
+        if attempt:
+            return False
+        try:
+            held, etag = fsspec.asyn.sync(fs.loop, _s3_get, fs, bucket, key)
+        except FileNotFoundError:
+            return False
+        if held != expected:
+            return False
+    return False
+
+
+async def _s3_get(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
+    """An S3 object's bytes and their ETag, from one GET."""
+    response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+    try:
+        return bytes(await response["Body"].read()), str(response["ETag"])
+    finally:
+        response["Body"].close()
+
+
+def _swap_gcs(fs: Any, path: str, data: bytes | None, expected: bytes) -> bool:
+    bucket, key, _ = fs.split_path(path)
+    try:  # the object's generation, then the bytes of exactly that generation
+        generation = str(fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)["generation"])
+        _, held = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media", generation=generation)
+    except FileNotFoundError:
+        return False
+    if bytes(held) != expected:
+        return False
+    try:
+        if data is None:
+            fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation)
+        else:
+            fs.call(
+                "POST",
+                f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+                uploadType="media",
+                name=key,
+                ifGenerationMatch=generation,
+                headers={"Content-Type": "application/octet-stream"},
+                data=data,
+                json_out=True,
+            )
+    except (FileExistsError, FileNotFoundError):  # 412 (another generation), 404 (gone)
         return False
     return True
 
@@ -312,6 +408,22 @@ class LakeStorage:
         self._local_dir(path)
         replace_file(path, data, durable=durable)
         self._written(path, data_too=not durable)
+
+    def swap(self, rel: str, data: bytes | None, expected: bytes | None, durable: bool = False) -> bool:
+        """Compare-and-swap a file (a commit point): put `data` at `rel` (None: remove it) only while it
+        holds exactly `expected` (None: no file), the bytes its writer decided from. True when done;
+        False when another writer changed it since (nothing written). Locally `swap_file` (a flock of
+        the partition directory around the comparison and the rename), on object stores a conditional
+        PUT or DELETE (`swap_object`). `durable=True` fsyncs a local file before its rename; otherwise
+        call `sync()` later."""
+        path = self._to_write(rel)
+        if not self.is_local:
+            return swap_object(self.fs, path, data, expected)
+        self._local_dir(path)
+        if not swap_file(path, data, expected, durable=durable):
+            return False
+        self._written(path, data_too=data is not None and not durable)
+        return True
 
     def sync(self) -> None:
         """Make every write and delete so far durable. Local disks: an fsync of each file written since
