@@ -31,6 +31,7 @@ import fsspec
 import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
+from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.io.atomic_files import create_file, replace_file, swap_file
 from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url
 from pcbo_dagster.lake.layout import OutsidePartition
@@ -41,6 +42,23 @@ from pcbo_dagster.lake.layout import OutsidePartition
 #: from it: a long-lived process would not see a commit point another host wrote after its listing,
 #: and a rollback's delete of it would remove nothing).
 _NO_LISTINGS_CACHE: dict[str, object] = {"use_listings_cache": False}
+
+
+#: Attempts of `LakeStorage.create` at a name that is removed (or replaced by a symbolic link) between
+#: its create-only write and its read of what holds the name, before it gives up.
+CREATE_ATTEMPTS = 4
+
+
+class LakeContended(IntegrityError):
+    """A create-only write whose name kept being removed, or replaced by a symbolic link, between its
+    attempts (someone else writing the lake): exit status 1, nothing of this file written."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        super().__init__(
+            f"{uri}: its name was removed or replaced by a symbolic link between each of {CREATE_ATTEMPTS} "
+            "attempts to create it (something else is writing the lake); this file was not written"
+        )
 
 
 class StoreUnavailable(OSError):
@@ -372,10 +390,11 @@ class LakeStorage:
         version). Returns None when written (durable after `sync()`), else what the file there holds
         (nothing written: the caller compares). Locally a temporary file linked into place (a symbolic
         link planted at the name is not a file: it loses its name, never written through); on object
-        stores a single create-only PUT (`create_object`)."""
+        stores a single create-only PUT (`create_object`). A name removed (or, locally, replaced by a
+        symbolic link) between each of `CREATE_ATTEMPTS` attempts: `LakeContended`, exit 1."""
         path = self._to_write(rel)
         if not self.is_local:
-            while True:
+            for _ in range(CREATE_ATTEMPTS):
                 if create_object(self.fs, path, data):
                     return None
                 try:
@@ -383,8 +402,9 @@ class LakeStorage:
                         return bytes(self.fs.cat_file(path))
                 except FileNotFoundError:
                     continue  # removed in between: create it again
+            raise LakeContended(self.uri(rel))
         self._local_dir(path)
-        while True:
+        for _ in range(CREATE_ATTEMPTS):
             if create_file(path, data):
                 self._written(path)
                 return None
@@ -397,6 +417,7 @@ class LakeStorage:
                 continue
             with os.fdopen(fd, "rb") as fh:
                 return fh.read()
+        raise LakeContended(self.uri(rel))
 
     def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
         """Replace a file all-or-nothing (a temporary file renamed into place; a single PUT on an
