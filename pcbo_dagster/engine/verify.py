@@ -157,8 +157,10 @@ def _dataset_versions(env: Environment) -> list[tuple[str, str]]:
 
 def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -> dict[str, Any]:
     report = _Report(repair)
+    # (before the stores are reconciled: a pending batch of such a chain is not adopted either)
+    held_back = _not_extending(env, trusted) if repair else set()
     if repair:
-        _reconcile_stores(env, report)
+        _reconcile_stores(env, report, held_back)
     backup_chains, problems = env.audit.backup.read_all_with_problems()
     for problem in problems:
         report.find("audit_backup_unreadable", "audit backup", problem)
@@ -182,7 +184,8 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
 
     checked_partitions = 0
     chains_checked: dict[str, int] = {}
-    held_back = _not_extending(env, trusted, backup_chains) if repair else set()
+    if repair:  # (and as the backup holds it now)
+        held_back |= _not_extending(env, trusted, backup_chains)
     for ckey in sorted(set(backup_chains) | set(heads) | set(lake_keys) | catalog_chains):
         # A chain that does not extend the checkpoint the auditor holds was rewritten or cut back: what
         # looks like a crash window in it may be a forgery (a chain cut to just after an intent whose
@@ -267,18 +270,17 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
 
 
 def _not_extending(
-    env: Environment, trusted: TrustedCheckpoint | None, backup_chains: dict[str, list[dict]]
+    env: Environment, trusted: TrustedCheckpoint | None, backup_chains: dict[str, list[dict]] | None = None
 ) -> set[str]:
-    """The chain a held checkpoint names when the backup's chain does not extend it (`repair` heals
-    nothing there)."""
+    """The chain a held checkpoint names when the backup's chain (read from `backup_chains`, else from
+    the backup) does not extend it (`repair` heals nothing there)."""
     if trusted is None:
         return set()
     chain = chain_of_origin(trusted.checkpoint.origin, env.settings.checkpoint_origin_prefix)
     if chain is None:
         return set()
-    findings, _ = check_against_checkpoint(
-        env, trusted.checkpoint, trusted.note, backup_chains.get(chain, []), [], 0
-    )
+    events = env.audit.backup.read_chain(chain) if backup_chains is None else backup_chains.get(chain, [])
+    findings, _ = check_against_checkpoint(env, trusted.checkpoint, trusted.note, events, [], 0)
     return {chain} if findings else set()
 
 
@@ -296,10 +298,13 @@ def _announce_repairs(env: Environment, repaired: list[dict[str, Any]]) -> None:
 # -- 1. the chains ------------------------------------------------------------------------------------
 
 
-def _reconcile_stores(env: Environment, report: _Report) -> None:
+def _reconcile_stores(env: Environment, report: _Report, held_back: set[str]) -> None:
     """Repair: complete the batches a crash left between the backup and the catalog (the audit log's
-    own crash window; `audit/log.py`), and nothing else."""
+    own crash window; `audit/log.py`), and nothing else; nothing of a `held_back` chain (one that does
+    not extend the checkpoint given: its stores' difference is reported by `_check_chain`)."""
     for ckey in sorted(set(env.audit.backup.chain_keys()) | set(env.catalog.chain_heads())):
+        if ckey in held_back:
+            continue
         try:
             result = env.audit.sync_to_catalog(ckey)
         except ChainDivergence as exc:
@@ -364,7 +369,7 @@ def _check_chain(
             "one store alone holds are not adopted",
         )
     elif len(mirror_hashes) < len(backup_hashes):
-        report.find(
+        (report.healable if report.held_back else report.find)(  # (a pending batch not adopted)
             "audit_catalog_behind",
             ckey,
             f"the catalog holds {len(mirror_hashes)} of the local backup's {len(backup_hashes)} events",
