@@ -178,3 +178,59 @@ def test_a_run_frozen_after_staging_appends_no_intent_while_another_run_holds_th
     run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
     assert run.status == 0, run.document
     assert run.document["status"] == "clean"
+
+
+def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_nothing_when_woken(
+    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+):
+    """A crashed run left version 1 staged (never committed). Run A judged that leftover replaceable
+    (it still held the lease) and froze right before replacing it (`before_replacing_staged`); B took
+    the lease over, replaced the leftover with its own version 1 and committed it. A woken wrote its
+    version manifest over B's committed one, unconditionally; now the replacement goes only over the
+    bytes A judged, and A stops (`ChainMoved`) with B's files as B wrote them."""
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    generator = load_generator()
+    requests = {
+        run_id: write_request(
+            tmp_path / f"{run_id}.json",
+            generator.make_request(records=60, partitions=2, seed=seed, run_id=run_id),
+        )
+        for run_id, seed in (("crash-1", 7), ("frozen-1", 5), ("holder-1", 6))
+    }
+    env = {
+        **s3_store.env,
+        "PCBO_LAKE_URL": lake_url,
+        "PCBO_CATALOG_URL": fresh_postgres_url,
+        "PCBO_AUDIT_DIR": s3_store.url(f"pas-{uuid.uuid4().hex[:8]}"),
+        "PCBO_LEASE_TTL_SECONDS": "2",
+    }
+    if "://" in lake_url:
+        env["PCBO_MULTI_HOST"] = "true"
+    crashed = run_pcbo(
+        ["execute", "--input", requests["crash-1"]],
+        home=tmp_path / "host-c",
+        env={**env, "PCBO_FAILPOINT": "after_data_files@0"},
+        cwd=tmp_path,
+    )
+    assert crashed.status == 86, crashed.stderr
+    time.sleep(3)  # the crashed run's lease expires
+    a = _start_stopping(tmp_path / "host-a", requests["frozen-1"], env, "before_replacing_staged@0")
+    try:
+        time.sleep(3)  # a's lease expires
+        run = run_pcbo(
+            ["execute", "--input", requests["holder-1"]], home=tmp_path / "host-b", env=env, cwd=tmp_path
+        )
+        assert run.status == 0, run.stderr
+        assert {p["status"] for p in run.document["partitions"]} == {"committed"}
+        committed = _lake_bytes(lake_url)
+    finally:
+        if a.poll() is None:
+            os.kill(a.pid, signal.SIGCONT)
+    _, stderr = a.communicate(timeout=120)
+    assert a.returncode == 1, stderr
+    after = _lake_bytes(lake_url)
+    assert {rel: after[rel] for rel in committed} == committed
+    run = run_pcbo(["verify"], home=tmp_path / "host-d", env=env, cwd=tmp_path)
+    assert run.status == 0 and run.document["status"] == "clean", run.document
+    assert "nothing was overwritten" in stderr.decode(), stderr

@@ -731,7 +731,10 @@ def _write_files(env: Environment, plan: Plan, lease: DatasetLease, prepared: _P
       (another writer committed that version since this run read the chain; nothing written);
     - at one of a version the chain has not committed (left by a run stopped before its commit: a
       crash, a failed run): replaced only while this run still holds the write lease (`DatasetBusy`
-      otherwise, nothing written)."""
+      otherwise, nothing written).
+
+    A replacement goes over the very bytes judged, or not at all (`LakeStorage.swap`): another writer's
+    since (this run frozen after its judgement) is left as it is (`ChainMoved`, nothing written)."""
     for rel, data in prepared.files:
         if layout.split_manifest_path(rel) is not None:
             assert prepared.staged is not None  # a restoration's commit point
@@ -743,7 +746,15 @@ def _write_files(env: Environment, plan: Plan, lease: DatasetLease, prepared: _P
         found = layout.split_version_file(rel)
         if found is not None:
             _may_replace(env, plan, lease, rel, data, *found)
-        env.lake.write_atomic(rel, data)
+        assert prepared.staged is not None  # (files are prepared for staged partitions only)
+        failpoints.reached("before_replacing_staged", prepared.staged.pd.partition.index)
+        # over the bytes judged, and only those: another writer's since (a run frozen after the judgement,
+        # woken after the lease's new holder staged or committed this name) is never overwritten
+        if not env.lake.swap(rel, data, held) and env.lake.read_if_exists(rel) != data:
+            raise ChainMoved(
+                f"{env.lake.uri(rel)} changed since this run judged it could replace it (was its write "
+                "lease taken over?); nothing was overwritten and nothing of this batch was committed"
+            )
     prepared.files = []
 
 
