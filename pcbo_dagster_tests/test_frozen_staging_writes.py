@@ -8,10 +8,6 @@ committed."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,32 +15,10 @@ from pathlib import Path
 import pytest
 
 from pcbo_dagster.lake.storage import LakeStorage
-from pcbo_dagster_tests.cli_runner import load_generator, pcbo_env, run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.frozen_hosts import PAST_THE_LEASE_SECONDS, shared_env, start_frozen, wake, woken
 
 pytestmark = pytest.mark.postgres
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0] == "T"
-
-
-def _start_stopping(home: Path, request: Path, env: dict[str, str], point: str) -> subprocess.Popen:
-    """`pcbo execute` on another host (`home`) that stops itself (SIGSTOP) at `point`; returns once
-    it is stopped."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pcbo_dagster.cli.main", "execute", "--input", str(request)],
-        env=pcbo_env(home, {**env, "PCBO_FAILPOINT": f"{point}:stop"}),
-        cwd=home.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while not _stopped(process.pid):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return process
 
 
 def _lake_bytes(url: str) -> dict[str, bytes]:
@@ -55,7 +29,7 @@ def _lake_bytes(url: str) -> dict[str, bytes]:
 #: Not the GCS emulator: it ignores `ifGenerationMatch` (a create-only PUT overwrites there), which
 #: Cloud Storage itself honours.
 @pytest.fixture(params=["local", "s3"])
-def lake_url(request, tmp_path: Path, monkeypatch) -> str:
+def lake_url(request, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "shared-lake")
     return request.getfixturevalue("s3_store").url(f"lake-{uuid.uuid4().hex[:8]}")
@@ -64,8 +38,6 @@ def lake_url(request, tmp_path: Path, monkeypatch) -> str:
 def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
     tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
-    for name, value in s3_store.env.items():
-        monkeypatch.setenv(name, value)
     generator = load_generator()
     frozen = write_request(
         tmp_path / "frozen.json", generator.make_request(records=60, partitions=2, seed=5, run_id="frozen-1")
@@ -73,29 +45,22 @@ def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
     holder = write_request(
         tmp_path / "holder.json", generator.make_request(records=60, partitions=2, seed=6, run_id="holder-1")
     )
-    env = {
-        **s3_store.env,
-        "PCBO_LAKE_URL": lake_url,
-        "PCBO_CATALOG_URL": fresh_postgres_url,
-        "PCBO_AUDIT_DIR": s3_store.url(f"pas-{uuid.uuid4().hex[:8]}"),
-        "PCBO_LEASE_TTL_SECONDS": "2",
-    }
-    if "://" in lake_url:  # (a local lake is one disk: these hosts share it on one machine)
-        env["PCBO_MULTI_HOST"] = "true"
-    a = _start_stopping(tmp_path / "host-a", frozen, env, "before_staging_writes@0")
+    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    a = start_frozen(tmp_path / "host-a", ["execute", "--input", frozen], env, "before_staging_writes@0")
     try:
-        time.sleep(3)  # its lease expires: nothing renews it while the process is stopped
+        time.sleep(
+            PAST_THE_LEASE_SECONDS
+        )  # its lease expires: nothing renews it while the process is stopped
         run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
         assert run.status == 0, run.stderr
         assert {p["status"] for p in run.document["partitions"]} == {"committed"}
         committed = _lake_bytes(lake_url)
         assert any("/_versions/v000001.json" in rel for rel in committed)
     finally:
-        if a.poll() is None:
-            os.kill(a.pid, signal.SIGCONT)
-    _, stderr = a.communicate(timeout=120)
-    assert a.returncode == 1, stderr
-    assert "nothing was overwritten" in stderr.decode() or "write lease was taken over" in stderr.decode()
+        wake(a)
+    status, stderr = woken(a)
+    assert status == 1, stderr
+    assert "nothing was overwritten" in stderr or "write lease was taken over" in stderr
     # Nothing the holder wrote was altered; the frozen run left at most its own data file (named by its
     # content, written before it found the version taken; no manifest names it: `pcbo gc` removes it).
     after = _lake_bytes(lake_url)
@@ -140,8 +105,6 @@ def test_a_run_frozen_after_staging_appends_no_intent_while_another_run_holds_th
     own intent. Woken first, the old run must not append its intent on a chain nobody moved yet (its
     commit point would name a manifest the holder's `_versions/` file no longer is): it finds the lease
     held by another run (exit 1), and the holder, woken, commits."""
-    for name, value in s3_store.env.items():
-        monkeypatch.setenv(name, value)
     generator = load_generator()
     frozen = write_request(
         tmp_path / "frozen.json", generator.make_request(records=60, partitions=2, seed=5, run_id="frozen-1")
@@ -149,32 +112,26 @@ def test_a_run_frozen_after_staging_appends_no_intent_while_another_run_holds_th
     holder = write_request(
         tmp_path / "holder.json", generator.make_request(records=60, partitions=2, seed=6, run_id="holder-1")
     )
-    lake_url = str(tmp_path / "shared-lake")
-    env = {
-        **s3_store.env,
-        "PCBO_LAKE_URL": lake_url,
-        "PCBO_CATALOG_URL": fresh_postgres_url,
-        "PCBO_AUDIT_DIR": s3_store.url(f"pas-{uuid.uuid4().hex[:8]}"),
-        "PCBO_LEASE_TTL_SECONDS": "2",
-    }
-    a = _start_stopping(tmp_path / "host-a", frozen, env, "after_data_files@0")
+    env = shared_env(s3_store, fresh_postgres_url, str(tmp_path / "shared-lake"), monkeypatch)
+    a = start_frozen(tmp_path / "host-a", ["execute", "--input", frozen], env, "after_data_files@0")
     b = None
     try:
-        time.sleep(3)  # a's lease expires
-        b = _start_stopping(
-            tmp_path / "host-b", holder, {**env, "PCBO_LEASE_TTL_SECONDS": "120"}, "after_data_files@0"
+        time.sleep(PAST_THE_LEASE_SECONDS)  # a's lease expires
+        b = start_frozen(
+            tmp_path / "host-b",
+            ["execute", "--input", holder],
+            {**env, "PCBO_LEASE_TTL_SECONDS": "120"},
+            "after_data_files@0",
         )
-        os.kill(a.pid, signal.SIGCONT)
-        _, stderr = a.communicate(timeout=120)
-        assert a.returncode == 1, stderr
-        assert "lease was taken over" in stderr.decode()
+        status, stderr = woken(a)
+        assert status == 1, stderr
+        assert "lease was taken over" in stderr
     finally:
-        for process in (a, b):
-            if process is not None and process.poll() is None:
-                os.kill(process.pid, signal.SIGCONT)
+        wake(a)
+        wake(b)
     assert b is not None
-    out, stderr = b.communicate(timeout=120)
-    assert b.returncode == 0, stderr
+    status, stderr = woken(b)
+    assert status == 0, stderr
     run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
     assert run.status == 0, run.document
     assert run.document["status"] == "clean"
@@ -188,8 +145,6 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
     the lease over, replaced the leftover with its own version 1 and committed it. A woken wrote its
     version manifest over B's committed one, unconditionally; now the replacement goes only over the
     bytes A judged, and A stops (`ChainMoved`) with B's files as B wrote them."""
-    for name, value in s3_store.env.items():
-        monkeypatch.setenv(name, value)
     generator = load_generator()
     requests = {
         run_id: write_request(
@@ -198,15 +153,7 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
         )
         for run_id, seed in (("crash-1", 7), ("frozen-1", 5), ("holder-1", 6))
     }
-    env = {
-        **s3_store.env,
-        "PCBO_LAKE_URL": lake_url,
-        "PCBO_CATALOG_URL": fresh_postgres_url,
-        "PCBO_AUDIT_DIR": s3_store.url(f"pas-{uuid.uuid4().hex[:8]}"),
-        "PCBO_LEASE_TTL_SECONDS": "2",
-    }
-    if "://" in lake_url:
-        env["PCBO_MULTI_HOST"] = "true"
+    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
     crashed = run_pcbo(
         ["execute", "--input", requests["crash-1"]],
         home=tmp_path / "host-c",
@@ -214,10 +161,12 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
         cwd=tmp_path,
     )
     assert crashed.status == 86, crashed.stderr
-    time.sleep(3)  # the crashed run's lease expires
-    a = _start_stopping(tmp_path / "host-a", requests["frozen-1"], env, "before_replacing_staged@0")
+    time.sleep(PAST_THE_LEASE_SECONDS)  # the crashed run's lease expires
+    a = start_frozen(
+        tmp_path / "host-a", ["execute", "--input", requests["frozen-1"]], env, "before_replacing_staged@0"
+    )
     try:
-        time.sleep(3)  # a's lease expires
+        time.sleep(PAST_THE_LEASE_SECONDS)  # a's lease expires
         run = run_pcbo(
             ["execute", "--input", requests["holder-1"]], home=tmp_path / "host-b", env=env, cwd=tmp_path
         )
@@ -225,12 +174,11 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
         assert {p["status"] for p in run.document["partitions"]} == {"committed"}
         committed = _lake_bytes(lake_url)
     finally:
-        if a.poll() is None:
-            os.kill(a.pid, signal.SIGCONT)
-    _, stderr = a.communicate(timeout=120)
-    assert a.returncode == 1, stderr
+        wake(a)
+    status, stderr = woken(a)
+    assert status == 1, stderr
     after = _lake_bytes(lake_url)
     assert {rel: after[rel] for rel in committed} == committed
     run = run_pcbo(["verify"], home=tmp_path / "host-d", env=env, cwd=tmp_path)
     assert run.status == 0 and run.document["status"] == "clean", run.document
-    assert "nothing was overwritten" in stderr.decode(), stderr
+    assert "nothing was overwritten" in stderr, stderr
