@@ -32,8 +32,7 @@ from pcbo_dagster.core.chain_state import ChainState
 from pcbo_dagster.engine.crash_windows import compare
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
-from pcbo_dagster.engine.partition_checks import read_chain
-from pcbo_dagster.engine.transparency_log import other_history
+from pcbo_dagster.engine.partition_checks import distrusted, read_chain
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
@@ -128,7 +127,7 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
             chain = read_chain(env, dataset, version_label)
             # as `verify` checks it: a chain re-hashed in both stores is not the one its stored
             # transparency log and checkpoints hold (a note that cannot be read says nothing of it)
-            if chain.findings or other_history(env, ckey, chain.events):
+            if distrusted(env, chain, ckey):
                 skipped.append({"where": ckey, "reason": "the audit chain does not verify"})
                 continue
             event_versions: dict[str, set[int]] = defaultdict(set)

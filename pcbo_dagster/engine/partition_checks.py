@@ -17,6 +17,10 @@ asset check results):
   partition's committed manifest, with its Merkle root;
 - `coverage`: the committed partitions against a list of keys up to the last committed one (gaps),
   and how many keys remain after it.
+
+`verified_chain` is the chain every decision that writes, heals, restores or proves reads: the same
+check, plus the history the catalog's stored transparency log and its checkpoints hold; a chain that
+fails it is refused (`ChainNotVerified`, exit 1), never replayed as it lies.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.chain_state import ChainState, replay
 from pcbo_dagster.core.compliance import violations
+from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_commit_point, read_partition
+from pcbo_dagster.engine.transparency_log import other_history
 from pcbo_dagster.lake import layout
 from pcbo_dagster.lake.storage import LakeStorage
 
@@ -191,6 +197,41 @@ def check_chain(backup: ChainBackup, key: str, expected_head: tuple[int, str] | 
     replayed = replay(events)
     head = events[-1].get("chain", {}).get("event_hash") if events else None
     return CheckedChain(findings + replayed.findings, replayed, len(events), head, events)
+
+
+class ChainNotVerified(IntegrityError):
+    """A decision was asked of a chain that does not verify (exit 1): nothing was written."""
+
+
+def distrusted(env: Environment, chain: CheckedChain, key: str) -> list[str]:
+    """Why no decision may rest on `chain` (empty: none): its own findings (`check_chain`), else the
+    findings saying it is not the history its stored transparency log and checkpoints hold (a chain
+    re-hashed in the backup and the catalog alike verifies, but not against these)."""
+    return chain.findings or [f["detail"] for f in other_history(env, key, chain.events)]
+
+
+def verified_chain(
+    env: Environment, dataset: str, version_label: str, doing: str, sync: bool = True
+) -> CheckedChain:
+    """The chain a decision that writes, heals, restores or proves may read: with `sync` (under the
+    dataset's lock) the backup and the catalog reconciled first (`AuditLog.sync_to_catalog`: a crashed
+    append completed, or `ChainDivergence`); then `read_chain` (every hash and link recomputed, the
+    catalog's head, the replay) and `distrusted`. The stores' heads agreeing says nothing of an event
+    edited before the head, which would have the decision restore, heal or prove what no run wrote:
+    such a chain raises `ChainNotVerified` naming it and `doing` (nothing written; `pcbo verify`
+    reports every finding). Costs one read, one JCS hash of every event for the chain and one for its
+    log (about 0.1 ms an event)."""
+    key = chain_key(dataset, version_label)
+    if sync:
+        env.audit.sync_to_catalog(key)
+    chain = read_chain(env, dataset, version_label)
+    findings = distrusted(env, chain, key)
+    if findings:
+        raise ChainNotVerified(
+            f"{doing} refused: the audit chain {key} does not verify: {'; '.join(findings[:3])}; nothing "
+            "was written (`pcbo verify` lists every finding)"
+        )
+    return chain
 
 
 def chain_verdict(part: CommittedPartition, chain: CheckedChain) -> Verdict:

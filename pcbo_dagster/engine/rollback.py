@@ -63,8 +63,8 @@ from pcbo_dagster.engine.events import (
     rollback_intent_body,
     rollback_intent_entry,
 )
-from pcbo_dagster.engine.partition_checks import read_chain
-from pcbo_dagster.engine.transparency_log import other_history, publish
+from pcbo_dagster.engine.partition_checks import verified_chain
+from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
 from pcbo_dagster.lake.manifests import Manifest
@@ -392,17 +392,9 @@ def rollback(
             raise InvalidInput("partition", f"{ckey} has no partition {key!r} on its audit chain")
     results: list[dict[str, Any]] = []
     with env.dataset_lock(dataset, version_label):
-        env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
-        # again, under the lock, and verified: the stores' heads agreeing says nothing of an event
-        # edited before the head, which would make the rollback undo what no run wrote
-        chain = read_chain(env, dataset, version_label)
-        findings = chain.findings or [f["detail"] for f in other_history(env, ckey, chain.events)]
-        if findings:
-            raise IntegrityError(
-                f"rollback of {ckey} refused: its audit chain does not verify: "
-                f"{'; '.join(findings[:3])}; nothing was changed (`pcbo verify` lists every finding)"
-            )
-        state = chain.replayed
+        # again, under the lock, and verified: an event edited before the head would make the
+        # rollback undo what no run wrote
+        state = verified_chain(env, dataset, version_label, f"rollback of {ckey}").replayed
         healed = heal_open_intents(env, state, dataset, version_label)
         healed += [
             {"kind": "catalog_rolled_back", "where": f"{ckey}/{key}"}
