@@ -735,6 +735,55 @@ def test_rollback_refuses_a_chain_its_transparency_log_disagrees_with(home):
     assert (part(home, K2) / "_manifest.json").exists()
 
 
+def _k1_committed_as_version_1(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """K1's version 2 commit (run b1) made to name version 1, its manifest and Merkle root: a chain
+    on which version 1 is K1's current version."""
+    commits = [
+        e for e in events if e.get("event_type") == "partition_committed" and e["partition"]["key"] == K1
+    ]
+    first, second = commits
+    for field in ("version", "manifest", "merkle_root", "previous", "record_count", "counts", "tables"):
+        if field in first:
+            second[field] = first[field]
+    return events
+
+
+def _edit_backup(home: Path, change: Any) -> None:
+    """Someone who can write the audit backup edits its events (`change`: events -> events) in place,
+    leaving every hash as it was (the catalog's head still agrees with the backup's last event)."""
+    events = change([json.loads(line) for line in backup_file(home).read_bytes().splitlines()])
+    backup_file(home).write_bytes(b"".join(json.dumps(e).encode() + b"\n" for e in events))
+
+
+def _home_state(home: Path) -> tuple[dict[str, bytes], bytes, str]:
+    """The lake, the audit backup and the catalog, to show nothing was written."""
+    with sqlite3.connect(home / "catalog.db") as db:
+        catalog = "\n".join(db.iterdump())
+    return lake_files(home), backup_file(home).read_bytes(), catalog
+
+
+@pytest.mark.parametrize("both_stores", [False, True], ids=["backup", "backup-and-catalog-rehashed"])
+def test_execute_refuses_a_chain_whose_events_were_forged(home, requests, both_stores):
+    """Red-team finding: `pcbo execute` replayed the audit backup as read once its last event agreed
+    with the catalog's head, so K1's version 2 commit edited to name version 1 had a run of request
+    `a` "restore" K1 to version 1 (its commit point written back, `partition_restored` appended): an
+    older version no run left current. Re-hashed in both stores, the chain verifies; only its stored
+    transparency log holds the real history. A run now builds only on a chain that verifies against
+    the catalog's head and its log (`partition_checks.verified_chain`): it refuses (exit 1) before
+    anything is written."""
+    if both_stores:
+        _rewrite_both_stores(home, _k1_committed_as_version_1)
+    else:
+        _edit_backup(home, _k1_committed_as_version_1)
+    before = _home_state(home)
+    status, document = pcbo(home, "execute", "--input", str(requests["a"]))
+    assert status == 1 and document is None, document
+    assert _home_state(home) == before
+    status, found = pcbo(home, "verify")
+    assert status == 1
+    assert kinds(found) & {"audit_chain_broken", "transparency_log_mismatch"}, found["findings"]
+
+
 @pytest.mark.parametrize(
     "args",
     [

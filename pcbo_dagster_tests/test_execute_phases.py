@@ -26,10 +26,18 @@ from pcbo_dagster.engine.execute import (
     execute,
     reconcile_partitions,
 )
+from pcbo_dagster.engine.partition_checks import ChainNotVerified
 from pcbo_dagster.engine.request_loading import evaluate, load_request
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.verify import verify
-from pcbo_dagster_tests.cli_runner import backup_events, lake_dir, lake_files, load_generator, write_request
+from pcbo_dagster_tests.cli_runner import (
+    backup_events,
+    backup_file,
+    lake_dir,
+    lake_files,
+    load_generator,
+    write_request,
+)
 
 PARTITIONS = 40  # two commit batches
 assert PARTITIONS > COMMIT_BATCH
@@ -176,6 +184,44 @@ def test_a_phase_run_again_does_nothing_twice(tmp_path, request_file):
     assert second["appended"] == [] and len(second["alreadyOnChain"]) == PARTITIONS
     assert document["status"] == again["status"] == "committed"
     assert _verify(home)["status"] == "clean"
+
+
+@pytest.mark.parametrize("phase", ["emit", "append", "reconcile"])
+def test_a_phase_refuses_a_chain_whose_events_were_forged(tmp_path, request_file, phase):
+    """Each phase decides on the chain (what to restore, which commit events to append, what to check
+    and record): an event edited in the middle of the audit backup (the first commit made to name
+    another run, its hash left), the backup's last event still the catalog's head, is refused
+    (`ChainNotVerified`, naming the chain) before the phase writes anything."""
+    home = tmp_path / "home"
+    _phases(home, request_file)
+    loaded, plan, decisions = _evaluated(
+        write_request(tmp_path / "changed.json", _request("phases-002", changed=True))
+    )
+    env = _open(home)
+    try:
+        emission = emit_partitions(env, loaded, plan, decisions) if phase != "emit" else None
+        if phase == "reconcile":
+            assert emission is not None
+            append_commit_events(env, emission)
+        lines = backup_file(home).read_bytes().splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if b'"partition_committed"' in line)
+        event = json.loads(lines[at])
+        event["run_id"] = "someone-else"
+        lines[at] = json.dumps(event).encode() + b"\n"
+        backup_file(home).write_bytes(b"".join(lines))
+        before = lake_files(home), backup_file(home).read_bytes()
+        with pytest.raises(ChainNotVerified, match="events/v1"):
+            if phase == "emit":
+                emit_partitions(env, loaded, plan, decisions)
+            elif phase == "append":
+                assert emission is not None
+                append_commit_events(env, emission)
+            else:
+                assert emission is not None
+                reconcile_partitions(env, loaded, plan, decisions, emission)
+        assert (lake_files(home), backup_file(home).read_bytes()) == before
+    finally:
+        env.close()
 
 
 def test_a_partition_whose_lake_disagrees_stops_the_run_and_says_nothing_was_rolled_back(tmp_path):

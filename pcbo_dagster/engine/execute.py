@@ -39,7 +39,6 @@ from pcbo_dagster.core.chain_state import (
     ChainState,
     CommitIntent,
     PartitionHistory,
-    replay,
 )
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput, SourceChanged
@@ -58,6 +57,7 @@ from pcbo_dagster.engine.events import (
     commit_intent_entry,
     restoration_body,
 )
+from pcbo_dagster.engine.partition_checks import CheckedChain, verified_chain
 from pcbo_dagster.engine.post_write import CheckItem, check_batch
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import apply_undos, plan_undo
@@ -305,7 +305,6 @@ def execute(
     workers = _workers(env, parallel)
     request = loaded.request
     env.catalog.check_run_id(request.runId, plan.dataset, plan.version_label)  # before anything is written
-    ckey = chain_key(plan.dataset, plan.version_label)
     existing = list(request.existingTargetIds)
     schema, as_json = loaded.schema_of((schema_from or decisions).partitions)
     results: list[dict[str, Any]] = []
@@ -320,6 +319,9 @@ def execute(
         env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease,
         _worker_pool(workers) as pool,
     ):
+        # The chain this run builds on, verified before anything is written: an event edited before
+        # the head would have the run "restore" a version no run left current
+        verified = verified_chain(env, plan.dataset, plan.version_label, f"run {request.runId}")
         # Issue 17: the Iceberg table the committed partitions are published to (None: none), its
         # declaration appended under the lease (two runs never declare two tables; a run's chain moves
         # under no other run) and before the replay below.
@@ -335,8 +337,7 @@ def execute(
             decisions.decision_hash,
             dict(request.metadata),
         )
-        env.audit.sync_to_catalog(ckey)  # one chain in both stores (a crashed append completed), or refuse
-        state = replay(env.audit.backup.read_chain(ckey))
+        state = _still_verified(env, plan, verified, f"run {request.runId}")
         catalog_rows = _catalog_versions(env, plan.dataset, plan.version_label)
         for pds in _commit_batches(decisions.partitions, batch_size):
             if pace is not None and not pace(pds[0]):
@@ -758,6 +759,14 @@ def _write_files(env: Environment, plan: Plan, lease: DatasetLease, prepared: _P
     prepared.files = []
 
 
+def _still_verified(env: Environment, plan: Plan, verified: CheckedChain, doing: str) -> ChainState:
+    """The replay of `verified` (read at the start of a run, under its lease), or, when the run has
+    appended since (its table's declaration), the chain read and verified again."""
+    if env.audit.head(chain_key(plan.dataset, plan.version_label)) == verified.replayed.head:
+        return verified.replayed
+    return verified_chain(env, plan.dataset, plan.version_label, doing).replayed
+
+
 def _may_replace(
     env: Environment,
     plan: Plan,
@@ -770,7 +779,7 @@ def _may_replace(
 ) -> None:
     """`_write_files`' judgement of a version or rollback manifest at whose name other bytes are:
     returns when they may be replaced, else raises (nothing written)."""
-    chain = replay(env.audit.backup.read_chain(chain_key(plan.dataset, plan.version_label)))
+    chain = verified_chain(env, plan.dataset, plan.version_label, f"run {plan.run_id}", sync=False).replayed
     history = chain.get(directory.rsplit("/", 1)[-1])
     committed = history.versions.get(version) if history is not None else None
     if committed is None:
@@ -1156,6 +1165,7 @@ def emit_partitions(
         env.dataset_lock(plan.dataset, plan.version_label, plan.run_id) as lease,
         _worker_pool(workers) as pool,
     ):
+        verified = verified_chain(env, plan.dataset, plan.version_label, f"run {plan.run_id}")
         # Issue 17: where the table is published, recorded (and checked) under the lease before the
         # lake is written; `reconcile_partitions` publishes it.
         iceberg_publication.publisher_for(
@@ -1170,8 +1180,7 @@ def emit_partitions(
             decisions.decision_hash,
             dict(loaded.request.metadata),
         )
-        env.audit.sync_to_catalog(chain_key(plan.dataset, plan.version_label))
-        state = replay(env.audit.backup.read_chain(chain_key(plan.dataset, plan.version_label)))
+        state = _still_verified(env, plan, verified, f"run {plan.run_id}")
         for pds in _commit_batches(decisions.partitions, COMMIT_BATCH):
             try:
                 batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state, lease)
@@ -1218,8 +1227,7 @@ def append_commit_events(env: Environment, emission: Emission) -> dict[str, Any]
     on_chain: list[str] = []
     changed: list[dict[str, Any]] = []
     with env.dataset_lock(dataset, version_label, emission.run_id):
-        env.audit.sync_to_catalog(ckey)
-        state = replay(env.audit.backup.read_chain(ckey))
+        state = verified_chain(env, dataset, version_label, f"run {emission.run_id}").replayed
         pending: list[tuple[EmittedPartition, Manifest]] = []
         for p in emission.partitions:
             if p.status != "committed":
@@ -1283,7 +1291,6 @@ def reconcile_partitions(
     `ExecuteFailed` (with the document) when a check failed or emission was refused."""
     workers = _workers(env, parallel)
     dataset, version_label = plan.dataset, plan.version_label
-    ckey = chain_key(dataset, version_label)
     existing = list(loaded.request.existingTargetIds)
     emitted = {p.key: p for p in emission.partitions}
     results: list[dict[str, Any]] = []
@@ -1294,8 +1301,7 @@ def reconcile_partitions(
         env.dataset_lock(dataset, version_label, plan.run_id) as lease,
         _worker_pool(workers) as pool,
     ):
-        env.audit.sync_to_catalog(ckey)
-        state = replay(env.audit.backup.read_chain(ckey))
+        state = verified_chain(env, dataset, version_label, f"run {plan.run_id}").replayed
         catalog_rows = _catalog_versions(env, dataset, version_label)
         todo = (pd for pd in decisions.partitions if pd.partition.key in emitted)
         for pds in _commit_batches(todo, COMMIT_BATCH):
