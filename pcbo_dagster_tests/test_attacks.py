@@ -762,6 +762,31 @@ def _home_state(home: Path) -> tuple[dict[str, bytes], bytes, str]:
     return lake_files(home), backup_file(home).read_bytes(), catalog
 
 
+def test_repair_heals_nothing_of_a_chain_whose_events_were_forged(home):
+    """Red-team finding: `verify --repair` healed the crash windows of a chain that does not verify:
+    K3's commit event edited into another type (its hash left) leaves K3's intent open with the lake
+    exactly as it names, and repair appended a `partition_committed` for it to the forged chain. What
+    looks like a crash window in a chain that does not verify may be forged: repair heals nothing of
+    it, says why, and signs no checkpoint of it."""
+
+    def k3_commit_edited(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for event in events:
+            if event.get("event_type") == "partition_committed" and event["partition"]["key"] == K3:
+                event["event_type"] = "partition_commit_note"
+        return events
+
+    _edit_backup(home, k3_commit_edited)
+    before = _home_state(home)
+    found = assert_found_and_not_laundered(home, "audit_chain_broken")
+    assert "audit_event_missing" in kinds(found)
+    status, repaired = pcbo(home, "verify", "--repair")
+    assert status == 1 and repaired["repaired"] == [], repaired["repaired"]
+    missing = [f for f in repaired["findings"] if f["kind"] == "audit_event_missing"]
+    assert missing and all("the audit chain does not verify" in f["detail"] for f in missing), missing
+    assert "transparency_log_not_published" in kinds(repaired)
+    assert _home_state(home) == before
+
+
 @pytest.mark.parametrize("both_stores", [False, True], ids=["backup", "backup-and-catalog-rehashed"])
 def test_execute_refuses_a_chain_whose_events_were_forged(home, requests, both_stores):
     """Red-team finding: `pcbo execute` replayed the audit backup as read once its last event agreed

@@ -76,6 +76,7 @@ from pcbo_dagster.engine.crash_windows import (
     record_version_from_chain,
 )
 from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.partition_checks import distrusted, read_chain
 from pcbo_dagster.engine.partition_reading import read_partition
 from pcbo_dagster.engine.transparency_log import (
     check_against_checkpoint,
@@ -90,28 +91,35 @@ HELD_BACK = (
     "verify --repair refuses to heal it: the chain does not extend the checkpoint given (rewritten or "
     "cut back, what looks like a crash window may be forged)"
 )
+NOT_VERIFIED = (
+    "verify --repair refuses to heal it: the audit chain does not verify (an event edited, or not the "
+    "history its stored transparency log holds: what looks like a crash window may be forged)"
+)
 
 
 class _Report:
     def __init__(self, repair: bool) -> None:
+        #: Healing this chain's crash windows (not when it is held back).
         self.repair = repair
+        #: `verify --repair`: every finding says repair refuses it.
+        self.repairing = repair
         self.findings: list[dict[str, Any]] = []
         self.repaired: list[dict[str, Any]] = []
-        #: Repairing, but not this chain (`_not_extending`).
-        self.held_back = False
+        #: Repairing, but not this chain: why (`HELD_BACK`, `NOT_VERIFIED`), else None.
+        self.held_back: str | None = None
         #: Crash windows the chain shows still open that nothing in the stores contradicts (not
         #: findings: no store was tampered with; `_pending_commit`).
         self.pending: list[dict[str, Any]] = []
 
     def find(self, kind: str, where: str, detail: str) -> None:
-        if self.repair:
+        if self.repairing:
             detail = f"{detail} ({REFUSED})"
         self.findings.append({"kind": kind, "where": where, "detail": detail})
 
     def healable(self, kind: str, where: str, detail: str) -> None:
         """A finding `--repair` heals (reported as found when not repairing)."""
         if self.held_back:
-            detail = f"{detail}; {HELD_BACK}"
+            detail = f"{detail}; {self.held_back}"
         self.findings.append({"kind": kind, "where": where, "detail": detail})
 
 
@@ -158,9 +166,9 @@ def _dataset_versions(env: Environment) -> list[tuple[str, str]]:
 def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -> dict[str, Any]:
     report = _Report(repair)
     # (before the stores are reconciled: a pending batch of such a chain is not adopted either)
-    held_back = _not_extending(env, trusted) if repair else set()
+    not_extending = _not_extending(env, trusted) if repair else set()
     if repair:
-        _reconcile_stores(env, report, held_back)
+        _reconcile_stores(env, report, not_extending)
     backup_chains, problems = env.audit.backup.read_all_with_problems()
     for problem in problems:
         report.find("audit_backup_unreadable", "audit backup", problem)
@@ -184,19 +192,28 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
 
     checked_partitions = 0
     chains_checked: dict[str, int] = {}
+    held_back: dict[str, str] = {}
     if repair:  # (and as the backup holds it now)
-        held_back |= _not_extending(env, trusted, backup_chains)
+        held_back = dict.fromkeys(not_extending | _not_extending(env, trusted, backup_chains), HELD_BACK)
     for ckey in sorted(set(backup_chains) | set(heads) | set(lake_keys) | catalog_chains):
-        # A chain that does not extend the checkpoint the auditor holds was rewritten or cut back: what
-        # looks like a crash window in it may be a forgery (a chain cut to just after an intent whose
-        # commit points are in the lake), so nothing of it is healed.
-        report.repair = repair and ckey not in held_back
-        report.held_back = ckey in held_back
         try:
             dataset, version_label = split_chain_key(ckey)
         except ValueError as exc:
+            report.repair, report.held_back = False, None
             report.find("audit_chain_broken", ckey, str(exc))
             continue
+        # A chain that does not extend the checkpoint the auditor holds was rewritten or cut back, and
+        # one that does not verify was edited: what looks like a crash window in it may be a forgery
+        # (a chain cut to just after an intent whose commit points are in the lake, a commit event
+        # edited into another type), so nothing of it is healed (its findings say why).
+        if (
+            repair
+            and ckey not in held_back
+            and distrusted(env, read_chain(env, dataset, version_label), ckey)
+        ):
+            held_back[ckey] = NOT_VERIFIED
+        report.repair = repair and ckey not in held_back
+        report.held_back = held_back.get(ckey)
         events = backup_chains.get(ckey, [])
         _check_chain(env, report, ckey, events, heads.get(ckey))
         state = replay(events)
@@ -224,7 +241,7 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
 
             checked_partitions += check_sql_targets(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
-    report.repair, report.held_back = repair, False
+    report.repair, report.held_back = repair, None
     _check_rollouts(env, report, backup_chains)
     _check_triggers(env, report)
     document: dict[str, Any] = {}
@@ -248,7 +265,9 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
                 report.find(
                     "transparency_log_not_published",
                     ckey,
-                    "no checkpoint signed: the chain does not extend the checkpoint given",
+                    "no checkpoint signed: the chain does not extend the checkpoint given"
+                    if held_back[ckey] == HELD_BACK
+                    else "no checkpoint signed: the chain does not verify",
                 )
                 document["checkpoints"].append(None)
                 continue
