@@ -363,3 +363,31 @@ def test_a_journal_tail_vouched_for_by_a_checkpoint_of_no_apply_is_refused(tmp_p
     refused = pcbo(["rollback", "--dataset", "events", "--run-id", "run-1", "--home", home])
     assert refused.status == 1 and "sql_journal_altered" in refused.stderr
     assert dump(url) == before and any("ev-0100" in row for row in before)
+
+
+# -- the audit chain --------------------------------------------------------------------------------
+
+
+def test_a_sql_apply_or_rollback_refuses_a_chain_whose_events_were_forged(tmp_path: Path) -> None:
+    """Red-team finding: a SQL apply and a SQL rollback replayed the audit backup as read once its
+    last event agreed with the catalog's head, so an event edited in the middle of the backup (an
+    apply's intent made to name another run, its hash left) steered what was applied, resumed or
+    undone. Both now read a chain that verifies (`partition_checks.verified_chain`): they refuse
+    (exit 1) and write nothing, to the table or the chain."""
+    url, home, path = _setup(tmp_path)
+    assert pcbo(["execute", "--input", path, "--home", home]).status == 0
+    backup = home / "pas" / "events" / "v1.jsonl"
+    lines = backup.read_bytes().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if b'"sql_apply_intent"' in line)
+    assert at < len(lines) - 1
+    event = json.loads(lines[at])
+    event["run_id"] = "run-0"
+    lines[at] = json.dumps(event).encode() + b"\n"
+    backup.write_bytes(b"".join(lines))
+    before = dump(url), backup.read_bytes()
+    again = pcbo(["execute", "--input", path, "--home", home])
+    assert again.status == 1 and "does not verify" in again.stderr, again.stderr
+    assert (dump(url), backup.read_bytes()) == before
+    refused = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
+    assert refused.status == 1 and "does not verify" in refused.stderr, refused.stderr
+    assert (dump(url), backup.read_bytes()) == before

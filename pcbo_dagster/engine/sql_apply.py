@@ -85,6 +85,7 @@ from pcbo_dagster.core.sql_outcomes import (
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.partition_checks import verified_chain
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.sql_events import (
@@ -530,8 +531,7 @@ def execute_sql(
             unguarded = unguarded_journal(table)  # before the journal is read, resumed or added to
             if unguarded is not None:
                 raise JournalUnguarded(plan.run_id, *unguarded)
-            env.audit.sync_to_catalog(ckey)
-            state = replay(env.audit.backup.read_chain(ckey))
+            state = verified_chain(env, plan.dataset, plan.version_label, f"run {plan.run_id}").replayed
             journal_key = state.sql_journal_key(table.ref, plan.run_id)
             if decisions.journal_key != journal_key:  # evaluated against another chain's journal
                 decisions = _evaluated_again(loaded, plan, decisions, journal_key)

@@ -53,6 +53,7 @@ from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
+from pcbo_dagster.engine.partition_checks import verified_chain
 from pcbo_dagster.engine.rollback import rollback_document
 from pcbo_dagster.engine.sql_apply import check_journal, complete_applies, unguarded_journal
 from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
@@ -132,8 +133,8 @@ def rollback_sql(
         table = reopen_target(env.settings.sql_target_urls, ref, histories[0], write=True)
         try:
             with scoped_lock(table, dataset, run_id):
-                env.audit.sync_to_catalog(ckey)
-                state = replay(env.audit.backup.read_chain(ckey))  # again, under the lock
+                # again, under the lock, from a chain that verifies
+                state = verified_chain(env, dataset, version_label, f"rollback of {ckey}").replayed
                 unguarded = unguarded_journal(table)  # before the journal is relied on
                 if unguarded is not None:
                     raise SqlRollbackRefused(
