@@ -542,3 +542,27 @@ def test_a_rollback_of_one_of_the_runs_partitions_is_in_its_package(
         part["rolledBack"] = None
     status, verified = _verify(package, _resigned(package, forged), "--lake", str(lake_dir(home)))
     assert status == 1 and any(p.endswith(": missing from the lake") for p in verified["problems"]), verified
+
+
+def test_export_signs_nothing_from_a_chain_whose_events_were_forged(
+    package: dict[str, Any], tmp_path: Path
+) -> None:
+    """Red-team finding: `pcbo evidence export` read the run's claims from the audit backup as it
+    lies, and signed them with the operator's key: a commit event edited in the middle of the backup
+    (its record count changed, its hash left) became a signed claim. Export now reads a chain that
+    verifies (`partition_checks.verified_chain`): it refuses (exit 1) and signs nothing."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(package["home"], home)
+    backup = home / "pas" / "events" / "v1.jsonl"
+    lines = backup.read_bytes().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if b'"partition_committed"' in line)
+    assert at < len(lines) - 1
+    event = json.loads(lines[at])
+    event["record_count"] += 1000
+    lines[at] = json.dumps(event).encode() + b"\n"
+    backup.write_bytes(b"".join(lines))
+    key_file = package["work"] / "operator.key"
+    status, envelope = pcbo(home, "evidence", "export", "--run", "ev1", "--signing-key", str(key_file))
+    assert status == 1 and envelope is None, envelope

@@ -216,15 +216,25 @@ def verified_chain(
     """The chain a decision that writes, heals, restores or proves may read: with `sync` (under the
     dataset's lock) the backup and the catalog reconciled first (`AuditLog.sync_to_catalog`: a crashed
     append completed, or `ChainDivergence`); then `read_chain` (every hash and link recomputed, the
-    catalog's head, the replay) and `distrusted`. The stores' heads agreeing says nothing of an event
-    edited before the head, which would have the decision restore, heal or prove what no run wrote:
-    such a chain raises `ChainNotVerified` naming it and `doing` (nothing written; `pcbo verify`
-    reports every finding). Costs one read, one JCS hash of every event for the chain and one for its
-    log (about 0.1 ms an event)."""
+    catalog's head, the replay; without `sync`, for a reader holding no lock, the catalog's head must
+    be an event of the chain, which may go on) and `distrusted`. The stores' heads agreeing says
+    nothing of an event edited before the head, which would have the decision restore, heal or prove
+    what no run wrote: such a chain raises `ChainNotVerified` naming it and `doing` (nothing written;
+    `pcbo verify` reports every finding). Costs one read, one JCS hash of every event for the chain
+    and one for its log (about 0.1 ms an event)."""
     key = chain_key(dataset, version_label)
     if sync:
         env.audit.sync_to_catalog(key)
-    chain = read_chain(env, dataset, version_label)
+        chain = read_chain(env, dataset, version_label)
+    else:
+        # Without the lock a run may be appending: the catalog's head, read first (an append writes
+        # the backup first), must be an event of the chain read after it
+        head = env.catalog.chain_heads().get(key)
+        chain = check_chain(env.audit.backup, key, None)
+        if head is not None and (
+            chain.length <= head[0] or chain.events[head[0]].get("chain", {}).get("event_hash") != head[1]
+        ):
+            chain.findings.append(f"the catalog's head (seq {head[0]}) is not an event of the chain")
     findings = distrusted(env, chain, key)
     if findings:
         raise ChainNotVerified(

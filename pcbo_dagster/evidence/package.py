@@ -272,6 +272,7 @@ def _completion_problems(events: list[dict]) -> list[str]:
 
 def export(env: Any, run_id: str) -> dict[str, Any]:
     """The signed evidence package of `run_id` (module doc)."""
+    from pcbo_dagster.engine.partition_checks import verified_chain
     from pcbo_dagster.engine.transparency_log import full_note, latest_stored_checkpoint, publish
 
     if env.signing_key is None:
@@ -282,7 +283,10 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
     if run is None:
         raise InvalidInput("--run", f"no run {run_id!r} in the catalog")
     chain_key = f"{run['dataset']}/{run['version_label']}"
-    events = env.audit.backup.read_chain(chain_key)
+    # the claims the operator's key signs come from a chain that verifies, never the backup as it lies
+    events = verified_chain(
+        env, run["dataset"], run["version_label"], f"evidence export of run {run_id}", sync=False
+    ).events
     chosen = _run_events(events, run_id)
     if not chosen:
         raise InvalidInput("--run", f"no audit event of {chain_key} names run {run_id!r}")
