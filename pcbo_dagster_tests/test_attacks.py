@@ -787,6 +787,38 @@ def test_repair_heals_nothing_of_a_chain_whose_events_were_forged(home):
     assert _home_state(home) == before
 
 
+def test_the_reconciliation_poll_calls_no_forged_stores_verified(home):
+    """Red-team finding: the HTTP API's reconciliation poll replayed the audit backup as read: K1's
+    version 2 commit edited in the middle of the backup to name version 1, with the lake's commit
+    point and the catalog's rows put back to version 1 to match, was streamed as `verified`. The poll
+    now verifies the chain it replays (every hash and link): one that does not verify vouches for no
+    partition (`discrepancy`, every key, and why)."""
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.broker import EventBroker
+    from pcbo_dagster.server.reconciliation import Reconciler
+
+    _edit_backup(home, _k1_committed_as_version_1)
+    (part(home, K1) / "_manifest.json").write_bytes((part(home, K1) / "_versions/v000001.json").read_bytes())
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute(
+            "UPDATE partitions SET status = 'superseded' WHERE partition_key = ? AND version = 2", (K1,)
+        )
+        db.execute(
+            "UPDATE partitions SET status = 'committed' WHERE partition_key = ? AND version = 1", (K1,)
+        )
+    env = Environment.open(Settings.resolve(home=str(home), env={}), create=False)
+    try:
+        report = Reconciler(env.catalog, env.lake, env.audit.backup, EventBroker(8)).reconcile(
+            "events", "v1", False
+        )
+    finally:
+        env.close()
+    assert report["status"] == "discrepancy", report
+    assert report["discrepancyDetails"]["missingIds"] == KEYS
+    assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
+
+
 @pytest.mark.parametrize("both_stores", [False, True], ids=["backup", "backup-and-catalog-rehashed"])
 def test_execute_refuses_a_chain_whose_events_were_forged(home, requests, both_stores):
     """Red-team finding: `pcbo execute` replayed the audit backup as read once its last event agreed

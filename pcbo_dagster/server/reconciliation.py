@@ -1,8 +1,9 @@
 """The reconciliation poll: every `PCBO_RECONCILE_SECONDS`, for each dataset version of the catalog,
 a cheap comparison of its three stores, published as a `reconciliation.update` event.
 
-Cheap means no data file is read: the audit chain (the source of truth) is replayed from the local
-backup (only when its head moved since the last poll), each partition's commit point
+Cheap means no data file is read: the audit chain (the source of truth) is verified (every hash and
+link, `partition_checks.check_chain`) and replayed from the local backup (only when its head moved
+since the last poll), each partition's commit point
 (`_manifest.json`, a small file) is hashed, and the catalog's committed rows are read. Per partition
 the chain's current version must have exactly that manifest checksum in the lake and in the catalog.
 Rows and files are `pcbo verify`'s business; this poll says quickly whether anything moved.
@@ -13,8 +14,10 @@ Rows and files are `pcbo verify`'s business; this poll says quickly whether anyt
   stores are allowed to differ until it ends;
 - `discrepancy`: they differ: `discrepancyDetails {expected, actual, missingIds}` — `expected` the
   chain's partitions and records, `actual` what the lake and the catalog hold, `missingIds` the
-  partition keys whose lake or catalog state is not the chain's. Each new discrepancy (a changed
-  set of keys) is appended to `discrepancy_events` (kind `reconciliation_discrepancy`) once.
+  partition keys whose lake or catalog state is not the chain's. A chain that does not verify vouches
+  for nothing: every partition key the stores name is missing, and `auditChainFindings` says why.
+  Each new discrepancy (a changed set of keys) is appended to `discrepancy_events` (kind
+  `reconciliation_discrepancy`) once.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Any
 from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.canonical import jcs
-from pcbo_dagster.core.chain_state import ChainState, replay
+from pcbo_dagster.core.chain_state import ChainState
+from pcbo_dagster.engine.partition_checks import check_chain
 from pcbo_dagster.lake import layout
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.server.broker import EventBroker
@@ -43,6 +47,8 @@ class _ChainCache:
     head: str | None
     state: ChainState
     events: int
+    #: why the chain cannot be trusted (empty: it verifies)
+    findings: list[str]
 
 
 class Reconciler:
@@ -79,8 +85,10 @@ class Reconciler:
         head = None if last is None else last["chain"]["event_hash"]
         cached = self._chains.get(chain_key)
         if cached is None or cached.head != head:
-            events = self.backup.read_chain(chain_key)
-            cached = _ChainCache(head, replay(events), len(events))
+            # verified, not only replayed: an event edited before the head (with the lake and the
+            # catalog to match) would have the poll call forged stores `verified`
+            checked = check_chain(self.backup, chain_key, None)
+            cached = _ChainCache(head, checked.replayed, checked.length, checked.findings)
             self._chains[chain_key] = cached
         return cached
 
@@ -104,6 +112,8 @@ class Reconciler:
                 lake_state[key] = "sha256:" + hashlib.sha256(data).hexdigest()
 
         def disagrees(key: str) -> bool:
+            if chain.findings:
+                return True
             chain_checksum = expected[key][0] if key in expected else None
             row = catalog_rows.get(key)
             catalog_checksum = row["manifest_checksum"] if row is not None else None
@@ -112,7 +122,13 @@ class Reconciler:
         missing = sorted(key for key in set(expected) | set(catalog_rows) | set(lake_state) if disagrees(key))
         expected_records = sum(records for _, records in expected.values())
         catalog_records = sum(int(r["record_count"]) for r in catalog_rows.values())
-        status = "stale" if lease_held or open_intents else "discrepancy" if missing else "verified"
+        status = (
+            "stale"
+            if lease_held or open_intents
+            else "discrepancy"
+            if missing or chain.findings
+            else "verified"
+        )
         state_digest = hashlib.sha256(jcs(sorted([k, v[0]] for k, v in expected.items()))).hexdigest()
         report: dict[str, Any] = {
             "eventId": f"reconciliation:{self.polls}:{chain_key}",
@@ -135,7 +151,7 @@ class Reconciler:
             report["staleReason"] = (
                 "a run holds the dataset's lease" if lease_held else "an open intent on the chain"
             )
-        if missing:
+        if missing or chain.findings:
             report["discrepancyDetails"] = {
                 "expected": {"partitions": len(expected), "records": expected_records},
                 "actual": {
@@ -146,6 +162,8 @@ class Reconciler:
                 "missingIds": missing[:MAX_LISTED],
                 "missingCount": len(missing),
             }
+            if chain.findings:
+                report["discrepancyDetails"]["auditChainFindings"] = chain.findings[:3]
         if status == "discrepancy":
             signature = ",".join(missing)
             if self._last_discrepancy.get(chain_key) != signature:
