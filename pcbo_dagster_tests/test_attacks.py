@@ -819,6 +819,30 @@ def test_the_reconciliation_poll_calls_no_forged_stores_verified(home):
     assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
 
 
+def test_a_proof_refuses_a_chain_its_transparency_log_disagrees_with(home):
+    """Red-team finding: `pcbo proof` held the chain against the catalog's head only, so a chain
+    re-hashed in the backup and the catalog alike (K2's commit made to name run b1) verified and a
+    proof was made from it. A proof now also holds the chain against the catalog's stored
+    transparency log and its checkpoints: no proof (exit 1)."""
+    import pyarrow.parquet as pq
+
+    (data,) = part(home, K0).glob("part-*.parquet")
+    record_id = pq.read_table(data, columns=["id"]).column("id")[0].as_py()
+    proof = ("proof", "--dataset", "events", "--partition", K0, "--id", record_id)
+    status, document = pcbo(home, *proof)
+    assert status == 0 and document is not None
+
+    def k2_by_b1(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for event in events:
+            if event.get("event_type") == "partition_committed" and event["partition"]["key"] == K2:
+                event["run_id"] = "b1"
+        return events
+
+    _rewrite_both_stores(home, k2_by_b1)
+    status, document = pcbo(home, *proof)
+    assert status == 1 and document is None, document
+
+
 @pytest.mark.parametrize("both_stores", [False, True], ids=["backup", "backup-and-catalog-rehashed"])
 def test_execute_refuses_a_chain_whose_events_were_forged(home, requests, both_stores):
     """Red-team finding: `pcbo execute` replayed the audit backup as read once its last event agreed

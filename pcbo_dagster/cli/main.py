@@ -174,6 +174,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine import proofs
+    from pcbo_dagster.engine.transparency_log import other_history_of
 
     old: int | None = args.from_version
     new: int | None = args.to_version
@@ -186,7 +187,9 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
             "--id", "an inclusion proof (--id) or a consistency proof (--from-version/--to-version), not both"
         )
     with open_environment(args, create=False) as env:
-        sources = proofs.ProofSources(env.lake, env.audit.backup, env.catalog.chain_heads())
+        sources = proofs.ProofSources(
+            env.lake, env.audit.backup, env.catalog.chain_heads(), other_history_of(env.catalog, env.lake)
+        )
         if old is not None and new is not None:
             return proofs.consistency(sources, args.dataset, args.version_label, args.partition, old, new)
         return proofs.inclusion(sources, args.dataset, args.version_label, args.partition, args.id)

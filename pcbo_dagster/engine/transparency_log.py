@@ -26,6 +26,7 @@ import logging
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from pcbo_dagster.core import merkle
@@ -427,6 +428,14 @@ def other_history(env: Any, chain_key: str, backup_events: list[dict]) -> list[d
     or checkpointed: a chain re-hashed in the backup and the catalog alike verifies, but not against
     these. What deletes or undoes lake state (`gc`, `rollback`) refuses such a chain."""
     return [f for f in check_stored_logs(env, chain_key, backup_events) if f["kind"] in OTHER_HISTORY]
+
+
+def other_history_of(catalog: CatalogStore, lake: Any) -> Any:
+    """`other_history` as a function of (chain key, events) -> the findings' details, for a reader that
+    holds a catalog and a lake but no `Environment` (proofs: the CLI's and the HTTP API's)."""
+    # (no signing key: a checkpoint's signature is no `OTHER_HISTORY` finding)
+    stores = SimpleNamespace(catalog=catalog, lake=lake, signing_key=None)
+    return lambda key, events: [f["detail"] for f in other_history(stores, key, events)]
 
 
 def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> list[dict[str, str]]:

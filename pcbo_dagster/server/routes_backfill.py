@@ -401,9 +401,12 @@ def _partition_key(key: str) -> str:
 def _proof_sources(request: Request) -> Any:
     """The lake, audit backup and catalog chain heads a proof is made from (`engine/proofs.py`)."""
     from pcbo_dagster.engine.proofs import ProofSources
+    from pcbo_dagster.engine.transparency_log import other_history_of
 
     state = request.app.state
-    return ProofSources(state.lake, state.backup, state.catalog.chain_heads())
+    return ProofSources(
+        state.lake, state.backup, state.catalog.chain_heads(), other_history_of(state.catalog, state.lake)
+    )
 
 
 def _proof(func: Any, *args: Any) -> Any:
