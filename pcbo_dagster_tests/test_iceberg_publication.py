@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from pyiceberg.catalog.sql import SqlCatalog
 from pcbo_dagster.tables.iceberg_publication import open_catalog
 from pcbo_dagster.tables.query import duckdb_iceberg_extensions
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
-from pcbo_dagster_tests.cli_runner import backup_events, lake_dir, load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import (
+    backup_events,
+    backup_lines,
+    lake_dir,
+    lake_files,
+    load_generator,
+    run_pcbo,
+    write_request,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -801,3 +810,128 @@ def test_a_partition_spec_edited_to_another_transform_is_a_finding(tmp_path: Pat
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
     refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
+
+
+def _table_count(home: Path) -> int:
+    """How many tables the embedded Iceberg catalog holds (0 when it was never made)."""
+    if not (home / "iceberg.db").exists():
+        return 0
+    with sqlite3.connect(home / "iceberg.db") as db:
+        tables = db.execute("SELECT name FROM sqlite_master WHERE name = 'iceberg_tables'").fetchall()
+        return db.execute("SELECT count(*) FROM iceberg_tables").fetchone()[0] if tables else 0
+
+
+def _duckdb_column(table: Any, column: str) -> list[Any]:
+    connection = duckdb.connect()
+    for path in duckdb_iceberg_extensions() or []:
+        connection.load_extension(path)
+    scan = f"iceberg_scan('{table.metadata_location}')"
+    return [r[0] for r in connection.execute(f'SELECT "{column}" FROM {scan} ORDER BY "id"').fetchall()]
+
+
+@pytest.mark.parametrize("field", ["_file", "_Row_Id", "_last_updated_sequence_number", "filename", "$path"])
+def test_a_field_named_like_a_metadata_column_is_refused_when_published(tmp_path: Path, field: str) -> None:
+    """The red-team attack: records with a field `_file` became a data column `_file` of the table, and
+    Spark and DuckDB answer a query for Iceberg's metadata column `_file` (the file a row is in) with
+    it: a record said which file it came from, and `verify` passed. DuckDB's own virtual columns
+    (`filename`, `_row_id`, ...) are shadowed alike, and Trino's hidden columns are `$…`. Now invalid
+    input naming the record's field, exit 2, nothing written; the lake alone takes it."""
+    home = tmp_path / "home"
+    request = _request("ice-1")
+    for record in request["sourceRecords"]:
+        record[field] = "s3://elsewhere/forged.parquet"
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    assert refused.status == 2, refused.stderr
+    named = re.search(rf"sourceRecords\[(\d+)\]\.{re.escape(field)}: ", refused.stderr)
+    assert named is not None, refused.stderr
+    assert field in request["sourceRecords"][int(named.group(1))]
+    assert not (lake_dir(home) / DATASET).exists() and backup_events(home, DATASET) == []
+    assert _table_count(home) == 0
+    # Without a table the same records are written as before, the field a column of the files.
+    del request["table"]
+    plain = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", request)], home=home)
+    assert plain.status == 0, plain.stderr
+    assert field in _manifest_rows(home).column_names
+
+
+def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tmp_path: Path) -> None:
+    """A request without `table` publishes to the table its dataset version's chain declares: a JSONL
+    source with a `_pos` column is refused there (naming the source's column), nothing written."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0, first.stderr
+    lines, lake, snapshot = backup_lines(home, DATASET), lake_files(home), _table(home).current_snapshot()
+    later = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
+    del later["table"]
+    source = tmp_path / "records.jsonl"
+    source.write_text("".join(json.dumps({**r, "_pos": 0}) + "\n" for r in later.pop("sourceRecords")))
+    later["source"] = {"uri": str(source)}
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
+    assert refused.status == 2, refused.stderr
+    assert "source._pos: " in refused.stderr and "metadata column _pos" in refused.stderr
+    assert backup_lines(home, DATASET) == lines and lake_files(home) == lake
+    assert _table(home).current_snapshot().snapshot_id == snapshot.snapshot_id
+
+
+@pytest.mark.parametrize("added", ["filename"])
+def test_a_table_column_named_like_a_metadata_column_is_a_finding(tmp_path: Path, added: str) -> None:
+    """A table whose schema holds such a column — made before pcbo refused the fields, or edited by
+    someone who can write the lake: a column `filename` added to the schema in the metadata file (its
+    name mapping with it), and DuckDB's `filename`, the file a row is in, is null for every row.
+    `verify` finds it (`table_column_name_clash`) and nothing is published to it."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0, first.stderr
+
+    def edit(metadata: dict[str, Any]) -> None:  # an optional column added, its name mapped
+        schema = next(s for s in metadata["schemas"] if s["schema-id"] == metadata["current-schema-id"])
+        metadata["last-column-id"] += 1
+        column = {"id": metadata["last-column-id"], "name": added, "required": False, "type": "string"}
+        schema["fields"].append(column)
+        mapping = json.loads(metadata["properties"]["schema.name-mapping.default"])
+        mapping.append({"field-id": column["id"], "names": [added]})
+        metadata["properties"]["schema.name-mapping.default"] = json.dumps(mapping)
+
+    _rewrite_table_metadata(home, edit)
+    table = _guarded_table(home)
+    assert set(_duckdb_column(table, added.lower())) == {None}
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1, verified.stderr
+    assert [(f["kind"], f["where"]) for f in verified.document["findings"]] == [
+        ("table_column_name_clash", f"lake.events@main: {added}")
+    ]
+    before = table.current_snapshot().snapshot_id
+    changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
+    assert [f["kind"] for f in refused.document["table"]["findings"]] == ["table_column_name_clash"]
+    assert _guarded_table(home).current_snapshot().snapshot_id == before
+
+
+def test_files_written_before_the_table_are_not_published_with_such_a_column(tmp_path: Path) -> None:
+    """A dataset version's first run wrote the lake alone, a record's `_file` a column of its files;
+    a later run of its last hour names a table, without the field: the table would be made from the
+    chain's current files, the earlier hours' `_file` column and all. Publication refuses instead
+    (exit 1, the lake's commits stand, no table made), and so does `verify --repair`."""
+    home = tmp_path / "home"
+    request = _request("ice-1")
+    del request["table"]
+    for record in request["sourceRecords"]:
+        record["_file"] = "s3://elsewhere/forged.parquet"
+    assert (
+        run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home).status == 0
+    )
+    later = {**_request("ice-2"), "start": "2024-01-01T03:00:00Z"}  # the last hour only, no `_file`
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
+    assert refused.status == 1, refused.stderr
+    assert refused.document["table"]["status"] == "refused"
+    assert [f["kind"] for f in refused.document["table"]["findings"]] == ["table_column_name_clash"]
+    assert _table_count(home) == 0
+    repaired = run_pcbo(["verify", "--repair"], home=home)
+    assert repaired.status == 1, repaired.stderr
+    assert [f["kind"] for f in repaired.document["findings"]] == ["table_column_name_clash"]
+    assert _table_count(home) == 0

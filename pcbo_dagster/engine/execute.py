@@ -326,7 +326,14 @@ def execute(
         # declaration appended under the lease (two runs never declare two tables; a run's chain moves
         # under no other run) and before the replay below.
         publisher = iceberg_publication.publisher_for(
-            env, request.table, plan.dataset, plan.version_label, plan=plan, given=table
+            env,
+            request.table,
+            plan.dataset,
+            plan.version_label,
+            plan=plan,
+            given=table,
+            columns=schema.names,
+            field_of=lambda column: loaded.field_of(column, (schema_from or decisions).partitions),
         )
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
         env.catalog.start_run(
@@ -1169,7 +1176,13 @@ def emit_partitions(
         # Issue 17: where the table is published, recorded (and checked) under the lease before the
         # lake is written; `reconcile_partitions` publishes it.
         iceberg_publication.publisher_for(
-            env, loaded.request.table, plan.dataset, plan.version_label, plan=plan
+            env,
+            loaded.request.table,
+            plan.dataset,
+            plan.version_label,
+            plan=plan,
+            columns=schema.names,
+            field_of=lambda column: loaded.field_of(column, decisions.partitions),
         )
         env.catalog.ensure_dataset(plan.dataset, plan.version_label)
         env.catalog.start_run(

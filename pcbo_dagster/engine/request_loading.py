@@ -92,6 +92,18 @@ class LoadedRequest:
             rows = self.fetch(chunk)
             yield rows if added is None else added.rows_for(rows, chunk)
 
+    def field_of(self, column: str, partitions: Iterable[PartitionDecision]) -> str:
+        """The request field a column of the run's schema comes from, for a message: the first record
+        `partitions` add that holds it (`sourceRecords[i].<column>`), or the source's column
+        (`source.<column>`)."""
+        if self.records is not None:
+            for pd in partitions:
+                for locator in np.asarray(pd.add_locators, dtype=np.int64).tolist():
+                    record = self.records[locator]
+                    if isinstance(record, dict) and column in record:
+                        return f"sourceRecords[{locator}].{column}"
+        return f"source.{column}"
+
     def schema_of(self, partitions: Iterable[PartitionDecision]) -> tuple[pa.Schema, dict[str, bool]]:
         """`run_schema` of the records `partitions` add (read a partition and a batch at a time for a
         streamed source)."""

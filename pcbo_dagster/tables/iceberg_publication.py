@@ -688,6 +688,75 @@ def _position(value: str | int) -> int:
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
+# -- column names ----------------------------------------------------------------------------------
+
+#: Iceberg's metadata columns (the spec's reserved field ids 2147483646-2147483642 and
+#: 2147483543-2147483539). Spark and DuckDB answer a query for one with a data column of that name when
+#: the table has one (a record would say which file, position or row it came from); `verify` and
+#: publication read the table's own schema against the same names (`column_name_problems`).
+ICEBERG_METADATA_COLUMNS = (
+    "_file",
+    "_pos",
+    "_deleted",
+    "_spec_id",
+    "_partition",
+    "_change_type",
+    "_change_ordinal",
+    "_commit_snapshot_id",
+    "_row_id",
+    "_last_updated_sequence_number",
+)
+#: DuckDB's virtual columns of `iceberg_scan` and its other file readers, shadowed the same way by a
+#: data column of the same name.
+DUCKDB_VIRTUAL_COLUMNS = ("filename", "file_row_number", "file_index")
+
+
+def column_name_problems(names: list[str]) -> list[tuple[str, str]]:
+    """(column, why) for each of a table's top-level column `names` that a reader cannot tell from
+    something else: an Iceberg metadata column, a DuckDB virtual column, a Trino hidden column (`$…`:
+    `$path`, `$partition`, `$file_modified_time`). Names are compared as readers that fold case
+    compare them (`same_name`: `_FILE` is `_file` to Spark)."""
+    from pcbo_dagster.sources.streaming import same_name
+
+    reserved = {same_name(n): f"Iceberg's metadata column {n}" for n in ICEBERG_METADATA_COLUMNS}
+    reserved.update({same_name(n): f"DuckDB's virtual column {n}" for n in DUCKDB_VIRTUAL_COLUMNS})
+    problems = []
+    for name in names:
+        key = same_name(name)
+        if key in reserved:
+            problems.append((name, f"it is {reserved[key]} to readers"))
+        elif name.startswith("$"):
+            problems.append(
+                (name, "Trino names its hidden columns $… ($path, $partition, $file_modified_time)")
+            )
+    return problems
+
+
+def refuse_column_names(names: list[str], field_of: Callable[[str], str]) -> None:
+    """`InvalidInput` on the field (`field_of(column)`: `sourceRecords[i].<column>`, `source.<column>`)
+    of the first of a run's columns `names` that cannot be a column of the table it publishes to
+    (`column_name_problems`); nothing is published or written."""
+    problems = column_name_problems(names)
+    if problems:
+        name, why = problems[0]
+        raise InvalidInput(
+            field_of(name),
+            f"a field published to an Iceberg table cannot be named {name!r}: {why} "
+            "(rename the field, or publish no table)",
+        )
+
+
+def column_findings(table: Table) -> list[dict[str, str]]:
+    """`table_column_name_clash` for each column of the table's schema that readers cannot tell from
+    a metadata or virtual column (`column_name_problems`): a table made before pcbo refused such
+    fields, or a schema edited by hand. Nothing is published to it."""
+    names = [f.name for f in table.schema().fields]
+    return [
+        _finding("table_column_name_clash", scrub_text(name)[:300], scrub_text(why))
+        for name, why in column_name_problems(names)
+    ]
+
+
 # -- publishing ------------------------------------------------------------------------------------
 
 
@@ -739,7 +808,11 @@ class Publisher:
             except NamespaceAlreadyExistsError:
                 pass
             table = self._create(catalog, create_from, expected_now)
-        outside = location_findings(self.env, self.target, table) or property_findings(self.target, table)
+        outside = (
+            location_findings(self.env, self.target, table)
+            or property_findings(self.target, table)
+            or column_findings(table)
+        )
         if outside:
             raise PublicationRefused(self.where, outside)
         if table.metadata.properties.get(TABLE_CHAIN_KEY) != self.chain_key:
@@ -794,13 +867,6 @@ class Publisher:
 
         with self.env.lake.fs.open(f"{self.env.lake.root}/{first.path}", "rb") as handle:
             arrow_schema = pq.read_schema(handle)
-        namespace, name = self.target.name.split(".")
-        table = catalog.create_table(
-            self.target.name,
-            schema=arrow_schema,
-            location=f"{self.target.warehouse}/{namespace}/{name}",
-            properties={TABLE_CHAIN_KEY: self.chain_key, TABLE_LAKE: redact_url(self.env.lake.url)},
-        )
         if self.partitioning is not None:
             spec = partition_field(*self.partitioning)
         else:
@@ -811,6 +877,14 @@ class Publisher:
                 if time_windows
                 else None
             )
+        self._refuse_columns(arrow_schema.names, first)
+        namespace, name = self.target.name.split(".")
+        table = catalog.create_table(
+            self.target.name,
+            schema=arrow_schema,
+            location=f"{self.target.warehouse}/{namespace}/{name}",
+            properties={TABLE_CHAIN_KEY: self.chain_key, TABLE_LAKE: redact_url(self.env.lake.url)},
+        )
         with table.transaction() as tx:
             if spec is not None:
                 with tx.update_spec() as update:
@@ -824,6 +898,23 @@ class Publisher:
                 with tx.update_snapshot(snapshot_properties=created).fast_append():
                     pass
         return table
+
+    def _refuse_columns(self, names: list[str], published: PublishedFile) -> None:
+        """`PublicationRefused` (`table_column_name_clash`, nothing published) when the columns the
+        table would have with `published`'s are not all told apart by readers (`column_name_problems`):
+        a file a run wrote before the dataset version published to a table, or before pcbo refused
+        such fields."""
+        problems = column_name_problems(names)
+        if problems:
+            raise PublicationRefused(
+                self.where,
+                [
+                    _finding(
+                        "table_column_name_clash", published.path, scrub_text(f"column {name[:80]}: {why}")
+                    )
+                    for name, why in problems
+                ],
+            )
 
     def _open(self, state: ChainState, create_from: PublishedFile | None) -> bool:
         """Load (or create) the table and judge it against the chain; False when there is no table
@@ -952,9 +1043,18 @@ class Publisher:
         # (`tx.table_metadata` is a deep copy at each access: taken once per change.)
         known = set(tx.table_metadata.schema()._name_to_id)
         arrow_schemas: dict[Any, Any] = {}  # the run's files share a schema: each distinct one converted once
-        for metadata in footers:
+        for published, metadata in zip(files, footers, strict=True):
             arrow_schema = arrow_schemas.setdefault(metadata.schema, metadata.schema.to_arrow_schema())
             if set(arrow_schema.names) - known:
+                table_metadata = tx.table_metadata
+                self._refuse_columns(
+                    list(
+                        dict.fromkeys(
+                            [*(f.name for f in table_metadata.schema().fields), *arrow_schema.names]
+                        )
+                    ),
+                    published,
+                )
                 with tx.update_schema() as update:
                     update.union_by_name(arrow_schema)
                 known = set(tx.table_metadata.schema()._name_to_id)
@@ -1150,12 +1250,17 @@ def publisher_for(
     *,
     plan: Plan | None = None,
     given: TableTarget | None = None,
+    columns: list[str] | None = None,
+    field_of: Callable[[str], str] = str,
 ) -> Publisher | None:
-    """The publisher of a dataset version (None when it publishes nowhere); see `resolve_target`."""
+    """The publisher of a dataset version (None when it publishes nowhere); see `resolve_target`.
+    `columns`: the run's columns, refused (`refuse_column_names`, `field_of` naming a column's field)
+    before the table is declared or anything written."""
     chain = env.audit.backup.read_chain(f"{dataset}/{version_label}")
     target = resolve_target(env, spec, dataset, version_label, given, chain)
     if target is None:
         return None
+    refuse_column_names(columns or [], field_of)
     partitioning = None if plan is None else ([(p.start, p.end) for p in plan.partitions], plan.ledger_field)
     publisher = Publisher(env, target, dataset, version_label, partitioning)
     publisher.record(chain)
@@ -1445,6 +1550,8 @@ def check_tables(
         if outside:
             outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in outside]
             continue
+        clash = column_findings(table) if table is not None else []  # (the files are judged all the same)
+        outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in clash]
         if table is None:
             if not expected_files(state, dataset, version_label):
                 continue
@@ -1480,7 +1587,13 @@ def check_tables(
                 )
             )
             continue
+        if clash:  # nothing is published to it
+            continue
         publisher = Publisher(env, target, dataset, version_label)
-        done = publisher.publish(state, run_id=None, reason="repair")
+        try:
+            done = publisher.publish(state, run_id=None, reason="repair")
+        except PublicationRefused as exc:  # (a file whose columns the table cannot hold)
+            outcomes += [("find", {**f, "where": f"{where}: {f['where']}"}) for f in exc.findings]
+            continue
         outcomes.append(("repaired", {"kind": "table_published", "where": where, "snapshot": done}))
     return outcomes
