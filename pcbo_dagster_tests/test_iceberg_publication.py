@@ -854,6 +854,31 @@ def test_a_field_named_like_a_metadata_column_is_refused_when_published(tmp_path
     assert field in _manifest_rows(home).column_names
 
 
+@pytest.mark.parametrize("field", ["ID", "CONSENTGRANTED", "Channel", "\uff49\uff44"])
+def test_a_field_equal_but_for_case_to_another_column_is_refused_when_published(
+    tmp_path: Path, field: str
+) -> None:
+    """The red-team attack: a record with a field `ID` beside its `id` made a table with columns `id` and
+    `ID` (Iceberg names are case-sensitive); DuckDB's `iceberg_scan`, which folds case, then read every
+    column of every row as null, and `verify` passed. A name equal but for case (or NFKC: `ｉｄ`) to
+    another column is refused as a CSV header or a parquet source names it twice: exit 2, nothing
+    written."""
+    home = tmp_path / "home"
+    request = _request("ice-1")
+    record = next(r for r in request["sourceRecords"] if r.get("consentGranted") is True and "channel" in r)
+    record[field] = "forged"
+    index = request["sourceRecords"].index(record)
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    assert refused.status == 2, refused.stderr
+    if field == "Channel":  # two fields of the records: the one after in byte order is named
+        assert "].channel: " in refused.stderr and "column Channel" in refused.stderr, refused.stderr
+    else:  # beside one of pcbo's own columns: the other one
+        assert f"sourceRecords[{index}].{field}: " in refused.stderr, refused.stderr
+    assert "fold case" in refused.stderr
+    assert not (lake_dir(home) / DATASET).exists() and backup_events(home, DATASET) == []
+    assert _table_count(home) == 0
+
+
 def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tmp_path: Path) -> None:
     """A request without `table` publishes to the table its dataset version's chain declares: a JSONL
     source with a `_pos` column is refused there (naming the source's column), nothing written."""
@@ -875,12 +900,13 @@ def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tm
     assert _table(home).current_snapshot().snapshot_id == snapshot.snapshot_id
 
 
-@pytest.mark.parametrize("added", ["filename"])
+@pytest.mark.parametrize("added", ["filename", "Jurisdiction"])
 def test_a_table_column_named_like_a_metadata_column_is_a_finding(tmp_path: Path, added: str) -> None:
     """A table whose schema holds such a column — made before pcbo refused the fields, or edited by
     someone who can write the lake: a column `filename` added to the schema in the metadata file (its
-    name mapping with it), and DuckDB's `filename`, the file a row is in, is null for every row.
-    `verify` finds it (`table_column_name_clash`) and nothing is published to it."""
+    name mapping with it), and DuckDB's `filename`, the file a row is in, is null for every row; or
+    `Jurisdiction`, and DuckDB reads the policy field `jurisdiction` as null for every row. `verify`
+    finds it (`table_column_name_clash`) and nothing is published to it."""
     home = tmp_path / "home"
     first = run_pcbo(
         ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home

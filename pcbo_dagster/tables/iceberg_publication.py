@@ -711,15 +711,24 @@ ICEBERG_METADATA_COLUMNS = (
 DUCKDB_VIRTUAL_COLUMNS = ("filename", "file_row_number", "file_index")
 
 
+#: The record fields pcbo gives a meaning (the contract's known fields; `core/record_table.py` and
+#: `core/decisions.py` read them, literals here to keep pyarrow out of this module's import).
+PCBO_COLUMNS = ("id", "occurredAt", "retentionExpiresAt", "jurisdiction", "consentGranted")
+
+
 def column_name_problems(names: list[str]) -> list[tuple[str, str]]:
     """(column, why) for each of a table's top-level column `names` that a reader cannot tell from
     something else: an Iceberg metadata column, a DuckDB virtual column, a Trino hidden column (`$…`:
-    `$path`, `$partition`, `$file_modified_time`). Names are compared as readers that fold case
-    compare them (`same_name`: `_FILE` is `_file` to Spark)."""
+    `$path`, `$partition`, `$file_modified_time`), or an earlier column of `names`. Names are
+    compared as readers that fold case compare them (`same_name`: `_FILE` is `_file` to Spark, `ID`
+    is `id` to DuckDB)."""
     from pcbo_dagster.sources.streaming import same_name
 
+    # pcbo's own columns first: of `id` and `ID`, `ID` is the one that clashes
+    names = sorted(names, key=lambda name: name not in PCBO_COLUMNS)
     reserved = {same_name(n): f"Iceberg's metadata column {n}" for n in ICEBERG_METADATA_COLUMNS}
     reserved.update({same_name(n): f"DuckDB's virtual column {n}" for n in DUCKDB_VIRTUAL_COLUMNS})
+    seen: dict[str, str] = {}
     problems = []
     for name in names:
         key = same_name(name)
@@ -729,6 +738,14 @@ def column_name_problems(names: list[str]) -> list[tuple[str, str]]:
             problems.append(
                 (name, "Trino names its hidden columns $… ($path, $partition, $file_modified_time)")
             )
+        elif key in seen:
+            problems.append(
+                (
+                    name,
+                    f"it is column {seen[key]} to readers that fold case (DuckDB, Spark, Trino)",
+                )
+            )
+        seen.setdefault(key, name)
     return problems
 
 
@@ -748,8 +765,8 @@ def refuse_column_names(names: list[str], field_of: Callable[[str], str]) -> Non
 
 def column_findings(table: Table) -> list[dict[str, str]]:
     """`table_column_name_clash` for each column of the table's schema that readers cannot tell from
-    a metadata or virtual column (`column_name_problems`): a table made before pcbo refused such
-    fields, or a schema edited by hand. Nothing is published to it."""
+    a metadata or virtual column or from another column (`column_name_problems`): a table made before
+    pcbo refused such fields, or a schema edited by hand. Nothing is published to it."""
     names = [f.name for f in table.schema().fields]
     return [
         _finding("table_column_name_clash", scrub_text(name)[:300], scrub_text(why))
