@@ -829,13 +829,16 @@ def _duckdb_column(table: Any, column: str) -> list[Any]:
     return [r[0] for r in connection.execute(f'SELECT "{column}" FROM {scan} ORDER BY "id"').fetchall()]
 
 
-@pytest.mark.parametrize("field", ["_file", "_Row_Id", "_last_updated_sequence_number", "filename", "$path"])
+@pytest.mark.parametrize(
+    "field", ["_file", "_Row_Id", "_last_updated_sequence_number", "filename", "$path", "occurredAt_hour"]
+)
 def test_a_field_named_like_a_metadata_column_is_refused_when_published(tmp_path: Path, field: str) -> None:
     """The red-team attack: records with a field `_file` became a data column `_file` of the table, and
     Spark and DuckDB answer a query for Iceberg's metadata column `_file` (the file a row is in) with
     it: a record said which file it came from, and `verify` passed. DuckDB's own virtual columns
-    (`filename`, `_row_id`, ...) are shadowed alike, and Trino's hidden columns are `$…`. Now invalid
-    input naming the record's field, exit 2, nothing written; the lake alone takes it."""
+    (`filename`, `_row_id`, ...) are shadowed alike, Trino's hidden columns are `$…`, and a field named
+    like the partition field made the table's creation fail after the lake was written (exit 1).
+    Now invalid input naming the record's field, exit 2, nothing written; the lake alone takes it."""
     home = tmp_path / "home"
     request = _request("ice-1")
     for record in request["sourceRecords"]:
@@ -961,3 +964,33 @@ def test_files_written_before_the_table_are_not_published_with_such_a_column(tmp
     assert repaired.status == 1, repaired.stderr
     assert [f["kind"] for f in repaired.document["findings"]] == ["table_column_name_clash"]
     assert _table_count(home) == 0
+
+
+def test_a_field_named_like_a_ledger_tables_partition_field_is_refused(tmp_path: Path) -> None:
+    """A ledger grid aligned to its size is partitioned by `truncate(N)` on the ledger field, the
+    partition field `<ledger field>_trunc`: a record field of that name (any case) is refused as the
+    time tables' `occurredAt_hour` is, exit 2, nothing written."""
+    home = tmp_path / "home"
+    records = [
+        {
+            "id": f"ledger-{n}",
+            "occurredAt": "2024-01-01T00:00:00Z",
+            "ledgerSequence": n,
+            "consentGranted": True,
+            "jurisdiction": "US",
+            **({"LedgerSequence_TRUNC": 0} if n == 70 else {}),
+        }
+        for n in range(128)
+    ]
+    request = {
+        "runId": "ledgers-1",
+        "dataset": DATASET,
+        "ledgerRange": {"field": "ledgerSequence", "first": 0, "end": 128, "partitionSize": 64},
+        "sourceRecords": records,
+        "table": TABLE,
+    }
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    assert refused.status == 2, refused.stderr
+    assert "sourceRecords[70].LedgerSequence_TRUNC: " in refused.stderr
+    assert "partition field ledgerSequence_trunc" in refused.stderr
+    assert not (lake_dir(home) / DATASET).exists() and _table_count(home) == 0

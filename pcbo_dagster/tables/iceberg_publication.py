@@ -709,6 +709,9 @@ ICEBERG_METADATA_COLUMNS = (
 #: DuckDB's virtual columns of `iceberg_scan` and its other file readers, shadowed the same way by a
 #: data column of the same name.
 DUCKDB_VIRTUAL_COLUMNS = ("filename", "file_row_number", "file_index")
+#: The partition field names `partition_field` gives a time table: a column of the same name cannot be
+#: partitioned by (Iceberg refuses the spec). A ledger table's is `<ledger field>_trunc`.
+TIME_PARTITION_FIELDS = tuple(f"occurredAt_{unit}" for unit in ("hour", "day", "month", "year"))
 
 
 #: The record fields pcbo gives a meaning (the contract's known fields; `core/record_table.py` and
@@ -716,18 +719,19 @@ DUCKDB_VIRTUAL_COLUMNS = ("filename", "file_row_number", "file_index")
 PCBO_COLUMNS = ("id", "occurredAt", "retentionExpiresAt", "jurisdiction", "consentGranted")
 
 
-def column_name_problems(names: list[str]) -> list[tuple[str, str]]:
+def column_name_problems(names: list[str], partition_fields: list[str]) -> list[tuple[str, str]]:
     """(column, why) for each of a table's top-level column `names` that a reader cannot tell from
     something else: an Iceberg metadata column, a DuckDB virtual column, a Trino hidden column (`$…`:
-    `$path`, `$partition`, `$file_modified_time`), or an earlier column of `names`. Names are
-    compared as readers that fold case compare them (`same_name`: `_FILE` is `_file` to Spark, `ID`
-    is `id` to DuckDB)."""
+    `$path`, `$partition`, `$file_modified_time`), one of the table's `partition_fields`, or an
+    earlier column of `names`. Names are compared as readers that fold case compare them
+    (`same_name`: `_FILE` is `_file` to Spark, `ID` is `id` to DuckDB)."""
     from pcbo_dagster.sources.streaming import same_name
 
     # pcbo's own columns first: of `id` and `ID`, `ID` is the one that clashes
     names = sorted(names, key=lambda name: name not in PCBO_COLUMNS)
     reserved = {same_name(n): f"Iceberg's metadata column {n}" for n in ICEBERG_METADATA_COLUMNS}
     reserved.update({same_name(n): f"DuckDB's virtual column {n}" for n in DUCKDB_VIRTUAL_COLUMNS})
+    reserved.update({same_name(n): f"the table's partition field {n}" for n in partition_fields})
     seen: dict[str, str] = {}
     problems = []
     for name in names:
@@ -749,11 +753,19 @@ def column_name_problems(names: list[str]) -> list[tuple[str, str]]:
     return problems
 
 
-def refuse_column_names(names: list[str], field_of: Callable[[str], str]) -> None:
+def partition_field_names(plan: Plan | None) -> list[str]:
+    """The partition field names a table of `plan`'s dataset version may get (`partition_field`)."""
+    ledger = [f"{plan.ledger_field}_trunc"] if plan is not None and plan.ledger_field is not None else []
+    return [*TIME_PARTITION_FIELDS, *ledger]
+
+
+def refuse_column_names(
+    names: list[str], partition_fields: list[str], field_of: Callable[[str], str]
+) -> None:
     """`InvalidInput` on the field (`field_of(column)`: `sourceRecords[i].<column>`, `source.<column>`)
     of the first of a run's columns `names` that cannot be a column of the table it publishes to
     (`column_name_problems`); nothing is published or written."""
-    problems = column_name_problems(names)
+    problems = column_name_problems(names, partition_fields)
     if problems:
         name, why = problems[0]
         raise InvalidInput(
@@ -765,12 +777,13 @@ def refuse_column_names(names: list[str], field_of: Callable[[str], str]) -> Non
 
 def column_findings(table: Table) -> list[dict[str, str]]:
     """`table_column_name_clash` for each column of the table's schema that readers cannot tell from
-    a metadata or virtual column or from another column (`column_name_problems`): a table made before
-    pcbo refused such fields, or a schema edited by hand. Nothing is published to it."""
+    a metadata, virtual or partition column or from another column (`column_name_problems`): a table
+    made before pcbo refused such fields, or a schema edited by hand. Nothing is published to it."""
+    partition_fields = sorted({f.name for spec in table.metadata.partition_specs for f in spec.fields})
     names = [f.name for f in table.schema().fields]
     return [
         _finding("table_column_name_clash", scrub_text(name)[:300], scrub_text(why))
-        for name, why in column_name_problems(names)
+        for name, why in column_name_problems(names, partition_fields)
     ]
 
 
@@ -894,7 +907,7 @@ class Publisher:
                 if time_windows
                 else None
             )
-        self._refuse_columns(arrow_schema.names, first)
+        self._refuse_columns(arrow_schema.names, [spec[2]] if spec is not None else [], first)
         namespace, name = self.target.name.split(".")
         table = catalog.create_table(
             self.target.name,
@@ -916,12 +929,14 @@ class Publisher:
                     pass
         return table
 
-    def _refuse_columns(self, names: list[str], published: PublishedFile) -> None:
+    def _refuse_columns(
+        self, names: list[str], partition_fields: list[str], published: PublishedFile
+    ) -> None:
         """`PublicationRefused` (`table_column_name_clash`, nothing published) when the columns the
         table would have with `published`'s are not all told apart by readers (`column_name_problems`):
         a file a run wrote before the dataset version published to a table, or before pcbo refused
         such fields."""
-        problems = column_name_problems(names)
+        problems = column_name_problems(names, partition_fields)
         if problems:
             raise PublicationRefused(
                 self.where,
@@ -1070,6 +1085,7 @@ class Publisher:
                             [*(f.name for f in table_metadata.schema().fields), *arrow_schema.names]
                         )
                     ),
+                    sorted({f.name for spec in table_metadata.partition_specs for f in spec.fields}),
                     published,
                 )
                 with tx.update_schema() as update:
@@ -1277,7 +1293,7 @@ def publisher_for(
     target = resolve_target(env, spec, dataset, version_label, given, chain)
     if target is None:
         return None
-    refuse_column_names(columns or [], field_of)
+    refuse_column_names(columns or [], partition_field_names(plan), field_of)
     partitioning = None if plan is None else ([(p.start, p.end) for p in plan.partitions], plan.ledger_field)
     publisher = Publisher(env, target, dataset, version_label, partitioning)
     publisher.record(chain)
