@@ -253,13 +253,17 @@ def _s3_down() -> dict[str, str]:
 
 def test_an_s3_lake_whose_endpoint_is_down_is_one_line_and_exit_1(tmp_path):
     """botocore's EndpointConnectionError is not an OSError: still the one line of a store that went
-    away, and the traceback only with PCBO_DEBUG=1."""
+    away — the store named, never a finding — and the traceback only with PCBO_DEBUG=1."""
     env = {**_s3_down(), "PCBO_LAKE_URL": "s3://bucket/lake"}
     args = ["execute", "--input", _request(tmp_path)]
     run = run_pcbo(args, home=tmp_path / "home", env=env)
     assert run.status == 1, run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
-    assert run.stderr.startswith("pcbo execute: EndpointConnectionError: Could not connect to the endpoint")
+    assert run.stderr.startswith("pcbo execute: store unavailable: s3://bucket/lake could not be read ("), (
+        run.stderr
+    )
+    assert "EndpointConnectionError: Could not connect to the endpoint" in run.stderr
+    assert "nothing was concluded from it" in run.stderr
     debug = run_pcbo(args, home=tmp_path / "home", env={**env, "PCBO_DEBUG": "1"})
     assert debug.status == 1 and "Traceback" in debug.stderr and "EndpointConnectionError" in debug.stderr
 
