@@ -312,19 +312,25 @@ class AuditLog:
                 txn.clear_pending()
         return events
 
-    def check_fence(self, chain_key: str, fence: ChainState) -> None:
+    def check_fence(
+        self,
+        chain_key: str,
+        fence: ChainState,
+        stopped: str = "this run wrote no commit point (its intent stays open)",
+    ) -> None:
         """`append_many`'s fence without an append: `ChainMoved` when another writer appended an event
         that changes the lake's partitions since `fence` was replayed (others are replayed into it). A
-        lake writer checks it right before it writes commit points: one paused past its lease (the
-        lease taken over, even given back since) stops there instead of writing over the commit points
-        the new holder committed."""
+        lake writer checks it right before it writes commit points (`pcbo gc` before a partition's
+        removals): one paused past its lease (the lease taken over, even given back since) stops there
+        instead of writing over (or removing) what the new holder committed. `stopped`: what the
+        message says the caller did not do."""
         with self._writer(chain_key):
             if self.head_store is None:
                 head = _head_of(self.backup.last_event(chain_key))
             else:
                 with self.head_store.locked_chain(chain_key) as txn:
                     head = txn.head()
-            self._catch_up(chain_key, head, fence, "this run wrote no commit point (its intent stays open)")
+            self._catch_up(chain_key, head, fence, stopped)
 
     def _catch_up(
         self,

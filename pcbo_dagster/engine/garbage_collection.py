@@ -19,7 +19,12 @@ committed; a partition whose commit point disagrees with that chain (other than 
 chain's open intent names: `crash_windows.compare`) is skipped too, as is one whose commit point or a
 version manifest cannot be read, and a symbolic link at a name gc would remove (neither the link nor
 its target is touched); all are reported, and files of any other shape are left alone. Runs under
-each dataset version's write lock, so it never races an execute or rollback.
+each dataset version's write lock, so it never races an execute or rollback; and, since a gc frozen
+past its lease (a GC pause, a suspended VM) may wake after another host's run took the lease over and
+staged or committed a new version under the very names it judged a crash's leftovers, it proves before
+each partition's removals that it still holds the lease (`DatasetLease.renew`) and that no writer
+changed the lake's partitions on the chain since it read it (`AuditLog.check_fence`), else stops there
+(exit 1, naming the partition; nothing more removed).
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from collections import defaultdict
 from typing import Any
 
 from pcbo_dagster.core.chain_state import ChainState
+from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.crash_windows import compare
-from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.environment import DatasetBusy, DatasetLease, Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.partition_checks import distrusted, read_chain
 from pcbo_dagster.io.redaction import redact_url
@@ -101,6 +107,22 @@ def _disagreement(
     return None
 
 
+def _still_judged(
+    env: Environment, lease: DatasetLease, ckey: str, state: ChainState, pdir: str, removed: int
+) -> None:
+    """Right before a partition's removals: the lease is still gc's and no writer changed the lake's
+    partitions on the chain gc judged from, else `DatasetBusy` or `ChainMoved` naming the partition.
+    Both: the lease alone cannot tell once the new holder gave it back (renewed, it is gc's again)."""
+    stopped = (
+        f"gc stopped before removing anything of {pdir}: nothing more was removed ({removed} removed before)"
+    )
+    try:
+        lease.renew()
+    except DatasetBusy as exc:
+        raise DatasetBusy(f"{exc} (is another run staging in {pdir}?); {stopped}") from exc
+    env.audit.check_fence(ckey, state, stopped)
+
+
 def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
     by_dataset: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for rel in env.lake.list_files():
@@ -120,7 +142,7 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
     partitions_checked = 0
     for (dataset, version_label), partitions in sorted(by_dataset.items()):
         ckey = chain_key(dataset, version_label)
-        with env.dataset_lock(dataset, version_label, create=not dry_run):
+        with env.dataset_lock(dataset, version_label, create=not dry_run) as lease:
             # What was committed is read from a chain that verifies, never from the backup as it lies
             # (lines taken out or edited, with the catalog's rows and the lake's commit point to match,
             # made a committed version's files look like a crash's leftovers)
@@ -157,7 +179,7 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                 catalog_files[row["partition_key"]].update(
                     f["path"] for f in listed if isinstance(f, dict) and isinstance(f.get("path"), str)
                 )
-            for pdir, files in sorted(partitions.items()):
+            for index, (pdir, files) in enumerate(sorted(partitions.items())):
                 key = pdir.rsplit("/", 1)[-1]
                 partitions_checked += 1
                 disagreement = _disagreement(env, chain.replayed, dataset, version_label, key)
@@ -176,6 +198,9 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                 if skip is not None:
                     skipped.append({"where": pdir, "reason": skip})
                     continue
+                if removable and not dry_run:
+                    failpoints.reached("gc_before_removals", index)
+                    _still_judged(env, lease, ckey, chain.replayed, pdir, len(removed))
                 for entry in removable:
                     if not env.lake.inside(entry["path"]):
                         # a symbolic link planted at a garbage name: neither it nor its target is
