@@ -9,7 +9,10 @@ those files removable and froze before removing them (`gc_before_removals@0:stop
 replaced the leftovers with its own version 1 (a leftover of a version nobody committed is no writer's)
 and committed, or froze before committing while holding the lease. gc woken removed that run's version
 and rollback manifests (its commit point then named a version manifest no longer in the lake); now it
-renews its lease and checks the chain before each partition's removals and stops there (exit 1)."""
+renews its lease and checks the chain before each partition's removals and stops there (exit 1). Frozen
+right after that check instead (`gc_after_fence_check`), it removed them all the same; now each file
+goes only while it holds the bytes gc judged (`LakeStorage.swap`), and gc stops at the first that does
+not."""
 
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from pcbo_dagster_tests.frozen_hosts import PAST_THE_LEASE_SECONDS, shared_env, 
 pytestmark = pytest.mark.postgres
 
 FIRST = "events/v1/20240101T000000Z"
+#: Where gc freezes: before its lease renewal and chain check, or right after them.
+GC_POINTS = ["gc_before_removals@0", "gc_after_fence_check@0"]
 
 
 def _lake_bytes(url: str) -> dict[str, bytes]:
@@ -68,12 +73,13 @@ def _verify_clean(tmp_path: Path, env: dict[str, str]) -> None:
     assert run.status == 0 and run.document["status"] == "clean", run.document
 
 
+@pytest.mark.parametrize("gc_point", GC_POINTS)
 def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
-    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, gc_point, lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
     env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
     holder, left = _crash_leftovers(tmp_path, env)
-    gc = start_frozen(tmp_path / "host-g", ["gc"], env, "gc_before_removals@0")
+    gc = start_frozen(tmp_path / "host-g", ["gc"], env, gc_point)
     try:
         time.sleep(PAST_THE_LEASE_SECONDS)  # gc's lease expires
         run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
@@ -99,14 +105,16 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
     _verify_clean(tmp_path, env)
 
 
+@pytest.mark.parametrize("gc_point", GC_POINTS)
 def test_gc_frozen_past_its_lease_removes_nothing_another_run_staged(
-    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, gc_point, lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
     """The holder froze after staging, before its intent, its lease held (120 s): gc woken finds the
-    lease another run's and stops; the holder woken commits what it staged."""
+    lease another run's (or, past that check, the files other bytes) and stops; the holder woken
+    commits what it staged."""
     env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
     holder, left = _crash_leftovers(tmp_path, env)
-    gc = start_frozen(tmp_path / "host-g", ["gc"], env, "gc_before_removals@0")
+    gc = start_frozen(tmp_path / "host-g", ["gc"], env, gc_point)
     b = None
     try:
         time.sleep(PAST_THE_LEASE_SECONDS)  # gc's lease expires

@@ -24,7 +24,9 @@ past its lease (a GC pause, a suspended VM) may wake after another host's run to
 staged or committed a new version under the very names it judged a crash's leftovers, it proves before
 each partition's removals that it still holds the lease (`DatasetLease.renew`) and that no writer
 changed the lake's partitions on the chain since it read it (`AuditLog.check_fence`), else stops there
-(exit 1, naming the partition; nothing more removed).
+(exit 1, naming the partition; nothing more removed); and removes each file only while it still holds
+the bytes read when it was judged (`LakeStorage.swap(rel, None, judged)`: a gc frozen again between
+that check and a removal stops at the first file another writer replaced since).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
+from pcbo_dagster.audit.log import ChainMoved
 from pcbo_dagster.core.chain_state import ChainState
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.crash_windows import compare
@@ -198,17 +201,33 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                 if skip is not None:
                     skipped.append({"where": pdir, "reason": skip})
                     continue
-                if removable and not dry_run:
-                    failpoints.reached("gc_before_removals", index)
-                    _still_judged(env, lease, ckey, chain.replayed, pdir, len(removed))
+                kept = []
                 for entry in removable:
                     if not env.lake.inside(entry["path"]):
                         # a symbolic link planted at a garbage name: neither it nor its target is
                         # touched, and the rest of the lake is still collected
                         skipped.append({"where": entry["path"], "reason": "a symbolic link: left alone"})
                         continue
-                    if not dry_run:
-                        env.lake.delete(entry["path"])
+                    kept.append(entry)
+                if dry_run:
+                    removed.extend({**e, "uri": redact_url(env.lake.uri(e["path"]))} for e in kept)
+                    continue
+                # the bytes judged removable: each file is removed only while it still holds them
+                judged = {entry["path"]: env.lake.read_if_exists(entry["path"]) for entry in kept}
+                if kept:
+                    failpoints.reached("gc_before_removals", index)
+                    _still_judged(env, lease, ckey, chain.replayed, pdir, len(removed))
+                    failpoints.reached("gc_after_fence_check", index)
+                for entry in kept:
+                    held = judged[entry["path"]]
+                    if held is None:
+                        continue  # gone since it was listed: nothing to remove
+                    if not env.lake.swap(entry["path"], None, held):
+                        raise ChainMoved(
+                            f"{redact_url(env.lake.uri(entry['path']))} no longer holds what gc judged "
+                            "removable (another writer's since: was gc's write lease taken over?); gc "
+                            f"stopped in {pdir}: nothing more was removed ({len(removed)} removed before)"
+                        )
                     removed.append({**entry, "uri": redact_url(env.lake.uri(entry["path"]))})
     return {
         "status": "dry_run" if dry_run else ("removed" if removed else "clean"),
