@@ -173,3 +173,28 @@ def test_a_holder_is_judged_dead_only_in_its_own_process_space(monkeypatch) -> N
     assert not environment._holder_is_dead(json.dumps({**mine, "space": space, "host": "elsewhere"}))
     alive = {**mine, "pid": __import__("os").getpid(), "space": space}
     assert not environment._holder_is_dead(json.dumps(alive))
+
+
+def test_a_lease_taken_over_and_given_back_is_lost_to_its_old_holder(
+    store: CatalogStore, monkeypatch
+) -> None:
+    """A holder frozen past its lease while another (a run that then crashed or finished, a `pcbo gc`)
+    took it over and gave it back: its renewal does not take the free lease again as its own."""
+    import time
+
+    from pcbo_dagster.engine.environment import DatasetBusy, DatasetLease
+
+    monkeypatch.setenv("PCBO_LEASE_TTL_SECONDS", "1")
+    held = DatasetLease(store, "events", "v1", "run-a")
+    held.acquire(0)
+    held._stop.set()  # frozen: its heartbeat with it
+    assert held._heartbeat is not None
+    held._heartbeat.join()
+    time.sleep(1.5)
+    taker = DatasetLease(store, "events", "v1", None)
+    taker.acquire(5)
+    taker.release()
+    assert store.leases() == []
+    with pytest.raises(DatasetBusy, match="taken over"):
+        held.renew()
+    assert store.leases() == []

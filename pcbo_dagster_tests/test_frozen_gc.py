@@ -12,7 +12,9 @@ and rollback manifests (its commit point then named a version manifest no longer
 renews its lease and checks the chain before each partition's removals and stops there (exit 1). Frozen
 right after that check instead (`gc_after_fence_check`), it removed them all the same; now each file
 goes only while it holds the bytes gc judged (`LakeStorage.swap`), and gc stops at the first that does
-not."""
+not. The other way round, a run frozen after staging past its lease, whose staged files a gc removed
+meanwhile (taking the lease over and giving it back), commits nothing when woken: its renewal does not
+take a lease it lost back."""
 
 from __future__ import annotations
 
@@ -138,3 +140,29 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_staged(
     status, stderr = woken(b)
     assert status == 0, stderr
     _verify_clean(tmp_path, env)
+
+
+def test_a_run_frozen_after_staging_commits_nothing_gc_removed_meanwhile(
+    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+):
+    """The other direction: a run froze after staging, before its intent, past its lease; gc took the
+    lease over, judged what the run staged a crash's leftovers (nothing on the chain names it), removed
+    it and gave the lease back. The run woken must not take the lease again as if it never lost it and
+    commit commit points naming files no longer in the lake."""
+    generator = load_generator()
+    request = write_request(
+        tmp_path / "run.json", generator.make_request(records=60, partitions=2, seed=6, run_id="frozen-1")
+    )
+    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    run = start_frozen(tmp_path / "host-a", ["execute", "--input", request], env, "after_data_files@0")
+    try:
+        time.sleep(PAST_THE_LEASE_SECONDS)  # the run's lease expires
+        gc = run_pcbo(["gc"], home=tmp_path / "host-g", env=env, cwd=tmp_path)
+        assert gc.status == 0, gc.stderr
+        assert f"{FIRST}/_versions/v000001.json" in {entry["path"] for entry in gc.document["removed"]}
+    finally:
+        wake(run)
+    status, stderr = woken(run)
+    assert status == 1, stderr
+    _verify_clean(tmp_path, env)
+    assert "lease was taken over" in stderr, stderr

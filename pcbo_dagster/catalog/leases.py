@@ -73,6 +73,25 @@ class DatasetLeases(Database):
                 if done.rowcount == 1:
                     return None
 
+    def renew_lease(self, dataset: str, version_label: str, holder: str, ttl_seconds: float) -> bool:
+        """Extend `holder`'s lease by `ttl_seconds` from now, past its expiry too while nobody took it
+        over. False when the lease is no longer `holder`'s: another's, or none at all (taken over and
+        given back since, by a run or a `pcbo gc` that may have changed the lake meanwhile): a lease
+        once lost is never taken back by its renewal."""
+        lease = t.dataset_leases
+        expires = datetime.fromtimestamp(utc_now().timestamp() + ttl_seconds, UTC)
+        with self.write() as conn:
+            done = conn.execute(
+                update(lease)
+                .where(
+                    lease.c.dataset == dataset,
+                    lease.c.version_label == version_label,
+                    lease.c.holder == holder,
+                )
+                .values(expires_at=expires)
+            )
+            return done.rowcount == 1
+
     def release_lease(self, dataset: str, version_label: str, holder: str) -> None:
         """Give the lease up, if `holder` still has it."""
         lease = t.dataset_leases

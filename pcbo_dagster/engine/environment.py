@@ -89,8 +89,9 @@ class DatasetLease:
 
     While held, a heartbeat thread renews it every third of its time to live (so a long commit batch
     on a slow store never lets it lapse); the run also renews it between commit batches (`renew`),
-    which raises `DatasetBusy` once the lease was lost (taken over after a missed renewal): the run
-    then stops before its next commit batch instead of writing beside the new holder."""
+    which raises `DatasetBusy` once the lease was lost (taken over after a missed renewal, even given
+    back since): the run then stops before its next commit batch instead of writing beside the new
+    holder."""
 
     def __init__(self, catalog: CatalogStore, dataset: str, version_label: str, run_id: str | None) -> None:
         self.catalog, self.dataset, self.version_label = catalog, dataset, version_label
@@ -132,9 +133,7 @@ class DatasetLease:
         def beat() -> None:
             while not self._stop.wait(self.ttl / 3):
                 try:
-                    if self.catalog.try_acquire_lease(
-                        self.dataset, self.version_label, self.holder, self.ttl
-                    ):
+                    if not self.catalog.renew_lease(self.dataset, self.version_label, self.holder, self.ttl):
                         self.lost = True
                         return
                 except Exception:  # noqa: BLE001 - a catalog hiccup: the next beat (or `renew`) tries again
@@ -144,9 +143,11 @@ class DatasetLease:
         self._heartbeat.start()
 
     def renew(self) -> None:
-        if self.lost or self.catalog.try_acquire_lease(
-            self.dataset, self.version_label, self.holder, self.ttl
-        ):
+        """Still this run's lease, extended; else `DatasetBusy`. A lease another took over and gave back
+        meanwhile (its row gone) is lost too: renewing never takes it again, since that holder (a run
+        that crashed after staging, a `pcbo gc` removing what it judged a crash's leftovers) may have
+        changed the lake without a word on the chain."""
+        if self.lost or not self.catalog.renew_lease(self.dataset, self.version_label, self.holder, self.ttl):
             self.lost = True
             raise DatasetBusy(f"{self.dataset}/{self.version_label}: the write lease was taken over")
 
