@@ -1,9 +1,9 @@
 """Named crash points for the crash-safety tests.
 
 `PCBO_FAILPOINT=<name>@<partition index>` makes the process exit abruptly (os._exit, no clean-up,
-like a kill) when execute reaches that point for that partition; `<name>@<partition index>:stop`
-freezes it there instead (SIGSTOP to itself, every thread: a host paused past its lease), until a
-SIGCONT. Unset, it costs one dict lookup.
+like a kill) when execute, a rollback or `pcbo gc` reaches that point for that partition;
+`<name>@<partition index>:stop` freezes it there instead (SIGSTOP to itself, every thread: a host
+paused past its lease), until a SIGCONT. Unset, it costs one dict lookup.
 """
 
 from __future__ import annotations
