@@ -11,4 +11,5 @@ pytest_plugins = [
     "pcbo_dagster_tests.postgres_server",
     "pcbo_dagster_tests.object_store_servers",
     "pcbo_dagster_tests.redis_server",
+    "pcbo_dagster_tests.frozen_hosts",
 ]

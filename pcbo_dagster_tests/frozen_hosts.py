@@ -1,8 +1,9 @@
 """Hosts frozen past their write lease, for the frozen-writer tests (`test_frozen_writer.py`,
-`test_frozen_staging_writes.py`): several `pcbo` processes, each its own PCBO_HOME, sharing a
-PostgreSQL catalog, an audit store on moto's S3 and a lake (local or S3), the write lease 2 s; one of
-them stops itself (SIGSTOP to itself, every thread frozen, as a GC pause or a suspended VM would) at a
-failpoint, `PCBO_FAILPOINT=<point>@<partition index>:stop`, and is sent SIGCONT later."""
+`test_frozen_staging_writes.py`, `test_frozen_gc.py`; a pytest plugin of conftest.py, for
+`shared_lake_url`): several `pcbo` processes, each its own PCBO_HOME, sharing a PostgreSQL catalog, an
+audit store on moto's S3 and a lake (local or S3), the write lease 2 s; one of them stops itself
+(SIGSTOP to itself, every thread frozen, as a GC pause or a suspended VM would) at a failpoint,
+`PCBO_FAILPOINT=<point>@<partition index>:stop`, and is sent SIGCONT later."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import load_generator, pcbo_env, write_request
 
 #: How long a frozen host waits for its lease to expire (the lease is 2 s).
@@ -42,6 +44,22 @@ def shared_env(
     if "://" in lake_url:
         env["PCBO_MULTI_HOST"] = "true"
     return env
+
+
+@pytest.fixture(params=["local", "s3"])
+def shared_lake_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The lake the hosts share: a local directory (one disk, the hosts on one machine) or S3 (moto).
+    Not the GCS emulator: it ignores `ifGenerationMatch` (a create-only or conditional PUT overwrites
+    there), which Cloud Storage itself honours."""
+    if request.param == "local":
+        return str(tmp_path / "shared-lake")
+    return str(request.getfixturevalue("s3_store").url(f"lake-{uuid.uuid4().hex[:8]}"))
+
+
+def lake_bytes(url: str) -> dict[str, bytes]:
+    """Every file of the lake at `url` but the checkpoint notes, by path."""
+    lake = LakeStorage(url)
+    return {rel: lake.read(rel) for rel in lake.list_files() if "/_checkpoints/" not in rel}
 
 
 def two_requests(tmp_path: Path) -> tuple[Path, Path]:

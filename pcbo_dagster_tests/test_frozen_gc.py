@@ -19,32 +19,25 @@ take a lease it lost back."""
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
-from pcbo_dagster_tests.frozen_hosts import PAST_THE_LEASE_SECONDS, shared_env, start_frozen, wake, woken
+from pcbo_dagster_tests.frozen_hosts import (
+    PAST_THE_LEASE_SECONDS,
+    lake_bytes,
+    shared_env,
+    start_frozen,
+    wake,
+    woken,
+)
 
 pytestmark = pytest.mark.postgres
 
 FIRST = "events/v1/20240101T000000Z"
 #: Where gc freezes: before its lease renewal and chain check, or right after them.
 GC_POINTS = ["gc_before_removals@0", "gc_after_fence_check@0"]
-
-
-def _lake_bytes(url: str) -> dict[str, bytes]:
-    lake = LakeStorage(url)
-    return {rel: lake.read(rel) for rel in lake.list_files() if "/_checkpoints/" not in rel}
-
-
-@pytest.fixture(params=["local", "s3"])
-def lake_url(request, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "shared-lake")
-    return request.getfixturevalue("s3_store").url(f"lake-{uuid.uuid4().hex[:8]}")
 
 
 def _crash_leftovers(tmp_path: Path, env: dict[str, str]) -> tuple[Path, dict[str, bytes]]:
@@ -64,7 +57,7 @@ def _crash_leftovers(tmp_path: Path, env: dict[str, str]) -> tuple[Path, dict[st
         cwd=tmp_path,
     )
     assert crashed.status == 86, crashed.stderr
-    left = {rel: data for rel, data in _lake_bytes(env["PCBO_LAKE_URL"]).items() if rel.startswith(FIRST)}
+    left = {rel: data for rel, data in lake_bytes(env["PCBO_LAKE_URL"]).items() if rel.startswith(FIRST)}
     assert f"{FIRST}/_versions/v000001.json" in left and f"{FIRST}/_rollback/v000001.json" in left
     time.sleep(PAST_THE_LEASE_SECONDS)  # the crashed run's lease expires
     return holder, left
@@ -77,9 +70,9 @@ def _verify_clean(tmp_path: Path, env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("gc_point", GC_POINTS)
 def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
-    tmp_path, gc_point, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, gc_point, shared_lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    env = shared_env(s3_store, fresh_postgres_url, shared_lake_url, monkeypatch)
     holder, left = _crash_leftovers(tmp_path, env)
     gc = start_frozen(tmp_path / "host-g", ["gc"], env, gc_point)
     try:
@@ -87,7 +80,7 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
         run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
         assert run.status == 0, run.stderr
         assert {p["status"] for p in run.document["partitions"]} == {"committed"}
-        committed = _lake_bytes(lake_url)
+        committed = lake_bytes(shared_lake_url)
         # the holder's version 1 took the leftovers' names
         assert committed[f"{FIRST}/_versions/v000001.json"] != left[f"{FIRST}/_versions/v000001.json"]
     finally:
@@ -95,7 +88,7 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
     status, stderr = woken(gc)
     assert status == 1, stderr
     assert FIRST in stderr and "nothing more was removed" in stderr, stderr
-    after = _lake_bytes(lake_url)
+    after = lake_bytes(shared_lake_url)
     assert {rel: after.get(rel) for rel in committed} == committed
     _verify_clean(tmp_path, env)
     # gc run again (its chain now the holder's) removes the crash's own data files, and nothing else
@@ -103,18 +96,18 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
     assert run.status == 0, run.stderr
     removed = {entry["path"] for entry in run.document["removed"]}
     assert removed and all(rel.rsplit("/", 1)[1].startswith("part-") for rel in removed), removed
-    assert {rel for rel in committed if rel not in _lake_bytes(lake_url)} == removed
+    assert {rel for rel in committed if rel not in lake_bytes(shared_lake_url)} == removed
     _verify_clean(tmp_path, env)
 
 
 @pytest.mark.parametrize("gc_point", GC_POINTS)
 def test_gc_frozen_past_its_lease_removes_nothing_another_run_staged(
-    tmp_path, gc_point, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, gc_point, shared_lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
     """The holder froze after staging, before its intent, its lease held (120 s): gc woken finds the
     lease another run's (or, past that check, the files other bytes) and stops; the holder woken
     commits what it staged."""
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    env = shared_env(s3_store, fresh_postgres_url, shared_lake_url, monkeypatch)
     holder, left = _crash_leftovers(tmp_path, env)
     gc = start_frozen(tmp_path / "host-g", ["gc"], env, gc_point)
     b = None
@@ -126,12 +119,12 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_staged(
             {**env, "PCBO_LEASE_TTL_SECONDS": "120"},
             "after_data_files@0",
         )
-        staged = _lake_bytes(lake_url)
+        staged = lake_bytes(shared_lake_url)
         assert staged[f"{FIRST}/_versions/v000001.json"] != left[f"{FIRST}/_versions/v000001.json"]
         status, stderr = woken(gc)
         assert status == 1, stderr
         assert FIRST in stderr and "nothing more was removed" in stderr, stderr
-        after = _lake_bytes(lake_url)
+        after = lake_bytes(shared_lake_url)
         assert {rel: after.get(rel) for rel in staged} == staged
     finally:
         wake(gc)
@@ -143,7 +136,7 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_staged(
 
 
 def test_a_run_frozen_after_staging_commits_nothing_gc_removed_meanwhile(
-    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, shared_lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
     """The other direction: a run froze after staging, before its intent, past its lease; gc took the
     lease over, judged what the run staged a crash's leftovers (nothing on the chain names it), removed
@@ -153,7 +146,7 @@ def test_a_run_frozen_after_staging_commits_nothing_gc_removed_meanwhile(
     request = write_request(
         tmp_path / "run.json", generator.make_request(records=60, partitions=2, seed=6, run_id="frozen-1")
     )
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    env = shared_env(s3_store, fresh_postgres_url, shared_lake_url, monkeypatch)
     run = start_frozen(tmp_path / "host-a", ["execute", "--input", request], env, "after_data_files@0")
     try:
         time.sleep(PAST_THE_LEASE_SECONDS)  # the run's lease expires

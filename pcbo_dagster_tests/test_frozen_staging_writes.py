@@ -9,34 +9,24 @@ committed."""
 from __future__ import annotations
 
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 
-from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
-from pcbo_dagster_tests.frozen_hosts import PAST_THE_LEASE_SECONDS, shared_env, start_frozen, wake, woken
+from pcbo_dagster_tests.frozen_hosts import (
+    PAST_THE_LEASE_SECONDS,
+    lake_bytes,
+    shared_env,
+    start_frozen,
+    wake,
+    woken,
+)
 
 pytestmark = pytest.mark.postgres
 
 
-def _lake_bytes(url: str) -> dict[str, bytes]:
-    lake = LakeStorage(url)
-    return {rel: lake.read(rel) for rel in lake.list_files() if "/_checkpoints/" not in rel}
-
-
-#: Not the GCS emulator: it ignores `ifGenerationMatch` (a create-only PUT overwrites there), which
-#: Cloud Storage itself honours.
-@pytest.fixture(params=["local", "s3"])
-def lake_url(request, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "shared-lake")
-    return request.getfixturevalue("s3_store").url(f"lake-{uuid.uuid4().hex[:8]}")
-
-
 def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
-    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, shared_lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
     generator = load_generator()
     frozen = write_request(
@@ -45,7 +35,7 @@ def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
     holder = write_request(
         tmp_path / "holder.json", generator.make_request(records=60, partitions=2, seed=6, run_id="holder-1")
     )
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    env = shared_env(s3_store, fresh_postgres_url, shared_lake_url, monkeypatch)
     a = start_frozen(tmp_path / "host-a", ["execute", "--input", frozen], env, "before_staging_writes@0")
     try:
         time.sleep(
@@ -54,7 +44,7 @@ def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
         run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
         assert run.status == 0, run.stderr
         assert {p["status"] for p in run.document["partitions"]} == {"committed"}
-        committed = _lake_bytes(lake_url)
+        committed = lake_bytes(shared_lake_url)
         assert any("/_versions/v000001.json" in rel for rel in committed)
     finally:
         wake(a)
@@ -63,7 +53,7 @@ def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
     assert "nothing was overwritten" in stderr or "write lease was taken over" in stderr
     # Nothing the holder wrote was altered; the frozen run left at most its own data file (named by its
     # content, written before it found the version taken; no manifest names it: `pcbo gc` removes it).
-    after = _lake_bytes(lake_url)
+    after = lake_bytes(shared_lake_url)
     assert {rel: after[rel] for rel in committed} == committed
     assert all(rel.rsplit("/", 1)[1].startswith("part-") for rel in set(after) - set(committed))
     run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
@@ -138,7 +128,7 @@ def test_a_run_frozen_after_staging_appends_no_intent_while_another_run_holds_th
 
 
 def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_nothing_when_woken(
-    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, shared_lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
     """A crashed run left version 1 staged (never committed). Run A judged that leftover replaceable
     (it still held the lease) and froze right before replacing it (`before_replacing_staged`); B took
@@ -153,7 +143,7 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
         )
         for run_id, seed in (("crash-1", 7), ("frozen-1", 5), ("holder-1", 6))
     }
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    env = shared_env(s3_store, fresh_postgres_url, shared_lake_url, monkeypatch)
     crashed = run_pcbo(
         ["execute", "--input", requests["crash-1"]],
         home=tmp_path / "host-c",
@@ -172,12 +162,12 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
         )
         assert run.status == 0, run.stderr
         assert {p["status"] for p in run.document["partitions"]} == {"committed"}
-        committed = _lake_bytes(lake_url)
+        committed = lake_bytes(shared_lake_url)
     finally:
         wake(a)
     status, stderr = woken(a)
     assert status == 1, stderr
-    after = _lake_bytes(lake_url)
+    after = lake_bytes(shared_lake_url)
     assert {rel: after[rel] for rel in committed} == committed
     run = run_pcbo(["verify"], home=tmp_path / "host-d", env=env, cwd=tmp_path)
     assert run.status == 0 and run.document["status"] == "clean", run.document

@@ -64,8 +64,8 @@ def _verify_clean(tmp_path: Path, env: dict[str, str]) -> None:
 def test_a_writer_frozen_past_its_lease_writes_no_commit_point_when_resumed(
     tmp_path, s3_store, fresh_postgres_url, monkeypatch
 ):
-    lake_url = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    s3_lake = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
+    env = shared_env(s3_store, fresh_postgres_url, s3_lake, monkeypatch)
     a_request, b_request = two_requests(tmp_path)
     status, err, b = _frozen_while_b_commits(
         tmp_path, env, ["execute", "--input", str(a_request)], "before_commit@0", b_request
@@ -73,7 +73,7 @@ def test_a_writer_frozen_past_its_lease_writes_no_commit_point_when_resumed(
     assert status == 1, err
     assert {p["status"] for p in b["partitions"]} == {"committed"}
     # B's versions are the lake's commit points; every store agrees with the chain.
-    assert _held_run_ids(lake_url, [p["key"] for p in b["partitions"]]) == {"run-b"}
+    assert _held_run_ids(s3_lake, [p["key"] for p in b["partitions"]]) == {"run-b"}
     _verify_clean(tmp_path, env)
     assert "since this run read the chain" in err and "wrote no commit point" in err
 
@@ -84,41 +84,34 @@ def test_a_rollback_frozen_past_its_lease_moves_no_commit_point_when_resumed(
     """Host A's `pcbo rollback --run-id run-a` appends its rollback intent and is frozen; host B
     commits other content for the partitions; A resumed put back (or removed) the commit points B had
     just committed and deleted files by a plan made before B's commit. Now it stops before the first."""
-    lake_url = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    s3_lake = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
+    env = shared_env(s3_store, fresh_postgres_url, s3_lake, monkeypatch)
     a_request, b_request = two_requests(tmp_path)
     done = run_pcbo(["execute", "--input", a_request], home=tmp_path / "host-a", env=env, cwd=tmp_path)
     assert done.status == 0, done.stderr
     rollback = ["rollback", "--dataset", "events", "--run-id", "run-a"]
     status, err, b = _frozen_while_b_commits(tmp_path, env, rollback, "rollback_after_intent@0", b_request)
     assert status == 1, err
-    assert _held_run_ids(lake_url, [p["key"] for p in b["partitions"]]) == {"run-b"}
+    assert _held_run_ids(s3_lake, [p["key"] for p in b["partitions"]]) == {"run-b"}
     _verify_clean(tmp_path, env)
 
 
-@pytest.fixture(params=["local", "s3"])
-def lake_url(request, tmp_path: Path) -> str:
-    if request.param == "local":
-        return str(tmp_path / "shared-lake")
-    return request.getfixturevalue("s3_store").url(f"lake-{uuid.uuid4().hex[:8]}")
-
-
 def test_a_writer_frozen_after_its_chain_check_puts_no_commit_point_over_the_new_holders(
-    tmp_path, lake_url, s3_store, fresh_postgres_url, monkeypatch
+    tmp_path, shared_lake_url, s3_store, fresh_postgres_url, monkeypatch
 ):
     """Frozen a second time: A passed its chain check right before its commit points, and stops there
     (`after_fence_check`); B takes the lease over and commits. A resumed put its commit points over
     B's, unconditionally (`commit_point_not_on_chain`, not repairable). Now each commit point write
     replaces only the commit point A read (S3 `If-Match` / `If-None-Match: *`; locally compared and
     renamed under the partition directory's lock): refused, A stops with `ChainMoved`."""
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    env = shared_env(s3_store, fresh_postgres_url, shared_lake_url, monkeypatch)
     a_request, b_request = two_requests(tmp_path)
     status, err, b = _frozen_while_b_commits(
         tmp_path, env, ["execute", "--input", str(a_request)], "after_fence_check@0", b_request
     )
     assert status == 1, err
     assert {p["status"] for p in b["partitions"]} == {"committed"}
-    assert _held_run_ids(lake_url, [p["key"] for p in b["partitions"]]) == {"run-b"}
+    assert _held_run_ids(shared_lake_url, [p["key"] for p in b["partitions"]]) == {"run-b"}
     _verify_clean(tmp_path, env)
     assert "is no longer the commit point this run read" in err, err
 
@@ -128,8 +121,8 @@ def test_a_rollback_frozen_after_its_chain_check_moves_no_commit_point_of_the_ne
 ):
     """The same for a rollback frozen between its chain check and its first commit-point move
     (`rollback_after_fence_check`): B's commits stay, A stops with `ChainMoved`."""
-    lake_url = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
-    env = shared_env(s3_store, fresh_postgres_url, lake_url, monkeypatch)
+    s3_lake = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
+    env = shared_env(s3_store, fresh_postgres_url, s3_lake, monkeypatch)
     a_request, b_request = two_requests(tmp_path)
     done = run_pcbo(["execute", "--input", a_request], home=tmp_path / "host-a", env=env, cwd=tmp_path)
     assert done.status == 0, done.stderr
@@ -138,6 +131,6 @@ def test_a_rollback_frozen_after_its_chain_check_moves_no_commit_point_of_the_ne
         tmp_path, env, rollback, "rollback_after_fence_check@0", b_request
     )
     assert status == 1, err
-    assert _held_run_ids(lake_url, [p["key"] for p in b["partitions"]]) == {"run-b"}
+    assert _held_run_ids(s3_lake, [p["key"] for p in b["partitions"]]) == {"run-b"}
     _verify_clean(tmp_path, env)
     assert "is no longer the commit point this rollback planned from" in err, err
