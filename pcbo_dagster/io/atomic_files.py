@@ -1,4 +1,6 @@
-"""Replacing a local file all-or-nothing: a temporary file beside it, renamed into place."""
+"""Writing a local file all-or-nothing through a temporary file beside it: replaced (`replace_file`,
+renamed into place), created only where no file is (`create_file`, linked into place), or swapped only
+over the bytes its writer read (`swap_file`, renamed under a lock of its directory)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,25 @@ def replace_file(
         fh.write(data)
 
 
+def _temporary(path: str | os.PathLike[str], data: bytes, *, durable: bool, mode: int, prefix: str) -> str:
+    """A new temporary file beside `path` holding `data` (fsynced when `durable`), created exclusively
+    and never through a symbolic link: its path."""
+    directory = os.path.dirname(os.fspath(path)) or "."
+    name = f"{prefix}{os.path.basename(os.fspath(path))}-{os.getpid()}-{os.urandom(6).hex()}"
+    tmp = os.path.join(directory, name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
 def create_file(
     path: str | os.PathLike[str],
     data: bytes,
@@ -53,16 +74,8 @@ def create_file(
     beside it is written, then hard-linked to `path` (the link fails when the name exists, a symbolic
     link included, which is never followed) and removed. True when created; False when the name was
     already taken (nothing written). `durable=True` fsyncs the file before it is linked."""
-    directory = os.path.dirname(os.fspath(path)) or "."
-    name = f"{prefix}{os.path.basename(os.fspath(path))}-{os.getpid()}-{os.urandom(6).hex()}"
-    tmp = os.path.join(directory, name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    tmp = _temporary(path, data, durable=durable, mode=mode, prefix=prefix)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
         try:
             os.link(tmp, path, follow_symlinks=False)
         except FileExistsError:
@@ -89,14 +102,8 @@ def swap_file(
     through here takes, in this process or any other on the host: held for a read of one small file
     and a rename, never while writing. `durable=True` fsyncs the new file before the rename."""
     directory = os.path.dirname(os.fspath(path)) or "."
-    tmp = None
-    if data is not None:
-        fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            if durable:
-                fh.flush()
-                os.fsync(fh.fileno())
+    # (mode 0600, as `replace_file`'s temporary files, which commit points were written with before)
+    tmp = None if data is None else _temporary(path, data, durable=durable, mode=0o600, prefix=prefix)
     try:
         lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:

@@ -17,6 +17,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from pcbo_dagster.io.atomic_files import create_file
+
 
 def host_secret(home: Path, variable: str, file: str, environ: Mapping[str, str] | None = None) -> bytes:
     """The secret of `variable` (module doc), else of the key file `home/file` (made on first use)."""
@@ -29,20 +31,9 @@ def host_secret(home: Path, variable: str, file: str, environ: Mapping[str, str]
         data = path.read_bytes()
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Written whole under a temporary name, then linked into place: a process reading it never
-        # sees it half written, and the first link wins (the others read the winner's key).
-        temporary = path.parent / f".tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(os.urandom(32))
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(temporary)
+        # Written whole and linked into place (`create_file`): a process reading it never sees it half
+        # written, and the first link wins (the others read the winner's key).
+        create_file(path, os.urandom(32), durable=True, mode=0o600)
         data = path.read_bytes()
     if len(data) != 32:
         from pcbo_dagster.core.errors import InvalidInput
