@@ -865,6 +865,31 @@ def test_execute_refuses_a_chain_whose_events_were_forged(home, requests, both_s
     assert kinds(found) & {"audit_chain_broken", "transparency_log_mismatch"}, found["findings"]
 
 
+def test_a_rollback_checks_its_input_on_a_chain_that_verifies(home, capsys):
+    """Red-team finding: `pcbo rollback` checked the partition it was given against the audit backup
+    as read, before taking the lock: K3's events edited in the middle of the backup to name another
+    partition (their hashes left) made the rollback of K3 invalid input (exit 2, "no partition"),
+    an answer derived from a forged chain. The input is now checked on a chain that verifies
+    (`partition_checks.verified_chain`): the rollback is refused as the chain's (exit 1, naming it)
+    and nothing is written."""
+
+    def k3_renamed(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for event in events:
+            for named in [event.get("partition") or {}, *event.get("partitions", [])]:
+                if named.get("key") == K3:
+                    named["key"] = "20240101T090000Z"
+        return events
+
+    _edit_backup(home, k3_renamed)
+    before = _home_state(home)
+    capsys.readouterr()
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--partition", K3)
+    stderr = capsys.readouterr().err
+    assert status == 1 and document is None, stderr
+    assert "audit chain events/v1 does not verify" in stderr, stderr
+    assert _home_state(home) == before
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -368,6 +368,29 @@ def test_a_journal_tail_vouched_for_by_a_checkpoint_of_no_apply_is_refused(tmp_p
 # -- the audit chain --------------------------------------------------------------------------------
 
 
+def test_a_sql_rollback_checks_its_input_on_a_chain_that_verifies(tmp_path: Path) -> None:
+    """Red-team finding: a rollback of a partition's SQL applies found them in the audit backup as
+    read, before taking the lock: the partition's events edited in the middle of the backup to name
+    another partition (their hashes left) made its rollback invalid input (exit 2, "no partition"),
+    an answer derived from a forged chain. The input is now checked on a chain that verifies: the
+    rollback is refused as the chain's (exit 1, naming it), and nothing is written."""
+    url, home, path = _setup(tmp_path)
+    assert pcbo(["execute", "--input", path, "--home", home]).status == 0
+    backup = home / "pas" / "events" / "v1.jsonl"
+    events = [json.loads(line) for line in backup.read_bytes().splitlines()]
+    key = next(e["partition"]["key"] for e in events if e["event_type"] == "sql_apply_intent")
+    for event in events:
+        for named in [event.get("partition") or {}, *event.get("partitions", [])]:
+            if named.get("key") == key:
+                named["key"] = "20990101T000000Z"
+    backup.write_bytes(b"".join(json.dumps(e).encode() + b"\n" for e in events))
+    before = dump(url), backup.read_bytes()
+    refused = pcbo(["rollback", "--home", home, "--dataset", "events", "--partition", key])
+    assert refused.status == 1, refused.stderr
+    assert "audit chain events/v1 does not verify" in refused.stderr, refused.stderr
+    assert (dump(url), backup.read_bytes()) == before
+
+
 def test_a_sql_apply_or_rollback_refuses_a_chain_whose_events_were_forged(tmp_path: Path) -> None:
     """Red-team finding: a SQL apply and a SQL rollback replayed the audit backup as read once its
     last event agreed with the catalog's head, so an event edited in the middle of the backup (an

@@ -44,7 +44,6 @@ from pcbo_dagster.core.chain_state import (
     PARTITION_ROLLED_BACK,
     ChainState,
     PartitionHistory,
-    replay,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.engine import failpoints, lake_changes
@@ -375,16 +374,18 @@ def rollback(
             layout.check_partition(dataset, version_label, partition_key)
         except OutsidePartition as exc:
             raise InvalidInput("partition", str(exc)) from None
+    ckey = chain_key(dataset, version_label)
+    # The input is checked before the lock on a chain that verifies (read as a reader holding no lock
+    # reads it): a forged one is refused as such (exit 1), never made to say the input is unknown
+    state = verified_chain(env, dataset, version_label, f"rollback of {ckey}", sync=False).replayed
     if version is None:  # issue 15: what a run applied to a SQL table (engine/sql_rollback.py)
         from pcbo_dagster.engine.sql_rollback import rollback_sql
 
         undone = rollback_sql(
-            env, dataset, version_label, run_id=run_id, partition_key=partition_key, reason=reason
+            env, state, dataset, version_label, run_id=run_id, partition_key=partition_key, reason=reason
         )
         if undone is not None:
             return undone
-    ckey = chain_key(dataset, version_label)
-    state = replay(env.audit.backup.read_chain(ckey))
     if run_id is not None and run_id not in state.run_ids() and env.catalog.get_run(run_id) is None:
         raise InvalidInput("runId", f"no run {run_id!r} wrote to {ckey}")
     for key in partition_keys or ([partition_key] if partition_key is not None else []):

@@ -47,7 +47,6 @@ from pcbo_dagster.core.chain_state import (
     ChainState,
     SqlApply,
     SqlPartitionHistory,
-    replay,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.engine import failpoints
@@ -102,6 +101,7 @@ def sql_histories_of_run(state: ChainState, run_id: str) -> dict[str, list[SqlPa
 
 def rollback_sql(
     env: Environment,
+    state: ChainState,
     dataset: str,
     version_label: str,
     *,
@@ -110,9 +110,10 @@ def rollback_sql(
     reason: str,
 ) -> dict[str, Any] | None:
     """Roll back a run's applies into SQL tables (of one partition, when given); None when the chain
-    shows no SQL apply of that run (or, without a run, of that partition): a lake rollback then."""
+    (`state`: the dataset version's, verified by the caller before the lock) shows no SQL apply of
+    that run (or, without a run, of that partition): a lake rollback then. Under each table's lock
+    the chain is read and verified again."""
     ckey = chain_key(dataset, version_label)
-    state = replay(env.audit.backup.read_chain(ckey))
     if run_id is None:
         assert partition_key is not None
         latest = [a for (_, key), h in sorted(state.sql.items()) if key == partition_key for a in h.applies]
