@@ -882,6 +882,30 @@ def test_a_field_equal_but_for_case_to_another_column_is_refused_when_published(
     assert _table_count(home) == 0
 
 
+@pytest.mark.parametrize("field", ["ID", "_file", "$path"])
+def test_a_dry_run_refuses_the_field_names_an_execute_refuses(tmp_path: Path, field: str) -> None:
+    """A dry-run promises what execute will do, but it did not check the names of the columns a
+    request publishes to an Iceberg table: a record with a field `ID` beside its `id` (or `_file`,
+    `$path`) was an approved dry-run (exit 0, a decision hash) of a request its execute then refused
+    (exit 2). The dry-run now calls the execute's own check (`refuse_column_names`): the same
+    refusal, naming the same field, exit 2, nothing written."""
+    home = tmp_path / "home"
+    request = _request("ice-1")
+    record = next(r for r in request["sourceRecords"] if r.get("consentGranted") is True)
+    record[field] = "forged"
+    path = write_request(tmp_path / "r1.json", request)
+    dry = run_pcbo(["dry-run", "--input", path], home=home)
+    assert dry.status == 2 and dry.document is None, dry.stderr
+    refused = run_pcbo(["execute", "--input", path], home=home)
+    assert refused.status == 2, refused.stderr
+    assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
+    assert not (lake_dir(home) / DATASET).exists() and backup_events(home, DATASET) == []
+    # Without a table the same records are a dry-run as before.
+    del request["table"]
+    plain = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r2.json", request)], home=home)
+    assert plain.status == 0, plain.stderr
+
+
 def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tmp_path: Path) -> None:
     """A request without `table` publishes to the table its dataset version's chain declares: a JSONL
     source with a `_pos` column is refused there (naming the source's column), nothing written."""

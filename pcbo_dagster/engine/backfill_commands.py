@@ -54,11 +54,16 @@ def evaluate_request(
     base_dir: Path | None = None,
     confine_to: SourcesDirectory | None = None,
     settings: Settings | Callable[[], Settings] | None = None,
+    *,
+    table_columns: bool = True,
 ) -> EvaluatedRequest:
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
     done with its decisions, which a streamed source reads from its spill as they are iterated.
     `settings` (or how to resolve them): the deployment whose audit chain says which journal of a SQL
-    target's run is its own (`sql_apply.deployment_chain`; read only, nothing written)."""
+    target's run is its own (`sql_apply.deployment_chain`; read only, nothing written).
+    `table_columns` (a dry-run, which promises what execute will do): the columns of a request that
+    publishes to an Iceberg table refused as execute refuses them (`refuse_table_columns`); an
+    execute checks them itself, under its lock (`iceberg_publication.publisher_for`)."""
     loaded = load_request(raw, base_dir, confine_to)
     try:
         chain = None
@@ -67,10 +72,29 @@ def evaluate_request(
 
             chain = functools.partial(deployment_chain, settings)
         plan, decisions = evaluate(loaded, chain)
+        if table_columns:
+            refuse_table_columns(loaded, plan, decisions)
     except BaseException:
         loaded.close()
         raise
     return EvaluatedRequest(loaded, plan, decisions)
+
+
+def refuse_table_columns(loaded: LoadedRequest, plan: Plan, decisions: Decisions) -> None:
+    """`InvalidInput` (exit 2) naming the field of the first column of a request's run that the
+    Iceberg table the request names cannot have (a reserved or case-colliding name): the execute's
+    own check (`iceberg_publication.refuse_column_names`, on the run's schema), made before it writes
+    anything. A request that names no table: nothing to check."""
+    if loaded.request.table is None:
+        return
+    from pcbo_dagster.tables.iceberg_publication import partition_field_names, refuse_column_names
+
+    schema, _ = loaded.schema_of(decisions.partitions)
+    refuse_column_names(
+        schema.names,
+        partition_field_names(plan),
+        lambda column: loaded.field_of(column, decisions.partitions),
+    )
 
 
 @contextmanager
@@ -80,8 +104,9 @@ def evaluated_request(
     confine_to: SourcesDirectory | None = None,
     settings: Settings | None = None,
 ) -> Iterator[EvaluatedRequest]:
-    """`evaluate_request`, closed when the block ends."""
-    evaluated = evaluate_request(raw, base_dir, confine_to, settings)
+    """`evaluate_request` for an execute (which checks a table's columns itself), closed when the
+    block ends."""
+    evaluated = evaluate_request(raw, base_dir, confine_to, settings, table_columns=False)
     try:
         yield evaluated
     finally:
