@@ -368,6 +368,41 @@ def test_a_journal_tail_vouched_for_by_a_checkpoint_of_no_apply_is_refused(tmp_p
 # -- the audit chain --------------------------------------------------------------------------------
 
 
+def test_a_sql_dry_run_reads_a_chain_that_verifies(tmp_path: Path) -> None:
+    """Red-team finding: a SQL target's dry-run (`--home`) replayed the deployment's audit backup as
+    read to find its run's journal: an apply's intent edited in the middle of the backup to name
+    another run (its hash left) had the dry-run evaluate against the live table instead of the run's
+    journal, an approved decision hash from a forged chain (exit 0); and with the catalog removed, a
+    backup it can no longer be held against was replayed all the same. The dry-run now reads the
+    chain through `partition_checks.verified_chain` (as a reader holding no lock: nothing written):
+    refused (`ChainNotVerified`, exit 1, naming the chain)."""
+    url, home, path = _setup(tmp_path)
+    ran = pcbo(["execute", "--input", path, "--home", home])
+    assert ran.status == 0, ran.stderr
+    again = pcbo(["dry-run", "--input", path, "--home", home])
+    assert again.status == 0 and again.document["decisionHash"] == ran.document["decisionHash"]
+    backup = home / "pas" / "events" / "v1.jsonl"
+    honest = backup.read_bytes()
+    lines = honest.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if b'"sql_apply_intent"' in line)
+    assert at < len(lines) - 1
+    event = json.loads(lines[at])
+    event["run_id"] = "run-0"
+    lines[at] = json.dumps(event).encode() + b"\n"
+    backup.write_bytes(b"".join(lines))
+    before = dump(url), backup.read_bytes()
+    refused = pcbo(["dry-run", "--input", path, "--home", home])
+    assert refused.status == 1 and refused.document is None, refused.stderr
+    assert "audit chain events/v1 does not verify" in refused.stderr, refused.stderr
+    assert (dump(url), backup.read_bytes()) == before
+    # The chain as it was, with no catalog left to hold it against: refused too.
+    backup.write_bytes(honest)
+    (home / "catalog.db").unlink()
+    refused = pcbo(["dry-run", "--input", path, "--home", home])
+    assert refused.status == 1 and "events/v1" in refused.stderr, refused.stderr
+    assert not (home / "catalog.db").exists()
+
+
 def test_a_sql_rollback_checks_its_input_on_a_chain_that_verifies(tmp_path: Path) -> None:
     """Red-team finding: a rollback of a partition's SQL applies found them in the audit backup as
     read, before taking the lock: the partition's events edited in the middle of the backup to name

@@ -174,23 +174,47 @@ def deployment_chain(
     settings: Settings | Callable[[], Settings], dataset: str, version_label: str
 ) -> tuple[ChainState, str]:
     """The deployment's audit chain of a dataset version (`settings`, or how to resolve them: only a
-    SQL target needs them), replayed from its audit backup with nothing written (an object store's
-    read through a throwaway cache; a backup that does not exist yet is an empty chain: the
-    deployment has applied nothing), and the backup's location as shown."""
+    SQL target needs them), read from its audit backup with nothing written (an object store's read
+    through a throwaway cache) and verified as a reader holding no lock reads it
+    (`partition_checks.verified_chain`, against the catalog's head, its stored log and checkpoints):
+    `ChainNotVerified` (exit 1) for one that does not verify. With no catalog of pcbo's (none yet, or
+    removed), an empty chain is the chain of a deployment that has applied nothing, and any other is
+    refused: there is nothing to hold it against. Returns the replayed chain and the backup's
+    location as shown."""
     import tempfile
+    from contextlib import nullcontext
 
     from pcbo_dagster.audit.backup import AuditBackup
+    from pcbo_dagster.audit.log import AuditLog
     from pcbo_dagster.audit.object_store_backup import open_backup
+    from pcbo_dagster.catalog import CatalogStore
+    from pcbo_dagster.engine.partition_checks import ChainNotVerified
     from pcbo_dagster.io.redaction import redact_url
+    from pcbo_dagster.lake.storage import LakeStorage
 
     key = chain_key(dataset, version_label)
     if not isinstance(settings, Settings):
         settings = settings()
-    if settings.audit_store is None:
-        return replay(AuditBackup(settings.audit_dir).read_chain(key)), str(settings.audit_dir)
-    with tempfile.TemporaryDirectory(prefix="pcbo-chain-") as cache:
-        events = open_backup(settings.audit_store, cache).read_chain(key)
-    return replay(events), redact_url(settings.audit_store)
+    store = settings.audit_store
+    where = str(settings.audit_dir) if store is None else redact_url(store)
+    doing = f"the dry-run of {key}"
+    catalog = CatalogStore(settings.catalog_url)
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="pcbo-chain-") if store is not None else nullcontext() as cache
+        ):
+            backup = AuditBackup(settings.audit_dir) if store is None else open_backup(store, str(cache))
+            if catalog.is_missing_sqlite_file() or not catalog.at_head():
+                if backup.read_chain(key):
+                    raise ChainNotVerified(
+                        f"{doing} refused: the audit chain {key} cannot be verified: there is no pcbo "
+                        f"catalog at {redact_url(catalog.url)} to hold it against; nothing was written"
+                    )
+                return replay([]), where
+            env = Environment(settings, LakeStorage(settings.lake_url), catalog, AuditLog(backup, catalog))
+            return verified_chain(env, dataset, version_label, doing, sync=False).replayed, where
+    finally:
+        catalog.close()
 
 
 def evaluate_target(
