@@ -202,6 +202,34 @@ def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> Non
     assert run_pcbo(["verify"], home=home).status == 0
 
 
+def test_a_publication_under_way_reads_a_chain_that_verifies(tmp_path: Path) -> None:
+    """Red-team finding: an execute verified its chain at its start, but its Iceberg publication read
+    the audit backup again as it was (the events it judges the table against): an event edited in
+    the middle of the backup while the run was under way (here while it was frozen before its first
+    publication, its partitions committed) was published from all the same (exit 0). The publication
+    now reads the chain through `partition_checks.verified_chain`: refused (`ChainNotVerified`, exit
+    1, naming the chain) before the table is created or anything published."""
+    from pcbo_dagster_tests.frozen_hosts import start_frozen, woken
+
+    home = tmp_path / "home"
+    path = write_request(tmp_path / "r1.json", _request("ice-1"))
+    process = start_frozen(home, ["execute", "--input", path], {}, "before_publication@0")
+    try:
+        backup = home / "pas" / DATASET / "v1.jsonl"
+        lines = backup.read_bytes().splitlines(keepends=True)
+        at = next(i for i, line in enumerate(lines) if b'"partition_committed"' in line)
+        assert at < len(lines) - 1
+        event = json.loads(lines[at])
+        event["run_id"] = "someone-else"
+        lines[at] = json.dumps(event).encode() + b"\n"
+        backup.write_bytes(b"".join(lines))
+    finally:
+        status, stderr = woken(process)
+    assert status == 1, stderr
+    assert "audit chain events/v1 does not verify" in stderr, stderr
+    assert _table_count(home) == 0
+
+
 def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(tmp_path: Path) -> None:
     home = tmp_path / "home"
     ids = _request("ice-1")

@@ -47,6 +47,13 @@ database (PostgreSQL in production); a `postgresql://` or `sqlite://` URL; or an
 catalog (`PCBO_ICEBERG_REST_TOKEN` / `PCBO_ICEBERG_REST_CREDENTIAL`). The table's metadata lives with
 the lake, under `<lake>/_iceberg/<namespace>/<table>` (no dataset name starts with `_`).
 
+**The chain it reads verifies.** Where a dataset version publishes and what its table is judged
+against are read from the audit chain through `partition_checks.verified_chain` (every hash and link,
+the catalog's head, the history its stored log and checkpoints hold) each time a publication reads it,
+under the dataset's lock: a chain edited since the run, rollback or repair began is refused
+(`ChainNotVerified`, exit 1) before a table is created or a snapshot published. A dataset version
+that publishes nowhere (no table given, none declared on the chain) reads nothing more.
+
 **Write-audit-publish.** A rollout's staging environment publishes to the table's `staging` branch
 (its files are the staging lake's); promotion publishes production's byte-identical files to `main`
 in one snapshot naming the approved staging snapshot (`pcbo.approved-snapshot-id`). `main` is
@@ -224,6 +231,16 @@ def recorded_target(row: TablePublicationRow, env: Environment) -> TableTarget:
     return TableTarget(url, row["table_name"], f"{env.lake.url}/{WAREHOUSE_DIR}", row["branch"])
 
 
+def verified_events(env: Environment, dataset: str, version_label: str) -> list[dict[str, Any]]:
+    """The events of the dataset version's chain as a publication reads them, under the dataset's lock
+    (every caller holds it): through `partition_checks.verified_chain`, `ChainNotVerified` (exit 1,
+    nothing published) for a chain that does not verify."""
+    from pcbo_dagster.engine.partition_checks import verified_chain
+
+    doing = f"the table publication of {dataset}/{version_label}"
+    return verified_chain(env, dataset, version_label, doing).events
+
+
 def resolve_target(
     env: Environment,
     spec: TableSpec | None,
@@ -240,7 +257,7 @@ def resolve_target(
     # Only the chain says where a dataset version publishes: a catalog row alone (which someone who can
     # write the catalog could add) never makes a target, nor gets declared (verify reports it).
     if chain is None:
-        chain = env.audit.backup.read_chain(f"{dataset}/{version_label}")
+        chain = verified_events(env, dataset, version_label)
     recorded = declared_publications(chain).get(branch)
     target = given if given is not None else (target_for(spec, env) if spec is not None else None)
     if recorded is None:
@@ -875,7 +892,7 @@ class Publisher:
             table_name=self.target.name,
         )
         if chain is None:
-            chain = self.env.audit.backup.read_chain(self.chain_key)
+            chain = verified_events(self.env, self.dataset, self.version_label)
         declared = declared_publications(chain).get(row["branch"])
         if declared is None:
             self.env.audit.append(self.chain_key, TABLE_PUBLICATION_RECORDED, declaration_body(row))
@@ -953,10 +970,11 @@ class Publisher:
         and nothing to create it for. `PublicationRefused` when it diverged."""
         if self.table is not None:
             return True
+        # (before the table is created: a chain edited since the run began creates nothing)
+        events = verified_events(self.env, self.dataset, self.version_label)
         table = self._load(create_from, expected_files(state, self.dataset, self.version_label))
         if table is None:
             return False
-        events = self.env.audit.backup.read_chain(self.chain_key)
         try:
             current = read_state(
                 table,
@@ -1290,6 +1308,9 @@ def publisher_for(
     `columns`: the run's columns, refused (`refuse_column_names`, `field_of` naming a column's field)
     before the table is declared or anything written."""
     chain = env.audit.backup.read_chain(f"{dataset}/{version_label}")
+    if spec is None and given is None and not declared_publications(chain):
+        return None  # it publishes nowhere: nothing is decided from the chain, nothing published
+    chain = verified_events(env, dataset, version_label)  # where, and what is published: verified
     target = resolve_target(env, spec, dataset, version_label, given, chain)
     if target is None:
         return None
