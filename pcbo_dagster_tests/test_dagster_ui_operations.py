@@ -283,3 +283,46 @@ def test_the_four_steps_publish_the_datasets_iceberg_table(tmp_path: Path) -> No
     assert table.scan().to_arrow().num_rows == sum(f["rowCount"] for m in manifests for f in m["files"])
     with engine.environment() as env:
         assert verify(env)["status"] == "clean"
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["with-table", "lake-only"])
+def test_the_dry_run_job_refuses_the_column_names_a_table_cannot_have(tmp_path: Path, table: bool) -> None:
+    """A dataset that publishes to an Iceberg table, one of whose records has a field `ID` beside
+    `id`: the materialization would refuse it (exit 2 in the CLI, before anything is written), so the
+    dry-run job, which promises what the materialization will do, fails naming the field and writes no
+    report; the same records in a dataset without a table dry-run as before."""
+    text = DEFAULT_DATASETS_CONFIG.read_text()
+    marker = "    auditChainKey: events/v1"
+    if table:
+        text = text.replace(marker, marker + "\n    table: {format: iceberg, name: lake.events}", 1)
+    (tmp_path / "datasets.yaml").write_text(text)
+    generate_demo_data(tmp_path / "demo_data")
+    events = tmp_path / "demo_data" / "events.jsonl"
+    lines = events.read_text().splitlines()
+    in_range = next(
+        i
+        for i, line in enumerate(lines)
+        if '"occurredAt":"2024-01-01T01' in line and '"jurisdiction":"US"' in line
+    )
+    record = json.loads(lines[in_range])
+    record["ID"] = "shadow"
+    lines[in_range] = json.dumps(record)
+    events.write_text("\n".join(lines) + "\n")
+    config = load_datasets_config(tmp_path / "datasets.yaml")
+    engine = PcboEngineResource(home=str(tmp_path / "pcbo-home"))
+    defs = build_definitions(config, resource=engine)
+    reports = tmp_path / "pcbo-home" / "reports" / "dry-runs" / "events"
+    with dg.instance_for_test() as instance:
+        dry = defs.resolve_job_def("events_dry_run").execute_in_process(
+            instance=instance, tags=RANGE, raise_on_error=False
+        )
+    if not table:
+        assert dry.success
+        return
+    assert not dry.success
+    failures = [e for e in dry.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures
+    described = str(failures[0].step_failure_data.user_failure_data.description)
+    assert ".ID" in described and "invalid input" in described.lower(), described
+    assert not reports.exists() or not list(reports.glob("*.json"))
+    assert not (tmp_path / "pcbo-home" / "lake").exists()

@@ -34,6 +34,7 @@ from pcbo_dagster.dagster_defs.backfill.steps import engine_errors, engine_reque
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine import lake_changes
+from pcbo_dagster.engine.backfill_commands import refuse_table_columns
 from pcbo_dagster.engine.rollback import rollback
 from pcbo_dagster.io.atomic_files import replacing
 from pcbo_dagster.rollout.reports import markdown_table, reports_dir
@@ -119,7 +120,8 @@ def build_dataset_jobs(
                 dataset, partitions_def, source_uri, keys, run_id, {"orchestrator": "dagster", "dryRun": True}
             )
             for index, (_, request, group_keys) in enumerate(requests):
-                _, plan, decisions = evaluate_request(context, request, group_keys)
+                loaded, plan, decisions = evaluate_request(context, request, group_keys)
+                refuse_table_columns(loaded, plan, decisions)  # what the materialization would refuse
                 stem = run_id if len(requests) == 1 else f"{run_id}.{index}"
                 with replacing(directory / f"{stem}.json", prefix=f".{stem}.") as raw:
                     for piece in streamed_text(decisions.to_json(lazy=True)):
