@@ -1,15 +1,23 @@
-"""The shortcuts taken while reading a request (issue 18: speed) decide exactly as the plain way does.
+"""The shortcuts taken while reading and hashing a request (issue 18: speed) decide exactly as the
+plain way does.
 
 `nested_deeper_than` counts the brackets alone when no string holds one; that must give the depth
 the quote-parity count gives, for any text (valid JSON or not), since its answer decides whether a
-request is refused and with which message.
+request is refused and with which message. `record_digest_bytes` serialises records with orjson
+and must give the SHA-256 of each record's `rfc8785` form.
 """
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
+import pytest
+import rfc8785
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pcbo_dagster.core.canonical import MAX_SAFE_INTEGER, CanonicalizationError, record_digest_bytes
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 
 
@@ -57,3 +65,55 @@ def test_a_long_request_of_flat_records_is_measured_outside_its_strings():
     assert not nested_deeper_than(plain, 3) and nested_deeper_than(plain, 2)
     deep = plain[:-2] + b", " + b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH + b"]}"
     assert nested_deeper_than(deep, MAX_JSON_DEPTH + 1) and not nested_deeper_than(deep, MAX_JSON_DEPTH + 2)
+
+
+# --- record digests == SHA-256 of rfc8785 ------------------------------------------------------------
+
+_UNICODE = st.text(alphabet=st.characters(blacklist_categories=["Cs"]))  # valid UTF-8: no surrogates
+_ASCII = st.text(alphabet=st.characters(max_codepoint=0x7F))  # control characters, quotes, backslashes
+
+
+def _records(text: st.SearchStrategy[str], numbers: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    scalars = st.none() | st.booleans() | numbers | text
+    values = st.recursive(
+        scalars,
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
+        max_leaves=12,
+    )
+    return st.lists(st.dictionaries(text, values, max_size=6) | values, max_size=8)
+
+
+def _rfc8785_digests(records: list[Any]) -> bytes:
+    return b"".join(hashlib.sha256(rfc8785.dumps(record)).digest() for record in records)
+
+
+_SAFE_INTEGERS = st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER)
+
+
+@settings(max_examples=400, deadline=None)
+@given(records=_records(_UNICODE | _ASCII, _SAFE_INTEGERS))
+def test_record_digests_without_floats_are_those_of_rfc8785(records):
+    assert record_digest_bytes(records, False) == _rfc8785_digests(records)
+
+
+@settings(max_examples=400, deadline=None)
+@given(records=_records(_UNICODE, _SAFE_INTEGERS | st.floats(allow_nan=False, allow_infinity=False)))
+def test_record_digests_with_floats_are_those_of_rfc8785(records):
+    assert record_digest_bytes(records, True) == _rfc8785_digests(records)
+
+
+@pytest.mark.parametrize(
+    ("bad", "flags"),
+    [
+        ("\ud800", (False, True)),  # a lone surrogate, whatever the parser noticed
+        # floats and large integers: only where the parser said they may occur
+        (2**53, (True,)),
+        (float("nan"), (True,)),
+    ],
+)
+def test_a_record_rfc8785_cannot_express_is_named_by_its_index(bad, flags):
+    records = [{"id": "a"}, {"id": "b", "x": bad}]
+    for risky in flags:
+        with pytest.raises(CanonicalizationError) as raised:
+            record_digest_bytes(records, risky, first_index=10)
+        assert raised.value.args[0] == 11
