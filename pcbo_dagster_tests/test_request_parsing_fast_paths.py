@@ -4,7 +4,9 @@ plain way does.
 `nested_deeper_than` counts the brackets alone when no string holds one; that must give the depth
 the quote-parity count gives, for any text (valid JSON or not), since its answer decides whether a
 request is refused and with which message. `record_digest_bytes` serialises records with orjson
-and must give the SHA-256 of each record's `rfc8785` form.
+and must give the SHA-256 of each record's `rfc8785` form. `sorted_digest_rows` sorts digests as
+32-byte strings and must give their byte order (the order of their hex texts, which the plan hash
+lists).
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
 import pytest
 import rfc8785
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pcbo_dagster.core.canonical import MAX_SAFE_INTEGER, CanonicalizationError, record_digest_bytes
+from pcbo_dagster.core.canonical import (
+    MAX_SAFE_INTEGER,
+    CanonicalizationError,
+    record_digest_bytes,
+    sorted_digest_rows,
+)
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 
 
@@ -117,3 +125,18 @@ def test_a_record_rfc8785_cannot_express_is_named_by_its_index(bad, flags):
         with pytest.raises(CanonicalizationError) as raised:
             record_digest_bytes(records, risky, first_index=10)
         assert raised.value.args[0] == 11
+
+
+# --- digests sorted in byte order ---------------------------------------------------------------------
+
+# bytes that a signed or a NUL-terminated comparison would misorder, and equal prefixes
+_DIGEST = st.lists(st.sampled_from([0, 0, 1, 0x7F, 0x80, 0xFF]), min_size=32, max_size=32).map(bytes)
+
+
+@settings(max_examples=500, deadline=None)
+@given(digests=st.lists(_DIGEST | st.binary(min_size=32, max_size=32), max_size=40))
+def test_digests_are_sorted_in_byte_order(digests):
+    rows = sorted_digest_rows(b"".join(digests))
+    assert rows.dtype == np.uint8 and rows.shape == (len(digests), 32)
+    assert rows.tobytes() == b"".join(sorted(digests))
+    assert [row.tobytes().hex() for row in rows] == sorted(d.hex() for d in digests)
