@@ -18,7 +18,7 @@ import rfc8785
 import pcbo_dagster.audit.backup as backup_module
 from pcbo_dagster.audit import AuditBackup, AuditBackupCorrupt, AuditLog, ChainDivergence
 from pcbo_dagster.catalog import CatalogStore
-from pcbo_dagster.core.audit_chain import build_event, verify_chain
+from pcbo_dagster.core.audit_chain import build_event, event_hash, verify_chain
 
 KEY = "events/v1"
 
@@ -184,6 +184,31 @@ def test_backup_refuses_bad_chain_keys(tmp_path, bad):
     with pytest.raises(ValueError, match="chain_key"):
         AuditLog(backup).append(bad, "x", {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_backup_refuses_a_float_even_under_a_hash_computed_over_it(tmp_path):
+    """The backup's own check walks every event for floats (and large integers) before it recomputes the
+    hash: an event whose stored hash was computed over the float (RFC 8785 writes 2.0 as 2) is refused
+    and nothing is written."""
+    backup = AuditBackup(tmp_path)
+    log = AuditLog(backup, clock=FixedClock())
+    first = log.append(KEY, "a", {})
+    before = backup.paths(KEY).events.read_bytes()
+    for value, match in [(2.0, "float"), (2**60, "beyond")]:
+        bad = build_event(
+            chain_key=KEY,
+            seq=1,
+            prev_event_hash=first["chain"]["event_hash"],
+            event_type="a",
+            timestamp="2024-01-01T00:00:00Z",
+            body={"n": 1},
+        )
+        bad["n"] = value
+        if isinstance(value, float):  # RFC 8785 has no form for an integer beyond 2**53 - 1
+            bad["chain"]["event_hash"] = event_hash(bad)
+        with pytest.raises(ValueError, match=match):
+            backup.append(KEY, [bad])
+    assert backup.paths(KEY).events.read_bytes() == before
 
 
 def test_floats_are_refused_and_nothing_is_written(tmp_path):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pcbo_dagster.core.audit_chain import (
     PAS_VERSION,
     build_event,
+    checked_event_hash,
     event_hash,
     split_chain_key,
     verify_chain,
@@ -349,3 +350,18 @@ def test_property_built_chains_verify_and_any_body_edit_is_found(
     victim = data.draw(st.integers(min_value=0, max_value=len(events) - 1))
     events[victim]["tampered"] = data.draw(json_scalars)
     assert any("hash mismatch" in f and f"seq {victim}" in f for f in verify_chain(events, KEY))
+
+
+@settings(max_examples=200, deadline=None)
+@given(bodies, st.integers(min_value=0, max_value=2**53 - 1), st.booleans())
+def test_checked_event_hash_is_event_hash_of_a_checked_event(
+    body: dict[str, Any], seq: int, keep: bool
+) -> None:
+    """`checked_event_hash` (issue 18: no second walk) gives `event_hash`'s and the contract's hash for
+    any event without json_problems, with or without its stored `chain.event_hash`."""
+    prev = None if seq == 0 else "sha256:" + "ab" * 32
+    event = build_event(chain_key=KEY, seq=seq, prev_event_hash=prev, event_type="e", timestamp=TS, body=body)
+    if not keep:
+        del event["chain"]["event_hash"]
+        event["chain"]["event_hash"] = "sha256:" + "00" * 32
+    assert checked_event_hash(event) == event_hash(event) == independent_hash(event)

@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from pcbo_dagster.core.json_documents import compact_text, sorted_document, sorted_text, streamed_text
+from pcbo_dagster.core.json_documents import (
+    compact_text,
+    is_plain_json,
+    sorted_document,
+    sorted_text,
+    streamed_text,
+)
 from pcbo_dagster.lake import manifests
 from pcbo_dagster.rollout.reports import write_report
 
@@ -155,3 +161,86 @@ def test_compact_text_is_json_dumps_text(value) -> None:
     """Plain values go through orjson (issue 18), others through json: the text is the same."""
     expected = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     assert compact_text(value) == expected
+
+
+# -- is_plain_json judges every member where its container is read (issue 18) ----------------------
+
+
+def _plain_one_at_a_time(value: Any, low: int, high: int) -> bool:
+    """The walk `is_plain_json` replaced: every item pushed and judged on its own."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not low <= item <= high:
+                return False
+        elif kind is dict:
+            if any(type(k) is not str for k in item):
+                return False
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        else:
+            return False
+    return True
+
+
+class _Text(str):
+    pass
+
+
+class _Number(int):
+    pass
+
+
+_odd_scalars = (
+    _scalars
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.builds(_Text, st.text(max_size=3))
+    | st.builds(_Number, st.integers())
+    | st.tuples(st.integers())
+    | st.binary(max_size=3)
+)
+_odd_documents = st.recursive(
+    _odd_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=3) | st.integers() | st.builds(_Text, st.text(max_size=3)), inner, max_size=4
+        )
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_odd_documents, st.sampled_from([(-(2**63), 2**64 - 1), (-(2**53 - 1), 2**53 - 1), (0, 10)]))
+def test_is_plain_json_judges_as_the_item_by_item_walk(value: Any, bounds: tuple[int, int]) -> None:
+    """Floats, subclasses, tuples, bytes, non-string (or subclassed) keys and integers out of range,
+    at the top or nested anywhere, are refused exactly as by the walk it replaced; the rest accepted."""
+    low, high = bounds
+    assert is_plain_json(value, low, high) is _plain_one_at_a_time(value, low, high)
+    assert is_plain_json([value], low, high) is _plain_one_at_a_time([value], low, high)
+    assert is_plain_json({"k": value}, low, high) is _plain_one_at_a_time({"k": value}, low, high)
+
+
+def test_is_plain_json_refuses_what_orjson_would_write_differently() -> None:
+    refused: tuple[Any, ...] = (
+        1.0,
+        [1, 2.5],
+        {"a": {"b": [_Text("x")]}},
+        {1: "a"},
+        {"a": (1,)},
+        [2**64],
+        {"a": [[-(2**63) - 1]]},
+    )
+    for value in refused:
+        assert is_plain_json(value) is False, value
+    accepted: tuple[Any, ...] = ("x", None, True, 2**64 - 1, -(2**63), [], {}, {"a": [None, {"b": [1, "c"]}]})
+    for value in accepted:
+        assert is_plain_json(value) is True, value
+    assert is_plain_json([2**53], -(2**53 - 1), 2**53 - 1) is False

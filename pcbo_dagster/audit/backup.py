@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pcbo_dagster.core.audit_chain import event_hash, json_problems, split_chain_key
+from pcbo_dagster.core.audit_chain import checked_event_hash, json_problems, split_chain_key
 from pcbo_dagster.core.canonical import fast_jcs, jcs
 
 _TAIL_BLOCK = 64 * 1024
@@ -386,7 +386,7 @@ class AuditBackup:
         problems = json_problems(event, "event")
         if problems:
             raise ValueError(f"{chain_key}: event seq {seq}: " + "; ".join(problems))
-        if chain.get("event_hash") != event_hash(event):
+        if chain.get("event_hash") != checked_event_hash(event):
             raise ValueError(f"{chain_key}: event seq {seq}: stored event_hash does not recompute")
 
     # -- reading ----------------------------------------------------------------------------

@@ -109,16 +109,27 @@ def json_problems(value: Any, path: str = "$") -> list[str]:
 
 def event_hash(event: dict) -> str:
     """`sha256:` + hex SHA-256 of JCS(event without `chain.event_hash`). Does not mutate `event`."""
+    stripped = _without_event_hash(event)
+    # Without floats or large integers orjson's sorted output is the RFC 8785 form (fast_jcs checks
+    # the rest); anything else, e.g. a tampered event holding a float, goes through rfc8785.
+    canonical = jcs(stripped) if json_problems(stripped) else fast_jcs(stripped)
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+
+
+def checked_event_hash(event: dict) -> str:
+    """`event_hash` of an event whose caller found no `json_problems` in it (nor, then, in it without
+    its `chain.event_hash`): the same hash, without walking the event a second time (issue 18)."""
+    return "sha256:" + hashlib.sha256(fast_jcs(_without_event_hash(event))).hexdigest()
+
+
+def _without_event_hash(event: dict) -> dict:
     if not isinstance(event, dict) or not isinstance(event.get("chain"), dict):
         raise ValueError("an event must be an object with a `chain` object")
     stripped = dict(event)
     chain = dict(event["chain"])
     chain.pop("event_hash", None)
     stripped["chain"] = chain
-    # Without floats or large integers orjson's sorted output is the RFC 8785 form (fast_jcs checks
-    # the rest); anything else, e.g. a tampered event holding a float, goes through rfc8785.
-    canonical = jcs(stripped) if json_problems(stripped) else fast_jcs(stripped)
-    return "sha256:" + hashlib.sha256(canonical).hexdigest()
+    return stripped
 
 
 def event_id_for(chain_key: str, seq: int, event_type: str, prev_event_hash: str | None) -> str:
@@ -173,7 +184,9 @@ def build_event(
         "chain": {"chain_key": chain_key, "seq": seq, "prev_event_hash": prev_event_hash},
     }
     try:
-        event["chain"]["event_hash"] = event_hash(event)
+        # The body has no json_problems (checked above) and every other field was checked to be a
+        # string, an integer within +-(2**53 - 1) or null: the event has none either.
+        event["chain"]["event_hash"] = checked_event_hash(event)
     except (CanonicalizationError, UnicodeError) as exc:  # e.g. lone surrogates
         raise ValueError(f"body cannot be canonicalized (RFC 8785): {exc}") from exc
     return event

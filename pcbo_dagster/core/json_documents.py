@@ -49,24 +49,39 @@ def _by_orjson(value: Any, option: int) -> bytes | None:
 def is_plain_json(value: Any, low: int = -(2**63), high: int = 2**64 - 1) -> bool:
     """True when `value` holds only exact str, bool, None, list, str-keyed dict and int within
     [`low`, `high`] (by default what orjson writes: 64 bits). False for anything else: a float, a
-    subclass, an int out of range, a non-string key."""
+    subclass, an int out of range, a non-string key.
+
+    Issue 18: every audit event, catalog row and manifest is walked here, several times each; the
+    walk judges each member where its container is read (scalars are never pushed on the stack) and
+    checks keys in a plain loop (no generator per object). A property test holds it equal to the
+    one-item-at-a-time walk it replaced."""
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        if kind is str or kind is bool or value is None:
+            return True
+        return kind is int and low <= value <= high
     stack = [value]
+    pop, push = stack.pop, stack.append
     while stack:
-        item = stack.pop()
-        kind = type(item)
-        if kind is str or kind is bool or item is None:
-            continue
-        if kind is int:
-            if not low <= item <= high:
-                return False
-        elif kind is dict:
-            if any(type(k) is not str for k in item):
-                return False
-            stack.extend(item.values())
-        elif kind is list:
-            stack.extend(item)
+        container = pop()
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str:
+                    return False
+            members = container.values()
         else:
-            return False
+            members = container
+        for item in members:
+            kind = type(item)
+            if kind is str or kind is bool or item is None:
+                continue
+            if kind is int:
+                if not low <= item <= high:
+                    return False
+            elif kind is dict or kind is list:
+                push(item)
+            else:
+                return False
     return True
 
 
