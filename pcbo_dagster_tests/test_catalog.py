@@ -651,3 +651,26 @@ def test_a_fresh_sqlite_catalog_does_not_import_alembic(tmp_path) -> None:
         "assert 'alembic' not in sys.modules, 'alembic imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_insert_ignore_says_whether_it_inserted(store) -> None:
+    """True for the row it inserted, False for one already there (on PostgreSQL too, where psycopg 3
+    forgets an INSERT's row count once the cursor is closed); the row first inserted stays."""
+    from pcbo_dagster.catalog import schema as t
+    from pcbo_dagster.catalog.database import insert_ignore
+
+    p = t.audit_pending_batches
+    row = {
+        "chain_key": "a/v1",
+        "first_seq": 7,
+        "events_json": "[]",
+        "recorded_at": datetime(2024, 1, 2, tzinfo=UTC),
+    }
+    with store.write() as conn:
+        assert insert_ignore(conn, p, row, ["chain_key"]) is True
+        assert insert_ignore(conn, p, {**row, "first_seq": 8}, ["chain_key"]) is False
+        assert insert_ignore(conn, p, {**row, "chain_key": "b/v1"}, ["chain_key"]) is True
+        assert conn.execute(sa.select(p.c.chain_key, p.c.first_seq).order_by(p.c.chain_key)).all() == [
+            ("a/v1", 7),
+            ("b/v1", 7),
+        ]

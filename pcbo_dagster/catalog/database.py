@@ -223,7 +223,9 @@ def _insert(conn: Connection, table: Table) -> Any:
 def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> bool:
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was inserted."""
     stmt = _insert(conn, table).values(**values).on_conflict_do_nothing(index_elements=keys)
-    return conn.execute(stmt).rowcount == 1
+    # psycopg 3 forgets an INSERT's row count once SQLAlchemy closes the cursor (SQLAlchemy issue
+    # 10696): without `preserve_rowcount` this said False on PostgreSQL for every row it inserted.
+    return conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount == 1
 
 
 def insert_ignore_many(conn: Connection, table: Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
