@@ -674,3 +674,48 @@ def test_insert_ignore_says_whether_it_inserted(store) -> None:
             ("a/v1", 7),
             ("b/v1", 7),
         ]
+
+
+# -- insert_ignore and upsert reuse one statement per table and columns (issue 18) ----------------
+
+
+def test_insert_ignore_and_upsert_store_what_a_statement_built_for_the_values_stores(store) -> None:
+    """The cached ON CONFLICT statements bind each value with its column's type (a UTCDateTime goes
+    through its processor): the stored row is byte for byte the one a statement built from the values
+    stores, on SQLite and PostgreSQL; insert_ignore says whether it inserted; upsert updates only the
+    columns given beyond the key; a column the table lacks is refused."""
+    from pcbo_dagster.catalog import schema as t
+    from pcbo_dagster.catalog.database import _insert, insert_ignore, upsert
+
+    p = t.audit_pending_batches
+    when = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    row = {"first_seq": 7, "events_json": '[{"a":"h\u00e9"}]', "recorded_at": when}
+    raw = sa.select(
+        p.c.chain_key, p.c.first_seq, p.c.events_json, sa.cast(p.c.recorded_at, sa.Text).label("at")
+    ).order_by(p.c.chain_key)
+    with store.write() as conn:
+        conn.execute(_insert(conn, p).values(chain_key="built/v1", **row))
+        assert insert_ignore(conn, p, {"chain_key": "cached/v1", **row}, ["chain_key"]) is True
+        assert (
+            insert_ignore(conn, p, {"chain_key": "cached/v1", **row, "first_seq": 8}, ["chain_key"]) is False
+        )
+        built, cached = conn.execute(raw).all()
+    assert built[1:] == cached[1:] and cached.first_seq == 7
+    first_at = cached.at
+    later = datetime(2025, 1, 1, tzinfo=UTC)
+    with store.write() as conn:
+        upsert(conn, p, {"chain_key": "cached/v1", "first_seq": 9, "events_json": "[]", "recorded_at": later})
+        upsert(conn, p, {"chain_key": "new/v1", **row})
+        conn.execute(
+            _insert(conn, p)
+            .values(chain_key="built/v1", first_seq=9, events_json="[]", recorded_at=later)
+            .on_conflict_do_update(
+                index_elements=["chain_key"],
+                set_={"first_seq": 9, "events_json": "[]", "recorded_at": later},
+            )
+        )
+        built, cached, new = conn.execute(raw).all()
+    assert built[1:] == cached[1:] and cached.first_seq == 9 and cached.at != first_at
+    assert tuple(new) == ("new/v1", 7, row["events_json"], first_at)
+    with pytest.raises(KeyError), store.write() as conn:
+        insert_ignore(conn, p, {"chain_key": "x/v1", "no_such_column": 1, **row}, ["chain_key"])

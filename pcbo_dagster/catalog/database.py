@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, text
+from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, text
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
@@ -222,10 +222,8 @@ def _insert(conn: Connection, table: Table) -> Any:
 
 def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> bool:
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was inserted."""
-    stmt = _insert(conn, table).values(**values).on_conflict_do_nothing(index_elements=keys)
-    # psycopg 3 forgets an INSERT's row count once SQLAlchemy closes the cursor (SQLAlchemy issue
-    # 10696): without `preserve_rowcount` this said False on PostgreSQL for every row it inserted.
-    return conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount == 1
+    stmt = _on_conflict(conn, table, tuple(values), tuple(keys), update=False)
+    return conn.execute(stmt, _bound(values)).rowcount == 1
 
 
 def insert_ignore_many(conn: Connection, table: Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
@@ -235,12 +233,47 @@ def insert_ignore_many(conn: Connection, table: Table, rows: list[dict[str, Any]
 
 def upsert(conn: Connection, table: Table, values: dict[str, Any]) -> None:
     """INSERT, or UPDATE the columns of `values` beyond the primary key when the row exists."""
-    keys = [c.name for c in table.primary_key.columns]
-    stmt = _insert(conn, table).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=keys, set_={k: stmt.excluded[k] for k in values if k not in keys}
-    )
-    conn.execute(stmt)
+    keys = tuple(c.name for c in table.primary_key.columns)
+    conn.execute(_on_conflict(conn, table, tuple(values), keys, update=True), _bound(values))
+
+
+#: The ON CONFLICT statements of `insert_ignore` and `upsert`, by dialect, table, the columns given,
+#: the conflict keys and the kind. The values are bound parameters, so one statement serves every
+#: call (issue 18: building a statement around the values and computing its cache key took ~100 us a
+#: call, several calls per audit append).
+_ON_CONFLICT: dict[tuple[str, Table, tuple[str, ...], tuple[str, ...], bool], Any] = {}
+
+#: Prefix of the bound parameters of `_on_conflict`'s statements (no clash with a column's name).
+_BIND = "v_"
+
+
+def _on_conflict(
+    conn: Connection, table: Table, columns: tuple[str, ...], keys: tuple[str, ...], *, update: bool
+) -> Any:
+    cache_key = (conn.dialect.name, table, columns, keys, update)
+    stmt = _ON_CONFLICT.get(cache_key)
+    if stmt is None:
+        # Each value bound with its column's type, as `.values(**values)` bound it; KeyError for a
+        # column the table lacks.
+        insert = _insert(conn, table).values(
+            {table.c[name]: bindparam(_BIND + name, type_=table.c[name].type) for name in columns}
+        )
+        if update:
+            stmt = insert.on_conflict_do_update(
+                index_elements=list(keys), set_={k: insert.excluded[k] for k in columns if k not in keys}
+            )
+        else:
+            # psycopg 3 forgets an INSERT's row count once SQLAlchemy closes the cursor (SQLAlchemy
+            # issue 10696): `preserve_rowcount` keeps it for insert_ignore's answer.
+            stmt = insert.on_conflict_do_nothing(index_elements=list(keys)).execution_options(
+                preserve_rowcount=True
+            )
+        _ON_CONFLICT[cache_key] = stmt
+    return stmt
+
+
+def _bound(values: dict[str, Any]) -> dict[str, Any]:
+    return {_BIND + name: value for name, value in values.items()}
 
 
 def _retry_locked(fn: Callable[[], Any], attempts: int = 50, delay: float = 0.1) -> Any:
