@@ -719,3 +719,39 @@ def test_insert_ignore_and_upsert_store_what_a_statement_built_for_the_values_st
     assert tuple(new) == ("new/v1", 7, row["events_json"], first_at)
     with pytest.raises(KeyError), store.write() as conn:
         insert_ignore(conn, p, {"chain_key": "x/v1", "no_such_column": 1, **row}, ["chain_key"])
+
+
+# -- the transparency tree's nodes are read by one built statement (issue 18) ----------------------
+
+
+def test_the_stored_log_reads_exactly_the_nodes_asked_for(store) -> None:
+    """Appends go through the stored tree's frontier, read with one statement over the levels and
+    indexes asked for: every root of every size is the tree of the chain's own events (another chain
+    with nodes at the same positions is never read), and `_nodes` answers exactly the pairs asked
+    for, none of the others its statement reads, and nothing for a pair the tree lacks."""
+    from pcbo_dagster.catalog.transparency import _nodes
+    from pcbo_dagster.core import merkle
+    from pcbo_dagster.core.transparency_log import event_leaf
+
+    other = "other/v1"
+    for i in range(13):
+        _append_next(store, CHAIN, f"t{i}")
+        _append_next(store, other, f"o{i}")
+    leaves = [event_leaf(e) for e in store.audit_events(CHAIN)]
+    with store.log_reader(CHAIN) as reader:
+        assert reader.size == 13
+        for size in range(1, 14):
+            assert reader.root(size) == merkle.root(leaves[:size])
+    with store.read() as conn:
+        wanted = [
+            (3, 0),
+            (2, 2),
+            (0, 12),
+        ]  # the frontier of 13: the statement also reads (2, 0), (0, 0), (0, 2)
+        got = _nodes(conn, CHAIN, wanted)
+        assert sorted(got) == sorted(wanted)
+        assert got[(0, 12)] == merkle.leaf_hash(leaves[12])
+        assert got[(3, 0)] == merkle.root(leaves[:8]) and got[(2, 2)] == merkle.root(leaves[8:12])
+        assert _nodes(conn, CHAIN, [(3, 0), (3, 1), (4, 0)]) == {(3, 0): got[(3, 0)]}
+        assert _nodes(conn, other, wanted)[(3, 0)] != got[(3, 0)]
+        assert _nodes(conn, CHAIN, []) == {}

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, bindparam, select, text
 from sqlalchemy.exc import IntegrityError
 
 from pcbo_dagster.catalog import schema as t
@@ -24,6 +24,20 @@ from pcbo_dagster.catalog.database import Database, insert_ignore, upsert
 from pcbo_dagster.catalog.transparency import append_leaves
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
+
+_heads, _events, _pending = t.audit_chain_heads, t.audit_events, t.audit_pending_batches
+# Built once, the chain key bound at execution (issue 18: building a statement anew cost ~100 us a
+# call, several calls per audit append).
+_HEAD = select(_heads.c.seq, _heads.c.event_hash).where(_heads.c.chain_key == bindparam("chain_key"))
+_PENDING = select(_pending.c.first_seq, _pending.c.events_json).where(
+    _pending.c.chain_key == bindparam("chain_key")
+)
+_CLEAR_PENDING = _pending.delete().where(_pending.c.chain_key == bindparam("chain_key"))
+_EVENTS_AFTER = (
+    select(_events.c.event_json)
+    .where(_events.c.chain_key == bindparam("chain_key"), _events.c.seq > bindparam("seq"))
+    .order_by(_events.c.seq)
+)
 
 
 class ChainTransaction:
@@ -35,11 +49,7 @@ class ChainTransaction:
 
     def head(self) -> tuple[int, str] | None:
         """(seq, event_hash) of the last stored event; None when the chain is empty."""
-        row = self._conn.execute(
-            select(t.audit_chain_heads.c.seq, t.audit_chain_heads.c.event_hash).where(
-                t.audit_chain_heads.c.chain_key == self.chain_key
-            )
-        ).first()
+        row = self._conn.execute(_HEAD, {"chain_key": self.chain_key}).first()
         if row is None or row.seq < 0:
             return None
         return int(row.seq), str(row.event_hash)
@@ -100,10 +110,7 @@ class ChainTransaction:
 
     def pending(self) -> tuple[int, list[dict[str, Any]]] | None:
         """(first seq, events) of the batch recorded as about to be appended, or None."""
-        p = t.audit_pending_batches
-        row = self._conn.execute(
-            select(p.c.first_seq, p.c.events_json).where(p.c.chain_key == self.chain_key)
-        ).first()
+        row = self._conn.execute(_PENDING, {"chain_key": self.chain_key}).first()
         return None if row is None else (int(row.first_seq), json.loads(row.events_json))
 
     def set_pending(self, first_seq: int, events: list[dict[str, Any]]) -> None:
@@ -120,8 +127,7 @@ class ChainTransaction:
         )
 
     def clear_pending(self) -> None:
-        p = t.audit_pending_batches
-        self._conn.execute(p.delete().where(p.c.chain_key == self.chain_key))
+        self._conn.execute(_CLEAR_PENDING, {"chain_key": self.chain_key})
 
 
 class ChainMirror(Database):
@@ -192,9 +198,5 @@ class ChainMirror(Database):
 
 
 def _events_after(conn: Connection, chain_key: str, seq: int) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        select(t.audit_events.c.event_json)
-        .where(t.audit_events.c.chain_key == chain_key, t.audit_events.c.seq > seq)
-        .order_by(t.audit_events.c.seq)
-    )
+    rows = conn.execute(_EVENTS_AFTER, {"chain_key": chain_key, "seq": seq})
     return [json.loads(r.event_json) for r in rows]
