@@ -7,6 +7,7 @@ extension, see the README) they are ledger sequence numbers read from a record f
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -181,12 +182,27 @@ def _streamed_hash(document: dict[str, Any], sorted_digests: Iterable[np.ndarray
     for chunk in sorted_digests:
         if not len(chunk):
             continue
-        hexes = np.ascontiguousarray(chunk).tobytes().hex()
-        body = '","'.join(hexes[i : i + 64] for i in range(0, len(hexes), 64))
-        sha.update((("" if first else ",") + '"' + body + '"').encode("ascii"))
+        if not first:
+            sha.update(b",")
+        sha.update(_quoted_hexes(chunk))
         first = False
     sha.update(text[at:])
     return sha.hexdigest()
+
+
+_QUOTE, _COMMA = ord('"'), ord(",")
+
+
+def _quoted_hexes(chunk: np.ndarray) -> memoryview:
+    """The canonical text of a chunk's digests as array elements, `"<hex>","<hex>",...,"<hex>"` (each
+    digest's 64 lower-case hex digits in quotes, comma-separated), as a flat byte buffer: every
+    digest a (64 + 3)-byte row of one array, built by array writes, not by a string per digest."""
+    digits = np.frombuffer(binascii.hexlify(np.ascontiguousarray(chunk).data), np.uint8).reshape(-1, 64)
+    rows = np.empty((len(digits), 67), np.uint8)
+    rows[:, 0] = rows[:, 65] = _QUOTE
+    rows[:, 1:65] = digits
+    rows[:, 66] = _COMMA
+    return rows.reshape(-1)[:-1].data  # no comma after the last
 
 
 def build_plan(request: BackfillRequest, record_digests: list[str] | Iterator[np.ndarray]) -> Plan:
