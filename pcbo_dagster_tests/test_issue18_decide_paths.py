@@ -64,3 +64,48 @@ def test_streamed_plan_hash_is_the_contract_hash_however_the_digests_are_chunked
     expected = _contract_plan_hash([d.hex() for d in digests])
     assert build_plan(request, iter(chunks)).plan_hash == expected
     assert build_plan(request, [d.hex() for d in digests]).plan_hash == expected
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**53) + 1, max_value=2**53 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+    st.lists(st.integers(min_value=0, max_value=3), max_size=2),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fields=st.lists(
+        st.dictionaries(st.sampled_from(["a", "b", "c", "consentGranted"]), _VALUES, max_size=4),
+        min_size=1,
+        max_size=12,
+    ),
+    data=st.data(),
+)
+def test_added_columns_in_any_output_order_are_the_rows_own(fields: list[dict[str, Any]], data: Any) -> None:
+    """`AddedColumns` pulls the fields out in input order and puts each column in output order: for
+    any output order (a permutation of some of the records), every chunk's prebuilt columns give the
+    table the records themselves give (`build_table` of the plain rows), with `run_schema`'s schema."""
+    import pyarrow as pa
+
+    from pcbo_dagster.core.record_table import AddedColumns, PrebuiltRows, build_table, run_schema
+
+    records = [{"id": f"r{i}", **f} for i, f in enumerate(fields)]
+    picked = data.draw(st.lists(st.sampled_from(range(len(records))), min_size=1, unique=True))
+    locators = np.array(picked, dtype=np.int64)
+    rows = [records[i] for i in picked]
+    added = AddedColumns(rows, locators, len(records))
+    assert (added.schema, added.as_json) == run_schema(rows)
+    cut = data.draw(st.integers(min_value=0, max_value=len(picked)))
+    for chunk in (locators, locators[:cut], locators[cut:]):
+        plain = [records[i] for i in chunk.tolist()]
+        prebuilt = added.rows_for(plain, chunk)
+        assert isinstance(prebuilt, PrebuiltRows) or not len(chunk)
+        ids = [r["id"] for r in plain]
+        occurred = np.arange(len(plain), dtype=np.int64)
+        retention = pa.array([None] * len(plain), pa.int64())
+        expected = build_table(plain, ids, occurred, retention, added.schema, added.as_json)
+        assert build_table(prebuilt, ids, occurred, retention, added.schema, added.as_json).equals(expected)
