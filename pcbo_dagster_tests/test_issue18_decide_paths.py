@@ -109,3 +109,46 @@ def test_added_columns_in_any_output_order_are_the_rows_own(fields: list[dict[st
         retention = pa.array([None] * len(plain), pa.int64())
         expected = build_table(plain, ids, occurred, retention, added.schema, added.as_json)
         assert build_table(prebuilt, ids, occurred, retention, added.schema, added.as_json).equals(expected)
+
+
+_MICROS = st.integers(min_value=-62_135_596_800_000_000, max_value=253_402_300_799_999_999)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    occurred=st.lists(_MICROS, min_size=1, max_size=20),
+    retention=st.lists(st.one_of(st.none(), _MICROS), min_size=21, max_size=21),
+    offset=st.integers(min_value=0, max_value=1),
+)
+def test_build_table_timestamps_are_the_microseconds_given(
+    occurred: list[int], retention: list[int | None], offset: int
+) -> None:
+    """`build_table`'s `occurredAt` and `retentionExpiresAt` hold exactly the microseconds given (nulls
+    kept), for an int64 retention array reinterpreted in place (a slice of one too, as execute passes)
+    and for one of another type or a chunked one (cast): the same table, and the same parquet bytes."""
+    import pyarrow as pa
+
+    from pcbo_dagster.core.record_table import TIMESTAMP, build_table, run_schema
+    from pcbo_dagster.lake import parquet_files
+
+    n = len(occurred)
+    rows = [{"id": f"r{i}"} for i in range(n)]
+    ids = [r["id"] for r in rows]
+    schema, as_json = run_schema(rows)
+    kept = retention[offset : offset + n]
+    sliced = pa.array(retention, pa.int64()).slice(offset, n)
+    at = np.array(occurred, np.int64)
+    tables = [
+        build_table(rows, ids, at, retention_us, schema, as_json)
+        for retention_us in (
+            sliced,
+            pa.array(kept, pa.int64()),
+            pa.array(kept, pa.decimal128(19, 0)),
+            pa.chunked_array([kept], pa.int64()),
+        )
+    ]
+    for table in tables:
+        assert table.column("occurredAt").to_pylist() == pa.array(occurred, TIMESTAMP).to_pylist()
+        assert table.column("retentionExpiresAt").to_pylist() == pa.array(kept, TIMESTAMP).to_pylist()
+        assert table.equals(tables[0])
+        assert parquet_files.encode(table) == parquet_files.encode(tables[0])
