@@ -13,6 +13,7 @@ import argparse
 import atexit
 import contextlib
 import functools
+import gc
 import os
 import re
 import sys
@@ -691,6 +692,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
 
 
+def _collect_less() -> None:
+    """The cyclic garbage collector tuned for a command's process: the objects of the imports made so
+    far moved out of its reach (`gc.freeze`), and a young collection after 50,000 allocations
+    instead of 700. A run builds hundreds of thousands of objects that are not garbage (records,
+    decisions), which the default thresholds walked again and again (~0.19 s of CPU, 6% of an
+    execute of the benchmark request; ~0.03 s now); what little cyclic garbage there is waits a little
+    longer. Nothing else changes: reference counting still frees everything else at once."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run() -> None:
     """The `pcbo` command (and `python -m pcbo_dagster.cli.main`): `main`, then what the interpreter
     does at exit in its order — threading's exit hooks (executors and process pools shut down) and
@@ -699,6 +711,7 @@ def run() -> None:
     `main`'s status without tearing down the native libraries it loaded. Arrow's thread pools, torn
     down at interpreter exit, now and then abort a process whose work is done ("terminate called
     without an active exception", status -6 instead of 0: apache/arrow#34314)."""
+    _collect_less()
     try:
         status = main()
     except SystemExit as exc:  # argparse: --help, a flag it refuses (its message already printed)
