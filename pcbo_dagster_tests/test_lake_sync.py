@@ -5,7 +5,10 @@ never `os.sync()` of the whole host (issue 18)."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+
+import pytest
 
 from pcbo_dagster.lake import storage
 from pcbo_dagster.lake.storage import LakeStorage
@@ -49,3 +52,54 @@ def test_sync_fsyncs_the_written_files_and_their_directories(tmp_path: Path, mon
     lake.delete("ds/v1/k1/part-a.parquet")
     lake.sync()
     assert synced == [(f"{root}/ds/v1/k1", True)]
+
+
+def _many_files(lake: LakeStorage, count: int) -> None:
+    for i in range(count):
+        lake.write(f"ds/v1/k{i % 5}/part-{i}.parquet", b"x")
+
+
+def test_sync_issues_its_fsyncs_on_several_threads_at_once(tmp_path: Path, monkeypatch) -> None:
+    """The fsyncs of one sync overlap (their disk waits do): the first `SYNC_THREADS` of them meet at
+    a barrier that only that many threads waiting at once can pass; every job is still fsynced once."""
+    lake = LakeStorage(tmp_path / "lake")
+    _many_files(lake, 40)
+    barrier = threading.Barrier(storage.SYNC_THREADS, timeout=10)
+    synced: list[tuple[str, bool]] = []
+    lock = threading.Lock()
+    real = storage._fsync_path
+
+    def meeting(path: str, directory: bool = False) -> None:
+        with lock:
+            synced.append((path, directory))
+            first = len(synced) <= storage.SYNC_THREADS
+        if first:
+            barrier.wait()  # BrokenBarrierError unless SYNC_THREADS fsyncs are in flight together
+        real(path, directory)
+
+    monkeypatch.setattr(storage, "_fsync_path", meeting)
+    lake.sync()
+    root = str((tmp_path / "lake").resolve())
+    files = [p for p, d in synced if not d]
+    assert sorted(files) == sorted(f"{root}/ds/v1/k{i % 5}/part-{i}.parquet" for i in range(40))
+    assert {p for p, d in synced if d} >= {f"{root}/ds/v1/k{i}" for i in range(5)}
+    assert len(synced) == len(set(synced))
+
+
+def test_a_failed_fsync_fails_the_sync_and_the_others_still_run(tmp_path: Path, monkeypatch) -> None:
+    lake = LakeStorage(tmp_path / "lake")
+    _many_files(lake, 20)
+    synced: list[str] = []
+    lock = threading.Lock()
+
+    def failing(path: str, directory: bool = False) -> None:
+        with lock:
+            synced.append(path)
+        if path.endswith("/part-3.parquet") or path.endswith("/part-11.parquet"):
+            raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(storage, "_fsync_path", failing)
+    with pytest.raises(OSError) as caught:
+        lake.sync()
+    assert caught.value.errno == 5 and caught.value.filename.endswith(("/part-3.parquet", "/part-11.parquet"))
+    assert sum(p.endswith(".parquet") for p in synced) == 20  # every file's fsync was issued

@@ -20,6 +20,7 @@ import hashlib
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -271,6 +272,30 @@ def _fsync_path(path: str, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _fsync_together(jobs: list[tuple[str, bool]]) -> None:
+    """fsync each (path, is a directory) of `jobs` on the fsync pool's threads, up to `SYNC_THREADS` at
+    once; returns when all are done, raising the first failure (the others still run). Each thread takes
+    the next job as it finishes one: a few tasks on the pool, not a future (lock, condition) per fsync."""
+    pending = deque(jobs)
+    failures: list[Exception] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                path, directory = pending.popleft()  # (atomic: each job is taken by one thread)
+            except IndexError:
+                return
+            try:
+                _fsync_path(path, directory)
+            except Exception as exc:
+                failures.append(exc)
+
+    for _ in _sync_pool().map(lambda _: drain(), range(min(SYNC_THREADS, len(jobs)))):
+        pass
+    if failures:
+        raise failures[0]
+
+
 def normalize_lake_url(url: str | os.PathLike[str]) -> str:
     text = os.fspath(url)
     if "://" not in text:
@@ -460,7 +485,7 @@ class LakeStorage:
         # system commits them in a few journal transactions rather than one each.
         jobs = [(path, False) for path in dict.fromkeys(files)] + [(path, True) for path in directories]
         if len(jobs) > 1:
-            list(_sync_pool().map(lambda job: _fsync_path(*job), jobs))
+            _fsync_together(jobs)
         else:
             for path, directory in jobs:
                 _fsync_path(path, directory)
