@@ -296,6 +296,31 @@ def _fsync_together(jobs: list[tuple[str, bool]]) -> None:
         raise failures[0]
 
 
+def _make_dirs(directory: str) -> list[str]:
+    """Make `directory` and each missing one on the way to it, as `os.makedirs(exist_ok=True)` does
+    (`FileExistsError` when a name on the way is not a directory) but trying the deepest first: one
+    `mkdir` when only it is missing. Returns the directories this call made, outermost first."""
+    made: list[str] = []
+    pending = [directory]
+    while pending:
+        current = pending[-1]
+        try:
+            os.mkdir(current)
+        except FileNotFoundError:
+            parent = os.path.dirname(current)
+            if not parent or parent == current:
+                raise
+            pending.append(parent)  # its parent first, then it again
+            continue
+        except FileExistsError:
+            if not os.path.isdir(current):
+                raise
+        else:
+            made.append(current)
+        pending.pop()
+    return made
+
+
 def normalize_lake_url(url: str | os.PathLike[str]) -> str:
     text = os.fspath(url)
     if "://" not in text:
@@ -321,7 +346,6 @@ class LakeStorage:
         self.root = root.rstrip("/")
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self._made_dirs: set[str] = set()
-        self._real_root = os.path.realpath(self.root) if self.is_local else self.root
         # Local disks: what `sync()` must make durable (files written, directories whose entries
         # changed) since the last one. Writers may be worker threads.
         self._unsynced_files: list[str] = []
@@ -336,9 +360,22 @@ class LakeStorage:
         return _plain(rel) and self._no_link(rel)
 
     def _no_link(self, rel: str) -> bool:
+        """No symbolic link at any name of `rel` below the lake's root (a plain relative path): each is
+        looked at without following it, from the root down, until one does not exist (nothing below it
+        does either). The root itself and what leads to it are the operator's: resolved when the lake
+        was opened (`normalize_lake_url`)."""
         if not self.is_local or not rel:
             return True
-        return os.path.realpath(self._path(rel)) == f"{self._real_root.rstrip('/')}/{rel}"
+        path = self.root
+        for name in rel.split("/"):
+            path = f"{path}/{name}"
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:  # missing (or not a directory's entry): no link on the way from here
+                return True
+            if stat.S_ISLNK(mode):
+                return False
+        return True
 
     def uri(self, rel: str) -> str:
         """The URI of `rel` as outputs, events and the catalog show it (never with credentials)."""
@@ -364,23 +401,11 @@ class LakeStorage:
     def _local_dir(self, path: str) -> None:
         directory = os.path.dirname(path)
         if directory not in self._made_dirs:
-            created = self._missing_dirs(directory)
-            os.makedirs(directory, exist_ok=True)
+            created = _make_dirs(directory)
             self._made_dirs.add(directory)
             if created:  # each new directory is an entry of its parent: those must be synced too
                 with self._unsynced_lock:
                     self._unsynced_dirs.update(os.path.dirname(d) for d in created)
-
-    def _missing_dirs(self, directory: str) -> list[str]:
-        """The directories on the way to `directory` (itself included) that do not exist yet."""
-        missing = []
-        while directory and not os.path.isdir(directory):
-            missing.append(directory)
-            parent = os.path.dirname(directory)
-            if parent == directory:
-                break
-            directory = parent
-        return missing
 
     def _written(self, path: str, data_too: bool = True) -> None:
         """Note a local file (when `data_too`) and its directory's entry for the next `sync()`."""
