@@ -288,3 +288,36 @@ def ledger_range_request(
         "policies": {"requireConsent": True},
         "sourceRecords": records,
     }
+
+
+def write_large_ledger(root: Path, sequence: int, code_bytes: int) -> Path:
+    """Write one batch file holding ledger `sequence` alone, a valid v0 LedgerCloseMeta whose
+    upgrade meta creates a contract code entry of `code_bytes` zero bytes (XDR has no bound on it):
+    a few KiB on disk however large it decompresses to, streamed, so the XDR is never held here."""
+    meta, _ = ledger_close_meta(sequence, hashlib.sha256(b"genesis-%d" % sequence).digest())
+    marker = b"MARKER-CODE-ENTRY"
+    code = x.ContractCodeEntry(ext=x.ContractCodeEntryExt(v=0), hash=_hash(bytes(32)), code=marker)
+    entry = x.LedgerEntry(
+        last_modified_ledger_seq=x.Uint32(sequence),
+        data=x.LedgerEntryData(type=x.LedgerEntryType.CONTRACT_CODE, contract_code=code),
+        ext=x.LedgerEntryExt(v=0),
+    )
+    change = x.LedgerEntryChange(type=x.LedgerEntryChangeType.LEDGER_ENTRY_CREATED, created=entry)
+    upgrade = x.LedgerUpgrade(
+        type=x.LedgerUpgradeType.LEDGER_UPGRADE_VERSION, new_ledger_version=x.Uint32(PROTOCOL)
+    )
+    assert meta.v0 is not None
+    meta.v0.upgrades_processing = [x.UpgradeEntryMeta(upgrade, x.LedgerEntryChanges([change]))]
+    data = batch_bytes(sequence, sequence, [meta])
+    at = data.index(len(marker).to_bytes(4, "big") + marker)  # the code's length, its bytes, padding
+    after = at + 4 + (len(marker) + 3) // 4 * 4
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / batch_name(sequence, sequence)
+    with path.open("wb") as file, zstandard.ZstdCompressor().stream_writer(file, closefd=False) as out:
+        out.write(data[:at] + code_bytes.to_bytes(4, "big"))
+        zeros, left = bytes(1 << 20), code_bytes + (-code_bytes) % 4
+        while left:
+            out.write(zeros[: min(left, len(zeros))])
+            left -= min(left, len(zeros))
+        out.write(data[after:])
+    return path

@@ -559,6 +559,72 @@ def test_a_ledger_batch_that_decompresses_past_the_limit_is_invalid_input(tmp_pa
     assert "decompresses past 1024 bytes" in run.stderr
 
 
+def _ledger_request(tmp_path: Path, archive: Path) -> Path:
+    request = {
+        "runId": "large-ledger-run",
+        "dataset": "ledgers",
+        "ledgerRange": {"field": "ledgerSequence", "first": 2, "end": 3, "partitionSize": 1},
+        "source": {"uri": str(archive), "format": "ledger_archive"},
+    }
+    return write_request(tmp_path / "r.json", request)
+
+
+def test_a_ledger_larger_than_the_limit_is_invalid_input(tmp_path):
+    """A ledger's XDR is bounded by PCBO_MAX_LEDGER_BYTES, not only its batch file: a valid ledger
+    holding a large byte string was read into a record as large."""
+    pytest.importorskip("stellar_sdk")
+    from pcbo_dagster_tests import ledger_archive_builder as builder
+
+    path = builder.write_large_ledger(tmp_path / "archive", 2, 100_000)
+    request = _ledger_request(tmp_path, tmp_path / "archive")
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", request], home=home, env={"PCBO_MAX_LEDGER_BYTES": "65536"})
+    assert_refused(run, "source", home)
+    assert str(path) in run.stderr and "ledger 2 holds 101" in run.stderr, run.stderr
+    assert "more than 65536 (PCBO_MAX_LEDGER_BYTES)" in run.stderr, run.stderr
+    ok = run_pcbo(["execute", "--input", request], home=home, env={"PCBO_MAX_LEDGER_BYTES": "200000"})
+    assert ok.status == 0, ok.stderr
+
+
+def test_a_few_kib_ledger_file_that_decompresses_to_hundreds_of_mib_is_refused_in_bounded_memory(tmp_path):
+    """A 7 KiB batch file holding one valid ledger of 200 MiB (a contract code entry of zeros), with
+    the default limits, by a process allowed 700 MiB of data: refused naming the file, where it was
+    read into a 270 MiB record, the process holding about 1.3 GiB on the way (or failing with
+    MemoryError under this limit)."""
+    pytest.importorskip("stellar_sdk")
+    import resource
+
+    from pcbo_dagster_tests import ledger_archive_builder as builder
+
+    path = builder.write_large_ledger(tmp_path / "archive", 2, 200 << 20)
+    assert path.stat().st_size < 16 << 10
+    home = tmp_path / "home"
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (700 << 20, 700 << 20))
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pcbo_dagster.cli.main",
+            "dry-run",
+            "--input",
+            _ledger_request(tmp_path, path.parent),
+        ],
+        env=pcbo_env(home, {"PCBO_LEDGER_WORKERS": "1"}),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=limit_memory,  # noqa: PLW1509 - no threads in this process use the fork
+    )
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert str(path) in proc.stderr and "(PCBO_MAX_LEDGER_BYTES)" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not home.exists()
+
+
 @pytest.mark.parametrize("kind", ["dev_zero", "large_file", "stdin"])
 def test_a_flag_s_file_larger_than_the_limit_is_invalid_input(tmp_path, kind):
     """A file a flag names is read whole: past PCBO_MAX_INPUT_BYTES (a runaway pipe, /dev/zero given by

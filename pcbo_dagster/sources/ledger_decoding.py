@@ -64,10 +64,21 @@ BatchResult = tuple[list[DecodedLedger], BatchError | None]
 #: decompresses past it (a zstd bomb, or not a ledger batch) is refused after reading that much.
 DEFAULT_MAX_BATCH_BYTES = 1 << 30
 
+#: The most one ledger's LedgerCloseMeta XDR may hold (`PCBO_MAX_LEDGER_BYTES`, default 64 MiB; the
+#: largest pubnet ledgers are a few MiB): a ledger past it is refused before its record is built (a
+#: record holds its XDR in base64, and the engine holds whole records).
+DEFAULT_MAX_LEDGER_BYTES = 64 << 20
+
 
 def max_batch_bytes() -> int:
     return positive_int(
         "PCBO_MAX_BATCH_BYTES", os.environ.get("PCBO_MAX_BATCH_BYTES"), DEFAULT_MAX_BATCH_BYTES
+    )
+
+
+def max_ledger_bytes() -> int:
+    return positive_int(
+        "PCBO_MAX_LEDGER_BYTES", os.environ.get("PCBO_MAX_LEDGER_BYTES"), DEFAULT_MAX_LEDGER_BYTES
     )
 
 
@@ -120,8 +131,10 @@ class BatchReadError(Exception):
 
 def decode_batch(data: bytes, uri: str, start: int, end: int, first: int, stop: int) -> BatchResult:
     """Check the decompressed batch `data` of the file named for ledgers `start`..`end` and decode
-    its ledgers in [first, stop). Every ledger of the batch is walked (and so checked); the hash of
-    a ledger's header and its close time are checked for the ledgers decoded."""
+    its ledgers in [first, stop). Every ledger of the batch is walked (and so checked), its size
+    too (`max_ledger_bytes()`); the hash of a ledger's header and its close time are checked for
+    the ledgers decoded."""
+    most = max_ledger_bytes()
     words = xdr_words(data)
     if len(words) < 3:
         return [], BatchError(uri, "not an XDR LedgerCloseMetaBatch: it ends within its first 12 bytes")
@@ -148,6 +161,12 @@ def decode_batch(data: bytes, uri: str, start: int, end: int, first: int, stop: 
             message = (
                 f"ledger {index + 1} of the batch {start}-{end} has sequence {facts.sequence}, "
                 f"not {start + index}"
+            )
+            return decoded, BatchError(uri, message)
+        size = 4 * (facts.end - facts.start)
+        if size > most:
+            message = (
+                f"ledger {facts.sequence} holds {size} bytes of XDR, more than {most} (PCBO_MAX_LEDGER_BYTES)"
             )
             return decoded, BatchError(uri, message)
         if first <= facts.sequence < stop:
