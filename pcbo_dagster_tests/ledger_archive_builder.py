@@ -321,3 +321,15 @@ def write_large_ledger(root: Path, sequence: int, code_bytes: int) -> Path:
             left -= min(left, len(zeros))
         out.write(data[after:])
     return path
+
+
+def zstd_bomb(size: int) -> bytes:
+    """One zstd frame (no content size, a 1 MiB window) of `size` zero bytes, a multiple of 128 KiB,
+    as run-length blocks: 4 bytes of file for every 128 KiB it decompresses to."""
+    block = 1 << 17
+    assert size % block == 0 and size
+    blocks = [
+        (int(k == size // block - 1) | 1 << 1 | block << 3).to_bytes(3, "little") + b"\0"
+        for k in range(size // block)
+    ]
+    return b"\x28\xb5\x2f\xfd" + b"\x00\x50" + b"".join(blocks)  # magic; no content size; window 2^20

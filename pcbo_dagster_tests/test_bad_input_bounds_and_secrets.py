@@ -559,6 +559,47 @@ def test_a_ledger_batch_that_decompresses_past_the_limit_is_invalid_input(tmp_pa
     assert "decompresses past 1024 bytes" in run.stderr
 
 
+def _run_limited(
+    args: list[str | Path], home: Path, env: dict[str, str], data_bytes: int
+) -> subprocess.CompletedProcess[str]:
+    """`pcbo *args` in a process allowed `data_bytes` of data (RLIMIT_DATA), its own decoding included."""
+    import resource
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, data_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-m", "pcbo_dagster.cli.main", *map(str, args)],
+        env=pcbo_env(home, {"PCBO_LEDGER_WORKERS": "1", **env}),
+        cwd=home.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=limit_memory,  # noqa: PLW1509 - no threads in this process use the fork
+    )
+
+
+def test_a_zstd_bomb_is_refused_within_bounded_memory_with_the_default_limits(tmp_path):
+    """16 KiB of run-length blocks naming themselves ledger 2 decompress to 512 MiB: refused past
+    the default PCBO_MAX_BATCH_BYTES (256 MiB) by a process allowed 600 MiB of data. Under the old
+    1 GiB default it was read whole and copied (MemoryError here, 1 GiB of memory without a limit),
+    and each decoding process may hold one."""
+    pytest.importorskip("stellar_sdk")
+    from pcbo_dagster.sources.ledger_archives import batch_name
+    from pcbo_dagster_tests import ledger_archive_builder as builder
+
+    path = tmp_path / "archive" / batch_name(2, 2)
+    path.parent.mkdir()
+    path.write_bytes(builder.zstd_bomb(512 << 20))
+    assert path.stat().st_size < 20 << 10
+    home = tmp_path / "home"
+    run = _run_limited(["dry-run", "--input", _ledger_request(tmp_path, path.parent)], home, {}, 600 << 20)
+    assert run.returncode == 2, (run.returncode, run.stderr[-2000:])
+    assert f"{path}: decompresses past {256 << 20} bytes (PCBO_MAX_BATCH_BYTES)" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and not home.exists()
+
+
 def _ledger_request(tmp_path: Path, archive: Path) -> Path:
     request = {
         "runId": "large-ledger-run",
@@ -592,34 +633,12 @@ def test_a_few_kib_ledger_file_that_decompresses_to_hundreds_of_mib_is_refused_i
     read into a 270 MiB record, the process holding about 1.3 GiB on the way (or failing with
     MemoryError under this limit)."""
     pytest.importorskip("stellar_sdk")
-    import resource
-
     from pcbo_dagster_tests import ledger_archive_builder as builder
 
     path = builder.write_large_ledger(tmp_path / "archive", 2, 200 << 20)
     assert path.stat().st_size < 16 << 10
     home = tmp_path / "home"
-
-    def limit_memory() -> None:
-        resource.setrlimit(resource.RLIMIT_DATA, (700 << 20, 700 << 20))
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pcbo_dagster.cli.main",
-            "dry-run",
-            "--input",
-            _ledger_request(tmp_path, path.parent),
-        ],
-        env=pcbo_env(home, {"PCBO_LEDGER_WORKERS": "1"}),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        preexec_fn=limit_memory,  # noqa: PLW1509 - no threads in this process use the fork
-    )
+    proc = _run_limited(["dry-run", "--input", _ledger_request(tmp_path, path.parent)], home, {}, 700 << 20)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert str(path) in proc.stderr and "(PCBO_MAX_LEDGER_BYTES)" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not home.exists()

@@ -60,9 +60,11 @@ class BatchError:
 BatchResult = tuple[list[DecodedLedger], BatchError | None]
 
 
-#: The most one batch file may decompress to (`PCBO_MAX_BATCH_BYTES`, default 1 GiB): a file that
-#: decompresses past it (a zstd bomb, or not a ledger batch) is refused after reading that much.
-DEFAULT_MAX_BATCH_BYTES = 1 << 30
+#: The most one batch file may decompress to (`PCBO_MAX_BATCH_BYTES`, default 256 MiB): a file that
+#: decompresses past it (a zstd bomb, or not a ledger batch) is refused after reading that much. A
+#: decoding process holds about five times what a batch decompresses to (its bytes, its XDR words,
+#: and the base64 XDR of its ledgers, once built and once on its way back from a worker).
+DEFAULT_MAX_BATCH_BYTES = 256 << 20
 
 #: The most one ledger's LedgerCloseMeta XDR may hold (`PCBO_MAX_LEDGER_BYTES`, default 64 MiB; the
 #: largest pubnet ledgers are a few MiB): a ledger past it is refused before its record is built (a
