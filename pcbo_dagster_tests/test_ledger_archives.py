@@ -310,6 +310,28 @@ def test_an_fsspec_url_is_read_like_a_local_folder(tmp_path):
         memory.rm("/archive-test", recursive=True)
 
 
+def test_an_s3_archive_is_read_where_pcbo_points_and_listed_anew_by_every_read(
+    tmp_path, s3_store, monkeypatch
+):
+    """An archive on S3 is read from the endpoint `PCBO_S3_ENDPOINT_URL` names (as a lake or a record
+    source is), and a long-lived process (`pcbo serve`, Dagster) sees the archive as it is now: s3fs
+    keeps every listing for ever by default, so a batch file written after a first read was missing
+    from every later one (and every listing of every archive stayed in memory)."""
+    for key, value in s3_store.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PCBO_LEDGER_WORKERS", "1")
+    archive = b.write_archive(tmp_path / "archive", 2, 9, ledgers_per_file=2, files_per_partition=2)
+    url = s3_store.url()
+    fs = s3_store.filesystem()
+    *early, last = archive.files
+    for path in early:
+        fs.pipe(f"{url}/{path.relative_to(archive.root).as_posix()}", path.read_bytes())
+    assert [r["ledgerSequence"] for r in la.iter_ledger_records(url, 2, 10)] == list(range(2, 8))
+    fs.pipe(f"{url}/{last.relative_to(archive.root).as_posix()}", last.read_bytes())
+    records = list(la.iter_ledger_records(url, 2, 10, require_complete=True))
+    assert records == [_expected(archive, s) for s in range(2, 10)]
+
+
 # -- end to end: an archive's records as a ledgerRange request ----------------------------------------
 
 FIRST, END, SIZE = 5, 27, 8  # partitions 5-12, 13-20, 21-26: each cuts through 4-ledger batches

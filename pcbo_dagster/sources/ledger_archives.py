@@ -54,7 +54,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 
 from pcbo_dagster.core.errors import InvalidInput
@@ -177,9 +176,13 @@ def _basename(entry: dict[str, Any]) -> str:
 
 def list_batch_files(uri: str, first: int, end: int) -> list[BatchFile]:
     """The batch files of the archive at `uri` holding any ledger of [first, end), by their names
-    alone, in ledger order. Partition folders outside the range are not even listed."""
+    alone, in ledger order. Partition folders outside the range are not even listed. An object store
+    is reached as a lake is (`lake.storage.filesystem`: its endpoint, and no listing kept for later,
+    so a long-lived process sees the archive as it is now)."""
+    from pcbo_dagster.lake.storage import filesystem  # here: it loads pyarrow
+
     _check_range(first, end)
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = filesystem(uri)
     batches: list[BatchFile] = []
 
     def add_file(entry: dict[str, Any], inside: KeyRange | None) -> None:

@@ -98,7 +98,13 @@ def read_batch_bytes(uri: str, root: SourcesDirectory | None = None) -> bytes:
     limit = max_batch_bytes()
     try:
         fs, path = fsspec.core.url_to_fs(uri)
-        opened = open_regular(path, root) if isinstance(fs, LocalFileSystem) else fsspec.open(uri, "rb")
+        if isinstance(fs, LocalFileSystem):
+            opened = open_regular(path, root)
+        else:  # an object store, reached as a lake is (imported only then: it loads pyarrow)
+            from pcbo_dagster.lake.storage import filesystem
+
+            fs, path = filesystem(uri)
+            opened = fs.open(path, "rb")
         with opened as raw:
             reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
             with reader:
