@@ -310,6 +310,34 @@ def test_an_fsspec_url_is_read_like_a_local_folder(tmp_path):
         memory.rm("/archive-test", recursive=True)
 
 
+def test_a_decoding_process_killed_stops_the_read_naming_the_file_and_the_pool_starts_anew(tmp_path):
+    """A worker killed (as the OOM killer kills: SIGKILL) while a read is under way: the read stops
+    at once with an error naming the batch file it had reached, not a wait and not an internal
+    error; the same pool then reads again (with new processes)."""
+    import multiprocessing
+    import os
+    import signal
+
+    b.write_archive(tmp_path, 0, 255, ledgers_per_file=1, files_per_partition=64)
+    pool = la.DecodingPool(2)
+    try:
+        records = la.iter_ledger_records(str(tmp_path), 0, 256, pool=pool)
+        assert next(records)["ledgerSequence"] == 0
+        workers = multiprocessing.active_children()
+        assert len(workers) == 2
+        os.kill(workers[0].pid, signal.SIGKILL)
+        with pytest.raises(
+            la.DecodingProcessDied, match=r"\.xdr\.zstd?: its reading stopped: a ledger decoding"
+        ):
+            for _ in records:
+                pass
+        assert [
+            r["ledgerSequence"] for r in la.iter_ledger_records(str(tmp_path), 0, 256, pool=pool)
+        ] == list(range(256))
+    finally:
+        pool.close()
+
+
 def test_an_s3_archive_is_read_where_pcbo_points_and_listed_anew_by_every_read(
     tmp_path, s3_store, monkeypatch
 ):

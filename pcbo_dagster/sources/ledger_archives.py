@@ -51,12 +51,13 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.sources.ledger_decoding import (
@@ -246,6 +247,17 @@ def ledger_workers() -> int:
 POOL_MIN_LEDGERS = 64
 
 
+class DecodingProcessDied(PcboError):
+    """A worker process ended while it decoded a batch file (exit status 1): killed by the system
+    (out of memory) or by hand. The pool is started anew by the next read."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(
+            f"{uri}: its reading stopped: a ledger decoding process ended abruptly (killed, perhaps "
+            "for lack of memory: PCBO_LEDGER_WORKERS and PCBO_MAX_BATCH_BYTES bound what decoding holds)"
+        )
+
+
 class DecodingPool:
     """Worker processes decoding batch files (`ledger_decoding`), started on first use and kept until
     `close` (or until the pool is garbage). Decoding holds the GIL, so threads would not run it at
@@ -269,7 +281,9 @@ class DecodingPool:
         self, fn: Callable[..., BatchResult], tasks: list[tuple[Any, ...]], ledgers: int
     ) -> Iterator[BatchResult]:
         """`fn(*task)` of each task, in order: in this process when there is one worker or the work is
-        small (`ledgers` in all), else in the workers, up to two tasks a worker in flight."""
+        small (`ledgers` in all), else in the workers, up to two tasks a worker in flight. A worker
+        that dies (the OOM killer) stops the reading with `DecodingProcessDied` naming the task's
+        file (its first item), never a wait."""
         if self.workers <= 1 or ledgers < POOL_MIN_LEDGERS or len(tasks) < 2:
             return (fn(*task) for task in tasks)
         return self._in_workers(fn, tasks)
@@ -278,19 +292,32 @@ class DecodingPool:
         self, fn: Callable[..., BatchResult], tasks: list[tuple[Any, ...]]
     ) -> Iterator[BatchResult]:
         executor = self.executor()
-        pending: deque[Future[BatchResult]] = deque()
+        pending: deque[tuple[Future[BatchResult], Any]] = deque()
         queued = iter(tasks)
         try:
             for task in itertools.islice(queued, 2 * self.workers):
-                pending.append(executor.submit(fn, *task))
+                pending.append((executor.submit(fn, *task), task[0]))
             while pending:
-                result = pending.popleft().result()
+                future, uri = pending.popleft()
+                try:
+                    result = future.result()
+                except BrokenProcessPool:
+                    self._discard(executor)
+                    raise DecodingProcessDied(str(uri)) from None
                 for task in itertools.islice(queued, 1):
-                    pending.append(executor.submit(fn, *task))
+                    pending.append((executor.submit(fn, *task), task[0]))
                 yield result
         finally:
-            for future in pending:
+            for future, _ in pending:
                 future.cancel()
+
+    def _discard(self, broken: ProcessPoolExecutor) -> None:
+        """Forget a broken executor (its processes are gone or being ended), so a later read starts a
+        new one."""
+        with self._lock:
+            if self._executor is broken:
+                self._executor = None
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         with self._lock:
