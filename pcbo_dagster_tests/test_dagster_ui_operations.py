@@ -322,7 +322,9 @@ def test_the_dry_run_job_refuses_the_column_names_a_table_cannot_have(tmp_path: 
     assert not dry.success
     failures = [e for e in dry.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failures
-    described = str(failures[0].step_failure_data.user_failure_data.description)
+    user_failure = failures[0].step_failure_data.user_failure_data
+    assert user_failure is not None
+    described = str(user_failure.description)
     assert ".ID" in described and "invalid input" in described.lower(), described
     assert not reports.exists() or not list(reports.glob("*.json"))
     assert not (tmp_path / "pcbo-home" / "lake").exists()
