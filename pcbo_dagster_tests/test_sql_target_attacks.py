@@ -383,13 +383,7 @@ def test_a_sql_dry_run_reads_a_chain_that_verifies(tmp_path: Path) -> None:
     assert again.status == 0 and again.document["decisionHash"] == ran.document["decisionHash"]
     backup = home / "pas" / "events" / "v1.jsonl"
     honest = backup.read_bytes()
-    lines = honest.splitlines(keepends=True)
-    at = next(i for i, line in enumerate(lines) if b'"sql_apply_intent"' in line)
-    assert at < len(lines) - 1
-    event = json.loads(lines[at])
-    event["run_id"] = "run-0"
-    lines[at] = json.dumps(event).encode() + b"\n"
-    backup.write_bytes(b"".join(lines))
+    _forge_an_apply_intent(backup)
     before = dump(url), backup.read_bytes()
     refused = pcbo(["dry-run", "--input", path, "--home", home])
     assert refused.status == 1 and refused.document is None, refused.stderr
@@ -426,6 +420,18 @@ def test_a_sql_rollback_checks_its_input_on_a_chain_that_verifies(tmp_path: Path
     assert (dump(url), backup.read_bytes()) == before
 
 
+def _forge_an_apply_intent(backup: Path) -> None:
+    """Edit the first `sql_apply_intent` of the audit backup, an event in the middle of the chain, to
+    name another run (`run-0`), its hash left as it was."""
+    lines = backup.read_bytes().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if b'"sql_apply_intent"' in line)
+    assert at < len(lines) - 1
+    event = json.loads(lines[at])
+    event["run_id"] = "run-0"
+    lines[at] = json.dumps(event).encode() + b"\n"
+    backup.write_bytes(b"".join(lines))
+
+
 def test_a_sql_apply_or_rollback_refuses_a_chain_whose_events_were_forged(tmp_path: Path) -> None:
     """Red-team finding: a SQL apply and a SQL rollback replayed the audit backup as read once its
     last event agreed with the catalog's head, so an event edited in the middle of the backup (an
@@ -435,13 +441,7 @@ def test_a_sql_apply_or_rollback_refuses_a_chain_whose_events_were_forged(tmp_pa
     url, home, path = _setup(tmp_path)
     assert pcbo(["execute", "--input", path, "--home", home]).status == 0
     backup = home / "pas" / "events" / "v1.jsonl"
-    lines = backup.read_bytes().splitlines(keepends=True)
-    at = next(i for i, line in enumerate(lines) if b'"sql_apply_intent"' in line)
-    assert at < len(lines) - 1
-    event = json.loads(lines[at])
-    event["run_id"] = "run-0"
-    lines[at] = json.dumps(event).encode() + b"\n"
-    backup.write_bytes(b"".join(lines))
+    _forge_an_apply_intent(backup)
     before = dump(url), backup.read_bytes()
     again = pcbo(["execute", "--input", path, "--home", home])
     assert again.status == 1 and "does not verify" in again.stderr, again.stderr
