@@ -338,6 +338,35 @@ def test_a_decoding_process_killed_stops_the_read_naming_the_file_and_the_pool_s
         pool.close()
 
 
+def test_a_pool_found_broken_when_work_is_handed_to_it_stops_the_read_naming_the_file(tmp_path):
+    """The other way a dead worker is found: not by a result, but by handing the pool new work after
+    it broke (its in-flight results were all in, or the pool broke between two reads). That too stops
+    the read with `DecodingProcessDied` naming the file (it escaped as an internal BrokenProcessPool
+    error, found by CI), and the pool then reads again with new processes."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    b.write_archive(tmp_path, 0, 255, ledgers_per_file=1, files_per_partition=64)
+    pool = la.DecodingPool(2)
+    try:
+        assert len(list(la.iter_ledger_records(str(tmp_path), 0, 256, pool=pool))) == 256
+        executor = pool.executor()
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not executor._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert executor._broken
+        with pytest.raises(la.DecodingProcessDied, match=r"\.xdr\.zstd?: its reading stopped"):
+            list(la.iter_ledger_records(str(tmp_path), 0, 256, pool=pool))
+        records = la.iter_ledger_records(str(tmp_path), 0, 256, pool=pool)
+        assert [r["ledgerSequence"] for r in records] == list(range(256))
+    finally:
+        pool.close()
+
+
 def test_an_s3_archive_is_read_where_pcbo_points_and_listed_anew_by_every_read(
     tmp_path, s3_store, monkeypatch
 ):

@@ -294,18 +294,28 @@ class DecodingPool:
         executor = self.executor()
         pending: deque[tuple[Future[BatchResult], Any]] = deque()
         queued = iter(tasks)
+
+        def died(uri: Any) -> DecodingProcessDied:
+            self._discard(executor)
+            return DecodingProcessDied(str(uri))
+
+        def submit(task: tuple[Any, ...]) -> None:
+            try:  # a pool already found broken (a worker died since) refuses new work at once
+                pending.append((executor.submit(fn, *task), task[0]))
+            except BrokenProcessPool:
+                raise died(task[0]) from None
+
         try:
             for task in itertools.islice(queued, 2 * self.workers):
-                pending.append((executor.submit(fn, *task), task[0]))
+                submit(task)
             while pending:
                 future, uri = pending.popleft()
                 try:
                     result = future.result()
                 except BrokenProcessPool:
-                    self._discard(executor)
-                    raise DecodingProcessDied(str(uri)) from None
+                    raise died(uri) from None
                 for task in itertools.islice(queued, 1):
-                    pending.append((executor.submit(fn, *task), task[0]))
+                    submit(task)
                 yield result
         finally:
             for future, _ in pending:
