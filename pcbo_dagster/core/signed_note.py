@@ -332,10 +332,15 @@ def cosign(text: str, key: SigningKey, timestamp: int) -> NoteSignature:
 
 
 def cosignature_timestamp(signature: NoteSignature) -> int:
-    """The timestamp a cosignature v1 carries; `NoteError` when it is not one (72 bytes after the id)."""
+    """The timestamp a cosignature v1 carries; `NoteError` when it is not one (72 bytes after the id, a
+    timestamp above 0 — c2sp.org/tlog-witness: it "MUST NOT be zero" — and at most 2^63 - 1, as
+    c2sp.org/tlog-cosignature requires and `cosign` writes)."""
     if len(signature.signature) != 8 + 64:
         raise NoteError(f"the signature of {signature.name} is not an Ed25519 cosignature v1")
-    return int.from_bytes(signature.signature[:8], "big")
+    timestamp = int.from_bytes(signature.signature[:8], "big")
+    if not 0 < timestamp < 2**63:
+        raise NoteError(f"the cosignature of {signature.name} has timestamp {timestamp}: not in 1..2^63-1")
+    return timestamp
 
 
 def verify_cosignatures(note: Note, witnesses: list[VerifierKey]) -> dict[str, int]:

@@ -1,0 +1,109 @@
+"""What `pcbo` accepts back from a witness (c2sp.org/tlog-witness `add-checkpoint`): a witness key the
+operator trusts whose server answers 200 with lines that are not one plain cosignature v1 of the
+checkpoint asked. Each rogue witness is a real HTTP server on loopback answering what a test makes it
+answer; the runs are real `pcbo execute`s."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster.cli import main as cli
+from pcbo_dagster.core import merkle
+from pcbo_dagster.core.checkpoints import Checkpoint, parse_add_checkpoint_body
+from pcbo_dagster.core.signed_note import (
+    COSIGNATURE_V1,
+    NoteSignature,
+    SigningKey,
+    cosignature_message,
+    new_signing_key,
+)
+from pcbo_dagster.witness.client import Witness, WitnessRefused, request_cosignature
+from pcbo_dagster_tests.cli_runner import load_generator, write_request
+
+LOG = new_signing_key("ops.example/operator")
+WITNESS = new_signing_key("witness.example/w1")
+
+
+def _line(key: SigningKey, text: str, timestamp: int) -> str:
+    """A cosignature v1 line by `key` on `text` at `timestamp`, whatever the timestamp (`cosign`
+    refuses the ones the protocol forbids)."""
+    signature = key.sign(cosignature_message(text, timestamp))
+    raw = timestamp.to_bytes(8, "big") + signature
+    return NoteSignature(key.name, key.verifier(COSIGNATURE_V1).key_id, raw).line
+
+
+@pytest.fixture
+def rogue_witness() -> Iterator[Callable[[Callable[[str], str]], str]]:
+    """Starts an HTTP server answering each add-checkpoint 200 with `answer(checkpoint text)`."""
+    servers = []
+
+    def start(answer: Callable[[str], str]) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                data = answer(parse_add_checkpoint_body(body).checkpoint.text).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _ask(url: str) -> tuple[NoteSignature, int]:
+    checkpoint = Checkpoint("pcbo/events/v1", 3, merkle.MerkleTree([b"a", b"b", b"c"]).root)
+    witness = Witness(WITNESS.verifier(COSIGNATURE_V1), url)
+    return request_cosignature(witness, checkpoint, checkpoint.sign(LOG), 0, lambda old: [])
+
+
+def _execute(tmp_path: Path, url: str) -> tuple[int, Any]:
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(LOG.text + "\n")
+    key_file.chmod(0o600)
+    request = load_generator().make_request(records=20, partitions=2, seed=3, run_id="r1")
+    out = tmp_path / f"out-{uuid.uuid4().hex}.json"
+    witness = f"{WITNESS.verifier(COSIGNATURE_V1).text} {url}"
+    args = ["execute", "--input", str(write_request(tmp_path / "r.json", request))]
+    args += ["--signing-key", str(key_file), "--witness", witness, "--home", str(tmp_path / "home")]
+    try:
+        status = cli.main([*args, "--output", str(out)])
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    return status, json.loads(out.read_text()) if out.exists() else None
+
+
+@pytest.mark.parametrize("timestamp", [2**64 - 1, 2**63, 0])
+def test_a_cosignature_whose_timestamp_the_protocol_forbids_is_refused_and_never_fails_the_run(
+    tmp_path: Path, rogue_witness, timestamp: int
+) -> None:
+    """c2sp.org/tlog-cosignature: the timestamp "MUST NOT exceed 2^63 - 1"; c2sp.org/tlog-witness:
+    it "MUST NOT be zero". The client kept any timestamp a valid signature carried: one above 2^63 - 1
+    does not fit the catalog's BIGINT, so recording it raised and the run failed, though a witness
+    never fails a run. Now such a cosignature is no cosignature v1: the witness is reported as
+    refusing, and the run succeeds unwitnessed."""
+    url = rogue_witness(lambda text: _line(WITNESS, text, timestamp))
+    with pytest.raises(WitnessRefused, match="timestamp"):
+        _ask(url)
+    status, document = _execute(tmp_path, url)
+    assert status == 0, document
+    assert document["checkpoint"]["witnessedBy"] == []
+    assert "timestamp" in document["checkpoint"]["witnessErrors"][0]
