@@ -23,6 +23,7 @@ from pcbo_dagster.core.signed_note import (
     NoteSignature,
     SigningKey,
     cosignature_message,
+    cosignature_timestamp,
     new_signing_key,
 )
 from pcbo_dagster.witness.client import Witness, WitnessRefused, request_cosignature
@@ -107,3 +108,30 @@ def test_a_cosignature_whose_timestamp_the_protocol_forbids_is_refused_and_never
     assert status == 0, document
     assert document["checkpoint"]["witnessedBy"] == []
     assert "timestamp" in document["checkpoint"]["witnessErrors"][0]
+
+
+def test_of_several_cosignatures_in_an_answer_the_one_kept_carries_its_own_timestamp(rogue_witness) -> None:
+    """A witness may answer several lines (c2sp.org/tlog-witness: "one or more"). The client kept the
+    first line by the witness's key but the timestamp of the last, so the catalog row's `cosigned_at`
+    was not the time its `signature_line` states. Now it keeps the newest line, with its timestamp."""
+    url = rogue_witness(lambda text: _line(WITNESS, text, 1700000500) + _line(WITNESS, text, 1700000000))
+    line, timestamp = _ask(url)
+    assert timestamp == cosignature_timestamp(line) == 1700000500
+    url = rogue_witness(lambda text: _line(WITNESS, text, 1700000000) + _line(WITNESS, text, 1700000500))
+    line, timestamp = _ask(url)
+    assert timestamp == cosignature_timestamp(line) == 1700000500
+
+
+def test_an_answer_that_is_not_a_cosignature_of_the_checkpoint_asked_is_refused(rogue_witness) -> None:
+    """A line by the witness's key over another checkpoint (another size, or one line of two), a line
+    of another key with the witness's name, or no line by its key: never kept."""
+    other = Checkpoint("pcbo/events/v1", 2, merkle.MerkleTree([b"a", b"b"]).root).text
+    impostor = SigningKey(WITNESS.name, new_signing_key("x").private_key)
+    for answer in (
+        lambda text: _line(WITNESS, other, 1700000000),
+        lambda text: _line(WITNESS, text, 1700000000) + _line(WITNESS, other, 1700000000),
+        lambda text: _line(impostor, text, 1700000000),
+        lambda text: _line(new_signing_key("witness.example/w2"), text, 1700000000),
+    ):
+        with pytest.raises(WitnessRefused):
+            _ask(rogue_witness(answer))

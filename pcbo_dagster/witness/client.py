@@ -5,7 +5,8 @@ prints it for the witness's key). `request_cosignature` sends the old size the w
 (as far as we know), the consistency proof from it, and the signed checkpoint; a `409 Conflict`
 answer names the size the witness really holds, and the request is made once more from that size
 (a 409 naming the very size asked, which is the checkpoint's, means another root: a rewritten history).
-The answer's cosignature lines are verified against the witness's key before anything is kept.
+The answer's cosignature lines (and only they) are verified against the witness's key before anything
+is kept; of several, the newest is kept, with its own timestamp.
 A witness that cannot be reached, or refuses, is reported (`WitnessRefused`) and never stops a run:
 the caller asks again with the next checkpoint.
 """
@@ -26,6 +27,7 @@ from pcbo_dagster.core.signed_note import (
     NoteError,
     NoteSignature,
     VerifierKey,
+    cosignature_timestamp,
     parse_signature_lines,
     parse_verifier_key,
     verify_cosignatures,
@@ -99,13 +101,14 @@ def request_cosignature(
         if status == 200:
             try:
                 lines = parse_signature_lines(text)
-                found = verify_cosignatures(note.with_signatures(lines), [witness.key])
+                found = verify_cosignatures(Note(note.text, tuple(lines)), [witness.key])
+                mine = [s for s in lines if s.name == witness.key.name and s.key_id == witness.key.key_id]
+                newest = max(mine, key=cosignature_timestamp) if found else None
             except NoteError as exc:
                 raise WitnessRefused(f"{witness.label}: not a valid cosignature: {exc}") from None
-            if witness.key.text not in found:
+            if newest is None:
                 raise WitnessRefused(f"{witness.label}: its answer holds no cosignature by its key")
-            mine = next(s for s in lines if s.name == witness.key.name and s.key_id == witness.key.key_id)
-            return mine, found[witness.key.text]
+            return newest, cosignature_timestamp(newest)
         if status == 409 and content_type.split(";")[0].strip() == SIZE_CONTENT_TYPE:
             try:
                 held = int(text.strip())
