@@ -3,21 +3,31 @@ loopback, and the monitoring `GET /<origin hash>/checkpoint`."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.checkpoints import Checkpoint, add_checkpoint_body
-from pcbo_dagster.core.signed_note import COSIGNATURE_V1, new_signing_key, parse_note, verify_cosignatures
+from pcbo_dagster.core.signed_note import (
+    COSIGNATURE_V1,
+    new_signing_key,
+    parse_note,
+    verify_cosignatures,
+)
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
+from pcbo_dagster_tests.cli_runner import pcbo_env
 
 LEAVES = [f"event {i}".encode() for i in range(12)]
 LOG = new_signing_key("ops.example/operator")
@@ -215,3 +225,68 @@ def test_a_client_that_stops_sending_is_dropped(tmp_path: Path, sent: bytes) -> 
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """Starts `pcbo witness serve` processes on one `--db` (each call: one more); yields their URLs."""
+    key_file = tmp_path / "w.key"
+    key_file.write_text(WITNESS.text + "\n")
+    key_file.chmod(0o600)
+    processes: list[subprocess.Popen[str]] = []
+
+    def start() -> str:
+        args = ["witness", "serve", "--key", str(key_file), "--db", str(tmp_path / "w.db"), "--port", "0"]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pcbo_dagster.cli.main", *args, "--log-key", LOG.verifier().text],
+            env=pcbo_env(),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        processes.append(process)
+        assert process.stdout is not None
+        return str(json.loads(process.stdout.readline())["listening"])
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _together(calls: list[Callable[[], tuple[int, str, str]]]) -> list[tuple[int, str, str]]:
+    """The answers of `calls`, each made in its own thread, all released at once."""
+    answers: list[tuple[int, str, str]] = [(0, "", "")] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        start.wait()
+        answers[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_racing_requests_never_get_two_histories_cosigned(served, processes: int) -> None:
+    """Two add-checkpoint requests from the size the witness holds, released together, carry two forks
+    of one log (each with a valid proof from that size, signed by the log's key), to one witness
+    process or to two on one state database. Whatever the interleaving, one is cosigned and the other
+    answered 409 with the winner's size: never two histories, never a roll back."""
+    urls = [served() for _ in range(processes)]
+    other = [f"fork {i}".encode() for i in range(12)]
+    for round_ in range(40):
+        origin = f"pcbo/race{round_}/v1"
+        assert _post(urls[0], 0, [], _note(5, origin=origin))[0] == 200
+        forks = [LEAVES[:8], LEAVES[:5] + other[5 : 6 + round_ % 4]]
+        bodies = [(5, merkle.consistency_proof(f, 5), _note(len(f), f, origin=origin)) for f in forks]
+        answers = _together([functools.partial(_post, urls[i % processes], *bodies[i]) for i in range(2)])
+        statuses = sorted(a[0] for a in answers)
+        assert statuses == [200, 409], answers
+        winner = len(forks[[a[0] for a in answers].index(200)])
+        assert next(a for a in answers if a[0] == 409)[1:] == ("text/x.tlog.size", f"{winner}\n")
