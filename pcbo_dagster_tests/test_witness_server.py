@@ -22,8 +22,10 @@ from pcbo_dagster.core import merkle
 from pcbo_dagster.core.checkpoints import Checkpoint, add_checkpoint_body
 from pcbo_dagster.core.signed_note import (
     COSIGNATURE_V1,
+    NoteSignature,
     new_signing_key,
     parse_note,
+    parse_signature_lines,
     verify_cosignatures,
 )
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
@@ -290,3 +292,25 @@ def test_racing_requests_never_get_two_histories_cosigned(served, processes: int
         assert statuses == [200, 409], answers
         winner = len(forks[[a[0] for a in answers].index(200)])
         assert next(a for a in answers if a[0] == 409)[1:] == ("text/x.tlog.size", f"{winner}\n")
+
+
+def test_the_served_checkpoint_holds_only_the_signatures_the_witness_verified(served) -> None:
+    """c2sp.org/tlog-witness: the checkpoint a witness serves holds its cosignature and "the cosignature
+    from the log key(s) that the witness verified". The witness stored the request's note with every
+    line, so a log operator could add a line in another witness's name (and key id) that does not
+    verify: a monitor checking the served checkpoint against the witnesses it trusts must reject that
+    note, so the witness's view was hidden from monitors. Now it stores and serves only the log key's
+    verified signatures and its own cosignature (as transparency-dev/witness does)."""
+    url = served()
+    w2 = new_signing_key("witness.example/w2")
+    note = parse_note(_note(5))
+    bogus = NoteSignature(w2.name, w2.verifier(COSIGNATURE_V1).key_id, bytes(72))
+    unknown = NoteSignature("someone.example/k", b"\0\0\0\0", bytes(64))
+    status, _, body = _post(url, 0, [], note.with_signatures([bogus, unknown]).render())
+    assert status == 200
+    origin_hash = hashlib.sha256(b"pcbo/events/v1").hexdigest()
+    with urllib.request.urlopen(f"{url}/{origin_hash}/checkpoint", timeout=10) as answer:
+        latest = parse_note(answer.read())
+    assert latest == note.with_signatures(parse_signature_lines(body))
+    witnesses = [WITNESS.verifier(COSIGNATURE_V1), w2.verifier(COSIGNATURE_V1)]
+    assert list(verify_cosignatures(latest, witnesses)) == [WITNESS.verifier(COSIGNATURE_V1).text]

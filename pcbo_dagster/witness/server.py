@@ -22,7 +22,9 @@ protocol says:
   new state is stored. Checking the old size and storing the new state happen in one SQLite write
   transaction, so two requests cannot roll a log back.
 
-`GET /<hex SHA-256 of the origin>/checkpoint` returns the latest cosigned checkpoint (404 if none).
+`GET /<hex SHA-256 of the origin>/checkpoint` returns the latest cosigned checkpoint (404 if none),
+with the log key's signatures the witness verified and its own cosignature, and no other line (a line
+the request carried in another witness's name that does not verify would make monitors reject it).
 
 Each read of a connection waits at most 30 seconds (`make_server`'s `timeout`): a client that stops
 sending, or stays connected idle, is dropped, so such connections cannot hold the witness's threads.
@@ -51,6 +53,7 @@ from pcbo_dagster.core.merkle import EMPTY_ROOT, verify_consistency
 from pcbo_dagster.core.signed_note import (
     COSIGNATURE_V1,
     ED25519,
+    Note,
     NoteError,
     SigningKey,
     VerifierKey,
@@ -144,15 +147,24 @@ class Witness:
         if not keys:
             return Answer(404, f"unknown log origin {checkpoint.origin}\n")
         try:
-            verify_note(request.note, keys)
+            verified = verify_note(request.note, keys)
         except NoteError as exc:
             return Answer(403, f"{exc} (the log key of origin {checkpoint.origin})\n")
+        # What is stored (and served) is the checkpoint with the signatures verified here, no other line.
+        signed = Note(
+            request.note.text,
+            tuple(
+                s
+                for s in request.note.signatures
+                if any((s.name, s.key_id) == (k.name, k.key_id) for k in verified)
+            ),
+        )
         if request.old_size > checkpoint.size:
             return Answer(400, f"old size {request.old_size} is above the checkpoint's {checkpoint.size}\n")
         with self._lock, self._connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                answer = self._decide(conn, request, checkpoint)
+                answer = self._decide(conn, request, checkpoint, signed)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -165,7 +177,7 @@ class Witness:
         return [log.key for log in self.logs if chain_of_origin(origin, log.origin_prefix) is not None]
 
     def _decide(
-        self, conn: sqlite3.Connection, request: AddCheckpointRequest, checkpoint: Checkpoint
+        self, conn: sqlite3.Connection, request: AddCheckpointRequest, checkpoint: Checkpoint, signed: Note
     ) -> Answer:
         row = conn.execute("SELECT size, root FROM logs WHERE origin = ?", (checkpoint.origin,)).fetchone()
         held_size, held_root = (0, EMPTY_ROOT) if row is None else (int(row[0]), bytes(row[1]))
@@ -184,7 +196,7 @@ class Witness:
                 422, f"not consistent with the checkpoint of size {held_size} this witness cosigned\n"
             )
         signature = cosign(checkpoint.text, self.key, int(self.clock()))
-        stored = request.note.with_signatures([signature]).render()
+        stored = signed.with_signatures([signature]).render()
         conn.execute(
             "INSERT INTO logs (origin, size, root, checkpoint) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (origin) DO UPDATE SET size = excluded.size, root = excluded.root, "
