@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -314,3 +315,28 @@ def test_the_served_checkpoint_holds_only_the_signatures_the_witness_verified(se
     assert latest == note.with_signatures(parse_signature_lines(body))
     witnesses = [WITNESS.verifier(COSIGNATURE_V1), w2.verifier(COSIGNATURE_V1)]
     assert list(verify_cosignatures(latest, witnesses)) == [WITNESS.verifier(COSIGNATURE_V1).text]
+
+
+def test_a_client_that_trickles_its_request_is_dropped_at_the_deadline(tmp_path: Path) -> None:
+    """Each read waited at most the server's timeout, but a whole request had no limit: a client sending
+    one byte of its headers now and then (slowloris) held its thread for as long as it liked, so enough
+    such connections exhausted the witness. Now a request must arrive whole within the timeout."""
+    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
+    server = make_server(witness, "127.0.0.1", 0, timeout=0.5)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
+            conn.sendall(b"POST /add-checkpoint HTTP/1.1\r\nX-Slow: ")
+            started = time.monotonic()
+            dropped = False
+            while not dropped and time.monotonic() - started < 5:
+                time.sleep(0.1)
+                try:
+                    conn.sendall(b"a")
+                except OSError:
+                    break
+                dropped = bool(select.select([conn], [], [], 0)[0])  # (an answer, e.g. 408, or the close)
+            assert time.monotonic() - started < 2
+    finally:
+        server.shutdown()
+        server.server_close()

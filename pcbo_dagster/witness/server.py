@@ -26,15 +26,18 @@ protocol says:
 with the log key's signatures the witness verified and its own cosignature, and no other line (a line
 the request carried in another witness's name that does not verify would make monitors reject it).
 
-Each read of a connection waits at most 30 seconds (`make_server`'s `timeout`): a client that stops
-sending, or stays connected idle, is dropped, so such connections cannot hold the witness's threads.
+A request must arrive whole within 30 seconds (`make_server`'s `timeout`) of the server starting to
+wait for it: a client that stops sending, trickles its request a byte at a time, or stays connected
+idle, is dropped, so such connections cannot hold the witness's threads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -213,19 +216,49 @@ class Witness:
         return Answer(404, "no checkpoint cosigned for that origin\n")
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads that all end by `handler.deadline` (`time.monotonic`): each waits only the
+    time left, and past it raises `TimeoutError`, which `handle_one_request` answers by closing."""
+
+    def __init__(self, connection: socket.socket, deadline: Callable[[], float]) -> None:
+        self.connection = connection
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        left = self.deadline() - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.connection.settimeout(left)
+        return self.connection.recv_into(buffer)
+
+
 def make_server(
     witness: Witness, host: str, port: int, timeout: float = REQUEST_TIMEOUT_SECONDS
 ) -> ThreadingHTTPServer:
     """An HTTP server for `witness` on (host, port) (port 0: any free port); call `serve_forever`.
-    Each read of a connection waits at most `timeout` seconds: a client that stops sending (or an
-    idle kept-alive connection) is dropped and frees its thread (`handle_one_request` closes a
-    connection whose read timed out)."""
+    Each request (its line, headers and body) must arrive within `timeout` seconds of the handler
+    starting to wait for it: a client that stops sending, sends a byte now and then, or keeps an idle
+    connection is dropped and frees its thread (`handle_one_request` closes a connection whose read
+    timed out)."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        _deadline = 0.0
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile = io.BufferedReader(_DeadlineReader(self.connection, lambda: self._deadline))
+
+        def handle_one_request(self) -> None:
+            self._deadline = time.monotonic() + timeout
+            super().handle_one_request()
 
         def _send(self, answer: Answer) -> None:
             data = answer.body.encode("utf-8")
+            self.connection.settimeout(timeout)  # (the reads' deadline left it the time they had left)
             self.send_response(answer.status)
             self.send_header("Content-Type", answer.content_type)
             self.send_header("Content-Length", str(len(data)))
