@@ -340,3 +340,42 @@ def test_a_client_that_trickles_its_request_is_dropped_at_the_deadline(tmp_path:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /add-checkpoint HTTP/1.1\r\nHost: w\r\nContent-Length: 70000\r\n\r\n",
+        b"POST /add-checkpoint HTTP/1.1\r\nHost: w\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /elsewhere HTTP/1.1\r\nHost: w\r\nContent-Length: 80\r\n\r\n",
+        b"GET /" + b"0" * 64 + b"/checkpoint HTTP/1.1\r\nHost: w\r\nContent-Length: 80\r\n\r\n",
+    ],
+)
+def test_the_body_of_a_request_answered_unread_is_never_read_as_the_next_request(
+    tmp_path: Path, head: bytes
+) -> None:
+    """A request refused before its body was read (too large, not framed by Content-Length, another
+    path, a GET with a body) left the connection open, so its body was read as the next request on
+    it: one request, two answers (a desync a bastion in front of the witness would pass on to other
+    clients). Now such a connection is closed after the one answer."""
+    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
+    server = make_server(witness, "127.0.0.1", 0, timeout=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    smuggled = b"GET /" + b"1" * 64 + b"/checkpoint HTTP/1.1\r\nHost: w\r\n\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
+            conn.sendall(head + smuggled)
+            received = b""
+            while True:
+                try:
+                    chunk = conn.recv(4096)
+                except ConnectionResetError:  # (the server closed with the body unread: after its answer)
+                    break
+                if not chunk:
+                    break
+                received += chunk
+        assert received.count(b"HTTP/1.1 ") == 1, received
+        assert b"Connection: close" in received
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -256,12 +256,18 @@ def make_server(
             self._deadline = time.monotonic() + timeout
             super().handle_one_request()
 
-        def _send(self, answer: Answer) -> None:
+        def _send(self, answer: Answer, body_read: bool = False) -> None:
+            """Write `answer`; the connection is closed after it when the request's body was not read
+            (else its bytes would be read as the next request on a kept-alive connection)."""
             data = answer.body.encode("utf-8")
             self.connection.settimeout(timeout)  # (the reads' deadline left it the time they had left)
             self.send_response(answer.status)
             self.send_header("Content-Type", answer.content_type)
             self.send_header("Content-Length", str(len(data)))
+            has_body = "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
+            if has_body and not body_read:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(data)
 
@@ -270,6 +276,8 @@ def make_server(
                 self._send(Answer(404, "not found\n"))
                 return
             try:
+                if "Transfer-Encoding" in self.headers:
+                    raise ValueError("a body of another framing than Content-Length")
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 self._send(Answer(411, "Content-Length required\n"))
@@ -277,7 +285,8 @@ def make_server(
             if not 0 <= length <= MAX_REQUEST_BYTES:
                 self._send(Answer(413, "request too large\n"))
                 return
-            self._send(witness.add_checkpoint(self.rfile.read(length)))
+            body = self.rfile.read(length)
+            self._send(witness.add_checkpoint(body), body_read=True)
 
         def do_GET(self) -> None:  # noqa: N802 - the http.server API
             parts = self.path.strip("/").split("/")
