@@ -282,7 +282,7 @@ def test_the_witness_refuses_a_rewritten_or_truncated_history_signed_with_the_op
     history: dict[str, Any],
 ) -> None:
     """An insider with the operator's key re-signs the forged history: the witness, which cosigned the
-    real one, refuses to cosign it (422 inconsistent, 409 another root at its own size, or a size below
+    real one, refuses to cosign it (422 inconsistent or another root at its own size, or a size below
     its own)."""
     home = history["home"]
     size = len(backup_file(home).read_bytes().splitlines())

@@ -84,10 +84,12 @@ def test_the_witness_answers_as_the_protocol_says(url: str) -> None:
     rewritten = [b"forged", *LEAVES[1:]]
     bad = merkle.consistency_proof(rewritten[:10], 8)
     assert _post(url, 8, bad, _note(10, rewritten))[0] == 422
-    # 409 (c2sp.org/tlog-witness: "If the old size matches the checkpoint size, the witness MUST check
-    # that the root hashes are also identical. If they don't match, the witness MUST respond with a
-    # 409 Conflict"): the same size, another root, with the size it holds
-    assert _post(url, 8, [], _note(8, rewritten))[:3] == (409, "text/x.tlog.size", "8\n")
+    # 422 (c2sp.org/tlog-witness since C2SP/C2SP#280: "If the old size matches the checkpoint size, the
+    # witness MUST check that the root hashes are also identical. If they don't match, the witness MUST
+    # respond with a "422 Unprocessable Entity""; it was 409, a retry-from-this-size answer that every
+    # other 409 is): the same size, another root
+    status, _, text = _post(url, 8, [], _note(8, rewritten))
+    assert status == 422 and "history was rewritten" in text
     # 422: the same size and root, with a proof (none verifies from a size to itself)
     assert _post(url, 8, proof[:1], _note(8))[0] == 422
     # 400: never backwards (old size above the checkpoint's)

@@ -3,8 +3,10 @@
 A witness is configured as `<cosigner vkey> <URL>` (the vkey of type 0x04, as `pcbo keys generate`
 prints it for the witness's key). `request_cosignature` sends the old size the witness last cosigned
 (as far as we know), the consistency proof from it, and the signed checkpoint; a `409 Conflict`
-answer names the size the witness really holds, and the request is made once more from that size
-(a 409 naming the very size asked, which is the checkpoint's, means another root: a rewritten history).
+answer names the size the witness really holds, and the request is made once more from that size.
+A `422` is the witness's refusal of a history not consistent with what it cosigned (since
+C2SP/C2SP#280 also its answer to its own size with another root, which witnesses before it answer 409
+naming that very size: a rewritten history either way).
 The answer's cosignature lines (and only they) are verified against the witness's key before anything
 is kept; of several, the newest is kept, with its own timestamp.
 A witness that cannot be reached, or refuses, is reported (`WitnessRefused`) and never stops a run:
@@ -119,7 +121,7 @@ def request_cosignature(
                     f"{witness.label}: the witness has cosigned {held} events of this log, more than the "
                     f"{checkpoint.size} this checkpoint holds: the log was truncated or forked"
                 )
-            if held == old == checkpoint.size:  # (the protocol's answer to the same size, another root)
+            if held == old == checkpoint.size:  # (another root: the answer of witnesses before C2SP#280)
                 raise WitnessRefused(
                     f"{witness.label}: the witness cosigned another root for size {held} (409): the log's "
                     "history was rewritten"
@@ -128,5 +130,10 @@ def request_cosignature(
                 break
             old = held
             continue
+        if status == 422:
+            raise WitnessRefused(
+                f"{witness.label}: not consistent with what the witness cosigned (422): "
+                f"{scrub_text(text.strip()[:300])}"
+            )
         raise WitnessRefused(f"{witness.label}: HTTP {status}: {scrub_text(text.strip()[:300])}")
     raise WitnessRefused(f"{witness.label}: the witness's size kept changing")

@@ -13,11 +13,11 @@ protocol says:
 - 400 a malformed request, or an old size above the checkpoint's size (it never goes backwards);
 - 404 an origin it does not witness; 403 no valid signature on the checkpoint of the log key bound
   to that origin (another log's key does not count);
-- 409 (`text/x.tlog.size`, the size it holds) when the old size is not the size it last cosigned,
-  or is, and so is the checkpoint's, but with another root (a rewritten history);
-- 422 a consistency proof that does not verify from the root it holds to the new one (a rewritten
-  history), a non-empty proof from size 0 or from the checkpoint's own size, a size 0 whose root is
-  not the empty tree's;
+- 409 (`text/x.tlog.size`, the size it holds) when the old size is not the size it last cosigned;
+- 422 a consistency proof that does not verify from the root it holds to the new one, or the size it
+  holds with another root (each a rewritten history: the spec's answer to the latter was 409 until
+  C2SP/C2SP#280), a non-empty proof from size 0 or from the checkpoint's own size, a size 0 whose
+  root is not the empty tree's;
 - 200 and one `cosignature/v1` line (its key's timestamped Ed25519 cosignature) otherwise, after the
   new state is stored. Checking the old size and storing the new state happen in one SQLite write
   transaction, so two requests cannot roll a log back.
@@ -190,8 +190,12 @@ class Witness:
             if request.proof:
                 return Answer(422, "a consistency proof from size 0 must be empty\n")
         elif held_size == checkpoint.size:
-            if held_root != checkpoint.root:  # (the protocol's answer: 409 with the size it holds)
-                return Answer(409, f"{held_size}\n", SIZE_CONTENT_TYPE)
+            if held_root != checkpoint.root:
+                return Answer(
+                    422,
+                    f"another root than the one this witness cosigned for size {held_size}: the log's "
+                    "history was rewritten\n",
+                )
             if request.proof:
                 return Answer(422, "a consistency proof from a size to itself must be empty\n")
         elif not verify_consistency(held_size, checkpoint.size, held_root, checkpoint.root, request.proof):
