@@ -234,7 +234,8 @@ def test_a_client_that_stops_sending_is_dropped(tmp_path: Path, sent: bytes) -> 
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Callable[[], str]]:
-    """Starts `pcbo witness serve` processes on one `--db` (each call: one more); yields their URLs."""
+    """Starts `pcbo witness serve` processes on one `--db` (each call: one more, its URL returned;
+    `start.kill()` kills the ones running with SIGKILL)."""
     key_file = tmp_path / "w.key"
     key_file.write_text(WITNESS.text + "\n")
     key_file.chmod(0o600)
@@ -254,6 +255,12 @@ def served(tmp_path: Path) -> Iterator[Callable[[], str]]:
         assert process.stdout is not None
         return str(json.loads(process.stdout.readline())["listening"])
 
+    def kill() -> None:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=30)
+
+    start.kill = kill  # type: ignore[attr-defined]
     yield start
     for process in processes:
         process.terminate()
@@ -381,3 +388,24 @@ def test_the_body_of_a_request_answered_unread_is_never_read_as_the_next_request
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_what_a_killed_witness_cosigned_binds_it_after_a_restart(served) -> None:
+    """The new state is committed before the cosignature is answered: a witness killed (SIGKILL) right
+    after answering 200 for size 8 still holds 8 when it starts again, so it refuses a fork of size 8,
+    a request from the size it held before (409 naming 8), and a smaller tree (400)."""
+    url = served()
+    assert _post(url, 0, [], _note(5))[0] == 200
+    assert _post(url, 5, merkle.consistency_proof(LEAVES[:8], 5), _note(8))[0] == 200
+    served.kill()
+    url = served()
+    fork = [*LEAVES[:5], *(f"fork {i}".encode() for i in range(5, 12))]
+    assert _post(url, 8, [], _note(8, fork))[0] == 422
+    assert _post(url, 5, merkle.consistency_proof(fork[:9], 5), _note(9, fork))[:3] == (
+        409,
+        "text/x.tlog.size",
+        "8\n",
+    )
+    assert _post(url, 8, [], _note(6))[0] == 400
+    assert _post(url, 8, merkle.consistency_proof(fork[:10], 8), _note(10, fork))[0] == 422
+    assert _post(url, 8, merkle.consistency_proof(LEAVES[:10], 8), _note(10))[0] == 200
