@@ -6,7 +6,9 @@ answer; the runs are real `pcbo execute`s."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -135,3 +137,54 @@ def test_an_answer_that_is_not_a_cosignature_of_the_checkpoint_asked_is_refused(
     ):
         with pytest.raises(WitnessRefused):
             _ask(rogue_witness(answer))
+
+
+@pytest.fixture
+def dripping_witness() -> Iterator[str]:
+    """A witness URL whose server answers `200 OK` and then a header line every 0.3 s for a minute
+    (each within any per-read timeout), never finishing its answer."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for _ in range(200):
+                    if stop.wait(0.3):
+                        return
+                    conn.sendall(b"X-Drip: y\r\n")
+            except OSError:
+                return
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=drip, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    stop.set()
+    listener.close()
+
+
+def test_a_witness_that_drips_its_answer_is_given_up_at_the_timeout(tmp_path: Path, dripping_witness) -> None:
+    """The client's timeout bounded each socket read, not the request: a witness (or anyone on the path
+    of a plain-http witness) sending a header line every few seconds held `request_cosignature`, and
+    so the run asking it, for as long as it liked. Now the whole exchange ends at the timeout and the
+    witness is reported as refusing; the run goes on."""
+    checkpoint = Checkpoint("pcbo/events/v1", 3, merkle.MerkleTree([b"a", b"b", b"c"]).root)
+    witness = Witness(WITNESS.verifier(COSIGNATURE_V1), dripping_witness)
+    started = time.monotonic()
+    with pytest.raises(WitnessRefused, match="no whole answer within 1 s"):
+        request_cosignature(witness, checkpoint, checkpoint.sign(LOG), 0, lambda old: [], timeout=1)
+    assert time.monotonic() - started < 3
+    started = time.monotonic()
+    status, document = _execute(tmp_path, dripping_witness)
+    assert status == 0 and document["checkpoint"]["witnessedBy"] == [], document
+    assert "no whole answer" in document["checkpoint"]["witnessErrors"][0]
+    assert time.monotonic() - started < 30

@@ -30,7 +30,8 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import tenacity
@@ -152,6 +153,27 @@ class _HTTPHandler(urllib.request.HTTPHandler):
 class _HTTPSHandler(urllib.request.HTTPSHandler):
     def https_open(self, req):  # noqa: ANN001, ANN201
         return self.do_open(_DeadlineHTTPSConnection, req, context=self._context)
+
+
+def deadline_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
+    """A urllib opener (with `handlers` besides the default ones) whose connections a `within` block
+    bounds whole."""
+    return urllib.request.build_opener(_HTTPHandler(), _HTTPSHandler(), *handlers)
+
+
+@contextmanager
+def within(seconds: float) -> Iterator[_Deadline]:
+    """Bounds the requests a `deadline_opener` makes in this block (in this thread) to `seconds` in
+    all: connecting, sending and reading the answer, however slowly the other end drips it. When the
+    time passes their sockets are shut down (reads then end early, or raise `OSError`) and the
+    deadline's `expired` is True: check it after the block, as a cut answer can read as complete."""
+    deadline = _Deadline(seconds)
+    _attempt.deadline = deadline
+    try:
+        yield deadline
+    finally:
+        deadline.cancel()
+        _attempt.deadline = None
 
 
 def _sendable(value: str, spaces: bool = False) -> bool:

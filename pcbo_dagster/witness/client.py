@@ -15,6 +15,7 @@ the caller asks again with the next checkpoint.
 
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +35,7 @@ from pcbo_dagster.core.signed_note import (
     parse_verifier_key,
     verify_cosignatures,
 )
+from pcbo_dagster.io.http_delivery import deadline_opener, within
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
@@ -70,18 +72,31 @@ def parse_witness(text: str, field: str = "PCBO_WITNESSES") -> Witness:
     return Witness(key, parts[1].rstrip("/"))
 
 
+_OPENER = deadline_opener()
+
+
 def _post(url: str, body: bytes, timeout: float) -> tuple[int, str, str]:
+    """POST `body`; (status, content type, text of the answer). The whole exchange (connecting,
+    sending, the answer read) takes at most `timeout` seconds, however slowly the witness answers."""
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "text/plain; charset=utf-8"}
     )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - http(s) only
-            return answer.status, answer.headers.get("Content-Type", ""), answer.read(65536).decode("utf-8")
-    except urllib.error.HTTPError as exc:
-        text = exc.read(65536).decode("utf-8", "replace")
-        return exc.code, exc.headers.get("Content-Type", ""), text
-    except (urllib.error.URLError, OSError, UnicodeDecodeError) as exc:
-        raise WitnessRefused(scrub_text(f"{redact_url(url)}: {getattr(exc, 'reason', exc)}")) from None
+    with within(timeout) as deadline:
+        try:
+            try:
+                with _OPENER.open(request, timeout=timeout) as answer:
+                    status, content_type = answer.status, answer.headers.get("Content-Type", "")
+                    text = answer.read(65536).decode("utf-8")
+            except urllib.error.HTTPError as exc:
+                status, content_type = exc.code, exc.headers.get("Content-Type", "")
+                text = exc.read(65536).decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
+            if not deadline.expired:
+                reason = getattr(exc, "reason", exc)
+                raise WitnessRefused(scrub_text(f"{redact_url(url)}: {reason}")) from None
+    if deadline.expired:  # (an answer cut short by the deadline can read as complete)
+        raise WitnessRefused(f"{redact_url(url)}: no whole answer within {timeout:g} s")
+    return status, content_type, text
 
 
 def request_cosignature(
