@@ -409,3 +409,37 @@ def test_what_a_killed_witness_cosigned_binds_it_after_a_restart(served) -> None
     assert _post(url, 8, [], _note(6))[0] == 400
     assert _post(url, 8, merkle.consistency_proof(fork[:10], 8), _note(10, fork))[0] == 422
     assert _post(url, 8, merkle.consistency_proof(LEAVES[:10], 8), _note(10))[0] == 200
+
+
+def test_a_flood_of_connections_is_answered_503_past_the_limit(tmp_path: Path) -> None:
+    """The witness started a thread for every connection it accepted, without limit: a flood of
+    connections (each held up to the request timeout) made it start threads without end. Now past
+    `max_connections` at once a connection is answered 503 and closed at once, and once the held ones
+    go, requests are served again."""
+    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
+    server = make_server(witness, "127.0.0.1", 0, timeout=5, max_connections=4)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    before = threading.active_count()
+    held = [socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) for _ in range(12)]
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() - before <= 4
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as extra:
+            answer = b""
+            while chunk := extra.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"busy: too many connections\n")
+        assert time.monotonic() - started < 2
+    finally:
+        for conn in held:
+            conn.close()
+    try:
+        deadline = time.monotonic() + 10
+        while (reply := _post(url, 0, [], _note(5)))[0] == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reply[0] == 200, reply
+    finally:
+        server.shutdown()
+        server.server_close()

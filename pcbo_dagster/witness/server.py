@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from pcbo_dagster.core.checkpoints import (
     AddCheckpointRequest,
@@ -66,8 +67,10 @@ from pcbo_dagster.core.signed_note import (
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
-#: How long one read of a connection may wait (`make_server`).
+#: How long a request may take to arrive whole (`make_server`).
 REQUEST_TIMEOUT_SECONDS = 30.0
+#: Connections served at once (`make_server`); one more is answered 503 and closed.
+MAX_CONNECTIONS = 256
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
 
 
@@ -239,14 +242,56 @@ class _DeadlineReader(io.RawIOBase):
         return self.connection.recv_into(buffer)
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A `ThreadingHTTPServer` serving at most `max_connections` connections at once (each a thread):
+    a connection past them is answered 503 from the accepting thread and closed, so a flood of
+    connections cannot make the witness start threads without end."""
+
+    daemon_threads = True
+    max_connections = MAX_CONNECTIONS
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                body = b"busy: too many connections\n"
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def make_server(
-    witness: Witness, host: str, port: int, timeout: float = REQUEST_TIMEOUT_SECONDS
+    witness: Witness,
+    host: str,
+    port: int,
+    timeout: float = REQUEST_TIMEOUT_SECONDS,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> ThreadingHTTPServer:
     """An HTTP server for `witness` on (host, port) (port 0: any free port); call `serve_forever`.
     Each request (its line, headers and body) must arrive within `timeout` seconds of the handler
     starting to wait for it: a client that stops sending, sends a byte now and then, or keeps an idle
     connection is dropped and frees its thread (`handle_one_request` closes a connection whose read
-    timed out)."""
+    timed out). At most `max_connections` connections are served at once: one more is answered 503."""
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -303,7 +348,8 @@ def make_server(
             logger.debug("witness http: " + format, *args)
 
     Handler.timeout = timeout  # (StreamRequestHandler sets it on each connection's socket)
-    return ThreadingHTTPServer((host, port), Handler)
+    server_class = type("WitnessServer", (_BoundedServer,), {"max_connections": max_connections})
+    return server_class((host, port), Handler)
 
 
 def started_line(server: ThreadingHTTPServer, witness: Witness) -> str:
