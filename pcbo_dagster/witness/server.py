@@ -157,13 +157,12 @@ class Witness:
         except NoteError as exc:
             return Answer(403, f"{exc} (the log key of origin {checkpoint.origin})\n")
         # What is stored (and served) is the checkpoint with the signatures verified here, no other line.
-        signed = Note(
-            request.note.text,
-            tuple(
+        signed = Note(request.note.text, ()).with_signatures(  # (each line once)
+            [
                 s
                 for s in request.note.signatures
                 if any((s.name, s.key_id) == (k.name, k.key_id) for k in verified)
-            ),
+            ]
         )
         if request.old_size > checkpoint.size:
             return Answer(400, f"old size {request.old_size} is above the checkpoint's {checkpoint.size}\n")
