@@ -223,8 +223,9 @@ class Witness:
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A connection's reads that all end by `handler.deadline` (`time.monotonic`): each waits only the
-    time left, and past it raises `TimeoutError`, which `handle_one_request` answers by closing."""
+    """A connection's reads, all ending by the time `deadline()` gives (`time.monotonic`, the handler's
+    for the request it reads): each waits only the time left, and past it raises `TimeoutError`, which
+    `handle_one_request` answers by closing the connection."""
 
     def __init__(self, connection: socket.socket, deadline: Callable[[], float]) -> None:
         self.connection = connection
@@ -246,7 +247,6 @@ class _BoundedServer(ThreadingHTTPServer):
     a connection past them is answered 503 from the accepting thread and closed, so a flood of
     connections cannot make the witness start threads without end."""
 
-    daemon_threads = True
     max_connections = MAX_CONNECTIONS
 
     def server_activate(self) -> None:
