@@ -444,3 +444,25 @@ def test_a_flood_of_connections_is_answered_503_past_the_limit(tmp_path: Path) -
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_request_with_megabytes_of_headers_is_cut_off(tmp_path: Path) -> None:
+    """The body was bounded (64 KiB) but the head was not: http.server reads up to 100 header lines of
+    64 KiB each, 6.4 MB a request, and a connection's thread held them all, so 256 connections held
+    over a gigabyte. Now a request's line and headers are read up to 64 KiB (with its body 128 KiB),
+    and the connection is closed past it."""
+    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
+    server = make_server(witness, "127.0.0.1", 0, timeout=10)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
+            head = b"POST /add-checkpoint HTTP/1.1\r\n" + b"".join(
+                b"X-Big-%d: %s\r\n" % (i, b"a" * 60000) for i in range(100)
+            )
+            with pytest.raises(OSError):  # (the server closed the connection: a reset or a broken pipe)
+                conn.sendall(head + b"Content-Length: 0\r\n\r\n")
+                while conn.recv(65536):
+                    pass
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -28,7 +28,9 @@ the request carried in another witness's name that does not verify would make mo
 
 A request must arrive whole within 30 seconds (`make_server`'s `timeout`) of the server starting to
 wait for it: a client that stops sending, trickles its request a byte at a time, or stays connected
-idle, is dropped, so such connections cannot hold the witness's threads.
+idle, is dropped, so such connections cannot hold the witness's threads. Past 64 KiB of request line
+and headers (with the body, 128 KiB) the connection is closed, and past 256 connections at once one
+more is answered 503, so connections cannot fill the witness's memory.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ from pcbo_dagster.core.signed_note import (
 
 logger = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
+#: At most this many bytes of a request's line and headers are read (with its body: the connection
+#: is closed past MAX_HEAD_BYTES + MAX_REQUEST_BYTES).
+MAX_HEAD_BYTES = 64 * 1024
 #: How long a request may take to arrive whole (`make_server`).
 REQUEST_TIMEOUT_SECONDS = 30.0
 #: Connections served at once (`make_server`); one more is answered 503 and closed.
@@ -222,24 +227,37 @@ class Witness:
         return Answer(404, "no checkpoint cosigned for that origin\n")
 
 
-class _DeadlineReader(io.RawIOBase):
-    """A connection's reads, all ending by the time `deadline()` gives (`time.monotonic`, the handler's
-    for the request it reads): each waits only the time left, and past it raises `TimeoutError`, which
-    `handle_one_request` answers by closing the connection."""
+class _RequestTooLong(TimeoutError):
+    """More bytes than a request may have (a `TimeoutError`, so `handle_one_request` closes quietly)."""
 
-    def __init__(self, connection: socket.socket, deadline: Callable[[], float]) -> None:
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads for the request `start` began: all end by its deadline (`time.monotonic`),
+    each waiting only the time left, and together read at most `limit` bytes. Past either it raises a
+    `TimeoutError`, which `handle_one_request` answers by closing the connection."""
+
+    def __init__(self, connection: socket.socket, limit: int) -> None:
         self.connection = connection
-        self.deadline = deadline
+        self.limit = limit
+        self.deadline = 0.0
+        self.count = 0
+
+    def start(self, deadline: float) -> None:
+        self.deadline, self.count = deadline, 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        left = self.deadline() - time.monotonic()
+        left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request did not arrive in time")
+        if self.count >= self.limit:
+            raise _RequestTooLong(f"a request of more than {self.limit} bytes")
         self.connection.settimeout(left)
-        return self.connection.recv_into(buffer)
+        received = self.connection.recv_into(buffer)
+        self.count += received
+        return received
 
 
 class _BoundedServer(ThreadingHTTPServer):
@@ -294,14 +312,14 @@ def make_server(
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
-        _deadline = 0.0
 
         def setup(self) -> None:
             super().setup()
-            self.rfile = io.BufferedReader(_DeadlineReader(self.connection, lambda: self._deadline))
+            self.reader = _DeadlineReader(self.connection, MAX_HEAD_BYTES + MAX_REQUEST_BYTES)
+            self.rfile = io.BufferedReader(self.reader)
 
         def handle_one_request(self) -> None:
-            self._deadline = time.monotonic() + timeout
+            self.reader.start(time.monotonic() + timeout)
             super().handle_one_request()
 
         def _send(self, answer: Answer, body_read: bool = False) -> None:
