@@ -8,6 +8,7 @@ import hashlib
 import json
 import select
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -463,6 +464,44 @@ def test_a_request_with_megabytes_of_headers_is_cut_off(tmp_path: Path) -> None:
                 conn.sendall(head + b"Content-Length: 0\r\n\r\n")
                 while conn.recv(65536):
                     pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_cosignature_is_never_dated_before_the_last_one_of_its_log(tmp_path: Path) -> None:
+    """c2sp.org/tlog-cosignature: a cosignature says that as of its time the largest tree the witness
+    saw has this root. The witness dated each cosignature by its clock alone: after its clock went
+    back it cosigned the larger tree with an earlier time than the smaller one, two statements that
+    contradict each other (and a verifier taking the latest time as the freshest view picked the
+    smaller tree). Now a log's cosignature is never dated before the last one the witness gave it
+    (a line in its name that does not verify, which a stored note of an older witness may hold, does
+    not count)."""
+    times = iter([2000, 1000, 1500, 3000])
+    witness = Witness(
+        WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())], clock=lambda: next(times)
+    )
+    with sqlite3.connect(tmp_path / "w.db") as conn:  # (what an older witness stored for a request)
+        forged = NoteSignature(
+            WITNESS.name, WITNESS.verifier(COSIGNATURE_V1).key_id, (2**63 - 1).to_bytes(8, "big") + bytes(64)
+        )
+        stored = parse_note(_note(0)).with_signatures([forged]).render()
+        conn.execute("INSERT INTO logs VALUES (?, 0, ?, ?)", ("pcbo/events/v1", merkle.EMPTY_ROOT, stored))
+    server = make_server(witness, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    cosigner = WITNESS.verifier(COSIGNATURE_V1)
+
+    def cosigned_at(size: int, answer: tuple[int, str, str]) -> int:
+        assert answer[0] == 200, answer
+        note = parse_note(_note(size)).with_signatures(parse_signature_lines(answer[2]))
+        return verify_cosignatures(note, [cosigner])[cosigner.text]
+
+    try:
+        assert cosigned_at(5, _post(url, 0, [], _note(5))) == 2000
+        assert cosigned_at(8, _post(url, 5, merkle.consistency_proof(LEAVES[:8], 5), _note(8))) == 2000
+        assert cosigned_at(8, _post(url, 8, [], _note(8))) == 2000
+        assert cosigned_at(9, _post(url, 8, merkle.consistency_proof(LEAVES[:9], 8), _note(9))) == 3000
     finally:
         server.shutdown()
         server.server_close()

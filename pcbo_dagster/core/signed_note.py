@@ -290,7 +290,8 @@ def sign_note(text: str, key: SigningKey) -> Note:
     return Note(text, (NoteSignature(key.name, key.verifier().key_id, key.sign(text.encode("utf-8"))),))
 
 
-def _matches(signature: NoteSignature, key: VerifierKey) -> bool:
+def signed_by(signature: NoteSignature, key: VerifierKey) -> bool:
+    """Whether a signature line names `key` (its key name and key id; it is not verified here)."""
     return signature.name == key.name and signature.key_id == key.key_id
 
 
@@ -301,7 +302,7 @@ def verify_note(note: Note, keys: list[VerifierKey]) -> list[VerifierKey]:
     message = note.text.encode("utf-8")
     for sig in note.signatures:
         for key in keys:
-            if key.signature_type != ED25519 or not _matches(sig, key):
+            if key.signature_type != ED25519 or not signed_by(sig, key):
                 continue
             if not key.verify_raw(sig.signature, message):
                 raise NoteError(f"the signature of {key.name} does not verify")
@@ -350,7 +351,7 @@ def verify_cosignatures(note: Note, witnesses: list[VerifierKey]) -> dict[str, i
     found: dict[str, int] = {}
     for sig in note.signatures:
         for key in witnesses:
-            if key.signature_type != COSIGNATURE_V1 or not _matches(sig, key):
+            if key.signature_type != COSIGNATURE_V1 or not signed_by(sig, key):
                 continue
             timestamp = cosignature_timestamp(sig)
             if not key.verify_raw(sig.signature[8:], cosignature_message(note.text, timestamp)):

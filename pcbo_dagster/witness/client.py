@@ -33,6 +33,7 @@ from pcbo_dagster.core.signed_note import (
     cosignature_timestamp,
     parse_signature_lines,
     parse_verifier_key,
+    signed_by,
     verify_cosignatures,
 )
 from pcbo_dagster.io.http_delivery import deadline_opener, within
@@ -119,7 +120,7 @@ def request_cosignature(
             try:
                 lines = parse_signature_lines(text)
                 found = verify_cosignatures(Note(note.text, tuple(lines)), [witness.key])
-                mine = [s for s in lines if s.name == witness.key.name and s.key_id == witness.key.key_id]
+                mine = [s for s in lines if signed_by(s, witness.key)]
                 newest = max(mine, key=cosignature_timestamp) if found else None
             except NoteError as exc:
                 raise WitnessRefused(f"{witness.label}: not a valid cosignature: {exc}") from None

@@ -64,6 +64,9 @@ from pcbo_dagster.core.signed_note import (
     SigningKey,
     VerifierKey,
     cosign,
+    parse_note,
+    signed_by,
+    verify_cosignatures,
     verify_note,
 )
 
@@ -163,11 +166,7 @@ class Witness:
             return Answer(403, f"{exc} (the log key of origin {checkpoint.origin})\n")
         # What is stored (and served) is the checkpoint with the signatures verified here, no other line.
         signed = Note(request.note.text, ()).with_signatures(  # (each line once)
-            [
-                s
-                for s in request.note.signatures
-                if any((s.name, s.key_id) == (k.name, k.key_id) for k in verified)
-            ]
+            [s for s in request.note.signatures if any(signed_by(s, k) for k in verified)]
         )
         if request.old_size > checkpoint.size:
             return Answer(400, f"old size {request.old_size} is above the checkpoint's {checkpoint.size}\n")
@@ -189,7 +188,9 @@ class Witness:
     def _decide(
         self, conn: sqlite3.Connection, request: AddCheckpointRequest, checkpoint: Checkpoint, signed: Note
     ) -> Answer:
-        row = conn.execute("SELECT size, root FROM logs WHERE origin = ?", (checkpoint.origin,)).fetchone()
+        row = conn.execute(
+            "SELECT size, root, checkpoint FROM logs WHERE origin = ?", (checkpoint.origin,)
+        ).fetchone()
         held_size, held_root = (0, EMPTY_ROOT) if row is None else (int(row[0]), bytes(row[1]))
         if request.old_size != held_size:
             return Answer(409, f"{held_size}\n", SIZE_CONTENT_TYPE)
@@ -209,7 +210,10 @@ class Witness:
             return Answer(
                 422, f"not consistent with the checkpoint of size {held_size} this witness cosigned\n"
             )
-        signature = cosign(checkpoint.text, self.key, int(self.clock()))
+        # (a cosignature says: as of its time, the largest tree seen has this root; never one dated
+        # before the last one of this log, even when the clock goes back)
+        last = 0 if row is None else self._last_cosigned_at(str(row[2]))
+        signature = cosign(checkpoint.text, self.key, max(int(self.clock()), last))
         stored = signed.with_signatures([signature]).render()
         conn.execute(
             "INSERT INTO logs (origin, size, root, checkpoint) VALUES (?, ?, ?, ?) "
@@ -218,6 +222,22 @@ class Witness:
             (checkpoint.origin, checkpoint.size, checkpoint.root, stored),
         )
         return Answer(200, signature.line)
+
+    def _last_cosigned_at(self, stored: str) -> int:
+        """The time of this witness's cosignature on a stored checkpoint that verifies (0: none; a
+        stored note may hold lines a request carried, as witnesses before this one kept them)."""
+        mine = self.key.verifier(COSIGNATURE_V1)
+        try:
+            note = parse_note(stored)
+        except NoteError:
+            return 0
+        times = [0]
+        for line in note.signatures:
+            try:
+                times += verify_cosignatures(Note(note.text, (line,)), [mine]).values()
+            except NoteError:
+                continue
+        return max(times)
 
     def latest(self, origin_hash: str) -> Answer:
         with self._connect() as conn:
