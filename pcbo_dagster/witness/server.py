@@ -20,7 +20,9 @@ protocol says:
   root is not the empty tree's;
 - 200 and one `cosignature/v1` line (its key's timestamped Ed25519 cosignature) otherwise, after the
   new state is stored. Checking the old size and storing the new state happen in one SQLite write
-  transaction, so two requests cannot roll a log back.
+  transaction (`BEGIN IMMEDIATE`: the write lock first), so two requests cannot roll a log back nor
+  both extend it, also from several witness processes sharing one database; the answer is sent only
+  after the commit. A log's cosignature is never dated before the last one the witness gave it.
 
 `GET /<hex SHA-256 of the origin>/checkpoint` returns the latest cosigned checkpoint (404 if none),
 with the log key's signatures the witness verified and its own cosignature, and no other line (a line
