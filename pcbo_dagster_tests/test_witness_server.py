@@ -236,7 +236,7 @@ def test_a_client_that_stops_sending_is_dropped(tmp_path: Path, sent: bytes) -> 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Callable[[], str]]:
     """Starts `pcbo witness serve` processes on one `--db` (each call: one more, its URL returned;
-    `start.kill()` kills the ones running with SIGKILL)."""
+    `start.kill()` kills the ones running with SIGKILL; `start.db` is the database)."""
     key_file = tmp_path / "w.key"
     key_file.write_text(WITNESS.text + "\n")
     key_file.chmod(0o600)
@@ -262,6 +262,7 @@ def served(tmp_path: Path) -> Iterator[Callable[[], str]]:
             process.wait(timeout=30)
 
     start.kill = kill  # type: ignore[attr-defined]
+    start.db = str(tmp_path / "w.db")  # type: ignore[attr-defined]
     yield start
     for process in processes:
         process.terminate()
@@ -505,3 +506,20 @@ def test_a_cosignature_is_never_dated_before_the_last_one_of_its_log(tmp_path: P
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_checkpoint_stored_with_lines_that_do_not_verify_is_served_without_them(served) -> None:
+    """A witness before the fix above stored every line a request carried: such a stored checkpoint,
+    with a line in another witness's name that does not verify, was served as it was until the log
+    was cosigned again. The monitoring endpoint now serves only the lines that verify."""
+    url = served()
+    assert _post(url, 0, [], _note(5))[0] == 200
+    w2 = new_signing_key("witness.example/w2")
+    bogus = NoteSignature(w2.name, w2.verifier(COSIGNATURE_V1).key_id, bytes(72))
+    origin_hash = hashlib.sha256(b"pcbo/events/v1").hexdigest()
+    with urllib.request.urlopen(f"{url}/{origin_hash}/checkpoint", timeout=10) as answer:
+        clean = answer.read().decode()
+    with sqlite3.connect(Path(served.db)) as conn:  # (what a witness before the fix stored)
+        conn.execute("UPDATE logs SET checkpoint = ?", (parse_note(clean).with_signatures([bogus]).render(),))
+    with urllib.request.urlopen(f"{url}/{origin_hash}/checkpoint", timeout=10) as answer:
+        assert answer.read().decode() == clean

@@ -66,6 +66,7 @@ from pcbo_dagster.core.signed_note import (
     SigningKey,
     VerifierKey,
     cosign,
+    cosignature_timestamp,
     parse_note,
     signed_by,
     verify_cosignatures,
@@ -214,7 +215,7 @@ class Witness:
             )
         # (a cosignature says: as of its time, the largest tree seen has this root; never one dated
         # before the last one of this log, even when the clock goes back)
-        last = 0 if row is None else self._last_cosigned_at(str(row[2]))
+        last = 0 if row is None else self._last_cosigned_at(checkpoint.origin, str(row[2]))
         signature = cosign(checkpoint.text, self.key, max(int(self.clock()), last))
         stored = signed.with_signatures([signature]).render()
         conn.execute(
@@ -225,28 +226,34 @@ class Witness:
         )
         return Answer(200, signature.line)
 
-    def _last_cosigned_at(self, stored: str) -> int:
-        """The time of this witness's cosignature on a stored checkpoint that verifies (0: none; a
-        stored note may hold lines a request carried, as witnesses before this one kept them)."""
+    def _last_cosigned_at(self, origin: str, stored: str) -> int:
+        """The time of this witness's cosignature on a stored checkpoint (0: none that verifies)."""
         mine = self.key.verifier(COSIGNATURE_V1)
-        try:
-            note = parse_note(stored)
-        except NoteError:
-            return 0
-        times = [0]
-        for line in note.signatures:
-            try:
-                times += verify_cosignatures(Note(note.text, (line,)), [mine]).values()
-            except NoteError:
-                continue
-        return max(times)
+        lines = self._verified(origin, stored).signatures
+        return max((cosignature_timestamp(s) for s in lines if signed_by(s, mine)), default=0)
 
     def latest(self, origin_hash: str) -> Answer:
         with self._connect() as conn:
             for origin, text in conn.execute("SELECT origin, checkpoint FROM logs"):
                 if hashlib.sha256(origin.encode("utf-8")).hexdigest() == origin_hash:
-                    return Answer(200, text)
+                    return Answer(200, self._verified(origin, text).render())
         return Answer(404, "no checkpoint cosigned for that origin\n")
+
+    def _verified(self, origin: str, stored: str) -> Note:
+        """A stored checkpoint with only the lines that verify: the log key's signatures and this
+        witness's cosignatures (what it stores now; witnesses before kept every line a request had)."""
+        note = parse_note(stored)
+        kept = []
+        for line in note.signatures:
+            alone = Note(note.text, (line,))
+            try:
+                if verify_cosignatures(alone, [self.key.verifier(COSIGNATURE_V1)]) or verify_note(
+                    alone, self.keys_of(origin)
+                ):
+                    kept.append(line)
+            except NoteError:
+                continue
+        return Note(note.text, ()).with_signatures(kept)
 
 
 class _RequestTooLong(TimeoutError):
