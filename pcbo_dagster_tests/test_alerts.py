@@ -10,7 +10,6 @@ import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pytest
@@ -30,6 +29,7 @@ from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.dagster_defs.alerts.sensors import SENSOR_NAME, alert_store, build_alerts_sensor
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster_tests.loopback import DripReceiver
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SECRET = bytes(range(32))  # the alerts' key of the tests that call delivery directly
@@ -657,47 +657,6 @@ def test_alert_moments_read_back_on_postgresql(fresh_postgres_url, receiver):
         assert [f["alertKey"] for f in report["findings"]] == ["test:2", "forged"]
     finally:
         catalog.close()
-
-
-class DripReceiver:
-    """A hostile webhook on loopback: reads the request, then answers `head` and drips `drip`, one
-    byte every `gap` seconds (each byte well within the client's socket timeout) until stopped; over
-    TLS with the server context `tls`."""
-
-    def __init__(self, head: bytes, drip: bytes, gap: float = 0.1, tls: Any = None) -> None:
-        self.head, self.drip, self.gap, self.tls = head, drip, gap, tls
-        self.stop = threading.Event()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/hooks"
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    if self.tls is not None:
-                        conn = self.tls.wrap_socket(conn, server_side=True)
-                    conn.recv(65536)
-                    conn.sendall(self.head)
-                    for i in range(10**6):
-                        if self.stop.wait(self.gap):
-                            return
-                        conn.sendall(self.drip[i % len(self.drip) : i % len(self.drip) + 1])
-                except OSError:
-                    continue
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
-        self.thread.join(5)
 
 
 def _send_within(hook: AlertWebhook, seconds: float) -> tuple[str, object]:

@@ -6,7 +6,6 @@ answer; the runs are real `pcbo execute`s."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
@@ -30,6 +29,7 @@ from pcbo_dagster.core.signed_note import (
 )
 from pcbo_dagster.witness.client import Witness, WitnessRefused, request_cosignature
 from pcbo_dagster_tests.cli_runner import load_generator, write_request
+from pcbo_dagster_tests.loopback import DripReceiver
 
 LOG = new_signing_key("ops.example/operator")
 WITNESS = new_signing_key("witness.example/w1")
@@ -141,35 +141,13 @@ def test_an_answer_that_is_not_a_cosignature_of_the_checkpoint_asked_is_refused(
 
 @pytest.fixture
 def dripping_witness() -> Iterator[str]:
-    """A witness URL whose server answers `200 OK` and then a header line every 0.3 s for a minute
+    """A witness URL whose server answers `200 OK` and then drips header lines, a byte every 0.03 s
     (each within any per-read timeout), never finishing its answer."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def drip(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                for _ in range(200):
-                    if stop.wait(0.3):
-                        return
-                    conn.sendall(b"X-Drip: y\r\n")
-            except OSError:
-                return
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=drip, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    stop.set()
-    listener.close()
+    receiver = DripReceiver(b"HTTP/1.1 200 OK\r\n", b"X-Drip: y\r\n", gap=0.03)
+    try:
+        yield receiver.url.removesuffix("/hooks")
+    finally:
+        receiver.close()
 
 
 def test_a_witness_that_drips_its_answer_is_given_up_at_the_timeout(tmp_path: Path, dripping_witness) -> None:
