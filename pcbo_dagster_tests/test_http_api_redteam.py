@@ -410,3 +410,25 @@ def test_a_token_opens_a_bounded_number_of_streams(tmp_path: Path) -> None:
         with client.stream("GET", "/reconciliation/stream", timeout=None) as again:
             assert again.status_code == 200
         streams[1].__exit__(None, None, None)
+
+
+def test_a_service_that_drips_its_answer_is_down_at_the_probe_timeout() -> None:
+    """`/services/registered` probes the witnesses (and Dagster) it is configured with. The probe's
+    timeout bounded each socket read, not the request: a witness sending a header byte every few
+    hundredths of a second held the probe, and the admin's request, for as long as it liked. Now the
+    whole probe ends at `PROBE_TIMEOUT_SECONDS` and the service is `down`, saying why; a service that
+    answers at all, even with an error status, is `up`."""
+    from pcbo_dagster.server import status
+    from pcbo_dagster_tests.loopback import DripReceiver
+
+    dripping = DripReceiver(b"HTTP/1.1 200 OK\r\n", b"X-Drip: y\r\n", gap=0.03)
+    refusing = DripReceiver(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", b" ", gap=60)
+    try:
+        started = time.monotonic()
+        health, why = status._http_probe(dripping.url)
+        assert time.monotonic() - started < status.PROBE_TIMEOUT_SECONDS + 2
+        assert (health, why) == ("down", f"no whole answer within {status.PROBE_TIMEOUT_SECONDS:g} s")
+        assert status._http_probe(refusing.url) == ("up", None)
+    finally:
+        dripping.close()
+        refusing.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -17,6 +18,7 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.io.clock import utc_now
+from pcbo_dagster.io.http_delivery import deadline_opener, within
 from pcbo_dagster.io.redaction import one_line_error, redact_url
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.server.config import ServerConfig
@@ -98,16 +100,25 @@ def _service(service_id: str, kind: str, health: str, started: float, **detail: 
     }
 
 
+_PROBE_OPENER = deadline_opener()
+
+
 def _http_probe(url: str) -> tuple[str, str | None]:
-    """`up` when anything answers HTTP at `url` (even an error status), else `down` and why."""
-    try:
-        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_SECONDS):  # noqa: S310 - configured URL
-            return "up", None
-    except urllib.error.HTTPError:
-        return "up", None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None)
-        return "down", one_line_error(reason if isinstance(reason, BaseException) else exc)
+    """`up` when anything answers HTTP at `url` (even an error status) within
+    `PROBE_TIMEOUT_SECONDS` in all, however slowly it drips its answer; else `down` and why."""
+    with within(PROBE_TIMEOUT_SECONDS) as deadline:
+        try:
+            with _PROBE_OPENER.open(url, timeout=PROBE_TIMEOUT_SECONDS):
+                pass
+        except urllib.error.HTTPError:
+            pass
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            if not deadline.expired:
+                reason = getattr(exc, "reason", None)
+                return "down", one_line_error(reason if isinstance(reason, BaseException) else exc)
+    if deadline.expired:
+        return "down", f"no whole answer within {PROBE_TIMEOUT_SECONDS:g} s"
+    return "up", None
 
 
 def registered_services(
