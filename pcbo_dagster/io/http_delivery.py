@@ -253,12 +253,12 @@ class JsonPoster:
             self._headers["Authorization"] = f"Basic {basic}"
             secrets += [basic, self._headers["Authorization"]]
         self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirect(), _HTTPHandler(), _HTTPSHandler()]
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
         if on_loopback(parts.hostname):
             # This machine's loopback through a proxy is the proxy's loopback, not ours, and a
             # plain-http request (its token too) would cross the network to it in the clear.
             handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = deadline_opener(*handlers)
 
     def scrub(self, text: str) -> str:
         """`text` without this endpoint's secrets nor any URL userinfo or query string."""
@@ -269,18 +269,14 @@ class JsonPoster:
         return scrub_json(value, self._secrets)
 
     def _post_once(self, body: bytes) -> None:
-        deadline = _Deadline(self.timeout)
-        _attempt.deadline = deadline
         late = _Retryable(f"no complete answer within {self.timeout:g} s")
-        try:
-            self._post_within(body)
-        except (_Retryable, _Permanent):
-            if deadline.expired:
-                raise late from None
-            raise
-        finally:
-            deadline.cancel()
-            _attempt.deadline = None
+        with within(self.timeout) as deadline:
+            try:
+                self._post_within(body)
+            except (_Retryable, _Permanent):
+                if deadline.expired:
+                    raise late from None
+                raise
         if deadline.expired:  # a head cut short by the shutdown reads as complete: not an answer
             raise late
 
