@@ -294,11 +294,11 @@ class _BoundedServer(ThreadingHTTPServer):
     a connection past them is answered 503 from the accepting thread and closed, so a flood of
     connections cannot make the witness start threads without end."""
 
-    max_connections = MAX_CONNECTIONS
-
-    def server_activate(self) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
-        super().server_activate()
+    def __init__(
+        self, address: tuple[str, int], handler: Any, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -394,8 +394,7 @@ def make_server(
             logger.debug("witness http: " + format, *args)
 
     Handler.timeout = timeout  # (StreamRequestHandler sets it on each connection's socket)
-    server_class = type("WitnessServer", (_BoundedServer,), {"max_connections": max_connections})
-    return server_class((host, port), Handler)
+    return _BoundedServer((host, port), Handler, max_connections)
 
 
 def started_line(server: ThreadingHTTPServer, witness: Witness) -> str:
