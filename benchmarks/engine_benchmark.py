@@ -12,6 +12,14 @@ figure gives a floor no scheduling can beat: execute's CPU seconds spread perfec
 the machine, as a ratio to the minimal pipeline's wall time (`cpuBound`). Both ratios are also given
 as the median of each repeat's own ratio (`paired`): on a shared host whose speed drifts, the execute
 and minimal runs of one repeat ran closest together.
+Every repeat's directories are kept until the whole benchmark ends (a few tens of MiB each), never
+deleted between steps: on ext4 without a journal (this machine's root file system), the inode
+allocator passes over every inode deleted in the last 30-35 s one at a time, so a run that creates
+thousands of files and directories right after thousands were deleted pays for the deletion. Measured
+with `perf record` on 2026-12-06: the allocator's `recently_deleted` scan was 37% of an execute's CPU
+samples run right after the previous repeat's directories were deleted (execute creates about 5,000
+inodes, the minimal pipeline 720, so the minimal pipeline hardly pays), and about 10% in a run 40 s
+after the last deletion.
 With `--save` the figures are also written to `benchmarks/results/engine-<date>.json`.
 
 Before timing, the installed `pcbo_dagster` package is byte-compiled (`compileall`, only what is
@@ -163,8 +171,8 @@ def run(args: argparse.Namespace) -> dict:
             minimal_cmd = [sys.executable, str(MINIMAL), "--input", str(req), "--out-dir", str(min_out)]
             stdout = step("minimal", minimal_cmd, home)
             counts["minimal"] = json.loads(stdout)["rows"]
-            for path in (dry_home, home, min_out):
-                shutil.rmtree(path, ignore_errors=True)
+            # Every repeat's directories stay until the end, when the temporary directory goes (the
+            # module docstring says why).
 
     summary: dict[str, dict[str, Any]] = {}
     for name in STEPS:
