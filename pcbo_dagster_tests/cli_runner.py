@@ -8,10 +8,14 @@ setting (a failpoint, an endpoint) never leaks into a test; pass what a test nee
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -140,3 +144,27 @@ def backup_events(
     batch and rollback) unless `intents`."""
     events = [json.loads(line) for line in backup_lines(home, dataset, version_label)]
     return events if intents else [e for e in events if e["event_type"] not in INTENT_EVENT_TYPES]
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every directory and file under `root`: a directory as `dir`, a SQLite database (`*.db`) as its
+    rows (a lease taken and released rewrites pages, not rows), any other file as its SHA-256."""
+    state: dict[str, str] = {}
+    if not root.exists():
+        return state
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        if path.is_dir():
+            state[name] = "dir"
+        elif path.suffix == ".db":
+            with tempfile.TemporaryDirectory() as scratch:  # read a copy: opening it could write it
+                copy = Path(scratch) / "copy.db"
+                shutil.copyfile(path, copy)
+                connection = sqlite3.connect(copy)
+                try:
+                    state[name] = "\n".join(connection.iterdump())
+                finally:
+                    connection.close()
+        else:
+            state[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state

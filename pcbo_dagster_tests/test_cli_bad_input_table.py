@@ -9,45 +9,18 @@ Everything runs through the real CLI (`cli_runner.run_pcbo`, a subprocess).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import sqlite3
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from pcbo_dagster_tests.cli_runner import REPO_ROOT, PcboRun, run_pcbo
+from pcbo_dagster_tests.cli_runner import REPO_ROOT, PcboRun, run_pcbo, tree_state
 
 DEMO_REQUEST = REPO_ROOT / "examples" / "demo_request.json"
 DATASET = "demo-events"
 FIRST_KEY = "20240101T000000Z"
-
-
-def tree_state(root: Path) -> dict[str, str]:
-    """Every directory and file under `root`: a directory as `dir`, a SQLite database (`*.db`) as its
-    rows (a lease taken and released rewrites pages, not rows), any other file as its SHA-256."""
-    state: dict[str, str] = {}
-    if not root.exists():
-        return state
-    for path in sorted(root.rglob("*")):
-        name = path.relative_to(root).as_posix()
-        if path.is_dir():
-            state[name] = "dir"
-        elif path.suffix == ".db":
-            with tempfile.TemporaryDirectory() as scratch:  # read a copy: opening it could write it
-                copy = Path(scratch) / "copy.db"
-                shutil.copyfile(path, copy)
-                connection = sqlite3.connect(copy)
-                try:
-                    state[name] = "\n".join(connection.iterdump())
-                finally:
-                    connection.close()
-        else:
-            state[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
 
 
 def assert_refused(run: PcboRun, words: Sequence[str], before: dict[str, str], after: dict[str, str]) -> None:
