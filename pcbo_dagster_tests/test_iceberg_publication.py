@@ -30,6 +30,7 @@ from pcbo_dagster_tests.cli_runner import (
     lake_files,
     load_generator,
     run_pcbo,
+    tree_state,
     write_request,
 )
 
@@ -932,6 +933,88 @@ def test_a_dry_run_refuses_the_field_names_an_execute_refuses(tmp_path: Path, fi
     del request["table"]
     plain = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r2.json", request)], home=home)
     assert plain.status == 0, plain.stderr
+
+
+def _with_field(request: dict[str, Any], field: str) -> tuple[dict[str, Any], int]:
+    """`request` with `field` added to one of its consenting records (added), and that record's index."""
+    index = next(i for i, r in enumerate(request["sourceRecords"]) if r.get("consentGranted") is True)
+    request["sourceRecords"][index][field] = "forged"
+    return request, index
+
+
+@pytest.mark.parametrize("field", ["ID", "_file"])
+def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_have(
+    tmp_path: Path, field: str
+) -> None:
+    """A request without `table` publishes to the table its dataset version's chain declares, and its
+    execute refuses the fields that table cannot hold; its dry-run checked only a request's own
+    `table` (it read no lake chain), so it promised success (exit 0, a decision hash) where execute
+    then refused (exit 2). The dry-run now reads the deployment's verified chain: the execute's refusal,
+    naming the same field, exit 2, nothing written (not a lock file, a catalog row or a directory).
+    A dataset version whose chain declares no table (a lake-only run) dry-runs as before."""
+    home = tmp_path / "home"
+    lake_only = _request("ice-0")
+    del lake_only["table"]
+    lake_only["versionLabel"] = "v0"
+    assert (
+        run_pcbo(["execute", "--input", write_request(tmp_path / "r0.json", lake_only)], home=home).status
+        == 0
+    )
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
+    later, index = _with_field(_request("ice-2"), field)
+    del later["table"]
+    path = write_request(tmp_path / "r2.json", later)
+    before = tree_state(home)
+    dry = run_pcbo(["dry-run", "--input", path], home=home)
+    assert dry.status == 2 and dry.document is None, dry.stderr
+    assert f"sourceRecords[{index}].{field}: " in dry.stderr, dry.stderr
+    assert tree_state(home) == before
+    refused = run_pcbo(["execute", "--input", path], home=home)
+    assert refused.status == 2, refused.stderr
+    assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
+    # The same records for the lake-only version: the dry-run's document, as with no chain at all.
+    plain = write_request(tmp_path / "r3.json", {**later, "versionLabel": "v0"})
+    on_chain = run_pcbo(["dry-run", "--input", plain], home=home)
+    assert on_chain.status == 0, on_chain.stderr
+    assert on_chain.document == run_pcbo(["dry-run", "--input", plain], home=tmp_path / "empty").document
+    assert not (tmp_path / "empty").exists()
+    assert tree_state(home) == before
+
+
+@pytest.mark.parametrize("forgery", ["event-edited", "declaration-dropped"])
+def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(tmp_path: Path, forgery: str) -> None:
+    """The dry-run reads the chain as every decision does (`partition_checks.verified_chain`, as a
+    reader holding no lock): an event edited in the middle of the audit backup, or the table's
+    declaration dropped from it (an unverified read would find no table, and no field to refuse), is
+    refused as execute refuses it (`ChainNotVerified`, exit 1, naming the chain), nothing written."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0, first.stderr
+    backup = home / "pas" / DATASET / "v1.jsonl"
+    lines = backup.read_bytes().splitlines(keepends=True)
+    if forgery == "event-edited":
+        at = next(i for i, line in enumerate(lines) if b'"partition_committed"' in line)
+        event = json.loads(lines[at])
+        event["run_id"] = "someone-else"
+        lines[at] = json.dumps(event).encode() + b"\n"
+    else:
+        lines = [line for line in lines if b'"table_publication_recorded"' not in line]
+    backup.write_bytes(b"".join(lines))
+    later, _ = _with_field(_request("ice-2"), "_file")
+    del later["table"]
+    path = write_request(tmp_path / "r2.json", later)
+    before = tree_state(home)
+    dry = run_pcbo(["dry-run", "--input", path], home=home)
+    assert dry.status == 1 and dry.document is None, dry.stderr
+    assert "the audit chain events/v1 does not verify" in dry.stderr and "Traceback" not in dry.stderr
+    assert tree_state(home) == before
+    refused = run_pcbo(["execute", "--input", path], home=home)
+    assert refused.status == 1 and "the audit chain events/v1 does not verify" in refused.stderr
 
 
 def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tmp_path: Path) -> None:

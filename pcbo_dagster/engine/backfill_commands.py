@@ -14,13 +14,16 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pcbo_dagster.core.decisions import Decisions
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.engine.request_loading import LoadedRequest, ValidatedRequest, evaluate, load_request
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.sources.local_files import SourcesDirectory
+
+if TYPE_CHECKING:
+    from pcbo_dagster.engine.sql_apply import ChainReader
 
 #: Given the number of partitions an execute is about to write, a context that yields the callback
 #: told how many more partitions are done (or None for no progress reports): the CLI's progress bar,
@@ -59,36 +62,54 @@ def evaluate_request(
 ) -> EvaluatedRequest:
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
     done with its decisions, which a streamed source reads from its spill as they are iterated.
-    `settings` (or how to resolve them): the deployment whose audit chain says which journal of a SQL
-    target's run is its own (`sql_apply.deployment_chain`; read only, nothing written).
-    `table_columns` (a dry-run, which promises what execute will do): the columns of a request that
-    publishes to an Iceberg table refused as execute refuses them (`refuse_table_columns`); an
-    execute checks them itself, under its lock (`iceberg_publication.publisher_for`)."""
+    `settings` (or how to resolve them): the deployment whose audit chain, read once and verified
+    (`sql_apply.deployment_chain`; read only, nothing written), says which journal of a SQL target's
+    run is its own and, for a dry-run, which Iceberg table an earlier run declared the dataset version
+    publishes to. `table_columns` (a dry-run, which promises what execute will do): the columns of a
+    request that publishes to an Iceberg table refused as execute refuses them
+    (`refuse_table_columns`); an execute checks them itself, under its lock
+    (`iceberg_publication.publisher_for`)."""
     loaded = load_request(raw, base_dir, confine_to)
     try:
         chain = None
-        if settings is not None and loaded.request.target is not None:
+        if settings is not None and (table_columns or loaded.request.target is not None):
             from pcbo_dagster.engine.sql_apply import deployment_chain
 
-            chain = functools.partial(deployment_chain, settings)
+            chain = functools.cache(functools.partial(deployment_chain, settings))
         plan, decisions = evaluate(loaded, chain)
         if table_columns:
-            refuse_table_columns(loaded, plan, decisions)
+            refuse_table_columns(loaded, plan, decisions, chain)
     except BaseException:
         loaded.close()
         raise
     return EvaluatedRequest(loaded, plan, decisions)
 
 
-def refuse_table_columns(loaded: LoadedRequest, plan: Plan, decisions: Decisions) -> None:
+def refuse_table_columns(
+    loaded: LoadedRequest, plan: Plan, decisions: Decisions, chain: ChainReader | None = None
+) -> None:
     """`InvalidInput` (exit 2) naming the field of the first column of a request's run that the
-    Iceberg table the request names cannot have (a reserved or case-colliding name): the execute's
-    own check (`iceberg_publication.refuse_column_names`, on the run's schema), made before it writes
-    anything. A request that names no table: nothing to check."""
-    if loaded.request.table is None:
-        return
-    from pcbo_dagster.tables.iceberg_publication import partition_field_names, refuse_column_names
+    Iceberg table it publishes to cannot have (a reserved or case-colliding name): the execute's own
+    check (`iceberg_publication.refuse_column_names`, on the run's schema), made before it writes
+    anything. The table is the request's `table`, else the one the dataset version's chain declares
+    for its main branch (`iceberg_publication.declared_publications`), as execute's `resolve_target`
+    finds it. `chain`: how to read the deployment's chain (`sql_apply.deployment_chain`: verified as
+    every decision's is, `ChainNotVerified` exit 1 for one that does not verify, as execute refuses
+    it); None (a caller without settings): only the request's `table` is checked. No table: nothing
+    to check."""
+    from pcbo_dagster.tables.iceberg_publication import (
+        MAIN_BRANCH,
+        declared_publications,
+        partition_field_names,
+        refuse_column_names,
+    )
 
+    declared = None
+    if chain is not None:
+        state, _ = chain(plan.dataset, plan.version_label)
+        declared = declared_publications(state.other).get(MAIN_BRANCH)
+    if loaded.request.table is None and declared is None:
+        return
     schema, _ = loaded.schema_of(decisions.partitions)
     refuse_column_names(
         schema.names,

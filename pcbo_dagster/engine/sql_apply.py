@@ -173,9 +173,10 @@ ChainReader = Callable[[str, str], tuple[ChainState, str]]
 def deployment_chain(
     settings: Settings | Callable[[], Settings], dataset: str, version_label: str
 ) -> tuple[ChainState, str]:
-    """The deployment's audit chain of a dataset version (`settings`, or how to resolve them: only a
-    SQL target needs them), read from its audit backup with nothing written (an object store's read
-    through a throwaway cache) and verified as a reader holding no lock reads it
+    """The deployment's audit chain of a dataset version (`settings`, or how to resolve them) as an
+    evaluation reads it (a SQL target's journal; for a dry-run, the Iceberg table the chain declares),
+    read from its audit backup with nothing written (an object store's read through a throwaway cache)
+    and verified as a reader holding no lock reads it
     (`partition_checks.verified_chain`, against the catalog's head, its stored log and checkpoints):
     `ChainNotVerified` (exit 1) for one that does not verify. With no catalog of pcbo's (none yet, or
     removed), an empty chain is the chain of a deployment that has applied nothing, and any other is

@@ -68,7 +68,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -1366,7 +1366,7 @@ def declaration_body(row: TablePublicationRow) -> dict[str, Any]:
     }
 
 
-def declared_publications(events: list[dict[str, Any]]) -> dict[str, TablePublicationRow]:
+def declared_publications(events: Iterable[Mapping[str, Any]]) -> dict[str, TablePublicationRow]:
     """The table each branch publishes to, as the chain (`<dataset>/<versionLabel>`) declares it: the
     first `table_publication_recorded` event per branch."""
     declared: dict[str, TablePublicationRow] = {}
