@@ -148,7 +148,9 @@ def backup_events(
 
 def tree_state(root: Path) -> dict[str, str]:
     """Every directory and file under `root`: a directory as `dir`, a SQLite database (`*.db`) as its
-    rows (a lease taken and released rewrites pages, not rows), any other file as its SHA-256."""
+    rows (a lease taken and released rewrites pages, not rows), a database's shared-memory index
+    (`*.db-shm`, which every reader of a database in WAL mode writes, a server's open one too) as
+    `shm`, any other file (a `-wal` log too) as its SHA-256."""
     state: dict[str, str] = {}
     if not root.exists():
         return state
@@ -156,6 +158,8 @@ def tree_state(root: Path) -> dict[str, str]:
         name = path.relative_to(root).as_posix()
         if path.is_dir():
             state[name] = "dir"
+        elif path.name.endswith(".db-shm"):
+            state[name] = "shm"
         elif path.suffix == ".db":
             with tempfile.TemporaryDirectory() as scratch:  # read a copy: opening it could write it
                 copy = Path(scratch) / "copy.db"

@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from pcbo_dagster_tests.cli_runner import tree_state  # noqa: E402
 from pcbo_dagster_tests.http_server import RunningServer, running_server  # noqa: E402
 from pcbo_dagster_tests.object_store_servers import ObjectStore  # noqa: E402
 
@@ -216,6 +217,44 @@ def test_a_request_names_no_iceberg_catalog(tmp_path: Path, server: RunningServe
     table = {"format": "iceberg", "name": "ns.t"}
     answer = client.post("/v1/execute", content=_request("cat-2", "ds-t", table=table))
     assert answer.status_code == 200, answer.text
+
+
+def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_have(tmp_path: Path) -> None:
+    """A request without `table` publishes to the table an earlier run declared on its dataset
+    version's chain, and execute refuses a field that table cannot hold (`ID` beside `id`); the
+    dry-run passed no settings and read no chain, so it answered 200 and a decision hash for what
+    execute then refused (422). It now reads the server's verified chain: the same 422 naming the same
+    field, nothing written; a chain that does not verify (its declaration dropped) is a 500 as an
+    execute's is; a dataset version with no declared table dry-runs as before."""
+    home = tmp_path / "home"
+    with running_server(home) as server:
+        client = server.client(server.token("team-d", "plan", "execute", datasets=["ds-d", "ds-e"]))
+        table = {"format": "iceberg", "name": "ns.declared"}
+        for dataset, extra in (("ds-d", {"table": table}), ("ds-e", {})):
+            first = client.post("/v1/execute", content=_request(f"{dataset}-1", dataset, **extra))
+            assert first.status_code == 200, first.text
+        later = json.loads(_request("ds-d-2", "ds-d"))
+        later["sourceRecords"][0]["ID"] = "shadow"
+        before = tree_state(home)
+        dry = client.post("/v1/dry-run", content=json.dumps(later))
+        assert dry.status_code == 422 and dry.json()["field"] == "sourceRecords[0].ID", dry.text
+        assert "cannot be named 'ID'" in dry.json()["message"], dry.text
+        assert tree_state(home) == before
+        refused = client.post("/v1/execute", content=json.dumps(later))
+        assert refused.status_code == 422 and refused.json() == dry.json(), refused.text
+        # The same records for the dataset version whose chain declares no table: as before.
+        plain = client.post(
+            "/v1/dry-run", content=json.dumps({**later, "dataset": "ds-e", "runId": "ds-e-2"})
+        )
+        assert plain.status_code == 200 and "ID" in plain.text, plain.text
+        backup = home / "pas" / "ds-d" / "v1.jsonl"
+        lines = backup.read_bytes().splitlines(keepends=True)
+        backup.write_bytes(b"".join(line for line in lines if b'"table_publication_recorded"' not in line))
+        before = tree_state(home)
+        forged = client.post("/v1/dry-run", content=json.dumps(later))
+        assert forged.status_code == 500, forged.text
+        assert "the audit chain ds-d/v1 does not verify" in forged.json()["message"], forged.text
+        assert tree_state(home) == before
 
 
 # -- runs and commands belong to their dataset ------------------------------------------------------

@@ -156,7 +156,11 @@ async def dry_run(request: Request, principal: Annotated[Principal, Depends(requ
     _, validated = await _checked_request(request, principal)
     config = request.app.state.config
     try:
-        evaluated = await _in_thread(request, evaluate_request, validated, config.sources_dir, config.sources)
+        # The server's settings: its audit chain (read and verified, nothing written) names the Iceberg
+        # table an earlier run declared the dataset version publishes to, whose columns execute checks.
+        evaluated = await _in_thread(
+            request, evaluate_request, validated, config.sources_dir, config.sources, config.engine
+        )
     except ApiError:
         raise
     except Exception as exc:
