@@ -38,6 +38,7 @@ from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 from pcbo_dagster.engine.rollback import rollback  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
 from pcbo_dagster_tests.approver_keys import BO  # noqa: E402
+from pcbo_dagster_tests.cli_runner import tree_state  # noqa: E402
 from pcbo_dagster_tests.example_location import EVENTS, KEYS, RANGE, example_location, materialize_events  # noqa: E402
 
 
@@ -285,19 +286,17 @@ def test_the_four_steps_publish_the_datasets_iceberg_table(tmp_path: Path) -> No
         assert verify(env)["status"] == "clean"
 
 
-@pytest.mark.parametrize("table", [True, False], ids=["with-table", "lake-only"])
-def test_the_dry_run_job_refuses_the_column_names_a_table_cannot_have(tmp_path: Path, table: bool) -> None:
-    """A dataset that publishes to an Iceberg table, one of whose records has a field `ID` beside
-    `id`: the materialization would refuse it (exit 2 in the CLI, before anything is written), so the
-    dry-run job, which promises what the materialization will do, fails naming the field and writes no
-    report; the same records in a dataset without a table dry-run as before."""
-    text = DEFAULT_DATASETS_CONFIG.read_text()
+TABLE_LINE = "    table: {format: iceberg, name: lake.events}"
+
+
+def _with_table(text: str) -> str:
+    """The datasets config `text` with the `events` dataset publishing to an Iceberg table."""
     marker = "    auditChainKey: events/v1"
-    if table:
-        text = text.replace(marker, marker + "\n    table: {format: iceberg, name: lake.events}", 1)
-    (tmp_path / "datasets.yaml").write_text(text)
-    generate_demo_data(tmp_path / "demo_data")
-    events = tmp_path / "demo_data" / "events.jsonl"
+    return text.replace(marker, marker + "\n" + TABLE_LINE, 1)
+
+
+def _shadow_an_id(events: Path) -> None:
+    """A field `ID` beside `id` in one record of the demo `events` source that the first hours add."""
     lines = events.read_text().splitlines()
     in_range = next(
         i
@@ -308,6 +307,26 @@ def test_the_dry_run_job_refuses_the_column_names_a_table_cannot_have(tmp_path: 
     record["ID"] = "shadow"
     lines[in_range] = json.dumps(record)
     events.write_text("\n".join(lines) + "\n")
+
+
+def _failure_description(result: Any) -> str:
+    failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failures
+    user_failure = failures[0].step_failure_data.user_failure_data
+    assert user_failure is not None
+    return str(user_failure.description)
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["with-table", "lake-only"])
+def test_the_dry_run_job_refuses_the_column_names_a_table_cannot_have(tmp_path: Path, table: bool) -> None:
+    """A dataset that publishes to an Iceberg table, one of whose records has a field `ID` beside
+    `id`: the materialization would refuse it (exit 2 in the CLI, before anything is written), so the
+    dry-run job, which promises what the materialization will do, fails naming the field and writes no
+    report; the same records in a dataset without a table dry-run as before."""
+    text = DEFAULT_DATASETS_CONFIG.read_text()
+    (tmp_path / "datasets.yaml").write_text(_with_table(text) if table else text)
+    generate_demo_data(tmp_path / "demo_data")
+    _shadow_an_id(tmp_path / "demo_data" / "events.jsonl")
     config = load_datasets_config(tmp_path / "datasets.yaml")
     engine = PcboEngineResource(home=str(tmp_path / "pcbo-home"))
     defs = build_definitions(config, resource=engine)
@@ -326,5 +345,57 @@ def test_the_dry_run_job_refuses_the_column_names_a_table_cannot_have(tmp_path: 
     assert user_failure is not None
     described = str(user_failure.description)
     assert ".ID" in described and "invalid input" in described.lower(), described
-    assert not reports.exists() or not list(reports.glob("*.json"))
+    assert not reports.exists()  # not even its directory
     assert not (tmp_path / "pcbo-home" / "lake").exists()
+
+
+def test_the_dry_run_job_refuses_the_column_names_the_table_its_chain_declares_cannot_have(
+    tmp_path: Path,
+) -> None:
+    """A dataset whose config names no table publishes to the table an earlier run declared on its
+    dataset version's chain (here a run of the config as it was, with its table), and its
+    materialization refuses a record's field `ID` beside `id`; the dry-run job checked only the
+    config's table (it read no chain), so it reported a decision hash to pin for a materialization that
+    then failed. It now reads the deployment's verified chain: it fails naming the field, as the
+    materialization does, and writes nothing (no report, no directory: the home as it was)."""
+    text = DEFAULT_DATASETS_CONFIG.read_text()
+    (tmp_path / "with-table.yaml").write_text(_with_table(text))
+    (tmp_path / "datasets.yaml").write_text(text)
+    generate_demo_data(tmp_path / "demo_data")
+    home = tmp_path / "pcbo-home"
+    engine = PcboEngineResource(home=str(home))
+    with dg.instance_for_test() as instance:
+        declared = build_definitions(load_datasets_config(tmp_path / "with-table.yaml"), resource=engine)
+        assert _materialize(declared, instance).success
+    _shadow_an_id(tmp_path / "demo_data" / "events.jsonl")
+    defs = build_definitions(load_datasets_config(tmp_path / "datasets.yaml"), resource=engine)
+    before = tree_state(home)
+    with dg.instance_for_test() as instance:
+        dry = defs.resolve_job_def("events_dry_run").execute_in_process(
+            instance=instance, tags=RANGE, raise_on_error=False
+        )
+        assert not dry.success
+        described = _failure_description(dry)
+        assert "sourceRecords" not in described and ".ID" in described, described
+        assert "invalid input" in described.lower(), described
+        assert tree_state(home) == before
+        refused = _materialize(defs, instance, raise_on_error=False)
+    assert not refused.success
+    assert _failure_description(refused) == described
+    # A chain that does not verify (the declaration dropped from the backup) fails the dry-run as it
+    # fails a materialization (`ChainNotVerified`), nothing written.
+    backup = home / "pas" / "events" / "v1.jsonl"
+    lines = backup.read_bytes().splitlines(keepends=True)
+    backup.write_bytes(b"".join(line for line in lines if b'"table_publication_recorded"' not in line))
+    before = tree_state(home)
+    with dg.instance_for_test() as instance:
+        forged = defs.resolve_job_def("events_dry_run").execute_in_process(
+            instance=instance, tags=RANGE, raise_on_error=False
+        )
+    assert not forged.success
+    [failure] = [e for e in forged.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failure.step_failure_data.error
+    cause = None if error is None else error.cause
+    assert cause is not None and cause.cls_name == "ChainNotVerified", error
+    assert "the audit chain events/v1 does not verify" in cause.message, cause
+    assert tree_state(home) == before

@@ -9,7 +9,6 @@ HTTP 409), anything else (exit 1).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -63,7 +62,7 @@ def evaluate_request(
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
     done with its decisions, which a streamed source reads from its spill as they are iterated.
     `settings` (or how to resolve them): the deployment whose audit chain, read once and verified
-    (`sql_apply.deployment_chain`; read only, nothing written), says which journal of a SQL target's
+    (`sql_apply.deployment_chain_reader`; read only, nothing written), says which journal of a SQL target's
     run is its own and, for a dry-run, which Iceberg table an earlier run declared the dataset version
     publishes to. `table_columns` (a dry-run, which promises what execute will do): the columns of a
     request that publishes to an Iceberg table refused as execute refuses them
@@ -73,9 +72,9 @@ def evaluate_request(
     try:
         chain = None
         if settings is not None and (table_columns or loaded.request.target is not None):
-            from pcbo_dagster.engine.sql_apply import deployment_chain
+            from pcbo_dagster.engine.sql_apply import deployment_chain_reader
 
-            chain = functools.cache(functools.partial(deployment_chain, settings))
+            chain = deployment_chain_reader(settings)
         plan, decisions = evaluate(loaded, chain)
         if table_columns:
             refuse_table_columns(loaded, plan, decisions, chain)

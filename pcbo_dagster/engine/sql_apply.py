@@ -46,6 +46,7 @@ rows and outcomes the apply intent recorded before the table was touched (`check
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -216,6 +217,12 @@ def deployment_chain(
             return verified_chain(env, dataset, version_label, doing, sync=False).replayed, where
     finally:
         catalog.close()
+
+
+def deployment_chain_reader(settings: Settings | Callable[[], Settings]) -> ChainReader:
+    """How an evaluation with `settings` reads its deployment's chains (`deployment_chain`): each
+    dataset version's read and verified once, however many checks ask for it."""
+    return functools.cache(functools.partial(deployment_chain, settings))
 
 
 def evaluate_target(

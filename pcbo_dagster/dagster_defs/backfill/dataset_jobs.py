@@ -109,19 +109,27 @@ def build_dataset_jobs(
 
     @dg.op(name=f"{dataset.asset_name}__dry_run", tags={"pcbo/step": "dry_run"})
     def dry_run(context: dg.OpExecutionContext, pcbo: PcboEngineResource) -> dict:
+        from pcbo_dagster.engine.sql_apply import deployment_chain_reader
+
         source_uri = pcbo.sources.resolve(dataset.source.uri, config.sources_dir)
         keys = list(context.partition_keys)
         run_id = context.run.run_id
-        directory = reports_dir(pcbo.settings(lake)) / DRY_RUNS / dataset.name
-        directory.mkdir(parents=True, exist_ok=True)
+        settings = pcbo.settings(lake)
+        directory = reports_dir(settings) / DRY_RUNS / dataset.name
+        # The deployment's chains, read and verified (nothing written): the table an earlier run declared.
+        chain = deployment_chain_reader(settings)
         summary: list[dict[str, Any]] = []
         with engine_errors(source_uri):
             requests = engine_requests(
                 dataset, partitions_def, source_uri, keys, run_id, {"orchestrator": "dagster", "dryRun": True}
             )
-            for index, (_, request, group_keys) in enumerate(requests):
+            evaluated = []
+            for _, request, group_keys in requests:  # what the materialization would refuse, first
                 loaded, plan, decisions = evaluate_request(context, request, group_keys)
-                refuse_table_columns(loaded, plan, decisions)  # what the materialization would refuse
+                refuse_table_columns(loaded, plan, decisions, chain)
+                evaluated.append((group_keys, plan, decisions))
+            directory.mkdir(parents=True, exist_ok=True)
+            for index, (group_keys, plan, decisions) in enumerate(evaluated):
                 stem = run_id if len(requests) == 1 else f"{run_id}.{index}"
                 with replacing(directory / f"{stem}.json", prefix=f".{stem}.") as raw:
                     for piece in streamed_text(decisions.to_json(lazy=True)):
