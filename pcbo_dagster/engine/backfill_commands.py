@@ -62,10 +62,10 @@ def evaluate_request(
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
     done with its decisions, which a streamed source reads from its spill as they are iterated.
     `settings` (or how to resolve them): the deployment whose audit chain, read once and verified
-    (`sql_apply.deployment_chain_reader`; read only, nothing written), says which journal of a SQL target's
-    run is its own and, for a dry-run, which Iceberg table an earlier run declared the dataset version
-    publishes to. `table_columns` (a dry-run, which promises what execute will do): the columns of a
-    request that publishes to an Iceberg table refused as execute refuses them
+    (`sql_apply.deployment_chain_reader`; read only, nothing written), says which journal of a SQL
+    target's run is its own and, for a dry-run, which Iceberg table an earlier run declared the
+    dataset version publishes to. `table_columns` (a dry-run, which promises what execute will do):
+    the columns of a request that publishes to an Iceberg table refused as execute refuses them
     (`refuse_table_columns`); an execute checks them itself, under its lock
     (`iceberg_publication.publisher_for`)."""
     loaded = load_request(raw, base_dir, confine_to)
