@@ -36,6 +36,7 @@ def _worker(tmp_path: Path, broker: str, dagster_home: Path) -> tuple[subprocess
         {
             "PCBO_HOME": str(home / "pcbo"),
             "PCBO_CELERY_BROKER": broker,
+            "PCBO_CELERY_RESULT_KEY": "broker-attacks-test-result-key-0123456789",
             "DAGSTER_HOME": str(dagster_home),
             "PYTHONPATH": str(REPO_ROOT),
             "PYTHONUNBUFFERED": "1",

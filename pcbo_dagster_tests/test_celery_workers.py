@@ -43,6 +43,7 @@ HOURS = int(os.environ.get("CELERY_HOURS", "48"))  # hourly partitions from 2024
 PER_RUN = int(os.environ.get("CELERY_PER_RUN", "12"))  # partitions per run (the multi_run policy)
 WORKERS = int(os.environ.get("CELERY_WORKERS", "2"))  # Celery workers of the backfill test
 KEY = "events/v1"
+RESULT_KEY = "celery-workers-test-result-key-0123456789"
 _REDIS_DBS = itertools.count(1)  # a Redis database of its own for each test
 
 
@@ -272,6 +273,7 @@ def cluster(tmp_path, source, s3_store, redis_url, postgres_server, fresh_postgr
         "PCBO_MULTI_HOST": "true",
         "PCBO_EXECUTOR": "celery",
         "PCBO_CELERY_BROKER": redis_url.rsplit("/", 1)[0] + f"/{next(_REDIS_DBS)}",  # nothing left over
+        "PCBO_CELERY_RESULT_KEY": RESULT_KEY,  # every host's: the steps' results are signed with it
         "PCBO_PARALLEL": "1",
         # A killed worker's step comes back after this; its lease is taken over after the TTL.
         "PCBO_CELERY_VISIBILITY_TIMEOUT": "15",
@@ -424,10 +426,11 @@ def test_the_executor_is_chosen_by_the_environment():
 
     assert executor_from_env({}) is dg.in_process_executor
     assert executor_from_env({"PCBO_EXECUTOR": "default"}) is dg.in_process_executor
-    executor = executor_from_env({"PCBO_EXECUTOR": "celery", "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/0"})
+    celery = {"PCBO_EXECUTOR": "celery", "PCBO_CELERY_RESULT_KEY": RESULT_KEY}
+    executor = executor_from_env({**celery, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/0"})
     assert executor is not None and executor.name == "pcbo_celery"
     with pytest.raises(InvalidInput) as refused:
-        executor_from_env({"PCBO_EXECUTOR": "celery"})
+        executor_from_env(celery)
     assert refused.value.field == "PCBO_CELERY_BROKER"
     with pytest.raises(InvalidInput) as refused:
         executor_from_env({"PCBO_EXECUTOR": "yarn"})
@@ -458,13 +461,17 @@ def test_workers_acknowledge_a_step_when_it_ends():
         "from pcbo_dagster.dagster_defs.celery_worker import app; c = app.conf; "
         "print(c.task_acks_late, c.task_reject_on_worker_lost, c.broker_url, 'execute_plan' in app.tasks)"
     )
-    env = {**os.environ, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/3"}
+    env = {**os.environ, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/3", "PCBO_CELERY_RESULT_KEY": RESULT_KEY}
     shown = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert shown.stdout.split() == ["True", "True", "redis://127.0.0.1:1/3", "True"], shown.stderr[-2000:]
-    env.pop("PCBO_CELERY_BROKER")
-    refused_worker = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert refused_worker.returncode != 0 and "PCBO_CELERY_BROKER" in refused_worker.stderr
+    # A worker refuses to start without a broker, or without the key its results are signed with.
+    for variable in ("PCBO_CELERY_RESULT_KEY", "PCBO_CELERY_BROKER"):
+        env.pop(variable)
+        refused_worker = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert refused_worker.returncode != 0 and f"{variable}:" in refused_worker.stderr, (
+            refused_worker.stderr
+        )

@@ -15,6 +15,10 @@ their choosing on every worker, with its stores' credentials and signing key. Th
 steps of pcbo's code location (`pcbo_dagster.dagster_defs.definitions`), of a run of its own instance
 (`DAGSTER_HOME`; the message's instance is never opened), for that run's own job; anything else is
 refused (the task fails naming what was refused, and is acknowledged: it is never delivered again).
+
+A step's result is signed for its run, steps and task under `PCBO_CELERY_RESULT_KEY`
+(`celery_results.py`): the runs' coordinator records no events but those of a result signed so. A
+worker refuses to start without the key, as without a broker.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.celery_config import celery_settings
+from pcbo_dagster.dagster_defs.celery_results import result_secret, signed_result
 
 #: The only code a step may load: the code location's module (workspace.yaml, the Helm values).
 CODE_LOCATION_MODULE = "pcbo_dagster.dagster_defs.definitions"
@@ -33,15 +38,16 @@ class StepRefused(Exception):
     """A step message that names code or a run this worker does not run (module doc)."""
 
 
-def guard_step(execute_step_args_packed: Any, executable_dict: Any) -> tuple[Any, Any]:
-    """The message's arguments with its `instance_ref` replaced by this worker's own instance, when
-    the message is a step of pcbo's code location for a run of that instance and that run's job;
-    `StepRefused` otherwise. Nothing the message names is imported or opened before this passes."""
+def guard_step(execute_step_args_packed: Any, executable_dict: Any) -> Any:
+    """The message's step arguments (`ExecuteStepArgs`) with its `instance_ref` replaced by this
+    worker's own instance, when the message is a step of pcbo's code location for a run of that
+    instance and that run's job; `StepRefused` otherwise. Nothing the message names is imported or
+    opened before this passes."""
     import dagster as dg
     from dagster._core.code_pointer import ModuleCodePointer, PackageCodePointer
     from dagster._core.definitions.reconstruct import ReconstructableJob
     from dagster._grpc.types import ExecuteStepArgs
-    from dagster._serdes import pack_value, unpack_value
+    from dagster._serdes import unpack_value
     from dagster_shared.record import copy
 
     try:
@@ -65,17 +71,21 @@ def guard_step(execute_step_args_packed: Any, executable_dict: Any) -> tuple[Any
         raise StepRefused(f"refused: run {args.run_id!r} is not a run of this worker's Dagster instance")
     if run.job_name != job.job_name:
         raise StepRefused(f"refused: run {args.run_id!r} is of job {run.job_name!r}, not {job.job_name!r}")
-    return pack_value(copy(args, instance_ref=own)), executable_dict
+    return copy(args, instance_ref=own)
 
 
-def _guarded_task_class() -> Any:
+def _guarded_task_class(secret: bytes) -> Any:
     from celery import Task
+    from dagster._serdes import pack_value
 
     class GuardedStep(Task):
-        """`execute_plan` with `guard_step` first (a custom `__call__`: Celery's tracer calls it)."""
+        """`execute_plan` with `guard_step` first and its events signed for the step and this task
+        (`celery_results.signed_result`): a custom `__call__`, which Celery's tracer calls."""
 
         def __call__(self, execute_step_args_packed: Any, executable_dict: Any) -> Any:
-            return super().__call__(*guard_step(execute_step_args_packed, executable_dict))
+            args = guard_step(execute_step_args_packed, executable_dict)
+            events = super().__call__(pack_value(args), executable_dict)
+            return signed_result(secret, args.run_id, args.step_keys_to_execute, self.request.id, events)
 
     return GuardedStep
 
@@ -87,6 +97,7 @@ def _make_app() -> Any:
     broker = os.environ.get("PCBO_CELERY_BROKER")
     if not broker:
         raise InvalidInput("PCBO_CELERY_BROKER", "is required by a Celery worker (redis://host:6379/0)")
+    secret = result_secret()
     app = make_app()
     app.conf.update(
         broker_url=broker,
@@ -94,7 +105,7 @@ def _make_app() -> Any:
         **celery_settings(),
     )
     tasks = (
-        create_task(app, base=_guarded_task_class()),
+        create_task(app, base=_guarded_task_class(secret)),
         create_execute_job_task(app),
         create_resume_job_task(app),
     )

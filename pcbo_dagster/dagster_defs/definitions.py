@@ -63,8 +63,9 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 
 #: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
 #: `PCBO_CELERY_BROKER` (e.g. redis://host:6379/0) and result backend `PCBO_CELERY_BACKEND` (default:
-#: the broker's URL). `k8s`: dagster-k8s's `k8s_job_executor` (a Kubernetes Job per step). Unset (or
-#: `default`): Dagster's default executor, steps on the run's own host.
+#: the broker's URL); each step's result is authenticated under `PCBO_CELERY_RESULT_KEY`, which every
+#: worker and coordinator shares (`celery_results.py`). `k8s`: dagster-k8s's `k8s_job_executor` (a
+#: Kubernetes Job per step). Unset (or `default`): Dagster's default executor, steps on the run's own host.
 EXECUTOR_ENV = "PCBO_EXECUTOR"
 
 
@@ -96,15 +97,17 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
             "PCBO_CELERY_BROKER", "is required with PCBO_EXECUTOR=celery (redis://host:6379/0)"
         )
     try:
-        from dagster_celery import celery_executor
+        import dagster_celery  # noqa: F401
     except ImportError:
         raise InvalidInput(
             EXECUTOR_ENV, "PCBO_EXECUTOR=celery needs dagster-celery (pip install 'pcbo_dagster[celery]')"
         ) from None
     from pcbo_dagster.dagster_defs.celery_config import celery_settings
+    from pcbo_dagster.dagster_defs.celery_results import authenticated_celery_executor, result_secret
 
+    result_secret(env)  # refused here, at the load, rather than when a run starts
     backend = "PCBO_CELERY_BACKEND" if env.get("PCBO_CELERY_BACKEND") else "PCBO_CELERY_BROKER"
-    return celery_executor.configured(
+    return authenticated_celery_executor.configured(
         {
             "broker": {"env": "PCBO_CELERY_BROKER"},
             "backend": {"env": backend},

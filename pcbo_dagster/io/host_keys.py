@@ -8,6 +8,9 @@ set (hosts that share a catalog's rows share that variable), else 32 random byte
 * the zone indexes of streamed sources (`catalog/source_indexes.py`): `PCBO_SOURCE_INDEX_KEY`,
   `$PCBO_HOME/.keys/source-index.key`;
 * the alerts (`alerts/rows.py`): `PCBO_ALERT_KEY`, `$PCBO_HOME/.keys/alert.key`.
+
+A secret that hosts must share, with no per-home fallback (`variable_secret`): the Celery steps'
+results (`dagster_defs/celery_results.py`), `PCBO_CELERY_RESULT_KEY`.
 """
 
 from __future__ import annotations
@@ -20,12 +23,18 @@ from pathlib import Path
 from pcbo_dagster.io.atomic_files import create_file
 
 
-def host_secret(home: Path, variable: str, file: str, environ: Mapping[str, str] | None = None) -> bytes:
-    """The secret of `variable` (module doc), else of the key file `home/file` (made on first use)."""
+def variable_secret(variable: str, environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The SHA-256 of the environment variable `variable`; None when it is unset or empty."""
     env = os.environ if environ is None else environ
     given = env.get(variable)
-    if given:
-        return hashlib.sha256(given.encode("utf-8")).digest()
+    return hashlib.sha256(given.encode("utf-8")).digest() if given else None
+
+
+def host_secret(home: Path, variable: str, file: str, environ: Mapping[str, str] | None = None) -> bytes:
+    """The secret of `variable` (module doc), else of the key file `home/file` (made on first use)."""
+    given = variable_secret(variable, environ)
+    if given is not None:
+        return given
     path = home / file
     try:
         data = path.read_bytes()

@@ -1,0 +1,184 @@
+"""Authenticated step results for `PCBO_EXECUTOR=celery`: the runs' coordinator records a step's
+events only from a result pcbo's worker signed for that step.
+
+dagster-celery's coordinator reads each step's events back from the result backend and records them
+in the Dagster instance; someone who can write the backend (a Redis) could record a step success, a
+materialization or a passing check that never happened. So pcbo's worker (`celery_worker.py`) returns
+
+    {"version": "pcbo.celery-result/1", "events": [<serialized Dagster events>], "mac": <hex>}
+
+where `mac` is an HMAC-SHA256, under the key every host shares, of the run id, the step keys, the
+Celery task id and the events; and the coordinator's executor (`authenticated_celery_executor`,
+dagster-celery's own with each step's result checked) records the events of a result whose MAC
+verifies for the run, step and task it sent, and fails the step with `refused: unauthenticated
+result ...` (nothing of the result recorded) otherwise: a result forged or altered in the backend, a
+genuine one copied to another step's, run's or attempt's task, one from a worker with another key.
+
+The key is `PCBO_CELERY_RESULT_KEY` (its SHA-256: `io.host_keys.variable_secret`), never in run
+config or logs. It must be the same on every worker and every process that coordinates runs, so there
+is no per-home random key as for the catalog's rows: with the celery executor a missing key (or one
+shorter than `MIN_KEY_CHARS`: the MAC sits where the attacker reads it, and a short key could be
+guessed from it offline) refuses the code location's load, `InvalidInput` naming the variable (exit 2
+where a command loads it), and a worker refuses to start.
+
+Celery's own message signing (`task_serializer='auth'`) was not used: it takes an X.509 key and
+certificate per host and a certificate store, changes Kombu's serializers process-wide, and signs
+what a host sends, not what it answers for: a genuine signed result copied to another task would pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dagster as dg
+from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor, _submit_task
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.io.host_keys import variable_secret
+
+RESULT_KEY_ENV = "PCBO_CELERY_RESULT_KEY"
+RESULT_VERSION = "pcbo.celery-result/1"
+#: `openssl rand -hex 32` gives 64.
+MIN_KEY_CHARS = 32
+
+
+class UnauthenticatedResult(Exception):
+    """A step result that pcbo's worker did not sign for that step (module doc)."""
+
+
+def result_secret(env: Mapping[str, str] | None = None) -> bytes:
+    """The secret step results are authenticated with: the SHA-256 of `PCBO_CELERY_RESULT_KEY`;
+    `InvalidInput` naming it when it is unset or shorter than `MIN_KEY_CHARS` (module doc)."""
+    env = os.environ if env is None else env
+    given = env.get(RESULT_KEY_ENV) or ""
+    if not given:
+        raise InvalidInput(
+            RESULT_KEY_ENV,
+            "is required with PCBO_EXECUTOR=celery: the key the steps' results are authenticated with, "
+            f"at least {MIN_KEY_CHARS} characters (`openssl rand -hex 32`), the same on every worker and "
+            "every host that runs the runs",
+        )
+    if len(given) < MIN_KEY_CHARS:
+        raise InvalidInput(
+            RESULT_KEY_ENV, f"is {len(given)} characters: at least {MIN_KEY_CHARS} (`openssl rand -hex 32`)"
+        )
+    secret = variable_secret(RESULT_KEY_ENV, env)
+    assert secret is not None
+    return secret
+
+
+def result_mac(
+    secret: bytes, run_id: str, step_keys: Sequence[str], task_id: str, events: Sequence[str]
+) -> str:
+    """The HMAC-SHA256 (hex) of a step result: its run, steps, Celery task and events."""
+    message = compact_text([run_id, list(step_keys), task_id, list(events)]).encode("utf-8")
+    return hmac.new(secret, RESULT_VERSION.encode("ascii") + b"\0" + message, hashlib.sha256).hexdigest()
+
+
+def signed_result(
+    secret: bytes, run_id: str, step_keys: Sequence[str], task_id: str, events: Sequence[str]
+) -> dict[str, Any]:
+    """What pcbo's worker returns for `step_keys` of `run_id` run as Celery task `task_id`."""
+    return {
+        "version": RESULT_VERSION,
+        "events": list(events),
+        "mac": result_mac(secret, run_id, step_keys, task_id, events),
+    }
+
+
+def verified_events(
+    secret: bytes, result: Any, run_id: str, step_keys: Sequence[str], task_id: str
+) -> list[str]:
+    """The events of `result` when pcbo's worker signed it for `step_keys` of `run_id` as `task_id`;
+    `UnauthenticatedResult` (`refused: ...`) otherwise."""
+
+    def refused(why: str) -> UnauthenticatedResult:
+        return UnauthenticatedResult(
+            f"refused: unauthenticated result for step {', '.join(step_keys)} of run {run_id} "
+            f"(Celery task {task_id}): {why}; only a result pcbo's worker signed for this step with "
+            f"{RESULT_KEY_ENV} is recorded"
+        )
+
+    if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
+        raise refused("not a result pcbo's worker signed")
+    events, mac = result.get("events"), result.get("mac")
+    if (
+        not isinstance(events, list)
+        or not all(isinstance(e, str) for e in events)
+        or not isinstance(mac, str)
+    ):
+        raise refused("not a result pcbo's worker signed")
+    expected = result_mac(secret, run_id, step_keys, task_id, events)
+    if not hmac.compare_digest(mac.encode("utf-8"), expected.encode("ascii")):
+        raise refused("its MAC does not verify (forged, altered, replayed from another task, or another key)")
+    return events
+
+
+class VerifiedStepResult:
+    """A step's Celery result (`AsyncResult`) as dagster-celery's execution loop uses it (`id`,
+    `ready`, `get`, `revoke`), whose `get` gives the events only of a result signed for this step."""
+
+    def __init__(self, result: Any, secret: bytes, run_id: str, step_keys: Sequence[str]) -> None:
+        self._result = result
+        self._secret = secret
+        self.run_id = run_id
+        self.step_keys = list(step_keys)
+
+    @property
+    def id(self) -> str:
+        return str(self._result.id)
+
+    def ready(self) -> bool:
+        return bool(self._result.ready())
+
+    def revoke(self, *args: Any, **kwargs: Any) -> Any:
+        return self._result.revoke(*args, **kwargs)
+
+    def get(self, *args: Any, **kwargs: Any) -> list[str]:
+        return verified_events(
+            self._secret, self._result.get(*args, **kwargs), self.run_id, self.step_keys, self.id
+        )
+
+
+class AuthenticatedCeleryExecutor(CeleryExecutor):
+    """dagster-celery's executor, each step's result checked (`VerifiedStepResult`) before its events
+    are recorded."""
+
+    def __init__(self, secret: bytes, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._secret = secret
+
+    def execute(self, plan_context: Any, execution_plan: Any) -> Any:
+        from dagster_celery.core_execution_loop import core_celery_execution_loop
+
+        def submit(app: Any, context: Any, step: Any, queue: str, priority: int, known_state: Any) -> Any:
+            sent = _submit_task(app, context, step, queue, priority, known_state)
+            return VerifiedStepResult(sent, self._secret, context.dagster_run.run_id, [step.key])
+
+        return core_celery_execution_loop(plan_context, execution_plan, step_execution_fn=submit)
+
+
+@dg.executor(
+    name="celery",
+    config_schema=CELERY_CONFIG,
+    requirements=dg.multiple_process_executor_requirements(),
+)
+def authenticated_celery_executor(init_context: dg.InitExecutorContext) -> dg.Executor:
+    """dagster-celery's `celery_executor` (the same config) with authenticated step results; the key
+    is read from this process's environment (`result_secret`), never from config."""
+    from dagster._core.execution.retries import RetryMode
+
+    config: Any = init_context.executor_config
+    return AuthenticatedCeleryExecutor(
+        secret=result_secret(),
+        broker=config.get("broker"),
+        backend=config.get("backend"),
+        config_source=config.get("config_source"),
+        include=config.get("include"),
+        retries=RetryMode.from_config(config["retries"]),
+    )

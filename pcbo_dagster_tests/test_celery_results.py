@@ -1,0 +1,316 @@
+"""Authenticated step results (`PCBO_EXECUTOR=celery`): the runs' coordinator records a step's events
+only from a result pcbo's worker signed for that step, under the key every host shares
+(`PCBO_CELERY_RESULT_KEY`).
+
+dagster-celery's coordinator reads each step's events back from the result backend (Redis) and
+records them in the Dagster instance: someone who can write Redis could record a step success, a
+materialization or a passing check that never happened. Here the test is that someone: it takes the
+step's message off the queue (a rogue consumer) and writes the step's result into the backend
+itself, or writes into the backend results it made, altered or copied from another step.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("dagster_celery")
+
+import dagster as dg  # noqa: E402
+
+from pcbo_dagster.core.errors import InvalidInput  # noqa: E402
+
+SHARED_KEY = "k" * 40  # what every host of the deployment is given
+OTHER_KEY = "o" * 40  # a worker of another deployment, or an attacker's guess
+REDIS_DB = 15  # flushed by each test (a redis-server of its own per xdist worker: redis_server.py)
+
+
+@pytest.fixture
+def redis_db(redis_url: str) -> str:
+    import redis
+
+    url = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+def _backend(url: str) -> Any:
+    from celery import Celery
+
+    return Celery(broker=url, backend=url)
+
+
+# --- The coordinator's check of one result, against a real Redis result backend ----------------------
+
+
+def _events(run_id: str, step_key: str) -> list[str]:
+    """Serialized Dagster events a step's result carries: here a step success of `step_key`."""
+    from dagster._core.definitions.dependency import NodeHandle
+    from dagster._core.events import DagsterEvent, DagsterEventType
+    from dagster._core.execution.plan.objects import StepSuccessData
+    from dagster._serdes import serialize_value
+
+    event = DagsterEvent(
+        event_type_value=DagsterEventType.STEP_SUCCESS.value,
+        job_name="celery_job",
+        node_handle=NodeHandle(step_key, None),
+        step_kind_value="COMPUTE",
+        logging_tags={"run_id": run_id, "step_key": step_key},
+        event_specific_data=StepSuccessData(duration_ms=1.0),
+    )
+    return [serialize_value(event)]
+
+
+def _stored(url: str, task_id: str, value: Any) -> Any:
+    """`value` written into the result backend as task `task_id`'s successful result."""
+    app = _backend(url)
+    app.backend.store_result(task_id, value, "SUCCESS")
+    return app.AsyncResult(task_id)
+
+
+def _checked(url: str, task_id: str, run_id: str, step_key: str, key: str = SHARED_KEY) -> Any:
+    """What the coordinator (its key `key`) takes from task `task_id`'s result, for `step_key` of
+    `run_id`."""
+    from pcbo_dagster.dagster_defs.celery_results import VerifiedStepResult, result_secret
+
+    secret = result_secret({"PCBO_CELERY_RESULT_KEY": key})
+    result = VerifiedStepResult(_backend(url).AsyncResult(task_id), secret, run_id, [step_key])
+    assert result.id == task_id and result.ready()
+    return result.get()
+
+
+def _signed(run_id: str, step_key: str, task_id: str, key: str = SHARED_KEY) -> Any:
+    """The result pcbo's worker (its key `key`) returns for `step_key` of `run_id` run as `task_id`."""
+    from pcbo_dagster.dagster_defs.celery_results import result_secret, signed_result
+
+    secret = result_secret({"PCBO_CELERY_RESULT_KEY": key})
+    return signed_result(secret, run_id, [step_key], task_id, _events(run_id, step_key))
+
+
+def test_a_signed_result_for_its_own_step_is_accepted(redis_db):
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    _stored(redis_db, task_id, _signed(run_id, "step_one", task_id))
+    assert _checked(redis_db, task_id, run_id, "step_one") == _events(run_id, "step_one")
+
+
+def _refusal(url: str, task_id: str, run_id: str, step_key: str, key: str = SHARED_KEY) -> str:
+    from pcbo_dagster.dagster_defs.celery_results import UnauthenticatedResult
+
+    with pytest.raises(UnauthenticatedResult) as refused:
+        _checked(url, task_id, run_id, step_key, key)
+    message = str(refused.value)
+    assert message.startswith("refused: ") and task_id in message and step_key in message, message
+    return message
+
+
+def test_a_result_written_into_the_backend_as_dagster_celery_writes_it_is_refused(redis_db):
+    """The events list as dagster-celery's own task returns it (what an attacker writes): no MAC."""
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    _stored(redis_db, task_id, _events(run_id, "step_one"))
+    assert "not a result pcbo's worker signed" in _refusal(redis_db, task_id, run_id, "step_one")
+
+
+def test_an_altered_signed_result_is_refused(redis_db):
+    """A genuine result whose events were swapped (a failure made a success), its MAC kept."""
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    genuine = _signed(run_id, "step_one", task_id)
+    _stored(redis_db, task_id, {**genuine, "events": _events(run_id, "step_one") * 2})
+    assert "does not verify" in _refusal(redis_db, task_id, run_id, "step_one")
+
+
+@pytest.mark.parametrize("replayed_as", ["another step", "another run", "another task"])
+def test_a_genuine_result_replayed_for_another_step_run_or_task_is_refused(redis_db, replayed_as):
+    """A result pcbo's worker signed, copied in the backend to the task of another step, of another
+    run, or to a later task of the same step (a second attempt): the MAC binds run, step and task."""
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    genuine = _signed(run_id, "step_one", task_id)
+    other_run, other_task = str(uuid.uuid4()), str(uuid.uuid4())
+    target = {
+        "another step": (other_task, run_id, "step_two"),
+        "another run": (other_task, other_run, "step_one"),
+        "another task": (other_task, run_id, "step_one"),
+    }[replayed_as]
+    _stored(redis_db, target[0], genuine)
+    assert "does not verify" in _refusal(redis_db, *target)
+
+
+def test_a_result_signed_with_another_key_is_refused(redis_db):
+    """A worker given another key (another deployment's, or an attacker's) does not speak for ours."""
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    _stored(redis_db, task_id, _signed(run_id, "step_one", task_id, key=OTHER_KEY))
+    assert "does not verify" in _refusal(redis_db, task_id, run_id, "step_one")
+
+
+# --- A whole run on the celery executor, its step's result written by a rogue consumer --------------
+
+
+@dg.op
+def step_one() -> int:
+    return 1
+
+
+def celery_job() -> dg.JobDefinition:
+    """The job on the executor `PCBO_EXECUTOR=celery` gives (definitions.py), from the environment."""
+    from pcbo_dagster.dagster_defs.definitions import executor_from_env
+
+    @dg.job(name="celery_job", executor_def=executor_from_env())
+    def job() -> None:
+        step_one()
+
+    return job
+
+
+def _claimed_events(run_id: str) -> list[str]:
+    """What the rogue consumer claims the step did: started, materialized `forged`, succeeded."""
+    from dagster._core.definitions.dependency import NodeHandle
+    from dagster._core.events import DagsterEvent, DagsterEventType, StepMaterializationData
+    from dagster._core.execution.plan.objects import StepSuccessData
+    from dagster._serdes import serialize_value
+
+    def event(kind: DagsterEventType, data: Any) -> str:
+        return serialize_value(
+            DagsterEvent(
+                event_type_value=kind.value,
+                job_name="celery_job",
+                node_handle=NodeHandle("step_one", None),
+                step_kind_value="COMPUTE",
+                logging_tags={"run_id": run_id, "step_key": "step_one"},
+                event_specific_data=data,
+            )
+        )
+
+    return [
+        event(DagsterEventType.STEP_START, None),
+        event(
+            DagsterEventType.ASSET_MATERIALIZATION, StepMaterializationData(dg.AssetMaterialization("forged"))
+        ),
+        event(DagsterEventType.STEP_SUCCESS, StepSuccessData(duration_ms=1.0)),
+    ]
+
+
+def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event) -> None:
+    """Takes the first step message off the queue and writes its result: the claimed events as
+    dagster-celery's task returns them (`sign_with` None), or signed as pcbo's worker signs them under
+    the key `sign_with`. (Should it fail, the failure is the task's result: the run ends.)"""
+    import redis
+    from dagster._grpc.types import ExecuteStepArgs
+    from dagster._serdes import unpack_value
+
+    client = redis.Redis.from_url(url)
+    while not stop.is_set():
+        for queue in client.keys("dagster*"):
+            raw: Any = client.lpop(queue) if client.type(queue) == b"list" else None
+            if raw is None:
+                continue
+            message = json.loads(raw)
+            task_id = message["headers"]["id"]
+            try:
+                _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+                args = unpack_value(kwargs["execute_step_args_packed"], as_type=ExecuteStepArgs)
+                events = _claimed_events(args.run_id)
+                value: Any = events
+                if sign_with is not None:
+                    from pcbo_dagster.dagster_defs.celery_results import result_secret, signed_result
+
+                    secret = result_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
+                    value = signed_result(secret, args.run_id, ["step_one"], task_id, events)
+            except Exception as exc:
+                _backend(url).backend.store_result(task_id, exc, "FAILURE")
+                raise
+            _backend(url).backend.store_result(task_id, value, "SUCCESS")
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def celery_env(redis_db, monkeypatch) -> Iterator[str]:
+    monkeypatch.setenv("PCBO_EXECUTOR", "celery")
+    monkeypatch.setenv("PCBO_CELERY_BROKER", redis_db)
+    monkeypatch.delenv("PCBO_CELERY_BACKEND", raising=False)
+    monkeypatch.setenv("PCBO_CELERY_RESULT_KEY", SHARED_KEY)
+    yield redis_db
+
+
+def _run(url: str, tmp_path: Path, sign_with: str | None) -> tuple[Any, list[Any]]:
+    stop = threading.Event()
+    rogue = threading.Thread(target=_rogue_consumer, args=(url, sign_with, stop), daemon=True)
+    rogue.start()
+    try:
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            result = dg.execute_job(dg.reconstructable(celery_job), instance, raise_on_error=False)
+            records = instance.get_records_for_run(result.run_id).records
+            return result, [r.event_log_entry for r in records]
+    finally:
+        stop.set()
+        rogue.join(timeout=10)
+
+
+def _types(entries: list[Any]) -> list[Any]:
+    return [e.dagster_event.event_type for e in entries if e.dagster_event is not None]
+
+
+@pytest.mark.parametrize("sign_with", [None, OTHER_KEY], ids=["unsigned", "another_key"])
+def test_a_run_does_not_succeed_on_a_result_its_workers_did_not_sign(celery_env, tmp_path, sign_with):
+    """No worker of pcbo's ran the step; the rogue consumer's result claims it started, materialized
+    `forged` and succeeded. Before, the coordinator took the claim: the run was recorded a success
+    (and would have sent the steps downstream of it). Now the step fails `refused: unauthenticated
+    result ...` and so does the run."""
+    result, entries = _run(celery_env, tmp_path, sign_with)
+    assert not result.success
+    assert dg.DagsterEventType.RUN_SUCCESS not in _types(entries)
+    failure = next(
+        e
+        for e in entries
+        if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
+    )
+    assert "refused: unauthenticated result for step step_one" in str(failure.dagster_event), failure
+
+
+def test_a_run_succeeds_on_a_result_signed_under_the_shared_key(celery_env, tmp_path):
+    """The same run, its result signed under the shared key as pcbo's worker signs it: the coordinator
+    takes its events as dagster-celery takes them, and the run succeeds."""
+    result, entries = _run(celery_env, tmp_path, SHARED_KEY)
+    assert result.success, _types(entries)
+    assert dg.DagsterEventType.RUN_SUCCESS in _types(entries)
+
+
+# --- Without the key --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [None, "", "too-short"])
+def test_the_celery_executor_refuses_to_start_without_a_shared_result_key(value):
+    """Hosts must share the key (a random key per home would make every result fail), so no key is
+    invalid input naming the variable, as is a key too short to resist guessing from a MAC."""
+    from pcbo_dagster.dagster_defs.definitions import executor_from_env
+
+    env = {"PCBO_EXECUTOR": "celery", "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/0"}
+    if value is not None:
+        env["PCBO_CELERY_RESULT_KEY"] = value
+    with pytest.raises(InvalidInput) as refused:
+        executor_from_env(env)
+    assert refused.value.field == "PCBO_CELERY_RESULT_KEY"
+    assert executor_from_env({**env, "PCBO_CELERY_RESULT_KEY": SHARED_KEY}).name == "pcbo_celery"
+
+
+@pytest.mark.timeout(120)  # before, it went on to launch the runs (on a broker that is not there)
+def test_range_runs_without_the_result_key_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    from pcbo_dagster.dagster_defs import range_runs
+
+    monkeypatch.setenv("PCBO_HOME", str(tmp_path))
+    monkeypatch.delenv("PCBO_DATASETS_CONFIG", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.setenv("PCBO_EXECUTOR", "celery")
+    monkeypatch.setenv("PCBO_CELERY_BROKER", "redis://127.0.0.1:1/0")
+    monkeypatch.delenv("PCBO_CELERY_RESULT_KEY", raising=False)
+    assert range_runs.main(["events"]) == 2
+    assert "invalid input: PCBO_CELERY_RESULT_KEY:" in capsys.readouterr().err
