@@ -26,6 +26,9 @@ pytest.importorskip("dagster_celery")
 from pcbo_dagster_tests.dagster_harness import REPO_ROOT, executable  # noqa: E402
 
 _REDIS_DBS = itertools.count(9)
+#: The workers' key (`PCBO_CELERY_RESULT_KEY`): the forged messages of the code and run guard tests are
+#: signed with it (someone holding the key, or a coordinator's bug), so that guard is what they test.
+SHARED_KEY = "broker-attacks-test-result-key-0123456789"
 
 
 def _worker(tmp_path: Path, broker: str, dagster_home: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -36,7 +39,7 @@ def _worker(tmp_path: Path, broker: str, dagster_home: Path) -> tuple[subprocess
         {
             "PCBO_HOME": str(home / "pcbo"),
             "PCBO_CELERY_BROKER": broker,
-            "PCBO_CELERY_RESULT_KEY": "broker-attacks-test-result-key-0123456789",
+            "PCBO_CELERY_RESULT_KEY": SHARED_KEY,
             "DAGSTER_HOME": str(dagster_home),
             "PYTHONPATH": str(REPO_ROOT),
             "PYTHONUNBUFFERED": "1",
@@ -85,11 +88,22 @@ def _forged_step(instance_ref: Any, run_id: str, pointer: Any, job_name: str) ->
     return pack_value(args), job.to_dict()
 
 
-def _send(broker: str, packed: Any, executable_dict: Any) -> Any:
+def _send(broker: str, packed: Any, executable_dict: Any, sign_with: str | None = SHARED_KEY) -> Any:
+    """The message on the queue, signed as the runs' coordinator signs it under the key `sign_with`
+    (None: not signed)."""
     from celery import Celery
 
+    task_id = str(uuid.uuid4())
+    headers = {}
+    if sign_with is not None:
+        from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, message_mac, result_secret
+
+        secret = result_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
+        headers[MESSAGE_MAC_HEADER] = message_mac(secret, task_id, packed, executable_dict)
     app = Celery(broker=broker, backend=broker)
-    return app.send_task("execute_plan", args=[packed, executable_dict], queue="dagster")
+    return app.send_task(
+        "execute_plan", args=[packed, executable_dict], queue="dagster", task_id=task_id, headers=headers
+    )
 
 
 @pytest.fixture
@@ -165,3 +179,42 @@ def test_a_step_of_the_code_location_is_run_only_for_a_run_of_the_workers_own_in
     with pytest.raises(Exception) as refused:
         result.get(timeout=60)
     assert "refused" in str(refused.value) and refusal in str(refused.value), refused.value
+
+
+def test_a_step_message_the_coordinator_did_not_sign_is_refused(tmp_path, worker):
+    """A step of pcbo's code location, for a run of the worker's own instance and that run's job
+    (what the guard above lets through), sent by someone who can write the broker: before, the worker
+    loaded the code location to run it (any step of any run of its instance, with the step state the
+    message gives). Now a step message runs only when the runs' coordinator signed it (an HMAC under
+    the shared key of the task id and the message's arguments): unsigned, signed with another key, or
+    signed and then altered, it is refused before anything is read or loaded. (Signed with the shared
+    key, the messages of the tests above pass this check and meet the code and run guard.)"""
+    from dagster._core.code_pointer import ModuleCodePointer
+
+    broker, own_home, log = worker
+    ref, run_id = _instance_with_a_run(own_home)
+    pointer = ModuleCodePointer(
+        module="pcbo_dagster.dagster_defs.definitions", fn_name="defs", working_directory=None
+    )
+    packed, executable_dict = _forged_step(ref, run_id, pointer, "evil")
+    altered = {**packed, "step_keys_to_execute": ["another_op"]}
+    sent = {
+        "unsigned": _send(broker, packed, executable_dict, sign_with=None),
+        "another key": _send(broker, packed, executable_dict, sign_with="o" * 40),
+    }
+    from celery import Celery
+
+    from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, message_mac, result_secret
+
+    task_id = str(uuid.uuid4())
+    signed_for_the_original = message_mac(
+        result_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), task_id, packed, executable_dict
+    )
+    sent["altered"] = Celery(broker=broker, backend=broker).send_task(
+        "execute_plan", args=[altered, executable_dict], queue="dagster", task_id=task_id,
+        headers={MESSAGE_MAC_HEADER: signed_for_the_original},
+    )  # fmt: skip
+    for case, result in sent.items():
+        with pytest.raises(Exception) as refused:
+            result.get(timeout=60)
+        assert "refused: the step message is not signed" in str(refused.value), (case, refused.value)

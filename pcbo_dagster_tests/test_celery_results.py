@@ -81,7 +81,7 @@ def _stored(url: str, task_id: str, value: Any) -> Any:
 def _checked(url: str, task_id: str, run_id: str, step_key: str, key: str = SHARED_KEY) -> Any:
     """What the coordinator (its key `key`) takes from task `task_id`'s result, for `step_key` of
     `run_id`."""
-    from pcbo_dagster.dagster_defs.celery_results import VerifiedStepResult, result_secret
+    from pcbo_dagster.dagster_defs.celery_signing import VerifiedStepResult, result_secret
 
     secret = result_secret({"PCBO_CELERY_RESULT_KEY": key})
     result = VerifiedStepResult(_backend(url).AsyncResult(task_id), secret, run_id, [step_key])
@@ -91,7 +91,7 @@ def _checked(url: str, task_id: str, run_id: str, step_key: str, key: str = SHAR
 
 def _signed(run_id: str, step_key: str, task_id: str, key: str = SHARED_KEY) -> Any:
     """The result pcbo's worker (its key `key`) returns for `step_key` of `run_id` run as `task_id`."""
-    from pcbo_dagster.dagster_defs.celery_results import result_secret, signed_result
+    from pcbo_dagster.dagster_defs.celery_signing import result_secret, signed_result
 
     secret = result_secret({"PCBO_CELERY_RESULT_KEY": key})
     return signed_result(secret, run_id, [step_key], task_id, _events(run_id, step_key))
@@ -104,7 +104,7 @@ def test_a_signed_result_for_its_own_step_is_accepted(redis_db):
 
 
 def _refusal(url: str, task_id: str, run_id: str, step_key: str, key: str = SHARED_KEY) -> str:
-    from pcbo_dagster.dagster_defs.celery_results import UnauthenticatedResult
+    from pcbo_dagster.dagster_defs.celery_signing import UnauthenticatedResult
 
     with pytest.raises(UnauthenticatedResult) as refused:
         _checked(url, task_id, run_id, step_key, key)
@@ -198,7 +198,7 @@ def _claimed_events(run_id: str) -> list[str]:
     ]
 
 
-def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event) -> None:
+def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event, taken: dict[str, Any]) -> None:
     """Takes the first step message off the queue and writes its result: the claimed events as
     dagster-celery's task returns them (`sign_with` None), or signed as pcbo's worker signs them under
     the key `sign_with`. (Should it fail, the failure is the task's result: the run ends.)"""
@@ -214,13 +214,14 @@ def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event) -> N
                 continue
             message = json.loads(raw)
             task_id = message["headers"]["id"]
+            taken["message"] = message
             try:
                 _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
                 args = unpack_value(kwargs["execute_step_args_packed"], as_type=ExecuteStepArgs)
                 events = _claimed_events(args.run_id)
                 value: Any = events
                 if sign_with is not None:
-                    from pcbo_dagster.dagster_defs.celery_results import result_secret, signed_result
+                    from pcbo_dagster.dagster_defs.celery_signing import result_secret, signed_result
 
                     secret = result_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
                     value = signed_result(secret, args.run_id, ["step_one"], task_id, events)
@@ -241,9 +242,14 @@ def celery_env(redis_db, monkeypatch) -> Iterator[str]:
     yield redis_db
 
 
-def _run(url: str, tmp_path: Path, sign_with: str | None) -> tuple[Any, list[Any]]:
+def _run(
+    url: str, tmp_path: Path, sign_with: str | None, taken: dict[str, Any] | None = None
+) -> tuple[Any, list[Any]]:
+    """The job run by the celery executor, the rogue consumer taking its step (the message it took in
+    `taken["message"]`)."""
     stop = threading.Event()
-    rogue = threading.Thread(target=_rogue_consumer, args=(url, sign_with, stop), daemon=True)
+    taken = {} if taken is None else taken
+    rogue = threading.Thread(target=_rogue_consumer, args=(url, sign_with, stop, taken), daemon=True)
     rogue.start()
     try:
         with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
@@ -282,6 +288,28 @@ def test_a_run_succeeds_on_a_result_signed_under_the_shared_key(celery_env, tmp_
     result, entries = _run(celery_env, tmp_path, SHARED_KEY)
     assert result.success, _types(entries)
     assert dg.DagsterEventType.RUN_SUCCESS in _types(entries)
+
+
+def test_the_coordinator_signs_the_step_message_it_sends(celery_env, tmp_path):
+    """The step message carries the MAC pcbo's worker checks (`celery_worker.py`): of its task id and
+    its arguments, under the shared key; not under another key."""
+    from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, message_verifies, result_secret
+
+    taken: dict[str, Any] = {}
+    _run(celery_env, tmp_path, SHARED_KEY, taken)
+    headers = taken["message"]["headers"]
+    _args, kwargs, _embed = json.loads(base64.b64decode(taken["message"]["body"]))
+    signed = (
+        headers["id"],
+        headers.get(MESSAGE_MAC_HEADER),
+        kwargs["execute_step_args_packed"],
+        kwargs["executable_dict"],
+    )
+    assert message_verifies(result_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), *signed)
+    assert not message_verifies(result_secret({"PCBO_CELERY_RESULT_KEY": OTHER_KEY}), *signed)
+    assert not message_verifies(
+        result_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), str(uuid.uuid4()), *signed[1:]
+    )
 
 
 # --- Without the key --------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ steps of pcbo's code location (`pcbo_dagster.dagster_defs.definitions`), of a ru
 (`DAGSTER_HOME`; the message's instance is never opened), for that run's own job; anything else is
 refused (the task fails naming what was refused, and is acknowledged: it is never delivered again).
 
-A step's result is signed for its run, steps and task under `PCBO_CELERY_RESULT_KEY`
-(`celery_results.py`): the runs' coordinator records no events but those of a result signed so. A
+Before that, a step message must be signed by the runs' coordinator, and a step's result is signed for
+its run, steps and task, under `PCBO_CELERY_RESULT_KEY` (`celery_signing.py`): the worker runs no step
+the coordinator did not send, the coordinator takes no events but those of a result signed so. A
 worker refuses to start without the key, as without a broker.
 """
 
@@ -28,7 +29,13 @@ from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.celery_config import celery_settings
-from pcbo_dagster.dagster_defs.celery_results import result_secret, signed_result
+from pcbo_dagster.dagster_defs.celery_signing import (
+    MESSAGE_MAC_HEADER,
+    RESULT_KEY_ENV,
+    message_verifies,
+    result_secret,
+    signed_result,
+)
 
 #: The only code a step may load: the code location's module (workspace.yaml, the Helm values).
 CODE_LOCATION_MODULE = "pcbo_dagster.dagster_defs.definitions"
@@ -79,10 +86,17 @@ def _guarded_task_class(secret: bytes) -> Any:
     from dagster._serdes import pack_value
 
     class GuardedStep(Task):
-        """`execute_plan` with `guard_step` first and its events signed for the step and this task
-        (`celery_results.signed_result`): a custom `__call__`, which Celery's tracer calls."""
+        """`execute_plan` for a message the coordinator signed, with `guard_step` first, its events
+        signed for the step and this task (`celery_signing`): a custom `__call__`, which Celery's
+        tracer calls."""
 
         def __call__(self, execute_step_args_packed: Any, executable_dict: Any) -> Any:
+            mac = self.request.get(MESSAGE_MAC_HEADER)
+            if not message_verifies(secret, self.request.id, mac, execute_step_args_packed, executable_dict):
+                raise StepRefused(
+                    "refused: the step message is not signed by the runs' coordinator "
+                    f"({MESSAGE_MAC_HEADER} missing or not verifying under {RESULT_KEY_ENV})"
+                )
             args = guard_step(execute_step_args_packed, executable_dict)
             events = super().__call__(pack_value(args), executable_dict)
             return signed_result(secret, args.run_id, args.step_keys_to_execute, self.request.id, events)

@@ -63,8 +63,8 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 
 #: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
 #: `PCBO_CELERY_BROKER` (e.g. redis://host:6379/0) and result backend `PCBO_CELERY_BACKEND` (default:
-#: the broker's URL); each step's result is authenticated under `PCBO_CELERY_RESULT_KEY`, which every
-#: worker and coordinator shares (`celery_results.py`). `k8s`: dagster-k8s's `k8s_job_executor` (a
+#: the broker's URL); each step's message and result are signed under `PCBO_CELERY_RESULT_KEY`, which
+#: every worker and coordinator shares (`celery_signing.py`). `k8s`: dagster-k8s's `k8s_job_executor` (a
 #: Kubernetes Job per step). Unset (or `default`): Dagster's default executor, steps on the run's own host.
 EXECUTOR_ENV = "PCBO_EXECUTOR"
 
@@ -103,7 +103,7 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
             EXECUTOR_ENV, "PCBO_EXECUTOR=celery needs dagster-celery (pip install 'pcbo_dagster[celery]')"
         ) from None
     from pcbo_dagster.dagster_defs.celery_config import celery_settings
-    from pcbo_dagster.dagster_defs.celery_results import authenticated_celery_executor, result_secret
+    from pcbo_dagster.dagster_defs.celery_signing import authenticated_celery_executor, result_secret
 
     result_secret(env)  # refused here, at the load, rather than when a run starts
     backend = "PCBO_CELERY_BACKEND" if env.get("PCBO_CELERY_BACKEND") else "PCBO_CELERY_BROKER"

@@ -1,29 +1,39 @@
-"""Authenticated step results for `PCBO_EXECUTOR=celery`: the runs' coordinator records a step's
-events only from a result pcbo's worker signed for that step.
+"""Signed step messages and results for `PCBO_EXECUTOR=celery`, under the key every host shares
+(`PCBO_CELERY_RESULT_KEY`): a worker runs only the steps the runs' coordinator sent, and the
+coordinator records only the events pcbo's worker signed for that step.
 
-dagster-celery's coordinator reads each step's events back from the result backend and records them
-in the Dagster instance; someone who can write the backend (a Redis) could record a step success, a
-materialization or a passing check that never happened. So pcbo's worker (`celery_worker.py`) returns
+**Results.** dagster-celery's coordinator reads each step's events back from the result backend and
+acts on them (a step success completes the step, the run is recorded a success, the steps downstream
+are sent); someone who can write the backend (a Redis) could make a run succeed whose step never ran
+or failed. So pcbo's worker (`celery_worker.py`) returns
 
     {"version": "pcbo.celery-result/1", "events": [<serialized Dagster events>], "mac": <hex>}
 
-where `mac` is an HMAC-SHA256, under the key every host shares, of the run id, the step keys, the
-Celery task id and the events; and the coordinator's executor (`authenticated_celery_executor`,
-dagster-celery's own with each step's result checked) records the events of a result whose MAC
-verifies for the run, step and task it sent, and fails the step with `refused: unauthenticated
-result ...` (nothing of the result recorded) otherwise: a result forged or altered in the backend, a
-genuine one copied to another step's, run's or attempt's task, one from a worker with another key.
+where `mac` is an HMAC-SHA256 of the run id, the step keys, the Celery task id and the events; and the
+coordinator's executor (`authenticated_celery_executor`: dagster-celery's, each step sent signed and
+its result checked) takes the events of a result whose MAC verifies for the run, step and task it
+sent, and fails the step with `refused: unauthenticated result ...` (nothing of the result taken)
+otherwise: a result forged or altered in the backend, a genuine one copied to another step's, run's
+or attempt's task, one from a worker with another key.
+
+**Messages.** The coordinator sends each step message with a header `pcbo_step_mac`, an HMAC-SHA256 of
+the task id and the message's arguments (the step's `ExecuteStepArgs` and the job's code pointer);
+pcbo's worker refuses a message whose MAC does not verify before anything else (`refused: the step
+message is not signed ...`): someone who can write the broker cannot have a worker run any step, not
+even one of pcbo's code location for a real run, which the worker's code and run guard would let
+through. A genuine message sent again is the same step of the same run under the same task id: what
+Redis redelivers anyway.
 
 The key is `PCBO_CELERY_RESULT_KEY` (its SHA-256: `io.host_keys.variable_secret`), never in run
 config or logs. It must be the same on every worker and every process that coordinates runs, so there
 is no per-home random key as for the catalog's rows: with the celery executor a missing key (or one
-shorter than `MIN_KEY_CHARS`: the MAC sits where the attacker reads it, and a short key could be
-guessed from it offline) refuses the code location's load, `InvalidInput` naming the variable (exit 2
-where a command loads it), and a worker refuses to start.
+shorter than `MIN_KEY_CHARS`: the MACs sit where the attacker reads them, and a short key could be
+guessed from them offline) refuses the code location's load, `InvalidInput` naming the variable (exit
+2 where a command loads it), and a worker refuses to start.
 
 Celery's own message signing (`task_serializer='auth'`) was not used: it takes an X.509 key and
-certificate per host and a certificate store, changes Kombu's serializers process-wide, and signs
-what a host sends, not what it answers for: a genuine signed result copied to another task would pass.
+certificate per host and a certificate store, changes Kombu's serializers process-wide, and signs what
+a host sends, not what it answers for: a genuine signed result copied to another task would pass.
 """
 
 from __future__ import annotations
@@ -31,11 +41,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
-from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor, _submit_task
+from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import compact_text
@@ -43,6 +54,9 @@ from pcbo_dagster.io.host_keys import variable_secret
 
 RESULT_KEY_ENV = "PCBO_CELERY_RESULT_KEY"
 RESULT_VERSION = "pcbo.celery-result/1"
+MESSAGE_VERSION = "pcbo.celery-step/1"
+#: The step message's header that carries its MAC.
+MESSAGE_MAC_HEADER = "pcbo_step_mac"
 #: `openssl rand -hex 32` gives 64.
 MIN_KEY_CHARS = 32
 
@@ -70,6 +84,27 @@ def result_secret(env: Mapping[str, str] | None = None) -> bytes:
     secret = variable_secret(RESULT_KEY_ENV, env)
     assert secret is not None
     return secret
+
+
+def message_mac(secret: bytes, task_id: str, execute_step_args_packed: Any, executable_dict: Any) -> str:
+    """The HMAC-SHA256 (hex) of a step message: its task id and arguments. `ValueError` or `TypeError`
+    for arguments that are not JSON (only a forged message has such)."""
+    message = compact_text([task_id, execute_step_args_packed, executable_dict]).encode("utf-8")
+    return hmac.new(secret, MESSAGE_VERSION.encode("ascii") + b"\0" + message, hashlib.sha256).hexdigest()
+
+
+def message_verifies(
+    secret: bytes, task_id: Any, mac: Any, execute_step_args_packed: Any, executable_dict: Any
+) -> bool:
+    """Whether a step message (its task id, `MESSAGE_MAC_HEADER` and arguments) is one the runs'
+    coordinator signed."""
+    if not isinstance(mac, str) or not isinstance(task_id, str):
+        return False
+    try:
+        expected = message_mac(secret, task_id, execute_step_args_packed, executable_dict)
+    except (TypeError, ValueError):
+        return False
+    return hmac.compare_digest(mac.encode("utf-8"), expected.encode("ascii"))
 
 
 def result_mac(
@@ -145,9 +180,43 @@ class VerifiedStepResult:
         )
 
 
+def submit_signed_step(
+    app: Any, plan_context: Any, step: Any, queue: str, priority: int, known_state: Any, secret: bytes
+) -> VerifiedStepResult:
+    """dagster-celery's `_submit_task` (the same message, queue, routing key and priority), the message
+    signed (`MESSAGE_MAC_HEADER`) and its result checked (`VerifiedStepResult`)."""
+    from dagster._grpc.types import ExecuteStepArgs
+    from dagster._serdes import pack_value
+    from dagster_celery.tasks import create_task
+
+    args = ExecuteStepArgs(
+        job_origin=plan_context.reconstructable_job.get_python_origin(),
+        run_id=plan_context.dagster_run.run_id,
+        step_keys_to_execute=[step.key],
+        instance_ref=plan_context.instance.get_ref(),
+        retry_mode=plan_context.executor.retries.for_inner_plan(),
+        known_state=known_state,
+        print_serialized_events=True,
+    )
+    packed, executable_dict = pack_value(args), plan_context.reconstructable_job.to_dict()
+    task_id = str(uuid.uuid4())
+    sent = (
+        create_task(app)
+        .si(execute_step_args_packed=packed, executable_dict=executable_dict)
+        .apply_async(
+            task_id=task_id,
+            priority=priority,
+            queue=queue,
+            routing_key=f"{queue}.execute_plan",
+            headers={MESSAGE_MAC_HEADER: message_mac(secret, task_id, packed, executable_dict)},
+        )
+    )
+    return VerifiedStepResult(sent, secret, args.run_id, [step.key])
+
+
 class AuthenticatedCeleryExecutor(CeleryExecutor):
-    """dagster-celery's executor, each step's result checked (`VerifiedStepResult`) before its events
-    are recorded."""
+    """dagster-celery's executor, each step sent signed and its result checked before its events are
+    taken (`submit_signed_step`)."""
 
     def __init__(self, secret: bytes, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -157,8 +226,7 @@ class AuthenticatedCeleryExecutor(CeleryExecutor):
         from dagster_celery.core_execution_loop import core_celery_execution_loop
 
         def submit(app: Any, context: Any, step: Any, queue: str, priority: int, known_state: Any) -> Any:
-            sent = _submit_task(app, context, step, queue, priority, known_state)
-            return VerifiedStepResult(sent, self._secret, context.dagster_run.run_id, [step.key])
+            return submit_signed_step(app, context, step, queue, priority, known_state, self._secret)
 
         return core_celery_execution_loop(plan_context, execution_plan, step_execution_fn=submit)
 
@@ -169,7 +237,7 @@ class AuthenticatedCeleryExecutor(CeleryExecutor):
     requirements=dg.multiple_process_executor_requirements(),
 )
 def authenticated_celery_executor(init_context: dg.InitExecutorContext) -> dg.Executor:
-    """dagster-celery's `celery_executor` (the same config) with authenticated step results; the key
+    """dagster-celery's `celery_executor` (the same config) with signed step messages and results; the key
     is read from this process's environment (`result_secret`), never from config."""
     from dagster._core.execution.retries import RetryMode
 
