@@ -218,3 +218,31 @@ def test_a_step_message_the_coordinator_did_not_sign_is_refused(tmp_path, worker
         with pytest.raises(Exception) as refused:
             result.get(timeout=60)
         assert "refused: the step message is not signed" in str(refused.value), (case, refused.value)
+
+
+@pytest.mark.parametrize("task", ["execute_job", "resume_job"])
+def test_a_run_message_is_not_a_task_of_pcbos_worker(tmp_path, worker, task):
+    """dagster-celery's app also runs whole runs (`execute_job`, `resume_job`: its run launcher's
+    tasks), for whatever run id a message names; pcbo's coordinator never sends them (runs are
+    launched by Dagster's own launcher, steps by the executor), so pcbo's worker does not have them:
+    such a message is discarded unrun (Celery's "unregistered task", its result a `NotRegistered`
+    failure)."""
+    from celery import Celery
+    from dagster._core.code_pointer import ModuleCodePointer
+    from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+    from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
+    from dagster._serdes import pack_value
+
+    broker, own_home, log = worker
+    ref, run_id = _instance_with_a_run(own_home)
+    pointer = ModuleCodePointer(
+        module="pcbo_dagster.dagster_defs.definitions", fn_name="defs", working_directory=None
+    )
+    origin = ReconstructableJob(ReconstructableRepository(pointer), "evil").get_python_origin()
+    kind = ExecuteRunArgs if task == "execute_job" else ResumeRunArgs
+    args = kind(job_origin=origin, run_id=run_id, instance_ref=ref)
+    sent = Celery(broker=broker, backend=broker).send_task(task, args=[pack_value(args)], queue="dagster")
+    with pytest.raises(Exception) as refused:
+        sent.get(timeout=60)
+    assert type(refused.value).__name__ == "NotRegistered", refused.value
+    assert f"unregistered task of type '{task}'".encode() in log.read_bytes()

@@ -20,6 +20,10 @@ Before that, a step message must be signed by the runs' coordinator, and a step'
 its run, steps and task, under `PCBO_CELERY_RESULT_KEY` (`celery_signing.py`): the worker runs no step
 the coordinator did not send, the coordinator takes no events but those of a result signed so. A
 worker refuses to start without the key, as without a broker.
+
+The worker has no other task: dagster-celery's run tasks (`execute_job`, `resume_job`, for its
+`CeleryRunLauncher`, which pcbo does not use) are not registered, so a message for one is discarded
+unrun (Celery's "unregistered task").
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def _guarded_task_class(secret: bytes) -> Any:
 
 def _make_app() -> Any:
     from dagster_celery.make_app import make_app
-    from dagster_celery.tasks import create_execute_job_task, create_resume_job_task, create_task
+    from dagster_celery.tasks import create_task
 
     broker = os.environ.get("PCBO_CELERY_BROKER")
     if not broker:
@@ -118,12 +122,9 @@ def _make_app() -> Any:
         result_backend=os.environ.get("PCBO_CELERY_BACKEND") or broker,
         **celery_settings(),
     )
-    tasks = (
-        create_task(app, base=_guarded_task_class(secret)),
-        create_execute_job_task(app),
-        create_resume_job_task(app),
-    )
-    return app, tasks
+    # Only the step task: dagster-celery's run tasks (`execute_job`, `resume_job`, its run launcher's) would
+    # run or resume whatever run of the instance an unsigned message names, and pcbo never sends them.
+    return app, create_task(app, base=_guarded_task_class(secret))
 
 
-app, _tasks = _make_app()
+app, _step_task = _make_app()
