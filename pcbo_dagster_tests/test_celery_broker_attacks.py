@@ -96,9 +96,9 @@ def _send(broker: str, packed: Any, executable_dict: Any, sign_with: str | None 
     task_id = str(uuid.uuid4())
     headers = {}
     if sign_with is not None:
-        from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, message_mac, result_secret
+        from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, celery_secret, message_mac
 
-        secret = result_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
+        secret = celery_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
         headers[MESSAGE_MAC_HEADER] = message_mac(secret, task_id, packed, executable_dict)
     app = Celery(broker=broker, backend=broker)
     return app.send_task(
@@ -204,11 +204,11 @@ def test_a_step_message_the_coordinator_did_not_sign_is_refused(tmp_path, worker
     }
     from celery import Celery
 
-    from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, message_mac, result_secret
+    from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, celery_secret, message_mac
 
     task_id = str(uuid.uuid4())
     signed_for_the_original = message_mac(
-        result_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), task_id, packed, executable_dict
+        celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), task_id, packed, executable_dict
     )
     sent["altered"] = Celery(broker=broker, backend=broker).send_task(
         "execute_plan", args=[altered, executable_dict], queue="dagster", task_id=task_id,

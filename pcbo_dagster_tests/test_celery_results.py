@@ -1,12 +1,14 @@
-"""Authenticated step results (`PCBO_EXECUTOR=celery`): the runs' coordinator records a step's events
+"""Authenticated step results (`PCBO_EXECUTOR=celery`): the runs' coordinator takes a step's events
 only from a result pcbo's worker signed for that step, under the key every host shares
 (`PCBO_CELERY_RESULT_KEY`).
 
-dagster-celery's coordinator reads each step's events back from the result backend (Redis) and
-records them in the Dagster instance: someone who can write Redis could record a step success, a
-materialization or a passing check that never happened. Here the test is that someone: it takes the
-step's message off the queue (a rogue consumer) and writes the step's result into the backend
-itself, or writes into the backend results it made, altered or copied from another step.
+dagster-celery's coordinator reads each step's events back from the result backend (Redis) and acts
+on them: a step success there completes the step, the run is recorded a success and the steps
+downstream are sent (the events themselves are written to the Dagster instance by the worker that ran
+the step). Someone who can write Redis could make a run succeed whose step never ran, or failed.
+Here the test is that someone: it takes the step's message off the queue (a rogue consumer) and
+writes the step's result into the backend itself, or writes into the backend results it made, altered
+or copied from another step.
 """
 
 from __future__ import annotations
@@ -81,9 +83,9 @@ def _stored(url: str, task_id: str, value: Any) -> Any:
 def _checked(url: str, task_id: str, run_id: str, step_key: str, key: str = SHARED_KEY) -> Any:
     """What the coordinator (its key `key`) takes from task `task_id`'s result, for `step_key` of
     `run_id`."""
-    from pcbo_dagster.dagster_defs.celery_signing import VerifiedStepResult, result_secret
+    from pcbo_dagster.dagster_defs.celery_signing import VerifiedStepResult, celery_secret
 
-    secret = result_secret({"PCBO_CELERY_RESULT_KEY": key})
+    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": key})
     result = VerifiedStepResult(_backend(url).AsyncResult(task_id), secret, run_id, [step_key])
     assert result.id == task_id and result.ready()
     return result.get()
@@ -91,9 +93,9 @@ def _checked(url: str, task_id: str, run_id: str, step_key: str, key: str = SHAR
 
 def _signed(run_id: str, step_key: str, task_id: str, key: str = SHARED_KEY) -> Any:
     """The result pcbo's worker (its key `key`) returns for `step_key` of `run_id` run as `task_id`."""
-    from pcbo_dagster.dagster_defs.celery_signing import result_secret, signed_result
+    from pcbo_dagster.dagster_defs.celery_signing import celery_secret, signed_result
 
-    secret = result_secret({"PCBO_CELERY_RESULT_KEY": key})
+    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": key})
     return signed_result(secret, run_id, [step_key], task_id, _events(run_id, step_key))
 
 
@@ -149,6 +151,24 @@ def test_a_result_signed_with_another_key_is_refused(redis_db):
     run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
     _stored(redis_db, task_id, _signed(run_id, "step_one", task_id, key=OTHER_KEY))
     assert "does not verify" in _refusal(redis_db, task_id, run_id, "step_one")
+
+
+def test_a_mac_that_is_not_text_of_a_digest_is_a_mismatch_not_an_error():
+    """A forged MAC holding a lone surrogate (JSON's `"\\ud800"` decodes to one) failed to encode and
+    raised `UnicodeEncodeError` from the check; it is a MAC that does not verify like any other."""
+    from pcbo_dagster.dagster_defs.celery_signing import (
+        UnauthenticatedResult,
+        celery_secret,
+        message_verifies,
+        verified_events,
+    )
+
+    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY})
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    assert not message_verifies(secret, task_id, "\ud800", {"run_id": run_id}, {})
+    forged = {**_signed(run_id, "step_one", task_id), "mac": "\ud800"}
+    with pytest.raises(UnauthenticatedResult, match="does not verify"):
+        verified_events(secret, forged, run_id, ["step_one"], task_id)
 
 
 # --- A whole run on the celery executor, its step's result written by a rogue consumer --------------
@@ -221,9 +241,9 @@ def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event, take
                 events = _claimed_events(args.run_id)
                 value: Any = events
                 if sign_with is not None:
-                    from pcbo_dagster.dagster_defs.celery_signing import result_secret, signed_result
+                    from pcbo_dagster.dagster_defs.celery_signing import celery_secret, signed_result
 
-                    secret = result_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
+                    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
                     value = signed_result(secret, args.run_id, ["step_one"], task_id, events)
             except Exception as exc:
                 _backend(url).backend.store_result(task_id, exc, "FAILURE")
@@ -293,7 +313,7 @@ def test_a_run_succeeds_on_a_result_signed_under_the_shared_key(celery_env, tmp_
 def test_the_coordinator_signs_the_step_message_it_sends(celery_env, tmp_path):
     """The step message carries the MAC pcbo's worker checks (`celery_worker.py`): of its task id and
     its arguments, under the shared key; not under another key."""
-    from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, message_verifies, result_secret
+    from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, celery_secret, message_verifies
 
     taken: dict[str, Any] = {}
     _run(celery_env, tmp_path, SHARED_KEY, taken)
@@ -305,10 +325,10 @@ def test_the_coordinator_signs_the_step_message_it_sends(celery_env, tmp_path):
         kwargs["execute_step_args_packed"],
         kwargs["executable_dict"],
     )
-    assert message_verifies(result_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), *signed)
-    assert not message_verifies(result_secret({"PCBO_CELERY_RESULT_KEY": OTHER_KEY}), *signed)
+    assert message_verifies(celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), *signed)
+    assert not message_verifies(celery_secret({"PCBO_CELERY_RESULT_KEY": OTHER_KEY}), *signed)
     assert not message_verifies(
-        result_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), str(uuid.uuid4()), *signed[1:]
+        celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), str(uuid.uuid4()), *signed[1:]
     )
 
 

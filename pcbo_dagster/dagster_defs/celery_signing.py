@@ -1,6 +1,6 @@
 """Signed step messages and results for `PCBO_EXECUTOR=celery`, under the key every host shares
 (`PCBO_CELERY_RESULT_KEY`): a worker runs only the steps the runs' coordinator sent, and the
-coordinator records only the events pcbo's worker signed for that step.
+coordinator takes only the events pcbo's worker signed for that step.
 
 **Results.** dagster-celery's coordinator reads each step's events back from the result backend and
 acts on them (a step success completes the step, the run is recorded a success, the steps downstream
@@ -52,7 +52,7 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.host_keys import variable_secret
 
-RESULT_KEY_ENV = "PCBO_CELERY_RESULT_KEY"
+CELERY_KEY_ENV = "PCBO_CELERY_RESULT_KEY"
 RESULT_VERSION = "pcbo.celery-result/1"
 MESSAGE_VERSION = "pcbo.celery-step/1"
 #: The step message's header that carries its MAC.
@@ -65,23 +65,23 @@ class UnauthenticatedResult(Exception):
     """A step result that pcbo's worker did not sign for that step (module doc)."""
 
 
-def result_secret(env: Mapping[str, str] | None = None) -> bytes:
-    """The secret step results are authenticated with: the SHA-256 of `PCBO_CELERY_RESULT_KEY`;
+def celery_secret(env: Mapping[str, str] | None = None) -> bytes:
+    """The secret step messages and results are signed with: the SHA-256 of `PCBO_CELERY_RESULT_KEY`;
     `InvalidInput` naming it when it is unset or shorter than `MIN_KEY_CHARS` (module doc)."""
     env = os.environ if env is None else env
-    given = env.get(RESULT_KEY_ENV) or ""
+    given = env.get(CELERY_KEY_ENV) or ""
     if not given:
         raise InvalidInput(
-            RESULT_KEY_ENV,
-            "is required with PCBO_EXECUTOR=celery: the key the steps' results are authenticated with, "
+            CELERY_KEY_ENV,
+            "is required with PCBO_EXECUTOR=celery: the key the steps' messages and results are signed with, "
             f"at least {MIN_KEY_CHARS} characters (`openssl rand -hex 32`), the same on every worker and "
             "every host that runs the runs",
         )
     if len(given) < MIN_KEY_CHARS:
         raise InvalidInput(
-            RESULT_KEY_ENV, f"is {len(given)} characters: at least {MIN_KEY_CHARS} (`openssl rand -hex 32`)"
+            CELERY_KEY_ENV, f"is {len(given)} characters: at least {MIN_KEY_CHARS} (`openssl rand -hex 32`)"
         )
-    secret = variable_secret(RESULT_KEY_ENV, env)
+    secret = variable_secret(CELERY_KEY_ENV, env)
     assert secret is not None
     return secret
 
@@ -104,7 +104,7 @@ def message_verifies(
         expected = message_mac(secret, task_id, execute_step_args_packed, executable_dict)
     except (TypeError, ValueError):
         return False
-    return hmac.compare_digest(mac.encode("utf-8"), expected.encode("ascii"))
+    return hmac.compare_digest(mac.encode("utf-8", "surrogatepass"), expected.encode("ascii"))
 
 
 def result_mac(
@@ -136,7 +136,7 @@ def verified_events(
         return UnauthenticatedResult(
             f"refused: unauthenticated result for step {', '.join(step_keys)} of run {run_id} "
             f"(Celery task {task_id}): {why}; only a result pcbo's worker signed for this step with "
-            f"{RESULT_KEY_ENV} is recorded"
+            f"{CELERY_KEY_ENV} is taken"
         )
 
     if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
@@ -149,7 +149,7 @@ def verified_events(
     ):
         raise refused("not a result pcbo's worker signed")
     expected = result_mac(secret, run_id, step_keys, task_id, events)
-    if not hmac.compare_digest(mac.encode("utf-8"), expected.encode("ascii")):
+    if not hmac.compare_digest(mac.encode("utf-8", "surrogatepass"), expected.encode("ascii")):
         raise refused("its MAC does not verify (forged, altered, replayed from another task, or another key)")
     return events
 
@@ -238,12 +238,12 @@ class AuthenticatedCeleryExecutor(CeleryExecutor):
 )
 def authenticated_celery_executor(init_context: dg.InitExecutorContext) -> dg.Executor:
     """dagster-celery's `celery_executor` (the same config) with signed step messages and results; the key
-    is read from this process's environment (`result_secret`), never from config."""
+    is read from this process's environment (`celery_secret`), never from config."""
     from dagster._core.execution.retries import RetryMode
 
     config: Any = init_context.executor_config
     return AuthenticatedCeleryExecutor(
-        secret=result_secret(),
+        secret=celery_secret(),
         broker=config.get("broker"),
         backend=config.get("backend"),
         config_source=config.get("config_source"),

@@ -34,10 +34,10 @@ from typing import Any
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.dagster_defs.celery_config import celery_settings
 from pcbo_dagster.dagster_defs.celery_signing import (
+    CELERY_KEY_ENV,
     MESSAGE_MAC_HEADER,
-    RESULT_KEY_ENV,
+    celery_secret,
     message_verifies,
-    result_secret,
     signed_result,
 )
 
@@ -99,7 +99,7 @@ def _guarded_task_class(secret: bytes) -> Any:
             if not message_verifies(secret, self.request.id, mac, execute_step_args_packed, executable_dict):
                 raise StepRefused(
                     "refused: the step message is not signed by the runs' coordinator "
-                    f"({MESSAGE_MAC_HEADER} missing or not verifying under {RESULT_KEY_ENV})"
+                    f"({MESSAGE_MAC_HEADER} missing or not verifying under {CELERY_KEY_ENV})"
                 )
             args = guard_step(execute_step_args_packed, executable_dict)
             events = super().__call__(pack_value(args), executable_dict)
@@ -115,7 +115,7 @@ def _make_app() -> Any:
     broker = os.environ.get("PCBO_CELERY_BROKER")
     if not broker:
         raise InvalidInput("PCBO_CELERY_BROKER", "is required by a Celery worker (redis://host:6379/0)")
-    secret = result_secret()
+    secret = celery_secret()
     app = make_app()
     app.conf.update(
         broker_url=broker,

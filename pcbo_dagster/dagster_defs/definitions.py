@@ -103,9 +103,9 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
             EXECUTOR_ENV, "PCBO_EXECUTOR=celery needs dagster-celery (pip install 'pcbo_dagster[celery]')"
         ) from None
     from pcbo_dagster.dagster_defs.celery_config import celery_settings
-    from pcbo_dagster.dagster_defs.celery_signing import authenticated_celery_executor, result_secret
+    from pcbo_dagster.dagster_defs.celery_signing import authenticated_celery_executor, celery_secret
 
-    result_secret(env)  # refused here, at the load, rather than when a run starts
+    celery_secret(env)  # refused here, at the load, rather than when a run starts
     backend = "PCBO_CELERY_BACKEND" if env.get("PCBO_CELERY_BACKEND") else "PCBO_CELERY_BROKER"
     return authenticated_celery_executor.configured(
         {
