@@ -26,7 +26,7 @@ pytest.importorskip("dagster_celery")
 from pcbo_dagster_tests.dagster_harness import REPO_ROOT, executable  # noqa: E402
 
 _REDIS_DBS = itertools.count(9)
-#: The workers' key (`PCBO_CELERY_RESULT_KEY`): the forged messages of the code and run guard tests are
+#: The workers' key (`PCBO_CELERY_KEY`): the forged messages of the code and run guard tests are
 #: signed with it (someone holding the key, or a coordinator's bug), so that guard is what they test.
 SHARED_KEY = "broker-attacks-test-result-key-0123456789"
 
@@ -39,7 +39,7 @@ def _worker(tmp_path: Path, broker: str, dagster_home: Path) -> tuple[subprocess
         {
             "PCBO_HOME": str(home / "pcbo"),
             "PCBO_CELERY_BROKER": broker,
-            "PCBO_CELERY_RESULT_KEY": SHARED_KEY,
+            "PCBO_CELERY_KEY": SHARED_KEY,
             "DAGSTER_HOME": str(dagster_home),
             "PYTHONPATH": str(REPO_ROOT),
             "PYTHONUNBUFFERED": "1",
@@ -98,7 +98,7 @@ def _send(broker: str, packed: Any, executable_dict: Any, sign_with: str | None 
     if sign_with is not None:
         from pcbo_dagster.dagster_defs.celery_signing import MESSAGE_MAC_HEADER, celery_secret, message_mac
 
-        secret = celery_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
+        secret = celery_secret({"PCBO_CELERY_KEY": sign_with})
         headers[MESSAGE_MAC_HEADER] = message_mac(secret, task_id, packed, executable_dict)
     app = Celery(broker=broker, backend=broker)
     return app.send_task(
@@ -208,7 +208,7 @@ def test_a_step_message_the_coordinator_did_not_sign_is_refused(tmp_path, worker
 
     task_id = str(uuid.uuid4())
     signed_for_the_original = message_mac(
-        celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), task_id, packed, executable_dict
+        celery_secret({"PCBO_CELERY_KEY": SHARED_KEY}), task_id, packed, executable_dict
     )
     sent["altered"] = Celery(broker=broker, backend=broker).send_task(
         "execute_plan", args=[altered, executable_dict], queue="dagster", task_id=task_id,

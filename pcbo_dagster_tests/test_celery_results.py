@@ -1,6 +1,6 @@
 """Authenticated step results (`PCBO_EXECUTOR=celery`): the runs' coordinator takes a step's events
 only from a result pcbo's worker signed for that step, under the key every host shares
-(`PCBO_CELERY_RESULT_KEY`).
+(`PCBO_CELERY_KEY`).
 
 dagster-celery's coordinator reads each step's events back from the result backend (Redis) and acts
 on them: a step success there completes the step, the run is recorded a success and the steps
@@ -85,7 +85,7 @@ def _checked(url: str, task_id: str, run_id: str, step_key: str, key: str = SHAR
     `run_id`."""
     from pcbo_dagster.dagster_defs.celery_signing import VerifiedStepResult, celery_secret
 
-    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": key})
+    secret = celery_secret({"PCBO_CELERY_KEY": key})
     result = VerifiedStepResult(_backend(url).AsyncResult(task_id), secret, run_id, [step_key])
     assert result.id == task_id and result.ready()
     return result.get()
@@ -95,7 +95,7 @@ def _signed(run_id: str, step_key: str, task_id: str, key: str = SHARED_KEY) -> 
     """The result pcbo's worker (its key `key`) returns for `step_key` of `run_id` run as `task_id`."""
     from pcbo_dagster.dagster_defs.celery_signing import celery_secret, signed_result
 
-    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": key})
+    secret = celery_secret({"PCBO_CELERY_KEY": key})
     return signed_result(secret, run_id, [step_key], task_id, _events(run_id, step_key))
 
 
@@ -163,7 +163,7 @@ def test_a_mac_that_is_not_text_of_a_digest_is_a_mismatch_not_an_error():
         verified_events,
     )
 
-    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY})
+    secret = celery_secret({"PCBO_CELERY_KEY": SHARED_KEY})
     run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
     assert not message_verifies(secret, task_id, "\ud800", {"run_id": run_id}, {})
     forged = {**_signed(run_id, "step_one", task_id), "mac": "\ud800"}
@@ -243,7 +243,7 @@ def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event, take
                 if sign_with is not None:
                     from pcbo_dagster.dagster_defs.celery_signing import celery_secret, signed_result
 
-                    secret = celery_secret({"PCBO_CELERY_RESULT_KEY": sign_with})
+                    secret = celery_secret({"PCBO_CELERY_KEY": sign_with})
                     value = signed_result(secret, args.run_id, ["step_one"], task_id, events)
             except Exception as exc:
                 _backend(url).backend.store_result(task_id, exc, "FAILURE")
@@ -258,7 +258,7 @@ def celery_env(redis_db, monkeypatch) -> Iterator[str]:
     monkeypatch.setenv("PCBO_EXECUTOR", "celery")
     monkeypatch.setenv("PCBO_CELERY_BROKER", redis_db)
     monkeypatch.delenv("PCBO_CELERY_BACKEND", raising=False)
-    monkeypatch.setenv("PCBO_CELERY_RESULT_KEY", SHARED_KEY)
+    monkeypatch.setenv("PCBO_CELERY_KEY", SHARED_KEY)
     yield redis_db
 
 
@@ -325,10 +325,10 @@ def test_the_coordinator_signs_the_step_message_it_sends(celery_env, tmp_path):
         kwargs["execute_step_args_packed"],
         kwargs["executable_dict"],
     )
-    assert message_verifies(celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), *signed)
-    assert not message_verifies(celery_secret({"PCBO_CELERY_RESULT_KEY": OTHER_KEY}), *signed)
+    assert message_verifies(celery_secret({"PCBO_CELERY_KEY": SHARED_KEY}), *signed)
+    assert not message_verifies(celery_secret({"PCBO_CELERY_KEY": OTHER_KEY}), *signed)
     assert not message_verifies(
-        celery_secret({"PCBO_CELERY_RESULT_KEY": SHARED_KEY}), str(uuid.uuid4()), *signed[1:]
+        celery_secret({"PCBO_CELERY_KEY": SHARED_KEY}), str(uuid.uuid4()), *signed[1:]
     )
 
 
@@ -343,11 +343,11 @@ def test_the_celery_executor_refuses_to_start_without_a_shared_result_key(value)
 
     env = {"PCBO_EXECUTOR": "celery", "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/0"}
     if value is not None:
-        env["PCBO_CELERY_RESULT_KEY"] = value
+        env["PCBO_CELERY_KEY"] = value
     with pytest.raises(InvalidInput) as refused:
         executor_from_env(env)
-    assert refused.value.field == "PCBO_CELERY_RESULT_KEY"
-    assert executor_from_env({**env, "PCBO_CELERY_RESULT_KEY": SHARED_KEY}).name == "pcbo_celery"
+    assert refused.value.field == "PCBO_CELERY_KEY"
+    assert executor_from_env({**env, "PCBO_CELERY_KEY": SHARED_KEY}).name == "pcbo_celery"
 
 
 @pytest.mark.timeout(120)  # before, it went on to launch the runs (on a broker that is not there)
@@ -359,6 +359,6 @@ def test_range_runs_without_the_result_key_exits_2_naming_it(tmp_path, monkeypat
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     monkeypatch.setenv("PCBO_EXECUTOR", "celery")
     monkeypatch.setenv("PCBO_CELERY_BROKER", "redis://127.0.0.1:1/0")
-    monkeypatch.delenv("PCBO_CELERY_RESULT_KEY", raising=False)
+    monkeypatch.delenv("PCBO_CELERY_KEY", raising=False)
     assert range_runs.main(["events"]) == 2
-    assert "invalid input: PCBO_CELERY_RESULT_KEY:" in capsys.readouterr().err
+    assert "invalid input: PCBO_CELERY_KEY:" in capsys.readouterr().err

@@ -273,7 +273,7 @@ def cluster(tmp_path, source, s3_store, redis_url, postgres_server, fresh_postgr
         "PCBO_MULTI_HOST": "true",
         "PCBO_EXECUTOR": "celery",
         "PCBO_CELERY_BROKER": redis_url.rsplit("/", 1)[0] + f"/{next(_REDIS_DBS)}",  # nothing left over
-        "PCBO_CELERY_RESULT_KEY": RESULT_KEY,  # every host's: the steps' results are signed with it
+        "PCBO_CELERY_KEY": RESULT_KEY,  # every host's: the steps' results are signed with it
         "PCBO_PARALLEL": "1",
         # A killed worker's step comes back after this; its lease is taken over after the TTL.
         "PCBO_CELERY_VISIBILITY_TIMEOUT": "15",
@@ -426,7 +426,7 @@ def test_the_executor_is_chosen_by_the_environment():
 
     assert executor_from_env({}) is dg.in_process_executor
     assert executor_from_env({"PCBO_EXECUTOR": "default"}) is dg.in_process_executor
-    celery = {"PCBO_EXECUTOR": "celery", "PCBO_CELERY_RESULT_KEY": RESULT_KEY}
+    celery = {"PCBO_EXECUTOR": "celery", "PCBO_CELERY_KEY": RESULT_KEY}
     executor = executor_from_env({**celery, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/0"})
     assert executor is not None and executor.name == "pcbo_celery"
     with pytest.raises(InvalidInput) as refused:
@@ -461,13 +461,13 @@ def test_workers_acknowledge_a_step_when_it_ends():
         "from pcbo_dagster.dagster_defs.celery_worker import app; c = app.conf; "
         "print(c.task_acks_late, c.task_reject_on_worker_lost, c.broker_url, 'execute_plan' in app.tasks)"
     )
-    env = {**os.environ, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/3", "PCBO_CELERY_RESULT_KEY": RESULT_KEY}
+    env = {**os.environ, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/3", "PCBO_CELERY_KEY": RESULT_KEY}
     shown = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert shown.stdout.split() == ["True", "True", "redis://127.0.0.1:1/3", "True"], shown.stderr[-2000:]
     # A worker refuses to start without a broker, or without the key its results are signed with.
-    for variable in ("PCBO_CELERY_RESULT_KEY", "PCBO_CELERY_BROKER"):
+    for variable in ("PCBO_CELERY_KEY", "PCBO_CELERY_BROKER"):
         env.pop(variable)
         refused_worker = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120

@@ -1,5 +1,5 @@
 """Signed step messages and results for `PCBO_EXECUTOR=celery`, under the key every host shares
-(`PCBO_CELERY_RESULT_KEY`): a worker runs only the steps the runs' coordinator sent, and the
+(`PCBO_CELERY_KEY`): a worker runs only the steps the runs' coordinator sent, and the
 coordinator takes only the events pcbo's worker signed for that step.
 
 **Results.** dagster-celery's coordinator reads each step's events back from the result backend and
@@ -24,7 +24,7 @@ even one of pcbo's code location for a real run, which the worker's code and run
 through. A genuine message sent again is the same step of the same run under the same task id: what
 Redis redelivers anyway.
 
-The key is `PCBO_CELERY_RESULT_KEY` (its SHA-256: `io.host_keys.variable_secret`), never in run
+The key is `PCBO_CELERY_KEY` (its SHA-256: `io.host_keys.variable_secret`), never in run
 config or logs. It must be the same on every worker and every process that coordinates runs, so there
 is no per-home random key as for the catalog's rows: with the celery executor a missing key (or one
 shorter than `MIN_KEY_CHARS`: the MACs sit where the attacker reads them, and a short key could be
@@ -52,7 +52,7 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.host_keys import variable_secret
 
-CELERY_KEY_ENV = "PCBO_CELERY_RESULT_KEY"
+CELERY_KEY_ENV = "PCBO_CELERY_KEY"
 RESULT_VERSION = "pcbo.celery-result/1"
 MESSAGE_VERSION = "pcbo.celery-step/1"
 #: The step message's header that carries its MAC.
@@ -66,7 +66,7 @@ class UnauthenticatedResult(Exception):
 
 
 def celery_secret(env: Mapping[str, str] | None = None) -> bytes:
-    """The secret step messages and results are signed with: the SHA-256 of `PCBO_CELERY_RESULT_KEY`;
+    """The secret step messages and results are signed with: the SHA-256 of `PCBO_CELERY_KEY`;
     `InvalidInput` naming it when it is unset or shorter than `MIN_KEY_CHARS` (module doc)."""
     env = os.environ if env is None else env
     given = env.get(CELERY_KEY_ENV) or ""

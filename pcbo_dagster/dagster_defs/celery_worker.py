@@ -17,7 +17,7 @@ steps of pcbo's code location (`pcbo_dagster.dagster_defs.definitions`), of a ru
 refused (the task fails naming what was refused, and is acknowledged: it is never delivered again).
 
 Before that, a step message must be signed by the runs' coordinator, and a step's result is signed for
-its run, steps and task, under `PCBO_CELERY_RESULT_KEY` (`celery_signing.py`): the worker runs no step
+its run, steps and task, under `PCBO_CELERY_KEY` (`celery_signing.py`): the worker runs no step
 the coordinator did not send, the coordinator takes no events but those of a result signed so. A
 worker refuses to start without the key, as without a broker.
 

@@ -63,7 +63,7 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 
 #: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
 #: `PCBO_CELERY_BROKER` (e.g. redis://host:6379/0) and result backend `PCBO_CELERY_BACKEND` (default:
-#: the broker's URL); each step's message and result are signed under `PCBO_CELERY_RESULT_KEY`, which
+#: the broker's URL); each step's message and result are signed under `PCBO_CELERY_KEY`, which
 #: every worker and coordinator shares (`celery_signing.py`). `k8s`: dagster-k8s's `k8s_job_executor` (a
 #: Kubernetes Job per step). Unset (or `default`): Dagster's default executor, steps on the run's own host.
 EXECUTOR_ENV = "PCBO_EXECUTOR"

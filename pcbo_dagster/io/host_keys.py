@@ -10,7 +10,7 @@ set (hosts that share a catalog's rows share that variable), else 32 random byte
 * the alerts (`alerts/rows.py`): `PCBO_ALERT_KEY`, `$PCBO_HOME/.keys/alert.key`.
 
 A secret that hosts must share, with no per-home fallback (`variable_secret`): the Celery steps'
-messages and results (`dagster_defs/celery_signing.py`), `PCBO_CELERY_RESULT_KEY`.
+messages and results (`dagster_defs/celery_signing.py`), `PCBO_CELERY_KEY`.
 """
 
 from __future__ import annotations
