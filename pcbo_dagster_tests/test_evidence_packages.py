@@ -140,6 +140,28 @@ def test_a_flipped_byte_in_the_signature_or_the_payload_is_caught(package: dict[
     assert status == 1 and "does not verify" in document["problems"][0]
 
 
+@pytest.mark.parametrize(
+    ("member", "problem"),
+    [
+        ("payload", "not a DSSE envelope: its payload is not base64 text"),
+        ("signatures", "not a DSSE envelope: its signatures are not a list of {keyid, sig} strings"),
+    ],
+)
+def test_an_envelope_nested_as_deep_as_json_may_be_is_a_finding_not_a_crash(
+    package: dict[str, Any], tmp_path: Path, member: str, problem: str
+) -> None:
+    """Red-team finding: the envelope was deep-copied before its members were checked, so a file no
+    key signed, its `payload` or `signatures` nested 899 levels deep (the JSON reader's bound is 900),
+    ended `evidence verify` in an internal error (RecursionError) instead of a finding."""
+    members = {"payload": '"e30="', "payloadType": '"application/vnd.in-toto+json"', "signatures": "[]"}
+    members[member] = "[" * 899 + "]" * 899
+    path = tmp_path / "deep.json"
+    path.write_text("{" + ",".join(f'"{name}":{value}' for name, value in members.items()) + "}")
+    run = run_pcbo(["evidence", "verify", str(path), "--key", package["vkey"]], home=tmp_path / "home")
+    assert run.status == 1, run.stderr
+    assert run.document == {"valid": False, "problems": [problem]}
+
+
 def test_a_flipped_byte_in_a_proof_or_an_event_is_caught_even_when_signed_again(
     package: dict[str, Any],
 ) -> None:

@@ -10,7 +10,6 @@ dependency to write and read those four fields; `evidence/package.py` checks the
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from securesystemslib.dsse import Envelope
@@ -49,8 +48,24 @@ def open_envelope(document: Any, key: VerifierKey, payload_type: str = IN_TOTO_P
         raise EnvelopeError("not a DSSE envelope {payload, payloadType, signatures}")
     if document["payloadType"] != payload_type:
         raise EnvelopeError(f"payloadType is {document['payloadType']!r}, not {payload_type!r}")
+    # Checked before securesystemslib reads them: a member nested as deep as JSON may be is no crash.
+    signatures = document["signatures"]
+    if not isinstance(document["payload"], str):
+        raise EnvelopeError("not a DSSE envelope: its payload is not base64 text")
+    if not isinstance(signatures, list) or not all(
+        isinstance(s, dict) and set(s) == {"keyid", "sig"} and all(isinstance(v, str) for v in s.values())
+        for s in signatures
+    ):
+        raise EnvelopeError("not a DSSE envelope: its signatures are not a list of {keyid, sig} strings")
     try:
-        envelope = Envelope.from_dict(copy.deepcopy(document))
+        # copies: `from_dict` decodes each signature's `sig` in place
+        envelope = Envelope.from_dict(
+            {
+                "payload": document["payload"],
+                "payloadType": payload_type,
+                "signatures": [dict(s) for s in signatures],
+            }
+        )
         envelope.verify([_public(key)], 1)
     except (VerificationError, FormatError, KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"the envelope's signature by {key.name} does not verify: {exc}") from None
