@@ -15,9 +15,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pcbo_dagster.cli import main as cli
+from pcbo_dagster.core.audit_chain import build_event
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.checkpoints import Checkpoint, parse_signed_checkpoint
-from pcbo_dagster.core.signed_note import COSIGNATURE_V1, Note, cosign, new_signing_key, parse_note
+from pcbo_dagster.core.merkle import MerkleTree
+from pcbo_dagster.core.signed_note import COSIGNATURE_V1, Note, b64, cosign, new_signing_key, parse_note
+from pcbo_dagster.core.transparency_log import event_leaf
 from pcbo_dagster.evidence.envelope import sign_envelope
 from pcbo_dagster_tests.cli_runner import lake_dir, load_generator, run_pcbo, write_request
 from pcbo_dagster_tests.test_transparency_attacks import pcbo
@@ -209,6 +212,55 @@ def _with_checkpoint(package: dict[str, Any], note: Note) -> dict[str, Any]:
     statement = _statement(package["envelope"])
     statement["predicate"]["checkpoint"] = note.render()
     return _resigned(package, statement)
+
+
+def _logged(package: dict[str, Any], statement: dict[str, Any], events: list[dict]) -> dict[str, Any]:
+    """What an insider holding the operator's key makes of `events`, the whole log of events/v1 (seq 0
+    up): the statement carries them with their proofs against a checkpoint of that log it signs."""
+    tree = MerkleTree([event_leaf(e) for e in events])
+    note = Checkpoint("pcbo/events/v1", tree.size, tree.root).sign(package["key"])
+    statement["predicate"]["checkpoint"] = note.render()
+    statement["predicate"]["auditEvents"] = [
+        {
+            "event": e,
+            "leafIndex": seq,
+            "treeSize": tree.size,
+            "inclusionProof": [b64(h) for h in tree.inclusion_proof(seq)],
+        }
+        for seq, e in enumerate(events)
+    ]
+    return _resigned(package, statement)
+
+
+def _appended(events: list[dict], event_type: str, body: dict[str, Any]) -> list[dict]:
+    """`events` (a whole chain of events/v1) with one more event appended."""
+    last = events[-1]["chain"]
+    return [
+        *events,
+        build_event(
+            chain_key="events/v1",
+            seq=last["seq"] + 1,
+            prev_event_hash=last["event_hash"],
+            event_type=event_type,
+            timestamp="2026-12-06T00:00:00Z",
+            body=body,
+        ),
+    ]
+
+
+@pytest.mark.parametrize("named", [["sha256:" + "ab" * 32], {"hash": "sha256:" + "ab" * 32}])
+def test_a_promotion_naming_no_event_hash_is_a_finding_not_a_crash(
+    package: dict[str, Any], named: Any
+) -> None:
+    """Red-team finding: a proven `rollout_promoted` event of the run whose `approval_event_hash` is a
+    list or an object (appended to the log by an insider) ended `evidence verify` in an
+    internal error (TypeError: unhashable type) instead of a finding."""
+    statement = _statement(package["envelope"])
+    events = [entry["event"] for entry in statement["predicate"]["auditEvents"]]
+    promoted = _appended(events, "rollout_promoted", {"run_id": "ev1", "approval_event_hash": named})
+    status, document = _verify(package, _logged(package, statement, promoted))
+    assert status == 1, document
+    assert document["problems"] == ["the package lacks an approval event the run's promotion relied on"]
 
 
 def test_a_checkpoint_of_a_look_alike_origin_is_refused_even_witnessed(package: dict[str, Any]) -> None:

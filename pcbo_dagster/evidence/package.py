@@ -87,10 +87,18 @@ class ClaimError(ValueError):
     """Events that cannot support a package's claims (not of the shape pcbo writes, or disagreeing)."""
 
 
+def _relied_approvals(own: list[dict]) -> list[Any]:
+    """The `approval_event_hash` of each promotion event of `own` (the run's events) that names one,
+    as written: a list (not a set), so a value that is no hash (a list, an object) is compared, not
+    hashed."""
+    promotions = [e for e in own if e.get("event_type") == ROLLOUT_PROMOTED]
+    return [e["approval_event_hash"] for e in promotions if e.get("approval_event_hash") is not None]
+
+
 def _run_events(events: list[dict], run_id: str) -> list[dict]:
     """The run's events, and the approval events its promotion relied on, in chain order."""
     own = [e for e in events if e.get("run_id") == run_id]
-    relied = {e.get("approval_event_hash") for e in own if e.get("event_type") == ROLLOUT_PROMOTED}
+    relied = _relied_approvals(own)
     return [
         e
         for e in events
@@ -410,8 +418,8 @@ def verify(
         problems.append(
             f"the package holds events that are neither run {run_id}'s nor approvals it relied on"
         )
-    relied = {e.get("approval_event_hash") for e in proven if e.get("event_type") == ROLLOUT_PROMOTED}
-    if relied - {None} - {e["chain"]["event_hash"] for e in proven}:
+    proven_hashes = [e["chain"]["event_hash"] for e in proven]
+    if any(h not in proven_hashes for h in _relied_approvals(proven)):
         problems.append("the package lacks an approval event the run's promotion relied on")
     problems += _completion_problems(proven)
     subjects: list[dict[str, Any]] = []
