@@ -97,12 +97,12 @@ def _relied_approvals(own: list[dict]) -> list[Any]:
 
 def _run_events(events: list[dict], run_id: str) -> list[dict]:
     """The run's events, and the approval events its promotion relied on, in chain order."""
-    own = [e for e in events if e.get("run_id") == run_id]
-    relied = _relied_approvals(own)
+    relied = _relied_approvals([e for e in events if e.get("run_id") == run_id])
     return [
         e
         for e in events
-        if e in own or (e.get("event_type") in APPROVAL_EVENTS and e["chain"]["event_hash"] in relied)
+        if e.get("run_id") == run_id
+        or (e.get("event_type") in APPROVAL_EVENTS and e["chain"]["event_hash"] in relied)
     ]
 
 
@@ -138,6 +138,7 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
     subjects: dict[str, dict[str, Any]] = {}
     named_by: dict[str, list[tuple[str, int]]] = {}
     partitions: list[dict[str, Any]] = []
+    committed: set[tuple[str, int]] = set()  # (key, version) of each commit event read
     by_reason: dict[str, int] = {}
     try:
         undone = _undone_versions(own)
@@ -151,8 +152,9 @@ def claims_of(events: list[dict], run_id: str, dataset: str, version_label: str)
                 raise ClaimError(f"partition {key}: its version is not a number")
             if (part["dataset"], part["version_label"]) != (dataset, version_label):
                 raise ClaimError(f"partition {key}: its commit event is of another dataset version")
-            if any((p["key"], p["version"]) == (key, version) for p in partitions):
+            if (key, version) in committed:
                 raise ClaimError(f"partition {key} version {version}: two commit events")
+            committed.add((key, version))
             named = [
                 _subject(
                     layout.data_file_path(
@@ -241,36 +243,45 @@ def _fields(value: Any, *names: str) -> tuple[Any, ...]:
 
 def _completion_problems(events: list[dict]) -> list[str]:
     """Every partition an intent of the package names completed by a later event of the package, and
-    every completion announced by an earlier intent: a commit (or a rollback) left out shows."""
+    every completion announced by an earlier intent: a commit (or a rollback) left out shows. Matched
+    by the RFC 8785 form of (key, version, manifest checksum), so each check is one look-up."""
     problems: list[str] = []
     pairs = (
         (PARTITION_COMMIT_INTENT, PARTITION_COMMITTED, "commit"),
         (PARTITION_ROLLBACK_INTENT, PARTITION_ROLLED_BACK, "rollback"),
     )
     for intent_type, completion_type, what in pairs:
-        announced: list[tuple[int, tuple[Any, ...]]] = []
-        completed: list[tuple[int, tuple[Any, ...]]] = []
+        announced: list[tuple[int, tuple[Any, ...], bytes]] = []  # (seq, named, its RFC 8785 form)
+        completed: list[tuple[int, tuple[Any, ...], bytes]] = []
         for event in events:
             seq = event["chain"]["seq"]
             if event.get("event_type") == intent_type:
                 entries = event.get("partitions")
                 for entry in entries if isinstance(entries, list) and entries else [None]:
-                    announced.append((seq, _fields(entry, "key", "version", "manifest_checksum")))
+                    named = _fields(entry, "key", "version", "manifest_checksum")
+                    announced.append((seq, named, jcs(named)))
             elif event.get("event_type") == completion_type:
                 key_version = _fields(event.get("partition"), "key", "version")
                 if what == "commit":
                     checksum = _fields(event.get("manifest"), "checksum")
                 else:
                     checksum = _fields(event, "undone_manifest_checksum")
-                completed.append((seq, key_version + checksum))
-        for seq, named in announced:
-            if not any(s > seq and c == named for s, c in completed):
+                named = key_version + checksum
+                completed.append((seq, named, jcs(named)))
+        first_announced: dict[bytes, int] = {}
+        for seq, _, form in announced:
+            first_announced[form] = min(seq, first_announced.get(form, seq))
+        last_completed: dict[bytes, int] = {}
+        for seq, _, form in completed:
+            last_completed[form] = max(seq, last_completed.get(form, seq))
+        for seq, named, form in announced:
+            if last_completed.get(form, seq) <= seq:
                 problems.append(
                     f"partition {named[0]} version {named[1]}: named by the {what} intent of seq {seq}, "
                     f"and no {what} of it follows in the package"
                 )
-        for seq, named in completed:
-            if not any(s < seq and a == named for s, a in announced):
+        for seq, named, form in completed:
+            if first_announced.get(form, seq) >= seq:
                 problems.append(
                     f"partition {named[0]} version {named[1]}: the {what} of seq {seq} follows no intent "
                     "in the package"
