@@ -19,7 +19,15 @@ from pcbo_dagster.core.audit_chain import build_event
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.checkpoints import Checkpoint, parse_signed_checkpoint
 from pcbo_dagster.core.merkle import MerkleTree
-from pcbo_dagster.core.signed_note import COSIGNATURE_V1, Note, b64, cosign, new_signing_key, parse_note
+from pcbo_dagster.core.signed_note import (
+    COSIGNATURE_V1,
+    Note,
+    b64,
+    cosign,
+    new_signing_key,
+    parse_note,
+    signing_key_from_seed,
+)
 from pcbo_dagster.core.transparency_log import event_leaf
 from pcbo_dagster.evidence.envelope import sign_envelope
 from pcbo_dagster_tests.cli_runner import lake_dir, load_generator, run_pcbo, write_request
@@ -364,6 +372,40 @@ def test_min_witnesses_counts_only_the_witnesses_the_auditor_trusts(package: dic
     status, document = _verify(package, witnessed, *trust)
     assert status == 0 and document["checkpoint"]["witnessedBy"] == ["witness.example/w1"]
     assert _verify(package, witnessed, "--witness-key", WITNESS_VKEY, "--min-witnesses", "2")[0] == 2
+
+
+def test_the_operators_own_key_is_no_witness(
+    package: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Red-team finding: the operator's key in its cosigner form, under a witness's name (what an
+    insider hands the auditor as "the witness's key"), was taken as a `--witness-key`: the insider
+    cosigned its own checkpoint, `--min-witnesses 1` was met by the operator alone and `witnessedBy`
+    named the witness. A witness key that is the `--key` is refused (exit 2 naming --witness-key), by
+    `evidence verify` and `verify --trusted-checkpoint` alike."""
+    posing = signing_key_from_seed("witness.example/w9", package["key"].seed)
+    note = parse_note(_statement(package["envelope"])["predicate"]["checkpoint"])
+    witnessed = _with_checkpoint(package, note.with_signatures([cosign(note.text, posing, 1700000000)]))
+    trust = ("--witness-key", posing.verifier(COSIGNATURE_V1).text, "--min-witnesses", "1")
+    capsys.readouterr()
+    status, document = _verify(package, witnessed, *trust)
+    refusal = "invalid input: --witness-key: witness.example/w9: the operator's key (--key) witnesses nothing"
+    assert (status, document) == (2, None)
+    assert refusal in capsys.readouterr().err
+    held = package["work"] / "held.checkpoint"
+    held.write_text(note.render())
+    home = package["work"] / "no-home"
+    argv = [
+        "verify",
+        "--trusted-checkpoint",
+        str(held),
+        "--key",
+        package["vkey"],
+        *trust,
+        "--home",
+        str(home),
+    ]
+    assert cli.main(argv) == 2
+    assert refusal in capsys.readouterr().err and not home.exists()
 
 
 def test_a_payload_that_is_not_its_canonical_form_is_refused(package: dict[str, Any]) -> None:

@@ -490,9 +490,11 @@ def test_min_witnesses_is_not_met_by_one_witness_key_under_two_names() -> None:
     vkeys = [w1.verifier(COSIGNATURE_V1).text, w1_again.verifier(COSIGNATURE_V1).text]
     assert len(verify_cosignatures(note, [parse_verifier_key(k) for k in vkeys])) == 2  # the double count
     with pytest.raises(InvalidInput) as refused:
-        witness_requirement(vkeys, 2)
+        witness_requirement(vkeys, 2, operator.verifier())
     assert refused.value.field == "--witness-key" and "already" in refused.value.message
     with pytest.raises(InvalidInput) as refused:
-        witness_requirement([w1.verifier().text], 1)  # the type 0x01 key: it checks no cosignature
+        witness_requirement(
+            [w1.verifier().text], 1, operator.verifier()
+        )  # the type 0x01 key: it checks no cosignature
     assert refused.value.field == "--witness-key"
-    assert witness_requirement(vkeys[:1], 1)[1] == 1
+    assert witness_requirement(vkeys[:1], 1, operator.verifier())[1] == 1

@@ -26,7 +26,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.lake.storage import LakeStorage
 
     key = parse_key_argument(args.key, "--key")
-    witnesses, minimum = witness_requirement(args.witness_key, args.min_witnesses)
+    witnesses, minimum = witness_requirement(args.witness_key, args.min_witnesses, key)
     lake_url = store_location("--lake", plain_path("--lake", args.lake))
     raw, _ = read_input(args.file, flag="FILE")
     lake = LakeStorage(lake_url) if lake_url else None

@@ -158,7 +158,7 @@ def _trusted_checkpoint(args: argparse.Namespace) -> Any:
     key = parse_key_argument(args.key, "--key")
     data, _ = read_input(args.trusted_checkpoint, flag="--trusted-checkpoint")
     checkpoint, note = read_trusted_checkpoint(data, key, "--trusted-checkpoint")
-    witness_keys, minimum = witness_requirement(args.witness_key, args.min_witnesses)
+    witness_keys, minimum = witness_requirement(args.witness_key, args.min_witnesses, key)
     return TrustedCheckpoint(checkpoint, note, witness_keys, minimum)
 
 

@@ -128,14 +128,21 @@ def parse_key_argument(text: str, field: str) -> VerifierKey:
         raise InvalidInput(field, str(exc)) from None
 
 
-def witness_requirement(texts: list[str] | None, minimum: int | None) -> tuple[list[VerifierKey], int]:
+def witness_requirement(
+    texts: list[str] | None, minimum: int | None, operator: VerifierKey
+) -> tuple[list[VerifierKey], int]:
     """`--witness-key VKEY ...` and `--min-witnesses N`: the witnesses' cosigner keys and N (0 when not
     given); `InvalidInput` unless each key is a cosigner key (type 0x04) given once (one witness's key
-    under two names would count as two witnesses) and N is between 0 and the number of keys."""
+    under two names would count as two witnesses) and not the `operator`'s key (`--key`, under any
+    name: the operator would witness its own checkpoints), and N is between 0 and the number of keys."""
     keys = [parse_key_argument(text, "--witness-key") for text in texts or []]
     for index, key in enumerate(keys):
         if key.signature_type != COSIGNATURE_V1:
             raise InvalidInput("--witness-key", f"{key.name}: not a cosigner (type 0x04) verifier key")
+        if key.public_key == operator.public_key:
+            raise InvalidInput(
+                "--witness-key", f"{key.name}: the operator's key (--key) witnesses nothing it signed itself"
+            )
         if any(other.public_key == key.public_key for other in keys[:index]):
             raise InvalidInput(
                 "--witness-key", f"{key.name}: its key is given already (under this name or another)"
