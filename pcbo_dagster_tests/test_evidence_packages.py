@@ -335,6 +335,33 @@ def test_a_run_of_many_partitions_exports_and_verifies_in_linear_time(package: d
     assert large < 8 * small, (small, large)
 
 
+@pytest.mark.parametrize("run_id", ["ev1\u202egnp.exe", "ev1\n", "ev\u0131", ""])
+def test_a_run_id_pcbo_never_writes_is_refused(package: dict[str, Any], run_id: str) -> None:
+    """Red-team finding: the run id was any string, so a package an insider signed over a log of its
+    own making, for a run named with a right-to-left override (`ev1` U+202E `gnp.exe` reads
+    `ev1exe.png` in a terminal), a newline or a dotless i, verified and its verdict printed that name.
+    pcbo names runs `[A-Za-z0-9][A-Za-z0-9._-]{0,127}` (`export --run` takes nothing else; a rollout's
+    run ids fit): any other run id is refused like a dataset or version label that names no chain."""
+    event = build_event(
+        chain_key="events/v1",
+        seq=0,
+        prev_event_hash=None,
+        event_type="rollout_promoted",
+        timestamp="2026-12-06T00:00:00Z",
+        body={"run_id": run_id, "rollout": "r1"},
+    )
+    statement = _statement(package["envelope"])
+    statement["subject"] = []
+    statement["predicate"] |= {"countsByReason": {}, "partitions": [], "approvals": []}
+    statement["predicate"]["run"] |= {"runId": run_id, "planHash": None, "decisionHash": None}
+    status, document = _verify(package, _logged(package, statement, [event]))
+    assert status == 1, document
+    assert document == {
+        "valid": False,
+        "problems": ["the predicate names no run (runId, dataset, versionLabel)"],
+    }
+
+
 def test_a_checkpoint_of_a_look_alike_origin_is_refused_even_witnessed(package: dict[str, Any]) -> None:
     """An insider signs the run's log (here unchanged; a rewritten one in the red-team repro) under the
     origin pcbo/fork/events/v1, which a witness never saw and so cosigns: not the log of events/v1."""

@@ -56,7 +56,7 @@ from pcbo_dagster.core.checkpoints import (
     parse_signed_checkpoint,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
-from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.core.request_model import NAME_PATTERN, parse_json_strict
 from pcbo_dagster.core.signed_note import (
     NoteError,
     VerifierKey,
@@ -400,6 +400,8 @@ def verify(
     try:
         if not isinstance(run_id, str) or not isinstance(dataset, str) or not isinstance(version_label, str):
             raise ValueError(run)
+        if not re.fullmatch(NAME_PATTERN, run_id):  # a run id pcbo writes (`export --run` takes no other)
+            raise ValueError(run_id)
         split_chain_key(chain_key)
     except ValueError:
         return {"valid": False, "problems": ["the predicate names no run (runId, dataset, versionLabel)"]}
