@@ -87,11 +87,10 @@ class ClaimError(ValueError):
     """Events that cannot support a package's claims (not of the shape pcbo writes, or disagreeing)."""
 
 
-def _relied_approvals(own: list[dict]) -> list[Any]:
-    """The `approval_event_hash` of each promotion event of `own` (the run's events) that names one,
-    as written: a list (not a set), so a value that is no hash (a list, an object) is compared, not
-    hashed."""
-    promotions = [e for e in own if e.get("event_type") == ROLLOUT_PROMOTED]
+def _relied_approvals(events: list[dict]) -> list[Any]:
+    """The `approval_event_hash` of each promotion event of `events` that names one, as written: a
+    list (not a set), so a value that is no hash (a list, an object) is compared, not hashed."""
+    promotions = [e for e in events if e.get("event_type") == ROLLOUT_PROMOTED]
     return [e["approval_event_hash"] for e in promotions if e.get("approval_event_hash") is not None]
 
 
