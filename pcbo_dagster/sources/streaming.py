@@ -42,6 +42,11 @@ from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, SourcesDirectory, open_regular
+from pcbo_dagster.sources.parquet_pages import (
+    RowGroupPages,
+    row_group_pages,
+    worst_window,
+)
 from pcbo_dagster.sources.record_files import (
     csv_integer_columns,
     csv_record,
@@ -83,6 +88,14 @@ DEFAULT_MAX_LINE_BYTES = 64 << 20
 
 def max_line_bytes() -> int:
     return positive_int("PCBO_MAX_LINE_BYTES", os.environ.get("PCBO_MAX_LINE_BYTES"), DEFAULT_MAX_LINE_BYTES)
+
+
+def parquet_batch_bytes() -> int:
+    """Bytes Arrow may decode for one batch of a parquet source, as its pages declare them
+    (`sources/parquet_pages.py`): four times what a record may hold (`PCBO_MAX_LINE_BYTES`, so
+    256 MiB by default), so that a row as large as a record may be is read (its page compressed and
+    decompressed, and its values decoded and built into a batch)."""
+    return 4 * max_line_bytes()
 
 
 def _csv_reader(lines: Iterator[str]) -> Any:
@@ -632,7 +645,7 @@ class ParquetSource(RecordSource):
         self._schema: pa.Schema | None = None
 
     @contextmanager
-    def _file(self) -> Iterator[pq.ParquetFile]:
+    def _file(self) -> Iterator[_ParquetFile]:
         with _opened(self.uri, self.shown, self.root) as fh:
             try:
                 yield _parquet_file(fh)
@@ -692,7 +705,7 @@ class ParquetSource(RecordSource):
                 return
             self.count = int(self.group_starts[-1])
             first = 0
-            for batch in pf.iter_batches(batch_size=size, use_threads=False):
+            for batch in self._bounded_batches(pf, size):
                 risky = _may_hold_floats_or_big_ints(batch)
                 for lo, hi in self._cuts(batch, first):
                     yield (
@@ -702,8 +715,24 @@ class ParquetSource(RecordSource):
                     )
                 first += batch.num_rows
 
+    def _bounded_batches(self, pf: _ParquetFile, size: int) -> Iterator[pa.RecordBatch]:
+        """The file's rows in Arrow batches of at most `size` rows, none decoding more than
+        `parquet_batch_bytes()` (`sources/parquet_pages.py`): when batches of `size` rows, which run
+        across row groups, are within it wherever they start, those (as Arrow makes them); else each
+        row group in batches of as many rows as keep within it."""
+        budget = parquet_batch_bytes()
+        groups = [pf.pages(g, self.shown) for g in range(pf.num_row_groups)]
+        counts = np.diff(self.group_starts)
+        costs = [pages.batch_bytes(min(size, max(pages.rows, 1))) for pages in groups]
+        if all(c <= budget for c in costs) and worst_window(counts, costs, size) <= budget:
+            yield from pf.iter_batches(batch_size=size, use_threads=False)
+            return
+        for group in range(pf.num_row_groups):
+            reader, rows = pf.reader_for(group, size, self.shown)
+            yield from reader.iter_batches(batch_size=rows, row_groups=[group], use_threads=False)
+
     def _zone_batches(
-        self, pf: pq.ParquetFile, window: Window, size: int
+        self, pf: _ParquetFile, window: Window, size: int
     ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         """The rows of the row groups that may hold the window, gathered into batches of `size`."""
         self.zones = self._row_group_zones(pf, window)
@@ -715,12 +744,15 @@ class ParquetSource(RecordSource):
             if not zone.may_hold(window):
                 continue
             first = zone.start
-            for batch in pf.iter_batches(batch_size=size, row_groups=[group], use_threads=False):
+            # (fewer rows than `size` a batch: each batch's records are handed on before the next
+            # is decoded, as a batch cut in pieces is)
+            reader, group_rows = pf.reader_for(group, size, self.shown)
+            for batch in reader.iter_batches(batch_size=group_rows, row_groups=[group], use_threads=False):
                 for lo, hi in self._cuts(batch, first):
                     records.extend(self._records(batch.slice(lo, hi - lo)))
                     positions.append(np.arange(first + lo, first + hi, dtype=np.int64))
                     risky = risky or _may_hold_floats_or_big_ints(batch)
-                    if len(records) >= size or hi - lo < batch.num_rows:
+                    if len(records) >= size or hi - lo < batch.num_rows or group_rows < size:
                         count += len(records)
                         yield records, risky, np.concatenate(positions)
                         records, positions, risky = [], [], False
@@ -730,7 +762,7 @@ class ParquetSource(RecordSource):
             yield records, risky, np.concatenate(positions)
         self.count = count
 
-    def _row_group_zones(self, pf: pq.ParquetFile, window: Window) -> list[Zone]:
+    def _row_group_zones(self, pf: _ParquetFile, window: Window) -> list[Zone]:
         """One zone a row group: from the footer's statistics when the column's type allows, else from
         the zone index (kept in the store; built by reading that one column)."""
         footer = [_footer_bounds(pf, group, window) for group in range(pf.num_row_groups)]
@@ -744,35 +776,43 @@ class ParquetSource(RecordSource):
             return index.zones
         zones = []
         for group in range(pf.num_row_groups):
-            bounds = footer[group] or _column_bounds(pf, group, window)
+            bounds = footer[group] or _column_bounds(pf, group, window, self.shown)
             zones.append(Zone(int(self.group_starts[group]), int(self.group_starts[group + 1]), *bounds))
         self._save_index(key, ZoneIndex(zones))
         return zones
 
-    def _rows_of_group(self, pf: Callable[[], pq.ParquetFile], group: int, local: np.ndarray) -> pa.Table:
+    def _rows_of_group(self, pf: Callable[[], _ParquetFile], group: int, local: np.ndarray) -> pa.Table:
         """Rows `local` (positions in row group `group`, in that order). A group whose uncompressed
-        size fits `PARQUET_CACHE_BYTES` is decoded whole once and kept in the process's
+        size fits `PARQUET_CACHE_BYTES` (as its footer says, and as its pages say it decodes within
+        `parquet_batch_bytes()`: the footer may lie) is decoded whole once and kept in the process's
         `_DECODED_GROUPS`, so partition after partition taking rows from one group neither decodes it
-        again nor opens the file; a larger group is decoded a record batch at a time, as far as
-        needed, each time. `pf()` opens the file when it is needed."""
+        again nor opens the file; a larger group is decoded a record batch at a time (within
+        `parquet_batch_bytes()`), as far as needed, each time. `pf()` opens the file when needed."""
         key = (self._serial, group)
         table = _DECODED_GROUPS.get(key)
         if table is None:
-            if pf().metadata.row_group(group).total_byte_size > PARQUET_CACHE_BYTES:
+            pages = pf().pages(group, self.shown)
+            if (
+                pf().metadata.row_group(group).total_byte_size > PARQUET_CACHE_BYTES
+                or pages.batch_bytes(max(pages.rows, 1)) > parquet_batch_bytes()
+            ):
                 return self._rows_of_large_group(pf(), group, local)
             table = pf().read_row_group(group, use_threads=False)
             _DECODED_GROUPS.put(key, table)
         return table.take(pa.array(local))
 
-    @staticmethod
-    def _rows_of_large_group(pf: pq.ParquetFile, group: int, local: np.ndarray) -> pa.Table:
+    def _rows_of_large_group(self, pf: _ParquetFile, group: int, local: np.ndarray) -> pa.Table:
+        """Rows `local` of row group `group`, decoded in batches within `parquet_batch_bytes()`, with
+        the Arrow types of the file's other rows (a text column read dense as a dictionary again)."""
+        reader, rows = pf.reader_for(group, DEFAULT_BATCH, self.shown)
         pieces: list[pa.Table] = []
         where: list[np.ndarray] = []
         first, last = 0, int(local.max())
-        for batch in pf.iter_batches(batch_size=DEFAULT_BATCH, row_groups=[group], use_threads=False):
+        for batch in reader.iter_batches(batch_size=rows, row_groups=[group], use_threads=False):
             hit = (local >= first) & (local < first + batch.num_rows)
             if hit.any():
-                pieces.append(pa.Table.from_batches([batch.take(pa.array(local[hit] - first))]))
+                piece = pa.Table.from_batches([batch.take(pa.array(local[hit] - first))])
+                pieces.append(piece if reader is pf else piece.cast(pf.schema_arrow))
                 where.append(np.flatnonzero(hit))
             first += batch.num_rows
             if first > last:
@@ -786,9 +826,9 @@ class ParquetSource(RecordSource):
         pieces: list[pa.Table] = []
         where: list[np.ndarray] = []
         with ExitStack() as stack:
-            opened: list[pq.ParquetFile] = []
+            opened: list[_ParquetFile] = []
 
-            def pf() -> pq.ParquetFile:
+            def pf() -> _ParquetFile:
                 if not opened:
                     opened.append(stack.enter_context(self._file()))
                     if self._schema is not None:
@@ -879,13 +919,56 @@ def _binary_like(kind: pa.DataType) -> bool:
     )
 
 
-def _parquet_file(fh: IO[bytes]) -> pq.ParquetFile:
+class _ParquetFile(pq.ParquetFile):
+    """A parquet file open for reading (`_parquet_file`), with the handle it reads from and the
+    top-level columns it reads as Arrow dictionaries, so that its row groups' pages can be read
+    before Arrow decodes them (`pages`)."""
+
+    def __init__(self, fh: IO[bytes], metadata: pq.FileMetaData | None, read_dictionary: list[str]) -> None:
+        super().__init__(fh, metadata=metadata, read_dictionary=read_dictionary or None)
+        self.handle = fh
+        self._read_dictionary = frozenset(read_dictionary)
+        # (those asked for, and those the file's Arrow schema says were written as dictionaries)
+        self.dictionary_columns = frozenset(
+            f.name for f in self.schema_arrow if pa.types.is_dictionary(f.type)
+        )
+        self._dense: dict[frozenset[str], _ParquetFile] = {}
+
+    def pages(self, group: int, shown: str, columns: list[str] | None = None) -> RowGroupPages:
+        """What row group `group`'s pages (of `columns`, or all) declare they decode to."""
+        return row_group_pages(
+            self.handle, self, group, shown, self.dictionary_columns, parquet_batch_bytes(), columns
+        )
+
+    def reader_for(self, group: int, wanted: int, shown: str) -> tuple[_ParquetFile, int]:
+        """The reader of row group `group` and the rows (at most `wanted`) its batches may take within
+        `parquet_batch_bytes()`; invalid input when not even one row fits. The reader is this file,
+        or, when more rows fit so, this file reading dense the text columns whose pages are not all
+        written with a dictionary (read as an Arrow dictionary, such a column gathers the values of
+        its whole chunk: `parquet_pages.ColumnPages.held`); its batches then hold those columns as
+        text, not dictionaries (the same values)."""
+        budget = parquet_batch_bytes()
+        pages = self.pages(group, shown)
+        rows = pages.rows_within(wanted, budget)
+        plain = pages.plain_in_dictionary
+        if rows < wanted and plain:
+            if plain not in self._dense:
+                self._dense[plain] = _ParquetFile(
+                    self.handle, self.metadata, sorted(self._read_dictionary - plain)
+                )
+            dense = self._dense[plain]
+            dense_rows = dense.pages(group, shown).rows_within(wanted, budget)
+            if dense_rows > rows:
+                return dense, dense_rows
+        return self, pages.batch_rows(wanted, budget, shown)
+
+
+def _parquet_file(fh: IO[bytes]) -> _ParquetFile:
     """The parquet file open with its text and binary columns read as Arrow dictionaries: a
     dictionary-encoded column stays its dictionary and indices (its size in the file), not one copy of
     the value a row (a decompression bomb). The values are the same; only their Arrow type differs."""
     pf = pq.ParquetFile(fh)
-    wide = [f.name for f in pf.schema_arrow if _binary_like(f.type)]
-    return pq.ParquetFile(fh, metadata=pf.metadata, read_dictionary=wide) if wide else pf
+    return _ParquetFile(fh, pf.metadata, [f.name for f in pf.schema_arrow if _binary_like(f.type)])
 
 
 def _value_bytes(array: pa.Array) -> np.ndarray:
@@ -977,10 +1060,19 @@ def _footer_bounds(
     return None
 
 
-def _column_bounds(pf: pq.ParquetFile, group: int, window: Window) -> tuple[int | None, int | None, bool]:
+def _column_bounds(
+    pf: _ParquetFile, group: int, window: Window, shown: str
+) -> tuple[int | None, int | None, bool]:
     """(low, high, exact) of a row group from its one column, as the records will carry it: instants
-    parsed from strings or taken from timestamps with a time zone (time), integers (ledger)."""
+    parsed from strings or taken from timestamps with a time zone (time), integers (ledger). A column
+    whose pages may decode to more than `parquet_batch_bytes()` is not read: its bounds are unknown
+    (the group is never skipped, and is read in bounded batches)."""
     try:
+        if (
+            pf.pages(group, shown, [window.field]).batch_bytes(pf.metadata.row_group(group).num_rows)
+            > parquet_batch_bytes()
+        ):
+            return None, None, False
         column = pf.read_row_group(group, columns=[window.field], use_threads=False).column(0)
     except (KeyError, pa.ArrowException):
         return None, None, False
@@ -1020,14 +1112,22 @@ def max_integer_in_source(uri: str, fmt: str, field: str) -> int | None:
     best: int | None = None
     with _opened(uri, uri) as fh, source_read_errors(uri):  # (a corrupt parquet file: invalid input)
         if fmt == "parquet":
-            parquet = pq.ParquetFile(fh)
+            parquet = _parquet_file(fh)
             if field not in parquet.schema_arrow.names:
                 return None
-            column = parquet.read(columns=[field]).column(field)
-            if not pa.types.is_integer(column.type):
+            if not pa.types.is_integer(parquet.schema_arrow.field(field).type):
                 return None
-            top = pc.max(column).as_py()
-            return None if top is None else int(top)
+            for group in range(parquet.num_row_groups):  # (in batches within `parquet_batch_bytes()`)
+                rows = parquet.pages(group, uri, [field]).batch_rows(
+                    DEFAULT_BATCH, parquet_batch_bytes(), uri
+                )
+                for batch in parquet.iter_batches(
+                    rows, row_groups=[group], columns=[field], use_threads=False
+                ):
+                    top = pc.max(batch.column(0)).as_py()
+                    if top is not None and (best is None or top > best):
+                        best = int(top)
+            return best
         for _, line in _lines(fh):
             if not line.strip():
                 continue

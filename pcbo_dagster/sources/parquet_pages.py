@@ -1,0 +1,512 @@
+"""What a parquet row group's pages say they decode to, read from their headers before Arrow decodes
+any of them, so that a batch of rows is never larger than a budget
+(`streaming.parquet_batch_bytes()`).
+
+Arrow decodes a batch of rows before pcbo can see how large its values are, and values that
+compress well (or that a dictionary, a run-length or a delta encoding repeats) decode to far more
+than the file holds: 46 KiB of 24 rows of 60 MiB of zeros decode to 1.4 GiB. The footer's sizes
+cannot tell (Arrow neither uses nor checks `total_uncompressed_size`), but every page header declares
+the page's uncompressed size and its count of values, and Arrow refuses a page that does not
+decompress to its declared size. So before a row group is decoded, its column chunks' page headers
+are read (Thrift compact protocol: `PageHeader`), each page's bytes skipped, and each page bounded:
+
+- the page itself: its compressed and its uncompressed bytes (Arrow holds one page of a column at a
+  time), and a dictionary page decoded (its bytes, and a hash table entry a value);
+- its values, counted twice (Arrow decodes them, then builds the batch's array of them: one page of
+  one 100 MiB value peaks at 300 MiB): `VALUE_OVERHEAD` bytes each (levels, offsets, validity,
+  dictionary indices) plus, for values of a fixed width, 16 bytes (a decimal Arrow makes of an
+  integer), or a FIXED_LEN_BYTE_ARRAY's length (at least 32); text and binary values written plain
+  hold at most the page's bytes; values written with a dictionary and read without one (text in a
+  list or a struct) hold at most the longest value of the dictionary page (decompressed to find
+  it); values written with DELTA_BYTE_ARRAY (each value a prefix of the one before and a suffix) at
+  most the page's bytes each;
+- a text column read as an Arrow dictionary (`streaming._parquet_file`) whose pages are not all
+  written with one (a writer falls back to plain pages when its dictionary grows large): Arrow's
+  dictionary gathers every value of those pages of the chunk, batch after batch, and each batch
+  holds a copy of it, so every batch of the row group holds them twice. Such a row group may be
+  read with the column dense instead (`streaming._ParquetFile.reader_for`), when more rows fit so.
+
+A batch of `n` rows of a column with no repeated level (no list or map above it: a value a row)
+touches only the pages holding those rows, whose first rows the pages' value counts give; a
+column under a list or a map has no such mapping in version 1 pages (a row may hold any number of
+values), so every batch of its row group is counted as decoding all of its pages. A row group is
+read in batches of as many rows (up to the batch size asked for) as keep every batch within the
+budget; one whose single rows need more is invalid input naming the column.
+
+The headers are read as a hostile file may write them: a chunk's byte range must lie in the file,
+a header must parse within `MAX_HEADER_BYTES` (Arrow's own limit) and a page's bytes within its
+chunk, and the pages' sizes may not add to more than the footer says the chunk holds; anything else
+is invalid input naming `source`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.io.redaction import redact_url
+
+#: The largest page header Arrow reads (`kDefaultMaxPageHeaderSize`).
+MAX_HEADER_BYTES = 16 << 20
+#: The most pages a column chunk may have (a writer's pages hold up to 20,000 values, or 1 MiB, so
+#: this many are 20 billion values or a terabyte); what is kept of each page counts too.
+MAX_PAGES = 1 << 20
+#: Bytes read for a page header at first (most are a few dozen; more are read as needed).
+_FIRST_HEADER_READ = 512
+#: Bytes past a column chunk's range Arrow reads for files of old writers (`kMaxDictHeaderSize`).
+_OLD_WRITER_PADDING = 100
+#: Bytes a decoded value takes besides its own: definition and repetition levels (2 each), an
+#: offset or a dictionary index (4; 8 for large types), validity.
+VALUE_OVERHEAD = 16
+#: Bytes a dictionary value takes in the hash table Arrow builds of it.
+_DICTIONARY_ENTRY = 32
+#: Bytes Arrow makes of a value of a fixed width at most (a decimal of an INT32 or INT64 takes 16;
+#: a FIXED_LEN_BYTE_ARRAY its length, or 32 for a decimal of 256 bits).
+_FIXED_WIDTH = 16
+_DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
+_DICTIONARY_ENCODINGS = frozenset({2, 8})  # PLAIN_DICTIONARY, RLE_DICTIONARY
+_DELTA_BYTE_ARRAY = 7
+_NESTING = 64  # Thrift structs nested deeper than this are not a page header
+
+
+class _Malformed(Exception):
+    """A page header that is not one (truncated, garbage, out of bounds)."""
+
+
+class _NeedMore(_Malformed):
+    """The header runs past the bytes read so far."""
+
+
+class _Compact:
+    """A reader of Thrift's compact protocol over `data`, bounded by it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def byte(self) -> int:
+        if self.at >= len(self.data):
+            raise _NeedMore
+        self.at += 1
+        return self.data[self.at - 1]
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise _Malformed("a varint longer than 10 bytes")
+
+    def integer(self) -> int:
+        raw = self.varint()
+        return (raw >> 1) ^ -(raw & 1)
+
+    def skip_bytes(self, n: int) -> None:
+        if n < 0:
+            raise _Malformed("a negative length")
+        if self.at + n > len(self.data):
+            raise _NeedMore
+        self.at += n
+
+    def skip(self, kind: int, depth: int) -> None:
+        if depth > _NESTING:
+            raise _Malformed("structures nested too deep")
+        if kind in (1, 2):  # a boolean field: its value is in its type
+            return
+        if kind in (3,):
+            self.byte()
+        elif kind in (4, 5, 6):
+            self.varint()
+        elif kind == 7:
+            self.skip_bytes(8)
+        elif kind == 8:
+            self.skip_bytes(self.varint())
+        elif kind in (9, 10):
+            head = self.byte()
+            size, inner = head >> 4, head & 0x0F
+            if size == 15:
+                size = self.varint()
+            for _ in range(size):
+                self.skip(inner if inner not in (1, 2) else 3, depth + 1)
+        elif kind == 11:
+            size = self.varint()
+            if size:
+                types = self.byte()
+                for _ in range(size):
+                    self.skip(types >> 4 if types >> 4 not in (1, 2) else 3, depth + 1)
+                    self.skip(types & 0x0F if types & 0x0F not in (1, 2) else 3, depth + 1)
+        elif kind == 12:
+            self.struct(depth + 1, lambda _field, kind, depth: self.skip(kind, depth))
+        else:
+            raise _Malformed(f"an unknown Thrift type {kind}")
+
+    def struct(self, depth: int, on_field: Callable[[int, int, int], None]) -> None:
+        """Read a struct's fields, each handed to `on_field(id, type, depth)` (which reads or skips it)."""
+        if depth > _NESTING:
+            raise _Malformed("structures nested too deep")
+        last = 0
+        while True:
+            head = self.byte()
+            if head == 0:
+                return
+            delta, kind = head >> 4, head & 0x0F
+            last = last + delta if delta else self.integer()
+            on_field(last, kind, depth)
+
+
+@dataclass
+class Page:
+    """One page as its header declares it."""
+
+    kind: int
+    uncompressed: int
+    compressed: int
+    values: int = 0
+    rows: int | None = None  # (version 2 data pages only)
+    encoding: int = 0
+    offset: int = 0  # of its bytes, after the header
+
+
+#: The fields of a page header read (others are skipped): (the header's field, the field in it) for
+#: the page's count of values, its count of rows (version 2) and its encoding.
+_VALUES = {5: 1, 7: 1, 8: 1}
+_ROWS = {8: 3}
+_ENCODING = {5: 2, 7: 2, 8: 4}
+
+
+def _page_header(reader: _Compact) -> Page:
+    """A `PageHeader`: type (1), uncompressed (2) and compressed (3) sizes, and in the header of its
+    kind (data 5, dictionary 7, data v2 8) its count of values, rows (v2) and encoding."""
+    page = Page(kind=-1, uncompressed=-1, compressed=-1)
+    found: set[int] = set()
+
+    def non_negative_i32(field_id: int) -> int:
+        value = reader.integer()
+        if not 0 <= value < 2**31:
+            raise _Malformed(f"a page header's field {field_id} is {value}")
+        return value
+
+    def kind_header(of: int) -> Callable[[int, int, int], None]:
+        def on_field(field_id: int, kind: int, depth: int) -> None:
+            if kind != 5 or field_id not in (_VALUES[of], _ROWS.get(of), _ENCODING[of]):
+                reader.skip(kind, depth)
+                return
+            value = non_negative_i32(field_id)
+            if field_id == _VALUES[of]:
+                page.values = value
+                found.add(of)
+            elif field_id == _ROWS.get(of):
+                page.rows = value
+            else:
+                page.encoding = value
+
+        return on_field
+
+    def on_field(field_id: int, kind: int, depth: int) -> None:
+        if kind == 5 and field_id in (1, 2, 3):
+            value = non_negative_i32(field_id)
+            if field_id == 1:
+                page.kind = value
+            elif field_id == 2:
+                page.uncompressed = value
+            else:
+                page.compressed = value
+        elif kind == 12 and field_id in _VALUES:
+            reader.struct(depth + 1, kind_header(field_id))
+        else:
+            reader.skip(kind, depth)
+
+    reader.struct(0, on_field)
+    if page.kind < 0 or page.uncompressed < 0 or page.compressed < 0:
+        raise _Malformed("a page header without its type or sizes")
+    header_of_kind = {_DATA_PAGE: 5, _DICTIONARY_PAGE: 7, _DATA_PAGE_V2: 8}.get(page.kind)
+    if header_of_kind is not None and header_of_kind not in found:
+        raise _Malformed("a page header without its count of values")
+    if page.kind == _DATA_PAGE_V2 and page.rows is None:
+        raise _Malformed("a version 2 page header without its count of rows")
+    return page
+
+
+@dataclass
+class ColumnPages:
+    """A column chunk's pages, and what its values may decode to."""
+
+    path: str
+    repeated: bool  # under a list or a map: rows and values differ
+    pages: list[Page] = field(default_factory=list)
+    #: Bytes a value takes at most, for values of a fixed width (else None).
+    width: int | None = None
+    #: The longest value of its dictionary page, when read without a dictionary (else None).
+    longest_dictionary_value: int | None = None
+    read_as_dictionary: bool = False
+
+    def held(self) -> int:
+        """Bytes every batch of the chunk holds: its largest page (compressed and decompressed) and its
+        dictionary, decoded. Read as an Arrow dictionary, that dictionary also gathers every value of
+        the chunk's pages not written with one (a writer falls back to plain pages when its
+        dictionary grows too large), batch after batch, and each batch holds a copy of it."""
+        largest = max((p.uncompressed + p.compressed for p in self.pages), default=0)
+        entry = _DICTIONARY_ENTRY if self.read_as_dictionary else VALUE_OVERHEAD
+        dictionary = sum(p.uncompressed + entry * p.values for p in self.pages if p.kind == _DICTIONARY_PAGE)
+        if self.read_as_dictionary:
+            dictionary += 2 * sum(
+                (p.values * p.uncompressed if p.encoding == _DELTA_BYTE_ARRAY else p.uncompressed)
+                + _DICTIONARY_ENTRY * p.values
+                for p in self._data_pages()
+                if p.encoding not in _DICTIONARY_ENCODINGS
+            )
+        return largest + dictionary
+
+    @property
+    def plain_in_dictionary(self) -> bool:
+        """Read as an Arrow dictionary, with pages not written with one (see `held`)."""
+        return self.read_as_dictionary and any(
+            p.encoding not in _DICTIONARY_ENCODINGS for p in self._data_pages()
+        )
+
+    def _data_pages(self) -> list[Page]:
+        return [p for p in self.pages if p.kind in (_DATA_PAGE, _DATA_PAGE_V2)]
+
+    def _page_bytes(self, page: Page, values: int) -> int:
+        """What `values` of `page`'s values decode to, at most: twice their size (Arrow decodes them,
+        then builds the batch's array of them: a page of one 100 MiB value peaks at 300 MiB with
+        the page itself)."""
+        if self.width is not None:
+            size = values * (self.width + VALUE_OVERHEAD)
+        elif page.encoding in _DICTIONARY_ENCODINGS:
+            longest = 0 if self.read_as_dictionary else (self.longest_dictionary_value or 0)
+            size = values * (longest + VALUE_OVERHEAD)
+        elif self.read_as_dictionary:  # (their bytes: in the chunk's dictionary, `held`)
+            size = values * VALUE_OVERHEAD
+        elif page.encoding == _DELTA_BYTE_ARRAY:
+            size = values * (page.uncompressed + VALUE_OVERHEAD)
+        else:
+            size = page.uncompressed + values * (_DICTIONARY_ENTRY + VALUE_OVERHEAD)
+        return 2 * size
+
+    def batch_bytes(self, rows: int) -> int:
+        """The most a batch of `rows` rows of this chunk may decode, starting at any row."""
+        data = self._data_pages()
+        if not data:
+            return self.held()
+        if self.repeated and any(p.rows is None for p in data):
+            return self.held() + sum(self._page_bytes(p, p.values) for p in data)
+        counts = np.array([p.values if p.rows is None else p.rows for p in data], dtype=np.int64)
+        if self.repeated:  # (version 2 pages: rows known, but not the values of each row)
+            costs = np.array([self._page_bytes(p, p.values) for p in data], dtype=np.int64)
+        else:
+            costs = np.array([self._page_bytes(p, min(p.values, rows)) for p in data], dtype=np.int64)
+        return self.held() + worst_window(counts, costs, rows)
+
+
+def worst_window(counts: np.ndarray | list[int], costs: np.ndarray | list[int], rows: int) -> int:
+    """The most that `rows` consecutive rows, starting anywhere, may cost, of pieces (pages, or row
+    groups) one after another of `counts` rows costing `costs` each: a window touches a piece when it
+    holds one of its rows, and the most pieces a window whose first row is in piece i touches are
+    those starting before the last row of piece i + `rows`."""
+    sizes = np.asarray(counts, dtype=np.int64)
+    if not len(sizes):
+        return 0
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    total = np.concatenate([[0], np.cumsum(np.asarray(costs, dtype=np.int64))])
+    ends = np.searchsorted(starts, starts + np.maximum(sizes - 1, 0) + rows, side="left")
+    return int((total[ends] - total[: len(sizes)]).max())
+
+
+@dataclass
+class RowGroupPages:
+    group: int
+    rows: int
+    columns: list[ColumnPages]
+
+    def batch_bytes(self, rows: int, columns: list[ColumnPages] | None = None) -> int:
+        return sum(c.batch_bytes(rows) for c in (self.columns if columns is None else columns))
+
+    @property
+    def plain_in_dictionary(self) -> frozenset[str]:
+        """The columns read as Arrow dictionaries whose pages are not all written with one."""
+        return frozenset(c.path for c in self.columns if c.plain_in_dictionary)
+
+    def batch_rows(self, wanted: int, budget: int, shown: str) -> int:
+        """The most rows (at most `wanted`) a batch may take within `budget` bytes; invalid input when
+        not even one row fits, naming the column that needs most."""
+        rows = self.rows_within(wanted, budget)
+        if not rows:
+            worst = max(self.columns, key=lambda c: c.batch_bytes(1))
+            raise InvalidInput(
+                "source",
+                f"{redact_url(shown)}: row group {self.group}: its pages say one row may decode to "
+                f"{self.batch_bytes(1)} bytes ({worst.batch_bytes(1)} of column {worst.path}), more than "
+                f"a parquet batch may ({budget} bytes, 4 × PCBO_MAX_LINE_BYTES)",
+            )
+        return rows
+
+    def rows_within(self, wanted: int, budget: int) -> int:
+        """The most rows (at most `wanted`) a batch may take within `budget` bytes, 0 if none."""
+        if self.batch_bytes(min(wanted, max(self.rows, 1))) <= budget:
+            return wanted
+        if self.batch_bytes(1) > budget:
+            return 0
+        low, high = 1, min(wanted, max(self.rows, 1))  # batch_bytes(low) fits, batch_bytes(high) not
+        while high - low > 1:
+            middle = (low + high) // 2
+            if self.batch_bytes(middle) <= budget:
+                low = middle
+            else:
+                high = middle
+        return low
+
+
+def _read_at(fh: IO[bytes], offset: int, size: int) -> bytes:
+    fh.seek(offset)
+    return fh.read(size)
+
+
+def _longest_plain_value(data: bytes, count: int) -> int:
+    """The longest of `count` PLAIN BYTE_ARRAY values (a 4-byte length, then the bytes) in `data`."""
+    at, longest = 0, 0
+    for _ in range(count):
+        if at + 4 > len(data):
+            raise _Malformed("a dictionary page shorter than its values")
+        n = int.from_bytes(data[at : at + 4], "little")
+        at += 4 + n
+        longest = max(longest, n)
+    return longest
+
+
+_CODECS = {"SNAPPY": "snappy", "GZIP": "gzip", "BROTLI": "brotli", "ZSTD": "zstd", "LZ4_RAW": "lz4_raw"}
+
+
+def _longest_dictionary_value(fh: IO[bytes], page: Page, codec: str, budget: int) -> int:
+    """The longest value of a BYTE_ARRAY dictionary page (its decompressed bytes when the codec is
+    one pyarrow decompresses and the page is within `budget`; else the page's size, which no value
+    exceeds)."""
+    if max(page.compressed, page.uncompressed) > budget:
+        return page.uncompressed
+    raw = _read_at(fh, page.offset, page.compressed)
+    if len(raw) != page.compressed:
+        raise _Malformed("a dictionary page past the end of the file")
+    if codec == "UNCOMPRESSED":
+        data = raw
+    elif codec in _CODECS:
+        try:
+            data = pa.decompress(raw, page.uncompressed, codec=_CODECS[codec]).to_pybytes()
+        except (pa.ArrowException, ValueError, OSError):
+            raise _Malformed("a dictionary page that does not decompress") from None
+    else:
+        return page.uncompressed
+    return _longest_plain_value(data, page.values)
+
+
+def _chunk_pages(fh: IO[bytes], file_size: int, chunk: pq.ColumnChunkMetaData) -> list[Page]:
+    """The pages of a column chunk, as Arrow reads them: from its first page (the dictionary page's
+    offset when it has one before its data) until its footer's count of values is reached. The last
+    may run up to `_OLD_WRITER_PADDING` bytes past the chunk's range, as Arrow allows for the files of
+    old writers (PARQUET-816; Arrow itself refuses it for others)."""
+    start = chunk.data_page_offset
+    if chunk.has_dictionary_page and 0 < (chunk.dictionary_page_offset or 0) < start:
+        start = chunk.dictionary_page_offset
+    length = chunk.total_compressed_size
+    if start < 0 or length < 0 or start + length > file_size:
+        raise _Malformed(f"its byte range {start}+{length} is outside the file ({file_size} bytes)")
+    end = start + length + min(_OLD_WRITER_PADDING, file_size - start - length)
+    pages: list[Page] = []
+    at, seen = start, 0
+    while seen < chunk.num_values:
+        if at >= end:
+            raise _Malformed(f"its pages hold {seen} values, its footer says {chunk.num_values}")
+        window = min(end - at, _FIRST_HEADER_READ)
+        while True:
+            data = _read_at(fh, at, window)
+            reader = _Compact(data)
+            try:
+                page = _page_header(reader)
+                break
+            except _NeedMore:
+                if len(data) < window or window >= min(end - at, MAX_HEADER_BYTES):
+                    raise _Malformed(f"a truncated page header at byte {at}") from None
+                window = min(end - at, MAX_HEADER_BYTES, window * 4)
+        at += reader.at
+        if page.compressed > end - at:
+            raise _Malformed(f"a page at byte {at} of {page.compressed} bytes runs past its column chunk")
+        page.offset = at
+        at += page.compressed
+        if page.kind in (_DATA_PAGE, _DATA_PAGE_V2):
+            seen += page.values
+        if page.kind != _INDEX_PAGE:
+            pages.append(page)
+            if len(pages) > MAX_PAGES:
+                raise _Malformed(f"more than {MAX_PAGES} pages")
+    declared = sum(p.uncompressed for p in pages)
+    if declared > chunk.total_uncompressed_size:
+        raise _Malformed(
+            f"its pages declare {declared} bytes uncompressed, "
+            f"its footer says {chunk.total_uncompressed_size}"
+        )
+    return pages
+
+
+def row_group_pages(
+    fh: IO[bytes],
+    pf: pq.ParquetFile,
+    group: int,
+    shown: str,
+    dictionary_columns: frozenset[str],
+    budget: int,
+    columns: list[str] | None = None,
+) -> RowGroupPages:
+    """The pages of row group `group` (of the leaf columns of the top-level `columns`, or all), read
+    from `fh` (the file `pf` reads; `dictionary_columns`: the top-level columns it reads as Arrow
+    dictionaries; `budget`: bytes a batch may decode); invalid input naming `source` when they are
+    not pages."""
+    metadata = pf.metadata
+    row_group = metadata.row_group(group)
+    schema = metadata.schema
+    fh.seek(0, os.SEEK_END)
+    file_size = fh.tell()
+    read: list[ColumnPages] = []
+    for j in range(row_group.num_columns):
+        column = schema.column(j)
+        path = column.path
+        if columns is not None and not any(path == c or path.startswith(f"{c}.") for c in columns):
+            continue
+        chunk = row_group.column(j)
+        try:
+            pages = _chunk_pages(fh, file_size, chunk)
+            physical = column.physical_type
+            width: int | None = None
+            if physical == "FIXED_LEN_BYTE_ARRAY":
+                width = max(column.length, 32)
+            elif physical != "BYTE_ARRAY":
+                width = _FIXED_WIDTH
+            pages_of = ColumnPages(
+                path,
+                column.max_repetition_level > 0,
+                pages,
+                width,
+                read_as_dictionary=path in dictionary_columns and column.max_repetition_level == 0,
+            )
+            if width is None and not pages_of.read_as_dictionary:
+                dictionaries = [p for p in pages if p.kind == _DICTIONARY_PAGE]
+                if dictionaries:
+                    pages_of.longest_dictionary_value = max(
+                        _longest_dictionary_value(fh, p, chunk.compression, budget) for p in dictionaries
+                    )
+        except _Malformed as exc:
+            raise InvalidInput(
+                "source",
+                f"{redact_url(shown)}: row group {group}, column {path}: not a parquet column chunk: {exc}",
+            ) from None
+        read.append(pages_of)
+    return RowGroupPages(group, row_group.num_rows, read)

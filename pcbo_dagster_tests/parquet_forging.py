@@ -1,0 +1,240 @@
+"""Parquet files a hostile writer could make, built from files pyarrow writes: their footer decoded
+(Thrift compact protocol, every field kept in order), edited and encoded again, and the last column's
+pages replaced by forged ones (values of zeros compressed a piece at a time, so a page declaring
+gigabytes is made without holding them).
+
+`forge_zeros(path, rows=24, value_bytes=60 << 20, rows_per_page=24)` writes the file of the README's
+known limit: 46 KiB holding 24 rows of 60 MiB of zeros in one plain-encoded page."""
+
+from __future__ import annotations
+
+import functools
+import struct
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+Field = list[Any]  # [field id, compact type, value]; a struct is a list of fields
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _zigzag(value: int) -> bytes:
+    return _varint((value << 1) ^ (value >> 63))
+
+
+class _Reader:
+    def __init__(self, data: bytes, at: int = 0) -> None:
+        self.data, self.at = data, at
+
+    def byte(self) -> int:
+        self.at += 1
+        return self.data[self.at - 1]
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value
+
+    def integer(self) -> int:
+        raw = self.varint()
+        return (raw >> 1) ^ -(raw & 1)
+
+    def value(self, kind: int) -> Any:
+        if kind in (1, 2):
+            return kind == 1
+        if kind == 3:
+            return self.byte()
+        if kind in (4, 5, 6):
+            return self.integer()
+        if kind == 7:
+            self.at += 8
+            return self.data[self.at - 8 : self.at]
+        if kind == 8:
+            n = self.varint()
+            self.at += n
+            return self.data[self.at - n : self.at]
+        if kind in (9, 10):
+            head = self.byte()
+            size, inner = head >> 4, head & 0x0F
+            if size == 15:
+                size = self.varint()
+            items = [self.value(inner if inner not in (1, 2) else 3) for _ in range(size)]
+            return (inner, items)
+        if kind == 12:
+            return self.struct()
+        raise ValueError(f"Thrift type {kind} is not used in parquet footers")
+
+    def struct(self) -> list[Field]:
+        fields: list[Field] = []
+        last = 0
+        while True:
+            head = self.byte()
+            if head == 0:
+                return fields
+            delta, kind = head >> 4, head & 0x0F
+            last = last + delta if delta else self.integer()
+            fields.append([last, kind, self.value(kind)])
+
+
+def _encode_value(kind: int, value: Any) -> bytes:
+    if kind == 3:
+        return bytes([value])
+    if kind in (4, 5, 6):
+        return _zigzag(value)
+    if kind == 7:
+        return bytes(value)
+    if kind == 8:
+        return _varint(len(value)) + bytes(value)
+    if kind in (9, 10):
+        inner, items = value
+        head = (
+            bytes([(len(items) << 4) | inner])
+            if len(items) < 15
+            else bytes([0xF0 | inner]) + _varint(len(items))
+        )
+        return head + b"".join(_encode_value(inner, item) for item in items)
+    if kind == 12:
+        return encode_struct(value)
+    raise ValueError(kind)
+
+
+def encode_struct(fields: list[Field]) -> bytes:
+    out = bytearray()
+    last = 0
+    for field_id, kind, value in fields:
+        delta = field_id - last
+        if 0 < delta <= 15:
+            out.append((delta << 4) | kind)
+        else:
+            out.append(kind)
+            out += _zigzag(field_id)
+        last = field_id
+        if kind not in (1, 2):
+            out += _encode_value(kind, value)
+    out.append(0)
+    return bytes(out)
+
+
+def get(fields: list[Field], field_id: int) -> Any:
+    return next(f[2] for f in fields if f[0] == field_id)
+
+
+def put(fields: list[Field], field_id: int, kind: int, value: Any) -> None:
+    for f in fields:
+        if f[0] == field_id:
+            f[1], f[2] = kind, value
+            return
+    fields.append([field_id, kind, value])
+    fields.sort(key=lambda f: f[0])
+
+
+def read_footer(data: bytes) -> tuple[list[Field], int]:
+    """The file's FileMetaData and the byte where it starts."""
+    assert data[-4:] == b"PAR1"
+    length = struct.unpack("<I", data[-8:-4])[0]
+    start = len(data) - 8 - length
+    return _Reader(data, start).struct(), start
+
+
+def with_footer(body: bytes, footer: list[Field]) -> bytes:
+    encoded = encode_struct(footer)
+    return body + encoded + struct.pack("<I", len(encoded)) + b"PAR1"
+
+
+def column_meta(footer: list[Field], group: int, column: int) -> list[Field]:
+    """The ColumnMetaData of a row group's column (edit it in place)."""
+    row_group = get(footer, 4)[1][group]
+    chunk = get(row_group, 1)[1][column]
+    meta: list[Field] = get(chunk, 3)
+    return meta
+
+
+def page_header(uncompressed: int, compressed: int, values: int) -> bytes:
+    """A version 1 data page header, PLAIN encoded, RLE levels."""
+    data_page = [[1, 5, values], [2, 5, 0], [3, 5, 3], [4, 5, 3]]
+    return encode_struct([[1, 5, 0], [2, 5, uncompressed], [3, 5, compressed], [5, 12, data_page]])
+
+
+@functools.lru_cache(maxsize=4)
+def _zstd_zeros(size: int) -> bytes:
+    """A zstd frame of `size` zeros, compressed a MiB at a time."""
+    sink = pa.BufferOutputStream()
+    zeros = b"\0" * (1 << 20)
+    with pa.CompressedOutputStream(sink, "zstd") as out:
+        left = size
+        while left:
+            out.write(zeros[: min(left, len(zeros))])
+            left -= min(left, len(zeros))
+    return bytes(sink.getvalue())
+
+
+def zstd_zeros_values(values: int, value_bytes: int, first: int | None = None) -> bytes:
+    """`values` PLAIN byte arrays of `value_bytes` zeros (a required column: no levels), as zstd
+    frames one after another (a frame of each value's length, a frame of its zeros: zstd decodes
+    frames in a row as their bytes in a row); with `first`, each begins with its row's number
+    (first, first + 1, ...) as 8 bytes, so that no two are equal."""
+    numbered = first is not None
+    zeros = _zstd_zeros(value_bytes - 8 if numbered else value_bytes)
+    frames = []
+    for i in range(values):
+        head = struct.pack("<I", value_bytes) + (struct.pack("<Q", first + i) if first is not None else b"")
+        frames.append(pa.compress(head, codec="zstd", asbytes=True) + zeros)
+    return b"".join(frames)
+
+
+def forge_zeros(path: Path, rows: int, value_bytes: int, rows_per_page: int, distinct: bool = False) -> Path:
+    """A file of `rows` rows: `id`, `occurredAt` and, last, a required binary `note` of `value_bytes`
+    zeros (`distinct`: but for the row's number in its first 8 bytes), plain encoded, zstd
+    compressed, `rows_per_page` rows a page, one row group."""
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": ["2024-01-01T00:10:00Z"] * rows,
+            "note": pa.array([b""] * rows, pa.binary()),
+        },
+        schema=pa.schema(
+            [("id", pa.string()), ("occurredAt", pa.string()), pa.field("note", pa.binary(), nullable=False)]
+        ),
+    )
+    pq.write_table(table, path, compression="zstd", use_dictionary=False, write_statistics=False)
+    data = path.read_bytes()
+    footer, _ = read_footer(data)
+    meta = column_meta(footer, 0, 2)
+    start = get(meta, 9)
+    body = bytearray(data[:start])
+    uncompressed_total = compressed_total = 0
+    pages: dict[int, bytes] = {}
+    for first in range(0, rows, rows_per_page):
+        count = min(rows_per_page, rows - first)
+        if distinct:
+            compressed = zstd_zeros_values(count, value_bytes, first)
+        elif count not in pages:
+            compressed = pages[count] = zstd_zeros_values(count, value_bytes)
+        else:
+            compressed = pages[count]
+        uncompressed = count * (4 + value_bytes)
+        header = page_header(uncompressed, len(compressed), count)
+        body += header + compressed
+        uncompressed_total += len(header) + uncompressed
+        compressed_total += len(header) + len(compressed)
+    put(meta, 6, 6, uncompressed_total)
+    put(meta, 7, 6, compressed_total)
+    path.write_bytes(with_footer(bytes(body), footer))
+    return path

@@ -1,0 +1,329 @@
+"""A parquet source never makes Arrow decode more than `parquet_batch_bytes()` (4 × PCBO_MAX_LINE_BYTES,
+256 MiB by default) for a batch, whatever its pages compress to or its footer says: the page headers
+are read first (`sources/parquet_pages.py`) and each row group is read in batches that fit, or
+refused as invalid input naming `source` and the column. Ordinary files read as before."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pcbo_dagster.cli.main import main
+from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.sources import streaming
+from pcbo_dagster.sources.record_files import jsonable_row
+from pcbo_dagster_tests.cli_runner import lake_files, pcbo_env, write_request
+from pcbo_dagster_tests.parquet_forging import (
+    column_meta,
+    encode_struct,
+    forge_zeros,
+    get,
+    put,
+    read_footer,
+    with_footer,
+)
+
+MiB = 1 << 20
+_REQUEST = {
+    "runId": "parquet-bounds",
+    "dataset": "events",
+    "start": "2024-01-01T00:00:00Z",
+    "end": "2024-01-02T00:00:00Z",
+    "chunkSeconds": 86400,
+    "policies": {"onViolation": "omit"},
+}
+
+#: Run `pcbo` with an address-space limit, printing its peak resident set size last on stderr.
+_LIMITED = """
+import resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from pcbo_dagster.cli.main import main
+try:
+    status = main(sys.argv[2:])
+finally:
+    print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+sys.exit(status)
+"""
+
+
+def _run_limited(tmp_path: Path, source: Path) -> tuple[int, str, int]:
+    """`pcbo dry-run` of a request naming `source`, under a 3 GiB address space (the interpreter with
+    its libraries reserves about 1.6 GiB): (status, stderr, peak RSS bytes)."""
+    request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": str(source)}})
+    proc = subprocess.run(
+        [sys.executable, "-c", _LIMITED, str(3 << 30), "dry-run", "--input", str(request)],
+        env=pcbo_env(tmp_path / "home"),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    stderr = proc.stderr.decode("utf-8", errors="replace")
+    peak = [line for line in stderr.splitlines() if line.startswith("peak ")]
+    assert peak, stderr[-2000:]
+    return proc.returncode, stderr, int(peak[-1].split()[1])
+
+
+@pytest.mark.parametrize(
+    ("rows", "value_bytes", "rows_per_page", "distinct", "status", "message"),
+    [
+        # The README's known limit: 46 KiB, 24 rows of 60 MiB of zeros in one page, 1.4 GiB decoded
+        # (it peaked at 2 GiB). One page of 1.4 GiB: no row can be read within the budget.
+        (24, 60 * MiB, 24, False, 2, "row group 0: its pages say one row may decode to"),
+        # 3 MB holding 1,000 rows of 100 MiB, one a page, no two alike (100 GB decoded, all of them
+        # gathered in Arrow's dictionary of the column): refused before any is.
+        (1000, 100 * MiB, 1, True, 2, "row group 0: its pages say one row may decode to"),
+        # 20 rows of 30 MiB, one a page, no two alike (Arrow's dictionary of them grew to 600 MiB,
+        # held twice): read, a few rows a batch.
+        (20, 30 * MiB, 1, True, 0, None),
+    ],
+)
+def test_plain_values_that_compress_well_are_decoded_within_the_budget(
+    tmp_path: Path,
+    rows: int,
+    value_bytes: int,
+    rows_per_page: int,
+    distinct: bool,
+    status: int,
+    message: str | None,
+) -> None:
+    """Red-team finding (README, "not bounded yet"): Arrow decoded a batch of PCBO_SOURCE_BATCH rows
+    before any row's size was checked, so plain values of zeros, a few kilobytes compressed, decoded
+    to gigabytes (2 GiB for the first file). Now the run ends in its records or in invalid input
+    naming the source and the column, and holds at most the interpreter's own 150 MiB, the budget
+    (256 MiB) and the records made of at most 64 MiB of values at a time (their bytes, base64 text
+    and JSON)."""
+    source = forge_zeros(tmp_path / "zeros.parquet", rows, value_bytes, rows_per_page, distinct)
+    assert source.stat().st_size < 4 * MiB
+    code, stderr, peak = _run_limited(tmp_path, source)
+    assert code == status, stderr[-2000:]
+    if message is not None:
+        assert "source: " in stderr and message in stderr and "column note" in stderr
+        assert "PCBO_MAX_LINE_BYTES" in stderr
+    assert peak < 700 * MiB, peak
+
+
+def _written(tmp_path: Path) -> tuple[Path, Path]:
+    """An ordinary file of three row groups (text, integers, a list), and a forged one to edit."""
+    table = pa.table({"id": [f"r{i}" for i in range(30)], "occurredAt": ["2024-01-01T00:10:00Z"] * 30})
+    pq.write_table(table, tmp_path / "plain.parquet", row_group_size=10)
+    return tmp_path / "plain.parquet", forge_zeros(tmp_path / "zeros.parquet", 6, 1000, 2)
+
+
+def _refused(tmp_path: Path, source: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """`pcbo execute` of a request naming `source`: exit 2, nothing written; its stderr."""
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": str(source)}})
+    out = tmp_path / "out.json"
+    assert main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)]) == 2
+    assert lake_files(home) == {} and not out.exists()
+    return capsys.readouterr().err
+
+
+def _edited(path: Path, edit: Any) -> Path:
+    """`path` with its footer edited by `edit(footer, data)` (which may return new file bytes)."""
+    data = path.read_bytes()
+    footer, start = read_footer(data)
+    body = edit(footer, bytearray(data[:start])) or data[:start]
+    path.write_bytes(with_footer(bytes(body), footer))
+    return path
+
+
+def test_a_footer_that_says_less_than_the_pages_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The footer's uncompressed size of a column chunk, which Arrow neither uses nor checks, says
+    less than its pages declare: a forged file, refused naming the source and the column."""
+    _, zeros = _written(tmp_path)
+    _edited(zeros, lambda footer, body: put(column_meta(footer, 0, 2), 6, 6, 100))
+    stderr = _refused(tmp_path, zeros, capsys)
+    assert "source: " in stderr and "row group 0, column note" in stderr
+    assert "its pages declare 6024 bytes uncompressed" in stderr and "its footer says 100" in stderr
+
+
+@pytest.mark.parametrize(
+    ("garbage", "message"),
+    [
+        (b"\x16", "a truncated page header at byte"),  # i64 fields to past the chunk's end
+        (b"\xff" * 64, "not a parquet column chunk"),
+        (b"\x1c" * 200 + b"\x00" * 200, "nested too deep"),  # structs in structs
+        (
+            encode_struct([[1, 5, 0], [2, 5, 10], [3, 5, 1 << 30], [5, 12, [[1, 5, 2]]]]),
+            "runs past its column",
+        ),
+        (encode_struct([[1, 5, 0], [2, 5, 10], [3, 5, 10]]), "without its count of values"),
+    ],
+)
+def test_page_headers_that_are_not_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], garbage: bytes, message: str
+) -> None:
+    """The note column's first page header overwritten: garbage, a header nested past any page
+    header's depth, a page longer than its chunk, a data page with no count of values."""
+    _, zeros = _written(tmp_path)
+
+    def overwrite(footer: Any, body: bytearray) -> bytearray:
+        start = get(column_meta(footer, 0, 2), 9)
+        end = start + get(column_meta(footer, 0, 2), 7)
+        piece = garbage[: end - start] if garbage != b"\x16" else b"\x16" * (end - start)
+        body[start : start + len(piece)] = piece
+        return body
+
+    _edited(zeros, overwrite)
+    stderr = _refused(tmp_path, zeros, capsys)
+    assert "source: " in stderr and "row group 0, column note" in stderr and message in stderr
+
+
+@pytest.mark.parametrize("offset", [10**9, -5])
+def test_a_column_chunk_outside_the_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], offset: int
+) -> None:
+    plain, _ = _written(tmp_path)
+
+    def move(footer: Any, body: bytearray) -> None:  # its data and its dictionary page
+        put(column_meta(footer, 1, 0), 9, 6, offset)
+        put(column_meta(footer, 1, 0), 11, 6, offset)
+
+    _edited(plain, move)
+    stderr = _refused(tmp_path, plain, capsys)
+    assert "source: " in stderr and "row group 1, column id" in stderr and "outside the file" in stderr
+
+
+def _decoded_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bytes of every batch (`iter_batches`) and row group (`read_row_group`) Arrow decodes from
+    now on, as a list that grows."""
+    decoded: list[int] = []
+    iter_batches, read_row_group = pq.ParquetFile.iter_batches, pq.ParquetFile.read_row_group
+
+    def batches(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> Any:
+        for batch in iter_batches(self, *args, **kwargs):
+            decoded.append(batch.get_total_buffer_size())
+            yield batch
+
+    def group(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> pa.Table:
+        table = read_row_group(self, *args, **kwargs)
+        decoded.append(table.get_total_buffer_size())
+        return table
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", batches)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", group)
+    return decoded
+
+
+def _ordinary(path: Path) -> pa.Table:
+    rng = np.random.default_rng(7)
+    rows = 3000
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": [f"2024-01-01T{i % 24:02d}:10:00Z" for i in range(rows)],
+            "amount": pa.array(rng.integers(0, 1 << 40, rows), pa.int64()),
+            "note": [rng.bytes(int(n)).hex() for n in rng.integers(0, 400, rows)],
+            "tags": [[f"t{i % 5}", "x"] if i % 3 else None for i in range(rows)],
+        }
+    )
+    # (text written plain past a dictionary's limit, as writers fall back to: here from the start)
+    pq.write_table(
+        table,
+        path,
+        row_group_size=700,
+        data_page_size=8192,
+        write_batch_size=16,
+        use_dictionary=["id", "occurredAt", "tags"],
+    )
+    return table
+
+
+def test_ordinary_row_groups_read_the_same_records_in_batches_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a budget that 700-row groups do not fit (PCBO_MAX_LINE_BYTES=64 KiB: 256 KiB a batch), a
+    file of five row groups is read in smaller batches, none decoding more than the budget, and
+    yields the records of the whole file read at once, in order, at their positions; re-read by
+    position (`fetch_chunks`) they are the same. Before, every batch was 2,048 rows, 1.3 MB."""
+    path = tmp_path / "ordinary.parquet"
+    expected = [jsonable_row(row) for row in _ordinary(path).to_pylist()]
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(64 << 10))
+    decoded = _decoded_sizes(monkeypatch)
+    source = streaming.ParquetSource(str(path), "ordinary.parquet")
+    batches = list(source.batches(2048))
+    assert [r for records, _, _ in batches for r in records] == expected
+    positions = np.concatenate([p for _, _, p in batches])
+    assert positions.tolist() == list(range(len(expected)))
+    assert len(decoded) > 5 and max(decoded) <= 256 << 10
+    decoded.clear()
+    again = [r for chunk in source.fetch_chunks(positions[::-1], 500) for r in chunk]
+    assert again == expected[::-1]
+
+
+def test_ordinary_files_read_as_before_with_the_default_budget(tmp_path: Path) -> None:
+    """The default budget changes nothing for an ordinary file: Arrow's own batches of 2,048 rows
+    (across row groups), the records of the whole file in order."""
+    path = tmp_path / "ordinary.parquet"
+    expected = [jsonable_row(row) for row in _ordinary(path).to_pylist()]
+    batches = list(streaming.ParquetSource(str(path), "ordinary.parquet").batches(2048))
+    with path.open("rb") as fh:
+        arrow = [b.num_rows for b in streaming._parquet_file(fh).iter_batches(2048, use_threads=False)]
+    assert [len(records) for records, _, _ in batches] == arrow and sum(arrow) == 3000
+    assert [r for records, _, _ in batches for r in records] == expected
+
+
+def test_a_row_group_re_read_by_position_is_decoded_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row group whose footer says it is small (`total_byte_size` 100) was decoded whole for the
+    re-reads, however large its pages; now its pages decide, and it is read in batches within the
+    budget (here 40 rows of 20 KB a page, no two alike, 800 KB; the budget 256 KiB)."""
+    zeros = forge_zeros(tmp_path / "zeros.parquet", 40, 20_000, 1, distinct=True)
+    _edited(zeros, lambda footer, body: put(get(footer, 4)[1][0], 2, 6, 100))
+    assert pq.ParquetFile(zeros).metadata.row_group(0).total_byte_size == 100
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(64 << 10))
+    decoded = _decoded_sizes(monkeypatch)
+    source = streaming.ParquetSource(str(zeros), "zeros.parquet")
+    records = [r for chunk in source.fetch_chunks(np.arange(40)[::-1], 8192) for r in chunk]
+    assert [r["id"] for r in records] == [f"r{i}" for i in reversed(range(40))]
+    assert decoded and max(decoded) <= 256 << 10
+
+
+def test_a_ledger_field_is_read_within_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`max_integer_in_source` (the sensors' highest ledger) read the whole column at once; now a row
+    group at a time in batches within the budget, with the same answer."""
+    path = tmp_path / "ledgers.parquet"
+    pq.write_table(pa.table({"ledger": pa.array(range(50_000), pa.int64())}), path, row_group_size=20_000)
+    assert streaming.max_integer_in_source(str(path), "parquet", "ledger") == 49_999
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(1 << 20))
+    read = pq.ParquetFile.read
+
+    def whole(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the whole column read at once")
+
+    monkeypatch.setattr(pq.ParquetFile, "read", whole)
+    assert streaming.max_integer_in_source(str(path), "parquet", "ledger") == 49_999
+    monkeypatch.setattr(pq.ParquetFile, "read", read)
+
+    def move(footer: Any, body: bytearray) -> None:
+        put(column_meta(footer, 2, 0), 9, 6, 10**9)
+        put(column_meta(footer, 2, 0), 11, 6, 10**9)
+
+    _edited(path, move)
+    with pytest.raises(InvalidInput, match="row group 2, column ledger: .*outside the file"):
+        streaming.max_integer_in_source(str(path), "parquet", "ledger")
+
+
+def test_the_forged_file_is_what_the_readme_describes(tmp_path: Path) -> None:
+    """(The forging helper itself: 24 rows of 60 MiB of zeros, one page, under 47 KiB; its footer
+    decodes and encodes to the same bytes.)"""
+    path = forge_zeros(tmp_path / "zeros.parquet", 24, 60 * MiB, 24)
+    assert path.stat().st_size < 47 << 10
+    data = path.read_bytes()
+    footer, start = read_footer(data)
+    assert with_footer(data[:start], footer) == data
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_rows == 24 and meta.row_group(0).column(2).total_uncompressed_size > 24 * 60 * MiB
