@@ -111,6 +111,31 @@ def test_plain_values_that_compress_well_are_decoded_within_the_budget(
     assert peak < 700 * MiB, peak
 
 
+def test_a_list_of_one_large_dictionary_value_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """Red-team finding: text in a list is not read as an Arrow dictionary, so 5 KB holding 2,000
+    rows of a list of one 1 MiB value, written once in the dictionary page, decoded to a copy a row:
+    2 GiB (here: the 3 GiB address space ran out). Its values are counted at the dictionary's
+    longest value each, and, the rows of a list column's pages being unknown, all of its chunk's
+    values in every batch: refused before anything is decoded, naming the column."""
+    rows = 2000
+    element = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows, np.int32)), pa.array(["x" * MiB]))
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": ["2024-01-01T00:10:00Z"] * rows,
+            "tags": pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32)), element),
+        }
+    )
+    source = tmp_path / "lists.parquet"
+    pq.write_table(table, source, compression="zstd", store_schema=False)  # (read back as list<string>)
+    assert source.stat().st_size < 10_000
+    code, stderr, peak = _run_limited(tmp_path, source)
+    assert code == 2, stderr[-2000:]
+    assert "source: " in stderr and "its pages say one row may decode to" in stderr
+    assert "of column tags.list.element" in stderr
+    assert peak < 400 * MiB, peak
+
+
 def _written(tmp_path: Path) -> tuple[Path, Path]:
     """An ordinary file of three row groups (text, integers, a list), and a forged one to edit."""
     table = pa.table({"id": [f"r{i}" for i in range(30)], "occurredAt": ["2024-01-01T00:10:00Z"] * 30})
