@@ -19,6 +19,7 @@ from pcbo_dagster.cli.main import main
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.sources import streaming
 from pcbo_dagster.sources.record_files import jsonable_row
+from pcbo_dagster.sources.zones import Window
 from pcbo_dagster_tests.cli_runner import lake_files, pcbo_env, write_request
 from pcbo_dagster_tests.parquet_forging import (
     column_meta,
@@ -242,7 +243,7 @@ def _decoded_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return decoded
 
 
-def _ordinary(path: Path) -> pa.Table:
+def _ordinary(path: Path, data_page_version: str = "1.0") -> pa.Table:
     rng = np.random.default_rng(7)
     rows = 3000
     table = pa.table(
@@ -262,19 +263,22 @@ def _ordinary(path: Path) -> pa.Table:
         data_page_size=8192,
         write_batch_size=16,
         use_dictionary=["id", "occurredAt", "tags"],
+        data_page_version=data_page_version,
     )
     return table
 
 
+@pytest.mark.parametrize("data_page_version", ["1.0", "2.0"])
 def test_ordinary_row_groups_read_the_same_records_in_batches_within_the_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_page_version: str
 ) -> None:
     """With a budget that 700-row groups do not fit (PCBO_MAX_LINE_BYTES=64 KiB: 256 KiB a batch), a
-    file of five row groups is read in smaller batches, none decoding more than the budget, and
-    yields the records of the whole file read at once, in order, at their positions; re-read by
-    position (`fetch_chunks`) they are the same. Before, every batch was 2,048 rows, 1.3 MB."""
+    file of five row groups (version 1 or 2 pages) is read in smaller batches, none decoding more
+    than the budget, and yields the records of the whole file read at once, in order, at their
+    positions; re-read by position (`fetch_chunks`), and read by zone (`prune_zones`), they are the
+    same, within the budget too. Before, every batch was 2,048 rows, 1.3 MB."""
     path = tmp_path / "ordinary.parquet"
-    expected = [jsonable_row(row) for row in _ordinary(path).to_pylist()]
+    expected = [jsonable_row(row) for row in _ordinary(path, data_page_version).to_pylist()]
     monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(64 << 10))
     decoded = _decoded_sizes(monkeypatch)
     source = streaming.ParquetSource(str(path), "ordinary.parquet")
@@ -286,6 +290,13 @@ def test_ordinary_row_groups_read_the_same_records_in_batches_within_the_budget(
     decoded.clear()
     again = [r for chunk in source.fetch_chunks(positions[::-1], 500) for r in chunk]
     assert again == expected[::-1]
+    assert decoded and max(decoded) <= 256 << 10
+    decoded.clear()
+    zoned = streaming.ParquetSource(str(path), "ordinary.parquet")
+    day = 1704067200 * 1_000_000  # 2024-01-01T00:00:00Z
+    zoned.prune_zones(Window("occurredAt", False, day, day + 86_400_000_000))
+    assert [r for records, _, _ in zoned.batches(2048) for r in records] == expected
+    assert decoded and max(decoded) <= 256 << 10
 
 
 def test_ordinary_files_read_as_before_with_the_default_budget(tmp_path: Path) -> None:

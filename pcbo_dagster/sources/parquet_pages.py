@@ -124,7 +124,7 @@ class _Compact:
             raise _Malformed("structures nested too deep")
         if kind in (1, 2):  # a boolean field: its value is in its type
             return
-        if kind in (3,):
+        if kind == 3:
             self.byte()
         elif kind in (4, 5, 6):
             self.varint()
@@ -137,8 +137,11 @@ class _Compact:
             size, inner = head >> 4, head & 0x0F
             if size == 15:
                 size = self.varint()
+            if inner in (1, 2, 3, 7):  # (elements of a fixed size: booleans and bytes take one)
+                self.skip_bytes(size * (8 if inner == 7 else 1))
+                return
             for _ in range(size):
-                self.skip(inner if inner not in (1, 2) else 3, depth + 1)
+                self.skip(inner, depth + 1)
         elif kind == 11:
             size = self.varint()
             if size:
