@@ -14,8 +14,9 @@ are read (Thrift compact protocol: `PageHeader`), each page's bytes skipped, and
   time), and a dictionary page decoded (its bytes, and a hash table entry a value);
 - its values, counted twice (Arrow decodes them, then builds the batch's array of them: one page of
   one 100 MiB value peaks at 300 MiB): `VALUE_OVERHEAD` bytes each (levels, offsets, validity,
-  dictionary indices) plus, for values of a fixed width, 16 bytes (a decimal Arrow makes of an
-  integer), or a FIXED_LEN_BYTE_ARRAY's length (at least 32); text and binary values written plain
+  dictionary indices; 4 for a top-level column of a fixed-width Arrow type) plus, for values of a
+  fixed width, that type's width, else 16 bytes (a decimal Arrow makes of an integer) or a
+  FIXED_LEN_BYTE_ARRAY's length (at least 32); text and binary values written plain
   hold at most the page's bytes; values written with a dictionary and read without one (text in a
   list or a struct) hold at most the longest value of the dictionary page (decompressed to find
   it); values written with DELTA_BYTE_ARRAY (each value a prefix of the one before and a suffix) at
@@ -70,6 +71,9 @@ _DICTIONARY_ENTRY = 32
 #: Bytes Arrow makes of a value of a fixed width at most (a decimal of an INT32 or INT64 takes 16;
 #: a FIXED_LEN_BYTE_ARRAY its length, or 32 for a decimal of 256 bits).
 _FIXED_WIDTH = 16
+#: Bytes a value of a top-level column of a fixed width takes besides its own: its definition level
+#: (2) and validity bit, rounded up.
+_FLAT_OVERHEAD = 4
 _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
 _DICTIONARY_ENCODINGS = frozenset({2, 8})  # PLAIN_DICTIONARY, RLE_DICTIONARY
 _DELTA_BYTE_ARRAY = 7
@@ -250,6 +254,8 @@ class ColumnPages:
     pages: list[Page] = field(default_factory=list)
     #: Bytes a value takes at most, for values of a fixed width (else None).
     width: int | None = None
+    #: Bytes a value takes besides its own (levels, offsets, validity).
+    overhead: int = VALUE_OVERHEAD
     #: The longest value of its dictionary page, when read without a dictionary (else None).
     longest_dictionary_value: int | None = None
     read_as_dictionary: bool = False
@@ -262,12 +268,12 @@ class ColumnPages:
         largest = max((p.uncompressed + p.compressed for p in self.pages), default=0)
         entry = _DICTIONARY_ENTRY if self.read_as_dictionary else VALUE_OVERHEAD
         dictionary = sum(p.uncompressed + entry * p.values for p in self.pages if p.kind == _DICTIONARY_PAGE)
-        if self.read_as_dictionary:
-            dictionary += 2 * sum(
-                (p.values * p.uncompressed if p.encoding == _DELTA_BYTE_ARRAY else p.uncompressed)
-                + _DICTIONARY_ENTRY * p.values
-                for p in self._data_pages()
-                if p.encoding not in _DICTIONARY_ENCODINGS
+        if self.read_as_dictionary:  # (its values and their hash table entries; the batch's copy)
+            gathered = [p for p in self._data_pages() if p.encoding not in _DICTIONARY_ENCODINGS]
+            dictionary += sum(
+                2 * (p.values * p.uncompressed if p.encoding == _DELTA_BYTE_ARRAY else p.uncompressed)
+                + (_DICTIONARY_ENTRY + 4) * p.values
+                for p in gathered
             )
         return largest + dictionary
 
@@ -286,7 +292,7 @@ class ColumnPages:
         then builds the batch's array of them: a page of one 100 MiB value peaks at 300 MiB with
         the page itself)."""
         if self.width is not None:
-            size = values * (self.width + VALUE_OVERHEAD)
+            size = values * (self.width + self.overhead)
         elif page.encoding in _DICTIONARY_ENCODINGS:
             longest = 0 if self.read_as_dictionary else (self.longest_dictionary_value or 0)
             size = values * (longest + VALUE_OVERHEAD)
@@ -460,6 +466,27 @@ def _chunk_pages(fh: IO[bytes], file_size: int, chunk: pq.ColumnChunkMetaData) -
     return pages
 
 
+def _value_width(column: pq.ColumnSchema, arrow_type: pa.DataType | None) -> tuple[int | None, int]:
+    """(bytes a value of the leaf column takes at most, when of a fixed width, else None; bytes a
+    value takes besides). A top-level column of a fixed-width Arrow type: that width, and its
+    definition level and validity bit (`_FLAT_OVERHEAD`); any other: `_FIXED_WIDTH` (or a
+    FIXED_LEN_BYTE_ARRAY's length, at least 32) and `VALUE_OVERHEAD`."""
+    physical = column.physical_type
+    if physical == "BYTE_ARRAY":
+        return None, VALUE_OVERHEAD
+    flat = column.max_repetition_level == 0 and arrow_type is not None
+    if flat and arrow_type is not None and not pa.types.is_dictionary(arrow_type):
+        try:
+            bits = arrow_type.bit_width
+        except ValueError:  # (not a fixed-width type)
+            bits = 0
+        if bits:
+            return max(bits // 8, 1), _FLAT_OVERHEAD
+    if physical == "FIXED_LEN_BYTE_ARRAY":
+        return max(column.length, 32), VALUE_OVERHEAD
+    return _FIXED_WIDTH, VALUE_OVERHEAD
+
+
 def row_group_pages(
     fh: IO[bytes],
     pf: pq.ParquetFile,
@@ -478,6 +505,7 @@ def row_group_pages(
     schema = metadata.schema
     fh.seek(0, os.SEEK_END)
     file_size = fh.tell()
+    arrow_types = {f.name: f.type for f in pf.schema_arrow}
     read: list[ColumnPages] = []
     for j in range(row_group.num_columns):
         column = schema.column(j)
@@ -487,18 +515,14 @@ def row_group_pages(
         chunk = row_group.column(j)
         try:
             pages = _chunk_pages(fh, file_size, chunk)
-            physical = column.physical_type
-            width: int | None = None
-            if physical == "FIXED_LEN_BYTE_ARRAY":
-                width = max(column.length, 32)
-            elif physical != "BYTE_ARRAY":
-                width = _FIXED_WIDTH
+            width, overhead = _value_width(column, arrow_types.get(path))
             pages_of = ColumnPages(
                 path,
                 column.max_repetition_level > 0,
                 pages,
                 width,
                 read_as_dictionary=path in dictionary_columns and column.max_repetition_level == 0,
+                overhead=overhead,
             )
             if width is None and not pages_of.read_as_dictionary:
                 dictionaries = [p for p in pages if p.kind == _DICTIONARY_PAGE]
