@@ -1129,3 +1129,164 @@ def test_a_field_named_like_a_ledger_tables_partition_field_is_refused(tmp_path:
     assert "sourceRecords[70].LedgerSequence_TRUNC: " in refused.stderr
     assert "partition field ledgerSequence_trunc" in refused.stderr
     assert not (lake_dir(home) / DATASET).exists() and _table_count(home) == 0
+
+
+# -- whether a dataset version publishes is decided from the chain it verified ---------------------
+
+
+def _hide_declarations_from_unverified_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attacker's write between a verified read of the chain and the publication decision (a race
+    that cannot be timed otherwise): every read of the audit backup that does not verify (`read_chain`)
+    gets the chain without its `table_publication_recorded` event. Verified reads
+    (`read_chain_with_problems`) get the backup as it is."""
+    from pcbo_dagster.audit.backup import AuditBackup
+
+    real = AuditBackup.read_chain
+
+    def doctored(self: AuditBackup, chain_key: str) -> list[dict]:
+        return [e for e in real(self, chain_key) if e.get("event_type") != "table_publication_recorded"]
+
+    monkeypatch.setattr(AuditBackup, "read_chain", doctored)
+
+
+def _published_first_run(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A home whose dataset version declared `lake.events` and published run ice-1 to it."""
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "r1.json", _request("ice-1"))
+    first = run_pcbo(["execute", "--input", request], home=home)
+    assert first.status == 0, first.stderr
+    return home, _assert_table_is_the_manifests(home, _table(home))
+
+
+def _open_env(home: Path) -> Any:
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+
+    return Environment.open(Settings.resolve(home=str(home), env={}, parallel=1))
+
+
+def _second_run_without_table(tmp_path: Path, v1_ids: list[str]) -> Path:
+    """A re-version of one partition (an id already present) whose request names no table: where it
+    publishes is what the chain declares."""
+    request = _request("ice-2", existing=v1_ids[:1])
+    del request["table"]
+    return write_request(tmp_path / "r2.json", request)
+
+
+def test_an_execute_publishes_where_its_verified_chain_declares_whatever_the_backup_says_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: `publisher_for` decided "publishes nowhere" from a second, unverified read of
+    the audit backup made after the run had verified its chain: a declaration hidden from that read
+    (the attacker's write between the two) had the run commit to the lake and skip its table, exit 0.
+    The decision is now the verified chain's: the run publishes to the declared table."""
+    from pcbo_dagster.engine.execute import check_gates, execute
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    home, v1_ids = _published_first_run(tmp_path)
+    request_file = _second_run_without_table(tmp_path, v1_ids)
+    _hide_declarations_from_unverified_reads(monkeypatch)
+    loaded = load_request(request_file.read_bytes(), request_file.parent)
+    plan, decisions = evaluate(loaded)
+    check_gates(loaded, decisions)
+    env = _open_env(home)
+    try:
+        document = execute(env, loaded, plan, decisions)
+    finally:
+        env.close()
+    assert (document.get("table") or {}).get("status") == "published", "the table was skipped"
+    assert document["table"]["name"] == "lake.events"
+    assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
+
+
+def test_the_phases_publish_where_their_verified_chain_declares_whatever_the_backup_says_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same finding in the Dagster asset's phases: `emit_partitions` and `reconcile_partitions`
+    each decided from an unverified read; the table now follows the run (published, not skipped)."""
+    from pcbo_dagster.engine.execute import (
+        append_commit_events,
+        check_gates,
+        emit_partitions,
+        reconcile_partitions,
+    )
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    home, v1_ids = _published_first_run(tmp_path)
+    request_file = _second_run_without_table(tmp_path, v1_ids)
+    _hide_declarations_from_unverified_reads(monkeypatch)
+    loaded = load_request(request_file.read_bytes(), request_file.parent)
+    plan, decisions = evaluate(loaded)
+    check_gates(loaded, decisions)
+    env = _open_env(home)
+    try:
+        emission = emit_partitions(env, loaded, plan, decisions)
+        append_commit_events(env, emission)
+        document = reconcile_partitions(env, loaded, plan, decisions, emission)
+    finally:
+        env.close()
+    assert (document.get("table") or {}).get("status") == "published", "the table was skipped"
+    assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
+
+
+def test_a_rollback_publishes_where_its_verified_chain_declares_whatever_the_backup_says_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same finding in a rollback: it undid the lake and left the table showing the rows undone
+    (exit 0). The table now follows the rollback."""
+    from pcbo_dagster.engine.rollback import rollback
+
+    home, v1_ids = _published_first_run(tmp_path)
+    second = run_pcbo(["execute", "--input", _second_run_without_table(tmp_path, v1_ids)], home=home)
+    assert second.status == 0, second.stderr
+    assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
+    _hide_declarations_from_unverified_reads(monkeypatch)
+    env = _open_env(home)
+    try:
+        document = rollback(env, DATASET, "v1", run_id="ice-2")
+    finally:
+        env.close()
+    assert document["status"] == "rolled_back"
+    assert (document.get("table") or {}).get("status") == "published", "the table was skipped"
+    assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids
+
+
+def test_a_declaration_removed_after_the_runs_verified_read_is_refused_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attack on the file itself: the declaration line deleted from the backup right after the
+    run verified its chain, under its lease. The run used to read the edited backup, find no table
+    and commit to the lake without publishing (exit 0); the publication now starts from the verified
+    declaration, and its own verified read refuses the edited chain (`ChainNotVerified`, exit 1)
+    before anything is written."""
+    from pcbo_dagster.engine import execute as execute_module
+    from pcbo_dagster.engine.partition_checks import ChainNotVerified
+    from pcbo_dagster.engine.request_loading import evaluate, load_request
+
+    home, v1_ids = _published_first_run(tmp_path)
+    request_file = _second_run_without_table(tmp_path, v1_ids)
+    loaded = load_request(request_file.read_bytes(), request_file.parent)
+    plan, decisions = evaluate(loaded)
+    execute_module.check_gates(loaded, decisions)
+    backup = home / "pas" / DATASET / "v1.jsonl"
+    real = execute_module.verified_chain
+
+    def verified_then_edited(*args: Any, **kwargs: Any) -> Any:
+        chain = real(*args, **kwargs)
+        lines = backup.read_bytes().splitlines(keepends=True)
+        kept = [line for line in lines if b'"table_publication_recorded"' not in line]
+        assert len(kept) == len(lines) - 1
+        backup.write_bytes(b"".join(kept))
+        monkeypatch.setattr(execute_module, "verified_chain", real)  # once
+        return chain
+
+    monkeypatch.setattr(execute_module, "verified_chain", verified_then_edited)
+    before = lake_files(home)
+    env = _open_env(home)
+    try:
+        with pytest.raises(ChainNotVerified, match="events/v1 does not verify"):
+            execute_module.execute(env, loaded, plan, decisions)
+    finally:
+        env.close()
+    assert lake_files(home) == before  # nothing committed
+    assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids

@@ -330,6 +330,7 @@ def execute(
             request.table,
             plan.dataset,
             plan.version_label,
+            verified=verified.replayed,
             plan=plan,
             given=table,
             columns=schema.names,
@@ -1180,6 +1181,7 @@ def emit_partitions(
             loaded.request.table,
             plan.dataset,
             plan.version_label,
+            verified=verified.replayed,
             plan=plan,
             columns=schema.names,
             field_of=lambda column: loaded.field_of(column, decisions.partitions),
@@ -1346,7 +1348,7 @@ def reconcile_partitions(
             failure, failed_key, kind = refusal.message, refusal.partition_key, refusal.kind
         # Issue 17: the table follows the chain as reconciliation left it (a crash before is healed).
         publisher = iceberg_publication.publisher_for(
-            env, loaded.request.table, dataset, version_label, plan=plan
+            env, loaded.request.table, dataset, version_label, verified=state, plan=plan
         )
         if publisher is not None and not failure:  # (`state` follows the undos the checks appended)
             failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)

@@ -434,7 +434,7 @@ def rollback(
         # Issue 17: the recorded Iceberg table follows (after the events; a crash before is healed). A
         # refusal (the table diverged) leaves the rollback done: its checkpoint is published and its
         # changes announced all the same, and it fails (exit 1) with its document.
-        publisher = iceberg_publication.publisher_for(env, None, dataset, version_label)
+        publisher = iceberg_publication.publisher_for(env, None, dataset, version_label, verified=state)
         refused = None
         if publisher is not None and iceberg_publication.publish_or_refuse(
             publisher, state, run_id, reason="rollback"

@@ -51,8 +51,11 @@ the lake, under `<lake>/_iceberg/<namespace>/<table>` (no dataset name starts wi
 against are read from the audit chain through `partition_checks.verified_chain` (every hash and link,
 the catalog's head, the history its stored log and checkpoints hold) each time a publication reads it,
 under the dataset's lock: a chain edited since the run, rollback or repair began is refused
-(`ChainNotVerified`, exit 1) before a table is created or a snapshot published. A dataset version
-that publishes nowhere (no table given, none declared on the chain) reads nothing more.
+(`ChainNotVerified`, exit 1) before a table is created or a snapshot published. Whether it publishes
+at all is decided from the chain the run or rollback verified under that lock (`publisher_for`'s
+`verified`), never from another read of the backup: a dataset version that publishes nowhere (no
+table given, none declared on that chain) reads nothing more, and a declaration hidden from the
+backup since is published to all the same, or the edited chain refused.
 
 **Write-audit-publish.** A rollout's staging environment publishes to the table's `staging` branch
 (its files are the staging lake's); promotion publishes production's byte-identical files to `main`
@@ -1299,18 +1302,22 @@ def publisher_for(
     dataset: str,
     version_label: str,
     *,
+    verified: ChainState,
     plan: Plan | None = None,
     given: TableTarget | None = None,
     columns: list[str] | None = None,
     field_of: Callable[[str], str] = str,
 ) -> Publisher | None:
     """The publisher of a dataset version (None when it publishes nowhere); see `resolve_target`.
-    `columns`: the run's columns, refused (`refuse_column_names`, `field_of` naming a column's field)
-    before the table is declared or anything written."""
-    chain = env.audit.backup.read_chain(f"{dataset}/{version_label}")
-    if spec is None and given is None and not declared_publications(chain):
-        return None  # it publishes nowhere: nothing is decided from the chain, nothing published
-    chain = verified_events(env, dataset, version_label)  # where, and what is published: verified
+    `verified`: the replay of the chain the caller verified (`partition_checks.verified_chain`) under
+    the dataset's lock it still holds, the run's or rollback's own events since replayed into it:
+    whether the dataset version publishes at all is decided from it, never from another read of the
+    backup (which someone who can write the backup could have changed since). `columns`: the run's
+    columns, refused (`refuse_column_names`, `field_of` naming a column's field) before the table is
+    declared or anything written."""
+    if spec is None and given is None and not declared_publications(verified.other):
+        return None  # it publishes nowhere (no table given, none declared): nothing more is read
+    chain = verified_events(env, dataset, version_label)  # where, and what is published: verified again
     target = resolve_target(env, spec, dataset, version_label, given, chain)
     if target is None:
         return None
