@@ -269,6 +269,7 @@ EMPTY_PATHS = [
     (["log", "verify-proof", "--proof", "req.json", "--key", ""], "--key"),
     (["log", "verify-proof", "--proof", "req.json", "--key", VKEY, "--checkpoint", ""], "--checkpoint"),
     (["evidence", "verify", "", "--key", VKEY], "FILE"),
+    (["evidence", "verify", "ev.json", "--key", VKEY, "--approver-key", ""], "--approver-key"),
     (["keys", "show", "--key", ""], "--key"),
     (["validate-config", ""], "FILE"),
     (["demo-data", "--dir", ""], "--dir"),

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pcbo_dagster.cli import main as cli
 from pcbo_dagster.core.audit_chain import build_event
 from pcbo_dagster.core.canonical import jcs
-from pcbo_dagster.core.checkpoints import Checkpoint, parse_signed_checkpoint
+from pcbo_dagster.core.checkpoints import Checkpoint, origin_for, parse_signed_checkpoint
 from pcbo_dagster.core.merkle import MerkleTree
 from pcbo_dagster.core.signed_note import (
     COSIGNATURE_V1,
@@ -223,10 +223,10 @@ def _with_checkpoint(package: dict[str, Any], note: Note) -> dict[str, Any]:
 
 
 def _logged(package: dict[str, Any], statement: dict[str, Any], events: list[dict]) -> dict[str, Any]:
-    """What an insider holding the operator's key makes of `events`, the whole log of events/v1 (seq 0
+    """What an insider holding the operator's key makes of `events`, the whole log of one chain (seq 0
     up): the statement carries them with their proofs against a checkpoint of that log it signs."""
     tree = MerkleTree([event_leaf(e) for e in events])
-    note = Checkpoint("pcbo/events/v1", tree.size, tree.root).sign(package["key"])
+    note = Checkpoint(origin_for(events[0]["chain"]["chain_key"]), tree.size, tree.root).sign(package["key"])
     statement["predicate"]["checkpoint"] = note.render()
     statement["predicate"]["auditEvents"] = [
         {
@@ -554,33 +554,35 @@ def test_a_committed_partition_left_out_shows_against_the_intent(package: dict[s
     assert all("follows no intent in the package" in p for p in document["problems"])
 
 
-def test_a_promotion_package_carries_the_approval_it_relied_on(tmp_path: Path) -> None:
-    """The production run of a promoted rollout: its package holds the approval event its promotion
-    names, and verifies; without that event (and its approvals entry) it does not."""
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The package of the production run of rollout r3, approved by CY (a listed approver) and promoted,
+    exported with the operator's key."""
     import time
 
     from pcbo_dagster_tests.approver_keys import CY, key_file
     from pcbo_dagster_tests.test_rollout_cli import KEYS, QUICK_SOAK_CONFIG
 
+    work = tmp_path_factory.mktemp("promoted")
     records = [
         {"id": f"s-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n * 10:02d}:00Z", "jurisdiction": "US"}
         | {"consentGranted": n != 3}
         for h in range(4)
         for n in range(5)
     ]
-    (tmp_path / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
-    key_file(tmp_path, CY)
+    (work / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (work / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    key_file(work, CY)
     key = new_signing_key("ops.example/operator")
-    (tmp_path / "operator.key").write_text(key.text + "\n")
-    (tmp_path / "operator.key").chmod(0o600)
+    (work / "operator.key").write_text(key.text + "\n")
+    (work / "operator.key").chmod(0o600)
 
     def pcbo(*args: str) -> Any:
         run = run_pcbo(
             list(args),
-            home=tmp_path / "home",
-            cwd=tmp_path,
-            env={"PCBO_SIGNING_KEY": str(tmp_path / "operator.key")},
+            home=work / "home",
+            cwd=work,
+            env={"PCBO_SIGNING_KEY": str(work / "operator.key")},
         )
         assert run.status == 0, run.stderr
         return run
@@ -593,11 +595,18 @@ def test_a_promotion_package_carries_the_approval_it_relied_on(tmp_path: Path) -
     pcbo("approve", "r3", "--key", "cy.key", "--reason", "numbers reviewed", *config)
     pcbo("rollout", "promote", "r3", "--by", "dee", *config)
     envelope = pcbo("evidence", "export", "--run", "rollout-r3-production").document
-    vkey = key.verifier().text
-    path = tmp_path / "package.json"
-    path.write_text(json.dumps(envelope))
-    status, document = offline(tmp_path, "evidence", "verify", str(path), "--key", vkey)
+    return {"work": work, "key": key, "vkey": key.verifier().text, "envelope": envelope}
+
+
+def test_a_promotion_package_carries_the_approval_it_relied_on(promoted: dict[str, Any]) -> None:
+    """The production run of a promoted rollout: its package holds the approval event its promotion
+    names, and verifies; without that event (and its approvals entry) it does not."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    envelope = promoted["envelope"]
+    status, document = _verify(promoted, envelope)
     assert status == 0 and document["valid"], document["problems"]
+    assert document["approvals"] is None  # no --approver-key: the notes are carried, not checked
     predicate = _statement(envelope)["predicate"]
     assert [a["by"] for a in predicate["approvals"]] == [CY.name]
     statement = _statement(envelope)
@@ -605,10 +614,208 @@ def test_a_promotion_package_carries_the_approval_it_relied_on(tmp_path: Path) -
         a for a in statement["predicate"]["auditEvents"] if a["event"]["event_type"] != "rollout_approved"
     ]
     statement["predicate"]["approvals"] = []
-    path.write_text(json.dumps(sign_envelope(jcs(statement), key)))
-    status, document = offline(tmp_path, "evidence", "verify", str(path), "--key", vkey)
+    status, document = _verify(promoted, _resigned(promoted, statement))
     assert status == 1
     assert document["problems"] == ["the package lacks an approval event the run's promotion relied on"]
+
+
+def test_approver_keys_verify_the_approval_a_promotion_relied_on(promoted: dict[str, Any]) -> None:
+    """`--approver-key`: the approval note the promotion relied on verifies under the approver's key, and
+    the verdict names who signed it; under another approver's key only, the package is invalid."""
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    approval = _statement(promoted["envelope"])["predicate"]["approvals"][0]
+    status, document = _verify(promoted, promoted["envelope"], "--approver-key", CY.verifier().text)
+    assert status == 0 and document["valid"], document["problems"]
+    assert document["approvals"] == [
+        {
+            "eventHash": approval["eventHash"],
+            "verified": True,
+            "approver": CY.name,
+            "approverKey": CY.verifier().text,
+            "problem": None,
+        }
+    ]
+    status, document = _verify(promoted, promoted["envelope"], "--approver-key", BO.verifier().text)
+    assert status == 1 and not document["valid"]
+    assert document["approvals"][0]["verified"] is False
+    assert document["approvals"][0]["approver"] is None
+    assert document["problems"] == [
+        f"the approval {approval['eventHash']} the run's promotion relied on is not a signed approval of a "
+        f"trusted --approver-key: {CY.name!r} is not a listed approver"
+    ]
+
+
+def _with_approval_note(
+    promoted: dict[str, Any],
+    note: str,
+    event_type: str = "rollout_approved",
+    promotion: dict[str, Any] | None = None,
+    **said: Any,
+) -> dict[str, Any]:
+    """What an insider holding the operator's key makes of the promoted package: the same log, but
+    whose approval event carries `note` (the event otherwise as the chain had it, unless it is made of
+    type `event_type` or its members `said` changed), the promotion naming that event (its members
+    `promotion` changed), every event rehashed and relinked, the claims rederived, checkpoint and
+    envelope signed again."""
+    from pcbo_dagster.core.audit_chain import RESERVED_KEYS
+    from pcbo_dagster.evidence.package import CLAIMS, claims_of
+
+    statement = _statement(promoted["envelope"])
+    events: list[dict] = []
+    renamed: dict[str, str] = {}
+    for entry in statement["predicate"]["auditEvents"]:
+        event = entry["event"]
+        body = {k: v for k, v in event.items() if k not in RESERVED_KEYS}
+        kind = event["event_type"]
+        if kind == "rollout_approved":
+            kind = event_type
+            body = {**body, **said, "signed_approval": note}
+        if body.get("approval_event_hash") in renamed:
+            body = {**body, **(promotion or {}), "approval_event_hash": renamed[body["approval_event_hash"]]}
+        rebuilt = build_event(
+            chain_key=event["chain"]["chain_key"],
+            seq=len(events),
+            prev_event_hash=events[-1]["chain"]["event_hash"] if events else None,
+            event_type=kind,
+            timestamp=event["timestamp"],
+            body=body,
+        )
+        renamed[event["chain"]["event_hash"]] = rebuilt["chain"]["event_hash"]
+        events.append(rebuilt)
+    run = statement["predicate"]["run"]
+    claims = claims_of(events, run["runId"], run["dataset"], run["versionLabel"])
+    statement["predicate"].update({name: claims[name] for name in CLAIMS})
+    return _logged(promoted, statement, events)
+
+
+def _altered(note: str) -> str:
+    return note.replace("numbers reviewed", "numbers reviewed twice")
+
+
+def _of_another_rollout() -> str:
+    from pcbo_dagster.core.signed_approvals import sign_approval
+    from pcbo_dagster_tests.approver_keys import CY
+
+    return sign_approval(CY, "r4", "approved", "sha256:" + "cd" * 32, "fine", "2026-12-06T00:00:00Z").render()
+
+
+def _of_an_untrusted_key(note: str) -> str:
+    from pcbo_dagster.core.signed_approvals import read_signed_approval, sign_approval
+    from pcbo_dagster_tests.approver_keys import CY
+
+    said = read_signed_approval(note, [CY.verifier()])
+    impostor = new_signing_key(CY.name)  # the approver's name, another key
+    return sign_approval(
+        impostor, said.rollout, said.decision, said.decision_hash, said.reason, said.time
+    ).render()
+
+
+@pytest.mark.parametrize(
+    ("forge", "problem"),
+    [
+        (_altered, "the signature of approvers.example/cy does not verify"),
+        (lambda note: _of_another_rollout(), "the statement names rollout 'r4', its event 'r3'"),
+        (_of_an_untrusted_key, "no signature from a trusted key"),
+    ],
+    ids=["altered", "another-rollout", "untrusted-key"],
+)
+def test_an_approval_note_the_approver_did_not_sign_for_this_event_is_refused(
+    promoted: dict[str, Any], forge: Any, problem: str
+) -> None:
+    """An insider with the operator's key puts in the approval event the promotion relied on a note
+    the approver's key did not sign as it stands (altered), one about another rollout, or one signed by
+    another key under the approver's name: the log and envelope verify (the notes are carried), but
+    not with `--approver-key`."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    note = _statement(promoted["envelope"])["predicate"]["approvals"][0]["signedApproval"]
+    forged = _with_approval_note(promoted, forge(note))
+    status, document = _verify(promoted, forged)
+    assert status == 0 and document["valid"], document["problems"]
+    status, document = _verify(promoted, forged, "--approver-key", CY.verifier().text)
+    assert status == 1 and not document["valid"]
+    assert document["problems"] == [
+        f"the approval {document['approvals'][0]['eventHash']} the run's promotion relied on is not a "
+        f"signed approval of a trusted --approver-key: {problem}"
+    ]
+    assert [a["verified"] for a in document["approvals"]] == [False]
+
+
+def test_an_approval_event_of_another_rollout_or_a_rejection_opens_no_promotion(
+    promoted: dict[str, Any],
+) -> None:
+    """An insider with the operator's key makes the promotion rely on an event whose note says what it
+    says and verifies under the approver's key: a genuine approval of another rollout and decision hash
+    (the approver's, event and all), or the approver's rejection of this one. Neither approved what was
+    promoted: invalid with `--approver-key`."""
+    from pcbo_dagster.core.signed_approvals import sign_approval
+    from pcbo_dagster_tests.approver_keys import CY
+
+    approval = _statement(promoted["envelope"])["predicate"]["approvals"][0]
+    other_hash = "sha256:" + "cd" * 32
+    elsewhere = sign_approval(CY, "r4", "approved", other_hash, "fine", "2026-12-06T00:00:00Z").render()
+    subject = {**approval["rollout"], "name": "r4"}
+    forged = _with_approval_note(promoted, elsewhere, rollout=subject, decision_hash=other_hash)
+    status, document = _verify(promoted, forged, "--approver-key", CY.verifier().text)
+    assert status == 1 and [a["verified"] for a in document["approvals"]] == [False]
+    assert document["problems"] == [
+        f"the approval {document['approvals'][0]['eventHash']} the run's promotion relied on approves "
+        f"rollout 'r4' decision hash {other_hash}, not what the promotion relying on it promoted "
+        f"(('r3', '{approval['decision_hash']}'))"
+    ]
+    rejection = sign_approval(
+        CY, "r3", "rejected", approval["decision_hash"], "no", "2026-12-06T00:00:00Z"
+    ).render()
+    forged = _with_approval_note(promoted, rejection, "rollout_rejected", decision="rejected")
+    status, document = _verify(promoted, forged, "--approver-key", CY.verifier().text)
+    assert status == 1 and [a["verified"] for a in document["approvals"]] == [False]
+    assert document["problems"] == [
+        f"the approval {document['approvals'][0]['eventHash']} the run's promotion relied on is a "
+        f"rejection signed by {CY.name}, not an approval"
+    ]
+
+
+def test_a_promotion_naming_no_rollout_is_a_finding_not_a_crash(promoted: dict[str, Any]) -> None:
+    """A proven promotion whose rollout's name is a list (appended by an insider) is compared with what
+    the approval it relied on approves, never hashed (TypeError: unhashable type)."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    note = _statement(promoted["envelope"])["predicate"]["approvals"][0]["signedApproval"]
+    forged = _with_approval_note(promoted, note, promotion={"rollout": {"name": ["r3"]}})
+    status, document = _verify(promoted, forged, "--approver-key", CY.verifier().text)
+    assert status == 1 and [a["verified"] for a in document["approvals"]] == [False]
+    hashed = (["r3"], _statement(promoted["envelope"])["predicate"]["approvals"][0]["decision_hash"])
+    assert document["problems"][-1].endswith(f"not what the promotion relying on it promoted ({hashed!r})")
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        (["approvers.example/cy+0000"], "--approver-key"),
+        (["@CY", "@CY"], "listed already"),
+        (["@CY", "@CY-other-name"], "listed already"),
+        (["@OPERATOR"], "the operator's key"),
+        (["@WITNESS"], "type 0x01"),
+    ],
+    ids=["malformed", "twice", "one-key-two-names", "operator", "cosigner-key"],
+)
+def test_a_bad_approver_key_is_invalid_input(
+    promoted: dict[str, Any], given: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pcbo_dagster_tests.approver_keys import CY
+
+    named = {
+        "@CY": CY.verifier().text,
+        "@CY-other-name": signing_key_from_seed("approvers.example/cy2", CY.seed).verifier().text,
+        "@OPERATOR": promoted["vkey"],
+        "@WITNESS": WITNESS_VKEY,
+    }
+    flags = [arg for text in given for arg in ("--approver-key", named.get(text, text))]
+    status, document = _verify(promoted, promoted["envelope"], *flags)
+    assert status == 2 and document is None
+    err = capsys.readouterr().err
+    assert "--approver-key" in err and says in err, err
 
 
 def test_another_key_does_not_open_the_package(package: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """`pcbo evidence export --run R [--output FILE]` and `pcbo evidence verify FILE --key VKEY [--lake URL]
-[--witness-key VKEY ... --min-witnesses N] [--origin-prefix P]` (`evidence/package.py`)."""
+[--witness-key VKEY ... --min-witnesses N] [--approver-key VKEY ...] [--origin-prefix P]`
+(`evidence/package.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 
 from pcbo_dagster.cli.common import Findings, add_common_options, name_arg, open_environment, read_input
 from pcbo_dagster.core.checkpoints import DEFAULT_ORIGIN_PREFIX
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.core.signed_note import VerifierKey
 
 
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -16,6 +19,28 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
     with open_environment(args, create=False) as env:
         return export(env, args.run)
+
+
+def approver_keys_of(texts: list[str] | None, operator: VerifierKey) -> list[VerifierKey] | None:
+    """`--approver-key VKEY ...`: the approvers' keys the auditor trusts (None when not given);
+    `InvalidInput` unless each is an Ed25519 (type 0x01) key, its name and key given once (the rules of a
+    dataset's `rollout.approvers`), and not the operator's key (`--key`, under any name: whoever holds
+    it re-signs packages, and would approve its own promotions)."""
+    from pcbo_dagster.core.signed_approvals import approver_key_problem
+    from pcbo_dagster.engine.transparency_log import parse_key_argument
+
+    if texts is None:
+        return None
+    keys: list[VerifierKey] = []
+    for text in texts:
+        key = parse_key_argument(text, "--approver-key")
+        problem = approver_key_problem(key, keys)
+        if problem is None and key.public_key == operator.public_key:
+            problem = f"{key.name}: the operator's key (--key) approves nothing it promoted itself"
+        if problem is not None:
+            raise InvalidInput("--approver-key", problem)
+        keys.append(key)
+    return keys
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
@@ -27,6 +52,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
     key = parse_key_argument(args.key, "--key")
     witnesses, minimum = witness_requirement(args.witness_key, args.min_witnesses, key)
+    approvers = approver_keys_of(args.approver_key, key)
     lake_url = store_location("--lake", plain_path("--lake", args.lake))
     raw, _ = read_input(args.file, flag="FILE")
     lake = LakeStorage(lake_url) if lake_url else None
@@ -37,6 +63,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         witnesses,
         min_witnesses=minimum,
         origin_prefix=args.origin_prefix,
+        approver_keys=approvers,
     )
     if not document["valid"]:
         raise Findings(document)
@@ -62,6 +89,12 @@ def add_evidence_commands(sub: Any) -> None:
         type=int,
         help="how many --witness-key cosignatures the package's checkpoint must carry (default 0: "
         "then it proves only what the operator's key signs)",
+    )
+    p.add_argument(
+        "--approver-key",
+        action="append",
+        help="an approver's verifier key you trust (repeatable): every approval the run's promotion relied "
+        "on must be signed by one of them and say what its audit event says",
     )
     p.add_argument(
         "--origin-prefix",

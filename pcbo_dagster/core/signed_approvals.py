@@ -11,16 +11,24 @@ instant (`YYYY-MM-DDTHH:MM:SS[.ffffff]Z` as pcbo signs it; any instant `core/ins
 accepted) that orders it after or before a rejection. A statement names its rollout and decision
 hash, so it cannot be replayed for another rollout or another set of decisions; the gate also
 requires its event to be on the production audit chain, and counts each statement once.
+
+`approval_of_event` is the one check of a recorded decision (a `rollout_approved` / `rollout_rejected`
+event): its statement verifies under a trusted key and says what its event says. The rollout gate
+(`rollout/approvals.py`) counts only the events it accepts; `pcbo evidence verify --approver-key`
+(`evidence/package.py`) checks with it the approvals a promotion relied on.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pcbo_dagster.core.canonical import CanonicalizationError, jcs
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.signed_note import (
+    ED25519,
     Note,
     NoteError,
     SigningKey,
@@ -32,6 +40,10 @@ from pcbo_dagster.core.signed_note import (
 
 HEADER = "pcbo.approval/v1"
 DECISIONS = ("approved", "rejected")
+#: The audit events that record a signed decision (`rollout/approvals.py` appends them).
+ROLLOUT_APPROVED = "rollout_approved"
+ROLLOUT_REJECTED = "rollout_rejected"
+APPROVAL_EVENTS = (ROLLOUT_APPROVED, ROLLOUT_REJECTED)
 _FIELDS = {"decision", "decision_hash", "reason", "rollout", "signer", "time"}
 
 
@@ -108,3 +120,41 @@ def read_signed_approval(note_text: str, approvers: list[VerifierKey]) -> Signed
         signer=verified[0],
         note=note.render(),
     )
+
+
+def approval_of_event(event: Mapping[str, Any], approvers: list[VerifierKey]) -> SignedApproval:
+    """The signed statement an approval or rejection event carries (`signed_approval`), when it
+    verifies under one of `approvers` and says what its event says: the rollout the event names, the
+    decision its type records, its decision hash, and its signer (`by`). `NoteError` saying why not: a
+    statement copied into another rollout's event, or another decision hash's, proves nothing."""
+    signed = read_signed_approval(str(event.get("signed_approval") or ""), approvers)
+    subject = event.get("rollout")
+    said = {
+        "rollout": subject.get("name") if isinstance(subject, Mapping) else None,
+        "decision": "approved" if event.get("event_type") == ROLLOUT_APPROVED else "rejected",
+        "decision hash": event.get("decision_hash"),
+        "signer": event.get("by"),
+    }
+    signs = {
+        "rollout": signed.rollout,
+        "decision": signed.decision,
+        "decision hash": signed.decision_hash,
+        "signer": signed.signer.name,
+    }
+    for what, value in said.items():
+        if signs[what] != value:
+            raise NoteError(f"the statement names {what} {signs[what]!r}, its event {value!r}")
+    return signed
+
+
+def approver_key_problem(key: VerifierKey, earlier: list[VerifierKey]) -> str | None:
+    """Why `key` cannot be trusted as an approver's key besides `earlier` ones (None: it can): not an
+    Ed25519 (type 0x01) key, or its name or its key given already (one holder would count as two
+    approvers)."""
+    if key.signature_type != ED25519:
+        return f"{key.name}: not an Ed25519 (type 0x01) verifier key"
+    if any(other.name == key.name for other in earlier):
+        return f"{key.name}: an approver of this name is listed already"
+    if any(other.public_key == key.public_key for other in earlier):
+        return f"{key.name}: its key is listed already, under another name"
+    return None

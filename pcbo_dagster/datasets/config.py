@@ -430,20 +430,19 @@ class RolloutConfig(_Strict):
 
     @model_validator(mode="after")
     def _approvers(self) -> RolloutConfig:
-        from pcbo_dagster.core.signed_note import ED25519, NoteError, parse_verifier_key
+        from pcbo_dagster.core.signed_approvals import approver_key_problem
+        from pcbo_dagster.core.signed_note import NoteError, VerifierKey, parse_verifier_key
 
-        names, public_keys = set(), set()
+        keys: list[VerifierKey] = []
         for index, text in enumerate(self.approvers):
             try:
                 key = parse_verifier_key(text)
             except NoteError as exc:
                 raise _FieldError(f"approvers[{index}]", str(exc)) from None
-            if key.signature_type != ED25519 or key.name in names:
-                raise _FieldError(f"approvers[{index}]", "an Ed25519 (type 0x01) key, each name once")
-            if key.public_key in public_keys:  # one holder would count as two approvers
-                raise _FieldError(f"approvers[{index}]", "its key is listed already, under another name")
-            names.add(key.name)
-            public_keys.add(key.public_key)
+            problem = approver_key_problem(key, keys)
+            if problem is not None:
+                raise _FieldError(f"approvers[{index}]", problem)
+            keys.append(key)
         if self.approvers and self.requiredApprovals > len(self.approvers):
             raise _FieldError("requiredApprovals", f"more than the {len(self.approvers)} approvers listed")
         return self

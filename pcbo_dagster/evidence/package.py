@@ -31,6 +31,12 @@ cosignatures of witnesses the verifier trusts (`--witness-key`, `--min-witnesses
 cosign a history inconsistent with the one they saw, bind the package to the log everyone else sees.
 A package does not prove that the log holds no other event of the run: an omitted intent with all its
 commits leaves no trace in it (`pcbo verify --trusted-checkpoint` checks the whole chain).
+
+The approval notes a package carries are checked only against approvers' keys the verifier trusts
+(`--approver-key`): each approval the run's promotion relied on must pass the rollout gate's own check
+(`approval_of_event`: its note verifies under one of those keys and names the rollout, decision,
+decision hash and signer its event names) and approve the rollout and decision hash that promotion
+promoted. The operator's key signs approval events onto the log, never the notes in them.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from pcbo_dagster.core.checkpoints import (
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.request_model import NAME_PATTERN, parse_json_strict
+from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS, ROLLOUT_APPROVED, approval_of_event
 from pcbo_dagster.core.signed_note import (
     NoteError,
     VerifierKey,
@@ -71,9 +78,8 @@ from pcbo_dagster.lake import layout
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "urn:pcbo_dagster:evidence:v1"
-#: `rollout/approvals.py`'s and `rollout/promotion.py`'s event types (not imported: an offline verifier
-#: would load the whole engine with them).
-APPROVAL_EVENTS = ("rollout_approved", "rollout_rejected")
+#: `rollout/promotion.py`'s event type (not imported: an offline verifier would load the whole engine
+#: with it).
 ROLLOUT_PROMOTED = "rollout_promoted"
 STATEMENT_FIELDS = {"_type", "subject", "predicateType", "predicate"}
 #: The predicate's members: the claims `claims_of` derives, the checkpoint and the events.
@@ -370,10 +376,13 @@ def verify(
     witness_keys: list[VerifierKey] | None = None,
     min_witnesses: int = 0,
     origin_prefix: str = DEFAULT_ORIGIN_PREFIX,
+    approver_keys: list[VerifierKey] | None = None,
 ) -> dict[str, Any]:
     """Check a package offline (module doc); `{"valid", "problems", ...}`. `lake`: a `LakeStorage`
     whose subjects' bytes are checked too. The checkpoint's origin must be exactly the log of the run's
-    chain under `origin_prefix`, and carry at least `min_witnesses` cosignatures of `witness_keys`."""
+    chain under `origin_prefix`, and carry at least `min_witnesses` cosignatures of `witness_keys`.
+    `approver_keys` (None: not checked): the approvers' keys the verifier trusts; every approval the
+    run's promotion relied on must be signed by one of them (`_checked_approvals`)."""
     problems: list[str] = []
     try:
         payload = open_envelope(document, key)
@@ -434,6 +443,10 @@ def verify(
     if any(h not in proven_hashes for h in _relied_approvals(proven)):
         problems.append("the package lacks an approval event the run's promotion relied on")
     problems += _completion_problems(proven)
+    approvals = None
+    if approver_keys is not None:
+        approvals = _checked_approvals(proven, approver_keys)
+        problems += [a["problem"] for a in approvals if a["problem"] is not None]
     subjects: list[dict[str, Any]] = []
     rolled_back: set[str] = set()
     try:
@@ -477,7 +490,57 @@ def verify(
         "subjectsCheckedInLake": checked if lake is not None else None,
         "subjectsRolledBackFromLake": absent if lake is not None else None,
         "auditEvents": len(entries) if isinstance(entries, list) else 0,
+        "approvals": approvals,
     }
+
+
+def _checked_approvals(proven: list[dict], approver_keys: list[VerifierKey]) -> list[dict[str, Any]]:
+    """Each proven approval event a promotion of `proven` relied on, checked as the rollout gate checks
+    one (`approval_of_event`: its note verifies under one of `approver_keys` and says what its event
+    says), and an approval of the rollout and decision hash each promotion relying on it promoted:
+    `{eventHash, verified, approver, approverKey, problem}` (the approver's key name and vkey when it
+    verified; else the problem)."""
+    promotions = [e for e in proven if e.get("event_type") == ROLLOUT_PROMOTED]
+    relied = _relied_approvals(promotions)
+    checked: list[dict[str, Any]] = []
+    for event in proven:
+        event_hash = event["chain"]["event_hash"]
+        if event.get("event_type") not in APPROVAL_EVENTS or event_hash not in relied:
+            continue
+        signer: VerifierKey | None = None
+        problem = None
+        try:
+            signed = approval_of_event(event, approver_keys)
+        except NoteError as exc:
+            problem = f"is not a signed approval of a trusted --approver-key: {exc}"
+        else:
+            # a list (not a set): what an insider wrote there may be a list or an object
+            promoted = [
+                (_fields(p.get("rollout"), "name")[0], p.get("decision_hash"))
+                for p in promotions
+                if p.get("approval_event_hash") == event_hash
+            ]
+            if event.get("event_type") != ROLLOUT_APPROVED:
+                problem = f"is a rejection signed by {signed.signer.name}, not an approval"
+            elif any(pair != (signed.rollout, signed.decision_hash) for pair in promoted):
+                problem = (
+                    f"approves rollout {signed.rollout!r} decision hash {signed.decision_hash}, not what "
+                    f"the promotion relying on it promoted ({', '.join(sorted({repr(p) for p in promoted}))})"
+                )
+            else:
+                signer = signed.signer
+        checked.append(
+            {
+                "eventHash": event_hash,
+                "verified": signer is not None,
+                "approver": None if signer is None else signer.name,
+                "approverKey": None if signer is None else signer.text,
+                "problem": None
+                if problem is None
+                else f"the approval {event_hash} the run's promotion relied on {problem}",
+            }
+        )
+    return checked
 
 
 def _proven_events(entries: list[Any], chain_key: str, checkpoint: Any) -> tuple[list[dict], list[str]]:

@@ -42,7 +42,14 @@ from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant, to_micros
 from pcbo_dagster.core.rollout_lifecycle import SOAKING, row_disagreements
-from pcbo_dagster.core.signed_approvals import SignedApproval, read_signed_approval, sign_approval
+from pcbo_dagster.core.signed_approvals import (
+    ROLLOUT_APPROVED,
+    ROLLOUT_REJECTED,
+    SignedApproval,
+    approval_of_event,
+    read_signed_approval,
+    sign_approval,
+)
 from pcbo_dagster.core.signed_note import NoteError, SigningKey
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import ApprovalPolicy, RolloutEnvironments
@@ -50,8 +57,6 @@ from pcbo_dagster.rollout.lifecycle import append_event, production_chain, read_
 
 #: How far an approval's signed time may run ahead of the moment it is recorded (clock skew).
 CLOCK_SKEW_SECONDS = 600
-ROLLOUT_APPROVED = "rollout_approved"
-ROLLOUT_REJECTED = "rollout_rejected"
 DECISIONS = {"approve": "approved", "reject": "rejected"}
 
 
@@ -170,21 +175,12 @@ def record_decision(
     )
 
 
-def _verified(event: dict[str, Any], policy: ApprovalPolicy, name: str) -> SignedApproval | None:
+def _verified(event: dict[str, Any], policy: ApprovalPolicy) -> SignedApproval | None:
     """The event's signed statement when it verifies under a listed key and says what the event says."""
     try:
-        signed = read_signed_approval(str(event.get("signed_approval") or ""), list(policy.approvers))
+        return approval_of_event(event, list(policy.approvers))
     except NoteError:
         return None
-    expected = "approved" if event.get("event_type") == ROLLOUT_APPROVED else "rejected"
-    if (signed.rollout, signed.decision, signed.decision_hash, signed.signer.name) != (
-        name,
-        expected,
-        event.get("decision_hash"),
-        event.get("by"),
-    ):
-        return None
-    return signed
 
 
 def _statement(signed: SignedApproval) -> tuple[str, ...]:
@@ -241,7 +237,7 @@ def _counted_decisions(
             continue
         if body.get("name") != rollout["name"]:
             continue
-        signed = _verified(event, policy, rollout["name"])
+        signed = _verified(event, policy)
         if signed is None or _statement(signed) in seen:
             ignored += 1
             continue
