@@ -146,6 +146,39 @@ def test_a_genuine_result_replayed_for_another_step_run_or_task_is_refused(redis
     assert "does not verify" in _refusal(redis_db, *target)
 
 
+@pytest.mark.parametrize(
+    "state, value",
+    [
+        ("SUCCESS", None),
+        ("SUCCESS", [[str(uuid.uuid4()), None], None]),  # a group's result, as Celery stores one
+        ("FAILURE", ValueError("forged")),
+        ("FAILURE", KeyboardInterrupt("forged")),
+        ("FAILURE", SystemExit(0)),
+    ],
+    ids=["success_null", "group", "failure", "KeyboardInterrupt", "SystemExit"],
+)
+def test_a_result_in_another_of_celerys_shapes_is_refused(redis_db, state, value):
+    """Whatever state and value the backend holds for the step's task, what the coordinator gets is
+    a refusal (an `Exception`), never the exception the backend names."""
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    _backend(redis_db).backend.store_result(task_id, value, state)
+    message = _refusal(redis_db, task_id, run_id, "step_one")
+    if isinstance(value, BaseException):
+        assert f"the task ended in an exception ({type(value).__name__}" in message
+
+
+def test_a_revoked_result_is_task_revoked_error_whatever_exception_it_names(redis_db):
+    """`REVOKED` (what the coordinator's own revoke leaves) is `TaskRevokedError`, as from Celery's
+    `get`, whatever exception the backend names with it: dagster-celery takes no events of the step,
+    which is left unfinished, and the run fails."""
+    from celery.exceptions import TaskRevokedError
+
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    _backend(redis_db).backend.store_result(task_id, KeyboardInterrupt("forged"), "REVOKED")
+    with pytest.raises(TaskRevokedError, match=task_id):
+        _checked(redis_db, task_id, run_id, "step_one")
+
+
 def test_a_result_signed_with_another_key_is_refused(redis_db):
     """A worker given another key (another deployment's, or an attacker's) does not speak for ours."""
     run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -218,10 +251,18 @@ def _claimed_events(run_id: str) -> list[str]:
     ]
 
 
-def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event, taken: dict[str, Any]) -> None:
+def _rogue_consumer(
+    url: str,
+    sign_with: str | None,
+    stop: threading.Event,
+    taken: dict[str, Any],
+    failure: BaseException | None = None,
+) -> None:
     """Takes the first step message off the queue and writes its result: the claimed events as
     dagster-celery's task returns them (`sign_with` None), or signed as pcbo's worker signs them under
-    the key `sign_with`. (Should it fail, the failure is the task's result: the run ends.)"""
+    the key `sign_with`, or (`failure`) a failed task's result naming that exception (Celery's
+    `exc_type`, `exc_module`, `exc_message`). (Should it fail, the failure is the task's result: the
+    run ends.)"""
     import redis
     from dagster._grpc.types import ExecuteStepArgs
     from dagster._serdes import unpack_value
@@ -235,6 +276,9 @@ def _rogue_consumer(url: str, sign_with: str | None, stop: threading.Event, take
             message = json.loads(raw)
             task_id = message["headers"]["id"]
             taken["message"] = message
+            if failure is not None:
+                _backend(url).backend.store_result(task_id, failure, "FAILURE")
+                return
             try:
                 _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
                 args = unpack_value(kwargs["execute_step_args_packed"], as_type=ExecuteStepArgs)
@@ -263,13 +307,17 @@ def celery_env(redis_db, monkeypatch) -> Iterator[str]:
 
 
 def _run(
-    url: str, tmp_path: Path, sign_with: str | None, taken: dict[str, Any] | None = None
+    url: str,
+    tmp_path: Path,
+    sign_with: str | None,
+    taken: dict[str, Any] | None = None,
+    failure: BaseException | None = None,
 ) -> tuple[Any, list[Any]]:
     """The job run by the celery executor, the rogue consumer taking its step (the message it took in
-    `taken["message"]`)."""
+    `taken["message"]`; `failure`: the failed result it writes)."""
     stop = threading.Event()
     taken = {} if taken is None else taken
-    rogue = threading.Thread(target=_rogue_consumer, args=(url, sign_with, stop, taken), daemon=True)
+    rogue = threading.Thread(target=_rogue_consumer, args=(url, sign_with, stop, taken, failure), daemon=True)
     rogue.start()
     try:
         with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
@@ -300,6 +348,41 @@ def test_a_run_does_not_succeed_on_a_result_its_workers_did_not_sign(celery_env,
         if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
     )
     assert "refused: unauthenticated result for step step_one" in str(failure.dagster_event), failure
+
+
+def _interrupt() -> BaseException:
+    from dagster._core.errors import DagsterExecutionInterruptedError
+
+    return DagsterExecutionInterruptedError("forged")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [lambda: KeyboardInterrupt("forged"), lambda: SystemExit(0), _interrupt],
+    ids=["KeyboardInterrupt", "SystemExit", "DagsterExecutionInterruptedError"],
+)
+def test_a_failed_result_naming_an_interruption_is_refused_like_any_unsigned_result(
+    celery_env, tmp_path, failure
+):
+    """A failed task's result in the backend names its exception by module and class, and Celery's
+    `get` raises that class. One that is not an `Exception` (an interruption, an exit) passed by
+    dagster-celery's `except Exception`: before, a rogue result naming `KeyboardInterrupt` had the run
+    recorded canceled, as if an operator had stopped it, with no trace of the refusal. Now no exception
+    read from the backend is raised: the step fails `refused: unauthenticated result ...` and so does
+    the run."""
+    result, entries = _run(celery_env, tmp_path, None, failure=failure())
+    kinds = _types(entries)
+    assert not result.success
+    assert dg.DagsterEventType.RUN_SUCCESS not in kinds
+    assert dg.DagsterEventType.RUN_CANCELED not in kinds, kinds
+    failure_event = next(
+        e
+        for e in entries
+        if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
+    )
+    assert "refused: unauthenticated result for step step_one" in str(failure_event.dagster_event), (
+        failure_event
+    )
 
 
 def test_a_run_succeeds_on_a_result_signed_under_the_shared_key(celery_env, tmp_path):

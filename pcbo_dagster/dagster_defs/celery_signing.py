@@ -14,7 +14,8 @@ coordinator's executor (`authenticated_celery_executor`: dagster-celery's, each 
 its result checked) takes the events of a result whose MAC verifies for the run, step and task it
 sent, and fails the step with `refused: unauthenticated result ...` (nothing of the result taken)
 otherwise: a result forged or altered in the backend, a genuine one copied to another step's, run's
-or attempt's task, one from a worker with another key.
+or attempt's task, one from a worker with another key, a failed task's (the exception the backend
+names is never raised: `VerifiedStepResult.get`).
 
 **Messages.** The coordinator sends each step message with a header `pcbo_step_mac`, an HMAC-SHA256 of
 the task id and the message's arguments (the step's `ExecuteStepArgs` and the job's code pointer);
@@ -139,6 +140,11 @@ def verified_events(
             f"{CELERY_KEY_ENV} is taken"
         )
 
+    if isinstance(result, BaseException):
+        raise refused(
+            f"the task ended in an exception ({type(result).__name__}; the worker's log has it), "
+            "which pcbo's worker does not sign"
+        )
     if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
         raise refused("not a result pcbo's worker signed")
     events, mac = result.get("events"), result.get("mac")
@@ -175,9 +181,18 @@ class VerifiedStepResult:
         return self._result.revoke(*args, **kwargs)
 
     def get(self, *args: Any, **kwargs: Any) -> list[str]:
-        return verified_events(
-            self._secret, self._result.get(*args, **kwargs), self.run_id, self.step_keys, self.id
-        )
+        """The events of a result signed for this step; `UnauthenticatedResult` for anything else. A
+        failed task's exception is never raised: its class is named by the result backend, and one that
+        is not an `Exception` (`KeyboardInterrupt`, `SystemExit`) would pass dagster-celery's
+        `except Exception` and end the run as interrupted, its other steps left running. A revoked task
+        raises `TaskRevokedError`, as Celery's `get` does: the step is left unfinished and the run fails."""
+        from celery import states
+        from celery.exceptions import TaskRevokedError
+
+        value = self._result.get(*args, **{**kwargs, "propagate": False})
+        if self._result.state == states.REVOKED:
+            raise TaskRevokedError(f"Celery task {self.id} of step {', '.join(self.step_keys)} was revoked")
+        return verified_events(self._secret, value, self.run_id, self.step_keys, self.id)
 
 
 def submit_signed_step(
