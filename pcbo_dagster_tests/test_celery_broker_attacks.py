@@ -62,16 +62,18 @@ def _worker(tmp_path: Path, broker: str, dagster_home: Path) -> tuple[subprocess
     return proc, log
 
 
-def _instance_with_a_run(home: Path) -> tuple[Any, str]:
-    """A Dagster instance (SQLite, under `home`) holding one run; (its ref, the run id)."""
+def _instance_with_a_run(home: Path, status: Any = None) -> tuple[Any, str]:
+    """A Dagster instance (SQLite, under `home`) holding one run (of `status`, in progress when not
+    given); (its ref, the run id)."""
     import dagster as dg
-    from dagster._core.storage.dagster_run import DagsterRun
+    from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     run_id = str(uuid.uuid4())
     with dg.DagsterInstance.from_ref(dg._core.instance.InstanceRef.from_dir(str(home))) as instance:
-        instance.add_run(DagsterRun(job_name="evil", run_id=run_id, run_config={}))
+        status = DagsterRunStatus.STARTED if status is None else status
+        instance.add_run(DagsterRun(job_name="evil", run_id=run_id, run_config={}, status=status))
         return instance.get_ref(), run_id
 
 
@@ -179,6 +181,28 @@ def test_a_step_of_the_code_location_is_run_only_for_a_run_of_the_workers_own_in
     with pytest.raises(Exception) as refused:
         result.get(timeout=60)
     assert "refused" in str(refused.value) and refusal in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("status", ["SUCCESS", "FAILURE", "CANCELED", "NOT_STARTED"])
+def test_a_signed_step_message_is_run_only_while_its_run_is_in_progress(tmp_path, worker, status):
+    """A genuine step message stays readable in the broker (and in its own result's metadata), so
+    someone who can write the broker can send it again at any time, MAC and task id unchanged. While
+    its run is in progress that is what Redis's redelivery does anyway. Before, it was also run after
+    the run had ended (or before it started): the step executed outside any run, its events appended
+    to a finished run's log (a failed run given a materialization). Now a step is run only for a run
+    in progress (`STARTED`); anything else is refused naming the run's status."""
+    from dagster._core.code_pointer import ModuleCodePointer
+    from dagster._core.storage.dagster_run import DagsterRunStatus
+
+    broker, own_home, log = worker
+    ref, run_id = _instance_with_a_run(own_home, DagsterRunStatus[status])
+    pointer = ModuleCodePointer(
+        module="pcbo_dagster.dagster_defs.definitions", fn_name="defs", working_directory=None
+    )
+    result = _send(broker, *_forged_step(ref, run_id, pointer, "evil"))
+    with pytest.raises(Exception) as refused:
+        result.get(timeout=60)
+    assert f"refused: run {run_id!r} is {status}, not in progress" in str(refused.value), refused.value
 
 
 def test_a_step_message_the_coordinator_did_not_sign_is_refused(tmp_path, worker):

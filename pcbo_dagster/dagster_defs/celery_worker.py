@@ -13,7 +13,8 @@ takes the code to load (a code pointer: any Python file or module) and the Dagst
 run from out of the message itself, so anyone who can write the broker could otherwise run code of
 their choosing on every worker, with its stores' credentials and signing key. The worker runs only
 steps of pcbo's code location (`pcbo_dagster.dagster_defs.definitions`), of a run of its own instance
-(`DAGSTER_HOME`; the message's instance is never opened), for that run's own job; anything else is
+(`DAGSTER_HOME`; the message's instance is never opened) that is in progress (`STARTED`: a signed
+message sent again after its run ended is not run), for that run's own job; anything else is
 refused (the task fails naming what was refused, and is acknowledged: it is never delivered again).
 
 Before that, a step message must be signed by the runs' coordinator, and a step's result is signed for
@@ -52,7 +53,7 @@ class StepRefused(Exception):
 def guard_step(execute_step_args_packed: Any, executable_dict: Any) -> Any:
     """The message's step arguments (`ExecuteStepArgs`) with its `instance_ref` replaced by this
     worker's own instance, when the message is a step of pcbo's code location for a run of that
-    instance and that run's job; `StepRefused` otherwise. Nothing the message names is imported or
+    instance in progress and that run's job; `StepRefused` otherwise. Nothing the message names is imported or
     opened before this passes."""
     import dagster as dg
     from dagster._core.code_pointer import ModuleCodePointer, PackageCodePointer
@@ -82,6 +83,10 @@ def guard_step(execute_step_args_packed: Any, executable_dict: Any) -> Any:
         raise StepRefused(f"refused: run {args.run_id!r} is not a run of this worker's Dagster instance")
     if run.job_name != job.job_name:
         raise StepRefused(f"refused: run {args.run_id!r} is of job {run.job_name!r}, not {job.job_name!r}")
+    if run.status != dg.DagsterRunStatus.STARTED:
+        # A genuine message sent again after its run ended (or before it began) would run the step
+        # outside any run, its events appended to a finished run's log.
+        raise StepRefused(f"refused: run {args.run_id!r} is {run.status.value}, not in progress")
     return copy(args, instance_ref=own)
 
 
