@@ -270,3 +270,30 @@ def test_a_run_message_is_not_a_task_of_pcbos_worker(tmp_path, worker, task):
         sent.get(timeout=60)
     assert type(refused.value).__name__ == "NotRegistered", refused.value
     assert f"unregistered task of type '{task}'".encode() in log.read_bytes()
+
+
+def test_celerys_own_tasks_are_not_tasks_of_pcbos_worker(tmp_path, worker):
+    """Celery registers its own tasks on every app (`celery.accumulate`, `celery.map`, `celery.starmap`,
+    `celery.group`, `celery.chord_unlock`, ..., and dagster-celery's app `celery.ping`). Before, pcbo's
+    worker ran them for anyone who could write the broker: `celery.accumulate` stored any value it was
+    given as the result of any task id (the broker's writer writing the result backend, which may be
+    another Redis), `celery.starmap` called the step task in the worker's own process. Now the step
+    task is the worker's only task: such a message is discarded unrun (`NotRegistered`)."""
+    from celery import Celery
+
+    broker, own_home, log = worker
+    app = Celery(broker=broker, backend=broker)
+    sent = {
+        "celery.accumulate": app.send_task("celery.accumulate", args=[1, 2], queue="dagster"),
+        "celery.ping": app.send_task("celery.ping", queue="dagster"),
+        "celery.starmap": app.send_task(
+            "celery.starmap",
+            args=[{"task": "celery.ping", "args": [], "kwargs": {}, "options": {}}, [[]]],
+            queue="dagster",
+        ),
+    }
+    for task, result in sent.items():
+        with pytest.raises(Exception) as refused:
+            result.get(timeout=60)
+        assert type(refused.value).__name__ == "NotRegistered", (task, refused.value)
+        assert f"unregistered task of type '{task}'".encode() in log.read_bytes(), task

@@ -23,8 +23,8 @@ the coordinator did not send, the coordinator takes no events but those of a res
 worker refuses to start without the key, as without a broker.
 
 The worker has no other task: dagster-celery's run tasks (`execute_job`, `resume_job`, for its
-`CeleryRunLauncher`, which pcbo does not use) are not registered, so a message for one is discarded
-unrun (Celery's "unregistered task").
+`CeleryRunLauncher`, which pcbo does not use) are not registered, and Celery's own (`celery.*`) are
+removed, so a message for one is discarded unrun (Celery's "unregistered task").
 """
 
 from __future__ import annotations
@@ -129,7 +129,14 @@ def _make_app() -> Any:
     )
     # Only the step task: dagster-celery's run tasks (`execute_job`, `resume_job`, its run launcher's) would
     # run or resume whatever run of the instance an unsigned message names, and pcbo never sends them.
-    return app, create_task(app, base=_guarded_task_class(secret))
+    # Celery's own tasks (`celery.accumulate`, `celery.starmap`, `celery.group`, ..., registered on every
+    # app when it is finalized) and dagster-celery's `celery.ping` are removed: pcbo sends no chord, group
+    # or chain, and they would run unsigned (`celery.accumulate` stores what it is given as the result of
+    # any task id).
+    step_task = create_task(app, base=_guarded_task_class(secret))
+    for name in [name for name in app.tasks if name != step_task.name]:
+        app.tasks.unregister(name)
+    return app, step_task
 
 
 app, _step_task = _make_app()
