@@ -23,7 +23,7 @@ pcbo's worker refuses a message whose MAC does not verify before anything else (
 message is not signed ...`): someone who can write the broker cannot have a worker run any step, not
 even one of pcbo's code location for a real run, which the worker's code and run guard would let
 through. A genuine message sent again is the same step of the same run under the same task id: what
-Redis redelivers anyway.
+Redis redelivers anyway; it is run only while that run is in progress (`celery_worker.guard_step`).
 
 The key is `PCBO_CELERY_KEY` (its SHA-256: `io.host_keys.variable_secret`), never in run
 config or logs. It must be the same on every worker and every process that coordinates runs, so there
