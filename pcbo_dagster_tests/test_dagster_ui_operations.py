@@ -349,6 +349,41 @@ def test_the_dry_run_job_refuses_the_column_names_a_table_cannot_have(tmp_path: 
     assert not (tmp_path / "pcbo-home" / "lake").exists()
 
 
+def test_the_dry_run_job_refuses_a_table_other_than_the_one_its_chain_declares(tmp_path: Path) -> None:
+    """A dataset version publishes to one table: a config naming another table than the one an earlier
+    run declared on its chain fails the materialization (invalid input, field `table`); the dry-run
+    job reported a decision hash to pin for it. It now makes the materialization's own check: it fails
+    naming `table`, with the materialization's text, and writes nothing (no report, no directory: the
+    home as it was). The declared table named again dry-runs as before."""
+    text = _with_table(DEFAULT_DATASETS_CONFIG.read_text())
+    (tmp_path / "datasets.yaml").write_text(text)
+    (tmp_path / "other.yaml").write_text(
+        text.replace(TABLE_LINE, TABLE_LINE.replace("lake.events", "lake.other"))
+    )
+    generate_demo_data(tmp_path / "demo_data")
+    home = tmp_path / "pcbo-home"
+    engine = PcboEngineResource(home=str(home))
+    declared = build_definitions(load_datasets_config(tmp_path / "datasets.yaml"), resource=engine)
+    other = build_definitions(load_datasets_config(tmp_path / "other.yaml"), resource=engine)
+    with dg.instance_for_test() as instance:
+        assert _materialize(declared, instance).success
+        before = tree_state(home)
+        dry = other.resolve_job_def("events_dry_run").execute_in_process(
+            instance=instance, tags=RANGE, raise_on_error=False
+        )
+        assert not dry.success
+        described = _failure_description(dry)
+        assert "table: " in described and "publishes to one table" in described, described
+        assert tree_state(home) == before
+        refused = _materialize(other, instance, raise_on_error=False)
+        assert not refused.success
+        assert _failure_description(refused) == described
+        same = declared.resolve_job_def("events_dry_run").execute_in_process(
+            instance=instance, tags=RANGE, raise_on_error=False
+        )
+        assert same.success
+
+
 def test_the_dry_run_job_refuses_the_column_names_the_table_its_chain_declares_cannot_have(
     tmp_path: Path,
 ) -> None:

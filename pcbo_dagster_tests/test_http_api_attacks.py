@@ -257,6 +257,28 @@ def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_h
         assert tree_state(home) == before
 
 
+def test_a_dry_run_refuses_a_table_other_than_the_one_its_chain_declares(tmp_path: Path) -> None:
+    """Execute refuses a request naming another table than the one its dataset version's chain declares
+    (422, field `table`); the dry-run answered 200 and a decision hash for it. It now makes the
+    execute's own check: the same 422, nothing written; the declared table named again: 200."""
+    home = tmp_path / "home"
+    with running_server(home) as server:
+        client = server.client(server.token("team-d", "plan", "execute", datasets=["ds-d"]))
+        table = {"format": "iceberg", "name": "ns.declared"}
+        first = client.post("/v1/execute", content=_request("ds-d-1", "ds-d", table=table))
+        assert first.status_code == 200, first.text
+        other = _request("ds-d-2", "ds-d", table={**table, "name": "ns.other"})
+        before = tree_state(home)
+        dry = client.post("/v1/dry-run", content=other)
+        assert dry.status_code == 422 and dry.json()["field"] == "table", dry.text
+        assert "publishes to one table" in dry.json()["message"], dry.text
+        same = client.post("/v1/dry-run", content=_request("ds-d-2", "ds-d", table=table))
+        assert same.status_code == 200 and same.json()["decisionHash"], same.text
+        assert tree_state(home) == before
+        refused = client.post("/v1/execute", content=other)
+        assert refused.status_code == 422 and refused.json() == dry.json(), refused.text
+
+
 # -- runs and commands belong to their dataset ------------------------------------------------------
 
 

@@ -984,6 +984,33 @@ def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_h
     assert tree_state(home) == before
 
 
+def test_a_dry_run_refuses_a_table_other_than_the_one_its_chain_declares(tmp_path: Path) -> None:
+    """A dataset version publishes to one table, and execute refuses a request naming another
+    (`resolve_target`: field `table`, exit 2); its dry-run read the declared table only for the
+    columns, so it promised success (exit 0, a decision hash) where execute then refused. The dry-run
+    now makes the execute's own check (`refuse_another_table`): the same refusal, exit 2, nothing
+    written (not a lock file, a catalog row, a directory or an Iceberg table). The declared table named
+    again is a dry-run as before."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
+    other = write_request(tmp_path / "r2.json", _request("ice-2", table={**TABLE, "name": "lake.other"}))
+    before = tree_state(home)
+    dry = run_pcbo(["dry-run", "--input", other], home=home)
+    assert dry.status == 2 and dry.document is None, dry.stderr
+    assert "table: " in dry.stderr and "publishes to one table" in dry.stderr, dry.stderr
+    assert tree_state(home) == before
+    refused = run_pcbo(["execute", "--input", other], home=home)
+    assert refused.status == 2, refused.stderr
+    assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
+    assert tree_state(home) == before
+    same = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r3.json", _request("ice-2"))], home=home)
+    assert same.status == 0 and same.document["decisionHash"], same.stderr
+    assert tree_state(home) == before
+
+
 @pytest.mark.parametrize("forgery", ["event-edited", "declaration-dropped"])
 def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(tmp_path: Path, forgery: str) -> None:
     """The dry-run reads the chain as every decision does (`partition_checks.verified_chain`, as a

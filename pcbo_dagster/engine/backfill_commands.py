@@ -57,49 +57,60 @@ def evaluate_request(
     confine_to: SourcesDirectory | None = None,
     settings: Settings | Callable[[], Settings] | None = None,
     *,
-    table_columns: bool = True,
+    table_checks: bool = True,
 ) -> EvaluatedRequest:
     """Load and evaluate a request; the caller closes it (or leaves that to the process exit) once
     done with its decisions, which a streamed source reads from its spill as they are iterated.
     `settings` (or how to resolve them): the deployment whose audit chain, read once and verified
     (`sql_apply.deployment_chain_reader`; read only, nothing written), says which journal of a SQL
     target's run is its own and, for a dry-run, which Iceberg table an earlier run declared the
-    dataset version publishes to. `table_columns` (a dry-run, which promises what execute will do):
-    the columns of a request that publishes to an Iceberg table refused as execute refuses them
-    (`refuse_table_columns`); an execute checks them itself, under its lock
-    (`iceberg_publication.publisher_for`)."""
+    dataset version publishes to. `table_checks` (a dry-run, which promises what execute will do):
+    a request that publishes to an Iceberg table refused as execute refuses it
+    (`refuse_table_request`: another table than the declared one, columns the table cannot have); an
+    execute checks it itself, under its lock (`iceberg_publication.publisher_for`)."""
     loaded = load_request(raw, base_dir, confine_to)
     try:
         chain = None
-        if settings is not None and (table_columns or loaded.request.target is not None):
+        if settings is not None and (table_checks or loaded.request.target is not None):
             from pcbo_dagster.engine.sql_apply import deployment_chain_reader
 
             chain = deployment_chain_reader(settings)
         plan, decisions = evaluate(loaded, chain)
-        if table_columns:
-            refuse_table_columns(loaded, plan, decisions, chain)
+        if table_checks:
+            refuse_table_request(loaded, plan, decisions, chain, settings)
     except BaseException:
         loaded.close()
         raise
     return EvaluatedRequest(loaded, plan, decisions)
 
 
-def refuse_table_columns(
-    loaded: LoadedRequest, plan: Plan, decisions: Decisions, chain: ChainReader | None = None
+def refuse_table_request(
+    loaded: LoadedRequest,
+    plan: Plan,
+    decisions: Decisions,
+    chain: ChainReader | None = None,
+    settings: Settings | Callable[[], Settings] | None = None,
 ) -> None:
-    """`InvalidInput` (exit 2) naming the field of the first column of a request's run that the
-    Iceberg table it publishes to cannot have (a reserved or case-colliding name): the execute's own
-    check (`iceberg_publication.refuse_column_names`, on the run's schema), made before it writes
-    anything. The table is the request's `table`, else the one the dataset version's chain declares
-    for its main branch (`iceberg_publication.declared_publications`), as execute's `resolve_target`
-    finds it. `chain`: how to read the deployment's chain (`sql_apply.deployment_chain`: verified as
-    every decision's is, `ChainNotVerified` exit 1 for one that does not verify, as execute refuses
-    it); None (a caller without settings): only the request's `table` is checked. No table: nothing
-    to check."""
+    """`InvalidInput` (exit 2) for what execute refuses of a request that publishes to an Iceberg
+    table, before it writes anything, by the execute's own checks: a request's `table` other than the
+    one its dataset version's chain declares for its main branch
+    (`iceberg_publication.refuse_another_table`, field `table`), then the first column of its run
+    the table cannot have, naming its field (a reserved or case-colliding name:
+    `iceberg_publication.refuse_column_names`, on the run's schema). The table is the request's
+    `table`, else the one the chain declares (`iceberg_publication.declared_publications`), as
+    execute's `resolve_target` finds it. `chain`: how to read the deployment's chain
+    (`sql_apply.deployment_chain`: verified as every decision's is, `ChainNotVerified` exit 1 for one
+    that does not verify, as execute refuses it), and `settings` (or how to resolve them): the
+    deployment's, which resolve where the request's `table` is (`iceberg_publication.catalog_url_for`:
+    nothing opened); either None (a caller without settings): only the request's `table`'s columns
+    are checked. No table: nothing to check."""
+    from pcbo_dagster.io.redaction import redact_url
     from pcbo_dagster.tables.iceberg_publication import (
         MAIN_BRANCH,
+        catalog_url_for,
         declared_publications,
         partition_field_names,
+        refuse_another_table,
         refuse_column_names,
     )
 
@@ -107,8 +118,14 @@ def refuse_table_columns(
     if chain is not None:
         state, _ = chain(plan.dataset, plan.version_label)
         declared = declared_publications(state.other).get(MAIN_BRANCH)
-    if loaded.request.table is None and declared is None:
+    spec = loaded.request.table
+    if spec is None and declared is None:
         return
+    if spec is not None and declared is not None and settings is not None:
+        if not isinstance(settings, Settings):
+            settings = settings()
+        catalog = catalog_url_for(spec.catalog, settings.home, settings.catalog_url)
+        refuse_another_table(redact_url(catalog), spec.name, declared, plan.dataset, plan.version_label)
     schema, _ = loaded.schema_of(decisions.partitions)
     refuse_column_names(
         schema.names,
@@ -126,7 +143,7 @@ def evaluated_request(
 ) -> Iterator[EvaluatedRequest]:
     """`evaluate_request` for an execute (which checks a table's columns itself), closed when the
     block ends."""
-    evaluated = evaluate_request(raw, base_dir, confine_to, settings, table_columns=False)
+    evaluated = evaluate_request(raw, base_dir, confine_to, settings, table_checks=False)
     try:
         yield evaluated
     finally:

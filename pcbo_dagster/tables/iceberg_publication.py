@@ -269,14 +269,23 @@ def resolve_target(
         return target
     if target is None:
         return recorded_target(recorded, env)
-    if (target.public_catalog, target.name) != (recorded["catalog_url"], recorded["table_name"]):
+    refuse_another_table(target.public_catalog, target.name, recorded, dataset, version_label)
+    return target
+
+
+def refuse_another_table(
+    public_catalog: str, name: str, recorded: TablePublicationRow, dataset: str, version_label: str
+) -> None:
+    """A dataset version publishes to one table: a request naming table `name` in `public_catalog` (its
+    URL without credentials) other than the one its chain declares (`recorded`) is invalid input
+    (nothing written): execute's check (`resolve_target`) and its dry-run's."""
+    if (public_catalog, name) != (recorded["catalog_url"], recorded["table_name"]):
         raise InvalidInput(
             "table",
             f"{dataset}/{version_label} is published to {recorded['table_name']} in "
             f"{recorded['catalog_url']}: a dataset version publishes to one table (use a new versionLabel "
             "for another table)",
         )
-    return target
 
 
 def _refuse_another_datasets_table(

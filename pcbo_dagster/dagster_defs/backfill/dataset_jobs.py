@@ -34,7 +34,7 @@ from pcbo_dagster.dagster_defs.backfill.steps import engine_errors, engine_reque
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine import lake_changes
-from pcbo_dagster.engine.backfill_commands import refuse_table_columns
+from pcbo_dagster.engine.backfill_commands import refuse_table_request
 from pcbo_dagster.engine.rollback import rollback
 from pcbo_dagster.io.atomic_files import replacing
 from pcbo_dagster.rollout.reports import markdown_table, reports_dir
@@ -126,7 +126,7 @@ def build_dataset_jobs(
             evaluated = []
             for _, request, group_keys in requests:  # what the materialization would refuse, first
                 loaded, plan, decisions = evaluate_request(context, request, group_keys)
-                refuse_table_columns(loaded, plan, decisions, chain)
+                refuse_table_request(loaded, plan, decisions, chain, settings)
                 evaluated.append((group_keys, plan, decisions))
             directory.mkdir(parents=True, exist_ok=True)
             for index, (group_keys, plan, decisions) in enumerate(evaluated):
