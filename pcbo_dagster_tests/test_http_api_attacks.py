@@ -279,6 +279,26 @@ def test_a_dry_run_refuses_a_table_other_than_the_one_its_chain_declares(tmp_pat
         assert refused.status_code == 422 and refused.json() == dry.json(), refused.text
 
 
+def test_a_dry_run_refuses_the_table_of_another_dataset_version(tmp_path: Path) -> None:
+    """Execute refuses a request naming a table another dataset version holds (422, field `table`);
+    the dry-run answered 200 and a decision hash for it. It now makes the execute's own check: the
+    same 422, nothing written."""
+    home = tmp_path / "home"
+    with running_server(home) as server:
+        client = server.client(server.token("team-d", "plan", "execute", datasets=["ds-d", "ds-e"]))
+        table = {"format": "iceberg", "name": "ns.held"}
+        first = client.post("/v1/execute", content=_request("ds-d-1", "ds-d", table=table))
+        assert first.status_code == 200, first.text
+        taken = _request("ds-e-1", "ds-e", table=table)
+        before = tree_state(home)
+        dry = client.post("/v1/dry-run", content=taken)
+        assert dry.status_code == 422 and dry.json()["field"] == "table", dry.text
+        assert "is the table of another dataset version" in dry.json()["message"], dry.text
+        assert tree_state(home) == before
+        refused = client.post("/v1/execute", content=taken)
+        assert refused.status_code == 422 and refused.json() == dry.json(), refused.text
+
+
 # -- runs and commands belong to their dataset ------------------------------------------------------
 
 

@@ -1011,6 +1011,56 @@ def test_a_dry_run_refuses_a_table_other_than_the_one_its_chain_declares(tmp_pat
     assert tree_state(home) == before
 
 
+def test_a_dry_run_refuses_the_table_of_another_dataset_version(tmp_path: Path) -> None:
+    """A table holds one dataset version, and execute refuses a request of another version naming it
+    (`refuse_another_datasets_table`: field `table`, exit 2); its dry-run did not check it, so it
+    promised success (exit 0, a decision hash) where execute then refused. The dry-run now makes the
+    execute's own check, reading the deployment as it reads its chain: the same refusal, exit 2,
+    nothing written (not a lock file, a catalog row, a directory, an Iceberg catalog or table). A table
+    nobody holds is a dry-run as before, and one on a deployment that has none creates nothing."""
+    home = tmp_path / "home"
+    first = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
+    )
+    assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
+    taken = write_request(tmp_path / "r2.json", {**_request("ice-2"), "versionLabel": "v2"})
+    before = tree_state(home)
+    dry = run_pcbo(["dry-run", "--input", taken], home=home)
+    assert dry.status == 2 and dry.document is None, dry.stderr
+    assert "table: lake.events is the table of another dataset version" in dry.stderr, dry.stderr
+    assert tree_state(home) == before
+    free = {**_request("ice-2", table={**TABLE, "name": "lake.free"}), "versionLabel": "v2"}
+    fresh = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r3.json", free)], home=home)
+    assert fresh.status == 0 and fresh.document["decisionHash"], fresh.stderr
+    assert tree_state(home) == before
+    empty = run_pcbo(["dry-run", "--input", taken], home=tmp_path / "empty")
+    assert empty.status == 0, empty.stderr
+    assert not (tmp_path / "empty").exists()
+    # A deployment with a catalog of pcbo's but no Iceberg catalog yet (a lake-only run): none created.
+    lake_only = tmp_path / "lake-only"
+    plain = {k: v for k, v in _request("ice-0").items() if k != "table"}
+    assert (
+        run_pcbo(["execute", "--input", write_request(tmp_path / "r0.json", plain)], home=lake_only).status
+        == 0
+    )
+    lake_only_before = tree_state(lake_only)
+    assert run_pcbo(["dry-run", "--input", taken], home=lake_only).status == 0
+    assert tree_state(lake_only) == lake_only_before and not (lake_only / "iceberg.db").exists()
+    refused = run_pcbo(["execute", "--input", taken], home=home)
+    assert refused.status == 2, refused.stderr
+    assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
+    # The catalog's row deleted: the table's own property still names the version it holds, and the
+    # dry-run reads it (an existing Iceberg catalog opened, nothing written in it) as execute does.
+    db = sqlite3.connect(home / "catalog.db")
+    with db:
+        db.execute("DELETE FROM table_publications")
+    db.close()  # the last connection: its write-ahead log checkpointed into the file, and removed
+    before = tree_state(home)
+    unrecorded = run_pcbo(["dry-run", "--input", taken], home=home)
+    assert unrecorded.status == 2 and unrecorded.stderr == dry.stderr, unrecorded.stderr
+    assert tree_state(home) == before
+
+
 @pytest.mark.parametrize("forgery", ["event-edited", "declaration-dropped"])
 def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(tmp_path: Path, forgery: str) -> None:
     """The dry-run reads the chain as every decision does (`partition_checks.verified_chain`, as a

@@ -94,7 +94,10 @@ def refuse_table_request(
     """`InvalidInput` (exit 2) for what execute refuses of a request that publishes to an Iceberg
     table, before it writes anything, by the execute's own checks: a request's `table` other than the
     one its dataset version's chain declares for its main branch
-    (`iceberg_publication.refuse_another_table`, field `table`), then the first column of its run
+    (`iceberg_publication.refuse_another_table`, field `table`), or, where the chain declares none,
+    a table another dataset version holds (`iceberg_publication.refuse_another_datasets_table`: the
+    catalog's rows, the table's own property; read through `sql_apply.read_only_deployment`, nothing
+    created), then the first column of its run
     the table cannot have, naming its field (a reserved or case-colliding name:
     `iceberg_publication.refuse_column_names`, on the run's schema). The table is the request's
     `table`, else the one the chain declares (`iceberg_publication.declared_publications`), as
@@ -110,8 +113,10 @@ def refuse_table_request(
         catalog_url_for,
         declared_publications,
         partition_field_names,
+        refuse_another_datasets_table,
         refuse_another_table,
         refuse_column_names,
+        target_for,
     )
 
     declared = None
@@ -126,6 +131,13 @@ def refuse_table_request(
             settings = settings()
         catalog = catalog_url_for(spec.catalog, settings.home, settings.catalog_url)
         refuse_another_table(redact_url(catalog), spec.name, declared, plan.dataset, plan.version_label)
+    elif spec is not None and settings is not None:
+        from pcbo_dagster.engine.sql_apply import read_only_deployment
+
+        with read_only_deployment(settings) as deployment:
+            if deployment.env is not None:
+                target = target_for(spec, deployment.env)
+                refuse_another_datasets_table(deployment.env, target, plan.dataset, plan.version_label)
     schema, _ = loaded.schema_of(decisions.partitions)
     refuse_column_names(
         schema.names,

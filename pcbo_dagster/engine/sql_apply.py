@@ -48,9 +48,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -111,6 +112,10 @@ from pcbo_dagster.targets.sql_table import (
     empty_counts,
     read_journal,
 )
+
+if TYPE_CHECKING:
+    from pcbo_dagster.audit.object_store_backup import ChainBackup
+    from pcbo_dagster.catalog import CatalogStore
 
 Progress = Callable[[int], None]
 ROLLBACK_SCRIPTS_DIR = "rollback_scripts"
@@ -176,13 +181,47 @@ def deployment_chain(
 ) -> tuple[ChainState, str]:
     """The deployment's audit chain of a dataset version (`settings`, or how to resolve them) as an
     evaluation reads it (a SQL target's journal; for a dry-run, the Iceberg table the chain declares),
-    read from its audit backup with nothing written (an object store's read through a throwaway cache)
-    and verified as a reader holding no lock reads it
+    read from its audit backup with nothing written (`read_only_deployment`) and verified as a reader
+    holding no lock reads it
     (`partition_checks.verified_chain`, against the catalog's head, its stored log and checkpoints):
     `ChainNotVerified` (exit 1) for one that does not verify. With no catalog of pcbo's (none yet, or
     removed), an empty chain is the chain of a deployment that has applied nothing, and any other is
     refused: there is nothing to hold it against. Returns the replayed chain and the backup's
     location as shown."""
+    from pcbo_dagster.engine.partition_checks import ChainNotVerified
+    from pcbo_dagster.io.redaction import redact_url
+
+    key = chain_key(dataset, version_label)
+    doing = f"the dry-run of {key}"
+    with read_only_deployment(settings) as deployment:
+        if deployment.env is None:
+            if deployment.backup.read_chain(key):
+                raise ChainNotVerified(
+                    f"{doing} refused: the audit chain {key} cannot be verified: there is no pcbo "
+                    f"catalog at {redact_url(deployment.catalog.url)} to hold it against; nothing was "
+                    "written"
+                )
+            return replay([]), deployment.where
+        replayed = verified_chain(deployment.env, dataset, version_label, doing, sync=False).replayed
+        return replayed, deployment.where
+
+
+@dataclass
+class ReadOnlyDeployment:
+    """A deployment opened to be read (`read_only_deployment`)."""
+
+    catalog: CatalogStore
+    backup: ChainBackup
+    #: The audit backup's location as shown.
+    where: str
+    #: None with no catalog of pcbo's at its head (none yet, removed, or not migrated).
+    env: Environment | None
+
+
+@contextmanager
+def read_only_deployment(settings: Settings | Callable[[], Settings]) -> Iterator[ReadOnlyDeployment]:
+    """The deployment of `settings` (or how to resolve them) opened to be read with nothing written
+    (an object store's audit backup read through a throwaway cache; no catalog created or migrated)."""
     import tempfile
     from contextlib import nullcontext
 
@@ -190,31 +229,25 @@ def deployment_chain(
     from pcbo_dagster.audit.log import AuditLog
     from pcbo_dagster.audit.object_store_backup import open_backup
     from pcbo_dagster.catalog import CatalogStore
-    from pcbo_dagster.engine.partition_checks import ChainNotVerified
     from pcbo_dagster.io.redaction import redact_url
     from pcbo_dagster.lake.storage import LakeStorage
 
-    key = chain_key(dataset, version_label)
     if not isinstance(settings, Settings):
         settings = settings()
     store = settings.audit_store
     where = str(settings.audit_dir) if store is None else redact_url(store)
-    doing = f"the dry-run of {key}"
     catalog = CatalogStore(settings.catalog_url)
     try:
         with (
             tempfile.TemporaryDirectory(prefix="pcbo-chain-") if store is not None else nullcontext() as cache
         ):
             backup = AuditBackup(settings.audit_dir) if store is None else open_backup(store, str(cache))
-            if catalog.is_missing_sqlite_file() or not catalog.at_head():
-                if backup.read_chain(key):
-                    raise ChainNotVerified(
-                        f"{doing} refused: the audit chain {key} cannot be verified: there is no pcbo "
-                        f"catalog at {redact_url(catalog.url)} to hold it against; nothing was written"
-                    )
-                return replay([]), where
-            env = Environment(settings, LakeStorage(settings.lake_url), catalog, AuditLog(backup, catalog))
-            return verified_chain(env, dataset, version_label, doing, sync=False).replayed, where
+            env = None
+            if not catalog.is_missing_sqlite_file() and catalog.at_head():
+                env = Environment(
+                    settings, LakeStorage(settings.lake_url), catalog, AuditLog(backup, catalog)
+                )
+            yield ReadOnlyDeployment(catalog, backup, where, env)
     finally:
         catalog.close()
 

@@ -265,7 +265,7 @@ def resolve_target(
     target = given if given is not None else (target_for(spec, env) if spec is not None else None)
     if recorded is None:
         if target is not None:
-            _refuse_another_datasets_table(env, target, dataset, version_label)
+            refuse_another_datasets_table(env, target, dataset, version_label)
         return target
     if target is None:
         return recorded_target(recorded, env)
@@ -288,13 +288,14 @@ def refuse_another_table(
         )
 
 
-def _refuse_another_datasets_table(
+def refuse_another_datasets_table(
     env: Environment, target: TableTarget, dataset: str, version_label: str
 ) -> None:
     """A table holds one dataset version: naming a table the catalog records for another, or one that
     exists and was created for another (its `pcbo.chain-key` property, which a deleted catalog row
     does not hide), is invalid input (nothing written). (A table that cannot be read is found when
-    publishing, nothing published.)"""
+    publishing, nothing published.) Nothing created: an embedded catalog's file that does not exist
+    holds no table (opening it would create it)."""
     from pyiceberg.exceptions import NoSuchTableError
 
     taken = InvalidInput(  # naming neither that dataset nor the catalog (the HTTP API answers it)
@@ -307,6 +308,8 @@ def _refuse_another_datasets_table(
             continue
         if (row["dataset"], row["version_label"]) != (dataset, version_label):
             raise taken
+    if _is_missing_sqlite_catalog(target.catalog_url):
+        return
     try:
         table = load_table(env, target)
     except (NoSuchTableError, TableUnreadable):
@@ -611,6 +614,15 @@ def open_catalog(url: str, confine: Callable[[str], None] | None = None) -> Cata
     catalog = _open_catalog(url)
     catalog.confine = confine  # type: ignore[attr-defined]
     return catalog
+
+
+def _is_missing_sqlite_catalog(url: str) -> bool:
+    """True for a SQLite catalog file that does not exist (`_open_catalog` would create it)."""
+    return (
+        url.split("://", 1)[0].lower() == "sqlite"
+        and url.startswith("sqlite:///")
+        and not os.path.exists(url[len("sqlite:///") :])
+    )
 
 
 def _open_catalog(url: str) -> Catalog:
