@@ -166,8 +166,12 @@ def column_meta(footer: list[Field], group: int, column: int) -> list[Field]:
     return meta
 
 
-def page_header(uncompressed: int, compressed: int, values: int) -> bytes:
-    """A version 1 data page header, PLAIN encoded, RLE levels."""
+def page_header(uncompressed: int, compressed: int, values: int, v2_rows: int | None = None) -> bytes:
+    """A version 1 data page header, PLAIN encoded, RLE levels; with `v2_rows`, a version 2 one
+    (no levels) saying it holds that many rows."""
+    if v2_rows is not None:
+        v2 = [[1, 5, values], [2, 5, 0], [3, 5, v2_rows], [4, 5, 0], [5, 5, 0], [6, 5, 0]]
+        return encode_struct([[1, 5, 3], [2, 5, uncompressed], [3, 5, compressed], [8, 12, v2]])
     data_page = [[1, 5, values], [2, 5, 0], [3, 5, 3], [4, 5, 3]]
     return encode_struct([[1, 5, 0], [2, 5, uncompressed], [3, 5, compressed], [5, 12, data_page]])
 
@@ -199,10 +203,18 @@ def zstd_zeros_values(values: int, value_bytes: int, first: int | None = None) -
     return b"".join(frames)
 
 
-def forge_zeros(path: Path, rows: int, value_bytes: int, rows_per_page: int, distinct: bool = False) -> Path:
+def forge_zeros(
+    path: Path,
+    rows: int,
+    value_bytes: int,
+    rows_per_page: int,
+    distinct: bool = False,
+    v2_rows: int | None = None,
+) -> Path:
     """A file of `rows` rows: `id`, `occurredAt` and, last, a required binary `note` of `value_bytes`
     zeros (`distinct`: but for the row's number in its first 8 bytes), plain encoded, zstd
-    compressed, `rows_per_page` rows a page, one row group."""
+    compressed, `rows_per_page` rows a page, one row group; with `v2_rows`, in version 2 pages each
+    saying it holds that many rows."""
     table = pa.table(
         {
             "id": [f"r{i}" for i in range(rows)],
@@ -230,7 +242,7 @@ def forge_zeros(path: Path, rows: int, value_bytes: int, rows_per_page: int, dis
         else:
             compressed = pages[count]
         uncompressed = count * (4 + value_bytes)
-        header = page_header(uncompressed, len(compressed), count)
+        header = page_header(uncompressed, len(compressed), count, v2_rows)
         body += header + compressed
         uncompressed_total += len(header) + uncompressed
         compressed_total += len(header) + len(compressed)

@@ -399,3 +399,21 @@ def test_a_large_ordinary_row_group_is_still_decoded_once_for_the_re_reads(
         records = source.fetch(positions)
         assert [r["amount"] for r in records] == table.column("amount").take(positions).to_pylist()
     assert whole == [1]
+
+
+@pytest.mark.parametrize("v2_rows", [1, 10**6])
+def test_a_version_2_page_of_a_flat_column_is_counted_by_its_values_not_the_rows_it_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, v2_rows: int
+) -> None:
+    """Red-team finding: a version 2 page header says how many rows the page holds, and Arrow does not
+    check it for a column with no repeated level (a value is a row); its batches take values. 40
+    version 2 pages of one 20 KB value each (800 KB, the budget 256 KiB) saying they hold a million
+    rows each were counted as a batch touching two of them, and all 40 were decoded at once. Counted
+    by their values, they are read a few at a time, the same records as when they say one row."""
+    zeros = forge_zeros(tmp_path / "zeros.parquet", 40, 20_000, 1, distinct=True, v2_rows=v2_rows)
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(64 << 10))
+    decoded = _decoded_sizes(monkeypatch)
+    source = streaming.ParquetSource(str(zeros), "zeros.parquet")
+    records = [r for records, _, _ in source.batches(8192) for r in records]
+    assert [r["id"] for r in records] == [f"r{i}" for i in range(40)]
+    assert len(decoded) > 1 and max(decoded) <= 256 << 10

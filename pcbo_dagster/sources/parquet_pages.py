@@ -311,10 +311,11 @@ class ColumnPages:
             return self.held()
         if self.repeated and any(p.rows is None for p in data):
             return self.held() + sum(self._page_bytes(p, p.values) for p in data)
-        counts = np.array([p.values if p.rows is None else p.rows for p in data], dtype=np.int64)
         if self.repeated:  # (version 2 pages: rows known, but not the values of each row)
+            counts = np.array([p.rows for p in data], dtype=np.int64)
             costs = np.array([self._page_bytes(p, p.values) for p in data], dtype=np.int64)
-        else:
+        else:  # (a value a row: Arrow reads values, whatever a version 2 page says of its rows)
+            counts = np.array([p.values for p in data], dtype=np.int64)
             costs = np.array([self._page_bytes(p, min(p.values, rows)) for p in data], dtype=np.int64)
         return self.held() + worst_window(counts, costs, rows)
 
