@@ -250,3 +250,27 @@ def forge_zeros(
     put(meta, 7, 6, compressed_total)
     path.write_bytes(with_footer(bytes(body), footer))
     return path
+
+
+def with_v2_rows(path: Path, rows_claimed: int) -> Path:
+    """`path` (one row group of one column, no dictionary page, version 2 pages) with each data page
+    header saying it holds `rows_claimed` rows (at most its count of values), its bytes as written."""
+    data = path.read_bytes()
+    footer, _ = read_footer(data)
+    assert len(get(footer, 4)[1]) == 1
+    meta = column_meta(footer, 0, 0)
+    start, length = get(meta, 9), get(meta, 7)
+    reader = _Reader(data, start)
+    body = bytearray(data[:start])
+    while reader.at < start + length:
+        header = reader.struct()
+        payload = data[reader.at : reader.at + get(header, 3)]
+        reader.at += len(payload)
+        assert get(header, 1) == 3
+        v2 = get(header, 8)
+        put(v2, 3, 5, min(rows_claimed, get(v2, 1)))
+        body += encode_struct(header) + payload
+    put(meta, 6, 6, get(meta, 6) + len(body) - start - length)
+    put(meta, 7, 6, len(body) - start)
+    path.write_bytes(with_footer(bytes(body), footer))
+    return path

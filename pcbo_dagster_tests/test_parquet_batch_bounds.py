@@ -29,6 +29,7 @@ from pcbo_dagster_tests.parquet_forging import (
     put,
     read_footer,
     with_footer,
+    with_v2_rows,
 )
 
 MiB = 1 << 20
@@ -416,4 +417,35 @@ def test_a_version_2_page_of_a_flat_column_is_counted_by_its_values_not_the_rows
     source = streaming.ParquetSource(str(zeros), "zeros.parquet")
     records = [r for records, _, _ in source.batches(8192) for r in records]
     assert [r["id"] for r in records] == [f"r{i}" for i in range(40)]
+    assert len(decoded) > 1 and max(decoded) <= 256 << 10
+
+
+@pytest.mark.parametrize("rows_claimed", [1, 50])
+def test_a_version_2_page_of_a_list_column_is_counted_by_the_rows_its_levels_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows_claimed: int
+) -> None:
+    """Red-team finding: a version 2 page header of a list column says how many rows the page holds,
+    and Arrow does not check it (its repetition levels say where rows begin). 200 pages of one row
+    of 50 values of 1,000 bytes each (10 MB decoded, the budget 256 KiB) saying they hold 50 rows
+    were counted as a batch of 50 rows touching two of them, and decoded 50 at once. Counted by
+    the rows their repetition levels begin, they are read a few rows at a time, the same records."""
+    rows = 200
+    table = pa.table({"tags": [[f"{i:04d}" * 250] * 50 for i in range(rows)]})
+    path = tmp_path / "lists.parquet"
+    pq.write_table(
+        table,
+        path,
+        data_page_version="2.0",
+        use_dictionary=False,
+        data_page_size=1,
+        write_batch_size=1,
+        compression="zstd",
+    )
+    with_v2_rows(path, rows_claimed)
+    assert pq.ParquetFile(path).read().equals(table)  # (Arrow takes the rows its levels say)
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(64 << 10))
+    decoded = _decoded_sizes(monkeypatch)
+    source = streaming.ParquetSource(str(path), "lists.parquet")
+    records = [r for records, _, _ in source.batches(8192) for r in records]
+    assert records == [jsonable_row(row) for row in table.to_pylist()]
     assert len(decoded) > 1 and max(decoded) <= 256 << 10

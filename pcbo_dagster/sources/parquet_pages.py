@@ -28,9 +28,12 @@ are read (Thrift compact protocol: `PageHeader`), each page's bytes skipped, and
   read with the column dense instead (`streaming._ParquetFile.reader_for`), when more rows fit so.
 
 A batch of `n` rows of a column with no repeated level (no list or map above it: a value a row)
-touches only the pages holding those rows, whose first rows the pages' value counts give; a
-column under a list or a map has no such mapping in version 1 pages (a row may hold any number of
-values), so every batch of its row group is counted as decoding all of its pages. A row group is
+touches only the pages holding those rows, whose first rows the pages' value counts give (whatever
+a version 2 header says of its rows: Arrow does not check it); a column under a list or a map has
+no such mapping in version 1 pages (a row may hold any number of values), so every batch of its row
+group is counted as decoding all of its pages; its version 2 pages' rows are counted from their
+repetition levels (uncompressed at the page's start; again not from the header), a page that
+continues a row counted with the page the row begins in. A row group is
 read in batches of as many rows (up to the batch size asked for) as keep every batch within the
 budget; one whose single rows need more is invalid input naming the column.
 
@@ -180,16 +183,20 @@ class Page:
     uncompressed: int
     compressed: int
     values: int = 0
-    rows: int | None = None  # (version 2 data pages only)
+    rows: int | None = None  # (version 2 data pages only; of a list or map column, as its levels say)
     encoding: int = 0
     offset: int = 0  # of its bytes, after the header
+    repetition_levels: int = 0  # bytes of them at its start (version 2 data pages only)
+    continues_a_row: bool = False  # its first value is not a row's first (a list or map column)
 
 
 #: The fields of a page header read (others are skipped): (the header's field, the field in it) for
-#: the page's count of values, its count of rows (version 2) and its encoding.
+#: the page's count of values, its count of rows (version 2), its encoding and the bytes of its
+#: repetition levels (version 2).
 _VALUES = {5: 1, 7: 1, 8: 1}
 _ROWS = {8: 3}
 _ENCODING = {5: 2, 7: 2, 8: 4}
+_REPETITION_LEVELS = {8: 6}
 
 
 def _page_header(reader: _Compact) -> Page:
@@ -206,7 +213,8 @@ def _page_header(reader: _Compact) -> Page:
 
     def kind_header(of: int) -> Callable[[int, int, int], None]:
         def on_field(field_id: int, kind: int, depth: int) -> None:
-            if kind != 5 or field_id not in (_VALUES[of], _ROWS.get(of), _ENCODING[of]):
+            read = (_VALUES[of], _ROWS.get(of), _ENCODING[of], _REPETITION_LEVELS.get(of))
+            if kind != 5 or field_id not in read:
                 reader.skip(kind, depth)
                 return
             value = non_negative_i32(field_id)
@@ -215,6 +223,8 @@ def _page_header(reader: _Compact) -> Page:
                 found.add(of)
             elif field_id == _ROWS.get(of):
                 page.rows = value
+            elif field_id == _REPETITION_LEVELS.get(of):
+                page.repetition_levels = value
             else:
                 page.encoding = value
 
@@ -312,8 +322,17 @@ class ColumnPages:
         if self.repeated and any(p.rows is None for p in data):
             return self.held() + sum(self._page_bytes(p, p.values) for p in data)
         if self.repeated:  # (version 2 pages: rows known, but not the values of each row)
-            counts = np.array([p.rows for p in data], dtype=np.int64)
-            costs = np.array([self._page_bytes(p, p.values) for p in data], dtype=np.int64)
+            counts_of: list[int] = []
+            costs_of: list[int] = []
+            for p in data:  # (a page continuing a row is read with the page the row begins in)
+                if p.continues_a_row and counts_of:
+                    counts_of[-1] += p.rows or 0
+                    costs_of[-1] += self._page_bytes(p, p.values)
+                else:
+                    counts_of.append(p.rows or 0)
+                    costs_of.append(self._page_bytes(p, p.values))
+            counts = np.array(counts_of, dtype=np.int64)
+            costs = np.array(costs_of, dtype=np.int64)
         else:  # (a value a row: Arrow reads values, whatever a version 2 page says of its rows)
             counts = np.array([p.values for p in data], dtype=np.int64)
             costs = np.array([self._page_bytes(p, min(p.values, rows)) for p in data], dtype=np.int64)
@@ -467,6 +486,59 @@ def _chunk_pages(fh: IO[bytes], file_size: int, chunk: pq.ColumnChunkMetaData) -
     return pages
 
 
+def _rows_begun(levels: bytes, count: int, bit_width: int) -> tuple[int, bool]:
+    """(how many of the first `count` repetition levels in `levels` are 0, each the first value of a
+    row; whether the first one is), read as Arrow reads a version 2 page's: the RLE / bit-packed
+    hybrid encoding of `bit_width` bits a level, without a length before it."""
+    reader = _Compact(levels)
+    level_bytes = (bit_width + 7) // 8
+    zeros, seen, first_is_zero = 0, 0, False
+    packed: list[bytes] = []  # (runs of bit-packed levels, whole bytes each: 8 levels a group)
+    packed_levels = 0
+    while seen < count:
+        run = reader.varint()
+        if run & 1:  # (bit-packed: groups of 8 levels)
+            start = reader.at
+            reader.skip_bytes((run >> 1) * bit_width)
+            taken = min((run >> 1) * 8, count - seen)
+            if not seen and taken:
+                first_is_zero = not int.from_bytes(levels[start : start + level_bytes], "little") & (
+                    (1 << bit_width) - 1
+                )
+            packed.append(levels[start : reader.at])
+            packed_levels += taken
+        else:  # (a run of one level repeated)
+            start = reader.at
+            reader.skip_bytes(level_bytes)
+            taken = min(run >> 1, count - seen)
+            if not int.from_bytes(levels[start : reader.at], "little"):
+                zeros += taken
+                first_is_zero = first_is_zero or (not seen and taken > 0)
+        seen += taken
+    if packed_levels:
+        bits = np.unpackbits(np.frombuffer(b"".join(packed), dtype=np.uint8), bitorder="little")
+        nonzero: np.ndarray = np.any(bits.reshape(-1, bit_width), axis=1)
+        zeros += packed_levels - int(nonzero[:packed_levels].sum())
+    return zeros, first_is_zero
+
+
+def _count_rows_of_v2_pages(fh: IO[bytes], pages: list[Page], max_repetition_level: int) -> None:
+    """Each version 2 data page's count of rows, and whether it continues a row, as its repetition
+    levels say (Arrow takes rows from them; the header's count of rows is not checked)."""
+    bit_width = max_repetition_level.bit_length()
+    for page in pages:
+        if page.kind != _DATA_PAGE_V2:
+            continue
+        if page.repetition_levels > page.compressed:
+            raise _Malformed(f"a page's repetition levels ({page.repetition_levels} bytes) run past it")
+        levels = _read_at(fh, page.offset, page.repetition_levels)
+        try:
+            page.rows, first_is_zero = _rows_begun(levels, page.values, bit_width)
+        except _NeedMore:
+            raise _Malformed("a page with fewer repetition levels than values") from None
+        page.continues_a_row = page.values > 0 and not first_is_zero
+
+
 def _value_width(column: pq.ColumnSchema, arrow_type: pa.DataType | None) -> tuple[int | None, int]:
     """(bytes a value of the leaf column takes at most, when of a fixed width, else None; bytes a
     value takes besides). A top-level column of a fixed-width Arrow type: that width, and its
@@ -516,6 +588,8 @@ def row_group_pages(
         chunk = row_group.column(j)
         try:
             pages = _chunk_pages(fh, file_size, chunk)
+            if column.max_repetition_level > 0:
+                _count_rows_of_v2_pages(fh, pages, column.max_repetition_level)
             width, overhead = _value_width(column, arrow_types.get(path))
             pages_of = ColumnPages(
                 path,
