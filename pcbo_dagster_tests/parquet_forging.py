@@ -274,3 +274,26 @@ def with_v2_rows(path: Path, rows_claimed: int) -> Path:
     put(meta, 7, 6, len(body) - start)
     path.write_bytes(with_footer(bytes(body), footer))
     return path
+
+
+def with_long_lists_in_page_headers(path: Path, elements: int, element_kind: int = 12) -> Path:
+    """`path` (written by `forge_zeros`) with each page header of its last column given a field no
+    reader knows (15) holding a list of `elements` empty elements of Thrift type `element_kind` (12:
+    structs; 3: bytes), its pages' bytes as written."""
+    data = path.read_bytes()
+    footer, _ = read_footer(data)
+    meta = column_meta(footer, 0, len(get(get(footer, 4)[1][0], 1)[1]) - 1)
+    start, length = get(meta, 9), get(meta, 7)
+    reader = _Reader(data, start)
+    body = bytearray(data[:start])
+    junk = bytes([0xF0 | element_kind]) + _varint(elements) + b"\0" * elements
+    while reader.at < start + length:
+        header = reader.struct()
+        payload = data[reader.at : reader.at + get(header, 3)]
+        reader.at += len(payload)
+        assert max(f[0] for f in header) < 15
+        body += encode_struct(header)[:-1] + bytes([0x09]) + _zigzag(15) + junk + b"\0" + payload
+    put(meta, 6, 6, get(meta, 6) + len(body) - start - length)
+    put(meta, 7, 6, len(body) - start)
+    path.write_bytes(with_footer(bytes(body), footer))
+    return path

@@ -29,6 +29,7 @@ from pcbo_dagster_tests.parquet_forging import (
     put,
     read_footer,
     with_footer,
+    with_long_lists_in_page_headers,
     with_v2_rows,
 )
 
@@ -449,3 +450,26 @@ def test_a_version_2_page_of_a_list_column_is_counted_by_the_rows_its_levels_hol
     records = [r for records, _, _ in source.batches(8192) for r in records]
     assert records == [jsonable_row(row) for row in table.to_pylist()]
     assert len(decoded) > 1 and max(decoded) <= 256 << 10
+
+
+@pytest.mark.parametrize(("elements", "status"), [(1_000_000, 0), (1_000_001, 2)])
+def test_a_page_header_arrow_refuses_is_refused_as_invalid_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], elements: int, status: int
+) -> None:
+    """Red-team finding: a page header holding a list of more than 1,000,000 elements (in a field no
+    reader knows) passed the page headers' check, and Arrow then refused it (its Thrift container
+    limit) with an `OSError`: the run ended in exit 1, "Couldn't deserialize thrift", as a store
+    failure, not naming the source. Now it is invalid input naming the source and the column; a list
+    of 1,000,000, which Arrow reads, is still read."""
+    source = forge_zeros(tmp_path / "zeros.parquet", 2, 1000, 2)
+    with_long_lists_in_page_headers(source, elements)
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": str(source)}})
+    out = tmp_path / "out.json"
+    code = main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)])
+    stderr = capsys.readouterr().err
+    assert code == status, stderr
+    if status:
+        assert lake_files(home) == {} and not out.exists()
+        assert "source: " in stderr and "row group 0, column note" in stderr
+        assert "a list or map of 1000001 elements" in stderr

@@ -38,9 +38,10 @@ read in batches of as many rows (up to the batch size asked for) as keep every b
 budget; one whose single rows need more is invalid input naming the column.
 
 The headers are read as a hostile file may write them: a chunk's byte range must lie in the file,
-a header must parse within `MAX_HEADER_BYTES` (Arrow's own limit) and a page's bytes within its
-chunk, and the pages' sizes may not add to more than the footer says the chunk holds; anything else
-is invalid input naming `source`.
+a header must parse within `MAX_HEADER_BYTES` (Arrow's own limit), its lists and maps hold at most
+`MAX_CONTAINER_ELEMENTS` (Arrow's too), a page's bytes must lie within its chunk, and the pages'
+sizes may not add to more than the footer says the chunk holds; anything else is invalid input
+naming `source`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
 _DICTIONARY_ENCODINGS = frozenset({2, 8})  # PLAIN_DICTIONARY, RLE_DICTIONARY
 _DELTA_BYTE_ARRAY = 7
 _NESTING = 64  # Thrift structs nested deeper than this are not a page header
+#: The most elements a Thrift list, set or map of a page header may hold: Arrow refuses more
+#: (`thrift_container_size_limit`), with an error that is not the source's.
+MAX_CONTAINER_ELEMENTS = 1_000_000
 
 
 class _Malformed(Exception):
@@ -126,6 +130,12 @@ class _Compact:
             raise _NeedMore
         self.at += n
 
+    def container(self, size: int) -> None:
+        if size > MAX_CONTAINER_ELEMENTS:
+            raise _Malformed(
+                f"a list or map of {size} elements (Arrow reads {MAX_CONTAINER_ELEMENTS} at most)"
+            )
+
     def skip(self, kind: int, depth: int) -> None:
         if depth > _NESTING:
             raise _Malformed("structures nested too deep")
@@ -144,6 +154,7 @@ class _Compact:
             size, inner = head >> 4, head & 0x0F
             if size == 15:
                 size = self.varint()
+            self.container(size)
             if inner in (1, 2, 3, 7):  # (elements of a fixed size: booleans and bytes take one)
                 self.skip_bytes(size * (8 if inner == 7 else 1))
                 return
@@ -151,6 +162,7 @@ class _Compact:
                 self.skip(inner, depth + 1)
         elif kind == 11:
             size = self.varint()
+            self.container(size)
             if size:
                 types = self.byte()
                 for _ in range(size):
