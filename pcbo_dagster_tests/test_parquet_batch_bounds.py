@@ -28,6 +28,7 @@ from pcbo_dagster_tests.parquet_forging import (
     get,
     put,
     read_footer,
+    with_empty_pages,
     with_footer,
     with_long_lists_in_page_headers,
     with_v2_rows,
@@ -43,7 +44,8 @@ _REQUEST = {
     "policies": {"onViolation": "omit"},
 }
 
-#: Run `pcbo` with an address-space limit, printing its peak resident set size last on stderr.
+#: Run `pcbo` with an address-space limit, printing its peak resident set size last on stderr (its
+#: own, `VmHWM`: `ru_maxrss` keeps the pytest process's from before the exec).
 _LIMITED = """
 import resource, sys
 limit = int(sys.argv[1])
@@ -52,18 +54,20 @@ from pcbo_dagster.cli.main import main
 try:
     status = main(sys.argv[2:])
 finally:
-    print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, file=sys.stderr)
+    with open("/proc/self/status") as status_file:
+        peak = next(line.split()[1] for line in status_file if line.startswith("VmHWM:"))
+    print("peak", int(peak) * 1024, file=sys.stderr)
 sys.exit(status)
 """
 
 
-def _run_limited(tmp_path: Path, source: Path) -> tuple[int, str, int]:
+def _run_limited(tmp_path: Path, source: Path, env: dict[str, str] | None = None) -> tuple[int, str, int]:
     """`pcbo dry-run` of a request naming `source`, under a 3 GiB address space (the interpreter with
-    its libraries reserves about 1.6 GiB): (status, stderr, peak RSS bytes)."""
+    its libraries reserves about 1.6 GiB), with `env` set: (status, stderr, peak RSS bytes)."""
     request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": str(source)}})
     proc = subprocess.run(
         [sys.executable, "-c", _LIMITED, str(3 << 30), "dry-run", "--input", str(request)],
-        env=pcbo_env(tmp_path / "home"),
+        env=pcbo_env(tmp_path / "home", env),
         cwd=tmp_path,
         capture_output=True,
         timeout=300,
@@ -473,3 +477,16 @@ def test_a_page_header_arrow_refuses_is_refused_as_invalid_input(
         assert lake_files(home) == {} and not out.exists()
         assert "source: " in stderr and "row group 0, column note" in stderr
         assert "a list or map of 1000001 elements" in stderr
+
+
+def test_the_headers_of_a_row_group_s_pages_are_kept_within_the_budget(tmp_path: Path) -> None:
+    """Red-team finding: every page header read was kept (288 bytes a page) for every row group of
+    the file at once, so 17 MB holding a million empty pages (11 bytes each) took 250 MB more than
+    the interpreter, whatever the budget (here 16 MiB: PCBO_MAX_LINE_BYTES=4 MiB). Now a row
+    group's kept headers may take no more than the budget: refused naming the source, the row group
+    and the count of pages, after reading no more of them than that."""
+    source = with_empty_pages(forge_zeros(tmp_path / "zeros.parquet", 2, 1000, 2), 1_000_000)
+    code, stderr, peak = _run_limited(tmp_path, source, {"PCBO_MAX_LINE_BYTES": str(4 * MiB)})
+    assert code == 2, stderr[-2000:]
+    assert "source: " in stderr and "row group 0: more than" in stderr and "pages" in stderr
+    assert peak < 200 * MiB, peak

@@ -41,7 +41,9 @@ The headers are read as a hostile file may write them: a chunk's byte range must
 a header must parse within `MAX_HEADER_BYTES` (Arrow's own limit), its lists and maps hold at most
 `MAX_CONTAINER_ELEMENTS` (Arrow's too), a page's bytes must lie within its chunk, and the pages'
 sizes may not add to more than the footer says the chunk holds; anything else is invalid input
-naming `source`.
+naming `source`. So is a row group of more pages than their headers, kept while its batches are
+planned (`PAGE_RECORD_BYTES` each, one row group's at a time), may take within the budget: a
+million empty pages are 11 MB of file.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ MAX_HEADER_BYTES = 16 << 20
 #: The most pages a column chunk may have (a writer's pages hold up to 20,000 values, or 1 MiB, so
 #: this many are 20 billion values or a terabyte); what is kept of each page counts too.
 MAX_PAGES = 1 << 20
+#: Bytes a page header read is kept in (a `Page` and its numbers): a row group's may take at most a
+#: batch's budget, so its pages number at most `budget // PAGE_RECORD_BYTES`.
+PAGE_RECORD_BYTES = 256
 #: Bytes read for a page header at first (most are a few dozen; more are read as needed).
 _FIRST_HEADER_READ = 512
 #: Bytes past a column chunk's range Arrow reads for files of old writers (`kMaxDictHeaderSize`).
@@ -93,6 +98,10 @@ class _Malformed(Exception):
 
 class _NeedMore(_Malformed):
     """The header runs past the bytes read so far."""
+
+
+class _TooManyPages(Exception):
+    """A row group has more pages than their kept headers may take (`PAGE_RECORD_BYTES`)."""
 
 
 class _Compact:
@@ -187,7 +196,7 @@ class _Compact:
             on_field(last, kind, depth)
 
 
-@dataclass
+@dataclass(slots=True)
 class Page:
     """One page as its header declares it."""
 
@@ -450,11 +459,14 @@ def _longest_dictionary_value(fh: IO[bytes], page: Page, codec: str, budget: int
     return _longest_plain_value(data, page.values)
 
 
-def _chunk_pages(fh: IO[bytes], file_size: int, chunk: pq.ColumnChunkMetaData) -> list[Page]:
+def _chunk_pages(
+    fh: IO[bytes], file_size: int, chunk: pq.ColumnChunkMetaData, kept_at_most: int
+) -> list[Page]:
     """The pages of a column chunk, as Arrow reads them: from its first page (the dictionary page's
     offset when it has one before its data) until its footer's count of values is reached. The last
     may run up to `_OLD_WRITER_PADDING` bytes past the chunk's range, as Arrow allows for the files of
-    old writers (PARQUET-816; Arrow itself refuses it for others)."""
+    old writers (PARQUET-816; Arrow itself refuses it for others). More than `kept_at_most` pages:
+    `_TooManyPages`, read no further."""
     start = chunk.data_page_offset
     if chunk.has_dictionary_page and 0 < (chunk.dictionary_page_offset or 0) < start:
         start = chunk.dictionary_page_offset
@@ -489,6 +501,8 @@ def _chunk_pages(fh: IO[bytes], file_size: int, chunk: pq.ColumnChunkMetaData) -
             pages.append(page)
             if len(pages) > MAX_PAGES:
                 raise _Malformed(f"more than {MAX_PAGES} pages")
+            if len(pages) > kept_at_most:
+                raise _TooManyPages
     declared = sum(p.uncompressed for p in pages)
     if declared > chunk.total_uncompressed_size:
         raise _Malformed(
@@ -592,6 +606,7 @@ def row_group_pages(
     file_size = fh.tell()
     arrow_types = {f.name: f.type for f in pf.schema_arrow}
     read: list[ColumnPages] = []
+    kept_at_most = budget // PAGE_RECORD_BYTES
     for j in range(row_group.num_columns):
         column = schema.column(j)
         path = column.path
@@ -599,7 +614,7 @@ def row_group_pages(
             continue
         chunk = row_group.column(j)
         try:
-            pages = _chunk_pages(fh, file_size, chunk)
+            pages = _chunk_pages(fh, file_size, chunk, kept_at_most - sum(len(c.pages) for c in read))
             if column.max_repetition_level > 0:
                 _count_rows_of_v2_pages(fh, pages, column.max_repetition_level)
             width, overhead = _value_width(column, arrow_types.get(path))
@@ -621,6 +636,13 @@ def row_group_pages(
             raise InvalidInput(
                 "source",
                 f"{redact_url(shown)}: row group {group}, column {path}: not a parquet column chunk: {exc}",
+            ) from None
+        except _TooManyPages:
+            raise InvalidInput(
+                "source",
+                f"{redact_url(shown)}: row group {group}: more than {kept_at_most} pages (column {path}), "
+                f"whose headers read take more than a parquet batch may ({budget} bytes, "
+                f"4 × PCBO_MAX_LINE_BYTES; {PAGE_RECORD_BYTES} bytes a page)",
             ) from None
         read.append(pages_of)
     return RowGroupPages(group, row_group.num_rows, read)

@@ -721,9 +721,11 @@ class ParquetSource(RecordSource):
         across row groups, are within it wherever they start, those (as Arrow makes them); else each
         row group in batches of as many rows as keep within it."""
         budget = parquet_batch_bytes()
-        groups = [pf.pages(g, self.shown) for g in range(pf.num_row_groups)]
         counts = np.diff(self.group_starts)
-        costs = [pages.batch_bytes(min(size, max(pages.rows, 1))) for pages in groups]
+        costs = [  # (one row group's pages kept at a time)
+            pages.batch_bytes(min(size, max(pages.rows, 1)))
+            for pages in (pf.pages(g, self.shown) for g in range(pf.num_row_groups))
+        ]
         if all(c <= budget for c in costs) and worst_window(counts, costs, size) <= budget:
             yield from pf.iter_batches(batch_size=size, use_threads=False)
             return
