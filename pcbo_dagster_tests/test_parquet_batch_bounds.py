@@ -490,3 +490,32 @@ def test_the_headers_of_a_row_group_s_pages_are_kept_within_the_budget(tmp_path:
     assert code == 2, stderr[-2000:]
     assert "source: " in stderr and "row group 0: more than" in stderr and "pages" in stderr
     assert peak < 200 * MiB, peak
+
+
+@pytest.mark.parametrize("footer_lists_it", [True, False])
+def test_text_written_with_delta_byte_array_is_read_dense(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], footer_lists_it: bool
+) -> None:
+    """Red-team finding: text written DELTA_BYTE_ARRAY (an ordinary pyarrow option) cannot be read as
+    an Arrow dictionary ("Not yet implemented: DecodeArrow of DictAccumulator for
+    DeltaByteArrayDecoder", an `OSError`: exit 1). A column whose chunks' footer lists that encoding
+    is read dense, the same records as Arrow reads; one whose footer hides it is a forged file,
+    refused naming the source and the column before Arrow reads it."""
+    rows = 500
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": [f"2024-01-01T00:{i % 60:02d}:00Z" for i in range(rows)],
+        }
+    )
+    path = tmp_path / "delta.parquet"
+    pq.write_table(table, path, use_dictionary=False, column_encoding={"id": "DELTA_BYTE_ARRAY"})
+    if footer_lists_it:
+        source = streaming.ParquetSource(str(path), "delta.parquet")
+        records = [r for records, _, _ in source.batches(128) for r in records]
+        assert records == [jsonable_row(row) for row in table.to_pylist()]
+        assert source.fetch(np.array([499, 3])) == [records[499], records[3]]
+        return
+    _edited(path, lambda footer, body: put(column_meta(footer, 0, 0), 2, 9, (5, [0, 3])))
+    stderr = _refused(tmp_path, path, capsys)
+    assert "source: " in stderr and "row group 0, column id" in stderr and "DELTA_BYTE_ARRAY" in stderr

@@ -626,6 +626,8 @@ def row_group_pages(
                 read_as_dictionary=path in dictionary_columns and column.max_repetition_level == 0,
                 overhead=overhead,
             )
+            if pages_of.read_as_dictionary and any(p.encoding == _DELTA_BYTE_ARRAY for p in pages):
+                raise _Malformed("a page written DELTA_BYTE_ARRAY, which its footer's encodings do not list")
             if width is None and not pages_of.read_as_dictionary:
                 dictionaries = [p for p in pages if p.kind == _DICTIONARY_PAGE]
                 if dictionaries:

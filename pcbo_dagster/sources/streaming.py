@@ -968,9 +968,20 @@ class _ParquetFile(pq.ParquetFile):
 def _parquet_file(fh: IO[bytes]) -> _ParquetFile:
     """The parquet file open with its text and binary columns read as Arrow dictionaries: a
     dictionary-encoded column stays its dictionary and indices (its size in the file), not one copy of
-    the value a row (a decompression bomb). The values are the same; only their Arrow type differs."""
+    the value a row (a decompression bomb). The values are the same; only their Arrow type differs.
+    Those whose footer says they are written DELTA_BYTE_ARRAY are read dense: Arrow cannot read that
+    encoding as a dictionary (a page that hides it is refused, `parquet_pages.row_group_pages`)."""
     pf = pq.ParquetFile(fh)
-    return _ParquetFile(fh, pf.metadata, [f.name for f in pf.schema_arrow if _binary_like(f.type)])
+    metadata = pf.metadata
+    delta = {
+        metadata.schema.column(j).path
+        for g in range(metadata.num_row_groups)
+        for j in range(metadata.num_columns)
+        if "DELTA_BYTE_ARRAY" in metadata.row_group(g).column(j).encodings
+    }
+    return _ParquetFile(
+        fh, metadata, [f.name for f in pf.schema_arrow if _binary_like(f.type) and f.name not in delta]
+    )
 
 
 def _value_bytes(array: pa.Array) -> np.ndarray:
