@@ -299,14 +299,16 @@ def with_long_lists_in_page_headers(path: Path, elements: int, element_kind: int
     return path
 
 
-def with_empty_pages(path: Path, pages: int) -> Path:
-    """`path` (written by `forge_zeros`) with `pages` data page headers of no values and no bytes
-    (11 bytes each) before the pages of its last column."""
+def with_empty_pages(path: Path, pages: int, values: int = 0) -> Path:
+    """`path` (written by `forge_zeros`) with `pages` data page headers of no bytes (11 bytes each)
+    before the pages of its last column, each saying it holds `values` values (which its footer's
+    count of values then includes)."""
     data = path.read_bytes()
     footer, _ = read_footer(data)
     meta = column_meta(footer, 0, len(get(get(footer, 4)[1][0], 1)[1]) - 1)
     start, length = get(meta, 9), get(meta, 7)
-    body = data[:start] + page_header(0, 0, 0) * pages + data[start : start + length]
+    body = data[:start] + page_header(0, 0, values) * pages + data[start : start + length]
+    put(meta, 5, 6, get(meta, 5) + pages * values)
     put(meta, 7, 6, len(body) - start)
     path.write_bytes(with_footer(body, footer))
     return path

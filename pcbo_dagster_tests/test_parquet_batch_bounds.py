@@ -481,11 +481,11 @@ def test_a_page_header_arrow_refuses_is_refused_as_invalid_input(
 
 def test_the_headers_of_a_row_group_s_pages_are_kept_within_the_budget(tmp_path: Path) -> None:
     """Red-team finding: every page header read was kept (288 bytes a page) for every row group of
-    the file at once, so 17 MB holding a million empty pages (11 bytes each) took 250 MB more than
+    the file at once, so 17 MB holding a million pages of no bytes (11 bytes each) took 250 MB more than
     the interpreter, whatever the budget (here 16 MiB: PCBO_MAX_LINE_BYTES=4 MiB). Now a row
     group's kept headers may take no more than the budget: refused naming the source, the row group
     and the count of pages, after reading no more of them than that."""
-    source = with_empty_pages(forge_zeros(tmp_path / "zeros.parquet", 2, 1000, 2), 1_000_000)
+    source = with_empty_pages(forge_zeros(tmp_path / "zeros.parquet", 2, 1000, 2), 1_000_000, values=1)
     code, stderr, peak = _run_limited(tmp_path, source, {"PCBO_MAX_LINE_BYTES": str(4 * MiB)})
     assert code == 2, stderr[-2000:]
     assert "source: " in stderr and "row group 0: more than" in stderr and "pages" in stderr
@@ -519,3 +519,16 @@ def test_text_written_with_delta_byte_array_is_read_dense(
     _edited(path, lambda footer, body: put(column_meta(footer, 0, 0), 2, 9, (5, [0, 3])))
     stderr = _refused(tmp_path, path, capsys)
     assert "source: " in stderr and "row group 0, column id" in stderr and "DELTA_BYTE_ARRAY" in stderr
+
+
+def test_a_data_page_of_no_values_is_refused_not_read_as_the_end_of_the_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Red-team finding: a data page declaring no values ends Arrow's reading of its column, and
+    Arrow's batches of the file then end there without an error: a file whose footer says 2 rows,
+    the pages of its last column preceded by three empty pages, read as no records at all (dry-run
+    and execute: exit 0, nothing omitted, nothing added). Now it is invalid input naming the source."""
+    source = with_empty_pages(forge_zeros(tmp_path / "zeros.parquet", 2, 1000, 2), 3)
+    assert [b.num_rows for b in pq.ParquetFile(source).iter_batches(8192)] == []  # (Arrow's own)
+    stderr = _refused(tmp_path, source, capsys)
+    assert "source: " in stderr and "row group 0, column note" in stderr and "no values" in stderr

@@ -496,6 +496,8 @@ def _chunk_pages(
         page.offset = at
         at += page.compressed
         if page.kind in (_DATA_PAGE, _DATA_PAGE_V2):
+            if not page.values:
+                raise _Malformed(f"a data page of no values at byte {at} (Arrow ends the column there)")
             seen += page.values
         if page.kind != _INDEX_PAGE:
             pages.append(page)
