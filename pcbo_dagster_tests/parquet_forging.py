@@ -312,3 +312,26 @@ def with_empty_pages(path: Path, pages: int, values: int = 0) -> Path:
     put(meta, 7, 6, len(body) - start)
     path.write_bytes(with_footer(body, footer))
     return path
+
+
+def with_dictionary_page_moved(path: Path, column: int, twice: bool) -> Path:
+    """`path` (one row group, `column` its last, written with a dictionary and no compression) with
+    the column's dictionary page written twice (`twice`) or after its data pages."""
+    data = path.read_bytes()
+    footer, _ = read_footer(data)
+    meta = column_meta(footer, 0, column)
+    start, length = get(meta, 11), get(meta, 7)
+    reader = _Reader(data, start)
+    pages = []
+    while reader.at < start + length:
+        first = reader.at
+        header = reader.struct()
+        reader.at += get(header, 3)
+        pages.append(data[first : reader.at])
+    chunk = pages[0] + pages[0] + b"".join(pages[1:]) if twice else b"".join(pages[1:]) + pages[0]
+    put(meta, 6, 6, get(meta, 6) + len(chunk) - length)
+    put(meta, 7, 6, len(chunk))
+    if not twice:
+        put(meta, 9, 6, start)
+    path.write_bytes(with_footer(data[:start] + chunk, footer))
+    return path

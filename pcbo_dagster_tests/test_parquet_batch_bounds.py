@@ -28,6 +28,7 @@ from pcbo_dagster_tests.parquet_forging import (
     get,
     put,
     read_footer,
+    with_dictionary_page_moved,
     with_empty_pages,
     with_footer,
     with_long_lists_in_page_headers,
@@ -532,3 +533,22 @@ def test_a_data_page_of_no_values_is_refused_not_read_as_the_end_of_the_rows(
     assert [b.num_rows for b in pq.ParquetFile(source).iter_batches(8192)] == []  # (Arrow's own)
     stderr = _refused(tmp_path, source, capsys)
     assert "source: " in stderr and "row group 0, column note" in stderr and "no values" in stderr
+
+
+def test_a_dictionary_page_written_twice_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Red-team finding: a column chunk's dictionary page written twice passed the page headers'
+    check and Arrow then refused it with an `OSError` ("Column cannot have more than one
+    dictionary"): exit 1, as a store failure, not naming the source. Now it is invalid input naming
+    the source and the column."""
+    rows = 6
+    table = pa.table({"id": [f"r{i}" for i in range(rows)], "occurredAt": ["2024-01-01T00:10:00Z"] * rows})
+    source = tmp_path / "dictionary.parquet"
+    pq.write_table(table, source, compression="none")
+    with_dictionary_page_moved(source, 1, twice=True)
+    with pytest.raises(OSError, match="more than one dictionary"):
+        pq.read_table(source)
+    stderr = _refused(tmp_path, source, capsys)
+    assert "source: " in stderr and "row group 0, column occurredAt" in stderr
+    assert "a dictionary page that is not its chunk's first page" in stderr

@@ -495,6 +495,8 @@ def _chunk_pages(
             raise _Malformed(f"a page at byte {at} of {page.compressed} bytes runs past its column chunk")
         page.offset = at
         at += page.compressed
+        if page.kind == _DICTIONARY_PAGE and pages:  # (Arrow refuses it, as an I/O error)
+            raise _Malformed(f"a dictionary page that is not its chunk's first page at byte {at}")
         if page.kind in (_DATA_PAGE, _DATA_PAGE_V2):
             if not page.values:
                 raise _Malformed(f"a data page of no values at byte {at} (Arrow ends the column there)")
