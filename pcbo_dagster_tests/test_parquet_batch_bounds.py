@@ -493,15 +493,16 @@ def test_the_headers_of_a_row_group_s_pages_are_kept_within_the_budget(tmp_path:
     assert peak < 200 * MiB, peak
 
 
+@pytest.mark.parametrize("encoding", ["DELTA_BYTE_ARRAY", "DELTA_LENGTH_BYTE_ARRAY"])
 @pytest.mark.parametrize("footer_lists_it", [True, False])
 def test_text_written_with_delta_byte_array_is_read_dense(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], footer_lists_it: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], footer_lists_it: bool, encoding: str
 ) -> None:
-    """Red-team finding: text written DELTA_BYTE_ARRAY (an ordinary pyarrow option) cannot be read as
-    an Arrow dictionary ("Not yet implemented: DecodeArrow of DictAccumulator for
-    DeltaByteArrayDecoder", an `OSError`: exit 1). A column whose chunks' footer lists that encoding
-    is read dense, the same records as Arrow reads; one whose footer hides it is a forged file,
-    refused naming the source and the column before Arrow reads it."""
+    """Red-team finding: text written DELTA_BYTE_ARRAY or DELTA_LENGTH_BYTE_ARRAY (ordinary pyarrow
+    options) cannot be read as an Arrow dictionary ("Not yet implemented: DecodeArrow of
+    DictAccumulator for DeltaByteArrayDecoder", an `OSError`: exit 1). A column whose chunks' footer
+    lists that encoding is read dense, the same records as Arrow reads; one whose footer hides it is
+    a forged file, refused naming the source and the column before Arrow reads it."""
     rows = 500
     table = pa.table(
         {
@@ -510,7 +511,7 @@ def test_text_written_with_delta_byte_array_is_read_dense(
         }
     )
     path = tmp_path / "delta.parquet"
-    pq.write_table(table, path, use_dictionary=False, column_encoding={"id": "DELTA_BYTE_ARRAY"})
+    pq.write_table(table, path, use_dictionary=False, column_encoding={"id": encoding})
     if footer_lists_it:
         source = streaming.ParquetSource(str(path), "delta.parquet")
         records = [r for records, _, _ in source.batches(128) for r in records]
@@ -519,7 +520,7 @@ def test_text_written_with_delta_byte_array_is_read_dense(
         return
     _edited(path, lambda footer, body: put(column_meta(footer, 0, 0), 2, 9, (5, [0, 3])))
     stderr = _refused(tmp_path, path, capsys)
-    assert "source: " in stderr and "row group 0, column id" in stderr and "DELTA_BYTE_ARRAY" in stderr
+    assert "source: " in stderr and "row group 0, column id" in stderr and encoding in stderr
 
 
 def test_a_data_page_of_no_values_is_refused_not_read_as_the_end_of_the_rows(

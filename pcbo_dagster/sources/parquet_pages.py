@@ -86,6 +86,8 @@ _FLAT_OVERHEAD = 4
 _DATA_PAGE, _INDEX_PAGE, _DICTIONARY_PAGE, _DATA_PAGE_V2 = 0, 1, 2, 3
 _DICTIONARY_ENCODINGS = frozenset({2, 8})  # PLAIN_DICTIONARY, RLE_DICTIONARY
 _DELTA_BYTE_ARRAY = 7
+#: Encodings of text Arrow cannot read as a dictionary (`streaming._parquet_file` reads such text dense).
+NOT_AS_DICTIONARY = {6: "DELTA_LENGTH_BYTE_ARRAY", 7: "DELTA_BYTE_ARRAY"}
 _NESTING = 64  # Thrift structs nested deeper than this are not a page header
 #: The most elements a Thrift list, set or map of a page header may hold: Arrow refuses more
 #: (`thrift_container_size_limit`), with an error that is not the source's.
@@ -630,8 +632,9 @@ def row_group_pages(
                 read_as_dictionary=path in dictionary_columns and column.max_repetition_level == 0,
                 overhead=overhead,
             )
-            if pages_of.read_as_dictionary and any(p.encoding == _DELTA_BYTE_ARRAY for p in pages):
-                raise _Malformed("a page written DELTA_BYTE_ARRAY, which its footer's encodings do not list")
+            hidden = {NOT_AS_DICTIONARY[p.encoding] for p in pages if p.encoding in NOT_AS_DICTIONARY}
+            if pages_of.read_as_dictionary and hidden:
+                raise _Malformed(f"a page written {min(hidden)}, which its footer's encodings do not list")
             if width is None and not pages_of.read_as_dictionary:
                 dictionaries = [p for p in pages if p.kind == _DICTIONARY_PAGE]
                 if dictionaries:

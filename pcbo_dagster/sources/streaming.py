@@ -43,6 +43,7 @@ from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, SourcesDirectory, open_regular
 from pcbo_dagster.sources.parquet_pages import (
+    NOT_AS_DICTIONARY,
     RowGroupPages,
     row_group_pages,
     worst_window,
@@ -969,15 +970,16 @@ def _parquet_file(fh: IO[bytes]) -> _ParquetFile:
     """The parquet file open with its text and binary columns read as Arrow dictionaries: a
     dictionary-encoded column stays its dictionary and indices (its size in the file), not one copy of
     the value a row (a decompression bomb). The values are the same; only their Arrow type differs.
-    Those whose footer says they are written DELTA_BYTE_ARRAY are read dense: Arrow cannot read that
-    encoding as a dictionary (a page that hides it is refused, `parquet_pages.row_group_pages`)."""
+    Those whose footer says they are written DELTA_BYTE_ARRAY or DELTA_LENGTH_BYTE_ARRAY are read
+    dense: Arrow cannot read those encodings as a dictionary (a page that hides them is refused,
+    `parquet_pages.row_group_pages`)."""
     pf = pq.ParquetFile(fh)
     metadata = pf.metadata
     delta = {
         metadata.schema.column(j).path
         for g in range(metadata.num_row_groups)
         for j in range(metadata.num_columns)
-        if "DELTA_BYTE_ARRAY" in metadata.row_group(g).column(j).encodings
+        if set(NOT_AS_DICTIONARY.values()) & set(metadata.row_group(g).column(j).encodings)
     }
     return _ParquetFile(
         fh, metadata, [f.name for f in pf.schema_arrow if _binary_like(f.type) and f.name not in delta]
