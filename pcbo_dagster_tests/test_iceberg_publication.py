@@ -1250,14 +1250,13 @@ def _second_run_without_table(tmp_path: Path, v1_ids: list[str]) -> Path:
     return write_request(tmp_path / "r2.json", request)
 
 
-def test_an_execute_publishes_where_its_verified_chain_declares_whatever_the_backup_says_after(
+def _second_run_with_declarations_hidden(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Red-team finding: `publisher_for` decided "publishes nowhere" from a second, unverified read of
-    the audit backup made after the run had verified its chain: a declaration hidden from that read
-    (the attacker's write between the two) had the run commit to the lake and skip its table, exit 0.
-    The decision is now the verified chain's: the run publishes to the declared table."""
-    from pcbo_dagster.engine.execute import check_gates, execute
+) -> tuple[Path, list[str], Any, Any, Any]:
+    """After run ice-1 published to `lake.events`: run ice-2 (no table) loaded, evaluated and past its
+    gates, with every unverified read of the backup from now on missing the table's declaration.
+    Returns (home, ice-1's ids, loaded, plan, decisions)."""
+    from pcbo_dagster.engine.execute import check_gates
     from pcbo_dagster.engine.request_loading import evaluate, load_request
 
     home, v1_ids = _published_first_run(tmp_path)
@@ -1266,6 +1265,19 @@ def test_an_execute_publishes_where_its_verified_chain_declares_whatever_the_bac
     loaded = load_request(request_file.read_bytes(), request_file.parent)
     plan, decisions = evaluate(loaded)
     check_gates(loaded, decisions)
+    return home, v1_ids, loaded, plan, decisions
+
+
+def test_an_execute_publishes_where_its_verified_chain_declares_whatever_the_backup_says_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: `publisher_for` decided "publishes nowhere" from a second, unverified read of
+    the audit backup made after the run had verified its chain: a declaration hidden from that read
+    (the attacker's write between the two) had the run commit to the lake and skip its table, exit 0.
+    The decision is now the verified chain's: the run publishes to the declared table."""
+    from pcbo_dagster.engine.execute import execute
+
+    home, v1_ids, loaded, plan, decisions = _second_run_with_declarations_hidden(tmp_path, monkeypatch)
     env = _open_env(home)
     try:
         document = execute(env, loaded, plan, decisions)
@@ -1281,20 +1293,9 @@ def test_the_phases_publish_where_their_verified_chain_declares_whatever_the_bac
 ) -> None:
     """The same finding in the Dagster asset's phases: `emit_partitions` and `reconcile_partitions`
     each decided from an unverified read; the table now follows the run (published, not skipped)."""
-    from pcbo_dagster.engine.execute import (
-        append_commit_events,
-        check_gates,
-        emit_partitions,
-        reconcile_partitions,
-    )
-    from pcbo_dagster.engine.request_loading import evaluate, load_request
+    from pcbo_dagster.engine.execute import append_commit_events, emit_partitions, reconcile_partitions
 
-    home, v1_ids = _published_first_run(tmp_path)
-    request_file = _second_run_without_table(tmp_path, v1_ids)
-    _hide_declarations_from_unverified_reads(monkeypatch)
-    loaded = load_request(request_file.read_bytes(), request_file.parent)
-    plan, decisions = evaluate(loaded)
-    check_gates(loaded, decisions)
+    home, v1_ids, loaded, plan, decisions = _second_run_with_declarations_hidden(tmp_path, monkeypatch)
     env = _open_env(home)
     try:
         emission = emit_partitions(env, loaded, plan, decisions)
