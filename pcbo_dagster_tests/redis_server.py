@@ -2,10 +2,15 @@
 in a throw-away directory, with persistence off (nothing written but its log), stopped afterwards.
 
 Absent `redis-server` fails the test in CI (`.ci/run` installs it) and skips it elsewhere.
+
+Each test that needs an empty broker or backend takes a Redis database of its own from
+`fresh_database` (one counter for every module of the session: the server has `DATABASES` of them,
+where Redis's default is 16 and the Celery tests of one session need more than that).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -18,6 +23,19 @@ from pathlib import Path
 import pytest
 
 from pcbo_dagster_tests.loopback import free_port
+
+#: Databases the session's server has (`--databases`); database 0 is left unused.
+DATABASES = 1024
+_NEXT_DATABASE = itertools.count(1)
+
+
+def fresh_database(redis_url: str) -> str:
+    """The URL of a Redis database of the session's server (`redis_url`) no other test of this session
+    was given."""
+    number = next(_NEXT_DATABASE)
+    if number >= DATABASES:
+        raise RuntimeError(f"the test session used all {DATABASES} Redis databases")
+    return redis_url.rsplit("/", 1)[0] + f"/{number}"
 
 
 def _ping(port: int) -> bool:
@@ -48,6 +66,7 @@ def redis_url() -> Iterator[str]:
         "--port", str(port),
         "--save", "",
         "--appendonly", "no",
+        "--databases", str(DATABASES),
         "--protected-mode", "yes",
         "--dir", str(workdir),
         "--logfile", str(workdir / "redis.log"),

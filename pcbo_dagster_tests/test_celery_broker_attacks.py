@@ -11,7 +11,6 @@ broker (often a Redis without a password) could run code of their choosing on ev
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import time
@@ -24,8 +23,8 @@ import pytest
 pytest.importorskip("dagster_celery")
 
 from pcbo_dagster_tests.dagster_harness import REPO_ROOT, executable  # noqa: E402
+from pcbo_dagster_tests.redis_server import fresh_database  # noqa: E402
 
-_REDIS_DBS = itertools.count(9)
 #: The workers' key (`PCBO_CELERY_KEY`): the forged messages of the code and run guard tests are
 #: signed with it (someone holding the key, or a coordinator's bug), so that guard is what they test.
 SHARED_KEY = "broker-attacks-test-result-key-0123456789"
@@ -110,7 +109,7 @@ def _send(broker: str, packed: Any, executable_dict: Any, sign_with: str | None 
 
 @pytest.fixture
 def worker(tmp_path, redis_url):
-    broker = redis_url.rsplit("/", 1)[0] + f"/{next(_REDIS_DBS)}"
+    broker = fresh_database(redis_url)
     own_home = tmp_path / "dagster_home"
     _instance_with_a_run(own_home)
     proc, log = _worker(tmp_path, broker, own_home)

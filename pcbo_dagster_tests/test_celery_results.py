@@ -29,17 +29,17 @@ pytest.importorskip("dagster_celery")
 import dagster as dg  # noqa: E402
 
 from pcbo_dagster.core.errors import InvalidInput  # noqa: E402
+from pcbo_dagster_tests.redis_server import fresh_database  # noqa: E402
 
 SHARED_KEY = "k" * 40  # what every host of the deployment is given
 OTHER_KEY = "o" * 40  # a worker of another deployment, or an attacker's guess
-REDIS_DB = 15  # flushed by each test (a redis-server of its own per xdist worker: redis_server.py)
 
 
 @pytest.fixture
 def redis_db(redis_url: str) -> str:
     import redis
 
-    url = redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}"
+    url = fresh_database(redis_url)  # the test's own (a redis-server per xdist worker)
     client = redis.Redis.from_url(url)
     client.flushdb()
     client.close()

@@ -16,7 +16,6 @@ and `pcbo verify` from a fresh directory clean.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -36,6 +35,7 @@ pytest.importorskip("dagster_celery")
 
 from pcbo_dagster.core.audit_chain import verify_chain  # noqa: E402
 from pcbo_dagster_tests.dagster_harness import REPO_ROOT, executable, materialize_range  # noqa: E402
+from pcbo_dagster_tests.redis_server import fresh_database  # noqa: E402
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 # The scale (benchmarks/celery_benchmark.py sets these for its measurements; the defaults are CI's).
@@ -44,7 +44,6 @@ PER_RUN = int(os.environ.get("CELERY_PER_RUN", "12"))  # partitions per run (the
 WORKERS = int(os.environ.get("CELERY_WORKERS", "2"))  # Celery workers of the backfill test
 KEY = "events/v1"
 RESULT_KEY = "celery-workers-test-result-key-0123456789"
-_REDIS_DBS = itertools.count(1)  # a Redis database of its own for each test
 
 
 def _records() -> list[dict[str, Any]]:
@@ -272,7 +271,7 @@ def cluster(tmp_path, source, s3_store, redis_url, postgres_server, fresh_postgr
         "PCBO_AUDIT_DIR": s3_store.url(f"pas-{tag}"),
         "PCBO_MULTI_HOST": "true",
         "PCBO_EXECUTOR": "celery",
-        "PCBO_CELERY_BROKER": redis_url.rsplit("/", 1)[0] + f"/{next(_REDIS_DBS)}",  # nothing left over
+        "PCBO_CELERY_BROKER": fresh_database(redis_url),  # nothing left over
         "PCBO_CELERY_KEY": RESULT_KEY,  # every host's: the steps' results are signed with it
         "PCBO_PARALLEL": "1",
         # A killed worker's step comes back after this; its lease is taken over after the TTL.
