@@ -1,10 +1,14 @@
 """Loopback ports for the real servers the tests start (PostgreSQL, Redis, moto, the GCS emulator,
-uvicorn, dagster-webserver), and a hostile HTTP peer that drips its answer (`DripReceiver`)."""
+uvicorn, dagster-webserver), an in-process server served on a thread (`serving`), and a hostile HTTP
+peer that drips its answer (`DripReceiver`)."""
 
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -13,6 +17,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(server: socketserver.TCPServer) -> Iterator[str]:
+    """`server` (bound to 127.0.0.1) served on a daemon thread: its `http://127.0.0.1:<port>` URL;
+    shut down and closed when the block ends."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class DripReceiver:

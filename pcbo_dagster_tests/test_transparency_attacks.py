@@ -10,10 +10,10 @@ A real witness server (`pcbo witness serve`'s) runs on loopback in a thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sqlite3
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -40,6 +40,7 @@ from pcbo_dagster.engine.transparency_log import witness_requirement
 from pcbo_dagster.evidence.package import verify as verify_package
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
 from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, write_request
+from pcbo_dagster_tests.loopback import serving
 
 CHAIN = "events/v1"
 ORIGIN = "pcbo/events/v1"
@@ -88,21 +89,14 @@ class Keys:
 
 @pytest.fixture
 def witness_server(tmp_path: Path) -> Iterator[Callable[[Keys], str]]:
-    servers = []
-
     def start(keys: Keys) -> str:
         witness = Witness(
             keys.witness, str(tmp_path / "witness.db"), [LogKey("pcbo/", keys.operator.verifier())]
         )
-        server = make_server(witness, "127.0.0.1", 0)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return servers.enter_context(serving(make_server(witness, "127.0.0.1", 0)))
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with contextlib.ExitStack() as servers:
+        yield start
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ answer; the runs are real `pcbo execute`s."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +29,7 @@ from pcbo_dagster.core.signed_note import (
 )
 from pcbo_dagster.witness.client import Witness, WitnessRefused, request_cosignature
 from pcbo_dagster_tests.cli_runner import load_generator, write_request
-from pcbo_dagster_tests.loopback import DripReceiver
+from pcbo_dagster_tests.loopback import DripReceiver, serving
 
 LOG = new_signing_key("ops.example/operator")
 WITNESS = new_signing_key("witness.example/w1")
@@ -46,7 +46,6 @@ def _line(key: SigningKey, text: str, timestamp: int) -> str:
 @pytest.fixture
 def rogue_witness() -> Iterator[Callable[[Callable[[str], str]], str]]:
     """Starts an HTTP server answering each add-checkpoint 200 with `answer(checkpoint text)`."""
-    servers = []
 
     def start(answer: Callable[[str], str]) -> str:
         class Handler(BaseHTTPRequestHandler):
@@ -61,15 +60,10 @@ def rogue_witness() -> Iterator[Callable[[Callable[[str], str]], str]]:
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
                 pass
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
+        return servers.enter_context(serving(ThreadingHTTPServer(("127.0.0.1", 0), Handler)))
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with contextlib.ExitStack() as servers:
+        yield start
 
 
 def _ask(url: str) -> tuple[NoteSignature, int]:

@@ -32,6 +32,7 @@ from pcbo_dagster.core.signed_note import (
 )
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
 from pcbo_dagster_tests.cli_runner import pcbo_env
+from pcbo_dagster_tests.loopback import serving
 
 LEAVES = [f"event {i}".encode() for i in range(12)]
 LOG = new_signing_key("ops.example/operator")
@@ -47,11 +48,8 @@ def url(tmp_path: Path) -> Iterator[str]:
         [LogKey("pcbo/", LOG.verifier()), LogKey("pcbo/tenant-b/", OTHER_LOG.verifier())],
         clock=lambda: 1700000000,
     )
-    server = make_server(witness, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(make_server(witness, "127.0.0.1", 0)) as served_url:
+        yield served_url
 
 
 def _note(size: int, leaves: list[bytes] = LEAVES, key=LOG, origin: str = "pcbo/events/v1") -> str:
@@ -220,17 +218,13 @@ def test_a_client_that_stops_sending_is_dropped(tmp_path: Path, sent: bytes) -> 
     read waits at most the server's timeout, and the connection is then closed (no traceback)."""
     witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
     server = make_server(witness, "127.0.0.1", 0, timeout=0.5)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(server):
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
             conn.sendall(sent)
             started = time.monotonic()
             while conn.recv(4096):  # (an answer first, e.g. 408, is fine: then the close)
                 pass
             assert time.monotonic() - started < 5
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -335,8 +329,7 @@ def test_a_client_that_trickles_its_request_is_dropped_at_the_deadline(tmp_path:
     such connections exhausted the witness. Now a request must arrive whole within the timeout."""
     witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
     server = make_server(witness, "127.0.0.1", 0, timeout=0.5)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(server):
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
             conn.sendall(b"POST /add-checkpoint HTTP/1.1\r\nX-Slow: ")
             started = time.monotonic()
@@ -349,9 +342,6 @@ def test_a_client_that_trickles_its_request_is_dropped_at_the_deadline(tmp_path:
                     break
                 dropped = bool(select.select([conn], [], [], 0)[0])  # (an answer, e.g. 408, or the close)
             assert time.monotonic() - started < 2
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize(
@@ -372,9 +362,8 @@ def test_the_body_of_a_request_answered_unread_is_never_read_as_the_next_request
     clients). Now such a connection is closed after the one answer."""
     witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
     server = make_server(witness, "127.0.0.1", 0, timeout=2)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    smuggled = b"GET /" + b"1" * 64 + b"/checkpoint HTTP/1.1\r\nHost: w\r\n\r\n"
-    try:
+    with serving(server):
+        smuggled = b"GET /" + b"1" * 64 + b"/checkpoint HTTP/1.1\r\nHost: w\r\n\r\n"
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
             conn.sendall(head + smuggled)
             received = b""
@@ -388,9 +377,6 @@ def test_the_body_of_a_request_answered_unread_is_never_read_as_the_next_request
                 received += chunk
         assert received.count(b"HTTP/1.1 ") == 1, received
         assert b"Connection: close" in received
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_what_a_killed_witness_cosigned_binds_it_after_a_restart(served) -> None:
@@ -421,31 +407,28 @@ def test_a_flood_of_connections_is_answered_503_past_the_limit(tmp_path: Path) -
     go, requests are served again."""
     witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
     server = make_server(witness, "127.0.0.1", 0, timeout=5, max_connections=4)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    before = threading.active_count()
-    held = [socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) for _ in range(12)]
-    try:
-        time.sleep(0.5)
-        assert threading.active_count() - before <= 4
-        started = time.monotonic()
-        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as extra:
-            answer = b""
-            while chunk := extra.recv(4096):
-                answer += chunk
-        assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"busy: too many connections\n")
-        assert time.monotonic() - started < 2
-    finally:
-        for conn in held:
-            conn.close()
-    try:
+    with serving(server) as url:
+        before = threading.active_count()
+        held = [
+            socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) for _ in range(12)
+        ]
+        try:
+            time.sleep(0.5)
+            assert threading.active_count() - before <= 4
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as extra:
+                answer = b""
+                while chunk := extra.recv(4096):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503 ") and answer.endswith(b"busy: too many connections\n")
+            assert time.monotonic() - started < 2
+        finally:
+            for conn in held:
+                conn.close()
         deadline = time.monotonic() + 10
         while (reply := _post(url, 0, [], _note(5)))[0] == 503 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert reply[0] == 200, reply
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_request_with_megabytes_of_headers_is_cut_off(tmp_path: Path) -> None:
@@ -455,8 +438,7 @@ def test_a_request_with_megabytes_of_headers_is_cut_off(tmp_path: Path) -> None:
     and the connection is closed past it."""
     witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
     server = make_server(witness, "127.0.0.1", 0, timeout=10)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serving(server):
         with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as conn:
             head = b"POST /add-checkpoint HTTP/1.1\r\n" + b"".join(
                 b"X-Big-%d: %s\r\n" % (i, b"a" * 60000) for i in range(100)
@@ -465,9 +447,6 @@ def test_a_request_with_megabytes_of_headers_is_cut_off(tmp_path: Path) -> None:
                 conn.sendall(head + b"Content-Length: 0\r\n\r\n")
                 while conn.recv(65536):
                     pass
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_cosignature_is_never_dated_before_the_last_one_of_its_log(tmp_path: Path) -> None:
@@ -489,23 +468,18 @@ def test_a_cosignature_is_never_dated_before_the_last_one_of_its_log(tmp_path: P
         stored = parse_note(_note(0)).with_signatures([forged]).render()
         conn.execute("INSERT INTO logs VALUES (?, 0, ?, ?)", ("pcbo/events/v1", merkle.EMPTY_ROOT, stored))
     server = make_server(witness, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    cosigner = WITNESS.verifier(COSIGNATURE_V1)
+    with serving(server) as url:
+        cosigner = WITNESS.verifier(COSIGNATURE_V1)
 
-    def cosigned_at(size: int, answer: tuple[int, str, str]) -> int:
-        assert answer[0] == 200, answer
-        note = parse_note(_note(size)).with_signatures(parse_signature_lines(answer[2]))
-        return verify_cosignatures(note, [cosigner])[cosigner.text]
+        def cosigned_at(size: int, answer: tuple[int, str, str]) -> int:
+            assert answer[0] == 200, answer
+            note = parse_note(_note(size)).with_signatures(parse_signature_lines(answer[2]))
+            return verify_cosignatures(note, [cosigner])[cosigner.text]
 
-    try:
         assert cosigned_at(5, _post(url, 0, [], _note(5))) == 2000
         assert cosigned_at(8, _post(url, 5, merkle.consistency_proof(LEAVES[:8], 5), _note(8))) == 2000
         assert cosigned_at(8, _post(url, 8, [], _note(8))) == 2000
         assert cosigned_at(9, _post(url, 8, merkle.consistency_proof(LEAVES[:9], 8), _note(9))) == 3000
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_checkpoint_stored_with_lines_that_do_not_verify_is_served_without_them(served) -> None:
