@@ -321,3 +321,21 @@ datasets:
     with pytest.raises(InvalidInput) as refused:
         parse_datasets_config(text, base_dir=tmp_path)
     assert "approvers[1]" in refused.value.field and "listed" in refused.value.message
+
+
+def test_a_promotion_names_every_approval_the_gate_counted(tmp_path: Path) -> None:
+    """`requiredApprovals: 2`: the promotion event names each approval the gate counted
+    (`approval_event_hashes`, in chain order: CY's newest approval, which replaced CY's first, and BO's),
+    and still the last of them alone as `approval_event_hash`, as promotions always did."""
+    config, base, clock, _ = _soaked(tmp_path, required=2)
+    operations.decide(config, base, "r", "approve", key=CY, reason="one", clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="one again", clock=clock)
+    operations.decide(config, base, "r", "approve", key=BO, reason="two", clock=clock)
+    assert operations.promote(config, base, "r", by="dee", clock=clock)["status"] == "promoted"
+    with operations.rollout_environments(config, base, "r") as (_dataset, envs):
+        chain = envs.production.audit.backup.read_chain("sessions/v1")
+    approvals = {e["reason"]: e["chain"]["event_hash"] for e in chain if e["event_type"] == ROLLOUT_APPROVED}
+    [promotion] = [e for e in chain if e["event_type"] == "rollout_promoted"]
+    assert promotion["approval_event_hashes"] == [approvals["one again"], approvals["two"]]
+    assert promotion["approval_event_hash"] == approvals["two"]
+    assert promotion["approved_by"] == f"{CY.name}, {BO.name}"

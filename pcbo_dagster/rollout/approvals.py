@@ -260,10 +260,12 @@ def decision_in_force(
 ) -> dict[str, Any] | None:
     """The decision in force for `rollout` from the production chain (module doc; `events`: that
     chain, already read and verified), as `{decision, actor, reason, decision_hash, event_hash,
-    approvals, required, ignored, since_rejection}`; `decision` is `approved`, `rejected` or `pending`
-    (fewer valid approvals than required: only approvals of the decision hash the chain says was
-    staged count); `since_rejection` is the event hash of the last counted rejection (None: there is
-    none), which the approvals in force post-date;
+    event_hashes, approvals, required, ignored, since_rejection}`; `decision` is `approved`, `rejected`
+    or `pending` (fewer valid approvals than required: only approvals of the decision hash the chain
+    says was staged count); `event_hashes` are the hashes of the events the decision stands on, in
+    chain order (an approval: each approver's counted approval; a rejection: it alone), `event_hash`
+    the last of them; `since_rejection` is the event hash of the last counted rejection (None: there
+    is none), which the approvals in force post-date;
     None when no valid signed decision is on the chain. `IntegrityError` when that chain does not
     verify."""
     policy = envs.approval_policy
@@ -296,6 +298,7 @@ def decision_in_force(
         "reason": "; ".join(s.reason for _, s in chosen),
         "decision_hash": chosen[-1][1].decision_hash,
         "event_hash": chosen[-1][0]["chain"]["event_hash"],
+        "event_hashes": [event["chain"]["event_hash"] for event, _ in chosen],
         "approvals": len(counted),
         "required": policy.required,
         "ignored": ignored,

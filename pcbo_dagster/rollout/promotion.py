@@ -28,7 +28,9 @@ runs the engine into the production environment for the requested keys only. The
 check uses it for its mini backfills.
 
 `promote_rollout` names who promotes (`by`, like an approval): a `rollout_promoted` event on the
-dataset's production audit chain (who, the decision hash, the approval it relied on, the run), the
+dataset's production audit chain (who, the decision hash, the approvals it relied on - every approval
+event the gate counted, `approval_event_hashes` in chain order, and the last of them alone,
+`approval_event_hash`, the one promotions written before 2026-12-06 name - and the run), the
 rollout log's `promoted` / `partially_promoted` entry (actor and `promotedBy`), and the production
 run's metadata in the catalog. A promotion the gate refuses is logged with who asked.
 
@@ -160,6 +162,7 @@ def promotion_gate(
                 "reason",
                 "decision_hash",
                 "event_hash",
+                "event_hashes",
                 "approvals",
                 "required",
                 "since_rejection",
@@ -384,6 +387,7 @@ def promote_rollout(
                 "decision_hash": document["decisionHash"],
                 "approved_by": approval["actor"],
                 "approval_event_hash": approval["event_hash"],
+                "approval_event_hashes": approval["event_hashes"],
                 "run_id": document["runId"],
                 "partition_keys": sorted(pd["key"] for pd in document["partitions"]),
                 "complete": complete,
