@@ -86,6 +86,7 @@ ARGUMENT_ERRORS = [
     (["keys", "generate"], ["pcbo keys generate: ", "--name"]),
     (["evidence", "export", "--run", "../r"], ["--run"]),
     (["evidence", "verify", "--key", "v"], ["FILE"]),
+    (["evidence", "verify", "ev.json", "--key", "v", "--min-approvals", "two"], ["--min-approvals", "'two'"]),
     (["serve", "--log-level", "loud"], ["--log-level"]),
     (
         ["token", "create", "--subject", "me", "--scope", "read", "--expires-in-days", "7.5"],

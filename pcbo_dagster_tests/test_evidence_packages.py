@@ -22,6 +22,7 @@ from pcbo_dagster.core.merkle import MerkleTree
 from pcbo_dagster.core.signed_note import (
     COSIGNATURE_V1,
     Note,
+    SigningKey,
     b64,
     cosign,
     new_signing_key,
@@ -554,16 +555,14 @@ def test_a_committed_partition_left_out_shows_against_the_intent(package: dict[s
     assert all("follows no intent in the package" in p for p in document["problems"])
 
 
-@pytest.fixture(scope="module")
-def promoted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The package of the production run of rollout r3, approved by CY (a listed approver) and promoted,
-    exported with the operator's key."""
+def _promoted_package(work: Path, approvers: list[SigningKey]) -> dict[str, Any]:
+    """The package of the production run of rollout r3 (`requiredApprovals` the number of `approvers`),
+    approved by each of `approvers` (listed approvers) and promoted, exported with the operator's key."""
     import time
 
-    from pcbo_dagster_tests.approver_keys import CY, key_file
+    from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, key_file
     from pcbo_dagster_tests.test_rollout_cli import KEYS, QUICK_SOAK_CONFIG
 
-    work = tmp_path_factory.mktemp("promoted")
     records = [
         {"id": f"s-{h}-{n}", "occurredAt": f"2024-01-01T{h:02d}:{n * 10:02d}:00Z", "jurisdiction": "US"}
         | {"consentGranted": n != 3}
@@ -571,8 +570,8 @@ def promoted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for n in range(5)
     ]
     (work / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (work / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
-    key_file(work, CY)
+    required = f"{APPROVERS_YAML}\n      requiredApprovals: {len(approvers)}"
+    (work / "datasets.yaml").write_text(QUICK_SOAK_CONFIG.replace(APPROVERS_YAML, required))
     key = new_signing_key("ops.example/operator")
     (work / "operator.key").write_text(key.text + "\n")
     (work / "operator.key").chmod(0o600)
@@ -592,10 +591,22 @@ def promoted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pcbo("rollout", "start", *config, "--dataset", "sessions", *window, "--name", "r3", "--by", "ana")
     time.sleep(1.3)  # the soak window (0.02 minutes) ends
     pcbo("rollout", "soak", "r3", *config)
-    pcbo("approve", "r3", "--key", "cy.key", "--reason", "numbers reviewed", *config)
+    for approver in approvers:
+        key_file(work, approver)
+        short = approver.name.rsplit("/", 1)[-1]
+        pcbo("approve", "r3", "--key", f"{short}.key", "--reason", f"numbers reviewed by {short}", *config)
     pcbo("rollout", "promote", "r3", "--by", "dee", *config)
     envelope = pcbo("evidence", "export", "--run", "rollout-r3-production").document
     return {"work": work, "key": key, "vkey": key.verifier().text, "envelope": envelope}
+
+
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The package of the production run of rollout r3, approved by CY (a listed approver) and promoted,
+    exported with the operator's key."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    return _promoted_package(tmp_path_factory.mktemp("promoted"), [CY])
 
 
 def test_a_promotion_package_carries_the_approval_it_relied_on(promoted: dict[str, Any]) -> None:
@@ -646,33 +657,32 @@ def test_approver_keys_verify_the_approval_a_promotion_relied_on(promoted: dict[
     ]
 
 
-def _with_approval_note(
-    promoted: dict[str, Any],
-    note: str,
-    event_type: str = "rollout_approved",
-    promotion: dict[str, Any] | None = None,
-    **said: Any,
-) -> dict[str, Any]:
-    """What an insider holding the operator's key makes of the promoted package: the same log, but
-    whose approval event carries `note` (the event otherwise as the chain had it, unless it is made of
-    type `event_type` or its members `said` changed), the promotion naming that event (its members
-    `promotion` changed), every event rehashed and relinked, the claims rederived, checkpoint and
-    envelope signed again."""
+def _relogged(promoted: dict[str, Any], rewrite: Any) -> dict[str, Any]:
+    """What an insider holding the operator's key makes of the promoted package: a log of its events,
+    each as `rewrite(event_type, body)` makes it (`(event_type, body)`; None: left out), every event
+    rehashed and relinked (a promotion's `approval_event_hash` and each of its `approval_event_hashes`
+    that named an event of the package name that event's new hash), the claims rederived, checkpoint
+    and envelope signed again."""
     from pcbo_dagster.core.audit_chain import RESERVED_KEYS
     from pcbo_dagster.evidence.package import CLAIMS, claims_of
 
     statement = _statement(promoted["envelope"])
     events: list[dict] = []
     renamed: dict[str, str] = {}
+
+    def new_hash(value: Any) -> Any:
+        return renamed.get(value, value) if isinstance(value, str) else value
+
     for entry in statement["predicate"]["auditEvents"]:
         event = entry["event"]
-        body = {k: v for k, v in event.items() if k not in RESERVED_KEYS}
-        kind = event["event_type"]
-        if kind == "rollout_approved":
-            kind = event_type
-            body = {**body, **said, "signed_approval": note}
-        if body.get("approval_event_hash") in renamed:
-            body = {**body, **(promotion or {}), "approval_event_hash": renamed[body["approval_event_hash"]]}
+        rewritten = rewrite(event["event_type"], {k: v for k, v in event.items() if k not in RESERVED_KEYS})
+        if rewritten is None:
+            continue
+        kind, body = rewritten
+        if "approval_event_hash" in body:
+            body["approval_event_hash"] = new_hash(body["approval_event_hash"])
+        if isinstance(body.get("approval_event_hashes"), list):
+            body["approval_event_hashes"] = [new_hash(h) for h in body["approval_event_hashes"]]
         rebuilt = build_event(
             chain_key=event["chain"]["chain_key"],
             seq=len(events),
@@ -687,6 +697,27 @@ def _with_approval_note(
     claims = claims_of(events, run["runId"], run["dataset"], run["versionLabel"])
     statement["predicate"].update({name: claims[name] for name in CLAIMS})
     return _logged(promoted, statement, events)
+
+
+def _with_approval_note(
+    promoted: dict[str, Any],
+    note: str,
+    event_type: str = "rollout_approved",
+    promotion: dict[str, Any] | None = None,
+    **said: Any,
+) -> dict[str, Any]:
+    """The promoted package relogged by an insider (`_relogged`): the same log, but whose approval event
+    carries `note` (the event otherwise as the chain had it, unless it is made of type `event_type` or
+    its members `said` changed), the promotion naming that event (its members `promotion` changed)."""
+
+    def rewrite(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if kind == "rollout_approved":
+            return event_type, {**body, **said, "signed_approval": note}
+        if kind == "rollout_promoted":
+            return kind, {**body, **(promotion or {})}
+        return kind, body
+
+    return _relogged(promoted, rewrite)
 
 
 def _altered(note: str) -> str:
@@ -816,6 +847,286 @@ def test_a_bad_approver_key_is_invalid_input(
     assert status == 2 and document is None
     err = capsys.readouterr().err
     assert "--approver-key" in err and says in err, err
+
+
+@pytest.fixture(scope="module")
+def promoted_by_two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The package of the production run of rollout r3 (`requiredApprovals: 2`), approved by CY and
+    then BO and promoted, exported with the operator's key."""
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    return _promoted_package(tmp_path_factory.mktemp("promoted-by-two"), [CY, BO])
+
+
+def _trusting(*approvers: SigningKey) -> list[str]:
+    """`--approver-key` for each of `approvers`."""
+    return [arg for key in approvers for arg in ("--approver-key", key.verifier().text)]
+
+
+def _events(envelope: dict[str, Any]) -> list[dict]:
+    return [entry["event"] for entry in _statement(envelope)["predicate"]["auditEvents"]]
+
+
+def _promotion(envelope: dict[str, Any]) -> dict:
+    [promotion] = [e for e in _events(envelope) if e["event_type"] == "rollout_promoted"]
+    return promotion
+
+
+def _approval_hashes(envelope: dict[str, Any]) -> dict[str, str]:
+    """The hash of each approval event the package carries, by its approver's name."""
+    return {
+        e["by"]: e["chain"]["event_hash"] for e in _events(envelope) if e["event_type"] == "rollout_approved"
+    }
+
+
+def _too_few(envelope: dict[str, Any], verified: int, required: int) -> str:
+    promotion = _promotion(envelope)
+    return (
+        f"the promotion {promotion['chain']['event_hash']} of rollout 'r3' names approvals that verify under "
+        f"{verified} distinct trusted --approver-key(s), not the {required} --min-approvals requires"
+    )
+
+
+def _approved_by(
+    body: dict[str, Any], key: SigningKey, reason: str, decision_hash: str | None = None
+) -> dict:
+    """An approval event's `body` made to carry `key`'s own signed approval of its rollout (of
+    `decision_hash`, the body's unless given), saying what its note says."""
+    from pcbo_dagster.core.signed_approvals import sign_approval
+
+    decision_hash = decision_hash or body["decision_hash"]
+    note = sign_approval(
+        key, body["rollout"]["name"], "approved", decision_hash, reason, "2026-12-06T00:00:00Z"
+    ).render()
+    return body | {
+        "by": key.name,
+        "approver_key": key.verifier().text,
+        "decision_hash": decision_hash,
+        "reason": reason,
+        "signed_approval": note,
+    }
+
+
+def test_a_package_proves_every_approval_its_promotion_names(promoted_by_two: dict[str, Any]) -> None:
+    """`requiredApprovals: 2`: the promotion names CY's and BO's approval events (chain order), the
+    package carries both, and with both approvers' keys and `--min-approvals 2` it verifies; the verdict
+    says, per promotion, how many distinct trusted approvers verified."""
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    envelope = promoted_by_two["envelope"]
+    promotion = _promotion(envelope)
+    approvals = _approval_hashes(envelope)
+    assert promotion["approval_event_hashes"] == [approvals[CY.name], approvals[BO.name]]
+    assert promotion["approval_event_hash"] == approvals[BO.name]
+    status, document = _verify(promoted_by_two, envelope, *_trusting(CY, BO), "--min-approvals", "2")
+    assert status == 0 and document["valid"], document["problems"]
+    assert [(a["approver"], a["verified"]) for a in document["approvals"]] == [
+        (CY.name, True),
+        (BO.name, True),
+    ]
+    assert document["promotions"] == [
+        {
+            "eventHash": promotion["chain"]["event_hash"],
+            "rollout": "r3",
+            "decisionHash": promotion["decision_hash"],
+            "approvalsNamed": 2,
+            "approvers": sorted([BO.name, CY.name]),
+            "distinctApprovers": 2,
+        }
+    ]
+    status, document = _verify(promoted_by_two, envelope)
+    assert status == 0 and document["promotions"] is None  # no --approver-key: nothing counted
+
+
+def test_an_approval_the_promotion_names_left_out_of_the_package_is_a_finding(
+    promoted_by_two: dict[str, Any],
+) -> None:
+    """An insider re-signs the package without CY's approval event (and its approvals entry), which
+    the promotion names: invalid, with or without approvers' keys."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    envelope = promoted_by_two["envelope"]
+    left_out = _approval_hashes(envelope)[CY.name]
+    statement = _statement(envelope)
+    predicate = statement["predicate"]
+    predicate["auditEvents"] = [
+        a for a in predicate["auditEvents"] if a["event"]["chain"]["event_hash"] != left_out
+    ]
+    predicate["approvals"] = [a for a in predicate["approvals"] if a["eventHash"] != left_out]
+    status, document = _verify(promoted_by_two, _resigned(promoted_by_two, statement))
+    assert status == 1
+    assert document["problems"] == ["the package lacks an approval event the run's promotion relied on"]
+
+
+def _names_only_bo(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """CY's approval left out of the log, the promotion's list altered to name BO's alone."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    if kind == "rollout_approved" and body["by"] == CY.name:
+        return None
+    if kind == "rollout_promoted":
+        return kind, body | {"approval_event_hashes": [body["approval_event_hash"]]}
+    return kind, body
+
+
+def _names_bo_twice(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """CY's approval left out of the log, the promotion naming BO's approval twice."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    if kind == "rollout_approved" and body["by"] == CY.name:
+        return None
+    if kind == "rollout_promoted":
+        return kind, body | {"approval_event_hashes": [body["approval_event_hash"]] * 2}
+    return kind, body
+
+
+def _two_by_bo(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """CY's approval event made to carry a second genuine approval by BO (another statement)."""
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    if kind == "rollout_approved" and body["by"] == CY.name:
+        return kind, _approved_by(body, BO, "looked again")
+    return kind, body
+
+
+@pytest.mark.parametrize(
+    "rewrite", [_names_only_bo, _names_bo_twice, _two_by_bo], ids=["list-altered", "twice", "one-key-twice"]
+)
+def test_min_approvals_counts_distinct_trusted_approvers_not_named_events(
+    promoted_by_two: dict[str, Any], rewrite: Any
+) -> None:
+    """An insider with the operator's key relogs the run so its promotion names BO's approval alone
+    (CY's left out, the list altered), BO's twice, or two approvals both signed by BO: every approval
+    still verifies (valid with the approvers' keys), but one approver is not two: invalid with
+    `--min-approvals 2`, the problem naming the promotion."""
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    forged = _relogged(promoted_by_two, rewrite)
+    status, document = _verify(promoted_by_two, forged, *_trusting(CY, BO))
+    assert status == 0 and document["valid"], document["problems"]
+    assert all(a["verified"] for a in document["approvals"])
+    assert [p["distinctApprovers"] for p in document["promotions"]] == [1]
+    status, document = _verify(promoted_by_two, forged, *_trusting(CY, BO), "--min-approvals", "2")
+    assert status == 1 and not document["valid"]
+    assert document["problems"] == [_too_few(forged, 1, 2)]
+    assert [(p["approvers"], p["distinctApprovers"]) for p in document["promotions"]] == [([BO.name], 1)]
+
+
+def test_an_approval_of_another_decision_hash_counts_for_no_promotion(
+    promoted_by_two: dict[str, Any],
+) -> None:
+    """An insider puts in CY's approval event a genuine approval by CY of rollout r3 but of another
+    decision hash (its event saying so too): it verifies under CY's key but did not approve what was
+    promoted, so it counts for nothing: invalid (and one approver short of `--min-approvals 2`)."""
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    promoted_hash = _promotion(promoted_by_two["envelope"])["decision_hash"]
+    other_hash = "sha256:" + "cd" * 32
+
+    def elsewhere(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if kind == "rollout_approved" and body["by"] == CY.name:
+            return kind, _approved_by(body, CY, "fine", other_hash)
+        return kind, body
+
+    forged = _relogged(promoted_by_two, elsewhere)
+    status, document = _verify(promoted_by_two, forged, *_trusting(CY, BO), "--min-approvals", "2")
+    assert status == 1
+    cy_approval = _approval_hashes(forged)[CY.name]
+    assert document["problems"] == [
+        f"the approval {cy_approval} the run's promotion relied on approves rollout 'r3' decision hash "
+        f"{other_hash}, not what the promotion relying on it promoted (('r3', '{promoted_hash}'))",
+        _too_few(forged, 1, 2),
+    ]
+    assert [p["approvers"] for p in document["promotions"]] == [[BO.name]]
+
+
+def test_one_approvers_key_under_two_names_counts_once(promoted_by_two: dict[str, Any]) -> None:
+    """BO's approval replaced by one signed with CY's key under another name: both notes verify when
+    the verifier (`verify`, called directly: the command line refuses one key given twice) trusts that
+    key under both names, but they are one key's: one approver, short of two."""
+    from pcbo_dagster.core.signed_note import parse_verifier_key
+    from pcbo_dagster.evidence.package import verify
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    cy_again = signing_key_from_seed("approvers.example/cy2", CY.seed)
+
+    def renamed_cy(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        if kind == "rollout_approved" and body["by"] == BO.name:
+            return kind, _approved_by(body, cy_again, "me again")
+        return kind, body
+
+    forged = _relogged(promoted_by_two, renamed_cy)
+    document = verify(
+        forged,
+        parse_verifier_key(promoted_by_two["vkey"]),
+        approver_keys=[CY.verifier(), cy_again.verifier()],
+        min_approvals=2,
+    )
+    assert [(a["approver"], a["verified"]) for a in document["approvals"]] == [
+        (CY.name, True),
+        (cy_again.name, True),
+    ]
+    assert document["valid"] is False and document["problems"] == [_too_few(forged, 1, 2)]
+    assert [p["distinctApprovers"] for p in document["promotions"]] == [1]
+
+
+def test_a_promotion_written_before_approval_event_hashes_counts_as_one_approval(
+    promoted: dict[str, Any],
+) -> None:
+    """A chain written before promotions named every approval: its promotion names one
+    (`approval_event_hash` only). Its package verifies, one approver: valid with `--min-approvals 1`,
+    invalid with 2."""
+    from pcbo_dagster_tests.approver_keys import BO, CY
+
+    def as_before(kind: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return kind, {k: v for k, v in body.items() if k != "approval_event_hashes"}
+
+    old = _relogged(promoted, as_before)
+    assert "approval_event_hashes" not in _promotion(old)
+    status, document = _verify(promoted, old, *_trusting(CY), "--min-approvals", "1")
+    assert status == 0 and document["valid"], document["problems"]
+    assert [(p["approvalsNamed"], p["distinctApprovers"]) for p in document["promotions"]] == [(1, 1)]
+    status, document = _verify(promoted, old, *_trusting(CY, BO), "--min-approvals", "2")
+    assert status == 1 and document["problems"] == [_too_few(old, 1, 2)]
+
+
+def test_min_approvals_of_a_package_holding_no_promotion_is_a_finding(package: dict[str, Any]) -> None:
+    """A run no promotion names (a plain run, or a production run whose promotion was left out of its
+    package) shows no approval at all: invalid with `--min-approvals`, valid without."""
+    from pcbo_dagster_tests.approver_keys import CY
+
+    status, document = _verify(package, package["envelope"], *_trusting(CY))
+    assert status == 0 and document["promotions"] == []
+    status, document = _verify(package, package["envelope"], *_trusting(CY), "--min-approvals", "1")
+    assert status == 1
+    assert document["problems"] == [
+        "the package holds no promotion of run ev1: nothing in it shows the 1 approver(s) --min-approvals "
+        "requires"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "minimum", "says"),
+    [
+        ([], "1", "requires --approver-key"),
+        (["CY"], "0", "between 1 and the 1 --approver-key given"),
+        (["CY"], "-1", "between 1 and the 1 --approver-key given"),
+        (["CY", "BO"], "3", "between 1 and the 2 --approver-key given"),
+    ],
+    ids=["no-approver-key", "zero", "negative", "more-than-keys"],
+)
+def test_a_bad_min_approvals_is_invalid_input(
+    promoted: dict[str, Any], trusted: list[str], minimum: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--min-approvals N` needs `--approver-key` and 1 <= N <= the keys given (N distinct approvers'
+    keys must verify): exit 2 naming the flag, no verdict (not a number: `test_cli_bad_input_table`)."""
+    from pcbo_dagster_tests import approver_keys
+
+    keys = [getattr(approver_keys, name) for name in trusted]
+    status, document = _verify(promoted, promoted["envelope"], *_trusting(*keys), "--min-approvals", minimum)
+    assert status == 2 and document is None
+    err = capsys.readouterr().err
+    assert "--min-approvals" in err and says in err, err
 
 
 def test_another_key_does_not_open_the_package(package: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """`pcbo evidence export --run R [--output FILE]` and `pcbo evidence verify FILE --key VKEY [--lake URL]
-[--witness-key VKEY ... --min-witnesses N] [--approver-key VKEY ...] [--origin-prefix P]`
+[--witness-key VKEY ... --min-witnesses N] [--approver-key VKEY ... --min-approvals N] [--origin-prefix P]`
 (`evidence/package.py`)."""
 
 from __future__ import annotations
@@ -21,16 +21,22 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         return export(env, args.run)
 
 
-def approver_keys_of(texts: list[str] | None, operator: VerifierKey) -> list[VerifierKey] | None:
-    """`--approver-key VKEY ...`: the approvers' keys the auditor trusts (None when not given);
-    `InvalidInput` unless each is an Ed25519 (type 0x01) key, its name and key given once (the rules of a
-    dataset's `rollout.approvers`), and not the operator's key (`--key`, under any name: whoever holds
-    it re-signs packages, and would approve its own promotions)."""
+def approver_requirement(
+    texts: list[str] | None, minimum: int | None, operator: VerifierKey
+) -> tuple[list[VerifierKey] | None, int]:
+    """`--approver-key VKEY ...` and `--min-approvals N`: the approvers' keys the auditor trusts (None
+    when not given) and N (0 when not given); `InvalidInput` unless each key is an Ed25519 (type 0x01)
+    key, its name and key given once (the rules of a dataset's `rollout.approvers`), and not the
+    operator's key (`--key`, under any name: whoever holds it re-signs packages, and would approve its
+    own promotions), and N, when given, is between 1 and the number of keys (N distinct keys must
+    verify)."""
     from pcbo_dagster.core.signed_approvals import approver_key_problem
     from pcbo_dagster.engine.transparency_log import parse_key_argument
 
     if texts is None:
-        return None
+        if minimum is not None:
+            raise InvalidInput("--min-approvals", "requires --approver-key: the approvers' keys it counts")
+        return None, 0
     keys: list[VerifierKey] = []
     for text in texts:
         key = parse_key_argument(text, "--approver-key")
@@ -40,7 +46,9 @@ def approver_keys_of(texts: list[str] | None, operator: VerifierKey) -> list[Ver
         if problem is not None:
             raise InvalidInput("--approver-key", problem)
         keys.append(key)
-    return keys
+    if minimum is not None and not 1 <= minimum <= len(keys):
+        raise InvalidInput("--min-approvals", f"must be between 1 and the {len(keys)} --approver-key given")
+    return keys, minimum or 0
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
@@ -52,7 +60,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
 
     key = parse_key_argument(args.key, "--key")
     witnesses, minimum = witness_requirement(args.witness_key, args.min_witnesses, key)
-    approvers = approver_keys_of(args.approver_key, key)
+    approvers, min_approvals = approver_requirement(args.approver_key, args.min_approvals, key)
     lake_url = store_location("--lake", plain_path("--lake", args.lake))
     raw, _ = read_input(args.file, flag="FILE")
     lake = LakeStorage(lake_url) if lake_url else None
@@ -64,6 +72,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         min_witnesses=minimum,
         origin_prefix=args.origin_prefix,
         approver_keys=approvers,
+        min_approvals=min_approvals,
     )
     if not document["valid"]:
         raise Findings(document)
@@ -95,6 +104,12 @@ def add_evidence_commands(sub: Any) -> None:
         action="append",
         help="an approver's verifier key you trust (repeatable): every approval the run's promotion relied "
         "on must be signed by one of them and say what its audit event says",
+    )
+    p.add_argument(
+        "--min-approvals",
+        type=int,
+        help="how many distinct --approver-key approvers must have approved each promotion of the run "
+        "(its approvals verified under that many keys; the package must hold a promotion)",
     )
     p.add_argument(
         "--origin-prefix",

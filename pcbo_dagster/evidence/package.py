@@ -36,7 +36,11 @@ The approval notes a package carries are checked only against approvers' keys th
 (`--approver-key`): each approval the run's promotion relied on must pass the rollout gate's own check
 (`approval_of_event`: its note verifies under one of those keys and names the rollout, decision,
 decision hash and signer its event names) and approve the rollout and decision hash that promotion
-promoted. The operator's key signs approval events onto the log, never the notes in them.
+promoted. The operator's key signs approval events onto the log, never the notes in them. A promotion
+names every approval the gate counted (`approval_event_hashes`; one written before 2026-12-06 names
+the last alone, `approval_event_hash`), and the package carries each. `--min-approvals N` counts,
+per promotion, the distinct trusted keys its approvals verified under (one key counts once, under
+any name and however often it is named): fewer than N, or no promotion in the package, is invalid.
 """
 
 from __future__ import annotations
@@ -93,16 +97,29 @@ class ClaimError(ValueError):
     """Events that cannot support a package's claims (not of the shape pcbo writes, or disagreeing)."""
 
 
+def _named_approvals(promotion: Mapping[str, Any]) -> list[Any]:
+    """The approval events a promotion event names, as written, each once: its `approval_event_hashes`
+    (every approval the gate counted, in chain order) and its `approval_event_hash` (the last of them;
+    the only one a promotion written before 2026-12-06 names). Values that are no hash (a list, an
+    object: an insider's) are kept, and told apart by their RFC 8785 form, never hashed themselves."""
+    listed = promotion.get("approval_event_hashes")
+    named = list(listed) if isinstance(listed, list) else ([] if listed is None else [listed])
+    if promotion.get("approval_event_hash") is not None:
+        named.append(promotion["approval_event_hash"])
+    return list({jcs(value): value for value in named}.values())
+
+
 def _relied_approvals(events: list[dict]) -> list[Any]:
-    """The `approval_event_hash` of each promotion event of `events` that names one, as written: a
-    list (not a set), so a value that is no hash (a list, an object) is compared, not hashed."""
+    """Every approval event a promotion event of `events` names (`_named_approvals`)."""
     promotions = [e for e in events if e.get("event_type") == ROLLOUT_PROMOTED]
-    return [e["approval_event_hash"] for e in promotions if e.get("approval_event_hash") is not None]
+    return [value for promotion in promotions for value in _named_approvals(promotion)]
 
 
 def _run_events(events: list[dict], run_id: str) -> list[dict]:
-    """The run's events, and the approval events its promotion relied on, in chain order."""
-    relied = _relied_approvals([e for e in events if e.get("run_id") == run_id])
+    """The run's events, and the approval events its promotions relied on, in chain order."""
+    relied = {
+        h for h in _relied_approvals([e for e in events if e.get("run_id") == run_id]) if isinstance(h, str)
+    }
     return [
         e
         for e in events
@@ -377,12 +394,15 @@ def verify(
     min_witnesses: int = 0,
     origin_prefix: str = DEFAULT_ORIGIN_PREFIX,
     approver_keys: list[VerifierKey] | None = None,
+    min_approvals: int = 0,
 ) -> dict[str, Any]:
     """Check a package offline (module doc); `{"valid", "problems", ...}`. `lake`: a `LakeStorage`
     whose subjects' bytes are checked too. The checkpoint's origin must be exactly the log of the run's
     chain under `origin_prefix`, and carry at least `min_witnesses` cosignatures of `witness_keys`.
     `approver_keys` (None: not checked): the approvers' keys the verifier trusts; every approval the
-    run's promotion relied on must be signed by one of them (`_checked_approvals`)."""
+    run's promotions relied on must be signed by one of them (`_checked_approvals`), and with
+    `min_approvals` N (0: not counted) the package must hold a promotion, and each of its promotions
+    name approvals that verify under N distinct keys of them (`_too_few_approvers`)."""
     problems: list[str] = []
     try:
         payload = open_envelope(document, key)
@@ -439,14 +459,15 @@ def verify(
         problems.append(
             f"the package holds events that are neither run {run_id}'s nor approvals it relied on"
         )
-    proven_hashes = [e["chain"]["event_hash"] for e in proven]
-    if any(h not in proven_hashes for h in _relied_approvals(proven)):
+    proven_hashes = {e["chain"]["event_hash"] for e in proven}
+    if any(not isinstance(h, str) or h not in proven_hashes for h in _relied_approvals(proven)):
         problems.append("the package lacks an approval event the run's promotion relied on")
     problems += _completion_problems(proven)
-    approvals = None
-    if approver_keys is not None:
-        approvals = _checked_approvals(proven, approver_keys)
+    approvals = promotions = None
+    if approver_keys is not None or min_approvals:
+        approvals, promotions = _checked_approvals(proven, approver_keys or [])
         problems += [a["problem"] for a in approvals if a["problem"] is not None]
+        problems += _too_few_approvers(promotions, run_id, min_approvals)
     subjects: list[dict[str, Any]] = []
     rolled_back: set[str] = set()
     try:
@@ -491,21 +512,32 @@ def verify(
         "subjectsRolledBackFromLake": absent if lake is not None else None,
         "auditEvents": len(entries) if isinstance(entries, list) else 0,
         "approvals": approvals,
+        "promotions": promotions,
     }
 
 
-def _checked_approvals(proven: list[dict], approver_keys: list[VerifierKey]) -> list[dict[str, Any]]:
+def _checked_approvals(
+    proven: list[dict], approver_keys: list[VerifierKey]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Each proven approval event a promotion of `proven` relied on, checked as the rollout gate checks
     one (`approval_of_event`: its note verifies under one of `approver_keys` and says what its event
     says), and an approval of the rollout and decision hash each promotion relying on it promoted:
     `{eventHash, verified, approver, approverKey, problem}` (the approver's key name and vkey when it
-    verified; else the problem)."""
-    promotions = [e for e in proven if e.get("event_type") == ROLLOUT_PROMOTED]
-    relied = _relied_approvals(promotions)
+    verified; else the problem). And each promotion of `proven`, with the distinct trusted approvers'
+    keys its approvals verified under: `{eventHash, rollout, decisionHash, approvalsNamed, approvers,
+    distinctApprovers}` (one key counts once, whatever its name and however many of its approvals
+    the promotion names)."""
+    promotions = [(p, _named_approvals(p)) for p in proven if p.get("event_type") == ROLLOUT_PROMOTED]
+    named_by: dict[str, list[dict]] = {}  # the promotions naming each approval event hash
+    for promotion, named in promotions:
+        for value in named:
+            if isinstance(value, str):
+                named_by.setdefault(value, []).append(promotion)
     checked: list[dict[str, Any]] = []
+    verified_under: dict[str, VerifierKey] = {}  # by approval event hash
     for event in proven:
         event_hash = event["chain"]["event_hash"]
-        if event.get("event_type") not in APPROVAL_EVENTS or event_hash not in relied:
+        if event.get("event_type") not in APPROVAL_EVENTS or event_hash not in named_by:
             continue
         signer: VerifierKey | None = None
         problem = None
@@ -516,9 +548,7 @@ def _checked_approvals(proven: list[dict], approver_keys: list[VerifierKey]) -> 
         else:
             # a list (not a set): what an insider wrote there may be a list or an object
             promoted = [
-                (_fields(p.get("rollout"), "name")[0], p.get("decision_hash"))
-                for p in promotions
-                if p.get("approval_event_hash") == event_hash
+                (_fields(p.get("rollout"), "name")[0], p.get("decision_hash")) for p in named_by[event_hash]
             ]
             if event.get("event_type") != ROLLOUT_APPROVED:
                 problem = f"is a rejection signed by {signed.signer.name}, not an approval"
@@ -528,7 +558,7 @@ def _checked_approvals(proven: list[dict], approver_keys: list[VerifierKey]) -> 
                     f"the promotion relying on it promoted ({', '.join(sorted({repr(p) for p in promoted}))})"
                 )
             else:
-                signer = signed.signer
+                signer = verified_under[event_hash] = signed.signer
         checked.append(
             {
                 "eventHash": event_hash,
@@ -540,7 +570,43 @@ def _checked_approvals(proven: list[dict], approver_keys: list[VerifierKey]) -> 
                 else f"the approval {event_hash} the run's promotion relied on {problem}",
             }
         )
-    return checked
+    counted: list[dict[str, Any]] = []
+    for promotion, named in promotions:
+        keys = {
+            verified_under[h].public_key: verified_under[h].name
+            for h in named
+            if isinstance(h, str) and h in verified_under
+        }
+        counted.append(
+            {
+                "eventHash": promotion["chain"]["event_hash"],
+                "rollout": _fields(promotion.get("rollout"), "name")[0],
+                "decisionHash": promotion.get("decision_hash"),
+                "approvalsNamed": len(named),
+                "approvers": sorted(keys.values()),
+                "distinctApprovers": len(keys),
+            }
+        )
+    return checked, counted
+
+
+def _too_few_approvers(promotions: list[dict[str, Any]], run_id: str, min_approvals: int) -> list[str]:
+    """Why the package does not show `min_approvals` distinct trusted approvers approving each promotion
+    of the run (`_checked_approvals`' promotions; empty: it does, or nothing is asked)."""
+    if not min_approvals:
+        return []
+    if not promotions:
+        return [
+            f"the package holds no promotion of run {run_id}: nothing in it shows the {min_approvals} "
+            "approver(s) --min-approvals requires"
+        ]
+    return [
+        f"the promotion {p['eventHash']} of rollout {p['rollout']!r} names approvals that verify under "
+        f"{p['distinctApprovers']} distinct trusted --approver-key(s), not the {min_approvals} "
+        "--min-approvals requires"
+        for p in promotions
+        if p["distinctApprovers"] < min_approvals
+    ]
 
 
 def _proven_events(entries: list[Any], chain_key: str, checkpoint: Any) -> tuple[list[dict], list[str]]:
