@@ -89,9 +89,12 @@ def _forged_step(instance_ref: Any, run_id: str, pointer: Any, job_name: str) ->
     return pack_value(args), job.to_dict()
 
 
-def _send(broker: str, packed: Any, executable_dict: Any, sign_with: str | None = SHARED_KEY) -> Any:
+def _send(
+    broker: str, packed: Any, executable_dict: Any, sign_with: str | None = SHARED_KEY, **options: Any
+) -> Any:
     """The message on the queue, signed as the runs' coordinator signs it under the key `sign_with`
-    (None: not signed)."""
+    (None: not signed); `options`: more of Celery's `send_task` options (`eta`, `countdown`,
+    `expires`), which the MAC does not cover."""
     from celery import Celery
 
     task_id = str(uuid.uuid4())
@@ -103,7 +106,12 @@ def _send(broker: str, packed: Any, executable_dict: Any, sign_with: str | None 
         headers[MESSAGE_MAC_HEADER] = message_mac(secret, task_id, packed, executable_dict)
     app = Celery(broker=broker, backend=broker)
     return app.send_task(
-        "execute_plan", args=[packed, executable_dict], queue="dagster", task_id=task_id, headers=headers
+        "execute_plan",
+        args=[packed, executable_dict],
+        queue="dagster",
+        task_id=task_id,
+        headers=headers,
+        **options,
     )
 
 
@@ -296,3 +304,56 @@ def test_celerys_own_tasks_are_not_tasks_of_pcbos_worker(tmp_path, worker):
             result.get(timeout=60)
         assert type(refused.value).__name__ == "NotRegistered", (task, refused.value)
         assert f"unregistered task of type '{task}'".encode() in log.read_bytes(), task
+
+
+# --- Delivery options on a replayed message ----------------------------------------------------------
+
+
+def _coordinators_check(result: Any, run_id: str, **kwargs: Any) -> Any:
+    """`result` as the runs' coordinator reads it (`VerifiedStepResult`, under the shared key), for
+    the step `_forged_step` names."""
+    from pcbo_dagster.dagster_defs.celery_signing import VerifiedStepResult, celery_secret
+
+    secret = celery_secret({"PCBO_CELERY_KEY": SHARED_KEY})
+    return VerifiedStepResult(result, secret, run_id, ["evil_op"], **kwargs)
+
+
+def _code_location_step(own_home: Path) -> tuple[str, Any, Any]:
+    """A step message of pcbo's code location for a run in progress of the worker's own instance, as
+    the runs' coordinator sends it (what the message MAC and the run guard let through): (run id,
+    its step arguments, its code)."""
+    from dagster._core.code_pointer import ModuleCodePointer
+
+    ref, run_id = _instance_with_a_run(own_home)
+    pointer = ModuleCodePointer(
+        module="pcbo_dagster.dagster_defs.definitions", fn_name="defs", working_directory=None
+    )
+    return run_id, *_forged_step(ref, run_id, pointer, "evil")
+
+
+@pytest.mark.timeout(60)  # before, nothing bounded the coordinator's wait
+def test_a_step_message_delayed_by_an_eta_is_revoked_and_failed_at_the_step_timeout(tmp_path, worker):
+    """A step message sent again with an `eta` a day away never reaches the step task: Celery's worker
+    holds it until then, so the worker cannot refuse it. What bounds it is the coordinator's step
+    timeout: the step is revoked (the worker is told: "flagged as revoked") and failed naming the
+    step and `PCBO_CELERY_STEP_TIMEOUT`."""
+    from datetime import UTC, datetime, timedelta
+
+    broker, own_home, log = worker
+    run_id, packed, executable_dict = _code_location_step(own_home)
+    result = _send(broker, packed, executable_dict, eta=datetime.now(UTC) + timedelta(days=1))
+    checked = _coordinators_check(result, run_id, timeout_seconds=3)
+    started = time.monotonic()
+    while not checked.ready():
+        time.sleep(0.2)
+    with pytest.raises(Exception) as timed_out:
+        checked.get()
+    message = str(timed_out.value)
+    assert type(timed_out.value).__name__ == "StepTimedOut", message
+    assert "step evil_op of run " + run_id in message and "PCBO_CELERY_STEP_TIMEOUT (3 s" in message, message
+    assert 3 <= time.monotonic() - started < 20
+    assert f"[{result.id}] received".encode() in log.read_bytes()  # held by the worker, not run
+    deadline = time.monotonic() + 20
+    while f"revoked: {result.id}".encode() not in log.read_bytes():
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)

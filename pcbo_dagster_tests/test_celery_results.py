@@ -257,12 +257,14 @@ def _rogue_consumer(
     stop: threading.Event,
     taken: dict[str, Any],
     failure: BaseException | None = None,
+    forged_state: str | None = None,
 ) -> None:
     """Takes the first step message off the queue and writes its result: the claimed events as
     dagster-celery's task returns them (`sign_with` None), or signed as pcbo's worker signs them under
     the key `sign_with`, or (`failure`) a failed task's result naming that exception (Celery's
-    `exc_type`, `exc_module`, `exc_message`). (Should it fail, the failure is the task's result: the
-    run ends.)"""
+    `exc_type`, `exc_module`, `exc_message`), or (`forged_state`) a state that is no result at all
+    (`deleted`: nothing, as a result deleted from the backend reads). (Should it fail, the failure is
+    the task's result: the run ends.)"""
     import redis
     from dagster._grpc.types import ExecuteStepArgs
     from dagster._serdes import unpack_value
@@ -276,6 +278,10 @@ def _rogue_consumer(
             message = json.loads(raw)
             task_id = message["headers"]["id"]
             taken["message"] = message
+            if forged_state is not None:
+                if forged_state != "deleted":
+                    _backend(url).backend.store_result(task_id, *FORGED_STATES[forged_state])
+                return
             if failure is not None:
                 _backend(url).backend.store_result(task_id, failure, "FAILURE")
                 return
@@ -312,12 +318,15 @@ def _run(
     sign_with: str | None,
     taken: dict[str, Any] | None = None,
     failure: BaseException | None = None,
+    forged_state: str | None = None,
 ) -> tuple[Any, list[Any]]:
     """The job run by the celery executor, the rogue consumer taking its step (the message it took in
-    `taken["message"]`; `failure`: the failed result it writes)."""
+    `taken["message"]`; `failure`: the failed result it writes; `forged_state`: the state it writes)."""
     stop = threading.Event()
     taken = {} if taken is None else taken
-    rogue = threading.Thread(target=_rogue_consumer, args=(url, sign_with, stop, taken, failure), daemon=True)
+    rogue = threading.Thread(
+        target=_rogue_consumer, args=(url, sign_with, stop, taken, failure, forged_state), daemon=True
+    )
     rogue.start()
     try:
         with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
@@ -331,6 +340,15 @@ def _run(
 
 def _types(entries: list[Any]) -> list[Any]:
     return [e.dagster_event.event_type for e in entries if e.dagster_event is not None]
+
+
+def _run_failure(entries: list[Any]) -> str:
+    """The text of the run's failure event."""
+    return next(
+        str(e.dagster_event)
+        for e in entries
+        if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.RUN_FAILURE
+    )
 
 
 @pytest.mark.parametrize("sign_with", [None, OTHER_KEY], ids=["unsigned", "another_key"])
@@ -413,6 +431,80 @@ def test_the_coordinator_signs_the_step_message_it_sends(celery_env, tmp_path):
     assert not message_verifies(
         celery_secret({"PCBO_CELERY_KEY": SHARED_KEY}), str(uuid.uuid4()), *signed[1:]
     )
+
+
+# --- A step whose result never arrives ----------------------------------------------------------------
+
+#: What the rogue consumer writes as the step task's state (Celery's `store_result` arguments): a task
+#: queued, running, or to be retried, as far as the backend says; none is ready, so the coordinator waits.
+FORGED_STATES: dict[str, tuple[Any, str]] = {
+    "PENDING": (None, "PENDING"),
+    "STARTED": ({"pid": 1, "hostname": "forged@host"}, "STARTED"),
+    "RETRY": (ValueError("forged retry"), "RETRY"),
+}
+
+
+@pytest.mark.timeout(90)  # before, the coordinator waited for the step forever
+@pytest.mark.parametrize("state", [*FORGED_STATES, "deleted"])
+def test_a_step_whose_signed_result_never_arrives_fails_the_run_within_the_step_timeout(
+    celery_env, tmp_path, monkeypatch, state
+):
+    """Someone who can write the broker and the backend takes the step's message off the queue and
+    leaves in the backend a state that is not a result: PENDING, STARTED, RETRY, or nothing (a result
+    deleted). Before, the coordinator polled `ready()` for ever and the run never ended. Now a step
+    whose signed result has not arrived within `PCBO_CELERY_STEP_TIMEOUT` is revoked and failed,
+    naming the step, the variable and what the backend claims, and the run fails."""
+    monkeypatch.setenv("PCBO_CELERY_STEP_TIMEOUT", "3")
+    started = time.monotonic()
+    result, entries = _run(celery_env, tmp_path, None, forged_state=state)
+    took = time.monotonic() - started
+    assert not result.success
+    assert dg.DagsterEventType.RUN_SUCCESS not in _types(entries)
+    failure = _run_failure(entries)
+    assert "step step_one of run" in failure and "PCBO_CELERY_STEP_TIMEOUT (3 s" in failure, failure
+    claimed = "PENDING" if state == "deleted" else state
+    assert f"the result backend says {claimed}" in failure, failure
+    assert took < 60, took
+
+
+def test_a_run_succeeds_with_the_step_timeout_set_when_its_result_arrives_in_time(
+    celery_env, tmp_path, monkeypatch
+):
+    """The step timeout is a bound, not a delay: a signed result that arrives within it is taken as
+    before and the run succeeds."""
+    monkeypatch.setenv("PCBO_CELERY_STEP_TIMEOUT", "30")
+    result, entries = _run(celery_env, tmp_path, SHARED_KEY)
+    assert result.success, _types(entries)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "a day"])
+def test_an_invalid_step_timeout_is_invalid_input_naming_it(value):
+    from pcbo_dagster.dagster_defs.definitions import executor_from_env
+
+    env = {
+        "PCBO_EXECUTOR": "celery",
+        "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/0",
+        "PCBO_CELERY_KEY": SHARED_KEY,
+        "PCBO_CELERY_STEP_TIMEOUT": value,
+    }
+    with pytest.raises(InvalidInput) as refused:
+        executor_from_env(env)
+    assert refused.value.field == "PCBO_CELERY_STEP_TIMEOUT"
+
+
+@pytest.mark.timeout(120)
+def test_range_runs_with_an_invalid_step_timeout_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    from pcbo_dagster.dagster_defs import range_runs
+
+    monkeypatch.setenv("PCBO_HOME", str(tmp_path))
+    monkeypatch.delenv("PCBO_DATASETS_CONFIG", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.setenv("PCBO_EXECUTOR", "celery")
+    monkeypatch.setenv("PCBO_CELERY_BROKER", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("PCBO_CELERY_KEY", SHARED_KEY)
+    monkeypatch.setenv("PCBO_CELERY_STEP_TIMEOUT", "forever")
+    assert range_runs.main(["events"]) == 2
+    assert "invalid input: PCBO_CELERY_STEP_TIMEOUT:" in capsys.readouterr().err
 
 
 # --- Without the key --------------------------------------------------------------------------------

@@ -273,6 +273,9 @@ def cluster(tmp_path, source, s3_store, redis_url, postgres_server, fresh_postgr
         "PCBO_EXECUTOR": "celery",
         "PCBO_CELERY_BROKER": fresh_database(redis_url),  # nothing left over
         "PCBO_CELERY_KEY": RESULT_KEY,  # every host's: the steps' results are signed with it
+        # A bound on each step's wait, far below the default day: genuine steps (a killed worker's
+        # redelivered one too) finish within it.
+        "PCBO_CELERY_STEP_TIMEOUT": "180",
         "PCBO_PARALLEL": "1",
         # A killed worker's step comes back after this; its lease is taken over after the TTL.
         "PCBO_CELERY_VISIBILITY_TIMEOUT": "15",

@@ -14,6 +14,22 @@ from pcbo_dagster.io.env_vars import positive_int
 VISIBILITY_TIMEOUT_SECONDS = 3600
 #: Seconds between a worker's scans for such steps (`PCBO_CELERY_RESTORE_INTERVAL`).
 RESTORE_INTERVAL_SECONDS = 10
+#: How long the runs' coordinator waits for a step's signed result, from when it sends the step.
+STEP_TIMEOUT_ENV = "PCBO_CELERY_STEP_TIMEOUT"
+#: A day: far above a backfill step's run time (a step longer than the visibility timeout, an hour by
+#: default, is handed to a second worker anyway) plus its wait in the queue behind other runs' steps,
+#: and still a bound on how long someone who writes the broker or backend can hold a run.
+STEP_TIMEOUT_SECONDS = 24 * 3600
+
+
+def step_timeout_seconds(env: Mapping[str, str] | None = None) -> int:
+    """`PCBO_CELERY_STEP_TIMEOUT`: seconds the runs' coordinator waits for a step's signed result
+    before it revokes the step and fails it (`celery_signing.VerifiedStepResult`), counted from when
+    it sends the step; whatever the result backend claims (PENDING, STARTED, RETRY) meanwhile, nothing
+    but a result pcbo's worker signed ends the wait earlier. Default `STEP_TIMEOUT_SECONDS`;
+    `InvalidInput` naming the variable for anything but a whole number of seconds of at least 1."""
+    env = os.environ if env is None else env
+    return positive_int(STEP_TIMEOUT_ENV, env.get(STEP_TIMEOUT_ENV), STEP_TIMEOUT_SECONDS)
 
 
 def celery_settings(env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -32,6 +32,14 @@ shorter than `MIN_KEY_CHARS`: the MACs sit where the attacker reads them, and a 
 guessed from them offline) refuses the code location's load, `InvalidInput` naming the variable (exit
 2 where a command loads it), and a worker refuses to start.
 
+**Waits.** Someone who can write the backend can also withhold a result: delete it, or leave a state
+that is not one (PENDING, STARTED, RETRY), and dagster-celery's coordinator would wait for it for
+ever; someone who can write the broker can take the step's message away, or send it again with an
+`eta` (Celery's worker holds such a message until then, out of reach of the step task). So the
+coordinator waits for a step's signed result at most `PCBO_CELERY_STEP_TIMEOUT` seconds from when it
+sent the step (`celery_config.step_timeout_seconds`, a day by default), whatever the backend claims
+meanwhile; then it revokes the task and fails the step (`StepTimedOut`), and the run fails.
+
 Celery's own message signing (`task_serializer='auth'`) was not used: it takes an X.509 key and
 certificate per host and a certificate store, changes Kombu's serializers process-wide, and signs what
 a host sends, not what it answers for: a genuine signed result copied to another task would pass.
@@ -42,6 +50,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,6 +60,11 @@ from dagster_celery.executor import CELERY_CONFIG, CeleryExecutor
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import compact_text
+from pcbo_dagster.dagster_defs.celery_config import (
+    STEP_TIMEOUT_ENV,
+    STEP_TIMEOUT_SECONDS,
+    step_timeout_seconds,
+)
 from pcbo_dagster.io.host_keys import variable_secret
 
 CELERY_KEY_ENV = "PCBO_CELERY_KEY"
@@ -64,6 +78,10 @@ MIN_KEY_CHARS = 32
 
 class UnauthenticatedResult(Exception):
     """A step result that pcbo's worker did not sign for that step (module doc)."""
+
+
+class StepTimedOut(Exception):
+    """A step whose signed result did not arrive within `PCBO_CELERY_STEP_TIMEOUT` (module doc)."""
 
 
 def celery_secret(env: Mapping[str, str] | None = None) -> bytes:
@@ -162,44 +180,92 @@ def verified_events(
 
 class VerifiedStepResult:
     """A step's Celery result (`AsyncResult`) as dagster-celery's execution loop uses it (`id`,
-    `ready`, `get`, `revoke`), whose `get` gives the events only of a result signed for this step."""
+    `ready`, `get`, `revoke`), whose `get` gives the events only of a result signed for this step,
+    and is ready at the latest `timeout_seconds` after it was made (when the step was sent)."""
 
-    def __init__(self, result: Any, secret: bytes, run_id: str, step_keys: Sequence[str]) -> None:
+    def __init__(
+        self,
+        result: Any,
+        secret: bytes,
+        run_id: str,
+        step_keys: Sequence[str],
+        timeout_seconds: int = STEP_TIMEOUT_SECONDS,
+    ) -> None:
         self._result = result
         self._secret = secret
         self.run_id = run_id
         self.step_keys = list(step_keys)
+        self.timeout_seconds = timeout_seconds
+        self._deadline = time.monotonic() + timeout_seconds
 
     @property
     def id(self) -> str:
         return str(self._result.id)
 
     def ready(self) -> bool:
-        return bool(self._result.ready())
+        """Whether the backend holds a finished task's result, or the step's time is up (then `get`
+        fails it)."""
+        return bool(self._result.ready()) or time.monotonic() >= self._deadline
 
     def revoke(self, *args: Any, **kwargs: Any) -> Any:
         return self._result.revoke(*args, **kwargs)
+
+    def _timed_out(self) -> StepTimedOut:
+        """The task revoked (so a worker holding or running it drops it), and the error that fails
+        the step."""
+        try:
+            claimed = str(self._result.state)
+        except Exception as exc:  # noqa: BLE001 - a backend gone is one more thing it claims
+            claimed = f"nothing readable ({type(exc).__name__})"
+        try:
+            self._result.revoke()
+        except Exception:  # noqa: BLE001 S110 - the broker unreachable: the step fails all the same
+            pass
+        return StepTimedOut(
+            f"step {', '.join(self.step_keys)} of run {self.run_id}: no result pcbo's worker signed "
+            f"arrived within {STEP_TIMEOUT_ENV} ({self.timeout_seconds} s from when it was sent; the "
+            f"result backend says {claimed} for Celery task {self.id}): the task was revoked and the step "
+            "failed"
+        )
 
     def get(self, *args: Any, **kwargs: Any) -> list[str]:
         """The events of a result signed for this step; `UnauthenticatedResult` for anything else. A
         failed task's exception is never raised: its class is named by the result backend, and one that
         is not an `Exception` (`KeyboardInterrupt`, `SystemExit`) would pass dagster-celery's
         `except Exception` and end the run as interrupted, its other steps left running. A revoked task
-        raises `TaskRevokedError`, as Celery's `get` does: the step is left unfinished and the run fails."""
+        raises `TaskRevokedError`, as Celery's `get` does: the step is left unfinished and the run fails.
+        No finished task's result by the step's deadline (whatever state the backend claims, or none)
+        is `StepTimedOut`, the task revoked: the run fails instead of waiting for ever."""
         from celery import states
         from celery.exceptions import TaskRevokedError
+        from celery.exceptions import TimeoutError as ResultTimeout
 
-        value = self._result.get(*args, **{**kwargs, "propagate": False})
+        if not self._result.ready() and time.monotonic() >= self._deadline:
+            raise self._timed_out()
+        # Never a wait past the deadline (Celery takes a timeout of 0 for none).
+        remaining = max(self._deadline - time.monotonic(), 0.01)
+        try:
+            value = self._result.get(*args, **{**kwargs, "propagate": False, "timeout": remaining})
+        except ResultTimeout:
+            raise self._timed_out() from None
         if self._result.state == states.REVOKED:
             raise TaskRevokedError(f"Celery task {self.id} of step {', '.join(self.step_keys)} was revoked")
         return verified_events(self._secret, value, self.run_id, self.step_keys, self.id)
 
 
 def submit_signed_step(
-    app: Any, plan_context: Any, step: Any, queue: str, priority: int, known_state: Any, secret: bytes
+    app: Any,
+    plan_context: Any,
+    step: Any,
+    queue: str,
+    priority: int,
+    known_state: Any,
+    secret: bytes,
+    timeout_seconds: int,
 ) -> VerifiedStepResult:
     """dagster-celery's `_submit_task` (the same message, queue, routing key and priority), the message
-    signed (`MESSAGE_MAC_HEADER`) and its result checked (`VerifiedStepResult`)."""
+    signed (`MESSAGE_MAC_HEADER`) and its result checked and waited for at most `timeout_seconds`
+    (`VerifiedStepResult`)."""
     from dagster._grpc.types import ExecuteStepArgs
     from dagster._serdes import pack_value
     from dagster_celery.tasks import create_task
@@ -226,22 +292,25 @@ def submit_signed_step(
             headers={MESSAGE_MAC_HEADER: message_mac(secret, task_id, packed, executable_dict)},
         )
     )
-    return VerifiedStepResult(sent, secret, args.run_id, [step.key])
+    return VerifiedStepResult(sent, secret, args.run_id, [step.key], timeout_seconds)
 
 
 class AuthenticatedCeleryExecutor(CeleryExecutor):
     """dagster-celery's executor, each step sent signed and its result checked before its events are
-    taken (`submit_signed_step`)."""
+    taken, and waited for at most `step_timeout_seconds` (`submit_signed_step`)."""
 
-    def __init__(self, secret: bytes, **kwargs: Any) -> None:
+    def __init__(self, secret: bytes, step_timeout_seconds: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._secret = secret
+        self._step_timeout_seconds = step_timeout_seconds
 
     def execute(self, plan_context: Any, execution_plan: Any) -> Any:
         from dagster_celery.core_execution_loop import core_celery_execution_loop
 
         def submit(app: Any, context: Any, step: Any, queue: str, priority: int, known_state: Any) -> Any:
-            return submit_signed_step(app, context, step, queue, priority, known_state, self._secret)
+            return submit_signed_step(
+                app, context, step, queue, priority, known_state, self._secret, self._step_timeout_seconds
+            )
 
         return core_celery_execution_loop(plan_context, execution_plan, step_execution_fn=submit)
 
@@ -252,13 +321,15 @@ class AuthenticatedCeleryExecutor(CeleryExecutor):
     requirements=dg.multiple_process_executor_requirements(),
 )
 def authenticated_celery_executor(init_context: dg.InitExecutorContext) -> dg.Executor:
-    """dagster-celery's `celery_executor` (the same config) with signed step messages and results; the key
-    is read from this process's environment (`celery_secret`), never from config."""
+    """dagster-celery's `celery_executor` (the same config) with signed step messages and results and a
+    bound on each step's wait; the key and the bound are read from this process's environment
+    (`celery_secret`, `step_timeout_seconds`), never from config."""
     from dagster._core.execution.retries import RetryMode
 
     config: Any = init_context.executor_config
     return AuthenticatedCeleryExecutor(
         secret=celery_secret(),
+        step_timeout_seconds=step_timeout_seconds(),
         broker=config.get("broker"),
         backend=config.get("backend"),
         config_source=config.get("config_source"),

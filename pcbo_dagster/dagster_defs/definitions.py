@@ -64,8 +64,10 @@ from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 #: `PCBO_EXECUTOR=celery`: every job's steps run on Celery workers (dagster-celery) through the broker
 #: `PCBO_CELERY_BROKER` (e.g. redis://host:6379/0) and result backend `PCBO_CELERY_BACKEND` (default:
 #: the broker's URL); each step's message and result are signed under `PCBO_CELERY_KEY`, which
-#: every worker and coordinator shares (`celery_signing.py`). `k8s`: dagster-k8s's `k8s_job_executor` (a
-#: Kubernetes Job per step). Unset (or `default`): Dagster's default executor, steps on the run's own host.
+#: every worker and coordinator shares (`celery_signing.py`); a step whose signed result has not
+#: arrived within `PCBO_CELERY_STEP_TIMEOUT` seconds is revoked and failed. `k8s`: dagster-k8s's
+#: `k8s_job_executor` (a Kubernetes Job per step). Unset (or `default`): Dagster's default executor,
+#: steps on the run's own host.
 EXECUTOR_ENV = "PCBO_EXECUTOR"
 
 
@@ -102,10 +104,11 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
         raise InvalidInput(
             EXECUTOR_ENV, "PCBO_EXECUTOR=celery needs dagster-celery (pip install 'pcbo_dagster[celery]')"
         ) from None
-    from pcbo_dagster.dagster_defs.celery_config import celery_settings
+    from pcbo_dagster.dagster_defs.celery_config import celery_settings, step_timeout_seconds
     from pcbo_dagster.dagster_defs.celery_signing import authenticated_celery_executor, celery_secret
 
     celery_secret(env)  # refused here, at the load, rather than when a run starts
+    step_timeout_seconds(env)  # the same
     backend = "PCBO_CELERY_BACKEND" if env.get("PCBO_CELERY_BACKEND") else "PCBO_CELERY_BROKER"
     return authenticated_celery_executor.configured(
         {
