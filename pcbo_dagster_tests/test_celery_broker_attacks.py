@@ -318,6 +318,15 @@ def _coordinators_check(result: Any, run_id: str, **kwargs: Any) -> Any:
     return VerifiedStepResult(result, secret, run_id, ["evil_op"], **kwargs)
 
 
+def _run_log(home: Path, run_id: str) -> list[str]:
+    """The messages of run `run_id`'s event log in the Dagster instance at `home` (where a worker that
+    runs a step writes "Executing steps ... in celery worker" first)."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_ref(dg._core.instance.InstanceRef.from_dir(str(home))) as instance:
+        return [entry.user_message for entry in instance.all_logs(run_id)]
+
+
 def _code_location_step(own_home: Path) -> tuple[str, Any, Any]:
     """A step message of pcbo's code location for a run in progress of the worker's own instance, as
     the runs' coordinator sends it (what the message MAC and the run guard let through): (run id,
@@ -329,6 +338,47 @@ def _code_location_step(own_home: Path) -> tuple[str, Any, Any]:
         module="pcbo_dagster.dagster_defs.definitions", fn_name="defs", working_directory=None
     )
     return run_id, *_forged_step(ref, run_id, pointer, "evil")
+
+
+@pytest.mark.parametrize(
+    ("option", "field"),
+    [
+        ("eta", "eta"),  # due a minute ago: Celery runs it at once
+        ("countdown", "eta"),  # the sender turns a countdown into an eta: due in a second
+        ("expires", "expires"),  # expiring in an hour: Celery runs it now, and revokes it after that
+    ],
+)
+def test_a_step_message_with_a_delivery_option_is_refused_with_a_signed_refusal(
+    tmp_path, worker, option, field
+):
+    """The coordinator never sets `eta`, `countdown` or `expires`, and the message MAC does not cover
+    them: someone who can write the broker can send a genuine step message again with them (a step
+    delayed or revoked at their choosing). Before, the worker ran it as any other. Now the worker
+    refuses a step message carrying one before it runs anything, and returns a refusal signed for
+    the step, which the coordinator reads as a failed step naming the option (not a wait)."""
+    from datetime import UTC, datetime, timedelta
+
+    broker, own_home, log = worker
+    run_id, packed, executable_dict = _code_location_step(own_home)
+    now = datetime.now(UTC)
+    options = {
+        "eta": {"eta": now - timedelta(minutes=1)},
+        "countdown": {"countdown": 1},
+        "expires": {"expires": now + timedelta(hours=1)},
+    }[option]
+    result = _send(broker, packed, executable_dict, **options)
+    checked = _coordinators_check(result, run_id)
+    deadline = time.monotonic() + 60
+    while not checked.ready():
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+    with pytest.raises(Exception) as refused:
+        checked.get()
+    message = str(refused.value)
+    assert type(refused.value).__name__ == "WorkerRefusedStep", message
+    assert f"refused: the step message carries Celery's `{field}`" in message, message
+    assert "step evil_op of run " + run_id in message, message
+    assert not any("Executing steps" in line for line in _run_log(own_home, run_id))
 
 
 @pytest.mark.timeout(60)  # before, nothing bounded the coordinator's wait

@@ -186,6 +186,54 @@ def test_a_result_signed_with_another_key_is_refused(redis_db):
     assert "does not verify" in _refusal(redis_db, task_id, run_id, "step_one")
 
 
+def test_a_workers_signed_refusal_fails_its_own_step_naming_the_reason(redis_db):
+    """pcbo's worker answers a step it refused to run (a message carrying Celery's `eta`, for
+    instance) with a refusal signed for that step: the coordinator fails the step naming the reason,
+    not as an unauthenticated result."""
+    from pcbo_dagster.dagster_defs.celery_signing import WorkerRefusedStep, celery_secret, signed_refusal
+
+    run_id, task_id = str(uuid.uuid4()), str(uuid.uuid4())
+    secret = celery_secret({"PCBO_CELERY_KEY": SHARED_KEY})
+    _stored(redis_db, task_id, signed_refusal(secret, run_id, ["step_one"], task_id, "refused: a reason"))
+    with pytest.raises(WorkerRefusedStep) as refused:
+        _checked(redis_db, task_id, run_id, "step_one")
+    assert str(refused.value) == (
+        f"step step_one of run {run_id} (Celery task {task_id}) was not run: refused: a reason"
+    )
+
+
+@pytest.mark.parametrize("forged_as", ["altered reason", "another task", "another key", "a result"])
+def test_a_refusal_pcbo_s_worker_did_not_sign_for_the_step_is_refused(redis_db, forged_as):
+    """A refusal whose reason was altered, copied from another task, signed with another key, or a
+    genuine result's MAC under a refusal (the MAC binds the kind of answer too): an unauthenticated
+    result like any other, never a refusal in the worker's name."""
+    from pcbo_dagster.dagster_defs.celery_signing import celery_secret, signed_refusal
+
+    run_id, task_id, other_task = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    secret = celery_secret({"PCBO_CELERY_KEY": SHARED_KEY})
+    genuine = signed_refusal(secret, run_id, ["step_one"], task_id, "refused: a reason")
+    forged = {
+        "altered reason": {**genuine, "refused": "refused: another reason"},
+        "another task": signed_refusal(secret, run_id, ["step_one"], other_task, "refused: a reason"),
+        "another key": signed_refusal(
+            celery_secret({"PCBO_CELERY_KEY": OTHER_KEY}), run_id, ["step_one"], task_id, "refused: a reason"
+        ),
+        "a result": {
+            **genuine,
+            "mac": _result_mac_of_step_one(secret, run_id, task_id, ["refused: a reason"]),
+        },
+    }[forged_as]
+    _stored(redis_db, task_id, forged)
+    assert "does not verify" in _refusal(redis_db, task_id, run_id, "step_one")
+
+
+def _result_mac_of_step_one(secret: bytes, run_id: str, task_id: str, events: list[str]) -> str:
+    """The MAC of a result (not a refusal) of `step_one` whose events are `events`."""
+    from pcbo_dagster.dagster_defs.celery_signing import result_mac
+
+    return result_mac(secret, run_id, ["step_one"], task_id, events)
+
+
 def test_a_mac_that_is_not_text_of_a_digest_is_a_mismatch_not_an_error():
     """A forged MAC holding a lone surrogate (JSON's `"\\ud800"` decodes to one) failed to encode and
     raised `UnicodeEncodeError` from the check; it is a MAC that does not verify like any other."""

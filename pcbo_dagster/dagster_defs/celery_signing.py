@@ -38,7 +38,11 @@ ever; someone who can write the broker can take the step's message away, or send
 `eta` (Celery's worker holds such a message until then, out of reach of the step task). So the
 coordinator waits for a step's signed result at most `PCBO_CELERY_STEP_TIMEOUT` seconds from when it
 sent the step (`celery_config.step_timeout_seconds`, a day by default), whatever the backend claims
-meanwhile; then it revokes the task and fails the step (`StepTimedOut`), and the run fails.
+meanwhile; then it revokes the task and fails the step (`StepTimedOut`), and the run fails. A step
+message that reaches pcbo's worker with `eta`, `countdown` (sent as an `eta`) or `expires`, which the
+coordinator never sets and the message MAC does not cover, is refused before anything runs, with a
+refusal signed for the step (`signed_refusal`) that the coordinator reads as a failed step
+(`WorkerRefusedStep`). (An `expires` already past is Celery's own revocation: the step fails revoked.)
 
 Celery's own message signing (`task_serializer='auth'`) was not used: it takes an X.509 key and
 certificate per host and a certificate store, changes Kombu's serializers process-wide, and signs what
@@ -69,6 +73,8 @@ from pcbo_dagster.io.host_keys import variable_secret
 
 CELERY_KEY_ENV = "PCBO_CELERY_KEY"
 RESULT_VERSION = "pcbo.celery-result/1"
+#: A step the worker refused to run, signed as a result is (`signed_refusal`).
+REFUSAL_VERSION = "pcbo.celery-refusal/1"
 MESSAGE_VERSION = "pcbo.celery-step/1"
 #: The step message's header that carries its MAC.
 MESSAGE_MAC_HEADER = "pcbo_step_mac"
@@ -78,6 +84,10 @@ MIN_KEY_CHARS = 32
 
 class UnauthenticatedResult(Exception):
     """A step result that pcbo's worker did not sign for that step (module doc)."""
+
+
+class WorkerRefusedStep(Exception):
+    """A step pcbo's worker refused to run, its refusal signed for that step (module doc)."""
 
 
 class StepTimedOut(Exception):
@@ -127,11 +137,17 @@ def message_verifies(
 
 
 def result_mac(
-    secret: bytes, run_id: str, step_keys: Sequence[str], task_id: str, events: Sequence[str]
+    secret: bytes,
+    run_id: str,
+    step_keys: Sequence[str],
+    task_id: str,
+    events: Sequence[str],
+    version: str = RESULT_VERSION,
 ) -> str:
-    """The HMAC-SHA256 (hex) of a step result: its run, steps, Celery task and events."""
+    """The HMAC-SHA256 (hex) of a step result: its run, steps, Celery task and events (`version`
+    `REFUSAL_VERSION`: the one-item list of the refusal's reason instead of events)."""
     message = compact_text([run_id, list(step_keys), task_id, list(events)]).encode("utf-8")
-    return hmac.new(secret, RESULT_VERSION.encode("ascii") + b"\0" + message, hashlib.sha256).hexdigest()
+    return hmac.new(secret, version.encode("ascii") + b"\0" + message, hashlib.sha256).hexdigest()
 
 
 def signed_result(
@@ -145,11 +161,24 @@ def signed_result(
     }
 
 
+def signed_refusal(
+    secret: bytes, run_id: str, step_keys: Sequence[str], task_id: str, reason: str
+) -> dict[str, Any]:
+    """What pcbo's worker returns for `step_keys` of `run_id` (Celery task `task_id`) it refused to run
+    for `reason`: the coordinator fails the step naming it (`WorkerRefusedStep`)."""
+    return {
+        "version": REFUSAL_VERSION,
+        "refused": reason,
+        "mac": result_mac(secret, run_id, step_keys, task_id, [reason], REFUSAL_VERSION),
+    }
+
+
 def verified_events(
     secret: bytes, result: Any, run_id: str, step_keys: Sequence[str], task_id: str
 ) -> list[str]:
     """The events of `result` when pcbo's worker signed it for `step_keys` of `run_id` as `task_id`;
-    `UnauthenticatedResult` (`refused: ...`) otherwise."""
+    `WorkerRefusedStep` when it is that worker's refusal signed so; `UnauthenticatedResult`
+    (`refused: ...`) otherwise."""
 
     def refused(why: str) -> UnauthenticatedResult:
         return UnauthenticatedResult(
@@ -163,19 +192,26 @@ def verified_events(
             f"the task ended in an exception ({type(result).__name__}; the worker's log has it), "
             "which pcbo's worker does not sign"
         )
-    if not isinstance(result, dict) or result.get("version") != RESULT_VERSION:
+    version = result.get("version") if isinstance(result, dict) else None
+    if version not in (RESULT_VERSION, REFUSAL_VERSION):
         raise refused("not a result pcbo's worker signed")
-    events, mac = result.get("events"), result.get("mac")
+    # A refusal is signed as a result whose one event is the refusal's reason.
+    signed = result.get("events") if version == RESULT_VERSION else [result.get("refused")]
+    mac = result.get("mac")
     if (
-        not isinstance(events, list)
-        or not all(isinstance(e, str) for e in events)
+        not isinstance(signed, list)
+        or not all(isinstance(e, str) for e in signed)
         or not isinstance(mac, str)
     ):
         raise refused("not a result pcbo's worker signed")
-    expected = result_mac(secret, run_id, step_keys, task_id, events)
+    expected = result_mac(secret, run_id, step_keys, task_id, signed, version)
     if not hmac.compare_digest(mac.encode("utf-8", "surrogatepass"), expected.encode("ascii")):
         raise refused("its MAC does not verify (forged, altered, replayed from another task, or another key)")
-    return events
+    if version == REFUSAL_VERSION:
+        raise WorkerRefusedStep(
+            f"step {', '.join(step_keys)} of run {run_id} (Celery task {task_id}) was not run: {signed[0]}"
+        )
+    return signed
 
 
 class VerifiedStepResult:

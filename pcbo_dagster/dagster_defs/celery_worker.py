@@ -16,6 +16,10 @@ steps of pcbo's code location (`pcbo_dagster.dagster_defs.definitions`), of a ru
 (`DAGSTER_HOME`; the message's instance is never opened) that is in progress (`STARTED`: a signed
 message sent again after its run ended is not run), for that run's own job; anything else is
 refused (the task fails naming what was refused, and is acknowledged: it is never delivered again).
+A step message with Celery's delivery options (`eta`, `countdown`, `expires`), which the coordinator
+never sets and its MAC does not cover, is refused after that and before the step runs, with a
+refusal signed for the step (`celery_signing.signed_refusal`): the coordinator fails the step naming
+it.
 
 Before that, a step message must be signed by the runs' coordinator, and a step's result is signed for
 its run, steps and task, under `PCBO_CELERY_KEY` (`celery_signing.py`): the worker runs no step
@@ -39,6 +43,7 @@ from pcbo_dagster.dagster_defs.celery_signing import (
     MESSAGE_MAC_HEADER,
     celery_secret,
     message_verifies,
+    signed_refusal,
     signed_result,
 )
 
@@ -90,6 +95,13 @@ def guard_step(execute_step_args_packed: Any, executable_dict: Any) -> Any:
     return copy(args, instance_ref=own)
 
 
+def delivery_options(request: Any) -> list[str]:
+    """The delivery options a step task's request (Celery's `task.request`) carries, each named as
+    `` `eta` `` or `` `expires` `` (a `countdown` is sent as an `eta`): none for a message the runs'
+    coordinator sent."""
+    return [f"`{name}`" for name in ("eta", "expires") if getattr(request, name, None) is not None]
+
+
 def _guarded_task_class(secret: bytes) -> Any:
     from celery import Task
     from dagster._serdes import pack_value
@@ -107,6 +119,14 @@ def _guarded_task_class(secret: bytes) -> Any:
                     f"({MESSAGE_MAC_HEADER} missing or not verifying under {CELERY_KEY_ENV})"
                 )
             args = guard_step(execute_step_args_packed, executable_dict)
+            delivery = delivery_options(self.request)
+            if delivery:
+                reason = (
+                    f"refused: the step message carries Celery's {' and '.join(delivery)}, which the runs' "
+                    "coordinator never sets and its MAC does not cover (a genuine message sent again to "
+                    "delay or expire the step)"
+                )
+                return signed_refusal(secret, args.run_id, args.step_keys_to_execute, self.request.id, reason)
             events = super().__call__(pack_value(args), executable_dict)
             return signed_result(secret, args.run_id, args.step_keys_to_execute, self.request.id, events)
 
