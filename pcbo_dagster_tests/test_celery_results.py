@@ -489,6 +489,7 @@ FORGED_STATES: dict[str, tuple[Any, str]] = {
     "PENDING": (None, "PENDING"),
     "STARTED": ({"pid": 1, "hostname": "forged@host"}, "STARTED"),
     "RETRY": (ValueError("forged retry"), "RETRY"),
+    "made up": (None, "SUCCESS: the step ran\n[step_two]: ok"),
 }
 
 
@@ -498,10 +499,11 @@ def test_a_step_whose_signed_result_never_arrives_fails_the_run_within_the_step_
     celery_env, tmp_path, monkeypatch, state
 ):
     """Someone who can write the broker and the backend takes the step's message off the queue and
-    leaves in the backend a state that is not a result: PENDING, STARTED, RETRY, or nothing (a result
-    deleted). Before, the coordinator polled `ready()` for ever and the run never ended. Now a step
-    whose signed result has not arrived within `PCBO_CELERY_STEP_TIMEOUT` is revoked and failed,
-    naming the step, the variable and what the backend claims, and the run fails."""
+    leaves in the backend a state that is not a result: PENDING, STARTED, RETRY, one of its own
+    making, or nothing (a result deleted). Before, the coordinator polled `ready()` for ever and the
+    run never ended. Now a step whose signed result has not arrived within `PCBO_CELERY_STEP_TIMEOUT`
+    is revoked and failed, naming the step, the variable and what the backend claims (a state of
+    Celery's; not the text of one made up), and the run fails."""
     monkeypatch.setenv("PCBO_CELERY_STEP_TIMEOUT", "3")
     started = time.monotonic()
     result, entries = _run(celery_env, tmp_path, None, forged_state=state)
@@ -510,7 +512,7 @@ def test_a_step_whose_signed_result_never_arrives_fails_the_run_within_the_step_
     assert dg.DagsterEventType.RUN_SUCCESS not in _types(entries)
     failure = _run_failure(entries)
     assert "step step_one of run" in failure and "PCBO_CELERY_STEP_TIMEOUT (3 s" in failure, failure
-    claimed = "PENDING" if state == "deleted" else state
+    claimed = {"deleted": "PENDING", "made up": "a state Celery does not define"}.get(state, state)
     assert f"the result backend says {claimed}" in failure, failure
     assert took < 60, took
 

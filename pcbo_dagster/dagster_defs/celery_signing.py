@@ -249,8 +249,12 @@ class VerifiedStepResult:
     def _timed_out(self) -> StepTimedOut:
         """The task revoked (so a worker holding or running it drops it), and the error that fails
         the step."""
+        from celery import states
+
         try:
-            claimed = str(self._result.state)
+            state = self._result.state
+            # Named only when it is one of Celery's: the backend's writer chooses the text.
+            claimed = state if state in states.ALL_STATES else "a state Celery does not define"
         except Exception as exc:  # noqa: BLE001 - a backend gone is one more thing it claims
             claimed = f"nothing readable ({type(exc).__name__})"
         try:
