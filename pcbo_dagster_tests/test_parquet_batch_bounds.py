@@ -553,3 +553,23 @@ def test_a_dictionary_page_written_twice_is_refused(
     stderr = _refused(tmp_path, source, capsys)
     assert "source: " in stderr and "row group 0, column occurredAt" in stderr
     assert "a dictionary page that is not its chunk's first page" in stderr
+
+
+def test_a_dictionary_page_written_after_the_data_pages_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's known limit: a column chunk's dictionary page written after its data pages passed
+    the page headers' check (it lies past the pages holding the footer's count of values, where the
+    scan stops) and Arrow then refused it with an `OSError` ("Dictionary page must be before data
+    page"): exit 1, as a store failure. Its headers show it: a data page written with a dictionary
+    before any dictionary page. Now invalid input naming the source and the column."""
+    rows = 6
+    table = pa.table({"id": [f"r{i}" for i in range(rows)], "occurredAt": ["2024-01-01T00:10:00Z"] * rows})
+    source = tmp_path / "dictionary.parquet"
+    pq.write_table(table, source, compression="none")
+    with_dictionary_page_moved(source, 1, twice=False)
+    with pytest.raises(OSError, match="Dictionary page must be before data page"):
+        pq.read_table(source)
+    stderr = _refused(tmp_path, source, capsys)
+    assert "source: " in stderr and "row group 0, column occurredAt" in stderr
+    assert "written with a dictionary before any dictionary page" in stderr

@@ -43,7 +43,8 @@ a header must parse within `MAX_HEADER_BYTES` (Arrow's own limit), its lists and
 sizes may not add to more than the footer says the chunk holds; anything else is invalid input
 naming `source`. So is a row group of more pages than their headers, kept while its batches are
 planned (`PAGE_RECORD_BYTES` each, one row group's at a time), may take within the budget: a
-million empty pages are 11 MB of file.
+million empty pages are 11 MB of file, and a data page written with a dictionary before its chunk's
+dictionary page (one written after the data pages, where the scan and Arrow stop reading).
 """
 
 from __future__ import annotations
@@ -499,6 +500,11 @@ def _chunk_pages(
         at += page.compressed
         if page.kind == _DICTIONARY_PAGE and pages:  # (Arrow refuses it, as an I/O error)
             raise _Malformed(f"a dictionary page that is not its chunk's first page at byte {at}")
+        dictionary_before = bool(pages) and pages[0].kind == _DICTIONARY_PAGE
+        if page.kind != _DICTIONARY_PAGE and page.encoding in _DICTIONARY_ENCODINGS and not dictionary_before:
+            raise _Malformed(  # (one written after the data pages lies past them: neither reads it)
+                f"a data page at byte {at} written with a dictionary before any dictionary page"
+            )
         if page.kind in (_DATA_PAGE, _DATA_PAGE_V2):
             if not page.values:
                 raise _Malformed(f"a data page of no values at byte {at} (Arrow ends the column there)")
