@@ -335,3 +335,29 @@ def with_dictionary_page_moved(path: Path, column: int, twice: bool) -> Path:
         put(meta, 9, 6, start)
     path.write_bytes(with_footer(data[:start] + chunk, footer))
     return path
+
+
+def with_first_page_damaged(
+    path: Path, group: int, column: int, payload: bytes = b"", shrink: int = 0
+) -> Path:
+    """`path` with the first page of a row group's column chunk damaged in place (its length and every
+    offset kept): its first bytes overwritten by `payload` (compressed bytes that do not decompress),
+    or its header's uncompressed size made `shrink` bytes smaller (a page that decompresses to
+    another size than its header says)."""
+    data = bytearray(path.read_bytes())
+    footer, _ = read_footer(bytes(data))
+    meta = column_meta(footer, group, column)
+    start = get(meta, 9)
+    dictionary = next((f[2] for f in meta if f[0] == 11), 0)
+    if 0 < dictionary < start:
+        start = dictionary
+    reader = _Reader(bytes(data), start)
+    header = reader.struct()
+    if shrink:
+        put(header, 2, 5, get(header, 2) - shrink)
+        encoded = encode_struct(header)
+        assert len(encoded) == reader.at - start, "the header's length changed"
+        data[start : reader.at] = encoded
+    data[reader.at : reader.at + len(payload)] = payload
+    path.write_bytes(bytes(data))
+    return path

@@ -5,6 +5,9 @@ refused as invalid input naming `source` and the column. Ordinary files read as 
 
 from __future__ import annotations
 
+import errno
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +33,7 @@ from pcbo_dagster_tests.parquet_forging import (
     read_footer,
     with_dictionary_page_moved,
     with_empty_pages,
+    with_first_page_damaged,
     with_footer,
     with_long_lists_in_page_headers,
     with_v2_rows,
@@ -313,7 +317,7 @@ def test_ordinary_files_read_as_before_with_the_default_budget(tmp_path: Path) -
     expected = [jsonable_row(row) for row in _ordinary(path).to_pylist()]
     batches = list(streaming.ParquetSource(str(path), "ordinary.parquet").batches(2048))
     with path.open("rb") as fh:
-        arrow = [b.num_rows for b in streaming._parquet_file(fh).iter_batches(2048, use_threads=False)]
+        arrow = [b.num_rows for b in pq.ParquetFile(fh).iter_batches(2048, use_threads=False)]
     assert [len(records) for records, _, _ in batches] == arrow and sum(arrow) == 3000
     assert [r for records, _, _ in batches for r in records] == expected
 
@@ -573,3 +577,143 @@ def test_a_dictionary_page_written_after_the_data_pages_is_refused(
     stderr = _refused(tmp_path, source, capsys)
     assert "source: " in stderr and "row group 0, column occurredAt" in stderr
     assert "written with a dictionary before any dictionary page" in stderr
+
+
+def _two_groups(path: Path, codec: str = "none", first: str = "r") -> pa.Table:
+    """A file of two row groups of 2,000 rows: text `id` (one value a row, written plain; those of the
+    first row group begin with `first`, the others with "r"), text `occurredAt` and an integer
+    `ledger`, compressed with `codec`."""
+    rows = 4000
+    table = pa.table(
+        {
+            "id": [f"{first if i < 2000 else 'r'}{i:06d}" for i in range(rows)],
+            "occurredAt": [f"2024-01-01T{i % 24:02d}:10:00Z" for i in range(rows)],
+            "ledger": pa.array(range(rows), pa.int64()),
+        }
+    )
+    pq.write_table(table, path, compression=codec, row_group_size=2000, use_dictionary=False)
+    return table
+
+
+#: Compressed pages damaged: (codec, bytes written over the page's first ones, bytes taken off the
+#: uncompressed size its header declares, what Arrow says).
+_DAMAGED = [
+    ("zstd", b"\xde\xad\xbe\xef", 0, "ZSTD decompression failed"),
+    ("snappy", b"\xff\xff\xff\xff\x0f", 0, "Output buffer size"),
+    ("snappy", b"", 1, "Output buffer size"),
+    ("zstd", b"", 1, "ZSTD decompression failed"),
+    ("gzip", b"\0" * 16, 0, ""),
+]
+
+
+@pytest.mark.parametrize(("codec", "payload", "shrink", "arrow_says"), _DAMAGED)
+def test_a_page_that_does_not_decompress_as_its_header_says_is_refused(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    codec: str,
+    payload: bytes,
+    shrink: int,
+    arrow_says: str,
+) -> None:
+    """The README's known limit: a compressed page whose bytes do not decompress, or decompress to
+    another size than its header declares, was an error Arrow raises (an `OSError` or a `ValueError`)
+    that ended the run in exit 1 as a store failure. Only Arrow sees it, decoding bytes already read
+    into memory: the file's fault, invalid input naming the source, the file, the row group and the
+    column, nothing written."""
+    source = tmp_path / "damaged.parquet"
+    _two_groups(source, codec)
+    with_first_page_damaged(source, 1, 0, payload, shrink)
+    with pytest.raises((OSError, ValueError), match=arrow_says):
+        pq.read_table(source)
+    stderr = _refused(tmp_path, source, capsys)
+    assert "source: " in stderr and str(source) in stderr and "row group 1" in stderr, stderr
+    assert "column id" in stderr and "not a readable parquet row group" in stderr, stderr
+
+
+def test_every_read_of_a_damaged_page_is_invalid_input(tmp_path: Path) -> None:
+    """Each path on which Arrow decodes a parquet source's pages refuses a damaged page as invalid
+    input naming `source`, the file, the row group and the column: the records read by position
+    (`fetch`), the zones of a pruned read (the `occurredAt` column read for its bounds), the
+    sensors' highest ledger (`max_integer_in_source`), and a directory of parquet files. Before,
+    Arrow's `OSError` was a store failure (exit 1), or, for the sensors, "cannot be read" naming
+    `source.uri` and no column."""
+    from pcbo_dagster.sources.hive_directories import open_directory_source
+
+    source = tmp_path / "damaged.parquet"
+    _two_groups(source, "zstd")
+    damaged = with_first_page_damaged(source, 1, 1, b"\xde\xad\xbe\xef")
+    damage = "not a readable parquet row group"
+    with pytest.raises(InvalidInput, match=f"^source: {damaged}: row group 1, column occurredAt: {damage}"):
+        streaming.ParquetSource(str(damaged), str(damaged)).fetch(np.array([2500]))
+    day = 1704067200 * 1_000_000  # 2024-01-01T00:00:00Z
+    zoned = streaming.ParquetSource(str(damaged), str(damaged))
+    zoned.prune_zones(Window("occurredAt", False, day, day + 86_400_000_000))
+    with pytest.raises(InvalidInput, match=f"^source: {damaged}: row group 1, column occurredAt: {damage}"):
+        list(zoned.batches(2048))
+    ledgers = tmp_path / "ledgers" / "damaged.parquet"
+    ledgers.parent.mkdir()
+    _two_groups(ledgers, "zstd")
+    with_first_page_damaged(ledgers, 1, 2, b"\xde\xad\xbe\xef")
+    with pytest.raises(InvalidInput, match=f"^source: {ledgers}: row group 1, column ledger: {damage}"):
+        streaming.max_integer_in_source(str(ledgers), "parquet", "ledger")
+    directory = open_directory_source(str(ledgers.parent), "ledgers", "parquet", None)
+    with pytest.raises(
+        InvalidInput, match=f"^source: .*damaged.parquet: row group 1, column ledger: {damage}"
+    ):
+        list(directory.batches(2048))
+
+
+def test_arrow_decodes_the_bytes_the_header_scan_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's known limit: a file changed between the page headers' scan and Arrow's read was
+    decoded as it then was, not as it was checked (the scan of every row group came first, Arrow's
+    reads of the file after). Now a row group's column chunks are read into memory once, and the
+    scan and Arrow read those bytes: a file whose first row group is rewritten in place right after
+    its pages were scanned gives that group's records as they were scanned."""
+    path = tmp_path / "rewritten.parquet"
+    before = _two_groups(path, first="a")
+    _two_groups(tmp_path / "after.parquet", first="b")
+    rewritten = (tmp_path / "after.parquet").read_bytes()
+    assert len(rewritten) == path.stat().st_size and rewritten != path.read_bytes()
+    scan = streaming.row_group_pages
+    scanned: list[int] = []
+
+    def scan_then_rewrite(*args: Any, **kwargs: Any) -> Any:
+        pages = scan(*args, **kwargs)
+        scanned.append(pages.group)
+        with path.open("r+b") as fh:  # (in place: the source's open handle reads the new bytes)
+            fh.write(rewritten)
+        return pages
+
+    monkeypatch.setattr(streaming, "row_group_pages", scan_then_rewrite)
+    source = streaming.ParquetSource(str(path), "rewritten.parquet")
+    records = [r for records, _, _ in source.batches(8192) for r in records]
+    assert scanned[0] == 0 and path.read_bytes() == rewritten
+    assert records == [jsonable_row(row) for row in before.to_pylist()]
+
+
+def test_a_store_that_fails_while_a_row_group_is_read_is_still_a_store_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A source whose reads fail (EIO) once its footer is read: the store failed, not the file; exit 1
+    as every store failure, nothing written, never invalid input (a guard: the failure happens while
+    bytes are read from the store, before Arrow decodes any)."""
+    source = tmp_path / "source.parquet"
+    _two_groups(source, "zstd")
+    footer_at = source.stat().st_size - 8 - int.from_bytes(source.read_bytes()[-8:-4], "little")
+
+    class FailingDisk(io.FileIO):
+        def read(self, size: int | None = -1) -> bytes:
+            if self.tell() < footer_at:
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(source))
+            return super().read(size)
+
+    monkeypatch.setattr(streaming, "open_regular", lambda path, root=None: FailingDisk(path))
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": str(source)}})
+    out = tmp_path / "out.json"
+    assert main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)]) == 1
+    stderr = capsys.readouterr().err
+    assert "Input/output error" in stderr and "invalid input" not in stderr, stderr
+    assert lake_files(home) == {} and not out.exists()

@@ -45,6 +45,13 @@ naming `source`. So is a row group of more pages than their headers, kept while 
 planned (`PAGE_RECORD_BYTES` each, one row group's at a time), may take within the budget: a
 million empty pages are 11 MB of file, and a data page written with a dictionary before its chunk's
 dictionary page (one written after the data pages, where the scan and Arrow stop reading).
+
+A row group's column chunks are read into memory once (`HeldBytes`: one read of the store a run of
+adjacent chunks, the bytes Arrow itself reads whole, holding no more than it does), and both the scan
+and Arrow read those bytes: what Arrow decodes is what was checked, however the file changes while it
+is read, and an error Arrow raises decoding them is the file's (a page that does not decompress, or
+to another size than its header says), never the store's, which can only fail while the bytes are
+read (`streaming._ParquetFile._decoding` decides so, in one place).
 """
 
 from __future__ import annotations
@@ -93,6 +100,112 @@ _NESTING = 64  # Thrift structs nested deeper than this are not a page header
 #: The most elements a Thrift list, set or map of a page header may hold: Arrow refuses more
 #: (`thrift_container_size_limit`), with an error that is not the source's.
 MAX_CONTAINER_ELEMENTS = 1_000_000
+
+
+class NotHeld(RuntimeError):
+    """Bytes of a file read that were not read into memory first (`HeldBytes`): a defect of pcbo's,
+    never the file's nor the store's."""
+
+
+class HeldBytes:
+    """Ranges of a file's bytes read into memory, each run of adjacent or overlapping ranges with one
+    read of the store, and a file object reading them (without a copy: `read_buffer`): what the page
+    headers' scan (`row_group_pages`) and Arrow read, so that Arrow decodes the bytes the scan checked.
+    A read outside them is `NotHeld`; the store failing while they are read, its own error (`OSError`
+    or the object store client's); fewer bytes than the file held when it was opened, invalid input
+    naming `source`: the file changed while it was read."""
+
+    closed = False
+
+    def __init__(self, fh: IO[bytes], shown: str) -> None:
+        self._fh = fh
+        self._shown = shown
+        fh.seek(0, os.SEEK_END)
+        self.size = fh.tell()
+        self._spans: list[tuple[int, pa.Buffer]] = []
+        self._at = 0
+
+    def hold(self, ranges: list[tuple[int, int]]) -> None:
+        """Hold the bytes [start, end) of each of `ranges` (within the file) and no others, unless every
+        one of them is held already (so that a row group's pages read twice are the same bytes)."""
+        wanted = sorted((max(start, 0), min(end, self.size)) for start, end in ranges)
+        if all(self._held(start, end) is not None for start, end in wanted):
+            return
+        runs: list[list[int]] = []
+        for start, end in wanted:
+            if runs and start <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], end)
+            else:
+                runs.append([start, end])
+        self._spans = []
+        spans = []
+        for start, end in runs:
+            data = self._read(start, end - start)
+            if len(data) != end - start:
+                raise InvalidInput(
+                    "source",
+                    f"{redact_url(self._shown)}: changed while it was read: {len(data)} bytes at byte "
+                    f"{start}, where it held {end - start} when it was opened",
+                )
+            spans.append((start, pa.py_buffer(data)))
+        self._spans = spans
+
+    def _read(self, start: int, size: int) -> bytes:
+        """`size` bytes of the file from `start` (fewer at its end), read from the store."""
+        self._fh.seek(start)
+        pieces: list[bytes] = []
+        while size > 0:
+            piece = self._fh.read(size)
+            if not piece:
+                break
+            pieces.append(piece)
+            size -= len(piece)
+        return b"".join(pieces)
+
+    def _held(self, start: int, end: int) -> tuple[int, pa.Buffer] | None:
+        for at, data in self._spans:
+            if at <= start and end <= at + data.size:
+                return at, data
+        return None
+
+    def read_buffer(self, size: int = -1) -> pa.Buffer:
+        start = self._at
+        end = self.size if size is None or size < 0 else min(start + size, self.size)
+        if end <= start:
+            return pa.py_buffer(b"")
+        held = self._held(start, end)
+        if held is None:
+            raise NotHeld(f"bytes {start} to {end} of the file were not read first")
+        self._at = end
+        return held[1].slice(start - held[0], end - start)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.read_buffer(size).to_pybytes()
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to `size` bytes from `offset` (fewer at the end of the file)."""
+        self.seek(offset)
+        return self.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self.size}[whence]
+        self._at = base + offset
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._spans = []
 
 
 class _Malformed(Exception):
@@ -421,11 +534,6 @@ class RowGroupPages:
         return low
 
 
-def _read_at(fh: IO[bytes], offset: int, size: int) -> bytes:
-    fh.seek(offset)
-    return fh.read(size)
-
-
 def _longest_plain_value(data: bytes, count: int) -> int:
     """The longest of `count` PLAIN BYTE_ARRAY values (a 4-byte length, then the bytes) in `data`."""
     at, longest = 0, 0
@@ -441,13 +549,13 @@ def _longest_plain_value(data: bytes, count: int) -> int:
 _CODECS = {"SNAPPY": "snappy", "GZIP": "gzip", "BROTLI": "brotli", "ZSTD": "zstd", "LZ4_RAW": "lz4_raw"}
 
 
-def _longest_dictionary_value(fh: IO[bytes], page: Page, codec: str, budget: int) -> int:
+def _longest_dictionary_value(held: HeldBytes, page: Page, codec: str, budget: int) -> int:
     """The longest value of a BYTE_ARRAY dictionary page (its decompressed bytes when the codec is
     one pyarrow decompresses and the page is within `budget`; else the page's size, which no value
     exceeds)."""
     if max(page.compressed, page.uncompressed) > budget:
         return page.uncompressed
-    raw = _read_at(fh, page.offset, page.compressed)
+    raw = held.read_at(page.offset, page.compressed)
     if len(raw) != page.compressed:
         raise _Malformed("a dictionary page past the end of the file")
     if codec == "UNCOMPRESSED":
@@ -462,21 +570,26 @@ def _longest_dictionary_value(fh: IO[bytes], page: Page, codec: str, budget: int
     return _longest_plain_value(data, page.values)
 
 
-def _chunk_pages(
-    fh: IO[bytes], file_size: int, chunk: pq.ColumnChunkMetaData, kept_at_most: int
-) -> list[Page]:
-    """The pages of a column chunk, as Arrow reads them: from its first page (the dictionary page's
-    offset when it has one before its data) until its footer's count of values is reached. The last
-    may run up to `_OLD_WRITER_PADDING` bytes past the chunk's range, as Arrow allows for the files of
-    old writers (PARQUET-816; Arrow itself refuses it for others). More than `kept_at_most` pages:
-    `_TooManyPages`, read no further."""
+def _chunk_range(chunk: pq.ColumnChunkMetaData, file_size: int) -> tuple[int, int]:
+    """The bytes [start, end) of a column chunk, as Arrow reads them: from its first page (the
+    dictionary page's offset when it has one before its data), and up to `_OLD_WRITER_PADDING` bytes
+    past the chunk's range, as Arrow allows for the files of old writers (PARQUET-816; Arrow itself
+    refuses it for others)."""
     start = chunk.data_page_offset
     if chunk.has_dictionary_page and 0 < (chunk.dictionary_page_offset or 0) < start:
         start = chunk.dictionary_page_offset
     length = chunk.total_compressed_size
     if start < 0 or length < 0 or start + length > file_size:
         raise _Malformed(f"its byte range {start}+{length} is outside the file ({file_size} bytes)")
-    end = start + length + min(_OLD_WRITER_PADDING, file_size - start - length)
+    return start, start + length + min(_OLD_WRITER_PADDING, file_size - start - length)
+
+
+def _chunk_pages(
+    held: HeldBytes, start: int, end: int, chunk: pq.ColumnChunkMetaData, kept_at_most: int
+) -> list[Page]:
+    """The pages of a column chunk (its bytes [start, end): `_chunk_range`), as Arrow reads them: until
+    its footer's count of values is reached. More than `kept_at_most` pages: `_TooManyPages`, read no
+    further."""
     pages: list[Page] = []
     at, seen = start, 0
     while seen < chunk.num_values:
@@ -484,7 +597,7 @@ def _chunk_pages(
             raise _Malformed(f"its pages hold {seen} values, its footer says {chunk.num_values}")
         window = min(end - at, _FIRST_HEADER_READ)
         while True:
-            data = _read_at(fh, at, window)
+            data = held.read_at(at, window)
             reader = _Compact(data)
             try:
                 page = _page_header(reader)
@@ -560,7 +673,7 @@ def _rows_begun(levels: bytes, count: int, bit_width: int) -> tuple[int, bool]:
     return zeros, first_is_zero
 
 
-def _count_rows_of_v2_pages(fh: IO[bytes], pages: list[Page], max_repetition_level: int) -> None:
+def _count_rows_of_v2_pages(held: HeldBytes, pages: list[Page], max_repetition_level: int) -> None:
     """Each version 2 data page's count of rows, and whether it continues a row, as its repetition
     levels say (Arrow takes rows from them; the header's count of rows is not checked)."""
     bit_width = max_repetition_level.bit_length()
@@ -569,7 +682,7 @@ def _count_rows_of_v2_pages(fh: IO[bytes], pages: list[Page], max_repetition_lev
             continue
         if page.repetition_levels > page.compressed:
             raise _Malformed(f"a page's repetition levels ({page.repetition_levels} bytes) run past it")
-        levels = _read_at(fh, page.offset, page.repetition_levels)
+        levels = held.read_at(page.offset, page.repetition_levels)
         try:
             page.rows, first_is_zero = _rows_begun(levels, page.values, bit_width)
         except _NeedMore:
@@ -598,8 +711,14 @@ def _value_width(column: pq.ColumnSchema, arrow_type: pa.DataType | None) -> tup
     return _FIXED_WIDTH, VALUE_OVERHEAD
 
 
+def _not_a_chunk(shown: str, group: int, path: str, exc: _Malformed) -> InvalidInput:
+    return InvalidInput(
+        "source", f"{redact_url(shown)}: row group {group}, column {path}: not a parquet column chunk: {exc}"
+    )
+
+
 def row_group_pages(
-    fh: IO[bytes],
+    held: HeldBytes,
     pf: pq.ParquetFile,
     group: int,
     shown: str,
@@ -607,28 +726,36 @@ def row_group_pages(
     budget: int,
     columns: list[str] | None = None,
 ) -> RowGroupPages:
-    """The pages of row group `group` (of the leaf columns of the top-level `columns`, or all), read
-    from `fh` (the file `pf` reads; `dictionary_columns`: the top-level columns it reads as Arrow
+    """The pages of row group `group` (of the leaf columns of the top-level `columns`, or all): their
+    column chunks read into `held` (the bytes of the file `pf` reads, which Arrow then decodes), their
+    pages' headers read from there (`dictionary_columns`: the top-level columns `pf` reads as Arrow
     dictionaries; `budget`: bytes a batch may decode); invalid input naming `source` when they are
     not pages."""
     metadata = pf.metadata
     row_group = metadata.row_group(group)
     schema = metadata.schema
-    fh.seek(0, os.SEEK_END)
-    file_size = fh.tell()
-    arrow_types = {f.name: f.type for f in pf.schema_arrow}
-    read: list[ColumnPages] = []
-    kept_at_most = budget // PAGE_RECORD_BYTES
+    chunks: list[tuple[pq.ColumnSchema, pq.ColumnChunkMetaData, tuple[int, int]]] = []
     for j in range(row_group.num_columns):
         column = schema.column(j)
-        path = column.path
-        if columns is not None and not any(path == c or path.startswith(f"{c}.") for c in columns):
+        if columns is not None and not any(
+            column.path == c or column.path.startswith(f"{c}.") for c in columns
+        ):
             continue
         chunk = row_group.column(j)
         try:
-            pages = _chunk_pages(fh, file_size, chunk, kept_at_most - sum(len(c.pages) for c in read))
+            chunks.append((column, chunk, _chunk_range(chunk, held.size)))
+        except _Malformed as exc:
+            raise _not_a_chunk(shown, group, column.path, exc) from None
+    held.hold([span for _, _, span in chunks])
+    arrow_types = {f.name: f.type for f in pf.schema_arrow}
+    read: list[ColumnPages] = []
+    kept_at_most = budget // PAGE_RECORD_BYTES
+    for column, chunk, (start, end) in chunks:
+        path = column.path
+        try:
+            pages = _chunk_pages(held, start, end, chunk, kept_at_most - sum(len(c.pages) for c in read))
             if column.max_repetition_level > 0:
-                _count_rows_of_v2_pages(fh, pages, column.max_repetition_level)
+                _count_rows_of_v2_pages(held, pages, column.max_repetition_level)
             width, overhead = _value_width(column, arrow_types.get(path))
             pages_of = ColumnPages(
                 path,
@@ -645,13 +772,10 @@ def row_group_pages(
                 dictionaries = [p for p in pages if p.kind == _DICTIONARY_PAGE]
                 if dictionaries:
                     pages_of.longest_dictionary_value = max(
-                        _longest_dictionary_value(fh, p, chunk.compression, budget) for p in dictionaries
+                        _longest_dictionary_value(held, p, chunk.compression, budget) for p in dictionaries
                     )
         except _Malformed as exc:
-            raise InvalidInput(
-                "source",
-                f"{redact_url(shown)}: row group {group}, column {path}: not a parquet column chunk: {exc}",
-            ) from None
+            raise _not_a_chunk(shown, group, path, exc) from None
         except _TooManyPages:
             raise InvalidInput(
                 "source",

@@ -26,7 +26,7 @@ import os
 import threading
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import IO, Any
 
@@ -44,9 +44,9 @@ from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, SourcesDirectory, open_regular
 from pcbo_dagster.sources.parquet_pages import (
     NOT_AS_DICTIONARY,
+    HeldBytes,
     RowGroupPages,
     row_group_pages,
-    worst_window,
 )
 from pcbo_dagster.sources.record_files import (
     csv_integer_columns,
@@ -649,7 +649,7 @@ class ParquetSource(RecordSource):
     def _file(self) -> Iterator[_ParquetFile]:
         with _opened(self.uri, self.shown, self.root) as fh:
             try:
-                yield _parquet_file(fh)
+                yield _parquet_file(fh, self.shown)
             except pa.ArrowException as exc:
                 raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
 
@@ -705,34 +705,39 @@ class ParquetSource(RecordSource):
                 yield from self._zone_batches(pf, self.window, size)
                 return
             self.count = int(self.group_starts[-1])
-            first = 0
-            for batch in self._bounded_batches(pf, size):
-                risky = _may_hold_floats_or_big_ints(batch)
-                for lo, hi in self._cuts(batch, first):
-                    yield (
-                        self._records(batch.slice(lo, hi - lo)),
-                        risky,
-                        np.arange(first + lo, first + hi, dtype=np.int64),
-                    )
-                first += batch.num_rows
+            yield from self._group_batches(pf, range(pf.num_row_groups), size)
 
-    def _bounded_batches(self, pf: _ParquetFile, size: int) -> Iterator[pa.RecordBatch]:
-        """The file's rows in Arrow batches of at most `size` rows, none decoding more than
-        `parquet_batch_bytes()` (`sources/parquet_pages.py`): when batches of `size` rows, which run
-        across row groups, are within it wherever they start, those (as Arrow makes them); else each
-        row group in batches of as many rows as keep within it."""
-        budget = parquet_batch_bytes()
-        counts = np.diff(self.group_starts)
-        costs = [  # (one row group's pages kept at a time)
-            pages.batch_bytes(min(size, max(pages.rows, 1)))
-            for pages in (pf.pages(g, self.shown) for g in range(pf.num_row_groups))
-        ]
-        if all(c <= budget for c in costs) and worst_window(counts, costs, size) <= budget:
-            yield from pf.iter_batches(batch_size=size, use_threads=False)
-            return
-        for group in range(pf.num_row_groups):
-            reader, rows = pf.reader_for(group, size, self.shown)
-            yield from reader.iter_batches(batch_size=rows, row_groups=[group], use_threads=False)
+    def _group_batches(
+        self, pf: _ParquetFile, groups: Iterable[int], size: int
+    ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        """The records of row groups `groups`, in order, in batches of `size` (a batch may hold rows of
+        several row groups, as Arrow's own batches of a file do). Each row group is decoded from the
+        bytes its pages were read from (`_ParquetFile.decoded_batches`), in Arrow batches of as many
+        rows as keep within `parquet_batch_bytes()` (`_ParquetFile.reader_for`); a batch of fewer rows
+        than `size`, or one cut for the size of its values (`_cuts`), is handed on before the next is
+        decoded."""
+        records: list[Any] = []
+        positions: list[np.ndarray] = []
+        risky = False
+        for group in groups:
+            first = int(self.group_starts[group])
+            reader, group_rows = pf.reader_for(group, size, self.shown)
+            for batch in reader.decoded_batches(group, group_rows, self.shown):
+                batch_risky = _may_hold_floats_or_big_ints(batch)
+                for lo, hi in self._cuts(batch, first):
+                    whole = hi - lo == batch.num_rows and group_rows >= size
+                    while lo < hi:
+                        take = min(hi - lo, size - len(records)) if whole else hi - lo
+                        records.extend(self._records(batch.slice(lo, take)))
+                        positions.append(np.arange(first + lo, first + lo + take, dtype=np.int64))
+                        risky = risky or batch_risky
+                        lo += take
+                        if len(records) >= size or not whole:
+                            yield records, risky, np.concatenate(positions)
+                            records, positions, risky = [], [], False
+                first += batch.num_rows
+        if records:
+            yield records, risky, np.concatenate(positions)
 
     def _zone_batches(
         self, pf: _ParquetFile, window: Window, size: int
@@ -740,29 +745,10 @@ class ParquetSource(RecordSource):
         """The rows of the row groups that may hold the window, gathered into batches of `size`."""
         self.zones = self._row_group_zones(pf, window)
         count = 0
-        records: list[Any] = []
-        positions: list[np.ndarray] = []
-        risky = False
-        for group, zone in enumerate(self.zones):
-            if not zone.may_hold(window):
-                continue
-            first = zone.start
-            # (fewer rows than `size` a batch: each batch's records are handed on before the next
-            # is decoded, as a batch cut in pieces is)
-            reader, group_rows = pf.reader_for(group, size, self.shown)
-            for batch in reader.iter_batches(batch_size=group_rows, row_groups=[group], use_threads=False):
-                for lo, hi in self._cuts(batch, first):
-                    records.extend(self._records(batch.slice(lo, hi - lo)))
-                    positions.append(np.arange(first + lo, first + hi, dtype=np.int64))
-                    risky = risky or _may_hold_floats_or_big_ints(batch)
-                    if len(records) >= size or hi - lo < batch.num_rows or group_rows < size:
-                        count += len(records)
-                        yield records, risky, np.concatenate(positions)
-                        records, positions, risky = [], [], False
-                first += batch.num_rows
-        if records:
+        chosen = [group for group, zone in enumerate(self.zones) if zone.may_hold(window)]
+        for records, risky, positions in self._group_batches(pf, chosen, size):
             count += len(records)
-            yield records, risky, np.concatenate(positions)
+            yield records, risky, positions
         self.count = count
 
     def _row_group_zones(self, pf: _ParquetFile, window: Window) -> list[Zone]:
@@ -800,7 +786,7 @@ class ParquetSource(RecordSource):
                 or pages.batch_bytes(max(pages.rows, 1)) > parquet_batch_bytes()
             ):
                 return self._rows_of_large_group(pf(), group, local)
-            table = pf().read_row_group(group, use_threads=False)
+            table = pf().decoded_group(group, self.shown)
             _DECODED_GROUPS.put(key, table)
         return table.take(pa.array(local))
 
@@ -811,7 +797,7 @@ class ParquetSource(RecordSource):
         pieces: list[pa.Table] = []
         where: list[np.ndarray] = []
         first, last = 0, int(local.max())
-        for batch in reader.iter_batches(batch_size=rows, row_groups=[group], use_threads=False):
+        for batch in reader.decoded_batches(group, rows, self.shown):
             hit = (local >= first) & (local < first + batch.num_rows)
             if hit.any():
                 piece = pa.Table.from_batches([batch.take(pa.array(local[hit] - first))])
@@ -923,13 +909,14 @@ def _binary_like(kind: pa.DataType) -> bool:
 
 
 class _ParquetFile(pq.ParquetFile):
-    """A parquet file open for reading (`_parquet_file`), with the handle it reads from and the
-    top-level columns it reads as Arrow dictionaries, so that its row groups' pages can be read
-    before Arrow decodes them (`pages`)."""
+    """A parquet file open for reading (`_parquet_file`), with the top-level columns it reads as Arrow
+    dictionaries, so that its row groups' pages can be read before Arrow decodes them (`pages`). Arrow
+    reads it from `held`: only the bytes of the row group whose pages were read last, read into
+    memory once (`parquet_pages.HeldBytes`), so that it decodes the bytes the pages' scan checked."""
 
-    def __init__(self, fh: IO[bytes], metadata: pq.FileMetaData | None, read_dictionary: list[str]) -> None:
-        super().__init__(fh, metadata=metadata, read_dictionary=read_dictionary or None)
-        self.handle = fh
+    def __init__(self, held: HeldBytes, metadata: pq.FileMetaData, read_dictionary: list[str]) -> None:
+        super().__init__(held, metadata=metadata, read_dictionary=read_dictionary or None)
+        self.held = held
         self._read_dictionary = frozenset(read_dictionary)
         # (those asked for, and those the file's Arrow schema says were written as dictionaries)
         self.dictionary_columns = frozenset(
@@ -938,10 +925,65 @@ class _ParquetFile(pq.ParquetFile):
         self._dense: dict[frozenset[str], _ParquetFile] = {}
 
     def pages(self, group: int, shown: str, columns: list[str] | None = None) -> RowGroupPages:
-        """What row group `group`'s pages (of `columns`, or all) declare they decode to."""
+        """What row group `group`'s pages (of `columns`, or all) declare they decode to, its column chunks
+        read into memory (`held`) for Arrow to decode next (`decoded_batches`, `decoded_group`)."""
         return row_group_pages(
-            self.handle, self, group, shown, self.dictionary_columns, parquet_batch_bytes(), columns
+            self.held, self, group, shown, self.dictionary_columns, parquet_batch_bytes(), columns
         )
+
+    def decoded_batches(
+        self, group: int, rows: int, shown: str, columns: list[str] | None = None
+    ) -> Iterator[pa.RecordBatch]:
+        """Row group `group` (its top-level `columns`, or all) decoded in batches of `rows` rows, from
+        the bytes its pages were read from (`pages`, called first)."""
+        batches = self.iter_batches(batch_size=rows, row_groups=[group], columns=columns, use_threads=False)
+        while True:
+            with self._decoding(group, rows, shown, columns):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    def decoded_group(self, group: int, shown: str, columns: list[str] | None = None) -> pa.Table:
+        """Row group `group` (its top-level `columns`, or all) decoded whole, from the bytes its pages
+        were read from (`pages`, called first)."""
+        with self._decoding(group, self.metadata.row_group(group).num_rows, shown, columns):
+            return self.read_row_group(group, columns=columns, use_threads=False)
+
+    @contextmanager
+    def _decoding(self, group: int, rows: int, shown: str, columns: list[str] | None) -> Iterator[None]:
+        """Arrow decoding row group `group` from the bytes held in memory (`held`): an error it raises
+        there (an `OSError` or an Arrow error: a page that does not decompress, or decompresses to
+        another size than its header says, a dictionary index out of its dictionary) is the file's, never
+        the store's, which is not read while Arrow decodes (a failing store fails while the bytes are
+        read, `HeldBytes.hold`, with its own error: exit 1). Invalid input naming `source`, the file,
+        the row group and the column that fails decoded alone (each of `columns` decoded again, from
+        the same bytes, in batches of `rows`). The one place that decides so."""
+        try:
+            yield
+        except MemoryError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            failing = self._failing_column(group, rows, columns)
+            where = f"row group {group}" + (f", column {failing}" if failing is not None else "")
+            said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidInput(
+                "source", f"{redact_url(shown)}: {where}: not a readable parquet row group: {said}"
+            ) from None
+
+    def _failing_column(self, group: int, rows: int, columns: list[str] | None) -> str | None:
+        """The first of the top-level `columns` (or all) that Arrow cannot decode alone, or None."""
+        for name in columns if columns is not None else self.schema_arrow.names:
+            try:
+                for _ in self.iter_batches(
+                    batch_size=rows, row_groups=[group], columns=[name], use_threads=False
+                ):
+                    pass
+            except MemoryError:
+                raise
+            except (OSError, pa.ArrowException):
+                return name
+        return None
 
     def reader_for(self, group: int, wanted: int, shown: str) -> tuple[_ParquetFile, int]:
         """The reader of row group `group` and the rows (at most `wanted`) its batches may take within
@@ -957,7 +999,7 @@ class _ParquetFile(pq.ParquetFile):
         if rows < wanted and plain:
             if plain not in self._dense:
                 self._dense[plain] = _ParquetFile(
-                    self.handle, self.metadata, sorted(self._read_dictionary - plain)
+                    self.held, self.metadata, sorted(self._read_dictionary - plain)
                 )
             dense = self._dense[plain]
             dense_rows = dense.pages(group, shown).rows_within(wanted, budget)
@@ -966,13 +1008,14 @@ class _ParquetFile(pq.ParquetFile):
         return self, pages.batch_rows(wanted, budget, shown)
 
 
-def _parquet_file(fh: IO[bytes]) -> _ParquetFile:
+def _parquet_file(fh: IO[bytes], shown: str) -> _ParquetFile:
     """The parquet file open with its text and binary columns read as Arrow dictionaries: a
     dictionary-encoded column stays its dictionary and indices (its size in the file), not one copy of
     the value a row (a decompression bomb). The values are the same; only their Arrow type differs.
     Those whose footer says they are written DELTA_BYTE_ARRAY or DELTA_LENGTH_BYTE_ARRAY are read
     dense: Arrow cannot read those encodings as a dictionary (a page that hides them is refused,
-    `parquet_pages.row_group_pages`)."""
+    `parquet_pages.row_group_pages`). Its footer is read from `fh`; Arrow reads its row groups from the
+    bytes their pages were read from (`_ParquetFile`)."""
     pf = pq.ParquetFile(fh)
     metadata = pf.metadata
     delta = {
@@ -982,7 +1025,9 @@ def _parquet_file(fh: IO[bytes]) -> _ParquetFile:
         if set(NOT_AS_DICTIONARY.values()) & set(metadata.row_group(g).column(j).encodings)
     }
     return _ParquetFile(
-        fh, metadata, [f.name for f in pf.schema_arrow if _binary_like(f.type) and f.name not in delta]
+        HeldBytes(fh, shown),
+        metadata,
+        [f.name for f in pf.schema_arrow if _binary_like(f.type) and f.name not in delta],
     )
 
 
@@ -1082,15 +1127,12 @@ def _column_bounds(
     parsed from strings or taken from timestamps with a time zone (time), integers (ledger). A column
     whose pages may decode to more than `parquet_batch_bytes()` is not read: its bounds are unknown
     (the group is never skipped, and is read in bounded batches)."""
-    try:
-        if (
-            pf.pages(group, shown, [window.field]).batch_bytes(pf.metadata.row_group(group).num_rows)
-            > parquet_batch_bytes()
-        ):
-            return None, None, False
-        column = pf.read_row_group(group, columns=[window.field], use_threads=False).column(0)
-    except (KeyError, pa.ArrowException):
+    if (
+        pf.pages(group, shown, [window.field]).batch_bytes(pf.metadata.row_group(group).num_rows)
+        > parquet_batch_bytes()
+    ):
         return None, None, False
+    column = pf.decoded_group(group, shown, [window.field]).column(0)
     values = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if pa.types.is_dictionary(values.type):  # text read as a dictionary (`_parquet_file`)
         values = values.dictionary.take(values.indices)
@@ -1125,9 +1167,9 @@ def max_integer_in_source(uri: str, fmt: str, field: str) -> int | None:
     import orjson
 
     best: int | None = None
-    with _opened(uri, uri) as fh, source_read_errors(uri):  # (a corrupt parquet file: invalid input)
+    with _opened(uri, uri) as fh, source_read_errors(uri):  # (a source that cannot be read: invalid input)
         if fmt == "parquet":
-            parquet = _parquet_file(fh)
+            parquet = _parquet_file(fh, uri)
             if field not in parquet.schema_arrow.names:
                 return None
             if not pa.types.is_integer(parquet.schema_arrow.field(field).type):
@@ -1136,9 +1178,7 @@ def max_integer_in_source(uri: str, fmt: str, field: str) -> int | None:
                 rows = parquet.pages(group, uri, [field]).batch_rows(
                     DEFAULT_BATCH, parquet_batch_bytes(), uri
                 )
-                for batch in parquet.iter_batches(
-                    rows, row_groups=[group], columns=[field], use_threads=False
-                ):
+                for batch in parquet.decoded_batches(group, rows, uri, [field]):
                     top = pc.max(batch.column(0)).as_py()
                     if top is not None and (best is None or top > best):
                         best = int(top)
