@@ -717,3 +717,63 @@ def test_a_store_that_fails_while_a_row_group_is_read_is_still_a_store_failure(
     stderr = capsys.readouterr().err
     assert "Input/output error" in stderr and "invalid input" not in stderr, stderr
     assert lake_files(home) == {} and not out.exists()
+
+
+def test_a_footer_that_does_not_parse_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A footer whose Thrift does not parse ("Couldn't deserialize thrift", an `OSError` Arrow raises
+    reading it from the file) ended the run in exit 1 as a store failure. The footer is read into
+    memory first and Arrow parses those bytes: invalid input naming `source.uri` and the file."""
+    source = tmp_path / "footer.parquet"
+    _two_groups(source)
+    data = bytearray(source.read_bytes())
+    at = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+    data[at : at + 6] = b"\xff" * 6
+    source.write_bytes(bytes(data))
+    with pytest.raises(OSError, match="Couldn't deserialize thrift"):
+        pq.ParquetFile(source)
+    stderr = _refused(tmp_path, source, capsys)
+    assert f"source.uri: {source}: not a readable parquet file: Couldn't deserialize thrift" in stderr, stderr
+
+
+def test_a_source_on_an_object_store_that_fails_while_it_is_read_is_a_store_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], s3_store: Any
+) -> None:
+    """A parquet source on S3 (moto behind `FaultyProxy`) reads the records the same file does locally,
+    its row groups read into memory with one ranged read each; when the store answers 503 to every
+    read after the footer's, the run stops as a store failure (exit 1, nothing written), never as
+    invalid input: the store failed while bytes were read, before Arrow decoded any."""
+    from pcbo_dagster_tests.faulty_proxy import FaultyProxy
+
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    local = tmp_path / "local.parquet"
+    table = _two_groups(local)  # (170 KB: its row groups lie before the 64 KiB read for its footer)
+    key = f"{s3_store.bucket}/sources/{tmp_path.name}.parquet"
+    s3_store.filesystem().pipe_file(key, local.read_bytes())
+    proxy = FaultyProxy(s3_store.env["PCBO_S3_ENDPOINT_URL"])
+    try:
+        monkeypatch.setenv("PCBO_S3_ENDPOINT_URL", proxy.url)
+        uri = f"s3://{key}"
+        source = streaming.ParquetSource(uri, uri)
+        expected = [jsonable_row(row) for row in table.to_pylist()]
+        assert [r for records, _, _ in source.batches(1500) for r in records] == expected
+        assert source.fetch(np.array([3999, 0])) == [expected[3999], expected[0]]
+        reads: list[str] = []
+
+        def after_the_footer(method: str, path: str) -> bool:
+            if method != "GET" or not path.split("?")[0].endswith(key.split("/", 1)[1]):
+                return False
+            reads.append(path)
+            return len(reads) > 1
+
+        proxy.fail(after_the_footer, "503")
+        home = tmp_path / "home"
+        request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": uri}})
+        out = tmp_path / "out.json"
+        code = main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)])
+        stderr = capsys.readouterr().err
+        assert code == 1, stderr
+        assert len(reads) > 1 and "Service Unavailable" in stderr and "invalid input" not in stderr, stderr
+        assert lake_files(home) == {} and not out.exists()
+    finally:
+        proxy.close()

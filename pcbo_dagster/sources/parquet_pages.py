@@ -51,13 +51,15 @@ adjacent chunks, the bytes Arrow itself reads whole, holding no more than it doe
 and Arrow read those bytes: what Arrow decodes is what was checked, however the file changes while it
 is read, and an error Arrow raises decoding them is the file's (a page that does not decompress, or
 to another size than its header says), never the store's, which can only fail while the bytes are
-read (`streaming._ParquetFile._decoding` decides so, in one place).
+read (`decoding_held_bytes` decides so, in one place). So is the footer's: read into memory first,
+then parsed by Arrow.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -76,6 +78,8 @@ MAX_PAGES = 1 << 20
 #: Bytes a page header read is kept in (a `Page` and its numbers): a row group's may take at most a
 #: batch's budget, so its pages number at most `budget // PAGE_RECORD_BYTES`.
 PAGE_RECORD_BYTES = 256
+#: Bytes Arrow reads at first from the end of a file for its footer (`kDefaultFooterReadSize`).
+_FOOTER_READ = 64 << 10
 #: Bytes read for a page header at first (most are a few dozen; more are read as needed).
 _FIRST_HEADER_READ = 512
 #: Bytes past a column chunk's range Arrow reads for files of old writers (`kMaxDictHeaderSize`).
@@ -150,6 +154,16 @@ class HeldBytes:
             spans.append((start, pa.py_buffer(data)))
         self._spans = spans
 
+    def hold_footer(self) -> None:
+        """Hold the bytes Arrow reads a parquet file's footer from: its last `_FOOTER_READ` bytes, or the
+        whole footer when its length (in the last 8 bytes) says it is longer and within the file (one
+        longer than the file is Arrow's to refuse, before reading it)."""
+        tail = min(self.size, _FOOTER_READ)
+        self.hold([(self.size - tail, self.size)])
+        length = int.from_bytes(self.read_at(self.size - 8, 4), "little") if self.size >= 8 else 0
+        if tail < length + 8 <= self.size:
+            self.hold([(self.size - 8 - length, self.size)])
+
     def _read(self, start: int, size: int) -> bytes:
         """`size` bytes of the file from `start` (fewer at its end), read from the store."""
         self._fh.seek(start)
@@ -206,6 +220,22 @@ class HeldBytes:
 
     def close(self) -> None:
         self._spans = []
+
+
+@contextmanager
+def decoding_held_bytes(refused: Callable[[str], InvalidInput]) -> Iterator[None]:
+    """Arrow reading bytes held in memory (`HeldBytes`): an error it raises there (an `OSError` or an
+    Arrow error: a footer whose Thrift does not parse, a page that does not decompress, or
+    decompresses to another size than its header says) is the file's, never the store's, which is not
+    read while Arrow reads them (a failing store fails while the bytes are read, `HeldBytes.hold`,
+    with its own error: exit 1). `refused(what Arrow said)`: the invalid input naming where. The one
+    place that decides so."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise refused(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
 class _Malformed(Exception):

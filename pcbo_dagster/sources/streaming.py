@@ -27,7 +27,7 @@ import threading
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import IO, Any
 
 import numpy as np
@@ -46,6 +46,7 @@ from pcbo_dagster.sources.parquet_pages import (
     NOT_AS_DICTIONARY,
     HeldBytes,
     RowGroupPages,
+    decoding_held_bytes,
     row_group_pages,
 )
 from pcbo_dagster.sources.record_files import (
@@ -648,10 +649,7 @@ class ParquetSource(RecordSource):
     @contextmanager
     def _file(self) -> Iterator[_ParquetFile]:
         with _opened(self.uri, self.shown, self.root) as fh:
-            try:
-                yield _parquet_file(fh, self.shown)
-            except pa.ArrowException as exc:
-                raise InvalidInput("source.uri", f"not a readable parquet file: {exc}") from None
+            yield _parquet_file(fh, self.shown)
 
     def _read_layout(self, pf: pq.ParquetFile) -> None:
         """The row groups' first rows and the schema, from the file's metadata. A column (or a field
@@ -950,26 +948,22 @@ class _ParquetFile(pq.ParquetFile):
         with self._decoding(group, self.metadata.row_group(group).num_rows, shown, columns):
             return self.read_row_group(group, columns=columns, use_threads=False)
 
-    @contextmanager
-    def _decoding(self, group: int, rows: int, shown: str, columns: list[str] | None) -> Iterator[None]:
-        """Arrow decoding row group `group` from the bytes held in memory (`held`): an error it raises
-        there (an `OSError` or an Arrow error: a page that does not decompress, or decompresses to
-        another size than its header says, a dictionary index out of its dictionary) is the file's, never
-        the store's, which is not read while Arrow decodes (a failing store fails while the bytes are
-        read, `HeldBytes.hold`, with its own error: exit 1). Invalid input naming `source`, the file,
-        the row group and the column that fails decoded alone (each of `columns` decoded again, from
-        the same bytes, in batches of `rows`). The one place that decides so."""
-        try:
-            yield
-        except MemoryError:
-            raise
-        except (OSError, pa.ArrowException) as exc:
+    def _decoding(
+        self, group: int, rows: int, shown: str, columns: list[str] | None
+    ) -> AbstractContextManager[None]:
+        """Arrow decoding row group `group` from the bytes held in memory (`decoding_held_bytes`): an
+        error it raises is invalid input naming `source`, the file, the row group and the column that
+        fails decoded alone (each of `columns`, or all, decoded again from the same bytes in batches
+        of `rows`)."""
+
+        def refused(said: str) -> InvalidInput:
             failing = self._failing_column(group, rows, columns)
             where = f"row group {group}" + (f", column {failing}" if failing is not None else "")
-            said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InvalidInput(
+            return InvalidInput(
                 "source", f"{redact_url(shown)}: {where}: not a readable parquet row group: {said}"
-            ) from None
+            )
+
+        return decoding_held_bytes(refused)
 
     def _failing_column(self, group: int, rows: int, columns: list[str] | None) -> str | None:
         """The first of the top-level `columns` (or all) that Arrow cannot decode alone, or None."""
@@ -1014,9 +1008,21 @@ def _parquet_file(fh: IO[bytes], shown: str) -> _ParquetFile:
     the value a row (a decompression bomb). The values are the same; only their Arrow type differs.
     Those whose footer says they are written DELTA_BYTE_ARRAY or DELTA_LENGTH_BYTE_ARRAY are read
     dense: Arrow cannot read those encodings as a dictionary (a page that hides them is refused,
-    `parquet_pages.row_group_pages`). Its footer is read from `fh`; Arrow reads its row groups from the
-    bytes their pages were read from (`_ParquetFile`)."""
-    pf = pq.ParquetFile(fh)
+    `parquet_pages.row_group_pages`). Arrow reads its footer, then its row groups, from bytes read into
+    memory first (`parquet_pages.HeldBytes`): a footer it cannot read is invalid input naming
+    `source.uri` and the file (`parquet_pages.decoding_held_bytes`)."""
+    held = HeldBytes(fh, shown)
+    held.hold_footer()
+
+    def refused(said: str) -> InvalidInput:
+        return InvalidInput("source.uri", f"{redact_url(shown)}: not a readable parquet file: {said}")
+
+    with decoding_held_bytes(refused):
+        return _opened_parquet_file(held)
+
+
+def _opened_parquet_file(held: HeldBytes) -> _ParquetFile:
+    pf = pq.ParquetFile(held)
     metadata = pf.metadata
     delta = {
         metadata.schema.column(j).path
@@ -1025,7 +1031,7 @@ def _parquet_file(fh: IO[bytes], shown: str) -> _ParquetFile:
         if set(NOT_AS_DICTIONARY.values()) & set(metadata.row_group(g).column(j).encodings)
     }
     return _ParquetFile(
-        HeldBytes(fh, shown),
+        held,
         metadata,
         [f.name for f in pf.schema_arrow if _binary_like(f.type) and f.name not in delta],
     )
