@@ -777,3 +777,25 @@ def test_a_source_on_an_object_store_that_fails_while_it_is_read_is_a_store_fail
         assert lake_files(home) == {} and not out.exists()
     finally:
         proxy.close()
+
+
+def test_a_file_cut_short_while_it_is_read_is_refused_as_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file cut short once its footer is read: its second row group was called forged ("its byte
+    range ... is outside the file", the file's size measured again for each row group's scan). Now the
+    file's size is the one it had when it was opened, and reading a row group's bytes into memory
+    finds fewer of them: invalid input naming `source` and the file as changed while it was read."""
+    source = tmp_path / "cut.parquet"
+    _two_groups(source)
+    opened = streaming._parquet_file
+
+    def then_cut(*args: Any) -> Any:
+        parquet = opened(*args)
+        with source.open("r+b") as fh:
+            fh.truncate(source.stat().st_size // 2)
+        return parquet
+
+    monkeypatch.setattr(streaming, "_parquet_file", then_cut)
+    stderr = _refused(tmp_path, source, capsys)
+    assert f"source: {source}: changed while it was read" in stderr, stderr
