@@ -799,3 +799,33 @@ def test_a_file_cut_short_while_it_is_read_is_refused_as_changed(
     monkeypatch.setattr(streaming, "_parquet_file", then_cut)
     stderr = _refused(tmp_path, source, capsys)
     assert f"source: {source}: changed while it was read" in stderr, stderr
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_rows_of_many_row_groups_are_gathered_into_a_batch_only_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pruned: bool
+) -> None:
+    """Row groups of one row of 10 KB each (100 of them), each within the budget (256 KiB with
+    PCBO_MAX_LINE_BYTES=64 KiB): their rows are gathered into batches of up to `size` rows only while
+    the row groups they come from may decode within the budget together. A zone read (`prune_zones`)
+    gathered all 100 rows, 1 MB, into one batch."""
+    rows = 100
+    rng = np.random.default_rng(3)
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": ["2024-01-01T00:10:00Z"] * rows,
+            "note": [rng.bytes(10_000) for _ in range(rows)],
+        }
+    )
+    path = tmp_path / "groups.parquet"
+    pq.write_table(table, path, row_group_size=1, use_dictionary=False)
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(64 << 10))
+    source = streaming.ParquetSource(str(path), "groups.parquet")
+    if pruned:
+        day = 1704067200 * 1_000_000  # 2024-01-01T00:00:00Z
+        source.prune_zones(Window("occurredAt", False, day, day + 86_400_000_000))
+    batches = [records for records, _, _ in source.batches(8192)]
+    assert [r for records in batches for r in records] == [jsonable_row(row) for row in table.to_pylist()]
+    largest = max(len(records) for records in batches)
+    assert 1 < largest and largest * 10_000 <= 256 << 10, [len(records) for records in batches]

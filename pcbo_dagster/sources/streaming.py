@@ -620,7 +620,7 @@ _SERIALS = itertools.count()
 _SAFE_INTEGER = 2**53 - 1
 
 
-def _may_hold_floats_or_big_ints(batch: pa.RecordBatch) -> bool:
+def _may_hold_floats_or_big_ints(batch: pa.RecordBatch | pa.Table) -> bool:
     """Whether a parquet batch's rows (as `jsonable_row` makes them) may hold a float or an integer
     beyond +-(2**53 - 1), which RFC 8785 hashing must take the careful way: a floating-point or a
     nested column may; an integer column only if its values reach that far."""
@@ -708,34 +708,58 @@ class ParquetSource(RecordSource):
     def _group_batches(
         self, pf: _ParquetFile, groups: Iterable[int], size: int
     ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
-        """The records of row groups `groups`, in order, in batches of `size` (a batch may hold rows of
-        several row groups, as Arrow's own batches of a file do). Each row group is decoded from the
-        bytes its pages were read from (`_ParquetFile.decoded_batches`), in Arrow batches of as many
-        rows as keep within `parquet_batch_bytes()` (`_ParquetFile.reader_for`); a batch of fewer rows
-        than `size`, or one cut for the size of its values (`_cuts`), is handed on before the next is
-        decoded."""
-        records: list[Any] = []
-        positions: list[np.ndarray] = []
-        risky = False
+        """The records of row groups `groups`, in order, in batches of `size`: each row group decoded
+        from the bytes its pages were read from (`_ParquetFile.decoded_batches`), in Arrow batches of
+        as many rows as keep within `parquet_batch_bytes()` (`_ParquetFile.reader_for`). Batches of
+        `size` rows are gathered across row groups (as Arrow's own batches of a file are) while the
+        batches they come from may decode, together, no more than that budget; one of fewer rows is
+        handed on alone, before the next is decoded."""
+        budget = parquet_batch_bytes()
+        pending: list[pa.RecordBatch] = []  # (pieces of at most `size` rows in all, from `costs`' groups)
+        costs: dict[int, int] = {}
+        start = 0
         for group in groups:
+            reader, rows, cost = pf.reader_for(group, size, self.shown)
+            if pending and (rows < size or sum(costs.values()) + cost > budget):
+                yield from self._handed_on(pending, start)
+                pending, costs = [], {}
             first = int(self.group_starts[group])
-            reader, group_rows = pf.reader_for(group, size, self.shown)
-            for batch in reader.decoded_batches(group, group_rows, self.shown):
-                batch_risky = _may_hold_floats_or_big_ints(batch)
-                for lo, hi in self._cuts(batch, first):
-                    whole = hi - lo == batch.num_rows and group_rows >= size
-                    while lo < hi:
-                        take = min(hi - lo, size - len(records)) if whole else hi - lo
-                        records.extend(self._records(batch.slice(lo, take)))
-                        positions.append(np.arange(first + lo, first + lo + take, dtype=np.int64))
-                        risky = risky or batch_risky
-                        lo += take
-                        if len(records) >= size or not whole:
-                            yield records, risky, np.concatenate(positions)
-                            records, positions, risky = [], [], False
+            for batch in reader.decoded_batches(group, rows, self.shown):
+                if rows < size:
+                    yield from self._handed_on([batch], first)
+                    first += batch.num_rows
+                    continue
+                if pending and pending[0].schema != batch.schema:  # (a group read dense: `reader_for`)
+                    yield from self._handed_on(pending, start)
+                    pending, costs = [], {}
+                at = 0
+                while at < batch.num_rows:
+                    if not pending:
+                        start = first + at
+                    take = min(batch.num_rows - at, size - sum(p.num_rows for p in pending))
+                    pending.append(batch.slice(at, take))
+                    costs[group] = cost
+                    at += take
+                    if sum(p.num_rows for p in pending) == size:
+                        yield from self._handed_on(pending, start)
+                        pending, costs = [], {}
                 first += batch.num_rows
-        if records:
-            yield records, risky, np.concatenate(positions)
+        if pending:
+            yield from self._handed_on(pending, start)
+
+    def _handed_on(
+        self, pieces: list[pa.RecordBatch], first: int
+    ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        """The records of `pieces` (rows one after another, the first at position `first`), in pieces
+        whose values come to at most `PYTHON_BATCH_BYTES` (`_cuts`)."""
+        rows = pieces[0] if len(pieces) == 1 else pa.Table.from_batches(pieces)
+        risky = _may_hold_floats_or_big_ints(rows)
+        for lo, hi in self._cuts(rows, first):
+            yield (
+                self._records(rows.slice(lo, hi - lo)),
+                risky,
+                np.arange(first + lo, first + hi, dtype=np.int64),
+            )
 
     def _zone_batches(
         self, pf: _ParquetFile, window: Window, size: int
@@ -791,7 +815,7 @@ class ParquetSource(RecordSource):
     def _rows_of_large_group(self, pf: _ParquetFile, group: int, local: np.ndarray) -> pa.Table:
         """Rows `local` of row group `group`, decoded in batches within `parquet_batch_bytes()`, with
         the Arrow types of the file's other rows (a text column read dense as a dictionary again)."""
-        reader, rows = pf.reader_for(group, DEFAULT_BATCH, self.shown)
+        reader, rows, _ = pf.reader_for(group, DEFAULT_BATCH, self.shown)
         pieces: list[pa.Table] = []
         where: list[np.ndarray] = []
         first, last = 0, int(local.max())
@@ -979,9 +1003,10 @@ class _ParquetFile(pq.ParquetFile):
                 return name
         return None
 
-    def reader_for(self, group: int, wanted: int, shown: str) -> tuple[_ParquetFile, int]:
-        """The reader of row group `group` and the rows (at most `wanted`) its batches may take within
-        `parquet_batch_bytes()`; invalid input when not even one row fits. The reader is this file,
+    def reader_for(self, group: int, wanted: int, shown: str) -> tuple[_ParquetFile, int, int]:
+        """The reader of row group `group`, the rows (at most `wanted`) its batches may take within
+        `parquet_batch_bytes()`, and the bytes such a batch may decode, as its pages declare them;
+        invalid input when not even one row fits. The reader is this file,
         or, when more rows fit so, this file reading dense the text columns whose pages are not all
         written with a dictionary (read as an Arrow dictionary, such a column gathers the values of
         its whole chunk: `parquet_pages.ColumnPages.held`); its batches then hold those columns as
@@ -996,10 +1021,12 @@ class _ParquetFile(pq.ParquetFile):
                     self.held, self.metadata, sorted(self._read_dictionary - plain)
                 )
             dense = self._dense[plain]
-            dense_rows = dense.pages(group, shown).rows_within(wanted, budget)
+            dense_pages = dense.pages(group, shown)
+            dense_rows = dense_pages.rows_within(wanted, budget)
             if dense_rows > rows:
-                return dense, dense_rows
-        return self, pages.batch_rows(wanted, budget, shown)
+                return dense, dense_rows, dense_pages.batch_bytes(dense_rows)
+        rows = pages.batch_rows(wanted, budget, shown)
+        return self, rows, pages.batch_bytes(rows)
 
 
 def _parquet_file(fh: IO[bytes], shown: str) -> _ParquetFile:
