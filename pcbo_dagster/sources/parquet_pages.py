@@ -503,12 +503,12 @@ class ColumnPages:
         else:  # (a value a row: Arrow reads values, whatever a version 2 page says of its rows)
             counts = np.array([p.values for p in data], dtype=np.int64)
             costs = np.array([self._page_bytes(p, min(p.values, rows)) for p in data], dtype=np.int64)
-        return self.held() + worst_window(counts, costs, rows)
+        return self.held() + _worst_window(counts, costs, rows)
 
 
-def worst_window(counts: np.ndarray | list[int], costs: np.ndarray | list[int], rows: int) -> int:
-    """The most that `rows` consecutive rows, starting anywhere, may cost, of pieces (pages, or row
-    groups) one after another of `counts` rows costing `costs` each: a window touches a piece when it
+def _worst_window(counts: np.ndarray | list[int], costs: np.ndarray | list[int], rows: int) -> int:
+    """The most that `rows` consecutive rows, starting anywhere, may cost, of pieces (a column chunk's
+    pages) one after another of `counts` rows costing `costs` each: a window touches a piece when it
     holds one of its rows, and the most pieces a window whose first row is in piece i touches are
     those starting before the last row of piece i + `rows`."""
     sizes = np.asarray(counts, dtype=np.int64)
