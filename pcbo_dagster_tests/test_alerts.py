@@ -540,7 +540,7 @@ def test_sensor_loads_in_definitions_with_the_pcbo_resource(pcbo_env, monkeypatc
         # An unreadable cursor counts as none (the look-back window is read again).
         result = tick(sensor, instance, pcbo_env, "not json")
         assert "raised 0 alert(s)" in result.skip_reason.skip_message
-        assert set(json.loads(result.cursor)) == {"since", "runEnds", "runless"}
+        assert set(json.loads(result.cursor)) == {"since", "runEnds", "runless", "sweep"}
 
 
 def test_a_pending_alert_row_that_is_not_json_suppresses_no_other_alert(pcbo_env, receiver, monkeypatch):
@@ -1169,3 +1169,207 @@ def test_alert_rows_from_before_migration_0010_are_kept_and_never_sent(tmp_path,
         assert receiver.accepted_keys() == ["test:3", "test:1", "test:2"]
     finally:
         catalog.close()
+
+
+# -- re-derivation from the event log ---------------------------------------------------------------
+
+
+def _catalog_sql(pcbo: PcboEngineResource, statement: str, *params: object) -> None:
+    """Someone who can write the sensor's catalog, as pcbo never would (`_sql`)."""
+    with alert_store(pcbo) as store:
+        _sql(store, statement, *params)
+
+
+def _rows(pcbo: PcboEngineResource) -> dict[str, str]:
+    with alert_store(pcbo) as store:
+        return {a["alert_key"]: a["delivery_status"] for a in store.alerts()}
+
+
+def test_an_alert_row_deleted_before_delivery_is_raised_again_from_the_event_log(
+    pcbo_env, receiver, monkeypatch
+):
+    """Red-team finding: someone who can write the catalog deleted a failed run's pending alert row
+    while the webhook was down, and the alert was never sent (the sensor's cursor had passed the
+    run). The event log still holds the failure: the sensor re-derives the alerts of the last day
+    from it, and a later tick raises the alert again and delivers it."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01, rederive_every_seconds=0)
+    with dg.instance_for_test() as instance:
+        boom = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        receiver.down = True
+        first = tick(sensor, instance, pcbo_env, None)
+        assert _rows(pcbo_env) == {f"run:{boom.run_id}": "pending"}
+        _catalog_sql(pcbo_env, "DELETE FROM alerts")
+        receiver.down = False
+        second = tick(sensor, instance, pcbo_env, first.cursor)
+        assert receiver.accepted_keys() == [f"run:{boom.run_id}"]
+        assert receiver.accepted[0]["detail"]["failedSteps"][0]["step"] == "explode"
+        assert _rows(pcbo_env) == {f"run:{boom.run_id}": "delivered"}
+        message = second.skip_reason.skip_message
+        assert "raised 1 alert(s) (0 failed check(s), 1 failed run(s))" in message
+        assert "1 of them re-derived from the event log" in message
+        # Delivered once: later ticks send it no more.
+        cursor = second.cursor
+        for _ in range(3):
+            cursor = tick(sensor, instance, pcbo_env, cursor).cursor
+        assert receiver.accepted_keys() == [f"run:{boom.run_id}"]
+
+
+def test_an_alert_row_altered_so_its_mac_fails_is_raised_again_and_delivered(pcbo_env, receiver, monkeypatch):
+    """Red-team finding: a pending alert row altered in the catalog (its MAC no longer verifies) was
+    marked unauthenticated and never sent: the alert was silenced. Its failed check is still in the
+    event log: the alert is raised again over the spoiled row (a finding) and delivered as pcbo
+    derived it, never as altered."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01, rederive_every_seconds=0)
+    with dg.instance_for_test() as instance:
+        checked = dg.materialize(
+            [lettered, lettered_rows], instance=instance, partition_key="a", raise_on_error=False
+        )
+        key = f"check:{checked.run_id}:lettered:lettered_rows:"
+        receiver.down = True
+        cursor = tick(sensor, instance, pcbo_env, None).cursor
+        _catalog_sql(pcbo_env, "UPDATE alerts SET subject = 'all fine, ignore' WHERE alert_key = ?", key)
+        receiver.down = False
+        result = tick(sensor, instance, pcbo_env, cursor)
+        assert receiver.accepted_keys() == [key]
+        assert receiver.accepted[0]["subject"].startswith("asset check lettered:lettered_rows failed")
+        assert "FINDINGS" in result.skip_reason.skip_message
+        assert _rows(pcbo_env) == {key: "delivered"}
+        for _ in range(3):
+            result = tick(sensor, instance, pcbo_env, result.cursor)
+        assert receiver.accepted_keys() == [key]
+
+
+def test_a_delivered_alert_is_never_sent_again_while_the_window_is_re_derived(
+    pcbo_env, receiver, monkeypatch
+):
+    """The re-derivation raises only what has no genuine row: of two delivered alerts, the one whose
+    row was deleted is sent once more, the genuine one never again, across many ticks (each of which
+    re-derives the window)."""
+    monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
+    sensor = build_alerts_sensor(delivery_initial_wait=0.01, rederive_every_seconds=0)
+    with dg.instance_for_test() as instance:
+        kept = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        lost = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        cursor = tick(sensor, instance, pcbo_env, None).cursor
+        assert sorted(receiver.accepted_keys()) == sorted([f"run:{kept.run_id}", f"run:{lost.run_id}"])
+        _catalog_sql(pcbo_env, "DELETE FROM alerts WHERE alert_key = ?", f"run:{lost.run_id}")
+        for _ in range(6):
+            cursor = tick(sensor, instance, pcbo_env, cursor).cursor
+        assert receiver.accepted_keys().count(f"run:{kept.run_id}") == 1
+        assert receiver.accepted_keys().count(f"run:{lost.run_id}") == 2
+        assert _rows(pcbo_env) == {f"run:{kept.run_id}": "delivered", f"run:{lost.run_id}": "delivered"}
+
+
+def test_the_re_derivation_reads_at_most_its_batch_of_run_ends_a_tick(pcbo_env, monkeypatch):
+    """A busy instance has thousands of run ends a day: a tick re-derives at most
+    `rederive_batch_size` run ends of each type (a second cursor sweeps the window), so five deleted
+    rows come back two, two and one a tick; a pass over the window starts again only after
+    `rederive_every_seconds`."""
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    with dg.instance_for_test() as instance:
+        runs = [doomed.execute_in_process(instance=instance, raise_on_error=False) for _ in range(5)]
+        keys = {f"run:{r.run_id}" for r in runs}
+        # The first tick reads the window itself: the sweep's first pass starts
+        # `rederive_every_seconds` later (here: the next tick).
+        cursor = tick(build_alerts_sensor(rederive_batch_size=2), instance, pcbo_env, None).cursor
+        assert set(_rows(pcbo_env)) == keys
+        sensor = build_alerts_sensor(rederive_batch_size=2, rederive_every_seconds=0)
+        _catalog_sql(pcbo_env, "DELETE FROM alerts")
+        reads: list[int] = []
+        fetch = instance.fetch_run_status_changes
+
+        def counted(records_filter, limit, **options):
+            result = fetch(records_filter, limit, **options)
+            reads.append(len(result.records))
+            return result
+
+        monkeypatch.setattr(instance, "fetch_run_status_changes", counted)
+        back = []
+        for _ in range(3):
+            result = tick(sensor, instance, pcbo_env, cursor)
+            cursor = result.cursor
+            back.append(len(_rows(pcbo_env)))
+            assert max(reads) <= 2
+        assert back == [2, 4, 5]
+        assert set(_rows(pcbo_env)) == keys
+        # The next pass starts `rederive_every_seconds` after the last one started: not yet.
+        waiting = build_alerts_sensor(rederive_batch_size=2, rederive_every_seconds=3600)
+        _catalog_sql(pcbo_env, "DELETE FROM alerts")
+        for _ in range(2):
+            cursor = tick(waiting, instance, pcbo_env, cursor).cursor
+        assert _rows(pcbo_env) == {}
+
+
+def test_a_runless_check_alert_row_deleted_is_raised_again_and_older_checks_are_not_read_again(
+    pcbo_env, monkeypatch
+):
+    """A failed check reported outside any run is re-derived too. Runless checks older than the window
+    are skipped once: each pass then reads the runless checks from past them (its `runlessFloor`),
+    not from the start of the instance's history."""
+    import time
+
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(asset_key=dg.AssetKey("lettered"), check_name="outside", passed=False)
+        )
+        (record,) = instance.get_records_for_run(
+            "", of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ).records
+        key = f"check:runless-{record.storage_id}:lettered:outside:"
+        cursor = tick(build_alerts_sensor(), instance, pcbo_env, None).cursor
+        _catalog_sql(pcbo_env, "DELETE FROM alerts")
+        sensor = build_alerts_sensor(
+            rederive_every_seconds=0, rederive_batch_size=1, rederive_window_seconds=1
+        )
+        cursor = tick(sensor, instance, pcbo_env, cursor).cursor
+        assert _rows(pcbo_env) == {key: "pending"}
+        time.sleep(1.2)  # the check is older than the window now
+        runless_read: list[int] = []
+        read = instance.get_records_for_run
+
+        def counted(run_id, *args, **options):
+            result = read(run_id, *args, **options)
+            if run_id == "":
+                runless_read.append(len(result.records))
+            return result
+
+        monkeypatch.setattr(instance, "get_records_for_run", counted)
+        for _ in range(3):  # the pass under way ends; the next reads the old check once, skips it
+            cursor = tick(sensor, instance, pcbo_env, cursor).cursor
+        assert json.loads(cursor)["sweep"]["runlessFloor"] is not None
+        runless_read.clear()
+        for _ in range(3):
+            cursor = tick(sensor, instance, pcbo_env, cursor).cursor
+        assert runless_read and sum(runless_read) == 0
+
+
+@pytest.mark.parametrize(
+    "sweep",
+    [
+        {"started": 1e400},
+        {"started": 4102444800, "since": None},
+        {"started": 0, "since": "x"},
+        "garbage",
+        None,
+    ],
+    ids=["infinite", "future", "since-garbage", "not-an-object", "missing"],
+)
+def test_a_sweep_cursor_set_by_hand_still_re_derives(pcbo_env, monkeypatch, sweep):
+    """A sweep state that is none (set by hand, or a cursor from before the sweep) must not stop the
+    re-derivation for good: a pass starts at once and a deleted row comes back on the next tick."""
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    sensor = build_alerts_sensor()
+    with dg.instance_for_test() as instance:
+        boom = doomed.execute_in_process(instance=instance, raise_on_error=False)
+        cursor = json.loads(tick(sensor, instance, pcbo_env, None).cursor)
+        _catalog_sql(pcbo_env, "DELETE FROM alerts")
+        if sweep is None:
+            del cursor["sweep"]
+        else:
+            cursor["sweep"] = sweep
+        result = tick(sensor, instance, pcbo_env, json.dumps(cursor))
+        assert _rows(pcbo_env) == {f"run:{boom.run_id}": "pending"}
+        assert "1 of them re-derived from the event log" in result.skip_reason.skip_message

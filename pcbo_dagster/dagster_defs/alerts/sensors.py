@@ -26,18 +26,37 @@ of `PCBO_ALERT_WEBHOOK_URL` with retries (`alerts/webhook.py`); without that var
 only recorded. The sensor requests no runs: its tick says how many alerts were raised and delivered
 and why a delivery failed (no secret: the webhook is shown without userinfo or query).
 
+**Re-derived.** Someone who can write the catalog can delete an alert row, or alter it so its MAC no
+longer verifies, before it is delivered; the cursor has passed its run by then. The event log still
+holds the failure, so a second cursor, the sweep, re-reads the run ends and runless checks of the last
+`rederive_window_seconds` (default: the initial lookback, a day) with `collect_alerts` (the alerts are
+the same: same keys, same builders) and raises them with this tick's: an alert whose row is missing
+or does not verify is raised again (over the spoiled row: a finding) and delivered; one with a genuine
+row (pending, delivered or failed) is not raised again, and a delivered one is never sent again. Each
+tick the sweep reads at most `rederive_batch_size` run ends of each type (50) and as many runless
+checks, from the oldest of the window to the newest (a pass); a pass starts `rederive_every_seconds`
+(300) after the last one started, and not on a tick whose cursor is still catching up. Runless checks
+are read from the sweep's `runlessFloor`: a whole batch of them older than the window moves it past
+them, so a pass does not read the instance's runless history again. The tick names the alerts raised
+again ("N of them re-derived from the event log"). A row deleted after its run end has left the window
+is not raised again.
+
 The cursor is JSON: `{"since": <first tick's start, epoch seconds>, "runEnds": {<event type>:
-<last storage id read>}, "runless": <the runless event log cursor>}`. Without a cursor (the first
-tick) only the last `initial_lookback_seconds` are read, so turning the sensor on does not replay the
-instance's whole history. A lost cursor re-reads that window, as does one set by hand that is none
-(a `since` in the future or not a number; a runless cursor that is no event log cursor reads the
-runless checks from the start); alerts already raised are not raised again.
+<last storage id read>}, "runless": <the runless event log cursor>, "sweep": {"started": <the last
+pass's start>, "since": <its window's start, or null between passes>, "runEnds": ..., "runless": ...,
+"runlessFloor": ...}}`. Without a cursor (the first tick) only the last `initial_lookback_seconds` are
+read, so turning the sensor on does not replay the instance's whole history (the sweep's first pass
+waits `rederive_every_seconds`). A lost cursor re-reads that window, as does one set by hand that is
+none (a `since` in the future or not a number; a runless cursor that is no event log cursor reads the
+runless checks from the start); alerts already raised are not raised again. A sweep that is none (a
+cursor from before it, a `started` in the future) starts a pass at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -207,7 +226,8 @@ def _parse_cursor(text: str | None, now: float, lookback: float) -> dict[str, An
     `since` that is not a moment between the epoch and `now` (in the future, infinite, NaN: set by
     hand) is `now - lookback`: it kept every tick from raising anything (or failed every tick) for
     good."""
-    fresh = {"since": now - lookback, "runEnds": {}, "runless": None}
+    # No cursor: this tick reads the window itself, so the sweep's first pass waits its turn.
+    fresh = {"since": now - lookback, "runEnds": {}, "runless": None, "sweep": _idle_sweep(now, None)}
     if not text:
         return fresh
     try:
@@ -217,14 +237,54 @@ def _parse_cursor(text: str | None, now: float, lookback: float) -> dict[str, An
     if not isinstance(data, dict) or not isinstance(data.get("runEnds"), dict):
         return fresh
     since: Any = data.get("since")
-    if isinstance(since, bool) or not isinstance(since, int | float) or not 0 <= since <= now:
+    if not _moment(since, now):
         since = now - lookback  # (a NaN compares false: it is replaced too)
     return {
         "since": float(since),
-        "runEnds": {
-            k: v for k, v in data["runEnds"].items() if isinstance(v, int) and not isinstance(v, bool)
-        },
+        "runEnds": _storage_ids(data["runEnds"]),
         "runless": data.get("runless") if isinstance(data.get("runless"), str) else None,
+        "sweep": _parse_sweep(data.get("sweep"), now),
+    }
+
+
+def _moment(value: Any, now: float) -> bool:
+    """Whether `value` is a moment between the epoch and `now` (epoch seconds)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0 <= value <= now
+
+
+def _storage_ids(ends: Mapping[str, Any]) -> dict[str, int]:
+    return {k: v for k, v in ends.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _idle_sweep(started: float, runless_floor: str | None) -> dict[str, Any]:
+    """The re-derivation sweep between passes: the last one started at `started`; the next reads the
+    runless checks from `runless_floor` (all before it are older than any window to come)."""
+    return {
+        "started": started,
+        "since": None,
+        "runEnds": {},
+        "runless": runless_floor,
+        "runlessFloor": runless_floor,
+    }
+
+
+def _parse_sweep(data: Any, now: float) -> dict[str, Any]:
+    """The sweep of a cursor (`_sweep_step`). One that is none (a cursor from before the sweep, or set
+    by hand) starts a pass at once; a pass whose window start is none starts again."""
+    if not isinstance(data, dict) or not _moment(data.get("started"), now):
+        return _idle_sweep(0.0, None)
+    floor = data.get("runlessFloor") if isinstance(data.get("runlessFloor"), str) else None
+    since = data.get("since")
+    if since is None:
+        return _idle_sweep(float(data["started"]), floor)
+    if not _moment(since, now) or not isinstance(data.get("runEnds"), dict):
+        return _idle_sweep(0.0, floor)
+    return {
+        "started": float(data["started"]),
+        "since": float(since),
+        "runEnds": _storage_ids(data["runEnds"]),
+        "runless": data.get("runless") if isinstance(data.get("runless"), str) else floor,
+        "runlessFloor": floor,
     }
 
 
@@ -278,19 +338,60 @@ def collect_alerts(
         runless = _runless_checks(instance, cursor["runless"], batch_size)
     except (ValueError, KeyError, TypeError):  # a runless cursor set by hand that is none
         cursor = {**cursor, "runless": None}
+        if "runlessFloor" in cursor:
+            cursor["runlessFloor"] = None
         runless = _runless_checks(instance, None, batch_size)
     more = more or runless.has_more
+    older = 0  # runless checks read that are older than `since`
     for record in runless.records:
         if record.event_log_entry.timestamp >= cursor["since"]:
             alert = check_alert(record, RUNLESS_RUN_ID)
             if alert is not None:
                 alerts.append(alert)
+        else:
+            older += 1
     next_cursor = {
         "since": cursor["since"],
         "runEnds": ends,
         "runless": runless.cursor if runless.records else cursor["runless"],
     }
+    if "runlessFloor" in cursor:  # the sweep's (`_sweep_step`)
+        floor = cursor["runlessFloor"]
+        if floor == cursor["runless"] and runless.records and older == len(runless.records):
+            floor = runless.cursor  # a whole batch older than the window: never read again
+        next_cursor["runlessFloor"] = floor
     return alerts, next_cursor, more
+
+
+def _sweep_step(
+    instance: dg.DagsterInstance,
+    sweep: dict[str, Any],
+    *,
+    now: float,
+    window: float,
+    every: float,
+    batch_size: int,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One tick of the re-derivation sweep: the alerts of the next `batch_size` run ends (of each
+    type) and runless checks of the window `collect_alerts` derives (the sweep is a second cursor of
+    the same shape, plus `started` and `runlessFloor`), and the sweep's next state. A pass reads the
+    run ends of the last `window` seconds from the oldest; when it reaches the newest it ends, and the
+    next starts `every` seconds after it started."""
+    if sweep["since"] is None:
+        if now < sweep["started"] + every:
+            return [], sweep
+        floor = sweep["runlessFloor"]
+        sweep = {
+            "started": now,
+            "since": now - window,
+            "runEnds": {},
+            "runless": floor,
+            "runlessFloor": floor,
+        }
+    alerts, after, more = collect_alerts(instance, sweep, batch_size)
+    if not more:
+        return alerts, _idle_sweep(sweep["started"], after["runlessFloor"])
+    return alerts, {**after, "started": sweep["started"]}
 
 
 def _runless_checks(instance: dg.DagsterInstance, after: str | None, batch_size: int) -> Any:
@@ -316,11 +417,22 @@ def alert_store(pcbo: PcboEngineResource) -> Iterator[RolloutStore]:
         catalog.close()
 
 
-def _summary(alerts: list[dict[str, Any]], report: dict[str, Any] | None, webhook_note: str | None) -> str:
+def _summary(
+    alerts: list[dict[str, Any]],
+    report: dict[str, Any] | None,
+    webhook_note: str | None,
+    rederived: set[str],
+) -> str:
     raised = set(report["raised"]) if report else set()
     checks = sum(1 for a in alerts if a["alert_key"] in raised and a["kind"] == "asset_check_failed")
     runs = sum(1 for a in alerts if a["alert_key"] in raised and a["kind"] == "run_failed")
     parts = [f"raised {len(raised)} alert(s) ({checks} failed check(s), {runs} failed run(s))"]
+    again = len(raised & rederived)
+    if again:
+        parts.append(
+            f"{again} of them re-derived from the event log (read before: the row was missing or did "
+            "not verify, deleted or altered in the catalog?)"
+        )
     delivery = report["delivery"] if report else None
     if report and report["findings"]:
         parts.append(
@@ -356,12 +468,24 @@ def build_alerts_sensor(
     delivery_initial_wait: float = 0.5,
     delivery_timeout: float = 5.0,
     delivery_budget_seconds: float = 30.0,
+    rederive_window_seconds: float | None = None,
+    rederive_batch_size: int = 50,
+    rederive_every_seconds: float = 300.0,
 ) -> dg.SensorDefinition:
     """The `pcbo_alerts` sensor (uses the `pcbo` resource; reads the webhook from the environment at
     each tick). The delivery options bound a tick's time against a down webhook (Dagster gives a
-    sensor tick 60 s)."""
+    sensor tick 60 s). The re-derivation sweep (module doc) reads the last `rederive_window_seconds`
+    (default: `initial_lookback_seconds`), at most `rederive_batch_size` run ends of each type a
+    tick, a pass starting `rederive_every_seconds` after the last one started."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if rederive_batch_size < 1:
+        raise ValueError("rederive_batch_size must be >= 1")
+    window = initial_lookback_seconds if rederive_window_seconds is None else rederive_window_seconds
+    if not math.isfinite(window) or window < 0:
+        raise ValueError("rederive_window_seconds must be a finite number >= 0")
+    if not math.isfinite(rederive_every_seconds) or rederive_every_seconds < 0:
+        raise ValueError("rederive_every_seconds must be a finite number >= 0")
 
     @dg.sensor(
         name=SENSOR_NAME,
@@ -373,8 +497,24 @@ def build_alerts_sensor(
         ),
     )
     def pcbo_alerts(context: dg.SensorEvaluationContext, pcbo: PcboEngineResource) -> dg.SensorResult:
-        cursor = _parse_cursor(context.cursor, time.time(), initial_lookback_seconds)
+        now = time.time()
+        cursor = _parse_cursor(context.cursor, now, initial_lookback_seconds)
         alerts, next_cursor, more = collect_alerts(context.instance, cursor, batch_size)
+        sweep: dict[str, Any] = cursor["sweep"]
+        rederived: list[dict[str, Any]] = []
+        if not more:  # the sweep waits while the cursor catches up (the tick is busy enough)
+            rederived, sweep = _sweep_step(
+                context.instance,
+                sweep,
+                now=now,
+                window=window,
+                every=rederive_every_seconds,
+                batch_size=rederive_batch_size,
+            )
+        next_cursor["sweep"] = sweep
+        known = {alert["alert_key"] for alert in alerts}
+        rederived = [alert for alert in rederived if alert["alert_key"] not in known]
+        alerts += rederived
         webhook_note: str | None = None
         webhook: AlertWebhook | None = None
         try:
@@ -399,7 +539,7 @@ def build_alerts_sensor(
                 context.log.warning(
                     f"FINDING: alert row {finding['alertId']} ({finding['alertKey']}): {finding['finding']}"
                 )
-        summary = _summary(alerts, report, webhook_note)
+        summary = _summary(alerts, report, webhook_note, {alert["alert_key"] for alert in rederived})
         if more:
             summary += "; more run ends to read next tick"
         delivery = report["delivery"] if report else None
