@@ -1373,3 +1373,35 @@ def test_a_sweep_cursor_set_by_hand_still_re_derives(pcbo_env, monkeypatch, swee
         result = tick(sensor, instance, pcbo_env, json.dumps(cursor))
         assert _rows(pcbo_env) == {f"run:{boom.run_id}": "pending"}
         assert "1 of them re-derived from the event log" in result.skip_reason.skip_message
+
+
+def test_the_sweep_waits_while_the_cursor_catches_up(pcbo_env, monkeypatch):
+    """A tick whose cursor has more run ends to read is busy enough: the sweep does not add its batch
+    (it would read ahead of the cursor, the same run ends twice)."""
+    monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
+    with dg.instance_for_test() as instance:
+        for _ in range(3):
+            doomed.execute_in_process(instance=instance, raise_on_error=False)
+        sensor = build_alerts_sensor(batch_size=1, rederive_every_seconds=0)
+        first = tick(sensor, instance, pcbo_env, None)
+        assert (
+            len(_rows(pcbo_env)) == 1 and "more run ends to read next tick" in first.skip_reason.skip_message
+        )
+        assert json.loads(first.cursor)["sweep"]["since"] is None  # no pass under way
+        tick(sensor, instance, pcbo_env, first.cursor)
+        assert len(_rows(pcbo_env)) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("rederive_batch_size", 0),
+        ("rederive_window_seconds", -1.0),
+        ("rederive_window_seconds", float("inf")),
+        ("rederive_every_seconds", float("nan")),
+        ("rederive_every_seconds", -5.0),
+    ],
+)
+def test_a_re_derivation_option_that_is_none_is_refused_by_name(option, value):
+    with pytest.raises(ValueError, match=f"^{option} must be"):
+        build_alerts_sensor(**{option: value})
