@@ -78,6 +78,9 @@ def test_each_way_through_the_shortcut_gives_the_exact_values() -> None:
         "year 0000": common + ["0000-01-01T00:00:00Z"],
         "a space for the T": common + ["2024-01-01 00:00:00Z"],
         "none common": ["2024-03-01T10:11:12+01:00"] * 70,
+        "none common, repeated (each parsed once)": ["2024-03-01T10:11:12+01:00", "2024-03-01T10:11:12Y"]
+        * 800,
+        "common and a date that does not exist, repeated": [*common, "2023-02-29T00:00:00Z"] * 30,
     }
     for name, values in cases.items():
         shortcut, exact = _both(values)

@@ -39,34 +39,38 @@ _MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z
 
 def parse_instants(values: pa.Array) -> pa.Array:
     """Parse a string array; returns int64 microseconds since the epoch, null where not a valid instant."""
-    values = values.cast(pa.string())
-    if len(values) > 1024:
-        encoded = pc.dictionary_encode(values)
-        if len(encoded.dictionary) * 2 < len(values):  # many repeats (e.g. retention dates): parse once
-            return pc.take(_parse(encoded.dictionary), encoded.indices)
-    return _parse(values)
+    return _parse(values.cast(pa.string()))
 
 
 def _parse(values: pa.Array) -> pa.Array:
     """`_parse_exactly(values)`, with the common shape parsed by Arrow's cast (module doc)."""
     if len(values) < _SHORTCUT_FROM or not isinstance(values, pa.Array):
-        return _parse_exactly(values)
+        return _parse_each_once(values)
     common = pc.fill_null(pc.match_substring_regex(values, _COMMON_SHAPE), False)
     count = pc.sum(common).as_py() or 0
     if count == 0:
-        return _parse_exactly(values)
+        return _parse_each_once(values)
     picked = values if count == len(values) else values.filter(common)
     try:
         micros = pc.cast(picked, _UTC_MICROS).view(pa.int64())
     except pa.ArrowInvalid:  # a date or time that does not exist among them (2023-02-29, 24:00:00)
-        return _parse_exactly(values)
+        return _parse_each_once(values)
     # Arrow reads year 0000, which is no instant here (the rest of the shape is within range).
     micros = pc.if_else(pc.greater_equal(micros, _MIN_US), micros, pa.scalar(None, pa.int64()))
     if count == len(values):
         return micros
     others = pc.invert(common)
     merged = pc.replace_with_mask(pa.nulls(len(values), pa.int64()), common, micros)
-    return pc.replace_with_mask(merged, others, _parse_exactly(values.filter(others)))
+    return pc.replace_with_mask(merged, others, _parse_each_once(values.filter(others)))
+
+
+def _parse_each_once(values: pa.Array) -> pa.Array:
+    """`_parse_exactly(values)`, each distinct value parsed once when many repeat (retention dates)."""
+    if len(values) > 1024:
+        encoded = pc.dictionary_encode(values)
+        if len(encoded.dictionary) * 2 < len(values):
+            return pc.take(_parse_exactly(encoded.dictionary), encoded.indices)
+    return _parse_exactly(values)
 
 
 def _parse_exactly(values: pa.Array) -> pa.Array:
