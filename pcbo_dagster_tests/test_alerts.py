@@ -1107,6 +1107,15 @@ def test_a_forged_delivered_row_under_an_upcoming_key_does_not_stop_the_real_ale
     assert len(receiver.requests) == 1
 
 
+def _report_runless_failed_check(instance: dg.DagsterInstance) -> str:
+    """Report a failed check outside any run (`lettered`, `outside`); the key of its alert."""
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(asset_key=dg.AssetKey("lettered"), check_name="outside", passed=False)
+    )
+    (record,) = instance.get_records_for_run("", of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+    return f"check:runless-{record.storage_id}:lettered:outside:"
+
+
 def test_sensor_raises_a_runless_check_alert_whose_key_was_taken_by_a_forged_row(
     pcbo_env, receiver, monkeypatch
 ):
@@ -1118,13 +1127,7 @@ def test_sensor_raises_a_runless_check_alert_whose_key_was_taken_by_a_forged_row
     monkeypatch.setenv(WEBHOOK_URL_ENV, receiver.url)
     sensor = build_alerts_sensor(delivery_initial_wait=0.01)
     with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(
-            dg.AssetCheckEvaluation(asset_key=dg.AssetKey("lettered"), check_name="outside", passed=False)
-        )
-        (record,) = instance.get_records_for_run(
-            "", of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
-        ).records
-        key = f"check:runless-{record.storage_id}:lettered:outside:"
+        key = _report_runless_failed_check(instance)
         with alert_store(pcbo_env):
             pass  # the catalog, migrated
         with sqlite3.connect(Path(pcbo_env.home) / "catalog.db") as conn:
@@ -1312,13 +1315,7 @@ def test_a_runless_check_alert_row_deleted_is_raised_again_and_older_checks_are_
 
     monkeypatch.delenv(WEBHOOK_URL_ENV, raising=False)
     with dg.instance_for_test() as instance:
-        instance.report_runless_asset_event(
-            dg.AssetCheckEvaluation(asset_key=dg.AssetKey("lettered"), check_name="outside", passed=False)
-        )
-        (record,) = instance.get_records_for_run(
-            "", of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
-        ).records
-        key = f"check:runless-{record.storage_id}:lettered:outside:"
+        key = _report_runless_failed_check(instance)
         cursor = tick(build_alerts_sensor(), instance, pcbo_env, None).cursor
         _catalog_sql(pcbo_env, "DELETE FROM alerts")
         sensor = build_alerts_sensor(
