@@ -542,15 +542,20 @@ def test_an_invalid_step_timeout_is_invalid_input_naming_it(value):
     assert refused.value.field == "PCBO_CELERY_STEP_TIMEOUT"
 
 
-@pytest.mark.timeout(120)
-def test_range_runs_with_an_invalid_step_timeout_exits_2_naming_it(tmp_path, monkeypatch, capsys):
-    from pcbo_dagster.dagster_defs import range_runs
-
+def _celery_range_runs_env(tmp_path, monkeypatch) -> None:
+    """`range_runs` with the celery executor, a home in `tmp_path` and a broker that is not there."""
     monkeypatch.setenv("PCBO_HOME", str(tmp_path))
     monkeypatch.delenv("PCBO_DATASETS_CONFIG", raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     monkeypatch.setenv("PCBO_EXECUTOR", "celery")
     monkeypatch.setenv("PCBO_CELERY_BROKER", "redis://127.0.0.1:1/0")
+
+
+@pytest.mark.timeout(120)
+def test_range_runs_with_an_invalid_step_timeout_exits_2_naming_it(tmp_path, monkeypatch, capsys):
+    from pcbo_dagster.dagster_defs import range_runs
+
+    _celery_range_runs_env(tmp_path, monkeypatch)
     monkeypatch.setenv("PCBO_CELERY_KEY", SHARED_KEY)
     monkeypatch.setenv("PCBO_CELERY_STEP_TIMEOUT", "forever")
     assert range_runs.main(["events"]) == 2
@@ -579,11 +584,7 @@ def test_the_celery_executor_refuses_to_start_without_a_shared_result_key(value)
 def test_range_runs_without_the_result_key_exits_2_naming_it(tmp_path, monkeypatch, capsys):
     from pcbo_dagster.dagster_defs import range_runs
 
-    monkeypatch.setenv("PCBO_HOME", str(tmp_path))
-    monkeypatch.delenv("PCBO_DATASETS_CONFIG", raising=False)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
-    monkeypatch.setenv("PCBO_EXECUTOR", "celery")
-    monkeypatch.setenv("PCBO_CELERY_BROKER", "redis://127.0.0.1:1/0")
+    _celery_range_runs_env(tmp_path, monkeypatch)
     monkeypatch.delenv("PCBO_CELERY_KEY", raising=False)
     assert range_runs.main(["events"]) == 2
     assert "invalid input: PCBO_CELERY_KEY:" in capsys.readouterr().err
