@@ -829,3 +829,54 @@ def test_rows_of_many_row_groups_are_gathered_into_a_batch_only_within_the_budge
     assert [r for records in batches for r in records] == [jsonable_row(row) for row in table.to_pylist()]
     largest = max(len(records) for records in batches)
     assert 1 < largest and largest * 10_000 <= 256 << 10, [len(records) for records in batches]
+
+
+def _rows_claimed(path: Path, group: int, rows: int) -> Path:
+    """`path` with row group `group`'s footer saying it holds `rows` rows (its pages as written)."""
+    return _edited(path, lambda footer, body: put(get(footer, 4)[1][group], 3, 6, rows))
+
+
+@pytest.mark.parametrize("rows", [15, 5, 0, -1, 1 << 20])
+def test_a_row_group_whose_footer_miscounts_its_rows_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: int
+) -> None:
+    """Red-team finding: a row group of 10 rows whose footer says it holds `rows`. Saying more (15),
+    Arrow decoded its 10 and pass 1 numbered the rows after them from where they were gathered, not
+    from the next row group's first row, so re-reading the records added (by position) ended in
+    Arrow's "Index 10 out of bounds", exit 1; saying
+    fewer, Arrow read that many and the others were silently dropped. A top-level column holds a
+    value a row: pages of 10 values are not a row group of `rows`, invalid input naming the source,
+    the row group and the column, nothing written."""
+    source = tmp_path / "rows.parquet"
+    table = pa.table({"id": [f"r{i}" for i in range(30)], "occurredAt": ["2024-01-01T00:10:00Z"] * 30})
+    pq.write_table(table, source, row_group_size=10)
+    _rows_claimed(source, 0, rows)
+    request = {**_REQUEST, "policies": {"onViolation": "omit", "requireConsent": False}}
+    write_request(tmp_path / "request.json", {**request, "source": {"uri": str(source)}})
+    home, out = tmp_path / "home", tmp_path / "out.json"
+    code = main(
+        ["execute", "--input", str(tmp_path / "request.json"), "--home", str(home), "--output", str(out)]
+    )
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    assert lake_files(home) == {} and not out.exists()
+    assert f"source: {source}: row group 0, column id: not a parquet column chunk" in stderr, stderr
+    assert f"its pages hold 10 values, its row group says {rows} rows" in stderr, stderr
+
+
+@pytest.mark.parametrize("data_page_version", ["1.0", "2.0"])
+def test_a_row_group_of_lists_whose_footer_says_more_rows_is_refused(
+    tmp_path: Path, data_page_version: str
+) -> None:
+    """The same finding for a file of list columns only, whose version 1 pages do not say
+    how many rows they hold: a row group of 10 rows said to hold 15 was read as its 10, the next row
+    group's rows numbered from the 11th, not the 16th, as if they were the first one's (re-read by
+    those positions: out of bounds). Its version 2 pages' repetition levels count its rows; a row
+    group read whole counts its rows decoded: fewer than its footer says is invalid input naming the
+    source and the row group."""
+    source = tmp_path / "lists.parquet"
+    table = pa.table({"tags": [[f"t{i}", "x"] for i in range(30)], "s": [[{"a": i}] for i in range(30)]})
+    pq.write_table(table, source, row_group_size=10, data_page_version=data_page_version)
+    _rows_claimed(source, 0, 15)
+    with pytest.raises(InvalidInput, match=f"^source: {source}: row group 0"):
+        list(streaming.ParquetSource(str(source), str(source)).batches(2048))

@@ -40,7 +40,9 @@ budget; one whose single rows need more is invalid input naming the column.
 The headers are read as a hostile file may write them: a chunk's byte range must lie in the file,
 a header must parse within `MAX_HEADER_BYTES` (Arrow's own limit), its lists and maps hold at most
 `MAX_CONTAINER_ELEMENTS` (Arrow's too), a page's bytes must lie within its chunk, and the pages'
-sizes may not add to more than the footer says the chunk holds; anything else is invalid input
+sizes may not add to more than the footer says the chunk holds, and its pages hold the rows its row
+group's footer says it does (`_check_rows`: Arrow silently stops at the fewer of them, and a record's
+position is its row group's first row, as the footers count them); anything else is invalid input
 naming `source`. So is a row group of more pages than their headers, kept while its batches are
 planned (`PAGE_RECORD_BYTES` each, one row group's at a time), may take within the budget: a
 million empty pages are 11 MB of file, and a data page written with a dictionary before its chunk's
@@ -720,6 +722,23 @@ def _count_rows_of_v2_pages(held: HeldBytes, pages: list[Page], max_repetition_l
         page.continues_a_row = page.values > 0 and not first_is_zero
 
 
+def _check_rows(pages: list[Page], repeated: bool, rows: int) -> None:
+    """The rows a column chunk's `pages` hold are the rows its row group's footer says it holds, where
+    the pages tell: a value a row in a column with no repeated level, the rows their repetition levels
+    begin in version 2 pages of one that has (version 1 pages do not tell). Arrow reads as many rows
+    as the footer says and stops early, silently, where the pages hold fewer: a row group of other
+    rows than its footer's is not one (its rows' positions are its footer's)."""
+    data = [p for p in pages if p.kind in (_DATA_PAGE, _DATA_PAGE_V2)]
+    if not repeated:
+        held = sum(p.values for p in data)
+        if held != rows:
+            raise _Malformed(f"its pages hold {held} values, its row group says {rows} rows")
+    elif data and all(p.kind == _DATA_PAGE_V2 for p in data):
+        held = sum(p.rows or 0 for p in data)
+        if held != rows:
+            raise _Malformed(f"its pages' repetition levels begin {held} rows, its row group says {rows}")
+
+
 def _value_width(column: pq.ColumnSchema, arrow_type: pa.DataType | None) -> tuple[int | None, int]:
     """(bytes a value of the leaf column takes at most, when of a fixed width, else None; bytes a
     value takes besides). A top-level column of a fixed-width Arrow type: that width, and its
@@ -786,6 +805,7 @@ def row_group_pages(
             pages = _chunk_pages(held, start, end, chunk, kept_at_most - sum(len(c.pages) for c in read))
             if column.max_repetition_level > 0:
                 _count_rows_of_v2_pages(held, pages, column.max_repetition_level)
+            _check_rows(pages, column.max_repetition_level > 0, row_group.num_rows)
             width, overhead = _value_width(column, arrow_types.get(path))
             pages_of = ColumnPages(
                 path,

@@ -957,20 +957,39 @@ class _ParquetFile(pq.ParquetFile):
         self, group: int, rows: int, shown: str, columns: list[str] | None = None
     ) -> Iterator[pa.RecordBatch]:
         """Row group `group` (its top-level `columns`, or all) decoded in batches of `rows` rows, from
-        the bytes its pages were read from (`pages`, called first)."""
+        the bytes its pages were read from (`pages`, called first); all of them: as many rows as its
+        footer says (`_all_rows`)."""
         batches = self.iter_batches(batch_size=rows, row_groups=[group], columns=columns, use_threads=False)
+        decoded = 0
         while True:
             with self._decoding(group, rows, shown, columns):
                 batch = next(batches, None)
             if batch is None:
+                self._all_rows(group, decoded, shown)
                 return
+            decoded += batch.num_rows
             yield batch
 
     def decoded_group(self, group: int, shown: str, columns: list[str] | None = None) -> pa.Table:
         """Row group `group` (its top-level `columns`, or all) decoded whole, from the bytes its pages
-        were read from (`pages`, called first)."""
+        were read from (`pages`, called first): as many rows as its footer says (`_all_rows`)."""
         with self._decoding(group, self.metadata.row_group(group).num_rows, shown, columns):
-            return self.read_row_group(group, columns=columns, use_threads=False)
+            table = self.read_row_group(group, columns=columns, use_threads=False)
+        self._all_rows(group, table.num_rows, shown)
+        return table
+
+    def _all_rows(self, group: int, decoded: int, shown: str) -> None:
+        """Row group `group` decoded to `decoded` rows is its footer's count of them (a record's position
+        is its row group's first row, as the footers count them, and its row in the group), else
+        invalid input naming `source`: Arrow stops early, silently, where the pages hold fewer rows
+        (of a list or a map in version 1 pages, which do not say: `parquet_pages._check_rows`)."""
+        said = self.metadata.row_group(group).num_rows
+        if decoded != said:
+            raise InvalidInput(
+                "source",
+                f"{redact_url(shown)}: row group {group}: not a readable parquet row group: its pages hold "
+                f"{decoded} rows, its footer says {said}",
+            )
 
     def _decoding(
         self, group: int, rows: int, shown: str, columns: list[str] | None
