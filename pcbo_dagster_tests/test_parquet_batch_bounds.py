@@ -880,3 +880,39 @@ def test_a_row_group_of_lists_whose_footer_says_more_rows_is_refused(
     _rows_claimed(source, 0, 15)
     with pytest.raises(InvalidInput, match=f"^source: {source}: row group 0"):
         list(streaming.ParquetSource(str(source), str(source)).batches(2048))
+
+
+def test_a_list_column_written_with_an_empty_page_is_read(tmp_path: Path) -> None:
+    """Red-team finding: pyarrow writing pages of one value (data_page_size=1) ends a list column's
+    chunk with a data page of no values before its last page, which Arrow reads on past; the file was
+    refused ("a data page of no values"), a valid file. Its records are Arrow's, re-read by position
+    too. (An empty page before any of a chunk's data, where Arrow's column ends, is still refused.)"""
+    source = tmp_path / "pages.parquet"
+    rows = 300
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": ["2024-01-01T00:10:00Z"] * rows,
+            "tags": [[f"t{i % 5}", None, "x"] if i % 3 else None for i in range(rows)],
+        }
+    )
+    pq.write_table(table, source, data_page_size=1, write_batch_size=1, row_group_size=100)
+    expected = [jsonable_row(row) for row in pq.read_table(source).to_pylist()]
+    assert expected == [jsonable_row(row) for row in table.to_pylist()]
+    parquet = streaming.ParquetSource(str(source), str(source))
+    assert [r for records, _, _ in parquet.batches(64) for r in records] == expected
+    assert parquet.fetch(np.arange(rows)[::-7]) == expected[::-7]
+
+
+def test_an_empty_page_before_a_list_column_s_values_is_still_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A guard: a data page of no values before the first values of a list column's chunk (where
+    Arrow's reading of the column ends) is refused as before, naming the source and the column."""
+    source = tmp_path / "lists.parquet"
+    table = pa.table(
+        {"id": ["a", "b"], "occurredAt": ["2024-01-01T00:10:00Z"] * 2, "tags": [["x"], ["y", "z"]]}
+    )
+    pq.write_table(table, source, use_dictionary=False)
+    stderr = _refused(tmp_path, with_empty_pages(source, 1), capsys)
+    assert "row group 0, column tags.list.element" in stderr and "a data page of no values" in stderr

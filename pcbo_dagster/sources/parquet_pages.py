@@ -617,11 +617,19 @@ def _chunk_range(chunk: pq.ColumnChunkMetaData, file_size: int) -> tuple[int, in
 
 
 def _chunk_pages(
-    held: HeldBytes, start: int, end: int, chunk: pq.ColumnChunkMetaData, kept_at_most: int
+    held: HeldBytes,
+    start: int,
+    end: int,
+    chunk: pq.ColumnChunkMetaData,
+    kept_at_most: int,
+    repeated: bool,
 ) -> list[Page]:
-    """The pages of a column chunk (its bytes [start, end): `_chunk_range`), as Arrow reads them: until
-    its footer's count of values is reached. More than `kept_at_most` pages: `_TooManyPages`, read no
-    further."""
+    """The pages of a column chunk (its bytes [start, end): `_chunk_range`; `repeated`: of a column
+    under a list or a map), as Arrow reads them: until its footer's count of values is reached. More
+    than `kept_at_most` pages: `_TooManyPages`, read no further. A data page of no values ends Arrow's
+    reading of a column with no repeated level, and of any column before its first values: invalid;
+    Arrow reads on past one in a list's chunk (pyarrow writes one before the last page of a list's
+    chunk when its pages hold a value each)."""
     pages: list[Page] = []
     at, seen = start, 0
     while seen < chunk.num_values:
@@ -651,7 +659,7 @@ def _chunk_pages(
                 f"a data page at byte {at} written with a dictionary before any dictionary page"
             )
         if page.kind in (_DATA_PAGE, _DATA_PAGE_V2):
-            if not page.values:
+            if not page.values and (not repeated or not seen):
                 raise _Malformed(f"a data page of no values at byte {at} (Arrow ends the column there)")
             seen += page.values
         if page.kind != _INDEX_PAGE:
@@ -802,7 +810,8 @@ def row_group_pages(
     for column, chunk, (start, end) in chunks:
         path = column.path
         try:
-            pages = _chunk_pages(held, start, end, chunk, kept_at_most - sum(len(c.pages) for c in read))
+            kept = kept_at_most - sum(len(c.pages) for c in read)
+            pages = _chunk_pages(held, start, end, chunk, kept, column.max_repetition_level > 0)
             if column.max_repetition_level > 0:
                 _count_rows_of_v2_pages(held, pages, column.max_repetition_level)
             _check_rows(pages, column.max_repetition_level > 0, row_group.num_rows)
