@@ -916,3 +916,35 @@ def test_an_empty_page_before_a_list_column_s_values_is_still_refused(
     pq.write_table(table, source, use_dictionary=False)
     stderr = _refused(tmp_path, with_empty_pages(source, 1), capsys)
     assert "row group 0, column tags.list.element" in stderr and "a data page of no values" in stderr
+
+
+@pytest.mark.parametrize("chunks", [2, 5])
+def test_a_row_group_of_other_columns_than_the_schema_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], chunks: int
+) -> None:
+    """Red-team finding: a row group whose footer lists 2 (or 5) column chunks where the schema has
+    4 columns ended the run in pyarrow's "IndexError: 2 out of bounds" (the footer's encodings
+    read at open; "4 out of bounds", the pages' scan), exit 1 as an internal error. Invalid input
+    naming `source.uri`, the file and the row group, nothing written."""
+    source = tmp_path / "columns.parquet"
+    rows = 30
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": ["2024-01-01T00:10:00Z"] * rows,
+            "amount": pa.array(range(rows), pa.int64()),
+            "tags": [[f"t{i}"] for i in range(rows)],
+        }
+    )
+    pq.write_table(table, source, row_group_size=10)
+
+    def listed(footer: Any, body: bytearray) -> None:
+        kind, columns = get(get(footer, 4)[1][1], 1)
+        put(get(footer, 4)[1][1], 1, 9, (kind, (columns + columns)[:chunks]))
+
+    _edited(source, listed)
+    stderr = _refused(tmp_path, source, capsys)
+    assert (
+        f"source.uri: {source}: not a readable parquet file: row group 1 has {chunks} column chunks" in stderr
+    )
+    assert "its schema 4 columns" in stderr, stderr

@@ -1064,12 +1064,20 @@ def _parquet_file(fh: IO[bytes], shown: str) -> _ParquetFile:
         return InvalidInput("source.uri", f"{redact_url(shown)}: not a readable parquet file: {said}")
 
     with decoding_held_bytes(refused):
-        return _opened_parquet_file(held)
+        return _opened_parquet_file(held, refused)
 
 
-def _opened_parquet_file(held: HeldBytes) -> _ParquetFile:
+def _opened_parquet_file(held: HeldBytes, refused: Callable[[str], InvalidInput]) -> _ParquetFile:
+    """The file Arrow opens from `held`; a row group listing other column chunks than its schema's
+    columns (which Arrow opens, and pyarrow indexes out of bounds reading) is `refused`."""
     pf = pq.ParquetFile(held)
     metadata = pf.metadata
+    for g in range(metadata.num_row_groups):
+        chunks = metadata.row_group(g).num_columns
+        if chunks != metadata.num_columns:
+            raise refused(
+                f"row group {g} has {chunks} column chunks, its schema {metadata.num_columns} columns"
+            )
     delta = {
         metadata.schema.column(j).path
         for g in range(metadata.num_row_groups)
