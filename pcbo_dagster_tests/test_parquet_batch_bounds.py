@@ -948,3 +948,38 @@ def test_a_row_group_of_other_columns_than_the_schema_is_refused(
         f"source.uri: {source}: not a readable parquet file: row group 1 has {chunks} column chunks" in stderr
     )
     assert "its schema 4 columns" in stderr, stderr
+
+
+def test_view_columns_are_read_and_re_read_as_the_types_they_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: pyarrow writes string_view and binary_view columns (its schema stored in the
+    file says so), and reads them back as such; pass 1 read them, but re-reading a record by position
+    took rows of them (`take`), for which Arrow has no kernel: `pcbo execute` ended in "internal error
+    (ArrowNotImplementedError: Function 'array_take' has no kernel matching input types (string_view,
+    int64))", exit 1. They are read as string and binary (a list_view, which Arrow
+    takes rows of, and whose cast to a list makes an invalid array, is kept): the same records,
+    re-read too (also row groups read, and re-read, a batch at a time within a small budget)."""
+    source = tmp_path / "views.parquet"
+    rows = 300
+    table = pa.table(
+        {
+            "id": pa.array([f"r{i}" for i in range(rows)], pa.string_view()),
+            "occurredAt": pa.array(["2024-01-01T00:10:00Z"] * rows, pa.string_view()),
+            "blob": pa.array([bytes([i % 256]) * (i % 7) for i in range(rows)], pa.binary_view()),
+            "notes": pa.array([{"n": [f"n{i}"]} for i in range(rows)]),
+            "tags": pa.ListViewArray.from_arrays(
+                pa.array(range(rows), pa.int32()), pa.array([1] * rows, pa.int32()), pa.array(range(rows))
+            ),
+        }
+    )
+    pq.write_table(table, source, row_group_size=100, use_dictionary=["occurredAt"])
+    assert pq.ParquetFile(source).schema_arrow.field("id").type == pa.string_view()
+    expected = [jsonable_row(row) for row in table.to_pylist()]
+    parquet = streaming.ParquetSource(str(source), str(source))
+    assert [r for records, _, _ in parquet.batches(64) for r in records] == expected
+    assert parquet.fetch(np.arange(rows)[::-7]) == expected[::-7]
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", str(8 << 10))  # (row groups read in batches)
+    small = streaming.ParquetSource(str(source), str(source))
+    assert [r for records, _, _ in small.batches(64) for r in records] == expected
+    assert small.fetch(np.arange(rows)[::-7]) == expected[::-7]

@@ -28,7 +28,7 @@ import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -921,6 +921,40 @@ def _to_microseconds(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunke
 PYTHON_BATCH_BYTES = 64 << 20
 
 
+_Rows = TypeVar("_Rows", pa.RecordBatch, pa.Table)
+
+
+def _without_views(kind: pa.DataType) -> pa.DataType:
+    """`kind` with its text and binary view types (string_view, binary_view, which pyarrow writes and
+    reads back, and for which Arrow has no `take`: a record re-read by position) as the types they
+    view."""
+    if pa.types.is_string_view(kind):
+        return pa.string()
+    if pa.types.is_binary_view(kind):
+        return pa.binary()
+    if pa.types.is_dictionary(kind):
+        return pa.dictionary(kind.index_type, _without_views(kind.value_type), kind.ordered)
+    if pa.types.is_struct(kind):
+        return pa.struct([_field_without_views(kind.field(i)) for i in range(kind.num_fields)])
+    if pa.types.is_map(kind):
+        return pa.map_(_field_without_views(kind.key_field), _field_without_views(kind.item_field))
+    if pa.types.is_list(kind):
+        return pa.list_(_field_without_views(kind.value_field))
+    if pa.types.is_large_list(kind):
+        return pa.large_list(_field_without_views(kind.value_field))
+    if pa.types.is_list_view(kind):  # (Arrow takes rows of these; its cast of them to lists is invalid)
+        return pa.list_view(_field_without_views(kind.value_field))
+    if pa.types.is_large_list_view(kind):
+        return pa.large_list_view(_field_without_views(kind.value_field))
+    if pa.types.is_fixed_size_list(kind):
+        return pa.list_(_field_without_views(kind.value_field), kind.list_size)
+    return kind
+
+
+def _field_without_views(field: pa.Field) -> pa.Field:
+    return field.with_type(_without_views(field.type))
+
+
 def _binary_like(kind: pa.DataType) -> bool:
     return bool(
         pa.types.is_string(kind)
@@ -939,12 +973,29 @@ class _ParquetFile(pq.ParquetFile):
     def __init__(self, held: HeldBytes, metadata: pq.FileMetaData, read_dictionary: list[str]) -> None:
         super().__init__(held, metadata=metadata, read_dictionary=read_dictionary or None)
         self.held = held
+        read = super().schema_arrow
+        self._schema_arrow = pa.schema(
+            [f.with_type(_without_views(f.type)) for f in read], metadata=read.metadata
+        )
+        self._views = self._schema_arrow != read
         self._read_dictionary = frozenset(read_dictionary)
         # (those asked for, and those the file's Arrow schema says were written as dictionaries)
         self.dictionary_columns = frozenset(
             f.name for f in self.schema_arrow if pa.types.is_dictionary(f.type)
         )
         self._dense: dict[frozenset[str], _ParquetFile] = {}
+
+    @property
+    def schema_arrow(self) -> pa.Schema:
+        """The Arrow schema of the rows it reads (`_viewed`): Arrow's, but text and binary view types as
+        the types they view (`_without_views`)."""
+        return self._schema_arrow
+
+    def _viewed(self, rows: _Rows) -> _Rows:
+        """`rows` Arrow decoded, their view types cast to the types they view (`schema_arrow`)."""
+        if not self._views:
+            return rows
+        return rows.cast(pa.schema([self._schema_arrow.field(name) for name in rows.schema.names]))
 
     def pages(self, group: int, shown: str, columns: list[str] | None = None) -> RowGroupPages:
         """What row group `group`'s pages (of `columns`, or all) declare they decode to, its column chunks
@@ -968,7 +1019,7 @@ class _ParquetFile(pq.ParquetFile):
                 self._all_rows(group, decoded, shown)
                 return
             decoded += batch.num_rows
-            yield batch
+            yield self._viewed(batch)
 
     def decoded_group(self, group: int, shown: str, columns: list[str] | None = None) -> pa.Table:
         """Row group `group` (its top-level `columns`, or all) decoded whole, from the bytes its pages
@@ -976,7 +1027,7 @@ class _ParquetFile(pq.ParquetFile):
         with self._decoding(group, self.metadata.row_group(group).num_rows, shown, columns):
             table = self.read_row_group(group, columns=columns, use_threads=False)
         self._all_rows(group, table.num_rows, shown)
-        return table
+        return self._viewed(table)
 
     def _all_rows(self, group: int, decoded: int, shown: str) -> None:
         """Row group `group` decoded to `decoded` rows is its footer's count of them (a record's position
