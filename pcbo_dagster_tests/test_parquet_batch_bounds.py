@@ -983,3 +983,30 @@ def test_view_columns_are_read_and_re_read_as_the_types_they_view(
     small = streaming.ParquetSource(str(source), str(source))
     assert [r for records, _, _ in small.batches(64) for r in records] == expected
     assert small.fetch(np.arange(rows)[::-7]) == expected[::-7]
+
+
+def test_a_row_group_of_lists_said_to_hold_more_rows_than_values_is_refused_before_it_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: a zone read (`prune_zones`) of a file whose time column is a list decodes that
+    column of each row group whole (`_column_bounds`), and Arrow reserves memory for as many rows as
+    the footer says before reading any: a row group of 10 rows said to hold 2**40 asked for 2 TiB
+    (`ArrowMemoryError`, exit 1, or as much memory as the host lends). Every row holds at least one
+    value (a level) of every column, so pages of fewer values than the rows are not the row group:
+    invalid input naming the source, the row group and the column, found by the pages' scan, before
+    Arrow decodes anything."""
+    source = tmp_path / "lists.parquet"
+    table = pa.table(
+        {"id": [[f"r{i}"] for i in range(30)], "occurredAt": [["2024-01-01T00:10:00Z"] for _ in range(30)]}
+    )
+    pq.write_table(table, source, row_group_size=10)
+    _rows_claimed(source, 0, 1 << 24)
+    decoded = _decoded_sizes(monkeypatch)
+    zoned = streaming.ParquetSource(str(source), str(source))
+    day = 1704067200 * 1_000_000  # 2024-01-01T00:00:00Z
+    with pytest.raises(
+        InvalidInput, match=f"^source: {source}: row group 0, column occurredAt.list.element: not a parquet"
+    ):
+        zoned.prune_zones(Window("occurredAt", False, day, day + 86_400_000_000))
+        list(zoned.batches(2048))
+    assert decoded == []

@@ -733,15 +733,18 @@ def _count_rows_of_v2_pages(held: HeldBytes, pages: list[Page], max_repetition_l
 def _check_rows(pages: list[Page], repeated: bool, rows: int) -> None:
     """The rows a column chunk's `pages` hold are the rows its row group's footer says it holds, where
     the pages tell: a value a row in a column with no repeated level, the rows their repetition levels
-    begin in version 2 pages of one that has (version 1 pages do not tell). Arrow reads as many rows
-    as the footer says and stops early, silently, where the pages hold fewer: a row group of other
-    rows than its footer's is not one (its rows' positions are its footer's)."""
+    begin in version 2 pages of one that has (version 1 pages do not tell: there, at most a row a
+    value, since every row holds a value, or a level, of every column). Arrow reads as many rows as
+    the footer says and stops early, silently, where the pages hold fewer: a row group of other rows
+    than its footer's is not one (its rows' positions are its footer's); and a row group read whole
+    has memory reserved for its footer's rows first."""
     data = [p for p in pages if p.kind in (_DATA_PAGE, _DATA_PAGE_V2)]
-    if not repeated:
-        held = sum(p.values for p in data)
-        if held != rows:
-            raise _Malformed(f"its pages hold {held} values, its row group says {rows} rows")
-    elif data and all(p.kind == _DATA_PAGE_V2 for p in data):
+    values = sum(p.values for p in data)
+    if not repeated and values != rows:
+        raise _Malformed(f"its pages hold {values} values, its row group says {rows} rows")
+    if values < rows:
+        raise _Malformed(f"its pages hold {values} values, fewer than its row group's {rows} rows")
+    if repeated and data and all(p.kind == _DATA_PAGE_V2 for p in data):
         held = sum(p.rows or 0 for p in data)
         if held != rows:
             raise _Malformed(f"its pages' repetition levels begin {held} rows, its row group says {rows}")
