@@ -361,3 +361,19 @@ def with_first_page_damaged(
     data[reader.at : reader.at + len(payload)] = payload
     path.write_bytes(bytes(data))
     return path
+
+
+def with_dictionary_values(path: Path, group: int, column: int, values: int) -> Path:
+    """`path` with a row group's column chunk's dictionary page header saying it holds `values` values
+    (its bytes, its header's length and every offset kept)."""
+    data = bytearray(path.read_bytes())
+    footer, _ = read_footer(bytes(data))
+    start = get(column_meta(footer, group, column), 11)
+    reader = _Reader(bytes(data), start)
+    header = reader.struct()
+    put(get(header, 7), 1, 5, values)
+    encoded = encode_struct(header)
+    assert len(encoded) == reader.at - start, "the header's length changed"
+    data[start : reader.at] = encoded
+    path.write_bytes(bytes(data))
+    return path

@@ -32,6 +32,7 @@ from pcbo_dagster_tests.parquet_forging import (
     put,
     read_footer,
     with_dictionary_page_moved,
+    with_dictionary_values,
     with_empty_pages,
     with_first_page_damaged,
     with_footer,
@@ -1010,3 +1011,26 @@ def test_a_row_group_of_lists_said_to_hold_more_rows_than_values_is_refused_befo
         zoned.prune_zones(Window("occurredAt", False, day, day + 86_400_000_000))
         list(zoned.batches(2048))
     assert decoded == []
+
+
+def test_a_dictionary_page_of_fewer_values_than_its_indices_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Red-team finding: a text column's dictionary page saying it holds 1 value where its data pages'
+    indices reach 29. Read as an Arrow dictionary (`_parquet_file`), Arrow does not check the indices
+    (read as text, it refuses them: "Index not in dictionary bounds"), and the batch held an invalid
+    array, whose values' sizes were looked up out of bounds: numpy's IndexError, exit 1 (and its
+    values, read, would be bytes past the dictionary). Invalid input naming the source, the row
+    group and the column, nothing written; re-read by position too."""
+    source = tmp_path / "dictionary.parquet"
+    rows = 30
+    table = pa.table({"id": [f"r{i}" for i in range(rows)], "occurredAt": ["2024-01-01T00:10:00Z"] * rows})
+    pq.write_table(table, source, compression="none", row_group_size=10)
+    with_dictionary_values(source, 1, 0, 1)
+    with pytest.raises(pa.ArrowInvalid, match="Index not in dictionary bounds"):
+        pq.read_table(source)
+    stderr = _refused(tmp_path, source, capsys)
+    damage = "row group 1, column id: not a readable parquet row group: Index not in dictionary bounds"
+    assert f"source: {source}: {damage}" in stderr, stderr
+    with pytest.raises(InvalidInput, match=f"^source: {source}: {damage}"):
+        streaming.ParquetSource(str(source), str(source)).fetch(np.array([15]))

@@ -1019,6 +1019,7 @@ class _ParquetFile(pq.ParquetFile):
                 self._all_rows(group, decoded, shown)
                 return
             decoded += batch.num_rows
+            self._indices_within_dictionaries(batch, group, shown)
             yield self._viewed(batch)
 
     def decoded_group(self, group: int, shown: str, columns: list[str] | None = None) -> pa.Table:
@@ -1027,7 +1028,26 @@ class _ParquetFile(pq.ParquetFile):
         with self._decoding(group, self.metadata.row_group(group).num_rows, shown, columns):
             table = self.read_row_group(group, columns=columns, use_threads=False)
         self._all_rows(group, table.num_rows, shown)
+        self._indices_within_dictionaries(table, group, shown)
         return self._viewed(table)
+
+    @staticmethod
+    def _indices_within_dictionaries(rows: pa.RecordBatch | pa.Table, group: int, shown: str) -> None:
+        """Each column of `rows` read as an Arrow dictionary (`dictionary_columns`) has its indices within
+        its dictionary, else invalid input naming `source`, the row group and the column: Arrow does
+        not check them so (read as text, it refuses them), and a data page's indices past its
+        dictionary page's values made an invalid array."""
+        for name, column in zip(rows.schema.names, rows.columns, strict=True):
+            if not pa.types.is_dictionary(column.type):
+                continue
+            for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+                low, high = pc.min_max(chunk.indices).values()
+                if low.is_valid and (low.as_py() < 0 or high.as_py() >= len(chunk.dictionary)):
+                    raise InvalidInput(
+                        "source",
+                        f"{redact_url(shown)}: row group {group}, column {name}: not a readable parquet row "
+                        "group: Index not in dictionary bounds",
+                    )
 
     def _all_rows(self, group: int, decoded: int, shown: str) -> None:
         """Row group `group` decoded to `decoded` rows is its footer's count of them (a record's position
