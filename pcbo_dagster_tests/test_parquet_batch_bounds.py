@@ -1034,3 +1034,36 @@ def test_a_dictionary_page_of_fewer_values_than_its_indices_is_refused(
     assert f"source: {source}: {damage}" in stderr, stderr
     with pytest.raises(InvalidInput, match=f"^source: {source}: {damage}"):
         streaming.ParquetSource(str(source), str(source)).fetch(np.array([15]))
+
+
+@pytest.mark.parametrize(
+    ("size_statistics", "said"),
+    [
+        ([[3, 9, (6, [1, 2, 3])]], "a definition level histogram of 3 levels (the column has 2)"),
+        ([[2, 9, (6, [1, 2])]], "a repetition level histogram of 2 levels (the column has 1)"),
+        ([[1, 6, 10]], "an unencoded byte array size on a column of INT64"),
+    ],
+)
+def test_column_metadata_pyarrow_aborts_on_is_refused(
+    tmp_path: Path, size_statistics: list[Any], said: str
+) -> None:
+    """Red-team finding (byte flips in a footer): a column chunk's size statistics whose level
+    histogram has another length than the column's levels + 1 (or an unencoded byte array size on
+    a column that is not BYTE_ARRAY) makes Arrow throw where pyarrow does not catch it
+    (`RowGroupMetaData.column`: "terminate called after throwing an instance of
+    'parquet::ParquetException'"): the process aborted (SIGABRT), a worker serving other runs with
+    it, no message. The footer is checked for it before pyarrow reads a column chunk's metadata:
+    invalid input naming `source.uri`, the file, the row group and the column."""
+    source = tmp_path / "statistics.parquet"
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(30)],
+            "occurredAt": ["2024-01-01T00:10:00Z"] * 30,
+            "amount": pa.array(range(30), pa.int64()),
+        }
+    )
+    pq.write_table(table, source, row_group_size=10)
+    _edited(source, lambda footer, body: put(column_meta(footer, 1, 2), 16, 12, size_statistics))
+    code, stderr, _ = _run_limited(tmp_path, source)
+    assert code == 2, stderr[-2000:]
+    assert f"source.uri: {source}: not a readable parquet file: row group 1, column amount: {said}" in stderr

@@ -59,6 +59,7 @@ then parsed by Arrow.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -847,3 +848,81 @@ def row_group_pages(
             ) from None
         read.append(pages_of)
     return RowGroupPages(group, row_group.num_rows, read)
+
+
+def column_metadata_refusal(
+    footer: bytes, paths: list[str], levels: list[tuple[int, int]], physical: list[str]
+) -> str | None:
+    """What in a file's footer (its Thrift `FileMetaData`; its schema's leaf columns' `paths`,
+    (repetition, definition) `levels` and `physical` types) Arrow throws on where pyarrow does not
+    catch it, aborting the process, when a column chunk's metadata is read
+    (`RowGroupMetaData.column`): size statistics whose repetition or definition level histogram
+    holds other than the column's levels + 1 counts, or an unencoded byte array size on a column
+    that is not BYTE_ARRAY, and a column chunk's encryption metadata (no key is ever given); None
+    when there is none."""
+    reader = _Compact(footer)
+    found: list[str] = []
+
+    def elements(depth: int) -> tuple[int, int]:
+        head = reader.byte()
+        size, inner = head >> 4, head & 0x0F
+        if size == 15:
+            size = reader.varint()
+        reader.container(size)
+        return size, inner
+
+    def file_field(field_id: int, kind: int, depth: int) -> None:
+        if field_id != 4 or kind != 9:  # (row_groups)
+            reader.skip(kind, depth)
+            return
+        groups, inner = elements(depth)
+        for group in range(groups):
+            if inner != 12:
+                reader.skip(inner, depth + 1)
+                continue
+            reader.struct(depth + 1, functools.partial(group_field, group))
+
+    def group_field(group: int, field_id: int, kind: int, depth: int) -> None:
+        if field_id != 1 or kind != 9:  # (columns)
+            reader.skip(kind, depth)
+            return
+        chunks, inner = elements(depth)
+        for j in range(chunks):
+            if inner != 12:
+                reader.skip(inner, depth + 1)
+                continue
+            where = f"row group {group}, column {paths[j] if j < len(paths) else j}"
+            reader.struct(depth + 1, functools.partial(chunk_field, j, where))
+
+    def chunk_field(j: int, where: str, field_id: int, kind: int, depth: int) -> None:
+        if field_id == 8:  # (crypto_metadata)
+            found.append(f"{where}: encrypted")
+        if field_id == 3 and kind == 12 and j < len(levels):  # (meta_data)
+            reader.struct(depth + 1, functools.partial(meta_field, j, where))
+        else:
+            reader.skip(kind, depth)
+
+    def meta_field(j: int, where: str, field_id: int, kind: int, depth: int) -> None:
+        if field_id == 16 and kind == 12:  # (size_statistics)
+            reader.struct(depth + 1, functools.partial(size_field, j, where))
+        else:
+            reader.skip(kind, depth)
+
+    def size_field(j: int, where: str, field_id: int, kind: int, depth: int) -> None:
+        if field_id == 1 and physical[j] != "BYTE_ARRAY":
+            found.append(f"{where}: an unencoded byte array size on a column of {physical[j]}")
+        if field_id not in (2, 3) or kind != 9:
+            reader.skip(kind, depth)
+            return
+        counts, inner = elements(depth)
+        for _ in range(counts):
+            reader.skip(inner, depth + 1)
+        name, level = ("repetition", levels[j][0]) if field_id == 2 else ("definition", levels[j][1])
+        if counts and counts != level + 1:
+            found.append(f"{where}: a {name} level histogram of {counts} levels (the column has {level + 1})")
+
+    try:
+        reader.struct(0, file_field)
+    except _Malformed as exc:  # (Arrow parsed it: not expected)
+        return f"a footer that does not parse: {exc}"
+    return found[0] if found else None

@@ -46,6 +46,7 @@ from pcbo_dagster.sources.parquet_pages import (
     NOT_AS_DICTIONARY,
     HeldBytes,
     RowGroupPages,
+    column_metadata_refusal,
     decoding_held_bytes,
     row_group_pages,
 )
@@ -1149,6 +1150,16 @@ def _opened_parquet_file(held: HeldBytes, refused: Callable[[str], InvalidInput]
             raise refused(
                 f"row group {g} has {chunks} column chunks, its schema {metadata.num_columns} columns"
             )
+    leaves = [metadata.schema.column(j) for j in range(metadata.num_columns)]
+    length = int.from_bytes(held.read_at(held.size - 8, 4), "little")
+    aborting = column_metadata_refusal(
+        held.read_at(held.size - 8 - length, length),
+        [c.path for c in leaves],
+        [(c.max_repetition_level, c.max_definition_level) for c in leaves],
+        [c.physical_type for c in leaves],
+    )
+    if aborting is not None:  # (before pyarrow reads any column chunk's metadata)
+        raise refused(aborting)
     delta = {
         metadata.schema.column(j).path
         for g in range(metadata.num_row_groups)
