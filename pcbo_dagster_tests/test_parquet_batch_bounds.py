@@ -1067,3 +1067,17 @@ def test_column_metadata_pyarrow_aborts_on_is_refused(
     code, stderr, _ = _run_limited(tmp_path, source)
     assert code == 2, stderr[-2000:]
     assert f"source.uri: {source}: not a readable parquet file: row group 1, column amount: {said}" in stderr
+
+
+def test_a_column_named_in_bytes_that_are_not_utf_8_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Red-team finding (byte flips in a footer): a column whose name in the schema is not UTF-8
+    ended the run in pyarrow's UnicodeDecodeError opening the file, exit 1 as an internal error.
+    Invalid input naming `source.uri` and the file, nothing written."""
+    source = tmp_path / "names.parquet"
+    table = pa.table({"id": ["a", "b"], "occurredAt": ["2024-01-01T00:10:00Z"] * 2, "amount": [1, 2]})
+    pq.write_table(table, source, store_schema=False)
+    _edited(source, lambda footer, body: put(get(footer, 2)[1][3], 4, 8, b"am\xffunt"))
+    stderr = _refused(tmp_path, source, capsys)
+    assert f"source.uri: {source}: not a readable parquet file: 'utf-8' codec can't decode" in stderr, stderr

@@ -229,15 +229,15 @@ class HeldBytes:
 def decoding_held_bytes(refused: Callable[[str], InvalidInput]) -> Iterator[None]:
     """Arrow reading bytes held in memory (`HeldBytes`): an error it raises there (an `OSError` or an
     Arrow error: a footer whose Thrift does not parse, a page that does not decompress, or
-    decompresses to another size than its header says) is the file's, never the store's, which is not
-    read while Arrow reads them (a failing store fails while the bytes are read, `HeldBytes.hold`,
-    with its own error: exit 1). `refused(what Arrow said)`: the invalid input naming where. The one
-    place that decides so."""
+    decompresses to another size than its header says; a column name pyarrow cannot decode as UTF-8)
+    is the file's, never the store's, which is not read while Arrow reads them (a failing store fails
+    while the bytes are read, `HeldBytes.hold`, with its own error: exit 1). `refused(what Arrow
+    said)`: the invalid input naming where. The one place that decides so."""
     try:
         yield
     except MemoryError:
         raise
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, pa.ArrowException, UnicodeDecodeError) as exc:  # (pyarrow decoding the file's names)
         raise refused(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
