@@ -67,10 +67,14 @@ sys.exit(status)
 """
 
 
-def _run_limited(tmp_path: Path, source: Path, env: dict[str, str] | None = None) -> tuple[int, str, int]:
-    """`pcbo dry-run` of a request naming `source`, under a 3 GiB address space (the interpreter with
-    its libraries reserves about 1.6 GiB), with `env` set: (status, stderr, peak RSS bytes)."""
-    request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": str(source)}})
+def _run_limited(
+    tmp_path: Path, source: Path, env: dict[str, str] | None = None, prune: bool = False
+) -> tuple[int, str, int]:
+    """`pcbo dry-run` of a request naming `source` (read by its zones: `prune`), under a 3 GiB address
+    space (the interpreter with its libraries reserves about 1.6 GiB), with `env` set: (status,
+    stderr, peak RSS bytes)."""
+    named = {"uri": str(source), **({"prune": True} if prune else {})}
+    request = write_request(tmp_path / "request.json", {**_REQUEST, "source": named})
     proc = subprocess.run(
         [sys.executable, "-c", _LIMITED, str(3 << 30), "dry-run", "--input", str(request)],
         env=pcbo_env(tmp_path / "home", env),
@@ -1081,3 +1085,33 @@ def test_a_column_named_in_bytes_that_are_not_utf_8_is_refused(
     _edited(source, lambda footer, body: put(get(footer, 2)[1][3], 4, 8, b"am\xffunt"))
     stderr = _refused(tmp_path, source, capsys)
     assert f"source.uri: {source}: not a readable parquet file: 'utf-8' codec can't decode" in stderr, stderr
+
+
+def test_a_compression_codec_or_statistics_pyarrow_aborts_on_is_refused(tmp_path: Path) -> None:
+    """Red-team finding (byte flips in a footer), as the one above: a column chunk's codec Arrow does
+    not know (read for a list of text's dictionary page: `ColumnChunkMetaData.compression`), and a
+    time column's statistics whose min is 3 bytes of an INT64 (read for a zone read's bounds:
+    `.statistics`), made Arrow throw where pyarrow does not catch it: the process aborted. Each is
+    invalid input naming `source.uri`, the row group and the column, found in the footer first."""
+    rows = 30
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": pa.array([1704067800_000_000] * rows, pa.timestamp("us", "UTC")),
+            "tags": [[f"t{i % 3}"] for i in range(rows)],
+        }
+    )
+    codec = tmp_path / "codec.parquet"
+    pq.write_table(table, codec, row_group_size=10)
+    _edited(codec, lambda footer, body: put(column_meta(footer, 1, 2), 4, 5, 99))
+    code, stderr, _ = _run_limited(tmp_path, codec)
+    assert code == 2, stderr[-2000:]
+    said = "row group 1, column tags.list.element: a compression codec numbered 99"
+    assert f"source.uri: {codec}: not a readable parquet file: {said}" in stderr, stderr
+    statistics = tmp_path / "statistics.parquet"
+    pq.write_table(table, statistics, row_group_size=10)
+    _edited(statistics, lambda footer, body: put(get(column_meta(footer, 1, 1), 12), 6, 8, b"abc"))
+    code, stderr, _ = _run_limited(tmp_path, statistics, prune=True)
+    assert code == 2, stderr[-2000:]
+    said = "row group 1, column occurredAt: a statistics' min or max of 3 bytes (a value of it takes 8)"
+    assert f"source.uri: {statistics}: not a readable parquet file: {said}" in stderr, stderr

@@ -850,18 +850,23 @@ def row_group_pages(
     return RowGroupPages(group, row_group.num_rows, read)
 
 
-def column_metadata_refusal(
-    footer: bytes, paths: list[str], levels: list[tuple[int, int]], physical: list[str]
-) -> str | None:
-    """What in a file's footer (its Thrift `FileMetaData`; its schema's leaf columns' `paths`,
-    (repetition, definition) `levels` and `physical` types) Arrow throws on where pyarrow does not
-    catch it, aborting the process, when a column chunk's metadata is read
-    (`RowGroupMetaData.column`): size statistics whose repetition or definition level histogram
-    holds other than the column's levels + 1 counts, or an unencoded byte array size on a column
-    that is not BYTE_ARRAY, and a column chunk's encryption metadata (no key is ever given); None
-    when there is none."""
+#: Bytes a value of each fixed-width physical type takes, as Arrow decodes a statistics' min and max.
+_PHYSICAL_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8}
+#: The compression codecs Arrow knows (UNCOMPRESSED to LZ4_RAW): any other number it throws on.
+_CODECS_KNOWN = range(8)
+
+
+def column_metadata_refusal(footer: bytes, leaves: list[pq.ColumnSchema]) -> str | None:
+    """What in a file's footer (its Thrift `FileMetaData`; `leaves`: its schema's leaf columns) Arrow
+    throws on where pyarrow does not catch it, aborting the process, when a column chunk's metadata
+    is read (`RowGroupMetaData.column`, and its `compression` and `statistics`): size statistics whose
+    repetition or definition level histogram holds other than the column's levels + 1 counts, or an
+    unencoded byte array size on a column that is not BYTE_ARRAY; a compression codec Arrow does not
+    know; a statistics' min or max shorter than a value of the column's fixed width; a column chunk's
+    encryption metadata (no key is ever given). None when there is none."""
     reader = _Compact(footer)
     found: list[str] = []
+    paths = [c.path for c in leaves]
 
     def elements(depth: int) -> tuple[int, int]:
         head = reader.byte()
@@ -897,27 +902,51 @@ def column_metadata_refusal(
     def chunk_field(j: int, where: str, field_id: int, kind: int, depth: int) -> None:
         if field_id == 8:  # (crypto_metadata)
             found.append(f"{where}: encrypted")
-        if field_id == 3 and kind == 12 and j < len(levels):  # (meta_data)
-            reader.struct(depth + 1, functools.partial(meta_field, j, where))
+        if field_id == 3 and kind == 12 and j < len(leaves):  # (meta_data)
+            reader.struct(depth + 1, functools.partial(meta_field, leaves[j], where))
         else:
             reader.skip(kind, depth)
 
-    def meta_field(j: int, where: str, field_id: int, kind: int, depth: int) -> None:
-        if field_id == 16 and kind == 12:  # (size_statistics)
-            reader.struct(depth + 1, functools.partial(size_field, j, where))
+    def meta_field(leaf: pq.ColumnSchema, where: str, field_id: int, kind: int, depth: int) -> None:
+        if field_id == 4 and kind == 5:  # (codec)
+            codec = reader.integer()
+            if codec not in _CODECS_KNOWN:
+                found.append(f"{where}: a compression codec numbered {codec}")
+        elif field_id == 12 and kind == 12:  # (statistics)
+            reader.struct(depth + 1, functools.partial(statistics_field, leaf, where))
+        elif field_id == 16 and kind == 12:  # (size_statistics)
+            reader.struct(depth + 1, functools.partial(size_field, leaf, where))
         else:
             reader.skip(kind, depth)
 
-    def size_field(j: int, where: str, field_id: int, kind: int, depth: int) -> None:
-        if field_id == 1 and physical[j] != "BYTE_ARRAY":
-            found.append(f"{where}: an unencoded byte array size on a column of {physical[j]}")
+    def statistics_field(leaf: pq.ColumnSchema, where: str, field_id: int, kind: int, depth: int) -> None:
+        width = (
+            leaf.length
+            if leaf.physical_type == "FIXED_LEN_BYTE_ARRAY"
+            else _PHYSICAL_WIDTH.get(leaf.physical_type)
+        )
+        if field_id not in (1, 2, 5, 6) or kind != 8 or width is None:  # (max, min, max_value, min_value)
+            reader.skip(kind, depth)
+            return
+        size = reader.varint()
+        reader.skip_bytes(size)
+        if size < width:
+            found.append(f"{where}: a statistics' min or max of {size} bytes (a value of it takes {width})")
+
+    def size_field(leaf: pq.ColumnSchema, where: str, field_id: int, kind: int, depth: int) -> None:
+        if field_id == 1 and leaf.physical_type != "BYTE_ARRAY":
+            found.append(f"{where}: an unencoded byte array size on a column of {leaf.physical_type}")
         if field_id not in (2, 3) or kind != 9:
             reader.skip(kind, depth)
             return
         counts, inner = elements(depth)
         for _ in range(counts):
             reader.skip(inner, depth + 1)
-        name, level = ("repetition", levels[j][0]) if field_id == 2 else ("definition", levels[j][1])
+        name, level = (
+            ("repetition", leaf.max_repetition_level)
+            if field_id == 2
+            else ("definition", leaf.max_definition_level)
+        )
         if counts and counts != level + 1:
             found.append(f"{where}: a {name} level histogram of {counts} levels (the column has {level + 1})")
 

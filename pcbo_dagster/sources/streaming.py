@@ -1152,12 +1152,7 @@ def _opened_parquet_file(held: HeldBytes, refused: Callable[[str], InvalidInput]
             )
     leaves = [metadata.schema.column(j) for j in range(metadata.num_columns)]
     length = int.from_bytes(held.read_at(held.size - 8, 4), "little")
-    aborting = column_metadata_refusal(
-        held.read_at(held.size - 8 - length, length),
-        [c.path for c in leaves],
-        [(c.max_repetition_level, c.max_definition_level) for c in leaves],
-        [c.physical_type for c in leaves],
-    )
+    aborting = column_metadata_refusal(held.read_at(held.size - 8 - length, length), leaves)
     if aborting is not None:  # (before pyarrow reads any column chunk's metadata)
         raise refused(aborting)
     delta = {
