@@ -1115,3 +1115,25 @@ def test_a_compression_codec_or_statistics_pyarrow_aborts_on_is_refused(tmp_path
     assert code == 2, stderr[-2000:]
     said = "row group 1, column occurredAt: a statistics' min or max of 3 bytes (a value of it takes 8)"
     assert f"source.uri: {statistics}: not a readable parquet file: {said}" in stderr, stderr
+
+
+def test_a_column_chunk_of_another_physical_type_than_its_column_is_refused(tmp_path: Path) -> None:
+    """Red-team finding (byte flips in a footer), as the two above: a time column's chunk whose
+    metadata says a physical type numbered 9 (none) made a zone read's `.statistics` throw
+    ("ColumnMetaData type does not match ColumnDescriptor physical type: UNKNOWN vs. INT64") where
+    pyarrow does not catch it: the process aborted. Invalid input naming `source.uri`, the row group
+    and the column, found in the footer first."""
+    rows = 30
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": pa.array([1704067800_000_000] * rows, pa.timestamp("us", "UTC")),
+        }
+    )
+    source = tmp_path / "types.parquet"
+    pq.write_table(table, source, row_group_size=10)
+    _edited(source, lambda footer, body: put(column_meta(footer, 1, 1), 1, 5, 9))
+    code, stderr, _ = _run_limited(tmp_path, source, prune=True)
+    assert code == 2, stderr[-2000:]
+    said = "row group 1, column occurredAt: a physical type numbered 9 (the column's is INT64)"
+    assert f"source.uri: {source}: not a readable parquet file: {said}" in stderr, stderr

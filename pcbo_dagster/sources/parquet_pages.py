@@ -852,6 +852,17 @@ def row_group_pages(
 
 #: Bytes a value of each fixed-width physical type takes, as Arrow decodes a statistics' min and max.
 _PHYSICAL_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8}
+#: The physical types, as the footer numbers them.
+_PHYSICAL_TYPES = [
+    "BOOLEAN",
+    "INT32",
+    "INT64",
+    "INT96",
+    "FLOAT",
+    "DOUBLE",
+    "BYTE_ARRAY",
+    "FIXED_LEN_BYTE_ARRAY",
+]
 #: The compression codecs Arrow knows (UNCOMPRESSED to LZ4_RAW): any other number it throws on.
 _CODECS_KNOWN = range(8)
 
@@ -859,7 +870,8 @@ _CODECS_KNOWN = range(8)
 def column_metadata_refusal(footer: bytes, leaves: list[pq.ColumnSchema]) -> str | None:
     """What in a file's footer (its Thrift `FileMetaData`; `leaves`: its schema's leaf columns) Arrow
     throws on where pyarrow does not catch it, aborting the process, when a column chunk's metadata
-    is read (`RowGroupMetaData.column`, and its `compression` and `statistics`): size statistics whose
+    is read (`RowGroupMetaData.column`, and its `compression` and `statistics`): a physical type
+    other than its column's; size statistics whose
     repetition or definition level histogram holds other than the column's levels + 1 counts, or an
     unencoded byte array size on a column that is not BYTE_ARRAY; a compression codec Arrow does not
     know; a statistics' min or max shorter than a value of the column's fixed width; a column chunk's
@@ -908,7 +920,13 @@ def column_metadata_refusal(footer: bytes, leaves: list[pq.ColumnSchema]) -> str
             reader.skip(kind, depth)
 
     def meta_field(leaf: pq.ColumnSchema, where: str, field_id: int, kind: int, depth: int) -> None:
-        if field_id == 4 and kind == 5:  # (codec)
+        if field_id == 1 and kind == 5:  # (type)
+            physical = reader.integer()
+            if physical != _PHYSICAL_TYPES.index(leaf.physical_type):
+                found.append(
+                    f"{where}: a physical type numbered {physical} (the column's is {leaf.physical_type})"
+                )
+        elif field_id == 4 and kind == 5:  # (codec)
             codec = reader.integer()
             if codec not in _CODECS_KNOWN:
                 found.append(f"{where}: a compression codec numbered {codec}")
