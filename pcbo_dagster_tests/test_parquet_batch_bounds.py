@@ -1137,3 +1137,33 @@ def test_a_column_chunk_of_another_physical_type_than_its_column_is_refused(tmp_
     assert code == 2, stderr[-2000:]
     said = "row group 1, column occurredAt: a physical type numbered 9 (the column's is INT64)"
     assert f"source.uri: {source}: not a readable parquet file: {said}" in stderr, stderr
+
+
+def test_a_zone_read_that_skips_a_row_group_numbers_the_rows_after_it_where_they_are(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: a zone read (`prune_zones`) of row groups of 2024-01-01, 2024-01-05 and
+    2024-01-01 skips the second, and gathered the first and the third's rows into one batch numbered
+    as if they were adjacent: the third's rows at positions 10-19, which are the second's. Re-read by
+    those positions, they were the second's records (in a run: "not the record that was decided on",
+    exit 1, for a valid file). A batch gathers only rows that are adjacent in the file."""
+    rows = 30
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": [f"2024-01-0{5 if 10 <= i < 20 else 1}T00:10:00Z" for i in range(rows)],
+        }
+    )
+    path = tmp_path / "unsorted.parquet"
+    pq.write_table(table, path, row_group_size=10)
+    source = streaming.ParquetSource(str(path), "unsorted.parquet")
+    day = 1704067200 * 1_000_000  # 2024-01-01T00:00:00Z
+    source.prune_zones(Window("occurredAt", False, day, day + 86_400_000_000))
+    batches = list(source.batches(2048))
+    positions = np.concatenate([p for _, _, p in batches])
+    assert positions.tolist() == [*range(10), *range(20, 30)]
+    records = [r for records, _, _ in batches for r in records]
+    assert records == [
+        jsonable_row(row) for row in table.to_pylist() if row["id"] not in {f"r{i}" for i in range(10, 20)}
+    ]
+    assert source.fetch(positions) == records

@@ -713,8 +713,9 @@ class ParquetSource(RecordSource):
         from the bytes its pages were read from (`_ParquetFile.decoded_batches`), in Arrow batches of
         as many rows as keep within `parquet_batch_bytes()` (`_ParquetFile.reader_for`). Batches of
         `size` rows are gathered across row groups (as Arrow's own batches of a file are) while the
-        batches they come from may decode, together, no more than that budget; one of fewer rows is
-        handed on alone, before the next is decoded."""
+        batches they come from may decode, together, no more than that budget, and while they are
+        adjacent in the file (a zone read skips row groups; a batch's rows are numbered one after
+        another); one of fewer rows is handed on alone, before the next is decoded."""
         budget = parquet_batch_bytes()
         pending: list[pa.RecordBatch] = []  # (pieces of at most `size` rows in all, from `costs`' groups)
         costs: dict[int, int] = {}
@@ -725,6 +726,9 @@ class ParquetSource(RecordSource):
                 yield from self._handed_on(pending, start)
                 pending, costs = [], {}
             first = int(self.group_starts[group])
+            if pending and start + sum(p.num_rows for p in pending) != first:  # (a row group skipped)
+                yield from self._handed_on(pending, start)
+                pending, costs = [], {}
             for batch in reader.decoded_batches(group, rows, self.shown):
                 if rows < size:
                     yield from self._handed_on([batch], first)
