@@ -1167,3 +1167,29 @@ def test_a_zone_read_that_skips_a_row_group_numbers_the_rows_after_it_where_they
         jsonable_row(row) for row in table.to_pylist() if row["id"] not in {f"r{i}" for i in range(10, 20)}
     ]
     assert source.fetch(positions) == records
+
+
+def test_a_column_chunk_encrypted_with_its_own_key_is_refused(tmp_path: Path) -> None:
+    """A column chunk whose metadata says it is encrypted with a column key (which no reader of pcbo's
+    is given) made `RowGroupMetaData.column` throw "Cannot decrypt ColumnMetadata" where pyarrow does
+    not catch it: the process aborted. Invalid input naming `source.uri`, the row group and the
+    column, found in the footer first (`column_metadata_refusal`)."""
+    rows = 30
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(rows)],
+            "occurredAt": ["2024-01-01T00:10:00Z"] * rows,
+            "amount": pa.array(range(rows), pa.int64()),
+        }
+    )
+    source = tmp_path / "encrypted.parquet"
+    pq.write_table(table, source, row_group_size=10)
+    with_column_key = [
+        [2, 12, [[1, 9, (8, [b"amount"])]]]
+    ]  # (ColumnCryptoMetaData.ENCRYPTION_WITH_COLUMN_KEY)
+    _edited(source, lambda footer, body: put(get(get(footer, 4)[1][1], 1)[1][2], 8, 12, with_column_key))
+    code, stderr, _ = _run_limited(tmp_path, source)
+    assert code == 2, stderr[-2000:]
+    assert (
+        f"source.uri: {source}: not a readable parquet file: row group 1, column amount: encrypted" in stderr
+    )
