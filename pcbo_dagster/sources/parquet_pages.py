@@ -888,28 +888,32 @@ def column_metadata_refusal(footer: bytes, leaves: list[pq.ColumnSchema]) -> str
         reader.container(size)
         return size, inner
 
+    def structs_of_list(depth: int, fields_of: Callable[[int], Callable[[int, int, int], None]]) -> None:
+        """Each element of a list of structs (an element of another kind skipped), its fields read by
+        `fields_of(its index)`."""
+        size, inner = elements(depth)
+        for index in range(size):
+            if inner != 12:
+                reader.skip(inner, depth + 1)
+            else:
+                reader.struct(depth + 1, fields_of(index))
+
     def file_field(field_id: int, kind: int, depth: int) -> None:
         if field_id != 4 or kind != 9:  # (row_groups)
             reader.skip(kind, depth)
             return
-        groups, inner = elements(depth)
-        for group in range(groups):
-            if inner != 12:
-                reader.skip(inner, depth + 1)
-                continue
-            reader.struct(depth + 1, functools.partial(group_field, group))
+        structs_of_list(depth, lambda group: functools.partial(group_field, group))
 
     def group_field(group: int, field_id: int, kind: int, depth: int) -> None:
         if field_id != 1 or kind != 9:  # (columns)
             reader.skip(kind, depth)
             return
-        chunks, inner = elements(depth)
-        for j in range(chunks):
-            if inner != 12:
-                reader.skip(inner, depth + 1)
-                continue
-            where = f"row group {group}, column {paths[j] if j < len(paths) else j}"
-            reader.struct(depth + 1, functools.partial(chunk_field, j, where))
+        structs_of_list(
+            depth,
+            lambda j: functools.partial(
+                chunk_field, j, f"row group {group}, column {paths[j] if j < len(paths) else j}"
+            ),
+        )
 
     def chunk_field(j: int, where: str, field_id: int, kind: int, depth: int) -> None:
         if field_id == 8:  # (crypto_metadata)
