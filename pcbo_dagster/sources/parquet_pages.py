@@ -163,9 +163,20 @@ class HeldBytes:
         longer than the file is Arrow's to refuse, before reading it)."""
         tail = min(self.size, _FOOTER_READ)
         self.hold([(self.size - tail, self.size)])
-        length = int.from_bytes(self.read_at(self.size - 8, 4), "little") if self.size >= 8 else 0
+        length = self.footer_length()
         if tail < length + 8 <= self.size:
             self.hold([(self.size - 8 - length, self.size)])
+
+    def footer_length(self) -> int:
+        """The footer's length as the file's last 8 bytes say it (before `PAR1`); 0 for a shorter file.
+        Its bytes must be held (`hold_footer`)."""
+        return int.from_bytes(self.read_at(self.size - 8, 4), "little") if self.size >= 8 else 0
+
+    def footer(self) -> bytes:
+        """The footer's bytes (its Thrift `FileMetaData`), held (`hold_footer`) and within the file (as
+        Arrow, which opened it, found them)."""
+        length = self.footer_length()
+        return self.read_at(self.size - 8 - length, length)
 
     def _read(self, start: int, size: int) -> bytes:
         """`size` bytes of the file from `start` (fewer at its end), read from the store."""

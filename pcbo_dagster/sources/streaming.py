@@ -1155,8 +1155,7 @@ def _opened_parquet_file(held: HeldBytes, refused: Callable[[str], InvalidInput]
                 f"row group {g} has {chunks} column chunks, its schema {metadata.num_columns} columns"
             )
     leaves = [metadata.schema.column(j) for j in range(metadata.num_columns)]
-    length = int.from_bytes(held.read_at(held.size - 8, 4), "little")
-    aborting = column_metadata_refusal(held.read_at(held.size - 8 - length, length), leaves)
+    aborting = column_metadata_refusal(held.footer(), leaves)
     if aborting is not None:  # (before pyarrow reads any column chunk's metadata)
         raise refused(aborting)
     delta = {
