@@ -305,6 +305,16 @@ class _Compact:
                 f"a list or map of {size} elements (Arrow reads {MAX_CONTAINER_ELEMENTS} at most)"
             )
 
+    def list_header(self) -> tuple[int, int]:
+        """A list's or set's header: (its count of elements, within `MAX_CONTAINER_ELEMENTS`, their
+        Thrift type)."""
+        head = self.byte()
+        size, inner = head >> 4, head & 0x0F
+        if size == 15:
+            size = self.varint()
+        self.container(size)
+        return size, inner
+
     def skip(self, kind: int, depth: int) -> None:
         if depth > _NESTING:
             raise _Malformed("structures nested too deep")
@@ -319,11 +329,7 @@ class _Compact:
         elif kind == 8:
             self.skip_bytes(self.varint())
         elif kind in (9, 10):
-            head = self.byte()
-            size, inner = head >> 4, head & 0x0F
-            if size == 15:
-                size = self.varint()
-            self.container(size)
+            size, inner = self.list_header()
             if inner in (1, 2, 3, 7):  # (elements of a fixed size: booleans and bytes take one)
                 self.skip_bytes(size * (8 if inner == 7 else 1))
                 return
@@ -891,18 +897,10 @@ def column_metadata_refusal(footer: bytes, leaves: list[pq.ColumnSchema]) -> str
     found: list[str] = []
     paths = [c.path for c in leaves]
 
-    def elements(depth: int) -> tuple[int, int]:
-        head = reader.byte()
-        size, inner = head >> 4, head & 0x0F
-        if size == 15:
-            size = reader.varint()
-        reader.container(size)
-        return size, inner
-
     def structs_of_list(depth: int, fields_of: Callable[[int], Callable[[int, int, int], None]]) -> None:
         """Each element of a list of structs (an element of another kind skipped), its fields read by
         `fields_of(its index)`."""
-        size, inner = elements(depth)
+        size, inner = reader.list_header()
         for index in range(size):
             if inner != 12:
                 reader.skip(inner, depth + 1)
@@ -972,7 +970,7 @@ def column_metadata_refusal(footer: bytes, leaves: list[pq.ColumnSchema]) -> str
         if field_id not in (2, 3) or kind != 9:
             reader.skip(kind, depth)
             return
-        counts, inner = elements(depth)
+        counts, inner = reader.list_header()
         for _ in range(counts):
             reader.skip(inner, depth + 1)
         name, level = (
