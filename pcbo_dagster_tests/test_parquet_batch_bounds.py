@@ -545,43 +545,38 @@ def test_a_data_page_of_no_values_is_refused_not_read_as_the_end_of_the_rows(
     assert "source: " in stderr and "row group 0, column note" in stderr and "no values" in stderr
 
 
-def test_a_dictionary_page_written_twice_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("twice", "arrow_says", "refused_as"),
+    [
+        (True, "more than one dictionary", "a dictionary page that is not its chunk's first page"),
+        (
+            False,
+            "Dictionary page must be before data page",
+            "written with a dictionary before any dictionary page",
+        ),
+    ],
+    ids=["written twice", "written after the data pages"],
+)
+def test_a_dictionary_page_written_twice_or_after_the_data_pages_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], twice: bool, arrow_says: str, refused_as: str
 ) -> None:
-    """Red-team finding: a column chunk's dictionary page written twice passed the page headers'
-    check and Arrow then refused it with an `OSError` ("Column cannot have more than one
-    dictionary"): exit 1, as a store failure, not naming the source. Now it is invalid input naming
-    the source and the column."""
+    """Red-team finding: a column chunk's dictionary page written twice passed the page headers' check
+    and Arrow then refused it with an `OSError` ("Column cannot have more than one dictionary"). And
+    the README's known limit: one written after its data pages passed the check too (it lies past the
+    pages holding the footer's count of values, where the scan stops) and Arrow refused it ("Dictionary
+    page must be before data page"); its headers show it: a data page written with a dictionary before
+    any dictionary page. Both were exit 1, as a store failure, not naming the source. Now each is
+    invalid input naming the source and the column."""
     rows = 6
     table = pa.table({"id": [f"r{i}" for i in range(rows)], "occurredAt": ["2024-01-01T00:10:00Z"] * rows})
     source = tmp_path / "dictionary.parquet"
     pq.write_table(table, source, compression="none")
-    with_dictionary_page_moved(source, 1, twice=True)
-    with pytest.raises(OSError, match="more than one dictionary"):
+    with_dictionary_page_moved(source, 1, twice=twice)
+    with pytest.raises(OSError, match=arrow_says):
         pq.read_table(source)
     stderr = _refused(tmp_path, source, capsys)
     assert "source: " in stderr and "row group 0, column occurredAt" in stderr
-    assert "a dictionary page that is not its chunk's first page" in stderr
-
-
-def test_a_dictionary_page_written_after_the_data_pages_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The README's known limit: a column chunk's dictionary page written after its data pages passed
-    the page headers' check (it lies past the pages holding the footer's count of values, where the
-    scan stops) and Arrow then refused it with an `OSError` ("Dictionary page must be before data
-    page"): exit 1, as a store failure. Its headers show it: a data page written with a dictionary
-    before any dictionary page. Now invalid input naming the source and the column."""
-    rows = 6
-    table = pa.table({"id": [f"r{i}" for i in range(rows)], "occurredAt": ["2024-01-01T00:10:00Z"] * rows})
-    source = tmp_path / "dictionary.parquet"
-    pq.write_table(table, source, compression="none")
-    with_dictionary_page_moved(source, 1, twice=False)
-    with pytest.raises(OSError, match="Dictionary page must be before data page"):
-        pq.read_table(source)
-    stderr = _refused(tmp_path, source, capsys)
-    assert "source: " in stderr and "row group 0, column occurredAt" in stderr
-    assert "written with a dictionary before any dictionary page" in stderr
+    assert refused_as in stderr
 
 
 def _two_groups(path: Path, codec: str = "none", first: str = "r") -> pa.Table:
