@@ -717,40 +717,46 @@ class ParquetSource(RecordSource):
         adjacent in the file (a zone read skips row groups; a batch's rows are numbered one after
         another); one of fewer rows is handed on alone, before the next is decoded."""
         budget = parquet_batch_bytes()
-        pending: list[pa.RecordBatch] = []  # (pieces of at most `size` rows in all, from `costs`' groups)
-        costs: dict[int, int] = {}
+        pending: list[pa.RecordBatch] = []  # (pieces of `pending_rows` rows in all, at most `size`)
+        pending_rows = pending_cost = 0  # (the cost: of the row groups they come from, each counted once)
+        from_groups: set[int] = set()
         start = 0
+
+        def handed_on() -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+            nonlocal pending, pending_rows, pending_cost, from_groups
+            pieces, pending, pending_rows, pending_cost, from_groups = pending, [], 0, 0, set()
+            return self._handed_on(pieces, start)
+
         for group in groups:
             reader, rows, cost = pf.reader_for(group, size, self.shown)
-            if pending and (rows < size or sum(costs.values()) + cost > budget):
-                yield from self._handed_on(pending, start)
-                pending, costs = [], {}
+            if pending and (rows < size or pending_cost + cost > budget):
+                yield from handed_on()
             first = int(self.group_starts[group])
-            if pending and start + sum(p.num_rows for p in pending) != first:  # (a row group skipped)
-                yield from self._handed_on(pending, start)
-                pending, costs = [], {}
+            if pending and start + pending_rows != first:  # (a row group skipped)
+                yield from handed_on()
             for batch in reader.decoded_batches(group, rows, self.shown):
                 if rows < size:
                     yield from self._handed_on([batch], first)
                     first += batch.num_rows
                     continue
                 if pending and pending[0].schema != batch.schema:  # (a group read dense: `reader_for`)
-                    yield from self._handed_on(pending, start)
-                    pending, costs = [], {}
+                    yield from handed_on()
                 at = 0
                 while at < batch.num_rows:
                     if not pending:
                         start = first + at
-                    take = min(batch.num_rows - at, size - sum(p.num_rows for p in pending))
+                    take = min(batch.num_rows - at, size - pending_rows)
                     pending.append(batch.slice(at, take))
-                    costs[group] = cost
+                    pending_rows += take
+                    if group not in from_groups:
+                        from_groups.add(group)
+                        pending_cost += cost
                     at += take
-                    if sum(p.num_rows for p in pending) == size:
-                        yield from self._handed_on(pending, start)
-                        pending, costs = [], {}
+                    if pending_rows == size:
+                        yield from handed_on()
                 first += batch.num_rows
         if pending:
-            yield from self._handed_on(pending, start)
+            yield from handed_on()
 
     def _handed_on(
         self, pieces: list[pa.RecordBatch], first: int
