@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("stellar_sdk")
 pytest.importorskip("zstandard")
 
+import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from stellar_sdk import xdr as x  # noqa: E402
@@ -563,6 +564,36 @@ def test_a_streamed_archive_is_walked_once_and_decides_and_fetches_like_the_full
         loaded.source.fetch(partition.add_locators)
     with pytest.raises(SourceChanged, match="changed since the archive was first read|startSequence"):
         loaded.fetch(partition.add_locators)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_record_digests_the_decoding_computes_are_those_of_the_records(
+    realistic_archive, workers, monkeypatch
+):
+    """Each batch and each fetch of a streamed archive comes with its records' RFC 8785 digests, which
+    the plan hash lists and a partition's records read again are compared with: computed by the
+    decoding (in its worker processes with 2), they are the records' own, hashed afresh here."""
+    from pcbo_dagster.core.canonical import DigestedRecords, record_digest_bytes
+
+    monkeypatch.setenv("PCBO_LEDGER_WORKERS", workers)
+    root, records = realistic_archive[1], realistic_archive[2]
+    source = la.LedgerArchiveSource(str(root), str(root), REAL_FIRST, REAL_FIRST + REAL_LEDGERS)
+    try:
+        seen = []
+        for batch, risky, _ in source.batches(16):
+            assert type(batch) is DigestedRecords and not risky
+            assert batch.digests == record_digest_bytes(list(batch), False)  # a plain list: hashed
+            seen.extend(batch)
+        assert seen == records
+        assert (source.pool._executor is not None) == (workers == "2")  # the workers did decode them
+        # enough ledgers over enough files to be sliced again by the workers (with 2), out of order
+        order = [70, 3, 40, *range(4, 40), *range(41, 70)]
+        fetched = source.fetch(np.array([REAL_FIRST + k for k in order], dtype=np.int64))
+        assert type(fetched) is DigestedRecords
+        assert list(fetched) == [records[k] for k in order]
+        assert fetched.digests == record_digest_bytes(list(fetched), False)
+    finally:
+        source.pool.close()
 
 
 def test_header_padding_is_hashed_as_stellar_core_hashes_it(tmp_path):

@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from pcbo_dagster.core.canonical import (
     MAX_SAFE_INTEGER,
     CanonicalizationError,
+    DigestedRecords,
+    mismatched_digests,
     record_digest_bytes,
     sorted_digest_rows,
 )
@@ -125,6 +127,26 @@ def test_a_record_rfc8785_cannot_express_is_named_by_its_index(bad, flags):
         with pytest.raises(CanonicalizationError) as raised:
             record_digest_bytes(records, risky, first_index=10)
         assert raised.value.args[0] == 11
+
+
+def test_records_whose_digests_are_known_are_not_hashed_again_and_a_changed_list_is():
+    records = [{"id": "a", "n": 1}, {"id": "b", "n": 2}]
+    real = _rfc8785_digests(records)
+    stand_in = bytes(range(32)) + bytes(range(32, 64))  # not their digests: shows which were used
+    known = DigestedRecords(records, stand_in)
+    assert record_digest_bytes(known, False) == stand_in
+    assert mismatched_digests(known, [stand_in[:32], stand_in[32:]]) == []
+    # compared with what they should be, the known digests are wrong: each record is hashed again
+    # (with RFC 8785) before it is called a mismatch, and these records are the expected ones
+    assert mismatched_digests(known, [real[:32], real[32:]]) == []
+    assert mismatched_digests(known, [real[:32], bytes(32)]) == [1]  # neither known nor real
+    # a slice, a copy or a list grown since are plain records again: hashed
+    assert record_digest_bytes(known[:1], False) == real[:32]
+    assert record_digest_bytes(list(known), False) == real
+    known.append({"id": "c"})
+    assert record_digest_bytes(known, False) == real + _rfc8785_digests([{"id": "c"}])
+    with pytest.raises(ValueError, match="32 bytes of digests for 2 records"):
+        DigestedRecords(records, stand_in[:32])
 
 
 # --- digests sorted in byte order ---------------------------------------------------------------------

@@ -35,7 +35,9 @@ against the batch's startSequence/endSequence and against the ledgers inside (on
 order), a corrupt zstd stream or XDR, trailing bytes, overlapping batch files, and each ledger's
 hash against the SHA-256 of its header XDR. As a streamed source (`LedgerArchiveSource`) each
 ledger is walked once: pass 1 keeps where it lies, and the records a partition writes are sliced
-from their batch files again.
+from their batch files again. Its batches and fetched records come as `DigestedRecords`: each
+record's RFC 8785 SHA-256 (the plan hash's entry, and what a record read again is compared with) is
+computed with its decoding, by the worker processes (`ledger_decoding.with_record_digest`).
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from pcbo_dagster.core.canonical import DigestedRecords
 from pcbo_dagster.core.errors import InvalidInput, PcboError
-from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.sources.ledger_decoding import (
     BatchError,
@@ -66,6 +68,7 @@ from pcbo_dagster.sources.ledger_decoding import (
     DecodedLedger,
     Location,
     decode_batch_file,
+    ledger_record,
     slice_batch_file,
 )
 from pcbo_dagster.sources.local_files import SourcesDirectory
@@ -336,24 +339,6 @@ class DecodingPool:
                 self._executor = None
 
 
-def ledger_record(ledger: DecodedLedger) -> dict[str, Any]:
-    """The record of one decoded ledger (see the module docstring)."""
-    sequence = ledger.sequence
-    return {
-        "id": f"ledger-{sequence:010d}",
-        "ledgerSequence": sequence,
-        "occurredAt": format_instant(ledger.close_time * 1_000_000),
-        "ledgerHash": ledger.ledger_hash.hex(),
-        "previousLedgerHash": ledger.previous_hash.hex(),
-        "protocolVersion": ledger.protocol,
-        "transactionCount": ledger.transaction_count,
-        "operationCount": ledger.operation_count,
-        "lcmXdrBase64": ledger.xdr_base64,
-        "lcmXdrSha256": "sha256:" + ledger.xdr_sha256.hex(),
-        "consentGranted": True,
-    }
-
-
 def _raise(error: BatchError) -> None:
     raise LedgerArchiveError(error.path, error.message)
 
@@ -512,17 +497,24 @@ class LedgerArchiveSource(RecordSource):
         decoded = _iter_decoded(
             self.uri, self.first, self.end, not self.allow_gaps, self.pool, self.gaps, self.root
         )
-        for batch, ledger, record in decoded:
-            index.add(batch, ledger)
+        digests: list[bytes] = []  # of the records, computed by the decoding (`with_record_digest`)
+
+        def batch() -> tuple[list[Any], bool, np.ndarray]:
+            sequences = np.array([r["ledgerSequence"] for r in records], dtype=np.int64)
+            return DigestedRecords(records, b"".join(digests)), False, sequences
+
+        for file, ledger, record in decoded:
+            index.add(file, ledger)
             records.append(record)
+            digests.append(ledger.record_sha256)
             held += len(record["lcmXdrBase64"])
             if len(records) >= size or held >= LEDGER_BATCH_BYTES:
                 self.count += len(records)
-                yield records, False, np.array([r["ledgerSequence"] for r in records], dtype=np.int64)
-                records, held = [], 0
+                yield batch()
+                records, digests, held = [], [], 0
         if records:
             self.count += len(records)
-            yield records, False, np.array([r["ledgerSequence"] for r in records], dtype=np.int64)
+            yield batch()
         self.index = index
 
     def fetch(self, locators: np.ndarray) -> list[Any]:
@@ -539,13 +531,15 @@ class LedgerArchiveSource(RecordSource):
             by_file.setdefault(index.file_of[position], []).append(position)
         files = sorted(by_file)
         tasks = [(index.files[f].uri, [index.location(k) for k in by_file[f]], self.root) for f in files]
-        found: dict[int, dict[str, Any]] = {}
+        found: dict[int, DecodedLedger] = {}
         for decoded, error in self.pool.map(slice_batch_file, tasks, len(positions)):
             for ledger in decoded:
-                found[ledger.sequence] = ledger_record(ledger)
+                found[ledger.sequence] = ledger
             if error is not None:
                 _raise(error)
-        return [found[s] for s in sequences.tolist()]
+        ledgers = [found[s] for s in sequences.tolist()]
+        digests = b"".join(ledger.record_sha256 for ledger in ledgers)
+        return DigestedRecords(map(ledger_record, ledgers), digests)
 
     def _fetch_by_reading(self, sequences: np.ndarray) -> list[Any]:
         """The records of `sequences`, read again over their span (no pass 1 has indexed them)."""

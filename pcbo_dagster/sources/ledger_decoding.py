@@ -5,12 +5,13 @@ streaming decompressor) of one XDR `LedgerCloseMetaBatch{startSequence, endSeque
 ledgerCloseMetas<>}`. `decode_batch` walks every ledger of it with `ledger_xdr.walk_ledger`, which
 checks the whole LedgerCloseMeta as stellar-sdk's decoder would without building it, and keeps,
 for the ledgers asked for, a `DecodedLedger`: the record's fields, the ledger's own XDR (base64,
-sliced from the batch, not re-encoded) and where that XDR lies in the batch. `slice_batch` reads
-ledgers again from where a first decoding found them, without walking them: their bytes must be
-the same (SHA-256) as then.
+sliced from the batch, not re-encoded), where that XDR lies in the batch, and the SHA-256 of the
+ledger's record (`ledger_record`) in its RFC 8785 form: the digest the plan hash lists, computed here,
+in the decoding worker processes, not by the process that waits for the records (issue 18).
+`slice_batch` reads ledgers again from where a first decoding found them, without walking them:
+their bytes must be the same (SHA-256) as then.
 
-This module imports little (no pyarrow), so that a worker process (`decode_batch_file`,
-`slice_batch_file`) starts fast.
+This module imports no more than a worker process (`decode_batch_file`, `slice_batch_file`) needs.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import base64
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from pcbo_dagster.core.canonical import record_digest_bytes
+from pcbo_dagster.core.instants import format_instant
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.sources.ledger_xdr import LedgerFacts, XdrError, walk_ledger, xdr_words
 from pcbo_dagster.sources.local_files import SourcesDirectory
@@ -46,6 +49,32 @@ class DecodedLedger:
     offset: int  # bytes from the start of the decompressed batch
     length: int
     header_offset: int  # bytes from the start of the ledger's XDR to its LedgerHeader
+    record_sha256: bytes = b""  # of `ledger_record(self)` in its RFC 8785 form (`with_record_digest`)
+
+
+def ledger_record(ledger: DecodedLedger) -> dict[str, Any]:
+    """The record of one decoded ledger (see `ledger_archives`)."""
+    sequence = ledger.sequence
+    return {
+        "id": f"ledger-{sequence:010d}",
+        "ledgerSequence": sequence,
+        "occurredAt": format_instant(ledger.close_time * 1_000_000),
+        "ledgerHash": ledger.ledger_hash.hex(),
+        "previousLedgerHash": ledger.previous_hash.hex(),
+        "protocolVersion": ledger.protocol,
+        "transactionCount": ledger.transaction_count,
+        "operationCount": ledger.operation_count,
+        "lcmXdrBase64": ledger.xdr_base64,
+        "lcmXdrSha256": "sha256:" + ledger.xdr_sha256.hex(),
+        "consentGranted": True,
+    }
+
+
+def with_record_digest(ledger: DecodedLedger) -> DecodedLedger:
+    """`ledger` with the SHA-256 of its record's RFC 8785 form (`core.canonical`'s, as the plan hash
+    lists it: a ledger's record holds no float and no integer beyond 2**53, its close time being
+    written as an instant)."""
+    return replace(ledger, record_sha256=record_digest_bytes([ledger_record(ledger)], False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +266,7 @@ def _decoded(data: bytes, facts: LedgerFacts) -> DecodedLedger:
     offset, end = 4 * facts.start, 4 * facts.end
     xdr = data[offset:end]
     header = 4 * facts.header_start
-    return DecodedLedger(
+    ledger = DecodedLedger(
         sequence=facts.sequence,
         close_time=facts.close_time,
         ledger_hash=data[header - 32 : header],
@@ -251,6 +280,7 @@ def _decoded(data: bytes, facts: LedgerFacts) -> DecodedLedger:
         length=end - offset,
         header_offset=header - offset,
     )
+    return with_record_digest(ledger)
 
 
 def decode_batch_file(
@@ -280,22 +310,21 @@ def slice_batch(data: bytes, uri: str, locations: list[Location]) -> BatchResult
         header = header_offset
         (protocol,) = struct.unpack_from(">I", xdr, header)
         (close_time,) = struct.unpack_from(">Q", xdr, header + 68)  # after the version and two hashes
-        out.append(
-            DecodedLedger(
-                sequence=sequence,
-                close_time=close_time,
-                ledger_hash=xdr[header - 32 : header],
-                previous_hash=xdr[header + 4 : header + 36],
-                protocol=protocol,
-                transaction_count=transactions,
-                operation_count=operations,
-                xdr_base64=base64.b64encode(xdr).decode("ascii"),
-                xdr_sha256=digest,
-                offset=offset,
-                length=length,
-                header_offset=header_offset,
-            )
+        ledger = DecodedLedger(
+            sequence=sequence,
+            close_time=close_time,
+            ledger_hash=xdr[header - 32 : header],
+            previous_hash=xdr[header + 4 : header + 36],
+            protocol=protocol,
+            transaction_count=transactions,
+            operation_count=operations,
+            xdr_base64=base64.b64encode(xdr).decode("ascii"),
+            xdr_sha256=digest,
+            offset=offset,
+            length=length,
+            header_offset=header_offset,
         )
+        out.append(with_record_digest(ledger))
     return out, None
 
 
