@@ -469,6 +469,49 @@ def test_an_archive_named_as_the_request_source_decides_like_the_inline_records(
         assert pd.add_locators.tolist() == [r["ledgerSequence"] for r in expected] != []
 
 
+def test_a_ledger_archive_is_staged_two_partitions_at_a_time_on_a_local_lake_unless_told_otherwise(
+    tmp_path, archive_request, monkeypatch
+):
+    """Issue 18: on a local lake the default `parallel` is 1, but 2 when the source is a ledger archive
+    (its partitions are mostly parquet encoding, which runs without the GIL); `--parallel` or
+    `PCBO_PARALLEL` still decide when given. The lake is the same either way."""
+    from contextlib import contextmanager
+
+    from pcbo_dagster.cli import main as cli
+    from pcbo_dagster.engine import execute as execute_module
+
+    real_pool = execute_module._worker_pool
+    used: list[int] = []
+
+    @contextmanager
+    def recording_pool(workers):
+        used.append(workers)
+        with real_pool(workers) as pool:
+            yield pool
+
+    monkeypatch.setattr(execute_module, "_worker_pool", recording_pool)
+    monkeypatch.delenv("PCBO_PARALLEL", raising=False)
+    _, inline = archive_request
+    by_reference = {k: v for k, v in inline.items() if k != "sourceRecords"}
+    by_reference["source"] = {"uri": str(tmp_path / "archive"), "format": "ledger_archive"}
+    homes = []
+
+    def execute(request: dict[str, Any], *flags: str) -> None:
+        home = tmp_path / f"home-{len(homes)}"
+        homes.append(home)
+        path = write_request(tmp_path / f"request-{len(homes)}.json", request)
+        argv = ["execute", "--input", str(path), "--home", str(home), "--output", str(tmp_path / "out.json")]
+        assert cli.main([*argv, *flags]) == 0
+
+    execute(by_reference)
+    execute(inline)
+    execute(by_reference, "--parallel", "3")
+    monkeypatch.setenv("PCBO_PARALLEL", "1")
+    execute(by_reference)
+    assert used == [2, 1, 3, 1]
+    assert _lake_files(homes[0]) == _lake_files(homes[3]) == _lake_files(homes[2]) != {}
+
+
 def test_a_ledger_archive_source_needs_a_ledger_range_request(tmp_path):
     request = {
         "runId": "r",

@@ -26,7 +26,13 @@ from pcbo_dagster.engine import execute as execute_module
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.execute import COMMIT_BATCH, check_gates, execute
 from pcbo_dagster.engine.request_loading import evaluate, load_request
-from pcbo_dagster.engine.settings import DEFAULT_PARALLEL, DEFAULT_PARALLEL_LOCAL, Settings
+from pcbo_dagster.engine.settings import (
+    DEFAULT_PARALLEL,
+    DEFAULT_PARALLEL_LOCAL,
+    DEFAULT_PARALLEL_LOCAL_LEDGERS,
+    Settings,
+    default_parallel,
+)
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import (
     INTENT_EVENT_TYPES,
@@ -321,6 +327,13 @@ def test_pace_still_commits_one_partition_at_a_time(tmp_path: Path, request_file
 
 def test_the_parallel_setting() -> None:
     assert Settings.resolve(home="/tmp/x", env={}).parallel == DEFAULT_PARALLEL_LOCAL == 1
+    assert not Settings.resolve(home="/tmp/x", env={"PCBO_PARALLEL": " "}).parallel_given
+    assert Settings.resolve(home="/tmp/x", env={"PCBO_PARALLEL": "1"}).parallel_given
+    assert Settings.resolve(home="/tmp/x", env={}, parallel=1).parallel_given
+    # by the request's source too: a ledger archive's partitions are encoded two at a time locally
+    assert default_parallel("/tmp/x/lake", "ledger_archive") == DEFAULT_PARALLEL_LOCAL_LEDGERS == 2
+    assert default_parallel("file:///tmp/x/lake", "jsonl") == default_parallel("/tmp/x/lake") == 1
+    assert default_parallel("s3://bucket/lake", "ledger_archive") == DEFAULT_PARALLEL == 4
     for lake in ("/tmp/x/lake", "file:///tmp/x/lake"):
         assert Settings.resolve(home="/tmp/x", lake=lake, env={}).parallel == 1
     for lake in ("s3://bucket/lake", "gs://bucket/lake"):

@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                 type=int,
                 metavar="N",
                 help="partitions read, encoded and written at once "
-                "(PCBO_PARALLEL; default 1 for a local lake, 4 for an object store; 1: one at a time)",
+                "(PCBO_PARALLEL; default 1 for a local lake, 2 there for a ledger archive source, 4 for an "
+                "object store; 1: one at a time)",
             )
             p.add_argument(
                 "--dagster",

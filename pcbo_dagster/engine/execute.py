@@ -11,12 +11,12 @@ written to it. A partition already committed with identical content is left as i
 left it without its catalog row, that is completed now.
 
 Partitions are committed in batches. With `parallel` > 1 (`--parallel`, `PCBO_PARALLEL`; default 1 on
-a local lake, 4 on an object store) up to that many partitions of a batch are read, encoded and
-written at once by worker threads (pyarrow, zstd, hashlib and the object-store clients release the
-GIL), and so are the batch's commit points and post-write checks. Everything that appends to the
-audit chain or writes the catalog stays on the calling thread, one partition after another in
-partition order, so the chain, the catalog and
-the lake are byte-for-byte what a `parallel=1` run (one partition at a time) writes.
+a local lake, 2 there for a ledger archive, 4 on an object store: `settings.default_parallel`) up to
+that many partitions of a batch are read, encoded and written at once by worker threads (pyarrow,
+zstd, hashlib and the object-store clients release the GIL), and so are the batch's commit points and
+post-write checks. Everything that appends to the audit chain or writes the catalog stays on the
+calling thread, one partition after another in partition order, so the chain, the catalog and the
+lake are byte-for-byte what a `parallel=1` run (one partition at a time) writes.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from pcbo_dagster.engine.partition_checks import CheckedChain, verified_chain
 from pcbo_dagster.engine.post_write import CheckItem, check_batch
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import apply_undos, plan_undo
+from pcbo_dagster.engine.settings import default_parallel
 from pcbo_dagster.engine.transparency_log import publish
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.lake.manifests import FileEntry, Manifest, RollbackManifest
@@ -291,8 +292,9 @@ def execute(
 
     With `pace`, partitions are committed one at a time, each after `pace` allowed it; a `pace`
     returning False ends the run early with status `stopped` (what was committed stays committed).
-    `parallel`: partitions staged at once (default: the environment's `Settings.parallel`); 1 stages
-    them one after another on this thread. The outputs are the same either way.
+    `parallel`: partitions staged at once (default: the one the settings were given, else
+    `default_parallel` for the lake and the request's source); 1 stages them one after another on this
+    thread. The outputs are the same either way.
     `schema_from`: the decisions whose adds fix the parquet schema, when `decisions` holds only some
     of a request's partitions (a promotion of part of a rollout writes the bytes the whole would).
     `table`: where to publish (a rollout's staging branch or promotion), instead of the request's
@@ -302,7 +304,7 @@ def execute(
         from pcbo_dagster.engine.sql_apply import execute_sql
 
         return execute_sql(env, loaded, plan, decisions, progress=progress)
-    workers = _workers(env, parallel)
+    workers = _workers(env, parallel, loaded.source_kind)
     request = loaded.request
     env.catalog.check_run_id(request.runId, plan.dataset, plan.version_label)  # before anything is written
     existing = list(request.existingTargetIds)
@@ -393,8 +395,16 @@ def _announce(env: Environment, plan: Plan, results: list[dict[str, Any]]) -> No
     lake_changes.announce(env, plan.dataset, plan.version_label, changed, lake_changes.COMMITTED)
 
 
-def _workers(env: Environment, parallel: int | None) -> int:
-    workers = env.settings.parallel if parallel is None else parallel
+def _workers(env: Environment, parallel: int | None, source_kind: str | None = None) -> int:
+    """`parallel`, else the one the settings were given, else the fastest for the lake and a run's
+    source (`default_parallel`)."""
+    settings = env.settings
+    if parallel is not None:
+        workers = parallel
+    elif settings.parallel_given:
+        workers = settings.parallel
+    else:
+        workers = default_parallel(settings.lake_url, source_kind)
     if workers < 1:
         raise InvalidInput("parallel", f"must be at least 1, not {workers}")
     return workers
