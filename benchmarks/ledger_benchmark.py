@@ -6,8 +6,9 @@ into `--archive` (reused when it is already there) or a temporary directory. Eac
 `pcbo` process into an empty `PCBO_HOME`, timed around the process (interpreter start and imports
 included):
 
-- `execute` (defaults: `--parallel` 1 on a local lake, partitions written one after another; ledger
-  decoding in `PCBO_LEDGER_WORKERS` processes, default: the CPUs, at most 4);
+- `execute` (defaults: `--parallel` 2 on a local lake for a ledger archive, two partitions staged at
+  once; ledger decoding in `PCBO_LEDGER_WORKERS` processes, default: the CPUs, at most 4);
+- `execute --parallel 1`: partitions written one after another (the default before 2026-12-06);
 - `execute --parallel 4`: four partitions staged at once (the default on an object-store lake);
 - `dry-run` (defaults): pass 1 alone (every ledger read, walked and hashed, no partition written);
 - with `--one-process`: `execute --parallel 1` with `PCBO_LEDGER_WORKERS=1` (all in one process);
@@ -154,6 +155,7 @@ def main() -> None:
         execute = ["execute", "--input", str(request)]
         cases: list[tuple[str, list[str], dict[str, str]]] = [
             ("execute (defaults)", execute, {}),
+            ("execute --parallel 1", [*execute, "--parallel", "1"], {}),
             ("execute --parallel 4", [*execute, "--parallel", "4"], {}),
             ("dry-run (defaults)", ["dry-run", "--input", str(request)], {}),
         ]
