@@ -635,6 +635,15 @@ def test_the_record_digests_the_decoding_computes_are_those_of_the_records(
         assert type(fetched) is DigestedRecords
         assert list(fetched) == [records[k] for k in order]
         assert fetched.digests == record_digest_bytes(list(fetched), False)
+        # a source no pass 1 has indexed reads the records' span again, digests and all
+        fresh = la.LedgerArchiveSource(str(root), str(root), REAL_FIRST, REAL_FIRST + REAL_LEDGERS)
+        try:
+            again = fresh.fetch(np.array([REAL_FIRST + 9, REAL_FIRST + 2, REAL_FIRST + 9], dtype=np.int64))
+            assert fresh.index is None and type(again) is DigestedRecords
+            assert list(again) == [records[9], records[2], records[9]]
+            assert again.digests == record_digest_bytes(list(again), False)
+        finally:
+            fresh.pool.close()
     finally:
         source.pool.close()
 

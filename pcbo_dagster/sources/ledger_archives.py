@@ -547,10 +547,11 @@ class LedgerArchiveSource(RecordSource):
         for k, sequence in enumerate(sequences.tolist()):
             where.setdefault(sequence, []).append(k)
         out: list[Any] = [None] * len(sequences)
+        digests = [b""] * len(sequences)
         first, end = int(sequences.min()), int(sequences.max()) + 1
-        for _, _, record in _iter_decoded(self.uri, first, end, False, self.pool, root=self.root):
+        for _, ledger, record in _iter_decoded(self.uri, first, end, False, self.pool, root=self.root):
             for k in where.pop(record["ledgerSequence"], []):
-                out[k] = record
+                out[k], digests[k] = record, ledger.record_sha256
         if where:
             raise LedgerArchiveError(self.shown, f"ledgers {sorted(where)[:5]} are no longer in the archive")
-        return out
+        return DigestedRecords(out, b"".join(digests))
