@@ -648,6 +648,32 @@ def test_the_record_digests_the_decoding_computes_are_those_of_the_records(
         source.pool.close()
 
 
+def test_the_decoding_processes_result_pipe_is_widened_and_a_refusal_changes_nothing(
+    realistic_archive, monkeypatch
+):
+    """Issue 18: the pipe the decoding processes send their ~620 KB ledgers through is widened, so the
+    receiving thread reads each in one piece; a system that refuses (here: a size beyond any pipe's)
+    decodes the same records through the pipe as it is."""
+    import fcntl
+
+    get_size = getattr(fcntl, "F_GETPIPE_SZ", None)
+    if get_size is None:
+        pytest.skip("no F_GETPIPE_SZ here (not Linux)")
+    root, records = realistic_archive[1], realistic_archive[2]
+    for size, widened in ((la.RESULT_PIPE_BYTES, True), (1 << 40, False)):
+        monkeypatch.setattr(la, "RESULT_PIPE_BYTES", size)
+        pool = la.DecodingPool(2)
+        try:
+            reader = pool.executor()._result_queue._reader
+            assert (fcntl.fcntl(reader.fileno(), get_size) == 1 << 20) is widened
+            assert (
+                list(la.iter_ledger_records(str(root), REAL_FIRST, REAL_FIRST + 70, pool=pool))
+                == (records[:70])
+            )
+        finally:
+            pool.close()
+
+
 def test_header_padding_is_hashed_as_stellar_core_hashes_it(tmp_path):
     """A byte string's padding is not read by a decoder: a header whose upgrade padding is not zero
     hashes as its zero-padded encoding, for the walker as for the full decoding."""

@@ -43,6 +43,7 @@ computed with its decoding, by the worker processes (`ledger_decoding.with_recor
 from __future__ import annotations
 
 import array
+import fcntl
 import itertools
 import multiprocessing
 import os
@@ -249,6 +250,27 @@ def ledger_workers() -> int:
 #: Reads of fewer ledgers than this are decoded in the calling process (starting workers costs more).
 POOL_MIN_LEDGERS = 64
 
+#: The bytes the pipe carrying the decoding processes' results may hold (Linux's `F_SETPIPE_SZ`; the
+#: default, 64 KiB, had the thread receiving them read each ~620 KB ledger in ten pieces, each one a
+#: handover of the GIL from the threads doing the run's work). Issue 18: 2,048 realistic ledgers in
+#: 16.2 s against 18.0 s, medians of 5 alternated pairs, every pair faster.
+RESULT_PIPE_BYTES = 1 << 20
+
+
+def _widen_result_pipe(executor: ProcessPoolExecutor) -> None:
+    """Best effort: widen the pipe `executor`'s processes send their results through to
+    `RESULT_PIPE_BYTES`. Where that cannot be done (not Linux, a system whose `fs.pipe-max-size` is
+    lower, an executor laid out otherwise than CPython 3.11's) the pipe stays as it is: results arrive
+    all the same, in more pieces."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    reader = getattr(getattr(executor, "_result_queue", None), "_reader", None)
+    if set_size is None or reader is None:
+        return
+    try:
+        fcntl.fcntl(reader.fileno(), set_size, RESULT_PIPE_BYTES)
+    except (OSError, ValueError, AttributeError):
+        pass
+
 
 class DecodingProcessDied(PcboError):
     """A worker process ended while it decoded a batch file (exit status 1): killed by the system
@@ -278,6 +300,7 @@ class DecodingPool:
                 context = multiprocessing.get_context("spawn")  # never fork a process that has threads
                 self._executor = ProcessPoolExecutor(self.workers, mp_context=context)
                 weakref.finalize(self, self._executor.shutdown, wait=False, cancel_futures=True)
+                _widen_result_pipe(self._executor)
             return self._executor
 
     def map(
