@@ -935,6 +935,13 @@ PYTHON_BATCH_BYTES = 64 << 20
 _Rows = TypeVar("_Rows", pa.RecordBatch, pa.Table)
 
 
+def _unreadable_group(shown: str, group: int, column: str | None, said: str) -> InvalidInput:
+    """A row group that cannot be read as its file says (`said` why): invalid input naming `source`,
+    the file (`shown`, redacted), the row group and, when known, the column."""
+    where = f"row group {group}" + (f", column {column}" if column is not None else "")
+    return InvalidInput("source", f"{redact_url(shown)}: {where}: not a readable parquet row group: {said}")
+
+
 def _without_views(kind: pa.DataType) -> pa.DataType:
     """`kind` with its text and binary view types (string_view, binary_view, which pyarrow writes and
     reads back, and for which Arrow has no `take`: a record re-read by position) as the types they
@@ -1054,11 +1061,7 @@ class _ParquetFile(pq.ParquetFile):
             for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
                 low, high = pc.min_max(chunk.indices).values()
                 if low.is_valid and (low.as_py() < 0 or high.as_py() >= len(chunk.dictionary)):
-                    raise InvalidInput(
-                        "source",
-                        f"{redact_url(shown)}: row group {group}, column {name}: not a readable parquet row "
-                        "group: Index not in dictionary bounds",
-                    )
+                    raise _unreadable_group(shown, group, name, "Index not in dictionary bounds")
 
     def _all_rows(self, group: int, decoded: int, shown: str) -> None:
         """Row group `group` decoded to `decoded` rows is its footer's count of them (a record's position
@@ -1067,11 +1070,8 @@ class _ParquetFile(pq.ParquetFile):
         (of a list or a map in version 1 pages, which do not say: `parquet_pages._check_rows`)."""
         said = self.metadata.row_group(group).num_rows
         if decoded != said:
-            raise InvalidInput(
-                "source",
-                f"{redact_url(shown)}: row group {group}: not a readable parquet row group: its pages hold "
-                f"{decoded} rows, its footer says {said}",
-            )
+            counted = f"its pages hold {decoded} rows, its footer says {said}"
+            raise _unreadable_group(shown, group, None, counted)
 
     def _decoding(
         self, group: int, rows: int, shown: str, columns: list[str] | None
@@ -1082,11 +1082,7 @@ class _ParquetFile(pq.ParquetFile):
         of `rows`)."""
 
         def refused(said: str) -> InvalidInput:
-            failing = self._failing_column(group, rows, columns)
-            where = f"row group {group}" + (f", column {failing}" if failing is not None else "")
-            return InvalidInput(
-                "source", f"{redact_url(shown)}: {where}: not a readable parquet row group: {said}"
-            )
+            return _unreadable_group(shown, group, self._failing_column(group, rows, columns), said)
 
         return decoding_held_bytes(refused)
 
