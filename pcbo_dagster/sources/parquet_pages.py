@@ -830,12 +830,13 @@ def row_group_pages(
     kept_at_most = budget // PAGE_RECORD_BYTES
     for column, chunk, (start, end) in chunks:
         path = column.path
+        repeated = column.max_repetition_level > 0  # (under a list or a map)
         try:
             kept = kept_at_most - sum(len(c.pages) for c in read)
-            pages = _chunk_pages(held, start, end, chunk, kept, column.max_repetition_level > 0)
-            if column.max_repetition_level > 0:
+            pages = _chunk_pages(held, start, end, chunk, kept, repeated)
+            if repeated:
                 _count_rows_of_v2_pages(held, pages, column.max_repetition_level)
-            _check_rows(pages, column.max_repetition_level > 0, row_group.num_rows)
+            _check_rows(pages, repeated, row_group.num_rows)
             width, overhead = _value_width(column, arrow_types.get(path))
             pages_of = ColumnPages(
                 path,
