@@ -22,6 +22,14 @@ inodes, the minimal pipeline 720, so the minimal pipeline hardly pays), and abou
 after the last deletion.
 With `--save` the figures are also written to `benchmarks/results/engine-<date>.json`.
 
+`--split-bound` adds two steps to each repeat, to bound what any split of one execute over two
+processes could win: `half` executes a request of half the records over half the partitions (same
+generator and seed) into a fresh home, alone; `two-halves` executes two such requests at once, each into
+a home of its own (wall time until both have ended; CPU summed; the larger peak RSS). Two independent
+half runs share nothing, not even the parse of one request or one audit chain, so no split of a single
+run into two processes can end sooner than they do; `splitBound` is that wall time over the minimal
+pipeline's.
+
 Before timing, the installed `pcbo_dagster` package is byte-compiled (`compileall`, only what is
 missing or stale), as a wheel install by pip leaves it: an editable install run with
 `PYTHONDONTWRITEBYTECODE` set would otherwise compile every module on every start (~0.3 s a process
@@ -54,6 +62,7 @@ MINIMAL = HERE / "minimal_pipeline.py"
 TARGET_RATIO = 1.5  # issue 18 (aim: 1.3)
 GNU_TIME = "/usr/bin/time"
 STEPS = ("dry-run", "execute", "re-execute", "minimal")
+SPLIT_STEPS = ("half", "two-halves")
 
 
 def gnu_time_works() -> bool:
@@ -102,6 +111,40 @@ def timed(
     return seconds, cpu, rss_kib / 1024, proc.stdout
 
 
+def timed_together(
+    cmds: list[list[str]], envs: list[dict[str, str]], scratch: Path, use_gnu_time: bool
+) -> tuple[float, float, float]:
+    """Start every command at once; return (wall seconds until the last has ended, CPU seconds of all,
+    the largest peak RSS in MiB). Exits on failure."""
+    rss_files = [scratch / f"rss-{i}.txt" for i in range(len(cmds))]
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [GNU_TIME, "-v", "-o", str(rss), *cmd] if use_gnu_time else cmd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for cmd, env, rss in zip(cmds, envs, rss_files, strict=True)
+    ]
+    errors = [proc.communicate()[1] for proc in procs]
+    seconds = time.perf_counter() - t0
+    cpu = cpu_seconds(resource.getrusage(resource.RUSAGE_CHILDREN)) - cpu_seconds(usage_before)
+    for proc, cmd, err in zip(procs, cmds, errors, strict=True):
+        if proc.returncode != 0:
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    peak_kib = 0
+    if use_gnu_time:
+        for rss in rss_files:
+            match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", rss.read_text())
+            peak_kib = max(peak_kib, int(match.group(1)) if match else 0)
+    else:
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, cpu, peak_kib / 1024
+
+
 def engine_added(output: Path) -> tuple[str, int]:
     doc = json.loads(output.read_text())
     return doc["status"], sum(p["recordCount"] for p in doc["partitions"])
@@ -130,9 +173,10 @@ def run(args: argparse.Namespace) -> dict:
     load_before = load_average()
     print(f"byte-compiled {package}; load average {load_before}", flush=True)
     pcbo = pcbo_command()
-    times: dict[str, list[float]] = {s: [] for s in STEPS}
-    cpus: dict[str, list[float]] = {s: [] for s in STEPS}
-    rss: dict[str, list[float]] = {s: [] for s in STEPS}
+    steps = STEPS + SPLIT_STEPS if args.split_bound else STEPS
+    times: dict[str, list[float]] = {s: [] for s in steps}
+    cpus: dict[str, list[float]] = {s: [] for s in steps}
+    rss: dict[str, list[float]] = {s: [] for s in steps}
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="pcbo-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -145,13 +189,20 @@ def run(args: argparse.Namespace) -> dict:
             flush=True,
         )
         out = tmp / "out.json"
+        half = tmp / "half.json"
+        if args.split_bound:
+            half_request = make_request(args.records // 2, args.partitions // 2, args.seed)
+            half.write_text(json.dumps(half_request), encoding="utf-8")
 
-        def step(name: str, cmd: list[str], home: Path) -> str:
-            seconds, cpu, peak, stdout = timed(cmd, clean_env(home), tmp, use_gnu_time)
+        def record(name: str, seconds: float, cpu: float, peak: float) -> None:
             times[name].append(seconds)
             cpus[name].append(cpu)
             rss[name].append(peak)
             print(f"  {name:<11} {seconds:7.2f}s  {cpu:6.2f} CPU s  {peak:7.0f} MiB", flush=True)
+
+        def step(name: str, cmd: list[str], home: Path) -> str:
+            seconds, cpu, peak, stdout = timed(cmd, clean_env(home), tmp, use_gnu_time)
+            record(name, seconds, cpu, peak)
             return stdout
 
         for rep in range(1, args.repeat + 1):
@@ -171,17 +222,24 @@ def run(args: argparse.Namespace) -> dict:
             minimal_cmd = [sys.executable, str(MINIMAL), "--input", str(req), "--out-dir", str(min_out)]
             stdout = step("minimal", minimal_cmd, home)
             counts["minimal"] = json.loads(stdout)["rows"]
+            if args.split_bound:
+                half_cmd = [*pcbo, "execute", "--input", str(half), "--output", os.devnull]
+                step("half", half_cmd, tmp / f"half-{rep}")
+                homes = [tmp / f"halves-{rep}-{side}" for side in ("a", "b")]
+                envs = [clean_env(h) for h in homes]
+                record("two-halves", *timed_together([half_cmd, half_cmd], envs, tmp, use_gnu_time))
             # Every repeat's directories stay until the end, when the temporary directory goes (the
             # module docstring says why).
 
     summary: dict[str, dict[str, Any]] = {}
-    for name in STEPS:
+    records_of = {"half": args.records // 2, "two-halves": 2 * (args.records // 2)}
+    for name in steps:
         med = statistics.median(times[name])
         summary[name] = {
             "medianSeconds": round(med, 3),
             "minSeconds": round(min(times[name]), 3),
             "medianCpuSeconds": round(statistics.median(cpus[name]), 3),
-            "recordsPerSecond": round(args.records / med),
+            "recordsPerSecond": round(records_of.get(name, args.records) / med),
             "peakRssMiB": round(max(rss[name]), 1),
             "seconds": [round(t, 3) for t in times[name]],
             "cpuSeconds": [round(t, 3) for t in cpus[name]],
@@ -190,6 +248,24 @@ def run(args: argparse.Namespace) -> dict:
     cores = os.cpu_count() or 1
     paired = [e / m for e, m in zip(times["execute"], times["minimal"], strict=True)]
     paired_floor = [c / cores / m for c, m in zip(cpus["execute"], times["minimal"], strict=True)]
+    ratio: dict[str, Any] = {
+        "executeOverMinimalMedian": round(execute["medianSeconds"] / minimal["medianSeconds"], 2),
+        "executeOverMinimalMin": round(execute["minSeconds"] / minimal["minSeconds"], 2),
+        "target": TARGET_RATIO,
+        # The best any scheduling could do: execute's CPU seconds over all the cores at once.
+        "cpuBound": round(execute["medianCpuSeconds"] / cores / minimal["medianSeconds"], 2),
+        "cores": cores,
+        "paired": {
+            "executeOverMinimal": round(statistics.median(paired), 2),
+            "cpuBound": round(statistics.median(paired_floor), 2),
+            "perRepeat": [round(r, 2) for r in paired],
+        },
+    }
+    if args.split_bound:
+        # The best any split of one run over two processes could do (the module docstring says why).
+        paired_split = [h / m for h, m in zip(times["two-halves"], times["minimal"], strict=True)]
+        ratio["splitBound"] = round(summary["two-halves"]["medianSeconds"] / minimal["medianSeconds"], 2)
+        ratio["paired"]["splitBound"] = round(statistics.median(paired_split), 2)
     return {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "loadAverage": {"before": load_before, "after": load_average()},
@@ -205,19 +281,7 @@ def run(args: argparse.Namespace) -> dict:
         },
         "steps": summary,
         "addedRows": {"engine": counts["execute"], "dryRun": counts["dry-run"], "minimal": counts["minimal"]},
-        "ratio": {
-            "executeOverMinimalMedian": round(execute["medianSeconds"] / minimal["medianSeconds"], 2),
-            "executeOverMinimalMin": round(execute["minSeconds"] / minimal["minSeconds"], 2),
-            "target": TARGET_RATIO,
-            # The best any scheduling could do: execute's CPU seconds over all the cores at once.
-            "cpuBound": round(execute["medianCpuSeconds"] / cores / minimal["medianSeconds"], 2),
-            "cores": cores,
-            "paired": {
-                "executeOverMinimal": round(statistics.median(paired), 2),
-                "cpuBound": round(statistics.median(paired_floor), 2),
-                "perRepeat": [round(r, 2) for r in paired],
-            },
-        },
+        "ratio": ratio,
     }
 
 
@@ -246,6 +310,12 @@ def print_table(result: dict) -> None:
         f"spread perfectly over {ratio['cores']} cores would still be {ratio['cpuBound']:.2f}x "
         f"the minimal pipeline's wall time ({ratio['paired']['cpuBound']:.2f}x paired by repeat)"
     )
+    if "splitBound" in ratio:
+        print(
+            f"two half requests executed at once, {result['steps']['two-halves']['medianSeconds']:.2f} s: "
+            f"no split of one execute over two processes can end sooner, {ratio['splitBound']:.2f}x "
+            f"the minimal pipeline ({ratio['paired']['splitBound']:.2f}x paired by repeat)"
+        )
     added = result["addedRows"]
     diff = (added["minimal"] - added["engine"]) / added["engine"] * 100 if added["engine"] else 0.0
     print(
@@ -264,6 +334,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/engine-<date>.json")
+    parser.add_argument(
+        "--split-bound",
+        action="store_true",
+        help="also time a half request alone and two at once (the best a split over two processes can do)",
+    )
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
