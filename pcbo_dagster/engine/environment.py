@@ -62,6 +62,26 @@ def _holder(holder_text: str) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
+def _busy_message(dataset: str, version_label: str, current: dict[str, Any] | None, waited: float) -> str:
+    """Why a run gives up on a dataset version: who holds it (the catalog's lease row `current`; None
+    when the run holding the file lock has not taken its lease yet, or already gave it back)."""
+    if current is None:
+        who = "another run on this host (it holds the dataset version's lock file)"
+    else:
+        holder = _holder(current["holder"])
+        who = (
+            f"run {holder.get('run')!r} (pid {holder.get('pid')} on {holder.get('host')}) "
+            f"since {current['acquired_at']:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    return (
+        f"{dataset}/{version_label} is being written by {who}; waited {waited:g} s (PCBO_LEASE_WAIT_SECONDS)"
+    )
+
+
+def _lease_wait_seconds() -> float:
+    return positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
+
+
 def _holder_is_dead(holder_text: str) -> bool:
     """A lease held by a process that no longer exists, in this very process space (same host name,
     boot and pid namespace: `_process_space`), is stale (a crashed run). A holder elsewhere, or one
@@ -110,7 +130,9 @@ class DatasetLease:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
-    def acquire(self, wait_seconds: float) -> None:
+    def acquire(self, wait_seconds: float, waited: float | None = None) -> None:
+        """Take the lease, waiting up to `wait_seconds` for its holder; `waited`: the whole wait to
+        report (the file lock's included) when it was longer."""
         deadline = time.monotonic() + wait_seconds
         while True:
             current = self.catalog.try_acquire_lease(
@@ -120,12 +142,8 @@ class DatasetLease:
                 self._start_heartbeat()
                 return
             if time.monotonic() >= deadline:
-                holder = _holder(current["holder"])
                 raise DatasetBusy(
-                    f"{self.dataset}/{self.version_label} is being written by run {holder.get('run')!r} "
-                    f"(pid {holder.get('pid')} on {holder.get('host')}) "
-                    f"since {current['acquired_at']:%Y-%m-%dT%H:%M:%SZ}"
-                    f"; waited {wait_seconds:g} s (PCBO_LEASE_WAIT_SECONDS)"
+                    _busy_message(self.dataset, self.version_label, current, waited or wait_seconds)
                 )
             time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
 
@@ -218,33 +236,59 @@ class Environment:
     ) -> Iterator[DatasetLease]:
         """Only one run writes a dataset version at a time: a file lock for the runs sharing this audit
         backup, then the catalog's lease for runs anywhere (other hosts sharing a PostgreSQL catalog).
-        Waits up to `PCBO_LEASE_WAIT_SECONDS` (default 600) for another run's lease. `create=False`
+        Waits up to `PCBO_LEASE_WAIT_SECONDS` (default 600) in all, for the file lock (a run on this
+        host) and then another run's lease, then raises `DatasetBusy` naming the holder. `create=False`
         (a dry run, which must create nothing) takes the file lock only where its file exists: a run
         that creates it meanwhile is still kept out by the lease."""
+        wait_seconds = _lease_wait_seconds()
+        deadline = time.monotonic() + wait_seconds
         directory = self.settings.audit_dir / dataset
         # `@` is in no version label: no chain's own lock file (`<label>.lock`) can be this one
         path = directory / f"{version_label}@run.lock"
         if create:
             directory.mkdir(parents=True, exist_ok=True)
         if not create and not path.exists():
-            with self._lease(dataset, version_label, run_id) as lease:
+            with self._lease(dataset, version_label, run_id, wait_seconds, wait_seconds) as lease:
                 yield lease
             return
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            with self._lease(dataset, version_label, run_id) as lease:
-                yield lease
+            # Waited for as the lease is, never longer: a run on this host holds this lock for as long
+            # as it writes, and the second run's PCBO_LEASE_WAIT_SECONDS bounds its whole wait.
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        current = next(
+                            (
+                                row
+                                for row in self.catalog.leases()
+                                if (row["dataset"], row["version_label"]) == (dataset, version_label)
+                            ),
+                            None,
+                        )
+                        raise DatasetBusy(
+                            _busy_message(dataset, version_label, current, wait_seconds)
+                        ) from None
+                    time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+            try:
+                with self._lease(
+                    dataset, version_label, run_id, max(0.0, deadline - time.monotonic()), wait_seconds
+                ) as lease:
+                    yield lease
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     @contextmanager
-    def _lease(self, dataset: str, version_label: str, run_id: str | None) -> Iterator[DatasetLease]:
+    def _lease(
+        self, dataset: str, version_label: str, run_id: str | None, wait_seconds: float, waited: float
+    ) -> Iterator[DatasetLease]:
         lease = DatasetLease(self.catalog, dataset, version_label, run_id)
-        lease.acquire(
-            positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
-        )
+        lease.acquire(wait_seconds, waited)
         try:
             yield lease
         finally:
