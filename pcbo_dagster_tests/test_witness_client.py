@@ -160,3 +160,55 @@ def test_a_witness_that_drips_its_answer_is_given_up_at_the_timeout(tmp_path: Pa
     assert status == 0 and document["checkpoint"]["witnessedBy"] == [], document
     assert "no whole answer" in document["checkpoint"]["witnessErrors"][0]
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("witnesses", "said"),
+    [
+        # one witness's key twice (a second URL, or another name for the same key): its cosignatures
+        # would count as two witnesses'
+        (
+            [
+                f"{WITNESS.verifier(COSIGNATURE_V1).text} http://127.0.0.1:9/a",
+                f"{WITNESS.verifier(COSIGNATURE_V1).text} http://127.0.0.1:9/b",
+            ],
+            "its key is given already",
+        ),
+        (
+            [
+                f"{WITNESS.verifier(COSIGNATURE_V1).text} http://127.0.0.1:9/a",
+                f"{SigningKey('other.example/w9', WITNESS.private_key).verifier(COSIGNATURE_V1).text} http://127.0.0.1:9/b",
+            ],
+            "its key is given already",
+        ),
+        # the operator's own key as a witness: it would witness the checkpoints it signs itself
+        (
+            [
+                f"{SigningKey('witness.example/me', LOG.private_key).verifier(COSIGNATURE_V1).text} http://127.0.0.1:9"
+            ],
+            "the operator's",
+        ),
+    ],
+)
+def test_a_witness_list_naming_one_key_twice_or_the_operators_own_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], witnesses: list[str], said: str
+) -> None:
+    """`--min-witnesses` counts a witness key once, whatever name it signs under, and never the
+    operator's (`witness_requirement`); the publishing side now holds its list to the same rules: exit 2
+    naming the field, and no home made."""
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(LOG.text + "\n")
+    key_file.chmod(0o600)
+    request = load_generator().make_request(records=20, partitions=2, seed=3, run_id="r1")
+    args = ["execute", "--input", str(write_request(tmp_path / "r.json", request))]
+    args += ["--signing-key", str(key_file), "--home", str(tmp_path / "home")]
+    for witness in witnesses:
+        args += ["--witness", witness]
+    try:
+        status = cli.main([*args, "--output", str(tmp_path / "out.json")])
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "--witness" in err and said in err, err
+    assert not (tmp_path / "home").exists() and not (tmp_path / "out.json").exists()

@@ -201,7 +201,7 @@ class Environment:
             if settings.signing_key is not None
             else None
         )
-        witnesses = witnesses_of(settings.witnesses, settings.witnesses_field)
+        witnesses = witnesses_of(settings.witnesses, settings.witnesses_field, signing_key)
         catalog = CatalogStore(settings.catalog_url)
         if not create and catalog.is_missing_sqlite_file():
             raise InvalidInput(

@@ -153,8 +153,24 @@ def witness_requirement(
     return keys, required
 
 
-def witnesses_of(entries: tuple[str, ...], field: str = "PCBO_WITNESSES") -> list[Witness]:
-    return [parse_witness(entry, field) for entry in entries]
+def witnesses_of(
+    entries: tuple[str, ...], field: str = "PCBO_WITNESSES", operator: SigningKey | None = None
+) -> list[Witness]:
+    """The witnesses to ask for cosignatures, each `<cosigner vkey> <URL>`; `InvalidInput` naming
+    `field` unless each key is given once (one witness's key under two names or at two URLs would
+    cosign twice, and count as two witnesses) and none is the `operator`'s signing key (under any
+    name: the operator would witness the checkpoints it signs itself) — the rules `--witness-key` is
+    held to (`witness_requirement`)."""
+    witnesses = [parse_witness(entry, field) for entry in entries]
+    for index, witness in enumerate(witnesses):
+        key = witness.key
+        if operator is not None and key.public_key == operator.public_key:
+            raise InvalidInput(
+                field, f"{key.name}: the operator's signing key witnesses nothing it signs itself"
+            )
+        if any(other.key.public_key == key.public_key for other in witnesses[:index]):
+            raise InvalidInput(field, f"{key.name}: its key is given already (under this name or another)")
+    return witnesses
 
 
 # -- publishing ------------------------------------------------------------------------------------------
