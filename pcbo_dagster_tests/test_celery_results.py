@@ -17,7 +17,9 @@ import base64
 import json
 import threading
 import time
+import types
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -479,6 +481,43 @@ def test_the_coordinator_signs_the_step_message_it_sends(celery_env, tmp_path):
     assert not message_verifies(
         celery_secret({"PCBO_CELERY_KEY": SHARED_KEY}), str(uuid.uuid4()), *signed[1:]
     )
+
+
+def test_the_steps_of_a_run_register_dagster_celerys_task_once(tmp_path):
+    """The coordinator sends every step of a run with one Celery app. Before, each step sent defined
+    dagster-celery's `execute_plan` task on it again, and Celery 5.7 warned at every run's second step
+    ("DuplicateTaskNameWarning: Task name 'execute_plan' is already registered to a different
+    callable"); now the task is defined once per app and taken back for the next steps, which go out
+    under the same task name, signed as before."""
+    from celery import Celery
+    from celery.exceptions import DuplicateTaskNameWarning
+    from dagster._core.execution.retries import RetryMode
+    from dagster_celery.config import TASK_EXECUTE_PLAN_NAME
+
+    from pcbo_dagster.dagster_defs.celery_signing import celery_secret, submit_signed_step
+
+    app = Celery(broker="memory://", backend="cache+memory://")
+    secret = celery_secret({"PCBO_CELERY_KEY": SHARED_KEY})
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        plan_context = types.SimpleNamespace(
+            reconstructable_job=dg.reconstructable(celery_job),
+            dagster_run=types.SimpleNamespace(run_id=str(uuid.uuid4())),
+            instance=instance,
+            executor=types.SimpleNamespace(retries=RetryMode.DISABLED),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sent = [
+                submit_signed_step(
+                    app, plan_context, types.SimpleNamespace(key=key), "dagster", 0, None, secret, 60
+                )
+                for key in ("step_one", "step_two", "step_three")
+            ]
+    duplicates = [w for w in caught if issubclass(w.category, DuplicateTaskNameWarning)]
+    assert not duplicates, [str(w.message) for w in duplicates]
+    assert [result.step_keys for result in sent] == [["step_one"], ["step_two"], ["step_three"]]
+    assert len({result.id for result in sent}) == 3
+    assert TASK_EXECUTE_PLAN_NAME in app.tasks
 
 
 # --- A step whose result never arrives ----------------------------------------------------------------

@@ -293,6 +293,18 @@ class VerifiedStepResult:
         return verified_events(self._secret, value, self.run_id, self.step_keys, self.id)
 
 
+def _execute_plan_task(app: Any) -> Any:
+    """dagster-celery's step task (`execute_plan`) on `app`, defined on it once: dagster-celery's
+    `_submit_task` defines it again for every step it sends, and Celery 5.7 warns about each app that
+    gets a second definition of the name (`DuplicateTaskNameWarning`, once a run: the executor makes
+    an app a run). The coordinator only sends the task; pcbo's worker app runs its own."""
+    from dagster_celery.config import TASK_EXECUTE_PLAN_NAME
+    from dagster_celery.tasks import create_task
+
+    registered = app.tasks.get(TASK_EXECUTE_PLAN_NAME)
+    return registered if registered is not None else create_task(app)
+
+
 def submit_signed_step(
     app: Any,
     plan_context: Any,
@@ -308,7 +320,6 @@ def submit_signed_step(
     (`VerifiedStepResult`)."""
     from dagster._grpc.types import ExecuteStepArgs
     from dagster._serdes import pack_value
-    from dagster_celery.tasks import create_task
 
     args = ExecuteStepArgs(
         job_origin=plan_context.reconstructable_job.get_python_origin(),
@@ -322,7 +333,7 @@ def submit_signed_step(
     packed, executable_dict = pack_value(args), plan_context.reconstructable_job.to_dict()
     task_id = str(uuid.uuid4())
     sent = (
-        create_task(app)
+        _execute_plan_task(app)
         .si(execute_step_args_packed=packed, executable_dict=executable_dict)
         .apply_async(
             task_id=task_id,
