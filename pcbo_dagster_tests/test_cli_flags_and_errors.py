@@ -182,6 +182,30 @@ def test_a_tampered_parquet_file_is_reported_unreadable_not_as_zero_rows(execute
     assert _proof(home, "--id", added).status == 1
 
 
+def test_a_data_file_of_another_size_is_one_finding_unreadable(executed, tmp_path):
+    """A data file replaced by bytes of another length (truncated, overwritten) is reported once, as
+    unreadable, as the README says: its size is part of that finding, not a second one."""
+    home = _fresh_copy(executed, tmp_path)
+    (entry,) = executed[1]["partitions"][0]["files"]
+    data_file = lake_dir(home) / entry["uri"].split("/lake/", 1)[1]
+    data_file.write_bytes(b"garbage\n")
+
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    findings = [
+        f
+        for f in verified.document["findings"]
+        if FIRST_KEY in f["where"] and not f["kind"].startswith("table_")
+    ]
+    assert [f["kind"] for f in findings] == ["file_checksum_mismatch"]
+    assert findings[0]["detail"].startswith("unreadable: ")
+    assert f"8 bytes, manifest says {entry['byteSize']}" in findings[0]["detail"]
+
+    proof = _proof(home, "--id", executed[2]["partitions"][0]["add"][0])
+    assert proof.status == 1 and proof.document is None
+    assert proof.stderr.count(data_file.name) == 1 and "unreadable: " in proof.stderr
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     """`pcbo dry-run ... | head`: no traceback when stdout closes early."""
     proc = subprocess.Popen(

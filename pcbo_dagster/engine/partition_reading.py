@@ -103,19 +103,20 @@ def _read_files(
             reading.unreadable.append(where)
             continue
         reading.bytes_read += len(blob)
-        if len(blob) != entry["byteSize"]:
-            reading._find(
-                "file_size_mismatch", where, f"{len(blob)} bytes, manifest says {entry['byteSize']}"
-            )
+        size = f"{len(blob)} bytes, manifest says {entry['byteSize']}"
         if prefixed(sha256_hex(blob)) != entry["checksum"]:
+            # One finding a file: its size, when that differs too, is part of it.
+            resized = f"; {size}" if len(blob) != entry["byteSize"] else ""
             reading._find(
                 "file_checksum_mismatch",
                 where,
-                "unreadable: the file's SHA-256 differs from its manifest (tampered or corrupted); "
-                "its rows are not read",
+                "unreadable: the file's SHA-256 differs from its manifest (tampered or corrupted"
+                f"{resized}); its rows are not read",
             )
             reading.unreadable.append(where)
             continue
+        if len(blob) != entry["byteSize"]:
+            reading._find("file_size_mismatch", where, size)
         try:
             table = parquet_files.decode(blob)
         except (pa.ArrowException, OSError) as exc:
