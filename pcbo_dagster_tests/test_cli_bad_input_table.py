@@ -222,8 +222,8 @@ RANGE = ["--from", "20240101T000000Z", "--to", "20240101T010000Z"]
 ROLLBACK = ["rollout", "rollback", "--config", "datasets.yaml", "--stage", "staging"]
 ROLLOUT_ERRORS = [
     ([*START, *RANGE, "--by", " "], ["--by"]),
-    ([*START, *RANGE, "--by", "ops", "--name", "../x"], ["cannot name a rollout"]),
-    ([*START, *RANGE, "--by", "ops", "--name", ""], ["cannot name a rollout"]),  # not the default name
+    ([*START, *RANGE, "--by", "ops", "--name", "../x"], ["--name: ", "cannot name a rollout"]),
+    ([*START, *RANGE, "--by", "ops", "--name", ""], ["--name: ", "cannot name a rollout"]),  # not the default
     ([*START, *RANGE, "--by", "ops", "--poll-seconds", "0"], ["--poll-seconds"]),
     ([*START, *RANGE, "--by", "ops", "--poll-seconds", "nan"], ["--poll-seconds"]),
     ([*START, *RANGE, "--by", "ops", "--partitions-per-minute", "-1"], ["partitionsPerMinute"]),

@@ -157,6 +157,7 @@ def test_pause_resume_then_gate_and_approvals(workdir: Path) -> None:
     assert blank.status == 2 and "invalid input: --reason: " in blank.stderr
     unlisted = pcbo(workdir, "approve", "r1", "--key", "mallory.key", "--reason", "ok", *CONFIG_FLAG)
     assert unlisted.status == 2 and "not a listed approver" in unlisted.stderr
+    assert "invalid input: --key: " in unlisted.stderr  # the key typed, not the statement signed with it
     unknown = pcbo(workdir, "reject", "nope", "--key", "cy.key", "--reason", "x", "--config", "datasets.yaml")
     assert unknown.status == 2 and "rollout" in unknown.stderr
     staged = status_of(workdir, "r1")["rollout"]["decision_hash"]

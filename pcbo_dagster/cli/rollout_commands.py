@@ -39,8 +39,15 @@ def _log(message: str) -> None:
 
 
 def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.core.rollout_lifecycle import check_rollout_name
     from pcbo_dagster.rollout import operations
 
+    if args.name is not None:  # the engine names its field `rollout`; the user typed --name
+        try:
+            check_rollout_name(args.name)
+        except InvalidInput as exc:
+            raise InvalidInput("--name", exc.message) from None
     throttle = {
         "partitionsPerMinute": args.partitions_per_minute,
         "recordsPerMinute": args.records_per_minute,
@@ -135,16 +142,21 @@ def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
         key = load_signing_key(Path(plain_path("--key", args.key)).expanduser(), "--key")
     if key is not None and not (args.reason or "").strip():
         raise InvalidInput("--reason", "say why")
-    return operations.decide(
-        _config(args),
-        engine_settings(args),
-        args.rollout,
-        args.command,
-        key=key,
-        statement=statement,
-        reason=args.reason or "",
-        decision_hash=getattr(args, "decision_hash", None),
-    )
+    try:
+        return operations.decide(
+            _config(args),
+            engine_settings(args),
+            args.rollout,
+            args.command,
+            key=key,
+            statement=statement,
+            reason=args.reason or "",
+            decision_hash=getattr(args, "decision_hash", None),
+        )
+    except InvalidInput as exc:
+        if key is not None and exc.field == "statement":  # the statement was signed here with --key
+            raise InvalidInput("--key", exc.message) from None
+        raise
 
 
 def _rollout_arg(p: argparse.ArgumentParser) -> None:
