@@ -339,3 +339,24 @@ def test_a_promotion_names_every_approval_the_gate_counted(tmp_path: Path) -> No
     assert promotion["approval_event_hashes"] == [approvals["one again"], approvals["two"]]
     assert promotion["approval_event_hash"] == approvals["two"]
     assert promotion["approved_by"] == f"{CY.name}, {BO.name}"
+
+
+def test_with_no_approver_listed_the_gate_says_so_not_that_an_approval_is_missing(tmp_path: Path) -> None:
+    """The packaged example lists no approvers: a rollout approved under a config that lists them is
+    not promotable under one that lists none, and the gate says why (no approver listed, the setting
+    to change), not "no signed approval yet" with an invitation to `pcbo approve`, which would be
+    refused."""
+    config, base, clock, _ = _soaked(tmp_path)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    assert _gate(config, base, clock)["open"] is True
+    dataset = config.dataset("sessions")
+    assert dataset.rollout is not None
+    unlisted = dataset.rollout.model_copy(update={"approvers": []})
+    bare = config.model_copy(update={"datasets": [dataset.model_copy(update={"rollout": unlisted})]})
+    gate = _gate(bare, base, clock)
+    assert gate["open"] is False
+    (reason,) = [r for r in gate["reasons"] if "approv" in r]
+    assert "no approver is listed for dataset 'sessions'" in reason and "rollout.approvers" in reason
+    assert "no signed approval yet" not in reason
+    with pytest.raises(Blocked):
+        operations.promote(bare, base, "r", by="dee", clock=clock)

@@ -148,7 +148,14 @@ def promotion_gate(
     if soak["state"] != "passed":
         reasons.append(f"soak {soak['state']}: {soak['reason']}")
     approval = decision_in_force(envs, rollout, events)
-    if approval is None:
+    if dataset.rollout is not None and not dataset.rollout.approvers:
+        # No approval can count: saying "no signed approval yet" would send the operator to
+        # `pcbo approve`, which refuses for the same reason.
+        reasons.append(
+            f"no approver is listed for dataset {dataset.name!r}: add their verifier keys to its "
+            "rollout.approvers in the datasets config (--config or PCBO_DATASETS_CONFIG)"
+        )
+    elif approval is None:
         reasons.append(
             f"no signed approval yet: `pcbo approve {name} --key FILE --reason TEXT` (a listed approver's "
             "key) or the rollout_approval job"
