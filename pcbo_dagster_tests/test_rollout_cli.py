@@ -327,3 +327,29 @@ def test_promote_records_who_promoted_and_the_summary_names_real_commands(workdi
     assert event["partition_keys"] == KEYS and event["rollout"]["name"] == "r3"
     verified = run_pcbo(["verify"], home=workdir / "home", cwd=workdir)
     assert verified.status == 0 and verified.document["findings"] == []
+
+
+def test_soak_counts_only_the_rollouts_it_evaluated(workdir: Path) -> None:
+    """`pcbo rollout soak` of a rollout whose soak failed for good skips it saying why: `evaluated`
+    is 0 and the rollout is counted as skipped (it said `evaluated: 1` with the skip in its result)."""
+    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    config = ("--config", "datasets.yaml")
+    window = ("--from", KEYS[0], "--to", KEYS[0])
+    started = pcbo(
+        workdir, "rollout", "start", *config, "--dataset", "sessions", *window, "--name", "r5", "--by", "ana"
+    )
+    assert started.status == 0, started.stderr
+    (data_file,) = (workdir / "home" / "staging" / "lake" / "sessions" / "v1" / KEYS[0]).glob("*.parquet")
+    data = bytearray(data_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(data))
+
+    failed = pcbo(workdir, "rollout", "soak", "r5", *config)
+    assert failed.status == 0, failed.stderr
+    assert failed.document["evaluated"] == 1 and failed.document["skipped"] == 0
+    assert failed.document["results"][0]["evaluation"]["passed"] is False
+
+    again = pcbo(workdir, "rollout", "soak", "r5", *config)
+    assert again.status == 0, again.stderr
+    assert again.document["evaluated"] == 0 and again.document["skipped"] == 1
+    assert again.document["results"][0]["skipped"].startswith("the soak failed for good")

@@ -90,7 +90,12 @@ def cmd_soak(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.rollout import operations
 
     results = operations.soak(_config(args), engine_settings(args), names=args.rollouts or None)
-    return {"evaluated": len(results), "results": operations._plain(results)}
+    skipped = sum(1 for result in results if "skipped" in result)  # not soaking, or failed for good
+    return {
+        "evaluated": len(results) - skipped,
+        "skipped": skipped,
+        "results": operations._plain(results),
+    }
 
 
 def cmd_promote(args: argparse.Namespace) -> dict[str, Any]:
