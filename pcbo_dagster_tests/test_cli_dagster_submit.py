@@ -231,3 +231,32 @@ def test_execute_dagster_runs_the_request_on_a_webserver(tmp_path, capsys):
         assert _run_count(url) == 2
     finally:
         _stop(process)
+
+
+def test_a_dagster_url_nothing_answers_at_is_one_line_naming_it(tmp_path):
+    """A webserver that is not there (a closed port on loopback): exit 1 and one line on stderr naming
+    the URL and the failure, as a server that went away is everywhere. dagster-graphql's error carried
+    the whole GraphQL query it had sent (about 25 lines) and not the failure itself."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    request = workdir / "request.json"
+    request.write_text(
+        json.dumps({k: v for k, v in REQUEST.items() if k != "source"} | {"sourceRecords": []})
+    )
+    url = f"http://127.0.0.1:{free_port()}"
+    run = subprocess.run(
+        [sys.executable, "-m", "pcbo_dagster.cli.main", "execute", "--dagster", url, "--input", str(request)],
+        env=_env(tmp_path, PCBO_HOME=str(tmp_path / "home")),
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"pcbo execute: cannot submit pcbo_request to Dagster at {url}: ")
+    assert "Connection refused" in lines[0]  # the failure itself
+    assert "repositoriesOrError" not in run.stderr and "Traceback" not in run.stderr  # not the query

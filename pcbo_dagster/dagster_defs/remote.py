@@ -195,6 +195,17 @@ def outcome_of(run_id: str, status: str, events: list[dict[str, Any]], run_url: 
     raise RemoteRunFailed(f"run {run_id} ended {status}: {detail} ({run_url})")
 
 
+def _client_error(exc: BaseException) -> str:
+    """One line for an error of dagster-graphql's client: its first line and what caused it (the
+    client's own text of a failed query is the whole query and its variables, not the failure)."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else type(exc).__name__
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip():
+        text = f"{text.rstrip(' :.')}: {type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+    return text
+
+
 def submit_request(
     url: str,
     request_text: str,
@@ -227,7 +238,9 @@ def submit_request(
             tags=tags,
         )
     except DagsterGraphQLClientError as exc:
-        raise RemoteRunFailed(f"cannot submit {JOB_NAME} to Dagster at {server.base_url}: {exc}") from None
+        raise RemoteRunFailed(
+            f"cannot submit {JOB_NAME} to Dagster at {server.base_url}: {_client_error(exc)}"
+        ) from None
     except (OSError, urllib.error.URLError) as exc:
         raise RemoteRunFailed(f"cannot reach Dagster at {server.base_url}: {exc}") from None
     run_url = f"{server.base_url}/runs/{run_id}"
@@ -239,7 +252,9 @@ def submit_request(
         try:
             status = client.get_run_status(run_id).value
         except DagsterGraphQLClientError as exc:
-            raise RemoteRunFailed(f"cannot read the status of run {run_id}: {exc} ({run_url})") from None
+            raise RemoteRunFailed(
+                f"cannot read the status of run {run_id}: {_client_error(exc)} ({run_url})"
+            ) from None
         if status in _TERMINAL:
             break
         if time.monotonic() >= deadline:
