@@ -220,6 +220,26 @@ def test_cancel_then_roll_back(workdir: Path) -> None:
     assert committed(workdir) == 0
     verified = run_pcbo(["verify"], home=workdir / "home" / "staging", cwd=workdir)
     assert verified.status == 0 and verified.document["findings"] == []
+    # Rolled back is final, like cancelled: starting it again is refused and says so (it answered
+    # exit 0 "already applied to staging (status rolled_back); nothing to do").
+    window = ("--from", KEYS[0], "--to", KEYS[-1])
+    again = pcbo(
+        workdir,
+        "rollout",
+        "start",
+        *CONFIG_FLAG,
+        "--dataset",
+        "sessions",
+        *window,
+        "--name",
+        "r2",
+        "--by",
+        "ana",
+    )
+    assert again.status == 2 and again.document is None, again.stderr
+    assert "invalid input: --name: rollout 'r2' was rolled back" in again.stderr
+    assert "start a new one" in again.stderr and "already applied" not in again.stderr
+    assert committed(workdir) == 0
 
 
 def test_bad_range_is_refused_naming_the_field(workdir: Path) -> None:

@@ -52,18 +52,23 @@ def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
         "partitionsPerMinute": args.partitions_per_minute,
         "recordsPerMinute": args.records_per_minute,
     }
-    return operations.start(
-        _config(args),
-        engine_settings(args),
-        args.dataset,
-        args.first,
-        args.last,
-        by=args.by,
-        name=args.name,
-        throttle=throttle,
-        log=_log,
-        poll_seconds=args.poll_seconds,
-    )
+    try:
+        return operations.start(
+            _config(args),
+            engine_settings(args),
+            args.dataset,
+            args.first,
+            args.last,
+            by=args.by,
+            name=args.name,
+            throttle=throttle,
+            log=_log,
+            poll_seconds=args.poll_seconds,
+        )
+    except InvalidInput as exc:
+        if exc.field == "rollout" and args.name is not None:  # the rollout the user named
+            raise InvalidInput("--name", exc.message) from None
+        raise
 
 
 def cmd_control(args: argparse.Namespace) -> dict[str, Any]:

@@ -140,6 +140,10 @@ def apply_to_staging(
     )
     if rollout["status"] == "cancelled":
         raise InvalidInput("rollout", f"rollout {name!r} was cancelled; roll it back and start a new one")
+    if rollout["status"] == "rolled_back":  # final, like cancelled: never applied again
+        raise InvalidInput(
+            "rollout", f"rollout {name!r} was rolled back: it is never applied again; start a new one"
+        )
     if rollout["status"] not in ("applying", "paused", "interrupted"):
         log(f"rollout {name}: already applied to staging (status {rollout['status']}); nothing to do")
         return {"status": rollout["status"], "rollout": name, "applied": False}
