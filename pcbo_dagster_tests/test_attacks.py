@@ -1388,6 +1388,26 @@ def test_rows_and_manifests_of_any_shape_give_findings_never_an_internal_error(h
         assert checked.document is not None and "internal error" not in checked.stderr, checked.stderr
 
 
+def test_a_partitions_only_row_given_a_text_version_is_unreadable_and_never_healed_around(home):
+    """Red-team finding (README walk): a partition's only row given a text version (K3's, version 1
+    made 'one') was read as is: verify reported a version the chain never committed and the current
+    version's row missing, "a crash window", which `verify --repair` then healed by recording the
+    row again beside the garbage one; gc went on with that dataset version. A row of another type is
+    no row pcbo writes: `catalog_unreadable`, repair writes nothing, gc skips the dataset version."""
+    _sql(home, f"UPDATE partitions SET version = 'one' WHERE partition_key = '{K3}'")
+    status, found = pcbo(home, "verify")
+    assert status == 1 and "catalog_unreadable" in kinds(found), found
+    before = _home_state(home)
+    status, repaired = pcbo(home, "verify", "--repair")
+    assert status == 1 and "catalog_unreadable" in kinds(repaired), repaired
+    assert repaired["repaired"] == [] and _home_state(home) == before
+    status, collected = pcbo(home, "gc")
+    assert status == 0 and collected["skipped"] == [
+        {"where": CHAIN, "reason": "the catalog's partition rows are unreadable"}
+    ], collected
+    assert _home_state(home) == before
+
+
 def test_an_interrupted_rollback_beside_diverged_stores_is_reported_not_a_crash(home):
     """Red-team finding: completing an interrupted rollback appended to stores that disagree; the
     refusal escaped repair (exit 1, no report). It is `audit_stores_diverge`, and nothing is touched."""

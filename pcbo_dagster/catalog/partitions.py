@@ -360,6 +360,9 @@ def _lock_partition(conn: Connection, dataset: str, version_label: str, partitio
 
 def _partition_row(row: Any) -> PartitionVersionRow:
     out = dict(row._mapping)
+    for column in ("version", "record_count"):  # SQLite hands back what was stored, of any type
+        if not isinstance(out[column], int) or isinstance(out[column], bool):
+            raise TypeError(f"partitions.{column} is not an integer: not a row pcbo writes")
     out["files"] = json.loads(out["files"])
     return cast(PartitionVersionRow, out)
 
