@@ -754,6 +754,28 @@ def test_a_table_of_another_dataset_is_refused_even_with_its_catalog_row_deleted
     assert backup_events(home, "intruder") == []
 
 
+@pytest.mark.parametrize("rows", ["kept", "deleted"])
+def test_an_execute_naming_another_datasets_table_writes_nothing(tmp_path: Path, rows: str) -> None:
+    """README walk: an execute of another dataset naming `lake.events` was refused (exit 2, field
+    `table`) only under its dataset lock, whose lease had already registered the new dataset version
+    in the catalog's `datasets` table: invalid input with a row written. It is refused before the lock
+    now (and checked again under it): nothing written, whether the table's catalog row is there or
+    was deleted (the table's own `pcbo.chain-key` says whose it is)."""
+    home = tmp_path / "home"
+    first = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home)
+    assert first.status == 0
+    if rows == "deleted":
+        db = sqlite3.connect(home / "catalog.db")
+        db.execute("DELETE FROM table_publications")
+        db.commit()
+        db.close()
+    intruder = write_request(tmp_path / "i.json", {**_request("i"), "dataset": "intruder"})
+    before = tree_state(home)
+    taken = run_pcbo(["execute", "--input", intruder], home=home)
+    assert taken.status == 2 and "is the table of another dataset version" in taken.stderr, taken.stderr
+    assert tree_state(home) == before
+
+
 def test_a_rollback_over_a_diverged_table_finishes_its_work_and_says_so(tmp_path: Path) -> None:
     """The red-team attack: a file added to the table by hand, then a rollback. The rollback undid the
     lake and appended its events, then the refused publication raised out of it: no document, no

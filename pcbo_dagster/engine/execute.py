@@ -307,6 +307,12 @@ def execute(
     workers = _workers(env, parallel, loaded.source_kind)
     request = loaded.request
     env.catalog.check_run_id(request.runId, plan.dataset, plan.version_label)  # before anything is written
+    if table is None and request.table is not None:
+        # A table another dataset version holds: invalid input before the lock, whose lease registers
+        # the dataset version in the catalog (nothing written); checked again under it (`publisher_for`).
+        iceberg_publication.refuse_another_datasets_table(
+            env, iceberg_publication.target_for(request.table, env), plan.dataset, plan.version_label
+        )
     existing = list(request.existingTargetIds)
     schema, as_json = loaded.schema_of((schema_from or decisions).partitions)
     results: list[dict[str, Any]] = []
