@@ -1263,6 +1263,23 @@ def test_a_directory_linked_to_another_partition_is_neither_written_nor_read_thr
     assert_found_and_not_laundered(home, "path_outside_lake", K2)
 
 
+def test_a_run_refused_midway_by_a_link_is_recorded_failed_not_left_running(home, tmp_path):
+    """The run refused by a link on its way (above) had committed nothing but had started: its `runs`
+    row said `running` for ever, as if it were still writing. An error that ends a run while it still
+    holds its write lease is recorded: `failed`, with the error in its summary; the command still exits
+    1 with the same message."""
+    versions = part(home, K2) / "_versions"
+    shutil.rmtree(versions)
+    os.symlink(os.path.relpath(part(home, K0) / "_versions", versions.parent), versions)
+    status, document = pcbo(home, "execute", "--input", str(_changing_k2(tmp_path)))
+    assert status == 1, document
+    with sqlite3.connect(home / "catalog.db") as db:
+        row_status, summary = db.execute("SELECT status, summary FROM runs WHERE run_id = 'c1'").fetchone()
+    assert row_status == "failed"
+    failure = json.loads(summary)["failure"]
+    assert "leads outside the lake or through a symbolic link" in failure, failure
+
+
 def _forge_partition_with(home: Path, key: str, record_id: str) -> None:
     """K's data file and commit point rewritten to agree with each other (checksums, counts, Merkle
     root) around an extra row `record_id`: everything but the audit chain says it was committed."""

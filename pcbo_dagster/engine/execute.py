@@ -21,6 +21,7 @@ lake are byte-for-byte what a `parallel=1` run (one partition at a time) writes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -63,10 +64,13 @@ from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import apply_undos, plan_undo
 from pcbo_dagster.engine.settings import default_parallel
 from pcbo_dagster.engine.transparency_log import publish
+from pcbo_dagster.io.redaction import one_line_error
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.lake.manifests import FileEntry, Manifest, RollbackManifest
 from pcbo_dagster.sources.streaming import source_batch_size
 from pcbo_dagster.tables import iceberg_publication
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int], None]
 #: Called before each partition is written when given (a staged rollout's throttle, pause and
@@ -353,36 +357,42 @@ def execute(
             decisions.decision_hash,
             dict(request.metadata),
         )
-        state = _still_verified(env, plan, verified, f"run {request.runId}")
-        catalog_rows = _catalog_versions(env, plan.dataset, plan.version_label)
-        for pds in _commit_batches(decisions.partitions, batch_size):
-            if pace is not None and not pace(pds[0]):
-                stopped = True
-                break
-            try:
-                batch = _stage_batch(pool, env, loaded, plan, decisions, pds, schema, as_json, state, lease)
-            except (LakeDisagreesWithChain, SourceChanged) as exc:
-                refusal = _refuse(env, plan, exc)
-                failure = refusal.message
-                break
-            del pds
-            failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing, lease)
-            if failure:
-                failed_key = next(st.pd.partition.key for st in batch if _check_of(st)["status"] != "ok")
-            for st in batch:
-                results.append(_outcome(env, st))
-                reconciliation.append(_check_of(st))
-            if publisher is not None and not publisher.target.one_snapshot and not failure:
-                _reached("before_publication", [st.pd.partition.index for st in batch])  # issue 17
+        try:
+            state = _still_verified(env, plan, verified, f"run {request.runId}")
+            catalog_rows = _catalog_versions(env, plan.dataset, plan.version_label)
+            for pds in _commit_batches(decisions.partitions, batch_size):
+                if pace is not None and not pace(pds[0]):
+                    stopped = True
+                    break
+                try:
+                    batch = _stage_batch(
+                        pool, env, loaded, plan, decisions, pds, schema, as_json, state, lease
+                    )
+                except (LakeDisagreesWithChain, SourceChanged) as exc:
+                    refusal = _refuse(env, plan, exc)
+                    failure = refusal.message
+                    break
+                del pds
+                failure = _commit_batch(pool, env, loaded, plan, batch, state, catalog_rows, existing, lease)
+                if failure:
+                    failed_key = next(st.pd.partition.key for st in batch if _check_of(st)["status"] != "ok")
+                for st in batch:
+                    results.append(_outcome(env, st))
+                    reconciliation.append(_check_of(st))
+                if publisher is not None and not publisher.target.one_snapshot and not failure:
+                    _reached("before_publication", [st.pd.partition.index for st in batch])  # issue 17
+                    failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
+                    failed_kind = TABLE_PUBLICATION_REFUSED
+                if progress:
+                    progress(len(batch))
+                if failure:
+                    break
+            if publisher is not None and not publisher.refused and not failure:  # issue 17: what batches left
                 failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
                 failed_kind = TABLE_PUBLICATION_REFUSED
-            if progress:
-                progress(len(batch))
-            if failure:
-                break
-        if publisher is not None and not publisher.refused and not failure:  # issue 17: what batches left
-            failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
-            failed_kind = TABLE_PUBLICATION_REFUSED
+        except Exception as exc:
+            _record_failed_run(env, lease, request.runId, results, exc)
+            raise
         final, summary = _summary(results, failure, stopped)
         env.catalog.finish_run(request.runId, final, summary)
     document = _document(env, plan, decisions, final, summary, results, reconciliation, failure, publisher)
@@ -392,6 +402,21 @@ def execute(
             raise ExecuteFailed(failure, document, refusal.kind, refusal.partition_key)
         raise ExecuteFailed(failure, document, failed_kind, failed_key)
     return document
+
+
+def _record_failed_run(
+    env: Environment, lease: DatasetLease, run_id: str, results: list[dict[str, Any]], exc: Exception
+) -> None:
+    """Record as `failed` a run an error ends after it started (a link on its way, a full disk, a lost
+    catalog connection), with the error in its summary, instead of leaving its row `running`: only
+    while the run still holds its write lease (a run whose lease was taken over may share its run id
+    with the one that took it, whose row is not this run's to write), and never in place of the error
+    itself (a catalog that cannot take the row leaves it as it was)."""
+    try:
+        lease.renew()
+        env.catalog.finish_run(run_id, "failed", _summary(results, one_line_error(exc), False)[1])
+    except Exception:  # noqa: BLE001 - the run's own error is what the caller raises
+        log.debug("could not record run %s as failed", run_id, exc_info=True)
 
 
 def _announce(env: Environment, plan: Plan, results: list[dict[str, Any]]) -> None:
