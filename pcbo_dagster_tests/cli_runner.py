@@ -16,7 +16,8 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +28,39 @@ class PcboRun(NamedTuple):
     status: int
     document: Any
     stderr: str
+
+
+_HOLD_A_DATASET_LOCK = """
+import sys
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.settings import Settings
+
+env = Environment.open(Settings.resolve())
+with env.dataset_lock(sys.argv[1], sys.argv[2], sys.argv[3]):
+    print("holding", flush=True)
+    sys.stdin.read()  # until the caller closes it
+env.close()
+"""
+
+
+@contextmanager
+def holding_dataset_lock(home: Path, dataset: str, version_label: str, run_id: str) -> Iterator[None]:
+    """Another process on this host holds `dataset`/`version_label`'s lock file and write lease as run
+    `run_id` (in `home`, as a run sharing its audit backup does) while the block runs."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_DATASET_LOCK, dataset, version_label, run_id],
+        env=pcbo_env(home),
+        cwd=home.parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        yield
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
 
 
 def pcbo_env(

@@ -82,19 +82,6 @@ def test_execute_waits_for_another_hosts_run_then_refuses_writing_nothing(tmp_pa
     catalog.close()
 
 
-_HOLD_THE_LOCK = """
-import sys
-from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.settings import Settings
-
-env = Environment.open(Settings.resolve())
-with env.dataset_lock("events", "v1", "holding-run"):
-    print("holding", flush=True)
-    sys.stdin.read()  # until the test closes it
-env.close()
-"""
-
-
 def test_execute_waits_for_a_run_on_this_host_only_as_long_as_the_lease_wait_then_refuses(
     tmp_path: Path,
 ) -> None:
@@ -102,10 +89,9 @@ def test_execute_waits_for_a_run_on_this_host_only_as_long_as_the_lease_wait_the
     a second execute waits PCBO_LEASE_WAIT_SECONDS for it, as for another host's run, then exits 1
     naming the holder and writing nothing; it never waits on the file lock for as long as the other
     run lasts (the README's *Concurrent runs*, and the HTTP API's 503 `dataset_busy`)."""
-    import subprocess
     import time
 
-    from pcbo_dagster_tests.cli_runner import pcbo_env
+    from pcbo_dagster_tests.cli_runner import holding_dataset_lock
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from generate_request import make_request
@@ -113,15 +99,7 @@ def test_execute_waits_for_a_run_on_this_host_only_as_long_as_the_lease_wait_the
     request = tmp_path / "req.json"
     request.write_text(json.dumps(make_request(records=60, partitions=3, run_id="second-run")))
     home = tmp_path / "home"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_THE_LOCK],
-        env=pcbo_env(home),
-        cwd=tmp_path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+    with holding_dataset_lock(home, "events", "v1", "holding-run"):
         started = time.monotonic()
         busy = run_pcbo(
             ["execute", "--input", str(request)], home=home, env={"PCBO_LEASE_WAIT_SECONDS": "1"}, timeout=60
@@ -132,10 +110,6 @@ def test_execute_waits_for_a_run_on_this_host_only_as_long_as_the_lease_wait_the
         assert waited < 30, waited
         assert not list(home.rglob("_manifest.json"))
         assert not (home / "pas" / "events" / "v1.jsonl").exists()
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(timeout=30)
     done = run_pcbo(["execute", "--input", str(request)], home=home)
     assert done.status == 0, done.stderr
     assert done.document["status"] == "committed"

@@ -211,50 +211,22 @@ def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tm
     assert both.status == 2 and "--home" in both.stderr
 
 
-_HOLD_THE_DEMO_LOCK = """
-import sys
-from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.settings import Settings
-
-env = Environment.open(Settings.resolve())
-with env.dataset_lock("demo-events", "v1", "local-run"):
-    print("holding", flush=True)
-    sys.stdin.read()  # until the test closes it
-env.close()
-"""
-
-
 def test_an_execute_whose_dataset_a_local_run_holds_is_503_after_the_lease_wait(tmp_path, monkeypatch):
     """A run on the server's host (a CLI execute sharing its audit backup) holds the demo dataset: the
     API's execute waits PCBO_LEASE_WAIT_SECONDS, then answers 503 dataset_busy (Retry-After) naming
     that run, writing nothing; once the run is gone the same request is executed."""
-    import subprocess
-    import sys
-
-    from pcbo_dagster_tests.cli_runner import pcbo_env
+    from pcbo_dagster_tests.cli_runner import holding_dataset_lock
 
     monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "1")
     home = tmp_path / "home"
     with running_server(home) as running:
         client = running.client(running.token("ops", "execute"), timeout=60)
-        holder = subprocess.Popen(
-            [sys.executable, "-c", _HOLD_THE_DEMO_LOCK],
-            env=pcbo_env(home),
-            cwd=tmp_path,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+        with holding_dataset_lock(home, "demo-events", "v1", "local-run"):
             busy = client.post("/v1/execute", content=DEMO_REQUEST.read_bytes())
             assert busy.status_code == 503, busy.text
             assert busy.json()["error"] == "dataset_busy" and "local-run" in busy.json()["message"]
             assert busy.headers["retry-after"] == "5"
             assert not list(home.rglob("_manifest.json"))
-        finally:
-            assert holder.stdin is not None
-            holder.stdin.close()
-            holder.wait(timeout=30)
         done = client.post("/v1/execute", content=DEMO_REQUEST.read_bytes())
         assert done.status_code == 200, done.text
         assert done.json()["status"] == "committed"
