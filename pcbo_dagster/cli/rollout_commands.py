@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pcbo_dagster.cli.common import add_common_options, engine_settings
@@ -38,21 +40,32 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
+@contextmanager
+def _typed_as(field: str, flag: str, typed: bool) -> Iterator[None]:
+    """Invalid input on the engine's `field` raised in the block is invalid input on `flag` when the
+    user gave the value with that flag (`typed`): the error names what was typed."""
     from pcbo_dagster.core.errors import InvalidInput
+
+    try:
+        yield
+    except InvalidInput as exc:
+        if typed and exc.field == field:
+            raise InvalidInput(flag, exc.message) from None
+        raise
+
+
+def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.core.rollout_lifecycle import check_rollout_name
     from pcbo_dagster.rollout import operations
 
     if args.name is not None:  # the engine names its field `rollout`; the user typed --name
-        try:
+        with _typed_as("rollout", "--name", True):
             check_rollout_name(args.name)
-        except InvalidInput as exc:
-            raise InvalidInput("--name", exc.message) from None
     throttle = {
         "partitionsPerMinute": args.partitions_per_minute,
         "recordsPerMinute": args.records_per_minute,
     }
-    try:
+    with _typed_as("rollout", "--name", args.name is not None):  # the rollout the user named
         return operations.start(
             _config(args),
             engine_settings(args),
@@ -65,10 +78,6 @@ def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
             log=_log,
             poll_seconds=args.poll_seconds,
         )
-    except InvalidInput as exc:
-        if exc.field == "rollout" and args.name is not None:  # the rollout the user named
-            raise InvalidInput("--name", exc.message) from None
-        raise
 
 
 def cmd_control(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,7 +161,7 @@ def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
         key = load_signing_key(Path(plain_path("--key", args.key)).expanduser(), "--key")
     if key is not None and not (args.reason or "").strip():
         raise InvalidInput("--reason", "say why")
-    try:
+    with _typed_as("statement", "--key", key is not None):  # the statement was signed here with --key
         return operations.decide(
             _config(args),
             engine_settings(args),
@@ -163,10 +172,6 @@ def cmd_decide(args: argparse.Namespace) -> dict[str, Any]:
             reason=args.reason or "",
             decision_hash=getattr(args, "decision_hash", None),
         )
-    except InvalidInput as exc:
-        if key is not None and exc.field == "statement":  # the statement was signed here with --key
-            raise InvalidInput("--key", exc.message) from None
-        raise
 
 
 def _rollout_arg(p: argparse.ArgumentParser) -> None:
