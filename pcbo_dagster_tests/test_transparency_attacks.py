@@ -492,3 +492,38 @@ def test_min_witnesses_is_not_met_by_one_witness_key_under_two_names() -> None:
         )  # the type 0x01 key: it checks no cosignature
     assert refused.value.field == "--witness-key"
     assert witness_requirement(vkeys[:1], 1, operator.verifier())[1] == 1
+
+
+def test_a_checkpoint_row_forged_at_the_size_the_next_run_reaches_is_named_not_a_raw_database_error(
+    history: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint row inserted at exactly the size the next run's log reaches (a genuine older note
+    under it): the run cannot store its own checkpoint there (the table is append-only). The run said
+    only `transparency_checkpoints is append-only: REPLACE refused` (SQLite's trigger, raised from an
+    insert meant to leave an existing row alone); it says which row is in the way and that `verify`
+    reports it. Its partitions are committed; the next run signs again."""
+    home = history["home"]
+    probe = tmp_path / "probe"
+    shutil.copytree(home, probe)
+    request = _shifted(load_generator().make_request(records=60, partitions=4, seed=5, run_id="r1"), 8, "r3")
+    path = write_request(tmp_path / "r3.json", request)
+    status, document = pcbo(probe, "execute", "--input", str(path), *history["signing"][:2])
+    assert status == 0, document
+    size = document["checkpoint"]["treeSize"]
+    db = sqlite3.connect(home / "catalog.db")
+    genuine = db.execute("SELECT * FROM transparency_checkpoints ORDER BY tree_size LIMIT 1").fetchone()
+    db.close()
+    _insert_catalog_rows(home, "transparency_checkpoints", (genuine[0], size, *genuine[2:]))
+
+    capsys.readouterr()
+    status, document = pcbo(home, "execute", "--input", str(path), *history["signing"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "append-only" not in err, err
+    assert f"the catalog holds a checkpoint row of size {size} that is not the log's" in err, err
+    status, verified = pcbo(home, "verify", *history["signing"][:2])
+    assert status == 1 and _kinds(verified) == {"checkpoint_row_mismatch"}, verified["findings"]
+    assert [f["where"] for f in verified["findings"]] == [f"catalog checkpoint {size}"]
+    assert len(backup_file(home).read_bytes().splitlines()) == size  # the run's events are on the chain
+    document = _next_run(history, tmp_path, "r4", 12)
+    assert document["checkpoint"]["treeSize"] > size, document["checkpoint"]

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, text
+from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, literal, select, text
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
@@ -224,6 +224,16 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: 
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was inserted."""
     stmt = _on_conflict(conn, table, tuple(values), tuple(keys), update=False)
     return conn.execute(stmt, _bound(values)).rowcount == 1
+
+
+def insert_if_absent(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> bool:
+    """`insert_ignore` into an append-only table: its SQLite trigger (`<table>_no_replace`) refuses an
+    insert whose key is taken before ON CONFLICT DO NOTHING is reached, so a row already there is looked
+    for first, in the same transaction. True when the row was inserted."""
+    taken = conn.execute(
+        select(literal(1)).select_from(table).where(*(table.c[k] == values[k] for k in keys)).limit(1)
+    ).first()
+    return taken is None and insert_ignore(conn, table, values, keys)
 
 
 def insert_ignore_many(conn: Connection, table: Table, rows: list[dict[str, Any]], keys: list[str]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, select
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import Database, insert_ignore, upsert
+from pcbo_dagster.catalog.database import Database, insert_if_absent, upsert
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.transparency_log import append_leaves as new_nodes
 from pcbo_dagster.core.transparency_log import event_leaf_hash, frontier
@@ -170,9 +170,10 @@ class TransparencyRecords(Database):
     def record_checkpoint(
         self, chain_key: str, size: int, root: bytes, origin: str, signer_key: str, note: str
     ) -> bool:
-        """Store a signed checkpoint; False when one of that size is already stored."""
+        """Store a signed checkpoint; False when a row of that size is already stored (pcbo's or
+        another's: `verify` judges the rows)."""
         with self.write() as conn:
-            return insert_ignore(
+            return insert_if_absent(
                 conn,
                 t.transparency_checkpoints,
                 {
@@ -190,8 +191,9 @@ class TransparencyRecords(Database):
     def record_cosignature(
         self, chain_key: str, size: int, witness_key: str, signature_line: str, cosigned_at: int
     ) -> bool:
+        """Store a witness's cosignature; False when a row of that size and witness key is there."""
         with self.write() as conn:
-            return insert_ignore(
+            return insert_if_absent(
                 conn,
                 t.checkpoint_cosignatures,
                 {
