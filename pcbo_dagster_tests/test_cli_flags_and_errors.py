@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,6 +145,19 @@ def test_proof_in_a_partition_that_omitted_nothing_says_no_record_of_that_id_was
     assert "omitted no record, so no valid record with this id fell into its window" in result.stderr
 
 
+def _first_partitions_findings(home: Path) -> list[dict[str, Any]]:
+    """`pcbo verify` (exit 1) of a copied demo home: its findings about the first partition. (The demo
+    publishes an Iceberg table; in a copied home it still names the original lake's files, by absolute
+    path, which verify reports as table findings: not what these tests are about.)"""
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    return [
+        f
+        for f in verified.document["findings"]
+        if FIRST_KEY in f["where"] and not f["kind"].startswith("table_")
+    ]
+
+
 def test_a_tampered_parquet_file_is_reported_unreadable_not_as_zero_rows(executed, tmp_path):
     home = _fresh_copy(executed, tmp_path)
     partition = executed[1]["partitions"][0]
@@ -153,18 +167,10 @@ def test_a_tampered_parquet_file_is_reported_unreadable_not_as_zero_rows(execute
     data[100:140] = bytes(b ^ 0xFF for b in data[100:140])
     data_file.write_bytes(bytes(data))
 
-    verified = run_pcbo(["verify"], home=home)
-    assert verified.status == 1
-    # (The demo publishes an Iceberg table; in a copied home it still names the original lake's files,
-    # by absolute path, which verify reports as table findings: not what this test is about.)
-    findings = [
-        f
-        for f in verified.document["findings"]
-        if FIRST_KEY in f["where"] and not f["kind"].startswith("table_")
-    ]
+    findings = _first_partitions_findings(home)
     assert [f["kind"] for f in findings] == ["file_checksum_mismatch"]
     assert findings[0]["detail"].startswith("unreadable: ")
-    assert not any("0 rows" in f["detail"] for f in verified.document["findings"])
+    assert not any("0 rows" in f["detail"] for f in findings)
 
     added = executed[2]["partitions"][0]["add"][0]
     proof = _proof(home, "--id", added)
@@ -174,10 +180,7 @@ def test_a_tampered_parquet_file_is_reported_unreadable_not_as_zero_rows(execute
     assert "Traceback" not in proof.stderr
 
     data_file.unlink()  # a missing file: unreadable too, and still no "0 rows"
-    gone = run_pcbo(["verify"], home=home)
-    findings = [
-        f for f in gone.document["findings"] if FIRST_KEY in f["where"] and not f["kind"].startswith("table_")
-    ]
+    findings = _first_partitions_findings(home)
     assert [f["kind"] for f in findings] == ["file_missing"] and "unreadable" in findings[0]["detail"]
     assert _proof(home, "--id", added).status == 1
 
@@ -190,13 +193,7 @@ def test_a_data_file_of_another_size_is_one_finding_unreadable(executed, tmp_pat
     data_file = lake_dir(home) / entry["uri"].split("/lake/", 1)[1]
     data_file.write_bytes(b"garbage\n")
 
-    verified = run_pcbo(["verify"], home=home)
-    assert verified.status == 1
-    findings = [
-        f
-        for f in verified.document["findings"]
-        if FIRST_KEY in f["where"] and not f["kind"].startswith("table_")
-    ]
+    findings = _first_partitions_findings(home)
     assert [f["kind"] for f in findings] == ["file_checksum_mismatch"]
     assert findings[0]["detail"].startswith("unreadable: ")
     assert f"8 bytes, manifest says {entry['byteSize']}" in findings[0]["detail"]
