@@ -136,40 +136,42 @@ def witness_requirement(
     under two names would count as two witnesses) and not the `operator`'s key (`--key`, under any
     name: the operator would witness its own checkpoints), and N is between 0 and the number of keys."""
     keys = [parse_key_argument(text, "--witness-key") for text in texts or []]
-    for index, key in enumerate(keys):
-        if key.signature_type != COSIGNATURE_V1:
-            raise InvalidInput("--witness-key", f"{key.name}: not a cosigner (type 0x04) verifier key")
-        if key.public_key == operator.public_key:
-            raise InvalidInput(
-                "--witness-key", f"{key.name}: the operator's key (--key) witnesses nothing it signed itself"
-            )
-        if any(other.public_key == key.public_key for other in keys[:index]):
-            raise InvalidInput(
-                "--witness-key", f"{key.name}: its key is given already (under this name or another)"
-            )
+    _check_witness_keys(keys, "--witness-key", operator.public_key, "the operator's key (--key)")
     required = minimum or 0
     if required < 0 or required > len(keys):
         raise InvalidInput("--min-witnesses", f"must be between 0 and the {len(keys)} --witness-key given")
     return keys, required
 
 
+def _check_witness_keys(
+    keys: list[VerifierKey], field: str, operator_key: bytes | None, operator_is: str
+) -> None:
+    """`InvalidInput` naming `field` unless each witness key is a cosigner key (type 0x04) given once
+    (one witness's key under two names, or at two URLs, would count as two witnesses) and none is the
+    operator's public key `operator_key` (under any name: the operator would witness the checkpoints it
+    signs itself; `operator_is` says which key that is). The rules of `--witness-key` (what an auditor
+    trusts) and of `PCBO_WITNESSES` (whom a run asks)."""
+    for index, key in enumerate(keys):
+        if key.signature_type != COSIGNATURE_V1:
+            raise InvalidInput(field, f"{key.name}: not a cosigner (type 0x04) verifier key")
+        if operator_key is not None and key.public_key == operator_key:
+            raise InvalidInput(field, f"{key.name}: {operator_is} witnesses nothing it signed itself")
+        if any(other.public_key == key.public_key for other in keys[:index]):
+            raise InvalidInput(field, f"{key.name}: its key is given already (under this name or another)")
+
+
 def witnesses_of(
     entries: tuple[str, ...], field: str = "PCBO_WITNESSES", operator: SigningKey | None = None
 ) -> list[Witness]:
-    """The witnesses to ask for cosignatures, each `<cosigner vkey> <URL>`; `InvalidInput` naming
-    `field` unless each key is given once (one witness's key under two names or at two URLs would
-    cosign twice, and count as two witnesses) and none is the `operator`'s signing key (under any
-    name: the operator would witness the checkpoints it signs itself) — the rules `--witness-key` is
-    held to (`witness_requirement`)."""
+    """The witnesses to ask for cosignatures, each `<cosigner vkey> <URL>`, held to `_check_witness_keys`
+    (`operator`: the run's signing key)."""
     witnesses = [parse_witness(entry, field) for entry in entries]
-    for index, witness in enumerate(witnesses):
-        key = witness.key
-        if operator is not None and key.public_key == operator.public_key:
-            raise InvalidInput(
-                field, f"{key.name}: the operator's signing key witnesses nothing it signs itself"
-            )
-        if any(other.key.public_key == key.public_key for other in witnesses[:index]):
-            raise InvalidInput(field, f"{key.name}: its key is given already (under this name or another)")
+    _check_witness_keys(
+        [w.key for w in witnesses],
+        field,
+        None if operator is None else operator.public_key,
+        "the operator's signing key",
+    )
     return witnesses
 
 
