@@ -78,6 +78,12 @@ def _busy_message(dataset: str, version_label: str, current: dict[str, Any] | No
     )
 
 
+def _pause_before(deadline: float) -> None:
+    """The pause between two tries at what another run holds (its lock file, its lease): half a
+    second, less near `deadline` (a `time.monotonic()` instant), never under 50 ms."""
+    time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+
+
 def _lease_wait_seconds() -> float:
     return positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
 
@@ -145,7 +151,7 @@ class DatasetLease:
                 raise DatasetBusy(
                     _busy_message(self.dataset, self.version_label, current, waited or wait_seconds)
                 )
-            time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+            _pause_before(deadline)
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:
@@ -272,7 +278,7 @@ class Environment:
                         raise DatasetBusy(
                             _busy_message(dataset, version_label, current, wait_seconds)
                         ) from None
-                    time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
+                    _pause_before(deadline)
             try:
                 with self._lease(
                     dataset, version_label, run_id, max(0.0, deadline - time.monotonic()), wait_seconds
