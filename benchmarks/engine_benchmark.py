@@ -88,6 +88,12 @@ def cpu_seconds(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def gnu_time_peak_kib(report: Path) -> int:
+    """The peak RSS (KiB) in a `/usr/bin/time -v -o FILE` report; 0 when it has none."""
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", report.read_text())
+    return int(match.group(1)) if match else 0
+
+
 def timed(
     cmd: list[str], env: dict[str, str], scratch: Path, use_gnu_time: bool
 ) -> tuple[float, float, float, str]:
@@ -103,8 +109,7 @@ def timed(
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
     if use_gnu_time:
-        match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", rss_file.read_text())
-        rss_kib = int(match.group(1)) if match else 0
+        rss_kib = gnu_time_peak_kib(rss_file)
     else:
         # The high-water mark over all children so far: exact when it rose, an upper bound otherwise.
         rss_kib = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
@@ -135,11 +140,8 @@ def timed_together(
     for proc, cmd, err in zip(procs, cmds, errors, strict=True):
         if proc.returncode != 0:
             sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
-    peak_kib = 0
     if use_gnu_time:
-        for rss in rss_files:
-            match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", rss.read_text())
-            peak_kib = max(peak_kib, int(match.group(1)) if match else 0)
+        peak_kib = max(gnu_time_peak_kib(rss) for rss in rss_files)
     else:
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return seconds, cpu, peak_kib / 1024
