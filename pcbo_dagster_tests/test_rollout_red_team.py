@@ -460,3 +460,27 @@ def test_an_override_given_when_an_apply_runs_again_applies_and_is_recorded(tmp_
     with operations.rollout_environments(config, base, "r") as (_, envs):
         assert envs.store.require("r")["throttle"]["partitionsPerMinute"] == 2
         assert "throttle_changed" in [h["kind"] for h in envs.store.history("r")]
+
+
+@pytest.mark.parametrize(
+    ("metric", "throttle", "field"),
+    [
+        (
+            'businessMetric: {name: rows, expression: "count()", atLeast: .nan}',
+            "{}",
+            "businessMetric.atLeast",
+        ),
+        ('businessMetric: {name: rows, expression: "count()", atMost: .inf}', "{}", "businessMetric.atMost"),
+        ("", "{partitionsPerMinute: .nan}", "throttle.partitionsPerMinute"),
+        ("", "{recordsPerMinute: -.inf}", "throttle.recordsPerMinute"),
+    ],
+)
+def test_a_rollout_limit_that_is_not_a_finite_number_is_refused_naming_it(
+    tmp_path: Path, metric: str, throttle: str, field: str
+) -> None:
+    """A baseline of NaN or an infinity was accepted (a bound no value meets, or every value does); a
+    NaN rate was refused as "less than or equal to 1000000"."""
+    with pytest.raises(InvalidInput) as refused:
+        _config(tmp_path, metric, throttle)
+    assert refused.value.field.endswith(field), refused.value.field
+    assert "finite number" in refused.value.message

@@ -217,7 +217,8 @@ def asset_name_for(dataset: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No field takes NaN or an infinity: a NaN baseline no value meets, a NaN rate, an infinite soak.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TimeWindowPartitioning(_Strict):
