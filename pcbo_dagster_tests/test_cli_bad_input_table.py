@@ -226,8 +226,19 @@ ROLLOUT_ERRORS = [
     ([*START, *RANGE, "--by", "ops", "--name", ""], ["--name: ", "cannot name a rollout"]),  # not the default
     ([*START, *RANGE, "--by", "ops", "--poll-seconds", "0"], ["--poll-seconds"]),
     ([*START, *RANGE, "--by", "ops", "--poll-seconds", "nan"], ["--poll-seconds"]),
-    ([*START, *RANGE, "--by", "ops", "--partitions-per-minute", "-1"], ["partitionsPerMinute"]),
-    ([*START, *RANGE, "--by", "ops", "--records-per-minute", "inf"], ["recordsPerMinute"]),
+    # the flag typed is named, after the command's own name as its parser's errors say it
+    (
+        [*START, *RANGE, "--by", "ops", "--partitions-per-minute", "-1"],
+        ["pcbo rollout start: invalid input: --partitions-per-minute: ", "greater than 0"],
+    ),
+    (
+        [*START, *RANGE, "--by", "ops", "--partitions-per-minute", "nan"],
+        ["--partitions-per-minute: ", "finite number"],
+    ),
+    (
+        [*START, *RANGE, "--by", "ops", "--records-per-minute", "inf"],
+        ["--records-per-minute: ", "finite number"],
+    ),
     ([*ROLLBACK, "--dataset", "sessions", *RANGE, "--by", "", "--reason", "bad data"], ["--by"]),
     ([*ROLLBACK, "--dataset", "sessions", *RANGE, "--by", "ops", "--reason", " "], ["--reason"]),
 ]

@@ -265,7 +265,7 @@ def test_evidence_verify_refuses_a_lake_url_with_credentials(tmp_path, s3_store,
         url = f"s3://{s3_store.bucket}/{prefix}{suffix}"
     run = run_pcbo(["evidence", "verify", package, "--key", verifier, "--lake", url], env=s3_store.env)
     assert run.status == 2, (run.status, run.stderr)
-    assert run.stderr.startswith("pcbo evidence: invalid input: --lake: "), run.stderr
+    assert run.stderr.startswith("pcbo evidence verify: invalid input: --lake: "), run.stderr
     assert "EvidenceSecretPw" not in run.stderr and "usr1" not in run.stderr
 
 

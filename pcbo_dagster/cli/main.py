@@ -619,16 +619,16 @@ def main(argv: list[str] | None = None) -> int:
     _refuse_undecodable_arguments(parser, args)
     if not os.environ.get("PCBO_DEBUG"):
         quiet_store_client_logs()  # their retries' tracebacks are not the one line
+    command = _chosen_parser(parser, args).prog  # `pcbo rollout start`, as its parser's errors say
     try:
-        return _run(parser, args)
+        return _run(parser, args, command)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more goes to it
-        message = "the output was closed before the whole document was written"
-        print(f"pcbo {args.command}: {message}", file=sys.stderr)
+        _say(command, "the output was closed before the whole document was written")
         return 1
 
 
-def _dagster_reporting(args: argparse.Namespace) -> Any:
+def _dagster_reporting(args: argparse.Namespace, command: str) -> Any:
     """With a Dagster instance configured (`DAGSTER_HOME`), the partitions a command changes in the
     lake are reported to it (`dagster_defs/instance_reporting.py`); otherwise nothing (and Dagster
     is not imported)."""
@@ -638,42 +638,39 @@ def _dagster_reporting(args: argparse.Namespace) -> Any:
         from pcbo_dagster.dagster_defs.instance_reporting import cli_reporting
     except ImportError:  # the dagster extra is not installed
         return contextlib.nullcontext()
-    words = [
-        str(args.command),
-        *(str(getattr(args, a)) for a in ("rollout_command", "action") if getattr(args, a, None)),
-    ]
-    return cli_reporting("pcbo " + " ".join(words))
+    return cli_reporting(command)
 
 
-def _say(args: argparse.Namespace, message: str) -> None:
-    """The command's error line on stderr, nothing in it a terminal acts on (a message may hold text
-    pcbo did not write: a `--server`'s answer, a file name)."""
-    print(f"pcbo {args.command}: {terminal_text(message)}", file=sys.stderr)
+def _say(command: str, message: str) -> None:
+    """The command's error line on stderr, prefixed as its parser's own errors are (`pcbo rollout
+    start: ...`), nothing in it a terminal acts on (a message may hold text pcbo did not write: a
+    `--server`'s answer, a file name)."""
+    print(f"{command}: {terminal_text(message)}", file=sys.stderr)
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Run the parsed command; print its document (or the error) and return the exit status."""
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str) -> int:
+    """Run the parsed `command`; print its document (or the error) and return the exit status."""
     try:
         check_output_target(args.output)
-        with _dagster_reporting(args):
+        with _dagster_reporting(args, command):
             document = args.func(args)
         write_output(document, args.output)
         return 0
     except InvalidInput as exc:
         flag = flag_for_field(parser, args, exc.field) if exc.field else exc.field
         where = f"{flag}: " if flag else ""
-        _say(args, f"invalid input: {where}{exc.message}")
+        _say(command, f"invalid input: {where}{exc.message}")
         return exc.exit_status
     except Blocked as exc:
-        _say(args, f"blocked: {exc}")
+        _say(command, f"blocked: {exc}")
         write_output(exc.document, args.output)
         return exc.exit_status
     except Findings as exc:
-        print(f"pcbo {args.command}: not valid; see the findings", file=sys.stderr)
+        _say(command, "not valid; see the findings")
         write_output(exc.document, args.output)
         return 1
     except PcboError as exc:
-        _say(args, scrub_text(str(exc)))
+        _say(command, scrub_text(str(exc)))
         document = getattr(exc, "document", None)
         if document is not None:
             write_output(document, args.output)
@@ -689,7 +686,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             message = f"internal error ({type(exc).__name__}"
             message += f": {one_line_error(exc)})" if str(exc) else ")"
             message += "; PCBO_DEBUG=1 shows the traceback"
-        _say(args, message)
+        _say(command, message)
         return 1
 
 

@@ -65,7 +65,13 @@ def cmd_start(args: argparse.Namespace) -> dict[str, Any]:
         "partitionsPerMinute": args.partitions_per_minute,
         "recordsPerMinute": args.records_per_minute,
     }
-    with _typed_as("rollout", "--name", args.name is not None):  # the rollout the user named
+    with (
+        _typed_as("rollout", "--name", args.name is not None),  # the rollout the user named
+        _typed_as(  # the config's limits are checked when it is read: a bad limit here was typed
+            "throttle.partitionsPerMinute", "--partitions-per-minute", args.partitions_per_minute is not None
+        ),
+        _typed_as("throttle.recordsPerMinute", "--records-per-minute", args.records_per_minute is not None),
+    ):
         return operations.start(
             _config(args),
             engine_settings(args),
