@@ -1271,7 +1271,7 @@ def test_a_rollback_of_one_of_the_runs_partitions_is_in_its_package(
 
 
 def test_export_signs_nothing_from_a_chain_whose_events_were_forged(
-    package: dict[str, Any], tmp_path: Path
+    package: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Red-team finding: `pcbo evidence export` read the run's claims from the audit backup as it
     lies, and signed them with the operator's key: a commit event edited in the middle of the backup
@@ -1290,5 +1290,9 @@ def test_export_signs_nothing_from_a_chain_whose_events_were_forged(
     lines[at] = json.dumps(event).encode() + b"\n"
     backup.write_bytes(b"".join(lines))
     key_file = package["work"] / "operator.key"
+    capsys.readouterr()
     status, envelope = pcbo(home, "evidence", "export", "--run", "ev1", "--signing-key", str(key_file))
     assert status == 1 and envelope is None, envelope
+    said = capsys.readouterr().err  # one line, saying what was refused once
+    assert said.startswith("pcbo evidence export: the evidence package of run ev1 refused: "), said
+    assert "the audit chain events/v1 does not verify" in said and said.count("export") == 1, said

@@ -326,7 +326,7 @@ def export(env: Any, run_id: str) -> dict[str, Any]:
     chain_key = f"{run['dataset']}/{run['version_label']}"
     # the claims the operator's key signs come from a chain that verifies, never the backup as it lies
     events = verified_chain(
-        env, run["dataset"], run["version_label"], f"evidence export of run {run_id}", sync=False
+        env, run["dataset"], run["version_label"], f"the evidence package of run {run_id}", sync=False
     ).events
     chosen = _run_events(events, run_id)
     if not chosen:
