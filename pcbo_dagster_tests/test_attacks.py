@@ -31,6 +31,7 @@ from pcbo_dagster_tests.cli_runner import (
     lake_files,
     load_generator,
     run_pcbo,
+    tree_state,
     write_request,
 )
 
@@ -1278,6 +1279,106 @@ def test_a_run_refused_midway_by_a_link_is_recorded_failed_not_left_running(home
     assert row_status == "failed"
     failure = json.loads(summary)["failure"]
     assert "leads outside the lake or through a symbolic link" in failure, failure
+
+
+def _plant_link_on_k2s_way(home: Path, where: str) -> None:
+    """A symbolic link at `where` on the way to what the run writing K2 (`_changing_k2`) writes: K2's
+    directory (moved out of the lake), its `_versions` or `_rollback` (to K0's), or its commit point
+    (to K0's)."""
+    if where == "partition":
+        outside = lake_dir(home).parent / "k2-elsewhere"
+        shutil.move(part(home, K2), outside)
+        os.symlink(outside, part(home, K2))
+        return
+    planted = part(home, K2) / where
+    if planted.is_dir():
+        shutil.rmtree(planted)
+    else:
+        planted.unlink()
+    os.symlink(os.path.relpath(part(home, K0) / where, planted.parent), planted)
+
+
+@pytest.mark.parametrize("where", ["partition", "_versions", "_rollback", "_manifest.json"])
+def test_a_link_in_place_before_a_run_refuses_it_before_it_writes_anything(home, tmp_path, where):
+    """Red-team finding: a run meeting a link planted on the way to K2 (the second partition it
+    writes) was refused there, but K1's data file and its `_versions/` and `_rollback/` manifests,
+    staged before, stayed in the lake as a crash's leftovers. A link already in place when the run
+    starts refuses it before it writes anything: no file or directory appears in the lake, no event
+    (nor intent) is appended; its `runs` row is recorded `failed` with the error."""
+    _plant_link_on_k2s_way(home, where)
+    lake_before = tree_state(lake_dir(home))
+    events_before = backup_events(home, intents=True)
+    status, document = pcbo(home, "execute", "--input", str(_changing_k2(tmp_path)))
+    assert status == 1, document
+    assert tree_state(lake_dir(home)) == lake_before, "the refused run wrote in the lake"
+    assert backup_events(home, intents=True) == events_before, "the refused run appended an event"
+    with sqlite3.connect(home / "catalog.db") as db:
+        row_status, summary = db.execute("SELECT status, summary FROM runs WHERE run_id = 'c1'").fetchone()
+    assert row_status == "failed"
+    failure = json.loads(summary)["failure"]
+    assert f"events/v1/{K2}" in failure and "leads outside the lake or through a symbolic link" in failure
+
+
+def test_a_link_at_the_checkpoints_refuses_a_signing_run_before_it_writes_anything(
+    home, tmp_path, monkeypatch
+):
+    """Red-team finding: with a signing key a run writes its chain's checkpoint into
+    `<dataset>/<versionLabel>/_checkpoints/` last, after its commits: a link planted there refused the
+    run only then (exit 1, K1 and K2 committed and their events appended). It is checked with the rest,
+    before the run writes anything: nothing in the lake, nothing through the link, no event."""
+    from pcbo_dagster.core.signed_note import new_signing_key
+
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(new_signing_key("ops.example/operator").text + "\n")
+    key_file.chmod(0o600)
+    monkeypatch.setenv("PCBO_SIGNING_KEY", str(key_file))
+    outside = tmp_path / "checkpoints-elsewhere"
+    outside.mkdir()
+    os.symlink(outside, lake_dir(home) / "events" / "v1" / "_checkpoints")
+    lake_before, events_before = tree_state(lake_dir(home)), backup_events(home, intents=True)
+    status, document = pcbo(home, "execute", "--input", str(_changing_k2(tmp_path)))
+    assert status == 1, document
+    assert tree_state(lake_dir(home)) == lake_before, "the refused run wrote in the lake"
+    assert backup_events(home, intents=True) == events_before, "the refused run appended an event"
+    assert list(outside.iterdir()) == []
+
+
+def test_a_link_planted_mid_run_is_still_refused_at_the_write(home, tmp_path, monkeypatch):
+    """The run's check before it writes anything looks once: a link planted after it (K2's `_versions`
+    linked to K0's just before K2's files are staged) is still refused at the write (exit 1), nothing
+    written through it, no commit point moved, no event appended. What the run staged before (K1's
+    version 3 manifests, K2's data file) stays as a crash's leftovers, which `pcbo gc` removes once the
+    link is gone."""
+    from pcbo_dagster.engine import failpoints
+
+    versions, away = part(home, K2) / "_versions", tmp_path / "k2-versions"
+    reached = failpoints.reached
+
+    def plant_before_k2s_files(name: str, index: int) -> None:
+        if (name, index) == ("before_staging_writes", KEYS.index(K2)):
+            shutil.move(versions, away)
+            os.symlink(os.path.relpath(part(home, K0) / "_versions", versions.parent), versions)
+        reached(name, index)
+
+    monkeypatch.setattr(failpoints, "reached", plant_before_k2s_files)
+    lake_before, events_before = lake_files(home), backup_events(home, intents=True)
+    status, document = pcbo(home, "execute", "--input", str(_changing_k2(tmp_path)))
+    assert status == 1, document
+    assert versions.is_symlink(), "the link was not planted mid-run"
+    versions.unlink()
+    shutil.move(away, versions)
+    assert backup_events(home, intents=True) == events_before, "the refused run appended an event"
+    lake_after = lake_files(home)
+    assert {rel: lake_after[rel] for rel in lake_before} == lake_before, "the run changed a file"
+    leftovers = sorted(set(lake_after) - set(lake_before))
+    k1, k2 = f"events/v1/{K1}", f"events/v1/{K2}"
+    assert leftovers[:2] == [f"{k1}/_rollback/v000003.json", f"{k1}/_versions/v000003.json"], leftovers
+    assert len(leftovers) == 3 and leftovers[2].startswith(f"{k2}/part-"), leftovers
+    status, collected = pcbo(home, "gc")
+    assert status == 0, collected
+    assert sorted(r["path"] for r in collected["removed"]) == leftovers
+    assert lake_files(home) == lake_before
+    assert pcbo(home, "verify")[0] == 0
 
 
 def _forge_partition_with(home: Path, key: str, record_id: str) -> None:

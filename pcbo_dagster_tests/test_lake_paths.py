@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from pcbo_dagster.lake.layout import OutsidePartition
+from pcbo_dagster.lake.layout import OutsidePartition, partition_places
 from pcbo_dagster.lake.storage import LakeStorage, _make_dirs
 
 REL = "ds/v1/20240101T000000Z/_versions/v000001.json"
@@ -83,6 +84,51 @@ def test_plain_names_below_the_root_are_inside_whether_they_exist_or_not(tmp_pat
     assert lake.inside("ds/v1/k/part.parquet/below-a-file")  # not a directory: nothing to follow
     for bad in ("", "/ds", "ds/../x", "ds/./x", "ds//x", "ds\\x"):
         assert not lake.inside(bad)
+
+
+def test_refuse_links_looks_at_each_name_once_and_refuses_what_a_write_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check a command makes before it writes anything (`LakeStorage.refuse_links`): each name
+    below the root looked at once however many places share it, nothing below a missing one; a link at
+    or on the way to a place refuses it with the message a write there gives, nothing written."""
+    lake_dir = tmp_path / "lake"
+    lake = LakeStorage(lake_dir)
+    keys = [f"2024010{d}T000000Z" for d in range(10)]
+    for key in keys[:4]:  # four partitions with a version manifest, six not yet written
+        lake.create(f"ds/v1/{key}/_versions/v000001.json", b"m")
+    places = [place for key in keys for place in partition_places("ds", "v1", key)]
+    looked: list[str] = []
+    lstat = os.lstat
+
+    def looking(path: str, *args: Any, **kwargs: Any) -> os.stat_result:
+        looked.append(path)
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", looking)
+    lake.refuse_links(places)
+    monkeypatch.undo()
+    assert sorted(looked) == sorted(set(looked)), "a name was looked at twice"
+    # ds, ds/v1; each written partition, its _versions, _rollback and _manifest.json; each other partition
+    assert len(looked) == 2 + 4 * 4 + 6
+    os.symlink(tmp_path / "elsewhere", lake_dir / "ds/v1" / keys[2] / "_rollback")
+    before = _snapshot(lake_dir)
+    with pytest.raises(OutsidePartition) as refused:
+        lake.refuse_links(places)
+    with pytest.raises(OutsidePartition) as written:
+        lake.create(f"ds/v1/{keys[2]}/_rollback/v000001.json", b"r")
+    assert (
+        str(refused.value) == f"'ds/v1/{keys[2]}/_rollback' leads outside the lake or through a symbolic link"
+    )
+    assert str(written.value).endswith("leads outside the lake or through a symbolic link")
+    assert _snapshot(lake_dir) == before and not (tmp_path / "elsewhere").exists()
+    os.symlink(
+        lake_dir / "ds/v1" / keys[0] / "_manifest.json", lake_dir / "ds/v1" / keys[1] / "_manifest.json"
+    )
+    with pytest.raises(OutsidePartition, match=f"'ds/v1/{keys[1]}/_manifest.json' leads outside"):
+        lake.refuse_links(places)  # a name read before it is replaced: refused as that read is
+    with pytest.raises(OutsidePartition):
+        lake.read_if_exists(f"ds/v1/{keys[1]}/_manifest.json")
 
 
 @pytest.mark.parametrize(

@@ -331,6 +331,7 @@ def execute(
         env.dataset_lock(plan.dataset, plan.version_label, request.runId) as lease,
         _worker_pool(workers) as pool,
     ):
+        _refuse_links_before_writing(env, lease, plan, decisions, dict(request.metadata))
         # The chain this run builds on, verified before anything is written: an event edited before
         # the head would have the run "restore" a version no run left current
         verified = verified_chain(env, plan.dataset, plan.version_label, f"run {request.runId}")
@@ -348,15 +349,7 @@ def execute(
             columns=schema.names,
             field_of=lambda column: loaded.field_of(column, (schema_from or decisions).partitions),
         )
-        env.catalog.ensure_dataset(plan.dataset, plan.version_label)
-        env.catalog.start_run(
-            request.runId,
-            plan.dataset,
-            plan.version_label,
-            plan.plan_hash,
-            decisions.decision_hash,
-            dict(request.metadata),
-        )
+        _start_run(env, plan, decisions, dict(request.metadata))
         try:
             state = _still_verified(env, plan, verified, f"run {request.runId}")
             catalog_rows = _catalog_versions(env, plan.dataset, plan.version_label)
@@ -402,6 +395,40 @@ def execute(
             raise ExecuteFailed(failure, document, refusal.kind, refusal.partition_key)
         raise ExecuteFailed(failure, document, failed_kind, failed_key)
     return document
+
+
+def _start_run(env: Environment, plan: Plan, decisions: Decisions, metadata: dict[str, Any]) -> None:
+    """The run's `runs` row (and its dataset version's), `running`."""
+    env.catalog.ensure_dataset(plan.dataset, plan.version_label)
+    env.catalog.start_run(
+        plan.run_id, plan.dataset, plan.version_label, plan.plan_hash, decisions.decision_hash, metadata
+    )
+
+
+def _refuse_links_before_writing(
+    env: Environment, lease: DatasetLease, plan: Plan, decisions: Decisions, metadata: dict[str, Any]
+) -> None:
+    """A run's first step under its lease, before it writes anything in the lake, the audit chain or
+    the catalog: `OutsidePartition` (exit 1) when a symbolic link already lies at or on the way to a
+    place it would write (`layout.partition_places` of each of its partitions and, with a signing key,
+    the dataset version's checkpoints), each name below the lake's root looked at once
+    (`LakeStorage.refuse_links`). Then only the run's `runs` row is written, `failed` with the error.
+    Each write and read still checks its own path: a link planted after this check refuses the run
+    there, and what it staged before stays as a crash's leftovers (`pcbo gc` removes them)."""
+    dataset, version_label = plan.dataset, plan.version_label
+    places = [
+        place
+        for pd in decisions.partitions
+        for place in layout.partition_places(dataset, version_label, pd.partition.key)
+    ]
+    if env.signing_key is not None:
+        places.append(layout.checkpoint_dir(dataset, version_label))
+    try:
+        env.lake.refuse_links(places)
+    except layout.OutsidePartition as exc:
+        _start_run(env, plan, decisions, metadata)
+        _record_failed_run(env, lease, plan.run_id, [], exc)
+        raise
 
 
 def _record_failed_run(
@@ -1214,6 +1241,7 @@ def emit_partitions(
         env.dataset_lock(plan.dataset, plan.version_label, plan.run_id) as lease,
         _worker_pool(workers) as pool,
     ):
+        _refuse_links_before_writing(env, lease, plan, decisions, dict(loaded.request.metadata))
         verified = verified_chain(env, plan.dataset, plan.version_label, f"run {plan.run_id}")
         # Issue 17: where the table is published, recorded (and checked) under the lease before the
         # lake is written; `reconcile_partitions` publishes it.
@@ -1227,15 +1255,7 @@ def emit_partitions(
             columns=schema.names,
             field_of=lambda column: loaded.field_of(column, decisions.partitions),
         )
-        env.catalog.ensure_dataset(plan.dataset, plan.version_label)
-        env.catalog.start_run(
-            plan.run_id,
-            plan.dataset,
-            plan.version_label,
-            plan.plan_hash,
-            decisions.decision_hash,
-            dict(loaded.request.metadata),
-        )
+        _start_run(env, plan, decisions, dict(loaded.request.metadata))
         state = _still_verified(env, plan, verified, f"run {plan.run_id}")
         for pds in _commit_batches(decisions.partitions, COMMIT_BATCH):
             try:

@@ -96,9 +96,21 @@ def split_version_file(rel: str) -> tuple[str, str, int] | None:
     return directory, found.group(1), int(found.group(2))
 
 
+def partition_places(dataset: str, version_label: str, key: str) -> tuple[str, str, str]:
+    """Where a run writes partition `key`: the directories of its version and rollback manifests (in
+    the partition's directory, which holds its data files) and its commit point (read, then replaced)."""
+    directory = partition_dir(dataset, version_label, key)
+    return f"{directory}/_versions", f"{directory}/_rollback", f"{directory}/{MANIFEST}"
+
+
+def checkpoint_dir(dataset: str, version_label: str) -> str:
+    """Where the signed checkpoints of the dataset version's audit chain are written."""
+    return f"{dataset}/{version_label}/_checkpoints"
+
+
 def checkpoint_file(dataset: str, version_label: str, tree_size: int) -> str:
     """A signed checkpoint of the dataset version's audit chain (its transparency log) at `tree_size`."""
-    return f"{dataset}/{version_label}/_checkpoints/{tree_size:012d}.checkpoint"
+    return f"{checkpoint_dir(dataset, version_label)}/{tree_size:012d}.checkpoint"
 
 
 def split_manifest_path(rel: str) -> tuple[str, str, str] | None:

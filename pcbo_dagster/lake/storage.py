@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -338,6 +338,11 @@ def _plain(rel: str) -> bool:
     )
 
 
+def _leads_outside(rel: str) -> OutsidePartition:
+    """The refusal of a path below the lake's root that is not plain or meets a symbolic link."""
+    return OutsidePartition(f"{rel!r} leads outside the lake or through a symbolic link")
+
+
 class LakeStorage:
     def __init__(self, url: str | os.PathLike[str]) -> None:
         self.url = normalize_lake_url(url)
@@ -359,23 +364,44 @@ class LakeStorage:
         written, would let a write or a read reach what its path does not name."""
         return _plain(rel) and self._no_link(rel)
 
-    def _no_link(self, rel: str) -> bool:
+    def _no_link(self, rel: str, seen: dict[str, bool] | None = None) -> bool:
         """No symbolic link at any name of `rel` below the lake's root (a plain relative path): each is
         looked at without following it, from the root down, until one does not exist (nothing below it
         does either). The root itself and what leads to it are the operator's: resolved when the lake
-        was opened (`normalize_lake_url`)."""
+        was opened (`normalize_lake_url`). `seen` (`refuse_links`): what was found of each name already
+        looked at (True: there, and no link), read and filled in, so that a name shared by many paths is
+        looked at once."""
         if not self.is_local or not rel:
             return True
         path = self.root
         for name in rel.split("/"):
             path = f"{path}/{name}"
-            try:
-                mode = os.lstat(path).st_mode
-            except OSError:  # missing (or not a directory's entry): no link on the way from here
+            there = seen.get(path) if seen is not None else None
+            if there is None:
+                try:
+                    mode = os.lstat(path).st_mode
+                except OSError:  # missing (or not a directory's entry): no link on the way from here
+                    there = False
+                else:
+                    if stat.S_ISLNK(mode):
+                        return False
+                    there = True
+                if seen is not None:
+                    seen[path] = there
+            if not there:
                 return True
-            if stat.S_ISLNK(mode):
-                return False
         return True
+
+    def refuse_links(self, rels: Iterable[str]) -> None:
+        """`OutsidePartition` naming the first of `rels` with a symbolic link at it or on the way to it
+        (`_no_link`, each name below the root looked at once however many of `rels` share it): a
+        command's check, before it writes anything, of the places it will write (a directory it writes
+        in, a name it reads before replacing). Each write and read still checks its own path when it
+        comes (a link planted after this check is refused there)."""
+        seen: dict[str, bool] = {}
+        for rel in rels:
+            if not _plain(rel) or not self._no_link(rel, seen):
+                raise _leads_outside(rel)
 
     def uri(self, rel: str) -> str:
         """The URI of `rel` as outputs, events and the catalog show it (never with credentials)."""
@@ -387,7 +413,7 @@ class LakeStorage:
     def _inside(self, rel: str) -> str:
         """The path of `rel`; `OutsidePartition` when it would leave the lake (see `inside`)."""
         if not self.inside(rel):
-            raise OutsidePartition(f"{rel!r} leads outside the lake or through a symbolic link")
+            raise _leads_outside(rel)
         return self._path(rel)
 
     def _to_write(self, rel: str) -> str:
@@ -395,7 +421,7 @@ class LakeStorage:
         planted there: the name is replaced, never written through); `OutsidePartition` when `rel` is
         not a plain path or a symbolic link lies on the way to its directory."""
         if not _plain(rel) or not self._no_link(os.path.dirname(rel)):
-            raise OutsidePartition(f"{rel!r} leads outside the lake or through a symbolic link")
+            raise _leads_outside(rel)
         return self._path(rel)
 
     def _local_dir(self, path: str) -> None:
