@@ -979,6 +979,61 @@ def test_a_rollback_killed_after_its_intent_is_reported_and_completed_by_repair(
     assert status == 0 and document["status"] == "noop", document
 
 
+def _link_k1s_newest_data_file_out_of_the_lake(home: Path, tmp_path: Path) -> Path:
+    """K1's version 2 data file (which undoing version 2 removes) moved out of the lake, a symbolic link
+    to it at its name; returns where it now is."""
+    doomed = lake_dir(home) / manifest(home, K1, 2)["files"][0]["path"]
+    outside = tmp_path / "k1-v2.parquet"
+    shutil.move(doomed, outside)
+    os.symlink(outside, doomed)
+    return outside
+
+
+@pytest.mark.parametrize("where", ["partition", "_versions", "_rollback", "data_file"])
+def test_a_link_in_place_before_a_rollback_refuses_it_before_it_writes_anything(home, tmp_path, where):
+    """Red-team finding: a link at a data file that undoing K1's version 2 removes was met only at its
+    removal, after the rollback's intent was appended and the commit point moved (exit 1, a crash window
+    that no completion could finish while the link stayed). Every place a rollback writes or removes is
+    checked first: a link there, or anywhere on the way to K1's files, refuses it (exit 1) before it
+    writes anything: no intent, nothing in the lake changed, nothing written through the link."""
+    if where == "data_file":
+        outside = _link_k1s_newest_data_file_out_of_the_lake(home, tmp_path)
+    else:
+        moved = tmp_path / "k1-elsewhere" if where == "partition" else tmp_path / f"k1{where}"
+        shutil.move(part(home, K1) / ("" if where == "partition" else where), moved)
+        os.symlink(moved, part(home, K1) / ("" if where == "partition" else where))
+        outside = moved
+    lake_before, events_before = tree_state(lake_dir(home)), backup_events(home, intents=True)
+    outside_before = tree_state(outside) if outside.is_dir() else outside.read_bytes()
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 1, document
+    assert tree_state(lake_dir(home)) == lake_before, "the refused rollback changed the lake"
+    assert backup_events(home, intents=True) == events_before, "the refused rollback appended an event"
+    assert (tree_state(outside) if outside.is_dir() else outside.read_bytes()) == outside_before
+
+
+def test_a_link_at_a_file_an_interrupted_rollback_removes_stops_its_repair_before_any_event(base, tmp_path):
+    """Red-team finding: `verify --repair` completing a rollback killed after its commit point moved
+    appended the rollback's event, then met the link planted at the data file it removes (exit 1). The
+    files to remove are read and checked first: a link there stops the repair before it appends or
+    removes anything."""
+    home = tmp_path / "home"
+    shutil.copytree(base, home)
+    args = ["rollback", "--dataset", "events", "--partition", K1]
+    crashed = run_pcbo(args, home=home, env={"PCBO_FAILPOINT": "rollback_after_commit_point@0"})
+    assert crashed.status == 86, crashed.stderr
+    outside = _link_k1s_newest_data_file_out_of_the_lake(home, tmp_path)
+    lake_before, events_before = tree_state(lake_dir(home)), backup_events(home, intents=True)
+    repaired = run_pcbo(["verify", "--repair"], home=home)
+    assert repaired.status == 1, repaired
+    assert "leads outside the lake or through a symbolic link" in repaired.stderr + json.dumps(
+        repaired.document
+    ), repaired
+    assert tree_state(lake_dir(home)) == lake_before, "the refused repair changed the lake"
+    assert backup_events(home, intents=True) == events_before, "the refused repair appended an event"
+    assert outside.exists()
+
+
 # -- 6. sources are what was decided -------------------------------------------------------------------
 
 

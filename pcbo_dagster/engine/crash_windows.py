@@ -228,6 +228,10 @@ def heal(env: Any, state: ChainState, dataset: str, version_label: str, comparis
     intent = comparison.intent
     assert isinstance(intent, RollbackIntent)
     undone = history.versions[intent.version]
+    # what is left to remove, read and checked before the event: a link at or on the way to one of
+    # those files refuses the completion with nothing appended or removed
+    remove = _undone_files(env, history, dataset, version_label, intent.version, intent.restore_version)
+    env.lake.refuse_links(remove)
     event = env.audit.append(
         ckey,
         PARTITION_ROLLED_BACK,
@@ -242,16 +246,17 @@ def heal(env: Any, state: ChainState, dataset: str, version_label: str, comparis
         fence=state,
     )
     state.add(event)
-    _remove_undone_files(env, history, dataset, version_label, intent.version, intent.restore_version)
+    for rel in remove:
+        env.lake.delete(rel)
     catalog_rolled_back(env, history, dataset, version_label, intent.version, intent.restore_version)
     return event
 
 
-def _remove_undone_files(
+def _undone_files(
     env: Any, history: PartitionHistory, dataset: str, version_label: str, undone: int, restored: int | None
-) -> None:
-    """Finish an interrupted rollback's removals: the data files only the undone version used (read
-    from the version manifests the chain committed, every path inside the partition)."""
+) -> list[str]:
+    """What an interrupted rollback has left to remove: the data files only the undone version used
+    (read from the version manifests the chain committed, every path inside the partition), sorted."""
 
     def files(version: int | None) -> set[str]:
         if version is None or version not in history.versions:
@@ -265,8 +270,7 @@ def _remove_undone_files(
         }
 
     keep = files(restored) | lineage_files(history, dataset, version_label, restored)
-    for rel in sorted(files(undone) - keep):
-        env.lake.delete(rel)
+    return sorted(files(undone) - keep)
 
 
 def lineage_files(

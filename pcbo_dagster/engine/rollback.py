@@ -232,6 +232,19 @@ def apply_undos(
         return []
     ckey = chain_key(dataset, version_label)
     lake = env.lake
+    removals = []
+    for step in steps:
+        history = state.get(step.key)
+        kept = (
+            set() if history is None else lineage_files(history, dataset, version_label, step.restore_version)
+        )
+        removals.append([rel for rel in step.remove_files if rel not in kept])
+    # every commit point it moves and file it removes, before anything is written: a link at or on the
+    # way to one refuses the rollback with no intent appended and nothing moved (`LakeStorage.refuse_links`)
+    lake.refuse_links(
+        [layout.manifest(dataset, version_label, step.key) for step in steps]
+        + [rel for remove in removals for rel in remove]
+    )
     intent = env.audit.append(
         ckey,
         PARTITION_ROLLBACK_INTENT,
@@ -263,14 +276,9 @@ def apply_undos(
             )
         failpoints.reached("rollback_after_commit_point", i)
     lake.sync()
-    for i, step in enumerate(steps):
-        history = state.get(step.key)
-        kept = (
-            set() if history is None else lineage_files(history, dataset, version_label, step.restore_version)
-        )
-        for rel in step.remove_files:
-            if rel not in kept:
-                lake.delete(rel)
+    for i, remove in enumerate(removals):
+        for rel in remove:
+            lake.delete(rel)
         failpoints.reached("rollback_after_remove", i)
     events = env.audit.append_many(
         ckey,
