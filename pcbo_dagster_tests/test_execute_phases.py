@@ -9,6 +9,9 @@ kind `lake_disagrees_with_chain` (not a post-write failure: nothing was rolled b
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +33,14 @@ from pcbo_dagster.engine.partition_checks import ChainNotVerified
 from pcbo_dagster.engine.request_loading import evaluate, load_request
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.verify import verify
+from pcbo_dagster.lake.layout import OutsidePartition
 from pcbo_dagster_tests.cli_runner import (
     backup_events,
     backup_file,
     lake_dir,
     lake_files,
     load_generator,
+    tree_state,
     write_request,
 )
 
@@ -248,6 +253,27 @@ def test_a_partition_whose_lake_disagrees_stops_the_run_and_says_nothing_was_rol
     assert document["partitions"] == [] and document["totals"]["failure"] == str(failed.value)
     assert lake_files(home) == before
     assert not [e for e in backup_events(home) if e["event_type"] == "partition_rolled_back"]
+
+
+def test_a_link_in_place_before_the_phases_refuses_them_before_they_write_anything(tmp_path):
+    """As `execute` (`test_attacks.py`): a symbolic link already on the way to a partition the run
+    writes (the eleventh's directory linked out of the lake: met, at the read of its commit point,
+    after the changed fourth was staged) refuses `emit_partitions`
+    before it writes anything: nothing appears in the lake, no event (nor intent) is appended; the
+    run's `runs` row is `failed`, the error in its summary."""
+    home = tmp_path / "home"
+    _phases(home, write_request(tmp_path / "a.json", _request("phases-a")))
+    partitions = sorted(p for p in (lake_dir(home) / "events" / "v1").iterdir() if p.is_dir())
+    shutil.move(partitions[10], tmp_path / "moved-out")
+    os.symlink(tmp_path / "moved-out", partitions[10])
+    lake_before, events_before = tree_state(lake_dir(home)), backup_events(home, intents=True)
+    with pytest.raises(OutsidePartition, match="leads outside the lake or through a symbolic link"):
+        _phases(home, write_request(tmp_path / "b.json", _request("phases-b", changed=True)))
+    assert tree_state(lake_dir(home)) == lake_before, "the refused run wrote in the lake"
+    assert backup_events(home, intents=True) == events_before, "the refused run appended an event"
+    with sqlite3.connect(home / "catalog.db") as db:
+        status, summary = db.execute("SELECT status, summary FROM runs WHERE run_id = 'phases-b'").fetchone()
+    assert status == "failed" and partitions[10].name in json.loads(summary)["failure"]
 
 
 @pytest.mark.parametrize("lake_event", [True, False])
