@@ -1012,6 +1012,21 @@ def test_a_link_in_place_before_a_rollback_refuses_it_before_it_writes_anything(
     assert (tree_state(outside) if outside.is_dir() else outside.read_bytes()) == outside_before
 
 
+def test_a_link_at_the_checkpoints_refuses_a_signing_rollback_before_it_writes_anything(
+    home, tmp_path, monkeypatch
+):
+    """Red-team finding: with a signing key a rollback writes its chain's checkpoint last: a link at
+    `_checkpoints` refused it only once it was done (exit 1, K1 rolled back, its events appended). It is
+    checked first: nothing moved, removed or appended, nothing written through the link."""
+    outside = _sign_with_checkpoints_linked_out(home, tmp_path, monkeypatch)
+    lake_before, events_before = tree_state(lake_dir(home)), backup_events(home, intents=True)
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--partition", K1)
+    assert status == 1, document
+    assert tree_state(lake_dir(home)) == lake_before, "the refused rollback changed the lake"
+    assert backup_events(home, intents=True) == events_before, "the refused rollback appended an event"
+    assert list(outside.iterdir()) == []
+
+
 def test_a_link_at_a_file_an_interrupted_rollback_removes_stops_its_repair_before_any_event(base, tmp_path):
     """Red-team finding: `verify --repair` completing a rollback killed after its commit point moved
     appended the rollback's event, then met the link planted at the data file it removes (exit 1). The
@@ -1374,13 +1389,9 @@ def test_a_link_in_place_before_a_run_refuses_it_before_it_writes_anything(home,
     assert f"events/v1/{K2}" in failure and "leads outside the lake or through a symbolic link" in failure
 
 
-def test_a_link_at_the_checkpoints_refuses_a_signing_run_before_it_writes_anything(
-    home, tmp_path, monkeypatch
-):
-    """Red-team finding: with a signing key a run writes its chain's checkpoint into
-    `<dataset>/<versionLabel>/_checkpoints/` last, after its commits: a link planted there refused the
-    run only then (exit 1, K1 and K2 committed and their events appended). It is checked with the rest,
-    before the run writes anything: nothing in the lake, nothing through the link, no event."""
+def _sign_with_checkpoints_linked_out(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A signing key set (`PCBO_SIGNING_KEY`), and the dataset version's `_checkpoints` a symbolic link
+    to an empty directory outside the lake; returns that directory."""
     from pcbo_dagster.core.signed_note import new_signing_key
 
     key_file = tmp_path / "operator.key"
@@ -1390,6 +1401,17 @@ def test_a_link_at_the_checkpoints_refuses_a_signing_run_before_it_writes_anythi
     outside = tmp_path / "checkpoints-elsewhere"
     outside.mkdir()
     os.symlink(outside, lake_dir(home) / "events" / "v1" / "_checkpoints")
+    return outside
+
+
+def test_a_link_at_the_checkpoints_refuses_a_signing_run_before_it_writes_anything(
+    home, tmp_path, monkeypatch
+):
+    """Red-team finding: with a signing key a run writes its chain's checkpoint into
+    `<dataset>/<versionLabel>/_checkpoints/` last, after its commits: a link planted there refused the
+    run only then (exit 1, K1 and K2 committed and their events appended). It is checked with the rest,
+    before the run writes anything: nothing in the lake, nothing through the link, no event."""
+    outside = _sign_with_checkpoints_linked_out(home, tmp_path, monkeypatch)
     lake_before, events_before = tree_state(lake_dir(home)), backup_events(home, intents=True)
     status, document = pcbo(home, "execute", "--input", str(_changing_k2(tmp_path)))
     assert status == 1, document

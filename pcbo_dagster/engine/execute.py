@@ -63,7 +63,7 @@ from pcbo_dagster.engine.post_write import CheckItem, check_batch
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.rollback import apply_undos, plan_undo
 from pcbo_dagster.engine.settings import default_parallel
-from pcbo_dagster.engine.transparency_log import publish
+from pcbo_dagster.engine.transparency_log import checkpoint_places, publish
 from pcbo_dagster.io.redaction import one_line_error
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.lake.manifests import FileEntry, Manifest, RollbackManifest
@@ -421,8 +421,7 @@ def _refuse_links_before_writing(
         for pd in decisions.partitions
         for place in layout.partition_places(dataset, version_label, pd.partition.key)
     ]
-    if env.signing_key is not None:
-        places.append(layout.checkpoint_dir(dataset, version_label))
+    places += checkpoint_places(env, dataset, version_label)
     try:
         env.lake.refuse_links(places)
     except layout.OutsidePartition as exc:

@@ -63,7 +63,7 @@ from pcbo_dagster.engine.events import (
     rollback_intent_entry,
 )
 from pcbo_dagster.engine.partition_checks import verified_chain
-from pcbo_dagster.engine.transparency_log import publish
+from pcbo_dagster.engine.transparency_log import checkpoint_places, publish
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
 from pcbo_dagster.lake.manifests import Manifest
@@ -401,6 +401,9 @@ def rollback(
             raise InvalidInput("partition", f"{ckey} has no partition {key!r} on its audit chain")
     results: list[dict[str, Any]] = []
     with env.dataset_lock(dataset, version_label):
+        # its checkpoint's place, before anything is written (the partitions' are checked before each
+        # intent: `apply_undos`): a link there refuses the rollback now, not once it is done
+        env.lake.refuse_links(checkpoint_places(env, dataset, version_label))
         # again, under the lock, and verified: an event edited before the head would make the
         # rollback undo what no run wrote
         state = verified_chain(env, dataset, version_label, f"rollback of {ckey}").replayed

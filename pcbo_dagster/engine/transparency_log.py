@@ -254,6 +254,13 @@ def _witnessed_size(rows: list[dict[str, Any]], size: int, witness: Witness) -> 
     return max(sizes, default=0)
 
 
+def checkpoint_places(env: Any, dataset: str, version_label: str) -> list[str]:
+    """Where `publish` writes in the lake for the dataset version: its checkpoints' directory when a
+    signing key is set, else nothing (a command's check before it writes anything,
+    `LakeStorage.refuse_links`)."""
+    return [layout.checkpoint_dir(dataset, version_label)] if env.signing_key is not None else []
+
+
 def publish(env: Any, chain_key: str) -> dict[str, Any]:
     """Deliver pending events; sign, store, write, witness and deliver a checkpoint (module doc)."""
     delivery = env.audit.deliver_pending(chain_key)
