@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from pcbo_dagster_tests.cli_runner import (
     run_pcbo,
     write_request,
 )
+from pcbo_dagster_tests.frozen_hosts import start_frozen, woken
 
 pytestmark = pytest.mark.slow
 
@@ -217,6 +220,35 @@ def test_crash_after_commit_is_healed_by_verify_repair(work, request_file, refer
     assert not any(p.get("healed") for p in result["partitions"])
     assert lake_files(home) == reference
     _assert_one_commit_event_per_partition(home)
+
+
+def test_ctrl_c_mid_run_is_one_line_and_records_the_run_interrupted(work, request_file, reference):
+    """Walk finding: Ctrl-C (SIGINT) in the middle of an execute — here once the middle partition's
+    commit point is written, before its event — printed Python's KeyboardInterrupt traceback (some
+    thirty lines, where every failure is one line on stderr) and left the run's `runs` row `running`
+    for ever. Now: one line saying the command was interrupted, the process still ended by SIGINT (as
+    a shell expects of a program it interrupted: it reports 130), the row `interrupted`; what was
+    committed stays, and the next run of the request heals and completes it as after a crash."""
+    home = work / "home-sigint"
+    process = start_frozen(home, ["execute", "--input", request_file], {}, f"after_commit@{MIDDLE}")
+    os.kill(process.pid, signal.SIGINT)  # delivered when it is woken, at the failpoint
+    status, stderr = woken(process)
+    assert status == -signal.SIGINT, (status, stderr)
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert stderr.startswith("pcbo execute: interrupted"), stderr
+    with sqlite3.connect(home / "catalog.db") as db:
+        (row_status,) = db.execute("SELECT status FROM runs WHERE run_id = 'crash-run-001'").fetchone()
+    assert row_status == "interrupted"
+    committed, audited, _ = _state(home)
+    assert KEYS[MIDDLE] in committed - audited
+
+    status, result, stderr = run_pcbo(["execute", "--input", request_file], home=home)
+    assert status == 0, stderr
+    assert lake_files(home) == reference
+    _assert_one_commit_event_per_partition(home)
+    with sqlite3.connect(home / "catalog.db") as db:
+        (row_status,) = db.execute("SELECT status FROM runs WHERE run_id = 'crash-run-001'").fetchone()
+    assert row_status == result["status"] != "interrupted"
 
 
 def test_repair_waits_for_a_live_run_and_never_heals_its_commit(work, request_file):

@@ -154,6 +154,19 @@ def _big_request(partitions: int, per_partition: int) -> bytes:
     ).encode()
 
 
+def test_ctrl_c_stops_the_server_with_one_line_and_by_the_signal(tmp_path):
+    """README: Ctrl-C stops `pcbo serve` gracefully. Walk finding: once uvicorn's graceful shutdown
+    was done, the KeyboardInterrupt it raises again came out of `pcbo` as a Python traceback. Now one
+    line, and the process still ends by SIGINT, as uvicorn has it."""
+    home = tmp_path / "home"
+    with serve_process(home) as (_, process):
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == -signal.SIGINT
+    log = (home.parent / "serve.log").read_text()
+    assert "Application shutdown complete" in log
+    assert "Traceback" not in log and log.rstrip().endswith("pcbo serve: interrupted (SIGINT)"), log
+
+
 @pytest.mark.slow
 def test_sigterm_lets_a_running_execute_finish(tmp_path):
     home = tmp_path / "home"

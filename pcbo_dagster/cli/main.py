@@ -16,6 +16,7 @@ import functools
 import gc
 import os
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -608,10 +609,16 @@ def _refuse_undecodable_arguments(parser: argparse.ArgumentParser, args: argpars
                 chosen.error(f"argument {flag}: is not UTF-8 text{byte}")
 
 
+#: `main`'s status for a command a Ctrl-C (SIGINT) ended: `run` then ends the process by that signal,
+#: as a shell expects of a program it interrupted (and reports as 130).
+INTERRUPTED = 128 + signal.SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and the documented exit status (no
     traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else. A reader
-    that goes away (`pcbo verify | head`) ends the command with one line and exit status 1."""
+    that goes away (`pcbo verify | head`) ends the command with one line and exit status 1; a Ctrl-C
+    with one line and `INTERRUPTED`."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # refused by the command they were given to, so the message names it
@@ -626,6 +633,17 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more goes to it
         _say(command, "the output was closed before the whole document was written")
         return 1
+    except KeyboardInterrupt:
+        if os.environ.get("PCBO_DEBUG"):
+            raise
+        message = "interrupted (SIGINT)"
+        if args.command in ("execute", "rollback"):
+            message += (
+                "; what it committed stays, and the same command run again (or `pcbo verify --repair`) "
+                "completes what it left half done"
+            )
+        _say(command, message)
+        return INTERRUPTED
 
 
 def _dagster_reporting(args: argparse.Namespace, command: str) -> Any:
@@ -706,8 +724,8 @@ def run() -> None:
     does at exit in its order — threading's exit hooks (executors and process pools shut down) and
     the wait for non-daemon threads, then the `atexit` handlers (logging, the clean-up finalizers,
     multiprocessing's join of child processes) — the streams flushed, and the process ends with
-    `main`'s status without tearing down the native libraries it loaded. Arrow's thread pools, torn
-    down at interpreter exit, now and then abort a process whose work is done ("terminate called
+    `main`'s status (a Ctrl-C: by SIGINT, `INTERRUPTED`) without tearing down the native libraries it
+    loaded. Arrow's thread pools, torn down at interpreter exit, now and then abort a process whose work is done ("terminate called
     without an active exception", status -6 instead of 0: apache/arrow#34314)."""
     _collect_less()
     try:
@@ -725,6 +743,9 @@ def run() -> None:
                 stream.flush()
             except (OSError, ValueError):  # a reader gone away, a stream closed
                 pass
+        if status == INTERRUPTED:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(status)
 
 

@@ -383,8 +383,8 @@ def execute(
             if publisher is not None and not publisher.refused and not failure:  # issue 17: what batches left
                 failure = iceberg_publication.publish_or_refuse(publisher, state, plan.run_id)
                 failed_kind = TABLE_PUBLICATION_REFUSED
-        except Exception as exc:
-            _record_failed_run(env, lease, request.runId, results, exc)
+        except (Exception, KeyboardInterrupt) as exc:
+            _record_run_cut_short(env, lease, request.runId, results, exc)
             raise
         final, summary = _summary(results, failure, stopped)
         env.catalog.finish_run(request.runId, final, summary)
@@ -426,23 +426,30 @@ def _refuse_links_before_writing(
         env.lake.refuse_links(places)
     except layout.OutsidePartition as exc:
         _start_run(env, plan, decisions, metadata)
-        _record_failed_run(env, lease, plan.run_id, [], exc)
+        _record_run_cut_short(env, lease, plan.run_id, [], exc)
         raise
 
 
-def _record_failed_run(
-    env: Environment, lease: DatasetLease, run_id: str, results: list[dict[str, Any]], exc: Exception
+def _record_run_cut_short(
+    env: Environment,
+    lease: DatasetLease,
+    run_id: str,
+    results: list[dict[str, Any]],
+    exc: Exception | KeyboardInterrupt,
 ) -> None:
     """Record as `failed` a run an error ends after it started (a link on its way, a full disk, a lost
-    catalog connection), with the error in its summary, instead of leaving its row `running`: only
-    while the run still holds its write lease (a run whose lease was taken over may share its run id
-    with the one that took it, whose row is not this run's to write), and never in place of the error
-    itself (a catalog that cannot take the row leaves it as it was)."""
+    catalog connection), with the error in its summary, and as `interrupted` one a Ctrl-C (SIGINT)
+    ends, instead of leaving its row `running`: only while the run still holds its write lease (a run
+    whose lease was taken over may share its run id with the one that took it, whose row is not this
+    run's to write), and never in place of the error itself (a catalog that cannot take the row leaves
+    it as it was)."""
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    status, why = ("interrupted", "interrupted (SIGINT)") if interrupted else ("failed", one_line_error(exc))
     try:
         lease.renew()
-        env.catalog.finish_run(run_id, "failed", _summary(results, one_line_error(exc), False)[1])
+        env.catalog.finish_run(run_id, status, _summary(results, why, False)[1])
     except Exception:  # noqa: BLE001 - the run's own error is what the caller raises
-        log.debug("could not record run %s as failed", run_id, exc_info=True)
+        log.debug("could not record run %s as %s", run_id, status, exc_info=True)
 
 
 def _announce(env: Environment, plan: Plan, results: list[dict[str, Any]]) -> None:
