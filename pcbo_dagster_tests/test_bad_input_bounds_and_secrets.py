@@ -232,6 +232,18 @@ def test_commands_with_nothing_to_act_on_create_nothing(tmp_path, args):
     assert_refused(run_pcbo(args, home=home), "--home", home)
 
 
+@pytest.mark.parametrize("given", ["--catalog", "PCBO_CATALOG_URL"])
+def test_a_missing_catalog_given_by_flag_or_variable_is_named_as_given(tmp_path, given):
+    """Walk finding: `pcbo verify --catalog sqlite:///missing.db` said `--home: nothing here`, naming a
+    flag the user had not given; the flag or variable the catalog came from is named."""
+    home = tmp_path / "home"
+    url = f"sqlite:///{tmp_path / 'missing.db'}"
+    flags, env = (["--catalog", url], {}) if given == "--catalog" else ([], {given: url})
+    run = run_pcbo(["verify", *flags], home=home, env=env)
+    assert_refused(run, f"invalid input: {given}: nothing here", home)
+    assert not (tmp_path / "missing.db").exists()
+
+
 def test_a_lake_that_cannot_be_written_is_one_line_and_exit_1(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

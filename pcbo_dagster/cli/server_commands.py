@@ -40,7 +40,7 @@ def _catalog(args: argparse.Namespace, create: bool) -> Any:
     settings = engine_settings(args)
     catalog = CatalogStore(settings.catalog_url)
     if not create and catalog.is_missing_sqlite_file():
-        raise InvalidInput("--home", f"nothing here: no pcbo catalog at {catalog.url}")
+        raise InvalidInput(settings.catalog_field, f"nothing here: no pcbo catalog at {catalog.url}")
     settings.home.mkdir(parents=True, exist_ok=True)
     catalog.migrate()
     return catalog

@@ -211,7 +211,7 @@ class Environment:
         catalog = CatalogStore(settings.catalog_url)
         if not create and catalog.is_missing_sqlite_file():
             raise InvalidInput(
-                "--home",
+                settings.catalog_field,
                 f"nothing here: no pcbo catalog at {catalog.url}  (run an execute first, or say where it is)",
             )
         settings.home.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,9 @@ class Settings:
     #: `parallel` came from `--parallel` or `PCBO_PARALLEL` (else it is the lake's default, and a run
     #: takes `default_parallel` for its source).
     parallel_given: bool = False
+    #: How an error about the catalog names it: `--catalog` or `PCBO_CATALOG_URL` when it came from one,
+    #: else `--home` (the home's own catalog).
+    catalog_field: str = "--home"
 
     @property
     def audit_location(self) -> str:
@@ -199,8 +202,11 @@ class Settings:
         home_path = home_dir(given("--home", home, "PCBO_HOME"), {})
         lake_url = given("--lake", lake, "PCBO_LAKE_URL", store=True) or str(home_path / "lake")
         catalog_url = given("--catalog", catalog, "PCBO_CATALOG_URL")
+        catalog_field = (
+            "--home" if catalog_url is None else "--catalog" if catalog is not None else "PCBO_CATALOG_URL"
+        )
         if catalog_url is not None:
-            _check_catalog_url("--catalog" if catalog is not None else "PCBO_CATALOG_URL", catalog_url)
+            _check_catalog_url(catalog_field, catalog_url)
         catalog_url = catalog_url or f"sqlite:///{home_path / 'catalog.db'}"
         audit_text = given("--audit-dir", audit_dir, "PCBO_AUDIT_DIR", store=True)
         store = None
@@ -256,6 +262,7 @@ class Settings:
             audit_store=store,
             multi_host=flag("PCBO_MULTI_HOST", env.get("PCBO_MULTI_HOST")),
             parallel_given=parallel is not None or bool((env.get("PCBO_PARALLEL") or "").strip()),
+            catalog_field=catalog_field,
         )
 
 
