@@ -725,8 +725,9 @@ def run() -> None:
     the wait for non-daemon threads, then the `atexit` handlers (logging, the clean-up finalizers,
     multiprocessing's join of child processes) — the streams flushed, and the process ends with
     `main`'s status (a Ctrl-C: by SIGINT, `INTERRUPTED`) without tearing down the native libraries it
-    loaded. Arrow's thread pools, torn down at interpreter exit, now and then abort a process whose work is done ("terminate called
-    without an active exception", status -6 instead of 0: apache/arrow#34314)."""
+    loaded. Arrow's thread pools, torn down at interpreter exit, now and then abort a process whose
+    work is done ("terminate called without an active exception", status -6 instead of 0:
+    apache/arrow#34314)."""
     _collect_less()
     try:
         status = main()
