@@ -222,20 +222,23 @@ def test_crash_after_commit_is_healed_by_verify_repair(work, request_file, refer
     _assert_one_commit_event_per_partition(home)
 
 
-def test_ctrl_c_mid_run_is_one_line_and_records_the_run_interrupted(work, request_file, reference):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_mid_run_is_one_line_and_records_the_run_interrupted(work, request_file, reference, sent):
     """Walk finding: Ctrl-C (SIGINT) in the middle of an execute — here once the middle partition's
     commit point is written, before its event — printed Python's KeyboardInterrupt traceback (some
     thirty lines, where every failure is one line on stderr) and left the run's `runs` row `running`
     for ever. Now: one line saying the command was interrupted, the process still ended by SIGINT (as
     a shell expects of a program it interrupted: it reports 130), the row `interrupted`; what was
-    committed stays, and the next run of the request heals and completes it as after a crash."""
-    home = work / "home-sigint"
+    committed stays, and the next run of the request heals and completes it as after a crash. A SIGTERM
+    (`docker stop`, a pod's end) ended the process at once, its row `running`; now it stops the run as
+    a Ctrl-C does, and the process ends by SIGTERM."""
+    home = work / f"home-{sent.name}"
     process = start_frozen(home, ["execute", "--input", request_file], {}, f"after_commit@{MIDDLE}")
-    os.kill(process.pid, signal.SIGINT)  # delivered when it is woken, at the failpoint
+    os.kill(process.pid, sent)  # delivered when it is woken, at the failpoint
     status, stderr = woken(process)
-    assert status == -signal.SIGINT, (status, stderr)
+    assert status == -sent, (status, stderr)
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert stderr.startswith("pcbo execute: interrupted"), stderr
+    assert stderr.startswith(f"pcbo execute: interrupted ({sent.name}); what it committed stays"), stderr
     with sqlite3.connect(home / "catalog.db") as db:
         (row_status,) = db.execute("SELECT status FROM runs WHERE run_id = 'crash-run-001'").fetchone()
     assert row_status == "interrupted"

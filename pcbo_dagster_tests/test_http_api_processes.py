@@ -154,17 +154,18 @@ def _big_request(partitions: int, per_partition: int) -> bytes:
     ).encode()
 
 
-def test_ctrl_c_stops_the_server_with_one_line_and_by_the_signal(tmp_path):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_the_server_with_one_line_and_by_the_signal(tmp_path, sent):
     """README: Ctrl-C stops `pcbo serve` gracefully. Walk finding: once uvicorn's graceful shutdown
     was done, the KeyboardInterrupt it raises again came out of `pcbo` as a Python traceback. Now one
-    line, and the process still ends by SIGINT, as uvicorn has it."""
+    line, and the process still ends by SIGINT, as uvicorn has it. A SIGTERM likewise."""
     home = tmp_path / "home"
     with serve_process(home) as (_, process):
-        os.killpg(process.pid, signal.SIGINT)
-        assert process.wait(timeout=120) == -signal.SIGINT
+        os.killpg(process.pid, sent)
+        assert process.wait(timeout=120) == -sent
     log = (home.parent / "serve.log").read_text()
     assert "Application shutdown complete" in log
-    assert "Traceback" not in log and log.rstrip().endswith("pcbo serve: interrupted (SIGINT)"), log
+    assert "Traceback" not in log and log.rstrip().endswith(f"pcbo serve: interrupted ({sent.name})"), log
 
 
 @pytest.mark.slow

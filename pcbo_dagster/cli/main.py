@@ -42,7 +42,7 @@ from pcbo_dagster.cli.key_commands import add_key_commands
 from pcbo_dagster.cli.log_commands import add_log_commands
 from pcbo_dagster.cli.rollout_commands import add_rollout_commands
 from pcbo_dagster.cli.server_commands import add_server_commands
-from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
+from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError, Terminated, interrupting_signal
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.io.env_vars import plain_path
 from pcbo_dagster.io.redaction import (
@@ -609,16 +609,16 @@ def _refuse_undecodable_arguments(parser: argparse.ArgumentParser, args: argpars
                 chosen.error(f"argument {flag}: is not UTF-8 text{byte}")
 
 
-#: `main`'s status for a command a Ctrl-C (SIGINT) ended: `run` then ends the process by that signal,
-#: as a shell expects of a program it interrupted (and reports as 130).
-INTERRUPTED = 128 + signal.SIGINT
+#: `main`'s status for a command a Ctrl-C (SIGINT) or a SIGTERM ended: `run` then ends the process by
+#: that signal, as a shell or a supervisor expects of a program it stopped (a shell reports 130, 143).
+INTERRUPTED = {128 + signal.SIGINT: signal.SIGINT, 128 + signal.SIGTERM: signal.SIGTERM}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every failure is one line on stderr and the documented exit status (no
     traceback unless `PCBO_DEBUG` is set): 2 invalid input, 3 blocked, 1 anything else. A reader
     that goes away (`pcbo verify | head`) ends the command with one line and exit status 1; a Ctrl-C
-    with one line and `INTERRUPTED`."""
+    (or, under `run`, a SIGTERM) with one line and 128 + the signal's number (`INTERRUPTED`)."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # refused by the command they were given to, so the message names it
@@ -633,17 +633,18 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more goes to it
         _say(command, "the output was closed before the whole document was written")
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if os.environ.get("PCBO_DEBUG"):
             raise
-        message = "interrupted (SIGINT)"
+        name = interrupting_signal(exc)
+        message = f"interrupted ({name})"
         if args.command in ("execute", "rollback"):
             message += (
                 "; what it committed stays, and the same command run again (or `pcbo verify --repair`) "
                 "completes what it left half done"
             )
         _say(command, message)
-        return INTERRUPTED
+        return 128 + signal.Signals[name]
 
 
 def _dagster_reporting(args: argparse.Namespace, command: str) -> Any:
@@ -721,20 +722,23 @@ def _collect_less() -> None:
 
 def run() -> None:
     """The `pcbo` command (and `python -m pcbo_dagster.cli.main`): `main`, then what the interpreter
-    does at exit in its order — threading's exit hooks (executors and process pools shut down) and
-    the wait for non-daemon threads, then the `atexit` handlers (logging, the clean-up finalizers,
-    multiprocessing's join of child processes) — the streams flushed, and the process ends with
-    `main`'s status (a Ctrl-C: by SIGINT, `INTERRUPTED`) without tearing down the native libraries it
-    loaded. Arrow's thread pools, torn down at interpreter exit, now and then abort a process whose
-    work is done ("terminate called without an active exception", status -6 instead of 0:
-    apache/arrow#34314)."""
+    does at exit in its order — threading's exit hooks (executors and process pools shut down) and the
+    wait for non-daemon threads, then the `atexit` handlers (logging, the clean-up finalizers,
+    multiprocessing's join of child processes) — the streams flushed, and the process ends with `main`'s
+    status (a Ctrl-C or a SIGTERM: by that signal, `INTERRUPTED`) without tearing down the native
+    libraries it loaded. A SIGTERM (`docker stop`, a Kubernetes pod's end, a supervisor) stops a command
+    as a Ctrl-C does (`Terminated`), instead of ending the process at once. Arrow's thread pools, torn
+    down at interpreter exit, now and then abort a process whose work is done ("terminate called without
+    an active exception", status -6 instead of 0: apache/arrow#34314)."""
     _collect_less()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         status = main()
     except SystemExit as exc:  # argparse: --help, a flag it refuses (its message already printed)
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the command is over: a SIGTERM now just ends it
     try:
         threading._shutdown()  # type: ignore[attr-defined]  # first, as Py_FinalizeEx does
         atexit._run_exitfuncs()
@@ -744,10 +748,15 @@ def run() -> None:
                 stream.flush()
             except (OSError, ValueError):  # a reader gone away, a stream closed
                 pass
-        if status == INTERRUPTED:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
+        if status in INTERRUPTED:
+            signal.signal(INTERRUPTED[status], signal.SIG_DFL)
+            os.kill(os.getpid(), INTERRUPTED[status])
         os._exit(status)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """`run`'s SIGTERM handler: the command stops where it is, as on a Ctrl-C."""
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -41,3 +41,13 @@ class IntegrityError(PcboError):
 class SourceChanged(IntegrityError):
     """Records read again to be written are not the ones that were decided on: the source changed
     during the run (exit status 1; nothing is committed from the change on)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM asking a `pcbo` command to stop (`cli.main.run` turns the signal into this): handled
+    as a Ctrl-C is — one line, the run recorded `interrupted` — and the process then ends by SIGTERM."""
+
+
+def interrupting_signal(exc: BaseException) -> str:
+    """The name of the signal a `KeyboardInterrupt` stands for: `SIGTERM` (`Terminated`) or `SIGINT`."""
+    return "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"

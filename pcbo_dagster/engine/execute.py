@@ -42,7 +42,7 @@ from pcbo_dagster.core.chain_state import (
     PartitionHistory,
 )
 from pcbo_dagster.core.decisions import Decisions, PartitionDecision
-from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput, SourceChanged
+from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput, SourceChanged, interrupting_signal
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import build_table
@@ -438,13 +438,16 @@ def _record_run_cut_short(
     exc: Exception | KeyboardInterrupt,
 ) -> None:
     """Record as `failed` a run an error ends after it started (a link on its way, a full disk, a lost
-    catalog connection), with the error in its summary, and as `interrupted` one a Ctrl-C (SIGINT)
-    ends, instead of leaving its row `running`: only while the run still holds its write lease (a run
-    whose lease was taken over may share its run id with the one that took it, whose row is not this
-    run's to write), and never in place of the error itself (a catalog that cannot take the row leaves
-    it as it was)."""
+    catalog connection), with the error in its summary, and as `interrupted` one a Ctrl-C (SIGINT) or a
+    SIGTERM ends, instead of leaving its row `running`: only while the run still holds its write lease
+    (a run whose lease was taken over may share its run id with the one that took it, whose row is not
+    this run's to write), and never in place of the error itself (a catalog that cannot take the row
+    leaves it as it was)."""
     interrupted = isinstance(exc, KeyboardInterrupt)
-    status, why = ("interrupted", "interrupted (SIGINT)") if interrupted else ("failed", one_line_error(exc))
+    if interrupted:
+        status, why = "interrupted", f"interrupted ({interrupting_signal(exc)})"
+    else:
+        status, why = "failed", one_line_error(exc)
     try:
         lease.renew()
         env.catalog.finish_run(run_id, status, _summary(results, why, False)[1])
