@@ -28,6 +28,7 @@ from pcbo_dagster.rollout.soak import (
     soak_status,
     write_soak_report,
 )
+from pcbo_dagster_tests.catalog_writer import write_catalog
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 WINDOW = timedelta(minutes=30)
@@ -525,6 +526,41 @@ def test_monitor_writes_reports_listing_every_evaluation(world: dict) -> None:
     assert skipped == [{"rollout": "r2", "dataset": "sessions", "skipped": "status is promoted, not soaking"}]
     with pytest.raises(InvalidInput):
         run_soak_monitor(world["config"], world["base"], T0, rollouts=["nope"], environ={})
+
+
+def test_soak_evaluation_rows_the_chain_does_not_record_are_left_out_of_the_report(world: dict) -> None:
+    """`soak_evaluations` rows written into the catalog by hand: one whose detail is not JSON, one
+    whose detail is JSON of another shape, one a forged passing evaluation with a metric of its own.
+    The monitor's evaluation failed with an internal error (`AttributeError`) while writing the report
+    (turning the Dagster `soak` check red), and a forged row appeared in the report an approver reads
+    as an evaluation. Now the report lists the evaluations the production chain records, and says how
+    many rows it left out."""
+    _stage(world, "r1")
+    run_soak_monitor(world["config"], world["base"], T0 + timedelta(minutes=15), environ={})
+    forged_detail = {"failed_checks": [], "checks": {"business_metric": {"passed": True, "observed": 0.99}}}
+    write_catalog(
+        world["base"],
+        *(
+            (
+                "INSERT INTO soak_evaluations (rollout, passed, detail, evaluated_at) "
+                "VALUES ('r1', 1, :detail, :at)",
+                {"detail": detail, "at": (T0 + timedelta(minutes=20)).replace(tzinfo=None)},
+            )
+            for detail in ("nope{", "[]", json.dumps(forged_detail))
+        ),
+    )
+    [result] = run_soak_monitor(world["config"], world["base"], T0 + WINDOW, environ={})
+    assert "error" not in result, result
+    assert result["evaluation"]["passed"] is True and result["status"]["state"] == "passed"
+    document = json.loads(Path(result["report"]["json"]).read_text())
+    assert [e["evaluated_at"] for e in document["evaluations"]] == [
+        "2024-06-01T12:15:00Z",
+        "2024-06-01T12:30:00Z",
+    ]
+    assert document["rows_not_on_chain"] == 3
+    markdown = Path(result["report"]["markdown"]).read_text()
+    assert "12:20:00Z" not in markdown and "0.99" not in markdown
+    assert "3 `soak_evaluations` row(s) the production audit chain does not record" in markdown
 
 
 def test_report_of_a_failing_soak(world: dict, tmp_path: Path) -> None:

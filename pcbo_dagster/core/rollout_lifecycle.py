@@ -31,7 +31,7 @@ events whose signature verifies under the key's vkey, each statement once (a cop
 appended again counts for nothing): someone who can write the audit backup and the catalog but holds
 no key forges no step. Without a key (`verifier` None) nothing is signed or checked.
 
-`row_disagreements` and `soak_row_disagreements` say where the catalog's rows differ from the
+`row_disagreements` and `soak_rows_on_chain` say where the catalog's rows differ from the
 chain: the gate stays closed on any, and `pcbo verify` reports them. `row_catch_up` recognises the
 one disagreement a crash makes (the event appended, the row not yet written: the row is exactly the
 state before the rollout's last lifecycle event) and gives the columns `pcbo verify --repair` writes.
@@ -269,12 +269,16 @@ def row_disagreements(life: Lifecycle, row: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def soak_row_disagreements(life: Lifecycle, rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The catalog's `soak_evaluations` rows of the rollout that no `rollout_soak_evaluated` event of
-    the chain records (same moment, verdict and detail digest), one line each."""
+def soak_rows_on_chain(
+    life: Lifecycle, rows: Iterable[Mapping[str, Any]]
+) -> tuple[list[Mapping[str, Any]], list[str]]:
+    """The catalog's `soak_evaluations` rows of the rollout split by the chain: those a
+    `rollout_soak_evaluated` event of it records (same moment, verdict and detail digest), in their
+    order, and one line for each other row (what `pcbo verify` reports; a soak report leaves it out)."""
     on_chain = Counter(
         (e.get("evaluated_at"), e.get("passed"), e.get("detail_digest")) for e in life.all_evaluations
     )
+    recorded: list[Mapping[str, Any]] = []
     found = []
     for row in rows:
         moment = _moment(row.get("evaluated_at"))
@@ -285,10 +289,11 @@ def soak_row_disagreements(life: Lifecycle, rows: Iterable[Mapping[str, Any]]) -
         key = (moment, bool(row.get("passed")), digest)
         if on_chain[key] > 0:
             on_chain[key] -= 1
+            recorded.append(row)
         else:
             verdict = "passed" if row.get("passed") else "failed"
             found.append(f"the evaluation at {moment} ({verdict}) is not on the production audit chain")
-    return found
+    return recorded, found
 
 
 def row_catch_up(

@@ -63,7 +63,7 @@ from pcbo_dagster.core.rollout_lifecycle import (
     lifecycle,
     row_catch_up,
     row_disagreements,
-    soak_row_disagreements,
+    soak_rows_on_chain,
     verified_statement,
 )
 from pcbo_dagster.core.signed_note import Note, VerifierKey
@@ -902,7 +902,7 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
                 )
             else:
                 report.find("rollout_not_on_chain", where, detail)
-        for detail in soak_row_disagreements(life, store.soak_evaluations(row["name"])):
+        for detail in soak_rows_on_chain(life, store.soak_evaluations(row["name"]))[1]:
             report.find("soak_evaluation_not_on_chain", where, detail)
 
 

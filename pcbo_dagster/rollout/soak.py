@@ -48,7 +48,7 @@ from pcbo_dagster.core.business_metric import parse_metric
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import format_datetime, format_instant, parse_instant, to_micros
 from pcbo_dagster.core.plan import NormalizedPolicies
-from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, check_rollout_name
+from pcbo_dagster.core.rollout_lifecycle import SOAKING, Lifecycle, check_rollout_name, soak_rows_on_chain
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.partition_checks import (
@@ -465,11 +465,16 @@ def _observed_cell(check: dict[str, Any] | None) -> str:
 
 
 def write_soak_report(
-    settings: Settings, rollout: RolloutRow, evaluations: list[dict[str, Any]], status: dict[str, Any]
+    settings: Settings,
+    rollout: RolloutRow,
+    evaluations: list[dict[str, Any]],
+    status: dict[str, Any],
+    rows_not_on_chain: int = 0,
 ) -> dict[str, str]:
     """Write `soak_report.json` and `.md` into the rollout's reports directory (under the production
-    `settings`): every evaluation over time, each check's observed value, the state and its reason.
-    Returns the paths (`json`, `markdown`)."""
+    `settings`): every evaluation over time (the `soak_evaluations` rows the production chain records:
+    `soak_rows_on_chain`; `rows_not_on_chain` counts the rows left out), each check's observed value,
+    the state and its reason. Returns the paths (`json`, `markdown`)."""
     name = rollout["name"]
     summaries = [_evaluation_summary(e) for e in evaluations]
     failing = [e for e in evaluations if not e["passed"]]
@@ -491,6 +496,7 @@ def write_soak_report(
         "evaluations": summaries,
         "latest_evaluation": None if not evaluations else _jsonable(evaluations[-1]),
         "first_failed_evaluation": None if not failing else _jsonable(failing[0]),
+        "rows_not_on_chain": rows_not_on_chain,
     }
     names = [c for c in CHECKS if any(c in s["checks"] for s in summaries)]
     lines = [
@@ -504,6 +510,14 @@ def write_soak_report(
         f"ends at {status.get('window_ends_at') or '-'}",
         f"- State: **{status.get('state')}** ({status.get('reason')})",
         "",
+    ]
+    if rows_not_on_chain:
+        lines += [
+            f"{rows_not_on_chain} `soak_evaluations` row(s) the production audit chain does not record "
+            "are left out (`pcbo verify`: `soak_evaluation_not_on_chain`).",
+            "",
+        ]
+    lines += [
         f"## Evaluations ({len(summaries)})",
         "",
     ]
@@ -657,9 +671,11 @@ def _monitor_one(
         if skip is not None:
             return skip
         evaluation = evaluate_soak(config, dataset, envs, rollout, now, life)
-        status = soak_status(envs, rollout, now)
+        life = read_lifecycle(envs, rollout)  # with the evaluation just recorded
+        status = soak_verdict(life, now)
+        recorded, left_out = soak_rows_on_chain(life, envs.store.soak_evaluations(rollout["name"]))
         report = write_soak_report(
-            envs.production.settings, rollout, envs.store.soak_evaluations(rollout["name"]), status
+            envs.production.settings, rollout, list(map(dict, recorded)), status, len(left_out)
         )
     except Exception as exc:  # noqa: BLE001 - one rollout's failure must not stop the others' soak
         return {
