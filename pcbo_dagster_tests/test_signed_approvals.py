@@ -21,6 +21,7 @@ from pcbo_dagster.core.signed_note import NoteError, parse_note, sign_note, sign
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.events import PRODUCER
 from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.engine.verify import verify
 from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.approvals import (
     ROLLOUT_APPROVED,
@@ -30,6 +31,7 @@ from pcbo_dagster.rollout.approvals import (
 )
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster_tests.approver_keys import BO, CY, MALLORY
+from pcbo_dagster_tests.catalog_writer import write_catalog
 from pcbo_dagster_tests.test_rollout_staging_and_approvals import KEYS, T0, _config
 
 WHEN = "2026-01-05T09:00:00Z"
@@ -145,6 +147,45 @@ def test_an_approval_of_another_rollout_is_not_replayed_into_this_one(tmp_path: 
     operations.decide(config, base, "other", "approve", key=CY, reason="fine", clock=clock)
     gate = _gate(config, base, clock)
     assert gate["open"] is False and any("no signed approval yet" in r for r in gate["reasons"])
+
+
+def test_approval_rows_the_chain_does_not_record_are_reported(tmp_path: Path) -> None:
+    """`rollout_approvals` rows inserted into the catalog by hand: one naming an event the chain does
+    not hold, one naming the genuine approval's event but another approver and reason. The gate
+    ignored them, but `pcbo verify` said clean while `pcbo rollout status` listed them as approvals
+    (an approval by BO that BO never signed). Now each is `rollout_approval_not_on_chain`."""
+    config, base, clock, rollout = _soaked(tmp_path)
+    genuine = operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    assert _verify_findings(config, base) == []
+    insert = (
+        "INSERT INTO rollout_approvals (rollout, decision, decision_hash, actor, reason, event_hash, "
+        "recorded_at) VALUES ('r', 'approved', :hash, :actor, :reason, :event, :at)"
+    )
+    forged = {
+        "hash": rollout["decision_hash"],
+        "actor": BO.name,
+        "reason": "lgtm",
+        "at": T0.replace(tzinfo=None),
+    }
+    write_catalog(
+        base,
+        (insert, {**forged, "event": "sha256:" + "0" * 64}),  # no such event
+        (insert, {**forged, "event": genuine["auditEventHash"]}),  # CY's event, BO's name
+    )
+    assert [row["actor"] for row in operations.status(config, base, "r", clock=clock)["approvals"]] == [
+        CY.name,
+        BO.name,
+        BO.name,
+    ]
+    assert _gate(config, base, clock)["approval"]["approvals"] == 1  # the gate counts CY's alone
+    findings = _verify_findings(config, base)
+    assert [kind for kind, _ in findings] == ["rollout_approval_not_on_chain"] * 2, findings
+    assert all(f"approved by {BO.name}" in detail for _, detail in findings)
+
+
+def _verify_findings(config: DatasetsConfig, base: Settings) -> list[tuple[str, str]]:
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        return [(f["kind"], f["detail"]) for f in verify(envs.production)["findings"]]
 
 
 def test_required_approvals_need_distinct_listed_approvers(tmp_path: Path) -> None:

@@ -31,8 +31,9 @@ events whose signature verifies under the key's vkey, each statement once (a cop
 appended again counts for nothing): someone who can write the audit backup and the catalog but holds
 no key forges no step. Without a key (`verifier` None) nothing is signed or checked.
 
-`row_disagreements` and `soak_rows_on_chain` say where the catalog's rows differ from the
-chain: the gate stays closed on any, and `pcbo verify` reports them. `row_catch_up` recognises the
+`row_disagreements` and `soak_rows_on_chain` say where the catalog's rows differ from the chain: the
+gate stays closed on any, and `pcbo verify` reports them; so does `approval_row_disagreements` for
+`rollout_approvals` rows (which the gate never reads). `row_catch_up` recognises the
 one disagreement a crash makes (the event appended, the row not yet written: the row is exactly the
 state before the rollout's last lifecycle event) and gives the columns `pcbo verify --repair` writes.
 """
@@ -50,6 +51,7 @@ from pcbo_dagster.core.audit_chain import RESERVED_KEYS
 from pcbo_dagster.core.canonical import CanonicalizationError, digest_of
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime, parse_instant, to_datetime
+from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS
 from pcbo_dagster.core.signed_note import (
     NoteError,
     SigningKey,
@@ -294,6 +296,31 @@ def soak_rows_on_chain(
             verdict = "passed" if row.get("passed") else "failed"
             found.append(f"the evaluation at {moment} ({verdict}) is not on the production audit chain")
     return recorded, found
+
+
+def approval_row_disagreements(
+    events: Iterable[Mapping[str, Any]], name: str, rows: Iterable[Mapping[str, Any]]
+) -> list[str]:
+    """The catalog's `rollout_approvals` rows of rollout `name` that no `rollout_approved` /
+    `rollout_rejected` event of the (verified) chain records, one line each: a row must name such an
+    event of this rollout (each event once) and say what it says (decision, decision hash, approver,
+    reason). Whether the event's signed statement counts is the gate's to judge (it holds the
+    approvers' keys); a row alone never counts."""
+    recorded = {
+        event.get("chain", {}).get("event_hash"): event
+        for event in events
+        if event.get("event_type") in APPROVAL_EVENTS and of_rollout(event, name)
+    }
+    found = []
+    for row in rows:
+        event = recorded.pop(row.get("event_hash"), None)
+        said = {"decision": "decision", "decision_hash": "decision_hash", "by": "actor", "reason": "reason"}
+        if event is None or any(event.get(field) != row.get(column) for field, column in said.items()):
+            found.append(
+                f"row {row.get('id')}: {row.get('decision')} by {row.get('actor')} is not on the "
+                "production audit chain"
+            )
+    return found
 
 
 def row_catch_up(

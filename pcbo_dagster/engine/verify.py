@@ -60,6 +60,7 @@ from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.core.rollout_lifecycle import (
     LIFECYCLE_EVENTS,
+    approval_row_disagreements,
     lifecycle,
     row_catch_up,
     row_disagreements,
@@ -904,6 +905,8 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
                 report.find("rollout_not_on_chain", where, detail)
         for detail in soak_rows_on_chain(life, store.soak_evaluations(row["name"]))[1]:
             report.find("soak_evaluation_not_on_chain", where, detail)
+        for detail in approval_row_disagreements(events, row["name"], store.approvals(row["name"])):
+            report.find("rollout_approval_not_on_chain", where, detail)
 
 
 def _check_triggers(env: Environment, report: _Report) -> None:
