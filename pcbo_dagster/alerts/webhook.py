@@ -5,8 +5,10 @@ An alert is raised once per `alert_key` (the catalog's unique key), with deliver
 
     {"version": "pcbo.alert/1", "alert_key", "kind", "severity", "subject", "detail", "raised_at"}
 
-(`raised_at` in `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`; null for a row whose time is not one: a row written
-by hand is sent as it reads and blocks no other alert). A 2xx answer marks the alert `delivered`.
+(`raised_at` in `YYYY-MM-DDTHH:MM:SS[.ffffff]Z`; null for a row whose time is not one: such a row is
+read, blocks no other alert and is never sent, since pcbo never writes one: a row written by hand, or a
+genuine one whose `raised_at` was changed, does not verify under its content MAC, which covers
+`raised_at`). A 2xx answer marks the alert `delivered`.
 Connection errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff
 (tenacity); other answers (3xx: redirects are not followed, 4xx) are not retried. An alert answered
 4xx is marked `failed` (kept with its redacted `last_error`, never sent again: the webhook will not
