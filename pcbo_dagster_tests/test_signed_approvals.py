@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
+from pcbo_dagster.core.audit_chain import RESERVED_KEYS
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.rollout_lifecycle import rollout_subject
@@ -181,6 +182,33 @@ def test_approval_rows_the_chain_does_not_record_are_reported(tmp_path: Path) ->
     findings = _verify_findings(config, base)
     assert [kind for kind, _ in findings] == ["rollout_approval_not_on_chain"] * 2, findings
     assert all(f"approved by {BO.name}" in detail for _, detail in findings)
+
+
+def test_approval_events_whose_statement_does_not_verify_are_reported(tmp_path: Path) -> None:
+    """Approval events appended to the production chain by someone who can write it (every hash right)
+    but holds no approver's key: the genuine approval's event with its signature flipped, with another
+    rollout's genuine statement, and word for word again. The gate ignored them, but `pcbo verify`
+    said clean. Now each is `rollout_approval_signature_invalid`: its statement must verify under the
+    key its event names and say what its event says, and count once. (Whether that key is listed is
+    the gate's to judge: verify reads no datasets config.)"""
+    config, base, clock, _ = _soaked(tmp_path)
+    other = operations.find_rollout(base, "other")
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    assert _verify_findings(config, base) == []
+    with operations.rollout_environments(config, base, "r") as (_dataset, envs):
+        chain = envs.production.audit.backup.read_chain("sessions/v1")
+        [genuine] = [e for e in chain if e["event_type"] == ROLLOUT_APPROVED]
+        body = {k: v for k, v in genuine.items() if k not in RESERVED_KEYS}
+        for forged in (
+            {**body, "signed_approval": _forged(body["signed_approval"])},
+            {**body, "signed_approval": sign_decision(CY, other, "approve", "ok", None, WHEN)},
+            body,
+        ):
+            envs.production.audit.append("sessions/v1", ROLLOUT_APPROVED, forged)
+    findings = _verify_findings(config, base)
+    assert [kind for kind, _ in findings] == ["rollout_approval_signature_invalid"] * 3, findings
+    assert f"repeats the signed statement of seq {genuine['chain']['seq']}" in findings[2][1]
+    assert _gate(config, base, clock)["approval"]["approvals"] == 1
 
 
 def _verify_findings(config: DatasetsConfig, base: Settings) -> list[tuple[str, str]]:

@@ -147,6 +147,19 @@ def approval_of_event(event: Mapping[str, Any], approvers: list[VerifierKey]) ->
     return signed
 
 
+def statement_of(signed: SignedApproval) -> tuple[str, ...]:
+    """What a signed statement says and who signed it: the same statement whatever signature lines
+    of other keys travel with it (Ed25519 signs a text one way only)."""
+    return (
+        signed.signer.text,
+        signed.rollout,
+        signed.decision,
+        signed.decision_hash,
+        signed.reason,
+        signed.time,
+    )
+
+
 def approver_key_problem(key: VerifierKey, earlier: list[VerifierKey]) -> str | None:
     """Why `key` cannot be trusted as an approver's key besides `earlier` ones (None: it can): not an
     Ed25519 (type 0x01) key, or its name or its key given already (one holder would count as two

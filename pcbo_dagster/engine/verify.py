@@ -67,7 +67,8 @@ from pcbo_dagster.core.rollout_lifecycle import (
     soak_rows_on_chain,
     verified_statement,
 )
-from pcbo_dagster.core.signed_note import Note, VerifierKey
+from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS, approval_of_event, statement_of
+from pcbo_dagster.core.signed_note import Note, NoteError, VerifierKey, parse_verifier_key
 from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.crash_windows import (
     LakeVsChain,
@@ -871,6 +872,8 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
                     f"{ckey} seq {seq}",
                     f"the {event.get('event_type')} event {detail}: the rollout gates ignore it",
                 )
+    for ckey, events in sorted(chains.items()):
+        _check_approval_statements(report, ckey, events)
     store = RolloutStore(env.catalog)
     for row in store.list():
         ckey = f"{row['dataset']}/{row['version_label']}"
@@ -907,6 +910,33 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
             report.find("soak_evaluation_not_on_chain", where, detail)
         for detail in approval_row_disagreements(events, row["name"], store.approvals(row["name"])):
             report.find("rollout_approval_not_on_chain", where, detail)
+
+
+def _check_approval_statements(report: _Report, ckey: str, events: list[dict]) -> None:
+    """Each `rollout_approved` / `rollout_rejected` event of the chain must carry a signed statement
+    that verifies under the key the event names (`approver_key`) and says what the event says
+    (`approval_of_event`), each statement once. Whether that key is a listed approver's is the gate's
+    to judge (verify reads no datasets config): the gate ignores every event reported here."""
+    seen: dict[tuple[str, ...], Any] = {}  # signed statement -> the seq it first stands at
+    for event in events:
+        if event.get("event_type") not in APPROVAL_EVENTS:
+            continue
+        seq = event.get("chain", {}).get("seq")
+        try:
+            signed = approval_of_event(event, [parse_verifier_key(str(event.get("approver_key")))])
+        except NoteError as exc:
+            detail = f"carries no statement signed by the key it names that says what it says ({exc})"
+        else:
+            statement = statement_of(signed)
+            if statement not in seen:
+                seen[statement] = seq
+                continue
+            detail = f"repeats the signed statement of seq {seen[statement]} (each counts once)"
+        report.find(
+            "rollout_approval_signature_invalid",
+            f"{ckey} seq {seq}",
+            f"the {event.get('event_type')} event {detail}: the promotion gate ignores it",
+        )
 
 
 def _check_triggers(env: Environment, report: _Report) -> None:

@@ -49,6 +49,7 @@ from pcbo_dagster.core.signed_approvals import (
     approval_of_event,
     read_signed_approval,
     sign_approval,
+    statement_of,
 )
 from pcbo_dagster.core.signed_note import NoteError, SigningKey
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
@@ -130,7 +131,7 @@ def record_decision(
         raise InvalidInput("reason", "say why")
     counted, _ = _counted_decisions(envs, rollout, events)
     for event, earlier in counted:
-        if _statement(earlier) == _statement(signed):
+        if statement_of(earlier) == statement_of(signed):
             raise InvalidInput(
                 "statement",
                 f"this signed statement is already on the chain (seq {event['chain']['seq']}): a statement "
@@ -183,19 +184,6 @@ def _verified(event: dict[str, Any], policy: ApprovalPolicy) -> SignedApproval |
         return None
 
 
-def _statement(signed: SignedApproval) -> tuple[str, ...]:
-    """What a signed statement says and who signed it: the same statement whatever signature lines
-    of other keys travel with it (Ed25519 signs a text one way only)."""
-    return (
-        signed.signer.text,
-        signed.rollout,
-        signed.decision,
-        signed.decision_hash,
-        signed.reason,
-        signed.time,
-    )
-
-
 def _signed_at(signed: SignedApproval) -> int:
     """The statement's signed time (microseconds); `read_signed_approval` refused any other text."""
     moment = parse_instant(signed.time)
@@ -238,10 +226,10 @@ def _counted_decisions(
         if body.get("name") != rollout["name"]:
             continue
         signed = _verified(event, policy)
-        if signed is None or _statement(signed) in seen:
+        if signed is None or statement_of(signed) in seen:
             ignored += 1
             continue
-        seen.add(_statement(signed))
+        seen.add(statement_of(signed))
         if signed.decision == "rejected":
             at = _rejected_at(event, signed)
             rejected_at = at if rejected_at is None else max(rejected_at, at)
