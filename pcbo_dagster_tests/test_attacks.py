@@ -631,7 +631,12 @@ def test_a_well_formed_event_appended_to_the_backup_alone_is_never_adopted(home,
     assert status == 1
 
 
-def test_an_event_inserted_into_the_catalog_alone_is_never_adopted(home, requests):
+@pytest.mark.parametrize("head_moved", [True, False], ids=["head-moved", "head-left"])
+def test_an_event_inserted_into_the_catalog_alone_is_never_adopted(home, requests, head_moved, capsys):
+    """Also when the forger leaves the chain's head row as it was (README *Audit events*: an event
+    appended to the catalog alone is never adopted, runs refuse to append): a run used to trust the
+    head row, stage its files, write its intent to the backup and only then fail on the mirror's
+    append-only trigger, as an internal error."""
     event = _forged_event(home)
     with sqlite3.connect(home / "catalog.db") as db:
         db.execute(
@@ -645,16 +650,21 @@ def test_an_event_inserted_into_the_catalog_alone_is_never_adopted(home, request
                 json.dumps(event),
             ),
         )
-        db.execute(
-            "UPDATE audit_chain_heads SET seq = ?, event_hash = ?",
-            (event["chain"]["seq"], event["chain"]["event_hash"]),
-        )
-    chain = backup_file(home).read_bytes()
+        if head_moved:
+            db.execute(
+                "UPDATE audit_chain_heads SET seq = ?, event_hash = ?",
+                (event["chain"]["seq"], event["chain"]["event_hash"]),
+            )
+    chain, lake = backup_file(home).read_bytes(), lake_files(home)
     assert_found_and_not_laundered(home, "audit_catalog_mismatch")
+    capsys.readouterr()
     for request in requests.values():  # nothing to append, or something: refused either way
         status, _ = pcbo(home, "execute", "--input", str(request))
         assert status == 1
+        refusal = capsys.readouterr().err
+        assert "internal error" not in refusal and "events one store alone holds" in refusal, refusal
     assert backup_file(home).read_bytes() == chain
+    assert lake_files(home) == lake
 
 
 def test_a_stale_backup_never_causes_a_second_commit_event(base, tmp_path, requests):

@@ -19,10 +19,10 @@ written to the backup only to fill a hole before an event of the batch the backu
 `prev_event_hash` pins every event before it. The caller of an append that was cut off saw no
 return, so nothing it would have done after the append was done; a commit whose events were cut off
 is completed from its intent by the commit protocol's own repair. Anything else is
-`ChainDivergence`: events one store alone holds (appended to the backup by hand, or a backup behind
-the mirror) are never adopted, so the run stops and `pcbo verify` reports them. A torn fragment that
-is not part of the pending batch is set aside in the chain's `.torn` file (which `pcbo verify`
-reports).
+`ChainDivergence`: events one store alone holds (appended to the backup by hand, a backup behind
+the mirror, or rows inserted into the mirror past its head) are never adopted, so the run stops and
+`pcbo verify` reports them. A torn fragment that is not part of the pending batch is set aside in
+the chain's `.torn` file (which `pcbo verify` reports).
 
 Writers of one chain are serialised by the backup's chain lock (flock, across the processes of a
 host) and the head store's writer lock (across hosts on PostgreSQL), held for all three steps; the
@@ -167,6 +167,15 @@ class AuditLog:
         store_head = txn.head()
         pending = txn.pending()
         store_seq = -1 if store_head is None else store_head[0]
+        # The mirror moves its head in the very transaction that stores its events: a row past the head
+        # was inserted into the catalog alone (its head row left as it was).
+        beyond = txn.events_after(store_seq)
+        if beyond:
+            raise ChainDivergence(
+                f"{chain_key}: the catalog holds {len(beyond)} event(s) after its chain head (seq "
+                f"{store_seq}) that no append stored; events one store alone holds are not adopted. "
+                "`pcbo verify` shows the difference"
+            )
         pending_events = pending[1] if pending is not None and pending[0] == store_seq + 1 else []
         fragment = self.backup.torn_tail(chain_key)
         if fragment is not None:
