@@ -245,6 +245,24 @@ def test_an_altered_retained_version_is_found_and_never_restored(home):
     assert lake_files(home) == before, "a refused rollback touched the lake"
 
 
+@pytest.mark.parametrize("kind", ["version_manifest_altered", "version_manifest_missing"])
+def test_the_current_versions_retained_manifest_is_put_back_by_a_run(home, requests, kind):
+    """README *What happens in an execute*: a partition whose lake disagrees with its chain is never
+    built upon; the run puts back exactly the version the chain says is current. The current version's
+    `_versions/` manifest altered or deleted (its commit point intact) was left as it was by a re-run
+    ("unchanged", `verify` still failing), and a changed request committed a new version over it."""
+    path = part(home, K1) / "_versions" / "v000002.json"
+    committed = path.read_bytes()
+    assert committed == (part(home, K1) / "_manifest.json").read_bytes()
+    if kind == "version_manifest_missing":
+        path.unlink()
+    else:
+        path.write_bytes(committed.replace(b'"requireConsent": true', b'"requireConsent": false'))
+    assert_found_and_not_laundered(home, kind, K1)
+    assert_execute_restores(home, requests["b"], K1, kind)
+    assert path.read_bytes() == committed
+
+
 def test_a_corrupt_restorable_version_is_found_before_a_rollback_removes_anything(home):
     v1 = manifest(home, K1, 1)["files"][0]["path"]
     v2 = manifest(home, K1, 2)["files"][0]["path"]

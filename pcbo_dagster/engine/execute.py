@@ -67,6 +67,7 @@ from pcbo_dagster.engine.transparency_log import checkpoint_places, publish
 from pcbo_dagster.io.redaction import one_line_error
 from pcbo_dagster.lake import layout, manifests, parquet_files
 from pcbo_dagster.lake.manifests import FileEntry, Manifest, RollbackManifest
+from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.sources.streaming import source_batch_size
 from pcbo_dagster.tables import iceberg_publication
 
@@ -636,6 +637,10 @@ def _prepare(
         restored = against_chain.finding()
     else:
         previous, previous_checksum = against_chain.manifest, against_chain.manifest_checksum
+        if previous is not None and previous_bytes is not None:
+            # the commit point is the chain's: the retained copy of its version must hold its bytes too
+            restored = _retained_copy_finding(lake, dataset, version_label, key, previous, previous_bytes)
+            restore = [] if restored is None else [(restored["where"], previous_bytes)]
     version = max(known_version, previous["partitionVersion"] if previous else 0) + 1
     manifest = build_manifest(
         plan,
@@ -653,9 +658,9 @@ def _prepare(
         manifest["gaps"] = gaps
     if previous is not None and manifests.same_content(previous, manifest):
         assert previous_checksum is not None
-        if restored is None and lake.read_if_exists(file_rel) != data:  # the same path, the same bytes
-            restore = [(file_rel, data)]
-            restored = {
+        if against_chain.verdict != "finding" and lake.read_if_exists(file_rel) != data:  # same path, bytes
+            restore.append((file_rel, data))
+            restored = restored or {
                 "kind": "data_file_corrupt",
                 "where": file_rel,
                 "detail": "the committed data file was missing or did not have its manifest's checksum",
@@ -678,6 +683,30 @@ def _prepare(
     staged = _Staged(pd, manifest, manifest_checksum, manifest_bytes, version, adds_root=merkle_root)
     staged.restored, staged.held = restored, previous_bytes
     return _Prepared(staged, against_chain, files)
+
+
+def _retained_copy_finding(
+    lake: LakeStorage,
+    dataset: str,
+    version_label: str,
+    key: str,
+    current: Manifest,
+    commit_point: bytes,
+) -> dict[str, Any] | None:
+    """What is wrong with the `_versions/` manifest of the version named by a commit point the chain
+    agrees with: missing, or other bytes than that commit point's (which the run puts back there,
+    exactly, as a restoration); None when it holds them."""
+    rel = layout.version_manifest(dataset, version_label, key, current["partitionVersion"])
+    held = lake.read_if_exists(rel)
+    if held == commit_point:
+        return None
+    missing = held is None
+    return {
+        "kind": "version_manifest_missing" if missing else "version_manifest_altered",
+        "where": rel,
+        "detail": "the committed version's retained manifest was "
+        + ("missing" if missing else "not the commit point's bytes"),
+    }
 
 
 def _gaps_in(loaded: LoadedRequest, pd: PartitionDecision) -> list[list[int]]:
