@@ -195,3 +195,32 @@ def test_new_directories_are_entries_synced_with_their_parents(tmp_path: Path, m
     lake.create("ds/v1/k/_rollback/v1.json", b"r")  # one new directory in an existing one
     lake.sync()
     assert {p for p, d in synced if d} == {f"{root}/ds/v1/k/_rollback", f"{root}/ds/v1/k"}
+
+
+def test_every_file_a_run_writes_has_the_mode_the_umask_gives(tmp_path: Path) -> None:
+    """Walk finding: commit points (`_manifest.json`, written through a temporary file of mode 0600)
+    and the `--output` document were readable by their owner alone, while the data files and version
+    manifests beside them were 0644: another user allowed to read the lake could read its files but
+    not which of them are committed. Every file is now created as `open(path, "w")` would create it."""
+    import shutil
+    import stat
+
+    from pcbo_dagster_tests.cli_runner import run_pcbo
+    from pcbo_dagster_tests.http_server import DEMO_REQUEST
+
+    shutil.copyfile(DEMO_REQUEST, tmp_path / "req.json")
+    old = os.umask(0o022)  # inherited by the command
+    try:
+        run = run_pcbo(["execute", "--input", "req.json", "--output", "out.json"], home=tmp_path / "home")
+    finally:
+        os.umask(old)
+    assert run.status == 0, run.stderr
+    lake = tmp_path / "home" / "lake"
+    modes = {
+        path.relative_to(lake).as_posix(): stat.S_IMODE(path.stat().st_mode)
+        for path in lake.rglob("*")
+        if path.is_file() and "_iceberg" not in path.parts
+    }
+    assert any(rel.endswith("/_manifest.json") for rel in modes), modes
+    assert {rel: mode for rel, mode in modes.items() if mode != 0o644} == {}
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o644

@@ -1,13 +1,16 @@
 """Writing a local file all-or-nothing through a temporary file beside it: replaced (`replace_file`,
 renamed into place), created only where no file is (`create_file`, linked into place), or swapped only
-over the bytes its writer read (`swap_file`, renamed under a lock of its directory)."""
+over the bytes its writer read (`swap_file`, renamed under a lock of its directory).
+
+Files get the mode a plain `open(path, "w")` would give them (0666 less the process's umask: 0644
+under the usual 022), so everyone who may read the lake reads its commit points as well as its data
+files; a secret is created with an explicit `mode` (0600)."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
@@ -20,8 +23,7 @@ def replacing(
     """A temporary file in `path`'s directory to write, renamed over `path` when the block ends without
     an exception, so a reader sees the old bytes or the new ones, never a part. `durable=True` fsyncs
     before the rename. The temporary file is removed if anything fails."""
-    directory = os.path.dirname(os.fspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=directory)
+    fd, tmp = _create_temporary(path, 0o666, prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -43,13 +45,19 @@ def replace_file(
         fh.write(data)
 
 
-def _temporary(path: str | os.PathLike[str], data: bytes, *, durable: bool, mode: int, prefix: str) -> str:
-    """A new temporary file beside `path` holding `data` (fsynced when `durable`), created exclusively
-    and never through a symbolic link: its path."""
+def _create_temporary(path: str | os.PathLike[str], mode: int, prefix: str) -> tuple[int, str]:
+    """A new empty temporary file beside `path`, created exclusively with `mode` (less the umask) and
+    never through a symbolic link: its descriptor, open for writing, and its path."""
     directory = os.path.dirname(os.fspath(path)) or "."
     name = f"{prefix}{os.path.basename(os.fspath(path))}-{os.getpid()}-{os.urandom(6).hex()}"
     tmp = os.path.join(directory, name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode), tmp
+
+
+def _temporary(path: str | os.PathLike[str], data: bytes, *, durable: bool, mode: int, prefix: str) -> str:
+    """A new temporary file beside `path` holding `data` (fsynced when `durable`), created exclusively
+    and never through a symbolic link: its path."""
+    fd, tmp = _create_temporary(path, mode, prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -102,8 +110,7 @@ def swap_file(
     through here takes, in this process or any other on the host: held for a read of one small file
     and a rename, never while writing. `durable=True` fsyncs the new file before the rename."""
     directory = os.path.dirname(os.fspath(path)) or "."
-    # (mode 0600, as `replace_file`'s temporary files, which commit points were written with before)
-    tmp = None if data is None else _temporary(path, data, durable=durable, mode=0o600, prefix=prefix)
+    tmp = None if data is None else _temporary(path, data, durable=durable, mode=0o666, prefix=prefix)
     try:
         lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
