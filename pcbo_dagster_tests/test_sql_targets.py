@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,7 @@ def test_rollback_restores_the_exact_prior_table_and_psql_runs_the_script(
     # The run's rollback script, read and run by hand with psql, gives the same table.
     script = tmp_path / "home1" / "rollback_scripts" / "rollback_run-1.sql"
     data = script.read_bytes()
+    assert stat.S_IMODE(script.stat().st_mode) == 0o600  # the target's prior rows: its owner's alone
     chain = (tmp_path / "home1" / "pas" / "events" / "v1.jsonl").read_text().splitlines()
     event = next(e for e in map(json.loads, chain) if e["event_type"] == "sql_rollback_script")
     assert event["script"]["checksum"] == "sha256:" + hashlib.sha256(data).hexdigest()

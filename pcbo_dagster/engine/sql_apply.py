@@ -1191,7 +1191,7 @@ def _write_rollback_script(
     data = rollback_script(table, plan.run_id, plan.dataset, plan.version_label, view)
     path = rollback_script_path(env, plan.run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_file(path, data, durable=True)
+    replace_file(path, data, durable=True, mode=0o600)  # the target's prior rows: its owner's alone
     checksum = "sha256:" + hashlib.sha256(data).hexdigest()
     known = any(
         e.get("event_type") == SQL_ROLLBACK_SCRIPT

@@ -18,12 +18,13 @@ from typing import BinaryIO
 
 @contextmanager
 def replacing(
-    path: str | os.PathLike[str], *, durable: bool = False, prefix: str = ".tmp-"
+    path: str | os.PathLike[str], *, durable: bool = False, prefix: str = ".tmp-", mode: int = 0o666
 ) -> Iterator[BinaryIO]:
     """A temporary file in `path`'s directory to write, renamed over `path` when the block ends without
     an exception, so a reader sees the old bytes or the new ones, never a part. `durable=True` fsyncs
-    before the rename. The temporary file is removed if anything fails."""
-    fd, tmp = _create_temporary(path, 0o666, prefix)
+    before the rename. The temporary file is removed if anything fails. The file's `mode` (less the
+    umask) is the new file's."""
+    fd, tmp = _create_temporary(path, mode, prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
             yield fh
@@ -38,10 +39,15 @@ def replacing(
 
 
 def replace_file(
-    path: str | os.PathLike[str], data: bytes, *, durable: bool = False, prefix: str = ".tmp-"
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    durable: bool = False,
+    prefix: str = ".tmp-",
+    mode: int = 0o666,
 ) -> None:
     """Write `data` to `path` through `replacing`."""
-    with replacing(path, durable=durable, prefix=prefix) as fh:
+    with replacing(path, durable=durable, prefix=prefix, mode=mode) as fh:
         fh.write(data)
 
 
