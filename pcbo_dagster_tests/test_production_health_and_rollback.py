@@ -352,14 +352,14 @@ def test_approved_rollouts_are_checked_and_rejected_ones_are_not(world: World) -
     # Decisions through the approval gate (on the production chain); a bare approval row would count
     # for nothing.
     rollout = world.envs.store.require("r1")
-    approval = sign_decision(CY, rollout, "approve", "ok", None, "2024-01-01T00:00:00Z")
+    approval = sign_decision(CY, rollout, "approve", "ok", None, "2024-02-01T12:00:00Z")
     record_decision(world.envs, "r1", approval, clock=ManualClock(T0))
     report = check_production_health(world.config, world.dataset, world.envs, T0)
     assert [(p["key"], p["status"]) for p in report["partitions"]] == [
         (KEYS[0], "missing"),
         (KEYS[1], "missing"),
     ]
-    rejection = sign_decision(CY, rollout, "reject", "not yet", None, "2024-01-01T00:00:01Z")
+    rejection = sign_decision(CY, rollout, "reject", "not yet", None, "2024-02-01T12:00:01Z")
     record_decision(world.envs, "r1", rejection, clock=ManualClock(T0))
     assert check_production_health(world.config, world.dataset, world.envs, T0)["partitions"] == []
 

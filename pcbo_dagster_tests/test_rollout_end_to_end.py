@@ -53,7 +53,10 @@ datasets:
       @APPROVERS@
 """.replace("@APPROVERS@", APPROVERS_YAML)
 
-T0_TEXT = "2024-01-02T00:00:00Z"
+
+def _now_text(clock: ManualClock) -> str:
+    """The controlled clock's now, as a statement's signed time (after the rollout was staged)."""
+    return clock.now().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _sessions() -> list[dict[str, Any]]:
@@ -167,7 +170,9 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
         {
             "rollout": "r1",
             # signed with bo's key (as `pcbo reject --key` signs it), pasted into the launchpad
-            "statement": sign_decision(BO, rollout, "reject", "wait for the finance sign-off", None, T0_TEXT),
+            "statement": sign_decision(
+                BO, rollout, "reject", "wait for the finance sign-off", None, _now_text(d.clock)
+            ),
         },
     )
     assert rejected.success
@@ -183,7 +188,7 @@ def test_a_whole_rollout(deployment: Rollout) -> None:
         "rollout_approval_op",
         {
             "rollout": "r1",
-            "statement": sign_decision(CY, rollout, "approve", "numbers reviewed", None, T0_TEXT),
+            "statement": sign_decision(CY, rollout, "approve", "numbers reviewed", None, _now_text(d.clock)),
         },
     )
     assert approved.success

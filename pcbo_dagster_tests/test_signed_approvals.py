@@ -429,3 +429,26 @@ def test_with_no_approver_listed_the_gate_says_so_not_that_an_approval_is_missin
     assert "no signed approval yet" not in reason
     with pytest.raises(Blocked):
         operations.promote(bare, base, "r", by="dee", clock=clock)
+
+
+def test_an_approval_signed_before_the_rollout_was_staged_counts_for_nothing(tmp_path: Path) -> None:
+    """Red-team finding: a statement names a rollout and a decision hash, and a rehearsal deployment
+    that staged the same range under the same rollout name staged the same hash: cy's approval of the
+    rehearsal, signed before production staged its rollout (so after no soak of production's), was
+    accepted by production's `pcbo approve --statement` and opened its gate. An approval signed before
+    the staging it would approve (beyond the clock skew allowed) is refused when recorded and ignored
+    on the chain; a rejection signed then still counts (it opens nothing)."""
+    config, base, clock, rollout = _soaked(tmp_path)
+    staged = next(e for e in _chain_events(config, base) if e["event_type"] == "rollout_staged")
+    rehearsal = sign_decision(CY, rollout, "approve", "rehearsal looked fine", None, "2026-01-04T08:00:00Z")
+    before = len(_chain_events(config, base))
+    with pytest.raises(InvalidInput, match="before rollout 'r' was staged") as refused:
+        operations.decide(config, base, "r", None, statement=rehearsal, clock=clock)
+    assert refused.value.field == "statement" and staged["staged_at"] in refused.value.message
+    assert len(_chain_events(config, base)) == before
+    _append_directly(config, base, rollout, rehearsal, CY.name)
+    gate = _gate(config, base, clock)
+    assert gate["open"] is False, gate
+    operations.decide(config, base, "r", "approve", key=CY, reason="production's soak reviewed", clock=clock)
+    assert _gate(config, base, clock)["open"] is True
+    assert _in_force(config, base)["ignored"] == 1  # the rehearsal's, on the chain

@@ -24,13 +24,17 @@ rejection (fewer: `pending`) in statements signed no earlier than that rejection
 before a rejection never outlives it, however late it is brought. Nor does one dated ahead: an
 approval whose signed time is later than the moment its event was appended (by more than
 `CLOCK_SKEW_SECONDS`) counts for nothing, since it would order after every rejection made before its
-date. A row inserted into the table alone, a bare name, a forged, replayed or unlisted signature open
-nothing.
+date. Nor does one signed before the rollout's staging in force (its `rollout_staged` event's
+`staged_at`, less the same skew): it approved no soak of what is staged here — a rehearsal deployment
+that staged the same range under the same rollout name staged the same decision hash, and its
+approval would otherwise count in production. A row inserted into the table alone, a bare name, a
+forged, replayed or unlisted signature open nothing.
 
 Refused with `InvalidInput` (exit 2, nothing written): an unknown rollout, a rollout not halted for
 review (status `soaking`), an empty reason, a statement that does not verify under a listed key, one
 for another rollout, decision or decision hash than the one the rollout staged, a statement already
-on the chain, an approval signed before the rejection in force, or a decision signed in the future. A
+on the chain, an approval signed before the rollout was staged or before the rejection in force, or a
+decision signed in the future. A
 rejection on the chain dated ahead of its event takes effect when its event was appended.
 """
 
@@ -129,7 +133,7 @@ def record_decision(
         )
     if not signed.reason.strip():
         raise InvalidInput("reason", "say why")
-    counted, _ = _counted_decisions(envs, rollout, events)
+    counted, _ = _counted_decisions(envs, rollout, events, _staged_at(life.staged))
     for event, earlier in counted:
         if statement_of(earlier) == statement_of(signed):
             raise InvalidInput(
@@ -143,6 +147,13 @@ def record_decision(
             "statement",
             f"the {what} was signed at {signed.time}, in the future (more than {CLOCK_SKEW_SECONDS} s "
             f"ahead of this clock): a {what} counts from when it is signed, never before; sign it now",
+        )
+    if signed.decision == "approved" and _signed_before_staging(signed, _staged_at(life.staged)):
+        assert life.staged is not None
+        raise InvalidInput(
+            "statement",
+            f"the approval was signed at {signed.time}, before rollout {name!r} was staged "
+            f"({life.staged.get('staged_at')}): it approved no soak of what is staged; sign a new approval",
         )
     rejected = [(e, s) for e, s in counted if s.decision == "rejected"]
     if signed.decision == "approved" and rejected and _signed_at(signed) < _rejected_at(*rejected[-1]):
@@ -198,6 +209,18 @@ def _from_the_future(signed: SignedApproval, recorded: int | None) -> bool:
     return recorded is None or _signed_at(signed) > recorded + CLOCK_SKEW_SECONDS * 1_000_000
 
 
+def _staged_at(staged: dict[str, Any] | None) -> int | None:
+    """When the rollout's staging in force ended (its `rollout_staged` event's `staged_at`, where its
+    soak window starts: microseconds), or None."""
+    return None if staged is None else parse_instant(staged.get("staged_at"))
+
+
+def _signed_before_staging(signed: SignedApproval, staged_at: int | None) -> bool:
+    """Whether the statement was signed before the staging at `staged_at` by more than the clock skew
+    allowed (module doc: a rehearsal's approval brought to production)."""
+    return staged_at is not None and _signed_at(signed) < staged_at - CLOCK_SKEW_SECONDS * 1_000_000
+
+
 def _rejected_at(event: dict[str, Any], signed: SignedApproval) -> int:
     """When a rejection on the chain took effect: its signed time, or when its event was appended if
     that is earlier. A rejection dated ahead (2099) would otherwise hold off every approval signed
@@ -208,12 +231,12 @@ def _rejected_at(event: dict[str, Any], signed: SignedApproval) -> int:
 
 
 def _counted_decisions(
-    envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]]
+    envs: RolloutEnvironments, rollout: RolloutRow, events: list[dict[str, Any]], staged_at: int | None
 ) -> tuple[list[tuple[dict[str, Any], SignedApproval]], int]:
     """The rollout's approval and rejection events on the (verified) production chain `events` that
     count, in chain order, each with its verified statement (module doc: listed signer, says what its
-    event says, first time on the chain, an approval signed no earlier than the last rejection
-    counted), and how many were ignored."""
+    event says, first time on the chain, an approval signed no earlier than the staging at `staged_at`
+    nor than the last rejection counted), and how many were ignored."""
     policy = envs.approval_policy
     counted: list[tuple[dict[str, Any], SignedApproval]] = []
     seen: set[tuple[str, ...]] = set()
@@ -235,6 +258,9 @@ def _counted_decisions(
             rejected_at = at if rejected_at is None else max(rejected_at, at)
         elif _from_the_future(signed, parse_instant(event.get("timestamp"))):
             ignored += 1  # signed later than it was recorded: it would outlive rejections to come
+            continue
+        elif _signed_before_staging(signed, staged_at):
+            ignored += 1  # approved no soak of this staging (a rehearsal's approval)
             continue
         elif rejected_at is not None and _signed_at(signed) < rejected_at:
             ignored += 1  # signed before a rejection it would override
@@ -259,8 +285,9 @@ def decision_in_force(
     policy = envs.approval_policy
     if events is None:
         events = production_chain(envs, rollout)
-    staged = read_lifecycle(envs, rollout, events).decision_hash
-    decisions, ignored = _counted_decisions(envs, rollout, events)
+    life = read_lifecycle(envs, rollout, events)
+    staged = life.decision_hash
+    decisions, ignored = _counted_decisions(envs, rollout, events, _staged_at(life.staged))
     last: tuple[dict[str, Any], SignedApproval] | None = None
     approvals: dict[str, tuple[dict[str, Any], SignedApproval]] = {}
     rejection: str | None = None
