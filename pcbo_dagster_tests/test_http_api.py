@@ -604,7 +604,7 @@ def test_every_endpoint_refuses_no_token_a_bad_one_a_revoked_one_and_wrong_scope
                 )
             else:
                 assert answer.status_code == 403, (path, scope, answer.text)
-    # gc needs admin even though /commands/run takes any read token
+    # gc needs admin: /commands/run checks the scope of the action asked for
     answer = _call(server.client(scoped["read"]), "POST", "/commands/run")
     assert answer.status_code == 403 and "admin" in answer.json()["message"]
     bad_header = server.client().get("/v1/datasets", headers={"Authorization": "Basic abc"})

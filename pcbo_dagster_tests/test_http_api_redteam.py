@@ -432,3 +432,37 @@ def test_a_service_that_drips_its_answer_is_down_at_the_probe_timeout() -> None:
     finally:
         dripping.close()
         refusing.close()
+
+
+# -- a command's scope is the action's: an approve-only or execute-only token runs its commands ---
+
+
+def test_an_approve_or_execute_token_without_read_runs_and_reads_its_own_commands(
+    server: RunningServer,
+) -> None:
+    """The README gives each command the scope of its action (`pause-rollout`: approve; `rollback`:
+    execute). `/commands/run` and `/commands/{id}` required `read` first: an approver's token (scope
+    approve alone) was 403 "this token lacks the 'read' scope" for the very commands it exists for."""
+    approver = server.client(server.token("approver-only", "approve"))
+    operator = server.client(server.token("operator-only", "execute"))
+    planner = server.client(server.token("planner-only", "plan"))
+    pause_id, rollback_id = "pause-" + uuid.uuid4().hex[:8], "rollback-" + uuid.uuid4().hex[:8]
+    pause = {"commandId": pause_id, "action": "pause-rollout", "target": "no-such-rollout", "params": {}}
+    answer = approver.post("/commands/run", json=pause)  # past the scope: the rollout is looked up
+    assert answer.status_code == 422 and answer.json()["field"] == "target", answer.text
+    rollback = {"commandId": rollback_id, "action": "rollback", "target": "cmd-ds", "params": {"runId": "r"}}
+    answer = operator.post("/commands/run", json=rollback)
+    assert answer.status_code == 202 and answer.json()["actor"] == "operator-only", answer.text
+    assert operator.get(f"/commands/{rollback_id}").status_code == 200
+    assert operator.post("/commands/run", json=rollback).status_code == 200  # idempotent, as with read
+    # each still lacks the other's scope, and a plan token every command's
+    assert (
+        approver.post("/commands/run", json={**rollback, "commandId": "x-" + rollback_id}).status_code == 403
+    )
+    assert operator.post("/commands/run", json=pause).status_code == 403
+    assert approver.get(f"/commands/{rollback_id}").status_code == 403
+    assert approver.post("/commands/run", json=rollback).status_code == 403  # a known id is no way round
+    assert planner.get(f"/commands/{rollback_id}").status_code == 403
+    assert planner.get("/commands/no-such-command").status_code == 403
+    verify = {"commandId": "v-" + pause_id, "action": "verify", "target": "all", "params": {}}
+    assert planner.post("/commands/run", json=verify).status_code == 403

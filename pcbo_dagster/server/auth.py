@@ -1,9 +1,10 @@
 """Bearer tokens, fail closed: no token or an unknown, revoked or expired one is 401; a token without
 the scope an endpoint needs, or limited to other datasets, is 403. Only `/healthz` is open.
 
-Scopes: `read` (listings, proofs, runs, the stream, the audit page, services), `plan` (plan,
-dry-run), `execute` (execute; the retry-partitions and rollback commands), `approve` (rollout pause,
-resume and cancel), `admin` (everything, including the admin status, verify --repair and gc). A token
+Scopes: `read` (listings, proofs, runs, the stream, the audit page, services, any command's state),
+`plan` (plan, dry-run), `execute` (execute; the retry-partitions and rollback commands), `approve`
+(rollout pause, resume and cancel), `admin` (everything, including the admin status, verify --repair
+and gc). A command needs its action's scope only: `read` is not asked of an approver's pause. A token
 limited to datasets reads and writes only those: listings are filtered, and anything about every
 dataset (gc, verify, the admin status) needs an unlimited token.
 """
@@ -81,6 +82,14 @@ def principal_of(request: Request) -> Principal:
         frozenset(token["scopes"]),
         None if datasets is None else frozenset(datasets),
     )
+
+
+def authenticated(request: Request) -> Principal:
+    """A FastAPI dependency: the request's principal, whatever its scopes (an endpoint whose scope
+    depends on what is asked checks it itself: the commands, per action)."""
+    principal = principal_of(request)
+    request.state.principal = principal
+    return principal
 
 
 def require(scope: str) -> Callable[[Request], Principal]:

@@ -34,11 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fastapi import Request
+
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.request_model import NAME_PATTERN
-from pcbo_dagster.server.auth import Principal, check_dataset
+from pcbo_dagster.server.auth import Principal, authenticated, check_dataset
 from pcbo_dagster.server.broker import EVERY_DATASET, EventBroker
 from pcbo_dagster.server.config import ServerConfig
 from pcbo_dagster.server.errors import ApiError, invalid
@@ -56,6 +58,24 @@ ACTIONS = {
     "gc": "admin",
 }
 FINAL_PHASES = ("success", "error", "timeout")
+
+
+def command_principal(request: Request) -> Principal:
+    """A FastAPI dependency: the request's principal, which must hold a scope some command needs (a
+    plan-only token learns nothing of the commands, not even which ids exist)."""
+    principal = authenticated(request)
+    if not any(principal.has(scope) for scope in set(ACTIONS.values())):
+        raise ApiError(403, "forbidden", "this token lacks the scope of every command")
+    return principal
+
+
+def check_command_scope(principal: Principal, state: dict[str, Any]) -> None:
+    """403 unless the token may read the recorded command `state`: `read`, or its action's scope."""
+    scope = ACTIONS.get(state["action"], "admin")
+    if not (principal.has("read") or principal.has(scope)):
+        raise ApiError(403, "forbidden", f"this token lacks the 'read' or {scope!r} scope")
+
+
 #: Parameters each action takes (anything else is invalid input: a typo must not be ignored).
 PARAMS = {
     "retry-partitions": {"partitions", "runId", "timeoutSeconds"},

@@ -18,6 +18,7 @@ from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.server import models
 from pcbo_dagster.server.auth import Principal, require, token_still_valid
 from pcbo_dagster.server.broker import EventStreamResponse
+from pcbo_dagster.server.commands import check_command_scope, command_principal
 from pcbo_dagster.server.errors import ApiError, invalid
 from pcbo_dagster.server.routes_backfill import BODY_ERRORS, ERRORS, read_body
 from pcbo_dagster.server.status import admin_status, registered_services
@@ -158,9 +159,10 @@ def _command_request(raw: bytes) -> models.CommandRequest:
     openapi_extra=COMMAND_BODY,
 )
 async def run_command(
-    request: Request, principal: Annotated[Principal, Depends(require("read"))]
+    request: Request, principal: Annotated[Principal, Depends(command_principal)]
 ) -> JSONResponse:
-    # The token first (the dependency), then the body, bounded like every body (413 past the limit).
+    # The token first (the dependency), then the body, bounded like every body (413 past the limit);
+    # the scope is the action's (`prepare`), and a known command's (`check_command_scope`).
     body = await asyncio.to_thread(_command_request, await read_body(request))
     runner = request.app.state.commands
     existing = await asyncio.to_thread(runner.existing, body.commandId)
@@ -174,6 +176,7 @@ async def run_command(
         assert existing is not None
     if not principal.may_touch(_command_dataset(request, existing)):  # as GET /commands/{id}
         raise ApiError(404, "not_found", f"no command {body.commandId!r}")
+    check_command_scope(principal, existing)
     return JSONResponse(existing, status_code=200)
 
 
@@ -190,12 +193,13 @@ def _command_dataset(request: Request, state: dict[str, Any]) -> str | None:
 )
 def command_status(
     request: Request,
-    principal: Annotated[Principal, Depends(require("read"))],
+    principal: Annotated[Principal, Depends(command_principal)],
     commandId: str,  # noqa: N803
 ) -> dict[str, Any]:
     state = request.app.state.commands.existing(commandId)
     if state is None or not principal.may_touch(_command_dataset(request, state)):
         raise ApiError(404, "not_found", f"no command {commandId!r}")
+    check_command_scope(principal, state)
     return state
 
 
