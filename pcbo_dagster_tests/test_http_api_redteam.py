@@ -9,6 +9,7 @@ against a `pcbo serve` process. The last test covers a finding the red team repo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -466,3 +467,33 @@ def test_an_approve_or_execute_token_without_read_runs_and_reads_its_own_command
     assert planner.get("/commands/no-such-command").status_code == 403
     verify = {"commandId": "v-" + pause_id, "action": "verify", "target": "all", "params": {}}
     assert planner.post("/commands/run", json=verify).status_code == 403
+
+
+# -- a client that leaves in the middle of its body is no server error ---------------------------
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body announced (Content-Length 100) and left after 10 bytes: the server logged 'unexpected
+    ClientDisconnect', uvicorn a whole traceback ('Exception in ASGI application'), and the access
+    log a 500 — an error an operator is paged for, raised at will by anyone who can open a socket."""
+    import socket
+
+    token = server.token("leaver", "plan")
+    port = int(server.url.rsplit(":", 1)[1])
+    caplog.set_level(logging.INFO)
+    for path in ("/v1/plan", "/commands/run"):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            head += "Content-Length: 100\r\n\r\n"
+            sock.sendall(head.encode() + b'{"runId": ')
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(path in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    logged = [r for r in caplog.records if r.name.startswith(("pcbo.server", "uvicorn"))]
+    errors = [r.getMessage()[:200] for r in logged if r.levelno >= logging.ERROR]
+    assert errors == []
+    statuses = [json.loads(r.getMessage())["status"] for r in logged if r.name == "pcbo.server.access"]
+    assert len(statuses) == 2 and 500 not in statuses, statuses

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import streamed_text
@@ -52,11 +53,14 @@ async def read_body(request: Request) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"the body is {declared} bytes; this server takes at most {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "too_large", f"the body is over {limit} bytes, this server's limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "too_large", f"the body is over {limit} bytes, this server's limit")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client's doing, not a server error (no one is there to answer)
+        raise ApiError(400, "client_disconnected", "the client left before its body was whole") from None
     return b"".join(chunks)
 
 
