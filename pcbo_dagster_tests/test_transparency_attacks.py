@@ -335,6 +335,23 @@ def test_a_witness_that_is_down_never_blocks_a_run_and_cosigns_later(tmp_path: P
     assert lake_copy.read_text() == note and "witness.example/w1" in note
 
 
+def test_a_lake_checkpoint_file_holding_another_checkpoint_than_its_name_says_is_a_finding(
+    history: dict[str, Any],
+) -> None:
+    """The lake's newest published checkpoint replaced by an older one under the newer name (a valid
+    checkpoint of the same log: its root is the backup's at its own size): the lake no longer publishes
+    the checkpoint its name says, and verify says so."""
+    home = history["home"]
+    lake_checkpoints = lake_dir(home) / "events" / "v1" / "_checkpoints"
+    older, newer = sorted(lake_checkpoints.iterdir())
+    status, document = pcbo(home, "verify")
+    assert status == 0, document["findings"]
+    newer.write_bytes(older.read_bytes())
+    status, document = pcbo(home, "verify")
+    assert status == 1 and _kinds(document) == {"checkpoint_file_mismatch"}, document["findings"]
+    assert [f["where"] for f in document["findings"]] == [f"events/v1/_checkpoints/{newer.name}"]
+
+
 def test_a_checkpoint_not_signed_by_the_given_key_is_invalid_input(history: dict[str, Any]) -> None:
     other = new_signing_key("someone.else/key").verifier().text
     status, _ = pcbo(

@@ -529,6 +529,11 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
         except NoteError as exc:
             findings.append({"kind": "checkpoint_unreadable", "where": where, "detail": str(exc)})
             continue
+        # (a lake file is named by its checkpoint's size: an older checkpoint under a newer name hides it)
+        named = layout.checkpoint_file(dataset, version_label, checkpoint.size)
+        if where.startswith(prefix) and where != named:
+            detail = f"the lake file holds the checkpoint of size {checkpoint.size} (its name: {named})"
+            findings.append({"kind": "checkpoint_file_mismatch", "where": where, "detail": detail})
         if trusted:
             try:
                 verify_note(note, trusted)
