@@ -10,6 +10,7 @@ A real witness server (`pcbo witness serve`'s) runs on loopback in a thread.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -485,6 +486,41 @@ def test_the_logs_proofs_verify_offline_with_the_operators_key(
         argv = ["log", "verify-proof", "--proof", str(proof), "--key", keys.vkey, "--checkpoint", held]
         assert cli.main([*argv, "--output", str(out)]) == 0
         assert json.loads(out.read_text())["valid"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "member", "value"),
+    [
+        (["prove-inclusion", "--seq", "2"], "rootHash", "A" * 43 + "="),
+        (["prove-inclusion", "--seq", "2"], "leafIndex", 0),
+        (["prove-consistency", "--from", "1"], "fromRootHash", "A" * 43 + "="),
+        (["prove-consistency", "--from", "1"], "toRootHash", "A" * 43 + "="),
+    ],
+)
+def test_a_proof_document_whose_own_root_or_leaf_index_was_edited_is_not_valid(
+    history: dict[str, Any], tmp_path: Path, args: list[str], member: str, value: Any
+) -> None:
+    """What a proof document states besides the proof (the root it proves against, the leaf it proves)
+    is what `verify-proof`'s `"valid": true` vouches for: a root or leaf index edited after the proof
+    was made is a problem, not a valid document stating another root or leaf."""
+    home, keys = history["home"], history["keys"]
+    status, document = pcbo(home, "log", *args, "--dataset", "events")
+    assert status == 0, document
+    held = [str(history["held"]["r1"])]
+    if args[0] == "prove-consistency":  # a checkpoint of size 1 the auditor holds, as of size r1's
+        held.append(str(tmp_path / "one.checkpoint"))
+        root = base64.b64decode(document["fromRootHash"])
+        Path(held[-1]).write_text(Checkpoint(ORIGIN, 1, root).sign(keys.operator).render())
+    proof = tmp_path / "proof.json"
+    argv = ["log", "verify-proof", "--proof", str(proof), "--key", keys.vkey]
+    argv += [flag for path in held for flag in ("--checkpoint", path)]
+    out = tmp_path / "out.json"
+    proof.write_text(json.dumps(document))
+    assert cli.main([*argv, "--output", str(out)]) == 0, out.read_text()
+    proof.write_text(json.dumps({**document, member: value}))
+    assert cli.main([*argv, "--output", str(out)]) == 1
+    verdict = json.loads(out.read_text())
+    assert verdict["valid"] is False and any(member in p for p in verdict["problems"]), verdict
 
 
 def test_min_witnesses_is_not_met_by_one_witness_key_under_two_names() -> None:

@@ -650,7 +650,21 @@ def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> d
     for size, checkpoint in checkpoints.items():
         if checkpoint.origin != origin:
             problems.append(f"the checkpoint of size {size} is of origin {checkpoint.origin}, not {origin}")
+    # what the document states besides its proof is what "valid" vouches for: the roots and the leaf
+    stated = {"rootHash": "treeSize"} if inclusion else {"fromRootHash": "fromSize", "toRootHash": "toSize"}
+    for member, size_member in stated.items():
+        signed = checkpoints.get(document[size_member])
+        if signed is not None and document.get(member) != b64(signed.root):
+            problems.append(
+                f"the document's {member} is not the root of the signed checkpoint of size "
+                f"{document[size_member]}"
+            )
     if inclusion:
+        event = document.get("event")
+        chain = event.get("chain") if isinstance(event, dict) else None
+        seq = chain.get("seq") if isinstance(chain, dict) else None
+        if type(document.get("leafIndex")) is not int or document["leafIndex"] != seq:
+            problems.append(f"the document's leafIndex {document.get('leafIndex')!r} is not its event's seq")
         size = document["treeSize"]
         problems += event_inclusion_problems(document.get("event") or {}, size, proof, checkpoints.get(size))
     else:
