@@ -133,6 +133,29 @@ def test_an_answer_that_is_not_a_cosignature_of_the_checkpoint_asked_is_refused(
             _ask(rogue_witness(answer))
 
 
+def test_a_409_naming_the_very_size_asked_below_the_checkpoints_is_reported_as_such(rogue_witness) -> None:
+    """A `409` names the size the witness holds; one naming the very size the request said (here 0, for
+    a checkpoint of size 3: not the pre-C2SP#280 answer to another root at its own size) contradicts
+    itself. It was reported as "the witness's size kept changing", which it never did."""
+
+    class Conflict(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            data = f"{parse_add_checkpoint_body(body).old_size}\n".encode()
+            self.send_response(409)
+            self.send_header("Content-Type", "text/x.tlog.size")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Conflict)) as url:
+        with pytest.raises(WitnessRefused, match=r"409 naming the very size asked \(0\)"):
+            _ask(url)
+
+
 @pytest.fixture
 def dripping_witness() -> Iterator[str]:
     """A witness URL whose server answers `200 OK` and then drips header lines, a byte every 0.03 s

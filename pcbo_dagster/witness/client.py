@@ -143,7 +143,10 @@ def request_cosignature(
                     "history was rewritten"
                 )
             if held == old:
-                break
+                raise WitnessRefused(
+                    f"{witness.label}: a 409 naming the very size asked ({held}), below the checkpoint's "
+                    f"{checkpoint.size}: the witness contradicts itself"
+                )
             old = held
             continue
         if status == 422:
