@@ -495,14 +495,16 @@ def test_the_logs_proofs_verify_offline_with_the_operators_key(
         (["prove-inclusion", "--seq", "2"], "leafIndex", 0),
         (["prove-consistency", "--from", "1"], "fromRootHash", "A" * 43 + "="),
         (["prove-consistency", "--from", "1"], "toRootHash", "A" * 43 + "="),
+        (["prove-inclusion", "--seq", "2"], "chainKey", "other/v1"),
+        (["prove-consistency", "--from", "1"], "chainKey", "other/v1"),
     ],
 )
 def test_a_proof_document_whose_own_root_or_leaf_index_was_edited_is_not_valid(
     history: dict[str, Any], tmp_path: Path, args: list[str], member: str, value: Any
 ) -> None:
-    """What a proof document states besides the proof (the root it proves against, the leaf it proves)
-    is what `verify-proof`'s `"valid": true` vouches for: a root or leaf index edited after the proof
-    was made is a problem, not a valid document stating another root or leaf."""
+    """What a proof document states besides the proof (the root it proves against, the leaf it proves,
+    the chain it names) is what `verify-proof`'s `"valid": true` vouches for: a root, leaf index or
+    chain key edited after the proof was made is a problem, not a valid document stating another."""
     home, keys = history["home"], history["keys"]
     status, document = pcbo(home, "log", *args, "--dataset", "events")
     assert status == 0, document

@@ -650,6 +650,18 @@ def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> d
     for size, checkpoint in checkpoints.items():
         if checkpoint.origin != origin:
             problems.append(f"the checkpoint of size {size} is of origin {checkpoint.origin}, not {origin}")
+    # the chain it names: its log's origin is `<prefix><chainKey>` (the prefix unknown offline), and
+    # an inclusion proof's event is of that chain
+    chain_key = document.get("chainKey")
+    stated_event = document.get("event")
+    event_chain = stated_event.get("chain") if inclusion and isinstance(stated_event, dict) else None
+    if (
+        not isinstance(chain_key, str)
+        or not isinstance(origin, str)
+        or not origin.endswith(chain_key)
+        or (inclusion and (not isinstance(event_chain, dict) or event_chain.get("chain_key") != chain_key))
+    ):
+        problems.append(f"the document's chainKey {chain_key!r} is not the chain of its origin and event")
     # what the document states besides its proof is what "valid" vouches for: the roots and the leaf
     stated = {"rootHash": "treeSize"} if inclusion else {"fromRootHash": "fromSize", "toRootHash": "toSize"}
     for member, size_member in stated.items():
