@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,3 +196,62 @@ def test_sigterm_lets_a_running_execute_finish(tmp_path):
         catalog.close()
     verified = run_pcbo(["verify"], home=home)
     assert verified.status == 0 and verified.document["status"] == "clean"
+
+
+def _drip(url: str, data: bytes, seconds: float = 12.0) -> tuple[float, bytes]:
+    """Send `data` a byte every 0.25 s on a raw connection to `url`'s server until the server closes
+    it or answers, or `seconds` pass: how long it stayed open, and what it answered."""
+    host, port = url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=seconds) as sock:
+        sock.settimeout(0.25)
+        for i in range(len(data)):
+            if answer or time.monotonic() - started > seconds:
+                break
+            try:
+                sock.sendall(data[i : i + 1])
+                answer = sock.recv(65536)
+                if not answer:  # closed by the server
+                    break
+            except TimeoutError:
+                continue
+            except OSError:  # reset by the server
+                break
+    return time.monotonic() - started, answer
+
+
+def test_a_client_that_drips_its_headers_or_stalls_its_body_is_cut_off(tmp_path):
+    """Red-team finding: `pcbo serve` set no deadline for a request's headers or body, so a client
+    sending them a byte at a time held its connection slot for as long as it liked (no token needed
+    for the headers): `PCBO_SERVER_MAX_CONNECTIONS` such clients made every request 503. Now the
+    headers must be whole within `PCBO_SERVER_READ_SECONDS` of the connection's (or, kept alive, the
+    request's) first byte, and a body may not pause longer than that between two chunks (408)."""
+    home = tmp_path / "home"
+    token = _token(home, "plan")
+    with serve_process(home, env={"PCBO_SERVER_READ_SECONDS": "2"}) as (url, _process):
+        headers = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 60 + b"\r\n\r\n"
+        held, answer = _drip(url, headers)
+        assert held < 6 and answer == b"", (held, answer)  # closed unanswered after about 2 s
+
+        body = DEMO_REQUEST.read_bytes()
+        head = (
+            f"POST /v1/plan HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=15) as sock:
+            sock.sendall(head + body[:10])  # then nothing more
+            started = time.monotonic()
+            answer = sock.recv(65536)
+            waited = time.monotonic() - started
+            while b"request_timeout" not in answer and (more := sock.recv(65536)):  # the rest of it
+                answer += more
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"request_timeout" in answer and 1.5 < waited < 6, (waited, answer)
+        # whole requests in time are served as before
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+        planned = httpx.post(
+            f"{url}/v1/plan", content=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+        assert planned.status_code == 200, planned.text

@@ -223,6 +223,52 @@ def create_app(config: ServerConfig) -> FastAPI:
     return app
 
 
+def http_protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools when installed, else h11, as uvicorn's `auto` chooses) that
+    closes a connection whose request headers are not whole `seconds` after the first byte of the
+    request (the connection's opening, for its first): uvicorn has no such deadline, so a client
+    dripping its headers held a connection slot, unauthenticated, for as long as it liked. The
+    request's body has its own deadline (`routes_backfill.read_body`)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # httptools absent: uvicorn's h11 protocol
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class ReadDeadline(Base):
+        _headers_due: asyncio.TimerHandle | None = None
+
+        def _wait_for_headers(self) -> None:
+            if self._headers_due is None:
+                self._headers_due = self.loop.call_later(seconds, self._headers_late)
+
+        def _headers_came(self) -> None:
+            if self._headers_due is not None:
+                self._headers_due.cancel()
+                self._headers_due = None
+
+        def _headers_late(self) -> None:
+            self._headers_due = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._wait_for_headers()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # these bytes begin a request
+                self._wait_for_headers()
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:  # its headers are whole
+                self._headers_came()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_came()
+            super().connection_lost(exc)
+
+    return ReadDeadline
+
+
 def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM (graceful shutdown, module doc)."""
     import uvicorn
@@ -245,5 +291,6 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
         timeout_keep_alive=max(1, round(config.keep_alive_seconds)),
         limit_concurrency=config.max_connections,  # past it: 503 at once
         h11_max_incomplete_event_size=64 * 1024,
+        http=http_protocol_with_read_deadline(config.read_seconds),
     )
     Server(uvicorn_config).run()

@@ -11,6 +11,7 @@ plus what only a server has. Every variable is read once, at start, with errors 
 | plans and dry-runs at once   | `PCBO_SERVER_PLAN_WORKERS`       | 4                               |
 | connections at once          | `PCBO_SERVER_MAX_CONNECTIONS`    | 512 (more: 503)                 |
 | idle keep-alive connection   | `PCBO_SERVER_KEEPALIVE_SECONDS`  | 5 s                             |
+| headers whole, body's pauses | `PCBO_SERVER_READ_SECONDS`       | 30 s (then closed; a body: 408) |
 | commands: default time limit | `PCBO_SERVER_COMMAND_TIMEOUT`    | 600 s                           |
 | reconciliation poll          | `PCBO_RECONCILE_SECONDS`         | 30 s                            |
 | SSE heartbeat                | `PCBO_SSE_HEARTBEAT_SECONDS`     | 15 s                            |
@@ -48,6 +49,10 @@ class ServerConfig:
     plan_workers: int = 4
     max_connections: int = 512
     keep_alive_seconds: float = 5.0
+    #: A request's headers must be whole this long after its first byte (the connection's, for the
+    #: first), and its body may pause no longer between two chunks: a client that drips them would
+    #: hold its connection slot for as long as it liked.
+    read_seconds: float = 30.0
     command_timeout: float = 600.0
     reconcile_seconds: float = 30.0
     heartbeat_seconds: float = 15.0
@@ -88,6 +93,9 @@ class ServerConfig:
             ),
             keep_alive_seconds=positive_number(
                 "PCBO_SERVER_KEEPALIVE_SECONDS", env.get("PCBO_SERVER_KEEPALIVE_SECONDS"), 5.0
+            ),
+            read_seconds=positive_number(
+                "PCBO_SERVER_READ_SECONDS", env.get("PCBO_SERVER_READ_SECONDS"), 30.0
             ),
             command_timeout=positive_number(
                 "PCBO_SERVER_COMMAND_TIMEOUT", env.get("PCBO_SERVER_COMMAND_TIMEOUT"), 600.0

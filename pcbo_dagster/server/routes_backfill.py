@@ -47,20 +47,33 @@ VersionLabel = Annotated[str, Query(pattern=NAME_PATTERN, description="the datas
 
 
 async def read_body(request: Request) -> bytes:
-    """The request body, refused (413) past the server's limit before it is all read."""
+    """The request body, refused (413) past the server's limit before it is all read, and (408) when
+    it pauses longer than `PCBO_SERVER_READ_SECONDS` between two chunks."""
     limit = request.app.state.config.max_body_bytes
+    pause = request.app.state.config.read_seconds
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"the body is {declared} bytes; this server takes at most {limit}")
     chunks, size = [], 0
+    stream = request.stream()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), pause)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise ApiError(
+                    408, "request_timeout", f"the body paused for more than {pause:g} s; send it whole"
+                ) from None
             size += len(chunk)
             if size > limit:
                 raise ApiError(413, "too_large", f"the body is over {limit} bytes, this server's limit")
             chunks.append(chunk)
     except ClientDisconnect:  # the client's doing, not a server error (no one is there to answer)
         raise ApiError(400, "client_disconnected", "the client left before its body was whole") from None
+    finally:
+        await stream.aclose()
     return b"".join(chunks)
 
 
