@@ -262,17 +262,24 @@ class _RequestTooLong(TimeoutError):
 
 class _DeadlineReader(io.RawIOBase):
     """A connection's reads for the request `start` began: all end by its deadline (`time.monotonic`),
-    each waiting only the time left, and together read at most `limit` bytes. Past either it raises a
-    `TimeoutError`, which `handle_one_request` answers by closing the connection."""
+    each waiting only the time left, and together read at most `limit` bytes (`start` sets it to the
+    head's, `allow_body` raises it once the head is read). Past either it raises a `TimeoutError`,
+    which `handle_one_request` answers by closing the connection."""
 
-    def __init__(self, connection: socket.socket, limit: int) -> None:
+    def __init__(self, connection: socket.socket, head_limit: int, limit: int) -> None:
         self.connection = connection
-        self.limit = limit
+        self.head_limit = head_limit
+        self.body_limit = limit
+        self.limit = head_limit
         self.deadline = 0.0
         self.count = 0
 
     def start(self, deadline: float) -> None:
-        self.deadline, self.count = deadline, 0
+        self.deadline, self.count, self.limit = deadline, 0, self.head_limit
+
+    def allow_body(self) -> None:
+        """The head is read: the request may now be read up to the whole request's limit."""
+        self.limit = self.body_limit
 
     def readable(self) -> bool:
         return True
@@ -284,7 +291,8 @@ class _DeadlineReader(io.RawIOBase):
         if self.count >= self.limit:
             raise _RequestTooLong(f"a request of more than {self.limit} bytes")
         self.connection.settimeout(left)
-        received = self.connection.recv_into(buffer)
+        # (never past the limit: a buffered read-ahead of the head stops at it)
+        received = self.connection.recv_into(buffer, min(len(buffer), self.limit - self.count))
         self.count += received
         return received
 
@@ -344,7 +352,7 @@ def make_server(
 
         def setup(self) -> None:
             super().setup()
-            self.reader = _DeadlineReader(self.connection, MAX_HEAD_BYTES + MAX_REQUEST_BYTES)
+            self.reader = _DeadlineReader(self.connection, MAX_HEAD_BYTES, MAX_HEAD_BYTES + MAX_REQUEST_BYTES)
             self.rfile = io.BufferedReader(self.reader)
 
         def handle_one_request(self) -> None:
@@ -380,6 +388,7 @@ def make_server(
             if not 0 <= length <= MAX_REQUEST_BYTES:
                 self._send(Answer(413, "request too large\n"))
                 return
+            self.reader.allow_body()
             body = self.rfile.read(length)
             self._send(witness.add_checkpoint(body), body_read=True)
 
