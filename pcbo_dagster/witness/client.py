@@ -16,6 +16,7 @@ the caller asks again with the next checkpoint.
 from __future__ import annotations
 
 import http.client
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -76,9 +77,10 @@ def parse_witness(text: str, field: str = "PCBO_WITNESSES") -> Witness:
 _OPENER = deadline_opener()
 
 
-def _post(url: str, body: bytes, timeout: float) -> tuple[int, str, str]:
+def _post(url: str, body: bytes, timeout: float, stated: float) -> tuple[int, str, str]:
     """POST `body`; (status, content type, text of the answer). The whole exchange (connecting,
-    sending, the answer read) takes at most `timeout` seconds, however slowly the witness answers."""
+    sending, the answer read) takes at most `timeout` seconds, however slowly the witness answers
+    (`stated`: the timeout a refusal names, that of the whole `request_cosignature`)."""
     request = urllib.request.Request(
         url, data=body, method="POST", headers={"Content-Type": "text/plain; charset=utf-8"}
     )
@@ -96,7 +98,7 @@ def _post(url: str, body: bytes, timeout: float) -> tuple[int, str, str]:
                 reason = getattr(exc, "reason", exc)
                 raise WitnessRefused(scrub_text(f"{redact_url(url)}: {reason}")) from None
     if deadline.expired:  # (an answer cut short by the deadline can read as complete)
-        raise WitnessRefused(f"{redact_url(url)}: no whole answer within {timeout:g} s")
+        raise WitnessRefused(f"{redact_url(url)}: no whole answer within {stated:g} s")
     return status, content_type, text
 
 
@@ -112,10 +114,15 @@ def request_cosignature(
     cosignature's timestamp. `proof_from(old)` gives the consistency proof from size `old` (> 0) to
     the checkpoint. `WitnessRefused` when it does not cosign."""
     old = known_old_size
+    ends = time.monotonic() + timeout  # (the request a 409 leads to has only the time left)
     for _ in range(2):
         proof = proof_from(old) if 0 < old < checkpoint.size else []
         body = add_checkpoint_body(old, proof, note.render())
-        status, content_type, text = _post(witness.url + "/add-checkpoint", body, timeout)
+        left = ends - time.monotonic()
+        if left <= 0:
+            url = redact_url(witness.url + "/add-checkpoint")
+            raise WitnessRefused(f"{url}: no whole answer within {timeout:g} s")
+        status, content_type, text = _post(witness.url + "/add-checkpoint", body, left, timeout)
         if status == 200:
             try:
                 lines = parse_signature_lines(text)
