@@ -187,6 +187,51 @@ def test_a_409_and_the_request_made_again_end_within_one_timeout(rogue_witness) 
             request_cosignature(witness, checkpoint, checkpoint.sign(LOG), 0, lambda old: [], timeout=2)
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_witness_that_answers_with_a_redirect_is_refused_and_the_redirect_never_followed(
+    status: int,
+) -> None:
+    """The client followed a witness's 301, 302 or 303 as urllib does, turning the POST into a GET of
+    whatever URL the answer named (another host, an internal address), and put up to 300 characters
+    of that URL's error answer in the run's `witnessErrors`. A witness never redirects (c2sp.org/
+    tlog-witness); the audit delivery refuses redirects for the same reason. Now a 3xx is the witness
+    refusing, and the URL it names is never asked."""
+    asked: list[str] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            asked.append(f"GET {self.path}")
+            data = b"internal secret page"
+            self.send_response(404)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)) as elsewhere:
+
+        class Redirecting(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(status)
+                self.send_header("Location", elsewhere + "/internal")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)) as url:
+            with pytest.raises(WitnessRefused, match=f"HTTP {status}") as refused:
+                _ask(url)
+    assert asked == []
+    assert "secret" not in str(refused.value)
+
+
 @pytest.fixture
 def dripping_witness() -> Iterator[str]:
     """A witness URL whose server answers `200 OK` and then drips header lines, a byte every 0.03 s

@@ -84,7 +84,9 @@ class _Permanent(Exception):
         self.status = status
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is not followed (urllib turns a redirected POST into a GET of the URL it names)."""
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
         return None  # a 3xx answer becomes an HTTPError (not delivered)
 
@@ -253,7 +255,7 @@ class JsonPoster:
             self._headers["Authorization"] = f"Basic {basic}"
             secrets += [basic, self._headers["Authorization"]]
         self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+        handlers: list[urllib.request.BaseHandler] = [NoRedirect()]
         if on_loopback(parts.hostname):
             # This machine's loopback through a proxy is the proxy's loopback, not ours, and a
             # plain-http request (its token too) would cross the network to it in the clear.

@@ -37,7 +37,7 @@ from pcbo_dagster.core.signed_note import (
     signed_by,
     verify_cosignatures,
 )
-from pcbo_dagster.io.http_delivery import deadline_opener, within
+from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener, within
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
@@ -74,7 +74,7 @@ def parse_witness(text: str, field: str = "PCBO_WITNESSES") -> Witness:
     return Witness(key, parts[1].rstrip("/"))
 
 
-_OPENER = deadline_opener()
+_OPENER = deadline_opener(NoRedirect())  # (a witness never redirects: a 3xx is a refusal)
 
 
 def _post(url: str, body: bytes, timeout: float, stated: float) -> tuple[int, str, str]:
