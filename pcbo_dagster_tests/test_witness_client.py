@@ -280,6 +280,18 @@ def test_a_witness_that_drips_its_answer_is_given_up_at_the_timeout(tmp_path: Pa
             ],
             "its key is given already",
         ),
+        # a URL the client cannot ask as given: credentials (urllib took `user:secret@host` for the
+        # host name and sent it, secret included, to the DNS resolver), a query or fragment (the
+        # client appends `/add-checkpoint` to the URL), a port out of range
+        *(
+            ([f"{WITNESS.verifier(COSIGNATURE_V1).text} {url}"], said)
+            for url, said in (
+                ("http://user:s3cret@127.0.0.1:9", "credentials"),
+                ("http://127.0.0.1:9/w?token=1", "query"),
+                ("http://127.0.0.1:9/w#a", "fragment"),
+                ("http://127.0.0.1:99999", "port"),
+            )
+        ),
         # the operator's own key as a witness: it would witness the checkpoints it signs itself
         (
             [
@@ -289,12 +301,12 @@ def test_a_witness_that_drips_its_answer_is_given_up_at_the_timeout(tmp_path: Pa
         ),
     ],
 )
-def test_a_witness_list_naming_one_key_twice_or_the_operators_own_is_refused_before_anything_is_written(
+def test_a_witness_list_naming_one_key_twice_the_operators_own_or_an_unusable_url_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], witnesses: list[str], said: str
 ) -> None:
     """`--min-witnesses` counts a witness key once, whatever name it signs under, and never the
-    operator's (`witness_requirement`); the publishing side now holds its list to the same rules: exit 2
-    naming the field, and no home made."""
+    operator's (`witness_requirement`); the publishing side now holds its list to the same rules, and
+    refuses a URL it cannot ask as given: exit 2 naming the field, and no home made."""
     key_file = tmp_path / "operator.key"
     key_file.write_text(LOG.text + "\n")
     key_file.chmod(0o600)
@@ -309,5 +321,5 @@ def test_a_witness_list_naming_one_key_twice_or_the_operators_own_is_refused_bef
         status = int(exc.code or 0)
     assert status == 2
     err = capsys.readouterr().err
-    assert "--witness" in err and said in err, err
+    assert "--witness" in err and said in err and "s3cret" not in err, err
     assert not (tmp_path / "home").exists() and not (tmp_path / "out.json").exists()

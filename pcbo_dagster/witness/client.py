@@ -71,6 +71,14 @@ def parse_witness(text: str, field: str = "PCBO_WITNESSES") -> Witness:
     url = urllib.parse.urlsplit(parts[1])
     if url.scheme not in ("http", "https") or not url.hostname:
         raise InvalidInput(field, f"witness URL {redact_url(parts[1])} is not an http(s) URL")
+    # (`/add-checkpoint` is appended to the URL, and urllib would take `user:pass@host` for a host name)
+    try:
+        url.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise InvalidInput(field, f"witness URL {redact_url(parts[1])}: its port is out of range") from None
+    for part, what in ((url.username, "credentials"), (url.query, "query"), (url.fragment, "fragment")):
+        if part or (what == "credentials" and "@" in url.netloc):
+            raise InvalidInput(field, f"witness URL {redact_url(parts[1])}: a witness URL takes no {what}")
     return Witness(key, parts[1].rstrip("/"))
 
 
