@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import shutil
 import sqlite3
 import uuid
@@ -40,7 +41,7 @@ from pcbo_dagster.core.signed_note import (
 from pcbo_dagster.engine.transparency_log import witness_requirement
 from pcbo_dagster.evidence.package import verify as verify_package
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
-from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, write_request
+from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, run_pcbo, write_request
 from pcbo_dagster_tests.loopback import serving
 
 CHAIN = "events/v1"
@@ -582,3 +583,41 @@ def test_a_checkpoint_row_forged_at_the_size_the_next_run_reaches_is_named_not_a
     assert len(backup_file(home).read_bytes().splitlines()) == size  # the run's events are on the chain
     document = _next_run(history, tmp_path, "r4", 12)
     assert document["checkpoint"]["treeSize"] > size, document["checkpoint"]
+
+
+def test_a_fifo_planted_in_the_lake_is_refused_never_waited_on(tmp_path: Path) -> None:
+    """Someone who can write the lake plants a FIFO (no root needed) at a checkpoint file's name or at a
+    data file's. Reading the lake opened it as a file: `log publish` (and so every run, after its
+    commit), `verify` and `evidence verify --lake` waited for a writer for ever. Now a name in the lake
+    that is not a regular file is refused as a symbolic link is: `verify` reports it
+    (`path_outside_lake`) and goes on, the others stop (exit 1) naming it."""
+    keys = Keys(tmp_path)
+    home = tmp_path / "home"
+    env = {"PCBO_SIGNING_KEY": str(keys.operator_file)}
+    request = load_generator().make_request(records=20, partitions=2, seed=3, run_id="r1")
+    done = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home, env)
+    assert done.status == 0, done.stderr
+    size = done.document["checkpoint"]["treeSize"]
+    package = tmp_path / "r1.evidence.json"
+    done = run_pcbo(["evidence", "export", "--run", "r1", "--output", package], home, env)
+    assert done.status == 0, done.stderr
+    checkpoint = lake_dir(home) / "events" / "v1" / "_checkpoints" / f"{size:012d}.checkpoint"
+    checkpoint.unlink()
+    os.mkfifo(checkpoint)
+    done = run_pcbo(["log", "publish", "--dataset", "events"], home, env, timeout=60)
+    assert done.status == 1 and f"{size:012d}.checkpoint" in done.stderr, done.stderr
+    done = run_pcbo(["verify"], home, env, timeout=60)
+    assert done.status == 1, done.stderr
+    assert [(f["kind"], f["where"]) for f in done.document["findings"]] == [
+        ("path_outside_lake", f"events/v1/_checkpoints/{size:012d}.checkpoint")
+    ], done.document["findings"]
+    data_file = next((lake_dir(home) / "events" / "v1").glob("*/part-*.parquet"))
+    data_file.unlink()
+    os.mkfifo(data_file)
+    done = run_pcbo(
+        ["evidence", "verify", package, "--key", keys.vkey, "--lake", lake_dir(home)], home, timeout=60
+    )
+    assert done.status == 1 and data_file.name in done.stderr, done.stderr
+    done = run_pcbo(["verify"], home, env, timeout=60)
+    assert done.status == 1, done.stderr
+    assert any(data_file.name in f["detail"] for f in done.document["findings"]), done.document["findings"]

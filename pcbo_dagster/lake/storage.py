@@ -16,6 +16,7 @@ never logged):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -36,6 +37,7 @@ from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.io.atomic_files import create_file, replace_file, swap_file
 from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url
 from pcbo_dagster.lake.layout import OutsidePartition
+from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
 
 #: Object stores are shared: another host may write or remove any object at any time, so no
 #: directory listing is kept for later (s3fs and gcsfs keep every listing for ever by default, in a
@@ -343,6 +345,22 @@ def _leads_outside(rel: str) -> OutsidePartition:
     return OutsidePartition(f"{rel!r} leads outside the lake or through a symbolic link")
 
 
+def _read_local(rel: str, path: str) -> bytes:
+    """The bytes of the local lake file `rel` at `path`, opened without blocking and without following
+    a link at the name (`open_regular`): a name that is no regular file (a FIFO, which a plain open
+    waits on for a writer for ever, a device, a directory) is refused as a symbolic link is
+    (`OutsidePartition`). `FileNotFoundError` when missing."""
+    try:
+        with open_regular(path, follow_links=False) as fh:
+            return fh.read()
+    except (NotRegularFile, IsADirectoryError):
+        raise OutsidePartition(f"{rel!r} is not a regular file (a FIFO, a device or a directory)") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # (a link planted at the name since it was looked at)
+            raise _leads_outside(rel) from None
+        raise
+
+
 class LakeStorage:
     def __init__(self, url: str | os.PathLike[str]) -> None:
         self.url = normalize_lake_url(url)
@@ -488,11 +506,9 @@ class LakeStorage:
                 if stat.S_ISLNK(os.lstat(path).st_mode):
                     os.unlink(path)
                     continue
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                return _read_local(rel, path)
             except FileNotFoundError:
                 continue
-            with os.fdopen(fd, "rb") as fh:
-                return fh.read()
         raise LakeContended(self.uri(rel))
 
     def write_atomic(self, rel: str, data: bytes, durable: bool = False) -> None:
@@ -547,17 +563,17 @@ class LakeStorage:
         return nullcontext() if self.is_local else store_reading(self.public_url, rel)
 
     def read_if_exists(self, rel: str) -> bytes | None:
-        path = self._inside(rel)
         try:
-            with self._reading(rel):
-                return self.fs.cat_file(path)
+            return self.read(rel)
         except FileNotFoundError:
             return None
 
     def read(self, rel: str) -> bytes:
         path = self._inside(rel)
+        if self.is_local:
+            return _read_local(rel, path)
         with self._reading(rel):
-            return self.fs.cat_file(path)
+            return bytes(self.fs.cat_file(path))
 
     def exists(self, rel: str) -> bool:
         path = self._inside(rel)

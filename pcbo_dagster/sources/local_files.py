@@ -106,10 +106,11 @@ def place_in_sources(
     return None
 
 
-def open_regular(path: str, sources: SourcesDirectory | None = None) -> BinaryIO:
+def open_regular(path: str, sources: SourcesDirectory | None = None, follow_links: bool = True) -> BinaryIO:
     """`path` opened for binary reading (module doc); `FileNotFoundError` and other `OSError`s as
-    `open` raises them."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    `open` raises them (`follow_links=False`: a symbolic link at the name itself is not followed, an
+    `OSError` with `errno.ELOOP`)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     if sources is None:
         fd = os.open(path, flags)
     else:
