@@ -621,3 +621,21 @@ def test_a_fifo_planted_in_the_lake_is_refused_never_waited_on(tmp_path: Path) -
     done = run_pcbo(["verify"], home, env, timeout=60)
     assert done.status == 1, done.stderr
     assert any(data_file.name in f["detail"] for f in done.document["findings"]), done.document["findings"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["prove-inclusion", "--seq", "0"], ["prove-consistency", "--from", "1"]],
+    ids=["inclusion", "consistency"],
+)
+def test_a_proof_asked_of_a_dataset_with_no_log_names_the_dataset(
+    history: dict[str, Any], capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """A proof asked of a dataset (or version label) whose chain has no event was refused naming
+    `--size` or `--to` (`must be between 1 and the log's size 0`), flags the command line did not
+    give. Now the refusal names `--dataset`, the field that was wrong; nothing is written."""
+    capsys.readouterr()
+    status, document = pcbo(history["home"], "log", *args, "--dataset", "no-such-dataset")
+    err = capsys.readouterr().err
+    assert status == 2 and document is None, err
+    assert "invalid input: --dataset: " in err and "no-such-dataset/v1" in err, err

@@ -567,6 +567,15 @@ def _stored_notes(env: Any, chain_key: str, sizes: set[int]) -> list[str]:
     ]
 
 
+def _log_size(env: Any, chain_key: str) -> int:
+    """The size of the chain's stored log; `InvalidInput` naming `--dataset` when it has no event (no
+    such dataset, or version label)."""
+    stored = env.catalog.ensure_tree(chain_key)
+    if stored == 0:
+        raise InvalidInput("--dataset", f"the log of {chain_key} is empty: no audit event of it")
+    return stored
+
+
 def _default_size(env: Any, chain_key: str, size: int | None, stored: int) -> int:
     if size is not None:
         return size
@@ -577,7 +586,7 @@ def _default_size(env: Any, chain_key: str, size: int | None, stored: int) -> in
 def inclusion_document(env: Any, chain_key: str, seq: int, size: int | None) -> dict[str, Any]:
     """An RFC 6962 inclusion proof of event `seq` in the chain's log of `size` events (default: the
     latest checkpoint's size), with the event and any stored checkpoint of that size."""
-    stored = env.catalog.ensure_tree(chain_key)
+    stored = _log_size(env, chain_key)
     size = _default_size(env, chain_key, size, stored)
     if not 0 < size <= stored:
         raise InvalidInput("--size", f"must be between 1 and the log's size {stored}")
@@ -602,7 +611,7 @@ def inclusion_document(env: Any, chain_key: str, seq: int, size: int | None) -> 
 def consistency_document(env: Any, chain_key: str, old: int, size: int | None) -> dict[str, Any]:
     """An RFC 6962 consistency proof from the log's first `old` events to `size` (default: the latest
     checkpoint's size), with the stored checkpoints of both sizes."""
-    stored = env.catalog.ensure_tree(chain_key)
+    stored = _log_size(env, chain_key)
     size = _default_size(env, chain_key, size, stored)
     if not 0 < size <= stored:
         raise InvalidInput("--to", f"must be between 1 and the log's size {stored}")
