@@ -498,6 +498,10 @@ def test_the_logs_proofs_verify_offline_with_the_operators_key(
         (["prove-consistency", "--from", "1"], "toRootHash", "A" * 43 + "="),
         (["prove-inclusion", "--seq", "2"], "chainKey", "other/v1"),
         (["prove-consistency", "--from", "1"], "chainKey", "other/v1"),
+        # another dataset's chain whose name ends the origin's (`pcbo/events/v1` ends in `s/v1`): the
+        # document was read as stating it with `"valid": true`
+        (["prove-consistency", "--from", "1"], "chainKey", "s/v1"),
+        (["prove-consistency", "--from", "1"], "chainKey", "v1"),
     ],
 )
 def test_a_proof_document_whose_own_root_or_leaf_index_was_edited_is_not_valid(

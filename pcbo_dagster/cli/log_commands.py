@@ -4,7 +4,7 @@ pcbo log checkpoint --dataset D            the latest signed checkpoint, with it
 pcbo log publish --dataset D               sign a checkpoint now if the log grew; ask the witnesses
 pcbo log prove-inclusion --dataset D --seq N [--size S]
 pcbo log prove-consistency --dataset D --from S1 [--to S2]
-pcbo log verify-proof --proof FILE --key VKEY [--checkpoint FILE ...]   offline
+pcbo log verify-proof --proof FILE --key VKEY [--checkpoint FILE ...] [--origin-prefix P]   offline
 pcbo witness serve --key FILE --db PATH --log-key '[PREFIX ]VKEY' ... [--origin-prefix P] [--port N]
 """
 
@@ -24,6 +24,7 @@ from pcbo_dagster.cli.common import (
     open_environment,
     read_input,
 )
+from pcbo_dagster.core.checkpoints import DEFAULT_ORIGIN_PREFIX
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.io.env_vars import plain_path
@@ -88,14 +89,15 @@ def cmd_verify_proof(args: argparse.Namespace) -> dict[str, Any]:
     for path in args.checkpoint or []:
         data, _ = read_input(path, flag="--checkpoint")
         held.append(data.decode("utf-8", "replace"))
-    document = verify_proof_document(parse_json_strict(raw, what="proof").value, key, held)
+    document = verify_proof_document(
+        parse_json_strict(raw, what="proof").value, key, held, args.origin_prefix
+    )
     if not document["valid"]:
         raise Findings(document)
     return document
 
 
 def cmd_witness_serve(args: argparse.Namespace) -> dict[str, Any]:
-    from pcbo_dagster.core.checkpoints import DEFAULT_ORIGIN_PREFIX
     from pcbo_dagster.engine.transparency_log import load_signing_key, parse_key_argument
     from pcbo_dagster.witness.server import LogKey, Witness, make_server, started_line
 
@@ -165,6 +167,12 @@ def add_log_commands(sub: Any) -> None:
         "--checkpoint",
         action="append",
         help="a signed checkpoint you hold (repeatable; the proof's own are used too)",
+    )
+    p.add_argument(
+        "--origin-prefix",
+        default=DEFAULT_ORIGIN_PREFIX,
+        help="the log's origin is exactly <this><chainKey> (default pcbo/; the operator's "
+        "PCBO_CHECKPOINT_ORIGIN_PREFIX)",
     )
     add_common_options(p, where=False)
     p.set_defaults(func=cmd_verify_proof)

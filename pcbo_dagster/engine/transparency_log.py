@@ -33,6 +33,7 @@ from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.checkpoints import (
+    DEFAULT_ORIGIN_PREFIX,
     Checkpoint,
     CheckpointError,
     chain_of_origin,
@@ -632,9 +633,12 @@ def consistency_document(env: Any, chain_key: str, old: int, size: int | None) -
     }
 
 
-def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> dict[str, Any]:
+def verify_proof_document(
+    document: Any, key: VerifierKey, held: list[str], origin_prefix: str = DEFAULT_ORIGIN_PREFIX
+) -> dict[str, Any]:
     """Check an inclusion or consistency proof offline: every root it relies on must be that of a
-    checkpoint signed by `key` (embedded in the document, or `held` by the verifier)."""
+    checkpoint signed by `key` (embedded in the document, or `held` by the verifier), and the chain it
+    names the one whose log's origin is exactly `<origin_prefix><chainKey>`."""
     from pcbo_dagster.core.transparency_log import event_inclusion_problems, signed_checkpoints_by_size
 
     if not isinstance(document, dict) or document.get("type") not in (
@@ -659,18 +663,22 @@ def verify_proof_document(document: Any, key: VerifierKey, held: list[str]) -> d
     for size, checkpoint in checkpoints.items():
         if checkpoint.origin != origin:
             problems.append(f"the checkpoint of size {size} is of origin {checkpoint.origin}, not {origin}")
-    # the chain it names: its log's origin is `<prefix><chainKey>` (the prefix unknown offline), and
-    # an inclusion proof's event is of that chain
+    # the chain it names: its log's origin is exactly `<prefix><chainKey>` (a chain whose name only
+    # ends the origin's, `s/v1` of `pcbo/events/v1`, is another), and an inclusion proof's event is
+    # of that chain
     chain_key = document.get("chainKey")
     stated_event = document.get("event")
     event_chain = stated_event.get("chain") if inclusion and isinstance(stated_event, dict) else None
     if (
         not isinstance(chain_key, str)
         or not isinstance(origin, str)
-        or not origin.endswith(chain_key)
+        or chain_of_origin(origin, origin_prefix) != chain_key
         or (inclusion and (not isinstance(event_chain, dict) or event_chain.get("chain_key") != chain_key))
     ):
-        problems.append(f"the document's chainKey {chain_key!r} is not the chain of its origin and event")
+        problems.append(
+            f"the document's chainKey {chain_key!r} is not the chain of its origin {origin!r} (under "
+            f"--origin-prefix {origin_prefix}) and of its event"
+        )
     # what the document states besides its proof is what "valid" vouches for: the roots and the leaf
     stated = {"rootHash": "treeSize"} if inclusion else {"fromRootHash": "fromSize", "toRootHash": "toSize"}
     for member, size_member in stated.items():
