@@ -435,6 +435,43 @@ def test_a_service_that_drips_its_answer_is_down_at_the_probe_timeout() -> None:
         refusing.close()
 
 
+def test_the_probe_of_a_witness_never_follows_its_redirect() -> None:
+    """The probe of a witness (or of Dagster) followed a redirect as urllib does: a witness answering
+    `302 Location: <any URL>` had `pcbo serve` GET that URL (another host, an internal address) at
+    every `/services/registered`. Now a 3xx is an answer like any other (`up`), and the URL it names is
+    never asked."""
+    from pcbo_dagster.server import status
+    from pcbo_dagster_tests.loopback import serving
+
+    asked: list[str] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            asked.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)) as elsewhere:
+
+        class Redirecting(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                self.send_response(302)
+                self.send_header("Location", elsewhere + "/internal")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        with serving(ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)) as witness:
+            assert status._http_probe(witness) == ("up", None)
+    assert asked == []
+
+
 # -- a command's scope is the action's: an approve-only or execute-only token runs its commands ---
 
 

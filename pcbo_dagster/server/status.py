@@ -18,7 +18,7 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.io.clock import utc_now
-from pcbo_dagster.io.http_delivery import deadline_opener, within
+from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener, within
 from pcbo_dagster.io.redaction import one_line_error, redact_url
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.server.config import ServerConfig
@@ -100,7 +100,7 @@ def _service(service_id: str, kind: str, health: str, started: float, **detail: 
     }
 
 
-_PROBE_OPENER = deadline_opener()
+_PROBE_OPENER = deadline_opener(NoRedirect())  # (a 3xx answers: the URL it names is never asked)
 
 
 def _http_probe(url: str) -> tuple[str, str | None]:
