@@ -486,6 +486,36 @@ def test_a_request_whose_line_and_headers_pass_64_kib_is_cut_off_even_with_a_sma
         assert db.execute("SELECT count(*) FROM logs").fetchone() == (0,)
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [["+{n}"], ["0_{n}"], [" {n}", "{n}"], ["{n}", "0"]],
+    ids=["plus", "underscore", "twice", "two"],
+)
+def test_a_content_length_that_is_not_one_decimal_is_refused_unread(
+    tmp_path: Path, lengths: list[str]
+) -> None:
+    """The witness took `Content-Length` through Python's `int`: `+123` and `0_123` were read as 123,
+    and of two `Content-Length` headers the first counted. A proxy in front of it (one limiting rates,
+    say) that reads them as HTTP does (1*DIGIT, one value) sees another request boundary: what it
+    passes as one request the witness reads as another. Now anything but one decimal `Content-Length`
+    is a 400, the body unread and the connection closed, and nothing is cosigned."""
+    witness = Witness(WITNESS, str(tmp_path / "w.db"), [LogKey("pcbo/", LOG.verifier())])
+    server = make_server(witness, "127.0.0.1", 0, timeout=10)
+    body = add_checkpoint_body(0, [], _note(3))
+    head = b"POST /add-checkpoint HTTP/1.1\r\nHost: w\r\n" + b"".join(
+        b"Content-Length: %s\r\n" % v.format(n=len(body)).encode() for v in lengths
+    )
+    with serving(server), socket.create_connection(("127.0.0.1", server.server_address[1])) as conn:
+        conn.settimeout(10)
+        conn.sendall(head + b"\r\n" + body)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length" in answer, answer[:300]
+    with sqlite3.connect(tmp_path / "w.db") as db:
+        assert db.execute("SELECT count(*) FROM logs").fetchone() == (0,)
+
+
 def test_a_cosignature_is_never_dated_before_the_last_one_of_its_log(tmp_path: Path) -> None:
     """c2sp.org/tlog-cosignature: a cosignature says that as of its time the largest tree the witness
     saw has this root. The witness dated each cosignature by its clock alone: after its clock went
