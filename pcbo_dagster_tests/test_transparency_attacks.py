@@ -643,3 +643,27 @@ def test_a_proof_asked_of_a_dataset_with_no_log_names_the_dataset(
     err = capsys.readouterr().err
     assert status == 2 and document is None, err
     assert "invalid input: --dataset: " in err and "no-such-dataset/v1" in err, err
+
+
+def test_a_held_checkpoint_of_another_log_at_the_proofs_size_is_named_as_such(
+    history: dict[str, Any], tmp_path: Path
+) -> None:
+    """A checkpoint the auditor holds of another log (origin), at the size of a proof's own checkpoint
+    and with its very root, was reported as "two signed checkpoints of size N with different roots"
+    (they have one root), and the other origin was not named. Now the problem says which origins."""
+    home, keys = history["home"], history["keys"]
+    status, document = pcbo(home, "log", "prove-inclusion", "--seq", "2", "--dataset", "events")
+    assert status == 0, document
+    checkpoint, _ = parse_signed_checkpoint(document["checkpoints"][0])
+    other = tmp_path / "other.checkpoint"
+    other.write_text(
+        Checkpoint("pcbo/other/v1", checkpoint.size, checkpoint.root).sign(keys.operator).render()
+    )
+    proof = tmp_path / "proof.json"
+    proof.write_text(json.dumps(document))
+    out = tmp_path / "out.json"
+    argv = ["log", "verify-proof", "--proof", str(proof), "--key", keys.vkey, "--checkpoint", str(other)]
+    assert cli.main([*argv, "--output", str(out)]) == 1
+    problems = json.loads(out.read_text())["problems"]
+    assert not any("different roots" in p for p in problems), problems
+    assert any("pcbo/other/v1" in p and ORIGIN in p for p in problems), problems

@@ -95,8 +95,15 @@ def signed_checkpoints_by_size(
         except NoteError as exc:
             problems.append(f"a checkpoint is not signed by {key.name}: {exc}")
             continue
-        if checkpoint.size in found and found[checkpoint.size] != checkpoint:
-            problems.append(f"two signed checkpoints of size {checkpoint.size} with different roots")
+        before = found.get(checkpoint.size)
+        if before is not None and before != checkpoint:
+            if before.origin != checkpoint.origin:
+                what = f"of origins {before.origin} and {checkpoint.origin}"
+            else:
+                what = (
+                    "with different roots" if before.root != checkpoint.root else "with different extensions"
+                )
+            problems.append(f"two signed checkpoints of size {checkpoint.size} {what}")
         found[checkpoint.size] = checkpoint
     return found, problems
 
