@@ -323,3 +323,29 @@ def test_a_witness_list_naming_one_key_twice_the_operators_own_or_an_unusable_ur
     err = capsys.readouterr().err
     assert "--witness" in err and said in err and "s3cret" not in err, err
     assert not (tmp_path / "home").exists() and not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("by_flag", [True, False], ids=["--witness", "PCBO_WITNESSES"])
+def test_witnesses_without_a_signing_key_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, by_flag: bool
+) -> None:
+    """Witnesses cosign the checkpoints the signing key signs: with no signing key a run signed nothing,
+    asked no witness and said so nowhere (`checkpoint: null`, exit 0), the operator believing its
+    history witnessed. Now exit 2 naming the witness setting and the key's, and no home made."""
+    monkeypatch.delenv("PCBO_SIGNING_KEY", raising=False)
+    request = load_generator().make_request(records=20, partitions=2, seed=3, run_id="r1")
+    args = ["execute", "--input", str(write_request(tmp_path / "r.json", request))]
+    args += ["--home", str(tmp_path / "home"), "--output", str(tmp_path / "out.json")]
+    entry = f"{WITNESS.verifier(COSIGNATURE_V1).text} http://127.0.0.1:9"
+    if by_flag:
+        args += ["--witness", entry]
+    else:
+        monkeypatch.setenv("PCBO_WITNESSES", entry)
+    try:
+        status = cli.main(args)
+    except SystemExit as exc:
+        status = int(exc.code or 0)
+    assert status == 2
+    err = capsys.readouterr().err
+    assert ("--witness" if by_flag else "PCBO_WITNESSES") in err and "PCBO_SIGNING_KEY" in err, err
+    assert not (tmp_path / "home").exists() and not (tmp_path / "out.json").exists()

@@ -197,7 +197,8 @@ class Environment:
     def open(cls, settings: Settings, create: bool = True, actor: str | None = None) -> Environment:
         """Open the lake, catalog and audit log; `create=False` (commands that only look at or undo
         what is there) refuses, with nothing created, an embedded catalog that does not exist yet. A
-        signing key or witness list that is not valid is refused first (nothing created). `actor`: who
+        signing key or witness list that is not valid, or witnesses without a signing key, are refused
+        first (nothing created). `actor`: who
         the writes are made for (the HTTP API's token subject), named in every audit event appended
         through this environment. A configuration that cannot hold with runs on several hosts is
         refused first (`settings.check_multi_host`)."""
@@ -208,6 +209,13 @@ class Environment:
             else None
         )
         witnesses = witnesses_of(settings.witnesses, settings.witnesses_field, signing_key)
+        if witnesses and signing_key is None:
+            # (a run would sign no checkpoint, so ask no witness, and say so nowhere)
+            raise InvalidInput(
+                settings.witnesses_field,
+                "witnesses cosign the checkpoints a signing key signs: give --signing-key or "
+                "PCBO_SIGNING_KEY too, or no witness",
+            )
         catalog = CatalogStore(settings.catalog_url)
         if not create and catalog.is_missing_sqlite_file():
             raise InvalidInput(
