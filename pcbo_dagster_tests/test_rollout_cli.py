@@ -373,3 +373,31 @@ def test_soak_counts_only_the_rollouts_it_evaluated(workdir: Path) -> None:
     assert again.status == 0, again.stderr
     assert again.document["evaluated"] == 0 and again.document["skipped"] == 1
     assert again.document["results"][0]["skipped"].startswith("the soak failed for good")
+
+
+def test_control_of_a_rollout_not_applying_names_the_action(workdir: Path) -> None:
+    """Pausing, resuming or cancelling a rollout whose staging apply is over is refused (exit 2 on
+    `rollout`) in words: `cancelled`, not `canceld`."""
+    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    window = ("--from", KEYS[0], "--to", KEYS[0])
+    started = pcbo(
+        workdir,
+        "rollout",
+        "start",
+        *CONFIG_FLAG,
+        "--dataset",
+        "sessions",
+        *window,
+        "--name",
+        "r6",
+        "--by",
+        "ana",
+    )
+    assert started.status == 0, started.stderr
+    for action, participle in (("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")):
+        refused = pcbo(workdir, "rollout", action, "r6", "--by", "bo")
+        assert refused.status == 2, refused.stderr
+        assert refused.stderr.strip().endswith(
+            f"rollout 'r6' is soaking: only a staging apply in progress can be {participle}"
+        ), refused.stderr
+    assert status_of(workdir, "r6")["rollout"]["control"] == "run"

@@ -115,6 +115,7 @@ def control(
 ) -> dict[str, Any]:
     """Pause, resume or cancel a rollout's staging apply (takes effect between partitions)."""
     controls = {"pause": "pause", "resume": "run", "cancel": "cancel"}
+    done = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}
     if action not in controls:
         raise InvalidInput("action", f"must be pause, resume or cancel, not {action!r}")
     if not (by or "").strip():
@@ -125,7 +126,8 @@ def control(
         if rollout["status"] not in ("applying", "paused"):
             raise InvalidInput(
                 "rollout",
-                f"rollout {name!r} is {rollout['status']}: only a staging apply in progress can be {action}d",
+                f"rollout {name!r} is {rollout['status']}: only a staging apply in progress can be "
+                + done[action],
             )
         row = store.request_control(name, controls[action], actor=by.strip(), reason=reason, now=clock.now())
     return {"rollout": name, "action": action, "control": row["control"], "status": row["status"], "by": by}
