@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +402,55 @@ def test_control_of_a_rollout_not_applying_names_the_action(workdir: Path) -> No
             f"rollout 'r6' is soaking: only a staging apply in progress can be {participle}"
         ), refused.stderr
     assert status_of(workdir, "r6")["rollout"]["control"] == "run"
+
+
+def test_a_statement_with_another_reason_or_decision_hash_is_refused(workdir: Path) -> None:
+    """`pcbo approve --statement FILE` records the statement's own reason and decision hash: a
+    `--reason` or `--decision-hash` that says otherwise is refused naming the flag (exit 2, nothing
+    recorded), never dropped silently; the same values are accepted."""
+    from pcbo_dagster.core.instants import format_datetime
+    from pcbo_dagster.core.signed_approvals import sign_approval
+
+    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    window = ("--from", KEYS[0], "--to", KEYS[0])
+    started = pcbo(
+        workdir,
+        "rollout",
+        "start",
+        *CONFIG_FLAG,
+        "--dataset",
+        "sessions",
+        *window,
+        "--name",
+        "r7",
+        "--by",
+        "ana",
+    )
+    assert started.status == 0, started.stderr
+    staged = started.document["execute"]["decisionHash"]
+    now = format_datetime(datetime.now(UTC))
+    note = sign_approval(CY, "r7", "approved", staged, "numbers reviewed", now)
+    (workdir / "statement.txt").write_text(note.render())
+    other = "sha256:" + "0" * 64
+    for flags, field in (
+        (("--reason", "something else"), "--reason"),
+        (("--decision-hash", other), "--decision-hash"),
+    ):
+        refused = pcbo(workdir, "approve", "r7", "--statement", "statement.txt", *flags, *CONFIG_FLAG)
+        assert refused.status == 2, refused.stderr
+        assert f"invalid input: {field}: " in refused.stderr, refused.stderr
+        assert status_of(workdir, "r7")["approvals"] == []
+    same = pcbo(
+        workdir,
+        "approve",
+        "r7",
+        "--statement",
+        "statement.txt",
+        "--reason",
+        "numbers reviewed",
+        "--decision-hash",
+        staged,
+        *CONFIG_FLAG,
+    )
+    assert same.status == 0, same.stderr
+    assert same.document["reason"] == "numbers reviewed" and same.document["by"] == CY.name

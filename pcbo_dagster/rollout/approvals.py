@@ -88,10 +88,14 @@ def record_decision(
     statement: str,
     *,
     action: str | None = None,
+    reason: str | None = None,
+    decision_hash: str | None = None,
     clock: Clock = REAL_CLOCK,
 ) -> dict[str, Any]:
     """Record a signed approval or rejection of rollout `name`; returns the recorded approval row.
-    `action` (approve / reject), when given, must be what the statement decides."""
+    `action` (approve / reject), `reason` and `decision_hash`, when given (a statement brought with
+    `--reason` or `--decision-hash`), must be what the statement says: it is recorded as signed, so
+    a value that says otherwise is refused, never dropped."""
     rollout = envs.store.require(name)
     if rollout["status"] != "soaking":
         raise InvalidInput(
@@ -125,6 +129,18 @@ def record_decision(
         raise InvalidInput("statement", f"the statement is about rollout {signed.rollout!r}, not {name!r}")
     if action is not None and signed.decision != DECISIONS.get(action):
         raise InvalidInput("statement", f"the statement says {signed.decision}, not {DECISIONS.get(action)}")
+    if reason is not None and reason != signed.reason:
+        raise InvalidInput(
+            "reason",
+            f"the statement's signed reason is {signed.reason!r}, not {reason!r}: it is recorded as "
+            "signed (give its own reason, or none)",
+        )
+    if decision_hash is not None and decision_hash != signed.decision_hash:
+        raise InvalidInput(
+            "decisionHash",
+            f"the statement decides on {signed.decision_hash}, not {decision_hash}: it is recorded as "
+            "signed (give its own decision hash, or none)",
+        )
     if signed.decision_hash != staged:
         raise InvalidInput(
             "decisionHash",

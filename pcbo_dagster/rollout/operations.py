@@ -148,6 +148,7 @@ def decide(
     """Approve or reject a rollout with a signed statement (`rollout/approvals.py`): signed here with
     the approver's `key`, or given signed (`statement`); recorded append-only and on the audit chain."""
     with rollout_environments(config, base, name) as (_dataset, envs):
+        given: dict[str, Any] = {}  # a statement brought with --reason / --decision-hash
         if statement is None:
             if key is None:
                 raise InvalidInput(
@@ -157,7 +158,9 @@ def decide(
             statement = approvals.sign_decision(
                 key, rollout, action or "", reason, decision_hash, audit_timestamp(clock.now())
             )
-        row = approvals.record_decision(envs, name, statement, action=action, clock=clock)
+        else:
+            given = {"reason": reason or None, "decision_hash": decision_hash}
+        row = approvals.record_decision(envs, name, statement, action=action, clock=clock, **given)
     return {
         "rollout": name,
         "decision": row["decision"],
