@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -454,3 +454,33 @@ def test_a_statement_with_another_reason_or_decision_hash_is_refused(workdir: Pa
     )
     assert same.status == 0, same.stderr
     assert same.document["reason"] == "numbers reviewed" and same.document["by"] == CY.name
+
+
+def test_a_statement_from_the_future_is_refused_in_plain_words(workdir: Path) -> None:
+    """An approval dated more than the clock skew ahead is refused (exit 2 on `--statement`) saying
+    so: "an approval", not "a approval"."""
+    from pcbo_dagster.core.instants import format_datetime
+    from pcbo_dagster.core.signed_approvals import sign_approval
+
+    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    window = ("--from", KEYS[0], "--to", KEYS[0])
+    started = pcbo(
+        workdir,
+        "rollout",
+        "start",
+        *CONFIG_FLAG,
+        "--dataset",
+        "sessions",
+        *window,
+        "--name",
+        "r8",
+        "--by",
+        "ana",
+    )
+    assert started.status == 0, started.stderr
+    ahead = format_datetime(datetime.now(UTC) + timedelta(hours=2))
+    note = sign_approval(CY, "r8", "approved", started.document["execute"]["decisionHash"], "ok", ahead)
+    (workdir / "statement.txt").write_text(note.render())
+    refused = pcbo(workdir, "approve", "r8", "--statement", "statement.txt", *CONFIG_FLAG)
+    assert refused.status == 2 and "invalid input: --statement: " in refused.stderr, refused.stderr
+    assert "a approval" not in refused.stderr and "an approval counts from when" in refused.stderr

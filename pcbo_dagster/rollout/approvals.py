@@ -158,11 +158,11 @@ def record_decision(
                 "counts once; sign a new one",
             )
     if _from_the_future(signed, to_micros(clock.now())):
-        what = "approval" if signed.decision == "approved" else "rejection"
+        what, a = ("approval", "an") if signed.decision == "approved" else ("rejection", "a")
         raise InvalidInput(
             "statement",
             f"the {what} was signed at {signed.time}, in the future (more than {CLOCK_SKEW_SECONDS} s "
-            f"ahead of this clock): a {what} counts from when it is signed, never before; sign it now",
+            f"ahead of this clock): {a} {what} counts from when it is signed, never before; sign it now",
         )
     if signed.decision == "approved" and _signed_before_staging(signed, _staged_at(life.staged)):
         assert life.staged is not None
