@@ -302,6 +302,33 @@ def test_a_staging_environment_that_is_production_is_refused_before_anything_is_
     assert not (home / "catalog.db").exists()  # no rollout row either
 
 
+@pytest.mark.parametrize(
+    ("variable", "where"),
+    [
+        ("PCBO_STAGING_LAKE_URL", "lake/sessions/v1"),  # inside production's lake
+        ("PCBO_STAGING_LAKE_URL", "lake/sessions/v1/20240101T000000Z"),  # inside a production partition
+        ("PCBO_STAGING_AUDIT_DIR", "pas/sessions"),  # inside production's audit backup
+        ("PCBO_STAGING_LAKE_URL", ""),  # production's lake inside it (the home holds `lake/`)
+    ],
+)
+def test_a_staging_store_inside_productions_or_holding_it_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, where: str
+) -> None:
+    """A staging lake or audit backup nested in production's (or holding it) shares its files: staging's
+    commit points are `lake_path_unexpected` to production's verify (and production's to staging's),
+    which then fails for as long as the rollout lives. Refused naming the variable, nothing written."""
+    config = _config(tmp_path)
+    home = tmp_path / "home"
+    monkeypatch.setenv(variable, str(home / where) if where else str(home))
+    base = Settings.resolve(home=str(home), env={})
+    with pytest.raises(InvalidInput) as refused:
+        operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=ManualClock(T0))
+    assert refused.value.field == variable
+    assert "production's" in refused.value.message
+    assert _production_commits(base) == 0
+    assert not (home / "catalog.db").exists()  # no rollout row either
+
+
 def test_a_rollout_rollback_undoes_every_partition_the_chain_staged_not_only_those_a_row_names(
     tmp_path: Path,
 ) -> None:

@@ -19,8 +19,9 @@ With `PCBO_MULTI_HOST` staging runs on many hosts as production does: its catalo
 backup must be shared stores too (`PCBO_STAGING_CATALOG_URL` a PostgreSQL database of its own,
 `PCBO_STAGING_LAKE_URL` and `PCBO_STAGING_AUDIT_DIR` on an object store), else refused naming the variable.
 A staging lake, catalog or audit backup that is production's (`PCBO_STAGING_HOME=$PCBO_HOME`, a
-`rollout.stagingLake` naming the production lake) is refused, naming the setting: a staging apply
-would write production before any soak or approval.
+`rollout.stagingLake` naming the production lake), or a staging lake or audit backup inside
+production's or holding it, is refused, naming the setting: a staging apply would write production
+before any soak or approval (nested, each one's files are the other's `lake_path_unexpected`).
 """
 
 from __future__ import annotations
@@ -96,10 +97,10 @@ def dataset_settings(
     environ = dict(os.environ if environ is None else environ)
     staging_lake = config.staging_lake_url(dataset)
     staging = staging_settings(base, staging_lake, environ)
-    shared = {
-        "lake": _local(staging.lake_url) == _local(production.lake_url),
+    shared = {  # a lake or audit backup inside the other's shares its files: one's are the other's finding
+        "lake": _overlap(_local(staging.lake_url), _local(production.lake_url)),
         "catalog": _database(staging.catalog_url) == _database(production.catalog_url),
-        "audit_dir": staging.audit_location.rstrip("/") == production.audit_location.rstrip("/"),
+        "audit_dir": _overlap(_local(staging.audit_location), _local(production.audit_location)),
     }
     for store, same in shared.items():
         if same:
@@ -113,7 +114,9 @@ def dataset_settings(
             )
             raise InvalidInput(
                 field_name,
-                f"staging's {store.replace('_', ' ')} is production's: staging must be a separate "
+                f"staging's {store.replace('_', ' ')} is production's"
+                + ("" if store == "catalog" else " (or lies inside it, or holds it)")
+                + ": staging must be a separate "
                 "environment (its own lake, catalog and audit backup), or what a staging apply writes "
                 "is in production before any soak or approval",
             )
@@ -124,6 +127,11 @@ def _local(url: str) -> str:
     """A lake URL or path as one text per place: a local path absolute, a URL without a final `/`."""
     text = url[len("file://") :] if url.startswith("file://") else url
     return text.rstrip("/") if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def _overlap(one: str, other: str) -> bool:
+    """Whether two places (`_local` texts) are one, or one holds the other."""
+    return any(a == b or a.startswith(b.rstrip("/") + "/") for a, b in ((one, other), (other, one)))
 
 
 def _database(url: str) -> str:
