@@ -329,6 +329,31 @@ def test_a_staging_store_inside_productions_or_holding_it_is_refused(
     assert not (home / "catalog.db").exists()  # no rollout row either
 
 
+def test_a_soaking_rollouts_row_deleted_does_not_let_its_name_stage_another_range(tmp_path: Path) -> None:
+    """The row of a soaking rollout deleted by hand, its name started again over another range: the
+    chain already staged that name over its own range, so the apply is refused (exit 2 on `rollout`)
+    before anything is written; no second `rollout_staged` over another range (it made the rollout's
+    range, decision hash and soak window move mid-soak, and `verify` said nothing)."""
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K1, K2, by="ana", name="r", clock=clock)
+    write_catalog(base, ("DELETE FROM rollouts WHERE name = 'r'", {}))
+    clock.advance(60)
+    with pytest.raises(InvalidInput) as refused:
+        operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    assert refused.value.field == "rollout"
+    assert f"{K1}..{K2}" in refused.value.message
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        assert envs.store.get("r") is None  # nothing written: no row over the other range
+        chain = envs.production.audit.backup.read_chain("sessions/v1")
+        assert [e["rollout"]["first_key"] for e in chain if e["event_type"] == "rollout_staged"] == [K1]
+        assert read_commit_point(envs.staging.lake, "sessions", "v1", K0).manifest is None
+    # The same range again (a crash between the chain and the catalog) is still picked up.
+    again = operations.start(config, base, "sessions", K1, K2, by="ana", name="r", clock=clock)
+    assert again["status"] == "soaking"
+
+
 def test_a_rollout_rollback_undoes_every_partition_the_chain_staged_not_only_those_a_row_names(
     tmp_path: Path,
 ) -> None:

@@ -51,7 +51,14 @@ def production_chain(envs: RolloutEnvironments, rollout: RolloutRow) -> list[dic
     """Every event of the rollout's dataset version's production audit chain; `IntegrityError` when
     that chain does not verify (then nothing on it can be trusted), or when the rollout's row names
     no chain (a dataset or version label written by hand that cannot be part of a chain key)."""
-    ckey = chain_key(rollout["dataset"], rollout["version_label"])
+    return dataset_production_chain(envs, rollout["dataset"], rollout["version_label"])
+
+
+def dataset_production_chain(
+    envs: RolloutEnvironments, dataset: str, version_label: str
+) -> list[dict[str, Any]]:
+    """`production_chain` of a dataset version, whatever rollout row there is (or none)."""
+    ckey = chain_key(dataset, version_label)
     try:
         split_chain_key(ckey)
     except ValueError as exc:
@@ -68,12 +75,16 @@ def read_lifecycle(
 ) -> Lifecycle:
     """The rollout's lifecycle by the verified production chain (`events`: that chain, already read);
     with the operator's key, by the lifecycle events it signed only."""
-    key = envs.production.signing_key
-    return lifecycle(
-        production_chain(envs, rollout) if events is None else events,
-        rollout["name"],
-        None if key is None else key.verifier(),
+    return chain_lifecycle(
+        envs, rollout["name"], production_chain(envs, rollout) if events is None else events
     )
+
+
+def chain_lifecycle(envs: RolloutEnvironments, name: str, events: list[dict[str, Any]]) -> Lifecycle:
+    """The lifecycle of rollout `name` on the verified production chain `events` (`read_lifecycle`),
+    whether or not the catalog holds a row for it."""
+    key = envs.production.signing_key
+    return lifecycle(events, name, None if key is None else key.verifier())
 
 
 def staged_keys(dataset: DatasetConfig, life: Lifecycle) -> list[str] | None:

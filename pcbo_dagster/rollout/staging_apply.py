@@ -37,7 +37,13 @@ from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
-from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_cancelled, record_staged
+from pcbo_dagster.rollout.lifecycle import (
+    chain_lifecycle,
+    dataset_production_chain,
+    read_lifecycle,
+    record_cancelled,
+    record_staged,
+)
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 from pcbo_dagster.rollout.throttle import Throttle, strictest
 from pcbo_dagster.tables.iceberg_publication import staging_target
@@ -110,6 +116,28 @@ def check_apply_arguments(
     return throttle_for(dataset, throttle)
 
 
+def _refuse_another_staged_range(
+    envs: RolloutEnvironments, dataset: DatasetConfig, name: str, keys: list[str]
+) -> None:
+    """Before any row is written: a rollout the production chain staged already (its row lost, or
+    deleted by hand) is applied again only over the range its `rollout_staged` names. Its range, decision
+    hash and soak are fixed when it is staged; another range is another rollout (`InvalidInput` on
+    `rollout`)."""
+    events = dataset_production_chain(envs, dataset.name, dataset.versionLabel)
+    staged = chain_lifecycle(envs, name, events).staged
+    subject = None if staged is None else staged.get("rollout")
+    if not isinstance(subject, dict):
+        return
+    first, last, count = subject.get("first_key"), subject.get("last_key"), subject.get("partition_count")
+    if (first, last, count) != (keys[0], keys[-1], len(keys)):
+        raise InvalidInput(
+            "rollout",
+            f"the production audit chain staged rollout {name!r} over {first}..{last} ({count} "
+            f"partition(s)), not {keys[0]}..{keys[-1]}: a rollout's range is fixed when it is staged; "
+            "start a new rollout under another name",
+        )
+
+
 def apply_to_staging(
     config: DatasetsConfig,
     dataset: DatasetConfig,
@@ -127,6 +155,7 @@ def apply_to_staging(
     """Apply the rollout `name` (partition `keys` of `dataset`) to staging; see the module doc."""
     limits = check_apply_arguments(dataset, name, actor, poll_seconds, throttle)
     assert dataset.rollout is not None  # (refused by check_apply_arguments)
+    _refuse_another_staged_range(envs, dataset, name, keys)
     store = envs.store
     rollout = store.create_rollout(
         name=name,
