@@ -472,3 +472,49 @@ def test_repair_catches_no_row_up_to_an_event_the_backup_alone_holds(tmp_path: P
     assert any(f["kind"].startswith("audit_") for f in repaired["findings"]), repaired["findings"]
     with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
         assert envs.store.require("r")["status"] == "soaking"
+
+
+def test_a_crash_between_an_approval_event_and_its_row_is_reported_and_healed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after `rollout_approved` reached the chain and before its `rollout_approvals` row: the
+    gate counts the approval (the chain's), `verify` reports the row missing (it said nothing, and
+    `pcbo rollout status` listed no approval), `--repair` writes the row the approval would have, once,
+    and the rollout goes on."""
+    from pcbo_dagster.catalog.rollouts import RolloutStore
+
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    real = RolloutStore.record_approval
+
+    def dies(self: RolloutStore, **kwargs: object) -> None:
+        raise _Killed("approval")
+
+    monkeypatch.setattr(RolloutStore, "record_approval", dies)
+    with pytest.raises(_Killed):
+        operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    monkeypatch.setattr(RolloutStore, "record_approval", real)
+    [event] = [e for e in _chain(config, base) if e["event_type"] == "rollout_approved"]
+
+    found = _verify_production(config, base)["findings"]
+    assert [f["kind"] for f in found] == ["rollout_approval_row_missing"], found
+    assert found[0]["detail"].endswith("(a crash between the event and its row: --repair)"), found
+    repaired = _verify_production(config, base, repair=True)
+    assert repaired["findings"] == [], repaired["findings"]
+    assert {
+        "kind": "rollout_approval_row_missing",
+        "where": "sessions/v1 rollout r",
+        "seq": event["chain"]["seq"],
+    } in (repaired["repaired"])
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        rows = envs.store.approvals("r")
+    assert [(r["decision"], r["decision_hash"], r["actor"], r["reason"], r["event_hash"]) for r in rows] == [
+        ("approved", event["decision_hash"], CY.name, "numbers reviewed", event["chain"]["event_hash"])
+    ]
+    again = _verify_production(config, base, repair=True)
+    assert again["findings"] == [] and again["repaired"] == []
+    assert operations.promote(config, base, "r", by="dee", clock=clock)["status"] == "promoted"

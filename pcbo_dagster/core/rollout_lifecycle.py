@@ -33,7 +33,8 @@ no key forges no step. Without a key (`verifier` None) nothing is signed or chec
 
 `row_disagreements` and `soak_rows_on_chain` say where the catalog's rows differ from the chain: the
 gate stays closed on any, and `pcbo verify` reports them; so does `approval_row_disagreements` for
-`rollout_approvals` rows (which the gate never reads). `row_catch_up` recognises the
+`rollout_approvals` rows (which the gate never reads), and `approval_events_without_row` for
+decisions on the chain no row records (a crash between the two). `row_catch_up` recognises the
 one disagreement a crash makes (the event appended, the row not yet written: the row is exactly the
 state before the rollout's last lifecycle event) and gives the columns `pcbo verify --repair` writes.
 """
@@ -321,6 +322,22 @@ def approval_row_disagreements(
                 "production audit chain"
             )
     return found
+
+
+def approval_events_without_row(
+    events: Iterable[Mapping[str, Any]], name: str, rows: Iterable[Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """The `rollout_approved` / `rollout_rejected` events of rollout `name` on the (verified) chain
+    that no `rollout_approvals` row names (by event hash), in chain order: the crash window of a
+    decision (its event appended, its row not yet written; the rows are append-only)."""
+    named = {row.get("event_hash") for row in rows}
+    return [
+        event
+        for event in events
+        if event.get("event_type") in APPROVAL_EVENTS
+        and of_rollout(event, name)
+        and event.get("chain", {}).get("event_hash") not in named
+    ]
 
 
 def row_catch_up(

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,10 +57,12 @@ from pcbo_dagster.core.chain_state import (
 )
 from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
+from pcbo_dagster.core.instants import parse_instant, to_datetime
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.core.rollout_lifecycle import (
     LIFECYCLE_EVENTS,
+    approval_events_without_row,
     approval_row_disagreements,
     lifecycle,
     row_catch_up,
@@ -872,8 +875,9 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
                     f"{ckey} seq {seq}",
                     f"the {event.get('event_type')} event {detail}: the rollout gates ignore it",
                 )
+    ignored: set[tuple[str, Any]] = set()  # (chain key, seq) of the decisions the gate ignores
     for ckey, events in sorted(chains.items()):
-        _check_approval_statements(report, ckey, events)
+        ignored |= {(ckey, seq) for seq in _check_approval_statements(report, ckey, events)}
     store = RolloutStore(env.catalog)
     for row in store.list():
         ckey = f"{row['dataset']}/{row['version_label']}"
@@ -908,15 +912,60 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
                 report.find("rollout_not_on_chain", where, detail)
         for detail in soak_rows_on_chain(life, store.soak_evaluations(row["name"]))[1]:
             report.find("soak_evaluation_not_on_chain", where, detail)
-        for detail in approval_row_disagreements(events, row["name"], store.approvals(row["name"])):
+        approvals = store.approvals(row["name"])
+        for detail in approval_row_disagreements(events, row["name"], approvals):
             report.find("rollout_approval_not_on_chain", where, detail)
+        for decided in approval_events_without_row(events, row["name"], approvals):
+            if (ckey, decided.get("chain", {}).get("seq")) not in ignored:  # (those are findings already)
+                _approval_row_missing(report, store, row["name"], where, decided, sound)
 
 
-def _check_approval_statements(report: _Report, ckey: str, events: list[dict]) -> None:
+def _approval_row_missing(
+    report: _Report, store: RolloutStore, name: str, where: str, event: Mapping[str, Any], sound: bool
+) -> None:
+    """A decision on the chain no `rollout_approvals` row records: a crash between the event and its
+    row. On a chain that verifies, an event whose statement is signed by the key it names and says
+    what it says, the first of that statement (the caller passes no other: those the gate ignores are
+    `rollout_approval_signature_invalid` already), is written as a row by --repair (the row is a
+    listing: the gate reads the chain); on a chain that does not verify it is a finding only."""
+    seq = event.get("chain", {}).get("seq")
+    detail = (
+        f"the {event.get('event_type')} event at seq {seq} (by {event.get('by')}) has no "
+        "rollout_approvals row"
+    )
+    try:
+        signed = approval_of_event(event, [parse_verifier_key(str(event.get("approver_key")))])
+        moment = parse_instant(event.get("timestamp"))
+    except NoteError:
+        signed, moment = None, None
+    if not sound or signed is None or moment is None:
+        report.find("rollout_approval_row_missing", where, detail)
+    elif report.repair:
+        store.record_approval(
+            name=name,
+            decision=signed.decision,
+            decision_hash=signed.decision_hash,
+            actor=signed.signer.name,
+            reason=signed.reason,
+            event_hash=str(event["chain"]["event_hash"]),
+            now=to_datetime(moment),
+        )
+        report.repaired.append({"kind": "rollout_approval_row_missing", "where": where, "seq": seq})
+    else:
+        report.healable(
+            "rollout_approval_row_missing",
+            where,
+            f"{detail} (a crash between the event and its row: --repair)",
+        )
+
+
+def _check_approval_statements(report: _Report, ckey: str, events: list[dict]) -> list[Any]:
     """Each `rollout_approved` / `rollout_rejected` event of the chain must carry a signed statement
     that verifies under the key the event names (`approver_key`) and says what the event says
     (`approval_of_event`), each statement once. Whether that key is a listed approver's is the gate's
-    to judge (verify reads no datasets config): the gate ignores every event reported here."""
+    to judge (verify reads no datasets config): the gate ignores every event reported here, whose
+    seqs are returned."""
+    reported: list[Any] = []
     seen: dict[tuple[str, ...], Any] = {}  # signed statement -> the seq it first stands at
     for event in events:
         if event.get("event_type") not in APPROVAL_EVENTS:
@@ -937,6 +986,8 @@ def _check_approval_statements(report: _Report, ckey: str, events: list[dict]) -
             f"{ckey} seq {seq}",
             f"the {event.get('event_type')} event {detail}: the promotion gate ignores it",
         )
+        reported.append(seq)
+    return reported
 
 
 def _check_triggers(env: Environment, report: _Report) -> None:
