@@ -518,3 +518,31 @@ def test_a_crash_between_an_approval_event_and_its_row_is_reported_and_healed(
     again = _verify_production(config, base, repair=True)
     assert again["findings"] == [] and again["repaired"] == []
     assert operations.promote(config, base, "r", by="dee", clock=clock)["status"] == "promoted"
+
+
+def test_a_staging_apply_run_again_after_its_rollout_staged_appends_no_second_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after `rollout_staged` and before the row (or a second `pcbo rollout start` of the rollout
+    that waited for the first's lock): the apply run again stages the same decisions, so it appends no
+    second `rollout_staged` (which moved the soak window to its own moment) and the row takes the
+    chain's staging: one event, the first moment, `verify` clean."""
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    _crash_before_row(monkeypatch, "soaking")
+    with pytest.raises(_Killed):
+        operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(120)
+    again = operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    assert again["status"] == "soaking"
+    [staged] = [e for e in _chain(config, base) if e["event_type"] == "rollout_staged"]
+    assert staged["staged_at"] == format_datetime(T0)
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        row = envs.store.require("r")
+    assert row["status"] == "soaking" and row["staged_at"] is not None
+    assert format_datetime(row["staged_at"]) == format_datetime(T0)
+    assert _verify_production(config, base)["findings"] == []
+    clock.advance(180)  # the window (5 min) counts from the first staging: an evaluation now passes it
+    [soaked] = operations.soak(config, base, clock=clock)
+    assert soaked["status"]["state"] == "passed", soaked["status"]

@@ -24,7 +24,7 @@ from typing import Any
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
-from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.instants import format_datetime, parse_instant, to_datetime
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.core.rollout_lifecycle import (
     LIFECYCLE_EVENTS,
@@ -33,6 +33,7 @@ from pcbo_dagster.core.rollout_lifecycle import (
     ROLLOUT_ROLLED_BACK,
     ROLLOUT_SOAK_EVALUATED,
     ROLLOUT_STAGED,
+    SOAKING,
     Lifecycle,
     detail_digest,
     lifecycle,
@@ -153,24 +154,53 @@ def record_staged(
 ) -> dict[str, Any]:
     """The staging apply of `name` finished: `rollout_staged` on the chain, then the row `soaking`.
     `soak_window_seconds` is the dataset config's (the row's column is set to it): never the row's,
-    which anyone who can write the catalog could have shortened while the apply ran."""
+    which anyone who can write the catalog could have shortened while the apply ran.
+
+    When the chain already says the rollout is soaking on these very decisions and plan (an apply of
+    it that ran at once and staged first, or this one before a crash between the chain and the row),
+    nothing is appended (a second `rollout_staged` would move the soak window): the row takes that
+    event's staging, moment and window, and the event is returned."""
     rollout: RolloutRow = {
         **envs.store.require(name),
         "staging_run_id": staging_run_id,
         "soak_window_seconds": soak_window_seconds,
     }
-    event = append_event(
-        envs,
-        rollout,
-        ROLLOUT_STAGED,
-        {
-            "decision_hash": decision_hash,
-            "plan_hash": plan_hash,
-            "staged_at": format_datetime(staged_at),
-            "soak_window_seconds": rollout["soak_window_seconds"],
-            "by": by,
-        },
-    )
+    already: list[dict[str, Any]] = []
+
+    def not_staged_already() -> None:  # under the chain's writer lock: no other apply stages meanwhile
+        life = read_lifecycle(envs, rollout)
+        staged = life.staged or {}
+        if life.status == SOAKING and (
+            staged.get("decision_hash"),
+            staged.get("plan_hash"),
+            staged.get("rollout"),
+        ) == (decision_hash, plan_hash, rollout_subject(rollout)):
+            already.append(staged)
+            raise _StagedAlready
+
+    try:
+        event = append_event(
+            envs,
+            rollout,
+            ROLLOUT_STAGED,
+            {
+                "decision_hash": decision_hash,
+                "plan_hash": plan_hash,
+                "staged_at": format_datetime(staged_at),
+                "soak_window_seconds": rollout["soak_window_seconds"],
+                "by": by,
+            },
+            precondition=not_staged_already,
+        )
+    except _StagedAlready:
+        event = already[0]
+        micros = parse_instant(event.get("staged_at"))
+        window = event.get("soak_window_seconds")
+        if micros is None or not isinstance(window, int):  # (a lifecycle event pcbo appended has both)
+            raise IntegrityError(
+                f"rollout {name!r}: its rollout_staged event names no moment or window"
+            ) from None
+        staged_at, soak_window_seconds = to_datetime(micros), window
     envs.store.set_status(
         name,
         "soaking",
@@ -188,6 +218,10 @@ def record_staged(
         soak_window_seconds=soak_window_seconds,
     )
     return event
+
+
+class _StagedAlready(Exception):
+    """The chain says the rollout was staged on these decisions already (`record_staged`)."""
 
 
 def record_soak_evaluation(

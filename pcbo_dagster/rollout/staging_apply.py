@@ -230,21 +230,20 @@ def apply_to_staging(
             "summary": summary,
             "execute": document,
         }
-    staged_at = clock.now()
-    record_staged(
+    staged = record_staged(
         envs,
         name,
         decision_hash=decisions.decision_hash,
         plan_hash=plan.plan_hash,
         staging_run_id=run_id,
-        staged_at=staged_at,
+        staged_at=clock.now(),
         soak_window_seconds=soak_window_seconds(dataset),
         by=actor,
     )
     summary = write_backfill_summary(envs, name, dataset, decisions, document, pacing, final="soaking")
     log(
         f"rollout {name}: staging applied; halted for review (soak window "
-        f"{dataset.rollout.soak.windowMinutes:g} min from {staged_at.isoformat()}); "
+        f"{staged['soak_window_seconds'] / 60:g} min from {staged['staged_at']}); "
         f"summary {summary['markdown']}"
     )
     return {"status": "soaking", "rollout": name, "applied": True, "summary": summary, "execute": document}
