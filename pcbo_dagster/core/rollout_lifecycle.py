@@ -19,7 +19,8 @@ the rollout (`rollout`: `rollout_subject`):
 rollback still moves a promoted or cancelled rollout to `rolled_back`): a later `rollout_staged`,
 soak evaluation or promotion changes nothing (it is counted in `ignored`). A second
 `rollout_staged` while soaking (a staging apply run again after a crash between the chain and the
-catalog) names the staged decisions and the window from then on; soak evaluations are those after
+catalog, whose decisions changed meanwhile: over the same decisions `rollout/lifecycle.py` appends
+none) names the staged decisions and the window from then on; soak evaluations are those after
 the first `rollout_staged`, so a failure is never undone by staging again. Moments are the rollout
 clock's, as ISO text (`format_datetime`).
 
