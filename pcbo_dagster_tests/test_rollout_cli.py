@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, MALLORY, key_file
-from pcbo_dagster_tests.cli_runner import pcbo_env, run_pcbo
+from pcbo_dagster_tests.cli_runner import pcbo_env, run_pcbo, tree_state
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
 CONFIG = f"""
@@ -484,3 +484,33 @@ def test_a_statement_from_the_future_is_refused_in_plain_words(workdir: Path) ->
     refused = pcbo(workdir, "approve", "r8", "--statement", "statement.txt", *CONFIG_FLAG)
     assert refused.status == 2 and "invalid input: --statement: " in refused.stderr, refused.stderr
     assert "a approval" not in refused.stderr and "an approval counts from when" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "who", ["ops\n\x1b[31mroot", "ana\u202e", "bo\tx"], ids=["newline-escape", "bidi", "tab"]
+)
+def test_a_by_with_a_control_character_is_refused_before_anything_is_written(workdir: Path, who: str) -> None:
+    """`--by` is recorded as given on the audit chain and in the catalog and shown in logs, the Dagster
+    UI and alert receivers: a line break or a terminal escape in it forged a line of its own there
+    (stderr escaped it; nothing else does). Each command taking it refuses it, exit 2 naming `--by`,
+    nothing written: a new rollout's start, and the steps of one that is soaking."""
+    home = workdir / "home"
+    rng = ["--dataset", "sessions", "--from", KEYS[0], "--to", KEYS[1]]
+    refused = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--by", who)
+    assert refused.status == 2 and "invalid input: --by: " in refused.stderr, refused.stderr
+    assert "control character" in refused.stderr and not home.exists()
+    started = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--name", "r1", "--by", "ana")
+    assert started.status == 0, started.stderr
+    for args in (
+        ["rollout", "pause", "r1"],
+        ["rollout", "promote", "r1", *CONFIG_FLAG],
+        ["rollout", "rollback", "r1", *CONFIG_FLAG, "--stage", "staging", "--reason", "undo"],
+    ):
+        before = tree_state(home)
+        result = pcbo(workdir, *args, "--by", who)
+        assert result.status == 2, (args, result.stderr)
+        assert "invalid input: --by: " in result.stderr and "control character" in result.stderr, (
+            result.stderr
+        )
+        assert tree_state(home) == before, args
+    assert status_of(workdir, "r1")["rollout"]["status"] == "soaking"

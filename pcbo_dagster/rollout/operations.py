@@ -20,6 +20,7 @@ from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import key_range
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import approvals, promotion, staging_apply
+from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import (
     RolloutEnvironments,
@@ -118,8 +119,7 @@ def control(
     done = {"pause": "paused", "resume": "resumed", "cancel": "cancelled"}
     if action not in controls:
         raise InvalidInput("action", f"must be pause, resume or cancel, not {action!r}")
-    if not (by or "").strip():
-        raise InvalidInput("by", "say who asks")
+    check_actor(by, "asks")
     with open_rollout_store(base.catalog_url) as store:
         rollout = _require(store, name)
         assert store is not None

@@ -60,6 +60,7 @@ from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_checks import read_chain, reading_chain_findings
 from pcbo_dagster.engine.partition_reading import read_partition
+from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
@@ -348,9 +349,8 @@ def promote_rollout(
     """Check the gate and promote the rollout (or `keys` of it) on behalf of `by`; `Blocked` (exit 3)
     with every reason when the gate holds. The rollout is `promoted` once all its partitions are in
     production."""
-    by = (by or "").strip()
-    if not by:
-        raise InvalidInput("by", "say who promotes (a name or an e-mail address)")
+    check_actor(by, "promotes")
+    by = by.strip()
     gate = promotion_gate(config, dataset, envs, name, clock=clock, failed_checks=failed_checks)
     if not gate["open"]:
         envs.store.log(

@@ -56,6 +56,7 @@ from pcbo_dagster.datasets.requests import dataset_keys
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.rollback import rollback
+from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.environments import PRODUCTION, STAGES, STAGING, RolloutEnvironments
 from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_rolled_back, staged_keys
 
@@ -190,8 +191,7 @@ def check_rollback_arguments(stage: str, actor: str, reason: str) -> None:
     rollback creates no catalog): `InvalidInput` naming the one that is wrong."""
     if stage not in STAGES:
         raise InvalidInput("stage", f"must be {' or '.join(STAGES)}, not {stage!r}")
-    if not isinstance(actor, str) or not actor.strip():
-        raise InvalidInput("by", "say who rolls back")
+    check_actor(actor, "rolls back")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidInput("reason", "give a reason for the rollback")
 

@@ -35,6 +35,7 @@ from pcbo_dagster.core.rollout_lifecycle import FINAL, check_rollout_name
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, checked_throttle
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
+from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.lifecycle import (
@@ -108,8 +109,7 @@ def check_apply_arguments(
     if dataset.rollout is None:
         raise InvalidInput("dataset", f"{dataset.name} has no rollout block in the datasets config")
     check_rollout_name(name)
-    if not actor.strip():
-        raise InvalidInput("by", "say who starts the rollout (its history and audit events name them)")
+    check_actor(actor, "starts the rollout")
     if not (isinstance(poll_seconds, int | float) and 0 < poll_seconds <= MAX_POLL_SECONDS):
         # Zero (or less, or NaN) would make every throttle wait a loop of zero-second steps.
         raise InvalidInput("poll_seconds", f"must be a number of seconds in (0, {MAX_POLL_SECONDS:g}]")
