@@ -6,11 +6,13 @@ orphans; and CSV / remote JSONL sources against the equivalent inline request.
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
@@ -211,3 +213,44 @@ def test_csv_and_remote_sources_match_inline(tmp_path, s3_store, monkeypatch):
     missing = write_request(tmp_path / "missing.json", _request(source={"uri": f"s3://{prefix}/nope.csv"}))
     res = run_pcbo(["dry-run", "--input", missing], env=s3_store.env, cwd=tmp_path)
     assert res.status == 2 and "source.uri" in res.stderr
+
+
+def test_an_iceberg_table_is_published_and_read_on_each_lake(lake, tmp_path):
+    """The table's metadata, manifest lists and manifests are written where the lake is, reached as
+    the lake is (`PCBO_S3_ENDPOINT_URL`, the GCS emulator's settings): never the public cloud's
+    endpoint. Its rows are the commit points' rows after an execute, a re-version and a rollback."""
+    table = {"format": "iceberg", "name": "lake.events"}
+    req = write_request(tmp_path / "req.json", _request(table=table))
+    changed = write_request(tmp_path / "changed.json", {**_changed_request(), "table": table})
+    home = tmp_path / "home"
+
+    def rows() -> list[str]:
+        res = _pcbo(["query", "--dataset", DATASET, "SELECT id FROM lake.events ORDER BY id"], home, lake)
+        assert res.status == 0, res.stderr
+        return [r[0] for r in res.document["rows"]]
+
+    def committed() -> list[str]:
+        res = _pcbo(["verify"], home, lake)
+        assert res.status == 0, (res.stderr, res.document)
+        storage = _storage(lake)
+        ids: list[str] = []
+        for rel in storage.find("_manifest.json", f"{DATASET}/{LABEL}"):
+            for entry in json.loads(storage.read(rel))["files"]:
+                ids += pq.read_table(io.BytesIO(storage.read(entry["path"]))).column("id").to_pylist()
+        return sorted(ids)
+
+    first = _pcbo(["execute", "--input", req], home, lake)
+    assert first.status == 0, first.stderr
+    assert first.document["table"]["status"] == "published"
+    assert rows() == committed() and len(rows()) == first.document["totals"]["add"]
+    storage = _storage(lake)
+    assert storage.list_files("_iceberg/lake/events/metadata")
+
+    second = _pcbo(["execute", "--input", changed], home, lake)
+    assert second.status == 0, second.stderr
+    assert "zz-late" in rows() and rows() == committed()
+
+    back = _pcbo(["rollback", "--dataset", DATASET, "--run-id", "lake-run-2"], home, lake)
+    assert back.status == 0, back.stderr
+    assert back.document["table"]["status"] == "published"
+    assert "zz-late" not in rows() and rows() == committed()

@@ -625,6 +625,11 @@ def _is_missing_sqlite_catalog(url: str) -> bool:
     )
 
 
+#: The FileIO of every table pcbo opens, a catalog property (pcbo's own: a table's `py-io-impl` is a
+#: finding, `property_findings`): the lake's own file system on an object store (`lake_file_io`).
+LAKE_FILE_IO = {"py-io-impl": "pcbo_dagster.tables.lake_file_io.LakeFileIO"}
+
+
 def _open_catalog(url: str) -> Catalog:
     scheme = url.split("://", 1)[0].lower()
     if scheme in ("http", "https"):
@@ -634,14 +639,14 @@ def _open_catalog(url: str) -> Catalog:
         for variable, name in ((REST_TOKEN_ENV, "token"), (REST_CREDENTIAL_ENV, "credential")):
             if os.environ.get(variable):
                 properties[name] = os.environ[variable]
-        return _own_file_io(RestCatalog)("pcbo", **properties)
+        return _own_file_io(RestCatalog)("pcbo", **properties, **LAKE_FILE_IO)
     from pyiceberg.catalog.sql import SqlCatalog
 
     if scheme == "postgresql":
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     elif scheme == "sqlite" and url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///") :]) or ".", exist_ok=True)
-    return _own_file_io(SqlCatalog)("pcbo", uri=url)
+    return _own_file_io(SqlCatalog)("pcbo", uri=url, **LAKE_FILE_IO)
 
 
 @functools.cache
