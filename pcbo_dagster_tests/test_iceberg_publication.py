@@ -630,6 +630,47 @@ def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path) -> None
     )
 
 
+def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path) -> None:
+    """The red-team attack, with lake write access only: the current pcbo snapshot's manifest list
+    swapped for one that lists a committed file twice (a second manifest registering it again), the
+    snapshot's properties unchanged. Every reader read that file's rows twice; `verify` compared the
+    table's files as a set and was clean. A file listed twice is a finding; nothing is published."""
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home)
+    assert run.status == 0
+    committed = _ids(_manifest_rows(home))
+    table = _guarded_table(home)
+    ours = table.current_snapshot()
+    first = sorted(task.file.file_path for task in table.scan().plan_files())[0]
+    table.add_files([first], check_duplicate_files=False)  # a snapshot listing it twice...
+    doubled = _guarded_table(home).current_snapshot()
+
+    def edit(metadata: dict[str, Any]) -> None:  # ...whose manifest list becomes pcbo's snapshot's
+        for snapshot in metadata["snapshots"]:
+            if snapshot["snapshot-id"] == ours.snapshot_id:
+                snapshot["manifest-list"] = doubled.manifest_list
+        metadata["snapshots"] = [s for s in metadata["snapshots"] if s["snapshot-id"] != doubled.snapshot_id]
+        metadata["snapshot-log"] = [
+            e for e in metadata["snapshot-log"] if e["snapshot-id"] != doubled.snapshot_id
+        ]
+        metadata["current-snapshot-id"] = metadata["refs"]["main"]["snapshot-id"] = ours.snapshot_id
+
+    _rewrite_table_metadata(home, edit)
+    table = _guarded_table(home)
+    assert table.current_snapshot().snapshot_id == ours.snapshot_id
+    read = _ids(table.scan().to_arrow())
+    assert len(read) > len(committed) and sorted(set(read)) == committed  # what readers read
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1, verified.document
+    kinds = {f["kind"]: f["where"] for f in verified.document["findings"]}
+    assert kinds["table_file_listed_twice"].endswith(first.removeprefix(f"file://{lake_dir(home)}/"))
+    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    again = write_request(tmp_path / "r2.json", _request("ice-2", existing=committed[:1]))
+    refused = run_pcbo(["execute", "--input", again], home=home)
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused"
+    assert _guarded_table(home).current_snapshot().snapshot_id == ours.snapshot_id
+
+
 @pytest.mark.parametrize("forged", ["partition", "upper_bounds"])
 def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Path, forged: str) -> None:
     """The red-team attack, with lake write access only: a snapshot listing exactly the committed files

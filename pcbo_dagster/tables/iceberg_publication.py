@@ -375,6 +375,7 @@ class TableState:
     snapshot: Any  # pyiceberg Snapshot or None
     files: dict[str, DataFile]  # lake-relative path -> data file
     foreign: list[str]  # file paths outside this dataset version's lake directory
+    repeated: list[str] = field(default_factory=list)  # lake-relative paths listed more than once
 
 
 @dataclass
@@ -410,16 +411,19 @@ def _read_state(
     snapshot = table.metadata.snapshot_by_name(branch)
     files: dict[str, DataFile] = {}
     foreign: list[str] = []
+    repeated: set[str] = set()
     prefix = f"{lake_url}/{dataset}/{version_label}/"
     if snapshot is not None:
         for manifest in confined_manifests(table, snapshot, confine):
             for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
                 path = entry.data_file.file_path
                 if path.startswith(prefix):
+                    if path[len(lake_url) + 1 :] in files:  # every reader reads its rows twice
+                        repeated.add(path[len(lake_url) + 1 :])
                     files[path[len(lake_url) + 1 :]] = entry.data_file
                 else:
                     foreign.append(path)
-    return TableState(snapshot, files, sorted(foreign))
+    return TableState(snapshot, files, sorted(foreign), sorted(repeated))
 
 
 def confined_manifests(table: Table, snapshot: Any, confine: Callable[[str], None]) -> list[Any]:
@@ -486,7 +490,7 @@ def _judge_branch(
 ) -> Judgement:
     ckey = f"{dataset}/{version_label}"
     expected = expected_files(state, dataset, version_label)
-    if not current.foreign and _matches(current.files, expected):
+    if not current.foreign and not current.repeated and _matches(current.files, expected):
         return Judgement("in_sync")
     props = _properties(current.snapshot)
     ours = (
@@ -535,7 +539,12 @@ def _judge_branch(
             assert position is not None
             then = expected_files(replay(events[: position + 1]), dataset, version_label)
             self_consistent = props.get(P_FILES_DIGEST) == files_digest(set(current.files))
-            if not current.foreign and self_consistent and _matches(current.files, then):
+            if (
+                not current.foreign
+                and not current.repeated
+                and self_consistent
+                and _matches(current.files, then)
+            ):
                 # (A seq that is not a number is none pcbo wrote: counted as later, never healed over.)
                 later = [
                     s.snapshot_id
@@ -575,6 +584,14 @@ def _judge_branch(
     for path in sorted(set(expected) - set(current.files)):
         findings.append(
             _finding("table_file_missing", path, "a file the current commit point names is not in the table")
+        )
+    for path in current.repeated:
+        findings.append(
+            _finding(
+                "table_file_listed_twice",
+                path,
+                "the table lists the file more than once: readers read its rows twice",
+            )
         )
     for path in sorted(set(expected) & set(current.files)):
         df, want = current.files[path], expected[path]
