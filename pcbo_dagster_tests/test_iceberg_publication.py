@@ -185,6 +185,11 @@ def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> Non
     behind = run_pcbo(["verify"], home=home)
     assert behind.status == 1
     assert [f["kind"] for f in behind.document["findings"]] == ["table_publication_behind"]
+    # A query of the table the crash kept from being created says so (no internal error).
+    absent = run_pcbo(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
+    assert absent.status == 1 and absent.document is None
+    assert absent.stderr.startswith("pcbo query: table lake.events does not exist yet"), absent.stderr
+    assert "verify --repair" in absent.stderr and "internal error" not in absent.stderr
     again = run_pcbo(["execute", "--input", request_one], home=home)
     assert again.status == 0 and again.document["totals"]["committed"] == 0  # the lake was done
     v1_ids = _assert_table_is_the_manifests(home, _table(home))

@@ -88,7 +88,15 @@ def query(
         )
     # The branch's own record, else the table's (a rollout's `staging` branch is recorded by staging).
     target = recorded_target(recorded.get(branch) or recorded[min(recorded)], env)
-    table = load_table(env, target)
+    from pyiceberg.exceptions import NoSuchTableError
+
+    try:
+        table = load_table(env, target)
+    except NoSuchTableError:
+        raise PcboError(
+            f"table {target.name} does not exist yet (a crash before its first publication, or dropped): "
+            "pcbo verify --repair creates and publishes it"
+        ) from None
     snapshot = table.metadata.snapshot_by_name(branch)
     if snapshot is None:
         raise InvalidInput("branch", f"table {target.name} has no branch {branch!r}")
