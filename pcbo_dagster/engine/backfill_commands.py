@@ -181,6 +181,9 @@ def execute_evaluated(
     from pcbo_dagster.engine.environment import Environment
     from pcbo_dagster.engine.execute import execute
 
+    # The request's own table's columns, refused before anything is written (the home, the catalog,
+    # the lock files); the table its chain declares is checked under the lock (`publisher_for`).
+    refuse_table_request(evaluated.loaded, evaluated.plan, evaluated.decisions)
     check_request_gates(evaluated)
     env = Environment.open(settings, actor=actor)
     try:
