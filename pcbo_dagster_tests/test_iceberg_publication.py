@@ -676,6 +676,51 @@ def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path) -> 
     assert _guarded_table(home).current_snapshot().snapshot_id == ours.snapshot_id
 
 
+def test_a_manifest_list_whose_partition_summaries_exclude_its_files_is_a_finding(tmp_path: Path) -> None:
+    """The red-team attack, with lake write access only: the current pcbo snapshot's manifest list
+    rewritten in place, each manifest's partition summary (the bounds engines prune whole manifests
+    by) moved to 1970. Every filtered read skipped every manifest (`pcbo query` counted 0 rows after an
+    instant); `verify` read each entry and was clean. A summary that is not its entries' is a finding."""
+    import struct
+
+    from pyiceberg.manifest import PartitionFieldSummary, write_manifest_list
+
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home)
+    assert run.status == 0
+    table = _guarded_table(home)
+    snapshot = table.current_snapshot()
+    after = "occurredAt >= '2024-01-01T01:00:00+00:00'"
+    assert table.scan(row_filter=after).to_arrow().num_rows > 0
+    manifests = snapshot.manifests(table.io)
+    for manifest in manifests:  # (a ManifestFile's 14th field is its partition summaries)
+        manifest[13] = [
+            PartitionFieldSummary(s.contains_null, s.contains_nan, struct.pack("<i", 0), struct.pack("<i", 1))
+            for s in manifest.partitions or []
+        ]
+    Path(snapshot.manifest_list.removeprefix("file://")).unlink()
+    with write_manifest_list(
+        format_version=table.metadata.format_version,
+        output_file=table.io.new_output(snapshot.manifest_list),
+        snapshot_id=snapshot.snapshot_id,
+        parent_snapshot_id=snapshot.parent_snapshot_id,
+        sequence_number=snapshot.sequence_number,
+        avro_compression="deflate",
+    ) as writer:
+        writer.add_manifests(manifests)
+    table = _guarded_table(home)
+    assert table.scan(row_filter=after).to_arrow().num_rows == 0  # what a filtered read reads
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1, verified.document
+    kinds = [f["kind"] for f in verified.document["findings"]]
+    assert kinds.count("table_manifest_summary_mismatch") == len(manifests), kinds
+    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    again = write_request(tmp_path / "r2.json", _request("ice-2", existing=_ids(_manifest_rows(home))[:1]))
+    refused = run_pcbo(["execute", "--input", again], home=home)
+    assert refused.status == 1 and refused.document["table"]["status"] == "refused"
+    assert _guarded_table(home).current_snapshot().snapshot_id == snapshot.snapshot_id
+
+
 @pytest.mark.parametrize("forged", ["partition", "upper_bounds"])
 def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Path, forged: str) -> None:
     """The red-team attack, with lake write access only: a snapshot listing exactly the committed files

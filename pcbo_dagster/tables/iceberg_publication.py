@@ -376,6 +376,9 @@ class TableState:
     files: dict[str, DataFile]  # lake-relative path -> data file
     foreign: list[str]  # file paths outside this dataset version's lake directory
     repeated: list[str] = field(default_factory=list)  # lake-relative paths listed more than once
+    #: manifests whose partition summaries in the manifest list are not their entries' (what engines
+    #: prune whole manifests by)
+    misleading: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -408,14 +411,22 @@ def _read_state(
     version_label: str,
     confine: Callable[[str], None],
 ) -> TableState:
+    from pyiceberg.manifest import ManifestEntryStatus
+
     snapshot = table.metadata.snapshot_by_name(branch)
     files: dict[str, DataFile] = {}
     foreign: list[str] = []
     repeated: set[str] = set()
+    misleading: list[str] = []
     prefix = f"{lake_url}/{dataset}/{version_label}/"
     if snapshot is not None:
         for manifest in confined_manifests(table, snapshot, confine):
-            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True):
+            entries = manifest.fetch_manifest_entry(table.io, discard_deleted=False)
+            if not _summaries_match(table, manifest, entries):
+                misleading.append(manifest.manifest_path)
+            for entry in entries:
+                if entry.status == ManifestEntryStatus.DELETED:
+                    continue
                 path = entry.data_file.file_path
                 if path.startswith(prefix):
                     if path[len(lake_url) + 1 :] in files:  # every reader reads its rows twice
@@ -423,7 +434,25 @@ def _read_state(
                     files[path[len(lake_url) + 1 :]] = entry.data_file
                 else:
                     foreign.append(path)
-    return TableState(snapshot, files, sorted(foreign), sorted(repeated))
+    return TableState(snapshot, files, sorted(foreign), sorted(repeated), misleading)
+
+
+def _summaries_match(table: Table, manifest: Any, entries: list[Any]) -> bool:
+    """Whether the manifest list's partition summaries of `manifest` are the ones its entries give
+    (as pyiceberg writes them: over every entry). Engines skip a whole manifest by them: bounds that
+    exclude its files hide their rows from every filtered read."""
+    from pyiceberg.manifest import construct_partition_summaries
+
+    spec = table.specs().get(manifest.partition_spec_id)
+    if spec is None:
+        return False
+    try:
+        expected = construct_partition_summaries(
+            spec, table.schema(), [e.data_file.partition for e in entries]
+        )
+    except (ValueError, TypeError, IndexError):
+        return False
+    return list(manifest.partitions or []) == expected
 
 
 def confined_manifests(table: Table, snapshot: Any, confine: Callable[[str], None]) -> list[Any]:
@@ -490,7 +519,12 @@ def _judge_branch(
 ) -> Judgement:
     ckey = f"{dataset}/{version_label}"
     expected = expected_files(state, dataset, version_label)
-    if not current.foreign and not current.repeated and _matches(current.files, expected):
+    if (
+        not current.foreign
+        and not current.repeated
+        and not current.misleading
+        and _matches(current.files, expected)
+    ):
         return Judgement("in_sync")
     props = _properties(current.snapshot)
     ours = (
@@ -542,6 +576,7 @@ def _judge_branch(
             if (
                 not current.foreign
                 and not current.repeated
+                and not current.misleading
                 and self_consistent
                 and _matches(current.files, then)
             ):
@@ -584,6 +619,15 @@ def _judge_branch(
     for path in sorted(set(expected) - set(current.files)):
         findings.append(
             _finding("table_file_missing", path, "a file the current commit point names is not in the table")
+        )
+    for path in current.misleading:
+        findings.append(
+            _finding(
+                "table_manifest_summary_mismatch",
+                redact_url(path)[:300],
+                "the manifest list's partition bounds of this manifest are not its files': "
+                "readers filtering by them skip files the table lists",
+            )
         )
     for path in current.repeated:
         findings.append(
