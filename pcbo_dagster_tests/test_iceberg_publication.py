@@ -676,11 +676,14 @@ def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path) -> 
     assert _guarded_table(home).current_snapshot().snapshot_id == ours.snapshot_id
 
 
-def test_a_manifest_list_whose_partition_summaries_exclude_its_files_is_a_finding(tmp_path: Path) -> None:
-    """The red-team attack, with lake write access only: the current pcbo snapshot's manifest list
+@pytest.mark.parametrize("forged", ["bounds", "counts"])
+def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(tmp_path: Path, forged: str) -> None:
+    """The red-team attacks, with lake write access only: the current pcbo snapshot's manifest list
     rewritten in place, each manifest's partition summary (the bounds engines prune whole manifests
-    by) moved to 1970. Every filtered read skipped every manifest (`pcbo query` counted 0 rows after an
-    instant); `verify` read each entry and was clean. A summary that is not its entries' is a finding."""
+    by) moved to 1970, or its counts of added and existing files and rows set to 0 (a manifest with
+    none is skipped unread). Every filtered read skipped every manifest (`pcbo query` counted 0 rows
+    after an instant), or every read did (DuckDB's `iceberg_scan`: 0 rows); `verify` read each entry
+    and was clean. A manifest list entry that is not what its manifest gives is a finding."""
     import struct
 
     from pyiceberg.manifest import PartitionFieldSummary, write_manifest_list
@@ -693,11 +696,16 @@ def test_a_manifest_list_whose_partition_summaries_exclude_its_files_is_a_findin
     after = "occurredAt >= '2024-01-01T01:00:00+00:00'"
     assert table.scan(row_filter=after).to_arrow().num_rows > 0
     manifests = snapshot.manifests(table.io)
-    for manifest in manifests:  # (a ManifestFile's 14th field is its partition summaries)
-        manifest[13] = [
-            PartitionFieldSummary(s.contains_null, s.contains_nan, struct.pack("<i", 0), struct.pack("<i", 1))
-            for s in manifest.partitions or []
-        ]
+    for manifest in manifests:  # (a ManifestFile's fields by position: counts 7, 8, 10, 11; bounds 13)
+        if forged == "bounds":
+            manifest[13] = [
+                PartitionFieldSummary(
+                    s.contains_null, s.contains_nan, struct.pack("<i", 0), struct.pack("<i", 1)
+                )
+                for s in manifest.partitions or []
+            ]
+        else:
+            manifest[7] = manifest[8] = manifest[10] = manifest[11] = 0
     Path(snapshot.manifest_list.removeprefix("file://")).unlink()
     with write_manifest_list(
         format_version=table.metadata.format_version,
@@ -709,7 +717,18 @@ def test_a_manifest_list_whose_partition_summaries_exclude_its_files_is_a_findin
     ) as writer:
         writer.add_manifests(manifests)
     table = _guarded_table(home)
-    assert table.scan(row_filter=after).to_arrow().num_rows == 0  # what a filtered read reads
+    if forged == "bounds":
+        assert table.scan(row_filter=after).to_arrow().num_rows == 0  # what a filtered read reads
+    else:
+        query = [
+            "query",
+            "--dataset",
+            DATASET,
+            "--reader",
+            "duckdb-iceberg",
+            "SELECT count(*) FROM lake.events",
+        ]
+        assert run_pcbo(query, home=home).document["rows"] == [[0]]  # what DuckDB reads
     verified = run_pcbo(["verify"], home=home)
     assert verified.status == 1, verified.document
     kinds = [f["kind"] for f in verified.document["findings"]]

@@ -438,11 +438,23 @@ def _read_state(
 
 
 def _summaries_match(table: Table, manifest: Any, entries: list[Any]) -> bool:
-    """Whether the manifest list's partition summaries of `manifest` are the ones its entries give
-    (as pyiceberg writes them: over every entry). Engines skip a whole manifest by them: bounds that
-    exclude its files hide their rows from every filtered read."""
-    from pyiceberg.manifest import construct_partition_summaries
+    """Whether the manifest list's entry of `manifest` is what its entries give, as pyiceberg writes it:
+    a data manifest, its counts of added, existing and deleted files and rows, and its partition
+    summaries (over every entry). Engines skip a whole manifest by them: bounds that exclude its files
+    hide their rows from every filtered read, and a manifest said to have no added or existing file
+    is not read at all (DuckDB's `iceberg_scan`, Iceberg's own readers)."""
+    from pyiceberg.manifest import ManifestContent, ManifestEntryStatus, construct_partition_summaries
 
+    if manifest.content != ManifestContent.DATA:
+        return False
+    for status, files, rows in (
+        (ManifestEntryStatus.ADDED, manifest.added_files_count, manifest.added_rows_count),
+        (ManifestEntryStatus.EXISTING, manifest.existing_files_count, manifest.existing_rows_count),
+        (ManifestEntryStatus.DELETED, manifest.deleted_files_count, manifest.deleted_rows_count),
+    ):
+        these = [e for e in entries if e.status == status]
+        if (files, rows) != (len(these), sum(e.data_file.record_count for e in these)):
+            return False
     spec = table.specs().get(manifest.partition_spec_id)
     if spec is None:
         return False
@@ -625,8 +637,8 @@ def _judge_branch(
             _finding(
                 "table_manifest_summary_mismatch",
                 redact_url(path)[:300],
-                "the manifest list's partition bounds of this manifest are not its files': "
-                "readers filtering by them skip files the table lists",
+                "the manifest list's entry of this manifest (partition bounds, file and row counts, "
+                "content) is not what the manifest holds: readers skip files the table lists by it",
             )
         )
     for path in current.repeated:
