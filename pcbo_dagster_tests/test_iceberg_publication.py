@@ -740,6 +740,25 @@ def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(tmp_path: P
     assert _guarded_table(home).current_snapshot().snapshot_id == snapshot.snapshot_id
 
 
+def test_a_schema_conflict_is_reported_in_the_json_document_alone(tmp_path: Path) -> None:
+    """A table schema the files do not fit (here the metadata file's `amount` edited to a string) is
+    `table_schema_conflict`; pyiceberg's check also printed its comparison table on standard output
+    ahead of the JSON document, so `pcbo verify | jq` (and every reader of the document) failed."""
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home)
+    assert run.status == 0
+
+    def edit(metadata: dict[str, Any]) -> None:
+        schema = next(s for s in metadata["schemas"] if s["schema-id"] == metadata["current-schema-id"])
+        next(f for f in schema["fields"] if f["name"] == "amount")["type"] = "string"
+
+    _rewrite_table_metadata(home, edit)
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 1
+    assert verified.document is not None, "stdout is not one JSON document"
+    assert "table_schema_conflict" in {f["kind"] for f in verified.document["findings"]}
+
+
 @pytest.mark.parametrize("forged", ["partition", "upper_bounds"])
 def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Path, forged: str) -> None:
     """The red-team attack, with lake write access only: a snapshot listing exactly the committed files

@@ -66,8 +66,10 @@ files: a `main` that pointed at the staging lake would name files no production 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
+import io
 import json
 import os
 import re
@@ -1266,7 +1268,10 @@ def derive_data_files(
         if metadata.schema not in compatible:
             try:
                 arrow_schema = arrow_schemas.setdefault(metadata.schema, metadata.schema.to_arrow_schema())
-                _check_pyarrow_schema_compatible(schema, arrow_schema)
+                # (On a mismatch pyiceberg prints its comparison table to standard output, where the
+                # command's JSON document goes: its text is in the exception, the finding's detail.)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    _check_pyarrow_schema_compatible(schema, arrow_schema)
             except ValueError as exc:
                 raise PublicationRefused(
                     where, [_finding("table_schema_conflict", published.path, scrub_text(str(exc)))]
