@@ -1518,3 +1518,31 @@ def test_a_declaration_removed_after_the_runs_verified_read_is_refused_not_skipp
         env.close()
     assert lake_files(home) == before  # nothing committed
     assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids
+
+
+def test_a_fifo_at_a_data_files_name_is_refused_by_the_table_never_waited_on(tmp_path: Path) -> None:
+    """The table's checks and its publication read each data file's footer: they opened the file at its
+    name as it was, so a FIFO planted there (no root needed) made `pcbo verify` of a published table,
+    and the publication of `verify --repair` after a crash, wait for a writer for ever. Now they read it
+    as the lake does: a name that is no regular file is refused as a symbolic link is."""
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "r1.json", _request("ice-1"))
+    assert run_pcbo(["execute", "--input", request], home=home).status == 0
+    data_file = sorted((lake_dir(home) / DATASET / "v1").glob("*/part-*.parquet"))[0]
+    data_file.unlink()
+    os.mkfifo(data_file)
+    done = run_pcbo(["verify"], home=home, timeout=60)
+    assert done.status == 1, done.stderr
+    assert any(data_file.name in f["detail"] for f in done.document["findings"]), done.document["findings"]
+
+    crashed_home = tmp_path / "crashed"
+    crashed = run_pcbo(
+        ["execute", "--input", request], home=crashed_home, env={"PCBO_FAILPOINT": "before_publication@0"}
+    )
+    assert crashed.status == 86
+    data_file = sorted((lake_dir(crashed_home) / DATASET / "v1").glob("*/part-*.parquet"))[0]
+    data_file.unlink()
+    os.mkfifo(data_file)
+    repaired = run_pcbo(["verify", "--repair"], home=crashed_home, timeout=60)
+    assert repaired.status == 1, repaired.stderr
+    assert not list((lake_dir(crashed_home) / "_iceberg").rglob("*.metadata.json"))  # nothing published

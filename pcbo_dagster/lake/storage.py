@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import fsspec
@@ -346,13 +346,18 @@ def _leads_outside(rel: str) -> OutsidePartition:
 
 
 def _read_local(rel: str, path: str) -> bytes:
-    """The bytes of the local lake file `rel` at `path`, opened without blocking and without following
-    a link at the name (`open_regular`): a name that is no regular file (a FIFO, which a plain open
-    waits on for a writer for ever, a device, a directory) is refused as a symbolic link is
-    (`OutsidePartition`). `FileNotFoundError` when missing."""
+    """The bytes of the local lake file `rel` at `path` (`_open_local`)."""
+    with _open_local(rel, path) as fh:
+        return fh.read()
+
+
+def _open_local(rel: str, path: str) -> BinaryIO:
+    """The local lake file `rel` at `path`, opened without blocking and without following a link at
+    the name (`open_regular`): a name that is no regular file (a FIFO, which a plain open waits on for
+    a writer for ever, a device, a directory) is refused as a symbolic link is (`OutsidePartition`).
+    `FileNotFoundError` when missing."""
     try:
-        with open_regular(path, follow_links=False) as fh:
-            return fh.read()
+        return open_regular(path, follow_links=False)
     except (NotRegularFile, IsADirectoryError):
         raise OutsidePartition(f"{rel!r} is not a regular file (a FIFO, a device or a directory)") from None
     except OSError as exc:
@@ -574,6 +579,18 @@ class LakeStorage:
             return _read_local(rel, path)
         with self._reading(rel):
             return bytes(self.fs.cat_file(path))
+
+    @contextmanager
+    def open(self, rel: str) -> Iterator[BinaryIO]:
+        """`rel` opened for reading part of it (a parquet footer), held to the checks `read` makes: inside
+        the lake, no symbolic link on the way or at the name, a regular file (never waited on)."""
+        path = self._inside(rel)
+        if self.is_local:
+            with _open_local(rel, path) as fh:
+                yield fh
+            return
+        with self._reading(rel), self.fs.open(path, "rb") as handle:
+            yield handle
 
     def exists(self, rel: str) -> bool:
         path = self._inside(rel)

@@ -1016,7 +1016,7 @@ class Publisher:
         import pyarrow.parquet as pq
         from pyiceberg.table.name_mapping import create_mapping_from_schema
 
-        with self.env.lake.fs.open(f"{self.env.lake.root}/{first.path}", "rb") as handle:
+        with self.env.lake.open(first.path) as handle:
             arrow_schema = pq.read_schema(handle)
         if self.partitioning is not None:
             spec = partition_field(*self.partitioning)
@@ -1233,7 +1233,7 @@ class Publisher:
 def _read_footer(lake: LakeStorage, published: PublishedFile) -> Any:
     import pyarrow.parquet as pq
 
-    with lake.fs.open(f"{lake.root}/{published.path}", "rb") as handle:
+    with lake.open(published.path) as handle:
         return pq.read_metadata(handle)
 
 
