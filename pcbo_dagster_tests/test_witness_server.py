@@ -177,6 +177,27 @@ def test_witness_serve_refuses_a_log_key_that_checks_no_checkpoint(
     assert not (tmp_path / "w.db").exists()
 
 
+def test_witness_serve_refuses_its_own_key_as_a_log_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The witness's own key given as a `--log-key` (its type 0x01 verifier key): the witness started
+    and cosigned checkpoints it could sign itself, a log witnessed by its own witness. Now refused
+    (exit 2 naming --log-key) before it listens or makes its database."""
+    from pcbo_dagster.cli import main as cli
+    from pcbo_dagster.witness import server
+
+    def listen(*args: object) -> None:
+        raise AssertionError("the witness would listen with its own key as a log's")
+
+    monkeypatch.setattr(server, "make_server", listen)
+    key_file = tmp_path / "witness.key"
+    key_file.write_text(WITNESS.text + "\n")
+    key_file.chmod(0o600)
+    common = ["witness", "serve", "--key", str(key_file), "--db", str(tmp_path / "w.db"), "--port", "0"]
+    assert cli.main([*common, "--log-key", WITNESS.verifier().text]) == 2
+    assert not (tmp_path / "w.db").exists()
+
+
 @pytest.mark.parametrize("kind", ["not_sqlite", "directory"])
 def test_witness_serve_refuses_a_db_that_is_no_sqlite_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str

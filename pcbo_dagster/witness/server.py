@@ -134,6 +134,12 @@ class Witness:
         clock: Callable[[], float] = time.time,
     ) -> None:
         check_log_keys(logs)
+        for log in logs:
+            if log.key.public_key == key.public_key:
+                raise ValueError(
+                    f"{log.key.name}: the witness's own key: a witness cosigns the checkpoints of logs "
+                    "signed by others, never its own"
+                )
         self.key = key
         self.database = database
         self.logs = list(logs)
