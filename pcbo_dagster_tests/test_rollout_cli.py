@@ -514,3 +514,19 @@ def test_a_by_with_a_control_character_is_refused_before_anything_is_written(wor
         )
         assert tree_state(home) == before, args
     assert status_of(workdir, "r1")["rollout"]["status"] == "soaking"
+
+
+def test_an_approval_with_no_approver_listed_names_the_setting(workdir: Path) -> None:
+    """A dataset whose rollout block lists no approver: `pcbo approve` said `invalid input: rollout:`,
+    naming the rollout as if it were wrong; it names the setting to fill in, `rollout.approvers`."""
+    (workdir / "datasets.yaml").write_text(
+        QUICK_SOAK_CONFIG.replace(APPROVERS_YAML, "approvers: []").replace("{windowMinutes: 0.02}", "{}")
+    )
+    rng = ["--dataset", "sessions", "--from", KEYS[0], "--to", KEYS[0]]
+    started = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--name", "r1", "--by", "ana")
+    assert started.status == 0, started.stderr
+    before = tree_state(workdir / "home")
+    refused = pcbo(workdir, "approve", "r1", "--key", "cy.key", "--reason", "ok", *CONFIG_FLAG)
+    assert refused.status == 2, refused.stderr
+    assert "invalid input: rollout.approvers: no approvers are listed" in refused.stderr, refused.stderr
+    assert tree_state(workdir / "home") == before

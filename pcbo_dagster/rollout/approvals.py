@@ -115,7 +115,7 @@ def record_decision(
         )
     if not envs.approval_policy.approvers:
         raise InvalidInput(
-            "rollout",
+            "rollout.approvers",
             f"no approvers are listed for dataset {rollout['dataset']!r}: add their verifier keys to its "
             "rollout.approvers in the datasets config",
         )
