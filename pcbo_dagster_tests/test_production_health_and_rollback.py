@@ -395,6 +395,27 @@ def test_run_health_check_launches_the_plan_and_records_it(world: World) -> None
     assert verify(world.envs.production)["findings"] == []
 
 
+def test_a_launch_that_skipped_every_rollout_says_skipped(world: World) -> None:
+    """An approved rollout not yet promoted has its partitions `missing`, and the mini backfill (what
+    `pcbo rollout health --launch` runs) writes none of them, skipping the rollout: the report said
+    `launched`, as if production were being repaired. It says `skipped`, the results saying why."""
+    from pcbo_dagster.rollout.operations import mini_backfill
+
+    world.stage_only(KEYS[:2])
+    rollout = world.envs.store.require("r1")
+    approval = sign_decision(CY, rollout, "approve", "ok", None, "2024-02-01T12:00:00Z")
+    record_decision(world.envs, "r1", approval, clock=ManualClock(T0))
+
+    def launch(plan: dict[str, Any]) -> dict[str, Any]:
+        return mini_backfill(world.config, world.dataset, world.envs, plan)
+
+    report = run_health_check(world.config, world.dataset, world.envs, T0, launch=launch)
+    assert [p["status"] for p in report["partitions"]] == ["missing", "missing"]
+    assert report["launch"]["status"] == "skipped", report["launch"]
+    assert [r["status"] for r in report["launch"]["result"]["results"]] == ["skipped"]
+    assert world.envs.production.lake.find("_manifest.json") == []  # nothing written
+
+
 # -- rollback -----------------------------------------------------------------------------------
 
 
