@@ -376,25 +376,19 @@ def test_soak_counts_only_the_rollouts_it_evaluated(workdir: Path) -> None:
     assert again.document["results"][0]["skipped"].startswith("the soak failed for good")
 
 
+def start_quick(workdir: Path, name: str) -> Any:
+    """Rollout `name` of the first partition staged with no throttle and a soak of about a second."""
+    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
+    rng = ["--dataset", "sessions", "--from", KEYS[0], "--to", KEYS[0]]
+    started = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--name", name, "--by", "ana")
+    assert started.status == 0, started.stderr
+    return started
+
+
 def test_control_of_a_rollout_not_applying_names_the_action(workdir: Path) -> None:
     """Pausing, resuming or cancelling a rollout whose staging apply is over is refused (exit 2 on
     `rollout`) in words: `cancelled`, not `canceld`."""
-    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
-    window = ("--from", KEYS[0], "--to", KEYS[0])
-    started = pcbo(
-        workdir,
-        "rollout",
-        "start",
-        *CONFIG_FLAG,
-        "--dataset",
-        "sessions",
-        *window,
-        "--name",
-        "r6",
-        "--by",
-        "ana",
-    )
-    assert started.status == 0, started.stderr
+    start_quick(workdir, "r6")
     for action, participle in (("pause", "paused"), ("resume", "resumed"), ("cancel", "cancelled")):
         refused = pcbo(workdir, "rollout", action, "r6", "--by", "bo")
         assert refused.status == 2, refused.stderr
@@ -411,22 +405,7 @@ def test_a_statement_with_another_reason_or_decision_hash_is_refused(workdir: Pa
     from pcbo_dagster.core.instants import format_datetime
     from pcbo_dagster.core.signed_approvals import sign_approval
 
-    (workdir / "datasets.yaml").write_text(QUICK_SOAK_CONFIG)
-    window = ("--from", KEYS[0], "--to", KEYS[0])
-    started = pcbo(
-        workdir,
-        "rollout",
-        "start",
-        *CONFIG_FLAG,
-        "--dataset",
-        "sessions",
-        *window,
-        "--name",
-        "r7",
-        "--by",
-        "ana",
-    )
-    assert started.status == 0, started.stderr
+    started = start_quick(workdir, "r7")
     staged = started.document["execute"]["decisionHash"]
     now = format_datetime(datetime.now(UTC))
     note = sign_approval(CY, "r7", "approved", staged, "numbers reviewed", now)
