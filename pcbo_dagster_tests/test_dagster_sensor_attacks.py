@@ -605,6 +605,54 @@ def test_a_reversed_partition_range_is_refused_saying_so(setup: Any) -> None:
     assert not (tmp_path / "pcbo-home" / "staging" / "lake").exists()
 
 
+_START, _END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+@pytest.mark.parametrize(
+    ("tags", "tag"),
+    [
+        ({"dagster/partition": "20240101T013000Z"}, "dagster/partition"),
+        ({_START: "20240101T003000Z", _END: KEYS[1]}, _START),
+        ({_START: KEYS[0], _END: "20240101T003000Z"}, _END),
+    ],
+)
+def test_a_time_key_off_the_cron_grid_in_the_run_tags_is_refused_naming_the_tag(
+    setup: Any, tags: dict[str, str], tag: str
+) -> None:
+    """Run tags typed by hand (launchpad, `dagster job launch --tags`, GraphQL) with a time key off the
+    hourly grid: Dagster rounds `...T013000Z` to the window starting 02:00 and a range ending at
+    `...T003000Z` to one ending with the 01:00 window, so the asset wrote, the dry run reported, the
+    checks checked and the rollback undid partitions the tags do not name. Each must fail naming the
+    tag, nothing written or undone."""
+    tmp_path, config, engine, defs = setup
+    asset_job = defs.resolve_implicit_global_asset_job_def()
+    jobs = {
+        "events": asset_job.get_subset(asset_selection={EVENTS}),
+        "staging/sessions": asset_job.get_subset(asset_selection={dg.AssetKey(["staging", "sessions"])}),
+        "events_dry_run": defs.resolve_job_def("events_dry_run"),
+        "events_checks": defs.resolve_job_def("events_checks"),
+        "events_rollback": defs.resolve_job_def("events_rollback"),
+    }
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        with engine.environment() as env:
+            before = verify(env)
+        assert before["status"] == "clean", before
+        for name, job in jobs.items():
+            result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False)
+            assert not result.success, name
+            failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+            data = failures[0].step_failure_data
+            assert data.user_failure_data is not None, (name, data.error)
+            description = data.user_failure_data.description or ""
+            assert tag in description and tags[tag] in description, (name, description)
+    with engine.environment() as env:
+        after = verify(env)
+    assert after["status"] == "clean" and after["checked"] == before["checked"], after
+    assert not (tmp_path / "pcbo-home" / "staging" / "lake").exists()
+    assert not (tmp_path / "pcbo-home" / "reports" / "dry-runs").exists()
+
+
 def test_a_reversed_range_on_a_sql_target_dataset_is_refused_too(tmp_path: Path) -> None:
     from pcbo_dagster_tests.sql_target_helpers import query, run_sql, sqlite_url
 

@@ -67,3 +67,34 @@ def windows_for_keys(partitions_def: dg.TimeWindowPartitionsDefinition, keys: li
             )
         windows.append(Window(key, start_us, end_us))
     return sorted(windows, key=lambda w: w.start_us)
+
+
+#: The run tags that name a run's partitions: one key, or a range's two ends.
+RUN_PARTITION_TAGS = (
+    "dagster/partition",
+    "dagster/asset_partition_range_start",
+    "dagster/asset_partition_range_end",
+)
+
+
+def run_partition_keys(
+    context: dg.OpExecutionContext | dg.AssetExecutionContext | dg.AssetCheckExecutionContext,
+    dataset_name: str,
+) -> list[str]:
+    """The run's partition keys, each of its partition tags one of them. Dagster rounds a time key off
+    the cron grid (`...T013000Z` typed in the tags) to the next window, and a range end off it to the
+    window holding it, so a run would write, check or roll back partitions its tags do not name: such
+    a run fails naming the tag, nothing done. (A range that holds no key is the caller's to refuse.)"""
+    keys = list(context.partition_keys)
+    if keys:
+        tags = context.run.tags
+        single, start, end = RUN_PARTITION_TAGS
+        for tag, key in ((single, keys[0]), (start, keys[0]), (end, keys[-1])):
+            value = tags.get(tag)
+            if value is not None and value != key:
+                raise dg.Failure(
+                    description=f"{dataset_name}: the run's tag {tag} is {value!r}, not a partition key "
+                    f"(Dagster would run {keys[0]}..{keys[-1]}); nothing was done",
+                    allow_retries=False,
+                )
+    return keys

@@ -51,7 +51,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import (
 
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.dagster_defs.backfill.steps import partition_groups_for_keys
-from pcbo_dagster.dagster_defs.partitions import partitions_def_for
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for, run_partition_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine import partition_checks
@@ -107,7 +107,7 @@ def _keys_of_step(
     the ledger grid fails the step naming it); outside a partitioned run (a check launched alone),
     every committed one."""
     if context.has_partition_key or context.has_partition_key_range:
-        keys = list(context.partition_keys)
+        keys = run_partition_keys(context, dataset.name)
         partition_groups_for_keys(dataset, partitions_def_for(dataset), keys)
         return keys
     return committed_keys(env.lake, dataset.name, dataset.versionLabel)

@@ -31,6 +31,7 @@ from pydantic import Field
 from pcbo_dagster.core.decisions import REASONS
 from pcbo_dagster.core.json_documents import streamed_text
 from pcbo_dagster.dagster_defs.backfill.steps import engine_errors, engine_requests, evaluate_request
+from pcbo_dagster.dagster_defs.partitions import run_partition_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.engine import lake_changes
@@ -112,7 +113,7 @@ def build_dataset_jobs(
         from pcbo_dagster.engine.sql_apply import deployment_chain_reader
 
         source_uri = pcbo.sources.resolve(dataset.source.uri, config.sources_dir)
-        keys = list(context.partition_keys)
+        keys = run_partition_keys(context, dataset.name)
         run_id = context.run.run_id
         settings = pcbo.settings(lake)
         directory = reports_dir(settings) / DRY_RUNS / dataset.name
@@ -186,7 +187,7 @@ def build_dataset_jobs(
         run_id = config.run_id.strip()
         if run_id and not run_id.startswith("dagster-") and context.instance.get_run_by_id(run_id):
             run_id = f"dagster-{run_id}"
-        keys = [] if run_id else list(context.partition_keys)
+        keys = [] if run_id else run_partition_keys(context, dataset.name)
         if not run_id and not keys:
             raise dg.Failure(
                 description="select partitions to roll back, or give a run_id", allow_retries=False

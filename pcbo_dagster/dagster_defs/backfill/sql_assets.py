@@ -26,7 +26,7 @@ import dagster as dg
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.sql_outcomes import TargetDecisions
 from pcbo_dagster.dagster_defs.backfill.steps import partition_groups_for_keys
-from pcbo_dagster.dagster_defs.partitions import partitions_def_for
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for, run_partition_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import Span, request_for_group
@@ -70,7 +70,9 @@ def _engine_failures(source_uri: str) -> Iterator[None]:
 def _groups(context: dg.AssetExecutionContext, dataset: DatasetConfig) -> Sequence[Sequence[Span]]:
     """The run's partitions as engine request groups, as the lake datasets' steps make them (a range
     that holds no partition, or a key off the ledger grid, fails naming it)."""
-    return partition_groups_for_keys(dataset, context.assets_def.partitions_def, list(context.partition_keys))
+    return partition_groups_for_keys(
+        dataset, context.assets_def.partitions_def, run_partition_keys(context, dataset.name)
+    )
 
 
 def sql_partition_metadata(outcome: dict[str, Any], document: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +200,7 @@ def build_sql_dataset_checks(
             state = chain.replayed
             histories = [h for (_, key), h in sorted(state.sql.items()) if h.applies]
             keys = (
-                list(context.partition_keys)
+                run_partition_keys(context, dataset.name)
                 if context.has_partition_key or context.has_partition_key_range
                 else sorted({h.key for h in histories if h.current is not None})
             )

@@ -30,7 +30,7 @@ from pcbo_dagster.core.decisions import REASONS, Decisions
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.partition_keys import PartitionKeyError
 from pcbo_dagster.core.plan import Plan
-from pcbo_dagster.dagster_defs.partitions import windows_for_keys
+from pcbo_dagster.dagster_defs.partitions import run_partition_keys, windows_for_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, LedgerRangePartitioning, TimeWindowPartitioning
 from pcbo_dagster.datasets.requests import Span, ledger_spans_for_keys, partition_groups, request_for_group
@@ -372,7 +372,7 @@ def build_steps(
         context: dg.OpExecutionContext, config: PolicyGateConfig, pcbo: PcboEngineResource
     ) -> GateHandle:
         source_uri = source_uri_of(pcbo)
-        keys = list(context.partition_keys)
+        keys = run_partition_keys(context, dataset.name)
         dagster_run_id = context.run.run_id
         metadata = {
             "orchestrator": "dagster",

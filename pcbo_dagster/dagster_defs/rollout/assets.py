@@ -29,7 +29,7 @@ from pcbo_dagster.dagster_defs.backfill.steps import (
     no_partitions,
     partition_metadata,
 )
-from pcbo_dagster.dagster_defs.partitions import partitions_def_for
+from pcbo_dagster.dagster_defs.partitions import partitions_def_for, run_partition_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.rollout import operations, promotion
@@ -77,7 +77,7 @@ def build_staging_asset(config: DatasetsConfig, dataset: DatasetConfig, clock: C
     def staging(
         context: dg.AssetExecutionContext, config: StagingApplyConfig, pcbo: PcboEngineResource
     ) -> dg.MaterializeResult:
-        keys = list(context.partition_keys)
+        keys = run_partition_keys(context, dataset.name)
         if not keys:
             raise no_partitions(dataset)
         throttle = {
@@ -135,7 +135,7 @@ def build_production_asset(
     source_uri = config.source_uri(dataset)
 
     def production(context: dg.AssetExecutionContext, pcbo: PcboEngineResource) -> dg.MaterializeResult:
-        keys = list(context.partition_keys)
+        keys = run_partition_keys(context, dataset.name)
         if not keys:
             raise no_partitions(dataset)
         base = pcbo.settings()
