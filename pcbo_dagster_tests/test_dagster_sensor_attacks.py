@@ -354,6 +354,40 @@ def test_a_commit_point_outside_the_assets_partitions_does_not_stop_lake_drifts_
         assert any(outside in where for _, where in found), found
 
 
+def test_lake_drift_checks_only_the_drifted_partitions_not_a_rolled_back_one_between_them(setup: Any) -> None:
+    """Two partitions damaged on either side of one rolled back (legitimately: on the chain, reported to
+    the instance): `lake_drift` launched one checks run over the range first..last drifted, which
+    checked the rolled-back partition too and failed it ("no committed manifest"), marking a partition
+    that is what the chain says red and the asset unhealthy. Each run's range holds drifted
+    partitions only."""
+    tmp_path, config, engine, defs = setup
+    lake = tmp_path / "pcbo-home" / "lake" / "events" / "v1"
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        rolled_back = defs.resolve_job_def("events_rollback").execute_in_process(
+            instance=instance, tags={"dagster/partition": KEYS[1]}
+        )
+        assert rolled_back.success
+        assert _drift_tick(defs, instance, engine).skip_message.startswith("no drift"), "before the damage"
+        for key in (KEYS[0], KEYS[2]):
+            with next((lake / key).glob("part-*.parquet")).open("ab") as data:
+                data.write(b"x")
+
+        tick = _drift_tick(defs, instance, engine)
+        assert isinstance(tick, dg.SensorResult) and tick.run_requests, tick
+        failed: set[tuple[str, str | None]] = set()
+        for request in tick.run_requests:
+            checks = defs.resolve_job_def("events_checks").execute_in_process(
+                instance=instance, tags=request.tags, raise_on_error=False
+            )
+            failed |= {
+                (e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed
+            }
+        assert ("reconciliation", KEYS[0]) in failed and ("reconciliation", KEYS[2]) in failed, failed
+        assert not {f for f in failed if f[1] == KEYS[1]}, failed
+        assert len({r.run_key for r in tick.run_requests}) == len(tick.run_requests)
+
+
 def test_the_checks_name_a_dynamic_key_added_by_hand_off_the_grid(setup: Any) -> None:
     """A UI user adds a dynamic partition key to an open-ended ledger dataset by hand (`..` or
     `range=2-65/../..`) and runs its checks over it: the step ended in an internal error (the lake's

@@ -162,12 +162,24 @@ def find_drift(instance: dg.DagsterInstance, target: DriftTarget, env: Any) -> d
     return drift
 
 
-def _asset_keys_among(instance: dg.DagsterInstance, dataset: DatasetConfig, keys: list[str]) -> set[str]:
-    """Those of `keys` that are partitions of the dataset's asset (its dynamic keys: the instance's)."""
+def _asset_keys(instance: dg.DagsterInstance, dataset: DatasetConfig) -> list[str]:
+    """The dataset's asset partition keys in order (its dynamic keys: the instance's)."""
     from dagster._core.definitions.partitions.context import partition_loading_context
 
     with partition_loading_context(dynamic_partitions_store=instance):
-        return set(partitions_def_for(dataset).filter_valid_partition_keys(set(keys)))
+        return list(partitions_def_for(dataset).get_partition_keys())
+
+
+def _adjacent_stretches(keys: list[str], order: list[str]) -> list[list[str]]:
+    """`keys` (each one of `order`) in `order`, cut where a key of `order` not among them lies between."""
+    position = {k: i for i, k in enumerate(order)}
+    stretches: list[list[str]] = []
+    for key in sorted(keys, key=position.__getitem__):
+        if stretches and position[key] == position[stretches[-1][-1]] + 1:
+            stretches[-1].append(key)
+        else:
+            stretches.append([key])
+    return stretches
 
 
 def _busy_assets(instance: dg.DagsterInstance) -> set[dg.AssetKey] | None:
@@ -236,7 +248,8 @@ def build_lake_drift_sensor(
                     if states[k][0] != "disagrees" and "bytes" not in drift[k] and "missing" not in drift[k]
                 ]
                 suspect = [k for k in sorted(drift) if k not in agreeing]
-                outside = sorted(set(suspect) - _asset_keys_among(context.instance, dataset, suspect))
+                asset_keys = _asset_keys(context.instance, dataset)
+                outside = sorted(set(suspect) - set(asset_keys))
                 if outside:
                     # Not a partition of the asset: no checks run can name it (Dagster refuses the
                     # range); a commit point there is `pcbo verify`'s finding.
@@ -260,21 +273,21 @@ def build_lake_drift_sensor(
                         f"changed outside Dagster (wiped: {result['wiped']})"
                     )
                 if suspect:
-                    order = {k: i for i, k in enumerate(committed_or_all(target, suspect))}
-                    suspect.sort(key=lambda k: order.get(k, 0))
-                    signature = digest_of({k: drift[k] for k in suspect})
-                    run_key = f"{LAKE_DRIFT_SENSOR}:{target.key.to_user_string()}:{signature}"
-                    requests.append(
-                        dg.RunRequest(
-                            run_key=run_key,
-                            job_name=target.checks_job,
-                            tags={
-                                "dagster/asset_partition_range_start": suspect[0],
-                                "dagster/asset_partition_range_end": suspect[-1],
-                                "pcbo/lake_drift": ",".join(suspect[:20]),
-                            },
+                    # One checks run per stretch of adjacent drifted partitions: a range over a
+                    # partition between them (rolled back, never materialized) would fail its checks.
+                    for stretch in _adjacent_stretches(suspect, asset_keys):
+                        signature = digest_of({k: drift[k] for k in stretch})
+                        requests.append(
+                            dg.RunRequest(
+                                run_key=f"{LAKE_DRIFT_SENSOR}:{target.key.to_user_string()}:{signature}",
+                                job_name=target.checks_job,
+                                tags={
+                                    "dagster/asset_partition_range_start": stretch[0],
+                                    "dagster/asset_partition_range_end": stretch[-1],
+                                    "pcbo/lake_drift": ",".join(stretch[:20]),
+                                },
+                            )
                         )
-                    )
                     lines.append(
                         f"{target.key.to_user_string()}: {len(suspect)} partition(s) differ "
                         "from their chain or "
@@ -290,12 +303,5 @@ def build_lake_drift_sensor(
             f"no drift: every partition of the {watched} watched asset(s) is what its latest "
             "materialization records"
         )
-
-    def committed_or_all(target: DriftTarget, keys: list[str]) -> list[str]:
-        """The dataset's partition keys in order (for a range over the drifted ones)."""
-        try:
-            return target.dataset.partitioning.keys()
-        except ValueError:  # an open-ended ledger range: the keys' own order
-            return sorted(keys)
 
     return lake_drift
