@@ -98,3 +98,15 @@ def run_partition_keys(
                     allow_retries=False,
                 )
     return keys
+
+
+def adjacent_stretches(keys: list[str], order: list[str]) -> list[list[str]]:
+    """`keys` (each one of `order`) in `order`, cut where a key of `order` not among them lies between."""
+    position = {k: i for i, k in enumerate(order)}
+    stretches: list[list[str]] = []
+    for key in sorted(keys, key=position.__getitem__):
+        if stretches and position[key] == position[stretches[-1][-1]] + 1:
+            stretches[-1].append(key)
+        else:
+            stretches.append([key])
+    return stretches

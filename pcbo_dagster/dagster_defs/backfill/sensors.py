@@ -21,7 +21,7 @@ import dagster as dg
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
-from pcbo_dagster.dagster_defs.partitions import partitions_def_for
+from pcbo_dagster.dagster_defs.partitions import adjacent_stretches, partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, LedgerRangePartitioning
 from pcbo_dagster.io.env_vars import positive_int
@@ -170,18 +170,6 @@ def _asset_keys(instance: dg.DagsterInstance, dataset: DatasetConfig) -> list[st
         return list(partitions_def_for(dataset).get_partition_keys())
 
 
-def _adjacent_stretches(keys: list[str], order: list[str]) -> list[list[str]]:
-    """`keys` (each one of `order`) in `order`, cut where a key of `order` not among them lies between."""
-    position = {k: i for i, k in enumerate(order)}
-    stretches: list[list[str]] = []
-    for key in sorted(keys, key=position.__getitem__):
-        if stretches and position[key] == position[stretches[-1][-1]] + 1:
-            stretches[-1].append(key)
-        else:
-            stretches.append([key])
-    return stretches
-
-
 def _busy_assets(instance: dg.DagsterInstance) -> set[dg.AssetKey] | None:
     """The assets an unfinished run selects; None when an unfinished run is an op job (a rollback,
     a request or a rollout job may change any dataset's lake)."""
@@ -275,7 +263,7 @@ def build_lake_drift_sensor(
                 if suspect:
                     # One checks run per stretch of adjacent drifted partitions: a range over a
                     # partition between them (rolled back, never materialized) would fail its checks.
-                    for stretch in _adjacent_stretches(suspect, asset_keys):
+                    for stretch in adjacent_stretches(suspect, asset_keys):
                         signature = digest_of({k: drift[k] for k in stretch})
                         requests.append(
                             dg.RunRequest(

@@ -20,6 +20,7 @@ from typing import Any
 import dagster as dg
 
 from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.dagster_defs.partitions import adjacent_stretches
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.dagster_defs.rollout.assets import PROMOTED_BY_TAG, ROLLOUT_TAG
 from pcbo_dagster.datasets.config import DatasetsConfig
@@ -267,8 +268,9 @@ def repair_requests(config: DatasetsConfig, base: Any) -> tuple[list[dg.RunReque
                 continue
         if plan is None:
             continue
-        order = {k: i for i, k in enumerate(dataset.partitioning.keys())}
-        unknown = sorted({str(key) for key, _ in entries if not (isinstance(key, str) and key in order)})
+        partition_keys = dataset.partitioning.keys()
+        known = set(partition_keys)
+        unknown = sorted({str(key) for key, _ in entries if not (isinstance(key, str) and key in known)})
         if unknown:
             notes.append(
                 f"{dataset.name}: plan {plan_id} names {len(unknown)} key(s) the dataset does not have "
@@ -276,17 +278,10 @@ def repair_requests(config: DatasetsConfig, base: Any) -> tuple[list[dg.RunReque
             )
         by_rollout: dict[str, list[str]] = {}
         for key, rollout in entries:
-            if rollout and isinstance(key, str) and key in order:
+            if rollout and isinstance(key, str) and key in known:
                 by_rollout.setdefault(str(rollout), []).append(key)
         for name, keys in sorted(by_rollout.items()):
-            keys.sort(key=lambda k: order[k])
-            ranges: list[list[str]] = []
-            for key in keys:
-                if ranges and order[key] == order[ranges[-1][-1]] + 1:
-                    ranges[-1].append(key)
-                else:
-                    ranges.append([key])
-            for part in ranges:
+            for part in adjacent_stretches(keys, partition_keys):
                 requests.append(
                     dg.RunRequest(
                         run_key=f"health:{plan_id}:{name}:{part[0]}:{part[-1]}",
