@@ -648,6 +648,8 @@ _START, _END = "dagster/asset_partition_range_start", "dagster/asset_partition_r
         ({"dagster/partition": "20240101T013000Z"}, "dagster/partition"),
         ({_START: "20240101T003000Z", _END: KEYS[1]}, _START),
         ({_START: KEYS[0], _END: "20240101T003000Z"}, _END),
+        # past the partitions' end: Dagster's own check failed (CheckError), naming no tag
+        ({"dagster/partition": "20300101T000000Z"}, "dagster/partition"),
     ],
 )
 def test_a_time_key_off_the_cron_grid_in_the_run_tags_is_refused_naming_the_tag(

@@ -17,6 +17,7 @@ Grouping keys into engine requests is Dagster-free: `datasets/requests.py`.
 from __future__ import annotations
 
 import dagster as dg
+from dagster._check import CheckError
 
 from pcbo_dagster.core.instants import to_datetime, to_micros
 from pcbo_dagster.core.partition_keys import TIME_KEY_STRFTIME, Window, format_time_key
@@ -85,9 +86,17 @@ def run_partition_keys(
     the cron grid (`...T013000Z` typed in the tags) to the next window, and a range end off it to the
     window holding it, so a run would write, check or roll back partitions its tags do not name: such
     a run fails naming the tag, nothing done. (A range that holds no key is the caller's to refuse.)"""
-    keys = list(context.partition_keys)
+    tags = context.run.tags
+    try:
+        keys = list(context.partition_keys)
+    except CheckError as exc:  # (a key past the partitions' end: Dagster's own invariant)
+        named = ", ".join(f"{tag} {tags[tag]!r}" for tag in RUN_PARTITION_TAGS if tag in tags)
+        raise dg.Failure(
+            description=f"{dataset_name}: the run's tags ({named}) name no partition of the asset: {exc}; "
+            "nothing was done",
+            allow_retries=False,
+        ) from None
     if keys:
-        tags = context.run.tags
         single, start, end = RUN_PARTITION_TAGS
         for tag, key in ((single, keys[0]), (start, keys[0]), (end, keys[-1])):
             value = tags.get(tag)
