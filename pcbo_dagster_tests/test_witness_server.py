@@ -136,65 +136,42 @@ def test_two_log_keys_are_never_bound_to_one_origin(tmp_path: Path, prefixes: tu
         Witness(WITNESS, str(tmp_path / "w.db"), logs)
 
 
-def test_witness_serve_refuses_log_keys_bound_to_the_same_origins(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("log_keys", "said"),
+    [
+        # two bare --log-keys would both be bound to pcbo/
+        ([LOG.verifier().text, OTHER_LOG.verifier().text], "bound to two log keys"),
+        # a cosigner (type 0x04) key verifies no checkpoint: the witness started and answered 403 to
+        # every request of its log
+        ([LOG.verifier(COSIGNATURE_V1).text], "not a log's (type 0x01) verifier key"),
+        # its own key: the witness started and cosigned checkpoints it could sign itself
+        ([WITNESS.verifier().text], "the witness's own key"),
+    ],
+    ids=["one-origin-two-keys", "cosigner-key", "own-key"],
+)
+def test_witness_serve_refuses_log_keys_it_cannot_hold(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    log_keys: list[str],
+    said: str,
 ) -> None:
-    """Two bare `--log-key`s would both be bound to pcbo/: refused (exit 2) before anything listens."""
+    """Log keys the witness cannot hold are refused (exit 2 naming --log-key) before it listens or makes
+    its database."""
     from pcbo_dagster.cli import main as cli
     from pcbo_dagster.witness import server
 
     def listen(*args: object) -> None:
-        raise AssertionError("the witness would listen with two keys for one origin")
-
-    monkeypatch.setattr(server, "make_server", listen)
-
-    key_file = tmp_path / "witness.key"
-    key_file.write_text(WITNESS.text + "\n")
-    key_file.chmod(0o600)
-    common = ["witness", "serve", "--key", str(key_file), "--db", str(tmp_path / "w.db"), "--port", "0"]
-    both = ["--log-key", LOG.verifier().text, "--log-key", OTHER_LOG.verifier().text]
-    assert cli.main([*common, *both]) == 2
-    assert not (tmp_path / "w.db").exists()
-
-
-def test_witness_serve_refuses_a_log_key_that_checks_no_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cosigner (type 0x04) key given as --log-key verifies no checkpoint signature: the witness
-    started and answered 403 to every request of its log. Now refused (exit 2) before it listens."""
-    from pcbo_dagster.cli import main as cli
-    from pcbo_dagster.witness import server
-
-    def listen(*args: object) -> None:
-        raise AssertionError("the witness would listen with a log key that verifies no checkpoint")
+        raise AssertionError("the witness would listen with log keys it cannot hold")
 
     monkeypatch.setattr(server, "make_server", listen)
     key_file = tmp_path / "witness.key"
     key_file.write_text(WITNESS.text + "\n")
     key_file.chmod(0o600)
     common = ["witness", "serve", "--key", str(key_file), "--db", str(tmp_path / "w.db"), "--port", "0"]
-    assert cli.main([*common, "--log-key", LOG.verifier(COSIGNATURE_V1).text]) == 2
-    assert not (tmp_path / "w.db").exists()
-
-
-def test_witness_serve_refuses_its_own_key_as_a_log_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The witness's own key given as a `--log-key` (its type 0x01 verifier key): the witness started
-    and cosigned checkpoints it could sign itself, a log witnessed by its own witness. Now refused
-    (exit 2 naming --log-key) before it listens or makes its database."""
-    from pcbo_dagster.cli import main as cli
-    from pcbo_dagster.witness import server
-
-    def listen(*args: object) -> None:
-        raise AssertionError("the witness would listen with its own key as a log's")
-
-    monkeypatch.setattr(server, "make_server", listen)
-    key_file = tmp_path / "witness.key"
-    key_file.write_text(WITNESS.text + "\n")
-    key_file.chmod(0o600)
-    common = ["witness", "serve", "--key", str(key_file), "--db", str(tmp_path / "w.db"), "--port", "0"]
-    assert cli.main([*common, "--log-key", WITNESS.verifier().text]) == 2
+    assert cli.main([*common, *(a for key in log_keys for a in ("--log-key", key))]) == 2
+    err = capsys.readouterr().err
+    assert "invalid input: --log-key: " in err and said in err, err
     assert not (tmp_path / "w.db").exists()
 
 
