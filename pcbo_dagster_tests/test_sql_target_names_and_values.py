@@ -4,6 +4,9 @@ refused before anything is written (exit 2 naming the field) or written so it re
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -458,3 +461,46 @@ def test_numbers_into_a_postgresql_numeric_column_are_stored_exactly(
     stored = dict(query(url, "SELECT id, amount::text FROM events"))
     assert stored == {f"ev-{i:04d}": repr(amount) for i, amount in values.items()}
     assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0
+
+
+def test_a_nul_in_a_prior_value_cannot_inject_sql_into_the_sqlite_rollback_script(tmp_path: Path) -> None:
+    """The SQLite rollback script wrote a prior text value as a plain '...' literal with the raw byte;
+    one holding a NUL (which SQLite stores in text) is cut there by the `sqlite3` shell, so the literal
+    no longer ends where pcbo wrote it: the script failed with a parse error (and what follows the cut,
+    here the undo of a row whose id the archive chose, is read as SQL). A text holding a NUL is written
+    as literals joined with `char(0)`, and the script restores the table exactly as `pcbo rollback`."""
+    sqlite3_shell = shutil.which("sqlite3")
+    if sqlite3_shell is None:
+        pytest.skip("the sqlite3 shell is not installed")
+    db = tmp_path / "target.db"
+    url = sqlite_url(db)
+    create_table(url)
+    run_sql(url, "CREATE TABLE keep (x)")
+    with sqlite3.connect(db) as conn:  # a live row whose label holds a NUL, as a pipeline may write
+        conn.execute(
+            "INSERT INTO events (id, occurred_at, amount, label) VALUES (?, ?, ?, ?)",
+            ("ev-0001", "2024-01-01T01:01:00Z", 5, "a\x00b"),
+        )
+    before = dump(url)
+    hostile = {**record(1), "id": " WHERE 0; DROP TABLE keep; --"}  # undone just after ev-0001
+    req = request(url, [record(1), hostile], conflict="overwrite")
+    home = tmp_path / "home"
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home])
+    assert run.status == 0, run.stderr
+    assert run.document["totals"]["updated"] == 1 and run.document["totals"]["inserted"] == 1
+    script = home / "rollback_scripts" / "rollback_run-1.sql"
+    assert b"\x00" not in script.read_bytes()
+    shutil.copy(db, tmp_path / "scripted.db")
+    ran = subprocess.run(
+        [sqlite3_shell, "-bail", str(tmp_path / "scripted.db")],
+        stdin=script.open("rb"),
+        capture_output=True,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr
+    scripted = sqlite_url(tmp_path / "scripted.db")
+    assert query(scripted, "SELECT name FROM sqlite_master WHERE name = 'keep'") == [("keep",)]
+    assert dump(scripted) == before
+    rolled = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
+    assert rolled.status == 0, rolled.stderr
+    assert dump(url) == before == dump(scripted)

@@ -499,7 +499,9 @@ def literal(dialect: str, image: Any, column: ColumnInfo) -> str:
             return "9e999" if number > 0 else "-9e999"
         return repr(number)
     if tag == "t":
-        return "'" + str(payload).replace("'", "''") + "'"
+        # a NUL (which SQLite stores in text) ends the line for the sqlite3 shell: joined as char(0)
+        pieces = ["'" + piece.replace("'", "''") + "'" for piece in str(payload).split("\x00")]
+        return pieces[0] if len(pieces) == 1 else "(" + " || char(0) || ".join(pieces) + ")"
     return "X'" + base64.b64decode(payload).hex().upper() + "'"
 
 
