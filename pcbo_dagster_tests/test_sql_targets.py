@@ -426,6 +426,44 @@ def test_a_role_that_may_not_write_is_refused_and_no_password_is_kept(
     assert secret not in "".join(r[0] for r in query(url, "SELECT entry FROM pcbo_journal"))
 
 
+@pytest.mark.postgres
+def test_a_role_that_may_not_use_the_journal_is_invalid_input_naming_the_url(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """Once the journal tables are beside the table (made by the role that ran the first apply), a
+    role granted the target table alone failed with the database's `permission denied for table
+    pcbo_journal` (exit 1), a dry-run included. It is a capability check like the table's: invalid
+    input on `target.url` naming the role, the privileges and the journal table, nothing written."""
+    from sqlalchemy.engine import make_url
+
+    url = fresh_postgres_url
+    create_table(url)
+    first = _execute(tmp_path, request(url, [record(1)]))
+    assert first.status == 0, first.stderr
+    reader = f"reader_{make_url(url).database}"[:60]
+    writer = f"writer_{make_url(url).database}"[:60]
+    run_sql(
+        url,
+        f'CREATE ROLE "{reader}" LOGIN',
+        f'GRANT SELECT ON events TO "{reader}"',
+        f'CREATE ROLE "{writer}" LOGIN',
+        f'GRANT SELECT, INSERT, UPDATE, DELETE ON events TO "{writer}"',
+        f'GRANT SELECT ON pcbo_journal, pcbo_checkpoints, pcbo_rollbacks TO "{writer}"',
+    )
+    before = dump(url)
+    journal = query(url, "SELECT count(*) FROM pcbo_journal")
+    records = [record(i) for i in range(1, 4)]
+    as_reader = make_url(url).set(username=reader).render_as_string(hide_password=False)
+    dry = _dry_run(tmp_path, request(as_reader, records, run_id="run-2"))
+    assert dry.status == 2, dry.stderr
+    assert f"target.url: the role '{reader}' may not SELECT table public.pcbo_journal" in dry.stderr
+    as_writer = make_url(url).set(username=writer).render_as_string(hide_password=False)
+    refused = _execute(tmp_path, request(as_writer, records, run_id="run-2"))
+    assert refused.status == 2, refused.stderr
+    assert f"target.url: the role '{writer}' may not INSERT table public.pcbo_journal" in refused.stderr
+    assert dump(url) == before and query(url, "SELECT count(*) FROM pcbo_journal") == journal
+
+
 def test_a_resume_refuses_a_changed_journal(tmp_path: Path) -> None:
     from pcbo_dagster_tests.cli_runner import run_pcbo
 

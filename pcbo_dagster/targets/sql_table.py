@@ -329,6 +329,19 @@ class SqlTable:
                             f"the role {d.current_role(conn)!r} may not {', '.join(missing)} "
                             f"table {schema_name}.{name}",
                         )
+                # pcbo's tables beside it, once an apply made them: read by every evaluation, appended
+                # to by every apply
+                for pcbo_table in PCBO_TABLES:
+                    if not d.table_exists(conn, schema_name, pcbo_table):
+                        continue
+                    needed = ("SELECT", "INSERT") if write else ("SELECT",)
+                    missing = d.missing_privileges(conn, schema_name, pcbo_table, needed)
+                    if missing:
+                        raise InvalidInput(
+                            "target.url",
+                            f"the role {d.current_role(conn)!r} may not {', '.join(missing)} "
+                            f"table {schema_name}.{pcbo_table} (pcbo's journal beside the target table)",
+                        )
         except BaseException:
             engine.dispose()
             raise
