@@ -345,6 +345,83 @@ def test_verify_finds_changed_rows_and_an_altered_journal(tmp_path: Path) -> Non
     assert query(url, "SELECT count(*) FROM events") == [(8,)]
 
 
+def test_verify_holds_the_catalogs_failed_rows_to_the_chain(tmp_path: Path) -> None:
+    """`sql_row_failures` (the rows the database refused, one per record) was never checked: a failure
+    row forged for a record that was applied, one deleted or one whose error was rewritten (its
+    append-only trigger dropped and put back) all left verify clean. Each apply event's failed rows are
+    what its checkpoints recorded, and a row naming an event the chain does not hold is not on it."""
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    records = [record(i) for i in range(1, 7)]
+    records[2]["amount"] = -1  # the CHECK constraint refuses it
+    run = _execute(tmp_path, request(url, records, chunkRows=2))
+    assert run.status == 0, run.stderr
+    home = tmp_path / "home"
+    catalog = home / "catalog.db"
+    pristine = tmp_path / "pristine.db"
+
+    def copy(source: Path, destination: Path) -> None:  # the backup API: the catalog is in WAL mode
+        with sqlite3.connect(source) as src, sqlite3.connect(destination) as dst:
+            src.backup(dst)
+        src.close()
+        dst.close()
+
+    copy(catalog, pristine)
+
+    def restore() -> None:
+        copy(pristine, catalog)
+
+    assert pcbo(["verify", "--home", home]).status == 0
+
+    def findings() -> list[tuple[str, str]]:
+        found = pcbo(["verify", "--home", home])
+        assert found.status == 1, found.document
+        return [(f["kind"], f["detail"]) for f in found.document["findings"]]
+
+    with sqlite3.connect(catalog) as conn:  # no trigger stands in the way of an INSERT
+        conn.execute(
+            "INSERT INTO sql_row_failures (event_hash, dataset, version_label, partition_key, run_id, "
+            "target, record_id, record_key, code, error, recorded_at) SELECT event_hash, dataset, "
+            "version_label, partition_key, run_id, target, 'ev-0004', '[\"ev-0004\"]', code, error, "
+            "recorded_at FROM sql_row_failures"
+        )
+    assert [kind for kind, _ in findings()] == ["catalog_sql_mismatch"]
+    restore()
+    for edit in (
+        "DELETE FROM sql_row_failures",
+        "UPDATE sql_row_failures SET error = 'the live pipeline owns this row'",
+    ):
+        with sqlite3.connect(catalog) as conn:
+            triggers = conn.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'sql_row_failures'"
+            ).fetchall()
+            conn.executescript(
+                "".join(f"DROP TRIGGER {name};" for name, _ in triggers)
+                + edit
+                + ";"
+                + "".join(f"{sql};" for _, sql in triggers)
+            )
+        assert [kind for kind, _ in findings()] == ["catalog_sql_mismatch"], edit
+        restore()
+    with sqlite3.connect(catalog) as conn:  # the catalog rows a crash cut off: repair records them
+        conn.executescript(
+            "DROP TRIGGER sql_row_failures_no_delete; DROP TRIGGER sql_apply_log_no_delete;"
+            "DELETE FROM sql_row_failures; DELETE FROM sql_apply_log;"
+        )
+    repaired = pcbo(["verify", "--home", home, "--repair"])
+    assert repaired.status == 1  # the dropped triggers are still reported
+    with sqlite3.connect(catalog) as conn:
+        assert conn.execute("SELECT record_id, code FROM sql_row_failures").fetchall() == [
+            ("ev-0003", "SQLITE_CONSTRAINT_CHECK")
+        ]
+    assert {f["kind"] for f in pcbo(["verify", "--home", home]).document["findings"]} == {
+        "catalog_trigger_missing"
+    }
+    restore()  # undone: the rollback events hold no failed rows of their own
+    assert pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"]).status == 0
+    assert pcbo(["verify", "--home", home]).status == 0
+
+
 # -- bad targets: exit 2 naming the field, nothing written ---------------------------------------------------
 
 

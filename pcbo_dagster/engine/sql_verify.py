@@ -28,7 +28,9 @@ location; one that cannot be reached is a finding):
   rows are not back as they were — is `sql_rollback_marker_not_on_chain`, never adopted, and hides
   nothing: the apply is read back as the chain says it is;
 - the catalog: an `sql_apply_log` row per apply and rollback event, agreeing with it
-  (`catalog_sql_mismatch`; `--repair` records a missing one), none the chain does not hold
+  (`catalog_sql_mismatch`; `--repair` records a missing one, with its failed rows from the
+  checkpoints), the `sql_row_failures` rows of each apply event exactly the failed rows its
+  checkpoints and event recorded (`catalog_sql_mismatch`), none the chain does not hold
   (`catalog_sql_not_on_chain`), and a run row with the plan and decision hashes of its intents
   (`catalog_run_missing`, `catalog_run_mismatch`).
 """
@@ -108,6 +110,13 @@ def check_sql_targets(
                 f"{dataset}/{version_label}/{row['partition_key']}",
                 f"sql_apply_log names event {event_hash}, which the chain does not hold",
             )
+    for event_hash, rows in sorted(_catalog_failures(env, dataset, version_label).items()):
+        if event_hash not in chain_events:
+            report.find(
+                "catalog_sql_not_on_chain",
+                f"{dataset}/{version_label}/{rows[0]['partition_key']}",
+                f"sql_row_failures names event {event_hash}, which the chain does not hold",
+            )
     _check_runs(env, report, state, dataset, version_label)
     return checked
 
@@ -130,6 +139,7 @@ def _check_table(
             for item in complete_rollbacks(env, table, state, dataset, version_label):
                 report.repaired.append(item)
     catalog_rows = {r["event_hash"]: r for r in env.catalog.sql_applies(dataset, version_label)}
+    catalog_failures = _catalog_failures(env, dataset, version_label)
     runs = sorted({a.run_id for h in histories for a in h.applies})
     keys = {run: state.sql_journal_key(ref, run) for run in runs}
     checkpoints = {run: table.checkpoints(keys[run]) for run in runs}
@@ -230,10 +240,31 @@ def _check_table(
                 markers,
                 restored,
                 catalog_rows,
+                catalog_failures,
                 dataset,
                 version_label,
             )
     return checked
+
+
+def _catalog_failures(env: Environment, dataset: str, version_label: str) -> dict[str, list[dict[str, Any]]]:
+    """The catalog's `sql_row_failures` rows of a dataset version, by the event they belong to."""
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in env.catalog.sql_failures():
+        if row["dataset"] == dataset and row["version_label"] == version_label:
+            rows[row["event_hash"]].append(row)
+    return rows
+
+
+def _as_failures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"id": r["record_id"], "key": r["record_key"], "code": r["code"], "error": r["error"]} for r in rows
+    ]
+
+
+def _failure_rows(failures: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """Failed rows as the catalog holds them (id, key, code, error), in a fixed order."""
+    return sorted((str(f["id"]), str(f["key"]), str(f["code"]), str(f["error"])) for f in failures)
 
 
 def _check_apply(
@@ -247,13 +278,29 @@ def _check_apply(
     markers: dict[str, dict[tuple[str, int], tuple[str, int]]],
     restored: set[tuple[str, str, int]],
     catalog_rows: dict[str, dict[str, Any]],
+    catalog_failures: dict[str, list[dict[str, Any]]],
     dataset: str,
     version_label: str,
 ) -> int:
     where = f"{table.ref}/{history.key} run {apply.run_id}"
+    gathered, kind, detail = (
+        (None, "", "")
+        if apply.applied is None
+        else _checked_apply(checkpoints[apply.run_id], history.key, apply, vouched[apply.run_id])
+    )
     for event in (apply.applied, apply.rolled_back):
         if event is not None:
-            _check_catalog_row(env, report, event, catalog_rows, where, dataset, version_label)
+            _check_catalog_row(
+                env,
+                report,
+                event,
+                catalog_rows,
+                catalog_failures,
+                None if gathered is None else gathered.failures,
+                where,
+                dataset,
+                version_label,
+            )
     marker = markers[apply.run_id].get((history.key, apply.intent_seq))
     if apply.rolled_back is not None:
         if marker is None:
@@ -280,9 +327,6 @@ def _check_apply(
         )
     if apply.applied is None:
         return 0  # open (reported above)
-    gathered, kind, detail = _checked_apply(
-        checkpoints[apply.run_id], history.key, apply, vouched[apply.run_id]
-    )
     if gathered is None:
         report.find(kind, where, detail)
         return 0
@@ -329,16 +373,20 @@ def _check_catalog_row(
     report: Report,
     event: Any,
     catalog_rows: dict[str, dict[str, Any]],
+    catalog_failures: dict[str, list[dict[str, Any]]],
+    failures: list[dict[str, Any]] | None,
     where: str,
     dataset: str,
     version_label: str,
 ) -> None:
+    """The catalog's rows of one apply or rollback event; `failures`: the apply's failed rows as its
+    checkpoints (checked against the event) recorded them, None when they cannot be gathered."""
     event_hash = event["chain"]["event_hash"]
     row = catalog_rows.get(event_hash)
     applied = event.get("event_type") == "sql_partition_applied"
     if row is None:
-        if report.repair and applied:
-            record_applied(env, dataset, version_label, event, [])
+        if report.repair and applied and (failures is not None or not event["failures"]["count"]):
+            record_applied(env, dataset, version_label, event, failures or [])
             report.repaired.append({"kind": "catalog_sql_row_recorded", "where": where})
         else:
             report.healable("catalog_sql_mismatch", where, f"sql_apply_log has no row for event {event_hash}")
@@ -355,6 +403,18 @@ def _check_catalog_row(
     if applied:
         expected["counts"] = event["counts"]
     differs = sorted(name for name, value in expected.items() if row.get(name) != value)
+    held = catalog_failures.get(event_hash, [])
+    recorded = event["failures"]["count"] if applied else 0
+    expected_rows = failures if applied else []
+    if len(held) != recorded or (
+        expected_rows is not None and _failure_rows(expected_rows) != _failure_rows(_as_failures(held))
+    ):
+        report.find(
+            "catalog_sql_mismatch",
+            where,
+            f"sql_row_failures' {len(held)} row(s) of event {event_hash} are not the {recorded} failed "
+            "row(s) the chain recorded",
+        )
     if differs:
         report.find(
             "catalog_sql_mismatch", where, f"sql_apply_log's {', '.join(differs)} disagree with the chain"
