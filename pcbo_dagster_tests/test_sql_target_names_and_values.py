@@ -504,3 +504,28 @@ def test_a_nul_in_a_prior_value_cannot_inject_sql_into_the_sqlite_rollback_scrip
     rolled = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
     assert rolled.status == 0, rolled.stderr
     assert dump(url) == before == dump(scripted)
+
+
+@pytest.mark.postgres
+def test_a_key_postgresql_cannot_hold_is_an_invalid_key_not_a_failed_run(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """A record whose id holds a NUL (PostgreSQL text cannot) stopped the dry-run and the execute with
+    the driver's `PostgreSQL text fields cannot contain NUL (0x00) bytes` (exit 1) while its live row
+    was looked up, the other records with it. Like a null key, it cannot name a row: `invalid_key`,
+    listed as a failure, the others applied."""
+    url = fresh_postgres_url
+    create_table(url)
+    records = [record(1), {**record(2), "id": "ev-\x00-0002"}, record(3)]
+    path = write_json(tmp_path / "r.json", helpers.request(url, records))
+    dry = pcbo(["dry-run", "--input", path])
+    assert dry.status == 0, dry.stderr
+    outcomes = {o["id"]: o["outcome"] for p in dry.document["partitions"] for o in p["target"]["outcomes"]}
+    assert outcomes == {"ev-0001": "insert", "ev-\x00-0002": "invalid_key", "ev-0003": "insert"}
+    home = tmp_path / "home"
+    run = pcbo(["execute", "--input", path, "--home", home])
+    assert run.status == 0, run.stderr
+    failures = [(f["id"], f["code"], f["error"]) for p in run.document["partitions"] for f in p["failures"]]
+    assert failures == [("ev-\x00-0002", "pcbo", "key column 'id' holds a NUL, which PostgreSQL text cannot")]
+    assert query(url, "SELECT id FROM events ORDER BY id") == [("ev-0001",), ("ev-0003",)]
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0

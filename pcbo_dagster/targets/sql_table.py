@@ -132,7 +132,7 @@ class PlannedRow:
     key_text: str
     values: list[Any]
     record_digest: str
-    key_missing: str | None = None
+    key_refusal: str | None = None  # why the key cannot name a row (`invalid_key`)
     outcome: str = ""
     live: LiveState | None = None
 
@@ -473,7 +473,7 @@ class SqlTable:
             values = [column[i] for column in columns_db]
             canonical = [column[i] for column in columns_canonical]
             key_values = tuple(values[j] for j in key_at)
-            missing = next((self.key[n].column.name for n, j in enumerate(key_at) if values[j] is None), None)
+            refusal = self._key_refusal([values[j] for j in key_at])
             rows.append(
                 PlannedRow(
                     id=record_id,
@@ -481,19 +481,29 @@ class SqlTable:
                     key_text=key_text([canonical[j] for j in key_at]),
                     values=values,
                     record_digest=row_digest(canonical),
-                    key_missing=missing,
+                    key_refusal=refusal,
                 )
             )
         return rows
+
+    def _key_refusal(self, key_values: Sequence[Any]) -> str | None:
+        """Why a record's key values cannot name a row (None: they can): a null, or a NUL in a text
+        PostgreSQL cannot hold (the driver refuses the whole statement looking it up)."""
+        for k, value in zip(self.key, key_values, strict=True):
+            if value is None:
+                return f"key column {k.column.name!r} is null"
+            if self.dialect == POSTGRESQL and isinstance(value, str) and "\x00" in value:
+                return f"key column {k.column.name!r} holds a NUL, which PostgreSQL text cannot"
+        return None
 
     def decide(self, rows: Sequence[PlannedRow], prior_view: dict[str, LiveState | None]) -> None:
         """Set each row's outcome and live state, against the table as it is now (or, for a row this
         run already changed, as `prior_view` says it was before: a resumed run decides as the
         interrupted one did)."""
-        live = self.read_live([r for r in rows if r.key_missing is None and r.key_text not in prior_view])
+        live = self.read_live([r for r in rows if r.key_refusal is None and r.key_text not in prior_view])
         spec = self.spec
         for row in rows:
-            if row.key_missing is not None:
+            if row.key_refusal is not None:
                 row.outcome, row.live = INVALID_KEY, None
                 continue
             state = prior_view[row.key_text] if row.key_text in prior_view else live.get(row.key_text)
@@ -903,13 +913,13 @@ class SqlTable:
     ) -> ChunkResult:
         failures: list[dict[str, Any]] = []
         locked = self._live_rows(
-            conn, [r.key_values for r in rows if r.key_missing is None], lock=True, with_image=journal
+            conn, [r.key_values for r in rows if r.key_refusal is None], lock=True, with_image=journal
         )
         writes: list[tuple[PlannedRow, LiveRow | None]] = []
         for row in rows:
             now = locked.get(row.key_text)
             if row.outcome == INVALID_KEY:
-                failures.append(_failure(row, "pcbo", f"key column {row.key_missing!r} is null"))
+                failures.append(_failure(row, "pcbo", row.key_refusal or ""))
                 continue
             if (now.state.live_digest if now else None) != (row.live.live_digest if row.live else None):
                 failures.append(
