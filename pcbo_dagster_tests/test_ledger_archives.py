@@ -826,3 +826,26 @@ def test_allow_gaps_is_only_for_ledger_archives(tmp_path):
     with pytest.raises(InvalidInput) as refused:
         load_request(json.dumps(request).encode(), base_dir=tmp_path)
     assert refused.value.field == "source.allowGaps"
+
+
+def test_a_partition_folder_that_is_a_symbolic_link_is_read_as_the_folder(tmp_path):
+    """Red-team finding: a partition folder that is a symbolic link to a folder (an archive assembled
+    from others by links) was refused as "not a SEP-54 batch file name", naming a valid partition
+    folder name. It is read as the folder it leads to, as a linked batch file is read as its file
+    (outside a server, links are the user's own; a server confines each batch file as it opens it)."""
+    built = b.write_archive(tmp_path / "real", 2, 9, ledgers_per_file=2, files_per_partition=4)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    folders = sorted({path.parent for path in built.files})
+    assert len(folders) == 2
+    for folder in folders:
+        (linked / folder.name).symlink_to(folder, target_is_directory=True)
+    records = list(la.iter_ledger_records(str(linked), 2, 10, require_complete=True))
+    assert [r["ledgerSequence"] for r in records] == list(range(2, 10))
+    assert records == list(la.iter_ledger_records(str(tmp_path / "real"), 2, 10))
+    # A link named like a partition folder that leads to a file is still refused, naming it.
+    bogus = linked / la.partition_name(16, 23)
+    bogus.symlink_to(built.files[0])
+    with pytest.raises(la.LedgerArchiveError, match="not a SEP-54 batch file name") as info:
+        la.list_batch_files(str(linked), 2, 24)
+    assert str(bogus) in str(info.value)

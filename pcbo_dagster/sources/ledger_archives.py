@@ -209,7 +209,9 @@ def list_batch_files(uri: str, first: int, end: int) -> list[BatchFile]:
         name = _basename(entry)
         if name.startswith("."):
             continue
-        if entry.get("type") == "directory":
+        # A partition folder that is a symbolic link is read as the folder it leads to (as a linked
+        # batch file is read as its file; a server confines each batch file as it opens it).
+        if entry.get("type") == "directory" or (entry.get("islink") and fs.isdir(entry["name"])):
             part = parse_partition_name(name, _uri(fs, entry["name"]))
             if not part.intersects(first, end):
                 continue
