@@ -179,3 +179,26 @@ def test_a_pruned_ledger_zone_reads_5_0_as_5(tmp_path: Path) -> None:
         documents.append(_pcbo(tmp_path, "dry-run", {**base, "source": source}, f"{name}.json"))
     assert documents[0]["totals"]["records"] == documents[1]["totals"]["records"] == 0
     assert documents[0]["planHash"] == documents[1]["planHash"]
+
+
+def test_a_ledger_range_placed_by_a_field_that_is_never_an_integer_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: `"ledgerRange": {"field": "occurredAt", ...}` (or `id`,
+    `retentionExpiresAt`: fields the contract requires to be strings) was accepted and made every
+    record `INVALID_RECORD`, exit 0: a request that can place no record. It is invalid input naming
+    `ledgerRange.field` (exit 2, nothing written)."""
+    record = {"id": "L", "occurredAt": IN_WINDOW, "consentGranted": True, "ledgerSequence": 5}
+    for field in ("id", "occurredAt", "retentionExpiresAt"):
+        request = {
+            "runId": "run-1",
+            "dataset": "ledgers",
+            "ledgerRange": {"field": field, "first": 0, "end": 10, "partitionSize": 10},
+            "sourceRecords": [record],
+        }
+        home = tmp_path / f"home-{field}"
+        for command in ("dry-run", "execute"):
+            result = run_pcbo([command, "--input", write_request(tmp_path / "r.json", request)], home=home)
+            assert result.status == 2, result.stderr
+            assert "ledgerRange.field" in result.stderr and field in result.stderr, result.stderr
+        assert not (home / "lake").exists()

@@ -24,6 +24,7 @@ from pydantic import (
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
+from pcbo_dagster.core.record_table import ID, OCCURRED_AT, RETENTION_EXPIRES_AT
 from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
 from pcbo_dagster.io.redaction import has_userinfo, userinfo_refused
 
@@ -248,6 +249,12 @@ class BackfillRequest(BaseModel):
             for name in ("start", "end", "chunkSeconds"):
                 if name in self.model_fields_set:
                     raise _FieldError(name, "does not apply to a ledgerRange request")
+            if self.ledgerRange.field in (ID, OCCURRED_AT, RETENTION_EXPIRES_AT):
+                raise _FieldError(
+                    "ledgerRange.field",
+                    f"{self.ledgerRange.field} is a string (or null) in every valid record: "
+                    "no record could be placed by it",
+                )
             if self.ledgerRange.end <= self.ledgerRange.first:
                 raise _FieldError("ledgerRange.end", "must be greater than ledgerRange.first")
             span, chunk, field = (
