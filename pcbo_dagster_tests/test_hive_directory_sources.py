@@ -499,3 +499,26 @@ def test_directory_source_end_to_end_through_the_cli(tmp_path: Path) -> None:
         status, _, stderr = _cli(tmp_path / f"home-{uri}", "dry-run", "--input", path)
         assert status == 2 and "source.uri" in stderr, stderr
         assert not (tmp_path / f"home-{uri}").exists()
+
+
+def test_a_folder_that_is_a_symbolic_link_is_read_and_a_link_loop_is_refused(tmp_path: Path) -> None:
+    """Red-team finding: a hive partition folder that is a symbolic link (`dt=2024-01-02 ->
+    /elsewhere`) was listed as one file without a data extension and ignored, so its records were
+    silently not part of the request (not in the plan hash, their window committed empty). Its files
+    are read as those of the folder it leads to; a link back to a folder on the way is refused,
+    naming it, rather than walked forever."""
+    root = tmp_path / "events"
+    _write(root, "dt=2024-01-01/part-0.jsonl", _file_bytes("jsonl", _records("a", 2)))
+    elsewhere = tmp_path / "elsewhere"
+    _write(elsewhere, "part-0.jsonl", _file_bytes("jsonl", _records("b", 3, day="2024-01-02")))
+    (root / "dt=2024-01-02").symlink_to(elsewhere, target_is_directory=True)
+    source = open_directory_source(str(root), "events", None, None)
+    assert isinstance(source, DirectorySource)
+    assert source.files == ["dt=2024-01-01/part-0.jsonl", "dt=2024-01-02/part-0.jsonl"]
+    records, _ = _read_all(source)
+    assert [r["id"] for r in records] == ["a-0", "a-1", "b-0", "b-1", "b-2"]
+    # A loop: a link to the source folder itself, below it.
+    (root / "dt=2024-01-01" / "again").symlink_to(root, target_is_directory=True)
+    with pytest.raises(InvalidInput, match="symbolic link loop") as info:
+        open_directory_source(str(root), "events", None, None)
+    assert info.value.field == "source.uri" and "dt=2024-01-01/again" in str(info.value)

@@ -1,8 +1,9 @@
 """A directory of record files (hive-partitioned or not) read as one source, pruned by time.
 
 A request's `source.uri` may name a directory (local path, `file://`, `s3://` or `gs://`) instead
-of one file. Its records are the rows of every data file below it, recursively, files taken in the
-order of their paths relative to the directory (sorted as strings, i.e. by code point, which is the
+of one file. Its records are the rows of every data file below it, recursively (on a local file
+system through folders that are symbolic links too; a link loop is invalid input), files taken in
+the order of their paths relative to the directory (sorted as strings, i.e. by code point, which is the
 bytewise order of their UTF-8), each file read as `sources.streaming` reads a single file. So a
 directory gives exactly the records of its files concatenated in that order, and the plan and
 decision hashes are those of one file holding them.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -394,6 +396,37 @@ def _relative(root: str, path: str) -> str:
     return path[len(root) :].lstrip("/") if path.startswith(root) else path
 
 
+def _file_paths(fs: Any, root: str, shown: str) -> list[str]:
+    """Every path below `root` that is not a folder. On a local file system a folder that is a
+    symbolic link is walked as the folder it leads to (`fs.find` lists it as one file, so its data
+    would be silently left out); a link back to a folder on the way there is invalid input naming
+    it. Folders whose name starts with `_` or `.` are not walked (their files are skipped anyway)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        return list(fs.find(root, withdirs=False))
+    found: list[str] = []
+
+    def walk(path: str, on_the_way: frozenset[str]) -> None:
+        real = os.path.realpath(path)
+        if real in on_the_way:
+            raise InvalidInput(
+                "source.uri",
+                f"{redact_url(shown)}: {_relative(root, path)} is a symbolic link loop (it leads back "
+                "to a folder it is in)",
+            )
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=True):
+                    if not entry.name.startswith(("_", ".")):
+                        walk(entry.path, on_the_way | {real})
+                else:
+                    found.append(entry.path)
+
+    walk(root, frozenset())
+    return found
+
+
 def is_directory(uri: str, shown: str) -> bool:
     """Whether `uri` names a directory now (the file system's listing cache dropped first: a
     long-lived process, Dagster's, must see what is there now, not what was)."""
@@ -418,7 +451,7 @@ def open_directory_source(
     with source_read_errors(shown):
         fs, root = filesystem(uri)
         root = root.rstrip("/")
-        found = sorted(_relative(root, p) for p in fs.find(root, withdirs=False))
+        found = sorted(_relative(root, p) for p in _file_paths(fs, root, shown))
     by_format: dict[str, list[str]] = {}
     ignored: list[str] = []
     for path in found:
