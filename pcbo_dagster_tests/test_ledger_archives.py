@@ -849,3 +849,41 @@ def test_a_partition_folder_that_is_a_symbolic_link_is_read_as_the_folder(tmp_pa
     with pytest.raises(la.LedgerArchiveError, match="not a SEP-54 batch file name") as info:
         la.list_batch_files(str(linked), 2, 24)
     assert str(bogus) in str(info.value)
+
+
+def test_bad_input_found_in_a_decoding_process_is_bad_input_not_a_dead_process(tmp_path, monkeypatch):
+    """Red-team finding: `PCBO_MAX_BATCH_BYTES=0` (read by the decoding processes) made a read of 64
+    ledgers or more stop with "a ledger decoding process ended abruptly (killed, perhaps for lack of
+    memory ...)", exit 1: the `InvalidInput` a worker raised could not be unpickled (its `__init__`
+    takes two arguments), which broke the pool. pcbo's errors cross process boundaries whole, so it
+    is invalid input naming the variable (exit 2, nothing written)."""
+    import pickle
+
+    from pcbo_dagster.core.errors import Blocked
+
+    for error in (
+        InvalidInput("ledgerRange.first", "bad"),
+        la.LedgerArchiveError("/a/b.xdr.zst", "corrupt"),
+        Blocked("held", {"status": "blocked"}),
+    ):
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error) and str(copy) == str(error) and vars(copy) == vars(error)
+
+    b.write_archive(tmp_path / "archive", 0, 127, ledgers_per_file=8, files_per_partition=4)
+    monkeypatch.setenv("PCBO_LEDGER_WORKERS", "2")
+    monkeypatch.setenv("PCBO_MAX_BATCH_BYTES", "0")
+    with pytest.raises(InvalidInput, match="PCBO_MAX_BATCH_BYTES: must be at least 1"):
+        list(la.iter_ledger_records(str(tmp_path / "archive"), 0, 128))
+    request = {
+        "runId": "limits-1",
+        "dataset": "ledgers",
+        "ledgerRange": {"field": "ledgerSequence", "first": 0, "end": 128, "partitionSize": 64},
+        "source": {"uri": str(tmp_path / "archive"), "format": "ledger_archive"},
+    }
+    result = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r.json", request)],
+        home=tmp_path / "home",
+        env={"PCBO_LEDGER_WORKERS": "2", "PCBO_MAX_BATCH_BYTES": "0"},
+    )
+    assert result.status == 2 and "PCBO_MAX_BATCH_BYTES" in result.stderr, result.stderr
+    assert not (tmp_path / "home" / "lake").exists()

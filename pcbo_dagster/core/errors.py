@@ -5,10 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 
+def _rebuilt(cls: type[PcboError], args: tuple[Any, ...], state: dict[str, Any]) -> PcboError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
 class PcboError(Exception):
     """Base class. `exit_status` is what the CLI exits with."""
 
     exit_status = 1
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole, whatever a subclass's `__init__` takes: an error raised in a worker process
+        (`ledger_archives`' decoding) reaches the caller as itself (an `InvalidInput` unpickled by
+        `Exception`'s default, its message as the only argument, broke the process pool)."""
+        return (_rebuilt, (type(self), self.args, dict(self.__dict__)))
 
 
 class InvalidInput(PcboError):
