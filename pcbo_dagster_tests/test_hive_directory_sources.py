@@ -522,3 +522,26 @@ def test_a_folder_that_is_a_symbolic_link_is_read_and_a_link_loop_is_refused(tmp
     with pytest.raises(InvalidInput, match="symbolic link loop") as info:
         open_directory_source(str(root), "events", None, None)
     assert info.value.field == "source.uri" and "dt=2024-01-01/again" in str(info.value)
+
+
+def test_a_server_lists_no_folder_a_link_leads_to_outside_its_sources_directory(tmp_path: Path) -> None:
+    """Red-team finding (of the change that walks linked folders): a server must not list a folder
+    outside its sources directory (the names of its files would show in messages). A folder link
+    leading outside it is refused before it is listed, naming the link, not what is behind it."""
+    from pcbo_dagster.sources.local_files import SourcesDirectory
+
+    sources = tmp_path / "sources"
+    root = sources / "events"
+    _write(root, "dt=2024-01-01/part-0.jsonl", _file_bytes("jsonl", _records("a", 2)))
+    elsewhere = tmp_path / "elsewhere"
+    _write(elsewhere, "secret-name.jsonl", _file_bytes("jsonl", _records("b", 1)))
+    (root / "dt=2024-01-02").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(InvalidInput, match="leads outside the server's sources directory") as info:
+        open_directory_source(str(root), "events", None, None, confine_to=SourcesDirectory.of(sources))
+    assert "dt=2024-01-02" in str(info.value) and "secret-name" not in str(info.value)
+    inside = sources / "more"
+    _write(inside, "part-1.jsonl", _file_bytes("jsonl", _records("c", 1)))
+    (root / "dt=2024-01-02").unlink()
+    (root / "dt=2024-01-02").symlink_to(inside, target_is_directory=True)
+    source = open_directory_source(str(root), "events", None, None, confine_to=SourcesDirectory.of(sources))
+    assert [r["id"] for r in _read_all(source)[0]] == ["a-0", "a-1", "c-0"]

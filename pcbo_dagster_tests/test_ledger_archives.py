@@ -887,3 +887,22 @@ def test_bad_input_found_in_a_decoding_process_is_bad_input_not_a_dead_process(t
     )
     assert result.status == 2 and "PCBO_MAX_BATCH_BYTES" in result.stderr, result.stderr
     assert not (tmp_path / "home" / "lake").exists()
+
+
+def test_a_server_lists_no_partition_folder_a_link_leads_to_outside_its_sources_directory(tmp_path):
+    """Red-team finding (of the change that reads linked partition folders): a server must not list
+    a folder outside its sources directory (the names of its files would show in messages). A
+    partition folder link leading outside it is refused before it is listed, naming the link."""
+    from pcbo_dagster.sources.local_files import SourcesDirectory
+
+    built = b.write_archive(tmp_path / "outside", 2, 9, ledgers_per_file=2, files_per_partition=4)
+    sources = tmp_path / "sources"
+    linked = sources / "archive"
+    linked.mkdir(parents=True)
+    folder = sorted({path.parent for path in built.files})[0]
+    (folder / "secret-name").write_bytes(b"")
+    link = linked / folder.name
+    link.symlink_to(folder, target_is_directory=True)
+    with pytest.raises(la.LedgerArchiveError, match="leads outside the server's sources directory") as info:
+        la.list_batch_files(str(linked), 2, 16, confine_to=SourcesDirectory.of(sources))
+    assert str(link) in str(info.value) and "secret-name" not in str(info.value)

@@ -181,7 +181,12 @@ def placement_window(request: BackfillRequest) -> Window:
     return Window("occurredAt", False, request.start_us, request.end_us)
 
 
-def _record_source(request: BackfillRequest, uri: str, zone_indexes: ZoneIndexStore | None) -> RecordSource:
+def _record_source(
+    request: BackfillRequest,
+    uri: str,
+    zone_indexes: ZoneIndexStore | None,
+    confine_to: SourcesDirectory | None = None,
+) -> RecordSource:
     """The streamed source a request names: a ledger archive, a record file, or a directory of them
     (unless `source.prune` is false: a directory's files pruned by their hive paths, and every file
     read only in the zones that may hold records of the request's window, `sources/zones.py`)."""
@@ -197,7 +202,7 @@ def _record_source(request: BackfillRequest, uri: str, zone_indexes: ZoneIndexSt
         return LedgerArchiveSource(uri, ref.uri, span.first, span.end, allow_gaps=ref.allowGaps)
     if is_directory(uri, ref.uri):
         window = None if request.ledgerRange is not None else (request.start_us, request.end_us)
-        source = open_directory_source(uri, ref.uri, ref.format, window, ref.prune)
+        source = open_directory_source(uri, ref.uri, ref.format, window, ref.prune, confine_to)
     else:
         source = open_source(uri, ref.uri, ref.resolved_format())
     if ref.prune:
@@ -295,7 +300,7 @@ def load_request(
     if request.source is not None:
         uri = resolve_uri(request.source.uri, base_dir)
         source = _record_source(
-            request, _confined(uri, confine_to) if confine_to is not None else uri, zone_indexes
+            request, _confined(uri, confine_to) if confine_to is not None else uri, zone_indexes, confine_to
         )
         if confine_to is not None:  # every local file it reads, links followed, inside the directory too
             source.confine(confine_to)

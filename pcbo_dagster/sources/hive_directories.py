@@ -59,7 +59,7 @@ import numpy as np
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
-from pcbo_dagster.sources.local_files import SourcesDirectory
+from pcbo_dagster.sources.local_files import REASONS, SourcesDirectory, place_in_sources
 from pcbo_dagster.sources.record_files import csv_integer_columns, source_read_errors
 from pcbo_dagster.sources.streaming import CsvSource, JsonlSource, ParquetSource, RecordSource
 from pcbo_dagster.sources.zones import Window, ZoneIndexStore
@@ -396,11 +396,13 @@ def _relative(root: str, path: str) -> str:
     return path[len(root) :].lstrip("/") if path.startswith(root) else path
 
 
-def _file_paths(fs: Any, root: str, shown: str) -> list[str]:
+def _file_paths(fs: Any, root: str, shown: str, confine_to: SourcesDirectory | None) -> list[str]:
     """Every path below `root` that is not a folder. On a local file system a folder that is a
     symbolic link is walked as the folder it leads to (`fs.find` lists it as one file, so its data
     would be silently left out); a link back to a folder on the way there is invalid input naming
-    it. Folders whose name starts with `_` or `.` are not walked (their files are skipped anyway)."""
+    it, and so, with `confine_to` (a server's sources directory), is one leading outside it, before
+    it is listed. Folders whose name starts with `_` or `.` are not walked (their files are skipped
+    anyway)."""
     from fsspec.implementations.local import LocalFileSystem
 
     if not isinstance(fs, LocalFileSystem):
@@ -418,8 +420,15 @@ def _file_paths(fs: Any, root: str, shown: str) -> list[str]:
         with os.scandir(path) as entries:
             for entry in entries:
                 if entry.is_dir(follow_symlinks=True):
-                    if not entry.name.startswith(("_", ".")):
-                        walk(entry.path, on_the_way | {real})
+                    if entry.name.startswith(("_", ".")):
+                        continue
+                    if confine_to is not None and entry.is_symlink():
+                        place = place_in_sources(os.path.realpath(entry.path), confine_to)
+                        if place is not None:
+                            raise InvalidInput(
+                                "source.uri", f"{_relative(root, entry.path)} {REASONS[place]}"
+                            )
+                    walk(entry.path, on_the_way | {real})
                 else:
                     found.append(entry.path)
 
@@ -437,11 +446,17 @@ def is_directory(uri: str, shown: str) -> bool:
 
 
 def open_directory_source(
-    uri: str, shown: str, fmt: str | None, window_us: tuple[int, int] | None, prune: bool = True
+    uri: str,
+    shown: str,
+    fmt: str | None,
+    window_us: tuple[int, int] | None,
+    prune: bool = True,
+    confine_to: SourcesDirectory | None = None,
 ) -> RecordSource:
     """The source of the directory at `uri` (`shown`: as the user gave it, for messages): its data
     files of format `fmt` (None: inferred, all files must agree), those whose hive partition lies
-    outside `window_us` ([start, end) microseconds since the epoch, UTC) skipped when `prune`."""
+    outside `window_us` ([start, end) microseconds since the epoch, UTC) skipped when `prune`.
+    `confine_to`: a server's sources directory, which no folder link it walks may lead out of."""
     if fmt is not None and fmt not in EXTENSIONS:
         raise InvalidInput(
             "source.format", f"{fmt} sources are not supported for a directory; use jsonl, csv or parquet"
@@ -451,7 +466,7 @@ def open_directory_source(
     with source_read_errors(shown):
         fs, root = filesystem(uri)
         root = root.rstrip("/")
-        found = sorted(_relative(root, p) for p in _file_paths(fs, root, shown))
+        found = sorted(_relative(root, p) for p in _file_paths(fs, root, shown, confine_to))
     by_format: dict[str, list[str]] = {}
     ignored: list[str] = []
     for path in found:

@@ -72,7 +72,7 @@ from pcbo_dagster.sources.ledger_decoding import (
     ledger_record,
     slice_batch_file,
 )
-from pcbo_dagster.sources.local_files import SourcesDirectory
+from pcbo_dagster.sources.local_files import REASONS, SourcesDirectory, place_in_sources
 from pcbo_dagster.sources.streaming import RecordSource
 
 MAX_UINT32 = 0xFFFFFFFF
@@ -179,11 +179,14 @@ def _basename(entry: dict[str, Any]) -> str:
     return posixpath.basename(str(entry["name"]).rstrip("/"))
 
 
-def list_batch_files(uri: str, first: int, end: int) -> list[BatchFile]:
+def list_batch_files(
+    uri: str, first: int, end: int, confine_to: SourcesDirectory | None = None
+) -> list[BatchFile]:
     """The batch files of the archive at `uri` holding any ledger of [first, end), by their names
     alone, in ledger order. Partition folders outside the range are not even listed. An object store
     is reached as a lake is (`lake.storage.filesystem`: its endpoint, and no listing kept for later,
-    so a long-lived process sees the archive as it is now)."""
+    so a long-lived process sees the archive as it is now). With `confine_to` (a server's sources
+    directory), a partition folder that is a symbolic link must lead inside it before it is listed."""
     from pcbo_dagster.lake.storage import filesystem  # here: it loads pyarrow
 
     _check_range(first, end)
@@ -211,10 +214,16 @@ def list_batch_files(uri: str, first: int, end: int) -> list[BatchFile]:
             continue
         # A partition folder that is a symbolic link is read as the folder it leads to (as a linked
         # batch file is read as its file; a server confines each batch file as it opens it).
-        if entry.get("type") == "directory" or (entry.get("islink") and fs.isdir(entry["name"])):
+        linked = bool(entry.get("islink")) and fs.isdir(entry["name"])
+        if entry.get("type") == "directory" or linked:
             part = parse_partition_name(name, _uri(fs, entry["name"]))
             if not part.intersects(first, end):
                 continue
+            place = None
+            if linked and confine_to is not None:
+                place = place_in_sources(os.path.realpath(entry["name"]), confine_to)
+            if place is not None:
+                raise LedgerArchiveError(_uri(fs, entry["name"]), REASONS[place])
             for inner in _listing(fs, entry["name"], _uri(fs, entry["name"])):
                 if _basename(inner).startswith("."):
                     continue
@@ -382,7 +391,7 @@ def _iter_decoded(
     added to `gaps` (when given) as (first, last)."""
     expected = first
     previous: dict[str, Any] | None = None
-    batches = list_batch_files(uri, first, end)
+    batches = list_batch_files(uri, first, end, root)
     tasks = [(b.uri, b.start, b.end, first, end, root) for b in batches]
     ledgers = sum(min(b.end + 1, end) - max(b.start, first) for b in batches)
     for batch, (decoded, error) in zip(batches, pool.map(decode_batch_file, tasks, ledgers), strict=True):
