@@ -545,3 +545,31 @@ def test_a_server_lists_no_folder_a_link_leads_to_outside_its_sources_directory(
     (root / "dt=2024-01-02").symlink_to(inside, target_is_directory=True)
     source = open_directory_source(str(root), "events", None, None, confine_to=SourcesDirectory.of(sources))
     assert [r["id"] for r in _read_all(source)[0]] == ["a-0", "a-1", "c-0"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_record_rfc8785_cannot_express_is_named_with_its_file_and_place(tmp_path: Path, fmt: str) -> None:
+    """Red-team finding: an integer past ±(2^53−1) in a directory source was refused as
+    `source[3]: not representable as RFC 8785 JSON` — a position counted over every file of the
+    source, which a user of a directory of many files cannot find. The message names the file and
+    where in it the record lies (the line's byte offset, or the row)."""
+    root = tmp_path / "events"
+    _write(root, f"a.{fmt}", _file_bytes(fmt, _records("a", 2)))
+    records = _records("b", 3)
+    records[1]["amount"] = 2**63 - 1
+    _write(root, f"b.{fmt}", _file_bytes(fmt, records))
+    request = {
+        "runId": "big-1",
+        "dataset": "events",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-02T00:00:00Z",
+        "chunkSeconds": 86400,
+        "source": {"uri": str(root)},
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(request))
+    status, _, stderr = _cli(tmp_path / "home", "dry-run", "--input", path)
+    assert status == 2 and "source[3]: not representable as RFC 8785 JSON" in stderr, stderr
+    line_start = len(json.dumps(records[0]).encode()) + 1
+    where = f"b.{fmt}, the line at byte {line_start}" if fmt == "jsonl" else f"b.{fmt}, row 1"
+    assert where in stderr, stderr

@@ -141,9 +141,21 @@ def _read_again() -> Iterator[None]:
         ) from None
 
 
-def _digest_error(field: str, exc: CanonicalizationError) -> InvalidInput:
+def _digest_error(
+    field: str,
+    exc: CanonicalizationError,
+    source: RecordSource | None = None,
+    locators: np.ndarray | None = None,
+    first: int = 0,
+) -> InvalidInput:
+    """`field[i]` (i: the record's position in the request or source) and why; for a streamed
+    source (its batch's `locators`, the batch's first position `first`), where the record lies too
+    (a position counted over every file of a directory is no help)."""
     index, reason = exc.args[0], exc.args[1] if len(exc.args) > 1 else str(exc)
-    return InvalidInput(f"{field}[{index}]", f"not representable as RFC 8785 JSON: {reason}")
+    place = ""
+    if source is not None and locators is not None and 0 <= index - first < len(locators):
+        place = f" ({source.where(int(locators[index - first]))})"
+    return InvalidInput(f"{field}[{index}]", f"not representable as RFC 8785 JSON: {reason}{place}")
 
 
 def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequest:
@@ -159,7 +171,7 @@ def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequ
                     digests = record_digest_bytes(records, risky, first)
                     spill.add_batch(records, digests, locators, known_columns(records, ledger_field))
                 except CanonicalizationError as exc:
-                    error = _digest_error("source", exc)
+                    error = _digest_error("source", exc, source, locators, first)
             first += len(records)
             records.clear()  # the batch is done with (the reader holds it until its next batch)
             release_memory()

@@ -369,6 +369,12 @@ class DirectorySource(RecordSource):
             yield records, risky, np.concatenate(locators)
         self.count = count
 
+    def where(self, locator: int) -> str:
+        number = locator >> LOCATOR_BITS
+        if not 0 <= number < len(self._sources):
+            return redact_url(self.shown)
+        return self._sources[number].where(locator & _LOCAL_MASK)
+
     def fetch(self, locators: np.ndarray) -> list[Any]:
         """The records at `locators`, in that order: one read of each file they fall in."""
         self._ensure_prepared()

@@ -63,6 +63,7 @@ import numpy as np
 from pcbo_dagster.core.canonical import DigestedRecords
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.io.env_vars import positive_int
+from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.sources.ledger_decoding import (
     BatchError,
     BatchResult,
@@ -521,6 +522,9 @@ class LedgerArchiveSource(RecordSource):
         self.gaps: list[tuple[int, int]] = []
         self.index: LedgerIndex | None = None
         self.pool = DecodingPool(ledger_workers())
+
+    def where(self, locator: int) -> str:
+        return f"{redact_url(self.shown)}, ledger {locator}"
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         records: list[Any] = []

@@ -256,6 +256,11 @@ class RecordSource:
         """The records at `locators` (from `batches`), in that order."""
         raise NotImplementedError
 
+    def where(self, locator: int) -> str:
+        """Where the record at `locator` lies, for a message naming it (`events/b.jsonl, the line at
+        byte 145`): a line's byte offset in a JSONL or CSV file, a parquet file's row."""
+        return f"{redact_url(self.shown)}, the line at byte {locator}"
+
     def fetch_chunks(self, locators: np.ndarray, size: int) -> Iterator[list[Any]]:
         """`fetch(locators)`, `size` records at a time."""
         for lo in range(0, len(locators), size):
@@ -640,6 +645,9 @@ def _may_hold_floats_or_big_ints(batch: pa.RecordBatch | pa.Table) -> bool:
 
 class ParquetSource(RecordSource):
     kind = "parquet"
+
+    def where(self, locator: int) -> str:
+        return f"{redact_url(self.shown)}, row {locator}"
 
     def __init__(self, uri: str, shown: str) -> None:
         super().__init__(uri, shown)
