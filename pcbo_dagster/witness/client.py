@@ -38,7 +38,7 @@ from pcbo_dagster.core.signed_note import (
     verify_cosignatures,
 )
 from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener, within
-from pcbo_dagster.io.redaction import redact_url, scrub_text
+from pcbo_dagster.io.redaction import has_userinfo, redact_url, scrub_text
 
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
 
@@ -76,8 +76,12 @@ def parse_witness(text: str, field: str = "PCBO_WITNESSES") -> Witness:
         url.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError:
         raise InvalidInput(field, f"witness URL {redact_url(parts[1])}: its port is out of range") from None
-    for part, what in ((url.username, "credentials"), (url.query, "query"), (url.fragment, "fragment")):
-        if part or (what == "credentials" and "@" in url.netloc):
+    for present, what in (
+        (has_userinfo(parts[1]), "credentials"),
+        (url.query, "query"),
+        (url.fragment, "fragment"),
+    ):
+        if present:
             raise InvalidInput(field, f"witness URL {redact_url(parts[1])}: a witness URL takes no {what}")
     return Witness(key, parts[1].rstrip("/"))
 
