@@ -319,28 +319,26 @@ class SqlTable:
                     why = d.instant_refusal(engine.dialect.name, columns[column_name])
                     if why is not None:
                         raise InvalidInput(f"target.{field_name}", why)
-                if write:
-                    missing = d.missing_privileges(
-                        conn, schema_name, name, ("SELECT", "INSERT", "UPDATE", "DELETE")
-                    )
+
+                def refuse_missing(table: str, needed: tuple[str, ...], what: str = "") -> None:
+                    missing = d.missing_privileges(conn, schema_name, table, needed)
                     if missing:
                         raise InvalidInput(
                             "target.url",
                             f"the role {d.current_role(conn)!r} may not {', '.join(missing)} "
-                            f"table {schema_name}.{name}",
+                            f"table {schema_name}.{table}{what}",
                         )
+
+                if write:
+                    refuse_missing(name, ("SELECT", "INSERT", "UPDATE", "DELETE"))
                 # pcbo's tables beside it, once an apply made them: read by every evaluation, appended
                 # to by every apply
                 for pcbo_table in PCBO_TABLES:
-                    if not d.table_exists(conn, schema_name, pcbo_table):
-                        continue
-                    needed = ("SELECT", "INSERT") if write else ("SELECT",)
-                    missing = d.missing_privileges(conn, schema_name, pcbo_table, needed)
-                    if missing:
-                        raise InvalidInput(
-                            "target.url",
-                            f"the role {d.current_role(conn)!r} may not {', '.join(missing)} "
-                            f"table {schema_name}.{pcbo_table} (pcbo's journal beside the target table)",
+                    if d.table_exists(conn, schema_name, pcbo_table):
+                        refuse_missing(
+                            pcbo_table,
+                            ("SELECT", "INSERT") if write else ("SELECT",),
+                            " (pcbo's journal beside the target table)",
                         )
         except BaseException:
             engine.dispose()
