@@ -7,8 +7,9 @@ Partitions and batches are aligned on multiples of their size from 0, as Galexie
 first partition and batch may start before `first` (their earlier ledgers are simply absent: a
 batch always holds exactly its named range, so `first` is rounded down to a batch boundary).
 
-Ledgers are real: each header's `previousLedgerHash` is the hash of the ledger before, and a
-ledger's hash is the SHA-256 of its header XDR, as stellar-core computes it. Ledger `seq` holds
+Ledgers are real: each header's `previousLedgerHash` is the hash of the ledger before, its
+`scpValue.txSetHash` the hash of its transaction set (`tx_set_hash`), and a ledger's hash is the
+SHA-256 of its header XDR, as stellar-core computes them. Ledger `seq` holds
 `1 + seq % 3` transactions; transaction `t` has `1 + (seq + t) % 4` operations; every third ledger's
 last transaction is a fee bump. `version` picks the LedgerCloseMeta arm: 0 (TransactionSet, the
 simplest), 1 (GeneralizedTransactionSet, one classic phase) or 2 (a classic phase plus a Soroban
@@ -90,13 +91,16 @@ def expected_operations(sequence: int) -> int:
     return sum(1 + (sequence + t) % 4 for t in range(1 + sequence % 3))
 
 
-def ledger_header(sequence: int, previous_hash: bytes, close_time: int, protocol: int) -> x.LedgerHeader:
+def ledger_header(
+    sequence: int, previous_hash: bytes, close_time: int, protocol: int, tx_set_hash: bytes
+) -> x.LedgerHeader:
+    """The header of ledger `sequence`; `tx_set_hash`: its transaction set's (`tx_set_hash`)."""
     zero = _hash(bytes(32))
     return x.LedgerHeader(
         ledger_version=x.Uint32(protocol),
         previous_ledger_hash=_hash(previous_hash),
         scp_value=x.StellarValue(
-            tx_set_hash=_hash(hashlib.sha256(b"txset-%d" % sequence).digest()),
+            tx_set_hash=_hash(tx_set_hash),
             close_time=x.TimePoint(x.Uint64(close_time)),
             upgrades=[],
             ext=x.StellarValueExt(v=x.StellarValueType.STELLAR_VALUE_BASIC),
@@ -114,6 +118,14 @@ def ledger_header(sequence: int, previous_hash: bytes, close_time: int, protocol
         skip_list=[zero, zero, zero, zero],
         ext=x.LedgerHeaderExt(v=0),
     )
+
+
+def tx_set_hash(tx_set: bytes, *, legacy: bool) -> bytes:
+    """A transaction set's hash as stellar-core computes it (what a header's `scpValue.txSetHash`
+    holds), from its XDR: a `legacy` TransactionSet (LedgerCloseMeta v0) hashes its previous ledger
+    hash followed by its envelopes (its envelope count left out), a GeneralizedTransactionSet its
+    whole XDR."""
+    return hashlib.sha256(tx_set[:32] + tx_set[36:] if legacy else tx_set).digest()
 
 
 def _classic_phase(envelopes: list[x.TransactionEnvelope]) -> x.TransactionPhase:
@@ -145,33 +157,37 @@ def ledger_close_meta(
 ) -> tuple[x.LedgerCloseMeta, BuiltLedger]:
     if close_time is None:
         close_time = GENESIS_CLOSE_TIME + sequence * CLOSE_SECONDS
-    header = ledger_header(sequence, previous_hash, close_time, protocol)
+    envelopes = transactions_for(sequence)
+    prev = _hash(previous_hash)
+    tx_count, op_count = len(envelopes), expected_operations(sequence)
+    tx_set: x.TransactionSet | x.GeneralizedTransactionSet
+    if version == 0:
+        tx_set = x.TransactionSet(previous_ledger_hash=prev, txs=envelopes)
+    else:
+        phases = [_classic_phase(envelopes)]
+        if version == 2:
+            phases.append(_parallel_phase(envelopes))
+            tx_count, op_count = 2 * tx_count, 2 * op_count
+        tx_set = x.GeneralizedTransactionSet(v=1, v1_tx_set=x.TransactionSetV1(prev, phases))
+    header = ledger_header(
+        sequence, previous_hash, close_time, protocol, tx_set_hash(tx_set.to_xdr_bytes(), legacy=version == 0)
+    )
     ledger_hash = hashlib.sha256(header.to_xdr_bytes()).digest()
     entry = x.LedgerHeaderHistoryEntry(
         hash=_hash(ledger_hash), header=header, ext=x.LedgerHeaderHistoryEntryExt(v=0)
     )
-    envelopes = transactions_for(sequence)
-    prev = _hash(previous_hash)
-    if version == 0:
+    if isinstance(tx_set, x.TransactionSet):
         meta = x.LedgerCloseMeta(
             v=0,
             v0=x.LedgerCloseMetaV0(
                 ledger_header=entry,
-                tx_set=x.TransactionSet(previous_ledger_hash=prev, txs=envelopes),
+                tx_set=tx_set,
                 tx_processing=[],
                 upgrades_processing=[],
                 scp_info=[],
             ),
         )
-        tx_count = len(envelopes)
-        op_count = expected_operations(sequence)
     else:
-        phases = [_classic_phase(envelopes)]
-        tx_count, op_count = len(envelopes), expected_operations(sequence)
-        if version == 2:
-            phases.append(_parallel_phase(envelopes))
-            tx_count, op_count = 2 * tx_count, 2 * op_count
-        tx_set = x.GeneralizedTransactionSet(v=1, v1_tx_set=x.TransactionSetV1(prev, phases))
         common: dict[str, Any] = {
             "ext": x.LedgerCloseMetaExt(v=0),
             "ledger_header": entry,

@@ -13,7 +13,8 @@ random module, no clock, and as incompressible as real keys). About 2 KiB of XDR
 
 `write_realistic_archive(root, ledgers=..., transactions=..., ledgers_per_file=...)` writes a SEP-54
 archive of such ledgers, one zstd batch file per `ledgers_per_file`, headers chained as stellar-core
-chains them, and returns a summary (sizes, and each ledger's counts for checking).
+chains them and naming their transaction sets' hashes, and returns a summary (sizes, and each
+ledger's counts for checking).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import zstandard
 from stellar_sdk import xdr as x
 
 from pcbo_dagster.sources.ledger_archives import batch_name, partition_name
-from pcbo_dagster_tests.ledger_archive_builder import GENESIS_CLOSE_TIME, ledger_header
+from pcbo_dagster_tests.ledger_archive_builder import GENESIS_CLOSE_TIME, ledger_header, tx_set_hash
 
 PROTOCOL_OF_VERSION = {0: 19, 1: 22, 2: 23}
 CLOSE_SECONDS = 6
@@ -770,12 +771,6 @@ def realistic_ledger(
         operations += template.operation_count
     protocol = PROTOCOL_OF_VERSION[version]
     close_time = GENESIS_CLOSE_TIME + (sequence - FIRST_LEDGER) * CLOSE_SECONDS
-    header = ledger_header(sequence, previous_hash, close_time, protocol)
-    header_xdr = header.to_xdr_bytes()
-    ledger_hash = hashlib.sha256(header_xdr).digest()
-    entry = x.LedgerHeaderHistoryEntry(
-        x.Hash(ledger_hash), header, x.LedgerHeaderHistoryEntryExt(0)
-    ).to_xdr_bytes()
     count = struct.Struct(">I")
     if version == 0:
         tx_set = previous_hash + count.pack(len(envelopes[0])) + b"".join(envelopes[0])
@@ -791,6 +786,14 @@ def realistic_ledger(
                 + b"".join(count.pack(1) + count.pack(len(s)) + b"".join(s) for s in stages)
             )  # fmt: skip
         tx_set = count.pack(1) + previous_hash + count.pack(len(phases)) + b"".join(phases)
+    header = ledger_header(
+        sequence, previous_hash, close_time, protocol, tx_set_hash(tx_set, legacy=version == 0)
+    )
+    header_xdr = header.to_xdr_bytes()
+    ledger_hash = hashlib.sha256(header_xdr).digest()
+    entry = x.LedgerHeaderHistoryEntry(
+        x.Hash(ledger_hash), header, x.LedgerHeaderHistoryEntryExt(0)
+    ).to_xdr_bytes()
     processing = count.pack(len(metas)) + b"".join(metas)
     empty = count.pack(0)
     if version == 0:

@@ -3,7 +3,8 @@ skipping walker (kept verbatim as the reference the walker's records are checked
 ledger of a batch decoded into stellar-sdk objects, its record taken from them.
 
 `reference_ledger_records(uri, first, end)` yields what `ledger_archives.iter_ledger_records`
-yielded then, with the same checks in the same order."""
+yielded then, with the same checks in the same order (and the check, added since, that a ledger's
+transaction set is the one its header names)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,25 @@ def transaction_envelopes(meta: Any) -> list[Any]:
     return envelopes
 
 
+def transaction_set_error(meta: Any, header: Any) -> str | None:
+    """Why the ledger's transaction set is not the one its header names (stellar-core's hash of it:
+    a legacy set's previous ledger hash and envelopes, a generalized set's whole XDR) or names another
+    previous ledger than its header, or None. (Added with the walker's check of the same.)"""
+    tx_set = _body(meta).tx_set
+    if meta.v == 0:
+        previous = tx_set.previous_ledger_hash.hash
+        digest = hashlib.sha256(previous + b"".join(e.to_xdr_bytes() for e in tx_set.txs)).digest()
+    else:
+        previous = tx_set.v1_tx_set.previous_ledger_hash.hash
+        digest = hashlib.sha256(tx_set.to_xdr_bytes()).digest()
+    expected = header.previous_ledger_hash.hash
+    if previous != expected:
+        return f"its transaction set names previous ledger {previous.hex()}, its header {expected.hex()}"
+    if digest != header.scp_value.tx_set_hash.hash:
+        return "its transaction set is not the one its header names (scpValue.txSetHash)"
+    return None
+
+
 def operation_count(envelope: Any) -> int:
     """Operations of one envelope; a fee bump counts its inner transaction's."""
     if envelope.v0 is not None:
@@ -132,6 +152,9 @@ def ledger_record(sequence: int, meta: Any, xdr: bytes, uri: str) -> dict[str, A
         raise LedgerArchiveError(
             uri, f"ledger {sequence}: its hash is not the SHA-256 of its header (a corrupt header)"
         )
+    error = transaction_set_error(meta, header)
+    if error is not None:
+        raise LedgerArchiveError(uri, f"ledger {sequence}: {error}")
     close_time = header.scp_value.close_time.time_point.uint64
     if close_time > _MAX_CLOSE_TIME:
         raise LedgerArchiveError(uri, f"ledger {sequence}: close time {close_time} is beyond year 9999")

@@ -271,6 +271,78 @@ def test_a_ledger_whose_hash_or_chain_is_wrong_is_an_error(tmp_path):
     assert len(list(la.iter_ledger_records(str(tmp_path), 4, 8))) == 4  # alone it is consistent
 
 
+def _both_refuse(root: Path, first: int, end: int, message: str) -> None:
+    """The walker and the full stellar-sdk decoding both refuse the range, with `message`."""
+    for read in (la.iter_ledger_records, reference.reference_ledger_records):
+        with pytest.raises(la.LedgerArchiveError, match=re.escape(message)):
+            list(read(str(root), first, end))
+
+
+def _one_ledger_batch(root: Path, meta: x.LedgerCloseMeta, sequence: int) -> Path:
+    path = root / la.batch_name(sequence, sequence)
+    path.write_bytes(b.compress(b.batch_bytes(sequence, sequence, [meta]), streaming=True))
+    return path
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_a_transaction_set_the_header_does_not_name_is_refused(tmp_path, version):
+    """Red-team finding: the transaction set was not bound to the header (`scpValue.txSetHash` not
+    checked), so an archive writer could put another valid transaction set under a ledger's real,
+    chained header, or change a byte of an envelope in a frame without a content checksum: read as
+    stored, new counts and XDR in the lake, exit 0. Both are now refused, naming the file."""
+    meta, _ = b.ledger_close_meta(9, bytes(32), version=version)
+    other, _ = b.ledger_close_meta(10, bytes(32), version=version)  # same previous ledger, other txs
+    body, other_body = (getattr(m, f"v{version}") for m in (meta, other))
+    body.tx_set = other_body.tx_set
+    path = _one_ledger_batch(tmp_path, meta, 9)
+    _both_refuse(tmp_path, 9, 10, "ledger 9: its transaction set is not the one its header names")
+
+    meta, _ = b.ledger_close_meta(9, bytes(32), version=version)
+    data = b.batch_bytes(9, 9, [meta])
+    value = b"\x00\x00\x00\x01v\x00\x00\x00"  # a manage-data value, b"v": one byte changed
+    assert value in data
+    path.write_bytes(b.compress(data.replace(value, b"\x00\x00\x00\x01w\x00\x00\x00", 1), streaming=True))
+    _both_refuse(tmp_path, 9, 10, "ledger 9: its transaction set is not the one its header names")
+    path.write_bytes(b.compress(data, streaming=True))
+    assert [r["ledgerSequence"] for r in la.iter_ledger_records(str(tmp_path), 9, 10)] == [9]
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_a_transaction_set_naming_another_previous_ledger_than_its_header_is_refused(tmp_path, version):
+    """A forgery consistent everywhere else (the header names the set's hash, the ledger's hash is
+    its header's) whose set names another previous ledger than its header: stellar-core never closes
+    such a ledger. Refused by both decodings."""
+    meta, _ = b.ledger_close_meta(9, bytes(32), version=version)
+    body = getattr(meta, f"v{version}")
+    elsewhere = x.Hash(hashlib.sha256(b"elsewhere").digest())
+    if version == 0:
+        body.tx_set.previous_ledger_hash = elsewhere
+    else:
+        body.tx_set.v1_tx_set.previous_ledger_hash = elsewhere
+    header = body.ledger_header.header
+    header.scp_value.tx_set_hash = x.Hash(b.tx_set_hash(body.tx_set.to_xdr_bytes(), legacy=version == 0))
+    body.ledger_header.hash = x.Hash(hashlib.sha256(header.to_xdr_bytes()).digest())
+    _one_ledger_batch(tmp_path, meta, 9)
+    message = (
+        f"ledger 9: its transaction set names previous ledger {elsewhere.hash.hex()}, its header {'00' * 32}"
+    )
+    _both_refuse(tmp_path, 9, 10, message)
+
+
+def test_transaction_set_padding_is_hashed_as_stellar_core_hashes_it(tmp_path):
+    """The padding of an envelope's byte string is not read by a decoder: a set whose padding is not
+    zero hashes as its zero-padded encoding (stellar-core's), for the walker as for the full decoding,
+    and its ledger's XDR is kept as stored."""
+    meta, _ = b.ledger_close_meta(9, bytes(32), version=1)
+    data = b.batch_bytes(9, 9, [meta])
+    value = b"\x00\x00\x00\x01v\x00\x00\x00"
+    padded = data.replace(value, b"\x00\x00\x00\x01v\xff\xff\xff", 1)
+    (tmp_path / la.batch_name(9, 9)).write_bytes(b.compress(padded, streaming=False))
+    records = list(la.iter_ledger_records(str(tmp_path), 9, 10))
+    assert records == list(reference.reference_ledger_records(str(tmp_path), 9, 10))
+    assert base64.b64decode(records[0]["lcmXdrBase64"]) == padded[12:]
+
+
 def test_overlaps_misplaced_batches_gaps_and_missing_archives(tmp_path):
     archive = b.write_archive(tmp_path, 0, 15, ledgers_per_file=4, files_per_partition=2)
     part = archive.file_of(4).parent

@@ -169,8 +169,8 @@ class BatchReadError(Exception):
 def decode_batch(data: bytes, uri: str, start: int, end: int, first: int, stop: int) -> BatchResult:
     """Check the decompressed batch `data` of the file named for ledgers `start`..`end` and decode
     its ledgers in [first, stop). Every ledger of the batch is walked (and so checked), its size
-    too (`max_ledger_bytes()`); the hash of a ledger's header and its close time are checked for
-    the ledgers decoded."""
+    too (`max_ledger_bytes()`); the hash of a ledger's header, the transaction set it names and its
+    close time are checked for the ledgers decoded."""
     most = max_ledger_bytes()
     words = xdr_words(data)
     if len(words) < 3:
@@ -219,12 +219,55 @@ def decode_batch(data: bytes, uri: str, start: int, end: int, first: int, stop: 
 
 
 def _check_header(data: bytes, words: Any, facts: LedgerFacts) -> str | None:
-    """Why the ledger's header is refused (its hash, its close time), or None."""
+    """Why the ledger's header is refused (its hash, the transaction set it names, its close time),
+    or None."""
     if hashlib.sha256(_canonical_header(data, words, facts)).digest() != _hash_of(data, facts):
         return "its hash is not the SHA-256 of its header (a corrupt header)"
+    error = _check_transaction_set(data, facts)
+    if error is not None:
+        return error
     if facts.close_time > _MAX_CLOSE_TIME:
         return f"close time {facts.close_time} is beyond year 9999"
     return None
+
+
+def _check_transaction_set(data: bytes, facts: LedgerFacts) -> str | None:
+    """Why the ledger's transaction set is refused, or None: it must be the one its header's
+    `scpValue.txSetHash` names (hashed as stellar-core hashes it) and name the header's previous
+    ledger. Every envelope is bound to the header so, and through the header to the ledger's hash."""
+    header, start, end = 4 * facts.header_start, 4 * facts.tx_set_start, 4 * facts.tx_set_end
+    # LedgerHeader {uint32 ledgerVersion; Hash previousLedgerHash; StellarValue {Hash txSetHash; ...}}
+    previous, named = data[header + 4 : header + 36], data[header + 36 : header + 68]
+    # TransactionSet {Hash previousLedgerHash; TransactionEnvelope txs<>;}, or GeneralizedTransactionSet
+    # switch (int v) {case 1: TransactionSetV1 {Hash previousLedgerHash; TransactionPhase phases<>;}}
+    at = start if facts.version == 0 else start + 4
+    if data[at : at + 32] != previous:
+        return (
+            f"its transaction set names previous ledger {data[at : at + 32].hex()}, "
+            f"its header {previous.hex()}"
+        )
+    if not _transaction_set_is(data[start:end], facts.version, named):
+        return "its transaction set is not the one its header names (scpValue.txSetHash)"
+    return None
+
+
+def _transaction_set_is(tx_set: bytes, version: int, named: bytes) -> bool:
+    """Whether the transaction set's XDR hashes, as stellar-core hashes it, to `named`: a legacy
+    TransactionSet (LedgerCloseMeta v0) its previous ledger hash followed by each envelope, a
+    GeneralizedTransactionSet its whole XDR; as core encodes it, with padding zero. A set that does
+    not match as stored is re-encoded with stellar-sdk (which zeroes the padding a decoder does not
+    read) and hashed again: only then, as a real archive has no such padding."""
+
+    def digest(xdr: bytes) -> bytes:
+        return hashlib.sha256(xdr[:32] + xdr[36:] if version == 0 else xdr).digest()
+
+    if digest(tx_set) == named:
+        return True
+    from stellar_sdk import xdr as stellar_xdr  # only for a set that does not match as stored
+
+    kind = stellar_xdr.TransactionSet if version == 0 else stellar_xdr.GeneralizedTransactionSet
+    canonical = kind.from_xdr_bytes(tx_set).to_xdr_bytes()
+    return canonical != tx_set and digest(canonical) == named
 
 
 def _hash_of(data: bytes, facts: LedgerFacts) -> bytes:

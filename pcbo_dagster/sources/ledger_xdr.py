@@ -671,6 +671,8 @@ class LedgerFacts:
     end: int
     header_start: int  # its LedgerHeader's words are [header_start, header_end); its hash the 8 before
     header_end: int
+    tx_set_start: int  # its (Generalized)TransactionSet's words are [tx_set_start, tx_set_end)
+    tx_set_end: int
     sequence: int
     close_time: int
     protocol: int
@@ -694,12 +696,17 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
     # txSetResultHash; Hash bucketListHash; uint32 ledgerSeq; ...}; StellarValue {Hash txSetHash;
     # TimePoint closeTime; ...}
     after_scp_value = skippers["StellarValue"](words, header + 9, MAX_DEPTH)
+    header_end = skippers["LedgerHeader"](words, header, MAX_DEPTH)
+    tx_set = header_end + 1  # after the entry's ext (union switch (int v) {case 0: void;})
+    tx_set_kind = "TransactionSet" if version == 0 else "GeneralizedTransactionSet"
     return LedgerFacts(
         version=version,
         start=i,
         end=end,
         header_start=header,
-        header_end=skippers["LedgerHeader"](words, header, MAX_DEPTH),
+        header_end=header_end,
+        tx_set_start=tx_set,
+        tx_set_end=skippers[tx_set_kind](words, tx_set, MAX_DEPTH, []),
         sequence=words[after_scp_value + 16],
         close_time=words[header + 17] << 32 | words[header + 18],
         protocol=words[header],
@@ -714,8 +721,11 @@ _ENVELOPE_TX_V0, _ENVELOPE_TX, _ENVELOPE_TX_FEE_BUMP = 0, 2, 5
 @cache
 def _ledger_skippers() -> dict[str, Callable[..., int]]:
     walker = stellar_walker()
-    names = ("LedgerCloseMeta", "LedgerCloseMetaExt", "StellarValue", "LedgerHeader")
-    return {name: walker.skipper(name) for name in (*names, "MuxedAccount", "Preconditions", "Memo")}
+    names = (
+        *("LedgerCloseMeta", "LedgerCloseMetaExt", "StellarValue", "LedgerHeader"),
+        *("TransactionSet", "GeneralizedTransactionSet", "MuxedAccount", "Preconditions", "Memo"),
+    )
+    return {name: walker.skipper(name) for name in names}
 
 
 def _operations(words: Any, i: int, skippers: dict[str, Callable[..., int]]) -> int:
