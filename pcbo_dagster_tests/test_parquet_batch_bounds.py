@@ -709,7 +709,7 @@ def test_a_store_that_fails_while_a_row_group_is_read_is_still_a_store_failure(
                 raise OSError(errno.EIO, os.strerror(errno.EIO), str(source))
             return super().read(size)
 
-    monkeypatch.setattr(streaming, "open_regular", lambda path, root=None: FailingDisk(path))
+    monkeypatch.setattr(streaming, "open_source_file", lambda path, root=None: FailingDisk(path))
     home = tmp_path / "home"
     request = write_request(tmp_path / "request.json", {**_REQUEST, "source": {"uri": str(source)}})
     out = tmp_path / "out.json"

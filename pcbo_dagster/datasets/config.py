@@ -753,7 +753,7 @@ def load_datasets_config_from_env(
 def load_datasets_config(path: str | Path, environ: Mapping[str, str] | None = None) -> DatasetsConfig:
     """Read and validate a datasets config file: relative lakes resolve against its directory,
     relative sources against `sources_dir_for(path, environ)`."""
-    from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
+    from pcbo_dagster.io.regular_files import NotRegularFile, open_regular
 
     path = Path(path)
     try:

@@ -59,8 +59,8 @@ from pcbo_dagster.core.signed_note import (
 from pcbo_dagster.core.transparency_log import event_leaf
 from pcbo_dagster.io.http_delivery import DeliveryFailed
 from pcbo_dagster.io.redaction import scrub_text
+from pcbo_dagster.io.regular_files import NotRegularFile, open_regular
 from pcbo_dagster.lake import layout
-from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
 from pcbo_dagster.witness.client import Witness, WitnessRefused, parse_witness, request_cosignature
 
 if TYPE_CHECKING:

@@ -36,8 +36,8 @@ from fsspec.implementations.local import LocalFileSystem
 from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.io.atomic_files import create_file, replace_file, swap_file
 from pcbo_dagster.io.redaction import is_store_error, one_line_error, redact_url
+from pcbo_dagster.io.regular_files import NotRegularFile, open_regular
 from pcbo_dagster.lake.layout import OutsidePartition
-from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
 
 #: Object stores are shared: another host may write or remove any object at any time, so no
 #: directory listing is kept for later (s3fs and gcsfs keep every listing for ever by default, in a

@@ -122,13 +122,14 @@ def read_batch_bytes(uri: str, root: SourcesDirectory | None = None) -> bytes:
     import zstandard
     from fsspec.implementations.local import LocalFileSystem
 
-    from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, open_regular
+    from pcbo_dagster.io.regular_files import NotRegularFile
+    from pcbo_dagster.sources.local_files import OutsideSources, open_source_file
 
     limit = max_batch_bytes()
     try:
         fs, path = fsspec.core.url_to_fs(uri)
         if isinstance(fs, LocalFileSystem):
-            opened = open_regular(path, root)
+            opened = open_source_file(path, root)
         else:  # an object store, reached as a lake is (imported only then: it loads pyarrow)
             from pcbo_dagster.lake.storage import filesystem
 

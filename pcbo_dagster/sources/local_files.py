@@ -1,10 +1,9 @@
 """Opening a source's local file: a regular file only, and for a server, only inside its sources
 directory and in none of pcbo's own stores there.
 
-`open_regular(path, sources)` opens `path` without blocking (a FIFO opened for reading would wait for
-a writer forever), then judges the open file itself (`fstat`): anything but a regular file (a FIFO, a
-device, a directory) is `NotRegularFile`. With `sources` (the HTTP API's sources directory, `pcbo
-serve`: a `SourcesDirectory`) the file's real path as opened (`/proc/self/fd`, where the kernel says
+`open_source_file(path, sources)` opens `path` as `io/regular_files.open_regular` does (without
+blocking, a regular file only: `NotRegularFile`). With `sources` (the HTTP API's sources directory,
+`pcbo serve`: a `SourcesDirectory`) the file's real path as opened (`/proc/self/fd`, where the kernel says
 what was opened) must lie inside it, in none of its hidden paths (`.keys/`, where the home keeps a
 key) and in none of pcbo's own stores (the lake, the audit backup, the catalog database and its
 journals, the Iceberg catalog, ...: `Settings.own_paths`), nor be the same file as one of them (a
@@ -25,10 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-
-class NotRegularFile(ValueError):
-    """The path opens something that is not a regular file."""
-
+from pcbo_dagster.io.regular_files import OPEN_FLAGS, NotRegularFile, open_regular, regular_file
 
 #: `place_in_sources`'s answers for a path a server may not read.
 OUTSIDE, HIDDEN, STORE = "outside", "hidden", "store"
@@ -93,7 +89,7 @@ def place_in_sources(
     starting with `.`: `.keys/`, where the home keeps a key), in (or the same file as) one of pcbo's
     own stores (`STORE`: the lake, the audit backup, the catalog, ...), or None when a server may read
     it. The one judgement of both the request's own path (`engine/request_loading.py`) and every file
-    opened (`open_regular`), made before the file is opened for reading."""
+    opened (`open_source_file`), made before the file is opened for reading."""
     root = sources.root.rstrip("/") or "/"
     if not _inside(real, root):
         return OUTSIDE
@@ -106,25 +102,19 @@ def place_in_sources(
     return None
 
 
-def open_regular(path: str, sources: SourcesDirectory | None = None, follow_links: bool = True) -> BinaryIO:
-    """`path` opened for binary reading (module doc); `FileNotFoundError` and other `OSError`s as
-    `open` raises them (`follow_links=False`: a symbolic link at the name itself is not followed, an
-    `OSError` with `errno.ELOOP`)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+def open_source_file(path: str, sources: SourcesDirectory | None = None) -> BinaryIO:
+    """The source file `path` opened for binary reading (module doc): without `sources` as
+    `open_regular` opens it; `FileNotFoundError` and other `OSError`s as `open` raises them."""
     if sources is None:
-        fd = os.open(path, flags)
-    else:
-        fd = _open_judged(path, sources, flags)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(f"{path} is not a regular file")
-        if sources is not None and not _REOPENS:  # judged before opening too: see there
-            _judge(path, os.path.realpath(path), os.fstat(fd), sources)
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
+        return open_regular(path)
+    file = regular_file(_open_judged(path, sources, OPEN_FLAGS), path)
+    if not _REOPENS:  # judged before opening too: see there
+        try:
+            _judge(path, os.path.realpath(path), os.fstat(file.fileno()), sources)
+        except BaseException:
+            file.close()
+            raise
+    return file
 
 
 #: Whether a file can be judged through an `O_PATH` descriptor and reopened (`_open_judged`): Linux.

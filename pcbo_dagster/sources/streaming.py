@@ -40,8 +40,9 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import parse_json_strict
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster.io.regular_files import NotRegularFile
 from pcbo_dagster.lake.storage import filesystem
-from pcbo_dagster.sources.local_files import NotRegularFile, OutsideSources, SourcesDirectory, open_regular
+from pcbo_dagster.sources.local_files import OutsideSources, SourcesDirectory, open_source_file
 from pcbo_dagster.sources.parquet_pages import (
     NOT_AS_DICTIONARY,
     HeldBytes,
@@ -118,7 +119,7 @@ def _opened(uri: str, shown: str, root: SourcesDirectory | None = None) -> Itera
         fs, path = filesystem(uri)
         if isinstance(fs, LocalFileSystem):
             try:
-                fh: IO[bytes] = open_regular(path, root)
+                fh: IO[bytes] = open_source_file(path, root)
             except NotRegularFile:
                 raise InvalidInput("source.uri", f"{redact_url(shown)} is not a regular file") from None
             except OutsideSources as exc:
