@@ -56,6 +56,21 @@ def test_every_flag_of_every_command_has_help():
     assert shown.returncode == 0 and "--by BY" in shown.stdout and "who promotes" in shown.stdout
 
 
+def test_only_commands_that_may_append_to_a_chain_take_signing_flags(tmp_path):
+    """A command that never appends to an audit chain (a query, a proof, the token commands) offers
+    no `--signing-key`/`--witness`: they would be silently unused. Typed there, they are refused."""
+    flags: dict[str, set[str]] = {}
+    for path, action in _commands(build_parser()):
+        flags.setdefault(path, set()).update(action.option_strings)
+    for readers in ("pcbo query", "pcbo proof", "pcbo token create", "pcbo token list", "pcbo token revoke"):
+        assert "--home" in flags[readers] and not {"--signing-key", "--witness"} & flags[readers], readers
+    for writer in ("pcbo execute", "pcbo rollback", "pcbo verify", "pcbo gc", "pcbo log publish"):
+        assert {"--signing-key", "--witness"} <= flags[writer], writer
+    refused = run_pcbo(["query", "--dataset", DATASET, "--signing-key", "k", "SELECT 1"], home=tmp_path / "h")
+    assert refused.status == 2 and "unrecognized arguments: --signing-key" in refused.stderr
+    assert not (tmp_path / "h").exists()
+
+
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """The demo request executed into a home; (home, execute document, dry-run document)."""

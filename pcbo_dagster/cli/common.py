@@ -180,8 +180,9 @@ def check_listen_address(host: str, port: int, any_port: bool = False) -> None:
         raise InvalidInput("--port", f"must be a TCP port ({lowest}-65535), not {port}")
 
 
-def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
-    """`--output`, and (`where`) the flags saying where the engine reads and writes."""
+def add_common_options(p: argparse.ArgumentParser, where: bool = True, signs: bool = True) -> None:
+    """`--output`, and (`where`) the flags saying where the engine reads and writes, with (`signs`:
+    a command that may append to an audit chain) how checkpoints are signed and witnessed."""
     p.add_argument("--output", help="write the JSON document here instead of stdout")
     if where:
         p.add_argument("--home", help="PCBO_HOME (default ./.pcbo)")
@@ -190,6 +191,7 @@ def add_common_options(p: argparse.ArgumentParser, where: bool = True) -> None:
             "--catalog", help="catalog URL (PCBO_CATALOG_URL; default sqlite:///$PCBO_HOME/catalog.db)"
         )
         p.add_argument("--audit-dir", help="audit backup directory (PCBO_AUDIT_DIR; default $PCBO_HOME/pas)")
+    if where and signs:
         p.add_argument(
             "--signing-key",
             help="the operator's private key file: checkpoints of the audit chains are signed with it "

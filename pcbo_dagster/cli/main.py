@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("proof", help="inclusion proof of an id, or consistency proof between versions")
-    add_common_options(p)
+    add_common_options(p, signs=False)
     add_dataset_options(p)
     p.add_argument(
         "--partition", required=True, type=partition_key_arg, help="partition key, e.g. 20240101T000000Z"
@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("query", help="run SQL over a dataset's Iceberg table with DuckDB")
-    add_common_options(p)
+    add_common_options(p, signs=False)
     add_dataset_options(p)
     p.add_argument("sql", metavar="SQL", help='the query; the table is named as in Iceberg ("ns.table")')
     p.add_argument("--branch", default="main", help="the table branch to read (default main; staging)")
