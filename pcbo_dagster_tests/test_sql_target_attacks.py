@@ -14,6 +14,7 @@ from typing import Any
 
 from pcbo_dagster.core.chain_state import replay
 from pcbo_dagster.core.sql_outcomes import row_digest
+from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.sql_verify import partition_read_back
 from pcbo_dagster.targets.sql_table import JOURNAL_GENESIS, SqlTable
 from pcbo_dagster_tests.cli_runner import run_pcbo
@@ -310,7 +311,7 @@ def test_a_journal_tail_vouched_for_by_a_checkpoint_of_no_apply_is_refused(tmp_p
     intent = _intent_of(home, key)
     state = replay(_chain(home))
     (target, history) = next((t, h) for (t, k), h in state.sql.items() if k == key)
-    table = reopen_target((), target, history, write=False)
+    table = reopen_target(Settings.resolve(home=str(home), env={}), target, history, write=False)
     with table.read() as conn:
         live = table._live_rows(
             conn, [table.key_values_of_text('["ev-0100"]')], lock=False, with_image=False, digests_only=True

@@ -616,3 +616,32 @@ def test_sql_applies_and_rollbacks_sign_checkpoints_an_auditor_can_hold(tmp_path
         BO.verifier().text,
     ]
     assert pcbo(trusted).status == 0
+
+
+@pytest.mark.postgres
+def test_a_target_url_spelling_the_location_another_way_is_named_when_the_target_is_unreachable(
+    tmp_path: Path, fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: a `--target-url` naming the recorded location another way (`localhost` for
+    `127.0.0.1`) was silently not used: the recorded location was reached with libpq's default user
+    and the error spoke only of that user (`role "root" does not exist`), never of the flag. Now
+    verify's finding and rollback's error (exit 2, nothing undone) name the flag and the locations."""
+    monkeypatch.setenv("PGUSER", "pcbo-no-such-role")  # libpq's default user, whoever runs the tests
+    url = fresh_postgres_url
+    assert "@127.0.0.1:" in url
+    create_table(url)
+    assert _execute(tmp_path, request(url, [record(i) for i in range(1, 4)])).status == 0
+    before = dump(url)
+    home, elsewhere = tmp_path / "home", url.replace("@127.0.0.1:", "@localhost:")
+    verified = pcbo(["verify", "--home", home, "--target-url", elsewhere])
+    found = [f for f in verified.document["findings"] if f["kind"] == "sql_target_unreachable"]
+    assert verified.status == 1 and len(found) == 1, verified.document
+    detail = found[0]["detail"]
+    assert "--target-url" in detail and "postgresql://localhost:" in detail, detail
+    assert "where the audit chain records the table" in detail and "pcbo-no-such-role" in detail
+    undone = pcbo(
+        ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1", "--target-url", elsewhere]
+    )
+    assert undone.status == 2 and "--target-url" in undone.stderr and "none is at" in undone.stderr
+    assert dump(url) == before
+    assert pcbo(["verify", "--home", home, "--target-url", url]).status == 0

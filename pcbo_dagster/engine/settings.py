@@ -126,6 +126,8 @@ class Settings:
     signing_key_field: str = "PCBO_SIGNING_KEY"
     witnesses_field: str = "PCBO_WITNESSES"
     sql_target_urls: tuple[str, ...] = ()
+    #: How an error about them names them: `--target-url` or `PCBO_SQL_TARGET_URLS`.
+    sql_target_urls_field: str = "PCBO_SQL_TARGET_URLS"
     #: The durable audit backup on an object store every host shares (`s3://`, `gs://`), or None.
     audit_store: str | None = None
     #: Runs of one dataset may land on different hosts (`PCBO_MULTI_HOST`).
@@ -233,7 +235,8 @@ class Settings:
         if workers < 1:
             raise InvalidInput("--parallel", f"must be at least 1, not {workers}")
         targets = tuple(sql_target_urls or (env.get("PCBO_SQL_TARGET_URLS") or "").split())
-        _check_target_urls("--target-url" if sql_target_urls else "PCBO_SQL_TARGET_URLS", targets)
+        targets_field = "--target-url" if sql_target_urls else "PCBO_SQL_TARGET_URLS"
+        _check_target_urls(targets_field, targets)
         key = given("--signing-key", signing_key, "PCBO_SIGNING_KEY")
         if witnesses:
             witness_list = tuple(w.strip() for w in witnesses)
@@ -263,6 +266,7 @@ class Settings:
             multi_host=flag("PCBO_MULTI_HOST", env.get("PCBO_MULTI_HOST")),
             parallel_given=parallel is not None or bool((env.get("PCBO_PARALLEL") or "").strip()),
             catalog_field=catalog_field,
+            sql_target_urls_field=targets_field,
         )
 
 

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from pcbo_dagster.core.chain_state import (
     SQL_PARTITION_ROLLED_BACK,
@@ -54,9 +55,11 @@ from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
 from pcbo_dagster.engine.partition_checks import verified_chain
 from pcbo_dagster.engine.rollback import rollback_document
+from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.sql_apply import check_journal, complete_applies, unguarded_journal
 from pcbo_dagster.engine.sql_events import rollback_intent_body, rolled_back_body
 from pcbo_dagster.engine.transparency_log import publish
+from pcbo_dagster.io.redaction import one_line_error
 from pcbo_dagster.targets.sql_dialects import location_of
 from pcbo_dagster.targets.sql_locks import scoped_lock
 from pcbo_dagster.targets.sql_table import JournalView, SqlTable, read_journal
@@ -84,10 +87,35 @@ def target_url(urls: tuple[str, ...], ref: str) -> str:
     return location
 
 
-def reopen_target(urls: tuple[str, ...], ref: str, history: SqlPartitionHistory, write: bool) -> SqlTable:
-    """The table of `ref`, with the layout of the newest apply intent recorded for it."""
+def reopen_target(settings: Settings, ref: str, history: SqlPartitionHistory, write: bool) -> SqlTable:
+    """The table of `ref`, with the layout of the newest apply intent recorded for it. When target
+    URLs were given but none is at the recorded location, and connecting there as recorded (no user:
+    libpq's defaults) fails, the error says so (`InvalidInput` naming the flag or variable, with the
+    locations given): a URL spelling the location another way (`localhost` for `127.0.0.1`) is the
+    likely cause, not the default user the server refused."""
     layout = history.applies[-1].intent["layout"]
-    return SqlTable.reopen(target_url(urls, ref), layout, write=write)
+    urls = settings.sql_target_urls
+    url = target_url(urls, ref)
+    try:
+        return SqlTable.reopen(url, layout, write=write)
+    except SQLAlchemyError as exc:
+        if not urls or url in urls:
+            raise
+        given = ", ".join(sorted({_location_or_unreadable(u) for u in urls}))
+        reason = one_line_error(exc)
+        raise InvalidInput(
+            settings.sql_target_urls_field,
+            f"none is at {url}, where the audit chain records the table {layout['table']} (they are at "
+            f"{given}: name its location as recorded, the same host, port and database); connecting "
+            f"there as recorded failed: {reason}",
+        ) from None
+
+
+def _location_or_unreadable(url: str) -> str:
+    try:
+        return location_of(url)
+    except (ValueError, InvalidInput):
+        return "(an unreadable URL)"
 
 
 def sql_histories_of_run(state: ChainState, run_id: str) -> dict[str, list[SqlPartitionHistory]]:
@@ -131,7 +159,7 @@ def rollback_sql(
     results: list[dict[str, Any]] = []
     healed: list[dict[str, Any]] = []
     for ref, histories in targets.items():
-        table = reopen_target(env.settings.sql_target_urls, ref, histories[0], write=True)
+        table = reopen_target(env.settings, ref, histories[0], write=True)
         try:
             with scoped_lock(table, dataset, run_id):
                 # again, under the lock, from a chain that verifies

@@ -85,7 +85,7 @@ def check_sql_targets(
     for ref, histories in sorted(by_target.items()):
         newest = max(histories, key=lambda h: h.applies[-1].intent_seq)
         try:
-            table = reopen_target(env.settings.sql_target_urls, ref, newest, write=report.repair)
+            table = reopen_target(env.settings, ref, newest, write=report.repair)
         except (InvalidInput, SQLAlchemyError, OSError) as exc:
             report.find("sql_target_unreachable", ref, scrub_text(str(getattr(exc, "orig", None) or exc)))
             continue
