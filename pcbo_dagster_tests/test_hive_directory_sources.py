@@ -501,6 +501,51 @@ def test_directory_source_end_to_end_through_the_cli(tmp_path: Path) -> None:
         assert not (tmp_path / f"home-{uri}").exists()
 
 
+def test_the_documents_say_which_files_of_a_directory_were_not_read(tmp_path: Path) -> None:
+    """Red-team finding: files below a directory source that are not of the format read (another
+    extension: `.json`, `.jsonl.gz`, `.txt`; or another format when `source.format` is given) were
+    left out without a word: a day's records in `part-1.json` were simply not loaded, exit 0, and no
+    document said so. The dry-run and execute documents (and a SQL target's) now say how many files
+    were read, pruned and not read, and name the first of those not read; `_`/`.` paths aside."""
+    root = tmp_path / "events"
+    records = _records("a", n=6, day="2024-01-01")
+    _write(root, "dt=2024-01-01/part-0.jsonl", _file_bytes("jsonl", records[:3]))
+    _write(root, "dt=2024-01-01/part-1.json", _file_bytes("jsonl", records[3:]))  # not a .jsonl
+    _write(root, "dt=2024-01-01/part-2.csv", _file_bytes("csv", records[3:]))
+    _write(root, "dt=2024-01-02/part-0.jsonl", _file_bytes("jsonl", _records("b", n=2, day="2024-01-02")))
+    _write(root, "README.txt", "what this folder is")
+    _write(root, "_SUCCESS", "")
+    _write(root, "dt=2024-01-01/.part-0.jsonl.crc", "")
+    request = {
+        "runId": "dir-report",
+        "dataset": "events",
+        "versionLabel": "v1",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-02T00:00:00Z",
+        "chunkSeconds": 86400,
+        "policies": {"requireConsent": True},
+        "source": {"uri": "events", "format": "jsonl", "prune": True},
+    }
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(request))
+    expected = {
+        "format": "jsonl",
+        "read": 1,
+        "pruned": 1,
+        "notRead": 3,
+        "notReadPaths": ["README.txt", "dt=2024-01-01/part-1.json", "dt=2024-01-01/part-2.csv"],
+    }
+    status, planned, _ = _cli(tmp_path / "home", "dry-run", "--input", path)
+    assert status == 0 and planned["sourceFiles"] == expected and planned["totals"]["records"] == 3
+    status, done, _ = _cli(tmp_path / "home", "execute", "--input", path)
+    assert status == 0 and done["sourceFiles"] == expected
+    inline = {**request, "source": None, "sourceRecords": records[:3]}
+    del inline["source"]
+    path.write_text(json.dumps(inline))
+    status, planned, _ = _cli(tmp_path / "home-inline", "dry-run", "--input", path)
+    assert status == 0 and "sourceFiles" not in planned  # only a directory has files to report
+
+
 def test_a_folder_that_is_a_symbolic_link_is_read_and_a_link_loop_is_refused(tmp_path: Path) -> None:
     """Red-team finding: a hive partition folder that is a symbolic link (`dt=2024-01-02 ->
     /elsewhere`) was listed as one file without a data extension and ignored, so its records were

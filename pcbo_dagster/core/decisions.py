@@ -71,6 +71,12 @@ class Decisions:
     totals: dict[str, Any]
     breaches: list[dict[str, Any]] = field(default_factory=list)
     decision_hash: str = ""
+    #: A directory source's files: read, pruned, not read (`RecordSource.file_report`); no decision.
+    source_files: dict[str, Any] | None = None
+
+    def source_files_json(self) -> dict[str, Any]:
+        """`{"sourceFiles": ...}` for a document when the source is a directory, else nothing."""
+        return {} if self.source_files is None else {"sourceFiles": self.source_files}
 
     def to_json(self, lazy: bool = False) -> dict[str, Any]:
         """The dry-run document; `lazy`: its `partitions` and `unplaced` as iterators, each entry made
@@ -87,6 +93,7 @@ class Decisions:
             "partitions": partitions if lazy else list(partitions),
             "unplaced": unplaced if lazy else list(unplaced),
             "totals": self.totals,
+            **self.source_files_json(),
         }
 
 

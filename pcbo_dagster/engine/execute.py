@@ -527,6 +527,7 @@ def _document(
             },
         },
         "totals": {**decisions.totals, **summary},
+        **decisions.source_files_json(),
         "auditDelivery": published["auditDelivery"],
         "checkpoint": published["checkpoint"],
     }

@@ -339,4 +339,6 @@ def evaluate(loaded: LoadedRequest, chain: Any = None) -> tuple[Plan, Decisions]
         from pcbo_dagster.engine.sql_apply import evaluate_target
 
         decisions = evaluate_target(loaded, plan, decisions, chain=chain)
+    if loaded.source is not None:
+        decisions.source_files = loaded.source.file_report()
     return plan, decisions

@@ -673,6 +673,7 @@ def execute_sql(
         },
         "rollbackScript": script,
         "totals": {**decisions.totals, **summary},
+        **decisions.source_files_json(),
         "auditDelivery": published["auditDelivery"],
         "checkpoint": published["checkpoint"],
     }

@@ -262,6 +262,10 @@ _FILE_CLASSES: dict[str, type[RecordSource]] = {
 }
 
 
+#: How many paths of files not read a document lists (`DirectorySource.file_report`).
+REPORTED_PATHS = 20
+
+
 class DirectorySource(RecordSource):
     """The data files of a directory read in order as one source (see the module docstring).
 
@@ -305,6 +309,20 @@ class DirectorySource(RecordSource):
         super().prune_zones(window, store)
         for source in self._sources:
             source.prune_zones(window, store)
+
+    def file_report(self) -> dict[str, Any]:
+        """What a dry-run or execute document says of the directory's files (`sourceFiles`): how many
+        were read, how many pruned by their hive path, and the files below it that are not of the
+        format read (how many, and the first `REPORTED_PATHS` of their relative paths), so a file
+        of another extension (`.json`, `.txt`, `.jsonl.gz`) or format is never left out unseen.
+        Paths starting with `_` or `.` (`_SUCCESS`, `.crc`) are not counted."""
+        return {
+            "format": self.kind,
+            "read": len(self.files),
+            "pruned": len(self.pruned),
+            "notRead": len(self.ignored),
+            "notReadPaths": self.ignored[:REPORTED_PATHS],
+        }
 
     def zone_report(self) -> dict[str, int]:
         reports = [source.zone_report() for source in self._sources]

@@ -221,6 +221,11 @@ class RecordSource:
         """Read only the zones that may hold records of `window` (None: every record)."""
         self.window, self.zone_store = window, store
 
+    def file_report(self) -> dict[str, Any] | None:
+        """Which files of a directory source were read and which not (`DirectorySource`); None for
+        one file."""
+        return None
+
     def zone_report(self) -> dict[str, int]:
         """How many zones the file has and how many were read (after `batches`)."""
         if self.zones is None or self.window is None:
