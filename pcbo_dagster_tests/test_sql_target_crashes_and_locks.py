@@ -194,6 +194,39 @@ def test_a_crash_at_each_failpoint_resumes_to_the_uninterrupted_table(tmp_path: 
     assert dumps["killed"] == dumps["reference"]
 
 
+def test_a_row_the_cut_short_run_wrote_and_someone_changed_since_refuses_the_resume_first(
+    tmp_path: Path,
+) -> None:
+    """Red-team finding: a row a run killed mid-partition had already written, changed by someone
+    before the resume, went unseen until the end (the run decides against the table as it was before
+    it): the resume wrote the partition's remaining chunks, then failed its read-back (exit 1). It is
+    now refused before anything more is written (exit 3, `gate: resume`, naming the row), as a change
+    to a row the partition has yet to write is; the row put back, the run resumes and rolls back."""
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    before = dump(url)
+    home = tmp_path / "home"
+    path = write_json(tmp_path / "req.json", request(url, [record(i) for i in range(1, 13)], chunkRows=2))
+    crashed = run_pcbo(["execute", "--input", path], home=home, env={"PCBO_FAILPOINT": "sql_after_chunk@0"})
+    assert crashed.status == 86, crashed.stderr
+    assert [r[0] for r in query(url, "SELECT id FROM events ORDER BY id")] == ["ev-0004", "ev-0008"]
+    run_sql(url, "UPDATE events SET amount = 777 WHERE id = 'ev-0008'")
+    changed = dump(url)
+    resumed = pcbo(["execute", "--input", path, "--home", home])
+    assert resumed.status == 3, resumed.stderr
+    assert resumed.document["gate"] == "resume" and "ev-0008" in resumed.document["reason"]
+    assert dump(url) == changed  # nothing more written
+    refused = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
+    assert refused.status == 1 and "sql_rows_changed_since" in refused.stderr  # not written over
+    run_sql(url, "UPDATE events SET amount = 8 WHERE id = 'ev-0008'")  # put back as the run wrote it
+    done = pcbo(["execute", "--input", path, "--home", home])
+    assert done.status == 0 and done.document["totals"]["inserted"] == 12, done.stderr
+    assert pcbo(["verify", "--home", home]).status == 0
+    rolled = pcbo(["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"])
+    assert rolled.status == 0, rolled.stderr
+    assert dump(url) == before
+
+
 def test_a_rollback_killed_after_its_intent_is_done_again(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "target.db")
     create_table(url)

@@ -783,6 +783,17 @@ def _partition(
         done = {cp.chunk: cp for cp in checked_chunks(checkpoints, key, open_apply, view)}
     except CheckpointAltered as exc:
         return _stopped(env, plan, base, "sql_checkpoint_altered", _not_resumed(plan, exc))
+    # The rows those chunks wrote, read back before a chunk more is written: one changed since is a
+    # change the decisions cannot see (they are made against the table as it was before this run).
+    changed = table.read_back_by_key_text([a for c in sorted(done) for a in done[c].result["applied"]])
+    if changed:
+        _refuse_resume(
+            plan,
+            f"{key}'s row(s) {', '.join(sorted(changed)[:20])} that the run wrote before it was cut "
+            "short changed since (a change its decisions cannot see): put them back as the run wrote "
+            f"them, then resume it or roll it back (pcbo rollback --run-id {plan.run_id} does not write "
+            "over a change)",
+        )
     gathered = PartitionApply(journal_seq=cursor.seq, journal_digest=cursor.digest)
     keys: dict[str, tuple[Any, ...]] = {}
     for chunk in range(chunks):
