@@ -436,6 +436,10 @@ def test_verify_holds_the_catalogs_failed_rows_to_the_chain(tmp_path: Path) -> N
         ({"conflcit": "skip"}, "target.conflcit"),
         ({"url": "mysql://db/x"}, "target.url"),
         ({"freshnessColumn": "nope", "snapshotAt": "2024-02-01T00:00:00Z"}, "target.freshnessColumn"),
+        # Red-team finding: a SQLite column of INTEGER or REAL affinity holds numbers, never instants:
+        # every live row's would have been unreadable, so every record refused as newer, exit 0.
+        ({"freshnessColumn": "amount", "snapshotAt": "2024-02-01T00:00:00Z"}, "target.freshnessColumn"),
+        ({"deletedColumn": "amount", "snapshotAt": "2024-02-01T00:00:00Z"}, "target.deletedColumn"),
     ],
 )
 def test_bad_targets_are_refused_naming_the_field(tmp_path: Path, change: dict, field: str) -> None:

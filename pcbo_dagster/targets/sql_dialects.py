@@ -417,8 +417,18 @@ def number_bind(dialect: str, column: ColumnInfo, value: Any) -> Any:
 
 
 def instant_refusal(dialect: str, column: ColumnInfo) -> str | None:
-    """Why a freshness or tombstone column cannot be read as instants (None: it can)."""
-    if dialect == SQLITE or column.base_type in ("timestamptz", "text", "varchar"):
+    """Why a freshness or tombstone column cannot be read as instants (None: it can). On SQLite a
+    column whose affinity turns instants into numbers (INTEGER, REAL) holds none: every live row's
+    value would be unreadable, counted later than any snapshot, and every record refused."""
+    if dialect == SQLITE:
+        affinity = sqlite_affinity(column.type_text)
+        if affinity in _SQLITE_ACCEPTS[TIMESTAMP]:
+            return None
+        return (
+            f"column {column.name!r} ({column.type_text}, {affinity} affinity) holds numbers, not "
+            "instants: use a TEXT column of RFC 3339 instants (2024-01-01T00:00:00Z)"
+        )
+    if column.base_type in ("timestamptz", "text", "varchar"):
         return None
     why = _PG_WHY.get(column.base_type, "is not a timestamp with time zone")
     return f"column {column.name!r} is {column.type_text}: {why}"
