@@ -520,6 +520,65 @@ def test_a_crash_between_an_approval_event_and_its_row_is_reported_and_healed(
     assert operations.promote(config, base, "r", by="dee", clock=clock)["status"] == "promoted"
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_crash_between_a_soak_evaluation_event_and_its_row_is_reported_and_healed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signed: bool
+) -> None:
+    """Red-team finding: killed after `rollout_soak_evaluated` reached the chain and before its
+    `soak_evaluations` row, `verify` said clean and `--repair` wrote nothing (the event held only the
+    detail's digest). The event now carries the detail (as JSON text, floats and all: a business metric
+    here): `verify` reports the row missing, `--repair`
+    writes the very row (its digest the event's), once. An event carrying no detail (or one that is
+    not the digest's) is a finding `--repair` leaves alone."""
+    from pcbo_dagster.catalog.rollouts import RolloutStore
+
+    config = _config(tmp_path, 'businessMetric: {name: rows, expression: "count()", atMost: 9.5}')
+    base = _signed_settings(tmp_path) if signed else Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    clock.advance(300)
+    real = RolloutStore.record_soak_evaluation
+
+    def dies(self: RolloutStore, *args: object, **kwargs: object) -> None:
+        raise _Killed("soak evaluation")
+
+    monkeypatch.setattr(RolloutStore, "record_soak_evaluation", dies)
+    with pytest.raises(_Killed):
+        operations.soak(config, base, clock=clock)
+    monkeypatch.setattr(RolloutStore, "record_soak_evaluation", real)
+    [event] = [e for e in _chain(config, base) if e["event_type"] == "rollout_soak_evaluated"]
+
+    found = _verify_production(config, base)["findings"]
+    assert [f["kind"] for f in found] == ["soak_evaluation_row_missing"], found
+    assert found[0]["detail"].endswith("(a crash between the event and its row: --repair)"), found
+    repaired = _verify_production(config, base, repair=True)
+    assert repaired["findings"] == [], repaired["findings"]
+    assert repaired["repaired"] == [
+        {
+            "kind": "soak_evaluation_row_missing",
+            "where": "sessions/v1 rollout r",
+            "seq": event["chain"]["seq"],
+        }
+    ]
+    with operations.dataset_environments(config, config.dataset("sessions"), base) as envs:
+        [row] = envs.store.soak_evaluations("r")
+    assert row["passed"] is event["passed"] is True and row["detail"] == json.loads(event["detail_json"])
+    assert format_datetime(row["evaluated_at"]) == event["evaluated_at"]
+    again = _verify_production(config, base, repair=True)
+    assert again["findings"] == [] and again["repaired"] == []
+    assert operations.status(config, base, "r", clock=clock)["soak"]["evaluations"] == 1
+
+    if signed:
+        return
+    # An event as written before events carried the detail (its digest only): a finding, not healed.
+    older = {k: v for k, v in event.items() if k not in (*RESERVED, "detail_json")}
+    _append(config, base, ("rollout_soak_evaluated", {**older, "evaluated_at": format_datetime(clock.now())}))
+    for repair in (False, True):
+        found = _verify_production(config, base, repair=repair)
+        assert [f["kind"] for f in found["findings"]] == ["soak_evaluation_row_missing"], found
+        assert "a crash between" not in found["findings"][0]["detail"] and found["repaired"] == []
+
+
 def test_a_staging_apply_run_again_after_its_rollout_staged_appends_no_second_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,9 @@ the rollout (`rollout`: `rollout_subject`):
   `soak_window_seconds`, `by`); the rollout is halted for review and its soak window starts;
 - `rollout_soak_evaluated`: one soak evaluation (`passed`, `evaluated_at`, `failed_checks`, each
   check's `passed` and `message`, the staged and current decision hashes and `detail_digest`, the
-  digest of the evaluation's whole detail as the catalog's `soak_evaluations` row holds it);
+  digest of the evaluation's whole detail as the catalog's `soak_evaluations` row holds it, and that
+  detail as JSON text, `detail_json`, from which `pcbo verify --repair` writes again a row a crash
+  lost);
 - `rollout_cancelled`, `rollout_rolled_back` (`stage`, `by`, `reason`, `rollback_id`), and
   `rollout_promoted` (`complete`: every partition) and the signed `rollout_approved` /
   `rollout_rejected` (`rollout/approvals.py`).
@@ -42,6 +44,7 @@ state before the rollout's last lifecycle event) and gives the columns `pcbo ver
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -279,25 +282,61 @@ def soak_rows_on_chain(
     """The catalog's `soak_evaluations` rows of the rollout split by the chain: those a
     `rollout_soak_evaluated` event of it records (same moment, verdict and detail digest), in their
     order, and one line for each other row (what `pcbo verify` reports; a soak report leaves it out)."""
-    on_chain = Counter(
-        (e.get("evaluated_at"), e.get("passed"), e.get("detail_digest")) for e in life.all_evaluations
-    )
+    on_chain = Counter(_evaluation_key(e) for e in life.all_evaluations)
     recorded: list[Mapping[str, Any]] = []
     found = []
     for row in rows:
-        moment = _moment(row.get("evaluated_at"))
-        try:
-            digest: str | None = detail_digest(row.get("detail"))
-        except (TypeError, ValueError):
-            digest = None
-        key = (moment, bool(row.get("passed")), digest)
+        key = _row_key(row)
         if on_chain[key] > 0:
             on_chain[key] -= 1
             recorded.append(row)
         else:
             verdict = "passed" if row.get("passed") else "failed"
-            found.append(f"the evaluation at {moment} ({verdict}) is not on the production audit chain")
+            found.append(f"the evaluation at {key[0]} ({verdict}) is not on the production audit chain")
     return recorded, found
+
+
+def soak_events_without_row(life: Lifecycle, rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rollout's `rollout_soak_evaluated` events that no `soak_evaluations` row records (a crash
+    between the event and its row), in chain order: `soak_rows_on_chain` the other way round."""
+    held = Counter(_row_key(row) for row in rows)
+    missing = []
+    for event in life.all_evaluations:
+        key = _evaluation_key(event)
+        if held[key] > 0:
+            held[key] -= 1
+        else:
+            missing.append(event)
+    return missing
+
+
+def soak_detail_of_event(event: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The evaluation's whole detail a `rollout_soak_evaluated` event carries (`detail_json`), when
+    its digest is the event's `detail_digest` (what `pcbo verify --repair` writes a lost row from);
+    None for an event without one (written before events carried it) or with another."""
+    text = event.get("detail_json")
+    if not isinstance(text, str):
+        return None
+    try:
+        detail = json.loads(text)
+        digest = detail_digest(detail)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(detail, dict):
+        return None
+    return detail if digest == event.get("detail_digest") else None
+
+
+def _evaluation_key(event: Mapping[str, Any]) -> tuple[Any, ...]:
+    return event.get("evaluated_at"), event.get("passed"), event.get("detail_digest")
+
+
+def _row_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    try:
+        digest: str | None = detail_digest(row.get("detail"))
+    except (TypeError, ValueError):
+        digest = None
+    return _moment(row.get("evaluated_at")), bool(row.get("passed")), digest
 
 
 def approval_row_disagreements(

@@ -67,6 +67,8 @@ from pcbo_dagster.core.rollout_lifecycle import (
     lifecycle,
     row_catch_up,
     row_disagreements,
+    soak_detail_of_event,
+    soak_events_without_row,
     soak_rows_on_chain,
     verified_statement,
 )
@@ -910,14 +912,41 @@ def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[di
                 )
             else:
                 report.find("rollout_not_on_chain", where, detail)
-        for detail in soak_rows_on_chain(life, store.soak_evaluations(row["name"]))[1]:
+        evaluations = store.soak_evaluations(row["name"])
+        for detail in soak_rows_on_chain(life, evaluations)[1]:
             report.find("soak_evaluation_not_on_chain", where, detail)
+        for evaluated in soak_events_without_row(life, evaluations):
+            _soak_row_missing(report, store, row["name"], where, evaluated, sound)
         approvals = store.approvals(row["name"])
         for detail in approval_row_disagreements(events, row["name"], approvals):
             report.find("rollout_approval_not_on_chain", where, detail)
         for decided in approval_events_without_row(events, row["name"], approvals):
             if (ckey, decided.get("chain", {}).get("seq")) not in ignored:  # (those are findings already)
                 _approval_row_missing(report, store, row["name"], where, decided, sound)
+
+
+def _soak_row_missing(
+    report: _Report, store: RolloutStore, name: str, where: str, event: Mapping[str, Any], sound: bool
+) -> None:
+    """A soak evaluation on the chain no `soak_evaluations` row records: a crash between the event and
+    its row. On a chain that verifies, an event that carries the evaluation's whole detail (its digest
+    the event's `detail_digest`) is written as a row by --repair; an older event (its digest only) or
+    a chain that does not verify is a finding only."""
+    seq = event.get("chain", {}).get("seq")
+    detail = f"the rollout_soak_evaluated event at seq {seq} has no soak_evaluations row"
+    stored = soak_detail_of_event(event)
+    moment = parse_instant(event.get("evaluated_at"))
+    if not sound or stored is None or moment is None or not isinstance(event.get("passed"), bool):
+        report.find("soak_evaluation_row_missing", where, detail)
+    elif report.repair:
+        store.record_soak_evaluation(name, event["passed"], stored, now=to_datetime(moment))
+        report.repaired.append({"kind": "soak_evaluation_row_missing", "where": where, "seq": seq})
+    else:
+        report.healable(
+            "soak_evaluation_row_missing",
+            where,
+            f"{detail} (a crash between the event and its row: --repair)",
+        )
 
 
 def _approval_row_missing(

@@ -246,6 +246,9 @@ def record_soak_evaluation(
                 for check, c in checks.items()
             },
             "detail_digest": detail_digest(stored),
+            # the detail as the row holds it (as text: it may hold floats, which an event's values may
+            # not), so a row a crash lost is written again from the chain (verify --repair)
+            "detail_json": compact_text(stored),
         },
     )
     return envs.store.record_soak_evaluation(rollout["name"], passed, detail, now=now)
