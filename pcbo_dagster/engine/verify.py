@@ -35,9 +35,10 @@ else stays a finding, with a note that repair refuses it. A second `repair` appe
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -933,20 +934,15 @@ def _soak_row_missing(
     the event's `detail_digest`) is written as a row by --repair; an older event (its digest only) or
     a chain that does not verify is a finding only."""
     seq = event.get("chain", {}).get("seq")
-    detail = f"the rollout_soak_evaluated event at seq {seq} has no soak_evaluations row"
     stored = soak_detail_of_event(event)
     moment = parse_instant(event.get("evaluated_at"))
-    if not sound or stored is None or moment is None or not isinstance(event.get("passed"), bool):
-        report.find("soak_evaluation_row_missing", where, detail)
-    elif report.repair:
-        store.record_soak_evaluation(name, event["passed"], stored, now=to_datetime(moment))
-        report.repaired.append({"kind": "soak_evaluation_row_missing", "where": where, "seq": seq})
-    else:
-        report.healable(
-            "soak_evaluation_row_missing",
-            where,
-            f"{detail} (a crash between the event and its row: --repair)",
-        )
+    passed = event.get("passed")
+    write = None
+    if sound and stored is not None and moment is not None and isinstance(passed, bool):
+        at = to_datetime(moment)
+        write = functools.partial(store.record_soak_evaluation, name, passed, stored, now=at)
+    detail = f"the rollout_soak_evaluated event at seq {seq} has no soak_evaluations row"
+    _row_lost(report, "soak_evaluation_row_missing", where, detail, seq, write)
 
 
 def _approval_row_missing(
@@ -958,19 +954,15 @@ def _approval_row_missing(
     `rollout_approval_signature_invalid` already), is written as a row by --repair (the row is a
     listing: the gate reads the chain); on a chain that does not verify it is a finding only."""
     seq = event.get("chain", {}).get("seq")
-    detail = (
-        f"the {event.get('event_type')} event at seq {seq} (by {event.get('by')}) has no "
-        "rollout_approvals row"
-    )
     try:
         signed = approval_of_event(event, [parse_verifier_key(str(event.get("approver_key")))])
         moment = parse_instant(event.get("timestamp"))
     except NoteError:
         signed, moment = None, None
-    if not sound or signed is None or moment is None:
-        report.find("rollout_approval_row_missing", where, detail)
-    elif report.repair:
-        store.record_approval(
+    write = None
+    if sound and signed is not None and moment is not None:
+        write = functools.partial(
+            store.record_approval,
             name=name,
             decision=signed.decision,
             decision_hash=signed.decision_hash,
@@ -979,13 +971,26 @@ def _approval_row_missing(
             event_hash=str(event["chain"]["event_hash"]),
             now=to_datetime(moment),
         )
-        report.repaired.append({"kind": "rollout_approval_row_missing", "where": where, "seq": seq})
+    detail = (
+        f"the {event.get('event_type')} event at seq {seq} (by {event.get('by')}) has no "
+        "rollout_approvals row"
+    )
+    _row_lost(report, "rollout_approval_row_missing", where, detail, seq, write)
+
+
+def _row_lost(
+    report: _Report, kind: str, where: str, detail: str, seq: Any, write: Callable[[], Any] | None
+) -> None:
+    """A catalog row a crash between its chain event and the row left unwritten: healed by --repair
+    with `write` (it writes the row the event says), a finding only when `write` is None (the event
+    cannot be trusted to say it)."""
+    if write is None:
+        report.find(kind, where, detail)
+    elif report.repair:
+        write()
+        report.repaired.append({"kind": kind, "where": where, "seq": seq})
     else:
-        report.healable(
-            "rollout_approval_row_missing",
-            where,
-            f"{detail} (a crash between the event and its row: --repair)",
-        )
+        report.healable(kind, where, f"{detail} (a crash between the event and its row: --repair)")
 
 
 def _check_approval_statements(report: _Report, ckey: str, events: list[dict]) -> list[Any]:
