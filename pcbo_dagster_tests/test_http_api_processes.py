@@ -255,3 +255,35 @@ def test_a_client_that_drips_its_headers_or_stalls_its_body_is_cut_off(tmp_path)
             f"{url}/v1/plan", content=body, headers={"Authorization": f"Bearer {token}"}, timeout=30
         )
         assert planned.status_code == 200, planned.text
+
+
+def test_request_headers_past_64_kib_are_refused_before_they_are_all_read(tmp_path):
+    """Red-team finding: uvicorn's httptools parser (chosen whenever httptools is installed, as it is
+    with uvicorn[standard]) has no limit on a request's headers, and `h11_max_incomplete_event_size`
+    bounds only h11's: one client with no token sent tens of MiB of one header within the read
+    deadline, the parser concatenating it chunk by chunk on the event loop, and every other request
+    waited until it stopped. Now a request's line and headers are read up to 64 KiB: past it, the
+    parser's plain-text 400 and the connection closed, whichever parser uvicorn chose."""
+    home = tmp_path / "home"
+    with serve_process(home) as (url, _process):
+        host, port = url.removeprefix("http://").split(":")
+        sent = 0
+        answer = b""
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            try:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: ")
+                for _ in range(256):  # 16 MiB, unless the server stops reading
+                    sock.sendall(b"a" * 65536)
+                    sent += 65536
+                sock.sendall(b"\r\n\r\n")
+            except OSError:  # closed by the server mid-way
+                pass
+            try:
+                while more := sock.recv(65536):
+                    answer += more
+            except OSError:
+                pass
+        assert sent < 16 * 1024 * 1024, "the server read 16 MiB of headers"
+        assert answer.startswith(b"HTTP/1.1 400") and b"Invalid HTTP request received." in answer, answer
+        # a request with ordinary headers is served as before
+        assert httpx.get(f"{url}/healthz", headers={"X-Padding": "a" * 60000}, timeout=5).status_code == 200

@@ -43,6 +43,11 @@ from pcbo_dagster.server.runs import RunManager
 access_log = logging.getLogger("pcbo.server.access")
 log = logging.getLogger("pcbo.server")
 
+#: A request's line and headers are read up to this many bytes (h11's limit as `serve` sets it, and
+#: the one `http_protocol_with_read_deadline` enforces for httptools, which has none): past it, the
+#: parser's plain-text 400 and the connection closed.
+MAX_HEAD_BYTES = 64 * 1024
+
 
 def _field_of(loc: Sequence[Any]) -> str:
     """A FastAPI validation error's location as the field a user typed (`limit`, `commandId`,
@@ -223,12 +228,17 @@ def create_app(config: ServerConfig) -> FastAPI:
     return app
 
 
-def http_protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol]:
+def http_protocol_with_read_deadline(
+    seconds: float, max_head_bytes: int = MAX_HEAD_BYTES
+) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (httptools when installed, else h11, as uvicorn's `auto` chooses) that
     closes a connection whose request headers are not whole `seconds` after the first byte of the
     request (the connection's opening, for its first): uvicorn has no such deadline, so a client
     dripping its headers held a connection slot, unauthenticated, for as long as it liked. The
-    request's body has its own deadline (`routes_backfill.read_body`)."""
+    request's body has its own deadline (`routes_backfill.read_body`). A request whose line and
+    headers are not whole within `max_head_bytes` is answered the parser's plain-text 400 and closed:
+    httptools has no such limit, and its parser, concatenating an endless header chunk by chunk on
+    the event loop, held up every other request for as long as one client kept sending."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:  # httptools absent: uvicorn's h11 protocol
@@ -236,12 +246,16 @@ def http_protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol]:
 
     class ReadDeadline(Base):
         _headers_due: asyncio.TimerHandle | None = None
+        #: Bytes received since the request began while its headers were not yet whole.
+        _head_bytes = 0
 
         def _wait_for_headers(self) -> None:
             if self._headers_due is None:
+                self._head_bytes = 0
                 self._headers_due = self.loop.call_later(seconds, self._headers_late)
 
         def _headers_came(self) -> None:
+            self._head_bytes = 0
             if self._headers_due is not None:
                 self._headers_due.cancel()
                 self._headers_due = None
@@ -258,9 +272,13 @@ def http_protocol_with_read_deadline(seconds: float) -> type[asyncio.Protocol]:
         def data_received(self, data: bytes) -> None:
             if self.cycle is None or self.cycle.response_complete:  # these bytes begin a request
                 self._wait_for_headers()
+                self._head_bytes += len(data)
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:  # its headers are whole
                 self._headers_came()
+            elif self._head_bytes > max_head_bytes and not self.transport.is_closing():
+                self._headers_came()
+                self.send_400_response("Invalid HTTP request received.")
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._headers_came()
@@ -290,7 +308,7 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
         timeout_graceful_shutdown=int(config.shutdown_grace),
         timeout_keep_alive=max(1, round(config.keep_alive_seconds)),
         limit_concurrency=config.max_connections,  # past it: 503 at once
-        h11_max_incomplete_event_size=64 * 1024,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         http=http_protocol_with_read_deadline(config.read_seconds),
     )
     Server(uvicorn_config).run()
