@@ -534,3 +534,43 @@ def test_a_client_that_leaves_mid_body_is_no_server_error(
     assert errors == []
     statuses = [json.loads(r.getMessage())["status"] for r in logged if r.name == "pcbo.server.access"]
     assert len(statuses) == 2 and 500 not in statuses, statuses
+
+
+def test_the_probe_of_an_endpoint_with_credentials_sends_them_to_no_name_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Red-team finding: `/services/registered` probed `PCBO_AUDIT_ENDPOINT` as configured, and urllib
+    takes a URL's `user:password@` for part of the host: the password went to the name resolver
+    (`getaddrinfo('user:password@127.0.0.1')`, a DNS query in the clear) and the endpoint, though up,
+    was shown `down` ("Name or service not known"). Now the probe asks the endpoint's host and port
+    alone (the userinfo is a credential for deliveries, sent as HTTP Basic, not for a probe)."""
+    import socket
+
+    from pcbo_dagster.server import status
+    from pcbo_dagster_tests.loopback import serving
+
+    asked: list[str | None] = []
+
+    class Endpoint(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            asked.append(self.headers.get("Authorization"))
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    looked_up: list[str] = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def recording_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(str(host))
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)) as endpoint:
+        monkeypatch.setattr(socket, "getaddrinfo", recording_getaddrinfo)
+        with_credentials = endpoint.replace("http://", "http://auditor:s3cret-pw@") + "/ingest?key=q"
+        assert status._http_probe(with_credentials) == ("up", None)
+    assert asked == [None]
+    assert looked_up and not any("s3cret" in host or "@" in host for host in looked_up), looked_up

@@ -178,6 +178,18 @@ def within(seconds: float) -> Iterator[_Deadline]:
         _attempt.deadline = None
 
 
+def url_as_sent(url: str) -> str:
+    """`url` as a request is sent to it: its host and port alone for the authority (urllib takes a
+    `user:password@` for part of the host, and would look the password up by name), its path (at
+    least `/`) and query, no fragment. `ValueError` for an invalid port."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host if ":" not in host else f"[{host}]"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+
+
 def _sendable(value: str, spaces: bool = False) -> bool:
     """Whether `value` can go in an HTTP header as is: visible ASCII (and spaces, when allowed)."""
     return all(0x21 <= ord(c) <= 0x7E or (spaces and c == " ") for c in value)
@@ -234,10 +246,7 @@ class JsonPoster:
         self.endpoint = redact_url(url)
         self._label = label
         self._logger = logger or _logger
-        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-        self._url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+        self._url = url_as_sent(url)
         self._headers = {"Content-Type": "application/json", "User-Agent": user_agent}
         self._headers.update(headers or {})
         secrets = [url, parts.query, *(headers or {}).values()]

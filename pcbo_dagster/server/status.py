@@ -18,7 +18,7 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.io.clock import utc_now
-from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener, within
+from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener, url_as_sent, within
 from pcbo_dagster.io.redaction import one_line_error, redact_url
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.server.config import ServerConfig
@@ -105,10 +105,11 @@ _PROBE_OPENER = deadline_opener(NoRedirect())  # (a 3xx answers: the URL it name
 
 def _http_probe(url: str) -> tuple[str, str | None]:
     """`up` when anything answers HTTP at `url` (even an error status) within
-    `PROBE_TIMEOUT_SECONDS` in all, however slowly it drips its answer; else `down` and why."""
+    `PROBE_TIMEOUT_SECONDS` in all, however slowly it drips its answer; else `down` and why. Its host
+    is asked without the URL's userinfo (`url_as_sent`), a credential for deliveries, not probes."""
     with within(PROBE_TIMEOUT_SECONDS) as deadline:
         try:
-            with _PROBE_OPENER.open(url, timeout=PROBE_TIMEOUT_SECONDS):
+            with _PROBE_OPENER.open(url_as_sent(url), timeout=PROBE_TIMEOUT_SECONDS):
                 pass
         except urllib.error.HTTPError:
             pass
