@@ -574,3 +574,22 @@ def test_the_probe_of_an_endpoint_with_credentials_sends_them_to_no_name_lookup(
         assert status._http_probe(with_credentials) == ("up", None)
     assert asked == [None]
     assert looked_up and not any("s3cret" in host or "@" in host for host in looked_up), looked_up
+
+
+def test_a_dagster_url_the_server_cannot_use_stops_it_at_start_naming_the_variable(tmp_path: Path) -> None:
+    """Red-team finding: `PCBO_DAGSTER_URL` with credentials (or not an http(s) URL) was accepted at
+    start and every `?dagster=true` execute was then refused 422 on `--dagster`, a flag the server does
+    not have. It is now invalid input naming `PCBO_DAGSTER_URL` when `pcbo serve` starts (the URL
+    shown without its password)."""
+    from pcbo_dagster.core.errors import InvalidInput
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.config import ServerConfig
+
+    settings = Settings.resolve(home=str(tmp_path / "h"), env={})
+    for url in ("http://ops:hunter2pw@127.0.0.1:3000", "ftp://127.0.0.1:3000", "http://127.0.0.1:99999"):
+        with pytest.raises(InvalidInput) as refused:
+            ServerConfig.from_environment(settings, {"PCBO_DAGSTER_URL": url})
+        assert refused.value.field == "PCBO_DAGSTER_URL", (url, refused.value.field)
+        assert "hunter2pw" not in refused.value.message
+    config = ServerConfig.from_environment(settings, {"PCBO_DAGSTER_URL": "http://127.0.0.1:3000"})
+    assert config.dagster_url == "http://127.0.0.1:3000"

@@ -30,10 +30,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import MAX_PARTITIONS
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.io.env_vars import plain_path, positive_int, positive_number
 from pcbo_dagster.sources.local_files import SourcesDirectory
+
+
+def _dagster_url(text: str | None) -> str | None:
+    """`PCBO_DAGSTER_URL` when the remote client can use it (`Webserver.parse`: an http(s) URL with a
+    host and a valid port, no credentials), else invalid input naming the variable: found when the
+    server starts, not at each `?dagster=true` execute."""
+    from pcbo_dagster.dagster_defs.remote import Webserver  # here: the Dagster layer's package
+
+    url = plain_path("PCBO_DAGSTER_URL", text)
+    if url is not None:
+        try:
+            Webserver.parse(url)
+        except InvalidInput as exc:
+            raise InvalidInput("PCBO_DAGSTER_URL", exc.message) from None
+    return url
 
 
 @dataclass(frozen=True)
@@ -113,7 +129,7 @@ class ServerConfig:
             shutdown_grace=positive_number(
                 "PCBO_SERVER_SHUTDOWN_GRACE", env.get("PCBO_SERVER_SHUTDOWN_GRACE"), 600.0
             ),
-            dagster_url=plain_path("PCBO_DAGSTER_URL", env.get("PCBO_DAGSTER_URL") or None),
+            dagster_url=_dagster_url(env.get("PCBO_DAGSTER_URL") or None),
         )
 
     @property
