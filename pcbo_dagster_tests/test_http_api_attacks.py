@@ -419,3 +419,49 @@ def test_commands_run_checks_the_token_before_the_body_and_bounds_the_body(serve
         "target",
         "params",
     }
+
+
+def test_a_client_that_leaves_a_dry_run_mid_stream_leaves_no_decision_spill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: a dry-run of a file source is streamed from its decision spill (a SQLite
+    database on disk, closed when the whole document is written). A client that read part of it
+    and hung up left the spill (a file as large as the source's decisions, its connection and page
+    cache) in the server for as long as the server ran: a `plan` token doing it again and again
+    filled the disk. Now the spill is removed as soon as the stream ends, however it ends."""
+    spills = tmp_path / "spill"
+    spills.mkdir()
+    monkeypatch.setenv("PCBO_SPILL_DIR", str(spills))
+    home = tmp_path / "home"
+    (home / "src").mkdir(parents=True)
+    with open(home / "src" / "many.jsonl", "w") as out:
+        for i in range(20000):
+            at = f"2024-01-{1 + i % 2:02d}T{i % 24:02d}:{i % 60:02d}:00Z"
+            record = {"id": f"r{i}", "occurredAt": at, "consentGranted": True}
+            out.write(json.dumps(record) + "\n")
+    with running_server(home, send_buffer=8192) as running:  # the document is not all sent at once
+        token = running.token("reader", "plan")
+        body = _request("spill-1", "spill", source={"uri": "src/many.jsonl"}, end="2024-01-03T00:00:00Z")
+        head = (
+            f"POST /v1/dry-run HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(head + body)
+            received = sock.recv(65536)
+            while len(received) < 70000 and (more := sock.recv(65536)):
+                received += more
+            assert received.startswith(b"HTTP/1.1 200"), received[:200]
+            assert list(spills.iterdir()), "the dry-run streams from a spill"
+        # the client has gone, with most of the document unread
+        deadline = time.monotonic() + 30
+        while list(spills.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list(spills.iterdir()), list(spills.iterdir())
+        # and the next dry-run is answered whole
+        with running.client(token) as client:
+            answered = client.post("/v1/dry-run", content=body)
+        assert answered.status_code == 200 and answered.json()["totals"]["records"] == 20000
+        assert not list(spills.iterdir())

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Generator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.json_documents import streamed_text
@@ -142,7 +144,7 @@ async def plan(request: Request, principal: Annotated[Principal, Depends(require
     return JSONResponse(document)
 
 
-def _dry_run_pieces(evaluated: Any) -> Iterator[bytes]:
+def _dry_run_pieces(evaluated: Any) -> Generator[bytes, None, None]:
     """The dry-run document as it is written (a streamed source's partitions read from its spill),
     in pieces of about 64 KiB; the evaluation is closed at the end."""
     try:
@@ -158,6 +160,40 @@ def _dry_run_pieces(evaluated: Any) -> Iterator[bytes]:
         yield "".join(buffer).encode("utf-8")
     finally:
         evaluated.close()
+
+
+class _DryRunStream(StreamingResponse):
+    """The dry-run document streamed from `_dry_run_pieces` (each piece made in a thread), the
+    evaluation closed when the stream ends however it ends. A client that leaves mid-way has the
+    stream cancelled with its generator suspended, which nothing closed: the decision spill (a file as
+    large as the source's decisions, a SQLite connection and its page cache) stayed for as long as the
+    server ran. Closing waits for a piece being made (one lock), never runs beside it."""
+
+    def __init__(self, evaluated: Any) -> None:
+        self._pieces = _dry_run_pieces(evaluated)
+        self._lock = threading.Lock()
+        super().__init__(self._next_pieces(), media_type="application/json")
+
+    def _next_pieces(self) -> Generator[bytes, None, None]:
+        while True:
+            with self._lock:
+                piece = next(self._pieces, None)
+            if piece is None:
+                return
+            yield piece
+
+    def _close(self) -> None:
+        with self._lock:
+            self._pieces.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        import anyio
+
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):  # a stream cancelled still closes its evaluation
+                await anyio.to_thread.run_sync(self._close)
 
 
 @router.post(
@@ -182,7 +218,7 @@ async def dry_run(request: Request, principal: Annotated[Principal, Depends(requ
         raise
     except Exception as exc:
         return engine_error_response(exc)
-    return StreamingResponse(_dry_run_pieces(evaluated), media_type="application/json")
+    return _DryRunStream(evaluated)
 
 
 def _answer(answer: Answer) -> JSONResponse:
