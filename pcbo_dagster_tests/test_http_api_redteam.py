@@ -593,3 +593,18 @@ def test_a_dagster_url_the_server_cannot_use_stops_it_at_start_naming_the_variab
         assert "hunter2pw" not in refused.value.message
     config = ServerConfig.from_environment(settings, {"PCBO_DAGSTER_URL": "http://127.0.0.1:3000"})
     assert config.dagster_url == "http://127.0.0.1:3000"
+
+
+def test_a_command_s_state_refused_names_each_scope_that_would_do_once(server: RunningServer) -> None:
+    """Walking the README: an execute-only token asking for a `verify` command's state (verify's scope
+    is read) was told "this token lacks the 'read' or 'read' scope"."""
+    admin = server.client(server.token("verifier", "admin"))
+    operator = server.client(server.token("operator-alone", "execute"))
+    verify_id = "v-" + uuid.uuid4().hex[:8]
+    verify = {"commandId": verify_id, "action": "verify", "target": "all", "params": {}}
+    assert admin.post("/commands/run", json=verify).status_code == 202
+    refused = operator.get(f"/commands/{verify_id}")
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["message"] == "this token lacks the 'read' scope", refused.text
+    refused = operator.post("/commands/run", json=verify)
+    assert refused.status_code == 403 and refused.json()["message"] == "this token lacks the 'read' scope"

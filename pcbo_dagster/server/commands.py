@@ -73,7 +73,8 @@ def check_command_scope(principal: Principal, state: dict[str, Any]) -> None:
     """403 unless the token may read the recorded command `state`: `read`, or its action's scope."""
     scope = ACTIONS.get(state["action"], "admin")
     if not (principal.has("read") or principal.has(scope)):
-        raise ApiError(403, "forbidden", f"this token lacks the 'read' or {scope!r} scope")
+        either = "'read'" if scope == "read" else f"'read' or {scope!r}"
+        raise ApiError(403, "forbidden", f"this token lacks the {either} scope")
 
 
 #: Parameters each action takes (anything else is invalid input: a typo must not be ignored).
