@@ -608,3 +608,48 @@ def test_a_command_s_state_refused_names_each_scope_that_would_do_once(server: R
     assert refused.json()["message"] == "this token lacks the 'read' scope", refused.text
     refused = operator.post("/commands/run", json=verify)
     assert refused.status_code == 403 and refused.json()["message"] == "this token lacks the 'read' scope"
+
+
+def test_a_command_a_killed_server_left_running_is_reported_ended_at_the_next_start(tmp_path: Path) -> None:
+    """Red-team finding: a server killed outright (kill -9, the host lost) while a command was queued
+    or running left it so in `command_audit`: after a restart `GET /commands/{id}` answered `running`
+    for ever, and posting the id again answered the same and ran nothing, so a client polling it never
+    learnt it had ended. As API runs are marked `interrupted` at start, such a command now gets its
+    final phase, `error`, saying the server stopped (post the command again with a new commandId)."""
+    from pcbo_dagster.catalog import CatalogStore
+    from pcbo_dagster.engine.settings import Settings
+
+    home = tmp_path / "home"
+    home.mkdir()
+    catalog = CatalogStore(Settings.resolve(home=str(home), env={}).catalog_url)
+    catalog.migrate()
+    left: dict[str, Any] = {
+        "actor": "ops",
+        "action": "verify",
+        "target": "all",
+        "dataset": None,
+        "params": {},
+    }
+    catalog.record_command_phase(command_id="left-queued", phase="queued", logs=["queued by ops"], **left)
+    catalog.record_command_phase(command_id="left-running", phase="queued", logs=["queued by ops"], **left)
+    catalog.record_command_phase(
+        command_id="left-running", phase="running", logs=["queued by ops", "running"], **left
+    )
+    catalog.record_command_phase(command_id="finished", phase="queued", logs=["queued by ops"], **left)
+    catalog.record_command_phase(command_id="finished", phase="success", outcome={"status": "clean"}, **left)
+    catalog.close()
+    with running_server(home) as server:
+        client = server.client(server.token("ops", "read"))
+        for command_id in ("left-queued", "left-running"):
+            state = client.get(f"/commands/{command_id}").json()
+            assert state["phase"] == "error", state
+            assert state["outcome"]["error"] == "interrupted", state
+            assert "post the command again" in state["outcome"]["message"], state
+            assert "the server stopped" in state["logs"][-1], state
+            again = client.post(
+                "/commands/run",
+                json={"commandId": command_id, **{k: left[k] for k in ("action", "target", "params")}},
+            )
+            assert again.status_code == 200 and again.json()["phase"] == "error", again.text
+        finished = client.get("/commands/finished").json()
+        assert [p["phase"] for p in finished["phases"]] == ["queued", "success"], finished

@@ -431,6 +431,26 @@ class CommandRunner:
             "chainHeads": {k: v for k, v in heads.items() if k.startswith(f"{command.dataset}/")},
         }
 
+    def interrupt_unfinished(self) -> list[str]:
+        """Give every command another process left queued or running (a server killed outright) its
+        final phase, `error`, saying so: else it read `running` for ever and its id, posted again,
+        ran nothing. Returns their ids."""
+        reason = (
+            "the server stopped while this command was queued or running: post the command again with "
+            "a new commandId"
+        )
+        stale = []
+        for row in self.catalog.unfinished_commands():
+            fields = ("command_id", "actor", "action", "target", "dataset", "params")
+            self.catalog.record_command_phase(
+                **{name: row[name] for name in fields},
+                phase="error",
+                outcome={"error": "interrupted", "message": reason},
+                logs=[*(row["logs"] or []), reason],
+            )
+            stale.append(row["command_id"])
+        return stale
+
     async def shutdown(self, grace: float) -> None:
         self.accepting = False
         if self.tasks:
