@@ -653,3 +653,29 @@ def test_a_command_a_killed_server_left_running_is_reported_ended_at_the_next_st
             assert again.status_code == 200 and again.json()["phase"] == "error", again.text
         finished = client.get("/commands/finished").json()
         assert [p["phase"] for p in finished["phases"]] == ["queued", "success"], finished
+
+
+def test_an_idempotency_key_a_killed_server_never_answered_lets_the_retry_run(tmp_path: Path) -> None:
+    """Red-team finding: an execute sent with `Idempotency-Key` claims the key until it is answered. A
+    server killed outright mid-execute left the claim unanswered for ever: after the restart, the
+    retry the README asks for (the same request again, here with its key) was 409
+    `idempotency_in_progress` at every attempt, though nothing was running. At start, as the API runs
+    are marked `interrupted`, the keys no answer was recorded for are now released: the retry runs
+    (the engine heals what the killed run left) and its answer is the key's from then on."""
+    from pcbo_dagster.catalog import CatalogStore
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.runs import request_digest
+
+    home = tmp_path / "home"
+    home.mkdir()
+    body = _request("idem-killed", "idem-killed")
+    catalog = CatalogStore(Settings.resolve(home=str(home), env={}).catalog_url)
+    catalog.migrate()
+    assert catalog.claim_idempotency_key("ops", "k-1", request_digest(body)) is None  # then killed
+    catalog.close()
+    with running_server(home) as server:
+        client = server.client(server.token("ops", "execute"))
+        retry = client.post("/v1/execute", content=body, headers={"Idempotency-Key": "k-1"})
+        assert retry.status_code == 200 and retry.json()["status"] == "committed", retry.text
+        again = client.post("/v1/execute", content=body, headers={"Idempotency-Key": "k-1"})
+        assert again.status_code == 200 and again.json() == retry.json()

@@ -337,6 +337,13 @@ class ServerRecords(Database):
                 )
             )
 
+    def release_unanswered_idempotency_keys(self) -> int:
+        """Forget every claim no answer was recorded for (a server stopped outright while answering:
+        at start, one server per catalog, none is being answered); returns how many."""
+        keys = t.idempotency_keys
+        with self.write() as conn:
+            return int(conn.execute(keys.delete().where(keys.c.http_status.is_(None))).rowcount or 0)
+
     # -- the audit page -----------------------------------------------------------------------
 
     def audit_page(

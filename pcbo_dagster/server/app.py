@@ -2,11 +2,12 @@
 
 One process serves one catalog: at start, API runs a previous process left queued or running are
 marked `interrupted` (submit them again: the engine heals a crash and leaves committed partitions
-unchanged), and commands it left so end in `error`, saying the server stopped. Shutdown
-(SIGINT/SIGTERM): new executes and commands are refused (503), the event streams end (each client
-gets a last `dropped` event), in-flight requests are answered, queued executes that have not started
-are marked interrupted, and running executes are waited for (`PCBO_SERVER_SHUTDOWN_GRACE`); the
-worker threads are joined before the process exits.
+unchanged; an `Idempotency-Key` they claimed is released, so the retry runs), and commands it left
+so end in `error`, saying the server stopped. Shutdown (SIGINT/SIGTERM): new executes and commands
+are refused (503), the event streams end (each client gets a last `dropped` event), in-flight
+requests are answered, queued executes that have not started are marked interrupted, and running
+executes are waited for (`PCBO_SERVER_SHUTDOWN_GRACE`); the worker threads are joined before the
+process exits.
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         )
         if stale:
             log.warning("marked %d API run(s) interrupted: %s", len(stale), ", ".join(stale))
+        released = await asyncio.to_thread(catalog.release_unanswered_idempotency_keys)
+        if released:
+            log.warning("released %d idempotency key(s) no answer was recorded for", released)
         ended = await asyncio.to_thread(app.state.commands.interrupt_unfinished)
         if ended:
             log.warning("ended %d command(s) left unfinished (error): %s", len(ended), ", ".join(ended))
