@@ -679,3 +679,18 @@ def test_an_idempotency_key_a_killed_server_never_answered_lets_the_retry_run(tm
         assert retry.status_code == 200 and retry.json()["status"] == "committed", retry.text
         again = client.post("/v1/execute", content=body, headers={"Idempotency-Key": "k-1"})
         assert again.status_code == 200 and again.json() == retry.json()
+
+
+def test_a_path_with_a_trailing_slash_is_no_open_redirect(server: RunningServer) -> None:
+    """Walking the README ("`/healthz` — the only open endpoint"): any path with a trailing slash
+    (`/v1/plan/`, `/v1/datasets/`) was answered, with no token, `307` to the same path on whatever
+    host the request's `Host` header named (a method- and body-preserving redirect off the server).
+    Now such a path is an unknown one: 404, with no `Location`."""
+    import httpx
+
+    for method, path in (("GET", "/v1/datasets/"), ("POST", "/v1/plan/"), ("GET", "/healthz/")):
+        answer = httpx.request(
+            method, server.url + path, headers={"Host": "elsewhere.example"}, follow_redirects=False
+        )
+        assert answer.status_code == 404 and "location" not in answer.headers, (path, answer.headers)
+    assert httpx.get(server.url + "/healthz").status_code == 200

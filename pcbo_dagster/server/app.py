@@ -136,6 +136,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         openapi_url=None,  # served below, behind a token: only /healthz is open
         docs_url=None,
         redoc_url=None,
+        # `/v1/plan/` is an unknown path (404), not a 307 to the `Host` header's host, tokenless
+        redirect_slashes=False,
     )
     app.state.config = config
     app.state.catalog = catalog
