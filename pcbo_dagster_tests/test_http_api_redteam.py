@@ -694,3 +694,47 @@ def test_a_path_with_a_trailing_slash_is_no_open_redirect(server: RunningServer)
         )
         assert answer.status_code == 404 and "location" not in answer.headers, (path, answer.headers)
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_one_subject_holds_a_bounded_number_of_commands_in_flight(tmp_path: Path) -> None:
+    """Red-team finding: commands run on two worker threads behind a queue with no bound, and a
+    command's timeout starts only once it runs (its engine work goes on past it). A `read` token
+    posting verify after verify (each with a new commandId, `timeoutSeconds` as small as it likes)
+    queued them all, and an approver's `pause-rollout` waited behind every one. Now a token subject
+    has at most `COMMANDS_IN_FLIGHT_PER_SUBJECT` commands queued or running (their work included):
+    one more is 429 `too_many_commands` (`Retry-After`), nothing recorded; another subject is not
+    held up by the limit, and a command that ends frees its place."""
+    import threading
+
+    from pcbo_dagster.server.commands import COMMANDS_IN_FLIGHT_PER_SUBJECT
+
+    with running_server(tmp_path / "home") as server:
+        runner = server.app.state.commands
+        release = threading.Event()
+        # both worker threads busy: every command posted now stays queued until `release`
+        held = [runner.executor.submit(release.wait) for _ in range(2)]
+        flooder = server.client(server.token("flooder", "read"))
+        other = server.client(server.token("other", "read"))
+        try:
+            for i in range(COMMANDS_IN_FLIGHT_PER_SUBJECT):
+                verify = {"commandId": f"flood-{i}", "action": "verify", "target": "all", "params": {}}
+                assert flooder.post("/commands/run", json=verify).status_code == 202
+            one_more = {"commandId": "flood-more", "action": "verify", "target": "all", "params": {}}
+            refused = flooder.post("/commands/run", json=one_more)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"] == "too_many_commands" and refused.headers["Retry-After"]
+            assert flooder.get("/commands/flood-more").status_code == 404  # nothing recorded
+            theirs = {"commandId": "other-1", "action": "verify", "target": "all", "params": {}}
+            assert other.post("/commands/run", json=theirs).status_code == 202
+        finally:
+            release.set()
+            for future in held:
+                future.result(timeout=60)
+        deadline = time.monotonic() + 60
+        while flooder.get("/commands/flood-0").json()["phase"] != "success":
+            assert time.monotonic() < deadline, "the queued commands did not run"
+            time.sleep(0.1)
+        while (answer := flooder.post("/commands/run", json=one_more)).status_code == 429:
+            assert time.monotonic() < deadline, "a command that ended freed no place"
+            time.sleep(0.1)
+        assert answer.status_code == 202, answer.text

@@ -30,6 +30,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -58,6 +59,9 @@ ACTIONS = {
     "gc": "admin",
 }
 FINAL_PHASES = ("success", "error", "timeout")
+#: Commands one token subject may have in flight at once (queued, running, or past their timeout with
+#: their engine work still going): one more is 429 `too_many_commands`.
+COMMANDS_IN_FLIGHT_PER_SUBJECT = 4
 
 
 def command_principal(request: Request) -> Principal:
@@ -193,6 +197,9 @@ class CommandRunner:
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pcbo-command")
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        #: token subject -> its commands in flight (`COMMANDS_IN_FLIGHT_PER_SUBJECT`)
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -251,8 +258,15 @@ class CommandRunner:
         command's state to whoever may see it, as `GET /commands/{commandId}` does)."""
         if not self.accepting:
             raise ApiError(503, "shutting_down", "the server is shutting down: send the command again later")
-        command.logs.append(f"queued by {command.actor}")
-        if self.catalog.record_command_phase(**command.record("queued")) is None:
+        self._take_place(command.actor)
+        try:
+            command.logs.append(f"queued by {command.actor}")
+            recorded = self.catalog.record_command_phase(**command.record("queued"))
+        except BaseException:
+            self._free_place(command.actor)
+            raise
+        if recorded is None:
+            self._free_place(command.actor)
             return None
         self._publish(command, "queued")
         task = asyncio.get_running_loop().create_task(self._supervise(command))
@@ -261,6 +275,26 @@ class CommandRunner:
         state = self.existing(command.command_id)
         assert state is not None
         return state
+
+    def _take_place(self, subject: str) -> None:
+        with self._in_flight_lock:
+            if self._in_flight.get(subject, 0) >= COMMANDS_IN_FLIGHT_PER_SUBJECT:
+                raise ApiError(
+                    429,
+                    "too_many_commands",
+                    f"{subject} already has {COMMANDS_IN_FLIGHT_PER_SUBJECT} commands queued or running: "
+                    "wait for one to end",
+                    headers={"Retry-After": "5"},
+                )
+            self._in_flight[subject] = self._in_flight.get(subject, 0) + 1
+
+    def _free_place(self, subject: str) -> None:
+        with self._in_flight_lock:
+            left = self._in_flight.get(subject, 0) - 1
+            if left > 0:
+                self._in_flight[subject] = left
+            else:
+                self._in_flight.pop(subject, None)
 
     def _publish(self, command: Command, phase: str, **extra: Any) -> None:
         self.broker.publish(
@@ -277,6 +311,18 @@ class CommandRunner:
         )
 
     async def _supervise(self, command: Command) -> None:
+        """Run `command`; its place (`_take_place`) is freed when its engine work ends, past its
+        timeout too."""
+        work: asyncio.Future[tuple[str, Any, Any]] | None = None
+        try:
+            work = await self._run(command)
+        finally:
+            if work is None:
+                self._free_place(command.actor)
+            else:
+                work.add_done_callback(lambda _done: self._free_place(command.actor))
+
+    async def _run(self, command: Command) -> asyncio.Future[tuple[str, Any, Any]]:
         loop = asyncio.get_running_loop()
         timeout = float(command.params.get("timeoutSeconds", self.config.command_timeout))
         await loop.run_in_executor(self.executor, self._running, command)
@@ -291,8 +337,9 @@ class CommandRunner:
             future.add_done_callback(
                 lambda f: log.info("command %s finished after its timeout", command.command_id)
             )
-            return
+            return future
         await loop.run_in_executor(None, self._finish, command, phase, outcome, after)
+        return future
 
     def _running(self, command: Command) -> None:
         command.logs.append("running")
