@@ -224,6 +224,9 @@ def test_racing_for_a_command_id_reveals_no_other_dataset_s_command(
         ("rollback", "cmd-ds", {"runId": "r", "reason": ["x"]}, "params.reason"),
         ("rollback", "cmd-ds", {"runId": "r", "versionLabel": "../x"}, "params.versionLabel"),
         ("gc", "all", {"dryRun": "yes"}, "params.dryRun"),
+        # red-team finding: a reason is recorded on the audit chain as typed (an escape, a line break)
+        ("rollback", "cmd-ds", {"runId": "r", "reason": "bad\u001b[31m\u202e\nnewline"}, "params.reason"),
+        ("pause-rollout", "r1", {"reason": "stop\nforged line"}, "params.reason"),
     ],
 )
 def test_a_command_parameter_of_the_wrong_type_is_422_with_nothing_recorded(

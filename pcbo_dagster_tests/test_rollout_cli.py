@@ -495,6 +495,27 @@ def test_a_by_with_a_control_character_is_refused_before_anything_is_written(wor
     assert status_of(workdir, "r1")["rollout"]["status"] == "soaking"
 
 
+def test_a_reason_with_a_control_character_is_refused_before_anything_is_written(workdir: Path) -> None:
+    """Red-team finding: a rollback's `--reason` (and a rollout pause's) is recorded on the audit chain
+    and in the catalog as given, as `--by` is: a line break, an escape or a direction override in it
+    was recorded as typed. Refused, exit 2 naming it, nothing written; `pcbo rollback` alike."""
+    home = workdir / "home"
+    rng = ["--dataset", "sessions", "--from", KEYS[0], "--to", KEYS[1]]
+    started = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--name", "r1", "--by", "ana")
+    assert started.status == 0, started.stderr
+    for args in (
+        ["rollout", "pause", "r1", "--by", "ana", "--reason", "stop\x1b[2Jnow"],
+        ["rollout", "rollback", "r1", *CONFIG_FLAG, "--stage", "staging", "--by", "ana", "--reason", "a\nb"],
+        ["rollback", "--dataset", "sessions", "--run-id", "nope", "--reason", "undo\u202e"],
+    ):
+        before = tree_state(home)
+        result = pcbo(workdir, *args)
+        assert result.status == 2, (args, result.stderr)
+        assert "reason: " in result.stderr and "control character" in result.stderr, result.stderr
+        assert tree_state(home) == before, args
+    assert status_of(workdir, "r1")["rollout"]["status"] == "soaking"
+
+
 def test_an_approval_with_no_approver_listed_names_the_setting(workdir: Path) -> None:
     """A dataset whose rollout block lists no approver: `pcbo approve` said `invalid input: rollout:`,
     naming the rollout as if it were wrong; it names the setting to fill in, `rollout.approvers`."""

@@ -46,6 +46,7 @@ from pcbo_dagster.core.chain_state import (
     PartitionHistory,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.recorded_text import check_reason
 from pcbo_dagster.engine import failpoints, lake_changes
 from pcbo_dagster.engine.crash_windows import (
     LakeDisagreesWithChain,
@@ -357,7 +358,9 @@ def rollback(
 ) -> dict[str, Any]:
     """Roll back what `run_id` wrote (optionally only `partition_key`), or one partition (see the
     module doc), or each of `partition_keys` (as one partition each, under one lock and one reading of
-    the chain). Invalid input (exit 2, nothing written) for an unknown run, partition or version."""
+    the chain). Invalid input (exit 2, nothing written) for an unknown run, partition or version, or
+    a reason that is not one printable line (`core/recorded_text.py`)."""
+    check_reason(reason)
     if partition_keys is not None:
         if run_id is not None or partition_key is not None or version is not None or not partition_keys:
             raise InvalidInput(

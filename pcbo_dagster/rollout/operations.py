@@ -15,12 +15,12 @@ from typing import Any
 from pcbo_dagster.audit.log import audit_timestamp
 from pcbo_dagster.catalog.rollouts import RolloutRow, RolloutStore, open_rollout_store
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.recorded_text import check_actor, check_reason
 from pcbo_dagster.core.signed_note import SigningKey
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import key_range
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout import approvals, promotion, staging_apply
-from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import (
     RolloutEnvironments,
@@ -120,6 +120,7 @@ def control(
     if action not in controls:
         raise InvalidInput("action", f"must be pause, resume or cancel, not {action!r}")
     check_actor(by, "asks")
+    check_reason(reason)
     with open_rollout_store(base.catalog_url) as store:
         rollout = _require(store, name)
         assert store is not None

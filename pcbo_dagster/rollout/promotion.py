@@ -54,13 +54,13 @@ from typing import Any
 
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
+from pcbo_dagster.core.recorded_text import check_actor
 from pcbo_dagster.core.rollout_lifecycle import PROMOTED, ROLLOUT_PROMOTED, SOAKING
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
 from pcbo_dagster.engine.partition_checks import read_chain, reading_chain_findings
 from pcbo_dagster.engine.partition_reading import read_partition
-from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.approvals import decision_in_force
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments

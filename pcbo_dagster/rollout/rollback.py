@@ -51,12 +51,12 @@ from typing import Any
 from pcbo_dagster.catalog.rollouts import RolloutRow
 from pcbo_dagster.core.canonical import digest_of
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.recorded_text import check_actor, check_reason
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig
 from pcbo_dagster.datasets.requests import dataset_keys
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.rollback import rollback
-from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.environments import PRODUCTION, STAGES, STAGING, RolloutEnvironments
 from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_rolled_back, staged_keys
 
@@ -194,6 +194,7 @@ def check_rollback_arguments(stage: str, actor: str, reason: str) -> None:
     check_actor(actor, "rolls back")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidInput("reason", "give a reason for the rollback")
+    check_reason(reason)
 
 
 def rollback_rollout(

@@ -31,11 +31,11 @@ from typing import Any
 from pcbo_dagster.core.decisions import REASONS, PartitionDecision
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.partition_keys import short_key
+from pcbo_dagster.core.recorded_text import check_actor
 from pcbo_dagster.core.rollout_lifecycle import FINAL, check_rollout_name
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, checked_throttle
 from pcbo_dagster.datasets.requests import evaluate_keys
 from pcbo_dagster.engine.execute import check_gates, execute
-from pcbo_dagster.rollout.actors import check_actor
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import RolloutEnvironments
 from pcbo_dagster.rollout.lifecycle import (

@@ -40,6 +40,7 @@ from fastapi import Request
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.recorded_text import check_reason
 from pcbo_dagster.core.request_model import NAME_PATTERN
 from pcbo_dagster.server.auth import Principal, authenticated, check_dataset
 from pcbo_dagster.server.broker import EVERY_DATASET, EventBroker
@@ -182,7 +183,10 @@ def _check_params(action: str, params: dict[str, Any]) -> None:
             except PartitionKeyError as exc:
                 raise invalid("params.partition", str(exc)) from None
     if action == "rollback" or action.endswith("-rollout"):
-        _text(params, "reason")
+        try:
+            check_reason(_text(params, "reason"), "params.reason")
+        except InvalidInput as exc:
+            raise invalid("params.reason", exc.message) from None
     if action == "retry-partitions":
         keys = params.get("partitions")
         if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
