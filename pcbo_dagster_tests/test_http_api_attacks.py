@@ -111,6 +111,8 @@ def test_a_source_reaches_no_host_file_and_no_url_outside_the_sources_directory(
             assert answer.status_code == 422, (uri, command, answer.text)
             assert answer.json()["field"] == "source.uri", (uri, answer.text)
             assert SECRET not in answer.text
+            # red-team finding: the server's sources directory was named (its absolute path)
+            assert server.home.as_posix() not in answer.text, answer.text
     # Nor a hidden path of the sources directory (where the home keeps its keys, `.keys/`).
     (server.home / ".keys").mkdir(exist_ok=True)
     (server.home / ".keys" / "k.jsonl").write_text(json.dumps({**RECORD, "id": SECRET}) + "\n")

@@ -254,7 +254,8 @@ def _confined(uri: str, sources: SourcesDirectory) -> str:
     place = place_in_sources(real, sources, status)
     if place == OUTSIDE:
         raise InvalidInput(
-            "source.uri", f"a local source must be inside the server's sources directory {sources.root}"
+            "source.uri",
+            "a local source must be inside the server's sources directory (a path relative to it)",
         )
     if place == STORE:  # the lake, the audit backup, the catalog, ... (`Settings.own_paths`)
         raise InvalidInput(
