@@ -854,6 +854,72 @@ def test_a_gap_in_a_ledger_range_fails_unless_allowed_and_then_is_in_the_manifes
     assert run_pcbo(["verify"], home=home).status == 0
 
 
+def _range_request(run_id: str, root: Path, first: int, end: int) -> dict[str, Any]:
+    return {
+        "runId": run_id,
+        "dataset": "ledgers",
+        "ledgerRange": {"field": "ledgerSequence", "first": first, "end": end, "partitionSize": 8},
+        "policies": {"requireConsent": True},
+        "source": {"uri": str(root), "format": "ledger_archive"},
+    }
+
+
+@pytest.fixture
+def two_histories(tmp_path: Path) -> tuple[Path, Path]:
+    """An archive of ledgers 2-33, and another of 16-33 forked from it at 16 (another history)."""
+    one, fork = tmp_path / "one", tmp_path / "fork"
+    b.write_archive(one, 2, 33, ledgers_per_file=4, files_per_partition=2)
+    b.write_archive(fork, 18, 33, ledgers_per_file=4, files_per_partition=2)
+    return one, fork
+
+
+def test_a_run_that_does_not_continue_the_lake_s_ledger_history_is_refused(tmp_path, two_histories):
+    """Red-team finding: each run checked the links of the ledgers it read, not the link to the last
+    ledger an earlier run loaded, so a second run over the next range from another history (an
+    archive rewritten from a fork) committed, exit 0: the lake held two histories. A run's first and
+    last ledgers must now link to the lake's on either side (whichever run is first), or it is refused
+    (exit 2 on `source.uri`, nothing written); the same runs from one archive commit."""
+    one, fork = two_histories
+    for name, runs, refused in (
+        ("same", [("a", one, 2, 18), ("b", one, 18, 34)], None),
+        ("fork-after", [("a", one, 2, 18), ("b", fork, 18, 34)], "ledger 18's previousLedgerHash"),
+        ("fork-before", [("b", fork, 18, 34), ("a", one, 2, 18)], "ledger 18's previousLedgerHash"),
+    ):
+        home = tmp_path / f"home-{name}"
+        for n, (run_id, root, first, end) in enumerate(runs):
+            path = write_request(tmp_path / f"{name}-{run_id}.json", _range_request(run_id, root, first, end))
+            before = _lake_files(home) if n else {}
+            done = run_pcbo(["execute", "--input", path], home=home)
+            if refused is None or n == 0:
+                assert done.status == 0, done.stderr
+                continue
+            assert done.status == 2 and "source.uri" in done.stderr and refused in done.stderr, done.stderr
+            assert "not the ledger history the lake holds" in done.stderr
+            assert _lake_files(home) == before
+        assert run_pcbo(["verify"], home=home).status == 0
+
+
+def test_verify_finds_a_lake_holding_two_ledger_histories(tmp_path, two_histories, monkeypatch, capsys):
+    """A lake written before runs were held to the lake's history (here: that check switched off in
+    this process) holding two histories: `verify` checks every link the lake holds, across partitions
+    and runs (`ledger_link_broken`, naming both partitions)."""
+    from pcbo_dagster.cli.main import main
+    from pcbo_dagster.engine import execute as execute_module
+
+    monkeypatch.setattr(execute_module, "refuse_another_history", lambda *args: None)
+    one, fork = two_histories
+    home = tmp_path / "home"
+    for run_id, root, first, end in (("a", one, 2, 18), ("b", fork, 18, 34)):
+        path = write_request(tmp_path / f"{run_id}.json", _range_request(run_id, root, first, end))
+        assert main(["execute", "--input", str(path), "--home", str(home)]) == 0
+    capsys.readouterr()
+    assert main(["verify", "--home", str(home)]) == 1
+    found = [f for f in json.loads(capsys.readouterr().out)["findings"] if f["kind"] == "ledger_link_broken"]
+    assert [f["where"] for f in found] == ["ledgers/v1/range=18-25"], found
+    assert "ledger 18's previousLedgerHash" in found[0]["detail"], found
+    assert "ledger 17 (" in found[0]["detail"] and "range=10-17" in found[0]["detail"], found
+
+
 def test_a_fifo_in_an_archive_is_refused_and_linked_batch_files_are_read(tmp_path):
     """Red-team finding: a FIFO named like a batch file made a dry-run wait for a writer forever. It is
     refused (exit 2, naming the file, nothing written). A batch file that is a symbolic link to a

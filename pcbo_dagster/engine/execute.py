@@ -58,6 +58,7 @@ from pcbo_dagster.engine.events import (
     commit_intent_entry,
     restoration_body,
 )
+from pcbo_dagster.engine.ledger_continuity import refuse_another_history
 from pcbo_dagster.engine.partition_checks import CheckedChain, verified_chain
 from pcbo_dagster.engine.post_write import CheckItem, check_batch
 from pcbo_dagster.engine.request_loading import LoadedRequest
@@ -336,6 +337,8 @@ def execute(
         # The chain this run builds on, verified before anything is written: an event edited before
         # the head would have the run "restore" a version no run left current
         verified = verified_chain(env, plan.dataset, plan.version_label, f"run {request.runId}")
+        # A ledger range continues the history the lake holds on either side, or nothing is written
+        refuse_another_history(env, loaded, plan, decisions, verified.replayed)
         # Issue 17: the Iceberg table the committed partitions are published to (None: none), its
         # declaration appended under the lease (two runs never declare two tables; a run's chain moves
         # under no other run) and before the replay below.

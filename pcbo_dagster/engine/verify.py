@@ -59,6 +59,7 @@ from pcbo_dagster.core.chain_state import (
 from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.instants import parse_instant, to_datetime
+from pcbo_dagster.core.ledger_links import LedgerLinks
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.core.rollout_lifecycle import (
@@ -424,6 +425,7 @@ def _check_lake(
         k for k, h in state.partitions.items() if h.current is not None or h.open_intent is not None
     }
     checked = 0
+    links = LedgerLinks()  # a ledger dataset's history, across its partitions
     for key in sorted(lake_keys | chain_keys):
         where = f"{dataset}/{version_label}/{key}"
         try:
@@ -433,9 +435,11 @@ def _check_lake(
             continue
         history = state.get(key)
         try:
-            checked += _check_partition(env, report, state, dataset, version_label, key, history)
+            checked += _check_partition(env, report, state, dataset, version_label, key, history, links)
         except layout.OutsidePartition as exc:
             report.find("path_outside_lake", where, str(exc))
+    for where, detail in links.breaks():
+        report.find("ledger_link_broken", where, detail)
     return checked
 
 
@@ -447,8 +451,10 @@ def _check_partition(
     version_label: str,
     key: str,
     history: PartitionHistory | None,
+    links: LedgerLinks | None = None,
 ) -> bool:
-    """One partition against its chain; True when it has a commit point."""
+    """One partition against its chain; True when it has a commit point. `links`: where the ledgers
+    of a current partition the chain vouches for are added."""
     where = f"{dataset}/{version_label}/{key}"
     manifest_bytes = env.lake.read_if_exists(layout.manifest(dataset, version_label, key))
     comparison = compare(history, dataset, version_label, key, manifest_bytes)
@@ -473,7 +479,7 @@ def _check_partition(
         _complete_rollback(env, report, state, dataset, version_label, key, intent)
         manifest_bytes = env.lake.read_if_exists(layout.manifest(dataset, version_label, key))
     if manifest_bytes is not None:
-        _check_current(env, report, dataset, version_label, key)
+        _check_current(env, report, dataset, version_label, key, links)
     if history is not None:
         _check_versions(env, report, history, dataset, version_label)
     return manifest_bytes is not None
@@ -592,7 +598,14 @@ def _complete_rollback(
     report.repaired.append({"kind": "rollback_completed", "where": where, "eventHash": outcome["eventHash"]})
 
 
-def _check_current(env: Environment, report: _Report, dataset: str, version_label: str, key: str) -> None:
+def _check_current(
+    env: Environment,
+    report: _Report,
+    dataset: str,
+    version_label: str,
+    key: str,
+    links: LedgerLinks | None = None,
+) -> None:
     reading = read_partition(env.lake, dataset, version_label, key)
     for finding in reading.findings:
         report.find(finding["kind"], finding["where"], finding["detail"])
@@ -607,6 +620,8 @@ def _check_current(env: Environment, report: _Report, dataset: str, version_labe
     for table, entry in zip(reading.tables, readable, strict=True):
         for v in violations(table, policies, []):
             report.find("policy_violation", entry["path"], f"row {v['id']!r}: {', '.join(v['reasons'])}")
+        if links is not None:
+            links.add(table, f"{dataset}/{version_label}/{key}")
 
 
 def _check_versions(
