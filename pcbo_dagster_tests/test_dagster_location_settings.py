@@ -56,6 +56,8 @@ def test_good_settings_are_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         (["events", "--first", "nope"], "--first"),
         (["events", "--last", "2024-01-01"], "--last"),
         (["events", "--first", "20240101T050000Z", "--last", "20240101T010000Z"], "--last"),
+        (["events", "--coordinators", "0"], "--coordinators"),
+        (["events", "--coordinators", "-1"], "--coordinators"),
     ],
 )
 def test_range_runs_refuses_bad_arguments_naming_them(
@@ -67,7 +69,8 @@ def test_range_runs_refuses_bad_arguments_naming_them(
 ) -> None:
     """`python -m pcbo_dagster.dagster_defs.range_runs`: an unknown asset or key was a traceback
     (DagsterInvariantViolationError, `ValueError: 'nope' is not in list`), and a first key after the
-    last launched nothing and exited 0. Each is invalid input naming the argument, exit 2."""
+    last launched nothing and exited 0; `--coordinators 0` or `-1` ran the runs one after another and
+    exited 0. Each is invalid input naming the argument, exit 2, and no run is launched."""
     from pcbo_dagster.dagster_defs import range_runs
 
     monkeypatch.setenv("PCBO_HOME", str(tmp_path))
@@ -77,6 +80,7 @@ def test_range_runs_refuses_bad_arguments_naming_them(
     err = capsys.readouterr().err
     assert status == 2, err
     assert f"invalid input: {field}:" in err
+    assert not (tmp_path / "history").exists(), "a run was launched"
 
 
 def test_range_runs_cuts_a_valid_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -93,11 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if args.coordinators < 1:
+            raise InvalidInput("--coordinators", f"must be at least 1 run in flight, not {args.coordinators}")
         spans = run_ranges(args.asset, args.first, args.last)
     except InvalidInput as exc:
         print(f"range_runs: invalid input: {exc}", file=sys.stderr)
         return 2
-    if args.coordinators <= 1:
+    if args.coordinators == 1:
         results = [_launch_one(args.asset, span, not args.no_checks) for span in spans]
     else:
         # Processes, not threads: Dagster configures Python logging (a process-wide `dictConfig`) as
