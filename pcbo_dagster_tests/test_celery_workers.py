@@ -141,6 +141,13 @@ class Cluster:
         home = self.root / name
         home.mkdir(parents=True, exist_ok=True)
         (home / "datasets.yaml").write_text(self.config_text)  # each host its own copy of the config
+        # Each host its own DAGSTER_HOME, as a container's or a machine's is: the same instance config
+        # (PostgreSQL storage), nothing on disk shared with another host.
+        dagster_home = home / "dagster_home"
+        dagster_home.mkdir(exist_ok=True)
+        (dagster_home / "dagster.yaml").write_bytes(
+            (self.root / "dagster_home" / "dagster.yaml").read_bytes()
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PCBO_", "DAGSTER_"))}
         env.update(self.shared)
         env.update(
@@ -148,7 +155,7 @@ class Cluster:
                 "PCBO_HOME": str(home / "pcbo"),
                 "PCBO_AUDIT_CACHE_DIR": str(home / "audit-cache"),
                 "PCBO_DATASETS_CONFIG": str(home / "datasets.yaml"),
-                "DAGSTER_HOME": str(self.root / "dagster_home"),
+                "DAGSTER_HOME": str(dagster_home),
                 "PYTHONPATH": str(REPO_ROOT),
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONFAULTHANDLER": "1",
@@ -358,6 +365,35 @@ def test_celery_workers_backfill_as_one_host_would(cluster, single_host_lake):
     print(f"celery backfill: {len(runs)} runs, {HOURS} partitions in {took:.1f} s; steps per worker {served}")
     figures = {"workers": WORKERS, "partitions": HOURS, "runs": len(runs), "seconds": round(took, 2)}
     print("CELERY_BENCH " + json.dumps({**figures, "served": served}))
+
+
+def test_the_steps_of_one_run_on_two_hosts_each_with_its_own_dagster_home(cluster):
+    """A run's first step(s) on one host, the rest on another, each host with its own DAGSTER_HOME (the
+    same PostgreSQL instance, no disk shared). The steps pass their handles through the Dagster
+    instance's database; before, through Dagster's default IO manager, pickles under the DAGSTER_HOME
+    of the host that ran the step, so the next step on another host failed (`FileNotFoundError:
+    .../dagster_home/storage/<run>/events.events__policy_gate/result`) and the run failed after
+    emission, its partitions committed without their audit events."""
+    cluster.start_worker("host-1")
+    cluster.wait_ready()
+    coordinator = cluster.backfill("coordinator", "--last", _key(PER_RUN - 1))
+    deadline = time.monotonic() + 120
+    while cluster.served()["host-1"] == 0:  # the policy gate ran on host-1
+        assert time.monotonic() < deadline and coordinator.poll() is None, cluster.logs()
+        time.sleep(0.05)
+    os.killpg(cluster.workers["host-1"].pid, signal.SIGTERM)  # a warm shutdown: its step in hand ends
+    cluster.workers["host-1"].wait(timeout=120)
+    cluster.start_worker("host-2")
+    runs = _finish(cluster, coordinator)
+    assert [r["success"] for r in runs] == ["true"], runs
+    served = cluster.served()
+    assert served["host-1"] >= 1 and served["host-2"] >= 1 and sum(served.values()) == 4, served
+    env, home = cluster.host_env("auditor")
+    verified = subprocess.run(
+        [executable("pcbo"), "verify"], cwd=home, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert verified.returncode == 0, verified.stdout[-3000:] + verified.stderr[-3000:]
+    assert json.loads(verified.stdout)["checked"]["partitions"] == PER_RUN
 
 
 def _first_received(cluster: Cluster, timeout: float = 90) -> tuple[str, str]:

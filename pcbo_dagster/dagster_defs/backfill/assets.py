@@ -22,6 +22,7 @@ import warnings
 
 import dagster as dg
 
+from pcbo_dagster.dagster_defs.backfill.handle_storage import HANDLE_IO_MANAGER, HANDLE_IO_MANAGER_KEY
 from pcbo_dagster.dagster_defs.backfill.steps import build_steps
 from pcbo_dagster.dagster_defs.partitions import partitions_def_for
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
@@ -66,6 +67,7 @@ def build_dataset_asset(config: DatasetsConfig, dataset: DatasetConfig) -> dg.As
             group_name=GROUP_NAME,
             partitions_def=partitions_def,
             backfill_policy=backfill_policy_for(dataset),
+            resource_defs={HANDLE_IO_MANAGER_KEY: HANDLE_IO_MANAGER},
             kinds={"parquet"},
             description=(dataset.description or f"pcbo dataset {dataset.name}")
             + " (steps: policy gate, parquet emission, audit chain append, reconciliation)",

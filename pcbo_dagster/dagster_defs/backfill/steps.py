@@ -30,6 +30,7 @@ from pcbo_dagster.core.decisions import REASONS, Decisions
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.partition_keys import PartitionKeyError
 from pcbo_dagster.core.plan import Plan
+from pcbo_dagster.dagster_defs.backfill.handle_storage import HANDLE_IO_MANAGER_KEY
 from pcbo_dagster.dagster_defs.partitions import run_partition_keys, windows_for_keys
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.datasets.config import DatasetConfig, LedgerRangePartitioning, TimeWindowPartitioning
@@ -367,6 +368,7 @@ def build_steps(
         description="Evaluate every record against the dataset's policies; the gates hold before anything "
         "is written (onViolation: block). Output: the engine requests and their decision hashes",
         tags={"pcbo/step": POLICY_GATE},
+        out=dg.Out(io_manager_key=HANDLE_IO_MANAGER_KEY),
     )
     def policy_gate(
         context: dg.OpExecutionContext, config: PolicyGateConfig, pcbo: PcboEngineResource
@@ -435,6 +437,7 @@ def build_steps(
         "the intent on the audit chain, then write the commit points (_manifest.json)",
         pool=pool,
         tags={"pcbo/step": PARQUET_EMISSION},
+        out=dg.Out(io_manager_key=HANDLE_IO_MANAGER_KEY),
     )
     def parquet_emission(
         context: dg.OpExecutionContext, gate: GateHandle, pcbo: PcboEngineResource
@@ -478,6 +481,7 @@ def build_steps(
         "chain (local backup first, then the catalog; then remote delivery when configured)",
         pool=pool,
         tags={"pcbo/step": AUDIT_CHAIN_APPEND},
+        out=dg.Out(io_manager_key=HANDLE_IO_MANAGER_KEY),
     )
     def audit_chain_append(
         context: dg.OpExecutionContext, emitted: EmissionHandle, pcbo: PcboEngineResource
