@@ -1,0 +1,57 @@
+"""The handles the four steps of a dataset's asset pass each other (`handle_storage.py`): JSON in the
+Dagster instance's database, which every host shares. A run re-executed from a later step reads the
+parent run's handles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+dg = pytest.importorskip("dagster")
+
+from pcbo_dagster.dagster_defs import range_runs  # noqa: E402
+from pcbo_dagster.datasets.demo_data import example_sources_dir, generate_demo_data  # noqa: E402
+
+SPAN = ("20240101T000000Z", "20240101T030000Z")
+TAGS = {"dagster/asset_partition_range_start": SPAN[0], "dagster/asset_partition_range_end": SPAN[1]}
+
+
+@pytest.fixture
+def instance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    for name in [n for n in os.environ if n.startswith("PCBO_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PCBO_HOME", str(tmp_path / "pcbo"))
+    generate_demo_data(example_sources_dir())
+    (tmp_path / "dagster").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster")) as inst:
+        yield inst
+
+
+def _reexecute_from_emission(instance: Any, parent_run_id: str) -> Any:
+    repo = range_runs.ReconstructableRepository.for_module(range_runs.MODULE, "defs")
+    return dg.execute_job(
+        repo.get_reconstructable_job(range_runs.ASSET_JOB),
+        instance,
+        tags=TAGS,
+        raise_on_error=False,
+        reexecution_options=dg.ReexecutionOptions(
+            parent_run_id=parent_run_id, step_selection=["events.events__parquet_emission*"]
+        ),
+    )
+
+
+def _failures(result: Any) -> list[str]:
+    return [e.event_specific_data.error.message for e in result.all_events if e.is_step_failure]
+
+
+def test_a_run_re_executed_from_emission_reads_its_parents_gate(instance):
+    """Re-execution from a later step (the UI's "re-execute from failure" or a step selection): the
+    emission of the new run writes a handle holding the parent's gate; the next steps read it."""
+    first = range_runs.launch("events", SPAN, instance, checks=False)
+    assert first["success"] == "true"
+    again = _reexecute_from_emission(instance, first["runId"])
+    assert again.success, _failures(again)
