@@ -132,6 +132,17 @@ def _evaluated(
     return loaded, plan, decisions
 
 
+def _run_and_ancestors(context: dg.OpExecutionContext) -> set[str]:
+    """The run's id and those of the runs it re-executes (a re-executed step reads its parent's outputs)."""
+    ids = {context.run.run_id}
+    parent = context.run.parent_run_id
+    while parent is not None and parent not in ids:
+        ids.add(parent)
+        found = context.instance.get_run_by_id(parent)
+        parent = found.parent_run_id if found is not None else None
+    return ids
+
+
 # --- engine outcomes as Dagster failures ------------------------------------------------------------
 
 
@@ -363,6 +374,62 @@ def build_steps(
     prefix = dataset.asset_name
     version_label = dataset.versionLabel
 
+    def run_metadata(dagster_run_id: str) -> dict[str, Any]:
+        return {
+            "orchestrator": "dagster",
+            "dagsterRunId": dagster_run_id,
+            "assetKey": asset_key.to_user_string(),
+        }
+
+    def own_gate(context: dg.OpExecutionContext, gate: GateHandle, pcbo: PcboEngineResource) -> GateHandle:
+        """`gate` when its requests are the ones this run's tags and this host's datasets config make
+        (the handle is read from the Dagster instance, shared by every host): a handle of another run,
+        or of a request this run would not make (other partitions, source or policies, or a host
+        configured otherwise than the gate's) fails the step, nothing written."""
+        run = context.run
+        if gate.dagster_run_id not in _run_and_ancestors(context):
+            raise dg.Failure(
+                description=f"the policy gate's output is of run {gate.dagster_run_id}, not of this run "
+                f"{run.run_id}; nothing was written",
+                allow_retries=False,
+            )
+        keys = run_partition_keys(context, dataset.name)
+        made = engine_requests(
+            dataset,
+            partitions_def,
+            source_uri_of(pcbo),
+            keys,
+            gate.dagster_run_id,
+            run_metadata(gate.dagster_run_id),
+        )
+        expected = [(run_id, json.loads(json.dumps(request)), group) for run_id, request, group in made]
+        given = [(r.run_id, json.loads(r.request_json), list(r.keys)) for r in gate.requests]
+        for _, request, _ in given + expected:
+            request.pop("expectedDecisionHash", None)  # the op config's pin (policy_gate)
+        if given != expected:
+            raise dg.Failure(
+                description=f"the policy gate's requests are not the ones this run ({', '.join(keys[:1])}.."
+                f"{keys[-1]}) makes with this host's datasets config and sources: a host configured "
+                "otherwise than the gate's, or an altered handle; nothing was written",
+                allow_retries=False,
+            )
+        return gate
+
+    def own_emission(
+        context: dg.OpExecutionContext, emitted: EmissionHandle, pcbo: PcboEngineResource
+    ) -> EmissionHandle:
+        """`emitted` when its gate is this run's (`own_gate`) and each emission is of one of its requests'
+        partitions."""
+        keys_of = {r.run_id: set(r.keys) for r in own_gate(context, emitted.gate, pcbo).requests}
+        for emission in emitted.emissions:
+            if not set(emission.keys) <= keys_of.get(emission.run_id, set()):
+                raise dg.Failure(
+                    description=f"the emission of {emission.run_id} names partitions its request does not "
+                    "have; nothing more was written",
+                    allow_retries=False,
+                )
+        return emitted
+
     @dg.op(
         name=f"{prefix}__{POLICY_GATE}",
         description="Evaluate every record against the dataset's policies; the gates hold before anything "
@@ -376,11 +443,7 @@ def build_steps(
         source_uri = source_uri_of(pcbo)
         keys = run_partition_keys(context, dataset.name)
         dagster_run_id = context.run.run_id
-        metadata = {
-            "orchestrator": "dagster",
-            "dagsterRunId": dagster_run_id,
-            "assetKey": asset_key.to_user_string(),
-        }
+        metadata = run_metadata(dagster_run_id)
         requests = engine_requests(dataset, partitions_def, source_uri, keys, dagster_run_id, metadata)
         pinned = [h.strip() for h in config.expected_decision_hash.split(",") if h.strip()]
         if pinned and len(pinned) != len(requests):
@@ -442,6 +505,7 @@ def build_steps(
     def parquet_emission(
         context: dg.OpExecutionContext, gate: GateHandle, pcbo: PcboEngineResource
     ) -> EmissionHandle:
+        gate = own_gate(context, gate, pcbo)
         emissions: list[Emission] = []
         with pcbo.environment(lake) as env, engine_errors():
             for request in gate.requests:
@@ -486,6 +550,7 @@ def build_steps(
     def audit_chain_append(
         context: dg.OpExecutionContext, emitted: EmissionHandle, pcbo: PcboEngineResource
     ) -> EmissionHandle:
+        emitted = own_emission(context, emitted, pcbo)
         appended = on_chain = 0
         head = None
         deliveries = []
@@ -525,6 +590,7 @@ def build_steps(
     def reconciliation(
         context: dg.OpExecutionContext, emitted: EmissionHandle, pcbo: PcboEngineResource
     ) -> None:
+        emitted = own_emission(context, emitted, pcbo)
         step = context.get_step_execution_context()
         gate = emitted.gate
         with pcbo.environment(lake) as env:
