@@ -92,3 +92,18 @@ def test_a_policy_gate_handle_altered_in_the_dagster_instance_is_refused(instanc
     assert not again.success
     assert any("the policy gate's requests are not the ones this run" in m for m in _failures(again))
     assert {p: p.read_bytes() for p in sorted(lake.rglob("*")) if p.is_file()} == before
+
+
+def test_a_step_on_a_host_with_another_lake_than_the_gates_is_refused(instance, tmp_path, monkeypatch):
+    """A worker configured with another lake (or catalog, or audit store) than the host that ran the
+    policy gate: before, its steps wrote the run's partitions into its own stores and the run
+    succeeded, the shared stores never seeing them. The gate's handle names the stores it was
+    evaluated for; a step on a host with others fails, nothing written."""
+    first = range_runs.launch("events", SPAN, instance, checks=False)
+    assert first["success"] == "true"
+    other = tmp_path / "other-lake"
+    monkeypatch.setenv("PCBO_LAKE_URL", str(other))
+    again = _reexecute_from_emission(instance, first["runId"])
+    assert not again.success
+    assert any("are not the policy gate's" in m for m in _failures(again)), _failures(again)
+    assert not other.exists() or not [p for p in other.rglob("*") if p.is_file()]

@@ -73,6 +73,8 @@ class GateHandle:
 
     dagster_run_id: str
     requests: tuple[RequestHandle, ...]
+    #: The stores the gate was evaluated for (`stores_of`): every step of the run writes to those.
+    stores: str = ""
 
     @property
     def keys(self) -> list[str]:
@@ -130,6 +132,14 @@ def _evaluated(
     if not last_use:
         _remember(gate.dagster_run_id, request.run_id, (loaded, plan, decisions))
     return loaded, plan, decisions
+
+
+def stores_of(pcbo: PcboEngineResource, lake: str | None) -> str:
+    """The stores a host's steps write to (lake, catalog, audit store or directory, audit endpoint; no
+    password), as text two hosts of one deployment agree on."""
+    described = pcbo.describe(lake)
+    named = ("lake", "catalog", "audit_store" if described["audit_store"] else "audit_dir", "audit_endpoint")
+    return json.dumps({name: described[name] for name in named}, sort_keys=True)
 
 
 def _run_and_ancestors(context: dg.OpExecutionContext) -> set[str]:
@@ -393,6 +403,15 @@ def build_steps(
                 f"{run.run_id}; nothing was written",
                 allow_retries=False,
             )
+        stores = stores_of(pcbo, lake)
+        if gate.stores != stores:
+            raise dg.Failure(
+                description=f"this host's stores {stores} are not the policy gate's "
+                f"{gate.stores or '(none)'}: "
+                "a host configured with another lake, catalog or audit store (PCBO_LAKE_URL, "
+                "PCBO_CATALOG_URL, PCBO_AUDIT_DIR); nothing was written",
+                allow_retries=False,
+            )
         keys = run_partition_keys(context, dataset.name)
         made = engine_requests(
             dataset,
@@ -492,7 +511,7 @@ def build_steps(
             **{f"omitted/{r}": dg.MetadataValue.int(by_reason.get(r, 0)) for r in REASONS},
         }
         context.add_output_metadata(output_metadata)
-        return GateHandle(dagster_run_id, tuple(handles))
+        return GateHandle(dagster_run_id, tuple(handles), stores_of(pcbo, lake))
 
     @dg.op(
         name=f"{prefix}__{PARQUET_EMISSION}",
