@@ -510,6 +510,18 @@ def test_workers_acknowledge_a_step_when_it_ends():
         refused_worker = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
         )
-        assert refused_worker.returncode != 0 and f"{variable}:" in refused_worker.stderr, (
-            refused_worker.stderr
-        )
+        # red-team finding: the refusal came with a whole Python traceback; now one line, exit 2
+        assert refused_worker.returncode == 2, refused_worker.stderr
+        line = refused_worker.stderr
+        assert (
+            line.startswith(f"pcbo celery worker: invalid input: {variable}: ") and line.count("\n") == 1
+        ), line
+    started = subprocess.run(  # as a worker is started: `celery -A ... worker`, no key
+        [executable("celery"), "-A", "pcbo_dagster.dagster_defs.celery_worker", "worker"],
+        env={**env, "PCBO_CELERY_BROKER": "redis://127.0.0.1:1/3"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 2 and "Traceback" not in started.stderr, started.stderr
+    assert "pcbo celery worker: invalid input: PCBO_CELERY_KEY: " in started.stderr, started.stderr

@@ -34,6 +34,7 @@ removed, so a message for one is discarded unrun (Celery's "unregistered task").
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from pcbo_dagster.core.errors import InvalidInput
@@ -159,4 +160,8 @@ def _make_app() -> Any:
     return app, step_task
 
 
-app, _step_task = _make_app()
+try:
+    app, _step_task = _make_app()
+except InvalidInput as _refused:  # `celery -A ... worker` without its settings: one line, exit 2
+    sys.stderr.write(f"pcbo celery worker: invalid input: {_refused}\n")
+    raise SystemExit(2) from None
