@@ -755,3 +755,26 @@ def test_the_stored_log_reads_exactly_the_nodes_asked_for(store) -> None:
         assert _nodes(conn, CHAIN, [(3, 0), (3, 1), (4, 0)]) == {(3, 0): got[(3, 0)]}
         assert _nodes(conn, other, wanted)[(3, 0)] != got[(3, 0)]
         assert _nodes(conn, CHAIN, []) == {}
+
+
+def test_an_answered_idempotency_key_is_forgotten_a_day_after_its_first_request(
+    store: CatalogStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: every execute stores its whole document under its `Idempotency-Key`, and the
+    keys were kept for ever: a token could grow the catalog without bound with fresh keys. An answered
+    key is kept 24 hours from its first request, then a request with it is a new one; a key whose
+    request is still being answered is kept."""
+    from pcbo_dagster.catalog import server_records
+
+    start = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    monkeypatch.setattr(server_records, "utc_now", lambda: start)
+    assert store.claim_idempotency_key("ops", "k1", "sha256:" + "1" * 64) is None
+    store.answer_idempotency_key("ops", "k1", 200, {"status": "committed"})
+    assert store.claim_idempotency_key("ops", "k2", "sha256:" + "2" * 64) is None  # never answered
+    monkeypatch.setattr(server_records, "utc_now", lambda: start + timedelta(hours=23, minutes=59))
+    kept = store.claim_idempotency_key("ops", "k1", "sha256:" + "1" * 64)
+    assert kept is not None and kept["response"] == {"status": "committed"}
+    monkeypatch.setattr(server_records, "utc_now", lambda: start + timedelta(hours=24, seconds=1))
+    assert store.claim_idempotency_key("ops", "k1", "sha256:" + "1" * 64) is None  # a new request
+    in_flight = store.claim_idempotency_key("ops", "k2", "sha256:" + "2" * 64)
+    assert in_flight is not None and in_flight["http_status"] is None

@@ -11,7 +11,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Integer, String, and_, cast, false, func, literal, or_, select, true, union_all, update
@@ -20,6 +20,10 @@ from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
+
+#: How long an answered `Idempotency-Key` is remembered from its first request (then a request with it
+#: is a new one): a day, as payment APIs keep theirs.
+IDEMPOTENCY_KEPT = timedelta(hours=24)
 
 TOKEN_PREFIX = "pcbo_"
 #: Columns `audit_page` sorts by, by their API names.
@@ -297,10 +301,18 @@ class ServerRecords(Database):
 
     def claim_idempotency_key(self, subject: str, key: str, request_hash: str) -> dict[str, Any] | None:
         """Claim `key` for a first request; None when claimed, else the existing row (its answer, or
-        `http_status` None while the first request is still being answered)."""
+        `http_status` None while the first request is still being answered). Answered keys are kept
+        `IDEMPOTENCY_KEPT` from their first request, then forgotten (each claim removes those past it):
+        every execute stores its whole document under its key, and the table would grow for ever."""
         keys = t.idempotency_keys
         where = (keys.c.subject == subject, keys.c.idempotency_key == key)
+        now = utc_now()
         with self.write() as conn:
+            conn.execute(
+                keys.delete().where(
+                    keys.c.http_status.is_not(None), keys.c.created_at < now - IDEMPOTENCY_KEPT
+                )
+            )
             row = conn.execute(select(keys).where(*where)).first()
             if row is not None:
                 out = dict(row._mapping)
@@ -313,7 +325,7 @@ class ServerRecords(Database):
                     request_hash=request_hash,
                     http_status=None,
                     response=None,
-                    created_at=utc_now(),
+                    created_at=now,
                 )
             )
         return None
