@@ -257,3 +257,34 @@ def test_a_run_id_of_another_dataset_version_s_run_is_invalid_input(tmp_path):
         assert after.status == 0 and after.document["checked"]["chains"] == chains_before, after.document
     again = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", first)], home=home)
     assert again.status == 0, again.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("auditPath", 5),
+        ("auditPath", True),
+        ("auditPath", {"sha256:": 1}),
+        ("auditPath", "sha256:"),
+        ("proof", 1.5),
+    ],
+)
+def test_a_proof_whose_path_is_not_a_list_is_invalid_input_on_that_field(executed, tmp_path, field, value):
+    """(red-team finding) `auditPath: 5` was an internal error (exit 1, TypeError), and a string or an
+    object was read character by character or key by key."""
+    home, _, planned = executed
+    made = _proof(home, "--id", planned["partitions"][0]["add"][0])
+    assert made.status == 0, made.stderr
+    root = made.document["merkleRoot"]
+    document = (
+        made.document
+        if field == "auditPath"
+        else {"kind": "pcbo.consistency-proof/1", "size1": 1, "size2": 1, "root1": root, "root2": root}
+    )
+    proof = tmp_path / "proof.json"
+    proof.write_text(json.dumps({**document, field: value}))
+    refused = run_pcbo(["verify-proof", "--proof", proof], home=home)
+    assert refused.status == 2, refused.stderr
+    named = "--proof" if field == "proof" else field  # (the document's `proof` is shown as the flag's)
+    assert f"invalid input: {named}: must be a list of sha256:<64 hex> digests" in refused.stderr
+    assert "Traceback" not in refused.stderr and "internal error" not in refused.stderr

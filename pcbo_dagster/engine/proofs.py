@@ -39,6 +39,15 @@ def _size(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
+def _digests(document: dict[str, Any], field: str) -> list[bytes]:
+    """A proof document's list of hashes (`auditPath`, `proof`; absent: none); anything but a list is
+    `InvalidInput` on the field (a string is not read character by character, nor an object key by key)."""
+    value = document.get(field, [])
+    if not isinstance(value, list):
+        raise InvalidInput(field, "must be a list of sha256:<64 hex> digests")
+    return [_unhex(h, f"{field}[{i}]") for i, h in enumerate(value)]
+
+
 def _unhex(value: object, field: str) -> bytes:
     if not isinstance(value, str) or not value.startswith("sha256:"):
         raise InvalidInput(field, "must be a sha256:<64 hex> digest")
@@ -237,7 +246,7 @@ def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
             raise InvalidInput("id", "must be a string")
         leaf = merkle.leaf_hash(record_id.encode("utf-8"))
         trusted = trusted_root or _unhex(document.get("merkleRoot"), "merkleRoot")
-        path = [_unhex(h, f"auditPath[{i}]") for i, h in enumerate(document.get("auditPath") or [])]
+        path = _digests(document, "auditPath")
         reasons = []
         if "leafHash" in document and _unhex(document["leafHash"], "leafHash") != leaf:
             reasons.append("leafHash is not the hash of id")
@@ -254,7 +263,7 @@ def verify_proof(document: Any, root: str | None = None) -> dict[str, Any]:
         }
     root2 = trusted_root or _unhex(document.get("root2"), "root2")
     root1 = _unhex(document.get("root1"), "root1")
-    proof = [_unhex(h, f"proof[{i}]") for i, h in enumerate(document.get("proof") or [])]
+    proof = _digests(document, "proof")
     ok = merkle.verify_consistency(
         _size(document.get("size1")), _size(document.get("size2")), root1, root2, proof
     )
