@@ -191,6 +191,23 @@ INVALID_CASES: list[tuple[str, Callable[[], bytes], list[str]]] = [
         with_(sourceRecords=DELETE, source={"uri": "r.jsonl", "format": "xml"}),
         ["source.format"],
     ),
+    # (red-team finding) a NUL in a relative source path was an internal error (ValueError: embedded
+    # null byte, exit 1); in an absolute one "cannot be read: ValueError". No path or URL holds one.
+    (
+        "source-uri-nul",
+        with_(sourceRecords=DELETE, source={"uri": "r\u0000.jsonl"}),
+        ["source.uri", "control"],
+    ),
+    (
+        "source-uri-nul-absolute",
+        with_(sourceRecords=DELETE, source={"uri": "/tmp/r\u0000"}),
+        ["source.uri", "control"],
+    ),
+    (
+        "source-uri-newline",
+        with_(sourceRecords=DELETE, source={"uri": "r.jsonl\n"}),
+        ["source.uri", "control"],
+    ),
     ("metadata-float", with_(metadata={"initiator": "ops", "ratio": 0.5}), ["metadata", "ratio"]),
     ("metadata-nested-float", with_(metadata={"a": {"b": [1, 2.5]}}), ["metadata", "a.b[1]"]),
     ("metadata-float-integral", with_(metadata={"n": 1.0}), ["metadata", "n"]),

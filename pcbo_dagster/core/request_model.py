@@ -84,6 +84,14 @@ def _path_text(where: Any) -> str:
     return "".join(reversed(parts))
 
 
+def _no_control_characters(value: str) -> str:
+    """A path or URL holds no control character (U+0000-U+001F, U+007F): a NUL names no file at all,
+    and a pasted newline another file than the one meant (as `--input` and the other path flags)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("holds a control character: a path or URL holds none")
+    return value
+
+
 def _no_userinfo(value: str) -> str:
     if has_userinfo(value):
         raise ValueError(userinfo_refused(value))
@@ -92,7 +100,9 @@ def _no_userinfo(value: str) -> str:
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
 #: Where records or a lake are stored (a path, `file://`, `s3://`, `gs://`): never with credentials.
-StoreUri = Annotated[StrictStr, Field(min_length=1), AfterValidator(_no_userinfo)]
+StoreUri = Annotated[
+    StrictStr, Field(min_length=1), AfterValidator(_no_control_characters), AfterValidator(_no_userinfo)
+]
 Instant = Annotated[StrictStr, AfterValidator(_instant)]
 Text = Annotated[StrictStr, AfterValidator(_utf8)]
 
