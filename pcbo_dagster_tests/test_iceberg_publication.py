@@ -1546,3 +1546,41 @@ def test_a_fifo_at_a_data_files_name_is_refused_by_the_table_never_waited_on(tmp
     repaired = run_pcbo(["verify", "--repair"], home=crashed_home, timeout=60)
     assert repaired.status == 1, repaired.stderr
     assert not list((lake_dir(crashed_home) / "_iceberg").rglob("*.metadata.json"))  # nothing published
+
+
+@pytest.mark.parametrize("reader", ["duckdb-iceberg", "pyiceberg"])
+def test_a_table_name_forged_in_the_catalogs_is_no_sql_for_pcbo_query(tmp_path: Path, reader: str) -> None:
+    """(red-team finding) `pcbo query` put the catalog's recorded table name into DuckDB's SQL as it
+    was: someone who can write the catalog, the Iceberg catalog and the lake (the threat model's
+    attacker) named a table `lake"; COPY (SELECT 42) TO 'pwned'; CREATE SCHEMA "lake.events`, published a
+    table under that name inside the lake, and the next `pcbo query` anyone ran wrote their file."""
+    home = tmp_path / "home"
+    done = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r.json", _request("ice-forged"))], home=home
+    )
+    assert done.status == 0, done.stderr
+    namespace = """lake"; COPY (SELECT 42 AS x) TO 'pwned'; CREATE SCHEMA "lake"""
+    iceberg = sqlite3.connect(home / "iceberg.db")
+    with iceberg:
+        iceberg.execute("DELETE FROM iceberg_tables")
+        iceberg.execute("DELETE FROM iceberg_namespace_properties")
+    iceberg.close()
+    catalog = SqlCatalog("pcbo", uri=f"sqlite:///{home}/iceberg.db", warehouse=f"file://{home}/lake/_iceberg")
+    catalog.create_namespace(namespace)
+    forged = catalog.create_table(
+        (namespace, "events"),
+        schema=pa.schema([("id", pa.string())]),
+        location=f"file://{home}/lake/_iceberg/{namespace}/events",
+    )
+    forged.append(pa.table({"id": ["forged"]}))
+    pcbo_catalog = sqlite3.connect(home / "catalog.db")
+    with pcbo_catalog:
+        pcbo_catalog.execute("UPDATE table_publications SET table_name = ?", (f"{namespace}.events",))
+    pcbo_catalog.close()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    queried = run_pcbo(["query", "--dataset", DATASET, "--reader", reader, "SELECT 1"], home=home, cwd=work)
+    assert not (work / "pwned").exists(), "the forged table name ran as SQL"
+    assert queried.status == 1 and queried.document is None, queried.stderr
+    assert "is not a table name" in queried.stderr and "internal error" not in queried.stderr, queried.stderr

@@ -82,7 +82,7 @@ from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, replay
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import to_datetime
-from pcbo_dagster.core.request_model import TableSpec
+from pcbo_dagster.core.request_model import TABLE_NAME_PATTERN, TableSpec
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 from pcbo_dagster.lake import layout
 from pcbo_dagster.lake.storage import LakeStorage
@@ -227,7 +227,14 @@ def promotion_target(spec: TableSpec | None, production: Environment) -> TableTa
 
 def recorded_target(row: TablePublicationRow, env: Environment) -> TableTarget:
     """The recorded target; its catalog URL with the credentials the environment holds for it (the
-    record never has them)."""
+    record never has them). A recorded name that is not a table name as a request may give one
+    (`TABLE_NAME_PATTERN`) is `IntegrityError`: the catalog is writable by whoever forges history, and
+    the name becomes SQL (`pcbo query` names the table in DuckDB)."""
+    if not isinstance(row["table_name"], str) or not re.fullmatch(TABLE_NAME_PATTERN, row["table_name"]):
+        raise IntegrityError(
+            f"the catalog's table publication of {row['dataset']}/{row['version_label']} names "
+            f"{scrub_text(repr(row['table_name']))}, which is not a table name (namespace.table): not read"
+        )
     url = row["catalog_url"]
     for candidate in (os.environ.get(CATALOG_ENV), env.settings.catalog_url):
         if candidate and redact_url(candidate) == url:
