@@ -1583,4 +1583,25 @@ def test_a_table_name_forged_in_the_catalogs_is_no_sql_for_pcbo_query(tmp_path: 
     queried = run_pcbo(["query", "--dataset", DATASET, "--reader", reader, "SELECT 1"], home=home, cwd=work)
     assert not (work / "pwned").exists(), "the forged table name ran as SQL"
     assert queried.status == 1 and queried.document is None, queried.stderr
-    assert "is not a table name" in queried.stderr and "internal error" not in queried.stderr, queried.stderr
+    # The catalog's row is not read: the chain's declared table (dropped from the Iceberg catalog here)
+    assert "does not exist yet" in queried.stderr and "internal error" not in queried.stderr, queried.stderr
+
+
+def test_pcbo_query_reads_the_table_the_chain_declares_not_the_catalogs_row(tmp_path: Path) -> None:
+    """(red-team finding) `pcbo query` took the table from the catalog's `table_publications` row:
+    one edited to name another catalog URL had the query create a SQLite file wherever it pointed (and
+    say the table did not exist yet). The chain's declaration is read (verified), never the row."""
+    home = tmp_path / "home"
+    done = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r.json", _request("ice-url"))], home=home
+    )
+    assert done.status == 0, done.stderr
+    elsewhere = tmp_path / "elsewhere" / "created-by-query.db"
+    elsewhere.parent.mkdir()
+    pcbo_catalog = sqlite3.connect(home / "catalog.db")
+    with pcbo_catalog:
+        pcbo_catalog.execute("UPDATE table_publications SET catalog_url = ?", (f"sqlite:///{elsewhere}",))
+    pcbo_catalog.close()
+    queried = run_pcbo(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
+    assert queried.status == 0, queried.stderr
+    assert queried.document["rows"][0][0] > 0 and not elsewhere.exists()

@@ -1,6 +1,8 @@
 """`pcbo query --dataset D "SQL"`: SQL over a dataset version's Iceberg table, with DuckDB.
 
-The table is the one the dataset version publishes to (`table_publications`), at its branch's
+The table is the one the dataset version's audit chain declares it publishes to (its
+`table_publication_recorded` event, the chain verified first; the catalog's `table_publications` row is
+a listing, not read here), at its branch's
 current snapshot, as a DuckDB view named like the Iceberg table (`ns.table`), so the SQL a user writes
 here runs as it is in any DuckDB that reads the table. Two readers, the same rows:
 
@@ -26,6 +28,7 @@ from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.tables.iceberg_publication import (
     MAIN_BRANCH,
     confined_manifests,
+    declared_publications,
     load_table,
     read_table_metadata,
     recorded_target,
@@ -81,7 +84,15 @@ def query(
         raise InvalidInput("reader", f"must be one of {', '.join(READERS)}")
     if not sql.strip():
         raise InvalidInput("SQL", "is empty: give the query to run")
-    recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}
+    # The table the dataset version's chain declares (read and verified as a reader holding no lock
+    # reads it), never the catalog's row of it: the catalog is writable by whoever forges history, and
+    # a row naming another catalog URL had the query create a SQLite catalog wherever it pointed.
+    from pcbo_dagster.engine.partition_checks import verified_chain
+
+    events = verified_chain(
+        env, dataset, version_label, f"pcbo query of {dataset}/{version_label}", sync=False
+    )
+    recorded = declared_publications(events.events)
     if not recorded:
         raise InvalidInput(
             "dataset", f"{dataset}/{version_label} publishes no table (give its request or config a table)"
