@@ -332,6 +332,35 @@ def test_rollback_of_a_crashed_unaudited_version(work, reference_home, changed_r
     assert document["status"] == "clean", document["findings"]
 
 
+def test_a_crash_after_a_superseding_versions_event_is_healed_whole_by_repair(
+    work, reference_home, changed_request_file
+):
+    """Red-team finding: version 2 committed and audited, then a crash before its catalog row: the
+    catalog still says version 1 is `committed`. That row is part of the same crash window (recording
+    version 2 supersedes it), yet `verify` reported it as `catalog_version_mismatch` and `verify
+    --repair` healed the window while calling that row tampering it refused to touch (exit 1), after
+    which a plain `verify` was clean."""
+    home = work / "home-superseding-after-event"
+    shutil.copytree(reference_home, home)
+    key = KEYS[MIDDLE]
+    _crash(home, changed_request_file, "after_event")
+    assert _catalog_versions(home, key) == [(1, "committed")]
+
+    document = _verify(home)
+    assert [(f["kind"], f["where"]) for f in document["findings"]] == [
+        ("catalog_mismatch", f"events/v1/{key}")
+    ]
+    assert "crash window" in document["findings"][0]["detail"]
+
+    document = _verify(home, "--repair")
+    assert document["status"] == "clean", document["findings"]
+    assert {(r["kind"], r["where"]) for r in document["repaired"]} == {
+        ("catalog_row_recorded", f"events/v1/{key}")
+    }
+    assert _catalog_versions(home, key) == [(1, "superseded"), (2, "committed")]
+    assert _verify(home)["status"] == "clean"
+
+
 @pytest.mark.parametrize("crash", [None, "rollback_after_commit_point@0"])
 def test_a_rollback_keeps_a_file_an_older_version_shares(tmp_path: Path, crash: str | None) -> None:
     """Red-team finding: a partition's content went A (v1), B (v2), A (v3); data files are named by
