@@ -4,6 +4,8 @@ findings (nothing was tampered with), each saying what closes it; the next run c
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,29 @@ def test_an_intent_a_crash_left_open_is_pending_until_the_next_run(tmp_path: Pat
     run = run_pcbo(["verify"], home=home)
     assert run.status == 0 and run.document["status"] == "clean"
     assert run.document["pending"] == []
+
+
+def test_a_tampered_data_file_under_a_completed_intent_is_found_before_repair(tmp_path: Path) -> None:
+    """Red-team finding: a crash left an intent open; someone who can write the lake altered a staged
+    data file, then completed the intent by copying its staged `_versions/` manifest in as the commit
+    point. `verify` called the partition a crash window `--repair` completes (`audit_event_missing`)
+    and read none of its files: the altered file showed only after the repair had appended the commit.
+    The commit point the intent names is checked as any commit point, repairing or not."""
+    request = write_request(
+        tmp_path / "request.json",
+        load_generator().make_request(records=60, partitions=3, seed=5, run_id="pending-1"),
+    )
+    home = tmp_path / "home"
+    run = run_pcbo(["execute", "--input", request], home=home, env={"PCBO_FAILPOINT": "before_commit@1"})
+    assert run.status == CRASH_STATUS, run.stderr
+    partition = home / "lake" / "events" / "v1" / "20240101T010000Z"
+    staged = json.loads((partition / "_versions" / "v000001.json").read_bytes())
+    data = home / "lake" / staged["files"][0]["path"]
+    data.write_bytes(data.read_bytes()[:-9] + b"tampered!")
+    shutil.copyfile(partition / "_versions" / "v000001.json", partition / "_manifest.json")
+
+    run = run_pcbo(["verify"], home=home)
+    assert run.status == 1, run.document
+    found = {(f["kind"], f["where"]) for f in run.document["findings"]}
+    assert ("audit_event_missing", "events/v1/20240101T010000Z") in found
+    assert ("file_checksum_mismatch", staged["files"][0]["path"]) in found, found

@@ -467,6 +467,10 @@ def _check_partition(
     if comparison.healable:
         assert history is not None
         if not _heal(env, report, state, dataset, version_label, history, comparison):
+            if not report.repair and manifest_bytes is not None:
+                # the commit point is the one the open intent names: its files are checked as any
+                # commit point's, so an altered one shows before a repair completes the window
+                _check_current(env, report, dataset, version_label, key)
             return manifest_bytes is not None
     intent = history.open_intent if history is not None else None
     if comparison.verdict == "agrees" and isinstance(intent, CommitIntent):
