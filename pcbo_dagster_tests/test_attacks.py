@@ -546,6 +546,91 @@ def test_catalog_rows_that_disagree_with_the_chain_are_found(home, statement, ki
     assert_found_and_not_laundered(home, kind)
 
 
+@pytest.mark.parametrize(
+    ("statements", "kind"),
+    [
+        (  # a no-op under the name pcbo looks for
+            [
+                "DROP TRIGGER audit_events_no_delete",
+                "CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events BEGIN SELECT 1; END",
+            ],
+            "catalog_trigger_altered",
+        ),
+        (  # pcbo's very text, made to fire never
+            [
+                "DROP TRIGGER audit_events_no_update",
+                "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events WHEN 0 BEGIN "
+                "SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE refused'); END",
+            ],
+            "catalog_trigger_altered",
+        ),
+        (  # the name kept, on a table nothing writes
+            [
+                "DROP TRIGGER audit_events_no_update",
+                "CREATE TABLE decoy (x)",
+                "CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON decoy BEGIN "
+                "SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE refused'); END",
+            ],
+            "catalog_trigger_missing",
+        ),
+    ],
+    ids=["no-op", "never-fires", "other-table"],
+)
+def test_a_replaced_append_only_trigger_is_found(home, statements, kind):
+    """Red-team finding: `verify` looked for the append-only triggers by name only, so one replaced by
+    a trigger of that name that refuses nothing (or guards another table) left `verify` clean, and the
+    catalog's history tables open to UPDATE and DELETE again."""
+    for statement in statements:
+        _sql(home, statement)
+    assert_found_and_not_laundered(home, kind)
+
+
+@pytest.mark.postgres
+def test_a_disabled_or_replaced_append_only_trigger_is_found_on_postgresql(fresh_postgres_url, tmp_path):
+    """The PostgreSQL side of the finding above: a disabled trigger, one whose function was replaced by
+    one that lets the change through, one of that name on another table."""
+    from sqlalchemy import text
+
+    from pcbo_dagster.catalog import CatalogStore
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    assert store.append_only_trigger_problems() == {}
+    with store.write() as conn:
+        conn.execute(text("ALTER TABLE audit_events DISABLE TRIGGER audit_events_append_only"))
+        conn.execute(text("DROP TRIGGER rollout_log_no_truncate ON rollout_log"))
+        conn.execute(
+            text(
+                "CREATE TRIGGER rollout_log_no_truncate BEFORE TRUNCATE ON runs "
+                "FOR EACH STATEMENT EXECUTE FUNCTION pcbo_refuse_mutation()"
+            )
+        )
+        conn.execute(text("DROP TRIGGER soak_evaluations_append_only ON soak_evaluations"))
+        conn.execute(
+            text(
+                "CREATE TRIGGER soak_evaluations_append_only BEFORE UPDATE OR DELETE ON soak_evaluations "
+                "FOR EACH ROW WHEN (false) EXECUTE FUNCTION pcbo_refuse_mutation()"
+            )
+        )
+    problems = store.append_only_trigger_problems()
+    assert set(problems) == {
+        "audit_events_append_only",
+        "rollout_log_no_truncate",
+        "soak_evaluations_append_only",
+    }, problems
+    assert problems["rollout_log_no_truncate"] == "missing"
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION pcbo_refuse_mutation() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RETURN OLD; END $$"
+            )
+        )
+    problems = store.append_only_trigger_problems()
+    assert "discrepancy_events_append_only" in problems, problems
+    store.close()
+
+
 def test_catalog_file_lists_of_another_shape_stop_no_gc(home):
     """A catalog row's `files` that is not a list of objects (someone who can write the catalog) made
     `pcbo gc` fail with an internal error; gc keeps what the chain names and goes on."""

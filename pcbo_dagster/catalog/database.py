@@ -146,14 +146,65 @@ class Database:
                 self._engine.dispose()
                 self._engine = None
 
-    def trigger_names(self) -> set[str]:
-        """Names of the triggers defined on the catalog's tables (to find a dropped append-only one)."""
+    def append_only_trigger_problems(self) -> dict[str, str]:
+        """Trigger name -> what is wrong with it, for each append-only trigger of the catalog
+        (`schema.append_only_triggers`) that is not exactly what the migrations create: `missing`
+        (none of that name on the table it guards: one of that name on another table guards nothing),
+        or why it differs (SQLite: its `CREATE TRIGGER` text, as the schema snapshot holds it;
+        PostgreSQL: enabled, its events and timing, no `WHEN` condition, and its function's name,
+        language, security and body)."""
+        from pcbo_dagster.catalog import sqlite_schema
+        from pcbo_dagster.catalog.schema import (
+            PG_APPEND_ONLY_TGTYPE,
+            REFUSE_MUTATION_BODY,
+            append_only_triggers,
+        )
+
+        expected = append_only_triggers(self.dialect)
+        problems: dict[str, str] = {}
         if self.dialect == "sqlite":
-            query = text("SELECT name FROM sqlite_master WHERE type = 'trigger'")
-        else:
-            query = text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+            statements = {
+                s.split()[2]: s for s in sqlite_schema.STATEMENTS if s.startswith("CREATE TRIGGER ")
+            }
+            with self.read() as conn:
+                rows = conn.execute(
+                    text("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'")
+                ).all()
+            found = {(str(r[0]), str(r[1])): r[2] for r in rows}
+            for name, table in expected.items():
+                if (name, table) not in found:
+                    problems[name] = "missing"
+                elif found[(name, table)] != statements[name]:
+                    problems[name] = "its definition is not the one pcbo creates"
+            return problems
         with self.read() as conn:
-            return {str(r[0]) for r in conn.execute(query)}
+            rows = conn.execute(
+                text(
+                    "SELECT t.tgname, c.relname, t.tgenabled, t.tgtype, t.tgqual IS NOT NULL, p.proname, "
+                    "l.lanname, p.prosecdef, p.prosrc FROM pg_trigger t "
+                    "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_language l ON l.oid = p.prolang "
+                    "WHERE n.nspname = current_schema() AND NOT t.tgisinternal"
+                )
+            ).all()
+        by_name = {(str(r[0]), str(r[1])): r for r in rows}
+        for name, table in expected.items():
+            row = by_name.get((name, table))
+            if row is None:
+                problems[name] = "missing"
+                continue
+            why = []
+            if row[2] == "D":
+                why.append("it is disabled")
+            if row[3] != PG_APPEND_ONLY_TGTYPE[name[len(table) + 1 :]] or row[4]:
+                why.append("it fires on other events or under a condition")
+            if (row[5], row[6], row[7]) != ("pcbo_refuse_mutation", "plpgsql", False):
+                why.append("its function is not pcbo's")
+            elif " ".join(str(row[8]).split()) != REFUSE_MUTATION_BODY:
+                why.append("its function's body was replaced")
+            if why:
+                problems[name] = "; ".join(why)
+        return problems
 
     def is_missing_sqlite_file(self) -> bool:
         """True for a SQLite catalog whose file does not exist yet (opening it would create it)."""

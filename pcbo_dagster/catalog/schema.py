@@ -29,7 +29,7 @@ metadata = MetaData()
 
 #: Tables whose rows are only ever added (database triggers refuse UPDATE, DELETE, REPLACE and, on
 #: PostgreSQL, TRUNCATE: migrations 0001, 0003, 0004, 0005, 0007, 0008). `pcbo verify` reports a
-#: dropped trigger.
+#: dropped, disabled or replaced trigger.
 APPEND_ONLY_TABLES = (
     "audit_events",
     "discrepancy_events",
@@ -44,11 +44,23 @@ APPEND_ONLY_TABLES = (
 )
 
 
-def append_only_trigger_names(dialect: str, tables: tuple[str, ...] = APPEND_ONLY_TABLES) -> list[str]:
-    """The triggers the migrations create to keep `tables` append-only on `dialect`."""
-    if dialect == "sqlite":
-        return [f"{t}_{action}" for t in tables for action in ("no_update", "no_delete", "no_replace")]
-    return [f"{t}_{action}" for t in tables for action in ("append_only", "no_truncate")]
+def append_only_triggers(dialect: str, tables: tuple[str, ...] = APPEND_ONLY_TABLES) -> dict[str, str]:
+    """The triggers the migrations create to keep `tables` append-only on `dialect`: name -> the table
+    it is on."""
+    actions = (
+        ("no_update", "no_delete", "no_replace") if dialect == "sqlite" else ("append_only", "no_truncate")
+    )
+    return {f"{t}_{action}": t for t in tables for action in actions}
+
+
+#: `pcbo_refuse_mutation()`'s body as revision 0001 creates it, its white space collapsed.
+REFUSE_MUTATION_BODY = (
+    "BEGIN RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP "
+    "USING ERRCODE = 'insufficient_privilege'; END"
+)
+#: `pg_trigger.tgtype` of the PostgreSQL append-only triggers: BEFORE (2) with ROW (1), DELETE (8)
+#: and UPDATE (16); BEFORE with TRUNCATE (32).
+PG_APPEND_ONLY_TGTYPE = {"append_only": 27, "no_truncate": 34}
 
 
 class UTCDateTime(TypeDecorator[datetime]):

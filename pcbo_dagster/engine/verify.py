@@ -45,7 +45,6 @@ from typing import Any
 from pcbo_dagster.audit.log import ChainDivergence, ChainMoved
 from pcbo_dagster.catalog.partitions import PartitionVersionRow
 from pcbo_dagster.catalog.rollouts import RolloutStore
-from pcbo_dagster.catalog.schema import append_only_trigger_names
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import (
@@ -1059,7 +1058,12 @@ def _check_approval_statements(report: _Report, ckey: str, events: list[dict]) -
 
 
 def _check_triggers(env: Environment, report: _Report) -> None:
-    present = env.catalog.trigger_names()
-    for name in append_only_trigger_names(env.catalog.dialect):
-        if name not in present:
+    for name, problem in sorted(env.catalog.append_only_trigger_problems().items()):
+        if problem == "missing":
             report.find("catalog_trigger_missing", name, "an append-only trigger was dropped")
+        else:
+            report.find(
+                "catalog_trigger_altered",
+                name,
+                f"an append-only trigger was replaced or disabled ({problem}): it may refuse nothing",
+            )

@@ -4,7 +4,7 @@ SQLite: `<table>_no_update` and `<table>_no_delete` refuse UPDATE and DELETE, an
 refuses an INSERT that would replace a row (`INSERT OR REPLACE`, `REPLACE`: SQLite deletes the old
 row without firing DELETE triggers) when the table's conflict condition is given. PostgreSQL:
 `<table>_append_only` (UPDATE, DELETE) and `<table>_no_truncate` call `pcbo_refuse_mutation()`, the
-function revision 0001 creates. `schema.append_only_trigger_names` lists the names `pcbo verify`
+function revision 0001 creates. `schema.append_only_triggers` lists what `pcbo verify`
 looks for."""
 
 from __future__ import annotations
