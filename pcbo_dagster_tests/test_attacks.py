@@ -808,6 +808,21 @@ def test_rollback_by_partition_is_idempotent_and_rolls_back_further_only_by_name
     assert pcbo(home, "verify")[0] == 0
 
 
+def test_rollback_of_a_superseded_version_by_name_is_invalid_input(home):
+    """Walk finding: `rollback --partition K1 --version 1` while version 2 is current (version 1
+    superseded, never rolled back) printed a noop saying version 1 was "already undone", exit 0. Only
+    the current version can be rolled back by name: a version never undone that is not current is
+    invalid input on --version (exit 2, nothing written); one a rollback undid stays a no-op."""
+    chain = backup_file(home).read_bytes()
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--partition", K1, "--version", "1")
+    assert status == 2 and document is None
+    assert backup_file(home).read_bytes() == chain
+    status, first = pcbo(home, "rollback", "--dataset", "events", "--partition", K1, "--version", "2")
+    assert status == 0 and [(p["version"], p["restoredVersion"]) for p in first["partitions"]] == [(2, 1)]
+    status, again = pcbo(home, "rollback", "--dataset", "events", "--partition", K1, "--version", "2")
+    assert status == 0 and again["status"] == "noop" and "already undone" in again["partitions"][0]["detail"]
+
+
 def test_rollback_refuses_a_backup_whose_events_were_forged(home):
     """Red-team finding: `pcbo rollback` replayed the audit backup as read: the catalog's head was
     compared with the backup's last event only, so an event edited in the middle of the backup (K2's

@@ -146,6 +146,14 @@ class PartitionHistory:
     def commits_of(self, manifest_checksum: str) -> list[CommittedVersion]:
         return [v for v in self.versions.values() if v.manifest_checksum == manifest_checksum]
 
+    def undone_versions(self) -> set[int]:
+        """The versions a rollback of this partition undid (its `partition_rolled_back` events)."""
+        return {
+            e["partition"]["version"]
+            for e in self.events
+            if e.get("event_type") == PARTITION_ROLLED_BACK and isinstance(e.get("partition"), dict)
+        }
+
     def lineage(self, version: int | None) -> list[int]:
         """`version` and every version it replaced, newest first, as far as the chain committed them:
         what rollbacks from `version` on could make current again."""

@@ -508,6 +508,12 @@ def _noop_reason(history: PartitionHistory, version: int | None) -> str | None:
         if version not in history.versions:
             raise InvalidInput("version", f"partition {history.key} has no version {version} on its chain")
         if history.current != version:
+            if version not in history.undone_versions():
+                raise InvalidInput(
+                    "version",
+                    f"version {version} of partition {history.key} is not current (current: "
+                    f"{history.current}) and was never rolled back: only the current version can be",
+                )
             return f"version {version} is not current (current: {history.current}): already undone"
         return None
     if history.current is None:

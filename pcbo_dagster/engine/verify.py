@@ -48,7 +48,6 @@ from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import (
-    PARTITION_ROLLED_BACK,
     ChainState,
     CommitIntent,
     PartitionHistory,
@@ -702,12 +701,7 @@ def _check_versions(
 def _expected_status(history: PartitionHistory, version: int) -> str:
     if history.current == version:
         return "committed"
-    undone = {
-        e["partition"]["version"]
-        for e in history.events
-        if e.get("event_type") == PARTITION_ROLLED_BACK and isinstance(e.get("partition"), dict)
-    }
-    return "rolled_back" if version in undone else "superseded"
+    return "rolled_back" if version in history.undone_versions() else "superseded"
 
 
 def _check_catalog(
