@@ -361,6 +361,35 @@ def test_a_crash_after_a_superseding_versions_event_is_healed_whole_by_repair(
     assert _verify(home)["status"] == "clean"
 
 
+def test_a_rollback_killed_after_its_event_is_reported_as_the_crash_window_it_is(
+    work, reference_home, changed_request_file
+):
+    """Walk finding: a rollback killed after its event, before the catalog step: plain `verify` said
+    the catalog's status of both versions disagrees with the chain (`catalog_mismatch`,
+    `catalog_version_mismatch`) without saying it is a crash window `--repair` heals (it does)."""
+    home = work / "home-rollback-after-event"
+    shutil.copytree(reference_home, home)
+    key = KEYS[MIDDLE]
+    status, _, stderr = run_pcbo(["execute", "--input", changed_request_file], home=home)
+    assert status == 0, stderr
+    status, _, stderr = run_pcbo(
+        ["rollback", "--dataset", "events", "--partition", key],
+        home=home,
+        env={"PCBO_FAILPOINT": "rollback_after_event@0"},
+    )
+    assert status == CRASH_STATUS, stderr
+    assert _catalog_versions(home, key) == [(1, "superseded"), (2, "committed")]
+
+    document = _verify(home)
+    assert [(f["kind"], f["where"]) for f in document["findings"]] == [
+        ("catalog_mismatch", f"events/v1/{key}")
+    ]
+    assert "crash window" in document["findings"][0]["detail"]
+    document = _verify(home, "--repair")
+    assert document["status"] == "clean", document["findings"]
+    assert _catalog_versions(home, key) == [(1, "committed"), (2, "rolled_back")]
+
+
 @pytest.mark.parametrize("crash", [None, "rollback_after_commit_point@0"])
 def test_a_rollback_keeps_a_file_an_older_version_shares(tmp_path: Path, crash: str | None) -> None:
     """Red-team finding: a partition's content went A (v1), B (v2), A (v3); data files are named by

@@ -288,12 +288,11 @@ def lineage_files(
     }
 
 
-def heal_catalog_lag(env: Any, state: ChainState, dataset: str, version_label: str) -> list[str]:
-    """The catalog step a crash cut off after a rollback's events: a partition whose last chain event
-    is a rollback while the catalog still holds the undone version as committed is marked as the chain
-    says. Returns the keys marked. (Nothing else in the catalog is changed: other differences are
-    findings.)"""
-    marked = []
+def catalog_lag(env: Any, state: ChainState, dataset: str, version_label: str) -> dict[str, int]:
+    """The catalog step a crash cut off after a rollback's events: key -> the undone version, for each
+    partition whose last chain event is a rollback while the catalog still holds the undone version as
+    committed."""
+    lagging = {}
     rows = env.catalog.current_partitions(dataset, version_label)
     for key, history in sorted(state.partitions.items()):
         event = history.last_event
@@ -302,9 +301,18 @@ def heal_catalog_lag(env: Any, state: ChainState, dataset: str, version_label: s
         undone = event["partition"]["version"]
         row = rows.get(key)
         if row is not None and row["version"] == undone:
-            catalog_rolled_back(env, history, dataset, version_label, undone, history.current)
-            marked.append(key)
-    return marked
+            lagging[key] = undone
+    return lagging
+
+
+def heal_catalog_lag(env: Any, state: ChainState, dataset: str, version_label: str) -> list[str]:
+    """Mark each partition of `catalog_lag` as the chain says. Returns the keys marked. (Nothing else
+    in the catalog is changed: other differences are findings.)"""
+    lagging = catalog_lag(env, state, dataset, version_label)
+    for key, undone in lagging.items():
+        history = state.partitions[key]
+        catalog_rolled_back(env, history, dataset, version_label, undone, history.current)
+    return list(lagging)
 
 
 def catalog_rolled_back(

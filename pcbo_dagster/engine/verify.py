@@ -77,6 +77,7 @@ from pcbo_dagster.core.signed_note import Note, NoteError, VerifierKey, parse_ve
 from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.crash_windows import (
     LakeVsChain,
+    catalog_lag,
     compare,
     heal,
     heal_catalog_lag,
@@ -708,11 +709,14 @@ def _check_catalog(
     env: Environment, report: _Report, state: ChainState, dataset: str, version_label: str
 ) -> None:
     catalog = env.catalog
+    lagging: dict[str, int] = {}
     if report.repair:
         for key in heal_catalog_lag(env, state, dataset, version_label):
             report.repaired.append(
                 {"kind": "catalog_row_rolled_back", "where": f"{dataset}/{version_label}/{key}"}
             )
+    else:
+        lagging = catalog_lag(env, state, dataset, version_label)
     rows_by_key: dict[str, dict[int, PartitionVersionRow]] = defaultdict(dict)
     for row in catalog.partition_versions(dataset, version_label):
         rows_by_key[row["partition_key"]][row["version"]] = row
@@ -771,6 +775,8 @@ def _check_catalog(
                 and version == history.versions[history.current].previous_version
             ):
                 differs = []
+            if key in lagging and differs == ["status"]:
+                differs = []  # the rollback's catalog step a crash cut off: reported once, below
             if differs:
                 kind = (
                     "catalog_mismatch"
@@ -782,6 +788,13 @@ def _check_catalog(
                     where,
                     f"version {version}: the catalog's {', '.join(differs)} disagree with the chain",
                 )
+        if key in lagging:
+            report.healable(
+                "catalog_mismatch",
+                where,
+                f"the catalog still records version {lagging[key]} as committed; the chain rolled it back "
+                "(a crash window: verify --repair marks it)",
+            )
         for version in sorted(set(history.versions) - set(rows) - {history.current}) if history else []:
             report.find(
                 "catalog_version_missing",
