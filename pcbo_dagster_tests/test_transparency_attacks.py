@@ -354,6 +354,24 @@ def test_a_lake_checkpoint_file_holding_another_checkpoint_than_its_name_says_is
     assert [f["where"] for f in document["findings"]] == [f"events/v1/_checkpoints/{newer.name}"]
 
 
+def test_repair_says_it_rewrote_the_newest_lake_checkpoint_file_it_puts_back(history: dict[str, Any]) -> None:
+    """Walk finding: with the newest lake checkpoint file replaced by an older one, `verify --repair`
+    listed `checkpoint_file_mismatch` as a finding it "refuses to touch" (exit 1) while its publication
+    of the log's checkpoint put the file back from the catalog's signed row (a plain `verify` was clean
+    after it). What it rewrote is now reported as repaired."""
+    home = history["home"]
+    lake_checkpoints = lake_dir(home) / "events" / "v1" / "_checkpoints"
+    older, newer = sorted(lake_checkpoints.iterdir())
+    genuine = newer.read_bytes()
+    newer.write_bytes(older.read_bytes())
+    status, document = pcbo(home, "verify", "--repair", *history["signing"])
+    assert status == 0 and document["findings"] == [], document["findings"]
+    where = f"events/v1/_checkpoints/{newer.name}"
+    assert {"kind": "checkpoint_file_rewritten", "where": where} in document["repaired"], document["repaired"]
+    assert newer.read_bytes() == genuine
+    assert pcbo(home, "verify")[0] == 0
+
+
 def test_a_checkpoint_not_signed_by_the_given_key_is_invalid_input(history: dict[str, Any]) -> None:
     other = new_signing_key("someone.else/key").verifier().text
     status, _ = pcbo(

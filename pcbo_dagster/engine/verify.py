@@ -280,10 +280,14 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
                 document["checkpoints"].append(None)
                 continue
             try:
-                document["checkpoints"].append(publish(env, ckey)["checkpoint"])
+                published = publish(env, ckey)["checkpoint"]
             except ValueError as exc:  # the stored log and the chain disagree (reported above)
                 report.find("transparency_log_not_published", ckey, f"no checkpoint signed: {exc}")
                 document["checkpoints"].append(None)
+                continue
+            document["checkpoints"].append(published)
+            if published is not None:
+                _rewritten_checkpoint_file(report, ckey, published["treeSize"])
     _announce_repairs(env, report.repaired)
 
     return {
@@ -294,6 +298,18 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
         "checked": {"partitions": checked_partitions, "chains": chains_checked},
         **document,
     }
+
+
+def _rewritten_checkpoint_file(report: _Report, ckey: str, size: int) -> None:
+    """`publish` writes the log's newest checkpoint to its lake file from the catalog's row (of the
+    log's root) whenever the file holds anything else: a file found holding another checkpoint, or none,
+    is then repaired, not refused. (What is found of the row itself stays a finding.)"""
+    rel = layout.checkpoint_file(*split_chain_key(ckey), size)
+    kinds = ("checkpoint_file_mismatch", "checkpoint_unreadable")
+    stale = [f for f in report.findings if f["where"] == rel and f["kind"] in kinds]
+    if stale:
+        report.findings = [f for f in report.findings if f not in stale]
+        report.repaired.append({"kind": "checkpoint_file_rewritten", "where": rel})
 
 
 def _not_extending(
