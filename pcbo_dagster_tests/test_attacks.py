@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sqlite3
+import stat
 import uuid
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,37 @@ def test_a_malformed_commit_point_is_a_finding_not_a_crash(home, malform):
     proof = run_pcbo(["proof", "--dataset", "events", "--partition", K1, "--id", "any"], home=home)
     assert proof.status == 1 and proof.document is None, proof
     assert "internal error" not in proof.stderr and len(proof.stderr.strip().splitlines()) == 1, proof.stderr
+
+
+@pytest.mark.parametrize("name", ["v1.torn", "v1.delivered", "v1.checkpoint-delivered", "v1.jsonl"])
+def test_a_fifo_planted_in_the_audit_backup_is_refused_never_waited_on(home, requests, tmp_path, name):
+    """Red-team finding: a FIFO planted in the audit backup directory at a name pcbo reads was opened
+    and waited on for ever: at the `.torn` file, `verify` and `verify --repair` hung; at the delivery
+    cursor (`.delivered`) or the checkpoint's delivery marker, every run with an audit endpoint hung
+    after its commit; at the chain file itself, every run hung. Each is now refused as not a regular
+    file (`verify`: `audit_backup_unreadable`), as a FIFO in the lake is."""
+    key_file = tmp_path / "operator.key"
+    assert run_pcbo(["keys", "generate", "--name", "op", "--key-file", key_file], home=home).status == 0
+    fifo = backup_file(home).parent / name
+    if name == "v1.jsonl":
+        fifo.unlink()
+    os.mkfifo(fifo)
+    run = run_pcbo(["verify"], home=home, timeout=60)
+    assert run.status == 1 and "audit_backup_unreadable" in kinds(run.document), run.document
+    assert any(name in f["detail"] for f in run.document["findings"]), run.document["findings"]
+    run = run_pcbo(["verify", "--repair"], home=home, timeout=60)
+    assert run.status == 1, run.stderr
+    run = run_pcbo(
+        ["execute", "--input", requests["b"], "--audit-endpoint", "http://127.0.0.1:9/"],
+        home=home,
+        env={"PCBO_AUDIT_ATTEMPTS": "1", "PCBO_SIGNING_KEY": str(key_file)},
+        timeout=60,
+    )
+    if name == "v1.jsonl":
+        assert run.status == 1 and "not a regular file" in run.stderr, run.stderr
+    else:  # the run stands; what it could not read is said, never waited on
+        assert run.status == 0, run.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 def test_a_link_planted_at_a_garbage_name_stops_no_gc(home, tmp_path):

@@ -26,9 +26,11 @@ line unparseable.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -38,6 +40,7 @@ from typing import Any, Protocol
 
 from pcbo_dagster.core.audit_chain import checked_event_hash, json_problems, split_chain_key
 from pcbo_dagster.core.canonical import fast_jcs, jcs
+from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
 
 _TAIL_BLOCK = 64 * 1024
 
@@ -125,6 +128,39 @@ class _ChainLock:
 
 _LOCKS: dict[str, _ChainLock] = {}
 _LOCKS_GUARD = threading.Lock()
+
+
+def _not_regular(path: Path) -> AuditBackupCorrupt:
+    return AuditBackupCorrupt(f"{path} is not a regular file (a FIFO, a device or a directory)")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a file of the backup; `FileNotFoundError` when there is none, `AuditBackupCorrupt`
+    when the name holds no regular file (a FIFO, which a plain read waits on for ever, a device, a
+    directory: someone who can write the backup directory planted it)."""
+    try:
+        with open_regular(str(path)) as file:
+            return file.read()
+    except NotRegularFile as exc:
+        raise _not_regular(path) from exc
+    except IsADirectoryError as exc:
+        raise _not_regular(path) from exc
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """`os.open(path, flags)` of a file of the backup, refusing a name that holds no regular file as
+    `read_regular` does (a FIFO is opened without waiting, then refused)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO opened for writing with no reader; a directory
+            raise _not_regular(path) from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_regular(path)
+    os.set_blocking(fd, True)
+    return fd
 
 
 @contextmanager
@@ -244,7 +280,7 @@ class AuditBackup:
 
     def read_delivery_cursor(self, chain_key: str) -> bytes | None:
         try:
-            return self.paths(chain_key).delivered.read_bytes()
+            return read_regular(self.paths(chain_key).delivered)
         except FileNotFoundError:
             return None
 
@@ -288,7 +324,7 @@ class AuditBackup:
             paths.directory.mkdir(parents=True, exist_ok=True)
             self.remove_torn_tail(chain_key, set_aside=True)
             created = not paths.events.exists()
-            fd = os.open(paths.events, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = _open_regular(paths.events, os.O_RDWR | os.O_APPEND | os.O_CREAT)
             try:
                 if not created and self._ends_torn(fd):
                     # A whole event that only lacks its newline: end its line first.
@@ -310,7 +346,7 @@ class AuditBackup:
         """The final fragment of the chain file when it is not a whole event (a torn write), else None."""
         path = self.paths(chain_key).events
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_regular(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -330,14 +366,14 @@ class AuditBackup:
             if fragment is None:
                 return None
             if set_aside:
-                fd = os.open(paths.torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = _open_regular(paths.torn, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 try:
                     _write_all(fd, fragment + b"\n")
                     os.fsync(fd)
                 finally:
                     os.close(fd)
             size = paths.events.stat().st_size
-            fd = os.open(paths.events, os.O_RDWR | os.O_CLOEXEC)
+            fd = _open_regular(paths.events, os.O_RDWR)
             try:
                 os.ftruncate(fd, size - len(fragment))
                 os.fsync(fd)
@@ -350,8 +386,8 @@ class AuditBackup:
         found: dict[str, bytes] = {}
         for key in self.chain_keys():
             torn = self.paths(key).torn
-            if torn.exists():
-                found[key] = torn.read_bytes()
+            if torn.is_file():  # (a name holding anything else is `read_all_with_problems`'s to report)
+                found[key] = read_regular(torn)
         return found
 
     def sync(self, chain_key: str) -> None:
@@ -359,7 +395,7 @@ class AuditBackup:
         path = self.paths(chain_key).events
         if not path.exists():
             return
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_regular(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -413,7 +449,7 @@ class AuditBackup:
         """
         path = self.paths(chain_key).events
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_regular(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -467,13 +503,23 @@ class AuditBackup:
         problems: list[str] = []
         if not self.directory.is_dir():
             return chains, problems
-        files = sorted(
-            p for p in self.directory.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".json")
-        )
+        entries = sorted(self.directory.rglob("*"))
+        for path in entries:  # nothing pcbo writes there is other than a file or a directory
+            if not path.is_file() and not path.is_dir():
+                rel = path.relative_to(self.directory).as_posix()
+                problems.append(
+                    f"{rel}: neither a regular file nor a directory (a FIFO, a device, a dangling link): "
+                    "not read"
+                )
+        files = [p for p in entries if p.is_file() and p.suffix in (".jsonl", ".json")]
         for path in files:
             rel = path.relative_to(self.directory).as_posix()
             if path.suffix == ".jsonl":
-                events, bad = _read_jsonl(path, rel)
+                try:
+                    events, bad = _read_jsonl(path, rel)
+                except AuditBackupCorrupt as exc:  # replaced since it was listed
+                    problems.append(f"{rel}: {exc}")
+                    continue
                 problems.extend(bad)
                 for index, event in enumerate(events):
                     key = _chain_key_of(event)
@@ -486,8 +532,8 @@ class AuditBackup:
                         seen.setdefault(key, set()).add(canonical)
             else:
                 try:
-                    event = _parse_line(path.read_bytes())
-                except (UnicodeDecodeError, ValueError) as exc:
+                    event = _parse_line(read_regular(path))
+                except (UnicodeDecodeError, ValueError) as exc:  # (AuditBackupCorrupt too)
                     problems.append(f"{rel}: not a JSON document: {exc}")
                     continue
                 key = _chain_key_of(event)
@@ -548,7 +594,7 @@ def _read_jsonl(path: Path, label: str | None = None) -> tuple[list[dict], list[
     label = label or str(path)
     events: list[dict] = []
     problems: list[str] = []
-    lines = path.read_bytes().split(b"\n")
+    lines = read_regular(path).split(b"\n")
     torn_tail = lines[-1] != b""
     if not torn_tail:
         lines.pop()

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from pcbo_dagster.audit.backup import AuditBackupCorrupt, read_regular
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs
@@ -350,12 +351,15 @@ def _deliver_checkpoint(env: Any, chain_key: str, size: int, text: str) -> bool 
     marker = env.audit.backup.paths(chain_key).checkpoint_delivered
     body = jcs({"type": "pcbo.checkpoint/1", "chain_key": chain_key, "tree_size": size, "checkpoint": text})
     try:
-        if marker.exists() and marker.read_bytes() == body:
-            return True
+        try:
+            if read_regular(marker) == body:
+                return True
+        except FileNotFoundError:
+            pass
         delivery.post(body, f"checkpoint {size}")
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_bytes(body)
-    except (DeliveryFailed, OSError) as exc:
+    except (DeliveryFailed, OSError, AuditBackupCorrupt) as exc:  # (a marker that is no regular file)
         logger.warning("checkpoint delivery: %s (sent again with the next run)", exc)
         return False
     return True
