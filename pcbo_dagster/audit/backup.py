@@ -26,11 +26,9 @@ line unparseable.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -40,7 +38,7 @@ from typing import Any, Protocol
 
 from pcbo_dagster.core.audit_chain import checked_event_hash, json_problems, split_chain_key
 from pcbo_dagster.core.canonical import fast_jcs, jcs
-from pcbo_dagster.sources.local_files import NotRegularFile, open_regular
+from pcbo_dagster.io.regular_files import NotRegularFile, open_regular, open_regular_fd
 
 _TAIL_BLOCK = 64 * 1024
 
@@ -151,16 +149,9 @@ def _open_regular(path: Path, flags: int) -> int:
     """`os.open(path, flags)` of a file of the backup, refusing a name that holds no regular file as
     `read_regular` does (a FIFO is opened without waiting, then refused)."""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO opened for writing with no reader; a directory
-            raise _not_regular(path) from exc
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise _not_regular(path)
-    os.set_blocking(fd, True)
-    return fd
+        return open_regular_fd(path, flags)
+    except NotRegularFile as exc:
+        raise _not_regular(path) from exc
 
 
 @contextmanager
