@@ -220,7 +220,7 @@ class Environment:
         if not create and catalog.is_missing_sqlite_file():
             raise InvalidInput(
                 settings.catalog_field,
-                f"nothing here: no pcbo catalog at {catalog.url}  (run an execute first, or say where it is)",
+                f"nothing here: no pcbo catalog at {catalog.url} (run an execute first, or say where it is)",
             )
         settings.home.mkdir(parents=True, exist_ok=True)
         catalog.migrate()
