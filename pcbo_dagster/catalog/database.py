@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,20 +163,8 @@ class Database:
         expected = append_only_triggers(self.dialect)
         problems: dict[str, str] = {}
         if self.dialect == "sqlite":
-            statements = {
-                s.split()[2]: s for s in sqlite_schema.STATEMENTS if s.startswith("CREATE TRIGGER ")
-            }
             with self.read() as conn:
-                rows = conn.execute(
-                    text("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'")
-                ).all()
-            found = {(str(r[0]), str(r[1])): r[2] for r in rows}
-            for name, table in expected.items():
-                if (name, table) not in found:
-                    problems[name] = "missing"
-                elif found[(name, table)] != statements[name]:
-                    problems[name] = "its definition is not the one pcbo creates"
-            return problems
+                return sqlite_trigger_problems(conn, expected, sqlite_schema.STATEMENTS)
         with self.read() as conn:
             rows = conn.execute(
                 text(
@@ -347,3 +335,22 @@ def _retry_locked(fn: Callable[[], Any], attempts: int = 50, delay: float = 0.1)
                 raise
             time.sleep(delay)
     return None
+
+
+def sqlite_trigger_problems(
+    conn: Connection, expected: dict[str, str], statements: Iterable[str]
+) -> dict[str, str]:
+    """For each trigger of `expected` (name -> the table it must be on) that is not exactly as pcbo
+    creates it on a SQLite database (its `CREATE TRIGGER` text among `statements`), why: `missing`
+    (also when one of that name is on another table, where it guards nothing) or its definition
+    differs. The one check of both the catalog's append-only triggers and a SQL target's journal's."""
+    creates = {s.split()[2]: s for s in statements if s.startswith("CREATE TRIGGER ")}
+    rows = conn.execute(text("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'")).all()
+    found = {(str(r[0]), str(r[1])): str(r[2]) for r in rows}
+    problems = {}
+    for name, table in expected.items():
+        if (name, table) not in found:
+            problems[name] = "missing"
+        elif found[(name, table)] != creates[name]:
+            problems[name] = "its definition is not the one pcbo creates"
+    return problems

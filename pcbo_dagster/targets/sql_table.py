@@ -54,6 +54,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DataError, IntegrityError
 
+from pcbo_dagster.catalog.database import sqlite_trigger_problems
 from pcbo_dagster.catalog.schema import metadata as catalog_metadata
 from pcbo_dagster.core.canonical import fast_jcs, prefixed
 from pcbo_dagster.core.errors import IntegrityError as PcboIntegrityError
@@ -703,18 +704,7 @@ class SqlTable:
         expected = self._journal_triggers()
         with self.read() as conn:
             if self.dialect == SQLITE:
-                statements = {s.split()[2]: s for s in self.journal_ddl() if s.startswith("CREATE TRIGGER ")}
-                rows = conn.execute(
-                    text("SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger'")
-                ).all()
-                found = {(str(r[0]), str(r[1])): str(r[2]) for r in rows}
-                problems = {}
-                for name, table in expected.items():
-                    if (name, table) not in found:
-                        problems[name] = "missing"
-                    elif found[(name, table)] != statements[name]:
-                        problems[name] = "its definition is not the one pcbo creates"
-                return problems
+                return sqlite_trigger_problems(conn, expected, self.journal_ddl())
             # pg_get_triggerdef names what the search path does not reach in full: reach nothing
             conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": d.PG_SEARCH_PATH})
             schema = str(conn.execute(text("SELECT quote_ident(:s)"), {"s": self.schema}).scalar())
