@@ -802,7 +802,8 @@ def _check_catalog(
                 report.find(
                     kind,
                     where,
-                    f"version {version}: the catalog's {', '.join(differs)} disagree with the chain",
+                    f"version {version}: the catalog's {', '.join(differs)} "
+                    f"{'disagrees' if len(differs) == 1 else 'disagree'} with the chain",
                 )
         if key in lagging:
             report.healable(
