@@ -289,15 +289,22 @@ def test_runs_on_one_table_queue_in_order_and_another_table_goes_on(
         )
         return rows[0][0] if rows else None
 
+    def wait_until(run_id: str, proc: subprocess.Popen, granted: bool, what: str) -> None:
+        """Until the run holds (`granted`) or waits for its lock; a run that ended before says why."""
+        _wait_for(lambda: lock_state(run_id) is granted or proc.poll() is not None, what=what)
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"run {run_id} ended (exit {proc.returncode}) before {what}: {err}")
+
     with psycopg.connect(conninfo(url), autocommit=True) as gate:
         gate.execute("SELECT pg_advisory_lock(4242)")  # t1's inserts wait until the test lets them go
         a = start("A", "t1", 12)
-        _wait_for(lambda: lock_state("A") is True, what="run A holding t1")
+        wait_until("A", a, True, "run A holding t1")
         b = start("B", "t1", 6)
         c = start("C", "t2", 6)
-        _wait_for(lambda: lock_state("B") is False, what="run B queued behind A")
+        wait_until("B", b, False, "run B queued behind A")
         d = start("D", "t1", 6)
-        _wait_for(lambda: lock_state("D") is False, what="run D queued behind B")
+        wait_until("D", d, False, "run D queued behind B")
         # C, on another table, goes through while A still holds t1 (its inserts held at the gate).
         assert c.wait(timeout=120) == 0, c.stderr.read().decode() if c.stderr else ""
         assert a.poll() is None and lock_state("A") is True
