@@ -1,5 +1,7 @@
 """Text a person types that pcbo records as given: who does a step (`--by` of the rollout commands,
-the Dagster jobs' `by`) and why (the `reason` of a rollback, a rollout's pause, resume or cancel).
+the Dagster jobs' `by`) and why (the `reason` of a rollback, a rollout's pause, resume or cancel);
+and the one test of the paths, URLs and locations it takes for control characters
+(`has_control_character`: a request's `source.uri`, the path flags and variables, a SQL target URL).
 
 It lands on the production audit chain or in the catalog and is shown in logs, the Dagster UI,
 reports and alert receivers: a line break, a terminal escape or a bidirectional override in it would
@@ -13,6 +15,12 @@ from __future__ import annotations
 from pcbo_dagster.core.errors import InvalidInput
 
 _CONTROL = "a line break, a tab, an escape or a direction override"
+
+
+def has_control_character(text: str) -> bool:
+    """Whether `text` holds a C0 control character or DEL (U+0000-U+001F, U+007F): what no path, URL
+    or location pcbo takes may hold (a NUL names no file, a pasted newline another one)."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
 def check_actor(by: object, doing: str) -> None:

@@ -25,6 +25,7 @@ from pydantic import (
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
 from pcbo_dagster.core.record_table import ID, OCCURRED_AT, RETENTION_EXPIRES_AT
+from pcbo_dagster.core.recorded_text import has_control_character
 from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
 from pcbo_dagster.io.redaction import has_userinfo, userinfo_refused
 
@@ -87,7 +88,7 @@ def _path_text(where: Any) -> str:
 def _no_control_characters(value: str) -> str:
     """A path or URL holds no control character (U+0000-U+001F, U+007F): a NUL names no file at all,
     and a pasted newline another file than the one meant (as `--input` and the other path flags)."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if has_control_character(value):
         raise ValueError("holds a control character: a path or URL holds none")
     return value
 

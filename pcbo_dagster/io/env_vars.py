@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import overload
 
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.recorded_text import has_control_character
 from pcbo_dagster.io.redaction import scrub_text
 
 
@@ -50,7 +51,7 @@ def plain_path(name: str, text: str | None) -> str | None:
     documents). None stays None."""
     if text is None:
         return None
-    if text != text.strip() or any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if text != text.strip() or has_control_character(text):
         # shown without the userinfo or query of a URL (a catalog or endpoint URL may hold a password)
         raise InvalidInput(name, f"{scrub_text(repr(text))} has surrounding whitespace or control characters")
     if not text:

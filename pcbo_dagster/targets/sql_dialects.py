@@ -38,6 +38,7 @@ from sqlalchemy.exc import ArgumentError
 from pcbo_dagster.catalog.database import sqlalchemy_url
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant, to_micros
+from pcbo_dagster.core.recorded_text import has_control_character
 from pcbo_dagster.core.sql_outcomes import (
     BOOLEAN,
     FLOAT,
@@ -99,7 +100,7 @@ def parse_target_url(url: str) -> URL:
     # comments, where a line break would start a statement the DBA runs
     parts = [url, parsed.database or "", parsed.host or ""]
     parts += [v for value in parsed.query.values() for v in ((value,) if isinstance(value, str) else value)]
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for part in parts for c in part):
+    if any(has_control_character(part) for part in parts):
         raise InvalidInput(
             "target.url", "holds a control character (a line break, a tab): a database URL never does"
         )
