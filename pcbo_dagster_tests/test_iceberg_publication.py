@@ -346,6 +346,163 @@ def test_a_catalog_row_the_chain_never_declared_makes_no_target(tmp_path: Path) 
     assert "table_publication_not_on_chain" in {f["kind"] for f in verified.document["findings"]}
 
 
+def _operator_key(tmp_path: Path) -> dict[str, str]:
+    """A fresh operator signing key file; the environment that configures it."""
+    from pcbo_dagster.core.signed_note import new_signing_key
+
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(new_signing_key("ops.example/operator").text + "\n")
+    key_file.chmod(0o600)
+    return {"PCBO_SIGNING_KEY": str(key_file)}
+
+
+def _declarations(home: Path, version_label: str = "v1") -> list[dict[str, Any]]:
+    return [
+        e
+        for e in backup_events(home, DATASET, version_label)
+        if e["event_type"] == "table_publication_recorded"
+    ]
+
+
+def _append_as_the_attacker(home: Path, chain_key: str, body: dict[str, Any]) -> None:
+    """What someone who can write the audit backup and the catalog (with pcbo's own audit code, every
+    hash right) but holds no key appends: a table declaration, and the catalog row mirroring it."""
+    from pcbo_dagster.catalog.publications import TablePublicationRow
+
+    dataset, _, version_label = chain_key.partition("/")
+    table = body["table"]
+    env = _open_env(home)
+    try:
+        env.audit.append(chain_key, "table_publication_recorded", body)
+        env.catalog.record_table_publication(
+            TablePublicationRow(
+                dataset=dataset,
+                version_label=version_label,
+                branch=table["branch"],
+                table_format=table["format"],
+                catalog_url=table["catalog"],
+                table_name=table["name"],
+            )
+        )
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("forged", ["unsigned", "copied_from_another_chain"])
+@pytest.mark.parametrize("then", ["execute", "dry_run", "repair", "query"])
+def test_a_table_declaration_the_operators_key_did_not_sign_makes_no_target(
+    tmp_path: Path, forged: str, then: str
+) -> None:
+    """The red-team attack the README listed as a known gap: someone who can rewrite the audit backup
+    and the catalog consistently appends a `table_publication_recorded` naming their own SQLite
+    catalog (unsigned, or a genuine signed declaration of another dataset version copied over). The
+    next run, `verify --repair` and `pcbo query` created that catalog wherever it named and
+    published the dataset there. With the operator's key (`PCBO_SIGNING_KEY`) only a declaration it
+    signed for this chain counts: nothing is created, the run publishes nowhere, a dry-run holds a
+    request to no other table (a dry-run of another table was refused), and `verify` reports the
+    declaration."""
+    from pcbo_dagster.engine.events import PRODUCER
+
+    home, signing = tmp_path / "home", _operator_key(tmp_path)
+    if forged == "copied_from_another_chain":  # v2 publishes, signed: its declaration is genuine
+        other = {**_request("other"), "versionLabel": "v2"}
+        done = run_pcbo(
+            ["execute", "--input", write_request(tmp_path / "o.json", other)], home=home, env=signing
+        )
+        assert done.status == 0, done.stderr
+    plain = _request("p1")
+    del plain["table"]
+    done = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home, env=signing
+    )
+    assert done.status == 0, done.stderr
+    evil = tmp_path / "attacker" / "evil.db"
+    if forged == "unsigned":
+        body = {
+            "table": {
+                "format": "iceberg",
+                "catalog": f"sqlite:///{evil}",
+                "name": "evil.loot",
+                "branch": "main",
+            },
+            "producer": PRODUCER,
+        }
+    else:  # the other chain's signed declaration, word for word (its table moved to the attacker's)
+        (genuine,) = _declarations(home, "v2")
+        body = {
+            k: v
+            for k, v in genuine.items()
+            if k not in ("version", "event_type", "event_id", "timestamp", "chain")
+        }
+        assert body["operator_signature"]
+        evil = home / "iceberg.db"  # the table it names: v1 must not publish there
+        before = _table_count(home)
+    _append_as_the_attacker(home, "events/v1", body)
+    if then == "execute":
+        again = _request("p2", existing=_ids(_manifest_rows(home))[:1])
+        del again["table"]
+        ran = run_pcbo(
+            ["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home, env=signing
+        )
+        assert ran.status == 0, ran.stderr
+        assert ran.document is not None and ran.document.get("table") is None, ran.document.get("table")
+    elif then == "dry_run":  # a table of its own: the forged declaration is no other table it must use
+        mine = {**_request("p2"), "table": {"format": "iceberg", "name": "lake.mine"}}
+        planned = run_pcbo(
+            ["dry-run", "--input", write_request(tmp_path / "p2.json", mine)], home=home, env=signing
+        )
+        assert planned.status == 0, planned.stderr
+    elif then == "repair":
+        repaired = run_pcbo(["verify", "--repair"], home=home, env=signing)
+        assert repaired.status == 1, repaired.stderr
+        assert "table_declaration_signature_invalid" in {f["kind"] for f in repaired.document["findings"]}
+    else:
+        queried = run_pcbo(
+            ["query", "--dataset", DATASET, "SELECT count(*) FROM evil.loot"], home=home, env=signing
+        )
+        assert queried.status == 2 and "publishes no table" in queried.stderr, queried.stderr
+    if forged == "unsigned":
+        assert not evil.exists() and not (tmp_path / "attacker").exists()
+    else:
+        assert _table_count(home) == before  # v1 published into no table of v2's catalog
+    verified = run_pcbo(["verify"], home=home, env=signing)
+    assert verified.status == 1
+    kinds = {f["kind"] for f in verified.document["findings"]}
+    assert {"table_declaration_signature_invalid", "table_publication_not_on_chain"} <= kinds, kinds
+
+
+def test_a_table_declaration_is_signed_with_the_operators_key_and_counts_once_signed(tmp_path: Path) -> None:
+    """With the operator's key, the declaration pcbo appends carries its signature over this chain's
+    statement, the table is published and verify is clean; a declaration appended before the key was
+    configured (unsigned) counts for nothing once it is: a run naming the table declares it again,
+    signed, and publishes to it."""
+    from pcbo_dagster.core.operator_signatures import verified_statement
+    from pcbo_dagster.core.signed_note import parse_signing_key
+
+    home, signing = tmp_path / "home", _operator_key(tmp_path)
+    first = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("s1"))], home=home)
+    assert first.status == 0, first.stderr
+    (unsigned,) = _declarations(home)
+    assert "operator_signature" not in unsigned
+    v1_ids = _ids(_manifest_rows(home))
+    second = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "r2.json", _request("s2", existing=v1_ids[:1]))],
+        home=home,
+        env=signing,
+    )
+    assert second.status == 0, second.stderr
+    assert second.document["table"]["status"] == "published"
+    declarations = _declarations(home)
+    assert len(declarations) == 2
+    verifier = parse_signing_key(Path(signing["PCBO_SIGNING_KEY"]).read_text()).verifier()
+    assert verified_statement(declarations[1], verifier) is not None
+    assert verified_statement(unsigned, verifier) is None
+    _assert_table_is_the_manifests(home, _table(home))
+    verified = run_pcbo(["verify"], home=home, env=signing)
+    assert verified.status == 1  # the unsigned declaration of before the key, reported, counting for nothing
+    assert [f["kind"] for f in verified.document["findings"]] == ["table_declaration_signature_invalid"]
+
+
 @pytest.mark.parametrize("when", ["before_the_table", "after_the_table"])
 def test_no_table_file_is_written_through_a_warehouse_linked_out_of_the_lake(
     tmp_path: Path, when: str

@@ -15,12 +15,8 @@ import pytest
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput
 from pcbo_dagster.core.instants import format_datetime
-from pcbo_dagster.core.rollout_lifecycle import (
-    OPERATOR_SIGNATURE,
-    lifecycle,
-    rollout_subject,
-    verified_statement,
-)
+from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, verified_statement
+from pcbo_dagster.core.rollout_lifecycle import lifecycle, rollout_subject
 from pcbo_dagster.core.signed_note import signing_key_from_seed
 from pcbo_dagster.datasets.config import DatasetsConfig, parse_datasets_config
 from pcbo_dagster.engine.events import PRODUCER

@@ -48,6 +48,8 @@ from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.chain_state import LAKE_EVENTS, ChainState
 from pcbo_dagster.core.errors import IntegrityError
 from pcbo_dagster.core.instants import format_datetime
+from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, sign_event
+from pcbo_dagster.core.signed_note import SigningKey
 from pcbo_dagster.io.clock import utc_now
 
 
@@ -261,14 +263,15 @@ class AuditLog:
         body: dict,
         fence: ChainState | None = None,
         precondition: Callable[[], None] | None = None,
+        signing_key: SigningKey | None = None,
     ) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
 
         ValueError for an invalid chain_key, event_type or body (floats, reserved keys);
-        ChainDivergence when the backup and the head store hold different chains; `fence` and
-        `precondition`: see `append_many`.
+        ChainDivergence when the backup and the head store hold different chains; `fence`,
+        `precondition` and `signing_key`: see `append_many`.
         """
-        return self.append_many(chain_key, [(event_type, body)], fence, precondition)[0]
+        return self.append_many(chain_key, [(event_type, body)], fence, precondition, signing_key)[0]
 
     def append_many(
         self,
@@ -276,6 +279,7 @@ class AuditLog:
         items: list[tuple[str, dict]],
         fence: ChainState | None = None,
         precondition: Callable[[], None] | None = None,
+        signing_key: SigningKey | None = None,
     ) -> list[AuditEvent]:
         """Append several events in order under one lock: one backup write and fsync, two head-store
         transactions (a group commit; see the module doc). Returns the events; all or none reach the
@@ -291,12 +295,21 @@ class AuditLog:
         `precondition`: called once the chain's writer lock is held, before anything is built or
         written; what it raises refuses the whole append (nothing appended). No other writer can
         append to the chain between that call and these events, so a decision taken on the chain
-        read there (a promotion's last check for a rejection) holds for the events appended."""
+        read there (a promotion's last check for a rejection) holds for the events appended.
+
+        `signing_key`: the operator's key, which signs each event's body as written (the `actor` added
+        included): `operator_signature` (`core/operator_signatures.py`; the events pcbo acts on only
+        when that key signed them)."""
         if not items:
             return []
         if self.actor is not None:
             items = [
                 (kind, body if "actor" in body else {**body, "actor": self.actor}) for kind, body in items
+            ]
+        if signing_key is not None:
+            items = [
+                (kind, {**body, OPERATOR_SIGNATURE: sign_event(signing_key, chain_key, kind, body)})
+                for kind, body in items
             ]
         timestamp = audit_timestamp(self.clock())
         with self._writer(chain_key):

@@ -27,12 +27,12 @@ the first `rollout_staged`, so a failure is never undone by staging again. Momen
 clock's, as ISO text (`format_datetime`).
 
 **Signed.** With the operator's key (`PCBO_SIGNING_KEY`), each lifecycle event pcbo appends carries
-`operator_signature`: a C2SP signed note (`core/signed_note.py`) by that key over `event_statement`
-(header `pcbo.rollout-event/v1`, the chain key, the event type and the digest of the RFC 8785 form of
-the event's whole body, the signature aside). `lifecycle(..., verifier=...)` then folds only the
-events whose signature verifies under the key's vkey, each statement once (a copy of a signed event
-appended again counts for nothing): someone who can write the audit backup and the catalog but holds
-no key forges no step. Without a key (`verifier` None) nothing is signed or checked.
+`operator_signature` (`core/operator_signatures.py`: a signed note over the chain key, the event
+type and the digest of the RFC 8785 form of the event's whole body, the signature aside).
+`lifecycle(..., verifier=...)` then folds only the events whose signature verifies under the key's
+vkey, each statement once (a copy of a signed event appended again counts for nothing): someone who
+can write the audit backup and the catalog but holds no key forges no step. Without a key
+(`verifier` None) nothing is signed or checked.
 
 `row_disagreements` and `soak_rows_on_chain` say where the catalog's rows differ from the chain: the
 gate stays closed on any, and `pcbo verify` reports them; so does `approval_row_disagreements` for
@@ -52,19 +52,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pcbo_dagster.core.audit_chain import RESERVED_KEYS
-from pcbo_dagster.core.canonical import CanonicalizationError, digest_of
+from pcbo_dagster.core.canonical import digest_of
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime, parse_instant, to_datetime
+from pcbo_dagster.core.operator_signatures import verified_statement
 from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS
-from pcbo_dagster.core.signed_note import (
-    NoteError,
-    SigningKey,
-    VerifierKey,
-    parse_note,
-    sign_note,
-    verify_note,
-)
+from pcbo_dagster.core.signed_note import VerifierKey
 
 ROLLOUT_STAGED = "rollout_staged"
 ROLLOUT_SOAK_EVALUATED = "rollout_soak_evaluated"
@@ -82,47 +75,6 @@ SOAKING, PROMOTED, ROLLED_BACK, CANCELLED = "soaking", "promoted", "rolled_back"
 FINAL = (PROMOTED, ROLLED_BACK, CANCELLED)
 #: The catalog statuses of a rollout the chain has not seen staged (its staging apply under way).
 NOT_STAGED = ("applying", "paused", "interrupted")
-
-
-#: The body field of a lifecycle event holding the operator's signed note (`event_statement`).
-OPERATOR_SIGNATURE = "operator_signature"
-#: The first line of the text a lifecycle event's operator signature signs.
-EVENT_STATEMENT_HEADER = "pcbo.rollout-event/v1"
-
-
-def event_statement(chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:
-    """The note text the operator signs for a lifecycle event: header, chain key, event type and the
-    digest of the RFC 8785 form of its whole `body` (every field but the reserved ones and the
-    signature itself)."""
-    return f"{EVENT_STATEMENT_HEADER}\nchain {chain_key}\ntype {event_type}\nbody {digest_of(dict(body))}\n"
-
-
-def sign_event(key: SigningKey, chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:
-    """The signed note (rendered) `operator_signature` carries for an event of `body`."""
-    return sign_note(event_statement(chain_key, event_type, body), key).render()
-
-
-def signed_body(event: Mapping[str, Any]) -> dict[str, Any]:
-    """What a lifecycle event's operator signature covers: its body without the signature."""
-    return {k: v for k, v in event.items() if k not in RESERVED_KEYS and k != OPERATOR_SIGNATURE}
-
-
-def verified_statement(event: Mapping[str, Any], verifier: VerifierKey) -> str | None:
-    """The statement the event's operator signature signs when it verifies under `verifier` and is
-    the one of this event (its chain key, type and body); None otherwise."""
-    chain = event.get("chain")
-    note_text = event.get(OPERATOR_SIGNATURE)
-    if not isinstance(chain, Mapping) or not isinstance(note_text, str):
-        return None
-    try:
-        expected = event_statement(
-            str(chain.get("chain_key")), str(event.get("event_type")), signed_body(event)
-        )
-        note = parse_note(note_text)
-        verify_note(note, [verifier])
-    except (NoteError, CanonicalizationError, TypeError, ValueError):
-        return None
-    return expected if note.text == expected else None
 
 
 #: A rollout name: it becomes part of the engine's run ids (`rollout-<name>-production-repair-<12>`,

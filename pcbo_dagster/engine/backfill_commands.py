@@ -107,6 +107,7 @@ def refuse_table_request(
     deployment's, which resolve where the request's `table` is (`iceberg_publication.catalog_url_for`:
     nothing opened); either None (a caller without settings): only the request's `table`'s columns
     are checked. No table: nothing to check."""
+    from pcbo_dagster.engine.transparency_log import operator_verifier_of
     from pcbo_dagster.io.redaction import redact_url
     from pcbo_dagster.tables.iceberg_publication import (
         MAIN_BRANCH,
@@ -119,16 +120,17 @@ def refuse_table_request(
         target_for,
     )
 
+    if settings is not None and not isinstance(settings, Settings):
+        settings = settings()
     declared = None
     if chain is not None:
         state, _ = chain(plan.dataset, plan.version_label)
-        declared = declared_publications(state.other).get(MAIN_BRANCH)
+        verifier = None if settings is None else operator_verifier_of(settings)
+        declared = declared_publications(state.other, verifier).get(MAIN_BRANCH)
     spec = loaded.request.table
     if spec is None and declared is None:
         return
     if spec is not None and declared is not None and settings is not None:
-        if not isinstance(settings, Settings):
-            settings = settings()
         catalog = catalog_url_for(spec.catalog, settings.home, settings.catalog_url)
         refuse_another_table(redact_url(catalog), spec.name, declared, plan.dataset, plan.version_label)
     elif spec is not None and settings is not None:

@@ -19,7 +19,7 @@ from pcbo_dagster.audit.log import AuditLog
 from pcbo_dagster.audit.object_store_backup import open_backup
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
-from pcbo_dagster.core.signed_note import SigningKey
+from pcbo_dagster.core.signed_note import SigningKey, VerifierKey
 from pcbo_dagster.engine.settings import Settings, check_multi_host
 from pcbo_dagster.engine.transparency_log import load_signing_key, witnesses_of
 from pcbo_dagster.io.env_vars import positive_number
@@ -240,6 +240,12 @@ class Environment:
             signing_key,
             witnesses,
         )
+
+    @property
+    def operator_verifier(self) -> VerifierKey | None:
+        """The verifier key of the operator's key: with one, pcbo acts only on the events of a chain
+        that key signed (`core/operator_signatures.py`); None (no key): nothing is signed or checked."""
+        return None if self.signing_key is None else self.signing_key.verifier()
 
     def close(self) -> None:
         self.catalog.close()

@@ -66,6 +66,7 @@ from pcbo_dagster.witness.client import Witness, WitnessRefused, parse_witness, 
 
 if TYPE_CHECKING:
     from pcbo_dagster.catalog import CatalogStore
+    from pcbo_dagster.engine.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,14 @@ def load_signing_key(path: Path, field: str = "PCBO_SIGNING_KEY") -> SigningKey:
         return parse_signing_key(text)
     except NoteError as exc:
         raise InvalidInput(field, f"{shown}: {exc}") from None
+
+
+def operator_verifier_of(settings: Settings) -> VerifierKey | None:
+    """The verifier key of the operator's signing key `settings` name (None: no key), for a reader
+    that opens no environment (a dry-run); `Environment.operator_verifier` otherwise."""
+    if settings.signing_key is None:
+        return None
+    return load_signing_key(settings.signing_key, settings.signing_key_field).verifier()
 
 
 def parse_key_argument(text: str, field: str) -> VerifierKey:

@@ -20,7 +20,8 @@ history to pass. So nothing is taken from one store on its own word:
    rows (status, staged decisions, time and window, by the rollout's lifecycle events:
    `core/rollout_lifecycle.py`) and soak evaluation rows (each must be a `rollout_soak_evaluated`
    event; with the operator's key, only lifecycle events it signed count, and any other is
-   `rollout_event_signature_invalid`), and the append-only triggers (a dropped one is a finding).
+   `rollout_event_signature_invalid`; so do only table declarations it signed, any other being
+   `table_declaration_signature_invalid`), and the append-only triggers (a dropped one is a finding).
 4. **The transparency logs.** The catalog's stored log of each chain must be the log of the backup's
    events, and every stored or lake checkpoint must have the root of the backup's first `size` events
    (`engine/transparency_log.py`). With a checkpoint an auditor holds (`trusted`), the chain must
@@ -58,6 +59,7 @@ from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.instants import parse_instant, to_datetime
 from pcbo_dagster.core.ledger_links import LedgerLinks
+from pcbo_dagster.core.operator_signatures import verified_statement
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.core.rollout_lifecycle import (
@@ -70,7 +72,6 @@ from pcbo_dagster.core.rollout_lifecycle import (
     soak_detail_of_event,
     soak_events_without_row,
     soak_rows_on_chain,
-    verified_statement,
 )
 from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS, approval_of_event, statement_of
 from pcbo_dagster.core.signed_note import Note, NoteError, VerifierKey, parse_verifier_key
@@ -92,7 +93,7 @@ from pcbo_dagster.engine.transparency_log import (
     publish,
 )
 from pcbo_dagster.lake import layout, manifests
-from pcbo_dagster.tables.iceberg_publication import check_tables
+from pcbo_dagster.tables.iceberg_publication import TABLE_PUBLICATION_RECORDED, check_tables
 
 REFUSED = "not a crash window of the commit protocol: verify --repair refuses to touch it"
 HELD_BACK = (
@@ -250,6 +251,7 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
             checked_partitions += check_sql_targets(env, report, state, dataset, version_label)
         chains_checked[ckey] = len(events)
     report.repair, report.held_back = repair, None
+    _check_operator_signatures(env, report, backup_chains)
     _check_rollouts(env, report, backup_chains)
     _check_triggers(env, report)
     document: dict[str, Any] = {}
@@ -909,32 +911,51 @@ def _check_tables(
             report.find(entry["kind"], entry["where"], entry["detail"])
 
 
+#: The events pcbo acts on only when the operator's key signed them (with a key configured): the
+#: finding an unsigned, altered or repeated one is, and what ignores it.
+_SIGNED_EVENTS = {
+    **{kind: ("rollout_event_signature_invalid", "the rollout gates ignore it") for kind in LIFECYCLE_EVENTS},
+    TABLE_PUBLICATION_RECORDED: (
+        "table_declaration_signature_invalid",
+        "no run, rollback, repair or query publishes to or reads the table it names",
+    ),
+}
+
+
+def _check_operator_signatures(env: Environment, report: _Report, chains: dict[str, list[dict]]) -> None:
+    """With the operator's key, each event pcbo acts on only when that key signed it (the rollout
+    lifecycle, the table declarations: `core/operator_signatures.py`) must carry its signature, each
+    signed statement once: every other one is reported. Without a key nothing is checked."""
+    verifier = env.operator_verifier
+    if verifier is None:
+        return
+    for ckey, events in sorted(chains.items()):
+        seen: dict[str, Any] = {}  # signed statement -> the seq it first stands at
+        for event in events:
+            finding = _SIGNED_EVENTS.get(str(event.get("event_type")))
+            if finding is None:
+                continue
+            seq = event.get("chain", {}).get("seq")
+            statement = verified_statement(event, verifier)
+            if statement is None:
+                detail = "carries no valid signature of the operator's key"
+            elif statement in seen:
+                detail = f"repeats the signed statement of seq {seen[statement]} (each counts once)"
+            else:
+                seen[statement] = seq
+                continue
+            kind, consequence = finding
+            report.find(
+                kind, f"{ckey} seq {seq}", f"the {event.get('event_type')} event {detail}: {consequence}"
+            )
+
+
 def _check_rollouts(env: Environment, report: _Report, chains: dict[str, list[dict]]) -> None:
     """Each rollout row of the catalog, and each of its soak evaluation rows, against its lifecycle on
     the dataset version's chain (the promotion gate reads the chain; a row that disagrees opens
     nothing, and is reported here). With the operator's key, only the lifecycle events it signed
-    count, and each one it did not sign is reported."""
-    verifier = None if env.signing_key is None else env.signing_key.verifier()
-    if verifier is not None:
-        for ckey, events in sorted(chains.items()):
-            seen: dict[str, Any] = {}  # signed statement -> the seq it first stands at
-            for event in events:
-                if event.get("event_type") not in LIFECYCLE_EVENTS:
-                    continue
-                seq = event.get("chain", {}).get("seq")
-                statement = verified_statement(event, verifier)
-                if statement is None:
-                    detail = "carries no valid signature of the operator's key"
-                elif statement in seen:
-                    detail = f"repeats the signed statement of seq {seen[statement]} (each counts once)"
-                else:
-                    seen[statement] = seq
-                    continue
-                report.find(
-                    "rollout_event_signature_invalid",
-                    f"{ckey} seq {seq}",
-                    f"the {event.get('event_type')} event {detail}: the rollout gates ignore it",
-                )
+    count (`_check_operator_signatures` reports the others)."""
+    verifier = env.operator_verifier
     ignored: set[tuple[str, Any]] = set()  # (chain key, seq) of the decisions the gate ignores
     for ckey, events in sorted(chains.items()):
         ignored |= {(ckey, seq) for seq in _check_approval_statements(report, ckey, events)}

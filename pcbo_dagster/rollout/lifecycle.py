@@ -10,8 +10,9 @@ chain says.
 
 With the operator's key (`PCBO_SIGNING_KEY`, the production environment's `signing_key`) each
 lifecycle event appended here carries the key's signature over its chain key, type and whole body
-(`core/rollout_lifecycle.py`, `sign_event`), and `read_lifecycle` counts only the events that key
-signed, each once: events appended by someone without the key open nothing.
+(`core/operator_signatures.py`; `AuditLog.append` signs the body as it writes it), and
+`read_lifecycle` counts only the events that key signed, each once: events appended by someone
+without the key open nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from pcbo_dagster.core.instants import format_datetime, parse_instant, to_dateti
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.core.rollout_lifecycle import (
     LIFECYCLE_EVENTS,
-    OPERATOR_SIGNATURE,
     ROLLOUT_CANCELLED,
     ROLLOUT_ROLLED_BACK,
     ROLLOUT_SOAK_EVALUATED,
@@ -39,7 +39,6 @@ from pcbo_dagster.core.rollout_lifecycle import (
     lifecycle,
     rollout_subject,
     row_disagreements,
-    sign_event,
 )
 from pcbo_dagster.datasets.config import DatasetConfig
 from pcbo_dagster.datasets.requests import key_range
@@ -84,8 +83,7 @@ def read_lifecycle(
 def chain_lifecycle(envs: RolloutEnvironments, name: str, events: list[dict[str, Any]]) -> Lifecycle:
     """The lifecycle of rollout `name` on the verified production chain `events` (`read_lifecycle`),
     whether or not the catalog holds a row for it."""
-    key = envs.production.signing_key
-    return lifecycle(events, name, None if key is None else key.verifier())
+    return lifecycle(events, name, envs.production.operator_verifier)
 
 
 def staged_keys(dataset: DatasetConfig, life: Lifecycle) -> list[str] | None:
@@ -131,12 +129,8 @@ def append_event(
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
     audit = envs.production.audit
     full = {"rollout": rollout_subject(rollout), **body, "producer": PRODUCER}
-    if audit.actor is not None and "actor" not in full:
-        full["actor"] = audit.actor  # what the audit log adds: the signature covers the body it writes
-    key = envs.production.signing_key
-    if key is not None and event_type in LIFECYCLE_EVENTS:
-        full[OPERATOR_SIGNATURE] = sign_event(key, ckey, event_type, full)
-    event = audit.append(ckey, event_type, full, precondition=precondition)
+    key = envs.production.signing_key if event_type in LIFECYCLE_EVENTS else None
+    event = audit.append(ckey, event_type, full, precondition=precondition, signing_key=key)
     publish(envs.production, ckey)
     return event
 

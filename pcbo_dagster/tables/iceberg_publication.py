@@ -37,7 +37,9 @@ it (`PublicationRefused`), never adopting the foreign file.
 
 **Where.** A dataset version publishes to one table per branch, declared on its audit chain the first
 time (a `table_publication_recorded` event: format, catalog URL without credentials, table name,
-branch), then recorded in the catalog's `table_publications`, which mirrors the chain: `verify` checks
+branch; with the operator's key, signed by it: `operator_signature`, `core/operator_signatures.py`, and
+then only a declaration that key signed counts), then recorded in the catalog's `table_publications`,
+which mirrors the chain: `verify` checks
 every table the chain declares whatever the catalog says (a deleted row cannot switch the checks off;
 `verify --repair` records a row the chain declares and the catalog lacks, a crash window of this
 step), and a row the chain never declared is a finding (`table_publication_not_on_chain`). The
@@ -82,6 +84,7 @@ from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, replay
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import to_datetime
+from pcbo_dagster.core.operator_signatures import verified_statement
 from pcbo_dagster.core.request_model import TABLE_NAME_PATTERN, TableSpec
 from pcbo_dagster.io.redaction import redact_url, scrub_text
 from pcbo_dagster.lake import layout
@@ -93,6 +96,7 @@ if TYPE_CHECKING:
     from pyiceberg.table import Table, Transaction
 
     from pcbo_dagster.core.plan import Plan
+    from pcbo_dagster.core.signed_note import VerifierKey
     from pcbo_dagster.engine.environment import Environment
 
 _T = TypeVar("_T")
@@ -270,7 +274,7 @@ def resolve_target(
     # write the catalog could add) never makes a target, nor gets declared (verify reports it).
     if chain is None:
         chain = verified_events(env, dataset, version_label)
-    recorded = declared_publications(chain).get(branch)
+    recorded = declared_publications(chain, env.operator_verifier).get(branch)
     target = given if given is not None else (target_for(spec, env) if spec is not None else None)
     if recorded is None:
         if target is not None:
@@ -1004,9 +1008,14 @@ class Publisher:
         )
         if chain is None:
             chain = verified_events(self.env, self.dataset, self.version_label)
-        declared = declared_publications(chain).get(row["branch"])
+        declared = declared_publications(chain, self.env.operator_verifier).get(row["branch"])
         if declared is None:
-            self.env.audit.append(self.chain_key, TABLE_PUBLICATION_RECORDED, declaration_body(row))
+            self.env.audit.append(
+                self.chain_key,
+                TABLE_PUBLICATION_RECORDED,
+                declaration_body(row),
+                signing_key=self.env.signing_key,
+            )
         elif _names(declared) != _names(row):
             raise InvalidInput(
                 "table",
@@ -1426,7 +1435,7 @@ def publisher_for(
     backup (which someone who can write the backup could have changed since). `columns`: the run's
     columns, refused (`refuse_column_names`, `field_of` naming a column's field) before the table is
     declared or anything written."""
-    if spec is None and given is None and not declared_publications(verified.other):
+    if spec is None and given is None and not declared_publications(verified.other, env.operator_verifier):
         return None  # it publishes nowhere (no table given, none declared): nothing more is read
     chain = verified_events(env, dataset, version_label)  # where, and what is published: verified again
     target = resolve_target(env, spec, dataset, version_label, given, chain)
@@ -1484,12 +1493,19 @@ def declaration_body(row: TablePublicationRow) -> dict[str, Any]:
     }
 
 
-def declared_publications(events: Iterable[Mapping[str, Any]]) -> dict[str, TablePublicationRow]:
+def declared_publications(
+    events: Iterable[Mapping[str, Any]], verifier: VerifierKey | None
+) -> dict[str, TablePublicationRow]:
     """The table each branch publishes to, as the chain (`<dataset>/<versionLabel>`) declares it: the
-    first `table_publication_recorded` event per branch."""
+    first `table_publication_recorded` event per branch; with the operator's `verifier`
+    (`Environment.operator_verifier`), the first one its key signed (someone who can rewrite the
+    audit backup and the catalog consistently but holds no key declares no table: pcbo would create
+    the catalog it names and publish the dataset there). None: no key, every declaration counts."""
     declared: dict[str, TablePublicationRow] = {}
     for event in events:
         if event.get("event_type") != TABLE_PUBLICATION_RECORDED:
+            continue
+        if verifier is not None and verified_statement(event, verifier) is None:
             continue
         table = event.get("table") or {}
         dataset, _, version_label = str(event.get("chain", {}).get("chain_key", "")).partition("/")
@@ -1675,7 +1691,7 @@ def check_tables(
     from pyiceberg.exceptions import NoSuchTableError
 
     outcomes: list[tuple[str, dict[str, Any]]] = []
-    declared = declared_publications(events)
+    declared = declared_publications(events, env.operator_verifier)
     recorded = {r["branch"]: r for r in env.catalog.table_publications(dataset, version_label)}
     for branch, row in sorted(recorded.items()):
         if branch not in declared or _names(declared[branch]) != _names(row):

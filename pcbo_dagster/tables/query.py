@@ -92,7 +92,7 @@ def query(
     events = verified_chain(
         env, dataset, version_label, f"pcbo query of {dataset}/{version_label}", sync=False
     )
-    recorded = declared_publications(events.events)
+    recorded = declared_publications(events.events, env.operator_verifier)
     if not recorded:
         raise InvalidInput(
             "dataset", f"{dataset}/{version_label} publishes no table (give its request or config a table)"
