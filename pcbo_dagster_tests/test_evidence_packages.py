@@ -1191,9 +1191,10 @@ def test_an_independent_verifier_checks_the_envelope_the_checkpoint_and_a_proof(
     statement = json.loads(payload)
     size, root = _independent_checkpoint(statement["predicate"]["checkpoint"], package["vkey"])
     for entry in statement["predicate"]["auditEvents"]:
-        # pcbo's leaf is the event's RFC 8785 bytes; for these events (ASCII, integers, no floats)
-        # sorted compact JSON is exactly that.
-        leaf = json.dumps(entry["event"], sort_keys=True, separators=(",", ":")).encode()
+        # pcbo's leaf is the event's RFC 8785 bytes; for these events (ASCII keys, integers, no floats;
+        # the operator signature's note holds an em dash, written as UTF-8) sorted compact JSON is
+        # exactly that.
+        leaf = json.dumps(entry["event"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         proof = [base64.b64decode(h) for h in entry["inclusionProof"]]
         assert _independent_inclusion(leaf, entry["leafIndex"], size, proof, root)
     for subject in statement["subject"]:

@@ -7,6 +7,7 @@ key open nothing, and a signed event appended again counts once."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -175,7 +176,8 @@ def _append(config: DatasetsConfig, base: Settings, *events: tuple[str, dict]) -
     """What someone who can write the audit backup and the catalog (with pcbo's own audit code, every
     hash right) but holds no key appends to the production chain."""
     dataset = config.dataset("sessions")
-    with operations.dataset_environments(config, dataset, base) as envs:
+    keyless = dataclasses.replace(base, signing_key=None)
+    with operations.dataset_environments(config, dataset, keyless) as envs:
         for event_type, body in events:
             envs.production.audit.append("sessions/v1", event_type, body)
 
@@ -274,7 +276,7 @@ def test_a_genuine_signed_rollout_soaks_is_approved_and_promotes(tmp_path: Path)
     assert len(lifecycle_events) == 3
     for event in lifecycle_events:
         assert verified_statement(event, OPERATOR.verifier()) is not None
-        assert event[OPERATOR_SIGNATURE].startswith("pcbo.rollout-event/v1\nchain sessions/v1\n")
+        assert event[OPERATOR_SIGNATURE].startswith("pcbo.event/v2\nchain sessions/v1\nseq ")
     assert lifecycle(chain, "r", OPERATOR.verifier()).status == "promoted"
 
 

@@ -139,6 +139,7 @@ class AuditLog:
         delivery: HttpDelivery | None = None,
         clock: Callable[[], datetime] = utc_now,
         actor: str | None = None,
+        signing_key: SigningKey | None = None,
     ) -> None:
         self.backup = backup
         self.head_store = head_store
@@ -147,6 +148,10 @@ class AuditLog:
         #: Who the writes are made for (the HTTP API's token subject): added to every event appended
         #: as `actor`, unless the body names one. None (the CLI, Dagster): no `actor` field.
         self.actor = actor
+        #: The operator's key: it signs every event appended, at its place in the chain (the body as
+        #: written, `actor` included: `operator_signature`, `core/operator_signatures.py`). None: no
+        #: event is signed.
+        self.signing_key = signing_key
 
     @contextmanager
     def _writer(self, chain_key: str) -> Iterator[None]:
@@ -263,15 +268,14 @@ class AuditLog:
         body: dict,
         fence: ChainState | None = None,
         precondition: Callable[[], None] | None = None,
-        signing_key: SigningKey | None = None,
     ) -> AuditEvent:
         """Append the next event of `chain_key` and return it (durable in the backup on return).
 
         ValueError for an invalid chain_key, event_type or body (floats, reserved keys);
-        ChainDivergence when the backup and the head store hold different chains; `fence`,
-        `precondition` and `signing_key`: see `append_many`.
+        ChainDivergence when the backup and the head store hold different chains; `fence` and
+        `precondition`: see `append_many`.
         """
-        return self.append_many(chain_key, [(event_type, body)], fence, precondition, signing_key)[0]
+        return self.append_many(chain_key, [(event_type, body)], fence, precondition)[0]
 
     def append_many(
         self,
@@ -279,7 +283,6 @@ class AuditLog:
         items: list[tuple[str, dict]],
         fence: ChainState | None = None,
         precondition: Callable[[], None] | None = None,
-        signing_key: SigningKey | None = None,
     ) -> list[AuditEvent]:
         """Append several events in order under one lock: one backup write and fsync, two head-store
         transactions (a group commit; see the module doc). Returns the events; all or none reach the
@@ -297,19 +300,12 @@ class AuditLog:
         append to the chain between that call and these events, so a decision taken on the chain
         read there (a promotion's last check for a rejection) holds for the events appended.
 
-        `signing_key`: the operator's key, which signs each event's body as written (the `actor` added
-        included): `operator_signature` (`core/operator_signatures.py`; the events pcbo acts on only
-        when that key signed them)."""
+        With `signing_key`, each event is signed at its place (`operator_signature`)."""
         if not items:
             return []
         if self.actor is not None:
             items = [
                 (kind, body if "actor" in body else {**body, "actor": self.actor}) for kind, body in items
-            ]
-        if signing_key is not None:
-            items = [
-                (kind, {**body, OPERATOR_SIGNATURE: sign_event(signing_key, chain_key, kind, body)})
-                for kind, body in items
             ]
         timestamp = audit_timestamp(self.clock())
         with self._writer(chain_key):
@@ -318,13 +314,13 @@ class AuditLog:
             if self.head_store is None:
                 head = _head_of(self.backup.last_event(chain_key))
                 self._catch_up(chain_key, head, fence)
-                events = self._build(chain_key, head, items, timestamp)
+                events = self._build(chain_key, head, items, timestamp, self.signing_key)
                 self.backup.append(chain_key, events, fsync=True)
                 return events
             with self.head_store.locked_chain(chain_key) as txn:
                 state = self._reconcile(chain_key, txn)
                 self._catch_up(chain_key, state.head, fence)
-                events = self._build(chain_key, state.head, items, timestamp)
+                events = self._build(chain_key, state.head, items, timestamp, self.signing_key)
                 txn.set_pending(events[0]["chain"]["seq"], events)
             self.backup.append(chain_key, events, fsync=True)
             with self.head_store.locked_chain(chain_key) as txn:
@@ -382,11 +378,18 @@ class AuditLog:
 
     @staticmethod
     def _build(
-        chain_key: str, head: tuple[int, str] | None, items: list[tuple[str, dict]], timestamp: str
+        chain_key: str,
+        head: tuple[int, str] | None,
+        items: list[tuple[str, dict]],
+        timestamp: str,
+        signing_key: SigningKey | None,
     ) -> list[dict]:
         seq, prev = (0, None) if head is None else (head[0] + 1, head[1])
         events = []
         for event_type, body in items:
+            if signing_key is not None:
+                signature = sign_event(signing_key, chain_key, seq, prev, event_type, body)
+                body = {**body, OPERATOR_SIGNATURE: signature}
             event = build_event(
                 chain_key=chain_key,
                 seq=seq,

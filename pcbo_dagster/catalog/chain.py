@@ -184,10 +184,10 @@ class ChainMirror(Database):
             )
             return [dict(r._mapping) for r in rows]
 
-    def audit_events(self, chain_key: str) -> list[dict[str, Any]]:
-        """Parsed events of a chain, in seq order."""
+    def audit_events(self, chain_key: str, first_seq: int = 0) -> list[dict[str, Any]]:
+        """Parsed events of a chain from seq `first_seq` on, in seq order."""
         with self.read() as conn:
-            return _events_after(conn, chain_key, -1)
+            return _events_after(conn, chain_key, first_seq - 1)
 
     def chain_heads(self) -> dict[str, tuple[int, str]]:
         """{chain_key: (seq, event_hash)} of every non-empty chain."""

@@ -129,6 +129,10 @@ class LogReader:
         if not 0 <= size <= self.size:
             raise ValueError(f"{what} {size} is beyond the log's size {self.size}")
 
+    def leaf_hash(self, index: int) -> bytes:
+        """The stored leaf hash of event `index` (`ValueError` when the log has none)."""
+        return self._perfect(0, index)
+
     def root(self, size: int | None = None) -> bytes:
         size = self.size if size is None else size
         self._check_size(size, "tree size")

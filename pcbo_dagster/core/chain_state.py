@@ -65,6 +65,8 @@ SQL_PARTITION_APPLIED = "sql_partition_applied"
 SQL_ROLLBACK_INTENT = "sql_rollback_intent"
 SQL_PARTITION_ROLLED_BACK = "sql_partition_rolled_back"
 SQL_ROLLBACK_SCRIPT = "sql_rollback_script"
+#: Where a dataset version's branch publishes its Iceberg table (`tables/iceberg_publication.py`).
+TABLE_PUBLICATION_RECORDED = "table_publication_recorded"
 
 
 @dataclass(frozen=True)

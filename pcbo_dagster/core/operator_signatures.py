@@ -1,23 +1,29 @@
 """Events the operator's key signs on a chain (pure: no I/O).
 
 Someone who can rewrite the audit backup and the catalog consistently (every hash recomputed) can
-append any event to a chain; what such an event would open — a rollout gate, a table to publish
-to — must not follow from it. So the events pcbo acts on (the rollout lifecycle events,
-`core/rollout_lifecycle.py`, and the table declarations, `tables/iceberg_publication.py`) carry, when
-the operator's key (`PCBO_SIGNING_KEY`) is configured, `operator_signature`: a C2SP signed note
-(`core/signed_note.py`) by that key over `event_statement` — a header, the chain key, the event type
-and the digest of the RFC 8785 form of the event's whole body, the signature aside. A reader holding
-the key's vkey counts only the events whose signature verifies (`verified_statement`); without a
-key nothing is signed or checked.
+append any event to a chain, and the next checkpoint the operator's key signs would vouch for it. So
+with the operator's key (`PCBO_SIGNING_KEY`) every event pcbo appends (`AuditLog`) carries
+`operator_signature`: a C2SP signed note (`core/signed_note.py`) by that key over `event_statement`
+— the chain key, the event's place in it (its `seq` and the previous event's hash), its type and the
+digest of the RFC 8785 form of its whole body, the signature aside. A signed event copied to another
+place, chain or type no longer verifies.
 
-The header, `pcbo.rollout-event/v1`, is named for the first events signed (the rollout lifecycle);
-it stays so that every event signed before still verifies. The event type in the statement keeps a
-signature of one kind of event from standing for another, the chain key one chain's for another's.
+`unsigned_events` names the events a chain holds that the key should have signed and did not: every
+event from the chain's first signed one on (those before it are the chain as it was before the key
+was set) that no checkpoint the key signed covers. A run refuses such a chain and `pcbo verify`
+reports each (`engine/transparency_log.py`); no checkpoint is signed over one. The events whose
+readers count them only when the key signed them — the rollout lifecycle events
+(`core/rollout_lifecycle.py`), the table declarations (`tables/iceberg_publication.py`) — are left to
+those readers: an unsigned one is ignored there and reported under its own kind.
+
+Before 2026-12-07 only lifecycle events were signed, over a statement without the place (header
+`pcbo.rollout-event/v1`); `verified_statement` still accepts that form, whose copies the lifecycle
+counts once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pcbo_dagster.core.audit_chain import RESERVED_KEYS
@@ -34,19 +40,37 @@ from pcbo_dagster.core.signed_note import (
 #: The body field of a signed event holding the operator's signed note (`event_statement`).
 OPERATOR_SIGNATURE = "operator_signature"
 #: The first line of the text an event's operator signature signs.
-EVENT_STATEMENT_HEADER = "pcbo.rollout-event/v1"
+EVENT_STATEMENT_HEADER = "pcbo.event/v2"
+#: The first line of the statement lifecycle events were signed over before 2026-12-07 (no place).
+LEGACY_STATEMENT_HEADER = "pcbo.rollout-event/v1"
 
 
-def event_statement(chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:
-    """The note text the operator signs for an event: header, chain key, event type and the digest of
-    the RFC 8785 form of its whole `body` (every field but the reserved ones and the signature
-    itself)."""
-    return f"{EVENT_STATEMENT_HEADER}\nchain {chain_key}\ntype {event_type}\nbody {digest_of(dict(body))}\n"
+def event_statement(
+    chain_key: str, seq: int, prev_event_hash: str | None, event_type: str, body: Mapping[str, Any]
+) -> str:
+    """The note text the operator signs for an event: header, chain key, the event's place (`seq`,
+    the previous event's hash), its type and the digest of the RFC 8785 form of its whole `body`
+    (every field but the reserved ones and the signature itself)."""
+    return (
+        f"{EVENT_STATEMENT_HEADER}\nchain {chain_key}\nseq {seq}\nprev {prev_event_hash or 'none'}\n"
+        f"type {event_type}\nbody {digest_of(dict(body))}\n"
+    )
 
 
-def sign_event(key: SigningKey, chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:
-    """The signed note (rendered) `operator_signature` carries for an event of `body`."""
-    return sign_note(event_statement(chain_key, event_type, body), key).render()
+def _legacy_statement(chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:
+    return f"{LEGACY_STATEMENT_HEADER}\nchain {chain_key}\ntype {event_type}\nbody {digest_of(dict(body))}\n"
+
+
+def sign_event(
+    key: SigningKey,
+    chain_key: str,
+    seq: int,
+    prev_event_hash: str | None,
+    event_type: str,
+    body: Mapping[str, Any],
+) -> str:
+    """The signed note (rendered) `operator_signature` carries for the event of `body` at its place."""
+    return sign_note(event_statement(chain_key, seq, prev_event_hash, event_type, body), key).render()
 
 
 def signed_body(event: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,17 +80,44 @@ def signed_body(event: Mapping[str, Any]) -> dict[str, Any]:
 
 def verified_statement(event: Mapping[str, Any], verifier: VerifierKey) -> str | None:
     """The statement the event's operator signature signs when it verifies under `verifier` and is
-    the one of this event (its chain key, type and body); None otherwise."""
+    the one of this event (its chain key, place, type and body; or, signed before 2026-12-07, the
+    statement without the place); None otherwise."""
     chain = event.get("chain")
     note_text = event.get(OPERATOR_SIGNATURE)
     if not isinstance(chain, Mapping) or not isinstance(note_text, str):
         return None
     try:
-        expected = event_statement(
-            str(chain.get("chain_key")), str(event.get("event_type")), signed_body(event)
-        )
         note = parse_note(note_text)
         verify_note(note, [verifier])
+        key, event_type, body = str(chain.get("chain_key")), str(event.get("event_type")), signed_body(event)
+        if note.text.startswith(LEGACY_STATEMENT_HEADER + "\n"):
+            expected = _legacy_statement(key, event_type, body)
+        else:
+            seq, prev = chain.get("seq"), chain.get("prev_event_hash")
+            if type(seq) is not int or not (prev is None or isinstance(prev, str)):
+                return None
+            expected = event_statement(key, seq, prev, event_type, body)
     except (NoteError, CanonicalizationError, TypeError, ValueError):
         return None
     return expected if note.text == expected else None
+
+
+def unsigned_events(
+    events: Sequence[Mapping[str, Any]],
+    verifier: VerifierKey,
+    key_in_use: bool,
+    self_checked: Collection[str] = (),
+) -> list[Mapping[str, Any]]:
+    """Of `events` (a chain's, in order, from some seq on) those the operator's key should have signed
+    and did not, other than events of the `self_checked` types (their readers check them): every
+    one when the key was `key_in_use` before the first of them (a checkpoint it signed covers the
+    events before: they were checked when it was signed), else each from the first signed one on
+    (those before it: the chain as it was before the key was set)."""
+    start = 0
+    if not key_in_use:
+        start = next((i for i, e in enumerate(events) if verified_statement(e, verifier)), len(events))
+    return [
+        event
+        for event in events[start:]
+        if event.get("event_type") not in self_checked and verified_statement(event, verifier) is None
+    ]

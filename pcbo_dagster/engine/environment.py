@@ -236,7 +236,7 @@ class Environment:
             settings,
             LakeStorage(settings.lake_url),
             catalog,
-            AuditLog(backup, catalog, delivery, actor=actor),
+            AuditLog(backup, catalog, delivery, actor=actor, signing_key=signing_key),
             signing_key,
             witnesses,
         )

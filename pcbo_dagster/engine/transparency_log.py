@@ -9,7 +9,11 @@ its latest checkpoint, it signs a checkpoint of the whole log (C2SP tlog-checkpo
 (`<dataset>/<versionLabel>/_checkpoints/<size>.checkpoint`), asks every configured witness for a
 cosignature (c2sp.org/tlog-witness) and delivers it to the audit endpoint. A witness that is down or
 refuses never fails the command: the next `publish` (any later run, or `pcbo log publish`) asks it
-again, with the newest checkpoint.
+again, with the newest checkpoint. With that key every event pcbo appends is signed at its place
+(`core/operator_signatures.py`), and no checkpoint is signed over an event it should have signed and
+did not (`refuse_unsigned_events`): someone who can write the stores but holds no key can append an
+event, but no checkpoint vouches for it, every run refuses the chain (`check_stored_logs`'
+`event_signature_invalid`, one of the `OTHER_HISTORY` findings) and `verify` reports it.
 
 `check_against_checkpoint` is what `pcbo verify --trusted-checkpoint FILE --key VKEY` adds: the
 held checkpoint must verify under the operator's key, the audit backup must still hold at least
@@ -25,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -33,6 +38,7 @@ from pcbo_dagster.audit.backup import AuditBackupCorrupt, read_regular
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.chain_state import TABLE_PUBLICATION_RECORDED
 from pcbo_dagster.core.checkpoints import (
     DEFAULT_ORIGIN_PREFIX,
     Checkpoint,
@@ -41,7 +47,10 @@ from pcbo_dagster.core.checkpoints import (
     origin_for,
     parse_signed_checkpoint,
 )
-from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.operator_signatures import unsigned_events
+from pcbo_dagster.core.rollout_lifecycle import LIFECYCLE_EVENTS
+from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS
 from pcbo_dagster.core.signed_note import (
     COSIGNATURE_V1,
     Note,
@@ -57,7 +66,7 @@ from pcbo_dagster.core.signed_note import (
     verify_cosignatures,
     verify_note,
 )
-from pcbo_dagster.core.transparency_log import event_leaf
+from pcbo_dagster.core.transparency_log import event_leaf, event_leaf_hash
 from pcbo_dagster.io.http_delivery import DeliveryFailed
 from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.io.regular_files import NotRegularFile, open_regular
@@ -272,6 +281,11 @@ def checkpoint_places(env: Any, dataset: str, version_label: str) -> list[str]:
     return [layout.checkpoint_dir(dataset, version_label)] if env.signing_key is not None else []
 
 
+class CheckpointNotSigned(IntegrityError, ValueError):
+    """`publish` signs no checkpoint of a chain its stored log or its events do not vouch for (the
+    command's own work stands; exit 1)."""
+
+
 def publish(env: Any, chain_key: str) -> dict[str, Any]:
     """Deliver pending events; sign, store, write, witness and deliver a checkpoint (module doc)."""
     delivery = env.audit.deliver_pending(chain_key)
@@ -290,6 +304,7 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
     # (a row at the log's size with another root is none pcbo signed: `verify` reports it)
     rows = stored_checkpoints(env.catalog, chain_key)
     if not rows or rows[-1]["tree_size"] < size:
+        refuse_unsigned_events(env, chain_key, rows, size, key.verifier())
         checkpoint = Checkpoint(origin_for(chain_key, env.settings.checkpoint_origin_prefix), size, root)
         note = checkpoint.sign(key)
         env.catalog.record_checkpoint(
@@ -298,7 +313,7 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
         rows = stored_checkpoints(env.catalog, chain_key)
     latest = rows[-1] if rows else None
     if latest is None or latest["tree_size"] != size or latest["root_hash"] != root.hex():
-        raise ValueError(
+        raise CheckpointNotSigned(
             f"{chain_key}: the catalog holds a checkpoint row of size {size} that is not the log's "
             "(pcbo verify reports it): no checkpoint signed"
         )
@@ -349,6 +364,46 @@ def publish(env: Any, chain_key: str) -> dict[str, Any]:
         "delivered": _deliver_checkpoint(env, chain_key, checkpoint.size, text),
     }
     return report
+
+
+def refuse_unsigned_events(
+    env: Any, chain_key: str, rows: list[dict[str, Any]], size: int, verifier: VerifierKey
+) -> None:
+    """Before the operator's key signs a checkpoint of the first `size` events: `CheckpointNotSigned`
+    when one of them should carry that key's signature and does not
+    (`core/operator_signatures.unsigned_events`), so no checkpoint vouches for an event someone
+    without the key appended. Reads the catalog's copies of the events after the newest checkpoint
+    (`rows`) the key signed and the stored log still has the root of (all of them when there is
+    none), each held to its leaf in the stored log the checkpoint is signed over."""
+    with env.catalog.log_reader(chain_key) as reader:
+        vouched = 0
+        for row in reversed(rows):
+            try:
+                checkpoint, note = parse_signed_checkpoint(row["note"])
+                verify_note(note, [verifier])
+            except NoteError:
+                continue
+            if checkpoint.size <= size and checkpoint.root == reader.root(checkpoint.size):
+                vouched = checkpoint.size
+                break
+        events = env.catalog.audit_events(chain_key, vouched)[: size - vouched]
+        if len(events) != size - vouched:
+            raise CheckpointNotSigned(
+                f"{chain_key}: the catalog holds {vouched + len(events)} events of a log of {size} (pcbo "
+                "verify reports it): no checkpoint signed"
+            )
+        for seq, event in enumerate(events, start=vouched):
+            if reader.leaf_hash(seq) != event_leaf_hash(event):
+                raise CheckpointNotSigned(
+                    f"{chain_key}: the catalog's copy of event {seq} is not the one its stored log holds "
+                    "(pcbo verify reports it): no checkpoint signed"
+                )
+    unsigned = unsigned_events(events, verifier, vouched > 0, SELF_CHECKED_EVENTS)
+    if unsigned:
+        finding = _unsigned_finding(chain_key, unsigned[0])
+        raise CheckpointNotSigned(
+            f"{finding['where']}: {finding['detail']} (pcbo verify reports it): no checkpoint signed"
+        )
 
 
 def _deliver_checkpoint(env: Any, chain_key: str, size: int, text: str) -> bool | None:
@@ -465,8 +520,20 @@ def check_against_checkpoint(
 
 
 #: `check_stored_logs` findings that say the chain is not the history its stored log or a checkpoint of
-#: it holds (a note that cannot be read, or whose signature fails, says nothing of the chain)
-OTHER_HISTORY = frozenset({"transparency_log_mismatch", "checkpoint_truncated", "checkpoint_inconsistent"})
+#: it holds, or holds events the operator's key did not sign where it signs every event (a note that
+#: cannot be read, or whose signature fails, says nothing of the chain)
+OTHER_HISTORY = frozenset(
+    {
+        "transparency_log_mismatch",
+        "checkpoint_truncated",
+        "checkpoint_inconsistent",
+        "event_signature_invalid",
+    }
+)
+#: Events whose readers count them only when the operator's key signed them (or, approvals, when an
+#: approver's key did): an unsigned one is ignored there and reported under its own kind, so it makes
+#: no `event_signature_invalid` (`core/operator_signatures.unsigned_events`).
+SELF_CHECKED_EVENTS = frozenset({*LIFECYCLE_EVENTS, *APPROVAL_EVENTS, TABLE_PUBLICATION_RECORDED})
 
 
 def other_history(env: Any, chain_key: str, backup_events: list[dict]) -> list[dict[str, str]]:
@@ -537,6 +604,7 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
         if data is not None and rel.startswith(prefix):
             notes[rel] = data.decode("utf-8", "replace")
     trusted = [env.signing_key.verifier()] if env.signing_key is not None else []
+    vouched = 0  # the size of the newest checkpoint the key signed whose root the backup has
     for where, text in sorted(notes.items()):
         try:
             checkpoint, note = parse_signed_checkpoint(text)
@@ -548,10 +616,12 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
         if where.startswith(prefix) and where != named:
             detail = f"the lake file holds the checkpoint of size {checkpoint.size} (its name: {named})"
             findings.append({"kind": "checkpoint_file_mismatch", "where": where, "detail": detail})
+        signed = bool(trusted)
         if trusted:
             try:
                 verify_note(note, trusted)
             except NoteError as exc:
+                signed = False
                 findings.append({"kind": "checkpoint_signature_invalid", "where": where, "detail": str(exc)})
         if checkpoint.size > len(leaves):
             findings.append(
@@ -569,7 +639,26 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
                     "detail": f"the backup's first {checkpoint.size} events lack the checkpoint's root",
                 }
             )
+        elif signed:
+            vouched = max(vouched, checkpoint.size)
+    if trusted:
+        unsigned = unsigned_events(backup_events[vouched:], trusted[0], vouched > 0, SELF_CHECKED_EVENTS)
+        for event in unsigned:
+            findings.append(_unsigned_finding(chain_key, event))
     return findings
+
+
+def _unsigned_finding(chain_key: str, event: Mapping[str, Any]) -> dict[str, str]:
+    seq = event.get("chain", {}).get("seq")
+    return {
+        "kind": "event_signature_invalid",
+        "where": f"{chain_key} seq {seq}",
+        "detail": (
+            f"the {scrub_text(str(event.get('event_type')))[:80]} event carries no valid signature of the "
+            "operator's key at its place, after events that key signed: appended by someone without the "
+            "key (or by a pcbo process not given PCBO_SIGNING_KEY); nothing builds on this chain"
+        ),
+    }
 
 
 # -- proofs served from the stored log --------------------------------------------------------------------

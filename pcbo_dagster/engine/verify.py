@@ -49,6 +49,7 @@ from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.core.audit_chain import event_hash, split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import (
+    TABLE_PUBLICATION_RECORDED,
     ChainState,
     CommitIntent,
     PartitionHistory,
@@ -93,7 +94,7 @@ from pcbo_dagster.engine.transparency_log import (
     publish,
 )
 from pcbo_dagster.lake import layout, manifests
-from pcbo_dagster.tables.iceberg_publication import TABLE_PUBLICATION_RECORDED, check_tables
+from pcbo_dagster.tables.iceberg_publication import check_tables
 
 REFUSED = "not a crash window of the commit protocol: verify --repair refuses to touch it"
 HELD_BACK = (

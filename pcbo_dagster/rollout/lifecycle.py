@@ -28,7 +28,6 @@ from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.instants import format_datetime, parse_instant, to_datetime
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.core.rollout_lifecycle import (
-    LIFECYCLE_EVENTS,
     ROLLOUT_CANCELLED,
     ROLLOUT_ROLLED_BACK,
     ROLLOUT_SOAK_EVALUATED,
@@ -129,8 +128,7 @@ def append_event(
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
     audit = envs.production.audit
     full = {"rollout": rollout_subject(rollout), **body, "producer": PRODUCER}
-    key = envs.production.signing_key if event_type in LIFECYCLE_EVENTS else None
-    event = audit.append(ckey, event_type, full, precondition=precondition, signing_key=key)
+    event = audit.append(ckey, event_type, full, precondition=precondition)
     publish(envs.production, ckey)
     return event
 

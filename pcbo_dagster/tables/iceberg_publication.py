@@ -81,7 +81,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pcbo_dagster.catalog.publications import TablePublicationRow
 from pcbo_dagster.core.canonical import prefixed, sha256_hex
-from pcbo_dagster.core.chain_state import PARTITION_ROLLED_BACK, ChainState, replay
+from pcbo_dagster.core.chain_state import (
+    PARTITION_ROLLED_BACK,
+    TABLE_PUBLICATION_RECORDED,
+    ChainState,
+    replay,
+)
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput, PcboError
 from pcbo_dagster.core.instants import to_datetime
 from pcbo_dagster.core.operator_signatures import verified_statement
@@ -1010,12 +1015,7 @@ class Publisher:
             chain = verified_events(self.env, self.dataset, self.version_label)
         declared = declared_publications(chain, self.env.operator_verifier).get(row["branch"])
         if declared is None:
-            self.env.audit.append(
-                self.chain_key,
-                TABLE_PUBLICATION_RECORDED,
-                declaration_body(row),
-                signing_key=self.env.signing_key,
-            )
+            self.env.audit.append(self.chain_key, TABLE_PUBLICATION_RECORDED, declaration_body(row))
         elif _names(declared) != _names(row):
             raise InvalidInput(
                 "table",
@@ -1473,8 +1473,6 @@ def publish_or_refuse(
 
 
 # -- where: declared on the chain -----------------------------------------------------------------
-
-TABLE_PUBLICATION_RECORDED = "table_publication_recorded"
 
 
 def declaration_body(row: TablePublicationRow) -> dict[str, Any]:

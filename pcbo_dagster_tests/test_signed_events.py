@@ -1,0 +1,172 @@
+"""With the operator's key (`PCBO_SIGNING_KEY`) every event pcbo appends is signed at its place in
+the chain (`core/operator_signatures.py`: chain key, seq, previous event hash, type, body).
+
+The red-team finding it closes: someone who can write the audit backup and the catalog (pcbo's own
+audit code, every hash right) but holds no key appended an event at the chain's tip, and the next
+run's checkpoint, signed by the operator's key, vouched for it: an auditor holding an earlier
+checkpoint saw a consistent extension the operator had signed. Now every run refuses such a chain
+(exit 1, nothing written), `verify` reports the event (`event_signature_invalid`, checkpoints removed
+or not), `verify --repair` does not heal it, and no checkpoint is signed over it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, verified_statement
+from pcbo_dagster.core.signed_note import signing_key_from_seed
+from pcbo_dagster.engine.environment import Environment
+from pcbo_dagster.engine.settings import Settings
+from pcbo_dagster.engine.transparency_log import CheckpointNotSigned, publish
+from pcbo_dagster_tests.approver_keys import key_file
+from pcbo_dagster_tests.cli_runner import (
+    backup_events,
+    lake_files,
+    load_generator,
+    run_pcbo,
+    write_request,
+)
+
+OPERATOR = signing_key_from_seed("ops.example/operator", bytes([33]) * 32)
+CHAIN = "events/v1"
+
+
+def _request(run_id: str, seed: int = 5) -> dict[str, Any]:
+    return load_generator().make_request(records=120, partitions=3, seed=seed, run_id=run_id)
+
+
+def _signing(tmp_path: Path) -> dict[str, str]:
+    return {"PCBO_SIGNING_KEY": str(key_file(tmp_path, OPERATOR))}
+
+
+def _execute(tmp_path: Path, home: Path, run_id: str, env: dict[str, str] | None, seed: int = 5) -> Any:
+    request = write_request(tmp_path / f"{run_id}.json", _request(run_id, seed))
+    return run_pcbo(["execute", "--input", request], home=home, env=env)
+
+
+def _open(home: Path, env: dict[str, str] | None = None) -> Environment:
+    return Environment.open(Settings.resolve(home=str(home), env=env or {}, parallel=1))
+
+
+def _append_without_the_key(home: Path, event_type: str, body: dict[str, Any]) -> None:
+    """What someone who can write the audit backup and the catalog appends, holding no key."""
+    env = _open(home)
+    try:
+        env.audit.append(CHAIN, event_type, body)
+    finally:
+        env.close()
+
+
+def _kinds(document: dict[str, Any]) -> list[str]:
+    return [f["kind"] for f in document["findings"]]
+
+
+def _checkpoint_sizes(home: Path) -> list[int]:
+    with sqlite3.connect(home / "catalog.db") as db:
+        return [n for (n,) in db.execute("SELECT tree_size FROM transparency_checkpoints ORDER BY tree_size")]
+
+
+def test_every_event_is_signed_at_its_place(tmp_path: Path) -> None:
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    done = _execute(tmp_path, home, "s1", signing)
+    assert done.status == 0, done.stderr
+    events = backup_events(home, intents=True)
+    assert len(events) > 3
+    verifier = OPERATOR.verifier()
+    for event in events:
+        assert event[OPERATOR_SIGNATURE].startswith(
+            f"pcbo.event/v2\nchain {CHAIN}\nseq {event['chain']['seq']}\n"
+        )
+        assert verified_statement(event, verifier) is not None
+    # the same body at another place (seq, previous event), or of another type, does not verify
+    first, second = events[0], events[1]
+    moved = {**first, "chain": {**first["chain"], "seq": 1, "prev_event_hash": first["chain"]["event_hash"]}}
+    assert verified_statement(moved, verifier) is None
+    assert verified_statement({**second, "event_type": first["event_type"]}, verifier) is None
+    assert run_pcbo(["verify"], home=home, env=signing).status == 0
+
+
+@pytest.mark.parametrize("forged", ["unsigned", "replayed", "checkpoints_removed"])
+def test_an_event_appended_without_the_key_is_refused_reported_and_never_checkpointed(
+    tmp_path: Path, forged: str
+) -> None:
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    assert _execute(tmp_path, home, "s1", signing).status == 0
+    sizes = _checkpoint_sizes(home)
+    # an intent of a version 2 of the first partition (the attacker's manifest): the chain then says
+    # a run is under way, a crash window the next run or `verify --repair` would complete
+    intent = backup_events(home, intents=True)[0]
+    assert intent["event_type"] == "partition_commit_intent"
+    first = intent["partitions"][0]
+    body = {
+        "partitions": [
+            {
+                "key": first["key"],
+                "manifest_checksum": "sha256:" + "ab" * 32,
+                "previous_manifest_checksum": first["manifest_checksum"],
+                "previous_version": 1,
+                "version": 2,
+            }
+        ],
+        "producer": intent["producer"],
+        "run_id": "forged",
+    }
+    if forged == "replayed":  # with the genuine intent's signature
+        body[OPERATOR_SIGNATURE] = intent[OPERATOR_SIGNATURE]
+    _append_without_the_key(home, "partition_commit_intent", body)
+    if forged == "checkpoints_removed":  # no checkpoint left to say where the key's events began
+        with sqlite3.connect(home / "catalog.db") as db:
+            names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")]
+            for name in names:
+                if name.startswith(("transparency_checkpoints_", "checkpoint_cosignatures_")):
+                    db.execute(f"DROP TRIGGER {name}")
+            db.execute("DELETE FROM checkpoint_cosignatures")
+            db.execute("DELETE FROM transparency_checkpoints")
+        for path in (home / "lake" / "events" / "v1" / "_checkpoints").iterdir():
+            path.unlink()
+    before = lake_files(home)
+
+    again = _execute(tmp_path, home, "s2", signing, seed=6)
+    assert again.status == 1, again.stderr
+    assert "event_signature_invalid" in again.stderr or "no valid signature" in again.stderr, again.stderr
+    assert lake_files(home) == before
+
+    verified = run_pcbo(["verify"], home=home, env=signing)
+    assert verified.status == 1
+    assert "event_signature_invalid" in _kinds(verified.document), verified.document["findings"]
+    repaired = run_pcbo(["verify", "--repair"], home=home, env=signing)
+    assert repaired.status == 1 and "event_signature_invalid" in _kinds(repaired.document)
+    # and no checkpoint vouches for it, whoever asks for one
+    env = _open(home, signing)
+    try:
+        with pytest.raises(CheckpointNotSigned, match="no checkpoint signed"):
+            publish(env, CHAIN)
+    finally:
+        env.close()
+    published = run_pcbo(["log", "publish", "--dataset", "events"], home=home, env=signing)
+    assert published.status == 1 and "no valid signature of the operator's key" in published.stderr
+    assert "internal error" not in published.stderr
+    assert _checkpoint_sizes(home) == ([] if forged == "checkpoints_removed" else sizes)
+
+
+def test_a_chain_from_before_the_key_goes_on_signed(tmp_path: Path) -> None:
+    """Events appended before the key was set are unsigned: the first run with the key signs its own
+    events and a checkpoint over the whole chain, and verify is clean; from then on an unsigned event
+    is refused."""
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    assert _execute(tmp_path, home, "s1", None).status == 0
+    assert all(OPERATOR_SIGNATURE not in e for e in backup_events(home, intents=True))
+    second = _execute(tmp_path, home, "s2", signing, seed=6)
+    assert second.status == 0, second.stderr
+    events = backup_events(home, intents=True)
+    assert OPERATOR_SIGNATURE in events[-1]
+    assert _checkpoint_sizes(home) == [len(events)]
+    assert run_pcbo(["verify"], home=home, env=signing).status == 0
+    # a run without the key (a process not given it) now appends events no checkpoint will cover
+    third = _execute(tmp_path, home, "s3", None, seed=7)
+    assert third.status == 0, third.stderr
+    verified = run_pcbo(["verify"], home=home, env=signing)
+    assert verified.status == 1 and set(_kinds(verified.document)) == {"event_signature_invalid"}
