@@ -8,12 +8,16 @@ first partition and batch may start before `first` (their earlier ledgers are si
 batch always holds exactly its named range, so `first` is rounded down to a batch boundary).
 
 Ledgers are real: each header's `previousLedgerHash` is the hash of the ledger before, its
-`scpValue.txSetHash` the hash of its transaction set (`tx_set_hash`), and a ledger's hash is the
-SHA-256 of its header XDR, as stellar-core computes them. Ledger `seq` holds
-`1 + seq % 3` transactions; transaction `t` has `1 + (seq + t) % 4` operations; every third ledger's
-last transaction is a fee bump. `version` picks the LedgerCloseMeta arm: 0 (TransactionSet, the
-simplest), 1 (GeneralizedTransactionSet, one classic phase) or 2 (a classic phase plus a Soroban
-parallel phase holding the same transactions split over two stages).
+`scpValue.txSetHash` the hash of its transaction set (`tx_set_hash`), its `txSetResultHash` the hash
+of its transactions' results (`tx_result_set_hash`), and a ledger's hash is the SHA-256 of its header
+XDR, as stellar-core computes them. Ledger `seq` holds `1 + seq % 3` transactions; transaction `t`
+has `1 + (seq + t) % 4` operations (manage data, each successful); every third ledger's last
+transaction is a fee bump. Each transaction has its `txProcessing` entry, in apply order (the set's
+order), holding its result (the fee charged: 100 an operation, and one more for a fee bump) and an
+operation meta per operation with no ledger entry changes. `version` picks the LedgerCloseMeta
+arm: 0 (TransactionSet, the simplest), 1 (GeneralizedTransactionSet, one classic phase) or 2 (a
+classic phase plus a Soroban parallel phase holding the same transactions split over two stages,
+applied, and so in `txProcessing`, after the classic phase).
 """
 
 from __future__ import annotations
@@ -69,22 +73,54 @@ def _hash(value: bytes) -> x.Hash:
 
 def transactions_for(sequence: int) -> list[x.TransactionEnvelope]:
     """The deterministic, signed transaction envelopes of ledger `sequence`."""
-    envelopes = []
+    return [envelope for envelope, _ in _transactions(sequence)]
+
+
+def _transactions(sequence: int) -> list[tuple[x.TransactionEnvelope, x.TransactionResultPair]]:
+    """The signed envelopes of ledger `sequence` and their results (each operation successful)."""
+    out = []
     count = 1 + sequence % 3
     for t in range(count):
         builder = TransactionBuilder(Account(_SOURCE.public_key, sequence * 10 + t), _PASSPHRASE, 100)
         builder.add_time_bounds(0, 0)  # no wall clock
-        for o in range(1 + (sequence + t) % 4):
+        operations = 1 + (sequence + t) % 4
+        for o in range(operations):
             builder.append_manage_data_op(f"k{sequence}-{t}-{o}", b"v")
         tx = builder.build()
         tx.sign(_SOURCE)
+        success = x.ManageDataResult(x.ManageDataResultCode.MANAGE_DATA_SUCCESS)
+        results = [
+            x.OperationResult(
+                x.OperationResultCode.opINNER,
+                x.OperationResultTr(x.OperationType.MANAGE_DATA, manage_data_result=success),
+            )
+            for _ in range(operations)
+        ]
+        fee = x.Int64(100 * operations)
         if sequence % 3 == 0 and t == count - 1:
             bump = TransactionBuilder.build_fee_bump_transaction(_FEE_SOURCE, 200, tx, _PASSPHRASE)
             bump.sign(_FEE_SOURCE)
-            envelopes.append(bump.to_xdr_object())
+            inner = x.InnerTransactionResult(
+                x.Int64(0),
+                x.InnerTransactionResultResult(x.TransactionResultCode.txSUCCESS, results=results),
+                x.InnerTransactionResultExt(0),
+            )
+            result = x.TransactionResultResult(
+                x.TransactionResultCode.txFEE_BUMP_INNER_SUCCESS,
+                inner_result_pair=x.InnerTransactionResultPair(_hash(tx.hash()), inner),
+            )
+            pair = x.TransactionResultPair(
+                _hash(bump.hash()),
+                x.TransactionResult(x.Int64(100 * (operations + 1)), result, x.TransactionResultExt(0)),
+            )
+            out.append((bump.to_xdr_object(), pair))
         else:
-            envelopes.append(tx.to_xdr_object())
-    return envelopes
+            result = x.TransactionResultResult(x.TransactionResultCode.txSUCCESS, results=results)
+            pair = x.TransactionResultPair(
+                _hash(tx.hash()), x.TransactionResult(fee, result, x.TransactionResultExt(0))
+            )
+            out.append((tx.to_xdr_object(), pair))
+    return out
 
 
 def expected_operations(sequence: int) -> int:
@@ -92,9 +128,15 @@ def expected_operations(sequence: int) -> int:
 
 
 def ledger_header(
-    sequence: int, previous_hash: bytes, close_time: int, protocol: int, tx_set_hash: bytes
+    sequence: int,
+    previous_hash: bytes,
+    close_time: int,
+    protocol: int,
+    tx_set_hash: bytes,
+    tx_result_set_hash: bytes,
 ) -> x.LedgerHeader:
-    """The header of ledger `sequence`; `tx_set_hash`: its transaction set's (`tx_set_hash`)."""
+    """The header of ledger `sequence`; `tx_set_hash`: its transaction set's (`tx_set_hash`),
+    `tx_result_set_hash`: its transactions' results' (`tx_result_set_hash`)."""
     zero = _hash(bytes(32))
     return x.LedgerHeader(
         ledger_version=x.Uint32(protocol),
@@ -105,7 +147,7 @@ def ledger_header(
             upgrades=[],
             ext=x.StellarValueExt(v=x.StellarValueType.STELLAR_VALUE_BASIC),
         ),
-        tx_set_result_hash=zero,
+        tx_set_result_hash=_hash(tx_result_set_hash),
         bucket_list_hash=zero,
         ledger_seq=x.Uint32(sequence),
         total_coins=x.Int64(1_000_000_000_000_000_000),
@@ -126,6 +168,22 @@ def tx_set_hash(tx_set: bytes, *, legacy: bool) -> bytes:
     hash followed by its envelopes (its envelope count left out), a GeneralizedTransactionSet its
     whole XDR."""
     return hashlib.sha256(tx_set[:32] + tx_set[36:] if legacy else tx_set).digest()
+
+
+def tx_result_set_hash(pairs: list[bytes]) -> bytes:
+    """What a header's `txSetResultHash` holds, as stellar-core computes it: the SHA-256 of the XDR
+    `TransactionResultSet {TransactionResultPair results<>;}` of the ledger's results in apply order
+    (the order of its LedgerCloseMeta's `txProcessing`), from each TransactionResultPair's XDR."""
+    return hashlib.sha256(len(pairs).to_bytes(4, "big") + b"".join(pairs)).digest()
+
+
+def _result_meta(pair: x.TransactionResultPair, operations: int, version: int) -> Any:
+    """The `txProcessing` entry of a transaction: its result, no fee or entry changes."""
+    meta = x.TransactionMeta(0, operations=[x.OperationMeta(x.LedgerEntryChanges([]))] * operations)
+    none = x.LedgerEntryChanges([])
+    if version == 2:
+        return x.TransactionResultMetaV1(x.ExtensionPoint(0), pair, none, meta, none)
+    return x.TransactionResultMeta(pair, none, meta)
 
 
 def _classic_phase(envelopes: list[x.TransactionEnvelope]) -> x.TransactionPhase:
@@ -157,7 +215,11 @@ def ledger_close_meta(
 ) -> tuple[x.LedgerCloseMeta, BuiltLedger]:
     if close_time is None:
         close_time = GENESIS_CLOSE_TIME + sequence * CLOSE_SECONDS
-    envelopes = transactions_for(sequence)
+    transactions = _transactions(sequence)
+    envelopes = [envelope for envelope, _ in transactions]
+    processing = [
+        _result_meta(pair, 1 + (sequence + t) % 4, version) for t, (_, pair) in enumerate(transactions)
+    ]
     prev = _hash(previous_hash)
     tx_count, op_count = len(envelopes), expected_operations(sequence)
     tx_set: x.TransactionSet | x.GeneralizedTransactionSet
@@ -165,12 +227,17 @@ def ledger_close_meta(
         tx_set = x.TransactionSet(previous_ledger_hash=prev, txs=envelopes)
     else:
         phases = [_classic_phase(envelopes)]
-        if version == 2:
+        if version == 2:  # applied after the classic phase, in the order of its stages and clusters
             phases.append(_parallel_phase(envelopes))
-            tx_count, op_count = 2 * tx_count, 2 * op_count
+            tx_count, op_count, processing = 2 * tx_count, 2 * op_count, 2 * processing
         tx_set = x.GeneralizedTransactionSet(v=1, v1_tx_set=x.TransactionSetV1(prev, phases))
     header = ledger_header(
-        sequence, previous_hash, close_time, protocol, tx_set_hash(tx_set.to_xdr_bytes(), legacy=version == 0)
+        sequence,
+        previous_hash,
+        close_time,
+        protocol,
+        tx_set_hash(tx_set.to_xdr_bytes(), legacy=version == 0),
+        tx_result_set_hash([p.result.to_xdr_bytes() for p in processing]),
     )
     ledger_hash = hashlib.sha256(header.to_xdr_bytes()).digest()
     entry = x.LedgerHeaderHistoryEntry(
@@ -182,7 +249,7 @@ def ledger_close_meta(
             v0=x.LedgerCloseMetaV0(
                 ledger_header=entry,
                 tx_set=tx_set,
-                tx_processing=[],
+                tx_processing=processing,
                 upgrades_processing=[],
                 scp_info=[],
             ),
@@ -192,7 +259,7 @@ def ledger_close_meta(
             "ext": x.LedgerCloseMetaExt(v=0),
             "ledger_header": entry,
             "tx_set": tx_set,
-            "tx_processing": [],
+            "tx_processing": processing,
             "upgrades_processing": [],
             "scp_info": [],
             "total_byte_size_of_live_soroban_state": x.Uint64(0),

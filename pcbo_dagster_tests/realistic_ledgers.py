@@ -13,8 +13,8 @@ random module, no clock, and as incompressible as real keys). About 2 KiB of XDR
 
 `write_realistic_archive(root, ledgers=..., transactions=..., ledgers_per_file=...)` writes a SEP-54
 archive of such ledgers, one zstd batch file per `ledgers_per_file`, headers chained as stellar-core
-chains them and naming their transaction sets' hashes, and returns a summary (sizes, and each
-ledger's counts for checking).
+chains them and naming the hashes of their transaction sets and of their results (`txProcessing`'s,
+in its order, the apply order), and returns a summary (sizes, and each ledger's counts for checking).
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ import zstandard
 from stellar_sdk import xdr as x
 
 from pcbo_dagster.sources.ledger_archives import batch_name, partition_name
-from pcbo_dagster_tests.ledger_archive_builder import GENESIS_CLOSE_TIME, ledger_header, tx_set_hash
+from pcbo_dagster_tests.ledger_archive_builder import (
+    GENESIS_CLOSE_TIME,
+    ledger_header,
+    tx_result_set_hash,
+    tx_set_hash,
+)
 
 PROTOCOL_OF_VERSION = {0: 19, 1: 22, 2: 23}
 CLOSE_SECONDS = 6
@@ -681,6 +686,7 @@ class _Template:
     operation_count: int
     envelope: tuple[list[bytes], list[int]]  # the pieces, and the marker number after each but the last
     meta: tuple[list[bytes], list[int]]
+    pair: tuple[list[bytes], list[int]]  # its TransactionResultPair (in its meta)
     markers: int
 
     def fill(self, part: tuple[list[bytes], list[int]], values: list[bytes]) -> bytes:
@@ -726,6 +732,7 @@ def _templates(version: int) -> tuple[_Template, ...]:
                 parts.operation_count,
                 _split(envelope, m.count),
                 _split(meta, m.count),
+                _split(pair.to_xdr_bytes(), m.count),
                 m.count,
             )
         )
@@ -761,6 +768,7 @@ def realistic_ledger(
     templates = _templates(version)
     envelopes: list[list[bytes]] = [[], []]  # classic, Soroban
     metas: list[bytes] = []
+    pairs: list[bytes] = []  # their results, in apply order (txProcessing's)
     operations = 0
     for t in range(transactions):
         template = templates[(sequence + t) % len(templates)]
@@ -768,6 +776,7 @@ def realistic_ledger(
         keys = [values[32 * k : 32 * k + 32] for k in range(template.markers)]
         envelopes[template.soroban].append(template.fill(template.envelope, keys))
         metas.append(template.fill(template.meta, keys))
+        pairs.append(template.fill(template.pair, keys))
         operations += template.operation_count
     protocol = PROTOCOL_OF_VERSION[version]
     close_time = GENESIS_CLOSE_TIME + (sequence - FIRST_LEDGER) * CLOSE_SECONDS
@@ -787,7 +796,12 @@ def realistic_ledger(
             )  # fmt: skip
         tx_set = count.pack(1) + previous_hash + count.pack(len(phases)) + b"".join(phases)
     header = ledger_header(
-        sequence, previous_hash, close_time, protocol, tx_set_hash(tx_set, legacy=version == 0)
+        sequence,
+        previous_hash,
+        close_time,
+        protocol,
+        tx_set_hash(tx_set, legacy=version == 0),
+        tx_result_set_hash(pairs),
     )
     header_xdr = header.to_xdr_bytes()
     ledger_hash = hashlib.sha256(header_xdr).digest()
