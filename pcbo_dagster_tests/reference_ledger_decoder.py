@@ -3,8 +3,8 @@ skipping walker (kept verbatim as the reference the walker's records are checked
 ledger of a batch decoded into stellar-sdk objects, its record taken from them.
 
 `reference_ledger_records(uri, first, end)` yields what `ledger_archives.iter_ledger_records`
-yielded then, with the same checks in the same order (and the check, added since, that a ledger's
-transaction set is the one its header names)."""
+yielded then, with the same checks in the same order (and the checks, added since, that a ledger's
+transaction set and its transactions' results are the ones its header names)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,18 @@ def transaction_set_error(meta: Any, header: Any) -> str | None:
     return None
 
 
+def transaction_results_error(meta: Any, header: Any) -> str | None:
+    """Why the ledger's results are not the ones its header names (stellar-core's hash of the
+    TransactionResultSet of the result of each `txProcessing` entry, in their order), or None.
+    (Added with the walker's check of the same.)"""
+    from stellar_sdk.xdr import TransactionResultSet
+
+    results = TransactionResultSet([entry.result for entry in _body(meta).tx_processing])
+    if hashlib.sha256(results.to_xdr_bytes()).digest() != header.tx_set_result_hash.hash:
+        return "its transaction results are not the ones its header names (txSetResultHash)"
+    return None
+
+
 def operation_count(envelope: Any) -> int:
     """Operations of one envelope; a fee bump counts its inner transaction's."""
     if envelope.v0 is not None:
@@ -152,7 +164,7 @@ def ledger_record(sequence: int, meta: Any, xdr: bytes, uri: str) -> dict[str, A
         raise LedgerArchiveError(
             uri, f"ledger {sequence}: its hash is not the SHA-256 of its header (a corrupt header)"
         )
-    error = transaction_set_error(meta, header)
+    error = transaction_set_error(meta, header) or transaction_results_error(meta, header)
     if error is not None:
         raise LedgerArchiveError(uri, f"ledger {sequence}: {error}")
     close_time = header.scp_value.close_time.time_point.uint64

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,94 @@ def test_a_transaction_set_naming_another_previous_ledger_than_its_header_is_ref
         f"ledger 9: its transaction set names previous ledger {elsewhere.hash.hex()}, its header {'00' * 32}"
     )
     _both_refuse(tmp_path, 9, 10, message)
+
+
+RESULTS_REFUSED = "ledger 10: its transaction results are not the ones its header names (txSetResultHash)"
+
+
+def _forge_results(metas: list[x.LedgerCloseMeta], version: int, forgery: str) -> None:
+    """Change the results of ledger 10 (`metas` of ledgers 8-11; 10 holds two transactions, three
+    with v2, 11 three), headers, sets and hashes untouched."""
+    ten, eleven = (getattr(m, f"v{version}") for m in metas[2:4])
+    processing = ten.tx_processing
+    result = processing[0].result.result  # TransactionResult
+    if forgery == "failed":  # the first transaction shown as failed (txSUCCESS -> txFAILED)
+        assert result.result.code == x.TransactionResultCode.txSUCCESS
+        result.result = x.TransactionResultResult(
+            x.TransactionResultCode.txFAILED, results=result.result.results
+        )
+    elif forgery == "fee":
+        result.fee_charged = x.Int64(result.fee_charged.int64 + 1)
+    elif forgery == "dropped":
+        del processing[1]
+    elif forgery == "reordered":
+        processing[0], processing[1] = processing[1], processing[0]
+    elif forgery == "duplicated":
+        processing.append(processing[0])
+    elif forgery == "moved":  # ledger 10's results and ledger 11's swapped
+        ten.tx_processing, eleven.tx_processing = eleven.tx_processing, ten.tx_processing
+    else:
+        raise AssertionError(forgery)
+
+
+@pytest.mark.parametrize("forgery", ["failed", "fee", "dropped", "reordered", "duplicated", "moved"])
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_transaction_results_the_header_does_not_name_are_refused(tmp_path, version, forgery):
+    """Red-team finding: a ledger's results (`txProcessing`) were not held to its header's
+    `txSetResultHash`, so in a batch written without a zstd content checksum a failed transaction
+    could be shown as successful, a fee changed, results dropped, reordered, duplicated or moved to
+    another ledger: read as stored into `lcmXdrBase64`, exit 0. Refused by both decodings, naming the
+    file; the genuine batch reads as before."""
+    import zstandard
+
+    archive = b.write_archive(tmp_path, 8, 11, ledgers_per_file=4, version=version, streaming=lambda i: True)
+    path = archive.file_of(10)
+    assert not zstandard.get_frame_parameters(path.read_bytes()).has_checksum
+    metas = [x.LedgerCloseMeta.from_xdr_bytes(archive.ledgers[s].xdr) for s in range(8, 12)]
+    _forge_results(metas, version, forgery)
+    _rewrite(path, 8, 11, metas)
+    for read in (la.iter_ledger_records, reference.reference_ledger_records):
+        with pytest.raises(la.LedgerArchiveError, match=re.escape(RESULTS_REFUSED)) as info:
+            list(read(str(tmp_path), 8, 12))
+        assert f"{path}: {RESULTS_REFUSED}" in str(info.value), info.value
+    _rewrite(path, 8, 11, [x.LedgerCloseMeta.from_xdr_bytes(archive.ledgers[s].xdr) for s in range(8, 12)])
+    expected = [_expected(archive, s) for s in range(8, 12)]
+    assert list(la.iter_ledger_records(str(tmp_path), 8, 12)) == expected
+    assert list(reference.reference_ledger_records(str(tmp_path), 8, 12)) == expected
+
+
+def test_a_run_of_an_archive_holding_forged_results_is_refused_and_writes_nothing(tmp_path):
+    """`pcbo execute` of an archive whose ledger 10 shows a failed transaction as successful: exit 2
+    naming the batch file and the check, nothing written (no home, no lake)."""
+    root = tmp_path / "archive"
+    archive = b.write_archive(root, 8, 15, ledgers_per_file=4, version=2, streaming=lambda i: True)
+    metas = [x.LedgerCloseMeta.from_xdr_bytes(archive.ledgers[s].xdr) for s in range(8, 12)]
+    _forge_results(metas, 2, "failed")
+    _rewrite(archive.file_of(10), 8, 11, metas)
+    request = _range_request("results-run", root, 8, 16)
+    home = tmp_path / "home"
+    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
+    assert refused.status == 2, refused.stderr
+    assert f"{archive.file_of(10)}: {RESULTS_REFUSED}" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not home.exists()
+
+
+def test_a_realistic_ledger_s_forged_result_is_refused(tmp_path):
+    """The same of a realistic ledger (LedgerCloseMeta v2, every kind of transaction): a fee charged
+    changed in its failed transaction's result, then in a Soroban transaction's."""
+    from pcbo_dagster_tests.realistic_ledgers import realistic_ledger
+
+    genuine = realistic_ledger(10, bytes(32), transactions=7, version=2)
+    for index in range(7):
+        meta = x.LedgerCloseMeta.from_xdr_bytes(genuine.xdr)
+        result = meta.v2.tx_processing[index].result.result
+        result.fee_charged = x.Int64(result.fee_charged.int64 - 1)
+        path = tmp_path / la.batch_name(10, 10)
+        path.write_bytes(b.compress(b.batch_bytes(10, 10, [meta]), streaming=True))
+        _both_refuse(tmp_path, 10, 11, RESULTS_REFUSED)
+    path.write_bytes(b.compress(struct.pack(">III", 10, 10, 1) + genuine.xdr, streaming=True))
+    (record,) = la.iter_ledger_records(str(tmp_path), 10, 11)
+    assert base64.b64decode(record["lcmXdrBase64"]) == genuine.xdr
 
 
 def test_transaction_set_padding_is_hashed_as_stellar_core_hashes_it(tmp_path):

@@ -13,9 +13,10 @@ refused, naming it.
 Each batch file is a zstd stream of one XDR `LedgerCloseMetaBatch{startSequence, endSequence,
 ledgerCloseMetas<>}` (`ledger_decoding`). Every ledger of a batch is walked by a skipping XDR
 walker (`ledger_xdr`): the whole LedgerCloseMeta is checked as stellar-sdk's decoder would check it,
-but only the header and the transaction set's envelope and operation counts are read, and nothing
-is built; its own `LedgerCloseMeta` bytes are kept exactly as stored (sliced from the batch, not
-re-encoded). Large reads are decoded by worker processes (`ledger_workers()`), in order.
+but only the header, the transaction set's envelope and operation counts and where each
+transaction's result lies are read, and nothing is built; its own `LedgerCloseMeta` bytes are kept
+exactly as stored (sliced from the batch, not re-encoded). Large reads are decoded by worker
+processes (`ledger_workers()`), in order.
 
 `iter_ledger_records(uri, first, end)` yields, for the ledgers in [first, end) in ledger order:
 
@@ -32,8 +33,9 @@ Batch files are chosen by their names alone (files and partition folders outside
 never opened) and read in order, a few at a time (up to two per worker process in flight), so
 memory holds a few decompressed batches. Checks, each an `InvalidInput` naming the file: the name's range
 against the batch's startSequence/endSequence and against the ledgers inside (one per sequence, in
-order), a corrupt zstd stream or XDR, trailing bytes, overlapping batch files, and each ledger's
-hash against the SHA-256 of its header XDR. As a streamed source (`LedgerArchiveSource`) each
+order), a corrupt zstd stream or XDR, trailing bytes, overlapping batch files, each ledger's
+hash against the SHA-256 of its header XDR, and its transaction set and results against the hashes
+its header names (`scpValue.txSetHash`, `txSetResultHash`). As a streamed source (`LedgerArchiveSource`) each
 ledger is walked once: pass 1 keeps where it lies, and the records a partition writes are sliced
 from their batch files again. Its batches and fetched records come as `DigestedRecords`: each
 record's RFC 8785 SHA-256 (the plan hash's entry, and what a record read again is compared with) is

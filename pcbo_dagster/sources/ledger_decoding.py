@@ -20,6 +20,7 @@ import base64
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -170,8 +171,8 @@ class BatchReadError(Exception):
 def decode_batch(data: bytes, uri: str, start: int, end: int, first: int, stop: int) -> BatchResult:
     """Check the decompressed batch `data` of the file named for ledgers `start`..`end` and decode
     its ledgers in [first, stop). Every ledger of the batch is walked (and so checked), its size
-    too (`max_ledger_bytes()`); the hash of a ledger's header, the transaction set it names and its
-    close time are checked for the ledgers decoded."""
+    too (`max_ledger_bytes()`); the hash of a ledger's header, the transaction set and the results it
+    names and its close time are checked for the ledgers decoded."""
     most = max_ledger_bytes()
     words = xdr_words(data)
     if len(words) < 3:
@@ -220,13 +221,15 @@ def decode_batch(data: bytes, uri: str, start: int, end: int, first: int, stop: 
 
 
 def _check_header(data: bytes, words: Any, facts: LedgerFacts) -> str | None:
-    """Why the ledger's header is refused (its hash, the transaction set it names, its close time),
-    or None."""
+    """Why the ledger's header is refused (its hash, the transaction set and the results it names,
+    its close time), or None."""
     if hashlib.sha256(_canonical_header(data, words, facts)).digest() != _hash_of(data, facts):
         return "its hash is not the SHA-256 of its header (a corrupt header)"
     error = _check_transaction_set(data, facts)
     if error is not None:
         return error
+    if not _results_are_named(data, facts):
+        return "its transaction results are not the ones its header names (txSetResultHash)"
     if facts.close_time > _MAX_CLOSE_TIME:
         return f"close time {facts.close_time} is beyond year 9999"
     return None
@@ -247,28 +250,49 @@ def _check_transaction_set(data: bytes, facts: LedgerFacts) -> str | None:
             f"its transaction set names previous ledger {data[at : at + 32].hex()}, "
             f"its header {previous.hex()}"
         )
-    if not _transaction_set_is(data[start:end], facts.version, named):
+    kind = "TransactionSet" if facts.version == 0 else "GeneralizedTransactionSet"
+    digest = _legacy_set_digest if facts.version == 0 else _sha256
+    if not _hashes_as_core_hashes(data[start:end], kind, named, digest):
         return "its transaction set is not the one its header names (scpValue.txSetHash)"
     return None
 
 
-def _transaction_set_is(tx_set: bytes, version: int, named: bytes) -> bool:
-    """Whether the transaction set's XDR hashes, as stellar-core hashes it, to `named`: a legacy
-    TransactionSet (LedgerCloseMeta v0) its previous ledger hash followed by each envelope, a
-    GeneralizedTransactionSet its whole XDR; as core encodes it, with padding zero. A set that does
-    not match as stored is re-encoded with stellar-sdk (which zeroes the padding a decoder does not
-    read) and hashed again: only then, as a real archive has no such padding."""
+def _sha256(xdr: bytes) -> bytes:
+    return hashlib.sha256(xdr).digest()
 
-    def digest(xdr: bytes) -> bytes:
-        return hashlib.sha256(xdr[:32] + xdr[36:] if version == 0 else xdr).digest()
 
-    if digest(tx_set) == named:
+def _legacy_set_digest(tx_set: bytes) -> bytes:
+    """stellar-core's hash of a legacy TransactionSet (LedgerCloseMeta v0): its previous ledger hash
+    followed by each envelope, its envelope count left out (a GeneralizedTransactionSet's is the
+    SHA-256 of its whole XDR)."""
+    return hashlib.sha256(tx_set[:32] + tx_set[36:]).digest()
+
+
+def _results_are_named(data: bytes, facts: LedgerFacts) -> bool:
+    """Whether the ledger's results are the ones its header's `txSetResultHash` names: stellar-core's
+    SHA-256 of the XDR `TransactionResultSet {TransactionResultPair results<>;}` of the result of
+    each entry of its `txProcessing`, in their order (the apply order, in which core collects them).
+    Every result is bound to the header so, and through it to the ledger's hash. (A
+    TransactionResultPair holds no padding, boolean or optional today: its stored XDR is core's, and
+    the re-encoding of a set that does not match as stored changes nothing.)"""
+    bounds = facts.results
+    pairs = [data[4 * bounds[k] : 4 * bounds[k + 1]] for k in range(0, len(bounds), 2)]
+    at = 4 * facts.result_hash_start
+    result_set = struct.pack(">I", len(pairs)) + b"".join(pairs)
+    return _hashes_as_core_hashes(result_set, "TransactionResultSet", data[at : at + 32], _sha256)
+
+
+def _hashes_as_core_hashes(xdr: bytes, kind: str, named: bytes, digest: Callable[[bytes], bytes]) -> bool:
+    """Whether the XDR of a `kind` value (stellar-sdk's class name) hashes by `digest` to `named` as
+    stellar-core encodes it: with padding zero. A value that does not match as stored is re-encoded
+    with stellar-sdk (which zeroes the padding a decoder does not read) and hashed again: only then,
+    as a real archive has no such padding."""
+    if digest(xdr) == named:
         return True
-    from stellar_sdk import xdr as stellar_xdr  # only for a set that does not match as stored
+    from stellar_sdk import xdr as stellar_xdr  # only for a value that does not match as stored
 
-    kind = stellar_xdr.TransactionSet if version == 0 else stellar_xdr.GeneralizedTransactionSet
-    canonical = kind.from_xdr_bytes(tx_set).to_xdr_bytes()
-    return canonical != tx_set and digest(canonical) == named
+    canonical = getattr(stellar_xdr, kind).from_xdr_bytes(xdr).to_xdr_bytes()
+    return canonical != xdr and digest(canonical) == named
 
 
 def _hash_of(data: bytes, facts: LedgerFacts) -> bytes:

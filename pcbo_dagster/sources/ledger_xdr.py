@@ -245,6 +245,7 @@ class _Compiler:
     def __init__(self, types: dict[str, Node], observed: frozenset[str] = frozenset()) -> None:
         self.types = types
         self.observed = observed
+        self.observed_index = {name: k for k, name in enumerate(sorted(observed))}  # in `seen`
         self.carriers = self._carriers()
         self.inlined: set[str] = set()  # small types written in place instead of called
         self.lines: list[str] = []
@@ -531,10 +532,15 @@ class _Compiler:
             self.node(node, level, indent, conditional)
             return
         self.flush(indent)
-        if node.name in self.observed:
-            self.emit(indent, "seen.append(i)")
         seen = ", seen" if node.name in self.carriers else ""
-        self.emit(indent, f"i = skip_{node.name}(w, i, d - {level}{seen})")
+        call = f"i = skip_{node.name}(w, i, d - {level}{seen})"
+        if node.name in self.observed:  # where the value starts and where it ends
+            bounds = f"seen[{self.observed_index[node.name]}]"
+            self.emit(indent, f"{bounds}.append(i)")
+            self.emit(indent, call)
+            self.emit(indent, f"{bounds}.append(i)")
+        else:
+            self.emit(indent, call)
 
 
 def _closure(name: str, parts: dict[str, set[str]]) -> set[str]:
@@ -564,8 +570,10 @@ def _depth_error() -> None:
 class Walker:
     """Skip functions by type name (`skipper`), the words of the types of constant size, and the
     source of the functions compiled. The functions of the types in `carriers` take a fourth
-    argument, a list to which the index of every value of an observed type they pass is appended.
-    A small type is written in place where it is used; its own function is compiled when asked for."""
+    argument, `seen`: a list for each observed type (`observed`, in name order; `observations()`
+    makes one), to which the word indices where each value of that type they pass starts and ends are
+    appended (start, end, start, end, ...). A small type is written in place where it is used; its
+    own function is compiled when asked for."""
 
     def __init__(self, compiler: _Compiler, namespace: dict[str, Any], source: str) -> None:
         self._compiler = compiler
@@ -573,6 +581,7 @@ class Walker:
         self._lock = threading.Lock()
         self.source = source
         self.carriers = frozenset(compiler.carriers)
+        self.observed = tuple(sorted(compiler.observed))
         self.fixed_words: dict[str, int] = {}
         self._skippers: dict[str, Callable[..., int]] = {}
         for name, node in compiler.types.items():
@@ -588,8 +597,12 @@ class Walker:
     def names(self) -> set[str]:
         return set(self._compiler.types)
 
+    def observations(self) -> tuple[list[int], ...]:
+        """A fresh `seen` argument: an empty list for each observed type."""
+        return tuple([] for _ in self.observed)
+
     def skipper(self, name: str) -> Callable[..., int]:
-        """The skip function of `name`: `(words, i, depth[, seen]) -> end`."""
+        """The skip function of `name`: `(words, i, depth[, seen]) -> end` (`seen`: `observations()`)."""
         found = self._skippers.get(name)
         if found is None:
             with self._lock:
@@ -605,13 +618,13 @@ class Walker:
     def skip(self, name: str, words: Any, i: int, depth: int = MAX_DEPTH) -> int:
         """The word index where the `name` value at `i` ends (entered at stellar-sdk's `depth`)."""
         if name in self.carriers:
-            return self.skipper(name)(words, i, depth, [])
+            return self.skipper(name)(words, i, depth, self.observations())
         return self.skipper(name)(words, i, depth)
 
 
 def compile_walker(text: str, observed: frozenset[str] = frozenset()) -> Walker:
     """Skip functions for every type of the definitions `text`; the functions of types that may hold
-    an `observed` type note where each of its values starts."""
+    an `observed` type note where each of its values starts and ends."""
     types = parse_definitions(text)
     compiler = _Compiler(types, observed)
     small = []
@@ -651,12 +664,20 @@ def _enum_skipper(valid: frozenset[int], name: str) -> Skipper:
     return skip
 
 
+#: The types whose values `walk_ledger` notes (in name order, as `seen` holds them): the envelopes of
+#: a ledger's transaction set (only there) and its results (the TransactionResultPair of each entry
+#: of `txProcessing`, only there).
+_OBSERVED = ("TransactionEnvelope", "TransactionResultPair")
+
+
 @cache
 def stellar_walker() -> Walker:
     """The walker of Stellar's ledger XDR (compiled once per process, on first use)."""
     from pcbo_dagster.sources.ledger_xdr_definitions import DEFINITIONS
 
-    return compile_walker(DEFINITIONS, observed=frozenset({"TransactionEnvelope"}))
+    walker = compile_walker(DEFINITIONS, observed=frozenset(_OBSERVED))
+    assert walker.observed == _OBSERVED
+    return walker
 
 
 # -- a LedgerCloseMeta, walked for what a ledger's record needs -------------------------------------
@@ -673,6 +694,9 @@ class LedgerFacts:
     header_end: int
     tx_set_start: int  # its (Generalized)TransactionSet's words are [tx_set_start, tx_set_end)
     tx_set_end: int
+    result_hash_start: int  # its header's txSetResultHash is the 8 words from here
+    results: list[int]  # where the result (TransactionResultPair) of each entry of its txProcessing
+    # starts and ends, in their order: [start, end, start, end, ...]
     sequence: int
     close_time: int
     protocol: int
@@ -685,8 +709,9 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
     its top depth, as `LedgerCloseMeta.unpack` is). Raises `XdrError` or `IndexError`; a value ending
     beyond the words raises `EOFError`."""
     skippers = _ledger_skippers()
-    envelopes: list[int] = []
-    end = skippers["LedgerCloseMeta"](words, i, MAX_DEPTH, envelopes)
+    envelope_bounds: list[int] = []
+    results: list[int] = []
+    end = skippers["LedgerCloseMeta"](words, i, MAX_DEPTH, (envelope_bounds, results))
     if end > len(words):
         raise EOFError
     version = words[i]
@@ -706,12 +731,14 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
         header_start=header,
         header_end=header_end,
         tx_set_start=tx_set,
-        tx_set_end=skippers[tx_set_kind](words, tx_set, MAX_DEPTH, []),
+        tx_set_end=skippers[tx_set_kind](words, tx_set, MAX_DEPTH, ([], [])),
+        result_hash_start=after_scp_value,
+        results=results,
         sequence=words[after_scp_value + 16],
         close_time=words[header + 17] << 32 | words[header + 18],
         protocol=words[header],
-        transaction_count=len(envelopes),
-        operation_count=sum(_operations(words, e, skippers) for e in envelopes),
+        transaction_count=len(envelope_bounds) // 2,
+        operation_count=sum(_operations(words, e, skippers) for e in envelope_bounds[::2]),
     )
 
 
