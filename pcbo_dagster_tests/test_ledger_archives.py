@@ -400,6 +400,36 @@ def test_a_run_of_an_archive_holding_forged_results_is_refused_and_writes_nothin
     assert "Traceback" not in refused.stderr and not home.exists()
 
 
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_the_walk_finds_the_header_the_set_and_each_result_where_stellar_sdk_puts_them(version):
+    """What the checks hash is where stellar-sdk encodes it: the header, the transaction set, the
+    header's txSetResultHash and each result, in a ledger with transactions and in one without."""
+    from pcbo_dagster.sources.ledger_xdr import walk_ledger, xdr_words
+
+    meta, built = b.ledger_close_meta(11, bytes(32), version=version)
+    empty, _ = b.ledger_close_meta(12, bytes(32), version=version)
+    body = getattr(empty, f"v{version}")
+    body.tx_processing = []
+    if version == 0:
+        body.tx_set.txs = []
+    else:
+        body.tx_set.v1_tx_set.phases = []
+    for ledger, transactions in ((meta, built.transaction_count), (empty, 0)):
+        data = ledger.to_xdr_bytes()
+        facts = walk_ledger(xdr_words(data), 0)
+        body = getattr(ledger, f"v{version}")
+        header = body.ledger_header.header
+        assert facts.end == len(data) // 4 and facts.transaction_count == transactions
+        assert data[4 * facts.header_start : 4 * facts.header_end] == header.to_xdr_bytes()
+        assert data[4 * facts.tx_set_start : 4 * facts.tx_set_end] == body.tx_set.to_xdr_bytes()
+        at = 4 * facts.result_hash_start
+        assert data[at : at + 32] == header.tx_set_result_hash.hash
+        bounds = facts.results
+        pairs = [data[4 * bounds[k] : 4 * bounds[k + 1]] for k in range(0, len(bounds), 2)]
+        assert pairs == [entry.result.to_xdr_bytes() for entry in body.tx_processing]
+        assert len(pairs) == transactions
+
+
 def test_a_realistic_ledger_s_forged_result_is_refused(tmp_path):
     """The same of a realistic ledger (LedgerCloseMeta v2, every kind of transaction): a fee charged
     changed in its failed transaction's result, then in a Soroban transaction's."""

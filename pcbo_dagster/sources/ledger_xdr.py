@@ -664,10 +664,11 @@ def _enum_skipper(valid: frozenset[int], name: str) -> Skipper:
     return skip
 
 
-#: The types whose values `walk_ledger` notes (in name order, as `seen` holds them): the envelopes of
-#: a ledger's transaction set (only there) and its results (the TransactionResultPair of each entry
-#: of `txProcessing`, only there).
-_OBSERVED = ("TransactionEnvelope", "TransactionResultPair")
+#: The types whose values `walk_ledger` notes (in name order, as `seen` holds them), each found in
+#: one place of a LedgerCloseMeta: its transaction set (a GeneralizedTransactionSet in v1 and v2, a
+#: TransactionSet in v0), the set's envelopes, and its results (the TransactionResultPair of each
+#: entry of `txProcessing`).
+_OBSERVED = ("GeneralizedTransactionSet", "TransactionEnvelope", "TransactionResultPair", "TransactionSet")
 
 
 @cache
@@ -709,11 +710,12 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
     its top depth, as `LedgerCloseMeta.unpack` is). Raises `XdrError` or `IndexError`; a value ending
     beyond the words raises `EOFError`."""
     skippers = _ledger_skippers()
-    envelope_bounds: list[int] = []
-    results: list[int] = []
-    end = skippers["LedgerCloseMeta"](words, i, MAX_DEPTH, (envelope_bounds, results))
+    seen: tuple[list[int], ...] = ([], [], [], [])
+    generalized_set, envelope_bounds, results, legacy_set = seen
+    end = skippers["LedgerCloseMeta"](words, i, MAX_DEPTH, seen)
     if end > len(words):
         raise EOFError
+    tx_set, tx_set_end = legacy_set or generalized_set  # one of them, walked once
     version = words[i]
     entry = i + 1 if version == 0 else skippers["LedgerCloseMetaExt"](words, i + 1, MAX_DEPTH)
     header = entry + 8  # LedgerHeaderHistoryEntry {Hash hash; LedgerHeader header; ...}
@@ -721,9 +723,7 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
     # txSetResultHash; Hash bucketListHash; uint32 ledgerSeq; ...}; StellarValue {Hash txSetHash;
     # TimePoint closeTime; ...}
     after_scp_value = skippers["StellarValue"](words, header + 9, MAX_DEPTH)
-    header_end = skippers["LedgerHeader"](words, header, MAX_DEPTH)
-    tx_set = header_end + 1  # after the entry's ext (union switch (int v) {case 0: void;})
-    tx_set_kind = "TransactionSet" if version == 0 else "GeneralizedTransactionSet"
+    header_end = tx_set - 1  # before the entry's ext (union switch (int v) {case 0: void;})
     return LedgerFacts(
         version=version,
         start=i,
@@ -731,7 +731,7 @@ def walk_ledger(words: Any, i: int) -> LedgerFacts:
         header_start=header,
         header_end=header_end,
         tx_set_start=tx_set,
-        tx_set_end=skippers[tx_set_kind](words, tx_set, MAX_DEPTH, ([], [])),
+        tx_set_end=tx_set_end,
         result_hash_start=after_scp_value,
         results=results,
         sequence=words[after_scp_value + 16],
@@ -748,10 +748,7 @@ _ENVELOPE_TX_V0, _ENVELOPE_TX, _ENVELOPE_TX_FEE_BUMP = 0, 2, 5
 @cache
 def _ledger_skippers() -> dict[str, Callable[..., int]]:
     walker = stellar_walker()
-    names = (
-        *("LedgerCloseMeta", "LedgerCloseMetaExt", "StellarValue", "LedgerHeader"),
-        *("TransactionSet", "GeneralizedTransactionSet", "MuxedAccount", "Preconditions", "Memo"),
-    )
+    names = ("LedgerCloseMeta", "LedgerCloseMetaExt", "StellarValue", "MuxedAccount", "Preconditions", "Memo")
     return {name: walker.skipper(name) for name in names}
 
 
