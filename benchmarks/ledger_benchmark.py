@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from generate_ledger_archive import generate  # noqa: E402
 
-from pcbo_dagster_tests.realistic_ledgers import FIRST_LEDGER  # noqa: E402
+from pcbo_dagster_tests.realistic_ledgers import ARCHIVE_FORMAT, FIRST_LEDGER  # noqa: E402
 
 
 def load() -> str:
@@ -63,11 +63,20 @@ def ensure_archive(root: Path, args: argparse.Namespace) -> tuple[int, int]:
         "transactions": args.transactions,
         "ledgersPerFile": args.ledgers_per_file,
         "version": args.version,
+        "format": ARCHIVE_FORMAT,
     }
     marker = root / ".benchmark.json"  # a dot file: the reader ignores it (as SEP-54's .config.json)
-    if marker.exists() and {k: v for k, v in json.loads(marker.read_text()).items() if k in wanted} == wanted:
-        print(f"archive: {root} (reused)", flush=True)
-        return archive_size(root)
+    if marker.exists():
+        held = json.loads(marker.read_text())
+        if held.get("format", 1) != ARCHIVE_FORMAT:
+            sys.exit(
+                f"{root} holds an archive of an earlier generator (format {held.get('format', 1)}, not "
+                f"{ARCHIVE_FORMAT}: its headers do not name their results' hash, which pcbo checks): "
+                "give an empty or new folder"
+            )
+        if {k: v for k, v in held.items() if k in wanted} == wanted:
+            print(f"archive: {root} (reused)", flush=True)
+            return archive_size(root)
     if root.exists() and any(root.iterdir()):
         sys.exit(f"{root} holds something other than this benchmark's archive: give an empty or new folder")
     t0 = time.perf_counter()

@@ -882,6 +882,29 @@ def test_header_padding_is_hashed_as_stellar_core_hashes_it(tmp_path):
     assert base64.b64decode(records[0]["lcmXdrBase64"]).endswith(b"\x00" * 4) is not None
 
 
+def test_the_ledger_benchmark_does_not_reuse_an_archive_of_an_earlier_generator(tmp_path, monkeypatch):
+    """An archive generated before headers named their results' hash (a marker without `format`) was
+    reused by `ledger_benchmark.py --archive DIR` for the same parameters, and every run then failed
+    on its first ledger's txSetResultHash: refused up front, saying why; the current format reused."""
+    import argparse
+    import sys
+
+    from pcbo_dagster_tests.cli_runner import REPO_ROOT
+    from pcbo_dagster_tests.realistic_ledgers import ARCHIVE_FORMAT
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    monkeypatch.delitem(sys.modules, "ledger_benchmark", raising=False)
+    import ledger_benchmark
+
+    args = argparse.Namespace(ledgers=2, transactions=3, ledgers_per_file=1, version=2)
+    wanted = {"ledgers": 2, "transactions": 3, "ledgersPerFile": 1, "version": 2, "xdrBytes": 1000}
+    (tmp_path / ".benchmark.json").write_text(json.dumps(wanted))
+    with pytest.raises(SystemExit, match="an earlier generator.*give an empty or new folder"):
+        ledger_benchmark.ensure_archive(tmp_path, args)
+    (tmp_path / ".benchmark.json").write_text(json.dumps({**wanted, "format": ARCHIVE_FORMAT}))
+    assert ledger_benchmark.ensure_archive(tmp_path, args) == (2, 1000)
+
+
 def _lake_files(home: Path) -> dict[str, bytes]:
     lake = lake_dir(home)
     return {p.relative_to(lake).as_posix(): p.read_bytes() for p in sorted(lake.rglob("*")) if p.is_file()}
