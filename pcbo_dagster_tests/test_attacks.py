@@ -663,6 +663,67 @@ def test_a_disabled_or_replaced_append_only_trigger_is_found_on_postgresql(fresh
     store.close()
 
 
+#: Ways to keep an append-only trigger of the PostgreSQL catalog from firing for pcbo's sessions while
+#: it stays enabled, before its events, with no WHEN and pcbo's function (`{db}`: the database's name).
+_PG_TRIGGER_BYPASSES = {
+    # fires only in sessions whose session_replication_role is replica
+    "enable-replica": ["ALTER TABLE audit_events ENABLE REPLICA TRIGGER audit_events_append_only"],
+    # fires only on an UPDATE that names event_hash: rewriting event_json goes through
+    "update-of-column": [
+        "DROP TRIGGER audit_events_append_only ON audit_events",
+        "CREATE TRIGGER audit_events_append_only BEFORE UPDATE OF event_hash OR DELETE ON audit_events "
+        "FOR EACH ROW EXECUTE FUNCTION pcbo_refuse_mutation()",
+    ],
+    # every ORIGIN trigger sleeps in the database's sessions
+    "replication-role": ['ALTER DATABASE "{db}" SET session_replication_role = replica'],
+    # the check's own current_schema() shadowed to name a decoy schema whose triggers are intact
+    "shadowed-current-schema": [
+        "CREATE SCHEMA decoy",
+        "CREATE TABLE decoy.audit_events (LIKE public.audit_events)",
+        "CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR DELETE ON decoy.audit_events "
+        "FOR EACH ROW EXECUTE FUNCTION pcbo_refuse_mutation()",
+        "CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON decoy.audit_events "
+        "FOR EACH STATEMENT EXECUTE FUNCTION pcbo_refuse_mutation()",
+        "DROP TRIGGER audit_events_append_only ON public.audit_events",
+        "CREATE FUNCTION public.current_schema() RETURNS name LANGUAGE sql AS $$ SELECT 'decoy'::name $$",
+        'ALTER DATABASE "{db}" SET search_path = public, pg_catalog',
+    ],
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("bypass", sorted(_PG_TRIGGER_BYPASSES))
+def test_an_append_only_trigger_kept_from_firing_is_found_on_postgresql(fresh_postgres_url, bypass):
+    """Red-team finding: the PostgreSQL check read `tgenabled` as disabled only when it was `D`, its
+    events from `tgtype` alone (no `UPDATE OF` column list), ignored `session_replication_role`, and
+    looked for the triggers in `current_schema()` resolved through the role's search path. Each bypass
+    here lets an UPDATE of `audit_events` through while `verify` saw nothing wrong."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.catalog import CatalogStore
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    with store.write() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO audit_events (chain_key, seq, event_hash, event_type, event_json, recorded_at) "
+                "VALUES ('c', 0, 'sha256:00', 'x', '{}', now())"
+            )
+        )
+    database = make_url(fresh_postgres_url).database
+    with store.write() as conn:
+        for statement in _PG_TRIGGER_BYPASSES[bypass]:
+            conn.execute(text(statement.format(db=database)))
+    store.close()  # the database's settings apply to new sessions
+    with store.write() as conn:  # the trigger no longer refuses pcbo's own session
+        conn.execute(text("UPDATE public.audit_events SET event_json = '{\"forged\": 1}'"))
+    problems = store.append_only_trigger_problems()
+    assert "audit_events_append_only" in problems, problems
+    store.close()
+
+
 def test_catalog_file_lists_of_another_shape_stop_no_gc(home):
     """A catalog row's `files` that is not a list of objects (someone who can write the catalog) made
     `pcbo gc` fail with an internal error; gc keeps what the chain names and goes on."""

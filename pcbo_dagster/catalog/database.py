@@ -32,6 +32,10 @@ MIGRATION_LOCK_KEY = 0x7063626F6D696772
 #: The newest Alembic revision in migrations/versions (a test holds it equal to Alembic's head).
 HEAD_REVISION = "0010"
 _BEGIN_OPTION = "pcbo_sqlite_begin"
+#: A search path that reaches the system catalog only, temporary objects last: set (locally) before
+#: reading the system catalogs, and pinned on pcbo's trigger function in a PostgreSQL target, so no
+#: function, operator or type of the role's schemas stands in for the system's.
+PG_SEARCH_PATH = "pg_catalog, pg_temp"
 
 
 def default_catalog_url(home: str | os.PathLike[str]) -> str:
@@ -151,42 +155,69 @@ class Database:
         (`schema.append_only_triggers`) that is not exactly what the migrations create: `missing`
         (none of that name on the table it guards: one of that name on another table guards nothing),
         or why it differs (SQLite: its `CREATE TRIGGER` text, as the schema snapshot holds it;
-        PostgreSQL: enabled, its events and timing, no `WHEN` condition, and its function's name,
-        language, security and body)."""
+        PostgreSQL: its `pg_get_triggerdef` (events, `UPDATE OF` columns, timing, `WHEN`, function),
+        enabled for pcbo's sessions (not `ENABLE REPLICA`, nor under a `session_replication_role` of
+        `replica`), and its function's schema, name, language, security and body).
+
+        On PostgreSQL each table is the relation pcbo's own unqualified statements reach (`to_regclass`
+        through the session's search path: a view or table of that name in a schema earlier on it is
+        what is checked); the rest is read with the search path pinned to `PG_SEARCH_PATH`, every
+        function qualified, so nothing the role's search path reaches stands in for the system's."""
         from pcbo_dagster.catalog import sqlite_schema
-        from pcbo_dagster.catalog.schema import (
-            PG_APPEND_ONLY_TGTYPE,
-            REFUSE_MUTATION_BODY,
-            append_only_triggers,
-        )
+        from pcbo_dagster.catalog.schema import REFUSE_MUTATION_BODY, append_only_triggers
 
         expected = append_only_triggers(self.dialect)
-        problems: dict[str, str] = {}
         if self.dialect == "sqlite":
             with self.read() as conn:
                 return sqlite_trigger_problems(conn, expected, sqlite_schema.STATEMENTS)
+        tables = sorted(set(expected.values()))
         with self.read() as conn:
+            relations = conn.execute(
+                text(
+                    "SELECT r.name, pg_catalog.to_regclass(r.name)::pg_catalog.oid "
+                    "FROM pg_catalog.unnest(CAST(:names AS pg_catalog.text[])) AS r(name)"
+                ),
+                {"names": tables},
+            ).all()
+            oids = {str(r[0]): r[1] for r in relations if r[1] is not None}
+            conn.execute(text("SELECT pg_catalog.set_config('search_path', :p, true)"), {"p": PG_SEARCH_PATH})
+            replica = (
+                conn.execute(text("SELECT current_setting('session_replication_role')")).scalar() == "replica"
+            )
             rows = conn.execute(
                 text(
-                    "SELECT t.tgname, c.relname, t.tgenabled, t.tgtype, t.tgqual IS NOT NULL, p.proname, "
-                    "l.lanname, p.prosecdef, p.prosrc FROM pg_trigger t "
+                    "SELECT t.tgname, t.tgrelid, pg_get_triggerdef(t.oid), t.tgenabled, fn.nspname, "
+                    "p.proname, l.lanname, p.prosecdef, p.prosrc, quote_ident(n.nspname), "
+                    "quote_ident(fn.nspname), n.nspname FROM pg_trigger t "
                     "JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_language l ON l.oid = p.prolang "
-                    "WHERE n.nspname = current_schema() AND NOT t.tgisinternal"
-                )
+                    "JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace fn ON fn.oid = p.pronamespace "
+                    "JOIN pg_language l ON l.oid = p.prolang "
+                    "WHERE t.tgrelid = ANY(CAST(:oids AS oid[])) AND NOT t.tgisinternal"
+                ),
+                {"oids": list(oids.values())},
             ).all()
-        by_name = {(str(r[0]), str(r[1])): r for r in rows}
+        by_name = {(str(r[0]), r[1]): r for r in rows}
+        problems: dict[str, str] = {}
         for name, table in expected.items():
-            row = by_name.get((name, table))
+            row = by_name.get((name, oids.get(table)))
             if row is None:
                 problems[name] = "missing"
                 continue
+            action = name[len(table) + 1 :]
+            when = "BEFORE DELETE OR UPDATE" if action == "append_only" else "BEFORE TRUNCATE"
+            each = "ROW" if action == "append_only" else "STATEMENT"
+            definition = (
+                f"CREATE TRIGGER {name} {when} ON {row[9]}.{table} "
+                f"FOR EACH {each} EXECUTE FUNCTION {row[10]}.pcbo_refuse_mutation()"
+            )
             why = []
-            if row[2] == "D":
+            if row[2] != definition:
+                why.append(f"its definition is {row[2]!r}")
+            if row[3] not in ("O", "A"):
                 why.append("it is disabled")
-            if row[3] != PG_APPEND_ONLY_TGTYPE[name[len(table) + 1 :]] or row[4]:
-                why.append("it fires on other events or under a condition")
-            if (row[5], row[6], row[7]) != ("pcbo_refuse_mutation", "plpgsql", False):
+            elif row[3] == "O" and replica:
+                why.append("it does not fire: the session's session_replication_role is replica")
+            if (row[4], row[5], row[6], row[7]) != (row[11], "pcbo_refuse_mutation", "plpgsql", False):
                 why.append("its function is not pcbo's")
             elif " ".join(str(row[8]).split()) != REFUSE_MUTATION_BODY:
                 why.append("its function's body was replaced")

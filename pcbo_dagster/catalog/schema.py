@@ -58,9 +58,6 @@ REFUSE_MUTATION_BODY = (
     "BEGIN RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP "
     "USING ERRCODE = 'insufficient_privilege'; END"
 )
-#: `pg_trigger.tgtype` of the PostgreSQL append-only triggers: BEFORE (2) with ROW (1), DELETE (8)
-#: and UPDATE (16); BEFORE with TRUNCATE (32).
-PG_APPEND_ONLY_TGTYPE = {"append_only": 27, "no_truncate": 34}
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -59,9 +59,6 @@ PG_SESSION_OPTIONS = (
     "-c bytea_output=hex -c standard_conforming_strings=on"
 )
 _BEGIN_OPTION = "pcbo_sqlite_begin"
-#: The search path of pcbo's trigger function on a PostgreSQL target: the system catalog only,
-#: temporary objects last (a session's is `pg_catalog`, the role's schemas, `pg_temp`).
-PG_SEARCH_PATH = "pg_catalog, pg_temp"
 #: Connection-record key of the schemas the role's own search path named (`resolve_table`).
 _ROLE_SCHEMAS = "pcbo_role_schemas"
 

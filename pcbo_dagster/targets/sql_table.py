@@ -54,7 +54,7 @@ import pyarrow as pa
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DataError, IntegrityError
 
-from pcbo_dagster.catalog.database import sqlite_trigger_problems
+from pcbo_dagster.catalog.database import PG_SEARCH_PATH, sqlite_trigger_problems
 from pcbo_dagster.catalog.schema import metadata as catalog_metadata
 from pcbo_dagster.core.canonical import fast_jcs, prefixed
 from pcbo_dagster.core.errors import IntegrityError as PcboIntegrityError
@@ -658,7 +658,7 @@ class SqlTable:
             function = f"{quote(self.schema)}.pcbo_append_only"
             statements.append(
                 f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql "
-                f"SET search_path = {d.PG_SEARCH_PATH} AS $${APPEND_ONLY_BODY}$$"
+                f"SET search_path = {PG_SEARCH_PATH} AS $${APPEND_ONLY_BODY}$$"
             )
             for t in PCBO_TABLES:
                 statements.append(
@@ -706,7 +706,7 @@ class SqlTable:
             if self.dialect == SQLITE:
                 return sqlite_trigger_problems(conn, expected, self.journal_ddl())
             # pg_get_triggerdef names what the search path does not reach in full: reach nothing
-            conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": d.PG_SEARCH_PATH})
+            conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": PG_SEARCH_PATH})
             schema = str(conn.execute(text("SELECT quote_ident(:s)"), {"s": self.schema}).scalar())
             rows = conn.execute(
                 text(
@@ -744,7 +744,7 @@ class SqlTable:
                 why.append("its function is not pcbo's")
             elif row[7] != APPEND_ONLY_BODY:
                 why.append("its function's body was replaced")
-            elif row[8] not in (None, [f"search_path={d.PG_SEARCH_PATH}"]):
+            elif row[8] not in (None, [f"search_path={PG_SEARCH_PATH}"]):
                 why.append("its function's settings were changed")
             if why:
                 problems[name] = "; ".join(why)
