@@ -231,3 +231,44 @@ def test_a_lease_taken_over_and_given_back_is_lost_to_its_old_holder(
     with pytest.raises(DatasetBusy, match="taken over"):
         held.renew()
     assert store.leases() == []
+
+
+@pytest.mark.postgres
+def test_a_lease_row_held_locked_is_waited_for_only_as_long_as_a_lease(
+    fresh_postgres_url, monkeypatch
+) -> None:
+    """Red-team finding: a session holding the lease row locked (`SELECT … FOR UPDATE` by hand, or
+    a contender stuck inside its transaction) made a run wait on the row lock for as long as that
+    lasted, past `PCBO_LEASE_WAIT_SECONDS`; the run gives up within its wait as for a held lease."""
+    import threading
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.engine.environment import DatasetBusy, DatasetLease
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    assert store.try_acquire_lease("events", "v1", "crashed", -1) is None  # an expired lease row
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo) as holder:
+        holder.execute("SELECT 1 FROM dataset_leases FOR UPDATE")  # held until the block ends
+        outcome: list[BaseException | None] = []
+
+        def take() -> None:
+            try:
+                DatasetLease(store, "events", "v1", "run-b").acquire(1)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                outcome.append(exc)
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        taker.join(60)  # a bound on a hang, not a measurement: the wait asked for is 1 s
+        still_waiting = taker.is_alive()
+        holder.rollback()
+    taker.join()
+    store.close()
+    assert not still_waiting, "the run waited on the locked lease row past PCBO_LEASE_WAIT_SECONDS"
+    assert len(outcome) == 1 and isinstance(outcome[0], DatasetBusy), outcome
+    assert "locked" in str(outcome[0]), outcome[0]

@@ -10,12 +10,22 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
 
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database, insert_ignore
 from pcbo_dagster.catalog.runs import register_dataset
 from pcbo_dagster.io.clock import utc_now
+
+#: PostgreSQL's SQLSTATE for a lock not granted within `lock_timeout`.
+LOCK_NOT_AVAILABLE = "55P03"
+#: What `try_acquire_lease` answers when another session held the lease row locked for all its wait.
+ROW_LOCKED: dict[str, Any] = {"holder": None, "row_locked": True}
+
+
+class _RowChanged(Exception):
+    """Another host changed the lease row between our read and our write: read it again."""
 
 
 class DatasetLeases(Database):
@@ -28,50 +38,78 @@ class DatasetLeases(Database):
         holder: str,
         ttl_seconds: float,
         is_stale: Callable[[str], bool] | None = None,
+        lock_wait_seconds: float | None = None,
     ) -> dict[str, Any] | None:
         """Take the write lease of a dataset version for `holder`. Returns None when taken (or
         renewed, when `holder` already has it), else the current holder's row. A lease past its
-        expiry, or one `is_stale(holder_text)` says is dead, is taken over."""
+        expiry, or one `is_stale(holder_text)` says is dead, is taken over. PostgreSQL: a row lock
+        another session holds on the lease row (or the dataset's) is waited for up to
+        `lock_wait_seconds` (None: as long as it is held), then `ROW_LOCKED` is returned."""
+        while True:  # again only when another host changed the row between our read and write
+            try:
+                return self._try_acquire_lease(
+                    dataset, version_label, holder, ttl_seconds, is_stale, lock_wait_seconds
+                )
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                return dict(ROW_LOCKED)
+            except _RowChanged:
+                continue
+
+    def _try_acquire_lease(
+        self,
+        dataset: str,
+        version_label: str,
+        holder: str,
+        ttl_seconds: float,
+        is_stale: Callable[[str], bool] | None,
+        lock_wait_seconds: float | None,
+    ) -> dict[str, Any] | None:
         lease = t.dataset_leases
         where = (lease.c.dataset == dataset, lease.c.version_label == version_label)
-        while True:  # again only when another host changed the row between our read and write
-            now = utc_now()
-            expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
-            with self.write() as conn:
-                register_dataset(conn, dataset, version_label)
-                # The row locked (PostgreSQL: FOR UPDATE; SQLite's write transaction holds the whole
-                # file) until this transaction ends: two hosts never both take the same expired lease.
-                row = conn.execute(select(lease).where(*where).with_for_update()).first()
-                if row is None:
-                    first = {
-                        "dataset": dataset,
-                        "version_label": version_label,
-                        "holder": holder,
-                        "acquired_at": now,
-                        "expires_at": expires,
-                    }
-                    if insert_ignore(conn, lease, first, ["dataset", "version_label"]):
-                        return None
-                    continue  # another host inserted it first: judge its row
-                current = dict(row._mapping)
-                takeover = (
-                    current["holder"] == holder
-                    or current["expires_at"] <= now
-                    or (is_stale is not None and is_stale(current["holder"]))
-                )
-                if not takeover:
-                    return current
-                done = conn.execute(
-                    update(lease)
-                    .where(*where, lease.c.holder == current["holder"])
-                    .values(
-                        holder=holder,
-                        acquired_at=now if current["holder"] != holder else current["acquired_at"],
-                        expires_at=expires,
-                    )
-                )
-                if done.rowcount == 1:
+        now = utc_now()
+        expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
+        with self.write() as conn:
+            if self.dialect == "postgresql" and lock_wait_seconds is not None:
+                # at least 1 ms: 0 would wait for ever
+                wait = f"{max(1, int(lock_wait_seconds * 1000))}ms"
+                conn.execute(text("SELECT pg_catalog.set_config('lock_timeout', :w, true)"), {"w": wait})
+            register_dataset(conn, dataset, version_label)
+            # The row locked (PostgreSQL: FOR UPDATE; SQLite's write transaction holds the whole
+            # file) until this transaction ends: two hosts never both take the same expired lease.
+            row = conn.execute(select(lease).where(*where).with_for_update()).first()
+            if row is None:
+                first = {
+                    "dataset": dataset,
+                    "version_label": version_label,
+                    "holder": holder,
+                    "acquired_at": now,
+                    "expires_at": expires,
+                }
+                if insert_ignore(conn, lease, first, ["dataset", "version_label"]):
                     return None
+                raise _RowChanged  # another host inserted it first: judge its row
+            current = dict(row._mapping)
+            takeover = (
+                current["holder"] == holder
+                or current["expires_at"] <= now
+                or (is_stale is not None and is_stale(current["holder"]))
+            )
+            if not takeover:
+                return current
+            done = conn.execute(
+                update(lease)
+                .where(*where, lease.c.holder == current["holder"])
+                .values(
+                    holder=holder,
+                    acquired_at=now if current["holder"] != holder else current["acquired_at"],
+                    expires_at=expires,
+                )
+            )
+            if done.rowcount == 1:
+                return None
+            raise _RowChanged
 
     def renew_lease(self, dataset: str, version_label: str, holder: str, ttl_seconds: float) -> bool:
         """Extend `holder`'s lease by `ttl_seconds` from now, past its expiry too while nobody took it

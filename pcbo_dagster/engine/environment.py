@@ -67,6 +67,8 @@ def _busy_message(dataset: str, version_label: str, current: dict[str, Any] | No
     when the run holding the file lock has not taken its lease yet, or already gave it back)."""
     if current is None:
         who = "another run on this host (it holds the dataset version's lock file)"
+    elif current.get("row_locked"):
+        who = "a catalog session that holds its lease row locked (pg_locks names it)"
     else:
         holder = _holder(current["holder"])
         who = (
@@ -142,7 +144,12 @@ class DatasetLease:
         deadline = time.monotonic() + wait_seconds
         while True:
             current = self.catalog.try_acquire_lease(
-                self.dataset, self.version_label, self.holder, self.ttl, _holder_is_dead
+                self.dataset,
+                self.version_label,
+                self.holder,
+                self.ttl,
+                _holder_is_dead,
+                lock_wait_seconds=max(0.0, deadline - time.monotonic()),
             )
             if current is None:
                 self._start_heartbeat()
