@@ -1848,3 +1848,54 @@ def test_an_interrupted_rollback_beside_diverged_stores_is_reported_not_a_crash(
     assert repaired.status == 1 and repaired.document is not None, repaired.stderr
     assert "audit_stores_diverge" in kinds(repaired.document)
     assert lake_files(home) == before
+
+
+_PG_INSERT_DROPPERS = {
+    "rule": ["CREATE RULE eat AS ON INSERT TO audit_events DO INSTEAD NOTHING"],
+    "trigger": [
+        "CREATE FUNCTION eat() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+        "CREATE TRIGGER eat BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION eat()",
+    ],
+    "rewriting-trigger": [
+        "CREATE FUNCTION eat() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "NEW.event_json := '{}'; RETURN NEW; END $$",
+        "CREATE TRIGGER eat BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION eat()",
+    ],
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("dropper", sorted(_PG_INSERT_DROPPERS))
+def test_events_the_catalog_does_not_store_as_given_fail_the_append_on_postgresql(
+    fresh_postgres_url, tmp_path, monkeypatch, dropper
+):
+    """Red-team finding: a RULE or a BEFORE INSERT trigger on `audit_events` that drops (or rewrites)
+    pcbo's inserts left the run `committed`, exit 0, its events in the backup alone with the catalog's
+    head moved over them; the next run appended after the hole. The append now reads its rows back:
+    the run stops (exit 1) with its batch pending, a crash window healed once the rule is gone."""
+    from sqlalchemy import create_engine, text
+
+    monkeypatch.setenv("PCBO_CATALOG_URL", fresh_postgres_url)
+    home = tmp_path / "home"
+    status, document = pcbo(
+        home, "execute", "--input", str(write_request(tmp_path / "a.json", _request("a1")))
+    )
+    assert status == 0, document
+    engine = create_engine(fresh_postgres_url)
+    with engine.begin() as conn:
+        for statement in _PG_INSERT_DROPPERS[dropper]:
+            conn.execute(text(statement))
+    later = write_request(tmp_path / "b.json", _request("b1", changed=True))
+    status, document = pcbo(home, "execute", "--input", str(later))
+    assert status == 1, document
+    with engine.begin() as conn:
+        conn.execute(text("DROP RULE IF EXISTS eat ON audit_events"))
+        conn.execute(text("DROP TRIGGER IF EXISTS eat ON audit_events"))
+    engine.dispose()
+    status, document = pcbo(home, "verify", "--repair")
+    assert status == 0, document
+    assert pcbo(home, "verify")[0] == 0
+    status, document = pcbo(home, "execute", "--input", str(later))
+    assert status == 0, document
+    status, document = pcbo(home, "verify")
+    assert status == 0, document

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database, insert_ignore, upsert
 from pcbo_dagster.catalog.transparency import append_leaves
+from pcbo_dagster.core.errors import IntegrityError as PcboIntegrityError
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
 
@@ -33,11 +34,31 @@ _PENDING = select(_pending.c.first_seq, _pending.c.events_json).where(
     _pending.c.chain_key == bindparam("chain_key")
 )
 _CLEAR_PENDING = _pending.delete().where(_pending.c.chain_key == bindparam("chain_key"))
+_STORED = (
+    select(
+        _events.c.seq,
+        _events.c.event_hash,
+        _events.c.prev_event_hash,
+        _events.c.event_type,
+        _events.c.event_json,
+    )
+    .where(
+        _events.c.chain_key == bindparam("chain_key"),
+        _events.c.seq >= bindparam("first"),
+        _events.c.seq <= bindparam("last"),
+    )
+    .order_by(_events.c.seq)
+)
 _EVENTS_AFTER = (
     select(_events.c.event_json)
     .where(_events.c.chain_key == bindparam("chain_key"), _events.c.seq > bindparam("seq"))
     .order_by(_events.c.seq)
 )
+
+
+class CatalogRefusedWrite(PcboIntegrityError):
+    """The catalog did not store what pcbo wrote as written (a rule or trigger someone added drops or
+    rewrites it): exit 1, the transaction rolled back."""
 
 
 class ChainTransaction:
@@ -106,7 +127,31 @@ class ChainTransaction:
             raise ValueError(
                 f"event refused by the catalog (duplicate seq or event_hash): {exc.orig}"
             ) from exc
+        # Read back in the same transaction: a rule or trigger on the table that drops or rewrites the
+        # rows must fail the append (its batch stays pending), never leave the head over a hole.
+        stored = [
+            (r.seq, r.event_hash, r.prev_event_hash, r.event_type, r.event_json)
+            for r in self._conn.execute(
+                _STORED, {"chain_key": self.chain_key, "first": first_seq, "last": seq}
+            )
+        ]
+        given = [
+            (r["seq"], r["event_hash"], r["prev_event_hash"], r["event_type"], r["event_json"]) for r in rows
+        ]
+        if stored != given:
+            raise CatalogRefusedWrite(
+                f"the catalog did not store the events appended to {self.chain_key} (seq {first_seq} to "
+                f"{seq}) as given ({len(stored)} of {len(rows)} rows read back as written): a rule or "
+                "trigger on audit_events drops or rewrites them; nothing was committed after the audit "
+                "backup's copy (a pending batch the next run or `pcbo verify --repair` adopts once the "
+                "catalog stores rows as given)"
+            )
         upsert(self._conn, t.audit_chain_heads, {"chain_key": self.chain_key, "seq": seq, "event_hash": prev})
+        if self.head() != (seq, prev):
+            raise CatalogRefusedWrite(
+                f"the catalog did not move the head of {self.chain_key} to seq {seq}: a rule or trigger on "
+                "audit_chain_heads drops or rewrites its update"
+            )
 
     def pending(self) -> tuple[int, list[dict[str, Any]]] | None:
         """(first seq, events) of the batch recorded as about to be appended, or None."""
