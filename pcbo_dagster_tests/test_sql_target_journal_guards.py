@@ -126,6 +126,19 @@ REPLACED_TRIGGERS = {
                 "EXECUTE FUNCTION public.pcbo_append_only()",
             ],
         ),
+        (
+            # every trigger left as it is, asleep in the database's sessions (red-team finding)
+            "pcbo_journal_append_only",
+            [
+                "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET session_replication_role = replica', "
+                "current_database()); END $$"
+            ],
+        ),
+        (
+            # fires only in sessions whose session_replication_role is replica
+            "pcbo_journal_append_only",
+            ["ALTER TABLE public.pcbo_journal ENABLE REPLICA TRIGGER pcbo_journal_append_only"],
+        ),
     ],
 }
 

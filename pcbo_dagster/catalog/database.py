@@ -181,9 +181,7 @@ class Database:
             ).all()
             oids = {str(r[0]): r[1] for r in relations if r[1] is not None}
             conn.execute(text("SELECT pg_catalog.set_config('search_path', :p, true)"), {"p": PG_SEARCH_PATH})
-            replica = (
-                conn.execute(text("SELECT current_setting('session_replication_role')")).scalar() == "replica"
-            )
+            replica = pg_replica_session(conn)
             rows = conn.execute(
                 text(
                     "SELECT t.tgname, t.tgrelid, pg_get_triggerdef(t.oid), t.tgenabled, fn.nspname, "
@@ -213,10 +211,8 @@ class Database:
             why = []
             if row[2] != definition:
                 why.append(f"its definition is {row[2]!r}")
-            if row[3] not in ("O", "A"):
-                why.append("it is disabled")
-            elif row[3] == "O" and replica:
-                why.append("it does not fire: the session's session_replication_role is replica")
+            if (asleep := pg_trigger_asleep(row[3], replica)) is not None:
+                why.append(asleep)
             if (row[4], row[5], row[6], row[7]) != (row[11], "pcbo_refuse_mutation", "plpgsql", False):
                 why.append("its function is not pcbo's")
             elif " ".join(str(row[8]).split()) != REFUSE_MUTATION_BODY:
@@ -365,6 +361,25 @@ def _retry_locked(fn: Callable[[], Any], attempts: int = 50, delay: float = 0.1)
             if ("locked" not in str(exc) and "busy" not in str(exc)) or i == attempts - 1:
                 raise
             time.sleep(delay)
+    return None
+
+
+def pg_replica_session(conn: Connection) -> bool:
+    """Whether this PostgreSQL session's `session_replication_role` is `replica` (set for the role or
+    the database, say), in which ORIGIN triggers, the ones `CREATE TRIGGER` makes, do not fire."""
+    setting = conn.execute(text("SELECT pg_catalog.current_setting('session_replication_role')")).scalar()
+    return bool(setting == "replica")
+
+
+def pg_trigger_asleep(tgenabled: str, replica: bool) -> str | None:
+    """Why a PostgreSQL trigger of `pg_trigger.tgenabled` does not fire in a session (`replica`:
+    `pg_replica_session`), or None when it fires: disabled (`D`), `ENABLE REPLICA` (`R`: only in
+    replica sessions, never in pcbo's own), or an ORIGIN one (`O`) in a replica session. The one
+    check of the catalog's append-only triggers and a SQL target's journal's."""
+    if tgenabled not in ("O", "A"):
+        return "it is disabled"
+    if tgenabled == "O" and replica:
+        return "it does not fire: the session's session_replication_role is replica"
     return None
 
 

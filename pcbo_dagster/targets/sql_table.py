@@ -54,7 +54,12 @@ import pyarrow as pa
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DataError, IntegrityError
 
-from pcbo_dagster.catalog.database import PG_SEARCH_PATH, sqlite_trigger_problems
+from pcbo_dagster.catalog.database import (
+    PG_SEARCH_PATH,
+    pg_replica_session,
+    pg_trigger_asleep,
+    sqlite_trigger_problems,
+)
 from pcbo_dagster.catalog.schema import metadata as catalog_metadata
 from pcbo_dagster.core.canonical import fast_jcs, prefixed
 from pcbo_dagster.core.errors import IntegrityError as PcboIntegrityError
@@ -708,6 +713,7 @@ class SqlTable:
             # pg_get_triggerdef names what the search path does not reach in full: reach nothing
             conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": PG_SEARCH_PATH})
             schema = str(conn.execute(text("SELECT quote_ident(:s)"), {"s": self.schema}).scalar())
+            replica = pg_replica_session(conn)
             rows = conn.execute(
                 text(
                     "SELECT t.tgname, c.relname, pg_get_triggerdef(t.oid), t.tgenabled, fn.nspname, "
@@ -736,8 +742,8 @@ class SqlTable:
             why = []
             if row[2] != definition:
                 why.append(f"its definition is {row[2]!r}")
-            if row[3] not in ("O", "A"):
-                why.append("it is disabled")
+            if (asleep := pg_trigger_asleep(row[3], replica)) is not None:
+                why.append(asleep)
             # the function as journal_ddl creates it (one made before its search_path was pinned:
             # the same body, no settings, is what older journals hold)
             if (row[4], row[5], row[6], row[9]) != (self.schema, "pcbo_append_only", "plpgsql", False):
