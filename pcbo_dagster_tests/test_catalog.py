@@ -207,6 +207,31 @@ def test_migrate_twice_is_idempotent(catalog_url: str) -> None:
     again.close()
 
 
+def test_a_catalog_at_a_revision_this_pcbo_does_not_know_is_refused_naming_it(
+    catalog_url: str, tmp_path: Path
+) -> None:
+    """Red-team finding: a catalog whose `alembic_version` names a revision this pcbo does not have (a
+    newer pcbo migrated it, or someone wrote the row) failed every command with `internal error
+    (CommandError: Can't locate revision …)`; it is refused naming the revision, exit 1, unchanged."""
+    from pcbo_dagster_tests.cli_runner import run_pcbo
+
+    store = CatalogStore(catalog_url)
+    store.migrate()
+    with store.write() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    before = _schema_state(store)
+    store.close()
+    home = tmp_path / "home"
+    for command in (["verify"], ["rollback", "--dataset", "events", "--run-id", "r"]):
+        done = run_pcbo([*command, "--catalog", catalog_url], home=home)
+        assert done.status == 1, done.stderr
+        assert "internal error" not in done.stderr, done.stderr
+        assert "revision '0099'" in done.stderr and HEAD_REVISION in done.stderr, done.stderr
+    again = CatalogStore(catalog_url)
+    assert _schema_state(again) == before
+    again.close()
+
+
 def test_migrate_from_concurrent_processes(catalog_url: str) -> None:
     _run_processes(_migrate_worker, [(catalog_url,) for _ in range(4)])
     store = CatalogStore(catalog_url)

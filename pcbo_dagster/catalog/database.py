@@ -18,12 +18,25 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, create_engine, event, literal, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    inspect,
+    literal,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
+
+from pcbo_dagster.core.errors import PcboError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -269,6 +282,15 @@ class Database:
         with self.write() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            revisions = _schema_revisions(conn)
+            unknown = sorted(set(revisions) - known_revisions())
+            if unknown:
+                raise CatalogRevisionUnknown(
+                    f"the catalog's schema is at Alembic revision {unknown[0]!r}, which this pcbo does not "
+                    f"know (its newest is {HEAD_REVISION!r}): a newer pcbo migrated it, or its "
+                    "alembic_version row was written by hand; nothing was changed (run the pcbo that "
+                    "migrated it, or restore the catalog)"
+                )
             cfg = Config()
             cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
             cfg.set_main_option(
@@ -276,6 +298,22 @@ class Database:
             )
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+
+class CatalogRevisionUnknown(PcboError):
+    """The catalog's `alembic_version` names a revision this pcbo's migrations do not hold (exit 1)."""
+
+
+def known_revisions() -> set[str]:
+    """The Alembic revisions of `migrations/versions` (`0001` … `HEAD_REVISION`: each file's prefix)."""
+    return {path.name.split("_", 1)[0] for path in (MIGRATIONS_DIR / "versions").glob("[0-9]*_*.py")}
+
+
+def _schema_revisions(conn: Connection) -> list[str]:
+    """The revisions `alembic_version` holds (none before the first migration)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return []
+    return [str(r[0]) for r in conn.execute(text("SELECT version_num FROM alembic_version"))]
 
 
 # -- statements both dialects write as ON CONFLICT ----------------------------------------------
