@@ -803,3 +803,47 @@ def test_an_answered_idempotency_key_is_forgotten_a_day_after_its_first_request(
     assert store.claim_idempotency_key("ops", "k1", "sha256:" + "1" * 64) is None  # a new request
     in_flight = store.claim_idempotency_key("ops", "k2", "sha256:" + "2" * 64)
     assert in_flight is not None and in_flight["http_status"] is None
+
+
+@pytest.mark.postgres
+def test_the_catalogs_advisory_locks_are_the_systems_whatever_the_search_path(
+    fresh_postgres_url: str,
+) -> None:
+    """Red-team finding: the chain writer's, the partition writers' and the migration's advisory locks
+    called `pg_advisory_lock`, `pg_advisory_xact_lock` and `hashtextextended` unqualified, so someone
+    who can write the catalog database put `public` before `pg_catalog` on its search path and
+    shadowed them with functions that lock nothing: writers on two hosts no longer took turns."""
+    from sqlalchemy.engine import make_url
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    database = make_url(fresh_postgres_url).database
+    with store.write() as conn:
+        for name, returns, value in (
+            ("pg_advisory_lock", "void", "NULL::void"),
+            ("pg_advisory_unlock", "boolean", "true"),
+            ("pg_advisory_xact_lock", "void", "NULL::void"),
+        ):
+            conn.execute(
+                sa.text(
+                    f"CREATE FUNCTION public.{name}(bigint) RETURNS {returns} "
+                    f"LANGUAGE sql AS $$ SELECT {value} $$"
+                )
+            )
+        conn.execute(sa.text(f'ALTER DATABASE "{database}" SET search_path = public, pg_catalog'))
+    store.close()
+
+    def advisory_locks() -> int:
+        with CatalogStore(fresh_postgres_url).engine.connect() as other:
+            return int(
+                other.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted"
+                    )
+                ).scalar_one()
+            )
+
+    with store.chain_writer_lock("events/v1"):
+        held = advisory_locks()
+    store.close()
+    assert held == 1

@@ -210,12 +210,17 @@ class ChainMirror(Database):
             return
         key = compact_text(["pcbo.chain", chain_key])
         with self.engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"), {"k": key})
+            conn.execute(
+                text("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended(:k, 0))"), {"k": key}
+            )
             conn.commit()
             try:
                 yield
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"), {"k": key})
+                conn.execute(
+                    text("SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended(:k, 0))"),
+                    {"k": key},
+                )
                 conn.commit()
 
     def audit_event_rows(self, chain_key: str) -> list[dict[str, Any]]:

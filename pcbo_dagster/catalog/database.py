@@ -281,7 +281,7 @@ class Database:
 
         with self.write() as conn:
             if self.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                conn.execute(text("SELECT pg_catalog.pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
             revisions = _schema_revisions(conn)
             unknown = sorted(set(revisions) - known_revisions())
             if unknown:

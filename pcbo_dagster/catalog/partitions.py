@@ -353,7 +353,7 @@ def _lock_partition(conn: Connection, dataset: str, version_label: str, partitio
     """PostgreSQL: serialise writers of one partition (SQLite already holds the write lock)."""
     if conn.dialect.name == "postgresql":
         conn.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+            text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:k, 0))"),
             {"k": compact_text(["pcbo.partition", dataset, version_label, partition_key])},
         )
 
