@@ -838,7 +838,9 @@ def test_the_catalogs_advisory_locks_are_the_systems_whatever_the_search_path(
             return int(
                 other.execute(
                     sa.text(
-                        "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted"
+                        "SELECT count(*) FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_database d "
+                        "ON d.oid = l.database WHERE l.locktype = 'advisory' AND l.granted "
+                        "AND d.datname = pg_catalog.current_database()"
                     )
                 ).scalar_one()
             )
@@ -847,3 +849,46 @@ def test_the_catalogs_advisory_locks_are_the_systems_whatever_the_search_path(
         held = advisory_locks()
     store.close()
     assert held == 1
+
+
+@pytest.mark.postgres
+def test_a_chain_writer_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: a session holding a chain's writer lock (`pg_advisory_lock` by hand, or a
+    writer stuck in its append) made every run that appends to the chain wait for as long as it
+    lasted, past `PCBO_LEASE_WAIT_SECONDS`; the append now gives up within that wait, exit 1 naming
+    the lock."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.core.errors import PcboError
+    from pcbo_dagster.core.json_documents import compact_text
+
+    monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "1")
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    outcome: list[BaseException | None] = []
+    with psycopg.connect(conninfo, autocommit=True) as holder:
+        holder.execute(
+            "SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended(%s, 0))",
+            (compact_text(["pcbo.chain", CHAIN]),),
+        )
+
+        def append() -> None:
+            try:
+                with store.chain_writer_lock(CHAIN):
+                    outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - checked below
+                outcome.append(exc)
+
+        writer = threading.Thread(target=append, daemon=True)
+        writer.start()
+        writer.join(60)  # a bound on a hang, not a measurement: the wait asked for is 1 s
+        still_waiting = writer.is_alive()
+    writer.join()
+    store.close()
+    assert not still_waiting, "the append waited on the chain's writer lock past PCBO_LEASE_WAIT_SECONDS"
+    assert len(outcome) == 1 and isinstance(outcome[0], PcboError), outcome
+    assert CHAIN in str(outcome[0]) and "PCBO_LEASE_WAIT_SECONDS" in str(outcome[0]), outcome[0]

@@ -17,14 +17,17 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pcbo_dagster.catalog import schema as t
 from pcbo_dagster.catalog.database import Database, insert_ignore, upsert
+from pcbo_dagster.catalog.leases import LOCK_NOT_AVAILABLE
 from pcbo_dagster.catalog.transparency import append_leaves
 from pcbo_dagster.core.errors import IntegrityError as PcboIntegrityError
+from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
+from pcbo_dagster.io.env_vars import lease_wait_seconds
 
 _heads, _events, _pending = t.audit_chain_heads, t.audit_events, t.audit_pending_batches
 # Built once, the chain key bound at execution (issue 18: building a statement anew cost ~100 us a
@@ -59,6 +62,10 @@ _EVENTS_AFTER = (
 class CatalogRefusedWrite(PcboIntegrityError):
     """The catalog did not store what pcbo wrote as written (a rule or trigger someone added drops or
     rewrites it): exit 1, the transaction rolled back."""
+
+
+class ChainWriterBusy(PcboError):
+    """Another session held a chain's writer lock for all of `PCBO_LEASE_WAIT_SECONDS` (exit 1)."""
 
 
 class ChainTransaction:
@@ -209,10 +216,27 @@ class ChainMirror(Database):
             yield
             return
         key = compact_text(["pcbo.chain", chain_key])
+        wait = lease_wait_seconds()
         with self.engine.connect() as conn:
+            # waited for up to PCBO_LEASE_WAIT_SECONDS, as a lease is (a writer holds it for one append)
             conn.execute(
-                text("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended(:k, 0))"), {"k": key}
+                text("SELECT pg_catalog.set_config('lock_timeout', :t, false)"),
+                {"t": f"{max(1, int(wait * 1000))}ms"},
             )
+            try:
+                conn.execute(
+                    text("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended(:k, 0))"), {"k": key}
+                )
+            except OperationalError as exc:
+                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                conn.rollback()
+                raise ChainWriterBusy(
+                    f"the audit chain {chain_key} is being appended to by another catalog session (its "
+                    f"writer lock, pg_locks names it); waited {wait:g} s (PCBO_LEASE_WAIT_SECONDS); "
+                    "nothing was appended"
+                ) from None
+            conn.execute(text("RESET lock_timeout"))
             conn.commit()
             try:
                 yield

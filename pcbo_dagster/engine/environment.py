@@ -22,7 +22,7 @@ from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.signed_note import SigningKey, VerifierKey
 from pcbo_dagster.engine.settings import Settings, check_multi_host
 from pcbo_dagster.engine.transparency_log import load_signing_key, witnesses_of
-from pcbo_dagster.io.env_vars import positive_number
+from pcbo_dagster.io.env_vars import lease_wait_seconds, positive_number
 from pcbo_dagster.lake.storage import LakeStorage
 
 #: How long a lease lasts without renewal (`PCBO_LEASE_TTL_SECONDS`): a run whose host died is taken
@@ -84,10 +84,6 @@ def _pause_before(deadline: float) -> None:
     """The pause between two tries at what another run holds (its lock file, its lease): half a
     second, less near `deadline` (a `time.monotonic()` instant), never under 50 ms."""
     time.sleep(min(0.5, max(0.05, deadline - time.monotonic())))
-
-
-def _lease_wait_seconds() -> float:
-    return positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
 
 
 def _holder_is_dead(holder_text: str) -> bool:
@@ -267,7 +263,7 @@ class Environment:
         host) and then another run's lease, then raises `DatasetBusy` naming the holder. `create=False`
         (a dry run, which must create nothing) takes the file lock only where its file exists: a run
         that creates it meanwhile is still kept out by the lease."""
-        wait_seconds = _lease_wait_seconds()
+        wait_seconds = lease_wait_seconds()
         deadline = time.monotonic() + wait_seconds
         directory = self.settings.audit_dir / dataset
         # `@` is in no version label: no chain's own lock file (`<label>.lock`) can be this one

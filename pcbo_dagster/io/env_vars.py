@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import overload
 
 from pcbo_dagster.core.errors import InvalidInput
@@ -78,3 +79,9 @@ def flag(variable: str, text: str | None, default: bool = False) -> bool:
     if lowered in _FALSE:
         return False
     raise InvalidInput(variable, f"must be true or false, not {text!r}")
+
+
+def lease_wait_seconds() -> float:
+    """`PCBO_LEASE_WAIT_SECONDS` (default 600): how long a run waits for what another holds (the
+    dataset's lock file and lease, a SQL target's scope, a catalog chain's writer lock)."""
+    return positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)

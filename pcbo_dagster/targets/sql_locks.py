@@ -28,7 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from pcbo_dagster.core.errors import PcboError
-from pcbo_dagster.io.env_vars import positive_number
+from pcbo_dagster.io.env_vars import lease_wait_seconds
 from pcbo_dagster.targets.sql_dialects import POSTGRESQL, sqlite_path
 from pcbo_dagster.targets.sql_table import SqlTable
 
@@ -51,15 +51,11 @@ def advisory_key(scope: str) -> int:
     )
 
 
-def lock_wait_seconds() -> float:
-    return positive_number("PCBO_LEASE_WAIT_SECONDS", os.environ.get("PCBO_LEASE_WAIT_SECONDS"), 600.0)
-
-
 @contextmanager
 def scoped_lock(table: SqlTable, dataset: str, run_id: str) -> Iterator[dict[str, Any]]:
     """Hold the scope of (dataset, table's database, table) for the block; yields what was waited."""
     scope = scope_of(dataset, table)
-    wait = lock_wait_seconds()
+    wait = lease_wait_seconds()
     started = time.monotonic()
     if table.dialect == POSTGRESQL:
         with _advisory_lock(table, scope, run_id, wait):
