@@ -60,8 +60,8 @@ _EVENTS_AFTER = (
 
 
 class CatalogRefusedWrite(PcboIntegrityError):
-    """The catalog did not store what pcbo wrote as written (a rule or trigger someone added drops or
-    rewrites it): exit 1, the transaction rolled back."""
+    """The catalog did not store what pcbo wrote as written (a rule, a trigger or a row-level security
+    policy someone added drops, rewrites or hides it): exit 1, the transaction rolled back."""
 
 
 class ChainWriterBusy(PcboError):
@@ -148,10 +148,10 @@ class ChainTransaction:
         if stored != given:
             raise CatalogRefusedWrite(
                 f"the catalog did not store the events appended to {self.chain_key} (seq {first_seq} to "
-                f"{seq}) as given ({len(stored)} of {len(rows)} rows read back as written): a rule or "
-                "trigger on audit_events drops or rewrites them; nothing was committed after the audit "
-                "backup's copy (a pending batch the next run or `pcbo verify --repair` adopts once the "
-                "catalog stores rows as given)"
+                f"{seq}) as given ({len(stored)} of {len(rows)} rows read back as written): a rule, a "
+                "trigger or a row-level security policy on audit_events drops, rewrites or hides them; "
+                "the batch stays pending, in the audit backup alone, for the next run or `pcbo verify "
+                "--repair` to adopt once the catalog stores rows as given"
             )
         upsert(self._conn, t.audit_chain_heads, {"chain_key": self.chain_key, "seq": seq, "event_hash": prev})
         if self.head() != (seq, prev):
