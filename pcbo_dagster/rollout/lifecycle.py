@@ -9,7 +9,7 @@ chain ahead of the catalog, which `pcbo verify` reports and the gate never takes
 chain says.
 
 With the operator's key (`PCBO_SIGNING_KEY`, the production environment's `signing_key`) each
-lifecycle event appended here carries the key's signature over its chain key, type and whole body
+lifecycle event appended here carries the key's signature over its chain key, place, type and body
 (`core/operator_signatures.py`; `AuditLog.append` signs the body as it writes it), and
 `read_lifecycle` counts only the events that key signed, each once: events appended by someone
 without the key open nothing.
