@@ -259,6 +259,35 @@ def test_a_run_id_of_another_dataset_version_s_run_is_invalid_input(tmp_path):
     assert again.status == 0, again.stderr
 
 
+def test_a_run_id_of_another_request_s_run_is_invalid_input(tmp_path):
+    """(red-team finding) A run row holds one request's plan and decision hashes, which its commit
+    events carry too. Executing its runId again with other records (a source file edited between two
+    runs) or the same records in another order (the same plan hash, another decision hash) committed
+    new versions under the run, and `verify` then found the catalog's run row disagreeing with its own
+    commit events (`catalog_run_mismatch`, `catalog_lineage_mismatch`): pcbo wrote a state it calls
+    invalid. Refused naming runId, nothing written; the same request still repeats."""
+    from pcbo_dagster_tests.cli_runner import load_generator
+
+    home = tmp_path / "home"
+    first = load_generator().make_request(records=20, partitions=2, seed=3, run_id="edited-001")
+    assert run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", first)], home=home).status == 0
+    verified = run_pcbo(["verify"], home=home)
+    assert verified.status == 0, verified.document
+    chains_before = verified.document["checked"]["chains"]
+
+    edited = {**first, "sourceRecords": [{**r, "note": "edited"} for r in first["sourceRecords"]]}
+    reordered = {**first, "sourceRecords": list(reversed(first["sourceRecords"]))}
+    for second in (edited, reordered):
+        run = run_pcbo(["execute", "--input", write_request(tmp_path / "b.json", second)], home=home)
+        assert run.status == 2, (run.status, run.stderr)
+        assert "invalid input: runId:" in run.stderr and "another request" in run.stderr, run.stderr
+        after = run_pcbo(["verify"], home=home)
+        assert after.status == 0 and after.document["checked"]["chains"] == chains_before, after.document
+    again = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", first)], home=home)
+    assert again.status == 0, again.stderr
+    assert run_pcbo(["verify"], home=home).status == 0
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -25,13 +25,27 @@ def register_dataset(conn: Connection, dataset: str, version_label: str) -> None
     )
 
 
-def _check_run_id(conn: Connection, run_id: str, dataset: str, version_label: str) -> None:
+def _check_run_id(
+    conn: Connection, run_id: str, dataset: str, version_label: str, hashes: tuple[str, str] | None
+) -> None:
     row = conn.execute(
-        select(t.runs.c.dataset, t.runs.c.version_label).where(t.runs.c.run_id == run_id)
+        select(t.runs.c.dataset, t.runs.c.version_label, t.runs.c.plan_hash, t.runs.c.decision_hash).where(
+            t.runs.c.run_id == run_id
+        )
     ).first()
-    if row is not None and (row[0], row[1]) != (dataset, version_label):
+    if row is None:
+        return
+    if (row[0], row[1]) != (dataset, version_label):
         why = f"{run_id!r} is already the run id of another dataset version's run: choose another runId"
         raise InvalidInput("runId", why)
+    if hashes is not None and (row[2], row[3]) != hashes:
+        raise InvalidInput(
+            "runId",
+            f"{run_id!r} is already the run id of another request's run (plan hash {row[2]}, decision "
+            f"hash {row[3]}; this request's: {hashes[0]}, {hashes[1]}), whose commit events carry those: "
+            "a run repeats only its own request (a source that changed since is another request); "
+            "choose another runId",
+        )
 
 
 class RunRecords(Database):
@@ -56,11 +70,15 @@ class RunRecords(Database):
         plan_hash: str,
         decision_hash: str,
         metadata: dict[str, Any],
+        same_request: bool = True,
     ) -> None:
         """Insert the run as 'running'; a known run_id is set 'running' again (finished_at cleared).
-        `InvalidInput` on `runId` when it is the run of another dataset version (`check_run_id`)."""
+        `InvalidInput` on `runId` when it is the run of another dataset version or, with
+        `same_request`, of another request (`check_run_id`)."""
         with self.write() as conn:
-            _check_run_id(conn, run_id, dataset, version_label)
+            _check_run_id(
+                conn, run_id, dataset, version_label, (plan_hash, decision_hash) if same_request else None
+            )
             register_dataset(conn, dataset, version_label)
             inserted = insert_ignore(
                 conn,
@@ -95,13 +113,18 @@ class RunRecords(Database):
             if result.rowcount != 1:
                 raise KeyError(f"unknown run {run_id!r}")
 
-    def check_run_id(self, run_id: str, dataset: str, version_label: str) -> None:
+    def check_run_id(
+        self, run_id: str, dataset: str, version_label: str, hashes: tuple[str, str] | None = None
+    ) -> None:
         """`InvalidInput` on `runId` when `run_id` is already the run of another dataset version: a
         run row belongs to one chain, and an execute of that id would rewrite the other's status and
-        summary (and leave its own chain naming a run the catalog does not hold). Checked before a
-        run writes anything, and again as `start_run` records it."""
+        summary (and leave its own chain naming a run the catalog does not hold). With `hashes` (the
+        request's plan and decision hashes), also when it is the run of another request: the row
+        holds one request's hashes, as its commit events do, and another request's commits under
+        it would disagree with them. Checked before a run writes anything, and again as `start_run`
+        records it."""
         with self.read() as conn:
-            _check_run_id(conn, run_id, dataset, version_label)
+            _check_run_id(conn, run_id, dataset, version_label, hashes)
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         """The run row (metadata and summary parsed), or None."""

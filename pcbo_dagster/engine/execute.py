@@ -312,7 +312,10 @@ def execute(
         return execute_sql(env, loaded, plan, decisions, progress=progress)
     workers = _workers(env, parallel, loaded.source_kind)
     request = loaded.request
-    env.catalog.check_run_id(request.runId, plan.dataset, plan.version_label)  # before anything is written
+    # before anything is written
+    env.catalog.check_run_id(
+        request.runId, plan.dataset, plan.version_label, (plan.plan_hash, decisions.decision_hash)
+    )
     if table is None and request.table is not None:
         # A table another dataset version holds: invalid input before the lock, whose lease registers
         # the dataset version in the catalog (nothing written); checked again under it (`publisher_for`).
@@ -1275,7 +1278,10 @@ def emit_partitions(
     intent appended, then its commit point. The caller has evaluated the request and checked the gates.
     """
     workers = _workers(env, parallel)
-    env.catalog.check_run_id(plan.run_id, plan.dataset, plan.version_label)  # before anything is written
+    # before anything is written
+    env.catalog.check_run_id(
+        plan.run_id, plan.dataset, plan.version_label, (plan.plan_hash, decisions.decision_hash)
+    )
     schema, as_json = loaded.schema_of(decisions.partitions)
     emitted: list[EmittedPartition] = []
     refusal: Refusal | None = None

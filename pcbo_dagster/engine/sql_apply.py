@@ -624,6 +624,7 @@ def execute_sql(
                 plan.plan_hash,
                 decisions.decision_hash,
                 dict(request.metadata),
+                same_request=False,  # its decision hash follows the live table (`_check_resume` above)
             )
             complete_applies(env, table, state, plan.dataset, plan.version_label)
             cursor = _JournalCursor(len(view.entries), view.digest)
