@@ -208,6 +208,24 @@ INVALID_CASES: list[tuple[str, Callable[[], bytes], list[str]]] = [
         with_(sourceRecords=DELETE, source={"uri": "r.jsonl\n"}),
         ["source.uri", "control"],
     ),
+    # (red-team finding) a record source is a local path or a file://, s3:// or gs:// URL (README): any
+    # other fsspec URL was fetched or opened, an http:// one from the host (from a Dagster launchpad
+    # too), a chained `simplecache::` one writing its cache to disk during a dry-run
+    (
+        "source-uri-http",
+        with_(sourceRecords=DELETE, source={"uri": "http://127.0.0.1:9/r.jsonl"}),
+        ["source.uri", "not a http: URL"],
+    ),
+    (
+        "source-uri-memory",
+        with_(sourceRecords=DELETE, source={"uri": "memory://r.jsonl"}),
+        ["source.uri", "not a memory: URL"],
+    ),
+    (
+        "source-uri-chained",
+        with_(sourceRecords=DELETE, source={"uri": "simplecache::file:///nonexistent/r.jsonl"}),
+        ["source.uri", "chained URL"],
+    ),
     ("metadata-float", with_(metadata={"initiator": "ops", "ratio": 0.5}), ["metadata", "ratio"]),
     ("metadata-nested-float", with_(metadata={"a": {"b": [1, 2.5]}}), ["metadata", "a.b[1]"]),
     ("metadata-float-integral", with_(metadata={"n": 1.0}), ["metadata", "n"]),

@@ -212,6 +212,7 @@ def _record_source(
         span = request.ledgerRange
         assert span is not None  # validate_request refuses an archive without a ledger range
         return LedgerArchiveSource(uri, ref.uri, span.first, span.end, allow_gaps=ref.allowGaps)
+    _record_file_scheme(uri, "pcbo")
     if is_directory(uri, ref.uri):
         window = None if request.ledgerRange is not None else (request.start_us, request.end_us)
         source = open_directory_source(uri, ref.uri, ref.format, window, ref.prune, confine_to)
@@ -222,8 +223,30 @@ def _record_source(
     return source
 
 
-#: The object stores a server reads a request's `source.uri` from (`lake.storage`: s3fs, gcsfs).
+#: The object stores a record source may be read from (`lake.storage`: s3fs, gcsfs).
 CONFINED_REMOTE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs"})
+
+
+def _record_file_scheme(uri: str, reader: str) -> str | None:
+    """The scheme of a record source's `uri` (None: a local path or `file://`), when it is one a
+    record source may be read from: a local path, `file://`, or an object store
+    (`CONFINED_REMOTE_SCHEMES`); otherwise `InvalidInput` on `source.uri` (`reader`: who refuses, for
+    the message): no `http://`, `memory://`, `local://` or chained `a::b` URL (fsspec would fetch the
+    URL from this host, or write a `simplecache::` copy to disk during a dry-run). Ledger archives
+    (`sources/ledger_archives.py`) are read from any fsspec URL and do not come here."""
+    from fsspec.core import split_protocol
+
+    if "::" in uri:  # fsspec chains file systems on `::` (simplecache::file://...)
+        raise InvalidInput("source.uri", f"a chained URL (::) is not read by {reader}")
+    scheme, _ = split_protocol(uri)  # what fsspec opens it with (None: a local path)
+    if scheme is None or scheme == "file":
+        return None
+    if scheme in CONFINED_REMOTE_SCHEMES:
+        return scheme
+    where = "its sources directory" if reader == "the server" else "a local path or file://"
+    raise InvalidInput(
+        "source.uri", f"{reader} reads sources from s3:// or gs:// or {where}, not a {scheme}: URL"
+    )
 
 
 def _confined(uri: str, sources: SourcesDirectory) -> str:
@@ -234,16 +257,9 @@ def _confined(uri: str, sources: SourcesDirectory) -> str:
     opened (the catalog's SQLite file opened and closed would lose its locks: `local_files.py`)."""
     from fsspec.core import split_protocol
 
-    if "::" in uri:  # fsspec chains file systems on `::` (simplecache::file://...)
-        raise InvalidInput("source.uri", "a chained URL (::) is not read by the server")
-    scheme, local = split_protocol(uri)  # what fsspec opens it with (None: a local path)
-    if scheme is not None and scheme != "file":
-        if scheme in CONFINED_REMOTE_SCHEMES:
-            return uri
-        raise InvalidInput(
-            "source.uri",
-            f"the server reads sources from s3:// or gs:// or its sources directory, not a {scheme}: URL",
-        )
+    if _record_file_scheme(uri, "the server") is not None:
+        return uri
+    _, local = split_protocol(uri)
     from pcbo_dagster.sources.local_files import OUTSIDE, STORE, place_in_sources
 
     real = os.path.realpath(local)
