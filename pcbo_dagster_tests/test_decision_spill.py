@@ -272,3 +272,33 @@ def test_a_spill_left_by_a_killed_process_is_removed_by_the_next(
     assert left.name not in names and running.name in names and len(names) == 2
     assert loaded.spill is not None
     loaded.spill.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (" spills", "surrounding whitespace"),  # would make a directory ' spills' in the current one
+        ("a-file", "not a directory"),  # was an internal error: "File exists: a-file", exit 1
+        ("a-file/below", "not a directory"),  # "Not a directory", exit 1
+    ],
+)
+def test_a_spill_directory_that_cannot_be_one_is_invalid_input_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str, said: str
+) -> None:
+    """(red-team finding) `PCBO_SPILL_DIR` is a path setting like the others: one with surrounding
+    white space, or naming a file, is invalid input naming the variable (exit 2), and nothing is made."""
+    from pcbo_dagster.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a directory\n")
+    records = _random_records(4, 20)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "req.json").write_text(json.dumps(_request({"source": {"uri": "r.jsonl"}})))
+    monkeypatch.setenv("PCBO_SPILL_DIR", value)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    status = main(["dry-run", "--input", "req.json"])
+    captured = capsys.readouterr()
+    assert status == 2, captured.err
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert "invalid input: PCBO_SPILL_DIR: " in captured.err and said in captured.err, captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

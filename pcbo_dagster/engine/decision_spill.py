@@ -44,8 +44,11 @@ from pcbo_dagster.core.decisions import (
     sort_placed,
     unplaced_entry,
 )
+from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.plan import Plan
 from pcbo_dagster.core.record_table import SchemaBuilder
+from pcbo_dagster.io.env_vars import plain_path
+from pcbo_dagster.io.redaction import scrub_text
 
 #: SQLite page cache of the spill (KiB); sorts beyond it go to temporary files beside the database.
 SPILL_CACHE_KIB = 32_768
@@ -71,8 +74,12 @@ CREATE TABLE unplaced (
 
 
 def spill_root() -> str | None:
-    """Where spills are made: `PCBO_SPILL_DIR`, or None for the system's temporary directory."""
-    return os.environ.get("PCBO_SPILL_DIR") or None
+    """Where spills are made: `PCBO_SPILL_DIR`, or None for the system's temporary directory. A value
+    with surrounding white space or control characters is `InvalidInput` naming the variable."""
+    return plain_path(SPILL_DIR_VARIABLE, os.environ.get(SPILL_DIR_VARIABLE) or None)
+
+
+SPILL_DIR_VARIABLE = "PCBO_SPILL_DIR"
 
 
 def _alive(pid: int) -> bool:
@@ -122,7 +129,12 @@ class DecisionSpill:
         self._outside = out_of_window_detail(plan)
         root = spill_root()
         if root is not None:
-            os.makedirs(root, exist_ok=True)
+            try:
+                os.makedirs(root, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise InvalidInput(
+                    SPILL_DIR_VARIABLE, f"{scrub_text(repr(root))} is not a directory"
+                ) from None
         remove_stale_spills(root)
         self.directory = tempfile.mkdtemp(prefix=f"pcbo-spill-{os.getpid()}-", dir=root)
         self._db = sqlite3.connect(
