@@ -302,3 +302,25 @@ def test_a_spill_directory_that_cannot_be_one_is_invalid_input_naming_it(
     assert captured.out == "" and "Traceback" not in captured.err
     assert "invalid input: PCBO_SPILL_DIR: " in captured.err and said in captured.err, captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_spill_directory_under_the_home_directory_is_made_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(red-team finding) `PCBO_SPILL_DIR=~/spills` (an env file, a Docker `environment:` entry: no
+    shell expands it) made a directory `~/spills` in the current directory, where a server's list of
+    its own stores (`Settings.own_paths`, which expands it) did not look: the spill is made under the
+    home directory, as every other path setting is read."""
+    user_home, work = tmp_path / "user", tmp_path / "work"
+    user_home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(user_home))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PCBO_SPILL_DIR", "~/spills")
+    records = _random_records(4, 20)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded, _, _ = _evaluate(_request({"source": {"uri": "r.jsonl"}}), tmp_path)
+    assert loaded.spill is not None
+    assert Path(loaded.spill.directory).parent == user_home / "spills"
+    assert list(work.iterdir()) == []
+    loaded.spill.close()
