@@ -183,6 +183,15 @@ def test_time_interval_of_hive_paths() -> None:
         ["dt=2024-01-02", "date=2024-01-03"],
         ["dt=2024-01-02", "date=2024-01-03T00:00:00"],  # an instant after its date
         ["dt=2024-01-02", "hour=24"],
+        # (red-team finding) digits of other scripts are not YYYY-MM-DD: Python's \d and int() took
+        # them, so a file under `dt=２０２４-01-02` (full-width) or `year=٢٠٢٤` was pruned as 2024's
+        ["dt=\uff12\uff10\uff12\uff14-01-02"],
+        ["date=2024\u0660102"],
+        ["dt=2024-01-02T\u0660\u0665"],
+        ["dt=2024-01-02T10:3\u0660"],
+        ["year=\u0662\u0660\u0662\u0664"],
+        ["year=2024", "month=\u0661"],
+        ["dt=2024-01-02", "hour=\u0665"],
     ):
         assert time_interval(doubtful) is None, doubtful
     # a finer key after a gap narrows nothing: year only

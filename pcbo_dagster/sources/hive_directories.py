@@ -79,21 +79,24 @@ _US_PER_DAY = 86_400_000_000
 _US_PER_HOUR = 3_600_000_000
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
+# re.ASCII: `\d` is 0-9 only (without it any script's digits match, and int() reads them: a path is
+# never pruned on a reading of `dt=２０２４-01-02` as 2024)
 _DAY = r"(?P<year>\d{4})-(?P<month>\d{2})-(?P<day>\d{2})"
 _DATE_FORMS = (
-    re.compile(_DAY),
-    re.compile(r"(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})"),
-    re.compile(_DAY + r"[T ](?P<hour>\d{2})"),
+    re.compile(_DAY, re.ASCII),
+    re.compile(r"(?P<year>\d{4})(?P<month>\d{2})(?P<day>\d{2})", re.ASCII),
+    re.compile(_DAY + r"[T ](?P<hour>\d{2})", re.ASCII),
 )
 _INSTANT_FORM = re.compile(
     _DAY + r"[T ](?P<hour>\d{2}):(?P<minute>\d{2})(?::(?P<second>\d{2})(?:\.(?P<fraction>\d{1,6}))?)?"
-    r"(?P<offset>Z|[+-]\d{2}:\d{2})?"
+    r"(?P<offset>Z|[+-]\d{2}:\d{2})?",
+    re.ASCII,
 )
 _INTEGER_FORMS = {
-    "year": re.compile(r"\d{4}"),
-    "month": re.compile(r"\d{1,2}"),
-    "day": re.compile(r"\d{1,2}"),
-    "hour": re.compile(r"\d{1,2}"),
+    "year": re.compile(r"\d{4}", re.ASCII),
+    "month": re.compile(r"\d{1,2}", re.ASCII),
+    "day": re.compile(r"\d{1,2}", re.ASCII),
+    "hour": re.compile(r"\d{1,2}", re.ASCII),
 }
 _CHAIN = ("year", "month", "day", "hour")
 
