@@ -1899,3 +1899,19 @@ def test_events_the_catalog_does_not_store_as_given_fail_the_append_on_postgresq
     assert status == 0, document
     status, document = pcbo(home, "verify")
     assert status == 0, document
+
+
+def test_gc_leaves_alone_a_version_file_named_with_other_digits(home):
+    """(red-team finding) gc matched version manifests by `v(\\d+)\\.json`, and Python's `\\d` and int()
+    take any script's digits: a file `_versions/v٩.json` (Arabic-Indic 9) that pcbo never writes was
+    read as version 9 and removed as an uncommitted version, though gc leaves files of any other
+    shape alone. Only pcbo's own names (ASCII digits) are judged."""
+    versions = part(home, K2) / "_versions"
+    planted = versions / "v\u0669.json"
+    planted.write_bytes(b"not pcbo's")
+    leftover = part(home, K2) / ".tmp-crash-leftover"
+    leftover.write_bytes(b"a rename that never happened")
+    status, document = pcbo(home, "gc")
+    assert status == 0, document
+    assert [r["path"] for r in document["removed"]] == [f"events/v1/{K2}/.tmp-crash-leftover"]
+    assert planted.read_bytes() == b"not pcbo's" and not leftover.exists()

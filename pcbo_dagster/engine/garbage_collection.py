@@ -46,7 +46,8 @@ from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake import layout, manifests
 from pcbo_dagster.lake.layout import OutsidePartition
 
-_VERSION_FILE = re.compile(r"_(versions|rollback)/v(\d+)\.json")
+# ASCII digits only: `\d` takes any script's digits (`v٩.json` is no file of pcbo's, left alone)
+_VERSION_FILE = re.compile(r"_(versions|rollback)/v([0-9]+)\.json")
 _DATA_FILE = re.compile(r"part-[0-9a-f]+\.parquet")
 
 
