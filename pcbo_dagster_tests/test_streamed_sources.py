@@ -259,6 +259,31 @@ def test_parquet_columns_named_twice_and_unreadable_values_are_invalid_input(tmp
     assert status == 2 and "source.t:" in stderr, stderr
 
 
+@pytest.mark.parametrize(
+    ("kind", "values", "word"),
+    [
+        (pa.map_(pa.string(), pa.int64()), [[], None], "map"),
+        (pa.map_(pa.string(), pa.int64()), [[("k", 1)], []], "map"),
+        (pa.duration("s"), [1, None], "duration"),
+        (pa.time64("us"), [None, None], "time"),
+        (pa.list_(pa.time32("s")), [[], None], "time"),
+        (pa.struct([("d", pa.duration("ms"))]), [None, {"d": None}], "duration"),
+    ],
+)
+def test_a_parquet_column_of_a_type_json_cannot_hold_is_refused_by_its_type(
+    tmp_path: Path, kind: pa.DataType, values: list[Any], word: str
+) -> None:
+    """(red-team finding) A time-of-day, duration or map column is invalid input naming it (README),
+    whatever its rows hold: it was judged value by value, so a map column whose rows were all empty
+    or null was read (as empty lists), one with an entry refused as "values of type tuple", and a
+    duration refused as "timedelta" (Python's names, not the file's types)."""
+    at = ["2024-01-01T00:10:00Z", "2024-01-01T00:20:00Z"]
+    table = pa.table({"id": ["r1", "r2"], "occurredAt": at, "c": pa.array(values, kind)})
+    status, stderr = _parquet_refused(tmp_path, "typed", table)
+    assert status == 2, stderr
+    assert f"invalid input: source.c: values of type {word} cannot be read as JSON" in stderr, stderr
+
+
 def test_a_nanosecond_timestamp_is_cut_to_its_microsecond(tmp_path: Path) -> None:
     """pandas writes nanosecond timestamps; one that is not a whole microsecond was an internal error.
     It is read as the instant cut to its microsecond, as an instant's digits past the sixth are."""

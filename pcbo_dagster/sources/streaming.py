@@ -677,6 +677,10 @@ class ParquetSource(RecordSource):
             raise InvalidInput(
                 "source", f"{redact_url(self.shown)}: the parquet column {twice} is named twice"
             )
+        for column in pf.schema_arrow:
+            word = _json_cannot_hold(column.type)
+            if word is not None:  # by its type, whatever its rows hold (all null, empty maps)
+                raise InvalidInput(f"source.{column.name}", f"values of type {word} cannot be read as JSON")
         self._schema = pf.schema_arrow
 
     def _same_layout(self, pf: pq.ParquetFile) -> None:
@@ -981,6 +985,27 @@ def _without_views(kind: pa.DataType) -> pa.DataType:
     if pa.types.is_fixed_size_list(kind):
         return pa.list_(_field_without_views(kind.value_field), kind.list_size)
     return kind
+
+
+def _json_cannot_hold(kind: pa.DataType) -> str | None:
+    """What a parquet column of type `kind` holds that no JSON record can (a time of day, a duration,
+    a map, an interval; in a list, struct or dictionary too), as a word for a message, or None."""
+    if pa.types.is_time(kind):
+        return "time"
+    if pa.types.is_duration(kind):
+        return "duration"
+    if pa.types.is_map(kind):
+        return "map"
+    if pa.types.is_interval(kind):
+        return "interval"
+    if pa.types.is_struct(kind):
+        for i in range(kind.num_fields):
+            word = _json_cannot_hold(kind.field(i).type)
+            if word is not None:
+                return word
+        return None
+    inner = getattr(kind, "value_type", None)  # lists of any kind, dictionaries
+    return _json_cannot_hold(inner) if isinstance(inner, pa.DataType) else None
 
 
 def _field_without_views(field: pa.Field) -> pa.Field:
