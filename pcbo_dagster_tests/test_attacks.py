@@ -1915,3 +1915,33 @@ def test_gc_leaves_alone_a_version_file_named_with_other_digits(home):
     assert status == 0, document
     assert [r["path"] for r in document["removed"]] == [f"events/v1/{K2}/.tmp-crash-leftover"]
     assert planted.read_bytes() == b"not pcbo's" and not leftover.exists()
+
+
+def test_gc_judges_no_dataset_version_its_catalog_never_ran(home, tmp_path):
+    """(red-team finding) gc run with a home whose catalog and audit backup never ran a dataset version
+    the lake holds (`--lake` pointing at another home's lake, a lake two catalogs share) judged it
+    against an empty chain, which "verifies": the version manifests that rolled-back partitions keep
+    (their restorable history, named by the other home's chain) looked like a first run's crash
+    leftovers and were removed. A crash's leftovers always come with the run's catalog row (written
+    before anything is staged), so a dataset version with no event and no run is skipped, nothing of
+    it removed."""
+    for run_id in ("b1", "a1"):
+        status, document = pcbo(home, "rollback", "--dataset", "events", "--run-id", run_id)
+        assert status == 0, document
+    history = {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()}
+    assert any(p.parent.name == "_versions" for p in history) and not any(
+        p.name == "_manifest.json" for p in history
+    )
+    other = tmp_path / "other"
+    request = {**_request("o1"), "dataset": "other-events"}
+    status, document = pcbo(other, "execute", "--input", str(write_request(tmp_path / "o.json", request)))
+    assert status == 0, document
+    for args in (("gc", "--dry-run"), ("gc",)):
+        status, document = pcbo(other, *args, "--lake", str(lake_dir(home)))
+        assert status == 0, document
+        assert [r["path"] for r in document["removed"] if r["path"].startswith("events/")] == []
+        assert [s for s in document["skipped"] if s["where"] == CHAIN] == [
+            {"where": CHAIN, "reason": "no run of this dataset version is in the catalog or on its chain"}
+        ]
+    assert {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()} == history
+    assert pcbo(home, "verify")[0] == 0

@@ -156,6 +156,17 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
             if distrusted(env, chain, ckey):
                 skipped.append({"where": ckey, "reason": "the audit chain does not verify"})
                 continue
+            if not chain.replayed.partitions and not env.catalog.runs(dataset, version_label):
+                # Not this catalog's: a crash's leftovers come with their run's row (written before
+                # anything is staged); with neither, a rolled-back partition's kept versions (another
+                # home's history: `--lake` naming its lake) would look like a crash's
+                skipped.append(
+                    {
+                        "where": ckey,
+                        "reason": "no run of this dataset version is in the catalog or on its chain",
+                    }
+                )
+                continue
             event_versions: dict[str, set[int]] = defaultdict(set)
             event_files: dict[str, set[str]] = defaultdict(set)
             for key, history in chain.replayed.partitions.items():
