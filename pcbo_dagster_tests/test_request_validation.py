@@ -724,3 +724,33 @@ def test_blocked_subprocess(tmp_path: Path) -> None:
         {"partition": "20240101T000000Z", "id": "rec-1", "reasons": ["CONSENT_MISSING"]}
     ]
     assert os.listdir(tmp_path) == ["req.json"]  # no ./.pcbo
+
+
+@pytest.mark.parametrize("where", ["inline", "jsonl"])
+def test_an_integer_of_thousands_of_digits_is_refused_in_plain_words(tmp_path: Path, where: str) -> None:
+    """(red-team finding) A 5,000-digit integer hit Python's conversion limit: the message quoted its
+    advice ("use sys.set_int_max_str_digits() to increase the limit"). It says what is wrong now."""
+    from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
+
+    huge = "9" * 5000
+    record = '{"id":"a","occurredAt":"2024-01-01T00:10:00Z","consentGranted":true,"x":' + huge + "}"
+    request: dict[str, Any] = {
+        "runId": "huge",
+        "dataset": "events",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-01T01:00:00Z",
+        "chunkSeconds": 3600,
+    }
+    if where == "jsonl":
+        (tmp_path / "records.jsonl").write_text(record + "\n")
+        request["source"] = {"uri": "records.jsonl"}
+        path = write_request(tmp_path / "r.json", request)
+    else:
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps(request)[:-1] + ', "sourceRecords": [' + record + "]}")
+    home = tmp_path / "home"
+    planned = run_pcbo(["dry-run", "--input", path], home=home)
+    assert planned.status == 2, planned.stderr
+    assert "an integer of 5000 digits" in planned.stderr
+    assert "set_int_max_str_digits" not in planned.stderr
+    assert not home.exists()

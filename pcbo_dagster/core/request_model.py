@@ -370,6 +370,10 @@ def nested_deeper_than(raw: bytes, limit: int) -> bool:
     return bool(np.cumsum(steps * outside, dtype=np.int32).max(initial=0) > limit)
 
 
+#: The longest integer text read as a number (longer ones are refused before Python converts them).
+MAX_INTEGER_DIGITS = 1000
+
+
 def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
     """Parse JSON refusing NaN/Infinity, duplicate keys and nesting deeper than `MAX_JSON_DEPTH`; note
     whether floats or long ints occur."""
@@ -384,6 +388,11 @@ def parse_json_strict(raw: bytes | str, what: str = "request") -> ParsedJson:
         nonlocal floats_seen
         if len(text) > 15:  # may lie beyond +-(2**53 - 1): let rfc8785 judge
             floats_seen = True
+            if len(text) > MAX_INTEGER_DIGITS:  # (Python's own limit, 4300, says to raise it)
+                raise ValueError(
+                    f"an integer of {len(text.lstrip('-'))} digits (JSON numbers hold integers within "
+                    "±(2^53−1) only)"
+                )
         return int(text)
 
     too_deep = f"nested too deeply (arrays and objects nest at most {MAX_JSON_DEPTH} levels)"
