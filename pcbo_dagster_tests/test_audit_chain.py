@@ -365,3 +365,13 @@ def test_checked_event_hash_is_event_hash_of_a_checked_event(
         del event["chain"]["event_hash"]
         event["chain"]["event_hash"] = "sha256:" + "00" * 32
     assert checked_event_hash(event) == event_hash(event) == independent_hash(event)
+
+
+def test_an_event_timestamp_holds_ascii_digits_only() -> None:
+    """(red-team finding) The timestamp check used `\\d`, which takes any script's digits: an event
+    dated `٢٠٢٤-…` passed as a chain timestamp that no reader can parse as an instant."""
+    from pcbo_dagster.core.audit_chain import is_timestamp
+
+    assert is_timestamp("2024-01-01T00:00:00Z")
+    assert not is_timestamp("٢٠٢٤-01-01T00:00:00Z")
+    assert not is_timestamp("2024-01-01T00:00:0０Z")

@@ -46,7 +46,7 @@ CHAIN_FIELDS = ("chain_key", "seq", "prev_event_hash", "event_hash")
 CHAIN_KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
-_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z", re.ASCII)
 _MAX_SAFE_INT = 2**53 - 1
 
 
