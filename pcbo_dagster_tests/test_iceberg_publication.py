@@ -1762,3 +1762,15 @@ def test_pcbo_query_reads_the_table_the_chain_declares_not_the_catalogs_row(tmp_
     queried = run_pcbo(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
     assert queried.status == 0, queried.stderr
     assert queried.document["rows"][0][0] > 0 and not elsewhere.exists()
+
+
+def test_empty_partitions_publish_without_a_warning_per_column(tmp_path: Path) -> None:
+    """(red-team finding) Each zero-row file of an empty partition made pyiceberg warn once per column
+    ("PyArrow statistics missing for column N when writing file"): dozens of lines on stderr."""
+    home = tmp_path / "home"
+    request = load_generator().make_request(records=2, partitions=4, seed=3, run_id="sparse")
+    request["table"] = TABLE
+    done = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
+    assert done.status == 0, done.stderr
+    assert any(p["recordCount"] == 0 for p in done.document["partitions"]), "no empty partition"
+    assert "statistics missing" not in done.stderr, done.stderr

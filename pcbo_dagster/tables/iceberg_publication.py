@@ -73,6 +73,7 @@ import datetime as dt
 import functools
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -105,6 +106,18 @@ if TYPE_CHECKING:
     from pcbo_dagster.engine.environment import Environment
 
 _T = TypeVar("_T")
+
+
+class _StatisticsOfEmptyColumns(logging.Filter):
+    """pyiceberg warns once per column of a data file whose parquet footer holds no statistics for it:
+    every column of pcbo's zero-row files (an empty partition), dozens of lines a run on stderr. pcbo
+    writes statistics for every column that holds a value; such a file is as it should be."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyArrow statistics missing for column")
+
+
+logging.getLogger("pyiceberg.io.pyarrow").addFilter(_StatisticsOfEmptyColumns())
 
 #: The catalog of a table spec that leaves `catalog` out.
 CATALOG_ENV = "PCBO_ICEBERG_CATALOG_URL"
