@@ -892,3 +892,73 @@ def test_a_chain_writer_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
     assert not still_waiting, "the append waited on the chain's writer lock past PCBO_LEASE_WAIT_SECONDS"
     assert len(outcome) == 1 and isinstance(outcome[0], PcboError), outcome
     assert CHAIN in str(outcome[0]) and "PCBO_LEASE_WAIT_SECONDS" in str(outcome[0]), outcome[0]
+
+
+def _migrate_fresh(url: str) -> None:
+    fresh = CatalogStore(url)
+    try:
+        fresh.migrate()
+    finally:
+        fresh.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("hold", "named"),
+    [
+        ("LOCK TABLE audit_chain_heads IN ACCESS EXCLUSIVE MODE", "audit_chain_heads"),
+        ("SELECT 1 FROM audit_chain_heads FOR UPDATE", "audit_chain_heads"),
+        ("SELECT pg_catalog.pg_advisory_lock({key})", "migration"),
+    ],
+)
+def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch, hold: str, named: str
+) -> None:
+    """Red-team finding: a session holding the chain heads (`LOCK TABLE audit_chain_heads` or their rows
+    `FOR UPDATE` by hand) or the migration's advisory lock made an audit append, or a migration, wait for
+    as long as it was held, past `PCBO_LEASE_WAIT_SECONDS`; they now give up within that wait, exit 1
+    naming what they waited for, nothing appended."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.catalog.database import MIGRATION_LOCK_KEY
+    from pcbo_dagster.core.errors import PcboError
+
+    monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "1")
+    migration = named == "migration"
+    store = CatalogStore(fresh_postgres_url)
+    if not migration:
+        store.migrate()
+        with store.locked_chain(CHAIN) as tx:
+            tx.append([_event(0, None, "a")])
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    outcome: list[BaseException | None] = []
+
+    def contend() -> None:
+        try:
+            if migration:
+                _migrate_fresh(fresh_postgres_url)
+            else:
+                with store.locked_chain(CHAIN) as tx:
+                    tx.append([_event(1, _event(0, None, "a")["chain"]["event_hash"], "b")])
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome.append(exc)
+
+    with psycopg.connect(conninfo) as holder:
+        holder.execute(hold.format(key=MIGRATION_LOCK_KEY))  # held until the block ends
+        contender = threading.Thread(target=contend, daemon=True)
+        contender.start()
+        contender.join(60)  # a bound on a hang, not a measurement: the wait asked for is 1 s
+        still_waiting = contender.is_alive()
+        holder.rollback()
+        holder.execute("SELECT pg_catalog.pg_advisory_unlock_all()")
+    contender.join()
+    assert not still_waiting, "the catalog lock was waited for past PCBO_LEASE_WAIT_SECONDS"
+    assert len(outcome) == 1 and isinstance(outcome[0], PcboError), outcome
+    assert named in str(outcome[0]) and "PCBO_LEASE_WAIT_SECONDS" in str(outcome[0]), outcome[0]
+    if migration:
+        assert not store.at_head()  # nothing migrated
+    else:
+        assert [r["seq"] for r in store.audit_event_rows(CHAIN)] == [0]  # nothing appended
+    store.close()

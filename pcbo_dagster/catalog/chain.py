@@ -20,11 +20,16 @@ from sqlalchemy import Connection, bindparam, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import Database, insert_ignore, upsert
-from pcbo_dagster.catalog.leases import LOCK_NOT_AVAILABLE
+from pcbo_dagster.catalog.database import (
+    CatalogLockBusy,
+    Database,
+    bound_lock_waits,
+    insert_ignore,
+    lock_not_granted,
+    upsert,
+)
 from pcbo_dagster.catalog.transparency import append_leaves
 from pcbo_dagster.core.errors import IntegrityError as PcboIntegrityError
-from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
 from pcbo_dagster.io.env_vars import lease_wait_seconds
@@ -64,7 +69,7 @@ class CatalogRefusedWrite(PcboIntegrityError):
     policy someone added drops, rewrites or hides it): exit 1, the transaction rolled back."""
 
 
-class ChainWriterBusy(PcboError):
+class ChainWriterBusy(CatalogLockBusy):
     """Another session held a chain's writer lock for all of `PCBO_LEASE_WAIT_SECONDS` (exit 1)."""
 
 
@@ -192,20 +197,33 @@ class ChainMirror(Database):
         Concurrent writers of one chain (threads, processes, hosts on PostgreSQL) serialise here. On
         SQLite this holds the database write lock: do not open another write on this store inside it.
         """
-        with self.write() as conn:
-            insert_ignore(
-                conn,
-                t.audit_chain_heads,
-                {"chain_key": chain_key, "seq": -1, "event_hash": ""},
-                ["chain_key"],
-            )
-            if self.dialect == "postgresql":
-                conn.execute(
-                    select(t.audit_chain_heads.c.seq)
-                    .where(t.audit_chain_heads.c.chain_key == chain_key)
-                    .with_for_update()
+        wait = lease_wait_seconds() if self.dialect == "postgresql" else 0.0
+        try:
+            with self.write() as conn:
+                if self.dialect == "postgresql":
+                    # a writer holds its head for one append: waited for as a lease is
+                    bound_lock_waits(conn, wait)
+                insert_ignore(
+                    conn,
+                    t.audit_chain_heads,
+                    {"chain_key": chain_key, "seq": -1, "event_hash": ""},
+                    ["chain_key"],
                 )
-            yield ChainTransaction(conn, chain_key)
+                if self.dialect == "postgresql":
+                    conn.execute(
+                        select(t.audit_chain_heads.c.seq)
+                        .where(t.audit_chain_heads.c.chain_key == chain_key)
+                        .with_for_update()
+                    )
+                yield ChainTransaction(conn, chain_key)
+        except OperationalError as exc:
+            if not lock_not_granted(exc):
+                raise
+            raise ChainWriterBusy(
+                f"the audit chain {chain_key}'s append waited on a lock another catalog session holds "
+                "(its head row in audit_chain_heads, that table, or another audit table; pg_locks names "
+                f"it); waited {wait:g} s (PCBO_LEASE_WAIT_SECONDS); nothing was appended"
+            ) from None
 
     @contextlib.contextmanager
     def chain_writer_lock(self, chain_key: str) -> Iterator[None]:
@@ -219,16 +237,13 @@ class ChainMirror(Database):
         wait = lease_wait_seconds()
         with self.engine.connect() as conn:
             # waited for up to PCBO_LEASE_WAIT_SECONDS, as a lease is (a writer holds it for one append)
-            conn.execute(
-                text("SELECT pg_catalog.set_config('lock_timeout', :t, false)"),
-                {"t": f"{max(1, int(wait * 1000))}ms"},
-            )
+            bound_lock_waits(conn, wait)  # its transaction's: the session lock outlives it
             try:
                 conn.execute(
                     text("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended(:k, 0))"), {"k": key}
                 )
             except OperationalError as exc:
-                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                if not lock_not_granted(exc):
                     raise
                 conn.rollback()
                 raise ChainWriterBusy(
@@ -236,7 +251,6 @@ class ChainMirror(Database):
                     f"writer lock, pg_locks names it); waited {wait:g} s (PCBO_LEASE_WAIT_SECONDS); "
                     "nothing was appended"
                 ) from None
-            conn.execute(text("RESET lock_timeout"))
             conn.commit()
             try:
                 yield

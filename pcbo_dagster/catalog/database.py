@@ -37,6 +37,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 
 from pcbo_dagster.core.errors import PcboError
+from pcbo_dagster.io.env_vars import lease_wait_seconds
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -49,6 +50,22 @@ _BEGIN_OPTION = "pcbo_sqlite_begin"
 #: reading the system catalogs, and pinned on pcbo's trigger function in a PostgreSQL target, so no
 #: function, operator or type of the role's schemas stands in for the system's.
 PG_SEARCH_PATH = "pg_catalog, pg_temp"
+#: PostgreSQL's SQLSTATE for a lock not granted within `lock_timeout`.
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def bound_lock_waits(conn: Connection, wait_seconds: float) -> None:
+    """PostgreSQL: every lock the rest of `conn`'s transaction waits for is waited for `wait_seconds`
+    at most (`lock_timeout`, SET LOCAL; at least 1 ms: 0 would wait for ever), then `lock_not_granted`."""
+    conn.execute(
+        text("SELECT pg_catalog.set_config('lock_timeout', :w, true)"),
+        {"w": f"{max(1, int(wait_seconds * 1000))}ms"},
+    )
+
+
+def lock_not_granted(exc: BaseException) -> bool:
+    """True for PostgreSQL's error for a lock not granted within `lock_timeout`."""
+    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
 def default_catalog_url(home: str | os.PathLike[str]) -> str:
@@ -276,11 +293,26 @@ class Database:
         """`migrate` through Alembic's migrations, whatever the database holds."""
         if self.at_head():
             return
+        wait = lease_wait_seconds()
+        try:
+            self._migrate_with_alembic(wait)
+        except OperationalError as exc:
+            if not lock_not_granted(exc):
+                raise
+            raise CatalogLockBusy(
+                "the catalog's migration waited on a lock another catalog session holds (the migration "
+                "lock, pg_locks names it, or a table it alters); waited "
+                f"{wait:g} s (PCBO_LEASE_WAIT_SECONDS); nothing was migrated"
+            ) from None
+
+    def _migrate_with_alembic(self, wait: float) -> None:
         from alembic import command
         from alembic.config import Config
 
         with self.write() as conn:
             if self.dialect == "postgresql":
+                # another migrator holds it for one migration: waited for as a lease is
+                bound_lock_waits(conn, wait)
                 conn.execute(text("SELECT pg_catalog.pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
             revisions = _schema_revisions(conn)
             unknown = sorted(set(revisions) - known_revisions())
@@ -298,6 +330,10 @@ class Database:
             )
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+
+class CatalogLockBusy(PcboError):
+    """Another catalog session held a lock pcbo needs for all of `PCBO_LEASE_WAIT_SECONDS` (exit 1)."""
 
 
 class CatalogRevisionUnknown(PcboError):

@@ -10,16 +10,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import Database, insert_ignore
+from pcbo_dagster.catalog.database import Database, bound_lock_waits, insert_ignore, lock_not_granted
 from pcbo_dagster.catalog.runs import register_dataset
 from pcbo_dagster.io.clock import utc_now
 
-#: PostgreSQL's SQLSTATE for a lock not granted within `lock_timeout`.
-LOCK_NOT_AVAILABLE = "55P03"
 #: What `try_acquire_lease` answers when another session held the lease row locked for all its wait.
 ROW_LOCKED: dict[str, Any] = {"holder": None, "row_locked": True}
 
@@ -51,7 +49,7 @@ class DatasetLeases(Database):
                     dataset, version_label, holder, ttl_seconds, is_stale, lock_wait_seconds
                 )
             except OperationalError as exc:
-                if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                if not lock_not_granted(exc):
                     raise
                 return dict(ROW_LOCKED)
             except _RowChanged:
@@ -72,9 +70,7 @@ class DatasetLeases(Database):
         expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
         with self.write() as conn:
             if self.dialect == "postgresql" and lock_wait_seconds is not None:
-                # at least 1 ms: 0 would wait for ever
-                wait = f"{max(1, int(lock_wait_seconds * 1000))}ms"
-                conn.execute(text("SELECT pg_catalog.set_config('lock_timeout', :w, true)"), {"w": wait})
+                bound_lock_waits(conn, lock_wait_seconds)
             register_dataset(conn, dataset, version_label)
             # The row locked (PostgreSQL: FOR UPDATE; SQLite's write transaction holds the whole
             # file) until this transaction ends: two hosts never both take the same expired lease.
