@@ -962,3 +962,74 @@ def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
     else:
         assert [r["seq"] for r in store.audit_event_rows(CHAIN)] == [0]  # nothing appended
     store.close()
+
+
+@pytest.mark.postgres
+def test_an_id_sequence_restarted_behind_its_table_is_named_with_its_fix(
+    fresh_postgres_url, tmp_path
+) -> None:
+    """Red-team finding: `ALTER SEQUENCE lineage_id_seq RESTART WITH 1` made every run and `verify
+    --repair` fail with a bare `duplicate key value violates unique constraint "pk_lineage"`; the
+    error now names the sequence behind the table's largest id and the `setval` that fixes it (exit 1,
+    nothing committed), and once fixed the run goes through."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
+
+    env = {"PCBO_CATALOG_URL": fresh_postgres_url}
+    generator = load_generator()
+    home = tmp_path / "home"
+    first = write_request(
+        tmp_path / "a.json", generator.make_request(records=20, partitions=2, seed=1, run_id="a")
+    )
+    assert run_pcbo(["execute", "--input", first], home=home, env=env).status == 0
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute("ALTER SEQUENCE lineage_id_seq RESTART WITH 1")
+    second = write_request(
+        tmp_path / "b.json", generator.make_request(records=20, partitions=2, seed=2, run_id="b")
+    )
+    commands: list[list[str | Path]] = [["execute", "--input", second], ["verify", "--repair"]]
+    for args in commands:
+        run = run_pcbo(args, home=home, env=env)
+        assert run.status == 1, run.stderr
+        assert "lineage_id_seq" in run.stderr and "SELECT pg_catalog.setval(" in run.stderr, run.stderr
+        assert "internal error" not in run.stderr, run.stderr
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        assert admin.execute(
+            "SELECT count(*) FROM runs WHERE run_id = 'b' AND status = 'succeeded'"
+        ).fetchone() == (0,)
+        fix = run.stderr[run.stderr.index("SELECT pg_catalog.setval(") :].split(";")[0]
+        admin.execute(fix)
+    assert run_pcbo(["execute", "--input", second], home=home, env=env).status == 0
+    verify = run_pcbo(["verify"], home=home, env=env)
+    assert verify.status == 0 and verify.document["status"] == "clean", (verify.stderr, verify.document)
+
+
+@pytest.mark.postgres
+def test_an_alert_is_not_dropped_as_already_raised_by_a_restarted_id_sequence(fresh_postgres_url) -> None:
+    """Red-team finding: with `alerts_id_seq` set back, a new alert's id collided with a stored one and
+    `raise_alert` took the collision for its key already raised: the alert was dropped silently."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.catalog.database import CatalogSequenceBehind
+    from pcbo_dagster.catalog.rollouts import RolloutStore
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    alerts = RolloutStore(store)
+
+    def raise_alert(key: str) -> dict[str, Any] | None:
+        return alerts.raise_alert(
+            alert_key=key, kind="k", severity="critical", subject="s", detail={}, mac="m", state_mac="m"
+        )
+
+    assert raise_alert("first") is not None
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo, autocommit=True) as admin:
+        admin.execute("ALTER SEQUENCE alerts_id_seq RESTART WITH 1")
+    with pytest.raises(CatalogSequenceBehind, match="alerts_id_seq"):
+        raise_alert("second")
+    store.close()

@@ -34,6 +34,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.pool import StaticPool
 
 from pcbo_dagster.core.errors import PcboError
@@ -161,11 +162,52 @@ class Database:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction (SQLite: BEGIN IMMEDIATE); commits on success, rolls back on error."""
-        with self.engine.connect() as conn:
-            if self.dialect == "sqlite":
-                conn = conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
-            with conn.begin():
-                yield conn
+        try:
+            with self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    conn = conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+                with conn.begin():
+                    yield conn
+        except SqlIntegrityError as exc:
+            behind = self._sequence_behind(exc)
+            if behind is None:
+                raise
+            raise CatalogSequenceBehind(behind) from None
+
+    def _sequence_behind(self, exc: SqlIntegrityError) -> str | None:
+        """What to say when a PostgreSQL insert's new id (its table's id sequence's next value: pcbo
+        never writes an id itself) collided with a row already there (`pk_<table>`): the sequence was
+        set back behind the table's largest id (`ALTER SEQUENCE … RESTART`, `setval`). None for any
+        other integrity error."""
+        diag = getattr(exc.orig, "diag", None)
+        table, schema = getattr(diag, "table_name", None), getattr(diag, "schema_name", None)
+        if self.dialect != "postgresql" or not table or not schema:
+            return None
+        if getattr(exc.orig, "sqlstate", None) != "23505":  # unique_violation
+            return None
+        if getattr(diag, "constraint_name", None) != f"pk_{table}":
+            return None
+        with self.read() as conn:
+            quote = conn.dialect.identifier_preparer.quote
+            qualified = f"{quote(schema)}.{quote(table)}"
+            sequence = conn.execute(
+                text("SELECT pg_catalog.pg_get_serial_sequence(:t, 'id')"), {"t": qualified}
+            ).scalar_one()
+            if sequence is None:
+                return None
+            largest = conn.execute(text(f"SELECT max(id) FROM {qualified}")).scalar_one()  # noqa: S608 - quoted
+            at = conn.execute(
+                text("SELECT pg_catalog.pg_sequence_last_value(CAST(:s AS regclass))"), {"s": sequence}
+            ).scalar_one()
+        if largest is None:
+            return None
+        return (
+            f"the catalog's sequence {sequence} handed out an id {qualified} already holds (the "
+            f"sequence is at {at if at is not None else 'its start'}, the table's largest id is {largest}): "
+            "it was set back (ALTER SEQUENCE … RESTART, setval); the catalog transaction was rolled "
+            "back. Fix it with "
+            f"SELECT pg_catalog.setval('{sequence}', (SELECT max(id) FROM {qualified}));"
+        )
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -330,6 +372,10 @@ class Database:
             )
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+
+class CatalogSequenceBehind(PcboError):
+    """A PostgreSQL catalog table's id sequence was set back behind the table's largest id (exit 1)."""
 
 
 class CatalogLockBusy(PcboError):
