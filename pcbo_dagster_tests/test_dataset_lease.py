@@ -272,3 +272,27 @@ def test_a_lease_row_held_locked_is_waited_for_only_as_long_as_a_lease(
     assert not still_waiting, "the run waited on the locked lease row past PCBO_LEASE_WAIT_SECONDS"
     assert len(outcome) == 1 and isinstance(outcome[0], DatasetBusy), outcome
     assert "locked" in str(outcome[0]), outcome[0]
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [
+        "https://admin:hunter2@evil.example/x?sig=s3cret \x1b[2J" + "A" * 5000,
+        '{"run": 7, "pid": "x"}',
+        '["run", "a"]',
+    ],
+)
+def test_a_lease_holder_pcbo_did_not_write_is_said_to_be_so(store, holder) -> None:
+    """Red-team finding: a lease row whose holder text pcbo did not write (anyone who can write the
+    catalog can put one there) was shown as `run None (pid None on None)`; the message now says the
+    holder is not one pcbo wrote and quotes it, scrubbed of credentials and bounded."""
+    from pcbo_dagster.engine.environment import DatasetBusy, DatasetLease
+
+    assert store.try_acquire_lease("events", "v1", holder, 600) is None
+    with pytest.raises(DatasetBusy) as raised:
+        DatasetLease(store, "events", "v1", "run-b").acquire(0)
+    message = str(raised.value)
+    assert "None" not in message and "not one pcbo wrote" in message, message
+    assert "hunter2" not in message and "s3cret" not in message, message
+    assert len(message) < 700, message
+    assert repr(holder[:20])[1:-1] in message or "[redacted]" in message, message

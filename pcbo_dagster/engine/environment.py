@@ -23,6 +23,7 @@ from pcbo_dagster.core.signed_note import SigningKey, VerifierKey
 from pcbo_dagster.engine.settings import Settings, check_multi_host
 from pcbo_dagster.engine.transparency_log import load_signing_key, witnesses_of
 from pcbo_dagster.io.env_vars import lease_wait_seconds, positive_number
+from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.lake.storage import LakeStorage
 
 #: How long a lease lasts without renewal (`PCBO_LEASE_TTL_SECONDS`): a run whose host died is taken
@@ -62,6 +63,28 @@ def _holder(holder_text: str) -> dict[str, Any]:
     return holder if isinstance(holder, dict) else {}
 
 
+#: How much of a lease holder text pcbo did not write its busy message quotes.
+_HOLDER_SHOWN = 200
+
+
+def _shown(text: str) -> str:
+    """A text from a lease row (anyone who can write the catalog may have written it) as a busy
+    message quotes it: scrubbed of credentials (`scrub_text`), its first `_HOLDER_SHOWN` characters."""
+    text = scrub_text(text)
+    return repr(text[:_HOLDER_SHOWN]) + (" …" if len(text) > _HOLDER_SHOWN else "")
+
+
+def _written_by_pcbo(holder: dict[str, Any]) -> bool:
+    """A holder of the shape `DatasetLease` writes (its run id or null, pid, host, token)."""
+    return (
+        "run" in holder
+        and isinstance(holder["run"], str | None)
+        and type(holder.get("pid")) is int
+        and isinstance(holder.get("host"), str)
+        and isinstance(holder.get("token"), str)
+    )
+
+
 def _busy_message(dataset: str, version_label: str, current: dict[str, Any] | None, waited: float) -> str:
     """Why a run gives up on a dataset version: who holds it (the catalog's lease row `current`; None
     when the run holding the file lock has not taken its lease yet, or already gave it back)."""
@@ -71,10 +94,13 @@ def _busy_message(dataset: str, version_label: str, current: dict[str, Any] | No
         who = "a catalog session that holds its lease row locked (pg_locks names it)"
     else:
         holder = _holder(current["holder"])
-        who = (
-            f"run {holder.get('run')!r} (pid {holder.get('pid')} on {holder.get('host')}) "
-            f"since {current['acquired_at']:%Y-%m-%dT%H:%M:%SZ}"
-        )
+        since = f"since {current['acquired_at']:%Y-%m-%dT%H:%M:%SZ}"
+        if not _written_by_pcbo(holder):
+            who = f"a lease holder that is not one pcbo wrote ({_shown(str(current['holder']))}) {since}"
+        else:
+            run = holder["run"]
+            run = f"run {_shown(run)}" if run is not None else "a pcbo command without a run"
+            who = f"{run} (pid {holder['pid']} on {_shown(holder['host'])}) {since}"
     return (
         f"{dataset}/{version_label} is being written by {who}; waited {waited:g} s (PCBO_LEASE_WAIT_SECONDS)"
     )
