@@ -1945,3 +1945,41 @@ def test_gc_judges_no_dataset_version_its_catalog_never_ran(home, tmp_path):
         ]
     assert {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()} == history
     assert pcbo(home, "verify")[0] == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("shadow", "named"),
+    [
+        ("CREATE VIEW decoy.audit_events AS SELECT * FROM public.audit_events", "a view in schema decoy"),
+        ("CREATE TABLE decoy.audit_events (LIKE public.audit_events)", "a table in schema decoy"),
+    ],
+    ids=["view", "table"],
+)
+def test_a_relation_shadowing_a_catalog_table_is_named_not_called_a_dropped_trigger(
+    fresh_postgres_url, tmp_path, shadow, named
+):
+    """Red-team finding: with a view or table of a catalog table's name in a schema earlier on the
+    search path, pcbo's statements reach it, and verify said `catalog_trigger_missing`: "an
+    append-only trigger was dropped", sending the operator to look for a trigger that is still there.
+    The finding now names the relation the name reaches (schema, kind) and the table it hides."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.catalog import CatalogStore
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    database = make_url(fresh_postgres_url).database
+    with store.write() as conn:
+        conn.execute(text("CREATE SCHEMA decoy"))
+        conn.execute(text(shadow))
+        conn.execute(text(f'ALTER DATABASE "{database}" SET search_path = decoy, public'))
+    store.close()  # the database's settings apply to new sessions
+    problem = store.append_only_trigger_problems()["audit_events_append_only"]
+    store.close()
+    assert named in problem and "public.audit_events" in problem, problem
+    run = run_pcbo(["verify"], home=tmp_path / "home", env={"PCBO_CATALOG_URL": fresh_postgres_url})
+    found = [f for f in run.document["findings"] if f["where"] == "audit_events_append_only"]
+    assert [f["kind"] for f in found] == ["catalog_trigger_missing"], run.document
+    assert named in found[0]["detail"] and "dropped" not in found[0]["detail"], found

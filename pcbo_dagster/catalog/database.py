@@ -229,7 +229,8 @@ class Database:
         or why it differs (SQLite: its `CREATE TRIGGER` text, as the schema snapshot holds it;
         PostgreSQL: its `pg_get_triggerdef` (events, `UPDATE OF` columns, timing, `WHEN`, function),
         enabled for pcbo's sessions (not `ENABLE REPLICA`, nor under a `session_replication_role` of
-        `replica`), and its function's schema, name, language, security and body).
+        `replica`), and its function's schema, name, language, security and body). A trigger missing
+        because the name reaches another relation is `missing: <what it reaches, what it hides>`.
 
         On PostgreSQL each table is the relation pcbo's own unqualified statements reach (`to_regclass`
         through the session's search path: a view or table of that name in a schema earlier on it is
@@ -252,7 +253,9 @@ class Database:
                 {"names": tables},
             ).all()
             oids = {str(r[0]): r[1] for r in relations if r[1] is not None}
+            path = list(conn.execute(text("SELECT pg_catalog.current_schemas(false)")).scalar_one())
             conn.execute(text("SELECT pg_catalog.set_config('search_path', :p, true)"), {"p": PG_SEARCH_PATH})
+            shadowed = _shadowing_relations(conn, oids, path)
             replica = pg_replica_session(conn)
             rows = conn.execute(
                 text(
@@ -271,7 +274,7 @@ class Database:
         for name, table in expected.items():
             row = by_name.get((name, oids.get(table)))
             if row is None:
-                problems[name] = "missing"
+                problems[name] = "missing" + (f": {shadowed[table]}" if table in shadowed else "")
                 continue
             action = name[len(table) + 1 :]
             when = "BEFORE DELETE OR UPDATE" if action == "append_only" else "BEFORE TRUNCATE"
@@ -489,6 +492,40 @@ def pg_replica_session(conn: Connection) -> bool:
     the database, say), in which ORIGIN triggers, the ones `CREATE TRIGGER` makes, do not fire."""
     setting = conn.execute(text("SELECT pg_catalog.current_setting('session_replication_role')")).scalar()
     return bool(setting == "replica")
+
+
+#: pg_class.relkind as a finding names it.
+_RELKINDS = {
+    "r": "table",
+    "p": "partitioned table",
+    "v": "view",
+    "m": "materialized view",
+    "f": "foreign table",
+}
+
+
+def _shadowing_relations(conn: Connection, oids: dict[str, Any], path: list[str]) -> dict[str, str]:
+    """Table name -> what the name reaches when that is not a plain table alone of its name on the
+    search path `path` (a view, or any relation in a schema earlier on it than another of that name):
+    its schema and kind, and those of the relations of that name it hides."""
+    rows = conn.execute(
+        text(
+            "SELECT c.relname, c.oid = ANY(CAST(:oids AS oid[])), n.nspname, c.relkind FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname = ANY(CAST(:names AS text[])) "
+            "AND n.nspname = ANY(CAST(:path AS text[])) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+        ),
+        {"oids": list(oids.values()), "names": list(oids), "path": path},
+    ).all()
+    out: dict[str, str] = {}
+    for name in oids:
+        found = [(str(r[2]), _RELKINDS[str(r[3])]) for r in rows if r[0] == name and r[1]]
+        hidden = [f"{_RELKINDS[str(r[3])]} {r[2]}.{name}" for r in rows if r[0] == name and not r[1]]
+        if not found or (found[0][1] == "table" and not hidden):
+            continue
+        schema, kind = found[0]
+        said = f"the name {name} reaches a {kind} in schema {schema} (the first on the search path)"
+        out[name] = said + (f", not the {', the '.join(hidden)}" if hidden else "")
+    return out
 
 
 def pg_trigger_asleep(tgenabled: str, replica: bool) -> str | None:

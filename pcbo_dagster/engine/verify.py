@@ -1107,6 +1107,13 @@ def _check_triggers(env: Environment, report: _Report) -> None:
     for name, problem in sorted(env.catalog.append_only_trigger_problems().items()):
         if problem == "missing":
             report.find("catalog_trigger_missing", name, "an append-only trigger was dropped")
+        elif problem.startswith("missing: "):  # the table's name reaches another relation
+            report.find(
+                "catalog_trigger_missing",
+                name,
+                f"{problem.removeprefix('missing: ')}: pcbo's statements reach a relation this "
+                "append-only trigger does not guard",
+            )
         else:
             report.find(
                 "catalog_trigger_altered",
