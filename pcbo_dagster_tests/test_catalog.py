@@ -909,6 +909,7 @@ def _migrate_fresh(url: str) -> None:
         ("LOCK TABLE audit_chain_heads IN ACCESS EXCLUSIVE MODE", "audit_chain_heads"),
         ("SELECT 1 FROM audit_chain_heads FOR UPDATE", "audit_chain_heads"),
         ("SELECT pg_catalog.pg_advisory_lock({key})", "migration"),
+        ("SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended({partition}, 0))", "partition"),
     ],
 )
 def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
@@ -923,6 +924,7 @@ def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
 
     from pcbo_dagster.catalog.database import MIGRATION_LOCK_KEY
     from pcbo_dagster.core.errors import PcboError
+    from pcbo_dagster.core.json_documents import compact_text
 
     monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "1")
     migration = named == "migration"
@@ -938,6 +940,8 @@ def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
         try:
             if migration:
                 _migrate_fresh(fresh_postgres_url)
+            elif named == "partition":
+                _record(store, 1)
             else:
                 with store.locked_chain(CHAIN) as tx:
                     tx.append([_event(1, _event(0, None, "a")["chain"]["event_hash"], "b")])
@@ -946,7 +950,10 @@ def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
             outcome.append(exc)
 
     with psycopg.connect(conninfo) as holder:
-        holder.execute(hold.format(key=MIGRATION_LOCK_KEY))  # held until the block ends
+        partition = compact_text(["pcbo.partition", DS, VL, "20240101T000000Z"])
+        holder.execute(
+            hold.format(key=MIGRATION_LOCK_KEY, partition="%s"), (partition,) * hold.count("{partition}")
+        )
         contender = threading.Thread(target=contend, daemon=True)
         contender.start()
         contender.join(60)  # a bound on a hang, not a measurement: the wait asked for is 1 s
@@ -959,6 +966,8 @@ def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
     assert named in str(outcome[0]) and "PCBO_LEASE_WAIT_SECONDS" in str(outcome[0]), outcome[0]
     if migration:
         assert not store.at_head()  # nothing migrated
+    elif named == "partition":
+        assert store.partition_versions(DS, VL) == []  # nothing recorded
     else:
         assert [r["seq"] for r in store.audit_event_rows(CHAIN)] == [0]  # nothing appended
     store.close()

@@ -12,12 +12,21 @@ from datetime import datetime
 from typing import Any, TypedDict, cast
 
 from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy.exc import OperationalError
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import Database, insert_ignore, insert_ignore_many
+from pcbo_dagster.catalog.database import (
+    CatalogLockBusy,
+    Database,
+    bound_lock_waits,
+    insert_ignore,
+    insert_ignore_many,
+    lock_not_granted,
+)
 from pcbo_dagster.catalog.runs import register_dataset
 from pcbo_dagster.core.json_documents import compact_text
 from pcbo_dagster.io.clock import utc_now
+from pcbo_dagster.io.env_vars import lease_wait_seconds
 
 #: The unique key of a lineage row: a partition version's source is recorded once.
 LINEAGE_KEY = ["dataset", "version_label", "partition_key", "partition_version", "source_uri"]
@@ -88,6 +97,7 @@ class PartitionRecords(Database):
             return
         p = t.partitions
         with self.write() as conn:
+            _bound_partition_lock_waits(conn)
             fresh: list[dict[str, Any]] = []
             for (dataset, version_label), group in _group_by_dataset(rows).items():
                 register_dataset(conn, dataset, version_label)
@@ -150,6 +160,7 @@ class PartitionRecords(Database):
         )
         name = f"{dataset}/{version_label}/{partition_key}"
         with self.write() as conn:
+            _bound_partition_lock_waits(conn)
             _lock_partition(conn, dataset, version_label, partition_key)
             status = conn.execute(select(p.c.status).where(*where_partition, p.c.version == version)).scalar()
             if status is None:
@@ -352,10 +363,26 @@ def _lineage_row(row: dict[str, Any]) -> dict[str, Any]:
 def _lock_partition(conn: Connection, dataset: str, version_label: str, partition_key: str) -> None:
     """PostgreSQL: serialise writers of one partition (SQLite already holds the write lock)."""
     if conn.dialect.name == "postgresql":
-        conn.execute(
-            text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:k, 0))"),
-            {"k": compact_text(["pcbo.partition", dataset, version_label, partition_key])},
-        )
+        try:
+            conn.execute(
+                text("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(:k, 0))"),
+                {"k": compact_text(["pcbo.partition", dataset, version_label, partition_key])},
+            )
+        except OperationalError as exc:
+            if not lock_not_granted(exc):
+                raise
+            raise CatalogLockBusy(
+                f"the catalog's partition lock of {dataset}/{version_label}/{partition_key} is held by "
+                f"another catalog session (pg_locks names it); waited {lease_wait_seconds():g} s "
+                "(PCBO_LEASE_WAIT_SECONDS); nothing was recorded"
+            ) from None
+
+
+def _bound_partition_lock_waits(conn: Connection) -> None:
+    """PostgreSQL: the partition locks (`_lock_partition`) of `conn`'s transaction, and whatever else
+    it waits for, are waited for `PCBO_LEASE_WAIT_SECONDS` at most (a writer holds one for a commit)."""
+    if conn.dialect.name == "postgresql":
+        bound_lock_waits(conn, lease_wait_seconds())
 
 
 def _partition_row(row: Any) -> PartitionVersionRow:
