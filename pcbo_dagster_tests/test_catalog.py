@@ -1042,3 +1042,26 @@ def test_an_alert_is_not_dropped_as_already_raised_by_a_restarted_id_sequence(fr
     with pytest.raises(CatalogSequenceBehind, match="alerts_id_seq"):
         raise_alert("second")
     store.close()
+
+
+@pytest.mark.postgres
+def test_a_duplicate_key_of_a_table_without_an_id_sequence_stays_an_integrity_error(
+    fresh_postgres_url,
+) -> None:
+    """The named sequence error is only for a table with an id sequence: a duplicate primary key of
+    another (a rollout created concurrently, which its caller catches) is still an IntegrityError."""
+    from pcbo_dagster.catalog import schema as t
+
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    row = {
+        "chain_key": CHAIN,
+        "first_seq": 0,
+        "events_json": "[]",
+        "recorded_at": datetime(2024, 1, 1, tzinfo=UTC),
+    }
+    with store.write() as conn:
+        conn.execute(t.audit_pending_batches.insert().values(**row))
+    with pytest.raises(sa.exc.IntegrityError), store.write() as conn:
+        conn.execute(t.audit_pending_batches.insert().values(**row))
+    store.close()

@@ -190,9 +190,13 @@ class Database:
         with self.read() as conn:
             quote = conn.dialect.identifier_preparer.quote
             qualified = f"{quote(schema)}.{quote(table)}"
-            sequence = conn.execute(
-                text("SELECT pg_catalog.pg_get_serial_sequence(:t, 'id')"), {"t": qualified}
-            ).scalar_one()
+            sequence = conn.execute(  # no row: the table has no id column
+                text(
+                    "SELECT pg_catalog.pg_get_serial_sequence(:t, 'id') FROM pg_catalog.pg_attribute "
+                    "WHERE attrelid = CAST(:t AS pg_catalog.regclass) AND attname = 'id' AND NOT attisdropped"
+                ),
+                {"t": qualified},
+            ).scalar()
             if sequence is None:
                 return None
             largest = conn.execute(text(f"SELECT max(id) FROM {qualified}")).scalar_one()  # noqa: S608 - quoted
