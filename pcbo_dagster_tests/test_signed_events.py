@@ -165,8 +165,30 @@ def test_a_chain_from_before_the_key_goes_on_signed(tmp_path: Path) -> None:
     assert OPERATOR_SIGNATURE in events[-1]
     assert _checkpoint_sizes(home) == [len(events)]
     assert run_pcbo(["verify"], home=home, env=signing).status == 0
-    # a run without the key (a process not given it) now appends events no checkpoint will cover
+    # a run without the key (a process not given it) is refused; an event appended without it (by
+    # someone who can write the stores) is one no checkpoint will cover
     third = _execute(tmp_path, home, "s3", None, seed=7)
-    assert third.status == 0, third.stderr
+    assert third.status == 1 and "PCBO_SIGNING_KEY" in third.stderr, third.stderr
+    _append_without_the_key(home, "partition_commit_intent", {"partitions": [], "run_id": "forged"})
     verified = run_pcbo(["verify"], home=home, env=signing)
     assert verified.status == 1 and set(_kinds(verified.document)) == {"event_signature_invalid"}
+
+
+def test_a_process_without_the_key_appends_nothing_to_a_signed_chain(tmp_path: Path) -> None:
+    """A pcbo process not given PCBO_SIGNING_KEY (a host or worker misconfigured) refuses to append to
+    a chain the key signs (exit 1 naming the variable, nothing written), where it appended unsigned
+    events that made every keyed run refuse the chain for good (red-team finding)."""
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    assert _execute(tmp_path, home, "s1", signing).status == 0
+    events, files = backup_events(home, intents=True), lake_files(home)
+    keyless = _execute(tmp_path, home, "s2", None, seed=6)
+    assert keyless.status == 1, keyless.stderr
+    assert "PCBO_SIGNING_KEY" in keyless.stderr and "nothing was written" in keyless.stderr
+    first = next(e for e in events if e["event_type"] == "partition_commit_intent")["partitions"][0]["key"]
+    rolled = run_pcbo(["rollback", "--dataset", "events", "--partition", first], home=home)
+    assert rolled.status == 1 and "PCBO_SIGNING_KEY" in rolled.stderr, rolled.stderr
+    assert backup_events(home, intents=True) == events and lake_files(home) == files
+    assert run_pcbo(["verify"], home=home, env=signing).status == 0
+    # with the key the chain goes on
+    assert _execute(tmp_path, home, "s2", signing, seed=6).status == 0
+    assert run_pcbo(["verify"], home=home, env=signing).status == 0
