@@ -192,3 +192,23 @@ def test_a_process_without_the_key_appends_nothing_to_a_signed_chain(tmp_path: P
     # with the key the chain goes on
     assert _execute(tmp_path, home, "s2", signing, seed=6).status == 0
     assert run_pcbo(["verify"], home=home, env=signing).status == 0
+
+
+def test_repair_without_the_key_heals_nothing_of_a_signed_chain(tmp_path: Path) -> None:
+    """`verify --repair` in a process not given the key holds a signed chain back (its crash window
+    stays, reported) instead of completing it with unsigned events no keyed run would accept; with
+    the key it heals (red-team finding)."""
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    request = write_request(tmp_path / "c1.json", _request("c1"))
+    crashed = run_pcbo(
+        ["execute", "--input", request], home=home, env={**signing, "PCBO_FAILPOINT": "after_commit@1"}
+    )
+    assert crashed.status == 86, crashed.stderr
+    events = backup_events(home, intents=True)
+    keyless = run_pcbo(["verify", "--repair"], home=home)
+    assert keyless.status == 1 and not keyless.document["repaired"], keyless.document
+    assert "PCBO_SIGNING_KEY" in str(keyless.document["findings"])
+    assert backup_events(home, intents=True) == events
+    healed = run_pcbo(["verify", "--repair"], home=home, env=signing)
+    assert healed.status == 0 and healed.document["repaired"], healed.document
+    assert run_pcbo(["verify"], home=home, env=signing).status == 0

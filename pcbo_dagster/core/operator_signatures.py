@@ -121,3 +121,10 @@ def unsigned_events(
         for event in events[start:]
         if event.get("event_type") not in self_checked and verified_statement(event, verifier) is None
     ]
+
+
+def first_signed(events: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The first of `events` that carries an operator signature, verified or not (a process without
+    the key cannot tell): the chain is one the key signs, and a writer without it must append nothing
+    to it (its events would be unsigned). None when none does."""
+    return next((event for event in events if OPERATOR_SIGNATURE in event), None)

@@ -37,7 +37,7 @@ from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.chain_state import ChainState, replay
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.errors import IntegrityError
-from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE
+from pcbo_dagster.core.operator_signatures import first_signed
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
@@ -254,7 +254,7 @@ def refuse_keyless_writer(env: Environment, chain: CheckedChain, key: str, doing
     `PCBO_SIGNING_KEY` (exit 1, nothing written): a host, worker or server not given the key."""
     if env.signing_key is not None:
         return
-    signed = next((e for e in chain.events if OPERATOR_SIGNATURE in e), None)
+    signed = first_signed(chain.events)
     if signed is not None:
         raise ChainNotVerified(
             f"{doing} refused: the audit chain {key} is signed by the operator's key (its events from "
