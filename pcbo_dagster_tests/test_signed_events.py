@@ -212,3 +212,31 @@ def test_repair_without_the_key_heals_nothing_of_a_signed_chain(tmp_path: Path) 
     healed = run_pcbo(["verify", "--repair"], home=home, env=signing)
     assert healed.status == 0 and healed.document["repaired"], healed.document
     assert run_pcbo(["verify"], home=home, env=signing).status == 0
+
+
+def test_a_run_with_another_key_appends_nothing_to_a_chain_signed_by_the_first(tmp_path: Path) -> None:
+    """A PCBO_SIGNING_KEY rotated on an existing chain: the run is refused naming both keys (exit 1,
+    nothing written), where it appended events of the new key and `verify` then reported every
+    checkpoint the first key signed as `checkpoint_signature_invalid` and its table declaration as
+    unsigned, with nothing said at the run (red-team finding)."""
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    assert _execute(tmp_path, home, "s1", signing).status == 0
+    events, files, sizes = backup_events(home, intents=True), lake_files(home), _checkpoint_sizes(home)
+    rotated = signing_key_from_seed("ops.example/operator-2027", bytes([34]) * 32)
+    other = {"PCBO_SIGNING_KEY": str(key_file(tmp_path, rotated))}
+    again = _execute(tmp_path, home, "s2", other, seed=6)
+    assert again.status == 1, again.stderr
+    assert "ops.example/operator " in again.stderr or "ops.example/operator+" in again.stderr, again.stderr
+    assert "ops.example/operator-2027" in again.stderr and "nothing was written" in again.stderr
+    assert backup_events(home, intents=True) == events and lake_files(home) == files
+    assert _checkpoint_sizes(home) == sizes
+    assert run_pcbo(["verify"], home=home, env=signing).status == 0
+    # nor does repair with it heal a crash window of that chain
+    crashed = _execute(tmp_path, home, "s3", {**signing, "PCBO_FAILPOINT": "after_commit@1"}, seed=7)
+    assert crashed.status == 86, crashed.stderr
+    events = backup_events(home, intents=True)
+    held = run_pcbo(["verify", "--repair"], home=home, env=other)
+    assert held.status == 1 and not held.document["repaired"], held.document
+    assert "ops.example/operator-2027" in str(held.document["findings"])
+    assert backup_events(home, intents=True) == events
+    assert run_pcbo(["verify", "--repair"], home=home, env=signing).status == 0

@@ -123,8 +123,46 @@ def unsigned_events(
     ]
 
 
-def first_signed(events: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The first of `events` that carries an operator signature, verified or not (a process without
-    the key cannot tell): the chain is one the key signs, and a writer without it must append nothing
-    to it (its events would be unsigned). None when none does."""
-    return next((event for event in events if OPERATOR_SIGNATURE in event), None)
+def writer_refusal(events: Sequence[Mapping[str, Any]], verifier: VerifierKey | None) -> str | None:
+    """Why a process holding the operator key of `verifier` (None: no key) must append nothing to the
+    chain of `events`, or None when it may. A chain the key signs (an event of it carries
+    `operator_signature`, verified or not: a process without the key cannot tell) takes events of that
+    key alone: without a key they would be unsigned, and from then on every run with the key would
+    refuse the chain (`event_signature_invalid`, no repair); with another key (one rotated) the
+    checkpoints and table declaration the chain's key signed would stop verifying."""
+    first = next((event for event in events if OPERATOR_SIGNATURE in event), None)
+    if first is None:
+        return None
+    if verifier is None:
+        return (
+            f"it is signed by the operator's key (its events from seq {_seq(first)} on carry "
+            "operator_signature) and this process has no PCBO_SIGNING_KEY: the events it appended would "
+            "be unsigned and every run with the key would refuse the chain; give this process the key"
+        )
+    # (the newest event the key signed is the last one that carries a signature, unless a forgery
+    # follows it, which readers ignore (a table declaration) or `verify` reports)
+    signed = [event for event in reversed(events) if OPERATOR_SIGNATURE in event]
+    if any(verified_statement(event, verifier) is not None for event in signed):
+        return None
+    last = signed[0]
+    return (
+        f"it is signed by {_signer(last)} (seq {_seq(last)}), not by this process's PCBO_SIGNING_KEY "
+        f"({verifier.name}+{verifier.key_id.hex()}): a chain keeps the key that signed it (its "
+        "checkpoints and table declaration verify only under it); run with that key, or write under a "
+        "new versionLabel with the new one"
+    )
+
+
+def _seq(event: Mapping[str, Any]) -> Any:
+    chain = event.get("chain")
+    return chain.get("seq") if isinstance(chain, Mapping) else None
+
+
+def _signer(event: Mapping[str, Any]) -> str:
+    """`<key name>+<key id hex>` of the first signature line of the event's operator signature, as its
+    note states it (not verified)."""
+    try:
+        signature = parse_note(str(event.get(OPERATOR_SIGNATURE))).signatures[0]
+    except (NoteError, IndexError):
+        return "an unreadable signature"
+    return f"{signature.name}+{signature.key_id.hex()}"

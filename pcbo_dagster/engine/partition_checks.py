@@ -37,7 +37,7 @@ from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.chain_state import ChainState, replay
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.errors import IntegrityError
-from pcbo_dagster.core.operator_signatures import first_signed
+from pcbo_dagster.core.operator_signatures import writer_refusal
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
@@ -243,25 +243,17 @@ def verified_chain(
             "was written (`pcbo verify` lists every finding)"
         )
     if sync:
-        refuse_keyless_writer(env, chain, key, doing)
+        refuse_writer_without_the_chains_key(env, chain, key, doing)
     return chain
 
 
-def refuse_keyless_writer(env: Environment, chain: CheckedChain, key: str, doing: str) -> None:
-    """A writer without the operator's key appends nothing to a chain that key signs (an event of it
-    carries `operator_signature`): its events would be unsigned, and from then on every run with the
-    key would refuse the chain (`event_signature_invalid`, no repair). `ChainNotVerified` naming
-    `PCBO_SIGNING_KEY` (exit 1, nothing written): a host, worker or server not given the key."""
-    if env.signing_key is not None:
-        return
-    signed = first_signed(chain.events)
-    if signed is not None:
-        raise ChainNotVerified(
-            f"{doing} refused: the audit chain {key} is signed by the operator's key (its events from "
-            f"seq {signed.get('chain', {}).get('seq')} on carry operator_signature) and this process has no "
-            "PCBO_SIGNING_KEY: the events it appended would be unsigned and every run with the key would "
-            "refuse the chain; give this process the key; nothing was written"
-        )
+def refuse_writer_without_the_chains_key(env: Environment, chain: CheckedChain, key: str, doing: str) -> None:
+    """A writer appends nothing to a chain the operator's key signs unless it holds that key
+    (`core/operator_signatures.writer_refusal`): `ChainNotVerified` naming `PCBO_SIGNING_KEY` (exit 1,
+    nothing written), for a host, worker or server not given the key, or given another."""
+    reason = writer_refusal(chain.events, env.operator_verifier)
+    if reason is not None:
+        raise ChainNotVerified(f"{doing} refused: the audit chain {key}: {reason}; nothing was written")
 
 
 def chain_verdict(part: CommittedPartition, chain: CheckedChain) -> Verdict:

@@ -60,7 +60,7 @@ from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.instants import parse_instant, to_datetime
 from pcbo_dagster.core.ledger_links import LedgerLinks
-from pcbo_dagster.core.operator_signatures import first_signed, verified_statement
+from pcbo_dagster.core.operator_signatures import verified_statement, writer_refusal
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.core.rollout_lifecycle import (
@@ -105,11 +105,6 @@ NOT_VERIFIED = (
     "verify --repair refuses to heal it: the audit chain does not verify (an event edited, or not the "
     "history its stored transparency log holds: what looks like a crash window may be forged)"
 )
-NO_KEY = (
-    "verify --repair refuses to heal it: the chain is signed by the operator's key and this process has "
-    "no PCBO_SIGNING_KEY (the events it appended would be unsigned, and every run with the key would "
-    "refuse the chain): repair with the key"
-)
 
 
 class _Report:
@@ -120,7 +115,7 @@ class _Report:
         self.repairing = repair
         self.findings: list[dict[str, Any]] = []
         self.repaired: list[dict[str, Any]] = []
-        #: Repairing, but not this chain: why (`HELD_BACK`, `NOT_VERIFIED`, `NO_KEY`), else None.
+        #: Repairing, but not this chain: why (`HELD_BACK`, `NOT_VERIFIED`, `writer_refusal`'s), else None.
         self.held_back: str | None = None
         #: Crash windows the chain shows still open that nothing in the stores contradicts (not
         #: findings: no store was tampered with; `_pending_commit`).
@@ -227,13 +222,10 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
             and distrusted(env, read_chain(env, dataset, version_label), ckey)
         ):
             held_back[ckey] = NOT_VERIFIED
-        elif (
-            repair
-            and ckey not in held_back
-            and env.signing_key is None
-            and first_signed(backup_chains.get(ckey, []))
-        ):
-            held_back[ckey] = NO_KEY
+        elif repair and ckey not in held_back:
+            refusal = writer_refusal(backup_chains.get(ckey, []), env.operator_verifier)
+            if refusal is not None:
+                held_back[ckey] = f"verify --repair refuses to heal it: {refusal}"
         report.repair = repair and ckey not in held_back
         report.held_back = held_back.get(ckey)
         events = backup_chains.get(ckey, [])
