@@ -12,9 +12,12 @@ place, chain or type no longer verifies.
 event from the chain's first signed one on (those before it are the chain as it was before the key
 was set) that no checkpoint the key signed covers. A run refuses such a chain and `pcbo verify`
 reports each (`engine/transparency_log.py`); no checkpoint is signed over one. The events whose
-readers count them only when the key signed them — the rollout lifecycle events
-(`core/rollout_lifecycle.py`), the table declarations (`tables/iceberg_publication.py`) — are left to
-those readers: an unsigned one is ignored there and reported under its own kind.
+readers count them only when a key signed them — the rollout lifecycle events
+(`core/rollout_lifecycle.py`) and table declarations (`tables/iceberg_publication.py`), by the
+operator's key, and approvals, by an approver's — are left to those readers: an unsigned one is
+ignored there and reported under its own kind. `writer_refusal` says who may append to a signed
+chain: a process holding the key that signed it, no other (without a key its events would be
+unsigned; with another, the chain's checkpoints would stop verifying).
 
 Before 2026-12-07 only lifecycle events were signed, over a statement without the place (header
 `pcbo.rollout-event/v1`); `verified_statement` still accepts that form, whose copies the lifecycle

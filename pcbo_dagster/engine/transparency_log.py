@@ -649,7 +649,8 @@ def check_stored_logs(env: Any, chain_key: str, backup_events: list[dict]) -> li
 
 
 def _unsigned_finding(chain_key: str, event: Mapping[str, Any]) -> dict[str, str]:
-    seq = event.get("chain", {}).get("seq")
+    chain = event.get("chain")
+    seq = chain.get("seq") if isinstance(chain, Mapping) else None
     return {
         "kind": "event_signature_invalid",
         "where": f"{chain_key} seq {seq}",
