@@ -129,6 +129,10 @@ def test_an_event_appended_without_the_key_is_refused_reported_and_never_checkpo
             path.unlink()
     before = lake_files(home)
 
+    planned = run_pcbo(
+        ["dry-run", "--input", write_request(tmp_path / "s2.json", _request("s2", 6))], home=home, env=signing
+    )
+    assert planned.status == 1 and "no valid signature" in planned.stderr, planned.stderr  # as execute
     again = _execute(tmp_path, home, "s2", signing, seed=6)
     assert again.status == 1, again.stderr
     assert "event_signature_invalid" in again.stderr or "no valid signature" in again.stderr, again.stderr
