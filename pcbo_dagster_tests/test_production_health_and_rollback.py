@@ -329,7 +329,9 @@ def test_a_changed_source_makes_the_rollout_stale(world: World) -> None:
 def test_production_differing_from_staging_is_drifted(world: World) -> None:
     world.stage_and_promote()
     world.change_source(hour=1)
-    world.run(world.envs.staging, "rollout-r1-staging")  # staging hour 1 gets other content
+    # staging hour 1 gets other content (another request: another run id, as a run id repeats only its
+    # own request)
+    world.run(world.envs.staging, "staging-other-content")
     world.restore_source()  # production is not stale: the source evaluates as approved again
     report = check_production_health(world.config, world.dataset, world.envs, T0)
     drifted = _by_key(report)[KEYS[1]]
