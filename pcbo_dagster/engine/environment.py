@@ -21,7 +21,7 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.signed_note import SigningKey, VerifierKey
 from pcbo_dagster.engine.settings import Settings, check_multi_host
-from pcbo_dagster.engine.transparency_log import load_signing_key, witnesses_of
+from pcbo_dagster.engine.transparency_log import signing_key_of, witnesses_of
 from pcbo_dagster.io.env_vars import lease_wait_seconds, positive_number
 from pcbo_dagster.io.redaction import scrub_text
 from pcbo_dagster.lake.storage import LakeStorage
@@ -232,11 +232,7 @@ class Environment:
         through this environment. A configuration that cannot hold with runs on several hosts is
         refused first (`settings.check_multi_host`)."""
         check_multi_host(settings)
-        signing_key = (
-            load_signing_key(settings.signing_key, settings.signing_key_field)
-            if settings.signing_key is not None
-            else None
-        )
+        signing_key = signing_key_of(settings)
         witnesses = witnesses_of(settings.witnesses, settings.witnesses_field, signing_key)
         if witnesses and signing_key is None:
             # (a run would sign no checkpoint, so ask no witness, and say so nowhere)

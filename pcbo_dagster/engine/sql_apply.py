@@ -229,7 +229,7 @@ def read_only_deployment(settings: Settings | Callable[[], Settings]) -> Iterato
     from pcbo_dagster.audit.log import AuditLog
     from pcbo_dagster.audit.object_store_backup import open_backup
     from pcbo_dagster.catalog import CatalogStore
-    from pcbo_dagster.engine.transparency_log import load_signing_key
+    from pcbo_dagster.engine.transparency_log import signing_key_of
     from pcbo_dagster.io.redaction import redact_url
     from pcbo_dagster.lake.storage import LakeStorage
 
@@ -247,13 +247,12 @@ def read_only_deployment(settings: Settings | Callable[[], Settings]) -> Iterato
             if not catalog.is_missing_sqlite_file() and catalog.at_head():
                 # (with the operator's key, as a run reads the chain: one holding an event the key
                 # should have signed and did not is refused here as there)
-                key = (
-                    None
-                    if settings.signing_key is None
-                    else load_signing_key(settings.signing_key, settings.signing_key_field)
-                )
                 env = Environment(
-                    settings, LakeStorage(settings.lake_url), catalog, AuditLog(backup, catalog), key
+                    settings,
+                    LakeStorage(settings.lake_url),
+                    catalog,
+                    AuditLog(backup, catalog),
+                    signing_key_of(settings),
                 )
             yield ReadOnlyDeployment(catalog, backup, where, env)
     finally:

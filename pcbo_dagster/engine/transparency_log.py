@@ -127,12 +127,19 @@ def load_signing_key(path: Path, field: str = "PCBO_SIGNING_KEY") -> SigningKey:
         raise InvalidInput(field, f"{shown}: {exc}") from None
 
 
+def signing_key_of(settings: Settings) -> SigningKey | None:
+    """The operator's signing key `settings` name, loaded (`load_signing_key`, an error naming its flag
+    or variable); None when they name none."""
+    if settings.signing_key is None:
+        return None
+    return load_signing_key(settings.signing_key, settings.signing_key_field)
+
+
 def operator_verifier_of(settings: Settings) -> VerifierKey | None:
     """The verifier key of the operator's signing key `settings` name (None: no key), for a reader
     that opens no environment (a dry-run); `Environment.operator_verifier` otherwise."""
-    if settings.signing_key is None:
-        return None
-    return load_signing_key(settings.signing_key, settings.signing_key_field).verifier()
+    key = signing_key_of(settings)
+    return None if key is None else key.verifier()
 
 
 def parse_key_argument(text: str, field: str) -> VerifierKey:
