@@ -73,15 +73,16 @@ CREATE TABLE unplaced (
 """
 
 
+#: Where spills are made (`spill_root`).
+SPILL_DIR_VARIABLE = "PCBO_SPILL_DIR"
+
+
 def spill_root() -> str | None:
     """Where spills are made: `PCBO_SPILL_DIR` (`~` expanded, as `Settings.own_paths` reads it), or
     None for the system's temporary directory. A value with surrounding white space or control
     characters is `InvalidInput` naming the variable."""
     root = plain_path(SPILL_DIR_VARIABLE, os.environ.get(SPILL_DIR_VARIABLE) or None)
     return None if root is None else os.path.expanduser(root)
-
-
-SPILL_DIR_VARIABLE = "PCBO_SPILL_DIR"
 
 
 def _alive(pid: int) -> bool:
