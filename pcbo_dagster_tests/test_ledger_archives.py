@@ -1062,6 +1062,84 @@ def test_verify_finds_a_lake_holding_two_ledger_histories(tmp_path, two_historie
     assert "ledger 17 (" in found[0]["detail"] and "range=10-17" in found[0]["detail"], found
 
 
+def test_a_trusted_ledger_hash_anchors_a_run_to_the_network(tmp_path, capsys):
+    """Known limit closed: a run into an empty dataset was anchored to nothing, so an archive
+    rewritten whole from a fork (another history, every hash and link recomputed) loaded. With
+    `source.trustedLedger` (the range's last ledger's hash, taken from the network) the fork is refused
+    (exit 2 on `source.trustedLedger.hash`, nothing written; a dry-run too), the genuine archive
+    loads with the anchor in the manifest holding that ledger (so on the chain), and a gap before the
+    trusted ledger, which would leave the ledgers below it unlinked, is refused even with allowGaps."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
+    forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
+    fork = forged.root
+    assert forged.ledgers[33].ledger_hash != genuine.ledgers[33].ledger_hash
+    trusted = {"sequence": 33, "hash": genuine.ledgers[33].ledger_hash.hex()}
+
+    def run(command: str, root: Path, home: Path, **source: Any) -> tuple[int, str]:
+        request = _range_request("anchored", root, 18, 34)
+        request["source"].update(trustedLedger=trusted, **source)
+        path = write_request(tmp_path / "anchored.json", request)
+        capsys.readouterr()
+        status = main([command, "--input", str(path), "--home", str(home)])
+        return status, capsys.readouterr().err
+
+    home = tmp_path / "home"
+    for command in ("dry-run", "execute"):
+        status, err = run(command, fork, home)
+        assert status == 2 and "source.trustedLedger.hash" in err, err
+        assert f"ledger 33's hash is {forged.ledgers[33].ledger_hash.hex()}, not the trusted" in err
+        assert not (home / "lake").exists()
+    status, err = run("execute", genuine.root, home)
+    assert status == 0, err
+    manifests = {
+        key: json.loads((lake_dir(home) / "ledgers" / "v1" / key / "_manifest.json").read_bytes())
+        for key in ("range=18-25", "range=26-33")
+    }
+    assert {k: m.get("trustedLedger") for k, m in manifests.items()} == {
+        "range=18-25": None,
+        "range=26-33": trusted,
+    }
+    assert main(["verify", "--home", str(home)]) == 0
+
+    genuine.file_of(20).unlink()  # ledgers 20-23
+    status, err = run("dry-run", genuine.root, tmp_path / "home-gap", allowGaps=True)
+    assert status == 2 and "source.trustedLedger" in err and "ledgers 20-23 are missing" in err, err
+    genuine.file_of(33).unlink()  # the trusted ledger itself
+    status, err = run("dry-run", genuine.root, tmp_path / "home-gap", allowGaps=True)
+    assert status == 2 and "does not hold ledger 33" in err, err
+
+
+@pytest.mark.parametrize(
+    ("source", "field"),
+    [
+        (
+            {"format": "ledger_archive", "trustedLedger": {"sequence": 32, "hash": "ab" * 32}},
+            "source.trustedLedger.sequence",
+        ),
+        (
+            {"format": "ledger_archive", "trustedLedger": {"sequence": 33, "hash": "AB" * 32}},
+            "source.trustedLedger.hash",
+        ),
+        (
+            {"format": "ledger_archive", "trustedLedger": {"sequence": 33, "hash": "ab" * 31}},
+            "source.trustedLedger.hash",
+        ),
+        ({"format": "ledger_archive", "trustedLedger": {"sequence": 33}}, "source.trustedLedger.hash"),
+        ({"format": "jsonl", "trustedLedger": {"sequence": 33, "hash": "ab" * 32}}, "source.trustedLedger"),
+    ],
+)
+def test_a_trusted_ledger_is_checked_as_input(tmp_path, source, field):
+    request = _range_request("r", tmp_path, 18, 34)
+    request["source"].update(source)
+    if source["format"] == "jsonl":
+        request["source"]["uri"] = "x.jsonl"
+    with pytest.raises(InvalidInput) as refused:
+        load_request(json.dumps(request).encode(), base_dir=tmp_path)
+    assert refused.value.field == field, refused.value
+
+
 def test_a_fifo_in_an_archive_is_refused_and_linked_batch_files_are_read(tmp_path):
     """Red-team finding: a FIFO named like a batch file made a dry-run wait for a writer forever. It is
     refused (exit 2, naming the file, nothing written). A batch file that is a symbolic link to a

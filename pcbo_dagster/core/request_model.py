@@ -117,6 +117,18 @@ class Policies(BaseModel):
     onViolation: Literal["omit", "block"] = "omit"
 
 
+class TrustedLedger(BaseModel):
+    """A ledger hash the operator took from the network (a validator or Horizon they trust): the
+    ledger `sequence`'s `hash`, 64 lowercase hex digits as Horizon shows it. An archive's ledgers are
+    then loaded only when ledger `sequence` has that hash and every ledger of the range before it links
+    to it (`sources/ledger_archives.py`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sequence: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)]
+    hash: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class SourceRef(BaseModel):
     """Records stored elsewhere: a file or a directory of files (local, `file://`, `s3://`, `gs://`)
     and its format.
@@ -141,6 +153,9 @@ class SourceRef(BaseModel):
     #: the missing ledgers). When true, the gaps are recorded in the manifests of the partitions
     #: they fall into (`gaps`: [[first, last], ...]).
     allowGaps: StrictBool = False
+    #: A ledger archive's range anchored to the network: its last ledger's hash as the operator
+    #: trusts it (the range's every ledger links to it, or nothing is written).
+    trustedLedger: TrustedLedger | None = None
 
     def resolved_format(self) -> str:
         """The format of a single-file source: `format`, else inferred from the URI's extension.
@@ -245,6 +260,18 @@ class BackfillRequest(BaseModel):
             raise _FieldError("source.format", "a ledger_archive source needs a ledgerRange request")
         if self.source is not None and self.source.allowGaps and self.source.format != "ledger_archive":
             raise _FieldError("source.allowGaps", "only a ledger_archive source can have gaps")
+        if self.source is not None and self.source.trustedLedger is not None:
+            trusted = self.source.trustedLedger
+            if self.source.format != "ledger_archive" or self.ledgerRange is None:
+                raise _FieldError(
+                    "source.trustedLedger", "only a ledger_archive source's ledgers can be anchored"
+                )
+            if trusted.sequence != self.ledgerRange.end - 1:
+                raise _FieldError(
+                    "source.trustedLedger.sequence",
+                    f"must be the range's last ledger, {self.ledgerRange.end - 1} (ledgerRange.end is "
+                    "exclusive): a trusted hash anchors the ledgers up to its own",
+                )
         if self.target is not None and self.table is not None:
             raise _FieldError(
                 "table", "publishes the lake's partitions: a request with a SQL target has none"

@@ -663,6 +663,9 @@ def _prepare(
     gaps = _gaps_in(loaded, pd)
     if gaps:
         manifest["gaps"] = gaps
+    trusted = _trusted_ledger_in(loaded, pd)
+    if trusted is not None:
+        manifest["trustedLedger"] = trusted
     if previous is not None and manifests.same_content(previous, manifest):
         assert previous_checksum is not None
         if against_chain.verdict != "finding" and lake.read_if_exists(file_rel) != data:  # same path, bytes
@@ -714,6 +717,17 @@ def _retained_copy_finding(
         "detail": "the committed version's retained manifest was "
         + ("missing" if missing else "not the commit point's bytes"),
     }
+
+
+def _trusted_ledger_in(loaded: LoadedRequest, pd: PartitionDecision) -> dict[str, Any] | None:
+    """`{sequence, hash}` of the trusted ledger (`source.trustedLedger`) when this partition holds it
+    (pass 1 found it with that hash, `sources/ledger_archives.py`): on the chain with the manifest."""
+    ref = loaded.request.source
+    trusted = ref.trustedLedger if ref is not None else None
+    part = pd.partition
+    if trusted is None or not part.ledger or not part.start <= trusted.sequence < part.end:
+        return None
+    return {"sequence": trusted.sequence, "hash": trusted.hash}
 
 
 def _gaps_in(loaded: LoadedRequest, pd: PartitionDecision) -> list[list[int]]:

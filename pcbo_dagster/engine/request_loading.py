@@ -211,7 +211,15 @@ def _record_source(
     if ref.format == "ledger_archive":
         span = request.ledgerRange
         assert span is not None  # validate_request refuses an archive without a ledger range
-        return LedgerArchiveSource(uri, ref.uri, span.first, span.end, allow_gaps=ref.allowGaps)
+        trusted = ref.trustedLedger
+        return LedgerArchiveSource(
+            uri,
+            ref.uri,
+            span.first,
+            span.end,
+            allow_gaps=ref.allowGaps,
+            trusted=None if trusted is None else (trusted.sequence, trusted.hash),
+        )
     _record_file_scheme(uri, "pcbo")
     if is_directory(uri, ref.uri):
         window = None if request.ledgerRange is not None else (request.start_us, request.end_us)

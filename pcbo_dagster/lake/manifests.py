@@ -50,6 +50,9 @@ class Manifest(TypedDict):
     #: Ledgers of the partition's range its (ledger archive) source did not hold, as [first, last]
     #: runs; present only when the request allowed gaps and there were some.
     gaps: NotRequired[list[list[int]]]
+    #: `{sequence, hash}` of the ledger the request trusted (`source.trustedLedger`), in the partition
+    #: holding it: the run checked that its ledgers link to that hash.
+    trustedLedger: NotRequired[dict[str, Any]]
 
 
 class RollbackManifest(TypedDict):

@@ -420,6 +420,33 @@ def _iter_decoded(
         _gap(uri, expected, end - 1, require_complete, gaps)
 
 
+def _check_trusted(shown: str, record: dict[str, Any], trusted: tuple[int, str]) -> None:
+    """The trusted ledger's hash in the archive must be the one the operator trusts."""
+    sequence, digest = trusted
+    if record["ledgerHash"] != digest:
+        raise InvalidInput(
+            "source.trustedLedger.hash",
+            f"{redact_url(shown)}: ledger {sequence}'s hash is {record['ledgerHash']}, not the trusted "
+            f"{digest}: the archive is not that ledger history (nothing written)",
+        )
+
+
+def _check_anchored(sequence: int, seen: bool, gaps: list[tuple[int, int]]) -> None:
+    """Every ledger read links to the trusted ledger: it was read, and no gap lies before it (the
+    ledgers read link to one another, `_iter_decoded`; a gap links nothing)."""
+    if not seen:  # (without allowGaps a missing ledger is refused before this, as a gap)
+        raise InvalidInput(
+            "source.trustedLedger", f"the archive does not hold ledger {sequence} (nothing written)"
+        )
+    if gaps:
+        low, high = gaps[0]
+        raise InvalidInput(
+            "source.trustedLedger",
+            f"ledgers {low}-{high} are missing from the archive: the ledgers before them cannot be "
+            f"linked to the trusted ledger {sequence} (nothing written)",
+        )
+
+
 def _gap(uri: str, low: int, high: int, refuse: bool, gaps: list[tuple[int, int]] | None) -> None:
     if refuse:
         raise LedgerArchiveError(
@@ -515,10 +542,21 @@ class LedgerArchiveSource(RecordSource):
 
     kind = "ledger_archive"
 
-    def __init__(self, uri: str, shown: str, first: int, end: int, allow_gaps: bool = False) -> None:
+    def __init__(
+        self,
+        uri: str,
+        shown: str,
+        first: int,
+        end: int,
+        allow_gaps: bool = False,
+        trusted: tuple[int, str] | None = None,
+    ) -> None:
         super().__init__(uri, shown)
         self.first, self.end = first, end
         self.allow_gaps = allow_gaps
+        #: (sequence, hash) of the ledger the operator trusts (`source.trustedLedger`): pass 1 refuses
+        #: the archive unless that ledger has that hash and every ledger before it links to it.
+        self.trusted = trusted
         #: The runs of ledgers of the range the archive does not hold (with `allow_gaps`), as
         #: (first, last), after `batches`; without `allow_gaps` a gap is invalid input.
         self.gaps: list[tuple[int, int]] = []
@@ -543,7 +581,11 @@ class LedgerArchiveSource(RecordSource):
             sequences = np.array([r["ledgerSequence"] for r in records], dtype=np.int64)
             return DigestedRecords(records, b"".join(digests)), False, sequences
 
+        anchored = False
         for file, ledger, record in decoded:
+            if self.trusted is not None and ledger.sequence == self.trusted[0]:
+                _check_trusted(self.shown, record, self.trusted)
+                anchored = True
             index.add(file, ledger)
             records.append(record)
             digests.append(ledger.record_sha256)
@@ -552,6 +594,8 @@ class LedgerArchiveSource(RecordSource):
                 self.count += len(records)
                 yield batch()
                 records, digests, held = [], [], 0
+        if self.trusted is not None:
+            _check_anchored(self.trusted[0], anchored, self.gaps)
         if records:
             self.count += len(records)
             yield batch()
