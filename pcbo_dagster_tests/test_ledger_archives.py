@@ -1111,6 +1111,76 @@ def test_a_trusted_ledger_hash_anchors_a_run_to_the_network(tmp_path, capsys):
     assert status == 2 and "does not hold ledger 33" in err, err
 
 
+def test_verify_checks_the_lake_s_ledger_history_against_a_ledger_hash_the_auditor_trusts(tmp_path, capsys):
+    """`pcbo verify --trusted-ledger DATASET/VERSION:SEQUENCE:HASH`: the lake's ledger must have the
+    hash the auditor took from the network, or `ledger_not_trusted` (a lake loaded, before
+    `source.trustedLedger`, from a fork rewritten whole; a ledger the lake does not hold); the ledgers
+    linked up to it are reported `anchored`, across runs and partitions, stopping at a gap."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
+    forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
+    hash_33 = genuine.ledgers[33].ledger_hash.hex()
+
+    def load(home: Path, runs: list[tuple[str, Path, int, int]], **source: Any) -> None:
+        for run_id, root, first, end in runs:
+            request = _range_request(run_id, root, first, end)
+            request["source"].update(source)
+            assert (
+                main(
+                    [
+                        "execute",
+                        "--input",
+                        str(write_request(tmp_path / "r.json", request)),
+                        "--home",
+                        str(home),
+                    ]
+                )
+                == 0
+            )
+
+    def verify(home: Path, *anchors: str) -> tuple[int, dict[str, Any], str]:
+        capsys.readouterr()
+        flags = [f for a in anchors for f in ("--trusted-ledger", a)]
+        status = main(["verify", "--home", str(home), *flags])
+        captured = capsys.readouterr()
+        return status, json.loads(captured.out) if captured.out else {}, captured.err
+
+    home = tmp_path / "genuine-home"
+    load(home, [("a", genuine.root, 2, 18), ("b", genuine.root, 18, 34)])
+    status, document, _ = verify(
+        home, f"ledgers/v1:33:{hash_33}", f"ledgers/v1:17:{genuine.ledgers[17].ledger_hash.hex()}"
+    )
+    assert status == 0, document
+    assert [(t["sequence"], t["anchored"]) for t in document["trustedLedgers"]] == [
+        (33, {"first": 2, "last": 33}),
+        (17, {"first": 2, "last": 17}),
+    ]
+    status, document, _ = verify(home, f"ledgers/v1:34:{hash_33}", f"ledgers/v2:33:{hash_33}")
+    assert status == 1 and [f["kind"] for f in document["findings"]] == ["ledger_not_trusted"] * 2, document
+    assert "holds no ledger 34" in document["findings"][0]["detail"]
+
+    forked = tmp_path / "forked-home"  # a fork into an empty dataset, as it loaded before trustedLedger
+    load(forked, [("f", forged.root, 18, 34)])
+    status, document, _ = verify(forked, f"ledgers/v1:33:{hash_33}")
+    assert status == 1 and [f["kind"] for f in document["findings"]] == ["ledger_not_trusted"], document
+    assert (
+        f"hash in the lake is {forged.ledgers[33].ledger_hash.hex()}, not the trusted"
+        in document["findings"][0]["detail"]
+    )
+    assert document["trustedLedgers"][0]["anchored"] is None
+
+    genuine.file_of(20).unlink()  # ledgers 20-23
+    gapped = tmp_path / "gapped-home"
+    load(gapped, [("g", genuine.root, 2, 34)], allowGaps=True)
+    status, document, _ = verify(gapped, f"ledgers/v1:33:{hash_33}")
+    assert status == 0 and document["trustedLedgers"][0]["anchored"] == {"first": 24, "last": 33}, document
+
+    for bad in ("ledgers/v1:33", f"ledgers:33:{hash_33}", f"ledgers/v1:33:{hash_33.upper()}"):
+        status, _, err = verify(home, bad)
+        assert status == 2 and "--trusted-ledger" in err, err
+
+
 @pytest.mark.parametrize(
     ("source", "field"),
     [

@@ -163,12 +163,26 @@ def _trusted_checkpoint(args: argparse.Namespace) -> Any:
     return TrustedCheckpoint(checkpoint, note, witness_keys, minimum)
 
 
+def _ledger_anchors(texts: list[str]) -> list[Any]:
+    """`--trusted-ledger DATASET/VERSION:SEQUENCE:HASH` (repeatable), each parsed."""
+    from pcbo_dagster.core.ledger_links import LedgerAnchor
+
+    anchors = []
+    for text in texts:
+        try:
+            anchors.append(LedgerAnchor.parse(text))
+        except ValueError as exc:
+            raise InvalidInput("--trusted-ledger", f"{text!r}: {exc}") from None
+    return anchors
+
+
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     from pcbo_dagster.engine.verify import verify
 
     trusted = _trusted_checkpoint(args)
+    anchors = _ledger_anchors(args.trusted_ledger or [])
     with open_environment(args, create=False) as env:
-        document = verify(env, repair=args.repair, trusted=trusted)
+        document = verify(env, repair=args.repair, trusted=trusted, anchors=anchors)
     if document["status"] != "clean":
         raise Findings(document)
     return document
@@ -477,6 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="with --trusted-checkpoint: how many --witness-key cosignatures it must carry (default 0)",
+    )
+    p.add_argument(
+        "--trusted-ledger",
+        action="append",
+        metavar="DATASET/VERSION:SEQUENCE:HASH",
+        help="a ledger hash you trust (from the network): the lake's ledger must have it; the ledgers "
+        "linked up to it are reported as anchored (repeatable)",
     )
     add_target_url_option(p)
     p.set_defaults(func=cmd_verify)

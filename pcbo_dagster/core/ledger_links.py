@@ -8,16 +8,51 @@ the ledgers it reads, not the link to a ledger an earlier run loaded).
 the links inside it and keeps only its first and last ledgers; `breaks` then checks the links between
 partitions. A ledger absent from the lake (a gap, a record a policy omitted) links nothing: the
 ledgers on either side of it are not compared. Tables without those columns are not ledgers.
+
+`anchored(sequence)`: the ledgers linked, without a gap or a broken link, up to a ledger whose hash
+an auditor trusts (`pcbo verify --trusted-ledger`): those are the network's if that ledger is.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pcbo_dagster.core.request_model import LEDGER_HASH_PATTERN, MAX_LEDGER_SEQUENCE, NAME_PATTERN
+
 SEQUENCE, HASH, PREVIOUS = "ledgerSequence", "ledgerHash", "previousLedgerHash"
+
+_NAME = NAME_PATTERN[1:-1]
+_TRUSTED = re.compile(
+    rf"(?P<dataset>{_NAME})/(?P<label>{_NAME}):(?P<sequence>[1-9][0-9]{{0,9}}):"
+    rf"(?P<hash>{LEDGER_HASH_PATTERN[1:-1]})",
+    re.ASCII,
+)
+
+
+@dataclass(frozen=True)
+class LedgerAnchor:
+    """A ledger of a dataset version whose hash an auditor trusts (taken from the network)."""
+
+    dataset: str
+    version_label: str
+    sequence: int
+    hash: str
+
+    @classmethod
+    def parse(cls, text: str) -> LedgerAnchor:
+        """`DATASET/VERSION:SEQUENCE:HASH` (the hash 64 lowercase hex digits); `ValueError` saying the
+        form otherwise."""
+        match = _TRUSTED.fullmatch(text)
+        if match is None or int(match["sequence"]) > MAX_LEDGER_SEQUENCE:
+            raise ValueError(
+                "give DATASET/VERSION:SEQUENCE:HASH, e.g. ledgers/v1:641:<the ledger's hash, 64 "
+                "lowercase hex digits>"
+            )
+        return cls(match["dataset"], match["label"], int(match["sequence"]), match["hash"])
 
 
 @dataclass
@@ -27,6 +62,12 @@ class LedgerLinks:
     firsts: list[tuple[int, str, str]] = field(default_factory=list)
     lasts: list[tuple[int, str, str]] = field(default_factory=list)
     found: list[tuple[str, str]] = field(default_factory=list)
+    #: Runs of linked ledgers, each inside one table: (first, last, first's previousLedgerHash,
+    #: last's ledgerHash).
+    spans: list[tuple[int, int, str, str]] = field(default_factory=list)
+    #: The sequences whose hash to keep (`hash_of`), and those hashes as the tables hold them.
+    watch: frozenset[int] = frozenset()
+    hash_of: dict[int, str] = field(default_factory=dict)
 
     def add(self, table: pa.Table, where: str) -> None:
         """Check the links inside `table` (a partition's data file, `where`) and keep its ends."""
@@ -44,9 +85,19 @@ class LedgerLinks:
             return
         sequences = columns[SEQUENCE].to_pylist()
         hashes, previous = columns[HASH].to_pylist(), columns[PREVIOUS].to_pylist()
+        start = 0
         for i in range(1, len(sequences)):
-            if sequences[i] == sequences[i - 1] + 1 and previous[i] != hashes[i - 1]:
+            linked = sequences[i] == sequences[i - 1] + 1 and previous[i] == hashes[i - 1]
+            if sequences[i] == sequences[i - 1] + 1 and not linked:
                 self._break(sequences[i], previous[i], hashes[i - 1], where, where)
+            if not linked:
+                self.spans.append((sequences[start], sequences[i - 1], previous[start], hashes[i - 1]))
+                start = i
+        self.spans.append((sequences[start], sequences[-1], previous[start], hashes[-1]))
+        if self.watch:
+            for i, sequence in enumerate(sequences):
+                if sequence in self.watch:
+                    self.hash_of[sequence] = hashes[i]
         self.firsts.append((sequences[0], previous[0], where))
         self.lasts.append((sequences[-1], hashes[-1], where))
 
@@ -58,6 +109,19 @@ class LedgerLinks:
             if before is not None and before[0] != previous:
                 self._break(sequence, previous, before[0], where, before[1])
         return self.found
+
+    def anchored(self, sequence: int) -> tuple[int, int] | None:
+        """(first, `sequence`): the ledgers linked one to the next up to ledger `sequence`, across
+        tables, stopping at a gap or a broken link; None when no table holds it."""
+        spans = sorted(self.spans)
+        ends = {span[1]: span for span in spans}
+        holding = next((span for span in spans if span[0] <= sequence <= span[1]), None)
+        if holding is None:
+            return None
+        first, previous = holding[0], holding[2]
+        while (before := ends.get(first - 1)) is not None and before[3] == previous:
+            first, previous = before[0], before[2]
+        return first, sequence
 
     def _break(self, sequence: int, previous: str | None, digest: str | None, where: str, at: str) -> None:
         self.found.append(

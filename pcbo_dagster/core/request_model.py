@@ -30,6 +30,9 @@ from pcbo_dagster.core.sql_target_spec import SqlTargetSpec, TargetFieldError
 from pcbo_dagster.io.redaction import has_userinfo, userinfo_refused
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: A ledger's hash as Horizon and the lake show it; a ledger sequence is a uint32.
+LEDGER_HASH_PATTERN = r"^[0-9a-f]{64}$"
+MAX_LEDGER_SEQUENCE = 2**32 - 1
 MAX_PARTITIONS = 100_000
 _DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 
@@ -125,8 +128,8 @@ class TrustedLedger(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    sequence: Annotated[StrictInt, Field(ge=1, le=2**32 - 1)]
-    hash: Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
+    sequence: Annotated[StrictInt, Field(ge=1, le=MAX_LEDGER_SEQUENCE)]
+    hash: Annotated[StrictStr, Field(pattern=LEDGER_HASH_PATTERN)]
 
 
 class SourceRef(BaseModel):

@@ -39,7 +39,7 @@ import contextlib
 import functools
 import json
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +59,7 @@ from pcbo_dagster.core.chain_state import (
 from pcbo_dagster.core.checkpoints import Checkpoint, chain_of_origin
 from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.instants import parse_instant, to_datetime
-from pcbo_dagster.core.ledger_links import LedgerLinks
+from pcbo_dagster.core.ledger_links import LedgerAnchor, LedgerLinks
 from pcbo_dagster.core.operator_signatures import verified_statement, writer_refusal
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
@@ -145,18 +145,22 @@ class TrustedCheckpoint:
 
 
 def verify(
-    env: Environment, repair: bool = False, trusted: TrustedCheckpoint | None = None
+    env: Environment,
+    repair: bool = False,
+    trusted: TrustedCheckpoint | None = None,
+    anchors: Sequence[LedgerAnchor] = (),
 ) -> dict[str, Any]:
     """Check every store against the chains (module doc). With `repair`, under the write lock of every
     dataset version the stores know (waiting, as a run does, for runs under way): a live run's commit,
     its intent appended and its commit point written, looks exactly like a crash window, and healing
-    it beside the run would record that commit twice."""
+    it beside the run would record that commit twice. `anchors`: ledgers whose hashes the auditor
+    trusts (`_check_anchors`)."""
     if not repair:
-        return _verify(env, False, trusted)
+        return _verify(env, False, trusted, anchors)
     with contextlib.ExitStack() as locks:
         for dataset, version_label in _dataset_versions(env):
             locks.enter_context(env.dataset_lock(dataset, version_label))
-        return _verify(env, True, trusted)
+        return _verify(env, True, trusted, anchors)
 
 
 def _dataset_versions(env: Environment) -> list[tuple[str, str]]:
@@ -173,8 +177,11 @@ def _dataset_versions(env: Environment) -> list[tuple[str, str]]:
     return found
 
 
-def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -> dict[str, Any]:
+def _verify(
+    env: Environment, repair: bool, trusted: TrustedCheckpoint | None, anchors: Sequence[LedgerAnchor]
+) -> dict[str, Any]:
     report = _Report(repair)
+    links_of: dict[str, LedgerLinks] = {}
     # (before the stores are reconciled: a pending batch of such a chain is not adopted either)
     not_extending = _not_extending(env, trusted) if repair else set()
     if repair:
@@ -233,8 +240,13 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
         state = replay(events)
         for text in state.findings:
             report.find("audit_chain_inconsistent", ckey, text)
+        links_of[ckey] = LedgerLinks(
+            watch=frozenset(
+                a.sequence for a in anchors if (a.dataset, a.version_label) == (dataset, version_label)
+            )
+        )
         checked_partitions += _check_lake(
-            env, report, state, dataset, version_label, lake_keys.get(ckey, set())
+            env, report, state, dataset, version_label, lake_keys.get(ckey, set()), links_of[ckey]
         )
         try:
             _check_catalog(env, report, state, dataset, version_label)
@@ -260,6 +272,8 @@ def _verify(env: Environment, repair: bool, trusted: TrustedCheckpoint | None) -
     _check_rollouts(env, report, backup_chains)
     _check_triggers(env, report)
     document: dict[str, Any] = {}
+    if anchors:
+        document["trustedLedgers"] = _check_anchors(report, anchors, links_of)
     if trusted is not None:
         chain = chain_of_origin(trusted.checkpoint.origin, env.settings.checkpoint_origin_prefix)
         findings, summary = check_against_checkpoint(
@@ -441,13 +455,14 @@ def _check_lake(
     dataset: str,
     version_label: str,
     lake_keys: set[str],
+    links: LedgerLinks,
 ) -> int:
-    """Compare every partition the lake or the chain knows; returns how many commit points were read."""
+    """Compare every partition the lake or the chain knows; returns how many commit points were read.
+    `links` gathers a ledger dataset's history, across its partitions."""
     chain_keys = {
         k for k, h in state.partitions.items() if h.current is not None or h.open_intent is not None
     }
     checked = 0
-    links = LedgerLinks()  # a ledger dataset's history, across its partitions
     for key in sorted(lake_keys | chain_keys):
         where = f"{dataset}/{version_label}/{key}"
         try:
@@ -463,6 +478,46 @@ def _check_lake(
     for where, detail in links.breaks():
         report.find("ledger_link_broken", where, detail)
     return checked
+
+
+def _check_anchors(
+    report: _Report, anchors: Sequence[LedgerAnchor], links_of: dict[str, LedgerLinks]
+) -> list[dict[str, Any]]:
+    """Each ledger the auditor trusts against the lake's current partitions the chain vouches for:
+    its hash there must be the trusted one (else `ledger_not_trusted`); then the ledgers linked up to
+    it without a gap or a broken link (`anchored`, first and last) are the network's."""
+    summaries = []
+    for anchor in anchors:
+        ckey = f"{anchor.dataset}/{anchor.version_label}"
+        links = links_of.get(ckey)
+        held = links.hash_of.get(anchor.sequence) if links is not None else None
+        summary: dict[str, Any] = {
+            "dataset": anchor.dataset,
+            "versionLabel": anchor.version_label,
+            "sequence": anchor.sequence,
+            "hash": anchor.hash,
+            "anchored": None,
+        }
+        if held is None:
+            report.find(
+                "ledger_not_trusted",
+                ckey,
+                f"the lake holds no ledger {anchor.sequence} in a current partition its chain vouches for",
+            )
+        elif held != anchor.hash:
+            report.find(
+                "ledger_not_trusted",
+                ckey,
+                f"ledger {anchor.sequence}'s hash in the lake is {held}, not the trusted {anchor.hash}: "
+                "the lake does not hold that ledger history",
+            )
+        else:
+            assert links is not None
+            span = links.anchored(anchor.sequence)
+            if span is not None:
+                summary["anchored"] = {"first": span[0], "last": span[1]}
+        summaries.append(summary)
+    return summaries
 
 
 def _check_partition(
