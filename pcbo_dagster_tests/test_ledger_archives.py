@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
 import json
 import re
 import struct
@@ -28,6 +29,7 @@ from pcbo_dagster.sources import ledger_decoding  # noqa: E402
 from pcbo_dagster_tests import ledger_archive_builder as b  # noqa: E402
 from pcbo_dagster_tests import reference_ledger_decoder as reference  # noqa: E402
 from pcbo_dagster_tests.cli_runner import lake_dir, run_pcbo, write_request  # noqa: E402
+from pcbo_dagster_tests.loopback import serving  # noqa: E402
 
 # -- names ------------------------------------------------------------------------------------------
 
@@ -1109,6 +1111,91 @@ def test_a_trusted_ledger_hash_anchors_a_run_to_the_network(tmp_path, capsys):
     genuine.file_of(33).unlink()  # the trusted ledger itself
     status, err = run("dry-run", genuine.root, tmp_path / "home-gap", allowGaps=True)
     assert status == 2 and "does not hold ledger 33" in err, err
+
+
+class _Horizon(http.server.BaseHTTPRequestHandler):
+    """Horizon's ledger resource on loopback: `answers[path]` = (status, body)."""
+
+    answers: dict[str, tuple[int, bytes]] = {}
+    asked: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.asked.append(self.path)
+        status, body = self.answers.get(self.path, (404, b'{"status": 404}'))
+        self.send_response(status)
+        self.send_header("Content-Type", "application/hal+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_trusted_horizon_anchors_every_ledger_run_to_the_network(tmp_path, capsys, monkeypatch):
+    """`PCBO_TRUSTED_HORIZON_URL`: a ledger run that names no `source.trustedLedger` asks that Horizon
+    for its last ledger's hash (`GET /ledgers/<n>`): a fork is refused (exit 2 on `source.uri`,
+    nothing written), the genuine archive loads with the anchor in its manifest; a Horizon without
+    the ledger (404) is exit 2 on `ledgerRange.end`; one that fails (503 three times, a closed port) or
+    answers another ledger's document is exit 1, nothing written; plain http off loopback is refused."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
+    forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
+    hash_33 = genuine.ledgers[33].ledger_hash.hex()
+    document = {
+        "id": hash_33,
+        "hash": hash_33,
+        "sequence": 33,
+        "prev_hash": genuine.ledgers[32].ledger_hash.hex(),
+    }
+    _Horizon.answers = {"/ledgers/33": (200, json.dumps(document).encode())}
+    _Horizon.asked = []
+
+    def run(command: str, root: Path, home: Path) -> tuple[int, str]:
+        path = write_request(tmp_path / "r.json", _range_request("h", root, 18, 34))
+        capsys.readouterr()
+        status = main([command, "--input", str(path), "--home", str(home)])
+        return status, capsys.readouterr().err
+
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Horizon)) as url:
+        monkeypatch.setenv("PCBO_TRUSTED_HORIZON_URL", url + "/")
+        home = tmp_path / "home"
+        status, err = run("execute", forged.root, home)
+        assert status == 2 and "source.uri" in err and f"not the trusted Horizon {url}'s {hash_33}" in err, (
+            err
+        )
+        assert not (home / "lake").exists() and _Horizon.asked == ["/ledgers/33"]
+        status, err = run("execute", genuine.root, home)
+        assert status == 0, err
+        manifest = json.loads(
+            (lake_dir(home) / "ledgers" / "v1" / "range=26-33" / "_manifest.json").read_bytes()
+        )
+        assert manifest["trustedLedger"] == {"sequence": 33, "hash": hash_33}
+
+        for answers, expected, said in (
+            ({}, 2, "ledgerRange.end: the trusted Horizon"),
+            ({"/ledgers/33": (503, b"")}, 1, "answered 503 (3 attempts)"),
+            (
+                {"/ledgers/33": (200, json.dumps({**document, "sequence": 32}).encode())},
+                1,
+                "did not answer ledger 33",
+            ),
+            (
+                {"/ledgers/33": (200, json.dumps({**document, "hash": hash_33.upper()}).encode())},
+                1,
+                "did not answer ledger 33",
+            ),
+        ):
+            _Horizon.answers = answers
+            status, err = run("dry-run", genuine.root, tmp_path / "home-2")
+            assert status == expected and said in err, err
+    monkeypatch.setenv("PCBO_TRUSTED_HORIZON_URL", url)  # (the server is gone: a closed port)
+    status, err = run("execute", genuine.root, tmp_path / "home-2")
+    assert status == 1 and "the trusted Horizon" in err and not (tmp_path / "home-2" / "lake").exists(), err
+    monkeypatch.setenv("PCBO_TRUSTED_HORIZON_URL", "http://horizon.example")
+    status, err = run("dry-run", genuine.root, tmp_path / "home-2")
+    assert status == 2 and "PCBO_TRUSTED_HORIZON_URL" in err and "use https" in err, err
 
 
 def test_verify_checks_the_lake_s_ledger_history_against_a_ledger_hash_the_auditor_trusts(tmp_path, capsys):

@@ -720,14 +720,14 @@ def _retained_copy_finding(
 
 
 def _trusted_ledger_in(loaded: LoadedRequest, pd: PartitionDecision) -> dict[str, Any] | None:
-    """`{sequence, hash}` of the trusted ledger (`source.trustedLedger`) when this partition holds it
-    (pass 1 found it with that hash, `sources/ledger_archives.py`): on the chain with the manifest."""
-    ref = loaded.request.source
-    trusted = ref.trustedLedger if ref is not None else None
+    """`{sequence, hash}` of the trusted ledger (`source.trustedLedger`, or the trusted Horizon's) when
+    this partition holds it (pass 1 found it with that hash, `sources/ledger_archives.py`): on the
+    chain with the manifest."""
+    trusted = getattr(loaded.source, "trusted", None)
     part = pd.partition
-    if trusted is None or not part.ledger or not part.start <= trusted.sequence < part.end:
+    if trusted is None or not part.ledger or not part.start <= trusted[0] < part.end:
         return None
-    return {"sequence": trusted.sequence, "hash": trusted.hash}
+    return {"sequence": trusted[0], "hash": trusted[1]}
 
 
 def _gaps_in(loaded: LoadedRequest, pd: PartitionDecision) -> list[list[int]]:

@@ -420,13 +420,18 @@ def _iter_decoded(
         _gap(uri, expected, end - 1, require_complete, gaps)
 
 
-def _check_trusted(shown: str, record: dict[str, Any], trusted: tuple[int, str]) -> None:
-    """The trusted ledger's hash in the archive must be the one the operator trusts."""
+#: Who said the trusted hash when the request gave it (`source.trustedLedger`).
+REQUEST_TRUSTED = "the trusted"
+
+
+def _check_trusted(shown: str, record: dict[str, Any], trusted: tuple[int, str], by: str) -> None:
+    """The trusted ledger's hash in the archive must be the one the operator trusts (`by`: "the
+    trusted" for the request's `source.trustedLedger`, else the Horizon that said it)."""
     sequence, digest = trusted
     if record["ledgerHash"] != digest:
         raise InvalidInput(
-            "source.trustedLedger.hash",
-            f"{redact_url(shown)}: ledger {sequence}'s hash is {record['ledgerHash']}, not the trusted "
+            "source.trustedLedger.hash" if by == REQUEST_TRUSTED else "source.uri",
+            f"{redact_url(shown)}: ledger {sequence}'s hash is {record['ledgerHash']}, not {by} "
             f"{digest}: the archive is not that ledger history (nothing written)",
         )
 
@@ -554,9 +559,14 @@ class LedgerArchiveSource(RecordSource):
         super().__init__(uri, shown)
         self.first, self.end = first, end
         self.allow_gaps = allow_gaps
-        #: (sequence, hash) of the ledger the operator trusts (`source.trustedLedger`): pass 1 refuses
-        #: the archive unless that ledger has that hash and every ledger before it links to it.
-        self.trusted = trusted
+        #: (sequence, hash) of the ledger the operator trusts (`source.trustedLedger`, else, when
+        #: `PCBO_TRUSTED_HORIZON_URL` is set, the range's last ledger as that Horizon says it, asked
+        #: by pass 1): pass 1 refuses the archive unless that ledger has that hash and every ledger
+        #: before it links to it.
+        self.given_trusted = trusted
+        self.trusted: tuple[int, str] | None = None
+        #: Who said the trusted hash, for the error when the archive's is another.
+        self.trusted_by = REQUEST_TRUSTED
         #: The runs of ledgers of the range the archive does not hold (with `allow_gaps`), as
         #: (first, last), after `batches`; without `allow_gaps` a gap is invalid input.
         self.gaps: list[tuple[int, int]] = []
@@ -572,6 +582,9 @@ class LedgerArchiveSource(RecordSource):
         self.count = 0
         index = LedgerIndex()
         self.gaps = []
+        self.trusted, self.trusted_by = (
+            (self.given_trusted, REQUEST_TRUSTED) if self.given_trusted else self._ask_trusted_horizon()
+        )
         decoded = _iter_decoded(
             self.uri, self.first, self.end, not self.allow_gaps, self.pool, self.gaps, self.root
         )
@@ -584,7 +597,7 @@ class LedgerArchiveSource(RecordSource):
         anchored = False
         for file, ledger, record in decoded:
             if self.trusted is not None and ledger.sequence == self.trusted[0]:
-                _check_trusted(self.shown, record, self.trusted)
+                _check_trusted(self.shown, record, self.trusted, self.trusted_by)
                 anchored = True
             index.add(file, ledger)
             records.append(record)
@@ -600,6 +613,16 @@ class LedgerArchiveSource(RecordSource):
             self.count += len(records)
             yield batch()
         self.index = index
+
+    def _ask_trusted_horizon(self) -> tuple[tuple[int, str] | None, str]:
+        """(the range's last ledger and its hash, who said it) from `PCBO_TRUSTED_HORIZON_URL` when it
+        is set (`sources/horizon_ledgers.py`); (None, "") when not."""
+        from pcbo_dagster.sources.horizon_ledgers import ledger_hash, trusted_horizon_url
+
+        base = trusted_horizon_url()
+        if base is None:
+            return None, ""
+        return (self.end - 1, ledger_hash(base, self.end - 1)), f"the trusted Horizon {redact_url(base)}'s"
 
     def fetch(self, locators: np.ndarray) -> list[Any]:
         sequences = np.asarray(locators, dtype=np.int64)
