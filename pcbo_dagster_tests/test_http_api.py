@@ -649,3 +649,28 @@ def test_a_token_for_one_dataset_sees_nothing_of_another(server, admin, executed
     admin_only = server.client(server.token("limited-admin", "admin", datasets=["other-events"]))
     datasets = [d["dataset"] for d in admin_only.get("/v1/admin/status").json()["datasets"]]
     assert datasets == ["other-events"]
+
+
+def test_verify_command_checks_trusted_ledgers(server, admin, executed):
+    """`params.trustedLedgers` is `pcbo verify --trusted-ledger`: a ledger the lake does not hold is
+    `ledger_not_trusted` (the command ends in error with the findings); a malformed one is 422."""
+    anchor = "ledgers/v1:33:" + "ab" * 32
+    body = {
+        "commandId": "verify-anchor",
+        "action": "verify",
+        "target": "all",
+        "params": {"trustedLedgers": [anchor]},
+    }
+    state = _command(admin, body)
+    assert state["phase"] == "error", state
+    assert [f["kind"] for f in state["outcome"]["findings"]] == ["ledger_not_trusted"], state
+    assert state["outcome"]["trustedLedgers"][0]["anchored"] is None
+    for bad in (["ledgers/v1:33"], "ledgers/v1:33:" + "ab" * 32, [33]):
+        body = {
+            "commandId": "verify-bad",
+            "action": "verify",
+            "target": "all",
+            "params": {"trustedLedgers": bad},
+        }
+        answer = admin.post("/commands/run", json=body)
+        assert answer.status_code == 422 and answer.json()["field"] == "params.trustedLedgers", answer.text

@@ -89,7 +89,7 @@ PARAMS = {
     "pause-rollout": {"reason", "timeoutSeconds"},
     "resume-rollout": {"reason", "timeoutSeconds"},
     "cancel-rollout": {"reason", "timeoutSeconds"},
-    "verify": {"repair", "timeoutSeconds"},
+    "verify": {"repair", "trustedLedgers", "timeoutSeconds"},
     "gc": {"dryRun", "timeoutSeconds"},
 }
 
@@ -193,6 +193,22 @@ def _check_params(action: str, params: dict[str, Any]) -> None:
             raise invalid("params.partitions", "give the partition keys to retry (a list of strings)")
     for name in ("repair", "dryRun"):
         _flag(params, name)
+    if action == "verify":
+        _ledger_anchors(params)
+
+
+def _ledger_anchors(params: dict[str, Any]) -> list[Any]:
+    """`params.trustedLedgers`: `DATASET/VERSION:SEQUENCE:HASH` texts, as `pcbo verify
+    --trusted-ledger` takes them (422 naming the field otherwise)."""
+    from pcbo_dagster.core.ledger_links import LedgerAnchor
+
+    texts = params.get("trustedLedgers", [])
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise invalid("params.trustedLedgers", "give a list of DATASET/VERSION:SEQUENCE:HASH texts")
+    try:
+        return [LedgerAnchor.parse(text) for text in texts]
+    except ValueError as exc:
+        raise invalid("params.trustedLedgers", str(exc)) from None
 
 
 class CommandRunner:
@@ -415,7 +431,7 @@ class CommandRunner:
 
             env = self._environment(command)
             try:
-                document = verify(env, repair=_flag(params, "repair"))
+                document = verify(env, repair=_flag(params, "repair"), anchors=_ledger_anchors(params))
             finally:
                 env.close()
             if document["status"] != "clean":
