@@ -974,6 +974,77 @@ def test_a_catalog_lock_held_by_hand_is_waited_for_only_as_long_as_a_lease(
 
 
 @pytest.mark.postgres
+def test_a_catalog_table_or_row_locked_by_hand_is_waited_for_only_as_long_as_a_lease(
+    fresh_postgres_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Red-team finding: `LOCK TABLE partitions` (runs, lineage, any catalog table) or a row of `runs` or
+    `partitions` held `FOR UPDATE` by hand in an open session made `execute`, `verify`, `rollback` and
+    every other command wait for as long as it was held; each now gives up within
+    `PCBO_LEASE_WAIT_SECONDS`, exit 1 naming the table, nothing half written: once the lock is let go
+    the same command goes through and `verify` finds the stores clean."""
+    import json
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.cli.main import main
+    from pcbo_dagster_tests.cli_runner import load_generator, write_request
+
+    monkeypatch.setenv("PCBO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PCBO_CATALOG_URL", fresh_postgres_url)
+    monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "0.5")
+    generator = load_generator()
+    first, second = (
+        write_request(
+            tmp_path / f"{r}.json", generator.make_request(records=8, partitions=2, seed=i, run_id=r)
+        )
+        for i, r in enumerate(("a", "b"))
+    )
+
+    def pcbo(*args: str | Path) -> tuple[int | None, str]:
+        """`pcbo ARGS` in this process; its status (None: still waiting after 30 s) and stderr."""
+        outcome: list[int] = []
+        thread = threading.Thread(target=lambda: outcome.append(main([str(a) for a in args])), daemon=True)
+        thread.start()
+        thread.join(30)  # a bound on a hang, not a measurement: the wait asked for is 0.5 s
+        status = outcome[0] if outcome else None
+        if status is None:
+            holder.rollback()  # let it go, so the thread ends
+            thread.join()
+        return status, capsys.readouterr().err
+
+    assert pcbo("execute", "--input", first)[0] == 0
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    report = tmp_path / "verify.json"
+    with psycopg.connect(conninfo) as holder:
+        for hold, command, named in (
+            ("LOCK TABLE partitions IN ACCESS EXCLUSIVE MODE", ("execute", "--input", second), "partitions"),
+            (
+                "LOCK TABLE partitions IN SHARE MODE",
+                ("rollback", "--dataset", "events", "--run-id", "b"),
+                "partitions",
+            ),
+            ("LOCK TABLE lineage IN ACCESS EXCLUSIVE MODE", ("verify", "--output", report), "lineage"),
+            ("SELECT 1 FROM runs WHERE run_id = 'a' FOR UPDATE", ("execute", "--input", first), "runs"),
+            ("LOCK TABLE dataset_leases IN ACCESS EXCLUSIVE MODE", ("gc",), "dataset_leases"),
+        ):
+            holder.execute(hold)
+            status, stderr = pcbo(*command)
+            assert status == 1, (hold, command, status, stderr)
+            assert f"catalog table {named} " in stderr and "PCBO_LEASE_WAIT_SECONDS" in stderr, (hold, stderr)
+            holder.rollback()
+            if command[0] == "execute":  # what it left is clean, or a crash window repair heals
+                assert pcbo("verify", "--repair", "--output", report)[0] == 0
+            status, stderr = pcbo(*command)
+            assert status == 0, (hold, command, stderr)
+    assert pcbo("verify", "--output", report)[0] == 0
+    assert json.loads(report.read_text())["status"] == "clean"
+
+
+@pytest.mark.postgres
 def test_an_id_sequence_restarted_behind_its_table_is_named_with_its_fix(
     fresh_postgres_url, tmp_path
 ) -> None:

@@ -216,15 +216,13 @@ class ChainMirror(Database):
                         .with_for_update()
                     )
                 yield ChainTransaction(conn, chain_key)
-        except OperationalError as exc:
-            if not lock_not_granted(exc):
-                raise
+        except CatalogLockBusy as exc:
             raise ChainWriterBusy(
                 f"the audit chain {chain_key}'s append waited on a lock another catalog session holds "
-                "(its head row in audit_chain_heads, that table, or another audit table; pg_locks names "
-                f"it); waited {wait:g} s (PCBO_LEASE_WAIT_SECONDS); nothing was appended to the catalog (a "
-                "batch already in the audit backup stays pending, in the backup alone, for the next run "
-                "or `pcbo verify --repair` to adopt)"
+                f"({exc.locked}: its head row in audit_chain_heads, that table, or another audit table; "
+                f"pg_locks names it); waited {wait:g} s (PCBO_LEASE_WAIT_SECONDS); nothing was appended to "
+                "the catalog (a batch already in the audit backup stays pending, in the backup alone, for "
+                "the next run or `pcbo verify --repair` to adopt)"
             ) from None
 
     @contextlib.contextmanager

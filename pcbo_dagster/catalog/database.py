@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -55,18 +56,82 @@ PG_SEARCH_PATH = "pg_catalog, pg_temp"
 LOCK_NOT_AVAILABLE = "55P03"
 
 
+def _lock_timeout(wait_seconds: float) -> str:
+    """`wait_seconds` as a `lock_timeout` value: at least 1 ms (0 would wait for ever)."""
+    return f"{max(1, int(wait_seconds * 1000))}ms"
+
+
 def bound_lock_waits(conn: Connection, wait_seconds: float) -> None:
     """PostgreSQL: every lock the rest of `conn`'s transaction waits for is waited for `wait_seconds`
-    at most (`lock_timeout`, SET LOCAL; at least 1 ms: 0 would wait for ever), then `lock_not_granted`."""
+    at most (`lock_timeout`, SET LOCAL), then `lock_not_granted`. Every catalog session already waits
+    `PCBO_LEASE_WAIT_SECONDS` at most (`_bound_session_lock_waits`): this is for a shorter wait."""
     conn.execute(
-        text("SELECT pg_catalog.set_config('lock_timeout', :w, true)"),
-        {"w": f"{max(1, int(wait_seconds * 1000))}ms"},
+        text("SELECT pg_catalog.set_config('lock_timeout', :w, true)"), {"w": _lock_timeout(wait_seconds)}
     )
+
+
+def _bound_session_lock_waits(dbapi_conn: Any, _record: Any) -> None:
+    """A new PostgreSQL catalog session's `lock_timeout`: `PCBO_LEASE_WAIT_SECONDS`, so no lock another
+    session holds (`LOCK TABLE`, a row `FOR UPDATE`, an advisory lock, by hand or a stuck writer) is
+    waited for longer in any statement of any command (then `CatalogLockBusy`). Set outside a transaction
+    (a rolled-back one would undo it), as SQLAlchemy's `connect` recipe for `search_path` does."""
+    autocommit = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    try:
+        with dbapi_conn.cursor() as cur:
+            cur.execute(
+                "SELECT pg_catalog.set_config('lock_timeout', %s, false)",
+                (_lock_timeout(lease_wait_seconds()),),
+            )
+    finally:
+        dbapi_conn.autocommit = autocommit
 
 
 def lock_not_granted(exc: BaseException) -> bool:
     """True for PostgreSQL's error for a lock not granted within `lock_timeout`."""
     return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
+
+
+#: PostgreSQL's context of a row lock not granted: `while updating tuple (0,1) in relation "runs"`.
+_ROW_IN_RELATION = re.compile(r'while (\w+) tuple \([0-9,]+\) in relation "([^"]+)"')
+#: A placeholder of the statement as SQLAlchemy hands it to psycopg (`%(name)s`), or an escaped `%`.
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
+_IDENTIFIER = re.compile(r'"?([A-Za-z_][A-Za-z0-9_$]*)"?')
+
+
+def locked_catalog_object(exc: OperationalError) -> str:
+    """What a statement waited on for all its `lock_timeout` (`lock_not_granted(exc)`), as PostgreSQL's
+    error says it: a row of a table (its context names the relation), a table (its position points at
+    the relation's name in the statement), else "a lock" (an advisory lock: pg_locks names it)."""
+    diag = getattr(exc.orig, "diag", None)
+    row = _ROW_IN_RELATION.search(str(getattr(diag, "context", None) or ""))
+    if row is not None:
+        return f"a row of the catalog table {row.group(2)} (while {row.group(1)} it)"
+    position = getattr(diag, "statement_position", None)
+    if position and exc.statement:
+        numbers: dict[str, int] = {}
+
+        def sent(match: re.Match[str]) -> str:  # psycopg sends `%(name)s` as `$n`, `%%` as `%`
+            return (
+                "%" if match.group(1) is None else f"${numbers.setdefault(match.group(1), len(numbers) + 1)}"
+            )
+
+        name = _IDENTIFIER.match(_PLACEHOLDER.sub(sent, exc.statement), int(position) - 1)
+        if name is not None:
+            return f"the catalog table {name.group(1)}"
+    return "a lock"
+
+
+def catalog_lock_busy(exc: OperationalError) -> CatalogLockBusy:
+    """The error a command stops with when a catalog statement waited `lock_timeout` for a lock another
+    session held (`lock_not_granted(exc)`): what was locked, and that the transaction was rolled back."""
+    locked = locked_catalog_object(exc)
+    return CatalogLockBusy(
+        f"{locked} is locked by another catalog session (pg_locks names it); waited "
+        f"{lease_wait_seconds():g} s (PCBO_LEASE_WAIT_SECONDS); the catalog transaction that waited was "
+        "rolled back, nothing of it was appended",
+        locked=locked,
+    )
 
 
 def default_catalog_url(home: str | os.PathLike[str]) -> str:
@@ -127,7 +192,9 @@ class Database:
 
     def _create_engine(self) -> Engine:
         if self.dialect == "postgresql":
-            return create_engine(self._url, pool_pre_ping=True)
+            engine = create_engine(self._url, pool_pre_ping=True)
+            event.listen(engine, "connect", _bound_session_lock_waits, insert=True)
+            return engine
         kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}}
         memory = _is_sqlite_memory(self._url)
         if memory:
@@ -168,6 +235,10 @@ class Database:
                     conn = conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
                 with conn.begin():
                     yield conn
+        except OperationalError as exc:
+            if not lock_not_granted(exc):
+                raise
+            raise catalog_lock_busy(exc) from None
         except SqlIntegrityError as exc:
             behind = self._sequence_behind(exc)
             if behind is None:
@@ -216,8 +287,13 @@ class Database:
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         """A read transaction (SQLite: BEGIN DEFERRED)."""
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except OperationalError as exc:
+            if not lock_not_granted(exc):
+                raise
+            raise catalog_lock_busy(exc) from None
 
     def close(self) -> None:
         """Dispose of the engine's connections (the store can be used again afterwards)."""
@@ -345,13 +421,12 @@ class Database:
         wait = lease_wait_seconds()
         try:
             self._migrate_with_alembic(wait)
-        except OperationalError as exc:
-            if not lock_not_granted(exc):
-                raise
+        except CatalogLockBusy as exc:
             raise CatalogLockBusy(
                 "the catalog's migration waited on a lock another catalog session holds (the migration "
-                "lock, pg_locks names it, or a table it alters); waited "
-                f"{wait:g} s (PCBO_LEASE_WAIT_SECONDS); nothing was migrated"
+                f"lock or a table it alters: {exc.locked}; pg_locks names it); waited "
+                f"{wait:g} s (PCBO_LEASE_WAIT_SECONDS); nothing was migrated",
+                locked=exc.locked,
             ) from None
 
     def _migrate_with_alembic(self, wait: float) -> None:
@@ -386,7 +461,12 @@ class CatalogSequenceBehind(PcboError):
 
 
 class CatalogLockBusy(PcboError):
-    """Another catalog session held a lock pcbo needs for all of `PCBO_LEASE_WAIT_SECONDS` (exit 1)."""
+    """Another catalog session held a lock pcbo needs for all of `PCBO_LEASE_WAIT_SECONDS` (exit 1);
+    `locked`: what, as PostgreSQL's error says it (`locked_catalog_object`)."""
+
+    def __init__(self, message: str, locked: str = "a lock") -> None:
+        super().__init__(message)
+        self.locked = locked
 
 
 class CatalogRevisionUnknown(PcboError):

@@ -11,10 +11,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import OperationalError
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import Database, bound_lock_waits, insert_ignore, lock_not_granted
+from pcbo_dagster.catalog.database import CatalogLockBusy, Database, bound_lock_waits, insert_ignore
 from pcbo_dagster.catalog.runs import register_dataset
 from pcbo_dagster.io.clock import utc_now
 
@@ -42,16 +41,15 @@ class DatasetLeases(Database):
         renewed, when `holder` already has it), else the current holder's row. A lease past its
         expiry, or one `is_stale(holder_text)` says is dead, is taken over. PostgreSQL: a row lock
         another session holds on the lease row (or the dataset's) is waited for up to
-        `lock_wait_seconds` (None: as long as it is held), then `ROW_LOCKED` is returned."""
+        `lock_wait_seconds` (None: `PCBO_LEASE_WAIT_SECONDS`), then `ROW_LOCKED` is returned, with what
+        was locked (`locked`: the lease row, or a table `LOCK TABLE` holds)."""
         while True:  # again only when another host changed the row between our read and write
             try:
                 return self._try_acquire_lease(
                     dataset, version_label, holder, ttl_seconds, is_stale, lock_wait_seconds
                 )
-            except OperationalError as exc:
-                if not lock_not_granted(exc):
-                    raise
-                return dict(ROW_LOCKED)
+            except CatalogLockBusy as exc:
+                return {**ROW_LOCKED, "locked": exc.locked}
             except _RowChanged:
                 continue
 

@@ -91,7 +91,8 @@ def _busy_message(dataset: str, version_label: str, current: dict[str, Any] | No
     if current is None:
         who = "another run on this host (it holds the dataset version's lock file)"
     elif current.get("row_locked"):
-        who = "a catalog session that holds its lease row locked (pg_locks names it)"
+        locked = current.get("locked") or "its lease row"
+        who = f"a catalog session that holds {locked} locked (pg_locks names it)"
     else:
         holder = _holder(current["holder"])
         since = f"since {current['acquired_at']:%Y-%m-%dT%H:%M:%SZ}"
