@@ -48,17 +48,24 @@ class RunningServer:
 
 @contextmanager
 def running_server(
-    home: Path, environ: dict[str, str] | None = None, send_buffer: int | None = None, **changes: Any
+    home: Path,
+    environ: dict[str, str] | None = None,
+    send_buffer: int | None = None,
+    catalog_url: str | None = None,
+    **changes: Any,
 ) -> Iterator[RunningServer]:
     """`pcbo serve` on `home` in a thread of this process (ServerConfig fields in `changes`).
     `send_buffer`: the kernel send buffer of every connection (SO_SNDBUF, inherited from the
-    listening socket), to see a client that does not read without filling megabytes first."""
+    listening socket), to see a client that does not read without filling megabytes first.
+    `catalog_url`: its catalog (default: the home's SQLite catalog)."""
     import uvicorn
 
     from pcbo_dagster.server.app import create_app
     from pcbo_dagster.server.config import ServerConfig
 
-    config = ServerConfig.from_environment(Settings.resolve(home=str(home), env={}), environ or {})
+    config = ServerConfig.from_environment(
+        Settings.resolve(home=str(home), catalog=catalog_url, env={}), environ or {}
+    )
     config = config.with_changes(**changes)
     app = create_app(config)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

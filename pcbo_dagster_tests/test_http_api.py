@@ -232,6 +232,33 @@ def test_an_execute_whose_dataset_a_local_run_holds_is_503_after_the_lease_wait(
         assert done.json()["status"] == "committed"
 
 
+@pytest.mark.postgres
+def test_an_execute_on_a_catalog_table_locked_by_hand_is_503_after_the_lease_wait(
+    tmp_path, monkeypatch, fresh_postgres_url
+):
+    """Red-team finding: `LOCK TABLE partitions` by hand in an open session of the PostgreSQL catalog
+    made the API's execute wait for as long as it was held; it now waits PCBO_LEASE_WAIT_SECONDS, then
+    answers 503 catalog_busy (Retry-After) naming the table (before, once bounded, 500 `failed`, as for a
+    store error); once let go the same request completes what the first left (its partitions recorded)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "0.5")
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with running_server(tmp_path / "home", catalog_url=fresh_postgres_url) as running:
+        client = running.client(running.token("ops", "execute"), timeout=20)  # bounds a hang
+        with psycopg.connect(conninfo) as holder:
+            holder.execute("LOCK TABLE partitions IN SHARE MODE")
+            busy = client.post("/v1/execute", content=DEMO_REQUEST.read_bytes())
+        assert busy.status_code == 503, busy.text
+        assert busy.json()["error"] == "catalog_busy", busy.text
+        assert "catalog table partitions" in busy.json()["message"], busy.text
+        assert busy.headers["retry-after"] == "5"
+        done = client.post("/v1/execute", content=DEMO_REQUEST.read_bytes())  # completes what it left
+        assert done.status_code == 200, done.text
+        assert running.catalog.partition_versions("demo-events", "v1"), done.text
+
+
 def test_respond_async_answers_202_and_the_run_gives_the_document(server, admin, executed):
     request = _request(runId="async-001")
     accepted = admin.post("/v1/execute", content=request, headers={"Prefer": "respond-async"})

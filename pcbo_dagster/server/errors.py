@@ -5,6 +5,7 @@
 | `InvalidInput(field, message)`         | 2        | 422 `{error: invalid_input, field, message}`           |
 | `Blocked` (a gate)                     | 3        | 409, the gate document; `Pcbo-Message` says why        |
 | `DatasetBusy` (the lease did not come) | 1        | 503 `{error: dataset_busy, message}`, `Retry-After`    |
+| `CatalogLockBusy` (a catalog lock)     | 1        | 503 `{error: catalog_busy, message}`, `Retry-After`    |
 | another `PcboError` with a document    | 1        | 500, the document (an execute that failed)             |
 | anything else                          | 1        | 500 `{error: failed, message}` (one line, no secrets)  |
 """
@@ -15,6 +16,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from pcbo_dagster.catalog.database import CatalogLockBusy
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
 from pcbo_dagster.engine.environment import DatasetBusy
 from pcbo_dagster.io.redaction import is_store_error, one_line_error, scrub_text
@@ -65,6 +67,8 @@ def engine_error_response(exc: BaseException) -> JSONResponse:
         return JSONResponse(exc.document, status_code=409, headers={"Pcbo-Message": _header_text(str(exc))})
     if isinstance(exc, DatasetBusy):
         return ApiError(503, "dataset_busy", scrub_text(str(exc)), headers={"Retry-After": "5"}).response()
+    if isinstance(exc, CatalogLockBusy):  # another session held it for all of PCBO_LEASE_WAIT_SECONDS
+        return ApiError(503, "catalog_busy", scrub_text(str(exc)), headers={"Retry-After": "5"}).response()
     if isinstance(exc, PcboError):
         document = getattr(exc, "document", None)
         if isinstance(document, dict):
