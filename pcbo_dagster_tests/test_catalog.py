@@ -1045,6 +1045,40 @@ def test_a_catalog_table_or_row_locked_by_hand_is_waited_for_only_as_long_as_a_l
 
 
 @pytest.mark.postgres
+def test_every_catalog_table_locked_by_hand_is_waited_for_only_as_long_as_a_lease_and_named(
+    fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each catalog table (rollouts, approvals, soak evaluations, checkpoints, cosignatures, the API's
+    records, source indexes, alerts, `alembic_version`, ...) held by `LOCK TABLE` in another session:
+    a statement on it (here one with a bound value before the table's name, which psycopg sends as
+    `$1`) gives up within `PCBO_LEASE_WAIT_SECONDS`, `CatalogLockBusy` naming that table."""
+    import time
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from pcbo_dagster.catalog import schema as t
+    from pcbo_dagster.catalog.database import CatalogLockBusy
+
+    monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "0.1")
+    store = CatalogStore(fresh_postgres_url)
+    store.migrate()
+    tables = [*t.metadata.sorted_tables, sa.table("alembic_version")]
+    assert len(tables) > 25
+    conninfo = make_url(fresh_postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(conninfo) as holder:
+        for table in tables:
+            holder.execute(f"LOCK TABLE {table.name} IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(CatalogLockBusy) as busy, store.read() as conn:
+                conn.execute(sa.select(sa.literal("x")).select_from(table).limit(1))
+            assert time.monotonic() - started < 20  # a bound on a hang: the wait asked for is 0.1 s
+            assert busy.value.locked == f"the catalog table {table.name}", str(busy.value)
+            holder.rollback()
+    store.close()
+
+
+@pytest.mark.postgres
 def test_an_id_sequence_restarted_behind_its_table_is_named_with_its_fix(
     fresh_postgres_url, tmp_path
 ) -> None:
