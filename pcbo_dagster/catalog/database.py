@@ -106,7 +106,7 @@ def locked_catalog_object(exc: OperationalError) -> str:
     diag = getattr(exc.orig, "diag", None)
     row = _ROW_IN_RELATION.search(str(getattr(diag, "context", None) or ""))
     if row is not None:
-        return f"a row of the catalog table {row.group(2)} (while {row.group(1)} it)"
+        return f"a row of the catalog table {row.group(2)}"
     position = getattr(diag, "statement_position", None)
     if position and exc.statement:
         numbers: dict[str, int] = {}
