@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pcbo_dagster.core.errors import Blocked, InvalidInput
+from pcbo_dagster.core.errors import Blocked, IntegrityError, InvalidInput
 from pcbo_dagster.core.instants import format_datetime
 from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, verified_statement
 from pcbo_dagster.core.rollout_lifecycle import lifecycle, rollout_subject
@@ -603,3 +603,65 @@ def test_a_staging_apply_run_again_after_its_rollout_staged_appends_no_second_on
     clock.advance(180)  # the window (5 min) counts from the first staging: an evaluation now passes it
     [soaked] = operations.soak(config, base, clock=clock)
     assert soaked["status"]["state"] == "passed", soaked["status"]
+
+
+# --- a writer without the chain's key, and a chain holding an event the key did not sign ------------
+
+
+def _staging_commits(base: Settings) -> int:
+    return len(list((base.home / "staging").rglob("_manifest.json")))
+
+
+def test_a_rollout_step_without_the_key_appends_nothing_to_a_signed_production_chain(tmp_path: Path) -> None:
+    """A soak monitor or a staging apply in a process not given PCBO_SIGNING_KEY (or given another key),
+    or an approval given another key, is refused naming the key, nothing appended and nothing staged,
+    where it appended an unsigned lifecycle event the gate ignored and `verify` reported for good (or,
+    another key, signed a checkpoint no verify with the chain's key accepts: red-team finding). An
+    approval needs no operator key (its approver's key signs it)."""
+    config = _config(tmp_path)
+    base = _signed_settings(tmp_path)
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[0], by="ana", name="r", clock=clock)
+    clock.advance(60)
+    chain = _chain(config, base)
+    rotated = signing_key_from_seed("ops.example/operator-2027", bytes([22]) * 32)
+    keyless = dataclasses.replace(base, signing_key=None)
+    other = dataclasses.replace(base, signing_key=key_file(tmp_path, rotated))
+    for settings, named in ((keyless, "PCBO_SIGNING_KEY"), (other, "ops.example/operator-2027")):
+        [soaked] = operations.soak(config, settings, clock=clock)
+        assert "evaluation" not in soaked and named in soaked["error"], soaked
+        assert "nothing was written" in soaked["error"]
+        with pytest.raises(IntegrityError, match=named):
+            operations.start(config, settings, "sessions", KEYS[1], KEYS[1], by="ana", name="r2", clock=clock)
+        assert _chain(config, base) == chain and _staging_commits(base) == 1
+    with pytest.raises(IntegrityError, match="ops.example/operator-2027"):
+        operations.decide(config, other, "r", "approve", key=CY, reason="fine", clock=clock)
+    assert _chain(config, base) == chain and _findings(config, base) == []
+    operations.decide(config, keyless, "r", "approve", key=CY, reason="fine", clock=clock)
+    assert [e["event_type"] for e in _chain(config, base)[len(chain) :]] == ["rollout_approved"]
+    # with the key, the rollout goes on
+    [soaked] = operations.soak(config, base, clock=clock)
+    assert soaked["evaluation"]["passed"], soaked
+    assert _findings(config, base) == []
+
+
+def test_a_rollout_step_builds_nothing_on_an_event_the_key_did_not_sign(tmp_path: Path) -> None:
+    """An event the key should have signed (not a lifecycle event: a commit intent) appended by someone
+    who can write the stores: the soak, an approval and a staging apply refuse the chain, nothing
+    appended, where they appended their signed event after it and only then refused to sign a
+    checkpoint (the event on the chain, its catalog row missing: red-team finding)."""
+    config = _config(tmp_path)
+    base = _signed_settings(tmp_path)
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[0], by="ana", name="r", clock=clock)
+    clock.advance(60)
+    _append(config, base, ("partition_commit_intent", {"partitions": [], "run_id": "forged"}))
+    chain = _chain(config, base)
+    [soaked] = operations.soak(config, base, clock=clock)
+    assert "evaluation" not in soaked and "no valid signature" in soaked["error"], soaked
+    with pytest.raises(IntegrityError, match="no valid signature"):
+        operations.decide(config, base, "r", "approve", key=CY, reason="fine", clock=clock)
+    with pytest.raises(IntegrityError, match="no valid signature"):
+        operations.start(config, base, "sessions", KEYS[1], KEYS[1], by="ana", name="r2", clock=clock)
+    assert _chain(config, base) == chain and _staging_commits(base) == 1
+    assert [kind for kind, _ in _findings(config, base)] == ["event_signature_invalid"]

@@ -58,7 +58,12 @@ from pcbo_dagster.core.signed_approvals import (
 from pcbo_dagster.core.signed_note import NoteError, SigningKey
 from pcbo_dagster.rollout.clock import REAL_CLOCK, Clock
 from pcbo_dagster.rollout.environments import ApprovalPolicy, RolloutEnvironments
-from pcbo_dagster.rollout.lifecycle import append_event, production_chain, read_lifecycle
+from pcbo_dagster.rollout.lifecycle import (
+    append_event,
+    production_chain,
+    read_lifecycle,
+    refuse_unwritable_chain,
+)
 
 #: How far an approval's signed time may run ahead of the moment it is recorded (clock skew).
 CLOCK_SKEW_SECONDS = 600
@@ -103,6 +108,11 @@ def record_decision(
             f"rollout {name!r} is {rollout['status']}: only a rollout applied to staging and halted for "
             "review (soaking) can be approved or rejected",
         )
+    # (a process given another key than the chain's says so rather than "not staged"; one given no
+    # operator key may record an approval, which the approver's key signs)
+    refuse_unwritable_chain(
+        envs, rollout["dataset"], rollout["version_label"], f"the decision on rollout {name!r}", keyless=True
+    )
     events = production_chain(envs, rollout)
     life = read_lifecycle(envs, rollout, events)
     disagree = row_disagreements(life, rollout)

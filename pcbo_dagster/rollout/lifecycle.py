@@ -39,6 +39,7 @@ from pcbo_dagster.core.rollout_lifecycle import (
     rollout_subject,
     row_disagreements,
 )
+from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS
 from pcbo_dagster.datasets.config import DatasetConfig
 from pcbo_dagster.datasets.requests import key_range
 from pcbo_dagster.engine.events import PRODUCER, chain_key
@@ -114,6 +115,22 @@ def staged_row_disagreements(dataset: DatasetConfig, life: Lifecycle, row: Rollo
     return found
 
 
+def refuse_unwritable_chain(
+    envs: RolloutEnvironments, dataset: str, version_label: str, doing: str, keyless: bool = False
+) -> None:
+    """Before a rollout step appends to the production chain (or, a staging apply, writes anything):
+    the chain as a run that writes reads it (`partition_checks.verified_chain`: the stores reconciled,
+    every hash, its stored log and checkpoints, and, with the operator's key, every event it should have
+    signed), written only by a process holding the key that signs it. `ChainNotVerified` (exit 1)
+    otherwise, nothing written: an event appended after one the key did not sign would build on it, and
+    one appended without the key (or with another) is one no gate counts and `verify` reports for good.
+    `keyless`: a step whose event another key signs (an approval, by its approver) may also be taken
+    by a process given no operator key at all."""
+    from pcbo_dagster.engine.partition_checks import verified_chain
+
+    verified_chain(envs.production, dataset, version_label, doing, keyless_writer=keyless)
+
+
 def append_event(
     envs: RolloutEnvironments,
     rollout: RolloutRow,
@@ -123,9 +140,14 @@ def append_event(
 ) -> dict[str, Any]:
     """Append an event about `rollout` to its production chain (the subject and producer added) and
     publish the chain's checkpoint; returns the event. A lifecycle event is signed with the operator's
-    key when there is one (module doc). `precondition` runs under the chain's writer lock, before
+    key when there is one (module doc); the chain must be one this process may write
+    (`refuse_unwritable_chain`, before the lock). `precondition` runs under the chain's writer lock, before
     the append (`AuditLog.append_many`): what it raises refuses the append."""
     ckey = chain_key(rollout["dataset"], rollout["version_label"])
+    doing = f"the {event_type} of rollout {rollout['name']!r}"
+    refuse_unwritable_chain(
+        envs, rollout["dataset"], rollout["version_label"], doing, keyless=event_type in APPROVAL_EVENTS
+    )
     audit = envs.production.audit
     full = {"rollout": rollout_subject(rollout), **body, "producer": PRODUCER}
     event = audit.append(ckey, event_type, full, precondition=precondition)

@@ -60,7 +60,12 @@ from pcbo_dagster.engine.partition_checks import (
 from pcbo_dagster.engine.partition_reading import PartitionReading, read_partition
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import RolloutEnvironments, dataset_settings, open_environments
-from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_soak_evaluation, staged_row_disagreements
+from pcbo_dagster.rollout.lifecycle import (
+    read_lifecycle,
+    record_soak_evaluation,
+    refuse_unwritable_chain,
+    staged_row_disagreements,
+)
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 
 POLICY_VIOLATIONS = "policy_violations"
@@ -666,6 +671,10 @@ def _monitor_one(
     now: datetime,
 ) -> dict[str, Any]:
     try:
+        # (a monitor not given the chain's key, or given another, says so rather than "not staged")
+        refuse_unwritable_chain(
+            envs, rollout["dataset"], rollout["version_label"], f"the soak of rollout {rollout['name']!r}"
+        )
         life = read_lifecycle(envs, rollout)
         skip = _not_due(rollout, life, now)
         if skip is not None:

@@ -44,6 +44,7 @@ from pcbo_dagster.rollout.lifecycle import (
     read_lifecycle,
     record_cancelled,
     record_staged,
+    refuse_unwritable_chain,
 )
 from pcbo_dagster.rollout.reports import markdown_table, rollout_reports_dir, write_report
 from pcbo_dagster.rollout.throttle import Throttle, strictest
@@ -155,6 +156,10 @@ def apply_to_staging(
     """Apply the rollout `name` (partition `keys` of `dataset`) to staging; see the module doc."""
     limits = check_apply_arguments(dataset, name, actor, poll_seconds, throttle)
     assert dataset.rollout is not None  # (refused by check_apply_arguments)
+    # (before anything is staged: the apply ends appending `rollout_staged` to the production chain)
+    refuse_unwritable_chain(
+        envs, dataset.name, dataset.versionLabel, f"the staging apply of rollout {name!r}"
+    )
     _refuse_another_staged_range(envs, dataset, name, keys)
     store = envs.store
     rollout = store.create_rollout(
