@@ -244,3 +244,17 @@ def test_a_run_with_another_key_appends_nothing_to_a_chain_signed_by_the_first(t
     assert "ops.example/operator-2027" in str(held.document["findings"])
     assert backup_events(home, intents=True) == events
     assert run_pcbo(["verify", "--repair"], home=home, env=signing).status == 0
+
+
+def test_repair_without_the_key_on_a_sound_signed_chain_reports_no_integrity_failure(tmp_path: Path) -> None:
+    """`verify --repair` in a process not given the key (a host, the HTTP API's `verify` command, a
+    Dagster repair run) over a signed chain with nothing to heal: clean, exit 0, nothing written, where
+    it failed (exit 1) saying `no checkpoint signed: the chain does not verify` of a chain that
+    verifies (red-team finding)."""
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    assert _execute(tmp_path, home, "s1", signing).status == 0
+    events, sizes = backup_events(home, intents=True), _checkpoint_sizes(home)
+    keyless = run_pcbo(["verify", "--repair"], home=home)
+    assert keyless.status == 0, keyless.document
+    assert keyless.document["findings"] == [] and not keyless.document["repaired"]
+    assert backup_events(home, intents=True) == events and _checkpoint_sizes(home) == sizes

@@ -210,6 +210,9 @@ def _verify(
     checked_partitions = 0
     chains_checked: dict[str, int] = {}
     held_back: dict[str, str] = {}
+    #: Chains held back because this process may not append to them (`writer_refusal`): sound chains
+    #: this process cannot heal, whose crash windows (`healable` findings) say why.
+    unwritable: set[str] = set()
     if repair:  # (and as the backup holds it now)
         held_back = dict.fromkeys(not_extending | _not_extending(env, trusted, backup_chains), HELD_BACK)
     for ckey in sorted(set(backup_chains) | set(heads) | set(lake_keys) | catalog_chains):
@@ -233,6 +236,7 @@ def _verify(
             refusal = writer_refusal(backup_chains.get(ckey, []), env.operator_verifier)
             if refusal is not None:
                 held_back[ckey] = f"verify --repair refuses to heal it: {refusal}"
+                unwritable.add(ckey)
         report.repair = repair and ckey not in held_back
         report.held_back = held_back.get(ckey)
         events = backup_chains.get(ckey, [])
@@ -290,6 +294,9 @@ def _verify(
     if repair:
         document["checkpoints"] = []
         for ckey in sorted(chains_checked):
+            if ckey in unwritable:  # nothing appended, nor a checkpoint signed with another key
+                document["checkpoints"].append(None)
+                continue
             if ckey in held_back:  # (its findings say why)
                 report.find(
                     "transparency_log_not_published",
