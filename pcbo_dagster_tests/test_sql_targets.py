@@ -622,6 +622,39 @@ def test_sql_applies_and_rollbacks_sign_checkpoints_an_auditor_can_hold(tmp_path
     assert pcbo(trusted).status == 0
 
 
+def test_an_apply_without_the_key_of_a_signed_chain_creates_nothing_in_a_new_target(tmp_path: Path) -> None:
+    """A SQL apply in a process not given PCBO_SIGNING_KEY (or given another key), into a table the
+    signed chain has not applied to yet: refused naming the key before the target database is touched,
+    where it created the journal tables and their triggers there (and the lock directory beside a
+    SQLite target) and then said `nothing was written` (red-team finding)."""
+    from pcbo_dagster.core.signed_note import signing_key_from_seed
+    from pcbo_dagster_tests.approver_keys import BO, key_file
+
+    url = sqlite_url(tmp_path / "target.db")
+    create_table(url)
+    key = key_file(tmp_path, BO)
+    assert (
+        _execute(
+            tmp_path, request(url, [record(i) for i in range(1, 6)]), "home", "--signing-key", key
+        ).status
+        == 0
+    )
+    other_db = tmp_path / "other.db"
+    create_table(sqlite_url(other_db))
+    with sqlite3.connect(other_db) as conn:
+        before = sorted(conn.execute("SELECT type, name FROM sqlite_master"))
+    rotated = key_file(tmp_path, signing_key_from_seed("ops.example/operator-2027", bytes([35]) * 32))
+    for extra, named in (((), "PCBO_SIGNING_KEY"), (("--signing-key", rotated), "ops.example/operator-2027")):
+        run = _execute(
+            tmp_path, request(sqlite_url(other_db), [record(i) for i in range(1, 6)], "run-2"), "home", *extra
+        )
+        assert run.status == 1 and named in run.stderr and "nothing was written" in run.stderr, run.stderr
+        with sqlite3.connect(other_db) as conn:
+            assert sorted(conn.execute("SELECT type, name FROM sqlite_master")) == before
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("other.db")) == ["other.db"]
+    assert pcbo(["verify", "--home", tmp_path / "home", "--signing-key", key]).status == 0
+
+
 @pytest.mark.postgres
 def test_a_target_url_spelling_the_location_another_way_is_named_when_the_target_is_unreachable(
     tmp_path: Path, fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch

@@ -25,7 +25,7 @@ fails it is refused (`ChainNotVerified`, exit 1), never replayed as it lies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,15 +250,17 @@ def verified_chain(
             "was written (`pcbo verify` lists every finding)"
         )
     if sync and not (keyless_writer and env.operator_verifier is None):
-        refuse_writer_without_the_chains_key(env, chain, key, doing)
+        refuse_writer_without_the_chains_key(env, chain.events, key, doing)
     return chain
 
 
-def refuse_writer_without_the_chains_key(env: Environment, chain: CheckedChain, key: str, doing: str) -> None:
-    """A writer appends nothing to a chain the operator's key signs unless it holds that key
-    (`core/operator_signatures.writer_refusal`): `ChainNotVerified` naming `PCBO_SIGNING_KEY` (exit 1,
-    nothing written), for a host, worker or server not given the key, or given another."""
-    reason = writer_refusal(chain.events, env.operator_verifier)
+def refuse_writer_without_the_chains_key(
+    env: Environment, events: Sequence[Mapping[str, Any]], key: str, doing: str
+) -> None:
+    """A writer appends nothing to a chain (of `events`) the operator's key signs unless it holds that
+    key (`core/operator_signatures.writer_refusal`): `ChainNotVerified` naming `PCBO_SIGNING_KEY` (exit
+    1, nothing written), for a host, worker or server not given the key, or given another."""
+    reason = writer_refusal(events, env.operator_verifier)
     if reason is not None:
         raise ChainNotVerified(f"{doing} refused: the audit chain {key}: {reason}; nothing was written")
 

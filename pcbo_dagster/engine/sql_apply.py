@@ -87,7 +87,7 @@ from pcbo_dagster.core.sql_outcomes import (
 from pcbo_dagster.engine import failpoints
 from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.events import chain_key
-from pcbo_dagster.engine.partition_checks import verified_chain
+from pcbo_dagster.engine.partition_checks import refuse_writer_without_the_chains_key, verified_chain
 from pcbo_dagster.engine.request_loading import LoadedRequest
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.sql_events import (
@@ -591,6 +591,9 @@ def execute_sql(
     spec = request.target
     assert spec is not None
     ckey = chain_key(plan.dataset, plan.version_label)
+    # A process without the chain's key touches no target (its journal tables, a SQLite target's lock
+    # directory); checked again under the lock, by `verified_chain`
+    refuse_writer_without_the_chains_key(env, env.audit.backup.read_chain(ckey), ckey, f"run {plan.run_id}")
     schema, as_json = loaded.schema_of(decisions.partitions)
     table = SqlTable.open(spec, spec.url, schema, as_json, write=True)
     digest = target_digest(decisions)
