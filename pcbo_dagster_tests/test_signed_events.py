@@ -258,3 +258,31 @@ def test_repair_without_the_key_on_a_sound_signed_chain_reports_no_integrity_fai
     assert keyless.status == 0, keyless.document
     assert keyless.document["findings"] == [] and not keyless.document["repaired"]
     assert backup_events(home, intents=True) == events and _checkpoint_sizes(home) == sizes
+
+
+def test_no_checkpoint_is_signed_with_another_key_over_a_signed_chain(tmp_path: Path) -> None:
+    """`pcbo log publish` (or `evidence export`, which signs a checkpoint first when none covers the
+    run) given another key than the one that signs the chain, while the log has grown past its last
+    checkpoint (a run killed before it signed one): refused naming both keys, no checkpoint stored,
+    where it signed one with the other key, which the append-only catalog then held for good
+    (`checkpoint_signature_invalid` on every `verify` with the chain's key: red-team finding)."""
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    crashed = _execute(tmp_path, home, "c1", {**signing, "PCBO_FAILPOINT": "after_commit@1"})
+    assert crashed.status == 86, crashed.stderr
+    assert _checkpoint_sizes(home) == []
+    rotated = signing_key_from_seed("ops.example/operator-2027", bytes([34]) * 32)
+    other = {"PCBO_SIGNING_KEY": str(key_file(tmp_path, rotated))}
+    published = run_pcbo(["log", "publish", "--dataset", "events"], home=home, env=other)
+    assert published.status == 1, published.stderr
+    assert "ops.example/operator-2027" in published.stderr and "no checkpoint signed" in published.stderr
+    exported = run_pcbo(
+        ["evidence", "export", "--run", "c1", "--output", str(tmp_path / "c1.evidence.json")],
+        home=home,
+        env=other,
+    )
+    assert exported.status == 1 and "ops.example/operator-2027" in exported.stderr, exported.stderr
+    assert _checkpoint_sizes(home) == [] and not (tmp_path / "c1.evidence.json").exists()
+    assert not list((home / "lake" / "events" / "v1").glob("_checkpoints/*"))
+    # with the chain's key, the crash window is healed and a checkpoint signed: verify is clean
+    assert run_pcbo(["verify", "--repair"], home=home, env=signing).status == 0
+    assert run_pcbo(["verify"], home=home, env=signing).status == 0

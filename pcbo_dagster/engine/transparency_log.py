@@ -48,7 +48,7 @@ from pcbo_dagster.core.checkpoints import (
     parse_signed_checkpoint,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
-from pcbo_dagster.core.operator_signatures import unsigned_events
+from pcbo_dagster.core.operator_signatures import unsigned_events, writer_refusal
 from pcbo_dagster.core.rollout_lifecycle import LIFECYCLE_EVENTS
 from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS
 from pcbo_dagster.core.signed_note import (
@@ -379,9 +379,10 @@ def refuse_unsigned_events(
     """Before the operator's key signs a checkpoint of the first `size` events: `CheckpointNotSigned`
     when one of them should carry that key's signature and does not
     (`core/operator_signatures.unsigned_events`), so no checkpoint vouches for an event someone
-    without the key appended. Reads the catalog's copies of the events after the newest checkpoint
-    (`rows`) the key signed and the stored log still has the root of (all of them when there is
-    none), each held to its leaf in the stored log the checkpoint is signed over."""
+    without the key appended, or when no checkpoint of the key covers a chain another key signs
+    (`writer_refusal`: a key rotated on it). Reads the catalog's copies of the events after the
+    newest checkpoint (`rows`) the key signed and the stored log still has the root of (all of them
+    when there is none), each held to its leaf in the stored log the checkpoint is signed over."""
     with env.catalog.log_reader(chain_key) as reader:
         vouched = 0
         for row in reversed(rows):
@@ -405,6 +406,11 @@ def refuse_unsigned_events(
                     f"{chain_key}: the catalog's copy of event {seq} is not the one its stored log holds "
                     "(pcbo verify reports it): no checkpoint signed"
                 )
+    # No checkpoint of this key vouches for the chain: the events of another key (one rotated) would
+    # have this key's checkpoint over them, which `verify` with the chain's key reports for good
+    refusal = None if vouched else writer_refusal(events, verifier)
+    if refusal is not None:
+        raise CheckpointNotSigned(f"{chain_key}: {refusal}: no checkpoint signed")
     unsigned = unsigned_events(events, verifier, vouched > 0, SELF_CHECKED_EVENTS)
     if unsigned:
         finding = _unsigned_finding(chain_key, unsigned[0])
