@@ -665,3 +665,27 @@ def test_a_rollout_step_builds_nothing_on_an_event_the_key_did_not_sign(tmp_path
         operations.start(config, base, "sessions", KEYS[1], KEYS[1], by="ana", name="r2", clock=clock)
     assert _chain(config, base) == chain and _staging_commits(base) == 1
     assert [kind for kind, _ in _findings(config, base)] == ["event_signature_invalid"]
+
+
+def _staging_lake(base: Settings) -> list[tuple[str, bytes]]:
+    stores = [base.home / "staging" / store for store in ("lake", "pas")]
+    return sorted((str(p), p.read_bytes()) for store in stores for p in store.rglob("*") if p.is_file())
+
+
+def test_a_staging_rollback_without_the_key_undoes_nothing_it_cannot_record(tmp_path: Path) -> None:
+    """A rollout's staging rollback in a process not given PCBO_SIGNING_KEY: refused naming the key
+    before anything is undone, where it rolled the staging partitions back and only then was refused
+    the `rollout_rolled_back` on the signed production chain (the rollout half rolled back: red-team
+    finding). With the key it rolls back."""
+    config = _config(tmp_path)
+    base = _signed_settings(tmp_path)
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", KEYS[0], KEYS[-1], by="ana", name="r", clock=clock)
+    chain, staging = _chain(config, base), _staging_lake(base)
+    keyless = dataclasses.replace(base, signing_key=None)
+    with pytest.raises(IntegrityError, match="PCBO_SIGNING_KEY"):
+        operations.rollback(config, keyless, "staging", by="ops", reason="bad data", name="r", clock=clock)
+    assert _chain(config, base) == chain and _staging_lake(base) == staging
+    done = operations.rollback(config, base, "staging", by="ops", reason="bad data", name="r", clock=clock)
+    assert done["status"] == "rolled_back", done
+    assert _findings(config, base) == []

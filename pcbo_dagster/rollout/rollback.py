@@ -58,7 +58,12 @@ from pcbo_dagster.engine.environment import Environment
 from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.rollback import rollback
 from pcbo_dagster.rollout.environments import PRODUCTION, STAGES, STAGING, RolloutEnvironments
-from pcbo_dagster.rollout.lifecycle import read_lifecycle, record_rolled_back, staged_keys
+from pcbo_dagster.rollout.lifecycle import (
+    read_lifecycle,
+    record_rolled_back,
+    refuse_unwritable_chain,
+    staged_keys,
+)
 
 DOCUMENT_KIND = "pcbo.rollout_rollback/1"
 LOG_KIND = "rolled_back"
@@ -216,6 +221,9 @@ def rollback_rollout(
         raise InvalidInput("rollout", "give either a rollout or partition keys to roll back")
     if not any(d.name == dataset.name for d in config.datasets):
         raise InvalidInput("dataset", f"{dataset.name!r} is not in the datasets config")
+    # Before anything is undone (in staging too): a rollback that leaves a rollout without a current
+    # version ends appending `rollout_rolled_back` to the production chain
+    refuse_unwritable_chain(envs, dataset.name, dataset.versionLabel, f"the {stage} rollback")
     rollouts = envs.store.list()
     names = [r["name"] for r in rollouts]
     if rollout is not None:
