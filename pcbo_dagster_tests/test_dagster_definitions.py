@@ -459,6 +459,40 @@ def test_ledger_ranges_materialize_through_the_engine(workdir, engine):
     assert (mat.metadata["ledger_first"].value, mat.metadata["ledger_last"].value) == (2, 65)
 
 
+def test_the_audit_chain_check_fails_on_an_event_the_key_did_not_sign(workdir, engine, tmp_path, monkeypatch):
+    """With PCBO_SIGNING_KEY, an event appended without the key (by someone who can write the stores,
+    every hash right) fails the `audit_chain` check, as every run refuses the chain and `verify`
+    reports it, where the check passed (it read the backup's hashes alone: red-team finding)."""
+    from pcbo_dagster.core.signed_note import signing_key_from_seed
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster_tests.approver_keys import key_file
+
+    operator = signing_key_from_seed("ops.example/operator", bytes([36]) * 32)
+    monkeypatch.setenv("PCBO_SIGNING_KEY", str(key_file(tmp_path, operator)))
+    config = load_datasets_config(workdir / "datasets.yaml")
+    asset, checks = _asset_and_checks(config, "events")
+    with dg.instance_for_test() as instance:
+        tags = _range_tags(RANGE_START, RANGE_START)
+        assert dg.materialize(
+            [asset, *checks], instance=instance, resources={"pcbo": engine}, tags=tags
+        ).success
+        env = Environment.open(Settings.resolve(home=engine.home, env={}))
+        try:  # (no key: what someone without it appends)
+            env.audit.append("events/v1", "partition_commit_intent", {"partitions": [], "run_id": "forged"})
+        finally:
+            env.close()
+        rerun = (
+            build_definitions(config, resource=engine)
+            .resolve_job_def("events_checks")
+            .execute_in_process(instance=instance, raise_on_error=False)
+        )
+        verdicts = {e.check_name: e for e in rerun.get_asset_check_evaluations()}
+    audit_chain = verdicts["audit_chain"]
+    assert not audit_chain.passed and verdicts["reconciliation"].passed
+    assert "no valid signature of the operator's key" in json.dumps(audit_chain.metadata["findings"].value)
+
+
 def test_a_materialization_attaches_its_evidence_package_when_a_signing_key_is_set(
     workdir, engine, tmp_path, monkeypatch
 ):

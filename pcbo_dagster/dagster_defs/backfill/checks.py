@@ -116,10 +116,14 @@ def _keys_of_step(
 def _verdicts(
     env: Environment, dataset: DatasetConfig, keys: list[str]
 ) -> Iterator[tuple[str, dict[str, Verdict]]]:
-    """Each key's three verdicts: its files read once, the chain read, verified and replayed once."""
+    """Each key's three verdicts: its files read once, the chain read, verified (`distrusted` too)
+    and replayed once."""
     policies = NormalizedPolicies.from_policies(dataset.policies)
     existing = list(dataset.existingTargetIds)
     chain = partition_checks.read_chain(env, dataset.name, dataset.versionLabel)
+    if not chain.findings:  # nor is it another history than its stored log and checkpoints hold, or,
+        # with the operator's key, one holding an event the key should have signed (as a run reads it)
+        chain.findings += partition_checks.distrusted(env, chain, dataset.chain_key)
     for key in keys:
         part = partition_checks.read_committed(env.lake, dataset.name, dataset.versionLabel, key)
         yield (
