@@ -261,7 +261,9 @@ def test_a_broken_local_chain_is_not_delivered_past_the_break(tmp_path, receiver
     assert receiver.accepted_seqs() == [0, 1]
 
 
-def test_a_cursor_that_does_not_match_the_backup_stops_delivery(tmp_path, receiver):
+def test_a_cursor_that_does_not_match_the_backup_is_not_trusted(tmp_path, receiver):
+    """Without a key too: a cursor naming no event the backup holds, or no cursor at all, is reported
+    and delivery starts again from seq 0 (before 2026-12-07 it stopped delivery for good)."""
     backup = AuditBackup(tmp_path)
     log = AuditLog(backup, delivery=fast(receiver.url))
     log.append(KEY, "a", {})
@@ -269,11 +271,13 @@ def test_a_cursor_that_does_not_match_the_backup_stops_delivery(tmp_path, receiv
     wrong = {"chain_key": KEY, "seq": 0, "event_hash": "sha256:" + "0" * 64}
     backup.paths(KEY).delivered.write_text(json.dumps(wrong))
     report = log.deliver_pending(KEY)
-    assert (report.delivered, report.pending) == (0, 1)
-    assert "does not match" in report.last_error
+    assert (report.delivered, report.pending, report.last_error) == (2, 0, None)
+    assert "names no event the audit backup holds" in report.cursor_rejected
     backup.paths(KEY).delivered.write_text("{oops")
-    assert "not JSON" in log.deliver_pending(KEY).last_error
-    assert receiver.requests == []
+    report = log.deliver_pending(KEY)
+    assert report.delivered == 2 and "not JSON" in report.cursor_rejected
+    assert receiver.accepted_seqs() == [0, 1, 0, 1]
+    assert log.deliver_pending(KEY).cursor_rejected is None
 
 
 def test_concurrent_deliverers_never_duplicate_or_reorder(tmp_path, receiver):
@@ -298,3 +302,98 @@ def test_no_delivery_configured(tmp_path):
     log = AuditLog(AuditBackup(tmp_path))
     log.append(KEY, "a", {})
     assert log.deliver_pending(KEY) is None
+
+
+def _first_copies(receiver: Receiver) -> list[int]:
+    """The seqs the receiver got, each at its first copy (receivers deduplicate: at least once)."""
+    seen: list[int] = []
+    for seq in receiver.accepted_seqs():
+        if seq not in seen:
+            seen.append(seq)
+    return seen
+
+
+def _cursor(key: str, seq: int, digest: str, **extra: str) -> bytes:
+    return rfc8785.dumps({"chain_key": key, "seq": seq, "event_hash": digest, **extra})
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "ahead",
+        "ahead_with_an_older_signature",
+        "forged_hash",
+        "another_chains",
+        "another_chains_signed",
+        "garbage",
+        "signed_by_another_key",
+        "older_signed",
+        "unsigned_older",
+    ],
+)
+def test_a_tampered_delivery_cursor_never_skips_an_event(tmp_path, receiver, caplog, tamper):
+    """Someone who can write the audit backup moves the delivery cursor: with the operator's key every
+    cursor delivery writes is signed over (chain key, seq, event hash), and one that is not trusted
+    makes delivery start again from seq 0 (at least once), never skip an event; it is reported."""
+    from pcbo_dagster.core.signed_note import new_signing_key
+
+    key = new_signing_key("ops.example/operator")
+    backup = AuditBackup(tmp_path)
+    log = AuditLog(backup, delivery=fast(receiver.url), clock=FixedClock(), signing_key=key)
+    other = "other/v1"
+    for i in range(6):
+        log.append(other, "a", {"n": i})
+    assert log.deliver_pending(other).delivered == 6
+    first = [log.append(KEY, "a", {"n": 0})]
+    assert log.deliver_pending(KEY).delivered == 1
+    older_signed = backup.paths(KEY).delivered.read_bytes()  # the cursor at seq 0
+    first += [log.append(KEY, "a", {"n": i}) for i in (1, 2)]
+    assert log.deliver_pending(KEY).delivered == 2
+    receiver.accepted.clear()
+    receiver.requests.clear()
+    events = first + [log.append(KEY, "a", {"n": i}) for i in range(3, 6)]
+    hashes = [e["chain"]["event_hash"] for e in events]
+    signed_other = json.loads(backup.paths(other).delivered.read_bytes())
+    signature_at_0 = json.loads(older_signed).get("operator_signature", "")
+    stranger = new_signing_key("ops.example/operator")
+    stranger_log = AuditLog(
+        AuditBackup(tmp_path / "stranger"), delivery=fast(receiver.url), signing_key=stranger
+    )
+    for i in range(6):
+        stranger_log.append(KEY, "a", {"n": i})
+    forged = {
+        "ahead": _cursor(KEY, 4, hashes[4]),
+        "ahead_with_an_older_signature": _cursor(KEY, 4, hashes[4], operator_signature=signature_at_0),
+        "forged_hash": _cursor(KEY, 4, "sha256:" + "0" * 64),
+        "another_chains": _cursor(other, 5, signed_other["event_hash"]),
+        "another_chains_signed": rfc8785.dumps({**signed_other, "chain_key": KEY}),
+        "garbage": b"{oops",
+        "signed_by_another_key": b"",
+        "older_signed": older_signed,
+        "unsigned_older": _cursor(KEY, 0, hashes[0]),
+    }[tamper]
+    if tamper == "signed_by_another_key":
+        assert stranger_log.deliver_pending(KEY).delivered == 6
+        stranger_cursor = json.loads((tmp_path / "stranger" / "events" / "v1.delivered").read_bytes())
+        forged = rfc8785.dumps({**stranger_cursor, "event_hash": hashes[4]})
+        receiver.accepted.clear()
+        receiver.requests.clear()
+    backup.paths(KEY).delivered.write_bytes(forged)
+    caplog.set_level(logging.WARNING, logger="pcbo_dagster.audit.delivery")
+    report = log.deliver_pending(KEY)
+    trusted = tamper == "older_signed"
+    # every event reaches the receiver, in seq order (replayed ones again: receivers deduplicate)
+    assert _first_copies(receiver) == (list(range(1, 6)) if trusted else list(range(6)))
+    assert report.ok, report
+    assert (report.cursor_rejected is None) is trusted, report
+    if not trusted:
+        assert "delivery cursor" in report.cursor_rejected and "seq 0" in report.cursor_rejected
+        assert report.to_dict()["cursorRejected"] == report.cursor_rejected
+        assert any("delivery cursor" in r.getMessage() for r in caplog.records)
+    assert receiver.accepted_seqs() == sorted(receiver.accepted_seqs())
+    assert [json.loads(b) for b in receiver.accepted][-1] == events[-1]
+    assert read_cursor(backup, KEY) == (5, hashes[5])
+    # the cursor delivery writes is signed by the operator's key, over this chain and place
+    assert json.loads(backup.paths(KEY).delivered.read_bytes())["operator_signature"].startswith(
+        "pcbo.delivered/v1\n"
+    )

@@ -286,3 +286,51 @@ def test_no_checkpoint_is_signed_with_another_key_over_a_signed_chain(tmp_path: 
     # with the chain's key, the crash window is healed and a checkpoint signed: verify is clean
     assert run_pcbo(["verify", "--repair"], home=home, env=signing).status == 0
     assert run_pcbo(["verify"], home=home, env=signing).status == 0
+
+
+def test_a_forged_delivery_cursor_is_reported_and_skips_no_event(tmp_path: Path) -> None:
+    """Red-team finding: someone who can write the audit backup moved the delivery cursor ahead (to an
+    event of the chain, its hash right) while the endpoint was down, and the events before it never
+    reached the receiver. With the operator's key the cursor is signed: `verify` reports one that is
+    not (`delivery_cursor_forged`) and the next delivery re-sends from seq 0, every event arriving."""
+    import json
+    from types import SimpleNamespace
+
+    from pcbo_dagster.audit.backup import AuditBackup
+    from pcbo_dagster.server.status import _undelivered
+    from pcbo_dagster_tests.cli_runner import backup_file
+    from pcbo_dagster_tests.test_audit_delivery import Receiver
+
+    receiver = Receiver()
+    receiver.thread.start()
+    try:
+        home = tmp_path / "home"
+        env = {**_signing(tmp_path), "PCBO_AUDIT_ENDPOINT": receiver.url, "PCBO_AUDIT_ATTEMPTS": "1"}
+        receiver.down = True
+        assert _execute(tmp_path, home, "s1", env).status == 0
+        events = backup_events(home, intents=True)
+        last = events[-1]["chain"]
+        cursor = backup_file(home).with_suffix(".delivered")
+        ahead = {"chain_key": CHAIN, "seq": last["seq"], "event_hash": last["event_hash"]}
+        cursor.write_text(json.dumps(ahead))
+        # (the API's status counts them undelivered, as delivery will)
+        config = SimpleNamespace(engine=Settings.resolve(home=str(home), env=env, parallel=1))
+        assert _undelivered(config, AuditBackup(home / "pas"), CHAIN) == len(events)  # type: ignore[arg-type]
+        verified = run_pcbo(["verify"], home=home, env=env)
+        assert verified.status == 1, verified.document
+        assert _kinds(verified.document) == ["delivery_cursor_forged"], verified.document
+        assert "not signed by the operator's key" in verified.document["findings"][0]["detail"]
+        # (without the key, a cursor naming an event of the chain cannot be told from pcbo's own)
+        assert run_pcbo(["verify"], home=home).status == 0
+        receiver.down = False
+        published = run_pcbo(["log", "publish", "--dataset", "events"], home=home, env=env)
+        assert published.status == 0, published.stderr
+        delivery = published.document["auditDelivery"]
+        assert "seq 0" in delivery["cursorRejected"] and delivery["pending"] == 0, delivery
+        seqs = [json.loads(b)["chain"]["seq"] for b in receiver.accepted if b"pcbo.checkpoint/1" not in b]
+        every = list(range(len(events)))
+        assert sorted(set(seqs)) == every and seqs[-len(events) :] == every
+        assert run_pcbo(["verify"], home=home, env=env).status == 0
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

@@ -9,6 +9,16 @@ order without gaps. Delivery is at least once: a crash after the receiver's 2xx 
 cursor is written sends that event again next time (receivers deduplicate by `event_id` /
 `chain.event_hash`).
 
+Someone who can write the audit backup can write the cursor too. With the operator's key
+(`PCBO_SIGNING_KEY`) the cursor carries `operator_signature`, a signed note by that key over the
+chain key, the seq and the event hash (`core/operator_signatures.delivery_statement`), and only a
+cursor that verifies under the key and names the event the backup holds at its seq is trusted. Any
+other (unsigned, signed over another chain or place or by another key, not JSON, naming an event the
+backup does not hold) is reported (`DeliveryReport.cursor_rejected`, a warning in the log) and
+delivery starts again from seq 0: it re-sends, it never skips. A signed cursor copied back from an
+earlier delivery only makes it re-send. Without a key nothing authenticates the cursor: a cursor
+naming an event of the chain is followed (README, "Delivery to PCBO_AUDIT_ENDPOINT").
+
 The per-chain cursor holds the last delivered `{chain_key, seq, event_hash}`: beside a local backup
 the file `<dataset>/<versionLabel>.delivered`, replaced atomically (temp file, fsync, os.replace);
 beside an object-store backup one object every host shares (`audit.object_store_backup`). It is
@@ -29,9 +39,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pcbo_dagster.audit.backup import ChainBackup
+from pcbo_dagster.audit.backup import AuditBackupCorrupt, ChainBackup
 from pcbo_dagster.core.audit_chain import event_hash, is_event_hash
 from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.operator_signatures import (
+    OPERATOR_SIGNATURE,
+    delivery_statement,
+    sign_statement,
+    signs_statement,
+)
+from pcbo_dagster.core.signed_note import SigningKey, VerifierKey
 from pcbo_dagster.io.http_delivery import JsonPoster
 
 logger = logging.getLogger(__name__)
@@ -47,6 +64,8 @@ class DeliveryReport:
     pending: int
     last_delivered_seq: int | None
     last_error: str | None = None
+    #: Why the stored cursor was not trusted (delivery then started again from seq 0), or None.
+    cursor_rejected: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -62,13 +81,18 @@ class DeliveryReport:
             "pending": self.pending,
             "lastDeliveredSeq": self.last_delivered_seq,
             "lastError": self.last_error,
+            "cursorRejected": self.cursor_rejected,
         }
 
 
-def read_cursor(backup: ChainBackup, chain_key: str) -> tuple[int, str] | None:
+def read_cursor(
+    backup: ChainBackup, chain_key: str, verifier: VerifierKey | None = None
+) -> tuple[int, str] | None:
     """The last delivered (seq, event_hash) of a chain, or None when nothing was delivered yet.
 
-    ValueError when the cursor exists but is not a valid cursor for this chain.
+    ValueError when the cursor exists but is not a valid cursor for this chain or, with the operator's
+    `verifier`, is not signed by its key over this chain, seq and event hash; `AuditBackupCorrupt` (a
+    ValueError) when its name holds no regular file.
     """
     raw = backup.read_delivery_cursor(chain_key)
     name = f"of {chain_key}"
@@ -89,13 +113,49 @@ def read_cursor(backup: ChainBackup, chain_key: str) -> tuple[int, str] | None:
         or not is_event_hash(digest)
     ):
         raise ValueError(f"delivery cursor {name} is not a cursor for {chain_key}")
+    statement = delivery_statement(chain_key, seq, str(digest))
+    if verifier is not None and not signs_statement(data.get(OPERATOR_SIGNATURE), statement, verifier):
+        raise ValueError(
+            f"delivery cursor {name} (seq {seq}) is not signed by the operator's key "
+            f"({verifier.name}+{verifier.key_id.hex()}) over that chain, seq and event hash"
+        )
     return seq, str(digest)
 
 
-def _write_cursor(backup: ChainBackup, chain_key: str, seq: int, digest: str) -> None:
-    backup.write_delivery_cursor(
-        chain_key, jcs({"chain_key": chain_key, "seq": seq, "event_hash": digest}) + b"\n"
-    )
+def _write_cursor(backup: ChainBackup, chain_key: str, seq: int, digest: str, key: SigningKey | None) -> None:
+    cursor: dict[str, object] = {"chain_key": chain_key, "seq": seq, "event_hash": digest}
+    if key is not None:
+        cursor[OPERATOR_SIGNATURE] = sign_statement(key, delivery_statement(chain_key, seq, digest))
+    backup.write_delivery_cursor(chain_key, jcs(cursor) + b"\n")
+
+
+def checked_cursor(
+    backup: ChainBackup, chain_key: str, events: list[dict], verifier: VerifierKey | None
+) -> tuple[tuple[int, str] | None, str | None]:
+    """The chain's delivery cursor when it is trusted, else None and why (None, None: there is none).
+    Trusted: a cursor for this chain (`read_cursor`; with the operator's `verifier`, signed by its key
+    over that place) naming the event the backup's chain `events` holds at its seq. `AuditBackupCorrupt`
+    when its name holds no regular file."""
+    try:
+        cursor = read_cursor(backup, chain_key, verifier)
+    except AuditBackupCorrupt:
+        raise
+    except ValueError as exc:
+        return None, str(exc)
+    if cursor is None:
+        return None, None
+    seq, digest = cursor
+    anchor = events[seq] if seq < len(events) else None
+    anchor_chain = anchor.get("chain") if isinstance(anchor, dict) else None
+    if (
+        not isinstance(anchor_chain, dict)
+        or anchor_chain.get("seq") != seq
+        or anchor_chain.get("event_hash") != digest
+    ):
+        return None, (
+            f"delivery cursor of {chain_key} (seq {seq}) names no event the audit backup holds at that seq"
+        )
+    return cursor, None
 
 
 class HttpDelivery(JsonPoster):
@@ -137,36 +197,31 @@ class HttpDelivery(JsonPoster):
         redacted `<endpoint>: seq <n>: <reason>` message) when it still fails."""
         self.post(jcs(event), f"seq {event.get('chain', {}).get('seq')}")
 
-    def deliver_pending(self, backup: ChainBackup, chain_key: str) -> DeliveryReport:
+    def deliver_pending(
+        self, backup: ChainBackup, chain_key: str, signing_key: SigningKey | None = None
+    ) -> DeliveryReport:
         """Deliver, in seq order, every backed-up event after the chain's cursor.
 
         Stops at the first event that still fails after retries (or at a local chain defect: an event
-        that does not continue the delivered prefix is never sent). Never raises for delivery
-        failures; the report says what is left.
+        that does not continue the delivered prefix is never sent). A cursor that is not trusted
+        (`checked_cursor`) is reported and delivery starts from seq 0; with `signing_key` each cursor
+        written is signed. Never raises for delivery failures; the report says what is left.
         """
         delivered = 0
         with backup.delivery_locked(chain_key):
             events = backup.read_chain(chain_key)
             try:
-                cursor = read_cursor(backup, chain_key)
-            except ValueError as exc:
+                cursor, rejected = checked_cursor(
+                    backup, chain_key, events, None if signing_key is None else signing_key.verifier()
+                )
+            except AuditBackupCorrupt as exc:  # (no regular file there: only this delivery stops)
                 return self._report(chain_key, 0, len(events), None, str(exc))
+            if rejected is not None:
+                rejected += "; delivery starts again from seq 0 (receivers deduplicate)"
+                logger.warning("audit delivery: %s", rejected)
             start = 0 if cursor is None else cursor[0] + 1
             prev = None if cursor is None else cursor[1]
             last_seq = None if cursor is None else cursor[0]
-            if cursor is not None:
-                anchor = events[cursor[0]] if cursor[0] < len(events) else None
-                anchor_chain = anchor.get("chain") if isinstance(anchor, dict) else None
-                if (
-                    not isinstance(anchor_chain, dict)
-                    or anchor_chain.get("seq") != cursor[0]
-                    or anchor_chain.get("event_hash") != cursor[1]
-                ):
-                    mismatch = (
-                        f"delivery cursor (seq {cursor[0]}) does not match the local backup of "
-                        f"{chain_key}; nothing delivered"
-                    )
-                    return self._report(chain_key, 0, max(0, len(events) - start), last_seq, mismatch)
             error: str | None = None
             for index in range(start, len(events)):
                 event = events[index]
@@ -183,7 +238,7 @@ class HttpDelivery(JsonPoster):
                         "delivery stopped (run verify)"
                     )
                     logger.error("audit delivery: %s", error)
-                    return self._report(chain_key, delivered, len(events) - index, last_seq, error)
+                    return self._report(chain_key, delivered, len(events) - index, last_seq, error, rejected)
                 try:
                     self.send(event)
                 except RuntimeError as exc:
@@ -194,15 +249,21 @@ class HttpDelivery(JsonPoster):
                         len(events) - index,
                         chain_key,
                     )
-                    return self._report(chain_key, delivered, len(events) - index, last_seq, error)
-                _write_cursor(backup, chain_key, index, chain["event_hash"])
+                    return self._report(chain_key, delivered, len(events) - index, last_seq, error, rejected)
+                _write_cursor(backup, chain_key, index, chain["event_hash"], signing_key)
                 delivered += 1
                 last_seq = index
                 prev = chain["event_hash"]
-            return self._report(chain_key, delivered, 0, last_seq, None)
+            return self._report(chain_key, delivered, 0, last_seq, None, rejected)
 
     def _report(
-        self, chain_key: str, delivered: int, pending: int, last_seq: int | None, error: str | None
+        self,
+        chain_key: str,
+        delivered: int,
+        pending: int,
+        last_seq: int | None,
+        error: str | None,
+        rejected: str | None = None,
     ) -> DeliveryReport:
         return DeliveryReport(
             chain_key=chain_key,
@@ -211,6 +272,7 @@ class HttpDelivery(JsonPoster):
             pending=pending,
             last_delivered_seq=last_seq,
             last_error=None if error is None else self.scrub(error),
+            cursor_rejected=rejected,
         )
 
 

@@ -416,7 +416,8 @@ class AuditLog:
                 return self._reconcile(chain_key, txn)
 
     def deliver_pending(self, chain_key: str) -> DeliveryReport | None:
-        """Deliver the chain's undelivered events remotely; None when no delivery is configured."""
+        """Deliver the chain's undelivered events remotely; None when no delivery is configured. With
+        the operator's key the delivery cursor is signed, and one that is not is not trusted."""
         if self.delivery is None:
             return None
-        return self.delivery.deliver_pending(self.backup, chain_key)
+        return self.delivery.deliver_pending(self.backup, chain_key, self.signing_key)

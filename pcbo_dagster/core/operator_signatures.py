@@ -19,6 +19,10 @@ ignored there and reported under its own kind. `writer_refusal` says who may app
 chain: a process holding the key that signed it, no other (without a key its events would be
 unsigned; with another, the chain's checkpoints would stop verifying).
 
+The same key signs what delivery to the audit endpoint records in the audit backup (the delivery
+cursor, `delivery_statement`, and the checkpoint delivery marker, `checkpoint_delivery_statement`), so
+that someone who can write the backup cannot make delivery skip what it never sent.
+
 Before 2026-12-07 only lifecycle events were signed, over a statement without the place (header
 `pcbo.rollout-event/v1`); `verified_statement` still accepts that form, whose copies the lifecycle
 counts once.
@@ -46,6 +50,9 @@ OPERATOR_SIGNATURE = "operator_signature"
 EVENT_STATEMENT_HEADER = "pcbo.event/v2"
 #: The first line of the statement lifecycle events were signed over before 2026-12-07 (no place).
 LEGACY_STATEMENT_HEADER = "pcbo.rollout-event/v1"
+#: The first lines of the statements a delivery cursor and a checkpoint delivery marker are signed over.
+DELIVERY_STATEMENT_HEADER = "pcbo.delivered/v1"
+CHECKPOINT_DELIVERY_HEADER = "pcbo.checkpoint-delivered/v1"
 
 
 def event_statement(
@@ -58,6 +65,35 @@ def event_statement(
         f"{EVENT_STATEMENT_HEADER}\nchain {chain_key}\nseq {seq}\nprev {prev_event_hash or 'none'}\n"
         f"type {event_type}\nbody {digest_of(dict(body))}\n"
     )
+
+
+def delivery_statement(chain_key: str, seq: int, event_hash: str) -> str:
+    """The note text the operator signs for a chain's delivery cursor: every event of `chain_key` up to
+    `seq`, whose hash is `event_hash`, reached the audit endpoint (`audit/delivery.py`)."""
+    return f"{DELIVERY_STATEMENT_HEADER}\nchain {chain_key}\nseq {seq}\nevent {event_hash}\n"
+
+
+def checkpoint_delivery_statement(chain_key: str, body_digest: str) -> str:
+    """The note text the operator signs for a chain's checkpoint delivery marker: the checkpoint document
+    whose RFC 8785 digest is `body_digest` reached the audit endpoint (`engine/transparency_log.py`)."""
+    return f"{CHECKPOINT_DELIVERY_HEADER}\nchain {chain_key}\nbody {body_digest}\n"
+
+
+def sign_statement(key: SigningKey, statement: str) -> str:
+    """The signed note (rendered) of `statement` by the operator's `key`."""
+    return sign_note(statement, key).render()
+
+
+def signs_statement(note_text: Any, statement: str, verifier: VerifierKey) -> bool:
+    """Whether `note_text` is a note signed by `verifier`'s key whose text is exactly `statement`."""
+    if not isinstance(note_text, str):
+        return False
+    try:
+        note = parse_note(note_text)
+        verify_note(note, [verifier])
+    except NoteError:
+        return False
+    return note.text == statement
 
 
 def _legacy_statement(chain_key: str, event_type: str, body: Mapping[str, Any]) -> str:

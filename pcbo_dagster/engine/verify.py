@@ -43,6 +43,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pcbo_dagster.audit.backup import AuditBackupCorrupt
+from pcbo_dagster.audit.delivery import checked_cursor
 from pcbo_dagster.audit.log import ChainDivergence, ChainMoved
 from pcbo_dagster.catalog.partitions import PartitionVersionRow
 from pcbo_dagster.catalog.rollouts import RolloutStore
@@ -273,6 +275,7 @@ def _verify(
         chains_checked[ckey] = len(events)
     report.repair, report.held_back = repair, None
     _check_operator_signatures(env, report, backup_chains)
+    _check_delivery_cursors(env, report, backup_chains)
     _check_rollouts(env, report, backup_chains)
     _check_triggers(env, report)
     document: dict[str, Any] = {}
@@ -1014,6 +1017,26 @@ def _check_operator_signatures(env: Environment, report: _Report, chains: dict[s
             kind, consequence = finding
             report.find(
                 kind, f"{ckey} seq {seq}", f"the {event.get('event_type')} event {detail}: {consequence}"
+            )
+
+
+def _check_delivery_cursors(env: Environment, report: _Report, chains: dict[str, list[dict]]) -> None:
+    """Each chain's delivery cursor (`audit/delivery.py`) must name an event the backup holds at its
+    seq and, with the operator's key, be signed by it over that place: any other was written by someone
+    who can write the audit backup (to make delivery skip events, which it no longer does: the next
+    delivery starts again from seq 0). A cursor that is no regular file is `audit_backup_unreadable`."""
+    verifier = env.operator_verifier
+    for ckey, events in sorted(chains.items()):
+        try:
+            _, problem = checked_cursor(env.audit.backup, ckey, events, verifier)
+        except (AuditBackupCorrupt, OSError):
+            continue  # (reported as audit_backup_unreadable)
+        if problem is not None:
+            report.find(
+                "delivery_cursor_forged",
+                ckey,
+                f"{problem}: someone who can write the audit backup wrote it (or pcbo, before the "
+                "operator's key was set); the next delivery to the audit endpoint starts again from seq 0",
             )
 
 

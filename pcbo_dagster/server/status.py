@@ -212,14 +212,17 @@ def registered_services(
 
 
 def _undelivered(config: ServerConfig, backup: ChainBackup, chain_key: str) -> int | None:
-    """Events of the chain not yet delivered to the audit endpoint (None: no endpoint configured)."""
+    """Events of the chain not yet delivered to the audit endpoint (None: no endpoint configured); with
+    the operator's key, counted from a cursor it signed only (else from seq 0, as delivery does)."""
     if not config.engine.audit_endpoint:
         return None
     last = backup.last_event(chain_key)
     if last is None:
         return 0
+    from pcbo_dagster.engine.transparency_log import operator_verifier_of
+
     try:
-        cursor = read_cursor(backup, chain_key)
+        cursor = read_cursor(backup, chain_key, operator_verifier_of(config.engine))
     except ValueError:
         return int(last["chain"]["seq"]) + 1
     return int(last["chain"]["seq"]) - (-1 if cursor is None else cursor[0])
