@@ -425,3 +425,47 @@ def test_an_object_named_like_an_event_in_other_digits_is_no_event(tmp_path, sto
     chains, problems = fresh.read_all_with_problems()
     assert [e["n"] for e in chains[KEY]] == [0, 1, 2, 3]
     assert any("not an audit event object" in p for p in problems), problems
+
+
+def test_a_signed_deployment_delivers_its_events_and_checkpoints_from_the_object_store(
+    tmp_path, s3_store, s3_env, store_url, fresh_postgres_url
+):
+    """Red-team finding: with an object-store audit backup, the operator's key and an audit endpoint,
+    every run failed after its commit (an internal error: the checkpoint's delivery marker was looked
+    for as a local file of the backup, which an object store has none of). The marker is now an object
+    beside the delivery cursor (`_checkpoint_delivered.json`); `verify` takes neither for an event."""
+    from pcbo_dagster.core.signed_note import new_signing_key
+    from pcbo_dagster_tests.test_audit_delivery import Receiver
+
+    key_file = tmp_path / "operator.key"
+    key_file.write_text(new_signing_key("ops.example/operator").text + "\n")
+    key_file.chmod(0o600)
+    receiver = Receiver()
+    receiver.thread.start()
+    try:
+        request = load_generator().make_request(records=40, partitions=2, seed=5, run_id="signed-1")
+        env = {
+            **s3_env,
+            "PCBO_LAKE_URL": s3_store.url(f"lake-{uuid.uuid4().hex[:8]}"),
+            "PCBO_CATALOG_URL": fresh_postgres_url,
+            "PCBO_AUDIT_DIR": store_url,
+            "PCBO_MULTI_HOST": "true",
+            "PCBO_SIGNING_KEY": str(key_file),
+            "PCBO_AUDIT_ENDPOINT": receiver.url,
+        }
+        home = tmp_path / "host-a"
+        request_file = write_request(tmp_path / "r.json", request)
+        run = run_pcbo(["execute", "--input", request_file], home=home, env=env)
+        assert run.status == 0, run.stderr
+        events = _store_chain(env, store_url)
+        bodies = [json.loads(b) for b in receiver.accepted]
+        assert [b["chain"]["seq"] for b in bodies if "chain" in b] == list(range(len(events)))
+        assert [b["tree_size"] for b in bodies if b.get("type") == "pcbo.checkpoint/1"] == [len(events)]
+        run = run_pcbo(["log", "publish", "--dataset", "events"], home=tmp_path / "host-b", env=env)
+        assert run.status == 0 and run.document["checkpoint"]["delivered"] is True, run.stderr
+        assert len(receiver.accepted) == len(bodies)  # the other host sends nothing again
+        run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env)
+        assert run.status == 0, run.document
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

@@ -101,6 +101,14 @@ class ChainBackup(Protocol):
         """Replace the delivery cursor, all or nothing."""
         ...
 
+    def read_checkpoint_marker(self, chain_key: str) -> bytes | None:
+        """The checkpoint delivery marker's bytes (`engine/transparency_log.py`), or None (none yet)."""
+        ...
+
+    def write_checkpoint_marker(self, chain_key: str, data: bytes) -> None:
+        """Replace the checkpoint delivery marker, all or nothing."""
+        ...
+
 
 @dataclass(frozen=True)
 class ChainPaths:
@@ -126,6 +134,20 @@ class _ChainLock:
 
 _LOCKS: dict[str, _ChainLock] = {}
 _LOCKS_GUARD = threading.Lock()
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all or nothing: a temp file beside it, fsync, os.replace, directory
+    fsync."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _not_regular(path: Path) -> AuditBackupCorrupt:
@@ -276,17 +298,20 @@ class AuditBackup:
             return None
 
     def write_delivery_cursor(self, chain_key: str, data: bytes) -> None:
-        """Replace the cursor file atomically (temp file, fsync, os.replace, directory fsync)."""
-        paths = self.paths(chain_key)
-        tmp = paths.delivered.with_name(f".{paths.delivered.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        """Replace the cursor file atomically (`_replace_file`)."""
+        _replace_file(self.paths(chain_key).delivered, data)
+
+    def read_checkpoint_marker(self, chain_key: str) -> bytes | None:
         try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, paths.delivered)
-        _fsync_dir(paths.directory)
+            return read_regular(self.paths(chain_key).checkpoint_delivered)
+        except FileNotFoundError:
+            return None
+
+    def write_checkpoint_marker(self, chain_key: str, data: bytes) -> None:
+        """Replace the marker file atomically (`_replace_file`)."""
+        path = self.paths(chain_key).checkpoint_delivered
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace_file(path, data)
 
     # -- writing ----------------------------------------------------------------------------
 

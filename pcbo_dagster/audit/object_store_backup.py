@@ -8,6 +8,7 @@ there, beside (or apart from) the lake:
     <url>/<dataset>/<versionLabel>/000000000000.json     the event of seq 0: its RFC 8785 bytes
     <url>/<dataset>/<versionLabel>/000000000001.json     seq 1, ...
     <url>/<dataset>/<versionLabel>/_delivered.json       the remote delivery cursor (not evidence)
+    <url>/<dataset>/<versionLabel>/_checkpoint_delivered.json   the last checkpoint delivered (idem)
 
 Each event object is written **create-only** (S3 `PutObject` with `If-None-Match: *`, GCS
 `ifGenerationMatch=0`): the store itself refuses a second object at a seq, so two hosts can never
@@ -58,6 +59,7 @@ from pcbo_dagster.lake.storage import StoreUnavailable, create_object, filesyste
 SHARED_SCHEMES = ("s3", "s3a", "gs", "gcs")
 SEQ_DIGITS = 12
 CURSOR_NAME = "_delivered.json"
+CHECKPOINT_MARKER_NAME = "_checkpoint_delivered.json"
 #: An event object's name: ASCII digits only (`\d` would take any Unicode digit, and int() reads them).
 _EVENT_NAME = re.compile(r"([0-9]{12})\.json")
 
@@ -277,7 +279,7 @@ class ObjectStoreAuditBackup:
         for key, path in self._objects():
             name = path.rsplit("/", 1)[-1]
             match = _EVENT_NAME.fullmatch(name)
-            if key is None or (match is None and name != CURSOR_NAME):
+            if key is None or (match is None and name not in (CURSOR_NAME, CHECKPOINT_MARKER_NAME)):
                 problems.append(f"{self.location}: {_shown(path, self.root)}: not an audit event object")
                 continue
             if match is not None:
@@ -372,8 +374,8 @@ class ObjectStoreAuditBackup:
 
     # -- delivery cursor --------------------------------------------------------------------------
 
-    def read_delivery_cursor(self, chain_key: str) -> bytes | None:
-        path = f"{self._chain_dir(chain_key)}/{CURSOR_NAME}"
+    def _read_marker(self, chain_key: str, name: str) -> bytes | None:
+        path = f"{self._chain_dir(chain_key)}/{name}"
         held = self._fetch([path])[path]
         if isinstance(held, FileNotFoundError):
             return None
@@ -381,8 +383,17 @@ class ObjectStoreAuditBackup:
             raise held
         return held
 
+    def read_delivery_cursor(self, chain_key: str) -> bytes | None:
+        return self._read_marker(chain_key, CURSOR_NAME)
+
     def write_delivery_cursor(self, chain_key: str, data: bytes) -> None:
         self.fs.pipe_file(f"{self._chain_dir(chain_key)}/{CURSOR_NAME}", data)
+
+    def read_checkpoint_marker(self, chain_key: str) -> bytes | None:
+        return self._read_marker(chain_key, CHECKPOINT_MARKER_NAME)
+
+    def write_checkpoint_marker(self, chain_key: str, data: bytes) -> None:
+        self.fs.pipe_file(f"{self._chain_dir(chain_key)}/{CHECKPOINT_MARKER_NAME}", data)
 
 
 def _continuing(chain_key: str, known: list[dict], fresh: list[dict]) -> list[dict]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from pcbo_dagster.audit.backup import AuditBackupCorrupt, read_regular
+from pcbo_dagster.audit.backup import AuditBackupCorrupt
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs
@@ -425,17 +425,13 @@ def _deliver_checkpoint(env: Any, chain_key: str, size: int, text: str) -> bool 
     delivery = env.audit.delivery
     if delivery is None:
         return None
-    marker = env.audit.backup.paths(chain_key).checkpoint_delivered
+    backup = env.audit.backup
     body = jcs({"type": "pcbo.checkpoint/1", "chain_key": chain_key, "tree_size": size, "checkpoint": text})
     try:
-        try:
-            if read_regular(marker) == body:
-                return True
-        except FileNotFoundError:
-            pass
+        if backup.read_checkpoint_marker(chain_key) == body:
+            return True
         delivery.post(body, f"checkpoint {size}")
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_bytes(body)
+        backup.write_checkpoint_marker(chain_key, body)
     except (DeliveryFailed, OSError, AuditBackupCorrupt) as exc:  # (a marker that is no regular file)
         logger.warning("checkpoint delivery: %s (sent again with the next run)", exc)
         return False
