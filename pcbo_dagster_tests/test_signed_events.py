@@ -334,3 +334,45 @@ def test_a_forged_delivery_cursor_is_reported_and_skips_no_event(tmp_path: Path)
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
+
+
+def test_a_forged_checkpoint_delivery_marker_does_not_stop_the_checkpoint(tmp_path: Path) -> None:
+    """Red-team finding: the checkpoint delivery marker held the checkpoint document last delivered;
+    someone who can write the audit backup copied the checkpoint the endpoint had not received (it is in
+    the lake) into it, and `publish` took it as delivered and never sent it. The marker is now a note
+    the operator's key signs over the document's digest: a copied or forged one is not trusted."""
+    import json
+
+    import rfc8785
+
+    from pcbo_dagster_tests.cli_runner import backup_file, lake_dir
+    from pcbo_dagster_tests.test_audit_delivery import Receiver
+
+    receiver = Receiver()
+    receiver.thread.start()
+    try:
+        home = tmp_path / "home"
+        env = {**_signing(tmp_path), "PCBO_AUDIT_ENDPOINT": receiver.url, "PCBO_AUDIT_ATTEMPTS": "1"}
+        receiver.down = True
+        assert _execute(tmp_path, home, "s1", env).status == 0
+        (size,) = _checkpoint_sizes(home)
+        text = (lake_dir(home) / "events" / "v1" / "_checkpoints" / f"{size:012d}.checkpoint").read_text()
+        document: dict[str, Any] = {
+            "type": "pcbo.checkpoint/1",
+            "chain_key": CHAIN,
+            "tree_size": size,
+            "checkpoint": text,
+        }
+        backup_file(home).with_suffix(".checkpoint-delivered").write_bytes(rfc8785.dumps(document))
+        receiver.down = False
+        published = run_pcbo(["log", "publish", "--dataset", "events"], home=home, env=env)
+        assert published.status == 0, published.stderr
+        assert published.document["checkpoint"]["delivered"] is True
+        got = [json.loads(b) for b in receiver.accepted if b"pcbo.checkpoint/1" in b]
+        assert got == [document]
+        # delivered once: the next publish sends it no more
+        assert run_pcbo(["log", "publish", "--dataset", "events"], home=home, env=env).status == 0
+        assert len([b for b in receiver.accepted if b"pcbo.checkpoint/1" in b]) == 1
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()

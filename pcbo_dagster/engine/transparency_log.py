@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from pcbo_dagster.audit.backup import AuditBackupCorrupt
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
-from pcbo_dagster.core.canonical import jcs
+from pcbo_dagster.core.canonical import jcs, prefixed, sha256_hex
 from pcbo_dagster.core.chain_state import TABLE_PUBLICATION_RECORDED
 from pcbo_dagster.core.checkpoints import (
     DEFAULT_ORIGIN_PREFIX,
@@ -48,7 +48,13 @@ from pcbo_dagster.core.checkpoints import (
     parse_signed_checkpoint,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
-from pcbo_dagster.core.operator_signatures import unsigned_events, writer_refusal
+from pcbo_dagster.core.operator_signatures import (
+    checkpoint_delivery_statement,
+    sign_statement,
+    signs_statement,
+    unsigned_events,
+    writer_refusal,
+)
 from pcbo_dagster.core.rollout_lifecycle import LIFECYCLE_EVENTS
 from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS
 from pcbo_dagster.core.signed_note import (
@@ -421,17 +427,25 @@ def refuse_unsigned_events(
 
 def _deliver_checkpoint(env: Any, chain_key: str, size: int, text: str) -> bool | None:
     """POST the checkpoint (JSON `{type, chain_key, tree_size, checkpoint}`) to the audit endpoint
-    once per distinct text; None without an endpoint, False when it failed (sent again next time)."""
+    once per distinct text; None without an endpoint, False when it failed (sent again next time).
+    What was delivered is recorded in the audit backup as a note the operator's key signs over the
+    document's digest (`checkpoint_delivery_statement`): someone who can write the backup cannot mark
+    a checkpoint delivered that was not (before 2026-12-07 the marker held the document itself, which
+    anyone could copy from the lake)."""
     delivery = env.audit.delivery
     if delivery is None:
         return None
     backup = env.audit.backup
     body = jcs({"type": "pcbo.checkpoint/1", "chain_key": chain_key, "tree_size": size, "checkpoint": text})
+    statement = checkpoint_delivery_statement(chain_key, prefixed(sha256_hex(body)))
     try:
-        if backup.read_checkpoint_marker(chain_key) == body:
+        held = backup.read_checkpoint_marker(chain_key)
+        if held is not None and signs_statement(
+            held.decode("utf-8", "replace"), statement, env.signing_key.verifier()
+        ):
             return True
         delivery.post(body, f"checkpoint {size}")
-        backup.write_checkpoint_marker(chain_key, body)
+        backup.write_checkpoint_marker(chain_key, sign_statement(env.signing_key, statement).encode("utf-8"))
     except (DeliveryFailed, OSError, AuditBackupCorrupt) as exc:  # (a marker that is no regular file)
         logger.warning("checkpoint delivery: %s (sent again with the next run)", exc)
         return False
