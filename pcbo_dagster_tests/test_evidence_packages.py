@@ -279,7 +279,7 @@ def _run_of_many_partitions(package: dict[str, Any], count: int) -> list[dict]:
 
     events = [entry["event"] for entry in _statement(package["envelope"])["predicate"]["auditEvents"]]
     template = next(e for e in events if e["event_type"] == "partition_committed")
-    reserved = ("version", "event_type", "event_id", "timestamp", "chain")
+    reserved = ("version", "event_type", "event_id", "timestamp", "chain", "operator_signature")
     body = json.dumps({k: v for k, v in template.items() if k not in reserved} | {"run_id": "big"})
     first = datetime(2024, 1, 1)
     keys = [(first + timedelta(hours=n)).strftime("%Y%m%dT%H%M%SZ") for n in range(count)]
@@ -662,8 +662,9 @@ def _relogged(promoted: dict[str, Any], rewrite: Any) -> dict[str, Any]:
     each as `rewrite(event_type, body)` makes it (`(event_type, body)`; None: left out), every event
     rehashed and relinked (a promotion's `approval_event_hash` and each of its `approval_event_hashes`
     that named an event of the package name that event's new hash), the claims rederived, checkpoint
-    and envelope signed again."""
+    and envelope signed again (each event too, at its new place, as the insider holds the key)."""
     from pcbo_dagster.core.audit_chain import RESERVED_KEYS
+    from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, sign_event
     from pcbo_dagster.evidence.package import CLAIMS, claims_of
 
     statement = _statement(promoted["envelope"])
@@ -683,10 +684,14 @@ def _relogged(promoted: dict[str, Any], rewrite: Any) -> dict[str, Any]:
             body["approval_event_hash"] = new_hash(body["approval_event_hash"])
         if isinstance(body.get("approval_event_hashes"), list):
             body["approval_event_hashes"] = [new_hash(h) for h in body["approval_event_hashes"]]
+        prev = events[-1]["chain"]["event_hash"] if events else None
+        if body.pop(OPERATOR_SIGNATURE, None) is not None:
+            chain_key = event["chain"]["chain_key"]
+            body[OPERATOR_SIGNATURE] = sign_event(promoted["key"], chain_key, len(events), prev, kind, body)
         rebuilt = build_event(
             chain_key=event["chain"]["chain_key"],
             seq=len(events),
-            prev_event_hash=events[-1]["chain"]["event_hash"] if events else None,
+            prev_event_hash=prev,
             event_type=kind,
             timestamp=event["timestamp"],
             body=body,
@@ -1297,3 +1302,74 @@ def test_export_signs_nothing_from_a_chain_whose_events_were_forged(
     said = capsys.readouterr().err  # one line, saying what was refused once
     assert said.startswith("pcbo evidence export: the evidence package of run ev1 refused: "), said
     assert "the audit chain events/v1 does not verify" in said and said.count("export") == 1, said
+
+
+def _signed_log(events: list[dict], sign: Any) -> list[dict]:
+    """`events` (a whole chain from seq 0) rebuilt, each event signed at its place as `sign(seq, event)`
+    says: a signing key, or None for no signature."""
+    from pcbo_dagster.core.audit_chain import RESERVED_KEYS
+    from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, sign_event
+
+    rebuilt: list[dict] = []
+    for seq, event in enumerate(events):
+        body = {k: v for k, v in event.items() if k not in RESERVED_KEYS and k != OPERATOR_SIGNATURE}
+        prev = rebuilt[-1]["chain"]["event_hash"] if rebuilt else None
+        key = sign(seq, event)
+        if key is not None:
+            chain_key = event["chain"]["chain_key"]
+            body[OPERATOR_SIGNATURE] = sign_event(key, chain_key, seq, prev, event["event_type"], body)
+        rebuilt.append(
+            build_event(
+                chain_key=event["chain"]["chain_key"],
+                seq=seq,
+                prev_event_hash=prev,
+                event_type=event["event_type"],
+                timestamp=event["timestamp"],
+                body=body,
+            )
+        )
+    return rebuilt
+
+
+@pytest.mark.parametrize("signed", ["by_the_operator", "last_stripped", "by_another_key", "none"])
+def test_the_operators_event_signatures_are_checked_offline(package: dict[str, Any], signed: str) -> None:
+    """Red-team finding: `evidence verify` never read the events' `operator_signature`: a package whose
+    checkpoint the operator's key signed over events it did not sign (stripped of their signatures, as
+    an unsigned event someone without the key appended, or signed by another key) verified. Now every
+    signature an event carries must verify under --key at the event's place, and from the first one
+    that does on every event must carry one; `--signed-events` asks it of every event."""
+    from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE
+    from pcbo_dagster.evidence.package import CLAIMS, claims_of
+
+    statement = _statement(package["envelope"])
+    events = [entry["event"] for entry in statement["predicate"]["auditEvents"]]
+    assert [e["chain"]["seq"] for e in events] == list(range(len(events)))  # the whole chain
+    assert all(OPERATOR_SIGNATURE in e for e in events)
+    other = new_signing_key("ops.example/operator")  # the same name, another key
+    sign = {
+        "by_the_operator": lambda seq, e: package["key"],
+        "last_stripped": lambda seq, e: package["key"] if seq < len(events) - 1 else None,
+        "by_another_key": lambda seq, e: other,
+        "none": lambda seq, e: None,
+    }[signed]
+    relogged = _signed_log(events, sign)
+    run = statement["predicate"]["run"]
+    claims = claims_of(relogged, run["runId"], run["dataset"], run["versionLabel"])
+    statement["predicate"].update({name: claims[name] for name in CLAIMS})
+    envelope = _logged(package, statement, relogged)
+    status, document = _verify(package, envelope)
+    if signed in ("by_the_operator", "none"):  # (none: a chain from before the key was set)
+        assert status == 0 and document["valid"], document
+        assert document["signedEvents"] == (len(events) if signed == "by_the_operator" else 0)
+        status, document = _verify(package, envelope, "--signed-events")
+        assert (status == 0) is (signed == "by_the_operator"), document
+        if signed == "none":
+            assert document["problems"][0] == "event seq 0 carries no signature of the operator's key"
+        return
+    assert status == 1 and not document["valid"], document
+    last = len(events) - 1
+    expected = {
+        "last_stripped": f"event seq {last} carries no signature of the operator's key",
+        "by_another_key": "event seq 0: its operator_signature does not verify under the operator's key",
+    }[signed]
+    assert any(p.startswith(expected) for p in document["problems"]), document["problems"]

@@ -1,6 +1,6 @@
 """`pcbo evidence export --run R [--output FILE]` and `pcbo evidence verify FILE --key VKEY [--lake URL]
-[--witness-key VKEY ... --min-witnesses N] [--approver-key VKEY ... --min-approvals N] [--origin-prefix P]`
-(`evidence/package.py`)."""
+[--witness-key VKEY ... --min-witnesses N] [--approver-key VKEY ... --min-approvals N] [--origin-prefix P]
+[--signed-events]` (`evidence/package.py`)."""
 
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         origin_prefix=args.origin_prefix,
         approver_keys=approvers,
         min_approvals=min_approvals,
+        signed_events=args.signed_events,
     )
     if not document["valid"]:
         raise Findings(document)
@@ -116,6 +117,12 @@ def add_evidence_commands(sub: Any) -> None:
         default=DEFAULT_ORIGIN_PREFIX,
         help="the log's origin is exactly <this><dataset>/<versionLabel> (default pcbo/; the operator's "
         "PCBO_CHECKPOINT_ORIGIN_PREFIX)",
+    )
+    p.add_argument(
+        "--signed-events",
+        action="store_true",
+        help="every event of the package must carry the operator's signature (--key) at its place: for a "
+        "chain the key signed from its first event (without it, from the first event the key signed on)",
     )
     p.add_argument("--output", help="write the JSON document here instead of stdout")
     p.set_defaults(func=cmd_verify)

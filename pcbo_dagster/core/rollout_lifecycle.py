@@ -53,6 +53,7 @@ from datetime import datetime
 from typing import Any
 
 from pcbo_dagster.core.canonical import digest_of
+from pcbo_dagster.core.chain_state import TABLE_PUBLICATION_RECORDED
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import format_datetime, parse_instant, to_datetime
 from pcbo_dagster.core.operator_signatures import verified_statement
@@ -71,6 +72,10 @@ LIFECYCLE_EVENTS = (
     ROLLOUT_ROLLED_BACK,
     ROLLOUT_PROMOTED,
 )
+#: Events whose readers count them only when the operator's key signed them (or, approvals, when an
+#: approver's key did): an unsigned one is ignored there and reported under its own kind, so it makes
+#: no `event_signature_invalid` (`core/operator_signatures.unsigned_events`).
+SELF_CHECKED_EVENTS = frozenset({*LIFECYCLE_EVENTS, *APPROVAL_EVENTS, TABLE_PUBLICATION_RECORDED})
 SOAKING, PROMOTED, ROLLED_BACK, CANCELLED = "soaking", "promoted", "rolled_back", "cancelled"
 FINAL = (PROMOTED, ROLLED_BACK, CANCELLED)
 #: The catalog statuses of a rollout the chain has not seen staged (its staging apply under way).

@@ -38,7 +38,6 @@ from pcbo_dagster.audit.backup import AuditBackupCorrupt
 from pcbo_dagster.core import merkle
 from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs, prefixed, sha256_hex
-from pcbo_dagster.core.chain_state import TABLE_PUBLICATION_RECORDED
 from pcbo_dagster.core.checkpoints import (
     DEFAULT_ORIGIN_PREFIX,
     Checkpoint,
@@ -55,8 +54,7 @@ from pcbo_dagster.core.operator_signatures import (
     unsigned_events,
     writer_refusal,
 )
-from pcbo_dagster.core.rollout_lifecycle import LIFECYCLE_EVENTS
-from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS
+from pcbo_dagster.core.rollout_lifecycle import SELF_CHECKED_EVENTS
 from pcbo_dagster.core.signed_note import (
     COSIGNATURE_V1,
     Note,
@@ -553,10 +551,6 @@ OTHER_HISTORY = frozenset(
         "event_signature_invalid",
     }
 )
-#: Events whose readers count them only when the operator's key signed them (or, approvals, when an
-#: approver's key did): an unsigned one is ignored there and reported under its own kind, so it makes
-#: no `event_signature_invalid` (`core/operator_signatures.unsigned_events`).
-SELF_CHECKED_EVENTS = frozenset({*LIFECYCLE_EVENTS, *APPROVAL_EVENTS, TABLE_PUBLICATION_RECORDED})
 
 
 def other_history(env: Any, chain_key: str, backup_events: list[dict]) -> list[dict[str, str]]:

@@ -29,8 +29,11 @@ versions name may be absent: their proven rollback removed it). The operator's k
 signs anything an insider holding it wants (another history, under the real origin, included): only
 cosignatures of witnesses the verifier trusts (`--witness-key`, `--min-witnesses N`), which never
 cosign a history inconsistent with the one they saw, bind the package to the log everyone else sees.
-A package does not prove that the log holds no other event of the run: an omitted intent with all its
-commits leaves no trace in it (`pcbo verify --trusted-checkpoint` checks the whole chain).
+Each event's operator signature (`core/operator_signatures.py`) is checked under the verifier's key
+too (`_event_signature_problems`): a checkpoint the key signed vouches for an event's place in the log,
+its signature for who appended it. A package does not prove that the log holds no other event of the
+run: an omitted intent with all its commits leaves no trace in it (`pcbo verify --trusted-checkpoint`
+checks the whole chain).
 
 The approval notes a package carries are checked only against approvers' keys the verifier trusts
 (`--approver-key`): each approval the run's promotion relied on must pass the rollout gate's own check
@@ -66,7 +69,9 @@ from pcbo_dagster.core.checkpoints import (
     parse_signed_checkpoint,
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
+from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, unsigned_events, verified_statement
 from pcbo_dagster.core.request_model import NAME_PATTERN, parse_json_strict
+from pcbo_dagster.core.rollout_lifecycle import SELF_CHECKED_EVENTS
 from pcbo_dagster.core.signed_approvals import APPROVAL_EVENTS, ROLLOUT_APPROVED, approval_of_event
 from pcbo_dagster.core.signed_note import (
     NoteError,
@@ -395,6 +400,7 @@ def verify(
     origin_prefix: str = DEFAULT_ORIGIN_PREFIX,
     approver_keys: list[VerifierKey] | None = None,
     min_approvals: int = 0,
+    signed_events: bool = False,
 ) -> dict[str, Any]:
     """Check a package offline (module doc); `{"valid", "problems", ...}`. `lake`: a `LakeStorage`
     whose subjects' bytes are checked too. The checkpoint's origin must be exactly the log of the run's
@@ -402,7 +408,9 @@ def verify(
     `approver_keys` (None: not checked): the approvers' keys the verifier trusts; every approval the
     run's promotions relied on must be signed by one of them (`_checked_approvals`), and with
     `min_approvals` N (0: not counted) the package must hold a promotion, and each of its promotions
-    name approvals that verify under N distinct keys of them (`_too_few_approvers`)."""
+    name approvals that verify under N distinct keys of them (`_too_few_approvers`). The events'
+    operator signatures are checked under `key` (`_event_signature_problems`; `signed_events`: every
+    event must carry one)."""
     problems: list[str] = []
     try:
         payload = open_envelope(document, key)
@@ -453,6 +461,8 @@ def verify(
         entries if isinstance(entries, list) else [], chain_key, checkpoint
     )
     problems += event_problems
+    signed, signature_problems = _event_signature_problems(proven, key, signed_events)
+    problems += signature_problems
     if not any(e.get("run_id") == run_id for e in proven):
         problems.append(f"the package holds no proven event of run {run_id}")
     elif _run_events(proven, run_id) != proven:
@@ -511,6 +521,7 @@ def verify(
         "subjectsCheckedInLake": checked if lake is not None else None,
         "subjectsRolledBackFromLake": absent if lake is not None else None,
         "auditEvents": len(entries) if isinstance(entries, list) else 0,
+        "signedEvents": signed,
         "approvals": approvals,
         "promotions": promotions,
     }
@@ -607,6 +618,28 @@ def _too_few_approvers(promotions: list[dict[str, Any]], run_id: str, min_approv
         for p in promotions
         if p["distinctApprovers"] < min_approvals
     ]
+
+
+def _event_signature_problems(proven: list[dict], key: VerifierKey, every: bool) -> tuple[int, list[str]]:
+    """How many of the `proven` events carry the operator's signature at their place (verified under
+    `key`: `core/operator_signatures.py`), and why the others do not count: a signature that does not
+    verify (another key's, or one made for another event or place), and, from the first event the key
+    signed on (`every`: from the first event), an event with none other than those whose readers check
+    their own signatures (`SELF_CHECKED_EVENTS`: approvals carry the approver's). The checkpoint the key
+    signed vouches for the events' place in the log, not for who appended them: someone who can write
+    the stores but holds no key appended an event a checkpoint signed before 2026-12-07 may cover."""
+    problems: list[str] = []
+    for event in proven:
+        if OPERATOR_SIGNATURE in event and verified_statement(event, key) is None:
+            problems.append(
+                f"event seq {event['chain']['seq']}: its operator_signature does not verify under the "
+                f"operator's key {key.name} at its place (signed by another key, or for another event)"
+            )
+    for bare in unsigned_events(proven, key, every, SELF_CHECKED_EVENTS):
+        if OPERATOR_SIGNATURE not in bare:
+            problems.append(f"event seq {bare['chain']['seq']} carries no signature of the operator's key")
+    signed = sum(1 for event in proven if verified_statement(event, key) is not None)
+    return signed, problems
 
 
 def _proven_events(entries: list[Any], chain_key: str, checkpoint: Any) -> tuple[list[dict], list[str]]:
