@@ -376,3 +376,25 @@ def test_a_forged_checkpoint_delivery_marker_does_not_stop_the_checkpoint(tmp_pa
     finally:
         receiver.server.shutdown()
         receiver.server.server_close()
+
+
+def test_no_checkpoint_of_a_chain_another_key_signs_is_signed(tmp_path: Path) -> None:
+    """Red-team finding: a chain whose events another key signed (one rotated away, or the key of
+    someone who can write the stores), its checkpoints removed from the catalog: runs with the
+    operator's key refused it, but `pcbo log publish` and `evidence export` signed a checkpoint of it
+    with that key, vouching for events it never signed. Now no checkpoint is signed (exit 1)."""
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    stranger = signing_key_from_seed("ops.example/operator", bytes([35]) * 32)
+    (tmp_path / "b").mkdir()
+    assert (
+        _execute(tmp_path, home, "s1", {"PCBO_SIGNING_KEY": str(key_file(tmp_path / "b", stranger))}).status
+        == 0
+    )
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute("DROP TRIGGER transparency_checkpoints_no_delete")
+        db.execute("DELETE FROM transparency_checkpoints")
+    for args in (["log", "publish", "--dataset", "events"], ["evidence", "export", "--run", "s1"]):
+        run = run_pcbo(args, home=home, env=signing)
+        assert run.status == 1, (args, run.document)
+        assert "no checkpoint signed" in run.stderr and "ops.example/operator+" in run.stderr, run.stderr
+        assert _checkpoint_sizes(home) == []
