@@ -691,3 +691,64 @@ def test_a_held_checkpoint_of_another_log_at_the_proofs_size_is_named_as_such(
     problems = json.loads(out.read_text())["problems"]
     assert not any("different roots" in p for p in problems), problems
     assert any("pcbo/other/v1" in p and ORIGIN in p for p in problems), problems
+
+
+@pytest.mark.parametrize("signer", ["operator", "another_key", "none"])
+def test_an_inclusion_proof_checks_the_events_operator_signature(tmp_path: Path, signer: str) -> None:
+    """Red-team finding: `log verify-proof` proved an event's inclusion under a checkpoint the
+    operator's key signed without reading the event's own `operator_signature`: an event another key
+    signed (a checkpoint `log publish` signed over a chain of another key's before 2026-12-07) was
+    `"valid": true`. Now a signature that does not verify under --key at the event's place is a
+    problem, and the verdict says whether the key signed the event (`eventSigned`)."""
+    from pcbo_dagster.core.merkle import MerkleTree
+    from pcbo_dagster.core.operator_signatures import OPERATOR_SIGNATURE, sign_event
+    from pcbo_dagster.core.transparency_log import event_leaf
+
+    operator = new_signing_key("ops.example/operator")
+    key = {"operator": operator, "another_key": new_signing_key("ops.example/operator"), "none": None}[signer]
+    body: dict[str, Any] = {"run_id": "r1"}
+    if key is not None:
+        body[OPERATOR_SIGNATURE] = sign_event(key, CHAIN, 0, None, "run_noted", body)
+    event = build_event(
+        chain_key=CHAIN,
+        seq=0,
+        prev_event_hash=None,
+        event_type="run_noted",
+        timestamp="2026-12-07T00:00:00Z",
+        body=body,
+    )
+    tree = MerkleTree([event_leaf(event)])
+    document = {
+        "type": "pcbo.log.inclusion/1",
+        "origin": ORIGIN,
+        "chainKey": CHAIN,
+        "leafIndex": 0,
+        "treeSize": 1,
+        "rootHash": base64.b64encode(tree.root).decode(),
+        "event": event,
+        "proof": [],
+        "checkpoints": [Checkpoint(ORIGIN, 1, tree.root).sign(operator).render()],
+    }
+    proof, out = tmp_path / "proof.json", tmp_path / "out.json"
+    proof.write_text(json.dumps(document))
+    argv = [
+        "log",
+        "verify-proof",
+        "--proof",
+        str(proof),
+        "--key",
+        operator.verifier().text,
+        "--output",
+        str(out),
+    ]
+    status = cli.main(argv)
+    verdict = json.loads(out.read_text())
+    if signer == "another_key":
+        assert status == 1 and not verdict["valid"], verdict
+        assert verdict["problems"] == [
+            "event seq 0: its operator_signature does not verify under the operator's key "
+            "ops.example/operator at its place (signed by another key, or for another event)"
+        ]
+    else:  # (an event without one: a chain from before the key was set)
+        assert status == 0 and verdict["valid"], verdict
+    assert verdict["eventSigned"] is (signer == "operator"), verdict

@@ -48,10 +48,12 @@ from pcbo_dagster.core.checkpoints import (
 )
 from pcbo_dagster.core.errors import IntegrityError, InvalidInput
 from pcbo_dagster.core.operator_signatures import (
+    OPERATOR_SIGNATURE,
     checkpoint_delivery_statement,
     sign_statement,
     signs_statement,
     unsigned_events,
+    verified_statement,
     writer_refusal,
 )
 from pcbo_dagster.core.rollout_lifecycle import SELF_CHECKED_EVENTS
@@ -758,7 +760,9 @@ def verify_proof_document(
 ) -> dict[str, Any]:
     """Check an inclusion or consistency proof offline: every root it relies on must be that of a
     checkpoint signed by `key` (embedded in the document, or `held` by the verifier), and the chain it
-    names the one whose log's origin is exactly `<origin_prefix><chainKey>`."""
+    names the one whose log's origin is exactly `<origin_prefix><chainKey>`. An inclusion proof's event
+    may carry no operator signature (a chain from before the key was set), but one it carries must
+    verify under `key` at its place; `eventSigned` says whether it does."""
     from pcbo_dagster.core.transparency_log import event_inclusion_problems, signed_checkpoints_by_size
 
     if not isinstance(document, dict) or document.get("type") not in (
@@ -816,6 +820,13 @@ def verify_proof_document(
             problems.append(f"the document's leafIndex {document.get('leafIndex')!r} is not its event's seq")
         size = document["treeSize"]
         problems += event_inclusion_problems(document.get("event") or {}, size, proof, checkpoints.get(size))
+        # the checkpoint vouches for the event's place in the log, its own signature for who appended it
+        event_signed = isinstance(event, dict) and verified_statement(event, key) is not None
+        if isinstance(event, dict) and OPERATOR_SIGNATURE in event and not event_signed:
+            problems.append(
+                f"event seq {seq}: its operator_signature does not verify under the operator's key "
+                f"{key.name} at its place (signed by another key, or for another event)"
+            )
     else:
         old, new = document.get("fromSize"), document.get("toSize")
         if old not in checkpoints or new not in checkpoints:
@@ -829,4 +840,7 @@ def verify_proof_document(
                 problems.append(str(exc))
             if not merkle.verify_consistency(old, new, checkpoints[old].root, checkpoints[new].root, hashes):
                 problems.append(f"the consistency proof from {old} to {new} does not verify")
-    return {"valid": not problems, "type": document["type"], "origin": origin, "problems": problems}
+    verdict = {"valid": not problems, "type": document["type"], "origin": origin, "problems": problems}
+    if inclusion:
+        verdict["eventSigned"] = event_signed
+    return verdict
