@@ -398,3 +398,26 @@ def test_no_checkpoint_of_a_chain_another_key_signs_is_signed(tmp_path: Path) ->
         assert run.status == 1, (args, run.document)
         assert "no checkpoint signed" in run.stderr and "ops.example/operator+" in run.stderr, run.stderr
         assert _checkpoint_sizes(home) == []
+
+
+def test_no_proof_is_made_from_a_chain_holding_an_event_the_key_did_not_sign(tmp_path: Path) -> None:
+    """Red-team finding: `pcbo proof` (and the HTTP API's proof routes) never gave the operator's key to
+    the check of the chain's stored log, so it made proofs from a chain holding an event someone without
+    the key appended, which every run, `verify` and `evidence export` refuse. Now it proves nothing
+    from it (exit 1); without the key (a reader holding none) nothing is checked, as for `verify`."""
+    import pyarrow.parquet as pq
+
+    from pcbo_dagster_tests.cli_runner import lake_dir
+
+    home, signing = tmp_path / "home", _signing(tmp_path)
+    assert _execute(tmp_path, home, "s1", signing).status == 0
+    commit = next(e for e in backup_events(home) if e["event_type"] == "partition_committed")
+    key = commit["partition"]["key"]
+    data = next((lake_dir(home) / "events" / "v1" / key).rglob("part-*.parquet"))
+    record_id = pq.read_table(data).column("id")[0].as_py()
+    args = ["proof", "--dataset", "events", "--partition", key, "--id", record_id]
+    assert run_pcbo(args, home=home, env=signing).status == 0
+    _append_without_the_key(home, "operator_note", {"run_id": "s1"})
+    refused = run_pcbo(args, home=home, env=signing)
+    assert refused.status == 1 and "cannot prove anything" in refused.stderr, refused.stderr
+    assert "no valid signature of the operator's key" in refused.stderr, refused.stderr

@@ -204,7 +204,10 @@ def cmd_proof(args: argparse.Namespace) -> dict[str, Any]:
         )
     with open_environment(args, create=False) as env:
         sources = proofs.ProofSources(
-            env.lake, env.audit.backup, env.catalog.chain_heads(), other_history_of(env.catalog, env.lake)
+            env.lake,
+            env.audit.backup,
+            env.catalog.chain_heads(),
+            other_history_of(env.catalog, env.lake, env.signing_key),
         )
         if old is not None and new is not None:
             return proofs.consistency(sources, args.dataset, args.version_label, args.partition, old, new)

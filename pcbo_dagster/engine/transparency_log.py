@@ -562,11 +562,12 @@ def other_history(env: Any, chain_key: str, backup_events: list[dict]) -> list[d
     return [f for f in check_stored_logs(env, chain_key, backup_events) if f["kind"] in OTHER_HISTORY]
 
 
-def other_history_of(catalog: CatalogStore, lake: Any) -> Any:
+def other_history_of(catalog: CatalogStore, lake: Any, signing_key: SigningKey | None = None) -> Any:
     """`other_history` as a function of (chain key, events) -> the findings' details, for a reader that
-    holds a catalog and a lake but no `Environment` (proofs: the CLI's and the HTTP API's)."""
-    # (no signing key: a checkpoint's signature is no `OTHER_HISTORY` finding)
-    stores = SimpleNamespace(catalog=catalog, lake=lake, signing_key=None)
+    holds a catalog and a lake but no `Environment` (proofs: the CLI's and the HTTP API's). With the
+    operator's `signing_key` an event it should have signed and did not is one (`event_signature_invalid`),
+    as for every run (before 2026-12-07 proofs were made from such a chain)."""
+    stores = SimpleNamespace(catalog=catalog, lake=lake, signing_key=signing_key)
     return lambda key, events: [f["detail"] for f in other_history(stores, key, events)]
 
 

@@ -458,11 +458,15 @@ def _partition_key(key: str) -> str:
 def _proof_sources(request: Request) -> Any:
     """The lake, audit backup and catalog chain heads a proof is made from (`engine/proofs.py`)."""
     from pcbo_dagster.engine.proofs import ProofSources
-    from pcbo_dagster.engine.transparency_log import other_history_of
+    from pcbo_dagster.engine.transparency_log import other_history_of, signing_key_of
 
     state = request.app.state
+    key = signing_key_of(state.config.engine)  # (an event it should have signed and did not: no proof)
     return ProofSources(
-        state.lake, state.backup, state.catalog.chain_heads(), other_history_of(state.catalog, state.lake)
+        state.lake,
+        state.backup,
+        state.catalog.chain_heads(),
+        other_history_of(state.catalog, state.lake, key),
     )
 
 
