@@ -4,10 +4,12 @@ Layout under the backup directory, for chain_key `<dataset>/<versionLabel>`:
 
     <dataset>/<versionLabel>.jsonl      one event per line: its RFC 8785 bytes + "\\n"
     <dataset>/<versionLabel>.lock       flock target serialising writers of the chain
-    <dataset>/<versionLabel>.delivered  remote delivery cursor (see `pcbo_dagster.audit.delivery`)
+    <dataset>/<versionLabel>.delivered  remote delivery cursor, signed with the operator's key when
+                                        there is one (see `pcbo_dagster.audit.delivery`)
 
     <dataset>/<versionLabel>.torn       fragments of torn writes set aside (see below)
-    <dataset>/<versionLabel>.checkpoint-delivered   the last checkpoint delivered to the endpoint
+    <dataset>/<versionLabel>.checkpoint-delivered   the last checkpoint delivered to the endpoint (a
+                                                    note the operator's key signs over its digest)
 
 This is the host-local backup (`PCBO_AUDIT_DIR` a directory). Its interface, `ChainBackup`, is also
 implemented on an object store shared by many hosts (`audit.object_store_backup`: one object per

@@ -8,7 +8,8 @@ there, beside (or apart from) the lake:
     <url>/<dataset>/<versionLabel>/000000000000.json     the event of seq 0: its RFC 8785 bytes
     <url>/<dataset>/<versionLabel>/000000000001.json     seq 1, ...
     <url>/<dataset>/<versionLabel>/_delivered.json       the remote delivery cursor (not evidence)
-    <url>/<dataset>/<versionLabel>/_checkpoint_delivered.json   the last checkpoint delivered (idem)
+    <url>/<dataset>/<versionLabel>/_checkpoint_delivered.json   the last checkpoint delivered (idem;
+                                                                 both signed as `audit.backup` says)
 
 Each event object is written **create-only** (S3 `PutObject` with `If-None-Match: *`, GCS
 `ifGenerationMatch=0`): the store itself refuses a second object at a seq, so two hosts can never
