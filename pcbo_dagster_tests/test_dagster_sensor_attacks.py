@@ -76,6 +76,26 @@ def test_lake_drift_does_not_take_a_backup_alone_for_the_chain(setup: Any) -> No
         assert ("audit_chain", KEYS[0]) in failed
 
 
+def test_the_checks_job_launched_without_a_partition_range_checks_every_committed_partition(
+    setup: Any,
+) -> None:
+    """The checks job launched on its own (the UI's Launchpad, no range tags) failed every time, after
+    its evaluations, with `DagsterInvariantViolationError: Cannot access partition_key for a
+    non-partitioned run` (`partition_health` was a result, whose data version Dagster looks up for the
+    run's partitions): it now succeeds, each committed partition evaluated and `partition_health`
+    passing."""
+    tmp_path, config, engine, defs = setup
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        checks = defs.resolve_job_def("events_checks").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        assert checks.success
+        evaluations = {(e.check_name, e.partition): e.passed for e in checks.get_asset_check_evaluations()}
+        assert {p for (name, p) in evaluations if name == "reconciliation"} == set(KEYS)
+        assert evaluations[("partition_health", None)] is True and all(evaluations.values())
+
+
 def test_a_stray_manifest_deeper_in_the_lake_stops_neither_lake_drift_nor_the_checks(setup: Any) -> None:
     """A `_manifest.json` planted below a partition (`<key>/x/_manifest.json`: no commit point, `pcbo
     verify` names it `lake_path_unexpected`) made every listing of committed keys raise: the

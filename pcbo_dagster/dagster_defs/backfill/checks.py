@@ -178,7 +178,11 @@ def failing_partitions(
     return failing
 
 
-def _health_result(asset_key: dg.AssetKey, failing: dict[str, list[str]]) -> dg.AssetCheckResult:
+def _health_evaluation(asset_key: dg.AssetKey, failing: dict[str, list[str]]) -> dg.AssetCheckEvaluation:
+    """`partition_health` as an evaluation (as the partitioned checks' are), not an `AssetCheckResult`:
+    a result makes Dagster look up the asset's data version for the run's partitions, which a run of
+    the checks job launched without a partition range does not have (every step failed with
+    `DagsterInvariantViolationError: Cannot access partition_key for a non-partitioned run`)."""
     blocking = sorted({k for name, ks in failing.items() if PER_PARTITION[name] for k in ks})
     every = sorted({k for ks in failing.values() for k in ks})
     metadata: dict[str, Any] = {
@@ -189,7 +193,7 @@ def _health_result(asset_key: dg.AssetKey, failing: dict[str, list[str]]) -> dg.
         metadata["first_failing"] = dg.MetadataValue.json(
             {name: ks[:MAX_LISTED] for name, ks in failing.items()}
         )
-    return dg.AssetCheckResult(
+    return dg.AssetCheckEvaluation(
         asset_key=asset_key,
         check_name=PARTITION_HEALTH,
         passed=not every,
@@ -223,7 +227,7 @@ def _partitioned_checks(
         for name, blocking in PER_PARTITION.items()
     ]
     specs.append(dg.AssetCheckSpec(PARTITION_HEALTH, asset=asset, description=DESCRIPTIONS[PARTITION_HEALTH]))
-    partitioned_outputs: list[str] = []
+    evaluation_outputs: list[str] = []
 
     @dg.multi_asset_check(
         specs=specs,
@@ -256,15 +260,11 @@ def _partitioned_checks(
             f"{len(keys)} partition(s) checked: "
             + ", ".join(f"{name} {failed.get(name, 0)} failed" for name in PER_PARTITION)
         )
-        for output_name in partitioned_outputs:  # the partitioned checks' results are the evaluations
+        yield _health_evaluation(asset_key, failing_partitions(context.instance, asset_key, partitions_def))
+        for output_name in evaluation_outputs:  # every check's results are the evaluations
             yield dg.Output(None, output_name=output_name)
-        yield _health_result(asset_key, failing_partitions(context.instance, asset_key, partitions_def))
 
-    partitioned_outputs.extend(
-        output_name
-        for output_name, spec in partition_checks_step.check_specs_by_output_name.items()
-        if spec.name in PER_PARTITION
-    )
+    evaluation_outputs.extend(partition_checks_step.check_specs_by_output_name)
     return partition_checks_step
 
 
