@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -324,6 +325,46 @@ def test_runs_on_one_table_queue_in_order_and_another_table_goes_on(
     documents = [json.loads(_stdout(p)) for p in (a, b, d)]
     assert all(doc["lock"]["scope"].endswith("|public.t1") for doc in documents)
     assert documents[1]["lock"]["waitedSeconds"] > 0
+
+
+@pytest.mark.postgres
+def test_a_target_table_locked_by_hand_is_waited_for_only_as_long_as_a_lease(
+    tmp_path: Path, fresh_postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: `LOCK TABLE events` by hand in an open session of the target database made a
+    run into it wait for as long as it was held; it now gives up within `PCBO_LEASE_WAIT_SECONDS`, exit
+    1 naming the table, and once let go the same request completes the table and `verify` is clean."""
+    url = fresh_postgres_url
+    create_table(url)
+    monkeypatch.setenv("PCBO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PCBO_LEASE_WAIT_SECONDS", "0.5")
+    path = write_json(tmp_path / "r.json", request(url, [record(i) for i in range(6)]))
+
+    def while_locked(mode: str, args: list) -> Any:
+        """`pcbo ARGS` while another session holds the table in `mode`."""
+        outcome: list = []
+        with psycopg.connect(conninfo(url)) as holder:
+            holder.execute(f"LOCK TABLE events IN {mode} MODE")
+            run = threading.Thread(target=lambda: outcome.append(pcbo(args)), daemon=True)
+            run.start()
+            run.join(30)  # a bound on a hang, not a measurement: the wait asked for is 0.5 s
+            still_waiting = run.is_alive()
+            holder.rollback()
+        run.join()
+        assert not still_waiting, f"{args[0]} waited on the target table's lock past PCBO_LEASE_WAIT_SECONDS"
+        return outcome[0]
+
+    busy = while_locked("SHARE", ["execute", "--input", path])
+    assert busy.status == 1, busy
+    assert "target table events " in busy.stderr and "PCBO_LEASE_WAIT_SECONDS" in busy.stderr, busy
+    again = pcbo(["execute", "--input", path])  # resumes the apply the lock cut short
+    assert again.status == 0, again.stderr
+    assert len(dump(url)) == 6
+    found = while_locked("ACCESS EXCLUSIVE", ["verify", "--target-url", url])
+    assert found.status == 1 and [f["kind"] for f in found.document["findings"]] == ["sql_target_unreachable"]
+    assert "target table events " in found.document["findings"][0]["detail"], found.document
+    verify = pcbo(["verify", "--target-url", url])
+    assert verify.status == 0 and verify.document["status"] == "clean", verify
 
 
 def test_sqlite_ticket_queue_serialises_one_table_first_come_first_served(tmp_path: Path) -> None:

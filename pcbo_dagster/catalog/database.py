@@ -56,7 +56,7 @@ PG_SEARCH_PATH = "pg_catalog, pg_temp"
 LOCK_NOT_AVAILABLE = "55P03"
 
 
-def _lock_timeout(wait_seconds: float) -> str:
+def lock_timeout_value(wait_seconds: float) -> str:
     """`wait_seconds` as a `lock_timeout` value: at least 1 ms (0 would wait for ever)."""
     return f"{max(1, int(wait_seconds * 1000))}ms"
 
@@ -66,7 +66,8 @@ def bound_lock_waits(conn: Connection, wait_seconds: float) -> None:
     at most (`lock_timeout`, SET LOCAL), then `lock_not_granted`. Every catalog session already waits
     `PCBO_LEASE_WAIT_SECONDS` at most (`_bound_session_lock_waits`): this is for a shorter wait."""
     conn.execute(
-        text("SELECT pg_catalog.set_config('lock_timeout', :w, true)"), {"w": _lock_timeout(wait_seconds)}
+        text("SELECT pg_catalog.set_config('lock_timeout', :w, true)"),
+        {"w": lock_timeout_value(wait_seconds)},
     )
 
 
@@ -81,7 +82,7 @@ def _bound_session_lock_waits(dbapi_conn: Any, _record: Any) -> None:
         with dbapi_conn.cursor() as cur:
             cur.execute(
                 "SELECT pg_catalog.set_config('lock_timeout', %s, false)",
-                (_lock_timeout(lease_wait_seconds()),),
+                (lock_timeout_value(lease_wait_seconds()),),
             )
     finally:
         dbapi_conn.autocommit = autocommit
@@ -96,17 +97,21 @@ def lock_not_granted(exc: BaseException) -> bool:
 _ROW_IN_RELATION = re.compile(r'while (\w+) tuple \([0-9,]+\) in relation "([^"]+)"')
 #: A placeholder of the statement as SQLAlchemy hands it to psycopg (`%(name)s`), or an escaped `%`.
 _PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
-_IDENTIFIER = re.compile(r'"?([A-Za-z_][A-Za-z0-9_$]*)"?')
+#: A relation's name, schema-qualified or not (the last part is the table's).
+_RELATION = re.compile(r'(?:"?[A-Za-z_][A-Za-z0-9_$]*"?\.)*"?([A-Za-z_][A-Za-z0-9_$]*)"?')
+#: What a lock not granted is called when PostgreSQL's error names no table (an advisory lock).
+UNNAMED_LOCK = "what it waited for (PostgreSQL's error names no table)"
 
 
-def locked_catalog_object(exc: OperationalError) -> str:
+def locked_catalog_object(exc: OperationalError, kind: str = "catalog table") -> str:
     """What a statement waited on for all its `lock_timeout` (`lock_not_granted(exc)`), as PostgreSQL's
     error says it: a row of a table (its context names the relation), a table (its position points at
-    the relation's name in the statement), else "a lock" (an advisory lock: pg_locks names it)."""
+    the relation's name in the statement; a `COPY` has one), else `UNNAMED_LOCK` (an advisory lock:
+    pg_locks names it). `kind`: what the table is called (a SQL target's: "target table")."""
     diag = getattr(exc.orig, "diag", None)
     row = _ROW_IN_RELATION.search(str(getattr(diag, "context", None) or ""))
     if row is not None:
-        return f"a row of the catalog table {row.group(2)}"
+        return f"a row of the {kind} {row.group(2)}"
     position = getattr(diag, "statement_position", None)
     if position and exc.statement:
         numbers: dict[str, int] = {}
@@ -116,10 +121,14 @@ def locked_catalog_object(exc: OperationalError) -> str:
                 "%" if match.group(1) is None else f"${numbers.setdefault(match.group(1), len(numbers) + 1)}"
             )
 
-        name = _IDENTIFIER.match(_PLACEHOLDER.sub(sent, exc.statement), int(position) - 1)
+        name = _RELATION.match(_PLACEHOLDER.sub(sent, exc.statement), int(position) - 1)
         if name is not None:
-            return f"the catalog table {name.group(1)}"
-    return "a lock"
+            return f"the {kind} {name.group(1)}"
+    if exc.statement and exc.statement.startswith("COPY "):  # its one table: PostgreSQL points at none
+        name = _RELATION.match(exc.statement, len("COPY "))
+        if name is not None:
+            return f"the {kind} {name.group(1)}"
+    return UNNAMED_LOCK
 
 
 def catalog_lock_busy(exc: OperationalError) -> CatalogLockBusy:
@@ -464,7 +473,7 @@ class CatalogLockBusy(PcboError):
     """Another catalog session held a lock pcbo needs for all of `PCBO_LEASE_WAIT_SECONDS` (exit 1);
     `locked`: what, as PostgreSQL's error says it (`locked_catalog_object`)."""
 
-    def __init__(self, message: str, locked: str = "a lock") -> None:
+    def __init__(self, message: str, locked: str = UNNAMED_LOCK) -> None:
         super().__init__(message)
         self.locked = locked
 

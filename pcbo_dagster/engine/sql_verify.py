@@ -58,7 +58,7 @@ from pcbo_dagster.engine.sql_apply import (
 )
 from pcbo_dagster.engine.sql_rollback import complete_rollbacks, reopen_target, restore_committed
 from pcbo_dagster.io.redaction import scrub_text
-from pcbo_dagster.targets.sql_locks import scoped_lock
+from pcbo_dagster.targets.sql_locks import TargetBusy, scoped_lock
 from pcbo_dagster.targets.sql_table import Checkpoint, JournalView, SqlTable, read_journal
 
 
@@ -86,12 +86,12 @@ def check_sql_targets(
         newest = max(histories, key=lambda h: h.applies[-1].intent_seq)
         try:
             table = reopen_target(env.settings, ref, newest, write=report.repair)
-        except (InvalidInput, SQLAlchemyError, OSError) as exc:
+        except (InvalidInput, SQLAlchemyError, OSError, TargetBusy) as exc:
             report.find("sql_target_unreachable", ref, scrub_text(str(getattr(exc, "orig", None) or exc)))
             continue
         try:
             checked += _check_table(env, report, state, table, dataset, version_label)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, TargetBusy) as exc:  # TargetBusy: a lock held past the wait
             report.find("sql_target_unreachable", ref, scrub_text(str(getattr(exc, "orig", None) or exc)))
         finally:
             table.close()

@@ -33,10 +33,15 @@ from urllib.parse import urlencode
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
-from pcbo_dagster.catalog.database import sqlalchemy_url
-from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.catalog.database import (
+    lock_not_granted,
+    lock_timeout_value,
+    locked_catalog_object,
+    sqlalchemy_url,
+)
+from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.instants import parse_instant, to_micros
 from pcbo_dagster.core.recorded_text import has_control_character
 from pcbo_dagster.core.sql_outcomes import (
@@ -48,6 +53,7 @@ from pcbo_dagster.core.sql_outcomes import (
     TIMESTAMP,
     UNREADABLE_INSTANT,
 )
+from pcbo_dagster.io.env_vars import lease_wait_seconds
 from pcbo_dagster.io.redaction import redact_url
 
 POSTGRESQL = "postgresql"
@@ -139,6 +145,25 @@ def location_of(url: str) -> str:
     return plain + (f"?{urlencode(pairs, safe='/,')}" if pairs else "")
 
 
+def target_lock_busy(exc: OperationalError) -> PcboError:
+    """`TargetBusy` for a statement on the target database that waited its whole `lock_timeout`
+    (`lock_not_granted(exc)`), naming what was locked (the table, when PostgreSQL's error says it)."""
+    from pcbo_dagster.targets.sql_locks import TargetBusy
+
+    return TargetBusy(
+        f"{locked_catalog_object(exc, 'target table')} is locked by another session of the target "
+        f"database (pg_locks names it); waited {lease_wait_seconds():g} s (PCBO_LEASE_WAIT_SECONDS); "
+        "the target transaction that waited was rolled back"
+    )
+
+
+def _lock_not_granted(context: Any) -> None:
+    """The target engine's `handle_error`: a lock not granted is `target_lock_busy`."""
+    exc = context.sqlalchemy_exception
+    if isinstance(exc, OperationalError) and lock_not_granted(exc):
+        raise target_lock_busy(exc) from None
+
+
 def sqlite_path(url: URL) -> Path:
     database = url.database or ""
     if database in ("", ":memory:") or url.query.get("mode") == "memory":
@@ -150,11 +175,18 @@ def open_engine(url: str, read_only: bool = False) -> Engine:
     """An engine on the target database (see the module doc). SQLite: the file must exist."""
     parsed = parse_target_url(url)
     if dialect_of(parsed) == POSTGRESQL:
+        # Every lock is waited for PCBO_LEASE_WAIT_SECONDS at most (`LOCK TABLE` on the table by hand,
+        # say), then `TargetBusy` naming it (`_lock_not_granted`); the scope's queue waits as long.
+        wait = lock_timeout_value(lease_wait_seconds())
         pg_engine = create_engine(
             parsed,
             pool_pre_ping=True,
-            connect_args={"options": PG_SESSION_OPTIONS, "application_name": "pcbo"},
+            connect_args={
+                "options": f"{PG_SESSION_OPTIONS} -c lock_timeout={wait}",
+                "application_name": "pcbo",
+            },
         )
+        event.listen(pg_engine, "handle_error", _lock_not_granted)
 
         @event.listens_for(pg_engine, "connect")
         def _pin_search_path(dbapi_conn: Any, record: Any) -> None:

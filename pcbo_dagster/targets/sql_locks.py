@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from pcbo_dagster.catalog.database import lock_timeout_value
 from pcbo_dagster.core.errors import PcboError
 from pcbo_dagster.io.env_vars import lease_wait_seconds
 from pcbo_dagster.targets.sql_dialects import POSTGRESQL, sqlite_path
@@ -76,7 +77,7 @@ def _advisory_lock(table: SqlTable, scope: str, run_id: str, wait: float) -> Ite
         conn.execute(
             text("SELECT set_config('application_name', :n, false)"), {"n": f"pcbo run {run_id}"[:63]}
         )
-        conn.execute(text("SELECT set_config('lock_timeout', :t, false)"), {"t": f"{int(wait * 1000)}ms"})
+        conn.execute(text("SELECT set_config('lock_timeout', :t, false)"), {"t": lock_timeout_value(wait)})
         try:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
         except OperationalError as exc:
@@ -96,7 +97,7 @@ def _advisory_lock(table: SqlTable, scope: str, run_id: str, wait: float) -> Ite
                 f"waited {wait:g} s (PCBO_LEASE_WAIT_SECONDS)"
             ) from None
         try:
-            conn.execute(text("SELECT set_config('lock_timeout', '0', false)"))
+            conn.execute(text("RESET lock_timeout"))  # the session's own bound (`open_engine`) again
             yield
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})

@@ -52,7 +52,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from pcbo_dagster.catalog.database import (
     PG_SEARCH_PATH,
@@ -1245,7 +1245,8 @@ class SqlTable:
 def _copy(conn: Connection, copy_into: str, rows: Iterable[Sequence[Any]]) -> None:
     """`COPY ... FROM STDIN` of `rows` on the connection's own transaction (PostgreSQL). A row the
     table refuses fails the whole COPY, as an INSERT of the chunk would: the chunk falls back to rows.
-    Raised as SQLAlchemy's DataError or IntegrityError, like a failed statement."""
+    Raised as SQLAlchemy's DataError or IntegrityError, like a failed statement; a lock not granted in
+    its `lock_timeout` as `target_lock_busy`."""
     import psycopg
 
     driver = conn.connection.driver_connection
@@ -1258,6 +1259,8 @@ def _copy(conn: Connection, copy_into: str, rows: Iterable[Sequence[Any]]) -> No
         raise IntegrityError(copy_into, None, exc) from exc
     except psycopg.DataError as exc:
         raise DataError(copy_into, None, exc) from exc
+    except psycopg.errors.LockNotAvailable as exc:  # waited its whole lock_timeout
+        raise d.target_lock_busy(OperationalError(f"{copy_into} FROM STDIN", None, exc)) from None
 
 
 def _failure(row: PlannedRow, code: str, error: str) -> dict[str, Any]:
