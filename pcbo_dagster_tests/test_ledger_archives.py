@@ -1268,6 +1268,33 @@ def test_verify_checks_the_lake_s_ledger_history_against_a_ledger_hash_the_audit
         assert status == 2 and "--trusted-ledger" in err, err
 
 
+def test_verify_anchors_no_forged_ledgers_through_another_copy_of_the_trusted_ledger(tmp_path, capsys):
+    """Red-team finding: `--trusted-ledger` compared the hash of one copy of the ledger (the last table
+    read) and walked back from another: a lake holding the genuine ledger 33 alone (range=33-33) and,
+    beside it, a fork's ledgers 18-33 from an unanchored run (range=18-33: no neighbour to link to)
+    verified clean with the fork's 18-32 reported `anchored`. Every copy of the trusted ledger must now
+    have the trusted hash (`ledger_not_trusted` naming the other, nothing reported anchored)."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
+    forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
+    hash_33 = genuine.ledgers[33].ledger_hash.hex()
+    home = tmp_path / "home"
+    for run_id, root, first, end, size in (("g", genuine.root, 33, 34, 8), ("f", forged.root, 18, 34, 16)):
+        request = _range_request(run_id, root, first, end)
+        request["ledgerRange"]["partitionSize"] = size
+        path = write_request(tmp_path / f"{run_id}.json", request)
+        assert main(["execute", "--input", str(path), "--home", str(home)]) == 0
+    capsys.readouterr()
+    status = main(["verify", "--home", str(home), "--trusted-ledger", f"ledgers/v1:33:{hash_33}"])
+    document = json.loads(capsys.readouterr().out)
+    assert status == 1, document
+    found = [f for f in document["findings"] if f["kind"] == "ledger_not_trusted"]
+    assert len(found) == 1 and "range=18-33" in found[0]["detail"], document
+    assert f"is {forged.ledgers[33].ledger_hash.hex()}, not the trusted" in found[0]["detail"], found
+    assert document["trustedLedgers"][0]["anchored"] is None, document
+
+
 @pytest.mark.parametrize(
     ("source", "field"),
     [

@@ -9,7 +9,7 @@ the links inside it and keeps only its first and last ledgers; `breaks` then che
 partitions. A ledger absent from the lake (a gap, a record a policy omitted) links nothing: the
 ledgers on either side of it are not compared. Tables without those columns are not ledgers.
 
-`anchored(sequence)`: the ledgers linked, without a gap or a broken link, up to a ledger whose hash
+`anchored(sequence, digest)`: the ledgers linked, without a gap or a broken link, up to a ledger whose hash
 an auditor trusts (`pcbo verify --trusted-ledger`): those are the network's if that ledger is.
 """
 
@@ -65,9 +65,11 @@ class LedgerLinks:
     #: Runs of linked ledgers, each inside one table: (first, last, first's previousLedgerHash,
     #: last's ledgerHash).
     spans: list[tuple[int, int, str, str]] = field(default_factory=list)
-    #: The sequences whose hash to keep (`hash_of`), and those hashes as the tables hold them.
+    #: The sequences whose copies to keep (`copies_of`): each copy the tables hold, as (its hash,
+    #: where, the span holding it). A ledger may be held twice (partitions of two runs partitioned
+    #: differently overlap).
     watch: frozenset[int] = frozenset()
-    hash_of: dict[int, str] = field(default_factory=dict)
+    copies_of: dict[int, list[tuple[str, str, tuple[int, int, str, str]]]] = field(default_factory=dict)
 
     def add(self, table: pa.Table, where: str) -> None:
         """Check the links inside `table` (a partition's data file, `where`) and keep its ends."""
@@ -85,19 +87,21 @@ class LedgerLinks:
             return
         sequences = columns[SEQUENCE].to_pylist()
         hashes, previous = columns[HASH].to_pylist(), columns[PREVIOUS].to_pylist()
-        start = 0
+        bounds, start = [], 0
         for i in range(1, len(sequences)):
             linked = sequences[i] == sequences[i - 1] + 1 and previous[i] == hashes[i - 1]
             if sequences[i] == sequences[i - 1] + 1 and not linked:
                 self._break(sequences[i], previous[i], hashes[i - 1], where, where)
             if not linked:
-                self.spans.append((sequences[start], sequences[i - 1], previous[start], hashes[i - 1]))
+                bounds.append((start, i - 1))
                 start = i
-        self.spans.append((sequences[start], sequences[-1], previous[start], hashes[-1]))
-        if self.watch:
-            for i, sequence in enumerate(sequences):
-                if sequence in self.watch:
-                    self.hash_of[sequence] = hashes[i]
+        bounds.append((start, len(sequences) - 1))
+        for low, high in bounds:
+            span = (sequences[low], sequences[high], previous[low], hashes[high])
+            self.spans.append(span)
+            for i in range(low, high + 1) if self.watch else ():
+                if sequences[i] in self.watch:
+                    self.copies_of.setdefault(sequences[i], []).append((hashes[i], where, span))
         self.firsts.append((sequences[0], previous[0], where))
         self.lasts.append((sequences[-1], hashes[-1], where))
 
@@ -110,18 +114,22 @@ class LedgerLinks:
                 self._break(sequence, previous, before[0], where, before[1])
         return self.found
 
-    def anchored(self, sequence: int) -> tuple[int, int] | None:
-        """(first, `sequence`): the ledgers linked one to the next up to ledger `sequence`, across
-        tables, stopping at a gap or a broken link; None when no table holds it."""
-        spans = sorted(self.spans)
-        ends = {span[1]: span for span in spans}
-        holding = next((span for span in spans if span[0] <= sequence <= span[1]), None)
-        if holding is None:
-            return None
-        first, previous = holding[0], holding[2]
-        while (before := ends.get(first - 1)) is not None and before[3] == previous:
-            first, previous = before[0], before[2]
-        return first, sequence
+    def anchored(self, sequence: int, digest: str) -> tuple[int, int] | None:
+        """(first, `sequence`): the ledgers linked one to the next up to ledger `sequence` (a watched
+        one) whose hash is `digest`, across tables, stopping at a gap or a broken link; None when no
+        table holds it with that hash."""
+        ends: dict[int, list[tuple[int, int, str, str]]] = {}
+        for span in self.spans:
+            ends.setdefault(span[1], []).append(span)
+        firsts = []
+        for held, _, holding in self.copies_of.get(sequence, []):
+            if held != digest:
+                continue
+            first, previous = holding[0], holding[2]
+            while before := [s for s in ends.get(first - 1, []) if s[3] == previous]:
+                first, previous = before[0][0], before[0][2]
+            firsts.append(first)
+        return (min(firsts), sequence) if firsts else None
 
     def _break(self, sequence: int, previous: str | None, digest: str | None, where: str, at: str) -> None:
         self.found.append(

@@ -500,7 +500,7 @@ def _check_anchors(
     for anchor in anchors:
         ckey = f"{anchor.dataset}/{anchor.version_label}"
         links = links_of.get(ckey)
-        held = links.hash_of.get(anchor.sequence) if links is not None else None
+        copies = links.copies_of.get(anchor.sequence, []) if links is not None else []
         summary: dict[str, Any] = {
             "dataset": anchor.dataset,
             "versionLabel": anchor.version_label,
@@ -508,22 +508,23 @@ def _check_anchors(
             "hash": anchor.hash,
             "anchored": None,
         }
-        if held is None:
+        if not copies:
             report.find(
                 "ledger_not_trusted",
                 ckey,
                 f"the lake holds no ledger {anchor.sequence} in a current partition its chain vouches for",
             )
-        elif held != anchor.hash:
+        others = sorted({(held, where) for held, where, _ in copies if held != anchor.hash})
+        for held, where in others:  # (every copy: partitions of differently partitioned runs overlap)
             report.find(
                 "ledger_not_trusted",
                 ckey,
-                f"ledger {anchor.sequence}'s hash in the lake is {held}, not the trusted {anchor.hash}: "
-                "the lake does not hold that ledger history",
+                f"ledger {anchor.sequence}'s hash in the lake is {held}, not the trusted {anchor.hash} "
+                f"(in {where}): the lake does not hold that ledger history",
             )
-        else:
+        if copies and not others:
             assert links is not None
-            span = links.anchored(anchor.sequence)
+            span = links.anchored(anchor.sequence, anchor.hash)
             if span is not None:
                 summary["anchored"] = {"first": span[0], "last": span[1]}
         summaries.append(summary)
