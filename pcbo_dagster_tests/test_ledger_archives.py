@@ -1198,6 +1198,37 @@ def test_a_trusted_horizon_anchors_every_ledger_run_to_the_network(tmp_path, cap
     assert status == 2 and "PCBO_TRUSTED_HORIZON_URL" in err and "use https" in err, err
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"sequence": 33, "hash": "%s", "hash": "%s"}',  # which one? a parser's, not Horizon's choice
+        b'{"sequence": 33, "sequence": 32, "hash": "%s"}',
+        b'{"sequence": 33.0, "hash": "%s"}',
+        b'{"sequence": true, "hash": "%s"}',
+    ],
+)
+def test_a_trusted_horizon_s_ambiguous_answer_anchors_nothing(tmp_path, capsys, monkeypatch, body):
+    """Red-team finding: the Horizon's answer was read with `json.loads`, the last of duplicate keys
+    winning, so `{"hash": <one>, "hash": <another>}` anchored the run to whichever hash a parser keeps
+    (a proxy or a cache reading the first would see another anchor). A duplicate key (as a non-integer
+    sequence) is now no answer: exit 1, nothing written."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 30, 33, ledgers_per_file=4, files_per_partition=1)
+    hash_33 = genuine.ledgers[33].ledger_hash.hex()
+    hashes = ("ab" * 32, hash_33) if body.count(b"%s") == 2 else (hash_33,)
+    _Horizon.answers = {"/ledgers/33": (200, body % tuple(h.encode() for h in hashes))}
+    _Horizon.asked = []
+    path = write_request(tmp_path / "r.json", _range_request("h", genuine.root, 30, 34))
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Horizon)) as url:
+        monkeypatch.setenv("PCBO_TRUSTED_HORIZON_URL", url)
+        capsys.readouterr()
+        status = main(["execute", "--input", str(path), "--home", str(tmp_path / "home")])
+    err = capsys.readouterr().err
+    assert status == 1 and "did not answer ledger 33" in err, err
+    assert not (tmp_path / "home" / "lake").exists()
+
+
 def test_verify_checks_the_lake_s_ledger_history_against_a_ledger_hash_the_auditor_trusts(tmp_path, capsys):
     """`pcbo verify --trusted-ledger DATASET/VERSION:SEQUENCE:HASH`: the lake's ledger must have the
     hash the auditor took from the network, or `ledger_not_trusted` (a lake loaded, before

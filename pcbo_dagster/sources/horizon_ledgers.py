@@ -10,14 +10,13 @@ credentials, a query or a fragment (`InvalidInput` naming the variable).
 not followed) and returns its `hash` once its `sequence` is the one asked for. Connection errors,
 timeouts, 429 and 5xx are tried three times with backoff (tenacity); each attempt has 10 s whole. A
 404 says the network has no such ledger (yet): `InvalidInput` on `ledgerRange.end`. Anything else
-(still failing, another answer, a document without the ledger's hash) is `HorizonUnavailable` (exit
-1): the run is refused, never loaded unanchored.
+(still failing, another answer, a document without the ledger's hash, JSON with a duplicate key)
+is `HorizonUnavailable` (exit 1): the run is refused, never loaded unanchored.
 """
 
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import re
 import urllib.error
@@ -28,7 +27,7 @@ from typing import Any
 import tenacity
 
 from pcbo_dagster.core.errors import InvalidInput, PcboError
-from pcbo_dagster.core.request_model import LEDGER_HASH_PATTERN
+from pcbo_dagster.core.request_model import LEDGER_HASH_PATTERN, parse_json_strict
 from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener, on_loopback, within
 from pcbo_dagster.io.redaction import has_userinfo, redact_url, scrub_text
 
@@ -133,9 +132,9 @@ def _hash_in(body: bytes, sequence: int) -> str | None:
     """The `hash` of a Horizon ledger document whose `sequence` is `sequence`; None otherwise."""
     if len(body) > MAX_ANSWER_BYTES:
         return None
-    try:
-        document: Any = json.loads(body)
-    except (ValueError, RecursionError):
+    try:  # (strictly: of duplicate keys, which one a parser keeps is its own choice, not Horizon's)
+        document: Any = parse_json_strict(body, "the trusted Horizon's answer").value
+    except InvalidInput:
         return None
     if not isinstance(document, dict):
         return None
