@@ -1198,6 +1198,33 @@ def test_a_trusted_horizon_anchors_every_ledger_run_to_the_network(tmp_path, cap
     assert status == 2 and "PCBO_TRUSTED_HORIZON_URL" in err and "use https" in err, err
 
 
+def test_verify_finds_a_fork_in_a_partition_overlapping_the_lake_s_history(tmp_path, capsys):
+    """Red-team finding: `verify` compared the links between partitions at their ends only, so a fork's
+    ledgers 18-25 loaded (unanchored) in a partition of their own (range=18-25) inside one holding the
+    genuine 2-33 (range=2-33: runs partitioned differently) verified clean, and `--trusted-ledger
+    ledgers/v1:33:…` reported 2-33 anchored beside the fork's copies. A ledger held twice with two
+    hashes is now `ledger_link_broken`, naming both partitions."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
+    forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
+    home = tmp_path / "home"
+    for run_id, root, first, end, size in (("g", genuine.root, 2, 34, 32), ("f", forged.root, 18, 26, 8)):
+        request = _range_request(run_id, root, first, end)
+        request["ledgerRange"]["partitionSize"] = size
+        path = write_request(tmp_path / f"{run_id}.json", request)
+        assert main(["execute", "--input", str(path), "--home", str(home)]) == 0
+    capsys.readouterr()
+    hash_33 = genuine.ledgers[33].ledger_hash.hex()
+    status = main(["verify", "--home", str(home), "--trusted-ledger", f"ledgers/v1:33:{hash_33}"])
+    document = json.loads(capsys.readouterr().out)
+    assert status == 1, document
+    found = [f for f in document["findings"] if f["kind"] == "ledger_link_broken"]
+    assert found and all("range=18-25" in f["where"] + f["detail"] for f in found), found
+    assert "range=2-33" in found[0]["where"] + found[0]["detail"], found
+    assert "ledger 18's hash" in found[0]["detail"], found
+
+
 @pytest.mark.parametrize(
     "body",
     [

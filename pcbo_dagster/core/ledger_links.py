@@ -7,14 +7,18 @@ the ledgers it reads, not the link to a ledger an earlier run loaded).
 `ledgerHash`, `previousLedgerHash`: a ledger archive's records, `sources/ledger_decoding.py`), checks
 the links inside it and keeps only its first and last ledgers; `breaks` then checks the links between
 partitions. A ledger absent from the lake (a gap, a record a policy omitted) links nothing: the
-ledgers on either side of it are not compared. Tables without those columns are not ledgers.
+ledgers on either side of it are not compared. Where partitions overlap (runs partitioned
+differently), a ledger held twice must have one hash (`shared`, `held`). Tables without those
+columns are not ledgers.
 
-`anchored(sequence, digest)`: the ledgers linked, without a gap or a broken link, up to a ledger whose hash
-an auditor trusts (`pcbo verify --trusted-ledger`): those are the network's if that ledger is.
+`anchored(sequence, digest)`: the ledgers linked, without a gap or a broken link, up to a ledger
+whose hash an auditor trusts (`pcbo verify --trusted-ledger`): those are the network's if that
+ledger is.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
@@ -70,6 +74,10 @@ class LedgerLinks:
     #: differently overlap).
     watch: frozenset[int] = frozenset()
     copies_of: dict[int, list[tuple[str, str, tuple[int, int, str, str]]]] = field(default_factory=dict)
+    #: The ledger ranges more than one table may hold (`shared_ranges`), and each hash held for a
+    #: ledger in them, with where it was first seen: two hashes for one ledger are two histories.
+    shared: list[tuple[int, int]] = field(default_factory=list)
+    held: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def add(self, table: pa.Table, where: str) -> None:
         """Check the links inside `table` (a partition's data file, `where`) and keep its ends."""
@@ -102,6 +110,12 @@ class LedgerLinks:
             for i in range(low, high + 1) if self.watch else ():
                 if sequences[i] in self.watch:
                     self.copies_of.setdefault(sequences[i], []).append((hashes[i], where, span))
+        if self.shared:
+            lows = [low for low, _ in self.shared]
+            for sequence, digest in zip(sequences, hashes, strict=True):
+                at = bisect.bisect_right(lows, sequence) - 1
+                if at >= 0 and sequence <= self.shared[at][1]:
+                    self.held.setdefault(sequence, {}).setdefault(digest, where)
         self.firsts.append((sequences[0], previous[0], where))
         self.lasts.append((sequences[-1], hashes[-1], where))
 
@@ -112,6 +126,19 @@ class LedgerLinks:
             before = last_of.get(sequence - 1)
             if before is not None and before[0] != previous:
                 self._break(sequence, previous, before[0], where, before[1])
+        reported: set[tuple[str, str]] = set()
+        for sequence, copies in sorted(self.held.items()):
+            (one, at), *others = copies.items()
+            for other, where in others:
+                if (at, where) not in reported:  # (the first ledger the two disagree on)
+                    reported.add((at, where))
+                    self.found.append(
+                        (
+                            where,
+                            f"ledger {sequence}'s hash is {other} here and {one} in {at} (partitions "
+                            "overlapping): the lake holds no single ledger history",
+                        )
+                    )
         return self.found
 
     def anchored(self, sequence: int, digest: str) -> tuple[int, int] | None:
@@ -130,6 +157,22 @@ class LedgerLinks:
                 first, previous = before[0][0], before[0][2]
             firsts.append(first)
         return (min(firsts), sequence) if firsts else None
+
+    @staticmethod
+    def shared_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The ledgers (first, last; both inclusive) inside more than one of `ranges` (the partitions'
+        key ranges), as sorted, disjoint runs."""
+        shared: list[tuple[int, int]] = []
+        reach = -1
+        for low, high in sorted(ranges):
+            if low <= reach:
+                top = min(high, reach)
+                if shared and low <= shared[-1][1] + 1:
+                    shared[-1] = (shared[-1][0], max(shared[-1][1], top))
+                else:
+                    shared.append((low, top))
+            reach = max(reach, high)
+        return shared
 
     def _break(self, sequence: int, previous: str | None, digest: str | None, where: str, at: str) -> None:
         self.found.append(

@@ -63,6 +63,7 @@ from pcbo_dagster.core.compliance import violations
 from pcbo_dagster.core.instants import parse_instant, to_datetime
 from pcbo_dagster.core.ledger_links import LedgerAnchor, LedgerLinks
 from pcbo_dagster.core.operator_signatures import verified_statement, writer_refusal
+from pcbo_dagster.core.partition_keys import PartitionKeyError, parse_ledger_key
 from pcbo_dagster.core.plan import NormalizedPolicies
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.core.rollout_lifecycle import (
@@ -473,6 +474,7 @@ def _check_lake(
         k for k, h in state.partitions.items() if h.current is not None or h.open_intent is not None
     }
     checked = 0
+    links.shared = LedgerLinks.shared_ranges(_ledger_ranges(lake_keys | chain_keys))
     for key in sorted(lake_keys | chain_keys):
         where = f"{dataset}/{version_label}/{key}"
         try:
@@ -488,6 +490,15 @@ def _check_lake(
     for where, detail in links.breaks():
         report.find("ledger_link_broken", where, detail)
     return checked
+
+
+def _ledger_ranges(keys: set[str]) -> list[tuple[int, int]]:
+    """(first, last) of each ledger partition key (`range=FIRST-LAST`) of `keys`."""
+    ranges = []
+    for key in keys:
+        with contextlib.suppress(PartitionKeyError):
+            ranges.append(parse_ledger_key(key))
+    return ranges
 
 
 def _check_anchors(
