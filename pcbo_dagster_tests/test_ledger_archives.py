@@ -1198,13 +1198,48 @@ def test_a_trusted_horizon_anchors_every_ledger_run_to_the_network(tmp_path, cap
     assert status == 2 and "PCBO_TRUSTED_HORIZON_URL" in err and "use https" in err, err
 
 
-def test_verify_finds_a_fork_in_a_partition_overlapping_the_lake_s_history(tmp_path, capsys):
+def test_a_run_overlapping_a_partition_of_another_history_is_refused(tmp_path, capsys):
+    """Red-team finding: a run checked only the ledgers just outside its range, so a fork's ledgers
+    18-25 (an unanchored run, partitioned by 8) loaded beside a current partition holding the genuine
+    2-33 (range=2-33), exit 0: the lake held two histories. The ledgers a run shares with a current
+    partition of another key must now have its hashes (exit 2 on `source.uri`, nothing written); the
+    genuine archive partitioned so loads."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
+    forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
+    home = tmp_path / "home"
+
+    def run(run_id: str, root: Path, first: int, end: int, size: int) -> tuple[int, str]:
+        request = _range_request(run_id, root, first, end)
+        request["ledgerRange"]["partitionSize"] = size
+        path = write_request(tmp_path / f"{run_id}.json", request)
+        capsys.readouterr()
+        status = main(["execute", "--input", str(path), "--home", str(home)])
+        return status, capsys.readouterr().err
+
+    assert run("g", genuine.root, 2, 34, 32)[0] == 0
+    before = _lake_files(home)
+    status, err = run("f", forged.root, 18, 26, 8)
+    assert status == 2 and "source.uri" in err and "this run's range=18-25" in err, err
+    assert "ledger 18's hash is" in err and "range=2-33" in err, err
+    assert _lake_files(home) == before
+    assert run("again", genuine.root, 18, 26, 8)[0] == 0
+    capsys.readouterr()
+    assert main(["verify", "--home", str(home)]) == 0
+
+
+def test_verify_finds_a_fork_in_a_partition_overlapping_the_lake_s_history(tmp_path, capsys, monkeypatch):
     """Red-team finding: `verify` compared the links between partitions at their ends only, so a fork's
     ledgers 18-25 loaded (unanchored) in a partition of their own (range=18-25) inside one holding the
     genuine 2-33 (range=2-33: runs partitioned differently) verified clean, and `--trusted-ledger
     ledgers/v1:33:…` reported 2-33 anchored beside the fork's copies. A ledger held twice with two
-    hashes is now `ledger_link_broken`, naming both partitions."""
+    hashes is now `ledger_link_broken`, naming both partitions (a lake written before runs were held
+    to the ledgers they overlap: that check switched off in this process)."""
     from pcbo_dagster.cli.main import main
+    from pcbo_dagster.engine import execute as execute_module
+
+    monkeypatch.setattr(execute_module, "refuse_another_history", lambda *args: None)
 
     genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
     forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
@@ -1326,13 +1361,20 @@ def test_verify_checks_the_lake_s_ledger_history_against_a_ledger_hash_the_audit
         assert status == 2 and "--trusted-ledger" in err, err
 
 
-def test_verify_anchors_no_forged_ledgers_through_another_copy_of_the_trusted_ledger(tmp_path, capsys):
+def test_verify_anchors_no_forged_ledgers_through_another_copy_of_the_trusted_ledger(
+    tmp_path, capsys, monkeypatch
+):
     """Red-team finding: `--trusted-ledger` compared the hash of one copy of the ledger (the last table
     read) and walked back from another: a lake holding the genuine ledger 33 alone (range=33-33) and,
     beside it, a fork's ledgers 18-33 from an unanchored run (range=18-33: no neighbour to link to)
     verified clean with the fork's 18-32 reported `anchored`. Every copy of the trusted ledger must now
-    have the trusted hash (`ledger_not_trusted` naming the other, nothing reported anchored)."""
+    have the trusted hash (`ledger_not_trusted` naming the other, nothing reported anchored). (Such a
+    run is now refused, `test_a_run_overlapping_a_partition_of_another_history_is_refused`: that
+    check is switched off in this process, for a lake written before it.)"""
     from pcbo_dagster.cli.main import main
+    from pcbo_dagster.engine import execute as execute_module
+
+    monkeypatch.setattr(execute_module, "refuse_another_history", lambda *args: None)
 
     genuine = b.write_archive(tmp_path / "one", 2, 33, ledgers_per_file=4, files_per_partition=2)
     forged = b.write_archive(tmp_path / "fork", 18, 33, ledgers_per_file=4, files_per_partition=2)
