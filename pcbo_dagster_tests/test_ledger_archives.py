@@ -1261,6 +1261,31 @@ def test_verify_finds_a_fork_in_a_partition_overlapping_the_lake_s_history(tmp_p
 
 
 @pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("https://[horizon.example", "not an http(s) URL"),  # urlsplit: "Invalid IPv6 URL"
+        ("https://horizon.ex ample", "not an http(s) URL"),  # was asked 3 times, then exit 1
+        ("https://horizon.example/a\tb", "not an http(s) URL"),
+        ("https://horizon.example/#x", "takes no fragment"),
+    ],
+)
+def test_a_malformed_trusted_horizon_url_is_bad_input(tmp_path, capsys, monkeypatch, value, said):
+    """Red-team finding: `PCBO_TRUSTED_HORIZON_URL=https://[horizon.example` ended the run with
+    Python's ValueError, and a URL with a space in its host was asked three times and then called
+    unavailable (exit 1). Both are now exit 2 naming the variable, nothing asked or written."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 30, 33, ledgers_per_file=4, files_per_partition=1)
+    path = write_request(tmp_path / "r.json", _range_request("h", genuine.root, 30, 34))
+    monkeypatch.setenv("PCBO_TRUSTED_HORIZON_URL", value)
+    capsys.readouterr()
+    status = main(["execute", "--input", str(path), "--home", str(tmp_path / "home")])
+    err = capsys.readouterr().err
+    assert status == 2 and "PCBO_TRUSTED_HORIZON_URL" in err and said in err, err
+    assert not (tmp_path / "home" / "lake").exists()
+
+
+@pytest.mark.parametrize(
     "body",
     [
         b'{"sequence": 33, "hash": "%s", "hash": "%s"}',  # which one? a parser's, not Horizon's choice

@@ -4,7 +4,8 @@ run to the network when its request names no `source.trustedLedger` (`sources/le
 `PCBO_TRUSTED_HORIZON_URL` (e.g. `https://horizon.stellar.org`; none by default) is the operator's
 setting, never a request's: a request could otherwise name a server of its writer's. It must be
 `https://` (a hash read over plain HTTP could be anyone's), or `http://` on loopback only, without
-credentials, a query or a fragment (`InvalidInput` naming the variable).
+credentials, a query, a fragment, a space or a control character (`InvalidInput` naming the
+variable, as for a URL that does not parse).
 
 `ledger_hash(base, sequence)` GETs `<base>/ledgers/<sequence>` (Horizon's ledger resource; redirects
 not followed) and returns its `hash` once its `sequence` is the one asked for. Connection errors,
@@ -39,6 +40,7 @@ MAX_ANSWER_BYTES = 1 << 16
 
 _OPENER = deadline_opener(NoRedirect())
 _HASH = re.compile(LEDGER_HASH_PATTERN)
+_UNSENDABLE = re.compile(r"[\x00-\x20\x7f]")
 
 
 class HorizonUnavailable(PcboError):
@@ -54,8 +56,12 @@ def trusted_horizon_url() -> str | None:
     text = os.environ.get(VARIABLE, "").strip()
     if not text:
         return None
-    url = urllib.parse.urlsplit(text)
-    if url.scheme not in ("http", "https") or not url.hostname:
+    try:
+        url = urllib.parse.urlsplit(text)
+    except ValueError:  # (an unclosed IPv6 bracket)
+        url = None
+    # (a space or a control character: http.client refuses to send it, after every attempt)
+    if url is None or url.scheme not in ("http", "https") or not url.hostname or _UNSENDABLE.search(text):
         raise InvalidInput(VARIABLE, f"{redact_url(text)} is not an http(s) URL")
     if url.scheme == "http" and not on_loopback(url.hostname):
         raise InvalidInput(
@@ -63,8 +69,8 @@ def trusted_horizon_url() -> str | None:
         )
     for present, what in (
         (has_userinfo(text), "credentials"),
-        (url.query, "a query"),
-        (url.fragment, "a fragment"),
+        (url.query, "query"),
+        (url.fragment, "fragment"),
     ):
         if present:
             raise InvalidInput(VARIABLE, f"{redact_url(text)}: takes no {what}")
