@@ -1198,6 +1198,46 @@ def test_a_trusted_horizon_anchors_every_ledger_run_to_the_network(tmp_path, cap
     assert status == 2 and "PCBO_TRUSTED_HORIZON_URL" in err and "use https" in err, err
 
 
+def test_verify_anchors_only_ledgers_their_xdr_gives(tmp_path, capsys):
+    """Red-team finding: `--trusted-ledger` read hashes and links from the lake's columns, which only a
+    ledger archive's run had checked against each ledger's XDR: a JSONL of ledger records copying the
+    network's hashes (no XDR, or the genuine XDR beside a forged count) loaded and had every ledger
+    reported anchored. A ledger now counts only where its `lcmXdrBase64` walks to the row's columns:
+    without XDR the trusted ledger is `ledger_not_trusted`; a forged count cuts the anchored run."""
+    from pcbo_dagster.cli.main import main
+
+    genuine = b.write_archive(tmp_path / "one", 30, 33, ledgers_per_file=4, files_per_partition=1)
+    hash_33 = genuine.ledgers[33].ledger_hash.hex()
+
+    def anchored(name: str, records: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+        source = tmp_path / f"{name}.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in records))
+        request = _range_request(name, tmp_path, 30, 34)
+        request["source"] = {"uri": str(source), "format": "jsonl"}
+        home = tmp_path / name
+        assert (
+            main(
+                ["execute", "--input", str(write_request(tmp_path / "r.json", request)), "--home", str(home)]
+            )
+            == 0
+        )
+        capsys.readouterr()
+        status = main(["verify", "--home", str(home), "--trusted-ledger", f"ledgers/v1:33:{hash_33}"])
+        return status, json.loads(capsys.readouterr().out)
+
+    records = [_expected(genuine, sequence) for sequence in range(30, 34)]
+    status, document = anchored("copied", records)  # the genuine ledgers, carried by a JSONL file
+    assert status == 0 and document["trustedLedgers"][0]["anchored"] == {"first": 30, "last": 33}, document
+    status, document = anchored(
+        "no-xdr", [{k: v for k, v in r.items() if k != "lcmXdrBase64"} for r in records]
+    )
+    assert status == 1 and [f["kind"] for f in document["findings"]] == ["ledger_not_trusted"], document
+    assert "as its XDR gives it" in document["findings"][0]["detail"], document
+    records[1]["transactionCount"] += 1  # ledger 31
+    status, document = anchored("forged-count", records)
+    assert status == 0 and document["trustedLedgers"][0]["anchored"] == {"first": 32, "last": 33}, document
+
+
 def test_a_run_overlapping_a_partition_of_another_history_is_refused(tmp_path, capsys):
     """Red-team finding: a run checked only the ledgers just outside its range, so a fork's ledgers
     18-25 (an unanchored run, partitioned by 8) loaded beside a current partition holding the genuine

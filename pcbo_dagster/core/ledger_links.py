@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -78,6 +79,10 @@ class LedgerLinks:
     #: ledger in them, with where it was first seen: two hashes for one ledger are two histories.
     shared: list[tuple[int, int]] = field(default_factory=list)
     held: dict[int, dict[str, str]] = field(default_factory=dict)
+    #: With `watch`: which rows of a table (sorted by sequence) their own XDR gives as they stand (the
+    #: caller walks it): only those are spans and copies. The columns alone are whatever a source
+    #: said; only a ledger archive's run checked them against the ledger.
+    derives: Callable[[pa.Table], list[bool]] | None = None
 
     def add(self, table: pa.Table, where: str) -> None:
         """Check the links inside `table` (a partition's data file, `where`) and keep its ends."""
@@ -95,21 +100,14 @@ class LedgerLinks:
             return
         sequences = columns[SEQUENCE].to_pylist()
         hashes, previous = columns[HASH].to_pylist(), columns[PREVIOUS].to_pylist()
-        bounds, start = [], 0
         for i in range(1, len(sequences)):
-            linked = sequences[i] == sequences[i - 1] + 1 and previous[i] == hashes[i - 1]
-            if sequences[i] == sequences[i - 1] + 1 and not linked:
+            if sequences[i] == sequences[i - 1] + 1 and previous[i] != hashes[i - 1]:
                 self._break(sequences[i], previous[i], hashes[i - 1], where, where)
-            if not linked:
-                bounds.append((start, i - 1))
-                start = i
-        bounds.append((start, len(sequences) - 1))
-        for low, high in bounds:
-            span = (sequences[low], sequences[high], previous[low], hashes[high])
-            self.spans.append(span)
-            for i in range(low, high + 1) if self.watch else ():
-                if sequences[i] in self.watch:
-                    self.copies_of.setdefault(sequences[i], []).append((hashes[i], where, span))
+        if self.watch:  # (spans and copies serve `anchored` alone)
+            derived = [True] * len(sequences)
+            if self.derives is not None:  # (the same stable sort: the rows in the same order)
+                derived = self.derives(table.filter(pc.is_valid(table[SEQUENCE])).sort_by(SEQUENCE))
+            self._add_spans(sequences, hashes, previous, derived, where)
         if self.shared:
             lows = [low for low, _ in self.shared]
             for sequence, digest in zip(sequences, hashes, strict=True):
@@ -118,6 +116,31 @@ class LedgerLinks:
                     self.held.setdefault(sequence, {}).setdefault(digest, where)
         self.firsts.append((sequences[0], previous[0], where))
         self.lasts.append((sequences[-1], hashes[-1], where))
+
+    def _add_spans(
+        self, sequences: list[int], hashes: list[str], previous: list[str], derived: list[bool], where: str
+    ) -> None:
+        """The runs of linked rows its XDR gives (`derives`), and the copies of watched ledgers."""
+        bounds: list[tuple[int, int]] = []
+        start: int | None = None
+        for i, sequence in enumerate(sequences):
+            if not derived[i]:
+                if start is not None:
+                    bounds.append((start, i - 1))
+                start = None
+            elif start is None:
+                start = i
+            elif not (sequence == sequences[i - 1] + 1 and previous[i] == hashes[i - 1]):
+                bounds.append((start, i - 1))
+                start = i
+        if start is not None:
+            bounds.append((start, len(sequences) - 1))
+        for low, high in bounds:
+            span = (sequences[low], sequences[high], previous[low], hashes[high])
+            self.spans.append(span)
+            for i in range(low, high + 1):
+                if sequences[i] in self.watch:
+                    self.copies_of.setdefault(sequences[i], []).append((hashes[i], where, span))
 
     def breaks(self) -> list[tuple[str, str]]:
         """(where, detail) of every link found broken: inside the tables added, then between them."""

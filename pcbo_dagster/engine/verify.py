@@ -35,9 +35,11 @@ else stays a finding, with a note that repair refuses it. A second `repair` appe
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import json
+import struct
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -250,7 +252,8 @@ def _verify(
         links_of[ckey] = LedgerLinks(
             watch=frozenset(
                 a.sequence for a in anchors if (a.dataset, a.version_label) == (dataset, version_label)
-            )
+            ),
+            derives=_ledgers_their_xdr_gives,
         )
         checked_partitions += _check_lake(
             env, report, state, dataset, version_label, lake_keys.get(ckey, set()), links_of[ckey]
@@ -492,6 +495,55 @@ def _check_lake(
     return checked
 
 
+#: The columns of a ledger's record (`sources/ledger_decoding.ledger_record`) a row's XDR must give.
+_DERIVED = (
+    "id",
+    "ledgerSequence",
+    "ledgerHash",
+    "previousLedgerHash",
+    "protocolVersion",
+    "transactionCount",
+    "operationCount",
+    "lcmXdrSha256",
+)
+
+
+def _ledgers_their_xdr_gives(table: Any) -> list[bool]:
+    """For each row of a ledger table: its `lcmXdrBase64` walks, as a ledger archive's is (the header's
+    hash, the transaction set and results it names: `ledger_decoding.decode_batch`), to the record
+    its other columns hold (`--trusted-ledger`: a ledger hash and link count only when the ledger's
+    own bytes give them)."""
+    import pyarrow as pa
+
+    from pcbo_dagster.sources.ledger_decoding import decode_batch, ledger_record
+
+    names = set(table.column_names)
+    if "lcmXdrBase64" not in names or not pa.types.is_string(table["lcmXdrBase64"].type):
+        return [False] * table.num_rows
+    columns = {name: table[name].to_pylist() for name in (*_DERIVED, "lcmXdrBase64") if name in names}
+    occurred = None
+    if "occurredAt" in names and pa.types.is_timestamp(table["occurredAt"].type):
+        occurred = table["occurredAt"].cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_pylist()
+    derived = []
+    for i, sequence in enumerate(columns["ledgerSequence"]):
+        try:
+            xdr = base64.b64decode(columns["lcmXdrBase64"][i], validate=True)
+            batch = struct.pack(">III", sequence, sequence, 1) + xdr
+        except (TypeError, ValueError, struct.error):
+            derived.append(False)
+            continue
+        decoded, error = decode_batch(batch, "", sequence, sequence, sequence, sequence + 1)
+        if error is not None or len(decoded) != 1:
+            derived.append(False)
+            continue
+        record = ledger_record(decoded[0])
+        derived.append(
+            all(columns[name][i] == record[name] for name in columns if name != "lcmXdrBase64")
+            and (occurred is None or occurred[i] == decoded[0].close_time * 1_000_000)
+        )
+    return derived
+
+
 def _ledger_ranges(keys: set[str]) -> list[tuple[int, int]]:
     """(first, last) of each ledger partition key (`range=FIRST-LAST`) of `keys`."""
     ranges = []
@@ -523,7 +575,8 @@ def _check_anchors(
             report.find(
                 "ledger_not_trusted",
                 ckey,
-                f"the lake holds no ledger {anchor.sequence} in a current partition its chain vouches for",
+                f"the lake holds no ledger {anchor.sequence} in a current partition its chain vouches for, "
+                "as its XDR gives it (lcmXdrBase64)",
             )
         others = sorted({(held, where) for held, where, _ in copies if held != anchor.hash})
         for held, where in others:  # (every copy: partitions of differently partitioned runs overlap)
