@@ -11,6 +11,8 @@ or not), `verify --repair` does not heal it, and no checkpoint is signed over it
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +290,26 @@ def test_no_checkpoint_is_signed_with_another_key_over_a_signed_chain(tmp_path: 
     assert run_pcbo(["verify"], home=home, env=signing).status == 0
 
 
+@contextmanager
+def _signed_run_while_the_endpoint_is_down(tmp_path: Path) -> Iterator[tuple[Any, Path, dict[str, str]]]:
+    """(a `Receiver` on loopback, the home, the env): a run with the operator's key whose audit
+    endpoint (the receiver) was down, so nothing of it was delivered (still down: the test says when
+    it is back)."""
+    from pcbo_dagster_tests.test_audit_delivery import Receiver
+
+    receiver = Receiver()
+    receiver.thread.start()
+    try:
+        home = tmp_path / "home"
+        env = {**_signing(tmp_path), "PCBO_AUDIT_ENDPOINT": receiver.url, "PCBO_AUDIT_ATTEMPTS": "1"}
+        receiver.down = True
+        assert _execute(tmp_path, home, "s1", env).status == 0
+        yield receiver, home, env
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+
+
 def test_a_forged_delivery_cursor_is_reported_and_skips_no_event(tmp_path: Path) -> None:
     """Red-team finding: someone who can write the audit backup moved the delivery cursor ahead (to an
     event of the chain, its hash right) while the endpoint was down, and the events before it never
@@ -299,15 +321,8 @@ def test_a_forged_delivery_cursor_is_reported_and_skips_no_event(tmp_path: Path)
     from pcbo_dagster.audit.backup import AuditBackup
     from pcbo_dagster.server.status import _undelivered
     from pcbo_dagster_tests.cli_runner import backup_file
-    from pcbo_dagster_tests.test_audit_delivery import Receiver
 
-    receiver = Receiver()
-    receiver.thread.start()
-    try:
-        home = tmp_path / "home"
-        env = {**_signing(tmp_path), "PCBO_AUDIT_ENDPOINT": receiver.url, "PCBO_AUDIT_ATTEMPTS": "1"}
-        receiver.down = True
-        assert _execute(tmp_path, home, "s1", env).status == 0
+    with _signed_run_while_the_endpoint_is_down(tmp_path) as (receiver, home, env):
         events = backup_events(home, intents=True)
         last = events[-1]["chain"]
         cursor = backup_file(home).with_suffix(".delivered")
@@ -331,9 +346,6 @@ def test_a_forged_delivery_cursor_is_reported_and_skips_no_event(tmp_path: Path)
         every = list(range(len(events)))
         assert sorted(set(seqs)) == every and seqs[-len(events) :] == every
         assert run_pcbo(["verify"], home=home, env=env).status == 0
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
 
 
 def test_a_forged_checkpoint_delivery_marker_does_not_stop_the_checkpoint(tmp_path: Path) -> None:
@@ -346,15 +358,8 @@ def test_a_forged_checkpoint_delivery_marker_does_not_stop_the_checkpoint(tmp_pa
     import rfc8785
 
     from pcbo_dagster_tests.cli_runner import backup_file, lake_dir
-    from pcbo_dagster_tests.test_audit_delivery import Receiver
 
-    receiver = Receiver()
-    receiver.thread.start()
-    try:
-        home = tmp_path / "home"
-        env = {**_signing(tmp_path), "PCBO_AUDIT_ENDPOINT": receiver.url, "PCBO_AUDIT_ATTEMPTS": "1"}
-        receiver.down = True
-        assert _execute(tmp_path, home, "s1", env).status == 0
+    with _signed_run_while_the_endpoint_is_down(tmp_path) as (receiver, home, env):
         (size,) = _checkpoint_sizes(home)
         text = (lake_dir(home) / "events" / "v1" / "_checkpoints" / f"{size:012d}.checkpoint").read_text()
         document: dict[str, Any] = {
@@ -373,9 +378,6 @@ def test_a_forged_checkpoint_delivery_marker_does_not_stop_the_checkpoint(tmp_pa
         # delivered once: the next publish sends it no more
         assert run_pcbo(["log", "publish", "--dataset", "events"], home=home, env=env).status == 0
         assert len([b for b in receiver.accepted if b"pcbo.checkpoint/1" in b]) == 1
-    finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
 
 
 def test_no_checkpoint_of_a_chain_another_key_signs_is_signed(tmp_path: Path) -> None:
