@@ -167,13 +167,10 @@ def _ledger_anchors(texts: list[str]) -> list[Any]:
     """`--trusted-ledger DATASET/VERSION:SEQUENCE:HASH` (repeatable), each parsed."""
     from pcbo_dagster.core.ledger_links import LedgerAnchor
 
-    anchors = []
-    for text in texts:
-        try:
-            anchors.append(LedgerAnchor.parse(text))
-        except ValueError as exc:
-            raise InvalidInput("--trusted-ledger", f"{text!r}: {exc}") from None
-    return anchors
+    try:
+        return LedgerAnchor.parse_all(texts)
+    except ValueError as exc:
+        raise InvalidInput("--trusted-ledger", str(exc)) from None
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -58,6 +58,17 @@ class LedgerAnchor:
                 "lowercase hex digits>"
             )
         return cls(match["dataset"], match["label"], int(match["sequence"]), match["hash"])
+
+    @classmethod
+    def parse_all(cls, texts: Iterable[str]) -> list[LedgerAnchor]:
+        """Each of `texts` parsed (`parse`); `ValueError` naming the first that is not one."""
+        anchors = []
+        for text in texts:
+            try:
+                anchors.append(cls.parse(text))
+            except ValueError as exc:
+                raise ValueError(f"{text!r}: {exc}") from None
+        return anchors
 
 
 @dataclass

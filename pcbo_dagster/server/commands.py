@@ -206,7 +206,7 @@ def _ledger_anchors(params: dict[str, Any]) -> list[Any]:
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise invalid("params.trustedLedgers", "give a list of DATASET/VERSION:SEQUENCE:HASH texts")
     try:
-        return [LedgerAnchor.parse(text) for text in texts]
+        return LedgerAnchor.parse_all(texts)
     except ValueError as exc:
         raise invalid("params.trustedLedgers", str(exc)) from None
 
