@@ -629,8 +629,11 @@ def _event_signature_problems(proven: list[dict], key: VerifierKey, every: bool)
     signed vouches for the events' place in the log, not for who appended them: someone who can write
     the stores but holds no key appended an event a checkpoint signed before 2026-12-07 may cover."""
     problems: list[str] = []
-    for event in proven:
-        if OPERATOR_SIGNATURE in event and verified_statement(event, key) is None:
+    signed = 0
+    for event in proven:  # (each signature verified once)
+        if verified_statement(event, key) is not None:
+            signed += 1
+        elif OPERATOR_SIGNATURE in event:
             problems.append(
                 f"event seq {event['chain']['seq']}: its operator_signature does not verify under the "
                 f"operator's key {key.name} at its place (signed by another key, or for another event)"
@@ -638,7 +641,6 @@ def _event_signature_problems(proven: list[dict], key: VerifierKey, every: bool)
     for bare in unsigned_events(proven, key, every, SELF_CHECKED_EVENTS):
         if OPERATOR_SIGNATURE not in bare:
             problems.append(f"event seq {bare['chain']['seq']} carries no signature of the operator's key")
-    signed = sum(1 for event in proven if verified_statement(event, key) is not None)
     return signed, problems
 
 
