@@ -290,6 +290,10 @@ def test_a_witness_that_drips_its_answer_is_given_up_at_the_timeout(tmp_path: Pa
                 ("http://127.0.0.1:9/w?token=1", "query"),
                 ("http://127.0.0.1:9/w#a", "fragment"),
                 ("http://127.0.0.1:99999", "port"),
+                # an unclosed IPv6 bracket was an internal error (urlsplit's ValueError), a control
+                # character was taken and every cosignature request then failed
+                ("http://[::1", "not an http(s) URL"),
+                ("http://127.0.0.1:9/w\x01x", "not an http(s) URL"),
             )
         ),
         # the operator's own key as a witness: it would witness the checkpoints it signs itself

@@ -36,7 +36,7 @@ from typing import Any
 
 import tenacity
 
-from pcbo_dagster.io.redaction import redact_url, scrub_json, scrub_text
+from pcbo_dagster.io.redaction import has_userinfo, redact_url, scrub_json, scrub_text
 
 _logger = logging.getLogger(__name__)
 
@@ -55,6 +55,36 @@ def on_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def base_url(text: str, *, https_off_loopback: str | None = None) -> str:
+    """`text`, the http(s) URL of a server pcbo asks by appending a path to it (a witness, a Horizon),
+    without its final `/`. `ValueError` whose message starts with the URL redacted and says what is
+    wrong: not an http(s) URL with a host (or not parseable: an unclosed `[`), a space or a control
+    character (http.client refuses to send it, after every attempt), credentials (urllib would take
+    `user:secret@host` for a host name and send it to the resolver), a query or a fragment (the
+    appended path would land in them), a port out of range; and, when `https_off_loopback` gives a
+    reason, plain `http://` off loopback (`on_loopback`)."""
+    shown = redact_url(text)
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        if "port" in str(exc).lower():
+            raise ValueError(f"{shown}: its port is out of range") from None
+        raise ValueError(f"{shown} is not an http(s) URL") from None
+    if url.scheme not in ("http", "https") or not url.hostname or not _sendable(text):
+        raise ValueError(f"{shown} is not an http(s) URL")
+    if https_off_loopback is not None and url.scheme == "http" and not on_loopback(url.hostname):
+        raise ValueError(f"{shown}: use https ({https_off_loopback})")
+    for present, what in (
+        (has_userinfo(text), "credentials"),
+        (url.query, "query"),
+        (url.fragment, "fragment"),
+    ):
+        if present:
+            raise ValueError(f"{shown}: takes no {what}")
+    return text.rstrip("/")
 
 
 class DeliveryFailed(RuntimeError):
