@@ -725,9 +725,9 @@ def _trusted_ledger_in(loaded: LoadedRequest, pd: PartitionDecision) -> dict[str
     chain with the manifest."""
     trusted = getattr(loaded.source, "trusted", None)
     part = pd.partition
-    if trusted is None or not part.ledger or not part.start <= trusted[0] < part.end:
+    if trusted is None or not part.ledger or not part.start <= trusted.sequence < part.end:
         return None
-    return {"sequence": trusted[0], "hash": trusted[1]}
+    return {"sequence": trusted.sequence, "hash": trusted.hash}
 
 
 def _gaps_in(loaded: LoadedRequest, pd: PartitionDecision) -> list[list[int]]:

@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -420,19 +420,24 @@ def _iter_decoded(
         _gap(uri, expected, end - 1, require_complete, gaps)
 
 
-#: Who said the trusted hash when the request gave it (`source.trustedLedger`).
-REQUEST_TRUSTED = "the trusted"
+class TrustedHash(NamedTuple):
+    """A ledger's hash the operator trusts, where it came from: `field` is what an archive that holds
+    another hash is refused on (`source.trustedLedger.hash` when the request gave it, `source.uri`
+    when a Horizon said it), `said_by` who said it, as an error names it."""
+
+    sequence: int
+    hash: str
+    field: str
+    said_by: str
 
 
-def _check_trusted(shown: str, record: dict[str, Any], trusted: tuple[int, str], by: str) -> None:
-    """The trusted ledger's hash in the archive must be the one the operator trusts (`by`: "the
-    trusted" for the request's `source.trustedLedger`, else the Horizon that said it)."""
-    sequence, digest = trusted
-    if record["ledgerHash"] != digest:
+def _check_trusted(shown: str, record: dict[str, Any], trusted: TrustedHash) -> None:
+    """The trusted ledger's hash in the archive must be the one the operator trusts."""
+    if record["ledgerHash"] != trusted.hash:
         raise InvalidInput(
-            "source.trustedLedger.hash" if by == REQUEST_TRUSTED else "source.uri",
-            f"{redact_url(shown)}: ledger {sequence}'s hash is {record['ledgerHash']}, not {by} "
-            f"{digest}: the archive is not that ledger history (nothing written)",
+            trusted.field,
+            f"{redact_url(shown)}: ledger {trusted.sequence}'s hash is {record['ledgerHash']}, not "
+            f"{trusted.said_by} {trusted.hash}: the archive is not that ledger history (nothing written)",
         )
 
 
@@ -564,9 +569,7 @@ class LedgerArchiveSource(RecordSource):
         #: by pass 1): pass 1 refuses the archive unless that ledger has that hash and every ledger
         #: before it links to it.
         self.given_trusted = trusted
-        self.trusted: tuple[int, str] | None = None
-        #: Who said the trusted hash, for the error when the archive's is another.
-        self.trusted_by = REQUEST_TRUSTED
+        self.trusted: TrustedHash | None = None
         #: The runs of ledgers of the range the archive does not hold (with `allow_gaps`), as
         #: (first, last), after `batches`; without `allow_gaps` a gap is invalid input.
         self.gaps: list[tuple[int, int]] = []
@@ -582,8 +585,10 @@ class LedgerArchiveSource(RecordSource):
         self.count = 0
         index = LedgerIndex()
         self.gaps = []
-        self.trusted, self.trusted_by = (
-            (self.given_trusted, REQUEST_TRUSTED) if self.given_trusted else self._ask_trusted_horizon()
+        self.trusted = (
+            TrustedHash(*self.given_trusted, "source.trustedLedger.hash", "the trusted")
+            if self.given_trusted
+            else self._ask_trusted_horizon()
         )
         decoded = _iter_decoded(
             self.uri, self.first, self.end, not self.allow_gaps, self.pool, self.gaps, self.root
@@ -596,8 +601,8 @@ class LedgerArchiveSource(RecordSource):
 
         anchored = False
         for file, ledger, record in decoded:
-            if self.trusted is not None and ledger.sequence == self.trusted[0]:
-                _check_trusted(self.shown, record, self.trusted, self.trusted_by)
+            if self.trusted is not None and ledger.sequence == self.trusted.sequence:
+                _check_trusted(self.shown, record, self.trusted)
                 anchored = True
             index.add(file, ledger)
             records.append(record)
@@ -608,21 +613,24 @@ class LedgerArchiveSource(RecordSource):
                 yield batch()
                 records, digests, held = [], [], 0
         if self.trusted is not None:
-            _check_anchored(self.trusted[0], anchored, self.gaps)
+            _check_anchored(self.trusted.sequence, anchored, self.gaps)
         if records:
             self.count += len(records)
             yield batch()
         self.index = index
 
-    def _ask_trusted_horizon(self) -> tuple[tuple[int, str] | None, str]:
-        """(the range's last ledger and its hash, who said it) from `PCBO_TRUSTED_HORIZON_URL` when it
-        is set (`sources/horizon_ledgers.py`); (None, "") when not."""
+    def _ask_trusted_horizon(self) -> TrustedHash | None:
+        """The range's last ledger and its hash from `PCBO_TRUSTED_HORIZON_URL` when it is set
+        (`sources/horizon_ledgers.py`); None when not."""
         from pcbo_dagster.sources.horizon_ledgers import ledger_hash, trusted_horizon_url
 
         base = trusted_horizon_url()
         if base is None:
-            return None, ""
-        return (self.end - 1, ledger_hash(base, self.end - 1)), f"the trusted Horizon {redact_url(base)}'s"
+            return None
+        sequence = self.end - 1
+        return TrustedHash(
+            sequence, ledger_hash(base, sequence), "source.uri", f"the trusted Horizon {redact_url(base)}'s"
+        )
 
     def fetch(self, locators: np.ndarray) -> list[Any]:
         sequences = np.asarray(locators, dtype=np.int64)
