@@ -602,7 +602,7 @@ _DAMAGED = [
     ("snappy", b"\xff\xff\xff\xff\x0f", 0, "Output buffer size"),
     ("snappy", b"", 1, "Output buffer size"),
     ("zstd", b"", 1, "ZSTD decompression failed"),
-    ("gzip", b"\0" * 16, 0, ""),
+    ("gzip", b"\0" * 16, 0, "GZipCodec failed"),
 ]
 
 
