@@ -1,11 +1,14 @@
 """`pcbo rollout` from the command line, as an operator drives it: a throttled staging apply running
 in one process, paused, resumed and cancelled from another; the gate refusing promotion; approvals
-and their refusals. Real processes, real time (a throttle of 30 partitions a minute: 2 s a partition).
+and their refusals. The throttled apply is a real `pcbo` process in real time (a throttle of 30
+partitions a minute: 2 s a partition); the other commands run the same command line (`cli.main`) in
+the test's own process, which is another process than the apply's.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +19,8 @@ from typing import Any
 import pytest
 
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, MALLORY, key_file
-from pcbo_dagster_tests.cli_runner import pcbo_env, run_pcbo, tree_state
+from pcbo_dagster_tests.cli_runner import pcbo_env, tree_state
+from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process as run_pcbo
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
 CONFIG = f"""
@@ -35,8 +39,8 @@ datasets:
 CONFIG_FLAG = ("--config", "datasets.yaml")
 
 
-@pytest.fixture
-def workdir(tmp_path: Path) -> Path:
+def _write_workdir(directory: Path) -> Path:
+    """The source, the datasets config and the approvers' keys a rollout of `sessions` runs from."""
     records = [
         {
             "id": f"s-{h}-{n}",
@@ -47,11 +51,16 @@ def workdir(tmp_path: Path) -> Path:
         for h in range(4)
         for n in range(5)
     ]
-    (tmp_path / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (tmp_path / "datasets.yaml").write_text(CONFIG)
-    key_file(tmp_path, CY)
-    key_file(tmp_path, MALLORY)
-    return tmp_path
+    (directory / "sessions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (directory / "datasets.yaml").write_text(CONFIG)
+    key_file(directory, CY)
+    key_file(directory, MALLORY)
+    return directory
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return _write_workdir(tmp_path)
 
 
 def pcbo(workdir: Path, *args: str) -> Any:
@@ -465,21 +474,36 @@ def test_a_statement_from_the_future_is_refused_in_plain_words(workdir: Path) ->
     assert "a approval" not in refused.stderr and "an approval counts from when" in refused.stderr
 
 
+SOAKING_RANGE = ["--dataset", "sessions", "--from", KEYS[0], "--to", KEYS[1]]
+
+
+@pytest.fixture(scope="module")
+def soaking_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home where rollout r1 of the first two partitions (`SOAKING_RANGE`, started by ana with
+    CONFIG) is staged and soaking, built once per module: a test copies it into its `workdir` (the
+    lake is found from the home, not from the paths its catalog recorded)."""
+    work = _write_workdir(tmp_path_factory.mktemp("soaking"))
+    started = pcbo(work, "rollout", "start", *CONFIG_FLAG, *SOAKING_RANGE, "--name", "r1", "--by", "ana")
+    assert started.status == 0, started.stderr
+    assert status_of(work, "r1")["rollout"]["status"] == "soaking"
+    return work / "home"
+
+
 @pytest.mark.parametrize(
     "who", ["ops\n\x1b[31mroot", "ana\u202e", "bo\tx"], ids=["newline-escape", "bidi", "tab"]
 )
-def test_a_by_with_a_control_character_is_refused_before_anything_is_written(workdir: Path, who: str) -> None:
+def test_a_by_with_a_control_character_is_refused_before_anything_is_written(
+    workdir: Path, soaking_home: Path, who: str
+) -> None:
     """`--by` is recorded as given on the audit chain and in the catalog and shown in logs, the Dagster
     UI and alert receivers: a line break or a terminal escape in it forged a line of its own there
     (stderr escaped it; nothing else does). Each command taking it refuses it, exit 2 naming `--by`,
     nothing written: a new rollout's start, and the steps of one that is soaking."""
     home = workdir / "home"
-    rng = ["--dataset", "sessions", "--from", KEYS[0], "--to", KEYS[1]]
-    refused = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--by", who)
+    refused = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *SOAKING_RANGE, "--by", who)
     assert refused.status == 2 and "invalid input: --by: " in refused.stderr, refused.stderr
     assert "control character" in refused.stderr and not home.exists()
-    started = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--name", "r1", "--by", "ana")
-    assert started.status == 0, started.stderr
+    shutil.copytree(soaking_home, home)  # r1 of the same range started by ana: soaking
     for args in (
         ["rollout", "pause", "r1"],
         ["rollout", "promote", "r1", *CONFIG_FLAG],
@@ -495,14 +519,14 @@ def test_a_by_with_a_control_character_is_refused_before_anything_is_written(wor
     assert status_of(workdir, "r1")["rollout"]["status"] == "soaking"
 
 
-def test_a_reason_with_a_control_character_is_refused_before_anything_is_written(workdir: Path) -> None:
+def test_a_reason_with_a_control_character_is_refused_before_anything_is_written(
+    workdir: Path, soaking_home: Path
+) -> None:
     """Red-team finding: a rollback's `--reason` (and a rollout pause's) is recorded on the audit chain
     and in the catalog as given, as `--by` is: a line break, an escape or a direction override in it
     was recorded as typed. Refused, exit 2 naming it, nothing written; `pcbo rollback` alike."""
     home = workdir / "home"
-    rng = ["--dataset", "sessions", "--from", KEYS[0], "--to", KEYS[1]]
-    started = pcbo(workdir, "rollout", "start", *CONFIG_FLAG, *rng, "--name", "r1", "--by", "ana")
-    assert started.status == 0, started.stderr
+    shutil.copytree(soaking_home, home)  # r1 of SOAKING_RANGE started by ana: soaking
     for args in (
         ["rollout", "pause", "r1", "--by", "ana", "--reason", "stop\x1b[2Jnow"],
         ["rollout", "rollback", "r1", *CONFIG_FLAG, "--stage", "staging", "--by", "ana", "--reason", "a\nb"],
