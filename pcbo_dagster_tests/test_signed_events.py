@@ -10,6 +10,7 @@ or not), `verify --repair` does not heal it, and no checkpoint is signed over it
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,15 +26,26 @@ from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.engine.transparency_log import CheckpointNotSigned, publish
 from pcbo_dagster_tests.approver_keys import key_file
 from pcbo_dagster_tests.cli_runner import (
+    PcboRun,
     backup_events,
     lake_files,
     load_generator,
-    run_pcbo,
     write_request,
 )
+from pcbo_dagster_tests.cli_runner import run_pcbo as run_pcbo_process
+from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process
 
 OPERATOR = signing_key_from_seed("ops.example/operator", bytes([33]) * 32)
 CHAIN = "events/v1"
+
+
+def run_pcbo(args: list[Any], home: Path, env: dict[str, str] | None = None) -> PcboRun:
+    """`pcbo *args` with PCBO_HOME=`home` and only the `PCBO_*` variables of `env` (a process given
+    no PCBO_SIGNING_KEY runs without it): in this process, but a run with a failpoint (which ends its
+    process, exit 86) in a process of its own."""
+    if env and "PCBO_FAILPOINT" in env:
+        return run_pcbo_process(args, home=home, env=env)
+    return run_pcbo_in_process(args, home=home, env=env)
 
 
 def _request(run_id: str, seed: int = 5) -> dict[str, Any]:
@@ -62,6 +74,24 @@ def _append_without_the_key(home: Path, event_type: str, body: dict[str, Any]) -
         env.close()
 
 
+@pytest.fixture(scope="module")
+def _signed_run_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding the operator's key and a home after run `s1` with it (a signed chain),
+    built once per module: `signed_run` copies it for each test."""
+    work = tmp_path_factory.mktemp("signed-s1")
+    done = _execute(work, work / "home", "s1", _signing(work))
+    assert done.status == 0, done.stderr
+    return work
+
+
+@pytest.fixture
+def signed_run(_signed_run_template: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """(home, env with the operator's key): this test's own copy of a home after run `s1` with the key
+    (`_execute(tmp_path, home, "s1", signing)`, its status 0), the key file in `tmp_path`."""
+    shutil.copytree(_signed_run_template, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "home", _signing(tmp_path)
+
+
 def _kinds(document: dict[str, Any]) -> list[str]:
     return [f["kind"] for f in document["findings"]]
 
@@ -71,10 +101,8 @@ def _checkpoint_sizes(home: Path) -> list[int]:
         return [n for (n,) in db.execute("SELECT tree_size FROM transparency_checkpoints ORDER BY tree_size")]
 
 
-def test_every_event_is_signed_at_its_place(tmp_path: Path) -> None:
-    home, signing = tmp_path / "home", _signing(tmp_path)
-    done = _execute(tmp_path, home, "s1", signing)
-    assert done.status == 0, done.stderr
+def test_every_event_is_signed_at_its_place(signed_run: tuple[Path, dict[str, str]]) -> None:
+    home, signing = signed_run  # run s1 with the operator's key, exit 0
     events = backup_events(home, intents=True)
     assert len(events) > 3
     verifier = OPERATOR.verifier()
@@ -93,10 +121,9 @@ def test_every_event_is_signed_at_its_place(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("forged", ["unsigned", "replayed", "checkpoints_removed"])
 def test_an_event_appended_without_the_key_is_refused_reported_and_never_checkpointed(
-    tmp_path: Path, forged: str
+    signed_run: tuple[Path, dict[str, str]], tmp_path: Path, forged: str
 ) -> None:
-    home, signing = tmp_path / "home", _signing(tmp_path)
-    assert _execute(tmp_path, home, "s1", signing).status == 0
+    home, signing = signed_run  # run s1 with the operator's key, exit 0
     sizes = _checkpoint_sizes(home)
     # an intent of a version 2 of the first partition (the attacker's manifest): the chain then says
     # a run is under way, a crash window the next run or `verify --repair` would complete
@@ -180,12 +207,13 @@ def test_a_chain_from_before_the_key_goes_on_signed(tmp_path: Path) -> None:
     assert verified.status == 1 and set(_kinds(verified.document)) == {"event_signature_invalid"}
 
 
-def test_a_process_without_the_key_appends_nothing_to_a_signed_chain(tmp_path: Path) -> None:
+def test_a_process_without_the_key_appends_nothing_to_a_signed_chain(
+    signed_run: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     """A pcbo process not given PCBO_SIGNING_KEY (a host or worker misconfigured) refuses to append to
     a chain the key signs (exit 1 naming the variable, nothing written), where it appended unsigned
     events that made every keyed run refuse the chain for good (red-team finding)."""
-    home, signing = tmp_path / "home", _signing(tmp_path)
-    assert _execute(tmp_path, home, "s1", signing).status == 0
+    home, signing = signed_run  # run s1 with the operator's key, exit 0
     events, files = backup_events(home, intents=True), lake_files(home)
     keyless = _execute(tmp_path, home, "s2", None, seed=6)
     assert keyless.status == 1, keyless.stderr
@@ -220,13 +248,14 @@ def test_repair_without_the_key_heals_nothing_of_a_signed_chain(tmp_path: Path) 
     assert run_pcbo(["verify"], home=home, env=signing).status == 0
 
 
-def test_a_run_with_another_key_appends_nothing_to_a_chain_signed_by_the_first(tmp_path: Path) -> None:
+def test_a_run_with_another_key_appends_nothing_to_a_chain_signed_by_the_first(
+    signed_run: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
     """A PCBO_SIGNING_KEY rotated on an existing chain: the run is refused naming both keys (exit 1,
     nothing written), where it appended events of the new key and `verify` then reported every
     checkpoint the first key signed as `checkpoint_signature_invalid` and its table declaration as
     unsigned, with nothing said at the run (red-team finding)."""
-    home, signing = tmp_path / "home", _signing(tmp_path)
-    assert _execute(tmp_path, home, "s1", signing).status == 0
+    home, signing = signed_run  # run s1 with the operator's key, exit 0
     events, files, sizes = backup_events(home, intents=True), lake_files(home), _checkpoint_sizes(home)
     rotated = signing_key_from_seed("ops.example/operator-2027", bytes([34]) * 32)
     other = {"PCBO_SIGNING_KEY": str(key_file(tmp_path, rotated))}
@@ -248,13 +277,14 @@ def test_a_run_with_another_key_appends_nothing_to_a_chain_signed_by_the_first(t
     assert run_pcbo(["verify", "--repair"], home=home, env=signing).status == 0
 
 
-def test_repair_without_the_key_on_a_sound_signed_chain_reports_no_integrity_failure(tmp_path: Path) -> None:
+def test_repair_without_the_key_on_a_sound_signed_chain_reports_no_integrity_failure(
+    signed_run: tuple[Path, dict[str, str]],
+) -> None:
     """`verify --repair` in a process not given the key (a host, the HTTP API's `verify` command, a
     Dagster repair run) over a signed chain with nothing to heal: clean, exit 0, nothing written, where
     it failed (exit 1) saying `no checkpoint signed: the chain does not verify` of a chain that
     verifies (red-team finding)."""
-    home, signing = tmp_path / "home", _signing(tmp_path)
-    assert _execute(tmp_path, home, "s1", signing).status == 0
+    home, signing = signed_run  # run s1 with the operator's key, exit 0
     events, sizes = backup_events(home, intents=True), _checkpoint_sizes(home)
     keyless = run_pcbo(["verify", "--repair"], home=home)
     assert keyless.status == 0, keyless.document
@@ -402,7 +432,9 @@ def test_no_checkpoint_of_a_chain_another_key_signs_is_signed(tmp_path: Path) ->
         assert _checkpoint_sizes(home) == []
 
 
-def test_no_proof_is_made_from_a_chain_holding_an_event_the_key_did_not_sign(tmp_path: Path) -> None:
+def test_no_proof_is_made_from_a_chain_holding_an_event_the_key_did_not_sign(
+    signed_run: tuple[Path, dict[str, str]],
+) -> None:
     """Red-team finding: `pcbo proof` (and the HTTP API's proof routes) never gave the operator's key to
     the check of the chain's stored log, so it made proofs from a chain holding an event someone without
     the key appended, which every run, `verify` and `evidence export` refuse. Now it proves nothing
@@ -411,8 +443,7 @@ def test_no_proof_is_made_from_a_chain_holding_an_event_the_key_did_not_sign(tmp
 
     from pcbo_dagster_tests.cli_runner import lake_dir
 
-    home, signing = tmp_path / "home", _signing(tmp_path)
-    assert _execute(tmp_path, home, "s1", signing).status == 0
+    home, signing = signed_run  # run s1 with the operator's key, exit 0
     commit = next(e for e in backup_events(home) if e["event_type"] == "partition_committed")
     key = commit["partition"]["key"]
     data = next((lake_dir(home) / "events" / "v1" / key).rglob("part-*.parquet"))
