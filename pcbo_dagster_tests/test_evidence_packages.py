@@ -32,6 +32,7 @@ from pcbo_dagster.core.signed_note import (
 from pcbo_dagster.core.transparency_log import event_leaf
 from pcbo_dagster.evidence.envelope import sign_envelope
 from pcbo_dagster_tests.cli_runner import lake_dir, load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process
 from pcbo_dagster_tests.test_transparency_attacks import pcbo
 
 WITNESS = new_signing_key("witness.example/w1")
@@ -576,8 +577,8 @@ def _promoted_package(work: Path, approvers: list[SigningKey]) -> dict[str, Any]
     (work / "operator.key").write_text(key.text + "\n")
     (work / "operator.key").chmod(0o600)
 
-    def pcbo(*args: str) -> Any:
-        run = run_pcbo(
+    def pcbo(*args: str) -> Any:  # the command line in this process: no interpreter start-up a step
+        run = run_pcbo_in_process(
             list(args),
             home=work / "home",
             cwd=work,
