@@ -23,7 +23,8 @@ from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster.rollout.throttle import Throttle
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, BO, CY
-from pcbo_dagster_tests.cli_runner import backup_events, lake_files, run_pcbo
+from pcbo_dagster_tests.cli_runner import backup_events, lake_files
+from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z"]
@@ -194,18 +195,26 @@ def _promote_until(config: DatasetsConfig, base: Settings, clock: ManualClock, f
     operations.promote(config, base, "r", by="cy", clock=clock)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_promotion(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The production lake (`lake_files`) an uninterrupted promotion of `_approved_rollout` leaves,
+    built once per module (the lake holds no path of its home: any directory's is the same)."""
+    config, base, clock = _approved_rollout(tmp_path_factory.mktemp("reference"))
+    operations.promote(config, base, "r", by="cy", clock=clock)
+    return lake_files(base.home)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "point", ["after_data_files", "before_commit", "after_commit", "after_event", "after_catalog"]
 )
-def test_a_promotion_killed_at_any_step_is_completed_by_promoting_again(tmp_path: Path, point: str) -> None:
+def test_a_promotion_killed_at_any_step_is_completed_by_promoting_again(
+    tmp_path: Path, uninterrupted_promotion: dict[str, bytes], point: str
+) -> None:
     """Production ends byte for byte where an uninterrupted promotion leaves it, `verify` is clean,
     and each partition has exactly one commit event."""
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    config, base, clock = _approved_rollout(reference)
-    operations.promote(config, base, "r", by="cy", clock=clock)
-    expected = lake_files(base.home)
+    expected = uninterrupted_promotion
+    assert expected  # the reference promotion wrote production's files
 
     crashed = tmp_path / "crashed"
     crashed.mkdir()
@@ -219,7 +228,7 @@ def test_a_promotion_killed_at_any_step_is_completed_by_promoting_again(tmp_path
     result = operations.promote(config, base, "r", by="cy", clock=clock)
     assert result["status"] == "promoted"
     assert lake_files(base.home) == expected
-    assert run_pcbo(["verify"], home=base.home).status == 0
+    assert run_pcbo_in_process(["verify"], home=base.home).status == 0
     commits = [
         e["partition"]["key"]
         for e in backup_events(base.home, "sessions")
