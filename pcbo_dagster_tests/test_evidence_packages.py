@@ -93,7 +93,8 @@ def test_a_package_verifies_on_a_machine_with_no_catalog(package: dict[str, Any]
     elsewhere = tmp_path / "auditor"
     elsewhere.mkdir()
     (elsewhere / "package.json").write_bytes(package["path"].read_bytes())
-    run = run_pcbo(
+    # `pcbo evidence verify` there (PCBO_HOME a directory that does not exist, in this process)
+    run = run_pcbo_in_process(
         ["evidence", "verify", "package.json", "--key", package["vkey"]],
         home=elsewhere / "home",
         cwd=elsewhere,
@@ -102,7 +103,7 @@ def test_a_package_verifies_on_a_machine_with_no_catalog(package: dict[str, Any]
     assert run.document["valid"] and run.document["subjects"] == 6  # 3 parquet files, 3 manifests
     assert run.document["auditEvents"] == 4  # the intent and three commits
     assert sorted(p.name for p in elsewhere.iterdir()) == ["package.json"]  # nothing created
-    with_lake = run_pcbo(
+    with_lake = run_pcbo_in_process(
         [
             "evidence",
             "verify",
