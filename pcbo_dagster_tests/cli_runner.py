@@ -1,4 +1,5 @@
-"""Run the `pcbo` command line as a real subprocess, the way a user or a script does.
+"""Run the `pcbo` command line as a real subprocess, the way a user or a script does (or, where the
+process boundary is not the point, in this process: `run_pcbo_in_process`).
 
 `run_pcbo(["execute", "--input", "req.json"], home=tmp / "home")` returns a `PcboRun`
 `(status, document, stderr)`: the exit status, stdout parsed as JSON (None when stdout is empty or
@@ -9,6 +10,7 @@ setting (a failpoint, an endpoint) never leaks into a test; pass what a test nee
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -17,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -103,6 +105,44 @@ def run_pcbo(
     except ValueError:
         document = None
     return PcboRun(proc.returncode, document, proc.stderr.decode("utf-8", errors="replace"))
+
+
+def run_pcbo_in_process(
+    args: Sequence[str | os.PathLike[str]],
+    home: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> PcboRun:
+    """`pcbo *args` in this process with PCBO_HOME=`home` and `env`, in `cwd` (default: `home`'s
+    parent, as `run_pcbo`); the process's environment and working directory restored after."""
+    from pcbo_dagster.cli.main import main
+
+    if cwd is None:
+        cwd = Path(home).parent if home is not None else Path.cwd()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        environment = pcbo_env(home, env)
+        os.environ.clear()
+        os.environ.update(environment)
+        os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                status = main([os.fspath(a) for a in args])
+            except SystemExit as exc:  # argparse refusing a flag, as `run` maps it
+                status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if isinstance(exc.code, str):
+                    print(exc.code, file=err)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    stdout = out.getvalue()
+    try:
+        document = json.loads(stdout) if stdout.strip() else None
+    except ValueError:
+        document = None
+    return PcboRun(status, document, err.getvalue())
 
 
 def load_generator() -> Any:

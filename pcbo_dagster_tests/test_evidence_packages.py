@@ -31,8 +31,13 @@ from pcbo_dagster.core.signed_note import (
 )
 from pcbo_dagster.core.transparency_log import event_leaf
 from pcbo_dagster.evidence.envelope import sign_envelope
-from pcbo_dagster_tests.cli_runner import lake_dir, load_generator, run_pcbo, write_request
-from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process
+from pcbo_dagster_tests.cli_runner import (
+    lake_dir,
+    load_generator,
+    run_pcbo,
+    run_pcbo_in_process,
+    write_request,
+)
 from pcbo_dagster_tests.test_transparency_attacks import pcbo
 
 WITNESS = new_signing_key("witness.example/w1")

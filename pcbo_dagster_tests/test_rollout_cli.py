@@ -20,7 +20,7 @@ import pytest
 
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, MALLORY, key_file
 from pcbo_dagster_tests.cli_runner import pcbo_env, tree_state
-from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process as run_pcbo
+from pcbo_dagster_tests.cli_runner import run_pcbo_in_process as run_pcbo
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
 CONFIG = f"""

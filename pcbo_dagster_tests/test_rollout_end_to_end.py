@@ -33,7 +33,7 @@ from pcbo_dagster.rollout.approvals import sign_decision  # noqa: E402
 from pcbo_dagster.rollout.clock import ManualClock  # noqa: E402
 from pcbo_dagster.rollout.environments import staging_settings  # noqa: E402
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, BO, CY  # noqa: E402
-from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process  # noqa: E402
+from pcbo_dagster_tests.cli_runner import run_pcbo_in_process  # noqa: E402
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
 T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)

@@ -23,8 +23,7 @@ from pcbo_dagster.rollout import operations
 from pcbo_dagster.rollout.clock import ManualClock
 from pcbo_dagster.rollout.throttle import Throttle
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, BO, CY
-from pcbo_dagster_tests.cli_runner import backup_events, lake_files
-from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process
+from pcbo_dagster_tests.cli_runner import backup_events, lake_files, run_pcbo_in_process
 
 T0 = datetime(2026, 1, 5, 8, 0, tzinfo=UTC)
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z"]

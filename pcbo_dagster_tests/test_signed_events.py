@@ -30,10 +30,10 @@ from pcbo_dagster_tests.cli_runner import (
     backup_events,
     lake_files,
     load_generator,
+    run_pcbo_in_process,
     write_request,
 )
 from pcbo_dagster_tests.cli_runner import run_pcbo as run_pcbo_process
-from pcbo_dagster_tests.rollout_cli_in_process import run_pcbo_in_process
 
 OPERATOR = signing_key_from_seed("ops.example/operator", bytes([33]) * 32)
 CHAIN = "events/v1"
