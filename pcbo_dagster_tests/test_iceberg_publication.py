@@ -2,7 +2,11 @@
 on SQLite, and on the tests' PostgreSQL server), read back by pyiceberg and by DuckDB's own Iceberg
 reader; after each execute, re-version, rollback and promotion the table's rows are the rows of the
 files the commit points name, time travel shows the state before, a crash between the lake commit and
-the publication converges, and a file added to the table by hand is a finding, never adopted."""
+the publication converges, and a file added to the table by hand is a finding, never adopted.
+
+Most tests start from a home where run ice-1 was published (`published`: the run made once per module,
+each test on its own copy of its home) and run `pcbo` in this process (`run_pcbo_here`); a crash, a
+frozen run, a FIFO waited on and what a process prints of its own stay subprocesses (`run_pcbo`)."""
 
 from __future__ import annotations
 
@@ -10,20 +14,23 @@ import glob
 import json
 import os
 import re
+import shutil
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.manifest import clear_manifest_cache
 
 from pcbo_dagster.tables.iceberg_publication import open_catalog
 from pcbo_dagster.tables.query import duckdb_iceberg_extensions
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY
 from pcbo_dagster_tests.cli_runner import (
+    PcboRun,
     backup_events,
     backup_lines,
     lake_dir,
@@ -33,6 +40,7 @@ from pcbo_dagster_tests.cli_runner import (
     tree_state,
     write_request,
 )
+from pcbo_dagster_tests.pcbo_in_this_process import run_pcbo_here
 
 pytestmark = pytest.mark.slow
 
@@ -95,11 +103,42 @@ def _assert_table_is_the_manifests(home: Path, table: Any) -> list[str]:
     return _ids(expected)
 
 
-def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+class FirstRun(NamedTuple):
+    home: Path
+    run: PcboRun  # the execute of run ice-1
+
+
+@pytest.fixture(scope="module")
+def _published_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[FirstRun, Path]:
+    """Run ice-1 (`_request("ice-1")`, naming `lake.events`) executed once per module (per xdist
+    worker) into a fresh home, and a pristine copy of that home beside it."""
+    base = tmp_path_factory.mktemp("published")
+    home = base / "home"
+    run = run_pcbo_here(["execute", "--input", write_request(base / "r1.json", _request("ice-1"))], home=home)
+    assert run.status == 0, run.stderr
+    shutil.copytree(home, base / "pristine", symlinks=True)
+    return FirstRun(home, run), base / "pristine"
+
+
+@pytest.fixture
+def published(_published_once: tuple[FirstRun, Path]) -> FirstRun:
+    """A fresh home where run ice-1 was executed and published to `lake.events` (exit 0), and that run:
+    each test gets its own copy of the module's pristine home, made at the path the home was created
+    at (its audit chain, its Iceberg catalog and the table's metadata name the home's absolute path),
+    whatever an earlier test left there removed first (and the manifests pyiceberg cached in this
+    process by path with it)."""
+    first, pristine = _published_once
+    clear_manifest_cache()
+    if first.home.exists():
+        shutil.rmtree(first.home)
+    shutil.copytree(pristine, first.home, symlinks=True)
+    return first
+
+
+def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(
+    tmp_path: Path, published: FirstRun
+) -> None:
+    home, first = published
     assert first.status == 0, first.stderr
     assert first.document["table"]["status"] == "published"
     table = _table(home)
@@ -124,7 +163,7 @@ def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(tmp_
 
     # Re-version: two ids become already present, so their partitions get a version 2.
     dropped = v1_ids[:2]
-    second = run_pcbo(
+    second = run_pcbo_here(
         ["execute", "--input", write_request(tmp_path / "r2.json", _request("ice-2", existing=dropped))],
         home=home,
     )
@@ -144,7 +183,7 @@ def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(tmp_
     assert _duckdb_ids(table, parent) == v1_ids
 
     # Rollback of run 2 restores version 1's files; then a partition rolled back to nothing leaves.
-    undone = run_pcbo(["rollback", "--dataset", DATASET, "--run-id", "ice-2"], home=home)
+    undone = run_pcbo_here(["rollback", "--dataset", DATASET, "--run-id", "ice-2"], home=home)
     assert undone.status == 0, undone.stderr
     table = _table(home)
     assert _assert_table_is_the_manifests(home, table) == v1_ids
@@ -154,18 +193,20 @@ def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(tmp_
     before = table.scan(snapshot_id=table.current_snapshot().parent_snapshot_id).plan_files()
     assert {task.file.file_path for task in before} == v2_files
     key = sorted(p["key"] for p in partitions)[0]
-    gone = run_pcbo(["rollback", "--dataset", DATASET, "--partition", key], home=home)
+    gone = run_pcbo_here(["rollback", "--dataset", DATASET, "--partition", key], home=home)
     assert gone.status == 0, gone.stderr
     table = _table(home)
     remaining = _assert_table_is_the_manifests(home, table)
     assert len(remaining) < len(v1_ids)
 
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 0, verified.document
-    queried = run_pcbo(["query", "--dataset", DATASET, "SELECT count(*) AS n FROM lake.events"], home=home)
+    queried = run_pcbo_here(
+        ["query", "--dataset", DATASET, "SELECT count(*) AS n FROM lake.events"], home=home
+    )
     assert queried.status == 0 and queried.document["rows"] == [[len(remaining)]]
     assert queried.document["reader"] == "duckdb-iceberg"
-    by_scan = run_pcbo(
+    by_scan = run_pcbo_here(
         ["query", "--dataset", DATASET, "--reader", "pyiceberg", "SELECT count(*) FROM lake.events"],
         home=home,
     )
@@ -182,15 +223,15 @@ def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> Non
         ["execute", "--input", request_one], home=home, env={"PCBO_FAILPOINT": "before_publication@0"}
     )
     assert crashed.status == 86
-    behind = run_pcbo(["verify"], home=home)
+    behind = run_pcbo_here(["verify"], home=home)
     assert behind.status == 1
     assert [f["kind"] for f in behind.document["findings"]] == ["table_publication_behind"]
     # A query of the table the crash kept from being created says so (no internal error).
-    absent = run_pcbo(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
+    absent = run_pcbo_here(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
     assert absent.status == 1 and absent.document is None
     assert absent.stderr.startswith("pcbo query: table lake.events does not exist yet"), absent.stderr
     assert "verify --repair" in absent.stderr and "internal error" not in absent.stderr
-    again = run_pcbo(["execute", "--input", request_one], home=home)
+    again = run_pcbo_here(["execute", "--input", request_one], home=home)
     assert again.status == 0 and again.document["totals"]["committed"] == 0  # the lake was done
     v1_ids = _assert_table_is_the_manifests(home, _table(home))
 
@@ -200,12 +241,12 @@ def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> Non
     )
     assert crashed.status == 86
     assert _ids(_table(home).scan().to_arrow()) == v1_ids  # the table still shows the previous state
-    repaired = run_pcbo(["verify", "--repair"], home=home)
+    repaired = run_pcbo_here(["verify", "--repair"], home=home)
     assert repaired.status == 0, repaired.document
     assert [r["kind"] for r in repaired.document["repaired"]] == ["table_published"]
     assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
-    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []  # nothing more
-    assert run_pcbo(["verify"], home=home).status == 0
+    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []  # nothing more
+    assert run_pcbo_here(["verify"], home=home).status == 0
 
 
 def test_a_publication_under_way_reads_a_chain_that_verifies(tmp_path: Path) -> None:
@@ -236,13 +277,14 @@ def test_a_publication_under_way_reads_a_chain_that_verifies(tmp_path: Path) -> 
     assert _table_count(home) == 0
 
 
-def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    ids = _request("ice-1")
-    assert run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", ids)], home=home).status == 0
+def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(
+    tmp_path: Path, published: FirstRun
+) -> None:
+    home, first = published
+    assert first.status == 0
     first_ids = _ids(_manifest_rows(home))
     changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=first_ids[:1]))
-    assert run_pcbo(["execute", "--input", changed], home=home).status == 0
+    assert run_pcbo_here(["execute", "--input", changed], home=home).status == 0
     # Someone registers a superseded version's file (still in the lake) by hand: double counting.
     current = {e["path"] for m in glob.glob(f"{lake_dir(home)}/events/v1/*/_manifest.json")
                for e in json.loads(Path(m).read_text())["files"]}  # fmt: skip
@@ -253,16 +295,16 @@ def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(tmp_path: 
     table = _table(home)
     table.add_files([f"file://{stale}"])
     by_hand = _table(home).current_snapshot().snapshot_id
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1
     kinds = {f["kind"]: f["where"] for f in verified.document["findings"]}
     assert "table_snapshot_not_published_by_pcbo" in kinds
     assert kinds["table_file_not_in_manifests"].endswith(os.path.relpath(stale, lake_dir(home)))
-    repair = run_pcbo(["verify", "--repair"], home=home)
+    repair = run_pcbo_here(["verify", "--repair"], home=home)
     assert repair.status == 1 and repair.document["repaired"] == []  # a finding, not a crash window
     # The next write refuses to publish over it (its lake commit stands), and adopts nothing.
     third = write_request(tmp_path / "r3.json", _request("ice-3", existing=first_ids[:2]))
-    refused = run_pcbo(["execute", "--input", third], home=home)
+    refused = run_pcbo_here(["execute", "--input", third], home=home)
     assert refused.status == 1
     assert refused.document["table"]["status"] == "refused"
     assert "table_file_not_in_manifests" in {f["kind"] for f in refused.document["table"]["findings"]}
@@ -272,19 +314,16 @@ def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(tmp_path: 
 
 
 @pytest.mark.parametrize("edit", ["delete", "rename"])
-def test_the_catalogs_publication_row_cannot_switch_the_table_checks_off(tmp_path: Path, edit: str) -> None:
+def test_the_catalogs_publication_row_cannot_switch_the_table_checks_off(
+    tmp_path: Path, published: FirstRun, edit: str
+) -> None:
     """The red-team attack: a row added to the table by hand (a forged file), then the catalog's
     `table_publications` row deleted (or pointed at another table) so that nothing checks the table.
     The chain declares where the dataset publishes: `verify` still checks that table and finds the
     forged file; the edited row is a finding of its own; a deleted row is a crash window repair heals
     (and the table's finding stays)."""
-    home = tmp_path / "home"
-    assert (
-        run_pcbo(
-            ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-        ).status
-        == 0
-    )
+    home, first = published
+    assert first.status == 0
     declared = [e for e in backup_events(home) if e["event_type"] == "table_publication_recorded"]
     assert [e["table"] for e in declared] == [
         {
@@ -305,13 +344,13 @@ def test_the_catalogs_publication_row_cannot_switch_the_table_checks_off(tmp_pat
             db.execute("DELETE FROM table_publications")
         else:
             db.execute("UPDATE table_publications SET table_name = 'lake.elsewhere'")
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1
     kinds = {f["kind"] for f in verified.document["findings"]}
     assert {"table_snapshot_not_published_by_pcbo", "table_file_not_in_manifests"} <= kinds, kinds
     if edit == "rename":
         assert "table_publication_not_on_chain" in kinds
-    repaired = run_pcbo(["verify", "--repair"], home=home)
+    repaired = run_pcbo_here(["verify", "--repair"], home=home)
     assert repaired.status == 1
     assert "table_file_not_in_manifests" in {f["kind"] for f in repaired.document["findings"]}
     if edit == "delete":
@@ -327,7 +366,10 @@ def test_a_catalog_row_the_chain_never_declared_makes_no_target(tmp_path: Path) 
     home = tmp_path / "home"
     plain = _request("p1")
     del plain["table"]
-    assert run_pcbo(["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home).status == 0
+    assert (
+        run_pcbo_here(["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home).status
+        == 0
+    )
     evil = tmp_path / "attacker" / "evil.db"
     with sqlite3.connect(home / "catalog.db") as db:
         db.execute(
@@ -338,10 +380,13 @@ def test_a_catalog_row_the_chain_never_declared_makes_no_target(tmp_path: Path) 
         )
     again = _request("p2", existing=_ids(_manifest_rows(home))[:1])
     del again["table"]
-    assert run_pcbo(["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home).status == 0
+    assert (
+        run_pcbo_here(["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home).status
+        == 0
+    )
     assert not evil.exists() and not (tmp_path / "attacker").exists()
     assert not [e for e in backup_events(home) if e["event_type"] == "table_publication_recorded"]
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1
     assert "table_publication_not_on_chain" in {f["kind"] for f in verified.document["findings"]}
 
@@ -406,13 +451,13 @@ def test_a_table_declaration_the_operators_key_did_not_sign_makes_no_target(
     home, signing = tmp_path / "home", _operator_key(tmp_path)
     if forged == "copied_from_another_chain":  # v2 publishes, signed: its declaration is genuine
         other = {**_request("other"), "versionLabel": "v2"}
-        done = run_pcbo(
+        done = run_pcbo_here(
             ["execute", "--input", write_request(tmp_path / "o.json", other)], home=home, env=signing
         )
         assert done.status == 0, done.stderr
     plain = _request("p1")
     del plain["table"]
-    done = run_pcbo(
+    done = run_pcbo_here(
         ["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home, env=signing
     )
     assert done.status == 0, done.stderr
@@ -441,23 +486,23 @@ def test_a_table_declaration_the_operators_key_did_not_sign_makes_no_target(
     if then == "execute":
         again = _request("p2", existing=_ids(_manifest_rows(home))[:1])
         del again["table"]
-        ran = run_pcbo(
+        ran = run_pcbo_here(
             ["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home, env=signing
         )
         assert ran.status == 0, ran.stderr
         assert ran.document is not None and ran.document.get("table") is None, ran.document.get("table")
     elif then == "dry_run":  # a table of its own: the forged declaration is no other table it must use
         mine = {**_request("p2"), "table": {"format": "iceberg", "name": "lake.mine"}}
-        planned = run_pcbo(
+        planned = run_pcbo_here(
             ["dry-run", "--input", write_request(tmp_path / "p2.json", mine)], home=home, env=signing
         )
         assert planned.status == 0, planned.stderr
     elif then == "repair":
-        repaired = run_pcbo(["verify", "--repair"], home=home, env=signing)
+        repaired = run_pcbo_here(["verify", "--repair"], home=home, env=signing)
         assert repaired.status == 1, repaired.stderr
         assert "table_declaration_signature_invalid" in {f["kind"] for f in repaired.document["findings"]}
     else:
-        queried = run_pcbo(
+        queried = run_pcbo_here(
             ["query", "--dataset", DATASET, "SELECT count(*) FROM evil.loot"], home=home, env=signing
         )
         assert queried.status == 2 and "publishes no table" in queried.stderr, queried.stderr
@@ -465,7 +510,7 @@ def test_a_table_declaration_the_operators_key_did_not_sign_makes_no_target(
         assert not evil.exists() and not (tmp_path / "attacker").exists()
     else:
         assert _table_count(home) == before  # v1 published into no table of v2's catalog
-    verified = run_pcbo(["verify"], home=home, env=signing)
+    verified = run_pcbo_here(["verify"], home=home, env=signing)
     assert verified.status == 1
     kinds = {f["kind"] for f in verified.document["findings"]}
     assert {"table_declaration_signature_invalid", "table_publication_not_on_chain"} <= kinds, kinds
@@ -480,12 +525,14 @@ def test_a_table_declaration_is_signed_with_the_operators_key_and_counts_once_si
     from pcbo_dagster.core.signed_note import parse_signing_key
 
     home, signing = tmp_path / "home", _operator_key(tmp_path)
-    first = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("s1"))], home=home)
+    first = run_pcbo_here(
+        ["execute", "--input", write_request(tmp_path / "r1.json", _request("s1"))], home=home
+    )
     assert first.status == 0, first.stderr
     (unsigned,) = _declarations(home)
     assert "operator_signature" not in unsigned
     v1_ids = _ids(_manifest_rows(home))
-    second = run_pcbo(
+    second = run_pcbo_here(
         ["execute", "--input", write_request(tmp_path / "r2.json", _request("s2", existing=v1_ids[:1]))],
         home=home,
         env=signing,
@@ -498,65 +545,65 @@ def test_a_table_declaration_is_signed_with_the_operators_key_and_counts_once_si
     assert verified_statement(declarations[1], verifier) is not None
     assert verified_statement(unsigned, verifier) is None
     _assert_table_is_the_manifests(home, _table(home))
-    verified = run_pcbo(["verify"], home=home, env=signing)
+    verified = run_pcbo_here(["verify"], home=home, env=signing)
     assert verified.status == 1  # the unsigned declaration of before the key, reported, counting for nothing
     assert [f["kind"] for f in verified.document["findings"]] == ["table_declaration_signature_invalid"]
 
 
 @pytest.mark.parametrize("when", ["before_the_table", "after_the_table"])
 def test_no_table_file_is_written_through_a_warehouse_linked_out_of_the_lake(
-    tmp_path: Path, when: str
+    tmp_path: Path, when: str, request: pytest.FixtureRequest
 ) -> None:
     """The red-team attack: the lake's `_iceberg` warehouse replaced by a symbolic link to a directory
     outside the lake (lake write access only). Publication refuses (exit 1, the lake's commits stand)
     and writes nothing there; `verify` reports the link."""
-    home, outside = tmp_path / "home", tmp_path / "outside"
-    warehouse = lake_dir(home) / "_iceberg"
-    if when == "after_the_table":
-        assert (
-            run_pcbo(
-                ["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home
-            ).status
-            == 0
-        )
+    outside = tmp_path / "outside"
+    if when == "after_the_table":  # run ice-1 published first
+        home, first = request.getfixturevalue("published")
+        assert first.status == 0
+        warehouse = lake_dir(home) / "_iceberg"
         warehouse.rename(outside)
     else:
+        home = tmp_path / "home"
+        warehouse = lake_dir(home) / "_iceberg"
         outside.mkdir()
         warehouse.parent.mkdir(parents=True)
     os.symlink(outside, warehouse)
     before = sorted(p for p in outside.rglob("*"))
     changed = _request("b", existing=_ids(_manifest_rows(home))[:1] if when == "after_the_table" else None)
-    result = run_pcbo(["execute", "--input", write_request(tmp_path / "b.json", changed)], home=home)
+    result = run_pcbo_here(["execute", "--input", write_request(tmp_path / "b.json", changed)], home=home)
     assert result.status == 1, result.stderr
     assert sorted(p for p in outside.rglob("*")) == before, "a table file was written outside the lake"
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1
     assert "path_outside_lake" in {f["kind"] for f in verified.document["findings"]}, verified.document
 
 
-def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    assert (
-        run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home).status
-        == 0
-    )
+def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(
+    tmp_path: Path, published: FirstRun
+) -> None:
+    home, first = published
+    assert first.status == 0
     other = write_request(
         tmp_path / "b.json", _request("b", table={"format": "iceberg", "name": "lake.other"})
     )
-    moved = run_pcbo(["execute", "--input", other], home=home)
+    moved = run_pcbo_here(["execute", "--input", other], home=home)
     assert moved.status == 2 and "publishes to one table" in moved.stderr
     # Another dataset naming this dataset's table is refused before anything is written.
     intruder = {**_request("i"), "dataset": "intruder"}
-    taken = run_pcbo(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
+    taken = run_pcbo_here(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
     assert taken.status == 2 and "table" in taken.stderr and "is the table of" in taken.stderr
     assert not (lake_dir(home) / "intruder").exists()
     secret = _request("c", table={"format": "iceberg", "name": "x.y", "catalog": "postgresql://u:pw@h/db"})
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home)
     assert refused.status == 2 and "table.catalog" in refused.stderr and "pw" not in refused.stderr
     # A request without `table` publishes to the recorded one.
     plain = _request("d", existing=_ids(_manifest_rows(home))[:1])
     del plain["table"]
-    assert run_pcbo(["execute", "--input", write_request(tmp_path / "d.json", plain)], home=home).status == 0
+    assert (
+        run_pcbo_here(["execute", "--input", write_request(tmp_path / "d.json", plain)], home=home).status
+        == 0
+    )
     _assert_table_is_the_manifests(home, _table(home))
 
 
@@ -567,13 +614,15 @@ def test_the_pcbo_catalogs_postgresql_database_holds_the_iceberg_catalog(
     home = tmp_path / "home"
     env = {"PCBO_CATALOG_URL": fresh_postgres_url}
     request = _request("pg-1", table={"format": "iceberg", "catalog": "pcbo", "name": "lake.events"})
-    done = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home, env=env)
+    done = run_pcbo_here(
+        ["execute", "--input", write_request(tmp_path / "r.json", request)], home=home, env=env
+    )
     assert done.status == 0, done.stderr
     table = _table(home, uri=fresh_postgres_url)
     _assert_table_is_the_manifests(home, table)
     assert not (home / "iceberg.db").exists()
-    assert run_pcbo(["verify"], home=home, env=env).status == 0
-    counted = run_pcbo(
+    assert run_pcbo_here(["verify"], home=home, env=env).status == 0
+    counted = run_pcbo_here(
         ["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home, env=env
     )
     assert counted.document["rows"] == [[table.scan().to_arrow().num_rows]]
@@ -636,9 +685,9 @@ datasets:
     promoted = table.scan().to_arrow().sort_by("id")
     assert promoted.to_pylist() == staging_rows.to_pylist()
     assert {t.file.file_path for t in table.scan().plan_files()} == _manifest_file_uris(base.home, "sessions")
-    assert run_pcbo(["verify"], home=base.home).status == 0
-    assert run_pcbo(["verify"], home=base.home / "staging").status == 0
-    staged_query = run_pcbo(
+    assert run_pcbo_here(["verify"], home=base.home).status == 0
+    assert run_pcbo_here(["verify"], home=base.home / "staging").status == 0
+    staged_query = run_pcbo_here(
         ["query", "--dataset", "sessions", "--branch", "staging", "SELECT count(*) FROM lake.sessions"],
         home=base.home,
     )
@@ -658,7 +707,7 @@ def test_a_table_is_declared_under_the_lease(tmp_path: Path) -> None:
     catalog.migrate()
     try:
         assert catalog.try_acquire_lease(DATASET, "v1", other, 600) is None
-        busy = run_pcbo(
+        busy = run_pcbo_here(
             ["execute", "--input", write_request(tmp_path / "a.json", _request("wait-1"))],
             home=home,
             env={"PCBO_LEASE_WAIT_SECONDS": "1"},
@@ -668,9 +717,11 @@ def test_a_table_is_declared_under_the_lease(tmp_path: Path) -> None:
         catalog.release_lease(DATASET, "v1", other)
     finally:
         catalog.close()
-    done = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("wait-1"))], home=home)
+    done = run_pcbo_here(
+        ["execute", "--input", write_request(tmp_path / "a.json", _request("wait-1"))], home=home
+    )
     assert done.status == 0, done.stderr
-    refused = run_pcbo(
+    refused = run_pcbo_here(
         [
             "execute",
             "--input",
@@ -702,19 +753,16 @@ def _rewrite_table_metadata(home: Path, edit: Any) -> None:
 
 
 @pytest.mark.parametrize("attack", ["code", "columns"])
-def test_table_properties_in_the_lake_run_no_code_and_swap_no_columns(tmp_path: Path, attack: str) -> None:
+def test_table_properties_in_the_lake_run_no_code_and_swap_no_columns(
+    tmp_path: Path, published: FirstRun, attack: str
+) -> None:
     """The red-team attack, with lake write access only: the table's metadata file names a FileIO class
     (`py-io-impl`), which pyiceberg imported and called with the table's properties on every load —
     `logging.config.fileConfig` reads a config file the attacker wrote in the lake and `eval`s its
     handler arguments: code ran in `pcbo verify`. Or its name mapping swaps two columns for every
     reader while the file list stays exact. Both are a finding; nothing runs, nothing is published."""
-    home = tmp_path / "home"
-    assert (
-        run_pcbo(
-            ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-        ).status
-        == 0
-    )
+    home, first = published
+    assert first.status == 0
     pwned = tmp_path / "PWNED"
     if attack == "code":
         evil = lake_dir(home) / "events" / "logging.ini"
@@ -744,31 +792,28 @@ def test_table_properties_in_the_lake_run_no_code_and_swap_no_columns(tmp_path: 
         assert (
             scanned.column("channel").to_pylist() == _manifest_rows(home).column("jurisdiction").to_pylist()
         )
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1, verified.stderr
     assert [f["kind"] for f in verified.document["findings"]] == ["table_properties_altered"]
-    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
     before = _guarded_table(home).current_snapshot().snapshot_id
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert _guarded_table(home).current_snapshot().snapshot_id == before
     assert not pwned.exists(), "a class named by the table's metadata ran"
 
 
-def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path) -> None:
+def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path, published: FirstRun) -> None:
     """The red-team attack, with lake write access only: the metadata file's `current-snapshot-id` set
     back to the snapshot before a re-version while its `main` ref stays. Every reader reading the table
     (pyiceberg's scan, DuckDB's `iceberg_scan`) got the superseded version's rows; `verify` judged the
     `main` ref only and was clean. It is a finding; publication refuses to build on it."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0
     v1_ids = _ids(_manifest_rows(home))
     changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=v1_ids[:2]))
-    assert run_pcbo(["execute", "--input", changed], home=home).status == 0
+    assert run_pcbo_here(["execute", "--input", changed], home=home).status == 0
 
     def edit(metadata: dict[str, Any]) -> None:
         current = next(
@@ -779,12 +824,12 @@ def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path) -> None
     _rewrite_table_metadata(home, edit)
     table = _guarded_table(home)
     assert _ids(table.scan().to_arrow()) == v1_ids and _duckdb_ids(table) == v1_ids  # what readers read
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1
     assert [f["kind"] for f in verified.document["findings"]] == ["table_current_snapshot_not_main"]
-    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
     third = write_request(tmp_path / "r3.json", _request("ice-3", existing=v1_ids[:3]))
-    refused = run_pcbo(["execute", "--input", third], home=home)
+    refused = run_pcbo_here(["execute", "--input", third], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
     assert (
         _guarded_table(home).metadata.snapshot_by_name("main").snapshot_id
@@ -792,13 +837,12 @@ def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path) -> None
     )
 
 
-def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path) -> None:
+def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path, published: FirstRun) -> None:
     """The red-team attack, with lake write access only: the current pcbo snapshot's manifest list
     swapped for one that lists a committed file twice (a second manifest registering it again), the
     snapshot's properties unchanged. Every reader read that file's rows twice; `verify` compared the
     table's files as a set and was clean. A file listed twice is a finding; nothing is published."""
-    home = tmp_path / "home"
-    run = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home)
+    home, run = published
     assert run.status == 0
     committed = _ids(_manifest_rows(home))
     table = _guarded_table(home)
@@ -822,19 +866,21 @@ def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path) -> 
     assert table.current_snapshot().snapshot_id == ours.snapshot_id
     read = _ids(table.scan().to_arrow())
     assert len(read) > len(committed) and sorted(set(read)) == committed  # what readers read
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1, verified.document
     kinds = {f["kind"]: f["where"] for f in verified.document["findings"]}
     assert kinds["table_file_listed_twice"].endswith(first.removeprefix(f"file://{lake_dir(home)}/"))
-    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
     again = write_request(tmp_path / "r2.json", _request("ice-2", existing=committed[:1]))
-    refused = run_pcbo(["execute", "--input", again], home=home)
+    refused = run_pcbo_here(["execute", "--input", again], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
     assert _guarded_table(home).current_snapshot().snapshot_id == ours.snapshot_id
 
 
 @pytest.mark.parametrize("forged", ["bounds", "counts"])
-def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(tmp_path: Path, forged: str) -> None:
+def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(
+    tmp_path: Path, published: FirstRun, forged: str
+) -> None:
     """The red-team attacks, with lake write access only: the current pcbo snapshot's manifest list
     rewritten in place, each manifest's partition summary (the bounds engines prune whole manifests
     by) moved to 1970, or its counts of added and existing files and rows set to 0 (a manifest with
@@ -845,8 +891,7 @@ def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(tmp_path: P
 
     from pyiceberg.manifest import PartitionFieldSummary, write_manifest_list
 
-    home = tmp_path / "home"
-    run = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home)
+    home, run = published
     assert run.status == 0
     table = _guarded_table(home)
     snapshot = table.current_snapshot()
@@ -885,24 +930,25 @@ def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(tmp_path: P
             "duckdb-iceberg",
             "SELECT count(*) FROM lake.events",
         ]
-        assert run_pcbo(query, home=home).document["rows"] == [[0]]  # what DuckDB reads
-    verified = run_pcbo(["verify"], home=home)
+        assert run_pcbo_here(query, home=home).document["rows"] == [[0]]  # what DuckDB reads
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1, verified.document
     kinds = [f["kind"] for f in verified.document["findings"]]
     assert kinds.count("table_manifest_summary_mismatch") == len(manifests), kinds
-    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
     again = write_request(tmp_path / "r2.json", _request("ice-2", existing=_ids(_manifest_rows(home))[:1]))
-    refused = run_pcbo(["execute", "--input", again], home=home)
+    refused = run_pcbo_here(["execute", "--input", again], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
     assert _guarded_table(home).current_snapshot().snapshot_id == snapshot.snapshot_id
 
 
-def test_a_schema_conflict_is_reported_in_the_json_document_alone(tmp_path: Path) -> None:
+def test_a_schema_conflict_is_reported_in_the_json_document_alone(
+    tmp_path: Path, published: FirstRun
+) -> None:
     """A table schema the files do not fit (here the metadata file's `amount` edited to a string) is
     `table_schema_conflict`; pyiceberg's check also printed its comparison table on standard output
     ahead of the JSON document, so `pcbo verify | jq` (and every reader of the document) failed."""
-    home = tmp_path / "home"
-    run = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home)
+    home, run = published
     assert run.status == 0
 
     def edit(metadata: dict[str, Any]) -> None:
@@ -917,7 +963,9 @@ def test_a_schema_conflict_is_reported_in_the_json_document_alone(tmp_path: Path
 
 
 @pytest.mark.parametrize("forged", ["partition", "upper_bounds"])
-def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Path, forged: str) -> None:
+def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(
+    tmp_path: Path, published: FirstRun, forged: str
+) -> None:
     """The red-team attack, with lake write access only: a snapshot listing exactly the committed files
     (and carrying the pcbo snapshot's properties), one file's entry re-registered with its partition
     value moved a day back, or its `occurredAt` upper bound below its rows. Every filtered read
@@ -926,13 +974,10 @@ def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Pat
     from pyiceberg.manifest import DataFile
     from pyiceberg.typedef import Record
 
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0
     query = "SELECT count(*) FROM lake.events WHERE occurredAt >= TIMESTAMPTZ '2024-01-01 03:00:00+00'"
-    honest = run_pcbo(["query", "--dataset", DATASET, query], home=home).document["rows"]
+    honest = run_pcbo_here(["query", "--dataset", DATASET, query], home=home).document["rows"]
     assert honest[0][0] > 0
     table = _guarded_table(home)
     snapshot = table.current_snapshot()
@@ -958,8 +1003,8 @@ def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Pat
         change.delete_data_file(victim)
         change.append_data_file(DataFile.from_args(**fields))
     tx.commit_transaction()
-    assert run_pcbo(["query", "--dataset", DATASET, query], home=home).document["rows"] != honest
-    verified = run_pcbo(["verify"], home=home)
+    assert run_pcbo_here(["query", "--dataset", DATASET, query], home=home).document["rows"] != honest
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1
     findings = verified.document["findings"]
     assert [f["kind"] for f in findings] == ["table_file_metadata_mismatch"]
@@ -967,23 +1012,22 @@ def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(tmp_path: Pat
         findings[0]["where"].endswith(victim.file_path.rsplit("/lake/", 1)[1])
         and forged in findings[0]["detail"]
     )
-    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
 
 
 @pytest.mark.parametrize("attack", ["catalog_pointer", "manifest_list", "garbage"])
-def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(tmp_path: Path, attack: str) -> None:
+def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(
+    tmp_path: Path, published: FirstRun, attack: str
+) -> None:
     """The red-team attack: the Iceberg catalog's row (catalog write access) or the table's metadata
     file (lake write access) points at a file elsewhere on the host. pyiceberg read it — `verify`,
     `execute` and `query` ended in an internal error, and with PCBO_DEBUG the traceback showed the
     file's first line. Now it is `path_outside_lake` and nothing is read; a metadata file that is not
     one is `table_unreadable` (a finding, never an internal error); no snapshot is published."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0
     secret = tmp_path / "secret.txt"
     secret.write_text("TOPSECRET-hunter2\n")
@@ -1002,12 +1046,12 @@ def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(tmp_path
     else:
         Path(location.removeprefix("file://")).write_text("not a metadata file\n")
     expected = "table_unreadable" if attack == "garbage" else "path_outside_lake"
-    verified = run_pcbo(["verify"], home=home, env={"PCBO_DEBUG": "1"})
+    verified = run_pcbo_here(["verify"], home=home, env={"PCBO_DEBUG": "1"})
     assert verified.status == 1, verified.stderr
     assert [f["kind"] for f in verified.document["findings"]] == [expected]
     assert "TOPSECRET" not in verified.stderr + json.dumps(verified.document)
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo(
+    refused = run_pcbo_here(
         ["execute", "--input", write_request(tmp_path / "r2.json", changed)],
         home=home,
         env={"PCBO_DEBUG": "1"},
@@ -1015,40 +1059,42 @@ def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(tmp_path
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert [f["kind"] for f in refused.document["table"]["findings"]] == [expected]
     assert "TOPSECRET" not in refused.stderr + json.dumps(refused.document)
-    queried = run_pcbo(["query", "--dataset", DATASET, "SELECT 1"], home=home, env={"PCBO_DEBUG": "1"})
+    queried = run_pcbo_here(["query", "--dataset", DATASET, "SELECT 1"], home=home, env={"PCBO_DEBUG": "1"})
     assert queried.status == 1 and expected in queried.stderr and "TOPSECRET" not in queried.stderr
     with sqlite3.connect(home / "iceberg.db") as db:  # nothing published over it
         now = db.execute("SELECT metadata_location FROM iceberg_tables").fetchone()[0]
     assert now == (f"file://{secret}" if attack == "catalog_pointer" else location)
 
 
-def test_a_table_of_another_dataset_is_refused_even_with_its_catalog_row_deleted(tmp_path: Path) -> None:
+def test_a_table_of_another_dataset_is_refused_even_with_its_catalog_row_deleted(
+    tmp_path: Path, published: FirstRun
+) -> None:
     """The red-team attack (catalog write access): the `table_publications` rows deleted, so that the
     only check against naming another dataset's table (the catalog's rows) passes. Another dataset
     naming `lake.events` wrote its lake, declared the table on its chain for good and then failed to
     publish (exit 1, `table_not_this_dataset`, every later run refused). The table's own record of
     its dataset is read too: invalid input, exit 2, nothing written."""
-    home = tmp_path / "home"
-    first = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home)
+    home, first = published
     assert first.status == 0
     with sqlite3.connect(home / "catalog.db") as db:
         db.execute("DELETE FROM table_publications")
     intruder = {**_request("i"), "dataset": "intruder"}
-    taken = run_pcbo(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
+    taken = run_pcbo_here(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
     assert taken.status == 2 and "is the table of another dataset version" in taken.stderr, taken.stderr
     assert not (lake_dir(home) / "intruder").exists()
     assert backup_events(home, "intruder") == []
 
 
 @pytest.mark.parametrize("rows", ["kept", "deleted"])
-def test_an_execute_naming_another_datasets_table_writes_nothing(tmp_path: Path, rows: str) -> None:
+def test_an_execute_naming_another_datasets_table_writes_nothing(
+    tmp_path: Path, published: FirstRun, rows: str
+) -> None:
     """README walk: an execute of another dataset naming `lake.events` was refused (exit 2, field
     `table`) only under its dataset lock, whose lease had already registered the new dataset version
     in the catalog's `datasets` table: invalid input with a row written. It is refused before the lock
     now (and checked again under it): nothing written, whether the table's catalog row is there or
     was deleted (the table's own `pcbo.chain-key` says whose it is)."""
-    home = tmp_path / "home"
-    first = run_pcbo(["execute", "--input", write_request(tmp_path / "a.json", _request("a"))], home=home)
+    home, first = published
     assert first.status == 0
     if rows == "deleted":
         db = sqlite3.connect(home / "catalog.db")
@@ -1057,7 +1103,7 @@ def test_an_execute_naming_another_datasets_table_writes_nothing(tmp_path: Path,
         db.close()
     intruder = write_request(tmp_path / "i.json", {**_request("i"), "dataset": "intruder"})
     before = tree_state(home)
-    taken = run_pcbo(["execute", "--input", intruder], home=home)
+    taken = run_pcbo_here(["execute", "--input", intruder], home=home)
     assert taken.status == 2 and "is the table of another dataset version" in taken.stderr, taken.stderr
     assert tree_state(home) == before
 
@@ -1074,11 +1120,11 @@ def test_a_rollback_over_a_diverged_table_finishes_its_work_and_says_so(tmp_path
     key_file.chmod(0o600)
     signing = {"PCBO_SIGNING_KEY": str(key_file)}
     request = write_request(tmp_path / "r1.json", _request("ice-1"))
-    assert run_pcbo(["execute", "--input", request], home=home, env=signing).status == 0
+    assert run_pcbo_here(["execute", "--input", request], home=home, env=signing).status == 0
     forged = tmp_path / "forged.parquet"
     pq.write_table(_manifest_rows(home).slice(0, 1), forged)
     _table(home).add_files([f"file://{forged}"])
-    undone = run_pcbo(["rollback", "--dataset", DATASET, "--run-id", "ice-1"], home=home, env=signing)
+    undone = run_pcbo_here(["rollback", "--dataset", DATASET, "--run-id", "ice-1"], home=home, env=signing)
     assert undone.status == 1 and "publication refused" in undone.stderr
     assert undone.document is not None and undone.document["status"] == "rolled_back", undone.stderr
     assert undone.document["table"]["status"] == "refused"
@@ -1092,7 +1138,7 @@ def test_a_rollback_over_a_diverged_table_finishes_its_work_and_says_so(tmp_path
 
 @pytest.mark.parametrize("garbled", ["later", "current"])
 def test_a_snapshot_with_a_garbage_audit_seq_is_a_finding_not_an_internal_error(
-    tmp_path: Path, garbled: str
+    tmp_path: Path, published: FirstRun, garbled: str
 ) -> None:
     """The red-team attack, with lake write access only: the branch moved back to the snapshot before a
     re-version (the state a crash leaves), and the `pcbo.audit-seq` of the later snapshot (or of the
@@ -1100,13 +1146,10 @@ def test_a_snapshot_with_a_garbage_audit_seq_is_a_finding_not_an_internal_error(
     ended in an internal error, reporting nothing at all. A seq pcbo never writes is now a finding: a
     later snapshot's makes the move back `table_snapshot_downgraded` (never healed over), the current
     one's `table_snapshot_not_on_chain`."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0
     changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=_ids(_manifest_rows(home))[:1]))
-    assert run_pcbo(["execute", "--input", changed], home=home).status == 0
+    assert run_pcbo_here(["execute", "--input", changed], home=home).status == 0
 
     def edit(metadata: dict[str, Any]) -> None:
         latest = next(s for s in metadata["snapshots"] if s["snapshot-id"] == metadata["current-snapshot-id"])
@@ -1116,23 +1159,22 @@ def test_a_snapshot_with_a_garbage_audit_seq_is_a_finding_not_an_internal_error(
         (latest if garbled == "later" else older)["summary"]["pcbo.audit-seq"] = "--1"
 
     _rewrite_table_metadata(home, edit)
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1 and verified.document is not None, verified.stderr
     expected = "table_snapshot_downgraded" if garbled == "later" else "table_snapshot_not_on_chain"
     assert expected in [f["kind"] for f in verified.document["findings"]]
-    assert run_pcbo(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
 
 
-def test_a_partition_spec_edited_to_another_transform_is_a_finding(tmp_path: Path) -> None:
+def test_a_partition_spec_edited_to_another_transform_is_a_finding(
+    tmp_path: Path, published: FirstRun
+) -> None:
     """The red-team attack, with lake write access only: the table's partition spec edited from
     `hour` to `bucket[4]`, so readers take each file's hour number for a bucket and prune by it.
     `verify` was clean (the file list is exact); once entries were checked against the files it
     ended in an internal error on the transform. It is `table_partition_spec_mismatch`; nothing is
     published over it."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0
 
     def edit(metadata: dict[str, Any]) -> None:
@@ -1141,11 +1183,11 @@ def test_a_partition_spec_edited_to_another_transform_is_a_finding(tmp_path: Pat
                 spec_field["transform"] = "bucket[4]"
 
     _rewrite_table_metadata(home, edit)
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1 and verified.document is not None, verified.stderr
     assert {f["kind"] for f in verified.document["findings"]} == {"table_partition_spec_mismatch"}
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
 
 
@@ -1180,7 +1222,7 @@ def test_a_field_named_like_a_metadata_column_is_refused_when_published(tmp_path
     request = _request("ice-1")
     for record in request["sourceRecords"]:
         record[field] = "s3://elsewhere/forged.parquet"
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
     assert refused.status == 2, refused.stderr
     named = re.search(rf"sourceRecords\[(\d+)\]\.{re.escape(field)}: ", refused.stderr)
     assert named is not None, refused.stderr
@@ -1188,7 +1230,7 @@ def test_a_field_named_like_a_metadata_column_is_refused_when_published(tmp_path
     assert not home.exists()  # not even the home (a catalog, lock files) before it is refused
     # Without a table the same records are written as before, the field a column of the files.
     del request["table"]
-    plain = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", request)], home=home)
+    plain = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", request)], home=home)
     assert plain.status == 0, plain.stderr
     assert field in _manifest_rows(home).column_names
 
@@ -1207,7 +1249,7 @@ def test_a_field_equal_but_for_case_to_another_column_is_refused_when_published(
     record = next(r for r in request["sourceRecords"] if r.get("consentGranted") is True and "channel" in r)
     record[field] = "forged"
     index = request["sourceRecords"].index(record)
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
     assert refused.status == 2, refused.stderr
     if field == "Channel":  # two fields of the records: the one after in byte order is named
         assert "].channel: " in refused.stderr and "column Channel" in refused.stderr, refused.stderr
@@ -1230,15 +1272,15 @@ def test_a_dry_run_refuses_the_field_names_an_execute_refuses(tmp_path: Path, fi
     record = next(r for r in request["sourceRecords"] if r.get("consentGranted") is True)
     record[field] = "forged"
     path = write_request(tmp_path / "r1.json", request)
-    dry = run_pcbo(["dry-run", "--input", path], home=home)
+    dry = run_pcbo_here(["dry-run", "--input", path], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
-    refused = run_pcbo(["execute", "--input", path], home=home)
+    refused = run_pcbo_here(["execute", "--input", path], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     assert not (lake_dir(home) / DATASET).exists() and backup_events(home, DATASET) == []
     # Without a table the same records are a dry-run as before.
     del request["table"]
-    plain = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r2.json", request)], home=home)
+    plain = run_pcbo_here(["dry-run", "--input", write_request(tmp_path / "r2.json", request)], home=home)
     assert plain.status == 0, plain.stderr
 
 
@@ -1264,10 +1306,12 @@ def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_h
     del lake_only["table"]
     lake_only["versionLabel"] = "v0"
     assert (
-        run_pcbo(["execute", "--input", write_request(tmp_path / "r0.json", lake_only)], home=home).status
+        run_pcbo_here(
+            ["execute", "--input", write_request(tmp_path / "r0.json", lake_only)], home=home
+        ).status
         == 0
     )
-    first = run_pcbo(
+    first = run_pcbo_here(
         ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
     )
     assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
@@ -1275,85 +1319,85 @@ def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_h
     del later["table"]
     path = write_request(tmp_path / "r2.json", later)
     before = tree_state(home)
-    dry = run_pcbo(["dry-run", "--input", path], home=home)
+    dry = run_pcbo_here(["dry-run", "--input", path], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
     assert f"sourceRecords[{index}].{field}: " in dry.stderr, dry.stderr
     assert tree_state(home) == before
-    refused = run_pcbo(["execute", "--input", path], home=home)
+    refused = run_pcbo_here(["execute", "--input", path], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     # The same records for the lake-only version: the dry-run's document, as with no chain at all.
     plain = write_request(tmp_path / "r3.json", {**later, "versionLabel": "v0"})
-    on_chain = run_pcbo(["dry-run", "--input", plain], home=home)
+    on_chain = run_pcbo_here(["dry-run", "--input", plain], home=home)
     assert on_chain.status == 0, on_chain.stderr
-    assert on_chain.document == run_pcbo(["dry-run", "--input", plain], home=tmp_path / "empty").document
+    assert on_chain.document == run_pcbo_here(["dry-run", "--input", plain], home=tmp_path / "empty").document
     assert not (tmp_path / "empty").exists()
     assert tree_state(home) == before
 
 
-def test_a_dry_run_refuses_a_table_other_than_the_one_its_chain_declares(tmp_path: Path) -> None:
+def test_a_dry_run_refuses_a_table_other_than_the_one_its_chain_declares(
+    tmp_path: Path, published: FirstRun
+) -> None:
     """A dataset version publishes to one table, and execute refuses a request naming another
     (`resolve_target`: field `table`, exit 2); its dry-run read the declared table only for the
     columns, so it promised success (exit 0, a decision hash) where execute then refused. The dry-run
     now makes the execute's own check (`refuse_another_table`): the same refusal, exit 2, nothing
     written (not a lock file, a catalog row, a directory or an Iceberg table). The declared table named
     again is a dry-run as before."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
     other = write_request(tmp_path / "r2.json", _request("ice-2", table={**TABLE, "name": "lake.other"}))
     before = tree_state(home)
-    dry = run_pcbo(["dry-run", "--input", other], home=home)
+    dry = run_pcbo_here(["dry-run", "--input", other], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
     assert "table: " in dry.stderr and "publishes to one table" in dry.stderr, dry.stderr
     assert tree_state(home) == before
-    refused = run_pcbo(["execute", "--input", other], home=home)
+    refused = run_pcbo_here(["execute", "--input", other], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     assert tree_state(home) == before
-    same = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r3.json", _request("ice-2"))], home=home)
+    same = run_pcbo_here(
+        ["dry-run", "--input", write_request(tmp_path / "r3.json", _request("ice-2"))], home=home
+    )
     assert same.status == 0 and same.document["decisionHash"], same.stderr
     assert tree_state(home) == before
 
 
-def test_a_dry_run_refuses_the_table_of_another_dataset_version(tmp_path: Path) -> None:
+def test_a_dry_run_refuses_the_table_of_another_dataset_version(tmp_path: Path, published: FirstRun) -> None:
     """A table holds one dataset version, and execute refuses a request of another version naming it
     (`refuse_another_datasets_table`: field `table`, exit 2); its dry-run did not check it, so it
     promised success (exit 0, a decision hash) where execute then refused. The dry-run now makes the
     execute's own check, reading the deployment as it reads its chain: the same refusal, exit 2,
     nothing written (not a lock file, a catalog row, a directory, an Iceberg catalog or table). A table
     nobody holds is a dry-run as before, and one on a deployment that has none creates nothing."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
     taken = write_request(tmp_path / "r2.json", {**_request("ice-2"), "versionLabel": "v2"})
     before = tree_state(home)
-    dry = run_pcbo(["dry-run", "--input", taken], home=home)
+    dry = run_pcbo_here(["dry-run", "--input", taken], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
     assert "table: lake.events is the table of another dataset version" in dry.stderr, dry.stderr
     assert tree_state(home) == before
     free = {**_request("ice-2", table={**TABLE, "name": "lake.free"}), "versionLabel": "v2"}
-    fresh = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r3.json", free)], home=home)
+    fresh = run_pcbo_here(["dry-run", "--input", write_request(tmp_path / "r3.json", free)], home=home)
     assert fresh.status == 0 and fresh.document["decisionHash"], fresh.stderr
     assert tree_state(home) == before
-    empty = run_pcbo(["dry-run", "--input", taken], home=tmp_path / "empty")
+    empty = run_pcbo_here(["dry-run", "--input", taken], home=tmp_path / "empty")
     assert empty.status == 0, empty.stderr
     assert not (tmp_path / "empty").exists()
     # A deployment with a catalog of pcbo's but no Iceberg catalog yet (a lake-only run): none created.
     lake_only = tmp_path / "lake-only"
     plain = {k: v for k, v in _request("ice-0").items() if k != "table"}
     assert (
-        run_pcbo(["execute", "--input", write_request(tmp_path / "r0.json", plain)], home=lake_only).status
+        run_pcbo_here(
+            ["execute", "--input", write_request(tmp_path / "r0.json", plain)], home=lake_only
+        ).status
         == 0
     )
     lake_only_before = tree_state(lake_only)
-    assert run_pcbo(["dry-run", "--input", taken], home=lake_only).status == 0
+    assert run_pcbo_here(["dry-run", "--input", taken], home=lake_only).status == 0
     assert tree_state(lake_only) == lake_only_before and not (lake_only / "iceberg.db").exists()
-    refused = run_pcbo(["execute", "--input", taken], home=home)
+    refused = run_pcbo_here(["execute", "--input", taken], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     # The catalog's row deleted: the table's own property still names the version it holds, and the
@@ -1363,21 +1407,20 @@ def test_a_dry_run_refuses_the_table_of_another_dataset_version(tmp_path: Path) 
         db.execute("DELETE FROM table_publications")
     db.close()  # the last connection: its write-ahead log checkpointed into the file, and removed
     before = tree_state(home)
-    unrecorded = run_pcbo(["dry-run", "--input", taken], home=home)
+    unrecorded = run_pcbo_here(["dry-run", "--input", taken], home=home)
     assert unrecorded.status == 2 and unrecorded.stderr == dry.stderr, unrecorded.stderr
     assert tree_state(home) == before
 
 
 @pytest.mark.parametrize("forgery", ["event-edited", "declaration-dropped"])
-def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(tmp_path: Path, forgery: str) -> None:
+def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(
+    tmp_path: Path, published: FirstRun, forgery: str
+) -> None:
     """The dry-run reads the chain as every decision does (`partition_checks.verified_chain`, as a
     reader holding no lock): an event edited in the middle of the audit backup, or the table's
     declaration dropped from it (an unverified read would find no table, and no field to refuse), is
     refused as execute refuses it (`ChainNotVerified`, exit 1, naming the chain), nothing written."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0, first.stderr
     backup = home / "pas" / DATASET / "v1.jsonl"
     lines = backup.read_bytes().splitlines(keepends=True)
@@ -1393,21 +1436,20 @@ def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(tmp_path:
     del later["table"]
     path = write_request(tmp_path / "r2.json", later)
     before = tree_state(home)
-    dry = run_pcbo(["dry-run", "--input", path], home=home)
+    dry = run_pcbo_here(["dry-run", "--input", path], home=home)
     assert dry.status == 1 and dry.document is None, dry.stderr
     assert "the audit chain events/v1 does not verify" in dry.stderr and "Traceback" not in dry.stderr
     assert tree_state(home) == before
-    refused = run_pcbo(["execute", "--input", path], home=home)
+    refused = run_pcbo_here(["execute", "--input", path], home=home)
     assert refused.status == 1 and "the audit chain events/v1 does not verify" in refused.stderr
 
 
-def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tmp_path: Path) -> None:
+def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(
+    tmp_path: Path, published: FirstRun
+) -> None:
     """A request without `table` publishes to the table its dataset version's chain declares: a JSONL
     source with a `_pos` column is refused there (naming the source's column), nothing written."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0, first.stderr
     lines, lake, snapshot = backup_lines(home, DATASET), lake_files(home), _table(home).current_snapshot()
     later = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
@@ -1415,7 +1457,7 @@ def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tm
     source = tmp_path / "records.jsonl"
     source.write_text("".join(json.dumps({**r, "_pos": 0}) + "\n" for r in later.pop("sourceRecords")))
     later["source"] = {"uri": str(source)}
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
     assert refused.status == 2, refused.stderr
     assert "source._pos: " in refused.stderr and "metadata column _pos" in refused.stderr
     assert backup_lines(home, DATASET) == lines and lake_files(home) == lake
@@ -1423,16 +1465,15 @@ def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(tm
 
 
 @pytest.mark.parametrize("added", ["filename", "Jurisdiction"])
-def test_a_table_column_named_like_a_metadata_column_is_a_finding(tmp_path: Path, added: str) -> None:
+def test_a_table_column_named_like_a_metadata_column_is_a_finding(
+    tmp_path: Path, published: FirstRun, added: str
+) -> None:
     """A table whose schema holds such a column — made before pcbo refused the fields, or edited by
     someone who can write the lake: a column `filename` added to the schema in the metadata file (its
     name mapping with it), and DuckDB's `filename`, the file a row is in, is null for every row; or
     `Jurisdiction`, and DuckDB reads the policy field `jurisdiction` as null for every row. `verify`
     finds it (`table_column_name_clash`) and nothing is published to it."""
-    home = tmp_path / "home"
-    first = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
-    )
+    home, first = published
     assert first.status == 0, first.stderr
 
     def edit(metadata: dict[str, Any]) -> None:  # an optional column added, its name mapped
@@ -1447,14 +1488,14 @@ def test_a_table_column_named_like_a_metadata_column_is_a_finding(tmp_path: Path
     _rewrite_table_metadata(home, edit)
     table = _guarded_table(home)
     assert set(_duckdb_column(table, added.lower())) == {None}
-    verified = run_pcbo(["verify"], home=home)
+    verified = run_pcbo_here(["verify"], home=home)
     assert verified.status == 1, verified.stderr
     assert [(f["kind"], f["where"]) for f in verified.document["findings"]] == [
         ("table_column_name_clash", f"lake.events@main: {added}")
     ]
     before = table.current_snapshot().snapshot_id
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert [f["kind"] for f in refused.document["table"]["findings"]] == ["table_column_name_clash"]
     assert _guarded_table(home).current_snapshot().snapshot_id == before
@@ -1471,15 +1512,16 @@ def test_files_written_before_the_table_are_not_published_with_such_a_column(tmp
     for record in request["sourceRecords"]:
         record["_file"] = "s3://elsewhere/forged.parquet"
     assert (
-        run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home).status == 0
+        run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home).status
+        == 0
     )
     later = {**_request("ice-2"), "start": "2024-01-01T03:00:00Z"}  # the last hour only, no `_file`
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
     assert refused.status == 1, refused.stderr
     assert refused.document["table"]["status"] == "refused"
     assert [f["kind"] for f in refused.document["table"]["findings"]] == ["table_column_name_clash"]
     assert _table_count(home) == 0
-    repaired = run_pcbo(["verify", "--repair"], home=home)
+    repaired = run_pcbo_here(["verify", "--repair"], home=home)
     assert repaired.status == 1, repaired.stderr
     assert [f["kind"] for f in repaired.document["findings"]] == ["table_column_name_clash"]
     assert _table_count(home) == 0
@@ -1508,7 +1550,7 @@ def test_a_field_named_like_a_ledger_tables_partition_field_is_refused(tmp_path:
         "sourceRecords": records,
         "table": TABLE,
     }
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
     assert refused.status == 2, refused.stderr
     assert "sourceRecords[70].LedgerSequence_TRUNC: " in refused.stderr
     assert "partition field ledgerSequence_trunc" in refused.stderr
@@ -1533,11 +1575,9 @@ def _hide_declarations_from_unverified_reads(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(AuditBackup, "read_chain", doctored)
 
 
-def _published_first_run(tmp_path: Path) -> tuple[Path, list[str]]:
+def _published_first_run(published: FirstRun) -> tuple[Path, list[str]]:
     """A home whose dataset version declared `lake.events` and published run ice-1 to it."""
-    home = tmp_path / "home"
-    request = write_request(tmp_path / "r1.json", _request("ice-1"))
-    first = run_pcbo(["execute", "--input", request], home=home)
+    home, first = published
     assert first.status == 0, first.stderr
     return home, _assert_table_is_the_manifests(home, _table(home))
 
@@ -1558,7 +1598,7 @@ def _second_run_without_table(tmp_path: Path, v1_ids: list[str]) -> Path:
 
 
 def _second_run_with_declarations_hidden(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, published: FirstRun
 ) -> tuple[Path, list[str], Any, Any, Any]:
     """After run ice-1 published to `lake.events`: run ice-2 (no table) loaded, evaluated and past its
     gates, with every unverified read of the backup from now on missing the table's declaration.
@@ -1566,7 +1606,7 @@ def _second_run_with_declarations_hidden(
     from pcbo_dagster.engine.execute import check_gates
     from pcbo_dagster.engine.request_loading import evaluate, load_request
 
-    home, v1_ids = _published_first_run(tmp_path)
+    home, v1_ids = _published_first_run(published)
     request_file = _second_run_without_table(tmp_path, v1_ids)
     _hide_declarations_from_unverified_reads(monkeypatch)
     loaded = load_request(request_file.read_bytes(), request_file.parent)
@@ -1576,7 +1616,7 @@ def _second_run_with_declarations_hidden(
 
 
 def test_an_execute_publishes_where_its_verified_chain_declares_whatever_the_backup_says_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, published: FirstRun
 ) -> None:
     """Red-team finding: `publisher_for` decided "publishes nowhere" from a second, unverified read of
     the audit backup made after the run had verified its chain: a declaration hidden from that read
@@ -1584,7 +1624,9 @@ def test_an_execute_publishes_where_its_verified_chain_declares_whatever_the_bac
     The decision is now the verified chain's: the run publishes to the declared table."""
     from pcbo_dagster.engine.execute import execute
 
-    home, v1_ids, loaded, plan, decisions = _second_run_with_declarations_hidden(tmp_path, monkeypatch)
+    home, v1_ids, loaded, plan, decisions = _second_run_with_declarations_hidden(
+        tmp_path, monkeypatch, published
+    )
     env = _open_env(home)
     try:
         document = execute(env, loaded, plan, decisions)
@@ -1596,13 +1638,15 @@ def test_an_execute_publishes_where_its_verified_chain_declares_whatever_the_bac
 
 
 def test_the_phases_publish_where_their_verified_chain_declares_whatever_the_backup_says_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, published: FirstRun
 ) -> None:
     """The same finding in the Dagster asset's phases: `emit_partitions` and `reconcile_partitions`
     each decided from an unverified read; the table now follows the run (published, not skipped)."""
     from pcbo_dagster.engine.execute import append_commit_events, emit_partitions, reconcile_partitions
 
-    home, v1_ids, loaded, plan, decisions = _second_run_with_declarations_hidden(tmp_path, monkeypatch)
+    home, v1_ids, loaded, plan, decisions = _second_run_with_declarations_hidden(
+        tmp_path, monkeypatch, published
+    )
     env = _open_env(home)
     try:
         emission = emit_partitions(env, loaded, plan, decisions)
@@ -1615,14 +1659,14 @@ def test_the_phases_publish_where_their_verified_chain_declares_whatever_the_bac
 
 
 def test_a_rollback_publishes_where_its_verified_chain_declares_whatever_the_backup_says_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, published: FirstRun
 ) -> None:
     """The same finding in a rollback: it undid the lake and left the table showing the rows undone
     (exit 0). The table now follows the rollback."""
     from pcbo_dagster.engine.rollback import rollback
 
-    home, v1_ids = _published_first_run(tmp_path)
-    second = run_pcbo(["execute", "--input", _second_run_without_table(tmp_path, v1_ids)], home=home)
+    home, v1_ids = _published_first_run(published)
+    second = run_pcbo_here(["execute", "--input", _second_run_without_table(tmp_path, v1_ids)], home=home)
     assert second.status == 0, second.stderr
     assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
     _hide_declarations_from_unverified_reads(monkeypatch)
@@ -1637,7 +1681,7 @@ def test_a_rollback_publishes_where_its_verified_chain_declares_whatever_the_bac
 
 
 def test_a_declaration_removed_after_the_runs_verified_read_is_refused_not_skipped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, published: FirstRun
 ) -> None:
     """The attack on the file itself: the declaration line deleted from the backup right after the
     run verified its chain, under its lease. The run used to read the edited backup, find no table
@@ -1648,7 +1692,7 @@ def test_a_declaration_removed_after_the_runs_verified_read_is_refused_not_skipp
     from pcbo_dagster.engine.partition_checks import ChainNotVerified
     from pcbo_dagster.engine.request_loading import evaluate, load_request
 
-    home, v1_ids = _published_first_run(tmp_path)
+    home, v1_ids = _published_first_run(published)
     request_file = _second_run_without_table(tmp_path, v1_ids)
     loaded = load_request(request_file.read_bytes(), request_file.parent)
     plan, decisions = evaluate(loaded)
@@ -1677,14 +1721,16 @@ def test_a_declaration_removed_after_the_runs_verified_read_is_refused_not_skipp
     assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids
 
 
-def test_a_fifo_at_a_data_files_name_is_refused_by_the_table_never_waited_on(tmp_path: Path) -> None:
+def test_a_fifo_at_a_data_files_name_is_refused_by_the_table_never_waited_on(
+    tmp_path: Path, published: FirstRun
+) -> None:
     """The table's checks and its publication read each data file's footer: they opened the file at its
     name as it was, so a FIFO planted there (no root needed) made `pcbo verify` of a published table,
     and the publication of `verify --repair` after a crash, wait for a writer for ever. Now they read it
     as the lake does: a name that is no regular file is refused as a symbolic link is."""
-    home = tmp_path / "home"
+    home, first = published
+    assert first.status == 0
     request = write_request(tmp_path / "r1.json", _request("ice-1"))
-    assert run_pcbo(["execute", "--input", request], home=home).status == 0
     data_file = sorted((lake_dir(home) / DATASET / "v1").glob("*/part-*.parquet"))[0]
     data_file.unlink()
     os.mkfifo(data_file)
@@ -1706,15 +1752,14 @@ def test_a_fifo_at_a_data_files_name_is_refused_by_the_table_never_waited_on(tmp
 
 
 @pytest.mark.parametrize("reader", ["duckdb-iceberg", "pyiceberg"])
-def test_a_table_name_forged_in_the_catalogs_is_no_sql_for_pcbo_query(tmp_path: Path, reader: str) -> None:
+def test_a_table_name_forged_in_the_catalogs_is_no_sql_for_pcbo_query(
+    tmp_path: Path, published: FirstRun, reader: str
+) -> None:
     """(red-team finding) `pcbo query` put the catalog's recorded table name into DuckDB's SQL as it
     was: someone who can write the catalog, the Iceberg catalog and the lake (the threat model's
     attacker) named a table `lake"; COPY (SELECT 42) TO 'pwned'; CREATE SCHEMA "lake.events`, published a
     table under that name inside the lake, and the next `pcbo query` anyone ran wrote their file."""
-    home = tmp_path / "home"
-    done = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r.json", _request("ice-forged"))], home=home
-    )
+    home, done = published
     assert done.status == 0, done.stderr
     namespace = """lake"; COPY (SELECT 42 AS x) TO 'pwned'; CREATE SCHEMA "lake"""
     iceberg = sqlite3.connect(home / "iceberg.db")
@@ -1737,21 +1782,22 @@ def test_a_table_name_forged_in_the_catalogs_is_no_sql_for_pcbo_query(tmp_path: 
 
     work = tmp_path / "work"
     work.mkdir()
-    queried = run_pcbo(["query", "--dataset", DATASET, "--reader", reader, "SELECT 1"], home=home, cwd=work)
+    queried = run_pcbo_here(
+        ["query", "--dataset", DATASET, "--reader", reader, "SELECT 1"], home=home, cwd=work
+    )
     assert not (work / "pwned").exists(), "the forged table name ran as SQL"
     assert queried.status == 1 and queried.document is None, queried.stderr
     # The catalog's row is not read: the chain's declared table (dropped from the Iceberg catalog here)
     assert "does not exist yet" in queried.stderr and "internal error" not in queried.stderr, queried.stderr
 
 
-def test_pcbo_query_reads_the_table_the_chain_declares_not_the_catalogs_row(tmp_path: Path) -> None:
+def test_pcbo_query_reads_the_table_the_chain_declares_not_the_catalogs_row(
+    tmp_path: Path, published: FirstRun
+) -> None:
     """(red-team finding) `pcbo query` took the table from the catalog's `table_publications` row:
     one edited to name another catalog URL had the query create a SQLite file wherever it pointed (and
     say the table did not exist yet). The chain's declaration is read (verified), never the row."""
-    home = tmp_path / "home"
-    done = run_pcbo(
-        ["execute", "--input", write_request(tmp_path / "r.json", _request("ice-url"))], home=home
-    )
+    home, done = published
     assert done.status == 0, done.stderr
     elsewhere = tmp_path / "elsewhere" / "created-by-query.db"
     elsewhere.parent.mkdir()
@@ -1759,7 +1805,7 @@ def test_pcbo_query_reads_the_table_the_chain_declares_not_the_catalogs_row(tmp_
     with pcbo_catalog:
         pcbo_catalog.execute("UPDATE table_publications SET catalog_url = ?", (f"sqlite:///{elsewhere}",))
     pcbo_catalog.close()
-    queried = run_pcbo(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
+    queried = run_pcbo_here(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
     assert queried.status == 0, queried.stderr
     assert queried.document["rows"][0][0] > 0 and not elsewhere.exists()
 
