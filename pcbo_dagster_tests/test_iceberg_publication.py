@@ -942,6 +942,45 @@ def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(
     assert _guarded_table(home).current_snapshot().snapshot_id == snapshot.snapshot_id
 
 
+def test_a_manifest_list_forged_after_a_read_in_the_same_process_is_a_finding(published: FirstRun) -> None:
+    """A process that lives on (the HTTP API's `verify`, a Dagster code server) verifies the table, then
+    someone with lake write access rewrites the manifest list in place (each manifest's counts set to
+    0, as above) and it verifies again. pyiceberg keeps every manifest list entry it read in a
+    process-wide cache keyed by the manifest's path, and `Snapshot.manifests` answers the rewritten
+    list's entries from it: the second `verify` judged the honest entries it read first and was
+    clean. The checks read the manifest list from the file each time."""
+    from pyiceberg.manifest import read_manifest_list, write_manifest_list
+
+    from pcbo_dagster.engine.verify import verify
+
+    def findings() -> list[str]:
+        env = _open_env(home)
+        try:
+            return [f["kind"] for f in verify(env)["findings"]]
+        finally:
+            env.close()
+
+    home, first = published
+    assert first.status == 0
+    assert findings() == []  # read once in this process
+    table = _guarded_table(home)
+    snapshot = table.current_snapshot()
+    manifests = list(read_manifest_list(table.io.new_input(snapshot.manifest_list)))
+    for manifest in manifests:  # (counts: fields 7, 8, 10, 11 of a ManifestFile)
+        manifest[7] = manifest[8] = manifest[10] = manifest[11] = 0
+    Path(snapshot.manifest_list.removeprefix("file://")).unlink()
+    with write_manifest_list(
+        format_version=table.metadata.format_version,
+        output_file=table.io.new_output(snapshot.manifest_list),
+        snapshot_id=snapshot.snapshot_id,
+        parent_snapshot_id=snapshot.parent_snapshot_id,
+        sequence_number=snapshot.sequence_number,
+        avro_compression="deflate",
+    ) as writer:
+        writer.add_manifests(manifests)
+    assert findings().count("table_manifest_summary_mismatch") == len(manifests)
+
+
 def test_a_schema_conflict_is_reported_in_the_json_document_alone(
     tmp_path: Path, published: FirstRun
 ) -> None:

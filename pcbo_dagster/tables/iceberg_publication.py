@@ -500,12 +500,17 @@ def _summaries_match(table: Table, manifest: Any, entries: list[Any]) -> bool:
 
 def confined_manifests(table: Table, snapshot: Any, confine: Callable[[str], None]) -> list[Any]:
     """The manifests of `snapshot`, its manifest list and each manifest allowed by `confine` (which
-    raises) before anything reads them."""
+    raises) before anything reads them. The list is read from its file, every time: pyiceberg's
+    `Snapshot.manifests` answers its entries from a process-wide cache keyed by each manifest's path,
+    so a process that lives on (the HTTP API's `verify`, a Dagster code server) judged a manifest list
+    rewritten in place (its summaries, its counts) by the entries it had read before."""
+    from pyiceberg.manifest import read_manifest_list
+
     confine(snapshot.manifest_list)
-    manifests = snapshot.manifests(table.io)
+    manifests = list(read_manifest_list(table.io.new_input(snapshot.manifest_list)))
     for manifest in manifests:
         confine(manifest.manifest_path)
-    return list(manifests)
+    return manifests
 
 
 def _matches(files: dict[str, DataFile], expected: dict[str, PublishedFile]) -> bool:
