@@ -296,3 +296,55 @@ def test_a_lease_holder_pcbo_did_not_write_is_said_to_be_so(store, holder) -> No
     assert "hunter2" not in message and "s3cret" not in message, message
     assert len(message) < 700, message
     assert repr(holder[:20])[1:-1] in message or "[redacted]" in message, message
+
+
+@pytest.mark.postgres
+def test_a_host_frozen_inside_a_lease_transaction_holds_the_lease_row_no_longer_than_its_ttl(
+    fresh_postgres_url: str,
+) -> None:
+    """A host stopped (SIGSTOP, a VM paused) between its heartbeat's UPDATE of the lease row and its
+    COMMIT kept the row locked for as long as it stayed stopped: every other host's run or `gc` waited
+    its whole `PCBO_LEASE_WAIT_SECONDS` (default 600 s) on it, then gave up, though the lease had
+    expired long before. PostgreSQL now ends a session left idle inside a lease transaction for the
+    lease's TTL (`idle_in_transaction_session_timeout`), its row lock with it: the lease is taken over."""
+    import threading
+    import time
+
+    from sqlalchemy import event
+
+    frozen_host, other_host = CatalogStore(fresh_postgres_url), CatalogStore(fresh_postgres_url)
+    frozen_host.migrate()
+    try:
+        assert frozen_host.try_acquire_lease("events", "v1", "host-a", 2) is None
+        stopped, woken = threading.Event(), threading.Event()
+
+        @event.listens_for(frozen_host.engine, "after_cursor_execute")
+        def _stop_after_the_update(conn, cursor, statement, parameters, context, executemany) -> None:
+            if statement.lstrip().upper().startswith("UPDATE DATASET_LEASES"):
+                stopped.set()
+                woken.wait(60)  # the host is stopped here, its transaction open, the row locked
+
+        outcome: list[object] = []
+
+        def heartbeat() -> None:
+            try:
+                outcome.append(frozen_host.renew_lease("events", "v1", "host-a", 2))
+            except Exception as exc:  # noqa: BLE001 - what the woken host meets is recorded
+                outcome.append(exc)
+
+        beat = threading.Thread(target=heartbeat)
+        beat.start()
+        assert stopped.wait(30)
+        started = time.monotonic()
+        taken = other_host.try_acquire_lease("events", "v1", "host-b", 60, lock_wait_seconds=30)
+        waited = time.monotonic() - started
+        woken.set()
+        beat.join(30)
+        assert taken is None, taken  # taken over, not ROW_LOCKED after the whole wait
+        assert waited < 20, waited
+        held = frozen_host.try_acquire_lease("events", "v1", "host-a", 2)
+        assert held is not None and held["holder"] == "host-b", held
+        assert outcome and outcome[0] is not True, outcome  # the woken host's renewal did not hold
+    finally:
+        frozen_host.close()
+        other_host.close()

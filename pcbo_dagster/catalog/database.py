@@ -71,6 +71,18 @@ def bound_lock_waits(conn: Connection, wait_seconds: float) -> None:
     )
 
 
+def bound_idle_in_transaction(conn: Connection, seconds: float) -> None:
+    """PostgreSQL: a session that leaves the rest of `conn`'s transaction idle for `seconds` between two
+    statements (its host stopped by SIGSTOP, a paused VM, a cut network) is ended by the server
+    (`idle_in_transaction_session_timeout`, SET LOCAL), its transaction rolled back and its locks
+    released. For transactions of a few statements that others wait on (a dataset lease's), which a
+    live host never leaves idle."""
+    conn.execute(
+        text("SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', :w, true)"),
+        {"w": lock_timeout_value(seconds)},
+    )
+
+
 def _bound_session_lock_waits(dbapi_conn: Any, _record: Any) -> None:
     """A new PostgreSQL catalog session's `lock_timeout`: `PCBO_LEASE_WAIT_SECONDS`, so no lock another
     session holds (`LOCK TABLE`, a row `FOR UPDATE`, an advisory lock, by hand or a stuck writer) is

@@ -10,15 +10,25 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 
 from pcbo_dagster.catalog import schema as t
-from pcbo_dagster.catalog.database import CatalogLockBusy, Database, bound_lock_waits, insert_ignore
+from pcbo_dagster.catalog.database import (
+    CatalogLockBusy,
+    Database,
+    bound_idle_in_transaction,
+    bound_lock_waits,
+    insert_ignore,
+)
 from pcbo_dagster.catalog.runs import register_dataset
 from pcbo_dagster.io.clock import utc_now
 
 #: What `try_acquire_lease` answers when another session held the lease row locked for all its wait.
 ROW_LOCKED: dict[str, Any] = {"holder": None, "row_locked": True}
+
+
+#: How long a lease transaction may stall when its lease's TTL is not known (`release_lease`).
+LEASE_STALL_SECONDS = 300.0
 
 
 class _RowChanged(Exception):
@@ -64,15 +74,17 @@ class DatasetLeases(Database):
     ) -> dict[str, Any] | None:
         lease = t.dataset_leases
         where = (lease.c.dataset == dataset, lease.c.version_label == version_label)
-        now = utc_now()
-        expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
         with self.write() as conn:
+            self._bound_stalls(conn, ttl_seconds)
             if self.dialect == "postgresql" and lock_wait_seconds is not None:
                 bound_lock_waits(conn, lock_wait_seconds)
             register_dataset(conn, dataset, version_label)
             # The row locked (PostgreSQL: FOR UPDATE; SQLite's write transaction holds the whole
             # file) until this transaction ends: two hosts never both take the same expired lease.
             row = conn.execute(select(lease).where(*where).with_for_update()).first()
+            # (the time once the row is ours: a wait for its lock may have outlasted its lease)
+            now = utc_now()
+            expires = datetime.fromtimestamp(now.timestamp() + ttl_seconds, UTC)
             if row is None:
                 first = {
                     "dataset": dataset,
@@ -113,6 +125,7 @@ class DatasetLeases(Database):
         lease = t.dataset_leases
         expires = datetime.fromtimestamp(utc_now().timestamp() + ttl_seconds, UTC)
         with self.write() as conn:
+            self._bound_stalls(conn, ttl_seconds)
             done = conn.execute(
                 update(lease)
                 .where(
@@ -124,10 +137,22 @@ class DatasetLeases(Database):
             )
             return done.rowcount == 1
 
-    def release_lease(self, dataset: str, version_label: str, holder: str) -> None:
-        """Give the lease up, if `holder` still has it."""
+    def _bound_stalls(self, conn: Connection, ttl_seconds: float) -> None:
+        """PostgreSQL: a host stopped inside this lease transaction (between the row's lock and the
+        COMMIT) holds the lease row, which every writer of the dataset locks, no longer than the
+        lease's TTL: the server then ends its session (`bound_idle_in_transaction`). Before, it held
+        the row for as long as it stayed stopped, and every other host waited its whole
+        `PCBO_LEASE_WAIT_SECONDS` on a lease long expired."""
+        if self.dialect == "postgresql":
+            bound_idle_in_transaction(conn, max(ttl_seconds, 1.0))
+
+    def release_lease(
+        self, dataset: str, version_label: str, holder: str, ttl_seconds: float = LEASE_STALL_SECONDS
+    ) -> None:
+        """Give the lease up, if `holder` still has it (`ttl_seconds`: its TTL, `_bound_stalls`)."""
         lease = t.dataset_leases
         with self.write() as conn:
+            self._bound_stalls(conn, ttl_seconds)
             conn.execute(
                 lease.delete().where(
                     lease.c.dataset == dataset,

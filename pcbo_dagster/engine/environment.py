@@ -209,7 +209,7 @@ class DatasetLease:
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
-        self.catalog.release_lease(self.dataset, self.version_label, self.holder)
+        self.catalog.release_lease(self.dataset, self.version_label, self.holder, self.ttl)
 
 
 @dataclass
