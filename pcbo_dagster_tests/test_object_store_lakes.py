@@ -17,6 +17,7 @@ import pytest
 
 from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
 from pcbo_dagster_tests.csv_files import csv_bytes
+from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +88,10 @@ def lake(request, tmp_path, monkeypatch) -> dict[str, Any]:
 
 
 def _pcbo(args: list[Any], home: Path, lake: dict[str, Any], **env: str):
-    return run_pcbo(args, home=home, env={**lake["env"], "PCBO_LAKE_URL": lake["url"], **env})
+    """`pcbo ARGS` on `home` and `lake`: in this process (what a command does does not depend on its
+    process), but a crash at a failpoint, which ends its process: a subprocess."""
+    run = run_pcbo if "PCBO_FAILPOINT" in env else run_pcbo_in_process
+    return run(args, home=home, env={**lake["env"], "PCBO_LAKE_URL": lake["url"], **env})
 
 
 def _storage(lake: dict[str, Any]):
@@ -187,7 +191,7 @@ def _csv_bytes(records: list[dict[str, Any]]) -> bytes:
 
 
 def _hashes(req: Path, env: dict[str, str]) -> tuple[str, str]:
-    res = run_pcbo(["dry-run", "--input", req], env=env, cwd=req.parent)
+    res = run_pcbo_in_process(["dry-run", "--input", req], env=env, cwd=req.parent)
     assert res.status == 0, res.stderr
     return res.document["planHash"], res.document["decisionHash"]
 
@@ -211,7 +215,7 @@ def test_csv_and_remote_sources_match_inline(tmp_path, s3_store, monkeypatch):
         assert _hashes(req, s3_store.env) == inline, name
 
     missing = write_request(tmp_path / "missing.json", _request(source={"uri": f"s3://{prefix}/nope.csv"}))
-    res = run_pcbo(["dry-run", "--input", missing], env=s3_store.env, cwd=tmp_path)
+    res = run_pcbo_in_process(["dry-run", "--input", missing], env=s3_store.env, cwd=tmp_path)
     assert res.status == 2 and "source.uri" in res.stderr
 
 
@@ -242,15 +246,18 @@ def test_an_iceberg_table_is_published_and_read_on_each_lake(lake, tmp_path):
     first = _pcbo(["execute", "--input", req], home, lake)
     assert first.status == 0, first.stderr
     assert first.document["table"]["status"] == "published"
-    assert rows() == committed() and len(rows()) == first.document["totals"]["add"]
+    published = rows()
+    assert published == committed() and len(published) == first.document["totals"]["add"]
     storage = _storage(lake)
     assert storage.list_files("_iceberg/lake/events/metadata")
 
     second = _pcbo(["execute", "--input", changed], home, lake)
     assert second.status == 0, second.stderr
-    assert "zz-late" in rows() and rows() == committed()
+    published = rows()
+    assert "zz-late" in published and published == committed()
 
     back = _pcbo(["rollback", "--dataset", DATASET, "--run-id", "lake-run-2"], home, lake)
     assert back.status == 0, back.stderr
     assert back.document["table"]["status"] == "published"
-    assert "zz-late" not in rows() and rows() == committed()
+    published = rows()
+    assert "zz-late" not in published and published == committed()
