@@ -19,6 +19,7 @@ import pytest
 
 from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
 from pcbo_dagster_tests.faulty_proxy import FaultyProxy
+from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 from pcbo_dagster_tests.loopback import free_port
 
 pytestmark = pytest.mark.postgres
@@ -44,9 +45,13 @@ def _setup(
         "PCBO_CATALOG_URL": catalog_url,
         "PCBO_AUDIT_DIR": s3_store.url(pas),
         "PCBO_MULTI_HOST": "true",
+        # botocore retries a 503 or a refused connection once (two attempts), not four times with its
+        # back-off (up to 15 s a request): a read still fails after the client's retries
+        "AWS_MAX_ATTEMPTS": "2",
     }
     request = load_generator().make_request(records=30, partitions=3, seed=5, run_id="outage-1")
-    run = run_pcbo(
+    # the store's initial contents (in this process: nothing here is about a process)
+    run = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r.json", request)], home=tmp_path / "a", env=env
     )
     assert run.status == 0, run.stderr
@@ -86,7 +91,7 @@ def test_event_objects_that_cannot_be_read_are_an_unavailable_store_not_a_forged
     assert proxy.failed
     proxy.heal()
     assert (_objects(s3_store, pas), _objects(s3_store, lake)) == before  # nothing written
-    run = run_pcbo(["verify"], home=tmp_path / "b", env=env)
+    run = run_pcbo_in_process(["verify"], home=tmp_path / "b", env=env)
     assert run.status == 0 and run.document["status"] == "clean", (run.stderr, run.document)
 
 
@@ -130,7 +135,7 @@ def test_a_gcs_audit_store_that_refuses_reads_is_unavailable(tmp_path, gcs_store
         }
         request = load_generator().make_request(records=30, partitions=3, seed=5, run_id="outage-gcs")
         path = write_request(tmp_path / "r.json", request)
-        run = run_pcbo(["execute", "--input", path], home=tmp_path / "a", env=env)
+        run = run_pcbo_in_process(["execute", "--input", path], home=tmp_path / "a", env=env)
         assert run.status == 0, run.stderr
         proxy.fail(lambda method, p: method == "GET" and "alt=media" in p and f"{pas}%2F" in p, "403")
         run = run_pcbo(["verify"], home=tmp_path / "b", env=env)
