@@ -14,7 +14,11 @@ right after that check instead (`gc_after_fence_check`), it removed them all the
 goes only while it holds the bytes gc judged (`LakeStorage.swap`), and gc stops at the first that does
 not. The other way round, a run frozen after staging past its lease, whose staged files a gc removed
 meanwhile (taking the lease over and giving it back), commits nothing when woken: its renewal does not
-take a lease it lost back."""
+take a lease it lost back.
+
+The crashed run and the frozen processes are subprocesses (a crash ends its process, a freeze stops
+it); the other hosts' commands (the holder's run, gc run again, verify) run in the test process, as
+another process on the same machine would (their own PCBO_HOME, the shared stores)."""
 
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from pcbo_dagster_tests.frozen_hosts import (
     wake,
     woken,
 )
+from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.postgres
 
@@ -64,7 +69,7 @@ def _crash_leftovers(tmp_path: Path, env: dict[str, str]) -> tuple[Path, dict[st
 
 
 def _verify_clean(tmp_path: Path, env: dict[str, str]) -> None:
-    run = run_pcbo(["verify"], home=tmp_path / "auditor", env=env, cwd=tmp_path)
+    run = run_pcbo_in_process(["verify"], home=tmp_path / "auditor", env=env, cwd=tmp_path)
     assert run.status == 0 and run.document["status"] == "clean", run.document
 
 
@@ -77,7 +82,9 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
     gc = start_frozen(tmp_path / "host-g", ["gc"], env, gc_point)
     try:
         time.sleep(PAST_THE_LEASE_SECONDS)  # gc's lease expires
-        run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
+        run = run_pcbo_in_process(
+            ["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path
+        )
         assert run.status == 0, run.stderr
         assert {p["status"] for p in run.document["partitions"]} == {"committed"}
         committed = lake_bytes(shared_lake_url)
@@ -92,7 +99,7 @@ def test_gc_frozen_past_its_lease_removes_nothing_another_run_committed(
     assert {rel: after.get(rel) for rel in committed} == committed
     _verify_clean(tmp_path, env)
     # gc run again (its chain now the holder's) removes the crash's own data files, and nothing else
-    run = run_pcbo(["gc"], home=tmp_path / "host-g", env=env, cwd=tmp_path)
+    run = run_pcbo_in_process(["gc"], home=tmp_path / "host-g", env=env, cwd=tmp_path)
     assert run.status == 0, run.stderr
     removed = {entry["path"] for entry in run.document["removed"]}
     assert removed and all(rel.rsplit("/", 1)[1].startswith("part-") for rel in removed), removed
@@ -150,7 +157,7 @@ def test_a_run_frozen_after_staging_commits_nothing_gc_removed_meanwhile(
     run = start_frozen(tmp_path / "host-a", ["execute", "--input", request], env, "after_data_files@0")
     try:
         time.sleep(PAST_THE_LEASE_SECONDS)  # the run's lease expires
-        gc = run_pcbo(["gc"], home=tmp_path / "host-g", env=env, cwd=tmp_path)
+        gc = run_pcbo_in_process(["gc"], home=tmp_path / "host-g", env=env, cwd=tmp_path)
         assert gc.status == 0, gc.stderr
         assert f"{FIRST}/_versions/v000001.json" in {entry["path"] for entry in gc.document["removed"]}
     finally:
