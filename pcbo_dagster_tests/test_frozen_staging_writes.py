@@ -1,10 +1,11 @@
 """A run frozen past its write lease (a GC pause, SIGSTOP, a suspended VM) after reading its commit
 point and before its staging writes, woken after another host took the lease over and committed: it
-must fail without altering anything the other run wrote. Two real `pcbo execute` processes (hosts with
-their own PCBO_HOME) share a PostgreSQL catalog, an audit backup on S3 (moto) and a lake (a local
-directory, S3 or the GCS emulator); the first stops itself with SIGSTOP right before its first staging
-write (`PCBO_FAILPOINT=before_staging_writes@0:stop`) and is sent SIGCONT once the second has
-committed."""
+must fail without altering anything the other run wrote. Two `pcbo execute` runs in separate processes
+(hosts with their own PCBO_HOME) share a PostgreSQL catalog, an audit backup on S3 (moto) and a lake (a
+local directory or S3); the first, a subprocess, stops itself with SIGSTOP right before its first
+staging write (`PCBO_FAILPOINT=before_staging_writes@0:stop`) and is sent SIGCONT once the second has
+committed. A crash or a freeze is a `pcbo` subprocess; the other hosts' commands (a holder's run that
+is not frozen, verify) run in the test process (`in_process_pcbo.py`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pcbo_dagster_tests.frozen_hosts import (
     wake,
     woken,
 )
+from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.postgres
 
@@ -41,7 +43,9 @@ def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
         time.sleep(
             PAST_THE_LEASE_SECONDS
         )  # its lease expires: nothing renews it while the process is stopped
-        run = run_pcbo(["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path)
+        run = run_pcbo_in_process(
+            ["execute", "--input", holder], home=tmp_path / "host-b", env=env, cwd=tmp_path
+        )
         assert run.status == 0, run.stderr
         assert {p["status"] for p in run.document["partitions"]} == {"committed"}
         committed = lake_bytes(shared_lake_url)
@@ -56,7 +60,7 @@ def test_a_run_frozen_past_its_lease_wakes_and_fails_altering_nothing(
     after = lake_bytes(shared_lake_url)
     assert {rel: after[rel] for rel in committed} == committed
     assert all(rel.rsplit("/", 1)[1].startswith("part-") for rel in set(after) - set(committed))
-    run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
+    run = run_pcbo_in_process(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
     assert run.status == 0, run.document
     assert run.document["status"] == "clean"
 
@@ -78,12 +82,12 @@ def test_what_a_crashed_run_staged_is_replaced_by_the_next_holder_of_the_lease(t
     assert run.status == 86, run.stderr
     staged = home / "lake/events/v1/20240101T000000Z/_versions/v000001.json"
     left = staged.read_bytes()
-    run = run_pcbo(["execute", "--input", second], home=home)
+    run = run_pcbo_in_process(["execute", "--input", second], home=home)
     assert run.status == 0, run.stderr
     assert {p["status"] for p in run.document["partitions"]} == {"committed"}
     assert staged.read_bytes() != left
     assert staged.read_bytes() == (staged.parent.parent / "_manifest.json").read_bytes()
-    run = run_pcbo(["verify"], home=home)
+    run = run_pcbo_in_process(["verify"], home=home)
     assert run.status == 0 and run.document["status"] == "clean", run.document
 
 
@@ -122,7 +126,7 @@ def test_a_run_frozen_after_staging_appends_no_intent_while_another_run_holds_th
     assert b is not None
     status, stderr = woken(b)
     assert status == 0, stderr
-    run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
+    run = run_pcbo_in_process(["verify"], home=tmp_path / "host-c", env=env, cwd=tmp_path)
     assert run.status == 0, run.document
     assert run.document["status"] == "clean"
 
@@ -157,7 +161,7 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
     )
     try:
         time.sleep(PAST_THE_LEASE_SECONDS)  # a's lease expires
-        run = run_pcbo(
+        run = run_pcbo_in_process(
             ["execute", "--input", requests["holder-1"]], home=tmp_path / "host-b", env=env, cwd=tmp_path
         )
         assert run.status == 0, run.stderr
@@ -169,6 +173,6 @@ def test_a_run_frozen_after_judging_a_staged_leftover_replaceable_overwrites_not
     assert status == 1, stderr
     after = lake_bytes(shared_lake_url)
     assert {rel: after[rel] for rel in committed} == committed
-    run = run_pcbo(["verify"], home=tmp_path / "host-d", env=env, cwd=tmp_path)
+    run = run_pcbo_in_process(["verify"], home=tmp_path / "host-d", env=env, cwd=tmp_path)
     assert run.status == 0 and run.document["status"] == "clean", run.document
     assert "nothing was overwritten" in stderr, stderr
