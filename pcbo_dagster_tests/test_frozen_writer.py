@@ -1,6 +1,7 @@
 """A writer frozen past its lease, then resumed (issue 14's many hosts: a VM paused, a process stopped
 by SIGSTOP, a long GC pause): moto's S3 server for lake and audit store, PostgreSQL for the catalog,
-two `pcbo execute` processes as two hosts, `PCBO_MULTI_HOST=true`.
+two processes as two hosts, `PCBO_MULTI_HOST=true`: host A a `pcbo` subprocess (it freezes), host B's
+`pcbo execute` (and the set-up's and verify's commands) in the test process (`in_process_pcbo.py`).
 
 Host A appends its commit intent and is frozen (the `before_commit:stop` failpoint: SIGSTOP to
 itself, its lease heartbeat frozen with it). Its lease expires; host B takes it over, commits other
@@ -21,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from pcbo_dagster.lake.storage import LakeStorage
-from pcbo_dagster_tests.cli_runner import run_pcbo
 from pcbo_dagster_tests.frozen_hosts import (
     PAST_THE_LEASE_SECONDS,
     shared_env,
@@ -30,6 +30,7 @@ from pcbo_dagster_tests.frozen_hosts import (
     wake,
     woken,
 )
+from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.postgres
 
@@ -48,7 +49,9 @@ def _frozen_while_b_commits(
     host_a = start_frozen(tmp_path / "host-a", args, env, point)
     try:
         time.sleep(PAST_THE_LEASE_SECONDS)
-        b = run_pcbo(["execute", "--input", b_request], home=tmp_path / "host-b", env=env, cwd=tmp_path)
+        b = run_pcbo_in_process(
+            ["execute", "--input", b_request], home=tmp_path / "host-b", env=env, cwd=tmp_path
+        )
         assert b.status == 0, b.stderr
     finally:
         wake(host_a)
@@ -57,7 +60,7 @@ def _frozen_while_b_commits(
 
 
 def _verify_clean(tmp_path: Path, env: dict[str, str]) -> None:
-    verified = run_pcbo(["verify"], home=tmp_path / "auditor", env=env, cwd=tmp_path)
+    verified = run_pcbo_in_process(["verify"], home=tmp_path / "auditor", env=env, cwd=tmp_path)
     assert verified.status == 0 and verified.document["status"] == "clean", verified.document
 
 
@@ -87,7 +90,9 @@ def test_a_rollback_frozen_past_its_lease_moves_no_commit_point_when_resumed(
     s3_lake = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
     env = shared_env(s3_store, fresh_postgres_url, s3_lake, monkeypatch)
     a_request, b_request = two_requests(tmp_path)
-    done = run_pcbo(["execute", "--input", a_request], home=tmp_path / "host-a", env=env, cwd=tmp_path)
+    done = run_pcbo_in_process(
+        ["execute", "--input", a_request], home=tmp_path / "host-a", env=env, cwd=tmp_path
+    )
     assert done.status == 0, done.stderr
     rollback = ["rollback", "--dataset", "events", "--run-id", "run-a"]
     status, err, b = _frozen_while_b_commits(tmp_path, env, rollback, "rollback_after_intent@0", b_request)
@@ -124,7 +129,9 @@ def test_a_rollback_frozen_after_its_chain_check_moves_no_commit_point_of_the_ne
     s3_lake = s3_store.url(f"lake-{uuid.uuid4().hex[:8]}")
     env = shared_env(s3_store, fresh_postgres_url, s3_lake, monkeypatch)
     a_request, b_request = two_requests(tmp_path)
-    done = run_pcbo(["execute", "--input", a_request], home=tmp_path / "host-a", env=env, cwd=tmp_path)
+    done = run_pcbo_in_process(
+        ["execute", "--input", a_request], home=tmp_path / "host-a", env=env, cwd=tmp_path
+    )
     assert done.status == 0, done.stderr
     rollback = ["rollback", "--dataset", "events", "--run-id", "run-a"]
     status, err, b = _frozen_while_b_commits(
