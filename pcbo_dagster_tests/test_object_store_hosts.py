@@ -21,6 +21,7 @@ from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
 from pcbo_dagster_tests.http_server import running_server
+from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 from pcbo_dagster_tests.loopback import free_port
 from pcbo_dagster_tests.object_store_servers import ObjectStore
 from pcbo_dagster_tests.test_object_store_lakes import _request
@@ -88,7 +89,7 @@ def test_pcbo_serve_reads_the_audit_backup_every_host_shares(
         "PCBO_CATALOG_URL": fresh_postgres_url,
     }
     request = write_request(tmp_path / "req.json", _request())
-    done = run_pcbo(["execute", "--input", request], home=tmp_path / "cli-host", env=env)
+    done = run_pcbo_in_process(["execute", "--input", request], home=tmp_path / "cli-host", env=env)
     assert done.status == 0, done.stderr
     added = done.document["partitions"][0]
     record_id = "rec-001"  # consent, US, 00:07: added by the first partition
@@ -131,14 +132,14 @@ def test_a_checkpoint_object_with_dot_segments_is_a_finding_not_the_end_of_verif
     env = {**s3_store.env, "PCBO_LAKE_URL": url}
     home = tmp_path / "home"
     request = write_request(tmp_path / "req.json", _request())
-    assert run_pcbo(["execute", "--input", request], home=home, env=env).status == 0
+    assert run_pcbo_in_process(["execute", "--input", request], home=home, env=env).status == 0
     fs: Any = s3_store.filesystem()
     lake_path = url.split("://", 1)[1]
     fs.pipe_file(f"{lake_path}/{name}", b"junk")
     committed = f"{lake_path}/events/v1/20240101T010000Z/_manifest.json"
     fs.pipe_file(committed, fs.cat_file(committed) + b" ")  # and something else forged besides
 
-    verified = run_pcbo(["verify"], home=home, env=env)
+    verified = run_pcbo_in_process(["verify"], home=home, env=env)
     assert verified.status == 1, verified.stderr
     assert verified.document is not None, verified.stderr
     found = {(f["kind"], f["where"]) for f in verified.document["findings"]}
@@ -245,16 +246,19 @@ def test_evidence_verify_refuses_a_lake_url_with_credentials(tmp_path, s3_store,
     home = tmp_path / "home"
     request = write_request(tmp_path / "req.json", _request())
     assert (
-        run_pcbo(["execute", "--input", request, "--signing-key", key_file], home=home, env=env).status == 0
+        run_pcbo_in_process(
+            ["execute", "--input", request, "--signing-key", key_file], home=home, env=env
+        ).status
+        == 0
     )
-    exported = run_pcbo(
+    exported = run_pcbo_in_process(
         ["evidence", "export", "--run", "lake-run-1", "--signing-key", key_file], home=home, env=env
     )
     assert exported.status == 0, exported.stderr
     package = tmp_path / "package.json"
     package.write_text(json.dumps(exported.document))
     verifier = key.verifier().text
-    plain = run_pcbo(
+    plain = run_pcbo_in_process(
         ["evidence", "verify", package, "--key", verifier, "--lake", env["PCBO_LAKE_URL"]], env=s3_store.env
     )
     assert plain.status == 0, plain.stderr  # the lake as it should be given
@@ -323,7 +327,7 @@ def test_a_gcs_lake_that_does_not_answer_is_one_line_on_stderr(tmp_path):
     (`PCBO_DEBUG=1` shows the traceback)."""
     home = tmp_path / "home"
     request = write_request(tmp_path / "req.json", _request())
-    assert run_pcbo(["execute", "--input", request], home=home).status == 0  # a catalog and a chain
+    assert run_pcbo_in_process(["execute", "--input", request], home=home).status == 0  # a catalog, a chain
     env = {
         "PCBO_LAKE_URL": "gs://pcbo-test-lake/lake",
         "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}",  # nothing listens there
