@@ -6,6 +6,9 @@ built upon by a later run.
 
 The base history (one module-wide fixture, copied per test): run `a1` commits four hourly partitions
 K0..K3 (version 1 each); run `b1` changes K1 (version 2 replaces version 1).
+
+A `pcbo` run as its own process (`run_pcbo`) is forked from one that imported pcbo once
+(`pcbo_fork_runner`); the runs killed at random instants start their own interpreter.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import sqlite3
 import stat
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +30,33 @@ import rfc8785
 from pcbo_dagster.cli import main as cli
 from pcbo_dagster.core.audit_chain import build_event
 from pcbo_dagster_tests.cli_runner import (
+    PcboRun,
     backup_events,
     backup_file,
     lake_dir,
     lake_files,
     load_generator,
-    run_pcbo,
     tree_state,
     write_request,
 )
+from pcbo_dagster_tests.pcbo_fork_runner import PcboForkServer, pcbo_fork_server
+
+_servers: list[PcboForkServer] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pcbo_processes() -> Iterator[None]:
+    """The process every `run_pcbo` of this module is forked from."""
+    with pcbo_fork_server() as server:
+        _servers.append(server)
+        yield
+        _servers.remove(server)
+
+
+def run_pcbo(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> PcboRun:
+    """`cli_runner.run_pcbo`, the process forked from the module's (`pcbo_processes`)."""
+    return _servers[-1].run_pcbo(args, **kwargs)  # type: ignore[arg-type]
+
 
 PARTITIONS = 4
 KEYS = [f"20240101T0{h}0000Z" for h in range(PARTITIONS)]
@@ -1398,8 +1420,6 @@ def test_execute_and_rollback_killed_at_random_instants_converge(tmp_path):
 @pytest.fixture
 def shared(tmp_path, s3_store, fresh_postgres_url, monkeypatch) -> dict[str, Any]:
     """One history on two "hosts" sharing an S3 lake, an S3 audit store and a PostgreSQL catalog."""
-    from pcbo_dagster_tests.cli_runner import run_pcbo as run_subprocess
-
     store = s3_store.url(f"pas-{uuid.uuid4().hex[:8]}")
     env = {
         **s3_store.env,
@@ -1411,7 +1431,7 @@ def shared(tmp_path, s3_store, fresh_postgres_url, monkeypatch) -> dict[str, Any
     for name, value in s3_store.env.items():
         monkeypatch.setenv(name, value)
     request = write_request(tmp_path / "a.json", _request("a1"))
-    done = run_subprocess(["execute", "--input", request], home=tmp_path / "host-a", env=env, cwd=tmp_path)
+    done = run_pcbo(["execute", "--input", request], home=tmp_path / "host-a", env=env, cwd=tmp_path)
     assert done.status == 0, done.stderr
     fs = s3_store.filesystem()
     chain_dir = store.split("://", 1)[1] + "/" + CHAIN
@@ -1419,9 +1439,7 @@ def shared(tmp_path, s3_store, fresh_postgres_url, monkeypatch) -> dict[str, Any
 
 
 def _shared_pcbo(shared: dict[str, Any], host: str, *args: str) -> tuple[int, Any]:
-    from pcbo_dagster_tests.cli_runner import run_pcbo as run_subprocess
-
-    done = run_subprocess(list(args), home=shared["tmp"] / host, env=shared["env"], cwd=shared["tmp"])
+    done = run_pcbo(list(args), home=shared["tmp"] / host, env=shared["env"], cwd=shared["tmp"])
     return done.status, done.document
 
 
