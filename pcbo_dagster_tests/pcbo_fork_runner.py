@@ -101,10 +101,15 @@ for line in sys.stdin:
 """
 
 
-#: The modules pcbo's commands import as they start (none reads the environment as it is imported):
-#: imported once, before the forks, instead of by each.
+#: The modules pcbo's commands import as they start: imported once, before the forks, instead of by
+#: each. None reads a `PCBO_*` variable as it is imported (pyiceberg reads `PYICEBERG_*` ones, which
+#: no test sets: the parent's environment is the children's but for `PCBO_*`).
 PRELOAD = (
     "dagster._utils.schedules",  # a datasets config's cron is checked by it
+    "pyiceberg.catalog.sql",  # a published table's catalog
+    "pyiceberg.io.pyarrow",
+    "pcbo_dagster.engine.execute",
+    "pcbo_dagster.tables.iceberg_publication",
     "pcbo_dagster.datasets.config",
     "pcbo_dagster.engine.backfill_commands",
     "pcbo_dagster.engine.environment",
