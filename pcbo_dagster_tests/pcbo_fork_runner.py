@@ -102,12 +102,15 @@ for line in sys.stdin:
 
 
 #: The modules pcbo's commands import as they start: imported once, before the forks, instead of by
-#: each. None reads a `PCBO_*` variable as it is imported (pyiceberg reads `PYICEBERG_*` ones, which
-#: no test sets: the parent's environment is the children's but for `PCBO_*`).
+#: each. None reads a `PCBO_*` or `AWS_*` variable as it is imported (pyiceberg reads `PYICEBERG_*`
+#: ones and fsspec `FSSPEC_*` ones, which no test sets: the parent's environment is the children's but
+#: for what a test gives a run).
 PRELOAD = (
     "dagster._utils.schedules",  # a datasets config's cron is checked by it
     "pyiceberg.catalog.sql",  # a published table's catalog
     "pyiceberg.io.pyarrow",
+    "s3fs",  # an S3 lake or audit store
+    "psycopg",  # a PostgreSQL catalog
     "pcbo_dagster.engine.execute",
     "pcbo_dagster.tables.iceberg_publication",
     "pcbo_dagster.datasets.config",
