@@ -1164,12 +1164,20 @@ ROLLBACK_POINTS = [
 ]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", ROLLBACK_POINTS)
-def test_a_rollback_killed_at_any_instant_is_completed_by_running_it_again(base, tmp_path, point):
-    reference = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def a1_rolled_back(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The lake of a copy of the base history after an uninterrupted rollback of run `a1`."""
+    reference = tmp_path_factory.mktemp("a1-rolled-back") / "reference"
     shutil.copytree(base, reference)
     assert run_pcbo(["rollback", "--dataset", "events", "--run-id", "a1"], home=reference).status == 0
+    return lake_files(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ROLLBACK_POINTS)
+def test_a_rollback_killed_at_any_instant_is_completed_by_running_it_again(
+    base, a1_rolled_back, tmp_path, point
+):
     home = tmp_path / "home"
     shutil.copytree(base, home)
     crashed = run_pcbo(
@@ -1178,7 +1186,7 @@ def test_a_rollback_killed_at_any_instant_is_completed_by_running_it_again(base,
     assert crashed.status == 86, crashed.stderr
     again = run_pcbo(["rollback", "--dataset", "events", "--run-id", "a1"], home=home)
     assert again.status == 0, again.stderr
-    assert lake_files(home) == lake_files(reference)
+    assert lake_files(home) == a1_rolled_back
     rolled = [
         (e["partition"]["key"], e["partition"]["version"])
         for e in backup_events(home)
