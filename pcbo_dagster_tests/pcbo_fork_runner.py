@@ -141,7 +141,12 @@ class PcboForkServer:
                 stderr=err,
             )
         assert self._server.stdout is not None
-        assert self._server.stdout.readline() == b"ready\n", import_err.read_text()
+        if self._server.stdout.readline() != b"ready\n":  # it could not import pcbo: say why
+            self._server.kill()
+            self._server.wait()
+            message = import_err.read_text()
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            raise RuntimeError(f"the pcbo process to fork from did not start: {message}")
         self._import_stderr = import_err.read_text()
         self._count = 0
 
