@@ -107,42 +107,97 @@ def run_pcbo(
     return PcboRun(proc.returncode, document, proc.stderr.decode("utf-8", errors="replace"))
 
 
+@contextmanager
+def _descriptor_captured(fd: int) -> Iterator[io.BytesIO]:
+    """Whatever is written to file descriptor `fd` while the block runs, in the yielded buffer."""
+    captured = io.BytesIO()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            sink.seek(0)
+            captured.write(sink.read())
+
+
 def run_pcbo_in_process(
     args: Sequence[str | os.PathLike[str]],
     home: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
 ) -> PcboRun:
-    """`pcbo *args` in this process with PCBO_HOME=`home` and `env`, in `cwd` (default: `home`'s
-    parent, as `run_pcbo`); the process's environment and working directory restored after."""
-    from pcbo_dagster.cli.main import main
+    """`pcbo *args` as `run_pcbo(args, home, env, cwd)` runs it, in this process, for the steps of a
+    test whose point is not the process boundary (it saves the 1-2 s a fresh interpreter spends
+    importing). The same `PcboRun`, environment (`pcbo_env`) and working directory, both restored
+    after. What the subprocess would show is captured at every level: Python's `sys.stdout` /
+    `sys.stderr`, the file descriptors 1 and 2 (what a native library writes), and what the logging
+    module would print through its last-resort handler (pytest's own handlers take the root logger's
+    records otherwise). What outlives a command in a process and not in a fresh one is undone: the
+    object store clients' loggers the CLI quietens (`quiet_store_client_logs`), and pyiceberg's
+    process-wide cache of the manifests it read (keyed by path: a test that rewrote one would be judged
+    from the cache). The status is `main`'s, that of the `SystemExit` argparse raises, or 1 with the
+    traceback on stderr for an exception `main` lets through (as with `PCBO_DEBUG`). Never with
+    `PCBO_FAILPOINT`: a failpoint ends its process (`os._exit`), so a crash stays a subprocess."""
+    import logging
+    import traceback
 
+    from pyiceberg.manifest import clear_manifest_cache
+
+    from pcbo_dagster.cli.main import main
+    from pcbo_dagster.io.redaction import _OBJECT_STORE_CLIENTS
+
+    assert "PCBO_FAILPOINT" not in (env or {}), "a failpoint ends its process: use run_pcbo"
     if cwd is None:
         cwd = Path(home).parent if home is not None else Path.cwd()
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    store_loggers = [logging.getLogger(name.rstrip(".")) for name in _OBJECT_STORE_CLIENTS]
+    saved_loggers = [(logger, list(logger.handlers), logger.propagate) for logger in store_loggers]
     out, err = io.StringIO(), io.StringIO()
+    last_resort = logging.StreamHandler(err)  # what Python prints for a process without handlers
+    last_resort.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    os.environ.clear()
+    os.environ.update(pcbo_env(home, env))
+    os.chdir(cwd)
+    root.addHandler(last_resort)
+    clear_manifest_cache()
     try:
-        environment = pcbo_env(home, env)
-        os.environ.clear()
-        os.environ.update(environment)
-        os.chdir(cwd)
-        with redirect_stdout(out), redirect_stderr(err):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with (
+            _descriptor_captured(1) as native_out,
+            _descriptor_captured(2) as native_err,
+            redirect_stdout(out),
+            redirect_stderr(err),
+        ):
             try:
                 status = main([os.fspath(a) for a in args])
-            except SystemExit as exc:  # argparse refusing a flag, as `run` maps it
+            except SystemExit as exc:  # argparse refusing a flag, as `cli.main.run` maps it
                 status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
                 if isinstance(exc.code, str):
-                    print(exc.code, file=err)
+                    print(exc.code, file=sys.stderr)
+            except Exception:  # an uncaught exception: its traceback, status 1
+                traceback.print_exc()
+                status = 1
     finally:
+        clear_manifest_cache()
+        root.removeHandler(last_resort)
+        for logger, handlers, propagate in saved_loggers:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
-    stdout = out.getvalue()
+    stdout = out.getvalue() + native_out.getvalue().decode("utf-8", errors="replace")
+    stderr = err.getvalue() + native_err.getvalue().decode("utf-8", errors="replace")
     try:
         document = json.loads(stdout) if stdout.strip() else None
     except ValueError:
         document = None
-    return PcboRun(status, document, err.getvalue())
+    return PcboRun(status, document, stderr)
 
 
 def load_generator() -> Any:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, run_pcbo_in_process, write_request
 from pcbo_dagster_tests.frozen_hosts import (
     PAST_THE_LEASE_SECONDS,
     lake_bytes,
@@ -36,7 +36,6 @@ from pcbo_dagster_tests.frozen_hosts import (
     wake,
     woken,
 )
-from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.postgres
 

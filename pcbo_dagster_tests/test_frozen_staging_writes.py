@@ -5,7 +5,7 @@ must fail without altering anything the other run wrote. Two `pcbo execute` runs
 local directory or S3); the first, a subprocess, stops itself with SIGSTOP right before its first
 staging write (`PCBO_FAILPOINT=before_staging_writes@0:stop`) and is sent SIGCONT once the second has
 committed. A crash or a freeze is a `pcbo` subprocess; the other hosts' commands (a holder's run that
-is not frozen, verify) run in the test process (`in_process_pcbo.py`)."""
+is not frozen, verify) run in the test process (`cli_runner.run_pcbo_in_process`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, run_pcbo_in_process, write_request
 from pcbo_dagster_tests.frozen_hosts import (
     PAST_THE_LEASE_SECONDS,
     lake_bytes,
@@ -22,7 +22,6 @@ from pcbo_dagster_tests.frozen_hosts import (
     wake,
     woken,
 )
-from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.postgres
 

@@ -1,7 +1,8 @@
 """A writer frozen past its lease, then resumed (issue 14's many hosts: a VM paused, a process stopped
 by SIGSTOP, a long GC pause): moto's S3 server for lake and audit store, PostgreSQL for the catalog,
 two processes as two hosts, `PCBO_MULTI_HOST=true`: host A a `pcbo` subprocess (it freezes), host B's
-`pcbo execute` (and the set-up's and verify's commands) in the test process (`in_process_pcbo.py`).
+`pcbo execute` (and the set-up's and verify's commands) in the test process
+(`cli_runner.run_pcbo_in_process`).
 
 Host A appends its commit intent and is frozen (the `before_commit:stop` failpoint: SIGSTOP to
 itself, its lease heartbeat frozen with it). Its lease expires; host B takes it over, commits other
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from pcbo_dagster.lake.storage import LakeStorage
+from pcbo_dagster_tests.cli_runner import run_pcbo_in_process
 from pcbo_dagster_tests.frozen_hosts import (
     PAST_THE_LEASE_SECONDS,
     shared_env,
@@ -30,7 +32,6 @@ from pcbo_dagster_tests.frozen_hosts import (
     wake,
     woken,
 )
-from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.postgres
 

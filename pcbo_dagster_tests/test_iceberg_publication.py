@@ -5,11 +5,12 @@ files the commit points name, time travel shows the state before, a crash betwee
 the publication converges, and a file added to the table by hand is a finding, never adopted.
 
 Most tests start from a home where run ice-1 was published (`published`: the run made once per module,
-each test on its own copy of its home) and run `pcbo` in this process (`run_pcbo_here`); a crash, a
+each test on its own copy of its home) and run `pcbo` in this process (`run_pcbo_in_process`); a crash, a
 frozen run, a FIFO waited on and what a process prints of its own stay subprocesses (`run_pcbo`)."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import os
@@ -37,10 +38,10 @@ from pcbo_dagster_tests.cli_runner import (
     lake_files,
     load_generator,
     run_pcbo,
+    run_pcbo_in_process,
     tree_state,
     write_request,
 )
-from pcbo_dagster_tests.pcbo_in_this_process import run_pcbo_here
 
 pytestmark = pytest.mark.slow
 
@@ -114,10 +115,19 @@ def _published_once(tmp_path_factory: pytest.TempPathFactory) -> tuple[FirstRun,
     worker) into a fresh home, and a pristine copy of that home beside it."""
     base = tmp_path_factory.mktemp("published")
     home = base / "home"
-    run = run_pcbo_here(["execute", "--input", write_request(base / "r1.json", _request("ice-1"))], home=home)
+    run = run_pcbo_in_process(
+        ["execute", "--input", write_request(base / "r1.json", _request("ice-1"))], home=home
+    )
     assert run.status == 0, run.stderr
     shutil.copytree(home, base / "pristine", symlinks=True)
     return FirstRun(home, run), base / "pristine"
+
+
+def _unless_gone(function: Any, path: str, exc_info: Any) -> None:
+    """`shutil.rmtree`'s error handler: a file already gone (a SQLite `-wal` its connection removed
+    as it closed) is no error."""
+    if not issubclass(exc_info[0], FileNotFoundError):
+        raise exc_info[1]
 
 
 @pytest.fixture
@@ -129,8 +139,9 @@ def published(_published_once: tuple[FirstRun, Path]) -> FirstRun:
     process by path with it)."""
     first, pristine = _published_once
     clear_manifest_cache()
+    gc.collect()  # (closes what an earlier test left open on the old home: a SQLite file's -wal goes)
     if first.home.exists():
-        shutil.rmtree(first.home)
+        shutil.rmtree(first.home, onerror=_unless_gone)
     shutil.copytree(pristine, first.home, symlinks=True)
     return first
 
@@ -163,7 +174,7 @@ def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(
 
     # Re-version: two ids become already present, so their partitions get a version 2.
     dropped = v1_ids[:2]
-    second = run_pcbo_here(
+    second = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r2.json", _request("ice-2", existing=dropped))],
         home=home,
     )
@@ -183,7 +194,7 @@ def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(
     assert _duckdb_ids(table, parent) == v1_ids
 
     # Rollback of run 2 restores version 1's files; then a partition rolled back to nothing leaves.
-    undone = run_pcbo_here(["rollback", "--dataset", DATASET, "--run-id", "ice-2"], home=home)
+    undone = run_pcbo_in_process(["rollback", "--dataset", DATASET, "--run-id", "ice-2"], home=home)
     assert undone.status == 0, undone.stderr
     table = _table(home)
     assert _assert_table_is_the_manifests(home, table) == v1_ids
@@ -193,20 +204,20 @@ def test_execute_reversion_and_rollback_publish_exactly_the_committed_files(
     before = table.scan(snapshot_id=table.current_snapshot().parent_snapshot_id).plan_files()
     assert {task.file.file_path for task in before} == v2_files
     key = sorted(p["key"] for p in partitions)[0]
-    gone = run_pcbo_here(["rollback", "--dataset", DATASET, "--partition", key], home=home)
+    gone = run_pcbo_in_process(["rollback", "--dataset", DATASET, "--partition", key], home=home)
     assert gone.status == 0, gone.stderr
     table = _table(home)
     remaining = _assert_table_is_the_manifests(home, table)
     assert len(remaining) < len(v1_ids)
 
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 0, verified.document
-    queried = run_pcbo_here(
+    queried = run_pcbo_in_process(
         ["query", "--dataset", DATASET, "SELECT count(*) AS n FROM lake.events"], home=home
     )
     assert queried.status == 0 and queried.document["rows"] == [[len(remaining)]]
     assert queried.document["reader"] == "duckdb-iceberg"
-    by_scan = run_pcbo_here(
+    by_scan = run_pcbo_in_process(
         ["query", "--dataset", DATASET, "--reader", "pyiceberg", "SELECT count(*) FROM lake.events"],
         home=home,
     )
@@ -223,15 +234,17 @@ def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> Non
         ["execute", "--input", request_one], home=home, env={"PCBO_FAILPOINT": "before_publication@0"}
     )
     assert crashed.status == 86
-    behind = run_pcbo_here(["verify"], home=home)
+    behind = run_pcbo_in_process(["verify"], home=home)
     assert behind.status == 1
     assert [f["kind"] for f in behind.document["findings"]] == ["table_publication_behind"]
     # A query of the table the crash kept from being created says so (no internal error).
-    absent = run_pcbo_here(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
+    absent = run_pcbo_in_process(
+        ["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home
+    )
     assert absent.status == 1 and absent.document is None
     assert absent.stderr.startswith("pcbo query: table lake.events does not exist yet"), absent.stderr
     assert "verify --repair" in absent.stderr and "internal error" not in absent.stderr
-    again = run_pcbo_here(["execute", "--input", request_one], home=home)
+    again = run_pcbo_in_process(["execute", "--input", request_one], home=home)
     assert again.status == 0 and again.document["totals"]["committed"] == 0  # the lake was done
     v1_ids = _assert_table_is_the_manifests(home, _table(home))
 
@@ -241,12 +254,12 @@ def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> Non
     )
     assert crashed.status == 86
     assert _ids(_table(home).scan().to_arrow()) == v1_ids  # the table still shows the previous state
-    repaired = run_pcbo_here(["verify", "--repair"], home=home)
+    repaired = run_pcbo_in_process(["verify", "--repair"], home=home)
     assert repaired.status == 0, repaired.document
     assert [r["kind"] for r in repaired.document["repaired"]] == ["table_published"]
     assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
-    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []  # nothing more
-    assert run_pcbo_here(["verify"], home=home).status == 0
+    assert run_pcbo_in_process(["verify", "--repair"], home=home).document["repaired"] == []  # nothing more
+    assert run_pcbo_in_process(["verify"], home=home).status == 0
 
 
 def test_a_publication_under_way_reads_a_chain_that_verifies(tmp_path: Path) -> None:
@@ -284,7 +297,7 @@ def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(
     assert first.status == 0
     first_ids = _ids(_manifest_rows(home))
     changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=first_ids[:1]))
-    assert run_pcbo_here(["execute", "--input", changed], home=home).status == 0
+    assert run_pcbo_in_process(["execute", "--input", changed], home=home).status == 0
     # Someone registers a superseded version's file (still in the lake) by hand: double counting.
     current = {e["path"] for m in glob.glob(f"{lake_dir(home)}/events/v1/*/_manifest.json")
                for e in json.loads(Path(m).read_text())["files"]}  # fmt: skip
@@ -295,16 +308,16 @@ def test_a_file_added_to_the_table_by_hand_is_a_finding_never_adopted(
     table = _table(home)
     table.add_files([f"file://{stale}"])
     by_hand = _table(home).current_snapshot().snapshot_id
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1
     kinds = {f["kind"]: f["where"] for f in verified.document["findings"]}
     assert "table_snapshot_not_published_by_pcbo" in kinds
     assert kinds["table_file_not_in_manifests"].endswith(os.path.relpath(stale, lake_dir(home)))
-    repair = run_pcbo_here(["verify", "--repair"], home=home)
+    repair = run_pcbo_in_process(["verify", "--repair"], home=home)
     assert repair.status == 1 and repair.document["repaired"] == []  # a finding, not a crash window
     # The next write refuses to publish over it (its lake commit stands), and adopts nothing.
     third = write_request(tmp_path / "r3.json", _request("ice-3", existing=first_ids[:2]))
-    refused = run_pcbo_here(["execute", "--input", third], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", third], home=home)
     assert refused.status == 1
     assert refused.document["table"]["status"] == "refused"
     assert "table_file_not_in_manifests" in {f["kind"] for f in refused.document["table"]["findings"]}
@@ -344,13 +357,13 @@ def test_the_catalogs_publication_row_cannot_switch_the_table_checks_off(
             db.execute("DELETE FROM table_publications")
         else:
             db.execute("UPDATE table_publications SET table_name = 'lake.elsewhere'")
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1
     kinds = {f["kind"] for f in verified.document["findings"]}
     assert {"table_snapshot_not_published_by_pcbo", "table_file_not_in_manifests"} <= kinds, kinds
     if edit == "rename":
         assert "table_publication_not_on_chain" in kinds
-    repaired = run_pcbo_here(["verify", "--repair"], home=home)
+    repaired = run_pcbo_in_process(["verify", "--repair"], home=home)
     assert repaired.status == 1
     assert "table_file_not_in_manifests" in {f["kind"] for f in repaired.document["findings"]}
     if edit == "delete":
@@ -367,7 +380,9 @@ def test_a_catalog_row_the_chain_never_declared_makes_no_target(tmp_path: Path) 
     plain = _request("p1")
     del plain["table"]
     assert (
-        run_pcbo_here(["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home).status
+        run_pcbo_in_process(
+            ["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home
+        ).status
         == 0
     )
     evil = tmp_path / "attacker" / "evil.db"
@@ -381,12 +396,14 @@ def test_a_catalog_row_the_chain_never_declared_makes_no_target(tmp_path: Path) 
     again = _request("p2", existing=_ids(_manifest_rows(home))[:1])
     del again["table"]
     assert (
-        run_pcbo_here(["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home).status
+        run_pcbo_in_process(
+            ["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home
+        ).status
         == 0
     )
     assert not evil.exists() and not (tmp_path / "attacker").exists()
     assert not [e for e in backup_events(home) if e["event_type"] == "table_publication_recorded"]
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1
     assert "table_publication_not_on_chain" in {f["kind"] for f in verified.document["findings"]}
 
@@ -451,13 +468,13 @@ def test_a_table_declaration_the_operators_key_did_not_sign_makes_no_target(
     home, signing = tmp_path / "home", _operator_key(tmp_path)
     if forged == "copied_from_another_chain":  # v2 publishes, signed: its declaration is genuine
         other = {**_request("other"), "versionLabel": "v2"}
-        done = run_pcbo_here(
+        done = run_pcbo_in_process(
             ["execute", "--input", write_request(tmp_path / "o.json", other)], home=home, env=signing
         )
         assert done.status == 0, done.stderr
     plain = _request("p1")
     del plain["table"]
-    done = run_pcbo_here(
+    done = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "p1.json", plain)], home=home, env=signing
     )
     assert done.status == 0, done.stderr
@@ -486,23 +503,23 @@ def test_a_table_declaration_the_operators_key_did_not_sign_makes_no_target(
     if then == "execute":
         again = _request("p2", existing=_ids(_manifest_rows(home))[:1])
         del again["table"]
-        ran = run_pcbo_here(
+        ran = run_pcbo_in_process(
             ["execute", "--input", write_request(tmp_path / "p2.json", again)], home=home, env=signing
         )
         assert ran.status == 0, ran.stderr
         assert ran.document is not None and ran.document.get("table") is None, ran.document.get("table")
     elif then == "dry_run":  # a table of its own: the forged declaration is no other table it must use
         mine = {**_request("p2"), "table": {"format": "iceberg", "name": "lake.mine"}}
-        planned = run_pcbo_here(
+        planned = run_pcbo_in_process(
             ["dry-run", "--input", write_request(tmp_path / "p2.json", mine)], home=home, env=signing
         )
         assert planned.status == 0, planned.stderr
     elif then == "repair":
-        repaired = run_pcbo_here(["verify", "--repair"], home=home, env=signing)
+        repaired = run_pcbo_in_process(["verify", "--repair"], home=home, env=signing)
         assert repaired.status == 1, repaired.stderr
         assert "table_declaration_signature_invalid" in {f["kind"] for f in repaired.document["findings"]}
     else:
-        queried = run_pcbo_here(
+        queried = run_pcbo_in_process(
             ["query", "--dataset", DATASET, "SELECT count(*) FROM evil.loot"], home=home, env=signing
         )
         assert queried.status == 2 and "publishes no table" in queried.stderr, queried.stderr
@@ -510,7 +527,7 @@ def test_a_table_declaration_the_operators_key_did_not_sign_makes_no_target(
         assert not evil.exists() and not (tmp_path / "attacker").exists()
     else:
         assert _table_count(home) == before  # v1 published into no table of v2's catalog
-    verified = run_pcbo_here(["verify"], home=home, env=signing)
+    verified = run_pcbo_in_process(["verify"], home=home, env=signing)
     assert verified.status == 1
     kinds = {f["kind"] for f in verified.document["findings"]}
     assert {"table_declaration_signature_invalid", "table_publication_not_on_chain"} <= kinds, kinds
@@ -525,14 +542,14 @@ def test_a_table_declaration_is_signed_with_the_operators_key_and_counts_once_si
     from pcbo_dagster.core.signed_note import parse_signing_key
 
     home, signing = tmp_path / "home", _operator_key(tmp_path)
-    first = run_pcbo_here(
+    first = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r1.json", _request("s1"))], home=home
     )
     assert first.status == 0, first.stderr
     (unsigned,) = _declarations(home)
     assert "operator_signature" not in unsigned
     v1_ids = _ids(_manifest_rows(home))
-    second = run_pcbo_here(
+    second = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r2.json", _request("s2", existing=v1_ids[:1]))],
         home=home,
         env=signing,
@@ -545,7 +562,7 @@ def test_a_table_declaration_is_signed_with_the_operators_key_and_counts_once_si
     assert verified_statement(declarations[1], verifier) is not None
     assert verified_statement(unsigned, verifier) is None
     _assert_table_is_the_manifests(home, _table(home))
-    verified = run_pcbo_here(["verify"], home=home, env=signing)
+    verified = run_pcbo_in_process(["verify"], home=home, env=signing)
     assert verified.status == 1  # the unsigned declaration of before the key, reported, counting for nothing
     assert [f["kind"] for f in verified.document["findings"]] == ["table_declaration_signature_invalid"]
 
@@ -571,10 +588,12 @@ def test_no_table_file_is_written_through_a_warehouse_linked_out_of_the_lake(
     os.symlink(outside, warehouse)
     before = sorted(p for p in outside.rglob("*"))
     changed = _request("b", existing=_ids(_manifest_rows(home))[:1] if when == "after_the_table" else None)
-    result = run_pcbo_here(["execute", "--input", write_request(tmp_path / "b.json", changed)], home=home)
+    result = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "b.json", changed)], home=home
+    )
     assert result.status == 1, result.stderr
     assert sorted(p for p in outside.rglob("*")) == before, "a table file was written outside the lake"
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1
     assert "path_outside_lake" in {f["kind"] for f in verified.document["findings"]}, verified.document
 
@@ -587,21 +606,27 @@ def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(
     other = write_request(
         tmp_path / "b.json", _request("b", table={"format": "iceberg", "name": "lake.other"})
     )
-    moved = run_pcbo_here(["execute", "--input", other], home=home)
+    moved = run_pcbo_in_process(["execute", "--input", other], home=home)
     assert moved.status == 2 and "publishes to one table" in moved.stderr
     # Another dataset naming this dataset's table is refused before anything is written.
     intruder = {**_request("i"), "dataset": "intruder"}
-    taken = run_pcbo_here(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
+    taken = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home
+    )
     assert taken.status == 2 and "table" in taken.stderr and "is the table of" in taken.stderr
     assert not (lake_dir(home) / "intruder").exists()
     secret = _request("c", table={"format": "iceberg", "name": "x.y", "catalog": "postgresql://u:pw@h/db"})
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home
+    )
     assert refused.status == 2 and "table.catalog" in refused.stderr and "pw" not in refused.stderr
     # A request without `table` publishes to the recorded one.
     plain = _request("d", existing=_ids(_manifest_rows(home))[:1])
     del plain["table"]
     assert (
-        run_pcbo_here(["execute", "--input", write_request(tmp_path / "d.json", plain)], home=home).status
+        run_pcbo_in_process(
+            ["execute", "--input", write_request(tmp_path / "d.json", plain)], home=home
+        ).status
         == 0
     )
     _assert_table_is_the_manifests(home, _table(home))
@@ -614,15 +639,15 @@ def test_the_pcbo_catalogs_postgresql_database_holds_the_iceberg_catalog(
     home = tmp_path / "home"
     env = {"PCBO_CATALOG_URL": fresh_postgres_url}
     request = _request("pg-1", table={"format": "iceberg", "catalog": "pcbo", "name": "lake.events"})
-    done = run_pcbo_here(
+    done = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r.json", request)], home=home, env=env
     )
     assert done.status == 0, done.stderr
     table = _table(home, uri=fresh_postgres_url)
     _assert_table_is_the_manifests(home, table)
     assert not (home / "iceberg.db").exists()
-    assert run_pcbo_here(["verify"], home=home, env=env).status == 0
-    counted = run_pcbo_here(
+    assert run_pcbo_in_process(["verify"], home=home, env=env).status == 0
+    counted = run_pcbo_in_process(
         ["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home, env=env
     )
     assert counted.document["rows"] == [[table.scan().to_arrow().num_rows]]
@@ -685,9 +710,9 @@ datasets:
     promoted = table.scan().to_arrow().sort_by("id")
     assert promoted.to_pylist() == staging_rows.to_pylist()
     assert {t.file.file_path for t in table.scan().plan_files()} == _manifest_file_uris(base.home, "sessions")
-    assert run_pcbo_here(["verify"], home=base.home).status == 0
-    assert run_pcbo_here(["verify"], home=base.home / "staging").status == 0
-    staged_query = run_pcbo_here(
+    assert run_pcbo_in_process(["verify"], home=base.home).status == 0
+    assert run_pcbo_in_process(["verify"], home=base.home / "staging").status == 0
+    staged_query = run_pcbo_in_process(
         ["query", "--dataset", "sessions", "--branch", "staging", "SELECT count(*) FROM lake.sessions"],
         home=base.home,
     )
@@ -707,7 +732,7 @@ def test_a_table_is_declared_under_the_lease(tmp_path: Path) -> None:
     catalog.migrate()
     try:
         assert catalog.try_acquire_lease(DATASET, "v1", other, 600) is None
-        busy = run_pcbo_here(
+        busy = run_pcbo_in_process(
             ["execute", "--input", write_request(tmp_path / "a.json", _request("wait-1"))],
             home=home,
             env={"PCBO_LEASE_WAIT_SECONDS": "1"},
@@ -717,11 +742,11 @@ def test_a_table_is_declared_under_the_lease(tmp_path: Path) -> None:
         catalog.release_lease(DATASET, "v1", other)
     finally:
         catalog.close()
-    done = run_pcbo_here(
+    done = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "a.json", _request("wait-1"))], home=home
     )
     assert done.status == 0, done.stderr
-    refused = run_pcbo_here(
+    refused = run_pcbo_in_process(
         [
             "execute",
             "--input",
@@ -792,13 +817,15 @@ def test_table_properties_in_the_lake_run_no_code_and_swap_no_columns(
         assert (
             scanned.column("channel").to_pylist() == _manifest_rows(home).column("jurisdiction").to_pylist()
         )
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1, verified.stderr
     assert [f["kind"] for f in verified.document["findings"]] == ["table_properties_altered"]
-    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_in_process(["verify", "--repair"], home=home).document["repaired"] == []
     before = _guarded_table(home).current_snapshot().snapshot_id
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home
+    )
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert _guarded_table(home).current_snapshot().snapshot_id == before
     assert not pwned.exists(), "a class named by the table's metadata ran"
@@ -813,7 +840,7 @@ def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path, publish
     assert first.status == 0
     v1_ids = _ids(_manifest_rows(home))
     changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=v1_ids[:2]))
-    assert run_pcbo_here(["execute", "--input", changed], home=home).status == 0
+    assert run_pcbo_in_process(["execute", "--input", changed], home=home).status == 0
 
     def edit(metadata: dict[str, Any]) -> None:
         current = next(
@@ -824,12 +851,12 @@ def test_a_current_snapshot_apart_from_main_is_a_finding(tmp_path: Path, publish
     _rewrite_table_metadata(home, edit)
     table = _guarded_table(home)
     assert _ids(table.scan().to_arrow()) == v1_ids and _duckdb_ids(table) == v1_ids  # what readers read
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1
     assert [f["kind"] for f in verified.document["findings"]] == ["table_current_snapshot_not_main"]
-    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_in_process(["verify", "--repair"], home=home).document["repaired"] == []
     third = write_request(tmp_path / "r3.json", _request("ice-3", existing=v1_ids[:3]))
-    refused = run_pcbo_here(["execute", "--input", third], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", third], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
     assert (
         _guarded_table(home).metadata.snapshot_by_name("main").snapshot_id
@@ -866,13 +893,13 @@ def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path, pub
     assert table.current_snapshot().snapshot_id == ours.snapshot_id
     read = _ids(table.scan().to_arrow())
     assert len(read) > len(committed) and sorted(set(read)) == committed  # what readers read
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1, verified.document
     kinds = {f["kind"]: f["where"] for f in verified.document["findings"]}
     assert kinds["table_file_listed_twice"].endswith(first.removeprefix(f"file://{lake_dir(home)}/"))
-    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_in_process(["verify", "--repair"], home=home).document["repaired"] == []
     again = write_request(tmp_path / "r2.json", _request("ice-2", existing=committed[:1]))
-    refused = run_pcbo_here(["execute", "--input", again], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", again], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
     assert _guarded_table(home).current_snapshot().snapshot_id == ours.snapshot_id
 
@@ -930,14 +957,14 @@ def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(
             "duckdb-iceberg",
             "SELECT count(*) FROM lake.events",
         ]
-        assert run_pcbo_here(query, home=home).document["rows"] == [[0]]  # what DuckDB reads
-    verified = run_pcbo_here(["verify"], home=home)
+        assert run_pcbo_in_process(query, home=home).document["rows"] == [[0]]  # what DuckDB reads
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1, verified.document
     kinds = [f["kind"] for f in verified.document["findings"]]
     assert kinds.count("table_manifest_summary_mismatch") == len(manifests), kinds
-    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_in_process(["verify", "--repair"], home=home).document["repaired"] == []
     again = write_request(tmp_path / "r2.json", _request("ice-2", existing=_ids(_manifest_rows(home))[:1]))
-    refused = run_pcbo_here(["execute", "--input", again], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", again], home=home)
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
     assert _guarded_table(home).current_snapshot().snapshot_id == snapshot.snapshot_id
 
@@ -1016,7 +1043,7 @@ def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(
     home, first = published
     assert first.status == 0
     query = "SELECT count(*) FROM lake.events WHERE occurredAt >= TIMESTAMPTZ '2024-01-01 03:00:00+00'"
-    honest = run_pcbo_here(["query", "--dataset", DATASET, query], home=home).document["rows"]
+    honest = run_pcbo_in_process(["query", "--dataset", DATASET, query], home=home).document["rows"]
     assert honest[0][0] > 0
     table = _guarded_table(home)
     snapshot = table.current_snapshot()
@@ -1042,8 +1069,8 @@ def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(
         change.delete_data_file(victim)
         change.append_data_file(DataFile.from_args(**fields))
     tx.commit_transaction()
-    assert run_pcbo_here(["query", "--dataset", DATASET, query], home=home).document["rows"] != honest
-    verified = run_pcbo_here(["verify"], home=home)
+    assert run_pcbo_in_process(["query", "--dataset", DATASET, query], home=home).document["rows"] != honest
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1
     findings = verified.document["findings"]
     assert [f["kind"] for f in findings] == ["table_file_metadata_mismatch"]
@@ -1051,9 +1078,11 @@ def test_a_file_entry_with_forged_partition_or_bounds_is_a_finding(
         findings[0]["where"].endswith(victim.file_path.rsplit("/lake/", 1)[1])
         and forged in findings[0]["detail"]
     )
-    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_in_process(["verify", "--repair"], home=home).document["repaired"] == []
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home
+    )
     assert refused.status == 1 and refused.document["table"]["status"] == "refused"
 
 
@@ -1085,12 +1114,12 @@ def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(
     else:
         Path(location.removeprefix("file://")).write_text("not a metadata file\n")
     expected = "table_unreadable" if attack == "garbage" else "path_outside_lake"
-    verified = run_pcbo_here(["verify"], home=home, env={"PCBO_DEBUG": "1"})
+    verified = run_pcbo_in_process(["verify"], home=home, env={"PCBO_DEBUG": "1"})
     assert verified.status == 1, verified.stderr
     assert [f["kind"] for f in verified.document["findings"]] == [expected]
     assert "TOPSECRET" not in verified.stderr + json.dumps(verified.document)
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo_here(
+    refused = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r2.json", changed)],
         home=home,
         env={"PCBO_DEBUG": "1"},
@@ -1098,7 +1127,9 @@ def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert [f["kind"] for f in refused.document["table"]["findings"]] == [expected]
     assert "TOPSECRET" not in refused.stderr + json.dumps(refused.document)
-    queried = run_pcbo_here(["query", "--dataset", DATASET, "SELECT 1"], home=home, env={"PCBO_DEBUG": "1"})
+    queried = run_pcbo_in_process(
+        ["query", "--dataset", DATASET, "SELECT 1"], home=home, env={"PCBO_DEBUG": "1"}
+    )
     assert queried.status == 1 and expected in queried.stderr and "TOPSECRET" not in queried.stderr
     with sqlite3.connect(home / "iceberg.db") as db:  # nothing published over it
         now = db.execute("SELECT metadata_location FROM iceberg_tables").fetchone()[0]
@@ -1118,7 +1149,9 @@ def test_a_table_of_another_dataset_is_refused_even_with_its_catalog_row_deleted
     with sqlite3.connect(home / "catalog.db") as db:
         db.execute("DELETE FROM table_publications")
     intruder = {**_request("i"), "dataset": "intruder"}
-    taken = run_pcbo_here(["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home)
+    taken = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "i.json", intruder)], home=home
+    )
     assert taken.status == 2 and "is the table of another dataset version" in taken.stderr, taken.stderr
     assert not (lake_dir(home) / "intruder").exists()
     assert backup_events(home, "intruder") == []
@@ -1142,7 +1175,7 @@ def test_an_execute_naming_another_datasets_table_writes_nothing(
         db.close()
     intruder = write_request(tmp_path / "i.json", {**_request("i"), "dataset": "intruder"})
     before = tree_state(home)
-    taken = run_pcbo_here(["execute", "--input", intruder], home=home)
+    taken = run_pcbo_in_process(["execute", "--input", intruder], home=home)
     assert taken.status == 2 and "is the table of another dataset version" in taken.stderr, taken.stderr
     assert tree_state(home) == before
 
@@ -1159,11 +1192,13 @@ def test_a_rollback_over_a_diverged_table_finishes_its_work_and_says_so(tmp_path
     key_file.chmod(0o600)
     signing = {"PCBO_SIGNING_KEY": str(key_file)}
     request = write_request(tmp_path / "r1.json", _request("ice-1"))
-    assert run_pcbo_here(["execute", "--input", request], home=home, env=signing).status == 0
+    assert run_pcbo_in_process(["execute", "--input", request], home=home, env=signing).status == 0
     forged = tmp_path / "forged.parquet"
     pq.write_table(_manifest_rows(home).slice(0, 1), forged)
     _table(home).add_files([f"file://{forged}"])
-    undone = run_pcbo_here(["rollback", "--dataset", DATASET, "--run-id", "ice-1"], home=home, env=signing)
+    undone = run_pcbo_in_process(
+        ["rollback", "--dataset", DATASET, "--run-id", "ice-1"], home=home, env=signing
+    )
     assert undone.status == 1 and "publication refused" in undone.stderr
     assert undone.document is not None and undone.document["status"] == "rolled_back", undone.stderr
     assert undone.document["table"]["status"] == "refused"
@@ -1188,7 +1223,7 @@ def test_a_snapshot_with_a_garbage_audit_seq_is_a_finding_not_an_internal_error(
     home, first = published
     assert first.status == 0
     changed = write_request(tmp_path / "r2.json", _request("ice-2", existing=_ids(_manifest_rows(home))[:1]))
-    assert run_pcbo_here(["execute", "--input", changed], home=home).status == 0
+    assert run_pcbo_in_process(["execute", "--input", changed], home=home).status == 0
 
     def edit(metadata: dict[str, Any]) -> None:
         latest = next(s for s in metadata["snapshots"] if s["snapshot-id"] == metadata["current-snapshot-id"])
@@ -1198,11 +1233,11 @@ def test_a_snapshot_with_a_garbage_audit_seq_is_a_finding_not_an_internal_error(
         (latest if garbled == "later" else older)["summary"]["pcbo.audit-seq"] = "--1"
 
     _rewrite_table_metadata(home, edit)
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1 and verified.document is not None, verified.stderr
     expected = "table_snapshot_downgraded" if garbled == "later" else "table_snapshot_not_on_chain"
     assert expected in [f["kind"] for f in verified.document["findings"]]
-    assert run_pcbo_here(["verify", "--repair"], home=home).document["repaired"] == []
+    assert run_pcbo_in_process(["verify", "--repair"], home=home).document["repaired"] == []
 
 
 def test_a_partition_spec_edited_to_another_transform_is_a_finding(
@@ -1222,11 +1257,13 @@ def test_a_partition_spec_edited_to_another_transform_is_a_finding(
                 spec_field["transform"] = "bucket[4]"
 
     _rewrite_table_metadata(home, edit)
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1 and verified.document is not None, verified.stderr
     assert {f["kind"] for f in verified.document["findings"]} == {"table_partition_spec_mismatch"}
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home
+    )
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
 
 
@@ -1261,7 +1298,9 @@ def test_a_field_named_like_a_metadata_column_is_refused_when_published(tmp_path
     request = _request("ice-1")
     for record in request["sourceRecords"]:
         record[field] = "s3://elsewhere/forged.parquet"
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home
+    )
     assert refused.status == 2, refused.stderr
     named = re.search(rf"sourceRecords\[(\d+)\]\.{re.escape(field)}: ", refused.stderr)
     assert named is not None, refused.stderr
@@ -1269,7 +1308,9 @@ def test_a_field_named_like_a_metadata_column_is_refused_when_published(tmp_path
     assert not home.exists()  # not even the home (a catalog, lock files) before it is refused
     # Without a table the same records are written as before, the field a column of the files.
     del request["table"]
-    plain = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", request)], home=home)
+    plain = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r2.json", request)], home=home
+    )
     assert plain.status == 0, plain.stderr
     assert field in _manifest_rows(home).column_names
 
@@ -1288,7 +1329,9 @@ def test_a_field_equal_but_for_case_to_another_column_is_refused_when_published(
     record = next(r for r in request["sourceRecords"] if r.get("consentGranted") is True and "channel" in r)
     record[field] = "forged"
     index = request["sourceRecords"].index(record)
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home
+    )
     assert refused.status == 2, refused.stderr
     if field == "Channel":  # two fields of the records: the one after in byte order is named
         assert "].channel: " in refused.stderr and "column Channel" in refused.stderr, refused.stderr
@@ -1311,15 +1354,17 @@ def test_a_dry_run_refuses_the_field_names_an_execute_refuses(tmp_path: Path, fi
     record = next(r for r in request["sourceRecords"] if r.get("consentGranted") is True)
     record[field] = "forged"
     path = write_request(tmp_path / "r1.json", request)
-    dry = run_pcbo_here(["dry-run", "--input", path], home=home)
+    dry = run_pcbo_in_process(["dry-run", "--input", path], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
-    refused = run_pcbo_here(["execute", "--input", path], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", path], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     assert not (lake_dir(home) / DATASET).exists() and backup_events(home, DATASET) == []
     # Without a table the same records are a dry-run as before.
     del request["table"]
-    plain = run_pcbo_here(["dry-run", "--input", write_request(tmp_path / "r2.json", request)], home=home)
+    plain = run_pcbo_in_process(
+        ["dry-run", "--input", write_request(tmp_path / "r2.json", request)], home=home
+    )
     assert plain.status == 0, plain.stderr
 
 
@@ -1345,12 +1390,12 @@ def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_h
     del lake_only["table"]
     lake_only["versionLabel"] = "v0"
     assert (
-        run_pcbo_here(
+        run_pcbo_in_process(
             ["execute", "--input", write_request(tmp_path / "r0.json", lake_only)], home=home
         ).status
         == 0
     )
-    first = run_pcbo_here(
+    first = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r1.json", _request("ice-1"))], home=home
     )
     assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
@@ -1358,18 +1403,21 @@ def test_a_dry_run_refuses_the_field_names_the_table_its_chain_declares_cannot_h
     del later["table"]
     path = write_request(tmp_path / "r2.json", later)
     before = tree_state(home)
-    dry = run_pcbo_here(["dry-run", "--input", path], home=home)
+    dry = run_pcbo_in_process(["dry-run", "--input", path], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
     assert f"sourceRecords[{index}].{field}: " in dry.stderr, dry.stderr
     assert tree_state(home) == before
-    refused = run_pcbo_here(["execute", "--input", path], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", path], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     # The same records for the lake-only version: the dry-run's document, as with no chain at all.
     plain = write_request(tmp_path / "r3.json", {**later, "versionLabel": "v0"})
-    on_chain = run_pcbo_here(["dry-run", "--input", plain], home=home)
+    on_chain = run_pcbo_in_process(["dry-run", "--input", plain], home=home)
     assert on_chain.status == 0, on_chain.stderr
-    assert on_chain.document == run_pcbo_here(["dry-run", "--input", plain], home=tmp_path / "empty").document
+    assert (
+        on_chain.document
+        == run_pcbo_in_process(["dry-run", "--input", plain], home=tmp_path / "empty").document
+    )
     assert not (tmp_path / "empty").exists()
     assert tree_state(home) == before
 
@@ -1387,15 +1435,15 @@ def test_a_dry_run_refuses_a_table_other_than_the_one_its_chain_declares(
     assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
     other = write_request(tmp_path / "r2.json", _request("ice-2", table={**TABLE, "name": "lake.other"}))
     before = tree_state(home)
-    dry = run_pcbo_here(["dry-run", "--input", other], home=home)
+    dry = run_pcbo_in_process(["dry-run", "--input", other], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
     assert "table: " in dry.stderr and "publishes to one table" in dry.stderr, dry.stderr
     assert tree_state(home) == before
-    refused = run_pcbo_here(["execute", "--input", other], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", other], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     assert tree_state(home) == before
-    same = run_pcbo_here(
+    same = run_pcbo_in_process(
         ["dry-run", "--input", write_request(tmp_path / "r3.json", _request("ice-2"))], home=home
     )
     assert same.status == 0 and same.document["decisionHash"], same.stderr
@@ -1413,30 +1461,30 @@ def test_a_dry_run_refuses_the_table_of_another_dataset_version(tmp_path: Path, 
     assert first.status == 0 and first.document["table"]["status"] == "published", first.stderr
     taken = write_request(tmp_path / "r2.json", {**_request("ice-2"), "versionLabel": "v2"})
     before = tree_state(home)
-    dry = run_pcbo_here(["dry-run", "--input", taken], home=home)
+    dry = run_pcbo_in_process(["dry-run", "--input", taken], home=home)
     assert dry.status == 2 and dry.document is None, dry.stderr
     assert "table: lake.events is the table of another dataset version" in dry.stderr, dry.stderr
     assert tree_state(home) == before
     free = {**_request("ice-2", table={**TABLE, "name": "lake.free"}), "versionLabel": "v2"}
-    fresh = run_pcbo_here(["dry-run", "--input", write_request(tmp_path / "r3.json", free)], home=home)
+    fresh = run_pcbo_in_process(["dry-run", "--input", write_request(tmp_path / "r3.json", free)], home=home)
     assert fresh.status == 0 and fresh.document["decisionHash"], fresh.stderr
     assert tree_state(home) == before
-    empty = run_pcbo_here(["dry-run", "--input", taken], home=tmp_path / "empty")
+    empty = run_pcbo_in_process(["dry-run", "--input", taken], home=tmp_path / "empty")
     assert empty.status == 0, empty.stderr
     assert not (tmp_path / "empty").exists()
     # A deployment with a catalog of pcbo's but no Iceberg catalog yet (a lake-only run): none created.
     lake_only = tmp_path / "lake-only"
     plain = {k: v for k, v in _request("ice-0").items() if k != "table"}
     assert (
-        run_pcbo_here(
+        run_pcbo_in_process(
             ["execute", "--input", write_request(tmp_path / "r0.json", plain)], home=lake_only
         ).status
         == 0
     )
     lake_only_before = tree_state(lake_only)
-    assert run_pcbo_here(["dry-run", "--input", taken], home=lake_only).status == 0
+    assert run_pcbo_in_process(["dry-run", "--input", taken], home=lake_only).status == 0
     assert tree_state(lake_only) == lake_only_before and not (lake_only / "iceberg.db").exists()
-    refused = run_pcbo_here(["execute", "--input", taken], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", taken], home=home)
     assert refused.status == 2, refused.stderr
     assert dry.stderr.replace("dry-run", "execute") == refused.stderr, (dry.stderr, refused.stderr)
     # The catalog's row deleted: the table's own property still names the version it holds, and the
@@ -1446,7 +1494,7 @@ def test_a_dry_run_refuses_the_table_of_another_dataset_version(tmp_path: Path, 
         db.execute("DELETE FROM table_publications")
     db.close()  # the last connection: its write-ahead log checkpointed into the file, and removed
     before = tree_state(home)
-    unrecorded = run_pcbo_here(["dry-run", "--input", taken], home=home)
+    unrecorded = run_pcbo_in_process(["dry-run", "--input", taken], home=home)
     assert unrecorded.status == 2 and unrecorded.stderr == dry.stderr, unrecorded.stderr
     assert tree_state(home) == before
 
@@ -1475,11 +1523,11 @@ def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(
     del later["table"]
     path = write_request(tmp_path / "r2.json", later)
     before = tree_state(home)
-    dry = run_pcbo_here(["dry-run", "--input", path], home=home)
+    dry = run_pcbo_in_process(["dry-run", "--input", path], home=home)
     assert dry.status == 1 and dry.document is None, dry.stderr
     assert "the audit chain events/v1 does not verify" in dry.stderr and "Traceback" not in dry.stderr
     assert tree_state(home) == before
-    refused = run_pcbo_here(["execute", "--input", path], home=home)
+    refused = run_pcbo_in_process(["execute", "--input", path], home=home)
     assert refused.status == 1 and "the audit chain events/v1 does not verify" in refused.stderr
 
 
@@ -1496,7 +1544,9 @@ def test_a_later_run_of_a_published_dataset_version_is_held_to_the_same_names(
     source = tmp_path / "records.jsonl"
     source.write_text("".join(json.dumps({**r, "_pos": 0}) + "\n" for r in later.pop("sourceRecords")))
     later["source"] = {"uri": str(source)}
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home
+    )
     assert refused.status == 2, refused.stderr
     assert "source._pos: " in refused.stderr and "metadata column _pos" in refused.stderr
     assert backup_lines(home, DATASET) == lines and lake_files(home) == lake
@@ -1527,14 +1577,16 @@ def test_a_table_column_named_like_a_metadata_column_is_a_finding(
     _rewrite_table_metadata(home, edit)
     table = _guarded_table(home)
     assert set(_duckdb_column(table, added.lower())) == {None}
-    verified = run_pcbo_here(["verify"], home=home)
+    verified = run_pcbo_in_process(["verify"], home=home)
     assert verified.status == 1, verified.stderr
     assert [(f["kind"], f["where"]) for f in verified.document["findings"]] == [
         ("table_column_name_clash", f"lake.events@main: {added}")
     ]
     before = table.current_snapshot().snapshot_id
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r2.json", changed)], home=home
+    )
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert [f["kind"] for f in refused.document["table"]["findings"]] == ["table_column_name_clash"]
     assert _guarded_table(home).current_snapshot().snapshot_id == before
@@ -1551,16 +1603,20 @@ def test_files_written_before_the_table_are_not_published_with_such_a_column(tmp
     for record in request["sourceRecords"]:
         record["_file"] = "s3://elsewhere/forged.parquet"
     assert (
-        run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home).status
+        run_pcbo_in_process(
+            ["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home
+        ).status
         == 0
     )
     later = {**_request("ice-2"), "start": "2024-01-01T03:00:00Z"}  # the last hour only, no `_file`
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r2.json", later)], home=home
+    )
     assert refused.status == 1, refused.stderr
     assert refused.document["table"]["status"] == "refused"
     assert [f["kind"] for f in refused.document["table"]["findings"]] == ["table_column_name_clash"]
     assert _table_count(home) == 0
-    repaired = run_pcbo_here(["verify", "--repair"], home=home)
+    repaired = run_pcbo_in_process(["verify", "--repair"], home=home)
     assert repaired.status == 1, repaired.stderr
     assert [f["kind"] for f in repaired.document["findings"]] == ["table_column_name_clash"]
     assert _table_count(home) == 0
@@ -1589,7 +1645,9 @@ def test_a_field_named_like_a_ledger_tables_partition_field_is_refused(tmp_path:
         "sourceRecords": records,
         "table": TABLE,
     }
-    refused = run_pcbo_here(["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r1.json", request)], home=home
+    )
     assert refused.status == 2, refused.stderr
     assert "sourceRecords[70].LedgerSequence_TRUNC: " in refused.stderr
     assert "partition field ledgerSequence_trunc" in refused.stderr
@@ -1705,7 +1763,9 @@ def test_a_rollback_publishes_where_its_verified_chain_declares_whatever_the_bac
     from pcbo_dagster.engine.rollback import rollback
 
     home, v1_ids = _published_first_run(published)
-    second = run_pcbo_here(["execute", "--input", _second_run_without_table(tmp_path, v1_ids)], home=home)
+    second = run_pcbo_in_process(
+        ["execute", "--input", _second_run_without_table(tmp_path, v1_ids)], home=home
+    )
     assert second.status == 0, second.stderr
     assert _assert_table_is_the_manifests(home, _table(home)) == v1_ids[1:]
     _hide_declarations_from_unverified_reads(monkeypatch)
@@ -1821,7 +1881,7 @@ def test_a_table_name_forged_in_the_catalogs_is_no_sql_for_pcbo_query(
 
     work = tmp_path / "work"
     work.mkdir()
-    queried = run_pcbo_here(
+    queried = run_pcbo_in_process(
         ["query", "--dataset", DATASET, "--reader", reader, "SELECT 1"], home=home, cwd=work
     )
     assert not (work / "pwned").exists(), "the forged table name ran as SQL"
@@ -1844,7 +1904,9 @@ def test_pcbo_query_reads_the_table_the_chain_declares_not_the_catalogs_row(
     with pcbo_catalog:
         pcbo_catalog.execute("UPDATE table_publications SET catalog_url = ?", (f"sqlite:///{elsewhere}",))
     pcbo_catalog.close()
-    queried = run_pcbo_here(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
+    queried = run_pcbo_in_process(
+        ["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home
+    )
     assert queried.status == 0, queried.stderr
     assert queried.document["rows"][0][0] > 0 and not elsewhere.exists()
 

@@ -19,9 +19,8 @@ from pcbo_dagster.engine import partition_checks
 from pcbo_dagster.engine.proofs import verify_proof
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.lake.storage import LakeStorage
-from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import run_pcbo, run_pcbo_in_process, write_request
 from pcbo_dagster_tests.http_server import running_server
-from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 from pcbo_dagster_tests.loopback import free_port
 from pcbo_dagster_tests.object_store_servers import ObjectStore
 from pcbo_dagster_tests.test_object_store_lakes import _request

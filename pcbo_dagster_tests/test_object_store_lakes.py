@@ -15,9 +15,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import run_pcbo, run_pcbo_in_process, write_request
 from pcbo_dagster_tests.csv_files import csv_bytes
-from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import load_generator, run_pcbo, run_pcbo_in_process, write_request
 from pcbo_dagster_tests.faulty_proxy import FaultyProxy
-from pcbo_dagster_tests.in_process_pcbo import run_pcbo_in_process
 from pcbo_dagster_tests.loopback import free_port
 
 pytestmark = pytest.mark.postgres
