@@ -1,7 +1,10 @@
-"""End to end through the `pcbo` command line, as real subprocesses (CONTRACT sections 3-7).
+"""End to end through the `pcbo` command line (CONTRACT sections 3-7).
 
 One request (300 records, 6 partitions, a fractional start and end, so every partition key carries
-microseconds) is executed once into a module-wide home; tests that change anything work on a copy.
+microseconds) is executed once into a module-wide home by a real `pcbo` subprocess; tests that
+change anything work on a copy. The other steps run the same CLI (`cli.main`) in this process
+(`run_pcbo_in_process`): same arguments, exit statuses, stdout documents and stderr, without a
+Python start-up per step.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pcbo_dagster_tests.cli_runner import (
     lake_snapshot,
     load_generator,
     run_pcbo,
+    run_pcbo_in_process,
     write_request,
 )
 
@@ -167,14 +171,15 @@ def changed_request(run_id: str, *extra_ids: str) -> dict[str, Any]:
     return request
 
 
-def execute(home: Path, request_file: Path, **env: str) -> dict[str, Any]:
-    status, document, stderr = run_pcbo(["execute", "--input", request_file], home=home, env=env)
+def execute(home: Path, request_file: Path, subprocess: bool = False, **env: str) -> dict[str, Any]:
+    run = run_pcbo if subprocess else run_pcbo_in_process
+    status, document, stderr = run(["execute", "--input", request_file], home=home, env=env)
     assert status == 0, stderr
     return document
 
 
 def verify(home: Path, *extra: str) -> tuple[int, dict[str, Any]]:
-    status, document, stderr = run_pcbo(["verify", *extra], home=home)
+    status, document, stderr = run_pcbo_in_process(["verify", *extra], home=home)
     assert document is not None, stderr
     assert status == (0 if document["status"] == "clean" else 1), (status, document)
     return status, document
@@ -221,9 +226,10 @@ def request_file(work: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def home_a(work: Path, request_file: Path) -> tuple[Path, dict[str, Any]]:
-    """The base request executed once into an empty home. Tests must not modify it: copy it."""
+    """The base request executed once into an empty home by a real `pcbo` subprocess. Tests must not
+    modify it: copy it."""
     home = work / "home-a"
-    document = execute(home, request_file)
+    document = execute(home, request_file, subprocess=True)
     assert document["status"] == "committed"
     assert [p["key"] for p in document["partitions"]] == KEYS
     assert all(p["status"] == "committed" and p["version"] == 1 for p in document["partitions"])
@@ -266,7 +272,7 @@ def test_two_executes_into_empty_homes_are_byte_identical(work, request_file, ho
         assert a["files"][0]["checksum"] == "sha256:" + hashlib.sha256(files_a[rel]).hexdigest()
         assert a["files"][0]["byteSize"] == len(files_a[rel])
     # the plan hash execute reports is the one `pcbo plan` computes (no wall clock, no home in it)
-    status, plan, stderr = run_pcbo(["plan", "--input", request_file], cwd=work)
+    status, plan, stderr = run_pcbo_in_process(["plan", "--input", request_file], cwd=work)
     assert status == 0, stderr
     assert plan["planHash"] == first["planHash"]
     assert [p["key"] for p in plan["partitions"]] == KEYS
@@ -326,7 +332,7 @@ def test_consistency_proof_when_the_new_id_sorts_last(work, home_v2):
     home, _ = home_v2
     key = KEYS[CHANGED]
     proof_file = work / "consistency-1-2.json"
-    status, _, stderr = run_pcbo(
+    status, _, stderr = run_pcbo_in_process(
         [
             "proof",
             "--dataset",
@@ -355,7 +361,7 @@ def test_consistency_proof_when_the_new_id_sorts_last(work, home_v2):
         [undigest(h) for h in proof["proof"]],
     )
 
-    status, document, stderr = run_pcbo(["verify-proof", "--proof", proof_file], cwd=work)
+    status, document, stderr = run_pcbo_in_process(["verify-proof", "--proof", proof_file], cwd=work)
     assert status == 0, stderr
     assert document["valid"] is True
 
@@ -369,7 +375,7 @@ def test_consistency_proof_refused_when_the_new_version_does_not_extend(work, ho
     assert {p["key"]: p["version"] for p in document["partitions"]}[KEYS[CHANGED]] == 3
     assert [p["key"] for p in document["partitions"] if p["status"] == "committed"] == [KEYS[CHANGED]]
 
-    status, out, stderr = run_pcbo(
+    status, out, stderr = run_pcbo_in_process(
         [
             "proof",
             "--dataset",
@@ -398,12 +404,12 @@ def test_inclusion_proof_verifies_offline_and_rejects_tampering(work, home_a):
     ids = parquet_ids((lake_dir(home) / manifest["files"][0]["path"]).read_bytes())
     record_id = ids[len(ids) // 2]
     proof_file = work / "inclusion.json"
-    status, _, stderr = run_pcbo(
+    status, _, stderr = run_pcbo_in_process(
         ["proof", "--dataset", DATASET, "--partition", key, "--id", record_id, "--output", proof_file],
         home=home,
     )
     assert status == 0, stderr
-    status, _, stderr = run_pcbo(
+    status, _, stderr = run_pcbo_in_process(
         ["proof", "--dataset", DATASET, "--partition", key, "--id", "no-such-id"], home=home
     )
     assert status == 2 and "no-such-id" in stderr
@@ -427,14 +433,16 @@ def test_inclusion_proof_verifies_offline_and_rejects_tampering(work, home_a):
     tampered_file = write_request(work / "inclusion-tampered.json", tampered)
     other_root = manifest_of(home_a[0], KEYS[4])["merkleRoot"]
 
-    status, document, stderr = run_pcbo(["verify-proof", "--proof", proof_file], home=home, cwd=work)
+    status, document, stderr = run_pcbo_in_process(
+        ["verify-proof", "--proof", proof_file], home=home, cwd=work
+    )
     assert status == 0, stderr
     assert document["valid"] is True and document["reasons"] == []
 
-    status, document, _ = run_pcbo(["verify-proof", "--proof", tampered_file], home=home, cwd=work)
+    status, document, _ = run_pcbo_in_process(["verify-proof", "--proof", tampered_file], home=home, cwd=work)
     assert status == 1 and document["valid"] is False and document["reasons"]
 
-    status, document, _ = run_pcbo(
+    status, document, _ = run_pcbo_in_process(
         ["verify-proof", "--proof", proof_file, "--root", other_root], home=home, cwd=work
     )
     assert status == 1 and document["valid"] is False
@@ -451,11 +459,13 @@ def test_a_partition_key_that_is_not_exactly_a_key_never_reaches_the_lake(work, 
     record_id = parquet_ids((lake_dir(home) / manifest_of(home, key)["files"][0]["path"]).read_bytes())[0]
     chain = backup_file(home).read_bytes()
     for bad in ("..", f"{key}/..", f"../v1/{key}", f"{key}\n", "range=2-65/.."):
-        status, out, stderr = run_pcbo(
+        status, out, stderr = run_pcbo_in_process(
             ["proof", "--dataset", DATASET, "--partition", bad, "--id", record_id], home=home
         )
         assert status == 2 and out is None and "partition key" in stderr, (bad, stderr)
-        status, out, stderr = run_pcbo(["rollback", "--dataset", DATASET, "--partition", bad], home=home)
+        status, out, stderr = run_pcbo_in_process(
+            ["rollback", "--dataset", DATASET, "--partition", bad], home=home
+        )
         assert status == 2 and out is None and "partition key" in stderr, (bad, stderr)
     assert backup_file(home).read_bytes() == chain
     # The engine refuses it too, whoever calls it.
@@ -468,7 +478,7 @@ def test_a_partition_key_that_is_not_exactly_a_key_never_reaches_the_lake(work, 
 
 
 def _rollback(home: Path, *target: str) -> dict[str, Any]:
-    status, document, stderr = run_pcbo(["rollback", "--dataset", DATASET, *target], home=home)
+    status, document, stderr = run_pcbo_in_process(["rollback", "--dataset", DATASET, *target], home=home)
     assert status == 0, stderr
     return document
 
@@ -633,7 +643,7 @@ def test_verify_detects_tampering(work, home_a, tamper):
 
 
 def test_independent_rfc6962_roots_and_rfc8785_event_hashes(work, request_file, home_a, home_v2):
-    status, dry_run, stderr = run_pcbo(["dry-run", "--input", request_file], cwd=work)
+    status, dry_run, stderr = run_pcbo_in_process(["dry-run", "--input", request_file], cwd=work)
     assert status == 0, stderr
     decided = {p["key"]: p["add"] for p in dry_run["partitions"]}
 
