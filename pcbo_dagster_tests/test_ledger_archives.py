@@ -28,7 +28,12 @@ from pcbo_dagster.sources import ledger_archives as la  # noqa: E402
 from pcbo_dagster.sources import ledger_decoding  # noqa: E402
 from pcbo_dagster_tests import ledger_archive_builder as b  # noqa: E402
 from pcbo_dagster_tests import reference_ledger_decoder as reference  # noqa: E402
-from pcbo_dagster_tests.cli_runner import lake_dir, run_pcbo, write_request  # noqa: E402
+from pcbo_dagster_tests.cli_runner import (  # noqa: E402
+    lake_dir,
+    run_pcbo,
+    run_pcbo_in_process,
+    write_request,
+)
 from pcbo_dagster_tests.loopback import serving  # noqa: E402
 
 # -- names ------------------------------------------------------------------------------------------
@@ -396,7 +401,9 @@ def test_a_run_of_an_archive_holding_forged_results_is_refused_and_writes_nothin
     _rewrite(archive.file_of(10), 8, 11, metas)
     request = _range_request("results-run", root, 8, 16)
     home = tmp_path / "home"
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r.json", request)], home=home
+    )
     assert refused.status == 2, refused.stderr
     assert f"{archive.file_of(10)}: {RESULTS_REFUSED}" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr and not home.exists()
@@ -614,7 +621,9 @@ def test_an_archive_becomes_a_ledger_range_request(archive_request):
 def test_pcbo_execute_writes_the_ledgers_of_each_range_partition(tmp_path, archive_request):
     archive, request = archive_request
     request_file = write_request(tmp_path / "request.json", request)
-    status, document, stderr = run_pcbo(["execute", "--input", request_file], home=tmp_path / "home")
+    status, document, stderr = run_pcbo_in_process(
+        ["execute", "--input", request_file], home=tmp_path / "home"
+    )
     assert status == 0, stderr
     root = lake_dir(tmp_path / "home") / "ledgers_lcm_raw" / "v1"
     assert sorted(p.name for p in root.iterdir()) == sorted(KEYS)
@@ -923,7 +932,8 @@ def _written(document: dict[str, Any], home: Path) -> list[Any]:
 def test_pcbo_execute_writes_the_bytes_the_full_decoding_writes(realistic_archive, tmp_path):
     """`pcbo execute` of an archive-sourced ledgerRange request: the same plan and decision hashes,
     parquet files, manifests and Merkle roots through the full decoding (the reference, run as a
-    whole `pcbo` process) and through the walker, in this process and in worker processes."""
+    whole `pcbo` process) and through the walker (`pcbo` in this test's process), decoding in that
+    process and in worker processes."""
     import subprocess
     import sys
 
@@ -944,13 +954,20 @@ def test_pcbo_execute_writes_the_bytes_the_full_decoding_writes(realistic_archiv
         ("walker in 2 processes", "pcbo_dagster.cli.main", "2"),
     ]:
         home = tmp_path / name.replace(" ", "-")
-        env = pcbo_env(home, {"PCBO_LEDGER_WORKERS": workers, "PYTHONPATH": str(REPO_ROOT)})
-        proc = subprocess.run(
-            [sys.executable, "-m", module, "execute", "--input", str(request_file)],
-            env=env, cwd=tmp_path, capture_output=True, timeout=300, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr.decode()
-        document = json.loads(proc.stdout)
+        if module == "pcbo_dagster.cli.main":  # the walker: `pcbo` itself, in this process
+            walked = run_pcbo_in_process(
+                ["execute", "--input", request_file], home=home, env={"PCBO_LEDGER_WORKERS": workers}
+            )
+            assert walked.status == 0, walked.stderr
+            document = walked.document
+        else:  # the reference decoding patches the decoder: a process of its own
+            env = pcbo_env(home, {"PCBO_LEDGER_WORKERS": workers, "PYTHONPATH": str(REPO_ROOT)})
+            proc = subprocess.run(
+                [sys.executable, "-m", module, "execute", "--input", str(request_file)],
+                env=env, cwd=tmp_path, capture_output=True, timeout=300, check=False,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr.decode()
+            document = json.loads(proc.stdout)
         runs[name] = (
             document["planHash"],
             document["decisionHash"],
@@ -978,12 +995,14 @@ def test_a_gap_in_a_ledger_range_fails_unless_allowed_and_then_is_in_the_manifes
         "source": {"uri": str(root), "format": "ledger_archive"},
     }
     home = tmp_path / "home"
-    refused = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
+    refused = run_pcbo_in_process(
+        ["execute", "--input", write_request(tmp_path / "r.json", request)], home=home
+    )
     assert refused.status == 2 and "ledgers 12-15 are missing from the archive" in refused.stderr
     assert "allowGaps" in refused.stderr and not home.exists()
 
     request["source"]["allowGaps"] = True
-    done = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
+    done = run_pcbo_in_process(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
     assert done.status == 0, done.stderr
     by_key = {p["key"]: p for p in done.document["partitions"]}
     manifests = {
@@ -995,7 +1014,7 @@ def test_a_gap_in_a_ledger_range_fails_unless_allowed_and_then_is_in_the_manifes
         "range=18-33": None,
     }
     assert by_key["range=2-17"]["recordCount"] == 12
-    assert run_pcbo(["verify"], home=home).status == 0
+    assert run_pcbo_in_process(["verify"], home=home).status == 0
 
 
 def _range_request(run_id: str, root: Path, first: int, end: int) -> dict[str, Any]:
@@ -1033,14 +1052,14 @@ def test_a_run_that_does_not_continue_the_lake_s_ledger_history_is_refused(tmp_p
         for n, (run_id, root, first, end) in enumerate(runs):
             path = write_request(tmp_path / f"{name}-{run_id}.json", _range_request(run_id, root, first, end))
             before = _lake_files(home) if n else {}
-            done = run_pcbo(["execute", "--input", path], home=home)
+            done = run_pcbo_in_process(["execute", "--input", path], home=home)
             if refused is None or n == 0:
                 assert done.status == 0, done.stderr
                 continue
             assert done.status == 2 and "source.uri" in done.stderr and refused in done.stderr, done.stderr
             assert "not the ledger history the lake holds" in done.stderr
             assert _lake_files(home) == before
-        assert run_pcbo(["verify"], home=home).status == 0
+        assert run_pcbo_in_process(["verify"], home=home).status == 0
 
 
 def test_verify_finds_a_lake_holding_two_ledger_histories(tmp_path, two_histories, monkeypatch, capsys):
@@ -1506,7 +1525,9 @@ def test_a_fifo_in_an_archive_is_refused_and_linked_batch_files_are_read(tmp_pat
         "ledgerRange": {"field": "ledgerSequence", "first": 2, "end": 10, "partitionSize": 4},
         "source": {"uri": str(linked), "format": "ledger_archive"},
     }
-    read = run_pcbo(["dry-run", "--input", write_request(tmp_path / "r.json", request)], home=tmp_path / "h1")
+    read = run_pcbo_in_process(
+        ["dry-run", "--input", write_request(tmp_path / "r.json", request)], home=tmp_path / "h1"
+    )
     assert read.status == 0, read.stderr
     assert sum(len(p["add"]) for p in read.document["partitions"]) == 8
     fifo = linked / built.file_of(4).name
@@ -1587,7 +1608,7 @@ def test_bad_input_found_in_a_decoding_process_is_bad_input_not_a_dead_process(t
         "ledgerRange": {"field": "ledgerSequence", "first": 0, "end": 128, "partitionSize": 64},
         "source": {"uri": str(tmp_path / "archive"), "format": "ledger_archive"},
     }
-    result = run_pcbo(
+    result = run_pcbo_in_process(
         ["execute", "--input", write_request(tmp_path / "r.json", request)],
         home=tmp_path / "home",
         env={"PCBO_LEDGER_WORKERS": "2", "PCBO_MAX_BATCH_BYTES": "0"},
