@@ -1,7 +1,9 @@
 """The HTTP API against a real uvicorn server on loopback, through a real HTTP client (httpx).
 
 One server per module (its own PCBO_HOME) for the read-mostly tests; tests that need their own state
-start their own. The CLI runs as a subprocess (`cli_runner`), remote (`--server`) and local.
+start their own. The CLI runs remote (`--server`, a real HTTP client of the server) and local, in
+this process (`cli_runner.run_pcbo_in_process`: `cli.main`, its exit status, stdout and stderr); one
+remote refusal runs as a real `pcbo` subprocess, for the exit status a script sees.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ pytest.importorskip("uvicorn")
 from pcbo_dagster.catalog import schema as t  # noqa: E402
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH  # noqa: E402
 from pcbo_dagster.engine.proofs import verify_proof  # noqa: E402
-from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
+from pcbo_dagster_tests.cli_runner import run_pcbo, run_pcbo_in_process  # noqa: E402
 from pcbo_dagster_tests.http_server import DEMO_REQUEST, lake_files, running_server  # noqa: E402
 
 DEMO = json.loads(DEMO_REQUEST.read_text())
@@ -65,13 +67,13 @@ def _wait(predicate, timeout: float = 30.0, interval: float = 0.05):
 def test_plan_dry_run_execute_give_the_cli_documents_and_lake_bytes(tmp_path, server, admin, executed):
     local_home = tmp_path / "local"
     for command in ("plan", "dry-run"):
-        local = run_pcbo([command, "--input", DEMO_REQUEST], home=local_home)
+        local = run_pcbo_in_process([command, "--input", DEMO_REQUEST], home=local_home)
         assert local.status == 0, local.stderr
         remote = admin.post(f"/v1/{command}", content=DEMO_REQUEST.read_bytes())
         assert remote.status_code == 200
         assert remote.headers["content-type"].startswith("application/json")
         assert remote.json() == local.document
-    local = run_pcbo(["execute", "--input", DEMO_REQUEST], home=local_home)
+    local = run_pcbo_in_process(["execute", "--input", DEMO_REQUEST], home=local_home)
     assert local.status == 0, local.stderr
     for key in ("status", "planHash", "decisionHash", "totals", "reconciliation"):
         assert executed[key] == local.document[key], key
@@ -182,8 +184,10 @@ def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tm
     env = {"PCBO_TOKEN": token}
     local_home = tmp_path / "local"
     for command in ("plan", "dry-run", "execute"):
-        remote = run_pcbo([command, "--server", server.url, "--input", DEMO_REQUEST], env=env, cwd=tmp_path)
-        local = run_pcbo([command, "--input", DEMO_REQUEST], home=local_home)
+        remote = run_pcbo_in_process(
+            [command, "--server", server.url, "--input", DEMO_REQUEST], env=env, cwd=tmp_path
+        )
+        local = run_pcbo_in_process([command, "--input", DEMO_REQUEST], home=local_home)
         assert (remote.status, local.status) == (0, 0), remote.stderr
         if command == "execute":  # the server's lake already holds it: unchanged there, committed here
             assert remote.document["status"] == "unchanged"
@@ -192,20 +196,26 @@ def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tm
             assert remote.document == local.document
     request = tmp_path / "bad.json"
     request.write_text(json.dumps({**DEMO, "policies": {**DEMO["policies"], "onViolaton": "block"}}))
-    remote = run_pcbo(["dry-run", "--server", server.url, "--input", request], env=env, cwd=tmp_path)
-    local = run_pcbo(["dry-run", "--input", request], home=local_home)
+    remote = run_pcbo_in_process(
+        ["dry-run", "--server", server.url, "--input", request], env=env, cwd=tmp_path
+    )
+    local = run_pcbo_in_process(["dry-run", "--input", request], home=local_home)
     assert remote.status == local.status == 2
     assert remote.stderr == local.stderr  # the same message naming the field
     request.write_text(json.dumps({**DEMO, "expectedDecisionHash": "sha256:" + "1" * 64}))
-    remote = run_pcbo(["execute", "--server", server.url, "--input", request], env=env, cwd=tmp_path)
-    local = run_pcbo(["execute", "--input", request], home=local_home)
+    remote = run_pcbo(
+        ["execute", "--server", server.url, "--input", request], env=env, cwd=tmp_path
+    )  # a real process
+    local = run_pcbo_in_process(["execute", "--input", request], home=local_home)
     assert remote.status == local.status == 3
     assert remote.document == local.document and remote.stderr == local.stderr
-    refused = run_pcbo(["plan", "--server", server.url, "--input", DEMO_REQUEST], env={"PCBO_TOKEN": "nope"})
+    refused = run_pcbo_in_process(
+        ["plan", "--server", server.url, "--input", DEMO_REQUEST], env={"PCBO_TOKEN": "nope"}
+    )
     assert refused.status == 1 and "HTTP 401" in refused.stderr
-    missing = run_pcbo(["plan", "--server", server.url, "--input", DEMO_REQUEST])
+    missing = run_pcbo_in_process(["plan", "--server", server.url, "--input", DEMO_REQUEST])
     assert missing.status == 2 and "PCBO_TOKEN" in missing.stderr
-    both = run_pcbo(
+    both = run_pcbo_in_process(
         ["execute", "--server", server.url, "--home", str(tmp_path), "--input", DEMO_REQUEST], env=env
     )
     assert both.status == 2 and "--home" in both.stderr
@@ -320,7 +330,7 @@ def test_datasets_partitions_and_proofs(tmp_path, server, admin, executed):
     assert verify_proof(proof)["valid"] and proof["merkleRoot"] == added["merkleRoot"]
     file = tmp_path / "proof.json"
     file.write_text(json.dumps(proof))
-    assert run_pcbo(["verify-proof", "--proof", file, "--root", added["merkleRoot"]]).status == 0
+    assert run_pcbo_in_process(["verify-proof", "--proof", file, "--root", added["merkleRoot"]]).status == 0
     bad = admin.get(f"/v1/datasets/demo-events/partitions/{added['key']}/proof", params={"id": "no-such-id"})
     assert bad.status_code == 422 and bad.json()["field"] == "id"
     bad = admin.get("/v1/datasets/demo-events/partitions/..%2Fetc/proof", params={"id": "x"})
@@ -619,13 +629,16 @@ def test_every_endpoint_refuses_no_token_a_bad_one_a_revoked_one_and_wrong_scope
     revoked = server.token("gone", "admin")
     token_id = next(r["token_id"] for r in server.catalog.tokens() if r["subject"] == "gone")
     server.catalog.revoke_token(token_id)
+    # one client per token (building an httpx client, its TLS context, costs ~50 ms)
+    unauthorized = {token: server.client(token) for token in (None, "pcbo_not-a-token", revoked)}
+    scoped_clients = {scope: server.client(token) for scope, token in scoped.items()}
     for method, path, needed in ENDPOINTS:
-        for token in (None, "pcbo_not-a-token", revoked):
-            answer = _call(server.client(token), method, path)
+        for token, client in unauthorized.items():
+            answer = _call(client, method, path)
             assert answer.status_code == 401, (path, token, answer.text)
             assert answer.headers["WWW-Authenticate"].startswith("Bearer")
-        for scope, token in scoped.items():
-            answer = _call(server.client(token), method, path)
+        for scope, client in scoped_clients.items():
+            answer = _call(client, method, path)
             if scope == needed:
                 assert answer.status_code not in (401, 403) or path == "/commands/run", (
                     path,
@@ -635,7 +648,7 @@ def test_every_endpoint_refuses_no_token_a_bad_one_a_revoked_one_and_wrong_scope
             else:
                 assert answer.status_code == 403, (path, scope, answer.text)
     # gc needs admin: /commands/run checks the scope of the action asked for
-    answer = _call(server.client(scoped["read"]), "POST", "/commands/run")
+    answer = _call(scoped_clients["read"], "POST", "/commands/run")
     assert answer.status_code == 403 and "admin" in answer.json()["message"]
     bad_header = server.client().get("/v1/datasets", headers={"Authorization": "Basic abc"})
     assert bad_header.status_code == 401
