@@ -207,8 +207,9 @@ def test_parquet_re_reads_keep_decoded_row_groups_within_one_budget(
 
 def _parquet_refused(tmp_path: Path, name: str, table: pa.Table) -> tuple[int, str]:
     """(exit status, stderr) of `pcbo dry-run` and `execute` of a parquet source holding `table`; both
-    must agree, and the execute must write nothing."""
-    from pcbo_dagster_tests.cli_runner import run_pcbo
+    must agree, and the execute must write nothing. (`pcbo` in this process: an internal error is
+    exit 1 there as in a subprocess.)"""
+    from pcbo_dagster_tests.cli_runner import run_pcbo_in_process
 
     pq.write_table(table, tmp_path / f"{name}.parquet")
     request = {
@@ -220,7 +221,7 @@ def _parquet_refused(tmp_path: Path, name: str, table: pa.Table) -> tuple[int, s
     }
     (tmp_path / f"{name}.json").write_text(json.dumps(request))
     answers = [
-        run_pcbo([command, "--input", tmp_path / f"{name}.json"], home=tmp_path / f"home-{name}")
+        run_pcbo_in_process([command, "--input", tmp_path / f"{name}.json"], home=tmp_path / f"home-{name}")
         for command in ("dry-run", "execute")
     ]
     assert answers[0].status == answers[1].status and not (tmp_path / f"home-{name}" / "lake").exists()
