@@ -1,4 +1,5 @@
-"""Contract boundaries found by an audit of the core path, each through the `pcbo` command line.
+"""Contract boundaries found by an audit of the core path, each through the `pcbo` command line
+(`cli.main` in this process: `cli_runner.run_pcbo_in_process`).
 
 - Jurisdictions are upper-cased with Unicode's *simple* case mapping (README, *Choices*): `ß` stays
   `ß` (Arrow's `utf8_upper` alone makes it `ẞ`), in the plan hash and in the decisions.
@@ -21,7 +22,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import rfc8785
 
-from pcbo_dagster_tests.cli_runner import run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import run_pcbo_in_process, write_request
 
 IN_WINDOW = "2024-01-01T00:10:00Z"
 
@@ -38,7 +39,9 @@ def _request(records: list[Any], **fields: Any) -> dict[str, Any]:
 
 
 def _pcbo(tmp_path: Path, command: str, request: dict[str, Any], name: str = "req.json") -> Any:
-    run = run_pcbo([command, "--input", write_request(tmp_path / name, request)], home=tmp_path / "home")
+    run = run_pcbo_in_process(
+        [command, "--input", write_request(tmp_path / name, request)], home=tmp_path / "home"
+    )
     assert run.status == 0, run.stderr
     return run.document
 
@@ -120,11 +123,13 @@ def test_requests_with_one_plan_hash_write_the_same_lake_content(tmp_path: Path)
     for i, (one, zero) in enumerate(((1, 0), (1.0, -0.0), (1e0, 0.0))):
         request = _request(records(one, zero), runId=f"run-{i}")
         home = tmp_path / f"home{i}"
-        run = run_pcbo(["execute", "--input", write_request(tmp_path / f"r{i}.json", request)], home=home)
+        run = run_pcbo_in_process(
+            ["execute", "--input", write_request(tmp_path / f"r{i}.json", request)], home=home
+        )
         assert run.status == 0, run.stderr
         written.append(run.document)
         # Executed into the first home too: the content is already there, identical.
-        again = run_pcbo(["execute", "--input", tmp_path / f"r{i}.json"], home=tmp_path / "home0")
+        again = run_pcbo_in_process(["execute", "--input", tmp_path / f"r{i}.json"], home=tmp_path / "home0")
         assert again.status == 0, again.stderr
         assert [p["status"] for p in again.document["partitions"]] == ["unchanged"]
     assert len({d["planHash"] for d in written}) == 1
@@ -198,7 +203,9 @@ def test_a_ledger_range_placed_by_a_field_that_is_never_an_integer_is_refused_na
         }
         home = tmp_path / f"home-{field}"
         for command in ("dry-run", "execute"):
-            result = run_pcbo([command, "--input", write_request(tmp_path / "r.json", request)], home=home)
+            result = run_pcbo_in_process(
+                [command, "--input", write_request(tmp_path / "r.json", request)], home=home
+            )
             assert result.status == 2, result.stderr
             assert "ledgerRange.field" in result.stderr and field in result.stderr, result.stderr
         assert not (home / "lake").exists()
