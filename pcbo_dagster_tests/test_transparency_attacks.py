@@ -41,7 +41,14 @@ from pcbo_dagster.core.signed_note import (
 from pcbo_dagster.engine.transparency_log import witness_requirement
 from pcbo_dagster.evidence.package import verify as verify_package
 from pcbo_dagster.witness.server import LogKey, Witness, make_server
-from pcbo_dagster_tests.cli_runner import backup_file, lake_dir, load_generator, run_pcbo, write_request
+from pcbo_dagster_tests.cli_runner import (
+    backup_file,
+    lake_dir,
+    load_generator,
+    run_pcbo,
+    run_pcbo_in_process,
+    write_request,
+)
 from pcbo_dagster_tests.loopback import serving
 
 CHAIN = "events/v1"
@@ -623,11 +630,12 @@ def test_a_fifo_planted_in_the_lake_is_refused_never_waited_on(tmp_path: Path) -
     home = tmp_path / "home"
     env = {"PCBO_SIGNING_KEY": str(keys.operator_file)}
     request = load_generator().make_request(records=20, partitions=2, seed=3, run_id="r1")
-    done = run_pcbo(["execute", "--input", write_request(tmp_path / "r.json", request)], home, env)
+    # (the set-up in this process; each run that meets a FIFO is a subprocess, its timeout the guard)
+    done = run_pcbo_in_process(["execute", "--input", write_request(tmp_path / "r.json", request)], home, env)
     assert done.status == 0, done.stderr
     size = done.document["checkpoint"]["treeSize"]
     package = tmp_path / "r1.evidence.json"
-    done = run_pcbo(["evidence", "export", "--run", "r1", "--output", package], home, env)
+    done = run_pcbo_in_process(["evidence", "export", "--run", "r1", "--output", package], home, env)
     assert done.status == 0, done.stderr
     checkpoint = lake_dir(home) / "events" / "v1" / "_checkpoints" / f"{size:012d}.checkpoint"
     checkpoint.unlink()
