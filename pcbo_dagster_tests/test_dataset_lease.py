@@ -12,7 +12,7 @@ from alembic.script import ScriptDirectory
 
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.catalog.database import HEAD_REVISION, MIGRATIONS_DIR
-from pcbo_dagster_tests.cli_runner import run_pcbo
+from pcbo_dagster_tests.cli_runner import run_pcbo, run_pcbo_in_process
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -68,14 +68,16 @@ def test_execute_waits_for_another_hosts_run_then_refuses_writing_nothing(tmp_pa
     other = json.dumps({"run": "other-run", "pid": 1, "host": "another-host", "token": "x"}, sort_keys=True)
     assert catalog.try_acquire_lease("events", "v1", other, 600) is None
 
-    busy = run_pcbo(["execute", "--input", str(request)], home=home, env={"PCBO_LEASE_WAIT_SECONDS": "1"})
+    busy = run_pcbo_in_process(
+        ["execute", "--input", str(request)], home=home, env={"PCBO_LEASE_WAIT_SECONDS": "1"}
+    )
     assert busy.status == 1
     assert "other-run" in busy.stderr and "another-host" in busy.stderr
     assert not list(home.rglob("_manifest.json"))
     assert not (home / "pas" / "events" / "v1.jsonl").exists()
 
     catalog.release_lease("events", "v1", other)
-    done = run_pcbo(["execute", "--input", str(request)], home=home)
+    done = run_pcbo_in_process(["execute", "--input", str(request)], home=home)
     assert done.status == 0, done.stderr
     assert done.document["status"] == "committed"
     assert catalog.try_acquire_lease("events", "v1", "probe", 1) is None  # released after the run
@@ -100,7 +102,7 @@ def test_execute_waits_for_a_run_on_this_host_only_as_long_as_the_lease_wait_the
     request.write_text(json.dumps(make_request(records=60, partitions=3, run_id="second-run")))
     home = tmp_path / "home"
     with holding_dataset_lock(home, "events", "v1", "holding-run"):
-        started = time.monotonic()
+        started = time.monotonic()  # (a subprocess: its timeout bounds a wait on the file lock)
         busy = run_pcbo(
             ["execute", "--input", str(request)], home=home, env={"PCBO_LEASE_WAIT_SECONDS": "1"}, timeout=60
         )
@@ -110,7 +112,7 @@ def test_execute_waits_for_a_run_on_this_host_only_as_long_as_the_lease_wait_the
         assert waited < 30, waited
         assert not list(home.rglob("_manifest.json"))
         assert not (home / "pas" / "events" / "v1.jsonl").exists()
-    done = run_pcbo(["execute", "--input", str(request)], home=home)
+    done = run_pcbo_in_process(["execute", "--input", str(request)], home=home)
     assert done.status == 0, done.stderr
     assert done.document["status"] == "committed"
 
