@@ -67,6 +67,13 @@ class DripReceiver:
                     continue
 
     def close(self) -> None:
+        """Stop the thread and close the socket. A thread waiting in `accept` (the client gave up) is
+        woken by one connection first: closing the listening socket from here does not wake it, and
+        the join would wait its whole 5 s."""
         self.stop.set()
+        try:
+            socket.create_connection(self.sock.getsockname(), timeout=1).close()
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)

@@ -731,17 +731,6 @@ def _self_signed_loopback_cert(tmp_path: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _close_woken(receiver: DripReceiver) -> None:
-    """`receiver.close()`, its thread woken first if it waits in `accept` (a client that gave up:
-    closing the listening socket from this thread does not wake it, the join would wait 5 s)."""
-    receiver.stop.set()
-    try:
-        socket.create_connection(receiver.sock.getsockname(), timeout=1).close()
-    except OSError:
-        pass
-    receiver.close()
-
-
 def test_https_delivery_goes_and_a_dripping_tls_receiver_cannot_hold_it(tmp_path, monkeypatch):
     """An https webhook goes through the same deadline: a real TLS receiver gets the alert (its
     certificate trusted through SSL_CERT_FILE, as by any https client), one that drips its handshake
@@ -770,8 +759,8 @@ def test_https_delivery_goes_and_a_dripping_tls_receiver_cannot_hold_it(tmp_path
     finally:
         tls.server.shutdown()
         tls.server.server_close()
-        _close_woken(dripped)
-        _close_woken(head)
+        dripped.close()
+        head.close()
 
 
 @pytest.mark.parametrize(
