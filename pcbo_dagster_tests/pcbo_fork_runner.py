@@ -12,18 +12,20 @@ it. The answer is the same `PcboRun` as `cli_runner.run_pcbo`'s: exit status (ne
 that ended it), stdout's JSON, stderr.
 
 Only for commands whose point is not the interpreter's own start (every bad command line of a table).
+A test calls `run_pcbo_forked` (as it would `cli_runner.run_pcbo`): one fork server per test process
+(per xdist worker), started at its first call.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pcbo_dagster_tests.cli_runner import PcboRun, pcbo_env
@@ -193,6 +195,11 @@ class PcboForkServer:
         stderr = self._import_stderr + err.read_bytes().decode("utf-8", errors="replace")
         return PcboRun(answer["status"], document, stderr)
 
+    @property
+    def gone(self) -> bool:
+        """Whether the process to fork from has ended (a test's kill reached it)."""
+        return self._server.poll() is not None
+
     def close(self) -> None:
         assert self._server.stdin is not None
         self._server.stdin.close()
@@ -205,10 +212,21 @@ class PcboForkServer:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-@contextmanager
-def pcbo_fork_server() -> Iterator[PcboForkServer]:
-    server = PcboForkServer()
-    try:
-        yield server
-    finally:
-        server.close()
+_shared: PcboForkServer | None = None
+
+
+def run_pcbo_forked(
+    args: Sequence[str | os.PathLike[str]],
+    home: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = 120.0,
+    stdin: bytes | None = None,
+) -> PcboRun:
+    """`cli_runner.run_pcbo`, the process forked from this test process's fork server: started at the
+    first call (again should it have gone), closed when this process exits."""
+    global _shared
+    if _shared is None or _shared.gone:
+        _shared = PcboForkServer()
+        atexit.register(_shared.close)
+    return _shared.run_pcbo(args, home, env, cwd, timeout, stdin)

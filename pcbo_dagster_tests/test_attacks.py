@@ -20,7 +20,6 @@ import shutil
 import sqlite3
 import stat
 import uuid
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ import rfc8785
 from pcbo_dagster.cli import main as cli
 from pcbo_dagster.core.audit_chain import build_event
 from pcbo_dagster_tests.cli_runner import (
-    PcboRun,
     backup_events,
     backup_file,
     lake_dir,
@@ -39,24 +37,7 @@ from pcbo_dagster_tests.cli_runner import (
     tree_state,
     write_request,
 )
-from pcbo_dagster_tests.pcbo_fork_runner import PcboForkServer, pcbo_fork_server
-
-_servers: list[PcboForkServer] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pcbo_processes() -> Iterator[None]:
-    """The process every `run_pcbo` of this module is forked from."""
-    with pcbo_fork_server() as server:
-        _servers.append(server)
-        yield
-        _servers.remove(server)
-
-
-def run_pcbo(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> PcboRun:
-    """`cli_runner.run_pcbo`, the process forked from the module's (`pcbo_processes`)."""
-    return _servers[-1].run_pcbo(args, **kwargs)  # type: ignore[arg-type]
-
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked as run_pcbo
 
 PARTITIONS = 4
 KEYS = [f"20240101T0{h}0000Z" for h in range(PARTITIONS)]

@@ -10,7 +10,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,24 +18,8 @@ from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.request_model import MAX_JSON_DEPTH, nested_deeper_than
 from pcbo_dagster.datasets.config import MAX_YAML_DEPTH, parse_datasets_config
 from pcbo_dagster.io.redaction import redact_url, scrub_text
-from pcbo_dagster_tests.cli_runner import REPO_ROOT, PcboRun, load_generator, pcbo_env, write_request
-from pcbo_dagster_tests.pcbo_fork_runner import PcboForkServer, pcbo_fork_server
-
-_servers: list[PcboForkServer] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pcbo_processes() -> Iterator[None]:
-    """The process every `run_pcbo` of this module is forked from."""
-    with pcbo_fork_server() as server:
-        _servers.append(server)
-        yield
-        _servers.remove(server)
-
-
-def run_pcbo(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> PcboRun:
-    """`cli_runner.run_pcbo`, the process forked from the module's (`pcbo_processes`)."""
-    return _servers[-1].run_pcbo(args, **kwargs)  # type: ignore[arg-type]
+from pcbo_dagster_tests.cli_runner import REPO_ROOT, load_generator, pcbo_env, write_request
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked as run_pcbo
 
 
 def _request(tmp_path: Path, **changes: object) -> Path:

@@ -12,34 +12,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pcbo_dagster_tests.cli_runner import REPO_ROOT, PcboRun, tree_state
-from pcbo_dagster_tests.pcbo_fork_runner import PcboForkServer, pcbo_fork_server
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked as run_pcbo
 
 DEMO_REQUEST = REPO_ROOT / "examples" / "demo_request.json"
 DATASET = "demo-events"
 FIRST_KEY = "20240101T000000Z"
-
-
-_servers: list[PcboForkServer] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pcbo_processes() -> Iterator[None]:
-    """The process every `run_pcbo` of this module is forked from."""
-    with pcbo_fork_server() as server:
-        _servers.append(server)
-        yield
-        _servers.remove(server)
-
-
-def run_pcbo(args: Sequence[str], **kwargs: object) -> PcboRun:
-    """`cli_runner.run_pcbo`, the process forked from the module's (`pcbo_processes`)."""
-    return _servers[-1].run_pcbo(args, **kwargs)  # type: ignore[arg-type]
 
 
 def assert_refused(run: PcboRun, words: Sequence[str], before: dict[str, str], after: dict[str, str]) -> None:
@@ -63,7 +47,7 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def refused_in(workdir: Path, args: Sequence[str], words: Sequence[str], **kwargs: object) -> PcboRun:
+def refused_in(workdir: Path, args: Sequence[str], words: Sequence[str], **kwargs: Any) -> PcboRun:
     before = tree_state(workdir)
     run = run_pcbo(list(args), home=workdir / "home", cwd=workdir, **kwargs)
     assert_refused(run, words, before, tree_state(workdir))
@@ -274,7 +258,7 @@ def test_a_refused_rollout_start_or_rollback_creates_no_catalog(rollout_workdir,
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory, pcbo_processes: None) -> Path:
+def executed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A work directory whose home holds the demo request's run (and its Iceberg table)."""
     root = tmp_path_factory.mktemp("cli-bad-input")
     shutil.copyfile(DEMO_REQUEST, root / "req.json")

@@ -9,40 +9,22 @@ start their own interpreter.
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pcbo_dagster.cli.main import build_parser
-from pcbo_dagster_tests.cli_runner import REPO_ROOT, PcboRun, lake_dir, pcbo_env, write_request
-from pcbo_dagster_tests.pcbo_fork_runner import PcboForkServer, pcbo_fork_server
+from pcbo_dagster_tests.cli_runner import REPO_ROOT, lake_dir, pcbo_env, write_request
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked as run_pcbo
 
 DEMO_REQUEST = REPO_ROOT / "examples" / "demo_request.json"
 DATASET = "demo-events"
 FIRST_KEY = "20240101T000000Z"
-
-
-_servers: list[PcboForkServer] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pcbo_processes() -> Iterator[None]:
-    """The process every `run_pcbo` of this module is forked from."""
-    with pcbo_fork_server() as server:
-        _servers.append(server)
-        yield
-        _servers.remove(server)
-
-
-def run_pcbo(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> PcboRun:
-    """`cli_runner.run_pcbo`, the process forked from the module's (`pcbo_processes`)."""
-    return _servers[-1].run_pcbo(args, **kwargs)  # type: ignore[arg-type]
 
 
 def _commands(parser: argparse.ArgumentParser, path: str = "pcbo") -> Iterator[tuple[str, argparse.Action]]:
@@ -93,7 +75,7 @@ def test_only_commands_that_may_append_to_a_chain_take_signing_flags(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory, pcbo_processes: None) -> tuple[Path, dict, dict]:
+def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """The demo request executed into a home; (home, execute document, dry-run document)."""
     root = tmp_path_factory.mktemp("cli-polish")
     home = root / "home"

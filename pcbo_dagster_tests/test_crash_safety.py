@@ -12,14 +12,12 @@ import os
 import shutil
 import signal
 import sqlite3
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pcbo_dagster_tests.cli_runner import (
-    PcboRun,
     backup_events,
     lake_dir,
     lake_files,
@@ -27,24 +25,7 @@ from pcbo_dagster_tests.cli_runner import (
     write_request,
 )
 from pcbo_dagster_tests.frozen_hosts import start_frozen, woken
-from pcbo_dagster_tests.pcbo_fork_runner import PcboForkServer, pcbo_fork_server
-
-_servers: list[PcboForkServer] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pcbo_processes() -> Iterator[None]:
-    """The process every `run_pcbo` of this module is forked from."""
-    with pcbo_fork_server() as server:
-        _servers.append(server)
-        yield
-        _servers.remove(server)
-
-
-def run_pcbo(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> PcboRun:
-    """`cli_runner.run_pcbo`, the process forked from the module's (`pcbo_processes`)."""
-    return _servers[-1].run_pcbo(args, **kwargs)  # type: ignore[arg-type]
-
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked as run_pcbo
 
 pytestmark = pytest.mark.slow
 
@@ -80,7 +61,7 @@ def request_file(work: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_home(work: Path, request_file: Path, pcbo_processes: None) -> Path:
+def reference_home(work: Path, request_file: Path) -> Path:
     """An uninterrupted run. Tests must not modify it: copy it."""
     home = work / "reference"
     status, document, stderr = run_pcbo(["execute", "--input", request_file], home=home)

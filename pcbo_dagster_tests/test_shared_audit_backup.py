@@ -9,10 +9,8 @@ and decision spills) that share only the lake URL, the catalog URL and the audit
 from __future__ import annotations
 
 import json
-import os
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +28,12 @@ from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.core.audit_chain import build_event, verify_chain
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.lake.storage import StoreUnavailable
-from pcbo_dagster_tests.cli_runner import PcboRun, load_generator, write_request
+from pcbo_dagster_tests.cli_runner import load_generator, write_request
 from pcbo_dagster_tests.faulty_proxy import FaultyProxy
-from pcbo_dagster_tests.pcbo_fork_runner import PcboForkServer, pcbo_fork_server
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked as run_pcbo
 
 pytestmark = pytest.mark.postgres
 KEY = "events/v1"
-
-_servers: list[PcboForkServer] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def pcbo_processes() -> Iterator[None]:
-    """The process every `run_pcbo` of this module is forked from."""
-    with pcbo_fork_server() as server:
-        _servers.append(server)
-        yield
-        _servers.remove(server)
-
-
-def run_pcbo(args: Sequence[str | os.PathLike[str]], **kwargs: object) -> PcboRun:
-    """`cli_runner.run_pcbo`, the process forked from the module's (`pcbo_processes`)."""
-    return _servers[-1].run_pcbo(args, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
