@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -123,6 +124,28 @@ def _descriptor_captured(fd: int) -> Iterator[io.BytesIO]:
             captured.write(sink.read())
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A warning printed on (the current) `sys.stderr`, as a process without pytest prints it."""
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _warnings_as_a_fresh_process() -> None:
+    """Inside `warnings.catch_warnings()`: the filters of `python` started without `-W` (Python 3.11's
+    defaults) and warnings printed on stderr, not pytest's filters and its record of them."""
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__", append=True)
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category, append=True)
+    warnings.showwarning = _show_warning
+
+
 def run_pcbo_in_process(
     args: Sequence[str | os.PathLike[str]],
     home: str | os.PathLike[str] | None = None,
@@ -138,8 +161,11 @@ def run_pcbo_in_process(
     records otherwise). What outlives a command in a process and not in a fresh one is undone: the
     object store clients' loggers the CLI quietens (`quiet_store_client_logs`), and pyiceberg's
     process-wide cache of the manifests it read (keyed by path: a test that rewrote one would be judged
-    from the cache). The status is `main`'s, that of the `SystemExit` argparse raises, or 1 with the
-    traceback on stderr for an exception `main` lets through (as with `PCBO_DEBUG`). Never with
+    from the cache). What pytest changes that a fresh process does not have is set aside while `main`
+    runs: a warning is printed on stderr under the interpreter's default filters (pytest records it
+    instead, and a check of stderr would not see it) and `logging.disable` is off. The status is
+    `main`'s, that of the `SystemExit` argparse raises, or 1 with the traceback on stderr for an
+    exception `main` lets through (as with `PCBO_DEBUG`). Never with
     `PCBO_FAILPOINT`: a failpoint ends its process (`os._exit`), so a crash stays a subprocess."""
     import logging
     import traceback
@@ -164,6 +190,8 @@ def run_pcbo_in_process(
     os.chdir(cwd)
     root.addHandler(last_resort)
     clear_manifest_cache()
+    saved_disable = logging.root.manager.disable
+    logging.disable(logging.NOTSET)
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -172,7 +200,9 @@ def run_pcbo_in_process(
             _descriptor_captured(2) as native_err,
             redirect_stdout(out),
             redirect_stderr(err),
+            warnings.catch_warnings(),
         ):
+            _warnings_as_a_fresh_process()
             try:
                 status = main([os.fspath(a) for a in args])
             except SystemExit as exc:  # argparse refusing a flag, as `cli.main.run` maps it
@@ -184,6 +214,7 @@ def run_pcbo_in_process(
                 status = 1
     finally:
         clear_manifest_cache()
+        logging.disable(saved_disable)
         root.removeHandler(last_resort)
         for logger, handlers, propagate in saved_loggers:
             logger.handlers[:] = handlers
