@@ -39,6 +39,7 @@ from pcbo_dagster_tests.cli_runner import (
     run_pcbo_in_process,
     write_request,
 )
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked
 
 pytestmark = pytest.mark.slow
 
@@ -375,7 +376,7 @@ def test_consistency_proof_refused_when_the_new_version_does_not_extend(work, ho
     assert {p["key"]: p["version"] for p in document["partitions"]}[KEYS[CHANGED]] == 3
     assert [p["key"] for p in document["partitions"] if p["status"] == "committed"] == [KEYS[CHANGED]]
 
-    status, out, stderr = run_pcbo_in_process(
+    status, out, stderr = run_pcbo_forked(
         [
             "proof",
             "--dataset",
