@@ -23,6 +23,7 @@ from pcbo_dagster.core.request_model import MAX_JSON_DEPTH  # noqa: E402
 from pcbo_dagster.engine.proofs import verify_proof  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo, run_pcbo_in_process  # noqa: E402
 from pcbo_dagster_tests.http_server import DEMO_REQUEST, lake_files, running_server  # noqa: E402
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked  # noqa: E402
 
 DEMO = json.loads(DEMO_REQUEST.read_text())
 
@@ -196,17 +197,15 @@ def test_the_remote_cli_prints_the_same_documents_with_the_same_exit_statuses(tm
             assert remote.document == local.document
     request = tmp_path / "bad.json"
     request.write_text(json.dumps({**DEMO, "policies": {**DEMO["policies"], "onViolaton": "block"}}))
-    remote = run_pcbo_in_process(
-        ["dry-run", "--server", server.url, "--input", request], env=env, cwd=tmp_path
-    )
-    local = run_pcbo_in_process(["dry-run", "--input", request], home=local_home)
+    remote = run_pcbo_forked(["dry-run", "--server", server.url, "--input", request], env=env, cwd=tmp_path)
+    local = run_pcbo_forked(["dry-run", "--input", request], home=local_home)
     assert remote.status == local.status == 2
     assert remote.stderr == local.stderr  # the same message naming the field
     request.write_text(json.dumps({**DEMO, "expectedDecisionHash": "sha256:" + "1" * 64}))
     remote = run_pcbo(
         ["execute", "--server", server.url, "--input", request], env=env, cwd=tmp_path
     )  # a real process
-    local = run_pcbo_in_process(["execute", "--input", request], home=local_home)
+    local = run_pcbo_forked(["execute", "--input", request], home=local_home)
     assert remote.status == local.status == 3
     assert remote.document == local.document and remote.stderr == local.stderr
     refused = run_pcbo_in_process(
