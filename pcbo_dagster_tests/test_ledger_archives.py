@@ -35,6 +35,7 @@ from pcbo_dagster_tests.cli_runner import (  # noqa: E402
     write_request,
 )
 from pcbo_dagster_tests.loopback import serving  # noqa: E402
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked  # noqa: E402
 
 # -- names ------------------------------------------------------------------------------------------
 
@@ -401,9 +402,7 @@ def test_a_run_of_an_archive_holding_forged_results_is_refused_and_writes_nothin
     _rewrite(archive.file_of(10), 8, 11, metas)
     request = _range_request("results-run", root, 8, 16)
     home = tmp_path / "home"
-    refused = run_pcbo_in_process(
-        ["execute", "--input", write_request(tmp_path / "r.json", request)], home=home
-    )
+    refused = run_pcbo_forked(["execute", "--input", write_request(tmp_path / "r.json", request)], home=home)
     assert refused.status == 2, refused.stderr
     assert f"{archive.file_of(10)}: {RESULTS_REFUSED}" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr and not home.exists()
