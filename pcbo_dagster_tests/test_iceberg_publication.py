@@ -42,6 +42,7 @@ from pcbo_dagster_tests.cli_runner import (
     tree_state,
     write_request,
 )
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked
 
 pytestmark = pytest.mark.slow
 
@@ -238,9 +239,7 @@ def test_a_crash_between_commit_and_publication_converges(tmp_path: Path) -> Non
     assert behind.status == 1
     assert [f["kind"] for f in behind.document["findings"]] == ["table_publication_behind"]
     # A query of the table the crash kept from being created says so (no internal error).
-    absent = run_pcbo_in_process(
-        ["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home
-    )
+    absent = run_pcbo_forked(["query", "--dataset", DATASET, "SELECT count(*) FROM lake.events"], home=home)
     assert absent.status == 1 and absent.document is None
     assert absent.stderr.startswith("pcbo query: table lake.events does not exist yet"), absent.stderr
     assert "verify --repair" in absent.stderr and "internal error" not in absent.stderr
@@ -616,9 +615,7 @@ def test_a_dataset_version_publishes_to_one_table_and_no_secret_in_a_request(
     assert taken.status == 2 and "table" in taken.stderr and "is the table of" in taken.stderr
     assert not (lake_dir(home) / "intruder").exists()
     secret = _request("c", table={"format": "iceberg", "name": "x.y", "catalog": "postgresql://u:pw@h/db"})
-    refused = run_pcbo_in_process(
-        ["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home
-    )
+    refused = run_pcbo_forked(["execute", "--input", write_request(tmp_path / "c.json", secret)], home=home)
     assert refused.status == 2 and "table.catalog" in refused.stderr and "pw" not in refused.stderr
     # A request without `table` publishes to the recorded one.
     plain = _request("d", existing=_ids(_manifest_rows(home))[:1])
@@ -1114,12 +1111,12 @@ def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(
     else:
         Path(location.removeprefix("file://")).write_text("not a metadata file\n")
     expected = "table_unreadable" if attack == "garbage" else "path_outside_lake"
-    verified = run_pcbo_in_process(["verify"], home=home, env={"PCBO_DEBUG": "1"})
+    verified = run_pcbo_forked(["verify"], home=home, env={"PCBO_DEBUG": "1"})
     assert verified.status == 1, verified.stderr
     assert [f["kind"] for f in verified.document["findings"]] == [expected]
     assert "TOPSECRET" not in verified.stderr + json.dumps(verified.document)
     changed = _request("ice-2", existing=_ids(_manifest_rows(home))[:1])
-    refused = run_pcbo_in_process(
+    refused = run_pcbo_forked(
         ["execute", "--input", write_request(tmp_path / "r2.json", changed)],
         home=home,
         env={"PCBO_DEBUG": "1"},
@@ -1127,9 +1124,7 @@ def test_table_metadata_naming_a_file_outside_its_directory_is_not_read(
     assert refused.status == 1 and refused.document["table"]["status"] == "refused", refused.stderr
     assert [f["kind"] for f in refused.document["table"]["findings"]] == [expected]
     assert "TOPSECRET" not in refused.stderr + json.dumps(refused.document)
-    queried = run_pcbo_in_process(
-        ["query", "--dataset", DATASET, "SELECT 1"], home=home, env={"PCBO_DEBUG": "1"}
-    )
+    queried = run_pcbo_forked(["query", "--dataset", DATASET, "SELECT 1"], home=home, env={"PCBO_DEBUG": "1"})
     assert queried.status == 1 and expected in queried.stderr and "TOPSECRET" not in queried.stderr
     with sqlite3.connect(home / "iceberg.db") as db:  # nothing published over it
         now = db.execute("SELECT metadata_location FROM iceberg_tables").fetchone()[0]
@@ -1523,7 +1518,7 @@ def test_a_dry_run_reads_the_declared_table_from_a_chain_that_verifies(
     del later["table"]
     path = write_request(tmp_path / "r2.json", later)
     before = tree_state(home)
-    dry = run_pcbo_in_process(["dry-run", "--input", path], home=home)
+    dry = run_pcbo_forked(["dry-run", "--input", path], home=home)
     assert dry.status == 1 and dry.document is None, dry.stderr
     assert "the audit chain events/v1 does not verify" in dry.stderr and "Traceback" not in dry.stderr
     assert tree_state(home) == before
@@ -1881,7 +1876,7 @@ def test_a_table_name_forged_in_the_catalogs_is_no_sql_for_pcbo_query(
 
     work = tmp_path / "work"
     work.mkdir()
-    queried = run_pcbo_in_process(
+    queried = run_pcbo_forked(
         ["query", "--dataset", DATASET, "--reader", reader, "SELECT 1"], home=home, cwd=work
     )
     assert not (work / "pwned").exists(), "the forged table name ran as SQL"
