@@ -163,7 +163,9 @@ def run_pcbo_in_process(
     process-wide cache of the manifests it read (keyed by path: a test that rewrote one would be judged
     from the cache). What pytest changes that a fresh process does not have is set aside while `main`
     runs: a warning is printed on stderr under the interpreter's default filters (pytest records it
-    instead, and a check of stderr would not see it) and `logging.disable` is off. The status is
+    instead, and a check of stderr would not see it), an exception nothing can catch (a `__del__`'s)
+    is printed there by Python's own hook (pytest's would make it a warning after the test) and
+    `logging.disable` is off. The status is
     `main`'s, that of the `SystemExit` argparse raises, or 1 with the traceback on stderr for an
     exception `main` lets through (as with `PCBO_DEBUG`). Never with
     `PCBO_FAILPOINT`: a failpoint ends its process (`os._exit`), so a crash stays a subprocess."""
@@ -190,8 +192,9 @@ def run_pcbo_in_process(
     os.chdir(cwd)
     root.addHandler(last_resort)
     clear_manifest_cache()
-    saved_disable = logging.root.manager.disable
+    saved_disable, saved_unraisable = logging.root.manager.disable, sys.unraisablehook
     logging.disable(logging.NOTSET)
+    sys.unraisablehook = sys.__unraisablehook__
     try:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -215,6 +218,7 @@ def run_pcbo_in_process(
     finally:
         clear_manifest_cache()
         logging.disable(saved_disable)
+        sys.unraisablehook = saved_unraisable
         root.removeHandler(last_resort)
         for logger, handlers, propagate in saved_loggers:
             logger.handlers[:] = handlers

@@ -33,3 +33,26 @@ def test_a_warning_is_printed_on_stderr_as_a_real_process_prints_it(
         run = run_pcbo_in_process(["verify-proof", "--proof", tmp_path / "absent.json"], cwd=tmp_path)
         assert run.status == 2, run.stderr
         assert "UserWarning: TOPSECRET in a warning" in run.stderr, run.stderr
+
+
+class _RaisesWhenCollected:
+    def __del__(self) -> None:
+        raise RuntimeError("TOPSECRET in an unraisable exception")
+
+
+def test_an_unraisable_exception_is_printed_on_stderr_as_a_real_process_prints_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception raised where nothing can catch it (a `__del__`, a callback) is printed by a real
+    process on stderr ("Exception ignored in ..."); pytest's hook would turn it into a warning of its
+    own after the run, out of the run's stderr."""
+    original = cli_main.check_output_target
+
+    def unraisable_then_original(*args: Any, **kwargs: Any) -> Any:
+        _RaisesWhenCollected()  # collected at once: its __del__ raises
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cli_main, "check_output_target", unraisable_then_original)
+    run = run_pcbo_in_process(["verify-proof", "--proof", tmp_path / "absent.json"], cwd=tmp_path)
+    assert run.status == 2, run.stderr
+    assert "Exception ignored in" in run.stderr and "TOPSECRET" in run.stderr, run.stderr
