@@ -21,6 +21,7 @@ import pytest
 from pcbo_dagster_tests.approver_keys import APPROVERS_YAML, CY, MALLORY, key_file
 from pcbo_dagster_tests.cli_runner import pcbo_env, tree_state
 from pcbo_dagster_tests.cli_runner import run_pcbo_in_process as run_pcbo
+from pcbo_dagster_tests.pcbo_fork_runner import run_pcbo_forked
 
 KEYS = ["20240101T000000Z", "20240101T010000Z", "20240101T020000Z", "20240101T030000Z"]
 CONFIG = f"""
@@ -336,7 +337,8 @@ def test_promote_records_who_promoted_and_the_summary_names_real_commands(workdi
     approved = pcbo(workdir, "approve", "r3", "--key", "cy.key", "--reason", "numbers reviewed", *config)
     assert approved.status == 0, approved.stderr
 
-    unnamed = pcbo(workdir, "rollout", "promote", "r3", *config)
+    # no traceback: of a real process (forked), not of one in this process
+    unnamed = run_pcbo_forked(["rollout", "promote", "r3", *config], home=workdir / "home", cwd=workdir)
     assert unnamed.status == 2 and "--by" in unnamed.stderr and "Traceback" not in unnamed.stderr
     blank = pcbo(workdir, "rollout", "promote", "r3", "--by", " ", *config)
     assert blank.status == 2 and "invalid input: --by: " in blank.stderr
