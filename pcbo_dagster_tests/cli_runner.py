@@ -164,8 +164,9 @@ def run_pcbo_in_process(
     from the cache). What pytest changes that a fresh process does not have is set aside while `main`
     runs: a warning is printed on stderr under the interpreter's default filters (pytest records it
     instead, and a check of stderr would not see it), an exception nothing can catch (a `__del__`'s)
-    is printed there by Python's own hook (pytest's would make it a warning after the test) and
-    `logging.disable` is off. The status is
+    is printed there by Python's own hook (pytest's would make it a warning after the test), and
+    `logging.disable` is off and no logger is disabled (as `logging.config` leaves the loggers it did
+    not name, after an earlier test configured logging in this process). The status is
     `main`'s, that of the `SystemExit` argparse raises, or 1 with the traceback on stderr for an
     exception `main` lets through (as with `PCBO_DEBUG`). Never with
     `PCBO_FAILPOINT`: a failpoint ends its process (`os._exit`), so a crash stays a subprocess."""
@@ -194,6 +195,13 @@ def run_pcbo_in_process(
     clear_manifest_cache()
     saved_disable, saved_unraisable = logging.root.manager.disable, sys.unraisablehook
     logging.disable(logging.NOTSET)
+    disabled = [
+        logger
+        for logger in (root, *logging.root.manager.loggerDict.values())
+        if isinstance(logger, logging.Logger) and logger.disabled
+    ]
+    for logger in disabled:
+        logger.disabled = False
     sys.unraisablehook = sys.__unraisablehook__
     try:
         sys.stdout.flush()
@@ -218,6 +226,8 @@ def run_pcbo_in_process(
     finally:
         clear_manifest_cache()
         logging.disable(saved_disable)
+        for logger in disabled:
+            logger.disabled = True
         sys.unraisablehook = saved_unraisable
         root.removeHandler(last_resort)
         for logger, handlers, propagate in saved_loggers:

@@ -56,3 +56,26 @@ def test_an_unraisable_exception_is_printed_on_stderr_as_a_real_process_prints_i
     run = run_pcbo_in_process(["verify-proof", "--proof", tmp_path / "absent.json"], cwd=tmp_path)
     assert run.status == 2, run.stderr
     assert "Exception ignored in" in run.stderr and "TOPSECRET" in run.stderr, run.stderr
+
+
+def test_a_logger_an_earlier_configuration_disabled_still_prints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`logging.config.dictConfig` (Dagster's, run in this process by an earlier test) disables the
+    loggers that existed then; a fresh process has none disabled, so a warning logged there reaches
+    stderr, and must reach the run's stderr here too (the logger disabled again after)."""
+    import logging
+
+    logger = logging.getLogger("pcbo_dagster.probe_of_the_runner")
+    monkeypatch.setattr(logger, "disabled", True)
+    original = cli_main.check_output_target
+
+    def logged_then_original(*args: Any, **kwargs: Any) -> Any:
+        logger.warning("TOPSECRET in a log line")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cli_main, "check_output_target", logged_then_original)
+    run = run_pcbo_in_process(["verify-proof", "--proof", tmp_path / "absent.json"], cwd=tmp_path)
+    assert run.status == 2, run.stderr
+    assert "TOPSECRET in a log line" in run.stderr, run.stderr
+    assert logger.disabled
