@@ -1044,6 +1044,30 @@ def test_the_reconciliation_poll_calls_no_forged_stores_verified(home):
     assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
 
 
+def test_the_reconciliation_poll_sees_a_backup_forged_after_its_last_poll(home):
+    """Red-team finding: the HTTP API's reconciliation poll, a process that lives on, verified a chain
+    once and kept the result while the backup's last event stayed the same: K1's version 2 commit
+    edited before the head after one poll (hashes left) was streamed as `verified` by every later
+    poll. Each poll now verifies every hash and link again (only the replay is kept while the head
+    stays the same and the chain verifies)."""
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.broker import EventBroker
+    from pcbo_dagster.server.reconciliation import Reconciler
+
+    env = Environment.open(Settings.resolve(home=str(home), env={}), create=False)
+    try:
+        reconciler = Reconciler(env.catalog, env.lake, env.audit.backup, EventBroker(8))
+        assert reconciler.reconcile("events", "v1", False)["status"] == "verified"
+        _edit_backup(home, _k1_committed_as_version_1)
+        report = reconciler.reconcile("events", "v1", False)
+    finally:
+        env.close()
+    assert report["status"] == "discrepancy", report
+    assert report["discrepancyDetails"]["missingIds"] == KEYS
+    assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
+
+
 def test_a_proof_refuses_a_chain_its_transparency_log_disagrees_with(home):
     """Red-team finding: `pcbo proof` held the chain against the catalog's head only, so a chain
     re-hashed in the backup and the catalog alike (K2's commit made to name run b1) verified and a

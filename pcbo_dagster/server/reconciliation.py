@@ -1,9 +1,9 @@
 """The reconciliation poll: every `PCBO_RECONCILE_SECONDS`, for each dataset version of the catalog,
 a cheap comparison of its three stores, published as a `reconciliation.update` event.
 
-Cheap means no data file is read: the audit chain (the source of truth) is verified (every hash and
-link, `partition_checks.check_chain`) and replayed from the local backup (only when its head moved
-since the last poll), each partition's commit point
+Cheap means no data file is read: the audit chain (the source of truth) is read and verified at every
+poll (every hash and link) and replayed (only when its head moved since the last poll), each
+partition's commit point
 (`_manifest.json`, a small file) is hashed, and the catalog's committed rows are read. Per partition
 the chain's current version must have exactly that manifest checksum in the lake and in the catalog.
 Rows and files are `pcbo verify`'s business; this poll says quickly whether anything moved.
@@ -30,9 +30,9 @@ from typing import Any
 
 from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.catalog import CatalogStore
+from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.core.canonical import jcs
-from pcbo_dagster.core.chain_state import ChainState
-from pcbo_dagster.engine.partition_checks import check_chain
+from pcbo_dagster.core.chain_state import ChainState, replay
 from pcbo_dagster.lake import layout
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.server.broker import EventBroker
@@ -81,14 +81,17 @@ class Reconciler:
         return reports
 
     def _chain(self, chain_key: str) -> _ChainCache:
-        last = self.backup.last_event(chain_key)
-        head = None if last is None else last["chain"]["event_hash"]
+        # verified at every poll, not only replayed and not only when the head moved: an event edited
+        # before the head (with the lake and the catalog to match, or after an earlier poll verified
+        # it) would have the poll call forged stores `verified`. The replay is kept while the chain
+        # verifies to the same head (its hashes pin every event).
+        events, problems = self.backup.read_chain_with_problems(chain_key)
+        findings = list(problems) + verify_chain(events, chain_key)
+        head = events[-1].get("chain", {}).get("event_hash") if events else None
         cached = self._chains.get(chain_key)
-        if cached is None or cached.head != head:
-            # verified, not only replayed: an event edited before the head (with the lake and the
-            # catalog to match) would have the poll call forged stores `verified`
-            checked = check_chain(self.backup, chain_key, None)
-            cached = _ChainCache(head, checked.replayed, checked.length, checked.findings)
+        if findings or cached is None or cached.findings or cached.head != head:
+            replayed = replay(events)
+            cached = _ChainCache(head, replayed, len(events), findings + replayed.findings)
             self._chains[chain_key] = cached
         return cached
 
