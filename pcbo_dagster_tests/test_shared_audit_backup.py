@@ -234,6 +234,25 @@ def test_the_cache_is_checked_and_dropped_at_the_first_disagreement(tmp_path, st
     catalog.close()
 
 
+def test_a_long_lived_process_checks_its_cache_again_at_every_read(tmp_path, store_url, fresh_postgres_url):
+    """Red-team finding: a process that keeps one backup open (`pcbo serve`) skipped the
+    hash-by-hash check of its cache once it had checked it to the same last event, so a cached event
+    edited below the last one after a first read was answered by every later read of that process
+    (a fresh process dropped the cache and read the store). Every read now checks the cache."""
+    catalog = _catalog(fresh_postgres_url)
+    log = _log(store_url, tmp_path / "a", catalog)
+    written = log.append_many(KEY, [("e", _body(i)) for i in range(3)])
+    store = log.backup
+    assert isinstance(store, ObjectStoreAuditBackup)
+    assert store.read_chain(KEY) == written
+    cache_file = store.cache.paths(KEY).events
+    lines = cache_file.read_bytes().splitlines(keepends=True)
+    cache_file.write_bytes(lines[0] + lines[1].replace(b'"n":1', b'"n":7') + lines[2])
+    assert store.read_chain(KEY) == written
+    assert AuditBackup(cache_file.parent.parent).read_chain(KEY) == written
+    catalog.close()
+
+
 def test_hosts_appending_at_once_keep_one_linear_chain(tmp_path, store_url, fresh_postgres_url):
     hosts = [_log(store_url, tmp_path / f"host{i}", _catalog(fresh_postgres_url)) for i in range(3)]
     errors: list[BaseException] = []

@@ -102,9 +102,9 @@ class ObjectStoreAuditBackup:
         self.root = self.fs._strip_protocol(root).rstrip("/")
         # One cache per store URL, so one home can serve several stores without mixing them.
         digest = hashlib.sha256(self.location.encode("utf-8")).hexdigest()[:16]
+        # (Nothing of the cache is remembered between reads: a process that lives on checks it at
+        # every read, as a fresh one does, since the file may have been edited in between.)
         self.cache = AuditBackup(Path(cache_dir) / digest)
-        #: chain_key -> (seq, event_hash) through which this process has verified its cache.
-        self._verified: dict[str, tuple[int, str]] = {}
 
     # -- names ------------------------------------------------------------------------------------
 
@@ -164,7 +164,6 @@ class ObjectStoreAuditBackup:
         return out
 
     def _drop_cache(self, chain_key: str) -> None:
-        self._verified.pop(chain_key, None)
         self.cache.paths(chain_key).events.unlink(missing_ok=True)
 
     def _verified_cache(self, chain_key: str, contiguous: int) -> list[dict]:
@@ -177,16 +176,13 @@ class ObjectStoreAuditBackup:
         if not events:
             return []
         last = len(events) - 1
-        mark = self._verified.get(chain_key)
-        checked = mark is not None and mark[0] == last and _hash_of(events[last]) == mark[1]
-        if not checked and verify_chain(events, chain_key):
+        if verify_chain(events, chain_key):
             self._drop_cache(chain_key)
             return []
         path = self._event_path(chain_key, last)
         if self._fetch([path])[path] != jcs(events[last]):
             self._drop_cache(chain_key)
             return []
-        self._verified[chain_key] = (last, _hash_of(events[last]))
         return events
 
     def _read(self, chain_key: str) -> tuple[list[dict], list[str], int]:
@@ -216,7 +212,6 @@ class ObjectStoreAuditBackup:
             cached = _continuing(chain_key, events, fresh)
             if cached:
                 self.cache.append(chain_key, cached, fsync=False)
-                self._verified[chain_key] = (len(events) + len(cached) - 1, _hash_of(cached[-1]))
             if len(cached) < len(fresh) and not problems:
                 seq = len(events) + len(cached)
                 problems.append(
@@ -333,7 +328,6 @@ class ObjectStoreAuditBackup:
                 seq, prev = event["chain"]["seq"], event["chain"]["event_hash"]
             self._create_all(chain_key, events)
             self.cache.append(chain_key, events, fsync=False)
-            self._verified[chain_key] = (seq, str(prev))
 
     def _create_all(self, chain_key: str, events: list[dict]) -> None:
         payload = {self._event_path(chain_key, e["chain"]["seq"]): jcs(e) for e in events}
@@ -410,10 +404,6 @@ def _continuing(chain_key: str, known: list[dict], fresh: list[dict]) -> list[di
         good.append(event)
         seq, prev = event["chain"]["seq"], event["chain"]["event_hash"]
     return good
-
-
-def _hash_of(event: dict) -> str:
-    return str(event["chain"]["event_hash"])
 
 
 def _shown(path: str, root: str) -> str:
