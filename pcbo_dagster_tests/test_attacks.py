@@ -1068,6 +1068,30 @@ def test_the_reconciliation_poll_sees_a_backup_forged_after_its_last_poll(home):
     assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
 
 
+def test_the_reconciliation_poll_reconciles_a_chain_the_catalog_no_longer_lists(home):
+    """Red-team finding: the reconciliation poll reconciled only the dataset versions the catalog
+    lists, so deleting a version's `datasets` row (catalog write access) silenced the stream for it:
+    K1's commit point then put back to version 1 in the lake was never reported. The poll now
+    reconciles every chain of the backup too."""
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.broker import EventBroker
+    from pcbo_dagster.server.reconciliation import Reconciler
+
+    with sqlite3.connect(home / "catalog.db") as db:
+        db.execute("DELETE FROM datasets WHERE dataset = 'events' AND version_label = 'v1'")
+    (part(home, K1) / "_manifest.json").write_bytes((part(home, K1) / "_versions/v000001.json").read_bytes())
+    env = Environment.open(Settings.resolve(home=str(home), env={}), create=False)
+    try:
+        reports = Reconciler(env.catalog, env.lake, env.audit.backup, EventBroker(8)).poll()
+    finally:
+        env.close()
+    assert [(r["service"], r["versionLabel"], r["status"]) for r in reports] == [
+        ("events", "v1", "discrepancy")
+    ], reports
+    assert reports[0]["discrepancyDetails"]["missingIds"] == [K1]
+
+
 def test_a_proof_refuses_a_chain_its_transparency_log_disagrees_with(home):
     """Red-team finding: `pcbo proof` held the chain against the catalog's head only, so a chain
     re-hashed in the backup and the catalog alike (K2's commit made to name run b1) verified and a

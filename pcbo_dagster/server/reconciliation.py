@@ -1,4 +1,5 @@
 """The reconciliation poll: every `PCBO_RECONCILE_SECONDS`, for each dataset version of the catalog,
+and for each chain of the audit backup (one whose catalog row was deleted too),
 a cheap comparison of its three stores, published as a `reconciliation.update` event.
 
 Cheap means no data file is read: the audit chain (the source of truth) is read and verified at every
@@ -30,7 +31,7 @@ from typing import Any
 
 from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.catalog import CatalogStore
-from pcbo_dagster.core.audit_chain import verify_chain
+from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.chain_state import ChainState, replay
 from pcbo_dagster.lake import layout
@@ -69,8 +70,15 @@ class Reconciler:
         self.polls += 1
         reports = []
         leases = {(r["dataset"], r["version_label"]) for r in self.catalog.leases()}
-        for row in self.catalog.datasets():
-            dataset, version_label = row["dataset"], row["version_label"]
+        # the catalog's dataset versions and every chain of the backup: a version whose catalog row
+        # was deleted is still reconciled (its lake and its chain are still there)
+        versions = {(r["dataset"], r["version_label"]) for r in self.catalog.datasets()}
+        for key in self.backup.chain_keys():
+            try:
+                versions.add(split_chain_key(key))
+            except ValueError:  # no chain's name: `pcbo verify` reports it
+                continue
+        for dataset, version_label in sorted(versions):
             try:
                 report = self.reconcile(dataset, version_label, (dataset, version_label) in leases)
             except Exception as exc:  # one unreadable dataset must not stop the others
