@@ -901,6 +901,23 @@ def test_a_file_listed_twice_in_a_pcbo_snapshot_is_a_finding(tmp_path: Path, pub
     assert _guarded_table(home).current_snapshot().snapshot_id == ours.snapshot_id
 
 
+def _rewrite_manifest_list(table: Any, snapshot: Any, manifests: list[Any]) -> None:
+    """`snapshot`'s manifest list rewritten in place (same path) to hold `manifests`, as someone with
+    write access to the lake would."""
+    from pyiceberg.manifest import write_manifest_list
+
+    Path(snapshot.manifest_list.removeprefix("file://")).unlink()
+    with write_manifest_list(
+        format_version=table.metadata.format_version,
+        output_file=table.io.new_output(snapshot.manifest_list),
+        snapshot_id=snapshot.snapshot_id,
+        parent_snapshot_id=snapshot.parent_snapshot_id,
+        sequence_number=snapshot.sequence_number,
+        avro_compression="deflate",
+    ) as writer:
+        writer.add_manifests(manifests)
+
+
 @pytest.mark.parametrize("forged", ["bounds", "counts"])
 def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(
     tmp_path: Path, published: FirstRun, forged: str
@@ -913,7 +930,7 @@ def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(
     and was clean. A manifest list entry that is not what its manifest gives is a finding."""
     import struct
 
-    from pyiceberg.manifest import PartitionFieldSummary, write_manifest_list
+    from pyiceberg.manifest import PartitionFieldSummary
 
     home, run = published
     assert run.status == 0
@@ -932,16 +949,7 @@ def test_a_manifest_list_whose_summaries_hide_its_files_is_a_finding(
             ]
         else:
             manifest[7] = manifest[8] = manifest[10] = manifest[11] = 0
-    Path(snapshot.manifest_list.removeprefix("file://")).unlink()
-    with write_manifest_list(
-        format_version=table.metadata.format_version,
-        output_file=table.io.new_output(snapshot.manifest_list),
-        snapshot_id=snapshot.snapshot_id,
-        parent_snapshot_id=snapshot.parent_snapshot_id,
-        sequence_number=snapshot.sequence_number,
-        avro_compression="deflate",
-    ) as writer:
-        writer.add_manifests(manifests)
+    _rewrite_manifest_list(table, snapshot, manifests)
     table = _guarded_table(home)
     if forged == "bounds":
         assert table.scan(row_filter=after).to_arrow().num_rows == 0  # what a filtered read reads
@@ -973,7 +981,7 @@ def test_a_manifest_list_forged_after_a_read_in_the_same_process_is_a_finding(pu
     process-wide cache keyed by the manifest's path, and `Snapshot.manifests` answers the rewritten
     list's entries from it: the second `verify` judged the honest entries it read first and was
     clean. The checks read the manifest list from the file each time."""
-    from pyiceberg.manifest import read_manifest_list, write_manifest_list
+    from pyiceberg.manifest import read_manifest_list
 
     from pcbo_dagster.engine.verify import verify
 
@@ -992,16 +1000,7 @@ def test_a_manifest_list_forged_after_a_read_in_the_same_process_is_a_finding(pu
     manifests = list(read_manifest_list(table.io.new_input(snapshot.manifest_list)))
     for manifest in manifests:  # (counts: fields 7, 8, 10, 11 of a ManifestFile)
         manifest[7] = manifest[8] = manifest[10] = manifest[11] = 0
-    Path(snapshot.manifest_list.removeprefix("file://")).unlink()
-    with write_manifest_list(
-        format_version=table.metadata.format_version,
-        output_file=table.io.new_output(snapshot.manifest_list),
-        snapshot_id=snapshot.snapshot_id,
-        parent_snapshot_id=snapshot.parent_snapshot_id,
-        sequence_number=snapshot.sequence_number,
-        avro_compression="deflate",
-    ) as writer:
-        writer.add_manifests(manifests)
+    _rewrite_manifest_list(table, snapshot, manifests)
     assert findings().count("table_manifest_summary_mismatch") == len(manifests)
 
 
