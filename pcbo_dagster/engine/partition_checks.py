@@ -190,11 +190,18 @@ def read_chain(env: Environment, dataset: str, version_label: str) -> CheckedCha
     return check_chain(env.audit.backup, key, env.catalog.chain_heads().get(key))
 
 
-def check_chain(backup: ChainBackup, key: str, expected_head: tuple[int, str] | None) -> CheckedChain:
-    """Chain `key` from `backup`, verified offline (against `expected_head`, the catalog's, when
-    given) and replayed."""
+def read_verified_chain(
+    backup: ChainBackup, key: str, expected_head: tuple[int, str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Chain `key` from `backup` and what is wrong with it: the backup's read problems and every hash
+    and link recomputed offline (against `expected_head`, the catalog's, when given)."""
     events, problems = backup.read_chain_with_problems(key)
-    findings = list(problems) + verify_chain(events, key, expected_head=expected_head)
+    return events, list(problems) + verify_chain(events, key, expected_head=expected_head)
+
+
+def check_chain(backup: ChainBackup, key: str, expected_head: tuple[int, str] | None) -> CheckedChain:
+    """Chain `key` from `backup`, verified offline (`read_verified_chain`) and replayed."""
+    events, findings = read_verified_chain(backup, key, expected_head)
     replayed = replay(events)
     head = events[-1].get("chain", {}).get("event_hash") if events else None
     return CheckedChain(findings + replayed.findings, replayed, len(events), head, events)

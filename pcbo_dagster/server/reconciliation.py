@@ -31,9 +31,10 @@ from typing import Any
 
 from pcbo_dagster.audit.backup import ChainBackup
 from pcbo_dagster.catalog import CatalogStore
-from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
+from pcbo_dagster.core.audit_chain import split_chain_key
 from pcbo_dagster.core.canonical import jcs
 from pcbo_dagster.core.chain_state import ChainState, replay
+from pcbo_dagster.engine.partition_checks import read_verified_chain
 from pcbo_dagster.lake import layout
 from pcbo_dagster.lake.storage import LakeStorage
 from pcbo_dagster.server.broker import EventBroker
@@ -93,8 +94,7 @@ class Reconciler:
         # before the head (with the lake and the catalog to match, or after an earlier poll verified
         # it) would have the poll call forged stores `verified`. The replay is kept while the chain
         # verifies to the same head (its hashes pin every event).
-        events, problems = self.backup.read_chain_with_problems(chain_key)
-        findings = list(problems) + verify_chain(events, chain_key)
+        events, findings = read_verified_chain(self.backup, chain_key)
         head = events[-1].get("chain", {}).get("event_hash") if events else None
         cached = self._chains.get(chain_key)
         if findings or cached is None or cached.findings or cached.head != head:
