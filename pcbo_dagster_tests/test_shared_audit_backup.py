@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from pcbo_dagster.audit.backup import AuditBackup
+from pcbo_dagster.audit.backup import AuditBackup, AuditBackupCorrupt
 from pcbo_dagster.audit.log import AuditLog, ChainDivergence
 from pcbo_dagster.audit.object_store_backup import (
     AuditBackupConflict,
@@ -250,6 +250,70 @@ def test_a_long_lived_process_checks_its_cache_again_at_every_read(tmp_path, sto
     cache_file.write_bytes(lines[0] + lines[1].replace(b'"n":1', b'"n":7') + lines[2])
     assert store.read_chain(KEY) == written
     assert AuditBackup(cache_file.parent.parent).read_chain(KEY) == written
+    catalog.close()
+
+
+@pytest.fixture(params=["s3", "gs"])
+def any_store_url(request, monkeypatch) -> str:
+    """A fresh audit store URL on moto's S3 or on the GCS emulator (their listings fingerprint an
+    object differently: an ETag; a generation, MD5 and CRC32C)."""
+    store = request.getfixturevalue(f"{request.param.replace('gs', 'gcs')}_store")
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    return store.url(f"pas-{uuid.uuid4().hex[:8]}")
+
+
+def test_a_long_lived_process_sees_an_event_object_rewritten_below_the_head(
+    tmp_path, any_store_url, fresh_postgres_url
+):
+    """Known limit until 2026-12-08: a process that keeps one backup open (`pcbo serve`: proofs, the
+    reconciliation stream) checked its cache against the store's last event object only, so an object
+    below it rewritten on the store went unseen by it (`verify`, which reads every object, reported
+    it). Every read now compares each object's listed fingerprint with the one kept when its bytes were
+    compared with the cache: a rewritten one drops the cache, and the store's events are read again."""
+    catalog = _catalog(fresh_postgres_url)
+    log = _log(any_store_url, tmp_path / "a", catalog)
+    written = log.append_many(KEY, [("e", _body(i)) for i in range(4)])
+    store = log.backup
+    assert isinstance(store, ObjectStoreAuditBackup)
+    assert store.read_chain_with_problems(KEY) == (written, [])  # the cache is warm, its objects pinned
+    assert store.read_chain_with_problems(KEY) == (written, [])
+    forged = dict(written[1], body=_body(7))
+    store.fs.pipe(_object(store, 1), jcs(forged))
+    events, problems = store.read_chain_with_problems(KEY)
+    assert problems == [f"{store.location}: {KEY}: the event at seq 1 does not continue the chain"]
+    assert events[1]["body"] == _body(7)
+    with pytest.raises(AuditBackupCorrupt, match="seq 1 does not continue"):
+        store.last_event(KEY)
+    with pytest.raises(ChainDivergence):
+        log.append(KEY, "e", _body(4))
+    # The genuine object put back: the chain reads clean again, in the same process.
+    store.fs.pipe(_object(store, 1), jcs(written[1]))
+    assert store.read_chain_with_problems(KEY) == (written, [])
+    catalog.close()
+
+
+def test_the_kept_fingerprints_are_only_the_caches(tmp_path, store_url, fresh_postgres_url):
+    """Fingerprints kept beside the cache that are missing, not a list, or of other objects cost a
+    comparison of the objects' bytes, never a wrong chain."""
+    catalog = _catalog(fresh_postgres_url)
+    log = _log(store_url, tmp_path / "a", catalog)
+    written = log.append_many(KEY, [("e", _body(i)) for i in range(3)])
+    store = log.backup
+    assert isinstance(store, ObjectStoreAuditBackup)
+    assert store.read_chain(KEY) == written
+    kept = store._fingerprints_path(KEY)
+    assert len(json.loads(kept.read_bytes())) == 3
+    for planted in (b"", b"{}", b'["x", 1]', json.dumps(["forged"] * 3).encode()):
+        kept.write_bytes(planted)
+        assert store.read_chain_with_problems(KEY) == (written, [])
+    # Fingerprints copied from the store as it is after a rewrite: the rewritten object's bytes are
+    # still compared where it is the last one, and below it the cache holds the genuine chain.
+    store.fs.pipe(_object(store, 2), jcs(dict(written[2], body=_body(9))))
+    fingerprints = store._listing(KEY)
+    kept.write_text(json.dumps([fingerprints[seq][1] for seq in range(3)]))
+    events, problems = store.read_chain_with_problems(KEY)
+    assert problems and events[2]["body"] == _body(9)
     catalog.close()
 
 

@@ -27,9 +27,16 @@ every object, so a hole or a stray object is a finding there.
 
 A host-local copy of each chain (`cache_dir`, a JSON Lines file as `audit.backup.AuditBackup` writes
 it) saves reading every object again on every run. It is only a cache: it holds nothing the store
-does not, every read checks it (its chain verifies, hash by hash, and its last event is byte for byte
-the store's object at that seq) and drops it at the first disagreement, and it is never read by
-`verify`, which reads the store. Writers on one host are serialised by the cache's file lock; writers
+does not, every read checks it and drops it at the first disagreement, and it is never read by
+`verify`, which reads the store. The check: its chain verifies, hash by hash; its last event is byte
+for byte the store's object at that seq; and every object below it is still the object whose bytes the
+cache was compared with. For that, beside the cache, the listing's fingerprint of each object the cache
+holds (S3's ETag, GCS's generation, MD5 and CRC32C, with the size) is kept once its bytes were compared
+with the cached event's; every read lists the chain anyway, and an object rewritten on the store since
+(its fingerprint changed) drops the cache, so the store's events are read again and the rewritten one
+is found (a process that lives on, `pcbo serve`, sees it at its next read). Objects the cache holds
+without a fingerprint (appended since the last read, or listed without one) are fetched and compared.
+Writers on one host are serialised by the cache's file lock; writers
 on different hosts by the catalog (PostgreSQL's advisory lock and the chain head's row lock, held for
 the whole append: `catalog/chain.py`).
 """
@@ -37,6 +44,7 @@ the whole append: `catalog/chain.py`).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -50,6 +58,7 @@ from pcbo_dagster.audit.backup import (
     ChainBackup,
     _event_or_none,
     _parse_line,
+    read_regular,
 )
 from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
 from pcbo_dagster.core.canonical import jcs
@@ -63,6 +72,8 @@ CURSOR_NAME = "_delivered.json"
 CHECKPOINT_MARKER_NAME = "_checkpoint_delivered.json"
 #: An event object's name: ASCII digits only (`\d` would take any Unicode digit, and int() reads them).
 _EVENT_NAME = re.compile(r"([0-9]{12})\.json")
+#: The keys of a listing's entry that change when an object's bytes do (s3fs: ETag; gcsfs: the rest).
+_FINGERPRINT_KEYS = ("ETag", "generation", "md5Hash", "crc32c")
 
 
 class AuditBackupConflict(ValueError):
@@ -115,21 +126,45 @@ class ObjectStoreAuditBackup:
     def _event_path(self, chain_key: str, seq: int) -> str:
         return f"{self._chain_dir(chain_key)}/{event_name(seq)}"
 
-    def _listing(self, chain_key: str) -> dict[int, str]:
-        """{seq: path} of the chain's event objects, listed now (never from fsspec's listing cache)."""
+    def _listing(self, chain_key: str) -> dict[int, tuple[str, str | None]]:
+        """{seq: (path, fingerprint)} of the chain's event objects, listed now (never from fsspec's
+        listing cache); the fingerprint as `_fingerprint` gives it."""
         directory = self._chain_dir(chain_key)
         self.fs.invalidate_cache(directory)
         try:
             with store_reading(self.location, f"the listing of {chain_key}"):
-                names = self.fs.ls(directory, detail=False)
+                entries = self.fs.ls(directory, detail=True)
         except FileNotFoundError:
             return {}
-        found: dict[int, str] = {}
-        for path in names:
-            match = _EVENT_NAME.fullmatch(str(path).rsplit("/", 1)[-1])
+        found: dict[int, tuple[str, str | None]] = {}
+        for entry in entries:
+            match = _EVENT_NAME.fullmatch(str(entry.get("name", "")).rsplit("/", 1)[-1])
             if match:
-                found[int(match.group(1))] = f"{directory}/{match.group(0)}"
+                found[int(match.group(1))] = (f"{directory}/{match.group(0)}", _fingerprint(entry))
         return found
+
+    def _fingerprints_path(self, chain_key: str) -> Path:
+        events = self.cache.paths(chain_key).events
+        return events.with_name(events.name.removesuffix(".jsonl") + ".objects.json")
+
+    def _pinned(self, chain_key: str) -> list[str | None]:
+        """The fingerprint of each object (by seq) whose bytes the cache's event was compared with;
+        nothing when the file is missing or not such a list (it is only the cache's)."""
+        try:
+            value = json.loads(read_regular(self._fingerprints_path(chain_key)))
+        except (OSError, ValueError, AuditBackupCorrupt):
+            return []
+        if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
+            return []
+        return value
+
+    def _pin(self, chain_key: str, fingerprints: list[str | None]) -> None:
+        """Keep `fingerprints` beside the cache (replaced whole; not synced: a file lost or torn in a
+        crash reads as none, and the objects are compared again)."""
+        path = self._fingerprints_path(chain_key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(json.dumps(fingerprints, separators=(",", ":")).encode("ascii"))
+        os.replace(tmp, path)
 
     # -- locking ----------------------------------------------------------------------------------
 
@@ -164,26 +199,39 @@ class ObjectStoreAuditBackup:
         return out
 
     def _drop_cache(self, chain_key: str) -> None:
+        self._fingerprints_path(chain_key).unlink(missing_ok=True)
         self.cache.paths(chain_key).events.unlink(missing_ok=True)
 
-    def _verified_cache(self, chain_key: str, contiguous: int) -> list[dict]:
+    def _verified_cache(
+        self, chain_key: str, listing: dict[int, tuple[str, str | None]], contiguous: int
+    ) -> tuple[list[dict], list[str | None]]:
         """The cache's events when they are a prefix of the store's chain (checked as the module doc
-        says), else nothing (the cache is dropped)."""
+        says), else nothing (the cache is dropped); and the fingerprints kept beside them."""
         events, problems = self.cache.read_chain_with_problems(chain_key)
         if problems or len(events) > contiguous:
             self._drop_cache(chain_key)
-            return []
+            return [], []
         if not events:
-            return []
-        last = len(events) - 1
+            self._fingerprints_path(chain_key).unlink(missing_ok=True)
+            return [], []
         if verify_chain(events, chain_key):
             self._drop_cache(chain_key)
-            return []
-        path = self._event_path(chain_key, last)
-        if self._fetch([path])[path] != jcs(events[last]):
+            return [], []
+        pinned = self._pinned(chain_key)
+        to_compare = {len(events) - 1}  # the last event, always byte for byte
+        for seq in range(len(events)):
+            fingerprint = listing[seq][1]
+            if seq >= len(pinned) or fingerprint is None or pinned[seq] is None:
+                to_compare.add(seq)
+            elif pinned[seq] != fingerprint:  # rewritten on the store since its bytes were compared
+                self._drop_cache(chain_key)
+                return [], []
+        paths = {seq: listing[seq][0] for seq in sorted(to_compare)}
+        fetched = self._fetch(list(paths.values()))
+        if any(fetched[path] != jcs(events[seq]) for seq, path in paths.items()):
             self._drop_cache(chain_key)
-            return []
-        return events
+            return [], []
+        return events, pinned
 
     def _read(self, chain_key: str) -> tuple[list[dict], list[str], int]:
         """(events, problems, number of contiguous objects from seq 0): see `read_chain_with_problems`."""
@@ -192,13 +240,13 @@ class ObjectStoreAuditBackup:
             contiguous = 0
             while contiguous in listing:
                 contiguous += 1
-            events = self._verified_cache(chain_key, contiguous)
+            events, pinned = self._verified_cache(chain_key, listing, contiguous)
             seqs = range(len(events), contiguous)
-            fetched = self._fetch([listing[seq] for seq in seqs])
+            fetched = self._fetch([listing[seq][0] for seq in seqs])
             fresh: list[dict] = []
             problems: list[str] = []
             for seq in seqs:
-                path = listing[seq]
+                path = listing[seq][0]
                 data = fetched[path]
                 event = _event_or_none(data) if isinstance(data, bytes) else None
                 if event is None:
@@ -212,6 +260,10 @@ class ObjectStoreAuditBackup:
             cached = _continuing(chain_key, events, fresh)
             if cached:
                 self.cache.append(chain_key, cached, fsync=False)
+            # Every object the cache now holds was compared with its event, as listed then.
+            fingerprints = [listing[seq][1] for seq in range(len(events) + len(cached))]
+            if fingerprints and fingerprints != pinned:
+                self._pin(chain_key, fingerprints)
             if len(cached) < len(fresh) and not problems:
                 seq = len(events) + len(cached)
                 problems.append(
@@ -389,6 +441,13 @@ class ObjectStoreAuditBackup:
 
     def write_checkpoint_marker(self, chain_key: str, data: bytes) -> None:
         self.fs.pipe_file(f"{self._chain_dir(chain_key)}/{CHECKPOINT_MARKER_NAME}", data)
+
+
+def _fingerprint(entry: dict[str, Any]) -> str | None:
+    """What a listing says of an object's bytes (S3's ETag; GCS's generation, MD5 and CRC32C), with its
+    size; None when it says none of them (the object is then compared byte for byte at every read)."""
+    found = [f"{key}={entry[key]}" for key in _FINGERPRINT_KEYS if entry.get(key) not in (None, "")]
+    return ";".join([f"size={entry.get('size')}", *found]) if found else None
 
 
 def _continuing(chain_key: str, known: list[dict], fresh: list[dict]) -> list[dict]:
