@@ -377,15 +377,10 @@ class Database:
             if row is None:
                 problems[name] = "missing" + (f": {shadowed[table]}" if table in shadowed else "")
                 continue
-            action = name[len(table) + 1 :]
-            when = "BEFORE DELETE OR UPDATE" if action == "append_only" else "BEFORE TRUNCATE"
-            each = "ROW" if action == "append_only" else "STATEMENT"
-            definition = (
-                f"CREATE TRIGGER {name} {when} ON {row[9]}.{table} "
-                f"FOR EACH {each} EXECUTE FUNCTION {row[10]}.pcbo_refuse_mutation()"
-            )
             why = []
-            if row[2] != definition:
+            if row[2] != pg_guard_trigger_definition(
+                name, f"{row[9]}.{table}", f"{row[10]}.pcbo_refuse_mutation()"
+            ):
                 why.append(f"its definition is {row[2]!r}")
             if (asleep := pg_trigger_asleep(row[3], replica)) is not None:
                 why.append(asleep)
@@ -631,6 +626,19 @@ def _shadowing_relations(conn: Connection, oids: dict[str, Any], path: list[str]
         said = f"the name {name} reaches a {kind} in schema {schema} (the first on the search path)"
         out[name] = said + (f", not the {', the '.join(hidden)}" if hidden else "")
     return out
+
+
+def pg_guard_trigger_definition(name: str, table: str, function: str) -> str:
+    """`pg_get_triggerdef` of the append-only trigger `name` as pcbo creates it on `table` (schema
+    qualified) calling `function`: a `..._append_only` trigger refuses each row's DELETE or UPDATE, the
+    other (`..._no_truncate`) a TRUNCATE. The one expected definition of the catalog's append-only
+    triggers and a SQL target's journal's."""
+    when, each = (
+        ("BEFORE DELETE OR UPDATE", "ROW")
+        if name.endswith("_append_only")
+        else ("BEFORE TRUNCATE", "STATEMENT")
+    )
+    return f"CREATE TRIGGER {name} {when} ON {table} FOR EACH {each} EXECUTE FUNCTION {function}"
 
 
 def pg_trigger_asleep(tgenabled: str, replica: bool) -> str | None:

@@ -56,6 +56,7 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from pcbo_dagster.catalog.database import (
     PG_SEARCH_PATH,
+    pg_guard_trigger_definition,
     pg_replica_session,
     pg_trigger_asleep,
     sqlite_trigger_problems,
@@ -733,14 +734,8 @@ class SqlTable:
             if row is None:
                 problems[name] = "missing"
                 continue
-            when = "BEFORE DELETE OR UPDATE" if name.endswith("_append_only") else "BEFORE TRUNCATE"
-            each = "ROW" if name.endswith("_append_only") else "STATEMENT"
-            definition = (
-                f"CREATE TRIGGER {name} {when} ON {schema}.{table} "
-                f"FOR EACH {each} EXECUTE FUNCTION {function}"
-            )
             why = []
-            if row[2] != definition:
+            if row[2] != pg_guard_trigger_definition(name, f"{schema}.{table}", function):
                 why.append(f"its definition is {row[2]!r}")
             if (asleep := pg_trigger_asleep(row[3], replica)) is not None:
                 why.append(asleep)
