@@ -272,16 +272,8 @@ def record_cancelled(
     envs: RolloutEnvironments, name: str, *, by: str | None, now: datetime, detail: dict[str, Any]
 ) -> None:
     """The staging apply of `name` stopped on a cancel request: `rollout_cancelled`, then the row."""
-    event = append_event(
-        envs, envs.store.require(name), ROLLOUT_CANCELLED, {"by": by, "cancelled_at": format_datetime(now)}
-    )
-    envs.store.set_status(
-        name,
-        "cancelled",
-        actor=by,
-        now=now,
-        detail={**detail, "auditEventHash": event["chain"]["event_hash"]},
-    )
+    body = {"by": by, "cancelled_at": format_datetime(now)}
+    _record_status(envs, name, ROLLOUT_CANCELLED, body, "cancelled", by=by, now=now, detail=detail)
 
 
 def record_rolled_back(
@@ -289,22 +281,30 @@ def record_rolled_back(
 ) -> None:
     """A rollback left `name` without a current version: `rollout_rolled_back` (stage, who, why, the
     rollback id), then the row `rolled_back` (its log entry holds `detail`)."""
-    event = append_event(
-        envs,
-        envs.store.require(name),
-        ROLLOUT_ROLLED_BACK,
-        {
-            "stage": detail.get("stage"),
-            "by": by,
-            "reason": detail.get("reason"),
-            "rollback_id": detail.get("rollbackId"),
-            "rolled_back_at": format_datetime(now),
-        },
-    )
+    body = {
+        "stage": detail.get("stage"),
+        "by": by,
+        "reason": detail.get("reason"),
+        "rollback_id": detail.get("rollbackId"),
+        "rolled_back_at": format_datetime(now),
+    }
+    _record_status(envs, name, ROLLOUT_ROLLED_BACK, body, "rolled_back", by=by, now=now, detail=detail)
+
+
+def _record_status(
+    envs: RolloutEnvironments,
+    name: str,
+    event_type: str,
+    body: dict[str, Any],
+    status: str,
+    *,
+    by: str | None,
+    now: datetime,
+    detail: dict[str, Any],
+) -> None:
+    """`event_type` (`body`) about rollout `name` on its chain, then the row `status` (its log entry
+    holds `detail` and the event's hash)."""
+    event = append_event(envs, envs.store.require(name), event_type, body)
     envs.store.set_status(
-        name,
-        "rolled_back",
-        actor=by,
-        now=now,
-        detail={**detail, "auditEventHash": event["chain"]["event_hash"]},
+        name, status, actor=by, now=now, detail={**detail, "auditEventHash": event["chain"]["event_hash"]}
     )
