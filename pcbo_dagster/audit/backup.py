@@ -169,6 +169,14 @@ def read_regular(path: Path) -> bytes:
         raise _not_regular(path) from exc
 
 
+def _read_if_present(path: Path) -> bytes | None:
+    """`read_regular`, or None when there is no such file (a marker not written yet)."""
+    try:
+        return read_regular(path)
+    except FileNotFoundError:
+        return None
+
+
 def _open_regular(path: Path, flags: int) -> int:
     """`os.open(path, flags)` of a file of the backup, refusing a name that holds no regular file as
     `read_regular` does (a FIFO is opened without waiting, then refused)."""
@@ -294,20 +302,14 @@ class AuditBackup:
             yield
 
     def read_delivery_cursor(self, chain_key: str) -> bytes | None:
-        try:
-            return read_regular(self.paths(chain_key).delivered)
-        except FileNotFoundError:
-            return None
+        return _read_if_present(self.paths(chain_key).delivered)
 
     def write_delivery_cursor(self, chain_key: str, data: bytes) -> None:
         """Replace the cursor file atomically (`_replace_file`)."""
         _replace_file(self.paths(chain_key).delivered, data)
 
     def read_checkpoint_marker(self, chain_key: str) -> bytes | None:
-        try:
-            return read_regular(self.paths(chain_key).checkpoint_delivered)
-        except FileNotFoundError:
-            return None
+        return _read_if_present(self.paths(chain_key).checkpoint_delivered)
 
     def write_checkpoint_marker(self, chain_key: str, data: bytes) -> None:
         """Replace the marker file atomically (`_replace_file`)."""
