@@ -36,6 +36,13 @@ BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": models.ErrorDocument, "description": "the body is larger than PCBO_SERVER_MAX_BODY_BYTES"},
     504: {"model": models.ErrorDocument, "description": "no answer within PCBO_SERVER_REQUEST_TIMEOUT"},
 }
+PROOF_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    500: {
+        "model": models.ErrorDocument,
+        "description": "the partition's files are unreadable or not what its audit chain committed",
+    },
+}
 REQUEST_BODY = {
     "requestBody": {
         "required": True,
@@ -482,13 +489,7 @@ def _proof(func: Any, *args: Any) -> Any:
     "/datasets/{dataset}/partitions/{key}/proof",
     summary="RFC 6962 inclusion proof of an id in a partition's current version (pcbo proof --id)",
     response_model=models.ProofDocument,
-    responses={
-        **ERRORS,
-        500: {
-            "model": models.ErrorDocument,
-            "description": "the partition's files are unreadable or not what its audit chain committed",
-        },
-    },
+    responses=PROOF_ERRORS,
 )
 def inclusion_proof(
     request: Request,
@@ -508,13 +509,7 @@ def inclusion_proof(
     "/datasets/{dataset}/consistency",
     summary="RFC 6962 consistency proof between two versions of a partition (pcbo proof --from-version)",
     response_model=models.ProofDocument,
-    responses={
-        **ERRORS,
-        500: {
-            "model": models.ErrorDocument,
-            "description": "the partition's files are unreadable or not what its audit chain committed",
-        },
-    },
+    responses=PROOF_ERRORS,
 )
 def consistency_proof(
     request: Request,
