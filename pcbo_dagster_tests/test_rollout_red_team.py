@@ -416,6 +416,27 @@ def test_staging_on_many_hosts_must_be_shared_as_production_is(tmp_path: Path) -
     assert not alone.multi_host and alone.lake_url.endswith("one/staging/lake")
 
 
+def _applying_rollout(tmp_path: Path, rate: float) -> tuple[DatasetsConfig, Settings, ManualClock]:
+    """A config throttled to 1 partition a minute and its rollout `r` (K0..K2) as an apply that died
+    before its first partition left it: `applying`, its row's throttle `rate` partitions a minute."""
+    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    dataset = operations.rollout_dataset(config, "sessions")
+    with operations.dataset_environments(config, dataset, base) as envs:
+        envs.store.create_rollout(
+            name="r",
+            dataset="sessions",
+            version_label="v1",
+            partition_keys=[K0, K1, K2],
+            throttle={"partitionsPerMinute": rate, "recordsPerMinute": None},
+            soak_window_seconds=300,
+            actor="ana",
+            now=T0,
+        )
+    return config, base, clock
+
+
 @pytest.mark.parametrize(
     "forged",
     [
@@ -438,22 +459,7 @@ def test_a_throttle_written_into_a_rollouts_row_never_loosens_the_configured_one
     ZeroDivisionError (0) or a TypeError (text). Now the row's limits count only where they are valid
     and stricter than the config's (with this run's override): the config's 1 partition a minute
     holds."""
-    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    dataset = operations.rollout_dataset(config, "sessions")
-    with operations.dataset_environments(config, dataset, base) as envs:
-        # The rollout as an apply that died before its first partition left it: `applying`.
-        envs.store.create_rollout(
-            name="r",
-            dataset="sessions",
-            version_label="v1",
-            partition_keys=[K0, K1, K2],
-            throttle={"partitionsPerMinute": 1.0, "recordsPerMinute": None},
-            soak_window_seconds=300,
-            actor="ana",
-            now=T0,
-        )
+    config, base, clock = _applying_rollout(tmp_path, 1.0)
     write_catalog(base, ("UPDATE rollouts SET throttle = :t WHERE name = 'r'", {"t": forged}))
     logged: list[str] = []
     result = operations.start(
@@ -467,21 +473,7 @@ def test_a_throttle_written_into_a_rollouts_row_never_loosens_the_configured_one
 def test_a_stricter_throttle_in_the_row_is_kept_when_the_apply_runs_again(tmp_path: Path) -> None:
     """What the row holds that is valid and stricter (the start's override of 0.5 a minute) still
     paces an apply run again without one."""
-    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    dataset = operations.rollout_dataset(config, "sessions")
-    with operations.dataset_environments(config, dataset, base) as envs:
-        envs.store.create_rollout(
-            name="r",
-            dataset="sessions",
-            version_label="v1",
-            partition_keys=[K0, K1, K2],
-            throttle={"partitionsPerMinute": 0.5, "recordsPerMinute": None},
-            soak_window_seconds=300,
-            actor="ana",
-            now=T0,
-        )
+    config, base, clock = _applying_rollout(tmp_path, 0.5)
     result = operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
     assert result["execute"]["throttle"] == {"describe": "0.5 partitions/min", "waitedSeconds": 240.0}
 
@@ -490,21 +482,7 @@ def test_an_override_given_when_an_apply_runs_again_applies_and_is_recorded(tmp_
     """An override given with an apply run again over an `applying` rollout (its process died: no
     sensor marked it interrupted) paces the rest and is recorded (`throttle_changed`), as for an
     interrupted one; it used to be ignored (the row's throttle paced it)."""
-    config = _config(tmp_path, throttle="{partitionsPerMinute: 1}")
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    dataset = operations.rollout_dataset(config, "sessions")
-    with operations.dataset_environments(config, dataset, base) as envs:
-        envs.store.create_rollout(
-            name="r",
-            dataset="sessions",
-            version_label="v1",
-            partition_keys=[K0, K1, K2],
-            throttle={"partitionsPerMinute": 1.0, "recordsPerMinute": None},
-            soak_window_seconds=300,
-            actor="ana",
-            now=T0,
-        )
+    config, base, clock = _applying_rollout(tmp_path, 1.0)
     result = operations.start(
         config, base, "sessions", K0, K2, by="ana", name="r", clock=clock, throttle={"partitionsPerMinute": 2}
     )
