@@ -22,11 +22,18 @@ EVENTS = dg.AssetKey(["events"])
 RANGE = {"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partition_range_end": KEYS[-1]}
 
 
+def example_workdir(root: Path) -> Path:
+    """`root` holding the example datasets config (`datasets.yaml`, no approvers listed) beside freshly
+    generated demo sources (`demo_data`), as on a fresh clone."""
+    shutil.copy(DEFAULT_DATASETS_CONFIG, root / "datasets.yaml")
+    generate_demo_data(root / "demo_data")
+    return root
+
+
 def example_location(tmp_path: Path) -> tuple[Path, DatasetsConfig, PcboEngineResource, dg.Definitions]:
     """(tmp_path, the config, the engine resource on `tmp_path/pcbo-home`, the definitions)."""
-    shutil.copy(DEFAULT_DATASETS_CONFIG, tmp_path / "datasets.yaml")
+    example_workdir(tmp_path)
     list_approvers_in_example(tmp_path / "datasets.yaml")
-    generate_demo_data(tmp_path / "demo_data")
     config = load_datasets_config(tmp_path / "datasets.yaml")
     engine = PcboEngineResource(home=str(tmp_path / "pcbo-home"))
     return tmp_path, config, engine, build_definitions(config, resource=engine)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from pcbo_dagster.datasets.config import (  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 from pcbo_dagster.datasets.requests import request_groups  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
+from pcbo_dagster_tests.example_location import example_workdir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
@@ -49,9 +49,7 @@ def _range_tags(start: str, end: str) -> dict[str, str]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """The example config beside freshly generated demo sources, as on a fresh clone."""
-    shutil.copy(EXAMPLE, tmp_path / "datasets.yaml")
-    generate_demo_data(tmp_path / "demo_data")
-    return tmp_path
+    return example_workdir(tmp_path)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from pcbo_dagster.datasets.config import (  # noqa: E402
     DatasetsConfig,
     load_datasets_config,
 )
-from pcbo_dagster.datasets.demo_data import demo_ledgers, generate_demo_data  # noqa: E402
+from pcbo_dagster.datasets.demo_data import demo_ledgers  # noqa: E402
 from pcbo_dagster.datasets.requests import (  # noqa: E402
     build_ledger_request,
     ledger_request_groups,
@@ -39,6 +39,7 @@ from pcbo_dagster.datasets.requests import (  # noqa: E402
 )
 from pcbo_dagster.engine.request_loading import evaluate, load_request  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
+from pcbo_dagster_tests.example_location import example_workdir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
@@ -67,9 +68,7 @@ def _no_pcbo_variables(monkeypatch):
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    shutil.copy(EXAMPLE, tmp_path / "datasets.yaml")
-    generate_demo_data(tmp_path / "demo_data")
-    return tmp_path
+    return example_workdir(tmp_path)
 
 
 @pytest.fixture

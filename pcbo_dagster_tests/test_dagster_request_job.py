@@ -3,7 +3,6 @@ of the code location: `pcbo validate-config`, `pcbo demo-data`, and `execute --d
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +28,8 @@ from pcbo_dagster.dagster_defs.remote import (  # noqa: E402
 )
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG  # noqa: E402
-from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
+from pcbo_dagster_tests.example_location import example_workdir  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
@@ -71,9 +70,7 @@ def _no_pcbo_variables(monkeypatch):
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    shutil.copy(EXAMPLE, tmp_path / "datasets.yaml")
-    generate_demo_data(tmp_path / "demo_data")
-    return tmp_path
+    return example_workdir(tmp_path)
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, Any, str]:
