@@ -78,6 +78,24 @@ def pcbo_env(
     return result
 
 
+def run_cwd(
+    home: str | os.PathLike[str] | None, cwd: str | os.PathLike[str] | None
+) -> str | os.PathLike[str]:
+    """The working directory of a `pcbo` run: `cwd`, else the home's parent (never the repository,
+    where a default ./.pcbo would land), else this process's."""
+    if cwd is not None:
+        return cwd
+    return Path(home).parent if home is not None else Path.cwd()
+
+
+def stdout_document(stdout: str) -> Any:
+    """A `pcbo` run's standard output parsed as JSON; None when it is empty or not JSON."""
+    try:
+        return json.loads(stdout) if stdout.strip() else None
+    except ValueError:
+        return None
+
+
 def run_pcbo(
     args: Sequence[str | os.PathLike[str]],
     home: str | os.PathLike[str] | None = None,
@@ -88,24 +106,17 @@ def run_pcbo(
 ) -> PcboRun:
     """Run `python -m pcbo_dagster.cli.main *args` with PCBO_HOME=`home` and `env` added (`stdin`: its
     standard input, else this process's)."""
-    if cwd is None:
-        # Never let a default ./.pcbo land in the repository.
-        cwd = Path(home).parent if home is not None else Path.cwd()
     proc = subprocess.run(
         [sys.executable, "-m", "pcbo_dagster.cli.main", *(os.fspath(a) for a in args)],
         env=pcbo_env(home, env),
-        cwd=cwd,
+        cwd=run_cwd(home, cwd),
         capture_output=True,
         input=stdin,
         timeout=timeout,
         check=False,
     )
     stdout = proc.stdout.decode("utf-8", errors="replace")
-    try:
-        document = json.loads(stdout) if stdout.strip() else None
-    except ValueError:
-        document = None
-    return PcboRun(proc.returncode, document, proc.stderr.decode("utf-8", errors="replace"))
+    return PcboRun(proc.returncode, stdout_document(stdout), proc.stderr.decode("utf-8", errors="replace"))
 
 
 @contextmanager
@@ -179,8 +190,6 @@ def run_pcbo_in_process(
     from pcbo_dagster.io.redaction import _OBJECT_STORE_CLIENTS
 
     assert "PCBO_FAILPOINT" not in (env or {}), "a failpoint ends its process: use run_pcbo"
-    if cwd is None:
-        cwd = Path(home).parent if home is not None else Path.cwd()
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     store_loggers = [logging.getLogger(name.rstrip(".")) for name in _OBJECT_STORE_CLIENTS]
     saved_loggers = [(logger, list(logger.handlers), logger.propagate) for logger in store_loggers]
@@ -190,7 +199,7 @@ def run_pcbo_in_process(
     root = logging.getLogger()
     os.environ.clear()
     os.environ.update(pcbo_env(home, env))
-    os.chdir(cwd)
+    os.chdir(run_cwd(home, cwd))
     root.addHandler(last_resort)
     clear_manifest_cache()
     saved_disable, saved_unraisable = logging.root.manager.disable, sys.unraisablehook
@@ -238,11 +247,7 @@ def run_pcbo_in_process(
         os.environ.update(saved_env)
     stdout = out.getvalue() + native_out.getvalue().decode("utf-8", errors="replace")
     stderr = err.getvalue() + native_err.getvalue().decode("utf-8", errors="replace")
-    try:
-        document = json.loads(stdout) if stdout.strip() else None
-    except ValueError:
-        document = None
-    return PcboRun(status, document, stderr)
+    return PcboRun(status, stdout_document(stdout), stderr)
 
 
 def load_generator() -> Any:

@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pcbo_dagster_tests.cli_runner import PcboRun, pcbo_env
+from pcbo_dagster_tests.cli_runner import PcboRun, pcbo_env, run_cwd, stdout_document
 
 _SERVER = r"""
 import json, os, runpy, signal, sys, time, traceback
@@ -162,8 +162,6 @@ class PcboForkServer:
         stdin: bytes | None = None,
     ) -> PcboRun:
         """As `cli_runner.run_pcbo` (`stdin` None: an empty standard input)."""
-        if cwd is None:
-            cwd = Path(home).parent if home is not None else Path.cwd()
         self._count += 1
         out = self._scratch / f"{self._count}.out"
         err = self._scratch / f"{self._count}.err"
@@ -175,7 +173,7 @@ class PcboForkServer:
         job = {
             "argv": argv,
             "env": pcbo_env(home, env),
-            "cwd": os.fspath(cwd),
+            "cwd": os.fspath(run_cwd(home, cwd)),
             "stdin": stdin_path,
             "out": str(out),
             "err": str(err),
@@ -188,12 +186,8 @@ class PcboForkServer:
         if answer.get("timeout"):
             raise subprocess.TimeoutExpired(argv, timeout)
         stdout = out.read_bytes().decode("utf-8", errors="replace")
-        try:
-            document = json.loads(stdout) if stdout.strip() else None
-        except ValueError:
-            document = None
         stderr = self._import_stderr + err.read_bytes().decode("utf-8", errors="replace")
-        return PcboRun(answer["status"], document, stderr)
+        return PcboRun(answer["status"], stdout_document(stdout), stderr)
 
     @property
     def gone(self) -> bool:
