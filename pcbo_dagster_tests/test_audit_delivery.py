@@ -7,7 +7,6 @@ import json
 import logging
 import socket
 import threading
-from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -16,6 +15,7 @@ import rfc8785
 from pcbo_dagster.audit import AuditBackup, AuditLog, HttpDelivery, read_cursor
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster_tests.test_audit_backup_and_log import FixedClock
 
 KEY = "events/v1"
 
@@ -85,15 +85,6 @@ def receiver():
     yield r
     r.server.shutdown()
     r.server.server_close()
-
-
-class FixedClock:
-    def __init__(self) -> None:
-        self.now = datetime(2024, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(seconds=1)
-        return self.now
 
 
 def fast(endpoint: str, attempts: int = 3) -> HttpDelivery:
