@@ -126,6 +126,15 @@ def create_table(url: str, name: str = "events") -> None:
     run_sql(url, ddl.format(name=name))
 
 
+def create_demo_events_table(url: str) -> None:
+    """The SQLite table `events` a SQL target dataset of the demo events writes (their id, occurredAt,
+    amount and channel)."""
+    run_sql(
+        url,
+        "CREATE TABLE events (id TEXT PRIMARY KEY, occurred_at TEXT NOT NULL, amount INTEGER, channel TEXT)",
+    )
+
+
 def dump(url: str, table: str = "events") -> list[str]:
     """Every row of `table`, every column, as text, in key order: a full table dump to compare."""
     if url.startswith("sqlite"):

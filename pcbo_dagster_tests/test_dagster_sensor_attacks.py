@@ -229,15 +229,12 @@ def test_the_sql_read_back_check_does_not_take_a_backup_alone_for_the_chain(tmp_
     import json
     import sqlite3
 
-    from pcbo_dagster_tests.sql_target_helpers import run_sql, sqlite_url
+    from pcbo_dagster_tests.sql_target_helpers import create_demo_events_table, sqlite_url
 
     keys = [f"20240101T{h:02d}0000Z" for h in range(3)]
     tags = {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
     target = tmp_path / "target.db"
-    run_sql(
-        sqlite_url(target),
-        "CREATE TABLE events (id TEXT PRIMARY KEY, occurred_at TEXT NOT NULL, amount INTEGER, channel TEXT)",
-    )
+    create_demo_events_table(sqlite_url(target))
     real, shadow = tmp_path / "real", tmp_path / "shadow"
     for root in (real, shadow):
         root.mkdir()
@@ -710,15 +707,12 @@ def test_a_time_key_off_the_cron_grid_in_the_run_tags_is_refused_naming_the_tag(
 
 
 def test_a_reversed_range_on_a_sql_target_dataset_is_refused_too(tmp_path: Path) -> None:
-    from pcbo_dagster_tests.sql_target_helpers import query, run_sql, sqlite_url
+    from pcbo_dagster_tests.sql_target_helpers import create_demo_events_table, query, sqlite_url
 
     (tmp_path / "datasets.yaml").write_text(SQL_CONFIG)
     generate_demo_data(tmp_path / "demo_data")
     url = sqlite_url(tmp_path / "target.db")
-    run_sql(
-        url,
-        "CREATE TABLE events (id TEXT PRIMARY KEY, occurred_at TEXT NOT NULL, amount INTEGER, channel TEXT)",
-    )
+    create_demo_events_table(url)
     engine = PcboEngineResource(home=str(tmp_path / "home"))
     defs = build_definitions(load_datasets_config(tmp_path / "datasets.yaml"), resource=engine)
     reversed_range = {

@@ -16,7 +16,7 @@ from pcbo_dagster.dagster_defs.resources import PcboEngineResource  # noqa: E402
 from pcbo_dagster.datasets.config import load_datasets_config  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
 from pcbo_dagster.engine.verify import verify  # noqa: E402
-from pcbo_dagster_tests.sql_target_helpers import query, run_sql, sqlite_url  # noqa: E402
+from pcbo_dagster_tests.sql_target_helpers import create_demo_events_table, query, run_sql, sqlite_url  # noqa: E402
 
 CONFIG = """
 version: 1
@@ -43,10 +43,7 @@ def test_a_sql_target_dataset_materializes_with_a_read_back_check(tmp_path: Path
     (tmp_path / "datasets.yaml").write_text(CONFIG)
     generate_demo_data(tmp_path / "demo_data")
     url = sqlite_url(tmp_path / "target.db")
-    run_sql(
-        url,
-        "CREATE TABLE events (id TEXT PRIMARY KEY, occurred_at TEXT NOT NULL, amount INTEGER, channel TEXT)",
-    )
+    create_demo_events_table(url)
     config = load_datasets_config(tmp_path / "datasets.yaml")
     dataset = config.dataset("events_sql")
     assert dataset.target is not None and dataset.target.url == url  # relative: against the config file
