@@ -143,6 +143,10 @@ class World:
     def stage_only(self, keys: list[str]) -> None:
         """Rollout `r1` over `keys` applied to staging and staged (soaking): neither approved nor
         promoted."""
+        self.record_staging(self.apply_to_staging(keys))
+
+    def apply_to_staging(self, keys: list[str]) -> dict[str, Any]:
+        """Rollout `r1` over `keys` applied to staging, its row still `applying`; the execute document."""
         staged = self.run(self.envs.staging, "rollout-r1-staging")
         self.envs.store.create_rollout(
             name="r1",
@@ -154,6 +158,10 @@ class World:
             actor="alice",
             now=T0,
         )
+        return staged
+
+    def record_staging(self, staged: dict[str, Any]) -> None:
+        """`r1`'s staging apply (`staged`) finished: staged (soaking)."""
         record_staged(
             self.envs,
             "r1",
@@ -477,30 +485,12 @@ def test_rollout_rollback_in_production_then_staging(world: World) -> None:
 
 
 def test_staging_rollback_of_a_rollout_never_promoted_marks_it_rolled_back(world: World) -> None:
-    staged = world.run(world.envs.staging, "rollout-r1-staging")
+    staged = world.apply_to_staging(KEYS)
     store = world.envs.store
-    store.create_rollout(
-        name="r1",
-        dataset="sessions",
-        version_label="v1",
-        partition_keys=KEYS,
-        throttle={},
-        soak_window_seconds=60,
-        actor="alice",
-        now=T0,
-    )
     with pytest.raises(InvalidInput) as refused:  # the apply is still running: cancel it first
         _rollback(world, "staging", rollout="r1")
     assert refused.value.field == "rollout"
-    record_staged(
-        world.envs,
-        "r1",
-        decision_hash=staged["decisionHash"],
-        plan_hash=staged["planHash"],
-        staging_run_id="rollout-r1-staging",
-        staged_at=T0,
-        soak_window_seconds=60,
-    )
+    world.record_staging(staged)
     done = _rollback(world, "staging", rollout="r1")
     assert done["rolledBack"] == 4 and done["rolloutStatus"] == "rolled_back"
     r1 = store.get("r1")
