@@ -1,6 +1,7 @@
 """Loopback ports for the real servers the tests start (PostgreSQL, Redis, moto, the GCS emulator,
-uvicorn, dagster-webserver), an in-process server served on a thread (`serving`), and a hostile HTTP
-peer that drips its answer (`DripReceiver`)."""
+uvicorn, dagster-webserver), an in-process server served on a thread (`serving`), a webhook that
+records what is posted to it (`RecordingReceiver`), and a hostile HTTP peer that drips its answer
+(`DripReceiver`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
@@ -29,6 +31,71 @@ def serving(server: socketserver.TCPServer) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+class RecordingReceiver:
+    """A webhook on loopback (`url`: its `path`) that records every POST in `requests` (path, headers,
+    body, the status answered) and answers it with no body: `down` answers `fail_status` to
+    everything, `fail_next` to the next N requests, a 3xx one with `location` when set; otherwise
+    `accept` says (under `lock`). Served on a thread from `start` to `close`; `server` may be wrapped
+    in TLS before `start`."""
+
+    path = "/"
+
+    def __init__(self, fail_status: int, location: str = "") -> None:
+        self.lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.down = False
+        self.fail_next = 0
+        self.fail_status = fail_status
+        self.location = location
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.lock:
+                    status = receiver.answer(body)
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
+                    )
+                self.send_response(status)
+                if receiver.location and 300 <= status < 400:
+                    self.send_header("Location", receiver.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def answer(self, body: bytes) -> int:
+        """The status a POST of `body` is answered with (under `lock`)."""
+        if self.down or self.fail_next:
+            self.fail_next = max(0, self.fail_next - 1)
+            return self.fail_status
+        return self.accept(body)
+
+    def accept(self, body: bytes) -> int:  # pragma: no cover - each receiver's own
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        host, port = self.server.server_address[:2]
+        assert isinstance(host, str)  # AF_INET: (host, port)
+        return f"http://{host}:{port}{self.path}"
+
+    def start(self) -> RecordingReceiver:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class DripReceiver:

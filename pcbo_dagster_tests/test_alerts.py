@@ -8,7 +8,6 @@ import logging
 import socket
 import threading
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
@@ -29,62 +28,31 @@ from pcbo_dagster.catalog.rollouts import RolloutStore
 from pcbo_dagster.dagster_defs.alerts.sensors import SENSOR_NAME, alert_store, build_alerts_sensor
 from pcbo_dagster.dagster_defs.resources import PcboEngineResource
 from pcbo_dagster.io.redaction import scrub_text
-from pcbo_dagster_tests.loopback import DripReceiver
+from pcbo_dagster_tests.loopback import DripReceiver, RecordingReceiver
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SECRET = bytes(range(32))  # the alerts' key of the tests that call delivery directly
 
 
-class Receiver:
-    """A loopback alert webhook. `down` answers `fail_status` to everything; `fail_next` answers it
-    to the next N requests; `poison` (an alert key) is answered 500 always; otherwise 200 (the body is
-    kept in `accepted`)."""
+class Receiver(RecordingReceiver):
+    """A loopback alert webhook (`RecordingReceiver`, failing with 500): `poison` (an alert key) is
+    answered 500 always; otherwise 200 (the body is kept in `accepted`)."""
+
+    path = "/hooks/pcbo"
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
+        super().__init__(fail_status=500)
         self.accepted: list[dict] = []
-        self.down = False
-        self.fail_next = 0
-        self.fail_status = 500
-        self.location = ""  # sent with a 3xx `fail_status`
         self.poison = ""  # the alert key answered 500, always
-        receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with receiver.lock:
-                    if receiver.poison and json.loads(body).get("alert_key") == receiver.poison:
-                        status = 500
-                    elif receiver.down or receiver.fail_next:
-                        receiver.fail_next = max(0, receiver.fail_next - 1)
-                        status = receiver.fail_status
-                    else:
-                        status = 200
-                        receiver.accepted.append(json.loads(body))
-                    receiver.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
-                    )
-                self.send_response(status)
-                if receiver.location and 300 <= status < 400:
-                    self.send_header("Location", receiver.location)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+    def answer(self, body: bytes) -> int:
+        if self.poison and json.loads(body).get("alert_key") == self.poison:
+            return 500
+        return super().answer(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        assert isinstance(host, str)  # AF_INET: (host, port)
-        return f"http://{host}:{port}/hooks/pcbo"
+    def accept(self, body: bytes) -> int:
+        self.accepted.append(json.loads(body))
+        return 200
 
     def accepted_keys(self) -> list[str]:
         return [a["alert_key"] for a in self.accepted]
@@ -95,11 +63,9 @@ class Receiver:
 
 @pytest.fixture
 def receiver():
-    r = Receiver()
-    r.thread.start()
+    r = Receiver().start()
     yield r
-    r.server.shutdown()
-    r.server.server_close()
+    r.close()
 
 
 @pytest.fixture
@@ -743,7 +709,7 @@ def test_https_delivery_goes_and_a_dripping_tls_receiver_cannot_hold_it(tmp_path
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     tls.server.socket = context.wrap_socket(tls.server.socket, server_side=True)
-    tls.thread.start()
+    tls.start()
     dripped = DripReceiver(b"\x16\x03\x03\x40\x00", b"\x00")  # a 16 KiB handshake record, a byte at a time
     head = DripReceiver(b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n", tls=context)
     try:
@@ -757,8 +723,7 @@ def test_https_delivery_goes_and_a_dripping_tls_receiver_cannot_hold_it(tmp_path
         assert outcome == "error", outcome
         assert "no complete answer within 1 s" in str(exc)
     finally:
-        tls.server.shutdown()
-        tls.server.server_close()
+        tls.close()
         dripped.close()
         head.close()
 
@@ -898,8 +863,7 @@ def test_a_loopback_webhook_is_reached_directly_never_through_a_proxy(store, rec
     """Red-team finding: with `HTTP_PROXY` set, urllib sent a POST to a plain-http webhook on
     loopback (where a token is allowed) to the proxy: the token crossed the network in the clear,
     to a host whose loopback is not this one. A loopback webhook is now reached directly."""
-    proxy = Receiver()
-    proxy.thread.start()
+    proxy = Receiver().start()
     try:
         host, port = proxy.server.server_address[:2]
         for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
@@ -912,16 +876,14 @@ def test_a_loopback_webhook_is_reached_directly_never_through_a_proxy(store, rec
         assert receiver.accepted_keys() == ["test:1"]
         assert proxy.requests == []
     finally:
-        proxy.server.shutdown()
-        proxy.server.server_close()
+        proxy.close()
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(store, receiver, status):
     """A webhook that answers a redirect to another origin: nothing is sent there (no token, no
     alert), the alert stays pending with the answer named, and the next alert is still tried."""
-    elsewhere = Receiver()
-    elsewhere.thread.start()
+    elsewhere = Receiver().start()
     try:
         receiver.down, receiver.fail_status, receiver.location = True, status, elsewhere.url
         report = raise_and_deliver(
@@ -935,8 +897,7 @@ def test_a_redirect_is_not_followed_and_the_token_goes_nowhere_else(store, recei
         )
         assert "tok-Redir-5521" not in json.dumps(report)
     finally:
-        elsewhere.server.shutdown()
-        elsewhere.server.server_close()
+        elsewhere.close()
 
 
 def test_a_pending_alert_the_webhook_always_fails_on_holds_back_no_other(store, receiver):

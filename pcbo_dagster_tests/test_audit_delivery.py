@@ -7,7 +7,6 @@ import json
 import logging
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import rfc8785
@@ -15,61 +14,31 @@ import rfc8785
 from pcbo_dagster.audit import AuditBackup, AuditLog, HttpDelivery, read_cursor
 from pcbo_dagster.core.audit_chain import verify_chain
 from pcbo_dagster.io.redaction import redact_url
+from pcbo_dagster_tests.loopback import RecordingReceiver
 from pcbo_dagster_tests.test_audit_backup_and_log import FixedClock
 
 KEY = "events/v1"
 
 
-class Receiver:
-    """A loopback PAS receiver. `down` answers `fail_status` to everything; `fail_next` answers it to
-    the next N requests; `accept_budget` (when not None) accepts that many more, then fails."""
+class Receiver(RecordingReceiver):
+    """A loopback PAS receiver (`RecordingReceiver`, failing with 503, a redirect to /elsewhere):
+    `accept_budget` (when not None) accepts that many more, then fails; otherwise 200 (the body is
+    kept in `accepted`)."""
+
+    path = "/pas/events"
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: list[dict] = []
+        super().__init__(fail_status=503, location="/elsewhere")
         self.accepted: list[bytes] = []
-        self.down = False
-        self.fail_next = 0
-        self.fail_status = 503
         self.accept_budget: int | None = None
-        receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with receiver.lock:
-                    if receiver.down or receiver.fail_next:
-                        receiver.fail_next = max(0, receiver.fail_next - 1)
-                        status = receiver.fail_status
-                    elif receiver.accept_budget is not None and receiver.accept_budget <= 0:
-                        status = 503
-                    else:
-                        status = 200
-                        if receiver.accept_budget is not None:
-                            receiver.accept_budget -= 1
-                        receiver.accepted.append(body)
-                    receiver.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body, "status": status}
-                    )
-                self.send_response(status)
-                if 300 <= status < 400:
-                    self.send_header("Location", "/elsewhere")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        assert isinstance(host, str)  # AF_INET: (host, port)
-        return f"http://{host}:{port}/pas/events"
+    def accept(self, body: bytes) -> int:
+        if self.accept_budget is not None:
+            if self.accept_budget <= 0:
+                return 503
+            self.accept_budget -= 1
+        self.accepted.append(body)
+        return 200
 
     def accepted_seqs(self) -> list[int]:
         return [json.loads(b)["chain"]["seq"] for b in self.accepted]
@@ -80,11 +49,9 @@ class Receiver:
 
 @pytest.fixture
 def receiver():
-    r = Receiver()
-    r.thread.start()
+    r = Receiver().start()
     yield r
-    r.server.shutdown()
-    r.server.server_close()
+    r.close()
 
 
 def fast(endpoint: str, attempts: int = 3) -> HttpDelivery:

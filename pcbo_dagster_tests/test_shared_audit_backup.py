@@ -525,8 +525,7 @@ def test_a_signed_deployment_delivers_its_events_and_checkpoints_from_the_object
     key_file = tmp_path / "operator.key"
     key_file.write_text(new_signing_key("ops.example/operator").text + "\n")
     key_file.chmod(0o600)
-    receiver = Receiver()
-    receiver.thread.start()
+    receiver = Receiver().start()
     try:
         request = load_generator().make_request(records=40, partitions=2, seed=5, run_id="signed-1")
         env = {
@@ -552,5 +551,4 @@ def test_a_signed_deployment_delivers_its_events_and_checkpoints_from_the_object
         run = run_pcbo(["verify"], home=tmp_path / "host-c", env=env)
         assert run.status == 0, run.document
     finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
+        receiver.close()

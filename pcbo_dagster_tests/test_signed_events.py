@@ -327,8 +327,7 @@ def _signed_run_while_the_endpoint_is_down(tmp_path: Path) -> Iterator[tuple[Any
     it is back)."""
     from pcbo_dagster_tests.test_audit_delivery import Receiver
 
-    receiver = Receiver()
-    receiver.thread.start()
+    receiver = Receiver().start()
     try:
         home = tmp_path / "home"
         env = {**_signing(tmp_path), "PCBO_AUDIT_ENDPOINT": receiver.url, "PCBO_AUDIT_ATTEMPTS": "1"}
@@ -336,8 +335,7 @@ def _signed_run_while_the_endpoint_is_down(tmp_path: Path) -> Iterator[tuple[Any
         assert _execute(tmp_path, home, "s1", env).status == 0
         yield receiver, home, env
     finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
+        receiver.close()
 
 
 def test_a_forged_delivery_cursor_is_reported_and_skips_no_event(tmp_path: Path) -> None:
