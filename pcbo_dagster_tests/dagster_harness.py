@@ -88,6 +88,59 @@ def write_workspace(path: Path) -> Path:
     return path
 
 
+@contextmanager
+def webserver_process(
+    workspace: Path, env: dict[str, str], cwd: Path, log: Path, timeout: float = 120
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m dagster_webserver` over `workspace` on a free loopback port, in its own process group
+    (its output in `log`): its URL once it answers `/server_info`, then SIGTERM to the group (SIGKILL
+    after 30 s). For a test that lays out its own homes and workspace (`deployment` does it all)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [
+        sys.executable,
+        "-m",
+        "dagster_webserver",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        str(workspace),
+    ]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"dagster-webserver exited with {process.returncode}:\n{log.read_text()[-4000:]}"
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"dagster-webserver did not answer within {timeout:g} s:\n{log.read_text()[-4000:]}"
+                )
+            time.sleep(0.5)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
 @dataclass
 class Process:
     name: str

@@ -12,10 +12,8 @@ installed (editable) package points at another checkout.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,11 +27,11 @@ pytest.importorskip("dagster_graphql")
 from pcbo_dagster.cli import main as cli  # noqa: E402
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG  # noqa: E402
 from pcbo_dagster.datasets.demo_data import generate_demo_data  # noqa: E402
-from pcbo_dagster_tests.loopback import free_port
+from pcbo_dagster_tests.dagster_harness import webserver_process  # noqa: E402
+from pcbo_dagster_tests.loopback import free_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
-STARTUP_SECONDS = 120
 
 REQUEST = {
     "runId": "submitted-001",
@@ -54,32 +52,6 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
         **extra,
     )
     return env
-
-
-def _wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"dagster-webserver exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"dagster-webserver did not answer within {STARTUP_SECONDS} s:\n{log.read_text()[-4000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the webserver and its code server (its own process group, started by this test)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def _run_ids(url: str) -> list[str]:
@@ -151,33 +123,11 @@ def test_execute_dagster_runs_the_request_on_a_webserver(tmp_path, capsys):
     assert cli.main(["execute", "--input", str(request), "--home", str(tmp_path / "local-home")]) == 0
     local = json.loads(capsys.readouterr().out)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tmp_path / "webserver.log"
     server_env = _env(
         tmp_path, PCBO_HOME=str(server_home), PCBO_DATASETS_CONFIG=str(workdir / "datasets.yaml")
     )
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dagster_webserver",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-w",
-                str(workspace),
-            ],
-            env=server_env,
-            cwd=tmp_path,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        _wait_for_server(url, process, log)
+    with webserver_process(workspace, server_env, tmp_path, log) as (url, _):
 
         def pcbo(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(
@@ -229,8 +179,6 @@ def test_execute_dagster_runs_the_request_on_a_webserver(tmp_path, capsys):
         assert refused.returncode == 2 and refused.stdout == ""
         assert "ledgerRange.end" in refused.stderr and "Traceback" not in refused.stderr
         assert _run_count(url) == 2
-    finally:
-        _stop(process)
 
 
 def test_a_dagster_url_nothing_answers_at_is_one_line_naming_it(tmp_path):

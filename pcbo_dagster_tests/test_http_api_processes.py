@@ -8,8 +8,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,8 +17,8 @@ httpx = pytest.importorskip("httpx")
 
 from pcbo_dagster.catalog import CatalogStore  # noqa: E402
 from pcbo_dagster_tests.cli_runner import run_pcbo  # noqa: E402
+from pcbo_dagster_tests.dagster_harness import webserver_process  # noqa: E402
 from pcbo_dagster_tests.http_server import DEMO_REQUEST, REPO_ROOT, lake_files, serve_process  # noqa: E402
-from pcbo_dagster_tests.loopback import free_port  # noqa: E402
 
 
 def _token(home: Path, *scopes: str) -> str:
@@ -30,20 +28,6 @@ def _token(home: Path, *scopes: str) -> str:
     created = run_pcbo(args, home=home)
     assert created.status == 0, created.stderr
     return created.document["token"]
-
-
-def _wait_for(url: str, process: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} did not answer:\n{log.read_text()[-4000:]}")
 
 
 @pytest.mark.slow
@@ -70,30 +54,8 @@ def test_cli_http_and_dagster_give_the_same_hashes_and_lake_bytes(tmp_path):
         DAGSTER_HOME=str(dagster_home),
         PCBO_HOME=str(dagster_pcbo_home),
     )
-    port = free_port()
-    dagster_url = f"http://127.0.0.1:{port}"
     log = tmp_path / "webserver.log"
-    with log.open("wb") as out:
-        webserver = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dagster_webserver",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "-w",
-                str(workspace),
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        _wait_for(f"{dagster_url}/server_info", webserver, log)
+    with webserver_process(workspace, env, tmp_path, log) as (dagster_url, _):
         token = _token(http_home, "execute", "read")
         with serve_process(http_home, env={"PCBO_DAGSTER_URL": dagster_url}) as (url, _):
             client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=300)
@@ -119,14 +81,6 @@ def test_cli_http_and_dagster_give_the_same_hashes_and_lake_bytes(tmp_path):
         finally:
             catalog.close()
         assert actors == {"ops@example.com"}
-    finally:
-        if webserver.poll() is None:
-            os.killpg(webserver.pid, signal.SIGTERM)
-            try:
-                webserver.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(webserver.pid, signal.SIGKILL)
-                webserver.wait(timeout=10)
 
 
 def _big_request(partitions: int, per_partition: int) -> bytes:
