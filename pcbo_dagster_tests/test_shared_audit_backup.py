@@ -58,6 +58,18 @@ def _log(store_url: str, cache: Path, catalog: CatalogStore) -> AuditLog:
     return AuditLog(ObjectStoreAuditBackup(store_url, cache), catalog)
 
 
+def _appended(
+    store_url: str, cache: Path, catalog: CatalogStore, count: int
+) -> tuple[AuditLog, ObjectStoreAuditBackup, list[dict[str, Any]]]:
+    """A log over the object store (`_log`) with `count` events appended: (the log, its backup, the
+    events)."""
+    log = _log(store_url, cache, catalog)
+    events = log.append_many(KEY, [("e", _body(i)) for i in range(count)])
+    store = log.backup
+    assert isinstance(store, ObjectStoreAuditBackup)
+    return log, store, events
+
+
 def _body(n: int) -> dict[str, Any]:
     return {"n": n}
 
@@ -74,10 +86,7 @@ def test_open_backup_chooses_by_location(tmp_path, store_url):
 
 def test_events_are_objects_written_create_only(tmp_path, store_url, fresh_postgres_url):
     catalog = _catalog(fresh_postgres_url)
-    log = _log(store_url, tmp_path / "cache", catalog)
-    written = log.append_many(KEY, [("e", _body(i)) for i in range(3)])
-    store = log.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
+    log, store, written = _appended(store_url, tmp_path / "cache", catalog, 3)
     for event in written:
         assert store.fs.cat_file(_object(store, event["chain"]["seq"])) == jcs(event)
     # The store itself refuses a second, different object at a seq.
@@ -157,10 +166,7 @@ def _forged_next(events: list[dict], n: int, seq_offset: int = 1) -> dict:
 
 def test_an_event_put_on_the_store_alone_is_never_adopted(tmp_path, store_url, fresh_postgres_url):
     catalog = _catalog(fresh_postgres_url)
-    log = _log(store_url, tmp_path / "a", catalog)
-    events = log.append_many(KEY, [("e", _body(i)) for i in range(2)])
-    store = log.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
+    log, store, events = _appended(store_url, tmp_path / "a", catalog, 2)
     store.fs.pipe_file(_object(store, 2), jcs(_forged_next(events, 666)), mode="create")
     with pytest.raises(ChainDivergence, match="never recorded as pending"):
         log.append(KEY, "e", _body(2))
@@ -171,10 +177,7 @@ def test_an_event_put_on_the_store_alone_is_never_adopted(tmp_path, store_url, f
 
 def test_a_stray_event_beyond_a_hole_is_never_adopted(tmp_path, store_url, fresh_postgres_url):
     catalog = _catalog(fresh_postgres_url)
-    log = _log(store_url, tmp_path / "a", catalog)
-    events = log.append_many(KEY, [("e", _body(i)) for i in range(2)])
-    store = log.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
+    log, store, events = _appended(store_url, tmp_path / "a", catalog, 2)
     store.fs.pipe_file(_object(store, 3), jcs(_forged_next(events, 666, seq_offset=2)), mode="create")
     log.append(KEY, "e", _body(2))  # seq 2: below the stray object
     with pytest.raises(ChainDivergence, match="does not continue the chain"):
@@ -186,10 +189,7 @@ def test_a_stray_event_beyond_a_hole_is_never_adopted(tmp_path, store_url, fresh
 
 def test_a_deleted_event_object_stops_every_append(tmp_path, store_url, fresh_postgres_url):
     catalog = _catalog(fresh_postgres_url)
-    log = _log(store_url, tmp_path / "a", catalog)
-    log.append_many(KEY, [("e", _body(i)) for i in range(3)])
-    store = log.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
+    log, store, _ = _appended(store_url, tmp_path / "a", catalog, 3)
     store.fs.rm_file(_object(store, 1))
     for host in (log, _log(store_url, tmp_path / "b", catalog)):  # a warm cache changes nothing
         with pytest.raises(ChainDivergence, match="lacks"):
@@ -199,10 +199,7 @@ def test_a_deleted_event_object_stops_every_append(tmp_path, store_url, fresh_po
 
 def test_the_cache_is_checked_and_dropped_at_the_first_disagreement(tmp_path, store_url, fresh_postgres_url):
     catalog = _catalog(fresh_postgres_url)
-    log = _log(store_url, tmp_path / "a", catalog)
-    written = log.append_many(KEY, [("e", _body(i)) for i in range(3)])
-    store = log.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
+    log, store, written = _appended(store_url, tmp_path / "a", catalog, 3)
     cache_file = store.cache.paths(KEY).events
     # An edited cached event: the chain no longer verifies; the store's events are read again.
     lines = cache_file.read_bytes().splitlines(keepends=True)
@@ -240,10 +237,7 @@ def test_a_long_lived_process_checks_its_cache_again_at_every_read(tmp_path, sto
     edited below the last one after a first read was answered by every later read of that process
     (a fresh process dropped the cache and read the store). Every read now checks the cache."""
     catalog = _catalog(fresh_postgres_url)
-    log = _log(store_url, tmp_path / "a", catalog)
-    written = log.append_many(KEY, [("e", _body(i)) for i in range(3)])
-    store = log.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
+    log, store, written = _appended(store_url, tmp_path / "a", catalog, 3)
     assert store.read_chain(KEY) == written
     cache_file = store.cache.paths(KEY).events
     lines = cache_file.read_bytes().splitlines(keepends=True)
@@ -497,10 +491,7 @@ def test_an_object_named_like_an_event_in_other_digits_is_no_event(tmp_path, sto
     event: runs ignore it, verify reports it."""
     alias = "\u0660" * 11 + "\u0662.json"
     catalog = _catalog(fresh_postgres_url)
-    log = _log(store_url, tmp_path / "a", catalog)
-    written = log.append_many(KEY, [("e", _body(i)) for i in range(3)])
-    store = log.backup
-    assert isinstance(store, ObjectStoreAuditBackup)
+    log, store, written = _appended(store_url, tmp_path / "a", catalog, 3)
     forged = _forged_next(written[:2], 666)
     store.fs.pipe_file(f"{store._chain_dir(KEY)}/{alias}", jcs(forged), mode="create")
 
