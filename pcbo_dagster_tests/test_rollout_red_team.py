@@ -47,6 +47,18 @@ datasets:
     return parse_datasets_config(text, base_dir=tmp_path)
 
 
+def _approved_rollout(tmp_path: Path) -> tuple[DatasetsConfig, Settings, ManualClock]:
+    """Rollout `r` of K0..K2 staged, soaked (5 minutes on) and approved by CY, not promoted yet."""
+    config = _config(tmp_path)
+    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    clock = ManualClock(T0)
+    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
+    clock.advance(300)
+    operations.soak(config, base, clock=clock)
+    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    return config, base, clock
+
+
 def _production_commits(base: Settings) -> int:
     return len(list((base.home / "lake").rglob("_manifest.json")))
 
@@ -102,13 +114,7 @@ def test_the_promotion_gate_reads_no_partition_a_catalog_row_names_in_the_middle
     OutsidePartition from the gate; another partition was checked in place of the staged one) and
     evaluated the row's keys for the decisions now. The row disagrees with the chain: the gate says
     so and stays closed, as the soak does."""
-    config = _config(tmp_path)
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
-    clock.advance(300)
-    operations.soak(config, base, clock=clock)
-    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    config, base, clock = _approved_rollout(tmp_path)
     edit = {"k": json.dumps([K0, middle, K2])}
     write_catalog(base, ("UPDATE rollouts SET partition_keys = :k WHERE name = 'r'", edit))
     with operations.rollout_environments(config, base, "r") as (dataset, envs):
@@ -126,13 +132,7 @@ def test_the_promotion_gate_reads_no_partition_a_catalog_row_names_in_the_middle
 def test_the_health_check_checks_the_range_the_chain_promoted_not_the_one_a_row_names(
     tmp_path: Path,
 ) -> None:
-    config = _config(tmp_path)
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
-    clock.advance(300)
-    operations.soak(config, base, clock=clock)
-    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    config, base, clock = _approved_rollout(tmp_path)
     assert operations.promote(config, base, "r", by="dee", clock=clock)["status"] == "promoted"
     report = operations.health(config, base, "sessions", clock=clock)
     assert [(p["key"], p["status"]) for p in report["partitions"]] == [
@@ -160,13 +160,7 @@ def test_the_health_check_checks_the_range_the_chain_promoted_not_the_one_a_row_
 
 
 def test_a_rejection_recorded_while_a_promotion_writes_stops_it(tmp_path: Path) -> None:
-    config = _config(tmp_path)
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
-    clock.advance(300)
-    operations.soak(config, base, clock=clock)
-    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    config, base, clock = _approved_rollout(tmp_path)
     rejected: list[str] = []
 
     def reject_once(_count: int) -> None:  # the approver rejects while production is being written
@@ -200,13 +194,7 @@ def test_a_rejection_appended_just_before_rollout_promoted_stops_the_promotion(
     That last reading is now made under the chain's writer lock, in the append itself."""
     from pcbo_dagster.core.rollout_lifecycle import ROLLOUT_PROMOTED
 
-    config = _config(tmp_path)
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
-    clock.advance(300)
-    operations.soak(config, base, clock=clock)
-    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    config, base, clock = _approved_rollout(tmp_path)
     append_event = promotion.append_event
     rejected: list[str] = []
 
@@ -357,13 +345,7 @@ def test_a_soaking_rollouts_row_deleted_does_not_let_its_name_stage_another_rang
 def test_a_rollout_rollback_undoes_every_partition_the_chain_staged_not_only_those_a_row_names(
     tmp_path: Path,
 ) -> None:
-    config = _config(tmp_path)
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
-    clock = ManualClock(T0)
-    operations.start(config, base, "sessions", K0, K2, by="ana", name="r", clock=clock)
-    clock.advance(300)
-    operations.soak(config, base, clock=clock)
-    operations.decide(config, base, "r", "approve", key=CY, reason="numbers reviewed", clock=clock)
+    config, base, clock = _approved_rollout(tmp_path)
     operations.promote(config, base, "r", by="dee", clock=clock)
     assert _production_commits(base) == 3
     write_catalog(
