@@ -30,7 +30,7 @@ import yaml
 from pcbo_dagster.datasets.config import DEFAULT_DATASETS_CONFIG
 from pcbo_dagster.datasets.demo_data import generate_demo_data
 from pcbo_dagster_tests.approver_keys import list_approvers_in_example
-from pcbo_dagster_tests.loopback import free_port
+from pcbo_dagster_tests.loopback import free_port, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = DEFAULT_DATASETS_CONFIG  # the example shipped in the package
@@ -132,13 +132,7 @@ def webserver_process(
             time.sleep(0.5)
         yield url, process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process_group(process, 30)
 
 
 @dataclass

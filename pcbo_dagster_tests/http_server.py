@@ -6,7 +6,6 @@ tokens for it.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import httpx
 from pcbo_dagster.catalog import CatalogStore
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster_tests.cli_runner import pcbo_env
-from pcbo_dagster_tests.loopback import free_port
+from pcbo_dagster_tests.loopback import free_port, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_REQUEST = REPO_ROOT / "examples" / "demo_request.json"
@@ -134,13 +133,7 @@ def serve_process(
             time.sleep(0.1)
         yield url, process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process_group(process, 60)
         out.close()
 
 

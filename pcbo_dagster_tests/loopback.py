@@ -5,8 +5,11 @@ records what is posted to it (`RecordingReceiver`), and a hostile HTTP peer that
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import socketserver
+import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +22,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def stop_process_group(process: subprocess.Popen, grace: float) -> None:
+    """Stop a server started in its own process group (`start_new_session`): SIGTERM to the group,
+    SIGKILL if it has not ended within `grace` seconds. Nothing when it has ended already."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
 
 
 @contextmanager
