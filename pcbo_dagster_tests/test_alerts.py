@@ -86,6 +86,18 @@ def alert(n: int, **extra) -> dict:
     }
 
 
+#: `alert(1)` raised at NOW, as the webhook receives it.
+SENT_1 = {
+    "version": ALERT_VERSION,
+    "alert_key": "test:1",
+    "kind": "run_failed",
+    "severity": "error",
+    "subject": "thing 1 failed",
+    "detail": {"n": 1},
+    "raised_at": "2026-03-01T12:00:00Z",
+}
+
+
 def fast(url: str, **options) -> AlertWebhook:
     return AlertWebhook(url, attempts=options.pop("attempts", 3), initial_wait=0.01, max_wait=0.02, **options)
 
@@ -101,17 +113,7 @@ def test_delivery_retries_while_the_receiver_fails_then_recovers(store, receiver
     assert (delivery["pending"], delivery["delivered"], delivery["left"], delivery["ok"]) == (1, 1, 0, True)
     assert delivery["errors"] == [] and delivery["lastError"] is None
     assert [r["status"] for r in receiver.requests] == [500, 500, 200]
-    assert receiver.accepted == [
-        {
-            "version": ALERT_VERSION,
-            "alert_key": "test:1",
-            "kind": "run_failed",
-            "severity": "error",
-            "subject": "thing 1 failed",
-            "detail": {"n": 1},
-            "raised_at": "2026-03-01T12:00:00Z",
-        }
-    ]
+    assert receiver.accepted == [SENT_1]
     assert receiver.requests[-1]["headers"]["Content-Type"] == "application/json"
     row = store.alert("test:1")
     assert (row["delivery_status"], row["attempts"], row["last_error"]) == ("delivered", 3, None)
@@ -1049,17 +1051,7 @@ def test_a_forged_delivered_row_under_an_upcoming_key_does_not_stop_the_real_ale
     _sql(store, FORGED, "test:1", "delivered", None, None)
     report = raise_and_deliver(store, [alert(1)], fast(receiver.url), now=NOW, secret=SECRET)
     assert report["raised"] == ["test:1"]
-    assert receiver.accepted == [
-        {
-            "version": ALERT_VERSION,
-            "alert_key": "test:1",
-            "kind": "run_failed",
-            "severity": "error",
-            "subject": "thing 1 failed",
-            "detail": {"n": 1},
-            "raised_at": "2026-03-01T12:00:00Z",
-        }
-    ]
+    assert receiver.accepted == [SENT_1]
     assert len(report["findings"]) == 1 and "raised over it" in report["findings"][0]["finding"]
     row = store.alert("test:1")
     assert (row["subject"], row["delivery_status"]) == ("thing 1 failed", "delivered")
