@@ -48,13 +48,10 @@ def test_a_bad_written_partition_is_undone_audited_and_fails_the_run(tmp_path: P
         return table
 
     monkeypatch.setattr(execute_module, "build_table", faulty_build_table)
-    request = tmp_path / "req.json"
-    request.write_text(json.dumps(REQUEST))
+    execute = _execute_argv(tmp_path)
     home = tmp_path / "home"
-    out = tmp_path / "out.json"
-    status = cli.main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)])
-    assert status == 1
-    document = json.loads(out.read_text())
+    assert cli.main(execute) == 1
+    document = json.loads((tmp_path / "o.json").read_text())
     assert document["status"] == "failed"
     by_key = {p["key"]: p for p in document["partitions"]}
     bad = by_key["20240101T010000Z"]
@@ -84,7 +81,7 @@ def test_a_bad_written_partition_is_undone_audited_and_fails_the_run(tmp_path: P
     # What remains verifies clean, and a fixed writer completes the run.
     monkeypatch.setattr(execute_module, "build_table", real_build_table)
     assert cli.main(["verify", "--home", str(home), "--output", str(tmp_path / "v.json")]) == 0
-    assert cli.main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)]) == 0
+    assert cli.main(execute) == 0
     assert (lake / "20240101T010000Z" / "_manifest.json").exists()
 
 
@@ -98,24 +95,32 @@ def test_a_file_read_back_damaged_is_unreadable_not_zero_rows(tmp_path: Path, mo
         return data[:-8] + b"\0" * 8 if "20240101T010000Z/part-" in rel else data
 
     monkeypatch.setattr(LakeStorage, "read", damaging_read)
-    request = tmp_path / "req.json"
-    request.write_text(json.dumps(REQUEST))
-    out = tmp_path / "out.json"
-    home = tmp_path / "home"
-    status = cli.main(["execute", "--input", str(request), "--home", str(home), "--output", str(out)])
-    assert status == 1
-    checks = json.loads(out.read_text())["reconciliation"]["partitions"]
+    assert cli.main(_execute_argv(tmp_path)) == 1
+    checks = json.loads((tmp_path / "o.json").read_text())["reconciliation"]["partitions"]
     check = next(c for c in checks if c["key"] == "20240101T010000Z")
     assert check["status"] == "failed"
     assert len(check["findings"]) == 1 and "unreadable: its checksum differs" in check["findings"][0]
     assert not any("rows written (0)" in f for f in check["findings"])
 
 
-def _executed(tmp_path: Path) -> list[str]:
-    """REQUEST executed into `tmp_path/home`; returns the `pcbo execute` arguments (output: o.json)."""
+def _execute_argv(tmp_path: Path) -> list[str]:
+    """The `pcbo execute` arguments of REQUEST (written to `tmp_path/req.json`) into `tmp_path/home`,
+    the document to `tmp_path/o.json`."""
     request = write_request(tmp_path / "req.json", REQUEST)
-    home = tmp_path / "home"
-    argv = ["execute", "--input", str(request), "--home", str(home), "--output", str(tmp_path / "o.json")]
+    return [
+        "execute",
+        "--input",
+        str(request),
+        "--home",
+        str(tmp_path / "home"),
+        "--output",
+        str(tmp_path / "o.json"),
+    ]
+
+
+def _executed(tmp_path: Path) -> list[str]:
+    """REQUEST executed into `tmp_path/home`; returns the `pcbo execute` arguments (`_execute_argv`)."""
+    argv = _execute_argv(tmp_path)
     assert cli.main(argv) == 0
     return argv
 
