@@ -23,6 +23,18 @@ from pcbo_dagster.core.audit_chain import build_event, event_hash, verify_chain
 KEY = "events/v1"
 
 
+def _event(seq: int, prev: str | None, event_type: str = "a", chain_key: str = KEY) -> dict[str, Any]:
+    """An event of no body at 2024-01-01T00:00:00Z, as the chain's writer builds it."""
+    return build_event(
+        chain_key=chain_key,
+        seq=seq,
+        prev_event_hash=prev,
+        event_type=event_type,
+        timestamp="2024-01-01T00:00:00Z",
+        body={},
+    )
+
+
 class FixedClock:
     """Deterministic clock: one second per call from 2024-01-01."""
 
@@ -118,46 +130,14 @@ def test_append_read_and_last_event(tmp_path):
 
 def test_backup_refuses_events_that_do_not_continue_the_chain(tmp_path):
     backup = AuditBackup(tmp_path)
-    first = build_event(
-        chain_key=KEY, seq=0, prev_event_hash=None, event_type="a", timestamp="2024-01-01T00:00:00Z", body={}
-    )
+    first = _event(0, None)
     backup.append(KEY, [first])
     before = backup.paths(KEY).events.read_bytes()
-    good_next = build_event(
-        chain_key=KEY,
-        seq=1,
-        prev_event_hash=first["chain"]["event_hash"],
-        event_type="a",
-        timestamp="2024-01-01T00:00:00Z",
-        body={},
-    )
-    fork = build_event(
-        chain_key=KEY, seq=0, prev_event_hash=None, event_type="b", timestamp="2024-01-01T00:00:00Z", body={}
-    )
-    skip = build_event(
-        chain_key=KEY,
-        seq=2,
-        prev_event_hash=first["chain"]["event_hash"],
-        event_type="a",
-        timestamp="2024-01-01T00:00:00Z",
-        body={},
-    )
-    wrong_prev = build_event(
-        chain_key=KEY,
-        seq=1,
-        prev_event_hash="sha256:" + "1" * 64,
-        event_type="a",
-        timestamp="2024-01-01T00:00:00Z",
-        body={},
-    )
-    other_key = build_event(
-        chain_key="events/v2",
-        seq=1,
-        prev_event_hash=first["chain"]["event_hash"],
-        event_type="a",
-        timestamp="2024-01-01T00:00:00Z",
-        body={},
-    )
+    good_next = _event(1, first["chain"]["event_hash"])
+    fork = _event(0, None, event_type="b")
+    skip = _event(2, first["chain"]["event_hash"])
+    wrong_prev = _event(1, "sha256:" + "1" * 64)
+    other_key = _event(1, first["chain"]["event_hash"], chain_key="events/v2")
     tampered = json.loads(json.dumps(good_next))
     tampered["extra"] = 1
     for bad, match in [
@@ -241,9 +221,7 @@ def test_last_event_reads_only_the_tail(tmp_path, monkeypatch):
 
 def test_fsync_false_then_sync(tmp_path):
     backup = AuditBackup(tmp_path)
-    event = build_event(
-        chain_key=KEY, seq=0, prev_event_hash=None, event_type="a", timestamp="2024-01-01T00:00:00Z", body={}
-    )
+    event = _event(0, None)
     backup.append(KEY, [event], fsync=False)
     backup.sync(KEY)
     backup.sync("events/none")  # no file: nothing to do
@@ -279,14 +257,7 @@ def test_whole_event_missing_only_its_newline_counts(tmp_path):
     backup = AuditBackup(tmp_path)
     log = AuditLog(backup, clock=FixedClock())
     first = log.append(KEY, "a", {})
-    second = build_event(
-        chain_key=KEY,
-        seq=1,
-        prev_event_hash=first["chain"]["event_hash"],
-        event_type="a",
-        timestamp="2024-01-01T00:00:00Z",
-        body={},
-    )
+    second = _event(1, first["chain"]["event_hash"])
     with open(backup.paths(KEY).events, "ab") as f:
         f.write(rfc8785.dumps(second))  # no newline
     assert backup.last_event(KEY) == second
