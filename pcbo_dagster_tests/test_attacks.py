@@ -20,6 +20,8 @@ import shutil
 import sqlite3
 import stat
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -1012,17 +1014,34 @@ def test_repair_heals_nothing_of_a_chain_whose_events_were_forged(home):
     assert _home_state(home) == before
 
 
+@contextmanager
+def _reconciler(home: Path) -> Iterator[Any]:
+    """The HTTP API's reconciliation poll (`Reconciler`) over `home`'s stores, open for the block."""
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.broker import EventBroker
+    from pcbo_dagster.server.reconciliation import Reconciler
+
+    env = Environment.open(Settings.resolve(home=str(home), env={}), create=False)
+    try:
+        yield Reconciler(env.catalog, env.lake, env.audit.backup, EventBroker(8))
+    finally:
+        env.close()
+
+
+def _assert_vouches_for_nothing(report: dict[str, Any]) -> None:
+    """A reconciliation of a chain that does not verify: `discrepancy`, every key missing, and why."""
+    assert report["status"] == "discrepancy", report
+    assert report["discrepancyDetails"]["missingIds"] == KEYS
+    assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
+
+
 def test_the_reconciliation_poll_calls_no_forged_stores_verified(home):
     """Red-team finding: the HTTP API's reconciliation poll replayed the audit backup as read: K1's
     version 2 commit edited in the middle of the backup to name version 1, with the lake's commit
     point and the catalog's rows put back to version 1 to match, was streamed as `verified`. The poll
     now verifies the chain it replays (every hash and link): one that does not verify vouches for no
     partition (`discrepancy`, every key, and why)."""
-    from pcbo_dagster.engine.environment import Environment
-    from pcbo_dagster.engine.settings import Settings
-    from pcbo_dagster.server.broker import EventBroker
-    from pcbo_dagster.server.reconciliation import Reconciler
-
     _edit_backup(home, _k1_committed_as_version_1)
     (part(home, K1) / "_manifest.json").write_bytes((part(home, K1) / "_versions/v000001.json").read_bytes())
     with sqlite3.connect(home / "catalog.db") as db:
@@ -1032,16 +1051,9 @@ def test_the_reconciliation_poll_calls_no_forged_stores_verified(home):
         db.execute(
             "UPDATE partitions SET status = 'committed' WHERE partition_key = ? AND version = 1", (K1,)
         )
-    env = Environment.open(Settings.resolve(home=str(home), env={}), create=False)
-    try:
-        report = Reconciler(env.catalog, env.lake, env.audit.backup, EventBroker(8)).reconcile(
-            "events", "v1", False
-        )
-    finally:
-        env.close()
-    assert report["status"] == "discrepancy", report
-    assert report["discrepancyDetails"]["missingIds"] == KEYS
-    assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
+    with _reconciler(home) as reconciler:
+        report = reconciler.reconcile("events", "v1", False)
+    _assert_vouches_for_nothing(report)
 
 
 def test_the_reconciliation_poll_sees_a_backup_forged_after_its_last_poll(home):
@@ -1050,22 +1062,11 @@ def test_the_reconciliation_poll_sees_a_backup_forged_after_its_last_poll(home):
     edited before the head after one poll (hashes left) was streamed as `verified` by every later
     poll. Each poll now verifies every hash and link again (only the replay is kept while the head
     stays the same and the chain verifies)."""
-    from pcbo_dagster.engine.environment import Environment
-    from pcbo_dagster.engine.settings import Settings
-    from pcbo_dagster.server.broker import EventBroker
-    from pcbo_dagster.server.reconciliation import Reconciler
-
-    env = Environment.open(Settings.resolve(home=str(home), env={}), create=False)
-    try:
-        reconciler = Reconciler(env.catalog, env.lake, env.audit.backup, EventBroker(8))
+    with _reconciler(home) as reconciler:
         assert reconciler.reconcile("events", "v1", False)["status"] == "verified"
         _edit_backup(home, _k1_committed_as_version_1)
         report = reconciler.reconcile("events", "v1", False)
-    finally:
-        env.close()
-    assert report["status"] == "discrepancy", report
-    assert report["discrepancyDetails"]["missingIds"] == KEYS
-    assert "hash mismatch" in report["discrepancyDetails"]["auditChainFindings"][0]
+    _assert_vouches_for_nothing(report)
 
 
 def test_the_reconciliation_poll_reconciles_a_chain_the_catalog_no_longer_lists(home):
@@ -1073,19 +1074,11 @@ def test_the_reconciliation_poll_reconciles_a_chain_the_catalog_no_longer_lists(
     lists, so deleting a version's `datasets` row (catalog write access) silenced the stream for it:
     K1's commit point then put back to version 1 in the lake was never reported. The poll now
     reconciles every chain of the backup too."""
-    from pcbo_dagster.engine.environment import Environment
-    from pcbo_dagster.engine.settings import Settings
-    from pcbo_dagster.server.broker import EventBroker
-    from pcbo_dagster.server.reconciliation import Reconciler
-
     with sqlite3.connect(home / "catalog.db") as db:
         db.execute("DELETE FROM datasets WHERE dataset = 'events' AND version_label = 'v1'")
     (part(home, K1) / "_manifest.json").write_bytes((part(home, K1) / "_versions/v000001.json").read_bytes())
-    env = Environment.open(Settings.resolve(home=str(home), env={}), create=False)
-    try:
-        reports = Reconciler(env.catalog, env.lake, env.audit.backup, EventBroker(8)).poll()
-    finally:
-        env.close()
+    with _reconciler(home) as reconciler:
+        reports = reconciler.poll()
     assert [(r["service"], r["versionLabel"], r["status"]) for r in reports] == [
         ("events", "v1", "discrepancy")
     ], reports
