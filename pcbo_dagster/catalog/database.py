@@ -238,10 +238,7 @@ class Database:
             finally:
                 cur.close()
 
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
+        sqlite_begins_as_asked(engine)
 
         return engine
 
@@ -252,8 +249,7 @@ class Database:
         """A write transaction (SQLite: BEGIN IMMEDIATE); commits on success, rolls back on error."""
         try:
             with self.engine.connect() as conn:
-                if self.dialect == "sqlite":
-                    conn = conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+                conn = write_connection(conn)
                 with conn.begin():
                     yield conn
         except OperationalError as exc:
@@ -626,6 +622,24 @@ def _shadowing_relations(conn: Connection, oids: dict[str, Any], path: list[str]
         said = f"the name {name} reaches a {kind} in schema {schema} (the first on the search path)"
         out[name] = said + (f", not the {', the '.join(hidden)}" if hidden else "")
     return out
+
+
+def sqlite_begins_as_asked(engine: Engine) -> None:
+    """`engine`'s SQLite transactions begin with pcbo's own `BEGIN` (its connections turn the driver's
+    off: `isolation_level = None`, so savepoints work): DEFERRED, or IMMEDIATE on a connection from
+    `write_connection`. The one of the catalog and a SQL target."""
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def write_connection(conn: Connection) -> Connection:
+    """`conn` for a write transaction (SQLite: `BEGIN IMMEDIATE`, the database lock taken at once)."""
+    if conn.dialect.name == "sqlite":
+        return conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
+    return conn
 
 
 def pg_guard_trigger_definition(name: str, table: str, function: str) -> str:

@@ -40,6 +40,7 @@ from pcbo_dagster.catalog.database import (
     lock_timeout_value,
     locked_catalog_object,
     sqlalchemy_url,
+    sqlite_begins_as_asked,
 )
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.instants import parse_instant, to_micros
@@ -64,7 +65,6 @@ PG_SESSION_OPTIONS = (
     "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1 "
     "-c bytea_output=hex -c standard_conforming_strings=on"
 )
-_BEGIN_OPTION = "pcbo_sqlite_begin"
 #: Connection-record key of the schemas the role's own search path named (`resolve_table`).
 _ROLE_SCHEMAS = "pcbo_role_schemas"
 
@@ -222,18 +222,9 @@ def open_engine(url: str, read_only: bool = False) -> Engine:
         finally:
             cur.close()
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN_OPTION, 'DEFERRED')}")
+    sqlite_begins_as_asked(engine)
 
     return engine
-
-
-def write_connection(conn: Connection) -> Connection:
-    """`conn` for a write transaction (SQLite: `BEGIN IMMEDIATE`, the database lock taken at once)."""
-    if conn.dialect.name == SQLITE:
-        return conn.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"})
-    return conn
 
 
 #: The equality operator comparing key values on PostgreSQL: the catalog's, whatever the path holds.

@@ -60,6 +60,7 @@ from pcbo_dagster.catalog.database import (
     pg_replica_session,
     pg_trigger_asleep,
     sqlite_trigger_problems,
+    write_connection,
 )
 from pcbo_dagster.catalog.schema import metadata as catalog_metadata
 from pcbo_dagster.core.canonical import fast_jcs, prefixed
@@ -443,7 +444,7 @@ class SqlTable:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         with self.engine.connect() as raw:
-            conn = d.write_connection(raw)
+            conn = write_connection(raw)
             with conn.begin():
                 yield conn
 
