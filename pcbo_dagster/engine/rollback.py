@@ -196,20 +196,9 @@ def _check_rollback_manifest(
 ) -> None:
     rel = layout.rollback_manifest(dataset, version_label, key, version)
     data = env.lake.read_if_exists(rel)
-    expected = {
-        "undoesVersion": version,
-        "undoesManifestChecksum": checksum,
-        "restoreVersion": restore_version,
-        "restoreManifest": None
-        if restore_version is None
-        else layout.version_manifest(dataset, version_label, key, restore_version),
-        "removeFiles": remove,
-    }
-    try:
-        plan = manifests.decode(data) if data is not None else None
-    except ValueError:
-        plan = None
-    if not isinstance(plan, dict) or any(plan.get(k) != v for k, v in expected.items()):
+    if not manifests.rollback_manifest_agrees(
+        data, dataset, version_label, key, version, checksum, restore_version, remove
+    ):
         raise RollbackRefused(
             where,
             "rollback_manifest_mismatch",

@@ -809,22 +809,12 @@ def _check_versions(
         if previous is not None and previous not in files:
             continue
         kept = {f["path"] for f in files[previous]} if previous is not None else set()
-        expected = {
-            "undoesVersion": version,
-            "undoesManifestChecksum": committed.manifest_checksum,
-            "restoreVersion": previous,
-            "restoreManifest": None
-            if previous is None
-            else layout.version_manifest(dataset, version_label, history.key, previous),
-            "removeFiles": sorted(f["path"] for f in files[version] if f["path"] not in kept),
-        }
+        remove = sorted(f["path"] for f in files[version] if f["path"] not in kept)
         rel = layout.rollback_manifest(dataset, version_label, history.key, version)
         data = lake.read_if_exists(rel)
-        try:
-            plan = manifests.decode(data) if data is not None else None
-        except ValueError:
-            plan = None
-        if not isinstance(plan, dict) or any(plan.get(k) != v for k, v in expected.items()):
+        if not manifests.rollback_manifest_agrees(
+            data, dataset, version_label, history.key, version, committed.manifest_checksum, previous, remove
+        ):
             report.find(
                 "rollback_manifest_mismatch" if data is not None else "rollback_manifest_missing",
                 rel,

@@ -13,6 +13,7 @@ from pcbo_dagster.core.canonical import prefixed, sha256_hex
 from pcbo_dagster.core.json_documents import sorted_document
 from pcbo_dagster.core.plan import PartitionWindow
 from pcbo_dagster.core.request_model import nested_deeper_than
+from pcbo_dagster.lake import layout
 
 MANIFEST_KIND = "pcbo.manifest/1"
 ROLLBACK_KIND = "pcbo.rollback/1"
@@ -85,6 +86,35 @@ def decode(data: bytes) -> dict[str, Any]:
     if nested_deeper_than(data.encode("utf-8") if isinstance(data, str) else data, MAX_DEPTH):
         raise ValueError(f"nested deeper than {MAX_DEPTH} levels: not a pcbo manifest")
     return json.loads(data)
+
+
+def rollback_manifest_agrees(
+    data: bytes | None,
+    dataset: str,
+    version_label: str,
+    key: str,
+    version: int,
+    manifest_checksum: str,
+    restore_version: int | None,
+    remove_files: list[str],
+) -> bool:
+    """Whether `data` (a `_rollback/vNNNNNN.json`'s bytes; None: there is none) says what the chain
+    implies: the version it undoes and that version's manifest checksum, the version it restores (and
+    its manifest) and the files it removes. The one check of `verify` and `rollback`."""
+    expected = {
+        "undoesVersion": version,
+        "undoesManifestChecksum": manifest_checksum,
+        "restoreVersion": restore_version,
+        "restoreManifest": None
+        if restore_version is None
+        else layout.version_manifest(dataset, version_label, key, restore_version),
+        "removeFiles": remove_files,
+    }
+    try:
+        plan = decode(data) if data is not None else None
+    except ValueError:
+        plan = None
+    return isinstance(plan, dict) and all(plan.get(k) == v for k, v in expected.items())
 
 
 def files_problem(manifest: Any) -> str | None:
