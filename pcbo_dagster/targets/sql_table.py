@@ -564,7 +564,8 @@ class SqlTable:
         with_image: bool,
         digests_only: bool = False,
     ) -> dict[str, LiveRow]:
-        """The live rows of `keys` by key text (`digests_only`: only each row's digest is right)."""
+        """The live rows of `keys` by key text (`digests_only`: only each row's digest and tombstone
+        are right)."""
         select, _ = self._live_select(with_image)
         found: dict[str, LiveRow] = {}
         twice: set[str] = set()
@@ -588,7 +589,7 @@ class SqlTable:
                         for i, name in enumerate(column_names)
                     }
                 state = (
-                    LiveState(row_digest(values), None, None, "")
+                    LiveState(row_digest(values), None, deleted, "")
                     if digests_only
                     else live_state(values, fresh, deleted)
                 )
@@ -608,12 +609,20 @@ class SqlTable:
 
     def read_back(self, applied: Sequence[Sequence[str]], keys: dict[str, tuple[Any, ...]]) -> list[str]:
         """Ids of `applied` ([id, key text, digest]) whose row is not in the table as written
-        (`keys`: key text -> the key's values, to find the rows)."""
+        (`keys`: key text -> the key's values, to find the rows): missing, other written values, or
+        tombstoned (an applied row never is: a tombstone a column default or trigger put on it, or
+        one written since, says the record is deleted)."""
         with self.read() as conn:
             found = self._live_rows(
                 conn, [keys[a[1]] for a in applied], lock=False, with_image=False, digests_only=True
             )
-        return [a[0] for a in applied if a[1] not in found or found[a[1]].state.row_digest != a[2]]
+        return [
+            a[0]
+            for a in applied
+            if a[1] not in found
+            or found[a[1]].state.row_digest != a[2]
+            or found[a[1]].state.deleted_us is not None
+        ]
 
     def read_back_by_key_text(self, applied: Sequence[Sequence[str]]) -> list[str]:
         """`read_back` for rows known only by their key text (a verify, without the request)."""

@@ -1,0 +1,91 @@
+"""Attacks by the owner of a SQL target's database on the target table itself and on what pcbo's
+sessions see there (issue 15's threat model, second round): a column default, trigger or rule that
+rewrites what an apply writes, an operator or a table standing in for the one the chain names, rows
+changed after an apply. Whatever the table holds that the chain does not say was applied is a
+failed read-back (the run exits 1) and a `verify` finding, never a clean report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pcbo_dagster_tests import sql_target_helpers as helpers
+from pcbo_dagster_tests.sql_target_helpers import pcbo, record, run_sql, sqlite_url, write_json
+
+SNAPSHOT = "2024-06-01T00:00:00Z"
+
+
+def _kinds(document: dict[str, Any]) -> set[str]:
+    return {f["kind"] for f in document["findings"]}
+
+
+def _url(dialect: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if dialect == "sqlite":
+        return sqlite_url(tmp_path / "target.db")
+    return str(request.getfixturevalue("fresh_postgres_url"))
+
+
+# -- what the table does to the rows an apply writes ------------------------------------------------
+
+#: A tombstone the table puts on every row inserted (a column default), or keeps on a row an
+#: `overwrite` un-deletes (a trigger): the written columns read back as the records, the row is deleted.
+_TOMBSTONES = {
+    ("sqlite", "default"): [
+        helpers.SQLITE_TABLE.format(name="events").replace(
+            "deleted_at TEXT", "deleted_at TEXT DEFAULT '2024-01-01T00:00:00Z'"
+        )
+    ],
+    ("postgresql", "default"): [
+        helpers.PG_TABLE.format(name="events").replace(
+            "deleted_at timestamptz", "deleted_at timestamptz DEFAULT '2024-01-01T00:00:00Z'"
+        )
+    ],
+    ("sqlite", "trigger"): [
+        helpers.SQLITE_TABLE.format(name="events"),
+        "CREATE TRIGGER keep_tombstone AFTER UPDATE ON events "
+        "WHEN OLD.deleted_at IS NOT NULL AND NEW.deleted_at IS NULL "
+        "BEGIN UPDATE events SET deleted_at = OLD.deleted_at WHERE id = NEW.id; END",
+    ],
+    ("postgresql", "trigger"): [
+        helpers.PG_TABLE.format(name="events"),
+        "CREATE FUNCTION keep_tombstone() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN NEW.deleted_at := OLD.deleted_at; RETURN NEW; END $$",
+        "CREATE TRIGGER keep_tombstone BEFORE UPDATE ON events "
+        "FOR EACH ROW EXECUTE FUNCTION keep_tombstone()",
+    ],
+}
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize("how", ["default", "trigger"])
+def test_a_row_the_table_tombstones_as_it_is_written_does_not_read_back(
+    tmp_path: Path, dialect: str, how: str, request: pytest.FixtureRequest
+) -> None:
+    """The read-back compared the written columns only: a row inserted with a tombstone (a column
+    default), or one `overwrite` un-deleted whose tombstone a trigger kept, read back "as written" —
+    the run exited 0 and `verify` was clean while the table held the record as deleted. A tombstoned
+    row is not the record: the run exits 1 naming it, `verify` reports `sql_rows_changed`."""
+    url = _url(dialect, tmp_path, request)
+    run_sql(url, *_TOMBSTONES[(dialect, how)])
+    run_sql(
+        url,
+        "INSERT INTO events (id, occurred_at, amount, label, deleted_at) "
+        "VALUES ('ev-0002', '2024-01-01T02:02:00Z', 99, 'old', '2024-01-01T00:00:00Z')",
+    )
+    home = tmp_path / "home"
+    target = {"deletedColumn": "deleted_at", "snapshotAt": SNAPSHOT, "conflict": "overwrite"}
+    req = helpers.request(url, [record(i) for i in range(1, 5)], **target)
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home])
+    assert run.status == 1, (run.status, run.stderr)
+    deleted = "ev-0004" if how == "default" else "ev-0002"
+    assert deleted in run.stderr and "differ from what was applied" in run.stderr, run.stderr
+    found = pcbo(["verify", "--home", home, "--target-url", url])
+    assert found.status == 1 and _kinds(found.document) == {"sql_rows_changed"}, found.document
+    # Without the tombstone the rows are the records, and verify is clean.
+    if how == "trigger":
+        run_sql(url, "DROP TRIGGER keep_tombstone" + (" ON events" if dialect == "postgresql" else ""))
+    run_sql(url, "UPDATE events SET deleted_at = NULL")
+    clean = pcbo(["verify", "--home", home, "--target-url", url])
+    assert clean.status == 0, clean.document
