@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from pcbo_dagster_tests import sql_target_helpers as helpers
-from pcbo_dagster_tests.sql_target_helpers import pcbo, record, run_sql, sqlite_url, write_json
+from pcbo_dagster_tests.sql_target_helpers import dump, pcbo, record, run_sql, sqlite_url, write_json
 
 SNAPSHOT = "2024-06-01T00:00:00Z"
 
@@ -89,3 +89,43 @@ def test_a_row_the_table_tombstones_as_it_is_written_does_not_read_back(
     run_sql(url, "UPDATE events SET deleted_at = NULL")
     clean = pcbo(["verify", "--home", home, "--target-url", url])
     assert clean.status == 0, clean.document
+
+
+# -- what pcbo's sessions see ------------------------------------------------------------------------
+
+#: An `=` for (oid, regclass) in `public`: an exact match wins over `pg_catalog`'s oid = oid (which
+#: needs a cast) whatever the search path's order, so `c.oid = to_regclass('"public"."events"')`
+#: finds the decoy: a table beside the real one, with the journal beside them both.
+_DECOY = [
+    "CREATE TABLE public.decoy (LIKE public.events INCLUDING ALL)",
+    "CREATE FUNCTION public.oid_eq_regclass(a oid, b regclass) RETURNS bool LANGUAGE sql AS $$ "
+    "SELECT CASE WHEN b::oid = 'public.events'::regclass::oid THEN a = 'public.decoy'::regclass::oid "
+    "ELSE a = b::oid END $$",
+    "CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = public.oid_eq_regclass)",
+]
+
+
+@pytest.mark.postgres
+def test_an_operator_of_the_targets_schema_cannot_point_verify_or_rollback_at_another_table(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """pcbo's catalog reads ran under the pinned path (`pg_catalog` first, then the role's schemas):
+    an operator in `public` with the exact argument types won over the catalog's, so the table the
+    chain records resolved to a decoy beside it. `verify` then checked the decoy (no history there:
+    zero partitions, clean) while the real table's rows had been changed. The catalog reads now search
+    `pg_catalog` only, and a table that resolves to another than the recorded one is refused."""
+    url = fresh_postgres_url
+    helpers.create_table(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 5)])
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
+    run_sql(url, "UPDATE events SET amount = 1000 WHERE id = 'ev-0001'", *_DECOY)
+    found = pcbo(["verify", "--home", home, "--target-url", url])
+    assert found.status == 1 and _kinds(found.document) == {"sql_rows_changed"}, found.document
+    assert found.document["checked"]["partitions"] == 4
+    changed = dump(url)
+    refused = pcbo(
+        ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1", "--target-url", url]
+    )
+    assert refused.status == 1 and "sql_rows_changed_since" in refused.stderr, refused.stderr
+    assert dump(url) == changed

@@ -8,8 +8,9 @@ session's `search_path` is pinned as it connects: `pg_catalog` first, then the s
 search path named at that moment (`$user` expanded; so the table's own triggers find what they
 refer to), `pg_temp` last. So no schema the role (or `$user`) lists before `pg_catalog` stands in for
 a catalog view, a type or a function pcbo names (`pg_catalog.unnest`, and the `=` comparing a key,
-are named in full: a function or operator elsewhere with a closer signature would win), and a schema
-created after the session started is not searched. An unqualified target table name resolves in
+are named in full: a function or operator elsewhere with a closer signature would win; the reads of
+the system catalogs search `pg_catalog` alone, `catalog_path_only`), and a schema created after the
+session started is not searched. An unqualified target table name resolves in
 those schemas (`resolve_table`). SQLite write transactions start with `BEGIN IMMEDIATE` (writers
 queue on the database lock; busy timeout 30 s); nothing else about the user's database file is
 changed (no journal-mode switch), foreign keys are enforced. A dry-run opens SQLite read-only and
@@ -36,6 +37,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from pcbo_dagster.catalog.database import (
+    PG_SEARCH_PATH,
     lock_not_granted,
     lock_timeout_value,
     locked_catalog_object,
@@ -242,6 +244,17 @@ def quote(name: str) -> str:
 
 
 # -- what the table looks like ----------------------------------------------------------------------
+
+
+def catalog_path_only(conn: Connection) -> None:
+    """For the rest of `conn`'s transaction, search `pg_catalog` (and `pg_temp`) only: pcbo's reads
+    of the system catalogs then use no operator or function of another schema. `pg_catalog` first is
+    not enough for those: an operator with the exact argument types (`=(oid, regclass)` in `public`)
+    wins over the catalog's that needs a cast, so it could make `to_regclass` name another table.
+    A name the catalogs give back (`format_type`) is then qualified unless it is `pg_catalog`'s.
+    No-op on SQLite."""
+    if conn.dialect.name == POSTGRESQL:
+        conn.execute(text("SELECT pg_catalog.set_config('search_path', :p, true)"), {"p": PG_SEARCH_PATH})
 
 
 def resolve_table(conn: Connection, table: str) -> tuple[str, str] | None:

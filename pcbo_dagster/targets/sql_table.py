@@ -295,6 +295,7 @@ class SqlTable:
         engine = d.open_engine(url, read_only=not write)
         try:
             with engine.connect() as conn, conn.begin():
+                d.catalog_path_only(conn)
                 resolved = d.resolve_table(conn, spec.table)
                 if resolved is None:
                     raise InvalidInput("target.table", f"no table {spec.table} in {d.location_of(url)}")
@@ -360,9 +361,16 @@ class SqlTable:
         engine = d.open_engine(url, read_only=not write)
         try:
             with engine.connect() as conn, conn.begin():
+                d.catalog_path_only(conn)
                 resolved = d.resolve_table(conn, str(layout["table"]))
                 if resolved is None:
                     raise InvalidInput("target.url", f"no table {layout['table']} in {d.location_of(url)}")
+                if ".".join(resolved) != layout["table"]:  # never another table's rows and journal
+                    raise InvalidInput(
+                        "target.url",
+                        f"{layout['table']} in {d.location_of(url)} resolves to the table "
+                        f"{'.'.join(resolved)}, not the one the audit chain records",
+                    )
                 columns = {c.name: c for c in d.table_columns(conn, *resolved)}
         except BaseException:
             engine.dispose()
@@ -722,7 +730,7 @@ class SqlTable:
             if self.dialect == SQLITE:
                 return sqlite_trigger_problems(conn, expected, self.journal_ddl())
             # pg_get_triggerdef names what the search path does not reach in full: reach nothing
-            conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": PG_SEARCH_PATH})
+            d.catalog_path_only(conn)
             schema = str(conn.execute(text("SELECT quote_ident(:s)"), {"s": self.schema}).scalar())
             replica = pg_replica_session(conn)
             rows = conn.execute(
