@@ -6,11 +6,14 @@ failed read-back (the run exits 1) and a `verify` finding, never a clean report.
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pcbo_dagster.targets.sql_dialects import location_of
 from pcbo_dagster_tests import sql_target_helpers as helpers
 from pcbo_dagster_tests.sql_target_helpers import dump, pcbo, record, run_sql, sqlite_url, write_json
 
@@ -129,3 +132,46 @@ def test_an_operator_of_the_targets_schema_cannot_point_verify_or_rollback_at_an
     )
     assert refused.status == 1 and "sql_rows_changed_since" in refused.stderr, refused.stderr
     assert dump(url) == changed
+
+
+# -- a SQLite target's files ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["directory", "counter"])
+def test_a_symbolic_link_in_a_sqlite_targets_lock_directory_is_never_written_through(
+    tmp_path: Path, planted: str
+) -> None:
+    """The ticket queue beside a SQLite target (`<file>.pcbo-locks/<scope>/counter`, its tickets) was
+    made and written through whatever stood at those names: whoever may write the database's
+    directory could put a symbolic link there and have the run write its counter into a file of
+    pcbo's own (an empty one gets `00000000000000000001`) or create its files in a directory of
+    theirs. A lock directory or file that is a symbolic link now stops the run (exit 1, naming it),
+    nothing written through it and nothing applied."""
+    url = sqlite_url(tmp_path / "db" / "target.db")
+    helpers.create_table(url)
+    victim = tmp_path / "home" / "victim"
+    victim.mkdir(parents=True)
+    locks = tmp_path / "db" / "target.db.pcbo-locks"
+    if planted == "directory":
+        locks.symlink_to(victim)
+    else:
+        scope = hashlib.sha256(f"events|{location_of(url)}|main.events".encode()).hexdigest()[:32]
+        (locks / scope).mkdir(parents=True)
+        (victim / "file").write_bytes(b"")
+        (locks / scope / "counter").symlink_to(victim / "file")
+    before = dump(url)
+    req = helpers.request(url, [record(i) for i in range(1, 5)])
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", tmp_path / "home"])
+    assert run.status == 1, (run.status, run.stderr)
+    assert "symbolic link" in run.stderr and str(locks) in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert dump(url) == before
+    assert [p.name for p in victim.rglob("*")] == ([] if planted == "directory" else ["file"])
+    assert planted == "directory" or (victim / "file").read_bytes() == b""
+    # With the link gone, the same request runs.
+    if planted == "directory":
+        locks.unlink()
+    else:
+        shutil.rmtree(locks)
+    again = pcbo(["execute", "--input", tmp_path / "r.json", "--home", tmp_path / "home"])
+    assert again.status == 0, again.stderr
