@@ -94,6 +94,41 @@ def test_a_row_the_table_tombstones_as_it_is_written_does_not_read_back(
     assert clean.status == 0, clean.document
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_rollback_never_writes_over_an_updated_row_the_live_pipeline_wrote_since(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """A row the run updated was compared, before its undo, on the written columns only: one the live
+    pipeline wrote again since (its freshness column and its own `note` changed, the written values
+    the same) was set back to its prior values, exit 0, the live pipeline's write lost. Now an updated
+    row, as an inserted one, must be whole as the run left it: refused (`sql_rows_changed_since`,
+    exit 1), nothing restored."""
+    url = _url(dialect, tmp_path, request)
+    helpers.create_table(url)
+    run_sql(
+        url,
+        "INSERT INTO events (id, occurred_at, amount, label) "
+        "VALUES ('ev-0002', '2024-01-01T02:02:00Z', 99, 'old')",
+    )
+    home = tmp_path / "home"
+    target = {"conflict": "overwrite", "freshnessColumn": "updated_at", "snapshotAt": "2024-02-01T00:00:00Z"}
+    req = helpers.request(url, [record(i) for i in range(1, 5)], **target)
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home])
+    assert run.status == 0 and run.document["totals"]["updated"] == 1, run.stderr
+    run_sql(
+        url,
+        "UPDATE events SET updated_at = '2024-03-01T00:00:00Z', note = 'written again by the live pipeline' "
+        "WHERE id = 'ev-0002'",
+    )
+    changed = dump(url)
+    args: list[str | Path] = ["rollback", "--home", home, "--dataset", "events", "--run-id", "run-1"]
+    args += ["--target-url", url]
+    refused = pcbo(args)
+    assert refused.status == 1, (refused.status, refused.stderr)
+    assert "sql_rows_changed_since" in refused.stderr and "'ev-0002'" in refused.stderr, refused.stderr
+    assert dump(url) == changed
+
+
 # -- what pcbo's sessions see ------------------------------------------------------------------------
 
 #: An `=` for (oid, regclass) in `public`: an exact match wins over `pg_catalog`'s oid = oid (which

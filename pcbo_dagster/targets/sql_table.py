@@ -20,8 +20,9 @@ database's error (SQLSTATE and message), the others are applied.
 
 **The journal** lives in the target database, in `pcbo_journal` beside the table (the same
 transaction as the change can only be there): one entry per changed row, with
-the row's exact prior image (or none: inserted, and then the digest of the whole row as the insert
-left it, every column: its undo deletes the whole row, so it must still be that row), the columns
+the row's exact prior image (or none: inserted), the digest of the whole row as the insert or
+update left it, every column (`inserted` / `updated`: its undo deletes the whole row or writes
+prior values over it, so it must still be that row, not one the live pipeline wrote since), the columns
 changed, the live state the decision was made on and the digest of the row written. Entries are
 chained per (run, table): `digest_n = sha256(digest_{n-1} "\\n" JCS(entry_n))` from
 `JOURNAL_GENESIS`. The three tables' `run_id` column holds the run's *journal key*
@@ -950,9 +951,9 @@ class SqlTable:
         entries: list[dict[str, Any]] = []
         if not per_row:
             self._write_rows(conn, writes)
-            inserted = self._inserted_images(conn, writes) if journal else {}
+            whole = self._written_images(conn, writes) if journal else {}
             for row, now in writes:
-                entry, entry_text = self._entry(ctx, seq + 1, row, now, inserted.get(row.key_text))
+                entry, entry_text = self._entry(ctx, seq + 1, row, now, whole.get(row.key_text))
                 seq, digest = seq + 1, chain_journal_digest(digest, entry_text)
                 entries.append({"seq": seq, "entry": entry_text.decode("utf-8")})
             if journal:
@@ -962,8 +963,8 @@ class SqlTable:
                 savepoint = conn.begin_nested()
                 try:
                     self._write_rows(conn, [(row, now)])
-                    inserted = self._inserted_images(conn, [(row, now)]) if journal else {}
-                    entry, entry_text = self._entry(ctx, seq + 1, row, now, inserted.get(row.key_text))
+                    whole = self._written_images(conn, [(row, now)]) if journal else {}
+                    entry, entry_text = self._entry(ctx, seq + 1, row, now, whole.get(row.key_text))
                     if journal:
                         self._insert_journal(
                             conn, ctx, [{"seq": seq + 1, "entry": entry_text.decode("utf-8")}]
@@ -1044,19 +1045,20 @@ class SqlTable:
                 "(a trigger or rule on it?): the chunk was not committed"
             )
 
-    def _inserted_images(
+    def _written_images(
         self, conn: Connection, writes: Sequence[tuple[PlannedRow, LiveRow | None]]
     ) -> dict[str, str]:
-        """Key text -> the digest of the whole row (every column's image) of each row just inserted:
-        what its undo, a DELETE of every column, must still find (`drifted`)."""
-        keys = [row.key_values for row, _ in writes if row.outcome == INSERT]
+        """Key text -> the digest of the whole row (every column's image) of each row just inserted or
+        updated: what its undo (a DELETE of every column, or its prior values written over it) must
+        still find (`drifted`)."""
+        keys = [row.key_values for row, _ in writes if row.outcome in (INSERT, UPDATE)]
         if not keys:
             return {}
         found = self._live_rows(conn, keys, lock=False, with_image=True)
         return {k: image_digest(v.image) for k, v in found.items()}
 
     def _entry(
-        self, ctx: ChunkContext, seq: int, row: PlannedRow, now: LiveRow | None, inserted: str | None
+        self, ctx: ChunkContext, seq: int, row: PlannedRow, now: LiveRow | None, whole: str | None
     ) -> tuple[dict[str, Any], bytes]:
         key_names = {k.column.name for k in self.key}
         changed = [w.column.name for w in self.written if w.column.name not in key_names]
@@ -1081,8 +1083,8 @@ class SqlTable:
             "priorState": None if now is None else now.state.to_json(),
             "after": row.record_digest,
         }
-        if inserted is not None:
-            entry["inserted"] = inserted
+        if whole is not None:
+            entry["inserted" if row.outcome == INSERT else "updated"] = whole
         return entry, fast_jcs(entry)
 
     def _insert_journal(self, conn: Connection, ctx: ChunkContext, entries: list[dict[str, Any]]) -> None:
@@ -1174,7 +1176,7 @@ class SqlTable:
         `restored`, those whose row is not back as it was before the run (an inserted row still
         there, an updated row without its prior written values: `entries` one per row, the oldest)."""
         keys = [self.key_values_of_text(e["keyText"]) for e in entries]
-        whole = not restored and any("inserted" in e for e in entries)
+        whole = not restored and any(_whole_digest(e) is not None for e in entries)
         found = self._live_rows(conn, keys, lock=lock, with_image=whole, digests_only=True)
         drifted = []
         for e in entries:
@@ -1184,8 +1186,12 @@ class SqlTable:
             else:
                 expected = e["after"]
             if (None if now is None else now.state.row_digest) != expected or (
-                # a row the run inserted is deleted whole: every column must be as the insert left it
-                whole and "inserted" in e and now is not None and image_digest(now.image) != e["inserted"]
+                # a row the run inserted is deleted whole, one it updated gets its prior values back:
+                # every column must be as the run left it (an entry from before `updated`: written ones)
+                whole
+                and _whole_digest(e) is not None
+                and now is not None
+                and image_digest(now.image) != _whole_digest(e)
             ):
                 drifted.append({"id": e["id"], "key": e["keyText"], "seq": e["seq"]})
         return drifted
@@ -1287,6 +1293,12 @@ def _database_error(exc: Exception) -> tuple[str, str]:
     diag = getattr(orig, "diag", None)
     message = getattr(diag, "message_primary", None) or str(orig).splitlines()[0]
     return str(code), scrub_text(str(message))
+
+
+def _whole_digest(entry: Mapping[str, Any]) -> str | None:
+    """The digest of the whole row as the entry's insert or update left it (None: not recorded)."""
+    digest = entry.get("inserted", entry.get("updated"))
+    return None if digest is None else str(digest)
 
 
 def image_digest(image: Mapping[str, Any]) -> str:
