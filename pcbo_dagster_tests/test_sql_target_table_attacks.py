@@ -169,6 +169,45 @@ def test_an_operator_of_the_targets_schema_cannot_point_verify_or_rollback_at_an
     assert dump(url) == changed
 
 
+@pytest.mark.postgres
+def test_a_trigger_cannot_change_how_pcbo_reads_the_rows_it_checks(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """pcbo's session settings (shortest exact floats, UTC, ISO dates, the pinned path) were set as
+    the session connected: a trigger on the table, run in pcbo's own transaction, could change them
+    (`set_config('extra_float_digits', '-15', true)`) before pcbo read back what it had just done.
+    One that skipped the restoring UPDATE and rounded the floats read after it made the run's
+    0.10000000000000002 read as the prior 0.1: the rollback said the row was back, exit 0, the chain
+    recorded it undone, and verify was clean while the table held the run's value. Every read of rows
+    now sets the session's settings again first: refused (`sql_restore_ineffective`), nothing recorded."""
+    url = fresh_postgres_url
+    run_sql(
+        url,
+        helpers.PG_TABLE.format(name="events").replace("amount integer CHECK (amount >= 0)", "amount float8"),
+        "INSERT INTO events (id, occurred_at, amount, label) "
+        "VALUES ('ev-0002', '2024-01-01T02:02:00Z', 0.1, 'x')",
+    )
+    records = [record(i, amount=1) for i in range(1, 5)]
+    records[1]["amount"] = 0.10000000000000002
+    home = tmp_path / "home"
+    req = helpers.request(url, records, conflict="overwrite")
+    run = pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home])
+    assert run.status == 0 and run.document["totals"]["updated"] == 1, run.stderr
+    run_sql(
+        url,
+        "CREATE FUNCTION keep() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "PERFORM pg_catalog.set_config('extra_float_digits', '-15', true); RETURN NULL; END $$",
+        "CREATE TRIGGER keep BEFORE UPDATE ON events FOR EACH ROW EXECUTE FUNCTION keep()",
+    )
+    written = dump(url)
+    args: list[str | Path] = ["rollback", "--home", home, "--dataset", "events", "--target-url", url]
+    refused = pcbo([*args, "--partition", "20240101T020000Z"])
+    assert refused.status == 1 and "not back as they were" in refused.stderr, (refused.status, refused.stderr)
+    assert dump(url) == written
+    chain = (home / "pas" / "events" / "v1.jsonl").read_text()
+    assert "sql_rollback_intent" not in chain and "sql_partition_rolled_back" not in chain
+
+
 # -- a SQLite target's files ---------------------------------------------------------------------------
 
 

@@ -11,7 +11,9 @@ a catalog view, a type or a function pcbo names (`pg_catalog.unnest`, and the `=
 are named in full: a function or operator elsewhere with a closer signature would win; the reads of
 the system catalogs search `pg_catalog` alone, `catalog_path_only`), and a schema created after the
 session started is not searched. An unqualified target table name resolves in
-those schemas (`resolve_table`). SQLite write transactions start with `BEGIN IMMEDIATE` (writers
+those schemas (`resolve_table`). A trigger or rule on the table runs in pcbo's own transaction and
+may change any of these settings: every read of rows sets them again first (`pin_settings`).
+SQLite write transactions start with `BEGIN IMMEDIATE` (writers
 queue on the database lock; busy timeout 30 s); nothing else about the user's database file is
 changed (no journal-mode switch), foreign keys are enforced. A dry-run opens SQLite read-only and
 never creates a file.
@@ -63,10 +65,15 @@ POSTGRESQL = "postgresql"
 SQLITE = "sqlite"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 #: PostgreSQL session settings that make every column's text form independent of the server.
-PG_SESSION_OPTIONS = (
-    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c IntervalStyle=postgres -c extra_float_digits=1 "
-    "-c bytea_output=hex -c standard_conforming_strings=on"
-)
+PG_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO,YMD",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "standard_conforming_strings": "on",
+}
+PG_SESSION_OPTIONS = " ".join(f"-c {name}={value}" for name, value in PG_SETTINGS.items())
 #: Connection-record key of the schemas the role's own search path named (`resolve_table`).
 _ROLE_SCHEMAS = "pcbo_role_schemas"
 
@@ -173,6 +180,11 @@ def sqlite_path(url: URL) -> Path:
     return Path(database).expanduser().resolve()
 
 
+def _pinned_path(schemas: list[str]) -> str:
+    """The search path a session is pinned to: `pg_catalog`, the role's own schemas, `pg_temp`."""
+    return ", ".join(["pg_catalog", *(quote(s) for s in schemas), "pg_temp"])
+
+
 def open_engine(url: str, read_only: bool = False) -> Engine:
     """An engine on the target database (see the module doc). SQLite: the file must exist."""
     parsed = parse_target_url(url)
@@ -197,7 +209,7 @@ def open_engine(url: str, read_only: bool = False) -> Engine:
                 row = cur.fetchone()
                 schemas = [str(s) for s in (row[0] if row else []) if s not in ("pg_catalog", "pg_temp")]
                 record.info[_ROLE_SCHEMAS] = schemas
-                path = ", ".join(["pg_catalog", *(quote(s) for s in schemas), "pg_temp"])
+                path = _pinned_path(schemas)
                 cur.execute("SELECT pg_catalog.set_config('search_path', %s, false)", (path,))
             dbapi_conn.commit()
 
@@ -227,6 +239,29 @@ def open_engine(url: str, read_only: bool = False) -> Engine:
     sqlite_begins_as_asked(engine)
 
     return engine
+
+
+def pin_settings(conn: Connection) -> None:
+    """Set the session's settings (`PG_SETTINGS`, the path pinned as it connected) again for the rest
+    of `conn`'s transaction, before pcbo reads rows it compares: a trigger or rule on the table runs
+    in pcbo's own transaction and may change them (`set_config('extra_float_digits', '-15', ...)`
+    makes floats read rounded, so a row the restore skipped could read as restored). No-op on SQLite."""
+    if conn.dialect.name != POSTGRESQL:
+        return
+    schemas = conn.connection.info.get(_ROLE_SCHEMAS, [])
+    settings = {
+        **PG_SETTINGS,
+        "search_path": ", ".join(["pg_catalog", *(quote(s) for s in schemas), "pg_temp"]),
+    }
+    conn.execute(
+        text(
+            "SELECT " + ", ".join(f"pg_catalog.set_config(:n{i}, :v{i}, true)" for i in range(len(settings)))
+        ),
+        {
+            **{f"n{i}": name for i, name in enumerate(settings)},
+            **{f"v{i}": value for i, value in enumerate(settings.values())},
+        },
+    )
 
 
 #: The equality operator comparing key values on PostgreSQL: the catalog's, whatever the path holds.

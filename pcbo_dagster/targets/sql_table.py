@@ -576,6 +576,7 @@ class SqlTable:
         """The live rows of `keys` by key text (`digests_only`: only each row's digest and tombstone
         are right)."""
         select, _ = self._live_select(with_image)
+        d.pin_settings(conn)  # as pcbo set them, whatever a trigger did in this transaction
         found: dict[str, LiveRow] = {}
         twice: set[str] = set()
         nkey, nwritten = len(self.key), len(self.written)
@@ -1014,6 +1015,7 @@ class SqlTable:
         not guarded against that) would leave changes no rollback can undo. `PcboIntegrityError`
         otherwise: the chunk's transaction is rolled back, nothing of it is committed."""
         where = {"r": ctx.run_id, "t": self.qualified}
+        d.pin_settings(conn)
         if entries is not None:
             kept = conn.execute(
                 text(
