@@ -15,7 +15,7 @@ import pytest
 
 from pcbo_dagster.targets.sql_dialects import location_of
 from pcbo_dagster_tests import sql_target_helpers as helpers
-from pcbo_dagster_tests.sql_target_helpers import dump, pcbo, record, run_sql, sqlite_url, write_json
+from pcbo_dagster_tests.sql_target_helpers import dump, pcbo, query, record, run_sql, sqlite_url, write_json
 
 SNAPSHOT = "2024-06-01T00:00:00Z"
 
@@ -127,6 +127,35 @@ def test_a_rollback_never_writes_over_an_updated_row_the_live_pipeline_wrote_sin
     assert refused.status == 1, (refused.status, refused.stderr)
     assert "sql_rows_changed_since" in refused.stderr and "'ev-0002'" in refused.stderr, refused.stderr
     assert dump(url) == changed
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_rollback_never_deletes_rows_of_another_table_through_a_cascading_foreign_key(
+    tmp_path: Path, dialect: str, request: pytest.FixtureRequest
+) -> None:
+    """The undo of a row the run inserted is a DELETE: a foreign key of another table referencing it
+    `ON DELETE CASCADE` took the live pipeline's rows there with it (exit 0; the journal holds nothing
+    of them, so nothing could put them back). Such a rollback is now refused (`sql_rows_referenced`,
+    exit 1, naming the table), nothing deleted; the partitions whose rows nothing references still
+    roll back."""
+    url = _url(dialect, tmp_path, request)
+    helpers.create_table(url)
+    home = tmp_path / "home"
+    req = helpers.request(url, [record(i) for i in range(1, 5)])
+    assert pcbo(["execute", "--input", write_json(tmp_path / "r.json", req), "--home", home]).status == 0
+    run_sql(
+        url,
+        "CREATE TABLE notes (n text PRIMARY KEY, event_id text REFERENCES events (id) ON DELETE CASCADE)",
+        "INSERT INTO notes VALUES ('written by the live pipeline', 'ev-0001')",
+    )
+    written = dump(url)
+    args: list[str | Path] = ["rollback", "--home", home, "--dataset", "events", "--target-url", url]
+    refused = pcbo([*args, "--run-id", "run-1"])
+    assert refused.status == 1, (refused.status, refused.stderr)
+    assert "sql_rows_referenced" in refused.stderr and "notes" in refused.stderr, refused.stderr
+    assert dump(url) == written and query(url, "SELECT count(*) FROM notes") == [(1,)]
+    other = pcbo([*args, "--partition", "20240101T020000Z"])
+    assert other.status == 0, other.stderr
 
 
 # -- what pcbo's sessions see ------------------------------------------------------------------------

@@ -12,11 +12,15 @@ each partition of each table it wrote. Before anything is touched:
   recorded (every `sql_partition_applied` event's journal digest, every checkpoint's digest, no gap,
   every entry in its canonical form): a journal edited in the target database is never replayed;
 - every row the run changed must still be as the run wrote it (its digest is the journal entry's
-  `after`): a row the live pipeline (or a later run) changed since is not written over — the
-  rollback is refused naming those rows, and nothing is changed (roll back the later run first);
+  `after`, and the whole row's its `inserted` or `updated`): a row the live pipeline (or a later
+  run) changed since is not written over — the rollback is refused naming those rows, and nothing
+  is changed (roll back the later run first);
 - no row it would undo is, as it is now, one another deployment's apply (a journal key not on this
   chain) found equal since (`sql_rows_of_another_deployment`: that apply vouches for it; roll that
   run back first);
+- no row it would delete (one the run inserted) is referenced by a foreign key of another table that
+  deletes or changes with it (`ON DELETE CASCADE`, `SET NULL`, `SET DEFAULT`: `sql_rows_referenced`),
+  so the undo never changes rows the journal does not hold;
 - the restore, tried in a savepoint and undone, must put every row back as it was before the run
   (`sql_restore_ineffective` otherwise: a trigger or rule that skips or rewrites the restoring
   statements, such as `RAISE(IGNORE)` or a soft-delete rule, never has the chain record rows
@@ -342,7 +346,16 @@ def restore_committed(
 def _restore_checked(table: SqlTable, conn: Connection, entries: list[dict[str, Any]], where: str) -> None:
     """Restore `entries` in `conn`'s transaction, and refuse (the transaction rolled back) when a row is
     not back as it was before the run: a trigger or rule that skips or rewrites the restoring DELETE or
-    UPDATE (`RAISE(IGNORE)`, a soft-delete rule) must not let the chain record rows restored that are not."""
+    UPDATE (`RAISE(IGNORE)`, a soft-delete rule) must not let the chain record rows restored that are not;
+    nor may a DELETE take rows of another table with it (a foreign key `ON DELETE CASCADE`)."""
+    referencing = table.rows_referenced(conn, entries)
+    if referencing:
+        raise SqlRollbackRefused(
+            where,
+            "sql_rows_referenced",
+            f"rows the run inserted are referenced by {'; '.join(referencing)}: deleting them would change "
+            "rows the run did not write (remove those references, or roll back by hand)",
+        )
     table.restore(conn, entries)
     oldest: dict[str, dict[str, Any]] = {}
     for e in sorted(entries, key=lambda e: e["seq"]):

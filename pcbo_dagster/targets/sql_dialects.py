@@ -381,6 +381,53 @@ def unique_column_sets(conn: Connection, schema: str, name: str) -> list[set[str
     return [set(r[0]) for r in rows]
 
 
+#: A foreign key referencing a table: (the referencing table as SQL names it, its columns, the
+#: referenced columns, the delete action).
+ForeignKey = tuple[str, list[str], list[str], str]
+
+
+def cascading_foreign_keys(conn: Connection, schema: str, name: str) -> list[ForeignKey]:
+    """The foreign keys of other tables (or the table itself) referencing `schema.name` whose delete
+    action changes their rows (`CASCADE`, `SET NULL`, `SET DEFAULT`)."""
+    actions = {"c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+    if conn.dialect.name == SQLITE:
+        found: list[ForeignKey] = []
+        tables = conn.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'")).scalars().all()
+        for table in tables:
+            keys: dict[int, list[Any]] = {}
+            for row in conn.exec_driver_sql(f"PRAGMA main.foreign_key_list({quote(str(table))})").all():
+                keys.setdefault(int(row[0]), []).append(row)
+            for rows in keys.values():
+                action = str(rows[0][6]).upper()
+                if str(rows[0][2]).lower() != name.lower() or action not in actions.values():
+                    continue
+                referenced = [str(r[4]) for r in rows if r[4] is not None]
+                if len(referenced) < len(rows):  # none named: the parent's primary key
+                    info = conn.exec_driver_sql(f"PRAGMA main.table_info({quote(name)})").all()
+                    referenced = [str(r[1]) for r in sorted((r for r in info if r[5]), key=lambda r: r[5])]
+                found.append((quote(str(table)), [str(r[3]) for r in rows], referenced, action))
+        return found
+    catalog_path_only(conn)
+    found_rows = conn.execute(
+        text(
+            "SELECT pg_catalog.format('%I.%I', n.nspname, t.relname), c.confdeltype, "
+            "ARRAY(SELECT a.attname FROM pg_catalog.unnest(c.conkey) WITH ORDINALITY k(num, i) "
+            "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.num ORDER BY k.i), "
+            "ARRAY(SELECT a.attname FROM pg_catalog.unnest(c.confkey) WITH ORDINALITY k(num, i) "
+            "JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.num ORDER BY k.i) "
+            "FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+            "JOIN pg_namespace n ON n.oid = t.relnamespace "
+            "WHERE c.contype = 'f' AND c.confrelid = CAST(to_regclass(:q) AS oid) "
+            "AND c.confdeltype IN ('c', 'n', 'd')"
+        ),
+        {"q": f"{quote(schema)}.{quote(name)}"},
+    ).all()
+    pin_settings(conn)
+    return [
+        (str(r[0]), [str(c) for c in r[2]], [str(c) for c in r[3]], actions[str(r[1])]) for r in found_rows
+    ]
+
+
 def missing_privileges(conn: Connection, schema: str, name: str, needed: tuple[str, ...]) -> list[str]:
     """The table privileges of `needed` the connecting role lacks (SQLite has no roles: none)."""
     if conn.dialect.name == SQLITE:

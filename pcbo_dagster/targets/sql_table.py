@@ -1221,6 +1221,29 @@ class SqlTable:
             )
         return len(entries)
 
+    def rows_referenced(self, conn: Connection, entries: Sequence[dict[str, Any]]) -> list[str]:
+        """What would go with the rows the undo of `entries` deletes (those the run inserted) through a
+        foreign key of another table that references them `ON DELETE CASCADE`, `SET NULL` or `SET
+        DEFAULT`: one line per such key holding rows that reference them (the journal holds nothing
+        of those rows, so no rollback could put them back)."""
+        keys = [self.key_values_of_text(e["keyText"]) for e in entries if e["action"] == INSERT]
+        if not keys:
+            return []
+        found = []
+        for table, columns, referenced, action in d.cascading_foreign_keys(conn, self.schema, self.name):
+            here = ", ".join(quote(c) for c in referenced)
+            there = ", ".join(f"r.{quote(c)}" for c in columns)
+            count = conn.execute(
+                text(
+                    f"SELECT count(*) FROM {table} r WHERE ({there}) IN "
+                    f"(SELECT {here} FROM {self._sql_table} WHERE {self._key_condition(len(keys))})"
+                ),
+                self._key_params(keys),
+            ).scalar()
+            if count:
+                found.append(f"{count} row(s) of {table} ({', '.join(columns)}: ON DELETE {action})")
+        return found
+
     def record_rollback(
         self,
         conn: Connection,
