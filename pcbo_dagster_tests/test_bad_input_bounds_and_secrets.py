@@ -58,6 +58,28 @@ def test_a_jsonl_line_longer_than_the_limit_is_invalid_input(tmp_path):
     assert "longer than 1024 bytes" in run.stderr
 
 
+@pytest.mark.parametrize("cells", ["one", "many"])
+def test_a_csv_row_spanning_lines_longer_than_the_limit_is_invalid_input(tmp_path, cells):
+    """Red-team finding: `PCBO_MAX_LINE_BYTES` bounded each physical line of a CSV source, not a row:
+    a quoted cell holding line ends, or a row of quoted cells each holding one, ran on over lines each
+    under the limit, so one row (one cell, or millions of cells, built before their count was
+    checked) grew with the file. A row is bounded as a line is, found before it is all read."""
+    source = tmp_path / "records.csv"
+    row = '"' + "x\n" * 400 + '"' if cells == "one" else ",".join(['"x\n"'] * 1000)
+    source.write_text(f"id,occurredAt,note\nr1,2024-01-01T00:10:00Z,{row}\n")
+    request = load_generator().make_request(records=1, partitions=2, seed=3, run_id="bad-input-003")
+    request.pop("sourceRecords")
+    request["source"] = {"uri": str(source), "format": "csv"}
+    home = tmp_path / "home"
+    run = run_pcbo(
+        ["execute", "--input", write_request(tmp_path / "request.json", request)],
+        home=home,
+        env={"PCBO_MAX_LINE_BYTES": "512"},
+    )
+    assert_refused(run, "source", home)
+    assert "row at byte 19 is longer than 512 bytes" in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("kind", ["dev_zero", "fifo", "directory"])
 def test_a_source_that_never_ends_is_invalid_input(tmp_path, kind):
     if kind == "dev_zero":

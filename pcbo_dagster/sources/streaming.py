@@ -413,7 +413,16 @@ class CsvSource(RecordSource):
         self._spans: list[tuple[int, int, int]] | None = None
 
     def _text_lines(self, fh: IO[bytes], offset: int, starts: list[int]) -> Iterator[str]:
+        """The lines from `offset` as text, each one's start appended to `starts` (the reader's
+        consumer clears it at each row): a row (lines joined by quoted line ends) may hold at most
+        `max_line_bytes()`, as a line may, found before the line past it is handed to the reader."""
+        limit = max_line_bytes()
         for at, line in _lines(fh, offset):
+            if starts and at + len(line) - starts[0] > limit:
+                raise InvalidInput(
+                    "source",
+                    f"the CSV row at byte {starts[0]} is longer than {limit} bytes (PCBO_MAX_LINE_BYTES)",
+                )
             skipped = 0
             if at == 0 and line.startswith(_BOM):
                 skipped, line = len(_BOM), line[len(_BOM) :]
