@@ -627,3 +627,38 @@ def test_a_record_rfc8785_cannot_express_is_named_with_its_file_and_place(tmp_pa
     line_start = len(json.dumps(records[0]).encode()) + 1
     where = f"b.{fmt}, the line at byte {line_start}" if fmt == "jsonl" else f"b.{fmt}, row 1"
     assert where in stderr, stderr
+
+
+@pytest.mark.parametrize("named", ["read", "not_read"])
+def test_a_file_name_that_is_not_utf8_is_invalid_input_naming_its_bytes(tmp_path: Path, named: str) -> None:
+    """Red-team finding: a directory holding a file whose name is not UTF-8 (`part-\\xff.txt`, which a
+    local file system allows) had its name carried as Python's surrogate escapes into the dry-run
+    document (`sourceFiles.notReadPaths`), which cannot be written as JSON: an internal error, exit 1;
+    read, its records were ordered by the escapes' code points, not by the bytes of the name as the
+    docstring says. Such a name is invalid input on `source.uri`, its bytes shown escaped."""
+    from pcbo_dagster_tests.cli_runner import run_pcbo_in_process
+
+    root = tmp_path / "events"
+    _write(root, "dt=2024-01-01/part-0.jsonl", _file_bytes("jsonl", _records("a", 2)))
+    suffix = ".jsonl" if named == "read" else ".txt"
+    (root / "dt=2024-01-01" / f"part-\udcff{suffix}").write_bytes(b"")  # the byte 0xFF, surrogate-escaped
+    _write(root, "_skipped/\udcff.jsonl", b"")  # (a path skipped whatever its name: never refused)
+    request = {
+        "runId": "dir-names",
+        "dataset": "events",
+        "versionLabel": "v1",
+        "start": "2024-01-01T00:00:00Z",
+        "end": "2024-01-02T00:00:00Z",
+        "chunkSeconds": 86400,
+        "policies": {"requireConsent": True},
+        "source": {"uri": str(root)},
+    }
+    path = tmp_path / "request.json"
+    path.write_text(json.dumps(request))
+    out = tmp_path / "dry-run.json"
+    status, _, stderr = run_pcbo_in_process(
+        ["dry-run", "--input", str(path), "--output", str(out)], home=tmp_path / "home"
+    )
+    assert status == 2, stderr
+    assert "source.uri" in stderr and f"dt=2024-01-01/part-\\xff{suffix}" in stderr, stderr
+    assert "not UTF-8" in stderr and "internal error" not in stderr, stderr

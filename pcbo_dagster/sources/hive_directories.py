@@ -10,6 +10,7 @@ decision hashes are those of one file holding them.
 
 - Skipped: any path whose relative path has a component starting with `_` or `.` (`_SUCCESS`,
   `_temporary/`, `.part-0.parquet.crc`, `.tmp`), and files whose extension is not a data format's.
+  Any other path whose name is not UTF-8 (a local file system allows it) is invalid input naming it.
 - Format: `source.format` if given (then only files of that format's extensions are read: `.jsonl`
   and `.ndjson`, `.csv`, `.parquet`, any case); otherwise inferred from the extensions, and every
   data file must have the same format (else invalid input on `source.format`).
@@ -419,6 +420,21 @@ class DirectorySource(RecordSource):
         return out
 
 
+def _is_utf8(path: str) -> bool:
+    """Whether a listed path is text (a local name that is not UTF-8 is listed with Python's surrogate
+    escapes: no document or message can hold it, and it does not sort as its bytes do)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _escaped(path: str) -> str:
+    """A path that is not UTF-8 as text: its bytes that are not, escaped (`part-\\xff.jsonl`)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _relative(root: str, path: str) -> str:
     return path[len(root) :].lstrip("/") if path.startswith(root) else path
 
@@ -500,6 +516,11 @@ def open_directory_source(
         parts = path.split("/")
         if not path or any(part.startswith(("_", ".")) for part in parts):
             continue
+        if not _is_utf8(path):
+            raise InvalidInput(
+                "source.uri",
+                f"{redact_url(shown)} holds a file whose name is not UTF-8: {_escaped(path)}",
+            )
         file_format = format_of(parts[-1])
         if file_format is None or (fmt is not None and file_format != fmt):
             ignored.append(path)
