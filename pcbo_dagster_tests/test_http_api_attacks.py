@@ -185,6 +185,38 @@ def test_no_link_in_the_sources_directory_leads_a_read_out_of_it(
     assert answer.status_code == 200 and "linked-inside" in answer.text, answer.text
 
 
+def test_a_ledger_archive_s_refusal_names_its_files_as_the_request_gave_the_archive(
+    server: RunningServer,
+) -> None:
+    """Red-team finding: a ledger archive's refusals (a misnamed file, a corrupt batch, a gap) named
+    its files by the path the server resolved, so any client that could plan learnt the absolute
+    path of the server's sources directory (a refused source outside it is answered without it).
+    They are named as the request gave the archive, as a record file's are."""
+    from pcbo_dagster_tests import ledger_archive_builder as b
+
+    name = f"archive-{uuid.uuid4().hex[:8]}"
+    archive = b.write_archive(server.home / name, 0, 7, ledgers_per_file=2, files_per_partition=1)
+    client = server.client(server.token("team-named", "plan", datasets=["ds-named"]))
+    body = json.dumps(
+        {
+            "runId": "named-1",
+            "dataset": "ds-named",
+            "ledgerRange": {"field": "ledgerSequence", "first": 2, "end": 8, "partitionSize": 2},
+            "source": {"uri": name, "format": "ledger_archive"},
+        }
+    ).encode()
+    misnamed = archive.root / "junk.xdr.zst"
+    misnamed.write_bytes(b"")
+    answer = client.post("/v1/dry-run", content=body)
+    assert answer.status_code == 422 and f"{name}/junk.xdr.zst: not a SEP-54" in answer.text, answer.text
+    assert server.home.as_posix() not in answer.text, answer.text
+    misnamed.unlink()
+    archive.files[1].write_bytes(b"not zstd")
+    answer = client.post("/v1/dry-run", content=body)
+    assert answer.status_code == 422 and f"{name}/{archive.files[1].name}" in answer.text, answer.text
+    assert server.home.as_posix() not in answer.text, answer.text
+
+
 def test_an_object_store_source_is_read_by_the_server(
     server: RunningServer, s3_store: ObjectStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,6 +57,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -431,6 +432,24 @@ class TrustedHash(NamedTuple):
     said_by: str
 
 
+@contextmanager
+def _named_as_given(uri: str, shown: str) -> Iterator[None]:
+    """An error reading the archive at `uri` names its files as the request gave the archive
+    (`shown`, without credentials), not as resolved: a relative `source.uri` resolves into a server's
+    sources directory, whose absolute path no client is told."""
+    try:
+        yield
+    except PcboError as exc:
+        root, given = uri.rstrip("/"), redact_url(shown).rstrip("/")
+        if root and root != given:
+            exc.args = tuple(a.replace(root, given) if isinstance(a, str) else a for a in exc.args)
+            for name in ("message", "path"):
+                value = getattr(exc, name, None)
+                if isinstance(value, str):
+                    setattr(exc, name, value.replace(root, given))
+        raise
+
+
 def _check_trusted(shown: str, record: dict[str, Any], trusted: TrustedHash) -> None:
     """The trusted ledger's hash in the archive must be the one the operator trusts."""
     if record["ledgerHash"] != trusted.hash:
@@ -580,6 +599,10 @@ class LedgerArchiveSource(RecordSource):
         return f"{redact_url(self.shown)}, ledger {locator}"
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+        with _named_as_given(self.uri, self.shown):
+            yield from self._batches(size)
+
+    def _batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         records: list[Any] = []
         held = 0
         self.count = 0
@@ -633,6 +656,10 @@ class LedgerArchiveSource(RecordSource):
         )
 
     def fetch(self, locators: np.ndarray) -> list[Any]:
+        with _named_as_given(self.uri, self.shown):
+            return self._fetch(locators)
+
+    def _fetch(self, locators: np.ndarray) -> list[Any]:
         sequences = np.asarray(locators, dtype=np.int64)
         if not len(sequences):
             return []
