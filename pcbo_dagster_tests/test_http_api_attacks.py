@@ -215,6 +215,13 @@ def test_a_ledger_archive_s_refusal_names_its_files_as_the_request_gave_the_arch
     answer = client.post("/v1/dry-run", content=body)
     assert answer.status_code == 422 and f"{name}/{archive.files[1].name}" in answer.text, answer.text
     assert server.home.as_posix() not in answer.text, answer.text
+    # Red-team finding: a file whose name is not UTF-8 (the byte 0xFF, held by Python as a lone
+    # surrogate) made the refusal unwritable as JSON: a 500 "internal error". Its bytes are escaped.
+    (archive.root / "junk-\udcff").write_bytes(b"")
+    answer = client.post("/v1/dry-run", content=body)
+    assert answer.status_code == 422 and f"{name}/junk-\\xff: not a SEP-54" in answer.json()["message"], (
+        answer.text
+    )
 
 
 def test_an_object_store_source_is_read_by_the_server(

@@ -1,7 +1,8 @@
 """Text a person types that pcbo records as given: who does a step (`--by` of the rollout commands,
 the Dagster jobs' `by`) and why (the `reason` of a rollback, a rollout's pause, resume or cancel);
 and the one test of the paths, URLs and locations it takes for control characters
-(`has_control_character`: a request's `source.uri`, the path flags and variables, a SQL target URL).
+(`has_control_character`: a request's `source.uri`, the path flags and variables, a SQL target URL),
+and of a listed file name for bytes that are not UTF-8 (`is_utf8`, `utf8_shown`).
 
 It lands on the production audit chain or in the catalog and is shown in logs, the Dagster UI,
 reports and alert receivers: a line break, a terminal escape or a bidirectional override in it would
@@ -21,6 +22,21 @@ def has_control_character(text: str) -> bool:
     """Whether `text` holds a C0 control character or DEL (U+0000-U+001F, U+007F): what no path, URL
     or location pcbo takes may hold (a NUL names no file, a pasted newline another one)."""
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether `text` is UTF-8 text: a name a local file system lists may hold bytes that are not
+    (Python keeps them as lone surrogates), which no JSON document, audit event or catalog row holds."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_shown(text: str) -> str:
+    """`text` with the bytes of it that are not UTF-8 (lone surrogates) escaped: `part-\\xff.jsonl`."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def check_actor(by: object, doing: str) -> None:

@@ -58,6 +58,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from pcbo_dagster.core.errors import InvalidInput
+from pcbo_dagster.core.recorded_text import is_utf8, utf8_shown
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.local_files import REASONS, SourcesDirectory, place_in_sources
@@ -420,21 +421,6 @@ class DirectorySource(RecordSource):
         return out
 
 
-def _is_utf8(path: str) -> bool:
-    """Whether a listed path is text (a local name that is not UTF-8 is listed with Python's surrogate
-    escapes: no document or message can hold it, and it does not sort as its bytes do)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _escaped(path: str) -> str:
-    """A path that is not UTF-8 as text: its bytes that are not, escaped (`part-\\xff.jsonl`)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def _relative(root: str, path: str) -> str:
     return path[len(root) :].lstrip("/") if path.startswith(root) else path
 
@@ -516,10 +502,10 @@ def open_directory_source(
         parts = path.split("/")
         if not path or any(part.startswith(("_", ".")) for part in parts):
             continue
-        if not _is_utf8(path):
+        if not is_utf8(path):
             raise InvalidInput(
                 "source.uri",
-                f"{redact_url(shown)} holds a file whose name is not UTF-8: {_escaped(path)}",
+                f"{redact_url(shown)} holds a file whose name is not UTF-8: {utf8_shown(path)}",
             )
         file_format = format_of(parts[-1])
         if file_format is None or (fmt is not None and file_format != fmt):

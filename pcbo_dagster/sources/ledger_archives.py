@@ -65,6 +65,7 @@ import numpy as np
 
 from pcbo_dagster.core.canonical import DigestedRecords
 from pcbo_dagster.core.errors import InvalidInput, PcboError
+from pcbo_dagster.core.recorded_text import utf8_shown
 from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.sources.ledger_decoding import (
@@ -91,8 +92,8 @@ class LedgerArchiveError(InvalidInput):
     """A ledger archive that cannot be read as SEP-54: `path` names the folder or file at fault."""
 
     def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        super().__init__("source", f"{path}: {message}")
+        self.path = path  # a name that is not UTF-8 (a local file system lists one) shown escaped
+        super().__init__("source", f"{utf8_shown(path)}: {message}")
 
 
 @dataclass(frozen=True)
