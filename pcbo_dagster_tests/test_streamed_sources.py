@@ -529,3 +529,47 @@ def test_a_csv_header_changed_between_its_two_reads_is_refused(
     monkeypatch.setattr(streaming.CsvSource, "integer_cells", then_swap)
     with pytest.raises(InvalidInput, match="CSV header row changed while the file was read"):
         list(streaming.CsvSource(str(path), path.name).batches(10))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "directory"])
+def test_a_batch_holds_a_bounded_size_of_records_whatever_their_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Red-team finding: a JSONL or CSV batch ended at `PCBO_SOURCE_BATCH` records (8,192) whatever
+    their size, so a source of long lines was held a batch at a time as Python objects: a 150 MB file
+    of 1 MiB lines (`[0,0,...]`) took a 760 MB dry-run, growing with the file (up to 8,192 lines of
+    64 MiB). A batch also ends once its records hold `PYTHON_BATCH_BYTES`, as a parquet source's do,
+    and a directory joins its files' batches within that size too."""
+    from pcbo_dagster.sources import streaming
+    from pcbo_dagster.sources.hive_directories import open_directory_source
+
+    budget = 10_000
+    monkeypatch.setattr(streaming, "PYTHON_BATCH_BYTES", budget)
+    records = [
+        {"id": f"r{i}", "occurredAt": f"2024-01-01T00:{i:02d}:00Z", "note": f"{i}" + "x" * 1000}
+        for i in range(60)
+    ]
+    source: streaming.RecordSource
+    if fmt == "csv":
+        path = tmp_path / "wide.csv"
+        path.write_text(
+            "id,occurredAt,note\n" + "".join(f"{r['id']},{r['occurredAt']},{r['note']}\n" for r in records)
+        )
+        source = streaming.CsvSource(str(path), path.name)
+    elif fmt == "jsonl":
+        path = tmp_path / "wide.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        source = streaming.JsonlSource(str(path), path.name)
+    else:
+        folder = tmp_path / "wide"
+        folder.mkdir()
+        for k in range(20):  # files of 3 records: each file's one batch is joined to the next ones
+            (folder / f"part-{k:02d}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in records[3 * k : 3 * k + 3])
+            )
+        source = open_directory_source(str(folder), "wide", None, None)
+    batches = [batch for batch, _, _ in source.batches(8_192)]
+    assert [r for batch in batches for r in batch] == records
+    assert len(batches) > 1
+    for batch in batches:
+        assert sum(len(json.dumps(r)) for r in batch) <= budget + 1_100, [len(b) for b in batches]

@@ -63,7 +63,13 @@ from pcbo_dagster.io.redaction import redact_url
 from pcbo_dagster.lake.storage import filesystem
 from pcbo_dagster.sources.local_files import REASONS, SourcesDirectory, place_in_sources
 from pcbo_dagster.sources.record_files import csv_integer_columns, source_read_errors
-from pcbo_dagster.sources.streaming import CsvSource, JsonlSource, ParquetSource, RecordSource
+from pcbo_dagster.sources.streaming import (
+    CsvSource,
+    JsonlSource,
+    ParquetSource,
+    RecordSource,
+    python_batch_bytes,
+)
 from pcbo_dagster.sources.zones import Window, ZoneIndexStore
 
 LOCATOR_BITS = 40
@@ -365,13 +371,24 @@ class DirectorySource(RecordSource):
                     self._prepare_csv()
 
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
-        """The files' batches in order, joined into batches of about `size` records (a batch never
-        holds more than `size` records plus those of the batch of one file)."""
+        """The files' batches in order, joined into batches of about `size` records and at most
+        `python_batch_bytes()` of values (a batch never holds more than `size` records plus those of
+        the batch of one file, nor more bytes than the budget but for one file's batch alone)."""
         self._ensure_prepared()
         records: list[Any] = []
         locators: list[np.ndarray] = []
         risky = False
-        count = 0
+        count = held = 0
+        budget = python_batch_bytes()
+
+        def handed_on() -> tuple[list[Any], bool, np.ndarray]:
+            nonlocal records, locators, risky, count, held
+            batch = (records, risky, np.concatenate(locators))
+            count += len(records)
+            self.held_bytes = held
+            records, locators, risky, held = [], [], False, 0
+            return batch
+
         for number, (path, source) in enumerate(zip(self.files, self._sources, strict=True)):
             with _naming(path):
                 for part, part_risky, local in source.batches(size):
@@ -380,16 +397,16 @@ class DirectorySource(RecordSource):
                             "source.uri",
                             f"a file of a directory source may hold up to 2**{LOCATOR_BITS} bytes or rows",
                         )
+                    if records and held + source.held_bytes > budget:  # (handed on before it)
+                        yield handed_on()
                     records.extend(part)
                     locators.append(local | np.int64(number << LOCATOR_BITS))
                     risky = risky or part_risky
-                    if len(records) >= size:
-                        count += len(records)
-                        yield records, risky, np.concatenate(locators)
-                        records, locators, risky = [], [], False
+                    held += source.held_bytes
+                    if len(records) >= size or held >= budget:
+                        yield handed_on()
         if records:
-            count += len(records)
-            yield records, risky, np.concatenate(locators)
+            yield handed_on()
         self.count = count
 
     def where(self, locator: int) -> str:

@@ -211,6 +211,9 @@ class RecordSource:
         self.window: Window | None = None
         self.zone_store: ZoneIndexStore | None = None
         self.zones: list[Zone] | None = None
+        #: The bytes of values the batch `batches` last yielded holds (its lines as read, or its
+        #: parquet values): what a directory joining its files' batches counts.
+        self.held_bytes = 0
 
     def confine(self, root: SourcesDirectory) -> None:
         """Read local files only inside `root` (a server's sources directory, none of pcbo's own
@@ -288,33 +291,22 @@ class JsonlSource(RecordSource):
         yield from self._batches_in(ranges(selected(index.zones, self.window)), size)
 
     def _all_batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
-        offsets = array.array("q")
-        records: list[Any] = []
-        risky = False
-        count = 0
+        batch = _Batcher(size, self)
         with _opened(self.uri, self.shown, self.root) as fh:
             for number, (offset, line) in enumerate(_lines(fh), start=1):
                 if not line.strip():
                     continue
                 parsed = parse_json_strict(line.rstrip(b"\r\n"), what=f"source line {number}")
-                records.append(parsed.value)
-                offsets.append(offset)
-                risky = risky or parsed.may_hold_floats_or_big_ints
-                if len(records) >= size:
-                    count += len(records)
-                    yield records, risky, np.array(offsets, dtype=np.int64)
-                    records, risky, offsets = [], False, array.array("q")
-        if records:
-            count += len(records)
-            yield records, risky, np.array(offsets, dtype=np.int64)
-        self.count = count
+                yield from batch.add(parsed.value, parsed.may_hold_floats_or_big_ints, offset, len(line))
+        yield from batch.finish()
+        self.count = batch.count
 
     def _batches_in(
         self, spans: list[tuple[int, int, int]], size: int
     ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         """The records of the byte spans [start, end) (each beginning at a line, numbered from its
         first line's number), in batches."""
-        batch = _Batcher(size)
+        batch = _Batcher(size, self)
         with _opened(self.uri, self.shown, self.root) as fh:
             for start, end, first_line in spans:
                 fh.seek(start)
@@ -324,7 +316,7 @@ class JsonlSource(RecordSource):
                     if not line.strip():
                         continue
                     parsed = parse_json_strict(line.rstrip(b"\r\n"), what=f"source line {number}")
-                    yield from batch.add(parsed.value, parsed.may_hold_floats_or_big_ints, offset)
+                    yield from batch.add(parsed.value, parsed.may_hold_floats_or_big_ints, offset, len(line))
         yield from batch.finish()
         self.count = batch.count
 
@@ -335,9 +327,9 @@ class JsonlSource(RecordSource):
         hold the window once the zone is complete; then keep the index."""
         window = self.window
         assert window is not None
-        batch = _Batcher(size)
+        batch = _Batcher(size, self)
         zones: list[Zone] = []
-        held: list[tuple[Any, bool, int]] = []
+        held: list[tuple[Any, bool, int, int]] = []
         stats = ZoneStats(window.ledger)
         zone_start, zone_line, end, number = 0, 1, 0, 0
 
@@ -345,15 +337,15 @@ class JsonlSource(RecordSource):
             zone = Zone(zone_start, end, *stats.bounds(), line=zone_line)
             zones.append(zone)
             if zone.may_hold(window):
-                for record, risky, offset in held:
-                    yield from batch.add(record, risky, offset)
+                for record, risky, offset, length in held:
+                    yield from batch.add(record, risky, offset, length)
 
         with _opened(self.uri, self.shown, self.root) as fh:
             for number, (offset, line) in enumerate(_lines(fh), start=1):  # noqa: B007 - used after
                 end = offset + len(line)
                 if line.strip():
                     parsed = parse_json_strict(line.rstrip(b"\r\n"), what=f"source line {number}")
-                    held.append((parsed.value, parsed.may_hold_floats_or_big_ints, offset))
+                    held.append((parsed.value, parsed.may_hold_floats_or_big_ints, offset, len(line)))
                     stats.add_record(parsed.value, window.field)
                 if end - zone_start >= ZONE_BYTES:
                     yield from close()
@@ -378,28 +370,36 @@ class JsonlSource(RecordSource):
 
 
 class _Batcher:
-    """Records gathered into batches of `size` (with their locators and whether any may hold a float
-    or a big integer)."""
+    """Records gathered into batches of `size`, or fewer once they hold `python_batch_bytes()` (their
+    lines' bytes as read), with their locators and whether any may hold a float or a big integer;
+    each batch's bytes noted in `source.held_bytes` as it is yielded."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, source: RecordSource) -> None:
         self.size = size
+        self.source = source
         self.count = 0
         self._records: list[Any] = []
         self._locators = array.array("q")
         self._risky = False
+        self._held = 0
+        self._budget = python_batch_bytes()
 
-    def add(self, record: Any, risky: bool, locator: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
+    def add(
+        self, record: Any, risky: bool, locator: int, length: int
+    ) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         self._records.append(record)
         self._locators.append(locator)
         self._risky = self._risky or risky
-        if len(self._records) >= self.size:
+        self._held += length
+        if len(self._records) >= self.size or self._held >= self._budget:
             yield from self.finish()
 
     def finish(self) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         if self._records:
             self.count += len(self._records)
+            self.source.held_bytes = self._held
             yield self._records, self._risky, np.array(self._locators, dtype=np.int64)
-            self._records, self._locators, self._risky = [], array.array("q"), False
+            self._records, self._locators, self._risky, self._held = [], array.array("q"), False, 0
 
 
 class CsvSource(RecordSource):
@@ -573,14 +573,15 @@ class CsvSource(RecordSource):
     def batches(self, size: int) -> Iterator[tuple[list[Any], bool, np.ndarray]]:
         self._prepare()
         header = self.header or []
-        batch = _Batcher(size)
+        batch = _Batcher(size, self)
         with _opened(self.uri, self.shown, self.root) as fh:
             spans: list[tuple[int, int] | None] = (
                 [None] if self._spans is None else [(start, end) for start, end, _ in self._spans]
             )
             for span in spans:
                 for start, row in self._rows(fh, span):
-                    yield from batch.add(csv_record(header, row, self.integer_columns), False, start)
+                    record = csv_record(header, row, self.integer_columns)
+                    yield from batch.add(record, False, start, sum(map(len, row)) + len(row))
         yield from batch.finish()
         self.count = batch.count
 
@@ -792,7 +793,8 @@ class ParquetSource(RecordSource):
         whose values come to at most `PYTHON_BATCH_BYTES` (`_cuts`)."""
         rows = pieces[0] if len(pieces) == 1 else pa.Table.from_batches(pieces)
         risky = _may_hold_floats_or_big_ints(rows)
-        for lo, hi in self._cuts(rows, first):
+        for lo, hi, held in self._cuts(rows, first):
+            self.held_bytes = held
             yield (
                 self._records(rows.slice(lo, hi - lo)),
                 risky,
@@ -905,11 +907,12 @@ class ParquetSource(RecordSource):
         table = self._take(indices)
         for start in range(0, table.num_rows, size):
             rows = table.slice(start, size)
-            for lo, hi in self._cuts(rows, None):
+            for lo, hi, _ in self._cuts(rows, None):
                 yield self._records(rows.slice(lo, hi - lo))
 
-    def _cuts(self, rows: pa.RecordBatch | pa.Table, first: int | None) -> Iterator[tuple[int, int]]:
-        """`rows` as [lo, hi) spans whose values come to at most `PYTHON_BATCH_BYTES` as Python records
+    def _cuts(self, rows: pa.RecordBatch | pa.Table, first: int | None) -> Iterator[tuple[int, int, int]]:
+        """`rows` as [lo, hi) spans, with their bytes of values, that come to at most
+        `PYTHON_BATCH_BYTES` as Python records
         (a span of one row at least); a row holding more than `PCBO_MAX_LINE_BYTES` of values (what a
         JSONL line may hold) is invalid input (`first`: its position in the file, when known). Arrow
         keeps a dictionary-encoded column as its dictionary (`_parquet_file`), so a file of a few
@@ -928,11 +931,11 @@ class ParquetSource(RecordSource):
         lo, total = 0, 0
         for i, n in enumerate(sizes.tolist()):
             if total + n > PYTHON_BATCH_BYTES and i > lo:
-                yield lo, i
+                yield lo, i, total
                 lo, total = i, 0
             total += n
         if lo < len(sizes) or not len(sizes):
-            yield lo, len(sizes)
+            yield lo, len(sizes), total
 
 
 def _floored_to_microseconds(nanoseconds: pa.Array) -> pa.Array:
@@ -955,8 +958,15 @@ def _to_microseconds(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.Chunke
     return _floored_to_microseconds(column)
 
 
-#: Bytes of parquet values turned into Python records at once (`ParquetSource._cuts`).
+#: Bytes of source values turned into Python records at once: a batch of any record file ends once
+#: its records hold this much (JSONL and CSV lines as read, parquet values: `ParquetSource._cuts`),
+#: whatever their count, and a directory joins its files' batches within it.
 PYTHON_BATCH_BYTES = 64 << 20
+
+
+def python_batch_bytes() -> int:
+    """`PYTHON_BATCH_BYTES` (read when called)."""
+    return PYTHON_BATCH_BYTES
 
 
 _Rows = TypeVar("_Rows", pa.RecordBatch, pa.Table)
