@@ -434,6 +434,35 @@ def test_directory_on_s3(s3_store: Any, monkeypatch: pytest.MonkeyPatch) -> None
     assert source.fetch(locators[::-1]) == expected[::-1]
 
 
+def test_an_object_key_with_an_empty_path_component_is_invalid_input(
+    s3_store: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: an S3 prefix holding `a.jsonl` and `/a.jsonl` (the keys `dir/a.jsonl` and
+    `dir//a.jsonl`) listed both as `a.jsonl`: the first was read twice, the second never, and the
+    documents said two files were read. A key with an empty path component (`//`) is invalid input
+    naming it, as no reader can tell it from the key without it."""
+    import boto3
+
+    for k, v in s3_store.env.items():
+        monkeypatch.setenv(k, v)
+    client = boto3.client("s3", endpoint_url=s3_store.env["PCBO_S3_ENDPOINT_URL"], region_name="us-east-1")
+    prefix = f"hive-{uuid.uuid4().hex}"
+    client.put_object(
+        Bucket=s3_store.bucket, Key=f"{prefix}/a.jsonl", Body=_file_bytes("jsonl", _records("a", 1))
+    )
+    client.put_object(
+        Bucket=s3_store.bucket, Key=f"{prefix}//a.jsonl", Body=_file_bytes("jsonl", _records("b", 1))
+    )
+    uri = f"s3://{s3_store.bucket}/{prefix}"
+    with pytest.raises(InvalidInput, match="empty path component") as info:
+        open_directory_source(uri, uri, None, None)
+    assert info.value.field == "source.uri" and "/a.jsonl" in str(info.value)
+    client.delete_object(Bucket=s3_store.bucket, Key=f"{prefix}//a.jsonl")
+    source = open_directory_source(uri, uri, None, None)
+    assert isinstance(source, DirectorySource) and source.files == ["a.jsonl"]
+    assert [r["id"] for r in _read_all(source)[0]] == ["a-0"]
+
+
 def _roundtrip(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records as a parquet file gives them back (`jsonable_row` of each row)."""
     from pcbo_dagster.sources.record_files import jsonable_row

@@ -10,7 +10,9 @@ decision hashes are those of one file holding them.
 
 - Skipped: any path whose relative path has a component starting with `_` or `.` (`_SUCCESS`,
   `_temporary/`, `.part-0.parquet.crc`, `.tmp`), and files whose extension is not a data format's.
-  Any other path whose name is not UTF-8 (a local file system allows it) is invalid input naming it.
+  Any other path whose name is not UTF-8 (a local file system allows it), or an object key with an
+  empty path component (`dir//a.jsonl`, which object store clients read as `dir/a.jsonl`), is
+  invalid input naming it.
 - Format: `source.format` if given (then only files of that format's extensions are read: `.jsonl`
   and `.ndjson`, `.csv`, `.parquet`, any case); otherwise inferred from the extensions, and every
   data file must have the same format (else invalid input on `source.format`).
@@ -439,7 +441,11 @@ class DirectorySource(RecordSource):
 
 
 def _relative(root: str, path: str) -> str:
-    return path[len(root) :].lstrip("/") if path.startswith(root) else path
+    """`path` relative to `root`; an object key's empty components kept (`dir//a.jsonl` is `/a.jsonl`)."""
+    if not path.startswith(root):
+        return path
+    rest = path[len(root) :]
+    return rest[1:] if rest.startswith("/") else rest
 
 
 def _file_paths(fs: Any, root: str, shown: str, confine_to: SourcesDirectory | None) -> list[str]:
@@ -519,6 +525,11 @@ def open_directory_source(
         parts = path.split("/")
         if not path or any(part.startswith(("_", ".")) for part in parts):
             continue
+        if "" in parts:  # (`dir//a.jsonl`: s3fs reads it as `dir/a.jsonl`, another object or none)
+            raise InvalidInput(
+                "source.uri",
+                f"{redact_url(shown)} holds an object key with an empty path component (//): {path}",
+            )
         if not is_utf8(path):
             raise InvalidInput(
                 "source.uri",
