@@ -9,6 +9,7 @@ import http.server
 import json
 import re
 import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -587,6 +588,32 @@ def test_an_s3_archive_is_read_where_pcbo_points_and_listed_anew_by_every_read(
     fs.pipe(f"{url}/{last.relative_to(archive.root).as_posix()}", last.read_bytes())
     records = list(la.iter_ledger_records(url, 2, 10, require_complete=True))
     assert records == [_expected(archive, s) for s in range(2, 10)]
+
+
+def test_an_object_store_archive_s_folder_markers_are_not_batch_files(tmp_path, s3_store, monkeypatch):
+    """Red-team finding: a folder marker (a zero-byte object named after its folder, `arch/` or
+    `arch/FFFFFFFB--4-7/`, which a console's "create folder" and many copy tools write) was listed
+    as a file of the archive and refused as "not a SEP-54 batch file name": an archive written
+    so was never read. A folder's own marker is no file of it; any other misnamed key still is refused."""
+    import boto3
+
+    for key, value in s3_store.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PCBO_LEDGER_WORKERS", "1")
+    archive = b.write_archive(tmp_path / "archive", 2, 9, ledgers_per_file=2, files_per_partition=2)
+    client = boto3.client("s3", endpoint_url=s3_store.env["PCBO_S3_ENDPOINT_URL"], region_name="us-east-1")
+    prefix = f"markers-{uuid.uuid4().hex}"
+    for path in archive.files:
+        key = f"{prefix}/{path.relative_to(archive.root).as_posix()}"
+        client.put_object(Bucket=s3_store.bucket, Key=key, Body=path.read_bytes())
+        client.put_object(Bucket=s3_store.bucket, Key=f"{key.rsplit('/', 1)[0]}/", Body=b"")
+    client.put_object(Bucket=s3_store.bucket, Key=f"{prefix}/", Body=b"")
+    url = f"s3://{s3_store.bucket}/{prefix}"
+    records = list(la.iter_ledger_records(url, 2, 10, require_complete=True))
+    assert records == [_expected(archive, s) for s in range(2, 10)]
+    client.put_object(Bucket=s3_store.bucket, Key=f"{prefix}/{archive.files[0].parent.name}/junk", Body=b"")
+    with pytest.raises(la.LedgerArchiveError, match="junk: not a SEP-54 batch file name"):
+        list(la.iter_ledger_records(url, 2, 10))
 
 
 # -- end to end: an archive's records as a ledgerRange request ----------------------------------------

@@ -7,8 +7,8 @@ Layout under an archive's ledgers path (a local directory, or any fsspec URL suc
 The hex prefix is 0xFFFFFFFF minus the (partition or batch) start, so newer ledgers list first. A
 batch file without `-end` holds one ledger. Archives written with one file per partition have no
 partition folders: their batch files sit directly under the ledgers path; both forms are read.
-Dot files (SEP-54's `.config.json`) are ignored; any other name that does not follow the layout is
-refused, naming it.
+Dot files (SEP-54's `.config.json`) and an object store's folder markers (`arch/`) are ignored;
+any other name that does not follow the layout is refused, naming it.
 
 Each batch file is a zstd stream of one XDR `LedgerCloseMetaBatch{startSequence, endSequence,
 ledgerCloseMetas<>}` (`ledger_decoding`). Every ledger of a batch is walked by a skipping XDR
@@ -170,14 +170,19 @@ def _check_range(first: int, end: int) -> None:
 
 
 def _listing(fs: Any, path: str, display: str) -> list[dict[str, Any]]:
+    """The entries of the folder `path`, but its own marker: on an object store a zero-byte object
+    named after the folder (`arch/`, written by a console's "create folder" and many copy tools) is
+    listed as a file in it, and is no file of the archive."""
     try:
-        return list(fs.ls(path, detail=True))
+        entries = list(fs.ls(path, detail=True))
     except FileNotFoundError:
         raise LedgerArchiveError(display, "no such archive folder") from None
     except NotADirectoryError:
         raise LedgerArchiveError(display, "not a folder") from None
     except OSError as exc:
         raise LedgerArchiveError(display, f"cannot be listed: {exc.__class__.__name__}") from None
+    folder = path.rstrip("/")
+    return [e for e in entries if not (str(e["name"]).rstrip("/") == folder and e.get("type") == "file")]
 
 
 def _basename(entry: dict[str, Any]) -> str:
