@@ -458,8 +458,10 @@ def test_an_object_key_with_an_empty_path_component_is_invalid_input(
         open_directory_source(uri, uri, None, None)
     assert info.value.field == "source.uri" and "/a.jsonl" in str(info.value)
     client.delete_object(Bucket=s3_store.bucket, Key=f"{prefix}//a.jsonl")
+    for marker in ("", "dt=2024-01-01/"):  # folder markers (zero-byte `dir/` objects): folders, no files
+        client.put_object(Bucket=s3_store.bucket, Key=f"{prefix}/{marker}", Body=b"")
     source = open_directory_source(uri, uri, None, None)
-    assert isinstance(source, DirectorySource) and source.files == ["a.jsonl"]
+    assert isinstance(source, DirectorySource) and source.files == ["a.jsonl"] and source.ignored == []
     assert [r["id"] for r in _read_all(source)[0]] == ["a-0"]
 
 

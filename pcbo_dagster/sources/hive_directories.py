@@ -525,6 +525,8 @@ def open_directory_source(
         parts = path.split("/")
         if not path or any(part.startswith(("_", ".")) for part in parts):
             continue
+        if path.endswith("/"):  # an object store's folder marker (`dt=2024-01-01/`): a folder, no file
+            continue
         if "" in parts:  # (`dir//a.jsonl`: s3fs reads it as `dir/a.jsonl`, another object or none)
             raise InvalidInput(
                 "source.uri",
