@@ -573,3 +573,30 @@ def test_a_batch_holds_a_bounded_size_of_records_whatever_their_count(
     assert len(batches) > 1
     for batch in batches:
         assert sum(len(json.dumps(r)) for r in batch) <= budget + 1_100, [len(b) for b in batches]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_lines_ended_by_a_lone_cr_are_read_whatever_the_file_s_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """A file whose lines end with a lone CR (as `bytes.splitlines` and the csv module end them) was
+    read only while it was shorter than `PCBO_MAX_LINE_BYTES`: a block with no LF in it was held as one
+    unfinished line, so a longer file was refused as a line too long, however short its lines."""
+    from pcbo_dagster.sources import streaming
+
+    monkeypatch.setenv("PCBO_MAX_LINE_BYTES", "1000")
+    records = [
+        {"id": f"r{i}", "occurredAt": f"2024-01-01T00:{i // 60:02d}:{i % 60:02d}Z"} for i in range(150)
+    ]
+    path = tmp_path / f"cr.{fmt}"
+    if fmt == "jsonl":
+        path.write_bytes(b"".join(json.dumps(r).encode() + b"\r" for r in records))
+        source: streaming.RecordSource = streaming.JsonlSource(str(path), path.name)
+    else:
+        path.write_bytes(
+            b"id,occurredAt\r" + b"".join(f"{r['id']},{r['occurredAt']}\r".encode() for r in records)
+        )
+        source = streaming.CsvSource(str(path), path.name)
+    assert path.stat().st_size > 2_000
+    [(batch, _, locators)] = list(source.batches(200))
+    assert batch == records and source.fetch(locators[::-1]) == records[::-1]

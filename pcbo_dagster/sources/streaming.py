@@ -140,7 +140,8 @@ def _lines(fh: IO[bytes], offset: int = 0) -> Iterator[tuple[int, bytes]]:
         if not block:
             break
         block = rest + block if rest else block
-        cut = block.rfind(b"\n")
+        # after the last line end: an LF, or a lone CR (one at the block's end may be a CRLF's first half)
+        cut = max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1))
         if cut < 0:
             if len(block) > limit:
                 _line_too_long(offset, limit)
