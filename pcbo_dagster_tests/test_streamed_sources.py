@@ -600,3 +600,17 @@ def test_lines_ended_by_a_lone_cr_are_read_whatever_the_file_s_size(
     assert path.stat().st_size > 2_000
     [(batch, _, locators)] = list(source.batches(200))
     assert batch == records and source.fetch(locators[::-1]) == records[::-1]
+
+
+def test_a_csv_cell_of_thousands_of_digits_is_text_not_an_internal_error(tmp_path: Path) -> None:
+    """Red-team finding: a CSV cell of more than 4,300 digits (Python's limit on converting text to an
+    integer) was an internal error, exit 1, with Python's advice to raise its limit: the cell was
+    converted to be compared with 2**53 - 1. It is no safe integer, so its column is text."""
+    from pcbo_dagster.sources import streaming
+
+    path = tmp_path / "digits.csv"
+    digits = "9" * 5_000
+    path.write_text(f"id,occurredAt,amount\nr1,2024-01-01T00:10:00Z,{digits}\nr2,2024-01-01T00:11:00Z,7\n")
+    source = streaming.CsvSource(str(path), path.name)
+    [(records, _, _)] = list(source.batches(10))
+    assert [r["amount"] for r in records] == [digits, "7"]

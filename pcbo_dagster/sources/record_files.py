@@ -91,8 +91,18 @@ _CSV_INTEGER = re.compile(r"0|-?[1-9][0-9]*")
 _MAX_SAFE = 2**53 - 1
 
 
+#: The longest text of a safe integer: `-9007199254740991`.
+_MAX_SAFE_TEXT = len(str(-_MAX_SAFE))
+
+
 def is_safe_integer(text: str) -> bool:
-    return _CSV_INTEGER.fullmatch(text) is not None and abs(int(text)) <= _MAX_SAFE
+    """Whether a CSV cell is a canonical integer within +-(2^53-1); a longer text is not one, and is not
+    converted (Python refuses to convert more than 4,300 digits: an internal error)."""
+    return (
+        len(text) <= _MAX_SAFE_TEXT
+        and _CSV_INTEGER.fullmatch(text) is not None
+        and abs(int(text)) <= _MAX_SAFE
+    )
 
 
 def csv_integer_columns(header: list[str], all_integer: dict[int, bool]) -> set[str]:
