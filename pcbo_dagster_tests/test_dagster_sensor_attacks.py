@@ -161,6 +161,42 @@ def test_the_ledger_partitions_sensor_reads_its_source_within_the_engines_bounds
     assert "PCBO_MAX_LINE_BYTES" in (result.skip_message or "")
 
 
+def test_a_source_s_huge_ledger_makes_the_sensor_build_no_more_keys_than_it_adds(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: one record of the source with a huge ledger (`2**53 - 1`) made the sensor
+    build the key of every full partition up to it (10**14 keys: a tick that never ends, holding the
+    daemon's memory until it is killed) before keeping the first `MAX_PARTITIONS`. Only the keys it
+    adds are built; the warning still says how many partitions are full."""
+    from pcbo_dagster.core.partition_keys import LedgerGrid
+    from pcbo_dagster.core.request_model import MAX_PARTITIONS
+
+    tmp_path, config, engine, defs = setup
+    sensor = _open_ledger_sensor(tmp_path)
+    with (tmp_path / "demo_data" / "ledgers.jsonl").open("a") as fh:
+        fh.write('{"ledgerSequence": 9007199254740991}\n')
+    built = 0
+    span = LedgerGrid.span
+
+    def counted(self: LedgerGrid, index: int) -> Any:
+        nonlocal built
+        built += 1
+        if built > MAX_PARTITIONS:
+            raise AssertionError(f"the sensor built more than {MAX_PARTITIONS} keys")
+        return span(self, index)
+
+    monkeypatch.setattr(LedgerGrid, "span", counted)
+    with dg.instance_for_test() as instance:
+        result = _ledger_tick(sensor, instance, engine)
+    assert isinstance(result, dg.SensorResult), result
+    [added] = result.dynamic_partitions_requests or []
+    assert (
+        added.partition_keys is not None
+        and len(added.partition_keys) == MAX_PARTITIONS
+        and added.partition_keys[0] == "range=2-65"
+    )
+
+
 def test_the_ledger_partitions_sensor_does_not_block_on_a_fifo_source(setup: Any) -> None:
     """A FIFO where the source should be (no writer): every engine read refuses it at once (not a
     regular file); the sensor's tick blocked for ever opening it."""

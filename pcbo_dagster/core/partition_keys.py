@@ -237,15 +237,21 @@ class LedgerGrid:
         """Every key of a closed grid, in ledger order (`ValueError` for an open-ended one)."""
         return [span.key for span in self.spans()]
 
-    def full_keys(self, max_ledger: int | None) -> list[str]:
-        """The keys of every full partition up to `max_ledger` (the highest ledger a source holds).
+    def full_count(self, max_ledger: int | None) -> int:
+        """How many partitions are full up to `max_ledger` (the highest ledger a source holds).
 
         A partition is full when all `partition_size` ledgers are at most `max_ledger` (ledgers close
         in order: once a source holds ledger N, ledgers up to N are complete) and within the grid: a
         closed grid's shorter last partition is never full.
         """
         if max_ledger is None or max_ledger < self.first_ledger:
-            return []
+            return 0
         top = max_ledger if self.last_ledger is None else min(max_ledger, self.last_ledger)
-        count = (top - self.first_ledger + 1) // self.partition_size
-        return [self.span(index).key for index in range(count)]
+        return (top - self.first_ledger + 1) // self.partition_size
+
+    def full_keys(self, max_ledger: int | None, limit: int | None = None) -> list[str]:
+        """The keys of the full partitions up to `max_ledger` (`full_count`), the first `limit` of them
+        when given: a source's one huge ledger (2**53 - 1) makes 10**14 partitions full, whose keys
+        are never all built."""
+        count = self.full_count(max_ledger)
+        return [self.span(index).key for index in range(count if limit is None else min(count, limit))]

@@ -72,18 +72,18 @@ def build_ledger_partitions_sensor(
             return dg.SkipReason(f"the source cannot be read: {exc.message}")
         if top is None:
             return dg.SkipReason(f"no record of {redact_url(uri)} has an integer {partitioning.field}")
-        keys = partitioning.grid.full_keys(top)
-        if len(keys) > MAX_PARTITIONS:
+        full = partitioning.grid.full_count(top)
+        keys = partitioning.grid.full_keys(top, MAX_PARTITIONS)  # (only the keys it may add are built)
+        if full > MAX_PARTITIONS:
             context.log.warning(
-                f"{len(keys)} full partitions; adding the first {MAX_PARTITIONS} only (the partition limit)"
+                f"{full} full partitions; adding the first {MAX_PARTITIONS} only (the partition limit)"
             )
-            keys = keys[:MAX_PARTITIONS]
         assert partitions_def.name is not None
         known = set(context.instance.get_dynamic_partitions(partitions_def.name))
         new = [key for key in keys if key not in known]
         if not new:
             return dg.SkipReason(
-                f"no new full partition: highest {partitioning.field} {top}, {len(keys)} partition key(s)"
+                f"no new full partition: highest {partitioning.field} {top}, {full} partition key(s)"
             )
         context.log.info(f"adding {len(new)} partition key(s) {new[0]}..{new[-1]} (highest ledger {top})")
         return dg.SensorResult(
