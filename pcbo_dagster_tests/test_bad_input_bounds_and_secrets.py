@@ -80,6 +80,31 @@ def test_a_csv_row_spanning_lines_longer_than_the_limit_is_invalid_input(tmp_pat
     assert "row at byte 19 is longer than 512 bytes" in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize("where", ["source", "sourceRecords"])
+def test_records_naming_more_fields_than_the_limit_are_invalid_input(tmp_path, where):
+    """Red-team finding: every field the added records name is a column of the lake's files, so one
+    line of a JSONL source naming 150,000 fields (2 MB) took an execute of 1 GB and 19 s and wrote a
+    46 MB parquet file and a 9 MB manifest (about 6 KB of memory a field: a 64 MiB line, well within
+    PCBO_MAX_LINE_BYTES, names millions). The records of a request may name at most
+    `MAX_RECORD_FIELDS` fields between them: dry-run and execute alike refuse more, nothing written."""
+    from pcbo_dagster.core.record_table import MAX_RECORD_FIELDS
+
+    request = load_generator().make_request(records=2, partitions=2, seed=3, run_id="bad-input-004")
+    wide = dict(request["sourceRecords"][0])
+    wide.update({f"k{i}": 0 for i in range(MAX_RECORD_FIELDS)})  # with its own, past the limit
+    request["sourceRecords"][0] = wide
+    if where == "source":
+        source = tmp_path / "records.jsonl"
+        source.write_text("".join(json.dumps(r) + "\n" for r in request.pop("sourceRecords")))
+        request["source"] = {"uri": str(source), "format": "jsonl"}
+    path = write_request(tmp_path / "request.json", request)
+    home = tmp_path / "home"
+    for command in ("dry-run", "execute"):
+        run = run_pcbo([command, "--input", path], home=home)
+        assert_refused(run, where, home)
+        assert f"more than {MAX_RECORD_FIELDS} fields" in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("kind", ["dev_zero", "fifo", "directory"])
 def test_a_source_that_never_ends_is_invalid_input(tmp_path, kind):
     if kind == "dev_zero":

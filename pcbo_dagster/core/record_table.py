@@ -20,6 +20,7 @@ A field missing from a record is null in its row.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from itertools import repeat
 from typing import Any
 
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pcbo_dagster.core.canonical import is_integral_float, jcs
+from pcbo_dagster.core.errors import InvalidInput
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 ID = "id"
@@ -35,6 +37,29 @@ OCCURRED_AT = "occurredAt"
 RETENTION_EXPIRES_AT = "retentionExpiresAt"
 _FIXED = (ID, OCCURRED_AT, RETENTION_EXPIRES_AT)
 _NONE = type(None)
+
+#: The most fields the records of one request may name between them: each is a column of the lake's
+#: files (about 6 KB of memory a column to write, and its metadata in every file and manifest).
+MAX_RECORD_FIELDS = 10_000
+
+
+class FieldNames:
+    """The fields the records of a request name between them (their objects' keys), counted a batch
+    at a time: `InvalidInput` on `field` (`sourceRecords`, `source`) once they are more than
+    `MAX_RECORD_FIELDS`, in pass 1, before anything is decided or written."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+        self.names: set[str] = set()
+
+    def add(self, records: Iterable[Any]) -> None:
+        self.names.update(*(record for record in records if isinstance(record, dict)))
+        if len(self.names) > MAX_RECORD_FIELDS:
+            raise InvalidInput(
+                self.field,
+                f"the records name more than {MAX_RECORD_FIELDS} fields between them (each would be a "
+                "column of the lake's files)",
+            )
 
 
 def _kinds(values: list[Any]) -> set[type]:

@@ -24,7 +24,7 @@ from pcbo_dagster.core.decisions import Decisions, PartitionDecision, decide, kn
 from pcbo_dagster.core.errors import InvalidInput, SourceChanged
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
-from pcbo_dagster.core.record_table import AddedColumns, SchemaBuilder
+from pcbo_dagster.core.record_table import AddedColumns, FieldNames, SchemaBuilder
 from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
 from pcbo_dagster.sources.local_files import SourcesDirectory
@@ -162,10 +162,12 @@ def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequ
     """Pass 1 over a record file: each batch's digests and decision state into a decision spill."""
     ledger_field = request.ledgerRange.field if request.ledgerRange is not None else None
     spill = DecisionSpill(build_plan(request, []), list(request.existingTargetIds))
+    fields = FieldNames("source")
     try:
         first = 0
         error: InvalidInput | None = None
         for records, risky, locators in source.batches(source_batch_size()):
+            fields.add(records)
             if error is None:  # the first record RFC 8785 cannot express, once every line has parsed
                 try:
                     digests = record_digest_bytes(records, risky, first)
@@ -343,6 +345,7 @@ def load_request(
             source.confine(confine_to)
         return _load_streamed(request, source)
     records = request.sourceRecords or []
+    FieldNames("sourceRecords").add(records)
     try:
         digests = record_digest_bytes(records, parsed.may_hold_floats_or_big_ints)
     except CanonicalizationError as exc:
