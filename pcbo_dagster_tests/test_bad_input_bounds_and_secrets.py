@@ -86,8 +86,9 @@ def test_records_naming_more_fields_than_the_limit_are_invalid_input(tmp_path, w
     line of a JSONL source naming 150,000 fields (2 MB) took an execute of 1 GB and 19 s and wrote a
     46 MB parquet file and a 9 MB manifest (about 6 KB of memory a field: a 64 MiB line, well within
     PCBO_MAX_LINE_BYTES, names millions). The records of a request may name at most
-    `MAX_RECORD_FIELDS` fields between them: dry-run and execute alike refuse more, nothing written."""
-    from pcbo_dagster.core.record_table import MAX_RECORD_FIELDS
+    `PCBO_MAX_RECORD_FIELDS` fields between them (default 10,000): dry-run and execute alike refuse
+    more, nothing written."""
+    from pcbo_dagster.core.record_table import DEFAULT_MAX_RECORD_FIELDS as MAX_RECORD_FIELDS
 
     request = load_generator().make_request(records=2, partitions=2, seed=3, run_id="bad-input-004")
     wide = dict(request["sourceRecords"][0])
@@ -103,6 +104,26 @@ def test_records_naming_more_fields_than_the_limit_are_invalid_input(tmp_path, w
         run = run_pcbo([command, "--input", path], home=home)
         assert_refused(run, where, home)
         assert f"more than {MAX_RECORD_FIELDS} fields" in run.stderr, run.stderr
+
+
+def test_the_fields_limit_is_the_operators(tmp_path):
+    """`PCBO_MAX_RECORD_FIELDS` sets the limit: records naming n fields between them are accepted at
+    n and refused at n - 1; a value that is not a positive whole number is invalid input naming it."""
+    request = load_generator().make_request(records=4, partitions=2, seed=3, run_id="bad-input-005")
+    named = len({name for record in request["sourceRecords"] for name in record})
+    path = write_request(tmp_path / "request.json", request)
+    accepted = run_pcbo(
+        ["dry-run", "--input", path], home=tmp_path / "h0", env={"PCBO_MAX_RECORD_FIELDS": str(named)}
+    )
+    assert accepted.status == 0, accepted.stderr
+    home = tmp_path / "home"
+    for value, field, message in (
+        (str(named - 1), "sourceRecords", f"more than {named - 1} fields"),
+        ("0", "PCBO_MAX_RECORD_FIELDS", "at least 1"),
+    ):
+        run = run_pcbo(["execute", "--input", path], home=home, env={"PCBO_MAX_RECORD_FIELDS": value})
+        assert_refused(run, field, home)
+        assert message in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("kind", ["dev_zero", "fifo", "directory"])

@@ -38,27 +38,29 @@ RETENTION_EXPIRES_AT = "retentionExpiresAt"
 _FIXED = (ID, OCCURRED_AT, RETENTION_EXPIRES_AT)
 _NONE = type(None)
 
-#: The most fields the records of one request may name between them: each is a column of the lake's
-#: files (about 6 KB of memory a column to write, and its metadata in every file and manifest).
-MAX_RECORD_FIELDS = 10_000
+#: The most fields the records of one request may name between them, by default
+#: (`PCBO_MAX_RECORD_FIELDS`): each is a column of the lake's files (about 6 KB of memory a column to
+#: write, and its metadata in every file and manifest).
+DEFAULT_MAX_RECORD_FIELDS = 10_000
 
 
 class FieldNames:
     """The fields the records of a request name between them (their objects' keys), counted a batch
-    at a time: `InvalidInput` on `field` (`sourceRecords`, `source`) once they are more than
-    `MAX_RECORD_FIELDS`, in pass 1, before anything is decided or written."""
+    at a time: `InvalidInput` on `field` (`sourceRecords`, `source`) once they are more than `limit`,
+    in pass 1, before anything is decided or written."""
 
-    def __init__(self, field: str) -> None:
+    def __init__(self, field: str, limit: int = DEFAULT_MAX_RECORD_FIELDS) -> None:
         self.field = field
+        self.limit = limit
         self.names: set[str] = set()
 
     def add(self, records: Iterable[Any]) -> None:
         self.names.update(*(record for record in records if isinstance(record, dict)))
-        if len(self.names) > MAX_RECORD_FIELDS:
+        if len(self.names) > self.limit:
             raise InvalidInput(
                 self.field,
-                f"the records name more than {MAX_RECORD_FIELDS} fields between them (each would be a "
-                "column of the lake's files)",
+                f"the records name more than {self.limit} fields between them (PCBO_MAX_RECORD_FIELDS; "
+                "each would be a column of the lake's files)",
             )
 
 

@@ -24,9 +24,10 @@ from pcbo_dagster.core.decisions import Decisions, PartitionDecision, decide, kn
 from pcbo_dagster.core.errors import InvalidInput, SourceChanged
 from pcbo_dagster.core.memory import release_memory
 from pcbo_dagster.core.plan import Plan, build_plan
-from pcbo_dagster.core.record_table import AddedColumns, FieldNames, SchemaBuilder
+from pcbo_dagster.core.record_table import DEFAULT_MAX_RECORD_FIELDS, AddedColumns, FieldNames, SchemaBuilder
 from pcbo_dagster.core.request_model import BackfillRequest, ParsedJson, parse_json_strict, validate_request
 from pcbo_dagster.engine.decision_spill import DecisionSpill, SpilledPartitions
+from pcbo_dagster.io.env_vars import positive_int
 from pcbo_dagster.sources.local_files import SourcesDirectory
 from pcbo_dagster.sources.record_files import resolve_uri
 from pcbo_dagster.sources.streaming import RecordSource, open_source, source_batch_size
@@ -158,11 +159,18 @@ def _digest_error(
     return InvalidInput(f"{field}[{index}]", f"not representable as RFC 8785 JSON: {reason}{place}")
 
 
+def max_record_fields() -> int:
+    """How many fields the records of a request may name between them (`PCBO_MAX_RECORD_FIELDS`)."""
+    return positive_int(
+        "PCBO_MAX_RECORD_FIELDS", os.environ.get("PCBO_MAX_RECORD_FIELDS"), DEFAULT_MAX_RECORD_FIELDS
+    )
+
+
 def _load_streamed(request: BackfillRequest, source: RecordSource) -> LoadedRequest:
     """Pass 1 over a record file: each batch's digests and decision state into a decision spill."""
     ledger_field = request.ledgerRange.field if request.ledgerRange is not None else None
     spill = DecisionSpill(build_plan(request, []), list(request.existingTargetIds))
-    fields = FieldNames("source")
+    fields = FieldNames("source", max_record_fields())
     try:
         first = 0
         error: InvalidInput | None = None
@@ -345,7 +353,7 @@ def load_request(
             source.confine(confine_to)
         return _load_streamed(request, source)
     records = request.sourceRecords or []
-    FieldNames("sourceRecords").add(records)
+    FieldNames("sourceRecords", max_record_fields()).add(records)
     try:
         digests = record_digest_bytes(records, parsed.may_hold_floats_or_big_ints)
     except CanonicalizationError as exc:
