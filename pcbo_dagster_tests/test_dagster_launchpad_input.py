@@ -55,7 +55,7 @@ def staging(tmp_path: Path) -> Any:
     defs = build_definitions(config, PcboEngineResource(home=str(tmp_path / "home")), clock=clock)
     with dg.instance_for_test() as instance:
 
-        def apply(step_config: dict[str, Any]) -> Any:
+        def apply(step_config: dict[str, Any], **more_config: Any) -> Any:
             return defs.resolve_implicit_global_asset_job_def().execute_in_process(
                 instance=instance,
                 asset_selection=[dg.AssetKey(["staging", "sessions"])],
@@ -63,10 +63,11 @@ def staging(tmp_path: Path) -> Any:
                     "dagster/asset_partition_range_start": KEYS[0],
                     "dagster/asset_partition_range_end": KEYS[-1],
                 },
-                run_config={"ops": {"staging__sessions": {"config": step_config}}},
+                run_config={"ops": {"staging__sessions": {"config": step_config}}, **more_config},
                 raise_on_error=False,
             )
 
+        apply.defs = defs  # type: ignore[attr-defined]
         yield tmp_path / "home", clock, apply
 
 
@@ -141,3 +142,21 @@ def test_a_rollout_started_by_nobody_is_refused(staging: Any, by: str) -> None:
     assert not result.success
     assert "invalid input: by:" in _failure_message(result)
     assert operations.list_rollouts(Settings.resolve(home=str(home), env={}))["rollouts"] == []
+
+
+def test_no_launchpad_value_moves_the_engine_s_home(staging: Any, tmp_path: Path) -> None:
+    """`PcboEngineResource.home` (`PCBO_HOME`: the catalog, lake, audit backup and keys when their own
+    variables are unset) was a field of the resource, and Dagster takes a resource field given in code
+    as a default the run config may override: `resources: {pcbo: {config: {home: /elsewhere}}}` typed
+    into any job's launchpad ran the engine on another home of the host, its catalog, chains and keys
+    (a history of its own, or a key it chose), which the code location was never configured with."""
+    home, clock, apply = staging
+    elsewhere = tmp_path / "elsewhere"
+    with pytest.raises(dg.DagsterInvalidConfigError, match="pcbo"):
+        apply({"rollout": "r1", "by": "ana"}, resources={"pcbo": {"config": {"home": str(elsewhere)}}})
+    assert not elsewhere.exists()
+    for job in apply.defs.resolve_all_job_defs():  # no job takes any value for the pcbo resource
+        resources = job.run_config_schema.config_type.fields["resources"].config_type
+        pcbo = resources.fields["pcbo"].config_type.fields
+        assert "config" not in pcbo or not pcbo["config"].config_type.fields, (job.name, pcbo)
+    assert not list(home.rglob("_manifest.json"))

@@ -1,8 +1,10 @@
 """Resources of the pcbo code location: the engine's adapters, and the engine composing them.
 
 `PcboEngineResource` nests the four adapter resources (below: `CatalogResource`, `LakeResource`,
-`AuditResource`, `SourcesResource`) plus `home` (`PCBO_HOME`, default `./.pcbo`), the root of the
-engine's embedded defaults. An asset, a check, a sensor or the request job asks for `pcbo` and gets
+`AuditResource`, `SourcesResource`) plus `HomeResource` (`home`: `PCBO_HOME`, default `./.pcbo`), the
+root of the engine's embedded defaults. Nested, each is fixed where the code location is built: no
+launch's run config reaches any of them (a field of `PcboEngineResource` itself would be a default
+the launchpad could override). An asset, a check, a sensor or the request job asks for `pcbo` and gets
 one object that opens one engine `Environment` (lake + catalog + audit log), resolved exactly as
 the `pcbo` CLI resolves its flags (`engine.settings.Settings.resolve`): an unset field falls back to
 its environment variable, then to the embedded default.
@@ -147,12 +149,23 @@ class SourcesResource(dg.ConfigurableResource):
         }
 
 
-class PcboEngineResource(dg.ConfigurableResource):
-    """The lake, the catalog, the audit emitter and the sources the engine uses (one `Environment`)."""
+class HomeResource(dg.ConfigurableResource):
+    """`PCBO_HOME`, the root of the engine's embedded defaults. A resource of its own, nested in
+    `PcboEngineResource`, never a field of it: Dagster takes a resource's field given in code as a
+    default that any launch's run config may override (`resources: {pcbo: {config: {home: ...}}}`),
+    and a nested resource's fields as fixed."""
 
-    home: str | None = Field(
+    path: str | None = Field(
         default=None, description="PCBO_HOME, root of the embedded defaults; default ./.pcbo"
     )
+
+
+class PcboEngineResource(dg.ConfigurableResource):
+    """The lake, the catalog, the audit emitter and the sources the engine uses (one `Environment`).
+    Every setting is in a nested resource, so no run config (a launchpad, a sensor's run request)
+    changes where the engine's stores are: the resource takes no run config at all."""
+
+    root: HomeResource
     catalog: CatalogResource
     lake: LakeResource
     audit: AuditResource
@@ -162,6 +175,7 @@ class PcboEngineResource(dg.ConfigurableResource):
         self,
         *,
         home: str | None = None,
+        root: HomeResource | None = None,
         catalog: CatalogResource | None = None,
         lake: LakeResource | None = None,
         audit: AuditResource | None = None,
@@ -169,14 +183,20 @@ class PcboEngineResource(dg.ConfigurableResource):
         **kwargs: Any,
     ) -> None:
         # Dagster resources cannot default a nested resource: an omitted adapter is an unset one.
+        # (`root`: Dagster builds the resource again from its fields when a run starts.)
         super().__init__(  # type: ignore[call-arg]  # Dagster's pydantic fields, not typed here
-            home=home,
+            root=root if root is not None else HomeResource(path=home),
             catalog=catalog if catalog is not None else CatalogResource(),
             lake=lake if lake is not None else LakeResource(),
             audit=audit if audit is not None else AuditResource(),
             sources=sources if sources is not None else SourcesResource(),
             **kwargs,
         )
+
+    @property
+    def home(self) -> str | None:
+        """`PCBO_HOME` as configured (an `EnvVar` until Dagster resolves it at run time)."""
+        return self.root.path
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> PcboEngineResource:
