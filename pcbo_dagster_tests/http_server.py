@@ -59,7 +59,7 @@ def running_server(
     `catalog_url`: its catalog (default: the home's SQLite catalog)."""
     import uvicorn
 
-    from pcbo_dagster.server.app import create_app
+    from pcbo_dagster.server.app import create_app, uvicorn_options
     from pcbo_dagster.server.config import ServerConfig
 
     config = ServerConfig.from_environment(
@@ -73,9 +73,8 @@ def running_server(
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     listener.bind(("127.0.0.1", 0))
     port = int(listener.getsockname()[1])
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=30)
-    )
+    options = {**uvicorn_options(config), "timeout_graceful_shutdown": 30}  # (`pcbo serve`'s)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
     thread = threading.Thread(
         target=lambda: server.run(sockets=[listener]), name="pcbo-test-server", daemon=True
     )

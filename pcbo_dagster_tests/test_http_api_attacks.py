@@ -462,14 +462,9 @@ def test_commands_run_checks_the_token_before_the_body_and_bounds_the_body(serve
     }
 
 
-def test_a_client_that_leaves_a_dry_run_mid_stream_leaves_no_decision_spill(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Red-team finding: a dry-run of a file source is streamed from its decision spill (a SQLite
-    database on disk, closed when the whole document is written). A client that read part of it
-    and hung up left the spill (a file as large as the source's decisions, its connection and page
-    cache) in the server for as long as the server ran: a `plan` token doing it again and again
-    filled the disk. Now the spill is removed as soon as the stream ends, however it ends."""
+def _large_dry_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, bytes]:
+    """A home whose sources directory holds 20,000 records, the spill directory (`PCBO_SPILL_DIR`)
+    and the body of a dry-run of them: a document of a few MB, streamed from its decision spill."""
     spills = tmp_path / "spill"
     spills.mkdir()
     monkeypatch.setenv("PCBO_SPILL_DIR", str(spills))
@@ -480,13 +475,29 @@ def test_a_client_that_leaves_a_dry_run_mid_stream_leaves_no_decision_spill(
             at = f"2024-01-{1 + i % 2:02d}T{i % 24:02d}:{i % 60:02d}:00Z"
             record = {"id": f"r{i}", "occurredAt": at, "consentGranted": True}
             out.write(json.dumps(record) + "\n")
+    body = _request("spill-1", "spill", source={"uri": "src/many.jsonl"}, end="2024-01-03T00:00:00Z")
+    return home, spills, body
+
+
+def _dry_run_head(token: str, body: bytes) -> bytes:
+    return (
+        f"POST /v1/dry-run HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
+def test_a_client_that_leaves_a_dry_run_mid_stream_leaves_no_decision_spill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: a dry-run of a file source is streamed from its decision spill (a SQLite
+    database on disk, closed when the whole document is written). A client that read part of it
+    and hung up left the spill (a file as large as the source's decisions, its connection and page
+    cache) in the server for as long as the server ran: a `plan` token doing it again and again
+    filled the disk. Now the spill is removed as soon as the stream ends, however it ends."""
+    home, spills, body = _large_dry_run(tmp_path, monkeypatch)
     with running_server(home, send_buffer=8192) as running:  # the document is not all sent at once
         token = running.token("reader", "plan")
-        body = _request("spill-1", "spill", source={"uri": "src/many.jsonl"}, end="2024-01-03T00:00:00Z")
-        head = (
-            f"POST /v1/dry-run HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
+        head = _dry_run_head(token, body)
         host, port = running.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=60) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -506,3 +517,39 @@ def test_a_client_that_leaves_a_dry_run_mid_stream_leaves_no_decision_spill(
             answered = client.post("/v1/dry-run", content=body)
         assert answered.status_code == 200 and answered.json()["totals"]["records"] == 20000
         assert not list(spills.iterdir())
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Red-team finding: an answer is written as fast as its client reads it, and uvicorn waits for
+    ever for a client that reads nothing more. A `plan` token that asked for a large dry-run and then
+    read nothing (its connection open) held the stream, its decision spill and a connection slot
+    for as long as it liked: `PCBO_SERVER_MAX_CONNECTIONS` such clients, and no one else is
+    answered. Now an answer that cannot be written for `PCBO_SERVER_READ_SECONDS` (the client's
+    receive window stays full) closes the connection, and the stream ends as for a client that left."""
+    home, spills, body = _large_dry_run(tmp_path, monkeypatch)
+    with running_server(home, send_buffer=8192, read_seconds=1.0) as running:
+        token = running.token("reader", "plan")
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(_dry_run_head(token, body) + body)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            assert list(spills.iterdir()), "the dry-run streams from a spill"
+            # the client reads nothing more and stays connected
+            deadline = time.monotonic() + 15
+            while list(spills.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not list(spills.iterdir()), "the stream of a client that reads nothing is ended"
+            received, closed = 0, False
+            try:  # what the kernel buffered, then the end: the server closed the connection
+                while more := sock.recv(65536):
+                    received += len(more)
+                closed = True
+            except ConnectionResetError:
+                closed = True
+            assert closed and received < 2_000_000, received
+        with running.client(token) as client:  # and the server answers the next one whole
+            answered = client.post("/v1/dry-run", content=body)
+        assert answered.status_code == 200 and answered.json()["totals"]["records"] == 20000

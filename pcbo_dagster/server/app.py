@@ -248,7 +248,11 @@ def http_protocol_with_read_deadline(
     request's body has its own deadline (`routes_backfill.read_body`). A request whose line and
     headers are not whole within `max_head_bytes` is answered the parser's plain-text 400 and closed:
     httptools has no such limit, and its parser, concatenating an endless header chunk by chunk on
-    the event loop, held up every other request for as long as one client kept sending."""
+    the event loop, held up every other request for as long as one client kept sending. An answer
+    that cannot be written for `seconds` (the transport's buffer past its high-water mark all that
+    time: the client reads nothing) aborts the connection: uvicorn waited for ever for a client
+    that stopped reading, which held the answer's stream (a dry-run's decision spill) and a
+    connection slot as long as it liked; the stream then ends as for a client that left."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
     except ImportError:  # httptools absent: uvicorn's h11 protocol
@@ -290,8 +294,29 @@ def http_protocol_with_read_deadline(
                 self._headers_came()
                 self.send_400_response("Invalid HTTP request received.")
 
+        _write_due: asyncio.TimerHandle | None = None
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_due is None:
+                self._write_due = self.loop.call_later(seconds, self._write_late)
+
+        def resume_writing(self) -> None:
+            self._written()
+            super().resume_writing()
+
+        def _written(self) -> None:
+            if self._write_due is not None:
+                self._write_due.cancel()
+                self._write_due = None
+
+        def _write_late(self) -> None:
+            self._write_due = None
+            self.transport.abort()  # (close() would wait to flush what the client never reads)
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._headers_came()
+            self._written()
             super().connection_lost(exc)
 
     return ReadDeadline
@@ -309,16 +334,18 @@ def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -
             begin_shutdown(app)
             await super().shutdown(sockets)
 
-    uvicorn_config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        access_log=False,  # ours is structured and never shows a query string or a header
-        log_level=log_level,
-        timeout_graceful_shutdown=int(config.shutdown_grace),
-        timeout_keep_alive=max(1, round(config.keep_alive_seconds)),
-        limit_concurrency=config.max_connections,  # past it: 503 at once
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        http=http_protocol_with_read_deadline(config.read_seconds),
-    )
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_options(config))
     Server(uvicorn_config).run()
+
+
+def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """uvicorn's settings for `config` (`serve`'s, and the tests' in-process server's): its
+    connection limits, deadlines and HTTP protocol."""
+    return {
+        "access_log": False,  # ours is structured and never shows a query string or a header
+        "timeout_graceful_shutdown": int(config.shutdown_grace),
+        "timeout_keep_alive": max(1, round(config.keep_alive_seconds)),
+        "limit_concurrency": config.max_connections,  # past it: 503 at once
+        "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
+        "http": http_protocol_with_read_deadline(config.read_seconds),
+    }

@@ -12,6 +12,7 @@ plus what only a server has. Every variable is read once, at start, with errors 
 | connections at once          | `PCBO_SERVER_MAX_CONNECTIONS`    | 512 (more: 503)                 |
 | idle keep-alive connection   | `PCBO_SERVER_KEEPALIVE_SECONDS`  | 5 s                             |
 | headers whole, body's pauses | `PCBO_SERVER_READ_SECONDS`       | 30 s (then closed; a body: 408) |
+| an answer's stalls           | `PCBO_SERVER_READ_SECONDS`       | 30 s (then aborted)             |
 | commands: default time limit | `PCBO_SERVER_COMMAND_TIMEOUT`    | 600 s                           |
 | reconciliation poll          | `PCBO_RECONCILE_SECONDS`         | 30 s                            |
 | SSE heartbeat                | `PCBO_SSE_HEARTBEAT_SECONDS`     | 15 s                            |
@@ -66,8 +67,9 @@ class ServerConfig:
     max_connections: int = 512
     keep_alive_seconds: float = 5.0
     #: A request's headers must be whole this long after its first byte (the connection's, for the
-    #: first), and its body may pause no longer between two chunks: a client that drips them would
-    #: hold its connection slot for as long as it liked.
+    #: first), and its body may pause no longer between two chunks, nor its answer stay unwritten
+    #: (the client reading nothing): a client that drips them, or stops reading, would hold its
+    #: connection slot for as long as it liked.
     read_seconds: float = 30.0
     command_timeout: float = 600.0
     reconcile_seconds: float = 30.0
