@@ -553,3 +553,26 @@ def test_a_client_that_stops_reading_its_answer_is_cut_off(
         with running.client(token) as client:  # and the server answers the next one whole
             answered = client.post("/v1/dry-run", content=body)
         assert answered.status_code == 200 and answered.json()["totals"]["records"] == 20000
+
+
+@pytest.mark.postgres
+def test_a_nul_character_in_a_parameter_is_422_naming_it_on_a_postgresql_catalog(
+    tmp_path: Path, fresh_postgres_url: str
+) -> None:
+    """Red-team finding: PostgreSQL refuses a NUL character in a text parameter, and a command id or
+    an audit page filter went to the catalog as typed: `GET /commands/a%00b` and
+    `/reconciliation/audit?target=a%00b` (or `actionType`) were 500 `failed` with the driver's
+    message, a traceback in the server's log, and the kept-alive connection dropped. Now each is 422
+    naming the parameter, before the catalog is asked."""
+    with running_server(tmp_path / "home", catalog_url=fresh_postgres_url) as running:
+        with running.client(running.token("reader", "read")) as client:
+            answers = {
+                "commandId": client.get("/commands/a%00b"),
+                "target": client.get("/reconciliation/audit", params={"target": "events/\x00"}),
+                "actionType": client.get("/reconciliation/audit", params={"actionType": "commit\x00"}),
+            }
+            for field, answer in answers.items():
+                assert answer.status_code == 422, (field, answer.text)
+                assert answer.json()["error"] == "invalid_input" and answer.json()["field"] == field
+            assert client.get("/reconciliation/audit", params={"target": "events/"}).status_code == 200
+            assert client.get("/commands/no-such-command").status_code == 404

@@ -7,14 +7,14 @@ import asyncio
 import math
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from pcbo_dagster.core.errors import InvalidInput
 from pcbo_dagster.core.instants import parse_instant
-from pcbo_dagster.core.request_model import parse_json_strict
+from pcbo_dagster.core.request_model import NAME_PATTERN, parse_json_strict
 from pcbo_dagster.server import models
 from pcbo_dagster.server.auth import Principal, require, token_still_valid
 from pcbo_dagster.server.broker import EventStreamResponse
@@ -24,6 +24,9 @@ from pcbo_dagster.server.routes_backfill import BODY_ERRORS, ERRORS, read_body
 from pcbo_dagster.server.status import admin_status, registered_services
 
 router = APIRouter(tags=["operations"])
+#: A filter's text: no control character (PostgreSQL refuses a NUL in any text parameter: 500 and a
+#: dropped connection, not the 422 naming the parameter).
+PLAIN_TEXT = r"^[^\x00-\x1f\x7f]*$"
 #: How long a dropped SSE client has to take its last event before its connection is closed.
 DROP_GRACE_SECONDS = 2.0
 
@@ -91,9 +94,10 @@ def audit(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     sortBy: Literal["timestamp", "actionType", "target", "source"] = "timestamp",  # noqa: N803
     sortOrder: Literal["asc", "desc"] = "desc",  # noqa: N803
-    actionType: Annotated[str | None, Query(max_length=255)] = None,  # noqa: N803
+    actionType: Annotated[str | None, Query(max_length=255, pattern=PLAIN_TEXT)] = None,  # noqa: N803
     target: Annotated[
-        str | None, Query(max_length=1024, description="exact, or a prefix ending at /")
+        str | None,
+        Query(max_length=1024, pattern=PLAIN_TEXT, description="exact, or a prefix ending at /"),
     ] = None,
     startDate: Annotated[
         str | None, Query(description="inclusive instant, e.g. 2024-01-01T00:00:00Z")
@@ -194,7 +198,7 @@ def _command_dataset(request: Request, state: dict[str, Any]) -> str | None:
 def command_status(
     request: Request,
     principal: Annotated[Principal, Depends(command_principal)],
-    commandId: str,  # noqa: N803
+    commandId: Annotated[str, Path(pattern=NAME_PATTERN)],  # noqa: N803 - as a command's is
 ) -> dict[str, Any]:
     state = request.app.state.commands.existing(commandId)
     if state is None or not principal.may_touch(_command_dataset(request, state)):
