@@ -6,6 +6,7 @@ checked or past the body limit."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -576,3 +577,34 @@ def test_a_nul_character_in_a_parameter_is_422_naming_it_on_a_postgresql_catalog
                 assert answer.json()["error"] == "invalid_input" and answer.json()["field"] == field
             assert client.get("/reconciliation/audit", params={"target": "events/"}).status_code == 200
             assert client.get("/commands/no-such-command").status_code == 404
+
+
+def test_an_unexpected_error_is_logged_in_one_scrubbed_line_and_not_raised_to_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Red-team finding: an error nothing expected (a driver's, a bug) was answered 500 `failed`
+    and logged as one scrubbed line, and then Starlette raised it again to the server: uvicorn
+    logged its whole traceback, the exception's text unscrubbed (a URL's password in a driver's
+    message, the SQL parameters a client typed), and dropped the kept-alive connection. Now the
+    answer is the end of it: the app raises nothing to the server."""
+    from fastapi.testclient import TestClient
+
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster.server.app import create_app
+    from pcbo_dagster.server.config import ServerConfig
+
+    app = create_app(ServerConfig.from_environment(Settings.resolve(home=str(tmp_path / "home"), env={}), {}))
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("could not reach postgresql://pcbo:s3cret@db.internal/pcbo")
+
+    with TestClient(app) as client:  # raises, as the server would log it, what the app raises
+        _, secret = app.state.catalog.create_token("reader", ["read"])
+        monkeypatch.setattr(app.state.catalog, "datasets", broken)
+        with caplog.at_level(logging.INFO):
+            answer = client.get("/v1/datasets", headers={"Authorization": f"Bearer {secret}"})
+    assert answer.status_code == 500, answer.text
+    assert answer.json() == {"error": "failed", "message": "internal error (RuntimeError)"}
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unexpected")]
+    assert logged == ["unexpected RuntimeError: could not reach postgresql://[redacted]@db.internal/pcbo"]
+    assert "s3cret" not in caplog.text

@@ -178,18 +178,20 @@ def create_app(config: ServerConfig) -> FastAPI:
         document = {"error": kinds.get(exc.status_code, "http_error"), "message": str(exc.detail)}
         return JSONResponse(document, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected %s: %s", type(exc).__name__, scrub_text(str(exc))[:500])
-        return engine_error_response(exc)
-
     @app.middleware("http")
     async def _access_log(request: Request, call_next: Any) -> Any:
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
         status = 500
         try:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:
+                # Answered here, not by an `Exception` handler: Starlette raises the exception again
+                # to the server after such a handler's answer, and uvicorn logs its whole traceback,
+                # its text unscrubbed, and drops the kept-alive connection.
+                log.error("unexpected %s: %s", type(exc).__name__, scrub_text(str(exc))[:500])
+                response = engine_error_response(exc)
             status = response.status_code
             response.headers["X-Request-Id"] = request_id
             return response
