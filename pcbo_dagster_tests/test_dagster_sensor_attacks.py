@@ -96,6 +96,29 @@ def test_the_checks_job_launched_without_a_partition_range_checks_every_committe
         assert evaluations[("partition_health", None)] is True and all(evaluations.values())
 
 
+def test_the_checks_job_launched_without_a_range_checks_a_partition_the_lake_lost_too(setup: Any) -> None:
+    """A partition whose commit point someone deleted from the lake (the chain still says it is
+    committed, `pcbo verify`: `commit_point_missing`): the checks job launched on its own took "every
+    committed partition" from the lake alone, so it never looked at that one and every evaluation
+    passed, `partition_health` too. Now it checks every partition the lake or the chain holds: the
+    lost one fails `audit_chain` and `reconciliation`."""
+    tmp_path, config, engine, defs = setup
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        (tmp_path / "pcbo-home" / "lake" / "events" / "v1" / KEYS[1] / "_manifest.json").unlink()
+        with engine.environment() as env:
+            kinds = {f["kind"] for f in verify(env)["findings"]}
+        assert "commit_point_missing" in kinds, kinds
+        checks = defs.resolve_job_def("events_checks").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        evaluations = {(e.check_name, e.partition): e.passed for e in checks.get_asset_check_evaluations()}
+        assert {p for (name, p) in evaluations if name == "audit_chain"} == set(KEYS)
+        assert evaluations[("audit_chain", KEYS[1])] is False
+        assert evaluations[("reconciliation", KEYS[1])] is False
+        assert evaluations[("audit_chain", KEYS[0])] is True
+
+
 def test_a_stray_manifest_deeper_in_the_lake_stops_neither_lake_drift_nor_the_checks(setup: Any) -> None:
     """A `_manifest.json` planted below a partition (`<key>/x/_manifest.json`: no commit point, `pcbo
     verify` names it `lake_path_unexpected`) made every listing of committed keys raise: the

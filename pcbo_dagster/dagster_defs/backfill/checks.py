@@ -100,30 +100,40 @@ def _details(name: str, verdict: Verdict) -> dict[str, Any]:
 OpenEnvironment = Callable[[PcboEngineResource], AbstractContextManager[Environment]]
 
 
-def _keys_of_step(
-    context: dg.AssetCheckExecutionContext, env: Environment, dataset: DatasetConfig
-) -> list[str]:
-    """The run's partitions, each checked as the asset's run checks it (a dynamic key added by hand off
-    the ledger grid fails the step naming it); outside a partitioned run (a check launched alone),
-    every committed one."""
-    if context.has_partition_key or context.has_partition_key_range:
-        keys = run_partition_keys(context, dataset.name)
-        partition_groups_for_keys(dataset, partitions_def_for(dataset), keys)
-        return keys
-    return committed_keys(env.lake, dataset.name, dataset.versionLabel)
-
-
-def _verdicts(
-    env: Environment, dataset: DatasetConfig, keys: list[str]
-) -> Iterator[tuple[str, dict[str, Verdict]]]:
-    """Each key's three verdicts: its files read once, the chain read, verified (`distrusted` too)
-    and replayed once."""
-    policies = NormalizedPolicies.from_policies(dataset.policies)
-    existing = list(dataset.existingTargetIds)
+def _checked_chain(env: Environment, dataset: DatasetConfig) -> partition_checks.CheckedChain:
+    """The dataset's chain read, verified (`distrusted` too) and replayed once, for every verdict."""
     chain = partition_checks.read_chain(env, dataset.name, dataset.versionLabel)
     if not chain.findings:  # nor is it another history than its stored log and checkpoints hold, or,
         # with the operator's key, one holding an event the key should have signed (as a run reads it)
         chain.findings += partition_checks.distrusted(env, chain, dataset.chain_key)
+    return chain
+
+
+def _keys_of_step(
+    context: dg.AssetCheckExecutionContext,
+    env: Environment,
+    dataset: DatasetConfig,
+    chain: partition_checks.CheckedChain,
+) -> list[str]:
+    """The run's partitions, each checked as the asset's run checks it (a dynamic key added by hand off
+    the ledger grid fails the step naming it); outside a partitioned run (a check launched alone),
+    every committed one: each with a commit point in the lake, and each the chain says has a current
+    version (one whose commit point was deleted fails: the lake alone would leave it unchecked)."""
+    if context.has_partition_key or context.has_partition_key_range:
+        keys = run_partition_keys(context, dataset.name)
+        partition_groups_for_keys(dataset, partitions_def_for(dataset), keys)
+        return keys
+    in_lake = committed_keys(env.lake, dataset.name, dataset.versionLabel)
+    on_chain = (k for k, history in chain.replayed.partitions.items() if history.current is not None)
+    return sorted({*in_lake, *on_chain})
+
+
+def _verdicts(
+    env: Environment, dataset: DatasetConfig, keys: list[str], chain: partition_checks.CheckedChain
+) -> Iterator[tuple[str, dict[str, Verdict]]]:
+    """Each key's three verdicts: its files read once, against `chain` (`_checked_chain`)."""
+    policies = NormalizedPolicies.from_policies(dataset.policies)
+    existing = list(dataset.existingTargetIds)
     for key in keys:
         part = partition_checks.read_committed(env.lake, dataset.name, dataset.versionLabel, key)
         yield (
@@ -239,10 +249,11 @@ def _partitioned_checks(
         context: dg.AssetCheckExecutionContext, pcbo: PcboEngineResource
     ) -> Iterator[dg.AssetCheckEvaluation | dg.AssetCheckResult | dg.Output]:
         with open_env(pcbo) as env:
-            keys = _keys_of_step(context, env, dataset)
+            chain = _checked_chain(env, dataset)
+            keys = _keys_of_step(context, env, dataset, chain)
             targets = latest_materializations(context.instance, asset_key, keys)
             failed: dict[str, int] = {}
-            for key, verdicts in _verdicts(env, dataset, keys):
+            for key, verdicts in _verdicts(env, dataset, keys, chain):
                 for name, verdict in verdicts.items():
                     if not verdict.passed:
                         failed[name] = failed.get(name, 0) + 1
@@ -288,8 +299,9 @@ def _run_level_checks(
     ) -> Iterator[dg.AssetCheckResult]:
         failed: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in PER_PARTITION}
         with open_env(pcbo) as env:
-            keys = _keys_of_step(context, env, dataset)
-            for key, verdicts in _verdicts(env, dataset, keys):
+            chain = _checked_chain(env, dataset)
+            keys = _keys_of_step(context, env, dataset, chain)
+            for key, verdicts in _verdicts(env, dataset, keys, chain):
                 for name, verdict in verdicts.items():
                     if not verdict.passed:
                         failed[name][key] = verdict.details
