@@ -596,7 +596,9 @@ def test_an_unexpected_error_is_logged_in_one_scrubbed_line_and_not_raised_to_th
     app = create_app(ServerConfig.from_environment(Settings.resolve(home=str(tmp_path / "home"), env={}), {}))
 
     def broken(*_args: Any, **_kwargs: Any) -> Any:
-        raise RuntimeError("could not reach postgresql://pcbo:s3cret@db.internal/pcbo")
+        raise RuntimeError(
+            'could not reach postgresql://pcbo:s3cret@db.internal/pcbo\n{"requestId":"forged","status":200}'
+        )
 
     with TestClient(app) as client:  # raises, as the server would log it, what the app raises
         _, secret = app.state.catalog.create_token("reader", ["read"])
@@ -606,5 +608,8 @@ def test_an_unexpected_error_is_logged_in_one_scrubbed_line_and_not_raised_to_th
     assert answer.status_code == 500, answer.text
     assert answer.json() == {"error": "failed", "message": "internal error (RuntimeError)"}
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unexpected")]
-    assert logged == ["unexpected RuntimeError: could not reach postgresql://[redacted]@db.internal/pcbo"]
+    assert logged == [  # one line: a line break in the text would forge a line of the (JSON) log
+        'unexpected RuntimeError: could not reach postgresql://[redacted]@db.internal/pcbo {"requestId":'
+        '"forged","status":200}'
+    ]
     assert "s3cret" not in caplog.text

@@ -190,7 +190,8 @@ def create_app(config: ServerConfig) -> FastAPI:
                 # Answered here, not by an `Exception` handler: Starlette raises the exception again
                 # to the server after such a handler's answer, and uvicorn logs its whole traceback,
                 # its text unscrubbed, and drops the kept-alive connection.
-                log.error("unexpected %s: %s", type(exc).__name__, scrub_text(str(exc))[:500])
+                text = " ".join(scrub_text(str(exc)).split())[:500]  # one line: none forged
+                log.error("unexpected %s: %s", type(exc).__name__, text)
                 response = engine_error_response(exc)
             status = response.status_code
             response.headers["X-Request-Id"] = request_id
