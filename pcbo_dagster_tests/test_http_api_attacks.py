@@ -528,11 +528,22 @@ def test_a_client_that_stops_reading_its_answer_is_cut_off(
     read nothing (its connection open) held the stream, its decision spill and a connection slot
     for as long as it liked: `PCBO_SERVER_MAX_CONNECTIONS` such clients, and no one else is
     answered. Now an answer that cannot be written for `PCBO_SERVER_READ_SECONDS` (the client's
-    receive window stays full) closes the connection, and the stream ends as for a client that left."""
+    receive window stays full) closes the connection, and the stream ends as for a client that left;
+    a client that reads slowly, but reads, is answered whole."""
     home, spills, body = _large_dry_run(tmp_path, monkeypatch)
     with running_server(home, send_buffer=8192, read_seconds=1.0) as running:
         token = running.token("reader", "plan")
         host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(_dry_run_head(token, body) + body)
+            pieces = []
+            for _ in range(25):  # 2.5 s at about 40 KiB/s: never the whole answer for 1 s, always some
+                pieces.append(sock.recv(4096))
+                time.sleep(0.1)
+            assert pieces[0].startswith(b"HTTP/1.1 200")
+            # still answered past what the kernel's buffers held when it began (about 64 kB here)
+            assert all(pieces) and sum(map(len, pieces)) > 90_000, [len(p) for p in pieces]
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(_dry_run_head(token, body) + body)
@@ -550,10 +561,7 @@ def test_a_client_that_stops_reading_its_answer_is_cut_off(
                 closed = True
             except ConnectionResetError:
                 closed = True
-            assert closed and received < 2_000_000, received
-        with running.client(token) as client:  # and the server answers the next one whole
-            answered = client.post("/v1/dry-run", content=body)
-        assert answered.status_code == 200 and answered.json()["totals"]["records"] == 20000
+            assert closed and received < 300_000, received  # (the document: about 370 kB)
 
 
 @pytest.mark.postgres

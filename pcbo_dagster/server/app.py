@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -252,8 +253,8 @@ def http_protocol_with_read_deadline(
     headers are not whole within `max_head_bytes` is answered the parser's plain-text 400 and closed:
     httptools has no such limit, and its parser, concatenating an endless header chunk by chunk on
     the event loop, held up every other request for as long as one client kept sending. An answer
-    that cannot be written for `seconds` (the transport's buffer past its high-water mark all that
-    time: the client reads nothing) aborts the connection: uvicorn waited for ever for a client
+    of which the client takes nothing for `seconds` (the transport's buffer past its high-water mark
+    and not smaller: the client reads nothing) aborts the connection: uvicorn waited for ever for a client
     that stopped reading, which held the answer's stream (a dry-run's decision spill) and a
     connection slot as long as it liked; the stream then ends as for a client that left."""
     try:
@@ -298,10 +299,30 @@ def http_protocol_with_read_deadline(
                 self.send_400_response("Invalid HTTP request received.")
 
         _write_due: asyncio.TimerHandle | None = None
+        #: The answer's bytes the client had not taken when last looked at (writing paused).
+        _unwritten = 0
+
+        def _not_taken(self) -> int:
+            """The bytes written that the client's host has not acknowledged: the transport's
+            buffer and the socket's send queue (Linux's SIOCOUTQ; elsewhere the buffer alone). The
+            kernel's buffers hold what a client took before it stopped reading, so only both say
+            whether a client that reads slowly has taken some."""
+            size = int(self.transport.get_write_buffer_size())
+            sock = self.transport.get_extra_info("socket")
+            try:
+                import fcntl
+                import termios
+
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                size += struct.unpack("i", queued)[0]
+            except (ImportError, AttributeError, OSError, ValueError):
+                pass
+            return size
 
         def pause_writing(self) -> None:
             super().pause_writing()
             if self._write_due is None:
+                self._unwritten = self._not_taken()
                 self._write_due = self.loop.call_later(seconds, self._write_late)
 
         def resume_writing(self) -> None:
@@ -315,6 +336,11 @@ def http_protocol_with_read_deadline(
 
         def _write_late(self) -> None:
             self._write_due = None
+            unwritten = self._not_taken()
+            if unwritten < self._unwritten:  # the client took some: slow, but reading
+                self._unwritten = unwritten
+                self._write_due = self.loop.call_later(seconds, self._write_late)
+                return
             self.transport.abort()  # (close() would wait to flush what the client never reads)
 
         def connection_lost(self, exc: Exception | None) -> None:
