@@ -160,3 +160,24 @@ def test_no_launchpad_value_moves_the_engine_s_home(staging: Any, tmp_path: Path
         pcbo = resources.fields["pcbo"].config_type.fields
         assert "config" not in pcbo or not pcbo["config"].config_type.fields, (job.name, pcbo)
     assert not list(home.rglob("_manifest.json"))
+
+
+def test_no_launchpad_value_chooses_where_dagster_writes_step_outputs(staging: Any, tmp_path: Path) -> None:
+    """The location named no IO manager, so its jobs ran Dagster's default `fs_io_manager`, whose
+    `base_dir` is run config: `resources: {io_manager: {config: {base_dir: /anywhere}}}` typed into a
+    launchpad had the run write its outputs (`<base_dir>/<run id>/<step>/result`, pickles) into any
+    directory the code server may write, the lake or the audit backup included. Now no resource of
+    any job takes run config: the outputs go under the instance's storage, as configured."""
+    home, clock, apply = staging
+    elsewhere = tmp_path / "elsewhere"
+    with pytest.raises(dg.DagsterInvalidConfigError, match="io_manager"):
+        apply(
+            {"rollout": "r1", "by": "ana"}, resources={"io_manager": {"config": {"base_dir": str(elsewhere)}}}
+        )
+    assert not elsewhere.exists()
+    for job in apply.defs.resolve_all_job_defs():
+        resources = job.run_config_schema.config_type.fields["resources"].config_type
+        for name, field in resources.fields.items():
+            config = getattr(field.config_type, "fields", {}).get("config")
+            taken = getattr(getattr(config, "config_type", None), "fields", {})
+            assert not taken, (job.name, name, list(taken))

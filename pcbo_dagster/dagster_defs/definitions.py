@@ -121,6 +121,16 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
     )
 
 
+#: Dagster's default IO manager (a step's outputs pickled under the instance's storage directory) with
+#: nothing left to configure: unnamed, a location gets it with its `base_dir` open to every launch's
+#: run config, which then chose the directory of the host the outputs were written to.
+STEP_OUTPUTS_IO_MANAGER = dg.IOManagerDefinition(
+    resource_fn=dg.fs_io_manager.resource_fn,  # (its `base_dir` unset: the instance's storage)
+    config_schema={},  # a launch that gives it any is refused
+    description="Dagster's filesystem IO manager, under the instance's storage directory",
+)
+
+
 def build_definitions(
     config: DatasetsConfig | str | Path,
     resource: PcboEngineResource | None = None,
@@ -137,7 +147,9 @@ def build_definitions(
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
-        resources={"pcbo": resource or PcboEngineResource.from_env()},
+        # No resource takes run config: where the engine's stores and the step outputs are is the
+        # location's to say, not a launch's (`resources.PcboEngineResource`, the IO manager above).
+        resources={"pcbo": resource or PcboEngineResource.from_env(), "io_manager": STEP_OUTPUTS_IO_MANAGER},
         executor=executor_from_env(),
     )
 
