@@ -520,7 +520,10 @@ def test_helm_values_render_an_instance_config_dagster_accepts(helm, tmp_path, m
     config, _ = dagster_instance_config(str(home))
     processed = process_config(K8sRunLauncher.config_type(), config["run_launcher"]["config"])
     assert processed.success, processed.errors
-    # PCBO_EXECUTOR=k8s (the user deployment's env) gives every job dagster-k8s's step executor.
+    # PCBO_EXECUTOR=k8s (the user deployment's env) gives every job dagster-k8s's step executor,
+    # configured empty (its settings the run launcher's, none from a launch's run config).
     (deployment,) = helm["dagster-user-deployments"]["deployments"]
     env = {item["name"]: item["value"] for item in deployment["env"]}
-    assert executor_from_env(env) is k8s_job_executor
+    executor = executor_from_env(env)
+    assert executor.name == k8s_job_executor.name
+    assert executor.executor_creation_fn is k8s_job_executor.executor_creation_fn

@@ -192,3 +192,24 @@ def test_a_datasets_config_that_is_not_a_regular_file_is_refused_at_once(
     [error] = outcome
     assert isinstance(error, InvalidInput), repr(error)
     assert error.field == "config" and "not a regular file" in error.message
+
+
+def test_the_k8s_executor_takes_no_run_config() -> None:
+    """`PCBO_EXECUTOR=k8s` bound dagster-k8s's `k8s_job_executor` as it is, whose whole config is run
+    config: a launch's `execution: {config: {env_vars: [PCBO_HOME=...], job_image: ..., volumes: ...}}`
+    ran its steps in another image, with another PCBO_HOME or catalog, or a host path mounted. Now its
+    settings are the run launcher's only (as the README says), and a launch that gives any is refused."""
+    pytest.importorskip("dagster_k8s")
+    from pcbo_dagster.dagster_defs.definitions import executor_from_env
+
+    @dg.op
+    def step() -> None:
+        return None
+
+    @dg.job(executor_def=executor_from_env({"PCBO_EXECUTOR": "k8s"}))
+    def job() -> None:
+        step()
+
+    with pytest.raises(dg.DagsterInvalidConfigError, match="env_vars"):
+        dg.validate_run_config(job, {"execution": {"config": {"env_vars": ["PCBO_HOME=/elsewhere"]}}})
+    dg.validate_run_config(job, {})

@@ -84,14 +84,16 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
         return dg.in_process_executor
     if kind == "k8s":
         # Each step a Kubernetes Job of its own (dagster-k8s), next to runs the K8sRunLauncher starts:
-        # the deployment in deploy/helm/values.yaml. Its settings come from the run launcher's.
+        # the deployment in deploy/helm/values.yaml. Its settings come from the run launcher's only:
+        # the executor's own are all run config (an image, env_vars such as PCBO_HOME, volumes), which
+        # any launch could set; configured empty, a launch that gives any is refused.
         try:
             from dagster_k8s import k8s_job_executor
         except ImportError:
             raise InvalidInput(
                 EXECUTOR_ENV, "PCBO_EXECUTOR=k8s needs dagster-k8s (pip install 'pcbo_dagster[k8s]')"
             ) from None
-        return k8s_job_executor
+        return k8s_job_executor.configured(lambda _config: {}, config_schema={})
     if kind != "celery":
         raise InvalidInput(EXECUTOR_ENV, f"must be 'celery', 'k8s' or 'default', not {kind!r}")
     if not env.get("PCBO_CELERY_BROKER"):
