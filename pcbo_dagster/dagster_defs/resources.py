@@ -28,6 +28,7 @@ goes through `redact_url` (`describe()`).
 
 | resource          | field          | variable               | default                                  |
 |-------------------|----------------|------------------------|------------------------------------------|
+| `HomeResource`    | `path`         | `PCBO_HOME`            | `./.pcbo`                                |
 | `CatalogResource` | `url`          | `PCBO_CATALOG_URL`     | `sqlite:///$PCBO_HOME/catalog.db`        |
 | `LakeResource`    | `url`          | `PCBO_LAKE_URL`        | `$PCBO_HOME/lake` (a dataset's `lake` wins) |
 | `AuditResource`   | `directory`    | `PCBO_AUDIT_DIR`       | `$PCBO_HOME/pas`                         |
