@@ -126,11 +126,12 @@ def executor_from_env(env: Mapping[str, str] | None = None) -> dg.ExecutorDefini
 #: Dagster's default IO manager (a step's outputs pickled under the instance's storage directory) with
 #: nothing left to configure: unnamed, a location gets it with its `base_dir` open to every launch's
 #: run config, which then chose the directory of the host the outputs were written to.
-STEP_OUTPUTS_IO_MANAGER = dg.IOManagerDefinition(
-    resource_fn=dg.fs_io_manager.resource_fn,  # (its `base_dir` unset: the instance's storage)
+@dg.io_manager(
     config_schema={},  # a launch that gives it any is refused
     description="Dagster's filesystem IO manager, under the instance's storage directory",
 )
+def STEP_OUTPUTS_IO_MANAGER(context: dg.InitResourceContext) -> dg.IOManager:  # noqa: N802 - a definition
+    return dg.FilesystemIOManager().create_io_manager(context)  # (`base_dir` unset: the instance's storage)
 
 
 def build_definitions(
