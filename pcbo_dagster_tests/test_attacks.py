@@ -1995,6 +1995,36 @@ def test_gc_judges_no_dataset_version_its_catalog_never_ran(home, tmp_path):
     assert pcbo(home, "verify")[0] == 0
 
 
+def test_gc_judges_no_partition_its_chain_never_named_by_another_catalogs_runs(home, tmp_path):
+    """(red-team finding) The guard above was per dataset version: a home whose catalog ran the same
+    dataset version (`events/v1`, other hours) given `--lake` naming another home's lake judged that
+    lake's partitions against its own chain, which never named them: the version manifests that
+    rolled-back partitions keep (their restorable history) looked like a crash's leftovers and were
+    removed. A partition the chain never named is judged only when its version manifests name a run of
+    this catalog (a first run's crash leftovers do); otherwise it is skipped, nothing of it removed."""
+    for run_id in ("b1", "a1"):
+        status, document = pcbo(home, "rollback", "--dataset", "events", "--run-id", run_id)
+        assert status == 0, document
+    history = {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()}
+    other = tmp_path / "other"
+    request = json.loads(json.dumps(_request("o1")).replace("2024-01-01T", "2024-01-03T"))
+    status, document = pcbo(other, "execute", "--input", str(write_request(tmp_path / "o.json", request)))
+    assert status == 0, document
+    leftover = part(home, K2) / ".tmp-crash-leftover"
+    leftover.write_bytes(b"a rename that never happened")
+    for args in (("gc", "--dry-run"), ("gc",)):
+        status, document = pcbo(other, *args, "--lake", str(lake_dir(home)))
+        assert status == 0, document
+        assert [r["path"] for r in document["removed"]] == [], document
+        assert {s["where"] for s in document["skipped"]} == {f"{CHAIN}/{k}" for k in KEYS}, document
+    assert {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()} == {
+        **history,
+        leftover: b"a rename that never happened",
+    }
+    leftover.unlink()
+    assert pcbo(home, "verify")[0] == 0
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize(
     ("shadow", "named"),

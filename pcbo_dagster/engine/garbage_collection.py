@@ -10,6 +10,10 @@ same request rewrites them). `gc` removes, per partition `<dataset>/<versionLabe
   audit event's tables and not by any catalog row;
 - `.tmp-*` files (a local rename that never happened).
 
+A partition the verified chain never named is judged only when each of its version manifests names
+a run of this catalog's dataset version (a first run's crash leftovers do); otherwise (another home's
+lake, whose rolled-back partitions keep their restorable versions) it is skipped, nothing removed.
+
 Conservative: anything a committed manifest, a previous (restorable) version, an audit event or the
 catalog refers to stays. What is removable is judged only against a chain that verifies (every line
 read, every hash and link recomputed, its head the catalog's: `partition_checks.read_chain`; and the
@@ -94,6 +98,31 @@ def _partition_plan(
         elif name.rsplit("/", 1)[-1].startswith(".tmp-"):
             removable.append({"path": rel, "reason": "temporary_file"})
     return sorted(removable, key=lambda r: r["path"]), None
+
+
+def _not_this_catalogs(
+    env: Environment, pdir: str, files: list[str], runs: set[tuple[str, str]]
+) -> str | None:
+    """Why a partition the verified chain never named is not this catalog's to judge, or None: each of
+    its version manifests must name a run of this catalog's dataset version (run id and plan hash), as
+    a first run's crash leftovers do. A lake another home wrote (`--lake`, a lake two catalogs share,
+    running the same dataset version over other partitions) keeps rolled-back partitions' restorable
+    versions, named only by that home's chain: they are no leftovers of this catalog's runs."""
+    for rel in files:
+        m = _VERSION_FILE.fullmatch(rel[len(pdir) + 1 :])
+        if m is None or m.group(1) != "versions":
+            continue
+        try:
+            manifest = manifests.decode(env.lake.read(rel))
+            named = (manifest["runId"], manifest["planHash"])
+        except (ValueError, KeyError, TypeError):
+            return f"version manifest {rel} is unreadable"
+        if named not in runs:
+            return (
+                "the audit chain never named this partition and its version manifests name no run of this "
+                "catalog (another home's history?)"
+            )
+    return None
 
 
 def _disagreement(
@@ -194,10 +223,13 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                 catalog_files[row["partition_key"]].update(
                     f["path"] for f in listed if isinstance(f, dict) and isinstance(f.get("path"), str)
                 )
+            runs = {(r["run_id"], r["plan_hash"]) for r in env.catalog.runs(dataset, version_label)}
             for index, (pdir, files) in enumerate(sorted(partitions.items())):
                 key = pdir.rsplit("/", 1)[-1]
                 partitions_checked += 1
                 disagreement = _disagreement(env, chain.replayed, dataset, version_label, key)
+                if disagreement is None and key not in chain.replayed.partitions:
+                    disagreement = _not_this_catalogs(env, pdir, files, runs)
                 if disagreement is not None:
                     skipped.append({"where": pdir, "reason": disagreement})
                     continue
