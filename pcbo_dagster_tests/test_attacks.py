@@ -1995,34 +1995,60 @@ def test_gc_judges_no_dataset_version_its_catalog_never_ran(home, tmp_path):
     assert pcbo(home, "verify")[0] == 0
 
 
-def test_gc_judges_no_partition_its_chain_never_named_by_another_catalogs_runs(home, tmp_path):
+def _gc_another_homes_lake(home: Path, other: Path) -> dict[str, Any]:
+    """`pcbo gc` of `other` given `--lake` naming `home`'s lake (a dry run, then one that removes), with
+    a crash's `.tmp-*` leftover in K2: its document; only the leftover is removed."""
+    leftover = part(home, K2) / ".tmp-crash-leftover"
+    leftover.write_bytes(b"a rename that never happened")
+    history = {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()}
+    for args in (("gc", "--dry-run"), ("gc",)):
+        status, document = pcbo(other, *args, "--lake", str(lake_dir(home)))
+        assert status == 0, document
+        assert [r["path"] for r in document["removed"]] == [f"events/v1/{K2}/.tmp-crash-leftover"], document
+    del history[leftover]
+    assert {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()} == history
+    assert pcbo(home, "verify")[0] == 0
+    return document
+
+
+def test_gc_keeps_the_versions_another_homes_runs_wrote_in_partitions_its_chain_never_named(home, tmp_path):
     """(red-team finding) The guard above was per dataset version: a home whose catalog ran the same
     dataset version (`events/v1`, other hours) given `--lake` naming another home's lake judged that
     lake's partitions against its own chain, which never named them: the version manifests that
-    rolled-back partitions keep (their restorable history) looked like a crash's leftovers and were
-    removed. A partition the chain never named is judged only when its version manifests name a run of
-    this catalog (a first run's crash leftovers do); otherwise it is skipped, nothing of it removed."""
+    rolled-back partitions keep looked like a crash's leftovers and were removed (`verify` of the
+    other home: `version_manifest_missing`). A version no event or catalog row names is a leftover only
+    when its manifest names a run of this catalog (run id and plan hash); others are kept, reported."""
     for run_id in ("b1", "a1"):
         status, document = pcbo(home, "rollback", "--dataset", "events", "--run-id", run_id)
         assert status == 0, document
-    history = {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()}
     other = tmp_path / "other"
     request = json.loads(json.dumps(_request("o1")).replace("2024-01-01T", "2024-01-03T"))
     status, document = pcbo(other, "execute", "--input", str(write_request(tmp_path / "o.json", request)))
     assert status == 0, document
-    leftover = part(home, K2) / ".tmp-crash-leftover"
-    leftover.write_bytes(b"a rename that never happened")
-    for args in (("gc", "--dry-run"), ("gc",)):
-        status, document = pcbo(other, *args, "--lake", str(lake_dir(home)))
-        assert status == 0, document
-        assert [r["path"] for r in document["removed"]] == [], document
-        assert {s["where"] for s in document["skipped"]} == {f"{CHAIN}/{k}" for k in KEYS}, document
-    assert {p: p.read_bytes() for p in (lake_dir(home) / "events").rglob("*") if p.is_file()} == {
-        **history,
-        leftover: b"a rename that never happened",
-    }
-    leftover.unlink()
-    assert pcbo(home, "verify")[0] == 0
+    document = _gc_another_homes_lake(home, other)
+    kept = [f"{CHAIN}/{k}/_versions/v000001.json" for k in KEYS] + [f"{CHAIN}/{K1}/_versions/v000002.json"]
+    assert sorted(s["where"] for s in document["skipped"]) == sorted(kept), document
+
+
+def test_gc_keeps_a_rolled_back_version_of_another_home_that_ran_the_same_request(home, tmp_path, requests):
+    """(red-team finding) Staging and production run the same requests: their lakes' manifests are
+    byte-identical. Production rolled back run b1 (K1's version 2; its manifests stay, named by its
+    chain); `pcbo gc --lake <production's lake>` run from staging's home, whose chain agrees with every
+    commit point there, removed K1's `_versions/v000002.json` and `_rollback/v000002.json` (named by no
+    event of its own chain) and production's `verify` found `version_manifest_missing`. Run b1 is no
+    run of staging's catalog: that version is kept and reported."""
+    status, document = pcbo(home, "rollback", "--dataset", "events", "--run-id", "b1")
+    assert status == 0, document
+    other = tmp_path / "other"
+    status, document = pcbo(other, "execute", "--input", str(requests["a"]))
+    assert status == 0, document
+    document = _gc_another_homes_lake(home, other)
+    assert document["skipped"] == [
+        {
+            "where": f"{CHAIN}/{K1}/_versions/v000002.json",
+            "reason": "a version no run of this catalog wrote (another home's?): kept",
+        }
+    ]
 
 
 @pytest.mark.postgres

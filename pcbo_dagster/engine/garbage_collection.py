@@ -5,14 +5,17 @@ manifests behind, named by no commit point (readers and `verify` ignore them; th
 same request rewrites them). `gc` removes, per partition `<dataset>/<versionLabel>/<key>/`:
 
 - `_versions/vN.json` and `_rollback/vN.json` of a version N newer than the committed one (0 when
-  nothing is committed) that no audit event and no catalog row names: never committed;
+  nothing is committed) that no audit event and no catalog row names, its manifest naming a run of
+  this catalog: never committed;
 - `part-*.parquet` files named by no kept version manifest, not by the commit point, not by any
   audit event's tables and not by any catalog row;
 - `.tmp-*` files (a local rename that never happened).
 
-A partition the verified chain never named is judged only when each of its version manifests names
-a run of this catalog's dataset version (a first run's crash leftovers do); otherwise (another home's
-lake, whose rolled-back partitions keep their restorable versions) it is skipped, nothing removed.
+A version no audit event and no catalog row names is a crash's leftover only when its version
+manifest names a run of this catalog's dataset version (run id and plan hash: a crash's leftovers
+do); one naming another run is kept (with the data files it names) and reported: a lake another home
+wrote (`--lake`, a lake two catalogs share, staging and production running the same requests) holds
+versions that home committed and rolled back, named only by its own chain.
 
 Conservative: anything a committed manifest, a previous (restorable) version, an audit event or the
 catalog refers to stays. What is removable is judged only against a chain that verifies (every line
@@ -63,8 +66,10 @@ def _partition_plan(
     event_files: set[str],
     catalog_versions: set[int],
     catalog_files: set[str],
-) -> tuple[list[dict[str, Any]], str | None]:
-    """(removable files with their reasons, skip reason) of one partition directory."""
+    runs: set[tuple[str, str]],
+) -> tuple[list[dict[str, Any]], list[str], str | None]:
+    """(removable files with their reasons, version manifests of other runs kept, skip reason) of one
+    partition directory."""
     names = {rel[len(pdir) + 1 :]: rel for rel in files}
     committed = 0
     keep_data: set[str] = set(event_files) | set(catalog_files)
@@ -74,55 +79,44 @@ def _partition_plan(
             committed = int(current["partitionVersion"])
             keep_data.update(f["path"] for f in current["files"])
         except (ValueError, KeyError, TypeError):
-            return [], "the commit point is unreadable"
+            return [], [], "the commit point is unreadable"
     removable: list[dict[str, Any]] = []
     kept_versions: dict[int, str] = {}
+    others: set[str] = set()  # the digits of uncommitted versions another run's manifest names
     for name, rel in names.items():
         m = _VERSION_FILE.fullmatch(name)
-        if m is None:
+        if m is None or m.group(1) != "versions":
+            continue
+        version = int(m.group(2))
+        if version > committed and version not in event_versions and version not in catalog_versions:
+            try:
+                manifest = manifests.decode(env.lake.read(rel))
+                ours = (manifest["runId"], manifest["planHash"]) in runs
+            except (ValueError, KeyError, TypeError):
+                return [], [], f"version manifest {rel} is unreadable"
+            if ours:
+                continue
+            others.add(m.group(2))
+        kept_versions[version] = rel
+    for name, rel in names.items():
+        m = _VERSION_FILE.fullmatch(name)
+        if m is None or m.group(2) in others:
             continue
         version = int(m.group(2))
         if version > committed and version not in event_versions and version not in catalog_versions:
             removable.append({"path": rel, "reason": "uncommitted_version"})
-        elif m.group(1) == "versions":
-            kept_versions[version] = rel
     for _version, rel in sorted(kept_versions.items()):
         try:
             manifest = manifests.decode(env.lake.read(rel))
             keep_data.update(f["path"] for f in manifest["files"])
         except (ValueError, KeyError, TypeError):
-            return [], f"version manifest {rel} is unreadable"
+            return [], [], f"version manifest {rel} is unreadable"
     for name, rel in names.items():
         if _DATA_FILE.fullmatch(name) and rel not in keep_data:
             removable.append({"path": rel, "reason": "unreferenced_data_file"})
         elif name.rsplit("/", 1)[-1].startswith(".tmp-"):
             removable.append({"path": rel, "reason": "temporary_file"})
-    return sorted(removable, key=lambda r: r["path"]), None
-
-
-def _not_this_catalogs(
-    env: Environment, pdir: str, files: list[str], runs: set[tuple[str, str]]
-) -> str | None:
-    """Why a partition the verified chain never named is not this catalog's to judge, or None: each of
-    its version manifests must name a run of this catalog's dataset version (run id and plan hash), as
-    a first run's crash leftovers do. A lake another home wrote (`--lake`, a lake two catalogs share,
-    running the same dataset version over other partitions) keeps rolled-back partitions' restorable
-    versions, named only by that home's chain: they are no leftovers of this catalog's runs."""
-    for rel in files:
-        m = _VERSION_FILE.fullmatch(rel[len(pdir) + 1 :])
-        if m is None or m.group(1) != "versions":
-            continue
-        try:
-            manifest = manifests.decode(env.lake.read(rel))
-            named = (manifest["runId"], manifest["planHash"])
-        except (ValueError, KeyError, TypeError):
-            return f"version manifest {rel} is unreadable"
-        if named not in runs:
-            return (
-                "the audit chain never named this partition and its version manifests name no run of this "
-                "catalog (another home's history?)"
-            )
-    return None
+    return sorted(removable, key=lambda r: r["path"]), sorted(kept_versions[int(d)] for d in others), None
 
 
 def _disagreement(
@@ -228,12 +222,10 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                 key = pdir.rsplit("/", 1)[-1]
                 partitions_checked += 1
                 disagreement = _disagreement(env, chain.replayed, dataset, version_label, key)
-                if disagreement is None and key not in chain.replayed.partitions:
-                    disagreement = _not_this_catalogs(env, pdir, files, runs)
                 if disagreement is not None:
                     skipped.append({"where": pdir, "reason": disagreement})
                     continue
-                removable, skip = _partition_plan(
+                removable, others, skip = _partition_plan(
                     env,
                     pdir,
                     files,
@@ -241,10 +233,15 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                     event_files[key],
                     catalog_versions[key],
                     catalog_files[key],
+                    runs,
                 )
                 if skip is not None:
                     skipped.append({"where": pdir, "reason": skip})
                     continue
+                skipped.extend(
+                    {"where": rel, "reason": "a version no run of this catalog wrote (another home's?): kept"}
+                    for rel in others
+                )
                 kept = []
                 for entry in removable:
                     if not env.lake.inside(entry["path"]):
