@@ -260,3 +260,28 @@ def test_an_iceberg_table_is_published_and_read_on_each_lake(lake, tmp_path):
     assert back.document["table"]["status"] == "published"
     published = rows()
     assert "zz-late" not in published and published == committed()
+
+
+def test_gc_skips_a_partition_with_a_directory_marker_at_a_manifest_name(tmp_path, s3_store, monkeypatch):
+    """(red-team finding) An object store lists a key ending in `/` (a "directory marker" anyone who
+    may write the lake can put) as the name before it, where no object is: a marker at
+    `_versions/v000000.json/` made gc read a version manifest that is not there, and the whole gc died
+    (exit 1, `The specified key does not exist.`), nothing of the lake collected. Now that partition
+    is skipped as unreadable, and gc collects the others."""
+    for k, v in s3_store.env.items():
+        monkeypatch.setenv(k, v)
+    lake = {"url": s3_store.url(), "env": dict(s3_store.env), "kind": "s3"}
+    home = tmp_path / "home"
+    request = write_request(tmp_path / "req.json", _request())
+    assert _pcbo(["execute", "--input", request], home, lake).status == 0
+    storage = _storage(lake)
+    first, second = (f"{DATASET}/{LABEL}/20240101T0{h}0000Z" for h in (0, 1))
+    storage.fs.pipe(f"{storage.root}/{first}/_versions/v000000.json/", b"")
+    storage.write(f"{second}/.tmp-crash-leftover", b"a rename that never happened")
+    gc = _pcbo(["gc"], home, lake)
+    assert gc.status == 0, gc.stderr
+    assert [r["path"] for r in gc.document["removed"]] == [f"{second}/.tmp-crash-leftover"]
+    assert gc.document["skipped"] == [
+        {"where": first, "reason": f"version manifest {first}/_versions/v000000.json is unreadable"}
+    ]
+    assert _pcbo(["verify"], home, lake).status == 0

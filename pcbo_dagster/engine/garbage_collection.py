@@ -69,7 +69,8 @@ def _partition_plan(
     runs: set[tuple[str, str]],
 ) -> tuple[list[dict[str, Any]], list[str], str | None]:
     """(removable files with their reasons, version manifests of other runs kept, skip reason) of one
-    partition directory."""
+    partition directory. A manifest listed but not there (an object store lists a "directory marker",
+    a key ending in `/`, as the name before it) is unreadable, as one that is no manifest is."""
     names = {rel[len(pdir) + 1 :]: rel for rel in files}
     committed = 0
     keep_data: set[str] = set(event_files) | set(catalog_files)
@@ -78,7 +79,7 @@ def _partition_plan(
             current = manifests.decode(env.lake.read(names[layout.MANIFEST]))
             committed = int(current["partitionVersion"])
             keep_data.update(f["path"] for f in current["files"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, FileNotFoundError):
             return [], [], "the commit point is unreadable"
     removable: list[dict[str, Any]] = []
     kept_versions: dict[int, str] = {}
@@ -92,7 +93,7 @@ def _partition_plan(
             try:
                 manifest = manifests.decode(env.lake.read(rel))
                 ours = (manifest["runId"], manifest["planHash"]) in runs
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, FileNotFoundError):
                 return [], [], f"version manifest {rel} is unreadable"
             if ours:
                 continue
@@ -109,7 +110,7 @@ def _partition_plan(
         try:
             manifest = manifests.decode(env.lake.read(rel))
             keep_data.update(f["path"] for f in manifest["files"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, FileNotFoundError):
             return [], [], f"version manifest {rel} is unreadable"
     for name, rel in names.items():
         if _DATA_FILE.fullmatch(name) and rel not in keep_data:
