@@ -2051,6 +2051,21 @@ def test_gc_keeps_a_rolled_back_version_of_another_home_that_ran_the_same_reques
     ]
 
 
+def test_a_catalog_run_row_that_is_no_json_stops_no_gc(home):
+    """gc reads the dataset version's run rows (whose runs' version manifests are leftovers): a row
+    whose metadata is no JSON (the catalog is anyone's to write) skips that dataset version, reported,
+    nothing removed, instead of ending gc with a traceback."""
+    leftover = part(home, K2) / ".tmp-crash-leftover"
+    leftover.write_bytes(b"a rename that never happened")
+    with sqlite3.connect(home / "catalog.db") as conn:
+        conn.execute("UPDATE runs SET metadata = '{not json' WHERE run_id = 'a1'")
+    status, document = pcbo(home, "gc")
+    assert status == 0, document
+    assert document["removed"] == []
+    assert document["skipped"] == [{"where": CHAIN, "reason": "the catalog's run rows are unreadable"}]
+    assert leftover.exists()
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize(
     ("shadow", "named"),

@@ -83,7 +83,7 @@ def _partition_plan(
             return [], [], "the commit point is unreadable"
     removable: list[dict[str, Any]] = []
     kept_versions: dict[int, str] = {}
-    others: set[str] = set()  # the digits of uncommitted versions another run's manifest names
+    others: dict[str, str] = {}  # uncommitted versions another run's manifest names: digits -> path
     for name, rel in names.items():
         m = _VERSION_FILE.fullmatch(name)
         if m is None or m.group(1) != "versions":
@@ -97,7 +97,7 @@ def _partition_plan(
                 return [], [], f"version manifest {rel} is unreadable"
             if ours:
                 continue
-            others.add(m.group(2))
+            others[m.group(2)] = rel
         kept_versions[version] = rel
     for name, rel in names.items():
         m = _VERSION_FILE.fullmatch(name)
@@ -117,7 +117,7 @@ def _partition_plan(
             removable.append({"path": rel, "reason": "unreferenced_data_file"})
         elif name.rsplit("/", 1)[-1].startswith(".tmp-"):
             removable.append({"path": rel, "reason": "temporary_file"})
-    return sorted(removable, key=lambda r: r["path"]), sorted(kept_versions[int(d)] for d in others), None
+    return sorted(removable, key=lambda r: r["path"]), sorted(others.values()), None
 
 
 def _disagreement(
@@ -218,7 +218,11 @@ def collect_garbage(env: Environment, dry_run: bool = False) -> dict[str, Any]:
                 catalog_files[row["partition_key"]].update(
                     f["path"] for f in listed if isinstance(f, dict) and isinstance(f.get("path"), str)
                 )
-            runs = {(r["run_id"], r["plan_hash"]) for r in env.catalog.runs(dataset, version_label)}
+            try:
+                runs = {(r["run_id"], r["plan_hash"]) for r in env.catalog.runs(dataset, version_label)}
+            except (ValueError, TypeError, KeyError, RecursionError):
+                skipped.append({"where": ckey, "reason": "the catalog's run rows are unreadable"})
+                continue
             for index, (pdir, files) in enumerate(sorted(partitions.items())):
                 key = pdir.rsplit("/", 1)[-1]
                 partitions_checked += 1
