@@ -910,3 +910,27 @@ def test_a_rollout_row_naming_no_chain_stops_no_sensor_and_no_schedule(setup: An
     finally:
         env.close()
     assert "rollout_not_on_chain" in kinds, kinds
+
+
+def test_coverage_does_not_take_a_forged_commit_point_for_a_committed_partition(setup: Any) -> None:
+    """A partition rolled back on the chain (a gap), its commit point written back into the lake by
+    hand: `coverage` counted the commit points it found in the lake, so the forged one filled the gap
+    and it passed. Now the committed partitions are the chain's (verified), the lake compared against
+    them: the gap stays a gap and the lake's uncommitted commit point is named."""
+    tmp_path, config, engine, defs = setup
+    part = tmp_path / "pcbo-home" / "lake" / "events" / "v1" / KEYS[1]
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        shutil.copytree(part, tmp_path / "kept")
+        with engine.environment() as env:
+            rollback(env, "events", "v1", partition_keys=[KEYS[1]], reason="withdrawn")
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.copytree(tmp_path / "kept", part)
+        checks = defs.resolve_job_def("events_checks").execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+        [coverage] = [e for e in checks.get_asset_check_evaluations() if e.check_name == "coverage"]
+        assert not coverage.passed
+        assert coverage.metadata["gaps"].value == 1
+        assert coverage.metadata["first_gaps"].value == [KEYS[1]]
+        assert coverage.metadata["uncommitted_in_lake"].value == [KEYS[1]]

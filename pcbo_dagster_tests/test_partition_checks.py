@@ -61,7 +61,9 @@ def test_a_committed_lake_passes_every_verdict(env: Environment) -> None:
         assert compliant.passed and compliant.details["committed_under_configured_policies"] is True
         chained = checks.chain_verdict(checks.read_manifest_only(env.lake, "events", "v1", key), chain)
         assert chained.passed and chained.details["chain_length"] == 4  # the commit intent and 3 commits
-    covered = checks.coverage(env.lake, "events", "v1", KEYS + ["20240101T030000Z"])
+    covered = checks.coverage(
+        chain, checks.committed_keys(env.lake, "events", "v1"), KEYS + ["20240101T030000Z"]
+    )
     assert covered.passed and covered.summary == f"no gaps up to {KEYS[-1]}; 1 partition(s) after it"
     # Plain JSON values only: what Dagster wraps, and what anyone else can store.
     json.dumps([covered.details, reconciled.details, compliant.details, chained.details])
@@ -95,9 +97,19 @@ def test_each_verdict_fails_on_what_it_finds(env: Environment) -> None:
     env.lake.delete(f"events/v1/{KEYS[0]}/_manifest.json")
     missing = checks.reconciliation(checks.read_committed(env.lake, "events", "v1", KEYS[0]))
     assert not missing.passed and "no committed manifest" in missing.details["findings"][0]
-    covered = checks.coverage(env.lake, "events", "v1", KEYS)
+    chain = checks.read_chain(env, "events", "v1")
+    covered = checks.coverage(chain, checks.committed_keys(env.lake, "events", "v1"), KEYS)
+    assert not covered.passed and covered.details["missing_from_lake"] == [KEYS[0]]
+    assert covered.summary == "1 committed partition(s) missing from the lake"
+    # The chain alone says what is committed: one it never committed is a gap, whatever the lake holds.
+    del chain.replayed.partitions[KEYS[0]]
+    covered = checks.coverage(chain, KEYS, KEYS)
     assert not covered.passed and covered.details["first_gaps"] == [KEYS[0]]
-    assert covered.summary == f"1 gap(s) up to {KEYS[-1]}"
+    assert covered.details["uncommitted_in_lake"] == [KEYS[0]]
+    assert (
+        covered.summary
+        == f"1 gap(s) up to {KEYS[-1]}; 1 commit point(s) in the lake the chain never committed"
+    )
 
     # A committed manifest the chain does not name as current (here: a chain that never named it).
     chain = checks.read_chain(env, "events", "v1")

@@ -307,31 +307,50 @@ def reading_chain_findings(key: str, reading: PartitionReading, chain: CheckedCh
     return list(chain_verdict(part, chain).details.get("findings", []))
 
 
-def coverage(lake: LakeStorage, dataset: str, version_label: str, keys: list[str]) -> Verdict:
-    """Committed partitions vs `keys` (in order) up to the last committed one: gaps fail."""
-    committed = set(committed_keys(lake, dataset, version_label))
+def coverage(chain: CheckedChain, lake_keys: list[str], keys: list[str]) -> Verdict:
+    """The partitions `chain` (`read_chain`, with `distrusted`'s findings) says are committed vs `keys`
+    (in order) up to the last of them: gaps fail. The lake's commit points (`lake_keys`) are compared
+    against the chain, never counted: one the chain does not hold as current (a commit point written
+    by hand) fills no gap and fails, as does a committed partition the lake lacks, and a chain that
+    does not verify vouches for nothing."""
+    committed = {k for k, history in chain.replayed.partitions.items() if history.current is not None}
+    in_lake = set(lake_keys)
     positions = [i for i, key in enumerate(keys) if key in committed]
-    if not positions:
-        return Verdict(
-            True,
-            {"partitions": len(keys), "committed": 0, "gaps": 0, "not_yet_materialized": len(keys)},
-            "nothing committed yet",
-        )
-    last = positions[-1]
+    last = positions[-1] if positions else -1
     gaps = [key for key in keys[: last + 1] if key not in committed]
+    uncommitted = sorted(in_lake - committed)
+    missing = sorted(committed - in_lake)
     details: dict[str, Any] = {
         "partitions": len(keys),
         "committed": len(positions),
         "gaps": len(gaps),
-        "last_committed": keys[last],
         "not_yet_materialized": len(keys) - last - 1,
         "unknown_committed_keys": len(committed) - len(positions),
     }
+    if positions:
+        details["last_committed"] = keys[last]
     if gaps:
         details["first_gaps"] = gaps[:MAX_LISTED]
-    summary = (
-        f"{len(gaps)} gap(s) up to {keys[last]}"
-        if gaps
-        else f"no gaps up to {keys[last]}; {len(keys) - last - 1} partition(s) after it"
-    )
-    return Verdict(not gaps, details, summary)
+    if uncommitted:
+        details["uncommitted_in_lake"] = uncommitted[:MAX_LISTED]
+    if missing:
+        details["missing_from_lake"] = missing[:MAX_LISTED]
+    if chain.findings:
+        details["chain_findings"] = chain.findings[:MAX_LISTED]
+    problems = [
+        *([f"{len(gaps)} gap(s) up to {keys[last]}"] if gaps else []),
+        *(
+            [f"{len(uncommitted)} commit point(s) in the lake the chain never committed"]
+            if uncommitted
+            else []
+        ),
+        *([f"{len(missing)} committed partition(s) missing from the lake"] if missing else []),
+        *(["the audit chain does not verify"] if chain.findings else []),
+    ]
+    if problems:
+        summary = "; ".join(problems)
+    elif not positions:
+        summary = "nothing committed yet"
+    else:
+        summary = f"no gaps up to {keys[last]}; {len(keys) - last - 1} partition(s) after it"
+    return Verdict(not problems, details, summary)

@@ -33,8 +33,10 @@ outside a partitioned run (the `<asset>_checks` job without partition tags), che
 partition of the dataset.
 
 For the whole asset (one evaluation per run, severity WARN), run-level as before:
-- `coverage`: the committed partitions in the lake against the asset's partition keys up to the
-  last committed one (gaps), and how many partitions remain after it.
+- `coverage`: the partitions the verified audit chain says are committed against the asset's partition
+  keys up to the last committed one (gaps), and how many remain after it; the lake's commit points are
+  compared against the chain, never counted (one the chain never committed fills no gap and fails,
+  as does a committed partition the lake lacks, or a chain that does not verify).
 
 Partitioned asset checks are a preview feature of Dagster 1.13.
 """
@@ -72,7 +74,8 @@ DESCRIPTIONS = {
     POLICY_COMPLIANCE: "No written row breaks the configured policies or is an existing target id",
     PARTITION_HEALTH: "Every partition's latest reconciliation, audit_chain and policy_compliance "
     "evaluation passes (fails when any partition fails; what the catalog's health reads)",
-    COVERAGE: "Committed partitions vs the asset's partition keys up to the last committed one",
+    COVERAGE: "The chain's committed partitions vs the asset's partition keys up to the last committed "
+    "one; the lake's commit points against the chain",
 }
 #: What a passing evaluation keeps of its verdict's details (every entry is written per partition).
 _KEPT_WHEN_PASSED = {
@@ -353,7 +356,8 @@ def build_dataset_checks(
         assert partitions_def is not None
         keys = list(partitions_def.get_partition_keys(dynamic_partitions_store=context.instance))
         with open_env(pcbo) as env:
-            verdict = partition_checks.coverage(env.lake, dataset.name, dataset.versionLabel, keys)
+            in_lake = committed_keys(env.lake, dataset.name, dataset.versionLabel)
+            verdict = partition_checks.coverage(_checked_chain(env, dataset), in_lake, keys)
         return dg.AssetCheckResult(
             passed=verdict.passed,
             metadata=check_metadata(verdict.details),
