@@ -934,3 +934,45 @@ def test_coverage_does_not_take_a_forged_commit_point_for_a_committed_partition(
         assert coverage.metadata["gaps"].value == 1
         assert coverage.metadata["first_gaps"].value == [KEYS[1]]
         assert coverage.metadata["uncommitted_in_lake"].value == [KEYS[1]]
+
+
+def test_lake_drift_does_not_report_a_rollback_the_operators_key_did_not_sign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PCBO_SIGNING_KEY, a partition rolled back by someone without the key (the stores written by
+    hand: every hash right, no signature): the `audit_chain` check and every run refuse that chain,
+    but `lake_drift` read it as the checks did before (hashes alone), found the lake agreeing and
+    reported the deletion as a rollback (the asset's materialization wiped, nothing red). Now it reads
+    the chain as the checks do: the drift launches the checks, nothing is reported."""
+    from pcbo_dagster.core.signed_note import signing_key_from_seed
+    from pcbo_dagster.engine import partition_checks
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster_tests.approver_keys import key_file
+
+    operator = signing_key_from_seed("ops.example/operator", bytes([36]) * 32)
+    monkeypatch.setenv("PCBO_SIGNING_KEY", str(key_file(tmp_path, operator)))
+    tmp_path, config, engine, defs = example_location(tmp_path)
+    with dg.instance_for_test() as instance:
+        assert _materialize(defs, instance).success
+        # The forger's own code: the engine's rollback without the refusal of a writer lacking the key.
+        monkeypatch.setattr(partition_checks, "refuse_writer_without_the_chains_key", lambda *a: None)
+        env = Environment.open(Settings.resolve(home=engine.home, env={}))
+        try:
+            rollback(env, "events", "v1", partition_keys=[KEYS[0]], reason="forged")
+        finally:
+            env.close()
+        monkeypatch.undo()
+        monkeypatch.setenv("PCBO_SIGNING_KEY", str(key_file(tmp_path, operator)))
+
+        tick = _drift_tick(defs, instance, engine)
+        assert instance.get_materialized_partitions(EVENTS) == set(KEYS)  # nothing reported, nothing wiped
+        assert isinstance(tick, dg.SensorResult) and tick.run_requests, tick
+        [request] = tick.run_requests
+        assert request.job_name == "events_checks"
+        assert request.tags["dagster/asset_partition_range_start"] == KEYS[0]
+        checks = defs.resolve_job_def("events_checks").execute_in_process(
+            instance=instance, tags=request.tags, raise_on_error=False
+        )
+        failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
+        assert ("audit_chain", KEYS[0]) in failed

@@ -37,7 +37,7 @@ import dagster as dg
 from pcbo_dagster.datasets.config import DatasetConfig, DatasetsConfig, load_datasets_config_from_env
 from pcbo_dagster.engine import lake_changes
 from pcbo_dagster.engine.environment import Environment
-from pcbo_dagster.engine.partition_checks import committed_keys, read_chain
+from pcbo_dagster.engine.partition_checks import committed_keys, read_distrusted_chain
 from pcbo_dagster.engine.partition_reading import read_commit_point
 from pcbo_dagster.engine.settings import Settings
 from pcbo_dagster.rollout.environments import staging_settings
@@ -80,8 +80,10 @@ def lake_state(env: Environment, dataset: str, version_label: str, keys: list[st
     """Per key: `("present", manifest, checksum, event)` when its commit point is the chain's current
     version, `("absent",)` when the chain says none is current and the lake has none, else
     `("disagrees",)`. The chain is the one the `audit_chain` check reads (the backup, verified against
-    the catalog's head): a chain with findings vouches for nothing, every key disagrees."""
-    chain = read_chain(env, dataset, version_label)
+    the catalog's head, its stored log and checkpoints and, with the operator's key, every event the key
+    should have signed; before 2026-12-08 the hashes alone): a chain with findings vouches for nothing,
+    every key disagrees."""
+    chain = read_distrusted_chain(env, dataset, version_label)
     state = chain.replayed
     out: dict[str, Any] = {}
     for key in keys:

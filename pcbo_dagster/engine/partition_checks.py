@@ -207,6 +207,16 @@ def check_chain(backup: ChainBackup, key: str, expected_head: tuple[int, str] | 
     return CheckedChain(findings + replayed.findings, replayed, len(events), head, events)
 
 
+def read_distrusted_chain(env: Environment, dataset: str, version_label: str) -> CheckedChain:
+    """`read_chain` with `distrusted`'s findings too (the chain the `audit_chain` check reads, and any
+    reader that decides from it without a lock): one re-hashed in the backup and the catalog alike, or
+    holding an event the operator's key should have signed, has findings and vouches for nothing."""
+    chain = read_chain(env, dataset, version_label)
+    if not chain.findings:
+        chain.findings += distrusted(env, chain, chain_key(dataset, version_label))
+    return chain
+
+
 class ChainNotVerified(IntegrityError):
     """A decision was asked of a chain that does not verify (exit 1): nothing was written."""
 

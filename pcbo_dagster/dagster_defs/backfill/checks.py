@@ -105,11 +105,9 @@ OpenEnvironment = Callable[[PcboEngineResource], AbstractContextManager[Environm
 
 def _checked_chain(env: Environment, dataset: DatasetConfig) -> partition_checks.CheckedChain:
     """The dataset's chain read, verified (`distrusted` too) and replayed once, for every verdict."""
-    chain = partition_checks.read_chain(env, dataset.name, dataset.versionLabel)
-    if not chain.findings:  # nor is it another history than its stored log and checkpoints hold, or,
-        # with the operator's key, one holding an event the key should have signed (as a run reads it)
-        chain.findings += partition_checks.distrusted(env, chain, dataset.chain_key)
-    return chain
+    # nor is it another history than its stored log and checkpoints hold, or, with the operator's key,
+    # one holding an event the key should have signed (as a run reads it)
+    return partition_checks.read_distrusted_chain(env, dataset.name, dataset.versionLabel)
 
 
 def _keys_of_step(
