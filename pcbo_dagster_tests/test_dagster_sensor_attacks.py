@@ -976,3 +976,45 @@ def test_lake_drift_does_not_report_a_rollback_the_operators_key_did_not_sign(
         )
         failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
         assert ("audit_chain", KEYS[0]) in failed
+
+
+def test_the_sql_read_back_check_fails_on_an_event_the_operators_key_did_not_sign(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PCBO_SIGNING_KEY, an event appended to a SQL target's chain without the key (backup and
+    catalog alike, every hash right): runs, `verify` and the `audit_chain` check refuse that chain,
+    but `sql_read_back` read its hashes alone and passed every partition. Now it reads the chain as
+    `audit_chain` does and fails them ("the audit chain does not verify")."""
+    from pcbo_dagster.core.signed_note import signing_key_from_seed
+    from pcbo_dagster.engine.environment import Environment
+    from pcbo_dagster.engine.settings import Settings
+    from pcbo_dagster_tests.approver_keys import key_file
+    from pcbo_dagster_tests.sql_target_helpers import create_demo_events_table, sqlite_url
+
+    operator = signing_key_from_seed("ops.example/operator", bytes([36]) * 32)
+    monkeypatch.setenv("PCBO_SIGNING_KEY", str(key_file(tmp_path, operator)))
+    tags = {"dagster/asset_partition_range_start": KEYS[0], "dagster/asset_partition_range_end": KEYS[-1]}
+    target = tmp_path / "target.db"
+    create_demo_events_table(sqlite_url(target))
+    (tmp_path / "datasets.yaml").write_text(SQL_CONFIG.replace("sqlite:///target.db", sqlite_url(target)))
+    generate_demo_data(tmp_path / "demo_data")
+    engine = PcboEngineResource(home=str(tmp_path / "home"))
+    defs = build_definitions(load_datasets_config(tmp_path / "datasets.yaml"), resource=engine)
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        asset = [dg.AssetKey("events_sql")]
+        assert job.execute_in_process(instance=instance, tags=tags, asset_selection=asset).success
+        env = Environment.open(Settings.resolve(home=engine.home, env={}))
+        try:  # (no key: what someone without it appends)
+            env.audit.append(
+                "events_sql/v1", "partition_commit_intent", {"partitions": [], "run_id": "forged"}
+            )
+        finally:
+            env.close()
+        checks = defs.resolve_job_def("events_sql_checks").execute_in_process(
+            instance=instance, tags=tags, raise_on_error=False
+        )
+        verdicts = {e.partition: e for e in checks.get_asset_check_evaluations()}
+        assert set(verdicts) == set(KEYS)
+        assert not any(e.passed for e in verdicts.values()), verdicts
+        assert verdicts[KEYS[0]].metadata["finding"].value == "the audit chain does not verify"
