@@ -181,13 +181,18 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    yield from _world(tmp_path, monkeypatch, {})
+
+
+def _world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator[World]:
+    """The world over a fresh home, its production settings resolved from `env`."""
     monkeypatch.delenv("PCBO_REPORTS_DIR", raising=False)
     records = [r for r in demo_sessions() if r["occurredAt"] < "2024-01-01T04"]
     source = tmp_path / "sessions.jsonl"
     _write_source(source, records)
     config = parse_datasets_config(DATASETS_YAML, base_dir=tmp_path)
     dataset = config.dataset("sessions")
-    base = Settings.resolve(home=str(tmp_path / "home"), env={})
+    base = Settings.resolve(home=str(tmp_path / "home"), env=env)
     with open_environments(
         dataset_settings(config, dataset, base, environ={}), approval_policy(dataset.rollout)
     ) as envs:
@@ -619,3 +624,27 @@ def test_run_owner_prefers_the_longest_rollout_name() -> None:
     assert run_owner("rollout-a-staging", "staging", names) == "a"
     assert run_owner("rollout-a-staging-2", "staging", names) is None
     assert run_owner("manual", "production", names) is None
+
+
+def test_an_event_the_operators_key_did_not_sign_leaves_no_partition_healthy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With PCBO_SIGNING_KEY, an event appended to the production chain without the key (backup and
+    catalog alike, every hash right): runs, `verify` and the `audit_chain` check refuse the chain, but
+    the health check read its hashes alone and called every partition healthy (the repairs sensor
+    and the UI's production health trusted it). Now it reads the chain as `audit_chain` does."""
+    from pcbo_dagster.core.signed_note import signing_key_from_seed
+    from pcbo_dagster_tests.approver_keys import key_file
+
+    operator = signing_key_from_seed("ops.example/operator", bytes([36]) * 32)
+    signed = {"PCBO_SIGNING_KEY": str(key_file(tmp_path, operator))}
+    for world in _world(tmp_path, monkeypatch, signed):
+        world.stage_and_promote()
+        env = Environment.open(Settings.resolve(home=str(tmp_path / "home"), env={}))
+        try:  # (no key: what someone without it appends)
+            env.audit.append("sessions/v1", "partition_commit_intent", {"partitions": [], "run_id": "forged"})
+        finally:
+            env.close()
+        report = check_production_health(world.config, world.dataset, world.envs, T0)
+        assert report["status"] != "healthy"
+        assert not any(p["status"] == "healthy" for p in report["partitions"]), report["partitions"]
