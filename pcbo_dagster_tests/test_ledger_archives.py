@@ -7,6 +7,7 @@ import base64
 import hashlib
 import http.server
 import json
+import os
 import re
 import struct
 import uuid
@@ -1660,3 +1661,39 @@ def test_a_server_lists_no_partition_folder_a_link_leads_to_outside_its_sources_
     with pytest.raises(la.LedgerArchiveError, match="leads outside the server's sources directory") as info:
         la.list_batch_files(str(linked), 2, 16, confine_to=SourcesDirectory.of(sources))
     assert str(link) in str(info.value) and "secret-name" not in str(info.value)
+
+
+def test_a_loopback_horizon_is_asked_directly_never_through_a_proxy():
+    """Red-team finding: plain `http://` is allowed for a trusted Horizon on loopback only (a hash read
+    over the network could be anyone's), but with `HTTP_PROXY` set urllib sent the GET to the proxy,
+    whose answer (any hash) anchored the run. A loopback Horizon (a witness, a probed service) is now
+    asked directly, whatever the proxy variables say. (A process of its own: the variables are those
+    it starts with.)"""
+    import subprocess
+    import sys
+
+    genuine, forged = "ab" * 32, "cd" * 32
+
+    class _Proxy(_Horizon):  # answers every URL asked through it with a forged document
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.answers = {self.path: (200, json.dumps({"sequence": 33, "hash": forged}).encode())}
+            super().do_GET()
+
+    _Horizon.answers = {"/ledgers/33": (200, json.dumps({"sequence": 33, "hash": genuine}).encode())}
+    _Horizon.asked = []
+    _Proxy.asked = []
+    with (
+        serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Horizon)) as url,
+        serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)) as proxy,
+    ):
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
+        env.update({name: proxy for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy")})
+        code = (
+            "import sys; from pcbo_dagster.sources.horizon_ledgers import ledger_hash as h; "
+            "print(h(sys.argv[1], 33), h(sys.argv[1].replace('127.0.0.1', 'localhost'), 33))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, url], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert done.stdout.split() == [genuine, genuine], done.stdout + done.stderr
+    assert _Proxy.asked == [] and _Horizon.asked == ["/ledgers/33"] * 2

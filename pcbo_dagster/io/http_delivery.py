@@ -10,7 +10,7 @@ errors, timeouts, 408, 425, 429 and 5xx are retried with exponential backoff (te
 answers (3xx: a redirect is not followed, it would turn the POST into a GET; 4xx) fail at once.
 A POST that still fails raises `DeliveryFailed` (`attempts`, `retryable`, `status`, a scrubbed
 message). A proxy (`HTTP(S)_PROXY`) is used as urllib does, except for an endpoint on loopback
-(`on_loopback`), which is always reached directly.
+(`on_loopback`), which is always reached directly (as by every `deadline_opener`).
 
 Credentials: a `token` is sent as `Authorization: Bearer <token>`; otherwise credentials in the
 URL (`https://user:pass@host/...`) are sent as HTTP Basic authorization. The URL's userinfo and
@@ -187,10 +187,31 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_DeadlineHTTPSConnection, req, context=self._context)
 
 
+class _ProxyOffLoopback(urllib.request.ProxyHandler):
+    """The proxies of the environment (`HTTP(S)_PROXY`, `NO_PROXY`), as urllib's own handler takes
+    them, except for a host on loopback (`on_loopback`), always reached directly: this machine's
+    loopback through a proxy is the proxy's loopback, not ours, and a plain-http request (a token, the
+    answer trusted for coming from loopback) would cross the network in the clear."""
+
+    def __init__(self) -> None:
+        proxies = urllib.request.getproxies()
+        super().__init__(proxies)
+        for scheme, proxy in proxies.items():  # (in place of the base class's `<scheme>_open` of each)
+            setattr(self, f"{scheme}_open", self._opener_via(proxy, scheme))
+
+    def _opener_via(self, proxy: str, scheme: str) -> Any:
+        def open_via(request: urllib.request.Request) -> Any:
+            if on_loopback(urllib.parse.urlsplit(request.full_url).hostname):
+                return None  # (the next handler opens it directly)
+            return self.proxy_open(request, proxy, scheme)
+
+        return open_via
+
+
 def deadline_opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
     """A urllib opener (with `handlers` besides the default ones) whose connections a `within` block
-    bounds whole."""
-    return urllib.request.build_opener(_HTTPHandler(), _HTTPSHandler(), *handlers)
+    bounds whole, and that never asks a host on loopback through a proxy (`_ProxyOffLoopback`)."""
+    return urllib.request.build_opener(_ProxyOffLoopback(), _HTTPHandler(), _HTTPSHandler(), *handlers)
 
 
 @contextmanager
@@ -294,12 +315,7 @@ class JsonPoster:
             self._headers["Authorization"] = f"Basic {basic}"
             secrets += [basic, self._headers["Authorization"]]
         self._secrets = sorted({s for s in secrets if s and len(s) >= 3}, key=len, reverse=True)
-        handlers: list[urllib.request.BaseHandler] = [NoRedirect()]
-        if on_loopback(parts.hostname):
-            # This machine's loopback through a proxy is the proxy's loopback, not ours, and a
-            # plain-http request (its token too) would cross the network to it in the clear.
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = deadline_opener(*handlers)
+        self._opener = deadline_opener(NoRedirect())  # (a loopback endpoint: never through a proxy)
 
     def scrub(self, text: str) -> str:
         """`text` without this endpoint's secrets nor any URL userinfo or query string."""
