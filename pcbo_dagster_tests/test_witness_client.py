@@ -353,3 +353,31 @@ def test_witnesses_without_a_signing_key_are_refused(
     err = capsys.readouterr().err
     assert ("--witness" if by_flag else "PCBO_WITNESSES") in err and "PCBO_SIGNING_KEY" in err, err
     assert not (tmp_path / "home").exists() and not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("status", [422, 500])
+def test_a_witness_s_refusal_is_quoted_on_one_line_without_control_characters(status: int) -> None:
+    """Red-team finding: a refusal quoted the witness's answer as it came, CR, LF and escapes included,
+    into the `witness: ...` warning and the report's `witnessErrors`: a hostile witness wrote lines of
+    its own making into pcbo's log (a forged `checkpoint witnessed` line, a terminal escape). Its text
+    is now quoted on one line, control characters shown escaped."""
+    forged = "nope\r\n2026-12-08 01:00:00 INFO pcbo: checkpoint witnessed by all\x1b[2K\x85\u2028end"
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            data = forged.encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Refusing)) as url:
+        with pytest.raises(WitnessRefused) as refused:
+            _ask(url)
+    message = str(refused.value)
+    assert "nope 2026-12-08 01:00:00 INFO pcbo: checkpoint witnessed by all\\x1b[2K" in message, message
+    assert message.isprintable(), message

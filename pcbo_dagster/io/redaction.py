@@ -122,6 +122,14 @@ def terminal_text(text: str) -> str:
     )
 
 
+def quoted_answer(text: str, limit: int = 300) -> str:
+    """What a server answered (a refusal's body), for an error message or a log line: scrubbed
+    (`scrub_text`), on one line (every run of white space, line breaks included, one space), cut to
+    `limit` characters, with what a terminal acts on shown escaped (`terminal_text`): a hostile server
+    writes no line of its own into a log."""
+    return terminal_text(" ".join(scrub_text(text).split())[:limit])
+
+
 def scrub_json(value: Any, secrets: Iterable[str] = ()) -> Any:
     """`value` (plain JSON: objects, lists, text, numbers) with every text in it, keys included,
     through `scrub_text` (with `secrets`): for a document that goes into an alert, a report or a log

@@ -38,7 +38,7 @@ from pcbo_dagster.core.signed_note import (
     verify_cosignatures,
 )
 from pcbo_dagster.io.http_delivery import NoRedirect, base_url, deadline_opener, within
-from pcbo_dagster.io.redaction import redact_url, scrub_text
+from pcbo_dagster.io.redaction import quoted_answer, redact_url, scrub_text
 
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
 
@@ -159,8 +159,7 @@ def request_cosignature(
             continue
         if status == 422:
             raise WitnessRefused(
-                f"{witness.label}: not consistent with what the witness cosigned (422): "
-                f"{scrub_text(text.strip()[:300])}"
+                f"{witness.label}: not consistent with what the witness cosigned (422): {quoted_answer(text)}"
             )
-        raise WitnessRefused(f"{witness.label}: HTTP {status}: {scrub_text(text.strip()[:300])}")
+        raise WitnessRefused(f"{witness.label}: HTTP {status}: {quoted_answer(text)}")
     raise WitnessRefused(f"{witness.label}: the witness's size kept changing")
