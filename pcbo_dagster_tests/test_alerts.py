@@ -663,6 +663,25 @@ def test_a_receiver_that_drips_its_answer_cannot_hold_delivery_past_the_timeout(
         body.close()
 
 
+def test_a_receiver_s_malformed_status_line_is_quoted_on_one_line(store, caplog):
+    """Red-team finding: a receiver answering a status line that is no HTTP status had it quoted as it
+    came (http.client's `BadStatusLine` holds the raw line: CR, LF, terminal escapes) into the retry
+    warnings, the alert row's `last_error` and the report: a hostile receiver wrote lines of its own
+    making into pcbo's log. The reason is now quoted on one line, control characters escaped."""
+    hostile = DripReceiver(b"HTTP/1.1 abc \x1b[2Kforged\r2026-12-08 INFO alert delivered\r\n\r\n", b"\r")
+    try:
+        with caplog.at_level(logging.WARNING):
+            report = raise_and_deliver(
+                store, [alert(1)], fast(hostile.url, attempts=2), now=NOW, secret=SECRET
+            )
+    finally:
+        hostile.close()
+    error = report["delivery"]["lastError"]
+    assert "BadStatusLine: HTTP/1.1 abc \\x1b[2Kforged 2026-12-08 INFO alert delivered" in error, error
+    for text in [error, store.alert("test:1")["last_error"], *(r.getMessage() for r in caplog.records)]:
+        assert text.isprintable(), text
+
+
 def _self_signed_loopback_cert(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
     import ipaddress

@@ -36,7 +36,7 @@ from typing import Any
 
 import tenacity
 
-from pcbo_dagster.io.redaction import has_userinfo, redact_url, scrub_json, scrub_text
+from pcbo_dagster.io.redaction import has_userinfo, quoted_answer, redact_url, scrub_json, scrub_text
 
 _logger = logging.getLogger(__name__)
 
@@ -246,6 +246,12 @@ def _sendable(value: str, spaces: bool = False) -> bool:
     return all(0x21 <= ord(c) <= 0x7E or (spaces and c == " ") for c in value)
 
 
+def _failure(reason: object) -> str:
+    """`connection failed: <its class>: <it>`, quoted on one line (`quoted_answer`): the text of an
+    http.client error may hold what the server sent (`BadStatusLine` holds its raw status line)."""
+    return quoted_answer(f"connection failed: {type(reason).__name__}: {reason}", 500)
+
+
 class JsonPoster:
     """POSTs JSON bodies to `url` (http or https) with retries and exponential backoff.
 
@@ -347,11 +353,11 @@ class JsonPoster:
             exc.close()
         except urllib.error.URLError as exc:
             reason = exc.reason
-            raise _Retryable(f"connection failed: {type(reason).__name__}: {reason}") from None
+            raise _Retryable(_failure(reason)) from None
         except http.client.InvalidURL:  # its text holds the URL, query included
             raise _Permanent("the URL cannot be sent (InvalidURL)") from None
         except (OSError, http.client.HTTPException) as exc:
-            raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
+            raise _Retryable(_failure(exc)) from None
         except ValueError as exc:  # a request http.client refuses to send: its text may hold a header
             raise _Permanent(f"the request cannot be sent ({type(exc).__name__})") from None
         if 200 <= status < 300:

@@ -30,7 +30,7 @@ import tenacity
 from pcbo_dagster.core.errors import InvalidInput, PcboError
 from pcbo_dagster.core.request_model import LEDGER_HASH_PATTERN, parse_json_strict
 from pcbo_dagster.io.http_delivery import NoRedirect, base_url, deadline_opener, within
-from pcbo_dagster.io.redaction import redact_url, scrub_text
+from pcbo_dagster.io.redaction import quoted_answer, redact_url
 
 VARIABLE = "PCBO_TRUSTED_HORIZON_URL"
 ATTEMPTS = 3
@@ -106,7 +106,7 @@ def _get(url: str) -> tuple[int, bytes]:
                 status, body = exc.code, b""
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = "no whole answer in time" if deadline.expired else getattr(exc, "reason", exc)
-            raise _Retry(scrub_text(str(reason))) from None
+            raise _Retry(quoted_answer(str(reason))) from None
     if deadline.expired:  # (an answer cut short by the deadline can read as complete)
         raise _Retry(f"no whole answer within {ATTEMPT_SECONDS:g} s")
     if status == 429 or status >= 500:

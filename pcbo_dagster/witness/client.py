@@ -38,7 +38,7 @@ from pcbo_dagster.core.signed_note import (
     verify_cosignatures,
 )
 from pcbo_dagster.io.http_delivery import NoRedirect, base_url, deadline_opener, within
-from pcbo_dagster.io.redaction import quoted_answer, redact_url, scrub_text
+from pcbo_dagster.io.redaction import quoted_answer, redact_url
 
 SIZE_CONTENT_TYPE = "text/x.tlog.size"
 
@@ -97,7 +97,7 @@ def _post(url: str, body: bytes, timeout: float, stated: float) -> tuple[int, st
         except (urllib.error.URLError, OSError, http.client.HTTPException, UnicodeDecodeError) as exc:
             if not deadline.expired:
                 reason = getattr(exc, "reason", exc)
-                raise WitnessRefused(scrub_text(f"{redact_url(url)}: {reason}")) from None
+                raise WitnessRefused(f"{redact_url(url)}: {quoted_answer(str(reason))}") from None
     if deadline.expired:  # (an answer cut short by the deadline can read as complete)
         raise WitnessRefused(f"{redact_url(url)}: no whole answer within {stated:g} s")
     return status, content_type, text
