@@ -378,3 +378,45 @@ def test_demo_data_lands_where_the_packaged_example_config_reads_it(tmp_path):
     refused = run_pcbo(["demo-data", "--dir", str(blocker / "demo")], home=home, cwd=tmp_path)
     assert refused.status == 2 and "invalid input: --dir: " in refused.stderr
     assert "Traceback" not in refused.stderr and refused.document is None
+
+
+def test_the_webserver_s_graphql_answer_is_bounded_and_its_redirect_never_followed(monkeypatch):
+    """Red-team finding: the run's events were read with `urlopen`, which followed a webserver's 302
+    (a POST turned into a GET of any URL it named: another host, a cloud metadata address, whose
+    answer was taken for the run's), read an answer of any size whole, and let an answer dripped a
+    byte a second hold the CLI (or the HTTP API's request) past the timeout. A redirect is now an
+    error naming it, never followed; the answer is read within the timeout whole, up to its bound."""
+    import http.server
+
+    from pcbo_dagster.dagster_defs import remote
+    from pcbo_dagster_tests.loopback import DripReceiver, serving
+
+    asked: list[str] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            body = json.dumps({"data": {"logsForRun": "forged"}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)) as elsewhere:
+        monkeypatch.setattr(remote, "MAX_ANSWER_BYTES", 1000)
+        moved = f"HTTP/1.1 302 Found\r\nLocation: {elsewhere}/meta\r\nContent-Length: 0\r\n\r\n"
+        redirect = DripReceiver(moved.encode(), b" ")
+        big = DripReceiver(b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n" + b" " * 2000, b" ")
+        slow = DripReceiver(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n", b" ", gap=0.1)
+        try:
+            for hostile, said in ((redirect, "302"), (big, "more than"), (slow, "within 1 s")):
+                server = remote.Webserver.parse(hostile.url.removesuffix("/hooks"))
+                with pytest.raises(remote.RemoteRunFailed, match=said):
+                    server.graphql("query { x }", {}, timeout=1.0)
+        finally:
+            for hostile in (redirect, big, slow):
+                hostile.close()
+    assert asked == []

@@ -20,6 +20,7 @@ Dagster is imported only when this module is used, so `pcbo` works without the d
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -31,7 +32,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
-from pcbo_dagster.io.redaction import has_userinfo, redact_url
+from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener, within
+from pcbo_dagster.io.redaction import has_userinfo, quoted_answer, redact_url
 from pcbo_dagster.sources.local_files import SourcesDirectory
 
 #: Kept in step with `backfill/jobs.py` (not imported from it: that would import Dagster's core).
@@ -41,6 +43,8 @@ DOCUMENT_ENTRY = "execute_document"
 OUTCOME_ENTRY = "pcbo_outcome"
 ACTOR_TAG = "pcbo/actor"
 _TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+#: The most of one GraphQL answer read (a page of a run's events).
+MAX_ANSWER_BYTES = 64 << 20
 
 _EVENTS_QUERY = """
 query PcboRunEvents($runId: ID!, $cursor: String) {
@@ -77,6 +81,9 @@ fragment entry on MetadataEntry {
   ... on TextMetadataEntry { text }
 }
 """
+
+
+_OPENER = deadline_opener(NoRedirect())
 
 
 class RemoteRunFailed(PcboError):
@@ -131,12 +138,38 @@ class Webserver:
         )
 
     def graphql(self, query: str, variables: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        """POST a GraphQL query; its `data`. The whole exchange takes at most `timeout` seconds however
+        slowly the webserver answers, an answer over `MAX_ANSWER_BYTES` is refused and a redirect is
+        never followed (urllib would GET the URL it names, any host's, and take its answer):
+        `RemoteRunFailed` naming which."""
         body = json.dumps({"query": query, "variables": variables}).encode("utf-8")
         request = urllib.request.Request(
             f"{self.base_url}/graphql", data=body, headers={"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) only
-            answer = json.loads(response.read())
+        where = f"the Dagster webserver at {self.base_url}"
+        with within(timeout) as deadline:
+            try:
+                with _OPENER.open(request, timeout=timeout) as response:
+                    raw = response.read(MAX_ANSWER_BYTES + 1)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if not deadline.expired:
+                    raise RemoteRunFailed(
+                        f"{where} answered HTTP {exc.code} (redirects are not followed)"
+                    ) from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                if not deadline.expired:
+                    raise RemoteRunFailed(f"cannot reach {where}: {quoted_answer(str(exc))}") from None
+        if deadline.expired:
+            raise RemoteRunFailed(f"{where} gave no whole answer within {timeout:g} s")
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise RemoteRunFailed(f"{where} answered more than {MAX_ANSWER_BYTES} bytes")
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise RemoteRunFailed(f"{where} did not answer JSON") from None
+        if not isinstance(answer, dict):
+            raise RemoteRunFailed(f"{where} did not answer a JSON object")
         if answer.get("errors"):
             raise RemoteRunFailed(f"Dagster GraphQL error: {answer['errors'][0].get('message')}")
         return answer["data"]
