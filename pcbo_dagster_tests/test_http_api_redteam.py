@@ -363,6 +363,43 @@ def test_the_remote_cli_sends_its_token_to_no_other_origin(tmp_path: Path, evil:
     assert run.status != 0, run.document  # today: 0, printing the other origin's document
 
 
+def test_the_remote_cli_sends_its_token_to_a_loopback_server_directly_never_through_a_proxy(
+    tmp_path: Path, evil: Any
+) -> None:
+    """Red-team finding: with `HTTP_PROXY` set, `pcbo execute --server http://127.0.0.1:...` sent its
+    request, bearer token included, in the clear to the proxy (this machine's loopback through a proxy
+    is the proxy's, not ours), whose answer it printed as the server's. A loopback server is now asked
+    directly, as every other client of pcbo asks loopback."""
+    url, handler = evil
+    handler.mode = "escape"
+    proxied: list[str | None] = []
+
+    class _Proxy(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            proxied.append(self.headers.get("Authorization"))
+            self.send_response(502)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), _Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        address = f"http://127.0.0.1:{proxy.server_address[1]}"
+        run = run_pcbo(
+            ["execute", "--server", url, "--input", DEMO_REQUEST],
+            tmp_path / "home",
+            env={"PCBO_TOKEN": "pcbo_secret-of-the-client", "HTTP_PROXY": address, "http_proxy": address},
+        )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxied == [], proxied
+    assert run.status == 2, run.stderr  # the server's own answer (422), not the proxy's 502
+
+
 def test_the_remote_cli_prints_no_control_character_of_the_server(tmp_path: Path, evil: Any) -> None:
     url, handler = evil
     handler.mode = "escape"

@@ -14,8 +14,9 @@ The token comes from `PCBO_TOKEN`. The server's answers map back onto the engine
 | a redirect (3xx): not followed                 | `RemoteFailed`         | 1    |
 
 A redirect is never followed: the token goes to the `--server` given and nowhere else (another
-origin's answer would be printed as the server's too). Only the standard library is used: the remote
-CLI needs no `server` extra.
+origin's answer would be printed as the server's too), and a server on loopback is asked directly,
+never through `HTTP(S)_PROXY` (the proxy's loopback is not ours). Only the standard library and
+pcbo's core (`io/http_delivery.py`) are used: the remote CLI needs no `server` extra.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pcbo_dagster.core.errors import Blocked, InvalidInput, PcboError
+from pcbo_dagster.io.http_delivery import NoRedirect, deadline_opener
 from pcbo_dagster.io.redaction import redact_url
 
 TOKEN_VARIABLE = "PCBO_TOKEN"
@@ -70,14 +72,7 @@ def bearer_token(environ: dict[str, str] | None = None) -> str:
     return token
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows no redirect: the 3xx answer is an `HTTPError` (module doc)."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects)
+_OPENER = deadline_opener(NoRedirect())  # (a 3xx is an `HTTPError`; a loopback server: never via a proxy)
 
 
 def send_request(
