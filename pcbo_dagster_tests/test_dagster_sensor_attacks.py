@@ -39,6 +39,25 @@ def _drift_tick(defs: dg.Definitions, instance: dg.DagsterInstance, engine: Pcbo
         return sensor(context)
 
 
+def _assert_drift_launches_failing_checks(
+    defs: dg.Definitions, instance: dg.DagsterInstance, engine: PcboEngineResource
+) -> None:
+    """A `lake_drift` tick reports nothing to the instance (nor wipes a materialization) and launches
+    the checks job from the first partition, whose `audit_chain` check then fails."""
+    tick = _drift_tick(defs, instance, engine)
+    assert instance.get_materialized_partitions(EVENTS) == set(KEYS)  # nothing reported, nothing wiped
+    assert isinstance(tick, dg.SensorResult) and tick.run_requests, tick
+    [request] = tick.run_requests
+    assert request.job_name == "events_checks"
+    assert request.tags["dagster/asset_partition_range_start"] == KEYS[0]
+    checks = defs.resolve_job_def("events_checks").execute_in_process(
+        instance=instance, tags=request.tags, raise_on_error=False
+    )
+    assert not checks.success
+    failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
+    assert ("audit_chain", KEYS[0]) in failed
+
+
 def test_lake_drift_does_not_take_a_backup_alone_for_the_chain(setup: Any) -> None:
     """A partition deleted from the lake, with a well-formed rollback appended to the audit backup
     alone (not the catalog's copy of the chain): `lake_drift` must launch the checks (which fail:
@@ -62,18 +81,7 @@ def test_lake_drift_does_not_take_a_backup_alone_for_the_chain(setup: Any) -> No
         with engine.environment() as env:
             assert verify(env)["findings"]  # the stores disagree: a finding, not a history
 
-        tick = _drift_tick(defs, instance, engine)
-        assert instance.get_materialized_partitions(EVENTS) == set(KEYS)  # nothing reported, nothing wiped
-        assert isinstance(tick, dg.SensorResult) and tick.run_requests, tick
-        [request] = tick.run_requests
-        assert request.job_name == "events_checks"
-        assert request.tags["dagster/asset_partition_range_start"] == KEYS[0]
-        checks = defs.resolve_job_def("events_checks").execute_in_process(
-            instance=instance, tags=request.tags, raise_on_error=False
-        )
-        assert not checks.success
-        failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
-        assert ("audit_chain", KEYS[0]) in failed
+        _assert_drift_launches_failing_checks(defs, instance, engine)
 
 
 def test_the_checks_job_launched_without_a_partition_range_checks_every_committed_partition(
@@ -965,17 +973,7 @@ def test_lake_drift_does_not_report_a_rollback_the_operators_key_did_not_sign(
         monkeypatch.undo()
         monkeypatch.setenv("PCBO_SIGNING_KEY", str(key_file(tmp_path, operator)))
 
-        tick = _drift_tick(defs, instance, engine)
-        assert instance.get_materialized_partitions(EVENTS) == set(KEYS)  # nothing reported, nothing wiped
-        assert isinstance(tick, dg.SensorResult) and tick.run_requests, tick
-        [request] = tick.run_requests
-        assert request.job_name == "events_checks"
-        assert request.tags["dagster/asset_partition_range_start"] == KEYS[0]
-        checks = defs.resolve_job_def("events_checks").execute_in_process(
-            instance=instance, tags=request.tags, raise_on_error=False
-        )
-        failed = {(e.check_name, e.partition) for e in checks.get_asset_check_evaluations() if not e.passed}
-        assert ("audit_chain", KEYS[0]) in failed
+        _assert_drift_launches_failing_checks(defs, instance, engine)
 
 
 def test_the_sql_read_back_check_fails_on_an_event_the_operators_key_did_not_sign(
