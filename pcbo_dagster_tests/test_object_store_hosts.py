@@ -171,10 +171,9 @@ def test_a_commit_point_object_with_dot_segments_names_no_partition(s3_store, mo
     fs.pipe_file(f"{lake.root}/{planted}", b"{}")
     assert planted in lake.find("_manifest.json")  # the store keeps the name as it is
 
-    keys = partition_checks.committed_keys(lake, "events", "v1")
-    assert keys == ["20240101T000000Z", "20240101T010000Z"]
-    verdict = partition_checks.coverage(lake, "events", "v1", keys)
-    assert verdict.details["committed"] == 2 and verdict.details["gaps"] == 0
+    # (The `coverage` check compares these keys with the chain's committed partitions since
+    # 2026-12-08: test_dagster_sensor_attacks.py.)
+    assert partition_checks.committed_keys(lake, "events", "v1") == ["20240101T000000Z", "20240101T010000Z"]
 
 
 # -- a lake or audit store URL with a query string ---------------------------------------------------
