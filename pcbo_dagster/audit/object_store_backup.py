@@ -58,6 +58,7 @@ from pcbo_dagster.audit.backup import (
     ChainBackup,
     _event_or_none,
     _parse_line,
+    _replace_file,
     read_regular,
 )
 from pcbo_dagster.core.audit_chain import split_chain_key, verify_chain
@@ -159,12 +160,10 @@ class ObjectStoreAuditBackup:
         return value
 
     def _pin(self, chain_key: str, fingerprints: list[str | None]) -> None:
-        """Keep `fingerprints` beside the cache (replaced whole; not synced: a file lost or torn in a
-        crash reads as none, and the objects are compared again)."""
-        path = self._fingerprints_path(chain_key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(json.dumps(fingerprints, separators=(",", ":")).encode("ascii"))
-        os.replace(tmp, path)
+        """Keep `fingerprints` beside the cache (replaced whole, as the backup replaces its files; one
+        lost or unreadable reads as none, and the objects are compared again)."""
+        data = json.dumps(fingerprints, separators=(",", ":")).encode("ascii")
+        _replace_file(self._fingerprints_path(chain_key), data)
 
     # -- locking ----------------------------------------------------------------------------------
 
